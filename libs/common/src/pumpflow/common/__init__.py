@@ -1,0 +1,1 @@
+"""pumpflow shared library: events, buses, clock, curve maths, service runtime, storage."""

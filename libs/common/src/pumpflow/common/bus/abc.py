@@ -1,0 +1,110 @@
+"""Interfaces of the event bus. Transports (``memory``, ``rabbitmq``) implement these.
+
+Delivery contract, the same for every transport (held by the shared contract tests):
+
+- An event with a key goes to partition ``crc32(key) % partitions``; a consuming
+  service has one queue per partition and processes each partition in order.
+- Keyless events are broadcast: every live subscriber (every replica) gets them.
+- Critical event types (``Payload.CRITICAL``) travel on a lane of their own per
+  service, so a backlog of ordinary events never delays them.
+- The handler's return is the acknowledgement: a message is acked only after the
+  handler returned. A handler that raises is retried up to ``max_attempts`` times,
+  then the message is dead-lettered with the reason; the stream goes on.
+- Duplicates (an event whose seq is not above the last seen for its publisher and
+  key) are dropped and counted; gaps are logged and counted, then processed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from pumpflow.common.events import Event
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscription:
+    """What one consuming service wants: event-type patterns and a handler."""
+
+    #: consumer group: partition queues are ``<service>.p<NN>``
+    service: str
+    #: topic-style type patterns: ``token.*``, ``system.shutdown``, ``#``
+    patterns: tuple[str, ...]
+    handler: Handler
+    #: schema major version the handler understands
+    version: int = 1
+    #: partitions this replica consumes; None means all of them
+    partitions: tuple[int, ...] | None = None
+    #: attempts before a failing message is dead-lettered
+    max_attempts: int = 3
+    #: drop duplicates by (publisher, key, seq)
+    deduplicate: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    """A message that could not be processed, kept with the reason."""
+
+    service: str
+    reason: str
+    body: bytes
+    event_type: str | None = None
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class EventPublisher(ABC):
+    """Publishes events; returns only once the transport holds them safely."""
+
+    @abstractmethod
+    async def publish(self, event: Event) -> None:
+        """Publish one event and wait for the transport to confirm it."""
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        """Publish events in order; transports may pipeline the confirms."""
+        for event in events:
+            await self.publish(event)
+
+
+class EventSubscriber(ABC):
+    """Delivers events to handlers."""
+
+    @abstractmethod
+    async def subscribe(self, subscription: Subscription) -> None:
+        """Declare the service's queues and start delivering to its handler."""
+
+
+class EventBus(EventPublisher, EventSubscriber):
+    """A transport: publisher and subscriber with a lifecycle and a dead-letter store."""
+
+    #: number of partitions keyed events are spread over (shared setting)
+    partitions: int
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect; idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop consuming, let in-flight handlers finish, then disconnect."""
+
+    @abstractmethod
+    async def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every delivered message is handled; True when idle in time."""
+
+    @abstractmethod
+    async def dead_letter(
+        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+    ) -> None:
+        """Store input that cannot be processed (a malformed frame, say) with its reason."""
+
+    @abstractmethod
+    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+        """Return (and remove) up to ``limit`` dead letters of a service."""
+
+    @abstractmethod
+    def is_healthy(self) -> bool:
+        """True while connected and consuming."""

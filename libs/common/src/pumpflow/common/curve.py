@@ -1,0 +1,151 @@
+"""pump.fun bonding-curve maths: constants, quotes with fees and price impact.
+
+Constant product on virtual reserves (k = vSol x vTok); fees are taken on the SOL leg
+outside the curve. Amounts are in SOL and whole tokens (floats); the on-chain
+program works in lamports and 6-decimal base units, which only matters at the last
+digit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INITIAL_VIRTUAL_TOKEN_RESERVES = 1_073_000_000.0
+INITIAL_VIRTUAL_SOL_RESERVES = 30.0
+INITIAL_REAL_TOKEN_RESERVES = 793_100_000.0
+TOTAL_SUPPLY = 1_000_000_000.0
+TOKEN_DECIMALS = 6
+LAMPORTS_PER_SOL = 1_000_000_000
+#: 0.95% protocol + 0.30% creator, on the SOL leg (May 2026)
+FEE_RATE = 0.0125
+#: tokens that stay in the curve's virtual reserves when the real reserves run out
+COMPLETE_VIRTUAL_TOKEN_RESERVES = INITIAL_VIRTUAL_TOKEN_RESERVES - INITIAL_REAL_TOKEN_RESERVES
+K = INITIAL_VIRTUAL_SOL_RESERVES * INITIAL_VIRTUAL_TOKEN_RESERVES
+COMPLETE_VIRTUAL_SOL_RESERVES = K / COMPLETE_VIRTUAL_TOKEN_RESERVES
+
+
+class CurveError(ValueError):
+    """An impossible curve operation (negative amount, empty curve)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurveState:
+    """Virtual reserves of one token's curve; immutable, operations return new states."""
+
+    v_sol: float = INITIAL_VIRTUAL_SOL_RESERVES
+    v_tokens: float = INITIAL_VIRTUAL_TOKEN_RESERVES
+
+    @property
+    def real_token_reserves(self) -> float:
+        return max(0.0, self.v_tokens - COMPLETE_VIRTUAL_TOKEN_RESERVES)
+
+    @property
+    def price(self) -> float:
+        """Price in SOL per token."""
+        return self.v_sol / self.v_tokens
+
+    @property
+    def market_cap_sol(self) -> float:
+        """Market cap as PumpPortal reports it (assumes a 1B supply)."""
+        return self.price * TOTAL_SUPPLY
+
+    @property
+    def sol_raised(self) -> float:
+        return self.v_sol - INITIAL_VIRTUAL_SOL_RESERVES
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the sellable tokens sold, 0 to 1."""
+        sold = INITIAL_REAL_TOKEN_RESERVES - self.real_token_reserves
+        return min(1.0, max(0.0, sold / INITIAL_REAL_TOKEN_RESERVES))
+
+    @property
+    def complete(self) -> bool:
+        return self.real_token_reserves <= 1e-6
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quote:
+    """Outcome of a trade against the curve."""
+
+    tokens: float
+    sol: float  # SOL paid (buy, gross with fee) or received (sell, net of fee)
+    fee: float
+    price_before: float
+    price_after: float
+    average_price: float
+    after: CurveState
+
+    @property
+    def price_impact(self) -> float:
+        """Relative move of the average price from the pre-trade price."""
+        return abs(self.average_price / self.price_before - 1.0) if self.price_before else 0.0
+
+
+def tokens_for_net_sol(state: CurveState, net_sol: float) -> float:
+    """Tokens a buy of ``net_sol`` (after fees) takes from the curve, uncapped."""
+    return net_sol * state.v_tokens / (state.v_sol + net_sol)
+
+
+def quote_buy(state: CurveState, sol_amount: float, *, fee_rate: float = FEE_RATE) -> Quote:
+    """Quote a buy of ``sol_amount`` SOL (gross, fee included); capped at the real reserves."""
+    if sol_amount < 0:
+        raise CurveError(f"buy amount must be >= 0, got {sol_amount}")
+    if state.complete:
+        raise CurveError("curve is complete")
+    net = sol_amount / (1.0 + fee_rate)
+    tokens = tokens_for_net_sol(state, net)
+    real = state.real_token_reserves
+    if tokens > real:
+        tokens = real
+        net = tokens * state.v_sol / (state.v_tokens - tokens)
+    fee = net * fee_rate
+    after = CurveState(v_sol=state.v_sol + net, v_tokens=state.v_tokens - tokens)
+    return Quote(
+        tokens=tokens,
+        sol=net + fee,
+        fee=fee,
+        price_before=state.price,
+        price_after=after.price,
+        average_price=(net / tokens) if tokens else state.price,
+        after=after,
+    )
+
+
+def quote_buy_tokens(state: CurveState, tokens: float, *, fee_rate: float = FEE_RATE) -> Quote:
+    """Quote a buy of exactly ``tokens`` tokens."""
+    if tokens < 0:
+        raise CurveError(f"token amount must be >= 0, got {tokens}")
+    if tokens > state.real_token_reserves:
+        raise CurveError(f"only {state.real_token_reserves} tokens left on the curve")
+    net = tokens * state.v_sol / (state.v_tokens - tokens)
+    return quote_buy(state, net * (1.0 + fee_rate), fee_rate=fee_rate)
+
+
+def quote_sell(state: CurveState, tokens: float, *, fee_rate: float = FEE_RATE) -> Quote:
+    """Quote a sale of ``tokens`` tokens; ``sol`` is net of the fee."""
+    if tokens < 0:
+        raise CurveError(f"token amount must be >= 0, got {tokens}")
+    gross = tokens * state.v_sol / (state.v_tokens + tokens)
+    fee = gross * fee_rate
+    after = CurveState(v_sol=state.v_sol - gross, v_tokens=state.v_tokens + tokens)
+    return Quote(
+        tokens=tokens,
+        sol=gross - fee,
+        fee=fee,
+        price_before=state.price,
+        price_after=after.price,
+        average_price=(gross / tokens) if tokens else state.price,
+        after=after,
+    )
+
+
+def state_from_frame(v_sol: float, v_tokens: float) -> CurveState:
+    """Curve state from a frame's ``vSolInBondingCurve`` and ``vTokensInBondingCurve``."""
+    return CurveState(v_sol=float(v_sol), v_tokens=float(v_tokens))
+
+
+def frame_consistency_error(v_sol: float, v_tokens: float, market_cap_sol: float) -> float:
+    """Relative mismatch between a frame's market cap and its reserves (0 = consistent)."""
+    expected = float(v_sol) / float(v_tokens) * TOTAL_SUPPLY
+    return abs(float(market_cap_sol) - expected) / expected if expected else float("inf")

@@ -1,0 +1,1 @@
+"""Postgres: migrations, pool, stores."""

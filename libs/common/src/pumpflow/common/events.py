@@ -1,0 +1,433 @@
+"""Event envelope, v1 payload schemas and the schema registry.
+
+Every message on the bus is an :class:`Event` envelope around a typed payload.
+Payloads of token events keep PumpPortal's field names and JSON types exactly, so
+nothing is renamed between the socket, the database and the services.
+
+Schema rule: a version only ever gains optional fields; anything else is a new
+major version, registered alongside the old one.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+#: PumpPortal sends numbers as JSON integers or floats; keeping the union preserves
+#: the exact type so a re-encoded frame equals the original.
+Number = int | float
+
+
+class EventValidationError(ValueError):
+    """A message that does not match its schema. Names the field and the reason."""
+
+    def __init__(self, reason: str, *, field: str | None = None, event_type: str | None = None):
+        self.reason = reason
+        self.field = field
+        self.event_type = event_type
+        where = f" at `{field}`" if field else ""
+        what = f"{event_type}: " if event_type else ""
+        super().__init__(f"{what}{reason}{where}")
+
+
+class Payload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base of every event payload. Subclasses set TYPE, VERSION and KEY_FIELD."""
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    #: name of the field that is the event's partition key (None: keyless/broadcast)
+    KEY_FIELD: ClassVar[str | None] = "mint"
+    #: critical events travel on their own lane so a trade backlog never delays them
+    CRITICAL: ClassVar[bool] = False
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The envelope. ``data`` is a :class:`Payload` once decoded."""
+
+    id: str
+    type: str
+    version: int
+    source: str
+    time: float
+    data: Any
+    key: str | None = None
+    seq: int | None = None
+    causation_id: str | None = None
+
+    @property
+    def critical(self) -> bool:
+        return schema_for(self.type, self.version).CRITICAL
+
+
+class _WireEvent(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    type: str
+    version: int
+    source: str
+    time: float
+    data: msgspec.Raw
+    key: str | None = None
+    seq: int | None = None
+    causation_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Token events: PumpPortal frames, field for field.
+
+
+class TokenCreated(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "token.created"
+
+    signature: str
+    mint: str
+    traderPublicKey: str
+    txType: Literal["create"]
+    initialBuy: Number
+    bondingCurveKey: str
+    vTokensInBondingCurve: Number
+    vSolInBondingCurve: Number
+    marketCapSol: Number
+    name: str
+    symbol: str
+    uri: str
+    solAmount: Number | None = None
+    is_mayhem_mode: bool | None = None
+    pool: str | None = None
+
+
+class TokenTrade(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "token.trade"
+
+    signature: str
+    mint: str
+    traderPublicKey: str
+    txType: Literal["buy", "sell"]
+    tokenAmount: Number
+    newTokenBalance: Number
+    bondingCurveKey: str
+    vTokensInBondingCurve: Number
+    vSolInBondingCurve: Number
+    marketCapSol: Number
+    solAmount: Number | None = None
+    pool: str | None = None
+
+
+class TokenMigrated(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "token.migrated"
+
+    signature: str
+    mint: str
+    txType: Literal["migrate"]
+    pool: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Internal events.
+
+
+class FeaturesUpdated(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "features.updated"
+
+    mint: str
+    feature_set_version: str
+    #: seq of the token event these features include (per-mint, from the feed)
+    source_seq: int
+    names: tuple[str, ...]
+    values: tuple[float, ...]
+
+
+LifecycleState = Literal["new", "active", "declining", "inactive", "graduated"]
+
+
+class TokenLifecycle(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "token.lifecycle"
+
+    mint: str
+    state: LifecycleState
+    previous_state: LifecycleState | None = None
+    reason: str = ""
+    priority: int = 0
+    activity_level: float = 0.0
+
+
+class FeedSubscription(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """A command to the feed: start or stop streaming trades of some mints."""
+
+    TYPE: ClassVar[str] = "feed.subscription"
+    KEY_FIELD: ClassVar[str | None] = None
+
+    action: Literal["subscribe", "unsubscribe"]
+    mints: tuple[str, ...]
+    reason: str = ""
+
+
+class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "model.prediction"
+
+    mint: str
+    model_id: str
+    arm: str
+    feature_set_version: str
+    score: float
+    horizon_s: float = 0.0
+    label: str | None = None
+
+
+Side = Literal["buy", "sell"]
+
+
+class OrderRequested(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "order.requested"
+
+    order_id: str
+    mint: str
+    side: Side
+    #: SOL to spend on a buy
+    sol_amount: float | None = None
+    #: tokens to sell on a sell
+    token_amount: float | None = None
+    slippage_pct: float = 5.0
+    reason: str = ""
+    position_id: str | None = None
+
+
+class ExitOrder(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """A sell ordered by the exit service; critical so a trade backlog never delays it."""
+
+    TYPE: ClassVar[str] = "exit.order"
+    CRITICAL: ClassVar[bool] = True
+
+    order_id: str
+    mint: str
+    position_id: str
+    token_amount: float
+    slippage_pct: float = 10.0
+    reason: str = ""
+    priority: int = 0
+    deadline: float | None = None
+
+
+class OrderFilled(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "order.filled"
+
+    order_id: str
+    mint: str
+    side: Side
+    token_amount: float
+    sol_amount: float
+    price: float
+    fee_sol: float = 0.0
+    signature: str | None = None
+    position_id: str | None = None
+
+
+class OrderRejected(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "order.rejected"
+
+    order_id: str
+    mint: str
+    reason: str
+    side: Side | None = None
+    position_id: str | None = None
+
+
+class _PositionPayload(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    position_id: str
+    mint: str
+    token_amount: float
+    cost_sol: float
+    entry_price: float
+    mark_price: float | None = None
+    realized_pnl_sol: float = 0.0
+    unrealized_pnl_sol: float = 0.0
+
+
+class PositionOpened(_PositionPayload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "position.opened"
+
+
+class PositionUpdated(_PositionPayload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "position.updated"
+
+
+class PositionClosed(_PositionPayload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "position.closed"
+    reason: str = ""
+
+
+class SystemShutdown(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "system.shutdown"
+    KEY_FIELD: ClassVar[str | None] = None
+    CRITICAL: ClassVar[bool] = True
+
+    reason: str
+    #: event-time by which every position should be closed
+    deadline: float | None = None
+
+
+class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    position_id: str
+    mint: str
+    tokens_sold: float
+    sol_received: float
+    tranches: int
+    completed: bool
+    reason: str = ""
+
+
+class ExitReport(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    TYPE: ClassVar[str] = "exit.report"
+    KEY_FIELD: ClassVar[str | None] = None
+
+    reason: str
+    started_at: float
+    finished_at: float
+    positions: tuple[ExitLine, ...] = ()
+
+
+# --------------------------------------------------------------------------------------
+# Registry, encoding and decoding.
+
+_REGISTRY: dict[tuple[str, int], type[Payload]] = {}
+_DECODERS: dict[tuple[str, int], msgspec.json.Decoder] = {}
+
+
+def register(schema: type[Payload]) -> type[Payload]:
+    """Register a payload schema under (TYPE, VERSION); usable as a class decorator."""
+    ident = (schema.TYPE, schema.VERSION)
+    existing = _REGISTRY.get(ident)
+    if existing is not None and existing is not schema:
+        raise ValueError(f"schema {ident} is already registered as {existing.__name__}")
+    _REGISTRY[ident] = schema
+    _DECODERS[ident] = msgspec.json.Decoder(schema)
+    return schema
+
+
+for _schema in (
+    TokenCreated,
+    TokenTrade,
+    TokenMigrated,
+    FeaturesUpdated,
+    TokenLifecycle,
+    FeedSubscription,
+    ModelPrediction,
+    OrderRequested,
+    ExitOrder,
+    OrderFilled,
+    OrderRejected,
+    PositionOpened,
+    PositionUpdated,
+    PositionClosed,
+    SystemShutdown,
+    ExitReport,
+):
+    register(_schema)
+
+
+def schema_for(event_type: str, version: int) -> type[Payload]:
+    try:
+        return _REGISTRY[(event_type, version)]
+    except KeyError:
+        raise EventValidationError(
+            f"unknown event type/version {event_type} v{version}", field="type"
+        ) from None
+
+
+def registered() -> dict[tuple[str, int], type[Payload]]:
+    """Return a copy of the registry."""
+    return dict(_REGISTRY)
+
+
+_encoder = msgspec.json.Encoder()
+_wire_decoder = msgspec.json.Decoder(_WireEvent)
+_FIELD_RE = re.compile(r" - at `\$(?:\.)?([^`]*)`")
+
+
+def _validation_error(exc: msgspec.MsgspecError, *, prefix: str, event_type: str | None):
+    message = str(exc)
+    match = _FIELD_RE.search(message)
+    field = None
+    if match:
+        message = message[: match.start()]
+        inner = match.group(1)
+        field = f"{prefix}.{inner}" if inner and prefix else (inner or prefix or None)
+    elif prefix:
+        field = prefix
+    return EventValidationError(message, field=field, event_type=event_type)
+
+
+def make_event(
+    payload: Payload,
+    *,
+    source: str,
+    time: float,
+    seq: int | None = None,
+    causation_id: str | None = None,
+    event_id: str | None = None,
+) -> Event:
+    """Wrap a payload in an envelope; the key is taken from the payload's key field."""
+    key_field = payload.KEY_FIELD
+    return Event(
+        id=event_id or uuid.uuid4().hex,
+        type=payload.TYPE,
+        version=payload.VERSION,
+        source=source,
+        time=float(time),
+        key=getattr(payload, key_field) if key_field else None,
+        seq=seq,
+        causation_id=causation_id,
+        data=payload,
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def encode_payload(payload: Payload) -> bytes:
+    return _encoder.encode(payload)
+
+
+def decode_payload(event_type: str, version: int, raw: bytes | str) -> Payload:
+    """Decode and validate one payload of a known type and version."""
+    schema_for(event_type, version)
+    try:
+        return _DECODERS[(event_type, version)].decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise _validation_error(exc, prefix="", event_type=event_type) from None
+
+
+def decode_event(raw: bytes | str) -> Event:
+    """Decode and validate an envelope and its payload; raise EventValidationError."""
+    try:
+        wire = _wire_decoder.decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise _validation_error(exc, prefix="", event_type=None) from None
+    schema_for(wire.type, wire.version)
+    try:
+        data = _DECODERS[(wire.type, wire.version)].decode(wire.data)
+    except msgspec.MsgspecError as exc:
+        raise _validation_error(exc, prefix="data", event_type=wire.type) from None
+    return Event(
+        id=wire.id,
+        type=wire.type,
+        version=wire.version,
+        source=wire.source,
+        time=wire.time,
+        key=wire.key,
+        seq=wire.seq,
+        causation_id=wire.causation_id,
+        data=data,
+    )
+
+
+def source_service(source: str) -> str:
+    """Return the service part of a source such as ``feed/host-12``."""
+    return source.split("/", 1)[0]
+
+
+EventHandler = Callable[[Event], Any]

@@ -1,0 +1,1 @@
+"""Service runtime: settings, logging, HTTP health and metrics, lifecycle."""

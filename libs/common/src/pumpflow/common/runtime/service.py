@@ -1,0 +1,70 @@
+"""What a service is to the runtime: a thin wiring of domain classes to the bus.
+
+The runtime (``pumpflow.common.runtime.runner``) builds the :class:`ServiceContext`
+from settings (distributed) or shares one in-memory context between all services
+(embedded), starts the service, serves its HTTP app, and on SIGTERM stops
+consuming, drains in-flight handlers and calls :meth:`Service.stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.clock import Clock
+from pumpflow.common.runtime.settings import CommonSettings
+
+if TYPE_CHECKING:
+    import asyncpg
+    from fastapi import APIRouter
+
+    from pumpflow.common.state.abc import StateStore
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceContext:
+    """Collaborators handed to a service."""
+
+    settings: CommonSettings
+    bus: EventBus
+    clock: Clock
+    #: shared state (Redis when distributed, in-process when embedded); None if unused
+    store: StateStore | None = None
+    #: Postgres pool; None when the service or the run has no database
+    db: asyncpg.Pool | None = None
+
+    @property
+    def source(self) -> str:
+        return self.settings.source
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"pumpflow.{self.settings.service}")
+
+
+class Service(ABC):
+    """A pumpflow service."""
+
+    name: ClassVar[str]
+    #: which shared resources the runtime must connect (and check in /readyz)
+    needs_store: ClassVar[bool] = False
+    needs_db: ClassVar[bool] = False
+
+    @abstractmethod
+    async def start(self, ctx: ServiceContext) -> None:
+        """Load state, subscribe to the bus, start background work."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop background work and checkpoint state; the bus is drained already."""
+
+    def router(self) -> APIRouter | None:
+        """Extra HTTP routes of this service (mutating ones guarded by the token)."""
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        """Service-specific readiness details; raise or return {"ready": False} if not ready."""
+        return {}

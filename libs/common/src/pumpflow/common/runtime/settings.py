@@ -1,0 +1,66 @@
+"""Typed settings from the environment (prefix ``PUMPFLOW_``), frozen once read.
+
+Each service extends :class:`CommonSettings` with its own fields. A bad value fails
+at start-up with the variable's name and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting in the environment is missing or invalid."""
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service reads. Environment: ``PUMPFLOW_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PUMPFLOW_", frozen=True, extra="ignore")
+
+    service: str = Field("pumpflow", description="service name; first part of event sources")
+    replica: str = Field(
+        default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",
+        description="replica id, unique per process",
+    )
+    transport: Literal["memory", "rabbitmq"] = Field("rabbitmq", description="bus transport")
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    postgres_dsn: str = Field("postgresql://postgres@127.0.0.1:5432/test", description="Postgres")
+    namespace: str = Field(
+        "pumpflow",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="prefix of exchanges, queues, Redis keys and the Postgres schema",
+    )
+    partitions: int = Field(16, ge=1, le=256, description="partitions of keyed events")
+    prefetch: int = Field(256, ge=1, description="unacked messages per partition consumer")
+    http_host: str = Field("127.0.0.1", description="health and metrics bind address")
+    http_port: int = Field(8000, ge=0, le=65535, description="health/metrics port (0: off)")
+    api_token: str | None = Field(None, description="bearer token for mutating endpoints")
+    log_level: str = Field("INFO", description="logging level")
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    event_log: Literal["none", "sampled", "all"] = Field("none", description="event audit log")
+    event_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="share logged")
+    drain_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: time to drain handlers")
+
+    @property
+    def source(self) -> str:
+        """Event source of this replica: ``<service>/<replica>``."""
+        return f"{self.service}/{self.replica}"
+
+    @classmethod
+    def load(cls, **overrides):
+        """Read the environment; raise SettingsError naming each bad variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            prefix = cls.model_config.get("env_prefix", "")
+            problems = "; ".join(
+                f"{prefix}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None

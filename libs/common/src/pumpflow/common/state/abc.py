@@ -1,0 +1,59 @@
+"""Shared key-value state: Redis when distributed, in-process when embedded.
+
+Keys are plain strings; implementations prefix them with the run's namespace.
+Values are bytes (hash fields: bytes, str or numbers in, bytes out).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+
+HashValue = bytes | str | int | float
+
+
+class StateStore(ABC):
+    """Batched get/set of values and hashes with optional TTLs (seconds)."""
+
+    @abstractmethod
+    async def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        """Return the values of ``keys`` in order; None where missing or expired."""
+
+    @abstractmethod
+    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        """Set values in one round trip; a TTL applies to every key set."""
+
+    @abstractmethod
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete keys (values or hashes)."""
+
+    @abstractmethod
+    async def hset_many(
+        self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
+    ) -> None:
+        """Set fields of several hashes in one round trip; TTL None keeps the key's TTL."""
+
+    @abstractmethod
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        """Return a hash's fields ({} when missing)."""
+
+    @abstractmethod
+    async def expire_many(self, keys: Iterable[str], ttl: float | None) -> None:
+        """Set (or with None, remove) the TTL of existing keys."""
+
+    @abstractmethod
+    async def scan_keys(self, prefix: str) -> list[str]:
+        """Return every live key that starts with ``prefix`` (unprefixed by namespace)."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when the store answers."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many([key]))[0]
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        await self.set_many({key: value}, ttl)

@@ -1,0 +1,80 @@
+"""In-process StateStore for embedded runs, backtests and tests; TTLs follow the clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from pumpflow.common.clock import Clock, WallClock
+from pumpflow.common.state.abc import HashValue, StateStore
+
+
+def _as_bytes(value: HashValue) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, float):
+        return repr(value).encode()
+    return str(value).encode()
+
+
+class MemoryStateStore(StateStore):
+    def __init__(self, clock: Clock | None = None):
+        self._clock = clock or WallClock()
+        self._values: dict[str, bytes | dict[str, bytes]] = {}
+        self._expiry: dict[str, float] = {}
+
+    def _alive(self, key: str) -> bool:
+        deadline = self._expiry.get(key)
+        if deadline is not None and deadline <= self._clock.now():
+            self._values.pop(key, None)
+            self._expiry.pop(key, None)
+        return key in self._values
+
+    def _set_ttl(self, key: str, ttl: float | None) -> None:
+        if ttl is None:
+            self._expiry.pop(key, None)
+        else:
+            self._expiry[key] = self._clock.now() + ttl
+
+    async def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            value = self._values.get(key) if self._alive(key) else None
+            out.append(value if isinstance(value, bytes) else None)
+        return out
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        for key, value in items.items():
+            self._values[key] = bytes(value)
+            self._set_ttl(key, ttl)
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._values.pop(key, None)
+            self._expiry.pop(key, None)
+
+    async def hset_many(
+        self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
+    ) -> None:
+        for key, fields in items.items():
+            current = self._values.get(key) if self._alive(key) else None
+            if not isinstance(current, dict):
+                current = {}
+                self._values[key] = current
+            current.update({name: _as_bytes(v) for name, v in fields.items()})
+            if ttl is not None:
+                self._set_ttl(key, ttl)
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        value = self._values.get(key) if self._alive(key) else None
+        return dict(value) if isinstance(value, dict) else {}
+
+    async def expire_many(self, keys: Iterable[str], ttl: float | None) -> None:
+        for key in keys:
+            if self._alive(key):
+                self._set_ttl(key, ttl)
+
+    async def scan_keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in list(self._values) if k.startswith(prefix) and self._alive(k))
+
+    async def ping(self) -> bool:
+        return True

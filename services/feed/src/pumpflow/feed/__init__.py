@@ -1,0 +1,1 @@
+"""pumpflow feed service."""

@@ -1,0 +1,1 @@
+"""pumpflow model service."""

@@ -1,0 +1,1 @@
+"""pumpflow command line and embedded launcher."""
