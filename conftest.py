@@ -1,0 +1,69 @@
+"""Fixtures shared by every test: real services, unique names per run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+AMQP_URL = os.environ.get("PUMPFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("PUMPFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_DSN = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A name no other test or run uses: prefix of exchanges, queues, keys, schemas."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return AMQP_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+async def pg_pool(namespace):
+    """A pool on a fresh, migrated schema, dropped afterwards."""
+    import asyncpg
+
+    from pumpflow.common.db.pool import create_pool
+
+    pool = await create_pool(POSTGRES_DSN, namespace)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def redis_client(namespace):
+    """A Redis client; every key the test wrote under the namespace is deleted after."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if asyncio.iscoroutinefunction(getattr(item, "function", None)):
+            item.add_marker(pytest.mark.timeout(120))
