@@ -45,13 +45,26 @@ class ServiceContext:
         return logging.getLogger(f"pumpflow.{self.settings.service}")
 
 
+#: entry-point group under which each service package registers its Service class
+SERVICE_ENTRY_POINTS = "pumpflow.services"
+
+
 class Service(ABC):
-    """A pumpflow service."""
+    """A pumpflow service.
+
+    Registered as an entry point in group ``pumpflow.services`` (name = service name),
+    so the launcher finds every installed service without importing them by name.
+    The runtime builds it as ``cls(cls.settings_class.load(service=cls.name))``.
+    """
 
     name: ClassVar[str]
+    settings_class: ClassVar[type[CommonSettings]] = CommonSettings
     #: which shared resources the runtime must connect (and check in /readyz)
     needs_store: ClassVar[bool] = False
     needs_db: ClassVar[bool] = False
+
+    def __init__(self, settings: CommonSettings):
+        self.settings = settings
 
     @abstractmethod
     async def start(self, ctx: ServiceContext) -> None:
