@@ -56,6 +56,8 @@ class MemoryStateStore(StateStore):
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
         for key, fields in items.items():
+            if not fields:
+                continue  # like Redis: an empty HSET creates no key
             current = self._values.get(key) if self._alive(key) else None
             if not isinstance(current, dict):
                 current = {}

@@ -1,0 +1,114 @@
+"""Redis StateStore for distributed runs: one pipeline (one round trip) per batch call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import redis.asyncio as redis
+
+from pumpflow.common.state.abc import HashValue, StateStore
+
+_GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
+
+
+def _ttl_ms(ttl: float) -> int:
+    # Redis rejects a zero expiry; a TTL below a millisecond still has to expire the key.
+    return max(1, round(ttl * 1000))
+
+
+def _field_value(value: HashValue) -> bytes | str | int | float:
+    if isinstance(value, bool):
+        # redis-py refuses bools; store them the way str() spells them, like the memory store
+        return str(value)
+    return value
+
+
+class RedisStateStore(StateStore):
+    """Keys live under ``<namespace>:``; TTLs are kept to the millisecond."""
+
+    def __init__(self, *, url: str, namespace: str, client: redis.Redis | None = None):
+        self.namespace = namespace
+        self._prefix = f"{namespace}:"
+        self._client = client if client is not None else redis.Redis.from_url(url)
+        self._owns_client = client is None
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    async def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        full = [self._key(k) for k in keys]
+        if not full:
+            return []
+        # MGET answers nil for keys holding a hash, as the contract wants
+        return list(await self._client.mget(full))
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        if not items:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, value in items.items():
+                if ttl is None:
+                    pipe.set(self._key(key), bytes(value))
+                else:
+                    pipe.set(self._key(key), bytes(value), px=_ttl_ms(ttl))
+            await pipe.execute()
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        full = [self._key(k) for k in keys]
+        if full:
+            await self._client.delete(*full)
+
+    async def hset_many(
+        self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
+    ) -> None:
+        if not items:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, fields in items.items():
+                if not fields:
+                    continue
+                full = self._key(key)
+                pipe.hset(full, mapping={k: _field_value(v) for k, v in fields.items()})
+                if ttl is not None:
+                    pipe.pexpire(full, _ttl_ms(ttl))
+            await pipe.execute()
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        try:
+            raw = await self._client.hgetall(self._key(key))
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                return {}
+            raise
+        return {name.decode(): value for name, value in raw.items()}
+
+    async def expire_many(self, keys: Iterable[str], ttl: float | None) -> None:
+        full = [self._key(k) for k in keys]
+        if not full:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in full:
+                if ttl is None:
+                    pipe.persist(key)
+                else:
+                    pipe.pexpire(key, _ttl_ms(ttl))
+            await pipe.execute()
+
+    async def scan_keys(self, prefix: str) -> list[str]:
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix + prefix) + "*"
+        cut = len(self._prefix)
+        found = {
+            key.decode()[cut:] async for key in self._client.scan_iter(match=pattern, count=1000)
+        }
+        return sorted(found)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()

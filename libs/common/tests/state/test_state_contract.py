@@ -1,0 +1,250 @@
+"""One contract for every StateStore: in-process (ReplayClock TTLs) and Redis (real TTLs)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.state.redis import RedisStateStore
+
+#: a TTL that must run out during the test, and one that must not
+SHORT_TTL = 0.05
+LONG_TTL = 600.0
+
+
+@dataclass
+class Harness:
+    store: StateStore
+    clock: ReplayClock | None = None
+
+    async def let_short_ttls_expire(self) -> None:
+        """Move past SHORT_TTL: by the replay clock, or for Redis by real time."""
+        if self.clock is not None:
+            await self.clock.advance(SHORT_TTL + 0.001)
+        else:
+            await asyncio.sleep(SHORT_TTL + 0.1)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def harness(request, namespace, redis_url):
+    if request.param == "memory":
+        clock = ReplayClock(start=1_700_000_000.0)
+        yield Harness(store=MemoryStateStore(clock), clock=clock)
+        return
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        yield Harness(store=store)
+    finally:
+        keys = await store.scan_keys("")
+        await store.delete_many(keys)
+        await store.close()
+
+
+async def test_get_many_keeps_order_and_gives_none_for_missing(harness):
+    store = harness.store
+    await store.set_many({"a": b"1", "b": b"\x00\xff"})
+    assert await store.get_many(["b", "missing", "a"]) == [b"\x00\xff", None, b"1"]
+    assert await store.get("a") == b"1"
+    await store.set("a", b"2")
+    assert await store.get("a") == b"2"
+
+
+async def test_get_of_a_hash_key_is_none(harness):
+    store = harness.store
+    await store.hset_many({"h": {"f": 1}})
+    assert await store.get_many(["h"]) == [None]
+
+
+async def test_empty_batches_are_no_ops(harness):
+    store = harness.store
+    assert await store.get_many([]) == []
+    await store.set_many({})
+    await store.hset_many({})
+    await store.hset_many({"h": {}})
+    await store.delete_many([])
+    await store.expire_many([], 1.0)
+    assert await store.scan_keys("") == []
+
+
+async def test_hash_fields_come_back_as_bytes_in_their_str_spelling(harness):
+    store = harness.store
+    await store.hset_many(
+        {
+            "h1": {"i": 42, "f": 0.1, "big": 1e20, "s": "tokén", "b": b"\x01\x02", "t": True},
+            "h2": {"x": -7},
+        }
+    )
+    assert await store.hgetall("h1") == {
+        "i": b"42",
+        "f": b"0.1",
+        "big": b"1e+20",
+        "s": "tokén".encode(),
+        "b": b"\x01\x02",
+        "t": b"True",
+    }
+    assert await store.hgetall("h2") == {"x": b"-7"}
+    assert await store.hgetall("missing") == {}
+
+
+async def test_hset_many_merges_fields_into_existing_hashes(harness):
+    store = harness.store
+    await store.hset_many({"h": {"a": 1, "b": 2}})
+    await store.hset_many({"h": {"b": 3, "c": 4}})
+    assert await store.hgetall("h") == {"a": b"1", "b": b"3", "c": b"4"}
+
+
+async def test_hgetall_of_a_plain_value_is_empty(harness):
+    store = harness.store
+    await store.set("v", b"x")
+    assert await store.hgetall("v") == {}
+
+
+async def test_delete_many_removes_values_and_hashes(harness):
+    store = harness.store
+    await store.set_many({"a": b"1", "b": b"2"})
+    await store.hset_many({"h": {"f": 1}})
+    await store.delete_many(["a", "h", "never-existed"])
+    assert await store.get_many(["a", "b"]) == [None, b"2"]
+    assert await store.hgetall("h") == {}
+    assert await store.scan_keys("") == ["b"]
+
+
+async def test_scan_keys_matches_a_literal_prefix(harness):
+    store = harness.store
+    await store.set_many({"tok:1": b"", "tok:2": b"", "token": b"", "a*b": b"", "axb": b""})
+    await store.hset_many({"tok:h": {"f": 1}})
+    assert await store.scan_keys("tok:") == ["tok:1", "tok:2", "tok:h"]
+    assert await store.scan_keys("tok") == ["tok:1", "tok:2", "tok:h", "token"]
+    # glob characters in the prefix are literal, not patterns
+    assert await store.scan_keys("a*") == ["a*b"]
+    assert await store.scan_keys("nothing") == []
+
+
+async def test_short_ttl_expires_and_others_stay(harness):
+    store = harness.store
+    await store.set_many({"short1": b"1", "short2": b"2"}, ttl=SHORT_TTL)
+    await store.set_many({"long": b"3"}, ttl=LONG_TTL)
+    await store.set("forever", b"4")
+    await harness.let_short_ttls_expire()
+    assert await store.get_many(["short1", "short2", "long", "forever"]) == [
+        None,
+        None,
+        b"3",
+        b"4",
+    ]
+    assert await store.scan_keys("") == ["forever", "long"]
+
+
+async def test_set_without_ttl_clears_an_earlier_ttl(harness):
+    store = harness.store
+    await store.set("k", b"1", ttl=SHORT_TTL)
+    await store.set("k", b"2")
+    await harness.let_short_ttls_expire()
+    assert await store.get("k") == b"2"
+
+
+async def test_hset_ttl_none_keeps_the_existing_ttl(harness):
+    store = harness.store
+    await store.hset_many({"h": {"a": 1}}, ttl=SHORT_TTL)
+    await store.hset_many({"h": {"b": 2}})
+    await harness.let_short_ttls_expire()
+    assert await store.hgetall("h") == {}
+    assert await store.scan_keys("") == []
+
+
+async def test_hset_with_ttl_refreshes_it(harness):
+    store = harness.store
+    await store.hset_many({"h": {"a": 1}, "g": {"a": 1}}, ttl=SHORT_TTL)
+    await store.hset_many({"h": {"b": 2}}, ttl=LONG_TTL)
+    await harness.let_short_ttls_expire()
+    assert await store.hgetall("h") == {"a": b"1", "b": b"2"}
+    assert await store.hgetall("g") == {}
+
+
+async def test_expire_many_sets_and_removes_ttls_of_existing_keys_only(harness):
+    store = harness.store
+    await store.set_many({"keep": b"1", "drop": b"2"}, ttl=SHORT_TTL)
+    await store.hset_many({"hdrop": {"f": 1}})
+    await store.expire_many(["keep"], None)
+    await store.expire_many(["hdrop", "absent"], SHORT_TTL)
+    await harness.let_short_ttls_expire()
+    assert await store.get_many(["keep", "drop", "absent"]) == [b"1", None, None]
+    assert await store.hgetall("hdrop") == {}
+    assert await store.scan_keys("") == ["keep"]
+
+
+async def test_ping(harness):
+    assert await harness.store.ping() is True
+
+
+async def test_memory_ttl_follows_the_injected_clock_exactly():
+    clock = ReplayClock(start=100.0)
+    store = MemoryStateStore(clock)
+    await store.set("k", b"v", ttl=10.0)
+    await clock.advance_to(109.999)
+    assert await store.get("k") == b"v"
+    await clock.advance_to(110.0)
+    assert await store.get("k") is None
+
+
+@pytest.mark.redis
+async def test_redis_namespaces_are_isolated_and_prefix_real_keys(redis_url, namespace, redis_client):
+    one = RedisStateStore(url=redis_url, namespace=namespace)
+    other = RedisStateStore(url=redis_url, namespace=f"{namespace}x")
+    try:
+        await one.set("k", b"mine")
+        await other.set("k", b"theirs")
+        await one.hset_many({"h": {"f": 1}}, ttl=LONG_TTL)
+        assert await one.get("k") == b"mine"
+        assert await one.scan_keys("") == ["h", "k"]
+        assert await redis_client.get(f"{namespace}:k") == b"mine"
+        ttl_ms = await redis_client.pttl(f"{namespace}:h")
+        assert 0 < ttl_ms <= LONG_TTL * 1000
+        assert await redis_client.pttl(f"{namespace}:k") == -1
+    finally:
+        await one.delete_many(await one.scan_keys(""))
+        await other.delete_many(await other.scan_keys(""))
+        await one.close()
+        await other.close()
+
+
+@pytest.mark.redis
+async def test_redis_batch_calls_take_one_round_trip(redis_url, namespace):
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    sent: list[int] = []
+    try:
+        await store.ping()
+        connection_class = store._client.connection_pool.connection_class
+        original = connection_class.send_packed_command
+
+        async def counting(self, command, check_health=True):
+            sent.append(1)
+            return await original(self, command, check_health)
+
+        connection_class_patch = pytest.MonkeyPatch()
+        connection_class_patch.setattr(connection_class, "send_packed_command", counting)
+        try:
+            await store.set_many({f"k{i}": b"v" for i in range(50)}, ttl=LONG_TTL)
+            await store.hset_many({f"h{i}": {"a": i} for i in range(50)}, ttl=LONG_TTL)
+            await store.expire_many([f"k{i}" for i in range(50)], None)
+            await store.get_many([f"k{i}" for i in range(50)])
+        finally:
+            connection_class_patch.undo()
+        assert len(sent) == 4
+    finally:
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_ping_is_false_when_the_server_is_unreachable(namespace):
+    store = RedisStateStore(url="redis://127.0.0.1:1/0", namespace=namespace)
+    try:
+        assert await store.ping() is False
+    finally:
+        await store.close()
