@@ -193,7 +193,9 @@ async def test_memory_ttl_follows_the_injected_clock_exactly():
 
 
 @pytest.mark.redis
-async def test_redis_namespaces_are_isolated_and_prefix_real_keys(redis_url, namespace, redis_client):
+async def test_redis_namespaces_are_isolated_and_prefix_real_keys(
+    redis_url, namespace, redis_client
+):
     one = RedisStateStore(url=redis_url, namespace=namespace)
     other = RedisStateStore(url=redis_url, namespace=f"{namespace}x")
     try:

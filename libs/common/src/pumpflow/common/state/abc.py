@@ -49,7 +49,7 @@ class StateStore(ABC):
     async def ping(self) -> bool:
         """True when the store answers."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections."""
 
     async def get(self, key: str) -> bytes | None:
