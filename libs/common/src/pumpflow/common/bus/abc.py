@@ -91,6 +91,13 @@ class EventBus(EventPublisher, EventSubscriber):
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, then disconnect."""
 
+    async def stop_consuming(self) -> None:  # noqa: B027 - optional; default keeps consuming
+        """Take no new deliveries (in-flight ones go on); publishing still works.
+
+        Called on SIGTERM before :meth:`drain`, so a drain is not fed forever. Transports
+        whose ``drain`` already ends on its own may keep the default, which does nothing.
+        """
+
     @abstractmethod
     async def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every delivered message is handled; True when idle in time."""
