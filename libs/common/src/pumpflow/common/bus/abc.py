@@ -91,7 +91,7 @@ class EventBus(EventPublisher, EventSubscriber):
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, then disconnect."""
 
-    async def stop_consuming(self) -> None:  # noqa: B027 - optional; default keeps consuming
+    async def stop_consuming(self) -> None:
         """Take no new deliveries (in-flight ones go on); publishing still works.
 
         Called on SIGTERM before :meth:`drain`, so a drain is not fed forever. Transports
@@ -99,7 +99,7 @@ class EventBus(EventPublisher, EventSubscriber):
         """
 
     @abstractmethod
-    async def drain(self, timeout: float = 10.0) -> bool:
+    async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
         """Wait until every delivered message is handled; True when idle in time."""
 
     @abstractmethod
