@@ -69,21 +69,27 @@ class SeqTracker:
     def check(self, event: Event) -> Verdict:
         if event.seq is None or event.key is None:
             return Verdict.NEW
-        last = self._last.get(self._scope(event))
-        if last is None:
-            return Verdict.NEW
-        if event.seq <= last:
-            return Verdict.DUPLICATE
-        if event.seq > last + 1:
-            return Verdict.GAP
-        return Verdict.NEW
+        return self.check_at(self._scope(event), event.seq)
 
     def commit(self, event: Event) -> None:
         if event.seq is None or event.key is None:
             return
-        scope = self._scope(event)
-        if event.seq > self._last.get(scope, 0):
-            self._last[scope] = event.seq
+        self.commit_at(self._scope(event), event.seq)
+
+    def check_at(self, scope: tuple[str, str], seq: int) -> Verdict:
+        """``check`` for a scope (publisher service, key) the caller already built."""
+        last = self._last.get(scope)
+        if last is None:
+            return Verdict.NEW
+        if seq <= last:
+            return Verdict.DUPLICATE
+        if seq > last + 1:
+            return Verdict.GAP
+        return Verdict.NEW
+
+    def commit_at(self, scope: tuple[str, str], seq: int) -> None:
+        if seq > self._last.get(scope, 0):
+            self._last[scope] = seq
 
     def last(self, publisher: str, key: str) -> int | None:
         return self._last.get((publisher, key))

@@ -1,0 +1,381 @@
+"""In-memory transport: the RabbitMQ topology emulated with queues inside the process.
+
+Each consuming service has one FIFO per partition and a critical lane, shared by its
+replicas (a lane is served by the first replica that consumes it, like RabbitMQ's
+single-active-consumer); each replica has its own broadcast and critical-broadcast
+lanes for keyless events. Every lane has its own worker task, so partitions run
+concurrently and in order each.
+
+Synchronous mode runs the handlers inside ``publish``, in publish order, with the
+Event object itself (no encoding): deterministic and fast, for replays and tests.
+
+The queues live in the bus object, so they do not outlive the process: a consumer
+"restart" here is :meth:`InMemoryBus.unsubscribe` followed by a new ``subscribe`` on
+the same bus, which picks up every event still queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription
+from pumpflow.common.bus.dispatch import (
+    BROADCAST,
+    CRITICAL,
+    INPUT,
+    PARTITION,
+    Bindings,
+    Dispatcher,
+    check_publishable,
+    publish_lane,
+)
+from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.metrics import Series, record_dead_letter, series
+from pumpflow.common.bus.routing import DEFAULT_PARTITIONS, partition_of, routing_key_for
+from pumpflow.common.events import Event, encode_event, source_service
+
+log = logging.getLogger(__name__)
+
+
+class _Lane:
+    """One queue with its worker; ``fixed`` is set for a replica's own lanes."""
+
+    __slots__ = (
+        "consumer",
+        "dispatcher",
+        "group",
+        "idle",
+        "items",
+        "partition",
+        "wakeup",
+        "worker",
+    )
+
+    def __init__(self, group: _Group, dispatcher: Dispatcher, partition: int | None):
+        self.group = group
+        self.dispatcher = dispatcher
+        self.partition = partition
+        self.items: deque[Event] = deque()
+        self.wakeup = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.worker: asyncio.Task | None = None
+        #: the replica this lane delivers to now; None while nobody consumes it
+        self.consumer: _Replica | None = None
+
+
+@dataclass(eq=False)
+class _Replica:
+    subscription: Subscription
+    broadcast: _Lane
+    critical_broadcast: _Lane
+    #: (type, version) it wants keyless deliveries of, split by lane
+    broadcast_types: frozenset[tuple[str, int]]
+    critical_types: frozenset[tuple[str, int]]
+    #: lanes currently running this replica's handler
+    busy: set[_Lane] = field(default_factory=set)
+
+
+class _Group:
+    """A consuming service: its shared lanes, bindings and replicas."""
+
+    def __init__(self, bus: InMemoryBus, service: str):
+        self.service = service
+        self.replicas: list[_Replica] = []
+        #: bindings persist after a replica leaves, like durable queues' bindings
+        self.partition_types: set[tuple[str, int]] = set()
+        self.critical_types: set[tuple[str, int]] = set()
+        self.partitions = [
+            _Lane(self, bus.dispatcher(service, PARTITION), p) for p in range(bus.partitions)
+        ]
+        self.critical = _Lane(self, bus.dispatcher(service, CRITICAL), None)
+
+    def assign(self) -> None:
+        """Give each shared lane to the first replica that consumes it."""
+        for lane in (*self.partitions, self.critical):
+            lane.consumer = None
+            for replica in self.replicas:
+                wanted = replica.subscription.partitions
+                if lane.partition is None or wanted is None or lane.partition in wanted:
+                    lane.consumer = replica
+                    break
+            lane.wakeup.set()
+        for replica in self.replicas:
+            replica.broadcast.consumer = replica
+            replica.critical_broadcast.consumer = replica
+
+    def lanes(self) -> list[_Lane]:
+        own = [lane for r in self.replicas for lane in (r.broadcast, r.critical_broadcast)]
+        return [*self.partitions, self.critical, *own]
+
+
+def _dead_letter(lane: _Lane, event: Event, reason: str) -> DeadLetter:
+    return DeadLetter(
+        service=lane.group.service,
+        reason=reason,
+        body=encode_event(event),
+        event_type=event.type,
+        key=event.key,
+        headers={"x-pumpflow-reason": reason, "x-pumpflow-lane": lane.dispatcher.lane},
+    )
+
+
+class InMemoryBus(EventBus):
+    """The bus inside one process; same routing and delivery contract as RabbitMQ."""
+
+    def __init__(
+        self,
+        *,
+        partitions: int = DEFAULT_PARTITIONS,
+        synchronous: bool = False,
+        source: str = "memory",
+        event_log: EventLog | None = None,
+    ):
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        self.partitions = partitions
+        self.synchronous = synchronous
+        self.source = source
+        self.event_log = event_log or EventLog("none")
+        self._groups: dict[str, _Group] = {}
+        self._dead: dict[str, deque[DeadLetter]] = {}
+        #: (type, version) -> [(group, critical?)]; rebuilt when bindings change
+        self._routes: dict[tuple[str, int], list[tuple[_Group, bool]]] = {}
+        self._published: dict[tuple[str, bool], Series] = {}
+        self._publisher = source_service(source)
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started = False
+        self._closing = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._closing = False
+        if not self._started:
+            self._started = True
+            for group in self._groups.values():
+                await self._resume(group)
+
+    def dispatcher(self, service: str, lane: str) -> Dispatcher:
+        # synchronous replays must not sleep between retries
+        backoff = 0.0 if self.synchronous else 0.05
+        return Dispatcher(
+            service=service, lane=lane, event_log=self.event_log, retry_backoff=backoff
+        )
+
+    async def close(self) -> None:
+        """Stop the workers after the events they are handling; queued ones stay queued."""
+        self._closing = True
+        workers = []
+        for group in self._groups.values():
+            for lane in group.lanes():
+                lane.wakeup.set()
+                if lane.worker is not None:
+                    workers.append(lane.worker)
+                    lane.worker = None
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        self._started = False
+
+    def is_healthy(self) -> bool:
+        return self._started and not self._closing
+
+    async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- subscribing
+
+    async def subscribe(self, subscription: Subscription) -> None:
+        group = self._groups.get(subscription.service)
+        if group is None:
+            group = self._groups[subscription.service] = _Group(self, subscription.service)
+        bindings = Bindings.of(subscription)
+        version = bindings.version
+        group.partition_types.update((t, version) for t in bindings.partition)
+        group.critical_types.update((t, version) for t in bindings.critical)
+        service = subscription.service
+        replica = _Replica(
+            subscription=subscription,
+            broadcast=_Lane(group, self.dispatcher(service, BROADCAST), None),
+            critical_broadcast=_Lane(group, self.dispatcher(service, CRITICAL), None),
+            broadcast_types=frozenset((t, version) for t in bindings.partition),
+            critical_types=frozenset((t, version) for t in bindings.critical),
+        )
+        group.replicas.append(replica)
+        group.assign()
+        self._routes.clear()
+        await self._resume(group)
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a replica once its running handlers returned; its queued events stay."""
+        group = self._groups.get(subscription.service)
+        if group is None:
+            return
+        replica = next((r for r in group.replicas if r.subscription is subscription), None)
+        if replica is None:
+            return
+        group.replicas.remove(replica)
+        group.assign()
+        self._routes.clear()
+        for lane in (replica.broadcast, replica.critical_broadcast):
+            # a replica's own queues go with it; what they held is not anyone else's
+            self._settle(len(lane.items))
+            lane.items.clear()
+            lane.wakeup.set()
+        while replica.busy:
+            await next(iter(replica.busy)).idle.wait()
+        for lane in (replica.broadcast, replica.critical_broadcast):
+            if lane.worker is not None:
+                lane.worker.cancel()
+                lane.worker = None
+
+    async def _resume(self, group: _Group) -> None:
+        if self.synchronous:
+            # events that waited for a consumer are delivered now, in order per lane
+            for lane in group.lanes():
+                while lane.items and lane.consumer is not None:
+                    await self._deliver(lane, lane.consumer, lane.items.popleft())
+                    self._settle(1)
+            return
+        for lane in group.lanes():
+            if lane.worker is None and not self._closing:
+                lane.worker = asyncio.create_task(
+                    self._work(lane), name=f"bus:{group.service}:{self._lane_name(lane)}"
+                )
+            lane.wakeup.set()
+
+    @staticmethod
+    def _lane_name(lane: _Lane) -> str:
+        if lane.partition is not None:
+            return f"p{lane.partition:02d}"
+        return lane.dispatcher.lane
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, event: Event) -> None:
+        schema = check_publishable(event)
+        ident = (event.type, event.version)
+        routes = self._routes.get(ident)
+        if routes is None:
+            routes = self._routes[ident] = self._route(ident)
+        key = event.key
+        stats = self._published.get((event.type, key is None))
+        if stats is None:
+            lane = publish_lane(schema, keyless=key is None)
+            stats = self._published[(event.type, key is None)] = series(
+                self._publisher, event.type, lane
+            )
+        stats.published += 1
+        if self.event_log.enabled:
+            self.event_log.published(event, routing_key=routing_key_for(event, self.partitions))
+        if not routes:
+            return
+        for group, critical in routes:
+            if key is None:
+                for replica in group.replicas:
+                    if critical and ident in replica.critical_types:
+                        await self._offer(replica.critical_broadcast, event)
+                    elif not critical and ident in replica.broadcast_types:
+                        await self._offer(replica.broadcast, event)
+            elif critical:
+                await self._offer(group.critical, event)
+            else:
+                lane = group.partitions[partition_of(key, self.partitions)]
+                consumer = lane.consumer
+                if self.synchronous and consumer is not None and not lane.items:
+                    # the hot path of replays, kept inline
+                    reason = await lane.dispatcher.dispatch(event, consumer.subscription)
+                    if reason is not None:
+                        self._store_dead(_dead_letter(lane, event, reason))
+                else:
+                    self._enqueue(lane, event)
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self.publish(event)
+
+    def _route(self, ident: tuple[str, int]) -> list[tuple[_Group, bool]]:
+        routes = []
+        for group in self._groups.values():
+            if ident in group.critical_types:
+                routes.append((group, True))
+            elif ident in group.partition_types:
+                routes.append((group, False))
+        return routes
+
+    async def _offer(self, lane: _Lane, event: Event) -> None:
+        if self.synchronous and lane.consumer is not None and not lane.items:
+            await self._deliver(lane, lane.consumer, event)
+        else:
+            self._enqueue(lane, event)
+
+    def _enqueue(self, lane: _Lane, event: Event) -> None:
+        lane.items.append(event)
+        self._pending += 1
+        self._idle.clear()
+        lane.wakeup.set()
+
+    def _settle(self, count: int) -> None:
+        self._pending -= count
+        if self._pending <= 0:
+            self._pending = 0
+            self._idle.set()
+
+    # ---------------------------------------------------------------- consuming
+
+    async def _deliver(self, lane: _Lane, replica: _Replica, event: Event) -> None:
+        replica.busy.add(lane)
+        lane.idle.clear()
+        try:
+            reason = await lane.dispatcher.dispatch(event, replica.subscription)
+        finally:
+            replica.busy.discard(lane)
+            lane.idle.set()
+        if reason is not None:
+            self._store_dead(_dead_letter(lane, event, reason))
+
+    async def _work(self, lane: _Lane) -> None:
+        while True:
+            while not self._closing and (not lane.items or lane.consumer is None):
+                lane.wakeup.clear()
+                await lane.wakeup.wait()
+            replica = lane.consumer
+            if self._closing or replica is None:
+                return
+            event = lane.items.popleft()
+            try:
+                await self._deliver(lane, replica, event)
+            except Exception:  # the dispatcher catches handler errors; this is a bus bug
+                log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
+            finally:
+                self._settle(1)
+
+    # ---------------------------------------------------------------- dead letters
+
+    def _store_dead(self, letter: DeadLetter) -> None:
+        self._dead.setdefault(letter.service, deque()).append(letter)
+
+    async def dead_letter(
+        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+    ) -> None:
+        record_dead_letter(service, event_type, INPUT)
+        self._store_dead(
+            DeadLetter(service=service, reason=reason, body=body, event_type=event_type)
+        )
+
+    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+        stored = self._dead.get(service)
+        out: list[DeadLetter] = []
+        while stored and len(out) < limit:
+            out.append(stored.popleft())
+        return out
