@@ -1,0 +1,197 @@
+"""HTTP face of a service: health, readiness, Prometheus metrics and its own routes.
+
+Served by uvicorn inside the service's event loop (:func:`start_http_server`), with
+uvicorn's signal handling off: the runner owns SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
+
+from pumpflow.common.runtime.service import Service, ServiceContext
+
+log = logging.getLogger(__name__)
+
+#: a readiness check that takes longer than this counts as failed
+CHECK_TIMEOUT_S = 2.0
+
+SERVICE_INFO = Gauge(
+    "pumpflow_service_info", "Running service replica (value 1).", ["service", "replica"]
+)
+SERVICE_READY = Gauge(
+    "pumpflow_service_ready", "1 when the last /readyz passed, else 0.", ["service"]
+)
+SERVICE_STARTED = Gauge(
+    "pumpflow_service_start_time_seconds", "Start time of the replica.", ["service"]
+)
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+class TokenError(Exception):
+    """Raised by :func:`require_token`; answered with its status and reason."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def require_token(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """Dependency guarding mutating endpoints with the configured bearer token."""
+    expected = request.app.state.ctx.settings.api_token
+    if not expected:
+        raise TokenError(
+            403,
+            "mutating endpoints are disabled: a token must be configured (PUMPFLOW_API_TOKEN)",
+        )
+    given = credentials.credentials if credentials is not None else ""
+    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise TokenError(401, "missing or wrong bearer token")
+
+
+async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
+    started = time.perf_counter()
+    try:
+        outcome = await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return name, {"ok": False, "error": f"no answer within {CHECK_TIMEOUT_S} s"}
+    except Exception as exc:
+        return name, {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    details = {"ok": bool(outcome), "ms": round((time.perf_counter() - started) * 1000, 2)}
+    return name, details
+
+
+async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[str, Any]]:
+    """Run the checks the service needs; return (ready, details)."""
+
+    async def bus() -> bool:
+        return ctx.bus.is_healthy()
+
+    async def store() -> bool:
+        return ctx.store is not None and await ctx.store.ping()
+
+    async def postgres() -> bool:
+        if ctx.db is None:
+            return False
+        return await ctx.db.fetchval("SELECT 1") == 1
+
+    probes = {"bus": bus}
+    if service.needs_store:
+        probes["store"] = store
+    if service.needs_db:
+        probes["postgres"] = postgres
+    checks = dict(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
+    try:
+        status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
+        service_ok = status.get("ready", True) is not False
+        checks["service"] = {**status, "ok": service_ok}
+    except Exception as exc:
+        checks["service"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    ready = all(c["ok"] for c in checks.values())
+    return ready, checks
+
+
+def create_app(service: Service, ctx: ServiceContext) -> FastAPI:
+    """The service's FastAPI app: /healthz, /readyz, /metrics and the service's router."""
+    settings = ctx.settings
+    app = FastAPI(title=f"pumpflow {settings.service}", docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    app.state.service = service
+    SERVICE_INFO.labels(settings.service, settings.replica).set(1)
+    SERVICE_STARTED.labels(settings.service).set(time.time())
+
+    @app.exception_handler(TokenError)
+    async def token_error(request: Request, exc: TokenError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"alive": True, "service": settings.service, "replica": settings.replica}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready, checks = await readiness(service, ctx)
+        SERVICE_READY.labels(settings.service).set(1 if ready else 0)
+        body = {"ready": ready, "service": settings.service, "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    router = service.router()
+    if router is not None:
+        app.include_router(router)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the runner decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """A uvicorn server running as a task of the current event loop."""
+
+    def __init__(self, app: FastAPI, *, host: str, port: int):
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, lifespan="off", access_log=False
+        )
+        self._server = _Server(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Start serving; raise if the socket cannot be bound."""
+        self._task = asyncio.create_task(self._serve(), name="http")
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # re-raise the start-up failure
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as exc:
+            # uvicorn exits the process when it cannot bind; a service reports it instead
+            raise RuntimeError(f"HTTP server failed to start (exit {exc.code})") from None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0 in tests)."""
+        servers = getattr(self._server, "servers", [])
+        for server in servers:
+            for sock in server.sockets:
+                return sock.getsockname()[1]
+        return self._server.config.port
+
+    @property
+    def task(self) -> asyncio.Task | None:
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self._task
+        self._task = None

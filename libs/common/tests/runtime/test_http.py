@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends
+
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.runtime.http import HttpServer, create_app, require_token
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.state.redis import RedisStateStore
+
+
+class Probe(Service):
+    name = "probe"
+    needs_store = True
+
+    def __init__(self, settings: CommonSettings):
+        super().__init__(settings)
+        self.status_value: dict[str, Any] | Exception = {"tokens": 3}
+        self.resets = 0
+
+    async def start(self, ctx: ServiceContext) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def status(self) -> dict[str, Any]:
+        if isinstance(self.status_value, Exception):
+            raise self.status_value
+        return self.status_value
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.get("/probe/count")
+        async def count() -> dict[str, int]:
+            return {"resets": self.resets}
+
+        @router.post("/probe/reset", dependencies=[Depends(require_token)])
+        async def reset() -> dict[str, int]:
+            self.resets += 1
+            return {"resets": self.resets}
+
+        return router
+
+
+class NeedsDb(Probe):
+    name = "needsdb"
+    needs_store = False
+    needs_db = True
+
+
+def make(service_cls=Probe, *, token: str | None = "s3cret-token", store=None, db=None):
+    settings = CommonSettings(service=service_cls.name, replica="r1", api_token=token)
+    bus = InMemoryBus(source=settings.source)
+    clock = ReplayClock()
+    ctx = ServiceContext(
+        settings=settings,
+        bus=bus,
+        clock=clock,
+        store=store if store is not None else MemoryStateStore(clock),
+        db=db,
+    )
+    service = service_cls(settings)
+    return service, ctx, create_app(service, ctx)
+
+
+def client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc")
+
+
+async def test_healthz_answers_while_the_process_lives():
+    _, _, app = make()
+    async with client(app) as http:
+        answer = await http.get("/healthz")
+    assert answer.status_code == 200
+    assert answer.json() == {"alive": True, "service": "probe", "replica": "r1"}
+
+
+async def test_readyz_follows_the_bus_the_store_and_the_service():
+    service, ctx, app = make()
+    async with client(app) as http:
+        answer = await http.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["bus"]["ok"] is False
+
+        await ctx.bus.start()
+        answer = await http.get("/readyz")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["ready"] is True
+        assert set(body["checks"]) == {"bus", "store", "service"}
+        assert body["checks"]["service"] == {"tokens": 3, "ok": True}
+
+        service.status_value = {"ready": False, "why": "warming up"}
+        answer = await http.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["service"] == {
+            "ready": False,
+            "why": "warming up",
+            "ok": False,
+        }
+
+        service.status_value = RuntimeError("model not loaded")
+        answer = await http.get("/readyz")
+        assert answer.status_code == 503
+        assert "model not loaded" in answer.json()["checks"]["service"]["error"]
+    await ctx.bus.close()
+
+
+@pytest.mark.redis
+async def test_readyz_reports_an_unreachable_store(namespace):
+    store = RedisStateStore(url="redis://127.0.0.1:1/0", namespace=namespace)
+    _, ctx, app = make(store=store)
+    await ctx.bus.start()
+    try:
+        async with client(app) as http:
+            answer = await http.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["store"]["ok"] is False
+        assert answer.json()["checks"]["bus"]["ok"] is True
+    finally:
+        await ctx.bus.close()
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_readyz_checks_postgres_only_for_services_that_need_it(pg_pool):
+    _, ctx, app = make(NeedsDb, db=pg_pool)
+    await ctx.bus.start()
+    try:
+        async with client(app) as http:
+            body = (await http.get("/readyz")).json()
+        assert body["ready"] is True
+        assert set(body["checks"]) == {"bus", "postgres", "service"}
+        assert body["checks"]["postgres"]["ok"] is True
+    finally:
+        await ctx.bus.close()
+
+
+async def test_readyz_fails_when_a_needed_database_is_missing():
+    _, ctx, app = make(NeedsDb, db=None)
+    await ctx.bus.start()
+    async with client(app) as http:
+        answer = await http.get("/readyz")
+    await ctx.bus.close()
+    assert answer.status_code == 503
+    assert answer.json()["checks"]["postgres"]["ok"] is False
+
+
+async def test_metrics_expose_the_default_registry():
+    _, _, app = make()
+    async with client(app) as http:
+        answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert 'pumpflow_service_info{replica="r1",service="probe"} 1.0' in answer.text
+
+
+async def test_mutating_routes_need_the_token():
+    service, _, app = make(token="s3cret-token")
+    async with client(app) as http:
+        assert (await http.get("/probe/count")).json() == {"resets": 0}
+        missing = await http.post("/probe/reset")
+        wrong = await http.post("/probe/reset", headers={"Authorization": "Bearer nope"})
+        right = await http.post("/probe/reset", headers={"Authorization": "Bearer s3cret-token"})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+    assert service.resets == 1
+
+
+async def test_without_a_configured_token_mutations_are_refused():
+    service, _, app = make(token=None)
+    async with client(app) as http:
+        answer = await http.post("/probe/reset", headers={"Authorization": "Bearer anything"})
+    assert answer.status_code == 403
+    assert "token must be configured" in answer.json()["detail"]
+    assert service.resets == 0
+
+
+async def test_uvicorn_serves_in_the_running_loop_and_stops_on_request():
+    _, ctx, app = make()
+    await ctx.bus.start()
+    server = HttpServer(app, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/readyz")).status_code == 200
+    finally:
+        await server.stop()
+        await ctx.bus.close()
+    assert server.task is None
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            await http.get("/healthz")
+
+
+async def test_a_port_in_use_is_a_clear_start_up_error():
+    _, _, app = make()
+    first = HttpServer(app, host="127.0.0.1", port=0)
+    await first.start()
+    try:
+        second = HttpServer(app, host="127.0.0.1", port=first.port)
+        with pytest.raises(RuntimeError, match="HTTP server failed to start"):
+            await asyncio.wait_for(second.start(), 10)
+    finally:
+        await first.stop()
