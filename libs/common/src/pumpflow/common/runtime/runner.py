@@ -1,0 +1,180 @@
+"""Run one service as its own process: connect, start, serve HTTP, stop cleanly on SIGTERM.
+
+Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
+flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
+exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from pumpflow.common.clock import WallClock
+from pumpflow.common.runtime.logging import configure_logging, redacted_settings
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+
+if TYPE_CHECKING:
+    from pumpflow.common.runtime.http import HttpServer
+
+log = logging.getLogger("pumpflow.runtime")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: upper bound for each close step, so one stuck connection cannot hang the exit
+_CLOSE_TIMEOUT_S = 10.0
+
+
+async def _bounded(what: str, awaitable, limit_s: float = _CLOSE_TIMEOUT_S) -> bool:
+    try:
+        await asyncio.wait_for(awaitable, limit_s)
+    except TimeoutError:
+        log.warning("shutdown: %s took longer than %.1f s", what, limit_s)
+        return False
+    except Exception:
+        log.exception("shutdown: %s failed", what)
+        return False
+    return True
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> list[signal.Signals]:
+    loop = asyncio.get_running_loop()
+    installed = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: already stopping", sig.name)
+            return
+        log.info("%s received: stopping", sig.name)
+        stop.set()
+
+    for sig in _STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or a platform without signals
+        installed.append(sig)
+    return installed
+
+
+async def run_service(
+    service_cls: type[Service],
+    settings: CommonSettings | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run ``service_cls`` until SIGTERM/SIGINT (or ``stop`` is set); return the exit code."""
+    if settings is None:
+        try:
+            settings = service_cls.settings_class.load(service=service_cls.name)
+        except SettingsError as exc:
+            print(f"pumpflow {service_cls.name}: {exc}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
+    try:
+        configure_logging(settings)
+    except ValueError as exc:
+        print(f"pumpflow {service_cls.name}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    log.info("starting %s", settings.service, extra={"settings": redacted_settings(settings)})
+
+    stop = stop or asyncio.Event()
+    installed = _install_signal_handlers(stop)
+    clock = WallClock()
+    bus = store = db = None
+    service: Service | None = None
+    http: HttpServer | None = None
+    started = False
+    exit_code = EXIT_OK
+    try:
+        from pumpflow.common.bus.factory import create_bus
+
+        bus = create_bus(settings)
+        await bus.start()
+        if service_cls.needs_store:
+            from pumpflow.common.state.redis import RedisStateStore
+
+            store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+            if not await store.ping():
+                raise ConnectionError(f"Redis does not answer at {settings.redis_url}")
+        if service_cls.needs_db:
+            from pumpflow.common.db.pool import create_pool
+
+            db = await create_pool(settings.postgres_dsn, settings.namespace)
+        ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=store, db=db)
+        service = service_cls(settings)
+        await service.start(ctx)
+        started = True
+        if settings.http_port:
+            from pumpflow.common.runtime.http import HttpServer, create_app
+
+            http = HttpServer(
+                create_app(service, ctx), host=settings.http_host, port=settings.http_port
+            )
+            await http.start()
+            log.info("serving HTTP on %s:%d", settings.http_host, http.port)
+        log.info("%s running", settings.service)
+        await _wait(stop, http)
+    except Exception:
+        log.exception("%s failed", settings.service)
+        exit_code = EXIT_FAILED
+    finally:
+        if bus is not None:
+            await _bounded("stop consuming", bus.stop_consuming())
+            if started:
+                await _drain(bus, settings.drain_timeout_s)
+        if service is not None and started:
+            await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0))
+        if http is not None:
+            await _bounded("HTTP stop", http.stop())
+        if bus is not None:
+            await _bounded("bus close", bus.close())
+        if store is not None:
+            await _bounded("store close", store.close())
+        if db is not None:
+            await _bounded("pool close", db.close())
+        loop = asyncio.get_running_loop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        log.info("%s stopped (exit %d)", settings.service, exit_code)
+    return exit_code
+
+
+async def _drain(bus, limit_s: float) -> None:
+    try:
+        drained = await asyncio.wait_for(bus.drain(limit_s), limit_s + 1.0)
+    except Exception:
+        log.exception("shutdown: drain failed")
+        return
+    if drained:
+        log.info("shutdown: in-flight handlers drained")
+    else:
+        log.warning("shutdown: handlers still in flight after %.1f s", limit_s)
+
+
+async def _wait(stop: asyncio.Event, http: HttpServer | None) -> None:
+    """Wait for the stop signal; a crashed HTTP server is a failure of the service."""
+    waiter = asyncio.create_task(stop.wait())
+    watched = {waiter}
+    if http is not None and http.task is not None:
+        watched.add(http.task)
+    try:
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+    if waiter not in done:
+        failure = http.task.exception() if http is not None and http.task is not None else None
+        raise RuntimeError(f"the HTTP server stopped unexpectedly: {failure!r}")
+
+
+def main(service_cls: type[Service]) -> None:
+    """Process entry: run the service and exit with its code."""
+    sys.exit(asyncio.run(run_service(service_cls)))
