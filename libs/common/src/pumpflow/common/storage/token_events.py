@@ -1,0 +1,337 @@
+"""Postgres store of token events: bulk writes with COPY, flat-memory replays.
+
+Writes COPY a batch into a per-connection staging table, then insert it into
+``token_events`` with ``ON CONFLICT DO NOTHING`` (idempotent on signature and
+txType) and upsert ``tokens`` in the same transaction. The ``frame`` column keeps
+the frame exactly as received, so a replay decodes the very bytes the live feed
+decoded and reproduces its payloads byte for byte.
+
+Reads go through a server-side cursor inside a transaction, so replaying millions
+of rows holds only ``batch_size`` of them in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from pumpflow.common.events import (
+    Event,
+    TokenCreated,
+    TokenMigrated,
+    TokenTrade,
+    encode_payload,
+)
+from pumpflow.common.pumpportal import decode_token_frame
+
+_STAGE = "pumpflow_token_event_stage"
+_STAGE_COLUMNS = (
+    "ord",
+    "signature",
+    "tx_type",
+    "mint",
+    "event_time",
+    "seq",
+    "source",
+    "event_id",
+    "trader",
+    "sol_amount",
+    "token_amount",
+    "v_sol",
+    "v_tokens",
+    "market_cap_sol",
+    "frame",
+    "name",
+    "symbol",
+    "uri",
+    "initial_buy",
+    "pool",
+    "is_mayhem_mode",
+)
+_CREATE_STAGE = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
+    ord integer NOT NULL,
+    signature text NOT NULL,
+    tx_type text NOT NULL,
+    mint text NOT NULL,
+    event_time double precision NOT NULL,
+    seq bigint,
+    source text NOT NULL,
+    event_id text NOT NULL,
+    trader text,
+    sol_amount double precision,
+    token_amount double precision,
+    v_sol double precision,
+    v_tokens double precision,
+    market_cap_sol double precision,
+    frame text NOT NULL,
+    name text,
+    symbol text,
+    uri text,
+    initial_buy double precision,
+    pool text,
+    is_mayhem_mode boolean
+) ON COMMIT DELETE ROWS
+"""
+# jsonb refuses the \u0000 escape that JSON allows; only the queryable copy changes
+_INSERT_EVENTS = f"""
+WITH inserted AS (
+    INSERT INTO token_events (
+        signature, tx_type, mint, event_time, seq, source, event_id, trader,
+        sol_amount, token_amount, v_sol_in_bonding_curve, v_tokens_in_bonding_curve,
+        market_cap_sol, payload, frame)
+    SELECT signature, tx_type, mint, event_time, seq, source, event_id, trader,
+           sol_amount, token_amount, v_sol, v_tokens, market_cap_sol,
+           replace(frame, '\\u0000', '\\ufffd')::jsonb, frame
+    FROM pg_temp.{_STAGE}
+    ORDER BY ord
+    ON CONFLICT (signature, tx_type) DO NOTHING
+    RETURNING id)
+SELECT count(*) AS inserted, max(id) AS last_id FROM inserted
+"""
+_INSERT_TOKENS = f"""
+INSERT INTO tokens (
+    mint, signature, creator, name, symbol, uri, created_at, initial_buy,
+    v_sol_in_bonding_curve, v_tokens_in_bonding_curve, market_cap_sol, pool, is_mayhem_mode)
+SELECT mint, signature, trader, name, symbol, uri, event_time, initial_buy,
+       v_sol, v_tokens, market_cap_sol, pool, is_mayhem_mode
+FROM pg_temp.{_STAGE}
+WHERE tx_type = 'create'
+ORDER BY ord
+ON CONFLICT DO NOTHING
+"""
+_MARK_MIGRATED = f"""
+UPDATE tokens AS t SET migrated_at = s.event_time
+FROM (SELECT mint, min(event_time) AS event_time
+      FROM pg_temp.{_STAGE} WHERE tx_type = 'migrate' GROUP BY mint) AS s
+WHERE t.mint = s.mint AND t.migrated_at IS NULL
+"""
+
+_TYPE_OF_TX = {
+    "create": TokenCreated.TYPE,
+    "buy": TokenTrade.TYPE,
+    "sell": TokenTrade.TYPE,
+    "migrate": TokenMigrated.TYPE,
+}
+_TOKEN_TYPES = frozenset(_TYPE_OF_TX.values())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteResult:
+    """Outcome of one batch: rows inserted now and the highest row id among them."""
+
+    inserted: int
+    last_id: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredEvent:
+    """A replayed event with its exact frame and its row id (insertion order)."""
+
+    event: Event
+    frame: bytes
+    row_id: int
+
+
+def _float(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _frame_text(event: Event, frame: bytes | str | None) -> str:
+    if frame is None:
+        return encode_payload(event.data).decode()
+    return frame if isinstance(frame, str) else frame.decode()
+
+
+def _stage_row(ord_: int, event: Event, frame: bytes | str | None) -> tuple:
+    data = event.data
+    kind = type(data)
+    text = _frame_text(event, frame)
+    if kind is TokenTrade:
+        return (
+            ord_, data.signature, data.txType, data.mint, event.time, event.seq, event.source,
+            event.id, data.traderPublicKey, _float(data.solAmount), float(data.tokenAmount),
+            float(data.vSolInBondingCurve), float(data.vTokensInBondingCurve),
+            float(data.marketCapSol), text, None, None, None, None, data.pool, None,
+        )  # fmt: skip
+    if kind is TokenCreated:
+        return (
+            ord_, data.signature, "create", data.mint, event.time, event.seq, event.source,
+            event.id, data.traderPublicKey, _float(data.solAmount), float(data.initialBuy),
+            float(data.vSolInBondingCurve), float(data.vTokensInBondingCurve),
+            float(data.marketCapSol), text, data.name, data.symbol, data.uri,
+            float(data.initialBuy), data.pool, data.is_mayhem_mode,
+        )  # fmt: skip
+    if kind is TokenMigrated:
+        return (
+            ord_, data.signature, "migrate", data.mint, event.time, event.seq, event.source,
+            event.id, None, None, None, None, None, None, text, None, None, None, None,
+            data.pool, None,
+        )  # fmt: skip
+    raise TypeError(f"not a token event: {event.type} ({kind.__name__})")
+
+
+def _without_nul(row: tuple) -> tuple:
+    return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+
+
+class TokenEventStore:
+    """Token events and tokens in Postgres (tables of migrations 0001 and 0002)."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    async def write(
+        self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None
+    ) -> int:
+        """Store token events (with their exact frames, if given); return rows inserted.
+
+        Idempotent: an event whose (signature, txType) is stored already is skipped.
+        """
+        return (await self.write_batch(events, frames)).inserted
+
+    async def write_batch(
+        self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None
+    ) -> WriteResult:
+        """Store a batch in one transaction; return the count and the last row id."""
+        if not events:
+            return WriteResult(inserted=0, last_id=None)
+        if frames is not None and len(frames) != len(events):
+            raise ValueError(f"{len(events)} events but {len(frames)} frames")
+        rows = [
+            _stage_row(i, event, frames[i] if frames is not None else None)
+            for i, event in enumerate(events)
+        ]
+        try:
+            return await self._write_rows(rows)
+        except asyncpg.CharacterNotInRepertoireError:
+            # a NUL inside a decoded string (names are free text); Postgres text cannot
+            # hold it, so replace it in the columns; the frame keeps its escaped form
+            return await self._write_rows([_without_nul(row) for row in rows])
+
+    async def _write_rows(self, rows: list[tuple]) -> WriteResult:
+        has_create = any(row[2] == "create" for row in rows)
+        has_migrate = any(row[2] == "migrate" for row in rows)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_CREATE_STAGE)
+            await conn.copy_records_to_table(_STAGE, records=rows, columns=_STAGE_COLUMNS)
+            result = await conn.fetchrow(_INSERT_EVENTS)
+            if has_create:
+                await conn.execute(_INSERT_TOKENS)
+            if has_migrate:
+                await conn.execute(_MARK_MIGRATED)
+        return WriteResult(inserted=result["inserted"], last_id=result["last_id"])
+
+    async def stream(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        mints: Iterable[str] | None = None,
+        batch_size: int = 2_000,
+    ) -> AsyncIterator[Event]:
+        """Replay events with ``start <= time < end`` (of ``mints``) in time order."""
+        async for stored in self.stream_stored(
+            start=start, end=end, mints=mints, batch_size=batch_size
+        ):
+            yield stored.event
+
+    async def stream_stored(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        mints: Iterable[str] | None = None,
+        after_id: int | None = None,
+        source_service: str | None = None,
+        order: str = "time",
+        batch_size: int = 2_000,
+    ) -> AsyncIterator[StoredEvent]:
+        """Replay stored events with their frames; ``order`` is "time" or "id"."""
+        where: list[str] = []
+        args: list[object] = []
+        if start is not None:
+            args.append(float(start))
+            where.append(f"event_time >= ${len(args)}")
+        if end is not None:
+            args.append(float(end))
+            where.append(f"event_time < ${len(args)}")
+        if mints is not None:
+            args.append(list(mints))
+            where.append(f"mint = ANY(${len(args)}::text[])")
+        if after_id is not None:
+            args.append(int(after_id))
+            where.append(f"id > ${len(args)}")
+        if source_service is not None:
+            args.append(source_service)
+            args.append(source_service + "/%")
+            where.append(f"(source = ${len(args) - 1} OR source LIKE ${len(args)})")
+        if order not in ("time", "id"):
+            raise ValueError(f"order must be 'time' or 'id', not {order!r}")
+        query = (
+            "SELECT id, event_id, tx_type, mint, event_time, seq, source,"
+            " coalesce(frame, payload::text) AS frame FROM token_events"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + (" ORDER BY event_time, id" if order == "time" else " ORDER BY id")
+        )
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            async for row in conn.cursor(query, *args, prefetch=batch_size):
+                frame = row["frame"].encode()
+                yield StoredEvent(
+                    event=Event(
+                        id=row["event_id"],
+                        type=_TYPE_OF_TX[row["tx_type"]],
+                        version=1,
+                        source=row["source"],
+                        time=row["event_time"],
+                        key=row["mint"],
+                        seq=row["seq"],
+                        data=decode_token_frame(frame),
+                    ),
+                    frame=frame,
+                    row_id=row["id"],
+                )
+
+    async def last_seq_by_mint(self, *, since: float | None = None) -> dict[str, int]:
+        """Highest stored seq per mint (events at or after ``since``), to restore a Sequencer."""
+        query = "SELECT mint, max(seq) AS seq FROM token_events WHERE seq IS NOT NULL"
+        args: list[object] = []
+        if since is not None:
+            query += " AND event_time >= $1"
+            args.append(float(since))
+        rows = await self._pool.fetch(query + " GROUP BY mint", *args)
+        return {row["mint"]: row["seq"] for row in rows}
+
+    async def count(self) -> int:
+        return await self._pool.fetchval("SELECT count(*) FROM token_events")
+
+    # -- outbox: which stored events a publisher has confirmed on the bus ---------------
+
+    async def outbox_position(self, publisher: str) -> int:
+        """Last row id confirmed published; a new publisher starts at the current end."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO token_event_outbox (publisher, last_id)"
+                " SELECT $1, coalesce(max(id), 0) FROM token_events"
+                " ON CONFLICT (publisher) DO NOTHING",
+                publisher,
+            )
+            return await conn.fetchval(
+                "SELECT last_id FROM token_event_outbox WHERE publisher = $1", publisher
+            )
+
+    async def mark_published(self, publisher: str, last_id: int) -> None:
+        """Record that rows up to ``last_id`` are on the bus."""
+        await self._pool.execute(
+            "INSERT INTO token_event_outbox (publisher, last_id) VALUES ($1, $2)"
+            " ON CONFLICT (publisher) DO UPDATE"
+            " SET last_id = greatest(token_event_outbox.last_id, EXCLUDED.last_id)",
+            publisher,
+            int(last_id),
+        )
+
+
+def is_token_event(event: Event) -> bool:
+    return event.type in _TOKEN_TYPES
