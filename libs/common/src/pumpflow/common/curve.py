@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 INITIAL_VIRTUAL_TOKEN_RESERVES = 1_073_000_000.0
 INITIAL_VIRTUAL_SOL_RESERVES = 30.0
 INITIAL_REAL_TOKEN_RESERVES = 793_100_000.0
@@ -22,6 +24,16 @@ FEE_RATE = 0.0125
 COMPLETE_VIRTUAL_TOKEN_RESERVES = INITIAL_VIRTUAL_TOKEN_RESERVES - INITIAL_REAL_TOKEN_RESERVES
 K = INITIAL_VIRTUAL_SOL_RESERVES * INITIAL_VIRTUAL_TOKEN_RESERVES
 COMPLETE_VIRTUAL_SOL_RESERVES = K / COMPLETE_VIRTUAL_TOKEN_RESERVES
+
+
+def curve_progress(v_tokens):
+    """Fraction of the sellable tokens sold (0 to 1) from virtual token reserves.
+
+    Takes a float or a numpy array (the features' batch path), with the same arithmetic.
+    """
+    real = np.maximum(0.0, np.subtract(v_tokens, COMPLETE_VIRTUAL_TOKEN_RESERVES))
+    sold = INITIAL_REAL_TOKEN_RESERVES - real
+    return np.clip(sold / INITIAL_REAL_TOKEN_RESERVES, 0.0, 1.0)
 
 
 class CurveError(ValueError):
@@ -56,8 +68,7 @@ class CurveState:
     @property
     def progress(self) -> float:
         """Fraction of the sellable tokens sold, 0 to 1."""
-        sold = INITIAL_REAL_TOKEN_RESERVES - self.real_token_reserves
-        return min(1.0, max(0.0, sold / INITIAL_REAL_TOKEN_RESERVES))
+        return float(curve_progress(self.v_tokens))
 
     @property
     def complete(self) -> bool:

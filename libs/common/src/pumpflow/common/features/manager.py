@@ -1,0 +1,314 @@
+"""FeatureManager: declared features, computed incrementally per event or over a history.
+
+Usage (live path)::
+
+    from pumpflow.common.features import FeatureManager
+
+    manager = FeatureManager()                      # the default feature set
+    manager.update_feature_history(event)           # token.created / token.trade event
+    vector = manager.generate_features(mint)        # FeatureVector (names, values, version)
+    vector.as_dict()["trades_per_minute"]
+    state = manager.token(mint)                     # TokenState: last_time, price, ...
+
+``update_feature_history`` is O(1) amortised per trade; ``generate_features`` reads the
+declared features in dependency order from the token's state (as of its last trade,
+in event time). Windowed features of the default set: ``return_{10,30,60,300}s``,
+``buy_volume_sol_*``, ``sell_volume_sol_*``, ``buy_share_60s``, ``trades_per_minute``
+(60 s), ``new_traders_60s``, ``largest_buy_sol_60s``; plus ``unique_traders``,
+``time_since_last_trade``, ``time_since_launch``, ``ewma_volatility``, ``rsi_14``,
+``drawdown_from_peak``, ``price``, ``market_cap_sol``, ``curve_progress``, creator and
+concentration features. ``manager.names`` lists them; ``manager.version`` is the
+feature-set version.
+
+Batch path: ``manager.compute_batch(TradeHistory.from_events(events))`` returns an
+(n_trades x n_features) array whose row i equals ``generate_features`` after trade i.
+
+Caching: :class:`FeatureCache` is a bounded LRU in front of a StateStore;
+``await manager.cache_features(vector)`` / ``await manager.get_cached_features(mint)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import msgspec
+import numpy as np
+
+from pumpflow.common.events import Event, Payload
+from pumpflow.common.features.batch import TradeHistory, compute_primitives
+from pumpflow.common.features.definitions import (
+    FeatureDef,
+    FeatureDefinitionError,
+    check_definition,
+    default_feature_set,
+    feature_set_version,
+    layout_for,
+    resolve_order,
+)
+from pumpflow.common.features.inputs import TradeInput, trade_input
+from pumpflow.common.features.state import Layout, StateSnapshot, TokenState
+from pumpflow.common.state.abc import StateStore
+
+
+class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
+    """One token's features at one point, with the feature-set version they belong to."""
+
+    mint: str
+    version: str
+    #: per-mint seq of the last token event included (0 if unknown)
+    seq: int
+    #: event time of the last trade included
+    time: float
+    names: tuple[str, ...]
+    values: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values, strict=True))
+
+
+_vector_encoder = msgspec.msgpack.Encoder()
+_vector_decoder = msgspec.msgpack.Decoder(FeatureVector)
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
+
+
+class FeatureCache:
+    """Bounded in-process LRU of feature vectors in front of a StateStore (optional).
+
+    ``add`` writes through to the store under ``<prefix><mint>``; ``get`` reads the
+    LRU first, then the store (and keeps what it found).
+    """
+
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        *,
+        max_entries: int = 10_000,
+        prefix: str = "features:vector:",
+        ttl: float | None = None,
+    ):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._store = store
+        self._max = max_entries
+        self._prefix = prefix
+        self._ttl = ttl
+        self._lru: OrderedDict[str, FeatureVector] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def _remember(self, vector: FeatureVector) -> None:
+        self._lru[vector.mint] = vector
+        self._lru.move_to_end(vector.mint)
+        while len(self._lru) > self._max:
+            self._lru.popitem(last=False)
+
+    async def add(self, vector: FeatureVector, *, write_through: bool = True) -> None:
+        self._remember(vector)
+        if write_through and self._store is not None:
+            await self._store.set(self._prefix + vector.mint, _vector_encoder.encode(vector),
+                                  self._ttl)
+
+    async def get(self, mint: str, *, version: str | None = None) -> FeatureVector | None:
+        """The cached vector of ``mint``; None if missing or of another version."""
+        vector = self._lru.get(mint)
+        if vector is not None:
+            self._lru.move_to_end(mint)
+        elif self._store is not None:
+            raw = await self._store.get(self._prefix + mint)
+            if raw is not None:
+                vector = _vector_decoder.decode(raw)
+                self._remember(vector)
+        if vector is not None and version is not None and vector.version != version:
+            return None
+        return vector
+
+    async def clear(self, mint: str | None = None, *, from_store: bool = False) -> None:
+        """Forget one mint (or everything in memory); optionally delete from the store."""
+        if mint is None:
+            self._lru.clear()
+            return
+        self._lru.pop(mint, None)
+        if from_store and self._store is not None:
+            await self._store.delete_many([self._prefix + mint])
+
+
+class FeatureManager:
+    """Registers features, keeps each token's incremental state, generates vectors."""
+
+    def __init__(
+        self,
+        definitions: Sequence[FeatureDef] | None = None,
+        *,
+        cache: FeatureCache | None = None,
+    ):
+        self.cache = cache if cache is not None else FeatureCache()
+        self._tokens: dict[str, TokenState] = {}
+        self._seqs: dict[str, int] = {}
+        self.register_features(default_feature_set() if definitions is None else definitions)
+
+    # ----------------------------------------------------------------------------------
+    # Definitions.
+
+    def register_features(self, definitions: Iterable[FeatureDef]) -> str:
+        """Replace the feature set; resolve order and layout; return the version.
+
+        Token states are kept only if the new set needs the same primitives.
+        """
+        ordered = resolve_order(definitions)
+        if not ordered:
+            raise FeatureDefinitionError("a feature set needs at least one feature")
+        index = {d.name: i for i, d in enumerate(ordered)}
+        layout = layout_for(ordered)
+        plan = []
+        for d in ordered:
+            kind = check_definition(d)
+            incremental, batch = kind.bind(d.params, layout)
+            plan.append((incremental, batch, tuple(index[dep] for dep in d.dependencies)))
+        if getattr(self, "layout", None) != layout:
+            self._tokens.clear()
+            self._seqs.clear()
+        self.definitions: tuple[FeatureDef, ...] = ordered
+        self.layout: Layout = layout
+        self.names: tuple[str, ...] = tuple(d.name for d in ordered)
+        self.version: str = feature_set_version(ordered)
+        self._plan = plan
+        return self.version
+
+    # ----------------------------------------------------------------------------------
+    # Incremental path.
+
+    def update_feature_history(
+        self, item: Event | Payload | TradeInput, *, mint: str | None = None,
+        time: float | None = None, seq: int | None = None,
+    ) -> TokenState | None:
+        """Fold one token event into its token's state; None if it is not a trade/creation.
+
+        Accepts an Event (time and seq from the envelope), a payload with ``time=``, or a
+        ready :class:`TradeInput` with ``mint=``.
+        """
+        if isinstance(item, Event):
+            time = item.time
+            seq = item.seq
+            item = item.data
+        if isinstance(item, TradeInput):
+            trade = item
+            creator = None
+            if mint is None:
+                raise ValueError("a TradeInput needs mint=")
+        else:
+            if time is None:
+                raise ValueError("a payload needs time=")
+            trade = trade_input(item, time)
+            if trade is None:
+                return None
+            mint = item.mint
+            creator = trade.trader if item.TYPE == "token.created" else None
+        state = self._tokens.get(mint)
+        if state is None:
+            state = self._tokens[mint] = TokenState(self.layout, creator=creator)
+        state.apply(trade)
+        if seq is not None:
+            self._seqs[mint] = seq
+        return state
+
+    def apply(self, mint: str, trade: TradeInput, seq: int | None = None) -> TokenState:
+        """Hot path: fold a ready TradeInput (no event unwrapping)."""
+        state = self._tokens.get(mint)
+        if state is None:
+            state = self._tokens[mint] = TokenState(self.layout)
+        state.apply(trade)
+        if seq is not None:
+            self._seqs[mint] = seq
+        return state
+
+    def values(self, state: TokenState) -> list[float]:
+        """Feature values of a state, in ``names`` order."""
+        out: list[float] = []
+        append = out.append
+        for incremental, _, deps in self._plan:
+            append(incremental(state, tuple(out[i] for i in deps) if deps else ()))
+        return out
+
+    def generate_features(self, mint: str) -> FeatureVector | None:
+        """The token's features as of its last trade; None for an unknown token."""
+        state = self._tokens.get(mint)
+        if state is None or state.n_events == 0:
+            return None
+        return FeatureVector(
+            mint=mint,
+            version=self.version,
+            seq=self._seqs.get(mint, 0),
+            time=state.last_time,
+            names=self.names,
+            values=tuple(self.values(state)),
+        )
+
+    def token(self, mint: str) -> TokenState | None:
+        return self._tokens.get(mint)
+
+    def last_seq(self, mint: str) -> int:
+        return self._seqs.get(mint, 0)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._tokens)
+
+    def mints(self) -> list[str]:
+        return list(self._tokens)
+
+    def drop_token(self, mint: str) -> None:
+        """Forget a token's state (it went inactive or migrated)."""
+        self._tokens.pop(mint, None)
+        self._seqs.pop(mint, None)
+
+    def shed_idle(self, now: float) -> int:
+        """Drop window buffers of tokens idle longer than the longest window."""
+        return sum(1 for state in self._tokens.values() if state.shed(now))
+
+    # ----------------------------------------------------------------------------------
+    # Checkpoints.
+
+    def snapshot(self, mint: str) -> bytes | None:
+        """The token's state as bytes (with its last seq), for a checkpoint."""
+        state = self._tokens.get(mint)
+        if state is None:
+            return None
+        return _snapshot_encoder.encode(state.snapshot())
+
+    def restore(self, mint: str, raw: bytes, *, seq: int = 0) -> TokenState:
+        """Load a token's state from :meth:`snapshot` bytes."""
+        state = TokenState.restore(self.layout, _snapshot_decoder.decode(raw))
+        self._tokens[mint] = state
+        self._seqs[mint] = seq
+        return state
+
+    # ----------------------------------------------------------------------------------
+    # Batch path.
+
+    def compute_batch(self, history: TradeHistory) -> np.ndarray:
+        """Features after every trade of a history: shape (len(history), len(names))."""
+        primitives = compute_primitives(self.layout, history)
+        columns: list[np.ndarray] = []
+        n = len(history)
+        for _, batch, deps in self._plan:
+            column = batch(primitives, tuple(columns[i] for i in deps))
+            columns.append(np.broadcast_to(np.asarray(column, dtype=np.float64), (n,)))
+        if not columns or n == 0:
+            return np.zeros((n, len(self.names)))
+        return np.column_stack(columns)
+
+    # ----------------------------------------------------------------------------------
+    # Cache.
+
+    async def cache_features(self, vector: FeatureVector) -> None:
+        await self.cache.add(vector)
+
+    async def get_cached_features(self, mint: str) -> FeatureVector | None:
+        """The cached vector of ``mint`` for this feature-set version, if any."""
+        return await self.cache.get(mint, version=self.version)
+
+    async def clear_cache(self, mint: str | None = None) -> None:
+        await self.cache.clear(mint)

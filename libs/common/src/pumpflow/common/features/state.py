@@ -1,0 +1,428 @@
+"""Per-token incremental state: the O(1)-per-event primitives every feature reads.
+
+The feature set decides which primitives exist (a :class:`Layout`: the sliding
+windows, EWMA decays, RSI periods); each token then keeps one compact
+:class:`TokenState`. Windows use event time. Sums are kept in integer lamports, so a
+window's running sum is exact and equals the batch path's prefix-sum difference bit
+for bit; the same float operations in the same order make the rest equal too.
+
+A window contains the events with ``time > now - window``; the event just before
+its left edge gives the window's reference price (the first event's price while the
+token is younger than the window).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import msgspec
+
+from pumpflow.common.features.inputs import TradeInput
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """Which primitives the tokens keep (derived from the registered features)."""
+
+    #: sliding windows in seconds, ascending
+    windows: tuple[float, ...] = ()
+    #: windows that also track their largest buy (monotonic deque)
+    max_windows: tuple[float, ...] = ()
+    #: EWMA weights of squared returns (volatility)
+    ewma_alphas: tuple[float, ...] = ()
+    #: RSI periods (Wilder smoothing of per-trade gains and losses)
+    rsi_periods: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if tuple(sorted(set(self.windows))) != self.windows:
+            raise ValueError("windows must be unique and ascending")
+        if any(w <= 0 for w in self.windows):
+            raise ValueError("windows must be > 0 seconds")
+        if not set(self.max_windows) <= set(self.windows):
+            raise ValueError("max_windows must be among the windows")
+        if any(not 0.0 < a <= 1.0 for a in self.ewma_alphas):
+            raise ValueError("EWMA alphas must be in (0, 1]")
+        if any(p < 1 for p in self.rsi_periods):
+            raise ValueError("RSI periods must be >= 1")
+
+    def window_index(self, window: float) -> int:
+        return self.windows.index(window)
+
+    def max_index(self, window: float) -> int:
+        return self.max_windows.index(window)
+
+
+# Per-window slots in TokenState.wstate (flat list, WSLOTS entries per window).
+_LEFT, _BUY, _SELL, _NEW, _REF = range(5)
+WSLOTS = 5
+
+
+class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
+    """The checkpoint of one TokenState (msgspec-encodable)."""
+
+    scalars: tuple[float, ...]
+    ints: tuple[int, ...]
+    creator: str | None
+    traders: dict[str, int]
+    wstate: list[int | float]
+    ewma: list[float]
+    rsi: list[float]
+    base: int
+    buf_time: list[float]
+    buf_buy: list[int]
+    buf_sell: list[int]
+    buf_new: list[int]
+    buf_price: list[float]
+    maxq: list[list[tuple[float, int]]]
+
+
+class TokenState:
+    """Incremental primitives of one token; ``apply`` is O(1) amortised per trade."""
+
+    __slots__ = (
+        "base",
+        "buf_buy",
+        "buf_new",
+        "buf_price",
+        "buf_sell",
+        "buf_time",
+        "creator",
+        "creator_balance",
+        "creator_sold",
+        "ewma",
+        "first_price",
+        "first_time",
+        "largest_buy",
+        "last_return",
+        "last_time",
+        "layout",
+        "max_trader_buy",
+        "maxq",
+        "n_events",
+        "peak_price",
+        "prev_time",
+        "price",
+        "rsi",
+        "total_buy",
+        "total_sell",
+        "traders",
+        "v_sol",
+        "v_tokens",
+        "wstate",
+    )
+
+    def __init__(self, layout: Layout, *, creator: str | None = None):
+        self.layout = layout
+        self.n_events = 0
+        self.first_time = 0.0
+        self.last_time = 0.0
+        self.prev_time = 0.0
+        self.price = 0.0
+        self.first_price = 0.0
+        self.peak_price = 0.0
+        self.last_return = 0.0
+        self.v_sol = 0.0
+        self.v_tokens = 0.0
+        self.traders: dict[str, int] = {}
+        self.total_buy = 0
+        self.total_sell = 0
+        self.max_trader_buy = 0
+        self.largest_buy = 0
+        self.creator = creator
+        self.creator_balance = 0.0
+        self.creator_sold = False
+        self.wstate: list = [0, 0, 0, 0, 0.0] * len(layout.windows)
+        self.ewma = [0.0] * len(layout.ewma_alphas)
+        # avg gain, avg loss per period
+        self.rsi = [0.0, 0.0] * len(layout.rsi_periods)
+        self.base = 0
+        self.buf_time: list[float] | None = None
+        self.buf_buy: list[int] | None = None
+        self.buf_sell: list[int] | None = None
+        self.buf_new: list[int] | None = None
+        self.buf_price: list[float] | None = None
+        self.maxq: list[deque] | None = None
+
+    # ----------------------------------------------------------------------------------
+    # The hot path.
+
+    def apply(self, trade: TradeInput) -> None:
+        """Fold one trade into the state (trades of a token must come in order)."""
+        t, is_buy, lamports, _tokens, trader, new_balance, v_sol, v_tokens = trade
+        price = v_sol / v_tokens
+        layout = self.layout
+        if self.n_events == 0:
+            self.first_time = t
+            self.last_time = t
+            self.prev_time = t
+            self.first_price = price
+            self.peak_price = price
+            if self.creator is None:
+                self.creator = trader
+            wstate = self.wstate
+            for k in range(len(layout.windows)):
+                wstate[k * WSLOTS + _REF] = price
+        else:
+            if t < self.last_time:
+                # Arrival stamps can step back by a hair; windows need monotone time.
+                t = self.last_time
+            self.prev_time = self.last_time
+            self.last_time = t
+            r = price / self.price - 1.0
+            self.last_return = r
+            r2 = r * r
+            ewma = self.ewma
+            for k, alpha in enumerate(layout.ewma_alphas):
+                ewma[k] = (1.0 - alpha) * ewma[k] + alpha * r2
+            if layout.rsi_periods:
+                gain = r if r > 0.0 else 0.0
+                loss = -r if r < 0.0 else 0.0
+                rsi = self.rsi
+                for k, period in enumerate(layout.rsi_periods):
+                    a = 1.0 / period
+                    b = 1.0 - a
+                    rsi[2 * k] = b * rsi[2 * k] + a * gain
+                    rsi[2 * k + 1] = b * rsi[2 * k + 1] + a * loss
+            if price > self.peak_price:
+                self.peak_price = price
+        self.n_events += 1
+        self.price = price
+        self.v_sol = v_sol
+        self.v_tokens = v_tokens
+
+        traders = self.traders
+        bought = traders.get(trader)
+        is_new = bought is None
+        if is_new:
+            bought = 0
+        if is_buy:
+            bought += lamports
+            self.total_buy += lamports
+            if bought > self.max_trader_buy:
+                self.max_trader_buy = bought
+            if lamports > self.largest_buy:
+                self.largest_buy = lamports
+            buy, sell = lamports, 0
+        else:
+            self.total_sell += lamports
+            buy, sell = 0, lamports
+        traders[trader] = bought
+        if trader == self.creator:
+            self.creator_balance = new_balance
+            if not is_buy:
+                self.creator_sold = True
+
+        windows = layout.windows
+        if not windows:
+            return
+        if self.buf_time is None:
+            self._new_buffers()
+        buf_time = self.buf_time
+        buf_buy = self.buf_buy
+        buf_sell = self.buf_sell
+        buf_new = self.buf_new
+        buf_price = self.buf_price
+        buf_time.append(t)
+        buf_buy.append(buy)
+        buf_sell.append(sell)
+        buf_new.append(1 if is_new else 0)
+        buf_price.append(price)
+        base = self.base
+        wstate = self.wstate
+        for k, window in enumerate(windows):
+            at = k * WSLOTS
+            wstate[at + _BUY] += buy
+            wstate[at + _SELL] += sell
+            if is_new:
+                wstate[at + _NEW] += 1
+            cutoff = t - window
+            i = wstate[at + _LEFT] - base
+            if buf_time[i] <= cutoff:
+                out_buy = out_sell = out_new = 0
+                while buf_time[i] <= cutoff:
+                    out_buy += buf_buy[i]
+                    out_sell += buf_sell[i]
+                    out_new += buf_new[i]
+                    i += 1
+                wstate[at + _BUY] -= out_buy
+                wstate[at + _SELL] -= out_sell
+                wstate[at + _NEW] -= out_new
+                wstate[at + _REF] = buf_price[i - 1]
+                wstate[at + _LEFT] = i + base
+        maxq = self.maxq
+        if maxq:
+            for k, window in enumerate(layout.max_windows):
+                q = maxq[k]
+                if is_buy:
+                    while q and q[-1][1] <= lamports:
+                        q.pop()
+                    q.append((t, lamports))
+                cutoff = t - window
+                while q and q[0][0] <= cutoff:
+                    q.popleft()
+        # The longest window has the leftmost edge; drop what it no longer needs.
+        drop = wstate[(len(windows) - 1) * WSLOTS + _LEFT] - base
+        if drop > 32 and drop * 2 > len(buf_time):
+            del buf_time[:drop], buf_buy[:drop], buf_sell[:drop]
+            del buf_new[:drop], buf_price[:drop]
+            self.base = base + drop
+
+    def _new_buffers(self) -> None:
+        self.buf_time = []
+        self.buf_buy = []
+        self.buf_sell = []
+        self.buf_new = []
+        self.buf_price = []
+        self.maxq = [deque() for _ in self.layout.max_windows]
+        self.base = self.n_events - 1
+        for k in range(len(self.layout.windows)):
+            self.wstate[k * WSLOTS + _LEFT] = self.base
+
+    # ----------------------------------------------------------------------------------
+    # Reads.
+
+    def window_sums(self, k: int) -> tuple[int, int, int, int, float]:
+        """(buy lamports, sell lamports, trades, new traders, reference price) of window k."""
+        at = k * WSLOTS
+        w = self.wstate
+        trades = self.n_events - w[at + _LEFT] if self.buf_time is not None else 0
+        return w[at + _BUY], w[at + _SELL], trades, w[at + _NEW], w[at + _REF]
+
+    def window_max_buy(self, k: int) -> int:
+        if not self.maxq:
+            return 0
+        q = self.maxq[k]
+        return q[0][1] if q else 0
+
+    @property
+    def unique_traders(self) -> int:
+        return len(self.traders)
+
+    def ewma_variance(self, k: int) -> float:
+        return self.ewma[k]
+
+    def rsi_averages(self, k: int) -> tuple[float, float]:
+        return self.rsi[2 * k], self.rsi[2 * k + 1]
+
+    # ----------------------------------------------------------------------------------
+    # Memory and checkpoints.
+
+    def shed(self, now: float) -> bool:
+        """Drop the window buffers once every window is empty at ``now``; True if shed.
+
+        Equivalent to the next trade evicting everything: sums go to zero and each
+        window's reference price becomes the last price.
+        """
+        windows = self.layout.windows
+        if self.buf_time is None or not windows or now - self.last_time <= windows[-1]:
+            return False
+        wstate = self.wstate
+        for k in range(len(windows)):
+            at = k * WSLOTS
+            wstate[at + _LEFT] = self.n_events
+            wstate[at + _BUY] = 0
+            wstate[at + _SELL] = 0
+            wstate[at + _NEW] = 0
+            wstate[at + _REF] = self.price
+        self.buf_time = self.buf_buy = self.buf_sell = self.buf_new = self.buf_price = None
+        self.maxq = None
+        self.base = self.n_events
+        return True
+
+    def snapshot(self) -> StateSnapshot:
+        scalars = (
+            self.first_time,
+            self.last_time,
+            self.prev_time,
+            self.price,
+            self.first_price,
+            self.peak_price,
+            self.last_return,
+            self.v_sol,
+            self.v_tokens,
+            self.creator_balance,
+        )
+        ints = (
+            self.n_events,
+            self.total_buy,
+            self.total_sell,
+            self.max_trader_buy,
+            self.largest_buy,
+            int(self.creator_sold),
+        )
+        shed = self.buf_time is None
+        return StateSnapshot(
+            scalars=scalars,
+            ints=ints,
+            creator=self.creator,
+            traders=self.traders,
+            wstate=self.wstate,
+            ewma=self.ewma,
+            rsi=self.rsi,
+            base=self.base,
+            buf_time=[] if shed else self.buf_time,
+            buf_buy=[] if shed else self.buf_buy,
+            buf_sell=[] if shed else self.buf_sell,
+            buf_new=[] if shed else self.buf_new,
+            buf_price=[] if shed else self.buf_price,
+            maxq=[] if shed else [list(q) for q in self.maxq],
+        )
+
+    @classmethod
+    def restore(cls, layout: Layout, snap: StateSnapshot) -> TokenState:
+        """Rebuild a state from its snapshot (the layout must be the one it was taken with)."""
+        state = cls(layout)
+        if len(snap.wstate) != len(state.wstate) or len(snap.ewma) != len(state.ewma):
+            raise ValueError("snapshot was taken with another feature layout")
+        (
+            state.first_time,
+            state.last_time,
+            state.prev_time,
+            state.price,
+            state.first_price,
+            state.peak_price,
+            state.last_return,
+            state.v_sol,
+            state.v_tokens,
+            state.creator_balance,
+        ) = snap.scalars
+        (
+            state.n_events,
+            state.total_buy,
+            state.total_sell,
+            state.max_trader_buy,
+            state.largest_buy,
+            creator_sold,
+        ) = snap.ints
+        state.creator_sold = bool(creator_sold)
+        state.creator = snap.creator
+        state.traders = dict(snap.traders)
+        # Window left edges and counts are ints, the rest floats: keep msgspec's types.
+        state.wstate = [
+            int(v) if (i % WSLOTS) in (_LEFT, _BUY, _SELL, _NEW) else float(v)
+            for i, v in enumerate(snap.wstate)
+        ]
+        state.ewma = list(snap.ewma)
+        state.rsi = list(snap.rsi)
+        state.base = snap.base
+        if snap.buf_time or snap.maxq:
+            state.buf_time = list(snap.buf_time)
+            state.buf_buy = list(snap.buf_buy)
+            state.buf_sell = list(snap.buf_sell)
+            state.buf_new = list(snap.buf_new)
+            state.buf_price = list(snap.buf_price)
+            state.maxq = [deque((float(t), int(v)) for t, v in q) for q in snap.maxq]
+        return state
+
+
+def rsi_value(avg_gain: float, avg_loss: float) -> float:
+    """RSI (0-100) from Wilder averages; 50 with no movement, 100 with no losses."""
+    if avg_loss == 0.0:
+        return 100.0 if avg_gain > 0.0 else 50.0
+    return 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)
+
+
+def volatility(variance: float) -> float:
+    return math.sqrt(variance)
