@@ -1,0 +1,56 @@
+"""``pumpflow migrate``: apply the SQL migrations to the settings' Postgres schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pumpflow.common.runtime.logging import redact_url
+from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "migrate", help="apply database migrations (PUMPFLOW_POSTGRES_DSN, schema = namespace)"
+    )
+    parser.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    parser.add_argument("--schema", help="schema (default: PUMPFLOW_NAMESPACE)")
+    parser.set_defaults(handler=migrate_command)
+
+
+async def apply(dsn: str, schema: str) -> list[int]:
+    import asyncpg
+
+    from pumpflow.common.db.migrate import migrate
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn, schema)
+    finally:
+        await conn.close()
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    try:
+        settings = CommonSettings.load(service="migrate")
+    except SettingsError as exc:
+        print(f"pumpflow: {exc}", file=sys.stderr)
+        return 2
+    dsn = args.dsn or settings.postgres_dsn
+    schema = args.schema or settings.namespace
+    import asyncpg
+
+    from pumpflow.common.db.migrate import MigrationError
+
+    try:
+        applied = asyncio.run(apply(dsn, schema))
+    except (MigrationError, OSError, asyncpg.PostgresError) as exc:
+        print(f"pumpflow migrate: {exc}", file=sys.stderr)
+        return 1
+    where = f"{redact_url(dsn)} schema {schema}"
+    if applied:
+        print(f"applied migrations {', '.join(f'{v:04d}' for v in applied)} to {where}")
+    else:
+        print(f"{where} is up to date")
+    return 0

@@ -1,0 +1,108 @@
+"""``pumpflow serve <service>``, ``pumpflow services``, ``pumpflow settings <service>``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from pumpflow.common.runtime.discovery import (
+    UnknownServiceError,
+    installed_services,
+    load_service,
+)
+from pumpflow.common.runtime.logging import redact_value
+from pumpflow.common.runtime.settings import SettingsError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run one service as a process (settings from PUMPFLOW_* variables)"
+    )
+    serve.add_argument("service", help="service name, see `pumpflow services`")
+    serve.set_defaults(handler=serve_command)
+
+    services = subparsers.add_parser("services", help="list the installed services")
+    services.set_defaults(handler=services_command)
+
+    settings = subparsers.add_parser(
+        "settings", help="show a service's settings: variables, values, defaults, meaning"
+    )
+    settings.add_argument("service", help="service name, see `pumpflow services`")
+    settings.add_argument("--json", action="store_true", help="print JSON")
+    settings.set_defaults(handler=settings_command)
+
+
+def _load(name: str):
+    try:
+        return load_service(name)
+    except UnknownServiceError as exc:
+        print(f"pumpflow: {exc}", file=sys.stderr)
+        return None
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    service_cls = _load(args.service)
+    if service_cls is None:
+        return 2
+    from pumpflow.common.runtime.runner import run_service
+
+    return asyncio.run(run_service(service_cls))
+
+
+def services_command(args: argparse.Namespace) -> int:
+    found = installed_services()
+    if not found:
+        print("no services installed")
+        return 0
+    for name in sorted(found):
+        try:
+            service_cls = found[name].load()
+            doc = (service_cls.__doc__ or "").strip().splitlines()
+            summary = doc[0] if doc else ""
+        except Exception as exc:  # a broken package must not hide the others
+            summary = f"(cannot load: {type(exc).__name__}: {exc})"
+        print(f"{name:<12} {found[name].value:<40} {summary}")
+    return 0
+
+
+def describe_settings(service_cls) -> list[dict]:
+    """Every setting of a service: variable, current value, default, description."""
+    settings_cls = service_cls.settings_class
+    current = settings_cls.load(service=service_cls.name)
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    rows = []
+    for name, field in settings_cls.model_fields.items():
+        if field.default_factory is not None:
+            default = "(computed)"
+        else:
+            default = redact_value(name, field.default)
+        rows.append(
+            {
+                "variable": f"{prefix}{name.upper()}",
+                "value": redact_value(name, getattr(current, name)),
+                "default": default,
+                "description": field.description or "",
+            }
+        )
+    return rows
+
+
+def settings_command(args: argparse.Namespace) -> int:
+    service_cls = _load(args.service)
+    if service_cls is None:
+        return 2
+    try:
+        rows = describe_settings(service_cls)
+    except SettingsError as exc:
+        print(f"pumpflow: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    width = max(len(r["variable"]) for r in rows)
+    for row in rows:
+        print(f"{row['variable']:<{width}}  {row['value']!s}")
+        print(f"{'':<{width}}  default {row['default']!s}; {row['description']}")
+    return 0

@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from pumpflow.cli import main as cli_main
+from pumpflow.cli import serve as serve_module
+from pumpflow.common import curve
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import CommonSettings
+
+POSTGRES_DSN = os.environ.get(
+    "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+PUMPFLOW = Path(sys.executable).with_name("pumpflow")
+
+
+class WidgetSettings(CommonSettings):
+    widget_count: int = Field(3, ge=1, description="how many widgets")
+    wallet_private_key: str | None = Field(None, description="wallet key for live trading")
+
+
+class Widget(Service):
+    """Makes widgets for the tests."""
+
+    name = "widget"
+    settings_class = WidgetSettings
+
+    async def start(self, ctx: ServiceContext) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+class FakeEntryPoint:
+    def __init__(self, name: str, target):
+        self.name = name
+        self.value = f"tests.fake:{name}"
+        self._target = target
+
+    def load(self):
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+@pytest.fixture
+def fake_services(monkeypatch):
+    found = {"widget": FakeEntryPoint("widget", Widget)}
+
+    def load_service(name):
+        if name not in found:
+            raise serve_module.UnknownServiceError(f"no service named {name!r} (installed: widget)")
+        return found[name].load()
+
+    monkeypatch.setattr(serve_module, "installed_services", lambda: dict(found))
+    monkeypatch.setattr(serve_module, "load_service", load_service)
+    return found
+
+
+def test_every_subcommand_module_registers_itself():
+    parser = cli_main.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"run", "migrate", "serve", "services", "settings"} <= set(commands)
+    for module_name in cli_main.COMMAND_MODULES:
+        assert module_name.startswith("pumpflow.cli.")
+
+
+def test_services_lists_installed_ones(fake_services, capsys):
+    fake_services["broken"] = FakeEntryPoint("broken", ImportError("no module foo"))
+    assert cli_main.main(["services"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("broken") and "cannot load: ImportError: no module foo" in out[0]
+    assert out[1].startswith("widget") and "Makes widgets for the tests." in out[1]
+
+
+def test_settings_shows_variables_defaults_descriptions_and_hides_secrets(
+    fake_services, monkeypatch, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_WIDGET_COUNT", "5")
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", "very-secret-token")
+    monkeypatch.setenv("PUMPFLOW_WALLET_PRIVATE_KEY", "very-secret-wallet")
+    monkeypatch.setenv("PUMPFLOW_POSTGRES_DSN", "postgresql://app:very-secret-pw@db/x")
+    assert cli_main.main(["settings", "widget", "--json"]) == 0
+    output = capsys.readouterr().out
+    assert "very-secret" not in output
+    rows = {row["variable"]: row for row in json.loads(output)}
+    assert rows["PUMPFLOW_WIDGET_COUNT"] == {
+        "variable": "PUMPFLOW_WIDGET_COUNT",
+        "value": 5,
+        "default": 3,
+        "description": "how many widgets",
+    }
+    assert rows["PUMPFLOW_API_TOKEN"]["value"] == "***"
+    assert rows["PUMPFLOW_WALLET_PRIVATE_KEY"]["value"] == "***"
+    assert rows["PUMPFLOW_POSTGRES_DSN"]["value"] == "postgresql://app:***@db/x"
+    assert rows["PUMPFLOW_SERVICE"]["value"] == "widget"
+    assert rows["PUMPFLOW_REPLICA"]["default"] == "(computed)"
+
+    assert cli_main.main(["settings", "widget"]) == 0
+    text = capsys.readouterr().out
+    assert "very-secret" not in text
+    assert re.search(r"PUMPFLOW_WIDGET_COUNT\s+5\n\s+default 3; how many widgets", text)
+
+
+def test_settings_with_a_bad_value_names_the_variable(fake_services, monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_WIDGET_COUNT", "0")
+    assert cli_main.main(["settings", "widget"]) == 2
+    assert "PUMPFLOW_WIDGET_COUNT" in capsys.readouterr().err
+
+
+def test_unknown_service_is_exit_2_listing_the_installed_ones(fake_services, capsys):
+    assert cli_main.main(["serve", "nope"]) == 2
+    assert "no service named 'nope' (installed: widget)" in capsys.readouterr().err
+    assert cli_main.main(["settings", "nope"]) == 2
+
+
+def test_serve_runs_the_service_class_with_run_service(fake_services, monkeypatch):
+    ran = []
+
+    async def fake_run_service(service_cls, settings=None):
+        ran.append(service_cls)
+        return 0
+
+    monkeypatch.setattr("pumpflow.common.runtime.runner.run_service", fake_run_service)
+    assert cli_main.main(["serve", "widget"]) == 0
+    assert ran == [Widget]
+
+
+def test_run_demo_prints_events_with_curve_figures_and_stops_by_itself():
+    result = subprocess.run(
+        [str(PUMPFLOW), "run", "--duration", "1.5", "--tokens", "2", "--rate", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    created = [line for line in lines if line.startswith("token.created")]
+    trades = [line for line in lines if line.startswith("token.trade")]
+    assert len(created) == 2
+    assert len(trades) >= 5
+    assert lines[-1].startswith("demo over: 2 token.created")
+    # the printed market cap is the curve's: price x 1e9 from the printed price
+    for line in created + trades:
+        price = float(re.search(r"price (\S+) SOL", line)[1])
+        mcap = float(re.search(r"mcap\s+(\S+) SOL", line)[1])
+        assert mcap == pytest.approx(price * curve.TOTAL_SUPPLY, rel=1e-3)
+        assert re.search(r"progress\s+\d+\.\d%", line)
+
+
+def test_run_rejects_nonsense_durations(capsys):
+    with pytest.raises(SystemExit, match="must be positive"):
+        cli_main.main(["run", "--duration", "0"])
+
+
+@pytest.mark.postgres
+def test_migrate_applies_once_then_is_up_to_date(namespace, monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_POSTGRES_DSN", POSTGRES_DSN)
+    monkeypatch.setenv("PUMPFLOW_NAMESPACE", namespace)
+    try:
+        assert cli_main.main(["migrate"]) == 0
+        first = capsys.readouterr().out
+        assert first.startswith("applied migrations 0001")
+        assert f"schema {namespace}" in first
+        assert cli_main.main(["migrate"]) == 0
+        assert "is up to date" in capsys.readouterr().out
+    finally:
+        asyncio.run(_drop_schema(namespace))
+
+
+def test_migrate_reports_an_unreachable_database(capsys):
+    code = cli_main.main(["migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/test"])
+    assert code == 1
+    assert "pumpflow migrate:" in capsys.readouterr().err
+
+
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
