@@ -1,0 +1,456 @@
+"""TokenMonitorThreadPool: the per-service worker pool that runs token monitors.
+
+A fixed number of asyncio workers take tasks (zero-argument callables returning an
+awaitable) from a priority queue:
+
+- **Priority**: the token with the highest priority goes first; FIFO among equals
+  (by when its oldest pending task was submitted). A token's priority is the highest
+  of its pending tasks (a later urgent task lifts the whole token, since it cannot
+  overtake the token's own earlier tasks); ``set_priority`` re-ranks a token.
+- **Per-token order**: a token's tasks never run concurrently or out of order. While
+  one runs, the token is out of the queue; when it finishes, the token's next task
+  competes again.
+- **Health**: a supervisor checks the workers every ``health_interval_s``. A worker
+  whose task raised has exited (the task's future carries the exception, the error is
+  logged and counted); one whose task runs past ``task_deadline_s`` is hung: it is
+  cancelled (the future gets :class:`TaskHung`). Either way a fresh worker replaces it,
+  so the pool keeps its capacity. The hung token stays blocked until its cancelled task
+  has really ended, so its order still holds.
+- **Metrics** (prometheus-client, label ``pool``): busy workers, workers, queue depth,
+  tasks total by outcome, task seconds, queue wait seconds, restarts total by reason.
+
+Why no threads, although the requirements call it a "thread pool": token monitors are
+short, I/O-bound coroutines (per-event work is microseconds of Python; the waits are
+publishing and the store), and CPU-bound pure-Python work gains nothing from threads
+under the GIL. Work that does release the GIL (onnxruntime inference, large numpy
+operations) can ``await asyncio.to_thread(...)`` inside its task: the pool still
+serialises that token and counts the time.
+
+How services use it: a stateful service submits each event's work under the event's
+mint and awaits the returned future from its bus handler, so a message is acked only
+once its effects are stored, and when partitions back up, the workers serve the most
+important tokens first. Timer-driven work (a lifecycle timeout, a time exit) is
+submitted under the same mint, so it is ordered with the token's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+Task = Callable[[], Awaitable[Any]]
+ErrorCallback = Callable[[str, BaseException], None]
+
+
+class TaskHung(TimeoutError):
+    """A task ran past the pool's deadline and was cancelled."""
+
+
+class PoolClosed(RuntimeError):
+    """The pool is stopping and takes no more tasks."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerPoolConfig:
+    """Size and health settings of a worker pool."""
+
+    #: ``pool`` label of the metrics; unique per registry
+    name: str = "tokens"
+    workers: int = 4
+    #: a task running longer than this is hung
+    task_deadline_s: float = 30.0
+    health_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.task_deadline_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("task_deadline_s and health_interval_s must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolHealth:
+    workers: int
+    alive: int
+    busy: int
+    queue_depth: int
+    hung_tokens: tuple[str, ...]
+    restarts: int
+    tasks_failed: int
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive == self.workers and not self.hung_tokens
+
+    @property
+    def utilisation(self) -> float:
+        return self.busy / self.workers
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.busy = Gauge(
+            "pumpflow_worker_pool_busy_workers", "Workers running a task", ["pool"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "pumpflow_worker_pool_workers", "Workers of the pool", ["pool"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "pumpflow_worker_pool_queue_depth", "Tasks waiting", ["pool"], registry=registry
+        )
+        self.tasks = Counter(
+            "pumpflow_worker_pool_tasks", "Tasks finished, by outcome", ["pool", "outcome"],
+            registry=registry,
+        )
+        self.task_seconds = Histogram(
+            "pumpflow_worker_pool_task_seconds", "Task run time", ["pool"], registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+        )
+        self.wait_seconds = Histogram(
+            "pumpflow_worker_pool_queue_wait_seconds", "Time from submit to start", ["pool"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+        )
+        self.restarts = Counter(
+            "pumpflow_worker_pool_restarts", "Workers replaced, by reason", ["pool", "reason"],
+            registry=registry,
+        )
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+
+
+def _metrics_for(registry: CollectorRegistry) -> _Metrics:
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = _Metrics(registry)
+    return metrics
+
+
+class _Job:
+    __slots__ = ("fn", "future", "priority", "seq", "submitted")
+
+    def __init__(self, fn: Task, future: asyncio.Future, priority: int, seq: int, submitted):
+        self.fn = fn
+        self.future = future
+        self.priority = priority
+        self.seq = seq
+        self.submitted = submitted
+
+
+class _Worker:
+    __slots__ = ("hung", "ident", "started", "task", "token")
+
+    def __init__(self, ident: int):
+        self.ident = ident
+        self.task: asyncio.Task | None = None
+        self.token: str | None = None
+        self.started = 0.0
+        self.hung = False
+
+
+class TokenMonitorThreadPool:
+    """Priority worker pool with per-token ordering, health checks and metrics."""
+
+    def __init__(
+        self,
+        config: WorkerPoolConfig | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        on_error: ErrorCallback | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config or WorkerPoolConfig()
+        self._on_error = on_error
+        self._monotonic = monotonic
+        metrics = _metrics_for(registry or REGISTRY)
+        name = self.config.name
+        self._m_busy = metrics.busy.labels(name)
+        self._m_workers = metrics.workers.labels(name)
+        self._m_depth = metrics.queue_depth.labels(name)
+        self._m_ok = metrics.tasks.labels(name, "ok")
+        self._m_error = metrics.tasks.labels(name, "error")
+        self._m_hung = metrics.tasks.labels(name, "hung")
+        self._m_seconds = metrics.task_seconds.labels(name)
+        self._m_wait = metrics.wait_seconds.labels(name)
+        self._m_restarts = metrics.restarts
+        self._queues: dict[str, deque[_Job]] = {}
+        self._running: set[str] = set()
+        #: (-priority, seq of the token's oldest job, version, token)
+        self._heap: list[tuple[int, int, int, str]] = []
+        #: token -> (priority, version) of its live heap entry; older entries are stale
+        self._ranked: dict[str, tuple[int, int]] = {}
+        self._versions = itertools.count()
+        self._seq = itertools.count()
+        self._pending = 0
+        self._busy = 0
+        self._workers: list[_Worker] = []
+        #: hung workers, cancelled and replaced, until their task has really ended
+        self._zombies: list[_Worker] = []
+        self._worker_ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._check_now = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._supervisor: asyncio.Task | None = None
+        self._closed = False
+        self.restarts = 0
+        self.tasks_failed = 0
+
+    # ---------------------------------------------------------------- API
+
+    async def start(self) -> None:
+        """Start the workers and the health supervisor; idempotent."""
+        if self._supervisor is not None:
+            return
+        self._closed = False
+        for _ in range(self.config.workers):
+            self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self.config.name}-sup")
+
+    def submit(self, token: str, task: Task, *, priority: int = 0) -> asyncio.Future:
+        """Queue ``task`` for ``token``; the future resolves to its result or exception."""
+        if self._closed:
+            raise PoolClosed(f"pool {self.config.name} is stopping")
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(task, future, int(priority), next(self._seq), self._monotonic())
+        queue = self._queues.get(token)
+        if queue is None:
+            queue = self._queues[token] = deque()
+        queue.append(job)
+        self._pending += 1
+        self._m_depth.set(self._pending)
+        self._idle.clear()
+        if token not in self._running:
+            ranked = self._ranked.get(token)
+            if ranked is None or job.priority > ranked[0]:
+                self._rank(token)
+        return future
+
+    def set_priority(self, token: str, priority: int) -> None:
+        """Re-rank every pending task of ``token``."""
+        queue = self._queues.get(token)
+        if not queue:
+            return
+        for job in queue:
+            job.priority = int(priority)
+        if token not in self._running:
+            self._rank(token)
+
+    def pending(self, token: str) -> int:
+        queue = self._queues.get(token)
+        return len(queue) if queue else 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def health(self) -> PoolHealth:
+        alive = sum(1 for w in self._workers if w.task is not None and not w.task.done())
+        hung = tuple(w.token for w in self._zombies if w.token is not None)
+        return PoolHealth(
+            workers=self.config.workers,
+            alive=alive,
+            busy=self._busy,
+            queue_depth=self._pending,
+            hung_tokens=hung,
+            restarts=self.restarts,
+            tasks_failed=self.tasks_failed,
+        )
+
+    async def join(self, within_s: float | None = None) -> bool:
+        """Wait until no task is queued or running; True if that happened in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, *, drain: bool = True, drain_s: float = 10.0) -> None:
+        """Refuse new tasks, optionally finish queued ones, then stop the workers."""
+        self._closed = True
+        if drain and self._supervisor is not None:
+            await self.join(drain_s)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        workers, self._workers = self._workers + self._zombies, []
+        self._zombies = []
+        for worker in workers:
+            if worker.task is not None:
+                worker.task.cancel()
+        for worker in workers:
+            if worker.task is not None:
+                with contextlib.suppress(BaseException):
+                    await worker.task
+        for queue in self._queues.values():
+            for job in queue:
+                job.future.cancel()
+        self._queues.clear()
+        self._heap.clear()
+        self._pending = 0
+        self._m_depth.set(0)
+        self._m_workers.set(0)
+        self._idle.set()
+
+    # ---------------------------------------------------------------- queue
+
+    def _rank(self, token: str) -> None:
+        """(Re)insert a ready token with its current priority; older entries go stale."""
+        queue = self._queues.get(token)
+        if not queue:
+            return
+        version = next(self._versions)
+        priority = max(job.priority for job in queue)
+        self._ranked[token] = (priority, version)
+        heapq.heappush(self._heap, (-priority, queue[0].seq, version, token))
+        self._wakeup.set()
+
+    def _take(self) -> tuple[str, _Job] | None:
+        while self._heap:
+            _, _, version, token = heapq.heappop(self._heap)
+            ranked = self._ranked.get(token)
+            if ranked is None or ranked[1] != version or token in self._running:
+                continue
+            del self._ranked[token]
+            queue = self._queues.get(token)
+            while queue:
+                job = queue.popleft()
+                self._pending -= 1
+                if not job.future.cancelled():
+                    self._running.add(token)
+                    self._m_depth.set(self._pending)
+                    return token, job
+            self._forget(token)
+        self._m_depth.set(self._pending)
+        return None
+
+    def _forget(self, token: str) -> None:
+        self._queues.pop(token, None)
+        self._ranked.pop(token, None)
+
+    def _release(self, token: str) -> None:
+        self._running.discard(token)
+        if self._queues.get(token):
+            self._rank(token)
+        else:
+            self._forget(token)
+        if self._pending == 0 and not self._running:
+            self._idle.set()
+
+    # ---------------------------------------------------------------- workers
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(next(self._worker_ids))
+        worker.task = asyncio.create_task(
+            self._work(worker), name=f"{self.config.name}-worker-{worker.ident}"
+        )
+        worker.task.add_done_callback(lambda _: self._check_now.set())
+        self._workers.append(worker)
+        self._m_workers.set(len(self._workers))
+        return worker
+
+    async def _work(self, worker: _Worker) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            token, job = taken
+            worker.token = token
+            worker.started = self._monotonic()
+            self._m_wait.observe(max(0.0, worker.started - job.submitted))
+            self._busy += 1
+            self._m_busy.set(self._busy)
+            try:
+                result = await job.fn()
+            except asyncio.CancelledError:
+                if worker.hung:
+                    self._m_hung.inc()
+                    self.tasks_failed += 1
+                    if not job.future.done():
+                        job.future.set_exception(
+                            TaskHung(f"task of {token} ran past {self.config.task_deadline_s}s")
+                        )
+                elif not job.future.done():
+                    job.future.cancel()
+                raise
+            except Exception as exc:
+                self._m_error.inc()
+                self.tasks_failed += 1
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                log.error("task of %s failed in %s: %r", token, self.config.name, exc)
+                if self._on_error is not None:
+                    self._on_error(token, exc)
+                # the worker gives up; the supervisor replaces it
+                raise
+            else:
+                self._m_ok.inc()
+                if not job.future.done():
+                    job.future.set_result(result)
+            finally:
+                self._m_seconds.observe(self._monotonic() - worker.started)
+                self._busy -= 1
+                self._m_busy.set(self._busy)
+                worker.token = None
+                self._release(token)
+
+    async def _supervise(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), self.config.health_interval_s)
+            self._check_now.clear()
+            self.check_health()
+
+    def check_health(self) -> None:
+        """Replace workers that exited; cancel and replace hung ones."""
+        now = self._monotonic()
+        self._zombies = [z for z in self._zombies if z.task is not None and not z.task.done()]
+        for worker in list(self._workers):
+            task = worker.task
+            if task is None:
+                continue
+            if task.done():
+                self._workers.remove(worker)
+                if not task.cancelled():
+                    task.exception()  # retrieved: it was logged when the task failed
+                if not self._closed:
+                    self._restart("error")
+            elif worker.token is not None and now - worker.started > self.config.task_deadline_s:
+                worker.hung = True
+                log.error(
+                    "worker %s of %s hung on %s for %.1fs; cancelling and replacing it",
+                    worker.ident, self.config.name, worker.token, now - worker.started,
+                )
+                task.cancel()
+                self._workers.remove(worker)
+                self._zombies.append(worker)
+                if not self._closed:
+                    self._restart("hung")
+
+    def _restart(self, reason: str) -> None:
+        self.restarts += 1
+        self._m_restarts.labels(self.config.name, reason).inc()
+        self._spawn()
