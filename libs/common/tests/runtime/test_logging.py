@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from pumpflow.common.runtime.logging import (
     MASK,
@@ -68,6 +68,21 @@ def test_redacted_settings_masks_every_secret_and_keeps_the_rest(settings):
     assert shown["service"] == "feed"
     assert shown["partitions"] == 16
     assert shown["redis_url"] == "redis://127.0.0.1:6379/0"
+
+
+def test_secret_str_values_are_scrubbed_too():
+    class Keyed(CommonSettings):
+        pumpportal_api_key: SecretStr | None = None
+
+    settings = Keyed(pumpportal_api_key="SECRETSTR-VALUE-8", service="feed")
+    assert "SECRETSTR-VALUE-8" in secret_values(settings)
+    assert redacted_settings(settings)["pumpportal_api_key"] == MASK
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("pumpflow.test").info(
+        "key is %s", settings.pumpportal_api_key.get_secret_value()
+    )
+    assert "SECRETSTR-VALUE-8" not in stream.getvalue()
 
 
 def test_unset_secrets_stay_visibly_unset():

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretBytes, SecretStr
 
 MASK = "***"
 #: setting names whose values are secrets
@@ -78,6 +78,10 @@ def redacted_settings(settings: BaseModel | Mapping[str, Any]) -> dict[str, Any]
 
 def _secret_strings(name: str, value: Any) -> Iterable[str]:
     if value is None:
+        return
+    if isinstance(value, SecretStr | SecretBytes):
+        secret = value.get_secret_value()
+        yield secret.decode(errors="replace") if isinstance(secret, bytes) else secret
         return
     if isinstance(value, BaseModel):
         for field, inner in value.model_dump().items():
