@@ -18,9 +18,18 @@ MINT = "Mint1111111111111111111111111111111111pump"
 
 def created(time: float, *, trader: str = "creator", sol: float = 1.0) -> object:
     payload = TokenCreated(
-        signature="s0", mint=MINT, traderPublicKey=trader, txType="create",
-        initialBuy=34_612_903.0, bondingCurveKey="bc", vTokensInBondingCurve=1_038_387_097.0,
-        vSolInBondingCurve=31.0, marketCapSol=29.85, name="T", symbol="T", uri="u",
+        signature="s0",
+        mint=MINT,
+        traderPublicKey=trader,
+        txType="create",
+        initialBuy=34_612_903.0,
+        bondingCurveKey="bc",
+        vTokensInBondingCurve=1_038_387_097.0,
+        vSolInBondingCurve=31.0,
+        marketCapSol=29.85,
+        name="T",
+        symbol="T",
+        uri="u",
         solAmount=sol,
     )
     return make_event(payload, source="feed/test", time=time, seq=1)
@@ -29,10 +38,17 @@ def created(time: float, *, trader: str = "creator", sol: float = 1.0) -> object
 def trade(time: float, seq: int, *, side: str, sol: float, trader: str, v_sol: float) -> object:
     v_tokens = 30.0 * 1_073_000_000.0 / v_sol
     payload = TokenTrade(
-        signature=f"s{seq}", mint=MINT, traderPublicKey=trader, txType=side,
-        tokenAmount=1000.0, newTokenBalance=500.0, bondingCurveKey="bc",
-        vTokensInBondingCurve=v_tokens, vSolInBondingCurve=v_sol,
-        marketCapSol=v_sol / v_tokens * 1e9, solAmount=sol,
+        signature=f"s{seq}",
+        mint=MINT,
+        traderPublicKey=trader,
+        txType=side,
+        tokenAmount=1000.0,
+        newTokenBalance=500.0,
+        bondingCurveKey="bc",
+        vTokensInBondingCurve=v_tokens,
+        vSolInBondingCurve=v_sol,
+        marketCapSol=v_sol / v_tokens * 1e9,
+        solAmount=sol,
     )
     return make_event(payload, source="feed/test", time=time, seq=seq)
 
@@ -62,10 +78,12 @@ def test_unknown_dependency_and_cycle_are_clear_errors():
     with pytest.raises(FeatureDefinitionError, match="unknown 'nope'"):
         FeatureManager([feature("d", "drawdown_from_peak", "nope")])
     with pytest.raises(FeatureDefinitionError, match="cycle: a -> b -> a"):
-        FeatureManager([
-            feature("a", "drawdown_from_peak", "b"),
-            feature("b", "drawdown_from_peak", "a"),
-        ])
+        FeatureManager(
+            [
+                feature("a", "drawdown_from_peak", "b"),
+                feature("b", "drawdown_from_peak", "a"),
+            ]
+        )
     with pytest.raises(FeatureDefinitionError, match="unknown kind"):
         FeatureManager([feature("x", "astrology")])
 

@@ -165,21 +165,20 @@ def compute_primitives(layout: Layout, history: TradeHistory) -> BatchState:
     sell_cum = np.concatenate([zero, np.cumsum(sell)])
 
     trader = history.trader
-    is_new = np.zeros(n, np.int64)
+    # Rows grouped by trader (stable: each group in time order).
+    order = np.argsort(trader, kind="stable")
+    sorted_trader = trader[order]
+    starts = np.ones(n, bool)
     if n:
-        _, first_idx = np.unique(trader, return_index=True)
-        is_new[first_idx] = 1
+        starts[1:] = sorted_trader[1:] != sorted_trader[:-1]
+    is_new = np.zeros(n, np.int64)
+    is_new[order[starts]] = 1
     new_cum = np.concatenate([zero, np.cumsum(is_new)])
 
     # Cumulative SOL bought per trader at each row; monotone per trader, so the
     # running max over rows is the largest single buyer so far.
-    order = np.argsort(trader, kind="stable")
     sorted_buy = buy[order]
-    sorted_trader = trader[order]
     csum = np.cumsum(sorted_buy)
-    starts = np.ones(n, bool)
-    if n:
-        starts[1:] = sorted_trader[1:] != sorted_trader[:-1]
     group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else starts
     before = np.where(group_start > 0, csum[group_start - 1], 0) if n else csum
     per_trader = np.empty(n, np.int64)

@@ -108,8 +108,9 @@ class FeatureCache:
     async def add(self, vector: FeatureVector, *, write_through: bool = True) -> None:
         self._remember(vector)
         if write_through and self._store is not None:
-            await self._store.set(self._prefix + vector.mint, _vector_encoder.encode(vector),
-                                  self._ttl)
+            await self._store.set(
+                self._prefix + vector.mint, _vector_encoder.encode(vector), self._ttl
+            )
 
     async def get(self, mint: str, *, version: str | None = None) -> FeatureVector | None:
         """The cached vector of ``mint``; None if missing or of another version."""
@@ -181,8 +182,12 @@ class FeatureManager:
     # Incremental path.
 
     def update_feature_history(
-        self, item: Event | Payload | TradeInput, *, mint: str | None = None,
-        time: float | None = None, seq: int | None = None,
+        self,
+        item: Event | Payload | TradeInput,
+        *,
+        mint: str | None = None,
+        time: float | None = None,
+        seq: int | None = None,
     ) -> TokenState | None:
         """Fold one token event into its token's state; None if it is not a trade/creation.
 
@@ -291,14 +296,12 @@ class FeatureManager:
     def compute_batch(self, history: TradeHistory) -> np.ndarray:
         """Features after every trade of a history: shape (len(history), len(names))."""
         primitives = compute_primitives(self.layout, history)
-        columns: list[np.ndarray] = []
         n = len(history)
-        for _, batch, deps in self._plan:
-            column = batch(primitives, tuple(columns[i] for i in deps))
-            columns.append(np.broadcast_to(np.asarray(column, dtype=np.float64), (n,)))
-        if not columns or n == 0:
-            return np.zeros((n, len(self.names)))
-        return np.column_stack(columns)
+        # Filled feature by feature (contiguous rows), handed out transposed.
+        out = np.empty((len(self._plan), n))
+        for j, (_, batch, deps) in enumerate(self._plan):
+            out[j] = batch(primitives, tuple(out[i] for i in deps))
+        return out.T
 
     # ----------------------------------------------------------------------------------
     # Cache.

@@ -1,0 +1,126 @@
+"""Checkpoints, shedding, FeatureCache and EventHistoryManager."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.features import (
+    EventHistoryManager,
+    FeatureCache,
+    FeatureManager,
+    FeatureVector,
+    HistoryConfig,
+)
+from pumpflow.common.state import MemoryStateStore
+
+_spec = importlib.util.spec_from_file_location(
+    "paths_equal", pathlib.Path(__file__).with_name("test_paths_equal.py")
+)
+_paths = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_paths)
+curve_history = _paths.curve_history
+
+
+def test_restored_state_carries_on_exactly():
+    events = curve_history(5, trades=400, old_frames=False)
+    mint = events[0].data.mint
+    straight = FeatureManager()
+    for e in events:
+        straight.update_feature_history(e)
+    resumed = FeatureManager()
+    for e in events[:250]:
+        resumed.update_feature_history(e)
+    raw = resumed.snapshot(mint)
+    other = FeatureManager()
+    other.restore(mint, raw, seq=events[249].seq)
+    assert other.last_seq(mint) == 250
+    for e in events[250:]:
+        other.update_feature_history(e)
+    assert other.generate_features(mint) == straight.generate_features(mint)
+
+
+def test_shedding_an_idle_token_changes_no_later_feature():
+    events = curve_history(6, trades=300, old_frames=False)
+    mint = events[0].data.mint
+    straight, shed = FeatureManager(), FeatureManager()
+    gap_at = next(i for i in range(1, len(events)) if events[i].time - events[i - 1].time > 300)
+    for i, e in enumerate(events):
+        if i == gap_at:
+            assert shed.shed_idle(events[i].time) == 1
+            assert shed.token(mint).buf_time is None
+            # Round-trip the shed state too: a checkpoint of an idle token.
+            shed.restore(mint, shed.snapshot(mint), seq=e.seq - 1)
+        straight.update_feature_history(e)
+        shed.update_feature_history(e)
+        assert np.allclose(
+            straight.values(straight.token(mint)), shed.values(shed.token(mint)), rtol=0, atol=0
+        )
+
+
+async def test_feature_cache_is_a_bounded_lru_over_the_store():
+    store = MemoryStateStore(ReplayClock(0.0))
+    cache = FeatureCache(store, max_entries=2)
+    vectors = [
+        FeatureVector(mint=f"m{i}", version="v1", seq=i, time=1.0, names=("a",), values=(i,))
+        for i in range(3)
+    ]
+    for v in vectors:
+        await cache.add(v)
+    assert len(cache) == 2
+    # m0 fell out of the LRU but the store still has it.
+    assert await cache.get("m0") == vectors[0]
+    assert await cache.get("m0", version="v2") is None
+    await cache.clear()
+    assert len(cache) == 0
+    manager = FeatureManager(cache=FeatureCache(store))
+    assert await manager.get_cached_features("m1") is None  # another feature-set version
+
+
+def test_history_range_queries_and_bounds():
+    clock = ReplayClock(0.0)
+    history = EventHistoryManager(
+        HistoryConfig(max_events_per_token=100, max_age_s=50.0), clock=clock
+    )
+    for i in range(150):
+        history.add_event("a", f"e{i}", time=float(i))
+    assert history.event_count("a") == 100
+    assert history.get_events("a", 60.0, 62.0) == ["e60", "e61", "e62"]
+    assert history.get_events("a", end=50.5) == [f"e{i}" for i in range(50, 51)]
+    assert history.get_latest_events("a", 2) == ["e148", "e149"]
+    clock.set_sync(160.0)
+    assert history.prune_old_events() == 60  # drops 50..109, keeps 110..149
+    assert history.get_events("a")[0] == "e110"
+    history.add_event("b", "x", time=1.0)
+    assert history.prune_old_events(now=200.0) == 41
+    assert history.mints() == []
+    history.add_event("c", "y", time=5.0)
+    history.clear_token_history("c")
+    assert history.get_events("c") == []
+
+
+def test_history_drops_the_most_silent_token_beyond_max_tokens():
+    history = EventHistoryManager(HistoryConfig(max_tokens=2))
+    history.add_event("a", 1, time=1.0)
+    history.add_event("b", 2, time=2.0)
+    history.add_event("a", 3, time=3.0)
+    history.add_event("c", 4, time=4.0)
+    assert sorted(history.mints()) == ["a", "c"]
+
+
+def test_history_out_of_order_times_stay_queryable():
+    history = EventHistoryManager()
+    for t in (1.0, 3.0, 2.0, 4.0):
+        history.add_event("a", t, time=t)
+    assert history.get_events("a", 3.0, 3.0) == [3.0, 2.0]
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_latest_events_of_nothing(count):
+    history = EventHistoryManager()
+    history.add_event("a", 1, time=1.0)
+    assert history.get_latest_events("a", count) == []
