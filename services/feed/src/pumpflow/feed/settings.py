@@ -1,0 +1,84 @@
+"""Settings of the feed service.
+
+PumpPortal's URL and key keep their own environment names (``PUMPPORTAL_WS_URL``,
+``PUMPPORTAL_API_KEY``, ``PUMPPORTAL_API_KEY_FILE``); everything else is
+``PUMPFLOW_FEED_*``. The key is a SecretStr: it never appears in a repr or a log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
+from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+
+
+class FeedSettings(CommonSettings):
+    """Environment of the feed service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PUMPFLOW_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    service: str = Field("feed", description="service name; first part of event sources")
+    pumpportal_ws_url: str = Field(
+        DEFAULT_WS_URL,
+        validation_alias=AliasChoices("PUMPPORTAL_WS_URL", "pumpportal_ws_url"),
+        pattern=r"^wss?://",
+        description="PumpPortal-protocol WebSocket URL (the real one or the simulator)",
+    )
+    pumpportal_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("PUMPPORTAL_API_KEY", "pumpportal_api_key"),
+        description="PumpPortal API key (needed for trade subscriptions)",
+    )
+    pumpportal_api_key_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("PUMPPORTAL_API_KEY_FILE", "pumpportal_api_key_file"),
+        description="file holding the API key (a mounted secret)",
+    )
+    feed_record: bool = Field(True, description="store every token event in Postgres")
+    feed_subscribe_new_tokens: bool = Field(True, description="subscribe to token creations")
+    feed_subscribe_migrations: bool = Field(True, description="subscribe to migrations")
+    feed_auto_subscribe_trades: bool = Field(
+        True, description="subscribe to the trades of every new token"
+    )
+    feed_ping_interval_s: float = Field(20.0, gt=0, description="keepalive ping interval")
+    feed_ping_timeout_s: float = Field(10.0, gt=0, description="pong timeout")
+    feed_open_timeout_s: float = Field(10.0, gt=0, description="connect/handshake timeout")
+    feed_backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    feed_backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    feed_max_keys_per_message: int = Field(MAX_KEYS_PER_MESSAGE, ge=1, le=MAX_KEYS_PER_MESSAGE)
+    feed_max_messages_per_second: int = Field(
+        MAX_MESSAGES_PER_SECOND, ge=1, le=MAX_MESSAGES_PER_SECOND
+    )
+    feed_dedup_capacity: int = Field(200_000, ge=1, description="recent signatures remembered")
+    feed_record_batch_size: int = Field(2_000, ge=1, description="events per Postgres write")
+    feed_record_max_delay_s: float = Field(
+        0.0, ge=0, description="extra wait to fill a write batch (0: write when the last ends)"
+    )
+    feed_record_max_pending: int = Field(
+        100_000, ge=1, description="events held before the socket reader waits for Postgres"
+    )
+    feed_seq_restore_window_s: float | None = Field(
+        None, gt=0, description="restore per-mint seq from events this recent (None: all)"
+    )
+
+    def api_key(self) -> str | None:
+        """The key from the environment or the secret file; never log it."""
+        if self.pumpportal_api_key is not None:
+            key = self.pumpportal_api_key.get_secret_value().strip()
+            return key or None
+        if self.pumpportal_api_key_file is not None:
+            try:
+                key = self.pumpportal_api_key_file.read_text("utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(
+                    f"PUMPPORTAL_API_KEY_FILE: cannot read {self.pumpportal_api_key_file}: "
+                    f"{exc.strerror}"
+                ) from None
+            return key or None
+        return None

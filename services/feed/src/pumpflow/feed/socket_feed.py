@@ -1,0 +1,394 @@
+"""The live feed: ONE WebSocket to PumpPortal (or anything speaking its protocol).
+
+- Subscribes to token creations and migrations, and to the trades of every new mint
+  (batched: at most 5,000 keys per message, at most 200 messages in any second).
+- Keeps the set of mints it should stream; after a reconnect (jittered exponential
+  backoff) it subscribes every one of them again.
+- Validates every frame; a bad one is counted, logged and dead-lettered with the
+  reason, and the stream goes on. Control frames (acks, notices, errors) are logged.
+- Stamps each frame with its arrival time from the injected Clock (frames carry none).
+- The API key goes into the URL only; every URL and error that is logged is redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from pumpflow.common.clock import Clock
+from pumpflow.common.events import Event, EventValidationError
+from pumpflow.common.pumpportal import (
+    KIND_OF_TX_TYPE,
+    MAX_KEYS_PER_MESSAGE,
+    MAX_MESSAGES_PER_SECOND,
+    SUBSCRIBE_MIGRATION,
+    SUBSCRIBE_NEW_TOKEN,
+    SUBSCRIBE_TOKEN_TRADE,
+    UNSUBSCRIBE_TOKEN_TRADE,
+    ControlFrame,
+    FrameKind,
+    decode_frame,
+    method_message,
+    redact,
+    with_api_key,
+)
+from pumpflow.feed.interface import DataFeedInterface, FeedError, FeedRecord
+from pumpflow.feed.metrics import FeedMetrics, default_metrics
+from pumpflow.feed.ratelimit import SlidingWindowLimiter
+
+if TYPE_CHECKING:
+    from pumpflow.common.bus.abc import EventBus
+    from pumpflow.common.storage import TokenEventStore
+
+log = logging.getLogger(__name__)
+
+#: a session that lasted this long resets the reconnect backoff
+_STABLE_SESSION_S = 10.0
+
+
+class SocketDataFeed(DataFeedInterface):
+    """PumpPortal's real-time WebSocket as a data feed."""
+
+    name = "pumpportal"
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        clock: Clock,
+        api_key: str | None = None,
+        bus: EventBus | None = None,
+        service: str = "feed",
+        metrics: FeedMetrics | None = None,
+        subscribe_new_tokens: bool = True,
+        subscribe_migrations: bool = True,
+        auto_subscribe_trades: bool = True,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 10.0,
+        open_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        max_keys_per_message: int = MAX_KEYS_PER_MESSAGE,
+        max_messages_per_second: int = MAX_MESSAGES_PER_SECOND,
+        history: TokenEventStore | None = None,
+        rng: random.Random | None = None,
+    ):
+        super().__init__()
+        if not 1 <= max_keys_per_message <= MAX_KEYS_PER_MESSAGE:
+            raise ValueError(f"max_keys_per_message must be 1..{MAX_KEYS_PER_MESSAGE}")
+        self._url = with_api_key(url, api_key)
+        self._api_key = api_key
+        self.redacted_url = redact(self._url, api_key)
+        self._clock = clock
+        self._bus = bus
+        self._service = service
+        self.metrics = metrics or default_metrics()
+        self._subscribe_new_tokens = subscribe_new_tokens
+        self._subscribe_migrations = subscribe_migrations
+        self._auto_subscribe = auto_subscribe_trades
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._open_timeout = open_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._max_keys = max_keys_per_message
+        self._limiter = SlidingWindowLimiter(max_messages_per_second)
+        self._history = history
+        self._rng = rng or random.Random()
+
+        #: mints whose trades we want (insertion-ordered set)
+        self._active: dict[str, None] = {}
+        #: mints subscribed on the current connection
+        self._on_server: set[str] = set()
+        self._to_subscribe: dict[str, None] = {}
+        self._to_unsubscribe: dict[str, None] = {}
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._stopping = False
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task | None = None
+        self.sessions = 0
+        self.invalid_frames = 0
+        self.notices: deque[str] = deque(maxlen=32)
+        self._warned_api_key = False
+
+    # ---------------------------------------------------------------- interface
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def active_mints(self) -> frozenset[str]:
+        return frozenset(self._active)
+
+    @property
+    def pending_messages(self) -> int:
+        """Subscription changes not yet sent."""
+        return len(self._to_subscribe) + len(self._to_unsubscribe)
+
+    async def connect(self, *, wait: bool = True) -> None:
+        """Start the connection loop; with ``wait``, return once the first session is up.
+
+        The loop retries for ever; bound the wait with ``asyncio.timeout`` if needed.
+        """
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="pumpportal-feed")
+        if wait:
+            await self.wait_connected()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def disconnect(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def subscribe(self, mints: Iterable[str]) -> None:
+        for mint in mints:
+            self._want(mint)
+        self._changed()
+
+    async def unsubscribe(self, mints: Iterable[str]) -> None:
+        for mint in mints:
+            if mint not in self._active:
+                continue
+            del self._active[mint]
+            if mint in self._to_subscribe:
+                del self._to_subscribe[mint]  # never sent: nothing to undo on the server
+            elif mint in self._on_server:
+                self._to_unsubscribe[mint] = None
+        self._changed()
+
+    def get_historical_data(
+        self,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        mints: Iterable[str] | None = None,
+    ) -> AsyncIterator[Event]:
+        if self._history is None:
+            raise FeedError("PumpPortal keeps no history; give the feed a TokenEventStore")
+        return self._history.stream(start=start, end=end, mints=mints)
+
+    async def drop_connection(self) -> None:
+        """Close the current connection (the loop reconnects); for operators and tests."""
+        if self._ws is not None:
+            await self._ws.close()
+
+    # ---------------------------------------------------------------- subscriptions
+
+    def _want(self, mint: str) -> None:
+        if mint in self._active:
+            return
+        self._active[mint] = None
+        if mint in self._to_unsubscribe:
+            del self._to_unsubscribe[mint]  # still subscribed on the server
+        elif mint not in self._on_server:
+            self._to_subscribe[mint] = None
+
+    def _changed(self) -> None:
+        self.metrics.active_subscriptions.set(len(self._active))
+        if self._to_subscribe or self._to_unsubscribe:
+            self._wake.set()
+
+    async def _send_pending(self, ws: ClientConnection) -> None:
+        """Send queued (un)subscriptions in batches, within the rate limit, until none are left."""
+        while self._to_unsubscribe or self._to_subscribe:
+            # wait for the limiter before choosing keys, so a change made meanwhile counts
+            await self._limiter.acquire()
+            if self._to_unsubscribe:
+                method, pending = UNSUBSCRIBE_TOKEN_TRADE, self._to_unsubscribe
+            elif self._to_subscribe:
+                method, pending = SUBSCRIBE_TOKEN_TRADE, self._to_subscribe
+            else:
+                break
+            keys = list(itertools.islice(pending, self._max_keys))
+            for key in keys:
+                del pending[key]
+            if method == SUBSCRIBE_TOKEN_TRADE:
+                self._on_server.update(keys)
+            else:
+                self._on_server.difference_update(keys)
+            await ws.send(method_message(method, keys).decode())
+            self.metrics.subscribe_messages.labels(method).inc()
+            log.debug("%s: %d keys", method, len(keys))
+
+    async def _sender(self, ws: ClientConnection) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._send_pending(ws)
+
+    async def _send_method(self, ws: ClientConnection, method: str) -> None:
+        await self._limiter.acquire()
+        await ws.send(method_message(method).decode())
+        self.metrics.subscribe_messages.labels(method).inc()
+
+    # ---------------------------------------------------------------- connection loop
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** max(0, attempt - 1))
+        # "equal jitter": at least half the ceiling, so retries never hammer the server
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                ws = await connect(
+                    self._url,
+                    ping_interval=self._ping_interval,
+                    ping_timeout=self._ping_timeout,
+                    open_timeout=self._open_timeout,
+                    close_timeout=2.0,
+                    max_size=2**22,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning(
+                    "connect to %s failed: %s; retry %d in %.2f s",
+                    self.redacted_url,
+                    redact(f"{type(exc).__name__}: {exc}", self._api_key),
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            started = self._clock.monotonic()
+            try:
+                await self._session(ws)
+            except ConnectionClosed as exc:
+                log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+                raise
+            except Exception:
+                log.exception("feed session on %s failed", self.redacted_url)
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            if self._stopping:
+                break
+            if self._clock.monotonic() - started >= _STABLE_SESSION_S:
+                attempt = 0
+            attempt += 1
+            delay = self._backoff(attempt)
+            log.info("reconnecting to %s in %.2f s", self.redacted_url, delay)
+            await asyncio.sleep(delay)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        self.sessions += 1
+        if self.sessions > 1:
+            self.metrics.reconnects.inc()
+        log.info(
+            "connected to %s (session %d, %d mints to resubscribe)",
+            self.redacted_url,
+            self.sessions,
+            len(self._active),
+        )
+        # a new connection has no subscriptions: everything active is sent again
+        self._on_server.clear()
+        self._to_unsubscribe.clear()
+        self._to_subscribe = dict.fromkeys(self._active)
+        self._ws = ws
+        self.metrics.connected.set(1)
+        sender: asyncio.Task | None = None
+        try:
+            if self._subscribe_new_tokens:
+                await self._send_method(ws, SUBSCRIBE_NEW_TOKEN)
+            if self._subscribe_migrations:
+                await self._send_method(ws, SUBSCRIBE_MIGRATION)
+            self._wake.set()
+            sender = asyncio.create_task(self._sender(ws), name="pumpportal-subscriber")
+            self._connected.set()
+            async for message in ws:
+                await self._on_frame(message)
+                if sender.done():
+                    sender.result()  # a failed send ends the session with its error
+            log.info("server closed the connection: %s", ws.close_reason or ws.close_code)
+        finally:
+            self._connected.clear()
+            self.metrics.connected.set(0)
+            self._ws = None
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await sender
+
+    # ---------------------------------------------------------------- frames
+
+    async def _on_frame(self, message: bytes | str) -> None:
+        arrival = self._clock.now()
+        data = message.encode() if isinstance(message, str) else bytes(message)
+        metrics = self.metrics
+        metrics.bytes_received.inc(len(data))
+        try:
+            payload = decode_frame(data)
+        except EventValidationError as exc:
+            await self._reject(data, str(exc))
+            return
+        if type(payload) is ControlFrame:
+            metrics.frames_by_kind[payload.kind].inc()
+            self._on_control(payload)
+            return
+        kind = KIND_OF_TX_TYPE[payload.txType]
+        metrics.frames_by_kind[kind].inc()
+        if kind is FrameKind.CREATE and self._auto_subscribe:
+            self._want(payload.mint)
+            self._changed()
+        try:
+            await self._emit(FeedRecord(payload, data, arrival))
+        except Exception as exc:
+            log.exception("feed callback failed on %s %s", payload.txType, payload.signature)
+            await self._dead_letter(data, f"callback failed: {type(exc).__name__}: {exc}")
+
+    async def _reject(self, data: bytes, reason: str) -> None:
+        self.invalid_frames += 1
+        self.metrics.invalid_frames.inc()
+        log.warning("invalid frame dead-lettered: %s: %.200r", reason, data)
+        await self._dead_letter(data, reason)
+
+    async def _dead_letter(self, data: bytes, reason: str) -> None:
+        if self._bus is None:
+            return
+        try:
+            await self._bus.dead_letter(data, service=self._service, reason=reason)
+        except Exception:
+            log.exception("could not dead-letter a frame (%s)", reason)
+
+    def _on_control(self, frame: ControlFrame) -> None:
+        text = redact(frame.text, self._api_key)
+        self.notices.append(text)
+        if frame.errors is not None:
+            log.warning("PumpPortal error: %s", text)
+        elif frame.needs_api_key:
+            if not self._warned_api_key:
+                log.warning("PumpPortal: %s (trade subscriptions will get no data)", text)
+                self._warned_api_key = True
+        elif frame.is_ack:
+            log.debug("PumpPortal: %s", text)
+        else:
+            log.info("PumpPortal: %s", text)
