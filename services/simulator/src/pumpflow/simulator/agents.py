@@ -62,8 +62,8 @@ class AgentConfig:
     #: e-folding time of the organic arrival rate at appeal 1
     organic_life_s: float = 40.0
     life_appeal_exponent: float = 0.5
-    buy_bias: float = 0.44
-    appeal_buy_slope: float = 0.08
+    buy_bias: float = 0.38
+    appeal_buy_slope: float = 0.11
     momentum_buy: float = 0.15
     #: holders sell more as the curve fills (they are in profit)
     profit_taking: float = 0.3
@@ -114,8 +114,8 @@ class Token:
         "holders",
         "holdings",
         "hpos",
-        "momentum",
         "mint",
+        "momentum",
         "p_buy",
         "rate",
         "size",

@@ -9,6 +9,7 @@ characters) or 32 bytes (wallets and mints, 44 characters), as real keys do.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 BASE58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 SIGNATURE_LENGTH = 88
@@ -23,7 +24,7 @@ _DROPPED_BYTES = bytes(range(232, 256))
 # 58^87 <= value < 2^512 needs a leading digit of 1..5; 58^43 <= value < 2^256 needs 1..17.
 _SIGNATURE_LEAD = {c: "2345"[i % 4] for i, c in enumerate(BASE58_ALPHABET)}
 _KEY_LEAD = {c: BASE58_ALPHABET[1 + i % 16] for i, c in enumerate(BASE58_ALPHABET)}
-_CHUNK = 1 << 16
+_CHUNK = 1 << 17
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 
 _WORDS = (
@@ -60,6 +61,14 @@ class IdFactory:
         """An 88-character transaction signature."""
         s = self._chars(SIGNATURE_LENGTH)
         return _SIGNATURE_LEAD[s[0]] + s[1:]
+
+    def signatures(self, batch: int = 1024) -> Iterator[str]:
+        """An endless stream of signatures, drawn in batches (the frame hot path uses it)."""
+        lead = _SIGNATURE_LEAD
+        n = SIGNATURE_LENGTH
+        while True:
+            block = self._chars(n * batch)
+            yield from [lead[block[i]] + block[i + 1 : i + n] for i in range(0, n * batch, n)]
 
     def key(self) -> str:
         """A 44-character public key (wallet, bonding-curve account)."""

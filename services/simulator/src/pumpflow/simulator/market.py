@@ -22,7 +22,6 @@ from pumpflow.common import curve
 from pumpflow.simulator.agents import (
     COMPLETE_VIRTUAL_TOKEN_UNITS,
     INITIAL_REAL_TOKEN_UNITS,
-    INITIAL_VIRTUAL_TOKEN_UNITS,
     TOKEN_UNIT,
     AgentConfig,
     Token,
@@ -70,7 +69,11 @@ class Market:
 
 
 class _Run:
-    """One pass of the market; all state and randomness of a run live here."""
+    """One pass of the market; all state and randomness of a run live here.
+
+    The trade path is written for speed (locals, closures, one dict literal per frame):
+    it is what bounds dataset generation.
+    """
 
     def __init__(self, cfg: MarketConfig):
         self.cfg = cfg
@@ -81,14 +84,14 @@ class _Run:
         self.heat = 1.0
         self.bot_wallets = [self.ids.key() for _ in range(cfg.bot_wallets)]
         self.returning: list[str] = []
+        self.signatures = self.ids.signatures()
 
     def push(self, t: float, kind: int, *args) -> None:
         self.seq += 1
         heapq.heappush(self.schedule, (t, self.seq, kind, *args))
 
-    # ------------------------------------------------------------------ wallets
-
     def organic_wallet(self) -> str:
+        """A fresh wallet, one seen before, or a bot's."""
         cfg, rng = self.cfg, self.rng
         u = rng.random()
         if u < cfg.bot_wallet_share:
@@ -103,87 +106,12 @@ class _Run:
             returning[int(rng.random() * len(returning))] = wallet
         return wallet
 
-    # ------------------------------------------------------------------ frames
-
-    def trade_frame(self, tok: Token, wallet: str, is_buy: bool, units: int, sol: float,
-                    balance: int) -> Frame:
-        rng = self.rng
-        cfg = self.cfg
-        v_tokens = tok.v_tokens
-        v_sol = tok.v_sol
-        key = tok.curve_key
-        if rng.random() < cfg.wrong_curve_key_share:
-            key = self.ids.key()
-        new_balance = balance / TOKEN_UNIT if balance else 0
-        if rng.random() < cfg.old_trade_frame_share:
-            return {
-                "signature": self.ids.signature(),
-                "mint": tok.mint,
-                "traderPublicKey": wallet,
-                "txType": "buy" if is_buy else "sell",
-                "tokenAmount": units / TOKEN_UNIT,
-                "newTokenBalance": new_balance,
-                "bondingCurveKey": key,
-                "vTokensInBondingCurve": v_tokens,
-                "vSolInBondingCurve": v_sol,
-                "marketCapSol": v_sol / v_tokens * curve.TOTAL_SUPPLY,
-            }
-        return {
-            "signature": self.ids.signature(),
-            "mint": tok.mint,
-            "traderPublicKey": wallet,
-            "txType": "buy" if is_buy else "sell",
-            "tokenAmount": units / TOKEN_UNIT,
-            "solAmount": sol,
-            "newTokenBalance": new_balance,
-            "bondingCurveKey": key,
-            "vTokensInBondingCurve": v_tokens,
-            "vSolInBondingCurve": v_sol,
-            "marketCapSol": v_sol / v_tokens * curve.TOTAL_SUPPLY,
-            "pool": "pump",
-        }
-
-    # ------------------------------------------------------------------ curve
-
-    def buy(self, t: float, tok: Token, wallet: str, gross_sol: float) -> Frame:
-        """Execute a buy of ``gross_sol`` SOL (fee included) and return its frame."""
-        net = gross_sol / (1.0 + curve.FEE_RATE)
-        units = int(curve.tokens_for_net_sol(tok, net) * TOKEN_UNIT)
-        real = tok.units - COMPLETE_VIRTUAL_TOKEN_UNITS
-        if units >= real:
-            units = real
-        if units <= 0:
-            units = 1
-        old_sol = tok.v_sol
-        tok.units -= units
-        tok.v_tokens = v_tokens = tok.units / TOKEN_UNIT
-        tok.v_sol = curve.K / v_tokens
-        balance = tok.credit(wallet, units)
-        tok.momentum = 0.8 * tok.momentum + 0.2
-        frame = self.trade_frame(tok, wallet, True, units, round(tok.v_sol - old_sol, 9), balance)
-        if units == real:
-            tok.done = True
-            delay = self.rng.expovariate(1.0 / self.cfg.migrate_delay_mean_s)
-            self.push(t + 0.4 + delay, _MIGRATE, tok)
-        return frame
-
-    def sell(self, tok: Token, wallet: str, units: int) -> Frame:
-        """Execute a sale of ``units`` base units held by ``wallet`` and return its frame."""
-        old_sol = tok.v_sol
-        tok.units += units
-        tok.v_tokens = v_tokens = tok.units / TOKEN_UNIT
-        tok.v_sol = curve.K / v_tokens
-        balance = tok.debit(wallet, units)
-        tok.momentum = 0.8 * tok.momentum - 0.2
-        return self.trade_frame(tok, wallet, False, units, round(old_sol - tok.v_sol, 9), balance)
-
-    # ------------------------------------------------------------------ agents
-
-    def launch(self, t: float) -> Frame:
+    def launch(self, t: float) -> tuple[Frame, Token]:
+        """Create a token with its creator's buy; schedule the agents that will trade it."""
         cfg, rng, ids = self.cfg, self.rng, self.ids
         creator = ids.key()
         tok = Token(mint=ids.mint(), curve_key=ids.key(), creator=creator, t0=t)
-        signature = ids.signature()
+        signature = next(self.signatures)
         name, symbol = ids.name_and_symbol()
         uri = ids.uri()
         draw_traits(tok, cfg, rng)
@@ -197,7 +125,9 @@ class _Run:
         tok.v_tokens = v_tokens = tok.units / TOKEN_UNIT
         tok.v_sol = v_sol = curve.K / v_tokens
         tok.credit(creator, units)
-        sol_amount: float | int = int(net) if round_buy else round(v_sol - curve.INITIAL_VIRTUAL_SOL_RESERVES, 9)
+        sol_amount: float | int = (
+            int(net) if round_buy else round(v_sol - curve.INITIAL_VIRTUAL_SOL_RESERVES, 9)
+        )
         frame: Frame = {
             "signature": signature,
             "mint": tok.mint,
@@ -217,12 +147,10 @@ class _Run:
             frame["is_mayhem_mode"] = rng.random() < cfg.mayhem_share
             frame["pool"] = "pump"
 
-        # the agents that will act on this token
         expo = rng.expovariate
         if rng.random() < cfg.rug_share:
             self.push(t + expo(1.0 / cfg.rug_delay_mean_s), _TIMED_SELL, tok, creator)
-        n_snipers = _poisson(rng, cfg.snipers_mean)
-        for _ in range(n_snipers):
+        for _ in range(_poisson(rng, cfg.snipers_mean)):
             wallet = self.bot_wallets[int(rng.random() * len(self.bot_wallets))]
             at = t + 0.4 + expo(1.0 / cfg.sniper_delay_mean_s)
             size = log_uniform(rng, cfg.sniper_buy_min_sol, cfg.sniper_buy_max_sol)
@@ -233,53 +161,99 @@ class _Run:
             start = t + 2.0 + expo(0.1)
             self.push(start, _BOT, tok, wallet, start + expo(1.0 / cfg.bot_run_mean_s))
         self.push(t + 0.4 + expo(max(tok.rate, 1e-3) * 2.0), _ORGANIC, tok)
-        return frame
-
-    def organic(self, t: float, tok: Token) -> Frame | None:
-        """One organic arrival: a momentum buyer or a profit-taking holder; reschedule."""
-        cfg, rng = self.cfg, self.rng
-        progress = 1.0 - (tok.units - COMPLETE_VIRTUAL_TOKEN_UNITS) / INITIAL_REAL_TOKEN_UNITS
-        m = tok.momentum
-        p_buy = tok.p_buy + cfg.momentum_buy * m - cfg.profit_taking * progress
-        if rng.random() < p_buy or not tok.holders:
-            size = tok.size * math.exp(cfg.buy_sigma * rng.gauss(0.0, 1.0))
-            frame = self.buy(t, tok, self.organic_wallet(), size * (1.0 + 2.0 * progress))
-        else:
-            holders = tok.holders
-            wallet = holders[int(rng.random() * len(holders))]
-            frame = self.sell_share(tok, wallet)
-        if tok.done:
-            return frame
-        age = t - tok.t0
-        m = tok.momentum
-        rate = (
-            tok.rate
-            * self.heat
-            * (1.0 + cfg.momentum_rate * (m if m > 0.0 else 0.0))
-            * (1.0 + cfg.progress_rate * progress)
-            * math.exp(-age / (tok.tau * (1.0 + cfg.progress_life * progress)))
-        )
-        if rate < cfg.quiet_rate_per_s:
-            tok.alive = False
-        else:
-            self.push(t + rng.expovariate(rate), _ORGANIC, tok)
-        return frame
-
-    def sell_share(self, tok: Token, wallet: str) -> Frame:
-        held = tok.holdings[wallet]
-        if self.rng.random() < self.cfg.sell_all_share:
-            return self.sell(tok, wallet, held)
-        return self.sell(tok, wallet, max(1, int(held * self.rng.uniform(0.2, 0.8))))
-
-    # ------------------------------------------------------------------ loop
+        return frame, tok
 
     def run(self, until: float) -> Iterator[tuple[float, Frame]]:
         cfg, rng = self.cfg, self.rng
         schedule = self.schedule
         pop = heapq.heappop
+        push = self.push
+        random_ = rng.random
+        gauss = rng.gauss
+        expo = rng.expovariate
+        uniform = rng.uniform
+        exp = math.exp
+        next_signature = self.signatures.__next__
+        new_key = self.ids.key
+        organic_wallet = self.organic_wallet
+        tokens_for_net_sol = curve.tokens_for_net_sol
+        k_const = curve.K
+        supply = curve.TOTAL_SUPPLY
+        fee_factor = 1.0 + curve.FEE_RATE
+        unit = TOKEN_UNIT
+        complete_units = COMPLETE_VIRTUAL_TOKEN_UNITS
+        real_units = INITIAL_REAL_TOKEN_UNITS
+        old_share = cfg.old_trade_frame_share
+        # one uniform picks the variant: old frame, wrong curve key, or the usual frame
+        wrong_key_edge = old_share + cfg.wrong_curve_key_share
+        migrate_rate = 1.0 / cfg.migrate_delay_mean_s
+        momentum_buy, profit_taking = cfg.momentum_buy, cfg.profit_taking
+        buy_sigma, sell_all_share = cfg.buy_sigma, cfg.sell_all_share
+        momentum_rate, progress_rate = cfg.momentum_rate, cfg.progress_rate
+        progress_life, quiet_rate = cfg.progress_life, cfg.quiet_rate_per_s
+        bot_interval_rate = 1.0 / cfg.bot_interval_mean_s
+        bot_min, bot_max = cfg.bot_buy_min_sol, cfg.bot_buy_max_sol
+
+        def execute(t: float, tok: Token, wallet: str, is_buy: bool, amount: float) -> Frame:
+            """Trade against the curve: ``amount`` is gross SOL for a buy, base units to sell."""
+            old_sol = tok.v_sol
+            if is_buy:
+                units = int(tokens_for_net_sol(tok, amount / fee_factor) * unit)
+                left = tok.units - complete_units
+                if units >= left:
+                    units = left
+                    tok.done = True
+                    push(t + 0.4 + expo(migrate_rate), _MIGRATE, tok)
+                elif units <= 0:
+                    units = 1
+                tok.units -= units
+                tok.v_tokens = v_tokens = tok.units / unit
+                tok.v_sol = v_sol = k_const / v_tokens
+                balance = tok.credit(wallet, units)
+                tok.momentum = 0.8 * tok.momentum + 0.2
+                sol = round(v_sol - old_sol, 9)
+                tx = "buy"
+            else:
+                units = int(amount)
+                tok.units += units
+                tok.v_tokens = v_tokens = tok.units / unit
+                tok.v_sol = v_sol = k_const / v_tokens
+                balance = tok.debit(wallet, units)
+                tok.momentum = 0.8 * tok.momentum - 0.2
+                sol = round(old_sol - v_sol, 9)
+                tx = "sell"
+            u = random_()
+            if u < old_share:
+                return {
+                    "signature": next_signature(),
+                    "mint": tok.mint,
+                    "traderPublicKey": wallet,
+                    "txType": tx,
+                    "tokenAmount": units / unit,
+                    "newTokenBalance": balance / unit if balance else 0,
+                    "bondingCurveKey": tok.curve_key,
+                    "vTokensInBondingCurve": v_tokens,
+                    "vSolInBondingCurve": v_sol,
+                    "marketCapSol": v_sol / v_tokens * supply,
+                }
+            return {
+                "signature": next_signature(),
+                "mint": tok.mint,
+                "traderPublicKey": wallet,
+                "txType": tx,
+                "tokenAmount": units / unit,
+                "solAmount": sol,
+                "newTokenBalance": balance / unit if balance else 0,
+                "bondingCurveKey": new_key() if u < wrong_key_edge else tok.curve_key,
+                "vTokensInBondingCurve": v_tokens,
+                "vSolInBondingCurve": v_sol,
+                "marketCapSol": v_sol / v_tokens * supply,
+                "pool": "pump",
+            }
+
         launch_rate = cfg.launches_per_minute / 60.0
-        self.push(rng.expovariate(launch_rate), _LAUNCH)
-        self.push(rng.expovariate(1.0 / cfg.burst_every_mean_s), _BURST, True)
+        push(expo(launch_rate), _LAUNCH)
+        push(expo(1.0 / cfg.burst_every_mean_s), _BURST, True)
         while schedule:
             item = pop(schedule)
             t = item[0]
@@ -287,51 +261,80 @@ class _Run:
                 return
             kind = item[2]
             if kind == _ORGANIC:
+                # a momentum buyer or a profit-taking holder; then the next arrival
                 tok = item[3]
                 if tok.done:
                     continue
-                yield t, self.organic(t, tok)
+                progress = 1.0 - (tok.units - complete_units) / real_units
+                holders = tok.holders
+                if (
+                    random_() < tok.p_buy + momentum_buy * tok.momentum - profit_taking * progress
+                    or not holders
+                ):
+                    size = tok.size * exp(buy_sigma * gauss(0.0, 1.0)) * (1.0 + 2.0 * progress)
+                    frame = execute(t, tok, organic_wallet(), True, size)
+                else:
+                    wallet = holders[int(random_() * len(holders))]
+                    held = tok.holdings[wallet]
+                    if random_() >= sell_all_share:
+                        held = max(1, int(held * uniform(0.2, 0.8)))
+                    frame = execute(t, tok, wallet, False, held)
+                if not tok.done:
+                    m = tok.momentum
+                    rate = (
+                        tok.rate
+                        * self.heat
+                        * (1.0 + momentum_rate * (m if m > 0.0 else 0.0))
+                        * (1.0 + progress_rate * progress)
+                        * exp(-(t - tok.t0) / (tok.tau * (1.0 + progress_life * progress)))
+                    )
+                    if rate < quiet_rate:
+                        tok.alive = False
+                    else:
+                        push(t + expo(rate), _ORGANIC, tok)
+                yield t, frame
             elif kind == _LAUNCH:
-                self.push(t + rng.expovariate(launch_rate), _LAUNCH)
-                yield t, self.launch(t)
+                push(t + expo(launch_rate), _LAUNCH)
+                yield t, self.launch(t)[0]
             elif kind == _BOT:
                 tok, wallet, end = item[3], item[4], item[5]
                 if tok.done:
                     continue
-                if wallet in tok.holdings:
-                    frame = self.sell(tok, wallet, tok.holdings[wallet])
+                held = tok.holdings.get(wallet)
+                if held:
+                    frame = execute(t, tok, wallet, False, held)
                 else:
-                    size = log_uniform(rng, cfg.bot_buy_min_sol, cfg.bot_buy_max_sol)
-                    frame = self.buy(t, tok, wallet, size)
-                nxt = t + rng.expovariate(1.0 / cfg.bot_interval_mean_s)
+                    frame = execute(t, tok, wallet, True, log_uniform(rng, bot_min, bot_max))
+                nxt = t + expo(bot_interval_rate)
                 if nxt < end and not tok.done:
-                    self.push(nxt, _BOT, tok, wallet, end)
+                    push(nxt, _BOT, tok, wallet, end)
                 yield t, frame
             elif kind == _TIMED_SELL:
                 tok, wallet = item[3], item[4]
-                if tok.done or wallet not in tok.holdings:
+                held = tok.holdings.get(wallet)
+                if tok.done or not held:
                     continue
-                yield t, self.sell(tok, wallet, tok.holdings[wallet])
+                yield t, execute(t, tok, wallet, False, held)
             elif kind == _TIMED_BUY:
                 tok = item[3]
                 if tok.done:
                     continue
-                yield t, self.buy(t, tok, item[4], item[5])
+                yield t, execute(t, tok, item[4], True, item[5])
             elif kind == _MIGRATE:
-                tok = item[3]
                 yield t, {
-                    "signature": self.ids.signature(),
-                    "mint": tok.mint,
+                    "signature": next_signature(),
+                    "mint": item[3].mint,
                     "txType": "migrate",
                     "pool": "pump-amm",
                 }
             elif kind == _BURST:
+                # platform-wide frenzy: every token trades several times faster for a while
                 if item[3]:
-                    self.heat = rng.uniform(cfg.burst_multiplier_min, cfg.burst_multiplier_max)
-                    self.push(t + rng.expovariate(1.0 / cfg.burst_length_mean_s), _BURST, False)
+                    self.heat = uniform(cfg.burst_multiplier_min, cfg.burst_multiplier_max)
+                    push(t + expo(1.0 / cfg.burst_length_mean_s), _BURST, False)
                 else:
                     self.heat = 1.0
-                    self.push(t + rng.expovariate(1.0 / cfg.burst_every_mean_s), _BURST, True)
+                    push(t + expo(1.0 / cfg.burst_every_mean_s), _BURST, True)
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
