@@ -1,0 +1,162 @@
+"""FeaturesService over the in-memory bus and store."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from features_helpers import Collector, market_events
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import TokenLifecycle, TokenTrade, make_event
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state import MemoryStateStore
+from pumpflow.features.service import FeaturesService, FeaturesSettings
+
+TRADE_TYPES = ("token.created", "token.trade")
+
+
+async def start_service(bus, store, clock) -> FeaturesService:
+    settings = FeaturesSettings.load(service="features", transport="memory", partitions=4)
+    service = FeaturesService(settings)
+    await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+    return service
+
+
+@pytest.fixture
+async def system():
+    clock = ReplayClock(1_700_000_000.0)
+    bus = InMemoryBus(partitions=4, synchronous=True, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    collector = Collector()
+    await bus.subscribe(
+        Subscription(service="collector", patterns=("features.updated",), handler=collector)
+    )
+    yield bus, store, clock, collector
+    await bus.close()
+
+
+def expected_features(events) -> dict[str, tuple]:
+    manager = FeatureManager()
+    for e in events:
+        manager.update_feature_history(e)
+    return {m: manager.generate_features(m).values for m in manager.mints()}
+
+
+def assert_continuous(collector: Collector, events) -> None:
+    counts: dict[str, int] = {}
+    for e in events:
+        if e.type in TRADE_TYPES:
+            counts[e.key] = counts.get(e.key, 0) + 1
+    assert set(collector.by_mint) == set(counts)
+    for mint, updates in collector.by_mint.items():
+        assert [u.seq for u in updates] == list(range(1, counts[mint] + 1)), mint
+
+
+async def test_every_trade_gives_one_update_and_the_store_holds_the_latest(system):
+    bus, store, clock, collector = system
+    events = market_events(3, 120.0)
+    service = await start_service(bus, store, clock)
+    for e in events:
+        clock.set_sync(e.time)
+        await bus.publish(e)
+    assert_continuous(collector, events)
+    by_id = {e.id: e for e in events}
+    for mint, updates in collector.by_mint.items():
+        last = updates[-1]
+        cause = by_id[last.causation_id]
+        assert cause.key == mint and last.data.source_seq == cause.seq
+        assert last.data.feature_set_version == service.manager.version
+    expected = expected_features(events)
+    for mint, values in expected.items():
+        stored = await service.read_features(mint)
+        assert tuple(stored["features"][n] for n in service.manager.names) == values
+        assert stored["version"] == service.manager.version
+    # The HTTP endpoint serves the same.
+    app = FastAPI()
+    app.include_router(service.router())
+    mint = next(iter(expected))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://features"
+    ) as client:
+        found = await client.get(f"/features/{mint}")
+        missing = await client.get("/features/nope")
+    assert found.status_code == 200
+    assert found.json()["features"]["price"] == expected[mint][0]
+    assert missing.status_code == 404
+    await service.stop()
+
+
+async def test_a_restarted_replica_resumes_from_the_store(system):
+    bus, store, clock, collector = system
+    events = market_events(4, 150.0)
+    half = len(events) // 2
+    first = await start_service(bus, store, clock)
+    for e in events[:half]:
+        await bus.publish(e)
+    await first.stop()
+    # A new process: fresh bus (no memory of seen seqs) and service, the same store.
+    bus2 = InMemoryBus(partitions=4, synchronous=True, source="test2")
+    await bus2.start()
+    await bus2.subscribe(
+        Subscription(service="collector", patterns=("features.updated",), handler=collector)
+    )
+    second = await start_service(bus2, store, clock)
+    # The broker redelivers what was in flight at the crash: duplicates, dropped.
+    for e in events[half - 5 : half]:
+        await bus2.publish(e)
+    for e in events[half:]:
+        await bus2.publish(e)
+    assert second.counters["duplicates"] == 5
+    assert second.counters["restored"] > 0
+    assert_continuous(collector, events)
+    for mint, values in expected_features(events).items():
+        stored = await second.read_features(mint)
+        assert tuple(stored["features"][n] for n in second.manager.names) == values
+    await second.stop()
+    await bus2.close()
+
+
+async def test_inactive_tokens_are_dropped_and_expire(system):
+    bus, store, clock, _collector = system
+    events = [e for e in market_events(5, 30.0) if e.type in TRADE_TYPES]
+    service = await start_service(bus, store, clock)
+    for e in events:
+        await bus.publish(e)
+    mint = events[0].key
+    assert service.manager.token(mint) is not None
+    lifecycle = TokenLifecycle(mint=mint, state="inactive", previous_state="declining")
+    await bus.publish(make_event(lifecycle, source="activity/x", time=clock.now(), seq=1))
+    assert service.manager.token(mint) is None
+    assert await service.read_features(mint) is not None
+    await clock.advance(service.settings.features_inactive_ttl_s + 1)
+    assert await service.read_features(mint) is None
+    await service.stop()
+
+
+async def test_bad_trade_is_dead_lettered_and_the_stream_goes_on(system):
+    bus, store, clock, _collector = system
+    events = [e for e in market_events(6, 20.0) if e.type in TRADE_TYPES]
+    service = await start_service(bus, store, clock)
+    for e in events[:3]:
+        await bus.publish(e)
+    good = next(e for e in events[3:] if e.type == "token.trade")
+    broken = TokenTrade(
+        **{
+            **{f: getattr(good.data, f) for f in good.data.__struct_fields__},
+            "vTokensInBondingCurve": 0,
+        }
+    )
+    await bus.publish(make_event(broken, source="feed/sim", time=good.time, seq=good.seq))
+    letters = await bus.dead_letters("features")
+    assert len(letters) == 1 and "reserves" in letters[0].reason
+    assert service.counters["invalid"] == 1
+    for e in events[3:]:
+        if e is not good:
+            await bus.publish(e)
+    assert service.counters["updates"] == len(events) - 1
+    await service.stop()
