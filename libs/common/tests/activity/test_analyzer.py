@@ -50,7 +50,10 @@ class Harness:
         return self.analyzer.get_token_lifecycle_state(mint)
 
 
-HOT = dict(trades_per_minute=60.0, unique_traders=25, sol_volume_per_minute=12.0, price_return=0.4)
+HOT = dict(
+    trades_per_minute=60.0, unique_traders=25, new_traders=20, sol_volume_per_minute=12.0,
+    price_return=0.4,
+)
 
 
 async def pump(h: Harness, until: float, mint: str = MINT, **extra) -> None:
@@ -243,12 +246,12 @@ async def test_activity_change_detects_surge_and_drop():
     h.analyzer.token_created(MINT)
     await h.trade(2, trades_per_minute=1, unique_traders=1, sol_volume_per_minute=0.01)
     assert h.analyzer.detect_activity_change(MINT) is None
-    await h.trade(4, trades_per_minute=100, unique_traders=30, sol_volume_per_minute=19)
+    await h.trade(4, trades_per_minute=100, unique_traders=30, new_traders=30, sol_volume_per_minute=19)
     change = h.analyzer.detect_activity_change(MINT)
     assert change.kind == "surge" and change.level > change.baseline + TH.change_min_delta
     # stays hot: the baseline catches up
     for t in range(6, 300, 3):
-        await h.trade(t, trades_per_minute=100, unique_traders=30, sol_volume_per_minute=19)
+        await h.trade(t, trades_per_minute=100, unique_traders=30, new_traders=30, sol_volume_per_minute=19)
     assert h.analyzer.detect_activity_change(MINT) is None
     await h.trade(302, trades_per_minute=7, unique_traders=3, sol_volume_per_minute=0.2)
     assert h.analyzer.detect_activity_change(MINT).kind == "drop"
@@ -294,7 +297,7 @@ async def test_tombstones_expire():
     await h.at(TH.inactive_after_quiet_s)
     assert h.analyzer.tombstone_count == 1
     await h.at(TH.inactive_after_quiet_s + 101)
-    assert h.analyzer.prune_tombstones() == 1
+    assert h.analyzer.prune_tombstones() == [MINT]
     assert h.state() is None
 
 

@@ -265,6 +265,10 @@ class ActivityAnalyzer:
             )
         return views
 
+    def is_live(self, mint: str) -> bool:
+        """True while the token has live (not retired) state."""
+        return mint in self._tokens
+
     def watched(self) -> Iterator[str]:
         """Mints still streamed from the feed (live, not inactive)."""
         return (m for m, t in self._tokens.items() if t.state != INACTIVE)
@@ -304,8 +308,12 @@ class ActivityAnalyzer:
         tomb = self._tombstones.get(mint)
         return tomb[1] if tomb else None
 
-    def restore(self, snapshot: TokenSnapshot) -> None:
-        """Load a checkpointed token; rate-based rules wait one window for metrics to refill."""
+    def restore(self, snapshot: TokenSnapshot, *, warm_up: bool = True) -> None:
+        """Load a checkpointed token.
+
+        With ``warm_up`` (the metrics' rolling windows were not restored with it),
+        rate-based declines wait one window while the windows refill.
+        """
         mint = snapshot.mint
         if mint in self._tokens or mint in self._tombstones:
             return
@@ -313,7 +321,8 @@ class ActivityAnalyzer:
             self._tombstones[mint] = (self._clock.now(), snapshot)
             return
         token = self._from_snapshot(snapshot)
-        token.warm_until = self._clock.now() + self.thresholds.rate_window_s
+        if warm_up:
+            token.warm_until = self._clock.now() + self.thresholds.rate_window_s
         self._tokens[mint] = token
         self._arm(token)
 
@@ -324,17 +333,25 @@ class ActivityAnalyzer:
             token.timer.cancel()
         self._tombstones.pop(mint, None)
 
-    def prune_tombstones(self) -> int:
-        """Forget retired tokens older than ``tombstone_ttl_s``; return how many."""
+    def prune_tombstones(self) -> list[str]:
+        """Forget retired tokens older than ``tombstone_ttl_s``; return their mints."""
         horizon = self._clock.now() - self.thresholds.tombstone_ttl_s
-        dropped = 0
+        dropped: list[str] = []
         while self._tombstones:
             mint, (retired_at, _) = next(iter(self._tombstones.items()))
             if retired_at > horizon:
                 break
             del self._tombstones[mint]
-            dropped += 1
+            dropped.append(mint)
         return dropped
+
+    def close(self) -> None:
+        """Cancel every timer (the state stays readable)."""
+        for token in self._tokens.values():
+            if token.timer is not None:
+                token.timer.cancel()
+                token.timer = None
+                token.timer_at = math.inf
 
     # ---------------------------------------------------------------- internals
 
@@ -367,7 +384,7 @@ class ActivityAnalyzer:
     def _raw_level(self, m: ActivityMetrics) -> float:
         th = self.thresholds
         rate = min(1.0, m.trades_per_minute / th.hot_trades_per_min)
-        breadth = min(1.0, m.unique_traders / th.hot_unique_traders)
+        breadth = min(1.0, m.new_traders / th.hot_new_traders_per_min)
         volume = min(1.0, m.sol_volume_per_minute / th.hot_sol_per_min)
         return 0.5 * rate + 0.25 * breadth + 0.25 * volume
 

@@ -29,12 +29,14 @@ Threshold defaults, from /work/shared/reference/pumpfun.md (section 4):
 - Graduates take a median of ~457 trades in ~4.4 minutes: ~104 trades/min and
   ~85 SOL in 4.4 min (~19 SOL/min). That is the "hot" pace the activity level is
   normalised to (``hot_*``).
-- ``active_min_trades_per_min = 6``: a trade every 10 s, ~6% of graduate pace, with at
+- ``active_min_trades_per_min = 6``: a trade every 10 s, ~6% of graduate pace, by at
   least 3 distinct wallets (a creator and one bot trading back and forth are not
   activity) and ``active_min_sol_per_min = 0.1`` (many bot trades are dust).
-- Declining on rate at <= 2 trades/min (hysteresis below 6 so a token near the edge
-  does not flap) or when only one wallet still trades; on price when the price is
-  >= 50% below its peak (a dump or rug).
+  ~457 trades / 4.4 min with ~85 SOL is the hot pace the activity level is measured
+  against: trade rate (weight 1/2), new wallets per minute (1/4), SOL volume (1/4).
+- Declining on rate at <= 2 trades/min or on volume at <= 0.02 SOL/min (hysteresis
+  below the active thresholds so a token near the edge does not flap); on price when
+  the price is >= 50% below its peak and not bouncing (a dump or rug).
 - ``decline_after_quiet_s = 60``: at the active pace 6 trades are expected per minute;
   none in 60 s has probability e^-6 ~ 0.25% for a token that is still active.
 - ``inactive_after_quiet_s = 180``: e^-18 ~ 1.5e-8 at the active pace. ~95% of tokens
@@ -86,7 +88,7 @@ class LifecycleThresholds:
     active_min_unique_traders: int = 3
     active_min_sol_per_min: float = 0.1
     decline_max_trades_per_min: float = 2.0
-    decline_max_unique_traders: int = 1
+    decline_max_sol_per_min: float = 0.02
     #: fall from the peak price (0..1) that makes a token decline
     decline_drawdown: float = 0.5
     #: window return that lets a dumped token count as recovering
@@ -103,7 +105,7 @@ class LifecycleThresholds:
     tombstone_ttl_s: float = 3600.0
     hot_trades_per_min: float = 104.0
     hot_sol_per_min: float = 19.0
-    hot_unique_traders: int = 30
+    hot_new_traders_per_min: float = 30.0
     #: activity level at or above which an active token is urgent
     urgent_level: float = 0.5
     #: curve progress at or above which an active token is urgent (close to graduating)
@@ -133,8 +135,10 @@ class ActivityMetrics(msgspec.Struct, frozen=True, kw_only=True):
     #: trades in the last ``rate_window_s``, per minute
     trades_per_minute: float = 0.0
     sol_volume_per_minute: float = 0.0
-    #: distinct trading wallets in the window
+    #: distinct wallets that traded the token so far
     unique_traders: int = 0
+    #: wallets trading the token for the first time within the window
+    new_traders: int = 0
     #: price return over the window (0.1 = +10%)
     price_return: float = 0.0
     #: fall of the price from its peak, 0..1
@@ -212,8 +216,8 @@ def event_rule(
             return None
         if m.trades_per_minute <= th.decline_max_trades_per_min:
             return DECLINING, f"rate fell to {m.trades_per_minute:.1f} trades/min"
-        if m.unique_traders <= th.decline_max_unique_traders:
-            return DECLINING, f"only {m.unique_traders} trader(s) left"
+        if m.sol_volume_per_minute <= th.decline_max_sol_per_min:
+            return DECLINING, f"volume fell to {m.sol_volume_per_minute:.3f} SOL/min"
         return None
     if state in (DECLINING, INACTIVE) and meets_active(m, th) and not dumping:
         reason = "recovered" if state == DECLINING else "revived"

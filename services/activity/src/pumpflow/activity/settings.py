@@ -1,0 +1,50 @@
+"""Settings of the activity service (environment ``PUMPFLOW_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pumpflow.common.activity import LifecycleThresholds
+from pumpflow.common.runtime.settings import CommonSettings
+
+
+class ActivitySettings(CommonSettings):
+    """Environment of the activity service."""
+
+    service: str = Field("activity", description="service name; first part of event sources")
+    activity_workers: int = Field(2, ge=1, le=64, description="token monitor workers")
+    activity_task_deadline_s: float = Field(
+        10.0, gt=0, description="a token task running longer is hung"
+    )
+    activity_checkpoint_interval_s: float = Field(
+        1.0, gt=0, description="how often changed token state is checkpointed to the store"
+    )
+    activity_subscription_batch_s: float = Field(
+        1.0, gt=0, description="feed (un)subscribe commands are batched over this long"
+    )
+    activity_subscription_batch_max: int = Field(
+        1000, ge=1, le=5000, description="mints per feed command (PumpPortal allows 5000)"
+    )
+    activity_state_ttl_s: float = Field(
+        6 * 3600.0, gt=0, description="TTL of a live token's checkpoint in the store"
+    )
+    activity_inactive_after_quiet_s: float = Field(
+        180.0, gt=0, description="no trades this long makes a token inactive"
+    )
+    activity_decline_after_quiet_s: float = Field(
+        60.0, gt=0, description="no trades this long makes an active token decline"
+    )
+    activity_new_max_age_s: float = Field(
+        300.0, gt=0, description="a token never active this long after launch declines"
+    )
+    activity_declining_max_s: float = Field(
+        300.0, gt=0, description="a token declining this long becomes inactive"
+    )
+
+    def thresholds(self) -> LifecycleThresholds:
+        return LifecycleThresholds(
+            inactive_after_quiet_s=self.activity_inactive_after_quiet_s,
+            decline_after_quiet_s=self.activity_decline_after_quiet_s,
+            new_max_age_s=self.activity_new_max_age_s,
+            declining_max_s=self.activity_declining_max_s,
+        )
