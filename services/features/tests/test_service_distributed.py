@@ -1,0 +1,115 @@
+"""FeaturesService over RabbitMQ and Redis: a replica restarted mid-stream resumes from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from features_helpers import market_events
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.clock import WallClock
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.features.service import FeaturesService, FeaturesSettings
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
+
+PARTITIONS = 4
+
+
+async def wait_for(predicate, limit_s: float = 30.0) -> None:
+    """Poll a counter-based condition (the service exposes counters, not events)."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_restart_mid_stream_loses_and_doubles_nothing(
+    namespace, amqp_url, redis_url, redis_client
+):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.state.redis import RedisStateStore
+
+    events = [e for e in market_events(8, 40.0) if e.type != "token.migrated"]
+    trades = len(events)
+    settings = FeaturesSettings.load(service="features", namespace=namespace, partitions=PARTITIONS)
+    buses = []
+
+    async def new_bus(source: str) -> RabbitMQBus:
+        bus = RabbitMQBus(
+            url=amqp_url, namespace=namespace, partitions=PARTITIONS, prefetch=64, source=source
+        )
+        await bus.start()
+        buses.append(bus)
+        return bus
+
+    updates: dict[str, dict[int, tuple]] = {}
+    republished_differently = []
+
+    async def collect(event) -> None:
+        seen = updates.setdefault(event.key, {})
+        if event.seq in seen and seen[event.seq] != event.data.values:
+            republished_differently.append(event)
+        seen[event.seq] = event.data.values
+
+    stores = []
+    try:
+        feed = await new_bus("feed/test")
+        await feed.subscribe(
+            Subscription(
+                service="collector",
+                patterns=("features.updated",),
+                handler=collect,
+                deduplicate=False,
+            )
+        )
+        store_a = RedisStateStore(url=redis_url, namespace=namespace)
+        stores.append(store_a)
+        bus_a = await new_bus("features/a")
+        first = FeaturesService(settings)
+        await first.start(
+            ServiceContext(settings=settings, bus=bus_a, clock=WallClock(), store=store_a)
+        )
+        await feed.publish_many(events)
+        await wait_for(lambda: first.counters["updates"] >= trades // 3)
+        # The replica goes away mid-stream (its connection closes; unacked work returns).
+        await bus_a.close()
+        processed_by_first = first.counters["updates"]
+        assert processed_by_first < trades
+
+        store_b = RedisStateStore(url=redis_url, namespace=namespace)
+        stores.append(store_b)
+        bus_b = await new_bus("features/b")
+        second = FeaturesService(settings)
+        await second.start(
+            ServiceContext(settings=settings, bus=bus_b, clock=WallClock(), store=store_b)
+        )
+        await wait_for(
+            lambda: first.counters["updates"] + second.counters["updates"] >= trades, 60.0
+        )
+        assert await bus_b.drain(10.0)
+        assert await feed.drain(10.0)
+        assert first.counters["updates"] + second.counters["updates"] == trades
+        assert second.counters["restored"] > 0
+
+        expected = FeatureManager()
+        counts: dict[str, int] = {}
+        for e in events:
+            expected.update_feature_history(e)
+            counts[e.key] = counts.get(e.key, 0) + 1
+        await wait_for(lambda: sum(len(v) for v in updates.values()) >= trades)
+        assert not republished_differently
+        for mint, n in counts.items():
+            assert sorted(updates[mint]) == list(range(1, n + 1)), mint
+            stored = await second.read_features(mint)
+            assert stored["seq"] == n
+            want = expected.generate_features(mint)
+            assert tuple(stored["features"][k] for k in want.names) == want.values
+            assert updates[mint][n] == want.values
+    finally:
+        for bus in reversed(buses):
+            await bus.delete_topology()
+            await bus.close()
+        for store in stores:
+            await store.close()
