@@ -1,0 +1,135 @@
+"""``pumpflow-sim``: serve the simulated PumpPortal, calibrate, write and load datasets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+from pumpflow.simulator.calibration import calibrate
+from pumpflow.simulator.dataset import load_dataset, write_dataset
+from pumpflow.simulator.faults import FaultConfig
+from pumpflow.simulator.market import Market, MarketConfig
+from pumpflow.simulator.server import SimulatorServer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pumpflow-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def market_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=1, help="market seed (default 1)")
+        p.add_argument("--rate", type=float, default=30.0, help="token launches per minute")
+
+    p = sub.add_parser("calibrate", help="measure a run against the reference statistics")
+    market_args(p)
+    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes of launches")
+
+    p = sub.add_parser("serve", help="serve PumpPortal's data socket from the market")
+    market_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read")
+    p.add_argument("--drop-every", type=float, default=None, metavar="S",
+                   help="drop every connection (no close frame) every S seconds")
+    p.add_argument("--malformed-rate", type=float, default=0.0, metavar="R")
+    p.add_argument("--duplicate-rate", type=float, default=0.0, metavar="R")
+    p.add_argument("--delay-rate", type=float, default=0.0, metavar="R",
+                   help="share of frames held back by a random extra latency")
+    p.add_argument("--delay-max", type=float, default=0.5, metavar="S")
+    p.add_argument("--require-api-key", action="store_true",
+                   help="gate trade subscriptions behind ?api-key= like the live service")
+
+    p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
+    market_args(p)
+    p.add_argument("--minutes", type=float, default=60.0)
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--start-epoch", type=float, default=None,
+                   help="arrival time of the run's start (default: now)")
+
+    p = sub.add_parser("load", help="load a JSONL dataset into Postgres")
+    p.add_argument("file", metavar="FILE.jsonl")
+    p.add_argument("--dsn", default=None, help="Postgres DSN (default PUMPFLOW_POSTGRES_DSN)")
+    p.add_argument("--schema", default=None, help="schema (default PUMPFLOW_NAMESPACE)")
+    p.add_argument("--batch-size", type=int, default=5_000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command == "calibrate":
+        report = calibrate(
+            MarketConfig(seed=args.seed, launches_per_minute=args.rate), minutes=args.minutes
+        )
+        print(report.format())
+        return 0 if report.ok else 1
+    if args.command == "dataset":
+        market = Market(MarketConfig(seed=args.seed, launches_per_minute=args.rate))
+        start = time.time() if args.start_epoch is None else args.start_epoch
+        began = time.perf_counter()
+        count = write_dataset(market, args.out, duration_s=args.minutes * 60.0, start_epoch=start)
+        took = time.perf_counter() - began
+        print(f"wrote {count} frames to {args.out} in {took:.2f} s ({count / took:,.0f} frames/s)")
+        return 0
+    if args.command == "serve":
+        return asyncio.run(_serve(args))
+    if args.command == "load":
+        return asyncio.run(_load(args))
+    return 2
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    faults = FaultConfig(
+        drop_every_s=args.drop_every,
+        malformed_rate=args.malformed_rate,
+        duplicate_rate=args.duplicate_rate,
+        delay_rate=args.delay_rate,
+        delay_max_s=args.delay_max,
+        seed=args.seed,
+    )
+    server = SimulatorServer(
+        market=Market(MarketConfig(seed=args.seed, launches_per_minute=args.rate)),
+        host=args.host, port=args.port, speed=args.speed, faults=faults,
+        require_api_key=args.require_api_key,
+    )
+    await server.start()
+    print(f"serving {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    print(f"sent: {dict(server.counters)}", flush=True)
+    return 0
+
+
+async def _load(args: argparse.Namespace) -> int:
+    from pumpflow.common.db.pool import create_pool
+    from pumpflow.common.runtime.settings import CommonSettings
+    from pumpflow.common.storage import TokenEventStore
+
+    settings = CommonSettings.load()
+    pool = await create_pool(args.dsn or settings.postgres_dsn, args.schema or settings.namespace)
+    try:
+        began = time.perf_counter()
+        result = await load_dataset(args.file, TokenEventStore(pool), batch_size=args.batch_size)
+        took = time.perf_counter() - began
+    finally:
+        await pool.close()
+    print(
+        f"{result.frames} frames read, {result.inserted} stored, {result.rejected} rejected "
+        f"in {took:.2f} s ({result.frames / max(took, 1e-9):,.0f} frames/s)"
+    )
+    return 0 if not result.rejected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
