@@ -55,6 +55,19 @@ log = logging.getLogger(__name__)
 _STABLE_SESSION_S = 10.0
 
 
+class _RedactingLogger(logging.LoggerAdapter):
+    """The websockets library logs the request line (with the key) at DEBUG: redact it."""
+
+    def __init__(self, logger: logging.Logger, secret: str | None):
+        super().__init__(logger, {})
+        self._secret = secret
+
+    def log(self, level, msg, *args, **kwargs):
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", redact(text, self._secret), **kwargs)
+
+
 class SocketDataFeed(DataFeedInterface):
     """PumpPortal's real-time WebSocket as a data feed."""
 
@@ -88,6 +101,7 @@ class SocketDataFeed(DataFeedInterface):
         self._url = with_api_key(url, api_key)
         self._api_key = api_key
         self.redacted_url = redact(self._url, api_key)
+        self._ws_logger = _RedactingLogger(logging.getLogger("websockets.client"), api_key)
         self._clock = clock
         self._bus = bus
         self._service = service
@@ -262,6 +276,7 @@ class SocketDataFeed(DataFeedInterface):
                     open_timeout=self._open_timeout,
                     close_timeout=2.0,
                     max_size=2**22,
+                    logger=self._ws_logger,
                 )
             except asyncio.CancelledError:
                 raise

@@ -1,0 +1,265 @@
+"""SocketDataFeed over a real WebSocket on 127.0.0.1 against a scripted protocol peer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.server import ServerConnection, serve
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import WallClock
+from pumpflow.common.events import Event
+from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
+from pumpflow.feed import reference_frames as ref
+from pumpflow.feed.manager import DataFeedManager
+from pumpflow.feed.metrics import FeedMetrics
+from pumpflow.feed.ratelimit import SlidingWindowLimiter
+from pumpflow.feed.socket_feed import SocketDataFeed
+
+
+def create(mint: str) -> bytes:
+    return ref.CREATE.replace(b"8yZ1rj5nHbUFuCbnoowE6rHLZYiuTe1tbxEskgzUpump", mint.encode()) \
+        .replace(b"3ShNEcfKhWrvFVTwHCK7FjgWXABAZgo9Cpr2S6AGngg9xDifcQyY2mGQQ85p11vxSRvQ3B3Sba"
+                 b"ajobL1rfSJmyjG", f"create-{mint}".encode())  # fmt: skip
+
+
+def trade(mint: str, i: int) -> bytes:
+    return ref.SELL.replace(b"14k7LpDRKvyVuMWfGe1vB5ByoQh1yUQPetApMBLuzw1f", mint.encode()) \
+        .replace(b"5PEnuUTTiqyEoeXtSdFPC38pY1bFCXFAFXKq52WQBCUPzC8sJLhxNDxPDB9YBrQWZDxB6GTz"
+                 b"JcPKH399ZpwUP1LY", f"trade-{mint}-{i}".encode())  # fmt: skip
+
+
+class Peer:
+    """A PumpPortal-protocol server that records what clients send."""
+
+    def __init__(self) -> None:
+        self.connections: list[ServerConnection] = []
+        self.received: list[dict] = []
+        self.paths: list[str] = []
+        self.trade_keys: set[str] = set()
+        self.changed = asyncio.Event()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        self.paths.append(ws.request.path)
+        self.trade_keys = set()
+        async for message in ws:
+            msg = json.loads(message)
+            self.received.append(msg)
+            method = msg["method"]
+            if method == "subscribeNewToken":
+                await ws.send(json.dumps({"message": ACK_NEW_TOKEN}))
+            elif method == "subscribeMigration":
+                await ws.send(json.dumps({"message": ACK_MIGRATION}))
+            elif method == "subscribeTokenTrade":
+                self.trade_keys.update(msg["keys"])
+                await ws.send(json.dumps({"message": ACK_KEYS}))
+            elif method == "unsubscribeTokenTrade":
+                self.trade_keys.difference_update(msg["keys"])
+            self.changed.set()
+
+    async def send(self, *frames: bytes) -> None:
+        ws = self.connections[-1]
+        for frame in frames:
+            await ws.send(frame.decode())
+
+    async def until(self, predicate, limit_s: float = 5.0) -> None:
+        async with asyncio.timeout(limit_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def methods(self) -> list[str]:
+        return [m["method"] for m in self.received]
+
+
+@pytest.fixture
+async def peer():
+    p = Peer()
+    async with serve(p.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        p.url = f"ws://127.0.0.1:{port}/api/data"
+        yield p
+
+
+@pytest.fixture
+async def bus_and_events():
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=handler))
+    yield bus, got
+    await bus.close()
+
+
+async def wait_for(predicate, limit_s: float = 5.0) -> None:
+    """Poll a condition set by other tasks (bus handlers, the feed's loop)."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 (nothing to wait on but the outcome)
+            await asyncio.sleep(0.01)
+
+
+def make_feed(peer, bus, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
+    metrics = FeedMetrics(CollectorRegistry())
+    feed = SocketDataFeed(url=peer.url, clock=WallClock(), bus=bus, metrics=metrics,
+                          backoff_initial=0.05, **kwargs)  # fmt: skip
+    manager = DataFeedManager(source="feed/test", publisher=bus, metrics=metrics)
+    manager.add_data_feed(feed)
+    return feed, manager
+
+
+async def test_new_token_leads_to_its_trade_subscription(peer, bus_and_events):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await asyncio.wait_for(manager.start(), 5)
+    await peer.until(lambda: peer.methods()[:2] == ["subscribeNewToken", "subscribeMigration"])
+    await peer.send(create("MintA"))
+    await peer.until(lambda: "MintA" in peer.trade_keys)
+    await peer.send(trade("MintA", 1), trade("MintA", 2))
+    await wait_for(lambda: len(got) == 3)
+    assert [(e.type, e.key, e.seq) for e in got] == [
+        ("token.created", "MintA", 1), ("token.trade", "MintA", 2), ("token.trade", "MintA", 3),
+    ]  # fmt: skip
+    assert feed.active_mints == {"MintA"}
+    assert feed.metrics.frames_by_kind[FrameKind.CONTROL]._value.get() >= 3  # acks
+    assert feed.metrics.frames_by_kind[FrameKind.SELL]._value.get() == 2
+    await manager.stop()
+
+
+async def test_unsubscribe_stops_trades(peer, bus_and_events):
+    bus, _got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await manager.start()
+    await peer.send(create("MintA"), create("MintB"))
+    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
+    await manager.unsubscribe_from_token("MintA")
+    await peer.until(lambda: peer.trade_keys == {"MintB"})
+    assert {"method": "unsubscribeTokenTrade", "keys": ["MintA"]} in peer.received
+    assert feed.active_mints == {"MintB"}
+    # subscribing again (a feed.subscription "subscribe" command) restores it
+    await manager.subscribe_to_token("MintA")
+    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
+    await manager.stop()
+
+
+async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_events):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await manager.start()
+    mints = [f"Mint{i}" for i in range(30)]
+    await peer.send(*(create(m) for m in mints))
+    await peer.until(lambda: peer.trade_keys == set(mints))
+    await manager.unsubscribe_from_token("Mint0")
+    await peer.until(lambda: "Mint0" not in peer.trade_keys)
+    await peer.connections[-1].close()
+    await peer.until(lambda: len(peer.connections) == 2 and peer.trade_keys == set(mints[1:]))
+    assert feed.sessions == 2
+    assert feed.metrics.reconnects._value.get() == 1
+    second = peer.received[[m["method"] for m in peer.received].index("subscribeNewToken", 1) :]
+    assert [m["method"] for m in second[:2]] == ["subscribeNewToken", "subscribeMigration"]
+    await wait_for(lambda: feed.is_connected)
+    await peer.send(trade("Mint5", 1))
+    await wait_for(lambda: any(e.type == "token.trade" for e in got))
+    await manager.stop()
+
+
+async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(peer, bus_and_events):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await manager.start()
+    bad_schema = trade("MintA", 9).replace(b'"tokenAmount": 36189.104326', b'"tokenAmount": "x"')
+    await peer.send(create("MintA"), b"{oops", bad_schema, ref.ERROR_STRING, trade("MintA", 1))
+    await wait_for(lambda: len(got) == 2)
+    assert [e.type for e in got] == ["token.created", "token.trade"]
+    letters = await bus.dead_letters("feed")
+    assert [letter.body for letter in letters] == [b"{oops", bad_schema]
+    assert "not JSON" in letters[0].reason
+    assert "tokenAmount" in letters[1].reason
+    assert feed.invalid_frames == 2
+    assert feed.metrics.invalid_frames._value.get() == 2
+    assert "unsubscribeMigration is not a valid method" in feed.notices
+    await manager.stop()
+
+
+async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_events):
+    bus, _got = bus_and_events
+    _feed, manager = make_feed(peer, bus, max_keys_per_message=7, auto_subscribe_trades=False)
+    await manager.start()
+    await peer.until(lambda: "subscribeMigration" in peer.methods())
+    await manager.subscribe_to_token([f"M{i}" for i in range(20)])
+    await peer.until(lambda: len(peer.trade_keys) == 20)
+    sizes = [len(m["keys"]) for m in peer.received if m["method"] == "subscribeTokenTrade"]
+    assert sizes == [7, 7, 6]
+    await manager.stop()
+
+
+async def test_api_key_goes_in_the_url_and_never_in_logs(peer, bus_and_events, caplog):
+    bus, _got = bus_and_events
+    caplog.set_level(logging.DEBUG)
+    feed, manager = make_feed(peer, bus, api_key="TOPSECRETKEY")
+    await manager.start()
+    await peer.until(lambda: len(peer.received) >= 2)
+    assert peer.paths == ["/api/data?api-key=TOPSECRETKEY"]
+    await peer.connections[-1].close()
+    await peer.until(lambda: len(peer.connections) == 2)
+    await manager.stop()
+    ours = "\n".join(
+        r.getMessage() for r in caplog.records if not r.name.startswith("websockets.server")
+    )  # the test peer's own server logs are not the feed's
+    assert "TOPSECRETKEY" not in ours
+    assert "api-key=***" in ours
+    assert "GET /api/data?api-key=*** HTTP/1.1" in ours
+    assert "TOPSECRETKEY" not in feed.redacted_url
+
+
+async def test_reconnect_backoff_grows_with_jitter_and_is_capped():
+    import random
+
+    feed = SocketDataFeed(url="ws://127.0.0.1:9/x", clock=WallClock(),
+                          metrics=FeedMetrics(CollectorRegistry()), backoff_initial=1.0,
+                          backoff_max=8.0, rng=random.Random(1))  # fmt: skip
+    delays = [feed._backoff(a) for a in range(1, 8)]
+    ceilings = [1, 2, 4, 8, 8, 8, 8]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)  # jittered
+
+
+async def test_unreachable_server_is_retried_until_it_appears(bus_and_events):
+    bus, _ = bus_and_events
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = Peer()
+    peer.url = f"ws://127.0.0.1:{port}/api/data"
+    feed, manager = make_feed(peer, bus)
+    await feed.connect(wait=False)
+    await asyncio.sleep(0.3)
+    assert not feed.is_connected
+    async with serve(peer.handler, "127.0.0.1", port):
+        await asyncio.wait_for(feed.wait_connected(), 5)
+        await peer.until(lambda: "subscribeNewToken" in peer.methods())
+    await manager.stop()
+
+
+async def test_sliding_window_never_exceeds_the_rate():
+    now = [0.0]
+    limiter = SlidingWindowLimiter(3, monotonic=lambda: now[0])
+    for _ in range(3):
+        assert limiter.delay() == 0.0
+        await limiter.acquire()
+    assert limiter.delay() == pytest.approx(1.0)
+    now[0] = 0.6
+    assert limiter.delay() == pytest.approx(0.4)
+    now[0] = 1.0
+    assert limiter.delay() == 0.0
