@@ -345,6 +345,7 @@ def registered() -> dict[tuple[str, int], type[Payload]]:
 _encoder = msgspec.json.Encoder()
 _wire_decoder = msgspec.json.Decoder(_WireEvent)
 _FIELD_RE = re.compile(r" - at `\$(?:\.)?([^`]*)`")
+_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
 
 
 def _validation_error(exc: msgspec.MsgspecError, *, prefix: str, event_type: str | None):
@@ -357,6 +358,10 @@ def _validation_error(exc: msgspec.MsgspecError, *, prefix: str, event_type: str
         field = f"{prefix}.{inner}" if inner and prefix else (inner or prefix or None)
     elif prefix:
         field = prefix
+    missing = _MISSING_RE.search(message)
+    if missing:
+        # msgspec reports a missing field at its parent; name the field itself
+        field = f"{field}.{missing.group(1)}" if field else missing.group(1)
     return EventValidationError(message, field=field, event_type=event_type)
 
 
