@@ -241,17 +241,20 @@ async def test_near_graduation_is_urgent_even_at_moderate_activity():
     assert h.analyzer.recommend_priority(MINT) == Priority.URGENT
 
 
+PEAK = dict(trades_per_minute=100, unique_traders=30, new_traders=30, sol_volume_per_minute=19)
+
+
 async def test_activity_change_detects_surge_and_drop():
     h = Harness()
     h.analyzer.token_created(MINT)
     await h.trade(2, trades_per_minute=1, unique_traders=1, sol_volume_per_minute=0.01)
     assert h.analyzer.detect_activity_change(MINT) is None
-    await h.trade(4, trades_per_minute=100, unique_traders=30, new_traders=30, sol_volume_per_minute=19)
+    await h.trade(4, **PEAK)
     change = h.analyzer.detect_activity_change(MINT)
     assert change.kind == "surge" and change.level > change.baseline + TH.change_min_delta
     # stays hot: the baseline catches up
     for t in range(6, 300, 3):
-        await h.trade(t, trades_per_minute=100, unique_traders=30, new_traders=30, sol_volume_per_minute=19)
+        await h.trade(t, **PEAK)
     assert h.analyzer.detect_activity_change(MINT) is None
     await h.trade(302, trades_per_minute=7, unique_traders=3, sol_volume_per_minute=0.2)
     assert h.analyzer.detect_activity_change(MINT).kind == "drop"
