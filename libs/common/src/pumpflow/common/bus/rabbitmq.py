@@ -1,0 +1,614 @@
+"""RabbitMQ transport (aio-pika): topic exchange, partition queues, critical lane, DLQ.
+
+Topology under ``<ns>`` (the namespace):
+
+- ``<ns>.events``: durable topic exchange; routing key ``<type>.v<major>.p<NN>``, or
+  ``<type>.v<major>.bcast`` for keyless events.
+- ``<ns>.<service>.p<NN>``: durable partition queues with single-active-consumer, so
+  one replica at a time processes a partition, in order.
+- ``<ns>.<service>.critical``: durable, bound to the keyed critical types (exit orders),
+  consumed on a channel of its own so a backlog of trades never delays it.
+- ``<ns>.<service>.bcast.<replica>`` and ``<ns>.<service>.critical.<replica>``: one
+  pair per replica, bound to the keyless types it wants (``system.shutdown`` goes to
+  the critical one), so every replica gets them; deleted with the replica.
+- ``<ns>.dlx`` (direct) and ``<ns>.<service>.dlq``: every queue dead-letters into the
+  service's DLQ. A message the service gives up on is published there by the bus with
+  the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
+  only then acked.
+
+Each consumed queue has its own channel, prefetch and worker, and the worker handles
+its messages in delivery order; acks go out after the handler returned, batched with
+``multiple=True``, which is safe because the channel carries only that queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
+
+from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription
+from pumpflow.common.bus.dispatch import (
+    BROADCAST,
+    CRITICAL,
+    INPUT,
+    PARTITION,
+    Bindings,
+    Dispatcher,
+    check_publishable,
+    publish_lane,
+)
+from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.metrics import Series, record_dead_letter, series
+from pumpflow.common.bus.routing import (
+    BROADCAST as BROADCAST_SUFFIX,
+)
+from pumpflow.common.bus.routing import (
+    DEFAULT_PARTITIONS,
+    critical_queue,
+    partition_queue,
+    routing_key,
+    routing_key_for,
+)
+from pumpflow.common.events import (
+    Event,
+    EventValidationError,
+    decode_event,
+    encode_event,
+    source_service,
+)
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "x-pumpflow-reason"
+#: unacked handled messages per acknowledgement frame (acks are cumulative)
+ACK_BATCH = 64
+#: confirms outstanding at once in publish_many
+PUBLISH_WINDOW = 1024
+#: publish attempts across a reconnection (a retry may duplicate; consumers dedupe)
+PUBLISH_ATTEMPTS = 3
+_MAX_REASON = 2000
+#: how long handled messages may wait for more to share their ack frame
+ACK_LINGER_S = 0.005
+PERSISTENT = 2
+Properties = Basic.Properties
+
+
+@dataclass(eq=False)
+class _Consumer:
+    """One consumed queue: its channel, local buffer, worker and lane dispatcher."""
+
+    queue_name: str
+    subscription: Subscription
+    dispatcher: Dispatcher
+    channel: AbstractChannel | None = None
+    queue: AbstractQueue | None = None
+    tag: str | None = None
+    buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: bool = False
+    stopping: bool = False
+    worker: asyncio.Task | None = None
+    #: the last handled message not acked yet, and how many are behind it
+    unacked: AbstractIncomingMessage | None = None
+    unacked_count: int = 0
+
+
+class RabbitMQBus(EventBus):
+    """The bus over RabbitMQ with publisher confirms, manual acks and a DLQ per service."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        namespace: str,
+        partitions: int = DEFAULT_PARTITIONS,
+        prefetch: int = 256,
+        source: str,
+        event_log: EventLog | None = None,
+        connect_attempts: int = 30,
+    ):
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        self.url = url
+        self.namespace = namespace
+        self.partitions = partitions
+        self.prefetch = prefetch
+        self.source = source
+        self.event_log = event_log or EventLog("none")
+        self.connect_attempts = max(1, connect_attempts)
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._publisher = source_service(source)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._consumers: list[_Consumer] = []
+        self._dlqs: dict[str, AbstractQueue] = {}
+        self._queues: set[str] = set()
+        self._published: dict[tuple[str, bool], Series] = {}
+        self._consuming = False
+        self._replicas = 0
+        self._start_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- names
+
+    def _name(self, *parts: str) -> str:
+        return ".".join((self.namespace, *parts))
+
+    @property
+    def exchange_name(self) -> str:
+        return self._name("events")
+
+    @property
+    def dlx_name(self) -> str:
+        return self._name("dlx")
+
+    def dlq_name(self, service: str) -> str:
+        return self._name(service, "dlq")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._connection is not None and not self._connection.is_closed:
+                return
+            self._connection = await self._connect()
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._exchange = await self._channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            self._dlx = await self._channel.declare_exchange(
+                self.dlx_name, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            self._consuming = True
+
+    async def _connect(self) -> AbstractRobustConnection:
+        # connect_robust reconnects a connection it once had, but gives up on the first
+        delay = 0.2
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                return await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": self.source}
+                )
+            except (OSError, aiormq.exceptions.AMQPConnectionError) as exc:
+                if attempt == self.connect_attempts:
+                    raise
+                log.warning(
+                    "RabbitMQ not reachable (attempt %d/%d): %r; retrying in %.1fs",
+                    attempt,
+                    self.connect_attempts,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    async def stop_consuming(self) -> None:
+        """Cancel every consumer; hand back delivered messages no handler has started."""
+        self._consuming = False
+        for consumer in self._consumers:
+            await self._stop_consumer(consumer)
+
+    async def _stop_consumer(self, consumer: _Consumer) -> None:
+        consumer.stopping = True
+        consumer.wakeup.set()
+        if consumer.queue is not None and consumer.tag is not None:
+            try:
+                await consumer.queue.cancel(consumer.tag)
+            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("cancelling consumer of %s: %r", consumer.queue_name, exc)
+            consumer.tag = None
+        if consumer.worker is not None:
+            await asyncio.gather(consumer.worker, return_exceptions=True)
+            consumer.worker = None
+        await self._flush_ack(consumer)
+        # ordered redelivery: the broker puts requeued messages back in their place
+        while consumer.buffer:
+            message = consumer.buffer.popleft()
+            try:
+                await message.nack(requeue=True)
+            except (aiormq.exceptions.AMQPError, RuntimeError):
+                break  # channel gone: the broker requeues them itself
+
+    async def close(self) -> None:
+        await self.stop_consuming()
+        for consumer in self._consumers:
+            if consumer.channel is not None and not consumer.channel.is_closed:
+                await consumer.channel.close()
+        self._consumers.clear()
+        self._dlqs.clear()
+        if self._connection is not None and not self._connection.is_closed:
+            await self._connection.close()
+        self._connection = None
+        self._channel = None
+        self._exchange = None
+        self._dlx = None
+
+    def is_healthy(self) -> bool:
+        connection = self._connection
+        if connection is None or connection.is_closed or not self._consuming:
+            return False
+        if self._channel is None or self._channel.is_closed:
+            return False
+        return all(c.channel is not None and not c.channel.is_closed for c in self._consumers)
+
+    async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
+        """Wait until every delivered message is handled and acked, and stays so briefly."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self._idle():
+                        await asyncio.sleep(0.05)
+                        if self._idle():
+                            return True
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            return False
+
+    def _idle(self) -> bool:
+        # a stopped consumer's late deliveries are the broker's again once its channel closes
+        return all(
+            c.stopping or (not c.buffer and not c.busy and c.unacked is None)
+            for c in self._consumers
+        )
+
+    async def delete_topology(self) -> None:
+        """Delete every exchange and queue this bus declared (tests clean up with it)."""
+        if self._channel is None or self._channel.is_closed:
+            await self.start()
+        assert self._channel is not None
+        for consumer in self._consumers:
+            await self._stop_consumer(consumer)
+        for name in sorted(self._queues):
+            await self._channel.queue_delete(name)
+        for name in (self.exchange_name, self.dlx_name):
+            await self._channel.exchange_delete(name)
+        self._queues.clear()
+        self._dlqs.clear()
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, event: Event) -> None:
+        body, key = self._prepare(event)
+        await self._send(body, key, event)
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        """Publish in order with up to PUBLISH_WINDOW confirms outstanding at once."""
+        window = asyncio.Semaphore(PUBLISH_WINDOW)
+        in_flight: set[asyncio.Task] = set()
+        failures: list[BaseException] = []
+
+        def settle(task: asyncio.Task) -> None:
+            in_flight.discard(task)
+            window.release()
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())
+
+        try:
+            for event in events:
+                body, key = self._prepare(event)
+                await window.acquire()
+                if failures:
+                    break
+                # tasks start in creation order and aiormq writes under a FIFO lock,
+                # so the broker receives the events in this order
+                task = asyncio.create_task(self._send(body, key, event))
+                in_flight.add(task)
+                task.add_done_callback(settle)
+            if in_flight:
+                await asyncio.wait(set(in_flight))
+        finally:
+            for task in in_flight:
+                task.cancel()
+        if failures:
+            raise failures[0]
+
+    def _prepare(self, event: Event) -> tuple[bytes, str]:
+        schema = check_publishable(event)
+        keyless = event.key is None
+        stats = self._published.get((event.type, keyless))
+        if stats is None:
+            stats = self._published[(event.type, keyless)] = series(
+                self._publisher, event.type, publish_lane(schema, keyless=keyless)
+            )
+        stats.published += 1
+        key = routing_key_for(event, self.partitions)
+        if self.event_log.enabled:
+            self.event_log.published(event, routing_key=key)
+        return encode_event(event), key
+
+    async def _send(self, body: bytes, key: str, event: Event) -> None:
+        properties = Properties(
+            delivery_mode=PERSISTENT,
+            content_type="application/json",
+            message_id=event.id,
+            message_type=event.type,
+            app_id=self.source,
+        )
+        await self._publish_to(self.exchange_name, body, key, properties)
+
+    async def _publish_to(
+        self, exchange: str, body: bytes, key: str, properties: Properties
+    ) -> None:
+        """Publish and wait for the broker's confirm; retry across a reconnection."""
+        if self._channel is None:
+            raise RuntimeError("RabbitMQBus is not started")
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                # aio_pika.Message and Exchange.publish cost about as much as the whole
+                # AMQP exchange here; the channel underneath takes the frame directly
+                channel = await self._channel.get_underlay_channel()
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=key,
+                    properties=properties,
+                    mandatory=False,
+                    wait=False,
+                )
+                return
+            except (aiormq.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise
+                log.warning("publish to %s failed (%r); retrying after reconnect", key, exc)
+                await asyncio.sleep(0.5 * attempt)
+
+    # ---------------------------------------------------------------- subscribing
+
+    def _queue_arguments(self, service: str, *, single_active: bool) -> dict:
+        arguments = {
+            "x-dead-letter-exchange": self.dlx_name,
+            "x-dead-letter-routing-key": service,
+        }
+        if single_active:
+            arguments["x-single-active-consumer"] = True
+        return arguments
+
+    async def _declare_dlq(self, service: str) -> AbstractQueue:
+        queue = self._dlqs.get(service)
+        if queue is None:
+            if self._channel is None:
+                raise RuntimeError("RabbitMQBus is not started")
+            name = self.dlq_name(service)
+            queue = await self._channel.declare_queue(name, durable=True)
+            await queue.bind(self.dlx_name, routing_key=service)
+            self._queues.add(name)
+            self._dlqs[service] = queue
+        return queue
+
+    async def subscribe(self, subscription: Subscription) -> None:
+        if self._channel is None:
+            raise RuntimeError("start the bus before subscribing")
+        service = subscription.service
+        bindings = Bindings.of(subscription)
+        version = bindings.version
+        await self._declare_dlq(service)
+        channel = self._channel
+        plans: list[tuple[str, str, list[str], bool, bool]] = []
+        # (queue, lane, routing keys, durable/shared, consumed by this replica)
+        # each subscription is a replica, even several on one bus object
+        self._replicas += 1
+        replica = f"{self.replica_id}-{self._replicas}"
+        wanted = subscription.partitions
+        for p in range(self.partitions):
+            keys = [routing_key(t, version, p) for t in bindings.partition]
+            consumed = wanted is None or p in wanted
+            plans.append((self._name(partition_queue(service, p)), PARTITION, keys, True, consumed))
+        if bindings.critical:
+            keys = [
+                routing_key(t, version, p)
+                for t in bindings.critical
+                for p in range(self.partitions)
+            ]
+            plans.append((self._name(critical_queue(service)), CRITICAL, keys, True, True))
+        if bindings.partition:
+            keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.partition]
+            name = self._name(service, "bcast", replica)
+            plans.append((name, BROADCAST, keys, False, True))
+        if bindings.critical:
+            keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.critical]
+            name = self._name(service, "critical", replica)
+            plans.append((name, CRITICAL, keys, False, True))
+
+        for name, lane, keys, shared, consumed in plans:
+            queue = await channel.declare_queue(
+                name,
+                durable=shared,
+                auto_delete=not shared,
+                arguments=self._queue_arguments(service, single_active=shared),
+            )
+            self._queues.add(name)
+            for key in keys:
+                await queue.bind(self.exchange_name, routing_key=key)
+            if consumed:
+                await self._consume(name, lane, subscription, shared)
+
+    async def _consume(
+        self, name: str, lane: str, subscription: Subscription, shared: bool
+    ) -> None:
+        assert self._connection is not None
+        consumer = _Consumer(
+            queue_name=name,
+            subscription=subscription,
+            dispatcher=Dispatcher(
+                service=subscription.service, lane=lane, event_log=self.event_log
+            ),
+        )
+        consumer.channel = await self._connection.channel()
+        await consumer.channel.set_qos(prefetch_count=self.prefetch)
+        # passive: the queue exists; redeclaring with its arguments would be equivalent
+        consumer.queue = await consumer.channel.get_queue(name, ensure=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            consumer.buffer.append(message)
+            consumer.wakeup.set()
+
+        consumer.worker = asyncio.create_task(self._work(consumer), name=f"bus:{name}")
+        consumer.tag = await consumer.queue.consume(on_message, no_ack=False)
+        self._consumers.append(consumer)
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop this replica's consumers of ``subscription``; unhandled messages go back."""
+        mine = [c for c in self._consumers if c.subscription is subscription]
+        for consumer in mine:
+            await self._stop_consumer(consumer)
+            if consumer.channel is not None and not consumer.channel.is_closed:
+                await consumer.channel.close()
+            self._consumers.remove(consumer)
+
+    # ---------------------------------------------------------------- consuming
+
+    async def _work(self, consumer: _Consumer) -> None:
+        buffer = consumer.buffer
+        while True:
+            while not buffer and not consumer.stopping:
+                consumer.wakeup.clear()
+                if consumer.unacked is None:
+                    await consumer.wakeup.wait()
+                    continue
+                # one ack frame for a burst instead of one per message
+                try:
+                    async with asyncio.timeout(ACK_LINGER_S):
+                        await consumer.wakeup.wait()
+                except TimeoutError:
+                    await self._flush_ack(consumer)
+            if consumer.stopping:
+                return
+            message = buffer.popleft()
+            consumer.busy = True
+            try:
+                await self._handle(consumer, message)
+            except Exception:  # handler errors are caught by the dispatcher; a bus fault
+                log.exception("consumer of %s failed; message left unacked", consumer.queue_name)
+                continue
+            finally:
+                consumer.busy = False
+            consumer.unacked = message
+            consumer.unacked_count += 1
+            if consumer.unacked_count >= ACK_BATCH:
+                await self._flush_ack(consumer)
+
+    async def _flush_ack(self, consumer: _Consumer) -> None:
+        message = consumer.unacked
+        if message is None:
+            return
+        consumer.unacked = None
+        consumer.unacked_count = 0
+        try:
+            await message.ack(multiple=True)
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            # the channel went away: the broker redelivers, consumers dedupe by seq
+            log.warning("ack on %s lost: %r", consumer.queue_name, exc)
+
+    async def _handle(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        dispatcher = consumer.dispatcher
+        try:
+            event = decode_event(message.body)
+        except EventValidationError as exc:
+            event_type = _type_of(message.routing_key)
+            reason = dispatcher.malformed(exc, event_type)
+            await self._to_dlq(
+                consumer.subscription.service,
+                message.body,
+                reason,
+                event_type=event_type,
+                extra={"x-pumpflow-queue": consumer.queue_name},
+            )
+            return
+        reason = await dispatcher.dispatch(event, consumer.subscription)
+        if reason is not None:
+            await self._to_dlq(
+                consumer.subscription.service,
+                message.body,
+                reason,
+                event_type=event.type,
+                key=event.key,
+                extra={"x-pumpflow-queue": consumer.queue_name, "x-pumpflow-lane": dispatcher.lane},
+            )
+
+    # ---------------------------------------------------------------- dead letters
+
+    async def _to_dlq(
+        self,
+        service: str,
+        body: bytes,
+        reason: str,
+        *,
+        event_type: str | None = None,
+        key: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        await self._declare_dlq(service)
+        headers = {REASON_HEADER: reason[:_MAX_REASON], **(extra or {})}
+        if event_type is not None:
+            headers["x-pumpflow-type"] = event_type
+        if key is not None:
+            headers["x-pumpflow-key"] = key
+        properties = Properties(delivery_mode=PERSISTENT, headers=headers)
+        await self._publish_to(self.dlx_name, body, service, properties)
+
+    async def dead_letter(
+        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+    ) -> None:
+        record_dead_letter(service, event_type, INPUT)
+        await self._to_dlq(service, body, reason, event_type=event_type)
+
+    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+        queue = await self._declare_dlq(service)
+        letters: list[DeadLetter] = []
+        while len(letters) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
+            letters.append(
+                DeadLetter(
+                    service=service,
+                    reason=headers.get(REASON_HEADER) or _broker_reason(message),
+                    body=message.body,
+                    event_type=headers.get("x-pumpflow-type") or _type_of(message.routing_key),
+                    key=headers.get("x-pumpflow-key"),
+                    headers=headers,
+                )
+            )
+            await message.ack()
+        return letters
+
+
+def _type_of(routing: str | None) -> str | None:
+    """Event type of a routing key ``<type>.v<major>.<suffix>``."""
+    if not routing:
+        return None
+    parts = routing.rsplit(".", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _broker_reason(message: AbstractIncomingMessage) -> str:
+    """Reason of a message the broker dead-lettered itself (x-death)."""
+    deaths = (message.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        death = deaths[0]
+        return f"broker: {_text(death.get('reason'))} from {_text(death.get('queue'))}"
+    return "unknown"

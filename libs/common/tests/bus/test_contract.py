@@ -1,0 +1,471 @@
+"""The delivery contract of bus/abc.py, held against both transports.
+
+Every test runs on the in-memory bus and on the real RabbitMQ broker (a unique
+namespace each, deleted afterwards). Memory-only behaviour (synchronous mode) is at
+the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from pumpflow.common.bus import InMemoryBus, Subscription, create_bus, partition_of
+from pumpflow.common.events import (
+    Event,
+    EventValidationError,
+    ExitOrder,
+    FeaturesUpdated,
+    SystemShutdown,
+    TokenTrade,
+    decode_event,
+    make_event,
+)
+from pumpflow.common.runtime.settings import CommonSettings
+
+
+def trade(mint: str, n: int = 0) -> TokenTrade:
+    return TokenTrade(
+        signature=f"sig-{mint}-{n}",
+        mint=mint,
+        traderPublicKey="trader",
+        txType="buy",
+        tokenAmount=1000 + n,
+        newTokenBalance=1000 + n,
+        bondingCurveKey="curve",
+        vTokensInBondingCurve=1_000_000_000,
+        vSolInBondingCurve=30,
+        marketCapSol=30,
+        solAmount=0.5,
+    )
+
+
+def trade_event(mint: str, seq: int, *, source: str = "feed/r1") -> Event:
+    return make_event(trade(mint, seq), source=source, time=time.time(), seq=seq)
+
+
+def features_event(mint: str, seq: int = 1) -> Event:
+    payload = FeaturesUpdated(
+        mint=mint, feature_set_version="fs1", source_seq=seq, names=("a",), values=(1.0,)
+    )
+    return make_event(payload, source="features/r1", time=time.time(), seq=seq)
+
+
+def shutdown_event() -> Event:
+    return make_event(SystemShutdown(reason="test"), source="ops/r1", time=time.time())
+
+
+def exit_order_event(mint: str, seq: int = 1) -> Event:
+    payload = ExitOrder(order_id=f"o-{mint}", mint=mint, position_id="p1", token_amount=10.0)
+    return make_event(payload, source="exit/r1", time=time.time(), seq=seq)
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test when it does not in time."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.005)
+
+
+def metric(name: str, service: str, event_type: str, lane: str) -> float:
+    value = REGISTRY.get_sample_value(name, {"service": service, "type": event_type, "lane": lane})
+    return value or 0.0
+
+
+class Recorder:
+    """A handler that records what it got (and can be slowed down or made to fail)."""
+
+    def __init__(self, delay: float = 0.0, fail: Callable[[Event], bool] | None = None):
+        self.events: list[Event] = []
+        self.attempts: Counter[str] = Counter()
+        self.delay = delay
+        self.fail = fail
+
+    async def __call__(self, event: Event) -> None:
+        self.attempts[event.id] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None and self.fail(event):
+            raise RuntimeError(f"cannot handle seq {event.seq}")
+        self.events.append(event)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.events]
+
+    def of_type(self, event_type: str) -> list[Event]:
+        return [e for e in self.events if e.type == event_type]
+
+
+# ------------------------------------------------------------------------ contract
+
+
+async def test_publish_and_consume(bus, service):
+    got = Recorder()
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    sent = [trade_event(f"mint{i % 3}", i // 3 + 1) for i in range(9)]
+    for event in sent:
+        await bus.publish(event)
+    await wait_until(lambda: len(got.events) == len(sent))
+    by_id = {e.id: e for e in got.events}
+    assert set(by_id) == {e.id for e in sent}
+    for event in sent:
+        assert by_id[event.id] == event
+        assert isinstance(by_id[event.id].data, TokenTrade)
+    assert metric("pumpflow_events_consumed_total", service, "token.trade", "partition") == 9
+
+
+async def test_routing_by_pattern(bus, service):
+    tokens, features = Recorder(), Recorder()
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=tokens))
+    await bus.subscribe(
+        Subscription(service=f"{service}_f", patterns=("features.updated",), handler=features)
+    )
+    await bus.publish(features_event("mintA"))
+    await bus.publish(trade_event("mintA", 1))
+    await wait_until(lambda: len(tokens.events) == 1 and len(features.events) == 1)
+    # the features event reached its subscriber first, so it would have reached us too
+    await bus.drain(timeout=2)
+    assert [e.type for e in tokens.events] == ["token.trade"]
+    assert [e.type for e in features.events] == ["features.updated"]
+
+
+async def test_order_per_key_under_concurrency(bus, service):
+    async def jittery(event: Event) -> None:
+        if random.random() < 0.2:
+            await asyncio.sleep(0)
+        got.append(event)
+
+    got: list[Event] = []
+    await bus.subscribe(Subscription(service=service, patterns=("token.trade",), handler=jittery))
+    keys, per_key = [f"mint{i}" for i in range(12)], 25
+
+    async def publish_key(key: str) -> None:
+        for seq in range(1, per_key + 1):
+            await bus.publish(trade_event(key, seq))
+
+    await asyncio.gather(*(publish_key(k) for k in keys))
+    await wait_until(lambda: len(got) == len(keys) * per_key, within=20)
+    for key in keys:
+        assert [e.seq for e in got if e.key == key] == list(range(1, per_key + 1))
+
+
+async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, service):
+    got = Recorder(fail=lambda e: e.key == "mintP" and e.seq == 3)
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=2)
+    )
+    sent = [trade_event("mintP", seq) for seq in range(1, 7)]
+    for event in sent:
+        await bus.publish(event)
+    await wait_until(lambda: len(got.events) == 5)
+    assert [e.seq for e in got.events] == [1, 2, 4, 5, 6]
+    assert got.attempts[sent[2].id] == 2
+    letters = []
+    for _ in range(100):
+        letters += await bus.dead_letters(service)
+        if letters:
+            break
+        await asyncio.sleep(0.02)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert "RuntimeError: cannot handle seq 3" in letter.reason
+    assert "2 times" in letter.reason
+    assert letter.event_type == "token.trade"
+    assert letter.key == "mintP"
+    assert decode_event(letter.body).id == sent[2].id
+    assert metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition") == 1
+    assert await bus.dead_letters(service) == []  # read means removed
+
+
+async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
+    await bus.dead_letter(b"{not json", service=service, reason="bad frame", event_type="raw")
+    letters = []
+    for _ in range(100):
+        letters += await bus.dead_letters(service)
+        if letters:
+            break
+        await asyncio.sleep(0.02)
+    assert [(d.body, d.reason, d.event_type) for d in letters] == [
+        (b"{not json", "bad frame", "raw")
+    ]
+
+
+async def test_publishing_a_wrong_payload_is_refused(bus, service):
+    wrong = make_event(trade("mintW"), source="feed/r1", time=time.time(), seq=1)
+    wrong = Event(
+        **{**{f: getattr(wrong, f) for f in wrong.__struct_fields__}, "type": "token.created"}
+    )
+    with pytest.raises(EventValidationError):
+        await bus.publish(wrong)
+    unknown = Event(id="x", type="no.such", version=1, source="t/1", time=0.0, data=trade("m"))
+    with pytest.raises(EventValidationError):
+        await bus.publish(unknown)
+
+
+async def test_duplicates_are_dropped_and_counted(bus, service):
+    got = Recorder()
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    first = trade_event("mintD", 1)
+    await bus.publish(first)
+    await bus.publish(first)  # a publisher retry after a lost confirm
+    await bus.publish(trade_event("mintD", 1))  # another id, same seq: still a duplicate
+    await bus.publish(trade_event("mintD", 2))
+    await wait_until(lambda: len(got.events) == 2)
+    await wait_until(
+        lambda: metric("pumpflow_events_duplicate_total", service, "token.trade", "partition") == 2
+    )
+    assert [e.seq for e in got.events] == [1, 2]
+
+
+async def test_a_gap_is_counted_and_processed(bus, service):
+    got = Recorder()
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    for seq in (1, 2, 5, 6):
+        await bus.publish(trade_event("mintG", seq))
+    await wait_until(lambda: len(got.events) == 4)
+    assert [e.seq for e in got.events] == [1, 2, 5, 6]
+    assert metric("pumpflow_events_gap_total", service, "token.trade", "partition") == 1
+
+
+async def test_critical_lane_overtakes_a_backlog(bus, service):
+    got = Recorder()
+
+    async def handler(event: Event) -> None:
+        if event.type == "token.trade":
+            await asyncio.sleep(0.02)  # a slow consumer with a long backlog
+        await got(event)
+
+    await bus.subscribe(
+        Subscription(
+            service=service, patterns=("token.trade", "system.*", "exit.*"), handler=handler
+        )
+    )
+    backlog = 60
+    await bus.publish_many(trade_event("mintC", seq) for seq in range(1, backlog + 1))
+    await bus.publish(shutdown_event())
+    await bus.publish(exit_order_event("mintC"))
+    await wait_until(
+        lambda: got.of_type("system.shutdown") and got.of_type("exit.order"), within=10
+    )
+    # both critical events were handled while most of the backlog was still waiting
+    assert len(got.of_type("token.trade")) < backlog // 2
+    await wait_until(lambda: len(got.of_type("token.trade")) == backlog, within=20)
+    assert [e.seq for e in got.of_type("token.trade")] == list(range(1, backlog + 1))
+
+
+async def test_a_consumer_restarted_mid_stream_loses_nothing(harness, service):
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    got = Recorder(delay=0.002)
+    old = Subscription(service=service, patterns=("token.*",), handler=got)
+    await consumer.subscribe(old)
+    sent = [trade_event(f"mint{i % 5}", i // 5 + 1) for i in range(300)]
+    await publisher.publish_many(sent)
+    await wait_until(lambda: len(got.events) >= 30)
+    new = Subscription(service=service, patterns=("token.*",), handler=got)
+    await harness.restart_consumer(consumer, old, new)
+    handled_before = len(got.events)
+    assert handled_before < len(sent)  # the restart really was mid-stream
+    await wait_until(lambda: {e.id for e in got.events} >= {e.id for e in sent}, within=30)
+    # at least once: anything handled twice was in flight during the restart
+    assert set(got.ids) == {e.id for e in sent}
+    for key in {e.key for e in sent}:
+        seqs = [e.seq for e in got.events if e.key == key]
+        assert sorted(set(seqs)) == list(range(1, 61))
+
+
+async def test_broadcast_reaches_every_replica(harness, service):
+    bus = await harness.bus()
+    replicas = [Recorder(), Recorder(), Recorder()]
+    for got in replicas:
+        await bus.subscribe(
+            Subscription(
+                service=service, patterns=("system.shutdown", "feed.subscription"), handler=got
+            )
+        )
+    shutdown = shutdown_event()
+    await bus.publish(shutdown)
+    await wait_until(lambda: all(len(r.events) == 1 for r in replicas))
+    assert all(r.ids == [shutdown.id] for r in replicas)
+
+
+async def test_replicas_split_partitions(harness, service):
+    bus = await harness.bus(partitions=4)
+    low, high = Recorder(), Recorder()
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=low, partitions=(0, 1))
+    )
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=high, partitions=(2, 3))
+    )
+    sent = [trade_event(f"mint{i}", 1) for i in range(40)]
+    await bus.publish_many(sent)
+    await wait_until(lambda: len(low.events) + len(high.events) == len(sent))
+    await bus.drain(timeout=2)
+    assert sorted(low.ids + high.ids) == sorted(e.id for e in sent)
+    assert {partition_of(e.key, 4) for e in low.events} <= {0, 1}
+    assert {partition_of(e.key, 4) for e in high.events} <= {2, 3}
+    assert low.events and high.events
+
+
+async def test_replicas_of_all_partitions_handle_each_event_once(harness, service):
+    bus = await harness.bus(partitions=4)
+    first, second = Recorder(), Recorder()
+    for got in (first, second):
+        await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    sent = [trade_event(f"mint{i}", 1) for i in range(40)]
+    await bus.publish_many(sent)
+    await wait_until(lambda: len(first.events) + len(second.events) == len(sent))
+    await bus.drain(timeout=2)
+    assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
+
+
+# ------------------------------------------------------------------------ RabbitMQ only
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, service):
+    import aio_pika
+
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
+    await bus.start()
+    try:
+        got = Recorder()
+        await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+        assert bus.is_healthy()
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(f"{namespace}.events")
+            await exchange.publish(aio_pika.Message(b'{"id": 1}'), "token.trade.v1.p00")
+        await bus.publish(trade_event("mintM", 1))
+        await wait_until(lambda: len(got.events) == 1)
+        letters = []
+        for _ in range(100):
+            letters += await bus.dead_letters(service)
+            if letters:
+                break
+            await asyncio.sleep(0.02)
+        assert len(letters) == 1
+        assert letters[0].body == b'{"id": 1}'
+        assert letters[0].reason.startswith("malformed:")
+        assert letters[0].headers["x-pumpflow-queue"] == f"{namespace}.{service}.p00"
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+    assert not bus.is_healthy()
+
+
+# ------------------------------------------------------------------------ memory: sync mode
+
+
+async def test_sync_mode_dispatches_inline_in_publish_order(service):
+    bus = InMemoryBus(partitions=4, synchronous=True)
+    await bus.start()
+    seen: list[tuple[str, int | None]] = []
+
+    async def features(event: Event) -> None:
+        seen.append((event.type, event.seq))
+        # a handler that publishes: the event is handled before this publish returns
+        await bus.publish(features_event(event.key, event.seq))
+
+    async def model(event: Event) -> None:
+        seen.append((event.type, event.seq))
+
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=features))
+    await bus.subscribe(
+        Subscription(service=f"{service}_m", patterns=("features.*",), handler=model)
+    )
+    for i in range(1, 4):
+        await bus.publish(trade_event(f"mint{i}", i))
+        assert seen[-1] == ("features.updated", i)
+    assert seen == [
+        ("token.trade", 1),
+        ("features.updated", 1),
+        ("token.trade", 2),
+        ("features.updated", 2),
+        ("token.trade", 3),
+        ("features.updated", 3),
+    ]
+
+
+async def test_sync_mode_retries_and_dead_letters_without_waiting(service):
+    bus = InMemoryBus(partitions=2, synchronous=True)
+    got = Recorder(fail=lambda e: e.seq == 2)
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=3)
+    )
+    started = time.perf_counter()
+    for seq in (1, 2, 3):
+        await bus.publish(trade_event("mintS", seq))
+    assert time.perf_counter() - started < 0.05  # no backoff sleeps in replays
+    assert [e.seq for e in got.events] == [1, 3]
+    letters = await bus.dead_letters(service)
+    assert [decode_event(d.body).seq for d in letters] == [2]
+    assert max(got.attempts.values()) == 3
+
+
+async def test_sync_mode_validates_like_the_wire(service):
+    bus = InMemoryBus(synchronous=True)
+    event = trade_event("mintV", 1)
+    bad = Event(**{**{f: getattr(event, f) for f in event.__struct_fields__}, "data": {"mint": 1}})
+    with pytest.raises(EventValidationError):
+        await bus.publish(bad)
+
+
+async def test_memory_queues_wait_for_a_consumer(service):
+    bus = InMemoryBus(partitions=2)
+    await bus.start()
+    got = Recorder()
+    first = Subscription(service=service, patterns=("token.*",), handler=got)
+    await bus.subscribe(first)
+    await bus.unsubscribe(first)
+    await bus.publish(trade_event("mintQ", 1))
+    assert not await bus.drain(timeout=0.1)  # bound queue, nobody consuming
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    assert await bus.drain(timeout=2)
+    assert [e.seq for e in got.events] == [1]
+    await bus.close()
+
+
+# ------------------------------------------------------------------------ factory, metrics
+
+
+def test_create_bus_picks_the_transport():
+    memory = create_bus(CommonSettings(transport="memory", partitions=8, event_log="all"))
+    assert isinstance(memory, InMemoryBus)
+    assert memory.partitions == 8
+    assert memory.event_log.mode == "all"
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    rabbit = create_bus(CommonSettings(transport="rabbitmq", namespace="abc", prefetch=7))
+    assert isinstance(rabbit, RabbitMQBus)
+    assert rabbit.exchange_name == "abc.events"
+    assert rabbit.prefetch == 7
+
+
+async def test_metrics_are_exposed_with_low_cardinality_labels(service):
+    bus = InMemoryBus(partitions=2, synchronous=True, source=f"{service}_pub/r1")
+    got = Recorder()
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    await bus.publish(trade_event("mintX", 1))
+    labels = {"service": service, "type": "token.trade", "lane": "partition"}
+    published = {**labels, "service": f"{service}_pub"}
+    assert REGISTRY.get_sample_value("pumpflow_events_published_total", published) == 1
+    assert REGISTRY.get_sample_value("pumpflow_handler_seconds_count", labels) == 1
+    age = REGISTRY.get_sample_value("pumpflow_event_age_seconds_bucket", {**labels, "le": "+Inf"})
+    assert age == 1
+    text = generate_latest().decode()
+    assert "# TYPE pumpflow_events_consumed_total counter" in text
+    assert "mintX" not in text
