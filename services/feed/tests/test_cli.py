@@ -1,0 +1,81 @@
+"""pumpflow-feed record/replay as a user runs them: a subprocess against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from pumpflow.common.events import decode_event
+from pumpflow.feed import cli
+
+simulator = pytest.importorskip("pumpflow.simulator.server")
+from pumpflow.simulator.market import Market, MarketConfig  # noqa: E402
+
+POSTGRES_DSN = os.environ.get(
+    "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+async def sim():
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120)), speed=40.0
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def _lines(path) -> list[bytes]:
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+async def test_record_to_jsonl_stops_on_sigterm_and_flushes(sim, tmp_path):
+    out = tmp_path / "rec.jsonl"
+    env = {**os.environ, "PUMPPORTAL_API_KEY": "k-never-shown"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pumpflow.feed.cli", "record", "--url", sim.url, "--out", str(out),
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(20):
+            while len(await _lines(out)) < 50:  # noqa: ASYNC110 (the file is the outcome)
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            stderr = await proc.stderr.read()
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    events = [decode_event(line) for line in await _lines(out)]
+    assert len(events) >= 50
+    assert any(e.type == "token.trade" for e in events)
+    assert b"recorded" in stderr
+    assert b"k-never-shown" not in stderr
+
+
+@pytest.mark.postgres
+async def test_record_for_a_duration_then_replay_from_postgres(sim, tmp_path, namespace):
+    import asyncpg
+
+    try:
+        summary = await cli.record(
+            url=sim.url, dsn=POSTGRES_DSN, schema=namespace, duration=1.0, backoff_initial=0.05
+        )
+        assert summary.events > 0 and summary.stored == summary.events
+        out = tmp_path / "replay.jsonl"
+        count = await cli.replay(dsn=POSTGRES_DSN, schema=namespace, out=out)
+        assert count == summary.events
+        events = [decode_event(line) for line in out.read_bytes().splitlines()]
+        times = [e.time for e in events]
+        assert times == sorted(times)
+        assert all(e.source.startswith("record/") for e in events)
+    finally:
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        await conn.close()
