@@ -329,6 +329,22 @@ async def test_replicas_of_all_partitions_handle_each_event_once(harness, servic
     assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
 
 
+async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(bus, service):
+    got = Recorder(delay=0.02)
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    await bus.publish_many(trade_event("mintT", seq) for seq in range(1, 51))
+    await wait_until(lambda: len(got.events) >= 1)
+    await bus.stop_consuming()
+    assert await bus.drain(timeout=2)
+    assert not bus.is_healthy()
+    handled = len(got.events)
+    assert handled < 50
+    await bus.publish(trade_event("mintT", 51))  # publishing still works
+    await asyncio.sleep(0.1)
+    assert len(got.events) == handled
+    assert sum(got.attempts.values()) == handled  # nothing was left half-done
+
+
 # ------------------------------------------------------------------------ RabbitMQ only
 
 

@@ -151,14 +151,15 @@ class InMemoryBus(EventBus):
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
-        self._closing = False
+        #: False after stop_consuming/close: workers take nothing new, publish still queues
+        self._consuming = True
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self._closing = False
-        if not self._started:
+        if not self._started or not self._consuming:
             self._started = True
+            self._consuming = True
             for group in self._groups.values():
                 await self._resume(group)
 
@@ -169,9 +170,9 @@ class InMemoryBus(EventBus):
             service=service, lane=lane, event_log=self.event_log, retry_backoff=backoff
         )
 
-    async def close(self) -> None:
+    async def stop_consuming(self) -> None:
         """Stop the workers after the events they are handling; queued ones stay queued."""
-        self._closing = True
+        self._consuming = False
         workers = []
         for group in self._groups.values():
             for lane in group.lanes():
@@ -181,14 +182,24 @@ class InMemoryBus(EventBus):
                     lane.worker = None
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.stop_consuming()
         self._started = False
 
     def is_healthy(self) -> bool:
-        return self._started and not self._closing
+        return self._started and self._consuming
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
+        """Wait until everything queued is handled; once consuming stopped, what is running."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                if self._consuming:
+                    await self._idle.wait()
+                else:
+                    for group in self._groups.values():
+                        for lane in group.lanes():
+                            await lane.idle.wait()
         except TimeoutError:
             return False
         return True
@@ -240,6 +251,8 @@ class InMemoryBus(EventBus):
                 lane.worker = None
 
     async def _resume(self, group: _Group) -> None:
+        if not self._consuming:
+            return
         if self.synchronous:
             # events that waited for a consumer are delivered now, in order per lane
             for lane in group.lanes():
@@ -248,7 +261,7 @@ class InMemoryBus(EventBus):
                     self._settle(1)
             return
         for lane in group.lanes():
-            if lane.worker is None and not self._closing:
+            if lane.worker is None and self._consuming:
                 lane.worker = asyncio.create_task(
                     self._work(lane), name=f"bus:{group.service}:{self._lane_name(lane)}"
                 )
@@ -292,7 +305,7 @@ class InMemoryBus(EventBus):
             else:
                 lane = group.partitions[partition_of(key, self.partitions)]
                 consumer = lane.consumer
-                if self.synchronous and consumer is not None and not lane.items:
+                if self.synchronous and consumer is not None and not lane.items and self._consuming:
                     # the hot path of replays, kept inline
                     reason = await lane.dispatcher.dispatch(event, consumer.subscription)
                     if reason is not None:
@@ -314,7 +327,7 @@ class InMemoryBus(EventBus):
         return routes
 
     async def _offer(self, lane: _Lane, event: Event) -> None:
-        if self.synchronous and lane.consumer is not None and not lane.items:
+        if self.synchronous and lane.consumer is not None and not lane.items and self._consuming:
             await self._deliver(lane, lane.consumer, event)
         else:
             self._enqueue(lane, event)
@@ -346,11 +359,11 @@ class InMemoryBus(EventBus):
 
     async def _work(self, lane: _Lane) -> None:
         while True:
-            while not self._closing and (not lane.items or lane.consumer is None):
+            while self._consuming and (not lane.items or lane.consumer is None):
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
             replica = lane.consumer
-            if self._closing or replica is None:
+            if not self._consuming or replica is None:
                 return
             event = lane.items.popleft()
             try:
