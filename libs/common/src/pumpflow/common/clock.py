@@ -14,7 +14,7 @@ import time as _time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
-TimerCallback = Callable[[], None | Awaitable[None]]
+TimerCallback = Callable[[], Awaitable[None] | None]
 
 
 class TimerHandle:
@@ -66,6 +66,10 @@ def _run_callback(callback: TimerCallback) -> Awaitable[None] | None:
 class WallClock(Clock):
     """The system clock; timers run on the running asyncio loop."""
 
+    def __init__(self) -> None:
+        # the loop keeps only weak references to tasks: hold async callbacks until done
+        self._running: set[asyncio.Future] = set()
+
     def now(self) -> float:
         return _time.time()
 
@@ -80,7 +84,9 @@ class WallClock(Clock):
                 return
             pending = _run_callback(callback)
             if pending is not None:
-                asyncio.ensure_future(pending)
+                task = asyncio.ensure_future(pending)
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
 
         handle = TimerHandle(when, callback)
         loop_handle = loop.call_later(max(0.0, when - self.now()), fire)

@@ -1,0 +1,81 @@
+"""Migrations: applied once, recorded with checksums, an edited applied one refused."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from pumpflow.common.db import migrate as migrate_module
+from pumpflow.common.db.migrate import Migration, MigrationError, load_migrations, migrate
+
+pytestmark = pytest.mark.postgres
+
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+async def conn(namespace):
+    import os
+
+    dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", POSTGRES_DSN)
+    connection = await asyncpg.connect(dsn)
+    try:
+        yield connection
+    finally:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        await connection.close()
+
+
+def test_migration_files_are_numbered_in_order():
+    found = load_migrations()
+    versions = [m.version for m in found]
+    assert versions == sorted(set(versions))
+    assert versions[0] == 1
+    assert all(m.sql.strip() and len(m.checksum) == 64 for m in found)
+
+
+async def test_migrate_is_idempotent_and_records_what_it_applied(conn, namespace):
+    expected = [m.version for m in load_migrations()]
+    assert await migrate(conn, namespace) == expected
+    assert await migrate(conn, namespace) == []
+    rows = await conn.fetch(
+        f'SELECT version, name, checksum FROM "{namespace}".schema_migrations ORDER BY version'
+    )
+    assert [(r["version"], r["name"], r["checksum"]) for r in rows] == [
+        (m.version, m.name, m.checksum) for m in load_migrations()
+    ]
+    tables = {
+        r["table_name"]
+        for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", namespace
+        )
+    }
+    assert {"tokens", "token_events", "schema_migrations"} <= tables
+
+
+async def test_a_changed_applied_migration_is_refused(conn, namespace):
+    await migrate(conn, namespace)
+    await conn.execute(
+        f"UPDATE \"{namespace}\".schema_migrations SET checksum = 'edited' WHERE version = 1"
+    )
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        await migrate(conn, namespace)
+
+
+async def test_a_failing_migration_rolls_back_and_is_not_recorded(conn, namespace, monkeypatch):
+    real = load_migrations()
+    broken = Migration(
+        version=real[-1].version + 1,
+        name="broken",
+        sql="CREATE TABLE half_done (id int); SELECT no_such_function();",
+    )
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: [*real, broken])
+    with pytest.raises(MigrationError, match=f"{broken.version:04d}_broken failed"):
+        await migrate(conn, namespace)
+    recorded = await conn.fetch(f'SELECT version FROM "{namespace}".schema_migrations')
+    assert sorted(r["version"] for r in recorded) == [m.version for m in real]
+    assert await conn.fetchval("SELECT to_regclass($1)", f"{namespace}.half_done") is None
+    # once fixed, the next run applies it
+    fixed = Migration(version=broken.version, name="broken", sql="CREATE TABLE half_done (id int);")
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: [*real, fixed])
+    assert await migrate(conn, namespace) == [fixed.version]
