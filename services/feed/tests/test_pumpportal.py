@@ -181,3 +181,29 @@ def test_api_key_is_appended_and_redacted():
         == "connect to wss://pumpportal.fun/api/data?api-key=*** failed"
     )
     assert "s3cr3t" not in redact("key s3cr3t leaked", "s3cr3t")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (ref.SELL.replace(b"36189.104326", b"1e999"), "tokenAmount"),  # inf
+        (ref.CREATE.replace(b"2115327.702796", b"-1"), "initialBuy"),
+        (ref.CREATE.replace(b'"solAmount": 0.059259258', b'"solAmount": -2'), "solAmount"),
+        (
+            ref.OLD_BUY.replace(b'"newTokenBalance":30582206.734745', b'"newTokenBalance":-1'),
+            "newTokenBalance",
+        ),
+        (ref.CREATE.replace(b"1070884672.297204", b"0"), "vTokensInBondingCurve"),
+        (
+            ref.SELL.replace(
+                b'"traderPublicKey": "3c6KJRkWtYoGHokK1x1YrYUsNUT672J3RHRgsodhC6KJ"',
+                b'"traderPublicKey": ""',
+            ),
+            "traderPublicKey",
+        ),
+    ],
+)
+def test_impossible_values_are_rejected(raw, field):
+    with pytest.raises(EventValidationError) as info:
+        decode_frame(raw)
+    assert info.value.field == field

@@ -253,34 +253,61 @@ def _decode_control(data: bytes) -> ControlFrame:
     raise EventValidationError("frame has no `txType`, `message` or `errors`", field="txType")
 
 
+_INF = math.inf
+
+
 def _check_values(payload: TokenPayload, event_type: str) -> None:
-    """Reject values the schema admits but the protocol never sends."""
-    if not payload.signature:
-        raise EventValidationError("must not be empty", field="signature", event_type=event_type)
-    if not payload.mint:
-        raise EventValidationError("must not be empty", field="mint", event_type=event_type)
-    if type(payload) is TokenMigrated:
+    """Reject values the schema admits but the protocol never sends.
+
+    One chained comparison per frame on the hot path (NaN fails every comparison);
+    only a failing frame pays for finding the field to name.
+    """
+    kind = type(payload)
+    if kind is TokenTrade:
+        sol = payload.solAmount
+        if (
+            payload.signature
+            and payload.mint
+            and payload.traderPublicKey
+            and 0 < payload.vSolInBondingCurve < _INF
+            and 0 < payload.vTokensInBondingCurve < _INF
+            and 0 <= payload.tokenAmount < _INF
+            and 0 <= payload.newTokenBalance < _INF
+            and (sol is None or 0 <= sol < _INF)
+        ):
+            return
+    elif kind is TokenCreated:
+        sol = payload.solAmount
+        if (
+            payload.signature
+            and payload.mint
+            and payload.traderPublicKey
+            and 0 < payload.vSolInBondingCurve < _INF
+            and 0 < payload.vTokensInBondingCurve < _INF
+            and 0 <= payload.initialBuy < _INF
+            and (sol is None or 0 <= sol < _INF)
+        ):
+            return
+    elif payload.signature and payload.mint:
         return
-    if not payload.traderPublicKey:
-        raise EventValidationError(
-            "must not be empty", field="traderPublicKey", event_type=event_type
-        )
+    _explain_values(payload, event_type)
+
+
+def _explain_values(payload: TokenPayload, event_type: str) -> None:
+    for name in ("signature", "mint", "traderPublicKey"):
+        if getattr(payload, name, "x") == "":
+            raise EventValidationError("must not be empty", field=name, event_type=event_type)
     for name in ("vSolInBondingCurve", "vTokensInBondingCurve"):
-        value = getattr(payload, name)
-        if not (value > 0 and math.isfinite(value)):
+        value = getattr(payload, name, 1)
+        if not 0 < value < _INF:
             raise EventValidationError(
                 f"must be a positive finite number, got {value!r}",
                 field=name,
                 event_type=event_type,
             )
-    amounts = (
-        ("initialBuy", "solAmount")
-        if type(payload) is TokenCreated
-        else ("tokenAmount", "solAmount", "newTokenBalance")
-    )
-    for name in amounts:
-        value = getattr(payload, name)
-        if value is not None and not (value >= 0 and math.isfinite(value)):
+    for name in ("initialBuy", "tokenAmount", "newTokenBalance", "solAmount"):
+        value = getattr(payload, name, None)
+        if value is not None and not 0 <= value < _INF:
             raise EventValidationError(
                 f"must be a non-negative finite number, got {value!r}",
                 field=name,
