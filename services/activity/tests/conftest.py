@@ -79,3 +79,9 @@ def clock() -> ReplayClock:
 @pytest.fixture
 def tokens(clock) -> TokenEvents:
     return TokenEvents(clock)
+
+
+@pytest.fixture
+def token_events_class() -> type[TokenEvents]:
+    """The event builder itself, for tests that bring their own clock."""
+    return TokenEvents

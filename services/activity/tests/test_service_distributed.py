@@ -1,0 +1,118 @@
+"""ActivityService over RabbitMQ and Redis: a replica dies, the next carries on from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from pumpflow.activity.service import KEY_PREFIX, ActivityService, Checkpoint
+from pumpflow.activity.settings import ActivitySettings
+from pumpflow.common.bus import Subscription
+from pumpflow.common.clock import WallClock
+from pumpflow.common.events import Event
+from pumpflow.common.runtime.service import ServiceContext
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
+
+PARTITIONS = 4
+
+
+async def wait_for(predicate, limit_s: float = 20.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_replica_hand_over_over_rabbitmq_and_redis(
+    namespace, amqp_url, redis_url, redis_client, token_events_class
+):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = WallClock()
+    tokens = token_events_class(clock)
+    settings = ActivitySettings.load(
+        namespace=namespace, partitions=PARTITIONS,
+        activity_inactive_after_quiet_s=1.5, activity_decline_after_quiet_s=0.75,
+        activity_subscription_batch_s=0.1, activity_checkpoint_interval_s=0.1,
+    )
+    buses: list[RabbitMQBus] = []
+    stores: list[RedisStateStore] = []
+    lifecycle: list[Event] = []
+    commands: list[Event] = []
+
+    async def new_bus(source: str) -> RabbitMQBus:
+        bus = RabbitMQBus(
+            url=amqp_url, namespace=namespace, partitions=PARTITIONS, prefetch=64, source=source
+        )
+        await bus.start()
+        buses.append(bus)
+        return bus
+
+    async def replica(source: str) -> tuple[ActivityService, RabbitMQBus]:
+        bus = await new_bus(source)
+        store = RedisStateStore(url=redis_url, namespace=namespace)
+        stores.append(store)
+        svc = ActivityService(settings)
+        await svc.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+        return svc, bus
+
+    async def collect(event: Event) -> None:
+        (lifecycle if event.type == "token.lifecycle" else commands).append(event)
+
+    def states(mint: str) -> list[str]:
+        return [
+            e.data.state for e in lifecycle
+            if e.key == mint and e.data.state != e.data.previous_state
+        ]
+
+    try:
+        feed = await new_bus("feed/test")
+        await feed.subscribe(
+            Subscription(
+                service="probe", patterns=("token.lifecycle", "feed.subscription"),
+                handler=collect, deduplicate=False,
+            )
+        )
+        first, bus_a = await replica("activity/a")
+        await feed.publish_many([tokens.created("A"), tokens.created("B")])
+        await feed.publish_many([tokens.trade("A", f"w{i}") for i in range(15)])
+        await wait_for(lambda: states("A") == ["new", "active"] and states("B") == ["new"])
+
+        # the replica dies: its connection goes, its timers and workers stop with it
+        first.analyzer.close()
+        await first.pool.stop(drain=False)
+        for task in first._tasks:
+            task.cancel()
+        await bus_a.close()
+
+        second, _ = await replica("activity/b")
+        assert second.analyzer.get_token_lifecycle_state("A") == "active"
+        assert second.analyzer.get_token_lifecycle_state("B") == "new"
+        await wait_for(
+            lambda: states("A")[-1:] == ["inactive"] and states("B")[-1:] == ["inactive"]
+        )
+        assert states("A") == ["new", "active", "declining", "inactive"]
+        assert states("B") == ["new", "inactive"]
+        for mint in "AB":
+            seqs = [e.seq for e in lifecycle if e.key == mint]
+            assert seqs == list(range(1, len(seqs) + 1)), (mint, seqs)
+
+        await wait_for(lambda: {m for c in commands for m in c.data.mints} == {"A", "B"})
+        assert all(c.data.action == "unsubscribe" for c in commands)
+        assert second.activity_metrics.tracked == 0
+
+        raw = await redis_client.get(f"{namespace}:{KEY_PREFIX}A")
+        checkpoint = msgspec.msgpack.decode(raw, type=Checkpoint)
+        assert checkpoint.token.state == "inactive" and checkpoint.token.retired
+        assert checkpoint.seq == len([e for e in lifecycle if e.key == "A"])
+        assert 0 < await redis_client.ttl(f"{namespace}:{KEY_PREFIX}A") <= 3600
+        await second.stop()
+    finally:
+        for bus in reversed(buses):
+            await bus.delete_topology()
+            await bus.close()
+        for store in stores:
+            await store.close()
