@@ -1,0 +1,67 @@
+"""FeedService settings and HTTP route."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import WallClock
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.feed.service import FeedService
+from pumpflow.feed.settings import FeedSettings
+
+
+def test_settings_read_pumpportal_names_and_hide_the_key(monkeypatch):
+    monkeypatch.setenv("PUMPPORTAL_WS_URL", "ws://127.0.0.1:9999/api/data")
+    monkeypatch.setenv("PUMPPORTAL_API_KEY", "hush")
+    monkeypatch.setenv("PUMPFLOW_FEED_PING_INTERVAL_S", "5")
+    settings = FeedSettings.load()
+    assert settings.service == "feed"
+    assert settings.pumpportal_ws_url == "ws://127.0.0.1:9999/api/data"
+    assert settings.feed_ping_interval_s == 5.0
+    assert settings.api_key() == "hush"
+    assert "hush" not in repr(settings) and "hush" not in str(settings.model_dump())
+
+
+def test_api_key_from_a_secret_file(monkeypatch, tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("from-file\n")
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(secret))
+    assert FeedSettings.load().api_key() == "from-file"
+    monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="PUMPPORTAL_API_KEY_FILE"):
+        FeedSettings.load().api_key()
+
+
+def test_bad_settings_fail_with_the_variable_name(monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_FEED_MAX_KEYS_PER_MESSAGE", "6000")
+    with pytest.raises(SettingsError, match="FEED_MAX_KEYS_PER_MESSAGE"):
+        FeedSettings.load()
+
+
+async def test_subscriptions_route_and_status_without_recording():
+    # nothing listens on port 9: the service starts anyway and reports not ready
+    settings = FeedSettings(pumpportal_ws_url="ws://127.0.0.1:9/api/data", feed_record=False,
+                            transport="memory", replica="t")  # fmt: skip
+    bus = InMemoryBus(partitions=2, synchronous=True, source=settings.source)
+    await bus.start()
+    service = FeedService(settings)
+    assert service.needs_db is False
+    await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock()))
+    try:
+        await service.manager.subscribe_to_token(["B", "A"])
+        app = FastAPI()
+        app.include_router(service.router())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://feed") as client:
+            body = (await client.get("/subscriptions")).json()
+        assert body == {"connected": False, "count": 2, "pending_messages": 2, "mints": ["A", "B"]}
+        status = await service.status()
+        assert status["ready"] is False and status["active_subscriptions"] == 2
+    finally:
+        await service.stop()
+        await bus.close()
