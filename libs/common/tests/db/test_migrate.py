@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import pytest
 
@@ -15,8 +17,6 @@ POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 @pytest.fixture
 async def conn(namespace):
-    import os
-
     dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", POSTGRES_DSN)
     connection = await asyncpg.connect(dsn)
     try:

@@ -42,17 +42,6 @@ def settings():
 SECRETS = [f"SECRET-{i}" for i in range(1, 8)]
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def test_redacted_settings_masks_every_secret_and_keeps_the_rest(settings):
     shown = redacted_settings(settings)
     text = json.dumps(shown)
