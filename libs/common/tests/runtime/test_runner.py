@@ -104,3 +104,85 @@ async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
     assert not runner.done()
     stop.set()
     assert await asyncio.wait_for(runner, 30) == 0
+
+
+class Stateful(Service):
+    """Needs Redis and Postgres; writes a marker to both on start."""
+
+    name = "stateful"
+    needs_store = True
+    needs_db = True
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        await ctx.store.set("started", ctx.settings.replica.encode())
+        await ctx.db.execute("CREATE TABLE IF NOT EXISTS marker (replica text)")
+        await ctx.db.execute("INSERT INTO marker VALUES ($1)", ctx.settings.replica)
+
+    async def stop(self) -> None:
+        await self.ctx.store.set("stopped", b"1")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_distributed_service_connects_what_it_needs_and_reports_ready(
+    namespace, amqp_url, redis_url, redis_client
+):
+    import asyncpg
+
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.runtime.settings import CommonSettings
+
+    dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    port = free_port()
+    settings = CommonSettings(
+        service="stateful",
+        replica="r1",
+        transport="rabbitmq",
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        postgres_dsn=dsn,
+        namespace=namespace,
+        http_port=port,
+        log_format="text",
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(Stateful, settings, stop=stop))
+    try:
+        body = None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(300):
+                assert not runner.done(), runner.result()
+                try:
+                    answer = await http.get("/readyz")
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+                    continue
+                body = answer.json()
+                if answer.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+        assert body is not None and body["ready"] is True, body
+        assert set(body["checks"]) == {"bus", "store", "postgres", "service"}
+        assert await redis_client.get(f"{namespace}:started") == b"r1"
+        stop.set()
+        assert await asyncio.wait_for(runner, 60) == 0
+        assert await redis_client.get(f"{namespace}:stopped") == b"1"
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval(f'SELECT replica FROM "{namespace}".marker') == "r1"
+        finally:
+            await conn.close()
+    finally:
+        stop.set()
+        if not runner.done():
+            runner.cancel()
+        cleanup = RabbitMQBus(url=amqp_url, namespace=namespace, source="test/cleanup")
+        await cleanup.delete_topology()
+        await cleanup.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        finally:
+            await conn.close()
