@@ -78,7 +78,7 @@ REASON_HEADER = "x-pumpflow-reason"
 #: unacked handled messages per acknowledgement frame (acks are cumulative)
 ACK_BATCH = 64
 #: confirms outstanding at once in publish_many
-PUBLISH_WINDOW = 1024
+PUBLISH_WINDOW = 128
 #: publish attempts across a reconnection (a retry may duplicate; consumers dedupe)
 PUBLISH_ATTEMPTS = 3
 _MAX_REASON = 2000
