@@ -204,3 +204,19 @@ async def test_http_routes(system):
     status = await svc.status()
     assert status["ready"] and status["retired"] == 2 and status["pool"]["workers"] == 2
     await svc.stop()
+
+
+async def test_state_is_stored_before_the_ack_and_a_redelivery_is_not_applied_twice(system):
+    s, tk = system, system.tokens
+    svc = await s.service()
+    await s.send(tk.created("A"))
+    trade = tk.trade("A", "w1")
+    await s.send(trade)  # synchronous bus: returns once the handler (the ack) returned
+    raw = await s.store.get(KEY_PREFIX + "A")
+    stored = msgspec.msgpack.decode(raw, type=Checkpoint)
+    assert stored.features_seq == trade.seq == 2 and stored.features is not None
+    before = svc.activity_metrics.metrics("A")
+    assert before.trades_total == 2
+    await svc._handle(trade)  # the broker redelivers it (say, the ack was lost)
+    assert svc.activity_metrics.metrics("A") == before
+    await svc.stop()

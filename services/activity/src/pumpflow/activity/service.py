@@ -19,10 +19,12 @@ thresholds, timers) and :class:`~pumpflow.common.activity.metrics.FeatureActivit
   ``activity_subscription_batch_s``; trade streams cost money per message). A retired
   token that comes back (trades reach us through another path and meet the active
   criteria) is resubscribed the same way.
-- Checkpoints each token (lifecycle, sequence, feature state) to the StateStore under
-  ``activity:token:<mint>``: right after it published lifecycle events, otherwise
-  every ``activity_checkpoint_interval_s``; a replacement replica restores them on
-  start (retired tokens are kept ``tombstone_ttl_s``).
+- Checkpoints each token (lifecycle, lifecycle seq, feature state with the feed seq it
+  includes) to the StateStore under ``activity:token:<mint>``: right after it published
+  lifecycle events, and before its event is acked (group commit: one batched write
+  for all tokens changed meanwhile). A replacement replica restores them on start
+  (retired tokens are kept ``tombstone_ttl_s``); a redelivered event whose feed seq
+  the features already include is not applied twice.
 - HTTP: ``GET /tokens/{mint}``, ``GET /tokens?state=active&limit=100``.
 """
 
@@ -87,6 +89,8 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     seq: int = 0
     #: FeatureManager state (the rolling windows), for live tokens
     features: bytes | None = None
+    #: feed seq of the last token event in ``features``
+    features_seq: int = 0
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -108,6 +112,10 @@ class ActivityService(Service):
         self._outbox: dict[str, list[Transition]] = {}
         self._processing: set[str] = set()
         self._dirty: set[str] = set()
+        #: group commit: changes made (generation) and changes stored
+        self._changed_gen = 0
+        self._stored_gen = 0
+        self._flushing: asyncio.Future | None = None
         self._pending: dict[str, dict[str, None]] = {"subscribe": {}, "unsubscribe": {}}
         self._tasks: list[asyncio.Task] = []
         self._subscription: Subscription | None = None
@@ -171,12 +179,16 @@ class ActivityService(Service):
         known = self.analyzer.get_token_lifecycle_state(mint) is not None
         priority = self.analyzer.recommend_priority(mint) if known else Priority.NORMAL
         await self.pool.submit(mint, lambda: self._process(mint, event), priority=priority)
+        # ack only once the token's state is stored (group commit, off the workers)
+        await self._stored(self._changed_gen)
 
     async def _process(self, mint: str, event: Event) -> None:
         self._processing.add(mint)
         try:
             if event.type == "token.migrated":
                 self.analyzer.token_migrated(mint)
+            elif event.seq is not None and event.seq <= self.activity_metrics.last_seq(mint):
+                pass  # a redelivery of an applied event: its outcome only needs publishing
             else:
                 if event.type == "token.created":
                     self.analyzer.token_created(mint)
@@ -186,7 +198,7 @@ class ActivityService(Service):
                 if not self.analyzer.is_live(mint):
                     # a retired graduate's AMM trades: nothing to keep
                     self.activity_metrics.drop(mint)
-            self._dirty.add(mint)
+            self._changed(mint)
         finally:
             self._processing.discard(mint)
         await self._flush_token(mint, causation_id=event.id)
@@ -209,7 +221,7 @@ class ActivityService(Service):
 
     def _on_retire(self, mint: str, state: LifecycleState) -> None:
         self.activity_metrics.drop(mint)
-        self._dirty.add(mint)
+        self._changed(mint)
         self._request("unsubscribe", mint)
 
     def _request(self, action: str, mint: str) -> None:
@@ -290,7 +302,12 @@ class ActivityService(Service):
         if snapshot is None:
             return None
         features = None if snapshot.retired else self.activity_metrics.snapshot(mint)
-        return Checkpoint(token=snapshot, seq=self.sequencer.last(mint), features=features)
+        return Checkpoint(
+            token=snapshot,
+            seq=self.sequencer.last(mint),
+            features=features,
+            features_seq=self.activity_metrics.last_seq(mint) if features else 0,
+        )
 
     async def _write(self, mints) -> None:
         store = self._ctx.store
@@ -312,6 +329,29 @@ class ActivityService(Service):
             await store.set_many(retired, ttl=self.analyzer.thresholds.tombstone_ttl_s)
         if gone:
             await store.delete_many(gone)
+
+    def _changed(self, mint: str) -> None:
+        self._dirty.add(mint)
+        self._changed_gen += 1
+
+    async def _stored(self, generation: int) -> None:
+        """Wait until the changes up to ``generation`` are in the store.
+
+        One write of every changed token at a time; changes made while it runs go in
+        the next one, so under load many events share a round trip.
+        """
+        while self._stored_gen < generation:
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._flush_changes())
+            await asyncio.shield(self._flushing)
+
+    async def _flush_changes(self) -> None:
+        try:
+            generation = self._changed_gen
+            await self.checkpoint()
+            self._stored_gen = max(self._stored_gen, generation)
+        finally:
+            self._flushing = None
 
     async def checkpoint(self) -> int:
         """Write every changed token to the store now; return how many."""
@@ -353,7 +393,9 @@ class ActivityService(Service):
                     continue
                 mint = checkpoint.token.mint
                 if checkpoint.features is not None:
-                    self.activity_metrics.restore(mint, checkpoint.features)
+                    self.activity_metrics.restore(
+                        mint, checkpoint.features, seq=checkpoint.features_seq
+                    )
                 self.analyzer.restore(checkpoint.token, warm_up=checkpoint.features is None)
                 self.sequencer.restore({mint: checkpoint.seq})
                 restored += 1

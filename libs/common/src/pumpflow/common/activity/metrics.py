@@ -109,8 +109,12 @@ class FeatureActivityMetrics:
     def snapshot(self, mint: str) -> bytes | None:
         return self.manager.snapshot(mint)
 
-    def restore(self, mint: str, raw: bytes) -> None:
-        self.manager.restore(mint, raw)
+    def restore(self, mint: str, raw: bytes, *, seq: int = 0) -> None:
+        self.manager.restore(mint, raw, seq=seq)
+
+    def last_seq(self, mint: str) -> int:
+        """Feed seq of the last event folded in for ``mint`` (0: none or unknown)."""
+        return self.manager.last_seq(mint)
 
     @property
     def tracked(self) -> int:
