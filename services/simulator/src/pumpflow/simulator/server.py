@@ -42,6 +42,7 @@ ERROR_BAD_KEYS = "'keys' must be a list of strings."
 
 #: queue bound per connection; a real-time client that falls this far behind is dropped
 _QUEUE_LIMIT = 50_000
+_FAST_QUEUE_LIMIT = 1_000
 _encode = msgspec.json.Encoder().encode
 
 
@@ -52,14 +53,14 @@ def _control(**body: object) -> str:
 class _Client:
     """One connection: its subscriptions and its outgoing queue."""
 
-    def __init__(self, ws: ServerConnection, *, funded: bool):
+    def __init__(self, ws: ServerConnection, *, funded: bool, queue_limit: int):
         self.ws = ws
         self.funded = funded
         self.new_tokens = False
         self.migrations = False
         self.mints: set[str] = set()
         self.accounts: set[str] = set()
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=_QUEUE_LIMIT)
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_limit)
 
     def wants(self, frame: Frame) -> bool:
         tx = frame["txType"]
@@ -161,7 +162,12 @@ class SimulatorServer:
     async def _handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)
         key = (query.get(pumpportal.API_KEY_PARAM) or [""])[0]
-        client = _Client(ws, funded=bool(key) or not self.require_api_key)
+        client = _Client(
+            ws,
+            funded=bool(key) or not self.require_api_key,
+            # as fast as possible: a short queue so the market runs at the reader's pace
+            queue_limit=_QUEUE_LIMIT if self.speed else _FAST_QUEUE_LIMIT,
+        )
         self._clients.add(client)
         self._has_clients.set()
         self.counters["connections"] += 1
@@ -178,6 +184,9 @@ class SimulatorServer:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            # wake a broadcaster waiting for room in this queue (as-fast-as-possible mode)
+            while not client.queue.empty():
+                client.queue.get_nowait()
 
     def _reply(self, client: _Client, text: str, counter: str) -> None:
         self.counters[counter] += 1
@@ -281,12 +290,8 @@ class SimulatorServer:
 
     async def _put(self, client: _Client, text: str) -> None:
         if not self.speed:
-            # as fast as the client reads: wait for room, unless it has gone
-            while client.queue.full():
-                if client not in self._clients:
-                    return
-                await asyncio.sleep(0.001)
-            client.queue.put_nowait(text)
+            # as fast as the client reads; a client that leaves has its queue drained
+            await client.queue.put(text)
             return
         try:
             client.queue.put_nowait(text)

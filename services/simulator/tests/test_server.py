@@ -1,0 +1,260 @@
+"""The simulated PumpPortal socket over a real connection on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from pumpflow.common import pumpportal
+from pumpflow.common.events import EventValidationError
+from pumpflow.simulator.faults import FaultConfig
+from pumpflow.simulator.market import Market, MarketConfig
+from pumpflow.simulator.server import SimulatorServer
+
+SPEED = 30.0
+
+
+async def _server(**kwargs) -> SimulatorServer:
+    kwargs.setdefault("speed", SPEED)
+    server = SimulatorServer(market=Market(MarketConfig(seed=11)), **kwargs)
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def server():
+    server = await _server()
+    yield server
+    await server.stop()
+
+
+async def _recv(ws) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), 5.0))
+
+
+async def _send(ws, method: str, keys=None) -> None:
+    body = {"method": method}
+    if keys is not None:
+        body["keys"] = keys
+    await ws.send(json.dumps(body))
+
+
+async def _collect(ws, seconds: float) -> list[dict]:
+    """Every frame that arrives within ``seconds``."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            out.append(json.loads(await asyncio.wait_for(ws.recv(), left)))
+        except TimeoutError:
+            break
+    return out
+
+
+async def _creates(ws, n: int) -> list[str]:
+    mints = []
+    while len(mints) < n:
+        frame = await _recv(ws)
+        if frame.get("txType") == "create":
+            mints.append(frame["mint"])
+    return mints
+
+
+async def test_url_and_acks(server):
+    assert server.url == f"ws://127.0.0.1:{server.port}/api/data"
+    async with connect(server.url) as ws:
+        await _send(ws, "subscribeNewToken")
+        assert await _recv(ws) == {"message": "Successfully subscribed to token creation events."}
+        await _send(ws, "subscribeMigration")
+        frames = [await _recv(ws) for _ in range(3)]
+        assert {"message": "Subscribed to 'migration' events."} in frames
+        await _send(ws, "subscribeTokenTrade", ["x"])
+        await _send(ws, "subscribeAccountTrade", ["y"])
+        acks = [f for f in await _collect(ws, 0.5) if "message" in f]
+        assert acks == [{"message": "Successfully subscribed to keys."}] * 2
+
+
+async def test_nothing_without_subscriptions_and_only_creates_after_subscribe_new_token(server):
+    async with connect(server.url) as ws:
+        assert await _collect(ws, 0.5) == []
+        await _send(ws, "subscribeNewToken")
+        frames = await _collect(ws, 1.0)
+    assert frames[0]["message"]
+    data = frames[1:]
+    assert len(data) >= 3
+    assert {f["txType"] for f in data} == {"create"}
+
+
+async def test_trades_only_for_subscribed_mints_and_unsubscribe_stops_them(server):
+    async with connect(server.url) as ws:
+        await _send(ws, "subscribeNewToken")
+        await _recv(ws)
+        mints = await _creates(ws, 5)
+        await _send(ws, "unsubscribeNewToken")
+        await _send(ws, "subscribeTokenTrade", mints)
+        frames = await _collect(ws, 1.5)
+        trades = [f for f in frames if f.get("txType") in ("buy", "sell")]
+        assert trades, "no trades for five fresh tokens at 30x"
+        assert {f["mint"] for f in trades} <= set(mints)
+        await _send(ws, "unsubscribeTokenTrade", mints)
+        after = await _collect(ws, 1.5)
+        acked = [i for i, f in enumerate(after) if f.get("message") == "Unsubscribed from keys."]
+        assert acked
+        assert not [f for f in after[acked[0] + 1 :] if "txType" in f]
+
+
+async def test_account_trades_follow_the_trader(server):
+    async with connect(server.url) as ws:
+        await _send(ws, "subscribeNewToken")
+        await _recv(ws)
+        mint = (await _creates(ws, 1))[0]
+        await _send(ws, "unsubscribeNewToken")
+        await _send(ws, "subscribeTokenTrade", [mint])
+        trader = None
+        while trader is None:
+            frame = await _recv(ws)
+            if frame.get("txType") in ("buy", "sell"):
+                trader = frame["traderPublicKey"]
+        await _send(ws, "unsubscribeTokenTrade", [mint])
+        await _send(ws, "subscribeAccountTrade", [trader])
+        frames = await _collect(ws, 2.0)
+    after_ack = frames[[f.get("message") for f in frames].index(pumpportal.ACK_KEYS) + 1 :]
+    trades = [f for f in after_ack if "txType" in f]
+    assert all(f["traderPublicKey"] == trader for f in trades)
+
+
+async def test_two_clients_see_the_same_market(server):
+    async with connect(server.url) as a, connect(server.url) as b:
+        await _send(a, "subscribeNewToken")
+        await _send(b, "subscribeNewToken")
+        await _recv(a)
+        await _recv(b)
+        first = await _creates(a, 4)
+        second = await _creates(b, 4)
+    assert first == second
+
+
+async def test_error_frames(server):
+    async with connect(server.url) as ws:
+        await _send(ws, "unsubscribeMigration")
+        assert "errors" in await _recv(ws)
+        await ws.send("{not json")
+        assert "errors" in await _recv(ws)
+        await _send(ws, "subscribeEverything")
+        assert "errors" in await _recv(ws)
+        await _send(ws, "subscribeTokenTrade", [f"k{i}" for i in range(5001)])
+        assert "errors" in await _recv(ws)
+        await _send(ws, "subscribeTokenTrade", [f"k{i}" for i in range(5000)])
+        assert await _recv(ws) == {"message": pumpportal.ACK_KEYS}
+
+
+async def test_other_paths_are_not_found(server):
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(f"ws://127.0.0.1:{server.port}/api/other"):
+            pass
+    assert caught.value.response.status_code == 404
+
+
+async def test_api_key_gating():
+    server = await _server(require_api_key=True)
+    try:
+        async with connect(server.url) as ws:
+            await _send(ws, "subscribeNewToken")
+            await _recv(ws)
+            mints = await _creates(ws, 3)
+            await _send(ws, "unsubscribeNewToken")
+            await _send(ws, "subscribeTokenTrade", mints)
+            frames = await _collect(ws, 1.5)
+            messages = [f for f in frames if "message" in f]
+            assert messages[-1] == {"message": pumpportal.API_KEY_REQUIRED}
+            assert pumpportal.API_KEY_REQUIRED.startswith("'subscribeTokenTrade'")
+            assert not [f for f in frames if f.get("txType") in ("buy", "sell")]
+        async with connect(server.url + "?api-key=funded") as ws:
+            await _send(ws, "subscribeNewToken")
+            await _recv(ws)
+            mints = await _creates(ws, 5)
+            await _send(ws, "subscribeTokenTrade", mints)
+            frames = await _collect(ws, 1.5)
+            assert {"message": pumpportal.ACK_KEYS} in frames
+            assert [f for f in frames if f.get("txType") in ("buy", "sell")]
+    finally:
+        await server.stop()
+
+
+async def test_drop_connections_closes_without_a_close_frame(server):
+    async with connect(server.url) as ws:
+        await _send(ws, "subscribeNewToken")
+        await _recv(ws)
+        await asyncio.sleep(0.05)
+        assert await server.drop_connections() == 1
+        with pytest.raises(ConnectionClosedError) as caught:
+            while True:
+                await _recv(ws)
+        assert caught.value.rcvd is None
+    assert server.counters["dropped"] == 1
+
+
+async def test_drop_every_drops_periodically():
+    server = await _server(faults=FaultConfig(drop_every_s=0.3))
+    try:
+        async with connect(server.url) as ws:
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(ws.recv(), 2.0)
+        assert server.counters["dropped"] >= 1
+    finally:
+        await server.stop()
+
+
+def _valid(text: str) -> bool:
+    try:
+        pumpportal.decode_frame(text)
+    except (EventValidationError, ValueError):
+        return False
+    return True
+
+
+async def test_malformed_and_duplicate_frames_at_their_rates():
+    faults = FaultConfig(malformed_rate=0.1, duplicate_rate=0.1, seed=5)
+    server = await _server(speed=60.0, faults=faults)
+    texts = []
+    try:
+        async with connect(server.url) as ws:
+            await _send(ws, "subscribeNewToken")
+            while len(texts) < 2000:
+                text = await asyncio.wait_for(ws.recv(), 5.0)
+                texts.append(text)
+                if '"create"' in text and _valid(text):
+                    await _send(ws, "subscribeTokenTrade", [json.loads(text)["mint"]])
+    finally:
+        await server.stop()
+    data = [t for t in texts if '"message"' not in t]
+    bad = sum(not _valid(t) for t in data)
+    duplicates = sum(a == b for a, b in itertools.pairwise(data))
+    assert 0.06 <= bad / len(data) <= 0.14
+    assert 0.05 <= duplicates / len(data) <= 0.13
+    assert server.counters["malformed"] >= bad
+    kinds = [k for k in server.counters if k.startswith("malformed_")]
+    assert len(kinds) == 4
+
+
+async def test_faults_off_send_only_valid_frames(server):
+    async with connect(server.url) as ws:
+        await _send(ws, "subscribeNewToken")
+        await _send(ws, "subscribeMigration")
+        texts = [await asyncio.wait_for(ws.recv(), 5.0) for _ in range(12)]
+    assert all(_valid(t) for t in texts)
+
+
+async def test_speed_scales_the_market_clock():
+    server = await _server(speed=20.0)
+    try:
+        await asyncio.sleep(1.0)
+        assert 15.0 <= server.market_time <= 21.0
+    finally:
+        await server.stop()
