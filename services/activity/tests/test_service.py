@@ -220,3 +220,21 @@ async def test_state_is_stored_before_the_ack_and_a_redelivery_is_not_applied_tw
     await svc._handle(trade)  # the broker redelivers it (say, the ack was lost)
     assert svc.activity_metrics.metrics("A") == before
     await svc.stop()
+
+
+async def test_runs_embedded_from_its_settings(clock, tokens):
+    from pumpflow.common.runtime.embedded import run_embedded
+
+    seen: list[Event] = []
+
+    async def collect(event: Event) -> None:
+        seen.append(event)
+
+    async with run_embedded([ActivityService], clock=clock, synchronous=True) as system:
+        await system.bus.subscribe(
+            Subscription(service="probe", patterns=("token.lifecycle",), handler=collect)
+        )
+        await system.bus.publish(tokens.created("A"))
+        await clock.advance(181)
+        await system["activity"].pool.join(5)
+        assert [e.data.state for e in seen] == ["new", "inactive"]
