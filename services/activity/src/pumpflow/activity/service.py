@@ -162,10 +162,10 @@ class ActivityService(Service):
                 await task
         self._tasks = []
         await self.pool.stop(drain=True)
+        self.analyzer.close()  # no await since the pool stopped: no timer slips in
         # what the drained pool left in the outboxes (timer transitions) still goes out
         for mint in list(self._outbox):
             await self._flush_token(mint)
-        self.analyzer.close()
         await self.flush_subscriptions()
         self._dirty.update(self.analyzer.watched())
         await self.checkpoint()
