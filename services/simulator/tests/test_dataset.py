@@ -1,0 +1,91 @@
+"""Datasets: JSONL round trip, the CLI, and loading into Postgres through the shared store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pumpflow.simulator.cli import main
+from pumpflow.simulator.dataset import load_dataset, read_dataset, write_dataset
+from pumpflow.simulator.market import Market, MarketConfig
+
+START = 1_760_000_000.0
+
+
+def test_dataset_round_trip_keeps_every_frame_exactly(tmp_path):
+    path = tmp_path / "run.jsonl"
+    market = Market(MarketConfig(seed=5))
+    count = write_dataset(market, path, duration_s=120.0, start_epoch=START)
+    expected = list(market.frames(120.0))
+    loaded = list(read_dataset(path))
+    assert count == len(expected) == len(loaded) > 100
+    for (t, frame), (lt, lframe) in zip(expected, loaded, strict=True):
+        assert lt == pytest.approx(START + t, abs=1e-6)
+        assert lframe == frame
+        assert list(lframe) == list(frame)
+        assert [type(v) for v in lframe.values()] == [type(v) for v in frame.values()]
+    first = json.loads(path.read_text().splitlines()[0])
+    assert list(first) == ["t", "frame"]
+
+
+def test_read_dataset_names_the_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"t": 1.0, "frame": {"txType": "buy"}}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        list(read_dataset(path))
+
+
+def test_cli_dataset_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for out in (a, b):
+        args = ["dataset", "--seed", "2", "--minutes", "1", "--out", str(out)]
+        assert main([*args, "--start-epoch", str(START)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert "frames/s" in capsys.readouterr().out
+
+
+def test_cli_calibrate_prints_the_report_and_passes(capsys):
+    assert main(["calibrate", "--seed", "1", "--minutes", "20"]) == 0
+    out = capsys.readouterr().out
+    for name in ("graduation rate", "quiet within 15 min", "median trades", "median minutes",
+                 "average trades/s", "peak trades/s", "launches per minute"):
+        assert name in out
+
+
+def test_cli_calibrate_fails_out_of_tolerance(capsys):
+    # a launch rate far from the reference cannot give the reference trade rate
+    assert main(["calibrate", "--seed", "1", "--minutes", "5", "--rate", "300"]) != 0
+    assert "NO" in capsys.readouterr().out
+
+
+@pytest.mark.postgres
+async def test_load_into_postgres_is_idempotent(tmp_path, pg_pool):
+    from pumpflow.common.storage import TokenEventStore
+
+    path = tmp_path / "run.jsonl"
+    count = write_dataset(Market(MarketConfig(seed=9)), path, duration_s=60.0, start_epoch=START)
+    store = TokenEventStore(pg_pool)
+    first = await load_dataset(path, store, batch_size=500)
+    assert first.frames == count and first.rejected == 0
+    assert first.inserted == count == await store.count()
+    again = await load_dataset(path, store)
+    assert again.inserted == 0
+    replayed = [e async for e in store.stream()]
+    assert len(replayed) == count
+    assert replayed[0].time == pytest.approx(next(read_dataset(path))[0])
+
+
+@pytest.mark.postgres
+async def test_load_skips_and_counts_undecodable_frames(tmp_path, pg_pool):
+    from pumpflow.common.storage import TokenEventStore
+
+    path = tmp_path / "mixed.jsonl"
+    write_dataset(Market(MarketConfig(seed=9)), path, duration_s=20.0, start_epoch=START)
+    lines = path.read_text().splitlines()
+    broken = json.loads(lines[0])
+    del broken["frame"]["mint"]
+    path.write_text("\n".join([json.dumps(broken), *lines[1:]]) + "\n")
+    result = await load_dataset(path, TokenEventStore(pg_pool))
+    assert result.rejected == 1
+    assert result.inserted == len(lines) - 1
