@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,6 @@ from pydantic import Field
 
 from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
-from pumpflow.common import curve
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 
@@ -136,59 +135,51 @@ def test_serve_runs_the_service_class_with_run_service(fake_services, monkeypatc
     assert ran == [Widget]
 
 
-def test_run_demo_prints_events_with_curve_figures_and_stops_by_itself():
+def _summary_counts(stdout: str) -> dict[str, int]:
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("run over:"), stdout[-2000:]
+    return {
+        name: int(re.search(rf"(\d+) {name}", summary)[1])
+        for name in ("tokens", "trades", "feature updates", "lifecycle changes")
+    }
+
+
+def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by_itself():
     result = subprocess.run(
-        [str(PUMPFLOW), "run", "--duration", "1.5", "--tokens", "2", "--rate", "30"],
+        [str(PUMPFLOW), "run", "--duration", "6", "--speed", "20", "--launches", "60",
+         "--every", "2"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
     )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    created = [line for line in lines if line.startswith("token.created")]
-    trades = [line for line in lines if line.startswith("token.trade")]
-    assert len(created) == 2
-    assert len(trades) >= 5
-    assert lines[-1].startswith("demo over: 2 token.created")
-    # the printed market cap is the curve's: price x 1e9 from the printed price
-    for line in created + trades:
-        price = float(re.search(r"price (\S+) SOL", line)[1])
-        mcap = float(re.search(r"mcap\s+(\S+) SOL", line)[1])
-        assert mcap == pytest.approx(price * curve.TOTAL_SUPPLY, rel=1e-3)
-        assert re.search(r"progress\s+\d+\.\d%", line)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "services: feed, features, activity" in result.stdout
+    status = [line for line in result.stdout.splitlines() if "trade subscriptions" in line]
+    assert len(status) >= 2
+    counts = _summary_counts(result.stdout)
+    # 6 s at 20x is two market minutes: ~120 launches, their trades, features and states
+    assert counts["tokens"] >= 40
+    assert counts["trades"] > counts["tokens"]
+    # features.updated follows every trade (it may lag the last few at shutdown)
+    assert counts["feature updates"] >= counts["trades"] * 0.9
+    assert counts["lifecycle changes"] >= counts["tokens"]
 
 
-def test_run_rejects_nonsense_durations(capsys):
-    with pytest.raises(SystemExit, match="must be positive"):
-        cli_main.main(["run", "--duration", "0"])
-
-
-@pytest.mark.postgres
-def test_migrate_applies_once_then_is_up_to_date(namespace, monkeypatch, capsys):
-    monkeypatch.setenv("PUMPFLOW_POSTGRES_DSN", POSTGRES_DSN)
-    monkeypatch.setenv("PUMPFLOW_NAMESPACE", namespace)
+def test_run_stops_cleanly_on_ctrl_c():
+    proc = subprocess.Popen(
+        [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert cli_main.main(["migrate"]) == 0
-        first = capsys.readouterr().out
-        assert first.startswith("applied migrations 0001")
-        assert f"schema {namespace}" in first
-        assert cli_main.main(["migrate"]) == 0
-        assert "is up to date" in capsys.readouterr().out
+        first = proc.stdout.readline()
+        assert first.startswith("pumpflow embedded:"), first + proc.stderr.read()
+        status = proc.stdout.readline()
+        assert "trade subscriptions" in status
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
     finally:
-        asyncio.run(_drop_schema(namespace))
-
-
-def test_migrate_reports_an_unreachable_database(capsys):
-    code = cli_main.main(["migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/test"])
-    assert code == 1
-    assert "pumpflow migrate:" in capsys.readouterr().err
-
-
-async def _drop_schema(schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert _summary_counts(first + status + rest)["tokens"] > 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from pumpflow.common.clock import ReplayClock, WallClock
 
@@ -110,3 +113,21 @@ async def test_wall_clock_timers_fire_and_cancel():
     assert cancelled == []
     assert clock.now() >= start
     assert clock.monotonic() <= clock.monotonic()
+
+
+async def test_a_fast_wall_clock_runs_time_and_timers_at_its_speed():
+    clock = WallClock(speed=1000.0)
+    start = clock.now()
+    fired: list[float] = []
+    done = asyncio.Event()
+
+    def record() -> None:
+        fired.append(clock.now())
+        done.set()
+
+    clock.call_later(20.0, record)  # 20 clock seconds = 20 ms of wall time
+    await asyncio.wait_for(done.wait(), timeout=5)
+    assert fired[0] >= start + 20.0
+    assert WallClock(speed=1.0).now() == pytest.approx(time.time(), abs=1.0)
+    with pytest.raises(ValueError):
+        WallClock(speed=0)

@@ -1,27 +1,124 @@
-"""``pumpflow run``: the embedded demo, one process, no servers needed."""
+"""``pumpflow run``: the whole system in one process on a simulated market.
+
+The simulator serves PumpPortal's protocol on a local socket; the feed, features and
+activity services run embedded over the in-memory bus and store, on a clock that runs
+``--speed`` times faster than the wall so the simulator and the services agree on
+event time. A console subscriber prints what flows. No servers are needed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
+import sys
+from typing import TextIO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "run", help="run pumpflow embedded in one process (in-memory bus; stops by itself)"
+        "run",
+        help="run pumpflow embedded on a simulated market (one process, no servers)",
+        description=(
+            "Run the simulator, feed, features and activity services in one process over "
+            "the in-memory bus, and print the market as it flows. Ctrl-C stops cleanly."
+        ),
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds to run (5)")
-    parser.add_argument("--tokens", type=int, default=3, help="tokens the demo creates (3)")
-    parser.add_argument("--rate", type=float, default=20.0, help="trades per second (20)")
-    parser.add_argument("--seed", type=int, default=7, help="random seed (7)")
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="real seconds to run; 0 runs until Ctrl-C (60)"
+    )
+    parser.add_argument(
+        "--speed", type=float, default=10.0, help="market time per real second (10)"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
+    parser.add_argument(
+        "--launches", type=float, default=30.0, help="token launches per market minute (30)"
+    )
+    parser.add_argument(
+        "--every", type=float, default=2.0, help="real seconds between status lines (2)"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print every creation and lifecycle change"
+    )
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.duration <= 0 or args.tokens < 1 or args.rate <= 0:
-        raise SystemExit("pumpflow run: --duration, --tokens and --rate must be positive")
-    from pumpflow.cli.demo import run_demo
-
+    if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
+        raise SystemExit(
+            "pumpflow run: --duration must be >= 0; --speed, --launches and --every > 0"
+        )
     return asyncio.run(
-        run_demo(duration=args.duration, tokens=args.tokens, rate=args.rate, seed=args.seed)
+        run_embedded_market(
+            duration=args.duration,
+            speed=args.speed,
+            seed=args.seed,
+            launches_per_minute=args.launches,
+            every=args.every,
+            verbose=args.verbose,
+        )
     )
+
+
+async def run_embedded_market(
+    *,
+    duration: float,
+    speed: float,
+    seed: int,
+    launches_per_minute: float,
+    every: float,
+    verbose: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run the embedded system for ``duration`` real seconds (0: until interrupted)."""
+    from pumpflow.activity.service import ActivityService
+    from pumpflow.cli.console import Console
+    from pumpflow.common.clock import WallClock
+    from pumpflow.common.runtime.embedded import run_embedded
+    from pumpflow.features.service import FeaturesService
+    from pumpflow.feed.service import FeedService
+    from pumpflow.simulator.market import Market, MarketConfig
+    from pumpflow.simulator.server import SimulatorServer
+
+    clock = WallClock(speed=speed)
+    market = Market(MarketConfig(seed=seed, launches_per_minute=launches_per_minute))
+    server = SimulatorServer(market=market, speed=speed)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        feed = FeedService(
+            FeedService.settings_class.load(
+                service="feed", transport="memory", pumpportal_ws_url=server.url,
+                feed_record=False,
+            )
+        )
+        async with run_embedded(
+            [feed, FeaturesService, ActivityService], clock=clock
+        ) as system:
+            console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
+            await console.attach()
+            print(
+                f"pumpflow embedded: simulator {server.url} at {speed:g}x, seed {seed}, "
+                f"{launches_per_minute:g} launches/min; services: "
+                f"{', '.join(system.services)}. Ctrl-C stops.",
+                file=out,
+                flush=True,
+            )
+            status = asyncio.create_task(console.status_loop(every))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=duration or None)
+            status.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status
+            # stop the socket first so the drain on exit has an end
+            await server.stop()
+        console.print_summary()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    return 0

@@ -64,17 +64,29 @@ def _run_callback(callback: TimerCallback) -> Awaitable[None] | None:
 
 
 class WallClock(Clock):
-    """The system clock; timers run on the running asyncio loop."""
+    """The system clock; timers run on the running asyncio loop.
 
-    def __init__(self) -> None:
+    ``speed`` above 1 runs time faster than the wall (a simulated market at 10x, say):
+    ``now()`` starts at the wall time and advances ``speed`` seconds per real second,
+    and timers fire after ``delay / speed`` real seconds.
+    """
+
+    def __init__(self, speed: float = 1.0) -> None:
+        if speed <= 0:
+            raise ValueError(f"clock speed must be > 0, got {speed}")
+        self.speed = float(speed)
+        self._origin = _time.time()
+        self._origin_monotonic = _time.monotonic()
         # the loop keeps only weak references to tasks: hold async callbacks until done
         self._running: set[asyncio.Future] = set()
 
     def now(self) -> float:
-        return _time.time()
+        if self.speed == 1.0:
+            return _time.time()
+        return self._origin + (_time.monotonic() - self._origin_monotonic) * self.speed
 
     def monotonic(self) -> float:
-        return _time.monotonic()
+        return _time.monotonic() * self.speed
 
     def call_at(self, when: float, callback: TimerCallback) -> TimerHandle:
         loop = asyncio.get_running_loop()
@@ -89,7 +101,7 @@ class WallClock(Clock):
                 task.add_done_callback(self._running.discard)
 
         handle = TimerHandle(when, callback)
-        loop_handle = loop.call_later(max(0.0, when - self.now()), fire)
+        loop_handle = loop.call_later(max(0.0, when - self.now()) / self.speed, fire)
         handle._cancel_hook = loop_handle.cancel
         return handle
 

@@ -1,0 +1,165 @@
+"""A bus subscriber that shows a person what the embedded system is doing."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.clock import Clock
+from pumpflow.common.events import (
+    Event,
+    FeaturesUpdated,
+    FeedSubscription,
+    TokenCreated,
+    TokenLifecycle,
+    TokenMigrated,
+)
+
+if TYPE_CHECKING:
+    from pumpflow.common.runtime.embedded import EmbeddedSystem
+
+_WATCHED = (
+    "token.created",
+    "token.trade",
+    "token.migrated",
+    "token.lifecycle",
+    "features.updated",
+    "feed.subscription",
+)
+_SHOWN_FEATURES = ("market_cap_sol", "curve_progress", "trades_per_minute", "return_60s")
+
+
+@dataclass(slots=True)
+class _Token:
+    symbol: str
+    state: str = "new"
+    features: dict[str, float] = field(default_factory=dict)
+
+
+class Console:
+    """Count and print the events of an embedded run."""
+
+    def __init__(
+        self,
+        *,
+        system: EmbeddedSystem,
+        clock: Clock,
+        speed: float,
+        out: TextIO = sys.stdout,
+        verbose: bool = False,
+    ):
+        self.system = system
+        self.clock = clock
+        self.speed = speed
+        self.out = out
+        self.verbose = verbose
+        self.started_at = clock.now()
+        self.counts: Counter[str] = Counter()
+        self.tokens: dict[str, _Token] = {}
+        self.graduated: list[str] = []
+        self.unsubscribed = 0
+        self.max_subscribed = 0
+        self._last_trades = 0
+        self._last_at = self.started_at
+
+    async def attach(self) -> None:
+        await self.system.bus.subscribe(
+            Subscription(service="console", patterns=_WATCHED, handler=self.on_event)
+        )
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _market_clock(self) -> str:
+        seconds = int(self.clock.now() - self.started_at)
+        return f"+{seconds // 60:02d}:{seconds % 60:02d}"
+
+    async def on_event(self, event: Event) -> None:
+        self.counts[event.type] += 1
+        data = event.data
+        if isinstance(data, TokenCreated):
+            self.tokens[data.mint] = _Token(symbol=data.symbol.strip() or data.mint[:6])
+            if self.verbose:
+                self._say(
+                    f"{self._market_clock()} created {data.symbol.strip():<10} {data.mint} "
+                    f"creator buy {data.solAmount or 0:.3f} SOL"
+                )
+        elif isinstance(data, TokenMigrated):
+            token = self.tokens.get(data.mint)
+            self.graduated.append(data.mint)
+            self._say(
+                f"{self._market_clock()} GRADUATED {token.symbol if token else data.mint} "
+                f"-> {data.pool}"
+            )
+        elif isinstance(data, TokenLifecycle):
+            token = self.tokens.get(data.mint)
+            if token is not None:
+                token.state = data.state
+            if self.verbose:
+                self._say(
+                    f"{self._market_clock()} {token.symbol if token else data.mint:<10} "
+                    f"{data.previous_state} -> {data.state} ({data.reason})"
+                )
+        elif isinstance(data, FeaturesUpdated):
+            token = self.tokens.get(data.mint)
+            if token is not None:
+                token.features = dict(zip(data.names, data.values, strict=True))
+        elif isinstance(data, FeedSubscription) and data.action == "unsubscribe":
+            self.unsubscribed += len(data.mints)
+
+    def _subscribed(self) -> int:
+        feed = self.system.services.get("feed")
+        socket = getattr(feed, "socket", None)
+        return len(socket.active_mints) if socket is not None else 0
+
+    def status_line(self) -> str:
+        now = self.clock.now()
+        trades = self.counts["token.trade"]
+        rate = (trades - self._last_trades) / max(1e-9, (now - self._last_at))
+        self._last_trades, self._last_at = trades, now
+        subscribed = self._subscribed()
+        self.max_subscribed = max(self.max_subscribed, subscribed)
+        states = Counter(t.state for t in self.tokens.values())
+        lifecycle = " ".join(
+            f"{s} {states[s]}" for s in ("new", "active", "declining", "inactive", "graduated")
+        )
+        return (
+            f"{self._market_clock()} tokens {len(self.tokens)} | trades {trades} "
+            f"({rate:.0f}/s market) | trade subscriptions {subscribed} | {lifecycle}"
+        )
+
+    def top_lines(self, n: int = 3) -> list[str]:
+        live = [t for t in self.tokens.values() if t.features and t.state in ("new", "active")]
+        live.sort(key=lambda t: t.features.get("market_cap_sol", 0.0), reverse=True)
+        lines = []
+        for token in live[:n]:
+            f = token.features
+            lines.append(
+                f"    {token.symbol:<10} mcap {f.get('market_cap_sol', 0):7.1f} SOL  "
+                f"curve {f.get('curve_progress', 0):6.1%}  "
+                f"{f.get('trades_per_minute', 0):5.0f} trades/min  "
+                f"60s {f.get('return_60s', 0):+7.1%}  [{token.state}]"
+            )
+        return lines
+
+    async def status_loop(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self._say(self.status_line())
+            for line in self.top_lines():
+                self._say(line)
+
+    def print_summary(self) -> None:
+        market_s = self.clock.now() - self.started_at
+        self._say(
+            f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "
+            f"{self.counts['token.created']} tokens, {self.counts['token.trade']} trades, "
+            f"{len(self.graduated)} graduated; {self.counts['features.updated']} feature "
+            f"updates; {self.counts['token.lifecycle']} lifecycle changes; "
+            f"{self.unsubscribed} trade subscriptions dropped for inactivity; "
+            f"at most {self.max_subscribed} subscribed at once"
+        )
