@@ -112,7 +112,7 @@ def measure(frames: Iterable[tuple[float, Frame]], *, window_s: float,
     scale = launches_per_minute / REFERENCE_LAUNCHES_PER_MINUTE
     stats = (
         Statistic(name="graduation rate", value=len(migrated) / n if n else 0.0,
-                  target="0.63-1%", low=0.006, high=0.021, unit="%"),
+                  target="~1%", low=0.006, high=0.021, unit="%"),
         Statistic(name="tokens quiet within 15 min of launch", value=quiet / n if n else 0.0,
                   target="~95%", low=0.92, high=0.98, unit="%"),
         Statistic(name="graduates: median trades",
