@@ -183,3 +183,51 @@ def test_run_stops_cleanly_on_ctrl_c():
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert _summary_counts(first + status + rest)["tokens"] > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pumpflow_record_takes_a_simulated_stream_from_pumpflow_sim_serve(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(PUMPFLOW), "sim", "serve", "--port", str(port), "--speed", "20", "--seed", "3"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out = tmp_path / "events.jsonl"
+    try:
+        result = subprocess.run(
+            [str(PUMPFLOW), "record", "--url", f"ws://127.0.0.1:{port}/api/data",
+             "--out", str(out), "--duration", "4"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    types = {event["type"] for event in events}
+    assert {"token.created", "token.trade"} <= types
+    # the per-mint seq the feed assigns starts at the creation and has no holes
+    by_mint: dict[str, list[int]] = {}
+    for event in events:
+        by_mint.setdefault(event["key"], []).append(event["seq"])
+    for seqs in by_mint.values():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_delegated_commands_show_their_owners_help():
+    result = subprocess.run(
+        [str(PUMPFLOW), "replay", "-h"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    assert "--speed" in result.stdout and "--mint" in result.stdout

@@ -13,10 +13,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pumpflow.cli.delegated import DELEGATED, delegate
+
 COMMAND_MODULES = (
     "pumpflow.cli.run",
     "pumpflow.cli.migrate",
     "pumpflow.cli.serve",
+    "pumpflow.cli.delegated",
 )
 
 
@@ -32,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # the owner's parser reads every option, -h included
+        return delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
