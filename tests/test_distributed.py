@@ -89,7 +89,7 @@ def stack(tmp_path, namespace, amqp_url, redis_url, redis_client, pg_pool):
     )
     assert migrate.returncode == 0, migrate.stderr
     procs: dict[str, subprocess.Popen] = {}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("simulator", *SERVICES)}  # noqa: SIM115
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("simulator", *SERVICES)}
     procs["simulator"] = subprocess.Popen(
         [BIN / "pumpflow", "sim", "serve", "--port", str(sim_port), "--speed", "10",
          "--seed", "5", "--rate", "120"],
