@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,9 +22,33 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def amqp_url() -> str:
-    return AMQP_URL
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """The broker, in a virtual host of this test session's own, deleted at the end.
+
+    Deleting the vhost removes every exchange and queue the session declared, also
+    those of a test that was interrupted before its own cleanup. Where rabbitmqctl
+    is not at hand (a remote broker) the configured URL is used as it is.
+    """
+    vhost = f"pumpflow-test-{uuid.uuid4().hex[:10]}"
+    ctl = shutil.which("rabbitmqctl")
+    created = False
+    if ctl and os.environ.get("PUMPFLOW_TEST_AMQP_URL") is None:
+        created = (
+            subprocess.run([ctl, "add_vhost", vhost], capture_output=True, timeout=60).returncode
+            == 0
+            and subprocess.run(
+                [ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
+    try:
+        yield f"{AMQP_URL.rstrip('/')}/{vhost}" if created else AMQP_URL
+    finally:
+        if created:
+            subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
 
 
 @pytest.fixture
