@@ -43,6 +43,14 @@ def test_bad_settings_fail_with_the_variable_name(monkeypatch):
         FeedSettings.load()
 
 
+def test_a_bad_pumpportal_variable_is_named_as_it_is_set(monkeypatch):
+    monkeypatch.setenv("PUMPPORTAL_WS_URL", "http://not-a-socket")
+    with pytest.raises(SettingsError) as raised:
+        FeedSettings.load()
+    assert "PUMPPORTAL_WS_URL:" in str(raised.value)
+    assert "PUMPFLOW_PUMPPORTAL" not in str(raised.value)
+
+
 async def test_subscriptions_route_and_status_without_recording():
     # nothing listens on port 9: the service starts anyway and reports not ready
     settings = FeedSettings(pumpportal_ws_url="ws://127.0.0.1:9/api/data", feed_record=False,

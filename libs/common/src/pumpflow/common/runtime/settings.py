@@ -58,9 +58,16 @@ class CommonSettings(BaseSettings):
         try:
             return cls(**overrides)
         except ValidationError as exc:
-            prefix = cls.model_config.get("env_prefix", "")
             problems = "; ".join(
-                f"{prefix}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-                for err in exc.errors()
+                f"{cls.variable_name(err['loc'])}: {err['msg']}" for err in exc.errors()
             )
             raise SettingsError(f"invalid settings: {problems}") from None
+
+    @classmethod
+    def variable_name(cls, loc: tuple) -> str:
+        """The environment variable behind an error location (aliases are used as is)."""
+        name = str(loc[0]) if loc else ""
+        if name.isupper():  # an alias such as PUMPPORTAL_WS_URL, read without the prefix
+            return name
+        prefix = cls.model_config.get("env_prefix", "")
+        return f"{prefix}{'_'.join(str(p) for p in loc).upper()}"
