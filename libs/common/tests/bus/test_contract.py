@@ -485,3 +485,30 @@ async def test_metrics_are_exposed_with_low_cardinality_labels(service):
     text = generate_latest().decode()
     assert "# TYPE pumpflow_events_consumed_total counter" in text
     assert "mintX" not in text
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_url, service):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, prefetch=4, source="test/1")
+    await bus.start()
+    try:
+        got = Recorder()
+        await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+        await bus.publish_many(trade_event("mintR", seq) for seq in range(1, 11))
+        await wait_until(lambda: len(got.events) == 10)
+        # the AMQP connection underneath dies as on a network failure; aio-pika reconnects
+        lost = bus._connection.transport.connection
+        await lost.close(ConnectionError("simulated network failure"))
+        await wait_until(
+            lambda: getattr(bus._connection.transport, "connection", lost) is not lost, within=20
+        )
+        await bus._connection.ready()
+        for seq in range(11, 21):
+            await bus.publish(trade_event("mintR", seq))
+        await wait_until(lambda: len(got.events) >= 20, within=20)
+        assert sorted({e.seq for e in got.events}) == list(range(1, 21))
+    finally:
+        await bus.delete_topology()
+        await bus.close()
