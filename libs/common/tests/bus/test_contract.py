@@ -512,3 +512,28 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
     finally:
         await bus.delete_topology()
         await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, service):
+    import aiormq
+
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    owner = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
+    await owner.start()
+    await owner.subscribe(
+        Subscription(service=service, patterns=("token.*", "exit.*"), handler=Recorder())
+    )
+    await owner.publish(trade_event("mintZ", 1))  # queues that hold messages go too
+    await owner.close()
+    cleanup = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/2")
+    await cleanup.delete_topology(services=[service])
+    try:
+        channel = await cleanup._connection.channel()
+        for name in (f"{service}.p00", f"{service}.p01", f"{service}.critical", f"{service}.dlq"):
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(f"{namespace}.{name}", passive=True)
+            channel = await cleanup._connection.channel()
+    finally:
+        await cleanup.close()

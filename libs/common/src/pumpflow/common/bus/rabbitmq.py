@@ -279,14 +279,23 @@ class RabbitMQBus(EventBus):
             for c in self._consumers
         )
 
-    async def delete_topology(self) -> None:
-        """Delete every exchange and queue this bus declared (tests clean up with it)."""
+    async def delete_topology(self, *, services: Iterable[str] = ()) -> None:
+        """Delete every exchange and queue this bus declared (tests clean up with it).
+
+        ``services``: also delete the durable queues of these services (partitions,
+        critical lane, DLQ), for cleaning up after buses of another process. Replica
+        queues need no cleanup: the broker deletes them with their consumer.
+        """
         if self._channel is None or self._channel.is_closed:
             await self.start()
         assert self._channel is not None
         for consumer in self._consumers:
             await self._stop_consumer(consumer)
-        for name in sorted(self._queues):
+        names = set(self._queues)
+        for service in services:
+            names.update(self._name(partition_queue(service, p)) for p in range(self.partitions))
+            names.update((self._name(critical_queue(service)), self.dlq_name(service)))
+        for name in sorted(names):
             await self._channel.queue_delete(name)
         for name in (self.exchange_name, self.dlx_name):
             await self._channel.exchange_delete(name)
