@@ -73,10 +73,6 @@ class Bindings:
     critical: tuple[str, ...]
     version: int
 
-    @property
-    def all_types(self) -> tuple[str, ...]:
-        return self.partition + self.critical
-
     @classmethod
     def of(cls, subscription: Subscription) -> Bindings:
         schemas = resolve_types(subscription.patterns, subscription.version)
