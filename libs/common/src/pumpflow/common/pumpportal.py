@@ -166,28 +166,8 @@ class _Redispatch(Exception):
         self.tx_type = tx_type
 
 
-def classify_frame(raw: bytes | str) -> FrameKind:
-    """Tell what a frame is without validating its fields; raise if it is none of them."""
-    data = _as_bytes(raw)
-    match = _TX_TYPE.search(data)
-    if match is None:
-        try:
-            return _decode_control(data).kind
-        except _Redispatch as redo:
-            tx_type = redo.tx_type
-    else:
-        tx_type = match.group(1)
-    entry = _BY_TX_TYPE.get(tx_type)
-    if entry is None:
-        raise EventValidationError(
-            f"unknown txType {tx_type.decode(errors='replace')!r}", field="txType"
-        )
-    return entry[0]
-
-
-def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
-    """Decode and validate one frame; raise EventValidationError naming field and reason."""
-    data = _as_bytes(raw)
+def _route(data: bytes):
+    """Return a control frame, decoded, or the registry entry of the frame's txType."""
     match = _TX_TYPE.search(data)
     if match is None:
         try:
@@ -201,7 +181,22 @@ def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
         raise EventValidationError(
             f"unknown txType {tx_type.decode(errors='replace')!r}", field="txType"
         )
-    _, decoder, event_type = entry
+    return entry
+
+
+def classify_frame(raw: bytes | str) -> FrameKind:
+    """Tell what a frame is without validating its fields; raise if it is none of them."""
+    routed = _route(_as_bytes(raw))
+    return routed.kind if isinstance(routed, ControlFrame) else routed[0]
+
+
+def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
+    """Decode and validate one frame; raise EventValidationError naming field and reason."""
+    data = _as_bytes(raw)
+    routed = _route(data)
+    if isinstance(routed, ControlFrame):
+        return routed
+    _, decoder, event_type = routed
     try:
         payload = decoder.decode(data)
     except msgspec.MsgspecError as exc:
