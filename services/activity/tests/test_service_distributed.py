@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 import pytest
 
@@ -13,16 +11,11 @@ from pumpflow.common.bus import Subscription
 from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.testing import eventually
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 
 PARTITIONS = 4
-
-
-async def wait_for(predicate, limit_s: float = 20.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 async def test_replica_hand_over_over_rabbitmq_and_redis(
@@ -79,7 +72,7 @@ async def test_replica_hand_over_over_rabbitmq_and_redis(
         first, bus_a = await replica("activity/a")
         await feed.publish_many([tokens.created("A"), tokens.created("B")])
         await feed.publish_many([tokens.trade("A", f"w{i}") for i in range(15)])
-        await wait_for(lambda: states("A") == ["new", "active"] and states("B") == ["new"])
+        await eventually(lambda: states("A") == ["new", "active"] and states("B") == ["new"])
 
         # the replica dies: its connection goes, its timers and workers stop with it
         first.analyzer.close()
@@ -91,7 +84,7 @@ async def test_replica_hand_over_over_rabbitmq_and_redis(
         second, _ = await replica("activity/b")
         assert second.analyzer.get_token_lifecycle_state("A") == "active"
         assert second.analyzer.get_token_lifecycle_state("B") == "new"
-        await wait_for(
+        await eventually(
             lambda: states("A")[-1:] == ["inactive"] and states("B")[-1:] == ["inactive"]
         )
         assert states("A") == ["new", "active", "declining", "inactive"]
@@ -100,7 +93,7 @@ async def test_replica_hand_over_over_rabbitmq_and_redis(
             seqs = [e.seq for e in lifecycle if e.key == mint]
             assert seqs == list(range(1, len(seqs) + 1)), (mint, seqs)
 
-        await wait_for(lambda: {m for c in commands for m in c.data.mints} == {"A", "B"})
+        await eventually(lambda: {m for c in commands for m in c.data.mints} == {"A", "B"})
         assert all(c.data.action == "unsubscribe" for c in commands)
         assert second.activity_metrics.tracked == 0
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from features_helpers import market_events
 
@@ -11,18 +9,12 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import WallClock
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.testing import eventually
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 
 PARTITIONS = 4
-
-
-async def wait_for(predicate, limit_s: float = 30.0) -> None:
-    """Poll a counter-based condition (the service exposes counters, not events)."""
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 async def test_restart_mid_stream_loses_and_doubles_nothing(
@@ -72,7 +64,7 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
             ServiceContext(settings=settings, bus=bus_a, clock=WallClock(), store=store_a)
         )
         await feed.publish_many(events)
-        await wait_for(lambda: first.counters["updates"] >= trades // 3)
+        await eventually(lambda: first.counters["updates"] >= trades // 3)
         # The replica goes away mid-stream (its connection closes; unacked work returns).
         await bus_a.close()
         processed_by_first = first.counters["updates"]
@@ -85,7 +77,7 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
         await second.start(
             ServiceContext(settings=settings, bus=bus_b, clock=WallClock(), store=store_b)
         )
-        await wait_for(
+        await eventually(
             lambda: first.counters["updates"] + second.counters["updates"] >= trades, 60.0
         )
         assert await bus_b.drain(10.0)
@@ -98,7 +90,7 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
         for e in events:
             expected.update_feature_history(e)
             counts[e.key] = counts.get(e.key, 0) + 1
-        await wait_for(lambda: sum(len(v) for v in updates.values()) >= trades)
+        await eventually(lambda: sum(len(v) for v in updates.values()) >= trades)
         assert not republished_differently
         for mint, n in counts.items():
             assert sorted(updates[mint]) == list(range(1, n + 1)), mint

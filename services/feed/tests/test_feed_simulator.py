@@ -12,6 +12,7 @@ from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, encode_payload, make_event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import FeedRecord
 from pumpflow.feed.service import FeedService
@@ -22,13 +23,6 @@ from pumpflow.simulator.faults import FaultConfig  # noqa: E402
 from pumpflow.simulator.market import Market, MarketConfig  # noqa: E402
 
 SPEED = 40.0
-
-
-async def wait_for(predicate, limit_s: float = 10.0) -> None:
-    """Poll a condition other tasks make true (the socket loop, bus handlers)."""
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110 (nothing to wait on but the outcome)
-            await asyncio.sleep(0.02)
 
 
 class Harness:
@@ -82,7 +76,7 @@ async def stop_harness(h: Harness) -> None:
 async def test_new_token_subscribes_its_trades_and_unsubscribe_stops_them():
     h = await start_harness()
     try:
-        await wait_for(lambda: any(h.of(m) for m in h.created()))
+        await eventually(lambda: any(h.of(m) for m in h.created()))
         mint = next(m for m in h.created() if h.of(m))
         assert mint in h.service.socket.active_mints
         assert h.of(mint, "token.created")[0].seq == 1
@@ -92,12 +86,12 @@ async def test_new_token_subscribes_its_trades_and_unsubscribe_stops_them():
             source="activity/test", time=0.0,
         )  # fmt: skip
         await h.bus.publish(command)
-        await wait_for(lambda: mint not in h.service.socket.active_mints)
-        await wait_for(lambda: h.service.socket.pending_messages == 0)
+        await eventually(lambda: mint not in h.service.socket.active_mints)
+        await eventually(lambda: h.service.socket.pending_messages == 0)
         await asyncio.sleep(0.3)  # frames already on the wire may still arrive
         count = len(h.of(mint))
         others = len(h.events)
-        await wait_for(lambda: len(h.events) > others + 20)  # the market goes on
+        await eventually(lambda: len(h.events) > others + 20)  # the market goes on
         assert len(h.of(mint)) == count
         assert h.service.subscriptions()["count"] == len(h.service.socket.active_mints)
     finally:
@@ -107,15 +101,15 @@ async def test_new_token_subscribes_its_trades_and_unsubscribe_stops_them():
 async def test_dropped_connection_resubscribes_every_active_mint():
     h = await start_harness()
     try:
-        await wait_for(lambda: sum(1 for m in h.created() if h.of(m)) >= 3)
+        await eventually(lambda: sum(1 for m in h.created() if h.of(m)) >= 3)
         before = set(h.service.socket.active_mints)
         assert await h.server.drop_connections() == 1
-        await wait_for(lambda: h.service.socket.sessions == 2 and h.service.socket.is_connected)
-        await wait_for(lambda: h.service.socket.pending_messages == 0)
+        await eventually(lambda: h.service.socket.sessions == 2 and h.service.socket.is_connected)
+        await eventually(lambda: h.service.socket.pending_messages == 0)
         assert before <= h.service.socket.active_mints
         # trades of mints created before the drop flow again on the new connection
         mark = len(h.events)
-        await wait_for(lambda: any(e.key in before and e.type == "token.trade"
+        await eventually(lambda: any(e.key in before and e.type == "token.trade"
                                    for e in h.events[mark:]))  # fmt: skip
         assert h.service.socket.metrics.reconnects._value.get() >= 1
     finally:
@@ -125,7 +119,7 @@ async def test_dropped_connection_resubscribes_every_active_mint():
 async def test_malformed_frames_are_dead_lettered_while_valid_ones_keep_flowing():
     h = await start_harness(faults=FaultConfig(malformed_rate=0.05, duplicate_rate=0.05, seed=3))
     try:
-        await wait_for(lambda: len(h.events) >= 300 and h.service.socket.invalid_frames >= 3)
+        await eventually(lambda: len(h.events) >= 300 and h.service.socket.invalid_frames >= 3)
         letters = await h.bus.dead_letters("feed", limit=1000)
         assert len(letters) >= 3
         assert all(letter.reason for letter in letters)
@@ -146,7 +140,7 @@ async def test_malformed_frames_are_dead_lettered_while_valid_ones_keep_flowing(
 async def test_record_then_replay_gives_the_same_events(pg_pool):
     h = await start_harness(db=pg_pool)
     try:
-        await wait_for(lambda: len(h.events) >= 200)
+        await eventually(lambda: len(h.events) >= 200)
     finally:
         await h.service.stop()  # flushes: every received event is stored and published
         await h.server.stop()

@@ -15,6 +15,7 @@ from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event
 from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
+from pumpflow.common.testing import eventually
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.manager import DataFeedManager
 from pumpflow.feed.metrics import FeedMetrics
@@ -101,13 +102,6 @@ async def bus_and_events():
     await bus.close()
 
 
-async def wait_for(predicate, limit_s: float = 5.0) -> None:
-    """Poll a condition set by other tasks (bus handlers, the feed's loop)."""
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110 (nothing to wait on but the outcome)
-            await asyncio.sleep(0.01)
-
-
 def make_feed(peer, bus, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
     metrics = FeedMetrics(CollectorRegistry())
     feed = SocketDataFeed(url=peer.url, clock=WallClock(), bus=bus, metrics=metrics,
@@ -125,7 +119,7 @@ async def test_new_token_leads_to_its_trade_subscription(peer, bus_and_events):
     await peer.send(create("MintA"))
     await peer.until(lambda: "MintA" in peer.trade_keys)
     await peer.send(trade("MintA", 1), trade("MintA", 2))
-    await wait_for(lambda: len(got) == 3)
+    await eventually(lambda: len(got) == 3)
     assert [(e.type, e.key, e.seq) for e in got] == [
         ("token.created", "MintA", 1), ("token.trade", "MintA", 2), ("token.trade", "MintA", 3),
     ]  # fmt: skip
@@ -166,9 +160,9 @@ async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_e
     assert feed.metrics.reconnects._value.get() == 1
     second = peer.received[[m["method"] for m in peer.received].index("subscribeNewToken", 1) :]
     assert [m["method"] for m in second[:2]] == ["subscribeNewToken", "subscribeMigration"]
-    await wait_for(lambda: feed.is_connected)
+    await eventually(lambda: feed.is_connected)
     await peer.send(trade("Mint5", 1))
-    await wait_for(lambda: any(e.type == "token.trade" for e in got))
+    await eventually(lambda: any(e.type == "token.trade" for e in got))
     await manager.stop()
 
 
@@ -178,7 +172,7 @@ async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(pe
     await manager.start()
     bad_schema = trade("MintA", 9).replace(b'"tokenAmount": 36189.104326', b'"tokenAmount": "x"')
     await peer.send(create("MintA"), b"{oops", bad_schema, ref.ERROR_STRING, trade("MintA", 1))
-    await wait_for(lambda: len(got) == 2)
+    await eventually(lambda: len(got) == 2)
     assert [e.type for e in got] == ["token.created", "token.trade"]
     letters = await bus.dead_letters("feed")
     assert [letter.body for letter in letters] == [b"{oops", bad_schema]

@@ -28,6 +28,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.testing import eventually
 
 
 def trade(mint: str, n: int = 0) -> TokenTrade:
@@ -64,15 +65,6 @@ def shutdown_event() -> Event:
 def exit_order_event(mint: str, seq: int = 1) -> Event:
     payload = ExitOrder(order_id=f"o-{mint}", mint=mint, position_id="p1", token_amount=10.0)
     return make_event(payload, source="exit/r1", time=time.time(), seq=seq)
-
-
-async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail the test when it does not in time."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.005)
 
 
 def metric(name: str, service: str, event_type: str, lane: str) -> float:
@@ -114,7 +106,7 @@ async def test_publish_and_consume(bus, service):
     sent = [trade_event(f"mint{i % 3}", i // 3 + 1) for i in range(9)]
     for event in sent:
         await bus.publish(event)
-    await wait_until(lambda: len(got.events) == len(sent))
+    await eventually(lambda: len(got.events) == len(sent))
     by_id = {e.id: e for e in got.events}
     assert set(by_id) == {e.id for e in sent}
     for event in sent:
@@ -131,7 +123,7 @@ async def test_routing_by_pattern(bus, service):
     )
     await bus.publish(features_event("mintA"))
     await bus.publish(trade_event("mintA", 1))
-    await wait_until(lambda: len(tokens.events) == 1 and len(features.events) == 1)
+    await eventually(lambda: len(tokens.events) == 1 and len(features.events) == 1)
     # the features event reached its subscriber first, so it would have reached us too
     await bus.drain(timeout=2)
     assert [e.type for e in tokens.events] == ["token.trade"]
@@ -153,7 +145,7 @@ async def test_order_per_key_under_concurrency(bus, service):
             await bus.publish(trade_event(key, seq))
 
     await asyncio.gather(*(publish_key(k) for k in keys))
-    await wait_until(lambda: len(got) == len(keys) * per_key, within=20)
+    await eventually(lambda: len(got) == len(keys) * per_key, within=20)
     for key in keys:
         assert [e.seq for e in got if e.key == key] == list(range(1, per_key + 1))
 
@@ -166,7 +158,7 @@ async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, servi
     sent = [trade_event("mintP", seq) for seq in range(1, 7)]
     for event in sent:
         await bus.publish(event)
-    await wait_until(lambda: len(got.events) == 5)
+    await eventually(lambda: len(got.events) == 5)
     assert [e.seq for e in got.events] == [1, 2, 4, 5, 6]
     assert got.attempts[sent[2].id] == 2
     letters = []
@@ -219,8 +211,8 @@ async def test_duplicates_are_dropped_and_counted(bus, service):
     await bus.publish(first)  # a publisher retry after a lost confirm
     await bus.publish(trade_event("mintD", 1))  # another id, same seq: still a duplicate
     await bus.publish(trade_event("mintD", 2))
-    await wait_until(lambda: len(got.events) == 2)
-    await wait_until(
+    await eventually(lambda: len(got.events) == 2)
+    await eventually(
         lambda: metric("pumpflow_events_duplicate_total", service, "token.trade", "partition") == 2
     )
     assert [e.seq for e in got.events] == [1, 2]
@@ -231,7 +223,7 @@ async def test_a_gap_is_counted_and_processed(bus, service):
     await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
     for seq in (1, 2, 5, 6):
         await bus.publish(trade_event("mintG", seq))
-    await wait_until(lambda: len(got.events) == 4)
+    await eventually(lambda: len(got.events) == 4)
     assert [e.seq for e in got.events] == [1, 2, 5, 6]
     assert metric("pumpflow_events_gap_total", service, "token.trade", "partition") == 1
 
@@ -253,12 +245,12 @@ async def test_critical_lane_overtakes_a_backlog(bus, service):
     await bus.publish_many(trade_event("mintC", seq) for seq in range(1, backlog + 1))
     await bus.publish(shutdown_event())
     await bus.publish(exit_order_event("mintC"))
-    await wait_until(
+    await eventually(
         lambda: got.of_type("system.shutdown") and got.of_type("exit.order"), within=10
     )
     # both critical events were handled while most of the backlog was still waiting
     assert len(got.of_type("token.trade")) < backlog // 2
-    await wait_until(lambda: len(got.of_type("token.trade")) == backlog, within=20)
+    await eventually(lambda: len(got.of_type("token.trade")) == backlog, within=20)
     assert [e.seq for e in got.of_type("token.trade")] == list(range(1, backlog + 1))
 
 
@@ -270,12 +262,12 @@ async def test_a_consumer_restarted_mid_stream_loses_nothing(harness, service):
     await consumer.subscribe(old)
     sent = [trade_event(f"mint{i % 5}", i // 5 + 1) for i in range(300)]
     await publisher.publish_many(sent)
-    await wait_until(lambda: len(got.events) >= 30)
+    await eventually(lambda: len(got.events) >= 30)
     new = Subscription(service=service, patterns=("token.*",), handler=got)
     await harness.restart_consumer(consumer, old, new)
     handled_before = len(got.events)
     assert handled_before < len(sent)  # the restart really was mid-stream
-    await wait_until(lambda: {e.id for e in got.events} >= {e.id for e in sent}, within=30)
+    await eventually(lambda: {e.id for e in got.events} >= {e.id for e in sent}, within=30)
     # at least once: anything handled twice was in flight during the restart
     assert set(got.ids) == {e.id for e in sent}
     for key in {e.key for e in sent}:
@@ -294,7 +286,7 @@ async def test_broadcast_reaches_every_replica(harness, service):
         )
     shutdown = shutdown_event()
     await bus.publish(shutdown)
-    await wait_until(lambda: all(len(r.events) == 1 for r in replicas))
+    await eventually(lambda: all(len(r.events) == 1 for r in replicas))
     assert all(r.ids == [shutdown.id] for r in replicas)
 
 
@@ -309,7 +301,7 @@ async def test_replicas_split_partitions(harness, service):
     )
     sent = [trade_event(f"mint{i}", 1) for i in range(40)]
     await bus.publish_many(sent)
-    await wait_until(lambda: len(low.events) + len(high.events) == len(sent))
+    await eventually(lambda: len(low.events) + len(high.events) == len(sent))
     await bus.drain(timeout=2)
     assert sorted(low.ids + high.ids) == sorted(e.id for e in sent)
     assert {partition_of(e.key, 4) for e in low.events} <= {0, 1}
@@ -324,7 +316,7 @@ async def test_replicas_of_all_partitions_handle_each_event_once(harness, servic
         await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
     sent = [trade_event(f"mint{i}", 1) for i in range(40)]
     await bus.publish_many(sent)
-    await wait_until(lambda: len(first.events) + len(second.events) == len(sent))
+    await eventually(lambda: len(first.events) + len(second.events) == len(sent))
     await bus.drain(timeout=2)
     assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
 
@@ -333,7 +325,7 @@ async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(bus, s
     got = Recorder(delay=0.02)
     await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
     await bus.publish_many(trade_event("mintT", seq) for seq in range(1, 51))
-    await wait_until(lambda: len(got.events) >= 1)
+    await eventually(lambda: len(got.events) >= 1)
     await bus.stop_consuming()
     assert await bus.drain(timeout=2)
     assert not bus.is_healthy()
@@ -366,7 +358,7 @@ async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, serv
             exchange = await channel.get_exchange(f"{namespace}.events")
             await exchange.publish(aio_pika.Message(b'{"id": 1}'), "token.trade.v1.p00")
         await bus.publish(trade_event("mintM", 1))
-        await wait_until(lambda: len(got.events) == 1)
+        await eventually(lambda: len(got.events) == 1)
         letters = []
         for _ in range(100):
             letters += await bus.dead_letters(service)
@@ -497,17 +489,17 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
         got = Recorder()
         await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
         await bus.publish_many(trade_event("mintR", seq) for seq in range(1, 11))
-        await wait_until(lambda: len(got.events) == 10)
+        await eventually(lambda: len(got.events) == 10)
         # the AMQP connection underneath dies as on a network failure; aio-pika reconnects
         lost = bus._connection.transport.connection
         await lost.close(ConnectionError("simulated network failure"))
-        await wait_until(
+        await eventually(
             lambda: getattr(bus._connection.transport, "connection", lost) is not lost, within=20
         )
         await bus._connection.ready()
         for seq in range(11, 21):
             await bus.publish(trade_event("mintR", seq))
-        await wait_until(lambda: len(got.events) >= 20, within=20)
+        await eventually(lambda: len(got.events) >= 20, within=20)
         assert sorted({e.seq for e in got.events}) == list(range(1, 21))
     finally:
         await bus.delete_topology()
