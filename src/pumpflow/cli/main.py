@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.migrate",
     "pumpflow.cli.serve",
     "pumpflow.cli.delegated",
+    "pumpflow.cli.dead_letters",
 )
 
 

@@ -191,6 +191,26 @@ async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
     ]
 
 
+async def test_dead_letters_can_be_peeked_without_removing_them(bus, service):
+    for n in range(3):
+        await bus.dead_letter(f"frame {n}".encode(), service=service, reason=f"bad {n}")
+    peeked: list = []
+    for _ in range(100):
+        peeked = await bus.dead_letters(service, limit=2, remove=False)
+        if len(peeked) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [d.body for d in peeked] == [b"frame 0", b"frame 1"]
+    # a peek leaves them where they were: the next read gets them again, in order
+    assert [d.reason for d in await bus.dead_letters(service, limit=2, remove=False)] == [
+        "bad 0",
+        "bad 1",
+    ]
+    taken = await bus.dead_letters(service, limit=10)
+    assert [d.body for d in taken] == [b"frame 0", b"frame 1", b"frame 2"]
+    assert await bus.dead_letters(service, remove=False) == []
+
+
 async def test_publishing_a_wrong_payload_is_refused(bus, service):
     wrong = make_event(trade("mintW"), source="feed/r1", time=time.time(), seq=1)
     wrong = Event(

@@ -109,8 +109,14 @@ class EventBus(EventPublisher, EventSubscriber):
         """Store input that cannot be processed (a malformed frame, say) with its reason."""
 
     @abstractmethod
-    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
-        """Return (and remove) up to ``limit`` dead letters of a service."""
+    async def dead_letters(
+        self, service: str, limit: int = 100, *, remove: bool = True
+    ) -> list[DeadLetter]:
+        """Return up to ``limit`` dead letters of a service, oldest first.
+
+        With ``remove`` they leave the store; without, they stay where they were
+        (a peek), so a caller can save them before removing them.
+        """
 
     @abstractmethod
     def is_healthy(self) -> bool:

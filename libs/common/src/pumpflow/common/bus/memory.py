@@ -17,6 +17,7 @@ the same bus, which picks up every event still queued.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -386,8 +387,14 @@ class InMemoryBus(EventBus):
             DeadLetter(service=service, reason=reason, body=body, event_type=event_type)
         )
 
-    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self, service: str, limit: int = 100, *, remove: bool = True
+    ) -> list[DeadLetter]:
         stored = self._dead.get(service)
+        if not stored:
+            return []
+        if not remove:
+            return list(itertools.islice(stored, limit))
         out: list[DeadLetter] = []
         while stored and len(out) < limit:
             out.append(stored.popleft())

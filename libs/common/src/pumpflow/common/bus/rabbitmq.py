@@ -619,25 +619,40 @@ class RabbitMQBus(EventBus):
         record_dead_letter(service, event_type, INPUT)
         await self._to_dlq(service, body, reason, event_type=event_type)
 
-    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self, service: str, limit: int = 100, *, remove: bool = True
+    ) -> list[DeadLetter]:
         queue = await self._declare_dlq(service)
         letters: list[DeadLetter] = []
-        while len(letters) < limit:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
-            letters.append(
-                DeadLetter(
-                    service=service,
-                    reason=headers.get(REASON_HEADER) or _broker_reason(message),
-                    body=message.body,
-                    event_type=headers.get("x-pumpflow-type") or _type_of(message.routing_key),
-                    key=headers.get("x-pumpflow-key"),
-                    headers=headers,
+        held = []
+        complete = False
+        try:
+            while len(letters) < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                held.append(message)
+                headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
+                letters.append(
+                    DeadLetter(
+                        service=service,
+                        reason=headers.get(REASON_HEADER) or _broker_reason(message),
+                        body=message.body,
+                        event_type=headers.get("x-pumpflow-type")
+                        or _type_of(message.routing_key),
+                        key=headers.get("x-pumpflow-key"),
+                        headers=headers,
+                    )
                 )
-            )
-            await message.ack()
+            complete = True
+        finally:
+            # a peek hands every message back; so does a read that failed half way,
+            # since the caller never received what was read
+            for message in held:
+                if not (remove and complete):
+                    await message.nack(requeue=True)
+                else:
+                    await message.ack()
         return letters
 
 
