@@ -258,3 +258,21 @@ async def test_speed_scales_the_market_clock():
         assert 15.0 <= server.market_time <= 21.0
     finally:
         await server.stop()
+
+
+async def test_more_than_200_requests_in_a_second_are_refused(server):
+    async with connect(server.url) as ws:
+        burst = pumpportal.MAX_MESSAGES_PER_SECOND + 20
+        started = time.monotonic()
+        for i in range(burst):
+            await _send(ws, "subscribeTokenTrade", [f"mint{i}"])
+        replies = [await _recv(ws) for _ in range(burst)]
+        if time.monotonic() - started < 1.0:  # the burst fit in one window, as intended
+            refused = [r for r in replies if r.get("errors", "").startswith("Rate limit")]
+            assert len(refused) == 20
+            assert replies[-1] == refused[-1]
+            assert server.counters["rate_limited"] == 20
+        # after the window, requests pass again
+        await asyncio.sleep(1.05)
+        await _send(ws, "subscribeNewToken")
+        assert await _recv(ws) == {"message": pumpportal.ACK_NEW_TOKEN}

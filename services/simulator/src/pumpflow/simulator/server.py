@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import random
-from collections import Counter
+from collections import Counter, deque
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +39,10 @@ ERROR_INVALID_JSON = "Invalid message: expected a JSON object with a 'method'."
 ERROR_UNSUBSCRIBE_MIGRATION = "Method 'unsubscribeMigration' is not supported."
 ERROR_TOO_MANY_KEYS = f"Too many keys in one message: at most {MAX_KEYS_PER_MESSAGE}."
 ERROR_BAD_KEYS = "'keys' must be a list of strings."
+MAX_MESSAGES_PER_SECOND = pumpportal.MAX_MESSAGES_PER_SECOND
+ERROR_RATE_LIMITED = (
+    f"Rate limit exceeded: at most {MAX_MESSAGES_PER_SECOND} messages per second."
+)
 
 #: queue bound per connection; a real-time client that falls this far behind is dropped
 _QUEUE_LIMIT = 50_000
@@ -61,6 +65,18 @@ class _Client:
         self.mints: set[str] = set()
         self.accounts: set[str] = set()
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_limit)
+        #: arrival times of the requests of the last second (the rate limit's window)
+        self.recent: deque[float] = deque()
+
+    def over_rate_limit(self, now: float) -> bool:
+        """Count a request at ``now``; True when it is one too many for its second."""
+        recent = self.recent
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        if len(recent) >= MAX_MESSAGES_PER_SECOND:
+            return True
+        recent.append(now)
+        return False
 
     def wants(self, frame: Frame) -> bool:
         tx = frame["txType"]
@@ -194,6 +210,11 @@ class SimulatorServer:
             client.queue.put_nowait(text)
 
     def _on_message(self, client: _Client, message: str | bytes) -> None:
+        if client.over_rate_limit(asyncio.get_running_loop().time()):
+            # the real service bans such clients; refusing the request is what a
+            # client can observe and test against without waiting out a ban
+            self._reply(client, _control(errors=ERROR_RATE_LIMITED), "rate_limited")
+            return
         try:
             request = json.loads(message)
             method = request["method"]
