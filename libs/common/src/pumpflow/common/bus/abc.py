@@ -98,6 +98,28 @@ class EventBus(EventPublisher, EventSubscriber):
         whose ``drain`` already ends on its own may keep the default, which does nothing.
         """
 
+    async def consume_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        """Also consume these partition queues for ``subscription`` (subscribed before).
+
+        Partitions it consumes already are left as they are. Used to move partitions
+        between replicas (``bus.ownership``); with single-active-consumer a queue
+        another replica still holds waits until that replica releases it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot move partitions")
+
+    async def release_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        """Stop consuming these partition queues for ``subscription``.
+
+        Returns once the handlers in flight on them returned and their messages are
+        acked; deliveries no handler started go back to the queue in their place, for
+        whichever consumer the queue goes to next.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot move partitions")
+
     @abstractmethod
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
         """Wait until every delivered message is handled; True when idle in time."""

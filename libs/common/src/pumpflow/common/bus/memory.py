@@ -79,6 +79,8 @@ class _Replica:
     critical_types: frozenset[tuple[str, int]]
     #: lanes currently running this replica's handler
     busy: set[_Lane] = field(default_factory=set)
+    #: partitions it consumes; None means all of them
+    owned: set[int] | None = None
 
 
 class _Group:
@@ -100,7 +102,7 @@ class _Group:
         for lane in (*self.partitions, self.critical):
             lane.consumer = None
             for replica in self.replicas:
-                wanted = replica.subscription.partitions
+                wanted = replica.owned
                 if lane.partition is None or wanted is None or lane.partition in wanted:
                     lane.consumer = replica
                     break
@@ -222,6 +224,7 @@ class InMemoryBus(EventBus):
             critical_broadcast=_Lane(group, self.dispatcher(service, CRITICAL), None),
             broadcast_types=frozenset((t, version) for t in bindings.partition),
             critical_types=frozenset((t, version) for t in bindings.critical),
+            owned=None if subscription.partitions is None else set(subscription.partitions),
         )
         group.replicas.append(replica)
         group.assign()
@@ -250,6 +253,42 @@ class InMemoryBus(EventBus):
             if lane.worker is not None:
                 lane.worker.cancel()
                 lane.worker = None
+
+    def _replica(self, subscription: Subscription) -> tuple[_Group, _Replica]:
+        group = self._groups.get(subscription.service)
+        found = (
+            None
+            if group is None
+            else next((r for r in group.replicas if r.subscription is subscription), None)
+        )
+        if found is None:
+            raise ValueError(f"{subscription.service}: subscription is not subscribed")
+        return group, found
+
+    async def consume_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        group, replica = self._replica(subscription)
+        if replica.owned is None:
+            return
+        replica.owned.update(partitions)
+        group.assign()
+        await self._resume(group)
+
+    async def release_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        group, replica = self._replica(subscription)
+        released = set(partitions)
+        if replica.owned is None:
+            replica.owned = set(range(self.partitions))
+        replica.owned -= released
+        group.assign()
+        # the lane's next event goes to its next consumer, after the one in flight
+        for lane in [group.partitions[p] for p in released if 0 <= p < self.partitions]:
+            while lane in replica.busy:
+                await lane.idle.wait()
+        await self._resume(group)
 
     async def _resume(self, group: _Group) -> None:
         if not self._consuming:

@@ -99,6 +99,8 @@ class _Consumer:
     queue_name: str
     subscription: Subscription
     dispatcher: Dispatcher
+    #: the partition of a partition queue's consumer
+    partition: int | None = None
     channel: AbstractChannel | None = None
     queue: AbstractQueue | None = None
     tag: str | None = None
@@ -415,8 +417,8 @@ class RabbitMQBus(EventBus):
         version = bindings.version
         await self._declare_dlq(service)
         channel = self._channel
-        plans: list[tuple[str, str, list[str], bool, bool]] = []
-        # (queue, lane, routing keys, durable/shared, consumed by this replica)
+        plans: list[tuple[str, str, list[str], bool, bool, int | None]] = []
+        # (queue, lane, routing keys, durable/shared, consumed by this replica, partition)
         # each subscription is a replica, even several on one bus object
         self._replicas += 1
         replica = f"{self.replica_id}-{self._replicas}"
@@ -424,24 +426,25 @@ class RabbitMQBus(EventBus):
         for p in range(self.partitions):
             keys = [routing_key(t, version, p) for t in bindings.partition]
             consumed = wanted is None or p in wanted
-            plans.append((self._name(partition_queue(service, p)), PARTITION, keys, True, consumed))
+            name = self._name(partition_queue(service, p))
+            plans.append((name, PARTITION, keys, True, consumed, p))
         if bindings.critical:
             keys = [
                 routing_key(t, version, p)
                 for t in bindings.critical
                 for p in range(self.partitions)
             ]
-            plans.append((self._name(critical_queue(service)), CRITICAL, keys, True, True))
+            plans.append((self._name(critical_queue(service)), CRITICAL, keys, True, True, None))
         if bindings.partition:
             keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.partition]
             name = self._name(service, "bcast", replica)
-            plans.append((name, BROADCAST, keys, False, True))
+            plans.append((name, BROADCAST, keys, False, True, None))
         if bindings.critical:
             keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.critical]
             name = self._name(service, "critical", replica)
-            plans.append((name, CRITICAL, keys, False, True))
+            plans.append((name, CRITICAL, keys, False, True, None))
 
-        for name, lane, keys, shared, consumed in plans:
+        for name, lane, keys, shared, consumed, partition in plans:
             queue = await channel.declare_queue(
                 name,
                 durable=shared,
@@ -452,10 +455,46 @@ class RabbitMQBus(EventBus):
             for key in keys:
                 await queue.bind(self.exchange_name, routing_key=key)
             if consumed:
-                await self._consume(name, lane, subscription, shared)
+                await self._consume(name, lane, subscription, partition)
+
+    async def consume_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        if not self._consuming:
+            return
+        held = {
+            c.partition
+            for c in self._consumers
+            if c.subscription is subscription and c.partition is not None
+        }
+        wanted = sorted({p for p in partitions if 0 <= p < self.partitions} - held)
+        service = subscription.service
+        await asyncio.gather(
+            *(
+                self._consume(self._name(partition_queue(service, p)), PARTITION, subscription, p)
+                for p in wanted
+            )
+        )
+
+    async def release_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        released = set(partitions)
+        mine = [
+            c for c in self._consumers if c.subscription is subscription and c.partition in released
+        ]
+        await asyncio.gather(*(self._retire(c) for c in mine))
+
+    async def _retire(self, consumer: _Consumer) -> None:
+        """Stop a consumer, finish its message in flight, ack, close its channel."""
+        if consumer in self._consumers:
+            self._consumers.remove(consumer)
+        await self._stop_consumer(consumer)
+        if consumer.channel is not None and not consumer.channel.is_closed:
+            await consumer.channel.close()
 
     async def _consume(
-        self, name: str, lane: str, subscription: Subscription, shared: bool
+        self, name: str, lane: str, subscription: Subscription, partition: int | None = None
     ) -> None:
         assert self._connection is not None
         consumer = _Consumer(
@@ -464,6 +503,7 @@ class RabbitMQBus(EventBus):
             dispatcher=Dispatcher(
                 service=subscription.service, lane=lane, event_log=self.event_log
             ),
+            partition=partition,
         )
         consumer.channel = await self._connection.channel()
         await consumer.channel.set_qos(prefetch_count=self.prefetch)
@@ -511,10 +551,7 @@ class RabbitMQBus(EventBus):
         """Stop this replica's consumers of ``subscription``; unhandled messages go back."""
         mine = [c for c in self._consumers if c.subscription is subscription]
         for consumer in mine:
-            await self._stop_consumer(consumer)
-            if consumer.channel is not None and not consumer.channel.is_closed:
-                await consumer.channel.close()
-            self._consumers.remove(consumer)
+            await self._retire(consumer)
 
     # ---------------------------------------------------------------- consuming
 

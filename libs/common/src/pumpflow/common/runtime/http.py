@@ -96,6 +96,11 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
     if service.needs_db:
         probes["postgres"] = postgres
     checks = dict(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
+    ownership = getattr(ctx.bus, "ownership", None)
+    if callable(ownership):
+        # which partitions this replica consumes (replicas share them)
+        for name, owned in ownership().items():
+            checks[f"partitions:{name}"] = {**owned, "ok": owned["healthy"]}
     try:
         status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
         service_ok = status.get("ready", True) is not False

@@ -3,6 +3,10 @@
 Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
 flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
 exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
+
+Over RabbitMQ the service gets a :class:`~pumpflow.common.bus.ownership.BalancedBus`
+(unless ``balance_partitions`` is off): its replicas share the partitions, and on
+SIGTERM this replica first leaves, so the others take its partitions over.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ async def run_service(
     stop = stop or asyncio.Event()
     installed = _install_signal_handlers(stop)
     clock = WallClock()
-    bus = store = db = None
+    bus = store = db = balance_store = None
     service: Service | None = None
     http: HttpServer | None = None
     started = False
@@ -107,6 +111,8 @@ async def run_service(
             from pumpflow.common.db.pool import create_pool
 
             db = await create_pool(settings.postgres_dsn, settings.namespace)
+        if settings.transport == "rabbitmq" and settings.balance_partitions:
+            bus, balance_store = _balanced(bus, settings, store, clock)
         ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=store, db=db)
         service = service_cls(settings)
         await service.start(ctx)
@@ -137,6 +143,8 @@ async def run_service(
             await _bounded("bus close", bus.close())
         if store is not None:
             await _bounded("store close", store.close())
+        if balance_store is not None:
+            await _bounded("heartbeat store close", balance_store.close())
         if db is not None:
             await _bounded("pool close", db.close())
         loop = asyncio.get_running_loop()
@@ -144,6 +152,29 @@ async def run_service(
             loop.remove_signal_handler(sig)
         log.info("%s stopped (exit %d)", settings.service, exit_code)
     return exit_code
+
+
+def _balanced(bus, settings: CommonSettings, store, clock):
+    """Wrap the bus so replicas share partitions; return it and a store it opened, if any.
+
+    Heartbeats go to the service's Redis store, or to one of their own (it connects on
+    first use, so a service without keyed subscriptions never touches Redis).
+    """
+    from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
+
+    own_store = None
+    if store is None:
+        from pumpflow.common.state.redis import RedisStateStore
+
+        store = own_store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+    wrapped = BalancedBus(
+        bus,
+        store=store,
+        clock=clock,
+        replica=settings.replica,
+        config=OwnershipConfig.of(settings),
+    )
+    return wrapped, own_store
 
 
 async def _drain(bus, limit_s: float) -> None:

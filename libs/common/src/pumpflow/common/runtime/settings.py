@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,25 @@ class CommonSettings(BaseSettings):
     event_log: Literal["none", "sampled", "all"] = Field("none", description="event audit log")
     event_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="share logged")
     drain_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: time to drain handlers")
+    balance_partitions: bool = Field(
+        True,
+        description="replicas share partitions by rendezvous hashing over live replicas "
+        "(rabbitmq); off: every replica consumes all, single-active-consumer picks one",
+    )
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="how often a replica heartbeats in Redis and rebalances"
+    )
+    heartbeat_ttl_s: float = Field(
+        3.0, gt=0, description="a replica silent this long is dead; others take its partitions"
+    )
+
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _ttl_above_interval(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("heartbeat_interval_s")
+        if interval is not None and value <= interval:
+            raise ValueError(f"must be above heartbeat_interval_s ({interval})")
+        return value
 
     @property
     def source(self) -> str:

@@ -1,0 +1,473 @@
+"""Partition ownership: the replicas of a service share its partitions between them.
+
+- :func:`assign_partitions`: rendezvous (highest-random-weight) hashing with bounded
+  load. Every (partition, replica) pair has a stable weight; pairs are taken by
+  descending weight and a partition goes to the first replica that still has room
+  (``partitions // n`` each, one more for ``partitions % n`` of them). A pure function
+  of the partition count and the set of live replica ids, so every replica computes
+  the same answer on its own, and a change of membership moves few partitions.
+- :class:`ReplicaRegistry`: each replica heartbeats ``replicas:<service>:<replica>``
+  in the StateStore with a TTL; the live replicas are the keys that have not expired.
+- :class:`PartitionBalancer`: consumes the partitions this replica owns for a
+  service's partitioned subscriptions and, when membership changes, hands them over:
+  it stops consuming the lost ones (their handlers in flight finish and are acked;
+  the service checkpoints before it acks, so the next owner loads the state from the
+  store) and consumes the gained ones. Single-active-consumer keeps a queue to one
+  active consumer even while two replicas briefly both hold it.
+- :class:`BalancedBus`: the bus the runner hands a distributed service. It passes
+  everything to the transport, except that a subscription to keyed events with
+  ``partitions=None`` is balanced; critical and broadcast lanes stay with every
+  replica. Services need no change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from prometheus_client import Counter, Gauge
+
+from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription
+from pumpflow.common.bus.routing import resolve_types
+from pumpflow.common.clock import Clock, TimerHandle
+from pumpflow.common.events import Event
+from pumpflow.common.state.abc import StateStore
+
+if TYPE_CHECKING:
+    from pumpflow.common.runtime.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+REGISTRY_PREFIX = "replicas:"
+
+OWNED = Gauge(
+    "pumpflow_partitions_owned",
+    "Partitions this replica consumes for the service.",
+    ["service", "replica"],
+)
+LIVE_REPLICAS = Gauge(
+    "pumpflow_partition_replicas",
+    "Live replicas of the service, as this replica last saw them.",
+    ["service", "replica"],
+)
+REBALANCES = Counter(
+    "pumpflow_partition_rebalances",
+    "Changes of the partitions this replica owns.",
+    ["service", "replica"],
+)
+HEARTBEAT_FAILURES = Counter(
+    "pumpflow_partition_heartbeat_failures",
+    "Heartbeats or membership reads that failed (ownership kept as it was).",
+    ["service", "replica"],
+)
+
+
+# ---------------------------------------------------------------------- assignment
+
+
+def partition_weight(replica: str, partition: int) -> int:
+    """Stable 64-bit weight of a (replica, partition) pair, the same in every process."""
+    digest = hashlib.blake2b(f"{partition}\x00{replica}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def assign_partitions(partitions: int, replicas: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Each live replica's partitions: disjoint, covering all, sizes differing by one at most."""
+    members = sorted(set(replicas))
+    if not members:
+        return {}
+    base, extra = divmod(partitions, len(members))
+    pairs = sorted(
+        ((partition_weight(r, p), r, p) for r in members for p in range(partitions)),
+        reverse=True,
+    )
+    owner: dict[int, str] = {}
+    load = dict.fromkeys(members, 0)
+    full = 0  # replicas that took one more than ``base``
+    for _, replica, partition in pairs:
+        if partition in owner:
+            continue
+        room = base + 1 if full < extra else base
+        if load[replica] >= room:
+            continue
+        owner[partition] = replica
+        load[replica] += 1
+        if load[replica] == base + 1:
+            full += 1
+        if len(owner) == partitions:
+            break
+    out: dict[str, list[int]] = {r: [] for r in members}
+    for partition in range(partitions):
+        out[owner[partition]].append(partition)
+    return {r: tuple(ps) for r, ps in out.items()}
+
+
+def owned_partitions(partitions: int, replicas: Iterable[str], replica: str) -> tuple[int, ...]:
+    """The partitions ``replica`` owns among ``replicas`` (itself counted as live)."""
+    return assign_partitions(partitions, {*replicas, replica})[replica]
+
+
+# ---------------------------------------------------------------------- membership
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnershipConfig:
+    """How often a replica heartbeats and how long its heartbeat keeps it alive."""
+
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s must be above 0")
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be above heartbeat_interval_s")
+
+    @classmethod
+    def of(cls, settings: CommonSettings) -> OwnershipConfig:
+        return cls(
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        )
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    replica: str
+    #: clock time of the first and of the latest heartbeat
+    since: float
+    at: float
+
+
+class ReplicaRegistry:
+    """Live replicas of one service, as heartbeat keys with a TTL in the StateStore."""
+
+    def __init__(
+        self, store: StateStore, clock: Clock, *, service: str, replica: str, ttl_s: float
+    ):
+        self.store = store
+        self.clock = clock
+        self.service = service
+        self.replica = replica
+        self.ttl_s = ttl_s
+        self.prefix = f"{REGISTRY_PREFIX}{service}:"
+        self.key = self.prefix + replica
+        self._since: float | None = None
+
+    async def heartbeat(self) -> None:
+        """Say this replica is alive for the next ``ttl_s`` seconds."""
+        now = self.clock.now()
+        if self._since is None:
+            self._since = now
+        beat = Heartbeat(replica=self.replica, since=self._since, at=now)
+        await self.store.set(self.key, msgspec.json.encode(beat), ttl=self.ttl_s)
+
+    async def live(self) -> list[str]:
+        """Ids of the replicas whose heartbeat has not expired, sorted."""
+        keys = await self.store.scan_keys(self.prefix)
+        return sorted(k[len(self.prefix) :] for k in keys)
+
+    async def leave(self) -> None:
+        """Remove this replica's heartbeat, so the others take its partitions at once."""
+        self._since = None
+        await self.store.delete_many([self.key])
+
+
+# ---------------------------------------------------------------------- balancing
+
+
+class PartitionBalancer:
+    """Keeps this replica's partitioned subscriptions of one service on its partitions."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        registry: ReplicaRegistry,
+        clock: Clock,
+        *,
+        interval_s: float,
+    ):
+        self.bus = bus
+        self.registry = registry
+        self.clock = clock
+        self.interval_s = interval_s
+        self.service = registry.service
+        self.replica = registry.replica
+        #: partitions consumed now, and the live replicas they were computed from
+        self.owned: frozenset[int] = frozenset()
+        self.replicas: tuple[str, ...] = ()
+        self.rebalances = 0
+        #: False after a failed heartbeat, until one succeeds
+        self.healthy = False
+        self._subscriptions: list[Subscription] = []
+        self._lock = asyncio.Lock()
+        self._timer: TimerHandle | None = None
+        self._running = False
+        self._labels = (self.service, self.replica)
+
+    @property
+    def running(self) -> bool:
+        """True from the first subscription until :meth:`stop`."""
+        return self._running
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return tuple(self._subscriptions)
+
+    async def add(self, subscription: Subscription) -> None:
+        """Subscribe (consuming no partition yet), then consume the owned partitions."""
+        async with self._lock:
+            await self.bus.subscribe(subscription)
+            self._subscriptions.append(subscription)
+            if self.owned:
+                await self.bus.consume_partitions(subscription, sorted(self.owned))
+        if not self._running:
+            self._running = True
+            await self.rebalance()
+            self._schedule()
+
+    async def remove(self, subscription: Subscription) -> None:
+        async with self._lock:
+            if any(s is subscription for s in self._subscriptions):
+                self._subscriptions = [s for s in self._subscriptions if s is not subscription]
+                unsubscribe = getattr(self.bus, "unsubscribe", None)
+                if unsubscribe is not None:
+                    await unsubscribe(subscription)
+
+    async def rebalance(self) -> bool:
+        """Heartbeat, read the live replicas, move partitions; True when ownership changed."""
+        async with self._lock:
+            try:
+                await self.registry.heartbeat()
+                live = await self.registry.live()
+            except Exception as exc:
+                # keep what we consume: single-active-consumer still keeps each queue
+                # to one consumer if the others take our partitions meanwhile
+                self.healthy = False
+                HEARTBEAT_FAILURES.labels(*self._labels).inc()
+                log.warning("%s/%s: heartbeat failed: %r", self.service, self.replica, exc)
+                return False
+            self.healthy = True
+            replicas = tuple(sorted({*live, self.replica}))
+            target = frozenset(owned_partitions(self.bus.partitions, replicas, self.replica))
+            LIVE_REPLICAS.labels(*self._labels).set(len(replicas))
+            if replicas != self.replicas:
+                log.info("%s/%s: live replicas %s", self.service, self.replica, ", ".join(replicas))
+                self.replicas = replicas
+            return await self._move_to(target)
+
+    async def _move_to(self, target: frozenset[int]) -> bool:
+        lost = self.owned - target
+        gained = target - self.owned
+        if not lost and not gained:
+            return False
+        if lost:
+            # lost ones first: their handlers in flight finish and ack, the rest of
+            # their queue waits for the next owner, who loads the state from the store
+            for subscription in self._subscriptions:
+                await self.bus.release_partitions(subscription, sorted(lost))
+            self.owned -= lost
+        if gained:
+            for subscription in self._subscriptions:
+                await self.bus.consume_partitions(subscription, sorted(gained))
+            self.owned |= gained
+        self.rebalances += 1
+        REBALANCES.labels(*self._labels).inc()
+        OWNED.labels(*self._labels).set(len(self.owned))
+        log.info(
+            "%s/%s: partitions +%s -%s, now %s (%d of %d, %d replicas)",
+            self.service,
+            self.replica,
+            _span(gained),
+            _span(lost),
+            _span(self.owned),
+            len(self.owned),
+            self.bus.partitions,
+            len(self.replicas),
+        )
+        return True
+
+    def _schedule(self) -> None:
+        if self._running:
+            self._timer = self.clock.call_later(self.interval_s, self._tick)
+
+    async def _tick(self) -> None:
+        if not self._running:
+            return
+        try:
+            await self.rebalance()
+        except Exception:
+            log.exception("%s/%s: rebalancing failed; retrying", self.service, self.replica)
+        self._schedule()
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeating; ``leave`` removes the heartbeat so others take over at once.
+
+        Consumers are left to the bus (``stop_consuming`` hands their partitions back).
+        ``leave=False`` is what a crash looks like to the others: they take over when
+        the heartbeat expires.
+        """
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        async with self._lock:  # a rebalance in progress completes first
+            pass
+        if leave:
+            try:
+                await self.registry.leave()
+            except Exception as exc:
+                log.warning("%s/%s: leaving failed: %r", self.service, self.replica, exc)
+        OWNED.labels(*self._labels).set(0)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "owned": sorted(self.owned),
+            "replicas": list(self.replicas),
+            "rebalances": self.rebalances,
+            "healthy": self.healthy,
+        }
+
+
+def _span(partitions: Iterable[int]) -> str:
+    return "[" + ",".join(str(p) for p in sorted(partitions)) + "]"
+
+
+def balanced(subscription: Subscription) -> bool:
+    """True when the balancer should share the subscription's partitions between replicas.
+
+    Subscriptions that name their partitions keep them; those that want no keyed
+    event (commands to the feed, say) have nothing in their partition queues.
+    """
+    if subscription.partitions is not None:
+        return False
+    schemas = resolve_types(subscription.patterns, subscription.version)
+    return any(s.KEY_FIELD is not None and not s.CRITICAL for s in schemas)
+
+
+class BalancedBus(EventBus):
+    """A transport whose partitioned subscriptions are shared with the other replicas."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        store: StateStore,
+        clock: Clock,
+        replica: str,
+        config: OwnershipConfig | None = None,
+    ):
+        self.inner = bus
+        self.partitions = bus.partitions
+        self.store = store
+        self.clock = clock
+        self.replica = replica
+        self.config = config or OwnershipConfig()
+        self.balancers: dict[str, PartitionBalancer] = {}
+        #: (the service's subscription, the one the transport got) per balanced one
+        self._balanced: list[tuple[Subscription, Subscription]] = []
+
+    def balancer(self, service: str) -> PartitionBalancer:
+        found = self.balancers.get(service)
+        if found is None:
+            registry = ReplicaRegistry(
+                self.store,
+                self.clock,
+                service=service,
+                replica=self.replica,
+                ttl_s=self.config.heartbeat_ttl_s,
+            )
+            found = self.balancers[service] = PartitionBalancer(
+                self.inner, registry, self.clock, interval_s=self.config.heartbeat_interval_s
+            )
+        return found
+
+    def ownership(self) -> dict[str, dict[str, Any]]:
+        """Per balanced service: owned partitions, live replicas, rebalances."""
+        return {service: b.describe() for service, b in self.balancers.items()}
+
+    # ---------------------------------------------------------------- subscribing
+
+    async def subscribe(self, subscription: Subscription) -> None:
+        if not balanced(subscription):
+            await self.inner.subscribe(subscription)
+            return
+        inner = replace(subscription, partitions=())
+        self._balanced.append((subscription, inner))
+        await self.balancer(subscription.service).add(inner)
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        for pair in self._balanced:
+            if pair[0] is subscription:
+                self._balanced.remove(pair)
+                await self.balancer(subscription.service).remove(pair[1])
+                return
+        unsubscribe = getattr(self.inner, "unsubscribe", None)
+        if unsubscribe is not None:
+            await unsubscribe(subscription)
+
+    async def consume_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        await self.inner.consume_partitions(subscription, partitions)
+
+    async def release_partitions(
+        self, subscription: Subscription, partitions: Iterable[int]
+    ) -> None:
+        await self.inner.release_partitions(subscription, partitions)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def halt(self) -> None:
+        """Stop heartbeating without leaving (what a crash looks like to the others)."""
+        for balancer in self.balancers.values():
+            await balancer.stop(leave=False)
+
+    async def stop_consuming(self) -> None:
+        # leave first: the others subscribe our partitions and wait (single active
+        # consumer) until our consumers are gone, so the hand-over is immediate
+        for balancer in self.balancers.values():
+            await balancer.stop(leave=True)
+        await self.inner.stop_consuming()
+
+    async def close(self) -> None:
+        for balancer in self.balancers.values():
+            if balancer.running:
+                await balancer.stop(leave=True)
+        await self.inner.close()
+
+    async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
+        return await self.inner.drain(timeout)
+
+    def is_healthy(self) -> bool:
+        return self.inner.is_healthy()
+
+    # ---------------------------------------------------------------- passing through
+
+    async def publish(self, event: Event) -> None:
+        await self.inner.publish(event)
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        await self.inner.publish_many(events)
+
+    async def dead_letter(
+        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+    ) -> None:
+        await self.inner.dead_letter(body, service=service, reason=reason, event_type=event_type)
+
+    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
+        return await self.inner.dead_letters(service, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        # transport specifics (namespace, delete_topology, ...) stay reachable
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

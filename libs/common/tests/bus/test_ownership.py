@@ -1,0 +1,462 @@
+"""Partition ownership: rendezvous assignment, heartbeats, balanced replicas.
+
+Pure assignment and the registry run in memory; moving partitions runs on both
+transports; replicas sharing partitions run on the memory bus with a ReplayClock (the
+clock drives heartbeats and TTLs) and on the real broker and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from statistics import mean
+
+import pytest
+from prometheus_client import REGISTRY
+
+from pumpflow.common.bus import InMemoryBus, Sequencer, Subscription, partition_of
+from pumpflow.common.bus.ownership import (
+    BalancedBus,
+    OwnershipConfig,
+    ReplicaRegistry,
+    assign_partitions,
+    balanced,
+    owned_partitions,
+    partition_weight,
+)
+from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.events import Event, FeedSubscription, make_event
+from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import eventually
+
+from .test_contract import Recorder, shutdown_event, trade, trade_event
+
+# ---------------------------------------------------------------------- assignment
+
+
+def test_weights_are_stable_across_processes():
+    # fixed values: a change of hash (or Python's salted hash()) would move every partition
+    assert partition_weight("features-a", 0) == 0x5224C738F57CEF3F
+    assert partition_weight("features-a", 7) == 0x0183824A8DA13FB8
+    assert assign_partitions(16, ["features-a", "features-b"]) == {
+        "features-a": (1, 6, 7, 10, 11, 12, 13, 14),
+        "features-b": (0, 2, 3, 4, 5, 8, 9, 15),
+    }
+
+
+def test_assignment_is_disjoint_covering_and_balanced():
+    for partitions, count in itertools.product((1, 4, 16, 17, 64), (1, 2, 3, 5, 16, 20)):
+        replicas = [f"host{i}-{count}" for i in range(count)]
+        owned = assign_partitions(partitions, replicas)
+        assert set(owned) == set(replicas)
+        every = [p for ps in owned.values() for p in ps]
+        assert sorted(every) == list(range(partitions))  # disjoint and covering
+        sizes = [len(ps) for ps in owned.values()]
+        assert max(sizes) - min(sizes) <= 1
+        assert all(list(ps) == sorted(ps) for ps in owned.values())
+
+
+def test_assignment_depends_only_on_the_set_of_replicas():
+    replicas = ["a", "b", "c", "d"]
+    expected = assign_partitions(16, replicas)
+    for order in itertools.permutations(replicas):
+        assert assign_partitions(16, [*order, order[0]]) == expected
+    assert owned_partitions(16, ["b", "c", "d"], "a") == expected["a"]
+    assert assign_partitions(16, []) == {}
+
+
+@pytest.mark.parametrize("before", [1, 2, 3, 4])
+def test_a_joining_replica_moves_about_its_share(before):
+    partitions, trials = 64, 200
+    moved, to_newcomer = [], []
+    for trial in range(trials):
+        replicas = [f"svc-{trial}-{i}" for i in range(before)]
+        old = assign_partitions(partitions, replicas)
+        new = assign_partitions(partitions, [*replicas, f"svc-{trial}-new"])
+        owner_old = {p: r for r, ps in old.items() for p in ps}
+        owner_new = {p: r for r, ps in new.items() for p in ps}
+        changed = [p for p in range(partitions) if owner_old[p] != owner_new[p]]
+        moved.append(len(changed) / partitions)
+        to_newcomer.append(sum(owner_new[p] == f"svc-{trial}-new" for p in changed) / len(changed))
+    share = 1 / (before + 1)
+    # the newcomer's share must move; balancing the load costs a little more at most
+    assert share <= mean(moved) <= share * 1.25
+    # nearly every partition that moves goes to the newcomer
+    assert mean(to_newcomer) >= 0.8
+
+
+def test_a_leaving_replica_hands_over_about_its_share_only():
+    partitions = 64
+    moved = []
+    for trial in range(200):
+        replicas = [f"svc-{trial}-{i}" for i in range(4)]
+        old = assign_partitions(partitions, replicas)
+        new = assign_partitions(partitions, replicas[1:])
+        survivors_kept = sum(len(set(old[r]) & set(new[r])) for r in replicas[1:])
+        survivors_had = sum(len(old[r]) for r in replicas[1:])
+        moved.append(1 - survivors_kept / survivors_had)
+    # survivors keep (nearly) all they had and only take the leaver's partitions on
+    assert mean(moved) <= 0.08
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_heartbeat_settings_have_defaults_and_are_checked():
+    settings = CommonSettings()
+    assert (settings.heartbeat_interval_s, settings.heartbeat_ttl_s) == (1.0, 3.0)
+    assert settings.balance_partitions is True
+    config = OwnershipConfig.of(settings)
+    assert config == OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
+    with pytest.raises(SettingsError, match="PUMPFLOW_HEARTBEAT_TTL_S"):
+        CommonSettings.load(heartbeat_interval_s=2.0, heartbeat_ttl_s=2.0)
+    with pytest.raises(ValueError, match="heartbeat_ttl_s"):
+        OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=0.5)
+
+
+def test_only_keyed_subscriptions_without_partitions_are_balanced():
+    async def handler(event: Event) -> None:
+        pass
+
+    assert balanced(Subscription(service="s", patterns=("token.*",), handler=handler))
+    assert not balanced(
+        Subscription(service="s", patterns=("token.*",), handler=handler, partitions=(1,))
+    )
+    assert not balanced(
+        Subscription(service="s", patterns=(FeedSubscription.TYPE,), handler=handler)
+    )
+    assert not balanced(Subscription(service="s", patterns=("system.*",), handler=handler))
+
+
+# ---------------------------------------------------------------------- registry
+
+
+async def test_registry_lists_live_replicas_until_their_heartbeat_expires():
+    clock = ReplayClock(start=1000.0)
+    store = MemoryStateStore(clock)
+    a = ReplicaRegistry(store, clock, service="svc", replica="a", ttl_s=3.0)
+    b = ReplicaRegistry(store, clock, service="svc", replica="b", ttl_s=3.0)
+    other = ReplicaRegistry(store, clock, service="svc2", replica="z", ttl_s=3.0)
+    for registry in (a, b, other):
+        await registry.heartbeat()
+    assert await a.live() == ["a", "b"]
+    assert await other.live() == ["z"]  # "svc2" is not "svc"
+    assert await store.get("replicas:svc:a") is not None
+    await clock.advance_to(1002.0)
+    await a.heartbeat()
+    await clock.advance_to(1003.5)  # b is silent for 3.5 s > TTL
+    assert await a.live() == ["a"]
+    await b.heartbeat()  # back
+    assert await a.live() == ["a", "b"]
+    await b.leave()
+    assert await a.live() == ["a"]
+
+
+# ---------------------------------------------------------------------- moving partitions
+
+
+async def test_partitions_move_between_subscriptions_in_order(harness, service):
+    """release waits for the handler in flight; the rest goes to the next consumer."""
+    bus = await harness.bus(partitions=2)
+    first, second = Recorder(delay=0.005), Recorder()
+    sub1 = Subscription(service=service, patterns=("token.*",), handler=first, partitions=())
+    sub2 = Subscription(service=service, patterns=("token.*",), handler=second, partitions=())
+    other = await harness.bus(partitions=2)
+    await bus.subscribe(sub1)
+    await other.subscribe(sub2)
+    keys = [k for k in (f"mint{i}" for i in range(50)) if partition_of(k, 2) == 0][:4]
+    sent = [trade_event(k, seq) for seq in range(1, 41) for k in keys]
+    await bus.publish_many(sent)
+    await asyncio.sleep(0.2)
+    assert not first.events and not second.events  # nobody consumes partition 0 yet
+    await bus.consume_partitions(sub1, [0])
+    await eventually(lambda: len(first.events) >= 20)
+    await bus.release_partitions(sub1, [0])
+    handled = len(first.events)
+    await asyncio.sleep(0.1)
+    assert len(first.events) == handled  # nothing after the release returned
+    assert handled < len(sent)
+    await other.consume_partitions(sub2, [0])
+    await eventually(lambda: len(first.events) + len(second.events) == len(sent), within=20)
+    await other.drain(timeout=2)
+    assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
+    for key in keys:
+        seqs = [e.seq for e in first.events + second.events if e.key == key]
+        assert seqs == list(range(1, 41))
+
+
+# ---------------------------------------------------------------------- replicas in memory
+
+FAST = OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
+
+
+class MemoryReplica:
+    """A replica sharing one in-memory bus, store and replay clock with the others."""
+
+    def __init__(self, name: str, bus: InMemoryBus, store: StateStore, clock: ReplayClock):
+        self.name = name
+        self.got = Recorder()
+        self.bus = BalancedBus(bus, store=store, clock=clock, replica=name, config=FAST)
+        self.subscription = Subscription(
+            service="svc", patterns=("token.*", "system.shutdown"), handler=self.got
+        )
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.subscription)
+
+    @property
+    def owned(self) -> set[int]:
+        return set(self.bus.balancers["svc"].owned)
+
+    async def leave(self) -> None:
+        # the shared bus stands for the broker: a replica leaves by unsubscribing
+        await self.bus.balancers["svc"].stop(leave=True)
+        await self.bus.unsubscribe(self.subscription)
+
+
+async def test_memory_replicas_share_partitions_and_take_over():
+    clock = ReplayClock(start=100.0)
+    store = MemoryStateStore(clock)
+    bus = InMemoryBus(partitions=8)
+    await bus.start()
+    a = MemoryReplica("a", bus, store, clock)
+    b = MemoryReplica("b", bus, store, clock)
+    await a.start()
+    assert a.owned == set(range(8))  # alone: everything
+    await b.start()
+    await clock.advance_to(101.0)  # a's next heartbeat sees b
+    expected = assign_partitions(8, ["a", "b"])
+    assert a.owned == set(expected["a"]) and b.owned == set(expected["b"])
+    assert a.owned and b.owned
+
+    keys = [f"mint{i}" for i in range(40)]
+    sequencer = Sequencer()
+    await bus.publish_many(make_event(trade(k), source="feed/1", time=0.0,
+                                      seq=sequencer.next(k)) for k in keys)  # fmt: skip
+    await bus.publish(shutdown_event())
+    await bus.drain(timeout=5)
+    for replica in (a, b):
+        tokens = replica.got.of_type("token.trade")
+        assert {partition_of(e.key, 8) for e in tokens} <= replica.owned
+        assert len(replica.got.of_type("system.shutdown")) == 1  # broadcast: both
+    assert len(a.got.of_type("token.trade")) + len(b.got.of_type("token.trade")) == len(keys)
+
+    # a clean leave hands over at the next heartbeat
+    await b.leave()
+    await clock.advance_to(102.0)
+    assert a.owned == set(range(8))
+    rebalances = a.bus.balancers["svc"].rebalances
+    assert rebalances == 3  # all, its share, all again
+
+    # a crash (no leave) is noticed once the heartbeat expires
+    c = MemoryReplica("c", bus, store, clock)
+    await c.start()
+    await clock.advance_to(103.0)
+    assert a.owned == set(assign_partitions(8, ["a", "c"])["a"])
+    await c.bus.halt()
+    await clock.advance_to(105.0)  # c's last heartbeat (103.0) lives until 106.0
+    assert a.owned != set(range(8))
+    await clock.advance_to(107.0)
+    assert a.owned == set(range(8))
+    await bus.close()
+
+
+# ---------------------------------------------------------------------- broker and Redis
+
+SERVICE = "scaled"
+PARTITIONS = 8
+QUICK = OwnershipConfig(heartbeat_interval_s=0.2, heartbeat_ttl_s=0.8)
+
+
+class Replica:
+    """A replica of a small service over RabbitMQ and Redis.
+
+    Its handler applies each token's events in seq order and checkpoints the last
+    applied seq to the store before it returns (= acks); a token it meets first, or
+    after a gap, is loaded from the store, so a partition taken over carries on.
+    Applications go to a journal shared by every replica of the test.
+    """
+
+    def __init__(self, name: str, *, amqp_url: str, namespace: str, store: StateStore,
+                 journal: list[tuple[str, int, str]], delay: float = 0.0):  # fmt: skip
+        from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+        self.name = name
+        self.store = store
+        self.journal = journal
+        self.delay = delay
+        self.memory: dict[str, int] = {}
+        self.duplicates = 0
+        inner = RabbitMQBus(
+            url=amqp_url,
+            namespace=namespace,
+            partitions=PARTITIONS,
+            prefetch=16,
+            source=f"{SERVICE}/{name}",
+            connect_attempts=3,
+        )
+        self.bus = BalancedBus(inner, store=store, clock=WallClock(), replica=name, config=QUICK)
+        self.subscription = Subscription(
+            service=SERVICE, patterns=("token.*",), handler=self.handle
+        )
+
+    async def start(self) -> Replica:
+        await self.bus.start()
+        await self.bus.subscribe(self.subscription)
+        return self
+
+    async def handle(self, event: Event) -> None:
+        key, seq = event.key, event.seq
+        last = self.memory.get(key)
+        if last is None or seq > last + 1:
+            raw = await self.store.get(f"ckpt:{key}")
+            last = int(raw) if raw else 0
+        if seq <= last:
+            self.duplicates += 1
+            return
+        self.journal.append((key, seq, self.name))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await self.store.set(f"ckpt:{key}", str(seq).encode())
+        self.memory[key] = seq
+
+    @property
+    def owned(self) -> set[int]:
+        balancer = self.bus.balancers.get(SERVICE)
+        return set(balancer.owned) if balancer else set()
+
+    async def stop(self) -> None:
+        """SIGTERM's path: leave, stop consuming, drain, close."""
+        await self.bus.stop_consuming()
+        await self.bus.drain(5)
+        await self.bus.close()
+
+
+@pytest.fixture
+async def cluster(namespace, amqp_url, redis_url, redis_client):
+    """Builds replicas; deletes the topology and closes everything after the test."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.state.redis import RedisStateStore
+
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    journal: list[tuple[str, int, str]] = []
+    replicas: list[Replica] = []
+    publisher = RabbitMQBus(
+        url=amqp_url, namespace=namespace, partitions=PARTITIONS, source="feed/pub"
+    )
+    await publisher.start()
+
+    async def replica(name: str, delay: float = 0.0) -> Replica:
+        made = Replica(name, amqp_url=amqp_url, namespace=namespace, store=store,
+                       journal=journal, delay=delay)  # fmt: skip
+        replicas.append(made)
+        return await made.start()
+
+    try:
+        yield replica, publisher, journal, store
+    finally:
+        for made in replicas:
+            await made.bus.close()
+        await publisher.delete_topology(services=[SERVICE])
+        await publisher.close()
+        await store.close()
+
+
+def assert_exactly_once_in_order(journal, keys, per_key):
+    applied = Counter((key, seq) for key, seq, _ in journal)
+    assert [kv for kv, n in applied.items() if n > 1] == []
+    for key in keys:
+        assert [seq for k, seq, _ in journal if k == key] == list(range(1, per_key + 1)), key
+
+
+def disjoint_cover(*replicas: Replica) -> bool:
+    owned = [r.owned for r in replicas]
+    return sum(len(o) for o in owned) == PARTITIONS and set().union(*owned) == set(
+        range(PARTITIONS)
+    )
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+async def test_two_replicas_split_the_partitions(cluster, redis_client, namespace):
+    replica, publisher, journal, _ = cluster
+    a = await replica("ra")
+    b = await replica("rb")
+    await eventually(lambda: disjoint_cover(a, b) and a.owned and b.owned, within=10)
+    expected = assign_partitions(PARTITIONS, ["ra", "rb"])
+    assert (a.owned, b.owned) == (set(expected["ra"]), set(expected["rb"]))
+    assert sorted(await redis_client.keys(f"{namespace}:replicas:{SERVICE}:*")) == [
+        f"{namespace}:replicas:{SERVICE}:ra".encode(),
+        f"{namespace}:replicas:{SERVICE}:rb".encode(),
+    ]
+    owned = REGISTRY.get_sample_value(
+        "pumpflow_partitions_owned", {"service": SERVICE, "replica": "ra"}
+    )
+    assert owned == len(a.owned)
+
+    keys = [f"mint{i}" for i in range(64)]
+    await publisher.publish_many(trade_event(k, 1) for k in keys)
+    await eventually(lambda: len(journal) == len(keys), within=15)
+    for key, _, name in journal:
+        assert partition_of(key, PARTITIONS) in (a if name == "ra" else b).owned
+    assert {name for _, _, name in journal} == {"ra", "rb"}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_replica_joins_and_one_leaves_mid_stream_nothing_lost(cluster):
+    replica, publisher, journal, _ = cluster
+    keys, per_key = [f"mint{i}" for i in range(24)], 60
+    a = await replica("ra", delay=0.001)
+    b = await replica("rb", delay=0.001)
+    await eventually(lambda: disjoint_cover(a, b), within=10)
+
+    async def publish() -> None:
+        for seq in range(1, per_key + 1):
+            await publisher.publish_many(trade_event(k, seq) for k in keys)
+            await asyncio.sleep(0.02)
+
+    feeding = asyncio.create_task(publish())
+    await eventually(lambda: len(journal) >= len(keys) * per_key // 4, within=20)
+    c = await replica("rc", delay=0.001)
+    await eventually(lambda: disjoint_cover(a, b, c) and c.owned, within=10)
+    await eventually(lambda: len(journal) >= len(keys) * per_key // 2, within=20)
+    await b.stop()  # a clean stop: it leaves, its partitions go to a and c
+    await eventually(lambda: disjoint_cover(a, c), within=10)
+    await feeding
+    await eventually(lambda: len(journal) >= len(keys) * per_key, within=30)
+    await asyncio.sleep(0.3)  # anything handled twice would show up now
+    assert_exactly_once_in_order(journal, keys, per_key)
+    # a clean hand-over redelivers nothing that was handled: no duplicate even reached us
+    assert [r.duplicates for r in (a, b, c)] == [0, 0, 0]
+    # every replica did part of the work
+    assert {name for _, _, name in journal} == {"ra", "rb", "rc"}
+    assert a.bus.balancers[SERVICE].rebalances >= 3
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+async def test_a_dead_replicas_partitions_are_taken_over_after_the_ttl(cluster):
+    replica, publisher, journal, _ = cluster
+    a = await replica("ra")
+    b = await replica("rb")
+    await eventually(lambda: disjoint_cover(a, b), within=10)
+    lost = set(b.owned)
+    # b dies: no more heartbeats, no leave; its connection goes
+    await b.bus.halt()
+    await b.bus.inner.close()
+    died = time.monotonic()
+    keys = [f"mint{i}" for i in range(40)]
+    await publisher.publish_many(trade_event(k, 1) for k in keys)
+    await eventually(lambda: a.owned == set(range(PARTITIONS)), within=10)
+    waited = time.monotonic() - died
+    # not before b's heartbeat expired (TTL 0.8 s after its last beat)
+    assert waited >= QUICK.heartbeat_ttl_s - QUICK.heartbeat_interval_s - 0.05
+    await eventually(lambda: len(journal) == len(keys), within=15)
+    assert {partition_of(k, PARTITIONS) for k, _, _ in journal} & lost
+    assert {name for _, _, name in journal} == {"ra"}
