@@ -2,10 +2,11 @@
 
 A feature is declared once as a :class:`FeatureDef` (name, kind, dependencies,
 parameters). Its kind is its single implementation: :meth:`FeatureKind.bind` returns
-the incremental reader (from a :class:`TokenState`) and the batch reader (from a
-:class:`BatchState`) side by side, so the two paths live in one place and a test
-holds them equal. The feature-set version hashes a canonical encoding of every
-definition plus :data:`IMPLEMENTATION_REVISION` (bump it when a kind's maths change).
+the incremental reader (from a :class:`TokenState`) and the batch writer (from a
+:class:`BatchState` into the feature's output row) side by side, so the two paths live
+in one place and a test holds them equal. The feature-set version hashes a canonical
+encoding of every definition plus :data:`IMPLEMENTATION_REVISION` (bump it when a
+kind's maths change).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ IMPLEMENTATION_REVISION = 1
 
 ParamValue = int | float | str | bool | None
 IncrementalFn = Callable[[TokenState, tuple[float, ...]], float]
-BatchFn = Callable[[BatchState, tuple[np.ndarray, ...]], np.ndarray]
+BatchFn = Callable[[BatchState, tuple[np.ndarray, ...], np.ndarray], object]
 
 
 class FeatureDefinitionError(ValueError):
@@ -107,44 +108,51 @@ def _sol(lamports):
 
 
 # --------------------------------------------------------------------------------------
-# The kinds. Each bind returns (incremental reader, batch reader) over the same maths.
+# The kinds. Each bind returns (incremental reader, batch writer) over the same maths:
+# the incremental reader returns the value from a TokenState; the batch writer fills
+# ``out`` (one float64 row per trade) from a BatchState, in place, with the same
+# float operations in the same order.
 
 
 def _bind_price(p, layout):
-    return (lambda s, d: s.price), (lambda b, d: b.price)
+    return (lambda s, d: s.price), (lambda b, d, out: np.copyto(out, b.price))
 
 
 def _bind_market_cap(p, layout):
-    return (
-        lambda s, d: CurveState(v_sol=s.v_sol, v_tokens=s.v_tokens).market_cap_sol,
-        lambda b, d: CurveState(v_sol=b.v_sol, v_tokens=b.v_tokens).market_cap_sol,
-    )
+    def bat(b, d, out):
+        np.copyto(out, CurveState(v_sol=b.v_sol, v_tokens=b.v_tokens).market_cap_sol)
+
+    return (lambda s, d: CurveState(v_sol=s.v_sol, v_tokens=s.v_tokens).market_cap_sol), bat
 
 
 def _bind_progress(p, layout):
     return (
         lambda s, d: float(curve_progress(s.v_tokens)),
-        lambda b, d: curve_progress(b.v_tokens),
+        lambda b, d, out: np.copyto(out, curve_progress(b.v_tokens)),
     )
 
 
 def _bind_return(p, layout):
     k = layout.window_index(float(p["window"]))
-    return (
-        lambda s, d: d[0] / s.window_sums(k)[4] - 1.0,
-        lambda b, d: d[0] / b.windows[k].ref_price - 1.0,
-    )
+
+    def bat(b, d, out):
+        b.window_ref_price(k, out)
+        np.divide(d[0], out, out=out)
+        out -= 1.0
+
+    return (lambda s, d: d[0] / s.window_sums(k)[4] - 1.0), bat
 
 
 def _bind_volume(side):
     def bind(p, layout):
         k = layout.window_index(float(p["window"]))
         at = 0 if side == "buy" else 1
-        attr = "buy" if side == "buy" else "sell"
-        return (
-            lambda s, d: _sol(s.window_sums(k)[at]),
-            lambda b, d: _sol(getattr(b.windows[k], attr)),
-        )
+
+        def bat(b, d, out):
+            b.window_sum(b.buy_cum if side == "buy" else b.sell_cum, k, out)
+            out /= LAMPORTS_PER_SOL
+
+        return (lambda s, d: _sol(s.window_sums(k)[at])), bat
 
     return bind
 
@@ -154,9 +162,11 @@ def _bind_buy_share(p, layout):
         total = d[0] + d[1]
         return d[0] / total if total > 0.0 else 0.5
 
-    def bat(b, d):
-        total = d[0] + d[1]
-        return np.where(total > 0.0, d[0] / np.where(total > 0.0, total, 1.0), 0.5)
+    def bat(b, d, out):
+        np.add(d[0], d[1], out=out)
+        traded = out > 0.0
+        np.divide(d[0], out, out=out, where=traded)
+        out[~traded] = 0.5
 
     return inc, bat
 
@@ -165,35 +175,45 @@ def _bind_trades_per_minute(p, layout):
     window = float(p["window"])
     k = layout.window_index(window)
     scale = 60.0 / window
-    return (
-        lambda s, d: s.window_sums(k)[2] * scale,
-        lambda b, d: b.windows[k].trades * scale,
-    )
+
+    def bat(b, d, out):
+        b.window_trades(k, out)
+        out *= scale
+
+    return (lambda s, d: s.window_sums(k)[2] * scale), bat
 
 
 def _bind_unique_traders(p, layout):
-    return (lambda s, d: float(s.unique_traders)), (lambda b, d: b.unique_traders * 1.0)
+    return (
+        lambda s, d: float(s.unique_traders),
+        lambda b, d, out: np.copyto(out, b.new_cum[1:]),
+    )
 
 
 def _bind_new_traders(p, layout):
     k = layout.window_index(float(p["window"]))
     return (
         lambda s, d: float(s.window_sums(k)[3]),
-        lambda b, d: b.windows[k].new_traders * 1.0,
+        lambda b, d, out: b.window_sum(b.new_cum, k, out),
     )
 
 
 def _bind_largest_buy(p, layout):
     window = p.get("window")
     if window is None:
-        return (lambda s, d: _sol(s.largest_buy)), (lambda b, d: _sol(b.largest_buy))
+
+        def bat(b, d, out):
+            np.divide(b.largest_buy, LAMPORTS_PER_SOL, out=out)
+
+        return (lambda s, d: _sol(s.largest_buy)), bat
     window = float(window)
     k = layout.max_index(window)
     kw = layout.window_index(window)
-    return (
-        lambda s, d: _sol(s.window_max_buy(k)),
-        lambda b, d: _sol(b.windows[kw].max_buy),
-    )
+
+    def bat_window(b, d, out):
+        np.divide(b.window_max_buy(kw), LAMPORTS_PER_SOL, out=out)
+
+    return (lambda s, d: _sol(s.window_max_buy(k))), bat_window
 
 
 def _largest_buy_requires(p):
@@ -207,60 +227,76 @@ def _bind_top_buyer_share(p, layout):
     def inc(s, d):
         return s.max_trader_buy / s.total_buy if s.total_buy else 0.0
 
-    def bat(b, d):
-        total = b.total_buy
-        return np.where(total > 0, b.max_trader_buy / np.where(total > 0, total, 1), 0.0)
+    def bat(b, d, out):
+        total = b.buy_cum[1:]
+        bought = total > 0
+        np.divide(b.max_trader_buy, total, out=out, where=bought)
+        out[~bought] = 0.0
 
     return inc, bat
 
 
 def _bind_creator_holding(p, layout):
-    return (
-        lambda s, d: s.creator_balance / TOTAL_SUPPLY,
-        lambda b, d: b.creator_balance / TOTAL_SUPPLY,
-    )
+    def bat(b, d, out):
+        b.creator_balance(out)
+        out /= TOTAL_SUPPLY
+
+    return (lambda s, d: s.creator_balance / TOTAL_SUPPLY), bat
 
 
 def _bind_creator_sold(p, layout):
-    return (
-        lambda s, d: 1.0 if s.creator_sold else 0.0,
-        lambda b, d: b.creator_sold.astype(np.float64),
-    )
+    return (lambda s, d: 1.0 if s.creator_sold else 0.0), (lambda b, d, out: b.creator_sold(out))
 
 
 def _bind_since_launch(p, layout):
-    return (lambda s, d: s.last_time - s.first_time), (lambda b, d: b.time - b.first_time)
+    return (
+        lambda s, d: s.last_time - s.first_time,
+        lambda b, d, out: np.subtract(b.time, b.first_time, out=out),
+    )
 
 
 def _bind_since_last_trade(p, layout):
-    return (lambda s, d: s.last_time - s.prev_time), (lambda b, d: b.time - b.prev_time)
+    def bat(b, d, out):
+        if b.n:
+            out[0] = 0.0
+            np.subtract(b.time[1:], b.time[:-1], out=out[1:])
+
+    return (lambda s, d: s.last_time - s.prev_time), bat
 
 
 def _bind_volatility(p, layout):
     k = layout.ewma_alphas.index(float(p["alpha"]))
-    return (
-        lambda s, d: math.sqrt(s.ewma_variance(k)),
-        lambda b, d: np.sqrt(b.ewma[k]),
-    )
+
+    def bat(b, d, out):
+        b.ewma_variance(k, out)
+        np.sqrt(out, out=out)
+
+    return (lambda s, d: math.sqrt(s.ewma_variance(k))), bat
 
 
 def _bind_rsi(p, layout):
     k = layout.rsi_periods.index(int(p["period"]))
 
-    def bat(b, d):
-        gain, loss = b.rsi[k]
-        safe = np.where(loss == 0.0, 1.0, loss)
-        value = 100.0 - 100.0 / (1.0 + gain / safe)
-        return np.where(loss == 0.0, np.where(gain > 0.0, 100.0, 50.0), value)
+    def bat(b, d, out):
+        gain, loss = b.rsi_averages(k)
+        moved = loss != 0.0
+        # 100 - 100 / (1 + gain / loss) where losses exist
+        np.divide(gain, loss, out=out, where=moved)
+        np.add(out, 1.0, out=out, where=moved)
+        np.divide(100.0, out, out=out, where=moved)
+        np.subtract(100.0, out, out=out, where=moved)
+        still = ~moved
+        out[still] = np.where(gain[still] > 0.0, 100.0, 50.0)
 
     return (lambda s, d: rsi_value(*s.rsi_averages(k))), bat
 
 
 def _bind_drawdown(p, layout):
-    return (
-        lambda s, d: 1.0 - d[0] / s.peak_price,
-        lambda b, d: 1.0 - d[0] / b.peak_price,
-    )
+    def bat(b, d, out):
+        np.divide(d[0], b.peak_price, out=out)
+        np.subtract(1.0, out, out=out)
+
+    return (lambda s, d: 1.0 - d[0] / s.peak_price), bat
 
 
 for _kind in (

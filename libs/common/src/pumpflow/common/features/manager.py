@@ -296,11 +296,10 @@ class FeatureManager:
     def compute_batch(self, history: TradeHistory) -> np.ndarray:
         """Features after every trade of a history: shape (len(history), len(names))."""
         primitives = compute_primitives(self.layout, history)
-        n = len(history)
-        # Filled feature by feature (contiguous rows), handed out transposed.
-        out = np.empty((len(self._plan), n))
+        # Each feature writes its own contiguous row; handed out transposed.
+        out = np.empty((len(self._plan), len(history)))
         for j, (_, batch, deps) in enumerate(self._plan):
-            out[j] = batch(primitives, tuple(out[i] for i in deps))
+            batch(primitives, tuple(out[i] for i in deps), out[j])
         return out.T
 
     # ----------------------------------------------------------------------------------
