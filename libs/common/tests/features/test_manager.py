@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pumpflow.common.events import TokenCreated, TokenTrade, make_event
@@ -100,3 +101,40 @@ def test_version_is_stable_and_tracks_parameters():
     assert feature_set_version(base) == FeatureManager().version
     changed = default_feature_set(windows=(10.0, 30.0, 60.0, 600.0))
     assert feature_set_version(changed) != feature_set_version(base)
+
+
+def test_callable_and_expression_readers_mix_in_one_generated_reader():
+    from pumpflow.common.features.definitions import KINDS, FeatureKind, register_kind
+
+    if "test_half" not in KINDS:
+        register_kind(
+            FeatureKind(
+                name="test_half",
+                dependency_count=1,
+                bind=lambda p, layout: (
+                    lambda s, d: d[0] / 2.0,
+                    lambda b, d, out: np.divide(d[0], 2.0, out=out),
+                ),
+            )
+        )
+        register_kind(
+            FeatureKind(
+                name="test_bad_dependency",
+                bind=lambda p, layout: ("$1 + s.price", lambda b, d, out: None),
+            )
+        )
+    manager = FeatureManager(
+        [
+            feature("p", "price"),
+            feature("half", "test_half", "p"),
+            feature("dd", "drawdown_from_peak", "half"),
+        ]
+    )
+    assert "f1(s, (v0, ))" in manager.reader_source
+    manager.update_feature_history(created(100.0))
+    manager.update_feature_history(trade(101.0, 2, side="buy", sol=2.0, trader="a", v_sol=33.0))
+    price, half, dd = manager.generate_features(MINT).values
+    assert half == price / 2.0
+    assert dd == 1.0 - half / manager.token(MINT).peak_price
+    with pytest.raises(FeatureDefinitionError, match=r"reads no dependency \$1"):
+        FeatureManager([feature("x", "test_bad_dependency")])

@@ -29,8 +29,15 @@ COMPLETE_VIRTUAL_SOL_RESERVES = K / COMPLETE_VIRTUAL_TOKEN_RESERVES
 def curve_progress(v_tokens):
     """Fraction of the sellable tokens sold (0 to 1) from virtual token reserves.
 
-    Takes a float or a numpy array (the features' batch path), with the same arithmetic.
+    Takes a float or a numpy array (the features' batch path), with the same arithmetic
+    (a float skips numpy: the features read it once per trade).
     """
+    if type(v_tokens) is float:
+        real = v_tokens - COMPLETE_VIRTUAL_TOKEN_RESERVES
+        if real < 0.0:  # NaN stays NaN, as with np.maximum
+            real = 0.0
+        share = (INITIAL_REAL_TOKEN_RESERVES - real) / INITIAL_REAL_TOKEN_RESERVES
+        return 0.0 if share < 0.0 else 1.0 if share > 1.0 else share
     real = np.maximum(0.0, np.subtract(v_tokens, COMPLETE_VIRTUAL_TOKEN_RESERVES))
     sold = INITIAL_REAL_TOKEN_RESERVES - real
     return np.clip(sold / INITIAL_REAL_TOKEN_RESERVES, 0.0, 1.0)

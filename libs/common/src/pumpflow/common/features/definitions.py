@@ -22,13 +22,24 @@ import numpy as np
 
 from pumpflow.common.curve import LAMPORTS_PER_SOL, TOTAL_SUPPLY, CurveState, curve_progress
 from pumpflow.common.features.batch import BatchState
-from pumpflow.common.features.state import Layout, TokenState, rsi_value
+from pumpflow.common.features.state import (
+    BUY,
+    LEFT,
+    NEW,
+    REF,
+    SELL,
+    Layout,
+    TokenState,
+    rsi_value,
+    slot,
+)
 
 #: bump when the maths of any kind changes, so the version changes with it
 IMPLEMENTATION_REVISION = 1
 
 ParamValue = int | float | str | bool | None
-IncrementalFn = Callable[[TokenState, tuple[float, ...]], float]
+#: an expression over ``s`` and ``$0``.. (see EXPRESSION_GLOBALS), or a callable
+IncrementalFn = str | Callable[[TokenState, tuple[float, ...]], float]
 BatchFn = Callable[[BatchState, tuple[np.ndarray, ...], np.ndarray], object]
 
 
@@ -103,31 +114,41 @@ def _window(p: dict) -> Requirements:
     return Requirements(windows=(float(p["window"]),))
 
 
-def _sol(lamports):
-    return lamports / LAMPORTS_PER_SOL
-
-
 # --------------------------------------------------------------------------------------
-# The kinds. Each bind returns (incremental reader, batch writer) over the same maths:
-# the incremental reader returns the value from a TokenState; the batch writer fills
-# ``out`` (one float64 row per trade) from a BatchState, in place, with the same
-# float operations in the same order.
+# The kinds. Each bind returns (incremental reader, batch writer) over the same maths.
+#
+# The incremental reader is an expression over ``s`` (the TokenState) and ``$0``, ``$1``
+# (the dependencies' values), using the names in EXPRESSION_GLOBALS; the manager
+# compiles a feature set's expressions into one function, so a vector costs a few
+# attribute reads per feature. (A callable ``(state, deps) -> float`` works too, at a
+# call per feature.) The batch writer fills ``out`` (one float64 row per trade) from a
+# BatchState in place, with the same float operations in the same order.
+
+#: names the incremental expressions may use
+EXPRESSION_GLOBALS: dict[str, Any] = {
+    "CurveState": CurveState,
+    "LAMPORTS_PER_SOL": LAMPORTS_PER_SOL,
+    "TOTAL_SUPPLY": TOTAL_SUPPLY,
+    "curve_progress": curve_progress,
+    "rsi_value": rsi_value,
+    "sqrt": math.sqrt,
+}
 
 
 def _bind_price(p, layout):
-    return (lambda s, d: s.price), (lambda b, d, out: np.copyto(out, b.price))
+    return "s.price", (lambda b, d, out: np.copyto(out, b.price))
 
 
 def _bind_market_cap(p, layout):
     def bat(b, d, out):
         np.copyto(out, CurveState(v_sol=b.v_sol, v_tokens=b.v_tokens).market_cap_sol)
 
-    return (lambda s, d: CurveState(v_sol=s.v_sol, v_tokens=s.v_tokens).market_cap_sol), bat
+    return "CurveState(v_sol=s.v_sol, v_tokens=s.v_tokens).market_cap_sol", bat
 
 
 def _bind_progress(p, layout):
     return (
-        lambda s, d: float(curve_progress(s.v_tokens)),
+        "float(curve_progress(s.v_tokens))",
         lambda b, d, out: np.copyto(out, curve_progress(b.v_tokens)),
     )
 
@@ -140,35 +161,31 @@ def _bind_return(p, layout):
         np.divide(d[0], out, out=out)
         out -= 1.0
 
-    return (lambda s, d: d[0] / s.window_sums(k)[4] - 1.0), bat
+    return f"$0 / s.wstate[{slot(k, REF)}] - 1.0", bat
 
 
 def _bind_volume(side):
     def bind(p, layout):
         k = layout.window_index(float(p["window"]))
-        at = 0 if side == "buy" else 1
 
         def bat(b, d, out):
             b.window_sum(b.buy_cum if side == "buy" else b.sell_cum, k, out)
             out /= LAMPORTS_PER_SOL
 
-        return (lambda s, d: _sol(s.window_sums(k)[at])), bat
+        at = slot(k, BUY if side == "buy" else SELL)
+        return f"s.wstate[{at}] / LAMPORTS_PER_SOL", bat
 
     return bind
 
 
 def _bind_buy_share(p, layout):
-    def inc(s, d):
-        total = d[0] + d[1]
-        return d[0] / total if total > 0.0 else 0.5
-
     def bat(b, d, out):
         np.add(d[0], d[1], out=out)
         traded = out > 0.0
         np.divide(d[0], out, out=out, where=traded)
         out[~traded] = 0.5
 
-    return inc, bat
+    return "($0 / ($0 + $1) if $0 + $1 > 0.0 else 0.5)", bat
 
 
 def _bind_trades_per_minute(p, layout):
@@ -180,20 +197,17 @@ def _bind_trades_per_minute(p, layout):
         b.window_trades(k, out)
         out *= scale
 
-    return (lambda s, d: s.window_sums(k)[2] * scale), bat
+    return f"(s.n_events - s.wstate[{slot(k, LEFT)}]) * {scale!r}", bat
 
 
 def _bind_unique_traders(p, layout):
-    return (
-        lambda s, d: float(s.unique_traders),
-        lambda b, d, out: np.copyto(out, b.new_cum[1:]),
-    )
+    return "float(s.unique_traders)", (lambda b, d, out: np.copyto(out, b.new_cum[1:]))
 
 
 def _bind_new_traders(p, layout):
     k = layout.window_index(float(p["window"]))
     return (
-        lambda s, d: float(s.window_sums(k)[3]),
+        f"float(s.wstate[{slot(k, NEW)}])",
         lambda b, d, out: b.window_sum(b.new_cum, k, out),
     )
 
@@ -205,7 +219,7 @@ def _bind_largest_buy(p, layout):
         def bat(b, d, out):
             np.divide(b.largest_buy, LAMPORTS_PER_SOL, out=out)
 
-        return (lambda s, d: _sol(s.largest_buy)), bat
+        return "s.largest_buy / LAMPORTS_PER_SOL", bat
     window = float(window)
     k = layout.max_index(window)
     kw = layout.window_index(window)
@@ -213,7 +227,7 @@ def _bind_largest_buy(p, layout):
     def bat_window(b, d, out):
         np.divide(b.window_max_buy(kw), LAMPORTS_PER_SOL, out=out)
 
-    return (lambda s, d: _sol(s.window_max_buy(k))), bat_window
+    return f"s.window_max_buy({k}) / LAMPORTS_PER_SOL", bat_window
 
 
 def _largest_buy_requires(p):
@@ -224,16 +238,13 @@ def _largest_buy_requires(p):
 
 
 def _bind_top_buyer_share(p, layout):
-    def inc(s, d):
-        return s.max_trader_buy / s.total_buy if s.total_buy else 0.0
-
     def bat(b, d, out):
         total = b.buy_cum[1:]
         bought = total > 0
         np.divide(b.max_trader_buy, total, out=out, where=bought)
         out[~bought] = 0.0
 
-    return inc, bat
+    return "(s.max_trader_buy / s.total_buy if s.total_buy else 0.0)", bat
 
 
 def _bind_creator_holding(p, layout):
@@ -241,17 +252,16 @@ def _bind_creator_holding(p, layout):
         b.creator_balance(out)
         out /= TOTAL_SUPPLY
 
-    return (lambda s, d: s.creator_balance / TOTAL_SUPPLY), bat
+    return "s.creator_balance / TOTAL_SUPPLY", bat
 
 
 def _bind_creator_sold(p, layout):
-    return (lambda s, d: 1.0 if s.creator_sold else 0.0), (lambda b, d, out: b.creator_sold(out))
+    return "(1.0 if s.creator_sold else 0.0)", (lambda b, d, out: b.creator_sold(out))
 
 
 def _bind_since_launch(p, layout):
-    return (
-        lambda s, d: s.last_time - s.first_time,
-        lambda b, d, out: np.subtract(b.time, b.first_time, out=out),
+    return "s.last_time - s.first_time", (
+        lambda b, d, out: np.subtract(b.time, b.first_time, out=out)
     )
 
 
@@ -261,7 +271,7 @@ def _bind_since_last_trade(p, layout):
             out[0] = 0.0
             np.subtract(b.time[1:], b.time[:-1], out=out[1:])
 
-    return (lambda s, d: s.last_time - s.prev_time), bat
+    return "s.last_time - s.prev_time", bat
 
 
 def _bind_volatility(p, layout):
@@ -271,7 +281,7 @@ def _bind_volatility(p, layout):
         b.ewma_variance(k, out)
         np.sqrt(out, out=out)
 
-    return (lambda s, d: math.sqrt(s.ewma_variance(k))), bat
+    return f"sqrt(s.ewma[{k}])", bat
 
 
 def _bind_rsi(p, layout):
@@ -288,7 +298,7 @@ def _bind_rsi(p, layout):
         still = ~moved
         out[still] = np.where(gain[still] > 0.0, 100.0, 50.0)
 
-    return (lambda s, d: rsi_value(*s.rsi_averages(k))), bat
+    return f"rsi_value(s.rsi[{2 * k}], s.rsi[{2 * k + 1}])", bat
 
 
 def _bind_drawdown(p, layout):
@@ -296,7 +306,7 @@ def _bind_drawdown(p, layout):
         np.divide(d[0], b.peak_price, out=out)
         np.subtract(1.0, out, out=out)
 
-    return (lambda s, d: 1.0 - d[0] / s.peak_price), bat
+    return "1.0 - $0 / s.peak_price", bat
 
 
 for _kind in (

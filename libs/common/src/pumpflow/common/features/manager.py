@@ -29,8 +29,9 @@ Caching: :class:`FeatureCache` is a bounded LRU in front of a StateStore;
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 from pumpflow.common.events import Event, Payload
 from pumpflow.common.features.batch import TradeHistory, compute_primitives
 from pumpflow.common.features.definitions import (
+    EXPRESSION_GLOBALS,
     FeatureDef,
     FeatureDefinitionError,
     check_definition,
@@ -136,6 +138,45 @@ class FeatureCache:
             await self._store.delete_many([self._prefix + mint])
 
 
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def compile_reader(
+    definitions: Sequence[FeatureDef], plan: Sequence[tuple]
+) -> tuple[Callable[[TokenState], list[float]], str]:
+    """One function computing every feature of a state in order: ``read(state) -> list``.
+
+    Expression readers are inlined (``$i`` becomes the i-th dependency's variable),
+    callables are called with ``(state, deps)``; no per-feature loop, tuple or dict.
+    """
+    namespace = dict(EXPRESSION_GLOBALS)
+    lines = ["def read(s):"]
+    for j, (d, (incremental, _, deps)) in enumerate(zip(definitions, plan, strict=True)):
+        if isinstance(incremental, str):
+
+            def dependency(match: re.Match, deps=deps, d=d) -> str:
+                i = int(match.group(1))
+                if i >= len(deps):
+                    raise FeatureDefinitionError(f"feature {d.name!r} reads no dependency ${i}")
+                return f"v{deps[i]}"
+
+            expression = _PLACEHOLDER.sub(dependency, incremental)
+        elif callable(incremental):
+            namespace[f"f{j}"] = incremental
+            args = "".join(f"v{i}, " for i in deps)
+            expression = f"f{j}(s, ({args}))"
+        else:
+            raise FeatureDefinitionError(f"feature {d.name!r} has no incremental reader")
+        lines.append(f"    v{j} = {expression}  # {d.name}")
+    lines.append(f"    return [{', '.join(f'v{j}' for j in range(len(plan)))}]")
+    source = "\n".join(lines) + "\n"
+    try:
+        exec(compile(source, "<feature reader>", "exec"), namespace)
+    except SyntaxError as exc:
+        raise FeatureDefinitionError(f"bad feature expression: {exc.text!r}") from None
+    return namespace["read"], source
+
+
 class FeatureManager:
     """Registers features, keeps each token's incremental state, generates vectors."""
 
@@ -168,6 +209,7 @@ class FeatureManager:
             kind = check_definition(d)
             incremental, batch = kind.bind(d.params, layout)
             plan.append((incremental, batch, tuple(index[dep] for dep in d.dependencies)))
+        read, source = compile_reader(ordered, plan)
         if getattr(self, "layout", None) != layout:
             self._tokens.clear()
             self._seqs.clear()
@@ -176,6 +218,9 @@ class FeatureManager:
         self.names: tuple[str, ...] = tuple(d.name for d in ordered)
         self.version: str = feature_set_version(ordered)
         self._plan = plan
+        self._read = read
+        #: the generated source of :meth:`values` (for debugging)
+        self.reader_source: str = source
         return self.version
 
     # ----------------------------------------------------------------------------------
@@ -230,12 +275,8 @@ class FeatureManager:
         return state
 
     def values(self, state: TokenState) -> list[float]:
-        """Feature values of a state, in ``names`` order."""
-        out: list[float] = []
-        append = out.append
-        for incremental, _, deps in self._plan:
-            append(incremental(state, tuple(out[i] for i in deps) if deps else ()))
-        return out
+        """Feature values of a state, in ``names`` order (one generated function)."""
+        return self._read(state)
 
     def generate_features(self, mint: str) -> FeatureVector | None:
         """The token's features as of its last trade; None for an unknown token."""

@@ -54,9 +54,17 @@ class Layout:
         return self.max_windows.index(window)
 
 
-# Per-window slots in TokenState.wstate (flat list, WSLOTS entries per window).
-_LEFT, _BUY, _SELL, _NEW, _REF = range(5)
+# Per-window slots in TokenState.wstate (flat list, WSLOTS entries per window): the
+# first row inside the window (absolute trade index), lamports bought and sold in it,
+# first-time traders in it, and its reference price.
+LEFT, BUY, SELL, NEW, REF = range(5)
 WSLOTS = 5
+_LEFT, _BUY, _SELL, _NEW, _REF = LEFT, BUY, SELL, NEW, REF
+
+
+def slot(k: int, field: int) -> int:
+    """Index of ``field`` (LEFT, BUY, ...) of window ``k`` in ``TokenState.wstate``."""
+    return k * WSLOTS + field
 
 
 class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -287,7 +295,8 @@ class TokenState:
         """(buy lamports, sell lamports, trades, new traders, reference price) of window k."""
         at = k * WSLOTS
         w = self.wstate
-        trades = self.n_events - w[at + _LEFT] if self.buf_time is not None else 0
+        # LEFT is n_events once the window is empty (also when shed or never filled).
+        trades = self.n_events - w[at + _LEFT]
         return w[at + _BUY], w[at + _SELL], trades, w[at + _NEW], w[at + _REF]
 
     def window_max_buy(self, k: int) -> int:
