@@ -124,3 +124,91 @@ def test_latest_events_of_nothing(count):
     history = EventHistoryManager()
     history.add_event("a", 1, time=1.0)
     assert history.get_latest_events("a", count) == []
+
+
+def idle_gaps(events) -> list[int]:
+    return [i for i in range(1, len(events)) if events[i].time - events[i - 1].time > 300]
+
+
+def test_frozen_idle_tokens_carry_on_exactly():
+    events = curve_history(6, trades=600, old_frames=False)
+    mint = events[0].data.mint
+    gaps = idle_gaps(events)
+    assert len(gaps) >= 3
+    straight, frozen = FeatureManager(), FeatureManager()
+    for i, e in enumerate(events):
+        if i in gaps:
+            assert frozen.shed_idle(e.time) == 1
+            assert frozen.frozen == 1
+            blob = frozen.snapshot(mint)
+            # Every wallet as an 8-byte id: well under the 4 KB an idle token may take.
+            traders = straight.token(mint).unique_traders
+            assert len(blob) < 400 + 16 * traders
+            assert frozen.last_seq(mint) == e.seq - 1  # reading thaws it
+            assert frozen.frozen == 0
+            frozen.shed_idle(e.time)
+        straight.update_feature_history(e)
+        frozen.update_feature_history(e)
+        assert frozen.values(frozen.token(mint)) == straight.values(straight.token(mint)), i
+    assert frozen.token(mint).hashed  # wallets from before the last freeze kept their ids
+    assert frozen.token(mint).unique_traders == straight.token(mint).unique_traders
+
+
+def test_checkpoint_of_a_thawed_token_keeps_both_kinds_of_wallet():
+    events = curve_history(6, trades=600, old_frames=False)
+    mint = events[0].data.mint
+    gap = idle_gaps(events)[0]
+    straight, manager = FeatureManager(), FeatureManager()
+    for e in events[:gap]:
+        straight.update_feature_history(e)
+        manager.update_feature_history(e)
+    manager.shed_idle(events[gap].time)
+    for e in events[gap : gap + 5]:
+        straight.update_feature_history(e)
+        manager.update_feature_history(e)
+    keys = manager.token(mint).traders
+    assert any(isinstance(k, int) for k in keys) and any(isinstance(k, str) for k in keys)
+    resumed = FeatureManager()
+    resumed.restore(mint, manager.snapshot(mint))
+    assert resumed.last_seq(mint) == events[gap + 4].seq
+    for e in events[gap + 5 :]:
+        straight.update_feature_history(e)
+        resumed.update_feature_history(e)
+    assert resumed.generate_features(mint) == straight.generate_features(mint)
+
+
+def test_checkpoints_written_before_wallet_ids_still_restore():
+    import msgspec
+
+    events = curve_history(5, trades=200, old_frames=False)
+    mint = events[0].data.mint
+    straight = FeatureManager()
+    for e in events[:100]:
+        straight.update_feature_history(e)
+    current = msgspec.msgpack.decode(straight.snapshot(mint))
+    assert len(current) == 17
+    old = msgspec.msgpack.encode(current[:14])  # the 14 fields the first version wrote
+    resumed = FeatureManager()
+    resumed.restore(mint, old, seq=100)
+    for e in events[100:]:
+        straight.update_feature_history(e)
+        resumed.update_feature_history(e)
+    assert resumed.generate_features(mint) == straight.generate_features(mint)
+
+
+def test_a_freeze_that_would_merge_two_wallets_is_refused(monkeypatch):
+    from pumpflow.common.features import state as state_module
+
+    monkeypatch.setattr(state_module, "wallet_id", lambda wallet: 42)
+    events = curve_history(6, trades=300, old_frames=False)
+    mint = events[0].data.mint
+    gap = idle_gaps(events)[0]
+    straight, manager = FeatureManager(), FeatureManager()
+    for i, e in enumerate(events):
+        if i == gap:
+            assert manager.shed_idle(e.time) == 1
+            assert manager.frozen == 0  # kept as it was: still exact
+            assert manager.token(mint).buf_time is None
+        straight.update_feature_history(e)
+        manager.update_feature_history(e)
+    assert manager.values(manager.token(mint)) == straight.values(straight.token(mint))

@@ -49,7 +49,7 @@ from pumpflow.common.features.definitions import (
     resolve_order,
 )
 from pumpflow.common.features.inputs import TradeInput, trade_input
-from pumpflow.common.features.state import Layout, StateSnapshot, TokenState
+from pumpflow.common.features.state import Layout, TokenState, decode_snapshot, encode_snapshot
 from pumpflow.common.state.abc import StateStore
 
 
@@ -71,8 +71,6 @@ class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
 
 _vector_encoder = msgspec.msgpack.Encoder()
 _vector_decoder = msgspec.msgpack.Decoder(FeatureVector)
-_snapshot_encoder = msgspec.msgpack.Encoder()
-_snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
 
 
 class FeatureCache:
@@ -187,8 +185,8 @@ class FeatureManager:
         cache: FeatureCache | None = None,
     ):
         self.cache = cache if cache is not None else FeatureCache()
-        self._tokens: dict[str, TokenState] = {}
-        self._seqs: dict[str, int] = {}
+        # A token's state, or its frozen bytes while it is idle (see shed_idle).
+        self._tokens: dict[str, TokenState | bytes] = {}
         self.register_features(default_feature_set() if definitions is None else definitions)
 
     # ----------------------------------------------------------------------------------
@@ -212,7 +210,6 @@ class FeatureManager:
         read, source = compile_reader(ordered, plan)
         if getattr(self, "layout", None) != layout:
             self._tokens.clear()
-            self._seqs.clear()
         self.definitions: tuple[FeatureDef, ...] = ordered
         self.layout: Layout = layout
         self.names: tuple[str, ...] = tuple(d.name for d in ordered)
@@ -259,9 +256,11 @@ class FeatureManager:
         state = self._tokens.get(mint)
         if state is None:
             state = self._tokens[mint] = TokenState(self.layout, creator=creator)
+        elif state.__class__ is bytes:
+            state = self._tokens[mint] = TokenState.thaw(self.layout, state)
         state.apply(trade)
         if seq is not None:
-            self._seqs[mint] = seq
+            state.seq = seq
         return state
 
     def apply(self, mint: str, trade: TradeInput, seq: int | None = None) -> TokenState:
@@ -269,9 +268,11 @@ class FeatureManager:
         state = self._tokens.get(mint)
         if state is None:
             state = self._tokens[mint] = TokenState(self.layout)
+        elif state.__class__ is bytes:
+            state = self._tokens[mint] = TokenState.thaw(self.layout, state)
         state.apply(trade)
         if seq is not None:
-            self._seqs[mint] = seq
+            state.seq = seq
         return state
 
     def values(self, state: TokenState) -> list[float]:
@@ -280,27 +281,38 @@ class FeatureManager:
 
     def generate_features(self, mint: str) -> FeatureVector | None:
         """The token's features as of its last trade; None for an unknown token."""
-        state = self._tokens.get(mint)
+        state = self.token(mint)
         if state is None or state.n_events == 0:
             return None
         return FeatureVector(
             mint=mint,
             version=self.version,
-            seq=self._seqs.get(mint, 0),
+            seq=state.seq,
             time=state.last_time,
             names=self.names,
-            values=tuple(self.values(state)),
+            values=tuple(self._read(state)),
         )
 
     def token(self, mint: str) -> TokenState | None:
-        return self._tokens.get(mint)
+        """The token's state (thawed if it was frozen); None for an unknown token."""
+        state = self._tokens.get(mint)
+        if state is not None and state.__class__ is bytes:
+            state = self._tokens[mint] = TokenState.thaw(self.layout, state)
+        return state
 
     def last_seq(self, mint: str) -> int:
-        return self._seqs.get(mint, 0)
+        """Per-mint seq of the last token event applied (0: none or unknown)."""
+        state = self.token(mint)
+        return 0 if state is None else state.seq
 
     @property
     def tracked(self) -> int:
         return len(self._tokens)
+
+    @property
+    def frozen(self) -> int:
+        """Tokens held as frozen bytes (idle)."""
+        return sum(1 for state in self._tokens.values() if state.__class__ is bytes)
 
     def mints(self) -> list[str]:
         return list(self._tokens)
@@ -308,11 +320,24 @@ class FeatureManager:
     def drop_token(self, mint: str) -> None:
         """Forget a token's state (it went inactive or migrated)."""
         self._tokens.pop(mint, None)
-        self._seqs.pop(mint, None)
 
     def shed_idle(self, now: float) -> int:
-        """Drop window buffers of tokens idle longer than the longest window."""
-        return sum(1 for state in self._tokens.values() if state.shed(now))
+        """Freeze tokens idle longer than the longest window; return how many.
+
+        A frozen token is one compact ``bytes`` (every wallet as an 8-byte id, see
+        :mod:`pumpflow.common.features.state`); its next trade, or any read, thaws it,
+        and every feature after its next trade is exactly what it would have been.
+        """
+        tokens = self._tokens
+        frozen = 0
+        for mint, state in tokens.items():
+            if state.__class__ is bytes or not state.idle(now):
+                continue
+            compact = state.freeze(now)
+            if compact is not None:
+                tokens[mint] = compact  # a value, not a key: iteration stays valid
+            frozen += 1
+        return frozen
 
     # ----------------------------------------------------------------------------------
     # Checkpoints.
@@ -322,13 +347,16 @@ class FeatureManager:
         state = self._tokens.get(mint)
         if state is None:
             return None
-        return _snapshot_encoder.encode(state.snapshot())
+        if state.__class__ is bytes:
+            return state  # a frozen token is its checkpoint
+        return encode_snapshot(state.snapshot())
 
-    def restore(self, mint: str, raw: bytes, *, seq: int = 0) -> TokenState:
-        """Load a token's state from :meth:`snapshot` bytes."""
-        state = TokenState.restore(self.layout, _snapshot_decoder.decode(raw))
+    def restore(self, mint: str, raw: bytes, *, seq: int | None = None) -> TokenState:
+        """Load a token's state from :meth:`snapshot` bytes (``seq`` overrides its seq)."""
+        state = TokenState.restore(self.layout, decode_snapshot(raw))
+        if seq is not None:
+            state.seq = seq
         self._tokens[mint] = state
-        self._seqs[mint] = seq
         return state
 
     # ----------------------------------------------------------------------------------

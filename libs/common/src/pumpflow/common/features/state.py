@@ -9,13 +9,25 @@ for bit; the same float operations in the same order make the rest equal too.
 A window contains the events with ``time > now - window``; the event just before
 its left edge gives the window's reference price (the first event's price while the
 token is younger than the window).
+
+Idle tokens: once every window is empty a token can be frozen into one compact
+``bytes`` (:meth:`TokenState.freeze`, the checkpoint encoding itself) and thawed on
+its next trade. Frozen, each wallet that traded the token is an 8-byte id (the
+64-bit BLAKE2b digest of its address, :func:`wallet_id`) next to what it bought; a
+thawed token matches a returning wallet by that id. Two different wallets of one
+token with the same id would count as one trader: with ``n`` wallets the odds are
+about ``n**2 / 2**65`` (1e-14 for 1,000 wallets; ~1e-6 over a year of every
+pump.fun token), and a freeze that would merge two known wallets is refused.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from array import array
 from collections import deque
 from dataclasses import dataclass
+from hashlib import blake2b
 
 import msgspec
 
@@ -67,12 +79,36 @@ def slot(k: int, field: int) -> int:
     return k * WSLOTS + field
 
 
+def _ids_to_bytes(ids: array) -> bytes:
+    if sys.byteorder != "little":
+        ids = array("Q", ids)
+        ids.byteswap()
+    return ids.tobytes()
+
+
+def _ids_from_bytes(raw: bytes) -> array:
+    ids = array("Q")
+    ids.frombytes(raw)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids
+
+
+def wallet_id(wallet: str) -> int:
+    """A wallet's 8-byte id: the unsigned 64-bit BLAKE2b digest of its address."""
+    return int.from_bytes(blake2b(wallet.encode(), digest_size=8).digest(), "little")
+
+
 class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
-    """The checkpoint of one TokenState (msgspec-encodable)."""
+    """The checkpoint of one TokenState (msgspec-encodable).
+
+    Fields after ``maxq`` were added later and default, so older checkpoints decode.
+    """
 
     scalars: tuple[float, ...]
     ints: tuple[int, ...]
     creator: str | None
+    #: lamports bought per wallet known by its address
     traders: dict[str, int]
     wstate: list[int | float]
     ewma: list[float]
@@ -84,6 +120,32 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     buf_new: list[int]
     buf_price: list[float]
     maxq: list[list[tuple[float, int]]]
+    #: wallets known by their :func:`wallet_id` (little-endian uint64s) ...
+    trader_ids: bytes = b""
+    #: ... and the lamports each bought, in the same order
+    trader_buys: list[int] = []
+    #: per-mint seq of the last token event applied (0 if unknown)
+    seq: int = 0
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
+
+
+_frozen_buffer = bytearray()
+
+
+def encode_snapshot(snapshot: StateSnapshot, *, exact: bool = False) -> bytes:
+    """msgpack bytes of a snapshot; ``exact`` sizes the allocation to the content
+    (the encoder's own output keeps its growth headroom: worth a copy when kept)."""
+    if not exact:
+        return _snapshot_encoder.encode(snapshot)
+    _snapshot_encoder.encode_into(snapshot, _frozen_buffer)
+    return bytes(_frozen_buffer)
+
+
+def decode_snapshot(raw: bytes) -> StateSnapshot:
+    return _snapshot_decoder.decode(raw)
 
 
 class TokenState:
@@ -102,6 +164,7 @@ class TokenState:
         "ewma",
         "first_price",
         "first_time",
+        "hashed",
         "largest_buy",
         "last_return",
         "last_time",
@@ -113,6 +176,7 @@ class TokenState:
         "prev_time",
         "price",
         "rsi",
+        "seq",
         "total_buy",
         "total_sell",
         "traders",
@@ -133,7 +197,11 @@ class TokenState:
         self.last_return = 0.0
         self.v_sol = 0.0
         self.v_tokens = 0.0
-        self.traders: dict[str, int] = {}
+        #: lamports bought per trader: by address, or by wallet_id if carried over a freeze
+        self.traders: dict[str | int, int] = {}
+        #: True when some traders are keyed by wallet_id
+        self.hashed = False
+        self.seq = 0
         self.total_buy = 0
         self.total_sell = 0
         self.max_trader_buy = 0
@@ -202,6 +270,9 @@ class TokenState:
 
         traders = self.traders
         bought = traders.get(trader)
+        if bought is None and self.hashed:
+            # Known from before a freeze? Then re-key it by address.
+            bought = traders.pop(wallet_id(trader), None)
         is_new = bought is None
         if is_new:
             bought = 0
@@ -318,6 +389,12 @@ class TokenState:
     # ----------------------------------------------------------------------------------
     # Memory and checkpoints.
 
+    def idle(self, now: float) -> bool:
+        """True once every window is empty at ``now`` (any time after the last trade
+        when the layout has no windows)."""
+        windows = self.layout.windows
+        return self.n_events > 0 and now - self.last_time > (windows[-1] if windows else 0.0)
+
     def shed(self, now: float) -> bool:
         """Drop the window buffers once every window is empty at ``now``; True if shed.
 
@@ -325,7 +402,7 @@ class TokenState:
         window's reference price becomes the last price.
         """
         windows = self.layout.windows
-        if self.buf_time is None or not windows or now - self.last_time <= windows[-1]:
+        if self.buf_time is None or not windows or not self.idle(now):
             return False
         wstate = self.wstate
         for k in range(len(windows)):
@@ -340,7 +417,30 @@ class TokenState:
         self.base = self.n_events
         return True
 
-    def snapshot(self) -> StateSnapshot:
+    def freeze(self, now: float) -> bytes | None:
+        """The idle state as compact bytes (its checkpoint, every wallet by id).
+
+        None if the token is not idle at ``now``, or if two of its wallets share an id
+        (or an amount does not fit in 64 bits): it then stays as it is, exact.
+        """
+        if not self.idle(now):
+            return None
+        self.shed(now)
+        try:
+            return encode_snapshot(self.snapshot(compact=True), exact=True)
+        except (ValueError, OverflowError, msgspec.EncodeError):
+            return None
+
+    @classmethod
+    def thaw(cls, layout: Layout, frozen: bytes) -> TokenState:
+        """The state :meth:`freeze` gave (or any checkpoint of this layout)."""
+        return cls.restore(layout, decode_snapshot(frozen))
+
+    def snapshot(self, *, compact: bool = False) -> StateSnapshot:
+        """The state as a StateSnapshot; ``compact`` keys every wallet by id.
+
+        Raises ValueError (compact only) if two wallets would share an id.
+        """
         scalars = (
             self.first_time,
             self.last_time,
@@ -361,12 +461,27 @@ class TokenState:
             self.largest_buy,
             int(self.creator_sold),
         )
+        traders = self.traders
+        ids = b""
+        buys: list[int] = []
+        if compact:
+            keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
+            if len(set(keys)) != len(keys):
+                raise ValueError("two wallets of the token share an id")
+            ids = _ids_to_bytes(keys)
+            buys = list(traders.values())
+            traders = {}
+        elif self.hashed:
+            by_id = [(k, v) for k, v in traders.items() if type(k) is int]
+            ids = _ids_to_bytes(array("Q", (k for k, _ in by_id)))
+            buys = [v for _, v in by_id]
+            traders = {k: v for k, v in traders.items() if type(k) is str}
         shed = self.buf_time is None
         return StateSnapshot(
             scalars=scalars,
             ints=ints,
             creator=self.creator,
-            traders=self.traders,
+            traders=traders,
             wstate=self.wstate,
             ewma=self.ewma,
             rsi=self.rsi,
@@ -377,6 +492,9 @@ class TokenState:
             buf_new=[] if shed else self.buf_new,
             buf_price=[] if shed else self.buf_price,
             maxq=[] if shed else [list(q) for q in self.maxq],
+            trader_ids=ids,
+            trader_buys=buys,
+            seq=self.seq,
         )
 
     @classmethod
@@ -408,6 +526,13 @@ class TokenState:
         state.creator_sold = bool(creator_sold)
         state.creator = snap.creator
         state.traders = dict(snap.traders)
+        if snap.trader_ids:
+            ids = _ids_from_bytes(snap.trader_ids)
+            if len(ids) != len(snap.trader_buys):
+                raise ValueError("snapshot has trader ids and amounts of different lengths")
+            state.traders.update(zip(ids, snap.trader_buys, strict=True))
+            state.hashed = True
+        state.seq = snap.seq
         # Window left edges and counts are ints, the rest floats: keep msgspec's types.
         state.wstate = [
             int(v) if (i % WSLOTS) in (_LEFT, _BUY, _SELL, _NEW) else float(v)
