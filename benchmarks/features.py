@@ -6,6 +6,7 @@ Run: .venv/bin/python benchmarks/features.py [--quick]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import random
 import time
@@ -81,6 +82,18 @@ def bench_incremental(tokens: int, per_token: int) -> tuple[float, float]:
     return update_rate, full_rate
 
 
+def bench_vector(reads: int) -> float:
+    """Microseconds to read one token's full vector (values in names order)."""
+    manager = FeatureManager()
+    for trade in synthetic_trades(2_000, seed=3, wallets=40):
+        state = manager.apply("mint", trade)
+    values = manager.values
+    t0 = time.perf_counter()
+    for _ in range(reads):
+        values(state)
+    return (time.perf_counter() - t0) / reads * 1e6
+
+
 def bench_batch(n: int) -> float:
     trades = synthetic_trades(min(n, 200_000), seed=99)
     history = TradeHistory.from_inputs(trades)
@@ -109,6 +122,65 @@ def bench_batch(n: int) -> float:
         manager.compute_batch(history)
         best = min(best, time.perf_counter() - t0)
     return len(history) / best
+
+
+def bench_small_histories(histories: int, per_history: int) -> float:
+    """Batch over many short histories (per-call overhead): trades/s."""
+    base = TradeHistory.from_inputs(synthetic_trades(per_history, seed=7, wallets=60))
+    manager = FeatureManager()
+    manager.compute_batch(base)
+    t0 = time.perf_counter()
+    for _ in range(histories):
+        manager.compute_batch(base)
+    return histories * per_history / (time.perf_counter() - t0)
+
+
+def bench_service(tokens: int, per_token: int) -> float:
+    """FeaturesService per token event (in-memory bus and store): events/s."""
+    from pumpflow.common.bus.memory import InMemoryBus
+    from pumpflow.common.clock import ReplayClock
+    from pumpflow.common.events import TokenTrade, make_event
+    from pumpflow.common.runtime.service import ServiceContext
+    from pumpflow.common.state import MemoryStateStore
+    from pumpflow.features.service import FeaturesService, FeaturesSettings
+
+    events = []
+    for s in range(tokens):
+        mint = f"{s:040d}pump"
+        for seq, tr in enumerate(synthetic_trades(per_token, seed=s, wallets=40), start=1):
+            trade = TokenTrade(
+                signature=f"{s}-{seq}",
+                mint=mint,
+                traderPublicKey=tr.trader,
+                txType="buy" if tr.is_buy else "sell",
+                tokenAmount=tr.tokens,
+                newTokenBalance=tr.new_balance,
+                bondingCurveKey="bc",
+                vTokensInBondingCurve=tr.v_tokens,
+                vSolInBondingCurve=tr.v_sol,
+                marketCapSol=tr.v_sol / tr.v_tokens * 1e9,
+                solAmount=tr.lamports / 1e9,
+            )
+            events.append(make_event(trade, source="feed/bench", time=tr.time, seq=seq))
+    events.sort(key=lambda e: e.time)
+
+    async def run() -> float:
+        clock = ReplayClock(0.0)
+        bus = InMemoryBus(partitions=4, synchronous=True, source="bench")
+        await bus.start()
+        settings = FeaturesSettings.load(service="features", transport="memory", partitions=4)
+        service = FeaturesService(settings)
+        store = MemoryStateStore(clock)
+        await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+        t0 = time.perf_counter()
+        for event in events:
+            await service.handle(event)
+        rate = len(events) / (time.perf_counter() - t0)
+        await service.stop()
+        await bus.close()
+        return rate
+
+    return asyncio.run(run())
 
 
 def bench_memory(tokens: int, trades_per_token: int, traders_per_token: int) -> float:
@@ -156,13 +228,21 @@ def main() -> None:
     features = len(FeatureManager().names)
     print(f"incremental: {update:,.0f} trades/s per core (state update, {features} features)")
     print(f"incremental + vector per trade: {full:,.0f} trades/s per core")
-    batch = bench_batch(int(2_000_000 * scale))
-    print(f"batch: {batch:,.0f} trades/s ({int(2_000_000 * scale):,} trades, one token)")
-    small = bench_memory(int(20_000 * scale), 10, 6)
-    big = bench_memory(int(5_000 * scale), 60, 30)
-    print(f"memory per idle token (10 trades, 6 traders): {small:,.0f} B")
-    print(f"memory per idle token (60 trades, 30 traders): {big:,.0f} B")
-    print(f"100,000 idle tokens (10 trades each): {small * 100_000 / 2**20:,.0f} MiB")
+    print(f"vector read: {bench_vector(int(100_000 * scale)):.2f} us")
+    service = bench_service(int(100 * scale), 400)
+    print(f"features service (in-memory bus and store): {service:,.0f} trade events/s")
+    n = int(2_000_000 * scale)
+    print(f"batch: {bench_batch(n):,.0f} trades/s ({n:,} trades, one token)")
+    small = bench_small_histories(int(2_000 * scale), 300)
+    print(f"batch, short histories: {small:,.0f} trades/s (300 trades each)")
+    for trades, traders, count in ((10, 6, 20_000), (60, 30, 5_000), (450, 150, 1_000)):
+        size = bench_memory(int(count * scale), trades, traders)
+        print(f"memory per idle token ({trades} trades, {traders} traders): {size:,.0f} B")
+        if trades == 10:
+            tiny = size
+    size = bench_memory(int(1_000 * scale), 450, 450)
+    print(f"memory per idle token (450 trades, 450 traders: all distinct): {size:,.0f} B")
+    print(f"100,000 idle tokens (10 trades each): {tiny * 100_000 / 2**20:,.0f} MiB")
 
 
 if __name__ == "__main__":

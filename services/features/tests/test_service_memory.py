@@ -160,3 +160,29 @@ async def test_bad_trade_is_dead_lettered_and_the_stream_goes_on(system):
             await bus.publish(e)
     assert service.counters["updates"] == len(events) - 1
     await service.stop()
+
+
+async def test_idle_tokens_are_frozen_and_publish_the_same_afterwards(system):
+    import msgspec
+
+    bus, store, clock, collector = system
+    events = [e for e in market_events(7, 90.0) if e.type in TRADE_TYPES]
+    split = len(events) // 2
+    # Every token falls silent for 1,000 s half way, longer than every window.
+    events = events[:split] + [
+        msgspec.structs.replace(e, time=e.time + 1_000.0) for e in events[split:]
+    ]
+    service = await start_service(bus, store, clock)
+    for e in events[:split]:
+        await clock.advance_to(e.time)
+        await bus.publish(e)
+    await clock.advance_to(events[split].time - 1.0)  # the shed timer runs meanwhile
+    assert service.manager.frozen == service.manager.tracked > 0
+    assert (await service.status())["frozen_tokens"] == service.manager.frozen
+    for e in events[split:]:
+        await clock.advance_to(e.time)
+        await bus.publish(e)
+    assert_continuous(collector, events)
+    published = {m: updates[-1].data.values for m, updates in collector.by_mint.items()}
+    assert published == expected_features(events)
+    await service.stop()

@@ -44,7 +44,7 @@ class FeaturesSettings(CommonSettings):
         3600.0, gt=0, description="TTL of an inactive token's features and checkpoint"
     )
     features_shed_interval_s: float = Field(
-        60.0, gt=0, description="how often idle tokens drop their window buffers"
+        60.0, gt=0, description="how often idle tokens are frozen into compact bytes"
     )
 
 
@@ -153,6 +153,7 @@ class FeaturesService(Service):
     async def status(self) -> dict[str, Any]:
         return {
             "tracked_tokens": self.manager.tracked,
+            "frozen_tokens": self.manager.frozen,
             "feature_set_version": self.manager.version,
             **self.counters,
         }
@@ -219,8 +220,10 @@ class FeaturesService(Service):
                 encode_event(event), service=self.name, reason=reason, event_type=event.type
             )
             return
-        manager.apply(mint, trade, seq)
-        vector = manager.generate_features(mint)
+        state = manager.apply(mint, trade, seq)
+        # The values straight from the state (one generated reader, no FeatureVector).
+        values = tuple(manager.values(state))
+        names = manager.names
         out_seq = self.sequencer.next(mint)
         source_seq = seq or 0
         await ctx.bus.publish(
@@ -229,8 +232,8 @@ class FeaturesService(Service):
                     mint=mint,
                     feature_set_version=manager.version,
                     source_seq=source_seq,
-                    names=vector.names,
-                    values=vector.values,
+                    names=names,
+                    values=values,
                 ),
                 source=ctx.source,
                 time=event.time,
@@ -238,14 +241,12 @@ class FeaturesService(Service):
                 causation_id=event.id,
             )
         )
-        features: dict[str, HashValue] = dict(zip(vector.names, vector.values, strict=True))
-        features.update(
-            version=manager.version,
-            seq=source_seq,
-            out_seq=out_seq,
-            time=vector.time,
-            updated_at=ctx.clock.now(),
-        )
+        features: dict[str, HashValue] = dict(zip(names, values, strict=True))
+        features["version"] = manager.version
+        features["seq"] = source_seq
+        features["out_seq"] = out_seq
+        features["time"] = state.last_time
+        features["updated_at"] = ctx.clock.now()
         checkpoint: dict[str, HashValue] = {
             "state": manager.snapshot(mint),
             "seq": source_seq,
