@@ -16,8 +16,9 @@ its next trade. Frozen, each wallet that traded the token is an 8-byte id (the
 64-bit BLAKE2b digest of its address, :func:`wallet_id`) next to what it bought; a
 thawed token matches a returning wallet by that id. Two different wallets of one
 token with the same id would count as one trader: with ``n`` wallets the odds are
-about ``n**2 / 2**65`` (1e-14 for 1,000 wallets; ~1e-6 over a year of every
-pump.fun token), and a freeze that would merge two known wallets is refused.
+about ``n**2 / 2**65`` (3e-14 for 1,000 wallets; under 1e-6 over a year of every
+pump.fun token even at 1,000 wallets each), and a freeze that would merge two wallets
+it already knows is refused.
 """
 
 from __future__ import annotations
