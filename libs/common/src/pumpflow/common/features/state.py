@@ -133,16 +133,14 @@ _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
 
 
-_frozen_buffer = bytearray()
-
-
 def encode_snapshot(snapshot: StateSnapshot, *, exact: bool = False) -> bytes:
     """msgpack bytes of a snapshot; ``exact`` sizes the allocation to the content
     (the encoder's own output keeps its growth headroom: worth a copy when kept)."""
     if not exact:
         return _snapshot_encoder.encode(snapshot)
-    _snapshot_encoder.encode_into(snapshot, _frozen_buffer)
-    return bytes(_frozen_buffer)
+    buffer = bytearray()  # per call: managers may freeze in several threads
+    _snapshot_encoder.encode_into(snapshot, buffer)
+    return bytes(buffer)
 
 
 def decode_snapshot(raw: bytes) -> StateSnapshot:
