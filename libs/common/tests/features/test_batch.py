@@ -120,3 +120,14 @@ def test_paths_equal_on_a_long_history():
     error = np.abs(incremental - batch) / np.maximum(1.0, np.abs(incremental))
     worst = dict(zip(manager.names, error.max(axis=0).tolist(), strict=True))
     assert all(e <= 1e-9 for e in worst.values()), worst
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7])
+def test_paths_equal_on_the_shortest_histories(n):
+    trades = long_history(3, n)
+    manager = FeatureManager()
+    batch = manager.compute_batch(TradeHistory.from_inputs(trades))
+    assert batch.shape == (n, len(manager.names))
+    for i, trade in enumerate(trades):
+        row = manager.values(manager.apply("m", trade))
+        assert np.allclose(batch[i], row, rtol=1e-12, atol=0), i
