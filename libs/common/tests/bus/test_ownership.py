@@ -265,6 +265,46 @@ async def test_memory_replicas_share_partitions_and_take_over():
     await bus.close()
 
 
+async def test_the_heartbeat_goes_on_while_a_hand_over_waits_for_a_slow_handler():
+    clock = WallClock()
+    store = MemoryStateStore(clock)
+    bus = InMemoryBus(partitions=4)
+    await bus.start()
+    quick = OwnershipConfig(heartbeat_interval_s=0.05, heartbeat_ttl_s=0.15)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        started.set()
+        await release.wait()
+
+    replicas = {}
+    for name in ("a", "b"):
+        replicas[name] = BalancedBus(bus, store=store, clock=clock, replica=name, config=quick)
+    await replicas["a"].subscribe(Subscription(service="svc", patterns=("token.*",), handler=slow))
+    # a partition that a will lose to b once b joins
+    lost = assign_partitions(4, ["a", "b"])["b"][0]
+    key = next(k for k in (f"mint{i}" for i in range(100)) if partition_of(k, 4) == lost)
+    await bus.publish(trade_event(key, 1))
+    await asyncio.wait_for(started.wait(), 5)
+    await replicas["b"].subscribe(
+        Subscription(service="svc", patterns=("token.*",), handler=Recorder())
+    )
+    balancer = replicas["a"].balancers["svc"]
+    # a's hand-over of ``lost`` waits for the handler; its heartbeat must not lapse
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:
+        assert await store.get("replicas:svc:a") is not None
+        await asyncio.sleep(0.02)
+    assert lost in balancer.owned  # still waiting for the handler
+    release.set()
+    await eventually(lambda: lost not in balancer.owned, within=5)
+    assert balancer.replicas == ("a", "b")
+    for replica in replicas.values():
+        await replica.halt()
+    await bus.close()
+
+
 # ---------------------------------------------------------------------- broker and Redis
 
 SERVICE = "scaled"

@@ -241,24 +241,33 @@ class PartitionBalancer:
     async def rebalance(self) -> bool:
         """Heartbeat, read the live replicas, move partitions; True when ownership changed."""
         async with self._lock:
-            try:
+            replicas = await self._beat()
+            if replicas is None:
+                return False
+            target = frozenset(owned_partitions(self.bus.partitions, replicas, self.replica))
+            return await self._move_to(target)
+
+    async def _beat(self) -> tuple[str, ...] | None:
+        """Heartbeat and list the live replicas (None when the store fails)."""
+        try:
+            # a store that hangs must not outlive our own heartbeat
+            async with asyncio.timeout(self.registry.ttl_s):
                 await self.registry.heartbeat()
                 live = await self.registry.live()
-            except Exception as exc:
-                # keep what we consume: single-active-consumer still keeps each queue
-                # to one consumer if the others take our partitions meanwhile
-                self.healthy = False
-                HEARTBEAT_FAILURES.labels(*self._labels).inc()
-                log.warning("%s/%s: heartbeat failed: %r", self.service, self.replica, exc)
-                return False
-            self.healthy = True
-            replicas = tuple(sorted({*live, self.replica}))
-            target = frozenset(owned_partitions(self.bus.partitions, replicas, self.replica))
-            LIVE_REPLICAS.labels(*self._labels).set(len(replicas))
-            if replicas != self.replicas:
-                log.info("%s/%s: live replicas %s", self.service, self.replica, ", ".join(replicas))
-                self.replicas = replicas
-            return await self._move_to(target)
+        except Exception as exc:
+            # keep what we consume: single-active-consumer still keeps each queue to
+            # one consumer if the others take our partitions meanwhile
+            self.healthy = False
+            HEARTBEAT_FAILURES.labels(*self._labels).inc()
+            log.warning("%s/%s: heartbeat failed: %r", self.service, self.replica, exc)
+            return None
+        self.healthy = True
+        replicas = tuple(sorted({*live, self.replica}))
+        LIVE_REPLICAS.labels(*self._labels).set(len(replicas))
+        if replicas != self.replicas:
+            log.info("%s/%s: live replicas %s", self.service, self.replica, ", ".join(replicas))
+            self.replicas = replicas
+        return replicas
 
     async def _move_to(self, target: frozenset[int]) -> bool:
         lost = self.owned - target
@@ -298,11 +307,17 @@ class PartitionBalancer:
     async def _tick(self) -> None:
         if not self._running:
             return
+        # the next tick is due on time even while this one waits for a hand-over
+        self._schedule()
         try:
-            await self.rebalance()
+            if self._lock.locked():
+                # handlers in flight on a released partition can take long: keep the
+                # heartbeat alive meanwhile, or the others would take us for dead
+                await self._beat()
+            else:
+                await self.rebalance()
         except Exception:
             log.exception("%s/%s: rebalancing failed; retrying", self.service, self.replica)
-        self._schedule()
 
     async def stop(self, *, leave: bool = True) -> None:
         """Stop heartbeating; ``leave`` removes the heartbeat so others take over at once.
