@@ -228,8 +228,9 @@ def range_max(values: np.ndarray, left: np.ndarray) -> np.ndarray:
 class BatchState:
     """Primitives per row, as :class:`TokenState` holds them after each trade.
 
-    Every attribute is computed on first use; features write into ``out`` rows with
-    the helpers (``window_sol``, ``window_count``, ...), so nothing is computed twice.
+    Every attribute is computed on first use and kept; features write into their
+    ``out`` row with the helpers (``window_sum``, ``window_trades``,
+    ``window_ref_price``, ...), so nothing is computed twice.
     """
 
     def __init__(self, layout: Layout, history: TradeHistory):
