@@ -126,6 +126,22 @@ async def test_lifecycle_events_and_batched_unsubscribes(system):
     await svc.stop()
 
 
+async def test_quiet_tokens_shed_their_window_state_and_thaw_unchanged(system):
+    s, tk = system, system.tokens
+    svc = await s.service()
+    await s.send(tk.created("A"))
+    await pump(s, svc, "A", 1, 40)
+    assert svc.shed_idle() == 0  # trading: nothing to shed
+    await s.at(svc, 110)  # quiet past the 60 s window, declining, not yet inactive
+    assert s.states("A")[-1] == "declining"
+    assert svc.shed_idle() == 1
+    assert svc.activity_metrics.manager.frozen == 1
+    await pump(s, svc, "A", 111, 160)
+    assert svc.activity_metrics.manager.frozen == 0
+    assert s.states("A") == ["new", "active", "declining", "active"]
+    await svc.stop()
+
+
 async def test_a_returning_token_is_resubscribed_but_a_straggler_is_not(system):
     s, tk = system, system.tokens
     svc = await s.service()

@@ -365,6 +365,7 @@ class ActivityService(Service):
             await asyncio.sleep(self.settings.activity_checkpoint_interval_s)
             try:
                 await self.checkpoint()
+                self.shed_idle()
                 for mint in self.analyzer.prune_tombstones():
                     self.sequencer.forget(mint)
                 for state, count in self.analyzer.counts().items():
@@ -372,6 +373,14 @@ class ActivityService(Service):
                 TOKENS.labels("retired").set(self.analyzer.tombstone_count)
             except Exception:
                 log.exception("activity: checkpoint failed; retrying")
+
+    def shed_idle(self) -> int:
+        """Freeze the window state of tokens quiet past every window; return how many.
+
+        A quiet token (declining, not yet inactive) then costs a few hundred bytes
+        instead of its buffers, and thaws unchanged on its next trade.
+        """
+        return self.activity_metrics.manager.shed_idle(self._ctx.clock.now())
 
     async def _restore(self) -> int:
         store = self._ctx.store
