@@ -454,7 +454,7 @@ async def test_a_replica_joins_and_one_leaves_mid_stream_nothing_lost(cluster):
     keys, per_key = [f"mint{i}" for i in range(24)], 60
     a = await replica("ra", delay=0.001)
     b = await replica("rb", delay=0.001)
-    await eventually(lambda: disjoint_cover(a, b), within=10)
+    await eventually(lambda: disjoint_cover(a, b) and a.owned and b.owned, within=10)
 
     async def publish() -> None:
         for seq in range(1, per_key + 1):
@@ -485,7 +485,7 @@ async def test_a_dead_replicas_partitions_are_taken_over_after_the_ttl(cluster):
     replica, publisher, journal, _ = cluster
     a = await replica("ra")
     b = await replica("rb")
-    await eventually(lambda: disjoint_cover(a, b), within=10)
+    await eventually(lambda: disjoint_cover(a, b) and a.owned and b.owned, within=10)
     lost = set(b.owned)
     # b dies: no more heartbeats, no leave; its connection goes
     await b.bus.halt()

@@ -12,6 +12,13 @@ Delivery contract, the same for every transport (held by the shared contract tes
   then the message is dead-lettered with the reason; the stream goes on.
 - Duplicates (an event whose seq is not above the last seen for its publisher and
   key) are dropped and counted; gaps are logged and counted, then processed.
+- Ownership hook: a subscription's optional ``on_assigned(partitions)`` is awaited
+  before the first delivery of those partitions, ``on_revoked(partitions)`` after
+  their handlers in flight returned and before another replica may take them. A
+  transport tells a subscription its fixed partitions (all of them for
+  ``partitions=None``) when it subscribes; ``ownership.BalancedBus`` tells it each
+  partition it gains or loses. A stateful service restores and drops the state of
+  exactly those partitions there.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from dataclasses import dataclass, field
 from pumpflow.common.events import Event
 
 Handler = Callable[[Event], Awaitable[None]]
+#: told a sorted tuple of partitions (see the ownership hook above)
+PartitionsCallback = Callable[[tuple[int, ...]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +51,24 @@ class Subscription:
     max_attempts: int = 3
     #: drop duplicates by (publisher, key, seq)
     deduplicate: bool = True
+    #: awaited with partitions this replica is about to consume (restore their state)
+    on_assigned: PartitionsCallback | None = None
+    #: awaited with partitions it stopped consuming, before they move on (drop state)
+    on_revoked: PartitionsCallback | None = None
+
+
+async def notify_assigned(subscription: Subscription, partitions: int) -> None:
+    """Tell ``subscription`` the partitions it consumes from subscribing on.
+
+    Transports await this in ``subscribe`` before consuming. A subscription the
+    balancer moves partitions for comes with ``partitions=()``: nothing to tell yet.
+    """
+    if subscription.on_assigned is None:
+        return
+    wanted = subscription.partitions
+    owned = tuple(range(partitions)) if wanted is None else tuple(sorted(set(wanted)))
+    if owned:
+        await subscription.on_assigned(owned)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription
+from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription, notify_assigned
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -210,6 +210,7 @@ class InMemoryBus(EventBus):
     # ---------------------------------------------------------------- subscribing
 
     async def subscribe(self, subscription: Subscription) -> None:
+        await notify_assigned(subscription, self.partitions)
         group = self._groups.get(subscription.service)
         if group is None:
             group = self._groups[subscription.service] = _Group(self, subscription.service)

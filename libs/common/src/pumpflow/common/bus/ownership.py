@@ -7,13 +7,19 @@
   of the partition count and the set of live replica ids, so every replica computes
   the same answer on its own, and a change of membership moves few partitions.
 - :class:`ReplicaRegistry`: each replica heartbeats ``replicas:<service>:<replica>``
-  in the StateStore with a TTL; the live replicas are the keys that have not expired.
+  in the StateStore with a TTL, with the partitions it holds; the live replicas are
+  the keys that have not expired.
 - :class:`PartitionBalancer`: consumes the partitions this replica owns for a
   service's partitioned subscriptions and, when membership changes, hands them over:
   it stops consuming the lost ones (their handlers in flight finish and are acked;
   the service checkpoints before it acks, so the next owner loads the state from the
-  store) and consumes the gained ones. Single-active-consumer keeps a queue to one
-  active consumer even while two replicas briefly both hold it.
+  store), tells the service (``Subscription.on_revoked``: checkpoint and drop what
+  only the owner may act on, such as timers), heartbeats that it no longer holds
+  them, and consumes the gained ones. A gained partition is claimed only once no
+  other live replica's heartbeat says it holds it, and the service is told first
+  (``Subscription.on_assigned``: restore its state), so state the old owner wrote on
+  leaving is what the new one loads, and timers never run on two replicas at once.
+  Single-active-consumer keeps a queue to one active consumer meanwhile.
 - :class:`BalancedBus`: the bus the runner hands a distributed service. It passes
   everything to the transport, except that a subscription to keyed events with
   ``partitions=None`` is balanced; critical and broadcast lanes stay with every
@@ -141,6 +147,11 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     #: clock time of the first and of the latest heartbeat
     since: float
     at: float
+    #: partitions the replica holds (consumes, or is still handing over)
+    owned: tuple[int, ...] = ()
+
+
+_decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
 
 
 class ReplicaRegistry:
@@ -158,18 +169,34 @@ class ReplicaRegistry:
         self.key = self.prefix + replica
         self._since: float | None = None
 
-    async def heartbeat(self) -> None:
-        """Say this replica is alive for the next ``ttl_s`` seconds."""
+    async def heartbeat(self, owned: Iterable[int] = ()) -> None:
+        """Say this replica is alive for the next ``ttl_s`` seconds, holding ``owned``."""
         now = self.clock.now()
         if self._since is None:
             self._since = now
-        beat = Heartbeat(replica=self.replica, since=self._since, at=now)
+        beat = Heartbeat(
+            replica=self.replica, since=self._since, at=now, owned=tuple(sorted(owned))
+        )
         await self.store.set(self.key, msgspec.json.encode(beat), ttl=self.ttl_s)
 
     async def live(self) -> list[str]:
         """Ids of the replicas whose heartbeat has not expired, sorted."""
         keys = await self.store.scan_keys(self.prefix)
         return sorted(k[len(self.prefix) :] for k in keys)
+
+    async def members(self) -> dict[str, tuple[int, ...]]:
+        """Live replicas and the partitions each says it holds."""
+        keys = await self.store.scan_keys(self.prefix)
+        out: dict[str, tuple[int, ...]] = {}
+        for key, raw in zip(keys, await self.store.get_many(keys), strict=True):
+            if raw is None:
+                continue  # expired since the scan
+            try:
+                owned = _decode_heartbeat(raw).owned
+            except msgspec.DecodeError:
+                owned = ()  # an unreadable heartbeat still says the replica lives
+            out[key[len(self.prefix) :]] = owned
+        return out
 
     async def leave(self) -> None:
         """Remove this replica's heartbeat, so the others take its partitions at once."""
@@ -200,6 +227,8 @@ class PartitionBalancer:
         #: partitions consumed now, and the live replicas they were computed from
         self.owned: frozenset[int] = frozenset()
         self.replicas: tuple[str, ...] = ()
+        #: partitions other live replicas say they hold, as of the last heartbeat
+        self.held_elsewhere: frozenset[int] = frozenset()
         self.rebalances = 0
         #: False after a failed heartbeat, until one succeeds
         self.healthy = False
@@ -224,7 +253,10 @@ class PartitionBalancer:
             await self.bus.subscribe(subscription)
             self._subscriptions.append(subscription)
             if self.owned:
-                await self.bus.consume_partitions(subscription, sorted(self.owned))
+                owned = tuple(sorted(self.owned))
+                if subscription.on_assigned is not None:
+                    await subscription.on_assigned(owned)
+                await self.bus.consume_partitions(subscription, owned)
         if not self._running:
             self._running = True
             await self.rebalance()
@@ -245,15 +277,21 @@ class PartitionBalancer:
             if replicas is None:
                 return False
             target = frozenset(owned_partitions(self.bus.partitions, replicas, self.replica))
-            return await self._move_to(target)
+            moved = await self._move_to(target)
+            if moved:
+                # others claim what we released as soon as they see it
+                await self._beat(read=False)
+            return moved
 
-    async def _beat(self) -> tuple[str, ...] | None:
+    async def _beat(self, *, read: bool = True) -> tuple[str, ...] | None:
         """Heartbeat and list the live replicas (None when the store fails)."""
         try:
             # a store that hangs must not outlive our own heartbeat
             async with asyncio.timeout(self.registry.ttl_s):
-                await self.registry.heartbeat()
-                live = await self.registry.live()
+                await self.registry.heartbeat(self.owned)
+                if not read:
+                    return self.replicas
+                members = await self.registry.members()
         except Exception as exc:
             # keep what we consume: single-active-consumer still keeps each queue to
             # one consumer if the others take our partitions meanwhile
@@ -262,7 +300,10 @@ class PartitionBalancer:
             log.warning("%s/%s: heartbeat failed: %r", self.service, self.replica, exc)
             return None
         self.healthy = True
-        replicas = tuple(sorted({*live, self.replica}))
+        self.held_elsewhere = frozenset(
+            p for replica, owned in members.items() if replica != self.replica for p in owned
+        )
+        replicas = tuple(sorted({*members, self.replica}))
         LIVE_REPLICAS.labels(*self._labels).set(len(replicas))
         if replicas != self.replicas:
             log.info("%s/%s: live replicas %s", self.service, self.replica, ", ".join(replicas))
@@ -271,15 +312,25 @@ class PartitionBalancer:
 
     async def _move_to(self, target: frozenset[int]) -> bool:
         lost = self.owned - target
-        gained = target - self.owned
+        # a partition its old owner still holds waits: that owner is still handing it
+        # over (or is stalled, until its heartbeat expires)
+        waiting = (target - self.owned) & self.held_elsewhere
+        gained = target - self.owned - waiting
+        if waiting:
+            log.info(
+                "%s/%s: partitions %s wait for their previous owner",
+                self.service,
+                self.replica,
+                _span(waiting),
+            )
         if not lost and not gained:
             return False
         if lost:
-            # lost ones first: their handlers in flight finish and ack, the rest of
-            # their queue waits for the next owner, who loads the state from the store
-            for subscription in self._subscriptions:
-                await self.bus.release_partitions(subscription, sorted(lost))
-            self.owned -= lost
+            await self._revoke(lost)
+        if gained and not await self._assign(gained):
+            gained = frozenset()
+            if not lost:
+                return False
         if gained:
             for subscription in self._subscriptions:
                 await self.bus.consume_partitions(subscription, sorted(gained))
@@ -298,6 +349,43 @@ class PartitionBalancer:
             self.bus.partitions,
             len(self.replicas),
         )
+        return True
+
+    async def _revoke(self, lost: frozenset[int]) -> None:
+        """Stop consuming ``lost`` and tell the service, before anyone else may take them."""
+        partitions = tuple(sorted(lost))
+        # their handlers in flight finish and ack; the rest of their queue waits for
+        # the next owner, who loads the state from the store
+        for subscription in self._subscriptions:
+            await self.bus.release_partitions(subscription, partitions)
+        for subscription in self._subscriptions:
+            if subscription.on_revoked is None:
+                continue
+            try:
+                await subscription.on_revoked(partitions)
+            except Exception:
+                # the partitions are released already; the next owner gets the state
+                # the service stored so far
+                log.exception("%s/%s: on_revoked%s failed", self.service, self.replica, _span(lost))
+        self.owned -= lost
+
+    async def _assign(self, gained: frozenset[int]) -> bool:
+        """Tell the service it is about to consume ``gained``; False if it failed to get ready."""
+        partitions = tuple(sorted(gained))
+        for subscription in self._subscriptions:
+            if subscription.on_assigned is None:
+                continue
+            try:
+                await subscription.on_assigned(partitions)
+            except Exception:
+                # consuming without the state would start the tokens over: retry later
+                log.exception(
+                    "%s/%s: on_assigned%s failed; retrying",
+                    self.service,
+                    self.replica,
+                    _span(gained),
+                )
+                return False
         return True
 
     def _schedule(self) -> None:
@@ -319,19 +407,28 @@ class PartitionBalancer:
         except Exception:
             log.exception("%s/%s: rebalancing failed; retrying", self.service, self.replica)
 
-    async def stop(self, *, leave: bool = True) -> None:
-        """Stop heartbeating; ``leave`` removes the heartbeat so others take over at once.
-
-        Consumers are left to the bus (``stop_consuming`` hands their partitions back).
-        ``leave=False`` is what a crash looks like to the others: they take over when
-        the heartbeat expires.
-        """
+    def pause(self) -> None:
+        """Stop rebalancing (the heartbeat stays until it expires or :meth:`stop`)."""
         self._running = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeating; ``leave`` hands the partitions back so others take over at once.
+
+        Leaving revokes every partition held (released at the bus, ``on_revoked``
+        told) before the heartbeat goes, so the next owners load what the service
+        stored on revoke. ``leave=False`` is what a crash looks like to the others:
+        they take over when the heartbeat expires.
+        """
+        self.pause()
         async with self._lock:  # a rebalance in progress completes first
-            pass
+            if leave and self.owned:
+                try:
+                    await self._revoke(self.owned)
+                except Exception:
+                    log.exception("%s/%s: handing back failed", self.service, self.replica)
         if leave:
             try:
                 await self.registry.leave()
@@ -447,11 +544,14 @@ class BalancedBus(EventBus):
             await balancer.stop(leave=False)
 
     async def stop_consuming(self) -> None:
-        # leave first: the others subscribe our partitions and wait (single active
-        # consumer) until our consumers are gone, so the hand-over is immediate
+        # consumers stop and their handlers finish first; then each balancer revokes its
+        # partitions (the service stores what it holds) and leaves, and only then may
+        # the others claim them
+        for balancer in self.balancers.values():
+            balancer.pause()
+        await self.inner.stop_consuming()
         for balancer in self.balancers.values():
             await balancer.stop(leave=True)
-        await self.inner.stop_consuming()
 
     async def close(self) -> None:
         for balancer in self.balancers.values():

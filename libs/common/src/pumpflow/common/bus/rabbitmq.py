@@ -44,7 +44,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription
+from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription, notify_assigned
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -412,6 +412,7 @@ class RabbitMQBus(EventBus):
     async def subscribe(self, subscription: Subscription) -> None:
         if self._channel is None:
             raise RuntimeError("start the bus before subscribing")
+        await notify_assigned(subscription, self.partitions)
         service = subscription.service
         bindings = Bindings.of(subscription)
         version = bindings.version
