@@ -22,9 +22,19 @@ thresholds, timers) and :class:`~pumpflow.common.activity.metrics.FeatureActivit
 - Checkpoints each token (lifecycle, lifecycle seq, feature state with the feed seq it
   includes) to the StateStore under ``activity:token:<mint>``: right after it published
   lifecycle events, and before its event is acked (group commit: one batched write
-  for all tokens changed meanwhile). A replacement replica restores them on start
-  (retired tokens are kept ``tombstone_ttl_s``); a redelivered event whose feed seq
-  the features already include is not applied twice.
+  for all tokens changed meanwhile). Each checkpointed mint is also listed in its
+  partition's index hash ``activity:partition:<p>``, so the tokens of a partition are
+  found without scanning the keyspace. A redelivered event whose feed seq the
+  features already include is not applied twice.
+- Acts only on the partitions it owns (the bus's ownership hook, see
+  :mod:`pumpflow.common.bus.abc`): ``on_assigned`` restores the checkpointed tokens
+  of those partitions (retired ones are kept ``tombstone_ttl_s``) and arms their
+  timers; ``on_revoked`` cancels their timers, lets their queued work finish,
+  checkpoints them (with the lifecycle seq, so the next owner numbers on), sends the
+  pending feed commands and drops them from memory. So with several replicas each
+  token's timers run on one replica, and every lifecycle event and unsubscribe is
+  published once. Embedded, or unbalanced, the service owns every partition (or the
+  ones it was built with) from the start. The HTTP views show the owned tokens.
 - HTTP: ``GET /tokens/{mint}``, ``GET /tokens?state=active&limit=100``.
 """
 
@@ -64,6 +74,10 @@ from pumpflow.common.workers import TokenMonitorThreadPool, WorkerPoolConfig
 log = logging.getLogger("pumpflow.activity")
 
 KEY_PREFIX = "activity:token:"
+#: per partition, a hash whose fields are the mints checkpointed under KEY_PREFIX
+INDEX_PREFIX = "activity:partition:"
+#: set once the index lists every checkpoint (those written before it existed too)
+INDEX_MARKER = "activity:partition-index"
 CONSUMES = ("token.created", "token.trade", "token.migrated")
 
 TRANSITIONS = Counter(
@@ -120,6 +134,11 @@ class ActivityService(Service):
         self._tasks: list[asyncio.Task] = []
         self._subscription: Subscription | None = None
         self.published_lifecycle = 0
+        #: partitions whose tokens this replica acts on (restored, timers running)
+        self.owned: set[int] = set()
+        #: mints listed in their partition's index already
+        self._indexed: set[str] = set()
+        self._stopped = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -143,18 +162,24 @@ class ActivityService(Service):
             )
         )
         await self.pool.start()
-        restored = await self._restore()
-        log.info("activity: restored %d tokens from the store", restored)
+        self._stopped = False
         self._tasks = [
             asyncio.create_task(self._checkpoint_loop(), name="activity-checkpoint"),
             asyncio.create_task(self._subscription_loop(), name="activity-subscriptions"),
         ]
         self._subscription = Subscription(
-            service=self.name, patterns=CONSUMES, handler=self._handle, partitions=self.partitions
+            service=self.name,
+            patterns=CONSUMES,
+            handler=self._handle,
+            partitions=self.partitions,
+            on_assigned=self.assign_partitions,
+            on_revoked=self.revoke_partitions,
         )
+        # the bus tells the partitions owned (restoring their tokens) before consuming
         await ctx.bus.subscribe(self._subscription)
 
     async def stop(self) -> None:
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -238,8 +263,8 @@ class ActivityService(Service):
     async def _flush_token(self, mint: str, causation_id: str | None = None) -> None:
         """Publish the token's pending lifecycle events; checkpoint it on a transition."""
         transitions = self._outbox.pop(mint, None)
-        if not transitions:
-            return
+        if not transitions or self.analyzer.get_token_lifecycle_state(mint) is None:
+            return  # nothing, or handed over to another replica
         ctx = self._ctx
         assert ctx is not None
         events = [
@@ -314,15 +339,23 @@ class ActivityService(Service):
         live: dict[str, bytes] = {}
         retired: dict[str, bytes] = {}
         gone: list[str] = []
+        unindexed: dict[str, dict[str, bytes]] = {}
         for mint in mints:
             self._dirty.discard(mint)
             checkpoint = self._checkpoint_of(mint)
             if checkpoint is None:
                 gone.append(KEY_PREFIX + mint)
-            elif checkpoint.token.retired:
+                continue
+            if checkpoint.token.retired:
                 retired[KEY_PREFIX + mint] = _encode(checkpoint)
             else:
                 live[KEY_PREFIX + mint] = _encode(checkpoint)
+            if mint not in self._indexed:
+                unindexed.setdefault(self._index_key(mint), {})[mint] = b"1"
+        if unindexed:
+            # index first: an entry without its checkpoint is skipped, never the reverse
+            await store.hset_many(unindexed)
+            self._indexed.update(m for fields in unindexed.values() for m in fields)
         if live:
             await store.set_many(live, ttl=self.settings.activity_state_ttl_s)
         if retired:
@@ -382,33 +415,111 @@ class ActivityService(Service):
         """
         return self.activity_metrics.manager.shed_idle(self._ctx.clock.now())
 
-    async def _restore(self) -> int:
+    # ---------------------------------------------------------------- ownership
+
+    def _index_key(self, mint: str) -> str:
+        return f"{INDEX_PREFIX}{partition_of(mint, self._ctx.bus.partitions)}"
+
+    async def assign_partitions(self, partitions: tuple[int, ...]) -> None:
+        """Take the tokens of ``partitions`` over: restore them, arm their timers."""
+        if self._stopped:
+            return
+        restored = await self._restore(partitions)
+        self.owned.update(partitions)
+        log.info("activity: partitions %s assigned, %d tokens restored", partitions, restored)
+
+    async def revoke_partitions(self, partitions: tuple[int, ...]) -> None:
+        """Hand the tokens of ``partitions`` over: finish, checkpoint and drop them.
+
+        Their events stopped (the bus released the partitions first); here their
+        timers stop too, the work queued for them (timer-driven lifecycle events)
+        runs in order, and their checkpoints carry the lifecycle seq to the next owner.
+        """
+        self.owned.difference_update(partitions)
+        if self._stopped:
+            return
+        lost = set(partitions)
+        count = self._ctx.bus.partitions
+        mints = [m for m in self.analyzer.mints() if partition_of(m, count) in lost]
+        for mint in mints:
+            self.analyzer.suspend(mint)
+        # lifecycle events already decided go out under this replica's seq
+        work = [
+            self.pool.submit(mint, lambda m=mint: self._flush_token(m), priority=Priority.HIGH)
+            for mint in mints
+            if self.analyzer.is_live(mint) or mint in self._outbox
+        ]
+        for outcome in await asyncio.gather(*work, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.error("activity: flushing a revoked token failed: %r", outcome)
+        await self._write([m for m in mints if self.analyzer.is_live(m) or m in self._dirty])
+        # unsubscribes of tokens retired here: the next owner will not send them
+        await self.flush_subscriptions()
+        for mint in mints:
+            self.analyzer.forget(mint)
+            self.activity_metrics.drop(mint)
+            self.sequencer.forget(mint)
+            self._dirty.discard(mint)
+            self._indexed.discard(mint)
+            self._outbox.pop(mint, None)
+        log.info("activity: partitions %s revoked, %d tokens handed over", partitions, len(mints))
+
+    async def _ensure_index(self) -> None:
+        """List checkpoints written before the index existed (once per store)."""
         store = self._ctx.store
-        keys = await store.scan_keys(KEY_PREFIX)
-        partitions = self._ctx.settings.partitions
-        if self.partitions is not None:
-            owned = set(self.partitions)
-            keys = [k for k in keys if partition_of(k[len(KEY_PREFIX) :], partitions) in owned]
+        if await store.get(INDEX_MARKER) is not None:
+            return
+        index: dict[str, dict[str, bytes]] = {}
+        for key in await store.scan_keys(KEY_PREFIX):
+            mint = key[len(KEY_PREFIX) :]
+            index.setdefault(self._index_key(mint), {})[mint] = b"1"
+        if index:
+            await store.hset_many(index)
+        await store.set(INDEX_MARKER, b"1")
+
+    async def _restore(self, partitions: tuple[int, ...]) -> int:
+        """Load the checkpointed tokens of ``partitions``; return how many."""
+        store = self._ctx.store
+        await self._ensure_index()
         restored = 0
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            for key, raw in zip(chunk, await store.get_many(chunk), strict=True):
-                if raw is None:
-                    continue
-                try:
-                    checkpoint = _decode(raw)
-                except msgspec.DecodeError as exc:
-                    log.error("activity: unreadable checkpoint %s dropped: %s", key, exc)
-                    continue
-                mint = checkpoint.token.mint
-                if checkpoint.features is not None:
-                    self.activity_metrics.restore(
-                        mint, checkpoint.features, seq=checkpoint.features_seq
-                    )
-                self.analyzer.restore(checkpoint.token, warm_up=checkpoint.features is None)
-                self.sequencer.restore({mint: checkpoint.seq})
-                restored += 1
+        for partition in partitions:
+            index_key = f"{INDEX_PREFIX}{partition}"
+            mints = [
+                m.decode() if isinstance(m, bytes) else m for m in await store.hgetall(index_key)
+            ]
+            live: list[str] = []
+            for start in range(0, len(mints), 500):
+                chunk = mints[start : start + 500]
+                raws = await store.get_many([KEY_PREFIX + m for m in chunk])
+                for mint, raw in zip(chunk, raws, strict=True):
+                    if raw is None:
+                        continue  # expired
+                    try:
+                        checkpoint = _decode(raw)
+                    except msgspec.DecodeError as exc:
+                        log.error("activity: unreadable checkpoint of %s dropped: %s", mint, exc)
+                        continue
+                    live.append(mint)
+                    self._restore_token(checkpoint)
+                    restored += 1
+            self._indexed.update(live)
+            if len(live) < len(mints):
+                # the owner alone writes a partition's index: drop the expired entries
+                await store.delete_many([index_key])
+                if live:
+                    await store.hset_many({index_key: dict.fromkeys(live, b"1")})
         return restored
+
+    def _restore_token(self, checkpoint: Checkpoint) -> None:
+        mint = checkpoint.token.mint
+        # what memory still holds of it (an earlier ownership) is older than the store
+        self.analyzer.forget(mint)
+        self.activity_metrics.drop(mint)
+        self.sequencer.forget(mint)
+        if checkpoint.features is not None:
+            self.activity_metrics.restore(mint, checkpoint.features, seq=checkpoint.features_seq)
+        self.analyzer.restore(checkpoint.token, warm_up=checkpoint.features is None)
+        self.sequencer.restore({mint: checkpoint.seq})
 
     # ---------------------------------------------------------------- HTTP
 
@@ -446,6 +557,7 @@ class ActivityService(Service):
         health = self.pool.health()
         return {
             "ready": health.alive > 0,
+            "partitions": sorted(self.owned),
             "tokens": self.analyzer.counts(),
             "retired": self.analyzer.tombstone_count,
             "watched": sum(1 for _ in self.analyzer.watched()),
@@ -458,5 +570,3 @@ class ActivityService(Service):
                 "restarts": health.restarts,
             },
         }
-
-

@@ -326,6 +326,22 @@ class ActivityAnalyzer:
         self._tokens[mint] = token
         self._arm(token)
 
+    def suspend(self, mint: str) -> None:
+        """Cancel the token's timer; its state stays, readable for a last checkpoint.
+
+        For a token another replica is about to own: no timer-driven transition may
+        happen here any more. Its next update arms the timer again.
+        """
+        token = self._tokens.get(mint)
+        if token is not None and token.timer is not None:
+            token.timer.cancel()
+            token.timer = None
+            token.timer_at = math.inf
+
+    def mints(self) -> list[str]:
+        """Every token known here, live or retired."""
+        return [*self._tokens, *self._tombstones]
+
     def forget(self, mint: str) -> None:
         """Drop every trace of a token (live or retired) without callbacks."""
         token = self._tokens.pop(mint, None)
