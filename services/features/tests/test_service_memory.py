@@ -186,3 +186,41 @@ async def test_idle_tokens_are_frozen_and_publish_the_same_afterwards(system):
     published = {m: updates[-1].data.values for m, updates in collector.by_mint.items()}
     assert published == expected_features(events)
     await service.stop()
+
+
+async def test_a_revoked_partitions_tokens_leave_memory_and_reload_with_the_stores_ttl(system):
+    """A token retired on another replica while away comes back here without that TTL."""
+    from pumpflow.common.bus.routing import partition_of
+
+    bus, store, clock, _ = system
+    events = market_events(5, 120.0)
+    by_mint: dict[str, list] = {}
+    for e in events:
+        if e.type in TRADE_TYPES:
+            by_mint.setdefault(e.key, []).append(e)
+    mint, stream = max(by_mint.items(), key=lambda kv: len(kv[1]))
+    assert len(stream) >= 4
+    here = await start_service(bus, store, clock)
+    there = await start_service(bus, store, clock)
+    for e in stream[:3]:
+        clock.set_sync(e.time)
+        await here.handle(e)
+    partition = partition_of(mint, 4)
+    others = [m for m in by_mint if partition_of(m, 4) != partition]
+    for m in others:
+        await here.handle(by_mint[m][0])
+    await here.revoke_partitions((partition,))
+    assert here.manager.token(mint) is None and here.sequencer.last(mint) == 0
+    assert all(here.manager.token(m) is not None for m in others)  # other partitions stay
+    # meanwhile the other replica owns it and sees it retire: its keys get a TTL
+    retired = make_event(
+        TokenLifecycle(mint=mint, state="inactive", previous_state="declining",
+                       reason="quiet", priority=0, activity_level=0.0),
+        source="activity/test", time=clock.now(), seq=1,
+    )  # fmt: skip
+    await there.handle(retired)
+    # the partition comes back, and so does the token, active again
+    await here.handle(stream[3])
+    await clock.advance(here.settings.features_inactive_ttl_s + 1)
+    stored = await here.read_features(mint)
+    assert stored is not None and stored["seq"] == stream[3].seq

@@ -10,7 +10,10 @@ partitions share one write (group commit).
 A replica that takes a partition over, or restarts, loads a token's checkpoint the
 first time it sees the token (or when a seq gap says its memory is stale): the
 token's stream carries on with no event lost or applied twice, and re-published
-updates keep their seq so consumers drop them as duplicates.
+updates keep their seq so consumers drop them as duplicates. When a partition is
+revoked (the bus's ownership hook) its tokens leave memory: a token that comes back
+later is loaded from the store again, so nothing of another replica's time with it
+(a retirement's TTL on its keys, say) is missed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydantic import Field
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.events import Event, FeaturesUpdated, encode_event, make_event
 from pumpflow.common.features import FeatureManager, event_input
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -123,6 +127,7 @@ class FeaturesService(Service):
             service=self.name,
             patterns=("token.created", "token.trade", "token.migrated", "token.lifecycle"),
             handler=self.handle,
+            on_revoked=self.revoke_partitions,
         )
         await ctx.bus.subscribe(self._subscription)
         self._schedule_shed()
@@ -136,6 +141,18 @@ class FeaturesService(Service):
             unsubscribe = getattr(self._ctx.bus, "unsubscribe", None)
             if unsubscribe is not None:
                 await unsubscribe(self._subscription)
+
+    async def revoke_partitions(self, partitions: tuple[int, ...]) -> None:
+        """Forget the tokens of partitions another replica takes over (stored already)."""
+        lost = set(partitions)
+        count = self._ctx.bus.partitions
+        mints = {*self.manager.mints(), *self.sequencer.snapshot(), *self._dormant}
+        dropped = [m for m in mints if partition_of(m, count) in lost]
+        for mint in dropped:
+            self.manager.drop_token(mint)
+            self.sequencer.forget(mint)
+            self._dormant.discard(mint)
+        log.info("features: partitions %s revoked, %d tokens dropped", partitions, len(dropped))
 
     def _schedule_shed(self) -> None:
         ctx = self._ctx
