@@ -58,7 +58,8 @@ class Cluster:
         )  # fmt: skip
         bus = BalancedBus(self.bus, store=self.store, clock=self.clock, replica=name, config=BEAT)
         svc = ActivityService(settings)
-        await svc.start(ServiceContext(settings=settings, bus=bus, clock=self.clock, store=self.store))
+        ctx = ServiceContext(settings=settings, bus=bus, clock=self.clock, store=self.store)
+        await svc.start(ctx)
         self.replicas[name] = (svc, bus)
         return svc
 
