@@ -184,6 +184,14 @@ async def test_two_features_replicas_split_partitions_and_hand_over(
             owner = next(r for r in REPLICAS if partition_of(mint, PARTITIONS) in expected[r])
             assert sources == {f"features/{owner}"}, f"{mint}\n{logs()}"
 
+        # enough of b's tokens are trading that some will trade on after the hand-over
+        def b_tokens() -> int:
+            return sum(
+                partition_of(mint, PARTITIONS) in expected["features-b"] for mint in checker.seqs
+            )
+
+        await _until(lambda: b_tokens() >= 12, 60, "tokens in the partitions of b", logs)
+
         # one replica stops (SIGTERM): it leaves, the other takes its partitions over
         before = {mint: len(seqs) for mint, seqs in checker.seqs.items()}
         procs["features-b"].send_signal(signal.SIGTERM)
