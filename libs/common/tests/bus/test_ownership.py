@@ -265,6 +265,62 @@ async def test_memory_replicas_share_partitions_and_take_over():
     await bus.close()
 
 
+async def test_the_hook_revokes_before_another_replica_is_assigned():
+    clock = ReplayClock(start=100.0)
+    store = MemoryStateStore(clock)
+    bus = InMemoryBus(partitions=8, synchronous=True)
+    await bus.start()
+    journal: list[tuple[str, str, tuple[int, ...]]] = []
+    balanced_buses: dict[str, BalancedBus] = {}
+
+    async def replica(name: str) -> None:
+        async def assigned(partitions: tuple[int, ...]) -> None:
+            journal.append(("assigned", name, partitions))
+
+        async def revoked(partitions: tuple[int, ...]) -> None:
+            journal.append(("revoked", name, partitions))
+
+        async def handler(event: Event) -> None:
+            pass
+
+        config = OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
+        balanced_buses[name] = BalancedBus(bus, store=store, clock=clock, replica=name,
+                                           config=config)  # fmt: skip
+        await balanced_buses[name].subscribe(
+            Subscription(service="svc", patterns=("token.*",), handler=handler,
+                         on_assigned=assigned, on_revoked=revoked)
+        )  # fmt: skip
+
+    await replica("a")
+    assert journal == [("assigned", "a", tuple(range(8)))]
+    await replica("b")
+    assert journal[1:] == []  # a holds every partition until it hands some over
+    await clock.advance_to(101.0)
+    expected = assign_partitions(8, ["a", "b"])
+    assert journal[1:] == [("revoked", "a", expected["b"]), ("assigned", "b", expected["b"])]
+    # a clean stop revokes what it holds before its heartbeat goes
+    await balanced_buses["a"].balancer("svc").stop(leave=True)
+    assert journal[-1] == ("revoked", "a", expected["a"])
+    await clock.advance_to(102.0)
+    assert journal[-1] == ("assigned", "b", expected["a"])
+
+    # unbalanced: the transport tells the fixed partitions at subscribe
+    told: list[tuple[int, ...]] = []
+
+    async def tell(partitions: tuple[int, ...]) -> None:
+        told.append(partitions)
+
+    async def ignore(event: Event) -> None:
+        pass
+
+    await bus.subscribe(Subscription(service="all", patterns=("token.*",), handler=ignore,
+                                     on_assigned=tell))  # fmt: skip
+    await bus.subscribe(Subscription(service="some", patterns=("token.*",), handler=ignore,
+                                     partitions=(5, 1), on_assigned=tell))  # fmt: skip
+    assert told == [tuple(range(8)), (1, 5)]
+    await bus.close()
+
+
 async def test_the_heartbeat_goes_on_while_a_hand_over_waits_for_a_slow_handler():
     clock = WallClock()
     store = MemoryStateStore(clock)
