@@ -17,18 +17,16 @@ import asyncio
 import json
 import time
 
-import msgspec
-
 from pumpflow.activity.replay import replay_subscriptions
 from pumpflow.activity.service import ActivityService
 from pumpflow.activity.settings import ActivitySettings
-from pumpflow.common.bus import Sequencer, Subscription
+from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event, make_event
-from pumpflow.common.pumpportal import decode_token_frame
+from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
 START = 1_700_000_000.0
@@ -40,19 +38,12 @@ async def analyzer_replay(seed: int, seconds: float) -> None:
     print(json.dumps(report.summary(), indent=1))
 
 
-def market_events(seed: int, seconds: float) -> list[Event]:
-    seq = Sequencer()
-    events = []
-    for t, frame in Market(MarketConfig(seed=seed)).frames(seconds):
-        payload = decode_token_frame(msgspec.json.encode(frame))
-        events.append(
-            make_event(payload, source="feed/bench", time=START + t, seq=seq.next(payload.mint))
-        )
-    return events
-
-
 async def service_path(seed: int, seconds: float) -> None:
-    events = market_events(seed, seconds)
+    events = list(
+        market_events(
+            Market(MarketConfig(seed=seed)), seconds, start_epoch=START, source="feed/bench"
+        )
+    )
     clock = ReplayClock(START)
     bus = InMemoryBus(partitions=16, synchronous=True, source="bench")
     await bus.start()

@@ -24,13 +24,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import msgspec
 import redis.asyncio as redis
 
-from pumpflow.common.bus import Sequencer, Subscription
+from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.rabbitmq import RabbitMQBus
-from pumpflow.common.events import Event, make_event
-from pumpflow.common.pumpportal import decode_token_frame
+from pumpflow.common.events import Event
+from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
 BIN = Path(sys.executable).parent
@@ -38,17 +37,6 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PATTERNS = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
 START = 1_700_000_000.0
-
-
-def market_events(seed: int, seconds: float) -> list[Event]:
-    seq = Sequencer()
-    events = []
-    for t, frame in Market(MarketConfig(seed=seed)).frames(seconds):
-        payload = decode_token_frame(msgspec.json.encode(frame))
-        events.append(
-            make_event(payload, source="feed/bench", time=START + t, seq=seq.next(payload.mint))
-        )
-    return events
 
 
 def free_port() -> int:
@@ -169,7 +157,14 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    events = market_events(args.seed, args.minutes * 60)
+    events = list(
+        market_events(
+            Market(MarketConfig(seed=args.seed)),
+            args.minutes * 60,
+            start_epoch=START,
+            source="feed/bench",
+        )
+    )
     mints = len({e.key for e in events})
     print(
         f"== features scaling: {len(events)} events, {mints} tokens, {args.partitions} partitions"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pumpflow.simulator.cli import main
-from pumpflow.simulator.dataset import load_dataset, read_dataset, write_dataset
+from pumpflow.simulator.dataset import load_dataset, market_events, read_dataset, write_dataset
 from pumpflow.simulator.market import Market, MarketConfig
 
 START = 1_760_000_000.0
@@ -89,3 +89,19 @@ async def test_load_skips_and_counts_undecodable_frames(tmp_path, pg_pool):
     result = await load_dataset(path, TokenEventStore(pg_pool))
     assert result.rejected == 1
     assert result.inserted == len(lines) - 1
+
+
+def test_market_events_are_the_frames_as_v1_events_with_per_mint_seq():
+    market = Market(MarketConfig(seed=3))
+    frames = list(market.frames(120))
+    events = list(market_events(market, 120, start_epoch=1_700_000_000.0, source="feed/x"))
+    assert len(events) == len(frames)
+    for (t, frame), event in zip(frames, events, strict=True):
+        assert event.time == 1_700_000_000.0 + t
+        assert event.key == frame["mint"] and event.data.signature == frame["signature"]
+        assert event.source == "feed/x"
+    seqs: dict[str, list[int]] = {}
+    for event in events:
+        seqs.setdefault(event.key, []).append(event.seq)
+    assert all(s == list(range(1, len(s) + 1)) for s in seqs.values())
+    assert {e.type for e in events} >= {"token.created", "token.trade"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 
 from pumpflow.common.bus.idempotency import Sequencer
-from pumpflow.common.events import EventValidationError, make_event
+from pumpflow.common.events import Event, EventValidationError, make_event
 from pumpflow.common.pumpportal import decode_token_frame
 from pumpflow.simulator.market import Frame, Market
 
@@ -29,6 +29,19 @@ LOAD_SOURCE = "simulator.dataset"
 class _Line(msgspec.Struct):
     t: float
     frame: msgspec.Raw
+
+
+def market_events(
+    market: Market, duration_s: float, *, start_epoch: float, source: str = LOAD_SOURCE
+) -> Iterator[Event]:
+    """The market's frames as the feed would publish them: v1 events, per-mint seq."""
+    sequencer = Sequencer()
+    encode = msgspec.json.Encoder().encode
+    for t, frame in market.frames(duration_s):
+        payload = decode_token_frame(encode(frame))
+        yield make_event(
+            payload, source=source, time=start_epoch + t, seq=sequencer.next(payload.mint)
+        )
 
 
 def write_dataset(market: Market, path: str | Path, *, duration_s: float,
