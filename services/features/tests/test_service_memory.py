@@ -159,6 +159,7 @@ async def test_bad_trade_is_dead_lettered_and_the_stream_goes_on(system):
         if e is not good:
             await bus.publish(e)
     assert service.counters["updates"] == len(events) - 1
+    assert service.counters["gaps"] == 0  # the dead-lettered event's seq was used up
     await service.stop()
 
 

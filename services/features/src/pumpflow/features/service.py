@@ -236,6 +236,10 @@ class FeaturesService(Service):
             await ctx.bus.dead_letter(
                 encode_event(event), service=self.name, reason=reason, event_type=event.type
             )
+            # Its seq is used up: the token's next event is not a gap (nor a reload).
+            state = manager.token(mint)
+            if state is not None and seq is not None:
+                state.seq = seq
             return
         state = manager.apply(mint, trade, seq)
         # The values straight from the state (one generated reader, no FeatureVector).
