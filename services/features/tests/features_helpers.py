@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import msgspec
-
-from pumpflow.common.bus.idempotency import Sequencer
-from pumpflow.common.events import Event, TokenCreated, TokenMigrated, TokenTrade, make_event
-
-SCHEMAS = {"create": TokenCreated, "buy": TokenTrade, "sell": TokenTrade, "migrate": TokenMigrated}
+from pumpflow.common.events import Event
 
 
 def market_events(seed: int, duration_s: float, *, start: float = 1_700_000_000.0) -> list[Event]:
+    from pumpflow.simulator.dataset import market_events as simulated
     from pumpflow.simulator.market import Market, MarketConfig
 
-    seqs = Sequencer()
-    events = []
-    for t, frame in Market(MarketConfig(seed=seed)).frames(duration_s):
-        payload = msgspec.convert(frame, SCHEMAS[frame["txType"]])
-        events.append(
-            make_event(payload, source="feed/sim", time=start + t, seq=seqs.next(payload.mint))
-        )
-    return events
+    market = Market(MarketConfig(seed=seed))
+    return list(simulated(market, duration_s, start_epoch=start, source="feed/sim"))
 
 
 class Collector:

@@ -112,19 +112,13 @@ def test_old_frames_derive_the_same_sol_as_new_frames():
 
 
 def test_paths_equal_on_simulated_market():
-    import msgspec
-
+    from pumpflow.simulator.dataset import market_events
     from pumpflow.simulator.market import Market, MarketConfig
 
-    schemas = {"create": TokenCreated, "buy": TokenTrade, "sell": TokenTrade}
     by_mint: dict[str, list] = {}
-    for time, frame in Market(MarketConfig(seed=11)).frames(400.0):
-        schema = schemas.get(frame["txType"])
-        if schema is None:
-            continue
-        payload = msgspec.convert(frame, schema)
-        events = by_mint.setdefault(payload.mint, [])
-        events.append(make_event(payload, source="feed/t", time=time, seq=len(events) + 1))
+    for event in market_events(Market(MarketConfig(seed=11)), 400.0, start_epoch=0.0):
+        if event.type != "token.migrated":
+            by_mint.setdefault(event.key, []).append(event)
     histories = [e for e in by_mint.values() if e[0].type == "token.created" and len(e) > 1]
     assert sum(len(e) for e in histories) > 1000
     manager = FeatureManager()
