@@ -395,6 +395,41 @@ async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, serv
     assert not bus.is_healthy()
 
 
+@pytest.mark.rabbitmq
+async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url, service):
+    """A message the bus fails on (its DLQ publish, say) is not covered by a later ack."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    await bus.start()
+    try:
+
+        async def dlq_down(*args, **kwargs):
+            raise ConnectionError("DLQ publish failed")
+
+        bus._to_dlq = dlq_down
+        got = Recorder(fail=lambda e: e.seq == 1)
+        await bus.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=1)
+        )
+        poison = trade_event("mintF", 1)
+        await bus.publish(poison)
+        await bus.publish(trade_event("mintF", 2))
+        await eventually(lambda: len(got.events) == 1)
+        assert await bus.drain(5.0)
+        letters = []
+        for _ in range(100):
+            letters += await bus.dead_letters(service)
+            if letters:
+                break
+            await asyncio.sleep(0.02)
+        assert [decode_event(d.body).id for d in letters] == [poison.id]
+        assert letters[0].reason.startswith("broker: rejected")
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
 # ------------------------------------------------------------------------ memory: sync mode
 
 

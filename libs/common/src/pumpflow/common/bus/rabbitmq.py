@@ -578,7 +578,12 @@ class RabbitMQBus(EventBus):
             try:
                 await self._handle(consumer, message)
             except Exception:  # handler errors are caught by the dispatcher; a bus fault
-                log.exception("consumer of %s failed; message left unacked", consumer.queue_name)
+                log.exception(
+                    "consumer of %s failed; the broker dead-letters the message",
+                    consumer.queue_name,
+                )
+                # leaving it unacked is not enough: the next cumulative ack would cover it
+                await self._reject(consumer, message)
                 continue
             finally:
                 consumer.busy = False
@@ -603,6 +608,14 @@ class RabbitMQBus(EventBus):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # the channel went away: the broker redelivers, consumers dedupe by seq
             log.warning("ack on %s lost: %r", consumer.queue_name, exc)
+
+    async def _reject(self, consumer: _Consumer, message: DeliveredMessage) -> None:
+        """Hand ``message`` to the broker's dead-lettering (the queue's DLX, to the DLQ)."""
+        try:
+            await message.channel.basic_reject(message.delivery_tag, requeue=False)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # the channel went away: the broker redelivers the message instead
+            log.warning("reject on %s lost: %r", consumer.queue_name, exc)
 
     async def _handle(self, consumer: _Consumer, message: DeliveredMessage) -> None:
         dispatcher = consumer.dispatcher
