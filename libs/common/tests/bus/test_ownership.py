@@ -132,6 +132,17 @@ def test_only_keyed_subscriptions_without_partitions_are_balanced():
     assert not balanced(Subscription(service="s", patterns=("system.*",), handler=handler))
 
 
+async def test_balanced_bus_passes_dead_letter_peeks_through():
+    inner = InMemoryBus(partitions=2, source="test/memory")
+    bus = BalancedBus(inner, store=MemoryStateStore(), clock=ReplayClock(), replica="a")
+    await bus.start()
+    await bus.dead_letter(b"frame", service="s", reason="bad")
+    assert [d.body for d in await bus.dead_letters("s", remove=False)] == [b"frame"]
+    assert [d.body for d in await bus.dead_letters("s")] == [b"frame"]
+    assert await bus.dead_letters("s") == []
+    await bus.close()
+
+
 # ---------------------------------------------------------------------- registry
 
 

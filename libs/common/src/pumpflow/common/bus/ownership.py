@@ -578,8 +578,10 @@ class BalancedBus(EventBus):
     ) -> None:
         await self.inner.dead_letter(body, service=service, reason=reason, event_type=event_type)
 
-    async def dead_letters(self, service: str, limit: int = 100) -> list[DeadLetter]:
-        return await self.inner.dead_letters(service, limit)
+    async def dead_letters(
+        self, service: str, limit: int = 100, *, remove: bool = True
+    ) -> list[DeadLetter]:
+        return await self.inner.dead_letters(service, limit, remove=remove)
 
     def __getattr__(self, name: str) -> Any:
         # transport specifics (namespace, delete_topology, ...) stay reachable
