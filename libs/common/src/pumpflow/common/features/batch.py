@@ -429,8 +429,3 @@ class BatchState:
                 linear_recurrence(loss, 1.0 - a, out=loss),
             )
         return cache[k]
-
-
-def compute_primitives(layout: Layout, history: TradeHistory) -> BatchState:
-    """The primitives of ``layout`` over ``history`` (computed as features read them)."""
-    return BatchState(layout, history)

@@ -42,7 +42,7 @@ import msgspec
 import numpy as np
 
 from pumpflow.common.events import Event, Payload
-from pumpflow.common.features.batch import TradeHistory, compute_primitives
+from pumpflow.common.features.batch import BatchState, TradeHistory
 from pumpflow.common.features.definitions import (
     EXPRESSION_GLOBALS,
     FeatureDef,
@@ -258,21 +258,18 @@ class FeatureManager:
                 return None
             mint = item.mint
             creator = trade.trader if item.TYPE == "token.created" else None
+        return self.apply(mint, trade, seq, creator=creator)
+
+    def apply(
+        self, mint: str, trade: TradeInput, seq: int | None = None, *, creator: str | None = None
+    ) -> TokenState:
+        """Hot path: fold a ready TradeInput (no event unwrapping).
+
+        ``creator`` names a new token's creator (default: its first trader).
+        """
         state = self._tokens.get(mint)
         if state is None:
             state = self._tokens[mint] = TokenState(self.layout, creator=creator)
-        elif state.__class__ is bytes:
-            state = self._tokens[mint] = TokenState.thaw(self.layout, state)
-        state.apply(trade)
-        if seq is not None:
-            state.seq = seq
-        return state
-
-    def apply(self, mint: str, trade: TradeInput, seq: int | None = None) -> TokenState:
-        """Hot path: fold a ready TradeInput (no event unwrapping)."""
-        state = self._tokens.get(mint)
-        if state is None:
-            state = self._tokens[mint] = TokenState(self.layout)
         elif state.__class__ is bytes:
             state = self._tokens[mint] = TokenState.thaw(self.layout, state)
         state.apply(trade)
@@ -327,11 +324,13 @@ class FeatureManager:
         self._tokens.pop(mint, None)
 
     def shed_idle(self, now: float) -> int:
-        """Freeze tokens idle longer than the longest window; return how many.
+        """Freeze tokens idle longer than the longest window; return how many were shed.
 
         A frozen token is one compact ``bytes`` (every wallet as an 8-byte id, see
         :mod:`pumpflow.common.features.state`); its next trade, or any read, thaws it,
-        and every feature after its next trade is exactly what it would have been.
+        and every feature after its next trade is exactly what it would have been. A
+        token whose freeze is refused (two wallets sharing an id) only drops its window
+        buffers and still counts.
         """
         tokens = self._tokens
         frozen = 0
@@ -369,7 +368,7 @@ class FeatureManager:
 
     def compute_batch(self, history: TradeHistory) -> np.ndarray:
         """Features after every trade of a history: shape (len(history), len(names))."""
-        primitives = compute_primitives(self.layout, history)
+        primitives = BatchState(self.layout, history)
         # Each feature writes its own contiguous row; handed out transposed.
         out = np.empty((len(self._plan), len(history)))
         for j, (_, batch, deps) in enumerate(self._plan):

@@ -23,7 +23,6 @@ it already knows is refused.
 
 from __future__ import annotations
 
-import math
 import sys
 from array import array
 from collections import deque
@@ -361,14 +360,6 @@ class TokenState:
     # ----------------------------------------------------------------------------------
     # Reads.
 
-    def window_sums(self, k: int) -> tuple[int, int, int, int, float]:
-        """(buy lamports, sell lamports, trades, new traders, reference price) of window k."""
-        at = k * WSLOTS
-        w = self.wstate
-        # LEFT is n_events once the window is empty (also when shed or never filled).
-        trades = self.n_events - w[at + _LEFT]
-        return w[at + _BUY], w[at + _SELL], trades, w[at + _NEW], w[at + _REF]
-
     def window_max_buy(self, k: int) -> int:
         if not self.maxq:
             return 0
@@ -378,12 +369,6 @@ class TokenState:
     @property
     def unique_traders(self) -> int:
         return len(self.traders)
-
-    def ewma_variance(self, k: int) -> float:
-        return self.ewma[k]
-
-    def rsi_averages(self, k: int) -> tuple[float, float]:
-        return self.rsi[2 * k], self.rsi[2 * k + 1]
 
     # ----------------------------------------------------------------------------------
     # Memory and checkpoints.
@@ -555,7 +540,3 @@ def rsi_value(avg_gain: float, avg_loss: float) -> float:
     if avg_loss == 0.0:
         return 100.0 if avg_gain > 0.0 else 50.0
     return 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)
-
-
-def volatility(variance: float) -> float:
-    return math.sqrt(variance)
