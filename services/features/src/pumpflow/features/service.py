@@ -217,11 +217,12 @@ class FeaturesService(Service):
         mint = event.key or event.data.mint
         self.counters["events"] += 1
         seq = event.seq
-        last = manager.last_seq(mint) if manager.token(mint) is not None else None
+        known = manager.token(mint)
+        last = None if known is None else known.seq
         if last is None or (seq is not None and seq > last + 1):
             # Unknown here, or a gap: another replica may have moved it on.
             await self._load(mint)
-            last = manager.last_seq(mint) if manager.token(mint) is not None else 0
+            last = manager.last_seq(mint)
         if seq is not None and seq <= last:
             self.counters["duplicates"] += 1
             return
