@@ -224,3 +224,23 @@ async def test_queue_depth_and_busy_gauges_move_and_stop_cancels_pending():
 def test_config_validation():
     with pytest.raises(ValueError):
         WorkerPoolConfig(workers=0)
+
+
+async def test_join_returns_once_only_cancelled_tasks_were_left():
+    pool, _ = make_pool(workers=1)
+    gate = asyncio.Event()
+
+    async def blocked():
+        await gate.wait()
+
+    async def never():
+        raise AssertionError("a cancelled task must not run")
+
+    await pool.start()
+    first = pool.submit("A", blocked)
+    pool.submit("B", never).cancel()
+    gate.set()
+    await first
+    assert await pool.join(1.0)
+    assert pool.queue_depth == 0
+    await pool.stop()

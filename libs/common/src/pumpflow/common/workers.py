@@ -343,6 +343,9 @@ class TokenMonitorThreadPool:
                     return token, job
             self._forget(token)
         self._m_depth.set(self._pending)
+        if self._pending == 0 and not self._running:
+            # the last queued tasks were cancelled: nothing will call _release for them
+            self._idle.set()
         return None
 
     def _forget(self, token: str) -> None:
