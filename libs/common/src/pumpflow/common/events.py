@@ -348,7 +348,10 @@ _FIELD_RE = re.compile(r" - at `\$(?:\.)?([^`]*)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]*)`")
 
 
-def _validation_error(exc: msgspec.MsgspecError, *, prefix: str, event_type: str | None):
+def validation_error(
+    exc: msgspec.MsgspecError, *, prefix: str = "", event_type: str | None = None
+) -> EventValidationError:
+    """Turn a msgspec error into an EventValidationError naming the field (under ``prefix``)."""
     message = str(exc)
     match = _FIELD_RE.search(message)
     field = None
@@ -403,7 +406,7 @@ def decode_payload(event_type: str, version: int, raw: bytes | str) -> Payload:
     try:
         return _DECODERS[(event_type, version)].decode(raw)
     except msgspec.MsgspecError as exc:
-        raise _validation_error(exc, prefix="", event_type=event_type) from None
+        raise validation_error(exc, prefix="", event_type=event_type) from None
 
 
 def decode_event(raw: bytes | str) -> Event:
@@ -411,12 +414,12 @@ def decode_event(raw: bytes | str) -> Event:
     try:
         wire = _wire_decoder.decode(raw)
     except msgspec.MsgspecError as exc:
-        raise _validation_error(exc, prefix="", event_type=None) from None
+        raise validation_error(exc, prefix="", event_type=None) from None
     schema_for(wire.type, wire.version)
     try:
         data = _DECODERS[(wire.type, wire.version)].decode(wire.data)
     except msgspec.MsgspecError as exc:
-        raise _validation_error(exc, prefix="data", event_type=wire.type) from None
+        raise validation_error(exc, prefix="data", event_type=wire.type) from None
     return Event(
         id=wire.id,
         type=wire.type,

@@ -23,6 +23,7 @@ from pumpflow.common.events import (
     TokenCreated,
     TokenMigrated,
     TokenTrade,
+    validation_error,
 )
 
 DEFAULT_WS_URL: Final = "wss://pumpportal.fun/api/data"
@@ -127,8 +128,6 @@ _trade_decoder = msgspec.json.Decoder(TokenTrade)
 _migrated_decoder = msgspec.json.Decoder(TokenMigrated)
 _control_decoder = msgspec.json.Decoder(ControlFrame)
 _any_decoder = msgspec.json.Decoder()
-_FIELD_RE = re.compile(r" - at `\$\.?([^`]*)`")
-_MISSING_RE = re.compile(r"Object missing required field `([^`]*)`")
 
 _BY_TX_TYPE: Final = {
     b"create": (FrameKind.CREATE, _created_decoder, TokenCreated.TYPE),
@@ -146,19 +145,6 @@ def _as_bytes(raw: bytes | bytearray | memoryview | str) -> bytes:
     if isinstance(raw, str):
         return raw.encode()
     return bytes(raw)
-
-
-def _schema_error(exc: msgspec.MsgspecError, event_type: str | None) -> EventValidationError:
-    message = str(exc)
-    match = _FIELD_RE.search(message)
-    field = None
-    if match:
-        message = message[: match.start()]
-        field = match.group(1) or None
-    missing = _MISSING_RE.match(message)
-    if missing and field is None:
-        field = missing.group(1)
-    return EventValidationError(message, field=field, event_type=event_type)
 
 
 class _Redispatch(Exception):
@@ -200,7 +186,7 @@ def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
     try:
         payload = decoder.decode(data)
     except msgspec.MsgspecError as exc:
-        raise _schema_error(exc, event_type) from None
+        raise validation_error(exc, event_type=event_type) from None
     _check_values(payload, event_type)
     return payload
 
