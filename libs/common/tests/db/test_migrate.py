@@ -79,3 +79,21 @@ async def test_a_failing_migration_rolls_back_and_is_not_recorded(conn, namespac
     fixed = Migration(version=broken.version, name="broken", sql="CREATE TABLE half_done (id int);")
     monkeypatch.setattr(migrate_module, "load_migrations", lambda: [*real, fixed])
     assert await migrate(conn, namespace) == [fixed.version]
+
+
+async def test_concurrent_migrations_of_a_new_schema_apply_it_once(conn, namespace):
+    import asyncio
+
+    dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", POSTGRES_DSN)
+    others = [await asyncpg.connect(dsn) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(c, namespace) for c in others))
+    finally:
+        for other in others:
+            await other.close()
+    expected = [m.version for m in load_migrations()]
+    # one of them applied everything; the others found it done
+    assert sorted(results, key=len) == [[], [], [], expected]
+    assert await conn.fetchval(f'SELECT count(*) FROM "{namespace}".schema_migrations') == len(
+        expected
+    )

@@ -17,7 +17,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-#: one process at a time applies migrations to a schema
+#: one process at a time applies migrations (to any schema of the database)
 _LOCK_ID = 0x7075_6D70
 
 
@@ -58,9 +58,10 @@ def quote_ident(name: str) -> str:
 async def migrate(conn: asyncpg.Connection, schema: str = "public") -> list[int]:
     """Apply pending migrations to ``schema``; return the versions applied now."""
     applied_now: list[int] = []
-    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
     try:
+        # under the lock: two concurrent IF NOT EXISTS can still collide on the catalog
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
         await conn.execute(f"SET search_path TO {quote_ident(schema)}")
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
