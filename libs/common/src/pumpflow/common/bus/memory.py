@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class _Lane:
-    """One queue with its worker; ``fixed`` is set for a replica's own lanes."""
+    """One queue with its worker, delivering to ``consumer`` (shared or a replica's own)."""
 
     __slots__ = (
         "consumer",
@@ -353,10 +353,6 @@ class InMemoryBus(EventBus):
                         self._store_dead(_dead_letter(lane, event, reason))
                 else:
                     self._enqueue(lane, event)
-
-    async def publish_many(self, events: Iterable[Event]) -> None:
-        for event in events:
-            await self.publish(event)
 
     def _route(self, ident: tuple[str, int]) -> list[tuple[_Group, bool]]:
         routes = []

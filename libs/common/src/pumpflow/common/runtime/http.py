@@ -1,6 +1,6 @@
 """HTTP face of a service: health, readiness, Prometheus metrics and its own routes.
 
-Served by uvicorn inside the service's event loop (:func:`start_http_server`), with
+Served by uvicorn inside the service's event loop (:class:`HttpServer`), with
 uvicorn's signal handling off: the runner owns SIGTERM.
 """
 
