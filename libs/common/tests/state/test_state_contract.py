@@ -192,6 +192,25 @@ async def test_memory_ttl_follows_the_injected_clock_exactly():
     assert await store.get("k") is None
 
 
+async def test_memory_store_forgets_expired_keys_nobody_reads():
+    """A long embedded run sets TTLs on keys it never reads again: memory stays bounded."""
+    clock = ReplayClock(start=0.0)
+    store = MemoryStateStore(clock)
+    for n in range(5_000):
+        await store.set(f"gone:{n}", b"v", ttl=1.0)
+        await store.hset_many({f"hash:{n}": {"f": 1}}, ttl=1.0)
+    for _ in range(5_000):
+        await store.set("refreshed", b"v", ttl=100.0)
+    await clock.advance_to(2.0)
+    await store.set("kept", b"v")
+    assert len(store._values) == 2  # "refreshed" and "kept"
+    assert len(store._deadlines) <= 2 * len(store._expiry) + 1024
+    assert await store.get("refreshed") == b"v"
+    await clock.advance_to(100.0)
+    await store.set("kept", b"v")
+    assert len(store._values) == 1
+
+
 @pytest.mark.redis
 async def test_redis_namespaces_are_isolated_and_prefix_real_keys(
     redis_url, namespace, redis_client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 
 from pumpflow.common.clock import Clock, WallClock
@@ -21,6 +22,22 @@ class MemoryStateStore(StateStore):
         self._clock = clock or WallClock()
         self._values: dict[str, bytes | dict[str, bytes]] = {}
         self._expiry: dict[str, float] = {}
+        #: (deadline, key) of every TTL set; entries whose key got a new TTL are stale
+        self._deadlines: list[tuple[float, str]] = []
+
+    def _purge(self) -> None:
+        """Drop keys whose TTL ran out, read or not, so a long run's memory stays bounded."""
+        now = self._clock.now()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, key = heapq.heappop(deadlines)
+            if self._expiry.get(key) == deadline:
+                del self._expiry[key]
+                self._values.pop(key, None)
+        if len(deadlines) > 2 * len(self._expiry) + 1024:
+            # keys whose TTL is refreshed often leave stale entries behind: rebuild
+            self._deadlines = [(d, k) for k, d in self._expiry.items()]
+            heapq.heapify(self._deadlines)
 
     def _alive(self, key: str) -> bool:
         deadline = self._expiry.get(key)
@@ -33,7 +50,8 @@ class MemoryStateStore(StateStore):
         if ttl is None:
             self._expiry.pop(key, None)
         else:
-            self._expiry[key] = self._clock.now() + ttl
+            deadline = self._expiry[key] = self._clock.now() + ttl
+            heapq.heappush(self._deadlines, (deadline, key))
 
     async def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
@@ -43,6 +61,7 @@ class MemoryStateStore(StateStore):
         return out
 
     async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        self._purge()
         for key, value in items.items():
             self._values[key] = bytes(value)
             self._set_ttl(key, ttl)
@@ -55,6 +74,7 @@ class MemoryStateStore(StateStore):
     async def hset_many(
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
+        self._purge()
         for key, fields in items.items():
             if not fields:
                 continue  # like Redis: an empty HSET creates no key
@@ -71,6 +91,7 @@ class MemoryStateStore(StateStore):
         return dict(value) if isinstance(value, dict) else {}
 
     async def expire_many(self, keys: Iterable[str], ttl: float | None) -> None:
+        self._purge()
         for key in keys:
             if self._alive(key):
                 self._set_ttl(key, ttl)
