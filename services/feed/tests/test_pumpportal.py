@@ -114,6 +114,8 @@ def test_api_key_message_is_recognised():
         (b"", None, "not JSON"),
         (b"{not json", None, "not JSON"),
         (b"[1, 2]", None, "expected an object"),
+        (b'{"message": "\xff\xfe"}', None, "not UTF-8"),
+        (ref.CREATE.replace(b"Cash Elon ", b"Cash \xff"), None, "not UTF-8"),
         (b'{"foo": 1}', "txType", "no `txType`"),
         (b'{"message": 5}', "message", "Expected `str`"),
         (b'{"txType": 3, "mint": "x"}', "txType", "Expected `str`"),

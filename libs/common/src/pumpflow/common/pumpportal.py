@@ -187,6 +187,8 @@ def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
         payload = decoder.decode(data)
     except msgspec.MsgspecError as exc:
         raise validation_error(exc, event_type=event_type) from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+        raise EventValidationError(f"not UTF-8: {exc}", event_type=event_type) from None
     _check_values(payload, event_type)
     return payload
 
@@ -211,6 +213,8 @@ def _decode_control(data: bytes) -> ControlFrame:
         value = _any_decoder.decode(data)
     except msgspec.MsgspecError as exc:
         raise EventValidationError(f"not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise EventValidationError(f"not UTF-8: {exc}") from None
     if not isinstance(value, dict):
         raise EventValidationError(f"frame is a JSON {type(value).__name__}, expected an object")
     if "txType" in value:
