@@ -184,6 +184,21 @@ async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(pe
     await manager.stop()
 
 
+async def test_a_text_frame_that_is_not_utf8_is_dead_lettered_on_the_same_connection(
+    peer, bus_and_events
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await manager.start()
+    not_utf8 = b'{"message": "\xff\xfe"}'
+    await peer.connections[-1].send(not_utf8, text=True)
+    await peer.send(create("MintA"))
+    await eventually(lambda: len(got) == 1)
+    assert [letter.body for letter in await bus.dead_letters("feed")] == [not_utf8]
+    assert feed.sessions == 1 and len(peer.connections) == 1
+    await manager.stop()
+
+
 async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_events):
     bus, _got = bus_and_events
     _feed, manager = make_feed(peer, bus, max_keys_per_message=7, auto_subscribe_trades=False)

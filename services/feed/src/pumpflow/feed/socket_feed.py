@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, EventValidationError
@@ -339,11 +339,18 @@ class SocketDataFeed(DataFeedInterface):
             self._wake.set()
             sender = asyncio.create_task(self._sender(ws), name="pumpportal-subscriber")
             self._connected.set()
-            async for message in ws:
+            # raw bytes: no UTF-8 decode and re-encode per frame, and a frame that is not
+            # UTF-8 is dead-lettered like any malformed one instead of closing the socket
+            recv = ws.recv
+            while True:
+                try:
+                    message = await recv(decode=False)
+                except ConnectionClosedOK:
+                    log.info("server closed the connection: %s", ws.close_reason or ws.close_code)
+                    return
                 await self._on_frame(message)
                 if sender.done():
                     sender.result()  # a failed send ends the session with its error
-            log.info("server closed the connection: %s", ws.close_reason or ws.close_code)
         finally:
             self._connected.clear()
             self.metrics.connected.set(0)
