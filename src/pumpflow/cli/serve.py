@@ -7,6 +7,8 @@ import asyncio
 import json
 import sys
 
+from pydantic import AliasChoices
+
 from pumpflow.common.runtime.discovery import (
     UnknownServiceError,
     installed_services,
@@ -74,13 +76,20 @@ def describe_settings(service_cls) -> list[dict]:
     prefix = settings_cls.model_config.get("env_prefix", "")
     rows = []
     for name, field in settings_cls.model_fields.items():
+        # an alias such as PUMPPORTAL_WS_URL is the variable itself (read without the prefix)
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        variable = next(
+            (c for c in choices if isinstance(c, str) and c.isupper()),
+            f"{prefix}{name.upper()}",
+        )
         if field.default_factory is not None:
             default = "(computed)"
         else:
             default = redact_value(name, field.default)
         rows.append(
             {
-                "variable": f"{prefix}{name.upper()}",
+                "variable": variable,
                 "value": redact_value(name, getattr(current, name)),
                 "default": default,
                 "description": field.description or "",
