@@ -317,8 +317,10 @@ class SimulatorServer:
         try:
             client.queue.put_nowait(text)
         except asyncio.QueueFull:
-            # a consumer this far behind is cut off, like on the real socket
+            # a consumer this far behind is cut off, like on the real socket; it leaves
+            # the broadcast now, not when its handler next runs (after up to 500 frames)
             log.warning("dropping a client %d frames behind", client.queue.qsize())
+            self._clients.discard(client)
             transport = client.ws.transport
             if transport is not None:
                 transport.abort()
