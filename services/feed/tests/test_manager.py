@@ -183,6 +183,7 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
     await bus.close()
 
 
+@pytest.mark.postgres
 async def test_database_feed_paces_and_filters(pg_pool, metrics):
     store = TokenEventStore(pg_pool)
     clock = ReplayClock(100.0)

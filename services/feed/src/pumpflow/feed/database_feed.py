@@ -48,7 +48,6 @@ class DatabaseDataFeed(DataFeedInterface):
         self._speed = speed
         self._batch_size = batch_size
         self._task: asyncio.Task | None = None
-        self.replayed = 0
 
     @property
     def active_mints(self) -> frozenset[str]:
@@ -76,7 +75,11 @@ class DatabaseDataFeed(DataFeedInterface):
                 await task
 
     async def subscribe(self, mints: Iterable[str]) -> None:
-        """Include ``mints``; before the replay starts this narrows its query."""
+        """Include ``mints`` again after an unsubscribe; with a mint filter, add them to it.
+
+        Mints added after the replay has started are not in its query: only mints of
+        the filter (or all, without one) are replayed.
+        """
         mints = set(mints)
         self._excluded -= mints
         if self._mints is not None:
@@ -119,6 +122,5 @@ class DatabaseDataFeed(DataFeedInterface):
                 await clock.advance_to(event.time)
             await self._emit(FeedRecord(event.data, stored.frame, event.time, event))
             count += 1
-        self.replayed = count
         log.info("replayed %d events", count)
         return count

@@ -50,14 +50,12 @@ class JsonlSink:
         else:
             self._file = target
             self._owned = False
-        self.lines = 0
 
     async def write_batch(
         self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None
     ) -> WriteResult:
         self._file.write(b"".join(encode_event(e) + b"\n" for e in events))
         self._file.flush()
-        self.lines += len(events)
         return WriteResult(inserted=len(events), last_id=None)
 
     def close(self) -> None:

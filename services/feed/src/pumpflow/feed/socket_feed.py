@@ -204,11 +204,6 @@ class SocketDataFeed(DataFeedInterface):
             raise FeedError("PumpPortal keeps no history; give the feed a TokenEventStore")
         return self._history.stream(start=start, end=end, mints=mints)
 
-    async def drop_connection(self) -> None:
-        """Close the current connection (the loop reconnects); for operators and tests."""
-        if self._ws is not None:
-            await self._ws.close()
-
     # ---------------------------------------------------------------- subscriptions
 
     def _want(self, mint: str) -> None:
