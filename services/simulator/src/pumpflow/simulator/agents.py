@@ -106,9 +106,6 @@ class Token:
     """
 
     __slots__ = (
-        "alive",
-        "appeal",
-        "creator",
         "curve_key",
         "done",
         "holders",
@@ -126,10 +123,9 @@ class Token:
         "v_tokens",
     )
 
-    def __init__(self, *, mint: str, curve_key: str, creator: str, t0: float):
+    def __init__(self, *, mint: str, curve_key: str, t0: float):
         self.mint = mint
         self.curve_key = curve_key
-        self.creator = creator
         self.t0 = t0
         self.units = INITIAL_VIRTUAL_TOKEN_UNITS
         self.v_tokens = curve.INITIAL_VIRTUAL_TOKEN_RESERVES
@@ -138,18 +134,11 @@ class Token:
         self.holders: list[str] = []
         self.hpos: dict[str, int] = {}
         self.momentum = 0.0
-        self.alive = True
         self.done = False
-        self.appeal = 1.0
         self.rate = 0.0
         self.size = 0.1
         self.p_buy = 0.5
         self.tau = 60.0
-
-    @property
-    def progress(self) -> float:
-        """Fraction of the sellable tokens sold, 0 to 1."""
-        return 1.0 - (self.units - COMPLETE_VIRTUAL_TOKEN_UNITS) / INITIAL_REAL_TOKEN_UNITS
 
     def credit(self, wallet: str, units: int) -> int:
         """Add ``units`` to ``wallet``'s balance; return the new balance."""
@@ -182,7 +171,6 @@ class Token:
 def draw_traits(token: Token, cfg: AgentConfig, rng: random.Random) -> None:
     """Give a fresh token its appeal and the organic flow that follows from it."""
     appeal = math.exp(rng.gauss(0.0, cfg.appeal_sigma))
-    token.appeal = appeal
     token.rate = min(cfg.max_organic_rate_per_s,
                      cfg.organic_rate_per_s * appeal**cfg.rate_appeal_exponent)
     token.size = cfg.buy_median_sol * appeal**cfg.size_appeal_exponent

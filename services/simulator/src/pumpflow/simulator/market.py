@@ -110,7 +110,7 @@ class _Run:
         """Create a token with its creator's buy; schedule the agents that will trade it."""
         cfg, rng, ids = self.cfg, self.rng, self.ids
         creator = ids.key()
-        tok = Token(mint=ids.mint(), curve_key=ids.key(), creator=creator, t0=t)
+        tok = Token(mint=ids.mint(), curve_key=ids.key(), t0=t)
         signature = next(self.signatures)
         name, symbol = ids.name_and_symbol()
         uri = ids.uri()
@@ -288,9 +288,8 @@ class _Run:
                         * (1.0 + progress_rate * progress)
                         * exp(-(t - tok.t0) / (tok.tau * (1.0 + progress_life * progress)))
                     )
-                    if rate < quiet_rate:
-                        tok.alive = False
-                    else:
+                    # below the quiet rate the token's organic flow ends
+                    if rate >= quiet_rate:
                         push(t + expo(rate), _ORGANIC, tok)
                 yield t, frame
             elif kind == _LAUNCH:
