@@ -90,7 +90,17 @@ async def redis_client(namespace):
         await client.aclose()
 
 
+#: fixtures that always connect: a test using one needs that server, marked or not
+#: (the URL fixtures are left out: a transport-parametrized test asks for them in its
+#: in-memory run too)
+SERVER_FIXTURES = {"redis_client": "redis", "pg_pool": "postgres"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if asyncio.iscoroutinefunction(getattr(item, "function", None)):
             item.add_marker(pytest.mark.timeout(120))
+        # so that -m "not postgres" (and the like) never runs a test that needs the server
+        for fixture in SERVER_FIXTURES.keys() & set(item.fixturenames):
+            if item.get_closest_marker(SERVER_FIXTURES[fixture]) is None:
+                item.add_marker(SERVER_FIXTURES[fixture])
