@@ -1,5 +1,6 @@
 # `make run` and `make test` build .venv on first use and re-install when
 # requirements-dev.txt or any pyproject.toml changes (stamp file).
+PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 PYPROJECTS := $(shell find . -name pyproject.toml -not -path './.venv/*' -not -path './.git/*')
@@ -17,10 +18,14 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-$(VENV)/bin/python:
-	python3 -m venv $(VENV)
+# bin/pip, not bin/python: a venv whose creation failed (no ensurepip) has a python
+# but no pip, and must be created again on the next run
+$(VENV)/bin/pip:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "pumpflow needs Python 3.11 or later: make PYTHON=python3.11 ..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements-dev.txt $(PYPROJECTS) | $(VENV)/bin/python
+$(STAMP): requirements-dev.txt $(PYPROJECTS) | $(VENV)/bin/pip
 	$(VENV)/bin/pip install -r requirements-dev.txt
 	touch $(STAMP)
 
