@@ -1,11 +1,18 @@
 """The features service: token events in, features.updated out, features in the store.
 
-Per token event (in partition order): fold it into the token's state, publish
-``features.updated`` (per-mint seq from a Sequencer, causation = the token event),
-then write the feature hash ``features:<mint>`` and the checkpoint
-``features-state:<mint>`` (incremental state, last applied token seq, last published
-seq) in one pipelined store write, before the handler returns (= acks). Concurrent
-partitions share one write (group commit).
+Each token event's work runs on the TokenMonitorThreadPool under its mint, at the
+priority the token's last ``token.lifecycle`` event recommended (NORMAL until one
+came): when partitions back up, important tokens are processed first, and a token's
+work stays in order. The handler awaits the work, so a message is acked only after
+its features and checkpoint are stored. The work (in the token's order): fold the
+event into the token's state, publish ``features.updated`` (per-mint seq from a
+Sequencer, causation = the token event), then hand the vector to the
+:class:`~pumpflow.common.features.FeatureCache` (memory, and the store hash
+``features:<mint>``: values, version, seq, out_seq, time, updated_at) together with
+the checkpoint ``features-state:<mint>`` (incremental state, last applied token seq,
+last published seq): one pipelined ``hset_many``, shared by the workers writing
+meanwhile (group commit). ``GET /features/{mint}`` reads the cache (memory, then the
+store) for the current feature-set version.
 
 A replica that takes a partition over, or restarts, loads a token's checkpoint the
 first time it sees the token (or when a seq gap says its memory is stale): the
@@ -13,32 +20,36 @@ token's stream carries on with no event lost or applied twice, and re-published
 updates keep their seq so consumers drop them as duplicates. When a partition is
 revoked (the bus's ownership hook) its tokens leave memory: a token that comes back
 later is loaded from the store again, so nothing of another replica's time with it
-(a retirement's TTL on its keys, say) is missed.
+(a retirement's TTL on its keys, say) is missed. A token retired (inactive,
+graduated, migrated) leaves memory and its keys get ``features_inactive_ttl_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any, ClassVar
 
 from pydantic import Field
 
+from pumpflow.common.activity import Priority
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.events import Event, FeaturesUpdated, encode_event, make_event
-from pumpflow.common.features import FeatureManager, event_input
+from pumpflow.common.features import FeatureCache, FeatureManager, FeatureVector, event_input
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.state.abc import HashValue, StateStore
+from pumpflow.common.workers import TokenMonitorThreadPool, WorkerPoolConfig
 
 log = logging.getLogger("pumpflow.features")
 
 FEATURES_KEY = "features:"
 STATE_KEY = "features-state:"
-#: meta fields of the features hash; feature names must not take them
-META_FIELDS = ("version", "seq", "out_seq", "time", "updated_at")
+#: lifecycle states that retire a token here
+RETIRING = ("inactive", "graduated")
 
 
 class FeaturesSettings(CommonSettings):
@@ -49,6 +60,15 @@ class FeaturesSettings(CommonSettings):
     )
     features_shed_interval_s: float = Field(
         60.0, gt=0, description="how often idle tokens are frozen into compact bytes"
+    )
+    features_workers: int = Field(
+        8, ge=1, le=256, description="token monitor workers (also the group-commit width)"
+    )
+    features_task_deadline_s: float = Field(
+        10.0, gt=0, description="a token task running longer is hung"
+    )
+    features_cache_entries: int = Field(
+        10_000, ge=1, description="feature vectors kept in memory (LRU) for reads"
     )
 
 
@@ -95,9 +115,6 @@ class FeaturesService(Service):
     def __init__(self, settings: CommonSettings, *, manager: FeatureManager | None = None):
         super().__init__(settings)
         self.manager = manager or FeatureManager()
-        clash = set(self.manager.names) & set(META_FIELDS)
-        if clash:
-            raise ValueError(f"feature names clash with meta fields: {sorted(clash)}")
         self.sequencer = Sequencer()
         self.counters = {
             "events": 0,
@@ -113,7 +130,11 @@ class FeaturesService(Service):
         self._writer: _GroupWriter | None = None
         self._subscription: Subscription | None = None
         self._dormant: set[str] = set()
+        #: priority recommended by each tracked token's last token.lifecycle event
+        self._priority: dict[str, int] = {}
         self._shed_timer = None
+        self.cache: FeatureCache | None = None
+        self.pool: TokenMonitorThreadPool | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,6 +144,23 @@ class FeaturesService(Service):
         self._ctx = ctx
         self._store = ctx.store
         self._writer = _GroupWriter(ctx.store)
+        # what GET serves: vectors this replica wrote, else the store (keep_reads=False,
+        # since a token read here may be updated or expired by another replica)
+        self.cache = self.manager.cache = FeatureCache(
+            ctx.store,
+            prefix=FEATURES_KEY,
+            max_entries=self.settings.features_cache_entries,
+            write=self._writer.write,
+            keep_reads=False,
+        )
+        self.pool = TokenMonitorThreadPool(
+            WorkerPoolConfig(
+                name=self.name,
+                workers=self.settings.features_workers,
+                task_deadline_s=self.settings.features_task_deadline_s,
+            )
+        )
+        await self.pool.start()
         self._subscription = Subscription(
             service=self.name,
             patterns=("token.created", "token.trade", "token.migrated", "token.lifecycle"),
@@ -141,6 +179,8 @@ class FeaturesService(Service):
             unsubscribe = getattr(self._ctx.bus, "unsubscribe", None)
             if unsubscribe is not None:
                 await unsubscribe(self._subscription)
+        if self.pool is not None:
+            await self.pool.stop(drain=True)
 
     async def revoke_partitions(self, partitions: tuple[int, ...]) -> None:
         """Forget the tokens of partitions another replica takes over (stored already)."""
@@ -152,6 +192,8 @@ class FeaturesService(Service):
             self.manager.drop_token(mint)
             self.sequencer.forget(mint)
             self._dormant.discard(mint)
+            self._priority.pop(mint, None)
+            await self.cache.clear(mint)  # the next owner writes it from now on
         log.info("features: partitions %s revoked, %d tokens dropped", partitions, len(dropped))
 
     def _schedule_shed(self) -> None:
@@ -172,29 +214,40 @@ class FeaturesService(Service):
             "tracked_tokens": self.manager.tracked,
             "frozen_tokens": self.manager.frozen,
             "feature_set_version": self.manager.version,
+            "cached_vectors": len(self.cache) if self.cache is not None else 0,
+            "pool": None if self.pool is None else dataclasses.asdict(self.pool.health()),
             **self.counters,
         }
 
     # ------------------------------------------------------------------ handling
 
     async def handle(self, event: Event) -> None:
+        """Run the event's work on the pool under its mint; return once it is stored."""
+        mint = event.key or event.data.mint
         if event.type == "token.lifecycle":
-            if event.data.state in ("inactive", "graduated"):
-                await self._retire(event.data.mint)
-            return
-        if event.type == "token.migrated":
-            await self._retire(event.data.mint)
-            return
-        await self._apply(event)
+            lifecycle = event.data
+            if lifecycle.state in RETIRING:
+                work = self._retire
+            else:
+                self._priority[mint] = lifecycle.priority
+                self.pool.set_priority(mint, lifecycle.priority)
+                return
+        elif event.type == "token.migrated":
+            work = self._retire
+        else:
+            work = self._apply
+        priority = self._priority.get(mint, Priority.NORMAL)
+        await self.pool.submit(mint, lambda: work(mint, event), priority=priority)
 
-    async def _retire(self, mint: str) -> None:
+    async def _retire(self, mint: str, event: Event) -> None:
         """Drop the token's memory state; let its stored features expire."""
         self.manager.drop_token(mint)
         self.sequencer.forget(mint)
+        self._priority.pop(mint, None)
         self._dormant.add(mint)
         self.counters["dropped"] += 1
-        await self._store.expire_many(
-            [FEATURES_KEY + mint, STATE_KEY + mint], self.settings.features_inactive_ttl_s
+        await self.cache.expire(
+            mint, self.settings.features_inactive_ttl_s, also=[STATE_KEY + mint]
         )
 
     async def _load(self, mint: str) -> None:
@@ -211,10 +264,9 @@ class FeaturesService(Service):
             self.counters["restored"] += 1
         self._dormant.add(mint)  # its keys may carry an inactivity TTL
 
-    async def _apply(self, event: Event) -> None:
+    async def _apply(self, mint: str, event: Event) -> None:
         ctx = self._ctx
         manager = self.manager
-        mint = event.key or event.data.mint
         self.counters["events"] += 1
         seq = event.seq
         known = manager.token(mint)
@@ -263,40 +315,44 @@ class FeaturesService(Service):
                 causation_id=event.id,
             )
         )
-        features: dict[str, HashValue] = dict(zip(names, values, strict=True))
-        features["version"] = manager.version
-        features["seq"] = source_seq
-        features["out_seq"] = out_seq
-        features["time"] = state.last_time
-        features["updated_at"] = ctx.clock.now()
+        vector = FeatureVector(
+            mint=mint,
+            version=manager.version,
+            seq=source_seq,
+            time=state.last_time,
+            names=names,
+            values=values,
+            out_seq=out_seq,
+            updated_at=ctx.clock.now(),
+        )
         checkpoint: dict[str, HashValue] = {
             "state": manager.snapshot(mint),
             "seq": source_seq,
             "out_seq": out_seq,
             "version": manager.version,
         }
-        await self._writer.write({FEATURES_KEY + mint: features, STATE_KEY + mint: checkpoint})
+        # the vector and the checkpoint: one hset_many, shared with concurrent workers
+        await self.cache.add(vector, extra={STATE_KEY + mint: checkpoint})
         if mint in self._dormant:
             self._dormant.discard(mint)
-            await self._store.expire_many([FEATURES_KEY + mint, STATE_KEY + mint], None)
+            await self.cache.expire(mint, None, also=[STATE_KEY + mint])
         self.counters["updates"] += 1
 
     # ------------------------------------------------------------------ reads
 
     async def read_features(self, mint: str) -> dict[str, Any] | None:
-        """The stored features of ``mint`` (any replica's), or None."""
-        stored = await self._store.hgetall(FEATURES_KEY + mint)
-        if not stored:
+        """The cached features of ``mint`` (any replica's) of this feature set, or None."""
+        vector = await self.cache.get(mint, version=self.manager.version)
+        if vector is None:
             return None
-        values = {name: float(raw) for name, raw in stored.items() if name not in META_FIELDS}
         return {
             "mint": mint,
-            "version": stored.get("version", b"").decode(),
-            "seq": int(stored.get("seq", b"0")),
-            "out_seq": int(stored.get("out_seq", b"0")),
-            "time": float(stored.get("time", b"0")),
-            "updated_at": float(stored.get("updated_at", b"0")),
-            "features": values,
+            "version": vector.version,
+            "seq": vector.seq,
+            "out_seq": vector.out_seq,
+            "time": vector.time,
+            "updated_at": vector.updated_at,
+            "features": vector.as_dict(),
         }
 
     def router(self):
@@ -308,7 +364,10 @@ class FeaturesService(Service):
         async def get_features(mint: str) -> dict[str, Any]:
             found = await self.read_features(mint)
             if found is None:
-                raise HTTPException(status_code=404, detail=f"no features for {mint}")
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"no features of version {self.manager.version} for {mint}",
+                )
             return found
 
         return router

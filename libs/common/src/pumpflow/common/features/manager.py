@@ -28,15 +28,17 @@ trade or read, exactly as they were.
 Batch path: ``manager.compute_batch(TradeHistory.from_events(events))`` returns an
 (n_trades x n_features) array whose row i equals ``generate_features`` after trade i.
 
-Caching: :class:`FeatureCache` is a bounded LRU in front of a StateStore;
-``await manager.cache_features(vector)`` / ``await manager.get_cached_features(mint)``.
+Caching: :class:`FeatureCache` is a bounded LRU in front of a StateStore, which holds
+each token's latest vector as the hash ``features:<mint>`` (feature values, version,
+seq, out_seq, time, updated_at); ``await manager.cache_features(vector)`` /
+``await manager.get_cached_features(mint)`` (current feature-set version only).
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -55,7 +57,7 @@ from pumpflow.common.features.definitions import (
 )
 from pumpflow.common.features.inputs import TradeInput, trade_input
 from pumpflow.common.features.state import Layout, TokenState, decode_snapshot, encode_snapshot
-from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.abc import HashValue, StateStore
 
 
 class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,20 +71,33 @@ class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
     time: float
     names: tuple[str, ...]
     values: tuple[float, ...]
+    #: seq of the features.updated event that carried it (0: not published)
+    out_seq: int = 0
+    #: clock time it was cached at (0.0: unknown)
+    updated_at: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.values, strict=True))
 
 
-_vector_encoder = msgspec.msgpack.Encoder()
-_vector_decoder = msgspec.msgpack.Decoder(FeatureVector)
+#: fields of a cached features hash that are not feature values
+META_FIELDS = ("version", "seq", "out_seq", "time", "updated_at")
+
+Write = Callable[[Mapping[str, Mapping[str, HashValue]]], Awaitable[None]]
 
 
 class FeatureCache:
     """Bounded in-process LRU of feature vectors in front of a StateStore (optional).
 
-    ``add`` writes through to the store under ``<prefix><mint>``; ``get`` reads the
-    LRU first, then the store (and keeps what it found).
+    In the store a vector is the hash ``<prefix><mint>``: one field per feature plus
+    :data:`META_FIELDS` (version, seq, out_seq, time, updated_at). ``add`` writes it
+    through, in one ``hset_many`` with any other hashes given (a checkpoint); ``write``
+    replaces the store's ``hset_many`` (a group commit coalescing concurrent adds).
+    ``get`` reads the LRU first, then the store, and checks the feature-set version.
+
+    ``keep_reads=False`` keeps only what this process added in memory: a replica
+    serving reads for tokens another replica updates (or whose keys expire) must not
+    answer from a copy of the store it took earlier.
     """
 
     def __init__(
@@ -90,8 +105,10 @@ class FeatureCache:
         store: StateStore | None = None,
         *,
         max_entries: int = 10_000,
-        prefix: str = "features:vector:",
+        prefix: str = "features:",
         ttl: float | None = None,
+        write: Write | None = None,
+        keep_reads: bool = True,
     ):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -99,23 +116,51 @@ class FeatureCache:
         self._max = max_entries
         self._prefix = prefix
         self._ttl = ttl
+        self._write = write
+        self._keep_reads = keep_reads
         self._lru: OrderedDict[str, FeatureVector] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def _remember(self, vector: FeatureVector) -> None:
-        self._lru[vector.mint] = vector
-        self._lru.move_to_end(vector.mint)
-        while len(self._lru) > self._max:
-            self._lru.popitem(last=False)
+    def __contains__(self, mint: str) -> bool:
+        return mint in self._lru
 
-    async def add(self, vector: FeatureVector, *, write_through: bool = True) -> None:
+    def key(self, mint: str) -> str:
+        """The store key of ``mint``'s hash."""
+        return self._prefix + mint
+
+    def _remember(self, vector: FeatureVector) -> None:
+        lru = self._lru
+        lru[vector.mint] = vector
+        lru.move_to_end(vector.mint)
+        if len(lru) > self._max:
+            lru.popitem(last=False)
+
+    async def add(
+        self,
+        vector: FeatureVector,
+        *,
+        write_through: bool = True,
+        extra: Mapping[str, Mapping[str, HashValue]] | None = None,
+    ) -> None:
+        """Cache ``vector``; write it (and the ``extra`` hashes) to the store in one call."""
         self._remember(vector)
-        if write_through and self._store is not None:
-            await self._store.set(
-                self._prefix + vector.mint, _vector_encoder.encode(vector), self._ttl
-            )
+        if not write_through or self._store is None:
+            return
+        fields: dict[str, HashValue] = dict(zip(vector.names, vector.values, strict=True))
+        fields["version"] = vector.version
+        fields["seq"] = vector.seq
+        fields["out_seq"] = vector.out_seq
+        fields["time"] = vector.time
+        fields["updated_at"] = vector.updated_at
+        items = {self._prefix + vector.mint: fields}
+        if extra:
+            items.update(extra)
+        if self._write is not None:
+            await self._write(items)
+        else:
+            await self._store.hset_many(items, self._ttl)
 
     async def get(self, mint: str, *, version: str | None = None) -> FeatureVector | None:
         """The cached vector of ``mint``; None if missing or of another version."""
@@ -123,13 +168,22 @@ class FeatureCache:
         if vector is not None:
             self._lru.move_to_end(mint)
         elif self._store is not None:
-            raw = await self._store.get(self._prefix + mint)
-            if raw is not None:
-                vector = _vector_decoder.decode(raw)
+            vector = _decode_hash(mint, await self._store.hgetall(self._prefix + mint))
+            if vector is not None and self._keep_reads:
                 self._remember(vector)
         if vector is not None and version is not None and vector.version != version:
             return None
         return vector
+
+    async def expire(self, mint: str, ttl: float | None, *, also: Iterable[str] = ()) -> None:
+        """Set (None: remove) the TTL of ``mint``'s hash and of the keys ``also``.
+
+        With a TTL the vector leaves memory, so reads follow the store's expiry.
+        """
+        if ttl is not None:
+            self._lru.pop(mint, None)
+        if self._store is not None:
+            await self._store.expire_many([self._prefix + mint, *also], ttl)
 
     async def clear(self, mint: str | None = None, *, from_store: bool = False) -> None:
         """Forget one mint (or everything in memory); optionally delete from the store."""
@@ -139,6 +193,22 @@ class FeatureCache:
         self._lru.pop(mint, None)
         if from_store and self._store is not None:
             await self._store.delete_many([self._prefix + mint])
+
+
+def _decode_hash(mint: str, stored: Mapping[str, bytes]) -> FeatureVector | None:
+    if not stored:
+        return None
+    names = tuple(name for name in stored if name not in META_FIELDS)
+    return FeatureVector(
+        mint=mint,
+        version=stored.get("version", b"").decode(),
+        seq=int(stored.get("seq", b"0")),
+        time=float(stored.get("time", b"0")),
+        names=names,
+        values=tuple(float(stored[name]) for name in names),
+        out_seq=int(stored.get("out_seq", b"0")),
+        updated_at=float(stored.get("updated_at", b"0")),
+    )
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
@@ -205,6 +275,9 @@ class FeatureManager:
         ordered = resolve_order(definitions)
         if not ordered:
             raise FeatureDefinitionError("a feature set needs at least one feature")
+        clash = sorted({d.name for d in ordered}.intersection(META_FIELDS))
+        if clash:
+            raise FeatureDefinitionError(f"feature names {clash} are cache meta fields")
         index = {d.name: i for i, d in enumerate(ordered)}
         layout = layout_for(ordered)
         plan = []

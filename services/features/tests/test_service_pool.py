@@ -1,0 +1,193 @@
+"""FeaturesService on the worker pool: priority when behind, order, group commit, the cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from features_helpers import Collector, market_events
+
+from pumpflow.common.activity import Priority
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import TokenLifecycle, make_event
+from pumpflow.common.features import FeatureCache, FeatureManager
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state import MemoryStateStore
+from pumpflow.features.service import STATE_KEY, FeaturesService, FeaturesSettings
+
+TRADE_TYPES = ("token.created", "token.trade")
+
+
+class CountingStore(MemoryStateStore):
+    """A memory store that counts its round trips by method."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.calls: Counter[str] = Counter()
+
+    async def hset_many(self, items, ttl=None):
+        self.calls["hset_many"] += 1
+        await super().hset_many(items, ttl)
+
+    async def hgetall(self, key):
+        self.calls["hgetall"] += 1
+        return await super().hgetall(key)
+
+    async def expire_many(self, keys, ttl):
+        self.calls["expire_many"] += 1
+        await super().expire_many(keys, ttl)
+
+
+@pytest.fixture
+async def system():
+    clock = ReplayClock(1_700_000_000.0)
+    bus = InMemoryBus(partitions=4, synchronous=True, source="test")
+    await bus.start()
+    collector = Collector()
+    order: list[str] = []
+
+    async def record(event):
+        order.append(event.key)
+        await collector(event)
+
+    await bus.subscribe(
+        Subscription(service="collector", patterns=("features.updated",), handler=record)
+    )
+    yield bus, CountingStore(clock), clock, collector, order
+    await bus.close()
+
+
+async def start_service(bus, store, clock, *, workers: int) -> FeaturesService:
+    settings = FeaturesSettings.load(
+        service="features", transport="memory", partitions=4, features_workers=workers
+    )
+    service = FeaturesService(settings)
+    await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+    return service
+
+
+def streams(seed: int, duration_s: float) -> dict[str, list]:
+    by_mint: dict[str, list] = {}
+    for e in market_events(seed, duration_s):
+        if e.type in TRADE_TYPES:
+            by_mint.setdefault(e.key, []).append(e)
+    return by_mint
+
+
+async def backlog(service: FeaturesService, events) -> None:
+    """Hand ``events`` over while the pool's workers are all busy, then let them go."""
+    gate = asyncio.Event()
+    blockers = [
+        service.pool.submit(f"blocker-{i}", gate.wait)
+        for i in range(service.settings.features_workers)
+    ]
+    await asyncio.sleep(0)  # the workers take the blockers
+    handlers = [asyncio.create_task(service.handle(e)) for e in events]
+    await asyncio.sleep(0)  # each handler submits its work and waits for it
+    assert service.pool.queue_depth == len(events)
+    gate.set()
+    await asyncio.gather(*blockers, *handlers)
+
+
+def assert_in_order(collector: Collector, by_mint: dict[str, list]) -> None:
+    """One update per event, per mint in seq order, and the last one is the expected."""
+    for mint, stream in by_mint.items():
+        updates = collector.by_mint[mint]
+        assert [u.data.source_seq for u in updates] == [e.seq for e in stream], mint
+        assert [u.seq for u in updates] == list(range(1, len(stream) + 1)), mint
+        manager = FeatureManager()
+        for e in stream:
+            manager.update_feature_history(e)
+        assert updates[-1].data.values == manager.generate_features(mint).values
+
+
+async def test_when_behind_a_high_priority_tokens_events_go_first(system):
+    bus, store, clock, collector, order = system
+    by_mint = streams(11, 120.0)
+    busiest = sorted(by_mint.items(), key=lambda kv: -len(kv[1]))[:2]
+    # the low-priority token is the older one: its events arrive first
+    (low, low_stream), (high, high_stream) = sorted(busiest, key=lambda kv: kv[1][0].time)
+    assert len(low_stream) >= 5 and len(high_stream) >= 5
+    service = await start_service(bus, store, clock, workers=1)
+    for mint, priority in ((low, Priority.LOW), (high, Priority.URGENT)):
+        lifecycle = TokenLifecycle(mint=mint, state="active", priority=priority)
+        await bus.publish(make_event(lifecycle, source="activity/t", time=clock.now(), seq=1))
+    # the backlog in arrival (event-time) order: the low token's events come first
+    events = sorted(low_stream + high_stream, key=lambda e: (e.time, e.key != low))
+    assert events[0].key == low
+    await backlog(service, events)
+    # the high-priority token was served entirely before the low one
+    assert order == [high] * len(high_stream) + [low] * len(low_stream)
+    assert_in_order(collector, {low: low_stream, high: high_stream})
+    for mint, stream in ((low, low_stream), (high, high_stream)):
+        stored = await service.read_features(mint)
+        assert stored["seq"] == stream[-1].seq
+        assert stored["out_seq"] == len(stream)
+    await service.stop()
+
+
+async def test_a_lifecycle_priority_reranks_work_already_queued(system):
+    bus, store, clock, collector, order = system
+    by_mint = streams(12, 90.0)
+    (first, first_stream), (second, second_stream) = sorted(
+        by_mint.items(), key=lambda kv: -len(kv[1])
+    )[:2]
+    service = await start_service(bus, store, clock, workers=1)
+    gate = asyncio.Event()
+    blocker = service.pool.submit("blocker", gate.wait)
+    await asyncio.sleep(0)
+    handlers = [asyncio.create_task(service.handle(e)) for e in first_stream + second_stream]
+    await asyncio.sleep(0)
+    assert service.pool.queue_depth == len(handlers)
+    # while they wait, the activity service says the second token matters more
+    urgent = TokenLifecycle(mint=second, state="active", priority=Priority.URGENT)
+    await service.handle(make_event(urgent, source="activity/t", time=clock.now(), seq=1))
+    gate.set()
+    await asyncio.gather(blocker, *handlers)
+    assert order == [second] * len(second_stream) + [first] * len(first_stream)
+    assert_in_order(collector, {first: first_stream, second: second_stream})
+    await service.stop()
+
+
+async def test_many_tokens_share_group_commits_and_nothing_is_lost(system):
+    bus, store, clock, collector, _ = system
+    by_mint = streams(13, 120.0)
+    events = sorted((e for s in by_mint.values() for e in s), key=lambda e: e.time)
+    service = await start_service(bus, store, clock, workers=8)
+    await backlog(service, events)
+    assert_in_order(collector, by_mint)
+    assert service.counters["updates"] == len(events)
+    # features and checkpoint in one hset_many per group, shared by concurrent workers
+    assert store.calls["hset_many"] == service._writer.flushes < len(events) / 2
+    assert store.calls["hgetall"] == len(by_mint)  # one checkpoint look-up per new token
+    assert store.calls["expire_many"] == 0
+    # one format: a fresh cache reads from the store what the service's holds in memory
+    fresh = FeatureCache(store)
+    for mint in by_mint:
+        assert mint in service.cache
+        from_memory = await service.cache.get(mint)
+        assert await fresh.get(mint) == from_memory
+        assert await store.hgetall(STATE_KEY + mint)
+    before = store.calls["hgetall"]
+    assert (await service.read_features(mint))["out_seq"] == len(by_mint[mint])
+    assert store.calls["hgetall"] == before  # served from memory
+    await service.stop()
+
+
+async def test_reads_fall_back_to_the_store_and_check_the_version(system):
+    bus, store, clock, _, _ = system
+    by_mint = streams(14, 30.0)
+    mint, stream = next(iter(by_mint.items()))
+    service = await start_service(bus, store, clock, workers=2)
+    for e in stream:
+        await service.handle(e)
+    await service.cache.clear()  # memory gone (evicted, say): the store answers
+    stored = await service.read_features(mint)
+    assert stored is not None and stored["seq"] == stream[-1].seq
+    assert len(service.cache) == 0  # a store read is not kept (other replicas update it)
+    await store.hset_many({service.cache.key(mint): {"version": "another-set"}})
+    assert await service.read_features(mint) is None
+    await service.stop()
