@@ -12,7 +12,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event, encode_payload
+from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed import reference_frames as ref
@@ -181,6 +181,58 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
     sequencer = Sequencer(await store.last_seq_by_mint())
     assert sequencer.next("A") == 3
     await bus.close()
+
+
+@pytest.mark.postgres
+async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, metrics):
+    store = TokenEventStore(pg_pool)
+    clock = ReplayClock(10.0)
+    first = Recorder(store, publisher=None, outbox=None, metrics=metrics)
+    old = DataFeedManager(source="feed/old", recorder=first, metrics=metrics)
+    feed = ScriptedFeed(clock)
+    old.add_data_feed(feed)
+    await old.start()
+    await feed.push(trade("A", 1), trade("A", 2))
+    await first.flush()
+    await old.stop()
+
+    # a new process: its signature memory is empty, its numbering restored from the store
+    bus, got = await collecting_bus()
+    second = Recorder(store, publisher=bus, outbox=None, metrics=metrics)
+    manager = DataFeedManager(
+        source="feed/new", recorder=second, metrics=metrics,
+        sequencer=Sequencer(await store.last_seq_by_mint()),
+    )  # fmt: skip
+    feed = ScriptedFeed(clock)
+    manager.add_data_feed(feed)
+    await manager.start()
+    # the server sends trade 2 again, then a new one
+    await feed.push(trade("A", 2), trade("A", 3))
+    await second.flush()
+    await bus.drain()
+    assert [e.data.signature for e in got] == ["s-A-3"]
+    assert await store.count() == 3
+    await manager.stop()
+    await bus.close()
+
+
+@pytest.mark.postgres
+async def test_a_batch_retried_after_its_commit_is_still_published(pg_pool):
+    store = TokenEventStore(pg_pool)
+    clock = ReplayClock(10.0)
+    sequencer = Sequencer()
+    events = []
+    for i in range(3):
+        payload = decode_frame(trade("B", i))
+        events.append(make_event(payload, source="feed/t", time=clock.now(),
+                                 seq=sequencer.next("B")))  # fmt: skip
+    first = await store.write_batch(events)
+    assert first.inserted == 3 and first.to_publish(events) == events
+    # the commit went through but its answer was lost: the retry inserts nothing,
+    # and every event is still the stored one, so all of them are published
+    retried = await store.write_batch(events)
+    assert retried.inserted == 0
+    assert retried.to_publish(events) == events
 
 
 @pytest.mark.postgres

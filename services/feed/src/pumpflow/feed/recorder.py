@@ -186,7 +186,7 @@ class Recorder:
                                            [f for _, f in batch])  # fmt: skip
                 self.stored += result.inserted
                 self.metrics.recorded.inc(result.inserted)
-                await self._publish(events, result.last_id)
+                await self._publish(result.to_publish(events), result.last_id)
                 self._inflight = 0
             self.metrics.record_pending.set(0)
             if not self._pending:

@@ -91,6 +91,14 @@ WITH inserted AS (
     RETURNING id)
 SELECT count(*) AS inserted, max(id) AS last_id FROM inserted
 """
+#: the staged events whose stored row is that very event (inserted now or by an earlier
+#: attempt of the same batch), as opposed to another event with the same signature
+_OWN_EVENT_IDS = f"""
+SELECT coalesce(array_agg(s.event_id), '{{}}') AS event_ids
+FROM pg_temp.{_STAGE} AS s
+JOIN token_events AS t
+  ON t.signature = s.signature AND t.tx_type = s.tx_type AND t.event_id = s.event_id
+"""
 _INSERT_TOKENS = f"""
 INSERT INTO tokens (
     mint, signature, creator, name, symbol, uri, created_at, initial_buy,
@@ -124,6 +132,16 @@ class WriteResult:
 
     inserted: int
     last_id: int | None
+    #: ids of the batch's events that are stored as themselves; None means all of
+    #: them. The others repeat an event stored before under another id (a duplicate
+    #: frame after a restart): publishing them would deliver it twice.
+    own_event_ids: frozenset[str] | None = None
+
+    def to_publish(self, events: Sequence[Event]) -> list[Event]:
+        """The events of the batch that are stored as themselves, in batch order."""
+        if self.own_event_ids is None:
+            return list(events)
+        return [e for e in events if e.id in self.own_event_ids]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,11 +236,16 @@ class TokenEventStore:
             await conn.execute(_CREATE_STAGE)
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_STAGE_COLUMNS)
             result = await conn.fetchrow(_INSERT_EVENTS)
+            own = None
+            if result["inserted"] < len(rows):
+                own = frozenset(await conn.fetchval(_OWN_EVENT_IDS))
             if has_create:
                 await conn.execute(_INSERT_TOKENS)
             if has_migrate:
                 await conn.execute(_MARK_MIGRATED)
-        return WriteResult(inserted=result["inserted"], last_id=result["last_id"])
+        return WriteResult(
+            inserted=result["inserted"], last_id=result["last_id"], own_event_ids=own
+        )
 
     async def stream(
         self,
