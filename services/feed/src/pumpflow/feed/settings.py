@@ -53,7 +53,12 @@ class FeedSettings(CommonSettings):
     feed_backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
     feed_max_keys_per_message: int = Field(MAX_KEYS_PER_MESSAGE, ge=1, le=MAX_KEYS_PER_MESSAGE)
     feed_max_messages_per_second: int = Field(
-        MAX_MESSAGES_PER_SECOND, ge=1, le=MAX_MESSAGES_PER_SECOND
+        # below the server's 200: our window is timed when we send, the server's when
+        # it receives, and network jitter must not push a message over the limit
+        int(MAX_MESSAGES_PER_SECOND * 0.9),
+        ge=1,
+        le=MAX_MESSAGES_PER_SECOND,
+        description="subscribe messages per second (PumpPortal allows 200)",
     )
     feed_dedup_capacity: int = Field(200_000, ge=1, description="recent signatures remembered")
     feed_record_batch_size: int = Field(2_000, ge=1, description="events per Postgres write")
