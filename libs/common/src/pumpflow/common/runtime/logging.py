@@ -59,8 +59,8 @@ def redact_value(name: str, value: Any) -> Any:
     """The value of setting ``name`` as it may be shown."""
     if value is None or value == "":
         return value
-    if is_secret_name(name):
-        return MASK
+    if is_secret_name(name) and not isinstance(value, bool | int | float):
+        return MASK  # a number or a flag is never a secret (feed_max_keys_per_message)
     if isinstance(value, str):
         return redact_url(value)
     if isinstance(value, Mapping):
