@@ -11,9 +11,8 @@ import pytest
 
 from pumpflow.common.events import decode_event
 from pumpflow.feed import cli
-
-simulator = pytest.importorskip("pumpflow.simulator.server")
-from pumpflow.simulator.market import Market, MarketConfig  # noqa: E402
+from pumpflow.simulator import server as simulator
+from pumpflow.simulator.market import Market, MarketConfig
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"

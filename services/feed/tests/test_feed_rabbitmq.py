@@ -13,9 +13,8 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
-
-simulator = pytest.importorskip("pumpflow.simulator.server")
-from pumpflow.simulator.market import Market, MarketConfig  # noqa: E402
+from pumpflow.simulator import server as simulator
+from pumpflow.simulator.market import Market, MarketConfig
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 

@@ -17,10 +17,9 @@ from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import FeedRecord
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
-
-simulator = pytest.importorskip("pumpflow.simulator.server")
-from pumpflow.simulator.faults import FaultConfig  # noqa: E402
-from pumpflow.simulator.market import Market, MarketConfig  # noqa: E402
+from pumpflow.simulator import server as simulator
+from pumpflow.simulator.faults import FaultConfig
+from pumpflow.simulator.market import Market, MarketConfig
 
 SPEED = 40.0
 

@@ -112,6 +112,8 @@ _decode = msgspec.msgpack.Decoder(Checkpoint).decode
 
 
 class ActivityService(Service):
+    """Track each token's lifecycle; publish changes and feed subscription commands."""
+
     name: ClassVar[str] = "activity"
     settings_class: ClassVar[type[ActivitySettings]] = ActivitySettings
     needs_store: ClassVar[bool] = True

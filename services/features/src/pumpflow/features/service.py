@@ -108,6 +108,8 @@ class _GroupWriter:
 
 
 class FeaturesService(Service):
+    """Compute per-token features from token events; cache them and publish updates."""
+
     name: ClassVar[str] = "features"
     settings_class: ClassVar[type[CommonSettings]] = FeaturesSettings
     needs_store: ClassVar[bool] = True

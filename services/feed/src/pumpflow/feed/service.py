@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class FeedService(Service):
+    """Hold the PumpPortal connection; store every token event, then publish it."""
+
     name: ClassVar[str] = "feed"
     settings_class: ClassVar[type[FeedSettings]] = FeedSettings
     #: the runtime connects Postgres for the class; an instance without recording

@@ -51,7 +51,12 @@ class FeedSettings(CommonSettings):
     feed_open_timeout_s: float = Field(10.0, gt=0, description="connect/handshake timeout")
     feed_backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
     feed_backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
-    feed_max_keys_per_message: int = Field(MAX_KEYS_PER_MESSAGE, ge=1, le=MAX_KEYS_PER_MESSAGE)
+    feed_max_keys_per_message: int = Field(
+        MAX_KEYS_PER_MESSAGE,
+        ge=1,
+        le=MAX_KEYS_PER_MESSAGE,
+        description="mints per subscribe message (PumpPortal allows 5,000)",
+    )
     feed_max_messages_per_second: int = Field(
         # below the server's 200: our window is timed when we send, the server's when
         # it receives, and network jitter must not push a message over the limit
