@@ -87,6 +87,10 @@ def test_every_service_uses_the_same_pumpflow_settings():
 def test_migrate_runs_the_migrations_with_common_settings():
     spec = SERVICES["migrate"]
     assert spec["command"] == ["pumpflow", "migrate"]
+    # it runs the feed's image (libs/common and the CLI) instead of building it again
+    assert "build" not in spec
+    assert spec["image"] == SERVICES["feed"]["image"]
+    assert SERVICES["feed"]["build"]["args"]["SERVICE"] == "feed"
     assert set(spec["environment"]) <= env_names(CommonSettings)
     for name in SERVED:
         assert (
@@ -120,7 +124,49 @@ def test_prometheus_scrapes_every_served_service():
     assert all(sd["port"] == 8000 for sd in job["dns_sd_configs"])
 
 
-def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics():
+DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+
+
+def dashboard_metrics(dashboard: dict) -> set[str]:
+    """Every pumpflow_* name a dashboard's queries (panels and variables) use."""
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    # the variables' queries too: a wrong name there leaves every panel empty
+    exprs += " ".join(v["definition"] for v in dashboard.get("templating", {}).get("list", []))
+    return set(re.findall(r"pumpflow_[a-z_]+", exprs))
+
+
+def exported_metrics() -> set[str]:
+    """Every series name the code exports, suffixes of counters and histograms included."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from pumpflow.common.workers import TokenMonitorThreadPool
+    from pumpflow.feed.metrics import FeedMetrics
+
+    # importing them registers the bus collector, the service and partition gauges and
+    # the activity service's counters on the default registry
+    for module in (
+        "pumpflow.common.bus.metrics",
+        "pumpflow.common.bus.ownership",
+        "pumpflow.common.runtime.http",
+        "pumpflow.activity.service",
+    ):
+        importlib.import_module(module)
+    # the feed's and the worker pools' metrics are created per registry
+    private = CollectorRegistry()
+    FeedMetrics(registry=private)
+    TokenMonitorThreadPool(registry=private)
+
+    exported = set()
+    for registry in (REGISTRY, private):
+        for family in registry.collect():
+            exported.add(family.name)
+            exported.update(
+                f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_sum", "_count")
+            )
+    return exported
+
+
+def test_grafana_is_provisioned_with_dashboards():
     grafana = SERVICES["grafana"]
     mounts = " ".join(grafana["volumes"])
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning" in mounts
@@ -133,33 +179,82 @@ def test_grafana_is_provisioned_with_a_dashboard_on_real_metrics():
     )
     path = provider["providers"][0]["options"]["path"]
     assert f"./deploy/grafana/dashboards:{path}" in mounts
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(f"{path}/")
+    assert (ROOT / "deploy/grafana/dashboards" / home.removeprefix(f"{path}/")).is_file()
+    names = {p.name for p in DASHBOARDS}
+    assert {"pumpflow.json", "pumpflow-market.json"} <= names
+    uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
+    assert len(uids) == len(set(uids)), uids
+
+
+def test_the_bus_dashboard_plots_the_bus():
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/pumpflow.json").read_text())
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    # the service picker's query too: a wrong name there leaves every panel empty
-    exprs += " ".join(v["definition"] for v in dashboard["templating"]["list"])
-    metrics = set(re.findall(r"pumpflow_[a-z_]+", exprs))
     assert {
         "pumpflow_events_consumed_total",
         "pumpflow_handler_seconds_bucket",
         "pumpflow_event_age_seconds_bucket",
         "pumpflow_events_dead_lettered_total",
         "pumpflow_service_info",
-    } <= metrics
-    # every metric the dashboard plots is one the code exports
-    from prometheus_client import REGISTRY
+    } <= dashboard_metrics(dashboard)
 
-    # importing them registers the bus collector and the service gauges
-    importlib.import_module("pumpflow.common.bus.metrics")
-    importlib.import_module("pumpflow.common.runtime.http")
 
-    exported = set()
-    for family in REGISTRY.collect():
-        exported.add(family.name)
-        exported.update(
-            f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_sum", "_count")
-        )
-    missing = sorted(m for m in metrics if m not in exported)
-    assert not missing, missing
+def test_the_market_dashboard_shows_what_pumpflow_does():
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/pumpflow-market.json").read_text())
+    assert {
+        "pumpflow_feed_frames_total",
+        "pumpflow_feed_active_subscriptions",
+        "pumpflow_feed_reconnects_total",
+        "pumpflow_feed_invalid_frames_total",
+        "pumpflow_feed_bytes_received_total",
+        "pumpflow_activity_tokens",
+        "pumpflow_worker_pool_busy_workers",
+        "pumpflow_worker_pool_queue_depth",
+        "pumpflow_worker_pool_task_seconds_bucket",
+        "pumpflow_worker_pool_restarts_total",
+        "pumpflow_partitions_owned",
+        "pumpflow_partition_rebalances_total",
+        "pumpflow_partition_replicas",
+    } <= dashboard_metrics(dashboard)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_dashboard_plots_only_exported_metrics(path):
+    dashboard = json.loads(path.read_text())
+    metrics = dashboard_metrics(dashboard)
+    assert metrics, f"{path.name} queries no pumpflow metric"
+    missing = sorted(metrics - exported_metrics())
+    assert not missing, f"{path.name}: not exported by the code: {missing}"
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "prometheus", panel["title"]
+            # counters are plotted as rates, histograms as quantiles over their buckets
+            expr = target["expr"]
+            for name in re.findall(r"pumpflow_[a-z_]+", expr):
+                if name.endswith("_total"):
+                    assert "rate(" in expr or "increase(" in expr, expr
+                if name.endswith("_bucket"):
+                    assert "histogram_quantile(" in expr, expr
+
+
+def test_the_metric_check_catches_a_wrong_name():
+    exported = exported_metrics()
+    assert "pumpflow_feed_frames_total" in exported
+    bogus = {
+        "panels": [
+            {"targets": [{"expr": "sum(rate(pumpflow_feed_frame_total[1m]))"}]},
+            {"type": "row", "panels": []},
+        ],
+        "templating": {"list": [{"definition": "label_values(pumpflow_service_infos, service)"}]},
+    }
+    assert dashboard_metrics(bogus) - exported == {
+        "pumpflow_feed_frame_total",
+        "pumpflow_service_infos",
+    }
 
 
 def test_dockerfile_installs_only_the_service_and_the_cli():
