@@ -35,6 +35,16 @@ _schemas: dict[tuple[str, int], type[Payload]] = {}
 _publishers: dict[str, str] = {}
 
 
+def _scope(event: Event, subscription: Subscription) -> tuple[str, str] | None:
+    """The dedup scope of an event (publishing service, key), or None when not tracked."""
+    if not subscription.deduplicate or event.seq is None or event.key is None:
+        return None
+    publisher = _publishers.get(event.source)
+    if publisher is None:
+        publisher = _publishers[event.source] = source_service(event.source)
+    return (publisher, event.key)
+
+
 def check_publishable(event: Event) -> type[Payload]:
     """Return the payload schema of ``event``; raise EventValidationError if it does not fit.
 
@@ -122,12 +132,8 @@ class Dispatcher:
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
         outcome = "handled"
-        scope = None
-        if subscription.deduplicate and event.seq is not None and event.key is not None:
-            publisher = _publishers.get(event.source)
-            if publisher is None:
-                publisher = _publishers[event.source] = source_service(event.source)
-            scope = (publisher, event.key)
+        scope = _scope(event, subscription)
+        if scope is not None:
             verdict = self.tracker.check_at(scope, event.seq)
             if verdict is not Verdict.NEW:
                 if verdict is Verdict.DUPLICATE:
@@ -175,14 +181,22 @@ class Dispatcher:
             if event_log.enabled:
                 event_log.consumed(event, service=self.service, lane=self.lane, outcome=outcome)
             return None
-        # dead-lettered events are done too: a redelivery must not run them again
-        if scope is not None:
-            self.tracker.commit_at(scope, event.seq)
+        # not committed yet: the transport calls settled() once the dead letter is
+        # stored, so a redelivery after a lost write is dead-lettered, not dropped
         reason = f"handler failed {attempts} times: {type(failure).__name__}: {failure}"
         record_dead_letter(self.service, event.type, self.lane)
         event_log.consumed(event, service=self.service, lane=self.lane, outcome="dead-lettered")
         log.error("%s dead-lettered %s id=%s: %s", self.service, event.type, event.id, reason)
         return reason
+
+    def settled(self, event: Event, subscription: Subscription) -> None:
+        """Record a dead-lettered event as done, once its dead letter is stored.
+
+        A redelivery of it is then a duplicate; before, it is dead-lettered again.
+        """
+        scope = _scope(event, subscription)
+        if scope is not None:
+            self.tracker.commit_at(scope, event.seq)
 
     def malformed(self, error: EventValidationError, event_type: str | None) -> str:
         """Account for a message that does not decode; return the dead-letter reason."""

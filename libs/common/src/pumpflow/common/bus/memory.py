@@ -351,6 +351,7 @@ class InMemoryBus(EventBus):
                     reason = await lane.dispatcher.dispatch(event, consumer.subscription)
                     if reason is not None:
                         self._store_dead(_dead_letter(lane, event, reason))
+                        lane.dispatcher.settled(event, consumer.subscription)
                 else:
                     self._enqueue(lane, event)
 
@@ -393,6 +394,7 @@ class InMemoryBus(EventBus):
             lane.idle.set()
         if reason is not None:
             self._store_dead(_dead_letter(lane, event, reason))
+            lane.dispatcher.settled(event, replica.subscription)
 
     async def _work(self, lane: _Lane) -> None:
         while True:

@@ -642,6 +642,7 @@ class RabbitMQBus(EventBus):
                 key=event.key,
                 extra={"x-pumpflow-queue": consumer.queue_name, "x-pumpflow-lane": dispatcher.lane},
             )
+            dispatcher.settled(event, consumer.subscription)
 
     # ---------------------------------------------------------------- dead letters
 
