@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import redis.asyncio as redis
 from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.rabbitmq import RabbitMQBus
 from pumpflow.common.events import Event
+from pumpflow.common.testing import free_port
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -37,12 +37,6 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PATTERNS = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
 START = 1_700_000_000.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def consumed(port: int) -> float | None:

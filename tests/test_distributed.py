@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from pumpflow.common.testing import free_port
+
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 SERVICES = ("feed", "features", "activity")
 PARTITIONS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -71,8 +66,8 @@ async def _delete_rabbit_topology(amqp_url: str, namespace: str) -> None:
 @pytest.fixture
 def stack(tmp_path, namespace, amqp_url, redis_url, redis_client, pg_pool):
     """Simulator + feed + features + activity as processes; yields their HTTP ports."""
-    sim_port = _free_port()
-    ports = {service: _free_port() for service in SERVICES}
+    sim_port = free_port()
+    ports = {service: free_port() for service in SERVICES}
     env = {
         **os.environ,
         "PUMPFLOW_TRANSPORT": "rabbitmq",

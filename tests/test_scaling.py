@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,13 @@ import pytest
 from pumpflow.common.bus import Subscription, partition_of
 from pumpflow.common.bus.ownership import assign_partitions
 from pumpflow.common.events import Event
+from pumpflow.common.testing import free_port
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 PARTITIONS = 8
 REPLICAS = ("features-a", "features-b")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get_json(url: str) -> dict | None:
@@ -106,8 +100,8 @@ async def test_two_features_replicas_split_partitions_and_hand_over(
 ):
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
-    sim_port = _free_port()
-    ports = {replica: _free_port() for replica in REPLICAS}
+    sim_port = free_port()
+    ports = {replica: free_port() for replica in REPLICAS}
     env = {
         **os.environ,
         "PUMPFLOW_TRANSPORT": "rabbitmq",

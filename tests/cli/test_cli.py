@@ -17,6 +17,7 @@ from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.testing import free_port
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -194,16 +195,8 @@ def test_run_stops_cleanly_on_ctrl_c():
     assert _summary_counts(first + status + rest)["tokens"] > 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_pumpflow_record_takes_a_simulated_stream_from_pumpflow_sim_serve(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(PUMPFLOW), "sim", "serve", "--port", str(port), "--speed", "20", "--seed", "3"],
         stdout=subprocess.DEVNULL,

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ import pytest
 
 from pumpflow.common.runtime.runner import EXIT_BAD_SETTINGS, run_service
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.testing import free_port
 
 SLOW_SERVICE = Path(__file__).with_name("slow_service.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, what: str, limit_s: float = 30.0) -> None:

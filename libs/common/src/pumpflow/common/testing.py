@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -19,3 +20,10 @@ async def eventually(condition: Callable[[], bool], within: float = 30.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within:g} s")
         await asyncio.sleep(0.005)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
