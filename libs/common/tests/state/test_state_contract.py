@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pumpflow.common.clock import ReplayClock
+from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.lease import Lease
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
@@ -176,6 +177,70 @@ async def test_expire_many_sets_and_removes_ttls_of_existing_keys_only(harness):
     assert await store.get_many(["keep", "drop", "absent"]) == [b"1", None, None]
     assert await store.hgetall("hdrop") == {}
     assert await store.scan_keys("") == ["keep"]
+
+
+async def test_set_if_absent_sets_once_until_the_ttl_runs_out(harness):
+    store = harness.store
+    assert await store.set_if_absent("k", b"a", SHORT_TTL)
+    assert not await store.set_if_absent("k", b"b", LONG_TTL)
+    assert await store.get("k") == b"a"
+    await harness.let_short_ttls_expire()
+    assert await store.set_if_absent("k", b"b", LONG_TTL)
+    assert await store.get("k") == b"b"
+
+
+async def test_extend_if_equal_extends_only_the_matching_value(harness):
+    store = harness.store
+    await store.set("k", b"mine", ttl=SHORT_TTL)
+    await store.set("other", b"theirs", ttl=SHORT_TTL)
+    assert not await store.extend_if_equal("other", b"mine", LONG_TTL)
+    assert not await store.extend_if_equal("missing", b"mine", LONG_TTL)
+    assert await store.extend_if_equal("k", b"mine", LONG_TTL)
+    await harness.let_short_ttls_expire()
+    assert await store.get_many(["k", "other", "missing"]) == [b"mine", None, None]
+    assert not await store.extend_if_equal("other", b"theirs", LONG_TTL)  # expired
+
+
+async def test_delete_if_equal_deletes_only_the_matching_value(harness):
+    store = harness.store
+    await store.set_many({"k": b"mine", "other": b"theirs"})
+    assert not await store.delete_if_equal("other", b"mine")
+    assert not await store.delete_if_equal("missing", b"mine")
+    assert await store.delete_if_equal("k", b"mine")
+    assert await store.get_many(["k", "other"]) == [None, b"theirs"]
+    assert not await store.delete_if_equal("k", b"mine")
+
+
+async def test_lease_is_exclusive_renewed_and_released_only_by_its_holder(harness):
+    clock = harness.clock or WallClock()
+    one = Lease(harness.store, "feed", "one", SHORT_TTL, clock)
+    two = Lease(harness.store, "feed", "two", SHORT_TTL, clock)
+    assert await one.acquire()
+    assert one.held
+    assert not await two.acquire()
+    assert not await two.renew()
+    assert not await two.release()
+    assert await one.current_holder() == "one"
+    assert await one.renew()
+    assert await one.acquire()  # the holder acquiring again keeps it
+    assert await one.release()
+    assert not one.held
+    assert await two.acquire()
+    assert not await one.renew()
+    assert await two.current_holder() == "two"
+
+
+async def test_an_expired_lease_goes_to_another_and_the_old_holder_cannot_renew(harness):
+    clock = harness.clock or WallClock()
+    one = Lease(harness.store, "feed", "one", SHORT_TTL, clock)
+    two = Lease(harness.store, "feed", "two", LONG_TTL, clock)
+    assert await one.acquire()
+    await harness.let_short_ttls_expire()
+    assert not one.held
+    assert await two.acquire()
+    assert not await one.renew()
+    assert not await one.release()
+    assert await two.current_holder() == "two"
 
 
 async def test_ping(harness):

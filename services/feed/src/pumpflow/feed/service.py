@@ -9,13 +9,19 @@ events the last run had not confirmed on the bus are published again.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import uuid
 from typing import Any, ClassVar
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
+from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, FeedSubscription
+from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.manager import DataFeedManager
 from pumpflow.feed.metrics import default_metrics
@@ -24,6 +30,21 @@ from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed
 
 log = logging.getLogger(__name__)
+
+#: PumpPortal allows one connection per key (more get the key banned for an hour)
+LEASE_NAME = "feed:pumpportal"
+#: the wanted mints of the lease holder, for the replica that takes over
+MINTS_KEY = "feed:pumpportal:mints"
+
+
+async def _sleep(clock: Clock, delay: float) -> None:
+    """Wait ``delay`` seconds of the clock (a ReplayClock's only when it is advanced)."""
+    done = asyncio.get_running_loop().create_future()
+    timer = clock.call_later(delay, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        timer.cancel()
 
 
 class FeedService(Service):
@@ -34,6 +55,8 @@ class FeedService(Service):
     #: the runtime connects Postgres for the class; an instance without recording
     #: reports (and checks) no database
     needs_db: ClassVar[bool] = True
+    #: the lease that allows one connection among replicas lives in the shared store
+    needs_store: ClassVar[bool] = True
 
     def __init__(self, settings: FeedSettings):
         super().__init__(settings)
@@ -44,21 +67,23 @@ class FeedService(Service):
         self.recorder: Recorder | None = None
         self.store: TokenEventStore | None = None
         self.republished = 0
+        self.sequencer: Sequencer | None = None
+        self.lease: Lease | None = None
+        #: "standby" (waiting for the lease), "active" (holds it) or "stopped"
+        self.role = "standby"
+        self._ctx: ServiceContext | None = None
+        self._lease_task: asyncio.Task | None = None
+        self._recorder_started = False
 
     async def start(self, ctx: ServiceContext) -> None:
         settings = self.settings
         metrics = default_metrics()
-        sequencer = Sequencer()
+        self._ctx = ctx
+        self.sequencer = Sequencer()
         if settings.feed_record:
             if ctx.db is None:
                 raise RuntimeError("feed recording is on (PUMPFLOW_FEED_RECORD) but no database")
             self.store = TokenEventStore(ctx.db)
-            since = (
-                None
-                if settings.feed_seq_restore_window_s is None
-                else ctx.clock.now() - settings.feed_seq_restore_window_s
-            )
-            sequencer.restore(await self.store.last_seq_by_mint(since=since))
             self.recorder = Recorder(
                 self.store,
                 publisher=ctx.bus,
@@ -68,12 +93,11 @@ class FeedService(Service):
                 max_pending=settings.feed_record_max_pending,
                 metrics=metrics,
             )
-            self.republished = await self.recorder.recover()
         self.manager = DataFeedManager(
             source=ctx.source,
             publisher=ctx.bus,
             recorder=self.recorder,
-            sequencer=sequencer,
+            sequencer=self.sequencer,
             dedup_capacity=settings.feed_dedup_capacity,
             metrics=metrics,
         )
@@ -97,6 +121,17 @@ class FeedService(Service):
             history=self.store,
         )
         self.manager.add_data_feed(self.socket)
+        if ctx.store is None:
+            # no shared store (a bare test context): nobody else can hold the lease here
+            log.warning("feed without a state store: the connection lease is not shared")
+        self.lease = Lease(
+            ctx.store if ctx.store is not None else MemoryStateStore(ctx.clock),
+            LEASE_NAME,
+            holder=f"{settings.replica}:{uuid.uuid4().hex[:12]}",
+            ttl_s=settings.feed_lease_ttl_s,
+            clock=ctx.clock,
+        )
+        # standbys take commands too (the queue is shared): they keep the wanted mints
         await ctx.bus.subscribe(
             Subscription(
                 service=settings.service,
@@ -104,11 +139,74 @@ class FeedService(Service):
                 handler=self.on_command,
             )
         )
+        # the socket connects in the background once the lease is ours: PumpPortal
+        # being down or another replica holding the connection must not stop the start
+        if await self._acquire():
+            await self._take_over()
+        self._lease_task = asyncio.create_task(self._hold_lease(), name="feed-lease")
+
+    async def _acquire(self) -> bool:
+        try:
+            acquired = await self.lease.acquire()
+        except Exception:
+            log.exception("feed lease: acquire failed")
+            acquired = False
+        if acquired and self.role != "active":
+            log.info("feed lease acquired by %s: connecting", self.lease.holder)
+        return acquired
+
+    async def _hold_lease(self) -> None:
+        """Standby until the lease is ours; connect; renew; on a lost lease, disconnect."""
+        lease = self.lease
+        interval = lease.ttl_s / 3
+        while True:
+            while self.role != "active":
+                await _sleep(self._ctx.clock, interval)
+                if await self._acquire():
+                    try:
+                        await self._take_over()
+                    except Exception:
+                        log.exception("feed take-over failed: releasing the lease")
+                        await self.socket.disconnect()
+                        with contextlib.suppress(Exception):
+                            await self.lease.release()
+            await _sleep(self._ctx.clock, interval)
+            try:
+                await self._save_mints()
+                renewed = await lease.renew()
+            except Exception:
+                log.exception("feed lease: renew failed")
+                renewed = False
+            if not renewed:
+                # another replica may hold it already: never two connections on one key
+                log.warning("feed lease lost by %s: disconnecting, back to standby", lease.holder)
+                self.role = "standby"
+                await self.socket.disconnect()
+
+    async def _take_over(self) -> None:
+        """Continue where the last holder stopped: seq, unconfirmed events, subscriptions."""
+        settings = self.settings
         if self.recorder is not None:
-            await self.recorder.start()
-        # the socket connects in the background: PumpPortal being down must not stop
-        # the service from starting (readiness reports it instead)
+            since = (
+                None
+                if settings.feed_seq_restore_window_s is None
+                else self._ctx.clock.now() - settings.feed_seq_restore_window_s
+            )
+            self.sequencer.restore(await self.store.last_seq_by_mint(since=since))
+            if not self._recorder_started:
+                self.republished = await self.recorder.recover()
+                await self.recorder.start()
+                self._recorder_started = True
+        saved = await self.lease.store.get(MINTS_KEY)
+        if saved:
+            await self.socket.subscribe(saved.decode().split())
         await self.socket.connect(wait=False)
+        self.role = "active"
+
+    async def _save_mints(self) -> None:
+        """Keep the wanted mints in the store, for a replica that takes over."""
+        mints = "\n".join(self.socket.active_mints).encode()
+        await self.lease.store.set(MINTS_KEY, mints)
 
     async def on_command(self, event: Event) -> None:
         command: FeedSubscription = event.data
@@ -121,8 +219,28 @@ class FeedService(Service):
         log.debug("%s %d mints (%s)", command.action, len(command.mints), command.reason)
 
     async def stop(self) -> None:
+        if self.role == "stopped":
+            return
+        task, self._lease_task = self._lease_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        active = self.role == "active"
+        self.role = "stopped"
         if self.manager is not None:
-            await self.manager.stop()
+            # disconnect and flush before releasing: the next holder restores seq from
+            # what is stored and finds nothing of ours left to publish
+            if active or self.recorder is None or self._recorder_started:
+                await self.manager.stop()
+            else:
+                await self.socket.disconnect()
+        if self.lease is not None and active:
+            try:
+                await self._save_mints()
+                await self.lease.release()
+            except Exception:
+                log.exception("feed lease: release failed (a standby takes over within its TTL)")
 
     def subscriptions(self) -> dict[str, Any]:
         socket = self.socket
@@ -148,8 +266,18 @@ class FeedService(Service):
     async def status(self) -> dict[str, Any]:
         socket = self.socket
         connected = bool(socket and socket.is_connected)
+        if self.role != "active":
+            # a hot standby is healthy and ready: it must not be restarted, and it takes
+            # the connection over when the active replica's lease ends
+            return {
+                "ready": True,
+                "role": self.role,
+                "connected": connected,
+                "reason": "standby: another replica holds the PumpPortal lease",
+            }
         return {
             "ready": connected,
+            "role": self.role,
             "connected": connected,
             "sessions": socket.sessions if socket is not None else 0,
             "active_subscriptions": len(socket.active_mints) if socket is not None else 0,

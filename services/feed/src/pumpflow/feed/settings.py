@@ -77,6 +77,15 @@ class FeedSettings(CommonSettings):
         None, gt=0, description="restore per-mint seq from events this recent (None: all)"
     )
 
+    feed_lease_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "TTL of the lease 'feed:pumpportal' that lets one replica hold the PumpPortal "
+            "connection; renewed every ttl/3, a standby takes over within a TTL of a crash"
+        ),
+    )
+
     def api_key(self) -> str | None:
         """The key from the environment or the secret file; never log it."""
         if self.pumpportal_api_key is not None:

@@ -46,6 +46,18 @@ class StateStore(ABC):
         """Return every live key that starts with ``prefix`` (unprefixed by namespace)."""
 
     @abstractmethod
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        """Atomically set ``key`` with a TTL unless it exists; True when set."""
+
+    @abstractmethod
+    async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
+        """Atomically reset the TTL of ``key`` if it still holds ``value``; True when done."""
+
+    @abstractmethod
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        """Atomically delete ``key`` if it still holds ``value``; True when deleted."""
+
+    @abstractmethod
     async def ping(self) -> bool:
         """True when the store answers."""
 

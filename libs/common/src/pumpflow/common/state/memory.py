@@ -99,5 +99,27 @@ class MemoryStateStore(StateStore):
     async def scan_keys(self, prefix: str) -> list[str]:
         return sorted(k for k in list(self._values) if k.startswith(prefix) and self._alive(k))
 
+    # one event loop, no await inside: each of these runs atomically
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        self._purge()
+        if self._alive(key):
+            return False
+        self._values[key] = bytes(value)
+        self._set_ttl(key, ttl)
+        return True
+
+    async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
+        if not self._alive(key) or self._values[key] != value:
+            return False
+        self._set_ttl(key, ttl)
+        return True
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        if not self._alive(key) or self._values[key] != value:
+            return False
+        del self._values[key]
+        self._expiry.pop(key, None)
+        return True
+
     async def ping(self) -> bool:
         return True

@@ -17,6 +17,22 @@ def _ttl_ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
 
+# compare-and-act scripts: Redis runs a script atomically, so no other client can take
+# the key between the comparison and the action
+_EXTEND_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 def _field_value(value: HashValue) -> bytes | str | int | float:
     if isinstance(value, bool):
         # redis-py refuses bools; store them the way str() spells them, like the memory store
@@ -32,6 +48,8 @@ class RedisStateStore(StateStore):
         self._prefix = f"{namespace}:"
         self._client = client if client is not None else redis.Redis.from_url(url)
         self._owns_client = client is None
+        self._extend_if_equal = self._client.register_script(_EXTEND_IF_EQUAL)
+        self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -102,6 +120,16 @@ class RedisStateStore(StateStore):
             key.decode()[cut:] async for key in self._client.scan_iter(match=pattern, count=1000)
         }
         return sorted(found)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        return bool(await self._client.set(self._key(key), bytes(value), nx=True, px=_ttl_ms(ttl)))
+
+    async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
+        done = await self._extend_if_equal(keys=[self._key(key)], args=[bytes(value), _ttl_ms(ttl)])
+        return bool(done)
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        return bool(await self._delete_if_equal(keys=[self._key(key)], args=[bytes(value)]))
 
     async def ping(self) -> bool:
         try:

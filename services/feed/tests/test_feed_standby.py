@@ -1,0 +1,138 @@
+"""Feed replicas share one PumpPortal connection through a lease: the others stand by."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import WallClock
+from pumpflow.common.events import Event
+from pumpflow.common.lease import Lease
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import eventually
+from pumpflow.feed.service import LEASE_NAME, FeedService
+from pumpflow.feed.settings import FeedSettings
+from pumpflow.simulator import server as simulator
+from pumpflow.simulator.market import Market, MarketConfig
+
+TTL = 0.3
+
+
+async def start_replica(server, bus, store, replica: str, db=None) -> FeedService:
+    settings = FeedSettings(
+        pumpportal_ws_url=server.url,
+        feed_record=db is not None,
+        feed_backoff_initial_s=0.05,
+        feed_lease_ttl_s=TTL,
+        transport="memory",
+        replica=replica,
+    )
+    service = FeedService(settings)
+    ctx = ServiceContext(settings=settings, bus=bus, clock=WallClock(), store=store, db=db)
+    await service.start(ctx)
+    return service
+
+
+async def two_replicas(db=None):
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120.0)), speed=40.0
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    events: list[Event] = []
+
+    async def probe(event: Event) -> None:
+        events.append(event)
+
+    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=probe))
+    store = MemoryStateStore(WallClock())
+    first = await start_replica(server, bus, store, "one", db)
+    second = await start_replica(server, bus, store, "two", db)
+    return server, bus, store, events, first, second
+
+
+async def test_one_replica_connects_and_the_standby_takes_over_when_it_stops():
+    server, bus, _store, events, first, second = await two_replicas()
+    try:
+        assert first.role == "active" and second.role == "standby"
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        await eventually(lambda: sum(1 for e in events if e.type == "token.trade") >= 20)
+        # several renewals later the standby still has not connected
+        await asyncio.sleep(TTL * 2)
+        assert server.connections == 1 and server.counters["connections"] == 1
+        assert second.socket.sessions == 0
+        standby_status = await second.status()
+        assert standby_status["ready"] is True and standby_status["role"] == "standby"
+        assert (await first.status())["role"] == "active"
+        wanted = set(first.socket.active_mints)
+        assert wanted
+
+        await first.stop()  # releases the lease: no TTL to wait out
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 2)
+        assert second.role == "active"
+        assert server.counters["connections"] == 2
+        await eventually(lambda: server.connections == 1)
+        # it carries on with the mints the first one had subscribed
+        assert wanted <= second.socket.active_mints
+        await eventually(lambda: second.socket.pending_messages == 0)
+        mark = len(events)
+        await eventually(
+            lambda: any(e.key in wanted and e.type == "token.trade" for e in events[mark:])
+        )
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+async def test_a_holder_that_loses_its_lease_disconnects_at_once():
+    server, bus, store, _events, first, second = await two_replicas()
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        # someone else takes the lease (as after a long pause of the holder)
+        await store.delete_if_equal(
+            "lease:" + LEASE_NAME, first.lease.holder.encode()
+        )
+        thief = Lease(store, LEASE_NAME, "thief", 60.0, WallClock())
+        assert await thief.acquire()
+        await eventually(lambda: first.role == "standby" and not first.socket.is_connected)
+        await eventually(lambda: server.connections == 0)
+        assert second.role == "standby" and second.socket.sessions == 0
+        await thief.release()
+        await eventually(lambda: server.connections == 1)
+        assert server.counters["connections"] == 2
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+@pytest.mark.postgres
+async def test_take_over_continues_every_mints_seq_without_publishing_twice(pg_pool):
+    server, bus, _store, events, first, second = await two_replicas(db=pg_pool)
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        await eventually(lambda: sum(1 for e in events if e.type == "token.trade") >= 50)
+        await first.stop()
+        mark = len(events)
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 2)
+        await eventually(lambda: len(events) >= mark + 100)
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+    assert server.counters["connections"] == 2
+    by_mint: dict[str, list[int]] = {}
+    for event in events:
+        by_mint.setdefault(event.key, []).append(event.seq)
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in by_mint.values())
+    signatures = [(e.type, e.data.signature, e.data.txType) for e in events]
+    assert len(signatures) == len(set(signatures))
