@@ -67,6 +67,17 @@ def exit_order_event(mint: str, seq: int = 1) -> Event:
     return make_event(payload, source="exit/r1", time=time.time(), seq=seq)
 
 
+async def dead_letters_arriving(bus, service: str, within: float = 5.0) -> list:
+    """Take a service's dead letters once the first ones have arrived (RabbitMQ routes
+    them asynchronously); fail when none arrive in time."""
+    deadline = time.monotonic() + within
+    while not (letters := await bus.dead_letters(service)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no dead letter for {service} within {within:g} s")
+        await asyncio.sleep(0.02)
+    return letters
+
+
 def metric(name: str, service: str, event_type: str, lane: str) -> float:
     value = REGISTRY.get_sample_value(name, {"service": service, "type": event_type, "lane": lane})
     return value or 0.0
@@ -161,12 +172,7 @@ async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, servi
     await eventually(lambda: len(got.events) == 5)
     assert [e.seq for e in got.events] == [1, 2, 4, 5, 6]
     assert got.attempts[sent[2].id] == 2
-    letters = []
-    for _ in range(100):
-        letters += await bus.dead_letters(service)
-        if letters:
-            break
-        await asyncio.sleep(0.02)
+    letters = await dead_letters_arriving(bus, service)
     assert len(letters) == 1
     letter = letters[0]
     assert "RuntimeError: cannot handle seq 3" in letter.reason
@@ -180,12 +186,7 @@ async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, servi
 
 async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
     await bus.dead_letter(b"{not json", service=service, reason="bad frame", event_type="raw")
-    letters = []
-    for _ in range(100):
-        letters += await bus.dead_letters(service)
-        if letters:
-            break
-        await asyncio.sleep(0.02)
+    letters = await dead_letters_arriving(bus, service)
     assert [(d.body, d.reason, d.event_type) for d in letters] == [
         (b"{not json", "bad frame", "raw")
     ]
@@ -379,12 +380,7 @@ async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, serv
             await exchange.publish(aio_pika.Message(b'{"id": 1}'), "token.trade.v1.p00")
         await bus.publish(trade_event("mintM", 1))
         await eventually(lambda: len(got.events) == 1)
-        letters = []
-        for _ in range(100):
-            letters += await bus.dead_letters(service)
-            if letters:
-                break
-            await asyncio.sleep(0.02)
+        letters = await dead_letters_arriving(bus, service)
         assert len(letters) == 1
         assert letters[0].body == b'{"id": 1}'
         assert letters[0].reason.startswith("malformed:")
@@ -417,12 +413,7 @@ async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url
         await bus.publish(trade_event("mintF", 2))
         await eventually(lambda: len(got.events) == 1)
         assert await bus.drain(5.0)
-        letters = []
-        for _ in range(100):
-            letters += await bus.dead_letters(service)
-            if letters:
-                break
-            await asyncio.sleep(0.02)
+        letters = await dead_letters_arriving(bus, service)
         assert [decode_event(d.body).id for d in letters] == [poison.id]
         assert letters[0].reason.startswith("broker: rejected")
     finally:
