@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from features_helpers import Collector, market_events
 
-from pumpflow.common.activity import Priority
+from pumpflow.common.priority import Priority
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock

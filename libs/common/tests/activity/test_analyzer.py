@@ -13,7 +13,6 @@ from pumpflow.common.activity import (
     ActivityAnalyzer,
     ActivityMetrics,
     LifecycleThresholds,
-    Priority,
     Transition,
 )
 from pumpflow.common.clock import ReplayClock

@@ -54,13 +54,13 @@ from pumpflow.common.activity import (
     ACTIVE,
     INACTIVE,
     ActivityAnalyzer,
-    Priority,
     TokenSnapshot,
     Transition,
 )
 from pumpflow.common.activity.lifecycle import STATES
 from pumpflow.common.activity.metrics import FeatureActivityMetrics
 from pumpflow.common.bus import Sequencer, Subscription, partition_of
+from pumpflow.common.priority import Priority
 from pumpflow.common.events import (
     Event,
     FeedSubscription,

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from pumpflow.common.activity import Priority
+from pumpflow.common.priority import Priority
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.routing import partition_of

@@ -10,7 +10,6 @@ from pumpflow.common.activity.lifecycle import (
     ActivityChange,
     ActivityMetrics,
     LifecycleThresholds,
-    Priority,
     Transition,
 )
 
@@ -24,7 +23,6 @@ __all__ = [
     "ActivityChange",
     "ActivityMetrics",
     "LifecycleThresholds",
-    "Priority",
     "TokenActivity",
     "TokenSnapshot",
     "Transition",

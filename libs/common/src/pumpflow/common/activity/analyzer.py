@@ -33,13 +33,13 @@ from pumpflow.common.activity.lifecycle import (
     ActivityChange,
     ActivityMetrics,
     LifecycleThresholds,
-    Priority,
     Transition,
     event_rule,
     next_deadline,
     time_rule,
 )
 from pumpflow.common.clock import Clock, TimerHandle
+from pumpflow.common.priority import Priority
 from pumpflow.common.events import LifecycleState
 
 TransitionCallback = Callable[[Transition], None]

@@ -50,7 +50,6 @@ Threshold defaults, from /work/shared/reference/pumpfun.md (section 4):
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import get_args
 
@@ -66,16 +65,6 @@ GRADUATED: LifecycleState = "graduated"
 STATES: tuple[LifecycleState, ...] = get_args(LifecycleState)
 #: states in which the token is still watched (subscribed at the feed)
 WATCHED_STATES: frozenset[str] = frozenset({NEW, ACTIVE, DECLINING})
-
-
-class Priority(enum.IntEnum):
-    """Recommended processing priority of a token; higher is more important."""
-
-    IDLE = 0
-    LOW = 1
-    NORMAL = 2
-    HIGH = 3
-    URGENT = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,89 @@
+"""Per-key processors: the pure domain half of a stateful service.
+
+A processor says what one event, or one timer, does to the state of one key (a mint)
+and what follows from it; :class:`~pumpflow.common.consumer.KeyedStatefulConsumer`
+(infrastructure) does the rest: per-key order on the worker pool, dedup against the
+stored tracking record, group commit of state, tracking record and outbox in one
+write, per-key seq of what is published, restore and drop as partitions move, timers
+on the owner only, and a TTL when a key retires.
+
+A processor never touches a bus, a store or a clock of its own. What it wants done
+it asks of :class:`Effects`, which the consumer carries out after the state is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from pumpflow.common.events import Event, Payload
+
+S = TypeVar("S")
+
+
+class InvalidInput(ValueError):
+    """An event the processor cannot apply; the consumer dead-letters it with this reason.
+
+    The key's state stays as it was and the event's seq counts as applied, so the
+    stream of the key goes on.
+    """
+
+
+class StaleState(ValueError):
+    """Stored state this processor cannot read (another feature-set version, say).
+
+    The consumer starts the key from :meth:`KeyedProcessor.initial` and keeps its
+    tracking record, so seqs go on where they were.
+    """
+
+
+class Effects(Protocol):
+    """What an apply or a fire may ask for; carried out once the state is stored."""
+
+    @property
+    def key(self) -> str:
+        """The key being processed."""
+
+    @property
+    def now(self) -> float:
+        """The consumer's clock time (event time is on the event)."""
+
+    def emit(self, payload: Payload, *, time: float) -> None:
+        """Publish ``payload`` keyed by this key, with the key's next seq, after storing."""
+
+    def set_timer(self, at: float) -> None:
+        """Call :meth:`KeyedProcessor.fire` for this key at clock time ``at``.
+
+        One timer per key: a new one replaces the last. Timers are stored with the
+        state and run only on the replica that owns the key's partition.
+        """
+
+    def cancel_timer(self) -> None:
+        """Drop this key's timer."""
+
+    def set_priority(self, priority: int) -> None:
+        """Run this key's work at ``priority`` from now on (higher first)."""
+
+    def retire(self, ttl_s: float) -> None:
+        """Drop the key from memory once stored; its record expires after ``ttl_s``.
+
+        An event for the key within that time loads the record again.
+        """
+
+
+class KeyedProcessor(Protocol[S]):
+    """Pure per-key logic run by the keyed stateful consumer."""
+
+    def initial(self, key: str) -> S:
+        """State of a key never seen before."""
+
+    def apply(self, state: S, event: Event, effects: Effects) -> S:
+        """Apply ``event`` to the key's state; return the state (the same object or new)."""
+
+    def fire(self, state: S, effects: Effects) -> S:
+        """The key's timer fired; return the state."""
+
+    def encode(self, state: S) -> bytes:
+        """State as bytes for the store."""
+
+    def decode(self, raw: bytes) -> S:
+        """State from :meth:`encode` bytes; raise :class:`StaleState` if it cannot be read."""
