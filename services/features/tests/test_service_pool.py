@@ -8,12 +8,12 @@ from collections import Counter
 import pytest
 from features_helpers import Collector, market_events
 
-from pumpflow.common.priority import Priority
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import TokenLifecycle, make_event
 from pumpflow.common.features import FeatureCache, FeatureManager
+from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.features.service import STATE_KEY, FeaturesService, FeaturesSettings

@@ -60,7 +60,6 @@ from pumpflow.common.activity import (
 from pumpflow.common.activity.lifecycle import STATES
 from pumpflow.common.activity.metrics import FeatureActivityMetrics
 from pumpflow.common.bus import Sequencer, Subscription, partition_of
-from pumpflow.common.priority import Priority
 from pumpflow.common.events import (
     Event,
     FeedSubscription,
@@ -68,6 +67,7 @@ from pumpflow.common.events import (
     TokenLifecycle,
     make_event,
 )
+from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.workers import TokenMonitorThreadPool, WorkerPoolConfig
 

@@ -39,8 +39,8 @@ from pumpflow.common.activity.lifecycle import (
     time_rule,
 )
 from pumpflow.common.clock import Clock, TimerHandle
-from pumpflow.common.priority import Priority
 from pumpflow.common.events import LifecycleState
+from pumpflow.common.priority import Priority
 
 TransitionCallback = Callable[[Transition], None]
 RetireCallback = Callable[[str, LifecycleState], None]
