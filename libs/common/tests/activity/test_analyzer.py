@@ -16,6 +16,7 @@ from pumpflow.common.activity import (
     Transition,
 )
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.priority import Priority
 
 TH = LifecycleThresholds()
 MINT = "Mint1111111111111111111111111111111111pump"
