@@ -9,7 +9,7 @@ import pytest
 
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.lease import Lease
-from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.abc import StateStore, WriteBatch
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 
@@ -334,3 +334,26 @@ async def test_redis_ping_is_false_when_the_server_is_unreachable(namespace):
         assert await store.ping() is False
     finally:
         await store.close()
+
+
+async def test_write_stores_values_hashes_and_expiries_together(harness):
+    store = harness.store
+    await store.set_many({"retiring": b"x"})
+    await store.hset_many({"kept": {"a": 1}}, ttl=SHORT_TTL)
+    batch = WriteBatch()
+    batch.set("v", b"1")
+    batch.set("short", b"2", ttl=SHORT_TTL)
+    batch.hset("h", {"f": 1.5, "g": b"\x00"})
+    batch.hset("kept", {"b": "2"})
+    batch.expire("retiring", SHORT_TTL)
+    batch.expire("kept", None)
+    batch.expire("missing", SHORT_TTL)
+    assert batch
+    await store.write(batch)
+    assert await store.get_many(["v", "short", "retiring"]) == [b"1", b"2", b"x"]
+    assert await store.hgetall("h") == {"f": b"1.5", "g": b"\x00"}
+    assert await store.hgetall("kept") == {"a": b"1", "b": b"2"}
+    await harness.let_short_ttls_expire()
+    assert await store.get_many(["v", "short", "retiring", "missing"]) == [b"1", None, None, None]
+    assert await store.hgetall("kept") == {"a": b"1", "b": b"2"}
+    await store.write(WriteBatch())  # empty: nothing to do

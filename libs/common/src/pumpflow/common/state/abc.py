@@ -8,8 +8,34 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 HashValue = bytes | str | int | float
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Values, hash fields and expiries that :meth:`StateStore.write` stores all or none of.
+
+    Expiries apply after the values and hashes; ``None`` removes a key's TTL.
+    """
+
+    #: key -> (value, TTL or None)
+    values: dict[str, tuple[bytes, float | None]] = field(default_factory=dict)
+    hashes: dict[str, dict[str, HashValue]] = field(default_factory=dict)
+    expiries: dict[str, float | None] = field(default_factory=dict)
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.values[key] = (value, ttl)
+
+    def hset(self, key: str, fields: Mapping[str, HashValue]) -> None:
+        self.hashes.setdefault(key, {}).update(fields)
+
+    def expire(self, key: str, ttl: float | None) -> None:
+        self.expiries[key] = ttl
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.hashes or self.expiries)
 
 
 class StateStore(ABC):
@@ -32,6 +58,10 @@ class StateStore(ABC):
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
         """Set fields of several hashes in one round trip; TTL None keeps the key's TTL."""
+
+    @abstractmethod
+    async def write(self, batch: WriteBatch) -> None:
+        """Store ``batch`` atomically, in one round trip: a reader sees all of it or none."""
 
     @abstractmethod
     async def hgetall(self, key: str) -> dict[str, bytes]:

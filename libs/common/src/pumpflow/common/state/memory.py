@@ -6,7 +6,7 @@ import heapq
 from collections.abc import Iterable, Mapping
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.state.abc import HashValue, StateStore
+from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
 
 
 def _as_bytes(value: HashValue) -> bytes:
@@ -84,6 +84,24 @@ class MemoryStateStore(StateStore):
                 self._values[key] = current
             current.update({name: _as_bytes(v) for name, v in fields.items()})
             if ttl is not None:
+                self._set_ttl(key, ttl)
+
+    async def write(self, batch: WriteBatch) -> None:
+        # no await inside: atomic on the event loop
+        self._purge()
+        values = self._values
+        for key, (value, ttl) in batch.values.items():
+            values[key] = bytes(value)
+            self._set_ttl(key, ttl)
+        for key, fields in batch.hashes.items():
+            if not fields:
+                continue
+            current = values.get(key) if self._alive(key) else None
+            if not isinstance(current, dict):
+                current = values[key] = {}
+            current.update({name: _as_bytes(v) for name, v in fields.items()})
+        for key, ttl in batch.expiries.items():
+            if self._alive(key):
                 self._set_ttl(key, ttl)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import redis.asyncio as redis
 
-from pumpflow.common.state.abc import HashValue, StateStore
+from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
 
 _GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
 
@@ -90,6 +90,28 @@ class RedisStateStore(StateStore):
                 pipe.hset(full, mapping={k: _field_value(v) for k, v in fields.items()})
                 if ttl is not None:
                     pipe.pexpire(full, _ttl_ms(ttl))
+            await pipe.execute()
+
+    async def write(self, batch: WriteBatch) -> None:
+        if not batch:
+            return
+        # MULTI/EXEC: another client never sees half a batch
+        async with self._client.pipeline(transaction=True) as pipe:
+            for key, (value, ttl) in batch.values.items():
+                if ttl is None:
+                    pipe.set(self._key(key), bytes(value))
+                else:
+                    pipe.set(self._key(key), bytes(value), px=_ttl_ms(ttl))
+            for key, fields in batch.hashes.items():
+                if fields:
+                    pipe.hset(
+                        self._key(key), mapping={k: _field_value(v) for k, v in fields.items()}
+                    )
+            for key, ttl in batch.expiries.items():
+                if ttl is None:
+                    pipe.persist(self._key(key))
+                else:
+                    pipe.pexpire(self._key(key), _ttl_ms(ttl))
             await pipe.execute()
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
