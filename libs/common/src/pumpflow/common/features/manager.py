@@ -79,6 +79,16 @@ class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.values, strict=True))
 
+    def fields(self) -> dict[str, float | int | str]:
+        """The vector as the fields of its store hash: one per feature plus META_FIELDS."""
+        fields: dict[str, float | int | str] = dict(zip(self.names, self.values, strict=True))
+        fields["version"] = self.version
+        fields["seq"] = self.seq
+        fields["out_seq"] = self.out_seq
+        fields["time"] = self.time
+        fields["updated_at"] = self.updated_at
+        return fields
+
 
 #: fields of a cached features hash that are not feature values
 META_FIELDS = ("version", "seq", "out_seq", "time", "updated_at")
@@ -148,13 +158,7 @@ class FeatureCache:
         self._remember(vector)
         if not write_through or self._store is None:
             return
-        fields: dict[str, HashValue] = dict(zip(vector.names, vector.values, strict=True))
-        fields["version"] = vector.version
-        fields["seq"] = vector.seq
-        fields["out_seq"] = vector.out_seq
-        fields["time"] = vector.time
-        fields["updated_at"] = vector.updated_at
-        items = {self._prefix + vector.mint: fields}
+        items: dict[str, Mapping[str, HashValue]] = {self._prefix + vector.mint: vector.fields()}
         if extra:
             items.update(extra)
         if self._write is not None:
