@@ -139,6 +139,7 @@ def exported_metrics() -> set[str]:
     """Every series name the code exports, suffixes of counters and histograms included."""
     from prometheus_client import REGISTRY, CollectorRegistry
 
+    from pumpflow.common.consumer.metrics import ConsumerMetrics
     from pumpflow.common.workers import TokenMonitorThreadPool
     from pumpflow.feed.metrics import FeedMetrics
 
@@ -151,10 +152,11 @@ def exported_metrics() -> set[str]:
         "pumpflow.activity.service",
     ):
         importlib.import_module(module)
-    # the feed's and the worker pools' metrics are created per registry
+    # the feed's, the worker pools' and the keyed consumers' metrics are created per registry
     private = CollectorRegistry()
     FeedMetrics(registry=private)
     TokenMonitorThreadPool(registry=private)
+    ConsumerMetrics("deploy-check", registry=private)
 
     exported = set()
     for registry in (REGISTRY, private):
@@ -195,6 +197,8 @@ def test_the_bus_dashboard_plots_the_bus():
         "pumpflow_handler_seconds_bucket",
         "pumpflow_event_age_seconds_bucket",
         "pumpflow_events_dead_lettered_total",
+        "pumpflow_consumer_duplicates_total",
+        "pumpflow_consumer_gaps_total",
         "pumpflow_service_info",
     } <= dashboard_metrics(dashboard)
 

@@ -47,7 +47,7 @@ class Cluster:
         await self.bus.subscribe(
             Subscription(
                 service="probe", patterns=("token.lifecycle", "feed.subscription"),
-                handler=collect, deduplicate=False,
+                handler=collect,
             )
         )  # fmt: skip
 

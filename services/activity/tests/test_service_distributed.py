@@ -66,7 +66,7 @@ async def test_replica_hand_over_over_rabbitmq_and_redis(
         await feed.subscribe(
             Subscription(
                 service="probe", patterns=("token.lifecycle", "feed.subscription"),
-                handler=collect, deduplicate=False,
+                handler=collect,
             )
         )
         first, bus_a = await replica("activity/a")
@@ -167,7 +167,7 @@ async def test_two_balanced_replicas_publish_each_transition_once(
         await feed.subscribe(
             Subscription(
                 service="probe", patterns=("token.lifecycle", "feed.subscription"),
-                handler=collect, deduplicate=False,
+                handler=collect,
             )
         )  # fmt: skip
         a, bus_a = await replica("a")

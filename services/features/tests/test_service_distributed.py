@@ -53,7 +53,6 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
                 service="collector",
                 patterns=("features.updated",),
                 handler=collect,
-                deduplicate=False,
             )
         )
         store_a = RedisStateStore(url=redis_url, namespace=namespace)

@@ -8,7 +8,16 @@ from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import TokenMigrated, make_event
 
 
-async def test_a_dead_lettered_event_counts_as_done_only_once_its_letter_is_stored():
+def migrated(seq: int):
+    return make_event(
+        TokenMigrated(signature=f"s{seq}", mint="m1", txType="migrate", pool="pump-amm"),
+        source="feed/r1",
+        time=1.0,
+        seq=seq,
+    )
+
+
+async def test_a_failing_handler_is_retried_then_given_a_dead_letter_reason():
     calls: list[int] = []
 
     async def failing(event) -> None:
@@ -16,20 +25,26 @@ async def test_a_dead_lettered_event_counts_as_done_only_once_its_letter_is_stor
         raise RuntimeError("cannot")
 
     subscription = Subscription(
-        service="svc", patterns=("token.*",), handler=failing, max_attempts=1
+        service="svc", patterns=("token.*",), handler=failing, max_attempts=3
     )
+    dispatcher = Dispatcher(
+        service="svc", lane="partition", event_log=EventLog("none"), retry_backoff=0.0
+    )
+    reason = await dispatcher.dispatch(migrated(1), subscription)
+    assert reason == "handler failed 3 times: RuntimeError: cannot"
+    assert calls == [1, 1, 1]
+
+
+async def test_the_dispatcher_keeps_no_memory_of_keys():
+    """Redeliveries and old seqs reach the handler: dropping them is the consumer's job."""
+    calls: list[int] = []
+
+    async def handler(event) -> None:
+        calls.append(event.seq)
+
+    subscription = Subscription(service="svc", patterns=("token.*",), handler=handler)
     dispatcher = Dispatcher(service="svc", lane="partition", event_log=EventLog("none"))
-    event = make_event(
-        TokenMigrated(signature="s", mint="m1", txType="migrate", pool="pump-amm"),
-        source="feed/r1",
-        time=1.0,
-        seq=1,
-    )
-    assert await dispatcher.dispatch(event, subscription) is not None
-    # the dead letter was never stored (a lost write): the redelivery is not a duplicate
-    assert await dispatcher.dispatch(event, subscription) is not None
-    assert calls == [1, 1]
-    dispatcher.settled(event, subscription)
-    # stored now: a further redelivery is dropped as a duplicate, the handler not run
-    assert await dispatcher.dispatch(event, subscription) is None
-    assert calls == [1, 1]
+    event = migrated(2)
+    for delivered in (event, event, migrated(1)):
+        assert await dispatcher.dispatch(delivered, subscription) is None
+    assert calls == [2, 2, 1]

@@ -15,7 +15,7 @@ from pumpflow.common.bus.abc import (
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.factory import create_bus
-from pumpflow.common.bus.idempotency import SeqTracker, Sequencer, Verdict
+from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.routing import (
     DEFAULT_PARTITIONS,
@@ -37,10 +37,8 @@ __all__ = [
     "Handler",
     "InMemoryBus",
     "RabbitMQBus",
-    "SeqTracker",
     "Sequencer",
     "Subscription",
-    "Verdict",
     "create_bus",
     "partition_of",
     "resolve_types",

@@ -10,8 +10,9 @@ Delivery contract, the same for every transport (held by the shared contract tes
 - The handler's return is the acknowledgement: a message is acked only after the
   handler returned. A handler that raises is retried up to ``max_attempts`` times,
   then the message is dead-lettered with the reason; the stream goes on.
-- Duplicates (an event whose seq is not above the last seen for its publisher and
-  key) are dropped and counted; gaps are logged and counted, then processed.
+- Delivery is at least once: a redelivery after a crash or a publisher's retry
+  reaches the handler again. Consumers drop duplicates by the per-key ``seq`` they
+  store with their state (``pumpflow.common.consumer``).
 - Ownership hook: a subscription's optional ``on_assigned(partitions)`` is awaited
   before the first delivery of those partitions, ``on_revoked(partitions)`` after
   their handlers in flight returned and before another replica may take them. A
@@ -49,8 +50,6 @@ class Subscription:
     partitions: tuple[int, ...] | None = None
     #: attempts before a failing message is dead-lettered
     max_attempts: int = 3
-    #: drop duplicates by (publisher, key, seq)
-    deduplicate: bool = True
     #: awaited with partitions this replica is about to consume (restore their state)
     on_assigned: PartitionsCallback | None = None
     #: awaited with partitions it stopped consuming, before they move on (drop state)

@@ -1,5 +1,5 @@
 """Logic both transports share: publish validation and lane planning, and the consume
-side of a lane (dedup, retries, metrics, event log, dead-letter decision)."""
+side of a lane (retries, metrics, event log, dead-letter decision)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from time import perf_counter
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.bus.idempotency import SeqTracker, Verdict
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import resolve_types
 from pumpflow.common.events import (
@@ -19,7 +18,6 @@ from pumpflow.common.events import (
     EventValidationError,
     Payload,
     registered,
-    source_service,
 )
 
 log = logging.getLogger(__name__)
@@ -31,18 +29,6 @@ BROADCAST = "broadcast"
 INPUT = "input"
 
 _schemas: dict[tuple[str, int], type[Payload]] = {}
-#: event source -> publisher service, the scope of seq numbers
-_publishers: dict[str, str] = {}
-
-
-def _scope(event: Event, subscription: Subscription) -> tuple[str, str] | None:
-    """The dedup scope of an event (publishing service, key), or None when not tracked."""
-    if not subscription.deduplicate or event.seq is None or event.key is None:
-        return None
-    publisher = _publishers.get(event.source)
-    if publisher is None:
-        publisher = _publishers[event.source] = source_service(event.source)
-    return (publisher, event.key)
 
 
 def check_publishable(event: Event) -> type[Payload]:
@@ -103,13 +89,14 @@ def publish_lane(schema: type[Payload], *, keyless: bool) -> str:
 class Dispatcher:
     """The consume side of one lane of one service.
 
-    Drops duplicates and counts gaps (a :class:`SeqTracker` per lane), runs the
-    handler with retries, records metrics and the event log, and decides when a
-    message is dead-lettered: :meth:`dispatch` returns the reason, the transport
-    stores the message. Either way the message is done and may be acked.
+    Runs the handler with retries, records metrics and the event log, and decides
+    when a message is dead-lettered: :meth:`dispatch` returns the reason, the
+    transport stores the message. Either way the message is done and may be acked.
+    Duplicates are the consumer's to drop (it stores the last applied seq with its
+    state); the bus delivers at least once.
     """
 
-    __slots__ = ("_event_log", "_series", "lane", "retry_backoff", "service", "tracker")
+    __slots__ = ("_event_log", "_series", "lane", "retry_backoff", "service")
 
     def __init__(
         self, *, service: str, lane: str, event_log: EventLog, retry_backoff: float = 0.05
@@ -117,7 +104,6 @@ class Dispatcher:
         self.service = service
         self.lane = lane
         self.retry_backoff = retry_backoff
-        self.tracker = SeqTracker()
         self._event_log = event_log
         self._series: dict[str, Series] = {}
 
@@ -131,29 +117,6 @@ class Dispatcher:
         """Deliver ``event`` to the subscription's handler; return a dead-letter reason or None."""
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
-        outcome = "handled"
-        scope = _scope(event, subscription)
-        if scope is not None:
-            verdict = self.tracker.check_at(scope, event.seq)
-            if verdict is not Verdict.NEW:
-                if verdict is Verdict.DUPLICATE:
-                    stats.duplicates += 1
-                    if event_log.enabled:
-                        event_log.consumed(
-                            event, service=self.service, lane=self.lane, outcome="duplicate"
-                        )
-                    return None
-                stats.gaps += 1
-                outcome = "gap"
-                log.warning(
-                    "seq gap: %s got %s key=%s seq=%s from %s, last applied %s",
-                    self.service,
-                    event.type,
-                    event.key,
-                    event.seq,
-                    event.source,
-                    self.tracker.last(*scope),
-                )
         stats.age.observe(time.time() - event.time)
         attempts = subscription.max_attempts if subscription.max_attempts > 1 else 1
         for attempt in range(1, attempts + 1):
@@ -176,27 +139,14 @@ class Dispatcher:
                 continue
             stats.handler.observe(perf_counter() - started)
             stats.consumed += 1
-            if scope is not None:
-                self.tracker.commit_at(scope, event.seq)
             if event_log.enabled:
-                event_log.consumed(event, service=self.service, lane=self.lane, outcome=outcome)
+                event_log.consumed(event, service=self.service, lane=self.lane, outcome="handled")
             return None
-        # not committed yet: the transport calls settled() once the dead letter is
-        # stored, so a redelivery after a lost write is dead-lettered, not dropped
         reason = f"handler failed {attempts} times: {type(failure).__name__}: {failure}"
         record_dead_letter(self.service, event.type, self.lane)
         event_log.consumed(event, service=self.service, lane=self.lane, outcome="dead-lettered")
         log.error("%s dead-lettered %s id=%s: %s", self.service, event.type, event.id, reason)
         return reason
-
-    def settled(self, event: Event, subscription: Subscription) -> None:
-        """Record a dead-lettered event as done, once its dead letter is stored.
-
-        A redelivery of it is then a duplicate; before, it is dead-lettered again.
-        """
-        scope = _scope(event, subscription)
-        if scope is not None:
-            self.tracker.commit_at(scope, event.seq)
 
     def malformed(self, error: EventValidationError, event_type: str | None) -> str:
         """Account for a message that does not decode; return the dead-letter reason."""

@@ -54,7 +54,7 @@ class EventLog:
             self._log("published", event, routing_key=routing_key)
 
     def consumed(self, event: Event, *, service: str, lane: str, outcome: str) -> None:
-        """Log one delivery; ``outcome``: handled, duplicate, gap, dead-lettered."""
+        """Log one delivery; ``outcome``: handled, dead-lettered."""
         if self.enabled and self.selected(event):
             self._log("consumed", event, service=service, lane=lane, outcome=outcome)
 

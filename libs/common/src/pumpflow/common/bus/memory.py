@@ -351,7 +351,6 @@ class InMemoryBus(EventBus):
                     reason = await lane.dispatcher.dispatch(event, consumer.subscription)
                     if reason is not None:
                         self._store_dead(_dead_letter(lane, event, reason))
-                        lane.dispatcher.settled(event, consumer.subscription)
                 else:
                     self._enqueue(lane, event)
 
@@ -394,7 +393,6 @@ class InMemoryBus(EventBus):
             lane.idle.set()
         if reason is not None:
             self._store_dead(_dead_letter(lane, event, reason))
-            lane.dispatcher.settled(event, replica.subscription)
 
     async def _work(self, lane: _Lane) -> None:
         while True:

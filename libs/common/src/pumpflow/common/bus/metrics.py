@@ -61,14 +61,12 @@ class Histogram:
 class Series:
     """Every bus metric of one (service, type, lane)."""
 
-    __slots__ = ("age", "consumed", "dead_lettered", "duplicates", "gaps", "handler", "published")
+    __slots__ = ("age", "consumed", "dead_lettered", "handler", "published")
 
     def __init__(self) -> None:
         self.published = 0
         self.consumed = 0
         self.dead_lettered = 0
-        self.duplicates = 0
-        self.gaps = 0
         self.handler = Histogram(HANDLER_BUCKETS)
         self.age = Histogram(AGE_BUCKETS)
 
@@ -77,8 +75,6 @@ _COUNTERS = (
     ("pumpflow_events_published", "published", "Events published to the bus."),
     ("pumpflow_events_consumed", "consumed", "Events handled successfully."),
     ("pumpflow_events_dead_lettered", "dead_lettered", "Messages dead-lettered with a reason."),
-    ("pumpflow_events_duplicate", "duplicates", "Duplicate events dropped by seq."),
-    ("pumpflow_events_gap", "gaps", "Events that followed a gap in their key's seq."),
 )
 _HISTOGRAMS = (
     ("pumpflow_handler_seconds", "handler", "Time a handler took for one event."),

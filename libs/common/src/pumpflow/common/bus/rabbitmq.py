@@ -82,7 +82,7 @@ REASON_HEADER = "x-pumpflow-reason"
 ACK_BATCH = 64
 #: confirms outstanding at once in publish_many
 PUBLISH_WINDOW = 128
-#: publish attempts across a reconnection (a retry may duplicate; consumers dedupe)
+#: publish attempts across a reconnection (a retry may duplicate; consumers drop it by seq)
 PUBLISH_ATTEMPTS = 3
 _MAX_REASON = 2000
 #: how long handled messages may wait for more to share their ack frame; a partition
@@ -642,7 +642,6 @@ class RabbitMQBus(EventBus):
                 key=event.key,
                 extra={"x-pumpflow-queue": consumer.queue_name, "x-pumpflow-lane": dispatcher.lane},
             )
-            dispatcher.settled(event, consumer.subscription)
 
     # ---------------------------------------------------------------- dead letters
 
