@@ -12,10 +12,11 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import TokenLifecycle, make_event
-from pumpflow.common.features import FeatureCache, FeatureManager
+from pumpflow.common.features import FeatureManager
 from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.state.feature_cache import FeatureCache
 from pumpflow.features.service import STATE_KEY, FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")

@@ -11,12 +11,12 @@ import pytest
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.features import (
     EventHistoryManager,
-    FeatureCache,
     FeatureManager,
     FeatureVector,
     HistoryConfig,
 )
 from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.state.feature_cache import FeatureCache
 
 _spec = importlib.util.spec_from_file_location(
     "paths_equal", pathlib.Path(__file__).with_name("test_paths_equal.py")
@@ -77,8 +77,6 @@ async def test_feature_cache_is_a_bounded_lru_over_the_store():
     assert await cache.get("m0", version="v2") is None
     await cache.clear()
     assert len(cache) == 0
-    manager = FeatureManager(cache=FeatureCache(store))
-    assert await manager.get_cached_features("m1") is None  # another feature-set version
 
 
 def test_history_range_queries_and_bounds():

@@ -37,11 +37,12 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.events import Event, FeaturesUpdated, encode_event, make_event
-from pumpflow.common.features import FeatureCache, FeatureManager, FeatureVector, event_input
+from pumpflow.common.features import FeatureManager, FeatureVector, event_input
 from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.state.abc import HashValue, StateStore
+from pumpflow.common.state.feature_cache import FeatureCache
 from pumpflow.common.workers import TokenMonitorThreadPool, WorkerPoolConfig
 
 log = logging.getLogger("pumpflow.features")

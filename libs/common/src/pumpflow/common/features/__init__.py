@@ -13,12 +13,11 @@ from pumpflow.common.features.definitions import (
 )
 from pumpflow.common.features.history import EventHistoryManager, HistoryConfig
 from pumpflow.common.features.inputs import TradeInput, event_input, sol_amount_of, trade_input
-from pumpflow.common.features.manager import FeatureCache, FeatureManager, FeatureVector
+from pumpflow.common.features.manager import FeatureManager, FeatureVector
 from pumpflow.common.features.state import Layout, TokenState
 
 __all__ = [
     "EventHistoryManager",
-    "FeatureCache",
     "FeatureDef",
     "FeatureDefinitionError",
     "FeatureManager",

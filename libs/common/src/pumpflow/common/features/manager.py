@@ -28,17 +28,14 @@ trade or read, exactly as they were.
 Batch path: ``manager.compute_batch(TradeHistory.from_events(events))`` returns an
 (n_trades x n_features) array whose row i equals ``generate_features`` after trade i.
 
-Caching: :class:`FeatureCache` is a bounded LRU in front of a StateStore, which holds
-each token's latest vector as the hash ``features:<mint>`` (feature values, version,
-seq, out_seq, time, updated_at); ``await manager.cache_features(vector)`` /
-``await manager.get_cached_features(mint)`` (current feature-set version only).
+Caching is infrastructure: :class:`~pumpflow.common.state.feature_cache.FeatureCache`
+keeps each token's latest vector (``FeatureVector.fields()`` is its store hash).
 """
 
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 import numpy as np
@@ -57,7 +54,6 @@ from pumpflow.common.features.definitions import (
 )
 from pumpflow.common.features.inputs import TradeInput, trade_input
 from pumpflow.common.features.state import Layout, TokenState, decode_snapshot, encode_snapshot
-from pumpflow.common.state.abc import HashValue, StateStore
 
 
 class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,128 +88,6 @@ class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
 
 #: fields of a cached features hash that are not feature values
 META_FIELDS = ("version", "seq", "out_seq", "time", "updated_at")
-
-Write = Callable[[Mapping[str, Mapping[str, HashValue]]], Awaitable[None]]
-
-
-class FeatureCache:
-    """Bounded in-process LRU of feature vectors in front of a StateStore (optional).
-
-    In the store a vector is the hash ``<prefix><mint>``: one field per feature plus
-    :data:`META_FIELDS` (version, seq, out_seq, time, updated_at). ``add`` writes it
-    through, in one ``hset_many`` with any other hashes given (a checkpoint); ``write``
-    replaces the store's ``hset_many`` (a group commit coalescing concurrent adds).
-    ``get`` reads the LRU first, then the store, and checks the feature-set version.
-
-    ``keep_reads=False`` keeps only what this process added in memory: a replica
-    serving reads for tokens another replica updates (or whose keys expire) must not
-    answer from a copy of the store it took earlier.
-    """
-
-    def __init__(
-        self,
-        store: StateStore | None = None,
-        *,
-        max_entries: int = 10_000,
-        prefix: str = "features:",
-        ttl: float | None = None,
-        write: Write | None = None,
-        keep_reads: bool = True,
-    ):
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
-        self._store = store
-        self._max = max_entries
-        self._prefix = prefix
-        self._ttl = ttl
-        self._write = write
-        self._keep_reads = keep_reads
-        self._lru: OrderedDict[str, FeatureVector] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    def __contains__(self, mint: str) -> bool:
-        return mint in self._lru
-
-    def key(self, mint: str) -> str:
-        """The store key of ``mint``'s hash."""
-        return self._prefix + mint
-
-    def _remember(self, vector: FeatureVector) -> None:
-        lru = self._lru
-        lru[vector.mint] = vector
-        lru.move_to_end(vector.mint)
-        if len(lru) > self._max:
-            lru.popitem(last=False)
-
-    async def add(
-        self,
-        vector: FeatureVector,
-        *,
-        write_through: bool = True,
-        extra: Mapping[str, Mapping[str, HashValue]] | None = None,
-    ) -> None:
-        """Cache ``vector``; write it (and the ``extra`` hashes) to the store in one call."""
-        self._remember(vector)
-        if not write_through or self._store is None:
-            return
-        items: dict[str, Mapping[str, HashValue]] = {self._prefix + vector.mint: vector.fields()}
-        if extra:
-            items.update(extra)
-        if self._write is not None:
-            await self._write(items)
-        else:
-            await self._store.hset_many(items, self._ttl)
-
-    async def get(self, mint: str, *, version: str | None = None) -> FeatureVector | None:
-        """The cached vector of ``mint``; None if missing or of another version."""
-        vector = self._lru.get(mint)
-        if vector is not None:
-            self._lru.move_to_end(mint)
-        elif self._store is not None:
-            vector = _decode_hash(mint, await self._store.hgetall(self._prefix + mint))
-            if vector is not None and self._keep_reads:
-                self._remember(vector)
-        if vector is not None and version is not None and vector.version != version:
-            return None
-        return vector
-
-    async def expire(self, mint: str, ttl: float | None, *, also: Iterable[str] = ()) -> None:
-        """Set (None: remove) the TTL of ``mint``'s hash and of the keys ``also``.
-
-        With a TTL the vector leaves memory, so reads follow the store's expiry.
-        """
-        if ttl is not None:
-            self._lru.pop(mint, None)
-        if self._store is not None:
-            await self._store.expire_many([self._prefix + mint, *also], ttl)
-
-    async def clear(self, mint: str | None = None, *, from_store: bool = False) -> None:
-        """Forget one mint (or everything in memory); optionally delete from the store."""
-        if mint is None:
-            self._lru.clear()
-            return
-        self._lru.pop(mint, None)
-        if from_store and self._store is not None:
-            await self._store.delete_many([self._prefix + mint])
-
-
-def _decode_hash(mint: str, stored: Mapping[str, bytes]) -> FeatureVector | None:
-    if not stored:
-        return None
-    names = tuple(name for name in stored if name not in META_FIELDS)
-    return FeatureVector(
-        mint=mint,
-        version=stored.get("version", b"").decode(),
-        seq=int(stored.get("seq", b"0")),
-        time=float(stored.get("time", b"0")),
-        names=names,
-        values=tuple(float(stored[name]) for name in names),
-        out_seq=int(stored.get("out_seq", b"0")),
-        updated_at=float(stored.get("updated_at", b"0")),
-    )
-
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -257,13 +131,7 @@ def compile_reader(
 class FeatureManager:
     """Registers features, keeps each token's incremental state, generates vectors."""
 
-    def __init__(
-        self,
-        definitions: Sequence[FeatureDef] | None = None,
-        *,
-        cache: FeatureCache | None = None,
-    ):
-        self.cache = cache if cache is not None else FeatureCache()
+    def __init__(self, definitions: Sequence[FeatureDef] | None = None):
         # A token's state, or its frozen bytes while it is idle (see shed_idle).
         self._tokens: dict[str, TokenState | bytes] = {}
         self.register_features(default_feature_set() if definitions is None else definitions)
@@ -451,16 +319,3 @@ class FeatureManager:
         for j, (_, batch, deps) in enumerate(self._plan):
             batch(primitives, tuple(out[i] for i in deps), out[j])
         return out.T
-
-    # ----------------------------------------------------------------------------------
-    # Cache.
-
-    async def cache_features(self, vector: FeatureVector) -> None:
-        await self.cache.add(vector)
-
-    async def get_cached_features(self, mint: str) -> FeatureVector | None:
-        """The cached vector of ``mint`` for this feature-set version, if any."""
-        return await self.cache.get(mint, version=self.version)
-
-    async def clear_cache(self, mint: str | None = None) -> None:
-        await self.cache.clear(mint)
