@@ -1,0 +1,730 @@
+"""KeyedStatefulConsumer: per-key state, stored before anything it causes is published.
+
+A service hands it a pure :class:`~pumpflow.common.keyed.KeyedProcessor`; the consumer
+owns the rest:
+
+- **Order.** Each event's work runs on the TokenMonitorThreadPool under its key, at
+  the key's priority, so a key's events and timers apply in order while busy keys of
+  other partitions wait behind more important ones. The subscription takes a window
+  of deliveries per partition at once (``window``), so many keys' events are applied
+  while one group commit is stored.
+- **Tracking record.** Each key has one record in the store, ``<service>:key:<key>``:
+  the encoded state, the last applied seq per publisher, the last seq it published,
+  the outbox of events not known to be published, its timer and priority. An event
+  whose seq is not above its publisher's applied seq is a duplicate and is dropped.
+- **Group commit.** Changed keys are written together, one :class:`WriteBatch` per
+  commit (the records, the service's views of them and new partition-index entries),
+  each key encoded once however many events it applied meanwhile. Then the outboxes
+  are published in per-key order, then the deliveries that caused them are acked
+  (the bus acks when the handler returns). A crash in between publishes the stored
+  outbox again; consumers drop the copies by seq.
+- **Ownership.** ``on_assigned`` loads the live records of the partitions (listed in
+  ``<service>:partition:<p>``), re-arms their timers and publishes what their outboxes
+  still hold; ``on_revoked`` stops their timers, lets their queued work finish,
+  stores them and forgets them. So timers run only on the owner.
+- **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored and
+  gives its record (and views) that TTL; an event for it later loads it again.
+- **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
+  its next event.
+
+Transient failures of the store or the bus are retried until they pass (the
+deliveries wait, unacked); an event the processor refuses (:class:`InvalidInput`) is
+dead-lettered with its reason and the key's stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from pumpflow.common.bus.abc import EventBus, Subscription
+from pumpflow.common.bus.routing import partition_of
+from pumpflow.common.clock import Clock, TimerHandle
+from pumpflow.common.consumer.metrics import ConsumerMetrics
+from pumpflow.common.events import (
+    Event,
+    Payload,
+    decode_event,
+    encode_event,
+    make_event,
+    source_service,
+)
+from pumpflow.common.keyed import InvalidInput, KeyedProcessor, StaleState
+from pumpflow.common.priority import Priority
+from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
+from pumpflow.common.workers import PoolClosed, TokenMonitorThreadPool, WorkerPoolConfig
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+#: the service's read models of a key's state, stored with its record: (key, state, last
+#: published seq) -> {store key: hash fields}
+ViewsFunction = Callable[[str, Any, int], Mapping[str, Mapping[str, HashValue]]]
+
+_RESTORE_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyedConsumerConfig:
+    """How a keyed stateful consumer subscribes, works and stores."""
+
+    #: consumer group and store key prefix
+    service: str
+    #: event-type patterns consumed (keyed types)
+    patterns: tuple[str, ...]
+    workers: int = 8
+    #: a key's task running longer is hung (the pool replaces its worker)
+    task_deadline_s: float = 10.0
+    #: deliveries of one partition applied while earlier ones are being stored
+    window: int = 64
+    #: TTL of a live key's record; None keeps it until the key retires
+    live_ttl_s: float | None = None
+    #: a key untouched this long (wall seconds) is held encoded until its next event
+    compact_after_s: float = 120.0
+    compact_interval_s: float = 30.0
+    #: first and longest pause between retries of a failed write or publish
+    retry_initial_s: float = 0.05
+    retry_max_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.patterns:
+            raise ValueError("patterns must name at least one event type")
+        if self.window < 1 or self.workers < 1:
+            raise ValueError("window and workers must be at least 1")
+        if self.compact_after_s <= 0 or self.compact_interval_s <= 0:
+            raise ValueError("compact_after_s and compact_interval_s must be positive")
+        if not 0 < self.retry_initial_s <= self.retry_max_s:
+            raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """What the store keeps per key: state, tracking and outbox, written together."""
+
+    state: bytes
+    #: publisher service -> last seq applied
+    applied: dict[str, int]
+    #: last seq given to an event this key published
+    published: int = 0
+    #: encoded events emitted but not known to be published
+    outbox: list[bytes] = []
+    timer: float | None = None
+    priority: int = int(Priority.NORMAL)
+    retired: bool = False
+
+
+_encode_record = msgspec.msgpack.Encoder().encode
+_decode_record = msgspec.msgpack.Decoder(Record).decode
+
+
+class _Key:
+    """One key in memory: its state (or its bytes while compact) and tracking."""
+
+    __slots__ = (
+        "applied",
+        "changed",
+        "gone",
+        "indexed",
+        "key",
+        "outbox",
+        "outbox_stored",
+        "partition",
+        "priority",
+        "published",
+        "raw",
+        "retire_ttl",
+        "state",
+        "stored_ttl",
+        "timer",
+        "timer_at",
+        "touched",
+    )
+
+    def __init__(self, key: str, partition: int, state: Any, raw: bytes | None):
+        self.key = key
+        self.partition = partition
+        self.state = state
+        self.raw = raw
+        self.applied: dict[str, int] = {}
+        self.published = 0
+        self.outbox: list[Event] = []
+        #: the stored record still lists events published since
+        self.outbox_stored = False
+        self.timer_at: float | None = None
+        self.timer: TimerHandle | None = None
+        self.priority = int(Priority.NORMAL)
+        self.retire_ttl: float | None = None
+        #: TTL the record was last stored with (the views follow it)
+        self.stored_ttl: float | None = None
+        self.indexed = False
+        #: generation of the key's last change
+        self.changed = 0
+        self.touched = 0.0
+        #: dropped from memory (revoked or retired): late work must not revive it
+        self.gone = False
+
+
+class _Effects:
+    """What one apply or fire asks for (see :class:`pumpflow.common.keyed.Effects`)."""
+
+    __slots__ = ("_consumer", "_entry", "cause")
+
+    def __init__(self, consumer: KeyedStatefulConsumer, entry: _Key, cause: str | None):
+        self._consumer = consumer
+        self._entry = entry
+        self.cause = cause
+
+    @property
+    def key(self) -> str:
+        return self._entry.key
+
+    @property
+    def now(self) -> float:
+        return self._consumer.clock.now()
+
+    def emit(self, payload: Payload, *, time: float) -> None:
+        entry = self._entry
+        entry.published += 1
+        entry.outbox.append(
+            make_event(
+                payload,
+                source=self._consumer.source,
+                time=time,
+                seq=entry.published,
+                causation_id=self.cause,
+            )
+        )
+
+    def set_timer(self, at: float) -> None:
+        self._consumer._arm(self._entry, float(at))
+
+    def cancel_timer(self) -> None:
+        self._consumer._disarm(self._entry)
+
+    def set_priority(self, priority: int) -> None:
+        entry = self._entry
+        entry.priority = int(priority)
+        self._consumer.pool.set_priority(entry.key, entry.priority)
+
+    def retire(self, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("a retired key's TTL must be positive")
+        self._entry.retire_ttl = float(ttl_s)
+
+
+class KeyedStatefulConsumer(Generic[S]):
+    """Runs a :class:`KeyedProcessor` over a service's keyed events; see the module."""
+
+    def __init__(
+        self,
+        processor: KeyedProcessor[S],
+        config: KeyedConsumerConfig,
+        *,
+        bus: EventBus,
+        store: StateStore,
+        clock: Clock,
+        source: str,
+        views: ViewsFunction | None = None,
+        metrics: ConsumerMetrics | None = None,
+    ):
+        self.processor = processor
+        self.config = config
+        self.bus = bus
+        self.store = store
+        self.clock = clock
+        self.source = source
+        self._views = views
+        self.metrics = metrics or ConsumerMetrics(config.service)
+        self.pool = TokenMonitorThreadPool(
+            WorkerPoolConfig(
+                name=config.service,
+                workers=config.workers,
+                task_deadline_s=config.task_deadline_s,
+            )
+        )
+        self._key_prefix = f"{config.service}:key:"
+        self._index_prefix = f"{config.service}:partition:"
+        self._keys: dict[str, _Key] = {}
+        #: partitions whose keys this replica holds (restored, timers armed)
+        self.owned: set[int] = set()
+        self._publishers: dict[str, str] = {}
+        self._dirty: dict[str, _Key] = {}
+        self._changed = 0
+        self._stored = 0
+        self._flushing: asyncio.Future | None = None
+        self._subscription: Subscription | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self.flushes = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def subscription(self) -> Subscription | None:
+        return self._subscription
+
+    async def start(self) -> None:
+        """Start the pool, then subscribe (the bus assigns partitions before delivering)."""
+        self._stopping = False
+        await self.pool.start()
+        self._schedule_sweep()
+        self._subscription = Subscription(
+            service=self.config.service,
+            patterns=self.config.patterns,
+            handler=self.handle,
+            window=self.config.window,
+            on_assigned=self.assign,
+            on_revoked=self.revoke,
+        )
+        await self.bus.subscribe(self._subscription)
+
+    async def stop(self) -> None:
+        """Stop timers and work; store every change (the bus stopped delivering)."""
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._subscription is not None:
+            await self.bus.unsubscribe(self._subscription)
+        for entry in self._keys.values():
+            self._cancel_timer(entry)
+        await self.pool.stop(drain=True)
+        await self._hand_over(list(self._keys.values()))
+
+    async def flush(self) -> None:
+        """Store and publish every change made so far."""
+        await self._until_stored(self._changed)
+
+    # ---------------------------------------------------------------- handling
+
+    async def handle(self, event: Event) -> None:
+        """The bus handler: apply under the key's order, return once stored and published."""
+        key = event.key
+        if key is None:
+            raise InvalidInput(f"{event.type} has no key")
+        entry = self._keys.get(key)
+        priority = entry.priority if entry is not None else Priority.NORMAL
+        changed = await self.pool.submit(key, lambda: self._apply(key, event), priority=priority)
+        await self._until_stored(changed)
+
+    async def _apply(self, key: str, event: Event) -> int:
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = await self._load(key)
+        entry.touched = time.monotonic()
+        seq = event.seq
+        publisher = None
+        if seq is not None:
+            publisher = self._publishers.get(event.source)
+            if publisher is None:
+                publisher = self._publishers[event.source] = source_service(event.source)
+            last = entry.applied.get(publisher, 0)
+            if seq <= last:
+                self.metrics.duplicates.inc()
+                self.metrics.duplicate_events.inc()
+                return entry.changed
+            if last and seq > last + 1:
+                self.metrics.gaps.inc()
+                log.warning(
+                    "%s: seq gap for %s from %s: %d after %d",
+                    self.config.service,
+                    key,
+                    publisher,
+                    seq,
+                    last,
+                )
+        state = self._state_of(entry)
+        retire_ttl, entry.retire_ttl = entry.retire_ttl, None
+        try:
+            entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id))
+        except InvalidInput as exc:
+            entry.retire_ttl = retire_ttl
+            self.metrics.invalid.inc()
+            reason = f"invalid: {exc}"
+            log.warning("%s: %s %s for %s", self.config.service, reason, event.type, key)
+            await self._retry(
+                lambda: self.bus.dead_letter(
+                    encode_event(event),
+                    service=self.config.service,
+                    reason=reason,
+                    event_type=event.type,
+                ),
+                "dead-lettering",
+            )
+        else:
+            self.metrics.applied.inc()
+        if publisher is not None:
+            entry.applied[publisher] = seq
+        return self._mark(entry)
+
+    async def _fire(self, key: str) -> int:
+        entry = self._keys.get(key)
+        if entry is None or entry.gone or self._stopping:
+            return self._changed
+        entry.timer = None
+        entry.timer_at = None
+        entry.touched = time.monotonic()
+        state = self._state_of(entry)
+        entry.retire_ttl = None
+        entry.state = self.processor.fire(state, _Effects(self, entry, None))
+        self.metrics.timers.inc()
+        return self._mark(entry)
+
+    def _state_of(self, entry: _Key) -> Any:
+        if entry.state is None:
+            entry.state = self._decode(entry.key, entry.raw)
+            entry.raw = None
+        return entry.state
+
+    def _decode(self, key: str, raw: bytes | None) -> Any:
+        if raw is None:
+            return self.processor.initial(key)
+        try:
+            return self.processor.decode(raw)
+        except StaleState as exc:
+            log.info("%s: stored state of %s not used: %s", self.config.service, key, exc)
+            return self.processor.initial(key)
+
+    def _mark(self, entry: _Key) -> int:
+        self._changed += 1
+        entry.changed = self._changed
+        self._dirty[entry.key] = entry
+        return self._changed
+
+    # ---------------------------------------------------------------- timers
+
+    def _arm(self, entry: _Key, at: float) -> None:
+        if entry.timer is not None:
+            if entry.timer_at == at:
+                return
+            entry.timer.cancel()
+            entry.timer = None
+        entry.timer_at = at
+        if entry.partition in self.owned and not self._stopping:
+            entry.timer = self.clock.call_at(at, lambda key=entry.key: self._timer_due(key))
+
+    def _disarm(self, entry: _Key) -> None:
+        self._cancel_timer(entry)
+        entry.timer_at = None
+
+    @staticmethod
+    def _cancel_timer(entry: _Key) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    def _timer_due(self, key: str) -> Awaitable[None] | None:
+        if self._stopping:
+            return None
+        entry = self._keys.get(key)
+        priority = entry.priority if entry is not None else Priority.NORMAL
+        done = self.pool.submit(key, lambda: self._fire(key), priority=max(priority, Priority.HIGH))
+        return self._after(done)
+
+    async def _after(self, changed: Awaitable[int]) -> None:
+        await self._until_stored(await changed)
+
+    # ---------------------------------------------------------------- storing
+
+    async def _until_stored(self, generation: int) -> None:
+        while self._stored < generation:
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._flush())
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        try:
+            generation = self._changed
+            dirty, self._dirty = self._dirty, {}
+            if dirty:
+                await self._commit(list(dirty.values()))
+            self._stored = max(self._stored, generation)
+        finally:
+            self._flushing = None
+
+    async def _commit(self, entries: list[_Key]) -> None:
+        started = time.perf_counter()
+        batch = WriteBatch()
+        index: dict[str, dict[str, HashValue]] = {}
+        outboxes: list[tuple[_Key, int]] = []
+        events: list[Event] = []
+        encode = self.processor.encode
+        views = self._views
+        for entry in entries:
+            if entry.gone:
+                continue
+            raw = encode(entry.state) if entry.state is not None else entry.raw
+            outbox = entry.outbox
+            retired = entry.retire_ttl is not None
+            ttl = entry.retire_ttl if retired else self.config.live_ttl_s
+            record = Record(
+                state=raw,
+                applied=entry.applied,
+                published=entry.published,
+                outbox=[encode_event(e) for e in outbox],
+                timer=entry.timer_at,
+                priority=entry.priority,
+                retired=retired,
+            )
+            key = entry.key
+            batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
+            if views is not None and entry.state is not None:
+                for view_key, fields in views(key, entry.state, entry.published).items():
+                    batch.hset(view_key, fields)
+                    if ttl != entry.stored_ttl:
+                        batch.expire(view_key, ttl)
+            if not entry.indexed:
+                index.setdefault(f"{self._index_prefix}{entry.partition}", {})[key] = b"1"
+            entry.outbox_stored = bool(outbox)
+            if outbox:
+                outboxes.append((entry, len(outbox)))
+                events.extend(outbox)
+        if index:
+            batch.hashes.update(index)
+        await self._retry(lambda: self.store.write(batch), "storing")
+        for entry in entries:
+            entry.indexed = True
+            entry.stored_ttl = entry.retire_ttl if entry.retire_ttl else self.config.live_ttl_s
+        if events:
+            await self._retry(lambda: self.bus.publish_many(events), "publishing")
+            for entry, count in outboxes:
+                del entry.outbox[:count]
+        for entry in entries:
+            if entry.retire_ttl is not None and not entry.gone:
+                self._retire(entry)
+        self.flushes += 1
+        self.metrics.commit_keys.observe(len(entries))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    def _retire(self, entry: _Key) -> None:
+        # changed again since this commit began: the next one decides
+        if self._dirty.get(entry.key) is entry:
+            return
+        self._forget(entry)
+        self.metrics.retired.inc()
+
+    def _forget(self, entry: _Key) -> None:
+        entry.gone = True
+        self._cancel_timer(entry)
+        if self._keys.get(entry.key) is entry:
+            del self._keys[entry.key]
+
+    async def _retry(self, action: Callable[[], Awaitable[Any]], what: str) -> None:
+        pause = self.config.retry_initial_s
+        while True:
+            try:
+                await action()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.store_retries.inc()
+                log.warning(
+                    "%s: %s failed, retrying in %.2fs: %r", self.config.service, what, pause, exc
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.retry_max_s)
+
+    # ---------------------------------------------------------------- loading
+
+    def _partition(self, key: str) -> int:
+        return partition_of(key, self.bus.partitions)
+
+    def _entry_from(self, key: str, record: Record) -> _Key:
+        entry = _Key(key, self._partition(key), None, record.state)
+        entry.applied = dict(record.applied)
+        entry.published = record.published
+        entry.priority = record.priority
+        entry.indexed = True
+        entry.stored_ttl = None if not record.retired else -1.0
+        entry.touched = time.monotonic()
+        return entry
+
+    def _decode_stored(self, key: str, raw: bytes) -> Record | None:
+        try:
+            return _decode_record(raw)
+        except msgspec.DecodeError as exc:
+            log.error("%s: unreadable record of %s dropped: %s", self.config.service, key, exc)
+            return None
+
+    async def _load(self, key: str) -> _Key:
+        """A key not in memory: its stored record (a retired key) or a new one."""
+        stored = await self._get(key)
+        record = None if stored is None else self._decode_stored(key, stored)
+        if record is not None:
+            entry = self._entry_from(key, record)
+            self._adopt(entry, record)
+        else:
+            entry = _Key(key, self._partition(key), self.processor.initial(key), None)
+        self._keys[key] = entry
+        return entry
+
+    async def _get(self, key: str) -> bytes | None:
+        found: list[bytes | None] = []
+
+        async def read() -> None:
+            found.append(await self.store.get(self._key_prefix + key))
+
+        await self._retry(read, "loading")
+        return found[-1]
+
+    def _adopt(self, entry: _Key, record: Record) -> None:
+        """Take over a stored record's timer and unconfirmed outbox."""
+        if record.outbox:
+            entry.outbox = [decode_event(raw) for raw in record.outbox]
+            self._mark(entry)
+        if record.timer is not None:
+            self._arm(entry, record.timer)
+
+    async def assign(self, partitions: tuple[int, ...]) -> None:
+        """Load the live keys of ``partitions`` and arm their timers (ownership hook)."""
+        if self._stopping:
+            return
+        self.owned.update(partitions)
+        restored = 0
+        for partition in partitions:
+            index_key = f"{self._index_prefix}{partition}"
+            listed = [
+                m.decode() if isinstance(m, bytes) else m
+                for m in await self.store.hgetall(index_key)
+            ]
+            present: list[str] = []
+            for start in range(0, len(listed), _RESTORE_CHUNK):
+                chunk = listed[start : start + _RESTORE_CHUNK]
+                raws = await self.store.get_many([self._key_prefix + k for k in chunk])
+                for key, raw in zip(chunk, raws, strict=True):
+                    if raw is None:
+                        continue  # expired
+                    present.append(key)
+                    record = self._decode_stored(key, raw)
+                    if record is None or record.retired:
+                        continue  # loaded when an event comes for it
+                    old = self._keys.get(key)
+                    if old is not None:
+                        self._forget(old)  # the store is newer than what memory held
+                    entry = self._entry_from(key, record)
+                    self._keys[key] = entry
+                    self._adopt(entry, record)
+                    restored += 1
+            if len(present) < len(listed):
+                # only the owner writes a partition's index: drop the expired entries
+                await self.store.delete_many([index_key])
+                if present:
+                    await self.store.hset_many({index_key: dict.fromkeys(present, b"1")})
+        self.metrics.restored.inc(restored)
+        log.info(
+            "%s: partitions %s assigned, %d keys restored",
+            self.config.service,
+            partitions,
+            restored,
+        )
+        await self.flush()
+
+    async def revoke(self, partitions: tuple[int, ...]) -> None:
+        """Hand ``partitions`` over: stop their timers, finish their work, store, forget."""
+        lost = set(partitions)
+        self.owned.difference_update(lost)
+        mine = [e for e in self._keys.values() if e.partition in lost]
+        for entry in mine:
+            self._cancel_timer(entry)
+        # a no-op behind each key's queued work: when it has run, that work is done
+        behind = []
+        with contextlib.suppress(PoolClosed):
+            for entry in mine:
+                if self.pool.pending(entry.key):
+                    behind.append(self.pool.submit(entry.key, _nothing, priority=Priority.URGENT))
+        await asyncio.gather(*behind, return_exceptions=True)
+        await self._hand_over(mine)
+        for entry in mine:
+            self._forget(entry)
+        log.info(
+            "%s: partitions %s revoked, %d keys handed over",
+            self.config.service,
+            partitions,
+            len(mine),
+        )
+
+    async def _hand_over(self, entries: list[_Key]) -> None:
+        """Store ``entries`` as the next owner should find them: outboxes published."""
+        await self.flush()
+        for entry in entries:
+            if entry.outbox_stored and not entry.gone:
+                self._mark(entry)
+        await self.flush()
+
+    # ---------------------------------------------------------------- memory
+
+    def _schedule_sweep(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self.config.compact_interval_s, self._sweep)
+
+    def _sweep(self) -> None:
+        self.compact()
+        self._schedule_sweep()
+
+    def compact(self, idle_s: float | None = None) -> int:
+        """Hold keys idle longer than ``idle_s`` as their encoded bytes; return how many."""
+        horizon = time.monotonic() - (self.config.compact_after_s if idle_s is None else idle_s)
+        encode = self.processor.encode
+        compacted = 0
+        live = 0
+        for entry in self._keys.values():
+            if entry.state is None:
+                compacted += 1
+                continue
+            if (
+                entry.touched <= horizon
+                and entry.key not in self._dirty
+                and not self.pool.pending(entry.key)
+            ):
+                entry.raw = encode(entry.state)
+                entry.state = None
+                compacted += 1
+            else:
+                live += 1
+        self.metrics.live_keys.set(live)
+        self.metrics.compact_keys.set(compacted)
+        return compacted
+
+    # ---------------------------------------------------------------- reads
+
+    def state(self, key: str) -> S | None:
+        """The key's state held here (None when not owned or not in memory)."""
+        entry = self._keys.get(key)
+        return None if entry is None else self._state_of(entry)
+
+    def keys(self) -> Iterable[str]:
+        return self._keys.keys()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def describe(self) -> dict[str, Any]:
+        health = self.pool.health()
+        return {
+            "keys": len(self._keys),
+            "compact": sum(1 for e in self._keys.values() if e.state is None),
+            "partitions": sorted(self.owned),
+            "pending_changes": len(self._dirty),
+            "flushes": self.flushes,
+            "pool": {
+                "workers": health.workers,
+                "alive": health.alive,
+                "busy": health.busy,
+                "queue_depth": health.queue_depth,
+                "hung_tokens": list(health.hung_tokens),
+                "restarts": health.restarts,
+            },
+        }
+
+
+async def _nothing() -> None:
+    return None

@@ -1,0 +1,95 @@
+"""Metrics of the keyed stateful consumer, registered on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_BY_REGISTRY: dict[int, _Families] = {}
+
+
+class _Families:
+    def __init__(self, registry: CollectorRegistry):
+        self.events = Counter(
+            "pumpflow_consumer_events",
+            "Events handed to the keyed consumer, by outcome (applied, duplicate, invalid).",
+            ["service", "outcome"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "pumpflow_consumer_duplicates",
+            "Events dropped because their seq was applied already.",
+            ["service"],
+            registry=registry,
+        )
+        self.gaps = Counter(
+            "pumpflow_consumer_gaps",
+            "Events applied after a gap in their publisher's per-key seq.",
+            ["service"],
+            registry=registry,
+        )
+        self.timers = Counter(
+            "pumpflow_consumer_timers_fired",
+            "Key timers fired on this replica.",
+            ["service"],
+            registry=registry,
+        )
+        self.commits = Histogram(
+            "pumpflow_consumer_commit_keys",
+            "Keys stored by one group commit.",
+            ["service"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "pumpflow_consumer_commit_seconds",
+            "Time to store one group commit and publish its outbox.",
+            ["service"],
+            registry=registry,
+        )
+        self.store_retries = Counter(
+            "pumpflow_consumer_store_retries",
+            "Failed writes or publishes retried (a dependency was down).",
+            ["service"],
+            registry=registry,
+        )
+        self.keys = Gauge(
+            "pumpflow_consumer_keys",
+            "Keys held in memory, by form (live, compact).",
+            ["service", "form"],
+            registry=registry,
+        )
+        self.restored = Counter(
+            "pumpflow_consumer_restored_keys",
+            "Keys loaded from the store when their partition was assigned.",
+            ["service"],
+            registry=registry,
+        )
+        self.retired = Counter(
+            "pumpflow_consumer_retired_keys",
+            "Keys retired (dropped from memory, record kept with a TTL).",
+            ["service"],
+            registry=registry,
+        )
+
+
+class ConsumerMetrics:
+    """The consumer's series for one service, bound once so the hot path only adds."""
+
+    def __init__(self, service: str, *, registry: CollectorRegistry | None = None):
+        registry = registry or REGISTRY
+        families = _BY_REGISTRY.get(id(registry))
+        if families is None:
+            families = _BY_REGISTRY[id(registry)] = _Families(registry)
+        self.applied = families.events.labels(service, "applied")
+        self.invalid = families.events.labels(service, "invalid")
+        self.duplicate_events = families.events.labels(service, "duplicate")
+        self.duplicates = families.duplicates.labels(service)
+        self.gaps = families.gaps.labels(service)
+        self.timers = families.timers.labels(service)
+        self.commit_keys = families.commits.labels(service)
+        self.commit_seconds = families.commit_seconds.labels(service)
+        self.store_retries = families.store_retries.labels(service)
+        self.live_keys = families.keys.labels(service, "live")
+        self.compact_keys = families.keys.labels(service, "compact")
+        self.restored = families.restored.labels(service)
+        self.retired = families.retired.labels(service)

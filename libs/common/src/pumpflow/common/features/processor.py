@@ -1,0 +1,92 @@
+"""FeaturesProcessor: a token's features, one event at a time, as a keyed processor.
+
+Per mint, the state is the FeatureManager's :class:`TokenState`. Each token.created /
+token.trade is folded in and announced as ``features.updated`` (the values in
+``manager.names`` order, ``source_seq`` the token event's seq). A ``token.lifecycle``
+event sets the token's processing priority, and retires it when it turns inactive or
+graduated; ``token.migrated`` retires it too. A retired token's record (and its
+stored vector) expire after ``retire_ttl_s`` unless it trades again.
+"""
+
+from __future__ import annotations
+
+from pumpflow.common.events import Event, FeaturesUpdated
+from pumpflow.common.features.inputs import TradeInput, event_input
+from pumpflow.common.features.manager import FeatureManager
+from pumpflow.common.features.state import TokenState, decode_snapshot, encode_snapshot
+from pumpflow.common.keyed import Effects, InvalidInput, StaleState
+
+#: lifecycle states that retire a token here
+RETIRING = ("inactive", "graduated")
+#: event types the processor takes
+CONSUMES = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
+#: bytes of the feature-set version in front of each encoded state
+_VERSION_BYTES = 16
+
+
+class FeaturesProcessor:
+    """Fold token events into per-token feature state; emit ``features.updated``."""
+
+    def __init__(self, manager: FeatureManager, *, retire_ttl_s: float):
+        if retire_ttl_s <= 0:
+            raise ValueError("retire_ttl_s must be positive")
+        self.manager = manager
+        self.retire_ttl_s = retire_ttl_s
+        self._tag = manager.version.encode()[:_VERSION_BYTES]
+
+    def initial(self, key: str) -> TokenState:
+        return TokenState(self.manager.layout)
+
+    def apply(self, state: TokenState, event: Event, effects: Effects) -> TokenState:
+        kind = event.type
+        if kind == "token.lifecycle":
+            lifecycle = event.data
+            if lifecycle.state in RETIRING:
+                effects.retire(self.retire_ttl_s)
+            else:
+                effects.set_priority(lifecycle.priority)
+            return state
+        if kind == "token.migrated":
+            effects.retire(self.retire_ttl_s)
+            return state
+        trade = event_input(event)
+        reason = invalid_reason(trade)
+        if reason is not None:
+            raise InvalidInput(reason)
+        state.apply(trade)
+        seq = event.seq or 0
+        state.seq = seq
+        manager = self.manager
+        effects.emit(
+            FeaturesUpdated(
+                mint=effects.key,
+                feature_set_version=manager.version,
+                source_seq=seq,
+                names=manager.names,
+                values=tuple(manager.values(state)),
+            ),
+            time=event.time,
+        )
+        return state
+
+    def fire(self, state: TokenState, effects: Effects) -> TokenState:
+        return state
+
+    def encode(self, state: TokenState) -> bytes:
+        return self._tag + encode_snapshot(state.snapshot())
+
+    def decode(self, raw: bytes) -> TokenState:
+        if raw[:_VERSION_BYTES] != self._tag:
+            raise StaleState("state of another feature-set version")
+        return TokenState.restore(self.manager.layout, decode_snapshot(raw[_VERSION_BYTES:]))
+
+
+def invalid_reason(trade: TradeInput | None) -> str | None:
+    """Why a token event cannot be folded in, or None."""
+    if trade is None:
+        return "not a trade or creation"
+    if not (trade.v_sol > 0.0 and trade.v_tokens > 0.0):
+        return f"non-positive reserves (vSol={trade.v_sol}, vTokens={trade.v_tokens})"
+    if trade.lamports < 0 or trade.tokens < 0:
+        return "negative amount"
+    return None

@@ -1,0 +1,393 @@
+"""One contract for the keyed stateful consumer, on both pairs of transports.
+
+memory: the in-memory bus and store, on a ReplayClock; rabbitmq: RabbitMQ and Redis.
+The processor under test records every seq it applies, so "in order, once" is read
+straight off the stored state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+
+from pumpflow.common.bus.abc import EventBus, Subscription
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
+from pumpflow.common.bus.routing import partition_of
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
+from pumpflow.common.events import (
+    Event,
+    FeaturesUpdated,
+    TokenMigrated,
+    TokenTrade,
+    encode_event,
+    make_event,
+)
+from pumpflow.common.keyed import Effects, InvalidInput
+from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.state.redis import RedisStateStore
+from pumpflow.common.testing import eventually
+
+PARTITIONS = 4
+START = 1_700_000_000.0
+TIMER_DELAY = 30.0
+RETIRE_TTL = 0.3
+
+
+class Applied(msgspec.Struct):
+    seqs: list[int] = []
+    fired: int = 0
+
+
+class RecordingProcessor:
+    """Keeps the seqs applied; announces each; arms a timer; retires on migration."""
+
+    def __init__(self, *, timers: bool = False):
+        self.timers = timers
+        self.fired_keys: list[str] = []
+
+    def initial(self, key: str) -> Applied:
+        return Applied()
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        if event.type == "token.migrated":
+            effects.retire(RETIRE_TTL)
+            return state
+        if event.data.tokenAmount < 0:
+            raise InvalidInput("negative tokenAmount")
+        state.seqs.append(event.seq)
+        effects.emit(
+            FeaturesUpdated(
+                mint=effects.key,
+                feature_set_version="test",
+                source_seq=event.seq,
+                names=("n",),
+                values=(float(len(state.seqs)),),
+            ),
+            time=event.time,
+        )
+        if self.timers:
+            effects.set_timer(event.time + TIMER_DELAY)
+        return state
+
+    def fire(self, state: Applied, effects: Effects) -> Applied:
+        state.fired += 1
+        self.fired_keys.append(effects.key)
+        return state
+
+    def encode(self, state: Applied) -> bytes:
+        return msgspec.msgpack.encode(state)
+
+    def decode(self, raw: bytes) -> Applied:
+        return msgspec.msgpack.decode(raw, type=Applied)
+
+
+def trade(mint: str, seq: int, *, amount: float = 1000.0, at: float | None = None) -> Event:
+    payload = TokenTrade(
+        signature=f"sig-{mint}-{seq}",
+        mint=mint,
+        traderPublicKey=f"wallet-{seq % 7}",
+        txType="buy",
+        tokenAmount=amount,
+        newTokenBalance=amount,
+        bondingCurveKey="curve",
+        vTokensInBondingCurve=1_000_000_000.0,
+        vSolInBondingCurve=30.0,
+        marketCapSol=30.0,
+        solAmount=0.01,
+    )
+    return make_event(payload, source="feed/test", time=at or START + seq, seq=seq)
+
+
+def migrated(mint: str, seq: int) -> Event:
+    payload = TokenMigrated(signature=f"mig-{mint}", mint=mint, txType="migrate")
+    return make_event(payload, source="feed/test", time=START + seq, seq=seq)
+
+
+@dataclass
+class Pair:
+    """Buses and a store of one transport pair; makes consumers and tears down."""
+
+    transport: str
+    namespace: str
+    amqp_url: str
+    redis_url: str
+    clock: ReplayClock = field(default_factory=lambda: ReplayClock(start=START))
+    buses: list[EventBus] = field(default_factory=list)
+    consumers: list[KeyedStatefulConsumer] = field(default_factory=list)
+    _memory_bus: InMemoryBus | None = None
+    _store: StateStore | None = None
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            if self.transport == "memory":
+                self._store = MemoryStateStore(self.clock)
+            else:
+                self._store = RedisStateStore(url=self.redis_url, namespace=self.namespace)
+        return self._store
+
+    async def bus(self) -> EventBus:
+        if self.transport == "memory":
+            if self._memory_bus is None:
+                self._memory_bus = InMemoryBus(partitions=PARTITIONS, source="test/memory")
+                await self._memory_bus.start()
+                self.buses.append(self._memory_bus)
+            return self._memory_bus
+        from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+        bus = RabbitMQBus(
+            url=self.amqp_url,
+            namespace=self.namespace,
+            partitions=PARTITIONS,
+            source=f"test/{len(self.buses)}",
+            connect_attempts=3,
+        )
+        await bus.start()
+        self.buses.append(bus)
+        return bus
+
+    async def consumer(
+        self, processor: RecordingProcessor, *, bus: EventBus | None = None
+    ) -> KeyedStatefulConsumer:
+        consumer = KeyedStatefulConsumer(
+            processor,
+            KeyedConsumerConfig(
+                service="keyed", patterns=("token.trade", "token.migrated"), window=16
+            ),
+            bus=bus or await self.bus(),
+            store=self.store,
+            clock=self.clock,
+            source="keyed/test",
+        )
+        await consumer.start()
+        self.consumers.append(consumer)
+        return consumer
+
+    async def record(self, mint: str) -> Record | None:
+        raw = await self.store.get(f"keyed:key:{mint}")
+        return None if raw is None else msgspec.msgpack.decode(raw, type=Record)
+
+    async def applied(self, mint: str) -> list[int]:
+        record = await self.record(mint)
+        return [] if record is None else msgspec.msgpack.decode(record.state, type=Applied).seqs
+
+    async def teardown(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop()
+        for bus in reversed(self.buses):
+            if self.transport == "rabbitmq":
+                await bus.delete_topology()
+            await bus.close()
+        if self._store is not None and self.transport == "rabbitmq":
+            await self._store.delete_many(await self._store.scan_keys(""))
+            await self._store.close()
+
+
+PAIRS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("rabbitmq", id="rabbitmq+redis", marks=[pytest.mark.rabbitmq, pytest.mark.redis]),
+]
+
+
+@pytest.fixture(params=PAIRS)
+async def pair(request, namespace, amqp_url, redis_url):
+    harness = Pair(request.param, namespace, amqp_url, redis_url)
+    try:
+        yield harness
+    finally:
+        await harness.teardown()
+
+
+class Announced:
+    """Collects the consumer's features.updated per mint."""
+
+    def __init__(self) -> None:
+        self.by_mint: dict[str, list[Event]] = {}
+
+    async def __call__(self, event: Event) -> None:
+        self.by_mint.setdefault(event.key, []).append(event)
+
+    def count(self, mint: str) -> int:
+        return len(self.by_mint.get(mint, ()))
+
+
+async def watch(bus: EventBus) -> Announced:
+    announced = Announced()
+    await bus.subscribe(
+        Subscription(service="watcher", patterns=("features.updated",), handler=announced)
+    )
+    return announced
+
+
+MINTS = [f"mint{i:02d}pump" for i in range(8)]
+
+
+async def test_each_key_applies_its_events_in_order_once_and_announces_them_in_order(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    await pair.consumer(RecordingProcessor())
+    per_mint = 25
+    events = [trade(m, s) for s in range(1, per_mint + 1) for m in MINTS]
+    await bus.publish_many(events)
+    await eventually(lambda: all(announced.count(m) == per_mint for m in MINTS))
+    for mint in MINTS:
+        assert await pair.applied(mint) == list(range(1, per_mint + 1))
+        out = announced.by_mint[mint]
+        assert [e.seq for e in out] == list(range(1, per_mint + 1))
+        assert [e.data.source_seq for e in out] == list(range(1, per_mint + 1))
+        assert all(e.source == "keyed/test" for e in out)
+    record = await pair.record(MINTS[0])
+    assert record.published == per_mint and record.applied == {"feed": per_mint}
+
+
+async def test_a_duplicate_is_applied_and_announced_once(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor())
+    mint = MINTS[0]
+    first = trade(mint, 1)
+    await bus.publish_many([first, trade(mint, 2), first, trade(mint, 2), trade(mint, 3)])
+    await eventually(lambda: announced.count(mint) == 3)
+    # a barrier: the next event is announced only after the duplicates were handled
+    await bus.publish(trade(mint, 4))
+    await eventually(lambda: announced.count(mint) == 4)
+    assert await pair.applied(mint) == [1, 2, 3, 4]
+    assert consumer.metrics.duplicates._value.get() >= 2
+
+
+async def test_an_invalid_event_is_dead_lettered_and_the_key_goes_on(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    await pair.consumer(RecordingProcessor())
+    mint = MINTS[1]
+    await bus.publish_many([trade(mint, 1), trade(mint, 2, amount=-5.0), trade(mint, 3)])
+    await eventually(lambda: announced.count(mint) == 2)
+    assert await pair.applied(mint) == [1, 3]
+    letters = []
+
+    async def dead_lettered() -> bool:
+        letters.extend(await bus.dead_letters("keyed"))
+        return bool(letters)
+
+    await until(dead_lettered)
+    assert len(letters) == 1 and "negative tokenAmount" in letters[0].reason
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 3}
+
+
+async def test_a_new_replica_restores_drops_redeliveries_and_publishes_the_stored_outbox(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    first = await pair.consumer(RecordingProcessor())
+    mint, other = MINTS[2], MINTS[3]
+    await bus.publish_many([trade(mint, s) for s in range(1, 11)])
+    await eventually(lambda: announced.count(mint) == 10)
+    await first.stop()
+    pair.consumers.remove(first)
+    # What a replica that crashed after storing, before publishing, leaves behind.
+    unpublished = make_event(
+        FeaturesUpdated(
+            mint=other, feature_set_version="test", source_seq=1, names=("n",), values=(1.0,)
+        ),
+        source="keyed/test",
+        time=START,
+        seq=1,
+    )
+    record = Record(
+        state=msgspec.msgpack.encode(Applied(seqs=[1])),
+        applied={"feed": 1},
+        published=1,
+        outbox=[encode_event(unpublished)],
+    )
+    await pair.store.set(f"keyed:key:{other}", msgspec.msgpack.encode(record))
+    partition = partition_of(other, PARTITIONS)
+    await pair.store.hset_many({f"keyed:partition:{partition}": {other: b"1"}})
+
+    second_bus = await pair.bus()
+    await pair.consumer(RecordingProcessor(), bus=second_bus)
+    await eventually(lambda: announced.count(other) == 1)
+    # redeliveries of applied events, then new ones
+    await bus.publish_many([trade(mint, s) for s in range(6, 16)])
+    await bus.publish(trade(other, 2))
+    await eventually(lambda: announced.count(mint) == 15 and announced.count(other) == 2)
+    assert await pair.applied(mint) == list(range(1, 16))
+    assert [e.seq for e in announced.by_mint[mint]] == list(range(1, 16))
+    assert await pair.applied(other) == [1, 2]
+    assert [e.seq for e in announced.by_mint[other]] == [1, 2]
+    assert (await pair.record(other)).outbox == []
+
+
+async def test_timers_fire_once_on_the_owner_only(pair):
+    inner = await pair.bus()
+    config = OwnershipConfig(heartbeat_interval_s=0.05, heartbeat_ttl_s=0.5)
+    replicas = []
+    processors = []
+    for name in ("a", "b"):
+        bus = inner if pair.transport == "memory" else await pair.bus()
+        balanced = BalancedBus(bus, store=pair.store, clock=pair.clock, replica=name, config=config)
+        processor = RecordingProcessor(timers=True)
+        consumer = await pair.consumer(processor, bus=balanced)
+        replicas.append((balanced, consumer))
+        processors.append(processor)
+    # ownership settles on the wall clock's heartbeats
+    await eventually(
+        lambda: (
+            sorted(p for _, c in replicas for p in c.owned) == list(range(PARTITIONS))
+            and all(c.owned for _, c in replicas)
+        )
+    )
+    await inner.publish_many([trade(m, 1) for m in MINTS])
+    await eventually(lambda: sum(len(c) for _, c in replicas) == len(MINTS))
+    await pair.clock.advance(TIMER_DELAY + 2)
+    fired = [k for p in processors for k in p.fired_keys]
+    assert sorted(fired) == sorted(MINTS)
+    for (_, consumer), processor in zip(replicas, processors, strict=True):
+        for key in processor.fired_keys:
+            assert partition_of(key, PARTITIONS) in consumer.owned
+    for balanced, consumer in replicas:
+        await consumer.stop()
+        pair.consumers.remove(consumer)
+        for balancer in balanced.balancers.values():
+            await balancer.stop()
+
+
+async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor())
+    mint = MINTS[4]
+    await bus.publish_many([trade(mint, 1), trade(mint, 2), migrated(mint, 3)])
+    await eventually(lambda: announced.count(mint) == 2)
+    await eventually(lambda: mint not in consumer.keys())
+    record = await pair.record(mint)
+    assert record is not None and record.retired and record.applied == {"feed": 3}
+    # a late event loads the retired key again and revives it
+    await bus.publish(trade(mint, 4))
+    await eventually(lambda: announced.count(mint) == 3)
+    assert await pair.applied(mint) == [1, 2, 4]
+    assert not (await pair.record(mint)).retired
+    await bus.publish(migrated(mint, 5))
+    await eventually(lambda: mint not in consumer.keys())
+    if pair.transport == "memory":
+        await pair.clock.advance(RETIRE_TTL + 0.01)
+
+    async def expired() -> bool:
+        return await pair.record(mint) is None
+
+    await until(expired)
+
+
+async def until(condition, within: float = 10.0) -> None:
+    """Await an async condition until it holds (Redis TTLs and broker routing take time)."""
+    deadline = time.monotonic() + within
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within:g} s")
+        await asyncio.sleep(0.01)

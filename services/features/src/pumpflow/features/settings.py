@@ -1,0 +1,37 @@
+"""Settings of the features service (``PUMPFLOW_<NAME>``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pumpflow.common.consumer import KeyedConsumerConfig
+from pumpflow.common.features.processor import CONSUMES
+from pumpflow.common.runtime.settings import CommonSettings
+
+
+class FeaturesSettings(CommonSettings):
+    """Settings of the features service."""
+
+    features_inactive_ttl_s: float = Field(
+        3600.0, gt=0, description="TTL of a retired token's features and checkpoint"
+    )
+    features_compact_after_s: float = Field(
+        120.0, gt=0, description="a token idle this long is held as compact bytes"
+    )
+    features_workers: int = Field(8, ge=1, le=256, description="token workers")
+    features_window: int = Field(
+        64, ge=1, le=4096, description="deliveries per partition applied while storing"
+    )
+    features_task_deadline_s: float = Field(
+        10.0, gt=0, description="a token task running longer is hung"
+    )
+
+    def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        return KeyedConsumerConfig(
+            service=service,
+            patterns=CONSUMES,
+            workers=self.features_workers,
+            window=self.features_window,
+            task_deadline_s=self.features_task_deadline_s,
+            compact_after_s=self.features_compact_after_s,
+        )
