@@ -346,6 +346,33 @@ async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(bus, s
     assert sum(got.attempts.values()) == handled  # nothing was left half-done
 
 
+async def test_unsubscribe_stops_delivery_and_the_queue_keeps_the_rest(bus, service):
+    first, second = Recorder(), Recorder()
+    old = Subscription(service=service, patterns=("token.*",), handler=first)
+    await bus.subscribe(old)
+    await bus.publish(trade_event("mintU", 1))
+    await eventually(lambda: len(first.events) == 1)
+    await bus.unsubscribe(old)
+    await bus.unsubscribe(old)  # not subscribed any more: nothing to do
+    await bus.publish(trade_event("mintU", 2))
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=second))
+    await eventually(lambda: len(second.events) == 1)
+    assert [e.seq for e in first.events] == [1]
+    assert [e.seq for e in second.events] == [2]
+
+
+async def test_describe_names_the_transport_and_follows_its_health(harness, namespace):
+    bus = await harness.bus()
+    described = bus.describe()
+    assert described["transport"] == harness.transport
+    assert described["healthy"] is True
+    if harness.transport == "rabbitmq":
+        assert described["namespace"] == namespace
+        assert "amqp" not in str(described)  # the URL carries the password
+    await bus.stop_consuming()
+    assert bus.describe()["healthy"] is False
+
+
 # ------------------------------------------------------------------------ RabbitMQ only
 
 

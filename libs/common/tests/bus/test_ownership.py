@@ -143,6 +143,20 @@ async def test_balanced_bus_passes_dead_letter_peeks_through():
     await bus.close()
 
 
+async def test_balanced_bus_describes_the_transport_and_its_ownership():
+    inner = InMemoryBus(partitions=4, source="test/memory")
+    clock = ReplayClock(start=100.0)
+    bus = BalancedBus(inner, store=MemoryStateStore(clock), clock=clock, replica="a")
+    await bus.start()
+    await bus.subscribe(Subscription(service="svc", patterns=("token.*",), handler=Recorder()))
+    described = bus.describe()
+    assert described["transport"] == "memory" and described["healthy"] is True
+    assert described["ownership"]["svc"]["owned"] == [0, 1, 2, 3]
+    assert described["ownership"]["svc"]["healthy"] is True
+    assert not hasattr(bus, "synchronous")  # transport specifics are reached via inner
+    await bus.close()
+
+
 # ---------------------------------------------------------------------- registry
 
 

@@ -7,7 +7,9 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends
 
+from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.bus.ownership import BalancedBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.runtime.http import HttpServer, create_app, require_token
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -97,6 +99,7 @@ async def test_readyz_follows_the_bus_the_store_and_the_service():
         body = answer.json()
         assert body["ready"] is True
         assert set(body["checks"]) == {"bus", "store", "service"}
+        assert body["checks"]["bus"]["transport"] == "memory"
         assert body["checks"]["service"] == {"tokens": 3, "ok": True}
 
         service.status_value = {"ready": False, "why": "warming up"}
@@ -113,6 +116,35 @@ async def test_readyz_follows_the_bus_the_store_and_the_service():
         assert answer.status_code == 503
         assert "model not loaded" in answer.json()["checks"]["service"]["error"]
     await ctx.bus.close()
+
+
+async def test_readyz_shows_the_partitions_a_balanced_replica_owns():
+    settings = CommonSettings(service="probe", replica="r1")
+    clock = ReplayClock(start=100.0)
+    store = MemoryStateStore(clock)
+    bus = BalancedBus(InMemoryBus(partitions=4), store=store, clock=clock, replica="r1")
+    ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=store)
+    await bus.start()
+
+    async def ignore(event) -> None:
+        pass
+
+    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=ignore))
+    app = create_app(Probe(settings), ctx)
+    try:
+        async with client(app) as http:
+            answer = await http.get("/readyz")
+            assert answer.status_code == 200, answer.text
+            checks = answer.json()["checks"]
+            assert checks["partitions:probe"]["owned"] == [0, 1, 2, 3]
+            assert checks["partitions:probe"]["ok"] is True
+            assert checks["bus"]["transport"] == "memory" and "ownership" not in checks["bus"]
+            bus.balancers["probe"].healthy = False  # as after a failed heartbeat
+            answer = await http.get("/readyz")
+            assert answer.status_code == 503
+            assert answer.json()["checks"]["partitions:probe"]["ok"] is False
+    finally:
+        await bus.close()
 
 
 @pytest.mark.redis

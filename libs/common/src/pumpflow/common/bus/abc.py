@@ -27,6 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pumpflow.common.events import Event
 
@@ -102,6 +103,16 @@ class EventSubscriber(ABC):
     async def subscribe(self, subscription: Subscription) -> None:
         """Declare the service's queues and start delivering to its handler."""
 
+    @abstractmethod
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop delivering to ``subscription`` (this replica of the service only).
+
+        Returns once its handlers in flight returned and their messages are acked;
+        deliveries no handler started stay in the service's queues for the next
+        consumer (the replica's own broadcast queues go with it). A subscription not
+        subscribed is ignored.
+        """
+
 
 class EventBus(EventPublisher, EventSubscriber):
     """A transport: publisher and subscriber with a lifecycle and a dead-letter store."""
@@ -169,3 +180,13 @@ class EventBus(EventPublisher, EventSubscriber):
     @abstractmethod
     def is_healthy(self) -> bool:
         """True while connected and consuming."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """State for readiness and operators, JSON-serialisable and free of secrets.
+
+        At least ``transport`` (its name) and ``healthy`` (:meth:`is_healthy`), and
+        ``namespace`` for a transport that has one. A bus that shares partitions
+        between replicas adds ``ownership``: per service, what it owns and whether its
+        heartbeat works (``healthy``).
+        """

@@ -22,6 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription, notify_assigned
 from pumpflow.common.bus.dispatch import (
@@ -192,6 +193,16 @@ class InMemoryBus(EventBus):
 
     def is_healthy(self) -> bool:
         return self._started and self._consuming
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "transport": "memory",
+            "healthy": self.is_healthy(),
+            "synchronous": self.synchronous,
+            "partitions": self.partitions,
+            "services": sorted(self._groups),
+            "pending": self._pending,
+        }
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
         """Wait until everything queued is handled; once consuming stopped, what is running."""

@@ -21,9 +21,10 @@
   leaving is what the new one loads, and timers never run on two replicas at once.
   Single-active-consumer keeps a queue to one active consumer meanwhile.
 - :class:`BalancedBus`: the bus the runner hands a distributed service. It passes
-  everything to the transport, except that a subscription to keyed events with
-  ``partitions=None`` is balanced; critical and broadcast lanes stay with every
-  replica. Services need no change.
+  the :class:`EventBus` interface to the transport, except that a subscription to
+  keyed events with ``partitions=None`` is balanced; critical and broadcast lanes stay
+  with every replica. Services need no change. Transport specifics (``namespace``,
+  ``delete_topology``) are the transport's: reach them through ``inner``.
 """
 
 from __future__ import annotations
@@ -266,9 +267,7 @@ class PartitionBalancer:
         async with self._lock:
             if any(s is subscription for s in self._subscriptions):
                 self._subscriptions = [s for s in self._subscriptions if s is not subscription]
-                unsubscribe = getattr(self.bus, "unsubscribe", None)
-                if unsubscribe is not None:
-                    await unsubscribe(subscription)
+                await self.bus.unsubscribe(subscription)
 
     async def rebalance(self) -> bool:
         """Heartbeat, read the live replicas, move partitions; True when ownership changed."""
@@ -519,9 +518,7 @@ class BalancedBus(EventBus):
                 self._balanced.remove(pair)
                 await self.balancer(subscription.service).remove(pair[1])
                 return
-        unsubscribe = getattr(self.inner, "unsubscribe", None)
-        if unsubscribe is not None:
-            await unsubscribe(subscription)
+        await self.inner.unsubscribe(subscription)
 
     async def consume_partitions(
         self, subscription: Subscription, partitions: Iterable[int]
@@ -565,6 +562,10 @@ class BalancedBus(EventBus):
     def is_healthy(self) -> bool:
         return self.inner.is_healthy()
 
+    def describe(self) -> dict[str, Any]:
+        """The transport's description, with ``ownership`` per balanced service."""
+        return {**self.inner.describe(), "ownership": self.ownership()}
+
     # ---------------------------------------------------------------- passing through
 
     async def publish(self, event: Event) -> None:
@@ -582,9 +583,3 @@ class BalancedBus(EventBus):
         self, service: str, limit: int = 100, *, remove: bool = True
     ) -> list[DeadLetter]:
         return await self.inner.dead_letters(service, limit, remove=remove)
-
-    def __getattr__(self, name: str) -> Any:
-        # transport specifics (namespace, delete_topology, ...) stay reachable
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)

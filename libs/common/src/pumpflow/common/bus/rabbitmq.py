@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -260,6 +261,19 @@ class RabbitMQBus(EventBus):
         if self._channel is None or self._channel.is_closed:
             return False
         return all(c.channel is not None and not c.channel.is_closed for c in self._consumers)
+
+    def describe(self) -> dict[str, Any]:
+        connection = self._connection
+        return {
+            "transport": "rabbitmq",
+            "namespace": self.namespace,
+            "healthy": self.is_healthy(),
+            "connected": connection is not None and not connection.is_closed,
+            "consuming": self._consuming,
+            "partitions": self.partitions,
+            "prefetch": self.prefetch,
+            "queues_consumed": len(self._consumers),
+        }
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
         """Wait until every delivered message is handled and acked, and stays so briefly."""
@@ -689,8 +703,9 @@ class RabbitMQBus(EventBus):
                         service=service,
                         reason=headers.get(REASON_HEADER) or _broker_reason(message),
                         body=message.body,
-                        event_type=headers.get("x-pumpflow-type")
-                        or _type_of(message.routing_key),
+                        event_type=(
+                            headers.get("x-pumpflow-type") or _type_of(message.routing_key)
+                        ),
                         key=headers.get("x-pumpflow-key"),
                         headers=headers,
                     )

@@ -79,9 +79,6 @@ async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
 async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[str, Any]]:
     """Run the checks the service needs; return (ready, details)."""
 
-    async def bus() -> bool:
-        return ctx.bus.is_healthy()
-
     async def store() -> bool:
         return ctx.store is not None and await ctx.store.ping()
 
@@ -90,17 +87,22 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
             return False
         return await ctx.db.fetchval("SELECT 1") == 1
 
-    probes = {"bus": bus}
+    probes = {}
     if service.needs_store:
         probes["store"] = store
     if service.needs_db:
         probes["postgres"] = postgres
-    checks = dict(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
-    ownership = getattr(ctx.bus, "ownership", None)
-    if callable(ownership):
-        # which partitions this replica consumes (replicas share them)
-        for name, owned in ownership().items():
-            checks[f"partitions:{name}"] = {**owned, "ok": owned["healthy"]}
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        bus = ctx.bus.describe()
+        # which partitions this replica consumes, when replicas share them
+        ownership = bus.pop("ownership", {})
+        checks["bus"] = {**bus, "ok": bool(bus.get("healthy"))}
+        for name, owned in ownership.items():
+            checks[f"partitions:{name}"] = {**owned, "ok": bool(owned.get("healthy"))}
+    except Exception as exc:
+        checks["bus"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    checks.update(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
     try:
         status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
         service_ok = status.get("ready", True) is not False
