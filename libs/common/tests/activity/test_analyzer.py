@@ -27,11 +27,13 @@ class Harness:
         self.clock = ReplayClock(start)
         self.transitions: list[Transition] = []
         self.retired: list[tuple[str, str, float]] = []
+        self.feed: list[tuple[str, str]] = []
         self.analyzer = ActivityAnalyzer(
             clock=self.clock,
             thresholds=thresholds,
             on_transition=self.transitions.append,
             on_retire=lambda mint, state: self.retired.append((mint, state, self.clock.now())),
+            on_feed_request=lambda action, mint: self.feed.append((action, mint)),
         )
         self.t0 = start
 
@@ -198,15 +200,18 @@ async def test_inactive_token_revives_on_real_activity_but_not_on_a_straggler():
     h.analyzer.token_created(MINT)
     await h.at(TH.inactive_after_quiet_s)
     assert h.state() == INACTIVE and len(h.retired) == 1
+    assert h.feed == [("unsubscribe", MINT)]
     # one straggler trade: stays inactive, is retired again after revive_window_s
     assert await h.trade(200, trades_per_minute=1, unique_traders=1) is None
     assert h.state() == INACTIVE and h.analyzer.live_count == 1
     await h.at(200 + TH.revive_window_s)
     assert len(h.retired) == 2 and h.analyzer.live_count == 0
+    assert h.feed == [("unsubscribe", MINT)] * 2
     # real activity through another path: revived
     tr = await h.trade(400, **HOT)
     assert tr.state == ACTIVE and tr.previous_state == INACTIVE and "revived" in tr.reason
     assert MINT in set(h.analyzer.watched())
+    assert h.feed[-1] == ("subscribe", MINT)
 
 
 async def test_unknown_mint_is_tracked_from_its_first_trade():

@@ -1,4 +1,4 @@
-"""Token activity: lifecycle states, thresholds and the ActivityAnalyzer."""
+"""Token activity: lifecycle states, thresholds, the per-token processor and its host."""
 
 from pumpflow.common.activity.analyzer import ActivityAnalyzer, TokenActivity, TokenSnapshot
 from pumpflow.common.activity.lifecycle import (
@@ -12,16 +12,36 @@ from pumpflow.common.activity.lifecycle import (
     LifecycleThresholds,
     Transition,
 )
+from pumpflow.common.activity.metrics import (
+    REQUIRED_FEATURES,
+    ActivityMetricsReader,
+    InvalidVector,
+)
+from pumpflow.common.activity.processor import (
+    CONSUMES,
+    ActivityProcessor,
+    ActivityState,
+    FeedAction,
+    FeedRequestCallback,
+)
 
 __all__ = [
     "ACTIVE",
+    "CONSUMES",
     "DECLINING",
     "GRADUATED",
     "INACTIVE",
     "NEW",
+    "REQUIRED_FEATURES",
     "ActivityAnalyzer",
     "ActivityChange",
     "ActivityMetrics",
+    "ActivityMetricsReader",
+    "ActivityProcessor",
+    "ActivityState",
+    "FeedAction",
+    "FeedRequestCallback",
+    "InvalidVector",
     "LifecycleThresholds",
     "TokenActivity",
     "TokenSnapshot",

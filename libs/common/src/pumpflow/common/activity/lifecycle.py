@@ -12,8 +12,8 @@ States (``pumpflow.common.events.LifecycleState``)::
 
 Event-driven rules look at the activity metrics of each update (trading frequency,
 SOL volume, unique traders, price pattern); time-driven rules (nothing traded for a
-while, stuck in declining) run from Clock timers, so a replay on a ReplayClock takes
-exactly the transitions the live run took on the WallClock.
+while, stuck in declining) run from timers on the host's clock, so a replay on a
+ReplayClock takes exactly the transitions the live run took on the WallClock.
 
 What ``inactive`` means: the token is no longer worth watching. Its trade
 subscription at the feed is dropped (subscriptions cost money per message) and its
@@ -24,7 +24,7 @@ once they meet the *active* criteria the token is revived (inactive -> active,
 reason ``revived``) and resubscribed. A few stragglers that do not meet them leave it
 inactive; it is retired again after ``revive_window_s`` without trades.
 
-Threshold defaults, from /work/shared/reference/pumpfun.md (section 4):
+Threshold defaults, from docs/market.md (section 4):
 
 - Graduates take a median of ~457 trades in ~4.4 minutes: ~104 trades/min and
   ~85 SOL in 4.4 min (~19 SOL/min). That is the "hot" pace the activity level is
@@ -117,7 +117,7 @@ class LifecycleThresholds:
 
 
 class ActivityMetrics(msgspec.Struct, frozen=True, kw_only=True):
-    """Activity of one token as of ``time``, computed by the FeatureManager."""
+    """Activity of one token as of ``time``, read from its features vector."""
 
     #: event time the metrics are as of
     time: float
@@ -133,7 +133,6 @@ class ActivityMetrics(msgspec.Struct, frozen=True, kw_only=True):
     #: fall of the price from its peak, 0..1
     drawdown: float = 0.0
     seconds_since_last_trade: float = 0.0
-    trades_total: int = 0
     #: bonding-curve progress 0..1, when known
     curve_progress: float | None = None
 

@@ -1,7 +1,8 @@
-"""Activity metrics from the FeatureManager: the analyzer's only window maths.
+"""Activity metrics read from a features vector (``features.updated``) by name.
 
-Every feature has one implementation in the project, so the rolling windows behind
-:class:`ActivityMetrics` are the FeatureManager's (default feature set):
+Every feature has one implementation in the project, the features service's
+(default feature set), so the rolling windows behind :class:`ActivityMetrics` are
+computed there once and read here:
 
 =========================  ===============================================
 ActivityMetrics            feature(s)
@@ -13,20 +14,21 @@ new_traders                ``new_traders_60s`` (first-time wallets, 60 s)
 price_return               ``return_60s``
 drawdown                   ``drawdown_from_peak``
 curve_progress             ``curve_progress``
-time                       the vector's time (its last trade)
+time                       the vector's time (its token event's time)
 =========================  ===============================================
 
-Windows run in event time up to the token's last trade, so metrics are computed at
-each trade; what happens between trades (silence) is the analyzer's timers' job.
+A vector is computed at each token event, so the metrics are as of a trade; what
+happens between trades (silence) is the lifecycle timers' job.
 """
 
 from __future__ import annotations
 
-from pumpflow.common.activity.lifecycle import ActivityMetrics
-from pumpflow.common.events import Event
-from pumpflow.common.features import FeatureDef, FeatureManager, default_feature_set
+import math
+from collections.abc import Sequence
 
-#: features the metrics read; the FeatureManager's set must contain them
+from pumpflow.common.activity.lifecycle import ActivityMetrics
+
+#: features the metrics read; a vector must contain them (by name, in any order)
 REQUIRED_FEATURES = (
     "trades_per_minute",
     "buy_volume_sol_60s",
@@ -38,84 +40,52 @@ REQUIRED_FEATURES = (
     "curve_progress",
 )
 
-
-def activity_feature_set() -> tuple[FeatureDef, ...]:
-    """The default set's definitions the metrics read, with their dependencies.
-
-    The same definitions (so the same implementations) as the features service uses;
-    only the subset, so a token keeps one 60 s window instead of four and an update
-    computes 9 features instead of ~30.
-    """
-    definitions = default_feature_set()
-    by_name = {d.name: d for d in definitions}
-    wanted: set[str] = set()
-    pending = list(REQUIRED_FEATURES)
-    while pending:
-        name = pending.pop()
-        if name not in wanted:
-            wanted.add(name)
-            pending.extend(by_name[name].dependencies)
-    return tuple(d for d in definitions if d.name in wanted)
+#: feature-set layouts seen at once (a rollout has two); more are rebuilt on demand
+_MAX_LAYOUTS = 8
 
 
-class FeatureActivityMetrics:
-    """Folds token events into a FeatureManager and reads ActivityMetrics from it."""
+class InvalidVector(ValueError):
+    """A vector without every feature of :data:`REQUIRED_FEATURES`, or malformed."""
 
-    def __init__(self, manager: FeatureManager | None = None):
-        self.manager = manager if manager is not None else FeatureManager(activity_feature_set())
-        missing = [n for n in REQUIRED_FEATURES if n not in self.manager.names]
-        if missing:
-            raise ValueError(f"the feature set lacks {missing} needed for activity metrics")
-        index = {name: i for i, name in enumerate(self.manager.names)}
-        (
-            self._tpm,
-            self._buy,
-            self._sell,
-            self._unique,
-            self._new,
-            self._ret,
-            self._dd,
-            self._progress,
-        ) = (index[n] for n in REQUIRED_FEATURES)
 
-    def update(self, event: Event) -> ActivityMetrics | None:
-        """Fold a token.created / token.trade event; its token's metrics after it."""
-        state = self.manager.update_feature_history(event)
-        if state is None:
-            return None
-        return self.metrics(event.data.mint)
+def required_index(names: Sequence[str]) -> tuple[int, ...]:
+    """Positions of :data:`REQUIRED_FEATURES` in ``names``; raise InvalidVector."""
+    index = {name: i for i, name in enumerate(names)}
+    missing = [n for n in REQUIRED_FEATURES if n not in index]
+    if missing:
+        raise InvalidVector(f"the feature set lacks {missing} needed for activity metrics")
+    return tuple(index[n] for n in REQUIRED_FEATURES)
 
-    def metrics(self, mint: str) -> ActivityMetrics | None:
-        """The token's metrics as of its last trade; None if unknown."""
-        state = self.manager.token(mint)
-        if state is None or state.n_events == 0:
-            return None
-        v = self.manager.values(state)
+
+class ActivityMetricsReader:
+    """Reads :class:`ActivityMetrics` from vectors, one cached index per names tuple."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+    def read(
+        self, names: Sequence[str], values: Sequence[float], *, time: float
+    ) -> ActivityMetrics:
+        """The metrics of a vector as of ``time``; raise InvalidVector."""
+        key = tuple(names)
+        positions = self._indexes.get(key)
+        if positions is None:
+            positions = required_index(key)
+            if len(self._indexes) >= _MAX_LAYOUTS:
+                del self._indexes[next(iter(self._indexes))]
+            self._indexes[key] = positions
+        if len(values) != len(key):
+            raise InvalidVector(f"{len(values)} values for {len(key)} feature names")
+        tpm, buy, sell, unique, new, ret, dd, progress = (values[i] for i in positions)
+        if not (math.isfinite(unique) and math.isfinite(new)):
+            raise InvalidVector(f"trader counts must be finite, got {unique} and {new}")
         return ActivityMetrics(
-            time=state.last_time,
-            trades_per_minute=v[self._tpm],
-            sol_volume_per_minute=v[self._buy] + v[self._sell],
-            unique_traders=int(v[self._unique]),
-            new_traders=int(v[self._new]),
-            price_return=v[self._ret],
-            drawdown=max(0.0, v[self._dd]),
-            trades_total=state.n_events,
-            curve_progress=v[self._progress],
+            time=time,
+            trades_per_minute=tpm,
+            sol_volume_per_minute=buy + sell,
+            unique_traders=int(unique),
+            new_traders=int(new),
+            price_return=ret,
+            drawdown=max(0.0, dd),
+            curve_progress=progress,
         )
-
-    def drop(self, mint: str) -> None:
-        self.manager.drop_token(mint)
-
-    def snapshot(self, mint: str) -> bytes | None:
-        return self.manager.snapshot(mint)
-
-    def restore(self, mint: str, raw: bytes, *, seq: int = 0) -> None:
-        self.manager.restore(mint, raw, seq=seq)
-
-    def last_seq(self, mint: str) -> int:
-        """Feed seq of the last event folded in for ``mint`` (0: none or unknown)."""
-        return self.manager.last_seq(mint)
-
-    @property
-    def tracked(self) -> int:
-        return self.manager.tracked
