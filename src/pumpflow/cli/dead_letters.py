@@ -93,8 +93,9 @@ async def move_letters(bus: EventBus, service: str, path: Path) -> int:
 
 async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) -> int:
     from pumpflow.common.bus.factory import create_bus
+    from pumpflow.common.runtime.wiring import bus_config
 
-    bus = create_bus(settings)
+    bus = create_bus(bus_config(settings))
     await bus.start()
     try:
         if args.move is not None:

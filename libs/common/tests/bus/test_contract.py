@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from pumpflow.common.bus import InMemoryBus, Subscription, create_bus, partition_of
+from pumpflow.common.bus import BusConfig, InMemoryBus, Subscription, create_bus, partition_of
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -27,7 +27,6 @@ from pumpflow.common.events import (
     decode_event,
     make_event,
 )
-from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.testing import eventually
 
 
@@ -512,16 +511,25 @@ async def test_memory_queues_wait_for_a_consumer(service):
 
 
 def test_create_bus_picks_the_transport():
-    memory = create_bus(CommonSettings(transport="memory", partitions=8, event_log="all"))
+    memory = create_bus(BusConfig(transport="memory", source="s/1", partitions=8, event_log="all"))
     assert isinstance(memory, InMemoryBus)
     assert memory.partitions == 8
     assert memory.event_log.mode == "all"
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
-    rabbit = create_bus(CommonSettings(transport="rabbitmq", namespace="abc", prefetch=7))
+    config = BusConfig(
+        transport="rabbitmq",
+        source="s/1",
+        amqp_url="amqp://u:secret@host:5672/",
+        namespace="abc",
+        prefetch=7,
+    )
+    rabbit = create_bus(config)
     assert isinstance(rabbit, RabbitMQBus)
-    assert rabbit.exchange_name == "abc.events"
-    assert rabbit.prefetch == 7
+    assert (rabbit.url, rabbit.exchange_name, rabbit.prefetch) == (config.amqp_url, "abc.events", 7)
+    assert "secret" not in repr(config)
+    with pytest.raises(ValueError, match="unknown bus transport"):
+        create_bus(BusConfig(transport="kafka", source="s/1"))  # type: ignore[arg-type]
 
 
 async def test_metrics_are_exposed_with_low_cardinality_labels(service):

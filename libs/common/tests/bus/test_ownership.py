@@ -28,7 +28,6 @@ from pumpflow.common.bus.ownership import (
 )
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, make_event
-from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import eventually
@@ -103,19 +102,15 @@ def test_a_leaving_replica_hands_over_about_its_share_only():
     assert mean(moved) <= 0.08
 
 
-# ---------------------------------------------------------------------- settings
+# ---------------------------------------------------------------------- config
 
 
-def test_heartbeat_settings_have_defaults_and_are_checked():
-    settings = CommonSettings()
-    assert (settings.heartbeat_interval_s, settings.heartbeat_ttl_s) == (1.0, 3.0)
-    assert settings.balance_partitions is True
-    config = OwnershipConfig.of(settings)
-    assert config == OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
-    with pytest.raises(SettingsError, match="PUMPFLOW_HEARTBEAT_TTL_S"):
-        CommonSettings.load(heartbeat_interval_s=2.0, heartbeat_ttl_s=2.0)
+def test_the_ownership_config_is_checked():
+    assert OwnershipConfig() == OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
     with pytest.raises(ValueError, match="heartbeat_ttl_s"):
         OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=0.5)
+    with pytest.raises(ValueError, match="heartbeat_interval_s"):
+        OwnershipConfig(heartbeat_interval_s=0.0)
 
 
 def test_only_keyed_subscriptions_without_partitions_are_balanced():

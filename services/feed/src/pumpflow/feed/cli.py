@@ -222,8 +222,9 @@ async def run(args: argparse.Namespace) -> int:
     bus = None
     if args.bus:
         from pumpflow.common.bus.factory import create_bus
+        from pumpflow.common.runtime.wiring import bus_config
 
-        bus = create_bus(settings)
+        bus = create_bus(bus_config(settings))
         await bus.start()
     try:
         count = await replay(

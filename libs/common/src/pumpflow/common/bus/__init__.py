@@ -14,7 +14,7 @@ from pumpflow.common.bus.abc import (
 )
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.bus.factory import create_bus
+from pumpflow.common.bus.factory import BusConfig, create_bus
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.routing import (
@@ -28,6 +28,7 @@ from pumpflow.common.bus.routing import (
 
 __all__ = [
     "DEFAULT_PARTITIONS",
+    "BusConfig",
     "DeadLetter",
     "Dispatcher",
     "EventBus",

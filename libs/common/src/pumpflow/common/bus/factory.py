@@ -1,35 +1,50 @@
-"""Build the bus a service runs on from its settings."""
+"""Build a bus from a description of it; the runtime derives one from its settings."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Literal
 
 from pumpflow.common.bus.abc import EventBus
-from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.eventlog import EventLog, EventLogMode
+from pumpflow.common.bus.routing import DEFAULT_PARTITIONS
 
-if TYPE_CHECKING:
-    from pumpflow.common.runtime.settings import CommonSettings
+Transport = Literal["memory", "rabbitmq"]
 
 
-def create_bus(settings: CommonSettings) -> EventBus:
-    """Return an unstarted bus of ``settings.transport`` (``memory`` or ``rabbitmq``)."""
-    event_log = EventLog(settings.event_log, settings.event_log_sample_rate)
-    if settings.transport == "memory":
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusConfig:
+    """Which transport to build and how."""
+
+    transport: Transport
+    #: event source of this replica, ``<service>/<replica>``
+    source: str
+    partitions: int = DEFAULT_PARTITIONS
+    event_log: EventLogMode = "none"
+    event_log_sample_rate: float = 0.01
+    #: RabbitMQ only; kept out of repr, it may carry a password
+    amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    namespace: str = "pumpflow"
+    prefetch: int = 256
+
+
+def create_bus(config: BusConfig) -> EventBus:
+    """Return an unstarted bus of ``config.transport`` (``memory`` or ``rabbitmq``)."""
+    event_log = EventLog(config.event_log, config.event_log_sample_rate)
+    if config.transport == "memory":
         from pumpflow.common.bus.memory import InMemoryBus
 
-        return InMemoryBus(
-            partitions=settings.partitions, source=settings.source, event_log=event_log
-        )
-    if settings.transport == "rabbitmq":
+        return InMemoryBus(partitions=config.partitions, source=config.source, event_log=event_log)
+    if config.transport == "rabbitmq":
         # imported here so the embedded mode never needs aio-pika loaded
         from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
         return RabbitMQBus(
-            url=settings.amqp_url,
-            namespace=settings.namespace,
-            partitions=settings.partitions,
-            prefetch=settings.prefetch,
-            source=settings.source,
+            url=config.amqp_url,
+            namespace=config.namespace,
+            partitions=config.partitions,
+            prefetch=config.prefetch,
+            source=config.source,
             event_log=event_log,
         )
-    raise ValueError(f"unknown bus transport {settings.transport!r}")
+    raise ValueError(f"unknown bus transport {config.transport!r}")

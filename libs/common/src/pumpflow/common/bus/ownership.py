@@ -34,7 +34,7 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from prometheus_client import Counter, Gauge
@@ -44,9 +44,6 @@ from pumpflow.common.bus.routing import resolve_types
 from pumpflow.common.clock import Clock, TimerHandle
 from pumpflow.common.events import Event
 from pumpflow.common.state.abc import StateStore
-
-if TYPE_CHECKING:
-    from pumpflow.common.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +131,6 @@ class OwnershipConfig:
             raise ValueError("heartbeat_interval_s must be above 0")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be above heartbeat_interval_s")
-
-    @classmethod
-    def of(cls, settings: CommonSettings) -> OwnershipConfig:
-        return cls(
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            heartbeat_ttl_s=settings.heartbeat_ttl_s,
-        )
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):

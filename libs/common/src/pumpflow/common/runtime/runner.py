@@ -98,8 +98,9 @@ async def run_service(
     exit_code = EXIT_OK
     try:
         from pumpflow.common.bus.factory import create_bus
+        from pumpflow.common.runtime.wiring import bus_config
 
-        bus = create_bus(settings)
+        bus = create_bus(bus_config(settings))
         await bus.start()
         if service_cls.needs_store:
             from pumpflow.common.state.redis import RedisStateStore
@@ -160,7 +161,8 @@ def _balanced(bus, settings: CommonSettings, store, clock):
     Heartbeats go to the service's Redis store, or to one of their own (it connects on
     first use, so a service without keyed subscriptions never touches Redis).
     """
-    from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
+    from pumpflow.common.bus.ownership import BalancedBus
+    from pumpflow.common.runtime.wiring import ownership_config
 
     own_store = None
     if store is None:
@@ -172,7 +174,7 @@ def _balanced(bus, settings: CommonSettings, store, clock):
         store=store,
         clock=clock,
         replica=settings.replica,
-        config=OwnershipConfig.of(settings),
+        config=ownership_config(settings),
     )
     return wrapped, own_store
 
