@@ -6,6 +6,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from features_helpers import Collector, market_events
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
@@ -21,7 +22,7 @@ TRADE_TYPES = ("token.created", "token.trade")
 
 async def start_service(bus, store, clock) -> FeaturesService:
     settings = FeaturesSettings.load(service="features", transport="memory", partitions=4)
-    service = FeaturesService(settings)
+    service = FeaturesService(settings, registry=CollectorRegistry())
     await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
     return service
 
@@ -111,8 +112,9 @@ async def test_a_restarted_replica_resumes_from_the_store(system):
         await bus2.publish(e)
     for e in events[half:]:
         await bus2.publish(e)
-    assert second.counters["duplicates"] == 5
-    assert second.counters["restored"] > 0
+    counts = second.consumer_metrics.counts()
+    assert counts["duplicates"] == 5
+    assert counts["restored"] > 0
     assert_continuous(collector, events)
     for mint, values in expected_features(events).items():
         stored = await second.read_features(mint)
@@ -128,10 +130,10 @@ async def test_inactive_tokens_are_dropped_and_expire(system):
     for e in events:
         await bus.publish(e)
     mint = events[0].key
-    assert service.manager.token(mint) is not None
+    assert mint in service.consumer.keys()
     lifecycle = TokenLifecycle(mint=mint, state="inactive", previous_state="declining")
     await bus.publish(make_event(lifecycle, source="activity/x", time=clock.now(), seq=1))
-    assert service.manager.token(mint) is None
+    assert mint not in service.consumer.keys()
     assert await service.read_features(mint) is not None
     await clock.advance(service.settings.features_inactive_ttl_s + 1)
     assert await service.read_features(mint) is None
@@ -154,16 +156,16 @@ async def test_bad_trade_is_dead_lettered_and_the_stream_goes_on(system):
     await bus.publish(make_event(broken, source="feed/sim", time=good.time, seq=good.seq))
     letters = await bus.dead_letters("features")
     assert len(letters) == 1 and "reserves" in letters[0].reason
-    assert service.counters["invalid"] == 1
+    assert service.consumer_metrics.counts()["invalid"] == 1
     for e in events[3:]:
         if e is not good:
             await bus.publish(e)
-    assert service.counters["updates"] == len(events) - 1
-    assert service.counters["gaps"] == 0  # the dead-lettered event's seq was used up
+    assert service.consumer_metrics.counts()["applied"] == len(events) - 1
+    assert service.consumer_metrics.counts()["gaps"] == 0  # the dead letter's seq is used up
     await service.stop()
 
 
-async def test_idle_tokens_are_frozen_and_publish_the_same_afterwards(system):
+async def test_idle_tokens_are_compacted_and_publish_the_same_afterwards(system):
     import msgspec
 
     bus, store, clock, collector = system
@@ -177,9 +179,9 @@ async def test_idle_tokens_are_frozen_and_publish_the_same_afterwards(system):
     for e in events[:split]:
         await clock.advance_to(e.time)
         await bus.publish(e)
-    await clock.advance_to(events[split].time - 1.0)  # the shed timer runs meanwhile
-    assert service.manager.frozen == service.manager.tracked > 0
-    assert (await service.status())["frozen_tokens"] == service.manager.frozen
+    await clock.advance_to(events[split].time - 1.0)
+    assert service.consumer.compact(idle_s=0.0) == len(service.consumer) > 0
+    assert (await service.status())["compact"] == len(service.consumer)
     for e in events[split:]:
         await clock.advance_to(e.time)
         await bus.publish(e)
@@ -205,23 +207,27 @@ async def test_a_revoked_partitions_tokens_leave_memory_and_reload_with_the_stor
     there = await start_service(bus, store, clock)
     for e in stream[:3]:
         clock.set_sync(e.time)
-        await here.handle(e)
+        await here.consumer.handle(e)
     partition = partition_of(mint, 4)
     others = [m for m in by_mint if partition_of(m, 4) != partition]
     for m in others:
-        await here.handle(by_mint[m][0])
-    await here.revoke_partitions((partition,))
-    assert here.manager.token(mint) is None and here.sequencer.last(mint) == 0
-    assert all(here.manager.token(m) is not None for m in others)  # other partitions stay
+        await here.consumer.handle(by_mint[m][0])
+    await here.consumer.revoke((partition,))
+    assert mint not in here.consumer.keys()
+    assert all(m in here.consumer.keys() for m in others)  # other partitions stay
     # meanwhile the other replica owns it and sees it retire: its keys get a TTL
+    await there.consumer.assign((partition,))
     retired = make_event(
         TokenLifecycle(mint=mint, state="inactive", previous_state="declining",
                        reason="quiet", priority=0, activity_level=0.0),
         source="activity/test", time=clock.now(), seq=1,
     )  # fmt: skip
-    await there.handle(retired)
+    await there.consumer.handle(retired)
+    await there.consumer.revoke((partition,))
     # the partition comes back, and so does the token, active again
-    await here.handle(stream[3])
+    await here.consumer.assign((partition,))
+    await here.consumer.handle(stream[3])
     await clock.advance(here.settings.features_inactive_ttl_s + 1)
     stored = await here.read_features(mint)
     assert stored is not None and stored["seq"] == stream[3].seq
+    assert here.consumer.state(mint).seq == stream[3].seq

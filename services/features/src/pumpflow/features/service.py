@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.consumer import KeyedStatefulConsumer
+from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.features import FeatureManager, FeatureVector
 from pumpflow.common.features.processor import FeaturesProcessor
 from pumpflow.common.features.state import TokenState
@@ -48,6 +48,7 @@ class FeaturesService(Service):
             self.manager, retire_ttl_s=settings.features_inactive_ttl_s
         )
         self.metrics = FeaturesMetrics(registry=registry)
+        self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
         self.consumer: KeyedStatefulConsumer[TokenState] | None = None
         self.reader: FeatureCache | None = None
         self._ctx: ServiceContext | None = None
@@ -65,6 +66,7 @@ class FeaturesService(Service):
             clock=ctx.clock,
             source=ctx.source,
             views=self._views,
+            metrics=self.consumer_metrics,
         )
         self.metrics.serving(self.manager.version, len(self.manager.names))
         await self.consumer.start()

@@ -715,6 +715,7 @@ class KeyedStatefulConsumer(Generic[S]):
             "partitions": sorted(self.owned),
             "pending_changes": len(self._dirty),
             "flushes": self.flushes,
+            **self.metrics.counts(),
             "pool": {
                 "workers": health.workers,
                 "alive": health.alive,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_BY_REGISTRY: dict[int, _Families] = {}
+from pumpflow.common.metrics import families as shared_families
 
 
 class _Families:
@@ -76,10 +76,7 @@ class ConsumerMetrics:
     """The consumer's series for one service, bound once so the hot path only adds."""
 
     def __init__(self, service: str, *, registry: CollectorRegistry | None = None):
-        registry = registry or REGISTRY
-        families = _BY_REGISTRY.get(id(registry))
-        if families is None:
-            families = _BY_REGISTRY[id(registry)] = _Families(registry)
+        families = shared_families("consumer", _Families, registry)
         self.applied = families.events.labels(service, "applied")
         self.invalid = families.events.labels(service, "invalid")
         self.duplicate_events = families.events.labels(service, "duplicate")
@@ -93,3 +90,15 @@ class ConsumerMetrics:
         self.compact_keys = families.keys.labels(service, "compact")
         self.restored = families.restored.labels(service)
         self.retired = families.retired.labels(service)
+
+    def counts(self) -> dict[str, float]:
+        """This service's event counters as numbers (for status pages and tests)."""
+        return {
+            "applied": self.applied._value.get(),
+            "duplicates": self.duplicates._value.get(),
+            "gaps": self.gaps._value.get(),
+            "invalid": self.invalid._value.get(),
+            "timers": self.timers._value.get(),
+            "restored": self.restored._value.get(),
+            "retired": self.retired._value.get(),
+        }
