@@ -1,16 +1,36 @@
-"""A named lease in the shared StateStore: at most one holder at a time.
+"""Leases in the shared StateStore: at most one holder at a time.
 
-The lease is a key holding the holder's id with a TTL. Acquire sets it only if absent;
+A lease is a key holding the holder's id with a TTL. Acquire sets it only if absent;
 renew extends it only while it still holds our id; release deletes it only if it is
 ours. A holder that stops renewing (crash, partition) loses the lease when the TTL runs
 out, so a holder must stop acting before then: renew well inside the TTL and treat a
 failed renewal as lost.
+
+:class:`Lease` is one holder's handle on the key. :class:`LeaderLease` runs the
+election around it for a single-writer role (the feed's PumpPortal connection, the
+live executor): it campaigns until the lease is ours, renews it, and calls back when
+it is won and when it is lost.
+
+Leases are infrastructure: they time out on the wall clock, never on a market clock,
+which runs faster (a simulated market) or jumps (a replay). The store's TTLs must run
+on the wall clock too: Redis's do, and a MemoryStateStore's do when it is built on a
+``WallClock()`` of speed 1.
 """
 
 from __future__ import annotations
 
-from pumpflow.common.clock import Clock
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.state.abc import StateStore
+
+log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "lease:"
 
@@ -18,7 +38,14 @@ LEASE_PREFIX = "lease:"
 class Lease:
     """One holder's handle on the lease ``name``."""
 
-    def __init__(self, store: StateStore, name: str, holder: str, ttl_s: float, clock: Clock):
+    def __init__(
+        self,
+        store: StateStore,
+        name: str,
+        holder: str,
+        ttl_s: float,
+        clock: Clock | None = None,
+    ):
         if ttl_s <= 0:
             raise ValueError("lease ttl_s must be > 0")
         if not holder:
@@ -27,7 +54,8 @@ class Lease:
         self.name = name
         self.holder = holder
         self.ttl_s = ttl_s
-        self._clock = clock
+        #: the clock the store's TTLs follow (the wall, unless a test store runs on another)
+        self._clock = clock or WallClock()
         self._key = LEASE_PREFIX + name
         self._value = holder.encode()
         #: when (clock time) the lease runs out unless renewed; None when not held
@@ -65,3 +93,255 @@ class Lease:
         """Who holds the lease now (None: nobody)."""
         value = await self.store.get(self._key)
         return value.decode() if value is not None else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaderLeaseConfig:
+    """Which lease, who campaigns for it, and its timing (wall-clock seconds)."""
+
+    name: str
+    #: unique per candidate (replica and process): the value held in the key
+    holder: str
+    ttl_s: float = 10.0
+    #: between renewals, and between a standby's attempts; None: a third of the TTL
+    renew_interval_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.holder:
+            raise ValueError("a leader lease needs a name and a holder")
+        if self.ttl_s <= 0:
+            raise ValueError("lease ttl_s must be > 0")
+        if self.renew_interval_s is not None and not 0 < self.renew_interval_s < self.ttl_s:
+            raise ValueError("lease renew_interval_s must be > 0 and below ttl_s")
+
+    @property
+    def interval_s(self) -> float:
+        return self.ttl_s / 3 if self.renew_interval_s is None else self.renew_interval_s
+
+
+Callback = Callable[[], Awaitable[None]]
+Role = Literal["standby", "leader", "stopped"]
+
+
+class LeaderLease:
+    """Campaign for a lease; call ``on_elected`` when it is ours and ``on_lost`` when not.
+
+    - ``start`` makes one attempt before it returns (a sole candidate leads at once;
+      ``on_elected`` has returned by then), then campaigns and renews in the background.
+    - The leader renews every ``interval_s``. A renewal refused (another holds the key),
+      or not done before the lease runs out (a stalled loop, a store that does not
+      answer), loses the lease: ``on_lost`` is awaited and the candidate stands by.
+      A renewal that fails with an error is retried while the lease lasts.
+    - ``on_elected`` is cancelled if the lease is lost while it runs; if it raises,
+      ``on_lost`` undoes what it started and the lease is released.
+    - ``on_renewed`` (optional) runs after each renewal: checkpoint what a successor
+      needs. ``on_resign`` (optional) runs in ``stop`` while the lease is still held and
+      renewed: stop the guarded work and flush it before the lease is released.
+
+    Callbacks must not raise to signal anything but a failure; their errors are logged.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        config: LeaderLeaseConfig,
+        *,
+        on_elected: Callback,
+        on_lost: Callback,
+        on_renewed: Callback | None = None,
+        on_resign: Callback | None = None,
+    ):
+        self.config = config
+        self.lease = Lease(store, config.name, config.holder, config.ttl_s)
+        self._on_elected = on_elected
+        self._on_lost = on_lost
+        self._on_renewed = on_renewed
+        self._on_resign = on_resign
+        self._role: Role = "standby"
+        self._stopping = False
+        #: time.monotonic() at which the lease runs out unless renewed (while leader)
+        self._deadline = 0.0
+        self._campaign: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
+        self._electing: asyncio.Task | None = None
+        self._standing_by = asyncio.Event()
+        self._standing_by.set()
+        self.elections = 0
+        self.renewals = 0
+        self.losses = 0
+
+    @property
+    def store(self) -> StateStore:
+        return self.lease.store
+
+    @property
+    def holder(self) -> str:
+        return self.config.holder
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def is_leader(self) -> bool:
+        return self._role == "leader"
+
+    async def current_holder(self) -> str | None:
+        """Who holds the lease now, by the store (None: nobody)."""
+        return await self.lease.current_holder()
+
+    async def start(self) -> bool:
+        """Try once now, then campaign in the background; True when leading already."""
+        if self._campaign is not None or self._role == "stopped":
+            raise RuntimeError(f"lease {self.config.name}: started already")
+        if await self._acquire():
+            await self._lead()
+        self._campaign = asyncio.create_task(
+            self._run(), name=f"lease:{self.config.name}:{self.holder}"
+        )
+        return self.is_leader
+
+    async def stop(self) -> None:
+        """Stop campaigning; a leader runs ``on_resign``, then releases the lease."""
+        if self._role == "stopped":
+            return
+        self._stopping = True
+        await _cancel(self._campaign)
+        self._campaign = None
+        await _cancel(self._electing)
+        if self.is_leader and self._on_resign is not None:
+            # still renewed meanwhile: a long flush must not let a successor start early
+            await self._call("on_resign", self._on_resign)
+        renewer = self._renewer
+        if renewer is not None:
+            if self.is_leader:
+                await _cancel(renewer)
+            else:
+                await renewer  # it is stepping down: let on_lost finish
+        if self.is_leader:
+            try:
+                await self.lease.release()
+            except Exception:
+                log.exception(
+                    "lease %s: release by %s failed (it runs out within %g s)",
+                    self.config.name, self.holder, self.config.ttl_s,
+                )  # fmt: skip
+        self._role = "stopped"
+        self._standing_by.set()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _acquire(self) -> bool:
+        started = time.monotonic()
+        try:
+            acquired = await asyncio.wait_for(self.lease.acquire(), self.config.ttl_s)
+        except Exception as exc:
+            log.warning("lease %s: acquire by %s failed: %s: %s",
+                        self.config.name, self.holder, type(exc).__name__, exc)  # fmt: skip
+            return False
+        if not acquired:
+            return False
+        self._deadline = started + self.config.ttl_s
+        if time.monotonic() >= self._deadline:
+            return False  # the answer came too late to act on: it may have run out already
+        return True
+
+    async def _lead(self) -> None:
+        """Lead: renew in the background and run ``on_elected``."""
+        self._role = "leader"
+        self._standing_by.clear()
+        self.elections += 1
+        log.info("lease %s: %s elected", self.config.name, self.holder)
+        self._renewer = asyncio.create_task(
+            self._renew(), name=f"lease-renew:{self.config.name}:{self.holder}"
+        )
+        self._electing = asyncio.ensure_future(self._on_elected())
+        try:
+            await self._electing
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            # the lease was lost while it ran: on_lost cleans up
+        except Exception:
+            log.exception("lease %s: on_elected of %s failed: stepping down",
+                          self.config.name, self.holder)  # fmt: skip
+            await self._step_down("on_elected failed", release=True)
+        finally:
+            self._electing = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._standing_by.wait()
+            await asyncio.sleep(self.config.interval_s)
+            if not self._stopping and await self._acquire():
+                await self._lead()
+
+    async def _renew(self) -> None:
+        interval = self.config.interval_s
+        try:
+            while True:
+                left = self._deadline - time.monotonic()
+                await asyncio.sleep(max(0.0, min(interval, left / 2)))
+                reason = await self._renew_once()
+                if reason is not None:
+                    await self._step_down(reason)
+                    return
+                self.renewals += 1
+                if self._on_renewed is not None and not self._stopping:
+                    await self._call("on_renewed", self._on_renewed)
+        finally:
+            if self._renewer is asyncio.current_task():
+                self._renewer = None
+
+    async def _renew_once(self) -> str | None:
+        """Renew before the deadline; return why it was lost, or None when renewed."""
+        while True:
+            started = time.monotonic()
+            left = self._deadline - started
+            if left <= 0:
+                return "it ran out before it was renewed"
+            try:
+                renewed = await asyncio.wait_for(self.lease.renew(), left)
+            except TimeoutError:
+                return "the store did not answer before it ran out"
+            except Exception as exc:
+                log.warning("lease %s: renewal by %s failed (%s: %s); retrying",
+                            self.config.name, self.holder, type(exc).__name__, exc)  # fmt: skip
+                await asyncio.sleep(min(self.config.interval_s / 4, max(0.0, left) / 2))
+                continue
+            if not renewed:
+                return "another holds it"
+            self._deadline = started + self.config.ttl_s
+            return None
+
+    async def _step_down(self, reason: str, *, release: bool = False) -> None:
+        if self._role != "leader":
+            return
+        self._role = "standby"
+        self.losses += 1
+        current = asyncio.current_task()
+        if self._electing is not None and self._electing is not current:
+            self._electing.cancel()  # _lead, which awaits it, sees the cancellation
+        if self._renewer is not None and self._renewer is not current:
+            await _cancel(self._renewer)
+        log.warning("lease %s lost by %s: %s", self.config.name, self.holder, reason)
+        await self._call("on_lost", self._on_lost)
+        if release:
+            with contextlib.suppress(Exception):
+                await self.lease.release()
+        if not self._stopping:
+            self._standing_by.set()
+
+    async def _call(self, what: str, callback: Callback) -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("lease %s: %s of %s failed", self.config.name, what, self.holder)
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

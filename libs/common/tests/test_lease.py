@@ -1,0 +1,213 @@
+"""LeaderLease on both state stores: election, renewal, loss, take-over, on real time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pumpflow.common.clock import WallClock
+from pumpflow.common.lease import LeaderLease, LeaderLeaseConfig, Lease
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.state.redis import RedisStateStore
+from pumpflow.common.testing import eventually
+
+TTL = 0.3
+NAME = "writer"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request, namespace, redis_url):
+    if request.param == "memory":
+        # leases time out on the wall clock: so must the store's TTLs
+        yield MemoryStateStore(WallClock())
+        return
+    redis_store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        yield redis_store
+    finally:
+        await redis_store.delete_many(await redis_store.scan_keys(""))
+        await redis_store.close()
+
+
+class Candidate:
+    """A single writer that records what the lease tells it, in order."""
+
+    def __init__(self, store, holder: str, *, fail_election: bool = False):
+        self.calls: list[str] = []
+        self.fail_election = fail_election
+        #: who held the lease in the store when on_resign ran
+        self.holder_at_resign: str | None = None
+        self.lease = LeaderLease(
+            store,
+            LeaderLeaseConfig(name=NAME, holder=holder, ttl_s=TTL),
+            on_elected=self.elected,
+            on_lost=self.lost,
+            on_renewed=self.renewed,
+            on_resign=self.resign,
+        )
+
+    async def elected(self) -> None:
+        self.calls.append("elected")
+        if self.fail_election:
+            raise RuntimeError("cannot start the guarded work")
+
+    async def lost(self) -> None:
+        self.calls.append("lost")
+
+    async def renewed(self) -> None:
+        if self.calls[-1] != "renewed":
+            self.calls.append("renewed")
+
+    async def resign(self) -> None:
+        self.calls.append("resign")
+        self.holder_at_resign = await self.lease.current_holder()
+
+
+async def test_one_candidate_is_elected_renews_and_the_other_stands_by(store):
+    one, two = Candidate(store, "one"), Candidate(store, "two")
+    try:
+        assert await one.lease.start() is True
+        assert one.calls == ["elected"]  # on_elected has returned when start does
+        assert await two.lease.start() is False
+        assert two.lease.role == "standby"
+        # many TTLs of renewals: the lease never lapses and the standby never gets it
+        await eventually(lambda: one.lease.renewals >= 12)
+        assert one.lease.is_leader and one.lease.losses == 0
+        assert one.calls == ["elected", "renewed"]
+        assert two.calls == [] and two.lease.elections == 0
+        assert await two.lease.current_holder() == "one"
+    finally:
+        await one.lease.stop()
+        await two.lease.stop()
+
+
+async def test_the_standby_takes_over_at_once_when_the_leader_stops(store):
+    one, two = Candidate(store, "one"), Candidate(store, "two")
+    try:
+        await one.lease.start()
+        await two.lease.start()
+        stopped = time.monotonic()
+        await one.lease.stop()
+        # resigned while still holding it, then released: not lost
+        assert one.calls[-1] == "resign" and one.holder_at_resign == "one"
+        assert "lost" not in one.calls and one.lease.role == "stopped"
+        await eventually(lambda: two.lease.is_leader)
+        # within a campaign interval, not after the TTL it would take to run out
+        assert time.monotonic() - stopped < TTL
+        assert await two.lease.current_holder() == "two"
+    finally:
+        await one.lease.stop()
+        await two.lease.stop()
+
+
+async def test_a_leader_stalled_past_its_ttl_loses_the_lease_and_calls_on_lost(store):
+    one, two = Candidate(store, "one"), Candidate(store, "two")
+    try:
+        await one.lease.start()
+        await two.lease.start()
+        await eventually(lambda: one.lease.renewals >= 1)
+        # the whole process stalls (a long GC pause, a blocked event loop): the lease
+        # runs out in the store meanwhile, and the leader must not act on it any more
+        time.sleep(TTL * 1.5)  # noqa: ASYNC251 - the stall is the fault under test
+        await eventually(lambda: "lost" in one.calls)
+        assert one.lease.losses == 1
+        # someone leads again, and only one of them
+        await eventually(lambda: one.lease.is_leader or two.lease.is_leader)
+        leaders = [c for c in (one, two) if c.lease.is_leader]
+        assert len(leaders) == 1
+        assert await one.lease.current_holder() == leaders[0].lease.holder
+    finally:
+        await one.lease.stop()
+        await two.lease.stop()
+
+
+async def test_a_leader_whose_lease_another_holds_steps_down_and_campaigns_again(store):
+    one = Candidate(store, "one")
+    try:
+        await one.lease.start()
+        # the key is taken from under it (as after a pause the holder did not notice)
+        await store.delete_if_equal("lease:" + NAME, b"one")
+        thief = Lease(store, NAME, "thief", 60.0)
+        assert await thief.acquire()
+        await eventually(lambda: one.calls[-1:] == ["lost"])
+        assert one.lease.role == "standby"
+        await thief.release()
+        await eventually(lambda: one.lease.is_leader)
+        assert [c for c in one.calls if c != "renewed"] == ["elected", "lost", "elected"]
+        assert one.lease.elections == 2 and one.lease.losses == 1
+    finally:
+        await one.lease.stop()
+
+
+async def test_a_failed_election_is_undone_and_the_lease_left_to_another(store):
+    broken, healthy = Candidate(store, "broken", fail_election=True), Candidate(store, "healthy")
+    try:
+        assert await broken.lease.start() is False
+        assert broken.calls == ["elected", "lost"]  # on_lost undoes the half-started work
+        assert await healthy.lease.start() is True  # released: no TTL to wait out
+    finally:
+        await broken.lease.stop()
+        await healthy.lease.stop()
+
+
+_DYING_HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pumpflow.common.lease import LeaderLease, LeaderLeaseConfig
+    from pumpflow.common.state.redis import RedisStateStore
+
+    async def main(url, namespace, ttl):
+        store = RedisStateStore(url=url, namespace=namespace)
+
+        async def say(what):
+            print(what, flush=True)
+
+        lease = LeaderLease(
+            store,
+            LeaderLeaseConfig(name="writer", holder="doomed", ttl_s=ttl),
+            on_elected=lambda: say("elected"),
+            on_lost=lambda: say("lost"),
+            on_renewed=lambda: say("renewed"),
+        )
+        await lease.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    """
+)
+
+
+@pytest.mark.redis
+async def test_the_standby_takes_over_when_the_leader_process_dies(namespace, redis_url):
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DYING_HOLDER, redis_url, namespace, str(TTL),
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    standby = Candidate(store, "standby")
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"elected\n"
+        assert await standby.lease.start() is False
+        for _ in range(6):  # two TTLs of renewals by the holder: the standby waits
+            assert await asyncio.wait_for(child.stdout.readline(), 5) == b"renewed\n"
+        assert standby.calls == []
+        killed = time.monotonic()
+        child.send_signal(signal.SIGKILL)  # no release: the lease has to run out
+        await child.wait()
+        await eventually(lambda: standby.lease.is_leader, within=10 * TTL)
+        # not before the dead holder's last renewal (a third of a TTL ago at most) ran out
+        assert time.monotonic() - killed > TTL / 2
+        assert standby.calls == ["elected"]
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        await standby.lease.stop()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
