@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 from features_helpers import Collector, market_events
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
@@ -17,7 +18,7 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.state.feature_cache import FeatureCache
-from pumpflow.features.service import STATE_KEY, FeaturesService, FeaturesSettings
+from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")
 
@@ -29,17 +30,13 @@ class CountingStore(MemoryStateStore):
         super().__init__(clock)
         self.calls: Counter[str] = Counter()
 
-    async def hset_many(self, items, ttl=None):
-        self.calls["hset_many"] += 1
-        await super().hset_many(items, ttl)
+    async def write(self, batch):
+        self.calls["write"] += 1
+        await super().write(batch)
 
-    async def hgetall(self, key):
-        self.calls["hgetall"] += 1
-        return await super().hgetall(key)
-
-    async def expire_many(self, keys, ttl):
-        self.calls["expire_many"] += 1
-        await super().expire_many(keys, ttl)
+    async def get_many(self, keys):
+        self.calls["get_many"] += 1
+        return await super().get_many(keys)
 
 
 @pytest.fixture
@@ -65,7 +62,7 @@ async def start_service(bus, store, clock, *, workers: int) -> FeaturesService:
     settings = FeaturesSettings.load(
         service="features", transport="memory", partitions=4, features_workers=workers
     )
-    service = FeaturesService(settings)
+    service = FeaturesService(settings, registry=CollectorRegistry())
     await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
     return service
 
@@ -82,13 +79,13 @@ async def backlog(service: FeaturesService, events) -> None:
     """Hand ``events`` over while the pool's workers are all busy, then let them go."""
     gate = asyncio.Event()
     blockers = [
-        service.pool.submit(f"blocker-{i}", gate.wait)
+        service.consumer.pool.submit(f"blocker-{i}", gate.wait)
         for i in range(service.settings.features_workers)
     ]
     await asyncio.sleep(0)  # the workers take the blockers
-    handlers = [asyncio.create_task(service.handle(e)) for e in events]
+    handlers = [asyncio.create_task(service.consumer.handle(e)) for e in events]
     await asyncio.sleep(0)  # each handler submits its work and waits for it
-    assert service.pool.queue_depth == len(events)
+    assert service.consumer.pool.queue_depth == len(events)
     gate.set()
     await asyncio.gather(*blockers, *handlers)
 
@@ -138,14 +135,18 @@ async def test_a_lifecycle_priority_reranks_work_already_queued(system):
     )[:2]
     service = await start_service(bus, store, clock, workers=1)
     gate = asyncio.Event()
-    blocker = service.pool.submit("blocker", gate.wait)
+    blocker = service.consumer.pool.submit("blocker", gate.wait)
     await asyncio.sleep(0)
-    handlers = [asyncio.create_task(service.handle(e)) for e in first_stream + second_stream]
+    handlers = [
+        asyncio.create_task(service.consumer.handle(e)) for e in first_stream + second_stream
+    ]
     await asyncio.sleep(0)
-    assert service.pool.queue_depth == len(handlers)
+    assert service.consumer.pool.queue_depth == len(handlers)
     # while they wait, the activity service says the second token matters more
     urgent = TokenLifecycle(mint=second, state="active", priority=Priority.URGENT)
-    await service.handle(make_event(urgent, source="activity/t", time=clock.now(), seq=1))
+    hint = make_event(urgent, source="activity/t", time=clock.now(), seq=1)
+    handlers.append(asyncio.create_task(service.consumer.handle(hint)))
+    await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(blocker, *handlers)
     assert order == [second] * len(second_stream) + [first] * len(first_stream)
@@ -160,35 +161,28 @@ async def test_many_tokens_share_group_commits_and_nothing_is_lost(system):
     service = await start_service(bus, store, clock, workers=8)
     await backlog(service, events)
     assert_in_order(collector, by_mint)
-    assert service.counters["updates"] == len(events)
-    # features and checkpoint in one hset_many per group, shared by concurrent workers
-    assert store.calls["hset_many"] == service._writer.flushes < len(events) / 2
-    assert store.calls["hgetall"] == len(by_mint)  # one checkpoint look-up per new token
-    assert store.calls["expire_many"] == 0
-    # one format: a fresh cache reads from the store what the service's holds in memory
+    assert service.consumer_metrics.counts()["applied"] == len(events)
+    # state, tracking and vector of many tokens in one write per group commit
+    assert store.calls["write"] == service.consumer.flushes < len(events) / 2
+    assert store.calls["get_many"] == len(by_mint)  # one record look-up per new token
+    # one format: a fresh cache reads from the store what the service publishes
     fresh = FeatureCache(store)
-    for mint in by_mint:
-        assert mint in service.cache
-        from_memory = await service.cache.get(mint)
-        assert await fresh.get(mint) == from_memory
-        assert await store.hgetall(STATE_KEY + mint)
-    before = store.calls["hgetall"]
-    assert (await service.read_features(mint))["out_seq"] == len(by_mint[mint])
-    assert store.calls["hgetall"] == before  # served from memory
+    for mint, stream in by_mint.items():
+        vector = await fresh.get(mint)
+        assert vector.values == collector.by_mint[mint][-1].data.values
+        assert (await service.read_features(mint))["out_seq"] == len(stream)
     await service.stop()
 
 
-async def test_reads_fall_back_to_the_store_and_check_the_version(system):
+async def test_reads_check_the_version(system):
     bus, store, clock, _, _ = system
     by_mint = streams(14, 30.0)
     mint, stream = next(iter(by_mint.items()))
     service = await start_service(bus, store, clock, workers=2)
     for e in stream:
-        await service.handle(e)
-    await service.cache.clear()  # memory gone (evicted, say): the store answers
+        await service.consumer.handle(e)
     stored = await service.read_features(mint)
     assert stored is not None and stored["seq"] == stream[-1].seq
-    assert len(service.cache) == 0  # a store read is not kept (other replicas update it)
-    await store.hset_many({service.cache.key(mint): {"version": "another-set"}})
+    await store.hset_many({f"features:{mint}": {"version": "another-set"}})
     assert await service.read_features(mint) is None
     await service.stop()

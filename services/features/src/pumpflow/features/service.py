@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
+from pumpflow.common.events import Event
 from pumpflow.common.features import FeatureManager, FeatureVector
 from pumpflow.common.features.processor import FeaturesProcessor
 from pumpflow.common.features.state import TokenState
@@ -66,6 +67,7 @@ class FeaturesService(Service):
             clock=ctx.clock,
             source=ctx.source,
             views=self._views,
+            priority_hint=lifecycle_priority,
             metrics=self.consumer_metrics,
         )
         self.metrics.serving(self.manager.version, len(self.manager.names))
@@ -126,3 +128,8 @@ class FeaturesService(Service):
             return found
 
         return router
+
+
+def lifecycle_priority(event: Event) -> int | None:
+    """The priority a ``token.lifecycle`` event recommends for the token's queued work."""
+    return event.data.priority if event.type == "token.lifecycle" else None

@@ -4,8 +4,10 @@ A service hands it a pure :class:`~pumpflow.common.keyed.KeyedProcessor`; the co
 owns the rest:
 
 - **Order.** Each event's work runs on the TokenMonitorThreadPool under its key, at
-  the key's priority, so a key's events and timers apply in order while busy keys of
-  other partitions wait behind more important ones. The subscription takes a window
+  the key's priority (set by the processor, or at once by ``priority_hint`` from an
+  event such as a lifecycle change, re-ranking work already queued), so a key's
+  events and timers apply in order while busy keys of other partitions wait behind
+  more important ones. The subscription takes a window
   of deliveries per partition at once (``window``), so many keys' events are applied
   while one group commit is stored.
 - **Tracking record.** Each key has one record in the store, ``<service>:key:<key>``:
@@ -232,6 +234,7 @@ class KeyedStatefulConsumer(Generic[S]):
         clock: Clock,
         source: str,
         views: ViewsFunction | None = None,
+        priority_hint: Callable[[Event], int | None] | None = None,
         metrics: ConsumerMetrics | None = None,
     ):
         self.processor = processor
@@ -241,6 +244,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self.clock = clock
         self.source = source
         self._views = views
+        self._priority_hint = priority_hint
         self.metrics = metrics or ConsumerMetrics(config.service)
         self.pool = TokenMonitorThreadPool(
             WorkerPoolConfig(
@@ -311,6 +315,14 @@ class KeyedStatefulConsumer(Generic[S]):
             raise InvalidInput(f"{event.type} has no key")
         entry = self._keys.get(key)
         priority = entry.priority if entry is not None else Priority.NORMAL
+        if self._priority_hint is not None:
+            hinted = self._priority_hint(event)
+            if hinted is not None:
+                # re-rank the key's queued work now, not once this event's turn comes
+                priority = hinted
+                if entry is not None:
+                    entry.priority = hinted
+                self.pool.set_priority(key, hinted)
         changed = await self.pool.submit(key, lambda: self._apply(key, event), priority=priority)
         await self._until_stored(changed)
 
