@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from features_helpers import market_events
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import WallClock
@@ -15,6 +16,10 @@ from pumpflow.features.service import FeaturesService, FeaturesSettings
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 
 PARTITIONS = 4
+
+
+def applied(service: FeaturesService) -> float:
+    return service.consumer_metrics.counts()["applied"]
 
 
 async def test_restart_mid_stream_loses_and_doubles_nothing(
@@ -58,31 +63,29 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
         store_a = RedisStateStore(url=redis_url, namespace=namespace)
         stores.append(store_a)
         bus_a = await new_bus("features/a")
-        first = FeaturesService(settings)
+        first = FeaturesService(settings, registry=CollectorRegistry())
         await first.start(
             ServiceContext(settings=settings, bus=bus_a, clock=WallClock(), store=store_a)
         )
         await feed.publish_many(events)
-        await eventually(lambda: first.counters["updates"] >= trades // 3)
+        await eventually(lambda: applied(first) >= trades // 3)
         # The replica goes away mid-stream (its connection closes; unacked work returns).
         await bus_a.close()
-        processed_by_first = first.counters["updates"]
+        processed_by_first = applied(first)
         assert processed_by_first < trades
 
         store_b = RedisStateStore(url=redis_url, namespace=namespace)
         stores.append(store_b)
         bus_b = await new_bus("features/b")
-        second = FeaturesService(settings)
+        second = FeaturesService(settings, registry=CollectorRegistry())
         await second.start(
             ServiceContext(settings=settings, bus=bus_b, clock=WallClock(), store=store_b)
         )
-        await eventually(
-            lambda: first.counters["updates"] + second.counters["updates"] >= trades, 60.0
-        )
+        await eventually(lambda: applied(first) + applied(second) >= trades, 60.0)
         assert await bus_b.drain(10.0)
         assert await feed.drain(10.0)
-        assert first.counters["updates"] + second.counters["updates"] == trades
-        assert second.counters["restored"] > 0
+        assert applied(first) + applied(second) == trades
+        assert second.consumer_metrics.counts()["restored"] > 0
 
         expected = FeatureManager()
         counts: dict[str, int] = {}
