@@ -1,7 +1,11 @@
 """What-if replay of adaptive subscriptions over a stream of PumpPortal frames.
 
-Runs the activity analyzer (with its FeatureManager metrics) on a ReplayClock over
-``(seconds, frame)`` pairs, as fast as possible, and models the feed: a token's
+Runs what the features and activity services run, in one process on a ReplayClock,
+over ``(seconds, frame)`` pairs, as fast as possible: each token event is folded into
+a :class:`~pumpflow.common.features.FeatureManager` (the features service's domain),
+its vector read as activity metrics and handed to the
+:class:`~pumpflow.common.activity.ActivityAnalyzer` (the activity service's
+processor, hosted on the clock's timers). The feed is modelled: a token's
 trades are streamed from its creation until it is retired (unsubscribed), after
 which its trade frames are not delivered (and not paid for). Creations and
 migrations come from the free feeds and are always delivered.
@@ -19,10 +23,14 @@ from typing import Any
 
 import msgspec
 
-from pumpflow.common.activity import ActivityAnalyzer, LifecycleThresholds, Transition
-from pumpflow.common.activity.metrics import FeatureActivityMetrics
+from pumpflow.common.activity import (
+    ActivityAnalyzer,
+    ActivityMetricsReader,
+    LifecycleThresholds,
+    Transition,
+)
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import make_event
+from pumpflow.common.features import FeatureManager
 from pumpflow.common.pumpportal import decode_token_frame
 
 
@@ -89,10 +97,12 @@ async def replay_subscriptions(
     sample_every_s: float = 5.0,
     hot_trades_per_minute: int = 6,
 ) -> ReplayReport:
-    """Replay ``frames`` through the analyzer with the feed modelled; return the figures."""
+    """Replay ``frames`` through features and activity with the feed modelled; return the
+    figures."""
     clock = ReplayClock(start)
     report = ReplayReport()
-    source = FeatureActivityMetrics()
+    manager = FeatureManager()
+    reader = ActivityMetricsReader()
     streamed: set[str] = set()
     transitions: dict[str, int] = defaultdict(int)
 
@@ -103,7 +113,8 @@ async def replay_subscriptions(
                 streamed.add(t.mint)
 
     def on_retire(mint: str, state: str) -> None:
-        source.drop(mint)
+        # the features service drops a token that retires (its lifecycle event)
+        manager.drop_token(mint)
         streamed.discard(mint)
         report.retired_at[mint] = clock.now()
 
@@ -136,7 +147,6 @@ async def replay_subscriptions(
             report.launched += 1
             streamed.add(mint)
             report.last_activity[mint] = now
-            analyzer.token_created(mint)
         elif kind == "migrate":
             report.graduated += 1
             analyzer.token_migrated(mint)
@@ -153,11 +163,14 @@ async def replay_subscriptions(
             minute_watched[slot] = True
             report.delivered_trades += 1
             report.last_activity[mint] = now
-        metrics = source.update(make_event(payload, source="replay", time=now, event_id=mint))
-        if metrics is not None:
-            analyzer.update_activity_metrics(mint, metrics)
-            if not analyzer.is_live(mint):
-                source.drop(mint)
+        state = manager.update_feature_history(payload, time=now)
+        if state is None:
+            continue
+        # what activity reads from the features.updated of this event
+        metrics = reader.read(manager.names, manager.values(state), time=now)
+        analyzer.update_activity_metrics(mint, metrics)
+        if not analyzer.is_live(mint):
+            manager.drop_token(mint)
     report.wall_s = time.perf_counter() - wall
     report.duration_s = last_t
     report.mean_watched = watched_sum / samples if samples else 0.0

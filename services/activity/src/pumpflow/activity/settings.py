@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pumpflow.common.activity import LifecycleThresholds
+from pumpflow.common.activity import CONSUMES, LifecycleThresholds
+from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.runtime.settings import CommonSettings
 
 
@@ -12,12 +13,15 @@ class ActivitySettings(CommonSettings):
     """Environment of the activity service."""
 
     service: str = Field("activity", description="service name; first part of event sources")
-    activity_workers: int = Field(2, ge=1, le=64, description="token monitor workers")
+    activity_workers: int = Field(2, ge=1, le=64, description="token workers")
+    activity_window: int = Field(
+        64, ge=1, le=4096, description="deliveries per partition applied while storing"
+    )
     activity_task_deadline_s: float = Field(
         10.0, gt=0, description="a token task running longer is hung"
     )
-    activity_checkpoint_interval_s: float = Field(
-        1.0, gt=0, description="how often changed token state is checkpointed to the store"
+    activity_compact_after_s: float = Field(
+        120.0, gt=0, description="a token idle this long is held as compact bytes"
     )
     activity_subscription_batch_s: float = Field(
         1.0, gt=0, description="feed (un)subscribe commands are batched over this long"
@@ -26,7 +30,7 @@ class ActivitySettings(CommonSettings):
         1000, ge=1, le=5000, description="mints per feed command (PumpPortal allows 5000)"
     )
     activity_state_ttl_s: float = Field(
-        6 * 3600.0, gt=0, description="TTL of a live token's checkpoint in the store"
+        6 * 3600.0, gt=0, description="TTL of a live token's record in the store"
     )
     activity_inactive_after_quiet_s: float = Field(
         180.0, gt=0, description="no trades this long makes a token inactive"
@@ -47,4 +51,15 @@ class ActivitySettings(CommonSettings):
             decline_after_quiet_s=self.activity_decline_after_quiet_s,
             new_max_age_s=self.activity_new_max_age_s,
             declining_max_s=self.activity_declining_max_s,
+        )
+
+    def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        return KeyedConsumerConfig(
+            service=service,
+            patterns=CONSUMES,
+            workers=self.activity_workers,
+            window=self.activity_window,
+            task_deadline_s=self.activity_task_deadline_s,
+            live_ttl_s=self.activity_state_ttl_s,
+            compact_after_s=self.activity_compact_after_s,
         )
