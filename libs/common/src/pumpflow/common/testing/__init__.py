@@ -1,29 +1,64 @@
-"""Helpers for tests of pumpflow code and of code built on it."""
+"""The test kit of pumpflow code and of code built on it.
 
-from __future__ import annotations
+- :func:`eventually`: a bounded poll for outcomes with nothing else to await.
+- :class:`EventCollector`: a bus handler that records events; await n events of a type,
+  or a predicate, and end negative checks with a :meth:`~EventCollector.barrier`.
+- :class:`TokenEvents`: the feed's token events, valid and on the real curve;
+  :func:`sample_payload` a valid payload of any type; :func:`partition_keys`.
+- :class:`BusHarness`: started buses of either transport, torn down after the test.
+- :func:`stack_env` / :class:`ProcessStack`: services as processes on the test's servers.
+- :mod:`pumpflow.common.testing.plugin`: the pytest fixtures over all of these.
 
-import asyncio
-import socket
-import time
-from collections.abc import Callable
+No pytest here (only in the plugin), so benchmarks and scripts may use the kit too.
+"""
 
+from pumpflow.common.testing.bus import MEMORY, RABBITMQ, TRANSPORTS, BusHarness
+from pumpflow.common.testing.collector import EventCollector
+from pumpflow.common.testing.factories import (
+    START,
+    TokenEvents,
+    partition_keys,
+    sample_payload,
+)
+from pumpflow.common.testing.servers import (
+    AMQP_URL,
+    POSTGRES_DSN,
+    REDIS_URL,
+    drop_schema,
+    free_port,
+    rabbitmq_vhost,
+)
+from pumpflow.common.testing.stack import (
+    PUMPFLOW,
+    ProcessStack,
+    http_get,
+    http_json,
+    settings_env,
+    stack_env,
+)
+from pumpflow.common.testing.waiting import eventually
 
-async def eventually(condition: Callable[[], bool], within: float = 30.0) -> None:
-    """Poll ``condition`` until it holds; fail when it does not within ``within`` seconds.
-
-    For outcomes that other tasks bring about (bus handlers, socket loops) and that
-    offer nothing to await but the outcome itself. The limit only bounds a failure;
-    a passing test returns as soon as the condition holds.
-    """
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within:g} s")
-        await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = [
+    "AMQP_URL",
+    "MEMORY",
+    "POSTGRES_DSN",
+    "PUMPFLOW",
+    "RABBITMQ",
+    "REDIS_URL",
+    "START",
+    "TRANSPORTS",
+    "BusHarness",
+    "EventCollector",
+    "ProcessStack",
+    "TokenEvents",
+    "drop_schema",
+    "eventually",
+    "free_port",
+    "http_get",
+    "http_json",
+    "partition_keys",
+    "rabbitmq_vhost",
+    "sample_payload",
+    "settings_env",
+    "stack_env",
+]

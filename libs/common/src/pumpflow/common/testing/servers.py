@@ -1,0 +1,62 @@
+"""The servers tests run against (RabbitMQ, Redis, PostgreSQL on 127.0.0.1), and ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+#: overridable per run, e.g. for servers in containers elsewhere
+AMQP_URL = os.environ.get("PUMPFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("PUMPFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_DSN = os.environ.get(
+    "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost(url: str = AMQP_URL, *, user: str = "guest") -> Iterator[str]:
+    """The broker URL in a virtual host of its own, deleted on exit.
+
+    Deleting the vhost removes every exchange and queue declared in it, also those of
+    a test interrupted before its own cleanup. Where rabbitmqctl is not at hand (a
+    remote broker, or ``PUMPFLOW_TEST_AMQP_URL`` set) ``url`` is used as it is.
+    """
+    vhost = f"pumpflow-test-{uuid.uuid4().hex[:10]}"
+    ctl = shutil.which("rabbitmqctl")
+    created = False
+    if ctl and os.environ.get("PUMPFLOW_TEST_AMQP_URL") is None:
+
+        def ctl_ok(*args: str) -> bool:
+            return subprocess.run([ctl, *args], capture_output=True, timeout=60).returncode == 0
+
+        created = ctl_ok("add_vhost", vhost) and ctl_ok(
+            "set_permissions", "-p", vhost, user, ".*", ".*", ".*"
+        )
+    try:
+        yield f"{url.rstrip('/')}/{vhost}" if created else url
+    finally:
+        if created:
+            subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Drop a Postgres schema and everything in it (a test's namespace)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
