@@ -8,6 +8,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.testing import eventually
 from pumpflow.common.workers import (
     PoolClosed,
     TaskHung,
@@ -126,10 +127,7 @@ async def test_failing_worker_is_detected_and_restarted():
     with pytest.raises(ValueError, match="bad event"):
         await failed
     assert await after == "ok"
-    for _ in range(100):
-        if pool.restarts:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: pool.restarts, what="the failed worker's replacement")
     health = pool.health()
     assert pool.restarts == 1 and health.alive == 2 and health.healthy
     assert health.tasks_failed == 1
@@ -146,9 +144,17 @@ async def test_hung_worker_is_detected_cancelled_and_replaced():
     pool, registry = make_pool(workers=1, task_deadline_s=0.1, health_interval_s=0.02)
     await pool.start()
     ran: list[str] = []
+    ran_while_hung: list[str] = []
+    hanging = asyncio.Event()
 
     async def hang():
-        await asyncio.sleep(3600)
+        hanging.set()
+        try:
+            await asyncio.sleep(3600)  # a task that never returns by itself
+        except asyncio.CancelledError:
+            # the end of the hang (cancelled before the replacement starts): what ran so far
+            ran_while_hung.extend(ran)
+            raise
 
     async def mark(label: str):
         ran.append(label)
@@ -156,10 +162,11 @@ async def test_hung_worker_is_detected_cancelled_and_replaced():
     stuck = pool.submit("H", hang)
     next_of_h = pool.submit("H", lambda: mark("h-next"))
     other = pool.submit("O", lambda: mark("other"), priority=-1)
-    await asyncio.sleep(0.05)
-    assert pool.busy == 1 and ran == []  # the one worker is stuck
+    await hanging.wait()
+    assert pool.busy == 1
     with pytest.raises(TaskHung):
         await stuck
+    assert ran_while_hung == []  # the one worker was stuck until it was cancelled
     await asyncio.gather(next_of_h, other)
     assert ran == ["h-next", "other"]
     assert pool.restarts == 1
@@ -182,26 +189,24 @@ async def test_health_reports_a_hung_token_until_its_task_ends():
             await release.wait()
 
     fut = pool.submit("S", stubborn)
-    for _ in range(100):
-        if pool.health().hung_tokens:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: pool.health().hung_tokens, what="the hung token reported")
     health = pool.health()
     assert health.hung_tokens == ("S",) and not health.healthy
     assert health.alive == 1  # replaced already: capacity kept
     assert await pool.submit("other", lambda: asyncio.sleep(0, "done")) == "done"
     release.set()
     await fut  # it swallowed the cancellation and returned normally
-    await asyncio.sleep(0.05)
-    assert pool.health().hung_tokens == ()
+    await eventually(lambda: pool.health().hung_tokens == (), what="the hung token cleared")
     await pool.stop()
 
 
 async def test_queue_depth_and_busy_gauges_move_and_stop_cancels_pending():
     pool, registry = make_pool(workers=1)
     gate = asyncio.Event()
+    waiting = asyncio.Event()
 
     async def wait_gate():
+        waiting.set()
         await gate.wait()
 
     async def noop():
@@ -210,7 +215,7 @@ async def test_queue_depth_and_busy_gauges_move_and_stop_cancels_pending():
     await pool.start()
     first = pool.submit("A", wait_gate)
     queued = [pool.submit(f"B{i}", noop) for i in range(5)]
-    await asyncio.sleep(0.01)
+    await waiting.wait()
     assert sample(registry, "pumpflow_worker_pool_busy_workers") == 1
     assert sample(registry, "pumpflow_worker_pool_queue_depth") == 5
     assert sample(registry, "pumpflow_worker_pool_workers") == 1
