@@ -107,9 +107,12 @@ async def test_wall_clock_timers_fire_and_cancel():
     clock.call_at(clock.now() + 0.01, async_callback)
     handle = clock.call_later(0.02, lambda: cancelled.append("fired"))
     handle.cancel()
+    # timers fire in time order: once a later one fired, the cancelled one's time passed
+    later = asyncio.Event()
+    clock.call_later(0.03, later.set)
     await asyncio.wait_for(fired.wait(), 5)
     await asyncio.wait_for(async_fired.wait(), 5)
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(later.wait(), 5)
     assert cancelled == []
     assert clock.now() >= start
     assert clock.monotonic() <= clock.monotonic()
