@@ -1,4 +1,4 @@
-"""Bonding-curve maths against the reference figures, and its invariants."""
+"""Bonding-curve maths against the figures of docs/market.md, and its invariants."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from pumpflow.common.events import (
     source_service,
 )
 
-# Real frames from the PumpPortal protocol reference, as they arrived.
+# Real PumpPortal frames, as they arrived.
 CREATE = (
     '{"signature": "3ShNEcfKhWrvFVTwHCK7FjgWXABAZgo9Cpr2S6AGngg9xDifcQyY2mGQQ85p11vxSRvQ3B3Sbaaj'
     'obL1rfSJmyjG", "mint": "8yZ1rj5nHbUFuCbnoowE6rHLZYiuTe1tbxEskgzUpump", "traderPublicKey": '

@@ -36,7 +36,7 @@ INITIAL_REAL_TOKEN_UNITS = int(curve.INITIAL_REAL_TOKEN_RESERVES) * TOKEN_UNIT
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    """Agent parameters; the defaults are calibrated to the reference market statistics."""
+    """Agent parameters; the defaults are calibrated to the market of docs/market.md."""
 
     # creator
     creator_buy_min_sol: float = 0.05

@@ -1,4 +1,4 @@
-"""Calibration: measure a run's market statistics against the reference market's.
+"""Calibration: measure a run's market statistics against the market's (docs/market.md).
 
 Everything is measured from the frames, as a feed would see them. Token statistics
 cover the tokens launched inside the window; the run continues 16 minutes past the

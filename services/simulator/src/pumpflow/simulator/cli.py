@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=1, help="market seed (default 1)")
         p.add_argument("--rate", type=float, default=30.0, help="token launches per minute")
 
-    p = sub.add_parser("calibrate", help="measure a run against the reference statistics")
+    p = sub.add_parser("calibrate", help="measure a run against docs/market.md's statistics")
     market_args(p)
     p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes of launches")
 

@@ -24,7 +24,7 @@ once they meet the *active* criteria the token is revived (inactive -> active,
 reason ``revived``) and resubscribed. A few stragglers that do not meet them leave it
 inactive; it is retired again after ``revive_window_s`` without trades.
 
-Threshold defaults, from docs/market.md (section 4):
+Threshold defaults, from the market figures in docs/market.md (sections 2 and 3):
 
 - Graduates take a median of ~457 trades in ~4.4 minutes: ~104 trades/min and
   ~85 SOL in 4.4 min (~19 SOL/min). That is the "hot" pace the activity level is
