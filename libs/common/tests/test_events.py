@@ -275,3 +275,23 @@ def test_critical_flag_and_source_service():
     assert shutdown.critical and shutdown.key is None
     assert source_service(shutdown.source) == "exit"
     assert source_service("feed") == "feed"
+
+
+def test_event_ids_are_unique_hex_and_a_forked_child_numbers_apart():
+    import os
+
+    from pumpflow.common.events import new_event_id
+
+    ids = [new_event_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_event_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:16] != ids[0][:16] and child not in ids
