@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,17 +10,19 @@ import pytest
 
 from pumpflow.common.runtime.runner import EXIT_BAD_SETTINGS, run_service
 from pumpflow.common.runtime.service import Service, ServiceContext
-from pumpflow.common.testing import free_port
+from pumpflow.common.testing import ProcessStack, drop_schema, eventually, free_port
 
 SLOW_SERVICE = Path(__file__).with_name("slow_service.py")
 
 
-def wait_for(predicate, what: str, limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
+async def ready(port: int) -> dict | None:
+    """The /readyz body once it answers 200, else None (not listening yet, or not ready)."""
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            answer = await http.get("/readyz", timeout=5)
+    except httpx.TransportError:
+        return None
+    return answer.json() if answer.status_code == 200 else None
 
 
 def journal_lines(path: Path) -> list[str]:
@@ -31,39 +30,28 @@ def journal_lines(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_the_handler_in_flight_and_exits_0(tmp_path):
+async def test_sigterm_drains_the_handler_in_flight_and_exits_0(tmp_path):
     journal = tmp_path / "journal.txt"
     port = free_port()
-    env = {
-        **os.environ,
-        "PUMPFLOW_TRANSPORT": "memory",
-        "PUMPFLOW_HTTP_PORT": str(port),
-        "PUMPFLOW_LOG_FORMAT": "text",
-        "PUMPFLOW_DRAIN_TIMEOUT_S": "20",
-    }
-    process = subprocess.Popen(
-        [sys.executable, str(SLOW_SERVICE), str(journal)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for(lambda: "handler started m1" in journal_lines(journal), "the handler")
-        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    env = {**os.environ, "PUMPFLOW_LOG_FORMAT": "text"}
+    settings = {"transport": "memory", "http_port": port, "drain_timeout_s": 20}
+    async with ProcessStack(env, tmp_path) as stack:
+        stack.start("slowpoke", [sys.executable, SLOW_SERVICE, journal], **settings)
+        await eventually(
+            lambda: "handler started m1" in journal_lines(journal),
+            what="the handler to start",
+            details=stack.logs,
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            health = await http.get("/healthz", timeout=5)
+            readiness = await http.get("/readyz", timeout=5)
         assert health.status_code == 200
         assert health.json()["service"] == "slowpoke"
-        assert ready.status_code == 200, ready.text
+        assert readiness.status_code == 200, readiness.text
         # the handler sleeps a second; it is still in flight when the signal lands
         assert "handler completed m1" not in journal_lines(journal)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, output
+        assert await stack.stop("slowpoke") == 0, stack.logs()
+        output = stack.logs(tail=20_000)
     assert journal_lines(journal) == [
         "handler started m1",
         "handler completed m1",
@@ -90,14 +78,17 @@ async def test_bad_settings_exit_2_naming_the_variable(monkeypatch, capsys):
 
 
 async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
+    port = free_port()
     monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
-    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", str(port))
     stop = asyncio.Event()
     runner = asyncio.create_task(run_service(Idle, stop=stop))
-    await asyncio.sleep(0.1)
-    assert not runner.done()
+    # it runs and serves until told to stop
+    await eventually(lambda: runner.done() or ready(port), what="the service ready")
+    assert not runner.done(), runner.result()
     stop.set()
     assert await asyncio.wait_for(runner, 30) == 0
+    assert await ready(port) is None
 
 
 class Stateful(Service):
@@ -121,14 +112,14 @@ class Stateful(Service):
 @pytest.mark.redis
 @pytest.mark.postgres
 async def test_distributed_service_connects_what_it_needs_and_reports_ready(
-    namespace, amqp_url, redis_url, redis_client
+    namespace, amqp_url, redis_url, postgres_dsn, redis_client, rabbitmq_harness
 ):
     import asyncpg
 
-    from pumpflow.common.bus.rabbitmq import RabbitMQBus
     from pumpflow.common.runtime.settings import CommonSettings
 
-    dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    dsn = postgres_dsn
+    rabbitmq_harness.delete_after(["stateful"])
     port = free_port()
     settings = CommonSettings(
         service="stateful",
@@ -144,20 +135,9 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
     stop = asyncio.Event()
     runner = asyncio.create_task(run_service(Stateful, settings, stop=stop))
     try:
-        body = None
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(300):
-                assert not runner.done(), runner.result()
-                try:
-                    answer = await http.get("/readyz")
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-                    continue
-                body = answer.json()
-                if answer.status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
-        assert body is not None and body["ready"] is True, body
+        body = await eventually(lambda: runner.done() or ready(port), what="the service ready")
+        assert not runner.done(), runner.result()
+        assert body["ready"] is True, body
         assert set(body["checks"]) == {"bus", "store", "postgres", "service"}
         assert await redis_client.get(f"{namespace}:started") == b"r1"
         stop.set()
@@ -172,11 +152,4 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
         stop.set()
         if not runner.done():
             runner.cancel()
-        cleanup = RabbitMQBus(url=amqp_url, namespace=namespace, source="test/cleanup")
-        await cleanup.delete_topology()
-        await cleanup.close()
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(dsn, namespace)
