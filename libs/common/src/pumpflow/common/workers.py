@@ -51,7 +51,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 log = logging.getLogger(__name__)
 
-Task = Callable[[], Awaitable[Any]]
+#: a token's work: a coroutine function, or a plain function for work that never waits
+#: (it runs on the worker without a coroutine or a pass through the event loop)
+Task = Callable[[], Awaitable[Any] | Any]
+#: plain tasks a worker runs back to back before it lets other tasks of the loop run
+_RUN_BEFORE_YIELD = 64
 ErrorCallback = Callable[[str, BaseException], None]
 
 
@@ -179,9 +183,10 @@ class TokenMonitorThreadPool:
         self._monotonic = monotonic
         metrics = _metrics_for(registry or REGISTRY)
         name = self.config.name
-        self._m_busy = metrics.busy.labels(name)
+        # read when scraped, so the hot path only keeps the counts
+        metrics.busy.labels(name).set_function(lambda: self._busy)
+        metrics.queue_depth.labels(name).set_function(lambda: self._pending)
         self._m_workers = metrics.workers.labels(name)
-        self._m_depth = metrics.queue_depth.labels(name)
         self._m_ok = metrics.tasks.labels(name, "ok")
         self._m_error = metrics.tasks.labels(name, "error")
         self._m_hung = metrics.tasks.labels(name, "hung")
@@ -233,7 +238,6 @@ class TokenMonitorThreadPool:
             queue = self._queues[token] = deque()
         queue.append(job)
         self._pending += 1
-        self._m_depth.set(self._pending)
         self._idle.clear()
         if token not in self._running:
             ranked = self._ranked.get(token)
@@ -309,7 +313,6 @@ class TokenMonitorThreadPool:
         self._queues.clear()
         self._heap.clear()
         self._pending = 0
-        self._m_depth.set(0)
         self._m_workers.set(0)
         self._idle.set()
 
@@ -339,10 +342,8 @@ class TokenMonitorThreadPool:
                 self._pending -= 1
                 if not job.future.cancelled():
                     self._running.add(token)
-                    self._m_depth.set(self._pending)
                     return token, job
             self._forget(token)
-        self._m_depth.set(self._pending)
         if self._pending == 0 and not self._running:
             # the last queued tasks were cancelled: nothing will call _release for them
             self._idle.set()
@@ -374,20 +375,28 @@ class TokenMonitorThreadPool:
         return worker
 
     async def _work(self, worker: _Worker) -> None:
+        ran_plain = 0
         while True:
             taken = self._take()
             if taken is None:
                 self._wakeup.clear()
+                ran_plain = 0
                 await self._wakeup.wait()
                 continue
+            if ran_plain >= _RUN_BEFORE_YIELD:
+                ran_plain = 0
+                await asyncio.sleep(0)
             token, job = taken
             worker.token = token
             worker.started = self._monotonic()
             self._m_wait.observe(max(0.0, worker.started - job.submitted))
             self._busy += 1
-            self._m_busy.set(self._busy)
             try:
-                result = await job.fn()
+                result = job.fn()
+                if hasattr(result, "__await__"):
+                    result = await result
+                else:
+                    ran_plain += 1
             except asyncio.CancelledError:
                 if worker.hung:
                     self._m_hung.inc()
@@ -416,7 +425,6 @@ class TokenMonitorThreadPool:
             finally:
                 self._m_seconds.observe(self._monotonic() - worker.started)
                 self._busy -= 1
-                self._m_busy.set(self._busy)
                 worker.token = None
                 self._release(token)
 
