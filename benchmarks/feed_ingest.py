@@ -30,9 +30,9 @@ from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.feed import reference_frames as ref
-from pumpflow.feed.manager import DataFeedManager
+from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
 from pumpflow.feed.metrics import FeedMetrics
-from pumpflow.feed.socket_feed import SocketDataFeed
+from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -71,9 +71,9 @@ async def bench_ingest(frames: list[bytes]) -> None:
 
     await bus.subscribe(Subscription(service="bench", patterns=("token.*",), handler=consumer))
     metrics = FeedMetrics(CollectorRegistry())
-    feed = SocketDataFeed(url="ws://127.0.0.1:1/unused", clock=WallClock(), bus=bus,
-                          metrics=metrics)  # fmt: skip
-    manager = DataFeedManager(source="feed/bench", publisher=bus, metrics=metrics)
+    feed = SocketDataFeed(SocketFeedConfig(url="ws://127.0.0.1:1/unused"), clock=WallClock(),
+                          bus=bus, metrics=metrics)  # fmt: skip
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/bench"), metrics=metrics)
     manager.add_data_feed(feed)
     on_frame = feed._on_frame  # the per-frame path after the socket read
     gc.collect()
@@ -141,8 +141,9 @@ async def bench_recorder(frames: list[bytes], rows: int, batch: int) -> None:
 
 async def bench_memory(mints: int) -> None:
     metrics = FeedMetrics(CollectorRegistry())
-    feed = SocketDataFeed(url="ws://127.0.0.1:1/unused", clock=WallClock(), metrics=metrics)
-    manager = DataFeedManager(source="feed/bench", metrics=metrics)
+    feed = SocketDataFeed(SocketFeedConfig(url="ws://127.0.0.1:1/unused"), clock=WallClock(),
+                          metrics=metrics)  # fmt: skip
+    manager = DataFeedManager(None, config=FeedManagerConfig(source="feed/bench"), metrics=metrics)
     names = [f"{uuid.uuid4().hex}{i:012d}pump"[:44] for i in range(mints)]
     gc.collect()
     tracemalloc.start()
@@ -158,7 +159,7 @@ async def bench_memory(mints: int) -> None:
     tracemalloc.stop()
     print(f"memory per subscribed mint: {used / mints:,.0f} bytes "
           f"({mints:,} mints; subscription sets + seq; mint strings excluded)")  # fmt: skip
-    recent = manager.recent
+    recent = manager.signatures
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     for i in range(100_000):

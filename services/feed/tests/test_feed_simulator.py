@@ -14,7 +14,7 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed
-from pumpflow.feed.interface import FeedRecord
+from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
@@ -153,7 +153,7 @@ async def test_record_then_replay_gives_the_same_events(pg_pool):
         replayed.append(record.event)
 
     feed = DatabaseDataFeed(store, clock=ReplayClock())
-    feed.register_callback(capture)
+    feed.register_callback(ALL_EVENTS, capture)
     await feed.run()
     # arrival order is time order (ties keep arrival order)
     assert replayed == live

@@ -16,11 +16,11 @@ from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed import reference_frames as ref
-from pumpflow.feed.database_feed import DatabaseDataFeed
-from pumpflow.feed.interface import DataFeedInterface, FeedRecord
-from pumpflow.feed.manager import DataFeedManager, RecentSignatures
+from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
+from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
+from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig, RecentSignatures
 from pumpflow.feed.metrics import FeedMetrics
-from pumpflow.feed.recorder import JsonlSink, Recorder
+from pumpflow.feed.recorder import JsonlSink, Recorder, RecorderConfig
 
 
 def trade(mint: str, i: int, tx: str = "buy") -> bytes:
@@ -44,19 +44,20 @@ class ScriptedFeed(DataFeedInterface):
     async def connect(self) -> None: ...
     async def disconnect(self) -> None: ...
 
-    async def subscribe(self, mints: Iterable[str]) -> None:
-        self.subscribed.extend(mints)
+    async def subscribe(self, token_id: str | Iterable[str]) -> None:
+        self.subscribed.extend(as_mints(token_id))
 
-    async def unsubscribe(self, mints: Iterable[str]) -> None:
-        self.unsubscribed.extend(mints)
+    async def unsubscribe(self, token_id: str | Iterable[str]) -> None:
+        self.unsubscribed.extend(as_mints(token_id))
 
-    def get_historical_data(self, **_):
+    async def get_historical_data(self, token_id, start_time, end_time):
         raise NotImplementedError
 
-    async def push(self, *frames: bytes, step: float = 1.0) -> None:
+    async def push(self, *frames: bytes, step: float = 1.0, subscribed: bool = True) -> None:
         for raw in frames:
             await self.clock.advance(step)
-            await self._emit(FeedRecord(decode_frame(raw), raw, self.clock.now()))
+            record = FeedRecord(decode_frame(raw), raw, self.clock.now(), subscribed=subscribed)
+            await self._emit(record)
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ async def test_frames_become_sequenced_events_and_duplicates_are_dropped(metrics
     bus, got = await collecting_bus()
     clock = ReplayClock(1000.0)
     feed = ScriptedFeed(clock)
-    manager = DataFeedManager(source="feed/test", publisher=bus, metrics=metrics)
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics)
     manager.add_data_feed(feed)
     await feed.push(ref.CREATE, trade("A", 1), trade("A", 2), trade("A", 1), ref.MIGRATE)
     await bus.drain()
@@ -98,7 +99,7 @@ async def test_frames_become_sequenced_events_and_duplicates_are_dropped(metrics
 async def test_subscription_calls_reach_every_feed(metrics):
     clock = ReplayClock()
     feeds = [ScriptedFeed(clock), ScriptedFeed(clock)]
-    manager = DataFeedManager(source="feed/x", metrics=metrics)
+    manager = DataFeedManager(None, config=FeedManagerConfig(source="feed/x"), metrics=metrics)
     for feed in feeds:
         manager.add_data_feed(feed)
     await manager.subscribe_to_token("A")
@@ -122,9 +123,10 @@ def test_recent_signatures_is_bounded():
 async def test_recorder_stores_then_publishes_and_replay_reproduces_the_stream(pg_pool, metrics):
     bus, got = await collecting_bus()
     store = TokenEventStore(pg_pool)
-    recorder = Recorder(store, publisher=bus, outbox="feed", batch_size=3, metrics=metrics)
-    await recorder.recover()
-    manager = DataFeedManager(source="feed/test", recorder=recorder, metrics=metrics)
+    recorder = Recorder(store, publisher=bus, config=RecorderConfig(outbox="feed", batch_size=3),
+                        metrics=metrics)  # fmt: skip
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"),
+                              recorder=recorder, metrics=metrics)  # fmt: skip
     clock = ReplayClock(50.0)
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
@@ -147,7 +149,7 @@ async def test_recorder_stores_then_publishes_and_replay_reproduces_the_stream(p
         replayed.append(record.event)
         replay_frames.append(record.frame)
 
-    db_feed.register_callback(capture)
+    db_feed.register_callback(ALL_EVENTS, capture)
     assert await db_feed.run() == len(frames)
     assert replayed == got
     assert replay_frames == frames
@@ -162,8 +164,10 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
     await store.outbox_position("feed")  # the service existed before the crash
     clock = ReplayClock(10.0)
     # the "crash": stored, never published (no publisher), outbox not advanced
-    crashed = Recorder(store, publisher=None, outbox="feed", metrics=metrics)
-    manager = DataFeedManager(source="feed/old", recorder=crashed, metrics=metrics)
+    crashed = Recorder(store, publisher=None, config=RecorderConfig(outbox="feed"),
+                       metrics=metrics)  # fmt: skip
+    manager = DataFeedManager(None, config=FeedManagerConfig(source="feed/old"),
+                              recorder=crashed, metrics=metrics)  # fmt: skip
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
     await manager.start()
@@ -172,7 +176,8 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
     await manager.stop()
 
     bus, got = await collecting_bus()
-    restarted = Recorder(store, publisher=bus, outbox="feed", metrics=metrics)
+    restarted = Recorder(store, publisher=bus, config=RecorderConfig(outbox="feed"),
+                         metrics=metrics)  # fmt: skip
     assert await restarted.recover() == 2
     await bus.drain()
     assert [(e.key, e.seq) for e in got] == [("A", 1), ("A", 2)]
@@ -187,8 +192,9 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
 async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, metrics):
     store = TokenEventStore(pg_pool)
     clock = ReplayClock(10.0)
-    first = Recorder(store, publisher=None, outbox=None, metrics=metrics)
-    old = DataFeedManager(source="feed/old", recorder=first, metrics=metrics)
+    first = Recorder(store, publisher=None, metrics=metrics)
+    old = DataFeedManager(None, config=FeedManagerConfig(source="feed/old"), recorder=first,
+                          metrics=metrics)  # fmt: skip
     feed = ScriptedFeed(clock)
     old.add_data_feed(feed)
     await old.start()
@@ -198,14 +204,13 @@ async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, m
 
     # a new process: its signature memory is empty, its numbering restored from the store
     bus, got = await collecting_bus()
-    second = Recorder(store, publisher=bus, outbox=None, metrics=metrics)
-    manager = DataFeedManager(
-        source="feed/new", recorder=second, metrics=metrics,
-        sequencer=Sequencer(await store.last_seq_by_mint()),
-    )  # fmt: skip
+    second = Recorder(store, publisher=bus, metrics=metrics)
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/new"), recorder=second,
+                              metrics=metrics)  # fmt: skip
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
-    await manager.start()
+    await manager.start()  # restores the numbering from the store
+    assert manager.sequencer.last("A") == 2
     # the server sends trade 2 again, then a new one
     await feed.push(trade("A", 2), trade("A", 3))
     await second.flush()
@@ -241,7 +246,8 @@ async def test_database_feed_paces_and_filters(pg_pool, metrics):
     clock = ReplayClock(100.0)
     feed = ScriptedFeed(clock)
     recorder = Recorder(store, metrics=metrics)
-    manager = DataFeedManager(source="feed/t", recorder=recorder, metrics=metrics)
+    manager = DataFeedManager(None, config=FeedManagerConfig(source="feed/t"), recorder=recorder,
+                              metrics=metrics)  # fmt: skip
     manager.add_data_feed(feed)
     await manager.start()
     await feed.push(trade("A", 1), trade("B", 1), trade("A", 2), trade("B", 2), step=0.2)
@@ -250,14 +256,14 @@ async def test_database_feed_paces_and_filters(pg_pool, metrics):
     replay_clock = ReplayClock()
     fired: list[float] = []
     replay_clock.call_at(100.5, lambda: fired.append(replay_clock.now()))
-    db_feed = DatabaseDataFeed(store, clock=replay_clock, speed=4.0, mints=["A", "B"])
+    db_feed = DatabaseDataFeed(store, ReplayConfig(speed=4.0, mints=("A", "B")), clock=replay_clock)
     await db_feed.unsubscribe(["B"])
     seen: list[tuple[str, float, float]] = []
 
     async def capture(record: FeedRecord) -> None:
         seen.append((record.event.key, record.time, replay_clock.now()))
 
-    db_feed.register_callback(capture)
+    db_feed.register_callback(ALL_EVENTS, capture)
     loop = asyncio.get_running_loop()
     began = loop.time()
     await db_feed.connect()
@@ -275,7 +281,8 @@ async def test_jsonl_sink_writes_one_envelope_per_line(tmp_path, metrics):
     path = tmp_path / "events.jsonl"
     sink = JsonlSink(path)
     recorder = Recorder(sink, metrics=metrics)
-    manager = DataFeedManager(source="record/x", recorder=recorder, metrics=metrics)
+    manager = DataFeedManager(None, config=FeedManagerConfig(source="record/x"),
+                              recorder=recorder, metrics=metrics)  # fmt: skip
     feed = ScriptedFeed(ReplayClock())
     manager.add_data_feed(feed)
     await manager.start()

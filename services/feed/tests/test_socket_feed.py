@@ -17,10 +17,10 @@ from pumpflow.common.events import Event
 from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
 from pumpflow.common.testing import eventually
 from pumpflow.feed import reference_frames as ref
-from pumpflow.feed.manager import DataFeedManager
+from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.ratelimit import SlidingWindowLimiter
-from pumpflow.feed.socket_feed import SocketDataFeed
+from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 
 
 def create(mint: str) -> bytes:
@@ -104,17 +104,23 @@ async def bus_and_events():
 
 def make_feed(peer, bus, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
     metrics = FeedMetrics(CollectorRegistry())
-    feed = SocketDataFeed(url=peer.url, clock=WallClock(), bus=bus, metrics=metrics,
-                          backoff_initial=0.05, **kwargs)  # fmt: skip
-    manager = DataFeedManager(source="feed/test", publisher=bus, metrics=metrics)
+    config = SocketFeedConfig(url=peer.url, backoff_initial_s=0.05, **kwargs)
+    feed = SocketDataFeed(config, clock=WallClock(), bus=bus, metrics=metrics)
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics)
     manager.add_data_feed(feed)
     return feed, manager
+
+
+async def start(manager: DataFeedManager, feed: SocketDataFeed) -> None:
+    """Start the manager and wait for the first session."""
+    await manager.start()
+    await asyncio.wait_for(feed.wait_connected(), 5)
 
 
 async def test_new_token_leads_to_its_trade_subscription(peer, bus_and_events):
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
-    await asyncio.wait_for(manager.start(), 5)
+    await start(manager, feed)
     await peer.until(lambda: peer.methods()[:2] == ["subscribeNewToken", "subscribeMigration"])
     await peer.send(create("MintA"))
     await peer.until(lambda: "MintA" in peer.trade_keys)
@@ -132,7 +138,7 @@ async def test_new_token_leads_to_its_trade_subscription(peer, bus_and_events):
 async def test_unsubscribe_stops_trades(peer, bus_and_events):
     bus, _got = bus_and_events
     feed, manager = make_feed(peer, bus)
-    await manager.start()
+    await start(manager, feed)
     await peer.send(create("MintA"), create("MintB"))
     await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
     await manager.unsubscribe_from_token("MintA")
@@ -148,7 +154,7 @@ async def test_unsubscribe_stops_trades(peer, bus_and_events):
 async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_events):
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
-    await manager.start()
+    await start(manager, feed)
     mints = [f"Mint{i}" for i in range(30)]
     await peer.send(*(create(m) for m in mints))
     await peer.until(lambda: peer.trade_keys == set(mints))
@@ -169,7 +175,7 @@ async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_e
 async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(peer, bus_and_events):
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
-    await manager.start()
+    await start(manager, feed)
     bad_schema = trade("MintA", 9).replace(b'"tokenAmount": 36189.104326', b'"tokenAmount": "x"')
     await peer.send(create("MintA"), b"{oops", bad_schema, ref.ERROR_STRING, trade("MintA", 1))
     await eventually(lambda: len(got) == 2)
@@ -189,7 +195,7 @@ async def test_a_text_frame_that_is_not_utf8_is_dead_lettered_on_the_same_connec
 ):
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
-    await manager.start()
+    await start(manager, feed)
     not_utf8 = b'{"message": "\xff\xfe"}'
     await peer.connections[-1].send(not_utf8, text=True)
     await peer.send(create("MintA"))
@@ -201,8 +207,8 @@ async def test_a_text_frame_that_is_not_utf8_is_dead_lettered_on_the_same_connec
 
 async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_events):
     bus, _got = bus_and_events
-    _feed, manager = make_feed(peer, bus, max_keys_per_message=7, auto_subscribe_trades=False)
-    await manager.start()
+    feed, manager = make_feed(peer, bus, max_keys_per_message=7, auto_subscribe_trades=False)
+    await start(manager, feed)
     await peer.until(lambda: "subscribeMigration" in peer.methods())
     await manager.subscribe_to_token([f"M{i}" for i in range(20)])
     await peer.until(lambda: len(peer.trade_keys) == 20)
@@ -215,7 +221,7 @@ async def test_api_key_goes_in_the_url_and_never_in_logs(peer, bus_and_events, c
     bus, _got = bus_and_events
     caplog.set_level(logging.DEBUG)
     feed, manager = make_feed(peer, bus, api_key="TOPSECRETKEY")
-    await manager.start()
+    await start(manager, feed)
     await peer.until(lambda: len(peer.received) >= 2)
     assert peer.paths == ["/api/data?api-key=TOPSECRETKEY"]
     await peer.connections[-1].close()
@@ -233,9 +239,8 @@ async def test_api_key_goes_in_the_url_and_never_in_logs(peer, bus_and_events, c
 async def test_reconnect_backoff_grows_with_jitter_and_is_capped():
     import random
 
-    feed = SocketDataFeed(url="ws://127.0.0.1:9/x", clock=WallClock(),
-                          metrics=FeedMetrics(CollectorRegistry()), backoff_initial=1.0,
-                          backoff_max=8.0, rng=random.Random(1))  # fmt: skip
+    config = SocketFeedConfig(url="ws://127.0.0.1:9/x", backoff_initial_s=1.0, backoff_max_s=8.0)
+    feed = SocketDataFeed(config, clock=WallClock(), rng=random.Random(1))
     delays = [feed._backoff(a) for a in range(1, 8)]
     ceilings = [1, 2, 4, 8, 8, 8, 8]
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
@@ -252,7 +257,7 @@ async def test_unreachable_server_is_retried_until_it_appears(bus_and_events):
     peer = Peer()
     peer.url = f"ws://127.0.0.1:{port}/api/data"
     feed, manager = make_feed(peer, bus)
-    await feed.connect(wait=False)
+    await feed.connect()
     await asyncio.sleep(0.3)
     assert not feed.is_connected
     async with serve(peer.handler, "127.0.0.1", port):

@@ -28,13 +28,13 @@ from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.feed.database_feed import DatabaseDataFeed
-from pumpflow.feed.interface import FeedRecord
-from pumpflow.feed.manager import DataFeedManager
+from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
+from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
+from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import EventSink, JsonlSink, Recorder
 from pumpflow.feed.settings import FeedSettings
-from pumpflow.feed.socket_feed import SocketDataFeed
+from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 
 log = logging.getLogger("pumpflow.feed.cli")
 
@@ -85,24 +85,29 @@ async def record(
         sink = TokenEventStore(pool)
     metrics = FeedMetrics(registry=None)
     recorder = Recorder(sink, metrics=metrics)
-    manager = DataFeedManager(source=source or _default_source(), recorder=recorder,
-                              metrics=metrics)  # fmt: skip
+    manager = DataFeedManager(
+        None,
+        config=FeedManagerConfig(source=source or _default_source()),
+        recorder=recorder,
+        metrics=metrics,
+    )
     socket = SocketDataFeed(
-        url=url,
-        api_key=api_key,
+        SocketFeedConfig(
+            url=url,
+            api_key=api_key,
+            subscribe_new_tokens=subscribe_new_tokens,
+            subscribe_migrations=subscribe_migrations,
+            auto_subscribe_trades=auto_subscribe_trades,
+            backoff_initial_s=backoff_initial,
+        ),
         clock=clock,
         metrics=metrics,
-        subscribe_new_tokens=subscribe_new_tokens,
-        subscribe_migrations=subscribe_migrations,
-        auto_subscribe_trades=auto_subscribe_trades,
-        backoff_initial=backoff_initial,
     )
     manager.add_data_feed(socket)
     try:
-        await recorder.start()
-        await socket.connect(wait=False)
         if mints:
             await manager.subscribe_to_token(mints)
+        await manager.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
     finally:
@@ -140,9 +145,10 @@ async def replay(
     sink = None if bus is not None else JsonlSink(out if out is not None else sys.stdout.buffer)
     try:
         feed = DatabaseDataFeed(
-            TokenEventStore(pool), start=start, end=end, mints=mints, clock=ReplayClock(),
-            speed=speed,
-        )  # fmt: skip
+            TokenEventStore(pool),
+            ReplayConfig(start=start, end=end, mints=mints, speed=speed),
+            clock=ReplayClock(),
+        )
 
         async def deliver(record: FeedRecord) -> None:
             if bus is not None:
@@ -150,7 +156,7 @@ async def replay(
             else:
                 await sink.write_batch([record.event])
 
-        feed.register_callback(deliver)
+        feed.register_callback(ALL_EVENTS, deliver)
         return await feed.run()
     finally:
         if sink is not None:

@@ -10,14 +10,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.feed.interface import DataFeedInterface, FeedRecord
+from pumpflow.feed.interface import DataFeedInterface, FeedRecord, as_mints
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayConfig:
+    """Which recorded events to replay, and how fast."""
+
+    #: event time range, ``start <= time < end`` (None: open)
+    start: float | None = None
+    end: float | None = None
+    #: only these mints (None: all)
+    mints: tuple[str, ...] | None = None
+    #: times real time (None: as fast as possible)
+    speed: float | None = None
+    batch_size: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.speed is not None and self.speed <= 0:
+            raise ValueError("speed must be positive (None: as fast as possible)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
 
 
 class DatabaseDataFeed(DataFeedInterface):
@@ -28,25 +49,17 @@ class DatabaseDataFeed(DataFeedInterface):
     def __init__(
         self,
         store: TokenEventStore,
+        config: ReplayConfig | None = None,
         *,
-        start: float | None = None,
-        end: float | None = None,
-        mints: Iterable[str] | None = None,
         clock: ReplayClock | None = None,
-        speed: float | None = None,
-        batch_size: int = 2_000,
     ):
         super().__init__()
-        if speed is not None and speed <= 0:
-            raise ValueError("speed must be positive (None: as fast as possible)")
+        config = config or ReplayConfig()
+        self.config = config
         self._store = store
-        self.start = start
-        self.end = end
-        self._mints: set[str] | None = None if mints is None else set(mints)
+        self._mints: set[str] | None = None if config.mints is None else set(config.mints)
         self._excluded: set[str] = set()
         self._clock = clock
-        self._speed = speed
-        self._batch_size = batch_size
         self._task: asyncio.Task | None = None
 
     @property
@@ -74,42 +87,49 @@ class DatabaseDataFeed(DataFeedInterface):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def subscribe(self, mints: Iterable[str]) -> None:
-        """Include ``mints`` again after an unsubscribe; with a mint filter, add them to it.
+    async def subscribe(self, token_id: str | Iterable[str]) -> None:
+        """Include mints again after an unsubscribe; with a mint filter, add them to it.
 
         Mints added after the replay has started are not in its query: only mints of
         the filter (or all, without one) are replayed.
         """
-        mints = set(mints)
+        mints = set(as_mints(token_id))
         self._excluded -= mints
         if self._mints is not None:
             self._mints |= mints
 
-    async def unsubscribe(self, mints: Iterable[str]) -> None:
-        """Skip the remaining events of ``mints``."""
-        self._excluded |= set(mints)
+    async def unsubscribe(self, token_id: str | Iterable[str]) -> None:
+        """Skip the remaining events of one mint, or of several."""
+        self._excluded |= set(as_mints(token_id))
 
-    def get_historical_data(
-        self,
-        *,
-        start: float | None = None,
-        end: float | None = None,
-        mints: Iterable[str] | None = None,
-    ) -> AsyncIterator[Event]:
-        return self._store.stream(start=start, end=end, mints=mints, batch_size=self._batch_size)
+    async def get_historical_data(
+        self, token_id: str, start_time: float | None, end_time: float | None
+    ) -> list[Event]:
+        return [
+            event
+            async for event in self._store.stream(
+                start=start_time,
+                end=end_time,
+                mints=[token_id],
+                batch_size=self.config.batch_size,
+            )
+            if event.seq is not None  # stored but never published: not part of the stream
+        ]
 
     async def run(self) -> int:
         """Replay now; return the number of events delivered."""
         loop = asyncio.get_running_loop()
-        clock, speed = self._clock, self._speed
+        clock, speed = self._clock, self.config.speed
         first_time: float | None = None
         started = loop.time()
         count = 0
         async for stored in self._store.stream_stored(
-            start=self.start, end=self.end, mints=self._mints, batch_size=self._batch_size
-        ):
+            start=self.config.start, end=self.config.end, mints=self._mints,
+            batch_size=self.config.batch_size,
+        ):  # fmt: skip
             event = stored.event
-            if event.key in self._excluded:
+            # stored without a seq: never published live, so not replayed either
+            if event.seq is None or event.key in self._excluded:
                 continue
             if speed is not None:
                 if first_time is None:

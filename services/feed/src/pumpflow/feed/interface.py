@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from pumpflow.common.events import Event
+from pumpflow.common.events import Event, TokenCreated, TokenMigrated, TokenTrade
 from pumpflow.common.pumpportal import TokenPayload
 
-log = logging.getLogger(__name__)
+#: the event types a feed delivers; ``register_callback`` also takes ``"*"`` for all
+TOKEN_EVENT_TYPES = (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE)
+ALL_EVENTS = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,12 +21,15 @@ class FeedRecord:
     ``frame`` is the exact bytes received (what the recorder stores). ``event`` is
     set when the feed replays an already-enveloped event (from the database); the
     manager then passes it on unchanged instead of wrapping the payload anew.
+    ``subscribed`` is False for a trade of a mint the feed did not subscribe to (a
+    server bug, or another subscription's traffic): stored, never published.
     """
 
     payload: TokenPayload
     frame: bytes
     time: float
     event: Event | None = None
+    subscribed: bool = True
 
 
 FeedCallback = Callable[[FeedRecord], Awaitable[None]]
@@ -35,47 +39,61 @@ class FeedError(RuntimeError):
     """A feed cannot do what was asked (no history on a live socket, say)."""
 
 
+def as_mints(token_id: str | Iterable[str]) -> tuple[str, ...]:
+    """One mint or several, as a tuple."""
+    return (token_id,) if isinstance(token_id, str) else tuple(token_id)
+
+
 class DataFeedInterface(ABC):
     """A source of token events: the live socket or a database replay."""
 
     name: str = "feed"
 
     def __init__(self) -> None:
-        self._callbacks: list[FeedCallback] = []
+        self._registered: list[tuple[str, FeedCallback]] = []
+        #: callbacks of each event type, those registered for "*" included (hot path)
+        self._targets: dict[str, tuple[FeedCallback, ...]] = dict.fromkeys(TOKEN_EVENT_TYPES, ())
 
-    def register_callback(self, callback: FeedCallback) -> None:
-        """Deliver every validated token event to ``callback``, in order."""
-        self._callbacks.append(callback)
+    def register_callback(self, event_type: str, callback: FeedCallback) -> None:
+        """Deliver every validated event of ``event_type`` ("*": all) to ``callback``, in order."""
+        if event_type != ALL_EVENTS and event_type not in TOKEN_EVENT_TYPES:
+            raise ValueError(
+                f"unknown event type {event_type!r}: one of {', '.join(TOKEN_EVENT_TYPES)} or *"
+            )
+        self._registered.append((event_type, callback))
+        for name in TOKEN_EVENT_TYPES:
+            self._targets[name] = tuple(
+                c for t, c in self._registered if t == name or t == ALL_EVENTS
+            )
 
     async def _emit(self, record: FeedRecord) -> None:
-        for callback in self._callbacks:
+        for callback in self._targets[record.payload.TYPE]:
             await callback(record)
 
     @abstractmethod
     async def connect(self) -> None:
-        """Start delivering events."""
+        """Start delivering events (in the background)."""
 
     @abstractmethod
     async def disconnect(self) -> None:
         """Stop delivering; idempotent."""
 
     @abstractmethod
-    async def subscribe(self, mints: Iterable[str]) -> None:
-        """Start receiving trades of ``mints``."""
+    async def subscribe(self, token_id: str | Iterable[str]) -> None:
+        """Start receiving trades of one mint, or of several."""
 
     @abstractmethod
-    async def unsubscribe(self, mints: Iterable[str]) -> None:
-        """Stop receiving trades of ``mints``."""
+    async def unsubscribe(self, token_id: str | Iterable[str]) -> None:
+        """Stop receiving trades of one mint, or of several."""
 
     @abstractmethod
-    def get_historical_data(
-        self,
-        *,
-        start: float | None = None,
-        end: float | None = None,
-        mints: Iterable[str] | None = None,
-    ) -> AsyncIterator[Event]:
-        """Stored events with ``start <= time < end`` in time order."""
+    async def get_historical_data(
+        self, token_id: str, start_time: float | None, end_time: float | None
+    ) -> list[Event]:
+        """Events of ``token_id`` with ``start_time <= time < end_time``, in time order.
+
+        None leaves that end open.
+        """
 
     @property
     def active_mints(self) -> frozenset[str]:

@@ -2,7 +2,13 @@
 
 Each validated token event is deduplicated by (txType, signature), wrapped with
 ``make_event`` (source, arrival time, per-mint seq from a Sequencer) and handed to
-the Recorder (store, then publish) or, without one, published at once.
+the Recorder (store, then publish) or, without one, published at once. A trade of a
+mint the feed did not subscribe to is stored without a seq and never published.
+Events of subscribed mints also go to the LookBack, the recent history in memory.
+
+``start`` continues where the last publisher stopped (seq restored from the store,
+unconfirmed stored events published again) and connects the feeds; ``disconnect``
+stops the feeds only; ``stop`` disconnects them and flushes the recorder.
 """
 
 from __future__ import annotations
@@ -10,12 +16,16 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.bus.idempotency import Sequencer
-from pumpflow.common.events import Event, make_event
-from pumpflow.feed.interface import DataFeedInterface, FeedRecord
-from pumpflow.feed.metrics import FeedMetrics, default_metrics
+from pumpflow.common.clock import Clock
+from pumpflow.common.events import Event, TokenTrade, make_event
+from pumpflow.common.storage import TokenEventStore
+from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
+from pumpflow.feed.lookback import LookBack
+from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -52,42 +62,68 @@ class RecentSignatures:
         return len(self._seen)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeedManagerConfig:
+    """How the manager names, deduplicates and numbers what it publishes."""
+
+    #: the ``source`` of every event it wraps (service/replica)
+    source: str = "feed"
+    #: recent signatures remembered to drop duplicate frames
+    dedup_capacity: int = 200_000
+    #: on start, restore per-mint seq from stored events this recent (None: all)
+    seq_restore_window_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dedup_capacity < 1:
+            raise ValueError("dedup_capacity must be at least 1")
+        if self.seq_restore_window_s is not None and self.seq_restore_window_s <= 0:
+            raise ValueError("seq_restore_window_s must be > 0 (None: all)")
+
+
 class DataFeedManager:
     """Owns the feeds; turns their records into published events."""
 
     def __init__(
         self,
+        event_bus: EventPublisher | None,
         *,
-        source: str,
-        publisher: EventPublisher | None = None,
+        config: FeedManagerConfig | None = None,
         recorder: Recorder | None = None,
-        sequencer: Sequencer | None = None,
-        dedup_capacity: int = 200_000,
+        lookback: LookBack | None = None,
+        clock: Clock | None = None,
         metrics: FeedMetrics | None = None,
     ):
-        self.source = source
-        self._publisher = publisher
+        self.config = config or FeedManagerConfig()
+        if self.config.seq_restore_window_s is not None and clock is None:
+            raise ValueError("a seq restore window needs a clock")
+        self.source = self.config.source
+        self._publisher = event_bus
         self.recorder = recorder
-        self.sequencer = sequencer or Sequencer()
-        self.recent = RecentSignatures(dedup_capacity)
-        self.metrics = metrics or default_metrics()
+        self.lookback = lookback
+        self._clock = clock
+        self.sequencer = Sequencer()
+        self.signatures = RecentSignatures(self.config.dedup_capacity)
+        self.metrics = metrics or FeedMetrics(None)
         self.feeds: list[DataFeedInterface] = []
         self.duplicates = 0
         self.events = 0
+        self.unsubscribed_trades = 0
+        #: stored events published again by ``start`` (those the last run left)
+        self.republished = 0
 
     def add_data_feed(self, feed: DataFeedInterface) -> None:
         self.feeds.append(feed)
-        feed.register_callback(self.on_record)
+        feed.register_callback(ALL_EVENTS, self.on_record)
 
-    async def subscribe_to_token(self, mints: str | Iterable[str]) -> None:
-        """Stream the trades of ``mints`` from every feed."""
-        mints = (mints,) if isinstance(mints, str) else tuple(mints)
+    async def subscribe_to_token(self, token_id: str | Iterable[str]) -> None:
+        """Stream the trades of one mint, or of several, from every feed."""
+        mints = as_mints(token_id)
         for feed in self.feeds:
             await feed.subscribe(mints)
 
-    async def unsubscribe_from_token(self, mints: str | Iterable[str]) -> None:
-        """Stop the trades of ``mints`` on every feed."""
-        mints = (mints,) if isinstance(mints, str) else tuple(mints)
+    async def unsubscribe_from_token(self, token_id: str | Iterable[str]) -> None:
+        """Stop the trades of one mint, or of several, on every feed."""
+        mints = as_mints(token_id)
         for feed in self.feeds:
             await feed.unsubscribe(mints)
 
@@ -98,24 +134,41 @@ class DataFeedManager:
         return frozenset(active)
 
     async def start(self) -> None:
-        if self.recorder is not None:
-            await self.recorder.start()
+        """Continue where the last publisher stopped, then connect every feed."""
+        recorder = self.recorder
+        if recorder is not None:
+            # ours still pending (from before a lost lease) first: the restore sees them
+            if recorder.running:
+                await recorder.flush()
+            if isinstance(recorder.sink, TokenEventStore):
+                window = self.config.seq_restore_window_s
+                since = None if window is None else self._clock.now() - window
+                self.sequencer.restore(await recorder.sink.last_seq_by_mint(since=since))
+            self.republished += await recorder.recover()
+            await recorder.start()
         for feed in self.feeds:
             await feed.connect()
 
-    async def stop(self) -> None:
-        """Disconnect the feeds, then store and publish what is still pending."""
+    async def disconnect(self) -> None:
+        """Disconnect every feed; the recorder goes on storing what it holds."""
         for feed in self.feeds:
             await feed.disconnect()
+
+    async def stop(self) -> None:
+        """Disconnect the feeds, then store and publish what is still pending."""
+        await self.disconnect()
         if self.recorder is not None:
             await self.recorder.close()
 
     async def on_record(self, record: FeedRecord) -> Event | None:
-        """Publish one record as an event; None if it was a duplicate."""
+        """Publish one record as an event; None if it was a duplicate or not published."""
         payload = record.payload
-        if self.recent.seen(payload.txType, payload.signature):
+        if self.signatures.seen(payload.txType, payload.signature):
             self.duplicates += 1
             self.metrics.duplicates.inc()
+            return None
+        if not record.subscribed and type(payload) is TokenTrade:
+            await self._store_unsubscribed(record)
             return None
         event = record.event
         if event is None:
@@ -126,9 +179,24 @@ class DataFeedManager:
                 seq=self.sequencer.next(payload.mint),
             )
         self.events += 1
+        if self.lookback is not None:
+            self.lookback.add(event)
         if self.recorder is not None:
             await self.recorder.add(event, record.frame)
         elif self._publisher is not None:
             await self._publisher.publish(event)
             self.metrics.published.inc()
         return event
+
+    async def _store_unsubscribed(self, record: FeedRecord) -> None:
+        """Keep the raw frame, without a seq: consumers never see a gap or the trade."""
+        self.unsubscribed_trades += 1
+        self.metrics.unsubscribed_trades.inc()
+        if self.unsubscribed_trades == 1 or self.unsubscribed_trades % 1000 == 0:
+            log.warning(
+                "trade of %s, a mint the feed did not subscribe to: stored, not published "
+                "(%d so far)", record.payload.mint, self.unsubscribed_trades,
+            )  # fmt: skip
+        if self.recorder is not None:
+            event = make_event(record.payload, source=self.source, time=record.time)
+            await self.recorder.add(event, record.frame, publish=False)

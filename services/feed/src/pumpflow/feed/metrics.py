@@ -1,16 +1,23 @@
-"""Prometheus metrics of the feed."""
+"""Prometheus metrics of the feed, on an injected registry."""
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+import weakref
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pumpflow.common.pumpportal import FrameKind
 
 
 class FeedMetrics:
-    """Counters and gauges; children of labelled metrics are bound once (hot path)."""
+    """Counters and gauges; children of labelled metrics are bound once (hot path).
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY):
+    ``registry=None`` keeps them unregistered (a tool that serves no /metrics). Code
+    that registers them goes through :meth:`for_registry`, so feeds sharing a registry
+    (replicas in one process) share the series instead of registering them twice.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None):
         self.frames = Counter(
             "pumpflow_feed_frames_total", "Frames received, by kind", ["kind"], registry=registry
         )
@@ -40,6 +47,11 @@ class FeedMetrics:
             "pumpflow_feed_duplicates_total", "Token events dropped as duplicate signatures",
             registry=registry,
         )  # fmt: skip
+        self.unsubscribed_trades = Counter(
+            "pumpflow_feed_unsubscribed_trades_total",
+            "Trades of mints the feed had not subscribed to: stored, not published",
+            registry=registry,
+        )
         self.published = Counter(
             "pumpflow_feed_events_published_total", "Token events published", registry=registry
         )
@@ -54,13 +66,15 @@ class FeedMetrics:
             "pumpflow_feed_record_pending", "Events waiting to be stored", registry=registry
         )
 
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> FeedMetrics:
+        """The feed's metrics on ``registry``, created on first use."""
+        metrics = _BY_REGISTRY.get(registry)
+        if metrics is None:
+            metrics = _BY_REGISTRY[registry] = cls(registry)
+        return metrics
 
-_default: FeedMetrics | None = None
 
-
-def default_metrics() -> FeedMetrics:
-    """The process-wide metrics on the default registry (what /metrics serves)."""
-    global _default
-    if _default is None:
-        _default = FeedMetrics()
-    return _default
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, FeedMetrics] = (
+    weakref.WeakKeyDictionary()
+)

@@ -14,6 +14,9 @@ busy one writes up to ``batch_size`` per transaction. ``max_delay`` adds a wait 
 fill a batch (flush on size or age). A failing write or publish is retried with
 backoff; the batch is never dropped, and when ``max_pending`` events wait, ``add``
 waits too, which slows the socket reader instead of losing frames.
+
+An event added with ``publish=False`` (a trade the feed did not subscribe to) is
+stored and never published, now or by ``recover``: it carries no seq.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.events import Event, encode_event
 from pumpflow.common.storage import TokenEventStore, WriteResult
-from pumpflow.feed.metrics import FeedMetrics, default_metrics
+from pumpflow.feed.metrics import FeedMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,28 @@ class JsonlSink:
             self._file.flush()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecorderConfig:
+    """Batching, back-pressure and retries of the recorder."""
+
+    #: publisher name whose outbox position advances after each published batch
+    #: (None: no outbox; only with a TokenEventStore sink and a publisher)
+    outbox: str | None = None
+    batch_size: int = 2_000
+    #: extra wait to fill a batch (0: write when the last write ends)
+    max_delay_s: float = 0.0
+    #: events held before ``add`` waits for the sink
+    max_pending: int = 100_000
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_pending < 1:
+            raise ValueError("batch_size and max_pending must be at least 1")
+        if self.max_delay_s < 0 or self.retry_initial_s <= 0 or self.retry_max_s <= 0:
+            raise ValueError("recorder delays must be positive")
+
+
 class Recorder:
     """Batches events into a sink, then publishes them (see the module docstring)."""
 
@@ -73,27 +99,22 @@ class Recorder:
         sink: EventSink,
         *,
         publisher: EventPublisher | None = None,
-        outbox: str | None = None,
-        batch_size: int = 2_000,
-        max_delay: float = 0.0,
-        max_pending: int = 100_000,
-        retry_initial: float = 0.2,
-        retry_max: float = 10.0,
+        config: RecorderConfig | None = None,
         metrics: FeedMetrics | None = None,
     ):
+        config = config or RecorderConfig()
+        self.config = config
         self.sink = sink
         self._publisher = publisher
-        #: publisher name whose outbox position advances after each published batch
         self._outbox = (
-            outbox if isinstance(sink, TokenEventStore) and publisher is not None else None
+            config.outbox if isinstance(sink, TokenEventStore) and publisher is not None else None
         )
-        self._batch_size = batch_size
-        self._max_delay = max_delay
-        self._max_pending = max_pending
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
-        self.metrics = metrics or default_metrics()
-        self._pending: deque[tuple[Event, bytes | None]] = deque()
+        self._batch_size = config.batch_size
+        self._max_delay = config.max_delay_s
+        self._max_pending = config.max_pending
+        self.metrics = metrics or FeedMetrics(None)
+        #: (event, frame, publish)
+        self._pending: deque[tuple[Event, bytes | None, bool]] = deque()
         self._inflight = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -109,15 +130,19 @@ class Recorder:
     def pending(self) -> int:
         return len(self._pending) + self._inflight
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._writer(), name="feed-recorder")
 
-    async def add(self, event: Event, frame: bytes | None = None) -> None:
+    async def add(self, event: Event, frame: bytes | None = None, *, publish: bool = True) -> None:
         """Queue an event for storing and publishing; waits while too many are pending."""
         while not self._space.is_set():
             await self._space.wait()
-        self._pending.append((event, frame))
+        self._pending.append((event, frame, publish))
         self._idle.clear()
         self._wake.set()
         size = len(self._pending)
@@ -153,8 +178,10 @@ class Recorder:
         async for stored in store.stream_stored(
             after_id=position, source_service=self._outbox, order="id"
         ):
-            batch.append(stored.event)
             last_id = stored.row_id
+            if stored.event.seq is None:
+                continue  # stored only (a trade the feed had not subscribed to)
+            batch.append(stored.event)
             if len(batch) >= self._batch_size:
                 await self._publish(batch, last_id)
                 count += len(batch)
@@ -181,19 +208,23 @@ class Recorder:
                 if len(self._pending) < self._max_pending:
                     self._space.set()
                 self.metrics.record_pending.set(len(self._pending) + count)
-                events = [e for e, _ in batch]
+                events = [e for e, _, _ in batch]
                 result = await self._retry("store", self.sink.write_batch, events,
-                                           [f for _, f in batch])  # fmt: skip
+                                           [f for _, f, _ in batch])  # fmt: skip
                 self.stored += result.inserted
                 self.metrics.recorded.inc(result.inserted)
-                await self._publish(result.to_publish(events), result.last_id)
+                to_publish = result.to_publish(events)
+                stored_only = {e.id for e, _, publish in batch if not publish}
+                if stored_only:
+                    to_publish = [e for e in to_publish if e.id not in stored_only]
+                await self._publish(to_publish, result.last_id)
                 self._inflight = 0
             self.metrics.record_pending.set(0)
             if not self._pending:
                 self._idle.set()
 
     async def _publish(self, events: list[Event], last_id: int | None) -> None:
-        if self._publisher is not None:
+        if self._publisher is not None and events:
             await self._retry("publish", self._publisher.publish_many, events)
             self.published += len(events)
             self.metrics.published.inc(len(events))
@@ -202,7 +233,7 @@ class Recorder:
             await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
 
     async def _retry(self, what: str, func, *args):
-        delay = self._retry_initial
+        delay = self.config.retry_initial_s
         while True:
             try:
                 return await func(*args)
@@ -213,4 +244,4 @@ class Recorder:
                 log.warning("%s failed (%s: %s); retrying in %.1f s", what,
                             type(exc).__name__, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(self._retry_max, delay * 2)
+                delay = min(self.config.retry_max_s, delay * 2)

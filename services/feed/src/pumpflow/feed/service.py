@@ -1,30 +1,39 @@
 """The feed service: PumpPortal socket -> validated events -> Postgres -> bus.
 
-Wiring only: SocketDataFeed delivers validated frames to the DataFeedManager,
-which sequences them per mint and hands them to the Recorder (store, then publish;
-see ``recorder.py``). ``feed.subscription`` commands from the bus subscribe or
-unsubscribe mints. On start the Sequencer is restored from Postgres and stored
-events the last run had not confirmed on the bus are published again.
+Wiring only. The DataFeedManager owns the SocketDataFeed and the Recorder: it
+sequences frames per mint and stores, then publishes them (``recorder.py``).
+``feed.subscription`` commands from the bus subscribe or unsubscribe mints.
+
+PumpPortal allows one connection per key, so replicas campaign for a LeaderLease
+(``feed:pumpportal``): the leader continues where the last one stopped (seq, stored
+events not yet published, the wanted mints) and connects; the others stand by, ready,
+and keep the wanted mints from the commands. A lost lease disconnects at once.
+
+Recent events of the subscribed mints stay in memory (the LookBack), served at
+``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from typing import Any, ClassVar
 
+import msgspec
+from prometheus_client import REGISTRY, CollectorRegistry
+
 from pumpflow.common.bus.abc import Subscription
-from pumpflow.common.bus.idempotency import Sequencer
-from pumpflow.common.clock import Clock
+from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event, FeedSubscription
-from pumpflow.common.lease import Lease
+from pumpflow.common.lease import LeaderLease
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.feed.interface import TOKEN_EVENT_TYPES
+from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.manager import DataFeedManager
-from pumpflow.feed.metrics import default_metrics
+from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed
@@ -37,14 +46,22 @@ LEASE_NAME = "feed:pumpportal"
 MINTS_KEY = "feed:pumpportal:mints"
 
 
-async def _sleep(clock: Clock, delay: float) -> None:
-    """Wait ``delay`` seconds of the clock (a ReplayClock's only when it is advanced)."""
-    done = asyncio.get_running_loop().create_future()
-    timer = clock.call_later(delay, lambda: done.done() or done.set_result(None))
-    try:
-        await done
-    finally:
-        timer.cancel()
+def lease_store(ctx: ServiceContext) -> StateStore:
+    """The store the connection lease lives in.
+
+    A lease times out on the wall clock. The shared store's TTLs do too when the run's
+    clock is the wall (Redis, or the embedded store on a WallClock of speed 1). On a
+    market clock (a simulated market at speed, a replay) the embedded store's TTLs
+    follow that clock and would end the lease early; such a run is one process with
+    one feed, so its lease stays in a store of its own.
+    """
+    clock = ctx.clock
+    if ctx.store is not None and isinstance(clock, WallClock) and clock.speed == 1.0:
+        return ctx.store
+    if ctx.store is None:
+        # a bare context (tests, tools): nobody else can hold the lease here
+        log.info("feed without a shared state store: the connection lease is not shared")
+    return MemoryStateStore(WallClock())
 
 
 class FeedService(Service):
@@ -58,78 +75,77 @@ class FeedService(Service):
     #: the lease that allows one connection among replicas lives in the shared store
     needs_store: ClassVar[bool] = True
 
-    def __init__(self, settings: FeedSettings):
+    def __init__(self, settings: FeedSettings, *, registry: CollectorRegistry | None = None):
         super().__init__(settings)
         self.settings: FeedSettings = settings
         self.needs_db = settings.feed_record  # type: ignore[misc]
+        self.metrics = FeedMetrics.for_registry(registry or REGISTRY)
         self.manager: DataFeedManager | None = None
         self.socket: SocketDataFeed | None = None
-        self.recorder: Recorder | None = None
+        self.lookback: LookBack | None = None
         self.store: TokenEventStore | None = None
-        self.republished = 0
-        self.sequencer: Sequencer | None = None
-        self.lease: Lease | None = None
-        #: "standby" (waiting for the lease), "active" (holds it) or "stopped"
-        self.role = "standby"
-        self._ctx: ServiceContext | None = None
-        self._lease_task: asyncio.Task | None = None
-        self._recorder_started = False
+        self.leader: LeaderLease | None = None
+        self._stopped = False
+
+    @property
+    def role(self) -> str:
+        """The role: active (holds the lease), standby (waits for it) or stopped."""
+        if self._stopped:
+            return "stopped"
+        return "active" if self.leader is not None and self.leader.is_leader else "standby"
+
+    @property
+    def recorder(self) -> Recorder | None:
+        return self.manager.recorder if self.manager is not None else None
+
+    @property
+    def republished(self) -> int:
+        return self.manager.republished if self.manager is not None else 0
 
     async def start(self, ctx: ServiceContext) -> None:
         settings = self.settings
-        metrics = default_metrics()
-        self._ctx = ctx
-        self.sequencer = Sequencer()
+        recorder = None
         if settings.feed_record:
             if ctx.db is None:
                 raise RuntimeError("feed recording is on (PUMPFLOW_FEED_RECORD) but no database")
             self.store = TokenEventStore(ctx.db)
-            self.recorder = Recorder(
+            recorder = Recorder(
                 self.store,
                 publisher=ctx.bus,
-                outbox=settings.service,
-                batch_size=settings.feed_record_batch_size,
-                max_delay=settings.feed_record_max_delay_s,
-                max_pending=settings.feed_record_max_pending,
-                metrics=metrics,
+                config=settings.recorder_config(),
+                metrics=self.metrics,
             )
-        self.manager = DataFeedManager(
-            source=ctx.source,
-            publisher=ctx.bus,
-            recorder=self.recorder,
-            sequencer=self.sequencer,
-            dedup_capacity=settings.feed_dedup_capacity,
-            metrics=metrics,
+        self.lookback = LookBack(
+            settings.history_config(),
+            clock=ctx.clock,
+            prune_every_s=settings.feed_history_prune_interval_s,
         )
         self.socket = SocketDataFeed(
-            url=settings.pumpportal_ws_url,
-            api_key=settings.api_key(),
+            settings.socket_config(),
             clock=ctx.clock,
+            metrics=self.metrics,
             bus=ctx.bus,
-            service=settings.service,
-            metrics=metrics,
-            subscribe_new_tokens=settings.feed_subscribe_new_tokens,
-            subscribe_migrations=settings.feed_subscribe_migrations,
-            auto_subscribe_trades=settings.feed_auto_subscribe_trades,
-            ping_interval=settings.feed_ping_interval_s,
-            ping_timeout=settings.feed_ping_timeout_s,
-            open_timeout=settings.feed_open_timeout_s,
-            backoff_initial=settings.feed_backoff_initial_s,
-            backoff_max=settings.feed_backoff_max_s,
-            max_keys_per_message=settings.feed_max_keys_per_message,
-            max_messages_per_second=settings.feed_max_messages_per_second,
-            history=self.store,
+            store=self.store,
+            lookback=self.lookback,
+        )
+        self.manager = DataFeedManager(
+            ctx.bus,
+            config=settings.manager_config(),
+            recorder=recorder,
+            lookback=self.lookback,
+            clock=ctx.clock,
+            metrics=self.metrics,
         )
         self.manager.add_data_feed(self.socket)
-        if ctx.store is None:
-            # no shared store (a bare test context): nobody else can hold the lease here
-            log.warning("feed without a state store: the connection lease is not shared")
-        self.lease = Lease(
-            ctx.store if ctx.store is not None else MemoryStateStore(ctx.clock),
-            LEASE_NAME,
-            holder=f"{settings.replica}:{uuid.uuid4().hex[:12]}",
-            ttl_s=settings.feed_lease_ttl_s,
-            clock=ctx.clock,
+        self.leader = LeaderLease(
+            lease_store(ctx),
+            settings.lease_config(
+                name=LEASE_NAME, holder=f"{settings.replica}:{uuid.uuid4().hex[:12]}"
+            ),
+            on_elected=self._take_over,
+            on_lost=self._stand_by,
+            on_renewed=self._save_mints,
+            on_resign=self._resign,
         )
         # standbys take commands too (the queue is shared): they keep the wanted mints
         await ctx.bus.subscribe(
@@ -139,74 +155,33 @@ class FeedService(Service):
                 handler=self.on_command,
             )
         )
+        self.lookback.start()
         # the socket connects in the background once the lease is ours: PumpPortal
         # being down or another replica holding the connection must not stop the start
-        if await self._acquire():
-            await self._take_over()
-        self._lease_task = asyncio.create_task(self._hold_lease(), name="feed-lease")
-
-    async def _acquire(self) -> bool:
-        try:
-            acquired = await self.lease.acquire()
-        except Exception:
-            log.exception("feed lease: acquire failed")
-            acquired = False
-        if acquired and self.role != "active":
-            log.info("feed lease acquired by %s: connecting", self.lease.holder)
-        return acquired
-
-    async def _hold_lease(self) -> None:
-        """Standby until the lease is ours; connect; renew; on a lost lease, disconnect."""
-        lease = self.lease
-        interval = lease.ttl_s / 3
-        while True:
-            while self.role != "active":
-                await _sleep(self._ctx.clock, interval)
-                if await self._acquire():
-                    try:
-                        await self._take_over()
-                    except Exception:
-                        log.exception("feed take-over failed: releasing the lease")
-                        await self.socket.disconnect()
-                        with contextlib.suppress(Exception):
-                            await self.lease.release()
-            await _sleep(self._ctx.clock, interval)
-            try:
-                await self._save_mints()
-                renewed = await lease.renew()
-            except Exception:
-                log.exception("feed lease: renew failed")
-                renewed = False
-            if not renewed:
-                # another replica may hold it already: never two connections on one key
-                log.warning("feed lease lost by %s: disconnecting, back to standby", lease.holder)
-                self.role = "standby"
-                await self.socket.disconnect()
+        await self.leader.start()
 
     async def _take_over(self) -> None:
-        """Continue where the last holder stopped: seq, unconfirmed events, subscriptions."""
-        settings = self.settings
-        if self.recorder is not None:
-            since = (
-                None
-                if settings.feed_seq_restore_window_s is None
-                else self._ctx.clock.now() - settings.feed_seq_restore_window_s
-            )
-            self.sequencer.restore(await self.store.last_seq_by_mint(since=since))
-            if not self._recorder_started:
-                self.republished = await self.recorder.recover()
-                await self.recorder.start()
-                self._recorder_started = True
-        saved = await self.lease.store.get(MINTS_KEY)
+        """Continue where the last holder stopped: subscriptions, seq, unconfirmed events."""
+        saved = await self.leader.store.get(MINTS_KEY)
         if saved:
-            await self.socket.subscribe(saved.decode().split())
-        await self.socket.connect(wait=False)
-        self.role = "active"
+            await self.manager.subscribe_to_token(saved.decode().split())
+        log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
+        await self.manager.start()
+
+    async def _stand_by(self) -> None:
+        # another replica may hold the lease already: never two connections on one key
+        log.info("feed: %s disconnects from PumpPortal and stands by", self.leader.holder)
+        await self.manager.disconnect()
+
+    async def _resign(self) -> None:
+        """Disconnect and flush before the lease goes: the next holder finds it all stored."""
+        await self.manager.stop()
+        await self._save_mints()
 
     async def _save_mints(self) -> None:
         """Keep the wanted mints in the store, for a replica that takes over."""
         mints = "\n".join(self.socket.active_mints).encode()
-        await self.lease.store.set(MINTS_KEY, mints)
+        await self.leader.store.set(MINTS_KEY, mints)
 
     async def on_command(self, event: Event) -> None:
         command: FeedSubscription = event.data
@@ -219,28 +194,18 @@ class FeedService(Service):
         log.debug("%s %d mints (%s)", command.action, len(command.mints), command.reason)
 
     async def stop(self) -> None:
-        if self.role == "stopped":
+        if self._stopped:
             return
-        task, self._lease_task = self._lease_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        active = self.role == "active"
-        self.role = "stopped"
-        if self.manager is not None:
-            # disconnect and flush before releasing: the next holder restores seq from
-            # what is stored and finds nothing of ours left to publish
-            if active or self.recorder is None or self._recorder_started:
-                await self.manager.stop()
-            else:
-                await self.socket.disconnect()
-        if self.lease is not None and active:
-            try:
-                await self._save_mints()
-                await self.lease.release()
-            except Exception:
-                log.exception("feed lease: release failed (a standby takes over within its TTL)")
+        self._stopped = True
+        if self.manager is None:
+            return
+        # first, so that nothing reconnects while the rest stops
+        await self.manager.disconnect()
+        # a leader flushes and saves the mints (on_resign) before it releases the lease
+        await self.leader.stop()
+        # a standby may still hold events stored while it led
+        await self.manager.stop()
+        self.lookback.close()
 
     def subscriptions(self) -> dict[str, Any]:
         socket = self.socket
@@ -252,8 +217,23 @@ class FeedService(Service):
             "mints": active,
         }
 
+    def token_events(
+        self, mint: str, *, limit: int, types: tuple[str, ...] | None = None
+    ) -> dict[str, Any] | None:
+        """The last ``limit`` events of ``mint`` held in memory, oldest first; None if none are."""
+        lookback = self.lookback
+        if lookback is None or not lookback.holds(mint):
+            return None
+        events = lookback.events(mint, limit=limit, types=types)
+        return {
+            "mint": mint,
+            "covered_from": lookback.covered_from(mint),
+            "count": len(events),
+            "events": msgspec.to_builtins(events),
+        }
+
     def router(self):
-        from fastapi import APIRouter
+        from fastapi import APIRouter, HTTPException, Query
 
         router = APIRouter()
 
@@ -261,26 +241,51 @@ class FeedService(Service):
         async def subscriptions() -> dict[str, Any]:
             return self.subscriptions()
 
+        @router.get("/tokens/{mint}/events")
+        async def token_events(
+            mint: str,
+            limit: int = Query(100, ge=1, le=self.settings.feed_history_max_events),
+            event_type: str | None = Query(
+                None, alias="type", description="only this event type, e.g. token.trade"
+            ),
+        ) -> dict[str, Any]:
+            if event_type is not None and event_type not in TOKEN_EVENT_TYPES:
+                raise HTTPException(
+                    422, f"type must be one of {', '.join(TOKEN_EVENT_TYPES)}, not {event_type!r}"
+                )
+            types = None if event_type is None else (event_type,)
+            body = self.token_events(mint, limit=limit, types=types)
+            if body is None:
+                # older events, and those of other mints, are in Postgres (token_events)
+                raise HTTPException(404, f"no recent events of {mint} held by this replica")
+            return body
+
         return router
 
     async def status(self) -> dict[str, Any]:
         socket = self.socket
         connected = bool(socket and socket.is_connected)
-        if self.role != "active":
+        role = self.role
+        if role != "active":
             # a hot standby is healthy and ready: it must not be restarted, and it takes
             # the connection over when the active replica's lease ends
             return {
-                "ready": True,
-                "role": self.role,
+                "ready": role == "standby",
+                "role": role,
                 "connected": connected,
-                "reason": "standby: another replica holds the PumpPortal lease",
+                "reason": (
+                    "standby: another replica holds the PumpPortal lease"
+                    if role == "standby"
+                    else "stopped"
+                ),
             }
+        recorder = self.recorder
         return {
             "ready": connected,
-            "role": self.role,
+            "role": role,
             "connected": connected,
             "sessions": socket.sessions if socket is not None else 0,
             "active_subscriptions": len(socket.active_mints) if socket is not None else 0,
-            "record_pending": self.recorder.pending if self.recorder is not None else 0,
+            "record_pending": recorder.pending if recorder is not None else 0,
             "republished_on_start": self.republished,
         }

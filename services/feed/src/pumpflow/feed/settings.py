@@ -3,6 +3,7 @@
 PumpPortal's URL and key keep their own environment names (``PUMPPORTAL_WS_URL``,
 ``PUMPPORTAL_API_KEY``, ``PUMPPORTAL_API_KEY_FILE``); everything else is
 ``PUMPFLOW_FEED_*``. The key is a SecretStr: it never appears in a repr or a log.
+The ``*_config`` methods build the frozen config object of each part of the feed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from pumpflow.common.features.history import HistoryConfig
+from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.feed.manager import FeedManagerConfig
+from pumpflow.feed.recorder import RecorderConfig
+from pumpflow.feed.socket_feed import SocketFeedConfig
 
 
 class FeedSettings(CommonSettings):
@@ -65,6 +71,14 @@ class FeedSettings(CommonSettings):
         le=MAX_MESSAGES_PER_SECOND,
         description="subscribe messages per second (PumpPortal allows 200)",
     )
+    feed_unsubscribe_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "trades of a mint arriving this long after its unsubscribe are in flight; "
+            "later ones, like those of mints never subscribed, are stored, not published"
+        ),
+    )
     feed_dedup_capacity: int = Field(200_000, ge=1, description="recent signatures remembered")
     feed_record_batch_size: int = Field(2_000, ge=1, description="events per Postgres write")
     feed_record_max_delay_s: float = Field(
@@ -77,14 +91,71 @@ class FeedSettings(CommonSettings):
         None, gt=0, description="restore per-mint seq from events this recent (None: all)"
     )
 
+    feed_history_max_events: int = Field(
+        1_000, ge=1, description="recent events held in memory per subscribed mint"
+    )
+    feed_history_max_age_s: float = Field(
+        900.0, gt=0, description="recent events older than this (event time) leave memory"
+    )
+    feed_history_max_mints: int = Field(
+        20_000, ge=1, description="subscribed mints whose recent events are held in memory"
+    )
+    feed_history_prune_interval_s: float = Field(
+        30.0, gt=0, description="how often (clock time) old events leave memory"
+    )
+
     feed_lease_ttl_s: float = Field(
         10.0,
         gt=0,
         description=(
-            "TTL of the lease 'feed:pumpportal' that lets one replica hold the PumpPortal "
-            "connection; renewed every ttl/3, a standby takes over within a TTL of a crash"
+            "TTL (wall-clock seconds) of the lease 'feed:pumpportal' that lets one replica "
+            "hold the PumpPortal connection; renewed every ttl/3, a standby takes over "
+            "within a TTL of a crash"
         ),
     )
+
+    def socket_config(self) -> SocketFeedConfig:
+        return SocketFeedConfig(
+            url=self.pumpportal_ws_url,
+            api_key=self.api_key(),
+            service=self.service,
+            subscribe_new_tokens=self.feed_subscribe_new_tokens,
+            subscribe_migrations=self.feed_subscribe_migrations,
+            auto_subscribe_trades=self.feed_auto_subscribe_trades,
+            ping_interval_s=self.feed_ping_interval_s,
+            ping_timeout_s=self.feed_ping_timeout_s,
+            open_timeout_s=self.feed_open_timeout_s,
+            backoff_initial_s=self.feed_backoff_initial_s,
+            backoff_max_s=self.feed_backoff_max_s,
+            max_keys_per_message=self.feed_max_keys_per_message,
+            max_messages_per_second=self.feed_max_messages_per_second,
+            unsubscribe_grace_s=self.feed_unsubscribe_grace_s,
+        )
+
+    def recorder_config(self) -> RecorderConfig:
+        return RecorderConfig(
+            outbox=self.service,
+            batch_size=self.feed_record_batch_size,
+            max_delay_s=self.feed_record_max_delay_s,
+            max_pending=self.feed_record_max_pending,
+        )
+
+    def manager_config(self) -> FeedManagerConfig:
+        return FeedManagerConfig(
+            source=self.source,
+            dedup_capacity=self.feed_dedup_capacity,
+            seq_restore_window_s=self.feed_seq_restore_window_s,
+        )
+
+    def history_config(self) -> HistoryConfig:
+        return HistoryConfig(
+            max_events_per_token=self.feed_history_max_events,
+            max_age_s=self.feed_history_max_age_s,
+            max_tokens=self.feed_history_max_mints,
+        )
+
+    def lease_config(self, *, name: str, holder: str) -> LeaderLeaseConfig:
+        return LeaderLeaseConfig(name=name, holder=holder, ttl_s=self.feed_lease_ttl_s)
 
     def api_key(self) -> str | None:
         """The key from the environment or the secret file; never log it."""

@@ -7,6 +7,13 @@
 - Validates every frame; a bad one is counted, logged and dead-lettered with the
   reason, and the stream goes on. Control frames (acks, notices, errors) are logged.
 - Stamps each frame with its arrival time from the injected Clock (frames carry none).
+- Flags a trade of a mint it never subscribed to (nor unsubscribed from within
+  ``unsubscribe_grace_s``, while such trades are still in flight): the manager stores
+  it and keeps it out of the pipeline.
+- Tracks the subscribed mints in the LookBack, which answers ``get_historical_data``
+  for recent windows; older ones come from the TokenEventStore.
+- Connection timing (backoff, pings, the grace) runs on real time, never on the
+  injected clock, which may be a faster market clock.
 - The API key goes into the URL only; every URL and error that is logged is redacted.
 """
 
@@ -17,8 +24,10 @@ import contextlib
 import itertools
 import logging
 import random
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -41,8 +50,9 @@ from pumpflow.common.pumpportal import (
     redact,
     with_api_key,
 )
-from pumpflow.feed.interface import DataFeedInterface, FeedError, FeedRecord
-from pumpflow.feed.metrics import FeedMetrics, default_metrics
+from pumpflow.feed.interface import DataFeedInterface, FeedError, FeedRecord, as_mints
+from pumpflow.feed.lookback import LookBack
+from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.ratelimit import SlidingWindowLimiter
 
 if TYPE_CHECKING:
@@ -68,55 +78,74 @@ class _RedactingLogger(logging.LoggerAdapter):
             self.logger.log(level, "%s", redact(text, self._secret), **kwargs)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketFeedConfig:
+    """Where to connect, what to subscribe, and the connection's timing and limits."""
+
+    url: str
+    #: never in a repr or a log: it goes into the URL only, and every logged URL is redacted
+    api_key: str | None = field(default=None, repr=False)
+    #: dead letters go under this service's name
+    service: str = "feed"
+    subscribe_new_tokens: bool = True
+    subscribe_migrations: bool = True
+    #: subscribe to the trades of every new token
+    auto_subscribe_trades: bool = True
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 10.0
+    open_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_keys_per_message: int = MAX_KEYS_PER_MESSAGE
+    max_messages_per_second: int = MAX_MESSAGES_PER_SECOND
+    #: trades of a mint still arrive this long after its unsubscribe was sent (in flight)
+    unsubscribe_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_keys_per_message <= MAX_KEYS_PER_MESSAGE:
+            raise ValueError(f"max_keys_per_message must be 1..{MAX_KEYS_PER_MESSAGE}")
+        if not 1 <= self.max_messages_per_second <= MAX_MESSAGES_PER_SECOND:
+            raise ValueError(f"max_messages_per_second must be 1..{MAX_MESSAGES_PER_SECOND}")
+        timings = (self.ping_interval_s, self.ping_timeout_s, self.open_timeout_s,
+                   self.backoff_initial_s, self.backoff_max_s)  # fmt: skip
+        if min(timings) <= 0 or self.unsubscribe_grace_s < 0:
+            raise ValueError("socket feed timings must be positive")
+
+
 class SocketDataFeed(DataFeedInterface):
-    """PumpPortal's real-time WebSocket as a data feed."""
+    """PumpPortal's real-time WebSocket as a data feed.
+
+    ``get_historical_data`` answers from the look-back (recent events in memory) when it
+    covers the window, else from the TokenEventStore.
+    """
 
     name = "pumpportal"
 
     def __init__(
         self,
+        config: SocketFeedConfig,
         *,
-        url: str,
         clock: Clock,
-        api_key: str | None = None,
-        bus: EventBus | None = None,
-        service: str = "feed",
         metrics: FeedMetrics | None = None,
-        subscribe_new_tokens: bool = True,
-        subscribe_migrations: bool = True,
-        auto_subscribe_trades: bool = True,
-        ping_interval: float = 20.0,
-        ping_timeout: float = 10.0,
-        open_timeout: float = 10.0,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
-        max_keys_per_message: int = MAX_KEYS_PER_MESSAGE,
-        max_messages_per_second: int = MAX_MESSAGES_PER_SECOND,
-        history: TokenEventStore | None = None,
+        bus: EventBus | None = None,
+        store: TokenEventStore | None = None,
+        lookback: LookBack | None = None,
         rng: random.Random | None = None,
     ):
         super().__init__()
-        if not 1 <= max_keys_per_message <= MAX_KEYS_PER_MESSAGE:
-            raise ValueError(f"max_keys_per_message must be 1..{MAX_KEYS_PER_MESSAGE}")
-        self._url = with_api_key(url, api_key)
-        self._api_key = api_key
-        self.redacted_url = redact(self._url, api_key)
-        self._ws_logger = _RedactingLogger(logging.getLogger("websockets.client"), api_key)
+        self.config = config
+        self._url = with_api_key(config.url, config.api_key)
+        self._api_key = config.api_key
+        self.redacted_url = redact(self._url, config.api_key)
+        self._ws_logger = _RedactingLogger(logging.getLogger("websockets.client"), config.api_key)
         self._clock = clock
         self._bus = bus
-        self._service = service
-        self.metrics = metrics or default_metrics()
-        self._subscribe_new_tokens = subscribe_new_tokens
-        self._subscribe_migrations = subscribe_migrations
-        self._auto_subscribe = auto_subscribe_trades
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._open_timeout = open_timeout
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._max_keys = max_keys_per_message
-        self._limiter = SlidingWindowLimiter(max_messages_per_second)
-        self._history = history
+        self.metrics = metrics or FeedMetrics(None)
+        self._auto_subscribe = config.auto_subscribe_trades
+        self._max_keys = config.max_keys_per_message
+        self._limiter = SlidingWindowLimiter(config.max_messages_per_second)
+        self._store = store
+        self.lookback = lookback
         self._rng = rng or random.Random()
 
         #: mints whose trades we want (insertion-ordered set)
@@ -125,6 +154,8 @@ class SocketDataFeed(DataFeedInterface):
         self._on_server: set[str] = set()
         self._to_subscribe: dict[str, None] = {}
         self._to_unsubscribe: dict[str, None] = {}
+        #: mints unsubscribed on this connection -> when (time.monotonic()), oldest first
+        self._ended: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._stopping = False
@@ -150,16 +181,13 @@ class SocketDataFeed(DataFeedInterface):
         """Subscription changes not yet sent."""
         return len(self._to_subscribe) + len(self._to_unsubscribe)
 
-    async def connect(self, *, wait: bool = True) -> None:
-        """Start the connection loop; with ``wait``, return once the first session is up.
-
-        The loop retries for ever; bound the wait with ``asyncio.timeout`` if needed.
-        """
+    async def connect(self) -> None:
+        """Start the connection loop; it retries for ever (``wait_connected`` waits for it)."""
         if self._task is None or self._task.done():
             self._stopping = False
+            if self.lookback is not None:
+                self.lookback.activate(self._clock.now())
             self._task = asyncio.create_task(self._run(), name="pumpportal-feed")
-        if wait:
-            await self.wait_connected()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
@@ -176,13 +204,19 @@ class SocketDataFeed(DataFeedInterface):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.lookback is not None:
+            self.lookback.deactivate()
 
-    async def subscribe(self, mints: Iterable[str]) -> None:
+    async def subscribe(self, token_id: str | Iterable[str]) -> None:
+        mints = as_mints(token_id)
         for mint in mints:
             self._want(mint)
+        if self.lookback is not None:
+            self.lookback.track(mints, self._clock.now())
         self._changed()
 
-    async def unsubscribe(self, mints: Iterable[str]) -> None:
+    async def unsubscribe(self, token_id: str | Iterable[str]) -> None:
+        mints = as_mints(token_id)
         for mint in mints:
             if mint not in self._active:
                 continue
@@ -191,18 +225,26 @@ class SocketDataFeed(DataFeedInterface):
                 del self._to_subscribe[mint]  # never sent: nothing to undo on the server
             elif mint in self._on_server:
                 self._to_unsubscribe[mint] = None
+        if self.lookback is not None:
+            self.lookback.untrack(mints)
         self._changed()
 
-    def get_historical_data(
-        self,
-        *,
-        start: float | None = None,
-        end: float | None = None,
-        mints: Iterable[str] | None = None,
-    ) -> AsyncIterator[Event]:
-        if self._history is None:
-            raise FeedError("PumpPortal keeps no history; give the feed a TokenEventStore")
-        return self._history.stream(start=start, end=end, mints=mints)
+    async def get_historical_data(
+        self, token_id: str, start_time: float | None, end_time: float | None
+    ) -> list[Event]:
+        lookback = self.lookback
+        if lookback is not None and lookback.covers(token_id, start_time):
+            return lookback.events(token_id, start_time, end_time)
+        if self._store is None:
+            raise FeedError(
+                "PumpPortal keeps no history: the window is older than the look-back in "
+                "memory, and the feed has no TokenEventStore"
+            )
+        return [
+            event
+            async for event in self._store.stream(start=start_time, end=end_time, mints=[token_id])
+            if event.seq is not None  # stored but never published: not part of the stream
+        ]
 
     # ---------------------------------------------------------------- subscriptions
 
@@ -238,9 +280,37 @@ class SocketDataFeed(DataFeedInterface):
                 self._on_server.update(keys)
             else:
                 self._on_server.difference_update(keys)
+                self._end(keys)
             await ws.send(method_message(method, keys).decode())
             self.metrics.subscribe_messages.labels(method).inc()
             log.debug("%s: %d keys", method, len(keys))
+
+    def _end(self, mints: list[str]) -> None:
+        """Remember when ``mints`` were unsubscribed: their trades in flight still count."""
+        now = time.monotonic()
+        ended = self._ended
+        for mint in mints:
+            ended.pop(mint, None)
+            ended[mint] = now
+        self._forget_ended(now)
+
+    def _forget_ended(self, now: float) -> None:
+        ended = self._ended
+        horizon = now - self.config.unsubscribe_grace_s
+        while ended:
+            mint, at = next(iter(ended.items()))
+            if at > horizon:
+                break
+            del ended[mint]
+
+    def _expects_trades(self, mint: str) -> bool:
+        """True if trades of ``mint`` belong on this connection: wanted, or still in flight."""
+        if mint in self._active or mint in self._on_server:
+            return True
+        if mint in self._ended:
+            self._forget_ended(time.monotonic())
+            return mint in self._ended
+        return False
 
     async def _sender(self, ws: ClientConnection) -> None:
         while True:
@@ -256,19 +326,21 @@ class SocketDataFeed(DataFeedInterface):
     # ---------------------------------------------------------------- connection loop
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** max(0, attempt - 1))
+        config = self.config
+        ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2 ** max(0, attempt - 1))
         # "equal jitter": at least half the ceiling, so retries never hammer the server
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     async def _run(self) -> None:
+        config = self.config
         attempt = 0
         while not self._stopping:
             try:
                 ws = await connect(
                     self._url,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_timeout,
-                    open_timeout=self._open_timeout,
+                    ping_interval=config.ping_interval_s,
+                    ping_timeout=config.ping_timeout_s,
+                    open_timeout=config.open_timeout_s,
                     close_timeout=2.0,
                     max_size=2**22,
                     logger=self._ws_logger,
@@ -287,11 +359,12 @@ class SocketDataFeed(DataFeedInterface):
                 )
                 await asyncio.sleep(delay)
                 continue
-            started = self._clock.monotonic()
+            started = time.monotonic()
             try:
                 await self._session(ws)
             except ConnectionClosed as exc:
-                log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
+                if not self._stopping:
+                    log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await ws.close()
@@ -302,7 +375,7 @@ class SocketDataFeed(DataFeedInterface):
                     await ws.close()
             if self._stopping:
                 break
-            if self._clock.monotonic() - started >= _STABLE_SESSION_S:
+            if time.monotonic() - started >= _STABLE_SESSION_S:
                 attempt = 0
             attempt += 1
             delay = self._backoff(attempt)
@@ -321,15 +394,16 @@ class SocketDataFeed(DataFeedInterface):
         )
         # a new connection has no subscriptions: everything active is sent again
         self._on_server.clear()
+        self._ended.clear()
         self._to_unsubscribe.clear()
         self._to_subscribe = dict.fromkeys(self._active)
         self._ws = ws
         self.metrics.connected.set(1)
         sender: asyncio.Task | None = None
         try:
-            if self._subscribe_new_tokens:
+            if self.config.subscribe_new_tokens:
                 await self._send_method(ws, SUBSCRIBE_NEW_TOKEN)
-            if self._subscribe_migrations:
+            if self.config.subscribe_migrations:
                 await self._send_method(ws, SUBSCRIBE_MIGRATION)
             self._wake.set()
             sender = asyncio.create_task(self._sender(ws), name="pumpportal-subscriber")
@@ -341,7 +415,9 @@ class SocketDataFeed(DataFeedInterface):
                 try:
                     message = await recv(decode=False)
                 except ConnectionClosedOK:
-                    log.info("server closed the connection: %s", ws.close_reason or ws.close_code)
+                    if not self._stopping:
+                        log.info("server closed the connection: %s",
+                                 ws.close_reason or ws.close_code)  # fmt: skip
                     return
                 await self._on_frame(message)
                 if sender.done():
@@ -373,11 +449,17 @@ class SocketDataFeed(DataFeedInterface):
             return
         kind = KIND_OF_TX_TYPE[payload.txType]
         metrics.frames_by_kind[kind].inc()
-        if kind is FrameKind.CREATE and self._auto_subscribe:
-            self._want(payload.mint)
-            self._changed()
+        subscribed = True
+        if kind is FrameKind.CREATE:
+            if self._auto_subscribe:
+                self._want(payload.mint)
+                if self.lookback is not None:
+                    self.lookback.track((payload.mint,), arrival)
+                self._changed()
+        elif kind is not FrameKind.MIGRATE:
+            subscribed = self._expects_trades(payload.mint)
         try:
-            await self._emit(FeedRecord(payload, data, arrival))
+            await self._emit(FeedRecord(payload, data, arrival, subscribed=subscribed))
         except Exception as exc:
             log.exception("feed callback failed on %s %s", payload.txType, payload.signature)
             await self._dead_letter(data, f"callback failed: {type(exc).__name__}: {exc}")
@@ -392,7 +474,7 @@ class SocketDataFeed(DataFeedInterface):
         if self._bus is None:
             return
         try:
-            await self._bus.dead_letter(data, service=self._service, reason=reason)
+            await self._bus.dead_letter(data, service=self.config.service, reason=reason)
         except Exception:
             log.exception("could not dead-letter a frame (%s)", reason)
 
