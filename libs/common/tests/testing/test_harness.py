@@ -114,6 +114,11 @@ async def test_process_stack_runs_processes_in_the_test_namespace(process_stack,
     await eventually(lambda: f"{namespace} r1" in process_stack.logs(), what="the greeting")
     assert await process_stack.stop("waiter") == 3
     assert "--- waiter\n" in process_stack.logs() and "terminated" in process_stack.logs()
+    for name in ("a", "b"):
+        process_stack.start(name, [sys.executable, "-c", WAITS_FOR_SIGTERM], replica=name)
+    await eventually(lambda: f"{namespace} b" in process_stack.logs(), what="b's greeting")
+    await eventually(lambda: f"{namespace} a" in process_stack.logs(), what="a's greeting")
+    assert await process_stack.stop_all(["a", "b"]) == {"a": 3, "b": 3}
     process_stack.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
     await process_stack.aclose()  # what is left is killed
     assert process_stack.procs["sleeper"].returncode is not None

@@ -152,6 +152,22 @@ class ProcessStack:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{name} did not end within {within:g} s\n{self.logs()}") from None
 
+    async def stop_all(
+        self, names: Sequence[str], *, sig: int = signal.SIGTERM, within: float = 60.0
+    ) -> dict[str, int]:
+        """Signal all of ``names`` at once, then wait for each; return their exit codes."""
+        for name in names:
+            self.procs[name].send_signal(sig)
+        codes = {}
+        for name in names:
+            try:
+                codes[name] = await asyncio.to_thread(self.procs[name].wait, within)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"{name} did not end within {within:g} s\n{self.logs()}"
+                ) from None
+        return codes
+
     def logs(self, tail: int = 3000) -> str:
         """The end of every process's log, for assertion messages."""
         for log in self._logs.values():
@@ -174,7 +190,8 @@ class ProcessStack:
     async def aclose(self) -> None:
         """Kill what is left, then delete the durable queues of the services served."""
         await asyncio.to_thread(self.kill)
-        if self.env.get("PUMPFLOW_TRANSPORT") != "rabbitmq" or not self._services:
+        services, self._services = sorted(self._services), set()
+        if self.env.get("PUMPFLOW_TRANSPORT") != "rabbitmq" or not services:
             return
         from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
@@ -186,7 +203,7 @@ class ProcessStack:
             connect_attempts=3,
         )
         try:
-            await cleanup.delete_topology(services=sorted(self._services))
+            await cleanup.delete_topology(services=services)
         finally:
             await cleanup.close()
 
