@@ -170,6 +170,21 @@ def _route(data: bytes):
     return entry
 
 
+def _not_utf8(data: bytes, event_type: str | None = None) -> EventValidationError | None:
+    """Our own reason for a frame that is not UTF-8, or None if it is UTF-8.
+
+    msgspec's wording and exception for a bad string change between releases, so the
+    check is ours; it runs only once msgspec has rejected a frame, never on the hot path.
+    """
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:
+        return EventValidationError(
+            f"not UTF-8: {exc.reason} at byte {exc.start}", event_type=event_type
+        )
+    return None
+
+
 def classify_frame(raw: bytes | str) -> FrameKind:
     """Tell what a frame is without validating its fields; raise if it is none of them."""
     routed = _route(_as_bytes(raw))
@@ -186,8 +201,8 @@ def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
     try:
         payload = decoder.decode(data)
     except msgspec.MsgspecError as exc:
-        raise validation_error(exc, event_type=event_type) from None
-    except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+        raise _not_utf8(data, event_type) or validation_error(exc, event_type=event_type) from None
+    except UnicodeDecodeError as exc:  # what msgspec before 0.23 raises for a bad string
         raise EventValidationError(f"not UTF-8: {exc}", event_type=event_type) from None
     _check_values(payload, event_type)
     return payload
@@ -212,7 +227,7 @@ def _decode_control(data: bytes) -> ControlFrame:
     try:
         value = _any_decoder.decode(data)
     except msgspec.MsgspecError as exc:
-        raise EventValidationError(f"not JSON: {exc}") from None
+        raise _not_utf8(data) or EventValidationError(f"not JSON: {exc}") from None
     except UnicodeDecodeError as exc:
         raise EventValidationError(f"not UTF-8: {exc}") from None
     if not isinstance(value, dict):
