@@ -114,8 +114,9 @@ async def run_embedded_market(
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
-            # stop the socket first so the drain on exit has an end
-            await server.stop()
+            # the feed before the simulator: a feed whose server went away first would
+            # try to reconnect; and with the stream ended the drain on exit has an end
+            await system["feed"].stop()
         console.print_summary()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,26 @@
+"""``pumpflow run`` stops without an alarming log line, at any speed."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from pumpflow.cli.run import run_embedded_market
+
+
+async def test_a_clean_fast_run_logs_no_warning_or_error_and_keeps_the_feed_lease(caplog):
+    caplog.set_level(logging.INFO)
+    out = io.StringIO()
+    status = await run_embedded_market(
+        duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out
+    )
+    assert status == 0
+    assert out.getvalue().splitlines()[-1].startswith("run over:"), out.getvalue()[-2000:]
+    alarming = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # e.g. "feed lease lost", or "connect ... failed" of a feed that outlived the simulator
+    assert alarming == [], [f"{r.name}: {r.getMessage()}" for r in alarming]
+    # the feed stopped before the simulator: it never saw its server go away
+    noticed = [r.getMessage() for r in caplog.records if "reconnect" in r.getMessage()]
+    assert noticed == []
+    elected = [r for r in caplog.records if "elected" in r.getMessage()]
+    assert len(elected) == 1, "the feed was elected once and kept its lease"
