@@ -1,11 +1,16 @@
 # `make run` and `make test` build .venv on first use and re-install when
-# requirements-dev.txt or any pyproject.toml changes (stamp file).
+# requirements/dev.lock or any pyproject.toml changes (stamp file): exactly the locked
+# versions (pip --require-hashes), then the workspace's own packages, editable, without
+# dependencies and built by the locked hatchling. `make lock` refreshes the locks.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+LOCK := requirements/dev.lock
 PYPROJECTS := $(shell find . -name pyproject.toml -not -path './.venv/*' -not -path './.git/*')
+# the workspace's packages: the `-e` lines of requirements/dev.in
+WORKSPACE := $(shell sed -n 's/^-e //p' requirements/dev.in)
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install lock bench
 
 run: $(STAMP)
 	$(VENV)/bin/pumpflow run
@@ -25,9 +30,20 @@ $(VENV)/bin/pip:
 		{ echo "pumpflow needs Python 3.11 or later: make PYTHON=python3.11 ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements-dev.txt $(PYPROJECTS) | $(VENV)/bin/pip
-	$(VENV)/bin/pip install -r requirements-dev.txt
+# The lock pins pip too: the first install also brings .venv's pip (23.x in a new venv)
+# to the locked version.
+$(STAMP): $(LOCK) $(PYPROJECTS) | $(VENV)/bin/pip
+	$(VENV)/bin/pip install --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --no-deps --no-build-isolation $(addprefix -e ,$(WORKSPACE))
+	$(VENV)/bin/pip check
 	touch $(STAMP)
+
+# Re-compile requirements/*.lock from requirements/*.in and the pyproject.toml files
+# with the locked pip-tools (scripts/lock.py). LOCK_ARGS=--upgrade moves every pin to
+# the newest release, LOCK_ARGS="--upgrade-package NAME" one of them.
+lock: | $(VENV)/bin/pip
+	$(VENV)/bin/pip install --quiet --require-hashes -r $(LOCK)
+	$(VENV)/bin/python scripts/lock.py $(LOCK_ARGS)
 
 # Every benchmark, one after the other, each printing its figures (docs/benchmarks.md).
 # Needs the same servers as the tests; takes several minutes on 2 cores.
