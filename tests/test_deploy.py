@@ -265,6 +265,8 @@ def test_dockerfile_installs_only_the_service_and_the_cli():
     dockerfile = (ROOT / "deploy/Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
     assert "ARG SERVICE" in dockerfile
-    assert 'pip install /app/libs/common "/app/services/${SERVICE}"' in dockerfile
-    assert "pip install --no-deps /app" in dockerfile
+    # the service's lock, then the three packages themselves without their dependencies
+    assert 'pip install --require-hashes -r "/app/requirements/${SERVICE}.lock"' in dockerfile
+    packages = '/app/libs/common "/app/services/${SERVICE}" /app'
+    assert f"pip install --no-deps --no-build-isolation {packages}" in dockerfile
     assert 'pumpflow serve \\"$SERVICE\\"' in dockerfile
