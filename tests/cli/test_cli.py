@@ -239,43 +239,27 @@ def test_delegated_commands_show_their_owners_help():
     assert "--speed" in result.stdout and "--mint" in result.stdout
 
 
-@pytest.mark.rabbitmq
 async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
-    tmp_path, namespace, amqp_url
+    tmp_path, rabbitmq_harness, process_stack
 ):
-    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    bus = await rabbitmq_harness.bus("feed/t", partitions=2)
+    rabbitmq_harness.delete_after(["feed"])
+    await bus.dead_letter(b'{"txType": "buy", "mint": 7}', service="feed", reason="bad mint")
+    await bus.dead_letter(b"\xff\xfe not utf-8", service="feed", reason="not JSON")
+    process_stack.configure(partitions=2)
 
-    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="feed/t")
-    await bus.start()
-    try:
-        await bus.dead_letter(b'{"txType": "buy", "mint": 7}', service="feed", reason="bad mint")
-        await bus.dead_letter(b"\xff\xfe not utf-8", service="feed", reason="not JSON")
-        env = {
-            **os.environ,
-            "PUMPFLOW_TRANSPORT": "rabbitmq",
-            "PUMPFLOW_AMQP_URL": amqp_url,
-            "PUMPFLOW_NAMESPACE": namespace,
-            "PUMPFLOW_PARTITIONS": "2",
-        }
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return process_stack.run("dead-letters", "feed", *argv)
 
-        def cli(*argv: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [str(PUMPFLOW), "dead-letters", "feed", *argv],
-                env=env, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-
-        listed = await asyncio.to_thread(cli)
-        assert listed.returncode == 0, listed.stderr
-        assert "bad mint" in listed.stdout and "not JSON" in listed.stdout
-        assert "2 dead letter(s) shown" in listed.stdout
-        moved_to = tmp_path / "dead.jsonl"
-        moved = await asyncio.to_thread(cli, "--move", str(moved_to))
-        assert moved.returncode == 0, moved.stderr
-        records = [json.loads(line) for line in moved_to.read_text().splitlines()]
-        assert [r["reason"] for r in records] == ["bad mint", "not JSON"]
-        assert records[0]["body"] == '{"txType": "buy", "mint": 7}'
-        assert base64.b64decode(records[1]["body_base64"]) == b"\xff\xfe not utf-8"
-        assert await bus.dead_letters("feed", remove=False) == []
-    finally:
-        await bus.delete_topology(services=["feed"])
-        await bus.close()
+    listed = await asyncio.to_thread(cli)
+    assert listed.returncode == 0, listed.stderr
+    assert "bad mint" in listed.stdout and "not JSON" in listed.stdout
+    assert "2 dead letter(s) shown" in listed.stdout
+    moved_to = tmp_path / "dead.jsonl"
+    moved = await asyncio.to_thread(cli, "--move", str(moved_to))
+    assert moved.returncode == 0, moved.stderr
+    records = [json.loads(line) for line in moved_to.read_text().splitlines()]
+    assert [r["reason"] for r in records] == ["bad mint", "not JSON"]
+    assert records[0]["body"] == '{"txType": "buy", "mint": 7}'
+    assert base64.b64decode(records[1]["body_base64"]) == b"\xff\xfe not utf-8"
+    assert await bus.dead_letters("feed", remove=False) == []
