@@ -10,6 +10,7 @@ finds that vector or a newer one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
@@ -77,15 +78,19 @@ class FeaturesService(Service):
         if self.consumer is not None:
             await self.consumer.stop()
 
-    def _views(self, mint: str, state: TokenState, published: int) -> dict[str, Any]:
+    def _views(
+        self, mint: str, state: TokenState, published: int, emitted: Sequence[Event]
+    ) -> dict[str, Any]:
         manager = self.manager
+        # the values just announced are the state's: no second computation
+        values = emitted[-1].data.values if emitted else tuple(manager.values(state))
         vector = FeatureVector(
             mint=mint,
             version=manager.version,
             seq=state.seq,
             time=state.last_time,
             names=manager.names,
-            values=tuple(manager.values(state)),
+            values=values,
             out_seq=published,
             updated_at=self._ctx.clock.now(),
         )

@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -67,9 +67,9 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
-#: the service's read models of a key's state, stored with its record: (key, state, last
-#: published seq) -> {store key: hash fields}
-ViewsFunction = Callable[[str, Any, int], Mapping[str, Mapping[str, HashValue]]]
+#: the service's read models of a key, stored with its record: (key, state, last seq the
+#: key published, the events it emitted since its last commit) -> {store key: hash fields}
+ViewsFunction = Callable[[str, Any, int, Sequence[Event]], Mapping[str, Mapping[str, HashValue]]]
 
 _RESTORE_CHUNK = 500
 
@@ -326,10 +326,18 @@ class KeyedStatefulConsumer(Generic[S]):
         changed = await self.pool.submit(key, lambda: self._apply(key, event), priority=priority)
         await self._until_stored(changed)
 
-    async def _apply(self, key: str, event: Event) -> int:
+    def _apply(self, key: str, event: Event) -> int | Awaitable[int]:
+        """Apply ``event`` (plain when the key is in memory); return the change's generation."""
         entry = self._keys.get(key)
         if entry is None:
-            entry = await self._load(key)
+            return self._load_and_apply(key, event)
+        return self._apply_to(entry, event)
+
+    async def _load_and_apply(self, key: str, event: Event) -> int:
+        applied = self._apply_to(await self._load(key), event)
+        return applied if isinstance(applied, int) else await applied
+
+    def _apply_to(self, entry: _Key, event: Event) -> int | Awaitable[int]:
         entry.touched = time.monotonic()
         seq = event.seq
         publisher = None
@@ -347,7 +355,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 log.warning(
                     "%s: seq gap for %s from %s: %d after %d",
                     self.config.service,
-                    key,
+                    entry.key,
                     publisher,
                     seq,
                     last,
@@ -358,25 +366,30 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id))
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
-            self.metrics.invalid.inc()
-            reason = f"invalid: {exc}"
-            log.warning("%s: %s %s for %s", self.config.service, reason, event.type, key)
-            await self._retry(
-                lambda: self.bus.dead_letter(
-                    encode_event(event),
-                    service=self.config.service,
-                    reason=reason,
-                    event_type=event.type,
-                ),
-                "dead-lettering",
-            )
-        else:
-            self.metrics.applied.inc()
+            return self._refuse(entry, event, publisher, f"invalid: {exc}")
+        self.metrics.applied.inc()
         if publisher is not None:
             entry.applied[publisher] = seq
         return self._mark(entry)
 
-    async def _fire(self, key: str) -> int:
+    async def _refuse(self, entry: _Key, event: Event, publisher: str | None, reason: str) -> int:
+        """Dead-letter an event the processor refused; its seq counts as applied."""
+        self.metrics.invalid.inc()
+        log.warning("%s: %s %s for %s", self.config.service, reason, event.type, entry.key)
+        await self._retry(
+            lambda: self.bus.dead_letter(
+                encode_event(event),
+                service=self.config.service,
+                reason=reason,
+                event_type=event.type,
+            ),
+            "dead-lettering",
+        )
+        if publisher is not None:
+            entry.applied[publisher] = event.seq
+        return self._mark(entry)
+
+    def _fire(self, key: str) -> int:
         entry = self._keys.get(key)
         if entry is None or entry.gone or self._stopping:
             return self._changed
@@ -460,6 +473,9 @@ class KeyedStatefulConsumer(Generic[S]):
             self._stored = max(self._stored, generation)
         finally:
             self._flushing = None
+        if self._dirty and not self._stopping:
+            # changes nobody waits for (a retirement's last write): stored all the same
+            self._flushing = asyncio.ensure_future(self._flush())
 
     async def _commit(self, entries: list[_Key]) -> None:
         started = time.perf_counter()
@@ -488,7 +504,7 @@ class KeyedStatefulConsumer(Generic[S]):
             key = entry.key
             batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
             if views is not None and entry.state is not None:
-                for view_key, fields in views(key, entry.state, entry.published).items():
+                for view_key, fields in views(key, entry.state, entry.published, outbox).items():
                     batch.hset(view_key, fields)
                     if ttl != entry.stored_ttl:
                         batch.expire(view_key, ttl)
@@ -510,7 +526,12 @@ class KeyedStatefulConsumer(Generic[S]):
                 del entry.outbox[:count]
         for entry in entries:
             if entry.retire_ttl is not None and not entry.gone:
-                self._retire(entry)
+                if entry.outbox_stored:
+                    # stored once more without what was just published, then dropped, so a
+                    # key loaded again does not announce its last events twice
+                    self._mark(entry)
+                else:
+                    self._retire(entry)
         self.flushes += 1
         self.metrics.commit_keys.observe(len(entries))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
