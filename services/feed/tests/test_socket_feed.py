@@ -1,4 +1,4 @@
-"""SocketDataFeed over a real WebSocket on 127.0.0.1 against a scripted protocol peer."""
+"""SocketDataFeed and the service over a real WebSocket on 127.0.0.1, against a scripted peer."""
 
 from __future__ import annotations
 
@@ -6,20 +6,29 @@ import asyncio
 import json
 import logging
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, serve
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
-from pumpflow.common.clock import WallClock
-from pumpflow.common.events import Event
+from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.events import Event, FeedSubscription, make_event
 from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import eventually
 from pumpflow.feed import reference_frames as ref
+from pumpflow.feed.database_feed import DatabaseDataFeed
+from pumpflow.feed.interface import ALL_EVENTS, FeedError, FeedRecord
 from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.ratelimit import SlidingWindowLimiter
+from pumpflow.feed.recorder import Recorder, RecorderConfig
+from pumpflow.feed.service import FeedService
+from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 
 
@@ -277,3 +286,165 @@ async def test_sliding_window_never_exceeds_the_rate():
     assert limiter.delay() == pytest.approx(0.4)
     now[0] = 1.0
     assert limiter.delay() == 0.0
+
+
+# ---------------------------------------------------------------- trades never subscribed
+
+
+async def test_trades_of_mints_never_subscribed_are_counted_and_kept_out_of_the_pipeline(
+    peer, bus_and_events
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    await peer.send(create("MintA"))
+    await peer.until(lambda: "MintA" in peer.trade_keys)
+    # the server sends a trade of a mint nobody subscribed to, among wanted ones
+    await peer.send(trade("MintA", 1), trade("Stranger", 1), trade("MintA", 2))
+    await eventually(lambda: len(got) == 3)
+    await eventually(lambda: manager.unsubscribed_trades == 1)
+    assert [(e.type, e.key) for e in got] == [
+        ("token.created", "MintA"), ("token.trade", "MintA"), ("token.trade", "MintA"),
+    ]  # fmt: skip
+    assert feed.metrics.unsubscribed_trades._value.get() == 1
+    assert "Stranger" not in feed.active_mints  # a stray trade subscribes nothing
+    await manager.stop()
+
+
+async def test_trades_in_flight_after_an_unsubscribe_pass_within_the_grace_only(
+    peer, bus_and_events
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus, unsubscribe_grace_s=0.0)
+    await start(manager, feed)
+    await peer.send(create("MintA"), create("MintB"))
+    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
+    await manager.unsubscribe_from_token("MintA")
+    await peer.until(lambda: peer.trade_keys == {"MintB"})
+    await peer.send(trade("MintA", 1), trade("MintB", 1))
+    await eventually(lambda: len(got) == 3)
+    await eventually(lambda: manager.unsubscribed_trades == 1)
+    assert got[-1].key == "MintB"
+    await manager.stop()
+
+    bus2 = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus2.start()
+    graced: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        graced.append(event)
+
+    await bus2.subscribe(Subscription(service="probe", patterns=("token.*",), handler=handler))
+    feed, manager = make_feed(peer, bus2)  # the default grace: 10 s
+    await start(manager, feed)
+    await peer.send(create("MintC"))
+    await peer.until(lambda: "MintC" in peer.trade_keys)
+    await manager.unsubscribe_from_token("MintC")
+    await peer.until(lambda: "MintC" not in peer.trade_keys)
+    await peer.send(trade("MintC", 1))  # sent before the server read the unsubscribe
+    await eventually(lambda: len(graced) == 2)
+    assert manager.unsubscribed_trades == 0
+    await manager.stop()
+    await bus2.close()
+
+
+# ---------------------------------------------------------------- the service's history
+
+
+async def start_service(peer, bus, db=None) -> FeedService:
+    settings = FeedSettings(
+        pumpportal_ws_url=peer.url, feed_record=db is not None, feed_backoff_initial_s=0.05,
+        transport="memory", replica="t",
+    )  # fmt: skip
+    service = FeedService(settings, registry=CollectorRegistry())
+    await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=db))
+    await asyncio.wait_for(service.socket.wait_connected(), 5)
+    return service
+
+
+async def get(service: FeedService, path: str) -> httpx.Response:
+    app = FastAPI()
+    app.include_router(service.router())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://feed") as client:
+        return await client.get(path)
+
+
+async def test_recent_events_of_subscribed_mints_are_served_from_memory(peer, bus_and_events):
+    bus, got = bus_and_events
+    service = await start_service(peer, bus)
+    try:
+        await peer.send(create("MintA"))
+        await peer.until(lambda: "MintA" in peer.trade_keys)
+        await peer.send(trade("MintA", 1), trade("MintA", 2), trade("MintA", 3))
+        await eventually(lambda: len(got) == 4)
+
+        body = (await get(service, "/tokens/MintA/events")).json()
+        assert [(e["type"], e["seq"]) for e in body["events"]] == [
+            ("token.created", 1), ("token.trade", 2), ("token.trade", 3), ("token.trade", 4),
+        ]  # fmt: skip
+        assert body["events"][1]["data"]["signature"] == "trade-MintA-1"
+        assert body["covered_from"] <= got[0].time
+        body = (await get(service, "/tokens/MintA/events?type=token.trade&limit=2")).json()
+        assert [e["seq"] for e in body["events"]] == [3, 4]
+        assert (await get(service, "/tokens/MintA/events?type=token.swap")).status_code == 422
+        assert (await get(service, "/tokens/Nobody/events")).status_code == 404
+
+        # a window memory covers is answered from it, without a database
+        window = await service.socket.get_historical_data("MintA", got[0].time, got[3].time)
+        assert [e.id for e in window] == [e.id for e in got[:3]]
+        # one older than the look-back needs Postgres, which this feed has not
+        with pytest.raises(FeedError):
+            await service.socket.get_historical_data("MintA", got[0].time - 60, None)
+
+        # the activity service unsubscribes it: forgotten
+        command = make_event(
+            FeedSubscription(action="unsubscribe", mints=("MintA",), reason="inactive"),
+            source="activity/test", time=0.0,
+        )  # fmt: skip
+        await bus.publish(command)
+        await eventually(lambda: not service.lookback.holds("MintA"))
+        assert (await get(service, "/tokens/MintA/events")).status_code == 404
+    finally:
+        await service.stop()
+
+
+@pytest.mark.postgres
+async def test_older_windows_come_from_postgres_where_stray_trades_are_kept_raw(
+    peer, bus_and_events, pg_pool
+):
+    bus, got = bus_and_events
+    store = TokenEventStore(pg_pool)
+    service = await start_service(peer, bus, db=pg_pool)
+    try:
+        await peer.send(create("MintA"))
+        await peer.until(lambda: "MintA" in peer.trade_keys)
+        stray = trade("Stranger", 1)
+        await peer.send(trade("MintA", 1), stray, trade("MintA", 2))
+        await eventually(lambda: len(got) == 3)
+        await service.recorder.flush()
+        assert service.metrics.unsubscribed_trades._value.get() == 1
+
+        # the stray trade is stored as received, without a seq, and never published
+        row = await pg_pool.fetchrow("SELECT seq, frame FROM token_events WHERE mint = 'Stranger'")
+        assert row["seq"] is None and row["frame"].encode() == stray
+        assert all(e.key == "MintA" for e in got)
+        # a window older than the look-back: Postgres answers, with the pipeline's events
+        window = await service.socket.get_historical_data("MintA", got[0].time - 60, None)
+        assert [e.id for e in window] == [e.id for e in got]
+        assert await service.socket.get_historical_data("Stranger", None, None) == []
+    finally:
+        await service.stop()
+    # nothing stored is left to publish: the stray is no unconfirmed event either
+    restarted = Recorder(store, publisher=bus, config=RecorderConfig(outbox="feed"))
+    assert await restarted.recover() == 0
+    # and a replay gives what was published live
+    replayed: list[Event] = []
+
+    async def capture(record: FeedRecord) -> None:
+        replayed.append(record.event)
+
+    replay = DatabaseDataFeed(store, clock=ReplayClock())
+    replay.register_callback(ALL_EVENTS, capture)
+    assert await replay.run() == 3
+    assert [e.id for e in replayed] == [e.id for e in got]
