@@ -20,7 +20,7 @@ def _as_bytes(value: HashValue) -> bytes:
 class MemoryStateStore(StateStore):
     def __init__(self, clock: Clock | None = None):
         self._clock = clock or WallClock()
-        self._values: dict[str, bytes | dict[str, bytes]] = {}
+        self._values: dict[str, bytes | dict[str, HashValue]] = {}
         self._expiry: dict[str, float] = {}
         #: (deadline, key) of every TTL set; entries whose key got a new TTL are stale
         self._deadlines: list[tuple[float, str]] = []
@@ -82,7 +82,8 @@ class MemoryStateStore(StateStore):
             if not isinstance(current, dict):
                 current = {}
                 self._values[key] = current
-            current.update({name: _as_bytes(v) for name, v in fields.items()})
+            # fields stay as given; read as bytes (most are written more often than read)
+            current.update(fields)
             if ttl is not None:
                 self._set_ttl(key, ttl)
 
@@ -99,14 +100,17 @@ class MemoryStateStore(StateStore):
             current = values.get(key) if self._alive(key) else None
             if not isinstance(current, dict):
                 current = values[key] = {}
-            current.update({name: _as_bytes(v) for name, v in fields.items()})
+            # fields stay as given; read as bytes (most are written more often than read)
+            current.update(fields)
         for key, ttl in batch.expiries.items():
             if self._alive(key):
                 self._set_ttl(key, ttl)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         value = self._values.get(key) if self._alive(key) else None
-        return dict(value) if isinstance(value, dict) else {}
+        if not isinstance(value, dict):
+            return {}
+        return {name: _as_bytes(v) for name, v in value.items()}
 
     async def expire_many(self, keys: Iterable[str], ttl: float | None) -> None:
         self._purge()
