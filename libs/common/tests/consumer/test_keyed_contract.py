@@ -7,15 +7,12 @@ straight off the stored state.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 
 import msgspec
 import pytest
 
-from pumpflow.common.bus.abc import EventBus, Subscription
-from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
@@ -31,7 +28,7 @@ from pumpflow.common.keyed import Effects, InvalidInput
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import BusHarness, EventCollector, eventually
 
 PARTITIONS = 4
 START = 1_700_000_000.0
@@ -118,9 +115,8 @@ class Pair:
     amqp_url: str
     redis_url: str
     clock: ReplayClock = field(default_factory=lambda: ReplayClock(start=START))
-    buses: list[EventBus] = field(default_factory=list)
     consumers: list[KeyedStatefulConsumer] = field(default_factory=list)
-    _memory_bus: InMemoryBus | None = None
+    _buses: BusHarness | None = None
     _store: StateStore | None = None
 
     @property
@@ -133,24 +129,15 @@ class Pair:
         return self._store
 
     async def bus(self) -> EventBus:
-        if self.transport == "memory":
-            if self._memory_bus is None:
-                self._memory_bus = InMemoryBus(partitions=PARTITIONS, source="test/memory")
-                await self._memory_bus.start()
-                self.buses.append(self._memory_bus)
-            return self._memory_bus
-        from pumpflow.common.bus.rabbitmq import RabbitMQBus
-
-        bus = RabbitMQBus(
-            url=self.amqp_url,
-            namespace=self.namespace,
-            partitions=PARTITIONS,
-            source=f"test/{len(self.buses)}",
-            connect_attempts=3,
-        )
-        await bus.start()
-        self.buses.append(bus)
-        return bus
+        """A started bus: the one shared bus in memory, a connection of its own on RabbitMQ."""
+        if self._buses is None:
+            self._buses = BusHarness(
+                self.transport,
+                namespace=self.namespace,
+                amqp_url=self.amqp_url,
+                partitions=PARTITIONS,
+            )
+        return await self._buses.bus()
 
     async def consumer(
         self, processor: RecordingProcessor, *, bus: EventBus | None = None
@@ -180,10 +167,8 @@ class Pair:
     async def teardown(self) -> None:
         for consumer in self.consumers:
             await consumer.stop()
-        for bus in reversed(self.buses):
-            if self.transport == "rabbitmq":
-                await bus.delete_topology()
-            await bus.close()
+        if self._buses is not None:
+            await self._buses.teardown()
         if self._store is not None and self.transport == "rabbitmq":
             await self._store.delete_many(await self._store.scan_keys(""))
             await self._store.close()
@@ -204,25 +189,9 @@ async def pair(request, namespace, amqp_url, redis_url):
         await harness.teardown()
 
 
-class Announced:
-    """Collects the consumer's features.updated per mint."""
-
-    def __init__(self) -> None:
-        self.by_mint: dict[str, list[Event]] = {}
-
-    async def __call__(self, event: Event) -> None:
-        self.by_mint.setdefault(event.key, []).append(event)
-
-    def count(self, mint: str) -> int:
-        return len(self.by_mint.get(mint, ()))
-
-
-async def watch(bus: EventBus) -> Announced:
-    announced = Announced()
-    await bus.subscribe(
-        Subscription(service="watcher", patterns=("features.updated",), handler=announced)
-    )
-    return announced
+async def watch(bus: EventBus) -> EventCollector:
+    """Collects the consumer's features.updated."""
+    return await EventCollector("watcher").attach(bus, "features.updated")
 
 
 MINTS = [f"mint{i:02d}pump" for i in range(8)]
@@ -235,10 +204,10 @@ async def test_each_key_applies_its_events_in_order_once_and_announces_them_in_o
     per_mint = 25
     events = [trade(m, s) for s in range(1, per_mint + 1) for m in MINTS]
     await bus.publish_many(events)
-    await eventually(lambda: all(announced.count(m) == per_mint for m in MINTS))
+    await announced.wait_until(lambda c: all(c.count(key=m) >= per_mint for m in MINTS))
     for mint in MINTS:
         assert await pair.applied(mint) == list(range(1, per_mint + 1))
-        out = announced.by_mint[mint]
+        out = announced.of(key=mint)
         assert [e.seq for e in out] == list(range(1, per_mint + 1))
         assert [e.data.source_seq for e in out] == list(range(1, per_mint + 1))
         assert all(e.source == "keyed/test" for e in out)
@@ -253,10 +222,10 @@ async def test_a_duplicate_is_applied_and_announced_once(pair):
     mint = MINTS[0]
     first = trade(mint, 1)
     await bus.publish_many([first, trade(mint, 2), first, trade(mint, 2), trade(mint, 3)])
-    await eventually(lambda: announced.count(mint) == 3)
     # a barrier: the next event is announced only after the duplicates were handled
     await bus.publish(trade(mint, 4))
-    await eventually(lambda: announced.count(mint) == 4)
+    await announced.wait_for(1, key=mint, where=lambda e: e.data.source_seq == 4)
+    assert [e.data.source_seq for e in announced.of(key=mint)] == [1, 2, 3, 4]
     assert await pair.applied(mint) == [1, 2, 3, 4]
     assert consumer.metrics.duplicates._value.get() >= 2
 
@@ -267,7 +236,7 @@ async def test_an_invalid_event_is_dead_lettered_and_the_key_goes_on(pair):
     await pair.consumer(RecordingProcessor())
     mint = MINTS[1]
     await bus.publish_many([trade(mint, 1), trade(mint, 2, amount=-5.0), trade(mint, 3)])
-    await eventually(lambda: announced.count(mint) == 2)
+    await announced.wait_for(2, key=mint)
     assert await pair.applied(mint) == [1, 3]
     letters = []
 
@@ -275,7 +244,7 @@ async def test_an_invalid_event_is_dead_lettered_and_the_key_goes_on(pair):
         letters.extend(await bus.dead_letters("keyed"))
         return bool(letters)
 
-    await until(dead_lettered)
+    await eventually(dead_lettered, 10, what="the dead letter")
     assert len(letters) == 1 and "negative tokenAmount" in letters[0].reason
     record = await pair.record(mint)
     assert record.applied == {"feed": 3}
@@ -287,7 +256,7 @@ async def test_a_new_replica_restores_drops_redeliveries_and_publishes_the_store
     first = await pair.consumer(RecordingProcessor())
     mint, other = MINTS[2], MINTS[3]
     await bus.publish_many([trade(mint, s) for s in range(1, 11)])
-    await eventually(lambda: announced.count(mint) == 10)
+    await announced.wait_for(10, key=mint)
     await first.stop()
     pair.consumers.remove(first)
     # What a replica that crashed after storing, before publishing, leaves behind.
@@ -311,15 +280,16 @@ async def test_a_new_replica_restores_drops_redeliveries_and_publishes_the_store
 
     second_bus = await pair.bus()
     await pair.consumer(RecordingProcessor(), bus=second_bus)
-    await eventually(lambda: announced.count(other) == 1)
+    await announced.wait_for(1, key=other)
     # redeliveries of applied events, then new ones
     await bus.publish_many([trade(mint, s) for s in range(6, 16)])
     await bus.publish(trade(other, 2))
-    await eventually(lambda: announced.count(mint) == 15 and announced.count(other) == 2)
+    await announced.wait_for(15, key=mint)
+    await announced.wait_for(2, key=other)
     assert await pair.applied(mint) == list(range(1, 16))
-    assert [e.seq for e in announced.by_mint[mint]] == list(range(1, 16))
+    assert [e.seq for e in announced.of(key=mint)] == list(range(1, 16))
     assert await pair.applied(other) == [1, 2]
-    assert [e.seq for e in announced.by_mint[other]] == [1, 2]
+    assert [e.seq for e in announced.of(key=other)] == [1, 2]
     # what is stored was published: at most the key's last event is listed still
     assert len((await pair.record(other)).outbox) <= 1
 
@@ -330,7 +300,7 @@ async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
     leaving, staying = RecordingProcessor(timers=True), RecordingProcessor(timers=True)
     first = await pair.consumer(leaving)
     await bus.publish_many([trade(m, 1) for m in MINTS])
-    await eventually(lambda: all(announced.count(m) == 1 for m in MINTS))
+    await announced.wait_until(lambda c: all(c.count(key=m) >= 1 for m in MINTS))
     # the partitions move: the first replica's timers stop, the next one's are armed
     await first.revoke(tuple(range(PARTITIONS)))
     assert len(first) == 0
@@ -350,13 +320,13 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     consumer = await pair.consumer(RecordingProcessor())
     mint = MINTS[4]
     await bus.publish_many([trade(mint, 1), trade(mint, 2), migrated(mint, 3)])
-    await eventually(lambda: announced.count(mint) == 2)
+    await announced.wait_for(2, key=mint)
     await eventually(lambda: mint not in consumer.keys())
     record = await pair.record(mint)
     assert record is not None and record.retired and record.applied == {"feed": 3}
     # a late event loads the retired key again and revives it
     await bus.publish(trade(mint, 4))
-    await eventually(lambda: announced.count(mint) == 3)
+    await announced.wait_for(3, key=mint)
     assert await pair.applied(mint) == [1, 2, 4]
     assert not (await pair.record(mint)).retired
     await bus.publish(migrated(mint, 5))
@@ -367,13 +337,4 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     async def expired() -> bool:
         return await pair.record(mint) is None
 
-    await until(expired)
-
-
-async def until(condition, within: float = 10.0) -> None:
-    """Await an async condition until it holds (Redis TTLs and broker routing take time)."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within:g} s")
-        await asyncio.sleep(0.01)
+    await eventually(expired, 10, what="the retired record to expire")
