@@ -96,9 +96,7 @@ async def test_a_holder_that_loses_its_lease_disconnects_at_once():
     try:
         await asyncio.wait_for(first.socket.wait_connected(), 5)
         # someone else takes the lease (as after a long pause of the holder)
-        await store.delete_if_equal(
-            "lease:" + LEASE_NAME, first.leader.holder.encode()
-        )
+        await store.delete_if_equal("lease:" + LEASE_NAME, first.leader.holder.encode())
         thief = Lease(store, LEASE_NAME, "thief", 60.0)
         assert await thief.acquire()
         await eventually(lambda: first.role == "standby" and not first.socket.is_connected)

@@ -5,9 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pumpflow.common.events import Event, TokenCreated, TokenMigrated, TokenTrade
 from pumpflow.common.pumpportal import TokenPayload
+
+if TYPE_CHECKING:
+    from pumpflow.feed.lookback import LookBack
 
 #: the event types a feed delivers; ``register_callback`` also takes ``"*"`` for all
 TOKEN_EVENT_TYPES = (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE)
@@ -48,6 +52,8 @@ class DataFeedInterface(ABC):
     """A source of token events: the live socket or a database replay."""
 
     name: str = "feed"
+    #: recent events of the mints this feed streams, filled by the manager (None: none)
+    lookback: LookBack | None = None
 
     def __init__(self) -> None:
         self._registered: list[tuple[str, FeedCallback]] = []

@@ -4,7 +4,7 @@ Each validated token event is deduplicated by (txType, signature), wrapped with
 ``make_event`` (source, arrival time, per-mint seq from a Sequencer) and handed to
 the Recorder (store, then publish) or, without one, published at once. A trade of a
 mint the feed did not subscribe to is stored without a seq and never published.
-Events of subscribed mints also go to the LookBack, the recent history in memory.
+Each event also goes to its feed's LookBack (the recent history in memory), if any.
 
 ``start`` continues where the last publisher stopped (seq restored from the store,
 unconfirmed stored events published again) and connects the feeds; ``disconnect``
@@ -24,7 +24,6 @@ from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, TokenTrade, make_event
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
-from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
 
@@ -89,7 +88,6 @@ class DataFeedManager:
         *,
         config: FeedManagerConfig | None = None,
         recorder: Recorder | None = None,
-        lookback: LookBack | None = None,
         clock: Clock | None = None,
         metrics: FeedMetrics | None = None,
     ):
@@ -99,7 +97,6 @@ class DataFeedManager:
         self.source = self.config.source
         self._publisher = event_bus
         self.recorder = recorder
-        self.lookback = lookback
         self._clock = clock
         self.sequencer = Sequencer()
         self.signatures = RecentSignatures(self.config.dedup_capacity)
@@ -113,7 +110,17 @@ class DataFeedManager:
 
     def add_data_feed(self, feed: DataFeedInterface) -> None:
         self.feeds.append(feed)
-        feed.register_callback(ALL_EVENTS, self.on_record)
+        lookback = feed.lookback
+        if lookback is None:
+            feed.register_callback(ALL_EVENTS, self.on_record)
+            return
+
+        async def on_record(record: FeedRecord) -> None:
+            event = await self.on_record(record)
+            if event is not None:
+                lookback.add(event)
+
+        feed.register_callback(ALL_EVENTS, on_record)
 
     async def subscribe_to_token(self, token_id: str | Iterable[str]) -> None:
         """Stream the trades of one mint, or of several, from every feed."""
@@ -179,8 +186,6 @@ class DataFeedManager:
                 seq=self.sequencer.next(payload.mint),
             )
         self.events += 1
-        if self.lookback is not None:
-            self.lookback.add(event)
         if self.recorder is not None:
             await self.recorder.add(event, record.frame)
         elif self._publisher is not None:

@@ -132,7 +132,6 @@ class FeedService(Service):
             ctx.bus,
             config=settings.manager_config(),
             recorder=recorder,
-            lookback=self.lookback,
             clock=ctx.clock,
             metrics=self.metrics,
         )
