@@ -78,16 +78,6 @@ class FrameKind(enum.Enum):
     CONTROL = "control"
     ERROR = "error"
 
-    @property
-    def is_token_event(self) -> bool:
-        return self in _TOKEN_KINDS
-
-    @property
-    def is_trade(self) -> bool:
-        return self is FrameKind.BUY or self is FrameKind.SELL
-
-
-_TOKEN_KINDS = frozenset({FrameKind.CREATE, FrameKind.BUY, FrameKind.SELL, FrameKind.MIGRATE})
 
 TokenPayload = TokenCreated | TokenTrade | TokenMigrated
 
