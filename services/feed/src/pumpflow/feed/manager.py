@@ -134,12 +134,6 @@ class DataFeedManager:
         for feed in self.feeds:
             await feed.unsubscribe(mints)
 
-    def active_mints(self) -> frozenset[str]:
-        active: set[str] = set()
-        for feed in self.feeds:
-            active.update(feed.active_mints)
-        return frozenset(active)
-
     async def start(self) -> None:
         """Continue where the last publisher stopped, then connect every feed."""
         recorder = self.recorder
