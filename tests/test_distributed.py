@@ -87,16 +87,16 @@ async def test_services_run_as_processes_and_stop_cleanly(stack, namespace, redi
     mint = feature_keys[0].decode().rsplit(":", 1)[1]
     status, body = http_get(f"http://127.0.0.1:{ports['features']}/features/{mint}")
     assert status == 200, body
-    # every service counted the events it consumed in its metrics
+    # every service counted the events it consumed in its metrics (of whichever types)
     for service in ("features", "activity"):
         status, metrics = http_get(f"http://127.0.0.1:{ports[service]}/metrics")
         assert status == 200
         consumed = [
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
-            if line.startswith("pumpflow_events_consumed_total{") and 'type="token.trade"' in line
+            if line.startswith("pumpflow_events_consumed_total{")
         ]
-        assert sum(consumed) > 0, f"{service} consumed no trades"
+        assert sum(consumed) > 0, f"{service} consumed no events"
 
     # SIGTERM drains, checkpoints and exits 0
     codes = await procs.stop_all(SERVICES)
