@@ -200,9 +200,10 @@ class FeedService(Service):
             return
         # first, so that nothing reconnects while the rest stops
         await self.manager.disconnect()
-        # a leader flushes and saves the mints (on_resign) before it releases the lease
-        await self.leader.stop()
-        # a standby may still hold events stored while it led
+        if self.leader is not None:
+            # a leader flushes and saves the mints (on_resign) before it releases the lease
+            await self.leader.stop()
+        # a standby may still hold events it received while it led
         await self.manager.stop()
         self.lookback.close()
 
