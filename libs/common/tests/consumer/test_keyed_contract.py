@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 import pytest
 
-from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
@@ -46,6 +46,7 @@ class RecordingProcessor:
 
     def __init__(self, *, timers: bool = False):
         self.timers = timers
+        self.encoded = 0
         self.fired_keys: list[str] = []
 
     def initial(self, key: str) -> Applied:
@@ -78,6 +79,7 @@ class RecordingProcessor:
         return state
 
     def encode(self, state: Applied) -> bytes:
+        self.encoded += 1
         return msgspec.msgpack.encode(state)
 
     def decode(self, raw: bytes) -> Applied:
@@ -338,3 +340,36 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
         return await pair.record(mint) is None
 
     await eventually(expired, 10, what="the retired record to expire")
+
+
+async def test_a_busy_key_is_encoded_once_per_commit_not_once_per_event(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    processor = RecordingProcessor()
+    consumer = await pair.consumer(processor)
+    mint = MINTS[5]
+    events = 200
+    await bus.publish_many([trade(mint, s) for s in range(1, events + 1)])
+    await announced.wait_for(events, key=mint)
+    assert await pair.applied(mint) == list(range(1, events + 1))
+    # one encoding per commit that held the key, and many events share each commit
+    # (the last commit may still be counting when its announcement arrives)
+    assert processor.encoded <= consumer.flushes + 1 <= events / 4
+
+
+async def test_an_announced_state_is_stored_before_its_announcement_arrives(pair):
+    bus = await pair.bus()
+    mint = MINTS[6]
+    seen_stored: list[tuple[int, list[int]]] = []
+
+    async def read_on_receipt(event: Event) -> None:
+        seen_stored.append((event.data.source_seq, await pair.applied(mint)))
+
+    await bus.subscribe(
+        Subscription(service="reader", patterns=("features.updated",), handler=read_on_receipt)
+    )
+    await pair.consumer(RecordingProcessor())
+    await bus.publish_many([trade(mint, s) for s in range(1, 31)])
+    await eventually(lambda: len(seen_stored) == 30)
+    for seq, stored in seen_stored:
+        assert seq in stored, f"seq {seq} announced before it was stored"
