@@ -11,13 +11,3 @@ def market_events(seed: int, duration_s: float, *, start: float = 1_700_000_000.
 
     market = Market(MarketConfig(seed=seed))
     return list(simulated(market, duration_s, start_epoch=start, source="feed/sim"))
-
-
-class Collector:
-    """Records features.updated events per mint."""
-
-    def __init__(self) -> None:
-        self.by_mint: dict[str, list[Event]] = {}
-
-    async def __call__(self, event: Event) -> None:
-        self.by_mint.setdefault(event.key, []).append(event)

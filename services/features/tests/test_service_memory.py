@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from fastapi import FastAPI
-from features_helpers import Collector, market_events
+from features_helpers import market_events
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
@@ -15,6 +15,7 @@ from pumpflow.common.events import TokenLifecycle, TokenTrade, make_event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.testing import EventCollector
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")
@@ -33,10 +34,7 @@ async def system():
     bus = InMemoryBus(partitions=4, synchronous=True, source="test")
     await bus.start()
     store = MemoryStateStore(clock)
-    collector = Collector()
-    await bus.subscribe(
-        Subscription(service="collector", patterns=("features.updated",), handler=collector)
-    )
+    collector = await EventCollector("collector").attach(bus, "features.updated")
     yield bus, store, clock, collector
     await bus.close()
 
@@ -48,13 +46,13 @@ def expected_features(events) -> dict[str, tuple]:
     return {m: manager.generate_features(m).values for m in manager.mints()}
 
 
-def assert_continuous(collector: Collector, events) -> None:
+def assert_continuous(collector: EventCollector, events) -> None:
     counts: dict[str, int] = {}
     for e in events:
         if e.type in TRADE_TYPES:
             counts[e.key] = counts.get(e.key, 0) + 1
-    assert set(collector.by_mint) == set(counts)
-    for mint, updates in collector.by_mint.items():
+    assert set(collector.by_key()) == set(counts)
+    for mint, updates in collector.by_key().items():
         assert [u.seq for u in updates] == list(range(1, counts[mint] + 1)), mint
 
 
@@ -67,7 +65,7 @@ async def test_every_trade_gives_one_update_and_the_store_holds_the_latest(syste
         await bus.publish(e)
     assert_continuous(collector, events)
     by_id = {e.id: e for e in events}
-    for mint, updates in collector.by_mint.items():
+    for mint, updates in collector.by_key().items():
         last = updates[-1]
         cause = by_id[last.causation_id]
         assert cause.key == mint and last.data.source_seq == cause.seq
@@ -186,7 +184,7 @@ async def test_idle_tokens_are_compacted_and_publish_the_same_afterwards(system)
         await clock.advance_to(e.time)
         await bus.publish(e)
     assert_continuous(collector, events)
-    published = {m: updates[-1].data.values for m, updates in collector.by_mint.items()}
+    published = {m: updates[-1].data.values for m, updates in collector.by_key().items()}
     assert published == expected_features(events)
     await service.stop()
 

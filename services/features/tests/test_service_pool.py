@@ -6,10 +6,9 @@ import asyncio
 from collections import Counter
 
 import pytest
-from features_helpers import Collector, market_events
+from features_helpers import market_events
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import TokenLifecycle, make_event
@@ -18,6 +17,7 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.state.feature_cache import FeatureCache
+from pumpflow.common.testing import EventCollector
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")
@@ -44,17 +44,8 @@ async def system():
     clock = ReplayClock(1_700_000_000.0)
     bus = InMemoryBus(partitions=4, synchronous=True, source="test")
     await bus.start()
-    collector = Collector()
-    order: list[str] = []
-
-    async def record(event):
-        order.append(event.key)
-        await collector(event)
-
-    await bus.subscribe(
-        Subscription(service="collector", patterns=("features.updated",), handler=record)
-    )
-    yield bus, CountingStore(clock), clock, collector, order
+    collector = await EventCollector("collector").attach(bus, "features.updated")
+    yield bus, CountingStore(clock), clock, collector
     await bus.close()
 
 
@@ -90,10 +81,10 @@ async def backlog(service: FeaturesService, events) -> None:
     await asyncio.gather(*blockers, *handlers)
 
 
-def assert_in_order(collector: Collector, by_mint: dict[str, list]) -> None:
+def assert_in_order(collector: EventCollector, by_mint: dict[str, list]) -> None:
     """One update per event, per mint in seq order, and the last one is the expected."""
     for mint, stream in by_mint.items():
-        updates = collector.by_mint[mint]
+        updates = collector.by_key()[mint]
         assert [u.data.source_seq for u in updates] == [e.seq for e in stream], mint
         assert [u.seq for u in updates] == list(range(1, len(stream) + 1)), mint
         manager = FeatureManager()
@@ -103,7 +94,7 @@ def assert_in_order(collector: Collector, by_mint: dict[str, list]) -> None:
 
 
 async def test_when_behind_a_high_priority_tokens_events_go_first(system):
-    bus, store, clock, collector, order = system
+    bus, store, clock, collector = system
     by_mint = streams(11, 120.0)
     busiest = sorted(by_mint.items(), key=lambda kv: -len(kv[1]))[:2]
     # the low-priority token is the older one: its events arrive first
@@ -118,7 +109,7 @@ async def test_when_behind_a_high_priority_tokens_events_go_first(system):
     assert events[0].key == low
     await backlog(service, events)
     # the high-priority token was served entirely before the low one
-    assert order == [high] * len(high_stream) + [low] * len(low_stream)
+    assert [e.key for e in collector.events] == [high] * len(high_stream) + [low] * len(low_stream)
     assert_in_order(collector, {low: low_stream, high: high_stream})
     for mint, stream in ((low, low_stream), (high, high_stream)):
         stored = await service.read_features(mint)
@@ -128,7 +119,7 @@ async def test_when_behind_a_high_priority_tokens_events_go_first(system):
 
 
 async def test_a_lifecycle_priority_reranks_work_already_queued(system):
-    bus, store, clock, collector, order = system
+    bus, store, clock, collector = system
     by_mint = streams(12, 90.0)
     (first, first_stream), (second, second_stream) = sorted(
         by_mint.items(), key=lambda kv: -len(kv[1])
@@ -149,13 +140,15 @@ async def test_a_lifecycle_priority_reranks_work_already_queued(system):
     await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(blocker, *handlers)
-    assert order == [second] * len(second_stream) + [first] * len(first_stream)
+    assert [e.key for e in collector.events] == [second] * len(second_stream) + [first] * len(
+        first_stream
+    )
     assert_in_order(collector, {first: first_stream, second: second_stream})
     await service.stop()
 
 
 async def test_many_tokens_share_group_commits_and_nothing_is_lost(system):
-    bus, store, clock, collector, _ = system
+    bus, store, clock, collector = system
     by_mint = streams(13, 120.0)
     events = sorted((e for s in by_mint.values() for e in s), key=lambda e: e.time)
     service = await start_service(bus, store, clock, workers=8)
@@ -169,13 +162,13 @@ async def test_many_tokens_share_group_commits_and_nothing_is_lost(system):
     fresh = FeatureCache(store)
     for mint, stream in by_mint.items():
         vector = await fresh.get(mint)
-        assert vector.values == collector.by_mint[mint][-1].data.values
+        assert vector.values == collector.by_key()[mint][-1].data.values
         assert (await service.read_features(mint))["out_seq"] == len(stream)
     await service.stop()
 
 
 async def test_reads_check_the_version(system):
-    bus, store, clock, _, _ = system
+    bus, store, clock, _ = system
     by_mint = streams(14, 30.0)
     mint, stream = next(iter(by_mint.items()))
     service = await start_service(bus, store, clock, workers=2)
