@@ -15,7 +15,7 @@ from pumpflow.common.events import TokenLifecycle, TokenTrade, make_event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
-from pumpflow.common.testing import EventCollector
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")
@@ -229,3 +229,27 @@ async def test_a_revoked_partitions_tokens_leave_memory_and_reload_with_the_stor
     stored = await here.read_features(mint)
     assert stored is not None and stored["seq"] == stream[3].seq
     assert here.consumer.state(mint).seq == stream[3].seq
+
+
+async def test_a_reader_on_receipt_of_an_update_finds_that_vector_stored():
+    """features.updated goes out only once its vector is in the store."""
+    clock = ReplayClock(1_700_000_000.0)
+    bus = InMemoryBus(partitions=4, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    service = await start_service(bus, store, clock)
+    read: list[tuple[int, int | None]] = []
+
+    async def read_on_receipt(event) -> None:
+        stored = await service.read_features(event.key)
+        read.append((event.seq, None if stored is None else stored["out_seq"]))
+
+    await bus.subscribe(
+        Subscription(service="reader", patterns=("features.updated",), handler=read_on_receipt)
+    )
+    events = [e for e in market_events(9, 30.0) if e.type in TRADE_TYPES]
+    await bus.publish_many(events)
+    await eventually(lambda: len(read) == len(events))
+    assert all(stored is not None and stored >= seq for seq, stored in read)
+    await service.stop()
+    await bus.close()
