@@ -28,7 +28,7 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
     from pumpflow.common.state.redis import RedisStateStore
 
-    events = [e for e in market_events(8, 40.0) if e.type != "token.migrated"]
+    events = [e for e in market_events(8, 300.0) if e.type != "token.migrated"]
     trades = len(events)
     settings = FeaturesSettings.load(service="features", namespace=namespace, partitions=PARTITIONS)
     buses = []
@@ -68,7 +68,7 @@ async def test_restart_mid_stream_loses_and_doubles_nothing(
             ServiceContext(settings=settings, bus=bus_a, clock=WallClock(), store=store_a)
         )
         await feed.publish_many(events)
-        await eventually(lambda: applied(first) >= trades // 3)
+        await eventually(lambda: applied(first) >= trades // 10)
         # The replica goes away mid-stream (its connection closes; unacked work returns).
         await bus_a.close()
         processed_by_first = applied(first)

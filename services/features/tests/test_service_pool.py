@@ -74,7 +74,7 @@ async def backlog(service: FeaturesService, events) -> None:
         for i in range(service.settings.features_workers)
     ]
     await asyncio.sleep(0)  # the workers take the blockers
-    handlers = [asyncio.create_task(service.consumer.handle(e)) for e in events]
+    handlers = [asyncio.ensure_future(service.consumer.handle(e)) for e in events]
     await asyncio.sleep(0)  # each handler submits its work and waits for it
     assert service.consumer.pool.queue_depth == len(events)
     gate.set()
@@ -129,14 +129,14 @@ async def test_a_lifecycle_priority_reranks_work_already_queued(system):
     blocker = service.consumer.pool.submit("blocker", gate.wait)
     await asyncio.sleep(0)
     handlers = [
-        asyncio.create_task(service.consumer.handle(e)) for e in first_stream + second_stream
+        asyncio.ensure_future(service.consumer.handle(e)) for e in first_stream + second_stream
     ]
     await asyncio.sleep(0)
     assert service.consumer.pool.queue_depth == len(handlers)
     # while they wait, the activity service says the second token matters more
     urgent = TokenLifecycle(mint=second, state="active", priority=Priority.URGENT)
     hint = make_event(urgent, source="activity/t", time=clock.now(), seq=1)
-    handlers.append(asyncio.create_task(service.consumer.handle(hint)))
+    handlers.append(asyncio.ensure_future(service.consumer.handle(hint)))
     await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(blocker, *handlers)

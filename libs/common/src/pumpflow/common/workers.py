@@ -107,7 +107,9 @@ class PoolHealth:
 class _Metrics:
     def __init__(self, registry: CollectorRegistry):
         self.busy = Gauge(
-            "pumpflow_worker_pool_busy_workers", "Workers running a task", ["pool"],
+            "pumpflow_worker_pool_busy_workers",
+            "Workers running a task",
+            ["pool"],
             registry=registry,
         )
         self.workers = Gauge(
@@ -117,20 +119,29 @@ class _Metrics:
             "pumpflow_worker_pool_queue_depth", "Tasks waiting", ["pool"], registry=registry
         )
         self.tasks = Counter(
-            "pumpflow_worker_pool_tasks", "Tasks finished, by outcome", ["pool", "outcome"],
+            "pumpflow_worker_pool_tasks",
+            "Tasks finished, by outcome",
+            ["pool", "outcome"],
             registry=registry,
         )
         self.task_seconds = Histogram(
-            "pumpflow_worker_pool_task_seconds", "Task run time", ["pool"], registry=registry,
+            "pumpflow_worker_pool_task_seconds",
+            "Task run time",
+            ["pool"],
+            registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
         )
         self.wait_seconds = Histogram(
-            "pumpflow_worker_pool_queue_wait_seconds", "Time from submit to start", ["pool"],
+            "pumpflow_worker_pool_queue_wait_seconds",
+            "Time from submit to start",
+            ["pool"],
             registry=registry,
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
         )
         self.restarts = Counter(
-            "pumpflow_worker_pool_restarts", "Workers replaced, by reason", ["pool", "reason"],
+            "pumpflow_worker_pool_restarts",
+            "Workers replaced, by reason",
+            ["pool", "reason"],
             registry=registry,
         )
 
@@ -148,7 +159,7 @@ def _metrics_for(registry: CollectorRegistry) -> _Metrics:
 class _Job:
     __slots__ = ("fn", "future", "priority", "seq", "submitted")
 
-    def __init__(self, fn: Task, future: asyncio.Future, priority: int, seq: int, submitted):
+    def __init__(self, fn: Task, future: asyncio.Future | None, priority: int, seq: int, submitted):
         self.fn = fn
         self.future = future
         self.priority = priority
@@ -229,9 +240,20 @@ class TokenMonitorThreadPool:
 
     def submit(self, token: str, task: Task, *, priority: int = 0) -> asyncio.Future:
         """Queue ``task`` for ``token``; the future resolves to its result or exception."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue(token, task, future, priority)
+        return future
+
+    def post(self, token: str, task: Task, *, priority: int = 0) -> None:
+        """Queue ``task`` for ``token`` with no future: the task reports its own outcome.
+
+        A task that raises is logged and its worker replaced, as with :meth:`submit`.
+        """
+        self._queue(token, task, None, priority)
+
+    def _queue(self, token: str, task: Task, future: asyncio.Future | None, priority: int) -> None:
         if self._closed:
             raise PoolClosed(f"pool {self.config.name} is stopping")
-        future = asyncio.get_running_loop().create_future()
         job = _Job(task, future, int(priority), next(self._seq), self._monotonic())
         queue = self._queues.get(token)
         if queue is None:
@@ -243,7 +265,6 @@ class TokenMonitorThreadPool:
             ranked = self._ranked.get(token)
             if ranked is None or job.priority > ranked[0]:
                 self._rank(token)
-        return future
 
     def set_priority(self, token: str, priority: int) -> None:
         """Re-rank every pending task of ``token``."""
@@ -309,7 +330,8 @@ class TokenMonitorThreadPool:
                     await worker.task
         for queue in self._queues.values():
             for job in queue:
-                job.future.cancel()
+                if job.future is not None:
+                    job.future.cancel()
         self._queues.clear()
         self._heap.clear()
         self._pending = 0
@@ -340,7 +362,7 @@ class TokenMonitorThreadPool:
             while queue:
                 job = queue.popleft()
                 self._pending -= 1
-                if not job.future.cancelled():
+                if job.future is None or not job.future.cancelled():
                     self._running.add(token)
                     return token, job
             self._forget(token)
@@ -401,17 +423,17 @@ class TokenMonitorThreadPool:
                 if worker.hung:
                     self._m_hung.inc()
                     self.tasks_failed += 1
-                    if not job.future.done():
+                    if job.future is not None and not job.future.done():
                         job.future.set_exception(
                             TaskHung(f"task of {token} ran past {self.config.task_deadline_s}s")
                         )
-                elif not job.future.done():
+                elif job.future is not None and not job.future.done():
                     job.future.cancel()
                 raise
             except Exception as exc:
                 self._m_error.inc()
                 self.tasks_failed += 1
-                if not job.future.done():
+                if job.future is not None and not job.future.done():
                     job.future.set_exception(exc)
                 log.error("task of %s failed in %s: %r", token, self.config.name, exc)
                 if self._on_error is not None:
@@ -420,7 +442,7 @@ class TokenMonitorThreadPool:
                 raise
             else:
                 self._m_ok.inc()
-                if not job.future.done():
+                if job.future is not None and not job.future.done():
                     job.future.set_result(result)
             finally:
                 self._m_seconds.observe(self._monotonic() - worker.started)
@@ -453,7 +475,10 @@ class TokenMonitorThreadPool:
                 worker.hung = True
                 log.error(
                     "worker %s of %s hung on %s for %.1fs; cancelling and replacing it",
-                    worker.ident, self.config.name, worker.token, now - worker.started,
+                    worker.ident,
+                    self.config.name,
+                    worker.token,
+                    now - worker.started,
                 )
                 task.cancel()
                 self._workers.remove(worker)

@@ -263,6 +263,8 @@ class KeyedStatefulConsumer(Generic[S]):
         self._changed = 0
         self._stored = 0
         self._flushing: asyncio.Future | None = None
+        #: (generation, future) of everyone waiting for a change to be stored
+        self._waiters: list[tuple[int, asyncio.Future]] = []
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -308,8 +310,12 @@ class KeyedStatefulConsumer(Generic[S]):
 
     # ---------------------------------------------------------------- handling
 
-    async def handle(self, event: Event) -> None:
-        """The bus handler: apply under the key's order, return once stored and published."""
+    def handle(self, event: Event) -> asyncio.Future:
+        """The bus handler: a future done once the event's effects are stored and published.
+
+        The event is applied on the pool under its key's order; one future per event is
+        all the waiting there is (no coroutine per delivery).
+        """
         key = event.key
         if key is None:
             raise InvalidInput(f"{event.type} has no key")
@@ -323,8 +329,31 @@ class KeyedStatefulConsumer(Generic[S]):
                 if entry is not None:
                     entry.priority = hinted
                 self.pool.set_priority(key, hinted)
-        changed = await self.pool.submit(key, lambda: self._apply(key, event), priority=priority)
-        await self._until_stored(changed)
+        done = asyncio.get_running_loop().create_future()
+        self.pool.post(key, lambda: self._apply_then_wait(key, event, done), priority=priority)
+        return done
+
+    def _apply_then_wait(
+        self, key: str, event: Event, done: asyncio.Future
+    ) -> Awaitable[None] | None:
+        try:
+            applied = self._apply(key, event)
+        except BaseException as exc:
+            done.set_exception(exc)
+            raise
+        if isinstance(applied, int):
+            self._when_stored(applied, done)
+            return None
+        return self._await_then_wait(applied, done)
+
+    async def _await_then_wait(self, applied: Awaitable[int], done: asyncio.Future) -> None:
+        try:
+            generation = await applied
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            raise
+        self._when_stored(generation, done)
 
     def _apply(self, key: str, event: Event) -> int | Awaitable[int]:
         """Apply ``event`` (plain when the key is in memory); return the change's generation."""
@@ -450,32 +479,62 @@ class KeyedStatefulConsumer(Generic[S]):
             return None
         entry = self._keys.get(key)
         priority = entry.priority if entry is not None else Priority.NORMAL
-        done = self.pool.submit(key, lambda: self._fire(key), priority=max(priority, Priority.HIGH))
-        return self._after(done)
+        done = asyncio.get_running_loop().create_future()
 
-    async def _after(self, changed: Awaitable[int]) -> None:
-        await self._until_stored(await changed)
+        def fire() -> None:
+            self._when_stored(self._fire(key), done)
+
+        self.pool.post(key, fire, priority=max(priority, Priority.HIGH))
+        # a ReplayClock awaits it: the timer's effects are out when time moves on
+        return done
 
     # ---------------------------------------------------------------- storing
 
+    def _when_stored(self, generation: int, done: asyncio.Future) -> None:
+        """Resolve ``done`` once the changes up to ``generation`` are stored and published."""
+        if self._stored >= generation:
+            if not done.done():
+                done.set_result(None)
+            return
+        self._waiters.append((generation, done))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+
     async def _until_stored(self, generation: int) -> None:
-        while self._stored < generation:
-            if self._flushing is None:
-                self._flushing = asyncio.ensure_future(self._flush())
-            await asyncio.shield(self._flushing)
+        done = asyncio.get_running_loop().create_future()
+        self._when_stored(generation, done)
+        await done
 
     async def _flush(self) -> None:
+        """Commit until nothing is left to store; wake whoever waited for what was stored."""
         try:
-            generation = self._changed
-            dirty, self._dirty = self._dirty, {}
-            if dirty:
+            while self._dirty:
+                generation = self._changed
+                dirty, self._dirty = self._dirty, {}
                 await self._commit(list(dirty.values()))
-            self._stored = max(self._stored, generation)
+                self._stored = max(self._stored, generation)
+                self._wake()
+            self._stored = max(self._stored, self._changed)
+            self._wake()
+        except BaseException as exc:
+            for _, done in self._waiters:
+                if not done.done():
+                    done.set_exception(exc)
+            self._waiters = []
+            raise
         finally:
             self._flushing = None
-        if self._dirty and not self._stopping:
-            # changes nobody waits for (a retirement's last write): stored all the same
-            self._flushing = asyncio.ensure_future(self._flush())
+
+    def _wake(self) -> None:
+        stored = self._stored
+        waiting = []
+        for waiter in self._waiters:
+            if waiter[0] <= stored:
+                if not waiter[1].done():
+                    waiter[1].set_result(None)
+            else:
+                waiting.append(waiter)
+        self._waiters = waiting
 
     async def _commit(self, entries: list[_Key]) -> None:
         started = time.perf_counter()
