@@ -160,18 +160,21 @@ async def test_order_per_key_under_concurrency(bus, service):
         assert [e.seq for e in got if e.key == key] == list(range(1, per_key + 1))
 
 
-async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, service):
+@pytest.mark.parametrize("window", [1, 4])
+async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, service, window):
     got = Recorder(fail=lambda e: e.key == "mintP" and e.seq == 3)
     await bus.subscribe(
-        Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=2)
+        Subscription(
+            service=service, patterns=("token.*",), handler=got, max_attempts=2, window=window
+        )
     )
     sent = [trade_event("mintP", seq) for seq in range(1, 7)]
     for event in sent:
         await bus.publish(event)
     await eventually(lambda: len(got.events) == 5)
     assert [e.seq for e in got.events] == [1, 2, 4, 5, 6]
-    assert got.attempts[sent[2].id] == 2
     letters = await dead_letters_arriving(bus, service)
+    assert got.attempts[sent[2].id] == 2
     assert len(letters) == 1
     letter = letters[0]
     assert "RuntimeError: cannot handle seq 3" in letter.reason
@@ -262,16 +265,17 @@ async def test_critical_lane_overtakes_a_backlog(bus, service):
     assert [e.seq for e in got.of_type("token.trade")] == list(range(1, backlog + 1))
 
 
-async def test_a_consumer_restarted_mid_stream_loses_nothing(harness, service):
+@pytest.mark.parametrize("window", [1, 8])
+async def test_a_consumer_restarted_mid_stream_loses_nothing(harness, service, window):
     publisher = await harness.bus()
     consumer = await harness.bus()
-    got = Recorder(delay=0.002)
-    old = Subscription(service=service, patterns=("token.*",), handler=got)
+    got = Recorder(delay=0.002 * window)  # the same pace whatever the window
+    old = Subscription(service=service, patterns=("token.*",), handler=got, window=window)
     await consumer.subscribe(old)
     sent = [trade_event(f"mint{i % 5}", i // 5 + 1) for i in range(300)]
     await publisher.publish_many(sent)
     await eventually(lambda: len(got.events) >= 30)
-    new = Subscription(service=service, patterns=("token.*",), handler=got)
+    new = Subscription(service=service, patterns=("token.*",), handler=got, window=window)
     await harness.restart_consumer(consumer, old, new)
     handled_before = len(got.events)
     assert handled_before < len(sent)  # the restart really was mid-stream
@@ -372,6 +376,180 @@ async def test_describe_names_the_transport_and_follows_its_health(harness, name
     assert bus.describe()["healthy"] is False
 
 
+# ------------------------------------------------------------------------ windows
+
+
+def test_a_window_is_at_least_one():
+    with pytest.raises(ValueError, match="window"):
+        Subscription(service="s", patterns=("token.*",), handler=Recorder(), window=0)
+
+
+async def test_handlers_of_a_window_overlap(bus, service):
+    """Message 1's handler waits for message 2's to start: only a window lets it."""
+    second_started = asyncio.Event()
+    outcome: dict[int, str] = {}
+
+    async def handler(event: Event) -> None:
+        if event.seq == 1:
+            try:
+                async with asyncio.timeout(10):
+                    await second_started.wait()
+                outcome[1] = "overlapped"
+            except TimeoutError:
+                outcome[1] = "alone"
+        else:
+            second_started.set()
+            outcome[event.seq] = "ran"
+
+    await bus.subscribe(
+        Subscription(
+            service=service, patterns=("token.*",), handler=handler, window=2, max_attempts=1
+        )
+    )
+    await bus.publish_many(trade_event("mintW", seq) for seq in (1, 2))
+    await eventually(lambda: len(outcome) == 2, within=15)
+    assert outcome == {1: "overlapped", 2: "ran"}
+
+
+@pytest.mark.parametrize("window", [1, 4])
+async def test_a_lane_runs_at_most_its_window_of_handlers(harness, service, window):
+    """Queued up front, the messages could all start at once; exactly ``window`` do,
+    even where the prefetch is smaller than the window."""
+    bus = await harness.bus(prefetch=2)
+    running, peak, done = 0, 0, []
+    full = asyncio.Event()
+
+    async def handler(event: Event) -> None:
+        nonlocal running, peak
+        running += 1
+        try:
+            peak = max(peak, running)
+            if running == window:
+                full.set()
+            # the first ones wait for each other, so a window fills up before any returns
+            async with asyncio.timeout(10):
+                await full.wait()
+            await asyncio.sleep(0.001)  # the work
+        finally:
+            running -= 1
+        done.append(event.seq)
+
+    key = "mintL"
+    subscription = Subscription(
+        service=service,
+        patterns=("token.*",),
+        handler=handler,
+        window=window,
+        partitions=(),
+        max_attempts=1,  # a window that never fills is a failure, not a retry
+    )
+    await bus.subscribe(subscription)
+    await bus.publish_many(trade_event(key, seq) for seq in range(1, 31))
+    # the backlog waits in the queue until the partition is consumed
+    await bus.consume_partitions(subscription, [partition_of(key, bus.partitions)])
+    await eventually(lambda: len(done) == 30, within=20)
+    assert peak == window
+    if window == 1:
+        assert done == list(range(1, 31))
+
+
+async def test_a_window_starts_handlers_in_delivery_order(bus, service):
+    started: list[int] = []
+    finished: list[int] = []
+
+    rng = random.Random(7)
+
+    async def handler(event: Event) -> None:
+        started.append(event.seq)  # before the first await: the order it was started in
+        for _ in range(rng.randint(0, 5)):
+            await asyncio.sleep(0)
+        finished.append(event.seq)
+
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=handler, window=8)
+    )
+    await bus.publish_many(trade_event("mintO", seq) for seq in range(1, 101))
+    await eventually(lambda: len(finished) == 100, within=20)
+    assert started == list(range(1, 101))
+    assert finished != started  # they did overlap, or the order above proves nothing
+
+
+async def test_a_window_acks_in_delivery_order_only(harness, service):
+    """2..4 returned while 1 still runs: nothing is acked, so a crash hands all four on."""
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    gate = asyncio.Event()
+    returned: list[int] = []
+
+    async def stuck_on_first(event: Event) -> None:
+        if event.seq == 1:
+            await gate.wait()
+        returned.append(event.seq)
+
+    old = Subscription(service=service, patterns=("token.*",), handler=stuck_on_first, window=4)
+    await consumer.subscribe(old)
+    await publisher.publish_many(trade_event("mintK", seq) for seq in range(1, 5))
+    await eventually(lambda: returned == [2, 3, 4])
+    # an ack the bus would send (RabbitMQ batches them) has gone out before the crash
+    await eventually(lambda: harness.no_ack_held_back(consumer))
+    got = Recorder()
+    new = Subscription(service=service, patterns=("token.*",), handler=got, window=4)
+    await harness.crash_consumer(consumer, old, new)
+    try:
+        await eventually(lambda: len(got.events) >= 4, within=10)
+        assert [e.seq for e in got.events] == [1, 2, 3, 4]
+    finally:
+        gate.set()
+
+
+@pytest.mark.parametrize("stop", ["unsubscribe", "release_partitions", "stop_consuming", "drain"])
+async def test_stopping_waits_for_every_handler_in_flight(bus, service, stop):
+    window = 3
+    gate = asyncio.Event()
+    full = asyncio.Event()
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handler(event: Event) -> None:
+        started.append(event.seq)
+        if len(started) == window:
+            full.set()
+        async with asyncio.timeout(10):
+            await gate.wait()
+        await asyncio.sleep(0.02 * event.seq)  # the work: they return one after the other
+        finished.append(event.seq)
+
+    key = "mintS"
+    subscription = Subscription(
+        service=service, patterns=("token.*",), handler=handler, window=window, partitions=()
+    )
+    await bus.subscribe(subscription)
+    await bus.consume_partitions(subscription, [partition_of(key, bus.partitions)])
+    await bus.publish_many(trade_event(key, seq) for seq in range(1, 6))
+    await asyncio.wait_for(full.wait(), 10)
+    if stop == "release_partitions":
+        stopping = bus.release_partitions(subscription, [partition_of(key, bus.partitions)])
+    elif stop == "unsubscribe":
+        stopping = bus.unsubscribe(subscription)
+    elif stop == "stop_consuming":
+        stopping = bus.stop_consuming()
+    else:
+        stopping = bus.drain(timeout=10)
+    task = asyncio.create_task(stopping)
+    for _ in range(10):  # the stop has begun before any handler may return
+        await asyncio.sleep(0)
+    assert not task.done()
+    gate.set()
+    await task
+    if stop == "drain":
+        assert task.result() is True
+        assert finished == [1, 2, 3, 4, 5]
+    else:
+        # every handler started had returned; none was started after the stop
+        assert started == [1, 2, 3]
+        assert finished == [1, 2, 3]
+
+
 # ------------------------------------------------------------------------ RabbitMQ only
 
 
@@ -406,7 +584,8 @@ async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, serv
 
 
 @pytest.mark.rabbitmq
-async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url, service):
+@pytest.mark.parametrize("window", [1, 4])
+async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url, service, window):
     """A message the bus fails on (its DLQ publish, say) is not covered by a later ack."""
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
@@ -420,7 +599,13 @@ async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url
         bus._to_dlq = dlq_down
         got = Recorder(fail=lambda e: e.seq == 1)
         await bus.subscribe(
-            Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=1)
+            Subscription(
+                service=service,
+                patterns=("token.*",),
+                handler=got,
+                max_attempts=1,
+                window=window,
+            )
         )
         poison = trade_event("mintF", 1)
         await bus.publish(poison)

@@ -3,13 +3,23 @@
 Delivery contract, the same for every transport (held by the shared contract tests):
 
 - An event with a key goes to partition ``crc32(key) % partitions``; a consuming
-  service has one queue per partition and processes each partition in order.
+  service has one queue per partition and gets each partition's messages in order.
 - Keyless events are broadcast: every live subscriber (every replica) gets them.
 - Critical event types (``Payload.CRITICAL``) travel on a lane of their own per
   service, so a backlog of ordinary events never delays them.
 - The handler's return is the acknowledgement: a message is acked only after the
   handler returned. A handler that raises is retried up to ``max_attempts`` times,
   then the message is dead-lettered with the reason; the stream goes on.
+- Window: up to ``Subscription.window`` handlers of one lane (a partition queue, the
+  critical lane, a replica's broadcast lane) run at once (returned ones waiting for
+  their ack do not count). They start in delivery
+  order, each running up to its first suspension before the next starts; acks go out
+  in delivery order only (a message is acked once it and every message delivered
+  before it on its lane returned), so a slow message holds back the acks behind it
+  and a crash redelivers it and everything after it. Releasing partitions,
+  unsubscribing, stopping and draining wait for every handler in flight. With the
+  default window of 1 a lane is handled one message at a time (so is every lane of
+  the in-memory bus's synchronous mode, which runs handlers inside ``publish``).
 - Delivery is at least once: a redelivery after a crash or a publisher's retry
   reaches the handler again. Consumers drop duplicates by the per-key ``seq`` they
   store with their state (``pumpflow.common.consumer``).
@@ -51,10 +61,16 @@ class Subscription:
     partitions: tuple[int, ...] | None = None
     #: attempts before a failing message is dead-lettered
     max_attempts: int = 3
+    #: handlers of one lane running at once; started in delivery order, acked in it
+    window: int = 1
     #: awaited with partitions this replica is about to consume (restore their state)
     on_assigned: PartitionsCallback | None = None
     #: awaited with partitions it stopped consuming, before they move on (drop state)
     on_revoked: PartitionsCallback | None = None
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, not {self.window}")
 
 
 async def notify_assigned(subscription: Subscription, partitions: int) -> None:

@@ -4,14 +4,18 @@ Each consuming service has one FIFO per partition and a critical lane, shared by
 replicas (a lane is served by the first replica that consumes it, like RabbitMQ's
 single-active-consumer); each replica has its own broadcast and critical-broadcast
 lanes for keyless events. Every lane has its own worker task, so partitions run
-concurrently and in order each.
+concurrently. A lane starts its deliveries in order, up to the consumer's
+``Subscription.window`` handlers at once (with a window of 1, inside the worker; above,
+as tasks), and acks them in order: an event leaves the lane once it and every event
+delivered before it returned.
 
 Synchronous mode runs the handlers inside ``publish``, in publish order, with the
 Event object itself (no encoding): deterministic and fast, for replays and tests.
 
 The queues live in the bus object, so they do not outlive the process: a consumer
 "restart" here is :meth:`InMemoryBus.unsubscribe` followed by a new ``subscribe`` on
-the same bus, which picks up every event still queued.
+the same bus, which picks up every event still queued; a crash is
+:meth:`InMemoryBus.abandon`, which puts back what the replica did not ack.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ from pumpflow.common.events import Event, encode_event, source_service
 log = logging.getLogger(__name__)
 
 
+class _Delivery:
+    """An event handed to a handler and not acked yet."""
+
+    __slots__ = ("abandoned", "done", "event")
+
+    def __init__(self, event: Event):
+        self.event = event
+        self.done = False
+        #: its replica was abandoned: the event went back to the queue
+        self.abandoned = False
+
+
 class _Lane:
     """One queue with its worker, delivering to ``consumer`` (shared or a replica's own)."""
 
@@ -53,6 +69,10 @@ class _Lane:
         "idle",
         "items",
         "partition",
+        "running",
+        "serving",
+        "tasks",
+        "unacked",
         "wakeup",
         "worker",
     )
@@ -62,12 +82,32 @@ class _Lane:
         self.dispatcher = dispatcher
         self.partition = partition
         self.items: deque[Event] = deque()
+        #: delivered and not acked, in delivery order
+        self.unacked: deque[_Delivery] = deque()
+        #: handlers running now, all of ``serving``
+        self.running = 0
+        self.serving: _Replica | None = None
+        #: handler tasks of a window above 1
+        self.tasks: set[asyncio.Task] = set()
         self.wakeup = asyncio.Event()
+        #: set while no handler runs
         self.idle = asyncio.Event()
         self.idle.set()
         self.worker: asyncio.Task | None = None
         #: the replica this lane delivers to now; None while nobody consumes it
         self.consumer: _Replica | None = None
+
+    def startable(self) -> _Replica | None:
+        """The replica the next queued event may start on now, if any."""
+        consumer = self.consumer
+        if consumer is None or not self.items:
+            return None
+        if self.running == 0:
+            return consumer
+        # a new consumer waits until the previous one's handlers returned: order
+        if self.serving is consumer and self.running < consumer.subscription.window:
+            return consumer
+        return None
 
 
 @dataclass(eq=False)
@@ -78,7 +118,7 @@ class _Replica:
     #: (type, version) it wants keyless deliveries of, split by lane
     broadcast_types: frozenset[tuple[str, int]]
     critical_types: frozenset[tuple[str, int]]
-    #: lanes currently running this replica's handler
+    #: lanes running this replica's handler now
     busy: set[_Lane] = field(default_factory=set)
     #: partitions it consumes; None means all of them
     owned: set[int] | None = None
@@ -175,7 +215,7 @@ class InMemoryBus(EventBus):
         )
 
     async def stop_consuming(self) -> None:
-        """Stop the workers after the events they are handling; queued ones stay queued."""
+        """Stop the workers once the handlers they started returned; queued events stay."""
         self._consuming = False
         workers = []
         for group in self._groups.values():
@@ -266,6 +306,55 @@ class InMemoryBus(EventBus):
                 lane.worker.cancel()
                 lane.worker = None
 
+    async def abandon(self, subscription: Subscription) -> None:
+        """Drop a replica the way a crash drops it (queued mode; for tests of crashes).
+
+        Its handlers in flight are cancelled, and every event it did not ack, returned
+        or not, goes back to the front of its lane in delivery order, for the next
+        consumer; its own broadcast lanes go with it.
+        """
+        group = self._groups.get(subscription.service)
+        if group is None:
+            return
+        replica = next((r for r in group.replicas if r.subscription is subscription), None)
+        if replica is None:
+            return
+        group.replicas.remove(replica)
+        group.assign()
+        self._routes.clear()
+        stopped: list[asyncio.Task] = []
+        for lane in (*group.partitions, group.critical):
+            if lane.serving is replica:
+                # the worker too: with a window of 1 the handler runs inside it
+                stopped.extend(self._halt(lane))
+                lane.items.extendleft(d.event for d in reversed(lane.unacked))
+                lane.unacked.clear()
+        for lane in (replica.broadcast, replica.critical_broadcast):
+            stopped.extend(self._halt(lane))
+            self._settle(len(lane.items) + len(lane.unacked))
+            lane.items.clear()
+            lane.unacked.clear()
+        if stopped:
+            await asyncio.gather(*stopped, return_exceptions=True)
+        await self._resume(group)
+
+    @staticmethod
+    def _halt(lane: _Lane) -> list[asyncio.Task]:
+        """Cancel a lane's worker and handlers; their deliveries stay unacked."""
+        for delivery in lane.unacked:
+            delivery.abandoned = True
+        tasks = [*lane.tasks, *([lane.worker] if lane.worker is not None else [])]
+        for task in tasks:
+            task.cancel()
+        lane.tasks.clear()
+        lane.worker = None
+        if lane.serving is not None:
+            lane.serving.busy.discard(lane)
+        lane.serving = None
+        lane.running = 0
+        lane.idle.set()
+        return tasks
+
     def _replica(self, subscription: Subscription) -> tuple[_Group, _Replica]:
         group = self._groups.get(subscription.service)
         found = (
@@ -296,7 +385,7 @@ class InMemoryBus(EventBus):
             replica.owned = set(range(self.partitions))
         replica.owned -= released
         group.assign()
-        # the lane's next event goes to its next consumer, after the one in flight
+        # the lane's next event goes to its next consumer, after those in flight
         for lane in [group.partitions[p] for p in released if 0 <= p < self.partitions]:
             while lane in replica.busy:
                 await lane.idle.wait()
@@ -309,8 +398,8 @@ class InMemoryBus(EventBus):
             # events that waited for a consumer are delivered now, in order per lane
             for lane in group.lanes():
                 while lane.items and lane.consumer is not None:
-                    await self._deliver(lane, lane.consumer, lane.items.popleft())
-                    self._settle(1)
+                    replica = lane.consumer
+                    await self._run(lane, replica, self._start(lane, replica))
             return
         for lane in group.lanes():
             if lane.worker is None and self._consuming:
@@ -376,7 +465,9 @@ class InMemoryBus(EventBus):
 
     async def _offer(self, lane: _Lane, event: Event) -> None:
         if self.synchronous and lane.consumer is not None and not lane.items and self._consuming:
-            await self._deliver(lane, lane.consumer, event)
+            replica = lane.consumer
+            self._enqueue(lane, event)
+            await self._run(lane, replica, self._start(lane, replica))
         else:
             self._enqueue(lane, event)
 
@@ -394,32 +485,64 @@ class InMemoryBus(EventBus):
 
     # ---------------------------------------------------------------- consuming
 
-    async def _deliver(self, lane: _Lane, replica: _Replica, event: Event) -> None:
-        replica.busy.add(lane)
-        lane.idle.clear()
+    def _start(self, lane: _Lane, replica: _Replica) -> _Delivery:
+        """Take the lane's next event for ``replica``'s handler."""
+        delivery = _Delivery(lane.items.popleft())
+        lane.unacked.append(delivery)
+        if lane.running == 0:
+            lane.serving = replica
+            replica.busy.add(lane)
+            lane.idle.clear()
+        lane.running += 1
+        return delivery
+
+    async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
+        event = delivery.event
         try:
             reason = await lane.dispatcher.dispatch(event, replica.subscription)
+            if reason is not None:
+                self._store_dead(_dead_letter(lane, event, reason))
+        except Exception:  # the dispatcher catches handler errors; this is a bus bug
+            log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
         finally:
-            replica.busy.discard(lane)
+            if not delivery.abandoned:
+                self._finish(lane, delivery)
+
+    def _finish(self, lane: _Lane, delivery: _Delivery) -> None:
+        """Record a returned handler; ack every returned delivery not behind a running one."""
+        delivery.done = True
+        lane.running -= 1
+        unacked = lane.unacked
+        acked = 0
+        while unacked and unacked[0].done:
+            unacked.popleft()
+            acked += 1
+        if acked:
+            self._settle(acked)
+        if lane.running == 0:
+            if lane.serving is not None:
+                lane.serving.busy.discard(lane)
+            lane.serving = None
             lane.idle.set()
-        if reason is not None:
-            self._store_dead(_dead_letter(lane, event, reason))
+        lane.wakeup.set()
 
     async def _work(self, lane: _Lane) -> None:
         while True:
-            while self._consuming and (not lane.items or lane.consumer is None):
+            while self._consuming and (replica := lane.startable()) is None:
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
-            replica = lane.consumer
-            if not self._consuming or replica is None:
-                return
-            event = lane.items.popleft()
-            try:
-                await self._deliver(lane, replica, event)
-            except Exception:  # the dispatcher catches handler errors; this is a bus bug
-                log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
-            finally:
-                self._settle(1)
+            if not self._consuming:
+                break
+            delivery = self._start(lane, replica)
+            if replica.subscription.window == 1:
+                await self._run(lane, replica, delivery)
+            else:
+                # started in this order, each runs up to its first suspension in turn
+                task = asyncio.create_task(self._run(lane, replica, delivery))
+                lane.tasks.add(task)
+                task.add_done_callback(lane.tasks.discard)
+        while lane.running:
+            await lane.idle.wait()
 
     # ---------------------------------------------------------------- dead letters
 

@@ -16,9 +16,12 @@ Topology under ``<ns>`` (the namespace):
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
   only then acked.
 
-Each consumed queue has its own channel, prefetch and worker, and the worker handles
-its messages in delivery order; acks go out after the handler returned, batched with
-``multiple=True``, which is safe because the channel carries only that queue.
+Each consumed queue has its own channel, prefetch and worker. The worker starts its
+messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
+of 1 runs inside the worker, a larger one as tasks; the prefetch is at least the
+window), and acks in delivery order only: a message is acked once it and every message
+delivered before it returned. So the acks can be cumulative (``multiple=True``,
+batched), which is safe because the channel carries only that queue.
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ PERSISTENT = 2
 Properties = Basic.Properties
 
 
+class _Delivery:
+    """A message handed to a handler and not acked yet."""
+
+    __slots__ = ("done", "failed", "message")
+
+    def __init__(self, message: DeliveredMessage):
+        self.message = message
+        self.done = False
+        #: the bus failed on it: reject it (the broker dead-letters it), do not ack it
+        self.failed = False
+
+
 @dataclass(eq=False)
 class _Consumer:
     """One consumed queue: its channel, local buffer, worker and lane dispatcher."""
@@ -107,10 +122,15 @@ class _Consumer:
     tag: str | None = None
     buffer: deque[DeliveredMessage] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    busy: bool = False
     stopping: bool = False
     worker: asyncio.Task | None = None
-    #: the last handled message not acked yet, and how many are behind it
+    #: delivered to a handler and not acked yet, in delivery order
+    in_flight: deque[_Delivery] = field(default_factory=deque)
+    #: handlers running now (at most the subscription's window)
+    running: int = 0
+    #: handler tasks of a window above 1
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    #: the last returned message not acked yet, and how many are behind it
     unacked: DeliveredMessage | None = None
     unacked_count: int = 0
     unacked_since: float = 0.0
@@ -214,13 +234,19 @@ class RabbitMQBus(EventBus):
     async def stop_consuming(self) -> None:
         """Cancel every consumer; hand back delivered messages no handler has started."""
         self._consuming = False
-        for consumer in self._consumers:
-            await self._stop_consumer(consumer)
+        # all at once, so no queue starts a handler while another one winds down
+        await asyncio.gather(*(self._stop_consumer(c) for c in self._consumers))
 
     async def _stop_consumer(self, consumer: _Consumer) -> None:
         consumer.stopping = True
         consumer.wakeup.set()
-        if consumer.channel is not None and consumer.tag is not None:
+        # a closed channel's deliveries are the broker's again, and waiting for a robust
+        # channel to reopen would never end once its connection is closed for good
+        if (
+            consumer.channel is not None
+            and consumer.tag is not None
+            and not consumer.channel.is_closed
+        ):
             try:
                 channel = await consumer.channel.get_underlay_channel()
                 await channel.basic_cancel(consumer.tag)
@@ -291,7 +317,7 @@ class RabbitMQBus(EventBus):
     def _idle(self) -> bool:
         # a stopped consumer's late deliveries are the broker's again once its channel closes
         return all(
-            c.stopping or (not c.buffer and not c.busy and c.unacked is None)
+            c.stopping or (not c.buffer and not c.in_flight and c.unacked is None)
             for c in self._consumers
         )
 
@@ -521,7 +547,9 @@ class RabbitMQBus(EventBus):
             partition=partition,
         )
         consumer.channel = await self._connection.channel()
-        await consumer.channel.set_qos(prefetch_count=self.prefetch)
+        # a smaller prefetch would never let the window fill
+        prefetch = max(self.prefetch, subscription.window)
+        await consumer.channel.set_qos(prefetch_count=prefetch)
         # passive: the queue exists; redeclaring with its arguments would be equivalent
         consumer.queue = await consumer.channel.get_queue(name, ensure=True)
         consumer.worker = asyncio.create_task(self._work(consumer), name=f"bus:{name}")
@@ -549,7 +577,8 @@ class RabbitMQBus(EventBus):
         consumer.tag = ok.consumer_tag
 
     async def _resume_delivery(self, consumer: _Consumer) -> None:
-        # deliveries of the lost channel are the broker's again; it redelivers them
+        # deliveries of the lost channel are the broker's again; it redelivers them (the
+        # acks of handlers still running on them go nowhere, and are logged)
         consumer.buffer.clear()
         consumer.unacked = None
         consumer.unacked_count = 0
@@ -565,51 +594,77 @@ class RabbitMQBus(EventBus):
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop this replica's consumers of ``subscription``; unhandled messages go back."""
         mine = [c for c in self._consumers if c.subscription is subscription]
-        for consumer in mine:
-            await self._retire(consumer)
+        await asyncio.gather(*(self._retire(c) for c in mine))
 
     # ---------------------------------------------------------------- consuming
 
     async def _work(self, consumer: _Consumer) -> None:
         buffer = consumer.buffer
+        in_flight = consumer.in_flight
+        window = consumer.subscription.window
         while True:
-            while not buffer and not consumer.stopping:
-                consumer.wakeup.clear()
-                if consumer.unacked is None:
-                    await consumer.wakeup.wait()
-                    continue
-                # one ack frame for a burst instead of one per message
-                remaining = consumer.unacked_since + ACK_LINGER_S - time.monotonic()
-                try:
-                    async with asyncio.timeout(max(remaining, 0.0)):
-                        await consumer.wakeup.wait()
-                except TimeoutError:
-                    await self._flush_ack(consumer)
+            consumer.wakeup.clear()
+            if in_flight and in_flight[0].done:
+                await self._settle(consumer)
             if consumer.stopping:
-                return
-            message = buffer.popleft()
-            consumer.busy = True
-            try:
-                await self._handle(consumer, message)
-            except Exception:  # handler errors are caught by the dispatcher; a bus fault
-                log.exception(
-                    "consumer of %s failed; the broker dead-letters the message",
-                    consumer.queue_name,
-                )
-                # leaving it unacked is not enough: the next cumulative ack would cover it
-                await self._reject(consumer, message)
+                if not in_flight:
+                    return
+            elif buffer and consumer.running < window:
+                delivery = _Delivery(buffer.popleft())
+                in_flight.append(delivery)
+                consumer.running += 1
+                if window == 1:
+                    await self._run(consumer, delivery)
+                else:
+                    # started in this order, each runs up to its first suspension in turn
+                    task = asyncio.create_task(self._run(consumer, delivery))
+                    consumer.tasks.add(task)
+                    task.add_done_callback(consumer.tasks.discard)
                 continue
-            finally:
-                consumer.busy = False
-            consumer.unacked = message
+            if consumer.unacked is None or consumer.wakeup.is_set():
+                await consumer.wakeup.wait()
+                continue
+            # one ack frame for a burst instead of one per message
+            remaining = consumer.unacked_since + ACK_LINGER_S - time.monotonic()
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    await consumer.wakeup.wait()
+            except TimeoutError:
+                await self._flush_ack(consumer)
+
+    async def _run(self, consumer: _Consumer, delivery: _Delivery) -> None:
+        try:
+            await self._handle(consumer, delivery.message)
+        except Exception:  # handler errors are caught by the dispatcher; a bus fault
+            log.exception(
+                "consumer of %s failed; the broker dead-letters the message",
+                consumer.queue_name,
+            )
+            delivery.failed = True
+        finally:
+            delivery.done = True
+            consumer.running -= 1
+            consumer.wakeup.set()
+
+    async def _settle(self, consumer: _Consumer) -> None:
+        """Ack (or reject) the returned messages at the head of the window, in order."""
+        in_flight = consumer.in_flight
+        while in_flight and in_flight[0].done:
+            delivery = in_flight.popleft()
+            if delivery.failed:
+                # reject before any ack covers it; a cumulative ack skips it afterwards
+                await self._flush_ack(consumer)
+                await self._reject(consumer, delivery.message)
+                continue
+            consumer.unacked = delivery.message
             consumer.unacked_count += 1
             if consumer.unacked_count == 1:
                 consumer.unacked_since = time.monotonic()
-            if (
-                consumer.unacked_count >= self._ack_batch
-                or time.monotonic() - consumer.unacked_since >= ACK_LINGER_S
-            ):
-                await self._flush_ack(consumer)
+        if (
+            consumer.unacked_count >= self._ack_batch
+            or time.monotonic() - consumer.unacked_since >= ACK_LINGER_S
+        ):
+            await self._flush_ack(consumer)
 
     async def _flush_ack(self, consumer: _Consumer) -> None:
         message = consumer.unacked
