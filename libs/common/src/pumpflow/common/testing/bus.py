@@ -105,7 +105,7 @@ class BusHarness:
     ) -> EventCollector:
         """An :class:`EventCollector` subscribed to ``patterns`` (on a bus of its own by default).
 
-        ``options`` go to the Subscription (``service``, ``deduplicate``, ...).
+        ``options`` go to the Subscription (``service``, ``window``, ...).
         """
         bus = bus or await self.bus(f"{name}/1")
         return await EventCollector(name).attach(bus, *patterns, **options)

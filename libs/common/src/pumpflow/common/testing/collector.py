@@ -94,7 +94,7 @@ class EventCollector:
     ) -> EventCollector:
         """Subscribe to ``patterns`` on ``bus`` as ``service`` (default: the name); return self.
 
-        ``options`` go to :class:`Subscription` (``deduplicate``, ``partitions``, ...).
+        ``options`` go to :class:`Subscription` (``window``, ``partitions``, ...).
         Collectors sharing a service name on one bus share its partitions, as replicas do.
         """
         if not patterns:
