@@ -100,7 +100,8 @@ async def test_per_token_order_and_no_concurrency_within_a_token():
     assert all(seq == list(range(30)) for seq in seen.values()) and len(seen) == 12
     assert max_busy == 4  # the tokens did run in parallel across workers
     assert sample(registry, "pumpflow_worker_pool_tasks_total", outcome="ok") == 360
-    assert sample(registry, "pumpflow_worker_pool_task_seconds_count") == 360
+    # one task in 8 is timed
+    assert sample(registry, "pumpflow_worker_pool_task_seconds_count") == 360 // 8
     assert sample(registry, "pumpflow_worker_pool_queue_depth") == 0
     assert sample(registry, "pumpflow_worker_pool_busy_workers") == 0
     await pool.stop()
