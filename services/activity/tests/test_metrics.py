@@ -1,41 +1,31 @@
-"""FeatureActivityMetrics: ActivityMetrics read from the FeatureManager's features."""
+"""The activity service's metrics, on the registry it is given."""
 
 from __future__ import annotations
 
-import pytest
-
-from pumpflow.common.activity.metrics import FeatureActivityMetrics
-from pumpflow.common.features import FeatureManager, feature
+from prometheus_client import CollectorRegistry
 
 
-async def test_metrics_follow_the_trades(clock, tokens):
-    source = FeatureActivityMetrics()
-    m = source.update(tokens.created("A", sol=0.5))
-    assert m.trades_total == 1 and m.unique_traders == 1 and m.time == clock.now()
-    sol = 0.5
-    for i in range(11):
-        await clock.advance(5)
-        buy = i != 10
-        event = tokens.trade("A", f"w{i % 6}" if buy else "w0", buy=buy, sol=0.2)
-        sol += event.data.solAmount
-        m = source.update(event)
-    # 12 events within the last 60 s (create at 0, trades at 5..55)
-    assert m.trades_per_minute == pytest.approx(12.0)
-    assert m.sol_volume_per_minute == pytest.approx(sol, rel=1e-6)
-    assert m.unique_traders == 7  # creator + w0..w5
-    assert m.new_traders == 7
-    assert m.drawdown > 0 and m.price_return > 0  # the last trade was a sell
-    assert 0 < m.curve_progress < 0.1
-    assert m.time == clock.now() and m.seconds_since_last_trade == 0
-    assert source.update(tokens.migrated("A")) is None
-    raw = source.snapshot("A")
-    source.drop("A")
-    assert source.metrics("A") is None and source.tracked == 0
-    source.restore("A", raw)
-    assert source.metrics("A") == m
+async def test_transitions_recommendations_commands_and_tokens_are_counted(stack):
+    s, tk = stack, stack.tokens
+    registry = CollectorRegistry()
+    svc = await s.activity(registry=registry)
 
+    def value(name: str, **labels) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
 
-def test_a_feature_set_without_the_needed_features_is_refused():
-    manager = FeatureManager([feature("price", "price")])
-    with pytest.raises(ValueError, match="trades_per_minute"):
-        FeatureActivityMetrics(manager)
+    await s.send(tk.created("A"))
+    await s.send(tk.created("B"))
+    await s.pump(["A"], 1, 30)
+    status = await svc.status()
+    assert status["tokens"]["active"] == 1 and status["tokens"]["new"] == 1
+    assert value("pumpflow_activity_tokens", state="active") == 1
+    await s.at(200)
+    await svc.flush_subscriptions()
+    assert value("pumpflow_activity_transitions_total", state="new") == 2
+    assert value("pumpflow_activity_transitions_total", state="active") == 1
+    assert value("pumpflow_activity_transitions_total", state="inactive") == 1
+    recommendations = [e for e in s.lifecycle if e.data.state == e.data.previous_state]
+    assert value("pumpflow_activity_priority_recommendations_total") == len(recommendations)
+    assert value("pumpflow_activity_feed_commands_total", action="unsubscribe") == 1
+    assert value("pumpflow_activity_feed_command_mints_total", action="unsubscribe") == 1
+    await svc.stop()
