@@ -139,22 +139,24 @@ def exported_metrics() -> set[str]:
     """Every series name the code exports, suffixes of counters and histograms included."""
     from prometheus_client import REGISTRY, CollectorRegistry
 
+    from pumpflow.activity.metrics import ActivityServiceMetrics
     from pumpflow.common.consumer.metrics import ConsumerMetrics
     from pumpflow.common.workers import TokenMonitorThreadPool
     from pumpflow.feed.metrics import FeedMetrics
 
-    # importing them registers the bus collector, the service and partition gauges and
-    # the activity service's counters on the default registry
+    # importing them registers the bus collector and the service and partition gauges on
+    # the default registry
     for module in (
         "pumpflow.common.bus.metrics",
         "pumpflow.common.bus.ownership",
         "pumpflow.common.runtime.http",
-        "pumpflow.activity.service",
     ):
         importlib.import_module(module)
-    # the feed's, the worker pools' and the keyed consumers' metrics are created per registry
+    # the feed's, activity's, the worker pools' and the keyed consumers' metrics are created
+    # per registry
     private = CollectorRegistry()
     FeedMetrics(registry=private)
+    ActivityServiceMetrics(registry=private)
     TokenMonitorThreadPool(registry=private)
     ConsumerMetrics("deploy-check", registry=private)
 
