@@ -3,9 +3,11 @@
 1. Analyzer replay (``pumpflow.activity.replay``): the simulator's frames on a
    ReplayClock as fast as possible, the feed modelled; prints how many tokens are
    streamed at once against how many launched, the messages saved, and frames/s.
-2. Service path: the same frames as events through the ActivityService on a
-   synchronous in-memory bus (worker pool, lifecycle publishing, checkpoints to the
-   in-process store); prints events/s and what was published.
+2. Service path: the same frames as events, folded into features (a FeatureManager,
+   as the features service does) and published as ``features.updated`` to the
+   ActivityService on a synchronous in-memory bus (keyed consumer, lifecycle
+   publishing, group commits to the in-process store); prints events/s and what was
+   published.
 
 Run: .venv/bin/python benchmarks/activity_replay.py [--seed 7] [--minutes 60] [--quick]
 """
@@ -20,10 +22,11 @@ import time
 from pumpflow.activity.replay import replay_subscriptions
 from pumpflow.activity.service import ActivityService
 from pumpflow.activity.settings import ActivitySettings
-from pumpflow.common.bus import Subscription
+from pumpflow.common.bus import Sequencer, Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event
+from pumpflow.common.events import Event, FeaturesUpdated, make_event
+from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.simulator.dataset import market_events
@@ -64,11 +67,27 @@ async def service_path(seed: int, seconds: float) -> None:
     await service.start(
         ServiceContext(settings=settings, bus=bus, clock=clock, store=MemoryStateStore(clock))
     )
+    manager = FeatureManager()
+    seqs = Sequencer()
     started = time.perf_counter()
     for event in events:
         await clock.advance_to(event.time)
-        await bus.publish(event)
-    await service.pool.join()
+        if event.type == "token.migrated":
+            await bus.publish(event)
+            continue
+        state = manager.update_feature_history(event)
+        if state is None:
+            continue
+        update = FeaturesUpdated(
+            mint=event.key,
+            feature_set_version=manager.version,
+            source_seq=event.seq or 0,
+            names=manager.names,
+            values=tuple(manager.values(state)),
+        )
+        await bus.publish(
+            make_event(update, source="features/bench", time=event.time, seq=seqs.next(event.key))
+        )
     await service.flush_subscriptions()
     elapsed = time.perf_counter() - started
     status = await service.status()
@@ -84,7 +103,7 @@ async def service_path(seed: int, seconds: float) -> None:
                 "us_per_event": round(elapsed / len(events) * 1e6, 1),
                 "published": published,
                 "tokens_at_end": status["tokens"],
-                "retired_at_end": status["retired"],
+                "retired": status["retired"],
             },
             indent=1,
         )
