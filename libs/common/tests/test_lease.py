@@ -17,7 +17,8 @@ from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import eventually
 
-TTL = 0.3
+#: short, but several event-loop hiccups of a busy machine long
+TTL = 0.6
 NAME = "writer"
 
 
@@ -76,8 +77,8 @@ async def test_one_candidate_is_elected_renews_and_the_other_stands_by(store):
         assert one.calls == ["elected"]  # on_elected has returned when start does
         assert await two.lease.start() is False
         assert two.lease.role == "standby"
-        # many TTLs of renewals: the lease never lapses and the standby never gets it
-        await eventually(lambda: one.lease.renewals >= 12)
+        # two TTLs of renewals: the lease never lapses and the standby never gets it
+        await eventually(lambda: one.lease.renewals >= 6)
         assert one.lease.is_leader and one.lease.losses == 0
         assert one.calls == ["elected", "renewed"]
         assert two.calls == [] and two.lease.elections == 0
@@ -92,14 +93,12 @@ async def test_the_standby_takes_over_at_once_when_the_leader_stops(store):
     try:
         await one.lease.start()
         await two.lease.start()
-        stopped = time.monotonic()
         await one.lease.stop()
-        # resigned while still holding it, then released: not lost
+        # resigned while still holding it, then released (not left to run out), not lost
         assert one.calls[-1] == "resign" and one.holder_at_resign == "one"
+        assert await one.lease.current_holder() in (None, "two")
         assert "lost" not in one.calls and one.lease.role == "stopped"
-        await eventually(lambda: two.lease.is_leader)
-        # within a campaign interval, not after the TTL it would take to run out
-        assert time.monotonic() - stopped < TTL
+        await eventually(lambda: two.calls == ["elected"])
         assert await two.lease.current_holder() == "two"
     finally:
         await one.lease.stop()
@@ -138,8 +137,9 @@ async def test_a_leader_whose_lease_another_holds_steps_down_and_campaigns_again
         await eventually(lambda: one.calls[-1:] == ["lost"])
         assert one.lease.role == "standby"
         await thief.release()
-        await eventually(lambda: one.lease.is_leader)
+        await eventually(lambda: one.calls[-1:] == ["elected"])
         assert [c for c in one.calls if c != "renewed"] == ["elected", "lost", "elected"]
+        assert one.lease.is_leader
         assert one.lease.elections == 2 and one.lease.losses == 1
     finally:
         await one.lease.stop()
@@ -200,10 +200,10 @@ async def test_the_standby_takes_over_when_the_leader_process_dies(namespace, re
         killed = time.monotonic()
         child.send_signal(signal.SIGKILL)  # no release: the lease has to run out
         await child.wait()
-        await eventually(lambda: standby.lease.is_leader, within=10 * TTL)
+        await eventually(lambda: standby.calls == ["elected"], within=10 * TTL)
         # not before the dead holder's last renewal (a third of a TTL ago at most) ran out
         assert time.monotonic() - killed > TTL / 2
-        assert standby.calls == ["elected"]
+        assert standby.lease.is_leader
     finally:
         if child.returncode is None:
             child.kill()

@@ -217,7 +217,10 @@ class LeaderLease:
             if self.is_leader:
                 await _cancel(renewer)
             else:
-                await renewer  # it is stepping down: let on_lost finish
+                # it is stepping down: let on_lost finish
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+            self._renewer = None
         if self.is_leader:
             try:
                 await self.lease.release()
@@ -323,7 +326,8 @@ class LeaderLease:
         if self._electing is not None and self._electing is not current:
             self._electing.cancel()  # _lead, which awaits it, sees the cancellation
         if self._renewer is not None and self._renewer is not current:
-            await _cancel(self._renewer)
+            renewer, self._renewer = self._renewer, None
+            await _cancel(renewer)
         log.warning("lease %s lost by %s: %s", self.config.name, self.holder, reason)
         await self._call("on_lost", self._on_lost)
         if release:
