@@ -24,6 +24,8 @@ def test_settings_read_pumpportal_names_and_hide_the_key(monkeypatch):
     assert settings.feed_ping_interval_s == 5.0
     assert settings.api_key() == "hush"
     assert "hush" not in repr(settings) and "hush" not in str(settings.model_dump())
+    socket = settings.socket_config()  # the key reaches the socket, never a repr
+    assert socket.api_key == "hush" and "hush" not in repr(socket)
 
 
 def test_api_key_from_a_secret_file(monkeypatch, tmp_path):
