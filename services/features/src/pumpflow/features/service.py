@@ -81,6 +81,8 @@ class FeaturesService(Service):
     def _views(
         self, mint: str, state: TokenState, published: int, emitted: Sequence[Event]
     ) -> dict[str, Any]:
+        if not state.n_events:
+            return {}  # a lifecycle event for a token not traded here yet
         manager = self.manager
         # the values just announced are the state's: no second computation
         values = emitted[-1].data.values if emitted else tuple(manager.values(state))

@@ -133,6 +133,7 @@ class _Key:
         "applied",
         "changed",
         "gone",
+        "handed",
         "indexed",
         "key",
         "outbox",
@@ -157,6 +158,8 @@ class _Key:
         self.applied: dict[str, int] = {}
         self.published = 0
         self.outbox: list[Event] = []
+        #: events at the head of the outbox handed to a publication under way
+        self.handed = 0
         #: the stored record still lists events published since
         self.outbox_stored = False
         self.timer_at: float | None = None
@@ -261,10 +264,15 @@ class KeyedStatefulConsumer(Generic[S]):
         self._publishers: dict[str, str] = {}
         self._dirty: dict[str, _Key] = {}
         self._changed = 0
-        self._stored = 0
+        #: generations written to the store, and written with their events published
+        self._written = 0
+        self._announced = 0
         self._flushing: asyncio.Future | None = None
-        #: (generation, future) of everyone waiting for a change to be stored
-        self._waiters: list[tuple[int, asyncio.Future]] = []
+        #: the publication of the last written batch (each waits for the one before)
+        self._announcing: asyncio.Future | None = None
+        #: (generation, future) of deliveries waiting for their write / their publication
+        self._write_waiters: list[tuple[int, asyncio.Future]] = []
+        self._announce_waiters: list[tuple[int, asyncio.Future]] = []
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -336,13 +344,15 @@ class KeyedStatefulConsumer(Generic[S]):
     def _apply_then_wait(
         self, key: str, event: Event, done: asyncio.Future
     ) -> Awaitable[None] | None:
+        entry = self._keys.get(key)
+        published = None if entry is None else entry.published
         try:
             applied = self._apply(key, event)
         except BaseException as exc:
             done.set_exception(exc)
             raise
         if isinstance(applied, int):
-            self._when_stored(applied, done)
+            self._when_stored(applied, done, announced=entry.published != published)
             return None
         return self._await_then_wait(applied, done)
 
@@ -353,7 +363,7 @@ class KeyedStatefulConsumer(Generic[S]):
             if not done.done():
                 done.set_exception(exc)
             raise
-        self._when_stored(generation, done)
+        self._when_stored(generation, done, announced=True)
 
     def _apply(self, key: str, event: Event) -> int | Awaitable[int]:
         """Apply ``event`` (plain when the key is in memory); return the change's generation."""
@@ -482,7 +492,7 @@ class KeyedStatefulConsumer(Generic[S]):
         done = asyncio.get_running_loop().create_future()
 
         def fire() -> None:
-            self._when_stored(self._fire(key), done)
+            self._when_stored(self._fire(key), done, announced=True)
 
         self.pool.post(key, fire, priority=max(priority, Priority.HIGH))
         # a ReplayClock awaits it: the timer's effects are out when time moves on
@@ -490,67 +500,86 @@ class KeyedStatefulConsumer(Generic[S]):
 
     # ---------------------------------------------------------------- storing
 
-    def _when_stored(self, generation: int, done: asyncio.Future) -> None:
-        """Resolve ``done`` once the changes up to ``generation`` are stored and published."""
-        if self._stored >= generation:
-            if not done.done():
+    def _when_stored(self, generation: int, done: asyncio.Future, *, announced: bool) -> None:
+        """Resolve ``done`` once the changes up to ``generation`` are stored, and if the
+        change ``announced`` events, once they are published too.
+
+        A change that announced nothing is done when written: a cycle of services on a
+        synchronous bus (activity answers features inside its publication) then never
+        waits for a publication that waits for it.
+        """
+        if announced:
+            if self._announced >= generation:
                 done.set_result(None)
-            return
-        self._waiters.append((generation, done))
+                return
+            self._announce_waiters.append((generation, done))
+        else:
+            if self._written >= generation:
+                done.set_result(None)
+                return
+            self._write_waiters.append((generation, done))
         if self._flushing is None:
             self._flushing = asyncio.ensure_future(self._flush())
 
     async def _until_stored(self, generation: int) -> None:
         done = asyncio.get_running_loop().create_future()
-        self._when_stored(generation, done)
+        self._when_stored(generation, done, announced=True)
         await done
 
     async def _flush(self) -> None:
-        """Commit until nothing is left to store; wake whoever waited for what was stored."""
+        """Write until nothing is left; each batch's publication follows, in batch order."""
         try:
             while self._dirty:
                 generation = self._changed
                 dirty, self._dirty = self._dirty, {}
-                await self._commit(list(dirty.values()))
-                self._stored = max(self._stored, generation)
-                self._wake()
-            self._stored = max(self._stored, self._changed)
-            self._wake()
-        except BaseException as exc:
-            for _, done in self._waiters:
-                if not done.done():
-                    done.set_exception(exc)
-            self._waiters = []
-            raise
+                entries = [e for e in dirty.values() if not e.gone]
+                started = time.perf_counter()
+                try:
+                    batch, events, published = self._batch(entries)
+                except Exception as exc:
+                    # a processor or view that cannot encode: the deliveries waiting for
+                    # this batch fail (the bus retries, then dead-letters them)
+                    log.exception("%s: encoding a commit failed", self.config.service)
+                    self._fail_waiters(generation, exc)
+                    continue
+                await self._retry(lambda b=batch: self.store.write(b), "storing")
+                for entry in entries:
+                    entry.indexed = True
+                    entry.stored_ttl = entry.retire_ttl or self.config.live_ttl_s
+                    if entry.retire_ttl is not None and not entry.outbox_stored:
+                        self._retire(entry)  # stored with nothing left to publish
+                self._written = max(self._written, generation)
+                self._write_waiters = _wake(self._write_waiters, self._written)
+                self._announcing = asyncio.ensure_future(
+                    self._announce(
+                        self._announcing, entries, events, published, generation, started
+                    )
+                )
         finally:
             self._flushing = None
 
-    def _wake(self) -> None:
-        stored = self._stored
-        waiting = []
-        for waiter in self._waiters:
-            if waiter[0] <= stored:
-                if not waiter[1].done():
-                    waiter[1].set_result(None)
-            else:
-                waiting.append(waiter)
-        self._waiters = waiting
+    def _fail_waiters(self, generation: int, exc: Exception) -> None:
+        for waiters in (self._write_waiters, self._announce_waiters):
+            for waited, done in waiters:
+                if waited <= generation and not done.done():
+                    done.set_exception(exc)
+        self._write_waiters = [w for w in self._write_waiters if not w[1].done()]
+        self._announce_waiters = [w for w in self._announce_waiters if not w[1].done()]
 
-    async def _commit(self, entries: list[_Key]) -> None:
-        started = time.perf_counter()
+    def _batch(self, entries: list[_Key]) -> tuple[WriteBatch, list[Event], list[tuple[_Key, int]]]:
+        """The write of ``entries``, and the events it hands to publication (per key)."""
         batch = WriteBatch()
         index: dict[str, dict[str, HashValue]] = {}
-        outboxes: list[tuple[_Key, int]] = []
+        handed: list[tuple[_Key, int]] = []
         events: list[Event] = []
         encode = self.processor.encode
         views = self._views
+        live_ttl = self.config.live_ttl_s
         for entry in entries:
-            if entry.gone:
-                continue
             raw = encode(entry.state) if entry.state is not None else entry.raw
             outbox = entry.outbox
             retired = entry.retire_ttl is not None
-            ttl = entry.retire_ttl if retired else self.config.live_ttl_s
+            ttl = entry.retire_ttl if retired else live_ttl
             record = Record(
                 state=raw,
                 applied=entry.applied,
@@ -570,37 +599,61 @@ class KeyedStatefulConsumer(Generic[S]):
             if not entry.indexed:
                 index.setdefault(f"{self._index_prefix}{entry.partition}", {})[key] = b"1"
             entry.outbox_stored = bool(outbox)
-            if outbox:
-                outboxes.append((entry, len(outbox)))
-                events.extend(outbox)
+            # what an earlier batch handed over is published by that batch
+            fresh = len(outbox) - entry.handed
+            if fresh:
+                events.extend(outbox[entry.handed :])
+                entry.handed = len(outbox)
+                handed.append((entry, fresh))
         if index:
             batch.hashes.update(index)
-        await self._retry(lambda: self.store.write(batch), "storing")
-        for entry in entries:
-            entry.indexed = True
-            entry.stored_ttl = entry.retire_ttl if entry.retire_ttl else self.config.live_ttl_s
+        return batch, events, handed
+
+    async def _announce(
+        self,
+        before: asyncio.Future | None,
+        entries: list[_Key],
+        events: list[Event],
+        handed: list[tuple[_Key, int]],
+        generation: int,
+        started: float,
+    ) -> None:
+        """Publish one written batch's events after the batch before it; then settle it."""
+        if before is not None:
+            await before
         if events:
             await self._retry(lambda: self.bus.publish_many(events), "publishing")
-            for entry, count in outboxes:
+            for entry, count in handed:
                 del entry.outbox[:count]
+                entry.handed -= count
         for entry in entries:
-            if entry.retire_ttl is not None and not entry.gone:
-                if entry.outbox_stored:
-                    # stored once more without what was just published, then dropped, so a
-                    # key loaded again does not announce its last events twice
-                    self._mark(entry)
-                else:
-                    self._retire(entry)
+            retiring = entry.retire_ttl is not None and entry.outbox_stored and not entry.gone
+            if retiring and self._dirty.get(entry.key) is not entry:
+                # it leaves memory now and is stored once more without what was just
+                # published, so a key loaded again does not announce its events twice
+                self._mark(entry)
+                self._cancel_timer(entry)
+                self._leave(entry)
+        self._announced = max(self._announced, generation)
+        self._announce_waiters = _wake(self._announce_waiters, self._announced)
         self.flushes += 1
         self.metrics.commit_keys.observe(len(entries))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        if self._dirty and self._flushing is None and not self._stopping:
+            self._flushing = asyncio.ensure_future(self._flush())
 
     def _retire(self, entry: _Key) -> None:
         # changed again since this commit began: the next one decides
         if self._dirty.get(entry.key) is entry:
             return
+        self._leave(entry)
         self._forget(entry)
-        self.metrics.retired.inc()
+
+    def _leave(self, entry: _Key) -> None:
+        """A retired key leaves memory (counted once, however many writes it still takes)."""
+        if self._keys.get(entry.key) is entry:
+            del self._keys[entry.key]
+            self.metrics.retired.inc()
 
     def _forget(self, entry: _Key) -> None:
         entry.gone = True
@@ -817,6 +870,20 @@ class KeyedStatefulConsumer(Generic[S]):
                 "restarts": health.restarts,
             },
         }
+
+
+def _wake(
+    waiters: list[tuple[int, asyncio.Future]], reached: int
+) -> list[tuple[int, asyncio.Future]]:
+    """Resolve the waiters up to ``reached``; return the others."""
+    waiting = []
+    for waiter in waiters:
+        if waiter[0] <= reached:
+            if not waiter[1].done():
+                waiter[1].set_result(None)
+        else:
+            waiting.append(waiter)
+    return waiting
 
 
 async def _nothing() -> None:
