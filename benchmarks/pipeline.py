@@ -1,0 +1,215 @@
+"""Embedded pipeline end to end: raw PumpPortal frames -> feed -> features -> activity.
+
+A simulated market's frames, encoded to bytes as the simulator sends them, are handed
+one by one to the feed service's per-frame path (``SocketDataFeed._on_frame``, what
+the socket reader calls: decode + validate, auto-subscription of new mints, dedup,
+envelope with per-mint seq, look-back, publish), with no Postgres recorder
+(``feed_record=False``, as ``pumpflow run``). Feed, features and activity run as in
+``pumpflow run``: one process, ``run_embedded`` with the queued in-memory bus (16
+partitions) and the in-process store. The clock is a ReplayClock set to each frame's
+market time; every market second it fires the due timers (activity's quiet timers,
+the look-back's pruning) and yields to the bus workers.
+
+The feed holds a real connection, to a local socket that swallows its subscribe
+messages and sends nothing: the feed runs connected (sending subscriptions for new
+mints) while its frames come from here. The figure is frames/s from the first frame
+handed to the feed until the bus is drained (every features.updated and
+token.lifecycle handled). ``--profile FILE`` writes a pyinstrument text profile of one
+more run's timed part.
+
+Run: .venv/bin/python benchmarks/pipeline.py [--minutes 20] [--seed 3] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import msgspec
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.server import serve
+
+from pumpflow.activity.service import ActivityService
+from pumpflow.common.bus.metrics import BUS_METRICS
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.features.service import FeaturesService
+from pumpflow.feed.service import FeedService
+from pumpflow.simulator.market import Market, MarketConfig
+
+START = 1_700_000_000.0
+PARTITIONS = 16
+#: market seconds between timer firings and yields to the bus workers
+TICK_S = 1.0
+TARGET = 40_000
+#: what the feed publishes
+TOKEN_EVENTS = ("token.created", "token.trade", "token.migrated")
+
+
+def market_frames(seed: int, minutes: float) -> list[tuple[float, bytes]]:
+    """(market seconds, frame bytes) of ``minutes`` of the seeded market."""
+    encode = msgspec.json.Encoder().encode
+    return [(t, encode(frame)) for t, frame in Market(MarketConfig(seed=seed)).frames(minutes * 60)]
+
+
+def bus_counts() -> Counter[tuple[str, str, str]]:
+    """(published|consumed, service, type) -> count, over every lane, process-wide."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for family in BUS_METRICS.collect():
+        kind = family.name.removeprefix("pumpflow_events_")
+        if kind not in ("published", "consumed"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = sample.labels
+                counts[(kind, labels["service"], labels["type"])] += int(sample.value)
+    return counts
+
+
+@dataclass
+class Result:
+    frames: int
+    seconds: float
+    handed_s: float
+    timers: int
+    counts: Counter = field(default_factory=Counter)
+    feed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.frames / self.seconds
+
+
+async def _swallow(ws) -> None:
+    async for _ in ws:  # subscribe messages: nothing is sent back
+        pass
+
+
+async def run_pipeline(frames: list[tuple[float, bytes]], profiler=None) -> Result:
+    """One run: start the services, hand every frame to the feed, wait for the drain."""
+    server = await serve(_swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clock = ReplayClock(START)
+    feed = FeedService(
+        FeedService.settings_class.load(
+            service="feed", transport="memory", partitions=PARTITIONS, feed_record=False,
+            pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data",
+        ),
+        registry=CollectorRegistry(),
+    )  # fmt: skip
+    services = [feed] + [
+        cls(cls.settings_class.load(service=cls.name, transport="memory", partitions=PARTITIONS),
+            registry=CollectorRegistry())
+        for cls in (FeaturesService, ActivityService)
+    ]  # fmt: skip
+    try:
+        async with run_embedded(services, clock=clock, partitions=PARTITIONS) as system:
+            await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
+            on_frame = feed.socket._on_frame  # what the socket reader calls per frame
+            set_sync, advance_to = clock.set_sync, clock.advance_to
+            before = bus_counts()
+            timers = 0
+            next_tick = START + TICK_S
+            gc.collect()
+            if profiler is not None:
+                profiler.start()
+            started = time.perf_counter()
+            for t, frame in frames:
+                at = START + t
+                if at >= next_tick:
+                    timers += await advance_to(at)
+                    next_tick = at + TICK_S
+                    await asyncio.sleep(0)  # as a socket reader would, now and then
+                else:
+                    set_sync(at)
+                await on_frame(frame)
+            handed = time.perf_counter()
+            if not await system.drain(600.0):
+                raise RuntimeError("the bus did not drain")
+            finished = time.perf_counter()
+            if profiler is not None:
+                profiler.stop()
+            counts = bus_counts() - before
+            manager = feed.manager
+            stats = {
+                "published": manager.events,
+                "duplicates": manager.duplicates,
+                "unsubscribed trades": manager.unsubscribed_trades,
+                "invalid": feed.socket.invalid_frames,
+                "mints subscribed": len(feed.socket.active_mints),
+            }
+    finally:
+        server.close()
+        await server.wait_closed()
+    return Result(
+        frames=len(frames),
+        seconds=finished - started,
+        handed_s=handed - started,
+        timers=timers,
+        counts=counts,
+        feed=stats,
+    )
+
+
+def describe(result: Result) -> str:
+    counts = result.counts
+    published = {t: n for (kind, _, t), n in counts.items() if kind == "published"}
+    consumed = Counter()
+    for (kind, service, _), n in counts.items():
+        if kind == "consumed":
+            consumed[service] += n
+    tokens = {t: published.get(t, 0) for t in TOKEN_EVENTS}
+    lines = [
+        f"  frames handed to the feed: {result.frames:,}; feed: {result.feed}",
+        f"  token events published: {sum(tokens.values()):,} "
+        f"({', '.join(f'{t} {n:,}' for t, n in tokens.items())})",
+        f"  features.updated: {published.get('features.updated', 0):,}; "
+        f"token.lifecycle: {published.get('token.lifecycle', 0):,}; "
+        f"feed.subscription: {published.get('feed.subscription', 0):,}; "
+        f"clock timers fired: {result.timers:,}",
+        f"  events handled by: {', '.join(f'{s} {n:,}' for s, n in sorted(consumed.items()))}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="simulated market minutes")
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", metavar="FILE", help="pyinstrument text profile of one run")
+    args = parser.parse_args()
+
+    frames = market_frames(args.seed, args.minutes)
+    mb = sum(len(f) for _, f in frames) / 2**20
+    print(f"== embedded pipeline: seed {args.seed}, {args.minutes:g} market minutes, "
+          f"{len(frames):,} frames ({mb:.1f} MiB), {PARTITIONS} partitions")  # fmt: skip
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(async_mode="disabled")
+        asyncio.run(run_pipeline(frames, profiler))
+        with open(args.profile, "w") as out:
+            out.write(profiler.output_text(unicode=False, color=False, show_all=False))
+        print(f"profile of one run (timed part) written to {args.profile}")
+    results = []
+    for n in range(args.repeat):
+        result = asyncio.run(run_pipeline(frames))
+        results.append(result)
+        print(f"run {n + 1}: {result.rate:,.0f} frames/s ({result.seconds:.2f} s; frames "
+              f"handed in {result.handed_s:.2f} s, then {result.seconds - result.handed_s:.2f} s "
+              f"to drain)")  # fmt: skip
+    print(describe(results[-1]))
+    rates = [r.rate for r in results]
+    print(f"pipeline end to end: {statistics.median(rates):,.0f} frames/s "
+          f"(median of {args.repeat}; {min(rates):,.0f}-{max(rates):,.0f}; "
+          f"target >= {TARGET:,})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
