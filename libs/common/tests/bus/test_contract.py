@@ -186,6 +186,31 @@ async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, servi
     assert await bus.dead_letters(service) == []  # read means removed
 
 
+@pytest.mark.parametrize("window", [1, 4])
+async def test_a_handler_cancelled_unfinished_gets_its_event_again_unacked(bus, service, window):
+    """A handler whose work is cancelled (its worker died) did not handle the event."""
+    handled: list[int] = []
+    cancelled: list[int] = []
+
+    def handler(event: Event):
+        done = asyncio.get_running_loop().create_future()
+        if event.seq == 2 and not cancelled:
+            cancelled.append(event.seq)
+            done.cancel()
+        else:
+            handled.append(event.seq)
+            done.set_result(None)
+        return done
+
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=handler, window=window)
+    )
+    await bus.publish_many([trade_event("mintC", seq) for seq in range(1, 5)])
+    await eventually(lambda: sorted(handled) == [1, 2, 3, 4])
+    assert cancelled == [2]
+    assert await bus.dead_letters(service) == []
+
+
 async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
     await bus.dead_letter(b"{not json", service=service, reason="bad frame", event_type="raw")
     letters = await dead_letters_arriving(bus, service)

@@ -7,6 +7,7 @@ straight off the stored state.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import msgspec
@@ -373,3 +374,64 @@ async def test_an_announced_state_is_stored_before_its_announcement_arrives(pair
     await eventually(lambda: len(seen_stored) == 30)
     for seq, stored in seen_stored:
         assert seq in stored, f"seq {seq} announced before it was stored"
+
+
+class _StallingStore:
+    """The store as a replica sees it until its process dies: writes stall after ``writes``."""
+
+    def __init__(self, store: StateStore, writes: int):
+        self._store = store
+        self._writes_left = writes
+        self.stalled = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def write(self, batch) -> None:
+        if self._writes_left <= 0:
+            self.stalled.set()
+            await asyncio.Event().wait()  # the process is about to die mid-write
+        self._writes_left -= 1
+        await self._store.write(batch)
+
+
+async def test_a_replica_killed_mid_batch_loses_nothing_and_applies_nothing_twice(pair):
+    announced = await watch(await pair.bus())
+    bus = await pair.bus()  # on RabbitMQ, the dying replica's own connection
+    stalling = _StallingStore(pair.store, writes=3)
+    dying = KeyedStatefulConsumer(
+        RecordingProcessor(),
+        KeyedConsumerConfig(service="keyed", patterns=("token.trade", "token.migrated"), window=16),
+        bus=bus,
+        store=stalling,
+        clock=pair.clock,
+        source="keyed/test",
+    )
+    await dying.start()
+    per_mint = 40
+    await bus.publish_many([trade(m, s) for s in range(1, per_mint + 1) for m in MINTS])
+    await stalling.stalled.wait()
+    # the process dies mid-write: nothing of it is stored or acked from here on
+    if pair.transport == "memory":
+        await bus.abandon(dying.subscription)  # its unacked deliveries go back in order
+        await dying.abandon()
+    else:
+        await dying.abandon()  # its handlers end unfinished: handed back, never acked
+        await bus.close()
+    taking_over = await pair.consumer(
+        RecordingProcessor(), bus=bus if pair.transport == "memory" else await pair.bus()
+    )
+    await eventually(
+        lambda: all(
+            {e.data.source_seq for e in announced.of(key=m)} == set(range(1, per_mint + 1))
+            for m in MINTS
+        ),
+        what="every event announced",
+    )
+    await taking_over.flush()
+    for mint in MINTS:
+        assert await pair.applied(mint) == list(range(1, per_mint + 1)), mint
+        # announcements of the same event carry the same seq: downstream drops copies
+        by_seq = {}
+        for event in announced.of(key=mint):
+            assert by_seq.setdefault(event.seq, event.data.source_seq) == event.data.source_seq

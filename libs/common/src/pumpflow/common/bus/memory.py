@@ -502,11 +502,25 @@ class InMemoryBus(EventBus):
             reason = await lane.dispatcher.dispatch(event, replica.subscription)
             if reason is not None:
                 self._store_dead(_dead_letter(lane, event, reason))
+        except asyncio.CancelledError:
+            if not delivery.abandoned:
+                self._hand_back(lane, delivery)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
         finally:
             if not delivery.abandoned:
                 self._finish(lane, delivery)
+
+    def _hand_back(self, lane: _Lane, delivery: _Delivery) -> None:
+        """A handler ended unfinished (cancelled): its event goes back, never acked."""
+        lane.unacked.remove(delivery)
+        lane.items.appendleft(delivery.event)
+        # returned as far as the window goes; acks of the others are not held back by it
+        self._finish(lane, delivery)
+        delivery.abandoned = True
 
     def _finish(self, lane: _Lane, delivery: _Delivery) -> None:
         """Record a returned handler; ack every returned delivery not behind a running one."""

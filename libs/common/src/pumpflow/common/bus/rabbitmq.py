@@ -99,13 +99,15 @@ Properties = Basic.Properties
 class _Delivery:
     """A message handed to a handler and not acked yet."""
 
-    __slots__ = ("done", "failed", "message")
+    __slots__ = ("cancelled", "done", "failed", "message")
 
     def __init__(self, message: DeliveredMessage):
         self.message = message
         self.done = False
         #: the bus failed on it: reject it (the broker dead-letters it), do not ack it
         self.failed = False
+        #: its handler was cancelled before it finished: hand it back, never ack it
+        self.cancelled = False
 
 
 @dataclass(eq=False)
@@ -635,6 +637,12 @@ class RabbitMQBus(EventBus):
     async def _run(self, consumer: _Consumer, delivery: _Delivery) -> None:
         try:
             await self._handle(consumer, delivery.message)
+        except asyncio.CancelledError:
+            # not handled: it goes back to the queue, never acked
+            delivery.cancelled = True
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         except Exception:  # handler errors are caught by the dispatcher; a bus fault
             log.exception(
                 "consumer of %s failed; the broker dead-letters the message",
@@ -651,10 +659,13 @@ class RabbitMQBus(EventBus):
         in_flight = consumer.in_flight
         while in_flight and in_flight[0].done:
             delivery = in_flight.popleft()
-            if delivery.failed:
-                # reject before any ack covers it; a cumulative ack skips it afterwards
+            if delivery.failed or delivery.cancelled:
+                # settle it before any ack covers it; a cumulative ack skips it afterwards
                 await self._flush_ack(consumer)
-                await self._reject(consumer, delivery.message)
+                if delivery.failed:
+                    await self._reject(consumer, delivery.message)
+                else:
+                    await self._hand_back(consumer, delivery.message)
                 continue
             consumer.unacked = delivery.message
             consumer.unacked_count += 1
@@ -677,6 +688,14 @@ class RabbitMQBus(EventBus):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # the channel went away: the broker redelivers, consumers dedupe by seq
             log.warning("ack on %s lost: %r", consumer.queue_name, exc)
+
+    async def _hand_back(self, consumer: _Consumer, message: DeliveredMessage) -> None:
+        """Return ``message`` to its queue unprocessed (its handler was cancelled)."""
+        try:
+            await message.channel.basic_nack(message.delivery_tag, requeue=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # the channel went away: the broker redelivers the message anyway
+            log.warning("returning a message to %s lost: %r", consumer.queue_name, exc)
 
     async def _reject(self, consumer: _Consumer, message: DeliveredMessage) -> None:
         """Hand ``message`` to the broker's dead-lettering (the queue's DLX, to the DLQ)."""

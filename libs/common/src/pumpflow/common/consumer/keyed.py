@@ -276,6 +276,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._abandoned = False
         self.flushes = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -311,6 +312,23 @@ class KeyedStatefulConsumer(Generic[S]):
             self._cancel_timer(entry)
         await self.pool.stop(drain=True)
         await self._hand_over(list(self._keys.values()))
+
+    async def abandon(self) -> None:
+        """Stop the way a crash stops (for tests of crashes): nothing more is written or
+        published, and the deliveries in flight are cancelled, never acked."""
+        self._stopping = self._abandoned = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for entry in self._keys.values():
+            self._cancel_timer(entry)
+        for task in (self._flushing, self._announcing):
+            if task is not None:
+                task.cancel()
+        for _, done in (*self._write_waiters, *self._announce_waiters):
+            done.cancel()
+        self._write_waiters, self._announce_waiters = [], []
+        # queued work runs into the cancellation below, so every delivery ends unacked
+        await self.pool.stop(drain=True)
 
     async def flush(self) -> None:
         """Store and publish every change made so far."""
@@ -508,6 +526,9 @@ class KeyedStatefulConsumer(Generic[S]):
         synchronous bus (activity answers features inside its publication) then never
         waits for a publication that waits for it.
         """
+        if self._abandoned:
+            done.cancel()
+            return
         if announced:
             if self._announced >= generation:
                 done.set_result(None)
