@@ -268,7 +268,9 @@ class KeyedStatefulConsumer(Generic[S]):
         self._written = 0
         self._announced = 0
         self._flushing: asyncio.Future | None = None
-        #: the publication of the last written batch (each waits for the one before)
+        #: written batches not published yet (entries, events, handed, generation), and
+        #: the task publishing them in order
+        self._unannounced: list[tuple[list[_Key], list[Event], list, int]] = []
         self._announcing: asyncio.Future | None = None
         #: (generation, future) of deliveries waiting for their write / their publication
         self._write_waiters: list[tuple[int, asyncio.Future]] = []
@@ -548,7 +550,7 @@ class KeyedStatefulConsumer(Generic[S]):
         await done
 
     async def _flush(self) -> None:
-        """Write until nothing is left; each batch's publication follows, in batch order."""
+        """Write until nothing is left; publication follows each batch, in batch order."""
         try:
             while self._dirty:
                 generation = self._changed
@@ -571,11 +573,12 @@ class KeyedStatefulConsumer(Generic[S]):
                         self._retire(entry)  # stored with nothing left to publish
                 self._written = max(self._written, generation)
                 self._write_waiters = _wake(self._write_waiters, self._written)
-                self._announcing = asyncio.ensure_future(
-                    self._announce(
-                        self._announcing, entries, events, published, generation, started
-                    )
-                )
+                self.flushes += 1
+                self.metrics.commit_keys.observe(len(entries))
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
+                self._unannounced.append((entries, events, published, generation))
+                if self._announcing is None:
+                    self._announcing = asyncio.ensure_future(self._announce())
         finally:
             self._flushing = None
 
@@ -630,38 +633,34 @@ class KeyedStatefulConsumer(Generic[S]):
             batch.hashes.update(index)
         return batch, events, handed
 
-    async def _announce(
-        self,
-        before: asyncio.Future | None,
-        entries: list[_Key],
-        events: list[Event],
-        handed: list[tuple[_Key, int]],
-        generation: int,
-        started: float,
-    ) -> None:
-        """Publish one written batch's events after the batch before it; then settle it."""
-        if before is not None:
-            await before
-        if events:
-            await self._retry(lambda: self.bus.publish_many(events), "publishing")
-            for entry, count in handed:
-                del entry.outbox[:count]
-                entry.handed -= count
-        for entry in entries:
-            retiring = entry.retire_ttl is not None and entry.outbox_stored and not entry.gone
-            if retiring and self._dirty.get(entry.key) is not entry:
-                # it leaves memory now and is stored once more without what was just
-                # published, so a key loaded again does not announce its events twice
-                self._mark(entry)
-                self._cancel_timer(entry)
-                self._leave(entry)
-        self._announced = max(self._announced, generation)
-        self._announce_waiters = _wake(self._announce_waiters, self._announced)
-        self.flushes += 1
-        self.metrics.commit_keys.observe(len(entries))
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        if self._dirty and self._flushing is None and not self._stopping:
-            self._flushing = asyncio.ensure_future(self._flush())
+    async def _announce(self) -> None:
+        """Publish written batches in the order they were written, all that wait at once."""
+        try:
+            while self._unannounced:
+                written, self._unannounced = self._unannounced, []
+                events = [e for batch in written for e in batch[1]]
+                if events:
+                    await self._retry(lambda e=events: self.bus.publish_many(e), "publishing")
+                for entries, _, handed, generation in written:
+                    for entry, count in handed:
+                        del entry.outbox[:count]
+                        entry.handed -= count
+                    for entry in entries:
+                        retiring = (
+                            entry.retire_ttl is not None and entry.outbox_stored and not entry.gone
+                        )
+                        if retiring and self._dirty.get(entry.key) is not entry:
+                            # it leaves memory now and is stored once more without what was
+                            # just published, so a key loaded again announces nothing twice
+                            self._mark(entry)
+                            self._cancel_timer(entry)
+                            self._leave(entry)
+                    self._announced = max(self._announced, generation)
+                self._announce_waiters = _wake(self._announce_waiters, self._announced)
+                if self._dirty and self._flushing is None and not self._stopping:
+                    self._flushing = asyncio.ensure_future(self._flush())
+        finally:
+            self._announcing = None
 
     def _retire(self, entry: _Key) -> None:
         # changed again since this commit began: the next one decides

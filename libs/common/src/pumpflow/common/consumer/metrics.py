@@ -42,7 +42,7 @@ class _Families:
         )
         self.commit_seconds = Histogram(
             "pumpflow_consumer_commit_seconds",
-            "Time to store one group commit and publish its outbox.",
+            "Time to encode and write one group commit.",
             ["service"],
             registry=registry,
         )
