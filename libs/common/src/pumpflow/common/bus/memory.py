@@ -283,17 +283,25 @@ class InMemoryBus(EventBus):
         self._routes.clear()
         await self._resume(group)
 
-    async def unsubscribe(self, subscription: Subscription) -> None:
-        """Remove a replica once its running handlers returned; its queued events stay."""
+    def _detach(self, subscription: Subscription) -> tuple[_Group, _Replica] | None:
+        """Take the subscription's replica out of its group (lanes go to the others)."""
         group = self._groups.get(subscription.service)
         if group is None:
-            return
+            return None
         replica = next((r for r in group.replicas if r.subscription is subscription), None)
         if replica is None:
-            return
+            return None
         group.replicas.remove(replica)
         group.assign()
         self._routes.clear()
+        return group, replica
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a replica once its running handlers returned; its queued events stay."""
+        detached = self._detach(subscription)
+        if detached is None:
+            return
+        _, replica = detached
         for lane in (replica.broadcast, replica.critical_broadcast):
             # a replica's own queues go with it; what they held is not anyone else's
             self._settle(len(lane.items))
@@ -313,15 +321,10 @@ class InMemoryBus(EventBus):
         or not, goes back to the front of its lane in delivery order, for the next
         consumer; its own broadcast lanes go with it.
         """
-        group = self._groups.get(subscription.service)
-        if group is None:
+        detached = self._detach(subscription)
+        if detached is None:
             return
-        replica = next((r for r in group.replicas if r.subscription is subscription), None)
-        if replica is None:
-            return
-        group.replicas.remove(replica)
-        group.assign()
-        self._routes.clear()
+        group, replica = detached
         stopped: list[asyncio.Task] = []
         for lane in (*group.partitions, group.critical):
             if lane.serving is replica:
