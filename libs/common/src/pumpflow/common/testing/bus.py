@@ -130,6 +130,35 @@ class BusHarness:
         await fresh.subscribe(new)
         return fresh
 
+    async def crash_consumer(
+        self, bus: EventBus, old: Subscription, new: Subscription
+    ) -> EventBus:
+        """Kill the consumer of ``old`` with its handlers in flight; resume as ``new``.
+
+        Whatever it did not ack goes to ``new``. RabbitMQ: the consuming bus's
+        connection closes under it, as when its process dies (its handlers still run,
+        their acks go nowhere). Memory: :meth:`InMemoryBus.abandon`.
+        """
+        if self.transport == MEMORY:
+            assert isinstance(bus, InMemoryBus)
+            await bus.abandon(old)
+            await bus.subscribe(new)
+            return bus
+        await bus._connection.close()  # type: ignore[attr-defined]
+        fresh = await self.bus(partitions=bus.partitions)
+        await fresh.subscribe(new)
+        return fresh
+
+    @staticmethod
+    def no_ack_held_back(bus: EventBus) -> bool:
+        """True once no returned message waits for its acknowledgement to be sent.
+
+        RabbitMQ batches acks for up to ``ACK_LINGER_S``; the memory bus acks at once.
+        """
+        if isinstance(bus, InMemoryBus):
+            return True
+        return all(consumer.unacked is None for consumer in bus._consumers)  # type: ignore[attr-defined]
+
     def delete_after(self, services: Iterable[str]) -> None:
         """Also delete these services' durable queues at teardown (rabbitmq).
 
