@@ -22,13 +22,13 @@ import time
 from pumpflow.activity.replay import replay_subscriptions
 from pumpflow.activity.service import ActivityService
 from pumpflow.activity.settings import ActivitySettings
-from pumpflow.common.bus import Sequencer, Subscription
+from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event, FeaturesUpdated, make_event
-from pumpflow.common.features import FeatureManager
+from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import FeatureUpdates
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -67,27 +67,14 @@ async def service_path(seed: int, seconds: float) -> None:
     await service.start(
         ServiceContext(settings=settings, bus=bus, clock=clock, store=MemoryStateStore(clock))
     )
-    manager = FeatureManager()
-    seqs = Sequencer()
+    features = FeatureUpdates(source="features/bench")
+    # what activity consumes: the features service's updates, and the migrations
+    inputs = [e if e.type == "token.migrated" else features.updated(e) for e in events]
+    inputs = [e for e in inputs if e is not None]
     started = time.perf_counter()
-    for event in events:
+    for event in inputs:
         await clock.advance_to(event.time)
-        if event.type == "token.migrated":
-            await bus.publish(event)
-            continue
-        state = manager.update_feature_history(event)
-        if state is None:
-            continue
-        update = FeaturesUpdated(
-            mint=event.key,
-            feature_set_version=manager.version,
-            source_seq=event.seq or 0,
-            names=manager.names,
-            values=tuple(manager.values(state)),
-        )
-        await bus.publish(
-            make_event(update, source="features/bench", time=event.time, seq=seqs.next(event.key))
-        )
+        await bus.publish(event)
     await service.flush_subscriptions()
     elapsed = time.perf_counter() - started
     status = await service.status()

@@ -18,10 +18,10 @@ import time
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event, FeaturesUpdated, make_event
-from pumpflow.common.features import FeatureManager
+from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import FeatureUpdates
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -32,28 +32,6 @@ PARTITIONS = 16
 def token_events(seed: int, minutes: float) -> list[Event]:
     market = Market(MarketConfig(seed=seed))
     return list(market_events(market, minutes * 60.0, start_epoch=START, source="feed/bench"))
-
-
-def feature_events(events: list[Event]) -> list[Event]:
-    """What the features service publishes for ``events`` (one per creation or trade)."""
-    manager = FeatureManager()
-    out = []
-    seqs: dict[str, int] = {}
-    for event in events:
-        state = manager.update_feature_history(event)
-        if state is None:
-            continue
-        mint = event.key
-        seqs[mint] = seqs.get(mint, 0) + 1
-        payload = FeaturesUpdated(
-            mint=mint,
-            feature_set_version=manager.version,
-            source_seq=event.seq or 0,
-            names=manager.names,
-            values=tuple(manager.values(state)),
-        )
-        out.append(make_event(payload, source="features/bench", time=event.time, seq=seqs[mint]))
-    return out
 
 
 async def run_service(service_cls, events: list[Event], **settings) -> float:
@@ -118,7 +96,7 @@ def main() -> None:
         from pumpflow.activity.service import ActivityService
 
         if args.activity_input == "features":
-            activity_input = feature_events(events)
+            activity_input = FeatureUpdates(source="features/bench").of(events)
         else:
             activity_input = events
         measure("activity service", ActivityService, activity_input, args.repeat)

@@ -4,8 +4,8 @@ Activity consumes ``features.updated``: the stack folds each token event a test 
 into a :class:`FeatureManager` and publishes the event and its ``features.updated``
 (as the features service would, sequenced per mint) on a synchronous in-memory bus,
 so activity has applied it, stored and published what follows, when ``send`` returns.
-(The features service itself is not run here: on a synchronous bus its commit would
-wait on activity's lifecycle event, which it consumes, inside its own publish.)
+The features service itself runs in front of activity in ``test_service.py``'s
+embedded test and in ``tests/test_embedded_pipeline.py``.
 """
 
 from __future__ import annotations
@@ -15,99 +15,17 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.activity.service import ActivityService
 from pumpflow.activity.settings import ActivitySettings
-from pumpflow.common.bus import Sequencer, Subscription
+from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.curve import CurveState, quote_buy, quote_sell
-from pumpflow.common.events import (
-    Event,
-    FeaturesUpdated,
-    TokenCreated,
-    TokenMigrated,
-    TokenTrade,
-    make_event,
-)
-from pumpflow.common.features import FeatureManager
+from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import FeatureUpdates, TokenEvents
 
 START = 1_700_000_000.0
 PARTITIONS = 4
-
-
-class TokenEvents:
-    """Builds feed events (token.created / token.trade / token.migrated) stamped by a clock."""
-
-    def __init__(self, clock: ReplayClock):
-        self.clock = clock
-        self.curves: dict[str, CurveState] = {}
-        self.holdings: dict[tuple[str, str], float] = {}
-        self.seq = Sequencer()
-        self.n = 0
-
-    def _event(self, payload, mint: str) -> Event:
-        self.n += 1
-        return make_event(
-            payload, source="feed/test", time=self.clock.now(), seq=self.seq.next(mint)
-        )
-
-    def created(self, mint: str, sol: float = 0.5) -> Event:
-        quote = quote_buy(CurveState(), sol)
-        self.curves[mint] = quote.after
-        self.holdings[(mint, "creator")] = quote.tokens
-        return self._event(
-            TokenCreated(
-                signature=f"sig{self.n}",
-                mint=mint,
-                traderPublicKey="creator",
-                txType="create",
-                initialBuy=quote.tokens,
-                solAmount=sol,
-                bondingCurveKey="curve",
-                vTokensInBondingCurve=quote.after.v_tokens,
-                vSolInBondingCurve=quote.after.v_sol,
-                marketCapSol=quote.after.market_cap_sol,
-                name="T",
-                symbol="T",
-                uri="u",
-            ),
-            mint,
-        )
-
-    def trade(self, mint: str, trader: str, *, buy: bool = True, sol: float = 0.3) -> Event:
-        curve = self.curves[mint]
-        held = self.holdings.get((mint, trader), 0.0)
-        if buy:
-            quote = quote_buy(curve, sol)
-            held += quote.tokens
-        else:
-            quote = quote_sell(curve, held)
-            held = 0.0
-        self.curves[mint] = quote.after
-        self.holdings[(mint, trader)] = held
-        return self._event(
-            TokenTrade(
-                signature=f"sig{self.n}",
-                mint=mint,
-                traderPublicKey=trader,
-                txType="buy" if buy else "sell",
-                tokenAmount=quote.tokens,
-                newTokenBalance=held,
-                bondingCurveKey="curve",
-                vTokensInBondingCurve=quote.after.v_tokens,
-                vSolInBondingCurve=quote.after.v_sol,
-                marketCapSol=quote.after.market_cap_sol,
-                solAmount=quote.sol,
-            ),
-            mint,
-        )
-
-    def migrated(self, mint: str) -> Event:
-        return self._event(
-            TokenMigrated(signature=f"sig{self.n}", mint=mint, txType="migrate", pool="pump-amm"),
-            mint,
-        )
 
 
 @pytest.fixture
@@ -137,8 +55,7 @@ class Stack:
         self.store = MemoryStateStore(clock)
         self.lifecycle: list[Event] = []
         self.commands: list[Event] = []
-        self.manager = FeatureManager()
-        self.features_seq = Sequencer()
+        self.features = FeatureUpdates()
 
     async def start(self) -> None:
         await self.bus.start()
@@ -171,29 +88,9 @@ class Stack:
         """Move the clock to ``START + offset``; the timers due run, stored and published."""
         await self.clock.advance_to(START + offset)
 
-    def updated(self, event: Event) -> Event | None:
-        """The ``features.updated`` the features service publishes for a token event."""
-        state = self.manager.update_feature_history(event)
-        if state is None:
-            return None
-        payload = FeaturesUpdated(
-            mint=event.key,
-            feature_set_version=self.manager.version,
-            source_seq=event.seq or 0,
-            names=self.manager.names,
-            values=tuple(self.manager.values(state)),
-        )
-        return make_event(
-            payload,
-            source="features/test",
-            time=event.time,
-            seq=self.features_seq.next(event.key),
-            causation_id=event.id,
-        )
-
     async def send(self, event: Event) -> None:
         await self.bus.publish(event)
-        update = self.updated(event)
+        update = self.features.updated(event)
         if update is not None:
             await self.bus.publish(update)
 

@@ -10,37 +10,15 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.activity.service import ActivityService
 from pumpflow.activity.settings import ActivitySettings
-from pumpflow.common.bus import Sequencer, Subscription
+from pumpflow.common.bus import Subscription
 from pumpflow.common.clock import WallClock
-from pumpflow.common.events import Event, FeaturesUpdated, make_event
-from pumpflow.common.features import FeatureManager
+from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import FeatureUpdates, eventually
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.slow]
 
 PARTITIONS = 4
-
-
-class Features:
-    """The ``features.updated`` of each token event, as the features service publishes it."""
-
-    def __init__(self) -> None:
-        self.manager = FeatureManager()
-        self.seq = Sequencer()
-
-    def updated(self, event: Event) -> Event:
-        state = self.manager.update_feature_history(event)
-        payload = FeaturesUpdated(
-            mint=event.key,
-            feature_set_version=self.manager.version,
-            source_seq=event.seq or 0,
-            names=self.manager.names,
-            values=tuple(self.manager.values(state)),
-        )
-        return make_event(
-            payload, source="features/test", time=event.time, seq=self.seq.next(event.key)
-        )
 
 
 async def test_two_balanced_replicas_publish_each_transition_once(
@@ -54,7 +32,7 @@ async def test_two_balanced_replicas_publish_each_transition_once(
 
     clock = WallClock()
     tokens = token_events_class(clock)
-    features = Features()
+    features = FeatureUpdates()
     beat = OwnershipConfig(heartbeat_interval_s=0.2, heartbeat_ttl_s=1.5)
     mints = [f"M{i}" for i in range(10)]
     active = mints[:5]
@@ -122,7 +100,7 @@ async def test_two_balanced_replicas_publish_each_transition_once(
         assert from_a and from_a != set(mints)
         created = [tokens.created(m) for m in mints]
         trades = [tokens.trade(m, f"w{i}") for i in range(15) for m in active]
-        await feed.publish_many([features.updated(e) for e in created + trades])
+        await feed.publish_many(features.of(created + trades))
         await eventually(lambda: all(moves(m)[-1:] and moves(m)[-1][1] == "active" for m in active))
         # each replica acts on its own tokens only
         assert all(a.consumer.state(m) is None for m in set(mints) - from_a)

@@ -16,6 +16,7 @@ from pumpflow.common.testing.bus import MEMORY, RABBITMQ, TRANSPORTS, BusHarness
 from pumpflow.common.testing.collector import EventCollector
 from pumpflow.common.testing.factories import (
     START,
+    FeatureUpdates,
     TokenEvents,
     partition_keys,
     sample_payload,
@@ -49,6 +50,7 @@ __all__ = [
     "TRANSPORTS",
     "BusHarness",
     "EventCollector",
+    "FeatureUpdates",
     "ProcessStack",
     "TokenEvents",
     "drop_schema",

@@ -16,12 +16,14 @@ from pumpflow.common.clock import Clock
 from pumpflow.common.curve import CurveState, quote_buy, quote_buy_tokens, quote_sell
 from pumpflow.common.events import (
     Event,
+    FeaturesUpdated,
     Payload,
     TokenCreated,
     TokenMigrated,
     TokenTrade,
     make_event,
 )
+from pumpflow.common.features import FeatureManager
 
 #: event time of a factory's first event unless told otherwise (2023-11-14T22:13:20Z)
 START = 1_700_000_000.0
@@ -249,3 +251,42 @@ def _sample(annotation: Any, name: str) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return sample_payload(annotation)  # type: ignore[arg-type]
     raise TypeError(f"no sample value for field {name!r} of type {annotation!r}")
+
+
+class FeatureUpdates:
+    """The ``features.updated`` the features service publishes for each token event.
+
+    Folds token events into a FeatureManager (the same fold as the service) and wraps
+    the vector after each, sequenced per mint, caused by the token event: input for
+    services that consume features without running the features service.
+    """
+
+    def __init__(self, *, source: str = "features/test"):
+        self.manager = FeatureManager()
+        self.source = source
+        self._seq = Sequencer()
+
+    def updated(self, event: Event) -> Event | None:
+        """The update ``event`` gives (None for an event that is not a creation or trade)."""
+        state = self.manager.update_feature_history(event)
+        if state is None:
+            return None
+        manager = self.manager
+        payload = FeaturesUpdated(
+            mint=event.key,
+            feature_set_version=manager.version,
+            source_seq=event.seq or 0,
+            names=manager.names,
+            values=tuple(manager.values(state)),
+        )
+        return make_event(
+            payload,
+            source=self.source,
+            time=event.time,
+            seq=self._seq.next(event.key),
+            causation_id=event.id,
+        )
+
+    def of(self, events) -> list[Event]:
+        """The updates a stream of token events gives, in order."""
+        return [u for e in events if (u := self.updated(e)) is not None]
