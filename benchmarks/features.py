@@ -6,7 +6,6 @@ Run: .venv/bin/python benchmarks/features.py [--quick]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import random
 import time
@@ -135,54 +134,6 @@ def bench_small_histories(histories: int, per_history: int) -> float:
     return histories * per_history / (time.perf_counter() - t0)
 
 
-def bench_service(tokens: int, per_token: int) -> float:
-    """FeaturesService per token event (in-memory bus and store): events/s."""
-    from pumpflow.common.bus.memory import InMemoryBus
-    from pumpflow.common.clock import ReplayClock
-    from pumpflow.common.events import TokenTrade, make_event
-    from pumpflow.common.runtime.service import ServiceContext
-    from pumpflow.common.state import MemoryStateStore
-    from pumpflow.features.service import FeaturesService, FeaturesSettings
-
-    events = []
-    for s in range(tokens):
-        mint = f"{s:040d}pump"
-        for seq, tr in enumerate(synthetic_trades(per_token, seed=s, wallets=40), start=1):
-            trade = TokenTrade(
-                signature=f"{s}-{seq}",
-                mint=mint,
-                traderPublicKey=tr.trader,
-                txType="buy" if tr.is_buy else "sell",
-                tokenAmount=tr.tokens,
-                newTokenBalance=tr.new_balance,
-                bondingCurveKey="bc",
-                vTokensInBondingCurve=tr.v_tokens,
-                vSolInBondingCurve=tr.v_sol,
-                marketCapSol=tr.v_sol / tr.v_tokens * 1e9,
-                solAmount=tr.lamports / 1e9,
-            )
-            events.append(make_event(trade, source="feed/bench", time=tr.time, seq=seq))
-    events.sort(key=lambda e: e.time)
-
-    async def run() -> float:
-        clock = ReplayClock(0.0)
-        bus = InMemoryBus(partitions=4, synchronous=True, source="bench")
-        await bus.start()
-        settings = FeaturesSettings.load(service="features", transport="memory", partitions=4)
-        service = FeaturesService(settings)
-        store = MemoryStateStore(clock)
-        await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
-        t0 = time.perf_counter()
-        for event in events:
-            await service.handle(event)
-        rate = len(events) / (time.perf_counter() - t0)
-        await service.stop()
-        await bus.close()
-        return rate
-
-    return asyncio.run(run())
-
-
 def bench_memory(tokens: int, trades_per_token: int, traders_per_token: int) -> float:
     rng = random.Random(5)
     gc.collect()
@@ -229,8 +180,6 @@ def main() -> None:
     print(f"incremental: {update:,.0f} trades/s per core (state update, {features} features)")
     print(f"incremental + vector per trade: {full:,.0f} trades/s per core")
     print(f"vector read: {bench_vector(int(100_000 * scale)):.2f} us")
-    service = bench_service(int(100 * scale), 400)
-    print(f"features service (in-memory bus and store): {service:,.0f} trade events/s")
     n = int(2_000_000 * scale)
     print(f"batch: {bench_batch(n):,.0f} trades/s ({n:,} trades, one token)")
     small = bench_small_histories(int(2_000 * scale), 300)

@@ -21,7 +21,6 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import FeatureUpdates
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -96,6 +95,8 @@ def main() -> None:
         from pumpflow.activity.service import ActivityService
 
         if args.activity_input == "features":
+            from pumpflow.common.testing import FeatureUpdates
+
             activity_input = FeatureUpdates(source="features/bench").of(events)
         else:
             activity_input = events
