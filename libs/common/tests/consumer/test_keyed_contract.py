@@ -435,3 +435,45 @@ async def test_a_replica_killed_mid_batch_loses_nothing_and_applies_nothing_twic
         by_seq = {}
         for event in announced.of(key=mint):
             assert by_seq.setdefault(event.seq, event.data.source_seq) == event.data.source_seq
+
+
+class _FlakyStore:
+    """The store with its first ``failures`` writes refused (a Redis restart, say)."""
+
+    def __init__(self, store: StateStore, failures: int):
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def write(self, batch) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("store unavailable")
+        await self._store.write(batch)
+
+
+async def test_a_store_that_fails_for_a_while_is_waited_out_not_dead_lettered(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    flaky = _FlakyStore(pair.store, failures=3)
+    consumer = KeyedStatefulConsumer(
+        RecordingProcessor(),
+        KeyedConsumerConfig(
+            service="keyed", patterns=("token.trade",), retry_initial_s=0.01, retry_max_s=0.02
+        ),
+        bus=bus,
+        store=flaky,
+        clock=pair.clock,
+        source="keyed/test",
+    )
+    await consumer.start()
+    pair.consumers.append(consumer)
+    mint = MINTS[7]
+    await bus.publish_many([trade(mint, s) for s in range(1, 11)])
+    await announced.wait_for(10, key=mint)
+    assert flaky.failures == 0
+    assert await pair.applied(mint) == list(range(1, 11))
+    assert consumer.metrics.store_retries._value.get() >= 3
+    assert await bus.dead_letters("keyed") == []

@@ -66,6 +66,7 @@ from pumpflow.common.workers import PoolClosed, TokenMonitorThreadPool, WorkerPo
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+T = TypeVar("T")
 
 #: the service's read models of a key, stored with its record: (key, state, last seq the
 #: key published, the events it emitted since its last commit) -> {store key: hash fields}
@@ -681,12 +682,12 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
 
-    async def _retry(self, action: Callable[[], Awaitable[Any]], what: str) -> None:
+    async def _retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
+        """``action``'s result, once it succeeds: a dependency that fails is waited out."""
         pause = self.config.retry_initial_s
         while True:
             try:
-                await action()
-                return
+                return await action()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -732,13 +733,7 @@ class KeyedStatefulConsumer(Generic[S]):
         return entry
 
     async def _get(self, key: str) -> bytes | None:
-        found: list[bytes | None] = []
-
-        async def read() -> None:
-            found.append(await self.store.get(self._key_prefix + key))
-
-        await self._retry(read, "loading")
-        return found[-1]
+        return await self._retry(lambda: self.store.get(self._key_prefix + key), "loading")
 
     def _adopt(self, entry: _Key, record: Record) -> None:
         """Take over a stored record's timer and unconfirmed outbox."""
@@ -758,12 +753,13 @@ class KeyedStatefulConsumer(Generic[S]):
             index_key = f"{self._index_prefix}{partition}"
             listed = [
                 m.decode() if isinstance(m, bytes) else m
-                for m in await self.store.hgetall(index_key)
+                for m in await self._retry(lambda k=index_key: self.store.hgetall(k), "restoring")
             ]
             present: list[str] = []
             for start in range(0, len(listed), _RESTORE_CHUNK):
                 chunk = listed[start : start + _RESTORE_CHUNK]
-                raws = await self.store.get_many([self._key_prefix + k for k in chunk])
+                keys = [self._key_prefix + k for k in chunk]
+                raws = await self._retry(lambda k=keys: self.store.get_many(k), "restoring")
                 for key, raw in zip(chunk, raws, strict=True):
                     if raw is None:
                         continue  # expired
@@ -780,9 +776,9 @@ class KeyedStatefulConsumer(Generic[S]):
                     restored += 1
             if len(present) < len(listed):
                 # only the owner writes a partition's index: drop the expired entries
-                await self.store.delete_many([index_key])
-                if present:
-                    await self.store.hset_many({index_key: dict.fromkeys(present, b"1")})
+                await self._retry(
+                    lambda k=index_key, p=present: self._rewrite_index(k, p), "indexing"
+                )
         self.metrics.restored.inc(restored)
         log.info(
             "%s: partitions %s assigned, %d keys restored",
@@ -791,6 +787,11 @@ class KeyedStatefulConsumer(Generic[S]):
             restored,
         )
         await self.flush()
+
+    async def _rewrite_index(self, index_key: str, keys: list[str]) -> None:
+        await self.store.delete_many([index_key])
+        if keys:
+            await self.store.hset_many({index_key: dict.fromkeys(keys, b"1")})
 
     async def revoke(self, partitions: tuple[int, ...]) -> None:
         """Hand ``partitions`` over: stop their timers, finish their work, store, forget."""
