@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -33,8 +34,7 @@ from pumpflow.activity.settings import ActivitySettings
 from pumpflow.common.activity import ActivityProcessor, ActivityState, FeedAction
 from pumpflow.common.activity.lifecycle import STATES
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer, Record
-from pumpflow.common.events import Event, FeedSubscription, Payload, TokenLifecycle, make_event
-from pumpflow.common.keyed import Effects
+from pumpflow.common.events import Event, FeedSubscription, make_event
 from pumpflow.common.runtime.service import Service, ServiceContext
 
 log = logging.getLogger("pumpflow.activity")
@@ -42,58 +42,6 @@ log = logging.getLogger("pumpflow.activity")
 #: where the keyed consumer stores each token's record
 KEY_PREFIX = "activity:key:"
 _decode_record = msgspec.msgpack.Decoder(Record).decode
-
-
-class _CountingEffects:
-    """Effects that count the lifecycle events a step emits."""
-
-    __slots__ = ("_inner", "_metrics")
-
-    def __init__(self, inner: Effects, metrics: ActivityServiceMetrics):
-        self._inner = inner
-        self._metrics = metrics
-
-    @property
-    def key(self) -> str:
-        return self._inner.key
-
-    @property
-    def now(self) -> float:
-        return self._inner.now
-
-    def emit(self, payload: Payload, *, time: float) -> None:
-        if isinstance(payload, TokenLifecycle):
-            if payload.state != payload.previous_state:
-                self._metrics.transition(payload.state)
-            else:
-                self._metrics.recommendations.inc()
-        self._inner.emit(payload, time=time)
-
-    def set_timer(self, at: float) -> None:
-        self._inner.set_timer(at)
-
-    def cancel_timer(self) -> None:
-        self._inner.cancel_timer()
-
-    def set_priority(self, priority: int) -> None:
-        self._inner.set_priority(priority)
-
-    def retire(self, ttl_s: float) -> None:
-        self._inner.retire(ttl_s)
-
-
-class _CountingProcessor(ActivityProcessor):
-    """The activity processor, its lifecycle events counted in the service's metrics."""
-
-    def __init__(self, metrics: ActivityServiceMetrics, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._metrics = metrics
-
-    def apply(self, state: ActivityState, event: Event, effects: Effects) -> ActivityState:
-        return super().apply(state, event, _CountingEffects(effects, self._metrics))
-
-    def fire(self, state: ActivityState, effects: Effects) -> ActivityState:
-        return super().fire(state, _CountingEffects(effects, self._metrics))
 
 
 class ActivityService(Service):
@@ -109,8 +57,8 @@ class ActivityService(Service):
         super().__init__(settings)
         self.metrics = ActivityServiceMetrics(registry=registry)
         self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
-        self.processor = _CountingProcessor(
-            self.metrics, on_feed_request=self._request, thresholds=settings.thresholds()
+        self.processor = ActivityProcessor(
+            on_feed_request=self._request, thresholds=settings.thresholds()
         )
         self.consumer: KeyedStatefulConsumer[ActivityState] | None = None
         self._ctx: ServiceContext | None = None
@@ -132,6 +80,7 @@ class ActivityService(Service):
             store=ctx.store,
             clock=ctx.clock,
             source=ctx.source,
+            on_published=self._count,
             metrics=self.consumer_metrics,
         )
         self._loop = asyncio.create_task(self._subscription_loop(), name="activity-feed")
@@ -148,6 +97,14 @@ class ActivityService(Service):
         # what the last steps asked for still goes out
         if self._ctx is not None:
             await self.flush_subscriptions()
+
+    def _count(self, published: Sequence[Event]) -> None:
+        for event in published:
+            lifecycle = event.data
+            if lifecycle.state != lifecycle.previous_state:
+                self.metrics.transition(lifecycle.state)
+            else:
+                self.metrics.recommendations.inc()
 
     # ---------------------------------------------------------------- feed commands
 

@@ -239,6 +239,7 @@ class KeyedStatefulConsumer(Generic[S]):
         source: str,
         views: ViewsFunction | None = None,
         priority_hint: Callable[[Event], int | None] | None = None,
+        on_published: Callable[[Sequence[Event]], None] | None = None,
         metrics: ConsumerMetrics | None = None,
     ):
         self.processor = processor
@@ -249,6 +250,8 @@ class KeyedStatefulConsumer(Generic[S]):
         self.source = source
         self._views = views
         self._priority_hint = priority_hint
+        #: told what went out, once confirmed (a service counts what it published)
+        self._on_published = on_published
         self.metrics = metrics or ConsumerMetrics(config.service)
         self.pool = TokenMonitorThreadPool(
             WorkerPoolConfig(
@@ -642,6 +645,8 @@ class KeyedStatefulConsumer(Generic[S]):
                 events = [e for batch in written for e in batch[1]]
                 if events:
                     await self._retry(lambda e=events: self.bus.publish_many(e), "publishing")
+                    if self._on_published is not None:
+                        self._on_published(events)
                 for entries, _, handed, generation in written:
                     for entry, count in handed:
                         del entry.outbox[:count]
