@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from pumpflow.common.events import decode_event
+from pumpflow.common.testing import eventually
 from pumpflow.feed import cli
 from pumpflow.simulator import server as simulator
 from pumpflow.simulator.market import Market, MarketConfig
@@ -40,10 +41,12 @@ async def test_record_to_jsonl_stops_on_sigterm_and_flushes(sim, tmp_path):
         sys.executable, "-m", "pumpflow.feed.cli", "record", "--url", sim.url, "--out", str(out),
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+
+    async def fifty_lines() -> bool:
+        return len(await _lines(out)) >= 50
+
     try:
-        async with asyncio.timeout(20):
-            while len(await _lines(out)) < 50:  # noqa: ASYNC110 (the file is the outcome)
-                await asyncio.sleep(0.05)
+        await eventually(fifty_lines, within=20, interval=0.05, what="50 events in the file")
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             stderr = await proc.stderr.read()

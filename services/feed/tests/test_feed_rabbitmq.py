@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from pumpflow.common.bus.abc import Subscription
@@ -11,6 +9,7 @@ from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import eventually
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
@@ -39,9 +38,7 @@ async def test_events_are_stored_then_delivered_over_rabbitmq(pg_pool, namespace
     service = FeedService(settings)
     await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=pg_pool))
     try:
-        async with asyncio.timeout(20):
-            while len(got) < 100:  # noqa: ASYNC110 (deliveries are the outcome)
-                await asyncio.sleep(0.05)
+        await eventually(lambda: len(got) >= 100, within=20, what="100 events delivered")
     finally:
         await service.stop()
         await server.stop()
