@@ -10,6 +10,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, encode_payload, make_event
+from pumpflow.common.pumpportal import ACK_UNSUBSCRIBED_KEYS
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import eventually
@@ -87,7 +88,13 @@ async def test_new_token_subscribes_its_trades_and_unsubscribe_stops_them():
         await h.bus.publish(command)
         await eventually(lambda: mint not in h.service.socket.active_mints)
         await eventually(lambda: h.service.socket.pending_messages == 0)
-        await asyncio.sleep(0.3)  # frames already on the wire may still arrive
+        # barrier: the server answers the unsubscribe after every frame it queued before;
+        # frames are published in order, so once the feed has the answer, every trade of
+        # the mint that was on the wire has been published (the bus is synchronous)
+        await eventually(
+            lambda: ACK_UNSUBSCRIBED_KEYS in h.service.socket.notices,
+            what="the server's answer to the unsubscribe",
+        )
         count = len(h.of(mint))
         others = len(h.events)
         await eventually(lambda: len(h.events) > others + 20)  # the market goes on
