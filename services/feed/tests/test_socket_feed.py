@@ -256,7 +256,7 @@ async def test_reconnect_backoff_grows_with_jitter_and_is_capped():
     assert len(set(delays)) == len(delays)  # jittered
 
 
-async def test_unreachable_server_is_retried_until_it_appears(bus_and_events):
+async def test_unreachable_server_is_retried_until_it_appears(bus_and_events, caplog):
     bus, _ = bus_and_events
     import socket
 
@@ -267,8 +267,17 @@ async def test_unreachable_server_is_retried_until_it_appears(bus_and_events):
     peer.url = f"ws://127.0.0.1:{port}/api/data"
     feed, manager = make_feed(peer, bus)
     await feed.connect()
-    await asyncio.sleep(0.3)
-    assert not feed.is_connected
+
+    def failed_attempts() -> int:
+        return sum(
+            1
+            for r in caplog.records
+            if r.name == "pumpflow.feed.socket_feed" and r.msg.startswith("connect to %s failed")
+        )
+
+    # the barrier: attempts that ended, not time that passed
+    await eventually(lambda: failed_attempts() >= 2, what="two failed connection attempts")
+    assert not feed.is_connected and feed.sessions == 0
     async with serve(peer.handler, "127.0.0.1", port):
         await asyncio.wait_for(feed.wait_connected(), 5)
         await peer.until(lambda: "subscribeNewToken" in peer.methods())
