@@ -69,12 +69,12 @@ def exit_order_event(mint: str, seq: int = 1) -> Event:
 async def dead_letters_arriving(bus, service: str, within: float = 5.0) -> list:
     """Take a service's dead letters once the first ones have arrived (RabbitMQ routes
     them asynchronously); fail when none arrive in time."""
-    deadline = time.monotonic() + within
-    while not (letters := await bus.dead_letters(service)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no dead letter for {service} within {within:g} s")
-        await asyncio.sleep(0.02)
-    return letters
+    return await eventually(
+        lambda: bus.dead_letters(service),
+        within=within,
+        interval=0.02,
+        what=f"a dead letter for {service}",
+    )
 
 
 def metric(name: str, service: str, event_type: str, lane: str) -> float:
@@ -222,12 +222,12 @@ async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
 async def test_dead_letters_can_be_peeked_without_removing_them(bus, service):
     for n in range(3):
         await bus.dead_letter(f"frame {n}".encode(), service=service, reason=f"bad {n}")
-    peeked: list = []
-    for _ in range(100):
+
+    async def two_peeked() -> list | None:
         peeked = await bus.dead_letters(service, limit=2, remove=False)
-        if len(peeked) == 2:
-            break
-        await asyncio.sleep(0.02)
+        return peeked if len(peeked) == 2 else None
+
+    peeked = await eventually(two_peeked, within=5, interval=0.02, what="two dead letters")
     assert [d.body for d in peeked] == [b"frame 0", b"frame 1"]
     # a peek leaves them where they were: the next read gets them again, in order
     assert [d.reason for d in await bus.dead_letters(service, limit=2, remove=False)] == [
@@ -358,9 +358,10 @@ async def test_replicas_of_all_partitions_handle_each_event_once(harness, servic
     assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
 
 
-async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(bus, service):
+async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(harness, bus, service):
     got = Recorder(delay=0.02)
-    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    old = Subscription(service=service, patterns=("token.*",), handler=got)
+    await bus.subscribe(old)
     await bus.publish_many(trade_event("mintT", seq) for seq in range(1, 51))
     await eventually(lambda: len(got.events) >= 1)
     await bus.stop_consuming()
@@ -369,9 +370,16 @@ async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(bus, s
     handled = len(got.events)
     assert handled < 50
     await bus.publish(trade_event("mintT", 51))  # publishing still works
-    await asyncio.sleep(0.1)
+    # the barrier: another consumer of the service takes what is queued, 51 last (one key,
+    # one partition, in order); once it has 51, nothing is left that could reach `got`
+    rest = Recorder()
+    new = Subscription(service=service, patterns=("token.*",), handler=rest)
+    resumed = await harness.restart_consumer(bus, old, new)
+    await resumed.start()  # the memory bus is the stopped one: consume again
+    await eventually(lambda: any(e.seq == 51 for e in rest.events))
     assert len(got.events) == handled
     assert sum(got.attempts.values()) == handled  # nothing was left half-done
+    assert [e.seq for e in rest.events] == list(range(handled + 1, 52))  # the queue kept them
 
 
 async def test_unsubscribe_stops_delivery_and_the_queue_keeps_the_rest(bus, service):
