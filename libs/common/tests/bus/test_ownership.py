@@ -188,21 +188,26 @@ async def test_partitions_move_between_subscriptions_in_order(harness, service):
     other = await harness.bus(partitions=2)
     await bus.subscribe(sub1)
     await other.subscribe(sub2)
+    # a service of its own that consumes every partition: it sees what was routed
+    witness = await harness.collector(
+        "token.*", name=f"{service}_witness", bus=await harness.bus(partitions=2)
+    )
     keys = [k for k in (f"mint{i}" for i in range(50)) if partition_of(k, 2) == 0][:4]
     sent = [trade_event(k, seq) for seq in range(1, 41) for k in keys]
     await bus.publish_many(sent)
-    await asyncio.sleep(0.2)
+    # the barrier: every event reached a consumer of partition 0, the witness
+    await witness.wait_for(len(sent), "token.trade")
     assert not first.events and not second.events  # nobody consumes partition 0 yet
     await bus.consume_partitions(sub1, [0])
     await eventually(lambda: len(first.events) >= 20)
     await bus.release_partitions(sub1, [0])
     handled = len(first.events)
-    await asyncio.sleep(0.1)
-    assert len(first.events) == handled  # nothing after the release returned
     assert handled < len(sent)
     await other.consume_partitions(sub2, [0])
+    # the barrier: the next consumer has taken all that was left of partition 0
     await eventually(lambda: len(first.events) + len(second.events) == len(sent), within=20)
     await other.drain(timeout=2)
+    assert len(first.events) == handled  # nothing after the release returned
     assert sorted(first.ids + second.ids) == sorted(e.id for e in sent)
     for key in keys:
         seqs = [e.seq for e in first.events + second.events if e.key == key]
@@ -546,8 +551,12 @@ async def test_a_replica_joins_and_one_leaves_mid_stream_nothing_lost(cluster):
     await eventually(lambda: disjoint_cover(a, c), within=10)
     await feeding
     await eventually(lambda: len(journal) >= len(keys) * per_key, within=30)
-    await asyncio.sleep(0.3)  # anything handled twice would show up now
-    assert_exactly_once_in_order(journal, keys, per_key)
+    # the barrier: one more event per key; once each was handled, whatever was queued
+    # before it on its partition (a redelivery, a copy) was handled too
+    await publisher.publish_many(trade_event(k, per_key + 1) for k in keys)
+    markers = {(k, per_key + 1) for k in keys}
+    await eventually(lambda: markers <= {(k, seq) for k, seq, _ in journal}, within=15)
+    assert_exactly_once_in_order(journal, keys, per_key + 1)
     # a clean hand-over redelivers nothing that was handled: no duplicate even reached us
     assert [r.duplicates for r in (a, b, c)] == [0, 0, 0]
     # every replica did part of the work
