@@ -22,6 +22,8 @@ from pumpflow.common.interfaces import (
     FeatureManager,
     TokenMonitorThreadPool,
 )
+from pumpflow.common.testing import eventually
+from pumpflow.common.workers import PoolClosed
 
 MINT = "Mint1111111111111111111111111111111111pump"
 CURVE_K = 30.0 * 1_073_000_000.0
@@ -201,9 +203,13 @@ async def test_the_monitor_pool_runs_each_token_until_removed_and_replaces_faile
     try:
         await asyncio.wait_for(warmed_up.wait(), 5.0)
         assert pool.remove_token("b")
-        await asyncio.sleep(0.05)
+        # the barrier: a token's tasks run in order, so once a task queued for b now has
+        # run, b's run in progress at the removal (its count included) has ended
+        await pool.pool.submit("b", lambda: None)
         stopped = calls["b"]
-        await asyncio.sleep(0.1)
+        ran = calls["a"]
+        await eventually(lambda: calls["a"] >= ran + 3, within=5, what="3 more runs of a")
+        await pool.pool.submit("b", lambda: None)  # b, had it been submitted again, ran
         assert calls["b"] == stopped
         assert calls["a"] > 3 and calls["bad"] > 3  # a failing monitor runs on
         health = pool.monitor_threads()
@@ -211,9 +217,11 @@ async def test_the_monitor_pool_runs_each_token_until_removed_and_replaces_faile
         assert health.restarts >= 3 and health.tasks_failed >= 3
     finally:
         await pool.stop_all()
-    after = dict(calls)
-    await asyncio.sleep(0.05)
-    assert calls == after
+    # every run has ended and no worker is left to start one: nothing more can happen
+    health = pool.pool.health()
+    assert (health.alive, health.busy, health.queue_depth) == (0, 0, 0)
+    with pytest.raises(PoolClosed):
+        pool.pool.submit("a", lambda: None)
 
 
 async def test_the_activity_analyzer_follows_a_token_through_its_lifecycle(bus):
