@@ -208,6 +208,8 @@ class TokenMonitorThreadPool:
         self._m_wait = metrics.wait_seconds.labels(name)
         self._m_restarts = metrics.restarts
         self._queues: dict[str, deque[_Job]] = {}
+        #: per token, how many queued tasks have each priority (its rank is the highest)
+        self._levels: dict[str, dict[int, int]] = {}
         self._running: set[str] = set()
         #: (-priority, seq of the token's oldest job, version, token)
         self._heap: list[tuple[int, int, int, str]] = []
@@ -229,6 +231,7 @@ class TokenMonitorThreadPool:
         self._closed = False
         self.restarts = 0
         self.tasks_failed = 0
+        self._ok_uncounted = 0
 
     # ---------------------------------------------------------------- API
 
@@ -261,7 +264,11 @@ class TokenMonitorThreadPool:
         queue = self._queues.get(token)
         if queue is None:
             queue = self._queues[token] = deque()
+            levels = self._levels[token] = {}
+        else:
+            levels = self._levels[token]
         queue.append(job)
+        levels[job.priority] = levels.get(job.priority, 0) + 1
         self._pending += 1
         self._idle.clear()
         if token not in self._running:
@@ -276,6 +283,7 @@ class TokenMonitorThreadPool:
             return
         for job in queue:
             job.priority = int(priority)
+        self._levels[token] = {int(priority): len(queue)}
         if token not in self._running:
             self._rank(token)
 
@@ -336,6 +344,8 @@ class TokenMonitorThreadPool:
                 if job.future is not None:
                     job.future.cancel()
         self._queues.clear()
+        self._levels.clear()
+        self._count_ok()
         self._heap.clear()
         self._pending = 0
         self._m_workers.set(0)
@@ -349,7 +359,7 @@ class TokenMonitorThreadPool:
         if not queue:
             return
         version = next(self._versions)
-        priority = max(job.priority for job in queue)
+        priority = max(self._levels[token])
         self._ranked[token] = (priority, version)
         heapq.heappush(self._heap, (-priority, queue[0].seq, version, token))
         self._wakeup.set()
@@ -362,9 +372,15 @@ class TokenMonitorThreadPool:
                 continue
             del self._ranked[token]
             queue = self._queues.get(token)
+            levels = self._levels.get(token)
             while queue:
                 job = queue.popleft()
                 self._pending -= 1
+                left = levels[job.priority] - 1
+                if left:
+                    levels[job.priority] = left
+                else:
+                    del levels[job.priority]
                 if job.future is None or not job.future.cancelled():
                     self._running.add(token)
                     return token, job
@@ -376,6 +392,7 @@ class TokenMonitorThreadPool:
 
     def _forget(self, token: str) -> None:
         self._queues.pop(token, None)
+        self._levels.pop(token, None)
         self._ranked.pop(token, None)
 
     def _release(self, token: str) -> None:
@@ -385,7 +402,14 @@ class TokenMonitorThreadPool:
         else:
             self._forget(token)
         if self._pending == 0 and not self._running:
+            self._count_ok()
             self._idle.set()
+
+    def _count_ok(self) -> None:
+        # added to the counter with the timed samples and when idle, not once per task
+        if self._ok_uncounted:
+            self._m_ok.inc(self._ok_uncounted)
+            self._ok_uncounted = 0
 
     # ---------------------------------------------------------------- workers
 
@@ -446,12 +470,13 @@ class TokenMonitorThreadPool:
                 # the worker gives up; the supervisor replaces it
                 raise
             else:
-                self._m_ok.inc()
+                self._ok_uncounted += 1
                 if job.future is not None and not job.future.done():
                     job.future.set_result(result)
             finally:
                 if timed:
                     self._m_seconds.observe(self._monotonic() - worker.started)
+                    self._count_ok()
                 self._busy -= 1
                 worker.token = None
                 self._release(token)
