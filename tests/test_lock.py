@@ -182,3 +182,34 @@ def test_the_checks_catch_what_the_lock_lacks():
         read_lock("--extra-index-url file:///somewhere/simple\n")
     with pytest.raises(ValueError, match="not pinned"):
         read_lock("msgspec>=0.18 \\\n    --hash=sha256:00\n")
+
+
+#: the oldest 3.11 an image or a machine may bring (Debian bookworm's python3.11 is 3.11.2)
+OLDEST_311 = {"python_version": "3.11", "python_full_version": "3.11.0", "extra": ""}
+
+
+@pytest.mark.parametrize("name", ["dev", *SERVICES])
+def test_each_lock_is_complete_on_every_311(name):
+    """What each locked package needs on the oldest 3.11 is locked too.
+
+    pip-compile resolves markers for the Python it runs on: a requirement marked
+    ``python_full_version < '3.11.3'`` (redis on async-timeout) is dropped on 3.11.7 and
+    then missing where the image's 3.11.2 asks for it.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    pins = lock(name)
+    missing = []
+    for package in pins:
+        try:
+            requires = distribution(package).requires or []
+        except PackageNotFoundError:
+            continue  # not installed in this environment (an image-only pin)
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate(OLDEST_311):
+                continue
+            dependency = canonicalize_name(requirement.name)
+            if dependency not in pins and dependency not in WORKSPACE:
+                missing.append(f"{package} needs {text}")
+    assert not missing, missing
