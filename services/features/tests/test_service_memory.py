@@ -178,8 +178,14 @@ async def test_idle_tokens_are_compacted_and_publish_the_same_afterwards(system)
         await clock.advance_to(e.time)
         await bus.publish(e)
     await clock.advance_to(events[split].time - 1.0)
+    full = {
+        m: len(service.processor.encode(service.consumer.state(m))) for m in service.consumer.keys()
+    }
     assert service.consumer.compact(idle_s=0.0) == len(service.consumer) > 0
     assert (await service.status())["compact"] == len(service.consumer)
+    # idle tokens are held frozen (windows gone, wallets as ids): smaller than a checkpoint
+    held = {m: len(service.consumer._keys[m].raw) for m in full}
+    assert sum(held.values()) < sum(full.values())
     for e in events[split:]:
         await clock.advance_to(e.time)
         await bus.publish(e)

@@ -83,6 +83,9 @@ class RecordingProcessor:
         self.encoded += 1
         return msgspec.msgpack.encode(state)
 
+    def compact(self, state: Applied, now: float) -> bytes | None:
+        return None
+
     def decode(self, raw: bytes) -> Applied:
         return msgspec.msgpack.decode(raw, type=Applied)
 

@@ -85,5 +85,9 @@ class KeyedProcessor(Protocol[S]):
     def encode(self, state: S) -> bytes:
         """State as bytes for the store."""
 
+    def compact(self, state: S, now: float) -> bytes | None:
+        """State of a key idle in memory as bytes :meth:`decode` reads, smaller than
+        :meth:`encode` where the processor knows a compact form; None: use encode."""
+
     def decode(self, raw: bytes) -> S:
         """State from :meth:`encode` bytes; raise :class:`StaleState` if it cannot be read."""

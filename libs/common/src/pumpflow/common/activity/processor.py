@@ -144,6 +144,9 @@ class ActivityProcessor:
     def encode(self, state: ActivityState) -> bytes:
         return self._encode(state)
 
+    def compact(self, state: ActivityState, now: float) -> bytes | None:
+        return None  # a few hundred bytes already
+
     def decode(self, raw: bytes) -> ActivityState:
         try:
             return self._decode(raw)

@@ -844,7 +844,8 @@ class KeyedStatefulConsumer(Generic[S]):
     def compact(self, idle_s: float | None = None) -> int:
         """Hold keys idle longer than ``idle_s`` as their encoded bytes; return how many."""
         horizon = time.monotonic() - (self.config.compact_after_s if idle_s is None else idle_s)
-        encode = self.processor.encode
+        processor = self.processor
+        now = self.clock.now()
         compacted = 0
         live = 0
         for entry in self._keys.values():
@@ -856,7 +857,8 @@ class KeyedStatefulConsumer(Generic[S]):
                 and entry.key not in self._dirty
                 and not self.pool.pending(entry.key)
             ):
-                entry.raw = encode(entry.state)
+                raw = processor.compact(entry.state, now)
+                entry.raw = raw if raw is not None else processor.encode(entry.state)
                 entry.state = None
                 compacted += 1
             else:

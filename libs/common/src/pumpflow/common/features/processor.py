@@ -75,6 +75,11 @@ class FeaturesProcessor:
     def encode(self, state: TokenState) -> bytes:
         return self._tag + encode_snapshot(state.snapshot())
 
+    def compact(self, state: TokenState, now: float) -> bytes | None:
+        # an idle token frozen: its windows are empty, every wallet an 8-byte id
+        frozen = state.freeze(now)
+        return None if frozen is None else self._tag + frozen
+
     def decode(self, raw: bytes) -> TokenState:
         if raw[:_VERSION_BYTES] != self._tag:
             raise StaleState("state of another feature-set version")
