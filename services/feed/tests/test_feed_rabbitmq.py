@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import WallClock
-from pumpflow.common.events import Event
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
@@ -29,12 +27,7 @@ async def test_events_are_stored_then_delivered_over_rabbitmq(pg_pool, namespace
                             amqp_url=amqp_url, replica="t", partitions=4)  # fmt: skip
     bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=4, source=settings.source)
     await bus.start()
-    got: list[Event] = []
-
-    async def probe(event: Event) -> None:
-        got.append(event)
-
-    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=probe))
+    got = (await EventCollector("probe").attach(bus, "token.*")).events
     service = FeedService(settings)
     await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=pg_pool))
     try:

@@ -6,14 +6,13 @@ import asyncio
 
 import pytest
 
-from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, encode_payload, make_event
 from pumpflow.common.pumpportal import ACK_UNSUBSCRIBED_KEYS
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.service import FeedService
@@ -58,10 +57,7 @@ async def start_harness(*, faults=FaultConfig(), db=None, seed=7, rate=120.0) ->
     service = FeedService(settings)
     harness = Harness(server, bus, service)
 
-    async def probe(event: Event) -> None:
-        harness.events.append(event)
-
-    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=probe))
+    harness.events = (await EventCollector("probe").attach(bus, "token.*")).events
     await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=db))
     await asyncio.wait_for(service.socket.wait_connected(), 5)
     return harness

@@ -6,14 +6,12 @@ import asyncio
 
 import pytest
 
-from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
-from pumpflow.common.events import Event
 from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.service import LEASE_NAME, FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
@@ -44,12 +42,7 @@ async def two_replicas(db=None):
     await server.start()
     bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
     await bus.start()
-    events: list[Event] = []
-
-    async def probe(event: Event) -> None:
-        events.append(event)
-
-    await bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=probe))
+    events = (await EventCollector("probe").attach(bus, "token.*")).events
     store = MemoryStateStore(WallClock())
     first = await start_replica(server, bus, store, "one", db)
     second = await start_replica(server, bus, store, "two", db)

@@ -8,13 +8,11 @@ import inspect
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
-from pumpflow.common.events import Event
 from pumpflow.common.features.history import HistoryConfig
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
 from pumpflow.feed.interface import DataFeedInterface, FeedRecord
 from pumpflow.feed.lookback import LookBack
@@ -67,12 +65,7 @@ async def test_the_socket_feed_and_the_manager_called_as_the_requirements_list_t
     await server.start()
     event_bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
     await event_bus.start()
-    published: list[Event] = []
-
-    async def probe(event: Event) -> None:
-        published.append(event)
-
-    await event_bus.subscribe(Subscription(service="probe", patterns=("token.*",), handler=probe))
+    published = (await EventCollector("probe").attach(event_bus, "token.*")).events
     clock = WallClock()
     metrics = FeedMetrics(CollectorRegistry())
     feed = SocketDataFeed(
