@@ -70,16 +70,10 @@ class ActivityService(Service):
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self, ctx: ServiceContext) -> None:
-        if ctx.store is None:
-            raise RuntimeError("the activity service needs a state store")
         self._ctx = ctx
-        self.consumer = KeyedStatefulConsumer(
+        self.consumer = ctx.keyed_consumer(
             self.processor,
             self.settings.consumer_config(self.name),
-            bus=ctx.bus,
-            store=ctx.store,
-            clock=ctx.clock,
-            source=ctx.source,
             on_published=self._count,
             metrics=self.consumer_metrics,
         )

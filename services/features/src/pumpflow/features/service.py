@@ -56,21 +56,15 @@ class FeaturesService(Service):
         self._ctx: ServiceContext | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
-        if ctx.store is None:
-            raise RuntimeError("the features service needs a state store")
         self._ctx = ctx
-        self.reader = FeatureCache(ctx.store, prefix=FEATURES_KEY, keep_reads=False)
-        self.consumer = KeyedStatefulConsumer(
+        self.consumer = ctx.keyed_consumer(
             self.processor,
             self.settings.consumer_config(self.name),
-            bus=ctx.bus,
-            store=ctx.store,
-            clock=ctx.clock,
-            source=ctx.source,
             views=self._views,
             priority_hint=lifecycle_priority,
             metrics=self.consumer_metrics,
         )
+        self.reader = FeatureCache(ctx.store, prefix=FEATURES_KEY, keep_reads=False)
         self.metrics.serving(self.manager.version, len(self.manager.names))
         await self.consumer.start()
 

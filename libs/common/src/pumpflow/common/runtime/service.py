@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock
+from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
+from pumpflow.common.keyed import KeyedProcessor
 from pumpflow.common.runtime.settings import CommonSettings
 
 if TYPE_CHECKING:
@@ -43,6 +45,25 @@ class ServiceContext:
     @property
     def log(self) -> logging.Logger:
         return logging.getLogger(f"pumpflow.{self.settings.service}")
+
+    def keyed_consumer(
+        self, processor: KeyedProcessor, config: KeyedConsumerConfig, **options: Any
+    ) -> KeyedStatefulConsumer:
+        """The keyed stateful consumer of ``processor`` on this context's bus, store and clock.
+
+        ``options`` go to :class:`KeyedStatefulConsumer` (views, hooks, metrics).
+        """
+        if self.store is None:
+            raise RuntimeError(f"the {self.settings.service} service needs a state store")
+        return KeyedStatefulConsumer(
+            processor,
+            config,
+            bus=self.bus,
+            store=self.store,
+            clock=self.clock,
+            source=self.source,
+            **options,
+        )
 
 
 #: entry-point group under which each service package registers its Service class
