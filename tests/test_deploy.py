@@ -272,3 +272,11 @@ def test_dockerfile_installs_only_the_service_and_the_cli():
     packages = '/app/libs/common "/app/services/${SERVICE}" /app'
     assert f"pip install --no-deps --no-build-isolation {packages}" in dockerfile
     assert 'pumpflow serve \\"$SERVICE\\"' in dockerfile
+
+
+def test_the_simulator_is_checked_on_its_own_socket_not_the_services_healthz():
+    """The image's HEALTHCHECK asks /healthz on 8000, which only services serve."""
+    simulator = COMPOSE["services"]["simulator"]
+    port = simulator["command"][simulator["command"].index("--port") + 1]
+    test = " ".join(simulator["healthcheck"]["test"])
+    assert port == "8765" and f", {port})" in test and "8000" not in test
