@@ -5,7 +5,9 @@ Register it once, in the root conftest.py: ``pytest_plugins = ["pumpflow.common.
 Fixtures: ``namespace`` (unique per test), ``amqp_url`` (a RabbitMQ vhost of the
 session's own), ``redis_url``, ``postgres_dsn``, ``redis_client`` and ``pg_pool``
 (cleaned up after the test), ``bus_harness`` (a :class:`BusHarness`, run once per
-transport), ``rabbitmq_harness``, ``token_events`` and ``process_stack``. A test that
+transport), ``rabbitmq_harness``, ``token_events``, ``process_stack``, and servers of
+the test's own to stop and restart: ``own_redis``, ``own_rabbitmq`` and ``own_postgres``
+(:mod:`pumpflow.common.testing.instances`). A test that
 uses a fixture which always connects is marked with its server (``-m "not redis"``).
 """
 
@@ -19,6 +21,7 @@ import pytest_asyncio
 
 from pumpflow.common.testing.bus import MEMORY, RABBITMQ, TRANSPORTS, BusHarness
 from pumpflow.common.testing.factories import TokenEvents
+from pumpflow.common.testing.instances import PostgresInstance, RabbitMQInstance, RedisInstance
 from pumpflow.common.testing.servers import (
     POSTGRES_DSN,
     REDIS_URL,
@@ -179,3 +182,24 @@ async def process_stack(
     )
     async with ProcessStack(env, tmp_path) as stack:
         yield stack
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisInstance]:
+    """A Redis server of the test's own, on a free port, removed after the test."""
+    with RedisInstance() as server:
+        yield server
+
+
+@pytest.fixture
+def own_rabbitmq() -> Iterator[RabbitMQInstance]:
+    """A RabbitMQ node of the test's own, on a free port, removed after the test."""
+    with RabbitMQInstance() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresInstance]:
+    """A PostgreSQL cluster of the test's own, on a free port, removed after the test."""
+    with PostgresInstance() as server:
+        yield server
