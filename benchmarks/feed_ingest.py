@@ -6,9 +6,13 @@
 - decode: ``decode_frame`` alone.
 - recorder: ``TokenEventStore.write`` (COPY into staging, insert, tokens upsert) into
   a throw-away Postgres schema, in batches.
+- malformed: a flood of frames that fail validation through the same frame handler,
+  dead-lettered into RabbitMQ (persistent, with confirms); timed until the last dead
+  letter is confirmed (``disconnect``), then the dead-letter queue is counted.
 - memory: bytes per subscribed mint (the feed's subscription sets, the Sequencer).
 
-Run: .venv/bin/python benchmarks/feed_ingest.py [--frames N] [--rows N] [--no-postgres]
+Run: .venv/bin/python benchmarks/feed_ingest.py [--frames N] [--rows N] [--malformed N]
+[--no-postgres] [--no-rabbitmq]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import time
 import tracemalloc
@@ -37,6 +42,7 @@ from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
+AMQP_URL = os.environ.get("PUMPFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def market_frames(n: int) -> list[bytes]:
@@ -139,6 +145,49 @@ async def bench_recorder(frames: list[bytes], rows: int, batch: int) -> None:
         await conn.close()
 
 
+def malformed_frames(n: int) -> list[bytes]:
+    """n frames that fail validation in different ways (bad number, missing field, not JSON)."""
+    kinds = (
+        ref.SELL.replace(b'"solAmount": 0.001014365', b'"solAmount": "lots"'),
+        ref.SELL.replace(b'"mint": "14k7LpDRKvyVuMWfGe1vB5ByoQh1yUQPetApMBLuzw1f", ', b""),
+        b'{"txType": "buy", "signature": ',
+    )
+    return [kinds[i % len(kinds)].replace(b"5PEnuUTT", b"%08d" % i) for i in range(n)]
+
+
+async def bench_malformed(count: int) -> None:
+    """Frames/s through the frame handler when every frame is dead-lettered into RabbitMQ."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=AMQP_URL, namespace=f"bench{uuid.uuid4().hex[:10]}", partitions=4,
+                      source="feed/bench")  # fmt: skip
+    await bus.start()
+    try:
+        metrics = FeedMetrics(CollectorRegistry())
+        feed = SocketDataFeed(SocketFeedConfig(url="ws://127.0.0.1:1/unused"),
+                              clock=WallClock(), bus=bus, metrics=metrics)  # fmt: skip
+        frames = malformed_frames(count)
+        await feed.connect()  # starts the background parts; the URL refuses at once
+        on_frame = feed._on_frame
+        gc.collect()
+        began = time.perf_counter()
+        for frame in frames:
+            await on_frame(frame)
+        reader = time.perf_counter() - began
+        await feed.disconnect()  # every dead letter confirmed
+        took = time.perf_counter() - began
+        channel = await bus._channel.get_underlay_channel()
+        stored = (await channel.queue_declare(bus.dlq_name("feed"), passive=True)).message_count
+        dropped = getattr(feed.dead_letters, "dropped", 0)
+        print(f"malformed flood: the reader's loop {count / reader:,.0f} frames/s; "
+              f"{count / took:,.0f} frames/s until every dead letter is confirmed "
+              f"({count:,} frames in {took:.2f} s; {stored:,} in the dead-letter queue, "
+              f"{dropped:,} dropped and counted: the queue was full)")  # fmt: skip
+    finally:
+        await bus.delete_topology(services=("feed",))
+        await bus.close()
+
+
 async def bench_memory(mints: int) -> None:
     metrics = FeedMetrics(CollectorRegistry())
     feed = SocketDataFeed(SocketFeedConfig(url="ws://127.0.0.1:1/unused"), clock=WallClock(),
@@ -176,10 +225,16 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=2_000)
     parser.add_argument("--mints", type=int, default=100_000)
+    parser.add_argument("--malformed", type=int, default=20_000)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--no-rabbitmq", action="store_true")
     args = parser.parse_args()
+    # logs cost what they cost in a service (formatted, written), without filling a terminal
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: ASYNC230
     frames = market_frames(args.frames)
     await bench_ingest(frames)
+    if not args.no_rabbitmq:
+        await bench_malformed(args.malformed)
     if not args.no_postgres:
         await bench_recorder(frames, args.rows, args.batch)
     await bench_memory(args.mints)

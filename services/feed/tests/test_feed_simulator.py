@@ -122,6 +122,7 @@ async def test_malformed_frames_are_dead_lettered_while_valid_ones_keep_flowing(
     h = await start_harness(faults=FaultConfig(malformed_rate=0.05, duplicate_rate=0.05, seed=3))
     try:
         await eventually(lambda: len(h.events) >= 300 and h.service.socket.invalid_frames >= 3)
+        await h.service.socket.dead_letters.flush()
         letters = await h.bus.dead_letters("feed", limit=1000)
         assert len(letters) >= 3
         assert all(letter.reason for letter in letters)

@@ -21,6 +21,7 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import eventually
 from pumpflow.feed import reference_frames as ref
+from pumpflow.feed import socket_feed
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedError, FeedRecord
 from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
@@ -189,6 +190,7 @@ async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(pe
     await peer.send(create("MintA"), b"{oops", bad_schema, ref.ERROR_STRING, trade("MintA", 1))
     await eventually(lambda: len(got) == 2)
     assert [e.type for e in got] == ["token.created", "token.trade"]
+    await feed.dead_letters.flush()
     letters = await bus.dead_letters("feed")
     assert [letter.body for letter in letters] == [b"{oops", bad_schema]
     assert "not JSON" in letters[0].reason
@@ -209,9 +211,85 @@ async def test_a_text_frame_that_is_not_utf8_is_dead_lettered_on_the_same_connec
     await peer.connections[-1].send(not_utf8, text=True)
     await peer.send(create("MintA"))
     await eventually(lambda: len(got) == 1)
+    await feed.dead_letters.flush()
     assert [letter.body for letter in await bus.dead_letters("feed")] == [not_utf8]
     assert feed.sessions == 1 and len(peer.connections) == 1
     await manager.stop()
+
+
+async def test_an_error_handling_one_frame_is_that_frames_error_and_the_session_goes_on(
+    peer, bus_and_events, monkeypatch
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    deep = b'{"txType": "buy", "signature": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    unforeseen = b'{"message": "a frame no decoder foresaw"}'
+    decode = socket_feed.decode_frame
+
+    def decode_frame(data: bytes):
+        if data == unforeseen:
+            raise ZeroDivisionError("no decoder foresaw this")
+        return decode(data)
+
+    monkeypatch.setattr(socket_feed, "decode_frame", decode_frame)
+    await peer.send(create("MintA"), deep, trade("MintA", 1), unforeseen, trade("MintA", 2))
+    await eventually(lambda: len(got) == 3, what="the frames after the bad ones")
+    assert [e.data.signature for e in got] == ["create-MintA", "trade-MintA-1", "trade-MintA-2"]
+    assert feed.sessions == 1 and len(peer.connections) == 1
+    await feed.dead_letters.flush()
+    letters = await bus.dead_letters("feed")
+    assert [letter.body for letter in letters] == [deep, unforeseen]
+    assert "ZeroDivisionError: no decoder foresaw this" in letters[1].reason
+    assert feed.invalid_frames == 2 and feed.metrics.invalid_frames._value.get() == 2
+    await manager.stop()
+
+
+async def test_a_huge_control_frame_leaves_a_small_log_line_and_small_state(
+    peer, bus_and_events, caplog
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    caplog.set_level(logging.DEBUG, logger="pumpflow.feed")
+    huge_message = json.dumps({"message": "m" * 4_000_000}).encode()
+    huge_errors = json.dumps({"errors": ["e" * 1000] * 4000}).encode()
+    await peer.send(huge_message, huge_errors, create("MintA"))
+    await eventually(lambda: len(got) == 1)
+    assert feed.metrics.frames_by_kind[FrameKind.ERROR]._value.get() == 1
+    logged = [r.getMessage() for r in caplog.records if "PumpPortal" in r.getMessage()][-2:]
+    assert all(len(line) < 1_000 for line in logged)
+    assert f"... ({len(huge_message):,} bytes)" in logged[0]
+    assert f"... ({len(huge_errors):,} bytes)" in logged[1]
+    assert sum(len(notice) for notice in feed.notices) < 2_000
+    await manager.stop()
+
+
+async def test_dead_letters_never_hold_up_the_reader(peer):
+    """A broker slow to confirm: frames go on being read; the letters follow once it does."""
+    sink = GatedSink()
+    feed = SocketDataFeed(SocketFeedConfig(url=peer.url), clock=WallClock(), bus=sink)
+    await feed.connect()
+    bad = [b'{"txType": "buy", "n": %d}' % i for i in range(500)]
+    async with asyncio.timeout(5):
+        for frame in bad:
+            await feed._on_frame(frame)  # the reader's path: returns without the broker
+    assert feed.invalid_frames == 500 and sink.bodies == []
+    sink.gate.set()
+    await feed.disconnect()  # sends what is queued
+    assert sink.bodies == bad
+
+
+class GatedSink:
+    """Takes dead letters only once ``gate`` is set (a broker that is slow to confirm)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.bodies: list[bytes] = []
+
+    async def dead_letter(self, body, *, service, reason, event_type=None) -> None:
+        await self.gate.wait()
+        self.bodies.append(body)
 
 
 async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_events):

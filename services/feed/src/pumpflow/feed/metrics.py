@@ -65,6 +65,29 @@ class FeedMetrics:
         self.record_pending = Gauge(
             "pumpflow_feed_record_pending", "Events waiting to be stored", registry=registry
         )
+        self.record_rejected = Counter(
+            "pumpflow_feed_record_rejected_total",
+            "Token events the store refused: dead-lettered with its reason",
+            registry=registry,
+        )
+        self.frame_errors = Counter(
+            "pumpflow_feed_frame_errors_total",
+            "Frames whose handling failed unexpectedly: dead-lettered, the session goes on",
+            registry=registry,
+        )
+        self.dead_letters_pending = Gauge(
+            "pumpflow_feed_dead_letters_pending", "Dead letters waiting for the broker's confirm",
+            registry=registry,
+        )  # fmt: skip
+        self.dead_letters_sent = Counter(
+            "pumpflow_feed_dead_letters_sent_total", "Dead letters confirmed by the broker",
+            registry=registry,
+        )  # fmt: skip
+        self.dead_letters_dropped = Counter(
+            "pumpflow_feed_dead_letters_dropped_total",
+            "Dead letters dropped because their queue was full (the reader never waits)",
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry) -> FeedMetrics:

@@ -4,8 +4,12 @@
   (batched: at most 5,000 keys per message, at most 200 messages in any second).
 - Keeps the set of mints it should stream; after a reconnect (jittered exponential
   backoff) it subscribes every one of them again.
-- Validates every frame; a bad one is counted, logged and dead-lettered with the
-  reason, and the stream goes on. Control frames (acks, notices, errors) are logged.
+- Validates every frame; a bad one is counted, logged (within a budget) and
+  dead-lettered with the reason, and the stream goes on. Any error while handling one
+  frame is that frame's error: it never ends the session. Dead letters go through a
+  bounded queue sent by a task of its own (``dead_letters.py``), off the reader's path.
+- Control frames (acks, notices, errors) are logged and kept as a bounded prefix: a
+  server may send megabytes in one, and neither the log nor memory may grow with it.
 - Stamps each frame with its arrival time from the injected Clock (frames carry none).
 - Flags a trade of a mint it never subscribed to (nor unsubscribed from within
   ``unsubscribe_grace_s``, while such trades are still in flight): the manager stores
@@ -50,6 +54,7 @@ from pumpflow.common.pumpportal import (
     redact,
     with_api_key,
 )
+from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
 from pumpflow.feed.interface import DataFeedInterface, FeedError, FeedRecord, as_mints
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
@@ -63,6 +68,19 @@ log = logging.getLogger(__name__)
 
 #: a session that lasted this long resets the reconnect backoff
 _STABLE_SESSION_S = 10.0
+#: the largest frame accepted; a larger one makes the library close the connection (1009)
+MAX_FRAME_BYTES = 2**22
+#: characters of a control frame kept and logged
+NOTICE_PREFIX_CHARS = 512
+#: close code of a connection closed because a frame exceeded MAX_FRAME_BYTES
+_MESSAGE_TOO_BIG = 1009
+
+
+def bounded_text(text: str, size: int, limit: int = NOTICE_PREFIX_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how large the whole (``size`` bytes) was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({size:,} bytes)"
 
 
 class _RedactingLogger(logging.LoggerAdapter):
@@ -100,6 +118,8 @@ class SocketFeedConfig:
     max_messages_per_second: int = MAX_MESSAGES_PER_SECOND
     #: trades of a mint still arrive this long after its unsubscribe was sent (in flight)
     unsubscribe_grace_s: float = 10.0
+    #: on disconnect, wait this long for the broker to confirm queued dead letters
+    dead_letter_flush_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_keys_per_message <= MAX_KEYS_PER_MESSAGE:
@@ -108,7 +128,7 @@ class SocketFeedConfig:
             raise ValueError(f"max_messages_per_second must be 1..{MAX_MESSAGES_PER_SECOND}")
         timings = (self.ping_interval_s, self.ping_timeout_s, self.open_timeout_s,
                    self.backoff_initial_s, self.backoff_max_s)  # fmt: skip
-        if min(timings) <= 0 or self.unsubscribe_grace_s < 0:
+        if min(timings) <= 0 or self.unsubscribe_grace_s < 0 or self.dead_letter_flush_s < 0:
             raise ValueError("socket feed timings must be positive")
 
 
@@ -117,6 +137,10 @@ class SocketDataFeed(DataFeedInterface):
 
     ``get_historical_data`` answers from the look-back (recent events in memory) when it
     covers the window, else from the TokenEventStore.
+
+    Dead letters go to ``dead_letters`` (a queue its owner starts and closes) or, given
+    only a ``bus``, to a queue of the feed's own, started by ``connect`` and flushed by
+    ``disconnect``.
     """
 
     name = "pumpportal"
@@ -131,6 +155,7 @@ class SocketDataFeed(DataFeedInterface):
         store: TokenEventStore | None = None,
         lookback: LookBack | None = None,
         rng: random.Random | None = None,
+        dead_letters: DeadLetterQueue | None = None,
     ):
         super().__init__()
         self.config = config
@@ -139,8 +164,11 @@ class SocketDataFeed(DataFeedInterface):
         self.redacted_url = redact(self._url, config.api_key)
         self._ws_logger = _RedactingLogger(logging.getLogger("websockets.client"), config.api_key)
         self._clock = clock
-        self._bus = bus
         self.metrics = metrics or FeedMetrics(None)
+        self._owns_dead_letters = dead_letters is None and bus is not None
+        if self._owns_dead_letters:
+            dead_letters = DeadLetterQueue(bus, service=config.service, metrics=self.metrics)
+        self.dead_letters = dead_letters
         self._auto_subscribe = config.auto_subscribe_trades
         self._max_keys = config.max_keys_per_message
         self._limiter = SlidingWindowLimiter(config.max_messages_per_second)
@@ -163,7 +191,11 @@ class SocketDataFeed(DataFeedInterface):
         self._task: asyncio.Task | None = None
         self.sessions = 0
         self.invalid_frames = 0
+        #: frames whose handling failed unexpectedly (counted in invalid_frames too)
+        self.frame_errors = 0
+        #: the last control frames, each a bounded prefix (bounded in bytes too)
         self.notices: deque[str] = deque(maxlen=32)
+        self._invalid_log = LogBudget()
         self._warned_api_key = False
 
     # ---------------------------------------------------------------- interface
@@ -187,6 +219,8 @@ class SocketDataFeed(DataFeedInterface):
             self._stopping = False
             if self.lookback is not None:
                 self.lookback.activate(self._clock.now())
+            if self._owns_dead_letters:
+                self.dead_letters.start()
             self._task = asyncio.create_task(self._run(), name="pumpportal-feed")
 
     async def wait_connected(self) -> None:
@@ -206,6 +240,8 @@ class SocketDataFeed(DataFeedInterface):
                 await task
         if self.lookback is not None:
             self.lookback.deactivate()
+        if self._owns_dead_letters:
+            await self.dead_letters.close(self.config.dead_letter_flush_s)
 
     async def subscribe(self, token_id: str | Iterable[str]) -> None:
         mints = as_mints(token_id)
@@ -342,7 +378,7 @@ class SocketDataFeed(DataFeedInterface):
                     ping_timeout=config.ping_timeout_s,
                     open_timeout=config.open_timeout_s,
                     close_timeout=2.0,
-                    max_size=2**22,
+                    max_size=MAX_FRAME_BYTES,
                     logger=self._ws_logger,
                 )
             except asyncio.CancelledError:
@@ -363,7 +399,14 @@ class SocketDataFeed(DataFeedInterface):
             try:
                 await self._session(ws)
             except ConnectionClosed as exc:
-                if not self._stopping:
+                if exc.sent is not None and exc.sent.code == _MESSAGE_TOO_BIG:
+                    # the library refuses it before we see a byte of it: only its size is known
+                    self.invalid_frames += 1
+                    self.metrics.invalid_frames.inc()
+                    log.error("a frame over %d bytes closed the connection to %s (the frame is "
+                              "lost; the frames before it were handled); reconnecting",
+                              MAX_FRAME_BYTES, self.redacted_url)  # fmt: skip
+                elif not self._stopping:
                     log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
@@ -434,18 +477,27 @@ class SocketDataFeed(DataFeedInterface):
     # ---------------------------------------------------------------- frames
 
     async def _on_frame(self, message: bytes | str) -> None:
-        arrival = self._clock.now()
+        """Handle one frame; whatever goes wrong with it is its own error, never the session's."""
         data = message.encode() if isinstance(message, str) else bytes(message)
+        try:
+            await self._handle(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # also what no decoder foresaw (RecursionError, ...)
+            self._fail(data, exc)
+
+    async def _handle(self, data: bytes) -> None:
+        arrival = self._clock.now()
         metrics = self.metrics
         metrics.bytes_received.inc(len(data))
         try:
             payload = decode_frame(data)
         except EventValidationError as exc:
-            await self._reject(data, str(exc))
+            self._reject(data, str(exc))
             return
         if type(payload) is ControlFrame:
             metrics.frames_by_kind[payload.kind].inc()
-            self._on_control(payload)
+            self._on_control(payload, len(data))
             return
         kind = KIND_OF_TX_TYPE[payload.txType]
         metrics.frames_by_kind[kind].inc()
@@ -461,25 +513,36 @@ class SocketDataFeed(DataFeedInterface):
         try:
             await self._emit(FeedRecord(payload, data, arrival, subscribed=subscribed))
         except Exception as exc:
-            log.exception("feed callback failed on %s %s", payload.txType, payload.signature)
-            await self._dead_letter(data, f"callback failed: {type(exc).__name__}: {exc}")
+            log.exception("feed callback failed on %s %.100s", payload.txType, payload.signature)
+            self._dead_letter(data, f"callback failed: {type(exc).__name__}: {exc}")
 
-    async def _reject(self, data: bytes, reason: str) -> None:
+    def _reject(self, data: bytes, reason: str) -> None:
         self.invalid_frames += 1
         self.metrics.invalid_frames.inc()
-        log.warning("invalid frame dead-lettered: %s: %.200r", reason, data)
-        await self._dead_letter(data, reason)
+        budget = self._invalid_log
+        if budget.allow():
+            log.warning("invalid frame dead-lettered: %.300s: %.200r (%d bytes; %d more not "
+                        "logged before it)", reason, data, len(data),
+                        budget.take_suppressed())  # fmt: skip
+        self._dead_letter(data, reason)
 
-    async def _dead_letter(self, data: bytes, reason: str) -> None:
-        if self._bus is None:
-            return
-        try:
-            await self._bus.dead_letter(data, service=self.config.service, reason=reason)
-        except Exception:
-            log.exception("could not dead-letter a frame (%s)", reason)
+    def _fail(self, data: bytes, exc: Exception) -> None:
+        self.frame_errors += 1
+        self.metrics.frame_errors.inc()
+        reason = f"frame handling failed: {type(exc).__name__}: {exc}"
+        if self._invalid_log.allow():
+            log.error("%.300s; frame %.200r (%d bytes) dead-lettered, the session goes on",
+                      reason, data, len(data), exc_info=exc)  # fmt: skip
+        self.invalid_frames += 1
+        self.metrics.invalid_frames.inc()
+        self._dead_letter(data, reason)
 
-    def _on_control(self, frame: ControlFrame) -> None:
-        text = redact(frame.text, self._api_key)
+    def _dead_letter(self, data: bytes, reason: str) -> None:
+        if self.dead_letters is not None:
+            self.dead_letters.offer(data, reason)
+
+    def _on_control(self, frame: ControlFrame, size: int) -> None:
+        text = bounded_text(redact(frame.text, self._api_key), size)
         self.notices.append(text)
         if frame.errors is not None:
             log.warning("PumpPortal error: %s", text)
