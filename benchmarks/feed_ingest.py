@@ -182,7 +182,9 @@ async def bench_malformed(count: int) -> None:
         print(f"malformed flood: the reader's loop {count / reader:,.0f} frames/s; "
               f"{count / took:,.0f} frames/s until every dead letter is confirmed "
               f"({count:,} frames in {took:.2f} s; {stored:,} in the dead-letter queue, "
-              f"{dropped:,} dropped and counted: the queue was full)")  # fmt: skip
+              f"{dropped:,} dropped and counted: the queue was full; "
+              f"{count - stored - dropped:,} not confirmed within the flush bound, "
+              f"reported)")  # fmt: skip
     finally:
         await bus.delete_topology(services=("feed",))
         await bus.close()
