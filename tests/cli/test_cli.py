@@ -15,9 +15,13 @@ from pydantic import AliasChoices, Field
 
 from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
+from pumpflow.common.clock import WallClock
+from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
+from pumpflow.common.keyed import InvalidInput
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
-from pumpflow.common.testing import free_port
+from pumpflow.common.state.redis import RedisStateStore
+from pumpflow.common.testing import eventually, free_port
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -263,3 +267,109 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     assert records[0]["body"] == '{"txType": "buy", "mint": 7}'
     assert base64.b64decode(records[1]["body_base64"]) == b"\xff\xfe not utf-8"
     assert await bus.dead_letters("feed", remove=False) == []
+
+
+class _SeqsProcessor:
+    """Keeps the seqs a mint applied; refuses the trades of ``rogue`` until fixed."""
+
+    def __init__(self) -> None:
+        self.fixed = False
+
+    def initial(self, key: str) -> list[int]:
+        return []
+
+    def apply(self, state: list[int], event, effects) -> list[int]:
+        if event.data.traderPublicKey == "rogue" and not self.fixed:
+            raise InvalidInput("rogue trader")
+        return [*state, event.seq]
+
+    def fire(self, state: list[int], effects) -> list[int]:
+        return state
+
+    def encode(self, state: list[int]) -> bytes:
+        return json.dumps(state).encode()
+
+    def compact(self, state: list[int], now: float) -> bytes | None:
+        return None
+
+    def decode(self, raw: bytes) -> list[int]:
+        return json.loads(raw)
+
+
+async def test_dead_letters_are_redriven_once_their_cause_is_fixed_and_applied(
+    tmp_path, rabbitmq_harness, process_stack, namespace, redis_url, token_events
+):
+    bus = await rabbitmq_harness.bus("keyed/t", partitions=2)
+    rabbitmq_harness.delete_after(["redrive"])
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    processor = _SeqsProcessor()
+    consumer = KeyedStatefulConsumer(
+        processor,
+        KeyedConsumerConfig(service="redrive", patterns=("token.trade",)),
+        bus=bus,
+        store=store,
+        clock=WallClock(),
+        source="redrive/t",
+    )
+    await consumer.start()
+    process_stack.configure(partitions=2)
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return process_stack.run("dead-letters", "redrive", *argv)
+
+    try:
+        mints = ("mintApump", "mintBpump")
+        for mint in mints:
+            await bus.publish_many(
+                [
+                    token_events.trade(mint, seq=1),
+                    token_events.trade(mint, "rogue", seq=2),
+                    token_events.trade(mint, seq=3),
+                ]
+            )
+
+        async def applied(mint: str) -> list[int]:
+            await consumer.flush()
+            return consumer.state(mint) or []
+
+        async def dead(count: int) -> bool:
+            return len(await bus.dead_letters("redrive", remove=False)) >= count
+
+        await eventually(lambda: dead(2), 10, what="two dead letters")
+        for mint in mints:
+            assert await applied(mint) == [1, 3]
+
+        dry = await asyncio.to_thread(cli, "--redrive", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would redrive 2 dead letter(s) of redrive" in dry.stdout
+        saved = tmp_path / "dead.jsonl"
+        moved = await asyncio.to_thread(cli, "--move", str(saved))
+        assert moved.returncode == 0, moved.stderr
+
+        processor.fixed = True  # the cause, fixed
+        from_file = await asyncio.to_thread(
+            cli, "--redrive-from", str(saved), "--type", "token.trade"
+        )
+        assert from_file.returncode == 0, from_file.stderr
+        assert "redrove 2 dead letter(s)" in from_file.stdout
+        for mint in mints:
+            await eventually(
+                lambda m=mint: _equals(applied(m), [1, 3, 2]), 10, what=f"{mint} redriven"
+            )
+        # a second redrive of the same file is a duplicate for the consumer
+        again = await asyncio.to_thread(cli, "--redrive-from", str(saved))
+        assert "redrove 2 dead letter(s)" in again.stdout
+        for mint in mints:
+            await bus.publish(token_events.trade(mint, seq=4))
+            await eventually(
+                lambda m=mint: _equals(applied(m), [1, 3, 2, 4]), 10, what=f"{mint} seq 4"
+            )
+        assert await bus.dead_letters("redrive", remove=False) == []
+    finally:
+        await consumer.stop()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+async def _equals(value, expected) -> bool:
+    return await value == expected

@@ -1,8 +1,15 @@
-"""``pumpflow dead-letters``: see what a service could not process, and why.
+"""``pumpflow dead-letters``: see what a service could not process, and why; put it back.
 
 Lists a service's dead letters (the bus keeps them) without removing them, or with
 ``--move FILE`` appends them to a JSONL file and only then removes them, so a crash
 half way leaves each letter in the queue, in the file, or in both, never in neither.
+
+``--redrive`` puts them back on the bus once their cause is fixed (all, or those of
+``--reason``/``--type``), to the service alone, and only then removes them;
+``--redrive-from FILE`` puts back the letters a ``--move`` saved in FILE (the file
+stays as it is). ``--dry-run`` counts what would go back. A redriven event is
+applied once by the service however often it is redriven (see
+``pumpflow.common.bus.redrive``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pumpflow.common.bus.abc import DeadLetter, EventBus
+from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
 BATCH = 100
@@ -30,8 +38,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("service", help="the consuming service, e.g. features")
     parser.add_argument("--limit", type=int, default=20, help="how many to list (20)")
-    parser.add_argument(
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
         "--move", type=Path, metavar="FILE", help="append all of them to FILE (JSONL), then remove"
+    )
+    action.add_argument(
+        "--redrive",
+        action="store_true",
+        help="put them back on the bus for the service (all, or --reason/--type), then remove",
+    )
+    action.add_argument(
+        "--redrive-from",
+        type=Path,
+        metavar="FILE",
+        help="put back the letters of the service a --move saved in FILE",
+    )
+    parser.add_argument("--reason", help="redrive only letters whose reason contains this text")
+    parser.add_argument("--type", dest="event_type", help="redrive only events of this type")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="count what a redrive would put back; move nothing"
     )
     parser.set_defaults(handler=dead_letters_command)
 
@@ -50,6 +75,38 @@ def letter_record(letter: DeadLetter) -> dict:
         **body,
         "headers": letter.headers,
     }
+
+
+def record_letter(record: dict) -> DeadLetter:
+    """The dead letter of a record :func:`letter_record` wrote."""
+    if "body" in record:
+        body = record["body"].encode("utf-8")
+    else:
+        body = base64.b64decode(record["body_base64"])
+    return DeadLetter(
+        service=record["service"],
+        reason=record["reason"],
+        body=body,
+        event_type=record.get("event_type"),
+        key=record.get("key"),
+        headers=record.get("headers") or {},
+    )
+
+
+def read_letters(path: Path, service: str) -> list[DeadLetter]:
+    """The letters of ``service`` saved in ``path`` by ``--move``."""
+    letters = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                letter = record_letter(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a dead-letter record: {exc!r}") from None
+            if letter.service == service:
+                letters.append(letter)
+    return letters
 
 
 def _show(letter: DeadLetter, out: TextIO) -> None:
@@ -95,10 +152,26 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
     from pumpflow.common.bus.factory import create_bus
     from pumpflow.common.runtime.wiring import bus_config
 
+    letters = None
+    if args.redrive_from is not None:
+        try:
+            letters = read_letters(args.redrive_from, args.service)
+        except (OSError, ValueError) as exc:
+            print(f"pumpflow: {exc}", file=sys.stderr)
+            return 2
     bus = create_bus(bus_config(settings))
     await bus.start()
     try:
-        if args.move is not None:
+        if args.redrive or letters is not None:
+            select = LetterFilter(reason=args.reason, event_type=args.event_type)
+            if letters is None:
+                count = await redrive(bus, args.service, select=select, dry_run=args.dry_run)
+            else:
+                count = await redrive_letters(
+                    bus, args.service, letters, select=select, dry_run=args.dry_run
+                )
+            print(count.summary(args.service), file=out)
+        elif args.move is not None:
             moved = await move_letters(bus, args.service, args.move)
             print(f"moved {moved} dead letter(s) of {args.service} to {args.move}", file=out)
         else:
@@ -109,6 +182,10 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
 
 
 def dead_letters_command(args: argparse.Namespace) -> int:
+    redriving = args.redrive or args.redrive_from is not None
+    if not redriving and (args.reason or args.event_type or args.dry_run):
+        print("pumpflow: --reason, --type and --dry-run go with a redrive", file=sys.stderr)
+        return 2
     try:
         settings = CommonSettings.load(service="cli")
     except SettingsError as exc:

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from pumpflow.common.bus.abc import EventBus, Subscription
+from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
@@ -480,3 +481,76 @@ async def test_a_store_that_fails_for_a_while_is_waited_out_not_dead_lettered(pa
     assert await pair.applied(mint) == list(range(1, 11))
     assert consumer.metrics.store_retries._value.get() >= 3
     assert await bus.dead_letters("keyed") == []
+
+
+class FixableProcessor(RecordingProcessor):
+    """Refuses (or fails on) the events of seq 2 until fixed."""
+
+    def __init__(self, *, fail: bool = False):
+        super().__init__()
+        self.fail = fail
+        self.fixed = False
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        if event.seq == 2 and not self.fixed:
+            if self.fail:
+                raise ValueError("cannot take seq 2 yet")
+            raise InvalidInput("seq 2 is not welcome yet")
+        return super().apply(state, event, effects)
+
+
+async def peek_dead_letters(bus: EventBus, count: int) -> list:
+    letters = []
+
+    async def arrived() -> bool:
+        letters[:] = await bus.dead_letters("keyed", remove=False)
+        return len(letters) >= count
+
+    await eventually(arrived, 10, what=f"{count} dead letter(s)")
+    return letters
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["refused", "failed"])
+async def test_a_dead_letter_redriven_after_its_fix_is_applied_once_by_its_service_alone(
+    pair, fail
+):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    others = await EventCollector("others").attach(bus, "token.trade")
+    processor = FixableProcessor(fail=fail)
+    consumer = await pair.consumer(processor)
+    mint = MINTS[2]
+    await bus.publish_many([trade(mint, 1), trade(mint, 2), trade(mint, 3)])
+    await announced.wait_for(2, key=mint)
+    [letter] = await peek_dead_letters(bus, 1)
+    assert letter.event_type == "token.trade"
+    assert await pair.applied(mint) == [1, 3]
+
+    assert (await redrive(bus, "keyed", dry_run=True)).redriven == 1
+    unmatched = await redrive(bus, "keyed", select=LetterFilter(event_type="token.migrated"))
+    assert (unmatched.redriven, unmatched.passed_over) == (0, 1)
+    assert len(await bus.dead_letters("keyed", remove=False)) == 1
+
+    processor.fixed = True
+    redriven_before = consumer.metrics.redriven._value.get()
+    reason = "not welcome" if not fail else "handler failed"
+    count = await redrive(
+        bus, "keyed", select=LetterFilter(reason=reason, event_type="token.trade")
+    )
+    assert (count.matched, count.redriven) == (1, 1)
+    await announced.wait_for(3, key=mint)
+    assert await pair.applied(mint) == [1, 3, 2]
+    assert await bus.dead_letters("keyed", remove=False) == []
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 3} and record.refused == {}
+    assert consumer.metrics.redriven._value.get() == redriven_before + 1
+
+    # the same letter again (a saved copy): a duplicate now, applied nothing twice
+    again = await redrive_letters(bus, "keyed", [letter])
+    assert again.redriven == 1
+    await bus.publish(trade(mint, 4))  # the barrier: handled after the copy
+    await announced.wait_for(4, key=mint)
+    await others.wait_for(1, key=mint, where=lambda e: e.seq == 4)
+    assert await pair.applied(mint) == [1, 3, 2, 4]
+    # redriven to the service that dead-lettered it, not to every consumer of the type
+    assert [e.seq for e in others.of(key=mint)] == [1, 2, 3, 4]

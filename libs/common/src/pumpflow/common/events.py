@@ -59,6 +59,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     key: str | None = None
     seq: int | None = None
     causation_id: str | None = None
+    #: put back from a dead-letter store: a consumer applies it once even when its seq
+    #: is not above the applied one (see ``pumpflow.common.consumer``)
+    redriven: bool = False
 
     @property
     def critical(self) -> bool:
@@ -75,6 +78,7 @@ class _WireEvent(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None
     seq: int | None = None
     causation_id: str | None = None
+    redriven: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -451,6 +455,7 @@ def decode_event(raw: bytes | str) -> Event:
         key=wire.key,
         seq=wire.seq,
         causation_id=wire.causation_id,
+        redriven=wire.redriven,
         data=data,
     )
 

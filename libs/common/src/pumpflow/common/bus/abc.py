@@ -194,6 +194,27 @@ class EventBus(EventPublisher, EventSubscriber):
         """
 
     @abstractmethod
+    async def take_dead_letters(
+        self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]
+    ) -> int:
+        """Offer each dead letter ``service`` holds now to ``take``, oldest first, once.
+
+        A letter ``take`` returns True for leaves the store after ``take`` returned; the
+        others (and any it raised on) stay in their place. Letters arriving meanwhile
+        wait for the next call. Returns how many were offered.
+        """
+
+    @abstractmethod
+    async def redeliver(self, service: str, event: Event) -> None:
+        """Deliver ``event`` again to ``service`` alone, on the lane it consumes it from.
+
+        For putting dead letters back: the service's partition queue of the event's
+        key (its critical lane for a critical type), confirmed like a publish; a
+        service not consuming yet finds it there. Keyless events are refused
+        (ValueError): they go to each replica's own queue, which outlives no replica.
+        """
+
+    @abstractmethod
     def is_healthy(self) -> bool:
         """True while connected and consuming."""
 

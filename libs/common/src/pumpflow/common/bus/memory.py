@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -561,6 +561,19 @@ class InMemoryBus(EventBus):
         while lane.running:
             await lane.idle.wait()
 
+    async def redeliver(self, service: str, event: Event) -> None:
+        schema = check_publishable(event)
+        if event.key is None:
+            raise ValueError(f"{event.type} is keyless: it cannot go back to {service} alone")
+        group = self._groups.get(service)
+        if group is None:
+            # kept for the service's first subscription, as its durable queue would
+            group = self._groups[service] = _Group(self, service)
+        if schema.CRITICAL:
+            await self._offer(group.critical, event)
+        else:
+            await self._offer(group.partitions[partition_of(event.key, self.partitions)], event)
+
     # ---------------------------------------------------------------- dead letters
 
     def _store_dead(self, letter: DeadLetter) -> None:
@@ -573,6 +586,26 @@ class InMemoryBus(EventBus):
         self._store_dead(
             DeadLetter(service=service, reason=reason, body=body, event_type=event_type)
         )
+
+    async def take_dead_letters(
+        self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]
+    ) -> int:
+        stored = self._dead.get(service)
+        if not stored:
+            return 0
+        kept: list[DeadLetter] = []
+        offered = 0
+        try:
+            # those there now: a letter refused again on the way lands behind them
+            for _ in range(len(stored)):
+                letter = stored.popleft()
+                offered += 1
+                kept.append(letter)
+                if await take(letter):
+                    kept.pop()
+        finally:
+            stored.extendleft(reversed(kept))
+        return offered
 
     async def dead_letters(
         self, service: str, limit: int = 100, *, remove: bool = True

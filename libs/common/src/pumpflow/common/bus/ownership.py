@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -573,3 +573,11 @@ class BalancedBus(EventBus):
         self, service: str, limit: int = 100, *, remove: bool = True
     ) -> list[DeadLetter]:
         return await self.inner.dead_letters(service, limit, remove=remove)
+
+    async def take_dead_letters(
+        self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]
+    ) -> int:
+        return await self.inner.take_dead_letters(service, take)
+
+    async def redeliver(self, service: str, event: Event) -> None:
+        await self.inner.redeliver(service, event)

@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ from pumpflow.common.bus.routing import (
 from pumpflow.common.bus.routing import (
     DEFAULT_PARTITIONS,
     critical_queue,
+    partition_of,
     partition_queue,
     routing_key,
     routing_key_for,
@@ -93,6 +94,8 @@ _MAX_REASON = 2000
 #: gets 1/16 of the traffic, so a short linger would ack nearly every message alone
 ACK_LINGER_S = 0.05
 PERSISTENT = 2
+#: longest wait for dead letters handed back to show in their queue again
+REQUEUE_WAIT_S = 2.0
 Properties = Basic.Properties
 
 
@@ -771,29 +774,94 @@ class RabbitMQBus(EventBus):
                 if message is None:
                     break
                 held.append(message)
-                headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
-                letters.append(
-                    DeadLetter(
-                        service=service,
-                        reason=headers.get(REASON_HEADER) or _broker_reason(message),
-                        body=message.body,
-                        event_type=(
-                            headers.get("x-pumpflow-type") or _type_of(message.routing_key)
-                        ),
-                        key=headers.get("x-pumpflow-key"),
-                        headers=headers,
-                    )
-                )
+                letters.append(_letter(service, message))
             complete = True
         finally:
             # a peek hands every message back; so does a read that failed half way,
             # since the caller never received what was read
+            returned = 0
             for message in held:
                 if not (remove and complete):
                     await message.nack(requeue=True)
+                    returned += 1
                 else:
                     await message.ack()
+            await self._until_requeued(service, returned)
         return letters
+
+    async def _until_requeued(self, service: str, count: int) -> None:
+        """Wait (briefly) until the DLQ counts ``count`` messages handed back.
+
+        The broker requeues a nacked message after answering whatever comes next, so a
+        read right after a peek could miss the letters the peek handed back.
+        """
+        if not count or self._channel is None:
+            return
+        deadline = time.monotonic() + REQUEUE_WAIT_S
+        while time.monotonic() < deadline:
+            declared = await self._channel.declare_queue(self.dlq_name(service), durable=True)
+            if (declared.declaration_result.message_count or 0) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+    async def take_dead_letters(
+        self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]
+    ) -> int:
+        await self._declare_dlq(service)
+        assert self._channel is not None
+        # the count now: a letter refused again on the way lands behind them
+        declared = await self._channel.declare_queue(self.dlq_name(service), durable=True)
+        present = declared.declaration_result.message_count or 0
+        kept = []
+        offered = 0
+        try:
+            while offered < present:
+                message = await declared.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                offered += 1
+                kept.append(message)
+                if await take(_letter(service, message)):
+                    kept.pop()
+                    await message.ack()
+        finally:
+            # held unacked until here, so the broker puts them back in their place
+            for message in kept:
+                await message.nack(requeue=True)
+            await self._until_requeued(service, len(kept))
+        return offered
+
+    async def redeliver(self, service: str, event: Event) -> None:
+        schema = check_publishable(event)
+        if event.key is None:
+            raise ValueError(f"{event.type} is keyless: it cannot go back to {service} alone")
+        if schema.CRITICAL:
+            queue = critical_queue(service)
+        else:
+            queue = partition_queue(service, partition_of(event.key, self.partitions))
+        name = self._name(queue)
+        if name not in self._queues:
+            # as the service declares it, so a service not running yet finds it there
+            assert self._channel is not None
+            await self._channel.declare_queue(
+                name, durable=True, arguments=self._queue_arguments(service, single_active=True)
+            )
+            self._queues.add(name)
+        properties = Properties(delivery_mode=PERSISTENT, message_id=event.id)
+        # the default exchange routes by queue name: no other service gets a copy
+        await self._publish_to("", encode_event(event), name, properties)
+
+
+def _letter(service: str, message: AbstractIncomingMessage) -> DeadLetter:
+    headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
+    return DeadLetter(
+        service=service,
+        reason=headers.get(REASON_HEADER) or _broker_reason(message),
+        body=message.body,
+        event_type=headers.get("x-pumpflow-type") or _type_of(message.routing_key),
+        key=headers.get("x-pumpflow-key"),
+        headers=headers,
+    )
 
 
 def _type_of(routing: str | None) -> str | None:

@@ -14,6 +14,17 @@ owns the rest:
   the encoded state, the last applied seq per publisher, the last seq it published,
   the outbox of events not known to be published, its timer and priority. An event
   whose seq is not above its publisher's applied seq is a duplicate and is dropped.
+- **Redrive and retries.** The seq of an event the key refused (dead-lettered as
+  invalid) counts as applied, and one whose apply raised is passed over by the later
+  events of its key (the window applies them meanwhile), so either one's seq ends at
+  or below the applied one. The record keeps both kinds (``refused`` and ``failed``,
+  up to :data:`UNAPPLIED_KEPT` per publisher each, the oldest forgotten first). A
+  failed seq is applied by its next delivery (the bus's retry, or a redrive after the
+  bus dead-lettered it). A refused seq is applied only by an event put back from the
+  dead letters, which comes marked ``redriven``, so a plain redelivery of a refused
+  event is still a duplicate. Either way the event applies out of its original order
+  and its seq leaves the list, so another copy is a duplicate again: redriving twice,
+  or to every consumer of a type, applies nothing twice.
 - **Group commit.** Changed keys are written together, one :class:`WriteBatch` per
   commit (the records, the service's views of them and new partition-index entries),
   each key encoded once however many events it applied meanwhile. Then the outboxes
@@ -37,6 +48,7 @@ dead-lettered with its reason and the key's stream goes on.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -73,6 +85,8 @@ T = TypeVar("T")
 ViewsFunction = Callable[[str, Any, int, Sequence[Event]], Mapping[str, Mapping[str, HashValue]]]
 
 _RESTORE_CHUNK = 500
+#: refused or failed seqs a key remembers per publisher (the oldest go first)
+UNAPPLIED_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +135,10 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     timer: float | None = None
     priority: int = int(Priority.NORMAL)
     retired: bool = False
+    #: publisher service -> seqs dead-lettered as invalid (a redrive applies them)
+    refused: dict[str, list[int]] = {}
+    #: publisher service -> seqs whose apply raised (their next delivery applies them)
+    failed: dict[str, list[int]] = {}
 
 
 _encode_record = msgspec.msgpack.Encoder().encode
@@ -133,6 +151,7 @@ class _Key:
     __slots__ = (
         "applied",
         "changed",
+        "failed",
         "gone",
         "handed",
         "indexed",
@@ -143,6 +162,7 @@ class _Key:
         "priority",
         "published",
         "raw",
+        "refused",
         "retire_ttl",
         "state",
         "stored_ttl",
@@ -157,6 +177,9 @@ class _Key:
         self.state = state
         self.raw = raw
         self.applied: dict[str, int] = {}
+        #: publisher -> seqs not applied, ascending (see Record)
+        self.refused: dict[str, list[int]] = {}
+        self.failed: dict[str, list[int]] = {}
         self.published = 0
         self.outbox: list[Event] = []
         #: events at the head of the outbox handed to a publication under way
@@ -404,16 +427,23 @@ class KeyedStatefulConsumer(Generic[S]):
         entry.touched = time.monotonic()
         seq = event.seq
         publisher = None
+        late = False
         if seq is not None:
             publisher = self._publishers.get(event.source)
             if publisher is None:
                 publisher = self._publishers[event.source] = source_service(event.source)
             last = entry.applied.get(publisher, 0)
             if seq <= last:
-                self.metrics.duplicates.inc()
-                self.metrics.duplicate_events.inc()
-                return entry.changed
-            if last and seq > last + 1:
+                late = _take_seq(entry.failed, publisher, seq) or (
+                    event.redriven and _take_seq(entry.refused, publisher, seq)
+                )
+                if not late:
+                    self.metrics.duplicates.inc()
+                    self.metrics.duplicate_events.inc()
+                    return entry.changed
+            elif entry.failed and _take_seq(entry.failed, publisher, seq):
+                pass  # a retry of the last one, nothing passed it over
+            elif last and seq > last + 1:
                 self.metrics.gaps.inc()
                 log.warning(
                     "%s: seq gap for %s from %s: %d after %d",
@@ -429,13 +459,24 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id))
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
-            return self._refuse(entry, event, publisher, f"invalid: {exc}")
+            return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
+        except Exception:
+            entry.retire_ttl = retire_ttl
+            if publisher is not None:
+                # the bus tries it again, then dead-letters it; later events pass it over
+                _keep_seq(entry.failed, publisher, seq)
+                self._mark(entry)
+            raise
         self.metrics.applied.inc()
-        if publisher is not None:
+        if event.redriven:
+            self.metrics.redriven.inc()
+        if publisher is not None and not late:
             entry.applied[publisher] = seq
         return self._mark(entry)
 
-    async def _refuse(self, entry: _Key, event: Event, publisher: str | None, reason: str) -> int:
+    async def _refuse(
+        self, entry: _Key, event: Event, publisher: str | None, reason: str, *, late: bool
+    ) -> int:
         """Dead-letter an event the processor refused; its seq counts as applied."""
         self.metrics.invalid.inc()
         log.warning("%s: %s %s for %s", self.config.service, reason, event.type, entry.key)
@@ -449,7 +490,9 @@ class KeyedStatefulConsumer(Generic[S]):
             "dead-lettering",
         )
         if publisher is not None:
-            entry.applied[publisher] = event.seq
+            _keep_seq(entry.refused, publisher, event.seq)
+            if not late:
+                entry.applied[publisher] = event.seq
         return self._mark(entry)
 
     def _fire(self, key: str) -> int:
@@ -616,6 +659,8 @@ class KeyedStatefulConsumer(Generic[S]):
                 timer=entry.timer_at,
                 priority=entry.priority,
                 retired=retired,
+                refused=entry.refused,
+                failed=entry.failed,
             )
             key = entry.key
             batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
@@ -711,6 +756,8 @@ class KeyedStatefulConsumer(Generic[S]):
     def _entry_from(self, key: str, record: Record) -> _Key:
         entry = _Key(key, self._partition(key), None, record.state)
         entry.applied = dict(record.applied)
+        entry.refused = {p: list(seqs) for p, seqs in record.refused.items()}
+        entry.failed = {p: list(seqs) for p, seqs in record.failed.items()}
         entry.published = record.published
         entry.priority = record.priority
         entry.indexed = True
@@ -916,3 +963,24 @@ def _wake(
 
 async def _nothing() -> None:
     return None
+
+
+def _keep_seq(seqs_of: dict[str, list[int]], publisher: str, seq: int) -> None:
+    """Remember ``seq`` of ``publisher`` (ascending, the newest kept)."""
+    seqs = seqs_of.setdefault(publisher, [])
+    if seq in seqs:
+        return
+    bisect.insort(seqs, seq)
+    if len(seqs) > UNAPPLIED_KEPT:
+        del seqs[0]
+
+
+def _take_seq(seqs_of: dict[str, list[int]], publisher: str, seq: int) -> bool:
+    """Forget ``seq`` of ``publisher``; True if it was remembered."""
+    seqs = seqs_of.get(publisher)
+    if not seqs or seq not in seqs:
+        return False
+    seqs.remove(seq)
+    if not seqs:
+        del seqs_of[publisher]
+    return True

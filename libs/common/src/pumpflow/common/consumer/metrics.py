@@ -11,7 +11,8 @@ class _Families:
     def __init__(self, registry: CollectorRegistry):
         self.events = Counter(
             "pumpflow_consumer_events",
-            "Events handed to the keyed consumer, by outcome (applied, duplicate, invalid).",
+            "Events handed to the keyed consumer, by outcome "
+            "(applied, duplicate, invalid, redriven).",
             ["service", "outcome"],
             registry=registry,
         )
@@ -80,6 +81,7 @@ class ConsumerMetrics:
         self.applied = families.events.labels(service, "applied")
         self.invalid = families.events.labels(service, "invalid")
         self.duplicate_events = families.events.labels(service, "duplicate")
+        self.redriven = families.events.labels(service, "redriven")
         self.duplicates = families.duplicates.labels(service)
         self.gaps = families.gaps.labels(service)
         self.timers = families.timers.labels(service)
@@ -98,6 +100,7 @@ class ConsumerMetrics:
             "duplicates": self.duplicates._value.get(),
             "gaps": self.gaps._value.get(),
             "invalid": self.invalid._value.get(),
+            "redriven": self.redriven._value.get(),
             "timers": self.timers._value.get(),
             "restored": self.restored._value.get(),
             "retired": self.retired._value.get(),

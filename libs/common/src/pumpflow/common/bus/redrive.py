@@ -1,0 +1,130 @@
+"""Redrive: put a service's dead letters back once their cause is fixed.
+
+A letter is redriven when its body is an event (a raw input frame dead-lettered by
+the feed is not: it stays) with a key: the event goes back to the service that
+dead-lettered it, and to no other (:meth:`EventBus.redeliver`), marked
+``redriven``, and only then leaves the dead letters. So a crash half way leaves each
+letter redriven, still dead, or both; a letter redriven twice is applied once, since
+the keyed consumer applies a redriven event only for a seq its key refused, and
+forgets that seq as it applies it (``pumpflow.common.consumer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from pumpflow.common.bus.abc import DeadLetter, EventBus
+from pumpflow.common.events import Event, EventValidationError, decode_event
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LetterFilter:
+    """Which dead letters to redrive; every letter without a condition."""
+
+    #: a text the letter's reason contains
+    reason: str | None = None
+    #: the letter's event type, exactly
+    event_type: str | None = None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        if self.reason is not None and self.reason not in letter.reason:
+            return False
+        return self.event_type is None or letter.event_type == self.event_type
+
+
+@dataclass(slots=True, kw_only=True)
+class RedriveCount:
+    """What a redrive did (or, on a dry run, would do)."""
+
+    dry_run: bool = False
+    #: letters the filter selected
+    matched: int = 0
+    #: selected letters put back (on a dry run: that would be)
+    redriven: int = 0
+    #: selected letters whose body is no event (raw input): they stay
+    not_events: int = 0
+    #: selected keyless events (broadcast to replicas, no queue to go back to): they stay
+    keyless: int = 0
+    #: letters the filter passed over
+    passed_over: int = 0
+
+    def summary(self, service: str) -> str:
+        verb = "would redrive" if self.dry_run else "redrove"
+        line = f"{verb} {self.redriven} dead letter(s) of {service}"
+        if self.matched:
+            line += f" ({self.matched} matched"
+            if self.not_events:
+                line += f", {self.not_events} not events, left"
+            if self.keyless:
+                line += f", {self.keyless} keyless, left"
+            line += ")"
+        return f"{line}; {self.passed_over} not matched"
+
+
+def redrivable(letter: DeadLetter) -> Event | None:
+    """The event to put back for ``letter``, or None when its body is no event."""
+    try:
+        event = decode_event(letter.body)
+    except EventValidationError:
+        return None
+    return msgspec.structs.replace(event, redriven=True)
+
+
+class _Redrive:
+    def __init__(self, bus: EventBus, service: str, select: LetterFilter, dry_run: bool):
+        self.bus = bus
+        self.service = service
+        self.select = select
+        self.count = RedriveCount(dry_run=dry_run)
+
+    async def offer(self, letter: DeadLetter) -> bool:
+        """Put ``letter`` back if selected and redrivable; True once it is back."""
+        count = self.count
+        if not self.select.matches(letter):
+            count.passed_over += 1
+            return False
+        count.matched += 1
+        event = redrivable(letter)
+        if event is None:
+            count.not_events += 1
+            return False
+        if event.key is None:
+            count.keyless += 1
+            return False
+        if count.dry_run:
+            count.redriven += 1
+            return False
+        await self.bus.redeliver(self.service, event)
+        count.redriven += 1
+        return True
+
+
+async def redrive(
+    bus: EventBus,
+    service: str,
+    *,
+    select: LetterFilter | None = None,
+    dry_run: bool = False,
+) -> RedriveCount:
+    """Put ``service``'s selected dead letters back; a dry run only counts them."""
+    run = _Redrive(bus, service, select or LetterFilter(), dry_run)
+    await bus.take_dead_letters(service, run.offer)
+    return run.count
+
+
+async def redrive_letters(
+    bus: EventBus,
+    service: str,
+    letters: Iterable[DeadLetter],
+    *,
+    select: LetterFilter | None = None,
+    dry_run: bool = False,
+) -> RedriveCount:
+    """Put back selected letters kept elsewhere (a file of moved letters) for ``service``."""
+    run = _Redrive(bus, service, select or LetterFilter(), dry_run)
+    for letter in letters:
+        await run.offer(letter)
+    return run.count
