@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pumpflow.common.runtime.runner import EXIT_BAD_SETTINGS, run_service
+from pumpflow.common.runtime.runner import EXIT_BAD_SETTINGS, EXIT_FAILED, run_service
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.testing import ProcessStack, drop_schema, eventually, free_port
 
@@ -89,6 +89,25 @@ async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
     stop.set()
     assert await asyncio.wait_for(runner, 30) == 0
     assert await ready(port) is None
+
+
+class LosesWorkOnStop(Service):
+    name = "loses-work"
+
+    async def start(self, ctx: ServiceContext) -> None:
+        pass
+
+    async def stop(self) -> None:
+        raise RuntimeError("3 events not stored")
+
+
+async def test_a_stop_that_fails_exits_non_zero(monkeypatch, caplog):
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    stop = asyncio.Event()
+    stop.set()
+    assert await asyncio.wait_for(run_service(LosesWorkOnStop, stop=stop), 30) == EXIT_FAILED
+    assert "3 events not stored" in caplog.text
 
 
 class Stateful(Service):

@@ -155,11 +155,15 @@ class DataFeedManager:
         for feed in self.feeds:
             await feed.disconnect()
 
-    async def stop(self) -> None:
-        """Disconnect the feeds, then store and publish what is still pending."""
+    async def stop(self, flush_s: float | None = None) -> int:
+        """Disconnect the feeds, then store and publish what is pending (within ``flush_s``).
+
+        Return the events that could not be stored (the recorder logs them).
+        """
         await self.disconnect()
         if self.recorder is not None:
-            await self.recorder.close()
+            return await self.recorder.close(flush_s)
+        return 0
 
     async def on_record(self, record: FeedRecord) -> Event | None:
         """Publish one record as an event; None if it was a duplicate or not published."""

@@ -11,9 +11,24 @@ between the two, and a replay would then differ from the live run.
 Batches form by group commit: while one write is in flight the next batch fills,
 so an idle feed writes each event at once (latency of one COPY transaction) and a
 busy one writes up to ``batch_size`` per transaction. ``max_delay`` adds a wait to
-fill a batch (flush on size or age). A failing write or publish is retried with
-backoff; the batch is never dropped, and when ``max_pending`` events wait, ``add``
-waits too, which slows the socket reader instead of losing frames.
+fill a batch (flush on size or age). When ``max_pending`` events wait, ``add`` waits
+too, which slows the socket reader instead of losing frames.
+
+Two kinds of failure, told apart by the sink (``rejects``):
+
+- The store is unwell (connection lost, server restarting): the write is retried
+  with backoff for as long as it takes; nothing is dropped or dead-lettered.
+- The store refuses rows of the batch (a value it cannot hold or index): the batch
+  is split in halves, each written on its own, until the rows at fault are alone.
+  Each is dead-lettered as its event envelope (so it can be put back once the cause
+  is fixed) with the store's reason; the rest is stored and published in order, and
+  the stream goes on. A refused event's seq is never published: consumers see a gap.
+
+``problem`` names what makes the recorder unfit to be called ready: a backlog near
+the point where the reader blocks, or an oldest waiting event older than a bound. A
+store slower than the market makes the backlog grow, and the oldest entry of a FIFO
+ages as it grows, so the age bound catches a growing backlog as well as a stuck one.
+``close`` flushes within a bound and says how many events it could not store.
 
 An event added with ``publish=False`` (a trade the feed did not subscribe to) is
 stored and never published, now or by ``recover``: it carries no seq.
@@ -24,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +49,7 @@ from typing import IO, Protocol
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.events import Event, encode_event
 from pumpflow.common.storage import TokenEventStore, WriteResult
+from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.metrics import FeedMetrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +59,14 @@ class EventSink(Protocol):
     async def write_batch(
         self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None
     ) -> WriteResult: ...
+
+    def rejects(self, exc: BaseException) -> bool:
+        """True if ``exc`` refused the rows written (retrying them fails again)."""
+        ...
+
+
+class StoreRejected(Exception):
+    """The sink refused rows of a batch; the batch is split to find them."""
 
 
 class JsonlSink:
@@ -61,6 +86,9 @@ class JsonlSink:
         self._file.write(b"".join(encode_event(e) + b"\n" for e in events))
         self._file.flush()
         return WriteResult(inserted=len(events), last_id=None)
+
+    def rejects(self, exc: BaseException) -> bool:
+        return False  # a line of a file is never refused; a failing disk is waited out
 
     def close(self) -> None:
         if self._owned:
@@ -83,12 +111,21 @@ class RecorderConfig:
     max_pending: int = 100_000
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
+    #: not ready once this many events wait: half the buffer leaves a burst's margin
+    #: before ``add`` makes the socket reader wait (and the market goes unread)
+    ready_max_pending: int = 50_000
+    #: not ready once the oldest waiting event has waited this long: longer than a
+    #: Postgres restart plus the retry backoff (no flapping on a routine restart),
+    #: short enough that a wedged writer shows within a scrape or two
+    ready_max_age_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_pending < 1:
             raise ValueError("batch_size and max_pending must be at least 1")
         if self.max_delay_s < 0 or self.retry_initial_s <= 0 or self.retry_max_s <= 0:
             raise ValueError("recorder delays must be positive")
+        if not 1 <= self.ready_max_pending or self.ready_max_age_s <= 0:
+            raise ValueError("ready_max_pending must be >= 1 and ready_max_age_s > 0")
 
 
 class Recorder:
@@ -101,6 +138,7 @@ class Recorder:
         publisher: EventPublisher | None = None,
         config: RecorderConfig | None = None,
         metrics: FeedMetrics | None = None,
+        dead_letters: DeadLetterQueue | None = None,
     ):
         config = config or RecorderConfig()
         self.config = config
@@ -113,9 +151,14 @@ class Recorder:
         self._max_delay = config.max_delay_s
         self._max_pending = config.max_pending
         self.metrics = metrics or FeedMetrics(None)
-        #: (event, frame, publish)
-        self._pending: deque[tuple[Event, bytes | None, bool]] = deque()
+        self.dead_letters = dead_letters
+        #: (event, frame, publish, time.monotonic() when added)
+        self._pending: deque[tuple[Event, bytes | None, bool, float]] = deque()
         self._inflight = 0
+        #: when the oldest event of the batch being written was added
+        self._inflight_since = 0.0
+        #: of the batch being written, events stored and not yet published
+        self._unpublished = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._space = asyncio.Event()
@@ -125,6 +168,12 @@ class Recorder:
         self._task: asyncio.Task | None = None
         self.stored = 0
         self.published = 0
+        #: events the store refused (dead-lettered)
+        self.rejected = 0
+        #: events a stop could not store (lost) and stored events it could not publish
+        self.unstored = 0
+        self.unpublished = 0
+        self.last_error: str | None = None
 
     @property
     def pending(self) -> int:
@@ -134,6 +183,31 @@ class Recorder:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def oldest_age(self) -> float:
+        """Seconds the oldest event not yet stored and published has waited (0: none)."""
+        if self._inflight:
+            since = self._inflight_since
+        elif self._pending:
+            since = self._pending[0][3]
+        else:
+            return 0.0
+        return time.monotonic() - since
+
+    def problem(self) -> str | None:
+        """Why the recorder is not fit to be called ready, or None."""
+        config = self.config
+        pending = self.pending
+        cause = f" (last failure: {self.last_error})" if self.last_error else ""
+        if pending >= config.ready_max_pending:
+            return (f"{pending} events wait to be stored (ready below "
+                    f"{config.ready_max_pending}; the reader waits at {self._max_pending})"
+                    f"{cause}")  # fmt: skip
+        age = self.oldest_age()
+        if age > config.ready_max_age_s:
+            return (f"the oldest of {pending} events waiting to be stored has waited "
+                    f"{age:.0f} s (ready below {config.ready_max_age_s:g} s){cause}")  # fmt: skip
+        return None
+
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._writer(), name="feed-recorder")
@@ -142,7 +216,7 @@ class Recorder:
         """Queue an event for storing and publishing; waits while too many are pending."""
         while not self._space.is_set():
             await self._space.wait()
-        self._pending.append((event, frame, publish))
+        self._pending.append((event, frame, publish, time.monotonic()))
         self._idle.clear()
         self._wake.set()
         size = len(self._pending)
@@ -157,14 +231,38 @@ class Recorder:
             raise RuntimeError("recorder not started")
         await self._idle.wait()
 
-    async def close(self) -> None:
-        """Flush, then stop the writer."""
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def close(self, timeout_s: float | None = None) -> int:
+        """Flush (within ``timeout_s``), then stop the writer; return the events not stored.
+
+        Events still waiting when the bound ends are lost (PumpPortal keeps no history):
+        the log names how many. Stored events not yet published are published by the
+        next ``recover``.
+        """
+        if self._task is None:
+            return 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout_s)
+        unpublished = self._unpublished
+        unstored = self.pending - unpublished
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if unstored or unpublished:
+            self.unstored += unstored
+            self.unpublished += unpublished
+            self._pending.clear()
+            self._inflight = self._unpublished = 0
+            self._idle.set()
+            self._space.set()
+            self.metrics.record_pending.set(0)
+            log.error(
+                "stop: %d events not stored within %.1f s: lost (PumpPortal keeps no history); "
+                "%d stored events not published: %s%s", unstored, timeout_s, unpublished,
+                "the next start publishes them" if self._outbox else "not published",
+                f" (last failure: {self.last_error})" if self.last_error else "",
+            )  # fmt: skip
+        return unstored
 
     async def recover(self) -> int:
         """Publish stored events the last run did not confirm; return how many."""
@@ -204,24 +302,58 @@ class Recorder:
                 count = min(len(self._pending), self._batch_size)
                 batch = [self._pending.popleft() for _ in range(count)]
                 self._inflight = count
+                self._inflight_since = batch[0][3]
                 self._full.clear()
                 if len(self._pending) < self._max_pending:
                     self._space.set()
                 self.metrics.record_pending.set(len(self._pending) + count)
-                events = [e for e, _, _ in batch]
-                result = await self._retry("store", self.sink.write_batch, events,
-                                           [f for _, f, _ in batch])  # fmt: skip
-                self.stored += result.inserted
-                self.metrics.recorded.inc(result.inserted)
-                to_publish = result.to_publish(events)
-                stored_only = {e.id for e, _, publish in batch if not publish}
-                if stored_only:
-                    to_publish = [e for e in to_publish if e.id not in stored_only]
-                await self._publish(to_publish, result.last_id)
+                await self._record(batch)
                 self._inflight = 0
             self.metrics.record_pending.set(0)
             if not self._pending:
                 self._idle.set()
+
+    async def _record(self, batch: list[tuple[Event, bytes | None, bool, float]]) -> None:
+        """Store, then publish; split a refused batch until the rows at fault are alone."""
+        parts = deque([batch])
+        while parts:
+            part = parts.popleft()
+            events = [e for e, _, _, _ in part]
+            try:
+                result = await self._retry("store", self.sink.write_batch, events,
+                                           [f for _, f, _, _ in part])  # fmt: skip
+            except StoreRejected as refused:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    parts.extendleft((part[middle:], part[:middle]))
+                    continue
+                await self._reject(part[0][0], refused.__cause__)
+            else:
+                self.stored += result.inserted
+                self.metrics.recorded.inc(result.inserted)
+                to_publish = result.to_publish(events)
+                stored_only = {e.id for e, _, publish, _ in part if not publish}
+                if stored_only:
+                    to_publish = [e for e in to_publish if e.id not in stored_only]
+                self._unpublished = len(to_publish)
+                await self._publish(to_publish, result.last_id)
+                self._unpublished = 0
+            self._inflight -= len(part)
+            if parts:
+                self._inflight_since = parts[0][0][3]
+
+    async def _reject(self, event: Event, exc: BaseException | None) -> None:
+        """Dead-letter an event the store refused, with the store's reason."""
+        reason = f"store refused the event: {type(exc).__name__}: {exc}"
+        self.rejected += 1
+        self.metrics.record_rejected.inc()
+        log.error("%.300s; %s %s of %.60s dead-lettered (%d so far); the stream goes on",
+                  reason, event.type, event.id, event.key, self.rejected)  # fmt: skip
+        if self.dead_letters is None:
+            log.error("no dead-letter queue: the refused event is only in this log: %.2000r",
+                      encode_event(event))  # fmt: skip
+            return
+        await self.dead_letters.send(encode_event(event), reason, event.type)
 
     async def _publish(self, events: list[Event], last_id: int | None) -> None:
         if self._publisher is not None and events:
@@ -233,15 +365,22 @@ class Recorder:
             await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
 
     async def _retry(self, what: str, func, *args):
+        """Call until it succeeds; a store's refusal of the rows raises StoreRejected."""
         delay = self.config.retry_initial_s
         while True:
             try:
-                return await func(*args)
+                result = await func(*args)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.metrics.record_errors.inc()
-                log.warning("%s failed (%s: %s); retrying in %.1f s", what,
+                if what == "store" and self.sink.rejects(exc):
+                    raise StoreRejected(str(exc)) from exc
+                self.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("%s failed (%s: %.300s); retrying in %.1f s", what,
                             type(exc).__name__, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(self.config.retry_max_s, delay * 2)
+            else:
+                self.last_error = None
+                return result

@@ -11,6 +11,12 @@ and keep the wanted mints from the commands. A lost lease disconnects at once.
 
 Recent events of the subscribed mints stay in memory (the LookBack), served at
 ``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
+
+Malformed frames and events the store refuses go to one dead-letter queue, sent off
+the reader's path. Readiness is false while the recorder's backlog is near the point
+where the reader waits or its oldest event is too old (the reason says which). A stop
+that cannot store everything within ``feed_stop_flush_s`` logs what it lost and fails,
+so the process exits non-zero.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.interface import TOKEN_EVENT_TYPES
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.manager import DataFeedManager
@@ -85,6 +92,7 @@ class FeedService(Service):
         self.lookback: LookBack | None = None
         self.store: TokenEventStore | None = None
         self.leader: LeaderLease | None = None
+        self.dead_letters: DeadLetterQueue | None = None
         self._stopped = False
 
     @property
@@ -105,6 +113,8 @@ class FeedService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         settings = self.settings
         recorder = None
+        self.dead_letters = DeadLetterQueue(ctx.bus, service=settings.service, metrics=self.metrics)
+        self.dead_letters.start()
         if settings.feed_record:
             if ctx.db is None:
                 raise RuntimeError("feed recording is on (PUMPFLOW_FEED_RECORD) but no database")
@@ -114,6 +124,7 @@ class FeedService(Service):
                 publisher=ctx.bus,
                 config=settings.recorder_config(),
                 metrics=self.metrics,
+                dead_letters=self.dead_letters,
             )
         self.lookback = LookBack(
             settings.history_config(),
@@ -127,6 +138,7 @@ class FeedService(Service):
             bus=ctx.bus,
             store=self.store,
             lookback=self.lookback,
+            dead_letters=self.dead_letters,
         )
         self.manager = DataFeedManager(
             ctx.bus,
@@ -174,7 +186,7 @@ class FeedService(Service):
 
     async def _resign(self) -> None:
         """Disconnect and flush before the lease goes: the next holder finds it all stored."""
-        await self.manager.stop()
+        await self.manager.stop(self.settings.feed_stop_flush_s)
         await self._save_mints()
 
     async def _save_mints(self) -> None:
@@ -204,8 +216,16 @@ class FeedService(Service):
             # a leader flushes and saves the mints (on_resign) before it releases the lease
             await self.leader.stop()
         # a standby may still hold events it received while it led
-        await self.manager.stop()
+        await self.manager.stop(self.settings.feed_stop_flush_s)
         self.lookback.close()
+        unsent = await self.dead_letters.close(self.settings.feed_stop_flush_s)
+        recorder = self.recorder
+        unstored = recorder.unstored if recorder is not None else 0
+        if unstored or unsent:
+            raise RuntimeError(
+                f"feed stopped without storing {unstored} events and sending {unsent} dead "
+                f"letters within {self.settings.feed_stop_flush_s:g} s (see the log above)"
+            )
 
     def subscriptions(self) -> dict[str, Any]:
         socket = self.socket
@@ -280,12 +300,23 @@ class FeedService(Service):
                 ),
             }
         recorder = self.recorder
-        return {
-            "ready": connected,
+        problem = recorder.problem() if recorder is not None else None
+        letters = self.dead_letters
+        body = {
+            "ready": connected and problem is None,
             "role": role,
             "connected": connected,
             "sessions": socket.sessions if socket is not None else 0,
             "active_subscriptions": len(socket.active_mints) if socket is not None else 0,
             "record_pending": recorder.pending if recorder is not None else 0,
+            "record_oldest_s": round(recorder.oldest_age(), 3) if recorder is not None else 0,
+            "record_rejected": recorder.rejected if recorder is not None else 0,
+            "dead_letters_pending": letters.pending if letters is not None else 0,
+            "dead_letters_dropped": letters.dropped if letters is not None else 0,
             "republished_on_start": self.republished,
         }
+        if not connected:
+            body["reason"] = "not connected to PumpPortal"
+        elif problem is not None:
+            body["reason"] = f"recorder: {problem}"
+        return body

@@ -87,6 +87,31 @@ class FeedSettings(CommonSettings):
     feed_record_max_pending: int = Field(
         100_000, ge=1, description="events held before the socket reader waits for Postgres"
     )
+    feed_record_ready_max_pending: int = Field(
+        50_000,
+        ge=1,
+        description=(
+            "not ready once this many events wait to be stored (half the buffer: a burst's "
+            "margin before the socket reader waits)"
+        ),
+    )
+    feed_record_ready_max_age_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "not ready once the oldest event waiting to be stored is this old (longer than a "
+            "Postgres restart and the retry backoff; a stuck or lagging store shows within it)"
+        ),
+    )
+    feed_stop_flush_s: float = Field(
+        20.0,
+        ge=0,
+        description=(
+            "on stop, wait this long to store, publish and dead-letter what is pending; what "
+            "is left is logged and the process exits non-zero (below the runtime's 30 s "
+            "bound on a service's stop, so the feed says what it lost)"
+        ),
+    )
     feed_seq_restore_window_s: float | None = Field(
         None, gt=0, description="restore per-mint seq from events this recent (None: all)"
     )
@@ -138,6 +163,8 @@ class FeedSettings(CommonSettings):
             batch_size=self.feed_record_batch_size,
             max_delay_s=self.feed_record_max_delay_s,
             max_pending=self.feed_record_max_pending,
+            ready_max_pending=self.feed_record_ready_max_pending,
+            ready_max_age_s=self.feed_record_ready_max_age_s,
         )
 
     def manager_config(self) -> FeedManagerConfig:

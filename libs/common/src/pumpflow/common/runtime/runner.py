@@ -137,7 +137,9 @@ async def run_service(
             if started:
                 await _drain(bus, settings.drain_timeout_s)
         if service is not None and started:
-            await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0))
+            # a stop that fails or overruns may have lost work: the exit code says so
+            if not await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0)):
+                exit_code = EXIT_FAILED
         if http is not None:
             await _bounded("HTTP stop", http.stop())
         if bus is not None:

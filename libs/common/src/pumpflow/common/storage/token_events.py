@@ -8,6 +8,13 @@ decoded and reproduces its payloads byte for byte.
 
 Reads go through a server-side cursor inside a transaction, so replaying millions
 of rows holds only ``batch_size`` of them in memory.
+
+``rejects`` tells a batch the store refuses for its rows (a value Postgres cannot
+hold or index: retrying the same rows fails again) from a store that is unwell (a
+lost connection, a server restarting or full: retrying later succeeds). Only the
+first may cost a row; the second is always waited out. An error of neither kind
+known here (a missing table, say) counts as the store's: retried, and visible in the
+writer's readiness, rather than dead-lettering every row of the market.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ClientDataError
 
 from pumpflow.common.events import (
     Event,
@@ -125,6 +133,17 @@ _TYPE_OF_TX = {
 }
 _TOKEN_TYPES = frozenset(_TYPE_OF_TX.values())
 
+#: errors caused by the rows themselves: bad data (SQLSTATE class 22), a broken
+#: constraint (23), a value beyond a limit such as an index row over 8191 bytes (54),
+#: and a value the client cannot encode for its column
+_ROW_FAULTS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ClientDataError,
+    OverflowError,
+)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WriteResult:
@@ -200,6 +219,11 @@ class TokenEventStore:
 
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
+
+    @staticmethod
+    def rejects(exc: BaseException) -> bool:
+        """True if a failed write refused its rows (retrying them fails again)."""
+        return isinstance(exc, _ROW_FAULTS)
 
     async def write(
         self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None

@@ -1,0 +1,199 @@
+"""The recorder under faults, against real Postgres: a refused row, a store that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import string
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.db.pool import create_pool
+from pumpflow.common.events import Event, decode_event, make_event
+from pumpflow.common.pumpportal import decode_frame
+from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.feed import reference_frames as ref
+from pumpflow.feed.dead_letters import DeadLetterQueue
+from pumpflow.feed.metrics import FeedMetrics
+from pumpflow.feed.recorder import Recorder, RecorderConfig
+
+pytestmark = pytest.mark.postgres
+
+
+def trades(count: int, *, refused_at: tuple[int, ...] = ()) -> list[Event]:
+    """Trades of one mint, seq 1..count; those at ``refused_at`` carry a 10 KB signature.
+
+    Such a signature is more than Postgres can index (8191 bytes): it comes straight
+    through the recorder here, as a decoder without field bounds would let it.
+    """
+    clock = ReplayClock(100.0)
+    base = decode_frame(ref.SELL)
+    out = []
+    for i in range(count):
+        signature = f"sig-{i}"
+        if i in refused_at:
+            alphabet = string.ascii_letters + string.digits
+            signature = "".join(random.Random(i).choices(alphabet, k=10_000))
+        payload = msgspec.structs.replace(base, signature=signature)
+        out.append(make_event(payload, source="feed/t", time=clock.now() + i, seq=i + 1))
+    return out
+
+
+async def bus_with_probe() -> tuple[InMemoryBus, EventCollector]:
+    bus = InMemoryBus(partitions=2, synchronous=True, source="feed/t")
+    await bus.start()
+    probe = await EventCollector("probe").attach(bus, "token.*")
+    return bus, probe
+
+
+async def test_a_row_the_store_refuses_is_dead_lettered_and_everything_around_it_stored(pg_pool):
+    bus, probe = await bus_with_probe()
+    metrics = FeedMetrics(CollectorRegistry())
+    letters = DeadLetterQueue(bus, service="feed", metrics=metrics)
+    letters.start()
+    store = TokenEventStore(pg_pool)
+    await store.outbox_position("feed")
+    recorder = Recorder(store, publisher=bus, metrics=metrics, dead_letters=letters,
+                        config=RecorderConfig(outbox="feed", batch_size=16))  # fmt: skip
+    await recorder.start()
+    events = trades(40, refused_at=(5, 6, 23))
+    for event in events:
+        await recorder.add(event)
+    await asyncio.wait_for(recorder.flush(), 30)  # never returned: the batch was retried forever
+    good = [e for i, e in enumerate(events) if i not in (5, 6, 23)]
+    assert await store.count() == len(good)
+    await bus.drain()
+    assert [e.id for e in probe.events] == [e.id for e in good]  # published, in order
+    assert await store.outbox_position("feed") == await pg_pool.fetchval(
+        "SELECT max(id) FROM token_events"
+    )
+    await letters.flush()
+    dead = await bus.dead_letters("feed")
+    assert [decode_event(letter.body) for letter in dead] == [events[5], events[6], events[23]]
+    assert all("index row requires" in letter.reason for letter in dead)
+    assert {letter.event_type for letter in dead} == {"token.trade"}
+    assert recorder.rejected == 3 and metrics.record_rejected._value.get() == 3
+    # the stream goes on
+    later = trades(45)[40:]
+    for event in later:
+        await recorder.add(event)
+    await recorder.flush()
+    assert await store.count() == len(good) + 5
+    assert await recorder.close(5) == 0
+    await letters.close(5)
+    await bus.close()
+
+
+@pytest.fixture
+async def own_store(own_postgres):
+    pool = await create_pool(own_postgres.dsn, "feed_faults", min_size=0, max_size=2)
+    yield own_postgres, TokenEventStore(pool)
+    await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_a_store_that_goes_away_is_waited_out_and_readiness_says_why(own_store, caplog):
+    server, store = own_store
+    bus, probe = await bus_with_probe()
+    letters = DeadLetterQueue(bus, service="feed")
+    letters.start()
+    config = RecorderConfig(retry_initial_s=0.05, retry_max_s=0.2, ready_max_age_s=0.3)
+    recorder = Recorder(store, publisher=bus, dead_letters=letters, config=config)
+    await recorder.start()
+    events = trades(30)
+    for event in events[:10]:
+        await recorder.add(event)
+    await recorder.flush()
+    assert recorder.problem() is None
+    await asyncio.to_thread(server.stop)
+    for event in events[10:]:
+        await recorder.add(event)
+    problem = await eventually(recorder.problem, what="readiness turned false")
+    assert "the oldest of 20 events waiting to be stored has waited" in problem
+    assert "last failure: store:" in problem
+    await asyncio.to_thread(server.start)
+    await asyncio.wait_for(recorder.flush(), 30)
+    assert recorder.problem() is None
+    assert await store.count() == 30
+    await bus.drain()
+    assert [e.id for e in probe.events] == [e.id for e in events]
+    assert recorder.rejected == 0 and letters.sent == 0 and letters.pending == 0
+    assert await bus.dead_letters("feed") == []
+    await recorder.close(5)
+    await letters.close(5)
+    await bus.close()
+
+
+async def test_a_backlog_near_the_readers_limit_is_not_ready(own_store):
+    server, store = own_store
+    await asyncio.to_thread(server.stop)
+    config = RecorderConfig(max_pending=20, ready_max_pending=10, retry_initial_s=0.05)
+    recorder = Recorder(store, config=config)
+    await recorder.start()
+    for event in trades(9):
+        await recorder.add(event)
+    assert recorder.problem() is None
+    await recorder.add(trades(10)[9])
+    assert "10 events wait to be stored (ready below 10; the reader waits at 20)" in (
+        recorder.problem() or ""
+    )
+    assert await recorder.close(0.2) == 10
+
+
+async def test_a_stop_that_cannot_flush_says_how_many_events_it_lost(own_store, caplog):
+    server, store = own_store
+    await asyncio.to_thread(server.stop)
+    recorder = Recorder(store, config=RecorderConfig(retry_initial_s=0.05))
+    await recorder.start()
+    for event in trades(7):
+        await recorder.add(event)
+    caplog.set_level(logging.ERROR)
+    assert await recorder.close(0.3) == 7
+    assert recorder.unstored == 7
+    assert "stop: 7 events not stored within 0.3 s: lost" in caplog.text
+
+
+async def test_the_service_is_not_ready_while_it_cannot_store_and_its_stop_fails(own_store):
+    from pumpflow.common.clock import WallClock
+    from pumpflow.common.runtime.service import ServiceContext
+    from pumpflow.feed.service import FeedService
+    from pumpflow.feed.settings import FeedSettings
+    from pumpflow.simulator import server as simulator
+    from pumpflow.simulator.market import Market, MarketConfig
+
+    server, store = own_store
+    market = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=3, launches_per_minute=120)), speed=40.0
+    )
+    await market.start()
+    bus, _probe = await bus_with_probe()
+    settings = FeedSettings(pumpportal_ws_url=market.url, transport="memory", replica="t",
+                            feed_record_ready_max_age_s=0.5, feed_stop_flush_s=0.5)  # fmt: skip
+    service = FeedService(settings, registry=CollectorRegistry())
+    ctx = ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=store._pool)
+    await service.start(ctx)
+    try:
+        await eventually(lambda: service.recorder.stored >= 5, what="events stored")
+        assert (await service.status())["ready"] is True
+        await asyncio.to_thread(server.stop)
+        status = await eventually(
+            lambda: _not_ready(service), what="not ready while Postgres is away"
+        )
+        assert status["reason"].startswith("recorder: the oldest of ")
+        assert status["connected"] is True
+        with pytest.raises(RuntimeError, match=r"without storing [1-9]\d* events"):
+            await service.stop()
+    finally:
+        await service.stop()
+        await market.stop()
+        await bus.close()
+
+
+async def _not_ready(service) -> dict | None:
+    status = await service.status()
+    return None if status["ready"] else status
