@@ -93,9 +93,10 @@ async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
 
 class LosesWorkOnStop(Service):
     name = "loses-work"
+    started = False
 
     async def start(self, ctx: ServiceContext) -> None:
-        pass
+        type(self).started = True
 
     async def stop(self) -> None:
         raise RuntimeError("3 events not stored")
@@ -105,8 +106,11 @@ async def test_a_stop_that_fails_exits_non_zero(monkeypatch, caplog):
     monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
     monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
     stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(LosesWorkOnStop, stop=stop))
+    # a stop before start-up ends would end it there, with nothing to lose
+    await eventually(lambda: LosesWorkOnStop.started, what="the service started")
     stop.set()
-    assert await asyncio.wait_for(run_service(LosesWorkOnStop, stop=stop), 30) == EXIT_FAILED
+    assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
     assert "3 events not stored" in caplog.text
 
 

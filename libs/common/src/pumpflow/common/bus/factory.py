@@ -26,6 +26,8 @@ class BusConfig:
     amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
     namespace: str = "pumpflow"
     prefetch: int = 256
+    #: RabbitMQ only: tries of the first connection before ``start`` raises
+    connect_attempts: int = 30
 
 
 def create_bus(config: BusConfig) -> EventBus:
@@ -46,5 +48,6 @@ def create_bus(config: BusConfig) -> EventBus:
             prefetch=config.prefetch,
             source=config.source,
             event_log=event_log,
+            connect_attempts=config.connect_attempts,
         )
     raise ValueError(f"unknown bus transport {config.transport!r}")

@@ -200,9 +200,12 @@ class RabbitMQBus(EventBus):
 
     async def start(self) -> None:
         async with self._start_lock:
-            if self._connection is not None and not self._connection.is_closed:
+            connected = self._connection is not None and not self._connection.is_closed
+            if connected and self._dlx is not None:
                 return
-            self._connection = await self._connect()
+            if not connected:
+                self._connection = await self._connect()
+            assert self._connection is not None
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._exchange = await self._channel.declare_exchange(
                 self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True

@@ -1,7 +1,10 @@
 """HTTP face of a service: health, readiness, Prometheus metrics and its own routes.
 
 Served by uvicorn inside the service's event loop (:class:`HttpServer`), with
-uvicorn's signal handling off: the runner owns SIGTERM.
+uvicorn's signal handling off: the runner owns SIGTERM. It serves from the first
+moment of start-up: until the service runs, ``/readyz`` answers 503 naming the
+dependencies awaited (``pumpflow.common.runtime.startup``) and the service's own
+routes answer 503.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.startup import Startup
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ def require_token(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> None:
     """Dependency guarding mutating endpoints with the configured bearer token."""
-    expected = request.app.state.ctx.settings.api_token
+    expected = request.app.state.settings.api_token
     if not expected:
         raise TokenError(
             403,
@@ -113,11 +117,16 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
     return ready, checks
 
 
-def create_app(service: Service, ctx: ServiceContext) -> FastAPI:
-    """The service's FastAPI app: /healthz, /readyz, /metrics and the service's router."""
-    settings = ctx.settings
+def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
+    """The service's FastAPI app: /healthz, /readyz, /metrics and the service's router.
+
+    ``ctx``: the running service's context, or the start-up that will hold it.
+    """
+    startup = ctx if isinstance(ctx, Startup) else Startup.running(ctx)
+    settings = startup.settings
     app = FastAPI(title=f"pumpflow {settings.service}", docs_url=None, redoc_url=None)
-    app.state.ctx = ctx
+    app.state.settings = settings
+    app.state.startup = startup
     app.state.service = service
     SERVICE_INFO.labels(settings.service, settings.replica).set(1)
     SERVICE_STARTED.labels(settings.service).set(time.time())
@@ -133,7 +142,18 @@ def create_app(service: Service, ctx: ServiceContext) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready, checks = await readiness(service, ctx)
+        running = startup.ctx
+        if running is None:
+            body = {
+                "ready": False,
+                "service": settings.service,
+                "starting": True,
+                "waiting_for": startup.waiting_for,
+                "checks": startup.checks(),
+            }
+            SERVICE_READY.labels(settings.service).set(0)
+            return JSONResponse(body, status_code=503)
+        ready, checks = await readiness(service, running)
         SERVICE_READY.labels(settings.service).set(1 if ready else 0)
         body = {"ready": ready, "service": settings.service, "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -142,9 +162,14 @@ def create_app(service: Service, ctx: ServiceContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    def started() -> None:
+        if startup.ctx is None:
+            awaited = ", ".join(startup.waiting_for) or "the service to start"
+            raise HTTPException(503, f"{settings.service} is starting: waiting for {awaited}")
+
     router = service.router()
     if router is not None:
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(started)])
     return app
 
 

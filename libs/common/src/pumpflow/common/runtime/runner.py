@@ -1,4 +1,10 @@
-"""Run one service as its own process: connect, start, serve HTTP, stop cleanly on SIGTERM.
+"""Run one service as its own process: serve HTTP, connect, start, stop cleanly on SIGTERM.
+
+Start-up: HTTP first (``/healthz`` alive, ``/readyz`` not ready, naming what it waits
+for), then RabbitMQ, Redis and Postgres (those the service needs) are awaited together
+under one retry policy (``pumpflow.common.runtime.startup``), then the service starts.
+SIGTERM during start-up ends it at once with exit 0; a dependency still unreachable
+after ``dependency_wait_s`` (unset: never) exits 1.
 
 Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
 flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
@@ -22,6 +28,7 @@ from pumpflow.common.clock import WallClock
 from pumpflow.common.runtime.logging import configure_logging, redacted_settings
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.runtime.startup import Startup
 
 if TYPE_CHECKING:
     from pumpflow.common.runtime.http import HttpServer
@@ -91,47 +98,40 @@ async def run_service(
     stop = stop or asyncio.Event()
     installed = _install_signal_handlers(stop)
     clock = WallClock()
-    bus = store = db = balance_store = None
+    startup = Startup(settings)
+    wired = _Wired()
+    bus = None
     service: Service | None = None
     http: HttpServer | None = None
     started = False
     exit_code = EXIT_OK
     try:
-        from pumpflow.common.bus.factory import create_bus
-        from pumpflow.common.runtime.wiring import bus_config
-
-        bus = create_bus(bus_config(settings))
-        await bus.start()
-        if service_cls.needs_store:
-            from pumpflow.common.state.redis import RedisStateStore
-
-            store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
-            if not await store.ping():
-                raise ConnectionError(f"Redis does not answer at {settings.redis_url}")
-        if service_cls.needs_db:
-            from pumpflow.common.db.pool import create_pool
-
-            db = await create_pool(settings.postgres_dsn, settings.namespace)
-        if settings.transport == "rabbitmq" and settings.balance_partitions:
-            bus, balance_store = _balanced(bus, settings, store, clock)
-        ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=store, db=db)
         service = service_cls(settings)
-        await service.start(ctx)
-        started = True
         if settings.http_port:
             from pumpflow.common.runtime.http import HttpServer, create_app
 
             http = HttpServer(
-                create_app(service, ctx), host=settings.http_host, port=settings.http_port
+                create_app(service, startup), host=settings.http_host, port=settings.http_port
             )
             await http.start()
             log.info("serving HTTP on %s:%d", settings.http_host, http.port)
-        log.info("%s running", settings.service)
-        await _wait(stop, http)
+        connecting = asyncio.create_task(_connect(service_cls, settings, clock, startup, wired))
+        try:
+            ctx = await _unless_stopped(connecting, stop, http, startup)
+        finally:
+            bus = wired.bus
+        if ctx is not None:
+            # a stop from here on waits for the start, then stops the service as usual
+            await service.start(ctx)
+            started = True
+            startup.ctx = ctx
+            log.info("%s running", settings.service)
+            await _wait(stop, http)
     except Exception:
         log.exception("%s failed", settings.service)
         exit_code = EXIT_FAILED
     finally:
+        store, db, balance_store = wired.store, wired.db, wired.balance_store
         if bus is not None:
             await _bounded("stop consuming", bus.stop_consuming())
             if started:
@@ -155,6 +155,83 @@ async def run_service(
             loop.remove_signal_handler(sig)
         log.info("%s stopped (exit %d)", settings.service, exit_code)
     return exit_code
+
+
+class _Wired:
+    """What start-up connected so far, for the shutdown to close."""
+
+    bus = None
+    store = None
+    db = None
+    balance_store = None
+
+
+async def _connect(
+    service_cls: type[Service],
+    settings: CommonSettings,
+    clock: WallClock,
+    startup: Startup,
+    wired: _Wired,
+) -> ServiceContext:
+    """Reach every dependency the service needs, all at once; return its context."""
+    from dataclasses import replace
+
+    from pumpflow.common.bus.factory import create_bus
+    from pumpflow.common.runtime.wiring import bus_config
+
+    # one try per attempt: the start-up policy owns the retrying
+    bus = wired.bus = create_bus(replace(bus_config(settings), connect_attempts=1))
+    reaching = [startup.reach(settings.transport, bus.start)]
+    balanced = settings.transport == "rabbitmq" and settings.balance_partitions
+    if service_cls.needs_store or balanced:
+        from pumpflow.common.state.redis import RedisStateStore
+
+        store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+        if service_cls.needs_store:
+            wired.store = store
+        else:
+            wired.balance_store = store  # heartbeats only
+
+        async def ping() -> None:
+            if not await store.ping():
+                raise ConnectionError("Redis does not answer")
+
+        reaching.append(startup.reach("redis", ping))
+    if service_cls.needs_db:
+        from pumpflow.common.db.pool import create_pool
+
+        async def connect() -> None:
+            wired.db = await create_pool(settings.postgres_dsn, settings.namespace)
+
+        reaching.append(startup.reach("postgres", connect))
+    await asyncio.gather(*reaching)
+    if balanced:
+        bus, _ = _balanced(bus, settings, wired.store or wired.balance_store, clock)
+        wired.bus = bus
+    return ServiceContext(settings=settings, bus=bus, clock=clock, store=wired.store, db=wired.db)
+
+
+async def _unless_stopped(
+    connecting: asyncio.Task[ServiceContext],
+    stop: asyncio.Event,
+    http: HttpServer | None,
+    startup: Startup,
+) -> ServiceContext | None:
+    """The context ``connecting`` returns, or None if a stop came first.
+
+    A stop cancels it, wherever it waits; its failure (or the HTTP server's) is raised.
+    """
+    try:
+        await _wait(stop, http, also=connecting)
+    finally:
+        if not connecting.done():
+            log.info("stopping while waiting for %s", ", ".join(startup.waiting_for) or "nothing")
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+    if connecting.cancelled():
+        return None
+    return connecting.result()
 
 
 def _balanced(bus, settings: CommonSettings, store, clock):
@@ -193,10 +270,14 @@ async def _drain(bus, limit_s: float) -> None:
         log.warning("shutdown: handlers still in flight after %.1f s", limit_s)
 
 
-async def _wait(stop: asyncio.Event, http: HttpServer | None) -> None:
-    """Wait for the stop signal; a crashed HTTP server is a failure of the service."""
+async def _wait(
+    stop: asyncio.Event, http: HttpServer | None, *, also: asyncio.Task | None = None
+) -> None:
+    """Wait for the stop signal (or ``also`` to end); a crashed HTTP server is a failure."""
     waiter = asyncio.create_task(stop.wait())
     watched = {waiter}
+    if also is not None:
+        watched.add(also)
     if http is not None and http.task is not None:
         watched.add(http.task)
     try:
@@ -205,7 +286,7 @@ async def _wait(stop: asyncio.Event, http: HttpServer | None) -> None:
         waiter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiter
-    if waiter not in done:
+    if waiter not in done and (also is None or also not in done):
         failure = http.task.exception() if http is not None and http.task is not None else None
         raise RuntimeError(f"the HTTP server stopped unexpectedly: {failure!r}")
 

@@ -46,6 +46,15 @@ class CommonSettings(BaseSettings):
     event_log: Literal["none", "sampled", "all"] = Field("none", description="event audit log")
     event_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="share logged")
     drain_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: time to drain handlers")
+    dependency_retry_max_s: float = Field(
+        5.0, gt=0, description="start-up: longest pause between tries to reach a dependency"
+    )
+    dependency_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="start-up: exit 1 when RabbitMQ, Redis or Postgres is still unreachable "
+        "after this long (unset: wait for it, serving /readyz as not ready)",
+    )
     balance_partitions: bool = Field(
         True,
         description="replicas share partitions by rendezvous hashing over live replicas "

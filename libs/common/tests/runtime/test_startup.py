@@ -1,0 +1,145 @@
+"""Start-up with a dependency down: HTTP at once, /readyz names it, SIGTERM stops at once,
+and the replica gets ready on its own once the dependency appears.
+
+Each test points one dependency at a server of its own that is not started yet (its
+port free), the others at the machine's, and runs a service needing all three as a
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pumpflow.common.runtime.runner import EXIT_FAILED, run_service
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.runtime.startup import Startup
+from pumpflow.common.testing import drop_schema, eventually, free_port
+from pumpflow.common.testing.instances import (
+    PostgresInstance,
+    RabbitMQInstance,
+    RedisInstance,
+    ServerInstance,
+)
+from pumpflow.common.testing.stack import http_get, http_json
+
+NEEDY_SERVICE = Path(__file__).with_name("needy_service.py")
+#: SIGTERM while waiting must end the process within this (it takes well under a second)
+STOP_WITHIN_S = 5.0
+
+
+def _instance(dependency: str) -> tuple[ServerInstance, dict[str, str]]:
+    """A server of the test's own (not started) and the setting pointing at it."""
+    if dependency == "rabbitmq":
+        server = RabbitMQInstance()
+        return server, {"amqp_url": server.url}
+    if dependency == "redis":
+        server = RedisInstance()
+        return server, {"redis_url": server.url}
+    server = PostgresInstance()
+    return server, {"postgres_dsn": server.dsn}
+
+
+DEPENDENCIES = [
+    pytest.param("rabbitmq", marks=[pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]),
+    pytest.param("redis", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]),
+    pytest.param("postgres", marks=[pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.redis]),
+]
+
+
+@pytest.mark.parametrize("dependency", DEPENDENCIES)
+async def test_a_replica_waits_for_a_missing_dependency_serving_readyz_and_stops_at_once(
+    process_stack, namespace, postgres_dsn, dependency
+):
+    server, pointing = _instance(dependency)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def serve():
+        return process_stack.start(
+            "needy", [sys.executable, NEEDY_SERVICE], http_port=port, **pointing
+        )
+
+    async def waiting() -> dict | None:
+        status, _ = await asyncio.to_thread(http_get, f"{url}/healthz")
+        body = await asyncio.to_thread(http_json, f"{url}/readyz")
+        if status != 200 or body is None or body.get("ready") is not False:
+            return None
+        return body if body.get("waiting_for") == [dependency] else None
+
+    try:
+        serve()
+        body = await eventually(
+            waiting, 30, what=f"/readyz waiting for {dependency}", details=process_stack.logs
+        )
+        check = body["checks"][dependency]
+        assert check["ok"] is False and check["error"], body
+        # its own routes are not served half started
+        status, _ = await asyncio.to_thread(http_get, f"{url}/nothing-here")
+        assert status == 404
+        stopping = time.monotonic()
+        assert await process_stack.stop("needy", within=STOP_WITHIN_S) == 0, process_stack.logs()
+        assert time.monotonic() - stopping < STOP_WITHIN_S
+
+        serve()
+        await eventually(waiting, 30, what=f"waiting again for {dependency}")
+        await asyncio.to_thread(server.start)
+
+        async def ready() -> bool:
+            body = await asyncio.to_thread(http_json, f"{url}/readyz")
+            return body is not None and body.get("ready") is True
+
+        await eventually(ready, 60, what="ready once it appeared", details=process_stack.logs)
+        assert await process_stack.stop("needy", within=30) == 0, process_stack.logs()
+    finally:
+        await asyncio.to_thread(server.close)
+        if dependency != "postgres":
+            await drop_schema(postgres_dsn, namespace)
+
+
+class _NeedsRedis(Service):
+    name = "impatient"
+    needs_store = True
+
+    async def start(self, ctx: ServiceContext) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_a_dependency_still_missing_after_the_configured_wait_exits_1():
+    settings = CommonSettings(
+        service="impatient",
+        transport="memory",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        http_port=0,
+        dependency_retry_max_s=0.1,
+        dependency_wait_s=0.5,
+    )
+    assert await asyncio.wait_for(run_service(_NeedsRedis, settings), 10) == EXIT_FAILED
+
+
+async def test_reach_retries_with_a_capped_backoff_and_names_what_it_waits_for():
+    settings = CommonSettings(service="probe", transport="memory", dependency_retry_max_s=0.05)
+    startup = Startup(settings)
+    failures = 3
+
+    async def attempt() -> str:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionError("refused")
+        return "connected"
+
+    reaching = asyncio.create_task(startup.reach("redis", attempt))
+    await eventually(lambda: startup.checks().get("redis", {}).get("attempts", 0) >= 1, 5)
+    assert startup.waiting_for == ["redis"]
+    assert startup.checks()["redis"]["error"] == "ConnectionError: refused"
+    assert await reaching == "connected"
+    assert startup.waiting_for == [] and failures == 0
