@@ -1,0 +1,53 @@
+"""Models: cards, labels, metrics, models on disk and the ModelManager that serves them.
+
+See :mod:`pumpflow.common.model.manager` for the API and
+:mod:`pumpflow.common.model.card` for what a card holds.
+"""
+
+from pumpflow.common.model.card import (
+    CardError,
+    FeatureReference,
+    HeldOut,
+    LabelDefinition,
+    ModelCard,
+    Preprocessing,
+    TrainingWindow,
+    decode_card,
+    encode_card,
+    prepare_inputs,
+    reference_distribution,
+)
+from pumpflow.common.model.manager import (
+    FeatureSetMismatch,
+    ModelError,
+    ModelExpired,
+    ModelManager,
+    ModelPerformance,
+    Prediction,
+    UnknownModel,
+)
+from pumpflow.common.model.registry import ModelRegistry, read_model, write_model
+
+__all__ = [
+    "CardError",
+    "FeatureReference",
+    "FeatureSetMismatch",
+    "HeldOut",
+    "LabelDefinition",
+    "ModelCard",
+    "ModelError",
+    "ModelExpired",
+    "ModelManager",
+    "ModelPerformance",
+    "ModelRegistry",
+    "Prediction",
+    "Preprocessing",
+    "TrainingWindow",
+    "UnknownModel",
+    "decode_card",
+    "encode_card",
+    "prepare_inputs",
+    "read_model",
+    "reference_distribution",
+    "write_model",
+]

@@ -1,0 +1,81 @@
+"""Labels: what happened to a token's price after each scored trade.
+
+One definition (:class:`~pumpflow.common.model.card.LabelDefinition`) serves training
+(over a whole history) and live performance (resolved once the horizon has passed):
+buying at the price a trade left, paying the curve fee, and selling later at a trade's
+price, paying the fee again. Price impact of the position itself is not modelled: the
+positions sized by the risk limits are small against the curve's reserves.
+
+Defaults (argued from docs/market.md): a token's organic flow fades within a minute or
+two and most tokens go quiet within minutes, so a 120 s horizon; +20% net of fees is a
+move worth the round trip's 2.5% and the spread of the trade it enters on, and -10% the
+loss a trader would cut at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pumpflow.common.model.card import LabelDefinition
+
+DEFAULT_HORIZON_S = 120.0
+DEFAULT_TAKE_PROFIT = 0.20
+DEFAULT_STOP_LOSS = 0.10
+#: the curve's fee on the SOL leg (pumpflow.common.curve.FEE_RATE), paid both ways
+DEFAULT_FEE_RATE = 0.0125
+
+DEFAULT_CLASSIFICATION = LabelDefinition(
+    kind="take_profit_first",
+    horizon_s=DEFAULT_HORIZON_S,
+    take_profit=DEFAULT_TAKE_PROFIT,
+    stop_loss=DEFAULT_STOP_LOSS,
+    fee_rate=DEFAULT_FEE_RATE,
+)
+DEFAULT_REGRESSION = LabelDefinition(
+    kind="net_return", horizon_s=DEFAULT_HORIZON_S, fee_rate=DEFAULT_FEE_RATE
+)
+
+
+def net_multiplier(fee_rate: float) -> float:
+    """Sale proceeds per unit of price paid, fee both ways: (1 - f) / (1 + f)."""
+    return (1.0 - fee_rate) / (1.0 + fee_rate)
+
+
+def label_history(
+    time: np.ndarray, price: np.ndarray, definition: LabelDefinition, *, data_end: float
+) -> np.ndarray:
+    """The label after each trade of one token (oldest first); NaN where unresolved.
+
+    ``data_end`` is the end of what is known of the token: a row whose horizon runs past
+    it is resolved only if the take-profit or stop was already hit (classification).
+    """
+    n = len(time)
+    horizon_end = time + definition.horizon_s
+    # trades j > i with time[j] <= time[i] + horizon
+    stop = np.searchsorted(time, horizon_end, side="right")
+    known = horizon_end <= data_end
+    keep = net_multiplier(definition.fee_rate)
+    if definition.kind == "net_return":
+        exit_price = np.where(stop > np.arange(n) + 1, price[np.maximum(stop - 1, 0)], price)
+        labels = exit_price * keep / price - 1.0
+        labels[~known] = np.nan
+        return labels
+    if definition.kind != "take_profit_first":
+        raise ValueError(f"unknown label kind {definition.kind!r}")
+    up = price * ((1.0 + definition.take_profit) / keep)
+    down = price * ((1.0 - definition.stop_loss) / keep)
+    labels = np.where(known, 0.0, np.nan)
+    # walk forward one trade at a time over the rows still open (vectorised across rows)
+    rows = np.arange(n)
+    offset = 1
+    while len(rows):
+        j = rows + offset
+        inside = j < stop[rows]
+        rows, j = rows[inside], j[inside]
+        hit_up = price[j] >= up[rows]
+        hit_down = price[j] <= down[rows]
+        labels[rows[hit_up & ~hit_down]] = 1.0
+        labels[rows[hit_down]] = 0.0
+        rows = rows[~(hit_up | hit_down)]
+        offset += 1
+    return labels

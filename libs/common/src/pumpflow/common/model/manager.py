@@ -1,0 +1,407 @@
+"""ModelManager: loads models with their cards, refuses what does not fit, scores features.
+
+Usage::
+
+    manager = ModelManager(event_bus, feature_manager, clock=clock)
+    card = manager.load_model("entry", "models/entry.onnx", "classification")
+    prediction = manager.get_prediction("entry", feature_vector)   # Prediction
+    scores = manager.predict_batch("entry", rows)                  # rows in card order
+
+A model is loaded only if its card's feature-set version is the live feature manager's
+(:class:`FeatureSetMismatch` names both), it is the type asked for, and it has not
+expired; an expired model is not served (:class:`ModelExpired`). Every row goes
+through the card's preprocessing (:func:`~pumpflow.common.model.card.prepare_inputs`),
+the one training used. One prediction is a batch of one: :meth:`predict_batch` is the
+only scoring path. :meth:`update_model` refits in the background (an injected
+:class:`Refitter`) and swaps the refit in only if it is better on held-out rows.
+
+The manager is transport-free: the event bus is kept for the service that hosts it.
+"""
+
+from __future__ import annotations
+
+import math
+import time as _time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import numpy as np
+
+from pumpflow.common.clock import Clock, WallClock
+from pumpflow.common.model.card import (
+    HeldOut,
+    ModelCard,
+    Task,
+    prepare_inputs,
+    vector_row,
+)
+from pumpflow.common.model.metrics import auc, rmse
+from pumpflow.common.model.registry import ModelRegistry, read_model
+from pumpflow.common.model.runtime import ModelRuntime, ScoringSession, default_runtime
+
+TASKS: tuple[Task, ...] = ("classification", "regression")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or served."""
+
+
+class UnknownModel(ModelError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class FeatureSetMismatch(ModelError):
+    """A model, or features, of another feature-set version than the live one."""
+
+    def __init__(self, model_id: str, model_version: str, live_version: str, *, what: str):
+        self.model_id = model_id
+        self.model_version = model_version
+        self.live_version = live_version
+        super().__init__(
+            f"model {model_id!r} was trained on feature-set version {model_version}, "
+            f"but {what} feature-set version {live_version}"
+        )
+
+
+class ModelExpired(ModelError):
+    def __init__(self, model_id: str, version: str, expires_at: float, now: float):
+        self.model_id = model_id
+        self.expires_at = expires_at
+        super().__init__(
+            f"model {model_id!r} version {version} expired at {expires_at:.0f} "
+            f"(now {now:.0f}): it is not served"
+        )
+
+
+class Prediction(msgspec.Struct, frozen=True, kw_only=True):
+    model_id: str
+    version: str
+    task: Task
+    score: float
+    feature_set_version: str
+    #: seconds spent scoring (this prediction's share of its batch)
+    latency_s: float
+
+
+class LiveCounts(msgspec.Struct, frozen=True, kw_only=True):
+    batches: int
+    rows: int
+    scoring_s: float
+
+
+class ModelPerformance(msgspec.Struct, frozen=True, kw_only=True):
+    model_id: str
+    version: str
+    task: Task
+    #: held-out metrics from the card, beside the rule-based baseline's
+    held_out: HeldOut
+    served: LiveCounts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabelledRows:
+    """Rows of feature values in a model's input order with their labels and event times."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    time: np.ndarray
+    #: token index per row (None: unknown)
+    token: np.ndarray | None = None
+    source: str = "recent labelled data"
+
+    def __post_init__(self) -> None:
+        if not len(self.rows) == len(self.labels) == len(self.time):
+            raise ValueError("rows, labels and time differ in length")
+
+    def take(self, selected: np.ndarray) -> LabelledRows:
+        return LabelledRows(
+            rows=self.rows[selected], labels=self.labels[selected], time=self.time[selected],
+            token=None if self.token is None else self.token[selected], source=self.source,
+        )
+
+
+class Refitter(Protocol):
+    def refit(
+        self, card: ModelCard, fit_on: LabelledRows, held_out: LabelledRows, *, now: float
+    ) -> tuple[bytes, ModelCard]:
+        """A new model like ``card``'s (task, features, label), fitted on ``fit_on``."""
+
+
+class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
+    model_id: str
+    swapped: bool
+    #: the version serving before, and the candidate's
+    serving_version: str
+    candidate_version: str
+    #: the metric both were compared on over the held-out slice (auc: higher is better,
+    #: rmse: lower is better)
+    metric: str
+    serving_score: float
+    candidate_score: float
+    held_out_rows: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    card: ModelCard
+    session: ScoringSession
+    path: Path
+    loaded_at: float
+
+
+class _Counts:
+    __slots__ = ("batches", "rows", "seconds")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.rows = 0
+        self.seconds = 0.0
+
+
+class ModelManager:
+    """Models by id, each with its card and a scoring session."""
+
+    def __init__(
+        self,
+        event_bus: Any,
+        feature_manager: Any,
+        *,
+        clock: Clock | None = None,
+        runtime: ModelRuntime | None = None,
+        refitter: Refitter | None = None,
+        executor: Executor | None = None,
+        update_held_out_share: float = 0.3,
+        registry: ModelRegistry | None = None,
+        timer: Callable[[], float] = _time.perf_counter,
+    ):
+        self.event_bus = event_bus
+        #: anything with ``version`` (the live feature-set version), a FeatureManager
+        self.feature_manager = feature_manager
+        self.clock = clock or WallClock()
+        self._runtime = runtime
+        self._timer = timer
+        self._refitter = refitter
+        self._executor = executor
+        self.update_held_out_share = update_held_out_share
+        #: where a refitted model that was swapped in is stored (None: kept in memory)
+        self.registry = registry
+        self._models: dict[str, ServedModel] = {}
+        self._counts: dict[str, _Counts] = {}
+        #: every update decided, swapped or not, per model id (oldest first)
+        self.updates: dict[str, list[UpdateResult]] = {}
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        if self._runtime is None:
+            self._runtime = default_runtime()
+        return self._runtime
+
+    # ----------------------------------------------------------------------------------
+    # Loading.
+
+    def load_model(self, model_id: str, model_path: str | Path, model_type: str) -> ModelCard:
+        """Load the model at ``model_path`` (its card beside it) as ``model_id``.
+
+        Replaces a model already loaded under the id in one step: a prediction is made
+        by the old or the new one, never by neither.
+        """
+        if model_type not in TASKS:
+            raise ValueError(f"model_type must be one of {TASKS}, not {model_type!r}")
+        model, card = read_model(model_path)
+        if card.task != model_type:
+            raise ModelError(
+                f"model {model_id!r} at {model_path} is a {card.task} model, "
+                f"not {model_type}"
+            )
+        live = self.feature_manager.version
+        if card.feature_set_version != live:
+            raise FeatureSetMismatch(
+                model_id, card.feature_set_version, live, what="the live features are"
+            )
+        now = self.clock.now()
+        if card.expired(now):
+            raise ModelExpired(model_id, card.version, card.expires_at, now)
+        session = self.runtime.open(model, card)
+        self._models[model_id] = ServedModel(
+            card=card, session=session, path=Path(model_path), loaded_at=now
+        )
+        self._counts.setdefault(model_id, _Counts())
+        return card
+
+    def unload_model(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
+
+    def card(self, model_id: str) -> ModelCard:
+        return self._served(model_id).card
+
+    def models(self) -> dict[str, ModelCard]:
+        """The loaded models' cards by id."""
+        return {model_id: served.card for model_id, served in self._models.items()}
+
+    def _served(self, model_id: str) -> ServedModel:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise UnknownModel(f"no model {model_id!r} is loaded") from None
+
+    def serving(self, model_id: str) -> ServedModel:
+        """The model as it may be served now: ModelExpired once its card's expiry passed."""
+        served = self._served(model_id)
+        card = served.card
+        now = self.clock.now()
+        if now >= card.expires_at:
+            raise ModelExpired(model_id, card.version, card.expires_at, now)
+        return served
+
+    # ----------------------------------------------------------------------------------
+    # Scoring.
+
+    def predict_batch(self, model_id: str, rows: np.ndarray) -> np.ndarray:
+        """Scores of rows of feature values in the card's order (n x features)."""
+        return self._score(self.serving(model_id), model_id, rows)
+
+    def _score(self, served: ServedModel, model_id: str, rows: np.ndarray) -> np.ndarray:
+        inputs = prepare_inputs(rows)
+        width = len(served.card.feature_names)
+        if inputs.shape[1] != width:
+            raise ValueError(
+                f"model {model_id!r} takes {width} features per row, got {inputs.shape[1]}"
+            )
+        started = self._timer()
+        scores = served.session.predict(inputs)
+        counts = self._counts[model_id]
+        counts.seconds += self._timer() - started
+        counts.batches += 1
+        counts.rows += len(inputs)
+        return scores
+
+    def get_prediction(self, model_id: str, features: Any) -> Prediction:
+        """Score one feature vector.
+
+        ``features``: a FeatureVector or a features.updated payload (names, values and
+        their feature-set version, which must be the model's), or a mapping of feature
+        name to value. A feature the vector lacks, and any NaN or infinite value, is
+        missing, as in training.
+        """
+        served = self.serving(model_id)
+        card = served.card
+        names, values, version = _vector_of(features)
+        if version is not None and version != card.feature_set_version:
+            raise FeatureSetMismatch(
+                model_id, card.feature_set_version, version, what="the features scored are"
+            )
+        row = vector_row(names, values, card.feature_names)
+        started = self._timer()
+        score = self._score(served, model_id, row[None, :])[0]
+        return Prediction(
+            model_id=model_id,
+            version=card.version,
+            task=card.task,
+            score=float(score),
+            feature_set_version=card.feature_set_version,
+            latency_s=self._timer() - started,
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Updating and performance.
+
+    def update_model(self, model_id: str, new_data: LabelledRows) -> Future[UpdateResult]:
+        """Refit on recent labelled data in the background; swap only if better.
+
+        The newest ``update_held_out_share`` of ``new_data`` by time is held out; the
+        candidate is fitted on the rows before it whose label horizon ended before it.
+        Both the serving model and the candidate score the held-out slice; the candidate
+        replaces the serving model (in one step: each prediction names its version) only
+        if it scores strictly better. Every decision is kept in :attr:`updates`.
+        """
+        served = self.serving(model_id)
+        if self._refitter is None:
+            raise ModelError(f"model {model_id!r}: no refitter was given to this manager")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
+        return self._executor.submit(self._update, model_id, served, new_data)
+
+    def _update(self, model_id: str, served: ServedModel, data: LabelledRows) -> UpdateResult:
+        card = served.card
+        order = np.argsort(data.time, kind="stable")
+        data = data.take(order)
+        first_held = int(len(data.time) * (1.0 - self.update_held_out_share))
+        if first_held <= 0 or first_held >= len(data.time):
+            raise ModelError(f"model {model_id!r}: too few rows to refit and hold out")
+        cut = data.time[first_held]
+        held_out = data.take(np.arange(len(data.time)) >= first_held)
+        fit_on = data.take(
+            (np.arange(len(data.time)) < first_held)
+            & (data.time + card.label.horizon_s <= cut)
+        )
+        model, candidate_card = self._refitter.refit(card, fit_on, held_out,
+                                                     now=self.clock.now())
+        candidate = self.runtime.open(model, candidate_card)
+        inputs = prepare_inputs(held_out.rows)
+        serving_scores = served.session.predict(inputs)
+        candidate_scores = candidate.predict(inputs)
+        if card.task == "classification":
+            metric = "auc"
+            old, new = auc(held_out.labels, serving_scores), auc(held_out.labels, candidate_scores)
+            better = new > old
+        else:
+            metric = "rmse"
+            old = rmse(held_out.labels, serving_scores)
+            new = rmse(held_out.labels, candidate_scores)
+            better = new < old
+        now = self.clock.now()
+        # the one that serves now may have been replaced meanwhile (a load): keep it then
+        swapped = bool(better) and self._models.get(model_id) is served
+        if swapped:
+            path = served.path
+            if self.registry is not None:
+                path = self.registry.register(model, candidate_card)
+            self._models[model_id] = ServedModel(
+                card=candidate_card, session=candidate, path=path, loaded_at=now
+            )
+        result = UpdateResult(
+            model_id=model_id, swapped=swapped, serving_version=card.version,
+            candidate_version=candidate_card.version, metric=metric,
+            serving_score=float(old), candidate_score=float(new),
+            held_out_rows=len(held_out.labels), at=now,
+        )
+        self.updates.setdefault(model_id, []).append(result)
+        return result
+
+    def get_model_performance(self, model_id: str) -> ModelPerformance:
+        """The card's held-out metrics and baseline, and what the model has scored."""
+        served = self._served(model_id)
+        counts = self._counts[model_id]
+        return ModelPerformance(
+            model_id=model_id,
+            version=served.card.version,
+            task=served.card.task,
+            held_out=served.card.held_out,
+            served=LiveCounts(batches=counts.batches, rows=counts.rows,
+                              scoring_s=counts.seconds),
+        )
+
+
+def _vector_of(features: Any) -> tuple[tuple[str, ...], tuple[float, ...], str | None]:
+    if isinstance(features, Mapping):
+        names = tuple(features)
+        return names, tuple(float(features[n]) for n in names), None
+    names = getattr(features, "names", None)
+    values = getattr(features, "values", None)
+    if names is None or values is None:
+        raise TypeError(
+            "features must be a mapping of name to value or carry names and values, "
+            f"not {type(features).__name__}"
+        )
+    version = getattr(features, "feature_set_version", None)
+    if version is None:
+        version = getattr(features, "version", None)
+    if len(names) != len(values):
+        raise ValueError(f"{len(names)} feature names but {len(values)} values")
+    return tuple(names), tuple(v if v is not None else math.nan for v in values), version
