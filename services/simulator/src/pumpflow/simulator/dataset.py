@@ -85,6 +85,26 @@ class LoadResult:
     rejected: int
 
 
+def dataset_events(
+    path: str | Path, *, source: str = LOAD_SOURCE, rejected: list[str] | None = None
+) -> Iterator[tuple[Event, bytes]]:
+    """Each frame of ``path`` as the event the feed would have published, with the frame.
+
+    Per-mint seq as the feed assigns it. A frame that does not decode is logged with the
+    reason, appended to ``rejected`` and skipped.
+    """
+    sequencer = Sequencer()
+    for number, (t, raw) in enumerate(read_dataset_raw(path), 1):
+        try:
+            payload = decode_token_frame(raw)
+        except EventValidationError as exc:
+            if rejected is not None:
+                rejected.append(str(exc))
+            log.warning("skipping frame %d of %s: %s", number, path, exc)
+            continue
+        yield make_event(payload, source=source, time=t, seq=sequencer.next(payload.mint)), raw
+
+
 async def load_dataset(path: str | Path, store, *, batch_size: int = 5_000,
                        source: str = LOAD_SOURCE) -> LoadResult:
     """Decode every frame of ``path`` and write it to ``store`` (a TokenEventStore).
@@ -92,23 +112,16 @@ async def load_dataset(path: str | Path, store, *, batch_size: int = 5_000,
     Frames that do not decode are counted, logged with the reason and skipped; the
     rest are written. Loading the same file twice inserts nothing the second time.
     """
-    sequencer = Sequencer()
     events, frames = [], []
-    total = inserted = rejected = 0
-    for t, raw in read_dataset_raw(path):
+    rejected: list[str] = []
+    total = inserted = 0
+    for event, raw in dataset_events(path, source=source, rejected=rejected):
         total += 1
-        try:
-            payload = decode_token_frame(raw)
-        except EventValidationError as exc:
-            rejected += 1
-            log.warning("skipping frame %d of %s: %s", total, path, exc)
-            continue
-        events.append(make_event(payload, source=source, time=t,
-                                 seq=sequencer.next(payload.mint)))
+        events.append(event)
         frames.append(raw)
         if len(events) >= batch_size:
             inserted += await store.write(events, frames)
             events, frames = [], []
     if events:
         inserted += await store.write(events, frames)
-    return LoadResult(frames=total, inserted=inserted, rejected=rejected)
+    return LoadResult(frames=total + len(rejected), inserted=inserted, rejected=len(rejected))
