@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.serve",
     "pumpflow.cli.delegated",
     "pumpflow.cli.dead_letters",
+    "pumpflow.cli.train",
 )
 
 

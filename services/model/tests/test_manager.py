@@ -1,0 +1,205 @@
+"""ModelManager over onnxruntime: cards checked on load, expiry, both tasks, one scoring path."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.features import FeatureManager, default_feature_set
+from pumpflow.common.model import (
+    CardError,
+    FeatureSetMismatch,
+    ModelExpired,
+    ModelManager,
+    UnknownModel,
+    prepare_inputs,
+    read_model,
+)
+from pumpflow.common.model.card import encode_card
+from pumpflow.common.model.labels import DEFAULT_REGRESSION
+from pumpflow.common.testing.factories import TokenEvents
+from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.training import Dataset, TrainConfig, train
+
+_, DEFAULT_CARD = read_model(DEFAULT_MODEL_PATH)
+
+
+def manager_at(now: float, features: FeatureManager | None = None) -> ModelManager:
+    return ModelManager(None, features or FeatureManager(), clock=ReplayClock(now))
+
+
+def traded_features() -> FeatureManager:
+    """A live FeatureManager that has folded a few tokens' trades."""
+    features = FeatureManager()
+    events = TokenEvents(start=DEFAULT_CARD.created_at, step=2.0)
+    for _ in range(3):
+        mint = events.mint()
+        features.update_feature_history(events.created(mint))
+        for i in range(40):
+            trader = f"trader{i % 7}"
+            if i % 3 == 2 and events.balance(mint, trader) > 0:
+                event = events.sell(mint, trader, events.balance(mint, trader) / 2)
+            else:
+                event = events.buy(mint, trader, sol=0.1 + 0.05 * (i % 5))
+            features.update_feature_history(event)
+    return features
+
+
+def test_the_default_model_is_served_with_its_card():
+    card = manager_at(DEFAULT_CARD.created_at).load_model(
+        "entry", DEFAULT_MODEL_PATH, "classification"
+    )
+    assert card.feature_set_version == FeatureManager().version
+    assert card.held_out.model["auc"] > card.held_out.baseline["auc"] > 0.5
+    # held out on simulator seeds it was not trained on
+    assert "seeds 4,5" in card.held_out.source and "4" not in card.training.source
+
+
+def test_a_model_of_another_feature_set_version_is_refused_naming_both():
+    other = FeatureManager(default_feature_set(windows=(10.0, 60.0)))
+    manager = manager_at(DEFAULT_CARD.created_at, other)
+    with pytest.raises(FeatureSetMismatch) as err:
+        manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    message = str(err.value)
+    assert DEFAULT_CARD.feature_set_version in message and other.version in message
+    with pytest.raises(UnknownModel):
+        manager.get_prediction("entry", {})
+
+
+def test_features_of_another_version_are_not_scored():
+    manager = manager_at(DEFAULT_CARD.created_at)
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    features = traded_features()
+    vector = features.generate_features(features.mints()[0])
+    stale = type(vector)(**{**{f: getattr(vector, f) for f in vector.__struct_fields__},
+                            "version": "0123456789abcdef"})
+    with pytest.raises(FeatureSetMismatch, match="0123456789abcdef"):
+        manager.get_prediction("entry", stale)
+    assert 0.0 <= manager.get_prediction("entry", vector).score <= 1.0
+
+
+def test_an_expired_model_is_not_served():
+    clock = ReplayClock(DEFAULT_CARD.expires_at - 1.0)
+    manager = ModelManager(None, FeatureManager(), clock=clock)
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    row = np.zeros((1, len(DEFAULT_CARD.feature_names)))
+    assert manager.predict_batch("entry", row).shape == (1,)
+    clock._now = DEFAULT_CARD.expires_at  # time moves on past the expiry
+    with pytest.raises(ModelExpired, match="not served"):
+        manager.predict_batch("entry", row)
+    with pytest.raises(ModelExpired):
+        manager.get_prediction("entry", {})
+    with pytest.raises(ModelExpired):
+        manager_at(DEFAULT_CARD.expires_at).load_model(
+            "entry", DEFAULT_MODEL_PATH, "classification"
+        )
+
+
+def test_a_card_beside_another_model_or_of_another_type_is_refused(tmp_path):
+    path = tmp_path / "entry.onnx"
+    shutil.copy(DEFAULT_MODEL_PATH, path)
+    manager = manager_at(DEFAULT_CARD.created_at)
+    with pytest.raises(CardError, match="no card"):
+        manager.load_model("entry", path, "classification")
+    (tmp_path / "entry.card.json").write_bytes(encode_card(DEFAULT_CARD))
+    with pytest.raises(Exception, match="is a classification model, not regression"):
+        manager.load_model("entry", path, "regression")
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(CardError, match="not the one this card describes"):
+        manager.load_model("entry", path, "classification")
+
+
+def test_a_prediction_is_the_batch_path_on_the_live_vector_and_missing_is_nan():
+    features = traded_features()
+    manager = manager_at(DEFAULT_CARD.created_at, features)
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    vectors = [features.generate_features(m) for m in features.mints()]
+    batch = manager.predict_batch("entry", np.array([v.values for v in vectors]))
+    for vector, score in zip(vectors, batch, strict=True):
+        prediction = manager.get_prediction("entry", vector)
+        assert prediction.score == score
+        assert prediction.version == DEFAULT_CARD.version
+    # a feature the vector lacks, NaN and infinity are all "missing", as in training
+    values = dict(zip(vectors[0].names, vectors[0].values, strict=True))
+    lacking = {k: v for k, v in values.items() if k != "return_30s"}
+    nan = {**values, "return_30s": math.nan}
+    inf = {**values, "return_30s": math.inf}
+    scores = {manager.get_prediction("entry", v).score for v in (lacking, nan, inf)}
+    assert len(scores) == 1
+    performance = manager.get_model_performance("entry")
+    assert performance.served.rows == len(vectors) * 2 + 3
+    assert performance.held_out == DEFAULT_CARD.held_out
+
+
+def test_a_regression_model_is_served(tmp_path):
+    features = FeatureManager()
+    rng = np.random.default_rng(2)
+    n = 3_000
+    values = rng.normal(size=(n, len(features.names)))
+    values[rng.random(values.shape) < 0.05] = np.nan
+    target = np.nan_to_num(values[:, 3]) * 0.1 + rng.normal(0.0, 0.01, n)
+    time = np.arange(n, dtype=float)
+    dataset = Dataset(
+        names=features.names, feature_set_version=features.version, label=DEFAULT_REGRESSION,
+        source="synthetic", features=values, labels=target, time=time,
+        token=np.arange(n) // 10, mints=tuple(f"m{i}" for i in range(n // 10)),
+        launch=time[::10],
+    )
+    trained = train(dataset, TrainConfig(model_id="ret", task="regression", n_estimators=30),
+                    created_at=0.0)
+    from pumpflow.common.model import write_model
+
+    path = write_model(tmp_path / "ret.onnx", trained.model, trained.card)
+    manager = manager_at(10.0, features)
+    manager.load_model("ret", path, "regression")
+    scores = manager.predict_batch("ret", values[:500])
+    np.testing.assert_allclose(scores, trained.native.predict(prepare_inputs(values[:500])),
+                               atol=1e-5)
+    assert trained.card.held_out.model["rmse"] < trained.card.held_out.baseline["rmse"]
+
+
+def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path):
+    from pumpflow.common.model import ModelRegistry
+    from pumpflow.common.model.manager import LabelledRows
+    from pumpflow.model.training import LightGBMRefitter
+
+    registry = ModelRegistry(tmp_path)
+    manager = ModelManager(
+        None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at),
+        refitter=LightGBMRefitter(config=TrainConfig(n_estimators=30)), registry=registry,
+    )
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    rng = np.random.default_rng(8)
+    n = 4_000
+    rows = rng.normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5
+    token = np.arange(n) // 40
+
+    # labels the serving model ranks perfectly: a refit cannot do strictly better
+    own = manager.predict_batch("entry", rows)
+    kept = manager.update_model(
+        "entry", LabelledRows(rows=rows, labels=(own > np.median(own)) * 1.0, time=time,
+                              token=token)
+    ).result(timeout=300)
+    assert not kept.swapped and kept.serving_score == 1.0
+    assert manager.card("entry").version == DEFAULT_CARD.version
+
+    # labels the serving model knows nothing of: the refit learns them and is swapped in
+    rsi = DEFAULT_CARD.feature_names.index("rsi_14")
+    labels = (rows[:, rsi] > 0.0) * 1.0
+    swapped = manager.update_model(
+        "entry", LabelledRows(rows=rows, labels=labels, time=time, token=token)
+    ).result(timeout=300)
+    assert swapped.swapped and swapped.candidate_score > swapped.serving_score
+    card = manager.card("entry")
+    assert card.version == swapped.candidate_version != DEFAULT_CARD.version
+    assert manager.get_prediction("entry", dict(zip(card.feature_names, rows[0], strict=True))
+                                  ).version == card.version
+    assert [c.version for c in registry.cards("entry")] == [card.version]
+    assert manager.updates["entry"] == [kept, swapped]
+    # the refit never saw the held-out slice: it was fitted on rows labelled before it
+    assert card.training.end + card.label.horizon_s <= time[int(n * 0.7)]
