@@ -48,7 +48,8 @@ lock: | $(VENV)/bin/pip
 # Every benchmark, one after the other, each printing its figures (docs/benchmarks.md).
 # Needs the same servers as the tests; takes several minutes on 2 cores.
 BENCHMARKS := bus_throughput state_store simulator_generate feed_ingest replay_memory \
-	features activity_replay worker_pool scaling pipeline services_distributed
+	features activity_replay worker_pool scaling pipeline services_distributed \
+	model_scoring
 
 bench: $(STAMP)
 	@set -e; for b in $(BENCHMARKS); do \
