@@ -57,6 +57,9 @@ def test_the_default_model_is_served_with_its_card():
     assert card.held_out.model["auc"] > card.held_out.baseline["auc"] > 0.5
     # held out on simulator seeds it was not trained on
     assert "seeds 4,5" in card.held_out.source and "4" not in card.training.source
+    for seed in ("simulator seed 4", "simulator seed 5"):
+        figures = card.held_out.by_part[seed]
+        assert figures["auc"] > figures["baseline_auc"]
 
 
 def test_a_model_of_another_feature_set_version_is_refused_naming_both():

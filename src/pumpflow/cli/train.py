@@ -181,6 +181,17 @@ def _simulated(seeds: Sequence[int], minutes: float, first_start: float, label, 
     return concatenate(parts, source=f"simulator seeds {names}, {minutes:g} min each")
 
 
+def files_dataset(paths: Sequence[str | Path], label: LabelDefinition, *, progress: bool):
+    """One dataset of simulator dataset files (each labelled up to its own last event)."""
+    from pumpflow.model.training import concatenate
+
+    return concatenate(
+        [_dataset(dataset_file_events(p), label, data_end=None, source=f"dataset {p}",
+                  progress=progress) for p in paths],
+        source="datasets " + ", ".join(map(str, paths)),
+    )
+
+
 def build_default(out: Path, *, progress: bool = False):
     """Rebuild the shipped default model at ``out`` (deterministic: same bytes every time)."""
     parser = argparse.ArgumentParser(prog="pumpflow train")
@@ -193,7 +204,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
     from pumpflow.common.model.registry import ModelRegistry, write_model
     from pumpflow.common.runtime.settings import CommonSettings
-    from pumpflow.model.training import TrainConfig, concatenate, train
+    from pumpflow.model.training import TrainConfig, train
 
     if args.task == "classification":
         label = LabelDefinition(
@@ -215,11 +226,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
         dataset = _simulated(args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label,
                              progress)
     elif args.dataset:
-        dataset = concatenate(
-            [_dataset(dataset_file_events(p), label, data_end=None, source=f"dataset {p}",
-                      progress=progress) for p in args.dataset],
-            source="datasets " + ", ".join(map(str, args.dataset)),
-        )
+        dataset = files_dataset(args.dataset, label, progress=progress)
     else:
         settings = CommonSettings.load(service="train")
         dsn = args.dsn or settings.postgres_dsn
@@ -234,11 +241,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
         held_out = _simulated(args.held_out_seeds, args.sim_minutes, next_start, label,
                               progress)
     elif args.held_out_dataset:
-        held_out = concatenate(
-            [_dataset(dataset_file_events(p), label, data_end=None, source=f"dataset {p}",
-                      progress=progress) for p in args.held_out_dataset],
-            source="datasets " + ", ".join(map(str, args.held_out_dataset)),
-        )
+        held_out = files_dataset(args.held_out_dataset, label, progress=progress)
     config = TrainConfig(
         model_id=args.model_id,
         task=args.task,
@@ -284,5 +287,7 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"  {name}: {value:.4f}")
     for name, value in held.baseline.items():
         print(f"  baseline {name}: {value:.4f} ({held.baseline_rule})")
+    for part, figures in held.by_part.items():
+        print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
     return 0

@@ -77,6 +77,9 @@ class Dataset:
     mints: tuple[str, ...]
     #: launch (first event) time per token
     launch: np.ndarray
+    #: the sources a concatenated dataset was made of, and the index into them per row
+    parts: tuple[str, ...] = ()
+    part: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -94,6 +97,8 @@ class Dataset:
             token=self.token[rows],
             mints=self.mints,
             launch=self.launch,
+            parts=self.parts,
+            part=None if self.part is None else self.part[rows],
         )
 
     @property
@@ -174,6 +179,8 @@ def concatenate(datasets: Sequence[Dataset], *, source: str) -> Dataset:
         ):
             raise TrainingError("datasets of different features or labels")
     offsets = np.cumsum([0, *(len(d.mints) for d in datasets[:-1])])
+    if any(d.parts for d in datasets):
+        raise TrainingError("concatenate datasets of one source each")
     return Dataset(
         names=first.names,
         feature_set_version=first.feature_set_version,
@@ -185,6 +192,8 @@ def concatenate(datasets: Sequence[Dataset], *, source: str) -> Dataset:
         token=np.concatenate([d.token + o for d, o in zip(datasets, offsets, strict=True)]),
         mints=tuple(m for d in datasets for m in d.mints),
         launch=np.concatenate([d.launch for d in datasets]),
+        parts=tuple(d.source for d in datasets),
+        part=np.concatenate([np.full(len(d), i, np.int64) for i, d in enumerate(datasets)]),
     )
 
 
@@ -348,6 +357,16 @@ def train(
     baseline = _metrics(config.task, held_out.labels, baseline_scores)
     if config.task == "classification":
         baseline = {"auc": baseline["auc"]}  # a rule's score is no probability
+    by_part: dict[str, dict[str, float]] = {}
+    if held_out.part is not None and len(held_out.parts) > 1:
+        for i, name in enumerate(held_out.parts):
+            rows = held_out.part == i
+            model_part = _metrics(config.task, held_out.labels[rows], native_scores[rows])
+            baseline_part = _metrics(config.task, held_out.labels[rows], baseline_scores[rows])
+            by_part[name] = {
+                **{k: model_part[k] for k in baseline},
+                **{f"baseline_{k}": baseline_part[k] for k in baseline},
+            }
     digest = model_digest(model)
     card = ModelCard(
         model_id=config.model_id,
@@ -372,6 +391,7 @@ def train(
             model=_metrics(config.task, held_out.labels, native_scores),
             baseline_rule=baseline_rule,
             baseline=baseline,
+            by_part=by_part,
         ),
         reference=reference_distribution(train_inputs, dataset.names),
         trainer={

@@ -94,6 +94,8 @@ class HeldOut(msgspec.Struct, frozen=True, kw_only=True):
     model: dict[str, float]
     baseline_rule: str
     baseline: dict[str, float]
+    #: the same figures per source the held-out rows came from (several simulator seeds)
+    by_part: dict[str, dict[str, float]] = {}
 
 
 class FeatureReference(msgspec.Struct, frozen=True, kw_only=True):
