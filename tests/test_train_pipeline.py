@@ -66,6 +66,19 @@ def test_train_from_a_dataset_file_gives_onnx_equal_to_native(market_file, tmp_p
     assert served.std() > 0.01  # it discriminates
 
 
+def test_a_regression_model_of_the_net_return_is_trained_and_served(market_file, tmp_path):
+    out = tmp_path / "ret.onnx"
+    command = train_command(market_file, out)
+    assert cli_main.main([*command, "--task", "regression", "--trees", "15"]) == 0
+    _, card = read_model(out)
+    assert card.task == "regression" and card.label.kind == "net_return"
+    assert set(card.held_out.model) == {"rmse", "mae"} and "rmse" in card.held_out.baseline
+    manager = ModelManager(None, FeatureManager(), clock=ReplayClock(card.created_at))
+    manager.load_model("ret", out, "regression")
+    rows = files_dataset([str(market_file)], card.label, progress=False).features[:50]
+    assert np.isfinite(manager.predict_batch("ret", rows)).all()
+
+
 @pytest.mark.postgres
 async def test_postgres_history_through_the_database_feed_gives_the_same_rows(
     market_file, pg_pool, postgres_dsn, namespace
