@@ -265,6 +265,25 @@ async def test_a_huge_control_frame_leaves_a_small_log_line_and_small_state(
     await manager.stop()
 
 
+async def test_a_frame_over_the_size_limit_is_reported_and_the_feed_reconnects(
+    peer, bus_and_events, caplog
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    caplog.set_level(logging.ERROR, logger="pumpflow.feed")
+    oversize = b'{"message": "' + b"m" * socket_feed.MAX_FRAME_BYTES + b'"}'
+    await peer.send(create("MintA"), oversize)
+    await peer.until(lambda: len(peer.connections) == 2)
+    await peer.until(lambda: "MintA" in peer.trade_keys)  # subscribed again
+    await peer.send(trade("MintA", 1))
+    await eventually(lambda: len(got) == 2)
+    assert feed.invalid_frames == 1
+    [line] = [r.getMessage() for r in caplog.records if "closed the connection" in r.getMessage()]
+    assert f"a frame over {socket_feed.MAX_FRAME_BYTES} bytes" in line and len(line) < 300
+    await manager.stop()
+
+
 async def test_dead_letters_never_hold_up_the_reader(peer):
     """A broker slow to confirm: frames go on being read; the letters follow once it does."""
     sink = GatedSink()

@@ -178,8 +178,8 @@ class DeadLetterQueue:
             await self._task
         self._task = None
         for letter in (*self._batch, *self._letters):
-            if letter.sent is not None and not letter.sent.done():
-                letter.sent.set_exception(RuntimeError("the dead letter queue was closed"))
+            if letter.sent is not None:
+                letter.sent.cancel()  # its sender is told: the letter was never confirmed
         if unsent:
             log.error("%s: %d dead letters not sent to the broker within %.1f s (lost)",
                       self.service, unsent, timeout_s)  # fmt: skip

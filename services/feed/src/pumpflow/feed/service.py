@@ -22,6 +22,7 @@ so the process exits non-zero.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any, ClassVar
 
@@ -94,6 +95,8 @@ class FeedService(Service):
         self.leader: LeaderLease | None = None
         self.dead_letters: DeadLetterQueue | None = None
         self._stopped = False
+        #: time.monotonic() by which a stop has flushed what it can (one bound for every step)
+        self._stop_deadline: float | None = None
 
     @property
     def role(self) -> str:
@@ -186,8 +189,13 @@ class FeedService(Service):
 
     async def _resign(self) -> None:
         """Disconnect and flush before the lease goes: the next holder finds it all stored."""
-        await self.manager.stop(self.settings.feed_stop_flush_s)
+        await self.manager.stop(self._flush_time_left())
         await self._save_mints()
+
+    def _flush_time_left(self) -> float:
+        if self._stop_deadline is None:
+            return self.settings.feed_stop_flush_s
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     async def _save_mints(self) -> None:
         """Keep the wanted mints in the store, for a replica that takes over."""
@@ -208,6 +216,7 @@ class FeedService(Service):
         if self._stopped:
             return
         self._stopped = True
+        self._stop_deadline = time.monotonic() + self.settings.feed_stop_flush_s
         if self.manager is None:
             return
         # first, so that nothing reconnects while the rest stops
@@ -216,9 +225,10 @@ class FeedService(Service):
             # a leader flushes and saves the mints (on_resign) before it releases the lease
             await self.leader.stop()
         # a standby may still hold events it received while it led
-        await self.manager.stop(self.settings.feed_stop_flush_s)
+        await self.manager.stop(self._flush_time_left())
         self.lookback.close()
-        unsent = await self.dead_letters.close(self.settings.feed_stop_flush_s)
+        # refused events were sent before the recorder finished; what is left is bad frames
+        unsent = await self.dead_letters.close(max(1.0, self._flush_time_left()))
         recorder = self.recorder
         unstored = recorder.unstored if recorder is not None else 0
         if unstored or unsent:
