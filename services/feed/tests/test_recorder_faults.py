@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.db.pool import create_pool
-from pumpflow.common.events import Event, decode_event, make_event
+from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
@@ -75,8 +75,11 @@ async def test_a_row_the_store_refuses_is_dead_lettered_and_everything_around_it
     )
     await letters.flush()
     dead = await bus.dead_letters("feed")
-    assert [decode_event(letter.body) for letter in dead] == [events[5], events[6], events[23]]
+    refused = [events[5], events[6], events[23]]
+    assert [letter.body for letter in dead] == [encode_payload(e.data) for e in refused]
     assert all("index row requires" in letter.reason for letter in dead)
+    assert [f"{e.id} (mint {e.key}, seq {e.seq})" in letter.reason
+            for e, letter in zip(refused, dead, strict=True)] == [True] * 3  # fmt: skip
     assert {letter.event_type for letter in dead} == {"token.trade"}
     assert recorder.rejected == 3 and metrics.record_rejected._value.get() == 3
     # the stream goes on

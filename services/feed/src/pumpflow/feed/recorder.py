@@ -20,9 +20,11 @@ Two kinds of failure, told apart by the sink (``rejects``):
   with backoff for as long as it takes; nothing is dropped or dead-lettered.
 - The store refuses rows of the batch (a value it cannot hold or index): the batch
   is split in halves, each written on its own, until the rows at fault are alone.
-  Each is dead-lettered as its event envelope (so it can be put back once the cause
-  is fixed) with the store's reason; the rest is stored and published in order, and
-  the stream goes on. A refused event's seq is never published: consumers see a gap.
+  Each is dead-lettered as the frame it came in (the raw input, as for a malformed
+  frame: a redrive leaves it, since nothing but this writer could store it) with the
+  store's reason and the event's identity (id, mint, seq); the rest is stored and
+  published in order, and the stream goes on. A refused event's seq is never
+  published: consumers see a gap.
 
 ``problem`` names what makes the recorder unfit to be called ready: a backlog near
 the point where the reader blocks, or an oldest waiting event older than a bound. A
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from pumpflow.common.bus.abc import EventPublisher
-from pumpflow.common.events import Event, encode_event
+from pumpflow.common.events import Event, encode_event, encode_payload
 from pumpflow.common.storage import TokenEventStore, WriteResult
 from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.metrics import FeedMetrics
@@ -327,7 +329,7 @@ class Recorder:
                     middle = len(part) // 2
                     parts.extendleft((part[middle:], part[:middle]))
                     continue
-                await self._reject(part[0][0], refused.__cause__)
+                await self._reject(part[0][0], part[0][1], refused.__cause__)
             else:
                 self.stored += result.inserted
                 self.metrics.recorded.inc(result.inserted)
@@ -342,18 +344,19 @@ class Recorder:
             if parts:
                 self._inflight_since = parts[0][0][3]
 
-    async def _reject(self, event: Event, exc: BaseException | None) -> None:
+    async def _reject(self, event: Event, frame: bytes | None, exc: BaseException | None) -> None:
         """Dead-letter an event the store refused, with the store's reason."""
-        reason = f"store refused the event: {type(exc).__name__}: {exc}"
+        reason = (f"store refused {event.type} {event.id} (mint {event.key!s:.60}, seq "
+                  f"{event.seq}): {type(exc).__name__}: {exc}")  # fmt: skip
         self.rejected += 1
         self.metrics.record_rejected.inc()
-        log.error("%.300s; %s %s of %.60s dead-lettered (%d so far); the stream goes on",
-                  reason, event.type, event.id, event.key, self.rejected)  # fmt: skip
+        log.error("%.400s; dead-lettered (%d so far); the stream goes on", reason,
+                  self.rejected)  # fmt: skip
+        body = frame if frame is not None else encode_payload(event.data)
         if self.dead_letters is None:
-            log.error("no dead-letter queue: the refused event is only in this log: %.2000r",
-                      encode_event(event))  # fmt: skip
+            log.error("no dead-letter queue: the refused frame is only in this log: %.2000r", body)
             return
-        await self.dead_letters.send(encode_event(event), reason, event.type)
+        await self.dead_letters.send(body, reason, event.type)
 
     async def _publish(self, events: list[Event], last_id: int | None) -> None:
         if self._publisher is not None and events:
