@@ -196,6 +196,7 @@ class SocketDataFeed(DataFeedInterface):
         #: the last control frames, each a bounded prefix (bounded in bytes too)
         self.notices: deque[str] = deque(maxlen=32)
         self._invalid_log = LogBudget()
+        self._control_log = LogBudget()
         self._warned_api_key = False
 
     # ---------------------------------------------------------------- interface
@@ -544,13 +545,16 @@ class SocketDataFeed(DataFeedInterface):
     def _on_control(self, frame: ControlFrame, size: int) -> None:
         text = bounded_text(redact(frame.text, self._api_key), size)
         self.notices.append(text)
-        if frame.errors is not None:
-            log.warning("PumpPortal error: %s", text)
+        if frame.is_ack:
+            log.debug("PumpPortal: %s", text)
         elif frame.needs_api_key:
             if not self._warned_api_key:
                 log.warning("PumpPortal: %s (trade subscriptions will get no data)", text)
                 self._warned_api_key = True
-        elif frame.is_ack:
-            log.debug("PumpPortal: %s", text)
-        else:
-            log.info("PumpPortal: %s", text)
+        elif self._control_log.allow():
+            held_back = self._control_log.take_suppressed()
+            more = f" ({held_back} more control frames not logged before it)" if held_back else ""
+            if frame.errors is not None:
+                log.warning("PumpPortal error: %s%s", text, more)
+            else:
+                log.info("PumpPortal: %s%s", text, more)
