@@ -200,3 +200,31 @@ async def test_the_service_is_not_ready_while_it_cannot_store_and_its_stop_fails
 async def _not_ready(service) -> dict | None:
     status = await service.status()
     return None if status["ready"] else status
+
+
+async def test_a_reader_held_up_by_the_store_is_counted_and_reported(own_store, caplog):
+    server, store = own_store
+    await asyncio.to_thread(server.stop)
+    metrics = FeedMetrics(CollectorRegistry())
+    config = RecorderConfig(max_pending=5, ready_max_pending=5, retry_initial_s=0.05,
+                            retry_max_s=0.2)  # fmt: skip
+    recorder = Recorder(store, config=config, metrics=metrics)
+    await recorder.start()
+    events = trades(12)
+    caplog.set_level(logging.WARNING)
+    reader = asyncio.create_task(_add_all(recorder, events))
+    await eventually(lambda: "the socket reader waits for the store" in caplog.text)
+    assert not reader.done()
+    await asyncio.to_thread(server.start)
+    await asyncio.wait_for(reader, 30)
+    await asyncio.wait_for(recorder.flush(), 30)
+    assert await store.count() == 12
+    assert recorder.reader_waited_s > 0
+    assert metrics.record_reader_wait._value.get() == recorder.reader_waited_s
+    assert "the socket reader goes on after waiting" in caplog.text
+    await recorder.close(5)
+
+
+async def _add_all(recorder: Recorder, events: list[Event]) -> None:
+    for event in events:
+        await recorder.add(event)

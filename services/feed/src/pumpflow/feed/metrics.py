@@ -65,6 +65,12 @@ class FeedMetrics:
         self.record_pending = Gauge(
             "pumpflow_feed_record_pending", "Events waiting to be stored", registry=registry
         )
+        self.record_reader_wait = Counter(
+            "pumpflow_feed_record_reader_wait_seconds_total",
+            "Seconds the socket reader waited for room among the events to store (the market "
+            "goes unread meanwhile)",
+            registry=registry,
+        )
         self.record_rejected = Counter(
             "pumpflow_feed_record_rejected_total",
             "Token events the store refused: dead-lettered with its reason",

@@ -12,7 +12,9 @@ Batches form by group commit: while one write is in flight the next batch fills,
 so an idle feed writes each event at once (latency of one COPY transaction) and a
 busy one writes up to ``batch_size`` per transaction. ``max_delay`` adds a wait to
 fill a batch (flush on size or age). When ``max_pending`` events wait, ``add`` waits
-too, which slows the socket reader instead of losing frames.
+too, which slows the socket reader instead of dropping what it read; the server may
+drop the connection meanwhile, so the wait is logged and counted
+(``pumpflow_feed_record_reader_wait_seconds_total``), never silent.
 
 Two kinds of failure, told apart by the sink (``rejects``):
 
@@ -51,7 +53,7 @@ from typing import IO, Protocol
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.events import Event, encode_event, encode_payload
 from pumpflow.common.storage import TokenEventStore, WriteResult
-from pumpflow.feed.dead_letters import DeadLetterQueue
+from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
 from pumpflow.feed.metrics import FeedMetrics
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,9 @@ class Recorder:
         #: events a stop could not store (lost) and stored events it could not publish
         self.unstored = 0
         self.unpublished = 0
+        #: seconds ``add`` made the socket reader wait for room
+        self.reader_waited_s = 0.0
+        self._wait_log = LogBudget()
         self.last_error: str | None = None
 
     @property
@@ -216,8 +221,8 @@ class Recorder:
 
     async def add(self, event: Event, frame: bytes | None = None, *, publish: bool = True) -> None:
         """Queue an event for storing and publishing; waits while too many are pending."""
-        while not self._space.is_set():
-            await self._space.wait()
+        if not self._space.is_set():
+            await self._wait_for_space()
         self._pending.append((event, frame, publish, time.monotonic()))
         self._idle.clear()
         self._wake.set()
@@ -226,6 +231,24 @@ class Recorder:
             self._full.set()
         if size >= self._max_pending:
             self._space.clear()
+
+    async def _wait_for_space(self) -> None:
+        """Wait for room, saying so: while the reader waits here, the market goes unread."""
+        logged = self._wait_log.allow()
+        if logged:
+            cause = f"; last failure: {self.last_error}" if self.last_error else ""
+            log.warning("%d events wait to be stored: the socket reader waits for the store "
+                        "(frames the server sends meanwhile may be lost)%s", self.pending,
+                        cause)  # fmt: skip
+        began = time.monotonic()
+        while not self._space.is_set():
+            await self._space.wait()
+        waited = time.monotonic() - began
+        self.reader_waited_s += waited
+        self.metrics.record_reader_wait.inc(waited)
+        if logged:
+            log.warning("the socket reader goes on after waiting %.1f s for the store (%.1f s "
+                        "in all)", waited, self.reader_waited_s)  # fmt: skip
 
     async def flush(self) -> None:
         """Wait until every queued event is stored and published."""
