@@ -205,10 +205,10 @@ class Recorder:
         config = self.config
         pending = self.pending
         cause = f" (last failure: {self.last_error})" if self.last_error else ""
-        if pending >= config.ready_max_pending:
-            return (f"{pending} events wait to be stored (ready below "
-                    f"{config.ready_max_pending}; the reader waits at {self._max_pending})"
-                    f"{cause}")  # fmt: skip
+        limit = min(config.ready_max_pending, self._max_pending)
+        if pending >= limit:
+            return (f"{pending} events wait to be stored (ready below {limit}; the reader "
+                    f"waits at {self._max_pending}){cause}")  # fmt: skip
         age = self.oldest_age()
         if age > config.ready_max_age_s:
             return (f"the oldest of {pending} events waiting to be stored has waited "
