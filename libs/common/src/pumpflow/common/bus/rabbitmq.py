@@ -16,6 +16,19 @@ Topology under ``<ns>`` (the namespace):
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
   only then acked.
 
+Publishing is confirmed and keeps its order across a reconnection. Each publication
+takes a ticket in the order it is first written. One whose confirm fails because the
+connection or channel went away is held: it is written again once the channel is
+back, and no publication with a later ticket is written while an earlier one is held.
+So the channel carries the unconfirmed tail of the stream again in its first order
+before anything new, and a key's events reach its queue in publish order. All the
+confirms a lost channel owed fail together, before any reconnection can complete, so
+every publication of that tail is held before the new channel takes a frame. The
+earliest held publication waits for nothing but the channel, so nothing deadlocks. A
+publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable)
+fails every call begun before it and not written yet, rather than let them overtake
+it; the callers publish again in order.
+
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
 of 1 runs inside the worker, a larger one as tasks; the prefetch is at least the
@@ -27,6 +40,8 @@ batched), which is safe because the channel carries only that queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -87,8 +102,13 @@ REASON_HEADER = "x-pumpflow-reason"
 ACK_BATCH = 64
 #: confirms outstanding at once in publish_many
 PUBLISH_WINDOW = 128
-#: publish attempts across a reconnection (a retry may duplicate; consumers drop it by seq)
+#: failed writes a publication survives while the broker is reachable (waiting for a
+#: reconnection counts none); a resend may duplicate, consumers drop the copy by seq
 PUBLISH_ATTEMPTS = 3
+#: longest pause while waiting for the publishing channel to reopen
+REOPEN_POLL_S = 0.5
+#: a lost connection's frame buffer is emptied until nothing came for this long
+DISCARD_IDLE_S = 5.0
 _MAX_REASON = 2000
 #: how long handled messages may wait for more to share their ack frame; a partition
 #: gets 1/16 of the traffic, so a short linger would ack nearly every message alone
@@ -97,6 +117,10 @@ PERSISTENT = 2
 #: longest wait for dead letters handed back to show in their queue again
 REQUEUE_WAIT_S = 2.0
 Properties = Basic.Properties
+
+
+class PublishAbandoned(ConnectionError):
+    """Not written: a publication before it gave up, and this one may not overtake it."""
 
 
 class _Delivery:
@@ -179,6 +203,16 @@ class RabbitMQBus(EventBus):
         # never hold back so many acks that the prefetch window closes
         self._ack_batch = max(1, min(ACK_BATCH, prefetch // 4))
         self._start_lock = asyncio.Lock()
+        #: publication order: a ticket per publication, taken when it is first written
+        self._tickets = itertools.count()
+        #: tickets of publications whose channel went away, not written again yet
+        self._held: set[int] = set()
+        self._held_changed = asyncio.Event()
+        #: publications given up so far; a call begun before one writes nothing more
+        self._given_up = 0
+        #: the AMQP connection whose loss is watched, and the tasks emptying lost ones
+        self._watched: aiormq.abc.AbstractConnection | None = None
+        self._discarding: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- names
 
@@ -355,11 +389,13 @@ class RabbitMQBus(EventBus):
     # ---------------------------------------------------------------- publishing
 
     async def publish(self, event: Event) -> None:
+        since = self._given_up
         body, key = self._prepare(event)
-        await self._send(body, key, event)
+        await self._send(body, key, event, since)
 
     async def publish_many(self, events: Iterable[Event]) -> None:
         """Publish in order with up to PUBLISH_WINDOW confirms outstanding at once."""
+        since = self._given_up
         window = asyncio.Semaphore(PUBLISH_WINDOW)
         in_flight: set[asyncio.Task] = set()
         failures: list[BaseException] = []
@@ -378,7 +414,7 @@ class RabbitMQBus(EventBus):
                     break
                 # tasks start in creation order and aiormq writes under a FIFO lock,
                 # so the broker receives the events in this order
-                task = asyncio.create_task(self._send(body, key, event))
+                task = asyncio.create_task(self._send(body, key, event, since))
                 in_flight.add(task)
                 task.add_done_callback(settle)
             if in_flight:
@@ -403,36 +439,123 @@ class RabbitMQBus(EventBus):
             self.event_log.published(event, routing_key=key)
         return encode_event(event), key
 
-    async def _send(self, body: bytes, key: str, event: Event) -> None:
+    async def _send(self, body: bytes, key: str, event: Event, since: int) -> None:
         # the envelope carries type and source; every property costs marshalling time
         properties = Properties(delivery_mode=PERSISTENT, message_id=event.id)
-        await self._publish_to(self.exchange_name, body, key, properties)
+        await self._publish_to(self.exchange_name, body, key, properties, since=since)
 
     async def _publish_to(
-        self, exchange: str, body: bytes, key: str, properties: Properties
+        self,
+        exchange: str,
+        body: bytes,
+        key: str,
+        properties: Properties,
+        *,
+        since: int | None = None,
     ) -> None:
-        """Publish and wait for the broker's confirm; retry across a reconnection."""
+        """Publish and wait for the broker's confirm; resend in order across a reconnection.
+
+        ``since``: the give-ups counted when the caller's call began (see the module).
+        """
         if self._channel is None:
             raise RuntimeError("RabbitMQBus is not started")
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                # aio_pika.Message and Exchange.publish cost about as much as the whole
-                # AMQP exchange here; the channel underneath takes the frame directly
-                channel = await self._channel.get_underlay_channel()
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=key,
-                    properties=properties,
-                    mandatory=False,
-                    wait=False,
-                )
-                return
-            except (aiormq.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
-                if attempt == PUBLISH_ATTEMPTS:
-                    raise
-                log.warning("publish to %s failed (%r); retrying after reconnect", key, exc)
-                await asyncio.sleep(0.5 * attempt)
+        if since is None:
+            since = self._given_up
+        ticket = next(self._tickets)
+        failures = 0
+        try:
+            while True:
+                channel = await self._writable(ticket, since)
+                # written at once below (the lock is free between writes), so no later
+                # ticket woken here can write first
+                self._release(ticket)
+                try:
+                    # aio_pika.Message and Exchange.publish cost about as much as the whole
+                    # AMQP exchange here; the channel underneath takes the frame directly
+                    await channel.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=key,
+                        properties=properties,
+                        mandatory=False,
+                        wait=False,
+                    )
+                    return
+                except Exception as exc:
+                    # a closed channel rejects its confirms with whatever closed it (a
+                    # bare Exception, even); a nack or a refusal on an open one is final
+                    if not channel.is_closed and not isinstance(
+                        exc, aiormq.exceptions.ChannelInvalidStateError | ConnectionError
+                    ):
+                        raise
+                    failures += 1
+                    if failures == PUBLISH_ATTEMPTS:
+                        self._given_up += 1
+                        self._held_changed.set()
+                        self._held_changed.clear()
+                        raise
+                    # held before this task yields: no later ticket is written meanwhile
+                    self._held.add(ticket)
+                    log.warning(
+                        "publish to %s failed (%r); resending in order after reconnect",
+                        key,
+                        exc,
+                    )
+                    await asyncio.sleep(0.1 * failures)
+        finally:
+            self._release(ticket)
+
+    async def _writable(self, ticket: int, since: int) -> aiormq.abc.AbstractChannel:
+        """The open publishing channel, once ``ticket`` is next: no earlier one held."""
+        while True:
+            channel = await self._open_channel()
+            if self._given_up != since:
+                raise PublishAbandoned("an earlier publication gave up; publish again in order")
+            if not self._held or min(self._held) >= ticket:
+                return channel
+            await self._held_changed.wait()
+
+    async def _open_channel(self) -> aiormq.abc.AbstractChannel:
+        """The channel underneath, waiting out a reconnection; fails once the bus closed."""
+        pause = 0.02
+        while True:
+            connection, robust = self._connection, self._channel
+            if connection is None or connection.is_closed or robust is None:
+                raise aiormq.exceptions.ChannelInvalidStateError("RabbitMQBus is closed")
+            if connection.connected.is_set():
+                with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+                    channel = await robust.get_underlay_channel()
+                    if not channel.is_closed:
+                        self._watch(channel.connection)
+                        return channel
+            # the connection is back before its channels are reopened
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, REOPEN_POLL_S)
+
+    def _watch(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Unblock the writers of ``connection`` once it is lost.
+
+        Its frame buffer is bounded and nothing drains it after the loss, so a publish or
+        an ack waiting for room there would wait forever, holding its channel's lock.
+        Taking the dead frames out lets each go on to its failed confirm.
+        """
+        if connection is self._watched:
+            return
+        self._watched = connection
+        queue = connection.write_queue
+
+        def lost(_: asyncio.Future) -> None:
+            task = asyncio.ensure_future(_discard(queue))
+            self._discarding.add(task)
+            task.add_done_callback(self._discarding.discard)
+
+        connection.closing.add_done_callback(lost)
+
+    def _release(self, ticket: int) -> None:
+        if ticket in self._held:
+            self._held.discard(ticket)
+            self._held_changed.set()
+            self._held_changed.clear()
 
     # ---------------------------------------------------------------- subscribing
 
@@ -576,6 +699,7 @@ class RabbitMQBus(EventBus):
         """
         assert consumer.channel is not None
         channel = await consumer.channel.get_underlay_channel()
+        self._watch(channel.connection)
 
         async def on_delivery(message: DeliveredMessage) -> None:
             consumer.buffer.append(message)
@@ -865,6 +989,16 @@ def _letter(service: str, message: AbstractIncomingMessage) -> DeadLetter:
         key=headers.get("x-pumpflow-key"),
         headers=headers,
     )
+
+
+async def _discard(queue: asyncio.Queue) -> None:
+    """Empty a lost connection's frame buffer until no writer has put anything for a while."""
+    while True:
+        try:
+            async with asyncio.timeout(DISCARD_IDLE_S):
+                await queue.get()
+        except TimeoutError:
+            return
 
 
 def _type_of(routing: str | None) -> str | None:

@@ -1,0 +1,118 @@
+"""RabbitMQ publishing keeps each key's order when its connection is lost mid-stream.
+
+The publisher's own AMQP connection is closed under it, as a network failure or a
+broker restart closes it; the broker itself stays up (a restart is in the fault suite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+import pytest
+
+from pumpflow.common.bus import Subscription
+from pumpflow.common.events import Event, TokenTrade, make_event
+from pumpflow.common.testing import eventually
+
+pytestmark = pytest.mark.rabbitmq
+
+MINTS = 24
+PER_MINT = 60
+CHUNK = 96
+
+
+def trade_event(mint: str, seq: int) -> Event:
+    payload = TokenTrade(
+        signature=f"sig-{mint}-{seq}",
+        mint=mint,
+        traderPublicKey="trader",
+        txType="buy",
+        tokenAmount=1000,
+        newTokenBalance=1000,
+        bondingCurveKey="curve",
+        vTokensInBondingCurve=1_000_000_000,
+        vSolInBondingCurve=30,
+        marketCapSol=30,
+        solAmount=0.5,
+    )
+    return make_event(payload, source="feed/r1", time=time.time(), seq=seq)
+
+
+def out_of_order(arrivals: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per key, the first arrivals of its seqs when they are not 1, 2, 3, ... in order."""
+    bad = {}
+    for key, seqs in arrivals.items():
+        first = list(dict.fromkeys(seqs))
+        if first != list(range(1, len(first) + 1)):
+            bad[key] = first
+    return bad
+
+
+async def drop_connection(bus) -> None:
+    """Close the bus's AMQP connection as a network failure would; wait until it is back."""
+    lost = bus._connection.transport.connection
+    await lost.close(ConnectionError("simulated network failure"))
+    await eventually(
+        lambda: getattr(bus._connection.transport, "connection", lost) is not lost,
+        within=20,
+        what="a new connection",
+    )
+
+
+async def test_each_key_keeps_its_order_across_lost_connections(namespace, amqp_url):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    service = f"svc_{namespace}"
+    consumer = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="c/1")
+    publisher = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="feed/r1")
+    arrivals: dict[str, list[int]] = defaultdict(list)
+
+    async def record(event: Event) -> None:
+        arrivals[event.key].append(event.seq)
+
+    def distinct() -> int:
+        return sum(len(set(seqs)) for seqs in arrivals.values())
+
+    await consumer.start()
+    await publisher.start()
+    try:
+        await consumer.subscribe(Subscription(service=service, patterns=("token.*",), handler=record))
+        # the mints interleaved, as the market interleaves them
+        events = [
+            trade_event(f"mint{m:02d}", seq)
+            for seq in range(1, PER_MINT + 1)
+            for m in range(MINTS)
+        ]
+        chunks = [events[i : i + CHUNK] for i in range(0, len(events), CHUNK)]
+        retries = 0
+
+        async def produce() -> None:
+            # as the recorder and the keyed consumer do: a failed call is made again whole
+            nonlocal retries
+            for chunk in chunks:
+                while True:
+                    try:
+                        await publisher.publish_many(chunk)
+                        break
+                    except Exception:
+                        retries += 1
+                        await asyncio.sleep(0.05)
+
+        producing = asyncio.create_task(produce())
+        for share in (0.2, 0.5, 0.8):
+            await eventually(
+                lambda s=share: distinct() >= s * len(events),
+                within=30,
+                what=f"{share:.0%} of the events",
+                details=lambda: f"{distinct()} arrived, {retries} calls failed",
+            )
+            await drop_connection(publisher)
+        await producing
+        await eventually(lambda: distinct() == len(events), within=30, what="every event")
+        assert out_of_order(arrivals) == {}
+    finally:
+        await publisher.close()
+        await consumer.delete_topology()
+        await consumer.close()
