@@ -78,12 +78,12 @@ async def test_each_key_keeps_its_order_across_lost_connections(namespace, amqp_
     await consumer.start()
     await publisher.start()
     try:
-        await consumer.subscribe(Subscription(service=service, patterns=("token.*",), handler=record))
+        await consumer.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=record)
+        )
         # the mints interleaved, as the market interleaves them
         events = [
-            trade_event(f"mint{m:02d}", seq)
-            for seq in range(1, PER_MINT + 1)
-            for m in range(MINTS)
+            trade_event(f"mint{m:02d}", seq) for seq in range(1, PER_MINT + 1) for m in range(MINTS)
         ]
         chunks = [events[i : i + CHUNK] for i in range(0, len(events), CHUNK)]
         retries = 0

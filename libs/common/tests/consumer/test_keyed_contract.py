@@ -16,7 +16,7 @@ import pytest
 from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.bus.routing import partition_of
-from pumpflow.common.clock import ReplayClock
+from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
 from pumpflow.common.events import (
     Event,
@@ -554,3 +554,92 @@ async def test_a_dead_letter_redriven_after_its_fix_is_applied_once_by_its_servi
     assert await pair.applied(mint) == [1, 3, 2, 4]
     # redriven to the service that dead-lettered it, not to every consumer of the type
     assert [e.seq for e in others.of(key=mint)] == [1, 2, 3, 4]
+
+
+async def test_events_overtaken_by_later_ones_are_applied_once_when_they_arrive(pair):
+    from pumpflow.common.consumer.keyed import UNAPPLIED_KEPT
+
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor())
+    mint, fresh, far = MINTS[3], MINTS[4], MINTS[5]
+    reordered_before = consumer.metrics.reordered._value.get()
+    # as a reconnection lets them arrive: later seqs first, then the ones they passed
+    await bus.publish_many(
+        [trade(mint, s) for s in (1, 2, 4, 3, 6, 5, 7, 3, 8)]
+        + [trade(fresh, s) for s in (2, 1, 3)]
+        + [trade(far, s) for s in (1, 2 + 3 * UNAPPLIED_KEPT, 5, 2 + 2 * UNAPPLIED_KEPT)]
+    )
+    await announced.wait_for(8, key=mint)
+    await announced.wait_for(3, key=fresh)
+    await announced.wait_for(3, key=far)
+    assert await pair.applied(mint) == [1, 2, 4, 3, 6, 5, 7, 8]
+    assert await pair.applied(fresh) == [2, 1, 3]
+    # what a key waits for is bounded: a seq further back than that is a duplicate
+    assert await pair.applied(far) == [1, 2 + 3 * UNAPPLIED_KEPT, 2 + 2 * UNAPPLIED_KEPT]
+    assert consumer.metrics.reordered._value.get() == reordered_before + 4
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 8} and record.missing == {}
+    assert len((await pair.record(far)).missing["feed"]) == UNAPPLIED_KEPT - 1
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_a_broker_restart_mid_stream_keeps_each_keys_order_and_drops_nothing(
+    own_rabbitmq, namespace, redis_url
+):
+    """RabbitMQ of the test's own restarts while events are published and applied."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    per_mint = 80
+    events = [trade(m, s) for s in range(1, per_mint + 1) for m in MINTS]
+    publisher = RabbitMQBus(
+        url=own_rabbitmq.url, namespace=namespace, partitions=PARTITIONS, source="feed/test"
+    )
+    pair = Pair("rabbitmq", namespace, own_rabbitmq.url, redis_url)
+    try:
+        consumer = KeyedStatefulConsumer(
+            RecordingProcessor(),
+            KeyedConsumerConfig(
+                service="keyed", patterns=("token.trade",), window=16, retry_max_s=0.5
+            ),
+            bus=await pair.bus(),
+            store=pair.store,
+            clock=WallClock(),
+            source="keyed/test",
+        )
+        await consumer.start()
+        pair.consumers.append(consumer)
+        await publisher.start()
+        before = consumer.metrics.applied._value.get()
+
+        async def produce() -> None:
+            # as the feed's recorder does: batches in order, a failed one sent again whole
+            for start in range(0, len(events), 64):
+                batch = events[start : start + 64]
+                while True:
+                    try:
+                        await publisher.publish_many(batch)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.1)
+
+        def applied() -> float:
+            return consumer.metrics.applied._value.get() - before
+
+        producing = asyncio.create_task(produce())
+        await eventually(lambda: applied() >= len(events) // 4, 60, what="a quarter applied")
+        await asyncio.to_thread(own_rabbitmq.restart)
+        await producing
+        await eventually(
+            lambda: applied() >= len(events),
+            90,
+            what="every event applied",
+            details=lambda: f"{applied():.0f} of {len(events)} applied, {consumer.describe()}",
+        )
+        await consumer.flush()
+        for mint in MINTS:
+            assert await pair.applied(mint) == list(range(1, per_mint + 1)), mint
+    finally:
+        await publisher.close()
+        await pair.teardown()

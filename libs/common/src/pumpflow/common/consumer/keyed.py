@@ -25,6 +25,13 @@ owns the rest:
   event is still a duplicate. Either way the event applies out of its original order
   and its seq leaves the list, so another copy is a duplicate again: redriving twice,
   or to every consumer of a type, applies nothing twice.
+- **Reordering.** An event whose seq skips ahead leaves the seqs between ``missing``
+  (the newest :data:`UNAPPLIED_KEPT` per publisher); one of them arriving later is
+  applied then, once, and counted as reordered, not dropped as a duplicate. The
+  processor sees it as the key's next event: what adds up (counts, volumes, sums)
+  comes out as in order, a window counts it at the time it arrives (event time never
+  steps back), and what holds the latest value (price, curve reserves) holds the
+  late event's until the key's next event.
 - **Group commit.** Changed keys are written together, one :class:`WriteBatch` per
   commit (the records, the service's views of them and new partition-index entries),
   each key encoded once however many events it applied meanwhile. Then the outboxes
@@ -139,6 +146,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     refused: dict[str, list[int]] = {}
     #: publisher service -> seqs whose apply raised (their next delivery applies them)
     failed: dict[str, list[int]] = {}
+    #: publisher service -> seqs a later seq skipped (applied when they arrive)
+    missing: dict[str, list[int]] = {}
 
 
 _encode_record = msgspec.msgpack.Encoder().encode
@@ -156,6 +165,7 @@ class _Key:
         "handed",
         "indexed",
         "key",
+        "missing",
         "outbox",
         "outbox_stored",
         "partition",
@@ -180,6 +190,7 @@ class _Key:
         #: publisher -> seqs not applied, ascending (see Record)
         self.refused: dict[str, list[int]] = {}
         self.failed: dict[str, list[int]] = {}
+        self.missing: dict[str, list[int]] = {}
         self.published = 0
         self.outbox: list[Event] = []
         #: events at the head of the outbox handed to a publication under way
@@ -437,22 +448,31 @@ class KeyedStatefulConsumer(Generic[S]):
                 late = _take_seq(entry.failed, publisher, seq) or (
                     event.redriven and _take_seq(entry.refused, publisher, seq)
                 )
+                if not late and entry.missing and _take_seq(entry.missing, publisher, seq):
+                    late = True
+                    self.metrics.reordered.inc()
                 if not late:
                     self.metrics.duplicates.inc()
                     self.metrics.duplicate_events.inc()
                     return entry.changed
             elif entry.failed and _take_seq(entry.failed, publisher, seq):
                 pass  # a retry of the last one, nothing passed it over
-            elif last and seq > last + 1:
-                self.metrics.gaps.inc()
-                log.warning(
-                    "%s: seq gap for %s from %s: %d after %d",
-                    self.config.service,
-                    entry.key,
-                    publisher,
-                    seq,
-                    last,
-                )
+            elif seq > last + 1:
+                # a key first seen a little past seq 1 may have had its first events
+                # overtaken; one first seen further in joined its stream midway
+                if last or seq <= UNAPPLIED_KEPT:
+                    for skipped in range(max(last + 1, seq - UNAPPLIED_KEPT), seq):
+                        _keep_seq(entry.missing, publisher, skipped)
+                if last:
+                    self.metrics.gaps.inc()
+                    log.warning(
+                        "%s: seq gap for %s from %s: %d after %d",
+                        self.config.service,
+                        entry.key,
+                        publisher,
+                        seq,
+                        last,
+                    )
         state = self._state_of(entry)
         retire_ttl, entry.retire_ttl = entry.retire_ttl, None
         try:
@@ -661,6 +681,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 retired=retired,
                 refused=entry.refused,
                 failed=entry.failed,
+                missing=entry.missing,
             )
             key = entry.key
             batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
@@ -758,6 +779,7 @@ class KeyedStatefulConsumer(Generic[S]):
         entry.applied = dict(record.applied)
         entry.refused = {p: list(seqs) for p, seqs in record.refused.items()}
         entry.failed = {p: list(seqs) for p, seqs in record.failed.items()}
+        entry.missing = {p: list(seqs) for p, seqs in record.missing.items()}
         entry.published = record.published
         entry.priority = record.priority
         entry.indexed = True

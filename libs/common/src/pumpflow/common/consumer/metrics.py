@@ -12,7 +12,7 @@ class _Families:
         self.events = Counter(
             "pumpflow_consumer_events",
             "Events handed to the keyed consumer, by outcome "
-            "(applied, duplicate, invalid, redriven).",
+            "(applied, duplicate, invalid, redriven, reordered).",
             ["service", "outcome"],
             registry=registry,
         )
@@ -82,6 +82,7 @@ class ConsumerMetrics:
         self.invalid = families.events.labels(service, "invalid")
         self.duplicate_events = families.events.labels(service, "duplicate")
         self.redriven = families.events.labels(service, "redriven")
+        self.reordered = families.events.labels(service, "reordered")
         self.duplicates = families.duplicates.labels(service)
         self.gaps = families.gaps.labels(service)
         self.timers = families.timers.labels(service)
@@ -101,6 +102,7 @@ class ConsumerMetrics:
             "gaps": self.gaps._value.get(),
             "invalid": self.invalid._value.get(),
             "redriven": self.redriven._value.get(),
+            "reordered": self.reordered._value.get(),
             "timers": self.timers._value.get(),
             "restored": self.restored._value.get(),
             "retired": self.retired._value.get(),
