@@ -461,8 +461,10 @@ class KeyedStatefulConsumer(Generic[S]):
                 # a key first seen a little past seq 1 may have had its first events
                 # overtaken; one first seen further in joined its stream midway
                 if last or seq <= UNAPPLIED_KEPT:
+                    failed = entry.failed.get(publisher, ())  # kept there already
                     for skipped in range(max(last + 1, seq - UNAPPLIED_KEPT), seq):
-                        _keep_seq(entry.missing, publisher, skipped)
+                        if skipped not in failed:
+                            _keep_seq(entry.missing, publisher, skipped)
                 if last:
                     self.metrics.gaps.inc()
                     log.warning(
