@@ -120,3 +120,41 @@ def test_quotes_are_monotonic_in_size(state, a, b):
     sell_large = curve.quote_sell(state, tokens_large)
     assert sell_small.sol <= sell_large.sol
     assert sell_small.price_after >= sell_large.price_after
+
+
+@pytest.mark.parametrize(
+    ("v_sol", "v_tokens", "market_cap"),
+    [
+        (30.03733572726111, 1071666285.328535, -5),
+        (30.03733572726111, 1071666285.328535, 1e308),
+        (1e308, 1e-300, 1e308 / 1e-300 * 1e9),  # the cap matches: the product does not
+        (10**400, 1, 1),  # an int no float holds
+        (float("nan"), 1.07e9, 28.0),
+        (0, 1.07e9, 28.0),
+        (5e-324, 1.8e308, 1e-300),
+    ],
+)
+def test_an_inconsistent_or_impossible_frame_is_far_off_and_never_raises(
+    v_sol, v_tokens, market_cap
+):
+    assert curve.frame_consistency_error(v_sol, v_tokens, market_cap) > 0.5
+
+
+@given(
+    v_sol=st.one_of(st.floats(), st.integers()),
+    v_tokens=st.one_of(st.floats(), st.integers()),
+    market_cap=st.one_of(st.floats(), st.integers()),
+)
+def test_the_consistency_error_is_a_number_for_any_input(v_sol, v_tokens, market_cap):
+    error = curve.frame_consistency_error(v_sol, v_tokens, market_cap)
+    assert error >= 0.0  # never NaN, never an exception
+
+
+def test_every_reference_frame_is_consistent():
+    frames = [
+        (30.059259257999976, 1070884672.297204, 28.069557848389476),
+        (30.03733572726111, 1071666285.328535, 28.028628070587033),
+        (32.93049999996889, 977513247.598136, 33.68803449046135),
+    ]
+    for v_sol, v_tokens, market_cap in frames:
+        assert curve.frame_consistency_error(v_sol, v_tokens, market_cap) < 1e-12

@@ -8,6 +8,8 @@ digit.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,14 @@ FEE_RATE = 0.0125
 COMPLETE_VIRTUAL_TOKEN_RESERVES = INITIAL_VIRTUAL_TOKEN_RESERVES - INITIAL_REAL_TOKEN_RESERVES
 K = INITIAL_VIRTUAL_SOL_RESERVES * INITIAL_VIRTUAL_TOKEN_RESERVES
 COMPLETE_VIRTUAL_SOL_RESERVES = K / COMPLETE_VIRTUAL_TOKEN_RESERVES
+#: a mayhem-mode coin mints a second billion tokens to an agent that trades them on the
+#: same curve for a day (pump.fun, Nov 2025): its reserves can take that billion too
+MAYHEM_EXTRA_SUPPLY = TOTAL_SUPPLY
+MAX_TOKEN_SUPPLY = TOTAL_SUPPLY + MAYHEM_EXTRA_SUPPLY
+MAX_VIRTUAL_TOKEN_RESERVES = INITIAL_VIRTUAL_TOKEN_RESERVES + MAYHEM_EXTRA_SUPPLY
+MIN_VIRTUAL_SOL_RESERVES = K / MAX_VIRTUAL_TOKEN_RESERVES
+
+_MAX_FLOAT = sys.float_info.max
 
 
 def curve_progress(v_tokens):
@@ -163,7 +173,38 @@ def state_from_frame(v_sol: float, v_tokens: float) -> CurveState:
     return CurveState(v_sol=float(v_sol), v_tokens=float(v_tokens))
 
 
+def reserves_error(v_sol: float, v_tokens: float) -> float:
+    """Relative mismatch of virtual reserves against the constant product K.
+
+    Inf if either is not a positive finite number (an int too large for a float
+    included, before any arithmetic could overflow); never raises, never NaN.
+    """
+    if 0 < v_sol <= _MAX_FLOAT and 0 < v_tokens <= _MAX_FLOAT:
+        # a product overflows to inf or underflows to 0, never to NaN
+        return abs(float(v_sol) * float(v_tokens) / K - 1.0)
+    return math.inf
+
+
+def market_cap_error(v_sol: float, v_tokens: float, market_cap_sol: float) -> float:
+    """Relative mismatch of a market cap against the reserves' price times a 1B supply.
+
+    PumpPortal reports the cap on a 1B supply even for a mayhem-mode coin, whose real
+    supply is larger. Inf if any value is not a positive finite number.
+    """
+    if 0 < v_sol <= _MAX_FLOAT and 0 < v_tokens <= _MAX_FLOAT and 0 < market_cap_sol <= _MAX_FLOAT:
+        v_sol = float(v_sol)
+        # |cap - expected| / expected, rearranged so nothing divides by an underflowed price
+        return abs(float(market_cap_sol) * float(v_tokens) / TOTAL_SUPPLY - v_sol) / v_sol
+    return math.inf
+
+
 def frame_consistency_error(v_sol: float, v_tokens: float, market_cap_sol: float) -> float:
-    """Relative mismatch between a frame's market cap and its reserves (0 = consistent)."""
-    expected = float(v_sol) / float(v_tokens) * TOTAL_SUPPLY
-    return abs(float(market_cap_sol) - expected) / expected if expected else float("inf")
+    """Relative mismatch of a frame's curve fields: 0 when consistent, inf when impossible.
+
+    Two invariants hold for every frame of a bonding curve: the virtual reserves keep
+    the constant product K, and the market cap is their price times a 1B supply. The
+    larger mismatch is returned; no input raises or gives NaN.
+    """
+    reserves = reserves_error(v_sol, v_tokens)
+    market_cap = market_cap_error(v_sol, v_tokens, market_cap_sol)
+    return reserves if reserves > market_cap else market_cap
