@@ -45,6 +45,12 @@ POSTGRES_DSN = os.environ.get(
 AMQP_URL = os.environ.get("PUMPFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+def _unique_signature(signature: bytes, i: int) -> bytes:
+    """``signature`` made unique by ``i``, still 88 base58 characters (base58 has no 0)."""
+    tag = str(i).replace("0", "o").rjust(10, "x").encode()
+    return tag + signature[len(tag) :]
+
+
 def market_frames(n: int) -> list[bytes]:
     """n frames of a simulated market, or variations of the reference frames."""
     try:
@@ -55,7 +61,7 @@ def market_frames(n: int) -> list[bytes]:
         for i in range(n):
             frame = base[i % len(base)]
             sig = msgspec.json.decode(frame)["signature"].encode()
-            out.append(frame.replace(sig, b"%d-%s" % (i, sig[:60])))
+            out.append(frame.replace(sig, _unique_signature(sig, i)))
         return out
     encode = msgspec.json.Encoder().encode
     frames = []
@@ -116,7 +122,7 @@ async def bench_recorder(frames: list[bytes], rows: int, batch: int) -> None:
             frame = frames[i % len(frames)]
             if i >= len(frames):  # make signatures unique beyond the sample
                 sig = msgspec.json.decode(frame)["signature"].encode()
-                frame = frame.replace(sig, b"r%d-%s" % (i, sig[:60]))
+                frame = frame.replace(sig, _unique_signature(sig, i))
             payloads.append(frame)
             events.append(make_event(decode_frame(frame), source="feed/bench", time=float(i),
                                      seq=i))  # fmt: skip

@@ -53,11 +53,15 @@ async def fill(pool: asyncpg.Pool, rows: int) -> None:
         """
         INSERT INTO token_events (signature, tx_type, mint, event_time, seq, source,
                                   event_id, payload, frame)
-        SELECT 'sig' || n, 'buy', 'mint' || (n % 1000), 1.7e9 + n * 0.01, n / 1000 + 1,
+        SELECT sig, 'buy', mint, 1.7e9 + n * 0.01, n / 1000 + 1,
                'feed/bench', md5(n::text), f::jsonb, f
         FROM generate_series(1, $1) AS n,
-             LATERAL (SELECT $2 || '"sig' || n || '"' || $3 || '"mint' || (n % 1000) || '"'
-                             || $4 AS f) AS frames
+             -- base58 keys of real lengths (no 0 in base58: digits 0 become o)
+             LATERAL (SELECT rpad('Sig' || translate(n::text, '0', 'o'), 88, 'x') AS sig,
+                             rpad('Mint' || translate((n % 1000)::text, '0', 'o'), 44, 'x')
+                                 AS mint) AS keys,
+             LATERAL (SELECT $2 || '"' || sig || '"' || $3 || '"' || mint || '"' || $4 AS f)
+                 AS frames
         """,
         rows,
         head,

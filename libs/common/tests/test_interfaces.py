@@ -22,7 +22,7 @@ from pumpflow.common.interfaces import (
     FeatureManager,
     TokenMonitorThreadPool,
 )
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import base58_key, eventually
 from pumpflow.common.workers import PoolClosed
 
 MINT = "Mint1111111111111111111111111111111111pump"
@@ -42,10 +42,10 @@ class Market:
         self.sol += sol
         tokens = CURVE_K / self.sol
         return {
-            "signature": f"sig{self.mint[:4]}{self.n}",
+            "signature": base58_key(f"sig{self.mint}{self.n}", 88),
             "mint": self.mint,
             "traderPublicKey": trader,
-            "bondingCurveKey": "Curve111",
+            "bondingCurveKey": base58_key("Curve"),
             "vTokensInBondingCurve": tokens,
             "vSolInBondingCurve": self.sol,
             "marketCapSol": self.sol / tokens * 1_000_000_000,
@@ -53,7 +53,7 @@ class Market:
         }
 
     def created(self, sol: float = 1.0) -> dict:
-        frame = self._fields("Creator1", sol)
+        frame = self._fields(base58_key("Creator"), sol)
         bought = 1_073_000_000.0 - frame["vTokensInBondingCurve"]
         return frame | {
             "txType": "create",
@@ -156,8 +156,10 @@ async def test_the_feature_manager_generates_caches_and_publishes_features(bus):
     first = await manager.generate_features(MINT, created)
     assert first is not None and first.seq == 1 and first.time == 1000.0
     # raw frames, folded at their timestamp, then generated without new data
-    assert manager.update_feature_history(MINT, 1010.0, market.buy("A", 2.0)) is not None
-    assert manager.update_feature_history(MINT, 1020.0, market.buy("B", 1.0)) is not None
+    # raw frames are decoded as the feed decodes them: traders are public keys
+    alice, bob, carol = (base58_key(name) for name in ("Alice", "Bob", "Carol"))
+    assert manager.update_feature_history(MINT, 1010.0, market.buy(alice, 2.0)) is not None
+    assert manager.update_feature_history(MINT, 1020.0, market.buy(bob, 1.0)) is not None
     latest = await manager.generate_features(MINT, None)
     assert latest.time == 1020.0
     assert latest.as_dict()["buy_volume_sol_60s"] == pytest.approx(1.0 + 2.0 + 1.0)
@@ -171,8 +173,8 @@ async def test_the_feature_manager_generates_caches_and_publishes_features(bus):
 
     await manager.clear_cache(MINT)
     assert await manager.get_cached_features(MINT) is None
-    with pytest.raises(ValueError):
-        manager.update_feature_history("another-mint", 1030.0, market.buy("C"))
+    with pytest.raises(ValueError, match="given for token"):
+        manager.update_feature_history("another-mint", 1030.0, market.buy(carol))
 
 
 async def test_the_monitor_pool_runs_each_token_until_removed_and_replaces_failed_workers():

@@ -15,6 +15,7 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import base58_key
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
@@ -22,14 +23,24 @@ from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig, RecentSign
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import JsonlSink, Recorder, RecorderConfig
 
+A, B, C = base58_key("A"), base58_key("B"), base58_key("C")
+W, CURVE = base58_key("w"), base58_key("b")
+#: SOL reserves on the constant product at 1.07e9 tokens
+V_SOL = 30 * 1.073e9 / 1.07e9
+
 
 def trade(mint: str, i: int, tx: str = "buy") -> bytes:
     return (
-        b'{"signature":"s-%s-%d","mint":"%s","traderPublicKey":"w","txType":"%s",'
-        b'"tokenAmount":%d,"solAmount":0.01,"newTokenBalance":5,"bondingCurveKey":"b",'
-        b'"vTokensInBondingCurve":1.07e9,"vSolInBondingCurve":30.1,"marketCapSol":28.1}'
-        % (mint.encode(), i, mint.encode(), tx.encode(), i + 1)
-    )
+        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"%s",'
+        b'"tokenAmount":%d,"solAmount":0.01,"newTokenBalance":5,"bondingCurveKey":"%s",'
+        b'"vTokensInBondingCurve":1.07e9,"vSolInBondingCurve":%r,"marketCapSol":%r}'
+        % (signature(mint, i).encode(), mint.encode(), W.encode(), tx.encode(), i + 1,
+           CURVE.encode(), V_SOL, V_SOL / 1.07)
+    )  # fmt: skip
+
+
+def signature(mint: str, i: int) -> str:
+    return base58_key(f"s-{mint}-{i}", 88)
 
 
 class ScriptedFeed(DataFeedInterface):
@@ -83,7 +94,7 @@ async def test_frames_become_sequenced_events_and_duplicates_are_dropped(metrics
     feed = ScriptedFeed(clock)
     manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics)
     manager.add_data_feed(feed)
-    await feed.push(ref.CREATE, trade("A", 1), trade("A", 2), trade("A", 1), ref.MIGRATE)
+    await feed.push(ref.CREATE, trade(A, 1), trade(A, 2), trade(A, 1), ref.MIGRATE)
     await bus.drain()
     assert [e.type for e in got] == [
         "token.created", "token.trade", "token.trade", "token.migrated",
@@ -102,10 +113,10 @@ async def test_subscription_calls_reach_every_feed(metrics):
     manager = DataFeedManager(None, config=FeedManagerConfig(source="feed/x"), metrics=metrics)
     for feed in feeds:
         manager.add_data_feed(feed)
-    await manager.subscribe_to_token("A")
-    await manager.unsubscribe_from_token(["A", "B"])
-    assert [f.subscribed for f in feeds] == [["A"], ["A"]]
-    assert [f.unsubscribed for f in feeds] == [["A", "B"], ["A", "B"]]
+    await manager.subscribe_to_token(A)
+    await manager.unsubscribe_from_token([A, B])
+    assert [f.subscribed for f in feeds] == [[A], [A]]
+    assert [f.unsubscribed for f in feeds] == [[A, B], [A, B]]
 
 
 def test_recent_signatures_is_bounded():
@@ -131,7 +142,7 @@ async def test_recorder_stores_then_publishes_and_replay_reproduces_the_stream(p
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
     await manager.start()
-    frames = [ref.CREATE, *(trade("A", i) for i in range(7)), ref.OLD_BUY, ref.MIGRATE]
+    frames = [ref.CREATE, *(trade(A, i) for i in range(7)), ref.OLD_BUY, ref.MIGRATE]
     await feed.push(*frames, step=0.5)
     await recorder.flush()
     await bus.drain()
@@ -171,7 +182,7 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
     await manager.start()
-    await feed.push(trade("A", 1), trade("A", 2))
+    await feed.push(trade(A, 1), trade(A, 2))
     await crashed.flush()
     await manager.stop()
 
@@ -180,11 +191,11 @@ async def test_stored_but_unpublished_events_are_republished_on_restart(pg_pool,
                          metrics=metrics)  # fmt: skip
     assert await restarted.recover() == 2
     await bus.drain()
-    assert [(e.key, e.seq) for e in got] == [("A", 1), ("A", 2)]
+    assert [(e.key, e.seq) for e in got] == [(A, 1), (A, 2)]
     assert await restarted.recover() == 0  # confirmed now
     # numbering goes on after a restart
     sequencer = Sequencer(await store.last_seq_by_mint())
-    assert sequencer.next("A") == 3
+    assert sequencer.next(A) == 3
     await bus.close()
 
 
@@ -198,7 +209,7 @@ async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, m
     feed = ScriptedFeed(clock)
     old.add_data_feed(feed)
     await old.start()
-    await feed.push(trade("A", 1), trade("A", 2))
+    await feed.push(trade(A, 1), trade(A, 2))
     await first.flush()
     await old.stop()
 
@@ -210,12 +221,12 @@ async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, m
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
     await manager.start()  # restores the numbering from the store
-    assert manager.sequencer.last("A") == 2
+    assert manager.sequencer.last(A) == 2
     # the server sends trade 2 again, then a new one
-    await feed.push(trade("A", 2), trade("A", 3))
+    await feed.push(trade(A, 2), trade(A, 3))
     await second.flush()
     await bus.drain()
-    assert [e.data.signature for e in got] == ["s-A-3"]
+    assert [e.data.signature for e in got] == [signature(A, 3)]
     assert await store.count() == 3
     await manager.stop()
     await bus.close()
@@ -228,9 +239,9 @@ async def test_a_batch_retried_after_its_commit_is_still_published(pg_pool):
     sequencer = Sequencer()
     events = []
     for i in range(3):
-        payload = decode_frame(trade("B", i))
+        payload = decode_frame(trade(B, i))
         events.append(make_event(payload, source="feed/t", time=clock.now(),
-                                 seq=sequencer.next("B")))  # fmt: skip
+                                 seq=sequencer.next(B)))  # fmt: skip
     first = await store.write_batch(events)
     assert first.inserted == 3 and first.to_publish(events) == events
     # the commit went through but its answer was lost: the retry inserts nothing,
@@ -250,14 +261,14 @@ async def test_database_feed_paces_and_filters(pg_pool, metrics):
                               metrics=metrics)  # fmt: skip
     manager.add_data_feed(feed)
     await manager.start()
-    await feed.push(trade("A", 1), trade("B", 1), trade("A", 2), trade("B", 2), step=0.2)
+    await feed.push(trade(A, 1), trade(B, 1), trade(A, 2), trade(B, 2), step=0.2)
     await manager.stop()
 
     replay_clock = ReplayClock()
     fired: list[float] = []
     replay_clock.call_at(100.5, lambda: fired.append(replay_clock.now()))
-    db_feed = DatabaseDataFeed(store, ReplayConfig(speed=4.0, mints=("A", "B")), clock=replay_clock)
-    await db_feed.unsubscribe(["B"])
+    db_feed = DatabaseDataFeed(store, ReplayConfig(speed=4.0, mints=(A, B)), clock=replay_clock)
+    await db_feed.unsubscribe([B])
     seen: list[tuple[str, float, float]] = []
 
     async def capture(record: FeedRecord) -> None:
@@ -269,7 +280,7 @@ async def test_database_feed_paces_and_filters(pg_pool, metrics):
     await db_feed.connect()
     assert await db_feed.wait_done() == 2
     took = loop.time() - began
-    assert [(k, round(t, 6)) for k, t, _ in seen] == [("A", 100.2), ("A", 100.6)]
+    assert [(k, round(t, 6)) for k, t, _ in seen] == [(A, 100.2), (A, 100.6)]
     assert all(now == t for _, t, now in seen)  # the clock stands at each event's time
     assert fired == [100.5]
     assert took >= 0.4 / 4.0 * 0.9  # 0.4 s of event time at 4x

@@ -19,7 +19,7 @@ from pumpflow.common.events import Event, FeedSubscription, make_event
 from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import base58_key, eventually
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed import socket_feed
 from pumpflow.feed.database_feed import DatabaseDataFeed
@@ -32,17 +32,24 @@ from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
 
+MINT_A, MINT_B, MINT_C = (base58_key(f"Mint{c}") for c in "ABC")
+STRANGER = base58_key("Stranger")
+
+
+def signature(label: str) -> str:
+    return base58_key(label, 88)
+
 
 def create(mint: str) -> bytes:
     return ref.CREATE.replace(b"8yZ1rj5nHbUFuCbnoowE6rHLZYiuTe1tbxEskgzUpump", mint.encode()) \
         .replace(b"3ShNEcfKhWrvFVTwHCK7FjgWXABAZgo9Cpr2S6AGngg9xDifcQyY2mGQQ85p11vxSRvQ3B3Sba"
-                 b"ajobL1rfSJmyjG", f"create-{mint}".encode())  # fmt: skip
+                 b"ajobL1rfSJmyjG", signature(f"create-{mint}").encode())  # fmt: skip
 
 
 def trade(mint: str, i: int) -> bytes:
     return ref.SELL.replace(b"14k7LpDRKvyVuMWfGe1vB5ByoQh1yUQPetApMBLuzw1f", mint.encode()) \
         .replace(b"5PEnuUTTiqyEoeXtSdFPC38pY1bFCXFAFXKq52WQBCUPzC8sJLhxNDxPDB9YBrQWZDxB6GTz"
-                 b"JcPKH399ZpwUP1LY", f"trade-{mint}-{i}".encode())  # fmt: skip
+                 b"JcPKH399ZpwUP1LY", signature(f"trade-{mint}-{i}").encode())  # fmt: skip
 
 
 class Peer:
@@ -132,14 +139,14 @@ async def test_new_token_leads_to_its_trade_subscription(peer, bus_and_events):
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
     await peer.until(lambda: peer.methods()[:2] == ["subscribeNewToken", "subscribeMigration"])
-    await peer.send(create("MintA"))
-    await peer.until(lambda: "MintA" in peer.trade_keys)
-    await peer.send(trade("MintA", 1), trade("MintA", 2))
+    await peer.send(create(MINT_A))
+    await peer.until(lambda: MINT_A in peer.trade_keys)
+    await peer.send(trade(MINT_A, 1), trade(MINT_A, 2))
     await eventually(lambda: len(got) == 3)
     assert [(e.type, e.key, e.seq) for e in got] == [
-        ("token.created", "MintA", 1), ("token.trade", "MintA", 2), ("token.trade", "MintA", 3),
+        ("token.created", MINT_A, 1), ("token.trade", MINT_A, 2), ("token.trade", MINT_A, 3),
     ]  # fmt: skip
-    assert feed.active_mints == {"MintA"}
+    assert feed.active_mints == {MINT_A}
     assert feed.metrics.frames_by_kind[FrameKind.CONTROL]._value.get() >= 3  # acks
     assert feed.metrics.frames_by_kind[FrameKind.SELL]._value.get() == 2
     await manager.stop()
@@ -149,15 +156,15 @@ async def test_unsubscribe_stops_trades(peer, bus_and_events):
     bus, _got = bus_and_events
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
-    await peer.send(create("MintA"), create("MintB"))
-    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
-    await manager.unsubscribe_from_token("MintA")
-    await peer.until(lambda: peer.trade_keys == {"MintB"})
-    assert {"method": "unsubscribeTokenTrade", "keys": ["MintA"]} in peer.received
-    assert feed.active_mints == {"MintB"}
+    await peer.send(create(MINT_A), create(MINT_B))
+    await peer.until(lambda: peer.trade_keys == {MINT_A, MINT_B})
+    await manager.unsubscribe_from_token(MINT_A)
+    await peer.until(lambda: peer.trade_keys == {MINT_B})
+    assert {"method": "unsubscribeTokenTrade", "keys": [MINT_A]} in peer.received
+    assert feed.active_mints == {MINT_B}
     # subscribing again (a feed.subscription "subscribe" command) restores it
-    await manager.subscribe_to_token("MintA")
-    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
+    await manager.subscribe_to_token(MINT_A)
+    await peer.until(lambda: peer.trade_keys == {MINT_A, MINT_B})
     await manager.stop()
 
 
@@ -165,11 +172,11 @@ async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_e
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
-    mints = [f"Mint{i}" for i in range(30)]
+    mints = [base58_key(f"Mint{i}") for i in range(30)]
     await peer.send(*(create(m) for m in mints))
     await peer.until(lambda: peer.trade_keys == set(mints))
-    await manager.unsubscribe_from_token("Mint0")
-    await peer.until(lambda: "Mint0" not in peer.trade_keys)
+    await manager.unsubscribe_from_token(mints[0])
+    await peer.until(lambda: mints[0] not in peer.trade_keys)
     await peer.connections[-1].close()
     await peer.until(lambda: len(peer.connections) == 2 and peer.trade_keys == set(mints[1:]))
     assert feed.sessions == 2
@@ -177,7 +184,7 @@ async def test_dropped_connection_resubscribes_every_active_mint(peer, bus_and_e
     second = peer.received[[m["method"] for m in peer.received].index("subscribeNewToken", 1) :]
     assert [m["method"] for m in second[:2]] == ["subscribeNewToken", "subscribeMigration"]
     await eventually(lambda: feed.is_connected)
-    await peer.send(trade("Mint5", 1))
+    await peer.send(trade(mints[5], 1))
     await eventually(lambda: any(e.type == "token.trade" for e in got))
     await manager.stop()
 
@@ -186,8 +193,8 @@ async def test_malformed_frames_are_dead_lettered_and_valid_ones_keep_flowing(pe
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
-    bad_schema = trade("MintA", 9).replace(b'"tokenAmount": 36189.104326', b'"tokenAmount": "x"')
-    await peer.send(create("MintA"), b"{oops", bad_schema, ref.ERROR_STRING, trade("MintA", 1))
+    bad_schema = trade(MINT_A, 9).replace(b'"tokenAmount": 36189.104326', b'"tokenAmount": "x"')
+    await peer.send(create(MINT_A), b"{oops", bad_schema, ref.ERROR_STRING, trade(MINT_A, 1))
     await eventually(lambda: len(got) == 2)
     assert [e.type for e in got] == ["token.created", "token.trade"]
     await feed.dead_letters.flush()
@@ -209,7 +216,7 @@ async def test_a_text_frame_that_is_not_utf8_is_dead_lettered_on_the_same_connec
     await start(manager, feed)
     not_utf8 = b'{"message": "\xff\xfe"}'
     await peer.connections[-1].send(not_utf8, text=True)
-    await peer.send(create("MintA"))
+    await peer.send(create(MINT_A))
     await eventually(lambda: len(got) == 1)
     await feed.dead_letters.flush()
     assert [letter.body for letter in await bus.dead_letters("feed")] == [not_utf8]
@@ -409,17 +416,17 @@ async def test_trades_of_mints_never_subscribed_are_counted_and_kept_out_of_the_
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
-    await peer.send(create("MintA"))
-    await peer.until(lambda: "MintA" in peer.trade_keys)
+    await peer.send(create(MINT_A))
+    await peer.until(lambda: MINT_A in peer.trade_keys)
     # the server sends a trade of a mint nobody subscribed to, among wanted ones
-    await peer.send(trade("MintA", 1), trade("Stranger", 1), trade("MintA", 2))
+    await peer.send(trade(MINT_A, 1), trade(STRANGER, 1), trade(MINT_A, 2))
     await eventually(lambda: len(got) == 3)
     await eventually(lambda: manager.unsubscribed_trades == 1)
     assert [(e.type, e.key) for e in got] == [
-        ("token.created", "MintA"), ("token.trade", "MintA"), ("token.trade", "MintA"),
+        ("token.created", MINT_A), ("token.trade", MINT_A), ("token.trade", MINT_A),
     ]  # fmt: skip
     assert feed.metrics.unsubscribed_trades._value.get() == 1
-    assert "Stranger" not in feed.active_mints  # a stray trade subscribes nothing
+    assert STRANGER not in feed.active_mints  # a stray trade subscribes nothing
     await manager.stop()
 
 
@@ -429,14 +436,14 @@ async def test_trades_in_flight_after_an_unsubscribe_pass_within_the_grace_only(
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus, unsubscribe_grace_s=0.0)
     await start(manager, feed)
-    await peer.send(create("MintA"), create("MintB"))
-    await peer.until(lambda: peer.trade_keys == {"MintA", "MintB"})
-    await manager.unsubscribe_from_token("MintA")
-    await peer.until(lambda: peer.trade_keys == {"MintB"})
-    await peer.send(trade("MintA", 1), trade("MintB", 1))
+    await peer.send(create(MINT_A), create(MINT_B))
+    await peer.until(lambda: peer.trade_keys == {MINT_A, MINT_B})
+    await manager.unsubscribe_from_token(MINT_A)
+    await peer.until(lambda: peer.trade_keys == {MINT_B})
+    await peer.send(trade(MINT_A, 1), trade(MINT_B, 1))
     await eventually(lambda: len(got) == 3)
     await eventually(lambda: manager.unsubscribed_trades == 1)
-    assert got[-1].key == "MintB"
+    assert got[-1].key == MINT_B
     await manager.stop()
 
     bus2 = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
@@ -449,11 +456,11 @@ async def test_trades_in_flight_after_an_unsubscribe_pass_within_the_grace_only(
     await bus2.subscribe(Subscription(service="probe", patterns=("token.*",), handler=handler))
     feed, manager = make_feed(peer, bus2)  # the default grace: 10 s
     await start(manager, feed)
-    await peer.send(create("MintC"))
-    await peer.until(lambda: "MintC" in peer.trade_keys)
-    await manager.unsubscribe_from_token("MintC")
-    await peer.until(lambda: "MintC" not in peer.trade_keys)
-    await peer.send(trade("MintC", 1))  # sent before the server read the unsubscribe
+    await peer.send(create(MINT_C))
+    await peer.until(lambda: MINT_C in peer.trade_keys)
+    await manager.unsubscribe_from_token(MINT_C)
+    await peer.until(lambda: MINT_C not in peer.trade_keys)
+    await peer.send(trade(MINT_C, 1))  # sent before the server read the unsubscribe
     await eventually(lambda: len(graced) == 2)
     assert manager.unsubscribed_trades == 0
     await manager.stop()
@@ -486,37 +493,37 @@ async def test_recent_events_of_subscribed_mints_are_served_from_memory(peer, bu
     bus, got = bus_and_events
     service = await start_service(peer, bus)
     try:
-        await peer.send(create("MintA"))
-        await peer.until(lambda: "MintA" in peer.trade_keys)
-        await peer.send(trade("MintA", 1), trade("MintA", 2), trade("MintA", 3))
+        await peer.send(create(MINT_A))
+        await peer.until(lambda: MINT_A in peer.trade_keys)
+        await peer.send(trade(MINT_A, 1), trade(MINT_A, 2), trade(MINT_A, 3))
         await eventually(lambda: len(got) == 4)
 
-        body = (await get(service, "/tokens/MintA/events")).json()
+        body = (await get(service, f"/tokens/{MINT_A}/events")).json()
         assert [(e["type"], e["seq"]) for e in body["events"]] == [
             ("token.created", 1), ("token.trade", 2), ("token.trade", 3), ("token.trade", 4),
         ]  # fmt: skip
-        assert body["events"][1]["data"]["signature"] == "trade-MintA-1"
+        assert body["events"][1]["data"]["signature"] == signature(f"trade-{MINT_A}-1")
         assert body["covered_from"] <= got[0].time
-        body = (await get(service, "/tokens/MintA/events?type=token.trade&limit=2")).json()
+        body = (await get(service, f"/tokens/{MINT_A}/events?type=token.trade&limit=2")).json()
         assert [e["seq"] for e in body["events"]] == [3, 4]
-        assert (await get(service, "/tokens/MintA/events?type=token.swap")).status_code == 422
+        assert (await get(service, f"/tokens/{MINT_A}/events?type=token.swap")).status_code == 422
         assert (await get(service, "/tokens/Nobody/events")).status_code == 404
 
         # a window memory covers is answered from it, without a database
-        window = await service.socket.get_historical_data("MintA", got[0].time, got[3].time)
+        window = await service.socket.get_historical_data(MINT_A, got[0].time, got[3].time)
         assert [e.id for e in window] == [e.id for e in got[:3]]
         # one older than the look-back needs Postgres, which this feed has not
         with pytest.raises(FeedError):
-            await service.socket.get_historical_data("MintA", got[0].time - 60, None)
+            await service.socket.get_historical_data(MINT_A, got[0].time - 60, None)
 
         # the activity service unsubscribes it: forgotten
         command = make_event(
-            FeedSubscription(action="unsubscribe", mints=("MintA",), reason="inactive"),
+            FeedSubscription(action="unsubscribe", mints=(MINT_A,), reason="inactive"),
             source="activity/test", time=0.0,
         )  # fmt: skip
         await bus.publish(command)
-        await eventually(lambda: not service.lookback.holds("MintA"))
-        assert (await get(service, "/tokens/MintA/events")).status_code == 404
+        await eventually(lambda: not service.lookback.holds(MINT_A))
+        assert (await get(service, f"/tokens/{MINT_A}/events")).status_code == 404
     finally:
         await service.stop()
 
@@ -529,22 +536,24 @@ async def test_older_windows_come_from_postgres_where_stray_trades_are_kept_raw(
     store = TokenEventStore(pg_pool)
     service = await start_service(peer, bus, db=pg_pool)
     try:
-        await peer.send(create("MintA"))
-        await peer.until(lambda: "MintA" in peer.trade_keys)
-        stray = trade("Stranger", 1)
-        await peer.send(trade("MintA", 1), stray, trade("MintA", 2))
+        await peer.send(create(MINT_A))
+        await peer.until(lambda: MINT_A in peer.trade_keys)
+        stray = trade(STRANGER, 1)
+        await peer.send(trade(MINT_A, 1), stray, trade(MINT_A, 2))
         await eventually(lambda: len(got) == 3)
         await service.recorder.flush()
         assert service.metrics.unsubscribed_trades._value.get() == 1
 
         # the stray trade is stored as received, without a seq, and never published
-        row = await pg_pool.fetchrow("SELECT seq, frame FROM token_events WHERE mint = 'Stranger'")
+        row = await pg_pool.fetchrow(
+            "SELECT seq, frame FROM token_events WHERE mint = $1", STRANGER
+        )
         assert row["seq"] is None and row["frame"].encode() == stray
-        assert all(e.key == "MintA" for e in got)
+        assert all(e.key == MINT_A for e in got)
         # a window older than the look-back: Postgres answers, with the pipeline's events
-        window = await service.socket.get_historical_data("MintA", got[0].time - 60, None)
+        window = await service.socket.get_historical_data(MINT_A, got[0].time - 60, None)
         assert [e.id for e in window] == [e.id for e in got]
-        assert await service.socket.get_historical_data("Stranger", None, None) == []
+        assert await service.socket.get_historical_data(STRANGER, None, None) == []
     finally:
         await service.stop()
     # nothing stored is left to publish: the stray is no unconfirmed event either

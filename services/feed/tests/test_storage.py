@@ -7,9 +7,12 @@ import pytest
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import base58_key
 from pumpflow.feed import reference_frames as ref
 
 pytestmark = pytest.mark.postgres
+
+A, B = base58_key("A"), base58_key("B")
 
 
 def _event(raw: bytes, t: float, seq: int = 1) -> Event:
@@ -17,11 +20,19 @@ def _event(raw: bytes, t: float, seq: int = 1) -> Event:
 
 
 def _trade(mint: str, i: int, t: float, tx: str = "buy") -> bytes:
+    """A trade of ``mint`` (a label) on a curve at 1B tokens."""
     return (
-        b'{"signature":"sig-%s-%d","mint":"%s","traderPublicKey":"w%d","txType":"%s",'
-        b'"tokenAmount":%d.5,"solAmount":1e-05,"newTokenBalance":0,"bondingCurveKey":"bc",'
-        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":30.5,"marketCapSol":30}'
-        % (mint.encode(), i, mint.encode(), i, tx.encode(), i)
+        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"%s",'
+        b'"tokenAmount":%d.5,"solAmount":1e-05,"newTokenBalance":0,"bondingCurveKey":"%s",'
+        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
+        % (
+            base58_key(f"sig-{mint}-{i}", 88).encode(),
+            base58_key(mint).encode(),
+            base58_key(f"w{i}").encode(),
+            tx.encode(),
+            i,
+            base58_key("bc").encode(),
+        )
     )
 
 
@@ -93,8 +104,8 @@ async def test_stream_filters_by_time_and_mint_in_time_order(pg_pool):
     await store.write(events[5:], frames[5:])
     times = [e.time async for e in store.stream(batch_size=3)]
     assert times == [float(i) for i in range(10)]
-    only_a = [e async for e in store.stream(start=2.0, end=8.0, mints=["A"])]
-    assert [(e.key, e.time) for e in only_a] == [("A", 3.0), ("A", 5.0), ("A", 7.0)]
+    only_a = [e async for e in store.stream(start=2.0, end=8.0, mints=[A])]
+    assert [(e.key, e.time) for e in only_a] == [(A, 3.0), (A, 5.0), (A, 7.0)]
     assert [e async for e in store.stream(mints=[])] == []
 
 
@@ -105,9 +116,9 @@ async def test_last_seq_by_mint(pg_pool):
         for i, (m, s) in enumerate([("A", 1), ("A", 2), ("B", 1), ("A", 3)])
     ]
     await store.write(events)
-    assert await store.last_seq_by_mint() == {"A": 3, "B": 1}
-    assert await store.last_seq_by_mint(since=2.0) == {"B": 1, "A": 3}
-    assert await store.last_seq_by_mint(since=3.0) == {"A": 3}
+    assert await store.last_seq_by_mint() == {A: 3, B: 1}
+    assert await store.last_seq_by_mint(since=2.0) == {B: 1, A: 3}
+    assert await store.last_seq_by_mint(since=3.0) == {A: 3}
 
 
 async def test_outbox_position_starts_at_the_end_and_only_moves_forward(pg_pool):

@@ -4,7 +4,8 @@
 - :class:`EventCollector`: a bus handler that records events; await n events of a type,
   or a predicate, and end negative checks with a :meth:`~EventCollector.barrier`.
 - :class:`TokenEvents`: the feed's token events, valid and on the real curve;
-  :func:`sample_payload` a valid payload of any type; :func:`partition_keys`.
+  :func:`sample_payload` a valid payload of any type; :func:`partition_keys`;
+  :func:`base58_key` keys and signatures that frames may carry.
 - :class:`BusHarness`: started buses of either transport, torn down after the test.
 - :func:`stack_env` / :class:`ProcessStack`: services as processes on the test's servers.
 - :mod:`pumpflow.common.testing.plugin`: the pytest fixtures over all of these.
@@ -18,6 +19,7 @@ from pumpflow.common.testing.factories import (
     START,
     FeatureUpdates,
     TokenEvents,
+    base58_key,
     partition_keys,
     sample_payload,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "FeatureUpdates",
     "ProcessStack",
     "TokenEvents",
+    "base58_key",
     "drop_schema",
     "eventually",
     "free_port",

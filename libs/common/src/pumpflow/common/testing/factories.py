@@ -190,6 +190,23 @@ class TokenEvents:
         return make_event(payload, source=self.source, time=time, seq=seq)
 
 
+def base58_key(label: str, length: int = 44) -> str:
+    """A key the frame decoder accepts, the same for the same label, starting with it.
+
+    ``length`` 44 gives a public key (mint, wallet, curve), 88 a signature. The label's
+    base58 characters come first, so tests and their output stay readable; a digest of
+    the whole label fills the rest, so labels that differ give different keys.
+    """
+    head = "".join(c for c in label if c in _BASE58)[: length // 2]
+    fill = ""
+    counter = 0
+    while len(head) + len(fill) < length:
+        digest = hashlib.sha256(f"{label}/{counter}".encode()).digest()
+        fill += "".join(_BASE58[b % 58] for b in digest)
+        counter += 1
+    return (head + fill)[:length]
+
+
 def partition_keys(partitions: int, *, prefix: str = "key") -> list[str]:
     """One key per partition, the i-th landing in partition i (``prefix-<n>``)."""
     keys: list[str | None] = [None] * partitions
