@@ -240,9 +240,12 @@ async def test_an_error_handling_one_frame_is_that_frames_error_and_the_session_
         return decode(data)
 
     monkeypatch.setattr(socket_feed, "decode_frame", decode_frame)
-    await peer.send(create("MintA"), deep, trade("MintA", 1), unforeseen, trade("MintA", 2))
+    await peer.send(create(MINT_A), deep, trade(MINT_A, 1), unforeseen, trade(MINT_A, 2))
     await eventually(lambda: len(got) == 3, what="the frames after the bad ones")
-    assert [e.data.signature for e in got] == ["create-MintA", "trade-MintA-1", "trade-MintA-2"]
+    assert [e.data.signature for e in got] == [
+        signature(f"create-{MINT_A}"), signature(f"trade-{MINT_A}-1"),
+        signature(f"trade-{MINT_A}-2"),
+    ]  # fmt: skip
     assert feed.sessions == 1 and len(peer.connections) == 1
     await feed.dead_letters.flush()
     letters = await bus.dead_letters("feed")
@@ -259,9 +262,10 @@ async def test_a_huge_control_frame_leaves_a_small_log_line_and_small_state(
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
     caplog.set_level(logging.DEBUG, logger="pumpflow.feed")
-    huge_message = json.dumps({"message": "m" * 4_000_000}).encode()
-    huge_errors = json.dumps({"errors": ["e" * 1000] * 4000}).encode()
-    await peer.send(huge_message, huge_errors, create("MintA"))
+    # as large as the protocol's limit allows (a larger one is rejected as such)
+    huge_message = json.dumps({"message": "m" * 250_000}).encode()
+    huge_errors = json.dumps({"errors": ["e" * 1000] * 250}).encode()
+    await peer.send(huge_message, huge_errors, create(MINT_A))
     await eventually(lambda: len(got) == 1)
     assert feed.metrics.frames_by_kind[FrameKind.ERROR]._value.get() == 1
     logged = [r.getMessage() for r in caplog.records if "PumpPortal" in r.getMessage()][-2:]
@@ -285,15 +289,15 @@ async def test_a_frame_over_the_size_limit_is_reported_and_the_feed_reconnects(
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
     caplog.set_level(logging.ERROR, logger="pumpflow.feed")
-    oversize = b'{"message": "' + b"m" * socket_feed.MAX_FRAME_BYTES + b'"}'
-    await peer.send(create("MintA"), oversize)
+    oversize = b'{"message": "' + b"m" * socket_feed.MAX_READ_BYTES + b'"}'
+    await peer.send(create(MINT_A), oversize)
     await peer.until(lambda: len(peer.connections) == 2)
-    await peer.until(lambda: "MintA" in peer.trade_keys)  # subscribed again
-    await peer.send(trade("MintA", 1))
+    await peer.until(lambda: MINT_A in peer.trade_keys)  # subscribed again
+    await peer.send(trade(MINT_A, 1))
     await eventually(lambda: len(got) == 2)
     assert feed.invalid_frames == 1
     [line] = [r.getMessage() for r in caplog.records if "closed the connection" in r.getMessage()]
-    assert f"a frame over {socket_feed.MAX_FRAME_BYTES} bytes" in line and len(line) < 300
+    assert f"a frame over {socket_feed.MAX_READ_BYTES} bytes" in line and len(line) < 300
     await manager.stop()
 
 
@@ -322,6 +326,26 @@ class GatedSink:
     async def dead_letter(self, body, *, service, reason, event_type=None) -> None:
         await self.gate.wait()
         self.bodies.append(body)
+
+
+async def test_hostile_frames_are_dead_lettered_and_the_connection_goes_on(peer, bus_and_events):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    deep = b'{"message": ' + b"[" * 1_000 + b"]" * 1_000 + b"}"
+    huge_signature = trade(MINT_A, 1).replace(
+        signature(f"trade-{MINT_A}-1").encode(), b"5" * 10_240
+    )
+    twice = trade(MINT_A, 2).replace(b'"txType": "sell"', b'"txType": "buy", "txType": "sell"')
+    await peer.send(deep, huge_signature, twice, create(MINT_A))
+    await eventually(lambda: len(got) == 1)
+    await feed.dead_letters.flush()
+    letters = await bus.dead_letters("feed")
+    assert [letter.body for letter in letters] == [deep, huge_signature, twice]
+    assert "nested too deep" in letters[0].reason
+    assert "`signature`" in letters[1].reason and "`txType`" in letters[2].reason
+    assert feed.sessions == 1 and len(peer.connections) == 1
+    await manager.stop()
 
 
 async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_events):

@@ -41,6 +41,7 @@ from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, EventValidationError
 from pumpflow.common.pumpportal import (
     KIND_OF_TX_TYPE,
+    MAX_FRAME_BYTES,
     MAX_KEYS_PER_MESSAGE,
     MAX_MESSAGES_PER_SECOND,
     SUBSCRIBE_MIGRATION,
@@ -68,11 +69,12 @@ log = logging.getLogger(__name__)
 
 #: a session that lasted this long resets the reconnect backoff
 _STABLE_SESSION_S = 10.0
-#: the largest frame accepted; a larger one makes the library close the connection (1009)
-MAX_FRAME_BYTES = 2**22
+#: the largest frame read: one over the protocol's limit (MAX_FRAME_BYTES) but within
+#: this is rejected alone; a larger one makes the library close the connection (1009)
+MAX_READ_BYTES = 16 * MAX_FRAME_BYTES
 #: characters of a control frame kept and logged
 NOTICE_PREFIX_CHARS = 512
-#: close code of a connection closed because a frame exceeded MAX_FRAME_BYTES
+#: close code of a connection closed because a frame exceeded MAX_READ_BYTES
 _MESSAGE_TOO_BIG = 1009
 
 
@@ -379,7 +381,7 @@ class SocketDataFeed(DataFeedInterface):
                     ping_timeout=config.ping_timeout_s,
                     open_timeout=config.open_timeout_s,
                     close_timeout=2.0,
-                    max_size=MAX_FRAME_BYTES,
+                    max_size=MAX_READ_BYTES,
                     logger=self._ws_logger,
                 )
             except asyncio.CancelledError:
@@ -406,7 +408,7 @@ class SocketDataFeed(DataFeedInterface):
                     self.metrics.invalid_frames.inc()
                     log.error("a frame over %d bytes closed the connection to %s (the frame is "
                               "lost; the frames before it were handled); reconnecting",
-                              MAX_FRAME_BYTES, self.redacted_url)  # fmt: skip
+                              MAX_READ_BYTES, self.redacted_url)  # fmt: skip
                 elif not self._stopping:
                     log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
             except asyncio.CancelledError:
