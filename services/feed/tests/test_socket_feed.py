@@ -275,7 +275,7 @@ async def test_a_huge_control_frame_leaves_a_small_log_line_and_small_state(
     assert sum(len(notice) for notice in feed.notices) < 2_000
     # a flood of them is logged within a budget, and says how many it held back
     caplog.clear()
-    await peer.send(*(b'{"errors": "flood %d"}' % i for i in range(100)), create("MintB"))
+    await peer.send(*(b'{"errors": "flood %d"}' % i for i in range(100)), create(MINT_B))
     await eventually(lambda: len(got) == 2)
     flood = [r.getMessage() for r in caplog.records if "PumpPortal error" in r.getMessage()]
     assert 1 <= len(flood) <= 10 and len(feed.notices) == 32
