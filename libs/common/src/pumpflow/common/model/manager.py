@@ -255,7 +255,7 @@ class ModelManager:
         served = self._served(model_id)
         card = served.card
         now = self.clock.now()
-        if now >= card.expires_at:
+        if card.expired(now):
             raise ModelExpired(model_id, card.version, card.expires_at, now)
         return served
 
