@@ -304,3 +304,76 @@ async def test_jsonl_sink_writes_one_envelope_per_line(tmp_path, metrics):
     assert [decode_event(line).data for line in lines] == [
         decode_frame(ref.CREATE), decode_frame(ref.SELL),
     ]  # fmt: skip
+
+
+def created(mint: str) -> bytes:
+    return (
+        b'{"signature":"c-%s","mint":"%s","traderPublicKey":"w","txType":"create",'
+        b'"initialBuy":5,"solAmount":0.01,"bondingCurveKey":"b","vTokensInBondingCurve":1.07e9,'
+        b'"vSolInBondingCurve":30.1,"marketCapSol":28.1,"name":"n","symbol":"s","uri":"u"}'
+        % (mint.encode(), mint.encode())
+    )
+
+
+async def test_numbering_holds_the_mints_of_the_window_only_and_never_reuses_a_seq(metrics):
+    bus, got = await collecting_bus()
+    clock = ReplayClock(10.0)
+    window = 60.0
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/t",
+                              seq_restore_window_s=window), clock=clock,
+                              metrics=metrics)  # fmt: skip
+    feed = ScriptedFeed(clock)
+    manager.add_data_feed(feed)
+    await manager.start()
+    held = []
+    for n in range(400):
+        mint = f"M{n}"
+        await feed.push(created(mint), trade(mint, 1), trade(mint, 2))
+        if n % 10 == 0 and n >= 100:  # an old mint trades again, long after it went quiet
+            await feed.push(trade(f"M{n - 100}", 1000 + n))
+        held.append(len(manager.sequencer))
+    # a launch every 3 s (or so): about the last 20 are held, not all 400
+    assert max(held) < 40
+    assert max(held[200:]) <= max(held[:200])
+    per_mint: dict[str, list[int]] = {}
+    for event in got:
+        per_mint.setdefault(event.key, []).append(event.seq)
+    for mint, seqs in per_mint.items():
+        assert seqs == sorted(set(seqs)), mint  # never a seq twice, never one backwards
+        assert seqs[:3] == [1, 2, 3], mint
+    assert per_mint["M100"][3] > 3  # back after it left: above every seq given
+    await bus.close()
+
+
+@pytest.mark.postgres
+async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(pg_pool, metrics):
+    store = TokenEventStore(pg_pool)
+    clock = ReplayClock(10.0)
+    first = Recorder(store, publisher=None, metrics=metrics)
+    old = DataFeedManager(None, config=FeedManagerConfig(source="feed/old"), recorder=first,
+                          clock=clock, metrics=metrics)  # fmt: skip
+    feed = ScriptedFeed(clock)
+    old.add_data_feed(feed)
+    await old.start()
+    await feed.push(*(trade("OLD", i) for i in range(5)))
+    await clock.advance(4 * 3600.0)
+    await feed.push(trade("NEW", 0), trade("NEW", 1))
+    await first.flush()
+    await old.stop()
+
+    bus, got = await collecting_bus()
+    second = Recorder(store, publisher=bus, metrics=metrics)
+    manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/new"), recorder=second,
+                              clock=clock, metrics=metrics)  # fmt: skip
+    feed = ScriptedFeed(clock)
+    manager.add_data_feed(feed)
+    await manager.start()
+    # only the window's mints are held; the floor covers every other
+    assert manager.sequencer.snapshot() == {"NEW": 2}
+    assert manager.sequencer.floor == 5
+    await feed.push(trade("OLD", 5), trade("NEW", 2))
+    await second.flush()
+    await bus.drain()
+    assert [(e.key, e.seq) for e in got] == [("OLD", 6), ("NEW", 3)]
+    await manager.stop()
+    await bus.close()

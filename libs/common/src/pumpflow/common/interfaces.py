@@ -590,6 +590,8 @@ class ActivityAnalyzer:
 
     def _on_retire(self, mint: str, state: events.LifecycleState) -> None:
         self.features.drop_token(mint)
+        # its next transition, if any, is numbered above every seq given (no reuse)
+        self._sequencer.forget(mint)
 
 
 # --------------------------------------------------------------------------------------

@@ -113,7 +113,11 @@ class FeedSettings(CommonSettings):
         ),
     )
     feed_seq_restore_window_s: float | None = Field(
-        None, gt=0, description="restore per-mint seq from events this recent (None: all)"
+        1800.0,
+        gt=0,
+        description="a mint quiet this long leaves the per-mint seq table, and a start "
+        "restores the seq of mints active this recently; a mint back later goes on above "
+        "every stored seq (None: every mint, kept for ever)",
     )
 
     feed_history_max_events: int = Field(

@@ -341,6 +341,10 @@ class TokenEventStore:
                     row_id=row["id"],
                 )
 
+    async def max_seq(self) -> int:
+        """The highest seq stored for any mint (0: none); an index lookup."""
+        return await self._pool.fetchval("SELECT max(seq) FROM token_events") or 0
+
     async def last_seq_by_mint(self, *, since: float | None = None) -> dict[str, int]:
         """Highest stored seq per mint (events at or after ``since``), to restore a Sequencer."""
         query = "SELECT mint, max(seq) AS seq FROM token_events WHERE seq IS NOT NULL"
