@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -307,11 +308,10 @@ async def test_jsonl_sink_writes_one_envelope_per_line(tmp_path, metrics):
 
 
 def created(mint: str) -> bytes:
-    return (
-        b'{"signature":"c-%s","mint":"%s","traderPublicKey":"w","txType":"create",'
-        b'"initialBuy":5,"solAmount":0.01,"bondingCurveKey":"b","vTokensInBondingCurve":1.07e9,'
-        b'"vSolInBondingCurve":30.1,"marketCapSol":28.1,"name":"n","symbol":"s","uri":"u"}'
-        % (mint.encode(), mint.encode())
+    """The reference creation frame, of ``mint``."""
+    payload = decode_frame(ref.CREATE)
+    return encode_payload(
+        msgspec.structs.replace(payload, mint=mint, signature=base58_key(f"c-{mint}", 88))
     )
 
 
@@ -326,11 +326,11 @@ async def test_numbering_holds_the_mints_of_the_window_only_and_never_reuses_a_s
     manager.add_data_feed(feed)
     await manager.start()
     held = []
-    for n in range(400):
-        mint = f"M{n}"
+    mints = [base58_key(f"M{n}") for n in range(400)]
+    for n, mint in enumerate(mints):
         await feed.push(created(mint), trade(mint, 1), trade(mint, 2))
         if n % 10 == 0 and n >= 100:  # an old mint trades again, long after it went quiet
-            await feed.push(trade(f"M{n - 100}", 1000 + n))
+            await feed.push(trade(mints[n - 100], 1000 + n))
         held.append(len(manager.sequencer))
     # a launch every 3 s (or so): about the last 20 are held, not all 400
     assert max(held) < 40
@@ -341,7 +341,7 @@ async def test_numbering_holds_the_mints_of_the_window_only_and_never_reuses_a_s
     for mint, seqs in per_mint.items():
         assert seqs == sorted(set(seqs)), mint  # never a seq twice, never one backwards
         assert seqs[:3] == [1, 2, 3], mint
-    assert per_mint["M100"][3] > 3  # back after it left: above every seq given
+    assert per_mint[mints[100]][3] > 3  # back after it left: above every seq given
     await bus.close()
 
 
@@ -355,9 +355,10 @@ async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(
     feed = ScriptedFeed(clock)
     old.add_data_feed(feed)
     await old.start()
-    await feed.push(*(trade("OLD", i) for i in range(5)))
+    old_mint, new_mint = base58_key("OLD"), base58_key("NEW")
+    await feed.push(*(trade(old_mint, i) for i in range(5)))
     await clock.advance(4 * 3600.0)
-    await feed.push(trade("NEW", 0), trade("NEW", 1))
+    await feed.push(trade(new_mint, 0), trade(new_mint, 1))
     await first.flush()
     await old.stop()
 
@@ -369,11 +370,11 @@ async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(
     manager.add_data_feed(feed)
     await manager.start()
     # only the window's mints are held; the floor covers every other
-    assert manager.sequencer.snapshot() == {"NEW": 2}
+    assert manager.sequencer.snapshot() == {new_mint: 2}
     assert manager.sequencer.floor == 5
-    await feed.push(trade("OLD", 5), trade("NEW", 2))
+    await feed.push(trade(old_mint, 5), trade(new_mint, 2))
     await second.flush()
     await bus.drain()
-    assert [(e.key, e.seq) for e in got] == [("OLD", 6), ("NEW", 3)]
+    assert [(e.key, e.seq) for e in got] == [(old_mint, 6), (new_mint, 3)]
     await manager.stop()
     await bus.close()
