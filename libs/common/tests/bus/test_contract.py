@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from pumpflow.common.bus import BusConfig, InMemoryBus, Subscription, create_bus, partition_of
+from pumpflow.common.bus.abc import DELIVERY_LIMIT
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -816,3 +817,64 @@ async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, 
             channel = await cleanup._connection.channel()
     finally:
         await cleanup.close()
+
+
+@pytest.mark.parametrize("window", [1, 4])
+async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
+    harness, service, window
+):
+    """Its consumer dies with it at each delivery (as a process it crashes would). After
+    the delivery limit it is dead-lettered, and only it: the events behind it go on."""
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    key = "mintP"
+    poison = trade_event(key, 2)
+    sent = [trade_event(key, 1), poison, *(trade_event(key, seq) for seq in range(3, 7))]
+    got = Recorder()
+    deliveries = 0
+    over = asyncio.Event()  # set at the end only, so the crashed buses can close
+
+    async def dies_on_poison(event: Event) -> None:
+        nonlocal deliveries
+        if event.id == poison.id:
+            deliveries += 1
+            await over.wait()  # its consumer dies with it before this returns
+            return
+        await got(event)
+
+    def subscription() -> Subscription:
+        return Subscription(
+            service=service, patterns=("token.*",), handler=dies_on_poison, window=window
+        )
+
+    current = subscription()
+    await consumer.subscribe(current)
+    await publisher.publish_many(sent)
+    letters: list = []
+    crashes = 0
+
+    async def back_or_dead_lettered() -> bool:
+        if deliveries > crashes:
+            return True
+        letters[:] = await publisher.dead_letters(service, remove=False)
+        return bool(letters)
+
+    try:
+        while True:
+            await eventually(back_or_dead_lettered, within=30, interval=0.05)
+            if letters:
+                break
+            assert crashes <= DELIVERY_LIMIT, "the poison came back past the delivery limit"
+            crashes += 1
+            fresh = subscription()
+            consumer = await harness.crash_consumer(consumer, current, fresh)
+            current = fresh
+        assert deliveries == crashes == DELIVERY_LIMIT + 1
+        assert [decode_event(letter.body).id for letter in letters] == [poison.id]
+        assert letters[0].reason.startswith(f"delivery limit: started {crashes} times")
+        # the events behind it were not counted with it: handled, none dead-lettered
+        await eventually(lambda: {e.seq for e in got.events} == {1, 3, 4, 5, 6}, within=10)
+        assert [e.seq for e in got.events][-4:] == [3, 4, 5, 6]
+        assert len(await publisher.dead_letters(service, remove=False)) == 1
+    finally:
+        over.set()

@@ -23,6 +23,10 @@ Delivery contract, the same for every transport (held by the shared contract tes
 - Delivery is at least once: a redelivery after a crash or a publisher's retry
   reaches the handler again. Consumers drop duplicates by the per-key ``seq`` they
   store with their state (``pumpflow.common.consumer``).
+- Delivery limit: a message of a partition or critical lane whose handler was started
+  more than :data:`DELIVERY_LIMIT` times and never returned (its consumer died or was
+  stopped with it each time, as with a message that kills the process) is
+  dead-lettered with a reason starting ``delivery limit:``, and its lane goes on.
 - Ownership hook: a subscription's optional ``on_assigned(partitions)`` is awaited
   before the first delivery of those partitions, ``on_revoked(partitions)`` after
   their handlers in flight returned and before another replica may take them. A
@@ -42,6 +46,8 @@ from typing import Any
 from pumpflow.common.events import Event
 
 Handler = Callable[[Event], Awaitable[None]]
+#: unsettled deliveries after which a message is dead-lettered (see the contract above)
+DELIVERY_LIMIT = 10
 #: told a sorted tuple of partitions (see the ownership hook above)
 PartitionsCallback = Callable[[tuple[int, ...]], Awaitable[None]]
 

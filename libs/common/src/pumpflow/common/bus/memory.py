@@ -28,7 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription, notify_assigned
+from pumpflow.common.bus.abc import (
+    DELIVERY_LIMIT,
+    DeadLetter,
+    EventBus,
+    Subscription,
+    notify_assigned,
+)
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -69,6 +75,7 @@ class _Lane:
         "idle",
         "items",
         "partition",
+        "returned",
         "running",
         "serving",
         "tasks",
@@ -84,6 +91,8 @@ class _Lane:
         self.items: deque[Event] = deque()
         #: delivered and not acked, in delivery order
         self.unacked: deque[_Delivery] = deque()
+        #: event id -> deliveries that ended unsettled (a shared lane's delivery limit)
+        self.returned: dict[str, int] = {}
         #: handlers running now, all of ``serving``
         self.running = 0
         self.serving: _Replica | None = None
@@ -166,6 +175,12 @@ def _dead_letter(lane: _Lane, event: Event, reason: str) -> DeadLetter:
         key=event.key,
         headers={"x-pumpflow-reason": reason, "x-pumpflow-lane": lane.dispatcher.lane},
     )
+
+
+def _returned(lane: _Lane, event: Event) -> None:
+    """Count a delivery of ``event`` that ended unsettled (shared lanes have a limit)."""
+    if lane.partition is not None or lane is lane.group.critical:
+        lane.returned[event.id] = lane.returned.get(event.id, 0) + 1
 
 
 class InMemoryBus(EventBus):
@@ -330,6 +345,9 @@ class InMemoryBus(EventBus):
             if lane.serving is replica:
                 # the worker too: with a window of 1 the handler runs inside it
                 stopped.extend(self._halt(lane))
+                for delivery in lane.unacked:
+                    if not delivery.done:
+                        _returned(lane, delivery.event)
                 lane.items.extendleft(d.event for d in reversed(lane.unacked))
                 lane.unacked.clear()
         for lane in (replica.broadcast, replica.critical_broadcast):
@@ -502,6 +520,14 @@ class InMemoryBus(EventBus):
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
         event = delivery.event
         try:
+            if lane.returned and lane.returned.get(event.id, 0) > DELIVERY_LIMIT:
+                returns = lane.returned[event.id]
+                reason = (
+                    f"delivery limit: started {returns} times and never settled "
+                    "(its consumer died or stopped with it each time)"
+                )
+                self._store_dead(_dead_letter(lane, event, reason))
+                return
             reason = await lane.dispatcher.dispatch(event, replica.subscription)
             if reason is not None:
                 self._store_dead(_dead_letter(lane, event, reason))
@@ -515,12 +541,15 @@ class InMemoryBus(EventBus):
             log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
         finally:
             if not delivery.abandoned:
+                if lane.returned:
+                    lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
 
     def _hand_back(self, lane: _Lane, delivery: _Delivery) -> None:
         """A handler ended unfinished (cancelled): its event goes back, never acked."""
         lane.unacked.remove(delivery)
         lane.items.appendleft(delivery.event)
+        _returned(lane, delivery.event)
         # returned as far as the window goes; acks of the others are not held back by it
         self._finish(lane, delivery)
         delivery.abandoned = True

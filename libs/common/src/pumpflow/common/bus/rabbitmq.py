@@ -29,6 +29,14 @@ publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reacha
 fails every call begun before it and not written yet, rather than let them overtake
 it; the callers publish again in order.
 
+Delivery limit: a message that kills its consumer's process is redelivered (the
+broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
+its queue starts until it returned), and before its handler starts the bus counts
+the attempt in a :class:`DeliveryJournal` on disk, which outlives the process; past
+DELIVERY_LIMIT attempts it is dead-lettered instead of handled. Running alone keeps
+the count to the message the process died on: the healthy ones delivered with it are
+counted only if it dies while they run.
+
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
 of 1 runs inside the worker, a larger one as tasks; the prefetch is at least the
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -63,7 +72,13 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus, Subscription, notify_assigned
+from pumpflow.common.bus.abc import (
+    DELIVERY_LIMIT,
+    DeadLetter,
+    EventBus,
+    Subscription,
+    notify_assigned,
+)
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -75,6 +90,7 @@ from pumpflow.common.bus.dispatch import (
     publish_lane,
 )
 from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.journal import DeliveryJournal
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import (
     BROADCAST as BROADCAST_SUFFIX,
@@ -178,6 +194,7 @@ class RabbitMQBus(EventBus):
         source: str,
         event_log: EventLog | None = None,
         connect_attempts: int = 30,
+        journal: DeliveryJournal | None = None,
     ):
         if partitions < 1:
             raise ValueError("partitions must be at least 1")
@@ -188,6 +205,8 @@ class RabbitMQBus(EventBus):
         self.source = source
         self.event_log = event_log or EventLog("none")
         self.connect_attempts = max(1, connect_attempts)
+        #: attempts of redelivered messages (the delivery limit)
+        self.journal = journal or DeliveryJournal.for_namespace(namespace)
         self.replica_id = uuid.uuid4().hex[:12]
         self._publisher = source_service(source)
         self._connection: AbstractRobustConnection | None = None
@@ -383,6 +402,7 @@ class RabbitMQBus(EventBus):
             await self._channel.queue_delete(name)
         for name in (self.exchange_name, self.dlx_name):
             await self._channel.exchange_delete(name)
+        self.journal.clear()
         self._queues.clear()
         self._dlqs.clear()
 
@@ -741,11 +761,16 @@ class RabbitMQBus(EventBus):
             if consumer.stopping:
                 if not in_flight:
                     return
-            elif buffer and consumer.running < window:
+            elif (
+                buffer
+                and consumer.running < window
+                and not (consumer.running and buffer[0].redelivered)
+            ):
                 delivery = _Delivery(buffer.popleft())
                 in_flight.append(delivery)
                 consumer.running += 1
-                if window == 1:
+                if window == 1 or delivery.message.redelivered:
+                    # a redelivered message runs alone: see the delivery limit
                     await self._run(consumer, delivery)
                 else:
                     # started in this order, each runs up to its first suspension in turn
@@ -836,6 +861,31 @@ class RabbitMQBus(EventBus):
             log.warning("reject on %s lost: %r", consumer.queue_name, exc)
 
     async def _handle(self, consumer: _Consumer, message: DeliveredMessage) -> None:
+        if not message.redelivered:
+            await self._dispatch(consumer, message)
+            return
+        queue = consumer.queue_name
+        message_id = message.header.properties.message_id or hashlib.sha1(message.body).hexdigest()
+        attempts = self.journal.attempt(queue, message_id)
+        if attempts > DELIVERY_LIMIT:
+            reason = (
+                f"delivery limit: started {attempts} times and never settled "
+                "(its consumer died or stopped with it each time)"
+            )
+            log.error("%s: %s, dead-lettered", queue, reason)
+            await self._to_dlq(
+                consumer.subscription.service,
+                message.body,
+                reason,
+                event_type=_type_of(message.routing_key),
+                extra={"x-pumpflow-queue": queue},
+            )
+        else:
+            await self._dispatch(consumer, message)
+        # not reached when the handler was cancelled: that delivery ended unsettled
+        self.journal.settle(queue, message_id)
+
+    async def _dispatch(self, consumer: _Consumer, message: DeliveredMessage) -> None:
         dispatcher = consumer.dispatcher
         try:
             event = decode_event(message.body)
