@@ -11,6 +11,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.ownership import BalancedBus
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.dependencies import REDIS, WAITS
 from pumpflow.common.runtime.http import HttpServer, create_app, require_token
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
@@ -164,6 +165,20 @@ async def test_readyz_reports_an_unreachable_store(namespace):
 
 
 @pytest.mark.postgres
+async def test_readyz_names_a_dependency_the_service_waits_for():
+    _, ctx, app = make()
+    await ctx.bus.start()
+    async with client(app) as http:
+        with WAITS.waiting(REDIS):
+            answer = await http.get("/readyz")
+            assert answer.status_code == 503
+            waiting = answer.json()["checks"]["dependencies"]
+            assert waiting["ok"] is False and REDIS in waiting["waiting_on"]
+        answer = await http.get("/readyz")
+    assert answer.status_code == 200, answer.text
+    assert "dependencies" not in answer.json()["checks"]
+
+
 async def test_readyz_checks_postgres_only_for_services_that_need_it(pg_pool):
     _, ctx, app = make(NeedsDb, db=pg_pool)
     await ctx.bus.start()

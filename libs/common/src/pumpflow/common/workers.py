@@ -65,6 +65,9 @@ ErrorCallback = Callable[[str, BaseException], None]
 class TaskHung(TimeoutError):
     """A task ran past the pool's deadline and was cancelled."""
 
+    #: the task's own failure, not a dependency's (see pumpflow.common.dependencies)
+    transient_dependency = None
+
 
 class PoolClosed(RuntimeError):
     """The pool is stopping and takes no more tasks."""
@@ -286,6 +289,13 @@ class TokenMonitorThreadPool:
         self._levels[token] = {int(priority): len(queue)}
         if token not in self._running:
             self._rank(token)
+
+    def still_working(self, token: str) -> None:
+        """The running task of ``token`` waits for a dependency, not hung: restart its deadline."""
+        now = self._monotonic()
+        for worker in self._workers:
+            if worker.token == token:
+                worker.started = now
 
     def pending(self, token: str) -> int:
         queue = self._queues.get(token)

@@ -1,11 +1,14 @@
 """Logic both transports share: publish validation and lane planning, and the consume
-side of a lane (retries, metrics, event log, dead-letter decision)."""
+side of a lane (retries, waits for dependencies, metrics, event log, dead-letter decision)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -13,6 +16,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import resolve_types
+from pumpflow.common.dependencies import WAITS, Backoff, transient_dependency
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -86,6 +90,15 @@ def publish_lane(schema: type[Payload], *, keyless: bool) -> str:
     return BROADCAST if keyless else PARTITION
 
 
+class HandedBack(asyncio.CancelledError):
+    """The lane stopped while its handler waited for a dependency: the delivery goes back.
+
+    A cancellation as far as the transports go: the message is returned to its queue
+    unacked (RabbitMQ nack with requeue, the in-memory lane's front), for whichever
+    consumer comes next.
+    """
+
+
 class Dispatcher:
     """The consume side of one lane of one service.
 
@@ -94,18 +107,42 @@ class Dispatcher:
     transport stores the message. Either way the message is done and may be acked.
     Duplicates are the consumer's to drop (it stores the last applied seq with its
     state); the bus delivers at least once.
+
+    A handler that fails because a dependency fails for a while
+    (:func:`~pumpflow.common.dependencies.transient_dependency`) is not failing on its
+    event: it is retried with ``dependency_backoff`` until the dependency answers, and
+    the lane stalls meanwhile (later deliveries wait their turn, as the window allows).
+    Such waits do not count against ``Subscription.max_attempts``. :meth:`halt` (the
+    transport stops the lane) ends them at once: the delivery is handed back.
     """
 
-    __slots__ = ("_event_log", "_series", "lane", "retry_backoff", "service")
+    __slots__ = (
+        "_event_log",
+        "_halted",
+        "_series",
+        "dependency_backoff",
+        "lane",
+        "retry_backoff",
+        "service",
+    )
 
     def __init__(
-        self, *, service: str, lane: str, event_log: EventLog, retry_backoff: float = 0.05
+        self,
+        *,
+        service: str,
+        lane: str,
+        event_log: EventLog,
+        retry_backoff: float = 0.05,
+        dependency_backoff: Backoff | None = None,
     ):
         self.service = service
         self.lane = lane
         self.retry_backoff = retry_backoff
+        self.dependency_backoff = dependency_backoff or Backoff()
         self._event_log = event_log
         self._series: dict[str, Series] = {}
+        #: set while the lane is stopping: waits for a dependency hand their delivery back
+        self._halted: asyncio.Event | None = None
 
     def series(self, event_type: str) -> Series:
         found = self._series.get(event_type)
@@ -113,40 +150,82 @@ class Dispatcher:
             found = self._series[event_type] = series(self.service, event_type, self.lane)
         return found
 
+    def halt(self) -> None:
+        """Hand back the deliveries waiting for a dependency, now and until :meth:`resume`."""
+        if self._halted is None:
+            self._halted = asyncio.Event()
+        self._halted.set()
+
+    def resume(self) -> None:
+        """Wait for dependencies again (the lane consumes again)."""
+        if self._halted is not None and self._halted.is_set():
+            self._halted = asyncio.Event()
+
     async def dispatch(self, event: Event, subscription: Subscription) -> str | None:
         """Deliver ``event`` to the subscription's handler; return a dead-letter reason or None."""
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
         stats.age.observe(time.time() - event.time)
         attempts = subscription.max_attempts if subscription.max_attempts > 1 else 1
-        for attempt in range(1, attempts + 1):
-            started = perf_counter()
-            try:
-                await subscription.handler(event)
-            except Exception as exc:
-                failure = exc
-                log.warning(
-                    "%s handler failed on %s id=%s (attempt %d/%d): %r",
-                    self.service,
-                    event.type,
-                    event.id,
-                    attempt,
-                    attempts,
-                    exc,
-                )
-                if attempt < attempts and self.retry_backoff:
-                    await asyncio.sleep(self.retry_backoff * attempt)
-                continue
-            stats.handler.observe(perf_counter() - started)
-            stats.consumed += 1
-            if event_log.enabled:
-                event_log.consumed(event, service=self.service, lane=self.lane, outcome="handled")
-            return None
+        attempt = 0
+        with ExitStack() as waiting:
+            pauses: Iterator[float] | None = None
+            while True:
+                started = perf_counter()
+                try:
+                    await subscription.handler(event)
+                except Exception as exc:
+                    dependency = transient_dependency(exc)
+                    if dependency is not None:
+                        if pauses is None:
+                            pauses = self.dependency_backoff.pauses()
+                            waiting.enter_context(WAITS.waiting(dependency))
+                            log.warning(
+                                "%s handler waits for %s on %s id=%s: %r",
+                                self.service, dependency, event.type, event.id, exc,
+                            )  # fmt: skip
+                        WAITS.waited(dependency, self.service, exc)
+                        await self._pause(next(pauses), event)
+                        continue
+                    attempt += 1
+                    failure = exc
+                    log.warning(
+                        "%s handler failed on %s id=%s (attempt %d/%d): %r",
+                        self.service, event.type, event.id, attempt, attempts, exc,
+                    )  # fmt: skip
+                    if attempt >= attempts:
+                        break
+                    if self.retry_backoff:
+                        await asyncio.sleep(self.retry_backoff * attempt)
+                    continue
+                stats.handler.observe(perf_counter() - started)
+                stats.consumed += 1
+                if event_log.enabled:
+                    event_log.consumed(
+                        event, service=self.service, lane=self.lane, outcome="handled"
+                    )
+                return None
         reason = f"handler failed {attempts} times: {type(failure).__name__}: {failure}"
         record_dead_letter(self.service, event.type, self.lane)
         event_log.consumed(event, service=self.service, lane=self.lane, outcome="dead-lettered")
         log.error("%s dead-lettered %s id=%s: %s", self.service, event.type, event.id, reason)
         return reason
+
+    async def _pause(self, seconds: float, event: Event) -> None:
+        """Sleep ``seconds``; raise :class:`HandedBack` if the lane halts meanwhile."""
+        if self._halted is None:
+            self._halted = asyncio.Event()
+        halted = self._halted
+        if not halted.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await halted.wait()
+        if halted.is_set():
+            log.info(
+                "%s: %s id=%s handed back while waiting for a dependency",
+                self.service, event.type, event.id,
+            )  # fmt: skip
+            raise HandedBack()
 
     def malformed(self, error: EventValidationError, event_type: str | None) -> str:
         """Account for a message that does not decode; return the dead-letter reason."""

@@ -220,6 +220,8 @@ class InMemoryBus(EventBus):
             self._started = True
             self._consuming = True
             for group in self._groups.values():
+                for lane in group.lanes():
+                    lane.dispatcher.resume()
                 await self._resume(group)
 
     def dispatcher(self, service: str, lane: str) -> Dispatcher:
@@ -236,6 +238,8 @@ class InMemoryBus(EventBus):
         for group in self._groups.values():
             for lane in group.lanes():
                 lane.wakeup.set()
+                # a handler waiting for a dependency hands its event back instead
+                lane.dispatcher.halt()
                 if lane.worker is not None:
                     workers.append(lane.worker)
                     lane.worker = None
@@ -322,8 +326,7 @@ class InMemoryBus(EventBus):
             self._settle(len(lane.items))
             lane.items.clear()
             lane.wakeup.set()
-        while replica.busy:
-            await next(iter(replica.busy)).idle.wait()
+        await self._hand_back_waiting(list(replica.busy), replica)
         for lane in (replica.broadcast, replica.critical_broadcast):
             if lane.worker is not None:
                 lane.worker.cancel()
@@ -358,6 +361,20 @@ class InMemoryBus(EventBus):
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)
         await self._resume(group)
+
+    @staticmethod
+    async def _hand_back_waiting(lanes: list[_Lane], replica: _Replica) -> None:
+        """Wait until ``lanes`` no longer run handlers of ``replica``; those waiting for a
+        dependency hand their events back meanwhile."""
+        for lane in lanes:
+            lane.dispatcher.halt()
+        try:
+            for lane in lanes:
+                while lane in replica.busy:
+                    await lane.idle.wait()
+        finally:
+            for lane in lanes:
+                lane.dispatcher.resume()
 
     @staticmethod
     def _halt(lane: _Lane) -> list[asyncio.Task]:
@@ -407,9 +424,9 @@ class InMemoryBus(EventBus):
         replica.owned -= released
         group.assign()
         # the lane's next event goes to its next consumer, after those in flight
-        for lane in [group.partitions[p] for p in released if 0 <= p < self.partitions]:
-            while lane in replica.busy:
-                await lane.idle.wait()
+        await self._hand_back_waiting(
+            [group.partitions[p] for p in released if 0 <= p < self.partitions], replica
+        )
         await self._resume(group)
 
     async def _resume(self, group: _Group) -> None:

@@ -301,6 +301,8 @@ class RabbitMQBus(EventBus):
     async def _stop_consumer(self, consumer: _Consumer) -> None:
         consumer.stopping = True
         consumer.wakeup.set()
+        # a handler waiting for a dependency hands its message back instead
+        consumer.dispatcher.halt()
         # a closed channel's deliveries are the broker's again, and waiting for a robust
         # channel to reopen would never end once its connection is closed for good
         if (

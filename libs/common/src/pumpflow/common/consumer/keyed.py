@@ -47,9 +47,11 @@ owns the rest:
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 
-Transient failures of the store or the bus are retried until they pass (the
-deliveries wait, unacked); an event the processor refuses (:class:`InvalidInput`) is
-dead-lettered with its reason and the key's stream goes on.
+Transient failures of the store or the bus
+(:func:`~pumpflow.common.dependencies.transient_dependency`) are waited out (the
+deliveries wait, unacked; a key's task waiting so is not hung); an event the processor
+refuses (:class:`InvalidInput`) is dead-lettered with its reason and the key's stream
+goes on.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import Clock, TimerHandle
 from pumpflow.common.consumer.metrics import ConsumerMetrics
+from pumpflow.common.dependencies import Backoff, wait_out
 from pumpflow.common.events import (
     Event,
     Payload,
@@ -510,6 +513,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 event_type=event.type,
             ),
             "dead-lettering",
+            key=entry.key,
         )
         if publisher is not None:
             _keep_seq(entry.refused, publisher, event.seq)
@@ -755,21 +759,30 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
 
-    async def _retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
-        """``action``'s result, once it succeeds: a dependency that fails is waited out."""
-        pause = self.config.retry_initial_s
-        while True:
-            try:
-                return await action()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.metrics.store_retries.inc()
-                log.warning(
-                    "%s: %s failed, retrying in %.2fs: %r", self.config.service, what, pause, exc
-                )
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self.config.retry_max_s)
+    async def _retry(
+        self, action: Callable[[], Awaitable[T]], what: str, *, key: str | None = None
+    ) -> T:
+        """``action``'s result once it succeeds: a dependency that fails is waited out.
+
+        With ``key`` the action is that key's, on behalf of one event: a failure that is
+        not a dependency's is raised (the event's delivery fails). Without, it is work
+        of many keys (a commit, a publication, a restore): it is retried too.
+        """
+        config = self.config
+        return await wait_out(
+            action,
+            waiter=config.service,
+            what=what,
+            backoff=Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s),
+            retry_failures=key is None,
+            after_pause=self._waited if key is None else lambda: self._waited(key),
+        )
+
+    def _waited(self, key: str | None = None) -> None:
+        self.metrics.store_retries.inc()
+        if key is not None:
+            # a load waiting for the store holds its key's task: waiting, not hung
+            self.pool.still_working(key)
 
     # ---------------------------------------------------------------- loading
 
@@ -809,7 +822,7 @@ class KeyedStatefulConsumer(Generic[S]):
         return entry
 
     async def _get(self, key: str) -> bytes | None:
-        return await self._retry(lambda: self.store.get(self._key_prefix + key), "loading")
+        return await self._retry(lambda: self.store.get(self._key_prefix + key), "loading", key=key)
 
     def _adopt(self, entry: _Key, record: Record) -> None:
         """Take over a stored record's timer and unconfirmed outbox."""

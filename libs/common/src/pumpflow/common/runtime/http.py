@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
+from pumpflow.common.dependencies import WAITS
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.startup import Startup
 
@@ -107,6 +108,10 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
     except Exception as exc:
         checks["bus"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     checks.update(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
+    waiting = WAITS.describe()
+    if waiting:
+        # work stalls on a dependency that fails for a while: alive, not ready
+        checks["dependencies"] = {"ok": False, "waiting_on": waiting}
     try:
         status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
         service_ok = status.get("ready", True) is not False
