@@ -8,6 +8,7 @@ straight off the stored state.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -18,6 +19,7 @@ from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
+from pumpflow.common.dependencies import WAITS
 from pumpflow.common.events import (
     Event,
     FeaturesUpdated,
@@ -643,3 +645,53 @@ async def test_a_broker_restart_mid_stream_keeps_each_keys_order_and_drops_nothi
     finally:
         await publisher.close()
         await pair.teardown()
+
+
+async def test_a_store_away_longer_than_the_task_deadline_is_waited_out_not_hung(
+    pair, own_redis
+):
+    """A key loading from a Redis that is away holds its task: waiting, not hung."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    store = RedisStateStore(url=own_redis.url, namespace=pair.namespace)
+    deadline = 0.3
+    consumer = KeyedStatefulConsumer(
+        RecordingProcessor(),
+        KeyedConsumerConfig(
+            service="keyed",
+            patterns=("token.trade",),
+            task_deadline_s=deadline,
+            retry_initial_s=0.01,
+            retry_max_s=0.05,
+        ),
+        bus=bus,
+        store=store,
+        clock=pair.clock,
+        source="keyed/test",
+    )
+    await consumer.start()
+    pair.consumers.append(consumer)
+    known, new = MINTS[0], MINTS[1]
+    await bus.publish_many([trade(known, s) for s in range(1, 6)])
+    await announced.wait_for(5, key=known)
+
+    await asyncio.to_thread(own_redis.stop)
+    stopped = time.monotonic()
+    # the new key has to be loaded; the known one applies and waits for its commit
+    await bus.publish_many([trade(new, s) for s in range(1, 6)])
+    await bus.publish_many([trade(known, s) for s in range(6, 11)])
+    await eventually(
+        lambda: time.monotonic() - stopped > 4 * deadline and "redis" in WAITS.describe(),
+        what="the consumer waiting for Redis past the task deadline",
+    )
+    await asyncio.to_thread(own_redis.start)
+
+    await announced.wait_for(10, key=known)
+    await announced.wait_for(5, key=new)
+    assert [e.data.source_seq for e in announced.of(key=known)] == list(range(1, 11))
+    assert [e.data.source_seq for e in announced.of(key=new)] == list(range(1, 6))
+    assert consumer.pool.health().restarts == 0
+    assert await bus.dead_letters("keyed") == []
+    await consumer.stop()
+    pair.consumers.remove(consumer)
+    await store.close()
