@@ -211,3 +211,121 @@ async def test_the_standby_takes_over_when_the_leader_process_dies(namespace, re
         await standby.lease.stop()
         await store.delete_many(await store.scan_keys(""))
         await store.close()
+
+
+# ---------------------------------------------------------------- a store that goes away
+
+#: long enough for a Redis restart inside it
+OUTAGE_TTL = 3.0
+
+
+class Connection:
+    """The guarded work: a connection the lease holder opens and closes, on a timeline."""
+
+    def __init__(self, holder: str, timeline: list[tuple[float, str, bool]]):
+        self.holder = holder
+        self.timeline = timeline
+        self.open = False
+
+    async def connect(self) -> None:
+        self.open = True
+        self.timeline.append((time.monotonic(), self.holder, True))
+
+    async def disconnect(self) -> None:
+        if self.open:
+            self.open = False
+            self.timeline.append((time.monotonic(), self.holder, False))
+
+
+def most_open_at_once(timeline: list[tuple[float, str, bool]]) -> int:
+    open_now: set[str] = set()
+    most = 0
+    for _, holder, opened in sorted(timeline):
+        (open_now.add if opened else open_now.discard)(holder)
+        most = max(most, len(open_now))
+    return most
+
+
+class Cuttable:
+    """A holder's way to the store, which the test can cut (a network partition)."""
+
+    def __init__(self, store: RedisStateStore):
+        self._store = store
+        self.cut = False
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name)
+
+        async def call(*args, **kwargs):
+            if self.cut:
+                raise ConnectionRefusedError(111, "Connection refused")
+            return await method(*args, **kwargs)
+
+        return call
+
+
+def guarded_lease(store, connection: Connection) -> LeaderLease:
+    return LeaderLease(
+        store,
+        LeaderLeaseConfig(name=NAME, holder=connection.holder, ttl_s=OUTAGE_TTL),
+        on_elected=connection.connect,
+        on_lost=connection.disconnect,
+    )
+
+
+async def test_a_holder_keeps_its_connection_through_a_redis_restart(own_redis, namespace):
+    store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    timeline: list[tuple[float, str, bool]] = []
+    connection = Connection("one", timeline)
+    leader = guarded_lease(store, connection)
+    try:
+        await leader.start()
+        await eventually(lambda: connection.open, what="connected")
+        await asyncio.to_thread(own_redis.stop)
+        stopped = time.monotonic()
+        await eventually(lambda: time.monotonic() - stopped > leader.config.interval_s)
+        # a Redis without persistence comes back empty: the lease's key is gone
+        await asyncio.to_thread(own_redis.start)
+        await eventually(lambda: leader.lease.retaken, what="the key created again")
+        renewals = leader.renewals
+        await eventually(lambda: leader.renewals > renewals, what="renewed since")
+        assert leader.lease.retaken == 1
+        assert leader.losses == 0 and leader.is_leader and connection.open
+        assert timeline == [timeline[0]]  # connected once, never dropped
+        assert await leader.current_holder() == "one"
+    finally:
+        await leader.stop()
+        await store.close()
+
+
+async def test_no_two_holders_are_connected_when_redis_loses_the_lease(own_redis, namespace):
+    """The holder cannot reach Redis; Redis restarts empty; the standby takes the key.
+
+    The standby must not connect before the old holder's own expiry has passed, which
+    it can only bound by the age of what Redis holds.
+    """
+    timeline: list[tuple[float, str, bool]] = []
+    one_store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    two_store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    way = Cuttable(one_store)
+    one, two = Connection("one", timeline), Connection("two", timeline)
+    first, second = guarded_lease(way, one), guarded_lease(two_store, two)
+    try:
+        await first.start()
+        await eventually(lambda: one.open, what="the first holder connected")
+        await second.start()
+        assert second.role == "standby"
+
+        way.cut = True
+        await asyncio.to_thread(own_redis.restart)
+        await eventually(lambda: two.open, what="the standby connected", within=4 * OUTAGE_TTL)
+        assert not one.open and first.losses == 1
+        assert most_open_at_once(timeline) == 1, timeline
+        way.cut = False
+        await eventually(lambda: first.role == "standby")
+        assert await second.current_holder() == "two"
+    finally:
+        await first.stop()
+        await second.stop()
+        await one_store.close()
+        await two_store.close()

@@ -357,3 +357,23 @@ async def test_write_stores_values_hashes_and_expiries_together(harness):
     assert await store.get_many(["v", "short", "retiring", "missing"]) == [b"1", None, None, None]
     assert await store.hgetall("kept") == {"a": b"1", "b": b"2"}
     await store.write(WriteBatch())  # empty: nothing to do
+
+
+async def test_epoch_keeps_its_identity_and_ages(harness, namespace):
+    store = harness.store
+    marker = f"{namespace}:epoch"  # the marker is the server's: one of this test's own
+    try:
+        first, age = await store.epoch(marker)
+        assert age < SHORT_TTL
+        await harness.let_short_ttls_expire()
+        same, older = await store.epoch(marker)
+        assert same == first
+        assert older >= SHORT_TTL
+    finally:
+        if isinstance(store, RedisStateStore):
+            await store._client.delete(marker)
+
+
+async def test_an_in_process_store_is_as_old_as_anything_that_uses_it():
+    _, age = await MemoryStateStore(WallClock()).epoch()
+    assert age == float("inf")

@@ -6,6 +6,15 @@ ours. A holder that stops renewing (crash, partition) loses the lease when the T
 out, so a holder must stop acting before then: renew well inside the TTL and treat a
 failed renewal as lost.
 
+A store that cannot be reached is ridden out: the holder keeps acting until its lease
+runs out by its own clock (counted from before its last successful renewal, so never
+after the store's TTL), retrying meanwhile. A store that lost its contents (a restart
+without persistence) lost the key too: a holder still within its lease creates it
+again (nobody else holds it, or the key would be there), and a new holder acts only
+once the store's contents (:meth:`StateStore.epoch`) are a TTL old, since a holder
+from before the loss may hold the lease by its own clock until then. Together: at
+most one holder acts at any time (docs/architecture.md, "One PumpPortal connection").
+
 :class:`Lease` is one holder's handle on the key. :class:`LeaderLease` runs the
 election around it for a single-writer role (the feed's PumpPortal connection, the
 live executor): it campaigns until the lease is ours, renews it, and calls back when
@@ -60,6 +69,8 @@ class Lease:
         self._value = holder.encode()
         #: when (clock time) the lease runs out unless renewed; None when not held
         self.expires_at: float | None = None
+        #: renewals that found the key gone and created it again
+        self.retaken = 0
 
     @property
     def held(self) -> bool:
@@ -75,11 +86,20 @@ class Lease:
         return await self.renew()
 
     async def renew(self) -> bool:
-        """Extend the lease if it is still ours; False (and not held) when lost."""
+        """Extend the lease if it is still ours; False (and not held) when lost.
+
+        A key that is gone while we still hold the lease by our clock (a store that lost
+        its contents) is created again: nobody else held it, or it would be there.
+        """
         started = self._clock.now()
         if await self.store.extend_if_equal(self._key, self._value, self.ttl_s):
             # counted from before the call: the store's TTL started no earlier
             self.expires_at = started + self.ttl_s
+            return True
+        if self.held and await self.store.set_if_absent(self._key, self._value, self.ttl_s):
+            self.expires_at = started + self.ttl_s
+            self.retaken += 1
+            log.warning("lease %s: its key was gone; %s holds it again", self.name, self.holder)
             return True
         self.expires_at = None
         return False
@@ -127,7 +147,9 @@ class LeaderLease:
     """Campaign for a lease; call ``on_elected`` when it is ours and ``on_lost`` when not.
 
     - ``start`` makes one attempt before it returns (a sole candidate leads at once;
-      ``on_elected`` has returned by then), then campaigns and renews in the background.
+      ``on_elected`` has returned by then, unless the store's contents are younger than
+      the TTL: then it runs in the background once they are a TTL old, ``settling``
+      meanwhile), then campaigns and renews in the background.
     - The leader renews every ``interval_s``. A renewal refused (another holds the key),
       or not done before the lease runs out (a stalled loop, a store that does not
       answer), loses the lease: ``on_lost`` is awaited and the candidate stands by.
@@ -166,6 +188,8 @@ class LeaderLease:
         self._electing: asyncio.Task | None = None
         self._standing_by = asyncio.Event()
         self._standing_by.set()
+        #: elected, waiting out the TTL of a store that lost its contents before acting
+        self.settling = False
         self.elections = 0
         self.renewals = 0
         self.losses = 0
@@ -194,10 +218,14 @@ class LeaderLease:
         """Try once now, then campaign in the background; True when leading already."""
         if self._campaign is not None or self._role == "stopped":
             raise RuntimeError(f"lease {self.config.name}: started already")
+        settle = 0.0
         if await self._acquire():
-            await self._lead()
+            settle = await self._settling_time()
+            if not settle:
+                await self._lead(0.0)
+        # elected but settling: the campaign leads first, so a start never waits a TTL
         self._campaign = asyncio.create_task(
-            self._run(), name=f"lease:{self.config.name}:{self.holder}"
+            self._run(settle), name=f"lease:{self.config.name}:{self.holder}"
         )
         return self.is_leader
 
@@ -249,8 +277,8 @@ class LeaderLease:
             return False  # the answer came too late to act on: it may have run out already
         return True
 
-    async def _lead(self) -> None:
-        """Lead: renew in the background and run ``on_elected``."""
+    async def _lead(self, settle: float) -> None:
+        """Lead: renew in the background and run ``on_elected`` in ``settle`` seconds."""
         self._role = "leader"
         self._standing_by.clear()
         self.elections += 1
@@ -258,7 +286,7 @@ class LeaderLease:
         self._renewer = asyncio.create_task(
             self._renew(), name=f"lease-renew:{self.config.name}:{self.holder}"
         )
-        self._electing = asyncio.ensure_future(self._on_elected())
+        self._electing = asyncio.ensure_future(self._settle_then_act(settle))
         try:
             await self._electing
         except asyncio.CancelledError:
@@ -272,12 +300,41 @@ class LeaderLease:
         finally:
             self._electing = None
 
-    async def _run(self) -> None:
+    async def _settle_then_act(self, wait: float) -> None:
+        """Run ``on_elected`` once no holder from before the store lost its contents can
+        still hold the lease by its own clock (renewing meanwhile)."""
+        if wait > 0:
+            log.warning(
+                "lease %s: the store's contents are younger than the lease's TTL; %s waits "
+                "%.1f s before acting (a holder from before may hold it by its clock until then)",
+                self.config.name, self.holder, wait,
+            )  # fmt: skip
+            self.settling = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.settling = False
+        await self._on_elected()
+
+    async def _settling_time(self) -> float:
+        """How long to wait before acting: the TTL less the age of the store's contents."""
+        try:
+            # bounded well inside the lease just acquired, whose renewals start after
+            _, age = await asyncio.wait_for(self.store.epoch(), self.config.interval_s / 2)
+        except Exception as exc:
+            log.warning("lease %s: the store's epoch is unknown (%s: %s); waiting a full TTL",
+                        self.config.name, type(exc).__name__, exc)  # fmt: skip
+            return self.config.ttl_s
+        return max(0.0, self.config.ttl_s - age)
+
+    async def _run(self, settle: float) -> None:
+        if settle:
+            await self._lead(settle)
         while True:
             await self._standing_by.wait()
             await asyncio.sleep(self.config.interval_s)
             if not self._stopping and await self._acquire():
-                await self._lead()
+                await self._lead(await self._settling_time())
 
     async def _renew(self) -> None:
         interval = self.config.interval_s

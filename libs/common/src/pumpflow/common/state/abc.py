@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 HashValue = bytes | str | int | float
 
+#: the key :meth:`StateStore.epoch` keeps: when the store's current contents began
+EPOCH_MARKER = "store:epoch"
+
 
 @dataclass(slots=True)
 class WriteBatch:
@@ -86,6 +89,18 @@ class StateStore(ABC):
     @abstractmethod
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         """Atomically delete ``key`` if it still holds ``value``; True when deleted."""
+
+    @abstractmethod
+    async def epoch(self, marker: str = EPOCH_MARKER) -> tuple[bytes, float]:
+        """The identity and age (seconds, by the store's clock) of what the store holds.
+
+        ``marker`` is a key without TTL holding when it was written, written now if
+        missing (age 0). A store that lost its contents (a restart without persistence,
+        a flush, a failover to an empty replica) lost the marker with them: a new
+        identity says so, and the age bounds how long the store has held what it holds.
+        The marker belongs to the server, not to a namespace: a server loses its
+        contents as a whole.
+        """
 
     @abstractmethod
     async def ping(self) -> bool:

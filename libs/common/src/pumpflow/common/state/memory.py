@@ -6,7 +6,7 @@ import heapq
 from collections.abc import Iterable, Mapping
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
+from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch
 
 
 def _as_bytes(value: HashValue) -> bytes:
@@ -24,6 +24,9 @@ class MemoryStateStore(StateStore):
         self._expiry: dict[str, float] = {}
         #: (deadline, key) of every TTL set; entries whose key got a new TTL are stale
         self._deadlines: list[tuple[float, str]] = []
+        # the store lives and dies with its process, and so does everyone who uses it:
+        # its contents are as old as anything that can use them
+        self._epochs: dict[str, bytes] = {EPOCH_MARKER: b"-inf"}
 
     def _purge(self) -> None:
         """Drop keys whose TTL ran out, read or not, so a long run's memory stays bounded."""
@@ -142,6 +145,11 @@ class MemoryStateStore(StateStore):
         del self._values[key]
         self._expiry.pop(key, None)
         return True
+
+    async def epoch(self, marker: str = EPOCH_MARKER) -> tuple[bytes, float]:
+        now = self._clock.now()
+        written = self._epochs.setdefault(marker, repr(now).encode())
+        return written, max(0.0, now - float(written))
 
     async def ping(self) -> bool:
         return True

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import redis.asyncio as redis
 
-from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
+from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch
 
 _GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
 
@@ -32,6 +32,19 @@ end
 return 0
 """
 
+# the marker holds the server's time (ms) when written; TIME inside a script is fine
+# since Redis 5 (scripts replicate their effects, not themselves)
+_EPOCH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local written = redis.call('GET', KEYS[1])
+if not written then
+    written = string.format('%d', now)
+    redis.call('SET', KEYS[1], written)
+end
+return {written, now - tonumber(written)}
+"""
+
 
 def _field_value(value: HashValue) -> bytes | str | int | float:
     if isinstance(value, bool):
@@ -50,6 +63,7 @@ class RedisStateStore(StateStore):
         self._owns_client = client is None
         self._extend_if_equal = self._client.register_script(_EXTEND_IF_EQUAL)
         self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
+        self._epoch = self._client.register_script(_EPOCH)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -152,6 +166,11 @@ class RedisStateStore(StateStore):
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         return bool(await self._delete_if_equal(keys=[self._key(key)], args=[bytes(value)]))
+
+    async def epoch(self, marker: str = EPOCH_MARKER) -> tuple[bytes, float]:
+        # outside the namespace: the server's contents are lost as a whole
+        written, age_ms = await self._epoch(keys=[marker])
+        return bytes(written), max(0, int(age_ms)) / 1000
 
     async def ping(self) -> bool:
         try:
