@@ -95,6 +95,8 @@ T = TypeVar("T")
 ViewsFunction = Callable[[str, Any, int, Sequence[Event]], Mapping[str, Mapping[str, HashValue]]]
 
 _RESTORE_CHUNK = 500
+#: a stored TTL no key has: its views' expiries are written again
+_LOST = -2.0
 #: refused or failed seqs a key remembers per publisher (the oldest go first)
 UNAPPLIED_KEPT = 64
 
@@ -321,6 +323,12 @@ class KeyedStatefulConsumer(Generic[S]):
         self._stopping = False
         self._abandoned = False
         self.flushes = 0
+        #: identity of the store's contents written to (StateStore.epoch); a new one
+        #: means the store lost what it held
+        self._epoch: bytes | None = None
+        self._checking_epoch: asyncio.Future | None = None
+        #: the commit that writes back what the store lost (ready once stored)
+        self._rewriting: int | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -331,6 +339,7 @@ class KeyedStatefulConsumer(Generic[S]):
     async def start(self) -> None:
         """Start the pool, then subscribe (the bus assigns partitions before delivering)."""
         self._stopping = False
+        self._epoch, _ = await self._retry(self.store.epoch, "reading the store's epoch")
         await self.pool.start()
         self._schedule_sweep()
         self._subscription = Subscription(
@@ -468,6 +477,8 @@ class KeyedStatefulConsumer(Generic[S]):
                     for skipped in range(max(last + 1, seq - UNAPPLIED_KEPT), seq):
                         if skipped not in failed:
                             _keep_seq(entry.missing, publisher, skipped)
+                if not (last or entry.applied or entry.indexed) and seq > UNAPPLIED_KEPT:
+                    self._unrecorded(entry, publisher, seq)
                 if last:
                     self.metrics.gaps.inc()
                     log.warning(
@@ -520,6 +531,18 @@ class KeyedStatefulConsumer(Generic[S]):
             if not late:
                 entry.applied[publisher] = event.seq
         return self._mark(entry)
+
+    def _unrecorded(self, entry: _Key, publisher: str, seq: int) -> None:
+        """A key without a record starts at its publisher's seq ``seq``: its state before
+        that is not here (a store that lost it, or a consumer that joined mid-stream)."""
+        self.metrics.unrecorded.inc()
+        count = int(self.metrics.unrecorded._value.get())
+        if count == 1 or count % 1000 == 0:
+            log.error(
+                "%s: %s has no stored record but its first event is %s's seq %d: it starts "
+                "from its initial state (%d keys so far)",
+                self.config.service, entry.key, publisher, seq, count,
+            )  # fmt: skip
 
     def _fire(self, key: str) -> int:
         entry = self._keys.get(key)
@@ -769,20 +792,68 @@ class KeyedStatefulConsumer(Generic[S]):
         of many keys (a commit, a publication, a restore): it is retried too.
         """
         config = self.config
-        return await wait_out(
+        waited = False
+
+        def after_pause() -> None:
+            nonlocal waited
+            waited = True
+            self.metrics.store_retries.inc()
+            if key is not None:
+                # a load waiting for the store holds its key's task: waiting, not hung
+                self.pool.still_working(key)
+
+        result = await wait_out(
             action,
             waiter=config.service,
             what=what,
             backoff=Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s),
             retry_failures=key is None,
-            after_pause=self._waited if key is None else lambda: self._waited(key),
+            after_pause=after_pause,
         )
+        if waited:
+            # a store that was away may come back empty (a restart without persistence)
+            self.check_epoch()
+        return result
 
-    def _waited(self, key: str | None = None) -> None:
-        self.metrics.store_retries.inc()
-        if key is not None:
-            # a load waiting for the store holds its key's task: waiting, not hung
-            self.pool.still_working(key)
+    def check_epoch(self) -> asyncio.Future | None:
+        """Find out (in the background) whether the store lost its contents; None if it
+        is being found out already. Done after every wait for a dependency, on every
+        sweep and when partitions are assigned."""
+        if self._checking_epoch is not None or self._stopping or self._epoch is None:
+            return None
+        self._checking_epoch = asyncio.ensure_future(self._check_epoch())
+        return self._checking_epoch
+
+    async def _check_epoch(self) -> None:
+        try:
+            current, _ = await self.store.epoch()
+        except Exception as exc:
+            log.warning("%s: reading the store's epoch failed: %r", self.config.service, exc)
+            return
+        finally:
+            self._checking_epoch = None
+        if current != self._epoch:
+            self._epoch = current
+            self._store_lost()
+
+    def _store_lost(self) -> None:
+        """The store lost its contents: write every key held here again, with its views
+        and its partition index entry, as if it were new to the store."""
+        self.metrics.store_losses.inc()
+        held = [entry for entry in self._keys.values() if not entry.gone]
+        for entry in held:
+            self._state_of(entry)  # its views are written from the state
+            entry.indexed = False
+            entry.stored_ttl = _LOST
+            self._mark(entry)
+        self._rewriting = self._changed
+        log.error(
+            "%s: the store lost its contents; writing back the %d keys held here (keys not "
+            "held here, retired keys' records and other replicas' partitions, are gone)",
+            self.config.service, len(held),
+        )  # fmt: skip
+        if self._flushing is None and self._dirty:
+            self._flushing = asyncio.ensure_future(self._flush())
 
     # ---------------------------------------------------------------- loading
 
@@ -837,6 +908,9 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._stopping:
             return
         self.owned.update(partitions)
+        checking = self.check_epoch()
+        if checking is not None:
+            await checking
         restored = 0
         for partition in partitions:
             index_key = f"{self._index_prefix}{partition}"
@@ -923,6 +997,7 @@ class KeyedStatefulConsumer(Generic[S]):
 
     def _sweep(self) -> None:
         self.compact()
+        self.check_epoch()
         self._schedule_sweep()
 
     def compact(self, idle_s: float | None = None) -> int:
@@ -966,7 +1041,11 @@ class KeyedStatefulConsumer(Generic[S]):
 
     def describe(self) -> dict[str, Any]:
         health = self.pool.health()
+        rewriting = self._rewriting is not None and self._written < self._rewriting
+        if not rewriting:
+            self._rewriting = None
         return {
+            **({"ready": False, "reason": "writing back what the store lost"} if rewriting else {}),
             "keys": len(self._keys),
             "compact": sum(1 for e in self._keys.values() if e.state is None),
             "partitions": sorted(self.owned),

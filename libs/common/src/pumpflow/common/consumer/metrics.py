@@ -65,6 +65,21 @@ class _Families:
             ["service"],
             registry=registry,
         )
+        self.store_losses = Counter(
+            "pumpflow_consumer_store_losses",
+            "Times the store was found to have lost its contents (a new epoch): the keys "
+            "held in memory are written again.",
+            ["service"],
+            registry=registry,
+        )
+        self.unrecorded = Counter(
+            "pumpflow_consumer_unrecorded_starts",
+            "Keys with no stored record whose first event is further into a publisher's "
+            "seq than a reordering explains (a store that lost the record, or a consumer "
+            "that joined mid-stream).",
+            ["service"],
+            registry=registry,
+        )
         self.retired = Counter(
             "pumpflow_consumer_retired_keys",
             "Keys retired (dropped from memory, record kept with a TTL).",
@@ -93,6 +108,8 @@ class ConsumerMetrics:
         self.compact_keys = families.keys.labels(service, "compact")
         self.restored = families.restored.labels(service)
         self.retired = families.retired.labels(service)
+        self.store_losses = families.store_losses.labels(service)
+        self.unrecorded = families.unrecorded.labels(service)
 
     def counts(self) -> dict[str, float]:
         """This service's event counters as numbers (for status pages and tests)."""
@@ -106,4 +123,6 @@ class ConsumerMetrics:
             "timers": self.timers._value.get(),
             "restored": self.restored._value.get(),
             "retired": self.retired._value.get(),
+            "store_losses": self.store_losses._value.get(),
+            "unrecorded_starts": self.unrecorded._value.get(),
         }
