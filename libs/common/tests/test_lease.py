@@ -216,7 +216,7 @@ async def test_the_standby_takes_over_when_the_leader_process_dies(namespace, re
 # ---------------------------------------------------------------- a store that goes away
 
 #: long enough for a Redis restart inside it
-OUTAGE_TTL = 3.0
+OUTAGE_TTL = 5.0
 
 
 class Connection:

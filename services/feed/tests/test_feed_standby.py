@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
 from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.service import LEASE_NAME, FeedService
 from pumpflow.feed.settings import FeedSettings
@@ -132,3 +134,50 @@ async def test_take_over_continues_every_mints_seq_without_publishing_twice(pg_p
     assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in by_mint.values())
     signatures = [(e.type, e.data.signature, e.data.txType) for e in events]
     assert len(signatures) == len(set(signatures))
+
+
+async def test_the_connection_and_the_market_outlive_a_redis_restart(own_redis, namespace):
+    """The lease lives in a Redis of the test's own, without persistence; it restarts
+    empty while the feed streams: the feed keeps its connection and every frame."""
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=5, launches_per_minute=120.0)), speed=40.0
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    events = (await EventCollector("probe").attach(bus, "token.*")).events
+    store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    settings = FeedSettings(
+        pumpportal_ws_url=server.url,
+        feed_record=False,
+        feed_lease_ttl_s=8.0,  # a restart takes well under it, on a busy machine too
+        transport="memory",
+        replica="one",
+    )
+    feed = FeedService(settings)
+    try:
+        await feed.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), store=store))
+        # a Redis started moments ago may have lost a lease: the holder waits it out first
+        await asyncio.wait_for(feed.socket.wait_connected(), 20)
+        await eventually(lambda: sum(1 for e in events if e.type == "token.trade") >= 20)
+
+        await asyncio.to_thread(own_redis.restart)
+        async def holder() -> str | None:
+            try:
+                return await feed.leader.current_holder()
+            except RedisConnectionError:  # the test's client meets the restart too
+                return None
+
+        await eventually(holder, what="the lease's key back")
+        seen = len(events)
+        await eventually(lambda: len(events) >= seen + 20, what="the stream going on")
+
+        assert feed.leader.losses == 0 and feed.role == "active"
+        assert server.counters["connections"] == 1 and feed.socket.sessions == 1
+        sent = server.counters["create"] + server.counters["buy"] + server.counters["sell"]
+        await eventually(lambda: len(events) >= sent, what="every frame sent published")
+    finally:
+        await feed.stop()
+        await server.stop()
+        await bus.close()
+        await store.close()

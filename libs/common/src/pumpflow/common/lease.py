@@ -92,11 +92,13 @@ class Lease:
         its contents) is created again: nobody else held it, or it would be there.
         """
         started = self._clock.now()
+        # judged when the renewal began: a call that ends late ends late for everyone
+        held = self.held
         if await self.store.extend_if_equal(self._key, self._value, self.ttl_s):
             # counted from before the call: the store's TTL started no earlier
             self.expires_at = started + self.ttl_s
             return True
-        if self.held and await self.store.set_if_absent(self._key, self._value, self.ttl_s):
+        if held and await self.store.set_if_absent(self._key, self._value, self.ttl_s):
             self.expires_at = started + self.ttl_s
             self.retaken += 1
             log.warning("lease %s: its key was gone; %s holds it again", self.name, self.holder)
