@@ -9,7 +9,11 @@ Delivery contract, the same for every transport (held by the shared contract tes
   service, so a backlog of ordinary events never delays them.
 - The handler's return is the acknowledgement: a message is acked only after the
   handler returned. A handler that raises is retried up to ``max_attempts`` times,
-  then the message is dead-lettered with the reason; the stream goes on.
+  then the message is dead-lettered with the reason; the stream goes on. A handler
+  that raises a transient failure of a dependency
+  (:func:`pumpflow.common.dependencies.transient_dependency`) is retried with backoff
+  until the dependency answers, its lane stalled meanwhile, without using an attempt;
+  a lane that stops hands such a delivery back unacked.
 - Window: up to ``Subscription.window`` handlers of one lane (a partition queue, the
   critical lane, a replica's broadcast lane) run at once (returned ones waiting for
   their ack do not count). They start in delivery
@@ -65,7 +69,8 @@ class Subscription:
     version: int = 1
     #: partitions this replica consumes; None means all of them
     partitions: tuple[int, ...] | None = None
-    #: attempts before a failing message is dead-lettered
+    #: attempts before a failing message is dead-lettered (waits for a dependency
+    #: that fails for a while do not count)
     max_attempts: int = 3
     #: handlers of one lane running at once; started in delivery order, acked in it
     window: int = 1
