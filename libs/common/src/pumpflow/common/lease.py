@@ -321,8 +321,9 @@ class LeaderLease:
     async def _settling_time(self) -> float:
         """How long to wait before acting: the TTL less the age of the store's contents."""
         try:
-            # bounded well inside the lease just acquired, whose renewals start after
-            _, age = await asyncio.wait_for(self.store.epoch(), self.config.interval_s / 2)
+            # bounded inside the lease just acquired, whose renewals start after
+            left = self._deadline - time.monotonic()
+            _, age = await asyncio.wait_for(self.store.epoch(), max(0.0, left) / 2)
         except Exception as exc:
             log.warning("lease %s: the store's epoch is unknown (%s: %s); waiting a full TTL",
                         self.config.name, type(exc).__name__, exc)  # fmt: skip
