@@ -42,6 +42,7 @@ from pumpflow.common.bus.dispatch import (
     PARTITION,
     Bindings,
     Dispatcher,
+    HandedBack,
     check_publishable,
     publish_lane,
 )
@@ -548,6 +549,11 @@ class InMemoryBus(EventBus):
             reason = await lane.dispatcher.dispatch(event, replica.subscription)
             if reason is not None:
                 self._store_dead(_dead_letter(lane, event, reason))
+        except HandedBack:
+            # returned in order (the lane stopped while it waited for a dependency):
+            # nothing died with it, so the delivery limit does not count it
+            if not delivery.abandoned:
+                self._hand_back(lane, delivery, unsettled=False)
         except asyncio.CancelledError:
             if not delivery.abandoned:
                 self._hand_back(lane, delivery)
@@ -562,11 +568,12 @@ class InMemoryBus(EventBus):
                     lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
 
-    def _hand_back(self, lane: _Lane, delivery: _Delivery) -> None:
+    def _hand_back(self, lane: _Lane, delivery: _Delivery, *, unsettled: bool = True) -> None:
         """A handler ended unfinished (cancelled): its event goes back, never acked."""
         lane.unacked.remove(delivery)
         lane.items.appendleft(delivery.event)
-        _returned(lane, delivery.event)
+        if unsettled:
+            _returned(lane, delivery.event)
         # returned as far as the window goes; acks of the others are not held back by it
         self._finish(lane, delivery)
         delivery.abandoned = True
