@@ -6,9 +6,9 @@ within 15 minutes, docs/market.md), on a ReplayClock as fast as it goes. The fee
 DataFeedManager numbers the events (no recorder) and publishes them on a synchronous
 in-memory bus to the features and activity services. Every ``--sample`` tokens it
 prints the per-mint entries each part holds (the feed's Sequencer, each service's
-keyed consumer, the records in the store) and the process's resident memory: bounded
-means they level off once the oldest tokens retire, instead of growing with the
-tokens launched. (The feed's memory of recent signatures grows to its own cap,
+keyed consumer and partition indexes, the records in the store) and the process's
+resident memory: bounded means they level off once the oldest tokens retire, instead
+of growing with the tokens launched. (The feed's memory of recent signatures grows to its own cap,
 ``--dedup``, 200,000 by default: a run shorter than that shows it growing.)
 
     .venv/bin/python benchmarks/token_churn.py [--tokens 20000] [--every 2] [--sample 2000]
@@ -50,6 +50,8 @@ class Sample:
     features_keys: int
     activity_keys: int
     store_keys: int
+    #: keys the services' partition indexes list (what a new owner restores)
+    index_entries: int
     rss_mib: float
 
 
@@ -119,6 +121,13 @@ async def churn(
                     features_keys=len(features.consumer),
                     activity_keys=len(activity.consumer),
                     store_keys=len(await store.scan_keys("")),
+                    index_entries=sum(
+                        [
+                            len(await store.hgetall(f"{service}:partition:{p}"))
+                            for service in ("features", "activity")
+                            for p in range(PARTITIONS)
+                        ]
+                    ),
                     rss_mib=round(rss_mib(), 1),
                 )
 

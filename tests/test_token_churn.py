@@ -42,9 +42,11 @@ async def test_per_mint_entries_level_off_as_short_lived_tokens_come_and_go():
     # the feed numbers only the mints of its window
     assert all(s.sequencer <= WINDOW_S / EVERY_S + 1 for s in samples)
     # from some point on every count stands still while tokens keep launching
-    for field in ("sequencer", "features_keys", "activity_keys", "store_keys"):
+    fields = ("sequencer", "features_keys", "activity_keys", "store_keys", "index_entries")
+    for field in fields:
         counts = [getattr(s, field) for s in samples]
         assert counts[-1] == counts[-2] == counts[-3], (field, counts)
     # in memory, a small share of the tokens (the store keeps retired records for a TTL)
     last = samples[-1]
     assert max(last.sequencer, last.features_keys, last.activity_keys) < 1500 / 5
+    assert last.index_entries <= last.features_keys + last.activity_keys

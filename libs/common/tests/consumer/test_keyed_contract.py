@@ -334,13 +334,22 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     await eventually(lambda: mint not in consumer.keys())
     record = await pair.record(mint)
     assert record is not None and record.retired and record.applied == {"feed": 3}
+    # off the partition's index too, or the index would list every key ever seen
+    index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
+
+    async def indexed() -> bool:
+        return mint in await pair.store.hgetall(index)
+
+    assert not await indexed()
     # a late event loads the retired key again and revives it
     await bus.publish(trade(mint, 4))
     await announced.wait_for(3, key=mint)
     assert await pair.applied(mint) == [1, 2, 4]
     assert not (await pair.record(mint)).retired
+    await eventually(indexed, 10, what="the revived key indexed again")
     await bus.publish(migrated(mint, 5))
     await eventually(lambda: mint not in consumer.keys())
+    assert not await indexed()
     if pair.transport == "memory":
         await pair.clock.advance(RETIRE_TTL + 0.01)
 

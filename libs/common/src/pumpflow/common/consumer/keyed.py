@@ -42,8 +42,9 @@ owns the rest:
   ``<service>:partition:<p>``), re-arms their timers and publishes what their outboxes
   still hold; ``on_revoked`` stops their timers, lets their queued work finish,
   stores them and forgets them. So timers run only on the owner.
-- **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored and
-  gives its record (and views) that TTL; an event for it later loads it again.
+- **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored, takes
+  it off its partition's index and gives its record (and views) that TTL; an event
+  for it later loads it again (and indexes it again).
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 
@@ -663,7 +664,7 @@ class KeyedStatefulConsumer(Generic[S]):
                     continue
                 await self._retry(lambda b=batch: self.store.write(b), "storing")
                 for entry in entries:
-                    entry.indexed = True
+                    entry.indexed = entry.retire_ttl is None
                     entry.stored_ttl = entry.retire_ttl or self.config.live_ttl_s
                     if entry.retire_ttl is not None and not entry.outbox_stored:
                         self._retire(entry)  # stored with nothing left to publish
@@ -719,7 +720,12 @@ class KeyedStatefulConsumer(Generic[S]):
                     batch.hset(view_key, fields)
                     if ttl != entry.stored_ttl:
                         batch.expire(view_key, ttl)
-            if not entry.indexed:
+            if retired:
+                if entry.indexed:
+                    # a retired key is loaded by its next event, never restored: its
+                    # index entry would stay for ever, one per key the service saw
+                    batch.hdel(f"{self._index_prefix}{entry.partition}", (key,))
+            elif not entry.indexed:
                 index.setdefault(f"{self._index_prefix}{entry.partition}", {})[key] = b"1"
             entry.outbox_stored = bool(outbox)
             # what an earlier batch handed over is published by that batch
@@ -868,7 +874,7 @@ class KeyedStatefulConsumer(Generic[S]):
         entry.missing = {p: list(seqs) for p, seqs in record.missing.items()}
         entry.published = record.published
         entry.priority = record.priority
-        entry.indexed = True
+        entry.indexed = not record.retired
         entry.stored_ttl = None if not record.retired else -1.0
         entry.touched = time.monotonic()
         return entry

@@ -20,13 +20,16 @@ EPOCH_MARKER = "store:epoch"
 class WriteBatch:
     """Values, hash fields and expiries that :meth:`StateStore.write` stores all or none of.
 
-    Expiries apply after the values and hashes; ``None`` removes a key's TTL.
+    Hash fields to remove (``unset``) go before the fields set; expiries apply after the
+    values and hashes; ``None`` removes a key's TTL.
     """
 
     #: key -> (value, TTL or None)
     values: dict[str, tuple[bytes, float | None]] = field(default_factory=dict)
     hashes: dict[str, dict[str, HashValue]] = field(default_factory=dict)
     expiries: dict[str, float | None] = field(default_factory=dict)
+    #: hash key -> fields to remove
+    unset: dict[str, set[str]] = field(default_factory=dict)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         self.values[key] = (value, ttl)
@@ -37,8 +40,11 @@ class WriteBatch:
     def expire(self, key: str, ttl: float | None) -> None:
         self.expiries[key] = ttl
 
+    def hdel(self, key: str, fields: Iterable[str]) -> None:
+        self.unset.setdefault(key, set()).update(fields)
+
     def __bool__(self) -> bool:
-        return bool(self.values or self.hashes or self.expiries)
+        return bool(self.values or self.hashes or self.expiries or self.unset)
 
 
 class StateStore(ABC):

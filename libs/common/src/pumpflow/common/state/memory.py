@@ -97,6 +97,14 @@ class MemoryStateStore(StateStore):
         for key, (value, ttl) in batch.values.items():
             values[key] = bytes(value)
             self._set_ttl(key, ttl)
+        for key, names in batch.unset.items():
+            current = values.get(key) if self._alive(key) else None
+            if isinstance(current, dict):
+                for name in names:
+                    current.pop(name, None)
+                if not current:
+                    values.pop(key, None)
+                    self._expiry.pop(key, None)
         for key, fields in batch.hashes.items():
             if not fields:
                 continue

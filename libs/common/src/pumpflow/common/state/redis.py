@@ -116,6 +116,9 @@ class RedisStateStore(StateStore):
                     pipe.set(self._key(key), bytes(value))
                 else:
                     pipe.set(self._key(key), bytes(value), px=_ttl_ms(ttl))
+            for key, names in batch.unset.items():
+                if names:
+                    pipe.hdel(self._key(key), *names)
             for key, fields in batch.hashes.items():
                 if fields:
                     pipe.hset(
