@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from pumpflow.common import pumpportal
 from pumpflow.common.events import EventValidationError
-from pumpflow.simulator.faults import FaultConfig
+from pumpflow.simulator.faults import HOSTILE_KINDS, HOSTILE_SIGNATURE, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
 
@@ -308,3 +308,38 @@ async def test_more_than_200_requests_in_a_second_are_refused(server):
         await asyncio.sleep(1.05)
         await _send(ws, "subscribeNewToken")
         assert await _recv(ws) == {"message": pumpportal.ACK_NEW_TOKEN}
+
+
+async def test_hostile_frames_interleave_good_ones_and_the_sent_log_lists_both(tmp_path):
+    kinds = tuple(k for k in HOSTILE_KINDS if k != "oversize")
+    faults = FaultConfig(hostile_rate=0.2, hostile_kinds=kinds, seed=3)
+    sent_log = tmp_path / "sent.tsv"
+    server = await _server(speed=60.0, faults=faults, sent_log=sent_log)
+    texts = []
+    try:
+        async with connect(server.url, max_size=None) as ws:
+            await _send(ws, "subscribeNewToken")
+            while len(texts) < 600:
+                texts.append(await asyncio.wait_for(ws.recv(), 5.0))
+    finally:
+        await server.stop()
+    hostile_texts = [t for t in texts if HOSTILE_SIGNATURE in t or "CCCCCCCCCC" in t]
+    good = [t for t in texts if t not in hostile_texts and '"message"' not in t]
+    assert good and all(_valid(t) for t in good)
+    assert 0.1 <= len(hostile_texts) / len(texts) <= 0.3
+    # every class came up
+    assert {k for k in server.counters if k.startswith("hostile_")} == {
+        f"hostile_{k}" for k in kinds
+    }
+    lines = [line.split("\t") for line in sent_log.read_text().splitlines()]
+    assert all(len(line) == 5 for line in lines)
+    hostile_lines = [line for line in lines if line[1].startswith("hostile_")]
+    # each frame the socket took is logged once (the last few may still be in the queue)
+    assert len(lines) <= len(texts) and len(lines) >= len(texts) - 50
+    assert len(hostile_lines) <= server.counters["hostile"]
+    assert {line[4] for line in lines if line[1] == "frame"} <= {
+        json.loads(t)["signature"] for t in good
+    }
+    assert {line[4] for line in hostile_lines} <= {
+        f"{HOSTILE_SIGNATURE}{n}" for n in range(1, server.counters["hostile"] + 1)
+    }

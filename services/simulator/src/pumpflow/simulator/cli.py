@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import load_dataset, write_dataset
-from pumpflow.simulator.faults import FaultConfig
+from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
 
@@ -42,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-rate", type=float, default=0.0, metavar="R",
                    help="share of frames held back by a random extra latency")
     p.add_argument("--delay-max", type=float, default=0.5, metavar="S")
+    p.add_argument("--hostile-rate", type=float, default=0.0, metavar="R",
+                   help="share of frames followed by a hostile frame")
+    p.add_argument("--hostile-kinds", default="", metavar="K,K",
+                   help=f"hostile classes (default all but oversize): {','.join(HOSTILE_KINDS)}")
+    p.add_argument("--sent-log", default=None, metavar="FILE",
+                   help="append one tab-separated line per data frame sent to a connection")
+    p.add_argument("--stats-out", default=None, metavar="FILE.json",
+                   help="write the sent counters as JSON on exit")
     p.add_argument("--require-api-key", action="store_true",
                    help="gate trade subscriptions behind ?api-key= like the live service")
 
@@ -78,25 +88,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {count} frames to {args.out} in {took:.2f} s ({count / took:,.0f} frames/s)")
         return 0
     if args.command == "serve":
-        return asyncio.run(_serve(args))
+        counters = asyncio.run(_serve(args))
+        if args.stats_out:
+            Path(args.stats_out).write_text(json.dumps(counters))
+        return 0
     if args.command == "load":
         return asyncio.run(_load(args))
     return 2
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace) -> dict[str, int]:
     faults = FaultConfig(
         drop_every_s=args.drop_every,
         malformed_rate=args.malformed_rate,
         duplicate_rate=args.duplicate_rate,
         delay_rate=args.delay_rate,
         delay_max_s=args.delay_max,
+        hostile_rate=args.hostile_rate,
+        hostile_kinds=tuple(k for k in args.hostile_kinds.split(",") if k),
         seed=args.seed,
     )
     server = SimulatorServer(
         market=Market(MarketConfig(seed=args.seed, launches_per_minute=args.rate)),
         host=args.host, port=args.port, speed=args.speed, faults=faults,
-        require_api_key=args.require_api_key,
+        require_api_key=args.require_api_key, sent_log=args.sent_log,
     )
     await server.start()
     print(f"serving {server.url}", flush=True)
@@ -108,7 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await server.stop()
     print(f"sent: {dict(server.counters)}", flush=True)
-    return 0
+    return dict(server.counters)
 
 
 async def _load(args: argparse.Namespace) -> int:

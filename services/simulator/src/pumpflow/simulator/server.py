@@ -15,6 +15,8 @@ import logging
 import random
 from collections import Counter, deque
 from http import HTTPStatus
+from pathlib import Path
+from typing import IO
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -22,7 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from pumpflow.common import pumpportal
-from pumpflow.simulator.faults import FaultConfig, malform
+from pumpflow.simulator.faults import FaultConfig, hostile, malform
 from pumpflow.simulator.market import Frame, Market
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ MAX_MESSAGES_PER_SECOND = pumpportal.MAX_MESSAGES_PER_SECOND
 ERROR_RATE_LIMITED = (
     f"Rate limit exceeded: at most {MAX_MESSAGES_PER_SECOND} messages per second."
 )
+#: columns of the sent log, one line per data frame a connection's socket took
+SENT_LOG_COLUMNS = ("connection", "kind", "tx_type", "mint", "signature")
 
 #: queue bound per connection; a real-time client that falls this far behind is dropped
 _QUEUE_LIMIT = 50_000
@@ -57,14 +61,16 @@ def _control(**body: object) -> str:
 class _Client:
     """One connection: its subscriptions and its outgoing queue."""
 
-    def __init__(self, ws: ServerConnection, *, funded: bool, queue_limit: int):
+    def __init__(self, ws: ServerConnection, *, number: int, funded: bool, queue_limit: int):
         self.ws = ws
+        self.number = number
         self.funded = funded
         self.new_tokens = False
         self.migrations = False
         self.mints: set[str] = set()
         self.accounts: set[str] = set()
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_limit)
+        #: (text, its sent-log line: "" for data frames without a log, None for control)
+        self.queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue(maxsize=queue_limit)
         #: arrival times of the requests of the last second (the rate limit's window)
         self.recent: deque[float] = deque()
 
@@ -105,6 +111,7 @@ class SimulatorServer:
         speed: float = 1.0,
         faults: FaultConfig = FaultConfig(),
         require_api_key: bool = False,
+        sent_log: str | Path | None = None,
     ):
         if speed < 0:
             raise ValueError(f"speed must be >= 0, got {speed}")
@@ -115,8 +122,14 @@ class SimulatorServer:
         self.faults = faults
         self.require_api_key = require_api_key
         #: what was sent: create, buy, sell, migrate, control, errors, malformed,
-        #: duplicate, delayed; and connections, dropped
+        #: duplicate, delayed, hostile (and hostile_<kind>); connections, dropped;
+        #: undelivered (data frames queued for a connection that ended first)
         self.counters: Counter[str] = Counter()
+        #: with a path: one line (SENT_LOG_COLUMNS, tab-separated) per data frame written
+        #: to a connection, so a test can tell what a client was sent from what it kept
+        self.sent_log_path = None if sent_log is None else Path(sent_log)
+        self._sent_log: IO[str] | None = None
+        self._hostile_serial = 0
         self._clients: set[_Client] = set()
         self._server: Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -135,6 +148,8 @@ class SimulatorServer:
 
     async def start(self) -> None:
         """Listen and start the market clock."""
+        if self.sent_log_path is not None:
+            self._sent_log = self.sent_log_path.open("a", buffering=1 << 16)
         self._server = await serve(
             self._handle, self.host, self.port, process_request=self._check_path,
             ping_interval=20, ping_timeout=20, max_queue=None,
@@ -157,6 +172,9 @@ class SimulatorServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self._sent_log is not None:
+            self._sent_log.close()
+            self._sent_log = None
 
     async def drop_connections(self) -> int:
         """Cut every connection without a close frame, as the live server does; return how many."""
@@ -178,15 +196,16 @@ class SimulatorServer:
     async def _handle(self, ws: ServerConnection) -> None:
         query = parse_qs(urlsplit(ws.request.path).query)
         key = (query.get(pumpportal.API_KEY_PARAM) or [""])[0]
+        self.counters["connections"] += 1
         client = _Client(
             ws,
+            number=self.counters["connections"],
             funded=bool(key) or not self.require_api_key,
             # as fast as possible: a short queue so the market runs at the reader's pace
             queue_limit=_QUEUE_LIMIT if self.speed else _FAST_QUEUE_LIMIT,
         )
         self._clients.add(client)
         self._has_clients.set()
-        self.counters["connections"] += 1
         writer = asyncio.create_task(self._write(client))
         try:
             async for message in ws:
@@ -201,13 +220,12 @@ class SimulatorServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
             # wake a broadcaster waiting for room in this queue (as-fast-as-possible mode)
-            while not client.queue.empty():
-                client.queue.get_nowait()
+            self._discard(client)
 
     def _reply(self, client: _Client, text: str, counter: str) -> None:
         self.counters[counter] += 1
         with contextlib.suppress(asyncio.QueueFull):
-            client.queue.put_nowait(text)
+            client.queue.put_nowait((text, None))
 
     def _on_message(self, client: _Client, message: str | bytes) -> None:
         if client.over_rate_limit(asyncio.get_running_loop().time()):
@@ -259,13 +277,21 @@ class SimulatorServer:
         queue = client.queue
         try:
             while True:
-                text = await queue.get()
+                text, note = await queue.get()
                 if faults.delay_rate and rng.random() < faults.delay_rate:
                     self.counters["delayed"] += 1
                     await asyncio.sleep(rng.uniform(0.0, faults.delay_max_s))
                 await client.ws.send(text)
+                if note and self._sent_log is not None:
+                    self._sent_log.write(f"{client.number}\t{note}\n")
         except ConnectionClosed:
             pass
+
+    def _discard(self, client: _Client) -> None:
+        """Empty the queue of a connection that ended, counting the data frames it lost."""
+        while not client.queue.empty():
+            if client.queue.get_nowait()[1] is not None:
+                self.counters["undelivered"] += 1
 
     # ------------------------------------------------------------------ market clock
 
@@ -298,28 +324,44 @@ class SimulatorServer:
                 if text is None:
                     text = _encode(frame).decode()
                 out = text
+                what = "frame"
                 if faults.active:
                     if faults.malformed_rate and rng.random() < faults.malformed_rate:
                         kind, out = malform(frame, text, rng)
+                        what = f"malformed_{kind}"
                         self.counters["malformed"] += 1
-                        self.counters[f"malformed_{kind}"] += 1
+                        self.counters[what] += 1
                     elif faults.duplicate_rate and rng.random() < faults.duplicate_rate:
-                        await self._put(client, text)
+                        await self._put(client, text, self._note("duplicate", frame))
                         self.counters["duplicate"] += 1
-                await self._put(client, out)
+                await self._put(client, out, self._note(what, frame))
                 self.counters[tx] += 1
+                if faults.hostile_rate and rng.random() < faults.hostile_rate:
+                    self._hostile_serial += 1
+                    serial = self._hostile_serial
+                    kind, bad = hostile(frame, serial, rng, faults.hostile_classes)
+                    self.counters["hostile"] += 1
+                    self.counters[f"hostile_{kind}"] += 1
+                    await self._put(client, bad, f"hostile_{kind}\t-\t-\thostile{serial}")
 
-    async def _put(self, client: _Client, text: str) -> None:
+    def _note(self, kind: str, frame: Frame) -> str:
+        """The sent-log line of a data frame ("" without a sent log; None marks control)."""
+        if self._sent_log is None:
+            return ""
+        return f"{kind}\t{frame['txType']}\t{frame['mint']}\t{frame['signature']}"
+
+    async def _put(self, client: _Client, text: str, note: str) -> None:
         if not self.speed:
             # as fast as the client reads; a client that leaves has its queue drained
-            await client.queue.put(text)
+            await client.queue.put((text, note))
             return
         try:
-            client.queue.put_nowait(text)
+            client.queue.put_nowait((text, note))
         except asyncio.QueueFull:
             # a consumer this far behind is cut off, like on the real socket; it leaves
             # the broadcast now, not when its handler next runs (after up to 500 frames)
             log.warning("dropping a client %d frames behind", client.queue.qsize())
+            self.counters["undelivered"] += 1
             self._clients.discard(client)
             transport = client.ws.transport
             if transport is not None:
