@@ -13,5 +13,8 @@ pytest_plugins = ["pumpflow.common.testing.plugin"]
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if asyncio.iscoroutinefunction(getattr(item, "function", None)):
+        # a bound of its own (the fault suite's long scenarios) wins over the default
+        if asyncio.iscoroutinefunction(getattr(item, "function", None)) and (
+            item.get_closest_marker("timeout") is None
+        ):
             item.add_marker(pytest.mark.timeout(120))
