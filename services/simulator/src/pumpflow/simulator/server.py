@@ -123,7 +123,8 @@ class SimulatorServer:
         self.require_api_key = require_api_key
         #: what was sent: create, buy, sell, migrate, control, errors, malformed,
         #: duplicate, delayed, hostile (and hostile_<kind>); connections, dropped;
-        #: undelivered (data frames queued for a connection that ended first)
+        #: undelivered (data frames queued for a connection that ended first),
+        #: unconnected (market frames while no client was connected, after the first)
         self.counters: Counter[str] = Counter()
         #: with a path: one line (SENT_LOG_COLUMNS, tab-separated) per data frame written
         #: to a connection, so a test can tell what a client was sent from what it kept
@@ -318,6 +319,10 @@ class SimulatorServer:
                 await asyncio.sleep(0)
             text: str | None = None
             tx = frame["txType"]
+            if not self._clients and self.counters["connections"]:
+                # what the market said while nobody listened, once someone had (a client
+                # that came back can tell how much it missed)
+                self.counters["unconnected"] += 1
             for client in tuple(self._clients):
                 if not client.wants(frame):
                     continue
