@@ -422,7 +422,7 @@ class Pipeline:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(bus.close(), 10)
 
-    async def _drained(self, within: float, *, quiet_s: float = 20.0) -> None:
+    async def _drained(self, within: float, *, quiet_s: float = 10.0) -> None:
         """Wait until the consumers' records hold everything the feed stored, or until
         they stopped moving for ``quiet_s`` (what never arrives is the ledger's to count)."""
         loop = asyncio.get_running_loop()
