@@ -45,6 +45,9 @@ def test_losses_are_problems_unless_the_fault_cut_the_socket_and_the_feed_said_s
     assert "lost silently" in lost.problems(may_lose=True)[0]
     lost.feed_reported = {"reconnects": 1.0}
     assert lost.problems(may_lose=True) == []
+    # a feed that let go of the socket with no fault of the socket's lost the market
+    away = Ledger(bus={"carried": 3}, published=3, simulator={"unconnected": 40})
+    assert away.problems() == ["the feed let go of the socket while the market sent 40 frames"]
 
 
 def _record(*, applied: dict[str, int], published: int = 0) -> Record:

@@ -197,14 +197,17 @@ class Ledger:
         """Every way the run broke the guarantees; empty when it kept them.
 
         ``may_lose``: the fault cut the socket or killed the feed, so frames in flight
-        (sent, never read or never stored) may be lost, as long as the feed counted the
-        interruption; nothing published may be.
+        (sent, never read or never stored) and the market while it was away may be
+        lost, as long as the feed counted the interruption; nothing stored may be.
         """
         found = []
         if self.lost and not may_lose:
             found.append(f"{self.lost} good frames sent and never stored: {self.lost_sample}")
         if self.lost and may_lose and not any(self.feed_reported.values()):
             found.append(f"{self.lost} frames lost silently (the feed reported no interruption)")
+        away = self.simulator.get("unconnected", 0)
+        if away and not may_lose:
+            found.append(f"the feed let go of the socket while the market sent {away} frames")
         if self.hostile_stored:
             found.append(f"hostile frames stored: {self.hostile_stored[:5]}")
         if self.seq_holes:
@@ -270,6 +273,9 @@ class Pipeline:
         self.killed: Counter[str] = Counter()
         self._tap_bus = None
         self._feed_sessions = 0.0
+        #: stored published events per mint, and the last row id read
+        self._stored: dict[str, list[tuple[int, str, bool]]] = defaultdict(list)
+        self._stored_upto = 0
 
     # ---------------------------------------------------------------- running
 
@@ -474,15 +480,18 @@ class Pipeline:
         return {"stored": stored, "records": records, "features_events": counted}
 
     async def _stored_events(self, store_class) -> dict[str, list[tuple[int, str, bool]]]:
-        """Per mint: (seq, tx type, foldable by features) of its stored published events."""
+        """Per mint: (seq, tx type, foldable by features) of its stored published events
+        (read on from the last row read before: rows are only ever added)."""
         from pumpflow.common.db.pool import create_pool
         from pumpflow.common.features.inputs import event_input
         from pumpflow.common.features.processor import invalid_reason
 
         pool = await create_pool(self.servers.postgres_dsn, self.namespace, max_size=2)
+        by_mint = self._stored
         try:
-            by_mint: dict[str, list[tuple[int, str, bool]]] = defaultdict(list)
-            async for stored in store_class(pool).stream_stored(order="id"):
+            stream = store_class(pool).stream_stored(order="id", after_id=self._stored_upto)
+            async for stored in stream:
+                self._stored_upto = stored.row_id
                 event = stored.event
                 if event.seq is None:
                     continue
