@@ -33,8 +33,9 @@ def token_events(seed: int, minutes: float) -> list[Event]:
     return list(market_events(market, minutes * 60.0, start_epoch=START, source="feed/bench"))
 
 
-async def run_service(service_cls, events: list[Event], **settings) -> float:
-    """Events/s of one service instance over ``events``, publish to drained bus."""
+async def run_service(service_cls, events: list[Event], **settings) -> tuple[float, float]:
+    """Events per wall second and per CPU second of the process, of one service
+    instance over ``events``, publish to drained bus."""
     clock = ReplayClock(START)
     bus = InMemoryBus(partitions=PARTITIONS, source="bench")
     await bus.start()
@@ -46,20 +47,25 @@ async def run_service(service_cls, events: list[Event], **settings) -> float:
     await service.start(ServiceContext(settings=config, bus=bus, clock=clock, store=store))
     clock.set_sync(events[-1].time)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     await bus.publish_many(events)
     if not await bus.drain(600.0):
         raise RuntimeError("the bus did not drain")
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     await service.stop()
     await bus.close()
-    return len(events) / elapsed
+    return len(events) / elapsed, len(events) / cpu
 
 
 def measure(label: str, service_cls, events: list[Event], repeat: int) -> None:
-    rates = [asyncio.run(run_service(service_cls, events)) for _ in range(repeat)]
+    runs = [asyncio.run(run_service(service_cls, events)) for _ in range(repeat)]
+    rates = [wall for wall, _ in runs]
+    cpu = [per_cpu for _, per_cpu in runs]
     print(
         f"{label}: {len(events):,} events, {statistics.median(rates):,.0f} events/s "
-        f"(median of {repeat}; {min(rates):,.0f}-{max(rates):,.0f})"
+        f"(median of {repeat}; {min(rates):,.0f}-{max(rates):,.0f}); per CPU second "
+        f"{statistics.median(cpu):,.0f} ({min(cpu):,.0f}-{max(cpu):,.0f})"
     )
 
 

@@ -29,7 +29,8 @@ async def test_features_and_activity_run_together(synchronous):
     events = list(
         market_events(Market(MarketConfig(seed=5)), 240.0, start_epoch=START, source="feed/sim")
     )
-    trades = sum(1 for e in events if e.type in ("token.created", "token.trade"))
+    #: mint -> seq of its last trade or creation: the newest vector announced of it
+    last = {e.key: e.seq for e in events if e.type in ("token.created", "token.trade")}
     async with run_embedded(
         [FeaturesService, ActivityService], clock=clock, synchronous=synchronous
     ) as system:
@@ -47,7 +48,11 @@ async def test_features_and_activity_run_together(synchronous):
 
         # bounds a hang only: a passing run takes a second or two
         await asyncio.wait_for(replay(), 120.0)
-        await seen.wait_for(trades, "features.updated")
+        # a mint's events delivered together are announced once, by the last of them
+        await seen.wait_until(
+            lambda c: {e.key: e.data.source_seq for e in c.of("features.updated")} == last,
+            what="every mint's newest vector",
+        )
         lifecycle = seen.of("token.lifecycle")
         states = {e.data.state for e in lifecycle}
         assert {"new", "active", "inactive"} <= states

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -245,17 +247,54 @@ async def test_a_reader_on_receipt_of_an_update_finds_that_vector_stored():
     store = MemoryStateStore(clock)
     service = await start_service(bus, store, clock)
     read: list[tuple[int, int | None]] = []
+    #: mint -> the last token event seq announced
+    announced: dict[str, int] = {}
 
     async def read_on_receipt(event) -> None:
         stored = await service.read_features(event.key)
         read.append((event.seq, None if stored is None else stored["out_seq"]))
+        announced[event.key] = event.data.source_seq
 
     await bus.subscribe(
         Subscription(service="reader", patterns=("features.updated",), handler=read_on_receipt)
     )
     events = [e for e in market_events(9, 30.0) if e.type in TRADE_TYPES]
+    last = {e.key: e.seq for e in events}
     await bus.publish_many(events)
-    await eventually(lambda: len(read) == len(events))
+    # a token's events delivered together are announced once, by the last of them
+    await eventually(lambda: announced == last)
+    assert read
     assert all(stored is not None and stored >= seq for seq, stored in read)
+    await service.stop()
+    await bus.close()
+
+
+async def test_a_backlog_of_a_token_is_announced_once_with_every_trade_folded_in():
+    """features.updated is a snapshot: a token's trades delivered together give one."""
+    clock = ReplayClock(1_700_000_000.0)
+    bus = InMemoryBus(partitions=4, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    collector = await EventCollector("collector").attach(bus, "features.updated")
+    service = await start_service(bus, store, clock)
+    await service.stop()  # the queues stay: the token's trades wait as one backlog
+    events = market_events(3, 120.0)
+    counts = Counter(e.key for e in events if e.type in TRADE_TYPES)
+    mint = counts.most_common(1)[0][0]
+    mine = [e for e in events if e.key == mint and e.type in TRADE_TYPES][:12]
+    assert len(mine) == 12
+    await bus.publish_many(mine)
+    service = await start_service(bus, store, clock)
+    await collector.wait_for(2, "features.updated")
+    await bus.drain()
+    # one for the creation (another type), one for the eleven trades
+    created, update = collector.of("features.updated")
+    assert mine[0].type == "token.created" and created.data.source_seq == mine[0].seq
+    assert [created.seq, update.seq] == [1, 2]
+    assert update.data.source_seq == mine[-1].seq
+    assert update.causation_id == mine[-1].id
+    assert update.data.values == expected_features(mine)[mint]
+    stored = await service.read_features(mint)
+    assert stored["seq"] == mine[-1].seq
     await service.stop()
     await bus.close()

@@ -47,6 +47,15 @@ class Effects(Protocol):
     def now(self) -> float:
         """The consumer's clock time (event time is on the event)."""
 
+    @property
+    def more(self) -> bool:
+        """A later event of this key, of the same type and publisher, follows at once
+        (the same delivery batch), and is no duplicate.
+
+        A processor whose announcements are snapshots of the key (the latest supersedes
+        the others) may leave the announcement to the last of them.
+        """
+
     def emit(self, payload: Payload, *, time: float) -> None:
         """Publish ``payload`` keyed by this key, with the key's next seq, after storing."""
 

@@ -24,6 +24,11 @@ Delivery contract, the same for every transport (held by the shared contract tes
   unsubscribing, stopping and draining wait for every handler in flight. With the
   default window of 1 a lane is handled one message at a time (so is every lane of
   the in-memory bus's synchronous mode, which runs handlers inside ``publish``).
+- Batches: a subscription with a ``batch_handler`` and a window above 1 gets the
+  deliveries a lane has ready (up to what the window leaves) as one call, in delivery
+  order; its return acks them all. If it raises, each of them is handled alone by
+  ``handler`` (with its retries and dead-lettering), so one bad message still costs
+  only itself.
 - Delivery is at least once: a redelivery after a crash or a publisher's retry
   reaches the handler again. Consumers drop duplicates by the per-key ``seq`` they
   store with their state (``pumpflow.common.consumer``).
@@ -43,7 +48,7 @@ Delivery contract, the same for every transport (held by the shared contract tes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +57,8 @@ from pumpflow.common.events import Event
 Handler = Callable[[Event], Awaitable[None]]
 #: unsettled deliveries after which a message is dead-lettered (see the contract above)
 DELIVERY_LIMIT = 10
+#: takes a lane's ready deliveries at once, in delivery order
+BatchHandler = Callable[[Sequence[Event]], Awaitable[None]]
 #: told a sorted tuple of partitions (see the ownership hook above)
 PartitionsCallback = Callable[[tuple[int, ...]], Awaitable[None]]
 
@@ -78,6 +85,8 @@ class Subscription:
     on_assigned: PartitionsCallback | None = None
     #: awaited with partitions it stopped consuming, before they move on (drop state)
     on_revoked: PartitionsCallback | None = None
+    #: with a window above 1: handles a lane's ready deliveries in one call
+    batch_handler: BatchHandler | None = None
 
     def __post_init__(self) -> None:
         if self.window < 1:

@@ -6,7 +6,8 @@ single-active-consumer); each replica has its own broadcast and critical-broadca
 lanes for keyless events. Every lane has its own worker task, so partitions run
 concurrently. A lane starts its deliveries in order, up to the consumer's
 ``Subscription.window`` handlers at once (with a window of 1, inside the worker; above,
-as tasks), and acks them in order: an event leaves the lane once it and every event
+as tasks; a subscription with a batch handler gets all the lane has ready, up to the
+window, in one task), and acks them in order: an event leaves the lane once it and every event
 delivered before it returned.
 
 Synchronous mode runs the handlers inside ``publish``, in publish order, with the
@@ -535,6 +536,40 @@ class InMemoryBus(EventBus):
         lane.running += 1
         return delivery
 
+    def _start_batch(self, lane: _Lane, replica: _Replica) -> list[_Delivery]:
+        """Take as many of the lane's events as ``replica``'s window leaves room for."""
+        room = replica.subscription.window - lane.running
+        items = lane.items
+        batch = [_Delivery(items.popleft()) for _ in range(min(room, len(items)))]
+        lane.unacked.extend(batch)
+        if lane.running == 0:
+            lane.serving = replica
+            replica.busy.add(lane)
+            lane.idle.clear()
+        lane.running += len(batch)
+        return batch
+
+    async def _run_batch(self, lane: _Lane, replica: _Replica, batch: list[_Delivery]) -> None:
+        try:
+            dead = await lane.dispatcher.dispatch_batch(
+                [d.event for d in batch], replica.subscription
+            )
+            for event, reason in dead:
+                self._store_dead(_dead_letter(lane, event, reason))
+        except asyncio.CancelledError:
+            for delivery in reversed(batch):
+                if not delivery.abandoned:
+                    self._hand_back(lane, delivery)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:  # the dispatcher catches handler errors; this is a bus bug
+            log.exception("in-memory bus lane %s failed on a batch", lane.group.service)
+        finally:
+            for delivery in batch:
+                if not delivery.abandoned:
+                    self._finish(lane, delivery)
+
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
         event = delivery.event
         try:
@@ -603,8 +638,15 @@ class InMemoryBus(EventBus):
                 await lane.wakeup.wait()
             if not self._consuming:
                 break
+            subscription = replica.subscription
+            if subscription.window > 1 and subscription.batch_handler is not None:
+                batch = self._start_batch(lane, replica)
+                task = asyncio.create_task(self._run_batch(lane, replica, batch))
+                lane.tasks.add(task)
+                task.add_done_callback(lane.tasks.discard)
+                continue
             delivery = self._start(lane, replica)
-            if replica.subscription.window == 1:
+            if subscription.window == 1:
                 await self._run(lane, replica, delivery)
             else:
                 # started in this order, each runs up to its first suspension in turn

@@ -39,8 +39,9 @@ counted only if it dies while they run.
 
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
-of 1 runs inside the worker, a larger one as tasks; the prefetch is at least the
-window), and acks in delivery order only: a message is acked once it and every message
+of 1 runs inside the worker, a larger one as tasks; a subscription with a batch
+handler gets the messages buffered, up to the window, in one task; the prefetch is at
+least the window), and acks in delivery order only: a message is acked once it and every message
 delivered before it returned. So the acks can be cumulative (``multiple=True``,
 batched), which is safe because the channel carries only that queue.
 """
@@ -768,6 +769,23 @@ class RabbitMQBus(EventBus):
                 and consumer.running < window
                 and not (consumer.running and buffer[0].redelivered)
             ):
+                if (
+                    window > 1
+                    and consumer.subscription.batch_handler is not None
+                    and not buffer[0].redelivered
+                ):
+                    # a redelivered message runs alone (see the delivery limit): not batched
+                    batch = []
+                    while buffer and len(batch) < window - consumer.running:
+                        if buffer[0].redelivered:
+                            break
+                        batch.append(_Delivery(buffer.popleft()))
+                    in_flight.extend(batch)
+                    consumer.running += len(batch)
+                    task = asyncio.create_task(self._run_batch(consumer, batch))
+                    consumer.tasks.add(task)
+                    task.add_done_callback(consumer.tasks.discard)
+                    continue
                 delivery = _Delivery(buffer.popleft())
                 in_flight.append(delivery)
                 consumer.running += 1
@@ -809,6 +827,28 @@ class RabbitMQBus(EventBus):
         finally:
             delivery.done = True
             consumer.running -= 1
+            consumer.wakeup.set()
+
+    async def _run_batch(self, consumer: _Consumer, batch: list[_Delivery]) -> None:
+        try:
+            await self._handle_batch(consumer, [d.message for d in batch])
+        except asyncio.CancelledError:
+            for delivery in batch:
+                delivery.cancelled = True
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:
+            log.exception(
+                "consumer of %s failed on a batch; the broker dead-letters its messages",
+                consumer.queue_name,
+            )
+            for delivery in batch:
+                delivery.failed = True
+        finally:
+            for delivery in batch:
+                delivery.done = True
+            consumer.running -= len(batch)
             consumer.wakeup.set()
 
     async def _settle(self, consumer: _Consumer) -> None:
@@ -888,12 +928,35 @@ class RabbitMQBus(EventBus):
         self.journal.settle(queue, message_id)
 
     async def _dispatch(self, consumer: _Consumer, message: DeliveredMessage) -> None:
-        dispatcher = consumer.dispatcher
+        event = await self._decode(consumer, message)
+        if event is None:
+            return
+        reason = await consumer.dispatcher.dispatch(event, consumer.subscription)
+        if reason is not None:
+            await self._handler_dead_letter(consumer, message.body, event, reason)
+
+    async def _handle_batch(self, consumer: _Consumer, messages: list[DeliveredMessage]) -> None:
+        bodies: dict[str, bytes] = {}
+        events = []
+        for message in messages:
+            event = await self._decode(consumer, message)
+            if event is not None:
+                events.append(event)
+                bodies[event.id] = message.body
+        if not events:
+            return
+        for event, reason in await consumer.dispatcher.dispatch_batch(
+            events, consumer.subscription
+        ):
+            await self._handler_dead_letter(consumer, bodies[event.id], event, reason)
+
+    async def _decode(self, consumer: _Consumer, message: DeliveredMessage) -> Event | None:
+        """The message's event; None when malformed (then it is dead-lettered here)."""
         try:
-            event = decode_event(message.body)
+            return decode_event(message.body)
         except EventValidationError as exc:
             event_type = _type_of(message.routing_key)
-            reason = dispatcher.malformed(exc, event_type)
+            reason = consumer.dispatcher.malformed(exc, event_type)
             await self._to_dlq(
                 consumer.subscription.service,
                 message.body,
@@ -901,17 +964,22 @@ class RabbitMQBus(EventBus):
                 event_type=event_type,
                 extra={"x-pumpflow-queue": consumer.queue_name},
             )
-            return
-        reason = await dispatcher.dispatch(event, consumer.subscription)
-        if reason is not None:
-            await self._to_dlq(
-                consumer.subscription.service,
-                message.body,
-                reason,
-                event_type=event.type,
-                key=event.key,
-                extra={"x-pumpflow-queue": consumer.queue_name, "x-pumpflow-lane": dispatcher.lane},
-            )
+            return None
+
+    async def _handler_dead_letter(
+        self, consumer: _Consumer, body: bytes, event: Event, reason: str
+    ) -> None:
+        await self._to_dlq(
+            consumer.subscription.service,
+            body,
+            reason,
+            event_type=event.type,
+            key=event.key,
+            extra={
+                "x-pumpflow-queue": consumer.queue_name,
+                "x-pumpflow-lane": consumer.dispatcher.lane,
+            },
+        )
 
     # ---------------------------------------------------------------- dead letters
 

@@ -220,12 +220,15 @@ class _Key:
 class _Effects:
     """What one apply or fire asks for (see :class:`pumpflow.common.keyed.Effects`)."""
 
-    __slots__ = ("_consumer", "_entry", "cause")
+    __slots__ = ("_consumer", "_entry", "cause", "more")
 
-    def __init__(self, consumer: KeyedStatefulConsumer, entry: _Key, cause: str | None):
+    def __init__(
+        self, consumer: KeyedStatefulConsumer, entry: _Key, cause: str | None, more: bool = False
+    ):
         self._consumer = consumer
         self._entry = entry
         self.cause = cause
+        self.more = more
 
     @property
     def key(self) -> str:
@@ -347,6 +350,7 @@ class KeyedStatefulConsumer(Generic[S]):
             service=self.config.service,
             patterns=self.config.patterns,
             handler=self.handle,
+            batch_handler=self.handle_batch,
             window=self.config.window,
             on_assigned=self.assign,
             on_revoked=self.revoke,
@@ -412,6 +416,112 @@ class KeyedStatefulConsumer(Generic[S]):
         self.pool.post(key, lambda: self._apply_then_wait(key, event, done), priority=priority)
         return done
 
+    def handle_batch(self, events: Sequence[Event]) -> asyncio.Future:
+        """The bus's batch handler: one future for a lane's ready deliveries.
+
+        Each key's events of the batch are applied in order as one pool job (the
+        processor is told when more of the key's events follow: ``Effects.more``); the
+        future is done once every effect of them is stored and published.
+        """
+        by_key: dict[str, list[Event]] = {}
+        for event in events:
+            key = event.key
+            if key is None:
+                raise InvalidInput(f"{event.type} has no key")
+            mine = by_key.get(key)
+            if mine is None:
+                by_key[key] = [event]
+            else:
+                mine.append(event)
+        batch = _Batch(self, asyncio.get_running_loop().create_future(), len(by_key))
+        hint = self._priority_hint
+        for key, mine in by_key.items():
+            entry = self._keys.get(key)
+            priority = entry.priority if entry is not None else Priority.NORMAL
+            if hint is not None:
+                for event in mine:
+                    hinted = hint(event)
+                    if hinted is not None:
+                        priority = hinted
+                        if entry is not None:
+                            entry.priority = hinted
+                        self.pool.set_priority(key, hinted)
+            self.pool.post(
+                key, lambda k=key, m=mine: self._apply_batch(k, m, batch), priority=priority
+            )
+        return batch.done
+
+    def _apply_batch(self, key: str, events: list[Event], batch: _Batch) -> Awaitable[None] | None:
+        entry = self._keys.get(key)
+        if entry is None:
+            return self._load_and_apply_batch(key, events, batch)
+        published = entry.published
+        failures: list[Exception] = []
+        applied = self._apply_all(entry, events, 0, entry.changed, failures)
+        if isinstance(applied, int):
+            _done_applying(batch, applied, failures, announced=entry.published != published)
+            return None
+        return self._await_batch(applied, batch, failures)
+
+    async def _load_and_apply_batch(self, key: str, events: list[Event], batch: _Batch) -> None:
+        failures: list[Exception] = []
+        try:
+            entry = await self._load(key)
+            applied = self._apply_all(entry, events, 0, entry.changed, failures)
+            generation = applied if isinstance(applied, int) else await applied
+        except BaseException as exc:
+            batch.fail(exc)
+            raise
+        _done_applying(batch, generation, failures, announced=True)
+
+    async def _await_batch(
+        self, applied: Awaitable[int], batch: _Batch, failures: list[Exception]
+    ) -> None:
+        try:
+            generation = await applied
+        except BaseException as exc:
+            batch.fail(exc)
+            raise
+        _done_applying(batch, generation, failures, announced=True)
+
+    def _apply_all(
+        self,
+        entry: _Key,
+        events: list[Event],
+        start: int,
+        generation: int,
+        failures: list[Exception],
+    ) -> int | Awaitable[int]:
+        """Apply ``events[start:]`` to ``entry`` in order; return the last change's generation.
+
+        An event the processor fails on is noted in ``failures`` and the key's later events
+        go on, as when each is delivered alone: the batch then fails, and the bus hands
+        every event of it to :meth:`handle` (the applied ones are duplicates by then).
+        """
+        followed = _followed(events) if len(events) > 1 else (False,)
+        for i in range(start, len(events)):
+            try:
+                applied = self._apply_to(entry, events[i], more=followed[i])
+            except Exception as exc:
+                failures.append(exc)
+                continue
+            if not isinstance(applied, int):
+                return self._apply_rest(entry, events, i + 1, applied, failures)
+            generation = max(generation, applied)
+        return generation
+
+    async def _apply_rest(
+        self,
+        entry: _Key,
+        events: list[Event],
+        start: int,
+        pending: Awaitable[int],
+        failures: list[Exception],
+    ) -> int:
+        generation = await pending
+        rest = self._apply_all(entry, events, start, generation, failures)
+        return rest if isinstance(rest, int) else await rest
+
     def _apply_then_wait(
         self, key: str, event: Event, done: asyncio.Future
     ) -> Awaitable[None] | None:
@@ -447,7 +557,7 @@ class KeyedStatefulConsumer(Generic[S]):
         applied = self._apply_to(await self._load(key), event)
         return applied if isinstance(applied, int) else await applied
 
-    def _apply_to(self, entry: _Key, event: Event) -> int | Awaitable[int]:
+    def _apply_to(self, entry: _Key, event: Event, *, more: bool = False) -> int | Awaitable[int]:
         entry.touched = time.monotonic()
         seq = event.seq
         publisher = None
@@ -493,7 +603,7 @@ class KeyedStatefulConsumer(Generic[S]):
         state = self._state_of(entry)
         retire_ttl, entry.retire_ttl = entry.retire_ttl, None
         try:
-            entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id))
+            entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id, more))
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
             return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
@@ -1067,6 +1177,60 @@ class KeyedStatefulConsumer(Generic[S]):
                 "restarts": health.restarts,
             },
         }
+
+
+class _Batch:
+    """One batch handler call: its future, done once every key's events are stored."""
+
+    __slots__ = ("_consumer", "announced", "done", "generation", "left")
+
+    def __init__(self, consumer: KeyedStatefulConsumer, done: asyncio.Future, keys: int):
+        self._consumer = consumer
+        self.done = done
+        self.left = keys
+        self.generation = 0
+        self.announced = False
+
+    def applied(self, generation: int, *, announced: bool) -> None:
+        """One key's events are applied; the last key hands the batch to the commit."""
+        self.left -= 1
+        if generation > self.generation:
+            self.generation = generation
+        self.announced = self.announced or announced
+        if not self.left and not self.done.done():
+            self._consumer._when_stored(self.generation, self.done, announced=self.announced)
+
+    def fail(self, exc: BaseException) -> None:
+        self.left -= 1
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+def _done_applying(
+    batch: _Batch, generation: int, failures: list[Exception], *, announced: bool
+) -> None:
+    """One key's part of a batch is applied: count it, or fail the batch (and the job)."""
+    if failures:
+        batch.fail(failures[0])
+        raise failures[0]
+    batch.applied(generation, announced=announced)
+
+
+def _followed(events: list[Event]) -> list[bool]:
+    """Per event: a later one of the same type and publisher follows that is no duplicate."""
+    followed = [False] * len(events)
+    later: dict[tuple[str, str], int | None] = {}
+    for i in range(len(events) - 1, -1, -1):
+        event = events[i]
+        ident = (event.type, event.source)
+        if ident in later:
+            seq = later[ident]
+            followed[i] = seq is None or event.seq is None or seq > event.seq
+            if seq is not None and event.seq is not None and event.seq > seq:
+                later[ident] = event.seq
+        else:
+            later[ident] = event.seq
+    return followed
 
 
 def _wake(

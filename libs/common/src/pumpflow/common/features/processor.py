@@ -2,7 +2,10 @@
 
 Per mint, the state is the FeatureManager's :class:`TokenState`. Each token.created /
 token.trade is folded in and announced as ``features.updated`` (the values in
-``manager.names`` order, ``source_seq`` the token event's seq). A ``token.lifecycle``
+``manager.names`` order, ``source_seq`` the token event's seq). A ``features.updated``
+is a snapshot: of a token's events delivered together (``Effects.more``) only the last
+is announced, with every one of them folded in, so a backlog costs one vector per token
+per batch and consumers get the latest. A ``token.lifecycle``
 event sets the token's processing priority, and retires it when it turns inactive or
 graduated; ``token.migrated`` retires it too. A retired token's record (and its
 stored vector) expire after ``retire_ttl_s`` unless it trades again.
@@ -56,6 +59,8 @@ class FeaturesProcessor:
         state.apply(trade)
         seq = event.seq or 0
         state.seq = seq
+        if effects.more:
+            return state  # the key's next event of this batch announces the newer vector
         manager = self.manager
         effects.emit(
             FeaturesUpdated(
