@@ -399,6 +399,8 @@ class KeyedStatefulConsumer(Generic[S]):
         The event is applied on the pool under its key's order; one future per event is
         all the waiting there is (no coroutine per delivery).
         """
+        if self._stopping:
+            return _not_taken()
         key = event.key
         if key is None:
             raise InvalidInput(f"{event.type} has no key")
@@ -423,6 +425,8 @@ class KeyedStatefulConsumer(Generic[S]):
         processor is told when more of the key's events follow: ``Effects.more``); the
         future is done once every effect of them is stored and published.
         """
+        if self._stopping:
+            return _not_taken()
         by_key: dict[str, list[Event]] = {}
         for event in events:
             key = event.key
@@ -1204,6 +1208,14 @@ class _Batch:
         self.left -= 1
         if not self.done.done():
             self.done.set_exception(exc)
+
+
+def _not_taken() -> asyncio.Future:
+    """A delivery a stopping consumer does not take: cancelled, so the bus hands it back
+    unacked for the next consumer (never failed, which would dead-letter it)."""
+    done = asyncio.get_running_loop().create_future()
+    done.cancel()
+    return done
 
 
 def _done_applying(
