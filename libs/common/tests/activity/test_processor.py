@@ -85,9 +85,10 @@ def vector(
 class FakeEffects:
     """Records what the processor asks for; one timer, as the consumer keeps per key."""
 
-    def __init__(self, key: str, now: float):
+    def __init__(self, key: str, now: float, *, more: bool = False):
         self.key = key
         self.now = now
+        self.more = more
         self.emitted: list[tuple[Payload, float]] = []
         self.timer: float | None = None
         self.timers_set: list[float] = []
@@ -486,6 +487,16 @@ def test_other_event_types_are_invalid_input():
         key.processor.apply(
             key.processor.initial(MINT), make_event(trade, source="feed/test", time=T0), key.fx
         )
+
+
+def test_a_vector_a_newer_one_follows_in_its_batch_is_not_read():
+    key = Key()
+    followed = FakeEffects(MINT, T0, more=True)
+    state = key.processor.apply(key.processor.initial(MINT), vector(T0, **HOT), followed)
+    assert state.state is None and state.metrics is None and followed.emitted == []
+    newest = FakeEffects(MINT, T0)
+    state = key.processor.apply(state, vector(T0, **HOT), newest)
+    assert state.state is not None and state.metrics is not None and newest.emitted
 
 
 def test_the_same_layout_in_another_order_reads_the_same_metrics():

@@ -68,6 +68,9 @@ class _HostEffects:
 
     __slots__ = ("_host", "_token", "key", "last", "now")
 
+    #: the analyzer takes each token's events one at a time
+    more = False
+
     def __init__(self, host: ActivityAnalyzer, token: ActivityState):
         self._host = host
         self._token = token

@@ -101,11 +101,17 @@ class ActivityProcessor:
         return ActivityState(mint=key)
 
     def apply(self, state: ActivityState, event: Event, effects: Effects) -> ActivityState:
-        """Take a ``features.updated`` (the token's metrics) or a ``token.migrated``."""
+        """Take a ``features.updated`` (the token's metrics) or a ``token.migrated``.
+
+        A vector is a snapshot: of a token's vectors delivered together
+        (``Effects.more``) only the newest is read.
+        """
         if event.type == "token.migrated":
             return self.migrated(state, effects)
         if event.type != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"activity does not consume {event.type}")
+        if effects.more:
+            return state  # a newer vector of the token follows in this batch: decide on that
         data = event.data
         try:
             metrics = self._reader.read(data.names, data.values, time=event.time)
