@@ -379,6 +379,39 @@ async def test_api_key_goes_in_the_url_and_never_in_logs(peer, bus_and_events, c
     assert "TOPSECRETKEY" not in feed.redacted_url
 
 
+async def test_a_server_that_drops_working_connections_is_rejoined_at_once(bus_and_events):
+    """A session that carried market data resets the backoff, however short it was."""
+    bus, _ = bus_and_events
+    connections = 0
+
+    async def one_frame_then_close(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.recv()  # the subscription to new tokens
+        await ws.send(ref.CREATE.decode())
+        await ws.close()
+
+    async with serve(one_frame_then_close, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        metrics = FeedMetrics(CollectorRegistry())
+        # sessions of no length: without the reset, twelve reconnects would wait about
+        # 0.05 * (2**12 - 1) * 3/4 s, over two and a half minutes
+        config = SocketFeedConfig(
+            url=f"ws://127.0.0.1:{port}/api/data", backoff_initial_s=0.05, backoff_max_s=600.0
+        )
+        feed = SocketDataFeed(config, clock=WallClock(), bus=bus, metrics=metrics)
+        manager = DataFeedManager(
+            bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics
+        )
+        manager.add_data_feed(feed)
+        await manager.start()
+        try:
+            await eventually(lambda: connections >= 12, within=20)
+            assert feed.data_frames >= 11
+        finally:
+            await manager.stop()
+
+
 async def test_reconnect_backoff_grows_with_jitter_and_is_capped():
     import random
 

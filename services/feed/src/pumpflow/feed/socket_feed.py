@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: a session that lasted this long resets the reconnect backoff
+#: a session that lasted this long, or carried market data, resets the reconnect backoff
 _STABLE_SESSION_S = 10.0
 #: the largest frame read: one over the protocol's limit (MAX_FRAME_BYTES) but within
 #: this is rejected alone; a larger one makes the library close the connection (1009)
@@ -192,6 +192,8 @@ class SocketDataFeed(DataFeedInterface):
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task | None = None
         self.sessions = 0
+        #: market frames (creations, trades, migrations) decoded
+        self.data_frames = 0
         self.invalid_frames = 0
         #: frames whose handling failed unexpectedly (counted in invalid_frames too)
         self.frame_errors = 0
@@ -399,6 +401,7 @@ class SocketDataFeed(DataFeedInterface):
                 await asyncio.sleep(delay)
                 continue
             started = time.monotonic()
+            data_before = self.data_frames
             try:
                 await self._session(ws)
             except ConnectionClosed as exc:
@@ -421,7 +424,9 @@ class SocketDataFeed(DataFeedInterface):
                     await ws.close()
             if self._stopping:
                 break
-            if time.monotonic() - started >= _STABLE_SESSION_S:
+            # a server that drops working connections every few seconds must not push
+            # the backoff to its ceiling: the market goes unheard while the feed waits
+            if self.data_frames > data_before or time.monotonic() - started >= _STABLE_SESSION_S:
                 attempt = 0
             attempt += 1
             delay = self._backoff(attempt)
@@ -504,6 +509,7 @@ class SocketDataFeed(DataFeedInterface):
             return
         kind = KIND_OF_TX_TYPE[payload.txType]
         metrics.frames_by_kind[kind].inc()
+        self.data_frames += 1
         subscribed = True
         if kind is FrameKind.CREATE:
             if self._auto_subscribe:
