@@ -10,6 +10,7 @@ from pumpflow.common.testing.faults import (
     Ledger,
     _behind,
     _consumer_counts,
+    _features_short,
     read_sent_log,
 )
 
@@ -83,3 +84,10 @@ def test_consumer_counts_find_events_lost_and_applied_twice():
     # activity never saw b's one update: lost by its record and by its counter
     assert counts["activity"]["lost"] == 1
     assert counts["activity"]["twice"] == 0
+    # the short mint comes with its record's bookkeeping, to tell a loss from a miscount
+    short = _features_short(state)
+    assert [(s["mint"], s["stored"], s["folded"]) for s in short] == [("b", 2, 1)]
+    assert short[0]["record"]["applied"] == {"feed": 1}
+    ledger = Ledger(bus={"carried": 5}, published=5, features_short=short)
+    ledger.consumers = counts
+    assert "'mint': 'b'" in next(p for p in ledger.problems() if p.startswith("features"))

@@ -159,6 +159,9 @@ class Ledger:
     bus: dict[str, int] = field(default_factory=dict)
     #: per consumer: applied, lost, twice (durable), and its metrics' view
     consumers: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: mints features folded fewer events of than were stored, with their records'
+    #: bookkeeping (a sample), to tell a loss from a miscount
+    features_short: list[dict[str, Any]] = field(default_factory=list)
     #: dead letters per service queue
     dead_letters: dict[str, int] = field(default_factory=dict)
     #: seconds from the end of each fault to the pipeline flowing again
@@ -220,7 +223,8 @@ class Ledger:
             )
         for name, counts in self.consumers.items():
             if counts.get("lost"):
-                found.append(f"{name} never applied {counts['lost']:g} events")
+                detail = f": {self.features_short}" if name == "features" else ""
+                found.append(f"{name} never applied {counts['lost']:g} events{detail}")
             if counts.get("twice"):
                 found.append(f"{name} applied {counts['twice']:g} events twice")
         for service, code in self.exit_codes.items():
@@ -533,6 +537,7 @@ class Pipeline:
             for events in state["stored"].values()
         )
         ledger.consumers = _consumer_counts(state, consumer_metrics, killed=self.killed)
+        ledger.features_short = _features_short(state)[:5]
         ledger.dead_letters = await self._dead_letters()
 
     async def _dead_letters(self) -> dict[str, int]:
@@ -606,6 +611,36 @@ def _progress(state: dict[str, Any]) -> tuple[int, ...]:
         for records in state["records"].values()
     ]
     return (*applied, sum(len(events) for events in state["stored"].values()))
+
+
+def _features_short(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mints features folded fewer events of than were stored, each with its record."""
+    short = []
+    for mint, events in state["stored"].items():
+        want = sum(ok for _, _, ok in events)
+        got = state["features_events"].get(mint, 0)
+        if got >= want:
+            continue
+        record = state["records"]["features"].get(mint)
+        short.append(
+            {
+                "mint": mint,
+                "stored": want,
+                "folded": got,
+                "stored_seqs": len(events),
+                "record": None
+                if record is None
+                else {
+                    "applied": record.applied,
+                    "published": record.published,
+                    "retired": record.retired,
+                    "missing": record.missing,
+                    "failed": record.failed,
+                    "refused": record.refused,
+                },
+            }
+        )
+    return short
 
 
 def _consumer_counts(
