@@ -557,11 +557,7 @@ class InMemoryBus(EventBus):
             for event, reason in dead:
                 self._store_dead(_dead_letter(lane, event, reason))
         except asyncio.CancelledError:
-            for delivery in reversed(batch):
-                if not delivery.abandoned:
-                    self._hand_back(lane, delivery)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if self._hand_back_cancelled(lane, batch):
                 raise
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on a batch", lane.group.service)
@@ -590,10 +586,7 @@ class InMemoryBus(EventBus):
             if not delivery.abandoned:
                 self._hand_back(lane, delivery, unsettled=False)
         except asyncio.CancelledError:
-            if not delivery.abandoned:
-                self._hand_back(lane, delivery)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if self._hand_back_cancelled(lane, [delivery]):
                 raise
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
@@ -602,6 +595,16 @@ class InMemoryBus(EventBus):
                 if lane.returned:
                     lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
+
+    def _hand_back_cancelled(self, lane: _Lane, deliveries: list[_Delivery]) -> bool:
+        """Hand back what a cancelled handler left unfinished; True if the lane itself was
+        cancelled (the cancellation goes on), False if only the handler was."""
+        # back to the front of the lane in reverse, so the first comes out first again
+        for delivery in reversed(deliveries):
+            if not delivery.abandoned:
+                self._hand_back(lane, delivery)
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
     def _hand_back(self, lane: _Lane, delivery: _Delivery, *, unsettled: bool = True) -> None:
         """A handler ended unfinished (cancelled): its event goes back, never acked."""

@@ -336,38 +336,20 @@ class PostgresInstance(ServerInstance):
         first = not self._prepared
         super().start()
         if first:
-            _as_postgres(
-                [
-                    _pg_bin("createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    "test",
-                ],
-                cwd=self.workdir,
-            )
+            _as_postgres([_pg_bin("createdb"), *self._client_args(), "test"], cwd=self.workdir)
 
     def _command(self) -> Sequence[str]:
         return [_pg_bin("postgres"), "-D", str(self.workdir / "data")]
+
+    def _client_args(self) -> list[str]:
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
 
     def _user(self) -> str | None:
         return _postgres_user()
 
     def _answers(self) -> bool:
         result = subprocess.run(
-            [
-                _pg_bin("pg_isready"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-q",
-            ],
+            [_pg_bin("pg_isready"), *self._client_args(), "-q"],
             capture_output=True,
         )
         return result.returncode == 0
