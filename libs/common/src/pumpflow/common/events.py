@@ -183,6 +183,28 @@ class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):
     label: str | None = None
 
 
+class ModelDrift(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """A model's feature whose live distribution crossed the drift threshold, or recovered.
+
+    ``psi`` is the population stability index of the feature over the last
+    ``observations`` vectors against the card's reference, ``threshold`` the one crossed
+    (the alert one when drifting, the recovery one when recovered).
+    """
+
+    TYPE: ClassVar[str] = "model.drift"
+    KEY_FIELD: ClassVar[str | None] = None
+
+    model_id: str
+    version: str
+    feature: str
+    state: Literal["drifting", "recovered"]
+    psi: float
+    threshold: float
+    observations: int
+    #: features of the model drifting after this transition
+    drifting: int = 0
+
+
 Side = Literal["buy", "sell"]
 
 
@@ -321,6 +343,7 @@ for _schema in (
     TokenLifecycle,
     FeedSubscription,
     ModelPrediction,
+    ModelDrift,
     OrderRequested,
     ExitOrder,
     OrderFilled,

@@ -17,6 +17,7 @@ from pumpflow.common.model.card import (
     prepare_inputs,
     reference_distribution,
 )
+from pumpflow.common.model.drift import DriftMonitor, DriftReport, DriftThresholds, FeatureDrift
 from pumpflow.common.model.manager import (
     FeatureSetMismatch,
     ModelError,
@@ -30,6 +31,10 @@ from pumpflow.common.model.registry import ModelRegistry, read_model, write_mode
 
 __all__ = [
     "CardError",
+    "DriftMonitor",
+    "DriftReport",
+    "DriftThresholds",
+    "FeatureDrift",
     "FeatureReference",
     "FeatureSetMismatch",
     "HeldOut",

@@ -210,6 +210,16 @@ def vector_row(
     return np.fromiter((index.get(n, math.nan) for n in order), np.float64, len(order))
 
 
+def bin_index(edges: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The reference bin of each value of ``rows`` (n x k) under each column's ``edges``.
+
+    ``edges`` is k x m, each row a feature's edges ascending, padded with +inf; a value's
+    bin is the number of its feature's edges below it, so bins are ``(-inf, e0], (e0,
+    e1], ..., (e_last, inf)``. NaN (missing) falls in bin 0: callers mask it.
+    """
+    return np.count_nonzero(edges[None, :, :] < rows[:, :, None], axis=2)
+
+
 def reference_distribution(
     inputs: np.ndarray, names: Sequence[str], *, bins: int = 10
 ) -> tuple[FeatureReference, ...]:
@@ -222,7 +232,7 @@ def reference_distribution(
         if len(present):
             quantiles = np.quantile(present, np.linspace(0.0, 1.0, bins + 1)[1:-1])
             edges = np.unique(quantiles)
-            counts = np.bincount(np.searchsorted(edges, present, side="left"),
+            counts = np.bincount(bin_index(edges[None, :], present[:, None])[:, 0],
                                  minlength=len(edges) + 1)
             shares = counts / len(column)
         else:

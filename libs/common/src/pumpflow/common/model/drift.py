@@ -1,0 +1,274 @@
+"""Drift: how far the live feature vectors have moved from what a model was trained on.
+
+A :class:`DriftMonitor` watches one model. Its card holds each feature's training
+distribution as quantile bins plus a missing share
+(:class:`~pumpflow.common.model.card.FeatureReference`); the monitor bins every live
+vector the same way (:func:`~pumpflow.common.model.card.bin_index` after
+:func:`~pumpflow.common.model.card.prepare_inputs`, the functions that made the
+reference) and keeps the bin counts of the last ``window`` vectors. The population
+stability index of a feature is ``sum((p - q) * ln(p / q))`` over its bins and the
+missing bin, ``p`` the live shares and ``q`` the reference ones, both floored at
+``share_floor`` so that an empty bin counts as rare rather than infinitely surprising.
+
+Feed it every ``features.updated`` of the live feature set, not only the vectors a
+scoring policy picked: the reference is every trade of every training token, and a
+policy that scores only active tokens would read as drift.
+
+Thresholds (:class:`DriftThresholds`) follow the industry conventions for PSI: under
+0.1 no significant change, 0.1 to 0.25 a moderate one, over 0.25 a significant one.
+A feature is *drifting* from the check its PSI reaches 0.25 until the check it is back
+under 0.1; in between it keeps its state, so a PSI that hovers near one threshold does
+not flap.
+
+Window: the market trades 23 to 58 times a second (../shared/reference/pumpfun.md), one
+``features.updated`` each, so 6,000 vectors are about 2 to 4 minutes of market: long
+enough to span the 30 to 170 tokens launched meanwhile (16 to 42 a minute), short
+enough to show a change of regime within minutes, which is as long as most tokens
+live. With ``B`` bins a sample of ``N`` independent vectors from the reference itself
+has a PSI of about ``(B - 1) / N`` (it is a chi-square over ``N``): 0.002 with 11 bins
+and 6,000 vectors. Vectors of one token are correlated (rolling features move a little
+per trade), so the effective sample is smaller, but even 300 independent vectors give
+about 0.03, well under 0.1. No feature is judged before ``min_observations`` vectors
+(2,000: 0.005 of noise). The PSI is recomputed every ``check_every`` vectors (500,
+some 10 to 20 seconds of market), so the per-vector cost is the bin update alone.
+
+Cost: O(k) per vector for k features (two counter updates each, vectorised across the
+features and across the rows of a batch); memory: the window's bin of each feature (a
+``window x k`` array of small integers) and the ``k x bins`` counts, whatever the
+number of vectors seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from pumpflow.common.clock import Clock, WallClock
+from pumpflow.common.events import ModelDrift
+from pumpflow.common.model.card import ModelCard, bin_index, prepare_inputs, vector_row
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriftThresholds:
+    """Thresholds of the drift monitor; defaults are justified in the module docstring."""
+
+    #: PSI at or above which a feature is drifting (significant shift)
+    alert_psi: float = 0.25
+    #: PSI under which a drifting feature has recovered (no significant shift)
+    recover_psi: float = 0.10
+    #: vectors in the rolling window
+    window: int = 6000
+    #: vectors seen before any feature is judged
+    min_observations: int = 2000
+    #: vectors between two computations of the PSI
+    check_every: int = 500
+    #: least share a bin counts with, live or reference
+    share_floor: float = 1e-4
+    #: transitions kept in :attr:`DriftMonitor.transitions`
+    history: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 < self.recover_psi < self.alert_psi:
+            raise ValueError("need 0 < recover_psi < alert_psi")
+        if not 0 < self.min_observations <= self.window:
+            raise ValueError("need 0 < min_observations <= window")
+        if self.check_every <= 0 or not 0 < self.share_floor < 1:
+            raise ValueError("check_every must be positive and share_floor in (0, 1)")
+
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    psi: float
+    drifting: bool
+
+
+class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's drift at one check (or now, see :meth:`DriftMonitor.report`)."""
+
+    model_id: str
+    version: str
+    #: vectors in the window the PSI was computed over
+    observations: int
+    #: vectors seen in all
+    seen: int
+    #: when the figures were computed (clock time)
+    at: float
+    features: tuple[FeatureDrift, ...]
+
+    @property
+    def drifting(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features if f.drifting)
+
+    @property
+    def max_psi(self) -> float:
+        return max((f.psi for f in self.features), default=math.nan)
+
+
+class DriftMonitor:
+    """PSI of each feature of one model over a rolling window, with drift transitions.
+
+    ``observe`` takes rows of raw feature values in the card's order (a batch, or one
+    row) and returns the :class:`~pumpflow.common.events.ModelDrift` payloads of the
+    features whose state changed at the check it ran, if it ran one: the service
+    publishes them as ``model.drift``.
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        thresholds: DriftThresholds | None = None,
+        clock: Clock | None = None,
+    ):
+        self.card = card
+        self.thresholds = thresholds or DriftThresholds()
+        self.clock = clock or WallClock()
+        self.names = card.feature_names
+        k = len(self.names)
+        width = max((len(r.edges) for r in card.reference), default=0)
+        #: the edges of every feature, padded with +inf (no value is above +inf)
+        self._edges = np.full((k, width), np.inf)
+        #: reference shares: value bins 0..width, then the missing bin at width + 1
+        reference = np.zeros((k, width + 2))
+        for j, ref in enumerate(card.reference):
+            self._edges[j, : len(ref.edges)] = ref.edges
+            reference[j, : len(ref.shares)] = ref.shares
+            reference[j, width + 1] = ref.missing_share
+        self._missing_bin = width + 1
+        # bins a feature does not have (fewer edges than the widest) never hold a value
+        self._used = np.zeros((k, width + 2), dtype=bool)
+        for j, ref in enumerate(card.reference):
+            self._used[j, : len(ref.edges) + 1] = True
+        self._used[:, width + 1] = True
+        self._reference = np.maximum(reference, self.thresholds.share_floor)
+        self._log_reference = np.log(self._reference)
+        self._offsets = np.arange(k) * (width + 2)
+        window = self.thresholds.window
+        self._ring = np.zeros((window, k), dtype=np.int16 if width < 32000 else np.int32)
+        self._counts = np.zeros((k, width + 2), dtype=np.int64)
+        self._next = 0
+        self._filled = 0
+        self.seen = 0
+        self._since_check = 0
+        self._drifting = np.zeros(k, dtype=bool)
+        self._psi = np.full(k, math.nan)
+        self._checked_at = math.nan
+        #: the latest transitions, oldest first: (clock time, payload)
+        self.transitions: deque[tuple[float, ModelDrift]] = deque(
+            maxlen=self.thresholds.history
+        )
+
+    # ----------------------------------------------------------------------------------
+
+    def bins(self, rows: np.ndarray) -> np.ndarray:
+        """The reference bin of each value of raw rows (n x k); missing values' bin last."""
+        inputs = prepare_inputs(rows).astype(np.float64)
+        if inputs.shape[1] != len(self.names):
+            raise ValueError(
+                f"model {self.card.model_id!r} has {len(self.names)} features per row, "
+                f"got {inputs.shape[1]}"
+            )
+        bins = bin_index(self._edges, inputs)
+        bins[np.isnan(inputs)] = self._missing_bin
+        return bins
+
+    def observe(self, rows: np.ndarray) -> list[ModelDrift]:
+        """Count rows of raw feature values (n x k, card order); transitions if checked."""
+        bins = self.bins(rows)
+        window = len(self._ring)
+        if len(bins) >= window:
+            bins = bins[-window:]
+            self._counts[:] = 0
+            self._filled = 0
+            self._next = 0
+        n = len(bins)
+        positions = (self._next + np.arange(n)) % window
+        replaced = max(0, self._filled + n - window)
+        if replaced:
+            # before the ring is full the empty slots come first: the overwritten are last
+            self._count(self._ring[positions[n - replaced:]], -1)
+        self._ring[positions] = bins
+        self._count(bins, +1)
+        self._next = int((self._next + n) % window)
+        self._filled = min(window, self._filled + n)
+        self.seen += len(rows)
+        self._since_check += len(rows)
+        if self._since_check >= self.thresholds.check_every:
+            return self.check()
+        return []
+
+    def observe_vector(self, names: Sequence[str], values: Sequence[float]) -> list[ModelDrift]:
+        """Count one vector given by feature names and values (absent names: missing)."""
+        return self.observe(vector_row(names, values, self.names)[None, :])
+
+    def _count(self, bins: np.ndarray, sign: int) -> None:
+        flat = np.bincount((bins + self._offsets).ravel(), minlength=self._counts.size)
+        self._counts += sign * flat.reshape(self._counts.shape)
+
+    # ----------------------------------------------------------------------------------
+
+    def psi(self) -> np.ndarray:
+        """The PSI of each feature over the window now (NaN before any vector)."""
+        if self._filled == 0:
+            return np.full(len(self.names), math.nan)
+        live = np.maximum(self._counts / self._filled, self.thresholds.share_floor)
+        terms = (live - self._reference) * (np.log(live) - self._log_reference)
+        return np.where(self._used, terms, 0.0).sum(axis=1)
+
+    def check(self) -> list[ModelDrift]:
+        """Compute the PSI now and return the transitions it makes (none before enough)."""
+        self._since_check = 0
+        self._psi = self.psi()
+        self._checked_at = self.clock.now()
+        if self._filled < self.thresholds.min_observations:
+            return []
+        t = self.thresholds
+        starts = ~self._drifting & (self._psi >= t.alert_psi)
+        ends = self._drifting & (self._psi < t.recover_psi)
+        self._drifting = (self._drifting | starts) & ~ends
+        drifting = int(self._drifting.sum())
+        out = []
+        for j in np.flatnonzero(starts | ends):
+            out.append(
+                ModelDrift(
+                    model_id=self.card.model_id,
+                    version=self.card.version,
+                    feature=self.names[j],
+                    state="drifting" if starts[j] else "recovered",
+                    psi=float(self._psi[j]),
+                    threshold=t.alert_psi if starts[j] else t.recover_psi,
+                    observations=self._filled,
+                    drifting=drifting,
+                )
+            )
+        self.transitions.extend((self._checked_at, payload) for payload in out)
+        return out
+
+    @property
+    def observations(self) -> int:
+        """Vectors in the window."""
+        return self._filled
+
+    @property
+    def drifting(self) -> tuple[str, ...]:
+        return tuple(n for n, d in zip(self.names, self._drifting, strict=True) if d)
+
+    def report(self, *, fresh: bool = False) -> DriftReport:
+        """The figures of the last check (``fresh``: the PSI computed now, states unchanged)."""
+        psi, at = (self.psi(), self.clock.now()) if fresh else (self._psi, self._checked_at)
+        return DriftReport(
+            model_id=self.card.model_id,
+            version=self.card.version,
+            observations=self._filled,
+            seen=self.seen,
+            at=float(at),
+            features=tuple(
+                FeatureDrift(name=n, psi=float(p), drifting=bool(d))
+                for n, p, d in zip(self.names, psi, self._drifting, strict=True)
+            ),
+        )
