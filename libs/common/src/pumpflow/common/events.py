@@ -181,6 +181,14 @@ class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):
     score: float
     horizon_s: float = 0.0
     label: str | None = None
+    #: the version of the model that scored (a hot swap shows here)
+    model_version: str | None = None
+    #: a shadow arm's score: measured, never traded on
+    shadow: bool = False
+    #: seconds spent scoring (this prediction's share of its batch)
+    latency_s: float | None = None
+    #: seq of the token event the scored features include (features.updated source_seq)
+    source_seq: int | None = None
 
 
 class ModelDrift(Payload, frozen=True, kw_only=True, omit_defaults=True):

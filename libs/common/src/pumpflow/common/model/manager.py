@@ -147,6 +147,16 @@ class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
     at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoredBatch:
+    """Scores of a batch of rows and the model version that made them."""
+
+    card: ModelCard
+    scores: np.ndarray
+    #: seconds of preprocessing and scoring, the whole batch
+    seconds: float
+
+
 @dataclass(frozen=True, slots=True)
 class ServedModel:
     card: ModelCard
@@ -265,6 +275,14 @@ class ModelManager:
     def predict_batch(self, model_id: str, rows: np.ndarray) -> np.ndarray:
         """Scores of rows of feature values in the card's order (n x features)."""
         return self._score(self.serving(model_id), model_id, rows)
+
+    def score_batch(self, model_id: str, rows: np.ndarray) -> ScoredBatch:
+        """Like :meth:`predict_batch`, with the card of the version that scored and the
+        seconds it took: a swap meanwhile (:meth:`update_model`, a load) cannot mislabel."""
+        served = self.serving(model_id)
+        started = self._timer()
+        scores = self._score(served, model_id, rows)
+        return ScoredBatch(card=served.card, scores=scores, seconds=self._timer() - started)
 
     def _score(self, served: ServedModel, model_id: str, rows: np.ndarray) -> np.ndarray:
         inputs = prepare_inputs(rows)

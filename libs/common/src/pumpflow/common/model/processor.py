@@ -1,0 +1,274 @@
+"""ModelProcessor: which feature vectors are scored, by which arms, as a keyed processor.
+
+Per mint, the state is tiny (:class:`ScoringState`: the token's lifecycle state, the
+event time of its last scored vector and how many it scored). The keyed stateful
+consumer runs it on ``features.updated`` and ``token.lifecycle``; each scored vector
+becomes one ``model.prediction`` per arm that scores the token (its live arm, then
+every shadow arm, see :mod:`pumpflow.common.model.arms`), each naming the model id and
+the version that scored it, keyed and sequenced per mint, caused by the
+``features.updated`` event.
+
+The scoring policy (:class:`ScoringPolicy`): a ``features.updated`` is scored when
+
+- it is the newest of the token's vectors delivered together (``Effects.more``: a
+  vector is a snapshot, the newer one supersedes it);
+- the token is not ``inactive`` or ``graduated`` (a ``token.lifecycle`` to either
+  retires the token here; a later lifecycle state scores it again);
+- its vector is of the live feature-set version (another version's is not scored:
+  the models were trained on the live one);
+- at least ``min_interval_s`` of event time passed since the token's last scored
+  vector (leading edge: the first vector of a burst is scored, the next ones inside
+  the interval are not, the first one after it is).
+
+Micro-batching: :meth:`ModelProcessor.prepare` takes a delivered batch of many
+tokens' events before their keys' work runs, picks the vectors the policy will score
+(from the states held, see ``held``) and scores them in one model call per model;
+:meth:`ModelProcessor.apply` then takes a vector's score from there, or scores the
+vector alone when it was not prepared (a single delivery, a state not in memory, a
+table or model changed meanwhile). Either way the prediction names the version that
+really scored it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from pumpflow.common.events import Event, FeaturesUpdated, ModelPrediction
+from pumpflow.common.keyed import Effects, InvalidInput, StaleState
+from pumpflow.common.model.arms import ArmTable
+from pumpflow.common.model.card import ModelCard, vector_row
+from pumpflow.common.model.manager import ModelError, ModelManager
+
+CONSUMES = ("features.updated", "token.lifecycle")
+#: lifecycle states that retire a token here: nothing of it is scored any more
+RETIRING = ("inactive", "graduated")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoringPolicy:
+    """Which vectors are scored.
+
+    ``min_interval_s`` (0.5 s of event time): graduates, the tokens worth trading,
+    take a median 457 trades over 4.4 minutes (docs/market.md), one every 0.58 s on
+    average, with bursts several times faster. Scoring at most twice a second per token
+    scores such a token at about every trade in its average run and thins its bursts,
+    where consecutive vectors differ by a trade or two; the market's 23 to 58 trades a
+    second (bursts several times that) then bound the predictions well below the
+    trades. ``retire_ttl_s`` (1 h): a retired token's record stays that long, so a late
+    vector of a graduate (trades go on after migration) is still known as retired.
+    """
+
+    min_interval_s: float = 0.5
+    retire_ttl_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.min_interval_s < 0 or self.retire_ttl_s <= 0:
+            raise ValueError("need min_interval_s >= 0 and retire_ttl_s > 0")
+
+
+class ScoringState(msgspec.Struct, kw_only=True, array_like=True):
+    """What the model service keeps of one token."""
+
+    lifecycle: str | None = None
+    #: event time of the last vector scored (valid once ``scored`` > 0)
+    last_scored: float = 0.0
+    scored: int = 0
+
+
+#: a score: the card of the version that made it, the score, seconds of its batch's time
+_Score = tuple[ModelCard, float, float]
+#: the scores prepared for one vector, by model id
+_Prepared = dict[str, _Score]
+#: prepared vectors kept at most (ones never applied, duplicates say, go oldest first)
+PREPARED_KEPT = 65536
+
+
+class ModelProcessor:
+    """Score tokens' feature vectors with the arms' models; see the module."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        arms: ArmTable,
+        *,
+        policy: ScoringPolicy | None = None,
+        feature_set_version: str | None = None,
+    ):
+        self.manager = manager
+        self.arms = arms
+        self.policy = policy or ScoringPolicy()
+        #: the live feature-set version (default: the manager's feature manager's)
+        self.feature_set_version = feature_set_version or manager.feature_manager.version
+        self._prepared: dict[str, _Prepared] = {}
+        #: vectors not scored, by reason; predictions not made, by model id and reason
+        self.skipped: Counter[str] = Counter()
+        self.failed: Counter[tuple[str, str]] = Counter()
+        self.prepared_rows = 0
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(ScoringState).decode
+
+    # ---------------------------------------------------------------- batches
+
+    def prepare(
+        self, events: Sequence[Event], held: Callable[[str], ScoringState | None]
+    ) -> int:
+        """Score the vectors of ``events`` the policy will score, one call per model.
+
+        ``held(mint)``: the token's state if in memory (None: taken as new; a vector
+        scored here that the state refuses later is dropped unused). Returns the rows
+        scored.
+        """
+        newest: dict[str, Event] = {}
+        for event in events:
+            if event.type == "features.updated":
+                newest[event.key] = event
+        if not newest:
+            return 0
+        version = self.feature_set_version
+        interval = self.policy.min_interval_s
+        by_model: dict[str, list[Event]] = {}
+        for mint, event in newest.items():
+            data = event.data
+            if data.feature_set_version != version:
+                continue
+            state = held(mint)
+            if state is not None and (
+                state.lifecycle in RETIRING
+                or (state.scored and event.time - state.last_scored < interval)
+            ):
+                continue
+            for arm in self.arms.route(mint):
+                by_model.setdefault(arm.model_id, []).append(event)
+        rows = 0
+        prepared = self._prepared
+        for model_id, chosen in by_model.items():
+            try:
+                card = self.manager.card(model_id)
+                matrix = _matrix(chosen, card.feature_names)
+                batch = self.manager.score_batch(model_id, matrix)
+            except (ModelError, ValueError):
+                continue  # each vector is then scored alone, which counts the failure
+            share = batch.seconds / len(chosen)
+            scored_by = batch.card
+            for event, score in zip(chosen, batch.scores.tolist(), strict=True):
+                scores = prepared.get(event.id)
+                if scores is None:
+                    scores = prepared[event.id] = {}
+                scores[model_id] = (scored_by, score, share)
+            rows += len(chosen)
+        self.prepared_rows += rows
+        if len(prepared) > PREPARED_KEPT:
+            for stale in list(prepared)[: len(prepared) - PREPARED_KEPT]:
+                del prepared[stale]
+        return rows
+
+    # ---------------------------------------------------------------- KeyedProcessor
+
+    def initial(self, key: str) -> ScoringState:
+        return ScoringState()
+
+    def apply(self, state: ScoringState, event: Event, effects: Effects) -> ScoringState:
+        kind = event.type
+        if kind == "token.lifecycle":
+            state.lifecycle = event.data.state
+            if state.lifecycle in RETIRING:
+                effects.retire(self.policy.retire_ttl_s)
+            return state
+        if kind != "features.updated" or not isinstance(event.data, FeaturesUpdated):
+            raise InvalidInput(f"the model service does not consume {kind}")
+        prepared = self._prepared.pop(event.id, None)
+        if effects.more:
+            self.skipped["superseded"] += 1
+            return state
+        if state.lifecycle in RETIRING:
+            self.skipped["retired"] += 1
+            effects.retire(self.policy.retire_ttl_s)  # a late vector loaded it: let it go
+            return state
+        data = event.data
+        if data.feature_set_version != self.feature_set_version:
+            self.skipped["feature_set"] += 1
+            return state
+        if state.scored and event.time - state.last_scored < self.policy.min_interval_s:
+            self.skipped["interval"] += 1
+            return state
+        made = 0
+        mint = effects.key
+        for arm in self.arms.route(mint):
+            model_id = arm.model_id
+            found = None if prepared is None else prepared.get(model_id)
+            if found is None:
+                found = self._score_alone(model_id, data)
+                if found is None:
+                    continue
+            card, score, seconds = found
+            effects.emit(
+                ModelPrediction(
+                    mint=mint,
+                    model_id=model_id,
+                    arm=arm.name,
+                    feature_set_version=data.feature_set_version,
+                    score=score,
+                    horizon_s=card.label.horizon_s,
+                    label=card.label.kind,
+                    model_version=card.version,
+                    shadow=arm.shadow,
+                    latency_s=seconds,
+                    source_seq=data.source_seq,
+                ),
+                time=event.time,
+            )
+            made += 1
+        if made:
+            state.last_scored = event.time
+            state.scored += 1
+        else:
+            self.skipped["no_model"] += 1
+        return state
+
+    def _score_alone(self, model_id: str, data: FeaturesUpdated) -> _Score | None:
+        manager = self.manager
+        try:
+            card = manager.card(model_id)
+            row = vector_row(data.names, data.values, card.feature_names)
+            batch = manager.score_batch(model_id, row[None, :])
+        except (ModelError, ValueError) as exc:
+            self.failed[(model_id, type(exc).__name__)] += 1
+            return None
+        return batch.card, float(batch.scores[0]), batch.seconds
+
+    def fire(self, state: ScoringState, effects: Effects) -> ScoringState:
+        return state
+
+    def encode(self, state: ScoringState) -> bytes:
+        return self._encode(state)
+
+    def compact(self, state: ScoringState, now: float) -> bytes | None:
+        return None  # a dozen bytes already
+
+    def decode(self, raw: bytes) -> ScoringState:
+        try:
+            return self._decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StaleState(f"unreadable scoring state: {exc}") from exc
+
+
+def _matrix(events: list[Event], order: tuple[str, ...]) -> np.ndarray:
+    """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature)."""
+    first = events[0].data.names
+    if first == order and all(e.data.names is first or e.data.names == order for e in events):
+        return np.array([e.data.values for e in events], dtype=np.float64)
+    return np.stack([vector_row(e.data.names, e.data.values, order) for e in events])
+
+
+__all__ = [
+    "CONSUMES",
+    "RETIRING",
+    "ModelProcessor",
+    "ScoringPolicy",
+    "ScoringState",
+]

@@ -1,0 +1,107 @@
+"""A/B arms: assignment stable, follows the weights within sampling error, shadows apart."""
+
+from __future__ import annotations
+
+import ast
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pumpflow.common.model.arms import Arm, ArmError, ArmTable, mint_fraction
+from pumpflow.common.testing import base58_key
+
+MINTS = [base58_key(f"mint{i}") for i in range(20_000)]
+
+
+def table(*arms: Arm, **options) -> ArmTable:
+    return ArmTable(arms, **options)
+
+
+AB = table(
+    Arm(name="control", model_id="entry", weight=0.7),
+    Arm(name="treatment", model_id="entry-2", weight=0.3),
+    Arm(name="candidate", model_id="entry-3", shadow=True),
+)
+
+
+def test_assignment_is_stable_across_tables_and_processes():
+    again = table(*AB.arms)
+    first = [AB.live_arm(m).name for m in MINTS[:500]]
+    assert first == [again.live_arm(m).name for m in MINTS[:500]]
+    # not Python's hash(): another interpreter (another hash seed) places mints alike
+    code = (
+        "from pumpflow.common.model.arms import mint_fraction; "
+        f"print(repr([mint_fraction(m) for m in {MINTS[:50]!r}]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "12345"},
+    ).stdout
+    assert ast.literal_eval(out) == [mint_fraction(m) for m in MINTS[:50]]
+
+
+def test_assignment_follows_the_weights_within_sampling_error():
+    for weights in ((0.7, 0.3), (0.5, 0.5), (0.9, 0.1), (0.2, 0.8)):
+        arms = AB.with_weights({"control": weights[0], "treatment": weights[1]})
+        counts = {"control": 0, "treatment": 0}
+        for mint in MINTS:
+            counts[arms.live_arm(mint).name] += 1
+        n = len(MINTS)
+        for name, weight in zip(("control", "treatment"), weights, strict=True):
+            share = weight / sum(weights)
+            # 4 standard errors of a binomial share: fails by chance about once in 16,000
+            assert abs(counts[name] / n - share) <= 4 * math.sqrt(share * (1 - share) / n), (
+                weights, counts,
+            )
+
+
+def test_shadow_arms_score_every_token_and_never_take_live_traffic():
+    live_names = set()
+    for mint in MINTS[:2000]:
+        route = AB.route(mint)
+        assert route[0] is AB.live_arm(mint) and not route[0].shadow
+        assert [a.name for a in route[1:]] == ["candidate"]
+        live_names.add(route[0].name)
+    assert live_names == {"control", "treatment"}
+    assert "candidate" not in AB.shares()
+    # a heavy weight on a shadow arm changes nothing
+    heavy = AB.with_weights({"candidate": 100.0})
+    assert all(heavy.live_arm(m).name == AB.live_arm(m).name for m in MINTS[:2000])
+
+
+def test_a_weight_change_moves_only_the_mints_between_the_cut_points():
+    after = AB.with_weights({"control": 0.6, "treatment": 0.4})
+    moved = [m for m in MINTS if AB.live_arm(m).name != after.live_arm(m).name]
+    # only control -> treatment, the mints between 0.6 and 0.7
+    assert all(AB.live_arm(m).name == "control" for m in moved)
+    assert all(0.6 <= mint_fraction(m) < 0.7 for m in moved)
+    assert after.revision == AB.revision + 1
+
+
+def test_promotion_makes_the_arm_live_for_all_and_shadows_the_live_ones():
+    promoted = AB.promote("candidate")
+    assert all(promoted.live_arm(m).name == "candidate" for m in MINTS[:500])
+    assert {a.name for a in promoted.shadows} == {"control", "treatment"}
+    assert promoted.shares() == {"candidate": 1.0}
+    assert promoted.route(MINTS[0])[0].model_id == "entry-3"
+
+
+def test_tables_round_trip_and_refuse_what_cannot_route():
+    assert ArmTable.decode(AB.encode()) == AB
+    with pytest.raises(ArmError, match="no live arm"):
+        table(Arm(name="a", model_id="m", shadow=True))
+    with pytest.raises(ArmError, match="distinct"):
+        table(Arm(name="a", model_id="m"), Arm(name="a", model_id="n"))
+    with pytest.raises(ArmError, match="weight"):
+        table(Arm(name="a", model_id="m", weight=-1.0))
+    with pytest.raises(ArmError, match="no arm 'nope'"):
+        AB.with_weights({"nope": 1.0})
+    with pytest.raises(ArmError, match="no live arm"):
+        AB.with_weights({"control": 0.0, "treatment": 0.0})
+    with pytest.raises(ArmError, match="unreadable"):
+        ArmTable.decode(b"{")
+    added = AB.with_arm(Arm(name="fourth", model_id="m4", weight=0.0))
+    assert [a.name for a in added.arms][-1] == "fourth"
+    assert [a.name for a in added.without_arm("fourth").arms] == [a.name for a in AB.arms]

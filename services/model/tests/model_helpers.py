@@ -1,0 +1,98 @@
+"""Models, vectors and effects shared by the model service's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import Event, FeaturesUpdated, Payload, make_event
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.model import ModelManager, read_model, write_model
+from pumpflow.model import DEFAULT_MODEL_PATH
+
+_, DEFAULT_CARD = read_model(DEFAULT_MODEL_PATH)
+#: event time the tests run at: the default model serves then
+START = DEFAULT_CARD.created_at + 86_400.0
+
+
+def manager(clock: ReplayClock | None = None, **models: Path) -> ModelManager:
+    """A manager on the live feature set with the default model as ``entry`` (and ``models``)."""
+    found = ModelManager(None, FeatureManager(), clock=clock or ReplayClock(START))
+    found.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    for model_id, path in models.items():
+        found.load_model(model_id, path, "classification")
+    return found
+
+
+def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path:
+    """A small classifier on the live feature set, another version than the default's."""
+    from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION
+    from pumpflow.model.training import Dataset, TrainConfig, train
+
+    features = FeatureManager()
+    rng = np.random.default_rng(seed)
+    n = 2_000
+    values = rng.normal(size=(n, len(features.names)))
+    labels = (values[:, 3] + rng.normal(0.0, 0.5, n) > 0.0) * 1.0
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float)
+    dataset = Dataset(
+        names=features.names, feature_set_version=features.version,
+        label=DEFAULT_CLASSIFICATION, source="synthetic", features=values, labels=labels,
+        time=time, token=np.arange(n) // 10, mints=tuple(f"m{i}" for i in range(n // 10)),
+        launch=time[::10],
+    )
+    trained = train(dataset, TrainConfig(model_id=model_id, n_estimators=20, seed=seed),
+                    created_at=DEFAULT_CARD.created_at)
+    return write_model(folder / f"{model_id}-{seed}.onnx", trained.model, trained.card)
+
+
+def vector_event(
+    mint: str, time: float, *, seq: int = 1, values: tuple[float, ...] | None = None,
+    version: str | None = None,
+) -> Event:
+    """A features.updated of ``mint`` on the live feature set (values drawn from ``seq``)."""
+    features = FeatureManager()
+    if values is None:
+        rng = np.random.default_rng(seq)
+        values = tuple(float(v) for v in rng.normal(size=len(features.names)))
+    payload = FeaturesUpdated(
+        mint=mint, feature_set_version=version or features.version, source_seq=seq,
+        names=features.names, values=values,
+    )
+    return make_event(payload, source="features/test", time=time, seq=seq)
+
+
+def lifecycle_event(mint: str, state: str, time: float, *, seq: int = 1) -> Event:
+    from pumpflow.common.events import TokenLifecycle
+
+    return make_event(
+        TokenLifecycle(mint=mint, state=state), source="activity/test", time=time, seq=seq
+    )
+
+
+class FakeEffects:
+    """Records what the processor asks for."""
+
+    def __init__(self, key: str, now: float, *, more: bool = False):
+        self.key = key
+        self.now = now
+        self.more = more
+        self.emitted: list[tuple[Payload, float]] = []
+        self.retired: float | None = None
+
+    def emit(self, payload: Payload, *, time: float) -> None:
+        self.emitted.append((payload, time))
+
+    def set_timer(self, at: float) -> None:
+        raise AssertionError("the model processor sets no timers")
+
+    def cancel_timer(self) -> None:
+        pass
+
+    def set_priority(self, priority: int) -> None:
+        pass
+
+    def retire(self, ttl_s: float) -> None:
+        self.retired = ttl_s

@@ -1,0 +1,160 @@
+"""ModelProcessor: the scoring policy, arms, batches scored in one call, versions named."""
+
+from __future__ import annotations
+
+import pytest
+from model_helpers import (
+    DEFAULT_CARD,
+    START,
+    FakeEffects,
+    lifecycle_event,
+    manager,
+    other_model,
+    vector_event,
+)
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import ModelPrediction
+from pumpflow.common.keyed import StaleState
+from pumpflow.common.model.arms import Arm, ArmTable
+from pumpflow.common.model.card import vector_row
+from pumpflow.common.model.processor import ModelProcessor, ScoringPolicy, ScoringState
+from pumpflow.common.testing import base58_key
+
+MINT = base58_key("scored")
+ONE_ARM = ArmTable([Arm(name="control", model_id="entry")])
+
+
+class Token:
+    """One mint through the processor, its state stored encoded between steps."""
+
+    def __init__(self, processor: ModelProcessor, mint: str = MINT):
+        self.processor = processor
+        self.mint = mint
+        self.raw: bytes | None = None
+        self.fx = FakeEffects(mint, START)
+
+    def step(self, event, *, more: bool = False) -> list[ModelPrediction]:
+        self.fx = FakeEffects(self.mint, event.time, more=more)
+        processor = self.processor
+        state = processor.initial(self.mint) if self.raw is None else processor.decode(self.raw)
+        self.raw = processor.encode(processor.apply(state, event, self.fx))
+        return [payload for payload, _ in self.fx.emitted]
+
+
+def test_the_policy_scores_an_active_tokens_newest_vector_at_most_once_per_interval():
+    processor = ModelProcessor(manager(), ONE_ARM, policy=ScoringPolicy(min_interval_s=0.5))
+    token = Token(processor)
+    first = token.step(vector_event(MINT, START, seq=1))
+    assert [p.arm for p in first] == ["control"]
+    assert token.fx.emitted[0][1] == START  # stamped with the scored vector's event time
+    # inside the interval (event time): not scored; after it: scored
+    assert token.step(vector_event(MINT, START + 0.3, seq=2)) == []
+    assert len(token.step(vector_event(MINT, START + 0.6, seq=3))) == 1
+    # a newer vector of the token follows in the same delivery: this one is superseded
+    assert token.step(vector_event(MINT, START + 5.0, seq=4), more=True) == []
+    assert len(token.step(vector_event(MINT, START + 5.1, seq=5))) == 1
+    # another feature-set version's vector is not scored
+    assert token.step(vector_event(MINT, START + 9.0, seq=6, version="other")) == []
+    assert processor.skipped == {"interval": 1, "superseded": 1, "feature_set": 1}
+
+
+@pytest.mark.parametrize("state", ["inactive", "graduated"])
+def test_a_retired_token_is_not_scored_until_it_lives_again(state):
+    processor = ModelProcessor(manager(), ONE_ARM, policy=ScoringPolicy(retire_ttl_s=600.0))
+    token = Token(processor)
+    assert token.step(lifecycle_event(MINT, state, START)) == []
+    assert token.fx.retired == 600.0
+    assert token.step(vector_event(MINT, START + 10.0)) == []
+    assert token.fx.retired == 600.0  # the late vector loaded it: it goes again
+    token.step(lifecycle_event(MINT, "active", START + 20.0, seq=2))
+    assert len(token.step(vector_event(MINT, START + 21.0, seq=2))) == 1
+
+
+def test_a_prediction_names_model_version_arm_score_and_what_it_scored():
+    models = manager()
+    processor = ModelProcessor(models, ONE_ARM)
+    event = vector_event(MINT, START, seq=7)
+    [prediction] = Token(processor).step(event)
+    data = event.data
+    expected = models.predict_batch(
+        "entry", vector_row(data.names, data.values, DEFAULT_CARD.feature_names)[None, :]
+    )[0]
+    assert prediction.model_id == "entry" and prediction.arm == "control"
+    assert prediction.model_version == DEFAULT_CARD.version
+    assert prediction.feature_set_version == DEFAULT_CARD.feature_set_version
+    assert prediction.score == pytest.approx(expected)
+    assert prediction.source_seq == 7 and not prediction.shadow
+    assert prediction.horizon_s == DEFAULT_CARD.label.horizon_s
+    assert prediction.label == "take_profit_first"
+    assert prediction.latency_s is not None and prediction.latency_s >= 0.0
+
+
+def test_shadow_arms_score_beside_the_live_arm_marked_shadow(tmp_path):
+    models = manager(other=other_model(tmp_path))
+    arms = ArmTable([
+        Arm(name="control", model_id="entry"),
+        Arm(name="candidate", model_id="other", shadow=True),
+    ])
+    processor = ModelProcessor(models, arms)
+    predictions = Token(processor).step(vector_event(MINT, START))
+    assert [(p.arm, p.model_id, p.shadow) for p in predictions] == [
+        ("control", "entry", False), ("candidate", "other", True),
+    ]
+    assert predictions[1].model_version == models.card("other").version != DEFAULT_CARD.version
+    # the table is swapped at run time: the next vector follows the new one
+    processor.arms = arms.promote("candidate")
+    later = Token(processor, base58_key("later")).step(vector_event(base58_key("later"), START))
+    assert [(p.arm, p.shadow) for p in later] == [("candidate", False), ("control", True)]
+
+
+def test_a_batch_of_many_tokens_is_scored_in_one_call_and_equals_scoring_alone():
+    models = manager()
+    processor = ModelProcessor(models, ONE_ARM)
+    mints = [base58_key(f"batch{i}") for i in range(64)]
+    events = [vector_event(m, START + i * 0.01, seq=i + 1) for i, m in enumerate(mints)]
+    # a token's two vectors in the batch: only the newest is prepared
+    events.append(vector_event(mints[0], START + 1.0, seq=99))
+    held = {mints[1]: ScoringState(lifecycle="graduated")}
+    before = models.get_model_performance("entry").served
+    assert processor.prepare(events, held.get) == 63
+    after = models.get_model_performance("entry").served
+    assert (after.batches - before.batches, after.rows - before.rows) == (1, 63)
+    alone = ModelProcessor(manager(), ONE_ARM)
+    for event in events[2:64]:
+        [batched] = Token(processor, event.key).step(event)
+        [single] = Token(alone, event.key).step(event)
+        assert batched.score == pytest.approx(single.score, abs=1e-6)
+    # nothing was scored again for the prepared vectors
+    assert models.get_model_performance("entry").served.batches == after.batches
+
+
+def test_a_swap_between_prepare_and_apply_names_the_version_that_scored(tmp_path):
+    clock = ReplayClock(START)
+    models = manager(clock)
+    processor = ModelProcessor(models, ONE_ARM)
+    prepared, unprepared = vector_event(MINT, START), vector_event(base58_key("late"), START)
+    processor.prepare([prepared], {}.get)
+    models.load_model("entry", other_model(tmp_path, model_id="entry"), "classification")
+    swapped = models.card("entry").version
+    assert swapped != DEFAULT_CARD.version
+    [old] = Token(processor).step(prepared)
+    [new] = Token(processor, unprepared.key).step(unprepared)
+    assert (old.model_version, new.model_version) == (DEFAULT_CARD.version, swapped)
+
+
+def test_a_model_that_cannot_serve_makes_no_prediction_and_is_counted():
+    clock = ReplayClock(START)
+    processor = ModelProcessor(manager(clock), ArmTable([Arm(name="x", model_id="missing")]))
+    assert Token(processor).step(vector_event(MINT, START)) == []
+    assert processor.failed == {("missing", "UnknownModel"): 1}
+    assert processor.skipped == {"no_model": 1}
+
+
+def test_state_round_trips_and_unreadable_state_is_stale():
+    processor = ModelProcessor(manager(), ONE_ARM)
+    state = ScoringState(lifecycle="active", last_scored=START, scored=3)
+    assert processor.decode(processor.encode(state)) == state
+    assert len(processor.encode(state)) < 24
+    with pytest.raises(StaleState):
+        processor.decode(b"\xc1")
