@@ -9,13 +9,14 @@ swap continues the series, and the version serving is its own gauge.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pumpflow.common.events import ModelDrift
 from pumpflow.common.metrics import families
 from pumpflow.common.model.drift import DriftReport
+from pumpflow.common.model.performance import LabelTracker, LiveFigures
 
 
 class _Families:
@@ -46,6 +47,29 @@ class _Families:
             ["model_id", "state"],
             registry=registry,
         )
+        self.live = Gauge(
+            "pumpflow_model_live_metric",
+            "A model's performance on an arm over its last resolved labels, by metric "
+            "(auc, brier, precision, positive_rate, selected_rate, threshold; rmse, mae).",
+            ["model_id", "arm", "metric"],
+            registry=registry,
+        )
+        self.live_labels = Gauge(
+            "pumpflow_model_live_labels",
+            "Resolved labels in a model's rolling performance window on an arm.",
+            ["model_id", "arm"],
+            registry=registry,
+        )
+        self.pending_labels = Gauge(
+            "pumpflow_model_pending_labels",
+            "Predictions whose label waits for its horizon.",
+            registry=registry,
+        )
+        self.dropped_labels = Gauge(
+            "pumpflow_model_dropped_labels",
+            "Predictions whose label was dropped unresolved (too many pending).",
+            registry=registry,
+        )
 
 
 class ModelMonitorMetrics:
@@ -69,3 +93,18 @@ class ModelMonitorMetrics:
 
     def drift_transitions(self, model_id: str, state: str) -> float:
         return self._f.drift_transitions.labels(model_id, state)._value.get()
+
+    def performance(self, figures: Iterable[LiveFigures]) -> None:
+        """Set the live-performance gauges (NaN figures, like AUC of one class, skipped)."""
+        for each in figures:
+            for metric, value in each.metrics.items():
+                if not math.isnan(value):
+                    self._f.live.labels(each.model_id, each.arm, metric).set(value)
+            self._f.live_labels.labels(each.model_id, each.arm).set(each.labels)
+
+    def labels(self, tracker: LabelTracker) -> None:
+        self._f.pending_labels.set(tracker.pending)
+        self._f.dropped_labels.set(tracker.dropped)
+
+    def live(self, model_id: str, arm: str, metric: str) -> float:
+        return self._f.live.labels(model_id, arm, metric)._value.get()

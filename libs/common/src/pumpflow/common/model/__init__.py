@@ -27,6 +27,13 @@ from pumpflow.common.model.manager import (
     Prediction,
     UnknownModel,
 )
+from pumpflow.common.model.performance import (
+    LabelTracker,
+    LiveFigures,
+    ResolvedLabel,
+    RollingPerformance,
+    breakeven_threshold,
+)
 from pumpflow.common.model.registry import ModelRegistry, read_model, write_model
 
 __all__ = [
@@ -39,6 +46,8 @@ __all__ = [
     "FeatureSetMismatch",
     "HeldOut",
     "LabelDefinition",
+    "LabelTracker",
+    "LiveFigures",
     "ModelCard",
     "ModelError",
     "ModelExpired",
@@ -47,8 +56,11 @@ __all__ = [
     "ModelRegistry",
     "Prediction",
     "Preprocessing",
+    "ResolvedLabel",
+    "RollingPerformance",
     "TrainingWindow",
     "UnknownModel",
+    "breakeven_threshold",
     "decode_card",
     "encode_card",
     "prepare_inputs",

@@ -41,6 +41,23 @@ def net_multiplier(fee_rate: float) -> float:
     return (1.0 - fee_rate) / (1.0 + fee_rate)
 
 
+def barriers(entry_price, definition: LabelDefinition):
+    """Prices at which a position bought at ``entry_price`` takes profit, and stops.
+
+    Net of the fee both ways: selling at ``up`` returns ``+take_profit``, at ``down``
+    ``-stop_loss``. Works on floats and arrays alike.
+    """
+    keep = net_multiplier(definition.fee_rate)
+    up = entry_price * ((1.0 + definition.take_profit) / keep)
+    down = entry_price * ((1.0 - definition.stop_loss) / keep)
+    return up, down
+
+
+def net_return(entry_price, exit_price, fee_rate: float):
+    """Return of buying at ``entry_price`` and selling at ``exit_price``, fee both ways."""
+    return exit_price * net_multiplier(fee_rate) / entry_price - 1.0
+
+
 def label_history(
     time: np.ndarray, price: np.ndarray, definition: LabelDefinition, *, data_end: float
 ) -> np.ndarray:
@@ -54,16 +71,14 @@ def label_history(
     # trades j > i with time[j] <= time[i] + horizon
     stop = np.searchsorted(time, horizon_end, side="right")
     known = horizon_end <= data_end
-    keep = net_multiplier(definition.fee_rate)
     if definition.kind == "net_return":
         exit_price = np.where(stop > np.arange(n) + 1, price[np.maximum(stop - 1, 0)], price)
-        labels = exit_price * keep / price - 1.0
+        labels = net_return(price, exit_price, definition.fee_rate)
         labels[~known] = np.nan
         return labels
     if definition.kind != "take_profit_first":
         raise ValueError(f"unknown label kind {definition.kind!r}")
-    up = price * ((1.0 + definition.take_profit) / keep)
-    down = price * ((1.0 - definition.stop_loss) / keep)
+    up, down = barriers(price, definition)
     labels = np.where(known, 0.0, np.nan)
     # walk forward one trade at a time over the rows still open (vectorised across rows)
     rows = np.arange(n)

@@ -40,6 +40,7 @@ from pumpflow.common.model.card import (
     vector_row,
 )
 from pumpflow.common.model.metrics import auc, rmse
+from pumpflow.common.model.performance import LiveFigures
 from pumpflow.common.model.registry import ModelRegistry, read_model
 from pumpflow.common.model.runtime import ModelRuntime, ScoringSession, default_runtime
 
@@ -101,6 +102,8 @@ class ModelPerformance(msgspec.Struct, frozen=True, kw_only=True):
     #: held-out metrics from the card, beside the rule-based baseline's
     held_out: HeldOut
     served: LiveCounts
+    #: live figures per arm over the last resolved labels (empty without a live source)
+    live: dict[str, LiveFigures] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +126,11 @@ class LabelledRows:
             rows=self.rows[selected], labels=self.labels[selected], time=self.time[selected],
             token=None if self.token is None else self.token[selected], source=self.source,
         )
+
+
+class LivePerformance(Protocol):
+    def by_arm(self, model_id: str) -> Mapping[str, LiveFigures]:
+        """A model's live figures on each arm (a RollingPerformance)."""
 
 
 class Refitter(Protocol):
@@ -189,6 +197,7 @@ class ModelManager:
         update_held_out_share: float = 0.3,
         registry: ModelRegistry | None = None,
         timer: Callable[[], float] = _time.perf_counter,
+        live_performance: LivePerformance | None = None,
     ):
         self.event_bus = event_bus
         #: anything with ``version`` (the live feature-set version), a FeatureManager
@@ -201,6 +210,8 @@ class ModelManager:
         self.update_held_out_share = update_held_out_share
         #: where a refitted model that was swapped in is stored (None: kept in memory)
         self.registry = registry
+        #: where get_model_performance reads live figures from (None: card figures only)
+        self.live_performance = live_performance
         self._models: dict[str, ServedModel] = {}
         self._counts: dict[str, _Counts] = {}
         #: every update decided, swapped or not, per model id (oldest first)
@@ -393,9 +404,12 @@ class ModelManager:
         return result
 
     def get_model_performance(self, model_id: str) -> ModelPerformance:
-        """The card's held-out metrics and baseline, and what the model has scored."""
+        """The card's held-out metrics and baseline, what the model has scored, and its
+        live figures per arm when a live source (a RollingPerformance) was given."""
         served = self._served(model_id)
         counts = self._counts[model_id]
+        live = self.live_performance
+
         return ModelPerformance(
             model_id=model_id,
             version=served.card.version,
@@ -403,6 +417,7 @@ class ModelManager:
             held_out=served.card.held_out,
             served=LiveCounts(batches=counts.batches, rows=counts.rows,
                               scoring_s=counts.seconds),
+            live=dict(live.by_arm(model_id)) if live is not None else {},
         )
 
 

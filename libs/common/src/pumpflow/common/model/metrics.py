@@ -1,4 +1,4 @@
-"""Metrics of scores against labels: AUC, Brier score, RMSE, MAE."""
+"""Metrics of scores against labels: AUC, Brier score, precision, RMSE, MAE."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def brier(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean((np.asarray(probabilities, np.float64) - labels) ** 2))
+
+
+def precision_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """Share of positives among the rows scored at or above ``threshold``; NaN if none."""
+    chosen = np.asarray(scores, np.float64) >= threshold
+    if not chosen.any():
+        return math.nan
+    return float(np.mean(np.asarray(labels, np.float64)[chosen]))
 
 
 def rmse(targets: np.ndarray, predictions: np.ndarray) -> float:
