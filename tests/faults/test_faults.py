@@ -58,9 +58,10 @@ def assert_recovered(recovery: float) -> None:
     assert recovery <= RECOVERY_BOUND_S, f"recovered after {recovery:.1f} s"
 
 
-async def run(pipeline, fault, report, *, may_lose: bool = False):
-    """Start, let BEFORE events through, inject ``fault``, AFTER more, finish; the ledger."""
-    await pipeline.start()
+async def run(pipeline, fault, report, *, may_lose: bool = False, late: tuple[str, ...] = ()):
+    """Start (``late`` services once the feed stored some events), let BEFORE events
+    through, inject ``fault``, AFTER more, finish; the ledger."""
+    await pipeline.start(late=late)
     await pipeline.until_recorded(BEFORE)
     recovery = await fault(pipeline)
     await pipeline.until_recorded(AFTER)
@@ -85,6 +86,12 @@ async def test_kill_9_features_loses_nothing_and_applies_nothing_twice(make_pipe
 async def test_kill_9_activity_loses_nothing_and_applies_nothing_twice(make_pipeline, report):
     pipeline = await make_pipeline()
     await run(pipeline, lambda p: p.kill_and_restart("activity"), report)
+
+
+async def test_consumers_started_after_the_feed_lose_nothing(make_pipeline, report):
+    # their queues were declared by the feed's process as it connected (runtime.topology)
+    pipeline = await make_pipeline()
+    await run(pipeline, lambda p: p.flowing(), report, late=("features", "activity"))
 
 
 @pytest.mark.fault

@@ -379,6 +379,45 @@ async def test_a_consumer_restarted_mid_stream_loses_nothing(harness, service, w
         assert sorted(set(seqs)) == list(range(1, 61))
 
 
+async def test_a_declared_group_gets_what_was_published_before_it_subscribed(harness, service):
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    await publisher.declare(service, ("token.*",))
+    sent = [trade_event(f"mint{i % 4}", i // 4 + 1) for i in range(40)]
+    await publisher.publish_many(sent)
+    got = Recorder()
+    await consumer.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    await eventually(lambda: len(got.events) >= len(sent))
+    assert sorted(got.ids) == sorted(e.id for e in sent)
+    for key in {e.key for e in sent}:
+        assert [e.seq for e in got.events if e.key == key] == list(range(1, 11))
+
+
+async def test_an_undeclared_group_misses_what_was_published_before_it_subscribed(
+    harness, service
+):
+    # the loss that declaring prevents: nothing holds what no queue was bound for
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    await publisher.publish(trade_event("early", 1))
+    got = Recorder()
+    await consumer.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    await publisher.publish(trade_event("early", 2))
+    await eventually(lambda: len(got.events) == 1)
+    await publisher.publish(trade_event("early", 3))
+    await eventually(lambda: len(got.events) == 2)
+    assert [e.seq for e in got.events] == [2, 3]
+
+
+async def test_subscribing_to_less_than_the_group_declares_is_refused(bus, service):
+    await bus.declare(service, ("token.*",))
+    narrow = Subscription(service=service, patterns=("token.trade",), handler=Recorder())
+    with pytest.raises(ValueError, match="token.created"):
+        await bus.subscribe(narrow)
+    wider = Subscription(service=service, patterns=("token.*", "features.*"), handler=Recorder())
+    await bus.subscribe(wider)
+
+
 async def test_broadcast_reaches_every_replica(harness, service):
     bus = await harness.bus()
     replicas = [Recorder(), Recorder(), Recorder()]

@@ -136,6 +136,16 @@ class EventSubscriber(ABC):
     """Delivers events to handlers."""
 
     @abstractmethod
+    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
+        """Declare ``service``'s shared queues for ``patterns``, without consuming them.
+
+        What is published from then on waits there for the service's first replica. A
+        broker routes a message only to the queues bound when it is published, so a
+        consumer group that starts after its publisher loses what came before unless
+        its queues were declared first (see :mod:`pumpflow.common.runtime.topology`).
+        """
+
+    @abstractmethod
     async def subscribe(self, subscription: Subscription) -> None:
         """Declare the service's queues and start delivering to its handler."""
 

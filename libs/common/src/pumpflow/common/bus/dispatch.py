@@ -75,11 +75,35 @@ class Bindings:
 
     @classmethod
     def of(cls, subscription: Subscription) -> Bindings:
-        schemas = resolve_types(subscription.patterns, subscription.version)
+        return cls.of_patterns(subscription.patterns, subscription.version)
+
+    @classmethod
+    def of_patterns(cls, patterns: tuple[str, ...], version: int) -> Bindings:
+        schemas = resolve_types(patterns, version)
         return cls(
             partition=tuple(s.TYPE for s in schemas if not s.CRITICAL),
             critical=tuple(s.TYPE for s in schemas if s.CRITICAL),
-            version=subscription.version,
+            version=version,
+        )
+
+
+def check_declared(service: str, declared: Bindings | None, subscribed: Bindings) -> None:
+    """Raise unless a subscription takes every type its service's queues were declared for.
+
+    The queues are the group's, not the replica's: a type bound to them that the handler
+    does not take would reach it anyway.
+    """
+    if declared is None:
+        return
+    extra = sorted(
+        {*declared.partition, *declared.critical} - {*subscribed.partition, *subscribed.critical}
+    )
+    if extra or declared.version != subscribed.version:
+        raise ValueError(
+            f"{service} subscribes to v{subscribed.version} of "
+            f"{sorted({*subscribed.partition, *subscribed.critical})} but its queues were "
+            f"declared for v{declared.version} of {extra or 'other types'}: declare what it "
+            "consumes (pumpflow.common.runtime.topology)"
         )
 
 

@@ -44,6 +44,7 @@ from pumpflow.common.bus.dispatch import (
     Bindings,
     Dispatcher,
     HandedBack,
+    check_declared,
     check_publishable,
     publish_lane,
 )
@@ -203,6 +204,8 @@ class InMemoryBus(EventBus):
         self.source = source
         self.event_log = event_log or EventLog("none")
         self._groups: dict[str, _Group] = {}
+        #: consumer groups declared before subscribing, by service
+        self._declared: dict[str, Bindings] = {}
         self._dead: dict[str, deque[DeadLetter]] = {}
         #: (type, version) -> [(group, critical?)]; rebuilt when bindings change
         self._routes: dict[tuple[str, int], list[tuple[_Group, bool]]] = {}
@@ -281,15 +284,26 @@ class InMemoryBus(EventBus):
 
     # ---------------------------------------------------------------- subscribing
 
-    async def subscribe(self, subscription: Subscription) -> None:
-        await notify_assigned(subscription, self.partitions)
-        group = self._groups.get(subscription.service)
+    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
+        bindings = self._declared[service] = Bindings.of_patterns(patterns, version)
+        self._bind(service, bindings)
+
+    def _bind(self, service: str, bindings: Bindings) -> _Group:
+        group = self._groups.get(service)
         if group is None:
-            group = self._groups[subscription.service] = _Group(self, subscription.service)
-        bindings = Bindings.of(subscription)
+            group = self._groups[service] = _Group(self, service)
         version = bindings.version
         group.partition_types.update((t, version) for t in bindings.partition)
         group.critical_types.update((t, version) for t in bindings.critical)
+        self._routes.clear()
+        return group
+
+    async def subscribe(self, subscription: Subscription) -> None:
+        await notify_assigned(subscription, self.partitions)
+        bindings = Bindings.of(subscription)
+        check_declared(subscription.service, self._declared.get(subscription.service), bindings)
+        version = bindings.version
+        group = self._bind(subscription.service, bindings)
         service = subscription.service
         replica = _Replica(
             subscription=subscription,
@@ -301,7 +315,6 @@ class InMemoryBus(EventBus):
         )
         group.replicas.append(replica)
         group.assign()
-        self._routes.clear()
         await self._resume(group)
 
     def _detach(self, subscription: Subscription) -> tuple[_Group, _Replica] | None:

@@ -494,6 +494,9 @@ class BalancedBus(EventBus):
 
     # ---------------------------------------------------------------- subscribing
 
+    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
+        await self.inner.declare(service, patterns, version=version)
+
     async def subscribe(self, subscription: Subscription) -> None:
         if not balanced(subscription):
             await self.inner.subscribe(subscription)

@@ -87,6 +87,7 @@ from pumpflow.common.bus.dispatch import (
     PARTITION,
     Bindings,
     Dispatcher,
+    check_declared,
     check_publishable,
     publish_lane,
 )
@@ -217,6 +218,8 @@ class RabbitMQBus(EventBus):
         self._consumers: list[_Consumer] = []
         self._dlqs: dict[str, AbstractQueue] = {}
         self._queues: set[str] = set()
+        #: consumer groups declared here, by service
+        self._declared: dict[str, Bindings] = {}
         self._published: dict[tuple[str, bool], Series] = {}
         self._consuming = False
         self._replicas = 0
@@ -603,54 +606,77 @@ class RabbitMQBus(EventBus):
             self._dlqs[service] = queue
         return queue
 
-    async def subscribe(self, subscription: Subscription) -> None:
+    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
         if self._channel is None:
-            raise RuntimeError("start the bus before subscribing")
-        await notify_assigned(subscription, self.partitions)
-        service = subscription.service
-        bindings = Bindings.of(subscription)
-        version = bindings.version
+            raise RuntimeError("start the bus before declaring")
+        bindings = self._declared[service] = Bindings.of_patterns(patterns, version)
+        await self._declare_shared(service, bindings)
+
+    async def _declare_shared(
+        self, service: str, bindings: Bindings
+    ) -> list[tuple[str, str, int | None]]:
+        """The service's durable queues and their bindings: (queue, lane, partition) each."""
         await self._declare_dlq(service)
-        channel = self._channel
-        plans: list[tuple[str, str, list[str], bool, bool, int | None]] = []
-        # (queue, lane, routing keys, durable/shared, consumed by this replica, partition)
-        # each subscription is a replica, even several on one bus object
-        self._replicas += 1
-        replica = f"{self.replica_id}-{self._replicas}"
-        wanted = subscription.partitions
+        version = bindings.version
+        plans: list[tuple[str, str, list[str], int | None]] = []
         for p in range(self.partitions):
             keys = [routing_key(t, version, p) for t in bindings.partition]
-            consumed = wanted is None or p in wanted
-            name = self._name(partition_queue(service, p))
-            plans.append((name, PARTITION, keys, True, consumed, p))
+            plans.append((self._name(partition_queue(service, p)), PARTITION, keys, p))
         if bindings.critical:
             keys = [
                 routing_key(t, version, p)
                 for t in bindings.critical
                 for p in range(self.partitions)
             ]
-            plans.append((self._name(critical_queue(service)), CRITICAL, keys, True, True, None))
+            plans.append((self._name(critical_queue(service)), CRITICAL, keys, None))
+        declared = []
+        for name, lane, keys, partition in plans:
+            await self._declare_bound(name, keys, service, shared=True)
+            declared.append((name, lane, partition))
+        return declared
+
+    async def _declare_bound(
+        self, name: str, keys: list[str], service: str, *, shared: bool
+    ) -> None:
+        assert self._channel is not None
+        queue = await self._channel.declare_queue(
+            name,
+            durable=shared,
+            auto_delete=not shared,
+            arguments=self._queue_arguments(service, single_active=shared),
+        )
+        self._queues.add(name)
+        for key in keys:
+            await queue.bind(self.exchange_name, routing_key=key)
+
+    async def subscribe(self, subscription: Subscription) -> None:
+        if self._channel is None:
+            raise RuntimeError("start the bus before subscribing")
+        await notify_assigned(subscription, self.partitions)
+        service = subscription.service
+        bindings = Bindings.of(subscription)
+        check_declared(service, self._declared.get(service), bindings)
+        version = bindings.version
+        # each subscription is a replica, even several on one bus object
+        self._replicas += 1
+        replica = f"{self.replica_id}-{self._replicas}"
+        wanted = subscription.partitions
+        consumed: list[tuple[str, str, int | None]] = []
+        for name, lane, partition in await self._declare_shared(service, bindings):
+            if lane == CRITICAL or wanted is None or partition in wanted:
+                consumed.append((name, lane, partition))
+        own = []
         if bindings.partition:
             keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.partition]
-            name = self._name(service, "bcast", replica)
-            plans.append((name, BROADCAST, keys, False, True, None))
+            own.append((self._name(service, "bcast", replica), BROADCAST, keys))
         if bindings.critical:
             keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.critical]
-            name = self._name(service, "critical", replica)
-            plans.append((name, CRITICAL, keys, False, True, None))
-
-        for name, lane, keys, shared, consumed, partition in plans:
-            queue = await channel.declare_queue(
-                name,
-                durable=shared,
-                auto_delete=not shared,
-                arguments=self._queue_arguments(service, single_active=shared),
-            )
-            self._queues.add(name)
-            for key in keys:
-                await queue.bind(self.exchange_name, routing_key=key)
-            if consumed:
-                await self._consume(name, lane, subscription, partition)
+            own.append((self._name(service, "critical", replica), CRITICAL, keys))
+        for name, lane, keys in own:
+            await self._declare_bound(name, keys, service, shared=False)
+            consumed.append((name, lane, None))
+        for name, lane, partition in consumed:
+            await self._consume(name, lane, subscription, partition)
 
     async def consume_partitions(
         self, subscription: Subscription, partitions: Iterable[int]

@@ -21,6 +21,7 @@ from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.routing import DEFAULT_PARTITIONS
 from pumpflow.common.clock import Clock
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.topology import CONSUMER_GROUPS, declare_groups
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 
@@ -88,6 +89,8 @@ async def run_embedded(
     if len(set(names)) != len(names):
         raise ValueError(f"each embedded service needs its own name, got {names}")
     await bus.start()
+    # the groups run here, declared before any of them starts publishing
+    await declare_groups(bus, {n: p for n, p in CONSUMER_GROUPS.items() if n in names})
     started: list[Service] = []
     try:
         for service in built:

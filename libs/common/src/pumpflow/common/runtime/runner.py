@@ -177,11 +177,19 @@ async def _connect(
     from dataclasses import replace
 
     from pumpflow.common.bus.factory import create_bus
+    from pumpflow.common.runtime.topology import declare_groups, groups_of
     from pumpflow.common.runtime.wiring import bus_config
 
     # one try per attempt: the start-up policy owns the retrying
     bus = wired.bus = create_bus(replace(bus_config(settings), connect_attempts=1))
-    reaching = [startup.reach(settings.transport, bus.start)]
+    groups = groups_of(settings.consumer_group_names)
+
+    async def start_bus() -> None:
+        await bus.start()
+        # before the service starts: nothing it publishes may precede its consumers' queues
+        await declare_groups(bus, groups)
+
+    reaching = [startup.reach(settings.transport, start_bus)]
     balanced = settings.transport == "rabbitmq" and settings.balance_partitions
     if service_cls.needs_store or balanced:
         from pumpflow.common.state.redis import RedisStateStore

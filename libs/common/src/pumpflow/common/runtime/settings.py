@@ -66,6 +66,12 @@ class CommonSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         3.0, gt=0, description="a replica silent this long is dead; others take its partitions"
     )
+    consumer_groups: str | None = Field(
+        None,
+        description="consumer groups the deployment runs, comma-separated (unset: all): "
+        "their queues are declared as each process connects, so nothing published "
+        "before a group starts is lost; a declared group must run, or its queues grow",
+    )
 
     @field_validator("heartbeat_ttl_s")
     @classmethod
@@ -74,6 +80,13 @@ class CommonSettings(BaseSettings):
         if interval is not None and value <= interval:
             raise ValueError(f"must be above heartbeat_interval_s ({interval})")
         return value
+
+    @property
+    def consumer_group_names(self) -> list[str] | None:
+        """``consumer_groups`` as names (None: every group)."""
+        if self.consumer_groups is None:
+            return None
+        return [name.strip() for name in self.consumer_groups.split(",") if name.strip()]
 
     @property
     def source(self) -> str:

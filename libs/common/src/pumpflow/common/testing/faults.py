@@ -283,8 +283,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- running
 
-    async def start(self, *, within: float = 90.0) -> None:
-        """Tap the bus, start the simulator and every service; return once all are ready."""
+    async def start(
+        self, *, within: float = 90.0, late: tuple[str, ...] = (), late_after: int = 200
+    ) -> None:
+        """Tap the bus, start the simulator and every service; return once all are ready.
+
+        The services in ``late`` start only once the feed stored ``late_after`` events.
+        """
         from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
         self.stack.configure(PUMPPORTAL_WS_URL=f"ws://127.0.0.1:{self.sim_port}/api/data")
@@ -302,7 +307,12 @@ class Pipeline:
             "simulator", *self.market.argv(self.sim_port, self.sent_log, self.sim_stats)
         )
         for service in SERVICES:
-            self.serve(service)
+            if service not in late:
+                self.serve(service)
+        if late:
+            await self.until_recorded(late_after)
+            for service in late:
+                self.serve(service)
         await self.until_ready(within)
 
     def serve(self, service: str) -> None:

@@ -1,0 +1,52 @@
+"""The consumer groups of the deployment and what each consumes, declared before publishing.
+
+A broker routes a message only to the queues bound when it is published: an event
+published before its consumer group's queues exist is dropped, and publisher confirms
+confirm it all the same. Services start in any order (``docker compose up``, a
+restarted host), so a feed that connects a moment before features would lose the first
+events of the first mints for it, for good. Every process therefore declares the shared
+queues of every consumer group of the deployment as it connects, before its service
+starts; what is published then waits in them for the group's first replica.
+
+A declared group must run: its queues hold everything published for it until it does.
+``CommonSettings.consumer_groups`` names the groups a deployment runs (all of these by
+default). A service subscribing to less than its group declares is refused, since the
+group's queues would hand it the rest.
+
+Keyless commands (``feed.subscription``) travel on per-replica broadcast queues that
+cannot be declared ahead of their replica; their consumers rebuild what they missed
+(the feed keeps its wanted mints in the store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from pumpflow.common.activity import CONSUMES as ACTIVITY_CONSUMES
+from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.features.processor import CONSUMES as FEATURES_CONSUMES
+
+#: consumer group (service name) -> the event-type patterns it consumes
+CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
+    "features": FEATURES_CONSUMES,
+    "activity": ACTIVITY_CONSUMES,
+}
+
+
+def groups_of(names: Iterable[str] | None) -> dict[str, tuple[str, ...]]:
+    """The groups among ``names`` (None: every group); an unknown name is an error."""
+    if names is None:
+        return dict(CONSUMER_GROUPS)
+    chosen = list(names)
+    unknown = sorted(set(chosen) - set(CONSUMER_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"unknown consumer groups {unknown}: the groups are {sorted(CONSUMER_GROUPS)}"
+        )
+    return {name: CONSUMER_GROUPS[name] for name in chosen}
+
+
+async def declare_groups(bus: EventBus, groups: Mapping[str, tuple[str, ...]]) -> None:
+    """Declare ``groups``' shared queues on ``bus`` (idempotent)."""
+    for service, patterns in groups.items():
+        await bus.declare(service, patterns)
