@@ -1,4 +1,4 @@
-"""Features and activity embedded together, on a synchronous bus and a queued one.
+"""Features, activity and model embedded together, on a synchronous bus and a queued one.
 
 On a synchronous bus every handler runs inside the publish that reaches it: features
 publishes an update inside its commit, activity answers with a lifecycle event that
@@ -17,6 +17,7 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector
 from pumpflow.features.service import FeaturesService
+from pumpflow.model.service import ModelService
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -32,10 +33,10 @@ async def test_features_and_activity_run_together(synchronous):
     #: mint -> seq of its last trade or creation: the newest vector announced of it
     last = {e.key: e.seq for e in events if e.type in ("token.created", "token.trade")}
     async with run_embedded(
-        [FeaturesService, ActivityService], clock=clock, synchronous=synchronous
+        [FeaturesService, ActivityService, ModelService], clock=clock, synchronous=synchronous
     ) as system:
         seen = await EventCollector("seen").attach(
-            system.bus, "features.updated", "token.lifecycle"
+            system.bus, "features.updated", "token.lifecycle", "model.prediction"
         )
 
         async def replay() -> None:
@@ -59,3 +60,6 @@ async def test_features_and_activity_run_together(synchronous):
         # every token went quiet: all retired from both services' memory
         assert len(system["activity"].consumer) == 0
         assert len(system["features"].consumer) == 0
+        assert len(system["model"].consumer) == 0
+        # every token was scored: its first vector at least
+        assert {e.key for e in seen.of("model.prediction")} == set(last)

@@ -154,7 +154,7 @@ def _summary_counts(stdout: str) -> dict[str, int]:
     assert summary.startswith("run over:"), stdout[-2000:]
     return {
         name: int(re.search(rf"(\d+) {name}", summary)[1])
-        for name in ("tokens", "trades", "feature updates", "lifecycle changes")
+        for name in ("tokens", "trades", "feature updates", "predictions", "lifecycle changes")
     }
 
 
@@ -167,7 +167,7 @@ def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by
         timeout=90,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "services: feed, features, activity" in result.stdout
+    assert "services: feed, features, activity, model" in result.stdout
     status = [line for line in result.stdout.splitlines() if "trade subscriptions" in line]
     assert len(status) >= 2
     counts = _summary_counts(result.stdout)
@@ -178,6 +178,8 @@ def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by
     # are announced once, by the last; it may lag the last few at shutdown)
     assert counts["feature updates"] >= counts["tokens"] * 0.9
     assert counts["lifecycle changes"] >= counts["tokens"]
+    # the model scores a token's first vector at least, unless it was retired by then
+    assert counts["predictions"] >= counts["tokens"] * 0.5
 
 
 def test_run_stops_cleanly_on_ctrl_c():

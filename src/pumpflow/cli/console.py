@@ -14,6 +14,7 @@ from pumpflow.common.events import (
     Event,
     FeaturesUpdated,
     FeedSubscription,
+    ModelPrediction,
     TokenCreated,
     TokenLifecycle,
     TokenMigrated,
@@ -29,6 +30,7 @@ _WATCHED = (
     "token.lifecycle",
     "features.updated",
     "feed.subscription",
+    "model.prediction",
 )
 _SHOWN_FEATURES = ("market_cap_sol", "curve_progress", "trades_per_minute", "return_60s")
 
@@ -38,6 +40,8 @@ class _Token:
     symbol: str
     state: str = "new"
     features: dict[str, float] = field(default_factory=dict)
+    #: the live arm's latest score
+    score: float | None = None
 
 
 class Console:
@@ -108,6 +112,10 @@ class Console:
             token = self.tokens.get(data.mint)
             if token is not None:
                 token.features = dict(zip(data.names, data.values, strict=True))
+        elif isinstance(data, ModelPrediction) and not data.shadow:
+            token = self.tokens.get(data.mint)
+            if token is not None:
+                token.score = data.score
         elif isinstance(data, FeedSubscription) and data.action == "unsubscribe":
             self.unsubscribed += len(data.mints)
 
@@ -142,7 +150,9 @@ class Console:
                 f"    {token.symbol:<10} mcap {f.get('market_cap_sol', 0):7.1f} SOL  "
                 f"curve {f.get('curve_progress', 0):6.1%}  "
                 f"{f.get('trades_per_minute', 0):5.0f} trades/min  "
-                f"60s {f.get('return_60s', 0):+7.1%}  [{token.state}]"
+                f"60s {f.get('return_60s', 0):+7.1%}  "
+                + ("" if token.score is None else f"score {token.score:.2f}  ")
+                + f"[{token.state}]"
             )
         return lines
 
@@ -159,7 +169,8 @@ class Console:
             f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "
             f"{self.counts['token.created']} tokens, {self.counts['token.trade']} trades, "
             f"{len(self.graduated)} graduated; {self.counts['features.updated']} feature "
-            f"updates; {self.counts['token.lifecycle']} lifecycle changes; "
+            f"updates; {self.counts['model.prediction']} predictions; "
+            f"{self.counts['token.lifecycle']} lifecycle changes; "
             f"{self.unsubscribed} trade subscriptions dropped for inactivity; "
             f"at most {self.max_subscribed} subscribed at once"
         )

@@ -1,7 +1,7 @@
 """``pumpflow run``: the whole system in one process on a simulated market.
 
-The simulator serves PumpPortal's protocol on a local socket; the feed, features and
-activity services run embedded over the in-memory bus and store, on a clock that runs
+The simulator serves PumpPortal's protocol on a local socket; the feed, features,
+activity and model services run embedded over the in-memory bus and store, on a clock that runs
 ``--speed`` times faster than the wall so the simulator and the services agree on
 event time. A console subscriber prints what flows. No servers are needed.
 """
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run pumpflow embedded on a simulated market (one process, no servers)",
         description=(
-            "Run the simulator, feed, features and activity services in one process over "
+            "Run the simulator, feed, features, activity and model services in one process over "
             "the in-memory bus, and print the market as it flows. Ctrl-C stops cleanly."
         ),
     )
@@ -78,6 +78,7 @@ async def run_embedded_market(
     from pumpflow.common.runtime.embedded import run_embedded
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
+    from pumpflow.model.service import ModelService
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
 
@@ -97,7 +98,7 @@ async def run_embedded_market(
             )
         )
         async with run_embedded(
-            [feed, FeaturesService, ActivityService], clock=clock
+            [feed, FeaturesService, ActivityService, ModelService], clock=clock
         ) as system:
             console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
             await console.attach()

@@ -284,6 +284,7 @@ class KeyedStatefulConsumer(Generic[S]):
         priority_hint: Callable[[Event], int | None] | None = None,
         on_published: Callable[[Sequence[Event]], None] | None = None,
         metrics: ConsumerMetrics | None = None,
+        prepare: Callable[[Sequence[Event]], None] | None = None,
     ):
         self.processor = processor
         self.config = config
@@ -295,6 +296,10 @@ class KeyedStatefulConsumer(Generic[S]):
         self._priority_hint = priority_hint
         #: told what went out, once confirmed (a service counts what it published)
         self._on_published = on_published
+        #: told each delivery (a batch, or one event) before its keys' work is queued:
+        #: work across keys is done there at once (one model call for many tokens); it
+        #: reads state, never changes it
+        self._prepare = prepare
         self.metrics = metrics or ConsumerMetrics(config.service)
         self.pool = TokenMonitorThreadPool(
             WorkerPoolConfig(
@@ -404,6 +409,8 @@ class KeyedStatefulConsumer(Generic[S]):
         key = event.key
         if key is None:
             raise InvalidInput(f"{event.type} has no key")
+        if self._prepare is not None:
+            self._prepare((event,))
         entry = self._keys.get(key)
         priority = entry.priority if entry is not None else Priority.NORMAL
         if self._priority_hint is not None:
@@ -437,6 +444,8 @@ class KeyedStatefulConsumer(Generic[S]):
                 by_key[key] = [event]
             else:
                 mine.append(event)
+        if self._prepare is not None:
+            self._prepare(events)
         batch = _Batch(self, asyncio.get_running_loop().create_future(), len(by_key))
         hint = self._priority_hint
         for key, mine in by_key.items():

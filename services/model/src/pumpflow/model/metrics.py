@@ -1,0 +1,102 @@
+"""Metrics of the model service, on an injected registry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pumpflow.common.metrics import families
+
+#: scores are probabilities (classification); a regression's returns fall in the ends
+_SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+class _Families:
+    def __init__(self, registry: CollectorRegistry):
+        self.predictions = Counter(
+            "pumpflow_model_predictions",
+            "model.prediction events published, by arm, model id, version and shadow",
+            ["arm", "model_id", "version", "shadow"],
+            registry=registry,
+        )
+        self.scores = Histogram(
+            "pumpflow_model_score",
+            "Scores published, by arm",
+            ["arm"],
+            buckets=_SCORE_BUCKETS,
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "pumpflow_model_vectors_skipped",
+            "features.updated not scored, by reason of the scoring policy",
+            ["reason"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "pumpflow_model_prediction_failures",
+            "Predictions an arm's model could not make (not loaded, expired), by model and error",
+            ["model_id", "error"],
+            registry=registry,
+        )
+        self.batch_rows = Counter(
+            "pumpflow_model_batched_rows",
+            "Vectors scored ahead in delivery batches (one model call per batch and model)",
+            registry=registry,
+        )
+        self.arm_share = Gauge(
+            "pumpflow_model_arm_share",
+            "Expected share of live tokens of each arm (0 for a shadow arm)",
+            ["arm", "model_id", "shadow"],
+            registry=registry,
+        )
+        self.serving = Gauge(
+            "pumpflow_model_serving",
+            "The model version served under each model id (1)",
+            ["model_id", "version"],
+            registry=registry,
+        )
+
+
+class ModelServiceMetrics:
+    """Per-arm predictions and scores, skipped vectors, arm shares, versions served."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None):
+        self._f = families("model", _Families, registry)
+        self._skipped: dict[str, int] = {}
+        self._failed: dict[tuple[str, str], int] = {}
+        self._batched = 0
+
+    def predicted(self, arm: str, model_id: str, version: str, shadow: bool, score: float) -> None:
+        self._f.predictions.labels(arm, model_id, version, "true" if shadow else "false").inc()
+        self._f.scores.labels(arm).observe(score)
+
+    def predictions(self, arm: str, model_id: str, version: str, shadow: bool = False) -> float:
+        labels = (arm, model_id, version, "true" if shadow else "false")
+        return self._f.predictions.labels(*labels)._value.get()
+
+    def sync(
+        self, skipped: Mapping[str, int], failed: Mapping[tuple[str, str], int], batched: int
+    ) -> None:
+        """Advance the counters to the processor's running totals."""
+        for reason, total in skipped.items():
+            if total > self._skipped.get(reason, 0):
+                self._f.skipped.labels(reason).inc(total - self._skipped.get(reason, 0))
+                self._skipped[reason] = total
+        for key, total in failed.items():
+            if total > self._failed.get(key, 0):
+                self._f.failed.labels(*key).inc(total - self._failed.get(key, 0))
+                self._failed[key] = total
+        if batched > self._batched:
+            self._f.batch_rows.inc(batched - self._batched)
+            self._batched = batched
+
+    def arms(self, shares: list[tuple[str, str, bool, float]]) -> None:
+        self._f.arm_share.clear()
+        for arm, model_id, shadow, share in shares:
+            self._f.arm_share.labels(arm, model_id, "true" if shadow else "false").set(share)
+
+    def serving(self, versions: Mapping[str, str]) -> None:
+        self._f.serving.clear()
+        for model_id, version in versions.items():
+            self._f.serving.labels(model_id, version).set(1)

@@ -1,0 +1,461 @@
+"""The model service: feature vectors in, ``model.prediction`` out, A/B arms, drift.
+
+The :class:`~pumpflow.common.model.processor.ModelProcessor` (the scoring policy and
+the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsumer`:
+
+- Consumes ``features.updated`` (the vector is in the event) and ``token.lifecycle``;
+  publishes one ``model.prediction`` per arm scoring a token (live arm, then shadows),
+  keyed by mint, sequenced per mint, caused by the vector's event.
+- Each delivered batch is prepared before its tokens' work runs: the vectors the policy
+  will score are scored in one onnxruntime call per model, on the event loop (a
+  batch of a few hundred rows takes about a millisecond: a thread hop would cost
+  more than it frees, see docs/benchmarks.md). Every vector of the live feature set
+  also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
+  whose transitions go out as ``model.drift``.
+- The serving (which model file under which id, the arm table) is shared by the
+  replicas through the state store (``model:serving``): a change through the HTTP API
+  is applied at once here, stored, and followed by the other replicas within
+  ``model_serving_refresh_s``. No restart, and no delivery is dropped: a table or a
+  model is swapped whole between two tokens' steps.
+- HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``GET /arms``,
+  ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
+  ``GET /models/{id}/performance``, ``GET /models/{id}/drift``, ``GET /scoring``.
+  Mutating routes need the bearer token (``PUMPFLOW_API_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
+from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_event
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.model import CardError, ModelError, ModelManager
+from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
+from pumpflow.common.model.card import Task, vector_row
+from pumpflow.common.model.drift import DriftMonitor
+from pumpflow.common.model.processor import ModelProcessor, ScoringState
+from pumpflow.common.model_metrics import ModelMonitorMetrics
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.metrics import ModelServiceMetrics
+from pumpflow.model.settings import ModelSettings
+
+log = logging.getLogger("pumpflow.model")
+
+#: the store key of the serving all replicas follow
+SERVING_KEY = "model:serving"
+
+
+class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a model id's file is, and its task."""
+
+    path: str
+    task: Task = "classification"
+    #: the serving revision that loaded it (the same path loaded again is a new file)
+    loaded: int = 0
+
+
+class Serving(msgspec.Struct, frozen=True, kw_only=True):
+    """What the replicas serve: the models by id and the arm table. Newer revision wins."""
+
+    revision: int = 0
+    models: dict[str, ModelSource]
+    arms: tuple[Arm, ...]
+    salt: str = DEFAULT_SALT
+
+    def table(self) -> ArmTable:
+        return ArmTable(self.arms, salt=self.salt, revision=self.revision)
+
+
+_encode_serving = msgspec.json.Encoder().encode
+_decode_serving = msgspec.json.Decoder(Serving).decode
+
+
+class ServingError(ValueError):
+    """A serving change that cannot be made; ``status`` is its HTTP answer."""
+
+    def __init__(self, message: str, *, status: int = 409):
+        self.status = status
+        super().__init__(message)
+
+
+class ModelService(Service):
+    """Score tokens' feature vectors with the arms' models; publish predictions and drift."""
+
+    name: ClassVar[str] = "model"
+    settings_class: ClassVar[type[ModelSettings]] = ModelSettings
+    needs_store: ClassVar[bool] = True
+
+    settings: ModelSettings
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        manager: ModelManager | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        super().__init__(settings)
+        self._manager = manager
+        self._registry = registry
+        self.metrics = ModelServiceMetrics(registry=registry)
+        self.monitor_metrics = ModelMonitorMetrics(registry=registry)
+        self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
+        self.processor: ModelProcessor | None = None
+        self.consumer: KeyedStatefulConsumer[ScoringState] | None = None
+        self.serving: Serving | None = None
+        self.drift: dict[str, DriftMonitor] = {}
+        #: what each model id was loaded from here
+        self._sources: dict[str, ModelSource] = {}
+        self._drift_out: list[ModelDrift] = []
+        self._ctx: ServiceContext | None = None
+        self._changing = asyncio.Lock()
+        self._loops: list[asyncio.Task] = []
+
+    @property
+    def manager(self) -> ModelManager:
+        assert self._manager is not None, "the service has not started"
+        return self._manager
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        if self._manager is None:
+            self._manager = ModelManager(ctx.bus, FeatureManager(), clock=ctx.clock)
+        stored = await self._stored_serving()
+        serving = stored if stored is not None else self._configured_serving()
+        # a model that cannot be served (another feature set, expired) stops the start
+        self._apply(serving)
+        self.processor = ModelProcessor(
+            self.manager, serving.table(), policy=self.settings.policy()
+        )
+        self.consumer = ctx.keyed_consumer(
+            self.processor,
+            self.settings.consumer_config(self.name),
+            prepare=self._prepare,
+            on_published=self._count,
+            metrics=self.consumer_metrics,
+        )
+        self._publish_arms()
+        await self.consumer.start()
+        self._loops = [
+            asyncio.create_task(self._serving_loop(), name="model-serving"),
+            asyncio.create_task(self._drift_loop(), name="model-drift"),
+        ]
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        for loop in self._loops:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        self._loops = []
+        with contextlib.suppress(Exception):
+            await self._publish_drift()
+
+    # ---------------------------------------------------------------- serving
+
+    def _configured_serving(self) -> Serving:
+        models = dict(self.settings.model_models) or {"entry": str(DEFAULT_MODEL_PATH)}
+        if self.settings.model_arms:
+            try:
+                arms = tuple(msgspec.convert(a, Arm) for a in self.settings.model_arms)
+            except msgspec.ValidationError as exc:
+                raise ServingError(f"PUMPFLOW_MODEL_ARMS: {exc}") from None
+        else:
+            arms = tuple(Arm(name="control" if len(models) == 1 else m, model_id=m)
+                         for m in models)
+        return Serving(
+            models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms
+        )
+
+    async def _stored_serving(self) -> Serving | None:
+        raw = await self._ctx.store.get(SERVING_KEY)
+        if raw is None:
+            return None
+        try:
+            return _decode_serving(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("model: unreadable stored serving, using the settings': %s", exc)
+            return None
+
+    def _apply(self, serving: Serving) -> None:
+        """Load what ``serving`` names and is not loaded from there yet; then route by it.
+
+        Raises ServingError (nothing changed) if a model cannot be served or the arms
+        name a model not in ``serving``.
+        """
+        missing = {a.model_id for a in serving.arms} - set(serving.models)
+        if missing:
+            raise ServingError(f"arms name models not loaded: {sorted(missing)}")
+        try:
+            table = serving.table()
+        except ArmError as exc:
+            raise ServingError(str(exc)) from None
+        manager = self.manager
+        for model_id, source in serving.models.items():
+            if self._sources.get(model_id) == source:
+                continue
+            try:
+                card = manager.load_model(model_id, source.path, source.task)
+            except FileNotFoundError as exc:
+                raise ServingError(f"model {model_id!r}: {exc}", status=404) from None
+            except (ModelError, CardError, ValueError) as exc:
+                raise ServingError(str(exc)) from None
+            self._sources[model_id] = source
+            self.drift[model_id] = DriftMonitor(card, clock=self._ctx.clock)
+            log.info("model: serving %s version %s from %s", model_id, card.version, source.path)
+        self.serving = serving
+        if self.processor is not None:
+            self.processor.arms = table  # swapped whole, between two tokens' steps
+
+    async def change(self, change) -> Serving:
+        """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
+        async with self._changing:
+            current = await self._stored_serving() or self.serving
+            if current.revision > self.serving.revision:
+                self._apply(current)
+            changed = change(current)
+            changed = msgspec.structs.replace(changed, revision=current.revision + 1)
+            self._apply(changed)
+            await self._ctx.store.set(SERVING_KEY, _encode_serving(changed))
+            self._publish_arms()
+            return changed
+
+    async def refresh(self) -> bool:
+        """Follow a newer serving another replica stored; True if it changed here."""
+        stored = await self._stored_serving()
+        if stored is None or self.serving is None or stored.revision <= self.serving.revision:
+            return False
+        async with self._changing:
+            try:
+                self._apply(stored)
+            except ServingError as exc:
+                log.error("model: cannot follow serving revision %d: %s", stored.revision, exc)
+                return False
+        self._publish_arms()
+        return True
+
+    async def _serving_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_serving_refresh_s)
+            try:
+                await self.refresh()
+                self._publish_arms()
+            except Exception:
+                log.exception("model: reading the shared serving failed; retrying")
+
+    def _publish_arms(self) -> None:
+        table = self.processor.arms if self.processor is not None else self.serving.table()
+        shares = table.shares()
+        self.metrics.arms(
+            [(a.name, a.model_id, a.shadow, shares.get(a.name, 0.0)) for a in table.arms]
+        )
+        self.metrics.serving({m: c.version for m, c in self.manager.models().items()})
+
+    # ---------------------------------------------------------------- per delivery
+
+    def _held(self, mint: str) -> ScoringState | None:
+        return self.consumer.state(mint)
+
+    def _prepare(self, events: Sequence[Event]) -> None:
+        """Score a delivery's vectors ahead in one call per model; feed the drift monitors."""
+        try:
+            self.processor.prepare(events, self._held)
+            if self.drift:
+                self._observe_drift(events)
+        except Exception:
+            # each vector is scored alone when its step comes
+            log.exception("model: preparing a batch failed")
+
+    def _observe_drift(self, events: Sequence[Event]) -> None:
+        live = self.processor.feature_set_version
+        vectors = [
+            e.data for e in events
+            if e.type == "features.updated" and e.data.feature_set_version == live
+        ]
+        if not vectors:
+            return
+        rows_by_order: dict[tuple[str, ...], np.ndarray] = {}
+        for monitor in self.drift.values():
+            order = monitor.names
+            rows = rows_by_order.get(order)
+            if rows is None:
+                rows = rows_by_order[order] = np.stack(
+                    [vector_row(v.names, v.values, order) for v in vectors]
+                )
+            self._drift_out.extend(monitor.observe(rows))
+
+    def _count(self, published: Sequence[Event]) -> None:
+        metrics = self.metrics
+        for event in published:
+            data = event.data
+            if isinstance(data, ModelPrediction):
+                metrics.predicted(data.arm, data.model_id, data.model_version or "",
+                                  data.shadow, data.score)
+        processor = self.processor
+        metrics.sync(processor.skipped, processor.failed, processor.prepared_rows)
+
+    async def _publish_drift(self) -> None:
+        pending, self._drift_out = self._drift_out, []
+        for model_id, monitor in self.drift.items():
+            mine = [t for t in pending if t.model_id == model_id]
+            self.monitor_metrics.drift(monitor.report(), mine)
+        ctx = self._ctx
+        for payload in pending:
+            await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
+
+    async def _drift_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_drift_publish_s)
+            try:
+                await self._publish_drift()
+            except Exception:
+                log.exception("model: publishing drift transitions failed; retrying")
+
+    # ---------------------------------------------------------------- reads
+
+    def models_view(self) -> dict[str, Any]:
+        manager = self.manager
+        sources = self.serving.models if self.serving else {}
+        return {
+            model_id: {
+                "path": sources[model_id].path if model_id in sources else None,
+                "card": msgspec.to_builtins(card),
+            }
+            for model_id, card in manager.models().items()
+        }
+
+    def scoring_view(self) -> dict[str, Any]:
+        processor = self.processor
+        return {
+            "policy": {
+                "min_interval_s": processor.policy.min_interval_s,
+                "retire_ttl_s": processor.policy.retire_ttl_s,
+            },
+            "feature_set_version": processor.feature_set_version,
+            "skipped": dict(processor.skipped),
+            "failed": {f"{m}/{e}": n for (m, e), n in processor.failed.items()},
+            "prepared_rows": processor.prepared_rows,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        consumer = {} if self.consumer is None else self.consumer.describe()
+        serving = None if self.serving is None else {
+            "revision": self.serving.revision,
+            "models": {m: c.version for m, c in self.manager.models().items()},
+        }
+        return {**consumer, "serving": serving}
+
+    def router(self):
+        from fastapi import APIRouter, Body, Depends, HTTPException
+
+        from pumpflow.common.runtime.http import require_token
+
+        api = APIRouter()
+        guarded = [Depends(require_token)]
+
+        async def changed(change) -> dict[str, Any]:
+            try:
+                await self.change(change)
+            except ServingError as exc:
+                raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+            return {"revision": self.serving.revision, **self.processor.arms.describe()}
+
+        def model_or_404(model_id: str):
+            if model_id not in self.manager.models():
+                raise HTTPException(status_code=404, detail=f"no model {model_id!r} is loaded")
+
+        @api.get("/models")
+        async def list_models() -> dict[str, Any]:
+            return {"models": self.models_view()}
+
+        @api.post("/models", dependencies=guarded)
+        async def load_model(
+            model_id: str = Body(...), path: str = Body(...),
+            model_type: Task = Body("classification"),
+        ) -> dict[str, Any]:
+            def with_model(serving: Serving) -> Serving:
+                # the revision loaded at: the same path again is a reload (a new file there)
+                source = ModelSource(
+                    path=str(Path(path).resolve()), task=model_type, loaded=serving.revision + 1
+                )
+                return msgspec.structs.replace(
+                    serving, models={**serving.models, model_id: source}
+                )
+
+            result = await changed(with_model)
+            return {"card": msgspec.to_builtins(self.manager.card(model_id)), **result}
+
+        @api.get("/arms")
+        async def get_arms() -> dict[str, Any]:
+            return self.processor.arms.describe()
+
+        @api.put("/arms", dependencies=guarded)
+        async def put_arms(
+            arms: list[dict[str, Any]] = Body(..., embed=True),
+            salt: str | None = Body(None, embed=True),
+        ) -> dict[str, Any]:
+            try:
+                table = tuple(msgspec.convert(a, Arm) for a in arms)
+            except msgspec.ValidationError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            return await changed(lambda s: msgspec.structs.replace(
+                s, arms=table, salt=salt or s.salt))
+
+        @api.put("/arms/weights", dependencies=guarded)
+        async def put_weights(
+            weights: dict[str, float] = Body(..., embed=True),
+        ) -> dict[str, Any]:
+            def reweighted(serving: Serving) -> Serving:
+                try:
+                    table = serving.table().with_weights(weights)
+                except ArmError as exc:
+                    raise ServingError(str(exc), status=422) from None
+                return msgspec.structs.replace(serving, arms=table.arms)
+
+            return await changed(reweighted)
+
+        @api.post("/arms/{name}/promote", dependencies=guarded)
+        async def promote(name: str) -> dict[str, Any]:
+            def promoted(serving: Serving) -> Serving:
+                try:
+                    table = serving.table().promote(name)
+                except ArmError as exc:
+                    raise ServingError(str(exc), status=404) from None
+                return msgspec.structs.replace(serving, arms=table.arms)
+
+            return await changed(promoted)
+
+        @api.get("/models/{model_id}/performance")
+        async def performance(model_id: str) -> dict[str, Any]:
+            model_or_404(model_id)
+            return msgspec.to_builtins(self.manager.get_model_performance(model_id))
+
+        @api.get("/models/{model_id}/drift")
+        async def drift(model_id: str) -> dict[str, Any]:
+            model_or_404(model_id)
+            monitor = self.drift[model_id]
+            report = msgspec.to_builtins(monitor.report(fresh=True))
+            report["transitions"] = [
+                {"at": at, **msgspec.to_builtins(t)} for at, t in monitor.transitions
+            ]
+            return report
+
+        @api.get("/scoring")
+        async def scoring() -> dict[str, Any]:
+            return self.scoring_view()
+
+        return api

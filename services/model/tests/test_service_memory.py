@@ -1,0 +1,172 @@
+"""The model service embedded: a simulated market through features, activity and model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import httpx
+import pytest
+from model_helpers import DEFAULT_CARD, other_model
+from prometheus_client import CollectorRegistry
+
+from pumpflow.activity.service import ActivityService
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.model.arms import ArmTable
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.testing import EventCollector
+from pumpflow.features.service import FeaturesService
+from pumpflow.model.service import ModelService, ModelSettings
+from pumpflow.simulator.dataset import market_events
+from pumpflow.simulator.market import Market, MarketConfig
+
+START = 1_700_000_000.0
+TOKEN = "sesame"
+
+
+def market(seed: int = 5, seconds: float = 240.0):
+    return list(
+        market_events(Market(MarketConfig(seed=seed)), seconds, start_epoch=START,
+                      source="feed/sim")
+    )
+
+
+def model_service(**settings) -> ModelService:
+    return ModelService(
+        ModelSettings.load(service="model", transport="memory", api_token=TOKEN, **settings),
+        registry=CollectorRegistry(),
+    )
+
+
+async def replay(system, clock, events) -> None:
+    for event in events:
+        await clock.advance_to(event.time)
+        await system.bus.publish(event)
+    await system.drain()
+
+
+async def test_predictions_flow_from_a_simulated_market_with_the_default_model():
+    clock = ReplayClock(START)
+    events = market()
+    model = model_service()
+    async with run_embedded([FeaturesService, ActivityService, model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(
+            system.bus, "model.prediction", "features.updated", "token.lifecycle"
+        )
+        await asyncio.wait_for(replay(system, clock, events), 120.0)
+        await seen.wait_until(lambda c: len(c.of("model.prediction")) > 50, what="predictions")
+        await system.drain()
+        predictions = seen.of("model.prediction")
+        vectors = {e.id: e for e in seen.of("features.updated")}
+        for event in predictions:
+            data = event.data
+            assert (data.model_id, data.arm, data.shadow) == ("entry", "control", False)
+            assert data.model_version == DEFAULT_CARD.version
+            assert 0.0 <= data.score <= 1.0
+            # caused by the vector it scored, stamped with its time, keyed by its mint
+            scored = vectors[event.causation_id]
+            assert (event.key, event.time) == (scored.key, scored.time)
+            assert data.source_seq == scored.data.source_seq
+        # per mint: sequenced, and at most once per min_interval_s of event time
+        by_mint: dict[str, list] = {}
+        for event in predictions:
+            by_mint.setdefault(event.key, []).append(event)
+        for mine in by_mint.values():
+            assert [e.seq for e in mine] == list(range(1, len(mine) + 1))
+            times = [e.time for e in mine]
+            assert all(b - a >= 0.5 for a, b in itertools.pairwise(times))
+        assert model.processor.prepared_rows > 0  # batches were scored ahead
+        assert model.metrics.predictions("control", "entry", DEFAULT_CARD.version) == len(
+            predictions
+        )
+
+
+async def test_arms_weights_and_promotion_change_through_the_api_without_a_restart(tmp_path):
+    clock = ReplayClock(START)
+    events = market(seed=6, seconds=300.0)
+    candidate = other_model(tmp_path, model_id="candidate")
+    model = model_service()
+    async with run_embedded([FeaturesService, ActivityService, model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.prediction")
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            body = {"model_id": "candidate", "path": str(candidate)}
+            assert (await http.post("/models", json=body)).status_code == 401
+            loaded = await http.post("/models", json=body, headers=auth)
+            assert loaded.status_code == 200, loaded.text
+            arms = [
+                {"name": "control", "model_id": "entry", "weight": 0.5},
+                {"name": "treatment", "model_id": "candidate", "weight": 0.5},
+                {"name": "shadow", "model_id": "candidate", "shadow": True},
+            ]
+            answer = await http.put("/arms", json={"arms": arms}, headers=auth)
+            assert answer.status_code == 200, answer.text
+            half = len(events) // 2
+            await asyncio.wait_for(replay(system, clock, events[:half]), 120.0)
+            table = ArmTable.decode(
+                ArmTable(model.processor.arms.arms, salt=model.processor.arms.salt).encode()
+            )
+            first = seen.of("model.prediction")
+            live = [e for e in first if not e.data.shadow]
+            assert live and {e.data.arm for e in live} == {"control", "treatment"}
+            for event in live:
+                assert event.data.arm == table.live_arm(event.key).name
+            # every live prediction has its shadow twin, same vector, marked shadow
+            shadows = {e.causation_id for e in first if e.data.shadow}
+            assert shadows == {e.causation_id for e in live}
+
+            promoted = await http.post("/arms/treatment/promote", headers=auth)
+            assert promoted.status_code == 200, promoted.text
+            mark = len(first)
+            await asyncio.wait_for(replay(system, clock, events[half:]), 120.0)
+            later = [e for e in seen.of("model.prediction")[mark:] if not e.data.shadow]
+            assert later and {e.data.arm for e in later} == {"treatment"}
+
+            weights = await http.put(
+                "/arms/weights", json={"weights": {"nope": 1.0}}, headers=auth
+            )
+            assert weights.status_code == 422
+            listed = (await http.get("/models")).json()["models"]
+            assert set(listed) == {"entry", "candidate"}
+            assert listed["entry"]["card"]["version"] == DEFAULT_CARD.version
+            performance = (await http.get("/models/entry/performance")).json()
+            assert performance["served"]["rows"] > 0
+            drift = (await http.get("/models/entry/drift")).json()
+            assert drift["seen"] > 0 and len(drift["features"]) == len(DEFAULT_CARD.feature_names)
+            scoring = (await http.get("/scoring")).json()
+            assert scoring["policy"]["min_interval_s"] == 0.5
+        # every vector's predictions reached the bus: nothing dropped by the changes
+        assert model.consumer_metrics.counts()["invalid"] == 0
+
+
+async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tmp_path):
+    import msgspec
+
+    from pumpflow.common.model import read_model, write_model
+
+    raw, card = read_model(other_model(tmp_path))
+    alien = write_model(
+        tmp_path / "alien.onnx", raw,
+        msgspec.structs.replace(card, feature_set_version="0123456789abcdef"),
+    )
+    model = model_service()
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            answer = await http.post(
+                "/models", json={"model_id": "alien", "path": str(alien)},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+        assert answer.status_code == 409
+        detail = answer.json()["detail"]
+        assert "0123456789abcdef" in detail and DEFAULT_CARD.feature_set_version in detail
+        assert set(model.manager.models()) == {"entry"}
+    # and at start: the service does not start on it
+    refused = model_service(model_models={"entry": str(alien)})
+    with pytest.raises(ValueError, match="0123456789abcdef"):
+        async with run_embedded([refused], clock=ReplayClock(START)):
+            pass
