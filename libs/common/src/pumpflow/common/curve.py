@@ -140,6 +140,23 @@ def quote_buy(state: CurveState, sol_amount: float, *, fee_rate: float = FEE_RAT
     )
 
 
+def buy_for_impact(state: CurveState, max_impact: float, *, fee_rate: float = FEE_RATE) -> float:
+    """Largest buy (SOL, fee included) whose :attr:`Quote.price_impact` is at most ``max_impact``.
+
+    A net buy ``n`` pays an average ``(vSol + n) / vTok``, ``n / vSol`` above the price
+    before it, so ``n = max_impact x vSol``; capped at what the real reserves sell.
+    """
+    if max_impact < 0:
+        raise CurveError(f"price impact must be >= 0, got {max_impact}")
+    if state.complete:
+        return 0.0
+    net = max_impact * state.v_sol
+    real = state.real_token_reserves
+    if tokens_for_net_sol(state, net) > real:
+        net = real * state.v_sol / (state.v_tokens - real)
+    return net * (1.0 + fee_rate)
+
+
 def quote_buy_tokens(state: CurveState, tokens: float, *, fee_rate: float = FEE_RATE) -> Quote:
     """Quote a buy of exactly ``tokens`` tokens."""
     if tokens < 0:

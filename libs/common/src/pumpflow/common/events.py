@@ -295,6 +295,34 @@ class PositionClosed(_PositionPayload, frozen=True, kw_only=True, omit_defaults=
     reason: str = ""
 
 
+TradingStateName = Literal["active", "reducing", "halted"]
+
+
+class TradingStateChanged(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """Trading's state changed: ``active`` enters and exits, ``reducing`` and ``halted``
+    only exit; critical so a halt is never queued behind trades."""
+
+    TYPE: ClassVar[str] = "trading.state"
+    KEY_FIELD: ClassVar[str | None] = None
+    CRITICAL: ClassVar[bool] = True
+
+    state: TradingStateName
+    previous_state: TradingStateName
+    reason: str
+
+
+class CircuitBreakerChanged(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """A circuit breaker of trading tripped (``tripped``) or recovered, with its reason."""
+
+    TYPE: ClassVar[str] = "trading.breaker"
+    KEY_FIELD: ClassVar[str | None] = None
+    CRITICAL: ClassVar[bool] = True
+
+    breaker: str
+    tripped: bool
+    reason: str
+
+
 class SystemShutdown(Payload, frozen=True, kw_only=True, omit_defaults=True):
     TYPE: ClassVar[str] = "system.shutdown"
     KEY_FIELD: ClassVar[str | None] = None
@@ -359,6 +387,8 @@ for _schema in (
     PositionOpened,
     PositionUpdated,
     PositionClosed,
+    TradingStateChanged,
+    CircuitBreakerChanged,
     SystemShutdown,
     ExitReport,
 ):

@@ -1,0 +1,74 @@
+"""Trading's domain: entry decisions, risk, paper fills and the position book; no I/O.
+
+The trading service wraps these with the bus, the Postgres ledger, HTTP and the
+leader lease; everything here takes its collaborators and clock by injection.
+"""
+
+from pumpflow.common.trading.decisions import (
+    ENTRY_STATES,
+    FILTER_FEATURES,
+    DecisionPolicy,
+    EntryDecision,
+    TokenView,
+    order_id_for,
+)
+from pumpflow.common.trading.engine import CONSUMES, Decision, TradingEngine
+from pumpflow.common.trading.fills import (
+    MIGRATION_POOL,
+    VENUE_CURVE,
+    VENUE_POOL,
+    FillRejection,
+    PaperFill,
+    exit_value,
+    fill_buy,
+    fill_sell,
+)
+from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
+from pumpflow.common.trading.positions import Position, PositionBook
+from pumpflow.common.trading.risk import (
+    BREAKERS,
+    CircuitBreaker,
+    RiskCheck,
+    RiskManager,
+    TradingState,
+)
+from pumpflow.common.trading.settings import (
+    BreakerSettings,
+    EntryFilters,
+    PaperExecution,
+    RiskLimits,
+)
+
+__all__ = [
+    "BREAKERS",
+    "CONSUMES",
+    "ENTRY_STATES",
+    "FILTER_FEATURES",
+    "MIGRATION_POOL",
+    "VENUE_CURVE",
+    "VENUE_POOL",
+    "BreakerSettings",
+    "CircuitBreaker",
+    "Decision",
+    "DecisionPolicy",
+    "EntryDecision",
+    "EntryFilters",
+    "FillRejection",
+    "PaperBroker",
+    "PaperExecution",
+    "PaperFill",
+    "PaperOrder",
+    "PaperOutcome",
+    "Position",
+    "PositionBook",
+    "RiskCheck",
+    "RiskLimits",
+    "RiskManager",
+    "TokenView",
+    "TradingEngine",
+    "TradingState",
+    "exit_value",
+    "fill_buy",
+    "fill_sell",
+    "order_id_for",
+]

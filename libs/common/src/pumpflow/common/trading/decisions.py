@@ -1,0 +1,177 @@
+"""Entry decisions: what trading knows of a token, and whether to enter it.
+
+:class:`DecisionPolicy` is the one place entries are decided, for paper and live
+alike: from the model's latest prediction, the token's lifecycle (state and
+priority) and its latest features vector, through :class:`EntryFilters`. It is pure:
+the facts come in a :class:`TokenView`, the time as an argument.
+
+Features read (names of the default feature set, see
+:func:`pumpflow.common.features.default_feature_set`): :data:`FILTER_FEATURES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import ModelPrediction, TokenLifecycle
+from pumpflow.common.priority import Priority
+from pumpflow.common.trading.settings import EntryFilters
+
+#: lifecycle states a token may be entered in
+ENTRY_STATES = frozenset({"new", "active"})
+
+FILTER_FEATURES = (
+    "time_since_launch",
+    "curve_progress",
+    "creator_holding_share",
+    "creator_sold",
+    "buy_volume_sol_60s",
+    "unique_traders",
+    "top_buyer_share",
+)
+
+
+def order_id_for(cause_id: str, purpose: str = "entry") -> str:
+    """The order id caused by event ``cause_id``: the same cause always gives the same id,
+    so a redelivered or replayed event can never send a second order."""
+    digest = hashlib.blake2b(f"{purpose}:{cause_id}".encode(), digest_size=16).hexdigest()
+    return f"{purpose}-{digest}"
+
+
+@dataclass(slots=True)
+class TokenView:
+    """What trading knows of one token, from its events."""
+
+    mint: str
+    name: str | None = None
+    symbol: str | None = None
+    creator: str | None = None
+    created_at: float | None = None
+    #: the curve as of the token's last trade (None before any, or after migration)
+    curve: CurveState | None = None
+    migrated: bool = False
+    lifecycle: TokenLifecycle | None = None
+    prediction: ModelPrediction | None = None
+    #: the latest features vector, by name
+    features: dict[str, float] = field(default_factory=dict)
+    features_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntryDecision:
+    """Whether to enter a token, and what the sizing reads: confidence and priority."""
+
+    mint: str
+    enter: bool
+    #: why not (empty when entering)
+    reasons: tuple[str, ...] = ()
+    score: float | None = None
+    #: the score's place between ``min_score`` (0) and 1 (1)
+    confidence: float = 0.0
+    priority: int = Priority.IDLE
+
+
+def _contains_any(text: str | None, needles: tuple[str, ...]) -> str | None:
+    if not text:
+        return None
+    folded = text.strip().casefold()
+    for needle in needles:
+        if needle.strip().casefold() in folded:
+            return needle
+    return None
+
+
+class DecisionPolicy:
+    """Decides entries from a token's prediction, lifecycle and features."""
+
+    def __init__(self, filters: EntryFilters | None = None):
+        self.filters = filters or EntryFilters()
+
+    def filter_reasons(self, view: TokenView, features: Mapping[str, float]) -> list[str]:
+        """Every entry filter the token fails, as reasons (empty: it passes them all)."""
+        f = self.filters
+        reasons: list[str] = []
+        missing = [n for n in FILTER_FEATURES if n not in features]
+        if missing:
+            return [f"features lack {missing}"]
+        age = features["time_since_launch"]
+        if not f.min_age_s <= age <= f.max_age_s:
+            reasons.append(f"age {age:.0f}s outside {f.min_age_s:g}..{f.max_age_s:g}s")
+        progress = features["curve_progress"]
+        if not f.min_curve_progress <= progress <= f.max_curve_progress:
+            reasons.append(
+                f"curve progress {progress:.1%} outside "
+                f"{f.min_curve_progress:.0%}..{f.max_curve_progress:.0%}"
+            )
+        holding = features["creator_holding_share"]
+        if holding > f.max_creator_holding_share:
+            reasons.append(f"creator holds {holding:.1%} > {f.max_creator_holding_share:.1%}")
+        if f.reject_creator_sold and features["creator_sold"] > 0:
+            reasons.append("creator sold")
+        volume = features["buy_volume_sol_60s"]
+        if volume < f.min_buy_volume_sol_60s:
+            reasons.append(f"bought {volume:.2f} SOL in 60s < {f.min_buy_volume_sol_60s:g}")
+        traders = features["unique_traders"]
+        if traders < f.min_unique_traders:
+            reasons.append(f"{traders:.0f} traders < {f.min_unique_traders}")
+        top = features["top_buyer_share"]
+        if top > f.max_top_buyer_share:
+            reasons.append(f"top buyer {top:.0%} of buys > {f.max_top_buyer_share:.0%}")
+        if f.name_blocklist:
+            if view.name is None and view.symbol is None:
+                reasons.append("name unknown (block list set)")
+            else:
+                hit = _contains_any(view.name, f.name_blocklist) or _contains_any(
+                    view.symbol, f.name_blocklist
+                )
+                if hit is not None:
+                    reasons.append(f"name blocked ({hit!r})")
+        if f.creator_blocklist:
+            if view.creator is None:
+                reasons.append("creator unknown (block list set)")
+            elif view.creator in f.creator_blocklist:
+                reasons.append("creator blocked")
+        return reasons
+
+    def decide(self, view: TokenView, features: Mapping[str, float] | None = None) -> EntryDecision:
+        """Enter ``view``'s token or not, on ``features`` (default: the view's latest)."""
+        features = view.features if features is None else features
+        reasons: list[str] = []
+        lifecycle = view.lifecycle
+        priority = Priority.IDLE
+        if view.migrated:
+            reasons.append("graduated")
+        if lifecycle is None:
+            reasons.append("lifecycle unknown")
+        else:
+            priority = Priority(min(max(lifecycle.priority, 0), Priority.URGENT))
+            if lifecycle.state not in ENTRY_STATES:
+                reasons.append(f"lifecycle {lifecycle.state}")
+            elif priority <= Priority.LOW:
+                reasons.append(f"priority {priority.name}")
+        prediction = view.prediction
+        score = None
+        confidence = 0.0
+        if prediction is None:
+            reasons.append("no prediction")
+        else:
+            score = prediction.score
+            if not score >= self.filters.min_score:
+                reasons.append(f"score {score:.3f} < {self.filters.min_score:g}")
+            else:
+                span = 1.0 - self.filters.min_score
+                confidence = min(1.0, (score - self.filters.min_score) / span) if span else 1.0
+        if view.curve is None and not view.migrated:
+            reasons.append("no curve state")
+        reasons += self.filter_reasons(view, features)
+        return EntryDecision(
+            mint=view.mint,
+            enter=not reasons,
+            reasons=tuple(reasons),
+            score=score,
+            confidence=confidence,
+            priority=int(priority),
+        )

@@ -1,0 +1,266 @@
+"""TradingEngine: events in, orders and reports out, decided by one policy.
+
+:meth:`TradingEngine.process` is the transport-free core: it takes a consumed event
+and returns the events to publish, in order (breaker and state reports, entry
+orders, position changes). :meth:`TradingEngine.on_feature_event` is the same with
+the results handed to the injected ``event_bus`` (anything with an async
+``publish(event)``); the service puts it on the bus, paper and live alike.
+
+Consumed: ``token.created`` (name, symbol, creator), ``token.trade`` (the curve, the
+marks), ``token.migrated``, ``features.updated`` (the latest vector),
+``token.lifecycle`` (state and priority), ``model.prediction`` (the trigger: each
+prediction is one chance to enter), and the executor's ``order.filled`` and
+``order.rejected``.
+
+An entry's order id is derived from the prediction event's id
+(:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
+prediction gives the same order, which the engine (and, across restarts, the
+service's ledger) refuses to send twice. An entry reserves its size with the risk
+manager until its fill or rejection, so a burst of predictions cannot pass a limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pumpflow.common.clock import Clock, WallClock
+from pumpflow.common.curve import state_from_frame
+from pumpflow.common.events import (
+    Event,
+    FeaturesUpdated,
+    ModelPrediction,
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    Payload,
+    TokenCreated,
+    TokenLifecycle,
+    TokenMigrated,
+    TokenTrade,
+    make_event,
+)
+from pumpflow.common.pumpportal import POOL_PUMP_AMM
+from pumpflow.common.trading.decisions import (
+    DecisionPolicy,
+    EntryDecision,
+    TokenView,
+    order_id_for,
+)
+from pumpflow.common.trading.fills import MIGRATION_POOL, VENUE_POOL
+from pumpflow.common.trading.positions import PositionBook
+from pumpflow.common.trading.risk import RiskManager
+
+CONSUMES = (
+    "token.created",
+    "token.trade",
+    "token.migrated",
+    "features.updated",
+    "token.lifecycle",
+    "model.prediction",
+    "order.filled",
+    "order.rejected",
+)
+
+#: lifecycle states after which a token not held is forgotten
+_RETIRED_STATES = frozenset({"inactive", "graduated"})
+
+#: order ids remembered in memory against a second send (the ledger keeps them all)
+_REMEMBERED_ORDERS = 100_000
+
+
+class Publisher(Protocol):
+    async def publish(self, event: Event) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What :meth:`TradingEngine.make_decision` concluded for a token."""
+
+    entry: EntryDecision
+    #: SOL the entry spends in all (0 when there is none)
+    size_sol: float = 0.0
+    order: OrderRequested | None = None
+    #: why there is no order (empty when there is)
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def enter(self) -> bool:
+        return self.order is not None
+
+
+def _event_id_for(order_id: str) -> str:
+    return hashlib.blake2b(f"event:{order_id}".encode(), digest_size=16).hexdigest()
+
+
+class TradingEngine:
+    """Decides entries from predictions, lifecycle and features; books fills."""
+
+    def __init__(
+        self,
+        event_bus: Publisher | None,
+        position_manager: PositionBook,
+        risk_manager: RiskManager,
+        *,
+        policy: DecisionPolicy | None = None,
+        clock: Clock | None = None,
+        source: str = "trading",
+        slippage_pct: float = 5.0,
+    ):
+        self.event_bus = event_bus
+        self.positions = position_manager
+        self.risk = risk_manager
+        self.policy = policy or DecisionPolicy()
+        self.clock = clock or WallClock()
+        self.source = source
+        self.slippage_pct = slippage_pct
+        self.views: dict[str, TokenView] = {}
+        self.sent_orders: OrderedDict[str, None] = OrderedDict()
+
+    # ---------------------------------------------------------------- the issue's interface
+
+    async def on_feature_event(self, event: Event) -> list[Event]:
+        """Process a consumed event and publish what follows; return it."""
+        out = self.process(event)
+        if self.event_bus is not None:
+            for produced in out:
+                await self.event_bus.publish(produced)
+        return out
+
+    def analyze_token(self, token_id: str, features: Mapping[str, float]) -> EntryDecision:
+        """The policy's verdict on ``token_id`` with ``features``, without sizing."""
+        return self.policy.decide(self._view(token_id), features)
+
+    def make_decision(
+        self, token_id: str, features: Mapping[str, float], *, cause_id: str | None = None
+    ) -> Decision:
+        """The entry ``token_id`` calls for now, sized and within the limits, or why not.
+
+        ``cause_id`` is the triggering event's id (default: the token's latest
+        prediction's model and features time), from which the order id is derived.
+        """
+        view = self._view(token_id)
+        entry = self.policy.decide(view, features)
+        if not entry.enter:
+            return Decision(entry=entry, reasons=entry.reasons)
+        if not self.risk.entries_allowed:
+            reason = f"trading is {self.risk.state}: {self.risk.state_reason()}"
+            return Decision(entry=entry, reasons=(reason,))
+        curve = view.curve
+        assert curve is not None  # the policy enters only tokens with a curve
+        price = curve.price
+        stop = price * (1.0 - self.risk.limits.assumed_stop_loss)
+        size = self.risk.calculate_position_size(
+            token_id,
+            price,
+            stop,
+            confidence=entry.confidence,
+            priority=entry.priority,
+            curve=curve,
+        )
+        check = self.risk.check_risk_limits(token_id, size)
+        if not check:
+            return Decision(entry=entry, size_sol=size, reasons=(check.reason,))
+        if cause_id is None:
+            cause_id = f"{token_id}@{view.features_time}"
+        order_id = order_id_for(cause_id)
+        if order_id in self.sent_orders:
+            return Decision(entry=entry, size_sol=size, reasons=(f"order {order_id} sent already",))
+        order = OrderRequested(
+            order_id=order_id,
+            mint=token_id,
+            side="buy",
+            sol_amount=size,
+            slippage_pct=self.slippage_pct,
+            reason=f"score {entry.score:.3f}, priority {entry.priority}",
+        )
+        return Decision(entry=entry, size_sol=size, order=order)
+
+    # ---------------------------------------------------------------- the core
+
+    def process(self, event: Event) -> list[Event]:
+        """Apply a consumed event; return the events to publish, in order."""
+        now = self.clock.now()
+        self.risk.observe(event, now=now)
+        produced: list[Payload] = []
+        data = event.data
+        if isinstance(data, TokenTrade | TokenCreated):
+            self._on_token_frame(data, event.time)
+        elif isinstance(data, TokenMigrated):
+            view = self._view(data.mint)
+            view.migrated = True
+            self.positions.mark(data.mint, MIGRATION_POOL, time=event.time, venue=VENUE_POOL)
+        elif isinstance(data, FeaturesUpdated):
+            view = self._view(data.mint)
+            view.features = dict(zip(data.names, data.values, strict=True))
+            view.features_time = event.time
+        elif isinstance(data, TokenLifecycle):
+            self._view(data.mint).lifecycle = data
+            if data.state in _RETIRED_STATES and not self.positions.holds(data.mint):
+                self.views.pop(data.mint, None)
+        elif isinstance(data, ModelPrediction):
+            view = self._view(data.mint)
+            view.prediction = data
+            decision = self.make_decision(data.mint, view.features, cause_id=event.id)
+            if decision.order is not None:
+                self._remember(decision.order.order_id)
+                self.risk.reserve(decision.order.order_id, data.mint, decision.size_sol)
+                produced.append(decision.order)
+        elif isinstance(data, OrderFilled):
+            self.risk.release(data.order_id)
+            self.risk.record_execution(True, now=now)
+            change = self.positions.apply_fill(data, time=event.time)
+            if change is not None:
+                produced.append(change)
+        elif isinstance(data, OrderRejected):
+            self.risk.release(data.order_id)
+            self.risk.record_execution(False, reason=data.reason, now=now)
+        reports = self.risk.take_reports()
+        return [self._wrap(p, event, now) for p in (*reports, *produced)]
+
+    def tick(self) -> list[Event]:
+        """The time-driven checks (silence, recoveries, the trading day), from a timer."""
+        now = self.clock.now()
+        self.risk.check(now)
+        return [self._wrap(p, None, now) for p in self.risk.take_reports()]
+
+    # ---------------------------------------------------------------- internals
+
+    def _view(self, mint: str) -> TokenView:
+        view = self.views.get(mint)
+        if view is None:
+            view = self.views[mint] = TokenView(mint=mint)
+        return view
+
+    def _on_token_frame(self, data: TokenTrade | TokenCreated, time: float) -> None:
+        view = self._view(data.mint)
+        if isinstance(data, TokenCreated):
+            view.name = data.name
+            view.symbol = data.symbol
+            view.creator = data.traderPublicKey
+            view.created_at = time
+        if data.pool == POOL_PUMP_AMM:
+            return
+        state = state_from_frame(data.vSolInBondingCurve, data.vTokensInBondingCurve)
+        view.curve = state
+        self.positions.mark(data.mint, state, time=time)
+
+    def _remember(self, order_id: str) -> None:
+        self.sent_orders[order_id] = None
+        while len(self.sent_orders) > _REMEMBERED_ORDERS:
+            self.sent_orders.popitem(last=False)
+
+    def _wrap(self, payload: Payload, cause: Event | None, now: float) -> Event:
+        event_id: Any = None
+        if isinstance(payload, OrderRequested):
+            event_id = _event_id_for(payload.order_id)
+        return make_event(
+            payload,
+            source=self.source,
+            time=now,
+            causation_id=cause.id if cause is not None else None,
+            event_id=event_id,
+        )

@@ -1,0 +1,243 @@
+"""Paper execution's core: orders wait out a latency, then fill on the token's own stream.
+
+An order submitted at ``t`` fills against the token's market as it stood at
+``t + latency_s``: the state after the last trade the token's stream stamped at or
+before then. It fills when a later trade shows that time has passed (the fill sees
+the state just before that trade), or when :meth:`PaperBroker.due` is called at or
+after it (the service runs that from a timer, for a token that went quiet).
+
+The broker knows the tokens from their token events (:meth:`PaperBroker.observe`),
+has no clock and does no I/O; the paper TradeExecutor of the service feeds it and
+publishes what it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pumpflow.common.curve import CurveState, state_from_frame
+from pumpflow.common.events import (
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    Side,
+    TokenCreated,
+    TokenMigrated,
+    TokenTrade,
+)
+from pumpflow.common.trading.fills import (
+    MIGRATION_POOL,
+    VENUE_CURVE,
+    VENUE_POOL,
+    FillRejection,
+    PaperFill,
+    fill_buy,
+    fill_sell,
+    pool_after_trade,
+)
+from pumpflow.common.trading.settings import PaperExecution
+
+
+@dataclass(slots=True)
+class Market:
+    """Where one token trades now, and its state there."""
+
+    venue: str = VENUE_CURVE
+    state: CurveState | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaperOrder:
+    """An order waiting for its latency to pass."""
+
+    order_id: str
+    mint: str
+    side: Side
+    submitted_at: float
+    due_at: float
+    #: SOL to spend (buy) or tokens to sell
+    amount: float
+    slippage_pct: float
+    #: the market the decision saw, what the order expects to fill near
+    expected: CurveState
+    venue: str
+    position_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaperOutcome:
+    """What became of a paper order: the payload to publish and, if filled, the fill."""
+
+    order: PaperOrder
+    result: OrderFilled | OrderRejected
+    fill: PaperFill | None = None
+
+
+@dataclass(slots=True)
+class PaperBroker:
+    """Fills paper orders after ``execution.latency_s`` on each token's own trade stream."""
+
+    execution: PaperExecution = field(default_factory=PaperExecution)
+    markets: dict[str, Market] = field(default_factory=dict)
+    pending: dict[str, list[PaperOrder]] = field(default_factory=dict)
+
+    def market(self, mint: str) -> Market | None:
+        return self.markets.get(mint)
+
+    def submit(self, order: OrderRequested, *, time: float) -> PaperOutcome | None:
+        """Queue ``order`` (decided at ``time``); a rejection at once if it cannot fill."""
+        market = self.markets.get(order.mint)
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
+        if market is None or market.state is None:
+            return self._reject_new(order, time, "no market data for the token")
+        if amount is None or amount <= 0:
+            return self._reject_new(order, time, f"no amount to {order.side}")
+        if order.side == "buy" and market.venue != VENUE_CURVE:
+            return self._reject_new(order, time, "the token has left its bonding curve")
+        paper = PaperOrder(
+            order_id=order.order_id,
+            mint=order.mint,
+            side=order.side,
+            submitted_at=time,
+            due_at=time + self.execution.latency_s,
+            amount=float(amount),
+            slippage_pct=order.slippage_pct,
+            expected=market.state,
+            venue=market.venue,
+            position_id=order.position_id,
+        )
+        self.pending.setdefault(order.mint, []).append(paper)
+        return None
+
+    def observe(self, payload: object, *, time: float) -> list[PaperOutcome]:
+        """Take a token event stamped ``time``; return the orders it shows are due, filled."""
+        if isinstance(payload, TokenTrade | TokenCreated):
+            mint = payload.mint
+            outcomes = self._fill_due(mint, before=time)
+            market = self.markets.setdefault(mint, Market())
+            if payload.pool == VENUE_POOL or market.venue == VENUE_POOL:
+                self._move_pool(market, payload)
+            else:
+                market.state = state_from_frame(
+                    payload.vSolInBondingCurve, payload.vTokensInBondingCurve
+                )
+            return outcomes
+        if isinstance(payload, TokenMigrated):
+            outcomes = self._fill_due(payload.mint, before=time)
+            market = self.markets.setdefault(payload.mint, Market())
+            if market.venue != VENUE_POOL:
+                market.venue = VENUE_POOL
+                market.state = MIGRATION_POOL
+            return outcomes
+        return []
+
+    def due(self, now: float) -> list[PaperOutcome]:
+        """Fill every order whose latency has passed by ``now`` on its token's last state."""
+        outcomes: list[PaperOutcome] = []
+        for mint in list(self.pending):
+            outcomes += self._fill_due(mint, before=now, inclusive=True)
+        return outcomes
+
+    def next_due(self) -> float | None:
+        """When the earliest pending order falls due, for the service's timer."""
+        times = [o.due_at for orders in self.pending.values() for o in orders]
+        return min(times) if times else None
+
+    def forget(self, mint: str) -> None:
+        """Drop a token's market once nothing is pending or held there."""
+        if not self.pending.get(mint):
+            self.markets.pop(mint, None)
+            self.pending.pop(mint, None)
+
+    # ---------------------------------------------------------------- internals
+
+    def _move_pool(self, market: Market, payload: TokenTrade | TokenCreated) -> None:
+        if market.venue != VENUE_POOL:
+            market.venue = VENUE_POOL
+            market.state = MIGRATION_POOL
+        sol = payload.solAmount
+        if isinstance(payload, TokenTrade) and sol is not None and market.state is not None:
+            market.state = pool_after_trade(
+                market.state, payload.txType, float(sol), float(payload.tokenAmount)
+            )
+
+    def _fill_due(self, mint: str, *, before: float, inclusive: bool = False) -> list[PaperOutcome]:
+        orders = self.pending.get(mint)
+        if not orders:
+            return []
+        due = [o for o in orders if o.due_at < before or (inclusive and o.due_at <= before)]
+        if not due:
+            return []
+        self.pending[mint] = [o for o in orders if o not in due]
+        if not self.pending[mint]:
+            del self.pending[mint]
+        market = self.markets[mint]
+        outcomes = []
+        for order in sorted(due, key=lambda o: o.due_at):
+            outcomes.append(self._fill(order, market))
+        return outcomes
+
+    def _fill(self, order: PaperOrder, market: Market) -> PaperOutcome:
+        assert market.state is not None
+        if order.side == "buy":
+            if market.venue != VENUE_CURVE:
+                return self._reject(order, "the token left its bonding curve before the fill")
+            fill = fill_buy(
+                market.state,
+                order.amount,
+                expected=order.expected,
+                execution=self.execution,
+                slippage_pct=order.slippage_pct,
+            )
+        else:
+            # an order decided on the curve and filling on the pool expects the pool's price
+            expected = order.expected if order.venue == market.venue else market.state
+            fill = fill_sell(
+                market.state,
+                order.amount,
+                expected=expected,
+                execution=self.execution,
+                venue=market.venue,
+                slippage_pct=order.slippage_pct,
+            )
+        if isinstance(fill, FillRejection):
+            return self._reject(order, fill.reason)
+        # the order moves the market: later orders of the token see the state it left
+        market.state = fill.after
+        result = OrderFilled(
+            order_id=order.order_id,
+            mint=order.mint,
+            side=order.side,
+            token_amount=fill.tokens,
+            sol_amount=fill.sol,
+            price=fill.price,
+            fee_sol=fill.fee_sol,
+            position_id=order.position_id,
+        )
+        return PaperOutcome(order=order, result=result, fill=fill)
+
+    def _reject(self, order: PaperOrder, reason: str) -> PaperOutcome:
+        result = OrderRejected(
+            order_id=order.order_id,
+            mint=order.mint,
+            reason=reason,
+            side=order.side,
+            position_id=order.position_id,
+        )
+        return PaperOutcome(order=order, result=result)
+
+    def _reject_new(self, order: OrderRequested, time: float, reason: str) -> PaperOutcome:
+        amount = (order.sol_amount if order.side == "buy" else order.token_amount) or 0.0
+        paper = PaperOrder(
+            order_id=order.order_id,
+            mint=order.mint,
+            side=order.side,
+            submitted_at=time,
+            due_at=time,
+            amount=float(amount),
+            slippage_pct=order.slippage_pct,
+            expected=CurveState(),
+            venue=VENUE_CURVE,
+            position_id=order.position_id,
+        )
+        return self._reject(paper, reason)

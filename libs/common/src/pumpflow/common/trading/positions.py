@@ -1,0 +1,218 @@
+"""The position book: open positions, their marks, realised and unrealised PnL after fees.
+
+A fill is an :class:`~pumpflow.common.events.OrderFilled` whatever executed it (paper
+or live): a buy's ``sol_amount`` is everything spent on it (venue fee, trade-API fee
+included), a sale's is everything received after every fee. So a position's
+``cost_sol`` is its cost basis with every fee, and realised PnL is what sales brought
+less the share of the cost basis they sold. A mark values the tokens held at what
+selling them all at once would bring after every fee (:func:`~.fills.exit_value`: the
+curve's own impact and fee, the API's fee), so unrealised PnL is what closing now
+would realise.
+
+One position per token at a time; its id is the order id of the buy that opened it
+(deterministic, see :func:`~.decisions.order_id_for`). A buy for a token already held
+adds to its position.
+
+Persistence (a later step): the service's PositionManager writes each order (id,
+token, side, amounts, state: requested, sent, unknown, filled, rejected) and each fill
+to Postgres with the book's change in one transaction; the book here is what it
+rebuilds on start by applying the stored fills in order (:meth:`PositionBook.apply_fill`
+is deterministic and idempotent per order id), before reconciling the orders whose
+outcome is unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import OrderFilled, PositionClosed, PositionOpened, PositionUpdated
+from pumpflow.common.trading.fills import VENUE_CURVE, exit_value
+from pumpflow.common.trading.settings import PaperExecution
+
+#: tokens below which a position counts as sold out (6-decimal base units)
+DUST_TOKENS = 1e-6
+
+
+@dataclass(slots=True, kw_only=True)
+class Position:
+    """One token's holding."""
+
+    position_id: str
+    mint: str
+    opened_at: float
+    tokens: float = 0.0
+    #: cost basis of the tokens held, every fee included
+    cost_sol: float = 0.0
+    #: what all fills bought, and what they cost with fees (for the entry price)
+    bought_tokens: float = 0.0
+    bought_sol: float = 0.0
+    realized_pnl_sol: float = 0.0
+    fees_sol: float = 0.0
+    #: SOL selling the tokens held would bring after every fee, at the last mark
+    mark_value_sol: float | None = None
+    mark_price: float | None = None
+    marked_at: float | None = None
+    #: the market the last mark was taken on, to value the holding again after a fill
+    mark_state: CurveState | None = None
+    mark_venue: str = VENUE_CURVE
+    closed_at: float | None = None
+    close_reason: str = ""
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
+
+    @property
+    def entry_price(self) -> float:
+        """SOL paid per token bought, fees included."""
+        return self.bought_sol / self.bought_tokens if self.bought_tokens else 0.0
+
+    @property
+    def unrealized_pnl_sol(self) -> float:
+        if not self.is_open or self.mark_value_sol is None:
+            return 0.0
+        return self.mark_value_sol - self.cost_sol
+
+    @property
+    def pnl_sol(self) -> float:
+        return self.realized_pnl_sol + self.unrealized_pnl_sol
+
+    def payload_fields(self) -> dict:
+        return {
+            "position_id": self.position_id,
+            "mint": self.mint,
+            "token_amount": self.tokens,
+            "cost_sol": self.cost_sol,
+            "entry_price": self.entry_price,
+            "mark_price": self.mark_price,
+            "realized_pnl_sol": self.realized_pnl_sol,
+            "unrealized_pnl_sol": self.unrealized_pnl_sol,
+        }
+
+
+PositionChange = PositionOpened | PositionUpdated | PositionClosed
+
+
+@dataclass(slots=True)
+class PositionBook:
+    """Positions in memory; the service persists what changes (see the module docstring)."""
+
+    execution: PaperExecution = field(default_factory=PaperExecution)
+    open_positions: dict[str, Position] = field(default_factory=dict)
+    closed_positions: list[Position] = field(default_factory=list)
+    #: order ids already applied, so a fill delivered twice counts once
+    applied_orders: set[str] = field(default_factory=set)
+    #: (time, realised PnL) of every sale, for the daily loss limit
+    realizations: list[tuple[float, float]] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- queries
+
+    def position(self, mint: str) -> Position | None:
+        return self.open_positions.get(mint)
+
+    def holds(self, mint: str) -> bool:
+        return mint in self.open_positions
+
+    @property
+    def open_count(self) -> int:
+        return len(self.open_positions)
+
+    def exposure(self, mint: str) -> float:
+        """Cost basis held in ``mint``."""
+        position = self.open_positions.get(mint)
+        return position.cost_sol if position else 0.0
+
+    @property
+    def total_exposure(self) -> float:
+        return sum(p.cost_sol for p in self.open_positions.values())
+
+    @property
+    def realized_pnl_sol(self) -> float:
+        return sum(pnl for _, pnl in self.realizations)
+
+    @property
+    def unrealized_pnl_sol(self) -> float:
+        return sum(p.unrealized_pnl_sol for p in self.open_positions.values())
+
+    def realized_since(self, since: float) -> float:
+        return sum(pnl for time, pnl in self.realizations if time >= since)
+
+    # ---------------------------------------------------------------- changes
+
+    def apply_fill(
+        self, fill: OrderFilled, *, time: float, reason: str = ""
+    ) -> PositionChange | None:
+        """Book a fill; the position change to publish, or None for a repeated order id."""
+        if fill.order_id in self.applied_orders:
+            return None
+        self.applied_orders.add(fill.order_id)
+        if fill.side == "buy":
+            return self._buy(fill, time)
+        return self._sell(fill, time, reason)
+
+    def mark(
+        self, mint: str, state: CurveState, *, time: float, venue: str = VENUE_CURVE
+    ) -> Position | None:
+        """Value ``mint``'s position on the market ``state`` (a trade of the token)."""
+        position = self.open_positions.get(mint)
+        if position is None:
+            return None
+        position.mark_state = state
+        position.mark_venue = venue
+        position.mark_price = state.price
+        position.marked_at = time
+        self._value(position)
+        return position
+
+    # ---------------------------------------------------------------- internals
+
+    def _value(self, position: Position) -> None:
+        if position.mark_state is not None:
+            position.mark_value_sol = exit_value(
+                position.mark_state,
+                position.tokens,
+                execution=self.execution,
+                venue=position.mark_venue,
+            )
+
+    def _buy(self, fill: OrderFilled, time: float) -> PositionChange:
+        position = self.open_positions.get(fill.mint)
+        opened = position is None
+        if position is None:
+            position_id = fill.position_id or fill.order_id
+            position = Position(position_id=position_id, mint=fill.mint, opened_at=time)
+            self.open_positions[fill.mint] = position
+        position.tokens += fill.token_amount
+        position.cost_sol += fill.sol_amount
+        position.bought_tokens += fill.token_amount
+        position.bought_sol += fill.sol_amount
+        position.fees_sol += fill.fee_sol
+        self._value(position)
+        if opened:
+            return PositionOpened(**position.payload_fields())
+        return PositionUpdated(**position.payload_fields())
+
+    def _sell(self, fill: OrderFilled, time: float, reason: str) -> PositionChange | None:
+        position = self.open_positions.get(fill.mint)
+        if position is None or position.tokens <= 0:
+            return None
+        sold = min(fill.token_amount, position.tokens)
+        share = sold / position.tokens
+        released = position.cost_sol * share
+        realized = fill.sol_amount - released
+        position.realized_pnl_sol += realized
+        position.fees_sol += fill.fee_sol
+        position.cost_sol -= released
+        position.tokens -= sold
+        self._value(position)
+        self.realizations.append((time, realized))
+        if position.tokens <= DUST_TOKENS:
+            position.tokens = 0.0
+            position.cost_sol = 0.0
+            position.closed_at = time
+            position.close_reason = reason
+            del self.open_positions[fill.mint]
+            self.closed_positions.append(position)
+            return PositionClosed(**position.payload_fields(), reason=reason)
+        return PositionUpdated(**position.payload_fields())

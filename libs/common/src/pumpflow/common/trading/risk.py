@@ -1,0 +1,443 @@
+"""Risk: position sizing, limits, the trading state, the kill switch and circuit breakers.
+
+Trading states (:class:`TradingState`): ``active`` enters and exits; ``reducing``
+only exits (the daily loss limit, or the operator); ``halted`` only exits (the kill
+switch, or a tripped circuit breaker). No state ever blocks an exit: a halt must not
+trap a position. The state in force is the most severe of the operator's, the daily
+loss limit's and the breakers'.
+
+Circuit breakers (:data:`BREAKERS`) trip on their fault and recover after
+``recovery_s`` without it: ``curve`` (a frame contradicting the curve maths,
+:func:`pumpflow.common.curve.frame_consistency_error`), ``stale`` (a feed lag or a
+silence past the limits), ``rate`` (an anomalous event rate), ``execution`` (failed
+orders in a row; after recovery one more failure trips it again).
+
+Each change of a breaker or of the state is a report (a
+:class:`~pumpflow.common.events.CircuitBreakerChanged` or
+:class:`~pumpflow.common.events.TradingStateChanged` payload) the manager keeps until
+:meth:`RiskManager.take_reports`; the service publishes, logs and counts them.
+
+Entry orders reserve their size until filled or rejected (:meth:`RiskManager.reserve`),
+so a burst of signals cannot pass the limits before the first fill is booked.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from pumpflow.common.clock import Clock, WallClock
+from pumpflow.common.curve import CurveState, buy_for_impact, frame_consistency_error
+from pumpflow.common.events import (
+    CircuitBreakerChanged,
+    Event,
+    TokenCreated,
+    TokenTrade,
+    TradingStateChanged,
+)
+from pumpflow.common.priority import Priority
+from pumpflow.common.pumpportal import POOL_PUMP_AMM
+from pumpflow.common.trading.settings import BreakerSettings, RiskLimits
+
+SECONDS_PER_DAY = 86_400.0
+
+
+class TradingState(enum.StrEnum):
+    ACTIVE = "active"
+    REDUCING = "reducing"
+    HALTED = "halted"
+
+
+_SEVERITY = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
+
+CURVE = "curve"
+STALE = "stale"
+RATE = "rate"
+EXECUTION = "execution"
+BREAKERS = (CURVE, STALE, RATE, EXECUTION)
+
+Report = TradingStateChanged | CircuitBreakerChanged
+
+
+class Exposures(Protocol):
+    """What the risk manager reads of the position book."""
+
+    def exposure(self, mint: str) -> float: ...
+
+    @property
+    def total_exposure(self) -> float: ...
+
+    def holds(self, mint: str) -> bool: ...
+
+    def realized_since(self, since: float) -> float: ...
+
+
+class _NoPositions:
+    def exposure(self, mint: str) -> float:
+        return 0.0
+
+    @property
+    def total_exposure(self) -> float:
+        return 0.0
+
+    def holds(self, mint: str) -> bool:
+        return False
+
+    def realized_since(self, since: float) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RiskCheck:
+    """Whether an entry may go ahead; false with the first limit it breaks."""
+
+    allowed: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+_ALLOWED = RiskCheck(True)
+
+
+class CircuitBreaker:
+    """One breaker: trips on a fault, recovers after ``recovery_s`` without one."""
+
+    def __init__(self, name: str, recovery_s: float):
+        self.name = name
+        self.recovery_s = recovery_s
+        self.tripped = False
+        self.reason = ""
+        self.last_fault: float | None = None
+
+    def fault(self, now: float, reason: str) -> CircuitBreakerChanged | None:
+        self.last_fault = now
+        if self.tripped:
+            return None
+        self.tripped = True
+        self.reason = reason
+        return CircuitBreakerChanged(breaker=self.name, tripped=True, reason=reason)
+
+    def check(self, now: float) -> CircuitBreakerChanged | None:
+        if not self.tripped or self.last_fault is None:
+            return None
+        quiet = now - self.last_fault
+        if quiet < self.recovery_s:
+            return None
+        self.tripped = False
+        self.reason = ""
+        return CircuitBreakerChanged(
+            breaker=self.name, tripped=False, reason=f"no fault for {quiet:.0f}s"
+        )
+
+
+class RiskManager:
+    """Sizes entries, holds the limits, the trading state and the circuit breakers.
+
+    ``capital`` is the SOL the limits are fractions of; ``max_risk_per_trade`` and
+    ``max_concurrent_positions`` override ``limits``. ``positions`` is the position
+    book (read only); the clock stamps breakers and the trading day.
+    """
+
+    def __init__(
+        self,
+        capital: float,
+        max_risk_per_trade: float,
+        max_concurrent_positions: int,
+        *,
+        limits: RiskLimits | None = None,
+        breakers: BreakerSettings | None = None,
+        positions: Exposures | None = None,
+        clock: Clock | None = None,
+    ):
+        self.limits = replace(
+            limits or RiskLimits(),
+            max_risk_per_trade=max_risk_per_trade,
+            max_concurrent_positions=max_concurrent_positions,
+        )
+        self.breaker_settings = breakers or BreakerSettings()
+        self.positions: Exposures = positions if positions is not None else _NoPositions()
+        self.clock = clock or WallClock()
+        self.capital = 0.0
+        self.update_capital(capital)
+        self.breakers = {
+            name: CircuitBreaker(name, self.breaker_settings.recovery_s) for name in BREAKERS
+        }
+        #: order id -> (mint, SOL) of entries sent and not yet filled or rejected
+        self.reservations: dict[str, tuple[str, float]] = {}
+        self.operator_state = TradingState.ACTIVE
+        self.operator_reason = ""
+        self.daily_loss_hit = False
+        self.state = TradingState.ACTIVE
+        self.consecutive_failures = 0
+        self.last_event_time: float | None = None
+        self._event_seconds: deque[list[float]] = deque()
+        self._events_in_window = 0
+        self._reports: list[Report] = []
+
+    # ---------------------------------------------------------------- the issue's interface
+
+    def calculate_position_size(
+        self,
+        token_id: str,
+        entry_price: float,
+        stop_loss: float,
+        *,
+        confidence: float = 1.0,
+        priority: int = Priority.URGENT,
+        curve: CurveState | None = None,
+    ) -> float:
+        """SOL to spend on an entry of ``token_id``; 0 when no entry fits.
+
+        Risks ``max_risk_per_trade`` of capital down to ``stop_loss``, capped at
+        ``max_position_fraction``; scaled by ``confidence`` (0..1) and the lifecycle
+        ``priority``; capped so its price impact on ``curve`` stays under the limit and
+        it fits the token's and the total exposure left.
+        """
+        lim = self.limits
+        if not (entry_price > 0 and 0 <= stop_loss < entry_price) or self.capital <= 0:
+            return 0.0
+        stop_distance = (entry_price - stop_loss) / entry_price
+        size = min(
+            self.capital * lim.max_risk_per_trade / stop_distance,
+            self.capital * lim.max_position_fraction,
+        )
+        confidence = min(max(confidence, 0.0), 1.0)
+        size *= lim.min_confidence_scale + (1.0 - lim.min_confidence_scale) * confidence
+        size *= lim.priority_scale[min(max(int(priority), 0), len(lim.priority_scale) - 1)]
+        if curve is not None:
+            size = min(size, buy_for_impact(curve, lim.max_entry_price_impact))
+        size = min(size, self._token_room(token_id), self._total_room())
+        return size if size >= lim.min_order_sol else 0.0
+
+    def check_risk_limits(self, token_id: str, position_size: float) -> RiskCheck:
+        """Whether an entry of ``position_size`` SOL into ``token_id`` may go ahead now."""
+        lim = self.limits
+        if self.state is not TradingState.ACTIVE:
+            return RiskCheck(False, f"trading is {self.state}: {self.state_reason()}")
+        if not position_size >= lim.min_order_sol:
+            return RiskCheck(False, f"size {position_size:.4f} SOL under {lim.min_order_sol}")
+        if position_size > self.capital * lim.max_position_fraction * (1 + 1e-12):
+            return RiskCheck(False, f"size {position_size:.4f} SOL over the per-trade limit")
+        new_token = not self._holds_or_reserved(token_id)
+        if new_token and self.open_positions() >= lim.max_concurrent_positions:
+            return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
+        if position_size > self._token_room(token_id) * (1 + 1e-12):
+            return RiskCheck(False, "over the token's exposure limit")
+        if position_size > self._total_room() * (1 + 1e-12):
+            return RiskCheck(False, "over the total exposure limit")
+        return _ALLOWED
+
+    def update_capital(self, new_capital: float) -> None:
+        """Set the capital the limits are fractions of (the account's SOL, marked)."""
+        if not math.isfinite(new_capital) or new_capital < 0:
+            raise ValueError(f"capital must be a finite number >= 0, got {new_capital}")
+        self.capital = float(new_capital)
+
+    # ---------------------------------------------------------------- reservations
+
+    def reserve(self, order_id: str, token_id: str, size: float) -> None:
+        """Count an entry order sent against the limits until it is filled or rejected."""
+        self.reservations[order_id] = (token_id, size)
+
+    def release(self, order_id: str) -> None:
+        """The entry order was filled (the book holds it now) or rejected."""
+        self.reservations.pop(order_id, None)
+
+    def exposure(self, token_id: str) -> float:
+        reserved = sum(s for m, s in self.reservations.values() if m == token_id)
+        return self.positions.exposure(token_id) + reserved
+
+    @property
+    def total_exposure(self) -> float:
+        return self.positions.total_exposure + sum(s for _, s in self.reservations.values())
+
+    def open_positions(self) -> int:
+        """Tokens held or with an entry in flight."""
+        reserved = {m for m, _ in self.reservations.values()}
+        held = {m for m in reserved if self.positions.holds(m)}
+        return self._held_count() + len(reserved - held)
+
+    # ---------------------------------------------------------------- trading state
+
+    @property
+    def entries_allowed(self) -> bool:
+        return self.state is TradingState.ACTIVE
+
+    def kill(self, reason: str = "kill switch") -> list[Report]:
+        """Halt entries at once (the kill switch)."""
+        return self.set_state(TradingState.HALTED, reason)
+
+    def set_state(self, state: TradingState | str, reason: str) -> list[Report]:
+        """The operator's state: ``active`` resumes (breakers and loss limit still apply)."""
+        mark = len(self._reports)
+        self.operator_state = TradingState(state)
+        self.operator_reason = reason
+        self._settle(reason)
+        return self._reports[mark:]
+
+    def resume(self, reason: str = "resumed") -> list[Report]:
+        return self.set_state(TradingState.ACTIVE, reason)
+
+    def state_reason(self) -> str:
+        if self.operator_state is self.state and self.operator_state is not TradingState.ACTIVE:
+            return self.operator_reason
+        tripped = [b for b in self.breakers.values() if b.tripped]
+        if tripped:
+            return "; ".join(f"{b.name}: {b.reason}" for b in tripped)
+        if self.daily_loss_hit:
+            return "daily loss limit"
+        return self.operator_reason
+
+    # ---------------------------------------------------------------- breakers
+
+    def observe(self, event: Event, *, now: float | None = None) -> list[Report]:
+        """Feed the breakers a consumed event (token events are checked against the curve)."""
+        now = self.clock.now() if now is None else now
+        mark = len(self._reports)
+        self.last_event_time = now
+        self._count_event(now)
+        data = event.data
+        if isinstance(data, TokenTrade | TokenCreated) and data.pool != POOL_PUMP_AMM:
+            self._check_frame(data, now)
+        if event.type.startswith("token.") or event.type == "features.updated":
+            lag = now - event.time
+            if lag > self.breaker_settings.max_feed_lag_s:
+                self._fault(STALE, now, f"feed lag {lag:.1f}s")
+        rate = self._rate()
+        if rate > self.breaker_settings.max_events_per_s:
+            self._fault(RATE, now, f"{rate:.0f} events/s")
+        self.check(now)
+        return self._reports[mark:]
+
+    def observe_frame(
+        self, v_sol: float, v_tokens: float, market_cap_sol: float, *, now: float | None = None
+    ) -> list[Report]:
+        """Check one frame's curve fields against the curve maths."""
+        now = self.clock.now() if now is None else now
+        mark = len(self._reports)
+        error = frame_consistency_error(v_sol, v_tokens, market_cap_sol)
+        if error > self.breaker_settings.max_curve_error:
+            self._fault(CURVE, now, f"frame off the curve maths by {error:.3g}")
+        self.check(now)
+        return self._reports[mark:]
+
+    def record_execution(
+        self, ok: bool, *, reason: str = "", now: float | None = None
+    ) -> list[Report]:
+        """An order's outcome: a failure counts toward the execution breaker."""
+        now = self.clock.now() if now is None else now
+        mark = len(self._reports)
+        if ok:
+            self.consecutive_failures = 0
+        else:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.breaker_settings.max_consecutive_failures:
+                what = f"{self.consecutive_failures} failed orders in a row"
+                self._fault(EXECUTION, now, f"{what}, last: {reason}")
+        self.check(now)
+        return self._reports[mark:]
+
+    def check(self, now: float | None = None) -> list[Report]:
+        """Time-driven checks: silence, recoveries, the daily loss limit (from a timer too)."""
+        now = self.clock.now() if now is None else now
+        mark = len(self._reports)
+        self._count_event(now, add=False)
+        if self.last_event_time is not None:
+            silence = now - self.last_event_time
+            if silence > self.breaker_settings.max_silence_s:
+                self._fault(STALE, now, f"no event for {silence:.0f}s")
+        recovered = []
+        for name, breaker in self.breakers.items():
+            if name == RATE and self._rate() > self.breaker_settings.max_events_per_s:
+                continue
+            change = breaker.check(now)
+            if change is not None:
+                if name == EXECUTION:
+                    # half open: the next failure trips it again
+                    self.consecutive_failures = self.breaker_settings.max_consecutive_failures - 1
+                self._reports.append(change)
+                recovered.append(name)
+        day_start = math.floor(now / SECONDS_PER_DAY) * SECONDS_PER_DAY
+        loss = -self.positions.realized_since(day_start)
+        limit = self.capital * self.limits.max_daily_loss_fraction
+        self.daily_loss_hit = limit > 0 and loss >= limit
+        if self.daily_loss_hit:
+            reason = f"daily loss {loss:.4f} SOL reached the limit {limit:.4f} SOL"
+        elif recovered:
+            reason = f"{', '.join(recovered)} breaker recovered"
+        else:
+            reason = "daily loss limit reset"
+        self._settle(reason)
+        return self._reports[mark:]
+
+    def take_reports(self) -> list[Report]:
+        """Every state and breaker change since the last call, oldest first."""
+        reports, self._reports = self._reports, []
+        return reports
+
+    # ---------------------------------------------------------------- internals
+
+    def _held_count(self) -> int:
+        count = getattr(self.positions, "open_count", None)
+        return int(count) if count is not None else 0
+
+    def _holds_or_reserved(self, token_id: str) -> bool:
+        return self.positions.holds(token_id) or any(
+            m == token_id for m, _ in self.reservations.values()
+        )
+
+    def _token_room(self, token_id: str) -> float:
+        cap = self.capital * self.limits.max_token_exposure_fraction
+        return max(0.0, cap - self.exposure(token_id))
+
+    def _total_room(self) -> float:
+        cap = self.capital * self.limits.max_total_exposure_fraction
+        return max(0.0, cap - self.total_exposure)
+
+    def _check_frame(self, data: TokenTrade | TokenCreated, now: float) -> None:
+        error = frame_consistency_error(
+            data.vSolInBondingCurve, data.vTokensInBondingCurve, data.marketCapSol
+        )
+        if error > self.breaker_settings.max_curve_error:
+            self._fault(CURVE, now, f"{data.mint} frame off the curve maths by {error:.3g}")
+
+    def _fault(self, name: str, now: float, reason: str) -> None:
+        change = self.breakers[name].fault(now, reason)
+        if change is not None:
+            self._reports.append(change)
+            self._settle(f"{name} breaker: {reason}")
+
+    def _rate(self) -> float:
+        return self._events_in_window / self.breaker_settings.rate_window_s
+
+    def _count_event(self, now: float, *, add: bool = True) -> None:
+        buckets = self._event_seconds
+        second = math.floor(now)
+        if add:
+            if buckets and buckets[-1][0] == second:
+                buckets[-1][1] += 1
+            else:
+                buckets.append([second, 1])
+            self._events_in_window += 1
+        horizon = now - self.breaker_settings.rate_window_s
+        while buckets and buckets[0][0] + 1 <= horizon:
+            self._events_in_window -= int(buckets.popleft()[1])
+
+    def _settle(self, reason: str) -> None:
+        state = self.operator_state
+        if self.daily_loss_hit and _SEVERITY[TradingState.REDUCING] > _SEVERITY[state]:
+            state = TradingState.REDUCING
+        if any(b.tripped for b in self.breakers.values()):
+            state = TradingState.HALTED
+        if state is self.state:
+            return
+        change = TradingStateChanged(
+            state=state.value, previous_state=self.state.value, reason=reason
+        )
+        self.state = state
+        self._reports.append(change)

@@ -1,0 +1,224 @@
+"""Settings of trading's domain: entry filters, risk limits, breakers, paper execution.
+
+Every default is argued from the market figures in docs/market.md (restating
+../shared/reference/pumpfun.md); the figures a default rests on are computed with
+:mod:`pumpflow.common.curve` from the launch reserves (30 SOL, 1.073B tokens).
+
+Entry filters (:class:`EntryFilters`):
+
+- ``min_score = 0.6``: the model's score is read as the probability of its positive
+  label. A round trip pays 1.25% curve fee and 1% trade-API fee each way (~4.5%) plus
+  the entry's own impact twice, so a coin flip loses; 0.6 asks for a clear edge.
+  Not from market data: to be tuned by the backtests the issue's measures ask for.
+- ``min_age_s = 10``: PumpPortal announces a token before an ordinary RPC node can
+  read its curve, and bot users complain of sells failing right after buys; 10 s is
+  also the features' shortest window, so the vector has seen a window's trades.
+- ``max_age_s = 240``: graduates take a median 4.4 minutes (264 s) from launch; an
+  entry later than that is behind the graduates' pace, in the 95% of tokens that go
+  quiet within 10-15 minutes.
+- ``min_curve_progress = 0.05``: 5% of the sellable tokens is ~1.15 SOL raised, more
+  than a median creator buy (0.06-2 SOL; 2 SOL alone is 8.4%), so others are buying.
+- ``max_curve_progress = 0.8``: past 80% the price is already 6x launch and the rest
+  of the curve pays at most 2.45x; it is the lifecycle's urgent (close to graduating)
+  band, where late buyers are the early ones' exit.
+- ``max_creator_holding_share = 0.05``: creator buys of 0.06-2 SOL hold 0.2-6.6% of
+  supply; 5% is a 1.5 SOL launch buy, whose sale alone (after 2 SOL more of buys)
+  drops the price ~10%, twice the round trip's fees.
+- ``reject_creator_sold = True``: a creator selling is the rug users ask filters for.
+- ``min_buy_volume_sol_60s = 2.0``: graduates raise ~85 SOL in 4.4 minutes, ~19 SOL a
+  minute; 2 SOL bought in the last minute is ~10% of that pace and 20x the
+  lifecycle's active floor (0.1 SOL/min).
+- ``min_unique_traders = 10``: the feature counts distinct wallets (buyers and
+  sellers; no buyers-only count exists). The active floor is 3; 93 of the top 100
+  wallets by volume are bots, and bot-dominated tokens graduate less often, so a
+  token only a handful of wallets trade is skipped.
+- ``max_top_buyer_share = 0.5``: few, large buys are the best published predictor of
+  graduation, so concentration is allowed, up to one wallet having bought half of
+  all SOL: its one sale would take back half the curve's demand.
+- block lists are empty by default: they are the operator's, not the market's.
+
+Risk limits (:class:`RiskLimits`), as fractions of capital:
+
+- ``max_risk_per_trade = 0.02`` with ``assumed_stop_loss = 0.5``: a dump (the
+  lifecycle's decline drawdown, 50% from the peak) is the loss a position is sized
+  for, so a trade is ``0.02 / 0.5 = 4%`` of capital at full confidence, and 25 dumps
+  in a row lose half the capital.
+- ``max_position_fraction = 0.1`` and ``max_token_exposure_fraction = 0.1``: one
+  token never holds more than a tenth of capital (no pyramiding past it).
+- ``max_concurrent_positions = 5``, ``max_total_exposure_fraction = 0.5``: five full
+  positions at 10% reach the total; half the capital stays in SOL for fees, exits and
+  a bad day (over 60% of active addresses lose money).
+- ``max_daily_loss_fraction = 0.05``: 2.5 dumps at the per-trade risk; past it
+  trading only reduces until the next UTC day.
+- ``max_entry_price_impact = 0.02``: the entry's impact is paid again on the way out,
+  so 2% costs ~4% a round trip, no more than the fees (~4.5%). At launch (30 SOL
+  virtual) that is a 0.61 SOL buy; a curve at 60 SOL takes 1.2 SOL.
+- ``min_order_sol = 0.01``: many trades are well under 0.01 SOL; those are dust, for
+  which the fixed costs of a transaction are out of proportion.
+- ``priority_scale``: the share of a full size each lifecycle priority gets: urgent
+  (active and hot, or close to graduating) and high (active) trade at full and 3/4,
+  normal (new) at half; low (declining) and idle never enter.
+- ``min_confidence_scale = 0.5``: a score just at ``min_score`` trades half a size,
+  a score of 1 a full one.
+
+Circuit breakers (:class:`BreakerSettings`):
+
+- ``max_curve_error = 1e-6``: live frames keep K and the market cap to ~1e-16;
+  lamport and base-unit rounding stays under 1e-10. A larger mismatch is corrupt data.
+- ``max_feed_lag_s = 2.0``: a trade reaching trading 2 s after the feed stamped it
+  means a backlog; at the graduates' ~1.7 trades/s the curve has moved ~3 trades since.
+- ``max_silence_s = 30``: tokens are created at 16-42 a minute and the feed carries
+  every creation; 30 s with no event at all has probability e^-8 at the slowest rate.
+- ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the market averages 23-58
+  trades/s with bursts several times that; 1000/s is 17x the top average and twice
+  the benchmark load (500/s). Beyond it the data is a replay loop or an attack.
+- ``max_consecutive_failures = 3``: one failed order is the market (slippage), three
+  in a row is the executor or the chain.
+- ``recovery_s = 60``: a breaker recovers after a minute without its fault, the
+  lifecycle's quiet-to-declining time: short against the 4.4-minute graduate window,
+  long against a flapping fault.
+
+Paper execution (:class:`PaperExecution`):
+
+- ``latency_s = 0.5``: sending to PumpPortal and landing in a slot; at the graduates'
+  ~1.7 trades/s about one trade gets in first on a hot token.
+- ``slippage_pct = 5.0``: :class:`~pumpflow.common.events.OrderRequested`'s default,
+  PumpPortal's ``slippage`` in percent.
+- ``api_fee_rate = 0.01``: PumpPortal's ``api/trade`` (it signs and sends); its
+  ``trade-local`` costs 0.005.
+- ``pool_fee_rate = 0.0125``: the reference gives no PumpSwap fee; the curve's is a
+  conservative stand-in (see :mod:`pumpflow.common.trading.fills` for the pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pumpflow.common.curve import FEE_RATE
+
+
+def _check_fraction(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be within 0..1, got {value}")
+
+
+def _check_positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntryFilters:
+    """What a token has to show before an entry; defaults argued in the module docstring."""
+
+    min_score: float = 0.6
+    min_age_s: float = 10.0
+    max_age_s: float = 240.0
+    min_curve_progress: float = 0.05
+    max_curve_progress: float = 0.8
+    max_creator_holding_share: float = 0.05
+    reject_creator_sold: bool = True
+    min_buy_volume_sol_60s: float = 2.0
+    min_unique_traders: int = 10
+    max_top_buyer_share: float = 0.5
+    #: case-insensitive substrings of a token's name or symbol that block it
+    name_blocklist: tuple[str, ...] = ()
+    #: creator wallets whose tokens are never entered
+    creator_blocklist: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_fraction(
+            self,
+            "min_score",
+            "min_curve_progress",
+            "max_curve_progress",
+            "max_creator_holding_share",
+            "max_top_buyer_share",
+        )
+        if self.min_curve_progress > self.max_curve_progress:
+            raise ValueError("min_curve_progress must not exceed max_curve_progress")
+        if not 0.0 <= self.min_age_s <= self.max_age_s:
+            raise ValueError("need 0 <= min_age_s <= max_age_s")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RiskLimits:
+    """Sizing and exposure limits, fractions of capital; defaults argued in the module docstring."""
+
+    max_risk_per_trade: float = 0.02
+    max_concurrent_positions: int = 5
+    #: the fall from the entry a position is sized for
+    assumed_stop_loss: float = 0.5
+    max_position_fraction: float = 0.1
+    max_token_exposure_fraction: float = 0.1
+    max_total_exposure_fraction: float = 0.5
+    max_daily_loss_fraction: float = 0.05
+    max_entry_price_impact: float = 0.02
+    min_order_sol: float = 0.01
+    #: share of a full size per lifecycle priority (IDLE, LOW, NORMAL, HIGH, URGENT)
+    priority_scale: tuple[float, ...] = (0.0, 0.0, 0.5, 0.75, 1.0)
+    min_confidence_scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_fraction(
+            self,
+            "max_risk_per_trade",
+            "max_position_fraction",
+            "max_token_exposure_fraction",
+            "max_total_exposure_fraction",
+            "max_daily_loss_fraction",
+            "max_entry_price_impact",
+            "min_confidence_scale",
+        )
+        _check_positive(self, "assumed_stop_loss", "max_concurrent_positions")
+        if self.assumed_stop_loss > 1.0:
+            raise ValueError("assumed_stop_loss must be within 0..1")
+        if len(self.priority_scale) != 5 or not all(0 <= s <= 1 for s in self.priority_scale):
+            raise ValueError("priority_scale needs five shares within 0..1, IDLE to URGENT")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerSettings:
+    """When the circuit breakers trip and recover; defaults argued in the module docstring."""
+
+    max_curve_error: float = 1e-6
+    max_feed_lag_s: float = 2.0
+    max_silence_s: float = 30.0
+    max_events_per_s: float = 1000.0
+    rate_window_s: float = 10.0
+    max_consecutive_failures: int = 3
+    recovery_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self,
+            "max_curve_error",
+            "max_feed_lag_s",
+            "max_silence_s",
+            "max_events_per_s",
+            "rate_window_s",
+            "max_consecutive_failures",
+            "recovery_s",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaperExecution:
+    """How paper orders fill; defaults argued in the module docstring."""
+
+    latency_s: float = 0.5
+    slippage_pct: float = 5.0
+    api_fee_rate: float = 0.01
+    curve_fee_rate: float = FEE_RATE
+    pool_fee_rate: float = FEE_RATE
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0:
+            raise ValueError("latency_s must be >= 0")
+        if self.slippage_pct < 0:
+            raise ValueError("slippage_pct must be >= 0")
+        _check_fraction(self, "api_fee_rate", "curve_fee_rate", "pool_fee_rate")

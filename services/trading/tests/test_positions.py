@@ -1,0 +1,84 @@
+"""The position book: PnL after every fee, exact on a worked example."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.curve import CurveState, quote_buy
+from pumpflow.common.events import OrderFilled, PositionClosed, PositionOpened, PositionUpdated
+from pumpflow.common.trading import PaperExecution, PaperFill, PositionBook, fill_buy, fill_sell
+
+LAUNCH = CurveState()
+EXECUTION = PaperExecution()
+
+
+def filled(order_id: str, fill: PaperFill, mint: str = "m") -> OrderFilled:
+    return OrderFilled(
+        order_id=order_id,
+        mint=mint,
+        side=fill.side,
+        token_amount=fill.tokens,
+        sol_amount=fill.sol,
+        price=fill.price,
+        fee_sol=fill.fee_sol,
+    )
+
+
+def test_pnl_after_every_fee_on_a_worked_example():
+    """Buy 1.01 SOL at launch, another wallet buys 5 SOL, sell everything.
+
+    By the reference's formulas: 1% of the 1.01 SOL goes to the trade API, the curve
+    takes 1 SOL, 1.25% of its net as its fee; the sale's SOL loses 1.25% to the curve
+    and then 1% to the API.
+    """
+    book = PositionBook(EXECUTION)
+    net1 = 1.0 / 1.0125
+    tokens = net1 * 1_073_000_000.0 / (30.0 + net1)
+    v_sol, v_tok = 30.0 + net1, 1_073_000_000.0 - tokens
+    net2 = 5.0 / 1.0125
+    v_sol, v_tok = v_sol + net2, v_tok - net2 * v_tok / (v_sol + net2)
+    gross = tokens * v_sol / (v_tok + tokens)
+    proceeds = gross * (1 - 0.0125) * (1 - 0.01)
+    pnl = proceeds - 1.01
+
+    buy = fill_buy(LAUNCH, 1.01, expected=LAUNCH, execution=EXECUTION)
+    opened = book.apply_fill(filled("entry-1", buy), time=10.0)
+    assert isinstance(opened, PositionOpened)
+    assert opened.position_id == "entry-1"
+    assert opened.token_amount == pytest.approx(tokens, rel=1e-12)
+    assert opened.cost_sol == pytest.approx(1.01, rel=1e-12)
+    assert opened.entry_price == pytest.approx(1.01 / tokens, rel=1e-12)
+
+    after_other = quote_buy(buy.after, 5.0).after
+    assert (after_other.v_sol, after_other.v_tokens) == pytest.approx((v_sol, v_tok), rel=1e-12)
+    position = book.mark("m", after_other, time=11.0)
+    # the mark is what selling it all now would realise, after every fee
+    assert position.unrealized_pnl_sol == pytest.approx(pnl, rel=1e-9)
+    assert book.unrealized_pnl_sol == position.unrealized_pnl_sol
+
+    sale = fill_sell(after_other, buy.tokens, expected=after_other, execution=EXECUTION)
+    assert sale.sol == pytest.approx(proceeds, rel=1e-12)
+    closed = book.apply_fill(filled("exit-1", sale), time=12.0, reason="take profit")
+    assert isinstance(closed, PositionClosed) and closed.reason == "take profit"
+    assert closed.realized_pnl_sol == pytest.approx(pnl, rel=1e-9)
+    assert closed.unrealized_pnl_sol == 0.0
+    assert book.realized_pnl_sol == closed.realized_pnl_sol
+    assert book.open_count == 0 and book.total_exposure == 0.0
+    assert pnl > 0  # 5 SOL bought after us outweigh the ~4.5% the round trip paid
+
+
+def test_a_partial_sale_realises_its_share_of_the_cost_and_a_fill_counts_once():
+    book = PositionBook(EXECUTION)
+    buy = fill_buy(LAUNCH, 2.02, expected=LAUNCH, execution=EXECUTION)
+    book.apply_fill(filled("e", buy), time=1.0)
+    assert book.apply_fill(filled("e", buy), time=1.0) is None  # redelivered
+    assert book.position("m").tokens == buy.tokens
+    half = fill_sell(buy.after, buy.tokens / 2, expected=buy.after, execution=EXECUTION)
+    updated = book.apply_fill(filled("x1", half), time=2.0)
+    assert isinstance(updated, PositionUpdated)
+    assert updated.realized_pnl_sol == pytest.approx(half.sol - buy.sol / 2, rel=1e-12)
+    assert updated.cost_sol == pytest.approx(buy.sol / 2, rel=1e-12)
+    assert book.realized_since(2.0) == updated.realized_pnl_sol
+    assert book.realized_since(2.5) == 0.0
+    # selling straight back loses the fees both ways and the impact
+    assert updated.realized_pnl_sol < 0

@@ -1,0 +1,197 @@
+"""RiskManager: sizing, limits, the kill switch, each circuit breaker's trip and recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
+from pumpflow.common.events import CircuitBreakerChanged, TradingStateChanged, make_event
+from pumpflow.common.priority import Priority
+from pumpflow.common.trading import BreakerSettings, PositionBook, RiskLimits, RiskManager
+
+from .conftest import START
+
+
+def test_size_risks_the_per_trade_fraction_down_to_the_stop():
+    risk = RiskManager(100.0, 0.02, 5)
+    # 2% of 100 SOL at risk over a 50% stop: 4 SOL, under the 10 SOL per-trade cap
+    assert risk.calculate_position_size("m", 1.0, 0.5) == pytest.approx(4.0)
+    # a tight stop would risk more than the cap allows
+    assert risk.calculate_position_size("m", 1.0, 0.99) == pytest.approx(10.0)
+    # confidence 0 is half a size, NORMAL priority half again; LOW none
+    assert risk.calculate_position_size("m", 1.0, 0.5, confidence=0.0) == pytest.approx(2.0)
+    normal = risk.calculate_position_size("m", 1.0, 0.5, priority=Priority.NORMAL)
+    assert normal == pytest.approx(2.0)
+    assert risk.calculate_position_size("m", 1.0, 0.5, priority=Priority.LOW) == 0.0
+    assert risk.calculate_position_size("m", 1.0, 1.2) == 0.0
+    risk.update_capital(10.0)
+    assert risk.calculate_position_size("m", 1.0, 0.5) == pytest.approx(0.4)
+
+
+def test_size_is_capped_by_the_curve_s_depth():
+    risk = RiskManager(1000.0, 0.02, 5)
+    curve = CurveState()
+    size = risk.calculate_position_size("m", curve.price, curve.price / 2, curve=curve)
+    assert size == buy_for_impact(curve, 0.02) == pytest.approx(0.02 * 30 * 1.0125)
+    assert quote_buy(curve, size).price_impact == pytest.approx(0.02)
+
+
+def test_each_limit_holds_and_names_itself():
+    book = PositionBook()
+    risk = RiskManager(100.0, 0.02, 2, positions=book, limits=RiskLimits())
+    assert risk.check_risk_limits("a", 4.0)
+    assert "per-trade" in risk.check_risk_limits("a", 11.0).reason
+    assert "under" in risk.check_risk_limits("a", 0.001).reason
+    risk.reserve("o1", "a", 8.0)
+    assert "token's exposure" in risk.check_risk_limits("a", 4.0).reason
+    assert risk.check_risk_limits("a", 2.0)
+    risk.reserve("o2", "b", 4.0)
+    assert "2 positions" in risk.check_risk_limits("c", 1.0).reason
+    risk.release("o2")
+    assert risk.check_risk_limits("c", 1.0)
+    # total: 50% of capital
+    risk = RiskManager(100.0, 0.02, 20, positions=book)
+    for i in range(4):
+        risk.reserve(f"t{i}", f"m{i}", 10.0)
+    assert risk.check_risk_limits("m9", 10.0)
+    risk.reserve("t4", "m4", 9.0)
+    assert "total exposure" in risk.check_risk_limits("m9", 2.0).reason
+    assert risk.calculate_position_size("m9", 1.0, 0.5) == pytest.approx(1.0)
+
+
+def test_the_kill_switch_halts_entries_and_reports_it(clock):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    [change] = risk.kill("operator: test")
+    assert change == TradingStateChanged(
+        state="halted", previous_state="active", reason="operator: test"
+    )
+    assert not risk.check_risk_limits("m", 1.0)
+    assert "halted" in risk.check_risk_limits("m", 1.0).reason
+    assert risk.kill("again") == []
+    [back] = risk.resume("operator: resume")
+    assert back.state == "active" and risk.check_risk_limits("m", 1.0)
+    assert risk.take_reports() == [change, back]
+
+
+def frame_event(tokens, mint, *, time, **fields):
+    return tokens.buy(mint, "x", sol=0.1, time=time, **fields)
+
+
+def tripped(reports, breaker):
+    return [r for r in reports if isinstance(r, CircuitBreakerChanged) and r.breaker == breaker]
+
+
+def test_curve_breaker_trips_on_a_frame_off_the_curve_and_recovers(clock, market):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    tokens = market.tokens
+    mint = tokens.mint()
+    assert risk.observe(tokens.created(mint), now=START) == []
+    good = tokens.buy(mint, "x", sol=0.1)
+    assert risk.observe(good, now=START) == []
+    bad = tokens.buy(mint, "y", sol=0.1, marketCapSol=good.data.marketCapSol * 1.01)
+    reports = risk.observe(bad, now=START + 1)
+    [trip] = tripped(reports, "curve")
+    assert trip.tripped and "off the curve maths" in trip.reason
+    assert reports[-1] == TradingStateChanged(
+        state="halted", previous_state="active", reason=f"curve breaker: {trip.reason}"
+    )
+    assert not risk.entries_allowed
+    # clean frames keep flowing; a minute after the last bad one it recovers
+    for t in range(2, 61, 5):
+        clock.set_sync(START + t)
+        assert tripped(risk.observe(tokens.buy(mint, "z", sol=0.01), now=START + t), "curve") == []
+    clock.set_sync(START + 61)
+    reports = risk.observe(tokens.buy(mint, "z", sol=0.01), now=START + 61)
+    [recovery] = tripped(reports, "curve")
+    assert not recovery.tripped
+    assert reports[-1].state == "active" and risk.entries_allowed
+
+
+def test_observe_frame_checks_raw_fields(clock):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    assert risk.observe_frame(30.0, 1_073_000_000.0, 27.958993476234857) == []
+    assert tripped(risk.observe_frame(30.0, 1_000_000_000.0, 30.0), "curve")
+
+
+def test_stale_breaker_trips_on_feed_lag_and_on_silence_and_recovers(clock, market):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    tokens = market.tokens
+    mint = tokens.mint()
+    late = tokens.created(mint, time=START - 5.0)
+    [trip] = tripped(risk.observe(late, now=START), "stale")
+    assert "feed lag 5.0s" in trip.reason
+    clock.set_sync(START + 60)
+    [recovery] = tripped(risk.observe(tokens.buy(mint), now=START + 60), "stale")
+    assert not recovery.tripped and risk.entries_allowed
+    # silence: nothing for more than 30 s
+    assert risk.check(START + 90) == []
+    [trip] = tripped(risk.check(START + 91), "stale")
+    assert trip.tripped and "no event for 31s" in trip.reason
+    assert not risk.entries_allowed
+    clock.set_sync(START + 100)
+    assert tripped(risk.observe(tokens.buy(mint), now=START + 100), "stale") == []
+    assert not risk.entries_allowed  # the last fault was at 91 s: a minute to go
+    clock.set_sync(START + 140)
+    assert tripped(risk.observe(tokens.buy(mint), now=START + 140), "stale") == []
+    [recovery] = tripped(risk.check(START + 151), "stale")
+    assert not recovery.tripped and risk.entries_allowed
+
+
+def test_rate_breaker_trips_on_an_anomalous_event_rate_and_recovers(clock, market):
+    # one event observed over and over, then silence: only the rate is under test
+    settings = BreakerSettings(
+        max_events_per_s=100.0, rate_window_s=10.0, max_feed_lag_s=1e9, max_silence_s=1e9
+    )
+    risk = RiskManager(100.0, 0.02, 5, clock=clock, breakers=settings)
+    tokens = market.tokens
+    mint = tokens.mint()
+    event = tokens.created(mint)
+    for i in range(1000):  # 100/s over the window: at the limit, not over it
+        assert risk.observe(event, now=START + i / 100.0) == []
+    [trip] = tripped(risk.observe(event, now=START + 9.999), "rate")
+    assert trip.tripped and not risk.entries_allowed
+    # the burst ends; a minute later the breaker recovers
+    assert risk.check(START + 60) == []
+    [recovery] = tripped(risk.check(START + 70), "rate")
+    assert not recovery.tripped and risk.entries_allowed
+
+
+def test_execution_breaker_trips_on_failures_in_a_row_and_half_opens(clock):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    assert risk.record_execution(False, reason="timeout", now=START) == []
+    assert risk.record_execution(True, now=START) == []
+    assert risk.record_execution(False, reason="timeout", now=START) == []
+    assert risk.record_execution(False, reason="timeout", now=START) == []
+    [trip, halt] = risk.record_execution(False, reason="slippage", now=START + 1)
+    assert trip.breaker == "execution" and "3 failed orders" in trip.reason
+    assert halt.state == "halted"
+    [recovery, resumed] = risk.check(START + 61)
+    assert not recovery.tripped and resumed.state == "active"
+    # half open: one more failure trips it again
+    [again, _] = risk.record_execution(False, reason="timeout", now=START + 62)
+    assert again.tripped
+
+
+def test_the_daily_loss_limit_reduces_until_the_next_day(clock):
+    book = PositionBook()
+    risk = RiskManager(100.0, 0.02, 5, positions=book, clock=clock)
+    day = (START // 86_400 + 1) * 86_400  # a UTC midnight
+    book.realizations.append((day + 10.0, -3.0))
+    assert risk.check(day + 20.0) == []
+    book.realizations.append((day + 30.0, -2.0))
+    [change] = risk.check(day + 40.0)
+    assert change.state == "reducing" and "daily loss" in change.reason
+    assert not risk.check_risk_limits("m", 1.0)
+    # a kill while reducing is more severe; resuming returns to reducing, not active
+    risk.kill("operator")
+    assert risk.resume("operator")[-1].state == "reducing"
+    [back] = risk.check(day + 86_400.0)
+    assert back.state == "active"
+
+
+def test_reports_are_payloads_the_bus_carries():
+    risk = RiskManager(100.0, 0.02, 5)
+    risk.kill("test")
+    for report in risk.take_reports():
+        event = make_event(report, source="trading/test", time=1.0)
+        assert event.key is None and event.critical
