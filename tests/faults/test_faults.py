@@ -41,13 +41,6 @@ OVERSIZE = (
     "a frame over the socket's read limit ends the connection: the frames in flight and "
     "the market until the feed reconnects are lost"
 )
-#: seen now and then (features folded one event of one mint fewer than were stored, no
-#: gap counted): not strict until it is understood, so a lucky run does not fail
-FEATURES_KILL = "a features process killed mid-stream once lost one event of a mint"
-FEATURES_BROKER_RESTART = (
-    "features once folded one event of a mint fewer than were stored across a RabbitMQ "
-    "restart (no gap counted): the loss seen after a kill -9 of features too"
-)
 REDIS_STOP = (
     "Redis stopped 30 s: the feed lets go of the socket once its lease expires, and the "
     "market meanwhile is lost"
@@ -76,7 +69,6 @@ async def run(pipeline, fault, report, *, may_lose: bool = False, late: tuple[st
 
 
 @pytest.mark.fault
-@pytest.mark.xfail(strict=False, reason=FEATURES_KILL)
 async def test_kill_9_features_loses_nothing_and_applies_nothing_twice(make_pipeline, report):
     pipeline = await make_pipeline()
     ledger = await run(pipeline, lambda p: p.kill_and_restart("features"), report)
@@ -148,7 +140,6 @@ async def test_hostile_frames_with_oversize_ones_lose_no_good_one(make_pipeline,
 
 OPEN_OUTAGES = {
     ("redis", 30.0): [pytest.mark.xfail(strict=True, reason=REDIS_STOP)],
-    ("rabbitmq", None): [pytest.mark.xfail(strict=False, reason=FEATURES_BROKER_RESTART)],
 }
 OUTAGES = [
     pytest.param(
