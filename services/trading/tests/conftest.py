@@ -75,8 +75,18 @@ class Market:
     def filled(self, fill: OrderFilled | OrderRejected) -> Event:
         return make_event(fill, source="trading/paper", time=self.clock.now())
 
-    def ready(self, engine: TradingEngine, mint: str | None = None, **features: float) -> str:
-        """A token created, bought into and scored inside every filter; return its mint."""
+    def ready(
+        self,
+        engine: TradingEngine,
+        mint: str | None = None,
+        *,
+        broker: PaperBroker | None = None,
+        **features: float,
+    ) -> str:
+        """A token created, bought into and scored inside every filter; return its mint.
+
+        ``broker`` sees the token events too, as the paper executor would.
+        """
         mint = mint or self.tokens.mint()
         for event in (
             self.tokens.created(mint, sol=0.5, name="Good Coin", symbol="GOOD", trader="dev"),
@@ -85,6 +95,8 @@ class Market:
             self.lifecycle(mint),
         ):
             assert [e.type for e in engine.process(event)] == []
+            if broker is not None:
+                broker.observe(event.data, time=event.time)
         return mint
 
 

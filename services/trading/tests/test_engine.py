@@ -1,0 +1,242 @@
+"""TradingEngine and its policy: entries, filters, order ids, limits under a burst, kill switch."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.events import Event, OrderRequested
+from pumpflow.common.priority import Priority
+from pumpflow.common.trading import (
+    DecisionPolicy,
+    EntryFilters,
+    PaperBroker,
+    PositionBook,
+    RiskManager,
+    TradingEngine,
+    order_id_for,
+)
+
+from .conftest import START
+
+
+def orders(events: list[Event]) -> list[OrderRequested]:
+    return [e.data for e in events if isinstance(e.data, OrderRequested)]
+
+
+def test_a_ready_token_s_prediction_becomes_a_sized_entry_order(engine, market, risk):
+    mint = market.ready(engine)
+    prediction = market.prediction(mint, score=0.9)
+    out = engine.process(prediction)
+    [order] = orders(out)
+    assert order.mint == mint and order.side == "buy"
+    assert order.order_id == order_id_for(prediction.id)
+    assert out[0].causation_id == prediction.id
+    # 4 SOL at full confidence; 0.9 is 3/4 of the way from 0.6 to 1: 0.875 of it;
+    # the curve's depth (2% impact) caps it first
+    curve = engine.views[mint].curve
+    wanted = 4.0 * 0.875
+    assert order.sol_amount == pytest.approx(min(wanted, 0.02 * curve.v_sol * 1.0125))
+    assert risk.exposure(mint) == order.sol_amount  # reserved until filled
+
+
+def test_a_redelivered_prediction_never_sends_a_second_order(engine, market, book, clock):
+    mint = market.ready(engine)
+    prediction = market.prediction(mint)
+    [first] = orders(engine.process(prediction))
+    assert orders(engine.process(prediction)) == []
+    # a second engine deciding the same stream (paper or live) orders the same id
+    other = TradingEngine(
+        None, PositionBook(), RiskManager(100.0, 0.02, 5, clock=clock), clock=clock
+    )
+    market.ready(other, mint)
+    [same] = orders(other.process(prediction))
+    assert same == first
+    assert engine.process(prediction) == other.process(prediction) == []
+
+
+def test_the_order_event_id_is_derived_too(engine, market, clock):
+    mint = market.ready(engine)
+    prediction = market.prediction(mint)
+    [event] = engine.process(prediction)
+    other = TradingEngine(
+        None, PositionBook(), RiskManager(100.0, 0.02, 5, clock=clock), clock=clock
+    )
+    market.ready(other, mint)
+    [again] = other.process(prediction)
+    assert event.id == again.id and len(event.id) == 32
+
+
+@pytest.mark.parametrize("state", ["declining", "inactive", "graduated"])
+def test_no_entry_into_declining_inactive_or_graduated_tokens(engine, market, state):
+    mint = market.ready(engine)
+    engine.process(market.lifecycle(mint, state, Priority.HIGH))
+    decision = engine.make_decision(mint, GOOD)
+    assert not decision.enter
+    assert orders(engine.process(market.prediction(mint))) == []
+
+
+GOOD = {
+    "time_since_launch": 60.0,
+    "curve_progress": 0.2,
+    "creator_holding_share": 0.02,
+    "creator_sold": 0.0,
+    "buy_volume_sol_60s": 5.0,
+    "unique_traders": 25.0,
+    "top_buyer_share": 0.2,
+}
+
+
+def test_a_migrated_token_is_not_entered(engine, market):
+    mint = market.ready(engine)
+    engine.process(market.tokens.migrated(mint))
+    decision = engine.make_decision(mint, GOOD)
+    assert "graduated" in decision.reasons
+
+
+def test_a_new_token_is_entered_at_its_priority_and_a_low_one_not(engine, market, risk):
+    risk.update_capital(20.0)  # sizes well inside the curve's depth
+    mint = market.ready(engine)
+    engine.process(market.lifecycle(mint, "new", Priority.NORMAL))
+    [order] = orders(engine.process(market.prediction(mint, score=1.0)))
+    assert order.sol_amount == pytest.approx(0.4)  # NORMAL: half of 4% of 20 SOL
+    low = market.ready(engine)
+    engine.process(market.lifecycle(low, "new", Priority.LOW))
+    assert "priority LOW" in engine.make_decision(low, GOOD).reasons
+
+
+@pytest.mark.parametrize(
+    ("feature", "value", "reason"),
+    [
+        ("time_since_launch", 5.0, "age"),
+        ("time_since_launch", 300.0, "age"),
+        ("curve_progress", 0.01, "curve progress"),
+        ("curve_progress", 0.85, "curve progress"),
+        ("creator_holding_share", 0.08, "creator holds"),
+        ("creator_sold", 1.0, "creator sold"),
+        ("buy_volume_sol_60s", 1.0, "bought"),
+        ("unique_traders", 5.0, "traders"),
+        ("top_buyer_share", 0.6, "top buyer"),
+    ],
+)
+def test_each_entry_filter_blocks_an_entry(engine, market, feature, value, reason):
+    mint = market.ready(engine, **{feature: value})
+    assert orders(engine.process(market.prediction(mint))) == []
+    [why] = engine.analyze_token(mint, {**GOOD, feature: value}).reasons
+    assert reason in why
+    assert engine.analyze_token(mint, GOOD).enter
+
+
+def test_low_scores_and_missing_inputs_block_an_entry(engine, market):
+    mint = market.ready(engine)
+    assert orders(engine.process(market.prediction(mint, score=0.59))) == []
+    assert "no prediction" in engine.analyze_token("unknown", GOOD).reasons
+    assert "lifecycle unknown" in engine.analyze_token("unknown", GOOD).reasons
+    assert any("features lack" in r for r in engine.analyze_token(mint, {}).reasons)
+
+
+def test_name_and_creator_block_lists(market, book, risk, clock):
+    policy = DecisionPolicy(EntryFilters(name_blocklist=("good",), creator_blocklist=()))
+    engine = TradingEngine(None, book, risk, policy=policy, clock=clock)
+    mint = market.ready(engine)  # named "Good Coin"
+    assert orders(engine.process(market.prediction(mint))) == []
+    assert engine.analyze_token(mint, GOOD).reasons == ("name blocked ('good')",)
+    policy = DecisionPolicy(EntryFilters(creator_blocklist=("dev",)))
+    engine = TradingEngine(None, book, risk, policy=policy, clock=clock)
+    mint = market.ready(engine)
+    assert orders(engine.process(market.prediction(mint))) == []
+    assert engine.analyze_token(mint, GOOD).reasons == ("creator blocked",)
+    # a token whose creation trading never saw cannot be cleared against a block list
+    engine.process(market.features("seen-late"))
+    assert "creator unknown (block list set)" in engine.analyze_token("seen-late", GOOD).reasons
+
+
+def test_every_limit_holds_under_a_burst_of_signals(engine, market, risk, book):
+    mints = [market.ready(engine) for _ in range(12)]
+    sent: list[OrderRequested] = []
+    for _ in range(5):  # each token predicted five times over, interleaved
+        for mint in mints:
+            sent += orders(engine.process(market.prediction(mint, score=1.0)))
+    lim = risk.limits
+    by_token: dict[str, float] = {}
+    for order in sent:
+        by_token[order.mint] = by_token.get(order.mint, 0.0) + order.sol_amount
+    assert len(by_token) == lim.max_concurrent_positions
+    assert max(by_token.values()) <= risk.capital * lim.max_token_exposure_fraction + 1e-9
+    assert sum(by_token.values()) <= risk.capital * lim.max_total_exposure_fraction + 1e-9
+    assert all(o.sol_amount <= risk.capital * lim.max_position_fraction for o in sent)
+    assert risk.total_exposure == pytest.approx(sum(by_token.values()))
+
+
+def test_limits_hold_as_fills_turn_reservations_into_positions(market, clock):
+    book = PositionBook()
+    risk = RiskManager(20.0, 0.02, 3, positions=book, clock=clock)
+    engine = TradingEngine(None, book, risk, clock=clock)
+    broker = PaperBroker()
+    mints = [market.ready(engine, broker=broker) for _ in range(6)]
+    for round_ in range(4):
+        for mint in mints:
+            for event in engine.process(market.prediction(mint, score=1.0)):
+                if isinstance(event.data, OrderRequested):
+                    assert broker.submit(event.data, time=clock.now()) is None
+        clock.set_sync(START + round_ + 1)
+        for outcome in broker.due(clock.now()):
+            engine.process(market.filled(outcome.result))
+        assert book.open_count + len(risk.reservations) <= 3
+        assert risk.total_exposure <= 20.0 * 0.5 + 1e-9
+        for mint in mints:
+            assert risk.exposure(mint) <= 20.0 * 0.1 + 1e-9
+    assert book.open_count == 3 and risk.reservations == {}
+
+
+def test_the_kill_switch_stops_entries_within_one_event(engine, market, risk):
+    mints = [market.ready(engine) for _ in range(3)]
+    [_] = orders(engine.process(market.prediction(mints[0])))
+    risk.kill("operator: stop")
+    out = engine.process(market.prediction(mints[1]))
+    assert orders(out) == []
+    [halt] = [e.data for e in out]
+    assert (halt.state, halt.reason) == ("halted", "operator: stop")
+    risk.resume("operator: go")
+    assert [e.data.state for e in engine.process(market.features(mints[2]))] == ["active"]
+    assert len(orders(engine.process(market.prediction(mints[2])))) == 1
+
+
+def test_a_breaker_trip_stops_entries_from_the_event_that_trips_it(engine, market):
+    mint = market.ready(engine)
+    bad = market.tokens.buy(mint, "x", sol=0.1, marketCapSol=1.0)
+    out = engine.process(bad)
+    assert [type(e.data).__name__ for e in out] == ["CircuitBreakerChanged", "TradingStateChanged"]
+    assert orders(engine.process(market.prediction(mint))) == []
+
+
+def test_fills_open_positions_and_trades_mark_them(engine, market, book, risk, clock):
+    broker = PaperBroker()
+    mint = market.ready(engine, broker=broker)
+    [order] = orders(engine.process(market.prediction(mint)))
+    broker.submit(order, time=START)
+    clock.set_sync(START + 1)
+    [outcome] = broker.due(clock.now())
+    [opened] = engine.process(market.filled(outcome.result))
+    assert opened.type == "position.opened" and opened.data.position_id == order.order_id
+    assert risk.reservations == {} and risk.exposure(mint) == outcome.fill.sol
+    engine.process(market.tokens.buy(mint, "bob", sol=5.0))
+    position = book.position(mint)
+    assert position.unrealized_pnl_sol > 0 and position.mark_price is not None
+
+
+class Collected:
+    """A publisher that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def publish(self, event: Event) -> None:
+        self.events.append(event)
+
+
+async def test_on_feature_event_publishes_what_process_returns(market, book, risk, clock):
+    bus = Collected()
+    engine = TradingEngine(bus, book, risk, clock=clock)
+    mint = market.ready(engine)
+    out = await engine.on_feature_event(market.prediction(mint))
+    assert bus.events == out and len(orders(out)) == 1
