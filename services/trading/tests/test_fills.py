@@ -11,7 +11,7 @@ from pumpflow.common.curve import (
     quote_sell,
     tokens_for_net_sol,
 )
-from pumpflow.common.events import OrderFilled, OrderRejected, OrderRequested
+from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.testing import TokenEvents
 from pumpflow.common.trading import (
     MIGRATION_POOL,
@@ -177,3 +177,23 @@ def test_after_migration_a_sale_fills_on_the_pool_approximation():
     after = broker.market(mint).state
     assert after.v_sol == pytest.approx(before.v_sol + trade.data.solAmount)
     assert after.v_tokens == pytest.approx(before.v_tokens - trade.data.tokenAmount)
+
+
+def test_an_exit_order_decided_on_the_curve_fills_on_the_pool_after_migration():
+    tokens = TokenEvents(start=100.0, step=0.0)
+    execution = PaperExecution(latency_s=0.5)
+    broker = PaperBroker(execution)
+    mint = tokens.mint()
+    broker.observe(tokens.created(mint).data, time=100.0)
+    exit_order = ExitOrder(
+        order_id="x1", mint=mint, position_id="p1", token_amount=5e6, reason="graduated"
+    )
+    assert broker.submit(exit_order, time=100.0) is None
+    broker.observe(tokens.migrated(mint).data, time=100.2)
+    [outcome] = broker.due(100.5)
+    assert isinstance(outcome.result, OrderFilled)
+    assert (outcome.result.side, outcome.result.position_id) == ("sell", "p1")
+    # the pool's price is the one expected: the order cannot slip against the curve it left
+    expected = quote_sell(MIGRATION_POOL, 5e6, fee_rate=execution.pool_fee_rate)
+    assert outcome.fill.venue == VENUE_POOL and outcome.fill.slippage == 0.0
+    assert outcome.fill.sol == expected.sol - expected.sol * execution.api_fee_rate

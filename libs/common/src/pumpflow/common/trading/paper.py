@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pumpflow.common.curve import CurveState, state_from_frame
 from pumpflow.common.events import (
+    ExitOrder,
     OrderFilled,
     OrderRejected,
     OrderRequested,
@@ -73,6 +74,19 @@ class PaperOutcome:
     fill: PaperFill | None = None
 
 
+def sell_order(order: ExitOrder) -> OrderRequested:
+    """The sale an exit order asks for, as the executors take orders."""
+    return OrderRequested(
+        order_id=order.order_id,
+        mint=order.mint,
+        side="sell",
+        token_amount=order.token_amount,
+        slippage_pct=order.slippage_pct,
+        reason=order.reason,
+        position_id=order.position_id,
+    )
+
+
 @dataclass(slots=True)
 class PaperBroker:
     """Fills paper orders after ``execution.latency_s`` on each token's own trade stream."""
@@ -84,8 +98,13 @@ class PaperBroker:
     def market(self, mint: str) -> Market | None:
         return self.markets.get(mint)
 
-    def submit(self, order: OrderRequested, *, time: float) -> PaperOutcome | None:
-        """Queue ``order`` (decided at ``time``); a rejection at once if it cannot fill."""
+    def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> PaperOutcome | None:
+        """Queue ``order`` (decided at ``time``); a rejection at once if it cannot fill.
+
+        An exit service's :class:`ExitOrder` is a sale like any other.
+        """
+        if isinstance(order, ExitOrder):
+            order = sell_order(order)
         market = self.markets.get(order.mint)
         amount = order.sol_amount if order.side == "buy" else order.token_amount
         if market is None or market.state is None:

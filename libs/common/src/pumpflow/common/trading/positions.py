@@ -32,6 +32,9 @@ from pumpflow.common.trading.settings import PaperExecution
 
 #: tokens below which a position counts as sold out (6-decimal base units)
 DUST_TOKENS = 1e-6
+#: how long realised PnL is kept in memory for :meth:`PositionBook.realized_since`
+#: (the daily loss limit reads today's; the ledger keeps them all)
+REALIZATIONS_KEPT_S = 2 * 86_400.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -103,8 +106,10 @@ class PositionBook:
     closed_positions: list[Position] = field(default_factory=list)
     #: order ids already applied, so a fill delivered twice counts once
     applied_orders: set[str] = field(default_factory=set)
-    #: (time, realised PnL) of every sale, for the daily loss limit
+    #: (time, realised PnL) of the recent sales, for the daily loss limit
     realizations: list[tuple[float, float]] = field(default_factory=list)
+    #: realised PnL of the sales older than ``realizations`` holds
+    realized_total: float = 0.0
 
     # ---------------------------------------------------------------- queries
 
@@ -129,7 +134,7 @@ class PositionBook:
 
     @property
     def realized_pnl_sol(self) -> float:
-        return sum(pnl for _, pnl in self.realizations)
+        return self.realized_total + sum(pnl for _, pnl in self.realizations)
 
     @property
     def unrealized_pnl_sol(self) -> float:
@@ -207,6 +212,8 @@ class PositionBook:
         position.tokens -= sold
         self._value(position)
         self.realizations.append((time, realized))
+        while self.realizations and self.realizations[0][0] < time - REALIZATIONS_KEPT_S:
+            self.realized_total += self.realizations.pop(0)[1]
         if position.tokens <= DUST_TOKENS:
             position.tokens = 0.0
             position.cost_sol = 0.0

@@ -72,6 +72,9 @@ class Exposures(Protocol):
 
     def holds(self, mint: str) -> bool: ...
 
+    @property
+    def open_count(self) -> int: ...
+
     def realized_since(self, since: float) -> float: ...
 
 
@@ -85,6 +88,10 @@ class _NoPositions:
 
     def holds(self, mint: str) -> bool:
         return False
+
+    @property
+    def open_count(self) -> int:
+        return 0
 
     def realized_since(self, since: float) -> float:
         return 0.0
@@ -138,9 +145,11 @@ class CircuitBreaker:
 class RiskManager:
     """Sizes entries, holds the limits, the trading state and the circuit breakers.
 
-    ``capital`` is the SOL the limits are fractions of; ``max_risk_per_trade`` and
-    ``max_concurrent_positions`` override ``limits``. ``positions`` is the position
-    book (read only); the clock stamps breakers and the trading day.
+    ``capital`` is the SOL the limits are fractions of (the service keeps it current
+    with :meth:`update_capital`: the account's SOL, on paper the starting capital plus
+    realised PnL); ``max_risk_per_trade`` and ``max_concurrent_positions`` override
+    ``limits``. ``positions`` is the position book (read only); the clock stamps
+    breakers and the trading day (UTC).
     """
 
     def __init__(
@@ -260,7 +269,7 @@ class RiskManager:
         """Tokens held or with an entry in flight."""
         reserved = {m for m, _ in self.reservations.values()}
         held = {m for m in reserved if self.positions.holds(m)}
-        return self._held_count() + len(reserved - held)
+        return self.positions.open_count + len(reserved - held)
 
     # ---------------------------------------------------------------- trading state
 
@@ -381,10 +390,6 @@ class RiskManager:
         return reports
 
     # ---------------------------------------------------------------- internals
-
-    def _held_count(self) -> int:
-        count = getattr(self.positions, "open_count", None)
-        return int(count) if count is not None else 0
 
     def _holds_or_reserved(self, token_id: str) -> bool:
         return self.positions.holds(token_id) or any(
