@@ -15,7 +15,7 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
-from pumpflow.common.testing import EventCollector
+from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
 from pumpflow.features.service import FeaturesService
 from pumpflow.model.service import ModelService, ModelSettings
 from pumpflow.simulator.dataset import market_events
@@ -170,3 +170,53 @@ async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tm
     with pytest.raises(ValueError, match="0123456789abcdef"):
         async with run_embedded([refused], clock=ReplayClock(START)):
             pass
+
+
+async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_its_version(
+    tmp_path,
+):
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(market(seed=7, seconds=300.0))
+    swapped_in = other_model(tmp_path, model_id="entry")
+    model = model_service(model_min_interval_s=0.0)
+    async with run_embedded([model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.prediction")
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+
+            async def publish() -> None:
+                for i, vector in enumerate(vectors):
+                    await system.bus.publish(vector)
+                    if i % 50 == 0:
+                        await asyncio.sleep(0)  # let the swap in between deliveries
+
+            feeding = asyncio.create_task(publish())
+            await eventually(lambda: len(seen.of("model.prediction")) > 200,
+                             what="scoring under way")
+            answer = await http.post(
+                "/models", json={"model_id": "entry", "path": str(swapped_in)},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert not feeding.done(), "the swap must land while vectors still flow"
+            await feeding
+        await system.drain()
+        new_version = answer.json()["card"]["version"]
+        assert new_version != DEFAULT_CARD.version
+        predictions = seen.of("model.prediction")
+        # every vector applied once: scored, or superseded by a newer one of its token
+        assert model.consumer_metrics.counts()["applied"] == len(vectors)
+        skipped = model.processor.skipped
+        assert set(skipped) <= {"superseded"}
+        assert len(predictions) + skipped["superseded"] == len(vectors)
+        assert {p.causation_id for p in predictions} <= {v.id for v in vectors}
+        assert len({p.causation_id for p in predictions}) == len(predictions)
+        # each names its version; per token the old one until the swap, the new one after
+        versions = [p.data.model_version for p in predictions]
+        assert set(versions) == {DEFAULT_CARD.version, new_version}
+        by_mint: dict[str, list[str]] = {}
+        for p in predictions:
+            by_mint.setdefault(p.key, []).append(p.data.model_version)
+        for mine in by_mint.values():
+            assert mine == sorted(mine, key=lambda v: v == new_version)

@@ -26,6 +26,8 @@ import msgspec
 #: the salt of tables that name none: experiments that must reshuffle tokens set their own
 DEFAULT_SALT = "pumpflow-arms-1"
 _SCALE = float(1 << 64)
+#: routes remembered per table: a day of launches (about 22k, docs/market.md) fits
+PLACED_KEPT = 50_000
 
 
 class ArmError(ValueError):
@@ -52,7 +54,7 @@ def mint_fraction(mint: str, salt: str = DEFAULT_SALT) -> float:
 class ArmTable:
     """Arms with weights; routes each mint to one live arm plus every shadow arm."""
 
-    __slots__ = ("_cuts", "_live", "_routes", "arms", "revision", "salt", "shadows")
+    __slots__ = ("_cuts", "_live", "_placed", "_routes", "arms", "revision", "salt", "shadows")
 
     def __init__(self, arms: Iterable[Arm], *, salt: str = DEFAULT_SALT, revision: int = 0):
         self.arms: tuple[Arm, ...] = tuple(arms)
@@ -81,6 +83,8 @@ class ArmTable:
         self._cuts = cuts
         #: per live arm: it, then the shadows (what scores a mint routed to it)
         self._routes = tuple((arm, *self.shadows) for arm in live)
+        #: mint -> its route, for the mints seen lately (a hash per prediction costs more)
+        self._placed: dict[str, tuple[Arm, ...]] = {}
 
     # ---------------------------------------------------------------- routing
 
@@ -90,7 +94,15 @@ class ArmTable:
 
     def route(self, mint: str) -> tuple[Arm, ...]:
         """The arms that score ``mint``: its live arm first, then every shadow arm."""
-        return self._routes[bisect.bisect_right(self._cuts, mint_fraction(mint, self.salt))]
+        placed = self._placed
+        found = placed.get(mint)
+        if found is None:
+            if len(placed) >= PLACED_KEPT:
+                placed.clear()
+            found = placed[mint] = self._routes[
+                bisect.bisect_right(self._cuts, mint_fraction(mint, self.salt))
+            ]
+        return found
 
     def shares(self) -> dict[str, float]:
         """Each live arm's expected share of tokens."""

@@ -1,0 +1,159 @@
+"""The model service's scoring path: predictions per second and the latency of one.
+
+What the keyed consumer runs per delivery, without the bus and the store: the
+processor's ``prepare`` of a batch (the vectors the policy scores, one onnxruntime
+call per model, the shipped default model) and then ``apply`` of each event (the
+policy, the arm, the ``model.prediction`` payload handed to the effects). The
+vectors are a simulated market's ``features.updated``; each batch holds ``--batch``
+tokens' newest vectors, as a delivery of that many tokens does. One process, one
+thread, onnxruntime with one intra-op thread.
+
+Run: .venv/bin/python benchmarks/model_service.py [--quick] [--batch 256] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import msgspec
+import numpy as np
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import Payload
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.model import ModelManager, read_model
+from pumpflow.common.model.arms import Arm, ArmTable
+from pumpflow.common.model.processor import ModelProcessor, ScoringPolicy
+from pumpflow.common.testing import FeatureUpdates
+from pumpflow.model import DEFAULT_MODEL_PATH
+
+START = 1_700_000_000.0
+
+
+class Effects:
+    """The effects a keyed consumer hands the processor, keeping only what is emitted."""
+
+    __slots__ = ("emitted", "key", "more", "now")
+
+    def __init__(self) -> None:
+        self.key = ""
+        self.now = START
+        self.more = False
+        self.emitted = 0
+
+    def emit(self, payload: Payload, *, time: float) -> None:
+        self.emitted += 1
+
+    def set_timer(self, at: float) -> None:  # pragma: no cover - never asked
+        pass
+
+    def cancel_timer(self) -> None:  # pragma: no cover
+        pass
+
+    def set_priority(self, priority: int) -> None:  # pragma: no cover
+        pass
+
+    def retire(self, ttl_s: float) -> None:
+        pass
+
+
+def market_vectors(seconds: float) -> list:
+    from pumpflow.simulator.dataset import market_events
+    from pumpflow.simulator.market import Market, MarketConfig
+
+    events = market_events(Market(MarketConfig(seed=3)), seconds, start_epoch=START,
+                           source="feed/sim")
+    return FeatureUpdates().of(events)
+
+
+def batches_of(vectors: list, size: int) -> list[list]:
+    """Deliveries of ``size`` tokens' vectors each: the market's vectors in order, each
+    given to one of ``size`` tokens in turn (a delivery of that many busy tokens)."""
+    mints = [f"bench-mint-{i:04d}" for i in range(size)]
+    usable = len(vectors) // size * size
+    return [
+        [msgspec.structs.replace(v, key=mints[j]) for j, v in enumerate(vectors[i:i + size])]
+        for i in range(0, usable, size)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    seconds = 1.5 if args.quick else 5.0
+    _, card = read_model(DEFAULT_MODEL_PATH)
+    manager = ModelManager(None, FeatureManager(), clock=ReplayClock(START))
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    arms = ArmTable([Arm(name="control", model_id="entry")])
+    # every vector scored: the policy's interval would only thin the work measured
+    processor = ModelProcessor(manager, arms, policy=ScoringPolicy(min_interval_s=0.0))
+    vectors = market_vectors(600.0)
+    batches = batches_of(vectors, args.batch)
+    print(f"{len(vectors):,} vectors of a simulated market; {len(batches)} batches of "
+          f"{args.batch} tokens; model {card.model_id} {card.version}")
+    effects = Effects()
+    states = {}
+    initial = processor.initial
+    apply = processor.apply
+
+    def run_batch(batch) -> None:
+        processor.prepare(batch, states.get)
+        for event in batch:
+            effects.key = event.key
+            state = states.get(event.key)
+            if state is None:
+                state = states[event.key] = initial(event.key)
+            apply(state, event, effects)
+
+    def rate() -> float:
+        done = 0
+        started = time.process_time()
+        while (elapsed := time.process_time() - started) < seconds:
+            for batch in batches:
+                run_batch(batch)
+                done += len(batch)
+            states.clear()
+        return done / elapsed
+
+    run_batch(batches[0])
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        rate()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+    per_s = rate()
+    print(f"batched by {args.batch} tokens: {per_s:,.0f} predictions per CPU second "
+          f"through prepare + apply (processor and one onnxruntime call per batch)")
+
+    # the share of it that is the model call itself
+    matrices = [np.array([e.data.values for e in b]) for b in batches]
+    done, started = 0, time.process_time()
+    while (elapsed := time.process_time() - started) < seconds:
+        for rows in matrices:
+            manager.predict_batch("entry", rows)
+            done += len(rows)
+    print(f"  of which the model: {done / elapsed:,.0f} rows per CPU second "
+          "through ModelManager.predict_batch alone")
+
+    # one prediction: a vector delivered alone, from its delivery to its payload emitted
+    latencies = []
+    singles = vectors[: 2000 if args.quick else 10000]
+    for event in singles:
+        states.clear()
+        started = time.perf_counter()
+        run_batch([event])
+        latencies.append(time.perf_counter() - started)
+    p50, p99, worst = np.percentile(latencies, [50, 99, 100]) * 1e6
+    print(f"one prediction (a delivery of one vector): p50 {p50:.0f} us, p99 {p99:.0f} us, "
+          f"max {worst:.0f} us over {len(latencies):,}")
+
+
+if __name__ == "__main__":
+    main()
