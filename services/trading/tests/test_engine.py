@@ -7,12 +7,15 @@ import pytest
 from pumpflow.common.events import Event, OrderRequested
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
+    MIGRATION_POOL,
+    VENUE_POOL,
     DecisionPolicy,
     EntryFilters,
     PaperBroker,
     PositionBook,
     RiskManager,
     TradingEngine,
+    exit_value,
     order_id_for,
 )
 
@@ -240,3 +243,22 @@ async def test_on_feature_event_publishes_what_process_returns(market, book, ris
     mint = market.ready(engine)
     out = await engine.on_feature_event(market.prediction(mint))
     assert bus.events == out and len(orders(out)) == 1
+
+
+def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, clock):
+    broker = PaperBroker()
+    mint = market.ready(engine, broker=broker)
+    [order] = orders(engine.process(market.prediction(mint)))
+    broker.submit(order, time=clock.now())
+    clock.set_sync(START + 1)
+    [outcome] = broker.due(clock.now())
+    engine.process(market.filled(outcome.result))
+    engine.process(market.tokens.migrated(mint))
+    position = book.position(mint)
+    on_pool = exit_value(
+        MIGRATION_POOL, position.tokens, execution=book.execution, venue=VENUE_POOL
+    )
+    assert position.mark_value_sol == on_pool
+    engine.process(market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm"))
+    assert position.mark_value_sol > on_pool
+    assert "graduated" in engine.make_decision(mint, GOOD).reasons

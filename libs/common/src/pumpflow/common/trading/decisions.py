@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ModelPrediction, TokenLifecycle
 from pumpflow.common.priority import Priority
+from pumpflow.common.trading.paper import Market
 from pumpflow.common.trading.settings import EntryFilters
 
 #: lifecycle states a token may be entered in
@@ -53,6 +54,8 @@ class TokenView:
     #: the curve as of the token's last trade (None before any, or after migration)
     curve: CurveState | None = None
     migrated: bool = False
+    #: where the token trades and its state there (the pool after migration), for marks
+    market: Market = field(default_factory=Market)
     lifecycle: TokenLifecycle | None = None
     prediction: ModelPrediction | None = None
     #: the latest features vector, by name

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.curve import state_from_frame
 from pumpflow.common.events import (
     Event,
     FeaturesUpdated,
@@ -43,14 +42,13 @@ from pumpflow.common.events import (
     TokenTrade,
     make_event,
 )
-from pumpflow.common.pumpportal import POOL_PUMP_AMM
 from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
     TokenView,
     order_id_for,
 )
-from pumpflow.common.trading.fills import MIGRATION_POOL, VENUE_POOL
+from pumpflow.common.trading.fills import VENUE_POOL
 from pumpflow.common.trading.positions import PositionBook
 from pumpflow.common.trading.risk import RiskManager
 
@@ -187,12 +185,8 @@ class TradingEngine:
         self.risk.observe(event, now=now)
         produced: list[Payload] = []
         data = event.data
-        if isinstance(data, TokenTrade | TokenCreated):
-            self._on_token_frame(data, event.time)
-        elif isinstance(data, TokenMigrated):
-            view = self._view(data.mint)
-            view.migrated = True
-            self.positions.mark(data.mint, MIGRATION_POOL, time=event.time, venue=VENUE_POOL)
+        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+            self._on_token_event(data, event.time)
         elif isinstance(data, FeaturesUpdated):
             view = self._view(data.mint)
             view.features = dict(zip(data.names, data.values, strict=True))
@@ -235,18 +229,22 @@ class TradingEngine:
             view = self.views[mint] = TokenView(mint=mint)
         return view
 
-    def _on_token_frame(self, data: TokenTrade | TokenCreated, time: float) -> None:
+    def _on_token_event(self, data: TokenTrade | TokenCreated | TokenMigrated, time: float) -> None:
         view = self._view(data.mint)
         if isinstance(data, TokenCreated):
             view.name = data.name
             view.symbol = data.symbol
             view.creator = data.traderPublicKey
             view.created_at = time
-        if data.pool == POOL_PUMP_AMM:
-            return
-        state = state_from_frame(data.vSolInBondingCurve, data.vTokensInBondingCurve)
-        view.curve = state
-        self.positions.mark(data.mint, state, time=time)
+        view.market.apply(data)
+        market = view.market
+        if market.venue == VENUE_POOL:
+            view.migrated = True
+            view.curve = None
+        else:
+            view.curve = market.state
+        if market.state is not None:
+            self.positions.mark(data.mint, market.state, time=time, venue=market.venue)
 
     def _remember(self, order_id: str) -> None:
         self.sent_orders[order_id] = None

@@ -41,10 +41,34 @@ from pumpflow.common.trading.settings import PaperExecution
 
 @dataclass(slots=True)
 class Market:
-    """Where one token trades now, and its state there."""
+    """Where one token trades now, and its state there, from its own token events."""
 
     venue: str = VENUE_CURVE
     state: CurveState | None = None
+
+    def apply(self, payload: object) -> None:
+        """Follow a token event: a curve frame, the migration, or a trade on the pool."""
+        if isinstance(payload, TokenMigrated):
+            self._to_pool()
+            return
+        if not isinstance(payload, TokenTrade | TokenCreated):
+            return
+        if self.venue == VENUE_POOL or payload.pool == VENUE_POOL:
+            if payload.pool == VENUE_CURVE:
+                return  # a curve trade stamped before the migration, arriving after it
+            self._to_pool()
+            sol = payload.solAmount
+            if isinstance(payload, TokenTrade) and sol is not None and self.state is not None:
+                self.state = pool_after_trade(
+                    self.state, payload.txType, float(sol), float(payload.tokenAmount)
+                )
+            return
+        self.state = state_from_frame(payload.vSolInBondingCurve, payload.vTokensInBondingCurve)
+
+    def _to_pool(self) -> None:
+        if self.venue != VENUE_POOL:
+            self.venue = VENUE_POOL
+            self.state = MIGRATION_POOL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,25 +154,11 @@ class PaperBroker:
 
     def observe(self, payload: object, *, time: float) -> list[PaperOutcome]:
         """Take a token event stamped ``time``; return the orders it shows are due, filled."""
-        if isinstance(payload, TokenTrade | TokenCreated):
-            mint = payload.mint
-            outcomes = self._fill_due(mint, before=time)
-            market = self.markets.setdefault(mint, Market())
-            if payload.pool == VENUE_POOL or market.venue == VENUE_POOL:
-                self._move_pool(market, payload)
-            else:
-                market.state = state_from_frame(
-                    payload.vSolInBondingCurve, payload.vTokensInBondingCurve
-                )
-            return outcomes
-        if isinstance(payload, TokenMigrated):
-            outcomes = self._fill_due(payload.mint, before=time)
-            market = self.markets.setdefault(payload.mint, Market())
-            if market.venue != VENUE_POOL:
-                market.venue = VENUE_POOL
-                market.state = MIGRATION_POOL
-            return outcomes
-        return []
+        if not isinstance(payload, TokenTrade | TokenCreated | TokenMigrated):
+            return []
+        outcomes = self._fill_due(payload.mint, before=time)
+        self.markets.setdefault(payload.mint, Market()).apply(payload)
+        return outcomes
 
     def due(self, now: float) -> list[PaperOutcome]:
         """Fill every order whose latency has passed by ``now`` on its token's last state."""
@@ -169,16 +179,6 @@ class PaperBroker:
             self.pending.pop(mint, None)
 
     # ---------------------------------------------------------------- internals
-
-    def _move_pool(self, market: Market, payload: TokenTrade | TokenCreated) -> None:
-        if market.venue != VENUE_POOL:
-            market.venue = VENUE_POOL
-            market.state = MIGRATION_POOL
-        sol = payload.solAmount
-        if isinstance(payload, TokenTrade) and sol is not None and market.state is not None:
-            market.state = pool_after_trade(
-                market.state, payload.txType, float(sol), float(payload.tokenAmount)
-            )
 
     def _fill_due(self, mint: str, *, before: float, inclusive: bool = False) -> list[PaperOutcome]:
         orders = self.pending.get(mint)
