@@ -158,3 +158,16 @@ def test_every_reference_frame_is_consistent():
     ]
     for v_sol, v_tokens, market_cap in frames:
         assert curve.frame_consistency_error(v_sol, v_tokens, market_cap) < 1e-12
+
+
+@pytest.mark.parametrize("buys", [0.0, 5.0, 40.0, 84.0])
+def test_buy_for_impact_is_the_largest_buy_within_the_impact(buys):
+    state = curve.quote_buy(START, buys).after if buys else START
+    size = curve.buy_for_impact(state, 0.02)
+    quote = curve.quote_buy(state, size)
+    if curve.tokens_for_net_sol(state, 0.02 * state.v_sol) <= state.real_token_reserves:
+        assert quote.price_impact == pytest.approx(0.02, rel=1e-9)
+        assert curve.quote_buy(state, size * 1.001).price_impact > 0.02
+    else:  # near the end the curve runs out first: the buy takes what is left
+        assert quote.price_impact < 0.02
+        assert quote.tokens == pytest.approx(state.real_token_reserves, rel=1e-9)

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pumpflow.common.curve import (
-    CurveState,
-    buy_for_impact,
-    quote_buy,
-    quote_sell,
-    tokens_for_net_sol,
-)
+from pumpflow.common.curve import CurveState, quote_buy, quote_sell
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.testing import TokenEvents
 from pumpflow.common.trading import (
@@ -77,19 +71,6 @@ def test_slippage_over_the_limit_is_rejected_and_within_it_fills():
     dumped = quote_sell(moved, 40_000_000.0).after
     sale = fill_sell(dumped, 1_000_000.0, expected=moved, execution=PaperExecution())
     assert isinstance(sale, FillRejection)
-
-
-@pytest.mark.parametrize("buys", [0.0, 5.0, 40.0, 84.0])
-def test_buy_for_impact_is_the_largest_buy_within_the_impact(buys):
-    state = quote_buy(LAUNCH, buys).after if buys else LAUNCH
-    size = buy_for_impact(state, 0.02)
-    quote = quote_buy(state, size)
-    if tokens_for_net_sol(state, 0.02 * state.v_sol) <= state.real_token_reserves:
-        assert quote.price_impact == pytest.approx(0.02, rel=1e-9)
-        assert quote_buy(state, size * 1.001).price_impact > 0.02
-    else:  # near the end the curve runs out first: the buy takes what is left
-        assert quote.price_impact < 0.02
-        assert quote.tokens == pytest.approx(state.real_token_reserves, rel=1e-9)
 
 
 def order(mint: str, order_id: str = "o1", **fields) -> OrderRequested:
