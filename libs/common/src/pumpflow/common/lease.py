@@ -15,6 +15,17 @@ once the store's contents (:meth:`StateStore.epoch`) are a TTL old, since a hold
 from before the loss may hold the lease by its own clock until then. Together: at
 most one holder acts at any time (docs/architecture.md, "One PumpPortal connection").
 
+A :class:`LeaderLease` may hold its lease in several stores at once (Redis and
+Postgres, :class:`~pumpflow.common.db.leases.PostgresLeaseStore`), so that an outage of
+one does not end it. A candidate is elected only when it takes the lease in every
+store; a leader keeps it while it renews it in any one (it retakes the others when
+they come back). Why never two leaders: a candidate can take the lease in a store only
+once the leader's claim there ran out, so it holds all of them only once the leader
+renewed none for a TTL, and by then the leader, counting from before its last
+renewal, has stepped down. A store that lost its contents may hide a claim, so the
+settling wait applies to each such store (a durable one hides none). The price: while
+one store is away, a leader that dies is replaced only once that store is back.
+
 :class:`Lease` is one holder's handle on the key. :class:`LeaderLease` runs the
 election around it for a single-writer role (the feed's PumpPortal connection, the
 live executor): it campaigns until the lease is ours, renews it, and calls back when
@@ -32,16 +43,31 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.state.abc import StateStore
 
 log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "lease:"
+
+
+class LeaseStore(Protocol):
+    """What a lease needs of a store (a StateStore has it, and so has Postgres)."""
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool: ...
+
+    async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool: ...
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def epoch(self) -> tuple[bytes, float]:
+        """An id of the store's current contents and their age in seconds (inf: never lost)."""
+        ...
 
 
 class Lease:
@@ -49,7 +75,7 @@ class Lease:
 
     def __init__(
         self,
-        store: StateStore,
+        store: LeaseStore,
         name: str,
         holder: str,
         ttl_s: float,
@@ -167,7 +193,7 @@ class LeaderLease:
 
     def __init__(
         self,
-        store: StateStore,
+        store: LeaseStore | Sequence[LeaseStore],
         config: LeaderLeaseConfig,
         *,
         on_elected: Callback,
@@ -176,7 +202,14 @@ class LeaderLease:
         on_resign: Callback | None = None,
     ):
         self.config = config
-        self.lease = Lease(store, config.name, config.holder, config.ttl_s)
+        stores = list(store) if isinstance(store, Sequence) else [store]
+        if not stores:
+            raise ValueError("a leader lease needs a store")
+        #: the lease in each store; held in all to be elected, in any one to lead on
+        self.leases = [Lease(s, config.name, config.holder, config.ttl_s) for s in stores]
+        self.lease = self.leases[0]
+        #: per store: renewed in the last round (for the log when that changes)
+        self._renewed_in = [True] * len(stores)
         self._on_elected = on_elected
         self._on_lost = on_lost
         self._on_renewed = on_renewed
@@ -197,7 +230,8 @@ class LeaderLease:
         self.losses = 0
 
     @property
-    def store(self) -> StateStore:
+    def store(self) -> LeaseStore:
+        """The first store (where a leader keeps what its successor needs)."""
         return self.lease.store
 
     @property
@@ -252,29 +286,34 @@ class LeaderLease:
                     await renewer
             self._renewer = None
         if self.is_leader:
-            try:
-                await self.lease.release()
-            except Exception:
-                log.exception(
-                    "lease %s: release by %s failed (it runs out within %g s)",
-                    self.config.name, self.holder, self.config.ttl_s,
-                )  # fmt: skip
+            await self._release()
         self._role = "stopped"
         self._standing_by.set()
 
     # ------------------------------------------------------------------ internals
 
     async def _acquire(self) -> bool:
+        """Take the lease in every store, or in none (what was taken is given back)."""
         started = time.monotonic()
+        deadline = started + self.config.ttl_s
+        taken: list[Lease] = []
         try:
-            acquired = await asyncio.wait_for(self.lease.acquire(), self.config.ttl_s)
+            for lease in self.leases:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await asyncio.wait_for(lease.acquire(), left):
+                    break
+                taken.append(lease)
         except Exception as exc:
             log.warning("lease %s: acquire by %s failed: %s: %s",
                         self.config.name, self.holder, type(exc).__name__, exc)  # fmt: skip
+        if len(taken) < len(self.leases):
+            for lease in taken:
+                # a leader that holds the other stores retakes this one as it renews
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lease.release(), max(0.1, self.config.interval_s))
             return False
-        if not acquired:
-            return False
-        self._deadline = started + self.config.ttl_s
+        self._deadline = deadline
+        self._renewed_in = [True] * len(self.leases)
         if time.monotonic() >= self._deadline:
             return False  # the answer came too late to act on: it may have run out already
         return True
@@ -319,16 +358,22 @@ class LeaderLease:
         await self._on_elected()
 
     async def _settling_time(self) -> float:
-        """How long to wait before acting: the TTL less the age of the store's contents."""
-        try:
-            # bounded inside the lease just acquired, whose renewals start after
-            left = self._deadline - time.monotonic()
-            _, age = await asyncio.wait_for(self.store.epoch(), max(0.0, left) / 2)
-        except Exception as exc:
-            log.warning("lease %s: the store's epoch is unknown (%s: %s); waiting a full TTL",
-                        self.config.name, type(exc).__name__, exc)  # fmt: skip
-            return self.config.ttl_s
-        return max(0.0, self.config.ttl_s - age)
+        """How long to wait before acting: the TTL less the age of the youngest store's
+        contents (a store that lost them may have lost a holder's claim with them)."""
+        # bounded inside the lease just acquired, whose renewals start after
+        left = max(0.0, self._deadline - time.monotonic()) / 2
+        ages = await asyncio.gather(
+            *(asyncio.wait_for(lease.store.epoch(), left) for lease in self.leases),
+            return_exceptions=True,
+        )
+        wait = 0.0
+        for age in ages:
+            if isinstance(age, BaseException):
+                log.warning("lease %s: a store's epoch is unknown (%s: %s); waiting a full TTL",
+                            self.config.name, type(age).__name__, age)  # fmt: skip
+                return self.config.ttl_s
+            wait = max(wait, self.config.ttl_s - age[1])
+        return wait
 
     async def _run(self, settle: float) -> None:
         if settle:
@@ -357,25 +402,42 @@ class LeaderLease:
                 self._renewer = None
 
     async def _renew_once(self) -> str | None:
-        """Renew before the deadline; return why it was lost, or None when renewed."""
+        """Renew before the deadline in every store that answers; return why the lease
+        was lost, or None when renewed in one store at least."""
         while True:
             started = time.monotonic()
             left = self._deadline - started
             if left <= 0:
                 return "it ran out before it was renewed"
-            try:
-                renewed = await asyncio.wait_for(self.lease.renew(), left)
-            except TimeoutError:
-                return "the store did not answer before it ran out"
-            except Exception as exc:
-                log.warning("lease %s: renewal by %s failed (%s: %s); retrying",
-                            self.config.name, self.holder, type(exc).__name__, exc)  # fmt: skip
-                await asyncio.sleep(min(self.config.interval_s / 4, max(0.0, left) / 2))
-                continue
-            if not renewed:
+            results = await asyncio.gather(
+                *(asyncio.wait_for(_renew_in(lease), left) for lease in self.leases),
+                return_exceptions=True,
+            )
+            self._note_stores(results)
+            if any(r is True for r in results):
+                self._deadline = started + self.config.ttl_s
+                return None
+            if all(r is False for r in results):
                 return "another holds it"
-            self._deadline = started + self.config.ttl_s
-            return None
+            if time.monotonic() >= self._deadline:
+                return "no store answered before it ran out"
+            await asyncio.sleep(min(self.config.interval_s / 4, max(0.0, left) / 2))
+
+    def _note_stores(self, results: list[bool | BaseException]) -> None:
+        """Log each store's renewal when it changes (failed, refused, renewed again)."""
+        for i, result in enumerate(results):
+            renewed = result is True
+            if renewed == self._renewed_in[i]:
+                continue
+            self._renewed_in[i] = renewed
+            store = type(self.leases[i].store).__name__
+            if renewed:
+                log.info("lease %s: %s renews it in %s again",
+                         self.config.name, self.holder, store)  # fmt: skip
+            else:
+                why = "another holds it there" if result is False else f"{result!r}"
+                log.warning("lease %s: renewal by %s in %s failed (%s)",
+                            self.config.name, self.holder, store, why)  # fmt: skip
 
     async def _step_down(self, reason: str, *, release: bool = False) -> None:
         if self._role != "leader":
@@ -391,16 +453,33 @@ class LeaderLease:
         log.warning("lease %s lost by %s: %s", self.config.name, self.holder, reason)
         await self._call("on_lost", self._on_lost)
         if release:
-            with contextlib.suppress(Exception):
-                await self.lease.release()
+            await self._release()
         if not self._stopping:
             self._standing_by.set()
+
+    async def _release(self) -> None:
+        """Give the lease up in every store, so another can take it at once."""
+        for lease in self.leases:
+            try:
+                await asyncio.wait_for(lease.release(), self.config.ttl_s)
+            except Exception as exc:
+                log.warning(
+                    "lease %s: release by %s in %s failed (it runs out within %g s): %r",
+                    self.config.name, self.holder, type(lease.store).__name__,
+                    self.config.ttl_s, exc,
+                )  # fmt: skip
 
     async def _call(self, what: str, callback: Callback) -> None:
         try:
             await callback()
         except Exception:
             log.exception("lease %s: %s of %s failed", self.config.name, what, self.holder)
+
+
+async def _renew_in(lease: Lease) -> bool:
+    """Renew ``lease`` in its store, or take it there again once it ran out there (the
+    leader still holds it in another store, and nobody holds it in this one)."""
+    return await (lease.renew() if lease.held else lease.acquire())
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
