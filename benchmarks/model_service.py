@@ -3,10 +3,11 @@
 What the keyed consumer runs per delivery, without the bus and the store: the
 processor's ``prepare`` of a batch (the vectors the policy scores, one onnxruntime
 call per model, the shipped default model) and then ``apply`` of each event (the
-policy, the arm, the ``model.prediction`` payload handed to the effects). The
-vectors are a simulated market's ``features.updated``; each batch holds ``--batch``
-tokens' newest vectors, as a delivery of that many tokens does. One process, one
-thread, onnxruntime with one intra-op thread.
+policy, the arm, the ``model.prediction`` payload handed to the effects, and, as the
+service does, each vector's price observed and each prediction registered with the
+label tracker; ``--no-labels`` leaves that out). The vectors are a simulated market's
+``features.updated``; each batch holds ``--batch`` tokens' vectors, as a delivery of
+that many tokens does. One process, one thread, onnxruntime with one intra-op thread.
 
 Run: .venv/bin/python benchmarks/model_service.py [--quick] [--batch 256] [--profile]
 """
@@ -26,6 +27,7 @@ from pumpflow.common.events import Payload
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import ModelManager, read_model
 from pumpflow.common.model.arms import Arm, ArmTable
+from pumpflow.common.model.performance import LabelTracker
 from pumpflow.common.model.processor import ModelProcessor, ScoringPolicy
 from pumpflow.common.testing import FeatureUpdates
 from pumpflow.model import DEFAULT_MODEL_PATH
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="without following predictions to their labels")
     args = parser.parse_args()
     seconds = 1.5 if args.quick else 5.0
     _, card = read_model(DEFAULT_MODEL_PATH)
@@ -92,7 +96,10 @@ def main() -> None:
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     arms = ArmTable([Arm(name="control", model_id="entry")])
     # every vector scored: the policy's interval would only thin the work measured
-    processor = ModelProcessor(manager, arms, policy=ScoringPolicy(min_interval_s=0.0))
+    processor = ModelProcessor(
+        manager, arms, policy=ScoringPolicy(min_interval_s=0.0),
+        labels=None if args.no_labels else LabelTracker(clock=ReplayClock(START)),
+    )
     vectors = market_vectors(600.0)
     batches = batches_of(vectors, args.batch)
     print(f"{len(vectors):,} vectors of a simulated market; {len(batches)} batches of "

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.activity.service import ActivityService
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.model.arms import ArmTable
+from pumpflow.common.model.metrics import auc
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
@@ -77,6 +78,14 @@ async def test_predictions_flow_from_a_simulated_market_with_the_default_model()
             times = [e.time for e in mine]
             assert all(b - a >= 0.5 for a, b in itertools.pairwise(times))
         assert model.processor.prepared_rows > 0  # batches were scored ahead
+        # live performance: past the horizon every prediction's label is out
+        await clock.advance(DEFAULT_CARD.label.horizon_s + 10.0)
+        assert model.resolve_labels() > 0
+        figures = model.performance.figures("entry", "control")
+        assert figures is not None and figures.labels > 0
+        assert figures.versions == (DEFAULT_CARD.version,)
+        labels, scores = model.performance.window_of("entry", "control")
+        assert figures.metrics["auc"] == pytest.approx(auc(labels, scores), nan_ok=True)
         assert model.metrics.predictions("control", "entry", DEFAULT_CARD.version) == len(
             predictions
         )

@@ -12,6 +12,13 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   more than it frees, see docs/benchmarks.md). Every vector of the live feature set
   also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
   whose transitions go out as ``model.drift``.
+- Live performance: every prediction (shadows too) is followed to its label by a
+  :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
+  vectors in each token's order; labels due go every second into a
+  :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
+  the threshold, Brier per model and arm), exported as metrics. Both are in memory:
+  a replica measures the tokens of its partitions, and labels pending at a restart
+  or a rebalance are lost.
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
@@ -19,7 +26,8 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   model is swapped whole between two tokens' steps.
 - HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``GET /arms``,
   ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
-  ``GET /models/{id}/performance``, ``GET /models/{id}/drift``, ``GET /scoring``.
+  ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
+  and the live figures per arm), ``GET /models/{id}/drift``, ``GET /scoring``.
   Mutating routes need the bearer token (``PUMPFLOW_API_TOKEN``).
 """
 
@@ -43,6 +51,7 @@ from pumpflow.common.model import CardError, ModelError, ModelManager
 from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
 from pumpflow.common.model.card import Task, vector_row
 from pumpflow.common.model.drift import DriftMonitor
+from pumpflow.common.model.performance import LabelTracker, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model_metrics import ModelMonitorMetrics
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -121,6 +130,8 @@ class ModelService(Service):
         self._ctx: ServiceContext | None = None
         self._changing = asyncio.Lock()
         self._loops: list[asyncio.Task] = []
+        self.labels: LabelTracker | None = None
+        self.performance: RollingPerformance | None = None
 
     @property
     def manager(self) -> ModelManager:
@@ -137,8 +148,10 @@ class ModelService(Service):
         serving = stored if stored is not None else self._configured_serving()
         # a model that cannot be served (another feature set, expired) stops the start
         self._apply(serving)
+        self.labels = LabelTracker(clock=ctx.clock)
+        self.performance = RollingPerformance()
         self.processor = ModelProcessor(
-            self.manager, serving.table(), policy=self.settings.policy()
+            self.manager, serving.table(), policy=self.settings.policy(), labels=self.labels
         )
         self.consumer = ctx.keyed_consumer(
             self.processor,
@@ -151,7 +164,7 @@ class ModelService(Service):
         await self.consumer.start()
         self._loops = [
             asyncio.create_task(self._serving_loop(), name="model-serving"),
-            asyncio.create_task(self._drift_loop(), name="model-drift"),
+            asyncio.create_task(self._monitor_loop(), name="model-monitor"),
         ]
 
     async def stop(self) -> None:
@@ -317,13 +330,26 @@ class ModelService(Service):
         for payload in pending:
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
 
-    async def _drift_loop(self) -> None:
+    def resolve_labels(self) -> int:
+        """Count the labels due into the rolling performance; export it. Returns labels."""
+        resolved = self.labels.resolve_due()
+        performance = self.performance
+        performance.extend(resolved)
+        self.monitor_metrics.performance(
+            figures for key in performance.keys()
+            if (figures := performance.figures(*key)) is not None
+        )
+        self.monitor_metrics.labels(self.labels)
+        return len(resolved)
+
+    async def _monitor_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.model_drift_publish_s)
+            await asyncio.sleep(self.settings.model_monitor_s)
             try:
+                self.resolve_labels()
                 await self._publish_drift()
             except Exception:
-                log.exception("model: publishing drift transitions failed; retrying")
+                log.exception("model: drift or live performance failed; retrying")
 
     # ---------------------------------------------------------------- reads
 
@@ -442,7 +468,13 @@ class ModelService(Service):
         @api.get("/models/{model_id}/performance")
         async def performance(model_id: str) -> dict[str, Any]:
             model_or_404(model_id)
-            return msgspec.to_builtins(self.manager.get_model_performance(model_id))
+            found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
+            found["live"] = {
+                arm: msgspec.to_builtins(figures)
+                for arm, figures in self.performance.by_arm(model_id).items()
+            }
+            found["labels_pending"] = self.labels.pending
+            return found
 
         @api.get("/models/{model_id}/drift")
         async def drift(model_id: str) -> dict[str, Any]:

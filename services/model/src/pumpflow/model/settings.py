@@ -41,8 +41,9 @@ class ModelSettings(CommonSettings):
     model_serving_refresh_s: float = Field(
         2.0, gt=0, description="how often a replica reads the shared serving (models, arms)"
     )
-    model_drift_publish_s: float = Field(
-        1.0, gt=0, description="model.drift transitions are published this often"
+    model_monitor_s: float = Field(
+        1.0, gt=0,
+        description="how often drift transitions are published and labels due are counted",
     )
     model_workers: int = Field(4, ge=1, le=256, description="token workers")
     model_window: int = Field(

@@ -31,6 +31,7 @@ really scored it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.model.card import ModelCard, vector_row
 from pumpflow.common.model.manager import ModelError, ModelManager
+from pumpflow.common.model.performance import LabelTracker
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
@@ -98,8 +100,12 @@ class ModelProcessor:
         *,
         policy: ScoringPolicy | None = None,
         feature_set_version: str | None = None,
+        labels: LabelTracker | None = None,
     ):
         self.manager = manager
+        #: follows every prediction to its label (live performance); None: not measured
+        self.labels = labels
+        self._price_at: dict[tuple[str, ...], int | None] = {}
         self.arms = arms
         self.policy = policy or ScoringPolicy()
         #: the live feature-set version (default: the manager's feature manager's)
@@ -178,10 +184,19 @@ class ModelProcessor:
             state.lifecycle = event.data.state
             if state.lifecycle in RETIRING:
                 effects.retire(self.policy.retire_ttl_s)
+                if self.labels is not None:
+                    self.labels.retire(effects.key)
             return state
         if kind != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"the model service does not consume {kind}")
         prepared = self._prepared.pop(event.id, None)
+        data = event.data
+        labels = self.labels
+        price = math.nan
+        if labels is not None and data.feature_set_version == self.feature_set_version:
+            # every price counts for the labels pending, scored vector or not
+            price = self._price(data)
+            labels.observe(effects.key, event.time, price)
         if effects.more:
             self.skipped["superseded"] += 1
             return state
@@ -189,7 +204,6 @@ class ModelProcessor:
             self.skipped["retired"] += 1
             effects.retire(self.policy.retire_ttl_s)  # a late vector loaded it: let it go
             return state
-        data = event.data
         if data.feature_set_version != self.feature_set_version:
             self.skipped["feature_set"] += 1
             return state
@@ -206,6 +220,11 @@ class ModelProcessor:
                 if found is None:
                     continue
             card, score, seconds = found
+            if labels is not None:
+                labels.register(
+                    mint=mint, time=event.time, price=price, model_id=model_id,
+                    version=card.version, arm=arm.name, score=score, definition=card.label,
+                )
             effects.emit(
                 ModelPrediction(
                     mint=mint,
@@ -229,6 +248,14 @@ class ModelProcessor:
         else:
             self.skipped["no_model"] += 1
         return state
+
+    def _price(self, data: FeaturesUpdated) -> float:
+        """The vector's ``price`` feature (the price its trade left), NaN without one."""
+        names = data.names
+        at = self._price_at.get(names, -1)
+        if at == -1:
+            at = self._price_at[names] = names.index("price") if "price" in names else None
+        return math.nan if at is None else data.values[at]
 
     def _score_alone(self, model_id: str, data: FeaturesUpdated) -> _Score | None:
         manager = self.manager
