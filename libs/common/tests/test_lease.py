@@ -12,21 +12,37 @@ import time
 import pytest
 
 from pumpflow.common.clock import WallClock
+from pumpflow.common.db.leases import PostgresLeaseStore
+from pumpflow.common.db.pool import create_pool
 from pumpflow.common.lease import LeaderLease, LeaderLeaseConfig, Lease
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
-from pumpflow.common.testing import eventually
+from pumpflow.common.testing import POSTGRES_DSN, drop_schema, eventually
 
 #: short, but several event-loop hiccups of a busy machine long
 TTL = 0.6
 NAME = "writer"
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 async def store(request, namespace, redis_url):
     if request.param == "memory":
         # leases time out on the wall clock: so must the store's TTLs
         yield MemoryStateStore(WallClock())
+        return
+    if request.param == "postgres":
+        pool = await create_pool(POSTGRES_DSN, namespace)
+        try:
+            yield PostgresLeaseStore(pool)
+        finally:
+            await pool.close()
+            await drop_schema(POSTGRES_DSN, namespace)
         return
     redis_store = RedisStateStore(url=redis_url, namespace=namespace)
     try:
@@ -329,3 +345,114 @@ async def test_no_two_holders_are_connected_when_redis_loses_the_lease(own_redis
         await second.stop()
         await one_store.close()
         await two_store.close()
+
+
+# ---------------------------------------------------------------- a lease in two stores
+
+#: the lease in Redis and in Postgres: a TTL a Redis outage outlasts
+DUAL_TTL = 1.5
+
+
+def dual_lease(stores, connection: Connection) -> LeaderLease:
+    return LeaderLease(
+        stores,
+        LeaderLeaseConfig(name=NAME, holder=connection.holder, ttl_s=DUAL_TTL),
+        on_elected=connection.connect,
+        on_lost=connection.disconnect,
+    )
+
+
+@pytest.mark.postgres
+async def test_a_holder_keeps_its_connection_through_a_redis_outage_longer_than_its_ttl(
+    own_redis, namespace, pg_pool
+):
+    timeline: list[tuple[float, str, bool]] = []
+    redis_one = RedisStateStore(url=own_redis.url, namespace=namespace)
+    redis_two = RedisStateStore(url=own_redis.url, namespace=namespace)
+    postgres = PostgresLeaseStore(pg_pool)
+    one, two = Connection("one", timeline), Connection("two", timeline)
+    first, second = dual_lease([redis_one, postgres], one), dual_lease([redis_two, postgres], two)
+    try:
+        await first.start()
+        assert one.open
+        await second.start()
+        assert second.role == "standby"
+        await asyncio.to_thread(own_redis.stop)
+        stopped = time.monotonic()
+        # three TTLs without Redis: renewed in Postgres all along
+        renewals = first.renewals
+        await eventually(lambda: time.monotonic() - stopped > 3 * DUAL_TTL, within=30)
+        assert first.renewals >= renewals + 6
+        await asyncio.to_thread(own_redis.start)
+        # back in Redis too (it came back empty)
+        await eventually(
+            lambda: first.lease.current_holder(), within=10, what="held in Redis again"
+        )
+        assert await first.lease.current_holder() == "one"
+        assert first.losses == 0 and first.is_leader and one.open
+        assert not two.open and second.elections == 0
+        assert timeline == [timeline[0]]  # connected once, never dropped
+    finally:
+        await first.stop()
+        await second.stop()
+        await redis_one.close()
+        await redis_two.close()
+
+
+@pytest.mark.postgres
+async def test_a_holder_cut_off_from_redis_leads_on_and_no_second_one_connects(
+    own_redis, namespace, pg_pool
+):
+    """Only the holder loses Redis: the standby takes the Redis key once the holder's
+    claim there ran out, cannot take Postgres, and gives Redis back."""
+    timeline: list[tuple[float, str, bool]] = []
+    redis_one = RedisStateStore(url=own_redis.url, namespace=namespace)
+    redis_two = RedisStateStore(url=own_redis.url, namespace=namespace)
+    way = Cuttable(redis_one)
+    postgres = PostgresLeaseStore(pg_pool)
+    one, two = Connection("one", timeline), Connection("two", timeline)
+    first, second = dual_lease([way, postgres], one), dual_lease([redis_two, postgres], two)
+    try:
+        await first.start()
+        await second.start()
+        way.cut = True
+        cut = time.monotonic()
+        await eventually(lambda: time.monotonic() - cut > 4 * DUAL_TTL, within=30)
+        assert first.is_leader and one.open and first.losses == 0
+        assert not two.open and second.elections == 0
+        way.cut = False
+        await eventually(
+            lambda: first.lease.current_holder(), within=10, what="held in Redis again"
+        )
+        assert await first.lease.current_holder() == "one"
+        assert most_open_at_once(timeline) == 1 and timeline == [timeline[0]]
+    finally:
+        await first.stop()
+        await second.stop()
+        await redis_one.close()
+        await redis_two.close()
+
+
+@pytest.mark.postgres
+async def test_a_holder_cut_off_from_both_stores_is_replaced_after_it_let_go(
+    own_redis, namespace, pg_pool
+):
+    timeline: list[tuple[float, str, bool]] = []
+    redis_one = RedisStateStore(url=own_redis.url, namespace=namespace)
+    redis_two = RedisStateStore(url=own_redis.url, namespace=namespace)
+    to_redis, to_postgres = Cuttable(redis_one), Cuttable(PostgresLeaseStore(pg_pool))
+    one, two = Connection("one", timeline), Connection("two", timeline)
+    first = dual_lease([to_redis, to_postgres], one)
+    second = dual_lease([redis_two, PostgresLeaseStore(pg_pool)], two)
+    try:
+        await first.start()
+        await second.start()
+        to_redis.cut = to_postgres.cut = True
+        await eventually(lambda: two.open, within=10 * DUAL_TTL, what="the standby connected")
+        assert not one.open and first.losses == 1
+        assert most_open_at_once(timeline) == 1, timeline
+    finally:
+        await first.stop()
+        await second.stop()
+        await redis_one.close()
+        await redis_two.close()
