@@ -171,3 +171,13 @@ def test_buy_for_impact_is_the_largest_buy_within_the_impact(buys):
     else:  # near the end the curve runs out first: the buy takes what is left
         assert quote.price_impact < 0.02
         assert quote.tokens == pytest.approx(state.real_token_reserves, rel=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=states(), impact=st.floats(min_value=1e-6, max_value=0.9))
+def test_a_sale_sized_for_an_impact_has_that_impact(state, impact):
+    tokens = curve.sell_for_impact(state, impact)
+    assert curve.quote_sell(state, tokens).price_impact == pytest.approx(impact, abs=1e-9)
+    assert curve.quote_sell(state, tokens * 1.01).price_impact > impact
+    with pytest.raises(CurveError):
+        curve.sell_for_impact(state, 1.0)

@@ -185,6 +185,17 @@ def quote_sell(state: CurveState, tokens: float, *, fee_rate: float = FEE_RATE) 
     )
 
 
+def sell_for_impact(state: CurveState, max_impact: float) -> float:
+    """Most tokens a sale may sell with its :attr:`Quote.price_impact` at most ``max_impact``.
+
+    Selling ``n`` tokens pays an average ``vSol / (vTok + n)``, ``n / (vTok + n)`` below
+    the price before it (the fee is outside the curve), so ``n = i x vTok / (1 - i)``.
+    """
+    if not 0 <= max_impact < 1:
+        raise CurveError(f"price impact must be in [0, 1), got {max_impact}")
+    return max_impact * state.v_tokens / (1.0 - max_impact)
+
+
 def state_from_frame(v_sol: float, v_tokens: float) -> CurveState:
     """Curve state from a frame's ``vSolInBondingCurve`` and ``vTokensInBondingCurve``."""
     return CurveState(v_sol=float(v_sol), v_tokens=float(v_tokens))
