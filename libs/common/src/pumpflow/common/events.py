@@ -334,6 +334,8 @@ class SystemShutdown(Payload, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One position's exit; ``reason`` is the rule that sold it."""
+
     position_id: str
     mint: str
     tokens_sold: float
@@ -341,9 +343,22 @@ class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tranches: int
     completed: bool
     reason: str = ""
+    #: the token's price when the exit began, what the slippage is measured against
+    mark_price: float | None = None
+    #: average price of the fills on the venue, before fees
+    average_price: float | None = None
+    #: 1 - average_price / mark_price: what the sale's own impact and the wait cost
+    slippage: float | None = None
+    #: the tokens sold valued at ``mark_price`` (fees not taken off)
+    mark_value_sol: float | None = None
+    fee_sol: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class ExitReport(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """One exit, or (``graceful``) the summary of a graceful exit of every position."""
+
     TYPE: ClassVar[str] = "exit.report"
     KEY_FIELD: ClassVar[str | None] = None
 
@@ -351,6 +366,13 @@ class ExitReport(Payload, frozen=True, kw_only=True, omit_defaults=True):
     started_at: float
     finished_at: float
     positions: tuple[ExitLine, ...] = ()
+    graceful: bool = False
+    deadline: float | None = None
+    sol_recovered: float | None = None
+    mark_value_sol: float | None = None
+    worst_slippage: float | None = None
+    #: positions the exit could not sell in full
+    positions_left: int | None = None
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,272 @@
+"""GracefulExitManager: sells every open position by a deadline, in tranches, in order.
+
+Collaborators come by injection: the event bus (anything with ``publish``), the
+position manager (its ``open_positions`` by mint) and the trade executor (an
+``execute_exit`` of one tranche's :class:`~pumpflow.common.events.ExitOrder`,
+answering its fill or its refusal). The plan is :class:`~.planner.ExitPlanner`'s;
+this class runs it on the injected clock and publishes an ``exit.report`` per
+position as it is sold out and a summary (``graceful``) at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pumpflow.common.clock import Clock
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    LifecycleState,
+    OrderFilled,
+    OrderRejected,
+    Payload,
+    make_event,
+)
+from pumpflow.common.exit.planner import (
+    DEADLINE,
+    GRACEFUL,
+    ExitPlanner,
+    GracefulExitConfig,
+    HeldPosition,
+    PlannedTranche,
+    QueuedExit,
+)
+from pumpflow.common.exit.report import ExitRecord, GracefulExitSummary
+
+
+class Publisher(Protocol):
+    async def publish(self, event: Event) -> None: ...
+
+
+class OpenPositions(Protocol):
+    """The position manager as the exit reads it (trading's ``PositionBook`` fits)."""
+
+    @property
+    def open_positions(self) -> Mapping[str, HeldPosition]: ...
+
+
+class ExitExecutor(Protocol):
+    """Sells one tranche; answers the fill, or the refusal with its reason."""
+
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected: ...
+
+
+WaitUntil = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExitProgress:
+    """Where a graceful exit stands."""
+
+    started: bool
+    done: bool
+    positions: int
+    sold_out: int
+    in_flight: int
+    tranches: int
+    tokens_at_start: float
+    tokens_left: float
+    sol_recovered: float
+    elapsed_s: float
+    #: seconds left to the deadline (negative once past it)
+    deadline_margin_s: float
+
+
+class GracefulExitManager:
+    """Runs a graceful exit of every open position; see the module docstring."""
+
+    def __init__(
+        self,
+        event_bus: Publisher,
+        position_manager: OpenPositions,
+        trade_executor: ExitExecutor,
+        *,
+        clock: Clock,
+        config: GracefulExitConfig | None = None,
+        source: str = "exit",
+        wait_until: WaitUntil | None = None,
+    ) -> None:
+        self.event_bus = event_bus
+        self.position_manager = position_manager
+        self.trade_executor = trade_executor
+        self.clock = clock
+        self.planner = ExitPlanner(config or GracefulExitConfig())
+        self.source = source
+        self._wait_until = wait_until or self._wait_on_clock
+        self.reason = ""
+        self.records: dict[str, ExitRecord] = {}
+        self.summary: GracefulExitSummary | None = None
+        self._markets: dict[str, CurveState] = {}
+        self._lifecycles: dict[str, tuple[LifecycleState, float | None]] = {}
+
+    # ---------------------------------------------------------------- inputs
+
+    @property
+    def accepting_entries(self) -> bool:
+        """False from the moment a graceful exit begins."""
+        return self.planner.started_at is None
+
+    def on_market(self, mint: str, state: CurveState) -> None:
+        """The token's curve (or pool) as its latest trade reports it; re-prioritises."""
+        self._markets[mint] = state
+        self.planner.update_market(mint, state)
+
+    def on_lifecycle(
+        self, mint: str, state: LifecycleState, activity_level: float | None = None
+    ) -> None:
+        self._lifecycles[mint] = (state, activity_level)
+        self.planner.update_lifecycle(mint, state, activity_level)
+
+    # ---------------------------------------------------------------- the exit
+
+    @property
+    def exit_queue(self) -> list[QueuedExit]:
+        """Positions still to sell, the next first (as last prioritised)."""
+        return [self.planner.exits[mint] for _, _, mint in sorted(self.planner.queue)]
+
+    def begin_graceful_exit(
+        self, reason: str = "shutdown", *, deadline: float | None = None
+    ) -> int:
+        """Queue every open position (once, however often called); how many are queued."""
+        now = self.clock.now()
+        if self.planner.started_at is None:
+            self.reason = reason
+            self.planner.begin(now, deadline=deadline)
+        for position in list(self.position_manager.open_positions.values()):
+            lifecycle, level = self._lifecycles.get(position.mint, (None, None))
+            queued = self.planner.add(
+                position,
+                state=self._markets.get(position.mint),
+                lifecycle=lifecycle,
+                activity_level=level or 0.0,
+            )
+            if queued is not None and queued.mint not in self.records:
+                self.records[queued.mint] = ExitRecord(
+                    mint=queued.mint,
+                    position_id=queued.position_id,
+                    rule=GRACEFUL,
+                    tokens_at_start=queued.tokens_at_start,
+                    mark_price=queued.mark_price,
+                    started_at=now,
+                )
+        self.prioritize_exits()
+        return len(self.planner.exits)
+
+    def prioritize_exits(self) -> list[QueuedExit]:
+        """Score every position left and reorder the queue."""
+        return self.planner.prioritize(self.clock.now())
+
+    async def execute_next_exit(self) -> PlannedTranche | None:
+        """Sell the next tranche due now; None if no position is ready."""
+        tranche = self.planner.next_tranche(self.clock.now())
+        if tranche is not None:
+            await self._execute(tranche)
+        return tranche
+
+    async def run(self) -> GracefulExitSummary:
+        """Sell until every position is sold or the deadline passed; the summary.
+
+        Tranches of different tokens go out together, up to ``max_orders_in_flight``
+        (a token's tranches one after the other), a round at a time.
+        """
+        if self.planner.started_at is None:
+            self.begin_graceful_exit()
+        limit = self.planner.config.max_orders_in_flight
+        while not self.planner.done:
+            now = self.clock.now()
+            tranches = []
+            while len(tranches) < limit:
+                tranche = self.planner.next_tranche(now)
+                if tranche is None:
+                    break
+                tranches.append(tranche)
+            if tranches:
+                await asyncio.gather(*(self._execute(t) for t in tranches))
+                continue
+            deadline = self.planner.deadline
+            when = self.planner.next_ready_at()
+            if when is None or (deadline is not None and when > deadline):
+                break
+            await self._wait_until(when)
+        return await self._finish(force=True)
+
+    def calculate_optimal_exit_price(self, token_id: str) -> float | None:
+        """Average price (before fees) the plan expects for what is left of ``token_id``."""
+        return self.planner.expected_exit_price(token_id)
+
+    def monitor_exit_progress(self) -> ExitProgress:
+        now = self.clock.now()
+        exits = self.planner.exits.values()
+        started = self.planner.started_at
+        return ExitProgress(
+            started=started is not None,
+            done=started is not None and self.planner.done,
+            positions=len(self.planner.exits),
+            sold_out=sum(1 for q in exits if q.done),
+            in_flight=sum(1 for q in exits if q.in_flight),
+            tranches=sum(q.tranches_filled for q in exits),
+            tokens_at_start=sum(q.tokens_at_start for q in exits),
+            tokens_left=sum(q.tokens_left for q in exits),
+            sol_recovered=sum(r.sol_received for r in self.records.values()),
+            elapsed_s=0.0 if started is None else now - started,
+            deadline_margin_s=(self.planner.deadline or now) - now,
+        )
+
+    # ---------------------------------------------------------------- internals
+
+    async def _execute(self, tranche: PlannedTranche) -> None:
+        outcome = await self.trade_executor.execute_exit(tranche.order())
+        now = self.clock.now()
+        record = self.records[tranche.mint]
+        if isinstance(outcome, OrderFilled):
+            queued = self.planner.record_fill(tranche, outcome.token_amount, now)
+            record.add_fill(outcome, now)
+            if tranche.rule == DEADLINE:
+                record.rule = DEADLINE
+            if queued.done:
+                record.finish(now)
+                await self._publish(record.report())
+        else:
+            self.planner.record_rejection(tranche, now)
+        await self._finish_if_done()
+
+    async def _finish_if_done(self) -> None:
+        if self.planner.done and self.summary is None:
+            await self._finish(force=False)
+
+    async def _finish(self, *, force: bool) -> GracefulExitSummary:
+        if self.summary is not None:
+            return self.summary
+        now = self.clock.now()
+        for record in self.records.values():
+            if record.finished_at is None and (force or record.completed):
+                record.finish(now)
+        self.summary = GracefulExitSummary(
+            reason=self.reason or "shutdown",
+            started_at=self.planner.started_at if self.planner.started_at is not None else now,
+            finished_at=now,
+            deadline=self.planner.deadline if self.planner.deadline is not None else now,
+            lines=tuple(r.line() for r in self.records.values()),
+        )
+        await self._publish(self.summary.report())
+        return self.summary
+
+    async def _publish(self, payload: Payload) -> None:
+        await self.event_bus.publish(make_event(payload, source=self.source, time=self.clock.now()))
+
+    async def _wait_on_clock(self, when: float) -> None:
+        reached = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not reached.done():
+                reached.set_result(None)
+
+        handle = self.clock.call_at(when, wake)
+        try:
+            await reached
+        finally:
+            handle.cancel()

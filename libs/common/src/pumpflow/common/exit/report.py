@@ -1,0 +1,209 @@
+"""Exit reports: what each exit realised against the mark when it began, and a summary.
+
+Slippage is ``1 - average fill price / mark price``, both before fees: what the sale's
+own impact and the market's move while it ran cost. ``sol_recovered`` is what the
+fills paid after every fee; ``mark_value_sol`` values the same tokens at the mark, so
+their difference is everything the exit cost, fees included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pumpflow.common.events import ExitLine, ExitReport, OrderFilled
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrancheFill:
+    order_id: str
+    tokens: float
+    sol: float
+    price: float
+    fee_sol: float
+    time: float
+
+
+@dataclass(slots=True, kw_only=True)
+class ExitRecord:
+    """One position's exit as it happens: its fills against its starting mark."""
+
+    mint: str
+    position_id: str
+    rule: str
+    tokens_at_start: float
+    mark_price: float | None
+    started_at: float
+    fills: list[TrancheFill] = field(default_factory=list)
+    finished_at: float | None = None
+
+    def add_fill(self, fill: OrderFilled, time: float) -> TrancheFill:
+        tranche = TrancheFill(
+            order_id=fill.order_id,
+            tokens=fill.token_amount,
+            sol=fill.sol_amount,
+            price=fill.price,
+            fee_sol=fill.fee_sol,
+            time=time,
+        )
+        if all(f.order_id != fill.order_id for f in self.fills):
+            self.fills.append(tranche)
+        return tranche
+
+    def finish(self, time: float, *, rule: str | None = None) -> None:
+        self.finished_at = time
+        if rule is not None:
+            self.rule = rule
+
+    @property
+    def tokens_sold(self) -> float:
+        return sum(f.tokens for f in self.fills)
+
+    @property
+    def sol_received(self) -> float:
+        return sum(f.sol for f in self.fills)
+
+    @property
+    def fee_sol(self) -> float:
+        return sum(f.fee_sol for f in self.fills)
+
+    @property
+    def completed(self) -> bool:
+        return self.tokens_sold >= self.tokens_at_start * (1 - 1e-9)
+
+    @property
+    def average_price(self) -> float | None:
+        sold = self.tokens_sold
+        return sum(f.price * f.tokens for f in self.fills) / sold if sold else None
+
+    @property
+    def slippage(self) -> float | None:
+        average = self.average_price
+        if average is None or not self.mark_price:
+            return None
+        return 1.0 - average / self.mark_price
+
+    @property
+    def mark_value_sol(self) -> float | None:
+        return self.tokens_sold * self.mark_price if self.mark_price else None
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    def line(self) -> ExitLine:
+        return ExitLine(
+            position_id=self.position_id,
+            mint=self.mint,
+            tokens_sold=self.tokens_sold,
+            sol_received=self.sol_received,
+            tranches=len(self.fills),
+            completed=self.completed,
+            reason=self.rule,
+            mark_price=self.mark_price,
+            average_price=self.average_price,
+            slippage=self.slippage,
+            mark_value_sol=self.mark_value_sol,
+            fee_sol=self.fee_sol,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+    def report(self) -> ExitReport:
+        """This exit alone, as an ``exit.report``."""
+        return ExitReport(
+            reason=self.rule,
+            started_at=self.started_at,
+            finished_at=self.finished_at if self.finished_at is not None else self.started_at,
+            positions=(self.line(),),
+            sol_recovered=self.sol_received,
+            mark_value_sol=self.mark_value_sol,
+            worst_slippage=self.slippage,
+            positions_left=0 if self.completed else 1,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GracefulExitSummary:
+    """A graceful exit of every position, at its end (or as far as it got)."""
+
+    reason: str
+    started_at: float
+    finished_at: float
+    deadline: float
+    lines: tuple[ExitLine, ...]
+
+    @property
+    def positions(self) -> int:
+        return len(self.lines)
+
+    @property
+    def positions_left(self) -> int:
+        return sum(1 for line in self.lines if not line.completed)
+
+    @property
+    def tranches(self) -> int:
+        return sum(line.tranches for line in self.lines)
+
+    @property
+    def sol_recovered(self) -> float:
+        return sum(line.sol_received for line in self.lines)
+
+    @property
+    def mark_value_sol(self) -> float:
+        return sum(line.mark_value_sol or 0.0 for line in self.lines)
+
+    @property
+    def worst_slippage(self) -> float | None:
+        slippages = [line.slippage for line in self.lines if line.slippage is not None]
+        return max(slippages) if slippages else None
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished_at - self.started_at
+
+    @property
+    def deadline_margin_s(self) -> float:
+        return self.deadline - self.finished_at
+
+    def report(self) -> ExitReport:
+        return ExitReport(
+            reason=self.reason,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            positions=self.lines,
+            graceful=True,
+            deadline=self.deadline,
+            sol_recovered=self.sol_recovered,
+            mark_value_sol=self.mark_value_sol,
+            worst_slippage=self.worst_slippage,
+            positions_left=self.positions_left,
+        )
+
+    @classmethod
+    def from_report(cls, report: ExitReport) -> GracefulExitSummary:
+        return cls(
+            reason=report.reason,
+            started_at=report.started_at,
+            finished_at=report.finished_at,
+            deadline=report.deadline if report.deadline is not None else report.finished_at,
+            lines=report.positions,
+        )
+
+    def text(self) -> str:
+        """The summary as the CLI prints it."""
+        worst = self.worst_slippage
+        lines = [
+            f"graceful exit ({self.reason}): {self.positions} positions, "
+            f"{self.positions - self.positions_left} sold out, {self.tranches} tranches "
+            f"in {self.duration_s:.1f}s ({self.deadline_margin_s:+.1f}s to the deadline)",
+            f"SOL recovered {self.sol_recovered:.4f} against {self.mark_value_sol:.4f} at the "
+            f"marks; worst slippage {'-' if worst is None else f'{worst:.2%}'}",
+        ]
+        for line in self.lines:
+            slip = "-" if line.slippage is None else f"{line.slippage:.2%}"
+            lines.append(
+                f"  {line.mint[:12]:<12} {line.reason:<9} {line.tranches:>3} tranches "
+                f"{line.sol_received:>10.4f} SOL  slippage {slip}"
+                + ("" if line.completed else "  NOT SOLD OUT")
+            )
+        return "\n".join(lines)

@@ -1,0 +1,463 @@
+"""Exit rules of one position: declared, configurable, each firing once per condition.
+
+A position's gain is its mark price (the curve's price, SOL per token) against its
+entry price (SOL paid per token, every fee included), less one: right after a buy it
+is a little below zero, by the fees and the entry's own impact.
+
+Defaults, from the market figures in docs/market.md and ../shared/reference/pumpfun.md:
+
+- **Fees**: a round trip pays the curve's 1.25% twice and the trade API's 1% twice,
+  about 4.5% before any price impact. Nothing below a gain of a few times that is
+  worth a sale's fees, so the first take-profit step is at +50%.
+- **Take-profit ladder** (``+50%: 25%``, ``+100%: 25%``, ``+200%: 25%`` of the size
+  bought): 68.7% of tokens stop trading on their launch day and most go quiet within
+  minutes, so a gain is taken while it is there. Selling a quarter at +50% and a
+  quarter at +100% returns ~0.875 of the stake before fees: the rest rides for free.
+  The last quarter rides the trailing stop towards the curve's end, where the price is
+  ~14.7x the launch price (a graduate reaches it in a median 4.4 minutes).
+- **Trailing stop** (armed once the peak gain reaches +20%; gives back 30% from the
+  peak, 20% once the peak gain is +100%, 12% once it is +300%): the lifecycle calls a
+  50% fall from the peak a dump (``LifecycleThresholds.decline_drawdown``), so the
+  stop sits well inside that. On a constant-product curve the price goes with the
+  square of the SOL in it, so the SOL a peak's buyers take out moves the price twice
+  as much: the further a token has run, the more there is to give back in one dump,
+  and the tighter the trail.
+- **Stop loss** (-30% from the entry): bots move a live token by 10-20% within
+  seconds, so a stop inside that would sell on noise; a fall of 30% from the entry is
+  most of the 50% the lifecycle calls a dump, and inside the 50% fall trading sizes
+  a position for (``RiskLimits.assumed_stop_loss``).
+- **Time stops**: a position held 300 s (past the 4.4-minute median of graduates)
+  without a gain of +10% (``stale_stop``) is on a token that is not going anywhere;
+  every position is sold after 600 s (``time_stop``): about 95% of tokens go quiet
+  within 10-15 minutes.
+- **Lifecycle**: ``declining`` sells half (a declining token can recover, the
+  lifecycle has that transition; most do not); ``inactive`` sells the rest
+  (``inactivity``), as does a position's own silence: no trade of its token for 60 s,
+  the lifecycle's ``decline_after_quiet_s`` (none in 60 s has probability e^-6 ~ 0.25%
+  for a token still at the active pace). Migration (``graduated``, or the token's
+  ``migrate`` frame) sells everything: after it the token trades on the PumpSwap pool,
+  which paper trading only approximates and the curve's features no longer describe.
+
+A full exit takes what is left; of several rules due at once the first in
+:data:`FULL_EXIT_RULES` names it. Partial exits (ladder steps, decline) sell their
+share of what is left. A rule that fired does not fire again for the same condition:
+a ladder step, the trailing stop and the time stops once per position; the decline
+exit again only after the token recovered to ``active``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pumpflow.common.clock import Clock, TimerHandle
+from pumpflow.common.events import LifecycleState
+
+TAKE_PROFIT = "take_profit"
+TRAILING_STOP = "trailing_stop"
+STOP_LOSS = "stop_loss"
+TIME_STOP = "time_stop"
+STALE_STOP = "stale_stop"
+DECLINE = "decline"
+INACTIVITY = "inactivity"
+MIGRATION = "migration"
+#: rules that sell everything left, in the order that names an exit when several are due
+FULL_EXIT_RULES = (MIGRATION, INACTIVITY, STOP_LOSS, TRAILING_STOP, TIME_STOP, STALE_STOP)
+
+#: a timer set for ``t + x`` must find ``x`` elapsed despite float rounding
+_EPSILON_S = 1e-6
+
+
+class ExitPosition(Protocol):
+    """What the rules read of a position (trading's ``Position`` has these)."""
+
+    @property
+    def mint(self) -> str: ...
+
+    @property
+    def position_id(self) -> str: ...
+
+    @property
+    def opened_at(self) -> float: ...
+
+    @property
+    def tokens(self) -> float: ...
+
+    @property
+    def entry_price(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TakeProfitStep:
+    """Sell ``fraction`` of the tokens bought once the gain reaches ``gain``."""
+
+    gain: float
+    fraction: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrailBand:
+    """Once the peak gain reaches ``peak_gain``, sell all on a fall of ``giveback`` from it."""
+
+    peak_gain: float
+    giveback: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExitRules:
+    """Parameters of every exit rule; defaults argued in the module docstring.
+
+    A rule is off when its parameter is None (or the ladder empty).
+    """
+
+    take_profit: tuple[TakeProfitStep, ...] = (
+        TakeProfitStep(gain=0.5, fraction=0.25),
+        TakeProfitStep(gain=1.0, fraction=0.25),
+        TakeProfitStep(gain=2.0, fraction=0.25),
+    )
+    #: bands by rising ``peak_gain``; the first band's gain arms the stop
+    trailing: tuple[TrailBand, ...] = (
+        TrailBand(peak_gain=0.2, giveback=0.3),
+        TrailBand(peak_gain=1.0, giveback=0.2),
+        TrailBand(peak_gain=3.0, giveback=0.12),
+    )
+    #: fall from the entry price that sells everything
+    stop_loss: float | None = 0.3
+    max_hold_s: float | None = 600.0
+    stale_after_s: float | None = 300.0
+    #: gain a position must show after ``stale_after_s`` to be kept
+    stale_min_gain: float = 0.1
+    #: share of what is left sold when the token turns ``declining``
+    decline_fraction: float | None = 0.5
+    #: a position whose token did not trade for this long is sold
+    quiet_s: float | None = 60.0
+    #: share sold when the token migrates
+    migration_fraction: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        gains = [s.gain for s in self.take_profit]
+        if gains != sorted(gains) or any(not 0 < s.fraction <= 1 for s in self.take_profit):
+            raise ValueError("take-profit steps need rising gains and fractions in (0, 1]")
+        if sum(s.fraction for s in self.take_profit) > 1 + 1e-9:
+            raise ValueError("take-profit steps sell more than the position")
+        peaks = [b.peak_gain for b in self.trailing]
+        if peaks != sorted(peaks) or any(not 0 < b.giveback < 1 for b in self.trailing):
+            raise ValueError("trailing bands need rising peak gains and givebacks in (0, 1)")
+        if any(b.giveback > a.giveback for a, b in itertools.pairwise(self.trailing)):
+            raise ValueError("a trailing stop only tightens as the peak gain grows")
+        if self.stop_loss is not None and not 0 < self.stop_loss < 1:
+            raise ValueError("stop_loss must be in (0, 1)")
+        for name in ("decline_fraction", "migration_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        for name in ("max_hold_s", "stale_after_s", "quiet_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def giveback(self, peak_gain: float) -> float | None:
+        """The trailing stop's fall from the peak at this peak gain; None while unarmed."""
+        armed = None
+        for band in self.trailing:
+            if peak_gain + 1e-12 >= band.peak_gain:
+                armed = band.giveback
+        return armed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExitDecision:
+    """A sale one rule calls for."""
+
+    mint: str
+    position_id: str
+    #: rule name: ``take_profit_<n>`` (n from 1), or one of the names above
+    rule: str
+    #: share of the tokens held before this decision
+    fraction: float
+    token_amount: float
+    reason: str
+    time: float
+    #: the mark the rule saw (None for a rule of time or lifecycle before any mark)
+    mark_price: float | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.fraction >= 1.0
+
+
+@dataclass(slots=True, kw_only=True)
+class _Watch:
+    """Per-position state of the rules."""
+
+    mint: str
+    position_id: str
+    opened_at: float
+    entry_price: float
+    bought: float
+    #: tokens the decisions so far have not taken
+    left: float
+    last_trade_at: float
+    peak_price: float = 0.0
+    mark_price: float | None = None
+    lifecycle: LifecycleState | None = None
+    fired: set[str] = field(default_factory=set)
+    timer: TimerHandle | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.left <= 0.0
+
+
+TimedExits = Callable[[list[ExitDecision]], Awaitable[None] | None]
+
+
+class ExitEvaluator:
+    """The exit rules over every open position, pure but for timers on ``clock``.
+
+    ``on_mark``, ``on_lifecycle`` and ``on_migration`` return the decisions an event
+    calls for. Rules of time (time stops, silence) fire from timers on the injected
+    clock, handing their decisions to ``on_timed``, so a replay on a ReplayClock takes
+    the same exits as the live run; ``check_time`` evaluates them on demand.
+    """
+
+    def __init__(
+        self,
+        rules: ExitRules | None = None,
+        *,
+        clock: Clock,
+        on_timed: TimedExits | None = None,
+    ) -> None:
+        self.rules = rules or ExitRules()
+        self.clock = clock
+        self.on_timed = on_timed
+        self._watches: dict[str, _Watch] = {}
+
+    # ---------------------------------------------------------------- positions
+
+    def track(self, position: ExitPosition, *, time: float | None = None) -> None:
+        """Start watching ``position`` (again: keeps what fired; a bigger holding adds)."""
+        now = self.clock.now() if time is None else time
+        watch = self._watches.get(position.mint)
+        if watch is not None and watch.position_id == position.position_id:
+            if position.tokens > watch.bought:
+                watch.left += position.tokens - watch.bought
+                watch.bought = position.tokens
+            watch.entry_price = position.entry_price
+            return
+        self._watches[position.mint] = _Watch(
+            mint=position.mint,
+            position_id=position.position_id,
+            opened_at=position.opened_at,
+            entry_price=position.entry_price,
+            bought=position.tokens,
+            left=position.tokens,
+            last_trade_at=max(position.opened_at, now),
+        )
+        self._arm(self._watches[position.mint])
+
+    def forget(self, mint: str) -> None:
+        """Stop watching ``mint`` (its position closed)."""
+        watch = self._watches.pop(mint, None)
+        if watch is not None and watch.timer is not None:
+            watch.timer.cancel()
+
+    def rearm(self, decision: ExitDecision) -> None:
+        """Give back a decision whose sale failed: its tokens and its rule fire again."""
+        watch = self._watches.get(decision.mint)
+        if watch is None or watch.position_id != decision.position_id:
+            return
+        watch.left = min(watch.bought, watch.left + decision.token_amount)
+        watch.fired.discard(decision.rule)
+        self._arm(watch)
+
+    def tracked(self) -> list[str]:
+        return list(self._watches)
+
+    def tokens_left(self, mint: str) -> float:
+        watch = self._watches.get(mint)
+        return watch.left if watch else 0.0
+
+    def fired(self, mint: str) -> frozenset[str]:
+        watch = self._watches.get(mint)
+        return frozenset(watch.fired) if watch else frozenset()
+
+    # ---------------------------------------------------------------- events
+
+    def on_mark(self, mint: str, price: float, time: float) -> list[ExitDecision]:
+        """A trade of ``mint`` at ``price`` (event time ``time``): the exits it calls for."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed or not price > 0:
+            return []
+        watch.mark_price = price
+        watch.peak_price = max(watch.peak_price, price)
+        watch.last_trade_at = max(watch.last_trade_at, time)
+        decisions = self._evaluate(watch, time)
+        self._arm(watch)
+        return decisions
+
+    def on_lifecycle(self, mint: str, state: LifecycleState, time: float) -> list[ExitDecision]:
+        """The token's lifecycle state changed: the exits it calls for."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed:
+            return []
+        watch.lifecycle = state
+        if state == "active":
+            watch.fired.discard(DECLINE)
+        decisions = self._evaluate(watch, time)
+        self._arm(watch)
+        return decisions
+
+    def on_migration(self, mint: str, time: float) -> list[ExitDecision]:
+        """The token migrated off its curve (its ``migrate`` frame)."""
+        return self.on_lifecycle(mint, "graduated", time)
+
+    def check_time(self, mint: str, time: float | None = None) -> list[ExitDecision]:
+        """The exits the passage of time calls for at ``time`` (default: the clock's now)."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed:
+            return []
+        decisions = self._evaluate(watch, self.clock.now() if time is None else time)
+        self._arm(watch)
+        return decisions
+
+    def next_check_at(self, mint: str) -> float | None:
+        """When the next rule of time of ``mint`` is due."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed:
+            return None
+        return self._next_due(watch)
+
+    # ---------------------------------------------------------------- rules
+
+    def _evaluate(self, watch: _Watch, time: float) -> list[ExitDecision]:
+        for rule, reason in self._full_exits(watch, time):
+            if rule not in watch.fired:
+                return [self._decide(watch, rule, 1.0, reason, time)]
+        decisions = []
+        for rule, fraction, reason in self._partial_exits(watch):
+            if rule in watch.fired or watch.closed:
+                continue
+            decisions.append(self._decide(watch, rule, fraction, reason, time))
+        return decisions
+
+    def _full_exits(self, watch: _Watch, time: float) -> Iterable[tuple[str, str]]:
+        r = self.rules
+        now = time + _EPSILON_S
+        gain = self._gain(watch)
+        if watch.lifecycle == "graduated" and r.migration_fraction == 1.0:
+            yield MIGRATION, "token migrated"
+        if watch.lifecycle == "inactive":
+            yield INACTIVITY, "token inactive"
+        if r.quiet_s is not None and now - watch.last_trade_at >= r.quiet_s:
+            yield INACTIVITY, f"no trades for {now - watch.last_trade_at:.0f}s"
+        if r.stop_loss is not None and gain is not None and gain <= -r.stop_loss:
+            yield STOP_LOSS, f"gain {gain:+.0%} at or below -{r.stop_loss:.0%}"
+        if gain is not None and watch.peak_price > 0:
+            peak_gain = watch.peak_price / watch.entry_price - 1.0
+            giveback = r.giveback(peak_gain)
+            fall = 1.0 - watch.mark_price / watch.peak_price
+            if giveback is not None and fall >= giveback - 1e-12:
+                yield (
+                    TRAILING_STOP,
+                    f"fell {fall:.0%} from a peak gain of {peak_gain:+.0%} (trail {giveback:.0%})",
+                )
+        held = now - watch.opened_at
+        if r.max_hold_s is not None and held >= r.max_hold_s:
+            yield TIME_STOP, f"held {held:.0f}s"
+        if (
+            r.stale_after_s is not None
+            and held >= r.stale_after_s
+            and (gain is None or gain < r.stale_min_gain)
+        ):
+            shown = "no mark" if gain is None else f"gain {gain:+.0%}"
+            yield STALE_STOP, f"{shown} after {held:.0f}s, below {r.stale_min_gain:+.0%}"
+
+    def _partial_exits(self, watch: _Watch) -> Iterable[tuple[str, float, str]]:
+        r = self.rules
+        gain = self._gain(watch)
+        if watch.lifecycle == "graduated" and r.migration_fraction is not None:
+            yield MIGRATION, r.migration_fraction, "token migrated"
+        if watch.lifecycle == "declining" and r.decline_fraction is not None:
+            yield DECLINE, r.decline_fraction, "token declining"
+        if gain is None:
+            return
+        for number, step in enumerate(r.take_profit, start=1):
+            if gain + 1e-12 >= step.gain:
+                # a step's share is of the tokens bought; of what is left it is more
+                share = min(1.0, step.fraction * watch.bought / watch.left) if watch.left else 1.0
+                yield f"{TAKE_PROFIT}_{number}", share, f"gain {gain:+.0%} reached {step.gain:+.0%}"
+
+    @staticmethod
+    def _gain(watch: _Watch) -> float | None:
+        if watch.mark_price is None or watch.entry_price <= 0:
+            return None
+        return watch.mark_price / watch.entry_price - 1.0
+
+    @staticmethod
+    def _decide(watch: _Watch, rule: str, fraction: float, reason: str, time: float):
+        tokens = watch.left if fraction >= 1.0 else watch.left * fraction
+        watch.fired.add(rule)
+        watch.left -= tokens
+        if watch.left <= watch.bought * 1e-9:
+            tokens += watch.left
+            watch.left = 0.0
+            fraction = 1.0
+        return ExitDecision(
+            mint=watch.mint,
+            position_id=watch.position_id,
+            rule=rule,
+            fraction=fraction,
+            token_amount=tokens,
+            reason=reason,
+            time=time,
+            mark_price=watch.mark_price,
+        )
+
+    # ---------------------------------------------------------------- timers
+
+    def _next_due(self, watch: _Watch) -> float | None:
+        r = self.rules
+        due = []
+        if r.quiet_s is not None and INACTIVITY not in watch.fired:
+            due.append(watch.last_trade_at + r.quiet_s)
+        if r.max_hold_s is not None and TIME_STOP not in watch.fired:
+            due.append(watch.opened_at + r.max_hold_s)
+        if r.stale_after_s is not None and STALE_STOP not in watch.fired:
+            stale_at = watch.opened_at + r.stale_after_s
+            # past it, marks check the stale rule; the timer is for a token that is silent
+            if stale_at > self.clock.now():
+                due.append(stale_at)
+        return min(due) if due else None
+
+    def _arm(self, watch: _Watch) -> None:
+        if self.on_timed is None:
+            return
+        due = None if watch.closed else self._next_due(watch)
+        if watch.timer is not None:
+            if (
+                due is not None
+                and math.isclose(watch.timer.when, due)
+                and not watch.timer.cancelled
+            ):
+                return
+            watch.timer.cancel()
+            watch.timer = None
+        if due is None:
+            return
+        mint = watch.mint
+
+        def fire():
+            current = self._watches.get(mint)
+            if current is not watch:
+                return None
+            watch.timer = None
+            decisions = self.check_time(mint)
+            if decisions and self.on_timed is not None:
+                return self.on_timed(decisions)
+            return None
+
+        watch.timer = self.clock.call_at(due, fire)

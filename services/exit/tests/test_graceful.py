@@ -1,0 +1,297 @@
+"""Graceful exit: every position sold once, tranches under the impact limit, by the deadline.
+
+The collaborators are in-memory: the bus is the library's real InMemoryBus, the
+position book and the executor are small fakes here; the executor fills each tranche
+against the token's curve with the common curve maths after a latency on the
+ReplayClock (every order sent together lands together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+from pumpflow.common.bus import InMemoryBus, Subscription
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.curve import CurveState, quote_buy, quote_sell
+from pumpflow.common.events import Event, ExitOrder, OrderFilled, OrderRejected
+from pumpflow.common.exit import (
+    DEADLINE,
+    GRACEFUL,
+    ExitPlanner,
+    GracefulExitConfig,
+    GracefulExitManager,
+    GracefulExitSummary,
+)
+
+START = 1_700_000_000.0
+LATENCY_S = 0.5
+
+
+@dataclass
+class Position:
+    mint: str
+    position_id: str
+    opened_at: float
+    tokens: float
+    entry_price: float
+    mark_price: float | None = None
+    mark_state: CurveState | None = None
+
+
+class Book:
+    """The position manager as the exit sees it."""
+
+    def __init__(self) -> None:
+        self.open_positions: dict[str, Position] = {}
+
+
+class PaperExecutor:
+    """Fills a tranche on its token's curve after ``LATENCY_S``; refuses on request."""
+
+    def __init__(self, clock: ReplayClock, book: Book, markets: dict[str, CurveState]):
+        self.clock = clock
+        self.book = book
+        self.markets = markets
+        self.orders: list[ExitOrder] = []
+        #: (order, price impact, fill time)
+        self.fills: list[tuple[ExitOrder, float, float]] = []
+        self.refuse: set[str] = set()
+
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
+        sent = self.clock.now()
+        assert order.order_id not in {o.order_id for o in self.orders}, "order sent twice"
+        self.orders.append(order)
+        await asyncio.sleep(0)  # the other orders of the round go out meanwhile
+        self.clock.set_sync(sent + LATENCY_S)
+        if order.order_id in self.refuse:
+            return OrderRejected(order_id=order.order_id, mint=order.mint, reason="slippage")
+        position = self.book.open_positions[order.mint]
+        assert order.token_amount <= position.tokens * (1 + 1e-9), "sold more than held"
+        quote = quote_sell(self.markets[order.mint], order.token_amount)
+        self.markets[order.mint] = quote.after
+        position.tokens -= order.token_amount
+        if position.tokens <= position.tokens * 1e-9 + 1e-9:
+            del self.book.open_positions[order.mint]
+        self.fills.append((order, quote.price_impact, self.clock.now()))
+        return OrderFilled(
+            order_id=order.order_id,
+            mint=order.mint,
+            side="sell",
+            token_amount=order.token_amount,
+            sol_amount=quote.sol,
+            price=quote.average_price,
+            fee_sol=quote.fee,
+            position_id=order.position_id,
+        )
+
+
+class Harness:
+    def __init__(self, config: GracefulExitConfig):
+        self.clock = ReplayClock(START)
+        self.book = Book()
+        self.markets: dict[str, CurveState] = {}
+        self.executor = PaperExecutor(self.clock, self.book, self.markets)
+        self.bus = InMemoryBus(partitions=4, synchronous=True, source="exit")
+        self.reports: list[Event] = []
+        self.manager = GracefulExitManager(
+            self.bus,
+            self.book,
+            self.executor,
+            clock=self.clock,
+            config=config,
+            wait_until=self.clock.advance_to,
+        )
+
+    async def start(self) -> None:
+        await self.bus.start()
+
+        async def collect(event: Event) -> None:
+            self.reports.append(event)
+
+        await self.bus.subscribe(
+            Subscription(service="probe", patterns=("exit.report",), handler=collect)
+        )
+
+    def open(self, mint: str, sol: float, *, curve_sol: float, age_s: float = 60.0) -> Position:
+        """A position bought for ``sol`` on a curve that others had bought ``curve_sol`` into."""
+        curve = quote_buy(CurveState(), curve_sol).after if curve_sol else CurveState()
+        buy = quote_buy(curve, sol)
+        position = Position(
+            mint=mint,
+            position_id=f"pos-{mint}",
+            opened_at=START - age_s,
+            tokens=buy.tokens,
+            entry_price=buy.sol / buy.tokens,
+            mark_price=buy.after.price,
+            mark_state=buy.after,
+        )
+        self.book.open_positions[mint] = position
+        self.markets[mint] = buy.after
+        self.manager.on_market(mint, buy.after)
+        return position
+
+
+@pytest.fixture
+async def harness():
+    made: list[Harness] = []
+
+    async def make(**config) -> Harness:
+        h = Harness(GracefulExitConfig(**config))
+        await h.start()
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.bus.close()
+
+
+async def test_twenty_positions_on_thin_curves_sold_by_the_deadline_under_the_impact_limit(
+    harness,
+):
+    h = await harness()
+    bought = {}
+    for i in range(20):
+        # 0.5 to 2.4 SOL into curves 0 to 9.5 SOL deep: a whole sale moves them 2-7%
+        position = h.open(f"mint{i:02d}", 0.5 + 0.1 * i, curve_sol=0.5 * (i % 20), age_s=5 * i)
+        bought[position.mint] = position.tokens
+    assert h.manager.accepting_entries
+    assert h.manager.begin_graceful_exit("test") == 20
+    assert not h.manager.accepting_entries
+    deadline = h.manager.planner.deadline
+    assert deadline == START + 60
+
+    summary = await h.manager.run()
+
+    assert h.book.open_positions == {}
+    assert summary.finished_at <= deadline - h.manager.planner.config.final_sweep_s
+    limit = h.manager.planner.config.max_tranche_impact
+    impacts = [impact for _, impact, _ in h.executor.fills]
+    assert max(impacts) <= limit * (1 + 1e-9)
+    # the plan needed tranches: most positions were too big to sell at once
+    assert len(h.executor.fills) > 40
+    assert all(order.reason == GRACEFUL for order, _, _ in h.executor.fills)
+    # a token's tranches never overlap and are spaced by the interval
+    for mint in bought:
+        times = [t for order, _, t in h.executor.fills if order.mint == mint]
+        assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(times))
+
+    # one report per position, then the summary; reports match the fills
+    singles = [e.data for e in h.reports if not e.data.graceful]
+    (final,) = [e.data for e in h.reports if e.data.graceful]
+    assert h.reports[-1].data is final
+    assert sorted(r.positions[0].mint for r in singles) == sorted(bought)
+    for report in singles:
+        (line,) = report.positions
+        fills = [(o, t) for o, _, t in h.executor.fills if o.mint == line.mint]
+        assert line.tranches == len(fills)
+        assert line.tokens_sold == pytest.approx(bought[line.mint])
+        assert line.completed and line.reason == GRACEFUL
+        assert line.finished_at == fills[-1][1]
+        assert 0 < line.slippage < limit * line.tranches
+    assert final.positions_left == 0
+    assert final.sol_recovered == pytest.approx(sum(r.sol_recovered for r in singles))
+    assert final.sol_recovered < final.mark_value_sol
+    assert final.worst_slippage == max(r.worst_slippage for r in singles)
+    assert GracefulExitSummary.from_report(final).text().startswith("graceful exit (test)")
+
+    progress = h.manager.monitor_exit_progress()
+    assert progress.done and progress.sold_out == 20 and progress.tokens_left == 0
+    assert progress.deadline_margin_s > 0
+
+
+async def test_the_deadline_sells_whatever_is_left_whole(harness):
+    # a tiny impact limit would need hundreds of tranches: the sweep takes over
+    h = await harness(max_tranche_impact=0.001, deadline_s=8.0, final_sweep_s=2.0)
+    for i in range(20):
+        h.open(f"mint{i:02d}", 1.0, curve_sol=1.0)
+    h.manager.begin_graceful_exit()
+    summary = await h.manager.run()
+    assert h.book.open_positions == {}
+    assert summary.finished_at <= START + 8.0
+    sweep = [o for o, _, _ in h.executor.fills if o.reason == DEADLINE]
+    assert sorted(o.mint for o in sweep) == sorted(f"mint{i:02d}" for i in range(20))
+    assert all(o.slippage_pct == h.manager.planner.config.sweep_slippage_pct for o in sweep)
+    assert {line.reason for line in summary.lines} == {DEADLINE}
+    assert summary.positions_left == 0
+
+
+async def test_a_refused_tranche_is_tried_again_and_no_position_is_sold_twice(harness):
+    h = await harness()
+    for i in range(3):
+        h.open(f"mint{i}", 2.0, curve_sol=0.0)
+    h.executor.refuse.add("pos-mint1:exit:1")
+    h.manager.begin_graceful_exit()
+    summary = await h.manager.run()
+    assert h.book.open_positions == {}
+    assert summary.positions_left == 0
+    sent = [o.order_id for o in h.executor.orders]
+    assert len(sent) == len(set(sent))
+    assert "pos-mint1:exit:1" in sent
+    assert [e.data.positions[0].mint for e in h.reports if not e.data.graceful].count("mint1") == 1
+
+
+async def test_a_second_begin_adds_nothing_twice(harness):
+    h = await harness()
+    h.open("a", 1.0, curve_sol=0.0)
+    assert h.manager.begin_graceful_exit() == 1
+    h.open("b", 1.0, curve_sol=0.0)
+    assert h.manager.begin_graceful_exit() == 2
+    assert h.manager.begin_graceful_exit() == 2
+    await h.manager.run()
+    assert len([e for e in h.reports if not e.data.graceful]) == 2
+
+
+async def test_reprioritises_as_prices_and_lifecycles_move(harness):
+    h = await harness()
+    # same size, same curve, different ages: the oldest first
+    for i, age in enumerate((300.0, 200.0, 100.0)):
+        h.open(f"m{i}", 1.0, curve_sol=5.0, age_s=age)
+    h.manager.begin_graceful_exit()
+    assert [q.mint for q in h.manager.exit_queue] == ["m0", "m1", "m2"]
+
+    # m2's token doubles: a gain to protect moves it ahead
+    pumped = quote_buy(h.markets["m2"], 12.0).after
+    h.markets["m2"] = pumped
+    h.manager.on_market("m2", pumped)
+    h.manager.prioritize_exits()
+    assert next(q.mint for q in h.manager.exit_queue) == "m2"
+
+    # m1's token goes inactive: its buyers are leaving, it goes first
+    h.manager.on_lifecycle("m1", "inactive")
+    tranche = await h.manager.execute_next_exit()
+    assert tranche is not None and tranche.mint == "m1"
+    assert next(q.mint for q in h.manager.exit_queue) == "m1"
+    score = h.manager.planner.exits["m1"].score
+    assert score.lifecycle == 1.0
+
+
+def test_tranches_sized_to_the_impact_limit_and_the_optimal_price():
+    planner = ExitPlanner(GracefulExitConfig(max_tranche_impact=0.02))
+    curve = CurveState()
+    buy = quote_buy(curve, 3.0)
+    position = Position(
+        mint="m", position_id="p", opened_at=START, tokens=buy.tokens,
+        entry_price=buy.sol / buy.tokens, mark_state=buy.after, mark_price=buy.after.price,
+    )  # fmt: skip
+    planner.begin(START)
+    queued = planner.add(position)
+    at_once = quote_sell(buy.after, buy.tokens)
+    assert at_once.price_impact > 0.05
+    expected = planner.expected_exit_price("m")
+    assert expected == pytest.approx(buy.after.price * 0.98)
+    assert expected > at_once.average_price
+    tranche = planner.next_tranche(START)
+    assert tranche.price_impact == pytest.approx(0.02)
+    assert planner.next_tranche(START) is None  # the same token waits for its fill
+    planner.record_fill(tranche, tranche.token_amount, START + 0.5)
+    assert queued.tokens_left == pytest.approx(buy.tokens - tranche.token_amount)
+    assert planner.next_tranche(START + 1.0) is None  # spacing
+    assert planner.next_ready_at() == pytest.approx(START + 1.5)
+    second = planner.next_tranche(START + 1.5)
+    assert second.number == 2 and second.order_id == "p:exit:2"
+    assert second.price_impact == pytest.approx(0.02)
