@@ -374,7 +374,8 @@ async def test_a_holder_keeps_its_connection_through_a_redis_outage_longer_than_
     first, second = dual_lease([redis_one, postgres], one), dual_lease([redis_two, postgres], two)
     try:
         await first.start()
-        assert one.open
+        # a fresh Redis: the holder waits out its settling time first
+        await eventually(lambda: one.open, what="connected")
         await second.start()
         assert second.role == "standby"
         await asyncio.to_thread(own_redis.stop)
@@ -414,6 +415,7 @@ async def test_a_holder_cut_off_from_redis_leads_on_and_no_second_one_connects(
     first, second = dual_lease([way, postgres], one), dual_lease([redis_two, postgres], two)
     try:
         await first.start()
+        await eventually(lambda: one.open, what="connected")
         await second.start()
         way.cut = True
         cut = time.monotonic()
@@ -446,6 +448,7 @@ async def test_a_holder_cut_off_from_both_stores_is_replaced_after_it_let_go(
     second = dual_lease([redis_two, PostgresLeaseStore(pg_pool)], two)
     try:
         await first.start()
+        await eventually(lambda: one.open, what="connected")
         await second.start()
         to_redis.cut = to_postgres.cut = True
         await eventually(lambda: two.open, within=10 * DUAL_TTL, what="the standby connected")

@@ -264,7 +264,9 @@ class Pipeline:
         self.namespace = namespace
         self.market = market
         self.partitions = partitions
-        self.settings = settings
+        # the deployment these services make (a declared group that never runs fills up)
+        groups = ",".join(s for s in SERVICES if s != "feed")
+        self.settings = {"consumer_groups": groups, **settings}
         self.ports = {service: free_port() for service in SERVICES}
         self.sim_port = free_port()
         self.sent_log = stack.logdir / "sent.tsv"
