@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from dataclasses import dataclass
 
 import pytest
 
 from pumpflow.common.bus import InMemoryBus, Subscription
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.curve import CurveState, quote_buy, quote_sell
+from pumpflow.common.curve import CurveState, quote_buy, quote_sell, sell_for_impact
 from pumpflow.common.events import Event, ExitOrder, OrderFilled, OrderRejected
 from pumpflow.common.exit import (
     DEADLINE,
@@ -282,11 +283,15 @@ def test_tranches_sized_to_the_impact_limit_and_the_optimal_price():
     queued = planner.add(position)
     at_once = quote_sell(buy.after, buy.tokens)
     assert at_once.price_impact > 0.05
+    # equal parts, as few as keep each under the limit
+    parts = math.ceil(buy.tokens / sell_for_impact(buy.after, 0.02))
+    assert parts == 5
     expected = planner.expected_exit_price("m")
-    assert expected == pytest.approx(buy.after.price * 0.98)
+    assert buy.after.price * 0.98 < expected < buy.after.price
     assert expected > at_once.average_price
     tranche = planner.next_tranche(START)
-    assert tranche.price_impact == pytest.approx(0.02)
+    assert tranche.token_amount == pytest.approx(buy.tokens / parts)
+    assert 0.015 < tranche.price_impact <= 0.02
     assert planner.next_tranche(START) is None  # the same token waits for its fill
     planner.record_fill(tranche, tranche.token_amount, START + 0.5)
     assert queued.tokens_left == pytest.approx(buy.tokens - tranche.token_amount)
@@ -294,4 +299,8 @@ def test_tranches_sized_to_the_impact_limit_and_the_optimal_price():
     assert planner.next_ready_at() == pytest.approx(START + 1.5)
     second = planner.next_tranche(START + 1.5)
     assert second.number == 2 and second.order_id == "p:exit:2"
-    assert second.price_impact == pytest.approx(0.02)
+    assert 0.015 < second.price_impact <= 0.02
+    # the next parts are equal again, over what is left
+    rest = math.ceil(queued.tokens_left / sell_for_impact(queued.state, 0.02))
+    assert rest == 4
+    assert second.token_amount == pytest.approx(queued.tokens_left / rest)

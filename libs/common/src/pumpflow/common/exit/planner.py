@@ -19,13 +19,14 @@ weighs four things, each 0 to 1:
 
 Ties go to the position opened first.
 
-A tranche sells the most tokens whose price impact stays under
-``max_tranche_impact`` (:func:`pumpflow.common.curve.sell_for_impact`), or everything
-left when that is less than ``min_tranche_sol`` more. The plan's view of a curve moves
-by its own sales (:func:`pumpflow.common.curve.quote_sell`) until the market reports
-the curve again; every report re-scores the queue. A token waits
-``min_tranche_interval_s`` between its tranches, so the market's buyers come in
-between them, and other tokens sell meanwhile. From ``deadline - final_sweep_s`` on,
+A tranche's price impact stays under ``max_tranche_impact``: what is left is split
+into as few equal parts as keep each under it
+(:func:`pumpflow.common.curve.sell_for_impact`), so no crumb is left for a last
+order. The plan's view of a curve moves by its own sales
+(:func:`pumpflow.common.curve.quote_sell`) until the market reports the curve again;
+every report re-scores the queue. A token waits ``min_tranche_interval_s`` between
+its tranches, so the market's buyers come in between them, and other tokens sell
+meanwhile. From ``deadline - final_sweep_s`` on,
 each position left is sold whole (rule ``deadline``), so the last orders land before
 the deadline.
 
@@ -44,14 +45,13 @@ Defaults:
 - ``max_orders_in_flight = 10``: tranches of different tokens go out together; ten
   orders each 0.5 s (the paper latency) is 20 a second, under PumpPortal's 25 HTTP
   requests a second.
-- ``min_tranche_sol = 0.01``: trading's smallest order (``RiskLimits.min_order_sol``);
-  a smaller remainder goes with the tranche before it.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -97,7 +97,6 @@ class GracefulExitConfig:
     deadline_s: float = 60.0
     final_sweep_s: float = 5.0
     min_tranche_interval_s: float = 1.0
-    min_tranche_sol: float = 0.01
     max_orders_in_flight: int = 10
     #: slippage limit of a tranche's order, and of the deadline's sweep
     slippage_pct: float = 10.0
@@ -130,8 +129,8 @@ class GracefulExitConfig:
             raise ValueError("need 0 <= final_sweep_s < deadline_s")
         if self.max_orders_in_flight < 1:
             raise ValueError("max_orders_in_flight must be at least 1")
-        if self.min_tranche_interval_s < 0 or self.min_tranche_sol < 0:
-            raise ValueError("min_tranche_interval_s and min_tranche_sol must be >= 0")
+        if self.min_tranche_interval_s < 0:
+            raise ValueError("min_tranche_interval_s must be >= 0")
 
     def urgency(self, state: str | None) -> float:
         return dict(self.lifecycle_urgency).get(state, 0.5)
@@ -377,16 +376,14 @@ class ExitPlanner:
         return min(times) if times else None
 
     def tranche_size(self, queued: QueuedExit) -> float:
-        """Tokens of the next tranche: under the impact limit, or all that is left."""
+        """Tokens of the next tranche: what is left in equal parts under the impact limit."""
         if queued.state is None:
             return queued.tokens_left
-        tokens = min(
-            queued.tokens_left, sell_for_impact(queued.state, self.config.max_tranche_impact)
-        )
-        rest = queued.tokens_left - tokens
-        if rest <= 0 or quote_sell(queued.state, rest).sol < self.config.min_tranche_sol:
+        cap = sell_for_impact(queued.state, self.config.max_tranche_impact)
+        if queued.tokens_left <= cap:
             return queued.tokens_left
-        return tokens
+        # equal parts rather than full tranches and a crumb: no dust order at the end
+        return queued.tokens_left / math.ceil(queued.tokens_left / cap)
 
     def _tranche(self, queued: QueuedExit, sweep: bool) -> PlannedTranche:
         c = self.config
