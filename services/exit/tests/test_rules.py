@@ -241,3 +241,17 @@ async def test_a_replay_takes_the_same_exits():
 
 def _fields(rules: ExitRules) -> dict:
     return {name: getattr(rules, name) for name in rules.__dataclass_fields__}
+
+
+async def test_a_timer_moved_by_less_than_a_second_fires_on_time():
+    """Epoch times are ~1.7e9: a due time moved by 0.5 s is a new timer, not the same."""
+    clock = ReplayClock(START)
+    timed: list[ExitDecision] = []
+    ev = evaluator(ExitRules(**{**_fields(PRICE_ONLY), "quiet_s": 60.0}), clock, timed.extend)
+    await clock.advance_to(START + 0.5)
+    ev.on_mark(MINT, ENTRY, START + 0.5)
+    assert ev.next_check_at(MINT) == START + 60.5
+    await clock.advance_to(START + 60.4)
+    assert timed == []
+    await clock.advance_to(START + 60.5)
+    assert [d.time for d in timed] == [START + 60.5]

@@ -50,7 +50,6 @@ exit again only after the token recovered to ``active``.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -440,11 +439,7 @@ class ExitEvaluator:
             return
         due = None if watch.closed else self._next_due(watch)
         if watch.timer is not None:
-            if (
-                due is not None
-                and math.isclose(watch.timer.when, due)
-                and not watch.timer.cancelled
-            ):
+            if due is not None and watch.timer.when == due and not watch.timer.cancelled:
                 return
             watch.timer.cancel()
             watch.timer = None
