@@ -30,12 +30,10 @@ import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
-from pumpflow.common.clock import WallClock
-from pumpflow.common.db.leases import PostgresLeaseStore
 from pumpflow.common.events import Event, FeedSubscription
-from pumpflow.common.lease import LeaderLease, LeaseStore
+from pumpflow.common.lease import LeaderLease
+from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
-from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.interface import TOKEN_EVENT_TYPES
@@ -52,30 +50,6 @@ log = logging.getLogger(__name__)
 LEASE_NAME = "feed:pumpportal"
 #: the wanted mints of the lease holder, for the replica that takes over
 MINTS_KEY = "feed:pumpportal:mints"
-
-
-def lease_stores(ctx: ServiceContext) -> list[LeaseStore]:
-    """The stores the connection lease lives in.
-
-    A lease times out on the wall clock. The shared store's TTLs do too when the run's
-    clock is the wall (Redis, or the embedded store on a WallClock of speed 1). On a
-    market clock (a simulated market at speed, a replay) the embedded store's TTLs
-    follow that clock and would end the lease early; such a run is one process with
-    one feed, so its lease stays in a store of its own.
-
-    Beside a shared store the lease is held in Postgres too, where the feed records:
-    an outage of Redis longer than the lease's TTL then leaves the connection up (the
-    lease lasts while either store renews it; see :mod:`pumpflow.common.lease`).
-    """
-    clock = ctx.clock
-    if ctx.store is not None and isinstance(clock, WallClock) and clock.speed == 1.0:
-        if ctx.db is None:
-            return [ctx.store]
-        return [ctx.store, PostgresLeaseStore(ctx.db)]
-    if ctx.store is None:
-        # a bare context (tests, tools): nobody else can hold the lease here
-        log.info("feed without a shared state store: the connection lease is not shared")
-    return [MemoryStateStore(WallClock())]
 
 
 class FeedService(Service):

@@ -26,12 +26,14 @@ from pumpflow.common.activity import CONSUMES as ACTIVITY_CONSUMES
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.features.processor import CONSUMES as FEATURES_CONSUMES
 from pumpflow.common.model.processor import CONSUMES as MODEL_CONSUMES
+from pumpflow.common.trading import SERVICE_CONSUMES as TRADING_CONSUMES
 
 #: consumer group (service name) -> the event-type patterns it consumes
 CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
     "features": FEATURES_CONSUMES,
     "activity": ACTIVITY_CONSUMES,
     "model": MODEL_CONSUMES,
+    "trading": TRADING_CONSUMES,
 }
 
 

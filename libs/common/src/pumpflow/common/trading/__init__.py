@@ -12,7 +12,7 @@ from pumpflow.common.trading.decisions import (
     TokenView,
     order_id_for,
 )
-from pumpflow.common.trading.engine import CONSUMES, Decision, TradingEngine
+from pumpflow.common.trading.engine import CONSUMES, SERVICE_CONSUMES, Decision, TradingEngine
 from pumpflow.common.trading.fills import (
     MIGRATION_POOL,
     VENUE_CURVE,
@@ -45,6 +45,7 @@ __all__ = [
     "ENTRY_STATES",
     "FILTER_FEATURES",
     "MIGRATION_POOL",
+    "SERVICE_CONSUMES",
     "VENUE_CURVE",
     "VENUE_POOL",
     "BreakerSettings",

@@ -63,6 +63,14 @@ CONSUMES = (
     "order.rejected",
 )
 
+#: what the trading service takes from the bus: the engine's inputs less the executor's
+#: outcomes (the service hands its own executor's to the engine), and the exit
+#: service's sales, which it executes
+SERVICE_CONSUMES = (
+    *(t for t in CONSUMES if not t.startswith("order.")),
+    "exit.order",
+)
+
 #: lifecycle states after which a token not held is forgotten
 _RETIRED_STATES = frozenset({"inactive", "graduated"})
 
@@ -117,6 +125,9 @@ class TradingEngine:
         self.slippage_pct = slippage_pct
         self.views: dict[str, TokenView] = {}
         self.sent_orders: OrderedDict[str, None] = OrderedDict()
+        #: order id -> why it was sent, for the position a sale closes (the executor's
+        #: caller sets it for orders it did not decide here, an exit's say)
+        self.order_reasons: dict[str, str] = {}
 
     # ---------------------------------------------------------------- the interface
 
@@ -206,10 +217,12 @@ class TradingEngine:
         elif isinstance(data, OrderFilled):
             self.risk.release(data.order_id)
             self.risk.record_execution(True, now=now)
-            change = self.positions.apply_fill(data, time=event.time)
+            reason = self.order_reasons.pop(data.order_id, "")
+            change = self.positions.apply_fill(data, time=event.time, reason=reason)
             if change is not None:
                 produced.append(change)
         elif isinstance(data, OrderRejected):
+            self.order_reasons.pop(data.order_id, None)
             self.risk.release(data.order_id)
             self.risk.record_execution(False, reason=data.reason, now=now)
         reports = self.risk.take_reports()

@@ -160,6 +160,17 @@ class PaperBroker:
         self.markets.setdefault(payload.mint, Market()).apply(payload)
         return outcomes
 
+    def resume(self, order: PaperOrder) -> None:
+        """Queue ``order`` again as it was submitted (a restart lost the queue).
+
+        A token not seen since starts from the market the order expected.
+        """
+        if order.mint not in self.markets:
+            self.markets[order.mint] = Market(venue=order.venue, state=order.expected)
+        pending = self.pending.setdefault(order.mint, [])
+        if all(o.order_id != order.order_id for o in pending):
+            pending.append(order)
+
     def due(self, now: float) -> list[PaperOutcome]:
         """Fill every order whose latency has passed by ``now`` on its token's last state."""
         outcomes: list[PaperOutcome] = []

@@ -1,0 +1,108 @@
+"""Executors: who carries an order out. Paper (the default) fills on the token's own stream.
+
+An executor takes an order the ledger stored (:meth:`TradeExecutor.submit`), learns
+outcomes from the token events (:meth:`TradeExecutor.observe`) and from time
+(:meth:`TradeExecutor.due`), and on start is asked about each order whose outcome the
+ledger does not know (:meth:`TradeExecutor.reconcile`). An outcome is an
+:class:`~pumpflow.common.events.OrderFilled` or an
+:class:`~pumpflow.common.events.OrderRejected`; the service books it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
+from pumpflow.common.trading import VENUE_CURVE, PaperBroker, PaperExecution, PaperOrder
+from pumpflow.trading.ledger import OrderRecord
+
+Outcome = OrderFilled | OrderRejected
+
+
+class TradeExecutor(Protocol):
+    name: str
+
+    def expected(self, mint: str) -> tuple[str, CurveState | None]:
+        """The venue ``mint`` trades on and its state there, as an order decided now sees it."""
+        ...
+
+    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
+        """Carry ``order`` out (stored already); an outcome known at once, or None."""
+        ...
+
+    def observe(self, payload: object, *, time: float) -> list[Outcome]:
+        """A token event stamped ``time``; the outcomes it shows."""
+        ...
+
+    def due(self, now: float) -> list[Outcome]:
+        """Outcomes that time has brought by ``now``."""
+        ...
+
+    def next_due(self) -> float | None: ...
+
+    def reconcile(self, order: OrderRecord) -> Outcome | None:
+        """An order the ledger has no outcome for (a restart): its outcome, or None when
+        it is in the executor's hands again and its outcome comes later."""
+        ...
+
+    def forget(self, mint: str) -> None: ...
+
+
+class PaperExecutor:
+    """Paper execution: :class:`~pumpflow.common.trading.PaperBroker` fills the orders."""
+
+    name = "paper"
+
+    def __init__(self, execution: PaperExecution | None = None):
+        self.broker = PaperBroker(execution or PaperExecution())
+
+    def expected(self, mint: str) -> tuple[str, CurveState | None]:
+        market = self.broker.market(mint)
+        if market is None:
+            return VENUE_CURVE, None
+        return market.venue, market.state
+
+    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
+        outcome = self.broker.submit(order, time=time)
+        return None if outcome is None else outcome.result
+
+    def observe(self, payload: object, *, time: float) -> list[Outcome]:
+        return [o.result for o in self.broker.observe(payload, time=time)]
+
+    def due(self, now: float) -> list[Outcome]:
+        return [o.result for o in self.broker.due(now)]
+
+    def next_due(self) -> float | None:
+        return self.broker.next_due()
+
+    def reconcile(self, order: OrderRecord) -> Outcome | None:
+        """Queue the order again as it was submitted: it fills where it would have, on the
+        token's stream after its latency (the broker's queue was lost with the process)."""
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
+        if order.expected_v_sol is None or order.expected_v_tokens is None or not amount:
+            return OrderRejected(
+                order_id=order.order_id,
+                mint=order.mint,
+                reason="no market data when the order was decided",
+                side=order.side,
+                position_id=order.position_id,
+            )
+        self.broker.resume(
+            PaperOrder(
+                order_id=order.order_id,
+                mint=order.mint,
+                side=order.side,
+                submitted_at=order.requested_at,
+                due_at=order.requested_at + self.broker.execution.latency_s,
+                amount=float(amount),
+                slippage_pct=order.slippage_pct,
+                expected=CurveState(v_sol=order.expected_v_sol, v_tokens=order.expected_v_tokens),
+                venue=order.venue,
+                position_id=order.position_id,
+            )
+        )
+        return None
+
+    def forget(self, mint: str) -> None:
+        self.broker.forget(mint)

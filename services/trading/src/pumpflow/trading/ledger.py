@@ -1,0 +1,403 @@
+"""Trading's ledger: every order and its state, every fill, every position, the kill switch.
+
+A :class:`LedgerChange` is what one consumed event (or one timer round) changed; the
+ledger writes it in one transaction, before the events it caused are published and
+before the consumed event is acknowledged. Orders are inserted only if their id is
+new: the ids of the orders inserted come back, and an order whose id was there
+already (derived from a redelivered or replayed event) is never sent.
+
+:class:`PostgresLedger` is the ledger of a deployment (migration 0005);
+:class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
+a restart starts from nothing anyway.
+
+On start the service rebuilds its position book from :meth:`Ledger.load`: the fills in
+the order they were stored, the orders whose outcome is not known yet (to reconcile
+before trading again), the recent order ids and the operator's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from pumpflow.common.events import OrderFilled, Side
+from pumpflow.common.trading import Position, TradingState
+
+OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
+#: orders whose outcome is not known yet
+UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
+#: the row of trading_control that holds the operator's state
+CONTROL = "operator"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderRecord:
+    """An order as the ledger keeps it."""
+
+    order_id: str
+    mint: str
+    side: Side
+    sol_amount: float | None
+    token_amount: float | None
+    slippage_pct: float
+    reason: str
+    position_id: str | None
+    cause_id: str | None
+    executor: str
+    state: OrderState
+    requested_at: float
+    venue: str
+    expected_v_sol: float | None = None
+    expected_v_tokens: float | None = None
+    signature: str | None = None
+    outcome: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FillRecord:
+    """A fill as the ledger keeps it (with its order's reason, for a closing sale)."""
+
+    order_id: str
+    mint: str
+    side: Side
+    token_amount: float
+    sol_amount: float
+    price: float
+    fee_sol: float
+    filled_at: float
+    signature: str | None = None
+    position_id: str | None = None
+    reason: str = ""
+
+    @classmethod
+    def of(cls, fill: OrderFilled, *, time: float, reason: str = "") -> FillRecord:
+        return cls(
+            order_id=fill.order_id,
+            mint=fill.mint,
+            side=fill.side,
+            token_amount=fill.token_amount,
+            sol_amount=fill.sol_amount,
+            price=fill.price,
+            fee_sol=fill.fee_sol,
+            filled_at=time,
+            signature=fill.signature,
+            position_id=fill.position_id,
+            reason=reason,
+        )
+
+    def payload(self) -> OrderFilled:
+        return OrderFilled(
+            order_id=self.order_id,
+            mint=self.mint,
+            side=self.side,
+            token_amount=self.token_amount,
+            sol_amount=self.sol_amount,
+            price=self.price,
+            fee_sol=self.fee_sol,
+            signature=self.signature,
+            position_id=self.position_id,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderOutcome:
+    """A known outcome of an order (or ``unknown``: the executor could not say)."""
+
+    order_id: str
+    state: OrderState
+    outcome: str = ""
+    signature: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionRecord:
+    """A position as the ledger keeps it (the book's, as of its last fill)."""
+
+    position_id: str
+    mint: str
+    opened_at: float
+    closed_at: float | None
+    close_reason: str
+    token_amount: float
+    cost_sol: float
+    entry_price: float
+    realized_pnl_sol: float
+    fees_sol: float
+    mark_price: float | None
+
+    @classmethod
+    def of(cls, position: Position) -> PositionRecord:
+        return cls(
+            position_id=position.position_id,
+            mint=position.mint,
+            opened_at=position.opened_at,
+            closed_at=position.closed_at,
+            close_reason=position.close_reason,
+            token_amount=position.tokens,
+            cost_sol=position.cost_sol,
+            entry_price=position.entry_price,
+            realized_pnl_sol=position.realized_pnl_sol,
+            fees_sol=position.fees_sol,
+            mark_price=position.mark_price,
+        )
+
+
+@dataclass(slots=True)
+class LedgerChange:
+    """What one event or timer round changed, written in one transaction."""
+
+    orders: list[OrderRecord] = field(default_factory=list)
+    outcomes: list[OrderOutcome] = field(default_factory=list)
+    fills: list[FillRecord] = field(default_factory=list)
+    positions: list[PositionRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.orders or self.outcomes or self.fills or self.positions)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerSnapshot:
+    """What a replica needs to trade on where the last one stopped."""
+
+    fills: list[FillRecord]
+    unresolved: list[OrderRecord]
+    order_ids: list[str]
+    control: tuple[TradingState, str] | None
+
+
+class Ledger(Protocol):
+    async def commit(self, change: LedgerChange) -> set[str]:
+        """Write ``change`` in one transaction; return the ids of the orders inserted."""
+        ...
+
+    async def load(self, *, remembered: int) -> LedgerSnapshot: ...
+
+    async def set_control(self, state: TradingState, reason: str) -> None: ...
+
+    async def control(self) -> tuple[TradingState, str] | None: ...
+
+    async def orders(
+        self, *, limit: int, state: str | None = None, mint: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The latest orders, newest first."""
+        ...
+
+    async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]: ...
+
+
+def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
+    values = asdict(order)
+    values.update(state=outcome.state, outcome=outcome.outcome)
+    if outcome.signature is not None:
+        values["signature"] = outcome.signature
+    return OrderRecord(**values)
+
+
+class MemoryLedger:
+    """The ledger in memory (the embedded run, tests)."""
+
+    def __init__(self) -> None:
+        self._orders: dict[str, OrderRecord] = {}
+        self._fills: dict[str, FillRecord] = {}
+        self._positions: dict[str, PositionRecord] = {}
+        self._control: tuple[TradingState, str] | None = None
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        inserted = set()
+        for order in change.orders:
+            if order.order_id not in self._orders:
+                self._orders[order.order_id] = order
+                inserted.add(order.order_id)
+        for outcome in change.outcomes:
+            found = self._orders.get(outcome.order_id)
+            if found is not None:
+                self._orders[outcome.order_id] = _apply_outcome(found, outcome)
+        for fill in change.fills:
+            if fill.order_id in self._orders:
+                self._fills.setdefault(fill.order_id, fill)
+        for position in change.positions:
+            self._positions[position.position_id] = position
+        return inserted
+
+    async def load(self, *, remembered: int) -> LedgerSnapshot:
+        orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
+        return LedgerSnapshot(
+            fills=list(self._fills.values()),
+            unresolved=[o for o in orders if o.state in UNRESOLVED],
+            order_ids=[o.order_id for o in orders[-remembered:]],
+            control=self._control,
+        )
+
+    async def set_control(self, state: TradingState, reason: str) -> None:
+        self._control = (TradingState(state), reason)
+
+    async def control(self) -> tuple[TradingState, str] | None:
+        return self._control
+
+    async def orders(
+        self, *, limit: int, state: str | None = None, mint: str | None = None
+    ) -> list[dict[str, Any]]:
+        found = [
+            asdict(o)
+            for o in self._orders.values()
+            if (state is None or o.state == state) and (mint is None or o.mint == mint)
+        ]
+        found.sort(key=lambda o: o["requested_at"], reverse=True)
+        return found[:limit]
+
+    async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]:
+        found = [
+            asdict(p) for p in self._positions.values() if not open_only or p.closed_at is None
+        ]
+        found.sort(key=lambda p: p["opened_at"], reverse=True)
+        return found[:limit]
+
+
+_INSERT_ORDER = """
+INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
+    position_id, cause_id, executor, state, requested_at, venue, expected_v_sol,
+    expected_v_tokens, signature, outcome)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[],
+    $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::float8[],
+    $13::text[], $14::float8[], $15::float8[], $16::text[], $17::text[])
+ON CONFLICT (order_id) DO NOTHING
+RETURNING order_id
+"""
+_UPDATE_ORDER = """
+UPDATE orders SET state = $2, outcome = $3, signature = coalesce($4, signature),
+    updated_at = now()
+WHERE order_id = $1
+"""
+_INSERT_FILL = """
+INSERT INTO fills (order_id, mint, side, token_amount, sol_amount, price, fee_sol, signature,
+    position_id, filled_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (order_id) DO NOTHING
+"""
+_UPSERT_POSITION = """
+INSERT INTO positions (position_id, mint, opened_at, closed_at, close_reason, token_amount,
+    cost_sol, entry_price, realized_pnl_sol, fees_sol, mark_price)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
+    close_reason = EXCLUDED.close_reason, token_amount = EXCLUDED.token_amount,
+    cost_sol = EXCLUDED.cost_sol, entry_price = EXCLUDED.entry_price,
+    realized_pnl_sol = EXCLUDED.realized_pnl_sol, fees_sol = EXCLUDED.fees_sol,
+    mark_price = EXCLUDED.mark_price, updated_at = now()
+"""
+_ORDER_COLUMNS = (
+    "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
+    "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
+    "expected_v_tokens", "signature", "outcome",
+)  # fmt: skip
+_SELECT_ORDERS = f"SELECT {', '.join(_ORDER_COLUMNS)} FROM orders"
+_FILL_COLUMNS = (
+    "f.order_id", "f.mint", "f.side", "f.token_amount", "f.sol_amount", "f.price", "f.fee_sol",
+    "f.filled_at", "f.signature", "f.position_id", "o.reason",
+)  # fmt: skip
+
+
+def _record(row: Any) -> OrderRecord:
+    return OrderRecord(**{name: row[name] for name in _ORDER_COLUMNS})
+
+
+class PostgresLedger:
+    """The ledger in Postgres (migration 0005), in the pool's schema."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        if not change:
+            return set()
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted: set[str] = set()
+            if change.orders:
+                columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
+                rows = await conn.fetch(_INSERT_ORDER, *columns)
+                inserted = {row["order_id"] for row in rows}
+            if change.outcomes:
+                await conn.executemany(
+                    _UPDATE_ORDER,
+                    [(o.order_id, o.state, o.outcome, o.signature) for o in change.outcomes],
+                )
+            if change.fills:
+                await conn.executemany(
+                    _INSERT_FILL,
+                    [
+                        (f.order_id, f.mint, f.side, f.token_amount, f.sol_amount, f.price,
+                         f.fee_sol, f.signature, f.position_id, f.filled_at)
+                        for f in change.fills
+                    ],
+                )  # fmt: skip
+            if change.positions:
+                await conn.executemany(
+                    _UPSERT_POSITION,
+                    [
+                        (p.position_id, p.mint, p.opened_at, p.closed_at, p.close_reason,
+                         p.token_amount, p.cost_sol, p.entry_price, p.realized_pnl_sol,
+                         p.fees_sol, p.mark_price)
+                        for p in change.positions
+                    ],
+                )  # fmt: skip
+            return inserted
+
+    async def load(self, *, remembered: int) -> LedgerSnapshot:
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            fills = await conn.fetch(
+                f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
+                "JOIN orders o USING (order_id) ORDER BY f.seq"
+            )
+            unresolved = await conn.fetch(
+                f"{_SELECT_ORDERS} WHERE state = ANY($1::text[]) ORDER BY requested_at, order_id",
+                list(UNRESOLVED),
+            )
+            ids = await conn.fetch(
+                "SELECT order_id FROM orders ORDER BY requested_at DESC LIMIT $1", remembered
+            )
+            control = await conn.fetchrow(
+                "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
+            )
+        return LedgerSnapshot(
+            fills=[FillRecord(**dict(row)) for row in fills],
+            unresolved=[_record(row) for row in unresolved],
+            order_ids=[row["order_id"] for row in reversed(ids)],
+            control=None if control is None else (TradingState(control[0]), control[1]),
+        )
+
+    async def set_control(self, state: TradingState, reason: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, "
+            "reason = EXCLUDED.reason, changed_at = now()",
+            CONTROL,
+            TradingState(state).value,
+            reason,
+        )
+
+    async def control(self) -> tuple[TradingState, str] | None:
+        row = await self.pool.fetchrow(
+            "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
+        )
+        return None if row is None else (TradingState(row[0]), row[1])
+
+    async def orders(
+        self, *, limit: int, state: str | None = None, mint: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            f"{_SELECT_ORDERS} WHERE ($1::text IS NULL OR state = $1) "
+            "AND ($2::text IS NULL OR mint = $2) ORDER BY requested_at DESC LIMIT $3",
+            state,
+            mint,
+            limit,
+        )
+        return [dict(row) for row in rows]
+
+    async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT position_id, mint, opened_at, closed_at, close_reason, token_amount, "
+            "cost_sol, entry_price, realized_pnl_sol, fees_sol, mark_price FROM positions "
+            "WHERE NOT $1 OR closed_at IS NULL ORDER BY opened_at DESC LIMIT $2",
+            open_only,
+            limit,
+        )
+        return [dict(row) for row in rows]

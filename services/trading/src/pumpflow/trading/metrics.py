@@ -1,0 +1,97 @@
+"""Metrics of the trading service, on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pumpflow.common.metrics import families
+from pumpflow.common.trading import BREAKERS, PositionBook, RiskManager, TradingState
+
+
+class _Families:
+    def __init__(self, registry: CollectorRegistry):
+        self.orders = Counter(
+            "pumpflow_trading_orders",
+            "Orders by side and what became of them (sent, filled, rejected, duplicate)",
+            ["side", "outcome"],
+            registry=registry,
+        )
+        self.fill_sol = Counter(
+            "pumpflow_trading_fill_sol",
+            "SOL of fills: spent on buys, received from sales (after every fee)",
+            ["side"],
+            registry=registry,
+        )
+        self.fees = Counter(
+            "pumpflow_trading_fees_sol", "Fees paid on fills (venue and API)", registry=registry
+        )
+        self.pnl = Gauge(
+            "pumpflow_trading_pnl_sol", "PnL after every fee, by kind", ["kind"], registry=registry
+        )
+        self.capital = Gauge(
+            "pumpflow_trading_capital_sol", "Capital the limits are fractions of", registry=registry
+        )
+        self.exposure = Gauge(
+            "pumpflow_trading_exposure_sol",
+            "Cost basis held and entries in flight",
+            registry=registry,
+        )
+        self.positions = Gauge("pumpflow_trading_open_positions", "Tokens held", registry=registry)
+        self.state = Gauge(
+            "pumpflow_trading_state",
+            "1 for the trading state in force (active, reducing, halted)",
+            ["state"],
+            registry=registry,
+        )
+        self.breaker = Gauge(
+            "pumpflow_trading_breaker_tripped",
+            "1 while the circuit breaker is tripped",
+            ["breaker"],
+            registry=registry,
+        )
+        self.trips = Counter(
+            "pumpflow_trading_breaker_trips", "Circuit breaker trips", ["breaker"],
+            registry=registry,
+        )  # fmt: skip
+        self.leader = Gauge(
+            "pumpflow_trading_leader",
+            "1 while this replica holds the lease and trades",
+            registry=registry,
+        )
+
+
+class TradingMetrics:
+    """Orders, fills, fees, PnL, exposure, the trading state and the breakers."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None):
+        self._f = families("trading", _Families, registry)
+
+    def order(self, side: str, outcome: str) -> None:
+        self._f.orders.labels(side, outcome).inc()
+
+    def orders(self, side: str, outcome: str) -> float:
+        return self._f.orders.labels(side, outcome)._value.get()
+
+    def fill(self, side: str, sol: float, fee: float) -> None:
+        self._f.fill_sol.labels(side).inc(sol)
+        self._f.fees.inc(fee)
+
+    def breaker(self, name: str, tripped: bool) -> None:
+        self._f.breaker.labels(name).set(1 if tripped else 0)
+        if tripped:
+            self._f.trips.labels(name).inc()
+
+    def leading(self, leader: bool) -> None:
+        self._f.leader.set(1 if leader else 0)
+
+    def book(self, book: PositionBook, risk: RiskManager) -> None:
+        f = self._f
+        f.pnl.labels("realized").set(book.realized_pnl_sol)
+        f.pnl.labels("unrealized").set(book.unrealized_pnl_sol)
+        f.capital.set(risk.capital)
+        f.exposure.set(risk.total_exposure)
+        f.positions.set(book.open_count)
+        for state in TradingState:
+            f.state.labels(state.value).set(1 if risk.state is state else 0)
+        for name in BREAKERS:
+            f.breaker.labels(name).set(1 if risk.breakers[name].tripped else 0)

@@ -1,0 +1,682 @@
+"""The trading service: predictions in, orders out, every change in the ledger first.
+
+Wiring of trading's domain (:mod:`pumpflow.common.trading`): the
+:class:`~pumpflow.common.trading.TradingEngine` decides, the executor (paper by
+default, :mod:`pumpflow.trading.executor`) fills, the ledger
+(:mod:`pumpflow.trading.ledger`, Postgres when the service has a database) keeps
+every order, fill and position.
+
+- Consumes :data:`~pumpflow.common.trading.SERVICE_CONSUMES`: the token events (the
+  curve, marks and paper fills), ``features.updated``, ``token.lifecycle``,
+  ``model.prediction`` (each one chance to enter) and the exit service's
+  ``exit.order``. Publishes ``order.requested|filled|rejected``,
+  ``position.opened|updated|closed``, ``trading.state`` and ``trading.breaker``.
+- One event at a time: what it changed is written to the ledger in one transaction,
+  then new orders go to the executor, then the events are published, and only then
+  is the event acknowledged. An order whose id the ledger has already (derived from
+  a redelivered event) is dropped, never sent.
+- Trading is stateful across tokens (capital, limits), so it is not partitioned:
+  replicas campaign for the lease ``trading:decide`` (the state store's and
+  Postgres's); the holder reloads the book from the ledger, reconciles every order
+  whose outcome is unknown, and only then consumes. The others stand by, ready,
+  unsubscribed; one takes over within the lease's TTL of the holder's death.
+  Scaling further would shard the capital: N traders, each with its own lease, its
+  1/N of the capital and limits, and the tokens split between them by mint hash.
+- Timers on the injected clock (every ``trading_tick_s``): orders due without a
+  later trade, the breakers' silence and recoveries, the trading day, and the
+  operator's state as the ledger holds it (a halt given to another replica or by
+  the CLI). A halt given here applies before the next event.
+- HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
+  ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.clock import TimerHandle
+from pumpflow.common.events import (
+    CircuitBreakerChanged,
+    Event,
+    ExitOrder,
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    TokenCreated,
+    TokenLifecycle,
+    TokenMigrated,
+    TokenTrade,
+    TradingStateChanged,
+    make_event,
+)
+from pumpflow.common.lease import LeaderLease
+from pumpflow.common.runtime.leases import lease_stores
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.trading import (
+    SERVICE_CONSUMES,
+    DecisionPolicy,
+    Position,
+    PositionBook,
+    RiskManager,
+    TradingEngine,
+    TradingState,
+)
+from pumpflow.common.trading.paper import sell_order
+from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
+from pumpflow.trading.ledger import (
+    FillRecord,
+    Ledger,
+    LedgerChange,
+    MemoryLedger,
+    OrderOutcome,
+    OrderRecord,
+    PositionRecord,
+    PostgresLedger,
+)
+from pumpflow.trading.metrics import TradingMetrics
+from pumpflow.trading.settings import TradingSettings
+
+log = logging.getLogger("pumpflow.trading")
+
+#: one replica trades at a time
+LEASE_NAME = "trading:decide"
+_RETIRED = frozenset({"inactive", "graduated"})
+
+
+def _outcome_event_id(order_id: str) -> str:
+    return hashlib.blake2b(f"outcome:{order_id}".encode(), digest_size=16).hexdigest()
+
+
+class _Step:
+    """What one event or timer round changed: the ledger's part, the orders to send, the
+    events to publish once stored."""
+
+    __slots__ = ("change", "events", "requests", "stored_once")
+
+    def __init__(self) -> None:
+        self.change = LedgerChange()
+        self.events: list[Event] = []
+        self.requests: dict[str, OrderRequested | ExitOrder] = {}
+        #: the ledger took it before (a retry after an error): its orders are ours
+        self.stored_once = False
+
+
+class TradingService(Service):
+    """Decide entries, execute orders, keep the book and the ledger; one replica at a time."""
+
+    name: ClassVar[str] = "trading"
+    settings_class: ClassVar[type[TradingSettings]] = TradingSettings
+    needs_store: ClassVar[bool] = True
+    needs_db: ClassVar[bool] = True
+
+    settings: TradingSettings
+
+    def __init__(
+        self,
+        settings: TradingSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        ledger: Ledger | None = None,
+    ):
+        super().__init__(settings)
+        if settings.trading_executor == "live":
+            if not settings.trading_live_enabled:
+                raise RuntimeError(
+                    "the live executor is chosen but not enabled: set "
+                    "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
+                )
+            raise RuntimeError("the live executor is not available in this version")
+        self.metrics = TradingMetrics(registry=registry)
+        self.ledger: Ledger | None = ledger
+        self.leader: LeaderLease | None = None
+        self._ctx: ServiceContext | None = None
+        self._lock = asyncio.Lock()
+        self._backlog: list[_Step] = []
+        self._unpublished: list[Event] = []
+        self._subscription: Subscription | None = None
+        self._subscribed = False
+        self._leading = False
+        self._stopped = False
+        self._tick: TimerHandle | None = None
+        #: orders given back to the executor or settled on the last take-over
+        self.reconciled: dict[str, str] = {}
+        self.book = PositionBook()
+        self.risk: RiskManager | None = None
+        self.engine: TradingEngine | None = None
+        self.executor: TradeExecutor | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def role(self) -> str:
+        if self._stopped:
+            return "stopped"
+        return "active" if self._leading else "standby"
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        if self.ledger is None:
+            if ctx.db is None:
+                log.info("trading without a database: the ledger is in memory")
+                self.ledger = MemoryLedger()
+            else:
+                self.ledger = PostgresLedger(ctx.db)
+        self._build()
+        self._subscription = Subscription(
+            service=self.settings.service,
+            patterns=SERVICE_CONSUMES,
+            handler=self.on_event,
+            # every partition: trading is one decider, never balanced between replicas
+            partitions=tuple(range(ctx.bus.partitions)),
+        )
+        self.leader = LeaderLease(
+            lease_stores(ctx),
+            self.settings.lease_config(
+                name=LEASE_NAME, holder=f"{self.settings.replica}:{uuid.uuid4().hex[:12]}"
+            ),
+            on_elected=self._take_over,
+            on_lost=self._stand_by,
+            on_resign=self._stand_by,
+        )
+        await self.leader.start()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        if self.leader is not None:
+            await self.leader.stop()
+        await self._stand_by()
+        self._stopped = True
+        if self._backlog or self._unpublished:
+            raise RuntimeError(
+                f"trading stopped with {len(self._backlog)} changes unstored and "
+                f"{len(self._unpublished)} events unpublished"
+            )
+
+    def _build(self) -> None:
+        """A fresh book, risk manager, engine and executor (the ledger refills them)."""
+        ctx, s = self._ctx, self.settings
+        assert ctx is not None
+        self.book = PositionBook(execution=s.execution())
+        self.risk = RiskManager(
+            s.trading_capital_sol,
+            s.trading_max_risk_per_trade,
+            s.trading_max_concurrent_positions,
+            limits=s.limits(),
+            breakers=s.breakers(),
+            positions=self.book,
+            clock=ctx.clock,
+        )
+        self.engine = TradingEngine(
+            None,
+            self.book,
+            self.risk,
+            policy=DecisionPolicy(s.filters()),
+            clock=ctx.clock,
+            source=ctx.source,
+            slippage_pct=s.trading_slippage_pct,
+        )
+        self.executor = PaperExecutor(s.execution())
+
+    async def _take_over(self) -> None:
+        """Reload the book, reconcile what is unknown, then trade."""
+        ctx = self._ctx
+        assert ctx is not None and self.ledger is not None
+        async with self._lock:
+            self._build()
+            snapshot = await self.ledger.load(remembered=self.settings.trading_remembered_orders)
+            for fill in snapshot.fills:
+                self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+            self._update_capital()
+            for order_id in snapshot.order_ids:
+                self.engine.sent_orders[order_id] = None
+            step = _Step()
+            if snapshot.control is not None:
+                self.risk.set_state(*snapshot.control)
+            self.reconciled = {}
+            for order in snapshot.unresolved:
+                self._reconcile(order, step)
+            self._report(step, self.risk.take_reports(), cause=None)
+            self._backlog.append(step)
+            await self._flush()
+            self._leading = True
+            self.metrics.leading(True)
+            self.metrics.book(self.book, self.risk)
+            log.info(
+                "trading: %s trades: %d open positions, %d orders reconciled, state %s",
+                self.leader.holder if self.leader else "?", self.book.open_count,
+                len(self.reconciled), self.risk.state,
+            )  # fmt: skip
+            self._schedule_tick()
+        await ctx.bus.subscribe(self._subscription)
+        self._subscribed = True
+
+    def _reconcile(self, order: OrderRecord, step: _Step) -> None:
+        if order.side == "sell" and order.mint not in self.book.open_positions:
+            outcome: Outcome | None = OrderRejected(
+                order_id=order.order_id,
+                mint=order.mint,
+                reason="nothing held to sell after the restart",
+                side="sell",
+                position_id=order.position_id,
+            )
+        else:
+            outcome = self.executor.reconcile(order)
+        if outcome is None:
+            if order.side == "buy" and order.sol_amount:
+                self.risk.reserve(order.order_id, order.mint, order.sol_amount)
+            self.engine.order_reasons[order.order_id] = order.reason
+            if order.state != "sent":
+                step.change.outcomes.append(OrderOutcome(order_id=order.order_id, state="sent"))
+            self.reconciled[order.order_id] = "resubmitted"
+            return
+        self.reconciled[order.order_id] = (
+            "filled" if isinstance(outcome, OrderFilled) else ("rejected")
+        )
+        self._book(outcome, None, step)
+
+    async def _stand_by(self) -> None:
+        """Stop trading (the lease is lost, or the service stops): what was decided is
+        stored and published first; the next holder reloads from the ledger."""
+        self._leading = False
+        self.metrics.leading(False)
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if self._subscribed and self._ctx is not None:
+            self._subscribed = False
+            await self._ctx.bus.unsubscribe(self._subscription)
+        async with self._lock:
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("trading: storing the last changes failed; the ledger reconciles")
+
+    # ---------------------------------------------------------------- events
+
+    async def on_event(self, event: Event) -> None:
+        """Apply one consumed event; acknowledged once its changes are stored and published."""
+        async with self._lock:
+            # what an earlier attempt could not store goes first, in its order
+            await self._flush()
+            step = _Step()
+            data = event.data
+            if isinstance(data, ExitOrder):
+                self._exit(event, step)
+            else:
+                if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+                    for outcome in self.executor.observe(data, time=event.time):
+                        self._book(outcome, event, step)
+                produced = self.engine.process(event)
+                for out in produced:
+                    if isinstance(out.data, OrderRequested):
+                        self._request(out.data, event, step)
+                self._report(step, (), cause=event, produced=produced)
+                if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
+                    if not self.book.holds(data.mint):
+                        self.executor.forget(data.mint)
+            self._backlog.append(step)
+            await self._flush()
+
+    def _exit(self, event: Event, step: _Step) -> None:
+        """A sale the exit service ordered: stored, then executed (never twice)."""
+        order: ExitOrder = event.data
+        if order.order_id in self.engine.sent_orders:
+            self.metrics.order("sell", "duplicate")
+            return
+        self.engine.sent_orders[order.order_id] = None
+        self.engine.order_reasons[order.order_id] = order.reason
+        request = sell_order(order)
+        step.events.append(
+            make_event(
+                request,
+                source=self._ctx.source,
+                time=self._ctx.clock.now(),
+                causation_id=event.id,
+                event_id=_outcome_event_id(f"request:{order.order_id}"),
+            )
+        )
+        self._request(request, event, step, original=order)
+
+    def _request(
+        self,
+        request: OrderRequested,
+        cause: Event,
+        step: _Step,
+        *,
+        original: OrderRequested | ExitOrder | None = None,
+    ) -> None:
+        venue, state = self.executor.expected(request.mint)
+        step.requests[request.order_id] = original or request
+        step.change.orders.append(
+            OrderRecord(
+                order_id=request.order_id,
+                mint=request.mint,
+                side=request.side,
+                sol_amount=request.sol_amount,
+                token_amount=request.token_amount,
+                slippage_pct=request.slippage_pct,
+                reason=request.reason,
+                position_id=request.position_id,
+                cause_id=cause.id,
+                executor=self.executor.name,
+                state="sent",
+                requested_at=self._ctx.clock.now(),
+                venue=venue,
+                expected_v_sol=None if state is None else state.v_sol,
+                expected_v_tokens=None if state is None else state.v_tokens,
+            )
+        )
+
+    def _book(self, outcome: Outcome, cause: Event | None, step: _Step) -> None:
+        """An order's outcome: to the engine (book, limits, breakers) and the ledger."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        event = make_event(
+            outcome,
+            source=ctx.source,
+            time=now,
+            causation_id=cause.id if cause is not None else None,
+            event_id=_outcome_event_id(outcome.order_id),
+        )
+        reason = self.engine.order_reasons.get(outcome.order_id, "")
+        produced = self.engine.process(event)
+        step.events.append(event)
+        self._report(step, (), cause=cause, produced=produced)
+        side = outcome.side or "buy"
+        if isinstance(outcome, OrderFilled):
+            step.change.outcomes.append(
+                OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
+            )
+            step.change.fills.append(FillRecord.of(outcome, time=now, reason=reason))
+            position = self._position(outcome.mint)
+            if position is not None:
+                step.change.positions.append(PositionRecord.of(position))
+            self.metrics.order(side, "filled")
+            self.metrics.fill(side, outcome.sol_amount, outcome.fee_sol)
+            self._update_capital()
+        else:
+            step.change.outcomes.append(
+                OrderOutcome(order_id=outcome.order_id, state="rejected", outcome=outcome.reason)
+            )
+            self.metrics.order(side, "rejected")
+            log.info("trading: order %s rejected: %s", outcome.order_id, outcome.reason)
+
+    def _report(
+        self, step: _Step, reports, *, cause: Event | None, produced: list[Event] | None = None
+    ) -> None:
+        """Add produced events (and bare reports, wrapped) to the step; log and count them."""
+        events = list(produced or ())
+        now = self._ctx.clock.now()
+        for payload in reports:
+            events.append(
+                make_event(
+                    payload,
+                    source=self._ctx.source,
+                    time=now,
+                    causation_id=cause.id if cause is not None else None,
+                )
+            )
+        for event in events:
+            data = event.data
+            if isinstance(data, CircuitBreakerChanged):
+                self.metrics.breaker(data.breaker, data.tripped)
+                log.warning(
+                    "trading: breaker %s %s: %s",
+                    data.breaker, "tripped" if data.tripped else "recovered", data.reason,
+                )  # fmt: skip
+            elif isinstance(data, TradingStateChanged):
+                log.warning(
+                    "trading: state %s -> %s: %s", data.previous_state, data.state, data.reason
+                )
+            step.events.append(event)
+
+    def _position(self, mint: str) -> Position | None:
+        position = self.book.position(mint)
+        if position is not None:
+            return position
+        for closed in reversed(self.book.closed_positions):
+            if closed.mint == mint:
+                return closed
+        return None
+
+    def _update_capital(self) -> None:
+        capital = self.settings.trading_capital_sol + self.book.realized_pnl_sol
+        self.risk.update_capital(max(0.0, capital))
+
+    # ---------------------------------------------------------------- storing and sending
+
+    async def _flush(self) -> None:
+        """Store each step in order, send its new orders, publish its events."""
+        while self._backlog:
+            step = self._backlog[0]
+            inserted = await self.ledger.commit(step.change)
+            self._backlog.pop(0)
+            await self._send(step, inserted)
+        await self._publish()
+
+    async def _send(self, step: _Step, inserted: set[str]) -> None:
+        dropped: set[str] = set()
+        follow = _Step()
+        for order in step.change.orders:
+            request = step.requests[order.order_id]
+            side = order.side
+            if order.order_id not in inserted and not step.stored_once:
+                # the ledger has it already: an event that came again, never sent twice
+                dropped.add(order.order_id)
+                self.risk.release(order.order_id)
+                self.metrics.order(side, "duplicate")
+                log.info("trading: order %s is in the ledger already: not sent", order.order_id)
+                continue
+            self.metrics.order(side, "sent")
+            outcome = await self.executor.submit(request, time=order.requested_at)
+            if outcome is not None:
+                self._book(outcome, None, follow)
+        step.stored_once = True
+        self._unpublished += [
+            e
+            for e in step.events
+            if not (isinstance(e.data, OrderRequested) and e.data.order_id in dropped)
+        ]
+        if follow.change or follow.events:
+            self._backlog.insert(0, follow)
+
+    async def _publish(self) -> None:
+        bus = self._ctx.bus
+        while self._unpublished:
+            await bus.publish(self._unpublished[0])
+            self._unpublished.pop(0)
+
+    # ---------------------------------------------------------------- timers
+
+    def _schedule_tick(self) -> None:
+        if self._leading and not self._stopped:
+            self._tick = self._ctx.clock.call_later(self.settings.trading_tick_s, self._on_tick)
+
+    async def _on_tick(self) -> None:
+        if not self._leading:
+            return
+        try:
+            control = await self.ledger.control()
+            async with self._lock:
+                await self._flush()
+                step = _Step()
+                if control is not None and (
+                    control[0] is not self.risk.operator_state
+                    or control[1] != self.risk.operator_reason
+                ):
+                    self.risk.set_state(*control)
+                for outcome in self.executor.due(self._ctx.clock.now()):
+                    self._book(outcome, None, step)
+                self._report(step, (), cause=None, produced=self.engine.tick())
+                self._backlog.append(step)
+                await self._flush()
+                self.metrics.book(self.book, self.risk)
+        except Exception:
+            log.exception("trading: the timed checks failed; next round in %gs",
+                          self.settings.trading_tick_s)  # fmt: skip
+        finally:
+            self._schedule_tick()
+
+    # ---------------------------------------------------------------- the kill switch
+
+    async def set_state(self, state: TradingState | str, reason: str) -> dict[str, Any]:
+        """The operator's state (the kill switch halts): stored, then applied at once here
+        when this replica trades (another one reads it from the ledger on its next tick)."""
+        state = TradingState(state)
+        await self.ledger.set_control(state, reason)
+        if self._leading:
+            async with self._lock:
+                step = _Step()
+                self.risk.set_state(state, reason)
+                self._report(step, self.risk.take_reports(), cause=None)
+                self._backlog.append(step)
+                await self._flush()
+                self.metrics.book(self.book, self.risk)
+        return self.state_view()
+
+    async def halt(self, reason: str = "kill switch") -> dict[str, Any]:
+        return await self.set_state(TradingState.HALTED, reason)
+
+    async def resume(self, reason: str = "resumed") -> dict[str, Any]:
+        return await self.set_state(TradingState.ACTIVE, reason)
+
+    # ---------------------------------------------------------------- reads
+
+    def state_view(self) -> dict[str, Any]:
+        risk = self.risk
+        return {
+            "role": self.role,
+            "state": risk.state.value,
+            "reason": risk.state_reason(),
+            "operator_state": risk.operator_state.value,
+            "operator_reason": risk.operator_reason,
+            "daily_loss_limit_hit": risk.daily_loss_hit,
+            "breakers": {
+                name: {"tripped": b.tripped, "reason": b.reason, "last_fault": b.last_fault}
+                for name, b in risk.breakers.items()
+            },
+        }
+
+    def pnl(self) -> dict[str, Any]:
+        book = self.book
+        realized, unrealized = book.realized_pnl_sol, book.unrealized_pnl_sol
+        fees = sum(p.fees_sol for p in (*book.open_positions.values(), *book.closed_positions))
+        return {
+            "role": self.role,
+            "capital_sol": self.risk.capital,
+            "starting_capital_sol": self.settings.trading_capital_sol,
+            "realized_pnl_sol": realized,
+            "unrealized_pnl_sol": unrealized,
+            "pnl_sol": realized + unrealized,
+            "fees_sol": fees,
+            "open_positions": book.open_count,
+            "closed_positions": len(book.closed_positions),
+            "exposure_sol": self.risk.total_exposure,
+        }
+
+    def limits(self) -> dict[str, Any]:
+        risk = self.risk
+        return {
+            "capital_sol": risk.capital,
+            "limits": asdict(risk.limits),
+            "breakers": asdict(risk.breaker_settings),
+            "exposure_sol": risk.total_exposure,
+            "open_positions": risk.open_positions(),
+            "orders_in_flight": len(risk.reservations),
+        }
+
+    @staticmethod
+    def position_view(position: Position) -> dict[str, Any]:
+        return {
+            **position.payload_fields(),
+            "opened_at": position.opened_at,
+            "closed_at": position.closed_at,
+            "close_reason": position.close_reason,
+            "fees_sol": position.fees_sol,
+            "mark_value_sol": position.mark_value_sol,
+            "marked_at": position.marked_at,
+            "pnl_sol": position.pnl_sol,
+        }
+
+    async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
+        """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
+        if not self._leading:
+            rows = await self.ledger.positions(open_only=open_only, limit=limit)
+            return {"role": self.role, "source": "ledger", "count": len(rows), "positions": rows}
+        book = self.book
+        found = list(book.open_positions.values())
+        if not open_only:
+            found += book.closed_positions
+        found.sort(key=lambda p: p.opened_at, reverse=True)
+        views = [self.position_view(p) for p in found[:limit]]
+        return {"role": self.role, "source": "book", "count": len(views), "positions": views}
+
+    def router(self):
+        from fastapi import APIRouter, Body, Depends, HTTPException, Query
+
+        from pumpflow.common.runtime.http import require_token
+
+        api = APIRouter()
+        guarded = [Depends(require_token)]
+
+        @api.get("/positions")
+        async def positions(
+            open_only: bool = Query(True, alias="open"),
+            limit: int = Query(1000, ge=1, le=100_000),
+        ) -> dict[str, Any]:
+            return await self.positions(open_only=open_only, limit=limit)
+
+        @api.get("/orders")
+        async def orders(
+            state: str | None = Query(None, description="pending, sent, unknown, filled, rejected"),
+            mint: str | None = None,
+            limit: int = Query(100, ge=1, le=10_000),
+        ) -> dict[str, Any]:
+            rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
+            return {"count": len(rows), "orders": rows}
+
+        @api.get("/pnl")
+        async def pnl() -> dict[str, Any]:
+            return self.pnl()
+
+        @api.get("/state")
+        async def state() -> dict[str, Any]:
+            return self.state_view()
+
+        @api.get("/limits")
+        async def limits() -> dict[str, Any]:
+            return self.limits()
+
+        @api.post("/halt", dependencies=guarded)
+        async def halt(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            return await self.halt(str((body or {}).get("reason") or "kill switch (HTTP)"))
+
+        @api.post("/resume", dependencies=guarded)
+        async def resume(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            if self.risk is None:
+                raise HTTPException(503, "not started")
+            return await self.resume(str((body or {}).get("reason") or "resumed (HTTP)"))
+
+        return api
+
+    async def status(self) -> dict[str, Any]:
+        role = self.role
+        body: dict[str, Any] = {"ready": role in ("active", "standby"), "role": role}
+        if role == "active":
+            body.update(
+                state=self.risk.state.value,
+                open_positions=self.book.open_count,
+                orders_in_flight=len(self.risk.reservations),
+                unstored=len(self._backlog),
+                unpublished=len(self._unpublished),
+            )
+        return body

@@ -1,0 +1,100 @@
+"""Settings of the trading service (``PUMPFLOW_<NAME>``).
+
+The entry filters, limits and breakers keep the domain's defaults (argued in
+:mod:`pumpflow.common.trading.settings`); the settings here are the ones an operator
+changes per deployment.
+
+``trading_capital_sol = 10``: paper trading's starting capital. The limits are
+fractions of it, so with the defaults a full-confidence entry is 0.4 SOL, within the
+0.6 SOL a fresh curve takes at the 2% impact limit, and far above the 0.01 SOL dust
+floor: the size a pump.fun trader starting out uses, not a fund's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import Field
+
+from pumpflow.common.lease import LeaderLeaseConfig
+from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.trading import (
+    BreakerSettings,
+    EntryFilters,
+    PaperExecution,
+    RiskLimits,
+)
+
+_FILTERS = EntryFilters()
+_LIMITS = RiskLimits()
+_PAPER = PaperExecution()
+
+
+class TradingSettings(CommonSettings):
+    """Settings of the trading service."""
+
+    trading_executor: Literal["paper", "live"] = Field(
+        "paper", description="who executes orders: paper fills on the curve, or live"
+    )
+    trading_live_enabled: bool = Field(
+        False, description="the explicit switch without which the live executor never starts"
+    )
+    trading_capital_sol: float = Field(
+        10.0, gt=0, description="capital the limits are fractions of (paper: the start)"
+    )
+    trading_max_risk_per_trade: float = Field(
+        _LIMITS.max_risk_per_trade, gt=0, le=1, description="capital risked per trade"
+    )
+    trading_max_concurrent_positions: int = Field(
+        _LIMITS.max_concurrent_positions, ge=1, description="tokens held at once"
+    )
+    trading_min_score: float = Field(
+        _FILTERS.min_score, ge=0, le=1, description="model score an entry needs"
+    )
+    trading_name_blocklist: tuple[str, ...] = Field(
+        (), description="substrings of names or symbols never entered (JSON list)"
+    )
+    trading_creator_blocklist: tuple[str, ...] = Field(
+        (), description="creator wallets whose tokens are never entered (JSON list)"
+    )
+    trading_slippage_pct: float = Field(
+        _PAPER.slippage_pct, ge=0, description="slippage limit of entries, percent"
+    )
+    trading_paper_latency_s: float = Field(
+        _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"
+    )
+    trading_tick_s: float = Field(
+        1.0, gt=0, description="market seconds between the timed checks (breakers, due fills)"
+    )
+    trading_lease_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="TTL (wall-clock seconds) of the lease 'trading:decide' that lets one "
+        "replica trade; a standby takes over within it after a crash",
+    )
+    trading_remembered_orders: int = Field(
+        100_000, ge=1, description="order ids loaded on start against a second send"
+    )
+
+    def filters(self) -> EntryFilters:
+        return replace(
+            _FILTERS,
+            min_score=self.trading_min_score,
+            name_blocklist=tuple(self.trading_name_blocklist),
+            creator_blocklist=tuple(self.trading_creator_blocklist),
+        )
+
+    def limits(self) -> RiskLimits:
+        return RiskLimits()
+
+    def breakers(self) -> BreakerSettings:
+        return BreakerSettings()
+
+    def execution(self) -> PaperExecution:
+        return replace(
+            _PAPER, latency_s=self.trading_paper_latency_s, slippage_pct=self.trading_slippage_pct
+        )
+
+    def lease_config(self, *, name: str, holder: str) -> LeaderLeaseConfig:
+        return LeaderLeaseConfig(name=name, holder=holder, ttl_s=self.trading_lease_ttl_s)

@@ -1,0 +1,155 @@
+"""The trading service embedded on the in-memory bus and a replay clock: paper entries
+filled after their latency, the ledger, the kill switch, a restart that reloads the book
+and reconciles the order in flight without sending anything twice."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.events import Event
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.testing import EventCollector
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .conftest import Market
+
+
+def trading(ledger: MemoryLedger, **settings: object) -> TradingService:
+    config = TradingSettings.load(service="trading", transport="memory", **settings)
+    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+
+
+@contextlib.asynccontextmanager
+async def running(clock, service: TradingService):
+    async with run_embedded([service], clock=clock, synchronous=True) as system:
+        watch = await EventCollector("watch").attach(
+            system.bus, "order.*", "position.*", "trading.*"
+        )
+        yield system.bus, watch
+
+
+async def publish(bus: EventBus, *events: Event) -> None:
+    for event in events:
+        await bus.publish(event)
+
+
+async def ready(bus: EventBus, market: Market, mint: str | None = None) -> str:
+    """A token trading would enter on a prediction (see conftest's ``Market.ready``)."""
+    mint = mint or market.tokens.mint()
+    await publish(
+        bus,
+        market.tokens.created(mint, sol=0.5, name="Good Coin", symbol="GOOD", trader="dev"),
+        market.tokens.buy(mint, "alice", sol=3.0),
+        market.features(mint),
+        market.lifecycle(mint),
+    )
+    return mint
+
+
+async def test_a_prediction_becomes_a_paper_position_stored_in_the_ledger(clock, market):
+    ledger = MemoryLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        assert service.role == "active"
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        [request] = watch.payloads("order.requested")
+        assert request.mint == mint and request.side == "buy"
+        assert watch.count("order.filled") == 0  # the latency has not passed
+        [stored] = await ledger.orders(limit=10)
+        assert stored["order_id"] == request.order_id and stored["state"] == "sent"
+
+        clock_before = clock.now()
+        await clock.advance(1.0)  # the tick finds the order due on the token's last state
+        assert clock.now() - clock_before >= service.settings.trading_paper_latency_s
+        [fill] = watch.payloads("order.filled")
+        [opened] = watch.payloads("position.opened")
+        assert fill.order_id == request.order_id
+        assert fill.sol_amount == pytest.approx(request.sol_amount, rel=1e-12)
+        assert opened.mint == mint and opened.token_amount == fill.token_amount
+        [stored] = await ledger.orders(limit=10)
+        assert stored["state"] == "filled"
+        [position] = await ledger.positions(open_only=True, limit=10)
+        assert position["position_id"] == request.order_id
+        assert position["token_amount"] == fill.token_amount
+
+        # a later trade marks the position: unrealised PnL after every fee
+        await publish(bus, market.tokens.buy(mint, "bob", sol=5.0))
+        view = await service.positions()
+        [held] = view["positions"]
+        assert held["mark_price"] is not None and held["unrealized_pnl_sol"] != 0
+        pnl = service.pnl()
+        assert pnl["open_positions"] == 1
+        assert pnl["unrealized_pnl_sol"] == held["unrealized_pnl_sol"]
+
+
+async def test_the_kill_switch_stops_entries_from_the_next_event(clock, market):
+    ledger = MemoryLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await service.halt("test halt")
+        [halted] = watch.payloads("trading.state")
+        assert halted.state == "halted" and halted.reason == "test halt"
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0
+        assert await ledger.control() == ("halted", "test halt")
+
+        await service.resume("test resume")
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
+
+
+async def test_a_halt_stored_by_another_replica_reaches_the_trader_on_its_tick(clock, market):
+    ledger = MemoryLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await ledger.set_control("halted", "halted elsewhere")
+        await clock.advance(service.settings.trading_tick_s)
+        assert service.risk.state == "halted"
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0
+
+
+async def test_a_restart_reloads_the_book_and_reconciles_the_order_in_flight(clock, market):
+    ledger = MemoryLedger()
+    # a long latency keeps the second order in flight when the first replica goes
+    first = trading(ledger, trading_paper_latency_s=30.0)
+    async with running(clock, first) as (bus, watch):
+        held = await ready(bus, market)
+        await publish(bus, market.prediction(held))
+        await clock.advance(31.0)
+        await publish(bus, market.tokens.buy(held, "bob", sol=1.0))
+        assert watch.count("position.opened") == 1
+        flying = await ready(bus, market)
+        in_flight = market.prediction(flying)
+        await publish(bus, in_flight)
+        assert watch.count("order.requested") == 2 and watch.count("order.filled") == 1
+        [order_id] = [r.order_id for r in watch.payloads("order.requested") if r.mint == flying]
+        book_before = {m: p.tokens for m, p in first.book.open_positions.items()}
+
+    second = trading(ledger, trading_paper_latency_s=30.0)
+    async with running(clock, second) as (bus, watch):
+        # the book as it was, the order in flight back in the executor's hands
+        assert {m: p.tokens for m, p in second.book.open_positions.items()} == book_before
+        assert second.reconciled == {order_id: "resubmitted"}
+        assert second.risk.reservations.keys() == {order_id}
+        # the prediction again (a redelivery): never a second order
+        await publish(bus, in_flight)
+        assert watch.count("order.requested") == 0
+        # the token trades on after the latency: the order fills, once
+        await ready(bus, market, flying)
+        await clock.advance(31.0)
+        [fill] = watch.payloads("order.filled")
+        assert fill.order_id == order_id
+        assert second.book.holds(flying) and second.book.holds(held)
+        orders = await ledger.orders(limit=10)
+        assert sorted(o["state"] for o in orders) == ["filled", "filled"]
+        assert second.risk.reservations == {}
