@@ -58,9 +58,10 @@ class AgentConfig:
     organic_rate_per_s: float = 0.25
     #: how a token's arrival rate and its life grow with appeal. Their sum (1) sets how
     #: its trade count grows, and with it the graduation rate; their split sets the
-    #: pace of the graduates, the appeal tail: at 0.5/0.5 they graduated in a median
-    #: 3.2-3.7 min (pooled over thousands), at 0.4/0.6 in 4.3-4.5, the market's 4.4
-    #: (docs/market.md, section 2), with their median trades still near 457.
+    #: pace of the graduates, the appeal tail. The market's graduates take a median
+    #: 4.4 minutes (docs/market.md, section 2); pooled over about 1,000 graduates of
+    #: unseen seeds, 0.5/0.5 gave 3.55 and 0.4/0.6 gives 4.28, with median trades
+    #: 443 and 444 against about 457 (docs/benchmarks.md, Simulator calibration).
     rate_appeal_exponent: float = 0.4
     max_organic_rate_per_s: float = 3.0
     size_appeal_exponent: float = 0.5
