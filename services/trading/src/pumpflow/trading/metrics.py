@@ -53,6 +53,12 @@ class _Families:
             "pumpflow_trading_breaker_trips", "Circuit breaker trips", ["breaker"],
             registry=registry,
         )  # fmt: skip
+        self.predictions = Counter(
+            "pumpflow_trading_predictions",
+            "Predictions decided on: an order, or none (filters, limits, state, seen before)",
+            ["outcome"],
+            registry=registry,
+        )
         self.leader = Gauge(
             "pumpflow_trading_leader",
             "1 while this replica holds the lease and trades",
@@ -71,6 +77,9 @@ class TradingMetrics:
 
     def orders(self, side: str, outcome: str) -> float:
         return self._f.orders.labels(side, outcome)._value.get()
+
+    def prediction(self, ordered: bool) -> None:
+        self._f.predictions.labels("order" if ordered else "no_order").inc()
 
     def fill(self, side: str, sol: float, fee: float) -> None:
         self._f.fill_sol.labels(side).inc(sol)

@@ -47,6 +47,7 @@ from pumpflow.common.events import (
     CircuitBreakerChanged,
     Event,
     ExitOrder,
+    ModelPrediction,
     OrderFilled,
     OrderRejected,
     OrderRequested,
@@ -316,9 +317,13 @@ class TradingService(Service):
                     for outcome in self.executor.observe(data, time=event.time):
                         self._book(outcome, event, step)
                 produced = self.engine.process(event)
+                ordered = False
                 for out in produced:
                     if isinstance(out.data, OrderRequested):
                         self._request(out.data, event, step)
+                        ordered = True
+                if isinstance(data, ModelPrediction):
+                    self.metrics.prediction(ordered)
                 self._report(step, (), cause=event, produced=produced)
                 if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
                     if not self.book.holds(data.mint):

@@ -1,0 +1,71 @@
+"""The ledger in Postgres and in memory: an order id is taken once, a change is one
+transaction, and a load gives back the fills in order and the orders still unresolved."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from pumpflow.trading.ledger import (
+    FillRecord,
+    LedgerChange,
+    MemoryLedger,
+    OrderOutcome,
+    OrderRecord,
+    PostgresLedger,
+)
+
+
+def order(order_id: str, **fields) -> OrderRecord:
+    values = dict(
+        order_id=order_id, mint="MintA", side="buy", sol_amount=0.5, token_amount=None,
+        slippage_pct=5.0, reason="score 0.9", position_id=None, cause_id="cause",
+        executor="paper", state="sent", requested_at=100.0, venue="pump",
+        expected_v_sol=32.0, expected_v_tokens=1.0e9,
+    )  # fmt: skip
+    values.update(fields)
+    return OrderRecord(**values)
+
+
+def fill(order_id: str, time: float) -> FillRecord:
+    return FillRecord(
+        order_id=order_id, mint="MintA", side="buy", token_amount=1e6, sol_amount=0.5,
+        price=5e-7, fee_sol=0.01, filled_at=time, reason="score 0.9",
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["postgres", "memory"])
+def ledger(request):
+    if request.param == "memory":
+        return MemoryLedger()
+    return PostgresLedger(request.getfixturevalue("pg_pool"))
+
+
+async def test_an_order_id_is_taken_once_and_a_load_gives_back_what_is_unresolved(ledger):
+    assert await ledger.commit(LedgerChange(orders=[order("a"), order("b")])) == {"a", "b"}
+    # the same id again, from a redelivered event: refused, the first one stays
+    assert await ledger.commit(LedgerChange(orders=[order("a", sol_amount=9.0)])) == set()
+    await ledger.commit(
+        LedgerChange(
+            outcomes=[OrderOutcome(order_id="a", state="filled")], fills=[fill("a", 101.0)]
+        )
+    )
+    snapshot = await ledger.load(remembered=10)
+    assert [f.order_id for f in snapshot.fills] == ["a"]
+    assert snapshot.fills[0].reason == "score 0.9"
+    assert [o.order_id for o in snapshot.unresolved] == ["b"]
+    assert sorted(snapshot.order_ids) == ["a", "b"]
+    [stored] = await ledger.orders(limit=5, state="filled")
+    assert stored["order_id"] == "a" and stored["sol_amount"] == 0.5
+    assert snapshot.control is None
+    await ledger.set_control("halted", "kill switch")
+    assert await ledger.control() == ("halted", "kill switch")
+
+
+async def test_a_change_is_one_transaction(pg_pool):
+    ledger = PostgresLedger(pg_pool)
+    # a fill of an order the ledger does not have breaks the foreign key: nothing is kept
+    broken = LedgerChange(orders=[order("c")], fills=[fill("missing", 1.0)])
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await ledger.commit(broken)
+    assert await ledger.orders(limit=5) == []

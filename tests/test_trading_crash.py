@@ -1,0 +1,199 @@
+"""Trading as a process over RabbitMQ and Postgres: kill -9 with an open position and an
+order in flight, then a restart: the position is back, the order reconciled and filled
+once, and a redelivered prediction sends nothing. The kill switch over HTTP (with the
+API token) stops entries from the next event.
+
+The test publishes what the upstream services would (token events, features,
+lifecycle, predictions), stamped by its own clock, so it decides when an order falls
+due: the paper latency is long, and a trade stamped past it fills the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import Event
+from pumpflow.common.priority import Priority
+from pumpflow.common.testing import (
+    EventCollector,
+    ProcessStack,
+    TokenEvents,
+    eventually,
+    free_port,
+    http_json,
+)
+from pumpflow.common.testing.faults import metric, scrape
+from pumpflow.trading.ledger import PostgresLedger
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+LATENCY_S = 600.0
+TOKEN = "test-token"
+
+
+class Upstream:
+    """What the feed, features, activity and model services would publish."""
+
+    def __init__(self, bus):
+        self.bus = bus
+        self.clock = ReplayClock(time.time())
+        self.tokens = TokenEvents(clock=self.clock)
+
+    def _now(self) -> None:
+        self.clock.set_sync(max(self.clock.now(), time.time()))
+
+    async def publish(self, *events: Event) -> None:
+        for event in events:
+            await self.bus.publish(event)
+
+    async def ready(self, mint: str | None = None) -> str:
+        from pumpflow.common.events import FeaturesUpdated, TokenLifecycle, make_event
+
+        self._now()
+        mint = mint or self.tokens.mint()
+        values = {
+            "time_since_launch": 60.0, "curve_progress": 0.2, "creator_holding_share": 0.02,
+            "creator_sold": 0.0, "buy_volume_sol_60s": 5.0, "unique_traders": 25.0,
+            "top_buyer_share": 0.2,
+        }  # fmt: skip
+        features = FeaturesUpdated(
+            mint=mint, feature_set_version="test", source_seq=1,
+            names=tuple(values), values=tuple(values.values()),
+        )  # fmt: skip
+        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
+        now = self.clock.now()
+        await self.publish(
+            self.tokens.created(mint, sol=0.5, name="Good Coin", symbol="GOOD", trader="dev"),
+            self.tokens.buy(mint, "alice", sol=3.0),
+            make_event(features, source="features/test", time=now),
+            make_event(lifecycle, source="activity/test", time=now),
+        )
+        return mint
+
+    def prediction(self, mint: str) -> Event:
+        from pumpflow.common.events import ModelPrediction, make_event
+
+        self._now()
+        payload = ModelPrediction(
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
+        )
+        return make_event(payload, source="model/test", time=self.clock.now())
+
+    async def trade_after_latency(self, mint: str) -> None:
+        """A trade stamped past the paper latency: what fills an order in flight."""
+        later = time.time() + LATENCY_S + 60.0
+        await self.publish(self.tokens.buy(mint, "bob", sol=0.5, time=later))
+
+
+def post(url: str, token: str | None, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.fixture
+async def trading(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_harness):
+    port = free_port()
+    process_stack.configure(
+        http_port=port,
+        api_token=TOKEN,
+        trading_paper_latency_s=LATENCY_S,
+        trading_lease_ttl_s=3,
+        consumer_groups="trading",
+    )
+    bus = await rabbitmq_harness.bus(partitions=4, source="test/upstream")
+    watch = await EventCollector("watch").attach(bus, "order.*", "position.*", "trading.*")
+    return process_stack, port, Upstream(bus), watch
+
+
+def no_orders(port: int) -> float:
+    """Predictions the process decided on without an order, by its metrics."""
+    return metric(scrape(port), "pumpflow_trading_predictions_total", outcome="no_order")
+
+
+async def wait_active(stack: ProcessStack, port: int) -> None:
+    async def active() -> bool:
+        body = await asyncio.to_thread(http_json, f"http://127.0.0.1:{port}/state")
+        return bool(body) and body.get("role") == "active"
+
+    await eventually(active, 60, what="trading active", details=stack.logs, interval=0.2)
+
+
+async def test_kill_9_with_a_position_and_an_order_in_flight_then_restart(trading, pg_pool):
+    stack, port, upstream, watch = trading
+    ledger = PostgresLedger(pg_pool)
+    stack.serve("trading")
+    await wait_active(stack, port)
+
+    held = await upstream.ready()
+    await upstream.publish(upstream.prediction(held))
+    await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == held)
+    await upstream.trade_after_latency(held)
+    await watch.wait_for(1, "position.opened", where=lambda e: e.data.mint == held)
+
+    flying = await upstream.ready()
+    in_flight = upstream.prediction(flying)
+    await upstream.publish(in_flight)
+    [request] = [
+        e.data
+        for e in await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == flying)
+    ][:1]
+    [row] = await ledger.orders(limit=1, mint=flying)
+    assert row["state"] == "sent"
+
+    stack.procs["trading"].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(stack.procs["trading"].wait, 30)
+    # the prediction again, as a redelivery would bring it, before and after the restart
+    await upstream.publish(in_flight)
+    stack.serve("trading")
+    await wait_active(stack, port)
+
+    positions = http_json(f"http://127.0.0.1:{port}/positions")
+    assert [p["mint"] for p in positions["positions"]] == [held], positions
+    limits = http_json(f"http://127.0.0.1:{port}/limits")
+    assert limits["orders_in_flight"] == 1  # reconciled: back in the paper executor's hands
+
+    await upstream.trade_after_latency(flying)
+    [filled] = [
+        e.data
+        for e in await watch.wait_for(1, "order.filled", where=lambda e: e.data.mint == flying)
+    ]
+    assert filled.order_id == request.order_id
+    orders = await ledger.orders(limit=10)
+    assert sorted((o["mint"], o["state"]) for o in orders) == sorted(
+        [(held, "filled"), (flying, "filled")]
+    )
+    # one order per prediction on the bus, whatever came again
+    assert sorted(e.data.mint for e in watch.of("order.requested")) == sorted([held, flying])
+
+    # the kill switch: refused without the token; with it, the next prediction is refused
+    status, _ = post(f"http://127.0.0.1:{port}/halt", None, {"reason": "test"})
+    assert status == 401
+    status, body = post(f"http://127.0.0.1:{port}/halt", TOKEN, {"reason": "operator halt"})
+    assert status == 200 and body["state"] == "halted", body
+    await watch.wait_for(1, "trading.state", where=lambda e: e.data.state == "halted")
+    # every prediction before was on the filled token's partition: decided by now
+    before = no_orders(port)
+    third = await upstream.ready()
+    await upstream.publish(upstream.prediction(third))
+    await eventually(
+        lambda: asyncio.to_thread(lambda: no_orders(port) > before),
+        30, what="the prediction after the halt decided", details=stack.logs,
+    )  # fmt: skip
+    assert not [e for e in watch.of("order.requested") if e.data.mint == third]
+    assert await ledger.control() == ("halted", "operator halt")
+
+    assert await stack.stop("trading") == 0, stack.logs()
