@@ -112,6 +112,8 @@ async def trading(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_h
         api_token=TOKEN,
         trading_paper_latency_s=LATENCY_S,
         trading_lease_ttl_s=3,
+        # what waits in the queues while the process is down must not trip the stale breaker
+        trading_max_feed_lag_s=120,
         consumer_groups="trading",
     )
     bus = await rabbitmq_harness.bus(partitions=4, source="test/upstream")
@@ -179,6 +181,7 @@ async def test_kill_9_with_a_position_and_an_order_in_flight_then_restart(tradin
     # one order per prediction on the bus, whatever came again
     assert sorted(e.data.mint for e in watch.of("order.requested")) == sorted([held, flying])
 
+    assert http_json(f"http://127.0.0.1:{port}/state")["state"] == "active"
     # the kill switch: refused without the token; with it, the next prediction is refused
     status, _ = post(f"http://127.0.0.1:{port}/halt", None, {"reason": "test"})
     assert status == 401
@@ -195,5 +198,10 @@ async def test_kill_9_with_a_position_and_an_order_in_flight_then_restart(tradin
     )  # fmt: skip
     assert not [e for e in watch.of("order.requested") if e.data.mint == third]
     assert await ledger.control() == ("halted", "operator halt")
+    # the CLI's kill switch, with the token from the environment
+    url = f"http://127.0.0.1:{port}"
+    done = await asyncio.to_thread(stack.run, "trading", "resume", "--url", url, "--reason", "cli")
+    assert done.returncode == 0 and "trading is active (cli)" in done.stdout, done.stderr
+    assert await ledger.control() == ("active", "cli")
 
     assert await stack.stop("trading") == 0, stack.logs()

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.delegated",
     "pumpflow.cli.dead_letters",
     "pumpflow.cli.train",
+    "pumpflow.cli.trading",
 )
 
 

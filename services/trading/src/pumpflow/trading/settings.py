@@ -29,6 +29,7 @@ from pumpflow.common.trading import (
 _FILTERS = EntryFilters()
 _LIMITS = RiskLimits()
 _PAPER = PaperExecution()
+_BREAKERS = BreakerSettings()
 
 
 class TradingSettings(CommonSettings):
@@ -64,6 +65,12 @@ class TradingSettings(CommonSettings):
     trading_paper_latency_s: float = Field(
         _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"
     )
+    trading_max_feed_lag_s: float = Field(
+        _BREAKERS.max_feed_lag_s,
+        gt=0,
+        description="an event older than this trips the stale breaker (a backlog: after a "
+        "restart, what waited in the queues)",
+    )
     trading_tick_s: float = Field(
         1.0, gt=0, description="market seconds between the timed checks (breakers, due fills)"
     )
@@ -89,7 +96,7 @@ class TradingSettings(CommonSettings):
         return RiskLimits()
 
     def breakers(self) -> BreakerSettings:
-        return BreakerSettings()
+        return replace(_BREAKERS, max_feed_lag_s=self.trading_max_feed_lag_s)
 
     def execution(self) -> PaperExecution:
         return replace(

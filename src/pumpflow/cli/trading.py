@@ -1,0 +1,66 @@
+"""``pumpflow trading halt|resume|state``: the kill switch, from a shell.
+
+Talks to a trading replica's HTTP API (``--url``, default the local one) with the
+bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes it: the state is stored in
+the ledger first, applied at once by the replica that trades and read by the others;
+a halt outlives restarts until a resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "trading",
+        help="the kill switch: halt or resume entries, or show the trading state",
+        description=(
+            "Halt entries at once (exits go on), resume them, or show the state, through "
+            "a trading replica's HTTP API; the token comes from PUMPFLOW_API_TOKEN."
+        ),
+    )
+    parser.add_argument("action", choices=("halt", "resume", "state"))
+    parser.add_argument("--reason", default=None, help="why (kept with the state)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("PUMPFLOW_TRADING_URL", DEFAULT_URL),
+        help=f"a trading replica's HTTP address (PUMPFLOW_TRADING_URL, {DEFAULT_URL})",
+    )
+    parser.set_defaults(handler=trading_command)
+
+
+def trading_command(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/")
+    if args.action == "state":
+        request = urllib.request.Request(f"{url}/state")
+    else:
+        token = os.environ.get("PUMPFLOW_API_TOKEN")
+        if not token:
+            print("pumpflow trading: PUMPFLOW_API_TOKEN is not set", file=sys.stderr)
+            return 2
+        reason = args.reason or f"{args.action} (CLI)"
+        request = urllib.request.Request(
+            f"{url}/{args.action}",
+            data=json.dumps({"reason": reason}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"pumpflow trading: {exc.code}: {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pumpflow trading: {url} does not answer: {exc}", file=sys.stderr)
+        return 1
+    print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); role {body['role']}")
+    return 0
