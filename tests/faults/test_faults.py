@@ -41,10 +41,6 @@ OVERSIZE = (
     "a frame over the socket's read limit ends the connection: the frames in flight and "
     "the market until the feed reconnects are lost"
 )
-REDIS_STOP = (
-    "Redis stopped 30 s: the feed lets go of the socket once its lease expires, and the "
-    "market meanwhile is lost"
-)
 
 
 def assert_recovered(recovery: float) -> None:
@@ -138,15 +134,11 @@ async def test_hostile_frames_with_oversize_ones_lose_no_good_one(make_pipeline,
 
 # ---------------------------------------------------------------- the servers
 
-OPEN_OUTAGES = {
-    ("redis", 30.0): [pytest.mark.xfail(strict=True, reason=REDIS_STOP)],
-}
 OUTAGES = [
     pytest.param(
         server,
         seconds,
         id=f"{server}-{'restart' if seconds is None else 'stop30s'}",
-        marks=OPEN_OUTAGES.get((server, seconds), []),
     )
     for server in ("rabbitmq", "redis", "postgres")
     for seconds in (None, 30.0)
