@@ -160,8 +160,18 @@ def _summary_counts(stdout: str) -> dict[str, int]:
 
 def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by_itself():
     result = subprocess.run(
-        [str(PUMPFLOW), "run", "--duration", "6", "--speed", "20", "--launches", "60",
-         "--every", "2"],
+        [
+            str(PUMPFLOW),
+            "run",
+            "--duration",
+            "6",
+            "--speed",
+            "20",
+            "--launches",
+            "60",
+            "--every",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=90,
@@ -213,8 +223,16 @@ def test_pumpflow_record_takes_a_simulated_stream_from_pumpflow_sim_serve(tmp_pa
     out = tmp_path / "events.jsonl"
     try:
         result = subprocess.run(
-            [str(PUMPFLOW), "record", "--url", f"ws://127.0.0.1:{port}/api/data",
-             "--out", str(out), "--duration", "4"],
+            [
+                str(PUMPFLOW),
+                "record",
+                "--url",
+                f"ws://127.0.0.1:{port}/api/data",
+                "--out",
+                str(out),
+                "--duration",
+                "4",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -15,10 +15,20 @@ from pumpflow.common.events import (
     FeaturesUpdated,
     FeedSubscription,
     ModelPrediction,
+    OrderRejected,
+    PositionClosed,
+    PositionOpened,
     TokenCreated,
     TokenLifecycle,
     TokenMigrated,
 )
+
+
+def msgspec_line(data: object) -> str:
+    """A payload's fields as ``name=value`` pairs."""
+    fields = getattr(data, "__struct_fields__", ())
+    return " ".join(f"{name}={getattr(data, name)!r}" for name in fields)
+
 
 if TYPE_CHECKING:
     from pumpflow.common.runtime.embedded import EmbeddedSystem
@@ -31,6 +41,9 @@ _WATCHED = (
     "features.updated",
     "feed.subscription",
     "model.prediction",
+    "order.*",
+    "position.*",
+    "trading.*",
 )
 _SHOWN_FEATURES = ("market_cap_sol", "curve_progress", "trades_per_minute", "return_60s")
 
@@ -116,6 +129,23 @@ class Console:
             token = self.tokens.get(data.mint)
             if token is not None:
                 token.score = data.score
+        elif isinstance(data, PositionOpened | PositionClosed):
+            token = self.tokens.get(data.mint)
+            name = token.symbol if token else data.mint
+            if isinstance(data, PositionOpened):
+                self._say(
+                    f"{self._market_clock()} BOUGHT {name:<10} {data.cost_sol:.3f} SOL "
+                    f"at {data.entry_price:.3e} SOL/token"
+                )
+            else:
+                self._say(
+                    f"{self._market_clock()} SOLD {name:<10} realised "
+                    f"{data.realized_pnl_sol:+.4f} SOL ({data.reason})"
+                )
+        elif isinstance(data, OrderRejected) and self.verbose:
+            self._say(f"{self._market_clock()} order {data.order_id} rejected: {data.reason}")
+        elif event.type.startswith("trading."):
+            self._say(f"{self._market_clock()} TRADING {event.type}: {msgspec_line(data)}")
         elif isinstance(data, FeedSubscription) and data.action == "unsubscribe":
             self.unsubscribed += len(data.mints)
 
@@ -156,14 +186,65 @@ class Console:
             )
         return lines
 
+    def trading_line(self) -> str | None:
+        """Positions and PnL after every fee, from the trading service, when it runs."""
+        trading = self.system.services.get("trading")
+        if trading is None or getattr(trading, "risk", None) is None:
+            return None
+        pnl = trading.pnl()
+        return (
+            f"    trading [{trading.risk.state}] positions {pnl['open_positions']} open, "
+            f"{pnl['closed_positions']} closed; exposure {pnl['exposure_sol']:.3f} SOL; "
+            f"PnL realised {pnl['realized_pnl_sol']:+.4f} unrealised "
+            f"{pnl['unrealized_pnl_sol']:+.4f} SOL (fees {pnl['fees_sol']:.4f})"
+        )
+
+    def position_lines(self, n: int = 5) -> list[str]:
+        trading = self.system.services.get("trading")
+        if trading is None:
+            return []
+        held = sorted(trading.book.open_positions.values(), key=lambda p: p.pnl_sol, reverse=True)
+        lines = []
+        for position in held[:n]:
+            token = self.tokens.get(position.mint)
+            lines.append(
+                f"      {token.symbol if token else position.mint:<10} cost "
+                f"{position.cost_sol:.3f} SOL  worth "
+                f"{position.mark_value_sol if position.mark_value_sol is not None else 0:.3f}"
+                f"  PnL {position.pnl_sol:+.4f} SOL"
+            )
+        return lines
+
     async def status_loop(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
             self._say(self.status_line())
             for line in self.top_lines():
                 self._say(line)
+            trading = self.trading_line()
+            if trading is not None:
+                self._say(trading)
+                for line in self.position_lines():
+                    self._say(line)
 
     def print_summary(self) -> None:
+        trading = self.trading_line()
+        if trading is not None:
+            self._say(
+                f"trading: {self.counts['order.requested']} orders, "
+                f"{self.counts['order.filled']} filled, {self.counts['order.rejected']} "
+                f"rejected; {self.counts['position.opened']} positions opened, "
+                f"{self.counts['position.closed']} closed"
+            )
+            self._say(trading.strip())
+            for line in self.position_lines(n=20):
+                self._say(line)
+            reasons = self.system.services["trading"].pnl()["no_order_reasons"]
+            if reasons:
+                self._say(
+                    "predictions without an order, by reason: "
+                    + "; ".join(f"{r} x{n}" for r, n in reasons.items())
+                )
         market_s = self.clock.now() - self.started_at
         self._say(
             f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "

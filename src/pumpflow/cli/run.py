@@ -1,9 +1,10 @@
 """``pumpflow run``: the whole system in one process on a simulated market.
 
 The simulator serves PumpPortal's protocol on a local socket; the feed, features,
-activity and model services run embedded over the in-memory bus and store, on a clock that runs
-``--speed`` times faster than the wall so the simulator and the services agree on
-event time. A console subscriber prints what flows. No servers are needed.
+activity, model and trading (paper) services run embedded over the in-memory bus and
+store, on a clock that runs ``--speed`` times faster than the wall so the simulator
+and the services agree on event time. A console subscriber prints what flows,
+trading's positions and PnL after every fee. No servers are needed.
 """
 
 from __future__ import annotations
@@ -15,14 +16,27 @@ import signal
 import sys
 from typing import TextIO
 
+#: the entry score of the run's paper trading. The shipped model's scores on the
+#: simulator's market peak near 0.6 (seed 7, 2,000 predictions: median 0.20, 99th
+#: percentile 0.54, highest 0.62), so the service's default (0.6) would enter almost
+#: never; 0.5 enters the top ~2% of predictions, enough to show positions and PnL.
+RUN_MIN_SCORE = 0.5
+#: the run's paper trading lets the creator-sold filter go: on the simulator's market
+#: every token scored 0.5 or more had a creator sale (seed 7, 40 s at 10x: 240 of 240
+#: such predictions), so with it the run would show no trading at all
+RUN_SETTINGS = {"trading_reject_creator_sold": False}
+#: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
+FEED_LAG_S = 2.0
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run pumpflow embedded on a simulated market (one process, no servers)",
         description=(
-            "Run the simulator, feed, features, activity and model services in one process over "
-            "the in-memory bus, and print the market as it flows. Ctrl-C stops cleanly."
+            "Run the simulator, feed, features, activity, model and trading (paper) services in "
+            "one process over the in-memory bus, and print the market, positions and PnL as "
+            "they go. Ctrl-C stops cleanly."
         ),
     )
     parser.add_argument(
@@ -37,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--every", type=float, default=2.0, help="real seconds between status lines (2)"
+    )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        default=RUN_MIN_SCORE,
+        help=f"model score trading enters on ({RUN_MIN_SCORE:g}; see the module docstring)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="print every creation and lifecycle change"
@@ -57,6 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
             launches_per_minute=args.launches,
             every=args.every,
             verbose=args.verbose,
+            min_score=args.min_score,
         )
     )
 
@@ -70,6 +91,7 @@ async def run_embedded_market(
     every: float,
     verbose: bool = False,
     out: TextIO = sys.stdout,
+    min_score: float = RUN_MIN_SCORE,
 ) -> int:
     """Run the embedded system for ``duration`` real seconds (0: until interrupted)."""
     from pumpflow.activity.service import ActivityService
@@ -81,6 +103,7 @@ async def run_embedded_market(
     from pumpflow.model.service import ModelService
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
+    from pumpflow.trading.service import TradingService
 
     clock = WallClock(speed=speed)
     market = Market(MarketConfig(seed=seed, launches_per_minute=launches_per_minute))
@@ -93,12 +116,24 @@ async def run_embedded_market(
     try:
         feed = FeedService(
             FeedService.settings_class.load(
-                service="feed", transport="memory", pumpportal_ws_url=server.url,
+                service="feed",
+                transport="memory",
+                pumpportal_ws_url=server.url,
                 feed_record=False,
             )
         )
+        trading = TradingService(
+            TradingService.settings_class.load(
+                service="trading",
+                transport="memory",
+                trading_min_score=min_score,
+                # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
+                trading_max_feed_lag_s=FEED_LAG_S * max(1.0, speed),
+                **RUN_SETTINGS,
+            )
+        )
         async with run_embedded(
-            [feed, FeaturesService, ActivityService, ModelService], clock=clock
+            [feed, FeaturesService, ActivityService, ModelService, trading], clock=clock
         ) as system:
             console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
             await console.attach()

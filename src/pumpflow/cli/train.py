@@ -39,8 +39,16 @@ DEFAULT_SIM_START = 1_767_225_600.0
 #: never saw), model seed 1; the card is dated at the data's start and valid ten years
 #: (a simulated market does not drift)
 DEFAULT_ARGS = (
-    "--sim-seeds", "1-3", "--held-out-seeds", "4,5", "--seed", "1",
-    "--created-at", "2026-01-01T00:00:00Z", "--valid-days", "3650",
+    "--sim-seeds",
+    "1-3",
+    "--held-out-seeds",
+    "4,5",
+    "--seed",
+    "1",
+    "--created-at",
+    "2026-01-01T00:00:00Z",
+    "--valid-days",
+    "3650",
 )
 
 
@@ -73,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("history")
     source.add_argument(
-        "--default", action="store_true",
+        "--default",
+        action="store_true",
         help="rebuild the shipped default model in place: " + " ".join(DEFAULT_ARGS),
     )
     source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
@@ -89,8 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     held.add_argument("--held-out-seeds", type=_seeds, default=(), metavar="4,5")
     held.add_argument("--held-out-share", type=float, default=0.3)
     label = parser.add_argument_group("label")
-    label.add_argument("--task", choices=("classification", "regression"),
-                       default="classification")
+    label.add_argument("--task", choices=("classification", "regression"), default="classification")
     label.add_argument("--horizon", type=float, default=DEFAULT_HORIZON_S, metavar="S")
     label.add_argument("--take-profit", type=float, default=None, metavar="FRACTION")
     label.add_argument("--stop-loss", type=float, default=None, metavar="FRACTION")
@@ -102,13 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--leaves", type=int, default=15)
     model.add_argument("--learning-rate", type=float, default=0.05)
     model.add_argument("--valid-days", type=float, default=30.0)
-    model.add_argument("--created-at", type=_epoch, default=None,
-                       help="the card's creation time (default: now)")
+    model.add_argument(
+        "--created-at", type=_epoch, default=None, help="the card's creation time (default: now)"
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, metavar="PATH.onnx",
-                     help="write the model here, its card beside it")
-    out.add_argument("--registry", type=Path, default=Path("models"),
-                     help="registry folder when no --out (default: models)")
+    out.add_argument(
+        "--out", type=Path, metavar="PATH.onnx", help="write the model here, its card beside it"
+    )
+    out.add_argument(
+        "--registry",
+        type=Path,
+        default=Path("models"),
+        help="registry folder when no --out (default: models)",
+    )
 
 
 # ------------------------------------------------------------------------------ sources
@@ -118,8 +132,9 @@ def simulated_events(seed: int, minutes: float, start_epoch: float) -> list[Even
     from pumpflow.simulator.dataset import market_events
     from pumpflow.simulator.market import Market, MarketConfig
 
-    return list(market_events(Market(MarketConfig(seed=seed)), minutes * 60.0,
-                              start_epoch=start_epoch))
+    return list(
+        market_events(Market(MarketConfig(seed=seed)), minutes * 60.0, start_epoch=start_epoch)
+    )
 
 
 def dataset_file_events(path: str | Path) -> list[Event]:
@@ -155,16 +170,28 @@ async def database_events(
 # ------------------------------------------------------------------------------ training
 
 
-def _dataset(events: Iterable[Event], label: LabelDefinition, *, data_end: float | None,
-             source: str, progress: bool):
+def _dataset(
+    events: Iterable[Event],
+    label: LabelDefinition,
+    *,
+    data_end: float | None,
+    source: str,
+    progress: bool,
+):
     from pumpflow.model.training import build_dataset, group_by_mint
 
     events = list(events)
     if not events:
         raise SystemExit(f"pumpflow train: no token events in {source}")
     end = data_end if data_end is not None else max(e.time for e in events)
-    return build_dataset(group_by_mint(events), FeatureManager(), label, data_end=end,
-                         source=source, progress=progress)
+    return build_dataset(
+        group_by_mint(events),
+        FeatureManager(),
+        label,
+        data_end=end,
+        source=source,
+        progress=progress,
+    )
 
 
 def _simulated(seeds: Sequence[int], minutes: float, first_start: float, label, progress):
@@ -174,9 +201,15 @@ def _simulated(seeds: Sequence[int], minutes: float, first_start: float, label, 
     parts = []
     for i, seed in enumerate(seeds):
         start = first_start + i * minutes * 60.0
-        parts.append(_dataset(simulated_events(seed, minutes, start), label,
-                              data_end=start + minutes * 60.0,
-                              source=f"simulator seed {seed}", progress=progress))
+        parts.append(
+            _dataset(
+                simulated_events(seed, minutes, start),
+                label,
+                data_end=start + minutes * 60.0,
+                source=f"simulator seed {seed}",
+                progress=progress,
+            )
+        )
     names = ",".join(map(str, seeds))
     return concatenate(parts, source=f"simulator seeds {names}, {minutes:g} min each")
 
@@ -186,8 +219,16 @@ def files_dataset(paths: Sequence[str | Path], label: LabelDefinition, *, progre
     from pumpflow.model.training import concatenate
 
     return concatenate(
-        [_dataset(dataset_file_events(p), label, data_end=None, source=f"dataset {p}",
-                  progress=progress) for p in paths],
+        [
+            _dataset(
+                dataset_file_events(p),
+                label,
+                data_end=None,
+                source=f"dataset {p}",
+                progress=progress,
+            )
+            for p in paths
+        ],
         source="datasets " + ", ".join(map(str, paths)),
     )
 
@@ -196,8 +237,7 @@ def build_default(out: Path, *, progress: bool = False):
     """Rebuild the shipped default model at ``out`` (deterministic: same bytes every time)."""
     parser = argparse.ArgumentParser(prog="pumpflow train")
     add_arguments(parser)
-    return run_training(parser.parse_args([*DEFAULT_ARGS, "--out", str(out)]),
-                        progress=progress)
+    return run_training(parser.parse_args([*DEFAULT_ARGS, "--out", str(out)]), progress=progress)
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
@@ -211,20 +251,24 @@ def run_training(args: argparse.Namespace, *, progress: bool):
             kind="take_profit_first",
             horizon_s=args.horizon,
             take_profit=DEFAULT_CLASSIFICATION.take_profit
-            if args.take_profit is None else args.take_profit,
+            if args.take_profit is None
+            else args.take_profit,
             stop_loss=DEFAULT_CLASSIFICATION.stop_loss
-            if args.stop_loss is None else args.stop_loss,
+            if args.stop_loss is None
+            else args.stop_loss,
             fee_rate=args.fee_rate,
         )
     else:
-        label = LabelDefinition(kind=DEFAULT_REGRESSION.kind, horizon_s=args.horizon,
-                                fee_rate=args.fee_rate)
+        label = LabelDefinition(
+            kind=DEFAULT_REGRESSION.kind, horizon_s=args.horizon, fee_rate=args.fee_rate
+        )
     sources = sum(map(bool, (args.dataset, args.sim_seeds))) + (args.dsn is not None)
     if sources > 1:
         raise SystemExit("pumpflow train: give one history source")
     if args.sim_seeds:
-        dataset = _simulated(args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label,
-                             progress)
+        dataset = _simulated(
+            args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label, progress
+        )
     elif args.dataset:
         dataset = files_dataset(args.dataset, label, progress=progress)
     else:
@@ -232,14 +276,14 @@ def run_training(args: argparse.Namespace, *, progress: bool):
         dsn = args.dsn or settings.postgres_dsn
         schema = args.schema or settings.namespace
         events = asyncio.run(database_events(dsn, schema, args.start, args.end))
-        dataset = _dataset(events, label, data_end=args.end, source=f"postgres {schema}",
-                           progress=progress)
+        dataset = _dataset(
+            events, label, data_end=args.end, source=f"postgres {schema}", progress=progress
+        )
 
     held_out = None
     if args.held_out_seeds:
         next_start = args.sim_start_epoch + len(args.sim_seeds) * args.sim_minutes * 60.0
-        held_out = _simulated(args.held_out_seeds, args.sim_minutes, next_start, label,
-                              progress)
+        held_out = _simulated(args.held_out_seeds, args.sim_minutes, next_start, label, progress)
     elif args.held_out_dataset:
         held_out = files_dataset(args.held_out_dataset, label, progress=progress)
     config = TrainConfig(
@@ -280,8 +324,10 @@ def train_command(args: argparse.Namespace) -> int:
     card = trained.card
     held = card.held_out
     print(f"model {card.model_id} version {card.version} -> {path}")
-    print(f"trained on {card.training.rows} rows of {card.training.tokens} tokens "
-          f"({card.training.source})")
+    print(
+        f"trained on {card.training.rows} rows of {card.training.tokens} tokens "
+        f"({card.training.source})"
+    )
     print(f"held out: {held.rows} rows of {held.tokens} tokens ({held.source})")
     for name, value in held.model.items():
         print(f"  {name}: {value:.4f}")

@@ -35,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -90,6 +92,7 @@ log = logging.getLogger("pumpflow.trading")
 #: one replica trades at a time
 LEASE_NAME = "trading:decide"
 _RETIRED = frozenset({"inactive", "graduated"})
+_REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 
 
 def _outcome_event_id(order_id: str) -> str:
@@ -149,6 +152,8 @@ class TradingService(Service):
         self._tick: TimerHandle | None = None
         #: orders given back to the executor or settled on the last take-over
         self.reconciled: dict[str, str] = {}
+        #: why predictions ordered nothing: their reasons, numbers left out
+        self.skipped: Counter[str] = Counter()
         self.book = PositionBook()
         self.risk: RiskManager | None = None
         self.engine: TradingEngine | None = None
@@ -324,12 +329,23 @@ class TradingService(Service):
                         ordered = True
                 if isinstance(data, ModelPrediction):
                     self.metrics.prediction(ordered)
+                    if not ordered:
+                        self._note_skip(data.mint, event.id)
                 self._report(step, (), cause=event, produced=produced)
                 if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
                     if not self.book.holds(data.mint):
                         self.executor.forget(data.mint)
             self._backlog.append(step)
             await self._flush()
+
+    def _note_skip(self, mint: str, cause_id: str) -> None:
+        """Count why a prediction ordered nothing (each reason, numbers left out)."""
+        view = self.engine.views.get(mint)
+        if view is None:
+            return
+        decision = self.engine.make_decision(mint, view.features, cause_id=cause_id)
+        for reason in decision.reasons or ("no order",):
+            self.skipped[_REASON_NUMBERS.sub("#", reason)] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
         """A sale the exit service ordered: stored, then executed (never twice)."""
@@ -586,6 +602,7 @@ class TradingService(Service):
             "open_positions": book.open_count,
             "closed_positions": len(book.closed_positions),
             "exposure_sol": self.risk.total_exposure,
+            "no_order_reasons": dict(self.skipped.most_common(8)),
         }
 
     def limits(self) -> dict[str, Any]:

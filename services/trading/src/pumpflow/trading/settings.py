@@ -53,6 +53,9 @@ class TradingSettings(CommonSettings):
     trading_min_score: float = Field(
         _FILTERS.min_score, ge=0, le=1, description="model score an entry needs"
     )
+    trading_reject_creator_sold: bool = Field(
+        _FILTERS.reject_creator_sold, description="never enter a token whose creator sold"
+    )
     trading_name_blocklist: tuple[str, ...] = Field(
         (), description="substrings of names or symbols never entered (JSON list)"
     )
@@ -88,6 +91,7 @@ class TradingSettings(CommonSettings):
         return replace(
             _FILTERS,
             min_score=self.trading_min_score,
+            reject_creator_sold=self.trading_reject_creator_sold,
             name_blocklist=tuple(self.trading_name_blocklist),
             creator_blocklist=tuple(self.trading_creator_blocklist),
         )
