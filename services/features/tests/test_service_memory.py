@@ -17,6 +17,7 @@ from pumpflow.common.events import TokenLifecycle, TokenTrade, make_event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
@@ -298,3 +299,35 @@ async def test_a_backlog_of_a_token_is_announced_once_with_every_trade_folded_in
     assert stored["seq"] == mine[-1].seq
     await service.stop()
     await bus.close()
+
+
+@pytest.mark.postgres
+async def test_tokens_whose_records_were_lost_are_rebuilt_from_the_stored_feed(system, pg_pool):
+    bus, store, clock, collector = system
+    events = market_events(6, 120.0)
+    # the feed stored every event; the state store lost every record (a Redis restart
+    # without persistence) halfway: the rest arrives at a service that has none
+    await TokenEventStore(pg_pool).write(events)
+    half = len(events) // 2
+    settings = FeaturesSettings.load(service="features", transport="memory", partitions=4)
+    service = FeaturesService(settings, registry=CollectorRegistry())
+    await service.start(
+        ServiceContext(settings=settings, bus=bus, clock=clock, store=store, db=pg_pool)
+    )
+    for e in events[half:]:
+        clock.set_sync(e.time)
+        await bus.publish(e)
+    expected = expected_features(events)
+    seen = {e.key for e in events[half:]}
+    midway = {e.key for e in events[:half]} & seen
+    assert midway, "no token traded across the loss"
+    for mint in seen:
+        stored = await service.read_features(mint)
+        assert tuple(stored["features"][n] for n in service.manager.names) == expected[mint]
+    assert service.consumer_metrics.rebuilt._value.get() == len(midway)
+    # one update per token for the history and its first event after the loss, not one
+    # per replayed event
+    for mint in midway:
+        after = sum(1 for e in events[half:] if e.key == mint and e.type in TRADE_TYPES)
+        assert len(collector.by_key()[mint]) == after
+    await service.stop()

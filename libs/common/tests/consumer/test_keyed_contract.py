@@ -150,7 +150,7 @@ class Pair:
         return await self._buses.bus()
 
     async def consumer(
-        self, processor: RecordingProcessor, *, bus: EventBus | None = None
+        self, processor: RecordingProcessor, *, bus: EventBus | None = None, **options
     ) -> KeyedStatefulConsumer:
         consumer = KeyedStatefulConsumer(
             processor,
@@ -161,6 +161,7 @@ class Pair:
             store=self.store,
             clock=self.clock,
             source="keyed/test",
+            **options,
         )
         await consumer.start()
         self.consumers.append(consumer)
@@ -767,3 +768,31 @@ async def test_a_key_without_a_record_starting_mid_stream_is_counted(pair):
     await bus.publish(trade(MINTS[3], 1))
     await announced.wait_for(2)
     assert consumer.metrics.unrecorded._value.get() - before == 1
+
+
+async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_first(pair):
+    stored = {MINTS[0]: [trade(MINTS[0], seq) for seq in range(1, 5)]}
+    asked: list[tuple[str, str, int]] = []
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        asked.append((key, publisher, before_seq))
+        return [e for e in stored.get(key, []) if e.seq < before_seq]
+
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor(), history=history)
+    before = consumer.metrics.rebuilt._value.get()
+    await bus.publish(trade(MINTS[0], 5))  # its record was lost: seqs 1-4 are history
+    await bus.publish(trade(MINTS[1], 1))  # a key from its start needs none
+    await announced.wait_for(2)
+    assert await pair.applied(MINTS[0]) == [1, 2, 3, 4, 5]
+    assert asked == [(MINTS[0], "feed", 5)]
+    # the replayed events announced nothing: they did when they first came
+    assert [e.data.source_seq for e in announced.events if e.key == MINTS[0]] == [5]
+    assert consumer.metrics.rebuilt._value.get() - before == 1
+    # a late copy of a replayed event is a duplicate; the stream goes on
+    await bus.publish(trade(MINTS[0], 3))
+    await bus.publish(trade(MINTS[0], 6))
+    await announced.wait_for(3)
+    assert await pair.applied(MINTS[0]) == [1, 2, 3, 4, 5, 6]
+    assert asked == [(MINTS[0], "feed", 5)]

@@ -22,6 +22,7 @@ from pumpflow.common.features.processor import FeaturesProcessor
 from pumpflow.common.features.state import TokenState
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.state.feature_cache import FeatureCache
+from pumpflow.common.storage.token_events import feed_history
 from pumpflow.features.metrics import FeaturesMetrics
 from pumpflow.features.settings import FeaturesSettings
 
@@ -34,6 +35,8 @@ class FeaturesService(Service):
     name: ClassVar[str] = "features"
     settings_class: ClassVar[type[FeaturesSettings]] = FeaturesSettings
     needs_store: ClassVar[bool] = True
+    #: where a token without a record is rebuilt from: the feed's stored events
+    needs_db: ClassVar[bool] = True
 
     settings: FeaturesSettings
 
@@ -63,6 +66,7 @@ class FeaturesService(Service):
             views=self._views,
             priority_hint=lifecycle_priority,
             metrics=self.consumer_metrics,
+            history=None if ctx.db is None else feed_history(ctx.db),
         )
         self.reader = FeatureCache(ctx.store, prefix=FEATURES_KEY, keep_reads=False)
         self.metrics.serving(self.manager.version, len(self.manager.names))

@@ -47,6 +47,13 @@ owns the rest:
   for it later loads it again (and indexes it again).
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
+- **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
+  whose first event from a publisher is past that publisher's seq 1 (a store that lost
+  its records, an expired retired key trading again, a service deployed mid-stream, an
+  event that overtook the ones before it) is first rebuilt from the publisher's stored
+  events before that seq, applied in order
+  with nothing announced (what they caused went out before), so its state is what an
+  unbroken run would hold.
 
 Transient failures of the store or the bus
 (:func:`~pumpflow.common.dependencies.transient_dependency`) are waited out (the
@@ -94,6 +101,9 @@ T = TypeVar("T")
 #: the service's read models of a key, stored with its record: (key, state, last seq the
 #: key published, the events it emitted since its last commit) -> {store key: hash fields}
 ViewsFunction = Callable[[str, Any, int, Sequence[Event]], Mapping[str, Mapping[str, HashValue]]]
+#: a key's stored events from one publisher (a service name) before a seq, in seq
+#: order: (key, publisher, before_seq) -> events
+HistorySource = Callable[[str, str, int], Awaitable[Sequence[Event]]]
 
 _RESTORE_CHUNK = 500
 #: a stored TTL no key has: its views' expiries are written again
@@ -220,15 +230,23 @@ class _Key:
 class _Effects:
     """What one apply or fire asks for (see :class:`pumpflow.common.keyed.Effects`)."""
 
-    __slots__ = ("_consumer", "_entry", "cause", "more")
+    __slots__ = ("_consumer", "_entry", "_silent", "cause", "more")
 
     def __init__(
-        self, consumer: KeyedStatefulConsumer, entry: _Key, cause: str | None, more: bool = False
+        self,
+        consumer: KeyedStatefulConsumer,
+        entry: _Key,
+        cause: str | None,
+        more: bool = False,
+        *,
+        silent: bool = False,
     ):
         self._consumer = consumer
         self._entry = entry
         self.cause = cause
         self.more = more
+        #: replaying history: what it would announce went out when it first happened
+        self._silent = silent
 
     @property
     def key(self) -> str:
@@ -239,6 +257,8 @@ class _Effects:
         return self._consumer.clock.now()
 
     def emit(self, payload: Payload, *, time: float) -> None:
+        if self._silent:
+            return
         entry = self._entry
         entry.published += 1
         entry.outbox.append(
@@ -285,6 +305,7 @@ class KeyedStatefulConsumer(Generic[S]):
         on_published: Callable[[Sequence[Event]], None] | None = None,
         metrics: ConsumerMetrics | None = None,
         prepare: Callable[[Sequence[Event]], None] | None = None,
+        history: HistorySource | None = None,
     ):
         self.processor = processor
         self.config = config
@@ -300,6 +321,8 @@ class KeyedStatefulConsumer(Generic[S]):
         #: work across keys is done there at once (one model call for many tokens); it
         #: reads state, never changes it
         self._prepare = prepare
+        #: where a key without a record is rebuilt from (see the module)
+        self._history = history
         self.metrics = metrics or ConsumerMetrics(config.service)
         self.pool = TokenMonitorThreadPool(
             WorkerPoolConfig(
@@ -570,7 +593,9 @@ class KeyedStatefulConsumer(Generic[S]):
         applied = self._apply_to(await self._load(key), event)
         return applied if isinstance(applied, int) else await applied
 
-    def _apply_to(self, entry: _Key, event: Event, *, more: bool = False) -> int | Awaitable[int]:
+    def _apply_to(
+        self, entry: _Key, event: Event, *, more: bool = False, rebuilt: bool = False
+    ) -> int | Awaitable[int]:
         entry.touched = time.monotonic()
         seq = event.seq
         publisher = None
@@ -580,6 +605,8 @@ class KeyedStatefulConsumer(Generic[S]):
             if publisher is None:
                 publisher = self._publishers[event.source] = source_service(event.source)
             last = entry.applied.get(publisher, 0)
+            if not last and seq > 1 and self._history is not None and not rebuilt:
+                return self._rebuild_then_apply(entry, event, publisher, more=more)
             if seq <= last:
                 late = _take_seq(entry.failed, publisher, seq) or (
                     event.redriven and _take_seq(entry.refused, publisher, seq)
@@ -633,6 +660,40 @@ class KeyedStatefulConsumer(Generic[S]):
         if publisher is not None and not late:
             entry.applied[publisher] = seq
         return self._mark(entry)
+
+    async def _rebuild_then_apply(
+        self, entry: _Key, event: Event, publisher: str, *, more: bool
+    ) -> int:
+        """Apply the key's stored history from ``publisher`` before ``event``, then it."""
+        assert self._history is not None
+        history = await self._retry(
+            lambda: self._history(entry.key, publisher, event.seq), "rebuilding", key=entry.key
+        )
+        replayed = 0
+        for past in history:
+            seq = past.seq
+            if seq is None or seq >= event.seq or seq <= entry.applied.get(publisher, 0):
+                continue
+            state = self._state_of(entry)
+            try:
+                entry.state = self.processor.apply(
+                    state, past, _Effects(self, entry, past.id, True, silent=True)
+                )
+            except InvalidInput:
+                _keep_seq(entry.refused, publisher, seq)  # dead-lettered when it came
+            except Exception:
+                log.exception("%s: rebuilding %s: seq %d of %s failed; passed over",
+                              self.config.service, entry.key, seq, publisher)  # fmt: skip
+            entry.applied[publisher] = seq
+            replayed += 1
+        if replayed:
+            self.metrics.rebuilt.inc()
+            log.warning(
+                "%s: %s had no record; rebuilt from %d stored events of %s before seq %d",
+                self.config.service, entry.key, replayed, publisher, event.seq,
+            )  # fmt: skip
+        applied = self._apply_to(entry, event, more=more, rebuilt=True)
+        return applied if isinstance(applied, int) else await applied
 
     async def _refuse(
         self, entry: _Key, event: Event, publisher: str | None, reason: str, *, late: bool

@@ -80,6 +80,13 @@ class _Families:
             ["service"],
             registry=registry,
         )
+        self.rebuilt = Counter(
+            "pumpflow_consumer_rebuilt_keys",
+            "Keys without a record rebuilt from their publisher's stored history before "
+            "their first event here was applied.",
+            ["service"],
+            registry=registry,
+        )
         self.retired = Counter(
             "pumpflow_consumer_retired_keys",
             "Keys retired (dropped from memory, record kept with a TTL).",
@@ -110,6 +117,7 @@ class ConsumerMetrics:
         self.retired = families.retired.labels(service)
         self.store_losses = families.store_losses.labels(service)
         self.unrecorded = families.unrecorded.labels(service)
+        self.rebuilt = families.rebuilt.labels(service)
 
     def counts(self) -> dict[str, float]:
         """This service's event counters as numbers (for status pages and tests)."""
@@ -125,4 +133,5 @@ class ConsumerMetrics:
             "retired": self.retired._value.get(),
             "store_losses": self.store_losses._value.get(),
             "unrecorded_starts": self.unrecorded._value.get(),
+            "rebuilt": self.rebuilt._value.get(),
         }

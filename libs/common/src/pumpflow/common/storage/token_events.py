@@ -19,7 +19,7 @@ writer's readiness, rather than dead-lettering every row of the market.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -172,6 +172,13 @@ class StoredEvent:
     row_id: int
 
 
+_ORDERS = {
+    "time": " ORDER BY event_time, id",
+    "id": " ORDER BY id",
+    "seq": " ORDER BY seq, id",
+}
+
+
 def _float(value: int | float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -293,10 +300,11 @@ class TokenEventStore:
         mints: Iterable[str] | None = None,
         after_id: int | None = None,
         source_service: str | None = None,
+        before_seq: int | None = None,
         order: str = "time",
         batch_size: int = 2_000,
     ) -> AsyncIterator[StoredEvent]:
-        """Replay stored events with their frames; ``order`` is "time" or "id"."""
+        """Replay stored events with their frames; ``order`` is "time", "id" or "seq"."""
         where: list[str] = []
         args: list[object] = []
         if start is not None:
@@ -315,13 +323,16 @@ class TokenEventStore:
             args.append(source_service)
             args.append(source_service + "/%")
             where.append(f"(source = ${len(args) - 1} OR source LIKE ${len(args)})")
-        if order not in ("time", "id"):
-            raise ValueError(f"order must be 'time' or 'id', not {order!r}")
+        if before_seq is not None:
+            args.append(int(before_seq))
+            where.append(f"seq < ${len(args)}")
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {sorted(_ORDERS)}, not {order!r}")
         query = (
             "SELECT id, event_id, tx_type, mint, event_time, seq, source,"
             " coalesce(frame, payload::text) AS frame FROM token_events"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + (" ORDER BY event_time, id" if order == "time" else " ORDER BY id")
+            + _ORDERS[order]
         )
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             async for row in conn.cursor(query, *args, prefetch=batch_size):
@@ -340,6 +351,16 @@ class TokenEventStore:
                     frame=frame,
                     row_id=row["id"],
                 )
+
+    async def history(self, mint: str, source_service: str, before_seq: int) -> list[Event]:
+        """``mint``'s events published by ``source_service`` before ``before_seq``, in seq
+        order (what a consumer that lost a mint's record rebuilds it from)."""
+        return [
+            stored.event
+            async for stored in self.stream_stored(
+                mints=(mint,), source_service=source_service, before_seq=before_seq, order="seq"
+            )
+        ]
 
     async def max_seq(self) -> int:
         """The highest seq stored for any mint (0: none); an index lookup."""
@@ -382,6 +403,20 @@ class TokenEventStore:
             publisher,
             int(last_id),
         )
+
+
+def feed_history(
+    pool: asyncpg.Pool, publisher: str = "feed"
+) -> Callable[[str, str, int], Awaitable[list[Event]]]:
+    """A keyed consumer's history source: ``publisher``'s stored events of a mint."""
+    store = TokenEventStore(pool)
+
+    async def history(mint: str, source: str, before_seq: int) -> list[Event]:
+        if source != publisher:
+            return []  # only the feed's events are stored here
+        return await store.history(mint, publisher, before_seq)
+
+    return history
 
 
 def is_token_event(event: Event) -> bool:
