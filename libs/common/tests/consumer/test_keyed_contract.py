@@ -789,6 +789,8 @@ async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_fir
     assert asked == [(MINTS[0], "feed", 5)]
     # the replayed events announced nothing: they did when they first came
     assert [e.data.source_seq for e in announced.events if e.key == MINTS[0]] == [5]
+    # its own seqs go on past any it may have published before the loss
+    assert [e.seq for e in announced.events if e.key == MINTS[0]] == [5]
     assert consumer.metrics.rebuilt._value.get() - before == 1
     # a late copy of a replayed event is a duplicate; the stream goes on
     await bus.publish(trade(MINTS[0], 3))

@@ -53,7 +53,7 @@ owns the rest:
   event that overtook the ones before it) is first rebuilt from the publisher's stored
   events before that seq, applied in order
   with nothing announced (what they caused went out before), so its state is what an
-  unbroken run would hold.
+  unbroken run would hold; the seqs it publishes go on from the last replayed seq.
 
 Transient failures of the store or the bus
 (:func:`~pumpflow.common.dependencies.transient_dependency`) are waited out (the
@@ -687,6 +687,10 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.applied[publisher] = seq
             replayed += 1
         if replayed:
+            # what the key published before is unknown: its seqs go on past what it may
+            # have used (at most one event per input), so a consumer that remembers the
+            # old ones counts a gap instead of dropping the new ones as duplicates
+            entry.published = max(entry.published, entry.applied[publisher])
             self.metrics.rebuilt.inc()
             log.warning(
                 "%s: %s had no record; rebuilt from %d stored events of %s before seq %d",
