@@ -22,6 +22,18 @@ from pumpflow.common.exit.planner import (
     Score,
     tranche_order_id,
 )
+from pumpflow.common.exit.processor import (
+    CONSUMES,
+    CONTROL_CONSUMES,
+    ExitProcessor,
+    ExitState,
+    HeldState,
+    HeldView,
+    PendingSale,
+    held_view,
+    is_exit_order,
+    rule_order_id,
+)
 from pumpflow.common.exit.report import ExitRecord, GracefulExitSummary, TrancheFill
 from pumpflow.common.exit.rules import (
     DECLINE,
@@ -37,11 +49,14 @@ from pumpflow.common.exit.rules import (
     ExitEvaluator,
     ExitPosition,
     ExitRules,
+    RuleWatch,
     TakeProfitStep,
     TrailBand,
 )
 
 __all__ = [
+    "CONSUMES",
+    "CONTROL_CONSUMES",
     "DEADLINE",
     "DECLINE",
     "FULL_EXIT_RULES",
@@ -58,20 +73,29 @@ __all__ = [
     "ExitExecutor",
     "ExitPlanner",
     "ExitPosition",
+    "ExitProcessor",
     "ExitProgress",
     "ExitRecord",
     "ExitRules",
+    "ExitState",
     "GracefulExitConfig",
     "GracefulExitManager",
     "GracefulExitSummary",
     "HeldPosition",
+    "HeldState",
+    "HeldView",
     "OpenPositions",
+    "PendingSale",
     "PlannedTranche",
     "Publisher",
     "QueuedExit",
+    "RuleWatch",
     "Score",
     "TakeProfitStep",
     "TrailBand",
     "TrancheFill",
+    "held_view",
+    "is_exit_order",
+    "rule_order_id",
     "tranche_order_id",
 ]

@@ -11,7 +11,7 @@ position as it is sold out and a summary (``graceful``) at the end.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +102,8 @@ class GracefulExitManager:
         self.summary: GracefulExitSummary | None = None
         self._markets: dict[str, CurveState] = {}
         self._lifecycles: dict[str, tuple[LifecycleState, float | None]] = {}
+        #: position id -> tranches sent before a restart (their numbers are taken)
+        self._sent: dict[str, int] = {}
 
     # ---------------------------------------------------------------- inputs
 
@@ -144,6 +146,8 @@ class GracefulExitManager:
                 lifecycle=lifecycle,
                 activity_level=level or 0.0,
             )
+            if queued is not None and queued.tranches_sent < self._sent.get(queued.position_id, 0):
+                queued.tranches_sent = self._sent[queued.position_id]
             if queued is not None and queued.mint not in self.records:
                 self.records[queued.mint] = ExitRecord(
                     mint=queued.mint,
@@ -155,6 +159,29 @@ class GracefulExitManager:
                 )
         self.prioritize_exits()
         return len(self.planner.exits)
+
+    def resume_graceful_exit(
+        self,
+        reason: str,
+        *,
+        started_at: float,
+        deadline: float,
+        records: Iterable[ExitRecord] = (),
+        sent: Mapping[str, int] | None = None,
+    ) -> int:
+        """Take up a graceful exit begun before a restart; how many positions are queued.
+
+        ``records`` are the exits as far as they got (their fills stay in the reports);
+        ``sent`` the tranches each position id sent, so the next tranche takes the next
+        number and no order id is used twice. What is still held is queued again.
+        """
+        if self.planner.started_at is None:
+            self.reason = reason
+            self.planner.begin(started_at, deadline=deadline)
+        for record in records:
+            self.records.setdefault(record.mint, record)
+        self._sent.update(sent or {})
+        return self.begin_graceful_exit(reason)
 
     def prioritize_exits(self) -> list[QueuedExit]:
         """Score every position left and reorder the queue."""

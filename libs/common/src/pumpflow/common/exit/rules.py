@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from pumpflow.common.clock import Clock, TimerHandle
 from pumpflow.common.events import LifecycleState
@@ -190,9 +192,8 @@ class ExitDecision:
         return self.fraction >= 1.0
 
 
-@dataclass(slots=True, kw_only=True)
-class _Watch:
-    """Per-position state of the rules."""
+class RuleWatch(msgspec.Struct, kw_only=True):
+    """Per-position state of the rules (a keyed service stores it with the token's)."""
 
     mint: str
     position_id: str
@@ -205,8 +206,7 @@ class _Watch:
     peak_price: float = 0.0
     mark_price: float | None = None
     lifecycle: LifecycleState | None = None
-    fired: set[str] = field(default_factory=set)
-    timer: TimerHandle | None = None
+    fired: set[str] = msgspec.field(default_factory=set)
 
     @property
     def closed(self) -> bool:
@@ -235,7 +235,8 @@ class ExitEvaluator:
         self.rules = rules or ExitRules()
         self.clock = clock
         self.on_timed = on_timed
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, RuleWatch] = {}
+        self._timers: dict[str, TimerHandle] = {}
 
     # ---------------------------------------------------------------- positions
 
@@ -249,7 +250,7 @@ class ExitEvaluator:
                 watch.bought = position.tokens
             watch.entry_price = position.entry_price
             return
-        self._watches[position.mint] = _Watch(
+        self._watches[position.mint] = RuleWatch(
             mint=position.mint,
             position_id=position.position_id,
             opened_at=position.opened_at,
@@ -262,9 +263,19 @@ class ExitEvaluator:
 
     def forget(self, mint: str) -> None:
         """Stop watching ``mint`` (its position closed)."""
-        watch = self._watches.pop(mint, None)
-        if watch is not None and watch.timer is not None:
-            watch.timer.cancel()
+        self._watches.pop(mint, None)
+        timer = self._timers.pop(mint, None)
+        if timer is not None:
+            timer.cancel()
+
+    def watch(self, mint: str) -> RuleWatch | None:
+        """The rules' state of ``mint``'s position (changed in place as events come)."""
+        return self._watches.get(mint)
+
+    def adopt(self, watch: RuleWatch) -> None:
+        """Watch a position as ``watch`` left it (a state stored before, say)."""
+        self._watches[watch.mint] = watch
+        self._arm(watch)
 
     def rearm(self, decision: ExitDecision) -> None:
         """Give back a decision whose sale failed: its tokens and its rule fire again."""
@@ -334,7 +345,7 @@ class ExitEvaluator:
 
     # ---------------------------------------------------------------- rules
 
-    def _evaluate(self, watch: _Watch, time: float) -> list[ExitDecision]:
+    def _evaluate(self, watch: RuleWatch, time: float) -> list[ExitDecision]:
         for rule, reason in self._full_exits(watch, time):
             if rule not in watch.fired:
                 return [self._decide(watch, rule, 1.0, reason, time)]
@@ -345,7 +356,7 @@ class ExitEvaluator:
             decisions.append(self._decide(watch, rule, fraction, reason, time))
         return decisions
 
-    def _full_exits(self, watch: _Watch, time: float) -> Iterable[tuple[str, str]]:
+    def _full_exits(self, watch: RuleWatch, time: float) -> Iterable[tuple[str, str]]:
         r = self.rules
         now = time + _EPSILON_S
         gain = self._gain(watch)
@@ -377,7 +388,7 @@ class ExitEvaluator:
             shown = "no mark" if gain is None else f"gain {gain:+.0%}"
             yield STALE_STOP, f"{shown} after {held:.0f}s, below {r.stale_min_gain:+.0%}"
 
-    def _partial_exits(self, watch: _Watch) -> Iterable[tuple[str, float, str]]:
+    def _partial_exits(self, watch: RuleWatch) -> Iterable[tuple[str, float, str]]:
         r = self.rules
         gain = self._gain(watch)
         if watch.lifecycle == "graduated" and r.migration_fraction is not None:
@@ -393,13 +404,13 @@ class ExitEvaluator:
                 yield f"{TAKE_PROFIT}_{number}", share, f"gain {gain:+.0%} reached {step.gain:+.0%}"
 
     @staticmethod
-    def _gain(watch: _Watch) -> float | None:
+    def _gain(watch: RuleWatch) -> float | None:
         if watch.mark_price is None or watch.entry_price <= 0:
             return None
         return watch.mark_price / watch.entry_price - 1.0
 
     @staticmethod
-    def _decide(watch: _Watch, rule: str, fraction: float, reason: str, time: float):
+    def _decide(watch: RuleWatch, rule: str, fraction: float, reason: str, time: float):
         tokens = watch.left if fraction >= 1.0 else watch.left * fraction
         watch.fired.add(rule)
         watch.left -= tokens
@@ -420,7 +431,7 @@ class ExitEvaluator:
 
     # ---------------------------------------------------------------- timers
 
-    def _next_due(self, watch: _Watch) -> float | None:
+    def _next_due(self, watch: RuleWatch) -> float | None:
         r = self.rules
         due = []
         if r.quiet_s is not None and INACTIVITY not in watch.fired:
@@ -434,27 +445,28 @@ class ExitEvaluator:
                 due.append(stale_at)
         return min(due) if due else None
 
-    def _arm(self, watch: _Watch) -> None:
+    def _arm(self, watch: RuleWatch) -> None:
         if self.on_timed is None:
             return
         due = None if watch.closed else self._next_due(watch)
-        if watch.timer is not None:
-            if due is not None and watch.timer.when == due and not watch.timer.cancelled:
+        mint = watch.mint
+        timer = self._timers.get(mint)
+        if timer is not None:
+            if due is not None and timer.when == due and not timer.cancelled:
                 return
-            watch.timer.cancel()
-            watch.timer = None
+            timer.cancel()
+            del self._timers[mint]
         if due is None:
             return
-        mint = watch.mint
 
         def fire():
             current = self._watches.get(mint)
             if current is not watch:
                 return None
-            watch.timer = None
+            self._timers.pop(mint, None)
             decisions = self.check_time(mint)
             if decisions and self.on_timed is not None:
                 return self.on_timed(decisions)
             return None
 
-        watch.timer = self.clock.call_at(due, fire)
+        self._timers[mint] = self.clock.call_at(due, fire)

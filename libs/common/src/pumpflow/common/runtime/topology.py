@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 
 from pumpflow.common.activity import CONSUMES as ACTIVITY_CONSUMES
 from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.exit import CONSUMES as EXIT_CONSUMES
+from pumpflow.common.exit import CONTROL_CONSUMES as EXIT_CONTROL_CONSUMES
 from pumpflow.common.features.processor import CONSUMES as FEATURES_CONSUMES
 from pumpflow.common.model.processor import CONSUMES as MODEL_CONSUMES
 from pumpflow.common.trading import SERVICE_CONSUMES as TRADING_CONSUMES
@@ -34,6 +36,9 @@ CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
     "activity": ACTIVITY_CONSUMES,
     "model": MODEL_CONSUMES,
     "trading": TRADING_CONSUMES,
+    "exit": EXIT_CONSUMES,
+    # system.shutdown: keyless, kept apart from the keyed consumer's queues
+    "exit-control": EXIT_CONTROL_CONSUMES,
 }
 
 

@@ -1,0 +1,372 @@
+"""The exit rules of each position as a keyed processor: one state per mint.
+
+Why per mint: everything a position's rules read (the position, its token's marks,
+lifecycle and migration, its sales' outcomes) is keyed by the token's mint, so the
+library's keyed consumer runs them in per-mint order, stores the rules' state with
+the tracking record (a restart or a partition move resumes them, fired rules and
+all), runs the rules' timers (time stops, silence) on the partition's owner only,
+and publishes each ``exit.order`` from the key's outbox once the state that decided
+it is stored: a redelivered event never orders the same sale twice, and a replay on
+a ReplayClock takes the same exits as the live run.
+
+Consumes :data:`CONSUMES`; emits ``exit.order`` (critical lane) for each rule's
+decision with the order id ``<position_id>:rule:<n>`` (n counted per position). A
+graceful exit (the service's, across positions) takes over with :attr:`halted`: the
+rules then decide nothing, and the service reads the positions held from here.
+
+Hooks (the service's, called as events apply; they must not change the state):
+``on_market`` and ``on_lifecycle`` feed the graceful exit's plan; ``on_outcome`` is
+told each exit order's fill or refusal with the sale it settles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from pumpflow.common.clock import Clock
+from pumpflow.common.curve import CurveState, state_from_frame
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    LifecycleState,
+    OrderFilled,
+    OrderRejected,
+    PositionClosed,
+    PositionOpened,
+    PositionUpdated,
+    TokenLifecycle,
+    TokenMigrated,
+    TokenTrade,
+)
+from pumpflow.common.exit.rules import ExitDecision, ExitEvaluator, ExitRules, RuleWatch
+from pumpflow.common.keyed import Effects, StaleState
+from pumpflow.common.priority import Priority
+
+#: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
+CONSUMES = (
+    "position.opened",
+    "position.updated",
+    "position.closed",
+    "token.trade",
+    "token.migrated",
+    "token.lifecycle",
+    "order.filled",
+    "order.rejected",
+)
+
+#: the exit service's keyless commands, on a consumer group of their own
+CONTROL_CONSUMES = ("system.shutdown",)
+
+#: trades stamped with this pool are on the token's AMM pool, after its migration
+_CURVE_POOL = "pump"
+
+
+def rule_order_id(position_id: str, number: int) -> str:
+    return f"{position_id}:rule:{number}"
+
+
+def is_exit_order(order_id: str) -> bool:
+    """An order of the exit service: a rule's sale or a graceful exit's tranche."""
+    return ":rule:" in order_id or ":exit:" in order_id
+
+
+class HeldState(msgspec.Struct, kw_only=True):
+    """A position as its trading events tell it."""
+
+    position_id: str
+    opened_at: float
+    tokens: float
+    entry_price: float
+    cost_sol: float = 0.0
+
+
+class PendingSale(msgspec.Struct, kw_only=True):
+    """A rule's sale ordered and not settled yet."""
+
+    rule: str
+    token_amount: float
+    reason: str
+    decided_at: float
+    mark_price: float | None = None
+
+
+class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything the exit holds of one mint."""
+
+    mint: str
+    position: HeldState | None = None
+    watch: RuleWatch | None = None
+    #: the curve as the token's last curve frame reported it (None once on its pool)
+    v_sol: float | None = None
+    v_tokens: float | None = None
+    mark_price: float | None = None
+    migrated: bool = False
+    lifecycle: LifecycleState | None = None
+    activity_level: float = 0.0
+    #: rule orders numbered so far (of this mint's positions)
+    rule_orders: int = 0
+    pending: dict[str, PendingSale] = {}
+
+    @property
+    def curve(self) -> CurveState | None:
+        if self.v_sol is None or self.v_tokens is None or self.migrated:
+            return None
+        return CurveState(v_sol=self.v_sol, v_tokens=self.v_tokens)
+
+    @property
+    def pending_tokens(self) -> float:
+        return sum(p.token_amount for p in self.pending.values())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldView:
+    """A held position as the graceful exit reads it (:class:`~.planner.HeldPosition`)."""
+
+    mint: str
+    position_id: str
+    opened_at: float
+    tokens: float
+    entry_price: float
+    mark_price: float | None
+    mark_state: CurveState | None
+
+
+def held_view(state: ExitState) -> HeldView | None:
+    """What is held of ``state``'s position and not already ordered sold by a rule."""
+    position = state.position
+    if position is None:
+        return None
+    tokens = position.tokens - state.pending_tokens
+    if tokens <= position.tokens * 1e-9:
+        return None
+    return HeldView(
+        mint=state.mint,
+        position_id=position.position_id,
+        opened_at=position.opened_at,
+        tokens=tokens,
+        entry_price=position.entry_price,
+        mark_price=state.mark_price,
+        mark_state=state.curve,
+    )
+
+
+OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
+MarketHook = Callable[[str, CurveState], None]
+LifecycleHook = Callable[[str, LifecycleState, float], None]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(ExitState).decode
+
+
+class ExitProcessor:
+    """The exit rules of one mint's position on the keyed consumer; see the module."""
+
+    def __init__(
+        self,
+        rules: ExitRules | None = None,
+        *,
+        clock: Clock,
+        slippage_pct: float = 10.0,
+        on_outcome: OutcomeHook | None = None,
+        on_market: MarketHook | None = None,
+        on_lifecycle: LifecycleHook | None = None,
+    ):
+        # no on_timed: the consumer runs the timers, asked through Effects
+        self.evaluator = ExitEvaluator(rules, clock=clock)
+        self.slippage_pct = slippage_pct
+        self.on_outcome = on_outcome
+        self.on_market = on_market
+        self.on_lifecycle = on_lifecycle
+        #: a graceful exit is selling: the rules order nothing
+        self.halted = False
+
+    # ---------------------------------------------------------------- KeyedProcessor
+
+    def initial(self, key: str) -> ExitState:
+        return ExitState(mint=key)
+
+    def apply(self, state: ExitState, event: Event, effects: Effects) -> ExitState:
+        data = event.data
+        time = event.time
+        if isinstance(data, PositionOpened | PositionUpdated):
+            self._held(state, data, time)
+            decisions = self._rules(state, lambda ev: [])
+        elif isinstance(data, PositionClosed):
+            if state.position is not None and state.position.position_id == data.position_id:
+                state.position = None
+                state.watch = None
+                state.pending = {}
+            decisions = []
+        elif isinstance(data, TokenTrade):
+            price = self._mark(state, data)
+            decisions = []
+            if price is not None:
+                decisions = self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
+        elif isinstance(data, TokenMigrated):
+            state.migrated = True
+            decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
+        elif isinstance(data, TokenLifecycle):
+            state.lifecycle = data.state
+            state.activity_level = data.activity_level
+            if self.on_lifecycle is not None:
+                self.on_lifecycle(state.mint, data.state, data.activity_level)
+            decisions = self._rules(state, lambda ev: ev.on_lifecycle(state.mint, data.state, time))
+        elif isinstance(data, OrderFilled | OrderRejected):
+            decisions = self._outcome(state, data, time)
+        else:
+            decisions = []
+        self._order(state, decisions, effects)
+        self._arm(state, effects)
+        return state
+
+    def fire(self, state: ExitState, effects: Effects) -> ExitState:
+        now = effects.now
+        self._order(state, self._rules(state, lambda ev: ev.check_time(state.mint, now)), effects)
+        self._arm(state, effects)
+        return state
+
+    def encode(self, state: ExitState) -> bytes:
+        return _encode(state)
+
+    def compact(self, state: ExitState, now: float) -> bytes | None:
+        return None
+
+    def decode(self, raw: bytes) -> ExitState:
+        try:
+            return _decode(raw)
+        except msgspec.DecodeError as exc:
+            raise StaleState(str(exc)) from exc
+
+    # ---------------------------------------------------------------- events
+
+    def _held(self, state: ExitState, data: PositionOpened | PositionUpdated, time: float) -> None:
+        position = state.position
+        if position is None or position.position_id != data.position_id:
+            state.position = HeldState(
+                position_id=data.position_id,
+                opened_at=time,
+                tokens=data.token_amount,
+                entry_price=data.entry_price,
+                cost_sol=data.cost_sol,
+            )
+            state.pending = {}
+        else:
+            position.tokens = data.token_amount
+            position.entry_price = data.entry_price
+            position.cost_sol = data.cost_sol
+        if data.mark_price is not None and state.mark_price is None:
+            state.mark_price = data.mark_price
+
+    def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
+        """Follow the token's market; the trade's price (None if it says none)."""
+        if trade.pool is not None and trade.pool != _CURVE_POOL:
+            state.migrated = True
+        if state.migrated:
+            sol, tokens = trade.solAmount, float(trade.tokenAmount)
+            if sol is None or tokens <= 0:
+                return None
+            state.mark_price = float(sol) / tokens
+            return state.mark_price
+        curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
+        state.v_sol, state.v_tokens = curve.v_sol, curve.v_tokens
+        state.mark_price = curve.price
+        if self.on_market is not None:
+            self.on_market(state.mint, curve)
+        return curve.price
+
+    def _outcome(
+        self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float
+    ) -> list[ExitDecision]:
+        if outcome.side == "buy" or not is_exit_order(outcome.order_id):
+            return []
+        sale = state.pending.pop(outcome.order_id, None)
+        position = state.position
+        if isinstance(outcome, OrderFilled):
+            if position is not None and position.position_id == outcome.position_id:
+                # position.updated says the same soon; the plan must not wait for it
+                position.tokens = max(0.0, position.tokens - outcome.token_amount)
+        elif sale is not None and position is not None:
+            # the sale failed: its tokens, and its rule, are the rules' again
+            decision = ExitDecision(
+                mint=state.mint,
+                position_id=position.position_id,
+                rule=sale.rule,
+                fraction=0.0,
+                token_amount=sale.token_amount,
+                reason=sale.reason,
+                time=time,
+            )
+            self._rules(state, lambda ev: ev.rearm(decision) or [])
+        if self.on_outcome is not None:
+            self.on_outcome(state.mint, outcome, sale, time)
+        return []
+
+    # ---------------------------------------------------------------- rules
+
+    def _rules(self, state: ExitState, step: Callable[[ExitEvaluator], list[ExitDecision]]):
+        """Run one step of the rules over ``state``'s position (none while halted)."""
+        position = state.position
+        if position is None or self.halted:
+            return []
+        evaluator = self.evaluator
+        watch = state.watch
+        if watch is None or watch.position_id != position.position_id:
+            evaluator.track(
+                HeldView(
+                    mint=state.mint,
+                    position_id=position.position_id,
+                    opened_at=position.opened_at,
+                    tokens=position.tokens,
+                    entry_price=position.entry_price,
+                    mark_price=state.mark_price,
+                    mark_state=None,
+                ),
+                time=position.opened_at,
+            )
+            state.watch = evaluator.watch(state.mint)
+        else:
+            evaluator.adopt(watch)
+        try:
+            return step(evaluator)
+        finally:
+            evaluator.forget(state.mint)
+
+    def _order(self, state: ExitState, decisions: list[ExitDecision], effects: Effects) -> None:
+        for decision in decisions:
+            if decision.token_amount <= 0:
+                continue
+            state.rule_orders += 1
+            order_id = rule_order_id(decision.position_id, state.rule_orders)
+            state.pending[order_id] = PendingSale(
+                rule=decision.rule,
+                token_amount=decision.token_amount,
+                reason=decision.reason,
+                decided_at=decision.time,
+                mark_price=decision.mark_price,
+            )
+            order = ExitOrder(
+                order_id=order_id,
+                mint=decision.mint,
+                position_id=decision.position_id,
+                token_amount=decision.token_amount,
+                slippage_pct=self.slippage_pct,
+                reason=decision.rule,
+                priority=int(Priority.URGENT if decision.full else Priority.HIGH),
+            )
+            effects.emit(order, time=decision.time)
+
+    def _arm(self, state: ExitState, effects: Effects) -> None:
+        due = None
+        if state.watch is not None and state.position is not None and not self.halted:
+            self.evaluator.adopt(state.watch)
+            try:
+                due = self.evaluator.next_check_at(state.mint)
+            finally:
+                self.evaluator.forget(state.mint)
+        if due is None:
+            effects.cancel_timer()
+        else:
+            effects.set_timer(due)

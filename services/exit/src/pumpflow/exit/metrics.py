@@ -1,0 +1,68 @@
+"""Metrics of the exit service, on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pumpflow.common.exit import ExitProgress
+from pumpflow.common.metrics import families
+
+
+class _Families:
+    def __init__(self, registry: CollectorRegistry):
+        self.exits = Counter(
+            "pumpflow_exit_orders",
+            "Exit orders sent, by rule (graceful and deadline for a graceful exit's)",
+            ["rule"],
+            registry=registry,
+        )
+        self.outcomes = Counter(
+            "pumpflow_exit_outcomes",
+            "Exit orders settled, by rule and outcome (filled, rejected)",
+            ["rule", "outcome"],
+            registry=registry,
+        )
+        self.slippage = Histogram(
+            "pumpflow_exit_slippage",
+            "Slippage of a settled exit: 1 - average fill price / mark when it began",
+            ["rule"],
+            buckets=(-0.1, -0.02, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=registry,
+        )
+        self.graceful = Gauge(
+            "pumpflow_exit_graceful",
+            "Graceful exit progress: positions, sold_out, in_flight, tranches, tokens_left",
+            ["what"],
+            registry=registry,
+        )
+        self.margin = Gauge(
+            "pumpflow_exit_graceful_deadline_margin_seconds",
+            "Clock seconds left to the graceful exit's deadline (at its end: the margin kept)",
+            registry=registry,
+        )
+
+
+class ExitMetrics:
+    """Exits by rule, slippage, graceful-exit progress and deadline margin."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None):
+        self._f = families("exit", _Families, registry)
+
+    def ordered(self, rule: str) -> None:
+        self._f.exits.labels(rule).inc()
+
+    def orders(self, rule: str) -> float:
+        return self._f.exits.labels(rule)._value.get()
+
+    def settled(self, rule: str, outcome: str, slippage: float | None = None) -> None:
+        self._f.outcomes.labels(rule, outcome).inc()
+        if slippage is not None:
+            self._f.slippage.labels(rule).observe(slippage)
+
+    def progress(self, progress: ExitProgress) -> None:
+        for what in ("positions", "sold_out", "in_flight", "tranches", "tokens_left"):
+            self._f.graceful.labels(what).set(getattr(progress, what))
+        self._f.margin.set(progress.deadline_margin_s)
+
+    def margin(self, seconds: float) -> None:
+        self._f.margin.set(seconds)

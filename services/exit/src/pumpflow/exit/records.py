@@ -1,0 +1,296 @@
+"""The exit service's records: every exit order and its outcome, every graceful exit.
+
+A graceful exit's tranche is stored before it is sent: after a crash the stored
+tranches say which numbers each position has used (order ids
+``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
+refuses an order id it has seen, never sells twice. A rule's sale is stored when it
+settles. :class:`PostgresExitStore` is a deployment's (migration 0006);
+:class:`MemoryExitStore` the embedded run's and the tests'.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Protocol
+
+from pumpflow.common.events import OrderFilled, OrderRejected
+from pumpflow.common.exit import DEADLINE, GRACEFUL, ExitRecord
+
+OrderState = Literal["sent", "filled", "rejected"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    """One graceful exit."""
+
+    run_id: str
+    reason: str
+    started_at: float
+    deadline: float
+    finished_at: float | None = None
+    #: the summary's exit.report as JSON builtins
+    summary: dict[str, Any] | None = None
+
+    @classmethod
+    def new(cls, reason: str, started_at: float, deadline: float) -> RunRecord:
+        return cls(run_id=uuid.uuid4().hex, reason=reason, started_at=started_at, deadline=deadline)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExitOrderRecord:
+    """An exit order, with the exit it is part of and its outcome once known."""
+
+    order_id: str
+    mint: str
+    position_id: str
+    rule: str
+    number: int
+    token_amount: float
+    sent_at: float
+    tokens_at_start: float
+    started_at: float
+    mark_price: float | None = None
+    run_id: str | None = None
+    state: OrderState = "sent"
+    filled_tokens: float | None = None
+    sol_amount: float | None = None
+    price: float | None = None
+    fee_sol: float | None = None
+    outcome: str = ""
+    settled_at: float | None = None
+
+    def settled(self, outcome: OrderFilled | OrderRejected, time: float) -> ExitOrderRecord:
+        if isinstance(outcome, OrderFilled):
+            return replace(
+                self,
+                state="filled",
+                filled_tokens=outcome.token_amount,
+                sol_amount=outcome.sol_amount,
+                price=outcome.price,
+                fee_sol=outcome.fee_sol,
+                settled_at=time,
+            )
+        return replace(self, state="rejected", outcome=outcome.reason, settled_at=time)
+
+    def fill(self) -> OrderFilled | None:
+        if self.state != "filled":
+            return None
+        return OrderFilled(
+            order_id=self.order_id,
+            mint=self.mint,
+            side="sell",
+            token_amount=self.filled_tokens or 0.0,
+            sol_amount=self.sol_amount or 0.0,
+            price=self.price or 0.0,
+            fee_sol=self.fee_sol or 0.0,
+            position_id=self.position_id,
+        )
+
+
+def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[str, int]]:
+    """A graceful exit's records as far as its stored tranches got, and the tranches
+    each position id has sent (its numbers are taken)."""
+    by_mint: dict[str, list[ExitOrderRecord]] = defaultdict(list)
+    sent: dict[str, int] = {}
+    for order in sorted(orders, key=lambda o: (o.sent_at, o.number)):
+        by_mint[order.mint].append(order)
+        sent[order.position_id] = max(sent.get(order.position_id, 0), order.number)
+    records = []
+    for mint, mine in by_mint.items():
+        first = mine[0]
+        record = ExitRecord(
+            mint=mint,
+            position_id=first.position_id,
+            rule=DEADLINE if any(o.rule == DEADLINE for o in mine) else GRACEFUL,
+            tokens_at_start=first.tokens_at_start,
+            mark_price=first.mark_price,
+            started_at=first.started_at,
+        )
+        for order in mine:
+            fill = order.fill()
+            if fill is not None:
+                record.add_fill(fill, order.settled_at or order.sent_at)
+        if record.completed:
+            record.finish(max(o.settled_at or o.sent_at for o in mine))
+        records.append(record)
+    return records, sent
+
+
+class ExitStore(Protocol):
+    async def begin_run(self, run: RunRecord) -> RunRecord:
+        """Store ``run`` unless a graceful exit is under way; the one under way."""
+
+    async def active_run(self) -> RunRecord | None: ...
+
+    async def latest_run(self) -> RunRecord | None: ...
+
+    async def finish_run(
+        self, run_id: str, finished_at: float, summary: dict[str, Any]
+    ) -> None: ...
+
+    async def record_order(self, order: ExitOrderRecord) -> bool:
+        """Store ``order`` unless its id is stored; whether it was new."""
+
+    async def settle(
+        self, order_id: str, outcome: OrderFilled | OrderRejected, time: float
+    ) -> bool:
+        """Store the outcome of a sent order; False if none was waiting for it."""
+
+    async def run_orders(self, run_id: str) -> list[ExitOrderRecord]: ...
+
+    async def orders(self, *, limit: int) -> list[dict[str, Any]]: ...
+
+
+class MemoryExitStore:
+    """The records in memory (a restart of the embedded run starts from nothing)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, RunRecord] = {}
+        self.exit_orders: dict[str, ExitOrderRecord] = {}
+
+    async def begin_run(self, run: RunRecord) -> RunRecord:
+        active = await self.active_run()
+        if active is not None:
+            return active
+        self.runs[run.run_id] = run
+        return run
+
+    async def active_run(self) -> RunRecord | None:
+        return next((r for r in self.runs.values() if r.finished_at is None), None)
+
+    async def latest_run(self) -> RunRecord | None:
+        return max(self.runs.values(), key=lambda r: r.started_at, default=None)
+
+    async def finish_run(self, run_id: str, finished_at: float, summary: dict[str, Any]) -> None:
+        run = self.runs[run_id]
+        if run.finished_at is None:
+            self.runs[run_id] = replace(run, finished_at=finished_at, summary=summary)
+
+    async def record_order(self, order: ExitOrderRecord) -> bool:
+        if order.order_id in self.exit_orders:
+            return False
+        self.exit_orders[order.order_id] = order
+        return True
+
+    async def settle(
+        self, order_id: str, outcome: OrderFilled | OrderRejected, time: float
+    ) -> bool:
+        order = self.exit_orders.get(order_id)
+        if order is None or order.state != "sent":
+            return False
+        self.exit_orders[order_id] = order.settled(outcome, time)
+        return True
+
+    async def run_orders(self, run_id: str) -> list[ExitOrderRecord]:
+        return [o for o in self.exit_orders.values() if o.run_id == run_id]
+
+    async def orders(self, *, limit: int) -> list[dict[str, Any]]:
+        found = sorted(self.exit_orders.values(), key=lambda o: o.sent_at, reverse=True)
+        return [asdict(o) for o in found[:limit]]
+
+
+_ORDER_COLUMNS = tuple(ExitOrderRecord.__dataclass_fields__)
+_INSERT_ORDER = (
+    f"INSERT INTO exit_orders ({', '.join(_ORDER_COLUMNS)}) VALUES "
+    f"({', '.join(f'${i}' for i in range(1, len(_ORDER_COLUMNS) + 1))}) "
+    "ON CONFLICT (order_id) DO NOTHING RETURNING order_id"
+)
+_SETTLE = """
+UPDATE exit_orders SET state = $2, filled_tokens = $3, sol_amount = $4, price = $5,
+    fee_sol = $6, outcome = $7, settled_at = $8
+WHERE order_id = $1 AND state = 'sent' RETURNING order_id
+"""
+_RUN_COLUMNS = "run_id, reason, started_at, deadline, finished_at, summary::text AS summary"
+
+
+def _run(row: Any) -> RunRecord | None:
+    if row is None:
+        return None
+    summary = row["summary"]
+    return RunRecord(
+        run_id=row["run_id"],
+        reason=row["reason"],
+        started_at=row["started_at"],
+        deadline=row["deadline"],
+        finished_at=row["finished_at"],
+        summary=json.loads(summary) if summary is not None else None,
+    )
+
+
+class PostgresExitStore:
+    """The records in Postgres (migration 0006), in the pool's schema."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    async def begin_run(self, run: RunRecord) -> RunRecord:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO exit_runs (run_id, reason, started_at, deadline) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                run.run_id, run.reason, run.started_at, run.deadline,
+            )  # fmt: skip
+        active = await self.active_run()
+        return active if active is not None else run
+
+    async def active_run(self) -> RunRecord | None:
+        async with self.pool.acquire() as conn:
+            return _run(
+                await conn.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM exit_runs WHERE finished_at IS NULL"
+                )
+            )
+
+    async def latest_run(self) -> RunRecord | None:
+        async with self.pool.acquire() as conn:
+            return _run(
+                await conn.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM exit_runs ORDER BY started_at DESC LIMIT 1"
+                )
+            )
+
+    async def finish_run(self, run_id: str, finished_at: float, summary: dict[str, Any]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE exit_runs SET finished_at = $2, summary = $3::jsonb "
+                "WHERE run_id = $1 AND finished_at IS NULL",
+                run_id, finished_at, json.dumps(summary),
+            )  # fmt: skip
+
+    async def record_order(self, order: ExitOrderRecord) -> bool:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                _INSERT_ORDER, *(getattr(order, name) for name in _ORDER_COLUMNS)
+            )
+        return row is not None
+
+    async def settle(
+        self, order_id: str, outcome: OrderFilled | OrderRejected, time: float
+    ) -> bool:
+        if isinstance(outcome, OrderFilled):
+            values = ("filled", outcome.token_amount, outcome.sol_amount, outcome.price,
+                      outcome.fee_sol, "")  # fmt: skip
+        else:
+            values = ("rejected", None, None, None, None, outcome.reason)
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_SETTLE, order_id, *values, time)
+        return row is not None
+
+    async def run_orders(self, run_id: str) -> list[ExitOrderRecord]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {', '.join(_ORDER_COLUMNS)} FROM exit_orders WHERE run_id = $1", run_id
+            )
+        return [ExitOrderRecord(**dict(row)) for row in rows]
+
+    async def orders(self, *, limit: int) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {', '.join(_ORDER_COLUMNS)} FROM exit_orders "
+                "ORDER BY sent_at DESC LIMIT $1",
+                limit,
+            )
+        return [dict(row) for row in rows]

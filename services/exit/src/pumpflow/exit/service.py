@@ -1,0 +1,465 @@
+"""The exit service: each position's exit rules, and the graceful exit of them all.
+
+- **Rules.** :class:`~pumpflow.common.exit.ExitProcessor` (every rule of a position,
+  per mint; why per mint is in its module) on the library's
+  :class:`~pumpflow.common.consumer.KeyedStatefulConsumer`: it consumes
+  :data:`~pumpflow.common.exit.CONSUMES` (trading's position and order events, the
+  token's trades, migration and lifecycle) and publishes ``exit.order`` on the
+  critical lane, order id ``<position_id>:rule:<n>``; trading executes it. Each
+  settled sale is stored and reported (``exit.report``).
+- **Graceful exit.** ``system.shutdown`` (``pumpflow stop``, SIGTERM of the embedded
+  run, ``POST /shutdown`` with the API token) comes on the group ``<service>-control``
+  (a keyless command, apart from the keyed consumer's queues). The replica that takes
+  it stores the graceful exit (one at a time); every replica finds it within
+  ``exit_run_poll_s`` and sells the positions of the partitions it owns with
+  :class:`~pumpflow.common.exit.GracefulExitManager`: the rules stop, each tranche is
+  stored, then published as an ``exit.order``, then awaited as trading's
+  ``order.filled``/``order.rejected``. Reports per position and the summary go out as
+  ``exit.report`` and into the records.
+- **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
+  the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
+  stored tranches give each position's next tranche number and the fills so far;
+  what is still held is sold under the same deadline. Trading refuses an order id it
+  has seen, so nothing is sold twice.
+- HTTP: ``GET /progress`` (the graceful exit now), ``GET /summary`` (the last one's),
+  ``GET /orders``, ``GET /positions``; ``POST /shutdown`` needs the API token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    ExitReport,
+    LifecycleState,
+    OrderFilled,
+    OrderRejected,
+    SystemShutdown,
+    make_event,
+)
+from pumpflow.common.exit import (
+    CONTROL_CONSUMES,
+    ExitProcessor,
+    ExitRecord,
+    ExitState,
+    GracefulExitManager,
+    GracefulExitSummary,
+    HeldView,
+    PendingSale,
+    held_view,
+)
+from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.exit.metrics import ExitMetrics
+from pumpflow.exit.records import (
+    ExitOrderRecord,
+    ExitStore,
+    MemoryExitStore,
+    PostgresExitStore,
+    RunRecord,
+    resume_state,
+)
+from pumpflow.exit.settings import ExitSettings
+
+log = logging.getLogger("pumpflow.exit")
+
+
+def control_group(service: str) -> str:
+    """The consumer group of the exit service's keyless commands (``system.shutdown``)."""
+    return f"{service}-control"
+
+
+class _OwnedPositions:
+    """The positions this replica holds, as the graceful exit reads them."""
+
+    def __init__(self, consumer: KeyedStatefulConsumer[ExitState]):
+        self.consumer = consumer
+
+    @property
+    def open_positions(self) -> Mapping[str, HeldView]:
+        held = {}
+        for key in list(self.consumer.keys()):
+            state = self.consumer.state(key)
+            view = held_view(state) if state is not None else None
+            if view is not None:
+                held[key] = view
+        return held
+
+
+class ExitService(Service):
+    """Exit rules per position, and the graceful exit of every position on shutdown."""
+
+    name: ClassVar[str] = "exit"
+    settings_class: ClassVar[type[ExitSettings]] = ExitSettings
+    needs_store: ClassVar[bool] = True
+    needs_db: ClassVar[bool] = True
+
+    settings: ExitSettings
+
+    def __init__(
+        self,
+        settings: ExitSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        records: ExitStore | None = None,
+    ):
+        super().__init__(settings)
+        self.metrics = ExitMetrics(registry=registry)
+        self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
+        self.records: ExitStore | None = records
+        self.processor: ExitProcessor | None = None
+        self.consumer: KeyedStatefulConsumer[ExitState] | None = None
+        self.manager: GracefulExitManager | None = None
+        self.run: RunRecord | None = None
+        self.summary: GracefulExitSummary | None = None
+        #: set when this replica's graceful exit has ended
+        self.finished = asyncio.Event()
+        self._ctx: ServiceContext | None = None
+        self._control: Subscription | None = None
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._graceful: asyncio.Task | None = None
+        self._poll: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        s = self.settings
+        if self.records is None:
+            self.records = PostgresExitStore(ctx.db) if ctx.db is not None else MemoryExitStore()
+        self.processor = ExitProcessor(
+            s.rules(),
+            clock=ctx.clock,
+            slippage_pct=s.exit_slippage_pct,
+            on_outcome=self._on_outcome,
+            on_market=self._on_market,
+            on_lifecycle=self._on_lifecycle,
+        )
+        under_way = await self.records.active_run()
+        # the rules must not sell what a graceful exit under way is selling
+        self.processor.halted = under_way is not None
+        self.consumer = ctx.keyed_consumer(
+            self.processor,
+            s.consumer_config(s.service),
+            on_published=self._published,
+            metrics=self.consumer_metrics,
+        )
+        await self.consumer.start()
+        self._control = Subscription(
+            service=control_group(s.service), patterns=CONTROL_CONSUMES, handler=self._on_control
+        )
+        await ctx.bus.subscribe(self._control)
+        if under_way is not None:
+            log.warning("exit: resuming the graceful exit %s begun at %.3f", under_way.run_id,
+                        under_way.started_at)  # fmt: skip
+            self._begin(under_way)
+        self._poll = asyncio.create_task(self._poll_runs(), name="exit-runs")
+
+    async def stop(self) -> None:
+        for task in (self._poll, self._graceful):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._control is not None and self._ctx is not None:
+            await self._ctx.bus.unsubscribe(self._control)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- the graceful exit
+
+    async def shutdown(self, reason: str, deadline: float | None = None) -> RunRecord:
+        """Begin the graceful exit (or join the one under way); its record."""
+        now = self._ctx.clock.now()
+        if deadline is None:
+            deadline = now + self.settings.exit_deadline_s
+        run = await self.records.begin_run(RunRecord.new(reason, now, deadline))
+        self._begin(run)
+        return run
+
+    async def _on_control(self, event: Event) -> None:
+        data = event.data
+        if isinstance(data, SystemShutdown):
+            log.warning("exit: system.shutdown (%s): graceful exit", data.reason)
+            await self.shutdown(data.reason, data.deadline)
+
+    def _begin(self, run: RunRecord) -> None:
+        if self.run is not None:
+            return
+        self.run = run
+        self.processor.halted = True
+        self.finished.clear()
+        self._graceful = asyncio.create_task(self._run_graceful(run), name="exit-graceful")
+
+    async def _poll_runs(self) -> None:
+        """Find a graceful exit another replica began; take in positions opened late."""
+        while True:
+            await asyncio.sleep(self.settings.exit_run_poll_s)
+            try:
+                if self.run is None:
+                    run = await self.records.active_run()
+                    if run is not None:
+                        self._begin(run)
+                elif self.manager is not None and self.manager.summary is None:
+                    self.manager.begin_graceful_exit(self.run.reason)
+                    self.metrics.progress(self.manager.monitor_exit_progress())
+            except Exception:
+                log.exception("exit: looking for a graceful exit failed; next round")
+
+    async def _run_graceful(self, run: RunRecord) -> None:
+        ctx = self._ctx
+        try:
+            await self._settled_before(run)
+            records, sent = resume_state(await self.records.run_orders(run.run_id))
+            manager = GracefulExitManager(
+                ctx.bus,
+                _OwnedPositions(self.consumer),
+                self,
+                clock=ctx.clock,
+                config=self.settings.graceful(),
+                source=ctx.source,
+            )
+            for key in list(self.consumer.keys()):
+                state = self.consumer.state(key)
+                if state is not None and state.position is not None and state.lifecycle:
+                    manager.on_lifecycle(key, state.lifecycle, state.activity_level)
+            manager.resume_graceful_exit(
+                run.reason,
+                started_at=run.started_at,
+                deadline=run.deadline,
+                records=records,
+                sent=sent,
+            )
+            self.manager = manager
+            self.metrics.progress(manager.monitor_exit_progress())
+            summary = await manager.run()
+            self.summary = summary
+            self.metrics.progress(manager.monitor_exit_progress())
+            self.metrics.margin(summary.deadline_margin_s)
+            await self.records.finish_run(
+                run.run_id, summary.finished_at, msgspec.to_builtins(summary.report())
+            )
+            log.warning("exit: %s", summary.text())
+        finally:
+            self.finished.set()
+
+    async def _settled_before(self, run: RunRecord) -> None:
+        """Wait (a while) for the outcomes of tranches sent before a restart: what is
+        held is what is left after them."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.settings.exit_resume_wait_s
+        while loop.time() < until:
+            orders = await self.records.run_orders(run.run_id)
+            if all(o.state != "sent" for o in orders):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("exit: tranches of %s still without an outcome; resuming", run.run_id)
+
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
+        """Send one tranche of the graceful exit: stored, published, its outcome awaited."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        record = self.manager.records[order.mint]
+        await self.records.record_order(
+            ExitOrderRecord(
+                order_id=order.order_id,
+                mint=order.mint,
+                position_id=order.position_id,
+                rule=order.reason,
+                number=int(order.order_id.rsplit(":", 1)[1]),
+                token_amount=order.token_amount,
+                sent_at=now,
+                tokens_at_start=record.tokens_at_start,
+                started_at=record.started_at,
+                mark_price=record.mark_price,
+                run_id=self.run.run_id,
+            )
+        )
+        outcome = asyncio.get_running_loop().create_future()
+        self._waiting[order.order_id] = outcome
+        try:
+            await ctx.bus.publish(make_event(order, source=ctx.source, time=now))
+            self.metrics.ordered(order.reason)
+            return await asyncio.wait_for(outcome, self.settings.exit_order_timeout_s)
+        except TimeoutError:
+            return OrderRejected(
+                order_id=order.order_id,
+                mint=order.mint,
+                reason="no outcome in time",
+                side="sell",
+                position_id=order.position_id,
+            )
+        finally:
+            self._waiting.pop(order.order_id, None)
+
+    # ---------------------------------------------------------------- processor hooks
+
+    def _on_market(self, mint: str, state: CurveState) -> None:
+        if self.manager is not None:
+            self.manager.on_market(mint, state)
+
+    def _on_lifecycle(self, mint: str, state: LifecycleState, level: float) -> None:
+        if self.manager is not None:
+            self.manager.on_lifecycle(mint, state, level)
+
+    def _on_outcome(
+        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(mint, outcome, sale, time))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(
+        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
+    ) -> None:
+        try:
+            if ":exit:" in outcome.order_id:
+                await self.records.settle(outcome.order_id, outcome, time)
+                waiting = self._waiting.get(outcome.order_id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(outcome)
+                return
+            if sale is not None:
+                await self._settle_rule(mint, outcome, sale, time)
+        except Exception:
+            log.exception("exit: storing the outcome of %s failed", outcome.order_id)
+
+    async def _settle_rule(
+        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale, time: float
+    ) -> None:
+        """A rule's sale settled: stored, counted and, filled, reported."""
+        record = ExitRecord(
+            mint=mint,
+            position_id=outcome.position_id or "",
+            rule=sale.rule,
+            tokens_at_start=sale.token_amount,
+            mark_price=sale.mark_price,
+            started_at=sale.decided_at,
+        )
+        stored = ExitOrderRecord(
+            order_id=outcome.order_id,
+            mint=mint,
+            position_id=record.position_id,
+            rule=sale.rule,
+            number=int(outcome.order_id.rsplit(":", 1)[1]),
+            token_amount=sale.token_amount,
+            sent_at=sale.decided_at,
+            tokens_at_start=sale.token_amount,
+            started_at=sale.decided_at,
+            mark_price=sale.mark_price,
+        ).settled(outcome, time)
+        if not await self.records.record_order(stored):
+            return  # settled before (a redelivery)
+        if isinstance(outcome, OrderFilled):
+            record.add_fill(outcome, time)
+            record.finish(time)
+            self.metrics.settled(sale.rule, "filled", record.slippage)
+            ctx = self._ctx
+            await ctx.bus.publish(make_event(record.report(), source=ctx.source, time=time))
+        else:
+            self.metrics.settled(sale.rule, "rejected")
+            log.info("exit: %s's sale %s refused: %s", sale.rule, outcome.order_id,
+                     outcome.reason)  # fmt: skip
+
+    def _published(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if isinstance(event.data, ExitOrder):
+                self.metrics.ordered(event.data.reason)
+
+    # ---------------------------------------------------------------- reads
+
+    def positions(self) -> list[dict[str, Any]]:
+        views = _OwnedPositions(self.consumer).open_positions.values() if self.consumer else ()
+        return [
+            {key: value for key, value in asdict(view).items() if key != "mark_state"}
+            for view in views
+        ]
+
+    def progress(self) -> dict[str, Any]:
+        manager = self.manager
+        body: dict[str, Any] = {
+            "run": None if self.run is None else asdict(self.run),
+            "accepting_entries": self.run is None,
+        }
+        if manager is not None:
+            body["progress"] = asdict(manager.monitor_exit_progress())
+        if self.summary is not None:
+            body["summary"] = msgspec.to_builtins(self.summary.report())
+            body["text"] = self.summary.text()
+        return body
+
+    async def last_summary(self) -> dict[str, Any] | None:
+        run = await self.records.latest_run()
+        if run is None or run.summary is None:
+            return None
+        report = msgspec.convert(run.summary, type=ExitReport)
+        return {
+            "run": asdict(run),
+            "text": GracefulExitSummary.from_report(report).text(),
+        }
+
+    def router(self):
+        from fastapi import APIRouter, Body, Depends, HTTPException, Query
+
+        from pumpflow.common.runtime.http import require_token
+
+        api = APIRouter()
+
+        @api.get("/progress")
+        async def progress() -> dict[str, Any]:
+            return self.progress()
+
+        @api.get("/summary")
+        async def summary() -> dict[str, Any]:
+            found = await self.last_summary()
+            if found is None:
+                raise HTTPException(404, "no graceful exit has finished")
+            return found
+
+        @api.get("/orders")
+        async def orders(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
+            rows = await self.records.orders(limit=limit)
+            return {"count": len(rows), "orders": rows}
+
+        @api.get("/positions")
+        async def positions() -> dict[str, Any]:
+            held = self.positions()
+            return {"count": len(held), "positions": held}
+
+        @api.post("/shutdown", dependencies=[Depends(require_token)])
+        async def shutdown(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            reason = str((body or {}).get("reason") or "shutdown (HTTP)")
+            ctx = self._ctx
+            if ctx is None:
+                raise HTTPException(503, "not started")
+            # on the bus, so every service that stops on it hears it
+            await ctx.bus.publish(
+                make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
+            )
+            return {"published": True, "reason": reason}
+
+        return api
+
+    async def status(self) -> dict[str, Any]:
+        consumer = {} if self.consumer is None else self.consumer.describe()
+        body = {**consumer, "graceful": self.run is not None}
+        if self.manager is not None:
+            progress = self.manager.monitor_exit_progress()
+            self.metrics.progress(progress)
+            body["progress"] = asdict(progress)
+        return body

@@ -1,0 +1,94 @@
+"""Settings of the exit service (environment ``PUMPFLOW_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pumpflow.common.consumer import KeyedConsumerConfig
+from pumpflow.common.exit import CONSUMES, ExitRules, GracefulExitConfig
+from pumpflow.common.runtime.settings import CommonSettings
+
+_RULES = ExitRules()
+_GRACEFUL = GracefulExitConfig()
+
+
+class ExitSettings(CommonSettings):
+    """Environment of the exit service; the rules' and the graceful exit's parameters are
+    argued in :mod:`pumpflow.common.exit.rules` and :mod:`pumpflow.common.exit.planner`."""
+
+    service: str = Field("exit", description="service name; first part of event sources")
+    exit_workers: int = Field(2, ge=1, le=64, description="position workers")
+    exit_window: int = Field(
+        64, ge=1, le=4096, description="deliveries per partition applied while storing"
+    )
+    exit_state_ttl_s: float = Field(
+        6 * 3600.0, gt=0, description="TTL of a token's record in the store"
+    )
+    exit_closed_ttl_s: float = Field(
+        600.0, gt=0, description="a closed position's token leaves memory; its record's TTL"
+    )
+    exit_slippage_pct: float = Field(
+        10.0, gt=0, le=100, description="slippage limit of a rule's sale"
+    )
+    exit_stop_loss: float | None = Field(
+        _RULES.stop_loss, description="fall from the entry that sells all (empty: off)"
+    )
+    exit_max_hold_s: float | None = Field(
+        _RULES.max_hold_s, description="every position is sold after this long (empty: off)"
+    )
+    exit_stale_after_s: float | None = Field(
+        _RULES.stale_after_s, description="a position without the stale gain is sold after"
+    )
+    exit_quiet_s: float | None = Field(
+        _RULES.quiet_s, description="a position whose token is silent this long is sold"
+    )
+    exit_deadline_s: float = Field(
+        _GRACEFUL.deadline_s,
+        gt=0,
+        description="a graceful exit sells everything within this much clock time",
+    )
+    exit_max_tranche_impact: float = Field(
+        _GRACEFUL.max_tranche_impact, gt=0, lt=1, description="price impact of one tranche"
+    )
+    exit_final_sweep_s: float = Field(
+        _GRACEFUL.final_sweep_s, ge=0, description="before the deadline what is left goes whole"
+    )
+    exit_min_tranche_interval_s: float = Field(
+        _GRACEFUL.min_tranche_interval_s, ge=0, description="between two tranches of a token"
+    )
+    exit_order_timeout_s: float = Field(
+        30.0, gt=0, description="wall seconds a tranche waits for its fill before it is retried"
+    )
+    exit_run_poll_s: float = Field(
+        1.0, gt=0, description="how often a replica looks for a graceful exit begun elsewhere"
+    )
+    exit_resume_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="after a restart, wall seconds to wait for the outcomes of tranches sent",
+    )
+
+    def rules(self) -> ExitRules:
+        return ExitRules(
+            stop_loss=self.exit_stop_loss,
+            max_hold_s=self.exit_max_hold_s,
+            stale_after_s=self.exit_stale_after_s,
+            quiet_s=self.exit_quiet_s,
+        )
+
+    def graceful(self) -> GracefulExitConfig:
+        return GracefulExitConfig(
+            deadline_s=self.exit_deadline_s,
+            max_tranche_impact=self.exit_max_tranche_impact,
+            final_sweep_s=min(self.exit_final_sweep_s, self.exit_deadline_s / 2),
+            min_tranche_interval_s=self.exit_min_tranche_interval_s,
+        )
+
+    def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        return KeyedConsumerConfig(
+            service=service,
+            patterns=CONSUMES,
+            workers=self.exit_workers,
+            window=self.exit_window,
+            live_ttl_s=self.exit_state_ttl_s,
+        )

@@ -1,0 +1,46 @@
+"""Helpers of the exit service's tests: the service embedded, positions as trading
+reports them, and the events it publishes."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import Event, PositionOpened, make_event
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.testing import EventCollector, TokenEvents
+from pumpflow.exit.records import MemoryExitStore
+from pumpflow.exit.service import ExitService
+from pumpflow.exit.settings import ExitSettings
+
+START = 1_700_000_000.0
+_positions = itertools.count(1)
+
+
+def exit_service(records: MemoryExitStore | None = None, **settings: object) -> ExitService:
+    config = ExitSettings.load(service="exit", transport="memory", **settings)
+    return ExitService(config, registry=CollectorRegistry(), records=records or MemoryExitStore())
+
+
+@contextlib.asynccontextmanager
+async def embedded(clock: ReplayClock, *services):
+    async with run_embedded(list(services), clock=clock, synchronous=True) as system:
+        watch = await EventCollector("watch").attach(system.bus, "exit.*", "order.*", "position.*")
+        yield system, watch
+
+
+def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event:
+    """A position in ``mint`` bought at its curve's price now."""
+    price = tokens.curves[mint].price
+    payload = PositionOpened(
+        position_id=f"pos-{next(_positions)}",
+        mint=mint,
+        token_amount=tokens_held,
+        cost_sol=tokens_held * price,
+        entry_price=price,
+        mark_price=price,
+    )
+    return make_event(payload, source="trading/test", time=tokens.clock.now())

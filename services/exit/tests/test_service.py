@@ -1,0 +1,151 @@
+"""The exit service embedded on the in-memory bus and a replay clock: each rule of a
+position orders its sale as an ``exit.order`` on the critical lane, numbered per
+position; a sale refused gives its rule back; a settled sale is stored and reported."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, TokenLifecycle, make_event
+from pumpflow.common.testing import TokenEvents
+
+from .helpers import START, embedded, exit_service, opened
+
+HELD = 1e6
+
+
+async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:
+    while tokens.curves[mint].price < price:
+        await bus.publish(tokens.buy(mint, "whale", sol=1.0))
+
+
+async def _sell_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:
+    whale = "whale"
+    while tokens.curves[mint].price > price:
+        held = tokens.balance(mint, whale)
+        assert held > 0, "the whale has nothing left to sell"
+        await bus.publish(tokens.sell(mint, whale, tokens=held * 0.1))
+
+
+async def take_profit(bus, tokens, clock, mint, entry):
+    await _buy_until(bus, tokens, mint, entry * 1.5)
+
+
+async def stop_loss(bus, tokens, clock, mint, entry):
+    await _sell_until(bus, tokens, mint, entry * 0.69)
+
+
+async def trailing_stop(bus, tokens, clock, mint, entry):
+    await _buy_until(bus, tokens, mint, entry * 1.3)
+    await _sell_until(bus, tokens, mint, entry * 1.3 * 0.69)
+
+
+async def inactivity(bus, tokens, clock, mint, entry):
+    await clock.advance(61.0)
+
+
+async def time_stop(bus, tokens, clock, mint, entry):
+    for _ in range(21):  # a trade every 30 s keeps it from going quiet
+        await clock.advance(30.0)
+        await bus.publish(tokens.buy(mint, "small", sol=0.001))
+
+
+async def stale_stop(bus, tokens, clock, mint, entry):
+    for _ in range(11):
+        await clock.advance(30.0)
+        await bus.publish(tokens.buy(mint, "small", sol=0.001))
+
+
+async def decline(bus, tokens, clock, mint, entry):
+    lifecycle = TokenLifecycle(mint=mint, state="declining", previous_state="active")
+    await bus.publish(make_event(lifecycle, source="activity/test", time=clock.now()))
+
+
+async def migration(bus, tokens, clock, mint, entry):
+    await bus.publish(tokens.migrated(mint))
+
+
+RULES = {
+    "take_profit_1": (take_profit, 0.25),
+    "stop_loss": (stop_loss, 1.0),
+    "trailing_stop": (trailing_stop, 1.0),
+    "inactivity": (inactivity, 1.0),
+    "time_stop": (time_stop, 1.0),
+    "stale_stop": (stale_stop, 1.0),
+    "decline": (decline, 0.5),
+    "migration": (migration, 1.0),
+}
+#: rules switched off so that the one under test is the first to fire
+QUIET = {
+    "time_stop": {"exit_stale_after_s": None},
+    "stale_stop": {},
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+async def test_each_rule_orders_its_sale_on_the_critical_lane(rule):
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    script, share = RULES[rule]
+    service = exit_service(**QUIET.get(rule, {}))
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=HELD)
+        await bus.publish(position)
+        entry = position.data.entry_price
+        assert watch.count("exit.order") == 0
+        await script(bus, tokens, clock, mint, entry)
+        [event] = watch.of("exit.order")
+        order: ExitOrder = event.data
+        assert event.critical
+        assert order.reason == rule
+        assert order.order_id == f"{position.data.position_id}:rule:1"
+        assert order.token_amount == pytest.approx(HELD * share)
+        assert service.metrics.orders(rule) == 1
+
+
+async def test_a_refused_sale_gives_its_rule_back_and_a_filled_one_is_reported():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = None
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=HELD)
+        await bus.publish(position)
+        entry = position.data.entry_price
+        await _buy_until(bus, tokens, mint, entry * 1.5)
+        [first] = watch.payloads("exit.order")
+        refused = OrderRejected(
+            order_id=first.order_id, mint=mint, reason="slippage", side="sell",
+            position_id=first.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(refused, source="trading/test", time=clock.now()))
+        # the next trade finds the step due again: a new order, the next number
+        await bus.publish(tokens.buy(mint, "small", sol=0.001))
+        second = watch.payloads("exit.order")[-1]
+        assert second.reason == "take_profit_1"
+        assert second.order_id.endswith(":rule:2")
+        price = tokens.curves[mint].price
+        fill = OrderFilled(
+            order_id=second.order_id, mint=mint, side="sell", token_amount=second.token_amount,
+            sol_amount=second.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
+            position_id=second.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(fill, source="trading/test", time=clock.now()))
+        await system.drain()
+        records = service.records
+        [report] = await watch.wait_for(1, "exit.report")
+        assert report.data.reason == "take_profit_1"
+        [line] = report.data.positions
+        assert line.tokens_sold == pytest.approx(second.token_amount)
+        assert line.slippage == pytest.approx(1 - 0.99 * price / line.mark_price)
+        stored = {o["order_id"]: o["state"] for o in await records.orders(limit=10)}
+        assert stored == {first.order_id: "rejected", second.order_id: "filled"}
