@@ -1,0 +1,148 @@
+"""The graceful exit of the exit service beside the real trading service, embedded on
+a replay clock: system.shutdown sells every position trading holds, in tranches, by
+the deadline, reported and stored; a restart in the middle resumes without selling
+any tranche twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import (
+    FeaturesUpdated,
+    ModelPrediction,
+    SystemShutdown,
+    TokenLifecycle,
+    make_event,
+)
+from pumpflow.common.priority import Priority
+from pumpflow.common.testing import TokenEvents
+from pumpflow.exit.records import MemoryExitStore
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .helpers import START, embedded, exit_service
+
+#: a features vector inside every default entry filter of trading
+GOOD_FEATURES = {
+    "time_since_launch": 60.0,
+    "curve_progress": 0.2,
+    "creator_holding_share": 0.02,
+    "creator_sold": 0.0,
+    "buy_volume_sol_60s": 5.0,
+    "unique_traders": 25.0,
+    "top_buyer_share": 0.2,
+    "price": 5e-8,
+}
+
+
+def trading(ledger: MemoryLedger) -> TradingService:
+    config = TradingSettings.load(service="trading", transport="memory")
+    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+
+
+async def open_positions(bus, clock: ReplayClock, tokens: TokenEvents, count: int) -> list[str]:
+    """``count`` tokens trading enters on a prediction each (filled after its latency)."""
+    mints = []
+    for _ in range(count):
+        mint = tokens.mint()
+        now = clock.now()
+        features = FeaturesUpdated(
+            mint=mint, feature_set_version="test", source_seq=1,
+            names=tuple(GOOD_FEATURES), values=tuple(GOOD_FEATURES.values()),
+        )  # fmt: skip
+        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
+        prediction = ModelPrediction(
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
+        )
+        for event in (
+            tokens.created(mint, sol=0.5, trader="dev"),
+            tokens.buy(mint, "alice", sol=3.0),
+            make_event(features, source="features/test", time=now),
+            make_event(lifecycle, source="activity/test", time=now),
+            make_event(prediction, source="model/test", time=now),
+        ):
+            await bus.publish(event)
+        mints.append(mint)
+    await clock.advance(1.0)
+    return mints
+
+
+async def until_finished(service, clock: ReplayClock, *, step: float = 0.25) -> None:
+    while not service.finished.is_set():
+        await clock.advance(step)
+        await asyncio.sleep(0)
+
+
+async def test_a_shutdown_sells_every_position_by_the_deadline_and_reports_it():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    trader, exits = trading(ledger), exit_service(records)
+    async with embedded(clock, trader, exits) as (system, watch):
+        mints = await open_positions(system.bus, clock, tokens, 5)
+        assert set(trader.book.open_positions) == set(mints)
+        assert len(exits.positions()) == 5
+        shutdown = SystemShutdown(reason="test shutdown")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert trader.book.open_count == 0
+        summary = exits.summary
+        assert summary.positions == 5 and summary.positions_left == 0
+        assert summary.deadline_margin_s > 0
+        orders = watch.payloads("exit.order")
+        assert all(o.order_id.split(":exit:")[0] == o.position_id for o in orders)
+        assert len({o.order_id for o in orders}) == len(orders)
+        filled = {f.order_id: f for f in watch.payloads("order.filled") if f.side == "sell"}
+        assert set(filled) == {o.order_id for o in orders}
+        # the reports match the fills
+        [graceful] = [r for r in watch.payloads("exit.report") if r.graceful]
+        assert graceful.sol_recovered == pytest.approx(sum(f.sol_amount for f in filled.values()))
+        assert graceful.positions_left == 0
+        run = await records.latest_run()
+        assert run.finished_at is not None and run.summary["positions_left"] == 0
+        stored = await records.run_orders(run.run_id)
+        assert sorted(o.order_id for o in stored) == sorted(filled)
+        assert all(o.state == "filled" for o in stored)
+        assert "graceful exit (test shutdown): 5 positions, 5 sold out" in exits.summary.text()
+        assert exits.progress()["progress"]["sold_out"] == 5
+
+
+async def test_a_restart_in_the_middle_resumes_and_sells_no_tranche_twice():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    trader = trading(ledger)
+    # tranches spaced far apart: the first replica goes after the first tranches
+    first = exit_service(records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005)
+    async with embedded(clock, trader, first) as (system, watch):
+        await open_positions(system.bus, clock, tokens, 3)
+        shutdown = SystemShutdown(reason="restart test")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        while len(watch.payloads("exit.order")) < 3:
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+        await clock.advance(1.0)
+        sent_before = {o.order_id for o in watch.payloads("exit.order")}
+        assert trader.book.open_count == 3  # each sold a tranche, none sold out
+        # the replica goes; its store and records stay (a new one picks them up)
+        await first.stop()
+        second = exit_service(
+            records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005
+        )
+        await second.start(system.contexts["exit"])
+        await until_finished(second, clock, step=1.0)
+        assert trader.book.open_count == 0
+        orders = [o.order_id for o in watch.payloads("exit.order")]
+        assert len(orders) == len(set(orders)), "an order id was sent twice"
+        assert sent_before < set(orders)
+        summary = second.summary
+        assert summary.positions == 3 and summary.positions_left == 0
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+        await second.stop()
