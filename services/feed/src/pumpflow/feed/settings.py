@@ -8,26 +8,19 @@ The ``*_config`` methods build the frozen config object of each part of the feed
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, Field
 
 from pumpflow.common.features.history import HistoryConfig
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
-from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.runtime.settings import PumpPortalKeySettings
 from pumpflow.feed.manager import FeedManagerConfig
 from pumpflow.feed.recorder import RecorderConfig
 from pumpflow.feed.socket_feed import SocketFeedConfig
 
 
-class FeedSettings(CommonSettings):
+class FeedSettings(PumpPortalKeySettings):
     """Environment of the feed service."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="PUMPFLOW_", frozen=True, extra="ignore", populate_by_name=True
-    )
 
     service: str = Field("feed", description="service name; first part of event sources")
     pumpportal_ws_url: str = Field(
@@ -35,16 +28,6 @@ class FeedSettings(CommonSettings):
         validation_alias=AliasChoices("PUMPPORTAL_WS_URL", "pumpportal_ws_url"),
         pattern=r"^wss?://",
         description="PumpPortal-protocol WebSocket URL (the real one or the simulator)",
-    )
-    pumpportal_api_key: SecretStr | None = Field(
-        None,
-        validation_alias=AliasChoices("PUMPPORTAL_API_KEY", "pumpportal_api_key"),
-        description="PumpPortal API key (needed for trade subscriptions)",
-    )
-    pumpportal_api_key_file: Path | None = Field(
-        None,
-        validation_alias=AliasChoices("PUMPPORTAL_API_KEY_FILE", "pumpportal_api_key_file"),
-        description="file holding the API key (a mounted secret)",
     )
     feed_record: bool = Field(True, description="store every token event in Postgres")
     feed_subscribe_new_tokens: bool = Field(True, description="subscribe to token creations")
@@ -187,19 +170,3 @@ class FeedSettings(CommonSettings):
 
     def lease_config(self, *, name: str, holder: str) -> LeaderLeaseConfig:
         return LeaderLeaseConfig(name=name, holder=holder, ttl_s=self.feed_lease_ttl_s)
-
-    def api_key(self) -> str | None:
-        """The key from the environment or the secret file; never log it."""
-        if self.pumpportal_api_key is not None:
-            key = self.pumpportal_api_key.get_secret_value().strip()
-            return key or None
-        if self.pumpportal_api_key_file is not None:
-            try:
-                key = self.pumpportal_api_key_file.read_text("utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(
-                    f"PUMPPORTAL_API_KEY_FILE: cannot read {self.pumpportal_api_key_file}: "
-                    f"{exc.strerror}"
-                ) from None
-            return key or None
-        return None

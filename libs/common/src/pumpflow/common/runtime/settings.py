@@ -7,9 +7,17 @@ at start-up with the variable's name and the reason.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -112,3 +120,43 @@ class CommonSettings(BaseSettings):
             return name
         prefix = cls.model_config.get("env_prefix", "")
         return f"{prefix}{'_'.join(str(p) for p in loc).upper()}"
+
+
+class PumpPortalKeySettings(CommonSettings):
+    """Settings of a service that holds PumpPortal's API key (the feed, live trading).
+
+    The key keeps PumpPortal's own environment names (``PUMPPORTAL_API_KEY``, or
+    ``PUMPPORTAL_API_KEY_FILE`` for a mounted secret). It is a SecretStr: it never
+    appears in a repr or a log.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="PUMPFLOW_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    pumpportal_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("PUMPPORTAL_API_KEY", "pumpportal_api_key"),
+        description="PumpPortal API key (trade subscriptions, the trade API)",
+    )
+    pumpportal_api_key_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("PUMPPORTAL_API_KEY_FILE", "pumpportal_api_key_file"),
+        description="file holding the API key (a mounted secret)",
+    )
+
+    def api_key(self) -> str | None:
+        """The key from the environment or the secret file; never log it."""
+        if self.pumpportal_api_key is not None:
+            key = self.pumpportal_api_key.get_secret_value().strip()
+            return key or None
+        if self.pumpportal_api_key_file is not None:
+            try:
+                key = self.pumpportal_api_key_file.read_text("utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(
+                    f"PUMPPORTAL_API_KEY_FILE: cannot read {self.pumpportal_api_key_file}: "
+                    f"{exc.strerror}"
+                ) from None
+            return key or None
+        return None
