@@ -30,6 +30,8 @@ from pumpflow.common.events import (
 )
 
 DEFAULT_WS_URL: Final = "wss://pumpportal.fun/api/data"
+#: the trade API that signs and sends from the key's wallet (1% fee)
+TRADE_API_URL: Final = "https://pumpportal.fun/api/trade"
 API_KEY_PARAM: Final = "api-key"
 
 # Client methods.

@@ -1,9 +1,12 @@
-"""Executors: who carries an order out. Paper (the default) fills on the token's own stream.
+"""Executors: who carries an order out. Paper (the default) fills on the token's own
+stream; live (:mod:`pumpflow.trading.live`) sends to PumpPortal's trade API.
 
 An executor takes an order the ledger stored (:meth:`TradeExecutor.submit`), learns
 outcomes from the token events (:meth:`TradeExecutor.observe`) and from time
 (:meth:`TradeExecutor.due`), and on start is asked about each order whose outcome the
-ledger does not know (:meth:`TradeExecutor.reconcile`). An outcome is an
+ledger does not know (:meth:`TradeExecutor.reconcile`); what it learns of an order
+still pending (the API's signature, or that no answer came) it gives the service to
+store (:meth:`TradeExecutor.progress`). An outcome is an
 :class:`~pumpflow.common.events.OrderFilled` or an
 :class:`~pumpflow.common.events.OrderRejected`; the service books it.
 """
@@ -15,7 +18,7 @@ from typing import Protocol
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.trading import VENUE_CURVE, PaperBroker, PaperExecution, PaperOrder
-from pumpflow.trading.ledger import OrderRecord
+from pumpflow.trading.ledger import OrderOutcome, OrderRecord
 
 Outcome = OrderFilled | OrderRejected
 
@@ -46,7 +49,15 @@ class TradeExecutor(Protocol):
         it is in the executor's hands again and its outcome comes later."""
         ...
 
+    def progress(self) -> list[OrderOutcome]:
+        """What became known of orders still pending since the last call, to store."""
+        ...
+
     def forget(self, mint: str) -> None: ...
+
+    async def close(self) -> None:
+        """Stop what is in flight (the ledger keeps those orders to reconcile)."""
+        ...
 
 
 class PaperExecutor:
@@ -106,3 +117,9 @@ class PaperExecutor:
 
     def forget(self, mint: str) -> None:
         self.broker.forget(mint)
+
+    def progress(self) -> list[OrderOutcome]:
+        return []
+
+    async def close(self) -> None:
+        return None

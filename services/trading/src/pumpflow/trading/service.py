@@ -84,6 +84,7 @@ from pumpflow.trading.ledger import (
     PositionRecord,
     PostgresLedger,
 )
+from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
 from pumpflow.trading.settings import TradingSettings
 
@@ -97,6 +98,25 @@ _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 
 def _outcome_event_id(order_id: str) -> str:
     return hashlib.blake2b(f"outcome:{order_id}".encode(), digest_size=16).hexdigest()
+
+
+def _check_live(settings: TradingSettings) -> None:
+    """Refuse to start live without the explicit switch, the key and the wallet."""
+    if not settings.trading_live_enabled:
+        raise RuntimeError(
+            "the live executor is chosen but not enabled: set "
+            "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
+        )
+    if settings.api_key() is None:
+        raise RuntimeError(
+            "the live executor needs PumpPortal's API key: set PUMPPORTAL_API_KEY or "
+            "PUMPPORTAL_API_KEY_FILE"
+        )
+    if not settings.trading_live_wallet:
+        raise RuntimeError(
+            "the live executor needs the public key of the API key's wallet, whose trades "
+            "confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
+        )
 
 
 class _Step:
@@ -132,12 +152,7 @@ class TradingService(Service):
     ):
         super().__init__(settings)
         if settings.trading_executor == "live":
-            if not settings.trading_live_enabled:
-                raise RuntimeError(
-                    "the live executor is chosen but not enabled: set "
-                    "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
-                )
-            raise RuntimeError("the live executor is not available in this version")
+            _check_live(settings)
         self.metrics = TradingMetrics(registry=registry)
         self.ledger: Ledger | None = ledger
         self.leader: LeaderLease | None = None
@@ -230,7 +245,17 @@ class TradingService(Service):
             source=ctx.source,
             slippage_pct=s.trading_slippage_pct,
         )
-        self.executor = PaperExecutor(s.execution())
+        if s.trading_executor == "live":
+            self.executor = LiveExecutor(
+                s.live_execution(),
+                TradeApi(
+                    s.trading_live_url, s.api_key() or "", timeout_s=s.trading_live_answer_timeout_s
+                ),
+                clock=ctx.clock,
+                slippage_pct=s.trading_slippage_pct,
+            )
+        else:
+            self.executor = PaperExecutor(s.execution())
 
     async def _take_over(self) -> None:
         """Reload the book, reconcile what is unknown, then trade."""
@@ -280,7 +305,7 @@ class TradingService(Service):
             if order.side == "buy" and order.sol_amount:
                 self.risk.reserve(order.order_id, order.mint, order.sol_amount)
             self.engine.order_reasons[order.order_id] = order.reason
-            if order.state != "sent":
+            if order.state == "pending":
                 step.change.outcomes.append(OrderOutcome(order_id=order.order_id, state="sent"))
             self.reconciled[order.order_id] = "resubmitted"
             return
@@ -302,6 +327,11 @@ class TradingService(Service):
             await self._ctx.bus.unsubscribe(self._subscription)
         async with self._lock:
             try:
+                if self.executor is not None:
+                    await self.executor.close()
+                    step = _Step()
+                    step.change.outcomes += self.executor.progress()
+                    self._backlog.append(step)
                 await self._flush()
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
@@ -314,6 +344,7 @@ class TradingService(Service):
             # what an earlier attempt could not store goes first, in its order
             await self._flush()
             step = _Step()
+            step.change.outcomes += self.executor.progress()
             data = event.data
             if isinstance(data, ExitOrder):
                 self._exit(event, step)
@@ -530,6 +561,7 @@ class TradingService(Service):
             async with self._lock:
                 await self._flush()
                 step = _Step()
+                step.change.outcomes += self.executor.progress()
                 if control is not None and (
                     control[0] is not self.risk.operator_state
                     or control[1] != self.risk.operator_reason

@@ -8,6 +8,12 @@ changes per deployment.
 fractions of it, so with the defaults a full-confidence entry is 0.4 SOL, within the
 0.6 SOL a fresh curve takes at the 2% impact limit, and far above the 0.01 SOL dust
 floor: the size a pump.fun trader starting out uses, not a fund's.
+
+Live trading needs three things at once: ``trading_executor = live``,
+``trading_live_enabled = true`` and PumpPortal's API key (``PUMPPORTAL_API_KEY`` or
+``PUMPPORTAL_API_KEY_FILE``), plus the public key of the key's wallet
+(``trading_live_wallet``), whose trades in the token stream confirm the orders. The
+sending and confirming defaults are argued in :mod:`pumpflow.common.trading.settings`.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from typing import Literal
 from pydantic import Field
 
 from pumpflow.common.lease import LeaderLeaseConfig
-from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.pumpportal import TRADE_API_URL
+from pumpflow.common.runtime.settings import PumpPortalKeySettings
 from pumpflow.common.trading import (
     BreakerSettings,
     EntryFilters,
+    LiveExecution,
     PaperExecution,
     RiskLimits,
 )
@@ -30,9 +38,10 @@ _FILTERS = EntryFilters()
 _LIMITS = RiskLimits()
 _PAPER = PaperExecution()
 _BREAKERS = BreakerSettings()
+_LIVE = LiveExecution(wallet="-")
 
 
-class TradingSettings(CommonSettings):
+class TradingSettings(PumpPortalKeySettings):
     """Settings of the trading service."""
 
     trading_executor: Literal["paper", "live"] = Field(
@@ -40,6 +49,29 @@ class TradingSettings(CommonSettings):
     )
     trading_live_enabled: bool = Field(
         False, description="the explicit switch without which the live executor never starts"
+    )
+    trading_live_url: str = Field(
+        TRADE_API_URL,
+        pattern=r"^https?://",
+        description="live: PumpPortal's trade API (it signs and sends from the key's wallet)",
+    )
+    trading_live_wallet: str | None = Field(
+        None, description="live: public key of the API key's wallet; its trades confirm orders"
+    )
+    trading_live_priority_fee_sol: float = Field(
+        _LIVE.priority_fee_sol, ge=0, description="live: the trade API's priorityFee, SOL"
+    )
+    trading_live_answer_timeout_s: float = Field(
+        _LIVE.answer_timeout_s,
+        gt=0,
+        description="live: wall seconds to wait for the API's answer; then the order's "
+        "outcome is unknown (never sent again)",
+    )
+    trading_live_confirm_s: float = Field(
+        _LIVE.confirm_s,
+        gt=0,
+        description="live: seconds an order waits for its trade in the token's stream "
+        "before it is rejected as unconfirmed",
     )
     trading_capital_sol: float = Field(
         10.0, gt=0, description="capital the limits are fractions of (paper: the start)"
@@ -63,7 +95,9 @@ class TradingSettings(CommonSettings):
         (), description="creator wallets whose tokens are never entered (JSON list)"
     )
     trading_slippage_pct: float = Field(
-        _PAPER.slippage_pct, ge=0, description="slippage limit of entries, percent"
+        _PAPER.slippage_pct,
+        ge=0,
+        description="slippage limit of entries, percent (live: the trade API's slippage)",
     )
     trading_paper_latency_s: float = Field(
         _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"
@@ -105,6 +139,15 @@ class TradingSettings(CommonSettings):
     def execution(self) -> PaperExecution:
         return replace(
             _PAPER, latency_s=self.trading_paper_latency_s, slippage_pct=self.trading_slippage_pct
+        )
+
+    def live_execution(self) -> LiveExecution:
+        return LiveExecution(
+            wallet=self.trading_live_wallet or "",
+            priority_fee_sol=self.trading_live_priority_fee_sol,
+            answer_timeout_s=self.trading_live_answer_timeout_s,
+            confirm_s=self.trading_live_confirm_s,
+            fees=self.execution(),
         )
 
     def lease_config(self, *, name: str, holder: str) -> LeaderLeaseConfig:

@@ -23,6 +23,7 @@ from pumpflow.common.trading.fills import (
     fill_buy,
     fill_sell,
 )
+from pumpflow.common.trading.live import Confirmation, LiveBook, LiveOrder, confirmed_fill
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
 from pumpflow.common.trading.positions import Position, PositionBook
 from pumpflow.common.trading.risk import (
@@ -35,6 +36,7 @@ from pumpflow.common.trading.risk import (
 from pumpflow.common.trading.settings import (
     BreakerSettings,
     EntryFilters,
+    LiveExecution,
     PaperExecution,
     RiskLimits,
 )
@@ -50,11 +52,15 @@ __all__ = [
     "VENUE_POOL",
     "BreakerSettings",
     "CircuitBreaker",
+    "Confirmation",
     "Decision",
     "DecisionPolicy",
     "EntryDecision",
     "EntryFilters",
     "FillRejection",
+    "LiveBook",
+    "LiveExecution",
+    "LiveOrder",
     "PaperBroker",
     "PaperExecution",
     "PaperFill",
@@ -68,6 +74,7 @@ __all__ = [
     "TokenView",
     "TradingEngine",
     "TradingState",
+    "confirmed_fill",
     "exit_value",
     "fill_buy",
     "fill_sell",

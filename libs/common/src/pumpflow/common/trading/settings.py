@@ -88,11 +88,29 @@ Paper execution (:class:`PaperExecution`):
   ``trade-local`` costs 0.005.
 - ``pool_fee_rate = 0.0125``: the reference gives no PumpSwap fee; the curve's is a
   conservative stand-in (see :mod:`pumpflow.common.trading.fills` for the pool).
+
+Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
+
+- ``priority_fee_sol = 0.0001``: PumpPortal's ``priorityFee``, paid per transaction
+  whatever its size. It is 0.025% of a full 0.4 SOL entry (against 2.25% of fees each
+  way) and 1% of a 0.01 SOL dust-floor order: enough to land in the next slots on a
+  hot token without the fixed cost dominating the smallest trade.
+- ``answer_timeout_s = 5``: the API answers with a signature before the transaction
+  confirms, so its answer takes a round trip and a simulation, well under a second;
+  five seconds without one means the call is lost, and the order's outcome unknown.
+- ``confirm_s = 90``: the bounded wait for the wallet's trade in the token's stream.
+  The stream is at ``processed`` commitment, so a landed trade shows within seconds;
+  a Solana transaction carries a recent blockhash valid for 150 slots (~60 s at
+  ~0.4 s a slot) and can never land after it expires. Past 90 s an order whose trade
+  has not shown did not land (unless the stream dropped its frame: a trade showing
+  later is still booked, see :mod:`pumpflow.common.trading.live`).
+- fees (curve, pool, API) are :class:`PaperExecution`'s: the same rates price a live
+  fill from the trade the stream shows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pumpflow.common.curve import FEE_RATE
 
@@ -222,3 +240,22 @@ class PaperExecution:
         if self.slippage_pct < 0:
             raise ValueError("slippage_pct must be >= 0")
         _check_fraction(self, "api_fee_rate", "curve_fee_rate", "pool_fee_rate")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveExecution:
+    """How live orders are sent and confirmed; defaults argued in the module docstring."""
+
+    #: the public key of the wallet the API key trades from: its trades confirm orders
+    wallet: str
+    priority_fee_sol: float = 0.0001
+    answer_timeout_s: float = 5.0
+    confirm_s: float = 90.0
+    fees: PaperExecution = field(default_factory=PaperExecution)
+
+    def __post_init__(self) -> None:
+        if not self.wallet:
+            raise ValueError("wallet must be the public key of the API key's wallet")
+        if self.priority_fee_sol < 0:
+            raise ValueError("priority_fee_sol must be >= 0")
+        _check_positive(self, "answer_timeout_s", "confirm_s")

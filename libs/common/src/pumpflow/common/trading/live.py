@@ -1,0 +1,225 @@
+"""Live execution's core: orders sent to PumpPortal's trade API wait for their trade.
+
+An answer from the API is not a fill. An order the API answered with a signature is
+pending until the token's stream shows that signature, traded by the wallet. An order
+whose answer never came (a timeout, a lost connection, a crash during the call: the
+ledger recorded the order before the call) is pending until the stream shows a trade
+of the wallet on that token and side. The fill is priced from that trade: its tokens
+and the SOL it moved, plus the curve's (or the pool's) fee, the API's fee and the
+priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s rates.
+
+The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
+was sent (or after a restart took it over) is rejected as unconfirmed, and it is
+never sent again (the ledger's order id forbids it). By then the transaction's
+blockhash has expired, so it did not land. Should its signature show later all the
+same (a frame the stream delivered late), the trade is booked as a late fill: the
+chain is the truth and the book follows it.
+
+An API answer without a signature is a refusal: nothing was sent and the order is
+rejected at once. An answer with a signature is pending even when it reports an
+error (a "Simulation failed" 400 has carried a signature whose sale landed).
+
+No clock and no I/O: the service's live TradeExecutor calls the API and feeds this.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from pumpflow.common.events import (
+    OrderFilled,
+    OrderRejected,
+    Side,
+    TokenCreated,
+    TokenMigrated,
+    TokenTrade,
+)
+from pumpflow.common.trading.fills import VENUE_POOL
+from pumpflow.common.trading.paper import Market
+from pumpflow.common.trading.settings import LiveExecution
+
+#: signatures of expired orders kept to recognise a late trade
+REMEMBERED_EXPIRED = 1000
+
+
+@dataclass(slots=True, kw_only=True)
+class LiveOrder:
+    """An order sent (or maybe sent) to the trade API, waiting for its trade."""
+
+    order_id: str
+    mint: str
+    side: Side
+    #: when the order is given up as unconfirmed
+    deadline: float
+    position_id: str | None = None
+    #: the API's answer; None while unknown
+    signature: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Confirmation:
+    """A fill the token's stream showed; ``late`` when its order had been given up."""
+
+    fill: OrderFilled
+    late: bool = False
+
+
+def confirmed_fill(
+    order: LiveOrder, trade: TokenTrade, *, execution: LiveExecution, moved_sol: float
+) -> OrderFilled:
+    """The fill ``trade`` shows for ``order``, after every fee.
+
+    ``moved_sol`` is the SOL the trade moved in the reserves. A buy paid that plus the
+    venue's fee, the API's fee on both and the priority fee; a sale received it less
+    the venue's fee, the API's fee on the rest and the priority fee (as paper fills).
+    """
+    fees = execution.fees
+    rate = fees.pool_fee_rate if trade.pool == VENUE_POOL else fees.curve_fee_rate
+    tokens = float(trade.tokenAmount)
+    venue_fee = moved_sol * rate
+    if order.side == "buy":
+        api_fee = (moved_sol + venue_fee) * fees.api_fee_rate
+        sol = moved_sol + venue_fee + api_fee + execution.priority_fee_sol
+    else:
+        api_fee = (moved_sol - venue_fee) * fees.api_fee_rate
+        sol = moved_sol - venue_fee - api_fee - execution.priority_fee_sol
+    return OrderFilled(
+        order_id=order.order_id,
+        mint=order.mint,
+        side=order.side,
+        token_amount=tokens,
+        sol_amount=sol,
+        price=moved_sol / tokens if tokens else 0.0,
+        fee_sol=venue_fee + api_fee + execution.priority_fee_sol,
+        signature=trade.signature,
+        position_id=order.position_id,
+    )
+
+
+@dataclass(slots=True)
+class LiveBook:
+    """Live orders waiting for their trade, and the markets of their tokens."""
+
+    execution: LiveExecution
+    markets: dict[str, Market] = field(default_factory=dict)
+    pending: dict[str, LiveOrder] = field(default_factory=dict)
+    #: signature -> an order given up as unconfirmed, newest last
+    expired: OrderedDict[str, LiveOrder] = field(default_factory=OrderedDict)
+
+    def market(self, mint: str) -> Market | None:
+        return self.markets.get(mint)
+
+    def add(self, order: LiveOrder) -> None:
+        """Wait for ``order``'s trade (sent now, or taken over after a restart)."""
+        self.pending.setdefault(order.order_id, order)
+
+    def answered(self, order_id: str, signature: str) -> bool:
+        """The API gave ``signature``; False when the order is no longer pending."""
+        order = self.pending.get(order_id)
+        if order is None:
+            return False
+        order.signature = signature
+        return True
+
+    def refused(self, order_id: str, reason: str) -> OrderRejected | None:
+        """The API refused without a signature: nothing was sent, the order is rejected."""
+        order = self.pending.pop(order_id, None)
+        return None if order is None else _rejected(order, reason)
+
+    def observe(self, payload: object) -> list[Confirmation]:
+        """Take a token event; return the orders its trade confirms."""
+        if not isinstance(payload, TokenTrade | TokenCreated | TokenMigrated):
+            return []
+        confirmations: list[Confirmation] = []
+        if isinstance(payload, TokenTrade) and payload.traderPublicKey == self.execution.wallet:
+            confirmation = self._confirm(payload)
+            if confirmation is not None:
+                confirmations.append(confirmation)
+        self.markets.setdefault(payload.mint, Market()).apply(payload)
+        return confirmations
+
+    def due(self, now: float) -> list[OrderRejected]:
+        """Give up the orders whose trade has not shown by their deadline."""
+        rejected = []
+        for order in [o for o in self.pending.values() if o.deadline <= now]:
+            del self.pending[order.order_id]
+            wait = f"{self.execution.confirm_s:g} s"
+            if order.signature is None:
+                reason = (
+                    f"unconfirmed: no answer from the trade API and no trade of the wallet "
+                    f"on the token within {wait}"
+                )
+            else:
+                self.expired[order.signature] = order
+                while len(self.expired) > REMEMBERED_EXPIRED:
+                    self.expired.popitem(last=False)
+                reason = (
+                    f"unconfirmed: signature {order.signature} showed in no trade of the "
+                    f"wallet within {wait}; its blockhash has expired"
+                )
+            rejected.append(_rejected(order, reason))
+        return rejected
+
+    def next_due(self) -> float | None:
+        return min((o.deadline for o in self.pending.values()), default=None)
+
+    def forget(self, mint: str) -> None:
+        """Drop a token's market once no order waits there."""
+        if all(o.mint != mint for o in self.pending.values()):
+            self.markets.pop(mint, None)
+
+    # ---------------------------------------------------------------- internals
+
+    def _confirm(self, trade: TokenTrade) -> Confirmation | None:
+        order, late = self._match(trade)
+        if order is None:
+            return None
+        fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=self._moved(trade))
+        return Confirmation(fill=fill, late=late)
+
+    def _match(self, trade: TokenTrade) -> tuple[LiveOrder | None, bool]:
+        """The order ``trade`` (the wallet's) confirms: by signature, else the oldest order
+        of the token and side whose answer never came."""
+        for order in self.pending.values():
+            if order.signature == trade.signature:
+                del self.pending[order.order_id]
+                return order, False
+        late = self.expired.pop(trade.signature, None)
+        if late is not None:
+            return late, True
+        unanswered = [
+            o
+            for o in self.pending.values()
+            if o.signature is None and o.mint == trade.mint and o.side == trade.txType
+        ]
+        if not unanswered:
+            return None, False
+        order = min(unanswered, key=lambda o: o.deadline)
+        del self.pending[order.order_id]
+        return order, False
+
+    def _moved(self, trade: TokenTrade) -> float:
+        """SOL the trade moved in the reserves: its ``solAmount``, or (older frames) the
+        change of the curve's virtual SOL since the token's last event."""
+        if trade.solAmount is not None:
+            return float(trade.solAmount)
+        market = self.markets.get(trade.mint)
+        if market is None or market.state is None:
+            # no state before it: the tokens at the price the trade left
+            return (
+                float(trade.tokenAmount)
+                * float(trade.vSolInBondingCurve)
+                / float(trade.vTokensInBondingCurve)
+            )
+        return abs(float(trade.vSolInBondingCurve) - market.state.v_sol)
+
+
+def _rejected(order: LiveOrder, reason: str) -> OrderRejected:
+    return OrderRejected(
+        order_id=order.order_id,
+        mint=order.mint,
+        reason=reason,
+        side=order.side,
+        position_id=order.position_id,
+    )

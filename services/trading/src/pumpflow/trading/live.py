@@ -1,0 +1,280 @@
+"""The live executor: orders go to PumpPortal's trade API, fills come from the stream.
+
+The service stores an order in the ledger (state ``sent``) before it hands it over
+here, so a crash during the call leaves an order that is reconciled, never sent
+again. :meth:`LiveExecutor.submit` starts the call and returns at once: the service
+keeps consuming while the API answers. What the answer says is the service's to
+store (:meth:`LiveExecutor.progress`): the signature, or ``unknown`` when no answer
+came. Whether the order filled is what the token's stream shows
+(:class:`~pumpflow.common.trading.LiveBook` has the rule), or, past the bounded
+wait, an ``unconfirmed`` rejection.
+
+The API key goes in the URL's ``api-key`` parameter, as PumpPortal asks; every text
+that could carry it (an error, a URL) passes :func:`~pumpflow.common.pumpportal.redact`
+before it is logged or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from pumpflow.common.clock import Clock
+from pumpflow.common.curve import CurveState
+from pumpflow.common.events import ExitOrder, OrderRejected, OrderRequested
+from pumpflow.common.pumpportal import API_KEY_PARAM, redact
+from pumpflow.common.trading import VENUE_CURVE, LiveBook, LiveExecution, LiveOrder
+from pumpflow.common.trading.paper import sell_order
+from pumpflow.trading.executor import Outcome
+from pumpflow.trading.ledger import OrderOutcome, OrderRecord
+
+log = logging.getLogger("pumpflow.trading.live")
+
+#: what PumpPortal's ``pool`` takes when the token's venue is not known
+POOL_AUTO = "auto"
+#: longest answer text kept in the ledger and the log
+_DETAIL_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiAnswer:
+    """What one call of the trade API came back with.
+
+    ``signature``: a transaction exists (pending, whatever the status said);
+    ``refused``: an answer without a signature, nothing was sent; ``unknown``: no
+    answer (a timeout, a connection lost after the request left, a server error).
+    """
+
+    kind: Literal["signature", "refused", "unknown"]
+    detail: str
+    signature: str | None = None
+
+
+class TradeApi:
+    """PumpPortal's ``api/trade``: it signs with the key's wallet and sends."""
+
+    def __init__(self, url: str, api_key: str, *, timeout_s: float):
+        self.url = url
+        self._key = api_key
+        self._timeout = timeout_s
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"TradeApi({redact(self.url, self._key)!r})"
+
+    async def trade(self, body: dict[str, Any]) -> ApiAnswer:
+        """Send one trade; never raises for what the network or the API does."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        try:
+            response = await self._client.post(
+                self.url, params={API_KEY_PARAM: self._key}, json=body
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # no connection, so no request: nothing was sent
+            return ApiAnswer(kind="refused", detail=self._clean(f"trade API unreachable: {exc}"))
+        except httpx.TimeoutException:
+            return ApiAnswer(
+                kind="unknown", detail=f"no answer from the trade API within {self._timeout:g} s"
+            )
+        except httpx.HTTPError as exc:
+            return ApiAnswer(kind="unknown", detail=self._clean(f"trade API call lost: {exc!r}"))
+        return self._read(response)
+
+    def _read(self, response: httpx.Response) -> ApiAnswer:
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        signature = answer.get("signature") if isinstance(answer, dict) else None
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        detail = f"HTTP {response.status_code}"
+        if errors:
+            detail += f": {errors}"
+        elif answer is None:
+            detail += f": {response.text}"
+        detail = self._clean(detail)
+        if isinstance(signature, str) and signature:
+            return ApiAnswer(kind="signature", detail=detail, signature=signature)
+        if response.status_code >= 500 or answer is None:
+            # a server error or a garbled answer may come after the transaction left
+            return ApiAnswer(kind="unknown", detail=detail)
+        return ApiAnswer(kind="refused", detail=detail)
+
+    def _clean(self, text: str) -> str:
+        return redact(text, self._key)[:_DETAIL_CHARS]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class LiveExecutor:
+    """Live execution through the trade API; outcomes from the token's stream."""
+
+    name = "live"
+
+    def __init__(
+        self,
+        execution: LiveExecution,
+        api: TradeApi,
+        *,
+        clock: Clock,
+        slippage_pct: float,
+    ):
+        self.execution = execution
+        self.api = api
+        self.clock = clock
+        self.slippage_pct = slippage_pct
+        self.book = LiveBook(execution)
+        #: calls in flight, by order id
+        self.calls: dict[str, asyncio.Task[None]] = {}
+        self._progress: list[OrderOutcome] = []
+        self._outcomes: list[Outcome] = []
+
+    def expected(self, mint: str) -> tuple[str, CurveState | None]:
+        market = self.book.market(mint)
+        if market is None:
+            return VENUE_CURVE, None
+        return market.venue, market.state
+
+    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
+        """Start the call (the ledger holds the order already); never sent twice from here."""
+        if isinstance(order, ExitOrder):
+            order = sell_order(order)
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
+        market = self.book.market(order.mint)
+        if amount is None or amount <= 0:
+            return _reject(order, f"no amount to {order.side}")
+        if order.side == "buy" and market is not None and market.venue != VENUE_CURVE:
+            return _reject(order, "the token has left its bonding curve")
+        if order.order_id in self.calls or order.order_id in self.book.pending:
+            return None
+        body = {
+            "action": order.side,
+            "mint": order.mint,
+            "amount": float(amount),
+            "denominatedInSol": "true" if order.side == "buy" else "false",
+            "slippage": order.slippage_pct,
+            "priorityFee": self.execution.priority_fee_sol,
+            "pool": market.venue if market is not None else POOL_AUTO,
+        }
+        self.book.add(
+            LiveOrder(
+                order_id=order.order_id,
+                mint=order.mint,
+                side=order.side,
+                deadline=time + self.execution.confirm_s,
+                position_id=order.position_id,
+            )
+        )
+        task = asyncio.get_running_loop().create_task(self._call(order.order_id, body))
+        self.calls[order.order_id] = task
+        task.add_done_callback(lambda _: self.calls.pop(order.order_id, None))
+        return None
+
+    async def _call(self, order_id: str, body: dict[str, Any]) -> None:
+        answer = await self.api.trade(body)
+        if answer.kind == "signature":
+            assert answer.signature is not None
+            if self.book.answered(order_id, answer.signature):
+                log.info(
+                    "trading: order %s sent, signature %s (%s)",
+                    order_id, answer.signature, answer.detail,
+                )  # fmt: skip
+                self._progress.append(
+                    OrderOutcome(
+                        order_id=order_id,
+                        state="sent",
+                        outcome=f"awaiting its trade ({answer.detail})",
+                        signature=answer.signature,
+                    )
+                )
+        elif answer.kind == "refused":
+            rejected = self.book.refused(order_id, f"trade API refused: {answer.detail}")
+            if rejected is not None:
+                self._outcomes.append(rejected)
+        else:
+            log.warning(
+                "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
+                "token settle it, it is never sent again", order_id, answer.detail,
+            )  # fmt: skip
+            if order_id in self.book.pending:
+                self._progress.append(
+                    OrderOutcome(order_id=order_id, state="unknown", outcome=answer.detail)
+                )
+
+    def progress(self) -> list[OrderOutcome]:
+        """What the API's answers said of orders still pending, to store (then forgotten)."""
+        found, self._progress = self._progress, []
+        return found
+
+    def observe(self, payload: object, *, time: float) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for confirmation in self.book.observe(payload):
+            if confirmation.late:
+                log.error(
+                    "trading: order %s given up as unconfirmed traded after all (signature "
+                    "%s): booked late", confirmation.fill.order_id, confirmation.fill.signature,
+                )  # fmt: skip
+            outcomes.append(confirmation.fill)
+        return outcomes
+
+    def due(self, now: float) -> list[Outcome]:
+        outcomes, self._outcomes = self._outcomes, []
+        for rejected in self.book.due(now):
+            log.warning("trading: order %s %s", rejected.order_id, rejected.reason)
+            outcomes.append(rejected)
+        return outcomes
+
+    def next_due(self) -> float | None:
+        return self.book.next_due()
+
+    def reconcile(self, order: OrderRecord) -> Outcome | None:
+        """Wait again for the order's trade, from now (what the stream showed while no
+        replica traded is not seen again); never send it again."""
+        if order.executor != self.name:
+            return OrderRejected(
+                order_id=order.order_id,
+                mint=order.mint,
+                reason=f"recorded by the {order.executor} executor; the live one never sends it",
+                side=order.side,
+                position_id=order.position_id,
+            )
+        self.book.add(
+            LiveOrder(
+                order_id=order.order_id,
+                mint=order.mint,
+                side=order.side,
+                deadline=self.clock.now() + self.execution.confirm_s,
+                position_id=order.position_id,
+                signature=order.signature,
+            )
+        )
+        return None
+
+    def forget(self, mint: str) -> None:
+        self.book.forget(mint)
+
+    async def close(self) -> None:
+        """Stop the calls in flight (their orders stay in the ledger to reconcile)."""
+        calls = list(self.calls.values())
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await self.api.close()
+
+
+def _reject(order: OrderRequested, reason: str) -> OrderRejected:
+    return OrderRejected(
+        order_id=order.order_id,
+        mint=order.mint,
+        reason=reason,
+        side=order.side,
+        position_id=order.position_id,
+    )
