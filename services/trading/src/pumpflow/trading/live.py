@@ -54,6 +54,23 @@ class ApiAnswer:
     signature: str | None = None
 
 
+class _MaskApiKey(logging.Filter):
+    """httpx logs every request's URL, and the URL carries the key: mask it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def _mask_keys_in_httpx_logs() -> None:
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, _MaskApiKey) for f in logger.filters):
+        logger.addFilter(_MaskApiKey())
+
+
 class TradeApi:
     """PumpPortal's ``api/trade``: it signs with the key's wallet and sends."""
 
@@ -62,6 +79,7 @@ class TradeApi:
         self._key = api_key
         self._timeout = timeout_s
         self._client: httpx.AsyncClient | None = None
+        _mask_keys_in_httpx_logs()
 
     def __repr__(self) -> str:
         return f"TradeApi({redact(self.url, self._key)!r})"

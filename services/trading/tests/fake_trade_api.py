@@ -1,0 +1,91 @@
+"""A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
+
+It answers as the reference says the real one does, in one of four behaviours chosen
+by :attr:`FakeTradeApi.behaviour`:
+
+- ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
+  wallet's trade with that signature, as the token's stream would show it;
+- ``error``: 400 ``{"errors": [...]}`` without a signature (the API refused);
+- ``timeout``: no answer at all until the fake stops;
+- ``silent``: 200 with a signature whose trade never shows (the transaction dropped).
+
+Every request is kept (its body and its key) so tests see what was sent, and how often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from pumpflow.common.testing import base58_key
+from pumpflow.common.testing.servers import free_port
+
+Behaviour = Literal["success", "error", "timeout", "silent"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Received:
+    body: dict[str, Any]
+    api_key: str | None
+    #: the signature answered, if any
+    signature: str | None
+
+
+@dataclass
+class FakeTradeApi:
+    behaviour: Behaviour = "success"
+    requests: list[Received] = field(default_factory=list)
+    url: str = ""
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    _numbers: itertools.count = field(default_factory=itertools.count)
+
+    async def trade(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        api_key = request.query_params.get("api-key")
+        behaviour = self.behaviour
+        signature = None
+        if behaviour in ("success", "silent"):
+            signature = base58_key(f"fake-signature-{next(self._numbers)}", 88)
+        self.requests.append(Received(body=body, api_key=api_key, signature=signature))
+        if behaviour == "timeout":
+            await self._release.wait()
+            return JSONResponse({"errors": ["released at shutdown"]}, status_code=503)
+        if behaviour == "error":
+            return JSONResponse(
+                {"errors": ["Simulation failed: insufficient funds for the trade"]},
+                status_code=400,
+            )
+        return JSONResponse({"signature": signature, "errors": []})
+
+
+@contextlib.asynccontextmanager
+async def fake_trade_api(behaviour: Behaviour = "success") -> AsyncIterator[FakeTradeApi]:
+    """The fake served on a free port of 127.0.0.1 for the block's duration."""
+    fake = FakeTradeApi(behaviour=behaviour)
+    app = Starlette(routes=[Route("/api/trade", fake.trade, methods=["POST"])])
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # the server failed to start: raise its error
+            await asyncio.sleep(0.01)
+        fake.url = f"http://127.0.0.1:{port}/api/trade"
+        yield fake
+    finally:
+        fake._release.set()
+        server.should_exit = True
+        await task

@@ -1,0 +1,247 @@
+"""The live executor inside the embedded trading service, against a local fake of
+PumpPortal's trade API (fake_trade_api.py, 127.0.0.1): success, an error answer, no
+answer, and a signature whose trade never shows. Every case sends the order once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.testing import base58_key, eventually
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .fake_trade_api import FakeTradeApi, fake_trade_api
+from .test_service import publish, ready, running
+
+KEY = "fake-api-key-never-logged"
+WALLET = base58_key("ourwallet")
+CONFIRM_S = 10.0
+
+
+def live(ledger: MemoryLedger, api: FakeTradeApi, **settings: object) -> TradingService:
+    values = {
+        "trading_executor": "live",
+        "trading_live_enabled": True,
+        "pumpportal_api_key": KEY,
+        "trading_live_wallet": WALLET,
+        "trading_live_url": api.url,
+        "trading_live_confirm_s": CONFIRM_S,
+        "trading_live_answer_timeout_s": 0.3,
+        **settings,
+    }
+    config = TradingSettings.load(service="trading", transport="memory", **values)
+    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+
+
+async def answered(service: TradingService, api: FakeTradeApi, requests: int = 1) -> None:
+    """Wait until the fake has had ``requests`` calls and each has come back."""
+    await eventually(
+        lambda: len(api.requests) >= requests and not service.executor.calls,
+        what="the trade API's answer",
+    )
+
+
+async def order_of(ledger: MemoryLedger) -> dict:
+    [order] = await ledger.orders(limit=10)
+    return order
+
+
+def fees_of(service: TradingService, moved: float) -> float:
+    """What a buy moving ``moved`` SOL into the curve costs in all (the paper rates)."""
+    fees = service.settings.execution()
+    gross = moved * (1 + fees.curve_fee_rate)
+    return gross * (1 + fees.api_fee_rate) + service.settings.trading_live_priority_fee_sol
+
+
+async def test_success_the_answer_is_not_a_fill_the_wallets_trade_is(clock, market, caplog):
+    caplog.set_level(logging.DEBUG)
+    ledger = MemoryLedger()
+    async with fake_trade_api("success") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(service, api)
+            [sent] = api.requests
+            assert sent.api_key == KEY
+            assert sent.body == {
+                "action": "buy",
+                "mint": mint,
+                "amount": request.sol_amount,
+                "denominatedInSol": "true",
+                "slippage": request.slippage_pct,
+                "priorityFee": service.settings.trading_live_priority_fee_sol,
+                "pool": "pump",
+            }
+            # the signature is stored; the order waits for its trade
+            await clock.advance(service.settings.trading_tick_s)
+            order = await order_of(ledger)
+            assert order["state"] == "sent" and order["signature"] == sent.signature
+            assert watch.count("order.filled") == 0 and not service.book.holds(mint)
+
+            # another wallet's trade, and ours with another signature: neither confirms
+            await publish(
+                bus,
+                market.tokens.buy(mint, "bob", sol=0.2, signature=sent.signature),
+                market.tokens.buy(mint, WALLET, sol=0.2),
+            )
+            assert watch.count("order.filled") == 0
+
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            [opened] = watch.payloads("position.opened")
+            assert fill.order_id == request.order_id and fill.signature == sent.signature
+            assert fill.token_amount == ours.data.tokenAmount
+            assert fill.sol_amount == pytest.approx(fees_of(service, ours.data.solAmount))
+            assert opened.token_amount == fill.token_amount
+            order = await order_of(ledger)
+            assert order["state"] == "filled"
+            assert len(api.requests) == 1
+    assert KEY not in caplog.text
+
+
+async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock, market, caplog):
+    caplog.set_level(logging.DEBUG)
+    ledger = MemoryLedger()
+    async with fake_trade_api("error") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            prediction = market.prediction(mint)
+            await publish(bus, prediction)
+            await answered(service, api)
+            await clock.advance(service.settings.trading_tick_s)
+            [rejected] = watch.payloads("order.rejected")
+            assert "Simulation failed" in rejected.reason
+            order = await order_of(ledger)
+            assert order["state"] == "rejected" and order["signature"] is None
+            assert service.risk.reservations == {}
+            # the prediction again (a redelivery) and time: still one call
+            await publish(bus, prediction)
+            await clock.advance(CONFIRM_S + 1)
+            assert len(api.requests) == 1 and watch.count("order.rejected") == 1
+    assert KEY not in caplog.text
+
+
+async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resent(clock, market):
+    ledger = MemoryLedger()
+    async with fake_trade_api("timeout") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            await answered(service, api)
+            await clock.advance(service.settings.trading_tick_s)
+            order = await order_of(ledger)
+            assert order["state"] == "unknown" and "no answer" in order["outcome"]
+            assert watch.count("order.rejected") == 0
+            assert service.risk.reservations.keys() == {order["order_id"]}
+
+            await clock.advance(CONFIRM_S)
+            [rejected] = watch.payloads("order.rejected")
+            assert rejected.reason.startswith("unconfirmed: no answer from the trade API")
+            assert (await order_of(ledger))["state"] == "rejected"
+            assert len(api.requests) == 1
+
+
+async def test_no_answer_then_the_wallets_trade_on_the_token_fills_the_order(clock, market):
+    ledger = MemoryLedger()
+    async with fake_trade_api("timeout") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(service, api)
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id
+            assert fill.signature == ours.data.signature
+            order = await order_of(ledger)
+            assert order["state"] == "filled" and order["signature"] == ours.data.signature
+            assert len(api.requests) == 1
+
+
+async def test_a_signature_whose_trade_never_shows_ends_unconfirmed(clock, market):
+    ledger = MemoryLedger()
+    async with fake_trade_api("silent") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(service, api)
+            [sent] = api.requests
+            await publish(bus, market.tokens.buy(mint, "bob", sol=1.0))
+            await clock.advance(CONFIRM_S - 1)
+            assert watch.count("order.rejected") == 0  # still within the wait
+            await clock.advance(1.0)
+            [rejected] = watch.payloads("order.rejected")
+            assert rejected.order_id == request.order_id
+            assert rejected.reason.startswith(f"unconfirmed: signature {sent.signature}")
+            order = await order_of(ledger)
+            assert order["state"] == "rejected" and order["signature"] == sent.signature
+            assert service.risk.reservations == {} and not service.book.holds(mint)
+            assert len(api.requests) == 1
+
+            # the stream shows it after all: the chain is the truth, booked late
+            await publish(
+                bus,
+                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature),
+            )
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id and service.book.holds(mint)
+            assert (await order_of(ledger))["state"] == "filled"
+            assert len(api.requests) == 1
+
+
+async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(clock, market):
+    ledger = MemoryLedger()
+    async with fake_trade_api("silent") as api:
+        first = live(ledger, api)
+        async with running(clock, first) as (bus, watch):
+            mint = await ready(bus, market)
+            prediction = market.prediction(mint)
+            await publish(bus, prediction)
+            [request] = watch.payloads("order.requested")
+            await answered(first, api)
+        [sent] = api.requests
+        order = await order_of(ledger)
+        assert order["state"] == "sent" and order["signature"] == sent.signature
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {request.order_id: "resubmitted"}
+            await publish(bus, prediction)  # a redelivery: never a second order
+            assert watch.count("order.requested") == 0
+            await publish(
+                bus,
+                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature),
+            )
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id
+        assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ({"trading_live_enabled": False}, "not enabled"),
+        ({"pumpportal_api_key": None}, "API key"),
+        ({"trading_live_wallet": None}, "TRADING_LIVE_WALLET"),
+    ],
+)
+def test_live_refuses_to_start_without_its_switch_key_and_wallet(missing, message, monkeypatch):
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    monkeypatch.delenv("PUMPPORTAL_API_KEY_FILE", raising=False)
+    api = FakeTradeApi(url="http://127.0.0.1:9/api/trade")
+    with pytest.raises(RuntimeError, match=message) as failure:
+        live(MemoryLedger(), api, **missing)
+    assert KEY not in str(failure.value)
