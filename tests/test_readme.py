@@ -52,6 +52,10 @@ def test_the_settings_table_gives_real_variables_and_their_defaults():
     table = settings_table()
     assert len(table) >= 15
     fields = {f"PUMPFLOW_{n.upper()}": field for n, field in CommonSettings.model_fields.items()}
+    # a service's own settings (trading's live ones), where the common ones do not say
+    for service in installed_services():
+        for name, field in load_service(service).settings_class.model_fields.items():
+            fields.setdefault(f"PUMPFLOW_{name.upper()}", field)
     for variable, default in table.items():
         assert variable in fields, f"README names {variable}, which no setting reads"
         field = fields[variable]
