@@ -8,16 +8,32 @@ envelope with per-mint seq, look-back, publish), with no Postgres recorder
 ``pumpflow run``: one process, ``run_embedded`` with the queued in-memory bus (16
 partitions) and the in-process store. The clock is a ReplayClock set to each frame's
 market time; every market second it fires the due timers (activity's quiet timers,
-the look-back's pruning) and yields to the bus workers.
+the look-back's pruning).
+
+Two shapes of input:
+
+- paced (default): the frames of one market second (about 27), then one yield to the
+  bus workers, and each due timer's effects awaited before the next frame, as a
+  ReplayClock does. Every lane has one or two events ready when it runs: the per-event
+  path, what a live socket at market rates gives.
+- backlog (``--chunk N --live-timers``): N frames between yields, as the socket reader
+  hands what is buffered when it is behind (websockets hands every buffered frame
+  without yielding; one 256 KiB read holds about 500 frames), and timers run as a
+  WallClock runs them: fired at their market time, their effects left to run beside
+  the next frames. Lanes then have batches ready: the system's throughput. Under a
+  backlog the services lag the clock, so activity's quiet timers see older state and
+  its lifecycle events differ from the paced run's.
 
 The feed holds a real connection, to a local socket that swallows its subscribe
 messages and sends nothing: the feed runs connected (sending subscriptions for new
 mints) while its frames come from here. The figure is frames/s from the first frame
 handed to the feed until the bus is drained (every features.updated and
-token.lifecycle handled). ``--profile FILE`` writes a pyinstrument text profile of one
-more run's timed part.
+token.lifecycle handled), and frames per CPU second of the process (other work on
+the machine disturbs it less). ``--profile FILE`` writes a pyinstrument text profile
+of one more run's timed part, ``--cprofile FILE`` cProfile stats.
 
 Run: .venv/bin/python benchmarks/pipeline.py [--minutes 20] [--seed 3] [--repeat 3]
+     [--chunk 512 --live-timers]
 """
 
 from __future__ import annotations
@@ -47,6 +63,10 @@ PARTITIONS = 16
 #: market seconds between timer firings and yields to the bus workers
 TICK_S = 1.0
 TARGET = 40_000
+CHUNK_HELP = (
+    "frames handed between yields to the bus workers (0: one market second's, as a "
+    "quiet live socket; N: as a reader of a backlog, or a replay, hands what is buffered)"
+)
 #: what the feed publishes
 TOKEN_EVENTS = ("token.created", "token.trade", "token.migrated")
 
@@ -75,6 +95,7 @@ def bus_counts() -> Counter[tuple[str, str, str]]:
 class Result:
     frames: int
     seconds: float
+    cpu_s: float
     handed_s: float
     timers: int
     counts: Counter = field(default_factory=Counter)
@@ -90,25 +111,32 @@ async def _swallow(ws) -> None:
         pass
 
 
-async def run_pipeline(frames: list[tuple[float, bytes]], profiler=None) -> Result:
+async def run_pipeline(
+    frames: list[tuple[float, bytes]],
+    profiler=None,
+    *,
+    chunk: int = 0,
+    partitions: int = PARTITIONS,
+    live_timers: bool = False,
+) -> Result:
     """One run: start the services, hand every frame to the feed, wait for the drain."""
     server = await serve(_swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    clock = ReplayClock(START)
+    clock = ReplayClock(START, await_timers=not live_timers)
     feed = FeedService(
         FeedService.settings_class.load(
-            service="feed", transport="memory", partitions=PARTITIONS, feed_record=False,
+            service="feed", transport="memory", partitions=partitions, feed_record=False,
             pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data",
         ),
         registry=CollectorRegistry(),
     )  # fmt: skip
     services = [feed] + [
-        cls(cls.settings_class.load(service=cls.name, transport="memory", partitions=PARTITIONS),
+        cls(cls.settings_class.load(service=cls.name, transport="memory", partitions=partitions),
             registry=CollectorRegistry())
         for cls in (FeaturesService, ActivityService)
     ]  # fmt: skip
     try:
-        async with run_embedded(services, clock=clock, partitions=PARTITIONS) as system:
+        async with run_embedded(services, clock=clock, partitions=partitions) as system:
             await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
             on_frame = feed.socket._on_frame  # what the socket reader calls per frame
             set_sync, advance_to = clock.set_sync, clock.advance_to
@@ -119,19 +147,28 @@ async def run_pipeline(frames: list[tuple[float, bytes]], profiler=None) -> Resu
             if profiler is not None:
                 profiler.start()
             started = time.perf_counter()
+            cpu_started = time.process_time()
+            unyielded = 0
             for t, frame in frames:
                 at = START + t
                 if at >= next_tick:
                     timers += await advance_to(at)
                     next_tick = at + TICK_S
-                    await asyncio.sleep(0)  # as a socket reader would, now and then
+                    if not chunk:
+                        await asyncio.sleep(0)  # as a socket reader would, now and then
                 else:
                     set_sync(at)
                 await on_frame(frame)
+                if chunk:
+                    unyielded += 1
+                    if unyielded >= chunk:
+                        unyielded = 0
+                        await asyncio.sleep(0)
             handed = time.perf_counter()
             if not await system.drain(600.0):
                 raise RuntimeError("the bus did not drain")
             finished = time.perf_counter()
+            cpu = time.process_time() - cpu_started
             if profiler is not None:
                 profiler.stop()
             counts = bus_counts() - before
@@ -149,6 +186,7 @@ async def run_pipeline(frames: list[tuple[float, bytes]], profiler=None) -> Resu
     return Result(
         frames=len(frames),
         seconds=finished - started,
+        cpu_s=cpu,
         handed_s=handed - started,
         timers=timers,
         counts=counts,
@@ -183,32 +221,51 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", metavar="FILE", help="pyinstrument text profile of one run")
+    parser.add_argument("--chunk", type=int, default=0, help=CHUNK_HELP)
+    parser.add_argument("--partitions", type=int, default=PARTITIONS)
+    parser.add_argument(
+        "--live-timers", action="store_true", help="timers run as a WallClock runs them"
+    )
+    parser.add_argument("--cprofile", metavar="FILE", help="cProfile stats of one run")
     args = parser.parse_args()
+    shape = {"chunk": args.chunk, "partitions": args.partitions, "live_timers": args.live_timers}
 
     frames = market_frames(args.seed, args.minutes)
     mb = sum(len(f) for _, f in frames) / 2**20
+    if args.cprofile:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.start, profile.stop = profile.enable, profile.disable
+        asyncio.run(run_pipeline(frames, profile, **shape))
+        profile.dump_stats(args.cprofile)
+        print(f"cProfile stats of one run (timed part) written to {args.cprofile}")
     print(f"== embedded pipeline: seed {args.seed}, {args.minutes:g} market minutes, "
           f"{len(frames):,} frames ({mb:.1f} MiB), {PARTITIONS} partitions")  # fmt: skip
     if args.profile:
         from pyinstrument import Profiler
 
         profiler = Profiler(async_mode="disabled")
-        asyncio.run(run_pipeline(frames, profiler))
+        asyncio.run(run_pipeline(frames, profiler, **shape))
         with open(args.profile, "w") as out:
             out.write(profiler.output_text(unicode=False, color=False, show_all=False))
         print(f"profile of one run (timed part) written to {args.profile}")
     results = []
     for n in range(args.repeat):
-        result = asyncio.run(run_pipeline(frames))
+        result = asyncio.run(run_pipeline(frames, **shape))
         results.append(result)
-        print(f"run {n + 1}: {result.rate:,.0f} frames/s ({result.seconds:.2f} s; frames "
+        print(f"run {n + 1}: {result.rate:,.0f} frames/s, {result.frames / result.cpu_s:,.0f} "
+              f"per CPU second ({result.seconds:.2f} s; frames "
               f"handed in {result.handed_s:.2f} s, then {result.seconds - result.handed_s:.2f} s "
               f"to drain)")  # fmt: skip
-    print(describe(results[-1]))
+    if results:
+        print(describe(results[-1]))
     rates = [r.rate for r in results]
+    cpu = [r.frames / r.cpu_s for r in results]
     print(f"pipeline end to end: {statistics.median(rates):,.0f} frames/s "
           f"(median of {args.repeat}; {min(rates):,.0f}-{max(rates):,.0f}; "
-          f"target >= {TARGET:,})")  # fmt: skip
+          f"target >= {TARGET:,}); per CPU second {statistics.median(cpu):,.0f} "
+          f"({min(cpu):,.0f}-{max(cpu):,.0f})")  # fmt: skip
 
 
 if __name__ == "__main__":

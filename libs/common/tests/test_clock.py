@@ -134,3 +134,22 @@ async def test_a_fast_wall_clock_runs_time_and_timers_at_its_speed():
     assert WallClock(speed=1.0).now() == pytest.approx(time.time(), abs=1.0)
     with pytest.raises(ValueError):
         WallClock(speed=0)
+
+
+async def test_unawaited_replay_timers_run_their_effects_beside_the_caller():
+    clock = ReplayClock(start=0.0, await_timers=False)
+    release = asyncio.Event()
+    done: list[float] = []
+
+    async def slow() -> None:
+        await release.wait()
+        done.append(clock.now())
+
+    clock.call_at(1.0, slow)
+    clock.call_at(2.0, lambda: done.append(-clock.now()))
+    assert await clock.advance_to(3.0) == 2
+    assert done == [-2.0]  # the second timer did not wait for the first one's effects
+    release.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert done == [-2.0, 3.0]

@@ -111,12 +111,18 @@ class ReplayClock(Clock):
 
     ``advance_to`` fires every due timer in time order (ties in scheduling order),
     setting ``now()`` to each timer's time while it runs. Time never goes backwards.
+    A timer's async effects are awaited before the next timer fires, unless
+    ``await_timers`` is False: then they run as a WallClock's do, beside whatever the
+    caller does next (a replay of a backlog, not waiting on each timer in turn).
     """
 
-    def __init__(self, start: float = 0.0):
+    def __init__(self, start: float = 0.0, *, await_timers: bool = True):
         self._now = float(start)
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._counter = itertools.count()
+        self.await_timers = await_timers
+        # the loop keeps only weak references to tasks: hold async callbacks until done
+        self._running: set[asyncio.Future] = set()
 
     def now(self) -> float:
         return self._now
@@ -145,7 +151,12 @@ class ReplayClock(Clock):
             self._now = max(self._now, due)
             pending = _run_callback(handle.callback)
             if pending is not None:
-                await pending
+                if self.await_timers:
+                    await pending
+                else:
+                    task = asyncio.ensure_future(pending)
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
             fired += 1
         self._now = max(self._now, float(when))
         return fired
