@@ -1,4 +1,5 @@
-"""``pumpflow run`` stops without an alarming log line, at any speed."""
+"""``pumpflow run`` stops without an alarming log line, at any speed, and leaves no
+position open."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ async def test_a_clean_fast_run_logs_no_warning_or_error_and_keeps_the_feed_leas
         duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out
     )
     assert status == 0
-    assert out.getvalue().splitlines()[-1].startswith("run over:"), out.getvalue()[-2000:]
-    alarming = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    printed = out.getvalue()
+    assert printed.splitlines()[-1].startswith("run over:"), printed[-2000:]
+    # the end: trading stops entering, the exit service sells everything and reports
+    assert "graceful exit (pumpflow run ended):" in printed, printed[-2000:]
+    assert "open positions after the graceful exit: 0" in printed, printed[-2000:]
+    alarming = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+        # the kill switch thrown by the shutdown is logged as it always is
+        and not ("state active -> halted: shutdown" in r.getMessage())
+    ]
     # e.g. "feed lease lost", or "connect ... failed" of a feed that outlived the simulator
     assert alarming == [], [f"{r.name}: {r.getMessage()}" for r in alarming]
     # the feed stopped before the simulator: it never saw its server go away

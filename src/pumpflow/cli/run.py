@@ -1,10 +1,13 @@
 """``pumpflow run``: the whole system in one process on a simulated market.
 
 The simulator serves PumpPortal's protocol on a local socket; the feed, features,
-activity, model and trading (paper) services run embedded over the in-memory bus and
-store, on a clock that runs ``--speed`` times faster than the wall so the simulator
+activity, model, trading (paper) and exit services run embedded over the in-memory bus
+and store, on a clock that runs ``--speed`` times faster than the wall so the simulator
 and the services agree on event time. A console subscriber prints what flows,
-trading's positions and PnL after every fee. No servers are needed.
+trading's positions and PnL after every fee. No servers are needed. At the end
+(``--duration``, Ctrl-C or SIGTERM) trading's kill switch stops entries, a
+``system.shutdown`` has the exit service sell every open position, and its report is
+printed.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ async def run_embedded_market(
     from pumpflow.cli.console import Console
     from pumpflow.common.clock import WallClock
     from pumpflow.common.runtime.embedded import run_embedded
+    from pumpflow.exit.service import ExitService
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
@@ -133,7 +137,8 @@ async def run_embedded_market(
             )
         )
         async with run_embedded(
-            [feed, FeaturesService, ActivityService, ModelService, trading], clock=clock
+            [feed, FeaturesService, ActivityService, ModelService, trading, ExitService],
+            clock=clock,
         ) as system:
             console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
             await console.attach()
@@ -147,6 +152,7 @@ async def run_embedded_market(
             status = asyncio.create_task(console.status_loop(every))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=duration or None)
+            await graceful_exit(system, clock=clock, speed=speed, out=out)
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
@@ -159,3 +165,30 @@ async def run_embedded_market(
             loop.remove_signal_handler(sig)
         await server.stop()
     return 0
+
+
+async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
+    """Stop entries, publish ``system.shutdown`` and print the exit service's report."""
+    from pumpflow.common.events import SystemShutdown, make_event
+
+    exits = system["exit"]
+    # trading does not consume system.shutdown: its kill switch stops entries (exits go on)
+    await system["trading"].halt("shutdown")
+    shutdown = SystemShutdown(reason="pumpflow run ended")
+    await system.bus.publish(make_event(shutdown, source="run", time=clock.now()))
+    wall_s = exits.settings.exit_deadline_s / speed + 10.0
+    try:
+        await asyncio.wait_for(_finished(exits), timeout=wall_s)
+    except TimeoutError:
+        print(f"pumpflow: the graceful exit did not end within {wall_s:.0f}s", file=out)
+        return
+    if exits.summary is not None:
+        print(exits.summary.text(), file=out, flush=True)
+    left = system["trading"].book.open_count
+    print(f"open positions after the graceful exit: {left}", file=out, flush=True)
+
+
+async def _finished(exits) -> None:
+    while exits.run is None:
+        await asyncio.sleep(0.05)
+    await exits.finished.wait()

@@ -195,7 +195,7 @@ class ExitService(Service):
     async def _on_control(self, event: Event) -> None:
         data = event.data
         if isinstance(data, SystemShutdown):
-            log.warning("exit: system.shutdown (%s): graceful exit", data.reason)
+            log.info("exit: system.shutdown (%s): graceful exit", data.reason)
             await self.shutdown(data.reason, data.deadline)
 
     def _begin(self, run: RunRecord) -> None:
@@ -254,7 +254,7 @@ class ExitService(Service):
             await self.records.finish_run(
                 run.run_id, summary.finished_at, msgspec.to_builtins(summary.report())
             )
-            log.warning("exit: %s", summary.text())
+            log.info("exit: %s", summary.text())
         finally:
             self.finished.set()
 
