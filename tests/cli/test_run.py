@@ -26,7 +26,7 @@ async def test_a_clean_fast_run_logs_no_warning_or_error_and_keeps_the_feed_leas
         for r in caplog.records
         if r.levelno >= logging.WARNING
         # the kill switch thrown by the shutdown is logged as it always is
-        and not ("state active -> halted: shutdown" in r.getMessage())
+        and "state active -> halted: shutdown" not in r.getMessage()
     ]
     # e.g. "feed lease lost", or "connect ... failed" of a feed that outlived the simulator
     assert alarming == [], [f"{r.name}: {r.getMessage()}" for r in alarming]

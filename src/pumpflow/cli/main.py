@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.dead_letters",
     "pumpflow.cli.train",
     "pumpflow.cli.trading",
+    "pumpflow.cli.stop",
 )
 
 

@@ -189,6 +189,5 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
 
 
 async def _finished(exits) -> None:
-    while exits.run is None:
-        await asyncio.sleep(0.05)
+    await exits.began.wait()
     await exits.finished.wait()

@@ -124,7 +124,8 @@ class ExitService(Service):
         self.manager: GracefulExitManager | None = None
         self.run: RunRecord | None = None
         self.summary: GracefulExitSummary | None = None
-        #: set when this replica's graceful exit has ended
+        #: set when this replica's graceful exit has begun, and when it has ended
+        self.began = asyncio.Event()
         self.finished = asyncio.Event()
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
@@ -204,6 +205,7 @@ class ExitService(Service):
         self.run = run
         self.processor.halted = True
         self.finished.clear()
+        self.began.set()
         self._graceful = asyncio.create_task(self._run_graceful(run), name="exit-graceful")
 
     async def _poll_runs(self) -> None:
