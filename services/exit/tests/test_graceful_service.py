@@ -146,3 +146,33 @@ async def test_a_restart_in_the_middle_resumes_and_sells_no_tranche_twice():
         sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
         await second.stop()
+
+
+async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    trader, exits = trading(MemoryLedger()), exit_service(api_token="secret")
+    async with embedded(clock, trader, exits) as (system, _):
+        await open_positions(system.bus, clock, tokens, 2)
+        app = create_app(exits, system.contexts["exit"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/positions")).json()["count"] == 2
+            assert (await client.post("/shutdown")).status_code == 401
+            assert exits.run is None
+            asked = await client.post(
+                "/shutdown", json={"reason": "http"}, headers={"Authorization": "Bearer secret"}
+            )
+            assert asked.status_code == 200
+            await until_finished(exits, clock)
+            progress = (await client.get("/progress")).json()
+            assert progress["progress"]["sold_out"] == 2 and not progress["accepting_entries"]
+            assert "graceful exit (http): 2 positions, 2 sold out" in progress["text"]
+            summary = (await client.get("/summary")).json()
+            assert summary["run"]["summary"]["positions_left"] == 0
+            assert (await client.get("/orders")).json()["count"] >= 2
+        assert trader.book.open_count == 0
