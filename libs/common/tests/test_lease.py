@@ -349,8 +349,18 @@ async def test_no_two_holders_are_connected_when_redis_loses_the_lease(own_redis
 
 # ---------------------------------------------------------------- a lease in two stores
 
-#: the lease in Redis and in Postgres: a TTL a Redis outage outlasts
-DUAL_TTL = 1.5
+#: the lease in Redis and in Postgres: a TTL a Redis outage outlasts (and a loaded
+#: machine's event-loop stalls do not)
+DUAL_TTL = 2.5
+
+
+async def held_in_redis_by(lease: LeaderLease, holder: str) -> bool:
+    """Whether ``holder`` holds the lease in the first store (Redis) now; False if it
+    cannot be read (a standby may take the key there for a moment, and give it back)."""
+    try:
+        return await lease.lease.current_holder() == holder
+    except ConnectionError:
+        return False
 
 
 def dual_lease(stores, connection: Connection) -> LeaderLease:
@@ -383,13 +393,12 @@ async def test_a_holder_keeps_its_connection_through_a_redis_outage_longer_than_
         # three TTLs without Redis: renewed in Postgres all along
         renewals = first.renewals
         await eventually(lambda: time.monotonic() - stopped > 3 * DUAL_TTL, within=30)
-        assert first.renewals >= renewals + 6
+        assert first.renewals >= renewals + 5
         await asyncio.to_thread(own_redis.start)
         # back in Redis too (it came back empty)
         await eventually(
-            lambda: first.lease.current_holder(), within=10, what="held in Redis again"
+            lambda: held_in_redis_by(first, "one"), within=10, what="held in Redis again"
         )
-        assert await first.lease.current_holder() == "one"
         assert first.losses == 0 and first.is_leader and one.open
         assert not two.open and second.elections == 0
         assert timeline == [timeline[0]]  # connected once, never dropped
@@ -419,14 +428,14 @@ async def test_a_holder_cut_off_from_redis_leads_on_and_no_second_one_connects(
         await second.start()
         way.cut = True
         cut = time.monotonic()
-        await eventually(lambda: time.monotonic() - cut > 4 * DUAL_TTL, within=30)
+        await eventually(lambda: time.monotonic() - cut > 3 * DUAL_TTL, within=30)
         assert first.is_leader and one.open and first.losses == 0
         assert not two.open and second.elections == 0
         way.cut = False
         await eventually(
-            lambda: first.lease.current_holder(), within=10, what="held in Redis again"
+            lambda: held_in_redis_by(first, "one"), within=10, what="held in Redis again"
         )
-        assert await first.lease.current_holder() == "one"
+        assert first.losses == 0 and first.is_leader and one.open
         assert most_open_at_once(timeline) == 1 and timeline == [timeline[0]]
     finally:
         await first.stop()

@@ -116,3 +116,32 @@ async def test_each_key_keeps_its_order_across_lost_connections(namespace, amqp_
         await publisher.close()
         await consumer.delete_topology()
         await consumer.close()
+
+
+async def test_a_publication_the_broker_nacks_is_written_again(namespace, amqp_url):
+    """A queue that refuses a message (here: full, with reject-publish; in the wild: its
+    process crashed and restarted) nacks it; the publication is written again."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.bus.routing import routing_key_for
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="feed/r1")
+    await bus.start()
+    try:
+        channel = bus._channel
+        queue = await channel.declare_queue(
+            f"{namespace}.full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        first, second = trade_event("mintA", 1), trade_event("mintA", 2)
+        await queue.bind(bus.exchange_name, routing_key=routing_key_for(first, 1))
+        await bus.publish(first)
+        publishing = asyncio.ensure_future(bus.publish(second))
+        # the queue is full: the second is nacked, and held to be written again
+        await eventually(lambda: bus._held, within=5, what="the nacked write held")
+        assert not publishing.done()
+        taken = await queue.get(timeout=5)
+        await taken.ack()
+        await asyncio.wait_for(publishing, 10)
+        again = await queue.get(timeout=5)
+        assert again.message_id == second.id
+    finally:
+        await bus.close()

@@ -509,9 +509,14 @@ class RabbitMQBus(EventBus):
                     return
                 except Exception as exc:
                     # a closed channel rejects its confirms with whatever closed it (a
-                    # bare Exception, even); a nack or a refusal on an open one is final
+                    # bare Exception, even); a nack means the queue's process failed to
+                    # take it (a crashed queue restarts: seen with RabbitMQ 3.10), so it
+                    # is written again; any other refusal on an open channel is final
                     if not channel.is_closed and not isinstance(
-                        exc, aiormq.exceptions.ChannelInvalidStateError | ConnectionError
+                        exc,
+                        aiormq.exceptions.ChannelInvalidStateError
+                        | aiormq.exceptions.DeliveryError
+                        | ConnectionError,
                     ):
                         raise
                     failures += 1
