@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
-from pumpflow.common.events import Event
+from pumpflow.common.events import Event, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector
 from pumpflow.trading.ledger import MemoryLedger
@@ -104,6 +104,21 @@ async def test_the_kill_switch_stops_entries_from_the_next_event(clock, market):
         await service.resume("test resume")
         await publish(bus, market.prediction(mint))
         assert watch.count("order.requested") == 1
+
+
+async def test_a_shutdown_stops_entries_from_the_next_event(clock, market):
+    ledger = MemoryLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(
+            bus, make_event(SystemShutdown(reason="operator"), source="cli/t", time=clock.now())
+        )
+        [halted] = watch.payloads("trading.state")
+        assert halted.state == "halted" and halted.reason == "shutdown: operator"
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0
+        assert await ledger.control() == ("halted", "shutdown: operator")
 
 
 async def test_a_halt_stored_by_another_replica_reaches_the_trader_on_its_tick(clock, market):

@@ -168,12 +168,11 @@ async def run_embedded_market(
 
 
 async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
-    """Stop entries, publish ``system.shutdown`` and print the exit service's report."""
+    """Publish ``system.shutdown`` (trading stops entering, exit sells what is held) and
+    print the exit service's report."""
     from pumpflow.common.events import SystemShutdown, make_event
 
     exits = system["exit"]
-    # trading does not consume system.shutdown: its kill switch stops entries (exits go on)
-    await system["trading"].halt("shutdown")
     shutdown = SystemShutdown(reason="pumpflow run ended")
     await system.bus.publish(make_event(shutdown, source="run", time=clock.now()))
     wall_s = exits.settings.exit_deadline_s / speed + 10.0

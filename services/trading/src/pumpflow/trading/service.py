@@ -53,6 +53,7 @@ from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     OrderRequested,
+    SystemShutdown,
     TokenCreated,
     TokenLifecycle,
     TokenMigrated,
@@ -340,6 +341,10 @@ class TradingService(Service):
 
     async def on_event(self, event: Event) -> None:
         """Apply one consumed event; acknowledged once its changes are stored and published."""
+        if isinstance(event.data, SystemShutdown):
+            # the exit service sells what is held; nothing new may be bought meanwhile
+            await self.halt(f"shutdown: {event.data.reason}")
+            return
         async with self._lock:
             # what an earlier attempt could not store goes first, in its order
             await self._flush()

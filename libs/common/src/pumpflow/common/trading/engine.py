@@ -69,6 +69,8 @@ CONSUMES = (
 SERVICE_CONSUMES = (
     *(t for t in CONSUMES if not t.startswith("order.")),
     "exit.order",
+    # a graceful exit begins: no new entries from then on (exits go on)
+    "system.shutdown",
 )
 
 #: lifecycle states after which a token not held is forgotten
