@@ -58,29 +58,16 @@ from typing import Protocol
 
 from pumpflow.common.curve import CurveState, quote_sell, sell_for_impact
 from pumpflow.common.events import ExitOrder, LifecycleState
+from pumpflow.common.exit.rules import ExitPosition
 from pumpflow.common.priority import Priority
 
 GRACEFUL = "graceful"
 DEADLINE = "deadline"
 
 
-class HeldPosition(Protocol):
-    """What the plan reads of a position (trading's ``Position`` has these)."""
-
-    @property
-    def mint(self) -> str: ...
-
-    @property
-    def position_id(self) -> str: ...
-
-    @property
-    def opened_at(self) -> float: ...
-
-    @property
-    def tokens(self) -> float: ...
-
-    @property
-    def entry_price(self) -> float: ...
+class HeldPosition(ExitPosition, Protocol):
+    """What the plan reads of a position (trading's ``Position`` has these): what the
+    rules read, and its mark."""
 
     @property
     def mark_price(self) -> float | None: ...
