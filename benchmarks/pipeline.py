@@ -63,6 +63,8 @@ PARTITIONS = 16
 #: market seconds between timer firings and yields to the bus workers
 TICK_S = 1.0
 TARGET = 40_000
+#: the services behind the feed
+CONSUMERS = (FeaturesService, ActivityService)
 CHUNK_HELP = (
     "frames handed between yields to the bus workers (0: one market second's, as a "
     "quiet live socket; N: as a reader of a backlog, or a replay, hands what is buffered)"
@@ -133,7 +135,7 @@ async def run_pipeline(
     services = [feed] + [
         cls(cls.settings_class.load(service=cls.name, transport="memory", partitions=partitions),
             registry=CollectorRegistry())
-        for cls in (FeaturesService, ActivityService)
+        for cls in CONSUMERS
     ]  # fmt: skip
     try:
         async with run_embedded(services, clock=clock, partitions=partitions) as system:

@@ -247,8 +247,15 @@ class Dispatcher:
         assert handler is not None
         now = time.time()
         found = self._series
+        # per type: its series and how many of its events the batch holds
+        counted: dict[str, list] = {}
         for event in events:
-            (found.get(event.type) or self.series(event.type)).age.observe(now - event.time)
+            counts = counted.get(event.type)
+            if counts is None:
+                kind = event.type
+                counts = counted[kind] = [found.get(kind) or self.series(kind), 0]
+            counts[0].age.observe(now - event.time)
+            counts[1] += 1
         started = perf_counter()
         try:
             await handler(events)
@@ -267,12 +274,12 @@ class Dispatcher:
             return dead
         # each event's share of the call, so the histogram stays per event
         share = (perf_counter() - started) / len(events)
+        for stats, count in counted.values():
+            stats.handler.observe(share, count)
+            stats.consumed += count
         event_log = self._event_log
-        for event in events:
-            stats = found[event.type]
-            stats.handler.observe(share)
-            stats.consumed += 1
-            if event_log.enabled:
+        if event_log.enabled:
+            for event in events:
                 event_log.consumed(event, service=self.service, lane=self.lane, outcome="handled")
         return []
 

@@ -575,9 +575,9 @@ class InMemoryBus(EventBus):
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on a batch", lane.group.service)
         finally:
-            for delivery in batch:
-                if not delivery.abandoned:
-                    self._finish(lane, delivery)
+            returned = [d for d in batch if not d.abandoned]
+            if returned:
+                self._finish(lane, *returned)
 
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
         event = delivery.event
@@ -629,10 +629,11 @@ class InMemoryBus(EventBus):
         self._finish(lane, delivery)
         delivery.abandoned = True
 
-    def _finish(self, lane: _Lane, delivery: _Delivery) -> None:
-        """Record a returned handler; ack every returned delivery not behind a running one."""
-        delivery.done = True
-        lane.running -= 1
+    def _finish(self, lane: _Lane, *deliveries: _Delivery) -> None:
+        """Record returned handlers; ack every returned delivery not behind a running one."""
+        for delivery in deliveries:
+            delivery.done = True
+        lane.running -= len(deliveries)
         unacked = lane.unacked
         acked = 0
         while unacked and unacked[0].done:
@@ -645,7 +646,9 @@ class InMemoryBus(EventBus):
                 lane.serving.busy.discard(lane)
             lane.serving = None
             lane.idle.set()
-        lane.wakeup.set()
+        if lane.items:
+            # room for what waits; an empty lane's worker is woken by the next event
+            lane.wakeup.set()
 
     async def _work(self, lane: _Lane) -> None:
         while True:
