@@ -149,3 +149,30 @@ def test_reconfiguring_replaces_the_handler(settings):
 def test_bad_level_names_the_variable(settings):
     with pytest.raises(ValueError, match="PUMPFLOW_LOG_LEVEL"):
         configure_logging(settings.model_copy(update={"log_level": "LOUD"}))
+
+
+def test_a_secret_that_is_a_public_word_is_masked_in_urls_only():
+    # compose's default: the database password is the namespace and the database name
+    dsn = "postgresql://postgres:pumpflow@postgres:5432/pumpflow"
+    settings = CommonSettings(service="feed", replica="r1", postgres_dsn=dsn)
+    assert "pumpflow" not in secret_values(settings)
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("pumpflow.feed.service").info(
+        "connecting to %s", dsn, extra={"namespace": settings.namespace}
+    )
+    warning, line = (json.loads(text) for text in stream.getvalue().splitlines()[-2:])
+    assert warning["level"] == "WARNING"
+    assert "postgres_dsn" in warning["message"]
+    assert line["logger"] == "pumpflow.feed.service"
+    assert line["namespace"] == "pumpflow"
+    assert line["message"] == f"connecting to postgresql://postgres:{MASK}@postgres:5432/pumpflow"
+
+
+def test_a_strong_secret_is_masked_everywhere_without_a_warning(settings):
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("pumpflow.test").info("password DSN-SECRET-5 and key URL-SECRET-7")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["message"] == f"password {MASK} and key {MASK}"

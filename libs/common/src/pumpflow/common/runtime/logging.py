@@ -109,21 +109,63 @@ def _secret_strings(name: str, value: Any) -> Iterable[str]:
         return
 
 
-def secret_values(settings: BaseModel | Mapping[str, Any]) -> set[str]:
-    """Every secret string in the settings: secret fields, URL passwords, URL keys."""
+def _all_secrets(values: Mapping[str, Any]) -> dict[str, set[str]]:
+    return {name: set(filter(None, _secret_strings(name, value))) for name, value in values.items()}
+
+
+#: a public word: what the logs print between dots, slashes, colons, quotes and spaces
+_WORD = re.compile(r"[\w-]+")
+
+
+def public_words(settings: BaseModel | Mapping[str, Any]) -> frozenset[str]:
+    """Words every log line may carry: the package's and loggers' names, and the words of
+    the settings as they are shown (namespace, service, host names, database name)."""
+    words = {__name__.partition(".")[0]}
+    shown = json.dumps(redacted_settings(settings), default=str)
+    for text in [*logging.root.manager.loggerDict, shown]:
+        words.update(_WORD.findall(text))
+    return frozenset(words)
+
+
+def _split_secrets(settings: BaseModel | Mapping[str, Any]) -> tuple[set[str], set[str], list[str]]:
+    """(secrets to scrub from any text, every secret, names of settings whose secret is a
+    public word): scrubbing a public word would mask names on every line and protect
+    nothing, since the word is printed anyway."""
     values = settings.model_dump() if isinstance(settings, BaseModel) else dict(settings)
-    found: set[str] = set()
-    for name, value in values.items():
-        found.update(s for s in _secret_strings(name, value) if len(s) >= _MIN_SCRUB_LENGTH)
-    return found
+    public = public_words(values)
+    anywhere: set[str] = set()
+    every: set[str] = set()
+    weak: list[str] = []
+    for name, found in _all_secrets(values).items():
+        every |= found
+        anywhere.update(s for s in found if len(s) >= _MIN_SCRUB_LENGTH and s not in public)
+        if any(len(s) >= _MIN_SCRUB_LENGTH and s in public for s in found):
+            weak.append(name)
+    return anywhere, every, weak
+
+
+def secret_values(settings: BaseModel | Mapping[str, Any]) -> set[str]:
+    """The secret strings scrubbed from any text: secret fields, URL passwords and URL
+    keys, except short ones and public words (those are scrubbed from URLs only)."""
+    return _split_secrets(settings)[0]
 
 
 class _Scrubber:
+    """Masks ``secrets`` wherever they appear, and ``credentials`` where a URL carries
+    them as its password (``user:***@host``)."""
+
     __slots__ = ("_pattern",)
 
-    def __init__(self, secrets: Iterable[str]):
-        ordered = sorted(set(secrets), key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+    def __init__(self, secrets: Iterable[str], credentials: Iterable[str] = ()):
+        def alternatives(values: Iterable[str]) -> str:
+            return "|".join(re.escape(s) for s in sorted(set(values), key=len, reverse=True))
+
+        parts = []
+        if secrets := alternatives(secrets):
+            parts.append(secrets)
+        if credentials := alternatives(credentials):
+            parts.append(rf"(?<=:)(?:{credentials})(?=@)")
+        self._pattern = re.compile("|".join(parts)) if parts else None
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub(MASK, text) if self._pattern is not None else text
@@ -132,11 +174,18 @@ class _Scrubber:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, service, replica, extras."""
 
-    def __init__(self, *, service: str, replica: str, secrets: Iterable[str] = ()):
+    def __init__(
+        self,
+        *,
+        service: str,
+        replica: str,
+        secrets: Iterable[str] = (),
+        credentials: Iterable[str] = (),
+    ):
         super().__init__()
         self.service = service
         self.replica = replica
-        self._scrub = _Scrubber(secrets)
+        self._scrub = _Scrubber(secrets, credentials)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -162,10 +211,17 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``time LEVEL service/replica logger: message key=value ...`` for humans."""
 
-    def __init__(self, *, service: str, replica: str, secrets: Iterable[str] = ()):
+    def __init__(
+        self,
+        *,
+        service: str,
+        replica: str,
+        secrets: Iterable[str] = (),
+        credentials: Iterable[str] = (),
+    ):
         super().__init__("%(asctime)s %(levelname)s %(origin)s %(name)s: %(message)s")
         self.origin = f"{service}/{replica}"
-        self._scrub = _Scrubber(secrets)
+        self._scrub = _Scrubber(secrets, credentials)
 
     def format(self, record: logging.LogRecord) -> str:
         record.origin = self.origin
@@ -189,11 +245,16 @@ def configure_logging(settings: Any, *, stream: IO[str] | None = None) -> loggin
     level = logging.getLevelName(str(settings.log_level).upper())
     if not isinstance(level, int):
         raise ValueError(f"PUMPFLOW_LOG_LEVEL: unknown logging level {settings.log_level!r}")
-    secrets = secret_values(settings)
+    secrets, credentials, weak = _split_secrets(settings)
     formatter_cls = JsonFormatter if settings.log_format == "json" else TextFormatter
     handler = _PumpflowHandler(stream or sys.stderr)
     handler.setFormatter(
-        formatter_cls(service=settings.service, replica=settings.replica, secrets=secrets)
+        formatter_cls(
+            service=settings.service,
+            replica=settings.replica,
+            secrets=secrets,
+            credentials=credentials,
+        )
     )
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _PumpflowHandler)]:
@@ -206,4 +267,10 @@ def configure_logging(settings: Any, *, stream: IO[str] | None = None) -> loggin
         logger.handlers.clear()
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel(max(level, logging.WARNING))
+    if weak:
+        logging.getLogger(__name__).warning(
+            "%s: the secret is a word the logs carry anyway (a name or a setting's value), "
+            "so it is masked in URLs only; choose one that is not",
+            ", ".join(weak),
+        )
     return handler
