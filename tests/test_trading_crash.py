@@ -11,20 +11,13 @@ due: the paper latency is long, and a trade stamped past it fills the order.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import time
-import urllib.request
 
 import pytest
 
-from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event
-from pumpflow.common.priority import Priority
 from pumpflow.common.testing import (
     EventCollector,
     ProcessStack,
-    TokenEvents,
     eventually,
     free_port,
     http_json,
@@ -32,76 +25,12 @@ from pumpflow.common.testing import (
 from pumpflow.common.testing.faults import metric, scrape
 from pumpflow.trading.ledger import PostgresLedger
 
+from .upstream import Upstream, post
+
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 LATENCY_S = 600.0
 TOKEN = "test-token"
-
-
-class Upstream:
-    """What the feed, features, activity and model services would publish."""
-
-    def __init__(self, bus):
-        self.bus = bus
-        self.clock = ReplayClock(time.time())
-        self.tokens = TokenEvents(clock=self.clock)
-
-    def _now(self) -> None:
-        self.clock.set_sync(max(self.clock.now(), time.time()))
-
-    async def publish(self, *events: Event) -> None:
-        for event in events:
-            await self.bus.publish(event)
-
-    async def ready(self, mint: str | None = None) -> str:
-        from pumpflow.common.events import FeaturesUpdated, TokenLifecycle, make_event
-
-        self._now()
-        mint = mint or self.tokens.mint()
-        values = {
-            "time_since_launch": 60.0, "curve_progress": 0.2, "creator_holding_share": 0.02,
-            "creator_sold": 0.0, "buy_volume_sol_60s": 5.0, "unique_traders": 25.0,
-            "top_buyer_share": 0.2,
-        }  # fmt: skip
-        features = FeaturesUpdated(
-            mint=mint, feature_set_version="test", source_seq=1,
-            names=tuple(values), values=tuple(values.values()),
-        )  # fmt: skip
-        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
-        now = self.clock.now()
-        await self.publish(
-            self.tokens.created(mint, sol=0.5, name="Good Coin", symbol="GOOD", trader="dev"),
-            self.tokens.buy(mint, "alice", sol=3.0),
-            make_event(features, source="features/test", time=now),
-            make_event(lifecycle, source="activity/test", time=now),
-        )
-        return mint
-
-    def prediction(self, mint: str) -> Event:
-        from pumpflow.common.events import ModelPrediction, make_event
-
-        self._now()
-        payload = ModelPrediction(
-            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
-        )
-        return make_event(payload, source="model/test", time=self.clock.now())
-
-    async def trade_after_latency(self, mint: str) -> None:
-        """A trade stamped past the paper latency: what fills an order in flight."""
-        later = time.time() + LATENCY_S + 60.0
-        await self.publish(self.tokens.buy(mint, "bob", sol=0.5, time=later))
-
-
-def post(url: str, token: str | None, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
 
 
 @pytest.fixture
@@ -143,7 +72,7 @@ async def test_kill_9_with_a_position_and_an_order_in_flight_then_restart(tradin
     held = await upstream.ready()
     await upstream.publish(upstream.prediction(held))
     await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == held)
-    await upstream.trade_after_latency(held)
+    await upstream.trade_after(held, LATENCY_S + 60.0)
     await watch.wait_for(1, "position.opened", where=lambda e: e.data.mint == held)
 
     flying = await upstream.ready()
@@ -168,7 +97,7 @@ async def test_kill_9_with_a_position_and_an_order_in_flight_then_restart(tradin
     limits = http_json(f"http://127.0.0.1:{port}/limits")
     assert limits["orders_in_flight"] == 1  # reconciled: back in the paper executor's hands
 
-    await upstream.trade_after_latency(flying)
+    await upstream.trade_after(flying, LATENCY_S + 60.0)
     [filled] = [
         e.data
         for e in await watch.wait_for(1, "order.filled", where=lambda e: e.data.mint == flying)

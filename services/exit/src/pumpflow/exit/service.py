@@ -261,16 +261,22 @@ class ExitService(Service):
             self.finished.set()
 
     async def _settled_before(self, run: RunRecord) -> None:
-        """Wait (a while) for the outcomes of tranches sent before a restart: what is
-        held is what is left after them."""
+        """Wait (a while) for this replica's partitions and for the outcomes of tranches
+        sent before a restart: what is held is what those partitions hold after them.
+
+        A replica that resumes before the bus assigns it partitions holds no position,
+        and a graceful exit of none is over at once, stranding what the partitions hold.
+        """
         loop = asyncio.get_running_loop()
         until = loop.time() + self.settings.exit_resume_wait_s
         while loop.time() < until:
-            orders = await self.records.run_orders(run.run_id)
-            if all(o.state != "sent" for o in orders):
-                return
+            if self.consumer.owned:
+                orders = await self.records.run_orders(run.run_id)
+                if all(o.state != "sent" for o in orders):
+                    return
             await asyncio.sleep(0.05)
-        log.warning("exit: tranches of %s still without an outcome; resuming", run.run_id)
+        log.warning("exit: %s resumes with partitions %s, tranches still without an outcome",
+                    run.run_id, sorted(self.consumer.owned))  # fmt: skip
 
     async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
         """Send one tranche of the graceful exit: stored, published, its outcome awaited."""
