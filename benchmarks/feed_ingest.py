@@ -93,7 +93,7 @@ async def bench_ingest(frames: list[bytes]) -> None:
     for frame in frames:
         await on_frame(frame)
     took = time.perf_counter() - began
-    kinds = {k.value: int(c._value.get()) for k, c in metrics.frames_by_kind.items()}
+    kinds = {k.value: c.value for k, c in metrics.frames_by_kind.items()}
     print(f"feed ingest: {len(frames) / took:,.0f} frames/s "
           f"({len(frames):,} frames in {took:.2f} s; {consumed:,} events consumed; "
           f"mix {kinds}; {len(feed.active_mints):,} mints subscribed)")  # fmt: skip
