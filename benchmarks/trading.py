@@ -161,8 +161,7 @@ async def run_strategy(seed: int, minutes: float, trading_settings: dict) -> Run
                 cpu_s=cpu,
                 predictions=counts[("consumed", "trading", "model.prediction")],
                 orders=Counter(
-                    (e.type.removeprefix("order."), e.data.side or "buy")
-                    for e in orders.events
+                    (e.type.removeprefix("order."), e.data.side or "buy") for e in orders.events
                 ),
                 filled_buys=len(positions),
                 bought_sol=sum(p.bought_sol for p in positions),
@@ -314,7 +313,8 @@ def main() -> None:
     naive = [run_naive(s, args.minutes, size, execution) for s in seeds]
     for seed, n in zip(seeds, naive, strict=True):
         print(f"| {seed} | {n.buys} | {n.rejected} | {n.bought_sol:.2f} | {n.sold_sol:.2f} | "
-              f"{n.marked_sol:.2f} ({n.held_at_end}) | {n.fees_sol:.2f} | {n.pnl:+.3f} |")  # fmt: skip
+              f"{n.marked_sol:.2f} ({n.held_at_end}) | {n.fees_sol:.2f} | "
+              f"{n.pnl:+.3f} |")  # fmt: skip
     pnl, bought = sum(n.pnl for n in naive), sum(n.bought_sol for n in naive)
     print(f"pooled: PnL {pnl:+.3f} SOL on {bought:.2f} SOL bought ({pnl / bought:+.1%} of it)")
     print("-- nothing: PnL 0")
