@@ -5,9 +5,11 @@ Each seed's market (``--minutes`` of it) goes through the whole embedded system 
 reader calls), then features, activity, model, trading (paper) and exit, one process,
 the queued in-memory bus and the in-process store (as ``benchmarks/pipeline.py`` does
 for the first three). The clock is a ReplayClock at each frame's market time; every
-market second it fires the due timers (trading's due fills and breakers, the exit
-rules' timers, activity's quiet timers) and the bus is drained, so no service lags the
-clock by more than a market second and every decision sees the market as it would live.
+market second the bus is drained, then the clock fires the due timers (trading's due
+fills and breakers, the exit rules' timers, activity's quiet timers) and the bus is
+drained again: every event is handled before the clock passes the next market second,
+so no service lags the clock by more than that and every decision sees the market as
+it would live.
 It runs as fast as it computes.
 
 Speed: predictions trading decided on (``model.prediction`` it consumed) and orders it
@@ -103,6 +105,11 @@ class Run:
         return self.orders["requested", "buy"] + self.orders["requested", "sell"]
 
 
+async def drain(system) -> None:
+    if not await system.drain(600.0):
+        raise RuntimeError("the bus did not drain")
+
+
 async def run_strategy(seed: int, minutes: float, trading_settings: dict) -> Run:
     """One seed through the embedded system; trading's counts and book at the end."""
     frames = market_frames(seed, minutes)
@@ -140,15 +147,15 @@ async def run_strategy(seed: int, minutes: float, trading_settings: dict) -> Run
             for t, frame in frames:
                 at = START + t
                 if at >= next_tick:
+                    # what came before is handled at its own time, then the timers run
+                    await drain(system)
                     await clock.advance_to(at)
-                    if not await system.drain(600.0):
-                        raise RuntimeError("the bus did not drain")
+                    await drain(system)
                     next_tick = at + TICK_S
                 else:
                     clock.set_sync(at)
                 await on_frame(frame)
-            if not await system.drain(600.0):
-                raise RuntimeError("the bus did not drain")
+            await drain(system)
             seconds = time.perf_counter() - started
             cpu = time.process_time() - cpu_started
             counts = bus_counts() - before
