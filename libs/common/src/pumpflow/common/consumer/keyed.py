@@ -355,6 +355,9 @@ class KeyedStatefulConsumer(Generic[S]):
         self._stopping = False
         self._abandoned = False
         self.flushes = 0
+        #: events applied and not yet added to the ``applied`` counter (added once per
+        #: delivery or batch handled, not per event: a counter's inc costs ~0.4 us)
+        self._applied_uncounted = 0
         #: identity of the store's contents written to (StateStore.epoch); a new one
         #: means the store lost what it held
         self._epoch: bytes | None = None
@@ -654,7 +657,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 _keep_seq(entry.failed, publisher, seq)
                 self._mark(entry)
             raise
-        self.metrics.applied.inc()
+        self._applied_uncounted += 1
         if event.redriven:
             self.metrics.redriven.inc()
         if publisher is not None and not late:
@@ -813,6 +816,9 @@ class KeyedStatefulConsumer(Generic[S]):
         synchronous bus (activity answers features inside its publication) then never
         waits for a publication that waits for it.
         """
+        if self._applied_uncounted:
+            self.metrics.applied.inc(self._applied_uncounted)
+            self._applied_uncounted = 0
         if self._abandoned:
             done.cancel()
             return
