@@ -148,3 +148,40 @@ async def test_kill_9_during_a_graceful_exit_then_restart_resumes_and_sells_noth
 
     assert await stack.processes.stop("exit") == 0, stack.processes.logs()
     assert await stack.processes.stop("trading") == 0, stack.processes.logs()
+
+
+async def test_pumpflow_stop_runs_the_graceful_exit_of_a_running_exit_service(stack: Stack):
+    stack.serve_exit()
+    stack.serve_trading()
+    await stack.ready()
+    bought = await stack.open_positions(2)
+
+    async def exit_holds_them() -> bool:
+        held = await stack.get(f"{stack.exit_url}/positions")
+        return bool(held) and held["count"] == len(bought)
+
+    await stack.until(exit_holds_them, "the exit service holding both positions")
+
+    def stop(*args: str):
+        return stack.processes.run("stop", "--url", stack.exit_url, *args, timeout=90)
+
+    stack.processes.configure(api_token="not-the-token")
+    refused = await asyncio.to_thread(stop, "--reason", "wrong token")
+    assert refused.returncode == 1 and "401" in refused.stderr, refused
+    assert (await stack.get(f"{stack.exit_url}/progress"))["run"] is None
+
+    stack.processes.configure(api_token=TOKEN)
+    done = await asyncio.to_thread(stop, "--reason", "cli stop")
+    assert done.returncode == 0, (done.stdout, done.stderr, stack.processes.logs())
+    assert "system.shutdown published (cli stop)" in done.stdout
+    assert "graceful exit (cli stop): 2 positions, 2 sold out" in done.stdout, done.stdout
+    assert "SOL recovered" in done.stdout
+
+    positions = await stack.get(f"{stack.trading_url}/positions")
+    assert positions["positions"] == [], positions
+    closed = stack.watch.payloads("position.closed")
+    assert sorted(c.position_id for c in closed) == sorted(bought)
+    state = await stack.get(f"{stack.trading_url}/state")
+    assert state["state"] == "halted", state  # no entry after the stop
+    assert await stack.processes.stop("exit") == 0, stack.processes.logs()
+    assert await stack.processes.stop("trading") == 0, stack.processes.logs()
