@@ -18,6 +18,7 @@ stops the feeds only; ``stop`` disconnects them and flushes the recorder.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, TokenCreated, TokenTrade, make_event
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
+from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
 
@@ -118,14 +120,9 @@ class DataFeedManager:
         lookback = feed.lookback
         if lookback is None:
             feed.register_callback(ALL_EVENTS, self.on_record)
-            return
-
-        async def on_record(record: FeedRecord) -> None:
-            event = await self.on_record(record)
-            if event is not None:
-                lookback.add(event)
-
-        feed.register_callback(ALL_EVENTS, on_record)
+        else:
+            # the manager adds what it publishes: no wrapping coroutine per frame
+            feed.register_callback(ALL_EVENTS, functools.partial(self.on_record, lookback=lookback))
 
     async def subscribe_to_token(self, token_id: str | Iterable[str]) -> None:
         """Stream the trades of one mint, or of several, from every feed."""
@@ -176,8 +173,11 @@ class DataFeedManager:
             return await self.recorder.close(flush_s)
         return 0
 
-    async def on_record(self, record: FeedRecord) -> Event | None:
-        """Publish one record as an event; None if it was a duplicate or not published."""
+    async def on_record(
+        self, record: FeedRecord, *, lookback: LookBack | None = None
+    ) -> Event | None:
+        """Publish one record as an event (held in ``lookback`` too, if given); None if it
+        was a duplicate or not published."""
         payload = record.payload
         if self.signatures.seen(payload.txType, payload.signature):
             self.duplicates += 1
@@ -200,6 +200,8 @@ class DataFeedManager:
         elif self._publisher is not None:
             await self._publisher.publish(event)
             self.metrics.published.inc()
+        if lookback is not None:
+            lookback.add(event)
         return event
 
     async def _store_unsubscribed(self, record: FeedRecord) -> None:
