@@ -176,3 +176,37 @@ async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
             assert summary["run"]["summary"]["positions_left"] == 0
             assert (await client.get("/orders")).json()["count"] >= 2
         assert trader.book.open_count == 0
+
+
+async def test_a_tranche_given_up_for_lost_that_fills_late_counts_and_nothing_is_oversold():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    # every tranche outlives its wait (fills come only as the replay clock moves): each
+    # is given up and retried, and its fill lands late
+    trader = trading(ledger)
+    exits = exit_service(records, exit_order_timeout_s=1e-6)
+    async with embedded(clock, trader, exits) as (system, watch):
+        bought = {
+            e.data.position_id: e.data.token_amount
+            for e in await _opened(system, clock, tokens, watch, 3)
+        }
+        shutdown = SystemShutdown(reason="late fills")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert trader.book.open_count == 0
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        sold: dict[str, float] = {}
+        for fill in sells:
+            sold[fill.position_id] = sold.get(fill.position_id, 0.0) + fill.token_amount
+        for position_id, held in bought.items():
+            assert sold[position_id] == pytest.approx(held, rel=1e-9), (position_id, sells)
+        summary = exits.summary
+        assert summary.positions_left == 0
+        assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+
+
+async def _opened(system, clock, tokens, watch, count):
+    mints = await open_positions(system.bus, clock, tokens, count)
+    return await watch.wait_for(count, "position.opened", where=lambda e: e.data.mint in mints)

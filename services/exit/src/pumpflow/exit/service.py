@@ -337,10 +337,13 @@ class ExitService(Service):
     ) -> None:
         try:
             if ":exit:" in outcome.order_id:
-                await self.records.settle(outcome.order_id, outcome, time)
+                first = await self.records.settle(outcome.order_id, outcome, time)
                 waiting = self._waiting.get(outcome.order_id)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
+                elif first and isinstance(outcome, OrderFilled) and self.manager is not None:
+                    # given up for lost (exit_order_timeout_s) and retried: it sold all the same
+                    await self.manager.on_late_fill(outcome)
                 return
             if sale is not None:
                 await self._settle_rule(mint, outcome, sale, time)

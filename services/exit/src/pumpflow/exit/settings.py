@@ -57,7 +57,10 @@ class ExitSettings(CommonSettings):
         _GRACEFUL.min_tranche_interval_s, ge=0, description="between two tranches of a token"
     )
     exit_order_timeout_s: float = Field(
-        30.0, gt=0, description="wall seconds a tranche waits for its fill before it is retried"
+        30.0,
+        gt=0,
+        description="wall seconds a tranche waits for its fill before it is retried "
+        "(a fill that comes later still counts)",
     )
     exit_run_poll_s: float = Field(
         1.0, gt=0, description="how often a replica looks for a graceful exit begun elsewhere"

@@ -221,6 +221,20 @@ class GracefulExitManager:
             await self._wait_until(when)
         return await self._finish(force=True)
 
+    async def on_late_fill(self, fill: OrderFilled) -> None:
+        """A tranche's fill that came after the executor gave the tranche up (answered
+        its refusal for want of an outcome): counted, so what is left is not sold twice."""
+        record = self.records.get(fill.mint)
+        if record is None or self.summary is not None:
+            return
+        now = self.clock.now()
+        queued = self.planner.record_late_fill(fill.mint, fill.token_amount)
+        record.add_fill(fill, now)
+        if queued is not None and queued.done and record.finished_at is None:
+            record.finish(now)
+            await self._publish(record.report())
+        await self._finish_if_done()
+
     def calculate_optimal_exit_price(self, token_id: str) -> float | None:
         """Average price (before fees) the plan expects for what is left of ``token_id``."""
         return self.planner.expected_exit_price(token_id)

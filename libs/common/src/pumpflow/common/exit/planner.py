@@ -398,6 +398,19 @@ class ExitPlanner:
         """A tranche filled ``tokens_sold``; the plan's curve moves by that sale."""
         queued = self.exits[tranche.mint]
         queued.in_flight = False
+        self._sold(queued, tokens_sold)
+        queued.ready_at = time + self.config.min_tranche_interval_s
+        return queued
+
+    def record_late_fill(self, mint: str, tokens_sold: float) -> QueuedExit | None:
+        """A tranche given up for lost (no outcome in time, refused and retried since)
+        filled after all: what it sold is no longer held."""
+        queued = self.exits.get(mint)
+        if queued is not None and not queued.done:
+            self._sold(queued, tokens_sold)
+        return queued
+
+    def _sold(self, queued: QueuedExit, tokens_sold: float) -> None:
         queued.tranches_filled += 1
         sold = min(tokens_sold, queued.tokens_left)
         queued.tokens_left -= sold
@@ -405,9 +418,7 @@ class ExitPlanner:
             queued.tokens_left = 0.0
         if queued.state is not None and sold > 0:
             queued.state = quote_sell(queued.state, sold).after
-        queued.ready_at = time + self.config.min_tranche_interval_s
         self._dirty = True
-        return queued
 
     def record_rejection(self, tranche: PlannedTranche, time: float) -> QueuedExit:
         """A tranche was refused (slippage, say): the position waits and tries again."""
