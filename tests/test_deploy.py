@@ -87,9 +87,11 @@ def test_every_service_uses_the_same_pumpflow_settings():
 def test_migrate_runs_the_migrations_with_common_settings():
     spec = SERVICES["migrate"]
     assert spec["command"] == ["pumpflow", "migrate"]
-    # it runs the feed's image (libs/common and the CLI) instead of building it again
-    assert "build" not in spec
+    # it runs the feed's image (libs/common and the CLI), with the feed's build: a fresh
+    # `up` builds it (or finds it built) and never pulls it from a registry
     assert spec["image"] == SERVICES["feed"]["image"]
+    assert spec["build"] == SERVICES["feed"]["build"]
+    assert spec.get("pull_policy", "missing") in {"missing", "never", "build"}
     assert SERVICES["feed"]["build"]["args"]["SERVICE"] == "feed"
     assert set(spec["environment"]) <= env_names(CommonSettings)
     for name in SERVED:
@@ -280,3 +282,42 @@ def test_the_simulator_is_checked_on_its_own_socket_not_the_services_healthz():
     port = simulator["command"][simulator["command"].index("--port") + 1]
     test = " ".join(simulator["healthcheck"]["test"])
     assert port == "8765" and f", {port})" in test and "8000" not in test
+
+
+def test_the_feed_waits_for_the_simulator_only_where_it_runs():
+    waits = SERVICES["feed"]["depends_on"]
+    assert waits["simulator"] == {"condition": "service_healthy", "required": False}
+    # and for the infrastructure like every other service
+    assert {k: v for k, v in waits.items() if k != "simulator"} == SERVED["features"]["depends_on"]
+
+
+def test_state_survives_recreated_containers():
+    rabbitmq = SERVICES["rabbitmq"]
+    # RabbitMQ keeps its data under its node name, rabbit@<hostname>
+    assert rabbitmq["hostname"] == "rabbitmq"
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in rabbitmq["volumes"]}
+    assert mounts["rabbitmq-data"] == "/var/lib/rabbitmq"
+    prometheus = SERVICES["prometheus"]
+    assert "prometheus-data:/prometheus" in prometheus["volumes"]
+    assert "--storage.tsdb.path=/prometheus" in prometheus["command"]
+    assert {"rabbitmq-data", "postgres-data", "prometheus-data"} <= set(COMPOSE["volumes"])
+
+
+def test_prometheus_scrapes_rabbitmq_and_redis():
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {
+        j["job_name"]: [t for sc in j.get("static_configs", []) for t in sc["targets"]]
+        for j in config["scrape_configs"]
+    }
+    plugins = (ROOT / "deploy/rabbitmq/enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
+    assert targets["rabbitmq"] == ["rabbitmq:15692"]
+    exporter = SERVICES["redis-exporter"]
+    assert exporter["build"]["dockerfile"] == "deploy/redis-exporter.Dockerfile"
+    assert targets["redis"] == ["redis-exporter:9121"]
+
+
+def test_images_run_as_an_unprivileged_user():
+    for dockerfile in ROOT.glob("deploy/*Dockerfile"):
+        users = re.findall(r"^USER (\S+)", dockerfile.read_text(), re.MULTILINE)
+        assert users and users[-1] not in {"root", "0"}, dockerfile.name
