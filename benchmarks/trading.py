@@ -301,8 +301,9 @@ def main() -> None:
         bought = sum(r.bought_sol for r in runs)
         predictions = sum(r.predictions for r in runs)
         cpu, wall = sum(r.cpu_s for r in runs), sum(r.seconds for r in runs)
-        print(f"pooled: PnL {pnl:+.4f} SOL on {bought:.3f} SOL bought "
-              f"({pnl / bought:+.1%} of it)" if bought else "pooled: no entry")  # fmt: skip
+        realized = sum(r.realized_sol for r in runs)
+        print(f"pooled: PnL {pnl:+.4f} SOL (realised {realized:+.4f}) on {bought:.3f} SOL "
+              f"bought ({pnl / bought:+.1%} of it)" if bought else "pooled: no entry")  # fmt: skip
         print(f"pooled: {predictions:,} predictions decided, "
               f"{sum(r.requested for r in runs)} orders; {predictions / cpu:,.0f} decisions per "
               f"CPU second, {predictions / wall:,.0f}/s wall; "
