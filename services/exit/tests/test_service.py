@@ -4,10 +4,18 @@ position; a sale refused gives its rule back; a settled sale is stored and repor
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, TokenLifecycle, make_event
+from pumpflow.common.events import (
+    ExitOrder,
+    OrderFilled,
+    OrderRejected,
+    PositionUpdated,
+    TokenLifecycle,
+    make_event,
+)
 from pumpflow.common.testing import TokenEvents
 
 from .helpers import START, embedded, exit_service, opened
@@ -106,6 +114,28 @@ async def test_each_rule_orders_its_sale_on_the_critical_lane(rule):
         assert order.order_id == f"{position.data.position_id}:rule:1"
         assert order.token_amount == pytest.approx(HELD * share)
         assert service.metrics.orders(rule) == 1
+
+
+async def test_tokens_added_to_a_position_are_sold_with_it():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=HELD)
+        await bus.publish(position)
+        # a second entry into the token (trading's add_to_positions)
+        added = PositionUpdated(
+            **{**msgspec.structs.asdict(position.data), "token_amount": HELD * 1.5}
+        )
+        await bus.publish(make_event(added, source="trading/test", time=clock.now()))
+        await stop_loss(bus, tokens, clock, mint, position.data.entry_price)
+        [event] = watch.of("exit.order")
+        assert event.data.reason == "stop_loss"
+        assert event.data.token_amount == pytest.approx(HELD * 1.5)
 
 
 async def test_a_refused_sale_gives_its_rule_back_and_a_filled_one_is_reported():

@@ -36,9 +36,21 @@ def test_size_is_capped_by_the_curve_s_depth():
     assert quote_buy(curve, size).price_impact == pytest.approx(0.02)
 
 
+def test_a_token_is_entered_once_unless_adding_is_allowed():
+    book = PositionBook()
+    risk = RiskManager(100.0, 0.02, 5, positions=book)
+    assert risk.check_risk_limits("a", 4.0)
+    risk.reserve("o1", "a", 4.0)  # an entry in flight counts as held
+    assert "one entry a token" in risk.check_risk_limits("a", 1.0).reason
+    adding = RiskManager(100.0, 0.02, 5, positions=book, limits=RiskLimits(add_to_positions=True))
+    adding.reserve("o1", "a", 4.0)
+    assert adding.check_risk_limits("a", 1.0)
+
+
 def test_each_limit_holds_and_names_itself():
     book = PositionBook()
-    risk = RiskManager(100.0, 0.02, 2, positions=book, limits=RiskLimits())
+    limits = RiskLimits(add_to_positions=True)
+    risk = RiskManager(100.0, 0.02, 2, positions=book, limits=limits)
     assert risk.check_risk_limits("a", 4.0)
     assert "per-trade" in risk.check_risk_limits("a", 11.0).reason
     assert "under" in risk.check_risk_limits("a", 0.001).reason

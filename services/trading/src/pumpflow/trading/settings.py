@@ -82,6 +82,10 @@ class TradingSettings(PumpPortalKeySettings):
     trading_max_concurrent_positions: int = Field(
         _LIMITS.max_concurrent_positions, ge=1, description="tokens held at once"
     )
+    trading_add_to_positions: bool = Field(
+        _LIMITS.add_to_positions,
+        description="buy more of a token held, up to its exposure limit (default: one entry)",
+    )
     trading_min_score: float = Field(
         _FILTERS.min_score, ge=0, le=1, description="model score an entry needs"
     )
@@ -131,7 +135,7 @@ class TradingSettings(PumpPortalKeySettings):
         )
 
     def limits(self) -> RiskLimits:
-        return RiskLimits()
+        return replace(_LIMITS, add_to_positions=self.trading_add_to_positions)
 
     def breakers(self) -> BreakerSettings:
         return replace(_BREAKERS, max_feed_lag_s=self.trading_max_feed_lag_s)

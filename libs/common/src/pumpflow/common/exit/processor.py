@@ -313,22 +313,23 @@ class ExitProcessor:
             return []
         evaluator = self.evaluator
         watch = state.watch
+        view = HeldView(
+            mint=state.mint,
+            position_id=position.position_id,
+            opened_at=position.opened_at,
+            tokens=position.tokens,
+            entry_price=position.entry_price,
+            mark_price=state.mark_price,
+            mark_state=None,
+        )
         if watch is None or watch.position_id != position.position_id:
-            evaluator.track(
-                HeldView(
-                    mint=state.mint,
-                    position_id=position.position_id,
-                    opened_at=position.opened_at,
-                    tokens=position.tokens,
-                    entry_price=position.entry_price,
-                    mark_price=state.mark_price,
-                    mark_state=None,
-                ),
-                time=position.opened_at,
-            )
+            evaluator.track(view, time=position.opened_at)
             state.watch = evaluator.watch(state.mint)
         else:
             evaluator.adopt(watch)
+            if position.tokens > watch.bought:
+                # an entry added to it (trading's add_to_positions): the rules sell those too
+                evaluator.track(view, time=position.opened_at)
         try:
             return step(evaluator)
         finally:

@@ -233,6 +233,8 @@ class RiskManager:
         if position_size > self.capital * lim.max_position_fraction * (1 + 1e-12):
             return RiskCheck(False, f"size {position_size:.4f} SOL over the per-trade limit")
         new_token = not self._holds_or_reserved(token_id)
+        if not new_token and not lim.add_to_positions:
+            return RiskCheck(False, "held already (or an entry is in flight): one entry a token")
         if new_token and self.open_positions() >= lim.max_concurrent_positions:
             return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
         if position_size > self._token_room(token_id) * (1 + 1e-12):

@@ -45,6 +45,10 @@ Risk limits (:class:`RiskLimits`), as fractions of capital:
   in a row lose half the capital.
 - ``max_position_fraction = 0.1`` and ``max_token_exposure_fraction = 0.1``: one
   token never holds more than a tenth of capital (no pyramiding past it).
+- ``add_to_positions = False``: one entry per token. The model scores a trading token
+  again every half second, so a score that stays high would otherwise buy again and
+  again as the price rises (averaging up into a pump, each buy paying its own impact
+  and fees); an entry order in flight counts as held.
 - ``max_concurrent_positions = 5``, ``max_total_exposure_fraction = 0.5``: five full
   positions at 10% reach the total; half the capital stays in SOL for fees, exits and
   a bad day (over 60% of active addresses lose money).
@@ -177,6 +181,8 @@ class RiskLimits:
     max_daily_loss_fraction: float = 0.05
     max_entry_price_impact: float = 0.02
     min_order_sol: float = 0.01
+    #: buy more of a token held (or with an entry in flight), up to its exposure limit
+    add_to_positions: bool = False
     #: share of a full size per lifecycle priority (IDLE, LOW, NORMAL, HIGH, URGENT)
     priority_scale: tuple[float, ...] = (0.0, 0.0, 0.5, 0.75, 1.0)
     min_confidence_scale: float = 0.5
