@@ -9,14 +9,12 @@ report (``--no-wait``: only asks).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import urllib.error
-import urllib.request
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,31 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=stop_command)
 
 
-def _call(request: urllib.request.Request) -> dict:
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
 def stop_command(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
-    token = os.environ.get("PUMPFLOW_API_TOKEN")
+    token = api_token("stop")
     if not token:
-        print("pumpflow stop: PUMPFLOW_API_TOKEN is not set", file=sys.stderr)
         return 2
-    request = urllib.request.Request(
-        f"{url}/shutdown",
-        data=json.dumps({"reason": args.reason}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-    )
     try:
-        _call(request)
+        post_json(f"{url}/shutdown", {"reason": args.reason}, token)
         print(f"system.shutdown published ({args.reason})", flush=True)
         if args.no_wait:
             return 0
         until = time.monotonic() + args.timeout
         while time.monotonic() < until:
-            body = _call(urllib.request.Request(f"{url}/progress"))
+            body = get_json(f"{url}/progress")
             if "text" in body:
                 print(body["text"])
                 return 0

@@ -9,13 +9,11 @@ a halt outlives restarts until a resume.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import urllib.error
-import urllib.request
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,23 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def trading_command(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
-    if args.action == "state":
-        request = urllib.request.Request(f"{url}/state")
-    else:
-        token = os.environ.get("PUMPFLOW_API_TOKEN")
-        if not token:
-            print("pumpflow trading: PUMPFLOW_API_TOKEN is not set", file=sys.stderr)
-            return 2
-        reason = args.reason or f"{args.action} (CLI)"
-        request = urllib.request.Request(
-            f"{url}/{args.action}",
-            data=json.dumps({"reason": reason}).encode(),
-            method="POST",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.loads(response.read())
+        if args.action == "state":
+            body = get_json(f"{url}/state")
+        else:
+            token = api_token("trading")
+            if not token:
+                return 2
+            reason = args.reason or f"{args.action} (CLI)"
+            body = post_json(f"{url}/{args.action}", {"reason": reason}, token)
     except urllib.error.HTTPError as exc:
         print(f"pumpflow trading: {exc.code}: {exc.read().decode()}", file=sys.stderr)
         return 1
