@@ -3,7 +3,7 @@
 FROM python:3.11-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends prometheus-redis-exporter \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 USER nobody
 EXPOSE 9121
 ENTRYPOINT ["/usr/bin/prometheus-redis-exporter"]
