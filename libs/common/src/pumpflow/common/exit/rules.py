@@ -6,7 +6,7 @@ does not count what selling would cost (the sale's own impact and fees, a few
 percent for a usual size); the thresholds below are far above that. Right after a buy
 the gain is near zero: the fees pull it down, the buy's own move of the price up.
 
-Defaults, from the market figures in docs/market.md and ../shared/reference/pumpfun.md:
+Defaults, from the market figures in docs/market.md:
 
 - **Fees**: a round trip pays the curve's 1.25% twice and the trade API's 1% twice,
   about 4.5% before any price impact. Nothing below a gain of a few times that is

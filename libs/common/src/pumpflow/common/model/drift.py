@@ -20,7 +20,7 @@ A feature is *drifting* from the check its PSI reaches 0.25 until the check it i
 under 0.1; in between it keeps its state, so a PSI that hovers near one threshold does
 not flap.
 
-Window: the market trades 23 to 58 times a second (../shared/reference/pumpfun.md), one
+Window: the market trades 23 to 58 times a second (docs/market.md), one
 ``features.updated`` each, so 6,000 vectors are about 2 to 4 minutes of market: long
 enough to span the 30 to 170 tokens launched meanwhile (16 to 42 a minute), short
 enough to show a change of regime within minutes, which is as long as most tokens

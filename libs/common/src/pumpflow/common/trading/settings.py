@@ -1,7 +1,7 @@
 """Settings of trading's domain: entry filters, risk limits, breakers, paper execution.
 
-Every default is argued from the market figures in docs/market.md (restating
-../shared/reference/pumpfun.md); the figures a default rests on are computed with
+Every default is argued from the market figures in docs/market.md; the figures a
+default rests on are computed with
 :mod:`pumpflow.common.curve` from the launch reserves (30 SOL, 1.073B tokens).
 
 Entry filters (:class:`EntryFilters`):
