@@ -1,8 +1,8 @@
 """Settings of trading's domain: entry filters, risk limits, breakers, paper execution.
 
 Every default is argued from the market figures in docs/market.md; the figures a
-default rests on are computed with
-:mod:`pumpflow.common.curve` from the launch reserves (30 SOL, 1.073B tokens).
+default rests on are computed with :mod:`pumpflow.common.curve` from the launch
+reserves (30 SOL, 1.073B tokens).
 
 Entry filters (:class:`EntryFilters`):
 
