@@ -260,6 +260,43 @@ class TokenMonitorThreadPool:
         """
         self._queue(token, task, None, priority)
 
+    def run_now(self, token: str, task: Task, *, priority: int = 0) -> None:
+        """Run ``task`` for ``token`` at once if nothing is queued in the pool and
+        ``token`` has no task running (so it overtakes nothing), else :meth:`post` it.
+
+        Run at once, it is counted and timed like a worker's task, without the pass
+        through the queue and a worker; if it returns an awaitable, that is awaited as
+        ``token``'s next task. A task that raises is logged and counted as failed, as
+        on a worker (there is no worker to replace).
+        """
+        if self._pending or token in self._running or self._closed or self._supervisor is None:
+            self._queue(token, task, None, priority)
+            return
+        timed = not next(self._seq) % _TIME_ONE_IN
+        started = self._monotonic() if timed else 0.0
+        self._running.add(token)
+        self._busy += 1
+        try:
+            result = task()
+            if hasattr(result, "__await__"):
+                # ranked once the token is released: before anything queued after it
+                self._queue(token, lambda: result, None, priority)
+            else:
+                self._ok_uncounted += 1
+        except Exception as exc:
+            self._m_error.inc()
+            self.tasks_failed += 1
+            log.error("task of %s failed in %s: %r", token, self.config.name, exc)
+            if self._on_error is not None:
+                self._on_error(token, exc)
+        finally:
+            self._busy -= 1
+            if timed:
+                self._m_wait.observe(0.0)
+                self._m_seconds.observe(self._monotonic() - started)
+                self._count_ok()
+            self._release(token)
+
     def _queue(self, token: str, task: Task, future: asyncio.Future | None, priority: int) -> None:
         if self._closed:
             raise PoolClosed(f"pool {self.config.name} is stopping")

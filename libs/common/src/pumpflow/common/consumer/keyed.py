@@ -455,8 +455,9 @@ class KeyedStatefulConsumer(Generic[S]):
         """The bus's batch handler: one future for a lane's ready deliveries.
 
         Each key's events of the batch are applied in order as one pool job (the
-        processor is told when more of the key's events follow: ``Effects.more``); the
-        future is done once every effect of them is stored and published.
+        processor is told when more of the key's events follow: ``Effects.more``), run
+        at once when the pool has nothing queued; the future is done once every effect
+        of them is stored and published.
         """
         if self._stopping:
             return _not_taken()
@@ -485,7 +486,8 @@ class KeyedStatefulConsumer(Generic[S]):
                         if entry is not None:
                             entry.priority = hinted
                         self.pool.set_priority(key, hinted)
-            self.pool.post(
+            # at once when the pool has nothing waiting: no queue, worker and loop turn
+            self.pool.run_now(
                 key, lambda k=key, m=mine: self._apply_batch(k, m, batch), priority=priority
             )
         return batch.done
