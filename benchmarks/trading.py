@@ -1,7 +1,8 @@
 """Trading in the embedded run: decisions per second, and the strategy's PnL on unseen seeds.
 
 Each seed's market (``--minutes`` of it) goes through the whole embedded system as
-``pumpflow run`` wires it: frames handed to the feed's per-frame path (what its socket
+``pumpflow backtest`` runs it (:func:`pumpflow.cli.backtest.run_backtest`, one piece
+of code for both): frames handed to the feed's per-frame path (what its socket
 reader calls), then features, activity, model, trading (paper) and exit, one process,
 the queued in-memory bus and the in-process store (as ``benchmarks/pipeline.py`` does
 for the first three). The clock is a ReplayClock at each frame's market time; every
@@ -41,150 +42,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import statistics
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pipeline import START, _swallow, bus_counts, market_frames
-from prometheus_client import CollectorRegistry
-from websockets.asyncio.server import serve
-
-from pumpflow.activity.service import ActivityService
-from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.clock import ReplayClock
+from pumpflow.cli.backtest import RUN_CONFIG, SIM_START, Report, run_backtest, simulated_frames
 from pumpflow.common.events import OrderFilled, OrderRequested, TokenCreated
-from pumpflow.common.runtime.embedded import run_embedded
-from pumpflow.common.testing import EventCollector
 from pumpflow.common.trading import PaperBroker, PaperExecution, exit_value
-from pumpflow.exit.service import ExitService
-from pumpflow.features.service import FeaturesService
-from pumpflow.feed.service import FeedService
-from pumpflow.model.service import ModelService
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.trading.service import TradingService
 
-PARTITIONS = 16
-TICK_S = 1.0
+START = SIM_START
 #: trading's settings per strategy: the service's defaults, and ``pumpflow run``'s
-SETTINGS = {
-    "default": {},
-    "run": {"trading_min_score": RUN_MIN_SCORE, **RUN_SETTINGS},
-}
+SETTINGS = {"default": {}, "run": RUN_CONFIG}
 NAIVE_HOLD_S = 60.0
 
 
-@dataclass
-class Run:
-    seed: int
-    frames: int
-    seconds: float
-    cpu_s: float
-    predictions: int
-    #: (requested|filled|rejected, buy|sell) -> orders
-    orders: Counter
-    filled_buys: int
-    bought_sol: float
-    realized_sol: float
-    unrealized_sol: float
-    open_positions: int
-    closed_positions: int
-    fees_sol: float
-    breakers: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-
-    @property
-    def pnl(self) -> float:
-        return self.realized_sol + self.unrealized_sol
-
-    @property
-    def requested(self) -> int:
-        return self.orders["requested", "buy"] + self.orders["requested", "sell"]
-
-
-async def drain(system) -> None:
-    if not await system.drain(600.0):
-        raise RuntimeError("the bus did not drain")
-
-
-async def run_strategy(seed: int, minutes: float, trading_settings: dict) -> Run:
-    """One seed through the embedded system; trading's counts and book at the end."""
-    frames = market_frames(seed, minutes)
-    server = await serve(_swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    clock = ReplayClock(START)
-
-    def build(cls, **overrides):
-        settings = cls.settings_class.load(
-            service=cls.name, transport="memory", partitions=PARTITIONS, **overrides
-        )
-        return cls(settings, registry=CollectorRegistry())
-
-    feed = build(
-        FeedService, feed_record=False, pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data"
-    )
-    trading = build(TradingService, **trading_settings)
-    services = [
-        feed,
-        *(build(cls) for cls in (FeaturesService, ActivityService, ModelService)),
-        trading,
-        build(ExitService),
-    ]
-    try:
-        async with run_embedded(services, clock=clock, partitions=PARTITIONS) as system:
-            await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
-            on_frame = feed.socket._on_frame  # what the socket reader calls per frame
-            orders = await EventCollector("orders").attach(
-                system.bus, "order.requested", "order.filled", "order.rejected"
-            )
-            before = bus_counts()
-            next_tick = START + TICK_S
-            gc.collect()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for t, frame in frames:
-                at = START + t
-                if at >= next_tick:
-                    # what came before is handled at its own time, then the timers run
-                    await drain(system)
-                    await clock.advance_to(at)
-                    await drain(system)
-                    next_tick = at + TICK_S
-                else:
-                    clock.set_sync(at)
-                await on_frame(frame)
-            await drain(system)
-            seconds = time.perf_counter() - started
-            cpu = time.process_time() - cpu_started
-            counts = bus_counts() - before
-            book = trading.book
-            positions = [*book.open_positions.values(), *book.closed_positions]
-            return Run(
-                seed=seed,
-                frames=len(frames),
-                seconds=seconds,
-                cpu_s=cpu,
-                predictions=counts[("consumed", "trading", "model.prediction")],
-                orders=Counter(
-                    (e.type.removeprefix("order."), e.data.side or "buy") for e in orders.events
-                ),
-                filled_buys=len(positions),
-                bought_sol=sum(p.bought_sol for p in positions),
-                realized_sol=book.realized_pnl_sol,
-                unrealized_sol=book.unrealized_pnl_sol,
-                open_positions=book.open_count,
-                closed_positions=len(book.closed_positions),
-                fees_sol=sum(p.fees_sol for p in positions),
-                skipped=Counter(trading.skipped),
-                breakers=Counter(
-                    name for name, b in trading.risk.breakers.items() if b.last_fault is not None
-                ),
-            )
-    finally:
-        server.close()
-        await server.wait_closed()
+async def run_strategy(seed: int, minutes: float, trading_settings: dict) -> Report:
+    """One seed through the embedded system (``pumpflow backtest``'s run); its report."""
+    frames = simulated_frames(seed, minutes, start=START)
+    return await run_backtest(frames, trading_settings, name=f"seed {seed}")
 
 
 @dataclass
@@ -289,9 +168,9 @@ def main() -> None:
               "(filled/rejected) | SOL bought | realised | open, marked | PnL (SOL) | "
               "decisions/CPU s | decisions/s | orders/CPU s |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in runs:
+        for seed, r in zip(seeds, runs, strict=True):
             o = r.orders
-            print(f"| {r.seed} | {r.frames:,} | {r.predictions:,} | {o['requested', 'buy']} "
+            print(f"| {seed} | {r.frames:,} | {r.predictions:,} | {o['requested', 'buy']} "
                   f"({o['filled', 'buy']}/{o['rejected', 'buy']}) | {o['requested', 'sell']} "
                   f"({o['filled', 'sell']}/{o['rejected', 'sell']}) | {r.bought_sol:.3f} | "
                   f"{r.realized_sol:+.4f} | {r.unrealized_sol:+.4f} ({r.open_positions}) | "
@@ -312,7 +191,7 @@ def main() -> None:
         print(f"why predictions ordered nothing (top 5): {skipped.most_common(5)}")
         breakers = sum((r.breakers for r in runs), Counter())
         print(f"breakers that saw a fault (runs): {dict(breakers) or 'none'}")
-        all_buys += [r.bought_sol / r.filled_buys for r in runs if r.filled_buys]
+        all_buys += [r.bought_sol / r.entries for r in runs if r.entries]
     size = args.size or (statistics.mean(all_buys) if all_buys else 0.2)
     print(f"\n-- naive: every new token bought with {size:.3f} SOL, sold {NAIVE_HOLD_S:g} s later")
     print("| seed | buys | rejected | SOL bought | SOL from sales | held, marked | fees | "

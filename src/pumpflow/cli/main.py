@@ -17,6 +17,7 @@ from pumpflow.cli.delegated import DELEGATED, delegate
 
 COMMAND_MODULES = (
     "pumpflow.cli.run",
+    "pumpflow.cli.backtest",
     "pumpflow.cli.migrate",
     "pumpflow.cli.serve",
     "pumpflow.cli.delegated",

@@ -1,0 +1,475 @@
+"""``pumpflow backtest``: replay a stream through the whole embedded system, as fast as it goes.
+
+The stream is raw PumpPortal frames with their arrival times, from one of:
+
+- ``--dataset FILE.jsonl``: a dataset file the simulator wrote (``pumpflow sim dataset``);
+- ``--seed N`` (``--minutes``, ``--launches``): a market simulated here;
+- ``--dsn``/``--schema`` (or the settings'): frames recorded in Postgres, in time order
+  (``--start``/``--end`` limit the window).
+
+Each frame goes to the feed's per-frame path (what its socket reader calls: decode,
+validation, auto-subscription, dedup, per-mint seq), then features, activity, model,
+trading (paper) and exit, one process, the queued in-memory bus and the in-process
+store, as ``pumpflow run`` wires them. The clock is a ReplayClock at each frame's
+arrival time; every market second the bus is drained, then the clock fires the due
+timers (trading's fills and breakers, the exit rules, activity's quiet timers) and the
+bus is drained again: every event is handled before the clock passes the next market
+second, so every decision sees the market as it would live, and the same stream gives
+the same report.
+
+Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
+configuration by the settings it changes, any setting of trading, exit or model
+(``trading_min_score=0.5``, ``exit_take_profit_pct=40``, ...); every configuration
+runs on the same stream and one table compares them. Without ``--config`` one run
+with ``pumpflow run``'s trading settings (``run``).
+
+The report, per configuration: orders (requested, filled, rejected), entries, exits
+by rule, realised PnL and the open positions marked at what selling them whole would
+bring (:func:`~pumpflow.common.trading.exit_value`), after every fee; win rate of the
+closed positions; the largest fall of realised PnL from its peak; predictions the model
+published, and the model's live AUC on the labels resolved by the stream's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import msgspec
+
+from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
+
+#: 2023-11-14T22:13:20Z: where a simulated stream starts
+SIM_START = 1_700_000_000.0
+PARTITIONS = 16
+#: market seconds between drains and timer firings
+TICK_S = 1.0
+#: ``pumpflow run``'s trading: the shipped model rarely scores above the service's 0.6
+RUN_CONFIG: dict[str, Any] = {"trading_min_score": RUN_MIN_SCORE, **RUN_SETTINGS}
+#: the services a configuration may set
+CONFIGURABLE = ("trading", "exit", "model")
+DRAIN_S = 600.0
+
+Frames = Sequence[tuple[float, bytes]]
+Progress = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------ streams
+
+
+def simulated_frames(
+    seed: int, minutes: float, *, launches_per_minute: float | None = None,
+    start: float = SIM_START,
+) -> list[tuple[float, bytes]]:  # fmt: skip
+    """(arrival epoch seconds, frame bytes) of ``minutes`` of the seeded market."""
+    from pumpflow.simulator.market import Market, MarketConfig
+
+    config = MarketConfig(seed=seed)
+    if launches_per_minute is not None:
+        config = MarketConfig(seed=seed, launches_per_minute=launches_per_minute)
+    encode = msgspec.json.Encoder().encode
+    return [(start + t, encode(frame)) for t, frame in Market(config).frames(minutes * 60)]
+
+
+def dataset_frames(path: str) -> list[tuple[float, bytes]]:
+    """The frames of a dataset file, as written."""
+    from pumpflow.simulator.dataset import read_dataset_raw
+
+    return list(read_dataset_raw(path))
+
+
+async def database_frames(
+    dsn: str, schema: str, start: float | None, end: float | None
+) -> list[tuple[float, bytes]]:
+    """The recorded frames of the window that were published, in time order."""
+    from pumpflow.common.db.pool import create_pool
+    from pumpflow.common.storage import TokenEventStore
+
+    pool = await create_pool(dsn, schema, max_size=2)
+    try:
+        return [
+            (stored.event.time, stored.frame)
+            async for stored in TokenEventStore(pool).stream_stored(start=start, end=end)
+            # stored without a seq: never published live, so not replayed either
+            if stored.event.seq is not None and stored.frame
+        ]
+    finally:
+        await pool.close()
+
+
+# ------------------------------------------------------------------ configurations
+
+
+def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route each setting of ``config`` to the configurable services that have it."""
+    from pumpflow.exit.service import ExitService
+    from pumpflow.model.service import ModelService
+    from pumpflow.trading.service import TradingService
+
+    classes = {cls.name: cls.settings_class for cls in (TradingService, ExitService, ModelService)}
+    routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
+    for key, value in config.items():
+        owners = [name for name, settings in classes.items() if key in settings.model_fields]
+        if not owners:
+            raise ValueError(f"no setting {key!r} in {', '.join(CONFIGURABLE)}")
+        for name in owners:
+            routed[name][key] = value
+    return routed
+
+
+def parse_config(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME=KEY=VALUE,KEY=VALUE`` (or ``NAME`` alone: the defaults) -> (name, settings)."""
+    name, _, rest = text.partition("=")
+    if not name:
+        raise ValueError(f"configuration {text!r}: a name first, NAME=KEY=VALUE,...")
+    settings: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"configuration {name!r}: {item!r} is not KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return name, settings
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class Report:
+    """What one configuration did on the stream."""
+
+    name: str
+    frames: int
+    seconds: float
+    cpu_s: float
+    #: ``model.prediction`` events the model published (every arm)
+    predictions: int
+    #: (requested|filled|rejected, buy|sell) -> orders
+    orders: Counter
+    entries: int
+    bought_sol: float
+    realized_sol: float
+    unrealized_sol: float
+    open_positions: int
+    closed_positions: int
+    wins: int
+    fees_sol: float
+    #: largest fall of realised PnL from its running peak, position by position
+    max_drawdown_sol: float
+    exits: Counter = field(default_factory=Counter)
+    #: "model/arm" -> (live AUC, labels)
+    auc: dict[str, tuple[float, int]] = field(default_factory=dict)
+    breakers: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def pnl(self) -> float:
+        return self.realized_sol + self.unrealized_sol
+
+    @property
+    def requested(self) -> int:
+        return self.orders["requested", "buy"] + self.orders["requested", "sell"]
+
+    @property
+    def win_rate(self) -> float | None:
+        return self.wins / self.closed_positions if self.closed_positions else None
+
+    def decisions(self) -> tuple[Any, ...]:
+        """What the system decided, without the timings: equal for equal inputs."""
+        return (
+            self.frames, self.predictions, sorted(self.orders.items()), self.entries,
+            round(self.bought_sol, 9), round(self.realized_sol, 9),
+            round(self.unrealized_sol, 9), self.open_positions, self.closed_positions,
+            self.wins, sorted(self.exits.items()),
+        )  # fmt: skip
+
+    def text(self) -> str:
+        o = self.orders
+        lines = [
+            f"backtest '{self.name}': {self.frames:,} frames in {self.seconds:.1f} s "
+            f"({self.frames / max(self.seconds, 1e-9):,.0f}/s, "
+            f"{self.frames / max(self.cpu_s, 1e-9):,.0f} per CPU second)",
+            f"  orders: buy {o['requested', 'buy']} (filled {o['filled', 'buy']}, rejected "
+            f"{o['rejected', 'buy']}), sell {o['requested', 'sell']} (filled "
+            f"{o['filled', 'sell']}, rejected {o['rejected', 'sell']})",
+            f"  entries {self.entries}, {self.bought_sol:.3f} SOL; closed "
+            f"{self.closed_positions}, open {self.open_positions}",
+            f"  exits by rule: {dict(sorted(self.exits.items())) or 'none'}",
+            f"  PnL after fees: realised {self.realized_sol:+.4f} SOL, open marked "
+            f"{self.unrealized_sol:+.4f}, total {self.pnl:+.4f} (fees {self.fees_sol:.4f})",
+            f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
+            f"{self.max_drawdown_sol:.4f} SOL",
+            f"  predictions {self.predictions:,}; live AUC "
+            + (", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a"),
+        ]
+        return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _max_drawdown(positions) -> float:
+    peak = total = drawdown = 0.0
+    for position in sorted(positions, key=lambda p: (p.closed_at, p.position_id)):
+        total += position.realized_pnl_sol
+        peak = max(peak, total)
+        drawdown = max(drawdown, peak - total)
+    return drawdown
+
+
+class _Counter:
+    """A bus handler that counts what it is delivered, by type (and side for orders)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    async def __call__(self, event) -> None:
+        side = getattr(event.data, "side", None)
+        kind = event.type.removeprefix("order.")
+        self.counts[(kind, side or "buy") if event.type.startswith("order.") else kind] += 1
+
+
+async def _swallow(ws) -> None:
+    async for _ in ws:  # the feed's subscribe messages: nothing is sent back
+        pass
+
+
+async def run_backtest(
+    frames: Frames,
+    config: Mapping[str, Any] | None = None,
+    *,
+    name: str = "run",
+    progress: Progress | None = None,
+    partitions: int = PARTITIONS,
+) -> Report:
+    """Hand every frame to the embedded system on the replay clock; report at the end."""
+    from prometheus_client import CollectorRegistry
+    from websockets.asyncio.server import serve
+
+    from pumpflow.activity.service import ActivityService
+    from pumpflow.common.bus.abc import Subscription
+    from pumpflow.common.clock import ReplayClock
+    from pumpflow.common.runtime.embedded import run_embedded
+    from pumpflow.exit.service import ExitService
+    from pumpflow.features.service import FeaturesService
+    from pumpflow.feed.service import FeedService
+    from pumpflow.model.service import ModelService
+    from pumpflow.trading.service import TradingService
+
+    overrides = service_overrides(config or {})
+    # the feed holds a real connection to a local socket that sends nothing: it runs
+    # connected (subscribing new mints) while its frames come from here
+    server = await serve(_swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clock = ReplayClock(frames[0][0] if frames else SIM_START)
+
+    def build(cls, **settings):
+        settings = cls.settings_class.load(
+            service=cls.name, transport="memory", partitions=partitions,
+            **settings, **overrides.get(cls.name, {}),
+        )  # fmt: skip
+        return cls(settings, registry=CollectorRegistry())
+
+    feed = build(
+        FeedService, feed_record=False, pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data"
+    )
+    model, trading = build(ModelService), build(TradingService)
+    services = [
+        feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
+    ]  # fmt: skip
+    counter = _Counter()
+
+    async def drain(system) -> None:
+        if not await system.drain(DRAIN_S):
+            raise RuntimeError("the bus did not drain")
+
+    try:
+        async with run_embedded(services, clock=clock, partitions=partitions) as system:
+            await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
+            on_frame = feed.socket._on_frame  # what the socket reader calls per frame
+            await system.bus.subscribe(Subscription(
+                service="backtest", handler=counter,
+                patterns=("order.requested", "order.filled", "order.rejected"),
+            ))  # fmt: skip
+            await system.bus.subscribe(Subscription(
+                service="backtest-trading", handler=counter, patterns=("model.prediction",),
+            ))  # fmt: skip
+            total = len(frames)
+            next_tick = frames[0][0] + TICK_S if frames else 0.0
+            gc.collect()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for done, (at, frame) in enumerate(frames):
+                if at >= next_tick:
+                    # what came before is handled at its own time, then the timers run
+                    await drain(system)
+                    await clock.advance_to(at)
+                    await drain(system)
+                    next_tick = at + TICK_S
+                    if progress is not None:
+                        progress(done, total)
+                else:
+                    clock.set_sync(at)
+                await on_frame(frame)
+            await drain(system)
+            seconds = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
+            if progress is not None:
+                progress(total, total)
+            model.resolve_labels()
+            performance = model.performance
+            auc = {
+                f"{model_id}/{arm}": (figures.metrics["auc"], figures.labels)
+                for model_id, arm in performance.keys()
+                if (figures := performance.figures(model_id, arm)) is not None
+                and "auc" in figures.metrics
+            }
+            book = trading.book
+            closed = list(book.closed_positions)
+            positions = [*book.open_positions.values(), *closed]
+            counts = counter.counts
+            return Report(
+                name=name,
+                frames=total,
+                seconds=seconds,
+                cpu_s=cpu,
+                predictions=counts["model.prediction"],
+                orders=Counter({k: v for k, v in counts.items() if isinstance(k, tuple)}),
+                entries=len(positions),
+                bought_sol=sum(p.bought_sol for p in positions),
+                realized_sol=book.realized_pnl_sol,
+                unrealized_sol=book.unrealized_pnl_sol,
+                open_positions=book.open_count,
+                closed_positions=len(closed),
+                wins=sum(p.realized_pnl_sol > 0 for p in closed),
+                fees_sol=sum(p.fees_sol for p in positions),
+                max_drawdown_sol=_max_drawdown(closed),
+                exits=Counter(p.close_reason or "?" for p in closed),
+                auc=auc,
+                skipped=Counter(trading.skipped),
+                breakers=Counter(
+                    name for name, b in trading.risk.breakers.items() if b.last_fault is not None
+                ),
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class ProgressLine:
+    """A plain progress line with an ETA on ``out``, at most every ``every`` wall seconds."""
+
+    def __init__(self, label: str, *, every: float = 2.0, out: TextIO = sys.stderr):
+        self.label, self.every, self.out = label, every, out
+        self._started = self._last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self._last < self.every and done < total:
+            return
+        self._last = now
+        elapsed = now - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        print(
+            f"{self.label}: {done:,}/{total:,} frames ({done / max(total, 1):.0%}), "
+            f"{rate:,.0f}/s, ETA {eta:.0f} s",
+            file=self.out,
+            flush=True,
+        )
+
+
+def comparison_table(reports: Sequence[Report]) -> str:
+    """One row per configuration, in markdown."""
+    rows = [
+        "| config | orders buy/sell (rejected) | entries | closed (win rate) | exits by rule "
+        "| realised | open, marked | PnL (SOL) | max drawdown | predictions | live AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        o = r.orders
+        auc = ", ".join(f"{a:.3f}" for a, _ in r.auc.values()) or "n/a"
+        exits = ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-"
+        rows.append(
+            f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "
+            f"({o['rejected', 'buy'] + o['rejected', 'sell']}) | {r.entries} | "
+            f"{r.closed_positions} ({_share(r.win_rate)}) | {exits} | {r.realized_sol:+.4f} | "
+            f"{r.unrealized_sol:+.4f} ({r.open_positions}) | {r.pnl:+.4f} | "
+            f"{r.max_drawdown_sol:.4f} | {r.predictions:,} | {auc} |"
+        )
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "backtest",
+        help="replay a dataset, a simulated or a recorded stream through the whole system",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", metavar="FILE.jsonl", help="a `pumpflow sim dataset` file")
+    source.add_argument("--seed", type=int, help="simulate this market seed here")
+    source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument("--start", type=float, help="Postgres: first event time (epoch s)")
+    parser.add_argument("--end", type=float, help="Postgres: end of the window (epoch s)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="--seed: market minutes (10)")
+    parser.add_argument("--launches", type=float, help="--seed: token launches per minute")
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+        help="a configuration to run (repeatable); KEYs are trading, exit or model settings",
+    )  # fmt: skip
+    parser.add_argument(
+        "--every", type=float, default=2.0, help="wall seconds between progress lines (2)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(handler=backtest_command)
+
+
+def backtest_command(args: argparse.Namespace) -> int:
+    try:
+        configs = [parse_config(text) for text in args.config] or [("run", RUN_CONFIG)]
+        for _, config in configs:
+            service_overrides(config)
+    except ValueError as exc:
+        raise SystemExit(f"pumpflow backtest: {exc}") from None
+    if len({name for name, _ in configs}) != len(configs):
+        raise SystemExit("pumpflow backtest: configuration names must differ")
+    if args.dataset:
+        frames, source = dataset_frames(args.dataset), args.dataset
+    elif args.seed is not None:
+        frames = simulated_frames(args.seed, args.minutes, launches_per_minute=args.launches)
+        source = f"seed {args.seed}, {args.minutes:g} minutes"
+    else:
+        from pumpflow.common.runtime.settings import CommonSettings
+
+        settings = CommonSettings.load(service="backtest")
+        schema = args.schema or settings.namespace
+        frames = asyncio.run(
+            database_frames(args.dsn or settings.postgres_dsn, schema, args.start, args.end)
+        )
+        source = f"postgres {schema}"
+    if not frames:
+        raise SystemExit(f"pumpflow backtest: no frames in {source}")
+    print(f"pumpflow backtest: {len(frames):,} frames from {source}; "
+          f"{len(configs)} configuration(s)", flush=True)  # fmt: skip
+    reports = []
+    for name, config in configs:
+        progress = None if args.quiet else ProgressLine(name, every=args.every)
+        reports.append(asyncio.run(run_backtest(frames, config, name=name, progress=progress)))
+        print(reports[-1].text(), flush=True)
+    if len(reports) > 1:
+        print(comparison_table(reports), flush=True)
+    return 0
+
