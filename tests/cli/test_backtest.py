@@ -83,3 +83,18 @@ def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, capsys)
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])
+
+
+def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):
+    configs = tmp_path / "strategies.toml"
+    configs.write_text(
+        "[eager]\ntrading_min_score = 0.5\ntrading_reject_creator_sold = false\n\n"
+        "[patient]\ntrading_min_score = 0.5\ntrading_reject_creator_sold = false\n"
+        "exit_max_hold_s = 1200\n"
+    )
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--configs", str(configs),
+                 "--config", "defaults"]) == 0  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "config", "defaults", "eager", "patient"
+    ]  # fmt: skip

@@ -20,8 +20,9 @@ the same report.
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes, any setting of trading, exit or model
 (``trading_min_score=0.5``, ``exit_take_profit_pct=40``, ...); every configuration
-runs on the same stream and one table compares them. Without ``--config`` one run
-with ``pumpflow run``'s trading settings (``run``).
+runs on the same stream and one table compares them. ``--configs FILE.toml`` reads
+configurations from a file, one table each (``[eager]`` then ``trading_min_score =
+0.5``). Without either, one run with ``pumpflow run``'s trading settings (``run``).
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
 by rule, realised PnL and the open positions marked at what selling them whole would
@@ -136,6 +137,20 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"configuration {name!r}: {item!r} is not KEY=VALUE")
         settings[key.strip()] = value.strip()
     return name, settings
+
+
+def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The configurations of a TOML file: each table is one, named by its header."""
+    import tomllib
+
+    with open(path, "rb") as src:
+        document = tomllib.load(src)
+    configs = []
+    for name, settings in document.items():
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: {name!r} is not a table of settings")
+        configs.append((name, settings))
+    return configs
 
 
 # ------------------------------------------------------------------ the run
@@ -431,6 +446,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a configuration to run (repeatable); KEYs are trading, exit or model settings",
     )  # fmt: skip
     parser.add_argument(
+        "--configs", metavar="FILE.toml",
+        help="configurations from a TOML file, one table each, run after --config's",
+    )  # fmt: skip
+    parser.add_argument(
         "--every", type=float, default=2.0, help="wall seconds between progress lines (2)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -439,10 +458,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def backtest_command(args: argparse.Namespace) -> int:
     try:
-        configs = [parse_config(text) for text in args.config] or [("run", RUN_CONFIG)]
+        configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
+        if args.configs:
+            configs += read_configs(args.configs)
+        configs = configs or [("run", RUN_CONFIG)]
         for _, config in configs:
             service_overrides(config)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
         raise SystemExit("pumpflow backtest: configuration names must differ")
@@ -472,4 +494,3 @@ def backtest_command(args: argparse.Namespace) -> int:
     if len(reports) > 1:
         print(comparison_table(reports), flush=True)
     return 0
-
