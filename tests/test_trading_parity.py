@@ -56,6 +56,8 @@ PARITY = {
     "trading_reject_creator_sold": False,
     "trading_capital_sol": 1_000_000.0,
     "trading_max_concurrent_positions": 1_000_000,
+    # several entries a token, so the order of a token's entries is compared too
+    "trading_add_to_positions": True,
     "trading_slippage_pct": 100.0,
 }
 #: what trading consumes that the embedded run produces (no exit service, no shutdown)
