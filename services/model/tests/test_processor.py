@@ -153,8 +153,8 @@ def test_a_model_that_cannot_serve_makes_no_prediction_and_is_counted():
 
 def test_state_round_trips_and_unreadable_state_is_stale():
     processor = ModelProcessor(manager(), ONE_ARM)
-    state = ScoringState(lifecycle="active", last_scored=START, scored=3)
+    state = ScoringState(lifecycle="active", last_scored=START, scored=3, last_labelled=START)
     assert processor.decode(processor.encode(state)) == state
-    assert len(processor.encode(state)) < 24
+    assert len(processor.encode(state)) < 34
     with pytest.raises(StaleState):
         processor.decode(b"\xc1")

@@ -123,6 +123,9 @@ PUBLISH_WINDOW = 128
 #: failed writes a publication survives while the broker is reachable (waiting for a
 #: reconnection counts none); a resend may duplicate, consumers drop the copy by seq
 PUBLISH_ATTEMPTS = 3
+#: nacks a publication survives: a crashed queue process takes seconds to come back
+#: (the pauses grow to 1 s: about 25 s in all)
+NACKED_ATTEMPTS = 30
 #: longest pause while waiting for the publishing channel to reopen
 REOPEN_POLL_S = 0.5
 #: a lost connection's frame buffer is emptied until nothing came for this long
@@ -520,7 +523,8 @@ class RabbitMQBus(EventBus):
                     ):
                         raise
                     failures += 1
-                    if failures == PUBLISH_ATTEMPTS:
+                    nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
+                    if failures == (NACKED_ATTEMPTS if nacked else PUBLISH_ATTEMPTS):
                         self._given_up += 1
                         self._held_changed.set()
                         self._held_changed.clear()
@@ -532,7 +536,7 @@ class RabbitMQBus(EventBus):
                         key,
                         exc,
                     )
-                    await asyncio.sleep(0.1 * failures)
+                    await asyncio.sleep(min(0.1 * failures, 1.0))
         finally:
             self._release(ticket)
 
