@@ -1,0 +1,129 @@
+"""Two trading replicas as processes over RabbitMQ, Redis and Postgres: one leads, the
+other stands by; kill -9 the leader with a paper position open and the kill switch on,
+and the standby takes over through the lease with the book and the operator's state
+reloaded from Postgres. A prediction for the held token after the take-over orders
+nothing, and a new token is still entered once the operator resumes.
+
+The test publishes what the upstream services would (see tests/upstream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from pumpflow.common.testing import (
+    EventCollector,
+    ProcessStack,
+    eventually,
+    free_port,
+    http_json,
+)
+from pumpflow.trading.ledger import PostgresLedger
+
+from .test_trading_crash import LATENCY_S, TOKEN, no_orders
+from .upstream import Upstream, post
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+LEASE_TTL_S = 3
+#: a standby campaigns on; it trades within the lease's TTL of the holder's death, and
+#: this bound leaves the two shared cores room for the reload
+TAKE_OVER_S = 6 * LEASE_TTL_S
+HELD_ALREADY = "held already (or an entry is in flight): one entry a token"
+
+
+@pytest.fixture
+async def replicas(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_harness):
+    process_stack.configure(
+        api_token=TOKEN,
+        trading_paper_latency_s=LATENCY_S,
+        trading_lease_ttl_s=LEASE_TTL_S,
+        trading_max_feed_lag_s=120,
+        consumer_groups="trading",
+    )
+    bus = await rabbitmq_harness.bus(partitions=4, source="test/upstream")
+    watch = await EventCollector("watch").attach(bus, "order.*", "position.*", "trading.*")
+    ports = {"trading-a": free_port(), "trading-b": free_port()}
+    return process_stack, ports, Upstream(bus), watch
+
+
+def roles(ports: dict[str, int]) -> dict[str, str | None]:
+    """Each replica's role by its /state, None while it does not answer."""
+    views = {name: http_json(f"http://127.0.0.1:{port}/state") for name, port in ports.items()}
+    return {name: (view or {}).get("role") for name, view in views.items()}
+
+
+async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg_pool):
+    stack, ports, upstream, watch = replicas
+    ledger = PostgresLedger(pg_pool)
+    for name, port in ports.items():
+        stack.serve("trading", name=name, replica=name, http_port=port)
+
+    async def one_leads() -> bool:
+        found = await asyncio.to_thread(roles, ports)
+        return sorted(found.values(), key=str) == ["active", "standby"]
+
+    await eventually(one_leads, 60, what="one replica active, one standby", details=stack.logs,
+                     interval=0.2)  # fmt: skip
+    found = roles(ports)
+    [leader] = [name for name, role in found.items() if role == "active"]
+    [standby] = [name for name, role in found.items() if role == "standby"]
+
+    held = await upstream.ready()
+    await upstream.publish(upstream.prediction(held))
+    [request] = [
+        e.data
+        for e in await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == held)
+    ]
+    await upstream.trade_after(held, LATENCY_S + 60.0)
+    await watch.wait_for(1, "position.opened", where=lambda e: e.data.mint == held)
+    # the standby reads the ledger, and trades nothing
+    positions = http_json(f"http://127.0.0.1:{ports[standby]}/positions")
+    assert positions["role"] == "standby" and positions["source"] == "ledger", positions
+    assert [p["mint"] for p in positions["positions"]] == [held], positions
+    status, body = post(f"http://127.0.0.1:{ports[leader]}/halt", TOKEN, {"reason": "before"})
+    assert status == 200 and body["state"] == "halted", body
+
+    stack.procs[leader].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(stack.procs[leader].wait, 30)
+
+    port = ports[standby]
+
+    async def took_over() -> bool:
+        return (await asyncio.to_thread(roles, {standby: port}))[standby] == "active"
+
+    await eventually(took_over, TAKE_OVER_S, what=f"{standby} takes over", details=stack.logs,
+                     interval=0.2)  # fmt: skip
+    positions = http_json(f"http://127.0.0.1:{port}/positions")
+    assert positions["source"] == "book", positions
+    assert [p["mint"] for p in positions["positions"]] == [held], positions
+    state = http_json(f"http://127.0.0.1:{port}/state")
+    assert (state["state"], state["operator_state"], state["operator_reason"]) == (
+        "halted", "halted", "before"
+    ), state  # fmt: skip
+
+    status, body = post(f"http://127.0.0.1:{port}/resume", TOKEN, {"reason": "after"})
+    assert status == 200 and body["state"] == "active", body
+    before = no_orders(port)
+    # the new leader saw nothing of the held token: what upstream would publish again
+    await upstream.ready(held)
+    await upstream.publish(upstream.prediction(held))
+    fresh = await upstream.ready()
+    await upstream.publish(upstream.prediction(fresh))
+    await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == fresh)
+    await eventually(
+        lambda: asyncio.to_thread(lambda: no_orders(port) > before),
+        30, what="the held token's prediction decided", details=stack.logs,
+    )  # fmt: skip
+    reasons = http_json(f"http://127.0.0.1:{port}/pnl")["no_order_reasons"]
+    assert HELD_ALREADY in reasons, reasons
+    assert [e.data.order_id for e in watch.of("order.requested") if e.data.mint == held] == [
+        request.order_id
+    ]
+    assert [o["order_id"] for o in await ledger.orders(limit=10, mint=held)] == [request.order_id]
+    assert await ledger.control() == ("active", "after")
+
+    assert await stack.stop(standby) == 0, stack.logs()
