@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-from pumpflow.common.events import Event, OrderRequested
+from pumpflow.common.events import Event, OrderRequested, make_event
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
     MIGRATION_POOL,
@@ -40,6 +41,19 @@ def test_a_ready_token_s_prediction_becomes_a_sized_entry_order(engine, market, 
     wanted = 4.0 * 0.875
     assert order.sol_amount == pytest.approx(min(wanted, 0.02 * curve.v_sol * 1.0125))
     assert risk.exposure(mint) == order.sol_amount  # reserved until filled
+
+
+def test_a_shadow_arm_s_prediction_is_never_traded_on(engine, market):
+    mint = market.ready(engine)
+    live = market.prediction(mint, score=0.9)
+    shadow = make_event(
+        msgspec.structs.replace(live.data, arm="shadow", shadow=True),
+        source="model/test",
+        time=live.time,
+    )
+    assert orders(engine.process(shadow)) == []
+    assert engine.views[mint].prediction is None and engine.last_decision is None
+    assert len(orders(engine.process(live))) == 1
 
 
 def test_a_redelivered_prediction_never_sends_a_second_order(engine, market, book, clock):

@@ -82,3 +82,14 @@ def test_a_partial_sale_realises_its_share_of_the_cost_and_a_fill_counts_once():
     assert book.realized_since(2.5) == 0.0
     # selling straight back loses the fees both ways and the impact
     assert updated.realized_pnl_sol < 0
+
+
+def test_a_sale_of_more_than_is_held_is_booked_for_what_was_held():
+    book = PositionBook(EXECUTION)
+    buy = fill_buy(LAUNCH, 2.02, expected=LAUNCH, execution=EXECUTION)
+    book.apply_fill(filled("e", buy), time=1.0)
+    # twice the holding sold (a late fill beside its retry): half the SOL was never ours
+    double = fill_sell(buy.after, buy.tokens * 2, expected=buy.after, execution=EXECUTION)
+    closed = book.apply_fill(filled("x", double), time=2.0)
+    assert isinstance(closed, PositionClosed)
+    assert closed.realized_pnl_sol == pytest.approx(double.sol / 2 - buy.sol, rel=1e-12)

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
-from pumpflow.common.events import Event, SystemShutdown, make_event
+from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector
 from pumpflow.trading.ledger import MemoryLedger
@@ -87,6 +87,24 @@ async def test_a_prediction_becomes_a_paper_position_stored_in_the_ledger(clock,
         pnl = service.pnl()
         assert pnl["open_positions"] == 1
         assert pnl["unrealized_pnl_sol"] == held["unrealized_pnl_sol"]
+
+
+async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+        sale = ExitOrder(
+            order_id=f"{opened.position_id}:exit:1",
+            mint=mint,
+            position_id=opened.position_id,
+            token_amount=opened.token_amount * 3,
+        )
+        await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+        sell = [r for r in watch.payloads("order.requested") if r.side == "sell"]
+        assert [r.token_amount for r in sell] == [opened.token_amount]
 
 
 async def test_the_kill_switch_stops_entries_from_the_next_event(clock, market):

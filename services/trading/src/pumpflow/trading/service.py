@@ -41,6 +41,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
@@ -366,7 +367,7 @@ class TradingService(Service):
                 if isinstance(data, ModelPrediction):
                     self.metrics.prediction(ordered)
                     if not ordered:
-                        self._note_skip(data.mint, event.id)
+                        self._note_skip()
                 self._report(step, (), cause=event, produced=produced)
                 if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
                     if not self.book.holds(data.mint):
@@ -374,12 +375,11 @@ class TradingService(Service):
             self._backlog.append(step)
             await self._flush()
 
-    def _note_skip(self, mint: str, cause_id: str) -> None:
+    def _note_skip(self) -> None:
         """Count why a prediction ordered nothing (each reason, numbers left out)."""
-        view = self.engine.views.get(mint)
-        if view is None:
-            return
-        decision = self.engine.make_decision(mint, view.features, cause_id=cause_id)
+        decision = self.engine.last_decision
+        if decision is None:
+            return  # a shadow arm's
         for reason in decision.reasons or ("no order",):
             self.skipped[_REASON_NUMBERS.sub("#", reason)] += 1
 
@@ -391,6 +391,12 @@ class TradingService(Service):
             return
         self.engine.sent_orders[order.order_id] = None
         self.engine.order_reasons[order.order_id] = order.reason
+        position = self.book.position(order.mint)
+        held = position.tokens if position is not None else 0.0
+        if order.token_amount > held:
+            # never sell what is not held (a late fill of an earlier tranche sold it);
+            # nothing held is refused by the executor as "nothing to sell"
+            order = msgspec.structs.replace(order, token_amount=held)
         request = sell_order(order)
         step.events.append(
             make_event(

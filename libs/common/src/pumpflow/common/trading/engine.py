@@ -127,6 +127,8 @@ class TradingEngine:
         self.slippage_pct = slippage_pct
         self.views: dict[str, TokenView] = {}
         self.sent_orders: OrderedDict[str, None] = OrderedDict()
+        #: what the last (live) prediction was decided, with its reasons
+        self.last_decision: Decision | None = None
         #: order id -> why it was sent, for the position a sale closes (the executor's
         #: caller sets it for orders it did not decide here, an exit's say)
         self.order_reasons: dict[str, str] = {}
@@ -209,9 +211,15 @@ class TradingEngine:
             if data.state in _RETIRED_STATES and not self.positions.holds(data.mint):
                 self.views.pop(data.mint, None)
         elif isinstance(data, ModelPrediction):
+            if data.shadow:
+                # a shadow arm is measured, never traded on
+                self.last_decision = None
+                return [self._wrap(p, event, now) for p in self.risk.take_reports()]
             view = self._view(data.mint)
             view.prediction = data
-            decision = self.make_decision(data.mint, view.features, cause_id=event.id)
+            decision = self.last_decision = self.make_decision(
+                data.mint, view.features, cause_id=event.id
+            )
             if decision.order is not None:
                 self._remember(decision.order.order_id)
                 self.risk.reserve(decision.order.order_id, data.mint, decision.size_sol)

@@ -205,9 +205,11 @@ class PositionBook:
         sold = min(fill.token_amount, position.tokens)
         share = sold / position.tokens
         released = position.cost_sol * share
-        realized = fill.sol_amount - released
+        # a sale of more than is held is booked for what was held: the rest was never ours
+        booked = sold / fill.token_amount if fill.token_amount > sold else 1.0
+        realized = fill.sol_amount * booked - released
         position.realized_pnl_sol += realized
-        position.fees_sol += fill.fee_sol
+        position.fees_sol += fill.fee_sol * booked
         position.cost_sol -= released
         position.tokens -= sold
         self._value(position)
