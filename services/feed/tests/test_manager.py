@@ -218,7 +218,7 @@ async def test_a_frame_stored_before_a_restart_is_not_published_again(pg_pool, m
     bus, got = await collecting_bus()
     second = Recorder(store, publisher=bus, metrics=metrics)
     manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/new"), recorder=second,
-                              metrics=metrics)  # fmt: skip
+                              metrics=metrics, clock=clock)  # fmt: skip
     feed = ScriptedFeed(clock)
     manager.add_data_feed(feed)
     await manager.start()  # restores the numbering from the store

@@ -145,14 +145,14 @@ class DataFeedManager:
                 await recorder.flush()
             if isinstance(recorder.sink, TokenEventStore):
                 window = self.config.seq_restore_window_s
-                now = None if self._clock is None else self._clock.now()
-                since = None if window is None or now is None else now - window
                 store = recorder.sink
                 # the mints of the window go on where they were; any other starts above
                 self.sequencer.raise_floor(await store.max_seq())
-                self.sequencer.restore(
-                    await store.last_seq_by_mint(since=since), at=now or 0.0
-                )
+                if self._clock is not None:
+                    # without a clock no mint's age is known: the floor alone stands
+                    now = self._clock.now()
+                    since = None if window is None else now - window
+                    self.sequencer.restore(await store.last_seq_by_mint(since=since), at=now)
             self.republished += await recorder.recover()
             await recorder.start()
         for feed in self.feeds:
