@@ -18,6 +18,7 @@ from pumpflow.common.events import ModelPrediction
 from pumpflow.common.keyed import StaleState
 from pumpflow.common.model.arms import Arm, ArmTable
 from pumpflow.common.model.card import vector_row
+from pumpflow.common.model.performance import LabelTracker
 from pumpflow.common.model.processor import ModelProcessor, ScoringPolicy, ScoringState
 from pumpflow.common.testing import base58_key
 
@@ -158,3 +159,18 @@ def test_state_round_trips_and_unreadable_state_is_stale():
     assert len(processor.encode(state)) < 34
     with pytest.raises(StaleState):
         processor.decode(b"\xc1")
+
+
+def test_a_tokens_predictions_are_followed_to_labels_at_most_once_per_label_interval():
+    labels = LabelTracker(clock=ReplayClock(START))
+    processor = ModelProcessor(
+        manager(), ONE_ARM, policy=ScoringPolicy(min_interval_s=0.5, label_interval_s=5.0),
+        labels=labels,
+    )
+    token = Token(processor)
+    pending = []
+    for at in (0.0, 1.0, 4.9, 6.0):
+        # the same vector (a positive price) each time; every one is predicted
+        assert token.step(vector_event(MINT, START + at, seq=1))
+        pending.append(labels.pending)
+    assert pending == [1, 1, 1, 2]

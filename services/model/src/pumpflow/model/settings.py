@@ -35,6 +35,10 @@ class ModelSettings(CommonSettings):
         _POLICY.min_interval_s, ge=0,
         description="a token is scored at most once per this much event time",
     )
+    model_label_interval_s: float = Field(
+        _POLICY.label_interval_s, ge=0,
+        description="a token's predictions are followed to their labels at most this often",
+    )
     model_retire_ttl_s: float = Field(
         _POLICY.retire_ttl_s, gt=0, description="TTL of a retired token's record"
     )
@@ -59,7 +63,9 @@ class ModelSettings(CommonSettings):
 
     def policy(self) -> ScoringPolicy:
         return ScoringPolicy(
-            min_interval_s=self.model_min_interval_s, retire_ttl_s=self.model_retire_ttl_s
+            min_interval_s=self.model_min_interval_s,
+            retire_ttl_s=self.model_retire_ttl_s,
+            label_interval_s=self.model_label_interval_s,
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:
