@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+from pumpflow.cli.train import parse_seeds
 from pumpflow.simulator.calibration import SeedsCalibration, calibrate_seeds
 from pumpflow.simulator.market import MarketConfig
 
@@ -29,14 +30,6 @@ SHORT_NAMES = {
     "peak trades/s (1 s window) / average": "peak/avg",
     "launches per minute": "launch/min",
 }
-
-
-def _seeds(text: str) -> list[int]:
-    seeds: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        seeds.extend(range(int(low), int(high or low) + 1))
-    return seeds
 
 
 def _setting(text: str) -> tuple[str, float]:
@@ -53,7 +46,9 @@ def _cell(value: float, unit: str, ok: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=_seeds, default=_seeds("101-114"), metavar="101-114")
+    parser.add_argument(
+        "--seeds", type=parse_seeds, default=parse_seeds("101-114"), metavar="101-114"
+    )
     parser.add_argument("--minutes", type=float, default=60.0, help="simulated minutes a seed")
     parser.add_argument("--rate", type=float, default=30.0, help="token launches per minute")
     parser.add_argument("--set", type=_setting, action="append", default=[],

@@ -48,6 +48,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pumpflow.cli.backtest import RUN_CONFIG, SIM_START, Report, run_backtest, simulated_frames
+from pumpflow.cli.train import parse_seeds
 from pumpflow.common.events import OrderFilled, OrderRequested, TokenCreated
 from pumpflow.common.trading import PaperBroker, PaperExecution, exit_value
 from pumpflow.simulator.dataset import market_events
@@ -138,13 +139,6 @@ def run_naive(seed: int, minutes: float, size_sol: float, execution: PaperExecut
             )
             result.held_at_end += 1
     return result
-
-
-def parse_seeds(text: str) -> list[int]:
-    if "-" in text:
-        first, last = text.split("-")
-        return list(range(int(first), int(last) + 1))
-    return [int(s) for s in text.split(",")]
 
 
 def main() -> None:

@@ -52,7 +52,8 @@ DEFAULT_ARGS = (
 )
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """Seeds written as ``1,2,5-7``."""
     seeds: list[int] = []
     for part in text.split(","):
         low, _, high = part.partition("-")
@@ -90,12 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--start", type=_epoch, help="first event time (epoch s or ISO)")
     source.add_argument("--end", type=_epoch, help="end of the window (epoch s or ISO)")
     source.add_argument("--dataset", action="append", default=[], metavar="FILE.jsonl")
-    source.add_argument("--sim-seeds", type=_seeds, default=(), metavar="1,2,5-7")
+    source.add_argument("--sim-seeds", type=parse_seeds, default=(), metavar="1,2,5-7")
     source.add_argument("--sim-minutes", type=float, default=DEFAULT_SIM_MINUTES)
     source.add_argument("--sim-start-epoch", type=_epoch, default=DEFAULT_SIM_START)
     held = parser.add_argument_group("held out")
     held.add_argument("--held-out-dataset", action="append", default=[], metavar="FILE.jsonl")
-    held.add_argument("--held-out-seeds", type=_seeds, default=(), metavar="4,5")
+    held.add_argument("--held-out-seeds", type=parse_seeds, default=(), metavar="4,5")
     held.add_argument("--held-out-share", type=float, default=0.3)
     label = parser.add_argument_group("label")
     label.add_argument("--task", choices=("classification", "regression"), default="classification")

@@ -144,7 +144,7 @@ def fill_sell(
     limit = execution.slippage_pct if slippage_pct is None else slippage_pct
     if tokens <= 0:
         return FillRejection(reason=f"nothing to sell: {tokens} tokens")
-    fee_rate = execution.pool_fee_rate if venue == VENUE_POOL else execution.curve_fee_rate
+    fee_rate = _venue_fee_rate(execution, venue)
     quote = quote_sell(state, tokens, fee_rate=fee_rate)
     wanted = quote_sell(expected, tokens, fee_rate=fee_rate)
     slippage = 1.0 - quote.average_price / wanted.average_price
@@ -152,7 +152,7 @@ def fill_sell(
         return FillRejection(
             reason=f"slippage {slippage:.2%} over the {limit:g}% limit", slippage=slippage
         )
-    api_fee = quote.sol * execution.api_fee_rate
+    api_fee = _api_fee(quote.sol, execution)
     return PaperFill(
         side="sell",
         venue=venue,
@@ -173,9 +173,19 @@ def exit_value(
     """SOL that selling ``tokens`` now would bring after every fee (a position's mark)."""
     if tokens <= 0:
         return 0.0
-    fill = fill_sell(state, tokens, expected=state, execution=execution, venue=venue)
-    assert isinstance(fill, PaperFill)  # a state against itself never slips
-    return fill.sol
+    # a sale against the state itself never slips: fill_sell's proceeds from one quote
+    # (this runs on every trade of a held token)
+    sol = quote_sell(state, tokens, fee_rate=_venue_fee_rate(execution, venue)).sol
+    return sol - _api_fee(sol, execution)
+
+
+def _venue_fee_rate(execution: PaperExecution, venue: str) -> float:
+    return execution.pool_fee_rate if venue == VENUE_POOL else execution.curve_fee_rate
+
+
+def _api_fee(sol: float, execution: PaperExecution) -> float:
+    """The trade API's fee on a sale's proceeds."""
+    return sol * execution.api_fee_rate
 
 
 def pool_after_trade(pool: CurveState, side: Side, sol: float, tokens: float) -> CurveState:
