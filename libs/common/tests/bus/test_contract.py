@@ -924,9 +924,9 @@ async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, 
         await cleanup.close()
 
 
-@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize(("window", "batched"), [(1, False), (4, False), (4, True)])
 async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
-    harness, service, window
+    harness, service, window, batched
 ):
     """Its consumer dies with it at each delivery (as a process it crashes would). After
     the delivery limit it is dead-lettered, and only it: the events behind it go on."""
@@ -947,9 +947,17 @@ async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
             return
         await got(event)
 
+    async def dies_on_poison_in_a_batch(events: list[Event]) -> None:
+        for event in events:
+            await dies_on_poison(event)
+
     def subscription() -> Subscription:
         return Subscription(
-            service=service, patterns=("token.*",), handler=dies_on_poison, window=window
+            service=service,
+            patterns=("token.*",),
+            handler=dies_on_poison,
+            window=window,
+            batch_handler=dies_on_poison_in_a_batch if batched else None,
         )
 
     current = subscription()

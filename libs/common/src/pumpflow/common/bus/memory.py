@@ -550,10 +550,14 @@ class InMemoryBus(EventBus):
         return delivery
 
     def _start_batch(self, lane: _Lane, replica: _Replica) -> list[_Delivery]:
-        """Take as many of the lane's events as ``replica``'s window leaves room for."""
+        """Take as many of the lane's events as ``replica``'s window leaves room for, up to
+        one that came back (it runs alone: see the delivery limit)."""
         room = replica.subscription.window - lane.running
         items = lane.items
-        batch = [_Delivery(items.popleft()) for _ in range(min(room, len(items)))]
+        returned = lane.returned
+        batch = []
+        while items and len(batch) < room and not (returned and items[0].id in returned):
+            batch.append(_Delivery(items.popleft()))
         lane.unacked.extend(batch)
         if lane.running == 0:
             lane.serving = replica
@@ -569,6 +573,12 @@ class InMemoryBus(EventBus):
             )
             for event, reason in dead:
                 self._store_dead(_dead_letter(lane, event, reason))
+        except HandedBack:
+            # the lane stopped while the batch waited for a dependency: nothing died with
+            # it, so the delivery limit does not count it
+            for delivery in reversed(batch):
+                if not delivery.abandoned:
+                    self._hand_back(lane, delivery, unsettled=False)
         except asyncio.CancelledError:
             if self._hand_back_cancelled(lane, batch):
                 raise
@@ -658,14 +668,24 @@ class InMemoryBus(EventBus):
             if not self._consuming:
                 break
             subscription = replica.subscription
-            if subscription.window > 1 and subscription.batch_handler is not None:
+            came_back = bool(lane.returned) and lane.items[0].id in lane.returned
+            if came_back and lane.running:
+                # a delivery that came back runs alone (as on RabbitMQ): the others first
+                while lane.running:
+                    await lane.idle.wait()
+                continue
+            if (
+                subscription.window > 1
+                and subscription.batch_handler is not None
+                and not came_back
+            ):
                 batch = self._start_batch(lane, replica)
                 task = asyncio.create_task(self._run_batch(lane, replica, batch))
                 lane.tasks.add(task)
                 task.add_done_callback(lane.tasks.discard)
                 continue
             delivery = self._start(lane, replica)
-            if subscription.window == 1:
+            if subscription.window == 1 or came_back:
                 await self._run(lane, replica, delivery)
             else:
                 # started in this order, each runs up to its first suspension in turn
