@@ -87,6 +87,7 @@ from pumpflow.common.bus.dispatch import (
     PARTITION,
     Bindings,
     Dispatcher,
+    HandedBack,
     check_declared,
     check_publishable,
     publish_lane,
@@ -958,7 +959,12 @@ class RabbitMQBus(EventBus):
                 extra={"x-pumpflow-queue": queue},
             )
         else:
-            await self._dispatch(consumer, message)
+            try:
+                await self._dispatch(consumer, message)
+            except HandedBack:
+                # the lane stopped while it waited for a dependency: nothing died with it
+                self.journal.settle(queue, message_id)
+                raise
         # not reached when the handler was cancelled: that delivery ended unsettled
         self.journal.settle(queue, message_id)
 
