@@ -33,5 +33,7 @@ async def test_an_exit_order_overtakes_50000_queued_trades(harness):
     harness.delete_after(["trading"])
     run = await exit_order_through_backlog(bus, 50_000, partitions=PARTITIONS)
     assert_overtook(run)
-    # most of the backlog still queued when the order got through
-    assert run.trades_before < run.backlog // 2
+    # most of what was still queued when the order was published was still queued when
+    # it got through (how much the consumer handled before the publish is the setup's pace)
+    queued_at_publish = run.backlog - (run.trades_before - run.trades_in_between)
+    assert run.trades_in_between < queued_at_publish // 2, run
