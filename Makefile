@@ -49,7 +49,8 @@ lock: | $(VENV)/bin/pip
 # Needs the same servers as the tests; takes several minutes on 2 cores.
 BENCHMARKS := bus_throughput state_store simulator_generate simulator_calibration \
 	feed_ingest replay_memory features activity_replay worker_pool scaling pipeline \
-	services_distributed model_scoring model_service token_churn fuzz_decoder graceful_exit exit_latency
+	services_distributed model_scoring model_service token_churn fuzz_decoder graceful_exit exit_latency \
+	backtest
 
 bench: $(STAMP)
 	@set -e; for b in $(BENCHMARKS); do \
