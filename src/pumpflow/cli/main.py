@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.train",
     "pumpflow.cli.trading",
     "pumpflow.cli.stop",
+    "pumpflow.cli.catalogue",
 )
 
 

@@ -46,6 +46,8 @@ from pumpflow.feed.socket_feed import SocketDataFeed
 
 log = logging.getLogger(__name__)
 
+#: the feed's commands: keyless, so on per-replica queues this service declares itself
+CONSUMES = (FeedSubscription.TYPE,)
 #: PumpPortal allows one connection per key (more get the key banned for an hour)
 LEASE_NAME = "feed:pumpportal"
 #: the wanted mints of the lease holder, for the replica that takes over
@@ -145,7 +147,7 @@ class FeedService(Service):
         await ctx.bus.subscribe(
             Subscription(
                 service=settings.service,
-                patterns=(FeedSubscription.TYPE,),
+                patterns=CONSUMES,
                 handler=self.on_command,
             )
         )
