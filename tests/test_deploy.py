@@ -127,14 +127,16 @@ def test_prometheus_scrapes_every_served_service():
 
 
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+#: the series names of the code: pumpflow's own and the process collector's
+CODE_METRIC = re.compile(r"\b(?:pumpflow|process)_[a-z_]+")
 
 
 def dashboard_metrics(dashboard: dict) -> set[str]:
-    """Every pumpflow_* name a dashboard's queries (panels and variables) use."""
+    """Every pumpflow_* and process_* name a dashboard's queries (panels and variables) use."""
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     # the variables' queries too: a wrong name there leaves every panel empty
     exprs += " ".join(v["definition"] for v in dashboard.get("templating", {}).get("list", []))
-    return set(re.findall(r"pumpflow_[a-z_]+", exprs))
+    return set(CODE_METRIC.findall(exprs))
 
 
 def exported_metrics() -> set[str]:
@@ -143,8 +145,12 @@ def exported_metrics() -> set[str]:
 
     from pumpflow.activity.metrics import ActivityServiceMetrics
     from pumpflow.common.consumer.metrics import ConsumerMetrics
+    from pumpflow.common.model_metrics import ModelMonitorMetrics
     from pumpflow.common.workers import TokenMonitorThreadPool
+    from pumpflow.exit.metrics import ExitMetrics
     from pumpflow.feed.metrics import FeedMetrics
+    from pumpflow.model.metrics import ModelServiceMetrics
+    from pumpflow.trading.metrics import TradingMetrics
 
     # importing them registers the bus collector and the service and partition gauges on
     # the default registry
@@ -154,11 +160,15 @@ def exported_metrics() -> set[str]:
         "pumpflow.common.runtime.http",
     ):
         importlib.import_module(module)
-    # the feed's, activity's, the worker pools' and the keyed consumers' metrics are created
-    # per registry
+    # the services', the worker pools' and the keyed consumers' metrics are created per
+    # registry (the default one has the process collector: memory, CPU)
     private = CollectorRegistry()
     FeedMetrics(registry=private)
     ActivityServiceMetrics(registry=private)
+    ModelServiceMetrics(registry=private)
+    ModelMonitorMetrics(registry=private)
+    TradingMetrics(registry=private)
+    ExitMetrics(registry=private)
     TokenMonitorThreadPool(registry=private)
     ConsumerMetrics("deploy-check", registry=private)
 
@@ -242,7 +252,7 @@ def test_every_dashboard_plots_only_exported_metrics(path):
             assert target["datasource"]["uid"] == "prometheus", panel["title"]
             # counters are plotted as rates, histograms as quantiles over their buckets
             expr = target["expr"]
-            for name in re.findall(r"pumpflow_[a-z_]+", expr):
+            for name in CODE_METRIC.findall(expr):
                 if name.endswith("_total"):
                     assert "rate(" in expr or "increase(" in expr, expr
                 if name.endswith("_bucket"):
@@ -263,6 +273,15 @@ def test_the_metric_check_catches_a_wrong_name():
         "pumpflow_feed_frame_total",
         "pumpflow_service_infos",
     }
+
+
+def test_alert_rules_use_only_exported_metrics():
+    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    exprs = " ".join(rule["expr"] for group in groups for rule in group["rules"])
+    metrics = set(CODE_METRIC.findall(exprs))
+    assert {"pumpflow_feed_connected", "process_resident_memory_bytes"} <= metrics
+    missing = sorted(metrics - exported_metrics())
+    assert not missing, f"alerts.yml: not exported by the code: {missing}"
 
 
 def test_dockerfile_installs_only_the_service_and_the_cli():

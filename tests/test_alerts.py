@@ -1,0 +1,115 @@
+"""Prometheus' alert rules: valid, loaded, unit-tested by promtool on firing and quiet input.
+
+promtool comes from Debian's ``prometheus`` package (`.ci/run` extracts the binary).
+Without it these tests skip, unless ``PUMPFLOW_REQUIRE_TOOLS=1`` (set by CI) makes a
+missing tool a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS = ROOT / "deploy/prometheus"
+RULES = PROMETHEUS / "alerts.yml"
+RULE_TESTS = PROMETHEUS / "alerts.test.yml"
+
+
+def promtool() -> str:
+    """The promtool binary; skip (or fail, where tools are required) when it is missing."""
+    found = shutil.which("promtool")
+    if found is None:
+        reason = (
+            "promtool is not installed (Debian's prometheus package: `apt-get download "
+            "prometheus && dpkg -x prometheus_*.deb DIR`, then put DIR/usr/bin/promtool on PATH)"
+        )
+        if os.environ.get("PUMPFLOW_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"PUMPFLOW_REQUIRE_TOOLS=1 and {reason}", pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+def run_promtool(*args: str) -> str:
+    result = subprocess.run(
+        [promtool(), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"
+    return output
+
+
+def alert_names() -> list[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def test_the_rules_are_valid():
+    output = run_promtool("check", "rules", str(RULES))
+    assert f"SUCCESS: {len(alert_names())} rules found" in output
+
+
+def test_prometheus_loads_the_rules():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    output = run_promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert "SUCCESS: 1 rule files found" in output
+    # compose mounts the rules beside the config, where rule_files finds them
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"][
+        "command"
+    ]
+
+
+def test_the_rules_pass_their_unit_tests():
+    output = run_promtool("test", "rules", str(RULE_TESTS))
+    assert "SUCCESS" in output
+
+
+def test_each_rule_is_tested_firing_and_quiet():
+    """promtool checks only what the test file asks: every alert is asked both ways."""
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = set(alert_names())
+    assert names - firing == set(), "never tested firing"
+    assert names - quiet == set(), "never tested quiet"
+    assert (firing | quiet) <= names, "tests of alerts that do not exist"
+
+
+def test_the_operator_hears_what_matters():
+    assert {
+        "FeedDisconnected",
+        "BacklogGrowing",
+        "BreakerTripped",
+        "ModelDrift",
+        "TradingHalted",
+        "ProcessMemoryHigh",
+        "ServiceMissing",
+        "ServiceDown",
+        "DeadLettersGrowing",
+    } <= set(alert_names())
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for rule in (r for g in groups for r in g["rules"]):
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+
+
+def test_a_missing_promtool_fails_where_tools_are_required(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("PUMPFLOW_REQUIRE_TOOLS", "1")
+    with pytest.raises(pytest.fail.Exception, match="promtool is not installed"):
+        promtool()
+    monkeypatch.delenv("PUMPFLOW_REQUIRE_TOOLS")
+    with pytest.raises(pytest.skip.Exception, match="promtool is not installed"):
+        promtool()
