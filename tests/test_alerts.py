@@ -64,9 +64,10 @@ def test_prometheus_loads_the_rules():
     mounts = compose["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
     assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
-    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"][
-        "command"
-    ]
+    assert (
+        "--config.file=/etc/prometheus/prometheus.yml"
+        in compose["services"]["prometheus"]["command"]
+    )
 
 
 def test_the_rules_pass_their_unit_tests():
