@@ -3,12 +3,19 @@ dataset file or Postgres, and configurations are compared side by side."""
 
 from __future__ import annotations
 
+import io
+import json
+import re
+
 import pytest
 
 from pumpflow.cli.backtest import (
     RUN_CONFIG,
+    ProgressBar,
+    ProgressLine,
     database_frames,
     dataset_frames,
+    progress_for,
     run_backtest,
     simulated_frames,
 )
@@ -37,7 +44,7 @@ async def test_a_backtest_of_the_same_stream_decides_the_same_twice():
     progress: list[tuple[int, int]] = []
     first = await run_backtest(frames, RUN_CONFIG, progress=lambda d, t: progress.append((d, t)))
     second = await run_backtest(frames, RUN_CONFIG)
-    assert first.decisions() == second.decisions()
+    assert first.results() == second.results()
     # the stream went through every stage: predictions, orders, fills, a book
     assert first.frames == len(frames)
     assert first.predictions > 0
@@ -52,7 +59,7 @@ async def test_a_backtest_of_the_same_stream_decides_the_same_twice():
 async def test_a_dataset_file_replays_as_the_market_it_was_written_from(dataset):
     from_file = await run_backtest(dataset_frames(dataset), RUN_CONFIG)
     simulated = await run_backtest(simulated_frames(SEED, MINUTES, start=START), RUN_CONFIG)
-    assert from_file.decisions() == simulated.decisions()
+    assert from_file.results() == simulated.results()
     assert from_file.entries > 0
 
 
@@ -63,11 +70,14 @@ async def test_frames_recorded_in_postgres_are_the_dataset_s(dataset, pg_pool, p
     assert sorted(recorded) == sorted(dataset_frames(dataset))
 
 
-def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, capsys):
+EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
+
+
+def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, tmp_path, capsys):
+    results = tmp_path / "results.json"
     status = main([
-        "backtest", "--dataset", dataset, "--quiet",
-        "--config", "eager=trading_min_score=0.5,trading_reject_creator_sold=false",
-        "--config", "defaults",
+        "backtest", "--dataset", dataset, "--quiet", "--config", EAGER, "--config", "defaults",
+        "--json", str(results),
     ])  # fmt: skip
     assert status == 0
     out = capsys.readouterr().out
@@ -78,6 +88,57 @@ def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, capsys)
     eager, defaults = rows[1].split("|"), rows[2].split("|")
     assert int(eager[3]) > 0
     assert int(defaults[3]) == 0
+    # the same, for machines: each configuration its settings and its own results
+    document = json.loads(results.read_text())
+    assert document["source"] == dataset
+    configs = {c["name"]: c for c in document["configurations"]}
+    assert list(configs) == ["eager", "defaults"]
+    assert configs["eager"]["settings"] == {
+        "trading_min_score": "0.5", "trading_reject_creator_sold": "false"
+    }  # fmt: skip
+    assert configs["defaults"]["settings"] == {}
+    eager_results, default_results = configs["eager"]["results"], configs["defaults"]["results"]
+    assert eager_results["entries"] == eager_results["orders"]["buy"]["filled"] == int(eager[3])
+    assert eager_results["bought_sol"] > 0
+    assert default_results["entries"] == default_results["orders"]["buy"]["requested"] == 0
+    assert default_results["entries_skipped"]["creator sold"] > 0
+    assert "creator sold" not in eager_results["entries_skipped"]
+    # one stream: both saw the same frames and the model scored the same
+    assert eager_results["frames"] == default_results["frames"] == document["frames"]
+    assert eager_results["predictions"] == default_results["predictions"] > 0
+
+
+def test_the_same_stream_gives_the_same_results_twice_from_the_command(dataset, tmp_path):
+    outputs = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path in outputs:
+        assert main(["backtest", "--dataset", dataset, "--quiet", "--config", EAGER,
+                     "--json", str(path)]) == 0  # fmt: skip
+    first, second = (json.loads(path.read_text())["configurations"] for path in outputs)
+    assert [c["results"] for c in first] == [c["results"] for c in second]
+    assert first[0]["results"]["orders"]["buy"]["filled"] > 0
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
+    terminal, pipe = Terminal(), io.StringIO()
+    bar = progress_for("eager", every=0.0, out=terminal)
+    lines = progress_for("eager", every=0.0, out=pipe)
+    assert isinstance(bar, ProgressBar) and isinstance(lines, ProgressLine)
+    for progress in (bar, lines):
+        for done in (0, 500, 1_000):
+            progress(done, 1_000)
+        progress.close()
+    drawn = terminal.getvalue()
+    assert "\x1b[" in drawn  # drawn in place on the terminal
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    assert "eager" in shown and "1000/1000 frames" in shown
+    assert re.search(r"ETA \d+:\d\d:\d\d", shown)
+    assert pipe.getvalue().splitlines()[-1].startswith("eager: 1,000/1,000 frames (100%)")
+    assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
 
 
 def test_a_setting_no_service_has_is_refused(dataset):

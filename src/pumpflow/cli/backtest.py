@@ -19,16 +19,23 @@ the same report.
 
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes, any setting of trading, exit or model
-(``trading_min_score=0.5``, ``exit_take_profit_pct=40``, ...); every configuration
-runs on the same stream and one table compares them. ``--configs FILE.toml`` reads
-configurations from a file, one table each (``[eager]`` then ``trading_min_score =
-0.5``). Without either, one run with ``pumpflow run``'s trading settings (``run``).
+(``trading_min_score=0.5``, ``exit_take_profit_pct=40``, ...), over the services'
+defaults and their PUMPFLOW_* environment; every configuration runs on the same
+frames in a system of its own, one after the other, and one table compares them.
+``--configs FILE.toml`` reads configurations from a file, one table each (``[eager]``
+then ``trading_min_score = 0.5``). Without either, one run with ``pumpflow run``'s
+trading settings (``run``). ``--json FILE`` also writes each configuration's settings
+and results (the same for the same stream) and its timings.
+
+Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
+``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
 by rule, realised PnL and the open positions marked at what selling them whole would
 bring (:func:`~pumpflow.common.trading.exit_value`), after every fee; win rate of the
 closed positions; the largest fall of realised PnL from its peak; predictions the model
-published, and the model's live AUC on the labels resolved by the stream's end.
+published, and the model's live AUC and precision (at its threshold) on the labels
+resolved by the stream's end; entries skipped by reason and circuit breakers tripped.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
+import math
 import sys
 import time
 from collections import Counter
@@ -181,6 +190,8 @@ class Report:
     exits: Counter = field(default_factory=Counter)
     #: "model/arm" -> (live AUC, labels)
     auc: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: "model/arm" -> (live precision at the model's threshold, the threshold)
+    precision: dict[str, tuple[float, float]] = field(default_factory=dict)
     breakers: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
 
@@ -196,14 +207,42 @@ class Report:
     def win_rate(self) -> float | None:
         return self.wins / self.closed_positions if self.closed_positions else None
 
-    def decisions(self) -> tuple[Any, ...]:
-        """What the system decided, without the timings: equal for equal inputs."""
-        return (
-            self.frames, self.predictions, sorted(self.orders.items()), self.entries,
-            round(self.bought_sol, 9), round(self.realized_sol, 9),
-            round(self.unrealized_sol, 9), self.open_positions, self.closed_positions,
-            self.wins, sorted(self.exits.items()),
-        )  # fmt: skip
+    def results(self) -> dict[str, Any]:
+        """What the configuration did, without the timings, for machines: equal for
+        equal inputs."""
+        o, sol = self.orders, _sol
+        return {
+            "frames": self.frames,
+            "predictions": self.predictions,
+            "orders": {
+                side: {kind: o[kind, side] for kind in ("requested", "filled", "rejected")}
+                for side in ("buy", "sell")
+            },
+            "entries": self.entries,
+            "bought_sol": sol(self.bought_sol),
+            "closed_positions": self.closed_positions,
+            "open_positions": self.open_positions,
+            "wins": self.wins,
+            "win_rate": self.win_rate,
+            "exits": dict(sorted(self.exits.items())),
+            "realized_sol": sol(self.realized_sol),
+            "unrealized_sol": sol(self.unrealized_sol),
+            "pnl_sol": sol(self.pnl),
+            "fees_sol": sol(self.fees_sol),
+            "max_drawdown_sol": sol(self.max_drawdown_sol),
+            "models": self.models(),
+            "breakers_tripped": dict(sorted(self.breakers.items())),
+            "entries_skipped": dict(sorted(self.skipped.items())),
+        }
+
+    def models(self) -> dict[str, dict[str, float | int | None]]:
+        """The live figures of each "model/arm" (NaN, an undefined figure, as None)."""
+        models: dict[str, dict[str, float | int | None]] = {}
+        for arm, (auc, labels) in sorted(self.auc.items()):
+            models.setdefault(arm, {}).update(auc=_defined(auc), labels=labels)
+        for arm, (precision, threshold) in sorted(self.precision.items()):
+            models.setdefault(arm, {}).update(precision=_defined(precision), threshold=threshold)
+        return models
 
     def text(self) -> str:
         o = self.orders
@@ -222,9 +261,23 @@ class Report:
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
             f"  predictions {self.predictions:,}; live AUC "
-            + (", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a"),
+            + (", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a")
+            + "; precision "
+            + (
+                ", ".join(f"{k} {p:.3f} (score >= {t:.2f})" for k, (p, t) in self.precision.items())
+                or "n/a"
+            ),
         ]
         return "\n".join(lines)
+
+
+def _sol(value: float) -> float:
+    # sums of the same fills in another order differ in the last bits
+    return round(float(value), 9)
+
+
+def _defined(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _share(value: float | None) -> str:
@@ -340,11 +393,16 @@ async def run_backtest(
                 progress(total, total)
             model.resolve_labels()
             performance = model.performance
-            auc = {
-                f"{model_id}/{arm}": (figures.metrics["auc"], figures.labels)
+            figures = {
+                f"{model_id}/{arm}": found.metrics | {"labels": found.labels}
                 for model_id, arm in performance.keys()
-                if (figures := performance.figures(model_id, arm)) is not None
-                and "auc" in figures.metrics
+                if (found := performance.figures(model_id, arm)) is not None
+            }
+            auc = {k: (float(m["auc"]), m["labels"]) for k, m in figures.items() if "auc" in m}
+            precision = {
+                k: (float(m["precision"]), float(m["threshold"]))
+                for k, m in figures.items()
+                if "precision" in m
             }
             book = trading.book
             closed = list(book.closed_positions)
@@ -368,6 +426,7 @@ async def run_backtest(
                 max_drawdown_sol=_max_drawdown(closed),
                 exits=Counter(p.close_reason or "?" for p in closed),
                 auc=auc,
+                precision=precision,
                 skipped=Counter(trading.skipped),
                 breakers=Counter(
                     name for name, b in trading.risk.breakers.items() if b.last_fault is not None
@@ -379,7 +438,8 @@ async def run_backtest(
 
 
 class ProgressLine:
-    """A plain progress line with an ETA on ``out``, at most every ``every`` wall seconds."""
+    """A plain progress line with an ETA on ``out``, at most every ``every`` wall seconds
+    (for logs and pipes)."""
 
     def __init__(self, label: str, *, every: float = 2.0, out: TextIO = sys.stderr):
         self.label, self.every, self.out = label, every, out
@@ -400,26 +460,104 @@ class ProgressLine:
             flush=True,
         )
 
+    def close(self) -> None:
+        pass
+
+
+class ProgressBar:
+    """A progress bar with the rate and an ETA on a terminal ``out`` (rich)."""
+
+    def __init__(self, label: str, *, out: TextIO = sys.stderr):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.label = label
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("frames, {task.fields[rate]}/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=out, force_terminal=True),
+        )
+        self._task: Any = None
+        self._started = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=total, rate="-")
+            self._started = time.perf_counter()
+        elapsed = time.perf_counter() - self._started
+        rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "-"
+        self._bar.update(self._task, completed=done, rate=rate)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._bar.stop()
+
+
+def progress_for(label: str, *, every: float, out: TextIO = sys.stderr) -> Progress:
+    """A bar on a terminal, plain lines otherwise (or when rich is missing)."""
+    if out.isatty():
+        try:
+            return ProgressBar(label, out=out)
+        except ImportError:
+            pass
+    return ProgressLine(label, every=every, out=out)
+
 
 def comparison_table(reports: Sequence[Report]) -> str:
     """One row per configuration, in markdown."""
     rows = [
-        "| config | orders buy/sell (rejected) | entries | closed (win rate) | exits by rule "
-        "| realised | open, marked | PnL (SOL) | max drawdown | predictions | live AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | orders buy/sell (filled, rejected) | entries | closed (win rate) "
+        "| exits by rule | realised | open, marked | PnL (SOL) | max drawdown | predictions "
+        "| live AUC | precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         o = r.orders
         auc = ", ".join(f"{a:.3f}" for a, _ in r.auc.values()) or "n/a"
+        precision = ", ".join(f"{p:.3f}" for p, _ in r.precision.values()) or "n/a"
         exits = ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-"
         rows.append(
             f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "
-            f"({o['rejected', 'buy'] + o['rejected', 'sell']}) | {r.entries} | "
+            f"({o['filled', 'buy'] + o['filled', 'sell']}, "
+            f"{o['rejected', 'buy'] + o['rejected', 'sell']}) | {r.entries} | "
             f"{r.closed_positions} ({_share(r.win_rate)}) | {exits} | {r.realized_sol:+.4f} | "
             f"{r.unrealized_sol:+.4f} ({r.open_positions}) | {r.pnl:+.4f} | "
-            f"{r.max_drawdown_sol:.4f} | {r.predictions:,} | {auc} |"
+            f"{r.max_drawdown_sol:.4f} | {r.predictions:,} | {auc} | {precision} |"
         )
     return "\n".join(rows)
+
+
+def comparison_json(
+    source: str, configs: Sequence[tuple[str, Mapping[str, Any]]], reports: Sequence[Report]
+) -> dict[str, Any]:
+    """Every configuration's settings and results (``results`` equal for equal inputs;
+    the wall and CPU seconds apart, under ``timing``)."""
+    return {
+        "source": source,
+        "frames": reports[0].frames if reports else 0,
+        "configurations": [
+            {
+                "name": report.name,
+                "settings": dict(config),
+                "results": report.results(),
+                "timing": {"seconds": report.seconds, "cpu_s": report.cpu_s},
+            }
+            for (_, config), report in zip(configs, reports, strict=True)
+        ],
+    }
 
 
 # ------------------------------------------------------------------ the command
@@ -450,9 +588,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="configurations from a TOML file, one table each, run after --config's",
     )  # fmt: skip
     parser.add_argument(
-        "--every", type=float, default=2.0, help="wall seconds between progress lines (2)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+        "--json", metavar="FILE.json", dest="json_out",
+        help="also write every configuration's settings and results here (- for stdout)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--every", type=float, default=2.0,
+        help="wall seconds between progress lines when stderr is no terminal (2)",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     parser.set_defaults(handler=backtest_command)
 
 
@@ -488,9 +631,20 @@ def backtest_command(args: argparse.Namespace) -> int:
           f"{len(configs)} configuration(s)", flush=True)  # fmt: skip
     reports = []
     for name, config in configs:
-        progress = None if args.quiet else ProgressLine(name, every=args.every)
-        reports.append(asyncio.run(run_backtest(frames, config, name=name, progress=progress)))
+        progress = None if args.quiet else progress_for(name, every=args.every)
+        try:
+            reports.append(asyncio.run(run_backtest(frames, config, name=name, progress=progress)))
+        finally:
+            if progress is not None:
+                progress.close()
         print(reports[-1].text(), flush=True)
     if len(reports) > 1:
         print(comparison_table(reports), flush=True)
+    if args.json_out:
+        document = json.dumps(comparison_json(source, configs, reports), indent=2, default=str)
+        if args.json_out == "-":
+            print(document, flush=True)
+        else:
+            with open(args.json_out, "w", encoding="utf-8") as out:
+                out.write(document + "\n")
     return 0
