@@ -10,28 +10,32 @@ from __future__ import annotations
 import argparse
 import importlib
 
-#: pumpflow subcommand -> (module with ``main(argv)``, argv prefix, help)
+#: pumpflow subcommand -> (module with ``main(argv, prog=)`` and ``build_parser(prog)``,
+#: argv prefix, the owner's program name under ``pumpflow``, help)
 DELEGATED = {
     "record": (
         "pumpflow.feed.cli",
         ["record"],
+        "pumpflow",
         "record a PumpPortal-protocol stream to Postgres or JSONL (see: pumpflow record -h)",
     ),
     "replay": (
         "pumpflow.feed.cli",
         ["replay"],
+        "pumpflow",
         "replay recorded events in time order to JSONL or the bus (pumpflow replay -h)",
     ),
     "sim": (
         "pumpflow.simulator.cli",
         [],
+        "pumpflow sim",
         "market simulator: serve, dataset, load, calibrate (see: pumpflow sim -h)",
     ),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    for name, (_, _, help_text) in DELEGATED.items():
+    for name, (_, _, _, help_text) in DELEGATED.items():
         parser = subparsers.add_parser(name, help=help_text, add_help=False)
         parser.add_argument("argv", nargs=argparse.REMAINDER)
         parser.set_defaults(handler=run_delegated, delegated=name)
@@ -43,5 +47,5 @@ def run_delegated(args: argparse.Namespace) -> int:
 
 def delegate(name: str, argv: list[str]) -> int:
     """Run delegated command ``name`` with its own arguments ``argv``."""
-    module, prefix, _ = DELEGATED[name]
-    return int(importlib.import_module(module).main([*prefix, *argv]) or 0)
+    module, prefix, prog, _ = DELEGATED[name]
+    return int(importlib.import_module(module).main([*prefix, *argv], prog=prog) or 0)

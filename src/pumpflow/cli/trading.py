@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "a trading replica's HTTP API; the token comes from PUMPFLOW_API_TOKEN."
         ),
     )
-    parser.add_argument("action", choices=("halt", "resume", "state"))
+    parser.add_argument(
+        "action",
+        choices=("halt", "resume", "state"),
+        help="halt: no new entries (exits go on); resume: enter again; state: show it",
+    )
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
     parser.add_argument(
         "--url",

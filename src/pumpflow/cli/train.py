@@ -90,27 +90,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     source.add_argument("--start", type=_epoch, help="first event time (epoch s or ISO)")
     source.add_argument("--end", type=_epoch, help="end of the window (epoch s or ISO)")
-    source.add_argument("--dataset", action="append", default=[], metavar="FILE.jsonl")
-    source.add_argument("--sim-seeds", type=parse_seeds, default=(), metavar="1,2,5-7")
-    source.add_argument("--sim-minutes", type=float, default=DEFAULT_SIM_MINUTES)
-    source.add_argument("--sim-start-epoch", type=_epoch, default=DEFAULT_SIM_START)
+    source.add_argument(
+        "--dataset", action="append", default=[], metavar="FILE.jsonl",
+        help="a `pumpflow sim dataset` file (repeatable)",
+    )  # fmt: skip
+    source.add_argument(
+        "--sim-seeds", type=parse_seeds, default=(), metavar="1,2,5-7",
+        help="simulate these market seeds here",
+    )  # fmt: skip
+    source.add_argument(
+        "--sim-minutes", type=float, default=DEFAULT_SIM_MINUTES,
+        help="market minutes per simulated seed (%(default)g)",
+    )  # fmt: skip
+    source.add_argument(
+        "--sim-start-epoch", type=_epoch, default=DEFAULT_SIM_START,
+        help="when the first simulated market starts (epoch s or ISO; 2026-01-01)",
+    )  # fmt: skip
     held = parser.add_argument_group("held out")
-    held.add_argument("--held-out-dataset", action="append", default=[], metavar="FILE.jsonl")
-    held.add_argument("--held-out-seeds", type=parse_seeds, default=(), metavar="4,5")
-    held.add_argument("--held-out-share", type=float, default=0.3)
+    held.add_argument(
+        "--held-out-dataset", action="append", default=[], metavar="FILE.jsonl",
+        help="validate on this dataset file (repeatable)",
+    )  # fmt: skip
+    held.add_argument(
+        "--held-out-seeds", type=parse_seeds, default=(), metavar="4,5",
+        help="validate on markets of these seeds, simulated here",
+    )  # fmt: skip
+    held.add_argument(
+        "--held-out-share", type=float, default=0.3,
+        help="without a held-out source: the share of tokens, the last launched, held out (0.3)",
+    )  # fmt: skip
     label = parser.add_argument_group("label")
-    label.add_argument("--task", choices=("classification", "regression"), default="classification")
-    label.add_argument("--horizon", type=float, default=DEFAULT_HORIZON_S, metavar="S")
-    label.add_argument("--take-profit", type=float, default=None, metavar="FRACTION")
-    label.add_argument("--stop-loss", type=float, default=None, metavar="FRACTION")
-    label.add_argument("--fee-rate", type=float, default=DEFAULT_FEE_RATE)
+    label.add_argument(
+        "--task", choices=("classification", "regression"), default="classification",
+        help="take profit before stop loss (classification), or the net return (regression)",
+    )  # fmt: skip
+    label.add_argument(
+        "--horizon", type=float, default=DEFAULT_HORIZON_S, metavar="S",
+        help="seconds the label looks ahead (%(default)g)",
+    )  # fmt: skip
+    label.add_argument(
+        "--take-profit", type=float, default=None, metavar="FRACTION",
+        help="net return a positive reaches before the stop loss (default: the shipped label's)",
+    )  # fmt: skip
+    label.add_argument(
+        "--stop-loss", type=float, default=None, metavar="FRACTION",
+        help="net fall that makes a negative first (default: the shipped label's)",
+    )  # fmt: skip
+    label.add_argument(
+        "--fee-rate", type=float, default=DEFAULT_FEE_RATE,
+        help="curve fee the label's net return pays per trade (%(default)g)",
+    )  # fmt: skip
     model = parser.add_argument_group("model")
-    model.add_argument("--model-id", default="entry")
-    model.add_argument("--seed", type=int, default=1)
-    model.add_argument("--trees", type=int, default=120)
-    model.add_argument("--leaves", type=int, default=15)
-    model.add_argument("--learning-rate", type=float, default=0.05)
-    model.add_argument("--valid-days", type=float, default=30.0)
+    model.add_argument("--model-id", default="entry", help="the model's id (entry)")
+    model.add_argument("--seed", type=int, default=1, help="training seed (1)")
+    model.add_argument("--trees", type=int, default=120, help="boosted trees (120)")
+    model.add_argument("--leaves", type=int, default=15, help="leaves per tree (15)")
+    model.add_argument("--learning-rate", type=float, default=0.05, help="boosting rate (0.05)")
+    model.add_argument(
+        "--valid-days", type=float, default=30.0, help="days the card says the model is valid (30)"
+    )
     model.add_argument(
         "--created-at", type=_epoch, default=None, help="the card's creation time (default: now)"
     )

@@ -245,16 +245,21 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pumpflow-feed", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "pumpflow-feed") -> argparse.ArgumentParser:
+    """The feed's parser; ``prog`` names the command it runs under."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
         return asyncio.run(run(args))
     except SettingsError as exc:
-        print(f"pumpflow-feed: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 
 

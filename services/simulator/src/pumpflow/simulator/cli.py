@@ -19,8 +19,9 @@ from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pumpflow-sim", description=__doc__)
+def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
+    """The simulator's parser; ``prog`` names the command it runs under."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def market_args(p: argparse.ArgumentParser) -> None:
@@ -33,17 +34,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve PumpPortal's data socket from the market")
     market_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (8765; 0: any)")
     p.add_argument("--speed", type=float, default=1.0,
                    help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read")
     p.add_argument("--drop-every", type=float, default=None, metavar="S",
                    help="drop every connection (no close frame) every S seconds")
-    p.add_argument("--malformed-rate", type=float, default=0.0, metavar="R")
-    p.add_argument("--duplicate-rate", type=float, default=0.0, metavar="R")
+    p.add_argument("--malformed-rate", type=float, default=0.0, metavar="R",
+                   help="share of frames replaced by a malformed one")
+    p.add_argument("--duplicate-rate", type=float, default=0.0, metavar="R",
+                   help="share of frames sent twice")
     p.add_argument("--delay-rate", type=float, default=0.0, metavar="R",
                    help="share of frames held back by a random extra latency")
-    p.add_argument("--delay-max", type=float, default=0.5, metavar="S")
+    p.add_argument("--delay-max", type=float, default=0.5, metavar="S",
+                   help="longest extra latency of a held-back frame (0.5 s)")
     p.add_argument("--hostile-rate", type=float, default=0.0, metavar="R",
                    help="share of frames followed by a hostile frame")
     p.add_argument("--hostile-kinds", default="", metavar="K,K",
@@ -57,21 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
     market_args(p)
-    p.add_argument("--minutes", type=float, default=60.0)
-    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes (60)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument("--start-epoch", type=float, default=None,
                    help="arrival time of the run's start (default: now)")
 
     p = sub.add_parser("load", help="load a JSONL dataset into Postgres")
-    p.add_argument("file", metavar="FILE.jsonl")
-    p.add_argument("--dsn", default=None, help="Postgres DSN (default PUMPFLOW_POSTGRES_DSN)")
-    p.add_argument("--schema", default=None, help="schema (default PUMPFLOW_NAMESPACE)")
-    p.add_argument("--batch-size", type=int, default=5_000)
+    p.add_argument("file", metavar="FILE.jsonl", help="a `dataset` file")
+    p.add_argument("--dsn", default=None, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    p.add_argument("--schema", default=None, help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    p.add_argument("--batch-size", type=int, default=5_000, help="rows per insert (5000)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "calibrate":
         report = calibrate(
