@@ -18,3 +18,19 @@ def pytest_collection_modifyitems(config, items):
             item.get_closest_marker("timeout") is None
         ):
             item.add_marker(pytest.mark.timeout(120))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reports_dir(tmp_path_factory):
+    """Reports that runs and backtests write unasked go to a temporary folder, not the
+    checkout (subprocesses inherit it)."""
+    import os
+
+    path = tmp_path_factory.mktemp("reports")
+    previous = os.environ.get("PUMPFLOW_REPORTS_DIR")
+    os.environ["PUMPFLOW_REPORTS_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("PUMPFLOW_REPORTS_DIR", None)
+    else:
+        os.environ["PUMPFLOW_REPORTS_DIR"] = previous

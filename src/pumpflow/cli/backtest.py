@@ -54,6 +54,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from pumpflow.cli.report import write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
@@ -194,6 +195,8 @@ class Report:
     precision: dict[str, tuple[float, float]] = field(default_factory=dict)
     breakers: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    #: what the HTML report shows (:mod:`pumpflow.report`)
+    report_data: Any = None
 
     @property
     def pnl(self) -> float:
@@ -330,6 +333,7 @@ async def run_backtest(
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
+    from pumpflow.report.gather import Collector
     from pumpflow.trading.service import TradingService
 
     overrides = service_overrides(config or {})
@@ -354,6 +358,7 @@ async def run_backtest(
         feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
     ]  # fmt: skip
     counter = _Counter()
+    collector = Collector()
 
     async def drain(system) -> None:
         if not await system.drain(DRAIN_S):
@@ -370,6 +375,7 @@ async def run_backtest(
             await system.bus.subscribe(Subscription(
                 service="backtest-trading", handler=counter, patterns=("model.prediction",),
             ))  # fmt: skip
+            await collector.attach(system.bus)
             total = len(frames)
             next_tick = frames[0][0] + TICK_S if frames else 0.0
             gc.collect()
@@ -430,6 +436,9 @@ async def run_backtest(
                 skipped=Counter(trading.skipped),
                 breakers=Counter(
                     name for name, b in trading.risk.breakers.items() if b.last_fault is not None
+                ),
+                report_data=await collector.results(
+                    system, title=f"pumpflow backtest: {name}", source=f"{total:,} frames"
                 ),
             )
     finally:
@@ -596,6 +605,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="wall seconds between progress lines when stderr is no terminal (2)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    parser.add_argument(
+        "--report", metavar="FILE.html", help="the HTML report (reports/backtest-...html)"
+    )
     parser.set_defaults(handler=backtest_command)
 
 
@@ -647,4 +659,5 @@ def backtest_command(args: argparse.Namespace) -> int:
         else:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
+    write_backtest_reports(reports, args.report)
     return 0

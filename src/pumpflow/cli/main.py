@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.trading",
     "pumpflow.cli.stop",
     "pumpflow.cli.catalogue",
+    "pumpflow.cli.report",
 )
 
 

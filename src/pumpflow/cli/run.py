@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import signal
 import sys
+from pathlib import Path
 from typing import TextIO
+
+import msgspec
 
 #: the entry score of the run's paper trading. The shipped model's scores on the
 #: simulator's market peak near 0.6 (seed 7, 2,000 predictions: median 0.20, 99th
@@ -64,10 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="print every creation and lifecycle change"
     )
+    parser.add_argument(
+        "--report", metavar="FILE.html", help="the HTML report at the end (reports/run-...html)"
+    )
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from pumpflow.cli.report import default_path
+
     if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
         raise SystemExit(
             "pumpflow run: --duration must be >= 0; --speed, --launches and --every > 0"
@@ -81,6 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
             every=args.every,
             verbose=args.verbose,
             min_score=args.min_score,
+            report=args.report or default_path("run", f"seed{args.seed}"),
         )
     )
 
@@ -95,8 +104,10 @@ async def run_embedded_market(
     verbose: bool = False,
     out: TextIO = sys.stdout,
     min_score: float = RUN_MIN_SCORE,
+    report: str | Path | None = None,
 ) -> int:
-    """Run the embedded system for ``duration`` real seconds (0: until interrupted)."""
+    """Run the embedded system for ``duration`` real seconds (0: until interrupted);
+    write the HTML report to ``report`` at the end."""
     from pumpflow.activity.service import ActivityService
     from pumpflow.cli.console import Console
     from pumpflow.common.clock import WallClock
@@ -105,6 +116,8 @@ async def run_embedded_market(
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
+    from pumpflow.report import html
+    from pumpflow.report.gather import Collector
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
     from pumpflow.trading.service import TradingService
@@ -142,6 +155,8 @@ async def run_embedded_market(
         ) as system:
             console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
             await console.attach()
+            collector = Collector()
+            await collector.attach(system.bus)
             print(
                 f"pumpflow embedded: simulator {server.url} at {speed:g}x, seed {seed}, "
                 f"{launches_per_minute:g} launches/min; services: "
@@ -160,6 +175,21 @@ async def run_embedded_market(
             # try to reconnect; and with the stream ended the drain on exit has an end
             await system["feed"].stop()
         console.print_summary()
+        if report is not None:
+            # read from the stopped system: its ledger and model stay in memory
+            results = await collector.results(
+                system, title=f"pumpflow run: seed {seed}",
+                source=f"simulated market, seed {seed}, {launches_per_minute:g} launches a "
+                f"minute, at {speed:g}x",
+            )  # fmt: skip
+            notes = {
+                "market minutes": f"{(clock.now() - console.started_at) / 60:.1f}",
+                "tokens / trades": f"{console.counts['token.created']:,} / "
+                f"{console.counts['token.trade']:,}",
+                "predictions": f"{console.counts['model.prediction']:,}",
+            }
+            path = html.write(msgspec.structs.replace(results, notes=notes), report)
+            print(f"report: {path}", file=out, flush=True)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

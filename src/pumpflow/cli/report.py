@@ -1,0 +1,114 @@
+"""``pumpflow report``: write the HTML report of a run, a backtest or a deployment.
+
+From ``--results FILE.json`` (what ``pumpflow run`` and ``pumpflow backtest`` save beside
+their report), or from the trading ledger in Postgres (``--dsn``/``--schema``, or the
+settings' ``PUMPFLOW_POSTGRES_DSN`` and ``PUMPFLOW_NAMESPACE``): the positions, orders
+and fills trading stored. The ledger keeps no lifecycle nor predictions, so those plots
+say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pumpflow.report.results import Results
+
+#: where reports go unless told: PUMPFLOW_REPORTS_DIR, else reports/ here
+REPORTS_DIR_ENV = "PUMPFLOW_REPORTS_DIR"
+
+
+def default_path(kind: str, name: str) -> Path:
+    """``<reports folder>/<kind>-<name>-<UTC time>.html``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(os.environ.get(REPORTS_DIR_ENV) or "reports") / f"{kind}-{name}-{stamp}.html"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write the HTML report of saved results or of the Postgres trading ledger",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--results", metavar="FILE.json", help="results a run or backtest saved")
+    parser.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument(
+        "--out", metavar="FILE.html", help="where to write it (reports/report-...html)"
+    )
+    parser.set_defaults(handler=report_command)
+
+
+async def ledger_results(dsn: str, schema: str) -> Results:
+    """The results of the trading ledger in ``schema``."""
+    from pumpflow.common.db.pool import create_pool
+    from pumpflow.report.gather import from_ledger
+    from pumpflow.trading.ledger import PostgresLedger
+
+    pool = await create_pool(dsn, schema, max_size=2)
+    try:
+        return await from_ledger(
+            PostgresLedger(pool), title=f"pumpflow report: {schema}",
+            source=f"trading ledger in Postgres schema {schema}",
+        )  # fmt: skip
+    finally:
+        await pool.close()
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from pumpflow.report import html, results
+
+    if args.results and (args.dsn or args.schema):
+        raise SystemExit("pumpflow report: --results or --dsn/--schema, not both")
+    if args.results:
+        try:
+            found = results.load(args.results)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"pumpflow report: {exc}") from None
+        out = Path(args.out) if args.out else Path(args.results).with_suffix(".html")
+    else:
+        from pumpflow.common.runtime.settings import CommonSettings
+
+        settings = CommonSettings.load(service="report")
+        schema = args.schema or settings.namespace
+        try:
+            found = asyncio.run(ledger_results(args.dsn or settings.postgres_dsn, schema))
+        except OSError as exc:
+            raise SystemExit(f"pumpflow report: Postgres does not answer: {exc}") from None
+        out = Path(args.out) if args.out else default_path("report", schema)
+    print(f"report: {html.write(found, out)}", flush=True)
+    return 0
+
+
+def write_backtest_reports(reports: Sequence, path: str | None) -> list[Path]:
+    """One report per configuration a backtest ran (its name in the file's when several)."""
+    import msgspec
+
+    from pumpflow.report import html
+
+    written = []
+    for r in reports:
+        if r.report_data is None:
+            continue
+        if path is None:
+            out = default_path("backtest", r.name)
+        elif len(reports) > 1:
+            out = Path(path).with_name(f"{Path(path).stem}-{r.name}.html")
+        else:
+            out = Path(path)
+        auc = ", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in r.auc.items()) or "n/a"
+        notes = {
+            "frames": f"{r.frames:,} in {r.seconds:.1f} s",
+            "predictions": f"{r.predictions:,}",
+            "live AUC": auc,
+        }
+        written.append(html.write(msgspec.structs.replace(r.report_data, notes=notes), out))
+        print(f"report '{r.name}': {written[-1]}", flush=True)
+    return written

@@ -1,0 +1,136 @@
+"""Gather a report's results from trading's ledger and, in process, from the bus and the model.
+
+:func:`from_ledger` reads any trading ledger (the embedded run's memory one, or a
+deployment's Postgres tables of migration 0005) through its read methods: positions
+become trades, each filled order with the market its decision saw gives a slippage.
+:class:`Collector` rides the bus of an embedded system for what no ledger keeps: the
+tokens by lifecycle state reached; :func:`calibration_of` takes the model's resolved
+labels. Nothing here changes what it reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.events import Event, TokenCreated, TokenLifecycle
+from pumpflow.report.results import Calibration, Results, Slippage, Trade, calibration_bins
+
+#: far more rows than any run has: the ledger's reads want a limit
+ALL_ROWS = 10_000_000
+
+
+def slippage_pct(side: str, price: float, expected_v_sol: float, expected_v_tokens: float) -> float:
+    """A fill's price against the spot price of the reserves its decision saw, in percent;
+    positive is worse for the order's side."""
+    expected = expected_v_sol / expected_v_tokens
+    ratio = price / expected
+    return 100.0 * (ratio - 1.0 if side == "buy" else 1.0 - ratio)
+
+
+async def from_ledger(
+    ledger: Any,
+    *,
+    title: str,
+    source: str,
+    unrealized: Mapping[str, float] | None = None,
+) -> Results:
+    """The trades, slippage and orders of ``ledger``. An open position is worth
+    ``unrealized[position_id]`` when given (what selling it would bring after fees),
+    else its tokens at its mark price less its cost."""
+    positions = await ledger.positions(open_only=False, limit=ALL_ROWS)
+    orders = await ledger.orders(limit=ALL_ROWS)
+    fills = (await ledger.load(remembered=0)).fills
+    bought: Counter[str] = Counter()
+    for fill in fills:
+        if fill.side == "buy" and fill.position_id is not None:
+            bought[fill.position_id] += fill.sol_amount
+    trades = []
+    for p in sorted(positions, key=lambda p: (p["opened_at"], p["position_id"])):
+        marked = 0.0
+        if p["closed_at"] is None:
+            if unrealized is not None and p["position_id"] in unrealized:
+                marked = unrealized[p["position_id"]]
+            elif p["mark_price"] is not None:
+                marked = p["token_amount"] * p["mark_price"] - p["cost_sol"]
+        trades.append(Trade(
+            position_id=p["position_id"], mint=p["mint"], opened_at=p["opened_at"],
+            closed_at=p["closed_at"], close_reason=p["close_reason"],
+            bought_sol=bought[p["position_id"]], realized_pnl_sol=p["realized_pnl_sol"],
+            unrealized_pnl_sol=marked, fees_sol=p["fees_sol"],
+        ))  # fmt: skip
+    by_id = {o["order_id"]: o for o in orders}
+    slippage = []
+    for fill in sorted(fills, key=lambda f: (f.filled_at, f.order_id)):
+        order = by_id.get(fill.order_id)
+        if order is None or not order["expected_v_sol"] or not order["expected_v_tokens"]:
+            continue
+        slippage.append(Slippage(
+            order_id=fill.order_id, side=fill.side, reason=order["reason"], time=fill.filled_at,
+            pct=slippage_pct(
+                fill.side, fill.price, order["expected_v_sol"], order["expected_v_tokens"]
+            ),
+        ))  # fmt: skip
+    outcomes = Counter(f"{o['state']} {o['side']}" for o in orders)
+    return Results(
+        title=title, source=source, trades=tuple(trades), slippage=tuple(slippage),
+        orders=dict(sorted(outcomes.items())),
+    )  # fmt: skip
+
+
+def calibration_of(performance: Any) -> tuple[Calibration, ...]:
+    """Each classification arm's calibration from a model's rolling performance."""
+    found = []
+    for model_id, arm in performance.keys():
+        figures = performance.figures(model_id, arm)
+        if figures is None or figures.task != "classification":
+            continue
+        labels, scores = performance.window_of(model_id, arm)
+        found.append(Calibration(
+            name=f"{model_id}/{arm}", labels=len(labels),
+            bins=calibration_bins(labels.tolist(), scores.tolist()),
+        ))  # fmt: skip
+    return tuple(found)
+
+
+class Collector:
+    """Tokens by lifecycle state reached, from the bus of an embedded system."""
+
+    PATTERNS = ("token.created", "token.lifecycle")
+
+    def __init__(self) -> None:
+        self.reached: dict[str, set[str]] = {}
+
+    async def attach(self, bus: Any) -> None:
+        await bus.subscribe(
+            Subscription(service="report", patterns=self.PATTERNS, handler=self.on_event)
+        )
+
+    async def on_event(self, event: Event) -> None:
+        data = event.data
+        if isinstance(data, TokenCreated):
+            self.reached.setdefault("new", set()).add(data.mint)
+        elif isinstance(data, TokenLifecycle):
+            self.reached.setdefault(data.state, set()).add(data.mint)
+
+    def lifecycle(self) -> dict[str, int]:
+        return {state: len(mints) for state, mints in self.reached.items()}
+
+    async def results(self, system: Any, *, title: str, source: str) -> Results:
+        """Everything the embedded ``system`` holds for a report, at its end."""
+        import msgspec
+
+        trading = system["trading"]
+        unrealized = {
+            p.position_id: p.unrealized_pnl_sol for p in trading.book.open_positions.values()
+        }
+        results = await from_ledger(
+            trading.ledger, title=title, source=source, unrealized=unrealized
+        )
+        model = system.services.get("model")
+        calibration = None
+        if model is not None and model.performance is not None:
+            calibration = calibration_of(model.performance)
+        return msgspec.structs.replace(results, lifecycle=self.lifecycle(), calibration=calibration)

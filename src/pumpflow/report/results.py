@@ -1,0 +1,160 @@
+"""What a report shows, as data: saved beside the report as JSON, rendered again on demand.
+
+:class:`Results` holds the trades (one per position), the filled orders' slippage,
+the orders by outcome, the tokens by lifecycle state reached and the model's
+calibration, each ``None`` where the source does not keep it (the Postgres ledger
+keeps no lifecycle nor predictions). The figures of the summary are computed here,
+once, from those: :func:`equity_curve`, :func:`max_drawdown`, :func:`summary`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+
+#: the lifecycle states, in the order a token goes through them
+LIFECYCLE = ("new", "active", "declining", "inactive", "graduated")
+
+
+class Trade(msgspec.Struct, frozen=True, kw_only=True):
+    """One position, from its first buy to its last sale (or still open)."""
+
+    position_id: str
+    mint: str
+    opened_at: float
+    closed_at: float | None = None
+    close_reason: str = ""
+    #: SOL its buys spent, every fee included
+    bought_sol: float
+    realized_pnl_sol: float
+    #: an open position at its mark
+    unrealized_pnl_sol: float = 0.0
+    fees_sol: float
+
+
+class Slippage(msgspec.Struct, frozen=True, kw_only=True):
+    """A filled order's price against the market its decision saw, in percent: positive
+    is worse (a buy paid more, a sale got less)."""
+
+    order_id: str
+    side: str
+    reason: str
+    time: float
+    pct: float
+
+
+class CalibrationBin(msgspec.Struct, frozen=True, kw_only=True):
+    predicted: float
+    observed: float
+    count: int
+
+
+class Calibration(msgspec.Struct, frozen=True, kw_only=True):
+    """One model arm's predicted probability against the rate its labels came out at."""
+
+    name: str
+    labels: int
+    bins: tuple[CalibrationBin, ...]
+
+
+class Results(msgspec.Struct, frozen=True, kw_only=True):
+    title: str
+    source: str
+    trades: tuple[Trade, ...] = ()
+    slippage: tuple[Slippage, ...] = ()
+    #: "filled buy", "rejected sell", ... -> orders
+    orders: dict[str, int] = {}
+    #: state -> tokens that reached it; None: the source does not keep it
+    lifecycle: dict[str, int] | None = None
+    calibration: tuple[Calibration, ...] | None = None
+    #: more rows for the summary table (frames, predictions, live AUC, ...)
+    notes: dict[str, str] = {}
+
+    @property
+    def closed(self) -> list[Trade]:
+        """The closed trades in the order they closed."""
+        done = [t for t in self.trades if t.closed_at is not None]
+        return sorted(done, key=lambda t: (t.closed_at, t.position_id))
+
+
+def calibration_bins(
+    labels: Iterable[float], scores: Iterable[float], *, bins: int = 10
+) -> tuple[CalibrationBin, ...]:
+    """Scores in ``bins`` equal-width bins over [0, 1]: each bin's mean score and the share
+    of its labels that are 1. Empty bins are left out."""
+    sums: list[list[float]] = [[0.0, 0.0, 0] for _ in range(bins)]
+    for label, score in zip(labels, scores, strict=True):
+        cell = sums[min(max(int(score * bins), 0), bins - 1)]
+        cell[0] += score
+        cell[1] += label
+        cell[2] += 1
+    return tuple(
+        CalibrationBin(predicted=s / n, observed=o / n, count=int(n)) for s, o, n in sums if n
+    )
+
+
+def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
+    """(time, realised PnL so far) at each closed trade, starting from zero."""
+    closed = [t for t in trades if t.closed_at is not None]
+    closed.sort(key=lambda t: (t.closed_at, t.position_id))
+    if not closed:
+        return []
+    points = [(min(t.opened_at for t in closed), 0.0)]
+    total = 0.0
+    for trade in closed:
+        total += trade.realized_pnl_sol
+        points.append((trade.closed_at, total))
+    return points
+
+
+def max_drawdown(trades: Sequence[Trade]) -> float:
+    """The largest fall of realised PnL from its running peak, trade by trade."""
+    peak = drawdown = 0.0
+    for _, total in equity_curve(trades):
+        peak = max(peak, total)
+        drawdown = max(drawdown, peak - total)
+    return drawdown
+
+
+def summary(results: Results) -> list[tuple[str, str]]:
+    """The summary table's rows: (figure, value)."""
+    trades, closed = results.trades, results.closed
+    wins = sum(t.realized_pnl_sol > 0 for t in closed)
+    realized = sum(t.realized_pnl_sol for t in trades)
+    unrealized = sum(t.unrealized_pnl_sol for t in trades if t.closed_at is None)
+    pnls = [t.realized_pnl_sol for t in closed]
+    exits = Counter(t.close_reason or "?" for t in closed)
+    slips = [s.pct for s in results.slippage]
+    rows = [
+        ("trades", f"{len(trades)} ({len(closed)} closed, {len(trades) - len(closed)} open)"),
+        ("win rate", f"{wins / len(closed):.0%} ({wins} of {len(closed)})" if closed else "n/a"),
+        ("SOL spent on entries", f"{sum(t.bought_sol for t in trades):.4f}"),
+        ("realised PnL (SOL, after fees)", f"{realized:+.4f}"),
+        ("open positions at their mark (SOL)", f"{unrealized:+.4f}"),
+        ("total PnL (SOL)", f"{realized + unrealized:+.4f}"),
+        ("max drawdown (SOL, realised)", f"{max_drawdown(trades):.4f}"),
+        ("fees (SOL)", f"{sum(t.fees_sol for t in trades):.4f}"),
+        ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),
+        ("exits by rule", ", ".join(f"{k} {v}" for k, v in sorted(exits.items())) or "none"),
+        ("orders", ", ".join(f"{k} {v}" for k, v in sorted(results.orders.items())) or "none"),
+        (
+            "slippage (%, mean / worst)",
+            f"{sum(slips) / len(slips):.2f} / {max(slips):.2f}" if slips else "n/a",
+        ),
+    ]
+    return rows + list(results.notes.items())
+
+
+def save(results: Results, path: str | Path) -> None:
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(results)))
+
+
+def load(path: str | Path) -> Results:
+    """The results a run saved; a file that is not one names what is wrong."""
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=Results)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{path}: not a pumpflow results file: {exc}") from None

@@ -1,0 +1,237 @@
+"""Reports: a backtest writes one, ``pumpflow report`` writes it again from the saved
+results or from the Postgres ledger, and a real browser draws every plot offline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pumpflow.cli.main import main
+from pumpflow.report import html, results, svg
+from pumpflow.report.gather import from_ledger, slippage_pct
+from pumpflow.report.results import Results, Trade
+from pumpflow.trading.ledger import (
+    FillRecord,
+    LedgerChange,
+    MemoryLedger,
+    OrderRecord,
+    PositionRecord,
+    PostgresLedger,
+)
+
+from ..browser import open_page
+
+#: per plot: its box, the shapes it holds and the pixels it drew, the coloured ones
+#: (bars, lines, points; the axes and labels are grey) apart
+DRAWN = """
+(async () => {
+  const found = {};
+  for (const figure of document.querySelectorAll('figure.plot')) {
+    const svg = figure.querySelector('svg');
+    const box = svg.getBoundingClientRect();
+    const image = new Image();
+    image.src = 'data:image/svg+xml;charset=utf-8,'
+      + encodeURIComponent(new XMLSerializer().serializeToString(svg));
+    await image.decode();
+    const canvas = document.createElement('canvas');
+    canvas.width = Math.round(box.width);
+    canvas.height = Math.round(box.height);
+    const context = canvas.getContext('2d');
+    context.drawImage(image, 0, 0, canvas.width, canvas.height);
+    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let inked = 0, coloured = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+      if (pixels[i + 3] === 0) continue;
+      inked++;
+      const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+      if (Math.max(r, g, b) - Math.min(r, g, b) > 80) coloured++;
+    }
+    found[figure.id] = {
+      width: box.width, height: box.height, inked, coloured,
+      shapes: svg.querySelectorAll('rect, polyline, circle').length,
+    };
+  }
+  return found;
+})()
+"""
+
+
+@pytest.fixture(scope="module")
+def backtest_report(tmp_path_factory) -> tuple[Path, str]:
+    """A backtest of four minutes of seed 6 and its report: (report path, what it printed)."""
+    import contextlib
+    import io
+
+    path = tmp_path_factory.mktemp("report") / "backtest.html"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(
+            ["backtest", "--seed", "6", "--minutes", "4", "--quiet", "--report", str(path)]
+        )
+    assert status == 0
+    return path, out.getvalue()
+
+
+def _without_time(page: str) -> str:
+    return re.sub(r"written [0-9-]+ [0-9:]+ UTC", "", page)
+
+
+def test_a_backtest_writes_its_report_and_results_that_agree_with_its_text(backtest_report):
+    path, printed = backtest_report
+    assert f"report 'run': {path}" in printed
+    found = results.load(path.with_suffix(".json"))
+    # the ledger's view agrees with the book's the backtest printed
+    entries = int(re.search(r"entries (\d+)", printed)[1])
+    realised = float(re.search(r"realised ([-+][\d.]+) SOL", printed)[1])
+    assert len(found.trades) == entries > 0
+    assert sum(t.realized_pnl_sol for t in found.trades) == pytest.approx(realised, abs=1e-4)
+    closed = int(re.search(r"closed (\d+)", printed)[1])
+    assert len(found.closed) == closed
+    # what only the embedded run can tell: the funnel narrows, the model is calibrated
+    funnel = found.lifecycle
+    assert funnel["new"] >= funnel["active"] >= funnel["declining"] > 0
+    assert found.calibration and sum(b.count for b in found.calibration[0].bins) > 100
+    # every filled order whose decision saw a market has a slippage
+    filled = sum(n for k, n in found.orders.items() if k.startswith("filled"))
+    assert 0 < len(found.slippage) <= filled
+    page = path.read_text()
+    for plot_id, _ in html.PLOTS:
+        assert f'<figure class="plot" id="{plot_id}">' in page
+    assert "not kept" not in page and "no data" not in page
+
+
+def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_path, capsys):
+    path, _ = backtest_report
+    again = tmp_path / "again.html"
+    assert main(["report", "--results", str(path.with_suffix(".json")), "--out", str(again)]) == 0
+    assert f"report: {again}" in capsys.readouterr().out
+    assert _without_time(again.read_text()) == _without_time(path.read_text())
+
+
+def test_a_file_that_is_not_results_is_refused_by_name(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"title": "x"}))
+    with pytest.raises(SystemExit, match=r"bad\.json: not a pumpflow results file.*source"):
+        main(["report", "--results", str(bad)])
+
+
+async def test_the_report_renders_in_chromium_with_every_plot_drawn_and_nothing_fetched(
+    backtest_report,
+):
+    path, _ = backtest_report
+    async with open_page(path) as page:
+        fetched = [url for url in page.requests if url != path.as_uri()]
+        drawn = await page.evaluate(DRAWN)
+        title = await page.evaluate("document.title")
+    assert fetched == []
+    assert title == "pumpflow backtest: run"
+    assert sorted(drawn) == sorted(plot_id for plot_id, _ in html.PLOTS)
+    for plot_id, figures in drawn.items():
+        assert figures["width"] > 300 and figures["height"] > 150, (plot_id, figures)
+        assert figures["shapes"] > 0, (plot_id, figures)
+        # the bars, line or points themselves, not only the axes
+        assert figures["coloured"] > 200, (plot_id, figures)
+
+
+def _ledger_change() -> LedgerChange:
+    """Two positions: one bought and sold at a profit by take_profit, one still open."""
+    orders, fills = [], []
+    for order_id, side, position, reason, price, v_sol, at in (
+        ("b1", "buy", "b1", "score 0.7", 3.1e-8, 31.0, 100.0),
+        ("s1", "sell", "b1", "take_profit", 3.6e-8, 37.0, 160.0),
+        ("b2", "buy", "b2", "score 0.6", 3.0e-8, 30.0, 200.0),
+    ):
+        orders.append(OrderRecord(
+            order_id=order_id, mint=f"mint-{position}", side=side, sol_amount=0.1,
+            token_amount=None, slippage_pct=5.0, reason=reason, position_id=position,
+            cause_id=None, executor="paper", state="filled", requested_at=at, venue="curve",
+            expected_v_sol=v_sol, expected_v_tokens=1e9,
+        ))  # fmt: skip
+        fills.append(FillRecord(
+            order_id=order_id, mint=f"mint-{position}", side=side, token_amount=3e6,
+            sol_amount=0.1 if side == "buy" else 0.105, price=price, fee_sol=0.001,
+            filled_at=at + 0.5, position_id=position, reason=reason,
+        ))  # fmt: skip
+    positions = [
+        PositionRecord(
+            position_id="b1", mint="mint-b1", opened_at=100.5, closed_at=160.5,
+            close_reason="take_profit", token_amount=0.0, cost_sol=0.0, entry_price=3.3e-8,
+            realized_pnl_sol=0.005, fees_sol=0.002, mark_price=3.6e-8,
+        ),
+        PositionRecord(
+            position_id="b2", mint="mint-b2", opened_at=200.5, closed_at=None, close_reason="",
+            token_amount=3e6, cost_sol=0.1, entry_price=3.3e-8, realized_pnl_sol=0.0,
+            fees_sol=0.001, mark_price=3.5e-8,
+        ),
+    ]  # fmt: skip
+    return LedgerChange(orders=orders, fills=fills, positions=positions)
+
+
+@pytest.mark.postgres
+async def test_the_postgres_ledger_gives_the_report_the_memory_ledger_gives(
+    pg_pool, postgres_dsn, namespace, tmp_path
+):
+    change = _ledger_change()
+    memory = MemoryLedger()
+    await memory.commit(change)
+    await PostgresLedger(pg_pool).commit(change)
+    kept = await from_ledger(memory, title="t", source="s")
+    assert await from_ledger(PostgresLedger(pg_pool), title="t", source="s") == kept
+    closed, held = kept.trades
+    assert (closed.close_reason, closed.realized_pnl_sol, closed.bought_sol) == (
+        "take_profit", 0.005, 0.1
+    )  # fmt: skip
+    # the open one at its mark: 3e6 tokens at 3.5e-8 against 0.1 SOL of cost
+    assert held.closed_at is None and held.unrealized_pnl_sol == pytest.approx(0.005)
+    assert [round(s.pct, 6) for s in kept.slippage] == [0.0, round(100 * (1 - 3.6 / 3.7), 6), 0.0]
+    assert kept.orders == {"filled buy": 2, "filled sell": 1}
+
+    out = tmp_path / "ledger.html"
+    argv = ["report", "--dsn", postgres_dsn, "--schema", namespace, "--out", str(out)]
+    assert await asyncio.to_thread(main, argv) == 0
+    page = out.read_text()
+    assert "lifecycle: not kept by this source" in page
+    assert "<td>win rate</td><td>100% (1 of 1)</td>" in page
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    assert svg.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert svg.nice_ticks(-0.13, 3.3) == [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    ticks = svg.nice_ticks(5.0, 5.0)
+    assert ticks[0] < 5.0 < ticks[-1]
+    with pytest.raises(ValueError, match="finite"):
+        svg.nice_ticks(0.0, float("nan"))
+
+
+def test_slippage_is_positive_when_the_price_is_worse_for_the_side():
+    assert slippage_pct("buy", 1.1e-8, 10.0, 1e9) == pytest.approx(10.0)
+    assert slippage_pct("sell", 0.9e-8, 10.0, 1e9) == pytest.approx(10.0)
+    assert slippage_pct("sell", 1.1e-8, 10.0, 1e9) == pytest.approx(-10.0)
+
+
+def test_equity_drawdown_and_calibration_figures():
+    def trade(n: int, pnl: float) -> Trade:
+        return Trade(position_id=f"p{n}", mint="m", opened_at=n, closed_at=n + 10.0,
+                     bought_sol=0.1, realized_pnl_sol=pnl, fees_sol=0.0)  # fmt: skip
+
+    trades = [trade(i, pnl) for i, pnl in enumerate([0.3, -0.1, -0.25, 0.5, -0.05])]
+    assert [round(v, 6) for _, v in results.equity_curve(trades)] == [
+        0.0, 0.3, 0.2, -0.05, 0.45, 0.4
+    ]  # fmt: skip
+    assert results.max_drawdown(trades) == pytest.approx(0.35)
+    bins = results.calibration_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.95, 0.91, 1.0], bins=10)
+    assert [(round(b.predicted, 3), b.observed, b.count) for b in bins] == [
+        (0.05, 0.0, 1), (0.15, 1.0, 1), (0.953, 2 / 3, 3)
+    ]  # fmt: skip
+
+
+def test_a_report_with_nothing_in_it_says_so_in_every_plot():
+    page = html.render(Results(title="empty", source="nowhere"))
+    assert page.count("no closed trades") == 2
+    for message in ("no exits", "lifecycle: not kept", "predictions: not kept", "no filled"):
+        assert message in page
+    assert re.search(r"(src|href)=|url\(|@import", page) is None
