@@ -150,15 +150,19 @@ def test_serve_runs_the_service_class_with_run_service(fake_services, monkeypatc
 
 
 def _summary_counts(stdout: str) -> dict[str, int]:
-    summary = stdout.strip().splitlines()[-1]
+    # the last line names the report; the summary comes just before it
+    *_, summary, report = stdout.strip().splitlines()
     assert summary.startswith("run over:"), stdout[-2000:]
+    assert report.startswith("report: "), stdout[-2000:]
     return {
         name: int(re.search(rf"(\d+) {name}", summary)[1])
         for name in ("tokens", "trades", "feature updates", "predictions", "lifecycle changes")
     }
 
 
-def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by_itself():
+def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by_itself(
+    reports_dir,
+):
     result = subprocess.run(
         [
             str(PUMPFLOW),
@@ -178,6 +182,10 @@ def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "services: feed, features, activity, model" in result.stdout
+    # the report, unasked, in the reports folder (the tests' own: PUMPFLOW_REPORTS_DIR)
+    report = Path(result.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert report.parent == reports_dir and report.name.startswith("run-seed7-"), report
+    assert "<svg" in report.read_text() and report.with_suffix(".json").exists()
     status = [line for line in result.stdout.splitlines() if "trade subscriptions" in line]
     assert len(status) >= 2
     counts = _summary_counts(result.stdout)
