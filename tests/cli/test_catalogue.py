@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pumpflow.cli.backtest import RUN_CONFIG, run_backtest, simulated_frames
 from pumpflow.cli.catalogue import (
     ASYNCAPI_FILE,
     DOCS,
@@ -15,8 +16,8 @@ from pumpflow.cli.catalogue import (
 )
 from pumpflow.cli.main import main
 from pumpflow.common.bus.routing import DEFAULT_PARTITIONS, routing_key_for, topic_matches
-from pumpflow.common.events import encode_event, make_event, registered
-from pumpflow.common.runtime.topology import CONSUMER_GROUPS
+from pumpflow.common.events import encode_event, make_event, registered, source_service
+from pumpflow.common.runtime.topology import CONSUMER_GROUPS, PUBLISHERS
 from pumpflow.common.testing.factories import sample_payload
 
 
@@ -61,7 +62,7 @@ def test_every_registered_type_has_a_channel_its_events_route_to():
 def test_every_consumer_group_receives_what_it_binds():
     operations = asyncapi_document()["operations"].values()
     received: dict[str, set[str]] = {}
-    for operation in operations:
+    for operation in (op for op in operations if op["action"] == "receive"):
         received.setdefault(operation["x-pumpflow-group"], set()).add(
             operation["channel"]["$ref"].rsplit("/", 1)[-1]
         )
@@ -69,6 +70,30 @@ def test_every_consumer_group_receives_what_it_binds():
         bound = {f"{t}.v{v}" for t, v in registered() if any(topic_matches(p, t) for p in patterns)}
         assert received[group] == bound, group
     assert received["feed"] == {"feed.subscription.v1"}
+
+
+async def test_the_publishers_are_who_publishes_in_a_whole_run():
+    published: set[tuple[str, str]] = set()
+
+    async def observe(event) -> None:
+        published.add((source_service(event.source), event.type))
+
+    # five market minutes: entries, exits, drift; 15 of the 19 types
+    frames = simulated_frames(6, 5.0, start=1_700_000_000.0)
+    await run_backtest(frames, RUN_CONFIG, observe=observe)
+    declared = {(service, t) for service, types in PUBLISHERS.items() for t in types}
+    assert published <= declared, sorted(published - declared)
+    assert {event_type for _, event_type in published} >= {
+        "token.created", "token.trade", "features.updated", "token.lifecycle",
+        "feed.subscription", "model.prediction", "order.requested", "order.filled",
+        "position.opened", "position.closed", "exit.order", "exit.report",
+    }  # fmt: skip
+    sends = {
+        (op["x-pumpflow-service"], op["channel"]["$ref"].rsplit("/", 1)[-1])
+        for op in asyncapi_document()["operations"].values()
+        if op["action"] == "send"
+    }
+    assert sends == {(service, f"{t}.v1") for service, t in declared}
 
 
 def test_the_rendering_is_stable():

@@ -320,8 +320,12 @@ async def run_backtest(
     name: str = "run",
     progress: Progress | None = None,
     partitions: int = PARTITIONS,
+    observe: Callable[[Any], Any] | None = None,
 ) -> Report:
-    """Hand every frame to the embedded system on the replay clock; report at the end."""
+    """Hand every frame to the embedded system on the replay clock; report at the end.
+
+    ``observe`` (an async bus handler) is handed every event the system publishes.
+    """
     from prometheus_client import CollectorRegistry
     from websockets.asyncio.server import serve
 
@@ -376,6 +380,10 @@ async def run_backtest(
                 service="backtest-trading", handler=counter, patterns=("model.prediction",),
             ))  # fmt: skip
             await collector.attach(system.bus)
+            if observe is not None:
+                await system.bus.subscribe(
+                    Subscription(service="backtest-observer", handler=observe, patterns=("#",))
+                )
             total = len(frames)
             next_tick = frames[0][0] + TICK_S if frames else 0.0
             gc.collect()

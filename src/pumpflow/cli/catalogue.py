@@ -5,14 +5,16 @@ for reading) from what the code declares: every registered payload schema
 (:func:`pumpflow.common.events.registered`, as JSON Schema by msgspec), its routing
 key and lane on the RabbitMQ topic exchange (:mod:`pumpflow.common.bus.routing`,
 :func:`~pumpflow.common.bus.dispatch.publish_lane`) and the consumer groups that bind
-it (:data:`pumpflow.common.runtime.topology.CONSUMER_GROUPS`, and the feed's commands).
+it (:data:`pumpflow.common.runtime.topology.CONSUMER_GROUPS`, and the feed's commands)
+and the services that publish it (:data:`~pumpflow.common.runtime.topology.PUBLISHERS`).
 ``--check`` writes nothing and fails when the committed files differ from the code's;
 the test suite runs the same check.
 
 Channels are event types at a major version (``token.trade.v1``), addressed by the
 routing key ``<type>.v<major>.p<NN>`` (keyed events, ``NN`` the key's partition) or
 ``<type>.v<major>.bcast`` (keyless events); messages are the envelope with the type's
-payload in ``data``; operations are the consumer groups' receptions.
+payload in ``data``; operations are the services' publications and the consumer
+groups' receptions.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pumpflow.common.bus.routing import (
     routing_key,
 )
 from pumpflow.common.events import Event, Payload, registered
+from pumpflow.common.runtime.topology import CONSUMER_GROUPS, PUBLISHERS
 
 ASYNCAPI_FILE = "events.asyncapi.json"
 MARKDOWN_FILE = "events.md"
@@ -50,7 +53,6 @@ REFRESH = "pumpflow catalogue"
 
 def consumer_groups() -> dict[str, tuple[str, ...]]:
     """Consumer group -> the event-type patterns it binds, as deployed."""
-    from pumpflow.common.runtime.topology import CONSUMER_GROUPS
     from pumpflow.feed.service import CONSUMES as FEED_CONSUMES
 
     # the feed's commands are keyless, on per-replica queues declared by the feed itself
@@ -171,6 +173,18 @@ def asyncapi_document(namespace: str | None = None) -> dict[str, Any]:
         })  # fmt: skip
     operations: dict[str, Any] = {}
     by_type = {s.TYPE: s for s in schemas}
+    for service, event_types in PUBLISHERS.items():
+        for event_type in event_types:
+            schema = by_type[event_type]
+            channel, message = channel_id(schema), message_id(schema)
+            operations[f"{service}.send.{channel}"] = {
+                "action": "send",
+                "title": f"{service} publishes {event_type}",
+                "channel": {"$ref": f"#/channels/{channel}"},
+                "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+                "bindings": {"amqp": {"deliveryMode": 2, "bindingVersion": AMQP_BINDING}},
+                "x-pumpflow-service": service,
+            }
     for group, patterns in consumer_groups().items():
         bindings = Bindings.of_patterns(patterns, 1)
         for event_type in sorted({*bindings.partition, *bindings.critical}):
@@ -181,9 +195,7 @@ def asyncapi_document(namespace: str | None = None) -> dict[str, Any]:
                 "title": f"{group} receives {event_type}",
                 "channel": {"$ref": f"#/channels/{channel}"},
                 "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
-                "bindings": {
-                    "amqp": {"ack": True, "deliveryMode": 2, "bindingVersion": AMQP_BINDING}
-                },
+                "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}},
                 "x-pumpflow-group": group,
                 "x-pumpflow-queue": queue_of(namespace, group, schema),
                 "x-pumpflow-dead-letters": bus.dlq_name(group),
@@ -251,8 +263,12 @@ def markdown(document: Mapping[str, Any]) -> str:
     """The catalogue for reading: the channels, who consumes them, every payload's fields."""
     info, schemas = document["info"], document["components"]["schemas"]
     consumers: dict[str, list[str]] = {}
+    publishers: dict[str, list[str]] = {}
     for operation in document["operations"].values():
         channel = operation["channel"]["$ref"].rsplit("/", 1)[-1]
+        if operation["action"] == "send":
+            publishers.setdefault(channel, []).append(operation["x-pumpflow-service"])
+            continue
         consumers.setdefault(channel, []).append(
             f"{operation['x-pumpflow-group']} (`{operation['x-pumpflow-queue']}`)"
         )
@@ -267,8 +283,8 @@ def markdown(document: Mapping[str, Any]) -> str:
         f"AsyncAPI 3.0: [{ASYNCAPI_FILE}]({ASYNCAPI_FILE}). Exchange `{exchange['name']}` "
         f"({exchange['type']}).",
         "",
-        "| event | routing key | key | lane | consumed by |",
-        "|---|---|---|---|---|",
+        "| event | routing key | key | lane | published by | consumed by |",
+        "|---|---|---|---|---|---|",
     ]
     for name, channel in document["channels"].items():
         message = document["components"]["messages"][
@@ -277,6 +293,7 @@ def markdown(document: Mapping[str, Any]) -> str:
         lines.append(
             f"| [{name}](#{name.replace('.', '')}) | `{channel['address']}` | "
             f"{message.get('x-pumpflow-key') or '-'} | {message['x-pumpflow-lane']} | "
+            f"{', '.join(publishers.get(name, [])) or '-'} | "
             f"{'<br>'.join(consumers.get(name, [])) or '-'} |"
         )
     lines += ["", "## Envelope", "", schemas[ENVELOPE]["description"], "",

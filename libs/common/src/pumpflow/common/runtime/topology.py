@@ -24,6 +24,27 @@ from collections.abc import Iterable, Mapping
 
 from pumpflow.common.activity import CONSUMES as ACTIVITY_CONSUMES
 from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.events import (
+    CircuitBreakerChanged,
+    ExitOrder,
+    ExitReport,
+    FeaturesUpdated,
+    FeedSubscription,
+    ModelDrift,
+    ModelPrediction,
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    PositionClosed,
+    PositionOpened,
+    PositionUpdated,
+    SystemShutdown,
+    TokenCreated,
+    TokenLifecycle,
+    TokenMigrated,
+    TokenTrade,
+    TradingStateChanged,
+)
 from pumpflow.common.exit import CONSUMES as EXIT_CONSUMES
 from pumpflow.common.exit import CONTROL_CONSUMES as EXIT_CONTROL_CONSUMES
 from pumpflow.common.features.processor import CONSUMES as FEATURES_CONSUMES
@@ -39,6 +60,27 @@ CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
     "exit": EXIT_CONSUMES,
     # system.shutdown: keyless, kept apart from the keyed consumer's queues
     "exit-control": EXIT_CONTROL_CONSUMES,
+}
+
+#: service -> the event types it publishes (the event catalogue's senders, checked
+#: against what a whole embedded run publishes: tests/cli/test_catalogue.py)
+PUBLISHERS: Mapping[str, tuple[str, ...]] = {
+    "feed": (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE),
+    "features": (FeaturesUpdated.TYPE,),
+    "activity": (TokenLifecycle.TYPE, FeedSubscription.TYPE),
+    "model": (ModelPrediction.TYPE, ModelDrift.TYPE),
+    "trading": (
+        OrderRequested.TYPE,
+        OrderFilled.TYPE,
+        OrderRejected.TYPE,
+        PositionOpened.TYPE,
+        PositionUpdated.TYPE,
+        PositionClosed.TYPE,
+        TradingStateChanged.TYPE,
+        CircuitBreakerChanged.TYPE,
+    ),
+    # system.shutdown: through its API, for `pumpflow stop`
+    "exit": (ExitOrder.TYPE, ExitReport.TYPE, SystemShutdown.TYPE),
 }
 
 
