@@ -91,7 +91,7 @@ class Console:
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
-    def _market_clock(self) -> str:
+    def market_clock(self) -> str:
         seconds = int(self.clock.now() - self.started_at)
         return f"+{seconds // 60:02d}:{seconds % 60:02d}"
 
@@ -102,14 +102,14 @@ class Console:
             self.tokens[data.mint] = _Token(symbol=data.symbol.strip() or data.mint[:6])
             if self.verbose:
                 self._say(
-                    f"{self._market_clock()} created {data.symbol.strip():<10} {data.mint} "
+                    f"{self.market_clock()} created {data.symbol.strip():<10} {data.mint} "
                     f"creator buy {data.solAmount or 0:.3f} SOL"
                 )
         elif isinstance(data, TokenMigrated):
             token = self.tokens.get(data.mint)
             self.graduated.append(data.mint)
             self._say(
-                f"{self._market_clock()} GRADUATED {token.symbol if token else data.mint} "
+                f"{self.market_clock()} GRADUATED {token.symbol if token else data.mint} "
                 f"-> {data.pool}"
             )
         elif isinstance(data, TokenLifecycle):
@@ -118,7 +118,7 @@ class Console:
                 token.state = data.state
             if self.verbose:
                 self._say(
-                    f"{self._market_clock()} {token.symbol if token else data.mint:<10} "
+                    f"{self.market_clock()} {token.symbol if token else data.mint:<10} "
                     f"{data.previous_state} -> {data.state} ({data.reason})"
                 )
         elif isinstance(data, FeaturesUpdated):
@@ -134,39 +134,41 @@ class Console:
             name = token.symbol if token else data.mint
             if isinstance(data, PositionOpened):
                 self._say(
-                    f"{self._market_clock()} BOUGHT {name:<10} {data.cost_sol:.3f} SOL "
+                    f"{self.market_clock()} BOUGHT {name:<10} {data.cost_sol:.3f} SOL "
                     f"at {data.entry_price:.3e} SOL/token"
                 )
             else:
                 self._say(
-                    f"{self._market_clock()} SOLD {name:<10} realised "
+                    f"{self.market_clock()} SOLD {name:<10} realised "
                     f"{data.realized_pnl_sol:+.4f} SOL ({data.reason})"
                 )
         elif isinstance(data, OrderRejected) and self.verbose:
-            self._say(f"{self._market_clock()} order {data.order_id} rejected: {data.reason}")
+            self._say(f"{self.market_clock()} order {data.order_id} rejected: {data.reason}")
         elif event.type.startswith("trading."):
-            self._say(f"{self._market_clock()} TRADING {event.type}: {msgspec_line(data)}")
+            self._say(f"{self.market_clock()} TRADING {event.type}: {msgspec_line(data)}")
         elif isinstance(data, FeedSubscription) and data.action == "unsubscribe":
             self.unsubscribed += len(data.mints)
 
-    def _subscribed(self) -> int:
+    def subscribed(self) -> int:
+        """Mints the feed streams trades of now (the most seen is kept for the summary)."""
         feed = self.system.services.get("feed")
         socket = getattr(feed, "socket", None)
-        return len(socket.active_mints) if socket is not None else 0
+        subscribed = len(socket.active_mints) if socket is not None else 0
+        self.max_subscribed = max(self.max_subscribed, subscribed)
+        return subscribed
 
     def status_line(self) -> str:
         now = self.clock.now()
         trades = self.counts["token.trade"]
         rate = (trades - self._last_trades) / max(1e-9, (now - self._last_at))
         self._last_trades, self._last_at = trades, now
-        subscribed = self._subscribed()
-        self.max_subscribed = max(self.max_subscribed, subscribed)
+        subscribed = self.subscribed()
         states = Counter(t.state for t in self.tokens.values())
         lifecycle = " ".join(
             f"{s} {states[s]}" for s in ("new", "active", "declining", "inactive", "graduated")
         )
         return (
-            f"{self._market_clock()} tokens {len(self.tokens)} | trades {trades} "
+            f"{self.market_clock()} tokens {len(self.tokens)} | trades {trades} "
             f"({rate:.0f}/s market) | trade subscriptions {subscribed} | {lifecycle}"
         )
 

@@ -3,11 +3,13 @@
 The simulator serves PumpPortal's protocol on a local socket; the feed, features,
 activity, model, trading (paper) and exit services run embedded over the in-memory bus
 and store, on a clock that runs ``--speed`` times faster than the wall so the simulator
-and the services agree on event time. A console subscriber prints what flows,
-trading's positions and PnL after every fee. No servers are needed. At the end
-(``--duration``, Ctrl-C or SIGTERM) trading's kill switch stops entries, a
-``system.shutdown`` has the exit service sell every open position, and its report is
-printed.
+and the services agree on event time. On a terminal a live dashboard
+(:mod:`pumpflow.cli.dashboard`) shows tokens by lifecycle state, event rates, the
+model's signals, open positions, PnL and the breakers; with ``--plain`` or without a
+terminal (a log, CI) a console subscriber prints status lines. No servers are needed.
+At the end (``--duration``, Ctrl-C or SIGTERM) trading's kill switch stops entries, a
+``system.shutdown`` has the exit service sell every open position, its report is
+printed, and the HTML report is written (:mod:`pumpflow.report`; its path last).
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import signal
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import msgspec
+
+if TYPE_CHECKING:
+    from rich.console import Console as RichConsole
 
 #: the entry score of the run's paper trading. The shipped model's scores on the
 #: simulator's market peak near 0.6 (seed 7, 2,000 predictions: median 0.20, 99th
@@ -56,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--launches", type=float, default=30.0, help="token launches per market minute (30)"
     )
     parser.add_argument(
-        "--every", type=float, default=2.0, help="real seconds between status lines (2)"
+        "--every", type=float, default=2.0, help="real seconds between plain status lines (2)"
     )
     parser.add_argument(
         "--min-score",
@@ -68,12 +74,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--verbose", action="store_true", help="print every creation and lifecycle change"
     )
     parser.add_argument(
+        "--plain", action="store_true",
+        help="plain status lines instead of the live dashboard (always so without a terminal)",
+    )  # fmt: skip
+    parser.add_argument(
         "--report", metavar="FILE.html", help="the HTML report at the end (reports/run-...html)"
     )
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from pumpflow.cli.dashboard import wants_dashboard
     from pumpflow.cli.report import default_path
 
     if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
@@ -90,8 +101,15 @@ def run_command(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             min_score=args.min_score,
             report=args.report or default_path("run", f"seed{args.seed}"),
+            screen=_screen() if wants_dashboard(args.plain, sys.stdout) else None,
         )
     )
+
+
+def _screen() -> RichConsole:
+    from rich.console import Console as RichConsole
+
+    return RichConsole()
 
 
 async def run_embedded_market(
@@ -105,11 +123,14 @@ async def run_embedded_market(
     out: TextIO = sys.stdout,
     min_score: float = RUN_MIN_SCORE,
     report: str | Path | None = None,
+    screen: RichConsole | None = None,
 ) -> int:
     """Run the embedded system for ``duration`` real seconds (0: until interrupted);
-    write the HTML report to ``report`` at the end."""
+    write the HTML report to ``report`` at the end. With a ``screen`` the live dashboard
+    draws on it; without, the console prints plain status lines every ``every`` seconds."""
     from pumpflow.activity.service import ActivityService
     from pumpflow.cli.console import Console
+    from pumpflow.cli.dashboard import Dashboard, RecentLines
     from pumpflow.common.clock import WallClock
     from pumpflow.common.runtime.embedded import run_embedded
     from pumpflow.exit.service import ExitService
@@ -153,7 +174,12 @@ async def run_embedded_market(
             [feed, FeaturesService, ActivityService, ModelService, trading, ExitService],
             clock=clock,
         ) as system:
-            console = Console(system=system, clock=clock, speed=speed, out=out, verbose=verbose)
+            # under the dashboard the console's lines go to its "latest" panel
+            recent = RecentLines()
+            console = Console(
+                system=system, clock=clock, speed=speed, verbose=verbose,
+                out=out if screen is None else recent,
+            )  # fmt: skip
             await console.attach()
             collector = Collector()
             await collector.attach(system.bus)
@@ -164,13 +190,21 @@ async def run_embedded_market(
                 file=out,
                 flush=True,
             )
-            status = asyncio.create_task(console.status_loop(every))
+            if screen is None:
+                status = asyncio.create_task(console.status_loop(every))
+            else:
+                status = asyncio.create_task(Dashboard(console, recent).run(screen))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=duration or None)
-            await graceful_exit(system, clock=clock, speed=speed, out=out)
+            # the dashboard goes on showing the sales; the exit's report follows it
+            exit_report = out if screen is None else io.StringIO()
+            await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
+            if screen is not None:
+                out.write(exit_report.getvalue())
+                console.out = out
             # the feed before the simulator: a feed whose server went away first would
             # try to reconnect; and with the stream ended the drain on exit has an end
             await system["feed"].stop()
