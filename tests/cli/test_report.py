@@ -86,6 +86,8 @@ def test_a_backtest_writes_its_report_and_results_that_agree_with_its_text(backt
     found = results.load(path.with_suffix(".json"))
     # the ledger's view agrees with the book's the backtest printed
     entries = int(re.search(r"entries (\d+)", printed)[1])
+    bought = float(re.search(r"entries \d+, ([\d.]+) SOL", printed)[1])
+    assert sum(t.bought_sol for t in found.trades) == pytest.approx(bought, abs=1e-3)
     realised = float(re.search(r"realised ([-+][\d.]+) SOL", printed)[1])
     assert len(found.trades) == entries > 0
     assert sum(t.realized_pnl_sol for t in found.trades) == pytest.approx(realised, abs=1e-4)
@@ -138,32 +140,34 @@ async def test_the_report_renders_in_chromium_with_every_plot_drawn_and_nothing_
 
 
 def _ledger_change() -> LedgerChange:
-    """Two positions: one bought and sold at a profit by take_profit, one still open."""
+    """Two positions of one token: one bought twice and sold at a profit by take_profit,
+    one opened after it and still open. Buys name no position, as the service's do."""
     orders, fills = [], []
     for order_id, side, position, reason, price, v_sol, at in (
         ("b1", "buy", "b1", "score 0.7", 3.1e-8, 31.0, 100.0),
+        ("b1b", "buy", "b1", "score 0.8", 3.2e-8, 32.0, 120.0),
         ("s1", "sell", "b1", "take_profit", 3.6e-8, 37.0, 160.0),
         ("b2", "buy", "b2", "score 0.6", 3.0e-8, 30.0, 200.0),
     ):
         orders.append(OrderRecord(
-            order_id=order_id, mint=f"mint-{position}", side=side, sol_amount=0.1,
+            order_id=order_id, mint="mint", side=side, sol_amount=0.1,
             token_amount=None, slippage_pct=5.0, reason=reason, position_id=position,
             cause_id=None, executor="paper", state="filled", requested_at=at, venue="curve",
             expected_v_sol=v_sol, expected_v_tokens=1e9,
         ))  # fmt: skip
         fills.append(FillRecord(
-            order_id=order_id, mint=f"mint-{position}", side=side, token_amount=3e6,
-            sol_amount=0.1 if side == "buy" else 0.105, price=price, fee_sol=0.001,
-            filled_at=at + 0.5, position_id=position, reason=reason,
+            order_id=order_id, mint="mint", side=side, token_amount=3e6,
+            sol_amount=0.1 if side == "buy" else 0.205, price=price, fee_sol=0.001,
+            filled_at=at + 0.5, position_id=position if side == "sell" else None, reason=reason,
         ))  # fmt: skip
     positions = [
         PositionRecord(
-            position_id="b1", mint="mint-b1", opened_at=100.5, closed_at=160.5,
+            position_id="b1", mint="mint", opened_at=100.5, closed_at=160.5,
             close_reason="take_profit", token_amount=0.0, cost_sol=0.0, entry_price=3.3e-8,
             realized_pnl_sol=0.005, fees_sol=0.002, mark_price=3.6e-8,
         ),
         PositionRecord(
-            position_id="b2", mint="mint-b2", opened_at=200.5, closed_at=None, close_reason="",
+            position_id="b2", mint="mint", opened_at=200.5, closed_at=None, close_reason="",
             token_amount=3e6, cost_sol=0.1, entry_price=3.3e-8, realized_pnl_sol=0.0,
             fees_sol=0.001, mark_price=3.5e-8,
         ),
@@ -183,12 +187,15 @@ async def test_the_postgres_ledger_gives_the_report_the_memory_ledger_gives(
     assert await from_ledger(PostgresLedger(pg_pool), title="t", source="s") == kept
     closed, held = kept.trades
     assert (closed.close_reason, closed.realized_pnl_sol, closed.bought_sol) == (
-        "take_profit", 0.005, 0.1
+        "take_profit", 0.005, 0.2
     )  # fmt: skip
+    assert held.bought_sol == 0.1
     # the open one at its mark: 3e6 tokens at 3.5e-8 against 0.1 SOL of cost
     assert held.closed_at is None and held.unrealized_pnl_sol == pytest.approx(0.005)
-    assert [round(s.pct, 6) for s in kept.slippage] == [0.0, round(100 * (1 - 3.6 / 3.7), 6), 0.0]
-    assert kept.orders == {"filled buy": 2, "filled sell": 1}
+    assert [round(s.pct, 6) for s in kept.slippage] == [
+        0.0, 0.0, round(100 * (1 - 3.6 / 3.7), 6), 0.0
+    ]  # fmt: skip
+    assert kept.orders == {"filled buy": 3, "filled sell": 1}
 
     out = tmp_path / "ledger.html"
     argv = ["report", "--dsn", postgres_dsn, "--schema", namespace, "--out", str(out)]

@@ -43,10 +43,7 @@ async def from_ledger(
     positions = await ledger.positions(open_only=False, limit=ALL_ROWS)
     orders = await ledger.orders(limit=ALL_ROWS)
     fills = (await ledger.load(remembered=0)).fills
-    bought: Counter[str] = Counter()
-    for fill in fills:
-        if fill.side == "buy" and fill.position_id is not None:
-            bought[fill.position_id] += fill.sol_amount
+    bought = _bought(fills, {p["position_id"]: p["closed_at"] for p in positions})
     trades = []
     for p in sorted(positions, key=lambda p: (p["opened_at"], p["position_id"])):
         marked = 0.0
@@ -78,6 +75,22 @@ async def from_ledger(
         title=title, source=source, trades=tuple(trades), slippage=tuple(slippage),
         orders=dict(sorted(outcomes.items())),
     )  # fmt: skip
+
+
+def _bought(fills: list[Any], closed_at: Mapping[str, float | None]) -> Counter[str]:
+    """SOL each position's buys spent. A buy goes to its mint's open position, or opens
+    one named by its order id, as the position book applies fills."""
+    bought: Counter[str] = Counter()
+    held: dict[str, str] = {}
+    for fill in fills:
+        if fill.side != "buy":
+            continue
+        position_id = held.get(fill.mint)
+        closed = closed_at.get(position_id) if position_id is not None else None
+        if position_id is None or (closed is not None and closed <= fill.filled_at):
+            position_id = held[fill.mint] = fill.position_id or fill.order_id
+        bought[position_id] += fill.sol_amount
+    return bought
 
 
 def calibration_of(performance: Any) -> tuple[Calibration, ...]:
