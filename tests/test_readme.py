@@ -76,3 +76,15 @@ def test_pumpflow_settings_shows_every_value_that_is_not_a_secret(service, monke
         if r["value"] == "***" and not r["variable"].endswith(("_TOKEN", "_KEY", "_URL"))
     ]
     assert not masked, masked
+
+
+def test_every_config_file_example_names_real_tables_and_settings(tmp_path):
+    from pumpflow.common.runtime.settings import check_config_file
+
+    examples = re.findall(r"^```toml\n(.*?)^```", README, re.S | re.M)
+    assert examples
+    services = {name: load_service(name).settings_class for name in installed_services()}
+    for number, text in enumerate(examples):
+        path = tmp_path / f"example{number}.toml"
+        path.write_text(text)
+        check_config_file(path, services)

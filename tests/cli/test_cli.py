@@ -131,6 +131,26 @@ def test_settings_with_a_bad_value_names_the_variable(fake_services, monkeypatch
     assert "PUMPFLOW_WIDGET_COUNT" in capsys.readouterr().err
 
 
+def test_config_file_sets_services_settings_under_the_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE", raising=False)  # restored after the test
+    monkeypatch.setenv("PUMPFLOW_LOG_LEVEL", "ERROR")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text(
+        "[common]\nlog_level = 'DEBUG'\npartitions = 8\n[trading]\ntrading_min_score = 0.45\n"
+    )
+    assert cli_main.main(["--config-file", str(config), "settings", "trading", "--json"]) == 0
+    values = {row["variable"]: row["value"] for row in json.loads(capsys.readouterr().out)}
+    assert values["PUMPFLOW_TRADING_MIN_SCORE"] == 0.45
+    assert values["PUMPFLOW_PARTITIONS"] == 8
+    assert values["PUMPFLOW_LOG_LEVEL"] == "ERROR"
+    # the processes it starts read the same file
+    assert os.environ["PUMPFLOW_CONFIG_FILE"] == str(config)
+
+    config.write_text("[trading]\ntrading_min_score = 0.45\n[tradng]\ntrading_min_score = 1\n")
+    assert cli_main.main(["--config-file", str(config), "settings", "exit"]) == 2
+    assert "no service named [tradng]" in capsys.readouterr().err
+
+
 def test_unknown_service_is_exit_2_listing_the_installed_ones(fake_services, capsys):
     assert cli_main.main(["serve", "nope"]) == 2
     assert "no service named 'nope' (installed: widget)" in capsys.readouterr().err

@@ -63,3 +63,74 @@ def test_settings_are_frozen():
     settings = CommonSettings.load()
     with pytest.raises(ValidationError):
         settings.partitions = 3
+
+
+# ------------------------------------------------------------------ the config file
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "pumpflow.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_file_common_then_service_table_then_environment_then_code(monkeypatch, tmp_path):
+    path = write_config(
+        tmp_path,
+        "[common]\npartitions = 8\nlog_level = 'DEBUG'\nprefetch = 32\n"
+        "[example]\nexample_batch_size = 5\nprefetch = 64\n"
+        "[other]\nexample_batch_size = 9\n",
+    )
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))
+    monkeypatch.setenv("PUMPFLOW_LOG_LEVEL", "WARNING")
+    settings = ExampleSettings.load(service="example", partitions=4)
+    assert settings.example_batch_size == 5  # the service's table, not [other]'s
+    assert settings.prefetch == 64  # the service's table over [common]
+    assert settings.log_level == "WARNING"  # the environment over the file
+    assert settings.partitions == 4  # the code over both
+    assert ExampleSettings.load(service="other").example_batch_size == 9
+    assert ExampleSettings.load(service="third").prefetch == 32
+
+
+def test_config_file_key_of_no_setting_is_named(monkeypatch, tmp_path):
+    path = write_config(tmp_path, "[example]\nexample_batch_sise = 5\n")
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))
+    with pytest.raises(SettingsError, match=r"\[example\] has no setting named example_batch_sise"):
+        ExampleSettings.load(service="example")
+    # a service's own setting is not a common one
+    path.write_text("[common]\nexample_batch_size = 5\n")
+    with pytest.raises(SettingsError, match=r"\[common\] has no setting named example_batch_size"):
+        ExampleSettings.load(service="example")
+
+
+def test_config_file_bad_value_names_its_key_table_and_file(monkeypatch, tmp_path):
+    path = write_config(tmp_path, "[example]\nexample_batch_size = 0\n")
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))
+    with pytest.raises(SettingsError) as caught:
+        ExampleSettings.load(service="example")
+    assert f"example_batch_size in [example] of {path}: " in str(caught.value)
+    assert "greater than or equal to 1" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[example\n", "not TOML"),
+        ("partitions = 8\n", "'partitions' is not a table"),
+        ("[exampel]\nprefetch = 1\n", "no service named [exampel] (tables: common, example)"),
+    ],
+)
+def test_config_file_checked_against_every_service(tmp_path, text, reason):
+    from pumpflow.common.runtime.settings import check_config_file
+
+    path = write_config(tmp_path, text)
+    with pytest.raises(SettingsError) as caught:
+        check_config_file(path, {"example": ExampleSettings})
+    assert reason in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_config_file_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    with pytest.raises(SettingsError, match=r"absent\.toml: No such file"):
+        ExampleSettings.load()

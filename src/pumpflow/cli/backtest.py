@@ -19,7 +19,7 @@ the same report.
 
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes, any setting of trading, exit or model
-(``trading_min_score=0.5``, ``exit_take_profit_pct=40``, ...), over the services'
+(``trading_min_score=0.5``, ``exit_max_hold_s=600``, ...), over the services'
 defaults and their PUMPFLOW_* environment; every configuration runs on the same
 frames in a system of its own, one after the other, and one table compares them.
 ``--configs FILE.toml`` reads configurations from a file, one table each (``[eager]``

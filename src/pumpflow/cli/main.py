@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pumpflow.cli.delegated import DELEGATED, delegate
+from pumpflow.common.runtime.settings import CONFIG_FILE_VARIABLE, SettingsError
 
 COMMAND_MODULES = (
     "pumpflow.cli.run",
@@ -35,14 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pumpflow",
         description="pumpflow: trade newly created pump.fun tokens (services, runs, tools)",
     )
+    parser.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help=f"TOML file of settings, [common] and one table per service, under the "
+        f"environment's (sets {CONFIG_FILE_VARIABLE} for the services this starts)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
+def use_config_file(argv: list[str]) -> list[str]:
+    """Take ``--config-file FILE`` off the front of ``argv`` into the environment (so the
+    processes this starts read it too) and check the file against every service."""
+    if argv[:1] == ["--config-file"] and len(argv) >= 2:
+        os.environ[CONFIG_FILE_VARIABLE], argv = argv[1], argv[2:]
+    elif argv and argv[0].startswith("--config-file="):
+        os.environ[CONFIG_FILE_VARIABLE], argv = argv[0].partition("=")[2], argv[1:]
+    path = os.environ.get(CONFIG_FILE_VARIABLE)
+    if path:
+        from pumpflow.common.runtime.discovery import installed_services, load_service
+        from pumpflow.common.runtime.settings import check_config_file
+
+        os.environ[CONFIG_FILE_VARIABLE] = str(Path(path).absolute())
+        services = {name: load_service(name).settings_class for name in installed_services()}
+        check_config_file(path, services)
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = use_config_file(argv)
+    except SettingsError as exc:
+        print(f"pumpflow: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] in DELEGATED:
         # the owner's parser reads every option, -h included
         return delegate(argv[0], argv[1:])

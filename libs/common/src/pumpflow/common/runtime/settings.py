@@ -2,13 +2,21 @@
 
 Each service extends :class:`CommonSettings` with its own fields. A bad value fails
 at start-up with the variable's name and the reason.
+
+One config file (TOML, named by ``PUMPFLOW_CONFIG_FILE`` or ``pumpflow --config-file``)
+can hold the settings of every service: ``[common]`` for all of them, ``[trading]``,
+``[exit]``, ... for one, each key a setting's name (``trading_min_score = 0.5``). The
+environment overrides the file, and what the code passes overrides both. A key no
+setting of its table has is an error naming the file, table and key: a typo never
+silently keeps a default.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -18,11 +26,81 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+#: the environment variable naming the config file
+CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"
+#: the config file's table read by every service
+COMMON_TABLE = "common"
 
 
 class SettingsError(ValueError):
-    """A setting in the environment is missing or invalid."""
+    """A setting in the environment or the config file is missing or invalid."""
+
+
+def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The config file's tables; SettingsError when it cannot be read or is not tables."""
+    try:
+        with open(path, "rb") as handle:
+            tables = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: not TOML ({exc})") from None
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise SettingsError(
+                f"config file {path}: {name!r} is not a table; put settings under "
+                f"[{COMMON_TABLE}] or a service's table"
+            )
+    return tables
+
+
+def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]]) -> None:
+    """Check every table and key of the file against ``services``' settings classes."""
+    tables = read_config_file(path)
+    known = {COMMON_TABLE: CommonSettings, **services}
+    for name, table in tables.items():
+        settings_cls = known.get(name)
+        if settings_cls is None:
+            raise SettingsError(
+                f"config file {path}: no service named [{name}] "
+                f"(tables: {', '.join(sorted(known))})"
+            )
+        _check_keys(path, name, table, settings_cls)
+
+
+def _check_keys(path, name: str, table: dict[str, Any], settings_cls) -> None:
+    unknown = sorted(set(table) - set(settings_cls.model_fields))
+    if unknown:
+        raise SettingsError(
+            f"config file {path}: [{name}] has no setting named {', '.join(unknown)}"
+        )
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The config file's ``[common]`` table, then the service's own table over it."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str, service: str | None):
+        super().__init__(settings_cls)
+        tables = read_config_file(path)
+        common = tables.get(COMMON_TABLE, {})
+        _check_keys(path, COMMON_TABLE, common, CommonSettings)
+        own = tables.get(service, {}) if service and service != COMMON_TABLE else {}
+        _check_keys(path, service, own, settings_cls)
+        self.values = {**common, **own}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
 
 
 class CommonSettings(BaseSettings):
@@ -81,6 +159,27 @@ class CommonSettings(BaseSettings):
         "before a group starts is lost; a declared group must run, or its queues grow",
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get(CONFIG_FILE_VARIABLE)
+        if not path:
+            return init_settings, env_settings, dotenv_settings, file_secret_settings
+        given = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        service = (
+            given.get("service")
+            or os.environ.get("PUMPFLOW_SERVICE")
+            or settings_cls.model_fields["service"].default
+        )
+        config = _ConfigFileSource(settings_cls, path, service)
+        return init_settings, env_settings, dotenv_settings, config, file_secret_settings
+
     @field_validator("heartbeat_ttl_s")
     @classmethod
     def _ttl_above_interval(cls, value: float, info: ValidationInfo) -> float:
@@ -103,14 +202,29 @@ class CommonSettings(BaseSettings):
 
     @classmethod
     def load(cls, **overrides):
-        """Read the environment; raise SettingsError naming each bad variable."""
+        """Read the config file and the environment; raise SettingsError naming each bad
+        variable (or key of the config file)."""
         try:
             return cls(**overrides)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{cls.variable_name(err['loc'])}: {err['msg']}" for err in exc.errors()
+                f"{cls._origin(err['loc'], overrides)}: {err['msg']}" for err in exc.errors()
             )
             raise SettingsError(f"invalid settings: {problems}") from None
+
+    @classmethod
+    def _origin(cls, loc: tuple, overrides: dict[str, Any]) -> str:
+        """Where a bad value came from: its variable, or its key in the config file."""
+        variable = cls.variable_name(loc)
+        path = os.environ.get(CONFIG_FILE_VARIABLE)
+        name = str(loc[0]) if loc else ""
+        if not path or variable in os.environ or name in overrides:
+            return variable
+        service = overrides.get("service") or cls.model_fields["service"].default
+        for table in (service, COMMON_TABLE):
+            if name in read_config_file(path).get(table, {}):
+                return f"{name} in [{table}] of {path}"
+        return variable
 
     @classmethod
     def variable_name(cls, loc: tuple) -> str:
