@@ -16,7 +16,8 @@ A, B = base58_key("A"), base58_key("B")
 
 
 def _event(raw: bytes, t: float, seq: int = 1) -> Event:
-    return make_event(decode_frame(raw), source="feed/test", time=t, seq=seq)
+    """A token event as the feed makes it: received at its time."""
+    return make_event(decode_frame(raw), source="feed/test", time=t, seq=seq, received_at=t)
 
 
 def _trade(mint: str, i: int, t: float, tx: str = "buy") -> bytes:

@@ -62,6 +62,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: put back from a dead-letter store: a consumer applies it once even when its seq
     #: is not above the applied one (see ``pumpflow.common.consumer``)
     redriven: bool = False
+    #: clock time the feed received the frame this event's causal chain began with,
+    #: handed on by every event it causes (receipt-to-decision latency)
+    received_at: float | None = None
 
     @property
     def critical(self) -> bool:
@@ -79,6 +82,7 @@ class _WireEvent(msgspec.Struct, frozen=True, kw_only=True):
     seq: int | None = None
     causation_id: str | None = None
     redriven: bool = False
+    received_at: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -485,9 +489,18 @@ def make_event(
     seq: int | None = None,
     causation_id: str | None = None,
     event_id: str | None = None,
+    received_at: float | None = None,
+    cause: Event | None = None,
 ) -> Event:
-    """Wrap a payload in an envelope; the key is taken from the payload's key field."""
+    """Wrap a payload in an envelope; the key is taken from the payload's key field.
+
+    ``cause``: the event this one follows from; it gives the causation id and hands on
+    its receipt time.
+    """
     key_field = payload.KEY_FIELD
+    if cause is not None:
+        causation_id = cause.id
+        received_at = cause.received_at
     return Event(
         id=event_id or new_event_id(),
         type=payload.TYPE,
@@ -497,6 +510,7 @@ def make_event(
         key=getattr(payload, key_field) if key_field else None,
         seq=seq,
         causation_id=causation_id,
+        received_at=received_at,
         data=payload,
     )
 
@@ -539,6 +553,7 @@ def decode_event(raw: bytes | str) -> Event:
         seq=wire.seq,
         causation_id=wire.causation_id,
         redriven=wire.redriven,
+        received_at=wire.received_at,
         data=data,
     )
 

@@ -301,7 +301,7 @@ class FeatureManager:
         """
         if raw_data is not None:
             self.update_feature_history(token_id, None, raw_data)
-        causation_id = raw_data.id if isinstance(raw_data, events.Event) else None
+        cause = raw_data if isinstance(raw_data, events.Event) else None
         vector = self.manager.generate_features(token_id)
         if vector is None:
             return None
@@ -315,9 +315,7 @@ class FeatureManager:
             values=vector.values,
         )
         await self.bus.publish(
-            events.make_event(
-                payload, source=self.source, time=vector.time, seq=seq, causation_id=causation_id
-            )
+            events.make_event(payload, source=self.source, time=vector.time, seq=seq, cause=cause)
         )
         await self.cache.add(vector)
         return vector
@@ -499,10 +497,10 @@ class ActivityAnalyzer:
         self.features = feature_domain.FeatureManager()
         self._reader = ActivityMetricsReader()
         self._sequencer = Sequencer()
-        self._outbox: deque[tuple[activity.Transition, str | None]] = deque()
+        self._outbox: deque[tuple[activity.Transition, events.Event | None]] = deque()
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task | None = None
-        self._causation: str | None = None
+        self._causation: events.Event | None = None
 
     async def update_activity_metrics(
         self, token_id: str, event: events.Event | activity.ActivityMetrics
@@ -514,7 +512,7 @@ class ActivityAnalyzer:
             await self.flush()
             return transition
         _check_mint(token_id, event.key)
-        self._causation = event.id
+        self._causation = event
         try:
             if event.type == "token.migrated":
                 transition = analyzer.token_migrated(token_id)
@@ -550,7 +548,7 @@ class ActivityAnalyzer:
         """Publish every transition made so far, in order."""
         async with self._lock:
             while self._outbox:
-                t, causation_id = self._outbox[0]
+                t, cause = self._outbox[0]
                 payload = events.TokenLifecycle(
                     mint=t.mint,
                     state=t.state,
@@ -565,7 +563,7 @@ class ActivityAnalyzer:
                         source=self.source,
                         time=t.time,
                         seq=self._sequencer.next(t.mint),
-                        causation_id=causation_id,
+                        cause=cause,
                     )
                 )
                 self._outbox.popleft()

@@ -193,7 +193,10 @@ class DataFeedManager:
             window = self.config.seq_restore_window_s
             if window is not None:
                 sequencer.retire_idle(record.time - window)
-            event = make_event(payload, source=self.source, time=record.time, seq=seq)
+            # a frame carries no time: its arrival is the event's time and its receipt
+            event = make_event(
+                payload, source=self.source, time=record.time, seq=seq, received_at=record.time
+            )
         self.events += 1
         if self.recorder is not None:
             await self.recorder.add(event, record.frame)

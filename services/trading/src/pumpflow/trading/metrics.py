@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.metrics import families
 from pumpflow.common.trading import BREAKERS, PositionBook, RiskManager, TradingState
+
+#: the target is a p99 within 25 ms; the tail shows a backlog
+RECEIPT_TO_DECISION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 
 class _Families:
@@ -59,6 +65,13 @@ class _Families:
             ["outcome"],
             registry=registry,
         )
+        self.receipt_to_decision = Histogram(
+            "pumpflow_receipt_to_decision_seconds",
+            "Clock seconds from the feed's receipt of a frame to the decision on the "
+            "prediction it led to (through features and model)",
+            buckets=RECEIPT_TO_DECISION_BUCKETS,
+            registry=registry,
+        )
         self.leader = Gauge(
             "pumpflow_trading_leader",
             "1 while this replica holds the lease and trades",
@@ -80,6 +93,9 @@ class TradingMetrics:
 
     def prediction(self, ordered: bool) -> None:
         self._f.predictions.labels("order" if ordered else "no_order").inc()
+
+    def receipt_to_decision(self, seconds: float) -> None:
+        self._f.receipt_to_decision.observe(seconds)
 
     def fill(self, side: str, sol: float, fee: float) -> None:
         self._f.fill_sol.labels(side).inc(sol)

@@ -366,6 +366,8 @@ class TradingService(Service):
                         ordered = True
                 if isinstance(data, ModelPrediction):
                     self.metrics.prediction(ordered)
+                    if self.engine.last_latency_s is not None:
+                        self.metrics.receipt_to_decision(self.engine.last_latency_s)
                     if not ordered:
                         self._note_skip()
                 self._report(step, (), cause=event, produced=produced)
@@ -403,7 +405,7 @@ class TradingService(Service):
                 request,
                 source=self._ctx.source,
                 time=self._ctx.clock.now(),
-                causation_id=event.id,
+                cause=event,
                 event_id=_outcome_event_id(f"request:{order.order_id}"),
             )
         )
@@ -447,7 +449,7 @@ class TradingService(Service):
             outcome,
             source=ctx.source,
             time=now,
-            causation_id=cause.id if cause is not None else None,
+            cause=cause,
             event_id=_outcome_event_id(outcome.order_id),
         )
         reason = self.engine.order_reasons.get(outcome.order_id, "")
@@ -485,7 +487,7 @@ class TradingService(Service):
                     payload,
                     source=self._ctx.source,
                     time=now,
-                    causation_id=cause.id if cause is not None else None,
+                    cause=cause,
                 )
             )
         for event in events:

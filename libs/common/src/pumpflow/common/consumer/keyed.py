@@ -236,7 +236,7 @@ class _Effects:
         self,
         consumer: KeyedStatefulConsumer,
         entry: _Key,
-        cause: str | None,
+        cause: Event | None,
         more: bool = False,
         *,
         silent: bool = False,
@@ -267,7 +267,7 @@ class _Effects:
                 source=self._consumer.source,
                 time=time,
                 seq=entry.published,
-                causation_id=self.cause,
+                cause=self.cause,
             )
         )
 
@@ -648,7 +648,7 @@ class KeyedStatefulConsumer(Generic[S]):
         state = self._state_of(entry)
         retire_ttl, entry.retire_ttl = entry.retire_ttl, None
         try:
-            entry.state = self.processor.apply(state, event, _Effects(self, entry, event.id, more))
+            entry.state = self.processor.apply(state, event, _Effects(self, entry, event, more))
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
             return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
@@ -682,7 +682,7 @@ class KeyedStatefulConsumer(Generic[S]):
             state = self._state_of(entry)
             try:
                 entry.state = self.processor.apply(
-                    state, past, _Effects(self, entry, past.id, True, silent=True)
+                    state, past, _Effects(self, entry, past, True, silent=True)
                 )
             except InvalidInput:
                 _keep_seq(entry.refused, publisher, seq)  # dead-lettered when it came

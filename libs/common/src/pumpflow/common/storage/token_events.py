@@ -346,6 +346,8 @@ class TokenEventStore:
                         time=row["event_time"],
                         key=row["mint"],
                         seq=row["seq"],
+                        # the feed stamps a frame's arrival as its time
+                        received_at=row["event_time"],
                         data=decode_token_frame(frame),
                     ),
                     frame=frame,

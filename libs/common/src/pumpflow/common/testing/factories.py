@@ -187,7 +187,8 @@ class TokenEvents:
             seq = self.seq.next(mint)
         else:
             self.seq.restore({mint: seq})
-        return make_event(payload, source=self.source, time=time, seq=seq)
+        # as the feed stamps them: received when they happened
+        return make_event(payload, source=self.source, time=time, seq=seq, received_at=time)
 
 
 def base58_key(label: str, length: int = 44) -> str:
@@ -301,7 +302,7 @@ class FeatureUpdates:
             source=self.source,
             time=event.time,
             seq=self._seq.next(event.key),
-            causation_id=event.id,
+            cause=event,
         )
 
     def of(self, events) -> list[Event]:

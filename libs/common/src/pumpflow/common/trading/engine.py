@@ -129,6 +129,9 @@ class TradingEngine:
         self.sent_orders: OrderedDict[str, None] = OrderedDict()
         #: what the last (live) prediction was decided, with its reasons
         self.last_decision: Decision | None = None
+        #: clock seconds from the feed's receipt of the frame the last (live) prediction
+        #: follows from to its decision (None: its events carry no receipt time)
+        self.last_latency_s: float | None = None
         #: order id -> why it was sent, for the position a sale closes (the executor's
         #: caller sets it for orders it did not decide here, an exit's say)
         self.order_reasons: dict[str, str] = {}
@@ -213,13 +216,15 @@ class TradingEngine:
         elif isinstance(data, ModelPrediction):
             if data.shadow:
                 # a shadow arm is measured, never traded on
-                self.last_decision = None
+                self.last_decision = self.last_latency_s = None
                 return [self._wrap(p, event, now) for p in self.risk.take_reports()]
             view = self._view(data.mint)
             view.prediction = data
             decision = self.last_decision = self.make_decision(
                 data.mint, view.features, cause_id=event.id
             )
+            received = event.received_at
+            self.last_latency_s = None if received is None else now - received
             if decision.order is not None:
                 self._remember(decision.order.order_id)
                 self.risk.reserve(decision.order.order_id, data.mint, decision.size_sol)
@@ -282,6 +287,6 @@ class TradingEngine:
             payload,
             source=self.source,
             time=now,
-            causation_id=cause.id if cause is not None else None,
+            cause=cause,
             event_id=event_id,
         )
