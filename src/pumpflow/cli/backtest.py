@@ -287,15 +287,6 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def _max_drawdown(positions) -> float:
-    peak = total = drawdown = 0.0
-    for position in sorted(positions, key=lambda p: (p.closed_at, p.position_id)):
-        total += position.realized_pnl_sol
-        peak = max(peak, total)
-        drawdown = max(drawdown, peak - total)
-    return drawdown
-
-
 class _Counter:
     """A bus handler that counts what it is delivered, by type (and side for orders)."""
 
@@ -338,6 +329,7 @@ async def run_backtest(
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
     from pumpflow.report.gather import Collector
+    from pumpflow.report.results import max_drawdown
     from pumpflow.trading.service import TradingService
 
     overrides = service_overrides(config or {})
@@ -422,6 +414,9 @@ async def run_backtest(
             closed = list(book.closed_positions)
             positions = [*book.open_positions.values(), *closed]
             counts = counter.counts
+            report_data = await collector.results(
+                system, title=f"pumpflow backtest: {name}", source=f"{total:,} frames"
+            )
             return Report(
                 name=name,
                 frames=total,
@@ -437,7 +432,7 @@ async def run_backtest(
                 closed_positions=len(closed),
                 wins=sum(p.realized_pnl_sol > 0 for p in closed),
                 fees_sol=sum(p.fees_sol for p in positions),
-                max_drawdown_sol=_max_drawdown(closed),
+                max_drawdown_sol=max_drawdown(report_data.trades),
                 exits=Counter(p.close_reason or "?" for p in closed),
                 auc=auc,
                 precision=precision,
@@ -445,9 +440,7 @@ async def run_backtest(
                 breakers=Counter(
                     name for name, b in trading.risk.breakers.items() if b.last_fault is not None
                 ),
-                report_data=await collector.results(
-                    system, title=f"pumpflow backtest: {name}", source=f"{total:,} frames"
-                ),
+                report_data=report_data,
             )
     finally:
         server.close()
