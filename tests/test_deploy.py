@@ -284,6 +284,20 @@ def test_alert_rules_use_only_exported_metrics():
     assert not missing, f"alerts.yml: not exported by the code: {missing}"
 
 
+def test_the_notifier_runs_on_request_with_real_settings():
+    from pumpflow.cli.notify import NotifySettings
+
+    spec = SERVICES["notify"]
+    assert spec["profiles"] == ["notify"]
+    assert spec["command"] == ["pumpflow", "notify"]
+    unknown = sorted(set(spec["environment"]) - env_names(NotifySettings))
+    assert not unknown, f"notify: not settings of NotifySettings: {unknown}"
+    assert spec["environment"]["PUMPFLOW_NOTIFY_PROMETHEUS_URL"] == "http://prometheus:9090"
+    # without a webhook it exits 0, and stays down
+    assert spec["restart"] == "on-failure"
+    assert spec["healthcheck"] == {"disable": True}
+
+
 def test_dockerfile_installs_only_the_service_and_the_cli():
     dockerfile = (ROOT / "deploy/Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile

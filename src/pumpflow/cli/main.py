@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.train",
     "pumpflow.cli.trading",
     "pumpflow.cli.stop",
+    "pumpflow.cli.notify",
     "pumpflow.cli.catalogue",
     "pumpflow.cli.report",
 )
