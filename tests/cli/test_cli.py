@@ -132,7 +132,10 @@ def test_settings_with_a_bad_value_names_the_variable(fake_services, monkeypatch
 
 
 def test_config_file_sets_services_settings_under_the_environment(monkeypatch, tmp_path, capsys):
-    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE", raising=False)  # restored after the test
+    # main() sets the variable for the processes it starts: set it here first so that
+    # monkeypatch takes it away again afterwards (delenv of an absent one records nothing)
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
     monkeypatch.setenv("PUMPFLOW_LOG_LEVEL", "ERROR")
     config = tmp_path / "pumpflow.toml"
     config.write_text(
