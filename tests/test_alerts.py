@@ -7,7 +7,9 @@ missing tool a failure.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,3 +116,44 @@ def test_a_missing_promtool_fails_where_tools_are_required(monkeypatch):
     monkeypatch.delenv("PUMPFLOW_REQUIRE_TOOLS")
     with pytest.raises(pytest.skip.Exception, match="promtool is not installed"):
         promtool()
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, PromQL) of every panel, variables matching everything."""
+    queries = []
+    for path in sorted((ROOT / "deploy/grafana/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                expr = re.sub(r"\$\{?\w+\}?", ".*", target["expr"])
+                queries.append((path.name, panel["title"], expr))
+    return queries
+
+
+def test_dashboard_queries_parse_and_their_fallbacks_show_zero(tmp_path):
+    """Every panel query is valid PromQL; one with an ``or on () vector(0)`` fallback
+    gives 0 on a system with no series at all, so a quiet panel reads 0, not No data."""
+    queries = dashboard_queries()
+    rules = {"groups": [{"name": "dashboards", "rules": []}]}
+    cases = []
+    for index, (_, _, expr) in enumerate(queries):
+        rules["groups"][0]["rules"].append({"record": f"dashboard:query_{index}", "expr": expr})
+        if re.search(r"or on ?\(\) vector\(0\)\s*$", expr):
+            cases.append(
+                {"expr": expr, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": 0}]}
+            )
+    assert len(cases) > 30
+    (tmp_path / "queries.yml").write_text(yaml.safe_dump(rules))
+    output = run_promtool("check", "rules", str(tmp_path / "queries.yml"))
+    assert f"SUCCESS: {len(queries)} rules found" in output
+    tests = {
+        "rule_files": [],
+        "tests": [{"interval": "1m", "input_series": [], "promql_expr_test": cases}],
+    }
+    (tmp_path / "empty.test.yml").write_text(yaml.safe_dump(tests))
+    run_promtool("test", "rules", str(tmp_path / "empty.test.yml"))
+
+
+def test_the_models_trading_and_exits_dashboard_never_reads_no_data():
+    for name, title, expr in dashboard_queries():
+        if name == "pumpflow-trading.json":
+            assert re.search(r"or on \(\) vector\(0\)$", expr), f"{title}: {expr}"

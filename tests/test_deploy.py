@@ -236,6 +236,33 @@ def test_the_market_dashboard_shows_what_pumpflow_does():
     } <= dashboard_metrics(dashboard)
 
 
+def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/pumpflow-trading.json").read_text())
+    assert {
+        # models: predictions by arm, PSI, rolling AUC and precision
+        "pumpflow_model_predictions_total",
+        "pumpflow_model_feature_psi",
+        "pumpflow_model_live_metric",
+        # trading: PnL, positions, exposure, fills, rejections, state, breakers, latency
+        "pumpflow_trading_pnl_sol",
+        "pumpflow_trading_open_positions",
+        "pumpflow_trading_exposure_sol",
+        "pumpflow_trading_orders_total",
+        "pumpflow_trading_fill_sol_total",
+        "pumpflow_trading_state",
+        "pumpflow_trading_breaker_trips_total",
+        "pumpflow_receipt_to_decision_seconds_bucket",
+        # exits: progress, slippage
+        "pumpflow_exit_graceful",
+        "pumpflow_exit_slippage_bucket",
+        # every service's processes
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    } <= dashboard_metrics(dashboard)
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    assert 'outcome="rejected"' in exprs and 'metric="precision"' in exprs
+
+
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_every_dashboard_plots_only_exported_metrics(path):
     dashboard = json.loads(path.read_text())
