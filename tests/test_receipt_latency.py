@@ -13,7 +13,7 @@ from pumpflow.activity.service import ActivityService
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, decode_event, encode_event, make_event
 from pumpflow.common.runtime.embedded import run_embedded
-from pumpflow.common.testing import EventCollector
+from pumpflow.common.testing import EventCollector, eventually, free_port, http_get
 from pumpflow.common.trading import PositionBook, RiskManager, TradingEngine
 from pumpflow.features.service import FeaturesService
 from pumpflow.model.service import ModelService
@@ -134,3 +134,56 @@ async def test_each_decision_observes_its_frames_receipt_to_decision_time():
         receipt, delay = received[frame_of(order)]
         assert order.received_at == receipt
         assert order.time - receipt == pytest.approx(delay, abs=1e-9)
+
+
+PIPELINE = ("feed", "features", "activity", "model", "trading")
+
+
+def samples(text: str, name: str) -> float | None:
+    """The value of an unlabelled sample in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_a_process_run_exports_the_latency_of_its_decisions(
+    pg_pool, redis_client, process_stack
+):
+    """Simulator, feed, features, activity, model and trading as processes: trading's
+    /metrics counts the decisions, each measured from the feed's receipt of its frame."""
+    sim_port = free_port()
+    ports = {service: free_port() for service in PIPELINE}
+    process_stack.configure(PUMPPORTAL_WS_URL=f"ws://127.0.0.1:{sim_port}/api/data")
+    process_stack.pumpflow(
+        "simulator", "sim", "serve", "--port", str(sim_port), "--speed", "10",
+        "--seed", "5", "--rate", "120",
+    )  # fmt: skip
+    for service in PIPELINE:
+        process_stack.serve(service, http_port=ports[service])
+
+    def decided() -> str | None:
+        status, text = http_get(f"http://127.0.0.1:{ports['trading']}/metrics")
+        count = samples(text, f"{HISTOGRAM}_count") if status == 200 else None
+        return text if count else None
+
+    text = await eventually(
+        lambda: asyncio.to_thread(decided),
+        120,
+        what="decisions measured on trading's /metrics",
+        details=process_stack.logs,
+        interval=0.5,
+    )
+    count = samples(text, f"{HISTOGRAM}_count")
+    total = samples(text, f"{HISTOGRAM}_sum")
+    assert count and total is not None
+    # from the feed's receipt, through RabbitMQ and three services: positive, and
+    # within the minute the stack has been running
+    assert 0 < total / count < 60
+    assert samples(text, f'{HISTOGRAM}_bucket{{le="+Inf"}}') == count
+    codes = await process_stack.stop_all([*PIPELINE, "simulator"])
+    assert codes == dict.fromkeys([*PIPELINE, "simulator"], 0), process_stack.logs()
