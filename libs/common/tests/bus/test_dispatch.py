@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pumpflow.common.bus.abc import Subscription
-from pumpflow.common.bus.dispatch import Dispatcher
+from pumpflow.common.bus.dispatch import Dispatcher, hold, release
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import TokenMigrated, make_event
 
@@ -48,3 +50,30 @@ async def test_the_dispatcher_keeps_no_memory_of_keys():
     for delivered in (event, event, migrated(1)):
         assert await dispatcher.dispatch(delivered, subscription) is None
     assert calls == [2, 2, 1]
+
+
+async def test_a_held_service_takes_its_deliveries_in_order_once_released():
+    calls: list[tuple[str, int]] = []
+
+    def subscription(service: str) -> Subscription:
+        async def handle(event) -> None:
+            calls.append((service, event.seq))
+
+        return Subscription(service=service, patterns=("token.*",), handler=handle)
+
+    held = Dispatcher(service="held", lane="partition", event_log=EventLog("none"))
+    other = Dispatcher(service="other", lane="partition", event_log=EventLog("none"))
+    hold("held")
+    try:
+        waiting = [
+            asyncio.create_task(held.dispatch(migrated(seq), subscription("held")))
+            for seq in (1, 2)
+        ]
+        await other.dispatch(migrated(1), subscription("other"))
+        await asyncio.sleep(0)
+        assert calls == [("other", 1)]  # the other service is not held
+        assert not any(task.done() for task in waiting)
+    finally:
+        release("held")
+    assert await asyncio.gather(*waiting) == [None, None]
+    assert calls == [("other", 1), ("held", 1), ("held", 2)]

@@ -8,9 +8,10 @@ import pytest
 from fastapi import APIRouter, Depends
 
 from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.dispatch import HELD
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.ownership import BalancedBus
-from pumpflow.common.clock import ReplayClock
+from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.dependencies import REDIS, WAITS
 from pumpflow.common.runtime.http import HttpServer, create_app, require_token
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -262,3 +263,45 @@ async def test_a_port_in_use_is_a_clear_start_up_error():
             await asyncio.wait_for(second.start(), 10)
     finally:
         await first.stop()
+
+
+async def test_a_replay_clock_moves_by_post_and_fires_its_timers_first():
+    _, ctx, app = make()
+    fired: list[float] = []
+    ctx.clock.call_at(5.0, lambda: fired.append(ctx.clock.now()))
+    auth = {"Authorization": "Bearer s3cret-token"}
+    async with client(app) as http:
+        before = (await http.get("/clock")).json()
+        unauthorised = await http.post("/clock", json={"to": 10.0})
+        bad = await http.post("/clock", json={"to": "soon"}, headers=auth)
+        moved = await http.post("/clock", json={"to": 10.0}, headers=auth)
+    assert before["replay"] is True and before["now"] == 0.0 and before["next_timer_at"] == 5.0
+    assert isinstance(before["events"], list)
+    assert unauthorised.status_code == 401
+    assert bad.status_code == 422 and "'to'" in bad.json()["detail"]
+    assert moved.status_code == 200
+    assert moved.json()["fired"] == 1 and moved.json()["now"] == 10.0
+    assert moved.json()["next_timer_at"] is None
+    assert fired == [5.0]
+
+
+async def test_a_held_service_is_released_by_post_clock():
+    _, _, app = make()
+    auth = {"Authorization": "Bearer s3cret-token"}
+    async with client(app) as http:
+        held = await http.post("/clock", json={"hold": True}, headers=auth)
+        assert held.status_code == 200 and "probe" in HELD
+        released = await http.post("/clock", json={"hold": False}, headers=auth)
+    assert released.status_code == 200 and "probe" not in HELD
+
+
+async def test_a_wall_clock_cannot_be_moved():
+    settings = CommonSettings(service="probe", replica="r1", api_token="t")
+    ctx = ServiceContext(
+        settings=settings, bus=InMemoryBus(source=settings.source), clock=WallClock(), store=None
+    )
+    async with client(create_app(Probe(settings), ctx)) as http:
+        now = (await http.get("/clock")).json()
+        refused = await http.post("/clock", json={"to": 1.0}, headers={"Authorization": "Bearer t"})
+    assert now["replay"] is False and now["next_timer_at"] is None
+    assert refused.status_code == 409 and "REPLAY_CLOCK_START" in refused.json()["detail"]

@@ -8,8 +8,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pumpflow.common.runtime.runner import EXIT_BAD_SETTINGS, EXIT_FAILED, run_service
+from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.runtime.runner import (
+    EXIT_BAD_SETTINGS,
+    EXIT_FAILED,
+    run_service,
+    service_clock,
+)
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.testing import ProcessStack, drop_schema, eventually, free_port
 
 SLOW_SERVICE = Path(__file__).with_name("slow_service.py")
@@ -139,8 +146,6 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
 ):
     import asyncpg
 
-    from pumpflow.common.runtime.settings import CommonSettings
-
     dsn = postgres_dsn
     rabbitmq_harness.delete_after(["stateful"])
     port = free_port()
@@ -176,3 +181,9 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
         if not runner.done():
             runner.cancel()
         await drop_schema(dsn, namespace)
+
+
+def test_a_replay_clock_start_runs_the_service_on_a_replay_clock():
+    assert isinstance(service_clock(CommonSettings(service="s")), WallClock)
+    replay = service_clock(CommonSettings(service="s", replay_clock_start=1_700_000_000.0))
+    assert isinstance(replay, ReplayClock) and replay.now() == 1_700_000_000.0

@@ -123,6 +123,33 @@ class HandedBack(asyncio.CancelledError):
     """
 
 
+#: consumer group -> released when set: deliveries to a held group wait (lock-step replays)
+HELD: dict[str, asyncio.Event] = {}
+
+
+def hold(service: str) -> None:
+    """Hold the deliveries to ``service``'s handlers in this process until :func:`release`.
+
+    A lock-step replay holds a group to order its deliveries after what the other
+    groups do with the same step (a prediction after the lifecycle of its features,
+    say). Deliveries already taken wait in the dispatcher, in order; nothing is lost.
+    """
+    HELD.setdefault(service, asyncio.Event())
+
+
+def release(service: str) -> None:
+    """Let ``service``'s held deliveries go on, in the order they came."""
+    gate = HELD.pop(service, None)
+    if gate is not None:
+        gate.set()
+
+
+async def _unheld(service: str) -> None:
+    gate = HELD.get(service)
+    if gate is not None:
+        await gate.wait()
+
+
 class Dispatcher:
     """The consume side of one lane of one service.
 
@@ -187,6 +214,8 @@ class Dispatcher:
 
     async def dispatch(self, event: Event, subscription: Subscription) -> str | None:
         """Deliver ``event`` to the subscription's handler; return a dead-letter reason or None."""
+        if HELD:
+            await _unheld(self.service)
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
         stats.age.observe(time.time() - event.time)
@@ -245,6 +274,8 @@ class Dispatcher:
         """
         handler = subscription.batch_handler
         assert handler is not None
+        if HELD:
+            await _unheld(self.service)
         now = time.time()
         found = self._series
         # per type: its series and how many of its events the batch holds

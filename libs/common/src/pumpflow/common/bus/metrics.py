@@ -96,6 +96,14 @@ class BusCollector(Collector):
             found = self._series[key] = Series()
         return found
 
+    def counts(self) -> list[dict[str, str | int]]:
+        """Every series' counters: service, type, lane, published, consumed, dead_lettered."""
+        return [
+            {"service": service, "type": kind, "lane": lane, "published": series.published,
+             "consumed": series.consumed, "dead_lettered": series.dead_lettered}
+            for (service, kind, lane), series in list(self._series.items())
+        ]  # fmt: skip
+
     def describe(self) -> Iterator[Metric]:
         for name, _, doc in _COUNTERS:
             yield CounterMetricFamily(name, doc, labels=LABELS)

@@ -18,11 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
+from pumpflow.common.bus.dispatch import hold, release
+from pumpflow.common.bus.metrics import BUS_METRICS
+from pumpflow.common.clock import Clock, ReplayClock
 from pumpflow.common.dependencies import WAITS
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.startup import Startup
@@ -172,10 +175,60 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
             awaited = ", ".join(startup.waiting_for) or "the service to start"
             raise HTTPException(503, f"{settings.service} is starting: waiting for {awaited}")
 
+    # one move of a replay clock at a time: its timers fire in order
+    moving = asyncio.Lock()
+
+    def running_clock() -> Clock:
+        started()
+        return startup.ctx.clock
+
+    @app.get("/clock")
+    async def clock() -> dict[str, Any]:
+        return clock_view(running_clock())
+
+    @app.post("/clock", dependencies=[Depends(require_token)])
+    async def step_clock(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """A lock-step driver's step: ``{"to": epoch}`` moves the replay clock (the due
+        timers fire, their effects published before the answer); ``{"hold": true}``
+        holds this service's deliveries until ``{"hold": false}``."""
+        replay = running_clock()
+        if not isinstance(replay, ReplayClock):
+            raise HTTPException(409, "on the wall clock: set PUMPFLOW_REPLAY_CLOCK_START")
+        to, held = body.get("to"), body.get("hold")
+        if to is not None and (not isinstance(to, int | float) or isinstance(to, bool)):
+            raise HTTPException(422, f"'to' must be a time in epoch seconds, got {to!r}")
+        if held is not None and not isinstance(held, bool):
+            raise HTTPException(422, f"'hold' must be true or false, got {held!r}")
+        if held is True:
+            hold(settings.service)
+        elif held is False:
+            release(settings.service)
+        fired = 0
+        if to is not None:
+            async with moving:
+                fired = await replay.advance_to(float(to))
+        return {**clock_view(replay), "fired": fired}
+
     router = service.router()
     if router is not None:
         app.include_router(router, dependencies=[Depends(started)])
     return app
+
+
+def clock_view(clock: Clock) -> dict[str, Any]:
+    """The service's time, its next timer on a replay clock, and its bus counters.
+
+    What a lock-step driver needs: once every process's events of a type are consumed
+    by every group that takes the type, as often as all processes published it, and no
+    timer is due, nothing more happens until the clock moves or an event comes.
+    """
+    replay = isinstance(clock, ReplayClock)
+    return {
+        "now": clock.now(),
+        "replay": replay,
+        "next_timer_at": clock.next_timer_at() if replay else None,
+        "events": BUS_METRICS.counts(),
+    }
 
 
 class _Server(uvicorn.Server):

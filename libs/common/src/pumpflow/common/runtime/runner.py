@@ -24,7 +24,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from pumpflow.common.clock import WallClock
+from pumpflow.common.clock import Clock, ReplayClock, WallClock
 from pumpflow.common.runtime.logging import configure_logging, redacted_settings
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
@@ -97,7 +97,7 @@ async def run_service(
 
     stop = stop or asyncio.Event()
     installed = _install_signal_handlers(stop)
-    clock = WallClock()
+    clock = service_clock(settings)
     startup = Startup(settings)
     wired = _Wired()
     bus = None
@@ -166,10 +166,19 @@ class _Wired:
     balance_store = None
 
 
+def service_clock(settings: CommonSettings) -> Clock:
+    """The wall, or a replay clock from ``replay_clock_start`` (moved by ``POST /clock``)."""
+    if settings.replay_clock_start is None:
+        return WallClock()
+    log.warning("on a replay clock from %.3f: time moves only by POST /clock",
+                settings.replay_clock_start)  # fmt: skip
+    return ReplayClock(settings.replay_clock_start)
+
+
 async def _connect(
     service_cls: type[Service],
     settings: CommonSettings,
-    clock: WallClock,
+    clock: Clock,
     startup: Startup,
     wired: _Wired,
 ) -> ServiceContext:
@@ -214,7 +223,8 @@ async def _connect(
         reaching.append(startup.reach("postgres", connect))
     await asyncio.gather(*reaching)
     if balanced:
-        bus, _ = _balanced(bus, settings, wired.store or wired.balance_store, clock)
+        # heartbeats are infrastructure: on the wall, whatever the service's clock
+        bus, _ = _balanced(bus, settings, wired.store or wired.balance_store, WallClock())
         wired.bus = bus
     return ServiceContext(settings=settings, bus=bus, clock=clock, store=wired.store, db=wired.db)
 

@@ -159,6 +159,14 @@ class CommonSettings(BaseSettings):
         "before a group starts is lost; a declared group must run, or its queues grow",
     )
 
+    replay_clock_start: float | None = Field(
+        None,
+        gt=0,
+        description="run on a replay clock from this epoch time instead of the wall: time "
+        "moves only when POST /clock says (lock-step replays, parity tests); leases then "
+        "stay in the process, so one replica per service",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
