@@ -24,7 +24,8 @@ Not compared: the fills (their timing differs by construction), the exit service
 sales (its rules run on the clock), and the upstream services across processes (over
 RabbitMQ features announces a token's batched events once and the services' outputs
 interleave in trading's queues by timing, so trading's inputs would differ from the
-embedded run's; here trading gets the embedded run's inputs in both).
+embedded run's; here trading gets the embedded run's inputs in both). The whole chain
+as processes, fills and exits included, is compared in lock-step by test_parity.py.
 """
 
 from __future__ import annotations
