@@ -228,7 +228,10 @@ async def embedded_run(stream: Sequence[Event]) -> tuple[list[Event], dict[str, 
     async with run_embedded(services, clock=clock, partitions=PARTITIONS) as system:
         decisions = await EventCollector("decisions").attach(system.bus, *DECISIONS)
         groups = {**CONSUMER_GROUPS, "decisions": DECISIONS}
-        await drive(Embedded(system, clock, groups), stream)
+        try:
+            await drive(Embedded(system, clock, groups), stream)
+        finally:
+            dispatch.release(HELD)  # a hold is process-wide: never left to later tests
         pnl = system["trading"].pnl()
     return decisions.events, pnl
 
