@@ -290,11 +290,15 @@ class ComposeCheck:
     def build(self) -> None:
         started = time.monotonic()
         self.stack.compose("build", timeout=self.args.build_timeout)
-        sizes = run(["docker", "images", "--format", "{{.Repository}} {{.Size}}"])
+        # what this build replaced: untagged images of this project only
+        project = f"label=com.docker.compose.project={self.args.project}"
+        run(["docker", "image", "prune", "-f", "--filter", project])
+        sizes = run(
+            ["docker", "images", "--filter", project, "--format", "{{.Repository}} {{.Size}}"]
+        )
         ours = sorted(
-            f"{repo.rsplit('-', 1)[-1]} {size}"
+            f"{repo.removeprefix(self.args.project + '-')} {size}"
             for repo, size in (line.split(" ", 1) for line in sizes.splitlines())
-            if repo.startswith(self.args.project + "-") or repo.startswith("pumpflow-")
         )
         self.report.add("PASS", "project images build", started, "; ".join(ours))
 
@@ -384,6 +388,28 @@ class ComposeCheck:
         # Prometheus finds new replicas at its DNS refresh (15 s), then scrapes (10 s)
         ok, detail = wait_for(scraped, timeout=90)
         self.report.add("PASS" if ok else "FAIL", name, started, detail)
+
+    def rules(self) -> None:
+        """Prometheus loaded the alert rules and evaluates them without errors."""
+        started = time.monotonic()
+
+        def evaluated() -> tuple[bool, str]:
+            groups = self.stack.prometheus("/api/v1/rules")["data"]["groups"]
+            rules = [rule for group in groups for rule in group["rules"]]
+            broken = [
+                f"{r['name']}: {r.get('lastError', '')}" for r in rules if r["health"] == "err"
+            ]
+            pending = [r["name"] for r in rules if r["health"] != "ok"]
+            firing = sorted({r["name"] for r in rules if r.get("state") == "firing"})
+            detail = f"{len(rules)} rules in {len(groups)} groups, firing: {firing or 'none'}"
+            if broken:
+                return False, "; ".join(broken)
+            return bool(rules) and not pending, detail
+
+        ok, detail = wait_for(evaluated, timeout=60)
+        self.report.add(
+            "PASS" if ok else "FAIL", "Prometheus evaluates the alert rules", started, detail
+        )
 
     def partitions(self, service: str) -> tuple[bool, str]:
         """Every replica of ``service`` owns partitions, none twice, all of them owned."""
@@ -518,6 +544,7 @@ class ComposeCheck:
             self.up()
             self.flow()
             self.targets("Prometheus scrapes every replica")
+            self.rules()
             self.scale()
             self.restart()
             self.dashboards()
