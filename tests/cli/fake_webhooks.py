@@ -10,19 +10,17 @@ Telegram Bot API and a Discord webhook, one real HTTP server recording every req
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pumpflow.common.testing.servers import free_port
+from pumpflow.common.testing.servers import local_app
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,18 +97,6 @@ async def fake_webhooks() -> AsyncIterator[FakeWebhooks]:
             Route("/api/webhooks/{id}/{token}", fake.discord, methods=["POST"]),
         ]
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # the server failed to start: raise its error
-            await asyncio.sleep(0.01)
-        fake.base = f"http://127.0.0.1:{port}"
+    async with local_app(app) as base:
+        fake.base = base
         yield fake
-    finally:
-        server.should_exit = True
-        await task

@@ -21,14 +21,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pumpflow.common.testing import base58_key
-from pumpflow.common.testing.servers import free_port
+from pumpflow.common.testing.servers import local_app
 
 Behaviour = Literal["success", "error", "timeout", "silent"]
 
@@ -73,19 +72,9 @@ async def fake_trade_api(behaviour: Behaviour = "success") -> AsyncIterator[Fake
     """The fake served on a free port of 127.0.0.1 for the block's duration."""
     fake = FakeTradeApi(behaviour=behaviour)
     app = Starlette(routes=[Route("/api/trade", fake.trade, methods=["POST"])])
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # the server failed to start: raise its error
-            await asyncio.sleep(0.01)
-        fake.url = f"http://127.0.0.1:{port}/api/trade"
-        yield fake
-    finally:
-        fake._release.set()
-        server.should_exit = True
-        await task
+    async with local_app(app) as base:
+        fake.url = f"{base}/api/trade"
+        try:
+            yield fake
+        finally:
+            fake._release.set()

@@ -29,6 +29,7 @@ from pumpflow.common.testing.servers import (
     REDIS_URL,
     drop_schema,
     free_port,
+    local_app,
     rabbitmq_vhost,
 )
 from pumpflow.common.testing.stack import (
@@ -61,6 +62,7 @@ __all__ = [
     "free_port",
     "http_get",
     "http_json",
+    "local_app",
     "partition_keys",
     "rabbitmq_vhost",
     "sample_payload",
