@@ -24,7 +24,7 @@ class Broker:
         self.concurrent = 0
         self.most_concurrent = 0
 
-    async def dead_letter(self, body, *, service, reason, event_type=None) -> None:
+    async def dead_letter(self, body, *, service, reason, event_type=None, **_) -> None:
         self.concurrent += 1
         self.most_concurrent = max(self.most_concurrent, self.concurrent)
         try:

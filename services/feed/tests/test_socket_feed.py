@@ -327,7 +327,7 @@ class GatedSink:
         self.gate = asyncio.Event()
         self.bodies: list[bytes] = []
 
-    async def dead_letter(self, body, *, service, reason, event_type=None) -> None:
+    async def dead_letter(self, body, *, service, reason, event_type=None, **_) -> None:
         await self.gate.wait()
         self.bodies.append(body)
 

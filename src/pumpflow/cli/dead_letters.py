@@ -10,6 +10,10 @@ half way leaves each letter in the queue, in the file, or in both, never in neit
 stays as it is). ``--dry-run`` counts what would go back. A redriven event is
 applied once by the service however often it is redriven (see
 ``pumpflow.common.bus.redrive``).
+
+A token event the feed's store refused goes back to the store instead, with its
+original seq and time, and is published once (``pumpflow.feed.redrive``); one its
+store still refuses stays dead with the reason of the attempt, and exits 1.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pumpflow.common.bus.abc import DeadLetter, EventBus
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+
+if TYPE_CHECKING:
+    from pumpflow.common.events import Event
+    from pumpflow.common.storage import RedriveWrite, TokenEventStore
 
 BATCH = 100
 
@@ -148,9 +156,42 @@ async def move_letters(bus: EventBus, service: str, path: Path) -> int:
         moved += len(taken)
 
 
+class _StoreOnDemand:
+    """The token event store, opened at its first use: only a refused row needs it."""
+
+    def __init__(self, settings: CommonSettings):
+        self.settings = settings
+        self._pool = None
+
+    def rejects(self, exc: BaseException) -> bool:
+        from pumpflow.common.storage import TokenEventStore
+
+        return TokenEventStore.rejects(exc)
+
+    async def _store(self) -> TokenEventStore:
+        from pumpflow.common.db.pool import create_pool
+        from pumpflow.common.storage import TokenEventStore
+
+        if self._pool is None:
+            settings = self.settings
+            self._pool = await create_pool(settings.postgres_dsn, settings.namespace, max_size=2)
+        return TokenEventStore(self._pool)
+
+    async def store_redriven(self, event: Event, frame: bytes | str | None = None) -> RedriveWrite:
+        return await (await self._store()).store_redriven(event, frame)
+
+    async def mark_redrive_published(self, event_id: str) -> None:
+        await (await self._store()).mark_redrive_published(event_id)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+
 async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) -> int:
     from pumpflow.common.bus.factory import create_bus
     from pumpflow.common.runtime.wiring import bus_config
+    from pumpflow.feed.redrive import StoredEventRedrive
 
     letters = None
     if args.redrive_from is not None:
@@ -161,24 +202,36 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
             return 2
     bus = create_bus(bus_config(settings))
     await bus.start()
+    store = _StoreOnDemand(settings)
+    code = 0
     try:
         if args.redrive or letters is not None:
             select = LetterFilter(reason=args.reason, event_type=args.event_type)
+            restorer = StoredEventRedrive(store, bus)
             if letters is None:
-                count = await redrive(bus, args.service, select=select, dry_run=args.dry_run)
+                count = await redrive(
+                    bus, args.service, select=select, dry_run=args.dry_run, restorer=restorer
+                )
             else:
                 count = await redrive_letters(
-                    bus, args.service, letters, select=select, dry_run=args.dry_run
-                )
+                    bus, args.service, letters, select=select, dry_run=args.dry_run,
+                    restorer=restorer,
+                )  # fmt: skip
             print(count.summary(args.service), file=out)
+            if restorer.stored or restorer.published or restorer.done_before:
+                print(f"refused token events: {restorer.summary()}", file=out)
+            for reason in count.refusals:
+                print(f"- refused again: {reason}", file=out)
+            code = 1 if count.refused else 0
         elif args.move is not None:
             moved = await move_letters(bus, args.service, args.move)
             print(f"moved {moved} dead letter(s) of {args.service} to {args.move}", file=out)
         else:
             await list_letters(bus, args.service, args.limit, out)
     finally:
+        await store.close()
         await bus.close()
-    return 0
+    return code
 
 
 def dead_letters_command(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,7 +32,14 @@ log = logging.getLogger(__name__)
 
 class DeadLetterSink(Protocol):
     async def dead_letter(
-        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+        self,
+        body: bytes,
+        *,
+        service: str,
+        reason: str,
+        event_type: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None: ...
 
 
@@ -97,6 +105,8 @@ class _Letter:
     event_type: str | None
     #: set when the broker confirmed it (only for ``send``)
     sent: asyncio.Future | None = None
+    key: str | None = None
+    headers: Mapping[str, str] | None = None
 
 
 class DeadLetterQueue:
@@ -149,12 +159,21 @@ class DeadLetterQueue:
         self._put(_Letter(body, reason, event_type))
         return True
 
-    async def send(self, body: bytes, reason: str, event_type: str | None = None) -> None:
+    async def send(
+        self,
+        body: bytes,
+        reason: str,
+        event_type: str | None = None,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Queue a letter, waiting for room, and return once the broker confirmed it."""
         while not self._has_room(len(body)):
             self._space.clear()
             await self._space.wait()
-        letter = _Letter(body, reason, event_type, asyncio.get_running_loop().create_future())
+        sent = asyncio.get_running_loop().create_future()
+        letter = _Letter(body, reason, event_type, sent, key=key, headers=headers)
         self._put(letter)
         await asyncio.shield(letter.sent)
 
@@ -236,7 +255,12 @@ class DeadLetterQueue:
         while batch:
             sends = [
                 sink.dead_letter(
-                    letter.body, service=service, reason=letter.reason, event_type=letter.event_type
+                    letter.body,
+                    service=service,
+                    reason=letter.reason,
+                    event_type=letter.event_type,
+                    key=letter.key,
+                    headers=letter.headers,
                 )
                 for letter in batch
             ]

@@ -22,11 +22,11 @@ Two kinds of failure, told apart by the sink (``rejects``):
   with backoff for as long as it takes; nothing is dropped or dead-lettered.
 - The store refuses rows of the batch (a value it cannot hold or index): the batch
   is split in halves, each written on its own, until the rows at fault are alone.
-  Each is dead-lettered as the frame it came in (the raw input, as for a malformed
-  frame: a redrive leaves it, since nothing but this writer could store it) with the
-  store's reason and the event's identity (id, mint, seq); the rest is stored and
-  published in order, and the stream goes on. A refused event's seq is never
-  published: consumers see a gap.
+  Each is dead-lettered as the frame it came in with the store's reason and the
+  event's identity (id, mint, seq, time: ``pumpflow.feed.redrive``); the rest is
+  stored and published in order, and the stream goes on. Consumers see a gap at the
+  refused seq until a redrive, once the cause is fixed, stores the event with its
+  identity and publishes it (late, applied once).
 
 ``problem`` names what makes the recorder unfit to be called ready: a backlog near
 the point where the reader blocks, or an oldest waiting event older than a bound. A
@@ -55,6 +55,7 @@ from pumpflow.common.events import Event, encode_event, encode_payload
 from pumpflow.common.storage import TokenEventStore, WriteResult
 from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
 from pumpflow.feed.metrics import FeedMetrics
+from pumpflow.feed.redrive import refusal_reason, refused_headers
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class Recorder:
         batch: list[Event] = []
         last_id = position
         async for stored in store.stream_stored(
-            after_id=position, source_service=self._outbox, order="id"
+            after_id=position, source_service=self._outbox, order="id", redriven=False
         ):
             last_id = stored.row_id
             if stored.event.seq is None:
@@ -369,8 +370,7 @@ class Recorder:
 
     async def _reject(self, event: Event, frame: bytes | None, exc: BaseException | None) -> None:
         """Dead-letter an event the store refused, with the store's reason."""
-        reason = (f"store refused {event.type} {event.id} (mint {event.key!s:.60}, seq "
-                  f"{event.seq}): {type(exc).__name__}: {exc}")  # fmt: skip
+        reason = refusal_reason(event, exc)
         self.rejected += 1
         self.metrics.record_rejected.inc()
         log.error("%.400s; dead-lettered (%d so far); the stream goes on", reason,
@@ -379,7 +379,9 @@ class Recorder:
         if self.dead_letters is None:
             log.error("no dead-letter queue: the refused frame is only in this log: %.2000r", body)
             return
-        await self.dead_letters.send(body, reason, event.type)
+        await self.dead_letters.send(
+            body, reason, event.type, key=event.key, headers=refused_headers(event)
+        )
 
     async def _publish(self, events: list[Event], last_id: int | None) -> None:
         if self._publisher is not None and events:

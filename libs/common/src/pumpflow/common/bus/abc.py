@@ -48,7 +48,7 @@ Delivery contract, the same for every transport (held by the shared contract tes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,9 +209,19 @@ class EventBus(EventPublisher, EventSubscriber):
 
     @abstractmethod
     async def dead_letter(
-        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+        self,
+        body: bytes,
+        *,
+        service: str,
+        reason: str,
+        event_type: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Store input that cannot be processed (a malformed frame, say) with its reason."""
+        """Store input that cannot be processed (a malformed frame, say) with its reason.
+
+        ``headers`` travel with the letter (what a redrive needs besides the body).
+        """
 
     @abstractmethod
     async def dead_letters(

@@ -25,7 +25,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -714,11 +714,25 @@ class InMemoryBus(EventBus):
         self._dead.setdefault(letter.service, deque()).append(letter)
 
     async def dead_letter(
-        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+        self,
+        body: bytes,
+        *,
+        service: str,
+        reason: str,
+        event_type: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         record_dead_letter(service, event_type, INPUT)
         self._store_dead(
-            DeadLetter(service=service, reason=reason, body=body, event_type=event_type)
+            DeadLetter(
+                service=service,
+                reason=reason,
+                body=body,
+                event_type=event_type,
+                key=key,
+                headers=dict(headers or {}),
+            )
         )
 
     async def take_dead_letters(

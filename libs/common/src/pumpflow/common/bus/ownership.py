@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -568,9 +568,18 @@ class BalancedBus(EventBus):
         await self.inner.publish_many(events)
 
     async def dead_letter(
-        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+        self,
+        body: bytes,
+        *,
+        service: str,
+        reason: str,
+        event_type: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        await self.inner.dead_letter(body, service=service, reason=reason, event_type=event_type)
+        await self.inner.dead_letter(
+            body, service=service, reason=reason, event_type=event_type, key=key, headers=headers
+        )
 
     async def dead_letters(
         self, service: str, limit: int = 100, *, remove: bool = True

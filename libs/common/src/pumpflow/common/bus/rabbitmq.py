@@ -56,7 +56,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1035,7 +1035,8 @@ class RabbitMQBus(EventBus):
         extra: dict[str, str] | None = None,
     ) -> None:
         await self._declare_dlq(service)
-        headers = {REASON_HEADER: reason[:_MAX_REASON], **(extra or {})}
+        # the reason, type and key given win over headers a letter carried before
+        headers = {**(extra or {}), REASON_HEADER: reason[:_MAX_REASON]}
         if event_type is not None:
             headers["x-pumpflow-type"] = event_type
         if key is not None:
@@ -1044,10 +1045,19 @@ class RabbitMQBus(EventBus):
         await self._publish_to(self.dlx_name, body, service, properties)
 
     async def dead_letter(
-        self, body: bytes, *, service: str, reason: str, event_type: str | None = None
+        self,
+        body: bytes,
+        *,
+        service: str,
+        reason: str,
+        event_type: str | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         record_dead_letter(service, event_type, INPUT)
-        await self._to_dlq(service, body, reason, event_type=event_type)
+        await self._to_dlq(
+            service, body, reason, event_type=event_type, key=key, extra=dict(headers or {})
+        )
 
     async def dead_letters(
         self, service: str, limit: int = 100, *, remove: bool = True

@@ -7,12 +7,19 @@ dead-lettered it, and to no other (:meth:`EventBus.redeliver`), marked
 letter redriven, still dead, or both; a letter redriven twice is applied once, since
 the keyed consumer applies a redriven event only for a seq its key refused, and
 forgets that seq as it applies it (``pumpflow.common.consumer``).
+
+A letter whose content goes back elsewhere than to a service's queue (a token event
+the feed's store refused goes back to the store, then out to every consumer) is put
+back by a :class:`LetterRestorer` that claims it. One it cannot put back yet (its
+cause is not fixed) stays dead, with the reason of this attempt: dead-lettered again
+behind the letters this redrive offers, then removed from its old place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
@@ -50,6 +57,10 @@ class RedriveCount:
     keyless: int = 0
     #: letters the filter passed over
     passed_over: int = 0
+    #: claimed letters refused again (their cause is not fixed): they stay
+    refused: int = 0
+    #: the reasons of those refusals, in order
+    refusals: list[str] = field(default_factory=list)
 
     def summary(self, service: str) -> str:
         verb = "would redrive" if self.dry_run else "redrove"
@@ -60,6 +71,8 @@ class RedriveCount:
                 line += f", {self.not_events} not events, left"
             if self.keyless:
                 line += f", {self.keyless} keyless, left"
+            if self.refused:
+                line += f", {self.refused} refused again, left"
             line += ")"
         return f"{line}; {self.passed_over} not matched"
 
@@ -73,11 +86,36 @@ def redrivable(letter: DeadLetter) -> Event | None:
     return msgspec.structs.replace(event, redriven=True)
 
 
+class LetterRestorer(Protocol):
+    """Puts back the letters it claims somewhere other than a service's queue."""
+
+    def claims(self, letter: DeadLetter) -> bool:
+        """True for a letter this restorer puts back."""
+        ...
+
+    async def restore(self, letter: DeadLetter) -> str | None:
+        """Put ``letter``'s content back, at most once however often; None once it is
+        back, else why it is refused still (the letter stays dead)."""
+        ...
+
+
 class _Redrive:
-    def __init__(self, bus: EventBus, service: str, select: LetterFilter, dry_run: bool):
+    def __init__(
+        self,
+        bus: EventBus,
+        service: str,
+        select: LetterFilter,
+        dry_run: bool,
+        restorer: LetterRestorer | None,
+        *,
+        in_store: bool,
+    ):
         self.bus = bus
         self.service = service
         self.select = select
+        self.restorer = restorer
+        #: the letters come from the bus's store (else from a file, which stays as is)
+        self.in_store = in_store
         self.count = RedriveCount(dry_run=dry_run)
 
     async def offer(self, letter: DeadLetter) -> bool:
@@ -87,6 +125,8 @@ class _Redrive:
             count.passed_over += 1
             return False
         count.matched += 1
+        if self.restorer is not None and self.restorer.claims(letter):
+            return await self._restore(letter, self.restorer)
         event = redrivable(letter)
         if event is None:
             count.not_events += 1
@@ -101,6 +141,29 @@ class _Redrive:
         count.redriven += 1
         return True
 
+    async def _restore(self, letter: DeadLetter, restorer: LetterRestorer) -> bool:
+        count = self.count
+        if count.dry_run:
+            count.redriven += 1
+            return False
+        refused = await restorer.restore(letter)
+        if refused is None:
+            count.redriven += 1
+            return True
+        count.refused += 1
+        count.refusals.append(refused)
+        if not self.in_store:
+            return False
+        await self.bus.dead_letter(
+            letter.body,
+            service=letter.service,
+            reason=refused,
+            event_type=letter.event_type,
+            key=letter.key,
+            headers=letter.headers,
+        )
+        return True
+
 
 async def redrive(
     bus: EventBus,
@@ -108,9 +171,10 @@ async def redrive(
     *,
     select: LetterFilter | None = None,
     dry_run: bool = False,
+    restorer: LetterRestorer | None = None,
 ) -> RedriveCount:
     """Put ``service``'s selected dead letters back; a dry run only counts them."""
-    run = _Redrive(bus, service, select or LetterFilter(), dry_run)
+    run = _Redrive(bus, service, select or LetterFilter(), dry_run, restorer, in_store=True)
     await bus.take_dead_letters(service, run.offer)
     return run.count
 
@@ -122,9 +186,13 @@ async def redrive_letters(
     *,
     select: LetterFilter | None = None,
     dry_run: bool = False,
+    restorer: LetterRestorer | None = None,
 ) -> RedriveCount:
-    """Put back selected letters kept elsewhere (a file of moved letters) for ``service``."""
-    run = _Redrive(bus, service, select or LetterFilter(), dry_run)
+    """Put back selected letters kept elsewhere (a file of moved letters) for ``service``.
+
+    A letter refused again stays in the file only (the file is left as it is).
+    """
+    run = _Redrive(bus, service, select or LetterFilter(), dry_run, restorer, in_store=False)
     for letter in letters:
         await run.offer(letter)
     return run.count

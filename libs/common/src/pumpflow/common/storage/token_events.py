@@ -9,6 +9,11 @@ decoded and reproduces its payloads byte for byte.
 Reads go through a server-side cursor inside a transaction, so replaying millions
 of rows holds only ``batch_size`` of them in memory.
 
+An event the store refused (dead-lettered by the feed) is stored later by
+``store_redriven`` once its cause is fixed: idempotent on signature and txType like
+every write, and recorded in ``token_event_redrives`` with whether it was published,
+so its redrive publishes it once and the outbox never republishes it.
+
 ``rejects`` tells a batch the store refuses for its rows (a value Postgres cannot
 hold or index: retrying the same rows fails again) from a store that is unwell (a
 lost connection, a server restarting or full: retrying later succeeds). Only the
@@ -31,6 +36,7 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
     encode_payload,
+    source_service,
 )
 from pumpflow.common.pumpportal import decode_token_frame
 
@@ -125,6 +131,18 @@ FROM (SELECT mint, min(event_time) AS event_time
 WHERE t.mint = s.mint AND t.migrated_at IS NULL
 """
 
+_REDRIVEN = "INSERT INTO token_event_redrives (event_id) VALUES ($1) ON CONFLICT DO NOTHING"
+_REDRIVE_PUBLISHED = "SELECT published FROM token_event_redrives WHERE event_id = $1"
+#: another event of the same publisher and mint stored with the seq
+_SEQ_HOLDER = """
+SELECT event_id FROM token_events
+WHERE mint = $1 AND seq = $2 AND (source = $3 OR source LIKE $4) AND event_id <> $5
+LIMIT 1
+"""
+_NOT_REDRIVEN = (
+    "NOT EXISTS (SELECT 1 FROM token_event_redrives AS r WHERE r.event_id = token_events.event_id)"
+)
+
 _TYPE_OF_TX = {
     "create": TokenCreated.TYPE,
     "buy": TokenTrade.TYPE,
@@ -161,6 +179,26 @@ class WriteResult:
         if self.own_event_ids is None:
             return list(events)
         return [e for e in events if e.id in self.own_event_ids]
+
+
+#: work done in a write's transaction once its rows are inserted
+_AfterInsert = Callable[[asyncpg.Connection, "WriteResult"], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedriveWrite:
+    """Outcome of storing a refused event again (``TokenEventStore.store_redriven``)."""
+
+    #: stored by this call
+    inserted: bool = False
+    #: the event's row holds it (now or from an earlier redrive); False: another event
+    #: holds its signature and txType, or ``seq_taken_by`` holds its seq
+    stored: bool = False
+    #: its redrive published it already
+    published: bool = False
+    #: id of another event of the publisher and mint stored with the same seq (the
+    #: event cannot go out with it: consumers would drop one of the two)
+    seq_taken_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,14 +291,22 @@ class TokenEventStore:
             _stage_row(i, event, frames[i] if frames is not None else None)
             for i, event in enumerate(events)
         ]
+        return await self._write(rows)
+
+    async def _write(
+        self,
+        rows: list[tuple],
+        also: _AfterInsert | None = None,
+    ) -> WriteResult:
+        """Insert staged rows in one transaction; ``also`` runs in it after the insert."""
         try:
-            return await self._write_rows(rows)
+            return await self._write_rows(rows, also)
         except asyncpg.CharacterNotInRepertoireError:
             # a NUL inside a decoded string (names are free text); Postgres text cannot
             # hold it, so replace it in the columns; the frame keeps its escaped form
-            return await self._write_rows([_without_nul(row) for row in rows])
+            return await self._write_rows([_without_nul(row) for row in rows], also)
 
-    async def _write_rows(self, rows: list[tuple]) -> WriteResult:
+    async def _write_rows(self, rows: list[tuple], also: _AfterInsert | None) -> WriteResult:
         has_create = any(row[2] == "create" for row in rows)
         has_migrate = any(row[2] == "migrate" for row in rows)
         async with self._pool.acquire() as conn, conn.transaction():
@@ -274,8 +320,45 @@ class TokenEventStore:
                 await conn.execute(_INSERT_TOKENS)
             if has_migrate:
                 await conn.execute(_MARK_MIGRATED)
-        return WriteResult(
-            inserted=result["inserted"], last_id=result["last_id"], own_event_ids=own
+            written = WriteResult(
+                inserted=result["inserted"], last_id=result["last_id"], own_event_ids=own
+            )
+            if also is not None:
+                await also(conn, written)
+        return written
+
+    async def store_redriven(self, event: Event, frame: bytes | str | None = None) -> RedriveWrite:
+        """Store an event the store refused before, once; say whether it awaits publishing.
+
+        Nothing is written when another event of its publisher and mint holds its seq.
+        """
+        publisher = source_service(event.source)
+        if event.seq is not None:
+            holder = await self._pool.fetchval(
+                _SEQ_HOLDER, event.key, event.seq, publisher, publisher + "/%", event.id
+            )
+            if holder is not None:
+                return RedriveWrite(seq_taken_by=holder)
+        outcome: dict[str, bool] = {}
+
+        async def record(conn: asyncpg.Connection, written: WriteResult) -> None:
+            own = written.own_event_ids is None or event.id in written.own_event_ids
+            outcome["stored"] = own
+            if own:
+                await conn.execute(_REDRIVEN, event.id)
+                outcome["published"] = bool(await conn.fetchval(_REDRIVE_PUBLISHED, event.id))
+
+        written = await self._write([_stage_row(0, event, frame)], record)
+        return RedriveWrite(
+            inserted=written.inserted == 1,
+            stored=outcome["stored"],
+            published=outcome.get("published", False),
+        )
+
+    async def mark_redrive_published(self, event_id: str) -> None:
+        """Record that a redriven event is on the bus."""
+        await self._pool.execute(
+            "UPDATE token_event_redrives SET published = true WHERE event_id = $1", event_id
         )
 
     async def stream(
@@ -302,9 +385,13 @@ class TokenEventStore:
         source_service: str | None = None,
         before_seq: int | None = None,
         order: str = "time",
+        redriven: bool = True,
         batch_size: int = 2_000,
     ) -> AsyncIterator[StoredEvent]:
-        """Replay stored events with their frames; ``order`` is "time", "id" or "seq"."""
+        """Replay stored events with their frames; ``order`` is "time", "id" or "seq".
+
+        ``redriven=False`` leaves out events a redrive stored (and publishes itself).
+        """
         where: list[str] = []
         args: list[object] = []
         if start is not None:
@@ -326,6 +413,8 @@ class TokenEventStore:
         if before_seq is not None:
             args.append(int(before_seq))
             where.append(f"seq < ${len(args)}")
+        if not redriven:
+            where.append(_NOT_REDRIVEN)
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {sorted(_ORDERS)}, not {order!r}")
         query = (
