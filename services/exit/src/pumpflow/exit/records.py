@@ -4,8 +4,15 @@ A graceful exit's tranche is stored before it is sent: after a crash the stored
 tranches say which numbers each position has used (order ids
 ``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
 refuses an order id it has seen, never sells twice. A rule's sale is stored when it
-settles. :class:`PostgresExitStore` is a deployment's (migration 0006);
+settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0007);
 :class:`MemoryExitStore` the embedded run's and the tests'.
+
+A graceful exit is finished when every position of every partition is: each replica
+lists the partitions it has loaded and the positions it queued (:meth:`ExitStore.update_run`),
+and closes each position as it is sold out (or as the deadline leaves it). The change
+that leaves no partition unlisted and no position open finishes the run in the same
+transaction, with the summary of every position, whichever replica makes it; a replica
+that dies leaves its positions open until the next owner of its partitions sells them.
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
-from pumpflow.common.events import OrderFilled, OrderRejected
-from pumpflow.common.exit import DEADLINE, GRACEFUL, ExitRecord
+import msgspec
+
+from pumpflow.common.events import ExitLine, OrderFilled, OrderRejected
+from pumpflow.common.exit import DEADLINE, GRACEFUL, ExitRecord, GracefulExitSummary
 
 OrderState = Literal["sent", "filled", "rejected"]
 
@@ -30,13 +40,44 @@ class RunRecord:
     reason: str
     started_at: float
     deadline: float
+    #: partitions of the keyed consumer: each must list its positions before the end
+    partitions: int = 1
     finished_at: float | None = None
     #: the summary's exit.report as JSON builtins
     summary: dict[str, Any] | None = None
 
     @classmethod
-    def new(cls, reason: str, started_at: float, deadline: float) -> RunRecord:
-        return cls(run_id=uuid.uuid4().hex, reason=reason, started_at=started_at, deadline=deadline)
+    def new(
+        cls, reason: str, started_at: float, deadline: float, *, partitions: int = 1
+    ) -> RunRecord:
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        return cls(
+            run_id=uuid.uuid4().hex,
+            reason=reason,
+            started_at=started_at,
+            deadline=deadline,
+            partitions=partitions,
+        )
+
+    def finished(self, time: float, lines: Iterable[ExitLine]) -> RunRecord:
+        """This run finished at ``time`` with ``lines``, its summary made of them."""
+        summary = GracefulExitSummary(
+            reason=self.reason,
+            started_at=self.started_at,
+            finished_at=time,
+            deadline=self.deadline,
+            lines=tuple(lines),
+        )
+        return replace(self, finished_at=time, summary=msgspec.to_builtins(summary.report()))
+
+
+#: a position of a run: still selling, sold out, or left unsold by the deadline
+PositionState = Literal["open", "exited", "ended"]
+
+
+def line_state(line: ExitLine) -> PositionState:
+    return "exited" if line.completed else "ended"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,7 +146,8 @@ def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[
             mint=mint,
             position_id=first.position_id,
             rule=DEADLINE if any(o.rule == DEADLINE for o in mine) else GRACEFUL,
-            tokens_at_start=first.tokens_at_start,
+            # a refused rule's sale given back to the exit adds to it as it goes
+            tokens_at_start=max(o.tokens_at_start for o in mine),
             mark_price=first.mark_price,
             started_at=first.started_at,
         )
@@ -125,11 +167,22 @@ class ExitStore(Protocol):
 
     async def active_run(self) -> RunRecord | None: ...
 
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
     async def latest_run(self) -> RunRecord | None: ...
 
-    async def finish_run(
-        self, run_id: str, finished_at: float, summary: dict[str, Any]
-    ) -> None: ...
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        time: float,
+        partitions: Iterable[int] = (),
+        positions: Iterable[tuple[str, str]] = (),
+        lines: Iterable[ExitLine] = (),
+    ) -> RunRecord | None:
+        """List ``partitions`` and the ``positions`` (position id, mint) they hold, close
+        the positions of ``lines``; the run if this finished it (every partition listed,
+        no position open), at ``time`` with the summary of every line."""
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         """Store ``order`` unless its id is stored; whether it was new."""
@@ -150,6 +203,11 @@ class MemoryExitStore:
     def __init__(self) -> None:
         self.runs: dict[str, RunRecord] = {}
         self.exit_orders: dict[str, ExitOrderRecord] = {}
+        self.run_partitions: dict[str, set[int]] = defaultdict(set)
+        #: run id -> position id -> (state, line)
+        self.run_positions: dict[str, dict[str, tuple[PositionState, ExitLine | None]]] = (
+            defaultdict(dict)
+        )
 
     async def begin_run(self, run: RunRecord) -> RunRecord:
         active = await self.active_run()
@@ -161,13 +219,37 @@ class MemoryExitStore:
     async def active_run(self) -> RunRecord | None:
         return next((r for r in self.runs.values() if r.finished_at is None), None)
 
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return self.runs.get(run_id)
+
     async def latest_run(self) -> RunRecord | None:
         return max(self.runs.values(), key=lambda r: r.started_at, default=None)
 
-    async def finish_run(self, run_id: str, finished_at: float, summary: dict[str, Any]) -> None:
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        time: float,
+        partitions: Iterable[int] = (),
+        positions: Iterable[tuple[str, str]] = (),
+        lines: Iterable[ExitLine] = (),
+    ) -> RunRecord | None:
         run = self.runs[run_id]
-        if run.finished_at is None:
-            self.runs[run_id] = replace(run, finished_at=finished_at, summary=summary)
+        held = self.run_positions[run_id]
+        for position_id, _mint in positions:
+            held.setdefault(position_id, ("open", None))
+        for line in lines:
+            if held.get(line.position_id, ("open", None))[0] != "exited":
+                held[line.position_id] = (line_state(line), line)
+        self.run_partitions[run_id].update(partitions)
+        if (
+            run.finished_at is not None
+            or len(self.run_partitions[run_id]) < run.partitions
+            or any(state == "open" for state, _ in held.values())
+        ):
+            return None
+        self.runs[run_id] = run.finished(time, (line for _, line in held.values() if line))
+        return self.runs[run_id]
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         if order.order_id in self.exit_orders:
@@ -203,7 +285,9 @@ UPDATE exit_orders SET state = $2, filled_tokens = $3, sol_amount = $4, price = 
     fee_sol = $6, outcome = $7, settled_at = $8
 WHERE order_id = $1 AND state = 'sent' RETURNING order_id
 """
-_RUN_COLUMNS = "run_id, reason, started_at, deadline, finished_at, summary::text AS summary"
+_RUN_COLUMNS = (
+    "run_id, reason, started_at, deadline, partitions, finished_at, summary::text AS summary"
+)
 
 
 def _run(row: Any) -> RunRecord | None:
@@ -215,6 +299,7 @@ def _run(row: Any) -> RunRecord | None:
         reason=row["reason"],
         started_at=row["started_at"],
         deadline=row["deadline"],
+        partitions=row["partitions"],
         finished_at=row["finished_at"],
         summary=json.loads(summary) if summary is not None else None,
     )
@@ -229,9 +314,9 @@ class PostgresExitStore:
     async def begin_run(self, run: RunRecord) -> RunRecord:
         async with self.pool.acquire() as conn:
             await conn.execute(
-                "INSERT INTO exit_runs (run_id, reason, started_at, deadline) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                run.run_id, run.reason, run.started_at, run.deadline,
+                "INSERT INTO exit_runs (run_id, reason, started_at, deadline, partitions) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
             )  # fmt: skip
         active = await self.active_run()
         return active if active is not None else run
@@ -244,6 +329,14 @@ class PostgresExitStore:
                 )
             )
 
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        async with self.pool.acquire() as conn:
+            return _run(
+                await conn.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM exit_runs WHERE run_id = $1", run_id
+                )
+            )
+
     async def latest_run(self) -> RunRecord | None:
         async with self.pool.acquire() as conn:
             return _run(
@@ -252,13 +345,68 @@ class PostgresExitStore:
                 )
             )
 
-    async def finish_run(self, run_id: str, finished_at: float, summary: dict[str, Any]) -> None:
-        async with self.pool.acquire() as conn:
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        time: float,
+        partitions: Iterable[int] = (),
+        positions: Iterable[tuple[str, str]] = (),
+        lines: Iterable[ExitLine] = (),
+    ) -> RunRecord | None:
+        positions, partitions = list(positions), list(partitions)
+        lines = [
+            (line.position_id, line_state(line), _encode_line(line).decode()) for line in lines
+        ]
+        async with self.pool.acquire() as conn, conn.transaction():
+            # one change at a time per run: the one that leaves nothing open sees so
+            run = _run(
+                await conn.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM exit_runs WHERE run_id = $1 FOR UPDATE", run_id
+                )
+            )
+            if run is None:
+                raise KeyError(f"no graceful exit {run_id!r}")
+            if positions:
+                await conn.executemany(
+                    "INSERT INTO exit_run_positions (run_id, position_id, mint) "
+                    "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    [(run_id, position_id, mint) for position_id, mint in positions],
+                )
+            if lines:
+                await conn.executemany(
+                    "UPDATE exit_run_positions SET state = $3, line = $4::jsonb, closed_at = $5 "
+                    "WHERE run_id = $1 AND position_id = $2 AND state <> 'exited'",
+                    [(run_id, *line, time) for line in lines],
+                )
+            if partitions:
+                await conn.executemany(
+                    "INSERT INTO exit_run_partitions (run_id, partition) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING",
+                    [(run_id, partition) for partition in partitions],
+                )
+            if run.finished_at is not None:
+                return None
+            listed = await conn.fetchval(
+                "SELECT count(*) FROM exit_run_partitions WHERE run_id = $1", run_id
+            )
+            still_open = await conn.fetchval(
+                "SELECT count(*) FROM exit_run_positions WHERE run_id = $1 AND state = 'open'",
+                run_id,
+            )
+            if listed < run.partitions or still_open:
+                return None
+            rows = await conn.fetch(
+                "SELECT line::text AS line FROM exit_run_positions "
+                "WHERE run_id = $1 AND line IS NOT NULL ORDER BY closed_at, position_id",
+                run_id,
+            )
+            finished = run.finished(time, (_decode_line(row["line"]) for row in rows))
             await conn.execute(
-                "UPDATE exit_runs SET finished_at = $2, summary = $3::jsonb "
-                "WHERE run_id = $1 AND finished_at IS NULL",
-                run_id, finished_at, json.dumps(summary),
+                "UPDATE exit_runs SET finished_at = $2, summary = $3::jsonb WHERE run_id = $1",
+                run_id, time, json.dumps(finished.summary),
             )  # fmt: skip
+            return finished
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         async with self.pool.acquire() as conn:
@@ -294,3 +442,7 @@ class PostgresExitStore:
                 limit,
             )
         return [dict(row) for row in rows]
+
+
+_encode_line = msgspec.json.Encoder().encode
+_decode_line = msgspec.json.Decoder(ExitLine).decode

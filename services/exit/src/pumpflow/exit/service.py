@@ -14,8 +14,16 @@
   ``exit_run_poll_s`` and sells the positions of the partitions it owns with
   :class:`~pumpflow.common.exit.GracefulExitManager`: the rules stop, each tranche is
   stored, then published as an ``exit.order``, then awaited as trading's
-  ``order.filled``/``order.rejected``. Reports per position and the summary go out as
-  ``exit.report`` and into the records.
+  ``order.filled``/``order.rejected``. A rule's sale under way holds its tokens back
+  until it settles; refused, the graceful exit sells them too. Reports per position go
+  out as ``exit.report`` and into the records.
+- **The end of a graceful exit** is the whole run's, not a replica's: each replica
+  lists in the records the partitions it has loaded and the positions it queued, and
+  closes each position as it is sold out (or as the deadline leaves it); the change
+  that leaves every partition listed and no position open finishes the run, in the
+  same transaction, and that replica publishes the summary of every position
+  (``exit.report``, ``graceful``). A replica done with its share keeps watching: the
+  partitions of a replica that died come to it with their positions, and it sells them.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
@@ -38,6 +46,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import (
@@ -123,7 +132,9 @@ class ExitService(Service):
         self.consumer: KeyedStatefulConsumer[ExitState] | None = None
         self.manager: GracefulExitManager | None = None
         self.run: RunRecord | None = None
+        #: the whole run's summary, once every replica's positions are exited
         self.summary: GracefulExitSummary | None = None
+        self._ended: RunRecord | None = None
         #: set when this replica's graceful exit has begun, and when it has ended
         self.began = asyncio.Event()
         self.finished = asyncio.Event()
@@ -189,7 +200,9 @@ class ExitService(Service):
         now = self._ctx.clock.now()
         if deadline is None:
             deadline = now + self.settings.exit_deadline_s
-        run = await self.records.begin_run(RunRecord.new(reason, now, deadline))
+        run = await self.records.begin_run(
+            RunRecord.new(reason, now, deadline, partitions=self.consumer.bus.partitions)
+        )
         self._begin(run)
         return run
 
@@ -220,45 +233,97 @@ class ExitService(Service):
                 elif self.manager is not None and self.manager.summary is None:
                     self.manager.begin_graceful_exit(self.run.reason)
                     self.metrics.progress(self.manager.monitor_exit_progress())
+                    await self._list_share(self.manager)
             except Exception:
                 log.exception("exit: looking for a graceful exit failed; next round")
 
     async def _run_graceful(self, run: RunRecord) -> None:
-        ctx = self._ctx
+        """Sell this replica's share, then whatever comes to it, until the run is over."""
         try:
-            await self._settled_before(run)
-            records, sent = resume_state(await self.records.run_orders(run.run_id))
-            manager = GracefulExitManager(
-                ctx.bus,
-                _OwnedPositions(self.consumer),
-                self,
-                clock=ctx.clock,
-                config=self.settings.graceful(),
-                source=ctx.source,
-            )
-            for key in list(self.consumer.keys()):
-                state = self.consumer.state(key)
-                if state is not None and state.position is not None and state.lifecycle:
-                    manager.on_lifecycle(key, state.lifecycle, state.activity_level)
-            manager.resume_graceful_exit(
-                run.reason,
-                started_at=run.started_at,
-                deadline=run.deadline,
-                records=records,
-                sent=sent,
-            )
-            self.manager = manager
-            self.metrics.progress(manager.monitor_exit_progress())
-            summary = await manager.run()
-            self.summary = summary
-            self.metrics.progress(manager.monitor_exit_progress())
-            self.metrics.margin(summary.deadline_margin_s)
-            await self.records.finish_run(
-                run.run_id, summary.finished_at, msgspec.to_builtins(summary.report())
-            )
-            log.info("exit: %s", summary.text())
+            ended = None
+            while ended is None:
+                ended = await self._sell_share(run)
+                if ended is None:
+                    ended = await self._until_more(run)
+            report = msgspec.convert(ended.summary, type=ExitReport)
+            self.summary = GracefulExitSummary.from_report(report)
+            self.metrics.margin(self.summary.deadline_margin_s)
+            log.info("exit: %s", self.summary.text())
         finally:
             self.finished.set()
+
+    async def _sell_share(self, run: RunRecord) -> RunRecord | None:
+        """Sell what the partitions held here hold; the run if it is over."""
+        ctx = self._ctx
+        await self._settled_before(run)
+        records, sent = resume_state(await self.records.run_orders(run.run_id))
+        # other replicas' exits are theirs to report
+        records = [r for r in records if self._owns(r.mint)]
+        manager = GracefulExitManager(
+            ctx.bus,
+            _OwnedPositions(self.consumer),
+            self,
+            clock=ctx.clock,
+            config=self.settings.graceful(),
+            source=ctx.source,
+            publish_summary=False,
+            on_exited=self._exited,
+        )
+        for key in list(self.consumer.keys()):
+            state = self.consumer.state(key)
+            if state is not None and state.position is not None and state.lifecycle:
+                manager.on_lifecycle(key, state.lifecycle, state.activity_level)
+        manager.resume_graceful_exit(
+            run.reason,
+            started_at=run.started_at,
+            deadline=run.deadline,
+            records=records,
+            sent=sent,
+        )
+        self.manager = manager
+        self.metrics.progress(manager.monitor_exit_progress())
+        # exits sold out before a crash, not closed yet, are closed with the listing
+        await self._list_share(manager, [r.line() for r in records if r.completed])
+        share = await manager.run()
+        self.metrics.progress(manager.monitor_exit_progress())
+        log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
+        await self._update_run(lines=[r.line() for r in manager.records.values()])
+        return self._ended
+
+    async def _until_more(self, run: RunRecord) -> RunRecord | None:
+        """Wait for the run to end, listing the partitions that come here; None when a
+        position comes here to sell (a dead replica's partitions, a late position)."""
+        while self._ended is None:
+            await asyncio.sleep(self.settings.exit_run_poll_s)
+            stored = await self.records.get_run(run.run_id)
+            if stored is not None and stored.finished_at is not None:
+                return stored
+            queued = {q.position_id for q in self.manager.planner.exits.values()}
+            held = _OwnedPositions(self.consumer).open_positions.values()
+            if any(view.position_id not in queued for view in held):
+                return None
+            await self._update_run(partitions=sorted(self.consumer.restored))
+        return self._ended
+
+    async def _list_share(self, manager: GracefulExitManager, lines=()) -> None:
+        """List the partitions loaded here and the positions queued from them."""
+        # read together, with no wait between: a partition listed has its positions queued
+        partitions = sorted(self.consumer.restored)
+        positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
+        await self._update_run(partitions=partitions, positions=positions, lines=lines)
+
+    async def _exited(self, record: ExitRecord) -> None:
+        await self._update_run(lines=[record.line()])
+
+    async def _update_run(self, **changes: Any) -> None:
+        """Change the run's records; if that ended the run, publish its summary."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        ended = await self.records.update_run(self.run.run_id, time=now, **changes)
+        if ended is not None:
+            self._ended = ended
+            report = msgspec.convert(ended.summary, type=ExitReport)
+            await ctx.bus.publish(make_event(report, source=ctx.source, time=now))
 
     async def _settled_before(self, run: RunRecord) -> None:
         """Wait (a while) for this replica's partitions and for the outcomes of tranches
@@ -272,11 +337,15 @@ class ExitService(Service):
         while loop.time() < until:
             if self.consumer.owned:
                 orders = await self.records.run_orders(run.run_id)
-                if all(o.state != "sent" for o in orders):
+                # other replicas' tranches in flight are theirs to wait for
+                if all(o.state != "sent" or not self._owns(o.mint) for o in orders):
                     return
             await asyncio.sleep(0.05)
         log.warning("exit: %s resumes with partitions %s, tranches still without an outcome",
                     run.run_id, sorted(self.consumer.owned))  # fmt: skip
+
+    def _owns(self, mint: str) -> bool:
+        return partition_of(mint, self.consumer.bus.partitions) in self.consumer.owned
 
     async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
         """Send one tranche of the graceful exit: stored, published, its outcome awaited."""
@@ -346,6 +415,8 @@ class ExitService(Service):
                     await self.manager.on_late_fill(outcome)
                 return
             if sale is not None:
+                if self.manager is not None:
+                    await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
                 await self._settle_rule(mint, outcome, sale, time)
         except Exception:
             log.exception("exit: storing the outcome of %s failed", outcome.order_id)

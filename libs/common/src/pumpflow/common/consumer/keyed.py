@@ -336,6 +336,8 @@ class KeyedStatefulConsumer(Generic[S]):
         self._keys: dict[str, _Key] = {}
         #: partitions whose keys this replica holds (restored, timers armed)
         self.owned: set[int] = set()
+        #: owned partitions whose stored keys are loaded (what they hold is in memory)
+        self.restored: set[int] = set()
         self._publishers: dict[str, str] = {}
         self._dirty: dict[str, _Key] = {}
         self._changed = 0
@@ -1144,6 +1146,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 await self._retry(
                     lambda k=index_key, p=present: self._rewrite_index(k, p), "indexing"
                 )
+        self.restored.update(p for p in partitions if p in self.owned)
         self.metrics.restored.inc(restored)
         log.info(
             "%s: partitions %s assigned, %d keys restored",
@@ -1162,6 +1165,7 @@ class KeyedStatefulConsumer(Generic[S]):
         """Hand ``partitions`` over: stop their timers, finish their work, store, forget."""
         lost = set(partitions)
         self.owned.difference_update(lost)
+        self.restored.difference_update(lost)
         mine = [e for e in self._keys.values() if e.partition in lost]
         for entry in mine:
             self._cancel_timer(entry)

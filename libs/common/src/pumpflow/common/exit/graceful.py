@@ -5,7 +5,13 @@ position manager (its ``open_positions`` by mint) and the trade executor (an
 ``execute_exit`` of one tranche's :class:`~pumpflow.common.events.ExitOrder`,
 answering its fill or its refusal). The plan is :class:`~.planner.ExitPlanner`'s;
 this class runs it on the injected clock and publishes an ``exit.report`` per
-position as it is sold out and a summary (``graceful``) at the end.
+position as it is sold out and a summary (``graceful``) at the end (unless the caller
+sums the exits of several managers itself: ``publish_summary=False``; ``on_exited`` is
+told each position sold out).
+
+A rule's sale ordered before the exit began holds its tokens back (the position's
+``pending_tokens``): the position is not sold out until that sale settles, and if it
+is refused, the exit sells its tokens too (:meth:`GracefulExitManager.on_rule_outcome`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class ExitExecutor(Protocol):
 
 
 WaitUntil = Callable[[float], Awaitable[None]]
+ExitedHook = Callable[[ExitRecord], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +96,8 @@ class GracefulExitManager:
         config: GracefulExitConfig | None = None,
         source: str = "exit",
         wait_until: WaitUntil | None = None,
+        publish_summary: bool = True,
+        on_exited: ExitedHook | None = None,
     ) -> None:
         self.event_bus = event_bus
         self.position_manager = position_manager
@@ -97,6 +106,10 @@ class GracefulExitManager:
         self.planner = ExitPlanner(config or GracefulExitConfig())
         self.source = source
         self._wait_until = wait_until or self._wait_on_clock
+        self.publish_summary = publish_summary
+        self.on_exited = on_exited
+        #: set when a rule's sale settles: the run's wait for it ends
+        self._changed = asyncio.Event()
         self.reason = ""
         self.records: dict[str, ExitRecord] = {}
         self.summary: GracefulExitSummary | None = None
@@ -216,10 +229,30 @@ class GracefulExitManager:
                 continue
             deadline = self.planner.deadline
             when = self.planner.next_ready_at()
+            if when is None and self.planner.awaiting_rules and deadline is not None:
+                # a rule's sale may yet be refused and give its tokens back to sell
+                when = deadline if now < deadline else None
             if when is None or (deadline is not None and when > deadline):
                 break
-            await self._wait_until(when)
+            await self._wait_for_change(when)
         return await self._finish(force=True)
+
+    async def on_rule_outcome(
+        self, mint: str, outcome: OrderFilled | OrderRejected, tokens: float
+    ) -> None:
+        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, its
+        tokens are gone; refused, the exit sells them (the position is never left open)."""
+        queued = self.planner.exits.get(mint)
+        record = self.records.get(mint)
+        if queued is None or record is None or self.summary is not None:
+            return
+        if isinstance(outcome, OrderFilled):
+            self.planner.release(mint, tokens)
+        else:
+            record.tokens_at_start += self.planner.retake(mint, tokens)
+        self._changed.set()
+        await self._close_if_sold_out(mint)
+        await self._finish_if_done()
 
     async def on_late_fill(self, fill: OrderFilled) -> None:
         """A tranche's fill that came after the executor gave the tranche up (answered
@@ -228,11 +261,9 @@ class GracefulExitManager:
         if record is None or self.summary is not None:
             return
         now = self.clock.now()
-        queued = self.planner.record_late_fill(fill.mint, fill.token_amount)
+        self.planner.record_late_fill(fill.mint, fill.token_amount)
         record.add_fill(fill, now)
-        if queued is not None and queued.done and record.finished_at is None:
-            record.finish(now)
-            await self._publish(record.report())
+        await self._close_if_sold_out(fill.mint)
         await self._finish_if_done()
 
     def calculate_optimal_exit_price(self, token_id: str) -> float | None:
@@ -264,16 +295,25 @@ class GracefulExitManager:
         now = self.clock.now()
         record = self.records[tranche.mint]
         if isinstance(outcome, OrderFilled):
-            queued = self.planner.record_fill(tranche, outcome.token_amount, now)
+            self.planner.record_fill(tranche, outcome.token_amount, now)
             record.add_fill(outcome, now)
             if tranche.rule == DEADLINE:
                 record.rule = DEADLINE
-            if queued.done:
-                record.finish(now)
-                await self._publish(record.report())
+            await self._close_if_sold_out(tranche.mint)
         else:
             self.planner.record_rejection(tranche, now)
         await self._finish_if_done()
+
+    async def _close_if_sold_out(self, mint: str) -> None:
+        """Report ``mint``'s exit once its position is sold out (once)."""
+        queued = self.planner.exits.get(mint)
+        record = self.records[mint]
+        if queued is None or not queued.done or record.finished_at is not None:
+            return
+        record.finish(self.clock.now())
+        await self._publish(record.report())
+        if self.on_exited is not None:
+            await self.on_exited(record)
 
     async def _finish_if_done(self) -> None:
         if self.planner.done and self.summary is None:
@@ -293,11 +333,26 @@ class GracefulExitManager:
             deadline=self.planner.deadline if self.planner.deadline is not None else now,
             lines=tuple(r.line() for r in self.records.values()),
         )
-        await self._publish(self.summary.report())
+        if self.publish_summary:
+            await self._publish(self.summary.report())
         return self.summary
 
     async def _publish(self, payload: Payload) -> None:
         await self.event_bus.publish(make_event(payload, source=self.source, time=self.clock.now()))
+
+    async def _wait_for_change(self, when: float) -> None:
+        """Wait until ``when``, or until a rule's sale settles."""
+        self._changed.clear()
+        waits = [
+            asyncio.ensure_future(self._wait_until(when)),
+            asyncio.ensure_future(self._changed.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _wait_on_clock(self, when: float) -> None:
         reached = asyncio.get_running_loop().create_future()

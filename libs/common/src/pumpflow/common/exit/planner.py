@@ -158,11 +158,18 @@ class QueuedExit:
     ready_at: float = 0.0
     #: after a refused tranche, when to try again (the sweep waits for it too)
     retry_at: float = 0.0
+    #: tokens a rule's sale ordered before the exit began is still selling: not the
+    #: exit's to sell, yet the position is not flat until that sale settles
+    reserved: float = 0.0
     score: Score | None = None
 
     @property
     def done(self) -> bool:
-        return self.tokens_left <= 0.0
+        return self.tokens_left <= 0.0 and self.reserved <= 0.0
+
+    @property
+    def sellable(self) -> bool:
+        return self.tokens_left > 0.0
 
     @property
     def price(self) -> float | None:
@@ -235,8 +242,13 @@ class ExitPlanner:
         lifecycle: LifecycleState | None = None,
         activity_level: float = 0.0,
     ) -> QueuedExit | None:
-        """Queue ``position`` (once; a repeat is ignored) on its market ``state``."""
-        if position.mint in self.exits or position.tokens <= 0:
+        """Queue ``position`` (once; a repeat is ignored) on its market ``state``.
+
+        Its ``pending_tokens``, if it has them, are a rule's sale under way: reserved
+        until that sale settles (:meth:`release`, :meth:`retake`).
+        """
+        reserved = getattr(position, "pending_tokens", 0.0)
+        if position.mint in self.exits or (position.tokens <= 0 and reserved <= 0):
             return self.exits.get(position.mint)
         state = state if state is not None else position.mark_state
         mark = state.price if state is not None else position.mark_price
@@ -252,6 +264,7 @@ class ExitPlanner:
             state=state,
             lifecycle=lifecycle,
             activity_level=activity_level,
+            reserved=reserved,
         )
         self.exits[position.mint] = queued
         self._dirty = True
@@ -335,7 +348,7 @@ class ExitPlanner:
             if queued.done:
                 continue
             skipped.append(entry)
-            if queued.in_flight or (queued.state is None and not sweep):
+            if not queued.sellable or queued.in_flight or (queued.state is None and not sweep):
                 continue
             if queued.retry_at > time or (not sweep and queued.ready_at > time):
                 continue
@@ -354,7 +367,7 @@ class ExitPlanner:
             sweep_at = self.deadline - self.config.final_sweep_s
         times = []
         for q in self.exits.values():
-            if q.done or q.in_flight:
+            if not q.sellable or q.in_flight:
                 continue
             if sweep_at is not None:
                 times.append(max(sweep_at, q.retry_at))
@@ -421,18 +434,50 @@ class ExitPlanner:
         self._dirty = True
 
     def record_rejection(self, tranche: PlannedTranche, time: float) -> QueuedExit:
-        """A tranche was refused (slippage, say): the position waits and tries again."""
+        """A tranche was refused (slippage, say): the position waits and tries again,
+        at the deadline at the latest (a sweep refused just before it gets one more go)."""
         queued = self.exits[tranche.mint]
         queued.in_flight = False
-        queued.ready_at = queued.retry_at = time + self.config.min_tranche_interval_s
+        retry = time + self.config.min_tranche_interval_s
+        if self.deadline is not None and time < self.deadline:
+            retry = min(retry, self.deadline)
+        queued.ready_at = queued.retry_at = retry
         self._dirty = True
         return queued
+
+    def release(self, mint: str, tokens: float) -> QueuedExit | None:
+        """A rule's sale of ``tokens`` reserved from ``mint``'s exit filled: they are gone."""
+        queued = self.exits.get(mint)
+        if queued is not None:
+            queued.reserved = max(0.0, queued.reserved - tokens)
+            self._dirty = True
+        return queued
+
+    def retake(self, mint: str, tokens: float) -> float:
+        """A rule's sale of ``tokens`` reserved from ``mint``'s exit was refused: the exit
+        sells them too (never more than it reserved); how many it took back."""
+        queued = self.exits.get(mint)
+        if queued is None:
+            return 0.0
+        taken = min(tokens, queued.reserved)
+        queued.reserved -= taken
+        if queued.reserved <= taken * 1e-9:
+            queued.reserved = 0.0
+        queued.tokens_left += taken
+        queued.tokens_at_start += taken
+        self._dirty = True
+        return taken
 
     # ---------------------------------------------------------------- progress
 
     @property
     def done(self) -> bool:
         return all(q.done for q in self.exits.values())
+
+    @property
+    def awaiting_rules(self) -> bool:
+        """Whether a rule's sale still holds tokens some exit may have to sell."""
+        return any(q.reserved > 0 for q in self.exits.values())
 
     def expected_exit_price(self, mint: str) -> float | None:
         """Average price (before fees) the next tranche of ``mint`` would get now.
@@ -444,7 +489,7 @@ class ExitPlanner:
         buyers who come between them.)
         """
         queued = self.exits.get(mint)
-        if queued is None or queued.state is None or queued.done:
+        if queued is None or queued.state is None or not queued.sellable:
             return None
         return quote_sell(queued.state, self.tranche_size(queued)).average_price
 

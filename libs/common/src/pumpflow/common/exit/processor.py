@@ -132,16 +132,20 @@ class HeldView:
     entry_price: float
     mark_price: float | None
     mark_state: CurveState | None
+    #: held tokens a rule's sale under way is selling (not counted in ``tokens``)
+    pending_tokens: float = 0.0
 
 
 def held_view(state: ExitState) -> HeldView | None:
-    """What is held of ``state``'s position and not already ordered sold by a rule."""
+    """``state``'s position: ``tokens`` not already ordered sold by a rule, and
+    ``pending_tokens`` that are (a refused sale gives them back)."""
     position = state.position
-    if position is None:
+    if position is None or position.tokens <= 0:
         return None
-    tokens = position.tokens - state.pending_tokens
+    pending = min(state.pending_tokens, position.tokens)
+    tokens = position.tokens - pending
     if tokens <= position.tokens * 1e-9:
-        return None
+        tokens = 0.0
     return HeldView(
         mint=state.mint,
         position_id=position.position_id,
@@ -150,6 +154,7 @@ def held_view(state: ExitState) -> HeldView | None:
         entry_price=position.entry_price,
         mark_price=state.mark_price,
         mark_state=state.curve,
+        pending_tokens=pending,
     )
 
 
