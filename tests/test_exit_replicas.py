@@ -1,0 +1,237 @@
+"""Two exit replicas and trading as processes over RabbitMQ, Redis and Postgres: a
+graceful exit is finished when every position of every partition is, not when the
+first replica is done with its share; and when a replica dies in the middle, the
+other takes its partitions, sells what they hold and only then finishes the run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from pumpflow.common.bus.ownership import assign_partitions
+from pumpflow.common.bus.routing import partition_of
+from pumpflow.common.testing import EventCollector, ProcessStack, eventually, free_port, http_json
+from pumpflow.exit.records import PostgresExitStore
+
+from .upstream import Upstream, post
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+TOKEN = "test-token"
+PARTITIONS = 4
+REPLICAS = ("exit-a", "exit-b")
+#: positions per replica
+EACH = 2
+#: a sells each position in one tranche; b in many small ones, spaced
+FAST = {"exit_max_tranche_impact": 0.2, "exit_min_tranche_interval_s": 0.1}
+SLOW = {"exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 2.0}
+
+
+class Replicas:
+    def __init__(self, processes: ProcessStack, upstream: Upstream, watch: EventCollector):
+        self.processes = processes
+        self.upstream = upstream
+        self.watch = watch
+        self.trading_url = f"http://127.0.0.1:{free_port()}"
+        self.urls = {replica: f"http://127.0.0.1:{free_port()}" for replica in REPLICAS}
+        self.expected = assign_partitions(PARTITIONS, REPLICAS)
+
+    def serve(self, replica: str, **settings: object) -> None:
+        port = self.urls[replica].rsplit(":", 1)[1]
+        self.processes.serve("exit", name=replica, replica=replica, http_port=port, **settings)
+
+    async def get(self, url: str):
+        return await asyncio.to_thread(http_json, url)
+
+    async def until(self, condition, what: str, within: float = 60.0) -> None:
+        await eventually(condition, within, what=what, details=self.processes.logs, interval=0.1)
+
+    async def owned(self, replica: str) -> set[int] | None:
+        body = await self.get(f"{self.urls[replica]}/readyz")
+        if not body or not body.get("ready"):
+            return None
+        return set(body["checks"]["partitions:exit"]["owned"])
+
+    async def split(self) -> None:
+        async def split() -> bool:
+            owned = [await self.owned(r) for r in REPLICAS]
+            return owned == [set(self.expected[r]) for r in REPLICAS]
+
+        async def trading_active() -> bool:
+            state = await self.get(f"{self.trading_url}/state")
+            return bool(state) and state.get("role") == "active"
+
+        await self.until(split, "the exit replicas to split the partitions")
+        await self.until(trading_active, "trading active")
+
+    def mints_of(self, replica: str, count: int) -> list[str]:
+        """``count`` new mints on ``replica``'s partitions."""
+        mints = []
+        while len(mints) < count:
+            mint = self.upstream.tokens.mint()
+            if partition_of(mint, PARTITIONS) in self.expected[replica]:
+                mints.append(mint)
+        return mints
+
+    async def open(self, mints: list[str]) -> dict[str, str]:
+        """Positions trading opens in ``mints``: position id by mint."""
+        for mint in mints:
+            await self.upstream.ready(mint)
+            await self.upstream.publish(self.upstream.prediction(mint))
+        opened = await self.watch.wait_for(
+            len(mints), "position.opened", where=lambda e: e.data.mint in mints, within=60
+        )
+        return {e.data.mint: e.data.position_id for e in opened}
+
+    async def hold(self, replica: str, count: int) -> None:
+        async def holds() -> bool:
+            held = await self.get(f"{self.urls[replica]}/positions")
+            return bool(held) and held["count"] == count
+
+        await self.until(holds, f"{replica} holding {count} positions")
+
+    def closed(self) -> set[str]:
+        return {c.position_id for c in self.watch.payloads("position.closed")}
+
+    def summaries(self) -> list:
+        return [r for r in self.watch.payloads("exit.report") if r.graceful]
+
+    async def open_in_trading(self) -> set[str]:
+        body = await self.get(f"{self.trading_url}/positions")
+        return {p["position_id"] for p in body["positions"]}
+
+
+@pytest.fixture
+async def replicas(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_harness):
+    process_stack.configure(
+        api_token=TOKEN,
+        partitions=PARTITIONS,
+        heartbeat_interval_s=0.3,
+        heartbeat_ttl_s=3.0,
+        trading_lease_ttl_s=3,
+        trading_max_feed_lag_s=120,
+        consumer_groups="trading,exit,exit-control",
+        exit_deadline_s=40.0,
+        exit_run_poll_s=0.2,
+        exit_resume_wait_s=5.0,
+        exit_order_timeout_s=10.0,
+    )
+    bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="test/upstream")
+    watch = await EventCollector("watch").attach(bus, "order.*", "position.*", "exit.*")
+    stack = Replicas(process_stack, Upstream(bus), watch)
+    stack.serve("exit-a", **FAST)
+    stack.serve("exit-b", **SLOW)
+    process_stack.serve("trading", http_port=stack.trading_url.rsplit(":", 1)[1])
+    await stack.split()
+    return stack
+
+
+async def shares(stack: Replicas) -> dict[str, dict[str, str]]:
+    """``EACH`` positions on each replica's partitions: position id by mint, by replica."""
+    held = {}
+    for replica in REPLICAS:
+        held[replica] = await stack.open(stack.mints_of(replica, EACH))
+    for replica in REPLICAS:
+        await stack.hold(replica, EACH)
+    return held
+
+
+def assert_summary_matches_fills(stack: Replicas, summary: dict, positions: set[str]) -> None:
+    sells = [f for f in stack.watch.payloads("order.filled") if f.side == "sell"]
+    assert len({s.order_id for s in sells}) == len(sells), "an order filled twice"
+    assert {line["position_id"] for line in summary["positions"]} == positions, summary
+    assert summary["positions_left"] == 0, summary
+    assert summary["sol_recovered"] == pytest.approx(sum(s.sol_amount for s in sells))
+
+
+async def test_the_run_is_finished_only_when_the_slower_replica_is_done(
+    replicas: Replicas, pg_pool
+):
+    stack = replicas
+    records = PostgresExitStore(pg_pool)
+    held = await shares(stack)
+    fast = set(held["exit-a"].values())
+    slow = set(held["exit-b"].values())
+
+    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": "two replicas"})
+    assert status == 200
+
+    async def fast_share_done() -> bool:
+        progress = (await stack.get(f"{stack.urls['exit-a']}/progress")) or {}
+        return fast <= stack.closed() and bool(progress.get("progress", {}).get("done"))
+
+    await stack.until(fast_share_done, "exit-a done with its share")
+    run = await records.active_run()
+    assert run is not None, "the run was finished when exit-a was done with its share"
+    # read after the run: b's positions were open when the run was read unfinished
+    assert slow & await stack.open_in_trading(), "exit-b was done already: nothing shown"
+    assert stack.summaries() == []
+    assert "text" not in await stack.get(f"{stack.urls['exit-a']}/progress")
+
+    async def finished() -> bool:
+        stored = await records.get_run(run.run_id)
+        return stored.finished_at is not None
+
+    await stack.until(finished, "the run finished")
+    assert await stack.open_in_trading() == set()
+    assert fast | slow <= stack.closed()
+    stored = await records.get_run(run.run_id)
+    assert_summary_matches_fills(stack, stored.summary, fast | slow)
+    last_sale = max(f.time for f in stack.watch.of("order.filled") if f.data.side == "sell")
+    assert stored.finished_at >= last_sale - 1.0
+    # one summary of the whole run, whichever replica finished it; both serve it
+    await stack.watch.wait_for(1, "exit.report", where=lambda e: e.data.graceful, within=30)
+    [summary] = stack.summaries()
+    assert summary.positions_left == 0 and len(summary.positions) == 2 * EACH
+    for replica in REPLICAS:
+
+        async def serves_it(replica: str = replica) -> bool:
+            body = await stack.get(f"{stack.urls[replica]}/progress")
+            return "text" in body
+
+        await stack.until(serves_it, f"{replica} serving the run's summary")
+        text = (await stack.get(f"{stack.urls[replica]}/progress"))["text"]
+        assert f"{2 * EACH} positions, {2 * EACH} sold out" in text, text
+    codes = await stack.processes.stop_all([*REPLICAS, "trading"])
+    assert set(codes.values()) == {0}, stack.processes.logs()
+
+
+async def test_a_replica_killed_mid_run_leaves_the_run_open_until_its_partitions_are_sold(
+    replicas: Replicas, pg_pool
+):
+    stack = replicas
+    records = PostgresExitStore(pg_pool)
+    held = await shares(stack)
+    fast = set(held["exit-a"].values())
+    slow = set(held["exit-b"].values())
+
+    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": "a replica dies"})
+    assert status == 200
+    # b has sold a tranche of each of its positions, a is done with its share: b dies
+    await stack.watch.wait_for(
+        EACH, "order.filled", where=lambda e: e.data.position_id in slow, within=60
+    )
+
+    async def fast_share_done() -> bool:
+        return fast <= stack.closed()
+
+    await stack.until(fast_share_done, "exit-a done with its share")
+    stack.processes.procs["exit-b"].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(stack.processes.procs["exit-b"].wait, 30)
+    run = await records.active_run()
+    assert run is not None, "the run was finished without exit-b's positions"
+    assert slow & await stack.open_in_trading(), "exit-b sold out before the kill"
+
+    async def finished() -> bool:
+        stored = await records.get_run(run.run_id)
+        return stored.finished_at is not None
+
+    await stack.until(finished, "exit-a finishing the run with exit-b's partitions")
+    assert await stack.owned("exit-a") == set(range(PARTITIONS))
+    assert await stack.open_in_trading() == set()
+    stored = await records.get_run(run.run_id)
+    assert_summary_matches_fills(stack, stored.summary, fast | slow)
+    codes = await stack.processes.stop_all(["exit-a", "trading"])
+    assert set(codes.values()) == {0}, stack.processes.logs()
