@@ -236,6 +236,64 @@ async def test_a_refused_tranche_is_tried_again_and_no_position_is_sold_twice(ha
     assert [e.data.positions[0].mint for e in h.reports if not e.data.graceful].count("mint1") == 1
 
 
+async def test_a_sweep_refused_just_before_the_deadline_is_tried_again_at_it(harness):
+    # tranches far apart: a refusal's usual wait would end past the deadline
+    h = await harness(deadline_s=10.0, final_sweep_s=5.0, min_tranche_interval_s=8.0)
+    h.open("mint1", 1.0, curve_sol=0.0)
+    h.executor.refuse.update({"pos-mint1:exit:1", "pos-mint1:exit:2"})
+    h.manager.begin_graceful_exit()
+    summary = await h.manager.run()
+    assert h.book.open_positions == {}
+    assert [(o.order_id, o.reason) for o in h.executor.orders] == [
+        ("pos-mint1:exit:1", GRACEFUL),
+        ("pos-mint1:exit:2", DEADLINE),
+        ("pos-mint1:exit:3", DEADLINE),
+    ]
+    [(_, _, filled_at)] = h.executor.fills
+    assert filled_at == START + 10.0 + LATENCY_S  # sent at the deadline
+    assert summary.positions_left == 0
+
+
+async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusal_gives_them_back(
+    harness,
+):
+    h = await harness(deadline_s=30.0)
+    position = h.open("mint1", 1.0, curve_sol=0.0)
+    held = position.tokens
+    # a rule's sale of a quarter was ordered before the exit began
+    view = Position(**{**position.__dict__, "tokens": held * 0.75})
+    view.pending_tokens = held * 0.25
+    h.book.open_positions["mint1"] = view
+    waiting_on_the_rule = asyncio.Event()
+
+    async def wait_until(when: float) -> None:
+        """The clock's wait, but held once the exit's own share is sold."""
+        if h.manager.planner.exits["mint1"].tokens_left == 0:
+            waiting_on_the_rule.set()
+            await asyncio.Event().wait()  # ended by the rule's outcome
+        await h.clock.advance_to(when)
+
+    h.manager = GracefulExitManager(
+        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
+        wait_until=wait_until,
+    )  # fmt: skip
+    h.manager.begin_graceful_exit()
+    running = asyncio.ensure_future(h.manager.run())
+    await asyncio.wait_for(waiting_on_the_rule.wait(), 10)
+    assert not running.done(), "sold out while a rule's sale still held tokens"
+    refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
+    view.tokens = held * 0.25  # the book holds what the rule did not sell
+    h.book.open_positions["mint1"] = view
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.25)
+    summary = await running
+    assert h.book.open_positions == {}
+    sold = sum(o.token_amount for o, _, _ in h.executor.fills)
+    assert sold == pytest.approx(held, rel=1e-9)
+    [line] = summary.lines
+    assert line.completed and line.tokens_sold == pytest.approx(held, rel=1e-9)
+    assert summary.finished_at < START + 30.0
+
+
 async def test_a_second_begin_adds_nothing_twice(harness):
     h = await harness()
     h.open("a", 1.0, curve_sol=0.0)

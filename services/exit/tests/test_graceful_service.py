@@ -210,3 +210,44 @@ async def test_a_tranche_given_up_for_lost_that_fills_late_counts_and_nothing_is
 async def _opened(system, clock, tokens, watch, count):
     mints = await open_positions(system.bus, clock, tokens, count)
     return await watch.wait_for(count, "position.opened", where=lambda e: e.data.mint in mints)
+
+
+async def test_a_rule_sale_refused_during_the_exit_is_sold_by_it_and_the_position_ends_flat():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    # a rule's sale is refused at the least move of the market; tranches are not
+    trader = trading(ledger)
+    exits = exit_service(records, exit_slippage_pct=0.01)
+    async with embedded(clock, trader, exits) as (system, watch):
+        bus = system.bus
+        [event] = await _opened(system, clock, tokens, watch, 1)
+        mint, bought = event.data.mint, event.data.token_amount
+        while tokens.curves[mint].price < event.data.entry_price * 1.5:
+            await bus.publish(tokens.buy(mint, "whale", sol=1.0))
+        [rule] = await watch.wait_for(1, "exit.order")
+        assert rule.data.reason == "take_profit_1" and ":rule:" in rule.data.order_id
+        # the graceful exit begins while the rule's sale is on its way to trading
+        shutdown = SystemShutdown(reason="refused rule sale")
+        await bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await bus.publish(tokens.sell(mint, "whale", tokens=tokens.balance(mint, "whale") * 0.1))
+        await until_finished(exits, clock)
+
+        [refused] = watch.payloads("order.rejected")
+        assert refused.order_id == rule.data.order_id
+        assert trader.book.open_count == 0
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        assert all(":exit:" in f.order_id for f in sells)
+        assert sum(f.token_amount for f in sells) == pytest.approx(bought, rel=1e-9)
+        assert [c.position_id for c in watch.payloads("position.closed")] == [
+            event.data.position_id
+        ]
+        # one report of the position, all of it sold by the exit, before the deadline
+        [report] = [r for r in watch.payloads("exit.report") if not r.graceful]
+        [line] = report.positions
+        assert line.tokens_sold == pytest.approx(bought, rel=1e-9) and line.completed
+        assert line.tranches == len(sells)
+        summary = exits.summary
+        assert summary.positions == 1 and summary.positions_left == 0
+        assert summary.deadline_margin_s > 0
+        assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
