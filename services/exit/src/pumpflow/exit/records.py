@@ -69,7 +69,9 @@ class RunRecord:
             deadline=self.deadline,
             lines=tuple(lines),
         )
-        return replace(self, finished_at=time, summary=msgspec.to_builtins(summary.report()))
+        # as JSON gives it back: the same whichever store it went through
+        report = msgspec.json.decode(msgspec.json.encode(summary.report()))
+        return replace(self, finished_at=time, summary=report)
 
 
 #: a position of a run: still selling, sold out, or left unsold by the deadline

@@ -287,7 +287,14 @@ class ExitService(Service):
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
-        await self._update_run(lines=[r.line() for r in manager.records.values()])
+        lines = [r.line() for r in manager.records.values()]
+        while True:
+            try:
+                await self._update_run(lines=lines)
+                break
+            except Exception:
+                log.exception("exit: closing this replica's share failed; again")
+                await asyncio.sleep(self.settings.exit_run_poll_s)
         return self._ended
 
     async def _until_more(self, run: RunRecord) -> RunRecord | None:
@@ -295,14 +302,17 @@ class ExitService(Service):
         position comes here to sell (a dead replica's partitions, a late position)."""
         while self._ended is None:
             await asyncio.sleep(self.settings.exit_run_poll_s)
-            stored = await self.records.get_run(run.run_id)
-            if stored is not None and stored.finished_at is not None:
-                return stored
-            queued = {q.position_id for q in self.manager.planner.exits.values()}
-            held = _OwnedPositions(self.consumer).open_positions.values()
-            if any(view.position_id not in queued for view in held):
-                return None
-            await self._update_run(partitions=sorted(self.consumer.restored))
+            try:
+                stored = await self.records.get_run(run.run_id)
+                if stored is not None and stored.finished_at is not None:
+                    return stored
+                queued = {q.position_id for q in self.manager.planner.exits.values()}
+                held = _OwnedPositions(self.consumer).open_positions.values()
+                if any(view.position_id not in queued for view in held):
+                    return None
+                await self._update_run(partitions=sorted(self.consumer.restored))
+            except Exception:
+                log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
         return self._ended
 
     async def _list_share(self, manager: GracefulExitManager, lines=()) -> None:
@@ -313,7 +323,11 @@ class ExitService(Service):
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
     async def _exited(self, record: ExitRecord) -> None:
-        await self._update_run(lines=[record.line()])
+        try:
+            await self._update_run(lines=[record.line()])
+        except Exception:
+            # the selling goes on; the share's end closes the position again
+            log.exception("exit: closing %s's exit in the run failed", record.position_id)
 
     async def _update_run(self, **changes: Any) -> None:
         """Change the run's records; if that ended the run, publish its summary."""

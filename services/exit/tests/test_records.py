@@ -1,0 +1,56 @@
+"""The rule that ends a graceful exit, in both stores: every partition listed and no
+position open; the change that makes it so finishes the run, once, with every line."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.events import ExitLine
+from pumpflow.exit.records import MemoryExitStore, PostgresExitStore, RunRecord
+
+from .helpers import START
+
+
+def line(position_id: str, *, completed: bool = True) -> ExitLine:
+    return ExitLine(
+        position_id=position_id, mint=f"mint-{position_id}", tokens_sold=100.0,
+        sol_received=1.0, tranches=2, completed=completed, reason="graceful",
+    )  # fmt: skip
+
+
+async def test_a_run_ends_when_every_partition_is_listed_and_no_position_is_open():
+    await ends_when_all_is_done(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_a_run_ends_when_every_partition_is_listed_and_none_is_open_in_postgres(pg_pool):
+    await ends_when_all_is_done(PostgresExitStore(pg_pool))
+
+
+async def ends_when_all_is_done(store) -> None:
+    run = await store.begin_run(RunRecord.new("test", START, START + 60, partitions=2))
+    # replica a: partition 0 and its position, sold out at once
+    ended = await store.update_run(
+        run.run_id, time=START + 1, partitions=[0], positions=[("p1", "mint-p1")]
+    )
+    assert ended is None
+    assert await store.update_run(run.run_id, time=START + 2, lines=[line("p1")]) is None
+    assert (await store.active_run()).run_id == run.run_id, "ended with partition 1 unlisted"
+    # replica b: partition 1 and two positions; one sold out, one left by the deadline
+    ended = await store.update_run(
+        run.run_id, time=START + 3, partitions=[1],
+        positions=[("p2", "mint-p2"), ("p3", "mint-p3")], lines=[line("p2")],
+    )  # fmt: skip
+    assert ended is None, "ended with p3 open"
+    # a repeat listing reopens nothing
+    await store.update_run(run.run_id, time=START + 4, positions=[("p1", "mint-p1")])
+    ended = await store.update_run(run.run_id, time=START + 5, lines=[line("p3", completed=False)])
+    assert ended is not None and ended.finished_at == START + 5
+    summary = ended.summary
+    assert sorted(p["position_id"] for p in summary["positions"]) == ["p1", "p2", "p3"]
+    assert summary["positions_left"] == 1 and summary["graceful"] is True
+    assert summary["sol_recovered"] == pytest.approx(3.0)
+    assert await store.active_run() is None
+    assert (await store.get_run(run.run_id)).summary == summary
+    # the end is told once
+    assert await store.update_run(run.run_id, time=START + 6, lines=[line("p3")]) is None
