@@ -22,7 +22,9 @@ Over the measured window (after ``--warmup`` seconds from every container health
   ``/metrics/per-object``) on a least-squares line growing by less than 1% of the
   window's token events (and 500); the feed's intake lag (receipt less the frame's time
   on the simulator's market clock) and the receipt-to-decision median, each compared
-  between the window's halves or fifths, growing by at most ``--max-growth`` seconds.
+  between the window's halves or fifths, growing by at most ``--max-growth`` seconds;
+  the median over the second half under ``--max-age`` seconds (2, the stale-data
+  breaker's default).
 
 Needs the engine (``deploy/engine/setup``) and permission to run ``docker``.
 
@@ -171,6 +173,8 @@ def measure(stack: Stack, args: argparse.Namespace, services: list[str]) -> None
         reasons.append(f"feed intake lag grew by {processes._seconds(intake)}")
     if age is None or age > args.max_growth:
         reasons.append(f"receipt-to-decision median grew by {processes._seconds(age)}")
+    if second is None or second > args.max_age:
+        reasons.append(f"receipt-to-decision median at the end {processes._seconds(second)}")
     loads = loads or [os.getloadavg()[0]]
     print(f"== compose stack (project {args.project}): {args.launches:g} launches/min at speed "
           f"{args.speed:g}, {trades / args.seconds:,.0f} trade events/s "
@@ -194,6 +198,8 @@ def main() -> None:
     parser.add_argument("--sample", type=float, default=3.0, help="seconds between samples")
     parser.add_argument("--max-growth", type=float, default=1.0,
                         help="seconds the intake lag and the median may grow (1)")  # fmt: skip
+    parser.add_argument("--max-age", type=float, default=2.0,
+                        help="seconds the median may be over the second half (2)")  # fmt: skip
     parser.add_argument("--project", default="pumpflow-bench", help="compose project name")
     parser.add_argument("--env-file", default="deploy/sim.env")
     parser.add_argument("--keep", action="store_true", help="leave the stack up")
