@@ -13,8 +13,8 @@ is left out where it has no image. The stack is torn down with its volumes at th
 Over the measured window (after ``--warmup`` seconds from every container healthy, for
 ``--seconds``):
 
-- trade events/s: the feed's recorded trades whose receipt falls in the window
-  (``token_events`` in the stack's Postgres);
+- trade events/s: the feed's counters of frames received (its ``/metrics``) over the
+  window;
 - receipt to decision: trading's ``pumpflow_receipt_to_decision_seconds``, the growth
   of its buckets over the window (trading's ``/metrics``, every replica summed),
   quantiles interpolated as Prometheus' ``histogram_quantile`` does;
@@ -85,16 +85,19 @@ def present(stack: Stack) -> list[str]:
     return names
 
 
-def trading_buckets(stack: Stack) -> dict[float, float]:
-    """Trading's receipt-to-decision buckets, summed over its replicas."""
+def snapshot(stack: Stack) -> tuple[float, dict[float, float], tuple[float, float, float]]:
+    """When, trading's receipt-to-decision buckets (replicas summed), the feed's frames."""
     total: dict[float, float] = {}
-    urls = [f"http://{name}:8000/metrics" for name in stack.replicas("trading")]
-    for status, body in stack.fetch(urls):
+    traders = stack.replicas("trading")
+    urls = [f"http://{name}:8000/metrics" for name in traders] + ["http://feed:8000/metrics"]
+    answers = stack.fetch(urls)
+    for status, _ in answers:
         if status != 200:
-            raise RuntimeError(f"trading's /metrics answered {status}")
+            raise RuntimeError(f"a service's /metrics answered {status}")
+    for _, body in answers[: len(traders)]:
         for bound, count in processes.buckets(body).items():
             total[bound] = total.get(bound, 0.0) + count
-    return total
+    return time.time(), total, processes.feed_frames(answers[-1][1])
 
 
 def ready_messages(stack: Stack) -> float:
@@ -139,7 +142,7 @@ def measure(stack: Stack, args: argparse.Namespace, services: list[str]) -> None
     middle = (window[0] + window[1]) / 2
     backlog: list[tuple[float, float]] = []
     loads: list[float] = []
-    snapshots: list[dict[float, float]] = []
+    snapshots: list[tuple[float, dict[float, float], tuple[float, float, float]]] = []
     marks = [window[0], middle, window[1]]
     while len(snapshots) < len(marks):
         time.sleep(args.sample)
@@ -149,11 +152,13 @@ def measure(stack: Stack, args: argparse.Namespace, services: list[str]) -> None
             backlog.append((now, depth))
             loads.append(os.getloadavg()[0])
         if now >= marks[len(snapshots)]:
-            snapshots.append(trading_buckets(stack))
+            snapshots.append(snapshot(stack))
         print(f"  {now - started:5.0f} s: ready messages {depth:,.0f}, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     rows = recorded(stack, window)
-    trades = sum(tx in ("buy", "sell") for _, _, tx in rows)
+    span = snapshots[2][0] - snapshots[0][0]
+    trades = (snapshots[2][2][0] - snapshots[0][2][0]) / span
+    events = (snapshots[2][2][1] - snapshots[0][2][1]) / span
     allowed = max(processes.BACKLOG_FLOOR, processes.BACKLOG_SHARE * len(rows))
     backlog_growth = processes.line_growth(backlog)
     clock = processes.market_times(
@@ -164,7 +169,8 @@ def measure(stack: Stack, args: argparse.Namespace, services: list[str]) -> None
     def median(before: dict[float, float], after: dict[float, float]) -> float | None:
         return processes.histogram_quantile(0.5, {b: after[b] - before.get(b, 0.0) for b in after})
 
-    first, second = median(snapshots[0], snapshots[1]), median(snapshots[1], snapshots[2])
+    first = median(snapshots[0][1], snapshots[1][1])
+    second = median(snapshots[1][1], snapshots[2][1])
     age = None if first is None or second is None else second - first
     reasons = []
     if backlog_growth > allowed:
@@ -177,14 +183,16 @@ def measure(stack: Stack, args: argparse.Namespace, services: list[str]) -> None
         reasons.append(f"receipt-to-decision median at the end {processes._seconds(second)}")
     loads = loads or [os.getloadavg()[0]]
     print(f"== compose stack (project {args.project}): {args.launches:g} launches/min at speed "
-          f"{args.speed:g}, {trades / args.seconds:,.0f} trade events/s "
-          f"({len(rows) / args.seconds:,.0f} token events/s) over {args.seconds:g} s after "
-          f"{args.warmup:g} s; load average {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
+          f"{args.speed:g}, {trades:,.0f} trade events/s ({events:,.0f} token events/s "
+          f"received by the feed) over {args.seconds:g} s after {args.warmup:g} s; load "
+          f"average {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
+    print(f"the feed's recorder: {len(rows) / args.seconds:,.0f} token events/s of the window "
+          f"stored, {snapshots[2][2][2]:,.0f} waiting to be stored")  # fmt: skip
     print(f"backlog on the broker: line grew {backlog_growth:,.0f} messages over the window "
           f"(allowed {allowed:,.0f}); feed intake lag growth {processes._seconds(intake)}, "
           f"receipt-to-decision median growth {processes._seconds(age)} (allowed "
           f"{args.max_growth:g} s)")  # fmt: skip
-    print(processes.describe_histogram(snapshots[0], snapshots[2]))
+    print(processes.describe_histogram(snapshots[0][1], snapshots[2][1]))
     print("keeps up" if not reasons else "falls behind: " + "; ".join(reasons))
 
 

@@ -42,11 +42,11 @@ Keeping up, decided from three exact signals over the measured window:
 
 Only orders and predictions whose token event arrived inside the measured window
 (after ``--warmup`` seconds, for ``--seconds``) count; the trade rate is the feed's
-recorded trades over that window. Trading runs with ``pumpflow run``'s entry settings
-(score 0.5, creator sales allowed) and limits that do not bind (capital 1,000 SOL,
-100,000 positions) so that entries keep coming; the stale-data breaker keeps its
-default. All processes run on one machine with the servers (2 cores here): the figures
-include their contention.
+counters of frames received over that window (its recorder to Postgres may lag).
+Trading runs with ``pumpflow run``'s entry settings (score 0.5, creator sales allowed)
+and limits that do not bind (capital 1,000 SOL, 100,000 positions) so that entries keep
+coming; the stale-data breaker keeps its default. All processes run on one machine with
+the servers (2 cores here): the figures include their contention.
 
 Run: .venv/bin/python benchmarks/trading_latency.py [--launches 30] [--speed 1 4 16]
      [--warmup 60] [--seconds 60]
@@ -165,6 +165,7 @@ class Step:
     intake_growth_s: float | None = None
     age_growth_s: float | None = None
     age_end_s: float | None = None
+    unstored: float = 0.0
     histogram: str = ""
     lines: list[str] = field(default_factory=list)
     allowed_growth: float = 0.0
@@ -257,6 +258,20 @@ def histogram_quantile(q: float, cumulative: dict[float, float]) -> float | None
             return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
         lower, below = bound, count
     return lower
+
+
+def feed_frames(metrics_text: str) -> tuple[float, float, float]:
+    """The feed's trade frames and token frames received so far, and its events unstored."""
+    trades = events = pending = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "pumpflow_feed_frames_total":
+                kind = sample.labels.get("kind")
+                trades += sample.value if kind in ("buy", "sell") else 0.0
+                events += sample.value if kind in ("buy", "sell", "create", "migrate") else 0.0
+            elif sample.name == "pumpflow_feed_record_pending":
+                pending += sample.value
+    return trades, events, pending
 
 
 def hop_ages(before: dict[str, str], after: dict[str, str]) -> str:
@@ -369,6 +384,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         backlog: list[tuple[float, float]] = []
         before: dict[str, str] | None = None
         after: dict[str, str] | None = None
+        before_at = after_at = 0.0
         while time.time() < window[1] + args.settle:
             await asyncio.sleep(args.sample)
             now = time.time()
@@ -377,9 +393,9 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 backlog.append((now, float(sum(sampled.values()))))
                 step.loads.append(os.getloadavg()[0])
                 if before is None:
-                    before = await metrics_text(ports)
+                    before, before_at = await metrics_text(ports), time.time()
             elif now > window[1] and after is None:
-                after = await metrics_text(ports)
+                after, after_at = await metrics_text(ports), time.time()
                 step.backlog_end = sampled
             queued = ", ".join(f"{s} {n:,}" for s, n in sampled.items() if n)
             print(f"  {now - started:5.0f} s: {len(arrivals.seen):,} collected, queued "
@@ -391,8 +407,13 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
             *window,
         )
         arrived = {(r["mint"], r["seq"]): r["event_time"] for r in rows}
-        step.trades_per_s = sum(r["tx_type"] in ("buy", "sell") for r in rows) / args.seconds
-        step.events_per_s = len(rows) / args.seconds
+        # the rate the feed received (its counters): the recorder may still be behind
+        first = feed_frames((before or {}).get("feed", ""))
+        last = feed_frames((after or {}).get("feed", ""))
+        span = max(after_at - before_at, 1e-9)
+        step.trades_per_s = (last[0] - first[0]) / span
+        step.events_per_s = (last[1] - first[1]) / span
+        step.unstored = last[2]
         step.allowed_growth = max(BACKLOG_FLOOR, BACKLOG_SHARE * len(rows))
         step.backlog_growth = line_growth(backlog)
         clock = market_times(
@@ -429,8 +450,10 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         step.lines = [
             f"== every service a process over RabbitMQ: {args.launches:g} launches/min at speed "
             f"{speed:g}, {step.trades_per_s:,.0f} trade events/s ({step.events_per_s:,.0f} "
-            f"token events/s) over {args.seconds:g} s after {args.warmup:g} s; load average "
-            f"{min(loads):.1f}-{max(loads):.1f}",
+            f"token events/s received by the feed) over {args.seconds:g} s after "
+            f"{args.warmup:g} s; load average {min(loads):.1f}-{max(loads):.1f}",
+            f"the feed's recorder: {len(rows) / args.seconds:,.0f} token events/s of the window "
+            f"stored {args.settle:g} s after it, {step.unstored:,.0f} waiting to be stored",
             f"backlog on the broker: line grew {step.backlog_growth:,.0f} messages over the "
             f"window (allowed {step.allowed_growth:,.0f}); at its end {step.backlog_end}",
             f"feed intake lag growth {_seconds(step.intake_growth_s)}, receipt to prediction "
