@@ -991,3 +991,57 @@ async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
         assert len(await publisher.dead_letters(service, remove=False)) == 1
     finally:
         over.set()
+
+
+async def test_a_message_that_kills_one_replica_after_another_is_counted_once_for_all(
+    harness, service
+):
+    """Two replicas consume the service at all times; the one the poison reaches dies
+    with it and a new one joins. The replicas share one count (RabbitMQ: each counts in
+    a journal of its own over the store they share), so after the delivery limit it
+    is dead-lettered, however many replicas it went through."""
+    publisher = await harness.bus()
+    poison = trade_event("mintQ", 1)
+    deliveries: list[str] = []
+    over = asyncio.Event()  # set at the end only, so the crashed buses can close
+
+    def replica(name: str) -> Subscription:
+        async def dies_on_poison(event: Event) -> None:
+            if event.id == poison.id:
+                deliveries.append(name)
+                await over.wait()  # its replica dies with it before this returns
+
+        return Subscription(service=service, patterns=("token.*",), handler=dies_on_poison)
+
+    replicas = {}
+    for name in ("r0", "r1"):
+        bus = await harness.bus()
+        replicas[name] = (bus, replica(name))
+        await bus.subscribe(replicas[name][1])
+    await publisher.publish(poison)
+    letters: list = []
+    crashes = 0
+
+    async def back_or_dead_lettered() -> bool:
+        if len(deliveries) > crashes:
+            return True
+        letters[:] = await publisher.dead_letters(service, remove=False)
+        return bool(letters)
+
+    try:
+        while True:
+            await eventually(back_or_dead_lettered, within=30, interval=0.05)
+            if letters:
+                break
+            assert crashes <= DELIVERY_LIMIT, "the poison came back past the delivery limit"
+            crashes += 1
+            bus, dying = replicas.pop(deliveries[-1])
+            name = f"r{crashes + 1}"
+            fresh = replica(name)
+            replicas[name] = (await harness.crash_consumer(bus, dying, fresh), fresh)
+        assert len(deliveries) == crashes == DELIVERY_LIMIT + 1
+        assert len(set(deliveries)) == len(deliveries)  # a replica of its own each time
+        assert [decode_event(letter.body).id for letter in letters] == [poison.id]
+        assert letters[0].reason.startswith(f"delivery limit: started {crashes} times")
+    finally:
+        over.set()

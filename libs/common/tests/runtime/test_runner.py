@@ -131,6 +131,9 @@ class Stateful(Service):
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         await ctx.store.set("started", ctx.settings.replica.encode())
+        # a redelivery counted as the bus counts one: where every replica sees it
+        bus = getattr(ctx.bus, "inner", ctx.bus)
+        await bus.journal.attempt("stateful.p0", "probe")
         await ctx.db.execute("CREATE TABLE IF NOT EXISTS marker (replica text)")
         await ctx.db.execute("INSERT INTO marker VALUES ($1)", ctx.settings.replica)
 
@@ -168,6 +171,8 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
         assert body["ready"] is True, body
         assert set(body["checks"]) == {"bus", "store", "postgres", "service"}
         assert await redis_client.get(f"{namespace}:started") == b"r1"
+        counts = [k async for k in redis_client.scan_iter(match=f"{namespace}:deliveries:*")]
+        assert [await redis_client.get(k) for k in counts] == [b"1"]
         stop.set()
         assert await asyncio.wait_for(runner, 60) == 0
         assert await redis_client.get(f"{namespace}:stopped") == b"1"

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.eventlog import EventLog, EventLogMode
+from pumpflow.common.bus.journal import DeliveryJournal
 from pumpflow.common.bus.routing import DEFAULT_PARTITIONS
 
 Transport = Literal["memory", "rabbitmq"]
@@ -30,8 +31,12 @@ class BusConfig:
     connect_attempts: int = 30
 
 
-def create_bus(config: BusConfig) -> EventBus:
-    """Return an unstarted bus of ``config.transport`` (``memory`` or ``rabbitmq``)."""
+def create_bus(config: BusConfig, *, journal: DeliveryJournal | None = None) -> EventBus:
+    """Return an unstarted bus of ``config.transport`` (``memory`` or ``rabbitmq``).
+
+    ``journal``: where RabbitMQ counts redeliveries (a store the replicas share); the
+    in-memory bus counts them itself.
+    """
     event_log = EventLog(config.event_log, config.event_log_sample_rate)
     if config.transport == "memory":
         from pumpflow.common.bus.memory import InMemoryBus
@@ -49,5 +54,6 @@ def create_bus(config: BusConfig) -> EventBus:
             source=config.source,
             event_log=event_log,
             connect_attempts=config.connect_attempts,
+            journal=journal,
         )
     raise ValueError(f"unknown bus transport {config.transport!r}")

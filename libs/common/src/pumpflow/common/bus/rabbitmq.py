@@ -32,8 +32,11 @@ it; the callers publish again in order.
 Delivery limit: a message that kills its consumer's process is redelivered (the
 broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
 its queue starts until it returned), and before its handler starts the bus counts
-the attempt in a :class:`DeliveryJournal` on disk, which outlives the process; past
-DELIVERY_LIMIT attempts it is dead-lettered instead of handled. Running alone keeps
+the attempt in its :class:`DeliveryJournal` (a service's: in Redis, one count for all
+replicas, outliving any of them; ``pumpflow.common.bus.journal``); past
+DELIVERY_LIMIT attempts it is dead-lettered instead of handled. While the journal's
+store is away the redelivered message waits (its lane with it), since it cannot be
+told from a poison one. Running alone keeps
 the count to the message the process died on: the healthy ones delivered with it are
 counted only if it dies while they run.
 
@@ -93,7 +96,7 @@ from pumpflow.common.bus.dispatch import (
     publish_lane,
 )
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.bus.journal import DeliveryJournal
+from pumpflow.common.bus.journal import DeliveryJournal, LocalDeliveryJournal
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import (
     BROADCAST as BROADCAST_SUFFIX,
@@ -117,6 +120,9 @@ from pumpflow.common.events import (
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-pumpflow-reason"
+#: backoff while the delivery journal's store is away
+JOURNAL_RETRY_INITIAL_S = 0.2
+JOURNAL_RETRY_MAX_S = 5.0
 #: unacked handled messages per acknowledgement frame (acks are cumulative)
 ACK_BATCH = 64
 #: confirms outstanding at once in publish_many
@@ -212,7 +218,7 @@ class RabbitMQBus(EventBus):
         self.event_log = event_log or EventLog("none")
         self.connect_attempts = max(1, connect_attempts)
         #: attempts of redelivered messages (the delivery limit)
-        self.journal = journal or DeliveryJournal.for_namespace(namespace)
+        self.journal: DeliveryJournal = journal or LocalDeliveryJournal.for_namespace(namespace)
         self.replica_id = uuid.uuid4().hex[:12]
         self._publisher = source_service(source)
         self._connection: AbstractRobustConnection | None = None
@@ -412,7 +418,7 @@ class RabbitMQBus(EventBus):
             await self._channel.queue_delete(name)
         for name in (self.exchange_name, self.dlx_name):
             await self._channel.exchange_delete(name)
-        self.journal.clear()
+        await self.journal.clear()
         self._queues.clear()
         self._dlqs.clear()
 
@@ -944,7 +950,7 @@ class RabbitMQBus(EventBus):
             return
         queue = consumer.queue_name
         message_id = message.header.properties.message_id or hashlib.sha1(message.body).hexdigest()
-        attempts = self.journal.attempt(queue, message_id)
+        attempts = await self._count_attempt(queue, message_id)
         if attempts > DELIVERY_LIMIT:
             reason = (
                 f"delivery limit: started {attempts} times and never settled "
@@ -963,10 +969,29 @@ class RabbitMQBus(EventBus):
                 await self._dispatch(consumer, message)
             except HandedBack:
                 # the lane stopped while it waited for a dependency: nothing died with it
-                self.journal.settle(queue, message_id)
+                await self._forget_attempts(queue, message_id)
                 raise
         # not reached when the handler was cancelled: that delivery ended unsettled
-        self.journal.settle(queue, message_id)
+        await self._forget_attempts(queue, message_id)
+
+    async def _count_attempt(self, queue: str, message_id: str) -> int:
+        """Count an attempt, waiting for the journal's store while it is away."""
+        delay = JOURNAL_RETRY_INITIAL_S
+        while True:
+            try:
+                return await self.journal.attempt(queue, message_id)
+            except Exception as exc:  # the store is unwell; CancelledError passes
+                log.warning("%s: counting a redelivery failed (%r); the message waits %.1f s",
+                            queue, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(JOURNAL_RETRY_MAX_S, delay * 2)
+
+    async def _forget_attempts(self, queue: str, message_id: str) -> None:
+        try:
+            await self.journal.settle(queue, message_id)
+        except Exception as exc:
+            # the message is handled; its count expires with its TTL
+            log.warning("%s: forgetting a settled redelivery failed (%r)", queue, exc)
 
     async def _dispatch(self, consumer: _Consumer, message: DeliveredMessage) -> None:
         event = await self._decode(consumer, message)

@@ -189,8 +189,24 @@ async def _connect(
     from pumpflow.common.runtime.topology import declare_groups, groups_of
     from pumpflow.common.runtime.wiring import bus_config
 
+    balanced = settings.transport == "rabbitmq" and settings.balance_partitions
+    journal = None
+    if service_cls.needs_store or settings.transport == "rabbitmq":
+        from pumpflow.common.bus.journal import SharedDeliveryJournal
+        from pumpflow.common.state.redis import RedisStateStore
+
+        # connects on first use: a service that needs no store touches Redis only for
+        # heartbeats and the delivery counts of redelivered messages
+        store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+        if service_cls.needs_store:
+            wired.store = store
+        else:
+            wired.balance_store = store
+        if settings.transport == "rabbitmq":
+            # one count per message for every replica, outliving each of them
+            journal = SharedDeliveryJournal(store)
     # one try per attempt: the start-up policy owns the retrying
-    bus = wired.bus = create_bus(replace(bus_config(settings), connect_attempts=1))
+    bus = wired.bus = create_bus(replace(bus_config(settings), connect_attempts=1), journal=journal)
     groups = groups_of(settings.consumer_group_names)
 
     async def start_bus() -> None:
@@ -199,15 +215,8 @@ async def _connect(
         await declare_groups(bus, groups)
 
     reaching = [startup.reach(settings.transport, start_bus)]
-    balanced = settings.transport == "rabbitmq" and settings.balance_partitions
     if service_cls.needs_store or balanced:
-        from pumpflow.common.state.redis import RedisStateStore
-
-        store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
-        if service_cls.needs_store:
-            wired.store = store
-        else:
-            wired.balance_store = store  # heartbeats only
+        store = wired.store or wired.balance_store
 
         async def ping() -> None:
             if not await store.ping():

@@ -89,6 +89,11 @@ class StateStore(ABC):
         """Atomically set ``key`` with a TTL unless it exists; True when set."""
 
     @abstractmethod
+    async def increment(self, key: str, ttl: float) -> int:
+        """Atomically add 1 to the count at ``key`` (0 when missing) and give it ``ttl``;
+        return the new count."""
+
+    @abstractmethod
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         """Atomically reset the TTL of ``key`` if it still holds ``value``; True when done."""
 

@@ -163,6 +163,14 @@ class RedisStateStore(StateStore):
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
         return bool(await self._client.set(self._key(key), bytes(value), nx=True, px=_ttl_ms(ttl)))
 
+    async def increment(self, key: str, ttl: float) -> int:
+        full = self._key(key)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.incr(full)
+            pipe.pexpire(full, _ttl_ms(ttl))
+            count, _ = await pipe.execute()
+        return int(count)
+
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         done = await self._extend_if_equal(keys=[self._key(key)], args=[bytes(value), _ttl_ms(ttl)])
         return bool(done)

@@ -6,7 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from pumpflow.common.bus.abc import EventBus, Subscription
+from pumpflow.common.bus.journal import SharedDeliveryJournal
 from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing.collector import EventCollector
 
 MEMORY = "memory"
@@ -21,6 +23,8 @@ class BusHarness:
     processes on one broker look like inside one process. ``rabbitmq``: a bus (its own
     connection, like a process) per call, all in ``namespace`` on ``amqp_url``; the
     teardown deletes what they declared, and the durable queues of :meth:`delete_after`.
+    Each one counts redeliveries in a journal of its own over one store they share
+    (``journal_store``), as a service's replicas do over Redis.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class BusHarness:
         self.buses: list[EventBus] = []
         self._memory: InMemoryBus | None = None
         self._services: set[str] = set()
+        #: the store the RabbitMQ buses' delivery journals share
+        self.journal_store = MemoryStateStore()
 
     async def __aenter__(self) -> BusHarness:
         return self
@@ -91,6 +97,7 @@ class BusHarness:
             prefetch=prefetch or self.prefetch,
             source=source or f"test/{len(self.buses)}",
             connect_attempts=connect_attempts,
+            journal=SharedDeliveryJournal(self.journal_store),
         )
         await bus.start()
         self.buses.append(bus)
