@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.db.pool import create_pool
@@ -228,3 +229,28 @@ async def test_a_reader_held_up_by_the_store_is_counted_and_reported(own_store, 
 async def _add_all(recorder: Recorder, events: list[Event]) -> None:
     for event in events:
         await recorder.add(event)
+
+
+async def test_a_refused_seq_is_never_given_again_by_a_restarted_feed(pg_pool):
+    bus, _ = await bus_with_probe()
+    letters = DeadLetterQueue(bus, service="feed")
+    letters.start()
+    store = TokenEventStore(pg_pool)
+    recorder = Recorder(store, publisher=bus, dead_letters=letters)
+    await recorder.start()
+    events = trades(3, refused_at=(2,))  # the mint's newest event is refused
+    for event in events:
+        await recorder.add(event)
+    await recorder.flush()
+    assert recorder.rejected == 1 and await store.count() == 2
+    mint = events[0].key
+    # a restarted feed restores its numbering from the store: above the refused seq
+    assert await store.last_seq_by_mint() == {mint: 3}
+    assert await store.last_seq_by_mint(since=events[2].time) == {mint: 3}
+    assert await store.last_seq_by_mint(since=events[2].time + 1) == {}
+    assert await store.max_seq() == 3
+    restarted = Sequencer(await store.last_seq_by_mint())
+    assert restarted.next(mint) == 4
+    await recorder.close(5)
+    await letters.close(5)
+    await bus.close()

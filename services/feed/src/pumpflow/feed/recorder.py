@@ -23,7 +23,9 @@ Two kinds of failure, told apart by the sink (``rejects``):
 - The store refuses rows of the batch (a value it cannot hold or index): the batch
   is split in halves, each written on its own, until the rows at fault are alone.
   Each is dead-lettered as the frame it came in with the store's reason and the
-  event's identity (id, mint, seq, time: ``pumpflow.feed.redrive``); the rest is
+  event's identity (id, mint, seq, time: ``pumpflow.feed.redrive``), and its seq is
+  kept in the store (``record_refusal``: a restarted feed numbers the mint above it,
+  so the redriven event never shares its seq with a later one); the rest is
   stored and published in order, and the stream goes on. Consumers see a gap at the
   refused seq until a redrive, once the cause is fixed, stores the event with its
   identity and publishes it (late, applied once).
@@ -373,6 +375,12 @@ class Recorder:
         reason = refusal_reason(event, exc)
         self.rejected += 1
         self.metrics.record_rejected.inc()
+        if isinstance(self.sink, TokenEventStore):
+            try:
+                await self._retry("refusal record", self.sink.record_refusal, event)
+            except StoreRejected as refused:
+                log.error("the refused seq %s of %s is not kept (%r): a restarted feed may "
+                          "give it again", event.seq, event.key, refused.__cause__)  # fmt: skip
         log.error("%.400s; dead-lettered (%d so far); the stream goes on", reason,
                   self.rejected)  # fmt: skip
         body = frame if frame is not None else encode_payload(event.data)
@@ -402,7 +410,7 @@ class Recorder:
                 raise
             except Exception as exc:
                 self.metrics.record_errors.inc()
-                if what == "store" and self.sink.rejects(exc):
+                if what in ("store", "refusal record") and self.sink.rejects(exc):
                     raise StoreRejected(str(exc)) from exc
                 self.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
                 log.warning("%s failed (%s: %.300s); retrying in %.1f s", what,

@@ -24,9 +24,9 @@ the publish and its record publishes it again; consumers drop that copy by seq).
 A letter is refused again (it stays dead, with the reason of the attempt) when its
 frame does not decode, the store refuses the row still, or another event of its mint
 holds its seq (a feed restarted after the refusal gave that seq again: publishing
-both, consumers would drop one). Not closed: a feed restarted after the refusal of its
-mint's newest event holds the mint one seq below it; a redrive stored before that
-feed numbers the mint again hands it a seq that is taken (docs/reliability.md).
+both, consumers would drop one). The recorder keeps each refused seq in the store
+(``record_refusal``), so a restarted feed numbers the mint above it; the check
+guards what was refused before that record existed.
 """
 
 from __future__ import annotations

@@ -454,18 +454,42 @@ class TokenEventStore:
         ]
 
     async def max_seq(self) -> int:
-        """The highest seq stored for any mint (0: none); an index lookup."""
-        return await self._pool.fetchval("SELECT max(seq) FROM token_events") or 0
+        """The highest seq stored or refused for any mint (0: none); index lookups."""
+        return (
+            await self._pool.fetchval(
+                "SELECT greatest((SELECT max(seq) FROM token_events),"
+                " (SELECT max(seq) FROM token_event_refusals))"
+            )
+            or 0
+        )
 
     async def last_seq_by_mint(self, *, since: float | None = None) -> dict[str, int]:
-        """Highest stored seq per mint (events at or after ``since``), to restore a Sequencer."""
-        query = "SELECT mint, max(seq) AS seq FROM token_events WHERE seq IS NOT NULL"
-        args: list[object] = []
-        if since is not None:
-            query += " AND event_time >= $1"
-            args.append(float(since))
-        rows = await self._pool.fetch(query + " GROUP BY mint", *args)
+        """Highest seq per mint stored or refused (events at or after ``since``), to
+        restore a Sequencer: a refused seq is never given again."""
+        after = " AND event_time >= $1" if since is not None else ""
+        query = (
+            "SELECT mint, max(seq) AS seq FROM ("
+            f" SELECT mint, seq FROM token_events WHERE seq IS NOT NULL{after}"
+            f" UNION ALL SELECT mint, seq FROM token_event_refusals WHERE true{after}"
+            ") AS given GROUP BY mint"
+        )
+        args = [float(since)] if since is not None else []
+        rows = await self._pool.fetch(query, *args)
         return {row["mint"]: row["seq"] for row in rows}
+
+    async def record_refusal(self, event: Event) -> None:
+        """Keep the seq of an event the store refused, so it is never given again."""
+        if event.seq is None:
+            return
+        await self._pool.execute(
+            "INSERT INTO token_event_refusals (event_id, mint, seq, source, event_time)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            event.id,
+            event.key,
+            event.seq,
+            event.source,
+            float(event.time),
+        )
 
     async def count(self) -> int:
         return await self._pool.fetchval("SELECT count(*) FROM token_events")
