@@ -19,7 +19,8 @@ from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
 from pumpflow.simulator.market import Market, MarketConfig
 
-TTL = 0.3
+#: long enough that a loaded machine's event-loop stalls do not outlast it
+TTL = 1.0
 
 
 async def start_replica(server, bus, store, replica: str, db=None) -> FeedService:
