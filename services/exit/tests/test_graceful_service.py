@@ -1,7 +1,8 @@
 """The graceful exit of the exit service beside the real trading service, embedded on
 a replay clock: system.shutdown sells every position trading holds, in tranches, by
 the deadline, reported and stored; a restart in the middle resumes without selling
-any tranche twice."""
+any tranche twice; an entry in flight at the shutdown keeps the exit open until it
+fills, then its position is sold too."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.priority import Priority
-from pumpflow.common.testing import TokenEvents
+from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.exit.records import MemoryExitStore
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
@@ -50,23 +51,7 @@ async def open_positions(bus, clock: ReplayClock, tokens: TokenEvents, count: in
     mints = []
     for _ in range(count):
         mint = tokens.mint()
-        now = clock.now()
-        features = FeaturesUpdated(
-            mint=mint, feature_set_version="test", source_seq=1,
-            names=tuple(GOOD_FEATURES), values=tuple(GOOD_FEATURES.values()),
-        )  # fmt: skip
-        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
-        prediction = ModelPrediction(
-            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
-        )
-        for event in (
-            tokens.created(mint, sol=0.5, trader="dev"),
-            tokens.buy(mint, "alice", sol=3.0),
-            make_event(features, source="features/test", time=now),
-            make_event(lifecycle, source="activity/test", time=now),
-            make_event(prediction, source="model/test", time=now),
-        ):
-            await bus.publish(event)
+        await _enter(bus, clock, tokens, mint)
         mints.append(mint)
     await clock.advance(1.0)
     return mints
@@ -205,6 +190,85 @@ async def test_a_tranche_given_up_for_lost_that_fills_late_counts_and_nothing_is
         summary = exits.summary
         assert summary.positions_left == 0
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+
+
+async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position_sold():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    trader, exits = trading(ledger), exit_service(records)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await _opened(system, clock, tokens, watch, 4)
+        # the next entry's order fills 20 s late (a slow venue): after the other four
+        # positions are sold out
+        late = tokens.mint()
+        submit = trader.executor.submit
+
+        async def slow_entry(order, *, time):
+            return await submit(order, time=time + 20.0 if order.mint == late else time)
+
+        trader.executor.submit = slow_entry
+        await _enter(system.bus, clock, tokens, late)
+        [requested] = await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == late)
+        shutdown = SystemShutdown(reason="late entry")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        while trader.book.open_count > 0:
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+        assert not watch.payloads("position.opened", key=late), "the entry filled too soon"
+        run = await records.active_run()
+        listed = records.run_positions[run.run_id]
+
+        def four_closed():
+            closed = [p for p, (state, _) in listed.items() if state == "exited"]
+            return len(closed) == 4
+
+        await eventually(four_closed, what="the four positions closed in the run")
+        # polls of the run go on: the entry in flight keeps it open
+        polls = exits.settings.exit_run_poll_s
+        await asyncio.sleep(2.5 * polls)
+        assert listed[f"entry:{requested.data.order_id}"][0] == "open"
+        assert (await records.get_run(run.run_id)).finished_at is None
+        assert not exits.finished.is_set()
+
+        await until_finished(exits, clock)
+        [opened] = watch.payloads("position.opened", key=late)
+        [bought] = [
+            e for e in watch.of("order.filled", key=late) if e.data.side == "buy"
+        ]
+        assert bought.time > run.started_at
+        assert listed[f"entry:{requested.data.order_id}"][0] == "withdrawn"
+        assert trader.book.open_count == 0
+        orders = watch.payloads("exit.order")
+        assert len({o.order_id for o in orders}) == len(orders)
+        sold = sum(
+            f.token_amount for f in watch.payloads("order.filled", key=late) if f.side == "sell"
+        )
+        assert sold == pytest.approx(opened.token_amount, rel=1e-9)
+        summary = exits.summary
+        assert summary.positions == 5 and summary.positions_left == 0
+        assert opened.position_id in {line.position_id for line in summary.lines}
+
+
+async def _enter(bus, clock: ReplayClock, tokens: TokenEvents, mint: str) -> None:
+    """Trading's entry on ``mint``: the token, its features and a prediction."""
+    now = clock.now()
+    features = FeaturesUpdated(
+        mint=mint, feature_set_version="test", source_seq=1,
+        names=tuple(GOOD_FEATURES), values=tuple(GOOD_FEATURES.values()),
+    )  # fmt: skip
+    lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
+    prediction = ModelPrediction(
+        mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
+    )
+    for event in (
+        tokens.created(mint, sol=0.5, trader="dev"),
+        tokens.buy(mint, "alice", sol=3.0),
+        make_event(features, source="features/test", time=now),
+        make_event(lifecycle, source="activity/test", time=now),
+        make_event(prediction, source="model/test", time=now),
+    ):
+        await bus.publish(event)
 
 
 async def _opened(system, clock, tokens, watch, count):

@@ -54,3 +54,38 @@ async def ends_when_all_is_done(store) -> None:
     assert (await store.get_run(run.run_id)).summary == summary
     # the end is told once
     assert await store.update_run(run.run_id, time=START + 6, lines=[line("p3")]) is None
+
+
+async def test_an_entry_in_flight_keeps_the_run_open_until_withdrawn_or_listed():
+    await placeholders_hold_the_run(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_an_entry_in_flight_keeps_the_run_open_until_withdrawn_or_listed_in_postgres(
+    pg_pool,
+):
+    await placeholders_hold_the_run(PostgresExitStore(pg_pool))
+
+
+async def placeholders_hold_the_run(store) -> None:
+    run = await store.begin_run(RunRecord.new("test", START, START + 60, partitions=1))
+    # p1 held, and two entries in flight: o1 (mint-a, will fill), o2 (mint-b, refused)
+    ended = await store.update_run(
+        run.run_id, time=START + 1, partitions=[0], positions=[("p1", "mint-p1")],
+        entries={"mint-a": ["o1"], "mint-b": ["o2"], "mint-p1": []},
+    )  # fmt: skip
+    assert ended is None
+    assert await store.update_run(run.run_id, time=START + 2, lines=[line("p1")]) is None
+    # o2 refused: withdrawn; o1 still in flight (a mint left out keeps its placeholder)
+    ended = await store.update_run(run.run_id, time=START + 3, entries={"mint-b": []})
+    assert ended is None, "ended with the entry o1 in flight"
+    # a stale listing of o2 does not bring it back; o1 filled: its position is listed
+    ended = await store.update_run(
+        run.run_id, time=START + 4, positions=[("pa", "mint-a")],
+        entries={"mint-a": [], "mint-b": ["o2"]},
+    )  # fmt: skip
+    assert ended is None, "ended with pa open"
+    ended = await store.update_run(run.run_id, time=START + 5, lines=[line("pa")])
+    assert ended is not None and ended.finished_at == START + 5
+    # the placeholders have no line
+    assert sorted(p["position_id"] for p in ended.summary["positions"]) == ["p1", "pa"]

@@ -13,6 +13,11 @@ and closes each position as it is sold out (or as the deadline leaves it). The c
 that leaves no partition unlisted and no position open finishes the run in the same
 transaction, with the summary of every position, whichever replica makes it; a replica
 that dies leaves its positions open until the next owner of its partitions sells them.
+
+An entry order of trading still in flight is listed too, as a placeholder position
+(:func:`entry_position_id`) that keeps the run open: the replica lists each mint's
+entries in flight, and a placeholder of that mint no longer among them (refused, or
+its position is listed now) is withdrawn, with no line in the summary.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -74,8 +79,16 @@ class RunRecord:
         return replace(self, finished_at=time, summary=report)
 
 
-#: a position of a run: still selling, sold out, or left unsold by the deadline
-PositionState = Literal["open", "exited", "ended"]
+#: a position of a run: still selling, sold out, or left unsold by the deadline; or an
+#: entry's placeholder that was withdrawn
+PositionState = Literal["open", "exited", "ended", "withdrawn"]
+
+_ENTRY = "entry:"
+
+
+def entry_position_id(order_id: str) -> str:
+    """The placeholder of entry order ``order_id`` among a run's positions."""
+    return f"{_ENTRY}{order_id}"
 
 
 def line_state(line: ExitLine) -> PositionState:
@@ -181,10 +194,13 @@ class ExitStore(Protocol):
         partitions: Iterable[int] = (),
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
+        entries: Mapping[str, Iterable[str]] | None = None,
     ) -> RunRecord | None:
         """List ``partitions`` and the ``positions`` (position id, mint) they hold, close
-        the positions of ``lines``; the run if this finished it (every partition listed,
-        no position open), at ``time`` with the summary of every line."""
+        the positions of ``lines``, set each mint's placeholders to its ``entries`` in
+        flight (order ids; the others of the mint withdrawn); the run if this finished it
+        (every partition listed, no position or placeholder open), at ``time`` with the
+        summary of every line."""
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         """Store ``order`` unless its id is stored; whether it was new."""
@@ -206,6 +222,8 @@ class MemoryExitStore:
         self.runs: dict[str, RunRecord] = {}
         self.exit_orders: dict[str, ExitOrderRecord] = {}
         self.run_partitions: dict[str, set[int]] = defaultdict(set)
+        #: run id -> position id -> mint
+        self.run_mints: dict[str, dict[str, str]] = defaultdict(dict)
         #: run id -> position id -> (state, line)
         self.run_positions: dict[str, dict[str, tuple[PositionState, ExitLine | None]]] = (
             defaultdict(dict)
@@ -235,11 +253,28 @@ class MemoryExitStore:
         partitions: Iterable[int] = (),
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
+        entries: Mapping[str, Iterable[str]] | None = None,
     ) -> RunRecord | None:
         run = self.runs[run_id]
         held = self.run_positions[run_id]
-        for position_id, _mint in positions:
+        mints = self.run_mints[run_id]
+        for position_id, mint in positions:
             held.setdefault(position_id, ("open", None))
+            mints.setdefault(position_id, mint)
+        entries = entries or {}
+        flying = {entry_position_id(o) for order_ids in entries.values() for o in order_ids}
+        for mint, order_ids in entries.items():
+            for order_id in order_ids:
+                held.setdefault(entry_position_id(order_id), ("open", None))
+                mints.setdefault(entry_position_id(order_id), mint)
+        for position_id, (state, _line) in list(held.items()):
+            if (
+                state == "open"
+                and position_id.startswith(_ENTRY)
+                and position_id not in flying
+                and mints[position_id] in entries
+            ):
+                held[position_id] = ("withdrawn", None)
         for line in lines:
             if held.get(line.position_id, ("open", None))[0] != "exited":
                 held[line.position_id] = (line_state(line), line)
@@ -355,8 +390,12 @@ class PostgresExitStore:
         partitions: Iterable[int] = (),
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
+        entries: Mapping[str, Iterable[str]] | None = None,
     ) -> RunRecord | None:
         positions, partitions = list(positions), list(partitions)
+        entries = entries or {}
+        positions += [(entry_position_id(o), mint) for mint, ids in entries.items() for o in ids]
+        flying = [position_id for position_id, _mint in positions]
         lines = [
             (line.position_id, line_state(line), _encode_line(line).decode()) for line in lines
         ]
@@ -375,6 +414,13 @@ class PostgresExitStore:
                     "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     [(run_id, position_id, mint) for position_id, mint in positions],
                 )
+            if entries:
+                await conn.execute(
+                    "UPDATE exit_run_positions SET state = 'withdrawn', closed_at = $2 "
+                    "WHERE run_id = $1 AND state = 'open' AND mint = ANY($3::text[]) "
+                    "AND starts_with(position_id, $4) AND position_id <> ALL($5::text[])",
+                    run_id, time, list(entries), _ENTRY, flying,
+                )  # fmt: skip
             if lines:
                 await conn.executemany(
                     "UPDATE exit_run_positions SET state = $3, line = $4::jsonb, closed_at = $5 "

@@ -24,6 +24,10 @@
   same transaction, and that replica publishes the summary of every position
   (``exit.report``, ``graceful``). A replica done with its share keeps watching: the
   partitions of a replica that died come to it with their positions, and it sells them.
+  An entry of trading still in flight (ordered before trading halted) is listed too,
+  as a placeholder of its mint that keeps the run open: refused, it is withdrawn;
+  filled, the position it opened comes here late, is listed in its place and sold.
+  Past the deadline the placeholders are withdrawn: the run ends on time.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
@@ -310,7 +314,10 @@ class ExitService(Service):
                 held = _OwnedPositions(self.consumer).open_positions.values()
                 if any(view.position_id not in queued for view in held):
                     return None
-                await self._update_run(partitions=sorted(self.consumer.restored))
+                await self._update_run(
+                    partitions=sorted(self.consumer.restored),
+                    entries=self._entries_in_flight(self.manager),
+                )
             except Exception:
                 log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
         return self._ended
@@ -320,7 +327,27 @@ class ExitService(Service):
         # read together, with no wait between: a partition listed has its positions queued
         partitions = sorted(self.consumer.restored)
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
-        await self._update_run(partitions=partitions, positions=positions, lines=lines)
+        entries = self._entries_in_flight(manager)
+        await self._update_run(
+            partitions=partitions, positions=positions, lines=lines, entries=entries
+        )
+
+    def _entries_in_flight(self, manager: GracefulExitManager) -> dict[str, list[str]]:
+        """Each mint's entry orders in flight, of every mint held here (the run's
+        placeholders of a mint are set to these); none once past the deadline."""
+        past = self._ctx.clock.now() >= self.run.deadline
+        queued = {q.position_id for q in manager.planner.exits.values()}
+        entries = {}
+        for key in list(self.consumer.keys()):
+            state = self.consumer.state(key)
+            if state is None:
+                continue
+            view = held_view(state)
+            if view is not None and view.position_id not in queued:
+                # a position not queued yet: its placeholder stays until it is listed
+                continue
+            entries[key] = [] if past else sorted(state.entries)
+        return entries
 
     async def _exited(self, record: ExitRecord) -> None:
         try:

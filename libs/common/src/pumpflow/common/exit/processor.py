@@ -14,6 +14,10 @@ decision with the order id ``<position_id>:rule:<n>`` (n counted per position). 
 graceful exit (the service's, across positions) takes over with :attr:`halted`: the
 rules then decide nothing, and the service reads the positions held from here.
 
+Entries in flight: trading's buy ``order.requested`` is held per mint
+(:attr:`ExitState.entries`) until the order is refused, or fills and the position it
+opened (or added to) is here: a graceful exit waits for what such an entry opens.
+
 Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan; ``on_outcome`` is
 told each exit order's fill or refusal with the sale it settles.
@@ -34,6 +38,7 @@ from pumpflow.common.events import (
     LifecycleState,
     OrderFilled,
     OrderRejected,
+    OrderRequested,
     PositionClosed,
     PositionOpened,
     PositionUpdated,
@@ -53,6 +58,7 @@ CONSUMES = (
     "token.trade",
     "token.migrated",
     "token.lifecycle",
+    "order.requested",
     "order.filled",
     "order.rejected",
 )
@@ -109,6 +115,8 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: rule orders numbered so far (of this mint's positions)
     rule_orders: int = 0
     pending: dict[str, PendingSale] = {}
+    #: trading's entry orders in flight: order id -> filled (its position not here yet)
+    entries: dict[str, bool] = {}
 
     @property
     def curve(self) -> CurveState | None:
@@ -198,12 +206,18 @@ class ExitProcessor:
         time = event.time
         if isinstance(data, PositionOpened | PositionUpdated):
             self._held(state, data, time)
+            self._landed(state)
             decisions = self._rules(state, lambda ev: [])
         elif isinstance(data, PositionClosed):
             if state.position is not None and state.position.position_id == data.position_id:
                 state.position = None
                 state.watch = None
                 state.pending = {}
+            self._landed(state)
+            decisions = []
+        elif isinstance(data, OrderRequested):
+            if data.side == "buy" and not is_exit_order(data.order_id):
+                state.entries.setdefault(data.order_id, False)
             decisions = []
         elif isinstance(data, TokenTrade):
             price = self._mark(state, data)
@@ -286,6 +300,7 @@ class ExitProcessor:
         self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float
     ) -> list[ExitDecision]:
         if outcome.side == "buy" or not is_exit_order(outcome.order_id):
+            self._entry_outcome(state, outcome)
             return []
         sale = state.pending.pop(outcome.order_id, None)
         position = state.position
@@ -308,6 +323,23 @@ class ExitProcessor:
         if self.on_outcome is not None:
             self.on_outcome(state.mint, outcome, sale, time)
         return []
+
+    @staticmethod
+    def _entry_outcome(state: ExitState, outcome: OrderFilled | OrderRejected) -> None:
+        """An entry refused is gone; one filled waits for its position event, which trading
+        publishes after the fill (until then the graceful exit has nothing to sell)."""
+        if outcome.order_id not in state.entries:
+            return
+        if isinstance(outcome, OrderFilled) and outcome.token_amount > 0:
+            state.entries[outcome.order_id] = True
+        else:
+            del state.entries[outcome.order_id]
+
+    @staticmethod
+    def _landed(state: ExitState) -> None:
+        """The position events after an entry's fill: the entry is the position now."""
+        if any(state.entries.values()):
+            state.entries = {order_id: f for order_id, f in state.entries.items() if not f}
 
     # ---------------------------------------------------------------- rules
 
