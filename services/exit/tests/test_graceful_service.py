@@ -209,7 +209,9 @@ async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position
 
         trader.executor.submit = slow_entry
         await _enter(system.bus, clock, tokens, late)
-        [requested] = await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == late)
+        [requested] = await watch.wait_for(
+            1, "order.requested", where=lambda e: e.data.mint == late
+        )
         shutdown = SystemShutdown(reason="late entry")
         await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
         while trader.book.open_count > 0:
@@ -233,9 +235,7 @@ async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position
 
         await until_finished(exits, clock)
         [opened] = watch.payloads("position.opened", key=late)
-        [bought] = [
-            e for e in watch.of("order.filled", key=late) if e.data.side == "buy"
-        ]
+        [bought] = [e for e in watch.of("order.filled", key=late) if e.data.side == "buy"]
         assert bought.time > run.started_at
         assert listed[f"entry:{requested.data.order_id}"][0] == "withdrawn"
         assert trader.book.open_count == 0

@@ -1,0 +1,63 @@
+"""Trading's entries in flight, per mint, as the exit processor follows them: from the
+buy's ``order.requested`` to its refusal, or to its fill and the position event after."""
+
+from __future__ import annotations
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import (
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    PositionOpened,
+    make_event,
+)
+from pumpflow.common.exit import ExitProcessor
+
+from .helpers import START
+
+MINT = "MintA"
+
+
+class _Effects:
+    key, now, more = MINT, START, False
+
+    def emit(self, payload, *, time):
+        raise AssertionError(f"nothing is ordered here: {payload}")
+
+    def set_timer(self, at):
+        pass
+
+    def cancel_timer(self):
+        pass
+
+
+def _apply(processor, state, payload):
+    event = make_event(payload, source="trading/test", time=START)
+    return processor.apply(state, event, _Effects())
+
+
+def test_an_entry_is_in_flight_until_refused_or_until_its_position_is_here():
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    for order_id in ("o1", "o2"):
+        buy = OrderRequested(order_id=order_id, mint=MINT, side="buy", sol_amount=0.1)
+        state = _apply(processor, state, buy)
+    sell = OrderRequested(order_id="p:exit:1", mint=MINT, side="sell", token_amount=5.0)
+    state = _apply(processor, state, sell)
+    assert state.entries == {"o1": False, "o2": False}
+
+    state = _apply(processor, state, OrderRejected(order_id="o2", mint=MINT, reason="limits"))
+    filled = OrderFilled(
+        order_id="o1", mint=MINT, side="buy", token_amount=1e6, sol_amount=0.1, price=1e-7,
+        position_id="p",
+    )  # fmt: skip
+    state = _apply(processor, state, filled)
+    # filled, the position is not here yet: still in flight for the graceful exit
+    assert state.entries == {"o1": True}
+    opened = PositionOpened(
+        position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7
+    )
+    state = _apply(processor, state, opened)
+    assert state.entries == {} and state.position.position_id == "p"
+    # what it stores decodes back the same
+    assert processor.decode(processor.encode(state)) == state
