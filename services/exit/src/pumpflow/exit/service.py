@@ -314,10 +314,7 @@ class ExitService(Service):
                 held = _OwnedPositions(self.consumer).open_positions.values()
                 if any(view.position_id not in queued for view in held):
                     return None
-                await self._update_run(
-                    partitions=sorted(self.consumer.restored),
-                    entries=self._entries_in_flight(self.manager),
-                )
+                await self._update_run(partitions=sorted(self.consumer.restored))
             except Exception:
                 log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
         return self._ended
@@ -327,27 +324,26 @@ class ExitService(Service):
         # read together, with no wait between: a partition listed has its positions queued
         partitions = sorted(self.consumer.restored)
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
-        entries = self._entries_in_flight(manager)
-        await self._update_run(
-            partitions=partitions, positions=positions, lines=lines, entries=entries
-        )
+        await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
-    def _entries_in_flight(self, manager: GracefulExitManager) -> dict[str, list[str]]:
-        """Each mint's entry orders in flight, of every mint held here (the run's
-        placeholders of a mint are set to these); none once past the deadline."""
+    def _to_come(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+        """What the run waits for here besides the positions queued: positions held and
+        not queued yet (a late entry's; the next share sells them), and each mint's entry
+        orders in flight (none once past the deadline: the run ends on time)."""
         past = self._ctx.clock.now() >= self.run.deadline
-        queued = {q.position_id for q in manager.planner.exits.values()}
-        entries = {}
+        queued = set()
+        if self.manager is not None:
+            queued = {q.position_id for q in self.manager.planner.exits.values()}
+        late, entries = [], {}
         for key in list(self.consumer.keys()):
             state = self.consumer.state(key)
             if state is None:
                 continue
             view = held_view(state)
             if view is not None and view.position_id not in queued:
-                # a position not queued yet: its placeholder stays until it is listed
-                continue
+                late.append((view.position_id, key))
             entries[key] = [] if past else sorted(state.entries)
-        return entries
+        return late, entries
 
     async def _exited(self, record: ExitRecord) -> None:
         try:
@@ -360,7 +356,10 @@ class ExitService(Service):
         """Change the run's records; if that ended the run, publish its summary."""
         ctx = self._ctx
         now = ctx.clock.now()
-        ended = await self.records.update_run(self.run.run_id, time=now, **changes)
+        # every change may be the last: it says what is still to come, read with it
+        late, entries = self._to_come()
+        changes["positions"] = [*changes.get("positions", ()), *late]
+        ended = await self.records.update_run(self.run.run_id, time=now, entries=entries, **changes)
         if ended is not None:
             self._ended = ended
             report = msgspec.convert(ended.summary, type=ExitReport)
