@@ -4,7 +4,7 @@ A graceful exit's tranche is stored before it is sent: after a crash the stored
 tranches say which numbers each position has used (order ids
 ``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
 refuses an order id it has seen, never sells twice. A rule's sale is stored when it
-settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008);
+settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008, 0010);
 :class:`MemoryExitStore` the embedded run's and the tests'.
 
 A graceful exit is finished when every position of every partition is: each replica

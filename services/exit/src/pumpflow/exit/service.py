@@ -27,7 +27,9 @@
   An entry of trading still in flight (ordered before trading halted) is listed too,
   as a placeholder of its mint that keeps the run open: refused, it is withdrawn;
   filled, the position it opened comes here late, is listed in its place and sold.
-  Past the deadline the placeholders are withdrawn: the run ends on time.
+  Every change of the run lists what is still to come here with it (entries in
+  flight, positions not queued yet), so no sale finishes the run before them. Past
+  the deadline the placeholders are withdrawn: the run ends on time.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
