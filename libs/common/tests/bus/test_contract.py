@@ -883,13 +883,18 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
         await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
         await bus.publish_many(trade_event("mintR", seq) for seq in range(1, 11))
         await eventually(lambda: len(got.events) == 10)
-        # the AMQP connection underneath dies as on a network failure; aio-pika reconnects
-        lost = bus._connection.transport.connection
-        await lost.close(ConnectionError("simulated network failure"))
-        await eventually(
-            lambda: getattr(bus._connection.transport, "connection", lost) is not lost, within=20
-        )
-        await bus._connection.ready()
+        # the AMQP connections underneath (publishing, consuming) die as on a network
+        # failure; aio-pika reconnects each
+        assert len(bus._connections()) == 2
+        for connection in bus._connections():
+            lost = connection.transport.connection
+            await lost.close(ConnectionError("simulated network failure"))
+            await eventually(
+                lambda c=connection, lost=lost: getattr(c.transport, "connection", lost)
+                is not lost,
+                within=20,
+            )
+            await connection.ready()
         for seq in range(11, 21):
             await bus.publish(trade_event("mintR", seq))
         await eventually(lambda: len(got.events) >= 20, within=20)

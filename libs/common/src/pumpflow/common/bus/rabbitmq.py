@@ -7,7 +7,7 @@ Topology under ``<ns>`` (the namespace):
 - ``<ns>.<service>.p<NN>``: durable partition queues with single-active-consumer, so
   one replica at a time processes a partition, in order.
 - ``<ns>.<service>.critical``: durable, bound to the keyed critical types (exit orders),
-  consumed on a channel of its own so a backlog of trades never delays it.
+  consumed on the main connection, apart from the backlog of trades (see Connections).
 - ``<ns>.<service>.bcast.<replica>`` and ``<ns>.<service>.critical.<replica>``: one
   pair per replica, bound to the keyless types it wants (``system.shutdown`` goes to
   the critical one), so every replica gets them; deleted with the replica.
@@ -15,6 +15,17 @@ Topology under ``<ns>`` (the namespace):
   service's DLQ. A message the service gives up on is published there by the bus with
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
   only then acked.
+
+Connections: two robust connections (both reconnect, close with the bus and count in
+:meth:`RabbitMQBus.is_healthy`). The main one carries publishing and its confirms,
+declarations, dead letters and the critical lane's consumers (``.critical`` and
+``.critical.<replica>``); the bulk one, opened with the first partition or broadcast
+consumer, carries those. A connection is one TCP stream read in order: a delivery is
+read only after every frame the broker wrote before it, and the partition queues keep
+their prefetch (partitions x prefetch deliveries) in flight: a shared connection
+would hold an exit order, and a publish's confirm, behind about that many trades.
+Apart, the critical lane and the confirms wait only for their own traffic, and the
+bulk consumers keep acking when the broker blocks a publishing connection.
 
 Publishing is confirmed and keeps its order across a reconnection. Each publication
 takes a ticket in the order it is first written. One whose confirm fails because the
@@ -222,6 +233,10 @@ class RabbitMQBus(EventBus):
         self.replica_id = uuid.uuid4().hex[:12]
         self._publisher = source_service(source)
         self._connection: AbstractRobustConnection | None = None
+        #: carries the partition and broadcast consumers (see the module), opened with
+        #: the first of them
+        self._bulk_connection: AbstractRobustConnection | None = None
+        self._bulk_lock = asyncio.Lock()
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
@@ -243,8 +258,8 @@ class RabbitMQBus(EventBus):
         self._held_changed = asyncio.Event()
         #: publications given up so far; a call begun before one writes nothing more
         self._given_up = 0
-        #: the AMQP connection whose loss is watched, and the tasks emptying lost ones
-        self._watched: aiormq.abc.AbstractConnection | None = None
+        #: the AMQP connections whose loss is watched, and the tasks emptying lost ones
+        self._watched: set[aiormq.abc.AbstractConnection] = set()
         self._discarding: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- names
@@ -282,14 +297,15 @@ class RabbitMQBus(EventBus):
             )
             self._consuming = True
 
-    async def _connect(self) -> AbstractRobustConnection:
+    async def _connect(self, purpose: str = "") -> AbstractRobustConnection:
         # connect_robust reconnects a connection it once had, but gives up on the first
         delay = 0.2
+        name = f"{self.source} {purpose}" if purpose else self.source
         for attempt in range(1, self.connect_attempts + 1):
             try:
                 return await aio_pika.connect_robust(
                     self.url,
-                    client_properties={"connection_name": self.source},
+                    client_properties={"connection_name": name},
                     reconnect_interval=1.0,
                 )
             except (OSError, aiormq.exceptions.AMQPConnectionError) as exc:
@@ -350,16 +366,28 @@ class RabbitMQBus(EventBus):
                 await consumer.channel.close()
         self._consumers.clear()
         self._dlqs.clear()
-        if self._connection is not None and not self._connection.is_closed:
-            await self._connection.close()
+        for connection in self._connections():
+            await connection.close()
         self._connection = None
+        self._bulk_connection = None
         self._channel = None
         self._exchange = None
         self._dlx = None
 
+    def _connections(self) -> list[AbstractRobustConnection]:
+        """The bus's open connections: the main one, and the bulk lanes' once opened."""
+        return [
+            c
+            for c in (self._connection, self._bulk_connection)
+            if c is not None and not c.is_closed
+        ]
+
     def is_healthy(self) -> bool:
         connection = self._connection
         if connection is None or connection.is_closed or not self._consuming:
+            return False
+        bulk = self._bulk_connection
+        if bulk is not None and bulk.is_closed:
             return False
         if self._channel is None or self._channel.is_closed:
             return False
@@ -372,6 +400,7 @@ class RabbitMQBus(EventBus):
             "namespace": self.namespace,
             "healthy": self.is_healthy(),
             "connected": connection is not None and not connection.is_closed,
+            "connections": len(self._connections()),
             "consuming": self._consuming,
             "partitions": self.partitions,
             "prefetch": self.prefetch,
@@ -581,12 +610,13 @@ class RabbitMQBus(EventBus):
         an ack waiting for room there would wait forever, holding its channel's lock.
         Taking the dead frames out lets each go on to its failed confirm.
         """
-        if connection is self._watched:
+        if connection in self._watched:
             return
-        self._watched = connection
+        self._watched.add(connection)
         queue = connection.write_queue
 
         def lost(_: asyncio.Future) -> None:
+            self._watched.discard(connection)
             task = asyncio.ensure_future(_discard(queue))
             self._discarding.add(task)
             task.add_done_callback(self._discarding.discard)
@@ -733,7 +763,7 @@ class RabbitMQBus(EventBus):
     async def _consume(
         self, name: str, lane: str, subscription: Subscription, partition: int | None = None
     ) -> None:
-        assert self._connection is not None
+        connection = await self._connection_for(lane)
         consumer = _Consumer(
             queue_name=name,
             subscription=subscription,
@@ -742,7 +772,7 @@ class RabbitMQBus(EventBus):
             ),
             partition=partition,
         )
-        consumer.channel = await self._connection.channel()
+        consumer.channel = await connection.channel()
         # a smaller prefetch would never let the window fill
         prefetch = max(self.prefetch, subscription.window)
         await consumer.channel.set_qos(prefetch_count=prefetch)
@@ -753,6 +783,17 @@ class RabbitMQBus(EventBus):
         if isinstance(consumer.channel, AbstractRobustChannel):
             consumer.channel.reopen_callbacks.add(lambda _channel: self._resume_delivery(consumer))
         self._consumers.append(consumer)
+
+    async def _connection_for(self, lane: str) -> AbstractRobustConnection:
+        """The connection a lane's consumers take their channels on (see the module)."""
+        if lane == CRITICAL:
+            assert self._connection is not None
+            return self._connection
+        async with self._bulk_lock:
+            connection = self._bulk_connection
+            if connection is None or connection.is_closed:
+                connection = self._bulk_connection = await self._connect("bulk")
+            return connection
 
     async def _start_delivery(self, consumer: _Consumer) -> None:
         """basic.consume on the channel underneath.

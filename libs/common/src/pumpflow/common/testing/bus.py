@@ -143,7 +143,7 @@ class BusHarness:
         """Kill the consumer of ``old`` with its handlers in flight; resume as ``new``.
 
         Whatever it did not ack goes to ``new``. RabbitMQ: the consuming bus's
-        connection closes under it, as when its process dies (its handlers still run,
+        connections close under it, as when its process dies (its handlers still run,
         their acks go nowhere). Memory: :meth:`InMemoryBus.abandon`.
         """
         if self.transport == MEMORY:
@@ -151,7 +151,8 @@ class BusHarness:
             await bus.abandon(old)
             await bus.subscribe(new)
             return bus
-        await bus._connection.close()  # type: ignore[attr-defined]
+        for connection in bus._connections():  # type: ignore[attr-defined]
+            await connection.close()
         fresh = await self.bus(partitions=bus.partitions)
         await fresh.subscribe(new)
         return fresh
