@@ -905,6 +905,35 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
 
 
 @pytest.mark.rabbitmq
+async def test_rabbitmq_critical_lane_is_not_read_behind_the_partitions(
+    namespace, amqp_url, service
+):
+    """A connection is read in order: the critical lane's deliveries, and the publishing
+    channel's confirms, share none with the partitions' prefetched deliveries."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
+    await bus.start()
+    try:
+        await bus.subscribe(
+            Subscription(service=service, patterns=("token.*", "exit.*"), handler=Recorder())
+        )
+        by_lane: dict[str, set] = {}
+        for consumer in bus._consumers:
+            channel = await consumer.channel.get_underlay_channel()
+            by_lane.setdefault(consumer.dispatcher.lane, set()).add(channel.connection)
+        publishing = (await bus._channel.get_underlay_channel()).connection
+        assert sorted(by_lane) == ["broadcast", "critical", "partition"]
+        assert by_lane["critical"] == {publishing}
+        assert publishing not in by_lane["partition"] | by_lane["broadcast"]
+        assert bus.is_healthy()
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+    assert not bus._connections()
+
+
+@pytest.mark.rabbitmq
 async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, service):
     import aiormq
 
