@@ -890,8 +890,9 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
             lost = connection.transport.connection
             await lost.close(ConnectionError("simulated network failure"))
             await eventually(
-                lambda c=connection, lost=lost: getattr(c.transport, "connection", lost)
-                is not lost,
+                lambda c=connection, lost=lost: (
+                    getattr(c.transport, "connection", lost) is not lost
+                ),
                 within=20,
             )
             await connection.ready()
