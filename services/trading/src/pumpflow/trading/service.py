@@ -33,7 +33,6 @@ every order, fill and position.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import uuid
@@ -73,6 +72,7 @@ from pumpflow.common.trading import (
     RiskManager,
     TradingEngine,
     TradingState,
+    derived_id,
 )
 from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
@@ -96,10 +96,6 @@ log = logging.getLogger("pumpflow.trading")
 LEASE_NAME = "trading:decide"
 _RETIRED = frozenset({"inactive", "graduated"})
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
-
-
-def _outcome_event_id(order_id: str) -> str:
-    return hashlib.blake2b(f"outcome:{order_id}".encode(), digest_size=16).hexdigest()
 
 
 def _check_live(settings: TradingSettings) -> None:
@@ -406,7 +402,7 @@ class TradingService(Service):
                 source=self._ctx.source,
                 time=self._ctx.clock.now(),
                 cause=event,
-                event_id=_outcome_event_id(f"request:{order.order_id}"),
+                event_id=derived_id("outcome", f"request:{order.order_id}"),
             )
         )
         self._request(request, event, step, original=order)
@@ -450,7 +446,7 @@ class TradingService(Service):
             source=ctx.source,
             time=now,
             cause=cause,
-            event_id=_outcome_event_id(outcome.order_id),
+            event_id=derived_id("outcome", outcome.order_id),
         )
         reason = self.engine.order_reasons.get(outcome.order_id, "")
         produced = self.engine.process(event)

@@ -10,6 +10,7 @@ from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
     TokenView,
+    derived_id,
     order_id_for,
 )
 from pumpflow.common.trading.engine import CONSUMES, SERVICE_CONSUMES, Decision, TradingEngine
@@ -75,6 +76,7 @@ __all__ = [
     "TradingEngine",
     "TradingState",
     "confirmed_fill",
+    "derived_id",
     "exit_value",
     "fill_buy",
     "fill_sell",

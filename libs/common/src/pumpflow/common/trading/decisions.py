@@ -35,11 +35,16 @@ FILTER_FEATURES = (
 )
 
 
+def derived_id(purpose: str, source_id: str) -> str:
+    """An id made from ``source_id`` for ``purpose``: the same source always gives the
+    same id, so whatever is redelivered or replayed names the same thing again."""
+    return hashlib.blake2b(f"{purpose}:{source_id}".encode(), digest_size=16).hexdigest()
+
+
 def order_id_for(cause_id: str, purpose: str = "entry") -> str:
     """The order id caused by event ``cause_id``: the same cause always gives the same id,
     so a redelivered or replayed event can never send a second order."""
-    digest = hashlib.blake2b(f"{purpose}:{cause_id}".encode(), digest_size=16).hexdigest()
-    return f"{purpose}-{digest}"
+    return f"{purpose}-{derived_id(purpose, cause_id)}"
 
 
 @dataclass(slots=True)

@@ -21,7 +21,6 @@ manager until its fill or rejection, so a burst of predictions cannot pass a lim
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
     TokenView,
+    derived_id,
     order_id_for,
 )
 from pumpflow.common.trading.fills import VENUE_POOL
@@ -98,10 +98,6 @@ class Decision:
     @property
     def enter(self) -> bool:
         return self.order is not None
-
-
-def _event_id_for(order_id: str) -> str:
-    return hashlib.blake2b(f"event:{order_id}".encode(), digest_size=16).hexdigest()
 
 
 class TradingEngine:
@@ -282,7 +278,7 @@ class TradingEngine:
     def _wrap(self, payload: Payload, cause: Event | None, now: float) -> Event:
         event_id: Any = None
         if isinstance(payload, OrderRequested):
-            event_id = _event_id_for(payload.order_id)
+            event_id = derived_id("event", payload.order_id)
         return make_event(
             payload,
             source=self.source,
