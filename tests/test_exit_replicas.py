@@ -138,6 +138,15 @@ async def shares(stack: Replicas) -> dict[str, dict[str, str]]:
     return held
 
 
+async def shut_down(stack: Replicas, reason: str) -> tuple[set[str], set[str]]:
+    """Each replica's share opened, then the graceful exit asked of exit-a: the position
+    ids of exit-a's share and of exit-b's."""
+    held = await shares(stack)
+    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": reason})
+    assert status == 200
+    return set(held["exit-a"].values()), set(held["exit-b"].values())
+
+
 def assert_summary_matches_fills(stack: Replicas, summary: dict, positions: set[str]) -> None:
     sells = [f for f in stack.watch.payloads("order.filled") if f.side == "sell"]
     assert len({s.order_id for s in sells}) == len(sells), "an order filled twice"
@@ -151,12 +160,7 @@ async def test_the_run_is_finished_only_when_the_slower_replica_is_done(
 ):
     stack = replicas
     records = PostgresExitStore(pg_pool)
-    held = await shares(stack)
-    fast = set(held["exit-a"].values())
-    slow = set(held["exit-b"].values())
-
-    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": "two replicas"})
-    assert status == 200
+    fast, slow = await shut_down(stack, "two replicas")
 
     async def fast_share_done() -> bool:
         progress = (await stack.get(f"{stack.urls['exit-a']}/progress")) or {}
@@ -203,12 +207,7 @@ async def test_a_replica_killed_mid_run_leaves_the_run_open_until_its_partitions
 ):
     stack = replicas
     records = PostgresExitStore(pg_pool)
-    held = await shares(stack)
-    fast = set(held["exit-a"].values())
-    slow = set(held["exit-b"].values())
-
-    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": "a replica dies"})
-    assert status == 200
+    fast, slow = await shut_down(stack, "a replica dies")
     # b has sold a tranche of each of its positions, a is done with its share: b dies
     await stack.watch.wait_for(
         EACH, "order.filled", where=lambda e: e.data.position_id in slow, within=60
