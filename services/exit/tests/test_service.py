@@ -23,6 +23,16 @@ from .helpers import START, embedded, exit_service, opened
 HELD = 1e6
 
 
+async def held_position(bus, tokens: TokenEvents):
+    """A new token with a buy on its curve and a position of ``HELD`` tokens in it."""
+    mint = tokens.mint()
+    await bus.publish(tokens.created(mint, sol=5.0))
+    await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+    position = opened(tokens, mint, tokens_held=HELD)
+    await bus.publish(position)
+    return mint, position
+
+
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:
     while tokens.curves[mint].price < price:
         await bus.publish(tokens.buy(mint, "whale", sol=1.0))
@@ -99,11 +109,7 @@ async def test_each_rule_orders_its_sale_on_the_critical_lane(rule):
     service = exit_service(**QUIET.get(rule, {}))
     async with embedded(clock, service) as (system, watch):
         bus = system.bus
-        mint = tokens.mint()
-        await bus.publish(tokens.created(mint, sol=5.0))
-        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-        position = opened(tokens, mint, tokens_held=HELD)
-        await bus.publish(position)
+        mint, position = await held_position(bus, tokens)
         entry = position.data.entry_price
         assert watch.count("exit.order") == 0
         await script(bus, tokens, clock, mint, entry)
@@ -122,11 +128,7 @@ async def test_tokens_added_to_a_position_are_sold_with_it():
     service = exit_service()
     async with embedded(clock, service) as (system, watch):
         bus = system.bus
-        mint = tokens.mint()
-        await bus.publish(tokens.created(mint, sol=5.0))
-        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-        position = opened(tokens, mint, tokens_held=HELD)
-        await bus.publish(position)
+        mint, position = await held_position(bus, tokens)
         # a second entry into the token (trading's add_to_positions)
         added = PositionUpdated(
             **{**msgspec.structs.asdict(position.data), "token_amount": HELD * 1.5}
@@ -145,11 +147,7 @@ async def test_a_refused_sale_gives_its_rule_back_and_a_filled_one_is_reported()
     service = exit_service()
     async with embedded(clock, service) as (system, watch):
         bus = system.bus
-        mint = tokens.mint()
-        await bus.publish(tokens.created(mint, sol=5.0))
-        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-        position = opened(tokens, mint, tokens_held=HELD)
-        await bus.publish(position)
+        mint, position = await held_position(bus, tokens)
         entry = position.data.entry_price
         await _buy_until(bus, tokens, mint, entry * 1.5)
         [first] = watch.payloads("exit.order")
