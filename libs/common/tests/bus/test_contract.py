@@ -393,9 +393,7 @@ async def test_a_declared_group_gets_what_was_published_before_it_subscribed(har
         assert [e.seq for e in got.events if e.key == key] == list(range(1, 11))
 
 
-async def test_an_undeclared_group_misses_what_was_published_before_it_subscribed(
-    harness, service
-):
+async def test_an_undeclared_group_misses_what_was_published_before_it_subscribed(harness, service):
     # the loss that declaring prevents: nothing holds what no queue was bound for
     publisher = await harness.bus()
     consumer = await harness.bus()
@@ -959,6 +957,28 @@ async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, 
         await cleanup.close()
 
 
+async def crash_until_dead_lettered(publisher, service, delivered, crash):
+    """Each time the poison is delivered again (``delivered()`` counts its deliveries),
+    ``crash()`` the consumer that took it, until the poison is dead-lettered; the
+    crashes and the dead letters."""
+    letters: list = []
+    crashes = 0
+
+    async def back_or_dead_lettered() -> bool:
+        if delivered() > crashes:
+            return True
+        letters[:] = await publisher.dead_letters(service, remove=False)
+        return bool(letters)
+
+    while True:
+        await eventually(back_or_dead_lettered, within=30, interval=0.05)
+        if letters:
+            return crashes, letters
+        assert crashes <= DELIVERY_LIMIT, "the poison came back past the delivery limit"
+        crashes += 1
+        await crash()
+
+
 @pytest.mark.parametrize(("window", "batched"), [(1, False), (4, False), (4, True)])
 async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
     harness, service, window, batched
@@ -998,25 +1018,17 @@ async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
     current = subscription()
     await consumer.subscribe(current)
     await publisher.publish_many(sent)
-    letters: list = []
-    crashes = 0
 
-    async def back_or_dead_lettered() -> bool:
-        if deliveries > crashes:
-            return True
-        letters[:] = await publisher.dead_letters(service, remove=False)
-        return bool(letters)
+    async def crash() -> None:
+        nonlocal consumer, current
+        fresh = subscription()
+        consumer = await harness.crash_consumer(consumer, current, fresh)
+        current = fresh
 
     try:
-        while True:
-            await eventually(back_or_dead_lettered, within=30, interval=0.05)
-            if letters:
-                break
-            assert crashes <= DELIVERY_LIMIT, "the poison came back past the delivery limit"
-            crashes += 1
-            fresh = subscription()
-            consumer = await harness.crash_consumer(consumer, current, fresh)
-            current = fresh
+        crashes, letters = await crash_until_dead_lettered(
+            publisher, service, lambda: deliveries, crash
+        )
         assert deliveries == crashes == DELIVERY_LIMIT + 1
         assert [decode_event(letter.body).id for letter in letters] == [poison.id]
         assert letters[0].reason.startswith(f"delivery limit: started {crashes} times")
@@ -1054,26 +1066,17 @@ async def test_a_message_that_kills_one_replica_after_another_is_counted_once_fo
         replicas[name] = (bus, replica(name))
         await bus.subscribe(replicas[name][1])
     await publisher.publish(poison)
-    letters: list = []
-    crashes = 0
 
-    async def back_or_dead_lettered() -> bool:
-        if len(deliveries) > crashes:
-            return True
-        letters[:] = await publisher.dead_letters(service, remove=False)
-        return bool(letters)
+    async def crash() -> None:
+        bus, dying = replicas.pop(deliveries[-1])
+        name = f"r{len(deliveries) + 1}"
+        fresh = replica(name)
+        replicas[name] = (await harness.crash_consumer(bus, dying, fresh), fresh)
 
     try:
-        while True:
-            await eventually(back_or_dead_lettered, within=30, interval=0.05)
-            if letters:
-                break
-            assert crashes <= DELIVERY_LIMIT, "the poison came back past the delivery limit"
-            crashes += 1
-            bus, dying = replicas.pop(deliveries[-1])
-            name = f"r{crashes + 1}"
-            fresh = replica(name)
-            replicas[name] = (await harness.crash_consumer(bus, dying, fresh), fresh)
+        crashes, letters = await crash_until_dead_lettered(
+            publisher, service, lambda: len(deliveries), crash
+        )
         assert len(deliveries) == crashes == DELIVERY_LIMIT + 1
         assert len(set(deliveries)) == len(deliveries)  # a replica of its own each time
         assert [decode_event(letter.body).id for letter in letters] == [poison.id]
