@@ -9,6 +9,7 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.testing import base58_key, eventually
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
@@ -104,6 +105,51 @@ async def test_success_the_answer_is_not_a_fill_the_wallets_trade_is(clock, mark
             assert order["state"] == "filled"
             assert len(api.requests) == 1
     assert KEY not in caplog.text
+
+
+async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wallets_trade(
+    clock, market
+):
+    ledger = MemoryLedger()
+    async with fake_trade_api("success") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(service, api)
+            [bought] = api.requests
+            await publish(
+                bus,
+                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=bought.signature),
+            )
+            [opened] = watch.payloads("position.opened")
+
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:1",
+                mint=mint,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+                reason="take profit",
+            )
+            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+            await answered(service, api, 2)
+            sold = api.requests[1]
+            assert sold.body["action"] == "sell" and sold.body["mint"] == mint
+            assert sold.body["amount"] == opened.token_amount
+            assert sold.body["denominatedInSol"] == "false"
+            await publish(
+                bus,
+                market.tokens.sell(
+                    mint, WALLET, tokens=opened.token_amount, signature=sold.signature
+                ),
+            )
+            [fill] = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+            assert fill.order_id == sale.order_id and fill.signature == sold.signature
+            [closed] = watch.payloads("position.closed")
+            assert closed.position_id == opened.position_id and closed.reason == "take profit"
+            assert not service.book.holds(mint)
+            assert len(api.requests) == 2
 
 
 async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock, market, caplog):

@@ -1,7 +1,9 @@
 """Executors: who carries an order out. Paper (the default) fills on the token's own
 stream; live (:mod:`pumpflow.trading.live`) sends to PumpPortal's trade API.
 
-An executor takes an order the ledger stored (:meth:`TradeExecutor.submit`), learns
+An executor carries out the orders the ledger stored: the engine's entries
+(:meth:`TradeExecutor.execute_entry`) and the exit service's sales
+(:meth:`TradeExecutor.execute_exit`). It learns
 outcomes from the token events (:meth:`TradeExecutor.observe`) and from time
 (:meth:`TradeExecutor.due`), and on start is asked about each order whose outcome the
 ledger does not know (:meth:`TradeExecutor.reconcile`); what it learns of an order
@@ -30,8 +32,14 @@ class TradeExecutor(Protocol):
         """The venue ``mint`` trades on and its state there, as an order decided now sees it."""
         ...
 
-    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
-        """Carry ``order`` out (stored already); an outcome known at once, or None."""
+    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+        """Buy as ``order`` (stored already, decided at ``time``) asks; an outcome known
+        at once, or None while it is in the executor's hands."""
+        ...
+
+    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+        """Sell one exit order (stored already, at ``time``); an outcome known at once,
+        or None while it is in the executor's hands."""
         ...
 
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
@@ -74,7 +82,13 @@ class PaperExecutor:
             return VENUE_CURVE, None
         return market.venue, market.state
 
-    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
+    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+        return self._submit(order, time)
+
+    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+        return self._submit(order, time)
+
+    def _submit(self, order: OrderRequested | ExitOrder, time: float) -> Outcome | None:
         outcome = self.broker.submit(order, time=time)
         return None if outcome is None else outcome.result
 

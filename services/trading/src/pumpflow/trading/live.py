@@ -2,7 +2,8 @@
 
 The service stores an order in the ledger (state ``sent``) before it hands it over
 here, so a crash during the call leaves an order that is reconciled, never sent
-again. :meth:`LiveExecutor.submit` starts the call and returns at once: the service
+again. :meth:`LiveExecutor.execute_entry` and :meth:`LiveExecutor.execute_exit` start
+the call and return at once: the service
 keeps consuming while the API answers. What the answer says is the service's to
 store (:meth:`LiveExecutor.progress`): the signature, or ``unknown`` when no answer
 came. Whether the order filled is what the token's stream shows
@@ -161,10 +162,16 @@ class LiveExecutor:
             return VENUE_CURVE, None
         return market.venue, market.state
 
-    async def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> Outcome | None:
-        """Start the call (the ledger holds the order already); never sent twice from here."""
-        if isinstance(order, ExitOrder):
-            order = sell_order(order)
+    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+        """Start the buy's call (the ledger holds the order already)."""
+        return self._send(order, time)
+
+    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+        """Start the sale's call (the ledger holds the order already)."""
+        return self._send(sell_order(order), time)
+
+    def _send(self, order: OrderRequested, time: float) -> Outcome | None:
+        """Start the call; never sent twice from here."""
         amount = order.sol_amount if order.side == "buy" else order.token_amount
         market = self.book.market(order.mint)
         if amount is None or amount <= 0:

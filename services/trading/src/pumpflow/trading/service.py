@@ -538,7 +538,10 @@ class TradingService(Service):
                 log.info("trading: order %s is in the ledger already: not sent", order.order_id)
                 continue
             self.metrics.order(side, "sent")
-            outcome = await self.executor.submit(request, time=order.requested_at)
+            if isinstance(request, ExitOrder):
+                outcome = await self.executor.execute_exit(request, time=order.requested_at)
+            else:
+                outcome = await self.executor.execute_entry(request, time=order.requested_at)
             if outcome is not None:
                 self._book(outcome, None, follow)
         step.stored_once = True
