@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pumpflow.common.curve import CurveState, quote_buy
@@ -93,3 +95,27 @@ def test_a_sale_of_more_than_is_held_is_booked_for_what_was_held():
     closed = book.apply_fill(filled("x", double), time=2.0)
     assert isinstance(closed, PositionClosed)
     assert closed.realized_pnl_sol == pytest.approx(double.sol / 2 - buy.sol, rel=1e-12)
+
+
+def test_realised_pnl_since_a_start_is_the_sum_of_the_sales_since_across_a_new_start():
+    """The running sums against the sums over every sale, the start moving a day on."""
+    book = PositionBook(EXECUTION)
+    rng = random.Random(7)
+    day = 86_400.0 * 20_000
+    sales: list[tuple[float, float]] = []
+    time = day - 3_600.0
+    for n in range(200):
+        mint = f"m{n}"
+        buy = fill_buy(LAUNCH, rng.uniform(0.1, 2.0), expected=LAUNCH, execution=EXECUTION)
+        book.apply_fill(filled(f"b{n}", buy, mint), time=time)
+        sale = fill_sell(
+            buy.after, buy.tokens, expected=buy.after, execution=EXECUTION, slippage_pct=100.0
+        )
+        closed = book.apply_fill(filled(f"s{n}", sale, mint), time=time)
+        sales.append((time, closed.realized_pnl_sol))
+        start = (time // 86_400.0) * 86_400.0  # the current day's start (UTC)
+        expected = sum(pnl for t, pnl in sales if t >= start)
+        assert book.realized_since(start) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert book.realized_pnl_sol == pytest.approx(sum(p for _, p in sales), rel=1e-9)
+        time += rng.uniform(0.0, 1_200.0)
+    assert any(t < day for t, _ in sales) and any(t >= day + 86_400.0 for t, _ in sales)

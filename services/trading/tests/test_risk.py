@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
-from pumpflow.common.events import CircuitBreakerChanged, TradingStateChanged, make_event
+from pumpflow.common.events import (
+    CircuitBreakerChanged,
+    OrderFilled,
+    TradingStateChanged,
+    make_event,
+)
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import BreakerSettings, PositionBook, RiskLimits, RiskManager
 
@@ -188,9 +193,11 @@ def test_the_daily_loss_limit_reduces_until_the_next_day(clock):
     book = PositionBook()
     risk = RiskManager(100.0, 0.02, 5, positions=book, clock=clock)
     day = (START // 86_400 + 1) * 86_400  # a UTC midnight
-    book.realizations.append((day + 10.0, -3.0))
+    # 100 tokens bought for 10 SOL, then sold in halves for 2 and 3: -3 SOL, then -2
+    book.apply_fill(_fill("b", "buy", 100.0, 10.0), time=day - 10.0)
+    book.apply_fill(_fill("s1", "sell", 50.0, 2.0), time=day + 10.0)
     assert risk.check(day + 20.0) == []
-    book.realizations.append((day + 30.0, -2.0))
+    book.apply_fill(_fill("s2", "sell", 50.0, 3.0), time=day + 30.0)
     [change] = risk.check(day + 40.0)
     assert change.state == "reducing" and "daily loss" in change.reason
     assert not risk.check_risk_limits("m", 1.0)
@@ -199,6 +206,18 @@ def test_the_daily_loss_limit_reduces_until_the_next_day(clock):
     assert risk.resume("operator")[-1].state == "reducing"
     [back] = risk.check(day + 86_400.0)
     assert back.state == "active"
+
+
+def _fill(order_id: str, side: str, tokens: float, sol: float, mint: str = "m") -> OrderFilled:
+    return OrderFilled(
+        order_id=order_id,
+        mint=mint,
+        side=side,
+        token_amount=tokens,
+        sol_amount=sol,
+        price=sol / tokens,
+        fee_sol=0.0,
+    )
 
 
 def test_reports_are_payloads_the_bus_carries():

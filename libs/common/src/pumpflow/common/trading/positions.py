@@ -23,6 +23,7 @@ outcome is unknown.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import CurveState
@@ -106,10 +107,13 @@ class PositionBook:
     closed_positions: list[Position] = field(default_factory=list)
     #: order ids already applied, so a fill delivered twice counts once
     applied_orders: set[str] = field(default_factory=set)
-    #: (time, realised PnL) of the recent sales, for the daily loss limit
-    realizations: list[tuple[float, float]] = field(default_factory=list)
-    #: realised PnL of the sales older than ``realizations`` holds
+    #: (time, realised PnL) of the recent sales, oldest first, to sum a new day's again
+    realizations: deque[tuple[float, float]] = field(default_factory=deque)
+    #: realised PnL of every sale
     realized_total: float = 0.0
+    #: the start :meth:`realized_since` was last asked for, and the running sum since then
+    running_since: float | None = None
+    running_realized: float = 0.0
 
     # ---------------------------------------------------------------- queries
 
@@ -134,14 +138,22 @@ class PositionBook:
 
     @property
     def realized_pnl_sol(self) -> float:
-        return self.realized_total + sum(pnl for _, pnl in self.realizations)
+        return self.realized_total
 
     @property
     def unrealized_pnl_sol(self) -> float:
         return sum(p.unrealized_pnl_sol for p in self.open_positions.values())
 
     def realized_since(self, since: float) -> float:
-        return sum(pnl for time, pnl in self.realizations if time >= since)
+        """Realised PnL of the sales at or after ``since`` (within ``REALIZATIONS_KEPT_S``).
+
+        A running sum: each sale adds to it, and it is summed again only when ``since``
+        changes (the daily loss limit asks with the day's start on every event).
+        """
+        if since != self.running_since:
+            self.running_since = since
+            self.running_realized = sum(pnl for time, pnl in self.realizations if time >= since)
+        return self.running_realized
 
     # ---------------------------------------------------------------- changes
 
@@ -214,8 +226,11 @@ class PositionBook:
         position.tokens -= sold
         self._value(position)
         self.realizations.append((time, realized))
-        while self.realizations and self.realizations[0][0] < time - REALIZATIONS_KEPT_S:
-            self.realized_total += self.realizations.pop(0)[1]
+        while self.realizations[0][0] < time - REALIZATIONS_KEPT_S:
+            self.realizations.popleft()
+        self.realized_total += realized
+        if self.running_since is not None and time >= self.running_since:
+            self.running_realized += realized
         if position.tokens <= DUST_TOKENS:
             position.tokens = 0.0
             position.cost_sol = 0.0
