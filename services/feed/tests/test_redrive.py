@@ -6,19 +6,27 @@ with the store's reason; the column is widened (the fix of one of them); the let
 moved to a file, are redriven twice: the fixed one is stored once with its seq, time
 and frame and published once, the other stays refused, and the feed's outbox never
 republishes the redriven row.
+
+A redrive killed (``kill -9``) after its publication and before its record of it
+leaves the letter dead; the next one publishes the event again, with its id and seq,
+and a keyed consumer applies it once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 
 import msgspec
 import pytest
 
+from pumpflow.common.clock import WallClock
+from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
+from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed import reference_frames as ref
@@ -134,3 +142,131 @@ async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixe
     await eventually(lambda: letters.pending == 0, what="dead letters confirmed")
     assert await recorder.close(5) == 0
     await letters.close(5)
+
+
+class _Seqs:
+    """Keeps the seqs a mint applied, in the order applied."""
+
+    def initial(self, key: str) -> list[int]:
+        return []
+
+    def apply(self, state: list[int], event, effects) -> list[int]:
+        return [*state, event.seq]
+
+    def fire(self, state: list[int], effects) -> list[int]:
+        return state
+
+    def encode(self, state: list[int]) -> bytes:
+        return json.dumps(state).encode()
+
+    def compact(self, state: list[int], now: float) -> bytes | None:
+        return None
+
+    def decode(self, raw: bytes) -> list[int]:
+        return json.loads(raw)
+
+
+#: the advisory lock that holds a redrive between its publication and its record of it
+HOLD = 0x7EDE
+
+
+async def test_a_redrive_killed_between_publishing_and_recording_it_is_applied_once(
+    pg_pool, rabbitmq_harness, process_stack, namespace, redis_url
+):
+    await pg_pool.execute("ALTER TABLE token_events ALTER COLUMN trader TYPE varchar(32)")
+    # the record of the publication waits for a lock the test holds: the window to kill in
+    await pg_pool.execute(f"""
+        CREATE FUNCTION hold_redrive_record() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_advisory_xact_lock({HOLD}); RETURN NEW; END $$;
+        CREATE TRIGGER hold_redrive_record BEFORE UPDATE ON token_event_redrives
+        FOR EACH ROW EXECUTE FUNCTION hold_redrive_record();
+    """)  # fmt: skip
+    bus = await rabbitmq_harness.bus("feed/t", partitions=2)
+    rabbitmq_harness.delete_after(["feed", "tap", "seqs"])
+    tap = await EventCollector("tap").attach(bus, "token.*")
+    state = RedisStateStore(url=redis_url, namespace=namespace)
+    consumer = KeyedStatefulConsumer(
+        _Seqs(),
+        KeyedConsumerConfig(service="seqs", patterns=("token.trade",)),
+        bus=bus,
+        store=state,
+        clock=WallClock(),
+        source="seqs/t",
+    )
+    await consumer.start()
+    store = TokenEventStore(pg_pool)
+    await store.outbox_position("feed")
+    letters = DeadLetterQueue(bus, service="feed")
+    letters.start()
+    recorder = Recorder(store, publisher=bus, dead_letters=letters,
+                        config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
+    await recorder.start()
+    trades = [trade(i) for i in range(4)]
+    late, _ = trades[FIXED]
+    mint = late.key
+
+    async def applied() -> list[int]:
+        await consumer.flush()
+        return consumer.state(mint) or []
+
+    async def dead() -> int:
+        return len(await bus.dead_letters("feed", remove=False))
+
+    async def published() -> bool | None:
+        return await pg_pool.fetchval(
+            "SELECT published FROM token_event_redrives WHERE event_id = $1", late.id
+        )
+
+    try:
+        for event, frame in trades:
+            await recorder.add(event, frame)
+        await recorder.flush()
+        await letters.flush()
+        await eventually(lambda: _equals(applied(), [1, 2, 4]), 10, what="seqs 1, 2, 4")
+        assert await dead() == 1
+        await pg_pool.execute("ALTER TABLE token_events ALTER COLUMN trader TYPE text")  # the fix
+        process_stack.configure(partitions=2)
+        duplicates = consumer.metrics.counts()["duplicates"]
+
+        async with pg_pool.acquire() as holder:
+            await holder.execute("SELECT pg_advisory_lock($1)", HOLD)
+            process_stack.pumpflow("redrive", "dead-letters", "feed", "--redrive")
+            await tap.wait_for(1, key=mint, where=lambda e: e.id == late.id)
+            waiting = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 "
+                       "AND NOT granted")  # fmt: skip
+            await eventually(lambda: holder.fetchval(waiting, HOLD), 10, what="the record held")
+            await process_stack.stop("redrive", sig=signal.SIGKILL)
+            # the dead process's session ends with it (Postgres would notice its socket later)
+            await holder.execute(f"SELECT pg_terminate_backend(pid) FROM ({waiting}) AS w", HOLD)
+            await holder.execute("DROP TRIGGER hold_redrive_record ON token_event_redrives")
+            await holder.execute("SELECT pg_advisory_unlock($1)", HOLD)
+
+        # killed between the steps: applied once, stored, recorded as not published, still dead
+        await eventually(lambda: _equals(applied(), [1, 2, 4, 3]), 10, what="seq 3 applied")
+        assert await published() is False
+        await eventually(lambda: _equals(dead(), 1), 10, what="the letter back in the queue")
+
+        again = await asyncio.to_thread(process_stack.run, "dead-letters", "feed", "--redrive")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert (
+            "refused token events: 0 stored, 1 published (1 again after an interrupted "
+            "redrive: consumers drop the copy by seq), 0 done before"
+        ) in again.stdout
+        copies = await tap.wait_for(2, key=mint, where=lambda e: e.id == late.id)
+        assert {(e.seq, e.redriven) for e in copies} == {(FIXED + 1, True)}
+        await eventually(
+            lambda: consumer.metrics.counts()["duplicates"] > duplicates, 10, what="copy dropped"
+        )
+        assert await applied() == [1, 2, 4, 3]  # the copy dropped by its seq
+        assert await published() is True and await dead() == 0
+        assert await store.count() == 4
+    finally:
+        await recorder.close(5)
+        await letters.close(5)
+        await consumer.stop()
+        await state.delete_many(await state.scan_keys(""))
+        await state.close()
+
+
+async def _equals(value, expected) -> bool:
+    return await value == expected

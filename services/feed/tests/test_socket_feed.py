@@ -286,14 +286,39 @@ async def test_a_huge_control_frame_leaves_a_small_log_line_and_small_state(
     await manager.stop()
 
 
-async def test_a_frame_over_the_size_limit_is_reported_and_the_feed_reconnects(
+async def test_a_frame_over_the_read_limit_is_dead_lettered_as_a_prefix_on_the_same_connection(
+    peer, bus_and_events, caplog
+):
+    bus, got = bus_and_events
+    feed, manager = make_feed(peer, bus)
+    await start(manager, feed)
+    caplog.set_level(logging.WARNING, logger="pumpflow.feed")
+    oversize = b'{"message": "' + b"m" * socket_feed.MAX_READ_BYTES + b'"}'
+    await peer.send(create(MINT_A), oversize, oversize)
+    await peer.until(lambda: MINT_A in peer.trade_keys)
+    await peer.send(trade(MINT_A, 1))
+    await eventually(lambda: len(got) == 2)
+    assert feed.invalid_frames == 2 and len(peer.connections) == 1 and feed.sessions == 1
+    await feed.dead_letters.flush()
+    letters = await bus.dead_letters("feed")
+    prefix = oversize[: socket_feed.OVERSIZE_PREFIX_BYTES]
+    assert [letter.body for letter in letters] == [prefix, prefix]
+    reason = (f"frame of {len(oversize):,} bytes over the read limit of "
+              f"{socket_feed.MAX_READ_BYTES:,}")  # fmt: skip
+    assert all(reason in letter.reason for letter in letters)
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(lines) == 2 and all(reason in line and len(line) < 1_000 for line in lines)
+    await manager.stop()
+
+
+async def test_a_frame_over_the_socket_limit_is_reported_and_the_feed_reconnects(
     peer, bus_and_events, caplog
 ):
     bus, got = bus_and_events
     feed, manager = make_feed(peer, bus)
     await start(manager, feed)
     caplog.set_level(logging.ERROR, logger="pumpflow.feed")
-    oversize = b'{"message": "' + b"m" * socket_feed.MAX_READ_BYTES + b'"}'
+    oversize = b'{"message": "' + b"m" * socket_feed.MAX_TRANSPORT_BYTES + b'"}'
     await peer.send(create(MINT_A), oversize)
     await peer.until(lambda: len(peer.connections) == 2)
     await peer.until(lambda: MINT_A in peer.trade_keys)  # subscribed again
@@ -301,7 +326,7 @@ async def test_a_frame_over_the_size_limit_is_reported_and_the_feed_reconnects(
     await eventually(lambda: len(got) == 2)
     assert feed.invalid_frames == 1
     [line] = [r.getMessage() for r in caplog.records if "closed the connection" in r.getMessage()]
-    assert f"a frame over {socket_feed.MAX_READ_BYTES} bytes" in line and len(line) < 300
+    assert f"a frame over {socket_feed.MAX_TRANSPORT_BYTES} bytes" in line and len(line) < 300
     await manager.stop()
 
 

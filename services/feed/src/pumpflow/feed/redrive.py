@@ -18,8 +18,11 @@ Order: the mint's later events went out long ago. Each consumer counted a gap at
 the refused seq and keeps it as missing (``pumpflow.common.consumer.keyed``), so the
 late event is applied once, counted as reordered; a consumer rebuilding the key from
 the store finds it in its place. A crash between two steps leaves the letter dead,
-and the next redrive does what is left: stored once, published once (a crash between
-the publish and its record publishes it again; consumers drop that copy by seq).
+and the next redrive does what is left: stored once (the row and the record of its
+redrive are one transaction), published until the broker confirmed it and the record
+says so. A crash between the confirm and the record publishes it again, with its
+original id and seq: the first copy took the seq off the consumers' missing ones, so
+they drop this one as a duplicate (counted in ``republished``).
 
 A letter is refused again (it stays dead, with the reason of the attempt) when its
 frame does not decode, the store refuses the row still, or another event of its mint
@@ -117,6 +120,9 @@ class StoredEventRedrive:
         self.published = 0
         #: letters whose event was stored and published before (an earlier redrive)
         self.done_before = 0
+        #: events published again: an earlier redrive stored them and was interrupted
+        #: before it recorded their publication (which may have happened)
+        self.republished = 0
 
     def claims(self, letter: DeadLetter) -> bool:
         return STORED_EVENT_HEADER in letter.headers
@@ -148,9 +154,12 @@ class StoredEventRedrive:
             return None
         await self.publisher.publish(event)
         self.published += 1
+        self.republished += not written.inserted
         await self.store.mark_redrive_published(event.id)
         return None
 
     def summary(self) -> str:
-        return (f"{self.stored} stored, {self.published} published, "
+        again = (f" ({self.republished} again after an interrupted redrive: consumers drop "
+                 "the copy by seq)" if self.republished else "")  # fmt: skip
+        return (f"{self.stored} stored, {self.published} published{again}, "
                 f"{self.done_before} done before")  # fmt: skip

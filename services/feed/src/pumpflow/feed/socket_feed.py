@@ -5,7 +5,9 @@
 - Keeps the set of mints it should stream; after a reconnect (jittered exponential
   backoff) it subscribes every one of them again.
 - Validates every frame; a bad one is counted, logged (within a budget) and
-  dead-lettered with the reason, and the stream goes on. Any error while handling one
+  dead-lettered with the reason, and the stream goes on; so is a frame over the read
+  limit (MAX_READ_BYTES), refused by its size and dead-lettered as a prefix (its size and
+  the limit in the reason). Any error while handling one
   frame is that frame's error: it never ends the session. Dead letters go through a
   bounded queue sent by a task of its own (``dead_letters.py``), off the reader's path.
 - Control frames (acks, notices, errors) are logged and kept as a bounded prefix: a
@@ -69,12 +71,28 @@ log = logging.getLogger(__name__)
 
 #: a session that lasted this long, or carried market data, resets the reconnect backoff
 _STABLE_SESSION_S = 10.0
-#: the largest frame read: one over the protocol's limit (MAX_FRAME_BYTES) but within
-#: this is rejected alone; a larger one makes the library close the connection (1009)
+#: the largest frame handled as one: a frame over the protocol's limit (MAX_FRAME_BYTES)
+#: but within this is decoded, refused and dead-lettered whole; a larger one is refused
+#: by its size alone and dead-lettered as its first OVERSIZE_PREFIX_BYTES
 MAX_READ_BYTES = 16 * MAX_FRAME_BYTES
+#: bytes of a frame over MAX_READ_BYTES kept in its dead letter (enough to tell what it was)
+OVERSIZE_PREFIX_BYTES = 16 * 1024
+#: the socket library's own limit, over which it closes the connection (1009) before it
+#: reads the frame. Why a limit above MAX_READ_BYTES, and not streaming: the library
+#: (websockets 17) reads every frame whole before it hands over any of it; streaming
+#: (``recv_streaming`` with a ``(None, fragment)`` limit) bounds only the fragments of a
+#: fragmented message, and PumpPortal sends each message as one frame, so a frame over
+#: the fragment limit would close the connection just the same, and every frame would
+#: pay an async iterator on the reader's path. A library limit twice the read limit
+#: lets a frame over the read limit reach the feed, which refuses it and keeps the
+#: connection. Memory stays bounded: the library holds at most its queue (16 frames)
+#: and the frame being read, each within this limit (136 MiB at worst, a flood of such
+#: frames faster than the reader drops them), and the dead letter keeps a prefix only.
+#: A frame over this limit still ends the connection: counted, logged, reconnected.
+MAX_TRANSPORT_BYTES = 2 * MAX_READ_BYTES
 #: characters of a control frame kept and logged
 NOTICE_PREFIX_CHARS = 512
-#: close code of a connection closed because a frame exceeded MAX_READ_BYTES
+#: close code of a connection closed because a frame exceeded MAX_TRANSPORT_BYTES
 _MESSAGE_TOO_BIG = 1009
 
 
@@ -383,7 +401,7 @@ class SocketDataFeed(DataFeedInterface):
                     ping_timeout=config.ping_timeout_s,
                     open_timeout=config.open_timeout_s,
                     close_timeout=2.0,
-                    max_size=MAX_READ_BYTES,
+                    max_size=MAX_TRANSPORT_BYTES,
                     logger=self._ws_logger,
                 )
             except asyncio.CancelledError:
@@ -411,7 +429,7 @@ class SocketDataFeed(DataFeedInterface):
                     self.metrics.invalid_frames.inc()
                     log.error("a frame over %d bytes closed the connection to %s (the frame is "
                               "lost; the frames before it were handled); reconnecting",
-                              MAX_READ_BYTES, self.redacted_url)  # fmt: skip
+                              MAX_TRANSPORT_BYTES, self.redacted_url)  # fmt: skip
                 elif not self._stopping:
                     log.warning("connection to %s lost: %s", self.redacted_url, redact(str(exc)))
             except asyncio.CancelledError:
@@ -497,7 +515,13 @@ class SocketDataFeed(DataFeedInterface):
     async def _handle(self, data: bytes) -> None:
         arrival = self._clock.now()
         metrics = self.metrics
-        metrics.bytes_received.inc(len(data))
+        size = len(data)
+        metrics.bytes_received.inc(size)
+        if size > MAX_READ_BYTES:
+            self._reject(data[:OVERSIZE_PREFIX_BYTES], size=size, reason=(
+                f"frame of {size:,} bytes over the read limit of {MAX_READ_BYTES:,} "
+                f"(its first {OVERSIZE_PREFIX_BYTES:,} bytes kept)"))  # fmt: skip
+            return
         try:
             payload = decode_frame(data)
         except EventValidationError as exc:
@@ -525,13 +549,14 @@ class SocketDataFeed(DataFeedInterface):
             log.exception("feed callback failed on %s %.100s", payload.txType, payload.signature)
             self._dead_letter(data, f"callback failed: {type(exc).__name__}: {exc}")
 
-    def _reject(self, data: bytes, reason: str) -> None:
+    def _reject(self, data: bytes, reason: str, *, size: int | None = None) -> None:
+        """Count, log (within the budget) and dead-letter ``data`` (of a ``size``-byte frame)."""
         self.invalid_frames += 1
         self.metrics.invalid_frames.inc()
         budget = self._invalid_log
         if budget.allow():
             log.warning("invalid frame dead-lettered: %.300s: %.200r (%d bytes; %d more not "
-                        "logged before it)", reason, data, len(data),
+                        "logged before it)", reason, data, len(data) if size is None else size,
                         budget.take_suppressed())  # fmt: skip
         self._dead_letter(data, reason)
 
