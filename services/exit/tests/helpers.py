@@ -8,6 +8,7 @@ import itertools
 
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, PositionOpened, make_event
 from pumpflow.common.runtime.embedded import run_embedded
@@ -26,8 +27,9 @@ def exit_service(records: MemoryExitStore | None = None, **settings: object) -> 
 
 
 @contextlib.asynccontextmanager
-async def embedded(clock: ReplayClock, *services):
-    async with run_embedded(list(services), clock=clock, synchronous=True) as system:
+async def embedded(clock: ReplayClock, *services, bus: EventBus | None = None):
+    """``services`` on a synchronous in-memory bus, or on ``bus``; a watch of their events."""
+    async with run_embedded(list(services), clock=clock, synchronous=True, bus=bus) as system:
         watch = await EventCollector("watch").attach(system.bus, "exit.*", "order.*", "position.*")
         yield system, watch
 

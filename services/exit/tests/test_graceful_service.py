@@ -2,7 +2,8 @@
 a replay clock: system.shutdown sells every position trading holds, in tranches, by
 the deadline, reported and stored; a restart in the middle resumes without selling
 any tranche twice; an entry in flight at the shutdown keeps the exit open until it
-fills, then its position is sold too."""
+fills, then its position is sold too, even when the exit's consumer is far behind on
+its partition (trading's barrier lists it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import (
     FeaturesUpdated,
@@ -21,12 +23,17 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.priority import Priority
 from pumpflow.common.testing import TokenEvents, eventually
-from pumpflow.exit.records import MemoryExitStore
+from pumpflow.common.testing.plugin import bus_harness_fixture
+from pumpflow.exit.records import BARRIER, MemoryExitStore, entry_position_id
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .helpers import START, embedded, exit_service
+
+PARTITIONS = 4
+#: the in-memory bus (synchronous) and RabbitMQ
+harness = bus_harness_fixture(partitions=PARTITIONS, synchronous=True)
 
 #: a features vector inside every default entry filter of trading
 GOOD_FEATURES = {
@@ -41,8 +48,8 @@ GOOD_FEATURES = {
 }
 
 
-def trading(ledger: MemoryLedger) -> TradingService:
-    config = TradingSettings.load(service="trading", transport="memory")
+def trading(ledger: MemoryLedger, **settings: object) -> TradingService:
+    config = TradingSettings.load(service="trading", transport="memory", **settings)
     return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
 
 
@@ -315,3 +322,75 @@ async def test_a_rule_sale_refused_during_the_exit_is_sold_by_it_and_the_positio
         assert summary.positions == 1 and summary.positions_left == 0
         assert summary.deadline_margin_s > 0
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+
+
+async def advancing(clock: ReplayClock, condition, *, what: str, step: float = 0.25):
+    """Move the clock ``step`` at a time until ``condition()`` holds (trading's fills and
+    the exit's tranches follow the clock; on a broker they also take their delivery)."""
+
+    async def moved() -> bool:
+        if condition():
+            return True
+        await clock.advance(step)
+        return bool(condition())
+
+    await eventually(moved, 60.0, what=what, interval=0.01)
+
+
+async def test_a_late_entry_behind_the_exit_consumers_backlog_is_waited_for_and_sold(harness):
+    bus = await harness.bus(partitions=PARTITIONS, source="test/embedded")
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    trader = trading(ledger, partitions=PARTITIONS)
+    exits = exit_service(
+        records, partitions=PARTITIONS, exit_run_poll_s=0.02, exit_barrier_wait_s=5.0
+    )
+    async with embedded(clock, trader, exits, bus=bus) as (_, watch):
+        late = tokens.mint()
+        lagging = partition_of(late, PARTITIONS)
+        others = []
+        while len(others) < 2:
+            mint = tokens.mint()
+            if partition_of(mint, PARTITIONS) != lagging:
+                others.append(mint)
+        for mint in others:
+            await _enter(bus, clock, tokens, mint)
+        await advancing(clock, lambda: len(exits.positions()) == 2, what="two positions held")
+        # the exit's consumer falls behind on the late mint's partition: what trading
+        # publishes there waits in the queue, past the end of everything else
+        await bus.release_partitions(exits.consumer.subscription, [lagging])
+        await _enter(bus, clock, tokens, late)
+        [requested] = await watch.wait_for(
+            1, "order.requested", where=lambda e: e.data.mint == late
+        )
+        shutdown = SystemShutdown(reason="lagging exit")
+        await bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        run = await eventually(records.active_run, what="the graceful exit begun")
+        listed = records.run_positions[run.run_id]
+
+        def others_sold_and_barrier_past() -> bool:
+            closed = {p for p, (state, _) in listed.items() if state == "exited"}
+            # the barrier came, or the wait for it is over
+            return len(closed) == 2 and listed[BARRIER][0] == "withdrawn"
+
+        await advancing(clock, others_sold_and_barrier_past, what="the two others sold")
+        await advancing(clock, lambda: trader.book.open_count == 1, what="the late entry filled")
+        assert (await records.get_run(run.run_id)).finished_at is None, (
+            "the run ended before the exit saw the late entry"
+        )
+        assert listed[entry_position_id(requested.data.order_id)][0] == "open"
+
+        # the consumer catches up: the entry, its fill and its position come; it is sold
+        await bus.consume_partitions(exits.consumer.subscription, [lagging])
+        await advancing(clock, exits.finished.is_set, what="the graceful exit finished")
+        assert trader.book.open_count == 0
+        [opened] = watch.payloads("position.opened", key=late)
+        sold = sum(
+            f.token_amount for f in watch.payloads("order.filled", key=late) if f.side == "sell"
+        )
+        assert sold == pytest.approx(opened.token_amount, rel=1e-9)
+        summary = exits.summary
+        assert summary.positions == 3 and summary.positions_left == 0
+        assert opened.position_id in {line.position_id for line in summary.lines}
+        assert listed[entry_position_id(requested.data.order_id)][0] == "withdrawn"

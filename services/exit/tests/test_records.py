@@ -1,12 +1,20 @@
 """The rule that ends a graceful exit, in both stores: every partition listed and no
-position open; the change that makes it so finishes the run, once, with every line."""
+position or placeholder open (trading's barrier, entries in flight, positions trading
+held); the change that makes it so finishes the run, once, with every line."""
 
 from __future__ import annotations
 
 import pytest
 
 from pumpflow.common.events import ExitLine
-from pumpflow.exit.records import MemoryExitStore, PostgresExitStore, RunRecord
+from pumpflow.exit.records import (
+    BARRIER,
+    MemoryExitStore,
+    PostgresExitStore,
+    RunRecord,
+    entry_position_id,
+    held_position_id,
+)
 
 from .helpers import START
 
@@ -29,10 +37,11 @@ async def test_a_run_ends_when_every_partition_is_listed_and_none_is_open_in_pos
 
 async def ends_when_all_is_done(store) -> None:
     run = await store.begin_run(RunRecord.new("test", START, START + 60, partitions=2))
-    # replica a: partition 0 and its position, sold out at once
+    # replica a: partition 0 and its position, sold out at once; trading's barrier is here
     ended = await store.update_run(
-        run.run_id, time=START + 1, partitions=[0], positions=[("p1", "mint-p1")]
-    )
+        run.run_id, time=START + 1, partitions=[0], positions=[("p1", "mint-p1")],
+        withdraw=[BARRIER],
+    )  # fmt: skip
     assert ended is None
     assert await store.update_run(run.run_id, time=START + 2, lines=[line("p1")]) is None
     assert (await store.active_run()).run_id == run.run_id, "ended with partition 1 unlisted"
@@ -72,20 +81,62 @@ async def placeholders_hold_the_run(store) -> None:
     # p1 held, and two entries in flight: o1 (mint-a, will fill), o2 (mint-b, refused)
     ended = await store.update_run(
         run.run_id, time=START + 1, partitions=[0], positions=[("p1", "mint-p1")],
-        entries={"mint-a": ["o1"], "mint-b": ["o2"], "mint-p1": []},
+        entries={"mint-a": ["o1"], "mint-b": ["o2"]}, withdraw=[BARRIER],
     )  # fmt: skip
     assert ended is None
     assert await store.update_run(run.run_id, time=START + 2, lines=[line("p1")]) is None
-    # o2 refused: withdrawn; o1 still in flight (a mint left out keeps its placeholder)
-    ended = await store.update_run(run.run_id, time=START + 3, entries={"mint-b": []})
+    # o2 refused: withdrawn; o1 still in flight
+    ended = await store.update_run(run.run_id, time=START + 3, withdraw=[entry_position_id("o2")])
     assert ended is None, "ended with the entry o1 in flight"
     # a stale listing of o2 does not bring it back; o1 filled: its position is listed
     ended = await store.update_run(
         run.run_id, time=START + 4, positions=[("pa", "mint-a")],
-        entries={"mint-a": [], "mint-b": ["o2"]},
+        entries={"mint-b": ["o2"]}, withdraw=[entry_position_id("o1")],
     )  # fmt: skip
     assert ended is None, "ended with pa open"
     ended = await store.update_run(run.run_id, time=START + 5, lines=[line("pa")])
     assert ended is not None and ended.finished_at == START + 5
     # the placeholders have no line
     assert sorted(p["position_id"] for p in ended.summary["positions"]) == ["p1", "pa"]
+
+
+async def test_trading_barrier_keeps_the_run_open_until_seen_or_overdue():
+    await barrier_holds_the_run(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_trading_barrier_keeps_the_run_open_until_seen_or_overdue_in_postgres(pg_pool):
+    await barrier_holds_the_run(PostgresExitStore(pg_pool))
+
+
+async def barrier_holds_the_run(store) -> None:
+    run = await store.begin_run(RunRecord.new("test", START, START + 60, partitions=1))
+    # every partition listed, nothing held here: the barrier is still to come
+    ended = await store.update_run(run.run_id, time=START + 1, partitions=[0])
+    assert ended is None, "ended before trading's barrier came"
+    # the barrier: entry o1 in flight (mint-a), positions pb (mint-b) and pc (mint-c) held
+    ended = await store.update_run(
+        run.run_id, time=START + 2, withdraw=[BARRIER],
+        positions=[(entry_position_id("o1"), "mint-a"), (held_position_id("pb"), "mint-b"),
+                   (held_position_id("pc"), "mint-c")],
+    )  # fmt: skip
+    assert ended is None
+    # pb seen here: listed with its placeholder's withdrawal; o1 refused
+    ended = await store.update_run(
+        run.run_id, time=START + 3, positions=[("pb", "mint-b")],
+        withdraw=[held_position_id("pb"), entry_position_id("o1")],
+    )  # fmt: skip
+    assert ended is None
+    # a barrier told again changes nothing withdrawn
+    await store.update_run(
+        run.run_id, time=START + 4, positions=[(entry_position_id("o1"), "mint-a")]
+    )
+    assert await store.update_run(run.run_id, time=START + 5, lines=[line("pb")]) is None
+    # past the deadline pc, never seen, ends with an empty line: left, not sold
+    ended = await store.update_run(run.run_id, time=START + 61, overdue=True)
+    assert ended is not None and ended.finished_at == START + 61
+    lines = {p["position_id"]: p for p in ended.summary["positions"]}
+    assert sorted(lines) == ["pb", "pc"]
+    assert lines["pc"]["tokens_sold"] == 0 and not lines["pc"]["completed"]
+    assert lines["pc"]["mint"] == "mint-c"
+    assert ended.summary["positions_left"] == 1

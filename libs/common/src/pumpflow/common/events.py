@@ -337,6 +337,33 @@ class SystemShutdown(Payload, frozen=True, kw_only=True, omit_defaults=True):
     deadline: float | None = None
 
 
+class BarrierEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An entry order of trading in flight: sent, its outcome not known yet."""
+
+    order_id: str
+    mint: str
+
+
+class BarrierPosition(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A position trading holds."""
+
+    position_id: str
+    mint: str
+
+
+class ShutdownBarrier(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """Trading halted its entries for a shutdown: the entry orders in flight and the
+    positions held at that instant; the graceful exit ends only once it has seen each."""
+
+    TYPE: ClassVar[str] = "trading.barrier"
+    KEY_FIELD: ClassVar[str | None] = None
+    CRITICAL: ClassVar[bool] = True
+
+    reason: str
+    entries: tuple[BarrierEntry, ...] = ()
+    positions: tuple[BarrierPosition, ...] = ()
+
+
 class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One position's exit; ``reason`` is the rule that sold it."""
 
@@ -416,6 +443,7 @@ for _schema in (
     TradingStateChanged,
     CircuitBreakerChanged,
     SystemShutdown,
+    ShutdownBarrier,
     ExitReport,
 ):
     register(_schema)

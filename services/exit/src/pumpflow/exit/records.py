@@ -14,10 +14,21 @@ that leaves no partition unlisted and no position open finishes the run in the s
 transaction, with the summary of every position, whichever replica makes it; a replica
 that dies leaves its positions open until the next owner of its partitions sells them.
 
-An entry order of trading still in flight is listed too, as a placeholder position
-(:func:`entry_position_id`) that keeps the run open: the replica lists each mint's
-entries in flight, and a placeholder of that mint no longer among them (refused, or
-its position is listed now) is withdrawn, with no line in the summary.
+Placeholders keep the run open for what has not come to the exit service yet; each
+is withdrawn, with no line in the summary, once it has:
+
+- an entry order of trading still in flight (:func:`entry_position_id`): listed by the
+  replica that saw it ordered, or by trading's barrier; withdrawn once the replica
+  owning its mint has seen it refused, or filled and its position (listed in the same
+  change, then sold);
+- a position trading held when it halted entries (:func:`held_position_id`, from the
+  barrier): withdrawn once the owner of its mint has seen it (listed with it, if held);
+- trading's barrier itself (:data:`BARRIER`, listed with the run): withdrawn when the
+  barrier comes, or when the wait for it is over.
+
+Past the run's deadline every placeholder goes: a position trading held that no
+replica ever saw is closed with an empty line (nothing sold, not completed), so the
+summary counts it among the positions left.
 """
 
 from __future__ import annotations
@@ -84,11 +95,33 @@ class RunRecord:
 PositionState = Literal["open", "exited", "ended", "withdrawn"]
 
 _ENTRY = "entry:"
+_HELD = "held:"
+#: the placeholder of trading's shutdown barrier, listed with every new run
+BARRIER = "barrier:trading"
+_PLACEHOLDERS = (_ENTRY, _HELD, BARRIER)
 
 
 def entry_position_id(order_id: str) -> str:
     """The placeholder of entry order ``order_id`` among a run's positions."""
     return f"{_ENTRY}{order_id}"
+
+
+def held_position_id(position_id: str) -> str:
+    """The placeholder of a position trading held when it halted entries."""
+    return f"{_HELD}{position_id}"
+
+
+def unseen_line(placeholder: str, mint: str) -> ExitLine:
+    """The line of a position trading held that no replica saw by the deadline."""
+    return ExitLine(
+        position_id=placeholder.removeprefix(_HELD),
+        mint=mint,
+        tokens_sold=0.0,
+        sol_received=0.0,
+        tranches=0,
+        completed=False,
+        reason=DEADLINE,
+    )
 
 
 def line_state(line: ExitLine) -> PositionState:
@@ -195,12 +228,15 @@ class ExitStore(Protocol):
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
         entries: Mapping[str, Iterable[str]] | None = None,
+        withdraw: Iterable[str] = (),
+        overdue: bool = False,
     ) -> RunRecord | None:
-        """List ``partitions`` and the ``positions`` (position id, mint) they hold, close
-        the positions of ``lines``, set each mint's placeholders to its ``entries`` in
-        flight (order ids; the others of the mint withdrawn); the run if this finished it
-        (every partition listed, no position or placeholder open), at ``time`` with the
-        summary of every line."""
+        """List ``partitions`` and the ``positions`` (position id, mint) they hold and each
+        mint's ``entries`` in flight (order ids, as placeholders), close the positions of
+        ``lines``, withdraw the open placeholders ``withdraw`` names and, ``overdue``
+        (past the deadline), every placeholder; the run if this finished it (every
+        partition listed, no position or placeholder open), at ``time`` with the summary
+        of every line."""
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         """Store ``order`` unless its id is stored; whether it was new."""
@@ -234,6 +270,8 @@ class MemoryExitStore:
         if active is not None:
             return active
         self.runs[run.run_id] = run
+        self.run_positions[run.run_id][BARRIER] = ("open", None)
+        self.run_mints[run.run_id][BARRIER] = ""
         return run
 
     async def active_run(self) -> RunRecord | None:
@@ -254,30 +292,31 @@ class MemoryExitStore:
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
         entries: Mapping[str, Iterable[str]] | None = None,
+        withdraw: Iterable[str] = (),
+        overdue: bool = False,
     ) -> RunRecord | None:
         run = self.runs[run_id]
         held = self.run_positions[run_id]
         mints = self.run_mints[run_id]
-        for position_id, mint in positions:
+        for position_id, mint in [*positions, *_entry_placeholders(entries)]:
             held.setdefault(position_id, ("open", None))
             mints.setdefault(position_id, mint)
-        entries = entries or {}
-        flying = {entry_position_id(o) for order_ids in entries.values() for o in order_ids}
-        for mint, order_ids in entries.items():
-            for order_id in order_ids:
-                held.setdefault(entry_position_id(order_id), ("open", None))
-                mints.setdefault(entry_position_id(order_id), mint)
-        for position_id, (state, _line) in list(held.items()):
-            if (
-                state == "open"
-                and position_id.startswith(_ENTRY)
-                and position_id not in flying
-                and mints[position_id] in entries
-            ):
+        for position_id in withdraw:
+            if held.get(position_id, ("",))[0] == "open":
                 held[position_id] = ("withdrawn", None)
         for line in lines:
             if held.get(line.position_id, ("open", None))[0] != "exited":
                 held[line.position_id] = (line_state(line), line)
+        if overdue:
+            for position_id, (state, _line) in list(held.items()):
+                if state != "open" or not position_id.startswith(_PLACEHOLDERS):
+                    continue
+                real = position_id.removeprefix(_HELD)
+                if position_id.startswith(_HELD) and real not in held:
+                    line = unseen_line(position_id, mints[position_id])
+                    held[position_id] = ("ended", line)
+                else:
+                    held[position_id] = ("withdrawn", None)
         self.run_partitions[run_id].update(partitions)
         if (
             run.finished_at is not None
@@ -349,12 +388,18 @@ class PostgresExitStore:
         self.pool = pool
 
     async def begin_run(self, run: RunRecord) -> RunRecord:
-        async with self.pool.acquire() as conn:
-            await conn.execute(
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await conn.fetchval(
                 "INSERT INTO exit_runs (run_id, reason, started_at, deadline, partitions) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING run_id",
                 run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
             )  # fmt: skip
+            if stored is not None:
+                await conn.execute(
+                    "INSERT INTO exit_run_positions (run_id, position_id, mint) "
+                    "VALUES ($1, $2, '')",
+                    run.run_id, BARRIER,
+                )  # fmt: skip
         active = await self.active_run()
         return active if active is not None else run
 
@@ -391,11 +436,11 @@ class PostgresExitStore:
         positions: Iterable[tuple[str, str]] = (),
         lines: Iterable[ExitLine] = (),
         entries: Mapping[str, Iterable[str]] | None = None,
+        withdraw: Iterable[str] = (),
+        overdue: bool = False,
     ) -> RunRecord | None:
-        positions, partitions = list(positions), list(partitions)
-        entries = entries or {}
-        positions += [(entry_position_id(o), mint) for mint, ids in entries.items() for o in ids]
-        flying = [position_id for position_id, _mint in positions]
+        positions = [*positions, *_entry_placeholders(entries)]
+        partitions, withdraw = list(partitions), list(withdraw)
         lines = [
             (line.position_id, line_state(line), _encode_line(line).decode()) for line in lines
         ]
@@ -414,12 +459,11 @@ class PostgresExitStore:
                     "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     [(run_id, position_id, mint) for position_id, mint in positions],
                 )
-            if entries:
+            if withdraw:
                 await conn.execute(
                     "UPDATE exit_run_positions SET state = 'withdrawn', closed_at = $2 "
-                    "WHERE run_id = $1 AND state = 'open' AND mint = ANY($3::text[]) "
-                    "AND starts_with(position_id, $4) AND position_id <> ALL($5::text[])",
-                    run_id, time, list(entries), _ENTRY, flying,
+                    "WHERE run_id = $1 AND state = 'open' AND position_id = ANY($3::text[])",
+                    run_id, time, withdraw,
                 )  # fmt: skip
             if lines:
                 await conn.executemany(
@@ -427,6 +471,8 @@ class PostgresExitStore:
                     "WHERE run_id = $1 AND position_id = $2 AND state <> 'exited'",
                     [(run_id, *line, time) for line in lines],
                 )
+            if overdue:
+                await self._close_placeholders(conn, run_id, time)
             if partitions:
                 await conn.executemany(
                     "INSERT INTO exit_run_partitions (run_id, partition) VALUES ($1, $2) "
@@ -455,6 +501,34 @@ class PostgresExitStore:
                 run_id, time, json.dumps(finished.summary),
             )  # fmt: skip
             return finished
+
+    @staticmethod
+    async def _close_placeholders(conn: Any, run_id: str, time: float) -> None:
+        """Past the deadline: every placeholder withdrawn, but a held position no replica
+        listed, which ends with its empty line."""
+        unseen = await conn.fetch(
+            "SELECT p.position_id, p.mint FROM exit_run_positions p WHERE p.run_id = $1 "
+            "AND p.state = 'open' AND starts_with(p.position_id, $2) AND NOT EXISTS ("
+            "SELECT 1 FROM exit_run_positions q WHERE q.run_id = $1 "
+            "AND q.position_id = substr(p.position_id, $3))",
+            run_id, _HELD, len(_HELD) + 1,
+        )  # fmt: skip
+        if unseen:
+            await conn.executemany(
+                "UPDATE exit_run_positions SET state = 'ended', line = $3::jsonb, closed_at = $4 "
+                "WHERE run_id = $1 AND position_id = $2",
+                [
+                    (run_id, row["position_id"],
+                     _encode_line(unseen_line(row["position_id"], row["mint"])).decode(), time)
+                    for row in unseen
+                ],
+            )  # fmt: skip
+        await conn.execute(
+            "UPDATE exit_run_positions SET state = 'withdrawn', closed_at = $2 "
+            "WHERE run_id = $1 AND state = 'open' AND (starts_with(position_id, $3) "
+            "OR starts_with(position_id, $4) OR position_id = $5)",
+            run_id, time, _ENTRY, _HELD, BARRIER,
+        )  # fmt: skip
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         async with self.pool.acquire() as conn:
@@ -490,6 +564,10 @@ class PostgresExitStore:
                 limit,
             )
         return [dict(row) for row in rows]
+
+
+def _entry_placeholders(entries: Mapping[str, Iterable[str]] | None) -> list[tuple[str, str]]:
+    return [(entry_position_id(o), mint) for mint, ids in (entries or {}).items() for o in ids]
 
 
 _encode_line = msgspec.json.Encoder().encode

@@ -30,6 +30,19 @@
   Every change of the run lists what is still to come here with it (entries in
   flight, positions not queued yet), so no sale finishes the run before them. Past
   the deadline the placeholders are withdrawn: the run ends on time.
+- **Trading's barrier.** This consumer may lag behind trading (a backlog on a
+  partition): an entry trading sent may not have come here when everything else is
+  sold. So trading, as it halts entries on ``system.shutdown``, publishes
+  ``trading.barrier`` on the critical lane: the entry orders it has in flight and the
+  positions it holds. Every replica gets it (``<service>-control``) and lists each as a
+  placeholder of the run (beginning the run if the shutdown has not come yet); the
+  owner of the mint withdraws it once its consumer has seen the entry refused, or
+  filled and its position here (then sold), or the position here (then sold) or
+  closed. The run waits for the barrier itself ``exit_barrier_wait_s`` at most (trading
+  down, or its leader changing in the middle of the shutdown, never answers): past
+  that it ends on what this service has seen, as without a barrier. Past the deadline
+  every placeholder goes, and a position the barrier listed that no replica saw is
+  reported left (nothing sold).
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
@@ -62,6 +75,7 @@ from pumpflow.common.events import (
     LifecycleState,
     OrderFilled,
     OrderRejected,
+    ShutdownBarrier,
     SystemShutdown,
     make_event,
 )
@@ -79,11 +93,14 @@ from pumpflow.common.exit import (
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.exit.metrics import ExitMetrics
 from pumpflow.exit.records import (
+    BARRIER,
     ExitOrderRecord,
     ExitStore,
     MemoryExitStore,
     PostgresExitStore,
     RunRecord,
+    entry_position_id,
+    held_position_id,
     resume_state,
 )
 from pumpflow.exit.settings import ExitSettings
@@ -217,6 +234,29 @@ class ExitService(Service):
         if isinstance(data, SystemShutdown):
             log.info("exit: system.shutdown (%s): graceful exit", data.reason)
             await self.shutdown(data.reason, data.deadline)
+        elif isinstance(data, ShutdownBarrier):
+            await self._take_barrier(data, event.time)
+
+    async def _take_barrier(self, barrier: ShutdownBarrier, time: float) -> None:
+        """List what trading had in flight and held as it halted entries (the run begun
+        first if the shutdown is still on its way here)."""
+        if self._ended is not None:
+            log.warning("exit: trading's barrier came after the run %s ended", self.run.run_id)
+            return
+        if self.run is None:
+            latest = await self.records.latest_run()
+            # a barrier from before the last run ended is that run's, late: no new run
+            if latest is not None and (latest.finished_at or 0.0) >= time:
+                log.warning("exit: trading's barrier came after the run %s ended: %d entries, "
+                            "%d positions not waited for", latest.run_id, len(barrier.entries),
+                            len(barrier.positions))  # fmt: skip
+                return
+            await self.shutdown(barrier.reason)
+        log.info("exit: trading's barrier: %d entries in flight, %d positions held",
+                 len(barrier.entries), len(barrier.positions))  # fmt: skip
+        placeholders = [(entry_position_id(e.order_id), e.mint) for e in barrier.entries]
+        placeholders += [(held_position_id(p.position_id), p.mint) for p in barrier.positions]
+        await self._update_run(positions=placeholders, withdraw=[BARRIER])
 
     def _begin(self, run: RunRecord) -> None:
         if self.run is not None:
@@ -328,15 +368,17 @@ class ExitService(Service):
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
-    def _to_come(self) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-        """What the run waits for here besides the positions queued: positions held and
-        not queued yet (a late entry's; the next share sells them), and each mint's entry
-        orders in flight (none once past the deadline: the run ends on time)."""
-        past = self._ctx.clock.now() >= self.run.deadline
+    def _to_come(self) -> dict[str, Any]:
+        """The run's changes that say what it still waits for here, besides the positions
+        queued: positions held and not queued yet (a late entry's; the next share sells
+        them), each mint's entry orders in flight, and the placeholders this consumer has
+        seen to (ended, or here: listed with them). Past the deadline every placeholder
+        goes: the run ends on time."""
+        now = self._ctx.clock.now()
         queued = set()
         if self.manager is not None:
             queued = {q.position_id for q in self.manager.planner.exits.values()}
-        late, entries = [], {}
+        late, entries, seen = [], {}, []
         for key in list(self.consumer.keys()):
             state = self.consumer.state(key)
             if state is None:
@@ -344,8 +386,20 @@ class ExitService(Service):
             view = held_view(state)
             if view is not None and view.position_id not in queued:
                 late.append((view.position_id, key))
-            entries[key] = [] if past else sorted(state.entries)
-        return late, entries
+            if state.entries:
+                entries[key] = sorted(state.entries)
+            seen += state.ended
+            if state.position is not None:
+                seen.append(state.position.position_id)
+        withdraw = [p for i in seen for p in (entry_position_id(i), held_position_id(i))]
+        if now >= self.run.started_at + self.settings.exit_barrier_wait_s:
+            withdraw.append(BARRIER)
+        return {
+            "positions": late,
+            "entries": entries,
+            "withdraw": withdraw,
+            "overdue": now >= self.run.deadline,
+        }
 
     async def _exited(self, record: ExitRecord) -> None:
         try:
@@ -359,9 +413,10 @@ class ExitService(Service):
         ctx = self._ctx
         now = ctx.clock.now()
         # every change may be the last: it says what is still to come, read with it
-        late, entries = self._to_come()
-        changes["positions"] = [*changes.get("positions", ()), *late]
-        ended = await self.records.update_run(self.run.run_id, time=now, entries=entries, **changes)
+        to_come = self._to_come()
+        for name in ("positions", "withdraw"):
+            to_come[name] = [*changes.pop(name, ()), *to_come[name]]
+        ended = await self.records.update_run(self.run.run_id, time=now, **to_come, **changes)
         if ended is not None:
             self._ended = ended
             report = msgspec.convert(ended.summary, type=ExitReport)

@@ -65,6 +65,12 @@ class ExitSettings(CommonSettings):
     exit_run_poll_s: float = Field(
         1.0, gt=0, description="how often a replica looks for a graceful exit begun elsewhere"
     )
+    exit_barrier_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="clock seconds a graceful exit waits for trading's barrier (what it had "
+        "in flight when it halted entries) before it ends on what it has seen",
+    )
     exit_resume_wait_s: float = Field(
         10.0,
         ge=0,

@@ -11,6 +11,9 @@ every order, fill and position.
   ``model.prediction`` (each one chance to enter) and the exit service's
   ``exit.order``. Publishes ``order.requested|filled|rejected``,
   ``position.opened|updated|closed``, ``trading.state`` and ``trading.breaker``.
+- ``system.shutdown`` halts entries, then publishes ``trading.barrier`` (critical): the
+  entry orders in flight and the positions held at that instant, which the exit
+  service's graceful exit waits to have seen, however far behind its consumer is.
 - One event at a time: what it changed is written to the ledger in one transaction,
   then new orders go to the executor, then the events are published, and only then
   is the event acknowledged. An order whose id the ledger has already (derived from
@@ -46,6 +49,8 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import TimerHandle
 from pumpflow.common.events import (
+    BarrierEntry,
+    BarrierPosition,
     CircuitBreakerChanged,
     Event,
     ExitOrder,
@@ -53,6 +58,7 @@ from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     OrderRequested,
+    ShutdownBarrier,
     SystemShutdown,
     TokenCreated,
     TokenLifecycle,
@@ -341,6 +347,7 @@ class TradingService(Service):
         if isinstance(event.data, SystemShutdown):
             # the exit service sells what is held; nothing new may be bought meanwhile
             await self.halt(f"shutdown: {event.data.reason}")
+            await self._barrier(event)
             return
         async with self._lock:
             # what an earlier attempt could not store goes first, in its order
@@ -370,6 +377,29 @@ class TradingService(Service):
                 if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
                     if not self.book.holds(data.mint):
                         self.executor.forget(data.mint)
+            self._backlog.append(step)
+            await self._flush()
+
+    async def _barrier(self, shutdown: Event) -> None:
+        """Tell the exit service, past any backlog, what the halt leaves it to wait for:
+        the entries in flight and the positions held (published after their events)."""
+        async with self._lock:
+            barrier = ShutdownBarrier(
+                reason=shutdown.data.reason,
+                entries=tuple(
+                    BarrierEntry(order_id=order_id, mint=mint)
+                    for order_id, (mint, _size) in self.risk.reservations.items()
+                ),
+                positions=tuple(
+                    BarrierPosition(position_id=p.position_id, mint=p.mint)
+                    for p in self.book.open_positions.values()
+                ),
+            )
+            step = _Step()
+            now = self._ctx.clock.now()
+            step.events.append(
+                make_event(barrier, source=self._ctx.source, time=now, cause=shutdown)
+            )
             self._backlog.append(step)
             await self._flush()
 

@@ -17,6 +17,9 @@ rules then decide nothing, and the service reads the positions held from here.
 Entries in flight: trading's buy ``order.requested`` is held per mint
 (:attr:`ExitState.entries`) until the order is refused, or fills and the position it
 opened (or added to) is here: a graceful exit waits for what such an entry opens.
+What has ended here (entries refused or landed, positions closed) is remembered per
+mint (:attr:`ExitState.ended`): trading's shutdown barrier lists what it had in flight
+and held, and the graceful exit waits until this consumer has seen each of them.
 
 Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan; ``on_outcome`` is
@@ -63,11 +66,14 @@ CONSUMES = (
     "order.rejected",
 )
 
-#: the exit service's keyless commands, on a consumer group of their own
-CONTROL_CONSUMES = ("system.shutdown",)
+#: the exit service's keyless commands, on a consumer group of their own: the shutdown,
+#: and trading's answer to it (what it had in flight and held when it halted entries)
+CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 
 #: trades stamped with this pool are on the token's AMM pool, after its migration
 _CURVE_POOL = "pump"
+#: ids ended a mint remembers (its latest): a mint sees a handful of entries
+_ENDED_KEPT = 32
 
 
 def rule_order_id(position_id: str, number: int) -> str:
@@ -117,6 +123,8 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     pending: dict[str, PendingSale] = {}
     #: trading's entry orders in flight: order id -> filled (its position not here yet)
     entries: dict[str, bool] = {}
+    #: entry order ids refused or landed as positions, position ids closed (the latest)
+    ended: list[str] = []
 
     @property
     def curve(self) -> CurveState | None:
@@ -166,6 +174,12 @@ def held_view(state: ExitState) -> HeldView | None:
     )
 
 
+def _end(state: ExitState, ended_id: str) -> None:
+    if ended_id not in state.ended:
+        state.ended.append(ended_id)
+        del state.ended[:-_ENDED_KEPT]
+
+
 OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
 MarketHook = Callable[[str, CurveState], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
@@ -213,6 +227,7 @@ class ExitProcessor:
                 state.position = None
                 state.watch = None
                 state.pending = {}
+            _end(state, data.position_id)
             self._landed(state)
             decisions = []
         elif isinstance(data, OrderRequested):
@@ -328,18 +343,20 @@ class ExitProcessor:
     def _entry_outcome(state: ExitState, outcome: OrderFilled | OrderRejected) -> None:
         """An entry refused is gone; one filled waits for its position event, which trading
         publishes after the fill (until then the graceful exit has nothing to sell)."""
-        if outcome.order_id not in state.entries:
-            return
         if isinstance(outcome, OrderFilled) and outcome.token_amount > 0:
-            state.entries[outcome.order_id] = True
-        else:
-            del state.entries[outcome.order_id]
+            if outcome.side == "buy" or outcome.order_id in state.entries:
+                state.entries[outcome.order_id] = True
+            return
+        state.entries.pop(outcome.order_id, None)
+        _end(state, outcome.order_id)
 
     @staticmethod
     def _landed(state: ExitState) -> None:
         """The position events after an entry's fill: the entry is the position now."""
-        if any(state.entries.values()):
-            state.entries = {order_id: f for order_id, f in state.entries.items() if not f}
+        for order_id, filled in list(state.entries.items()):
+            if filled:
+                del state.entries[order_id]
+                _end(state, order_id)
 
     # ---------------------------------------------------------------- rules
 

@@ -6,7 +6,8 @@
 
 Services start in the given order and stop in reverse order; each gets its own
 :class:`ServiceContext` (its own settings, so its own name and event source) around
-the shared bus, store, clock and, when given, Postgres pool.
+the shared bus, store, clock and, when given, Postgres pool. A test may bring the bus
+(RabbitMQ, say): the services run on it as they would in-process on the broker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.routing import DEFAULT_PARTITIONS
 from pumpflow.common.clock import Clock
@@ -35,7 +37,7 @@ log = logging.getLogger("pumpflow.embedded")
 class EmbeddedSystem:
     """The running services and what they share."""
 
-    bus: InMemoryBus
+    bus: EventBus
     store: StateStore
     clock: Clock
     db: asyncpg.Pool | None = None
@@ -73,14 +75,19 @@ async def run_embedded(
     db: asyncpg.Pool | None = None,
     settings: Mapping[str, Any] | None = None,
     drain_timeout_s: float = 10.0,
+    bus: EventBus | None = None,
 ) -> AsyncIterator[EmbeddedSystem]:
     """Start ``services`` (classes, or instances with their own settings) on a shared bus.
 
     ``settings`` are overrides applied to every service's settings (besides its name,
     the memory transport and ``partitions``). On exit the bus is drained, services
-    stop in reverse order, and the bus is closed.
+    stop in reverse order, and the bus is closed, unless it is ``bus``: a bus of the
+    caller's, started and closed by it (``partitions`` and ``synchronous`` are its own).
     """
-    bus = InMemoryBus(partitions=partitions, synchronous=synchronous, source="embedded")
+    own_bus = bus is None
+    if bus is None:
+        bus = InMemoryBus(partitions=partitions, synchronous=synchronous, source="embedded")
+    partitions = bus.partitions
     system = EmbeddedSystem(
         bus=bus, store=store if store is not None else MemoryStateStore(clock), clock=clock, db=db
     )
@@ -88,7 +95,8 @@ async def run_embedded(
     names = [s.settings.service for s in built]
     if len(set(names)) != len(names):
         raise ValueError(f"each embedded service needs its own name, got {names}")
-    await bus.start()
+    if own_bus:
+        await bus.start()
     # the groups run here, declared before any of them starts publishing
     await declare_groups(bus, {n: p for n, p in CONSUMER_GROUPS.items() if n in names})
     started: list[Service] = []
@@ -116,6 +124,7 @@ async def run_embedded(
                     log.exception("embedded: %s failed to stop", service.settings.service)
                 # what a stopping service published still reaches the ones that run
                 await bus.drain(drain_timeout_s)
-            await bus.close()
+            if own_bus:
+                await bus.close()
             if store is None:
                 await system.store.close()

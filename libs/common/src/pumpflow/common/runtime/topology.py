@@ -38,6 +38,7 @@ from pumpflow.common.events import (
     PositionClosed,
     PositionOpened,
     PositionUpdated,
+    ShutdownBarrier,
     SystemShutdown,
     TokenCreated,
     TokenLifecycle,
@@ -58,7 +59,7 @@ CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
     "model": MODEL_CONSUMES,
     "trading": TRADING_CONSUMES,
     "exit": EXIT_CONSUMES,
-    # system.shutdown: keyless, kept apart from the keyed consumer's queues
+    # system.shutdown and trading's barrier: keyless, kept apart from the keyed queues
     "exit-control": EXIT_CONTROL_CONSUMES,
 }
 
@@ -78,6 +79,7 @@ PUBLISHERS: Mapping[str, tuple[str, ...]] = {
         PositionClosed.TYPE,
         TradingStateChanged.TYPE,
         CircuitBreakerChanged.TYPE,
+        ShutdownBarrier.TYPE,
     ),
     # system.shutdown: through its API, for `pumpflow stop`
     "exit": (ExitOrder.TYPE, ExitReport.TYPE, SystemShutdown.TYPE),
