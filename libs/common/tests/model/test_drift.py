@@ -158,6 +158,31 @@ def test_the_window_holds_the_last_vectors_in_bounded_memory(card, rng, batch):
     )
 
 
+def test_one_row_at_a_time_checks_and_reports_as_whole_batches(card, rng):
+    thresholds = DriftThresholds(window=1_000, min_observations=300, check_every=100)
+    rows = np.concatenate([market(rng, 1_500), market(rng, 1_200, shift=2.0)])
+    by_batch = DriftMonitor(card, thresholds=thresholds, clock=ReplayClock(0.0))
+    by_row = DriftMonitor(card, thresholds=thresholds, clock=ReplayClock(0.0))
+    batches, singles = [], []
+    for start in range(0, len(rows), 50):
+        batches.append(by_batch.observe(rows[start:start + 50]))
+        singles.append([d for row in rows[start:start + 50] for d in by_row.observe(row[None])])
+        if start % 350 == 0:
+            # a read between checks counts what came since the last one
+            assert by_row.observations == by_batch.observations
+            np.testing.assert_array_equal(by_row.psi(), by_batch.psi())
+    assert singles == batches
+    assert any(singles) and by_row.drifting == by_batch.drifting == ("volume",)
+    assert by_row.report() == by_batch.report()
+    for batch in (rows[:7], rows[:1_000]):  # under a window, then a whole one at once
+        by_batch.observe(batch)
+        for row in batch:
+            by_row.observe(row[None])
+        assert by_row.report(fresh=True) == by_batch.report(fresh=True)
+    with pytest.raises(ValueError, match="3 features per row, got 2"):
+        by_row.observe(rows[:1, :2])
+
+
 def test_one_vector_by_names_and_values(card):
     monitor = DriftMonitor(card, clock=ReplayClock(0.0))
     monitor.observe_vector(("buy_share", "volume"), (0.5, math.inf))

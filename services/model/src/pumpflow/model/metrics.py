@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -66,10 +67,19 @@ class ModelServiceMetrics:
         self._skipped: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
         self._batched = 0
+        #: (arm, model id, version, shadow) -> its prediction counter and score histogram
+        self._predicted: dict[tuple[str, str, str, bool], tuple[Any, Any]] = {}
 
     def predicted(self, arm: str, model_id: str, version: str, shadow: bool, score: float) -> None:
-        self._f.predictions.labels(arm, model_id, version, "true" if shadow else "false").inc()
-        self._f.scores.labels(arm).observe(score)
+        key = (arm, model_id, version, shadow)
+        found = self._predicted.get(key)
+        if found is None:
+            found = self._predicted[key] = (
+                self._f.predictions.labels(arm, model_id, version, "true" if shadow else "false"),
+                self._f.scores.labels(arm),
+            )
+        found[0].inc()
+        found[1].observe(score)
 
     def predictions(self, arm: str, model_id: str, version: str, shadow: bool = False) -> float:
         labels = (arm, model_id, version, "true" if shadow else "false")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.metrics import families
@@ -84,6 +86,8 @@ class TradingMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("trading", _Families, registry)
+        #: ordered -> its predictions counter (looked up once: one a prediction)
+        self._predictions: dict[bool, Any] = {}
 
     def order(self, side: str, outcome: str) -> None:
         self._f.orders.labels(side, outcome).inc()
@@ -92,7 +96,12 @@ class TradingMetrics:
         return self._f.orders.labels(side, outcome)._value.get()
 
     def prediction(self, ordered: bool) -> None:
-        self._f.predictions.labels("order" if ordered else "no_order").inc()
+        counter = self._predictions.get(ordered)
+        if counter is None:
+            counter = self._predictions[ordered] = self._f.predictions.labels(
+                "order" if ordered else "no_order"
+            )
+        counter.inc()
 
     def receipt_to_decision(self, seconds: float) -> None:
         self._f.receipt_to_decision.observe(seconds)

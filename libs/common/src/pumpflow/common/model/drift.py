@@ -155,6 +155,9 @@ class DriftMonitor:
         self._filled = 0
         self.seen = 0
         self._since_check = 0
+        #: rows observed and not counted yet (see :meth:`observe`)
+        self._waiting: list[np.ndarray] = []
+        self._waiting_rows = 0
         self._drifting = np.zeros(k, dtype=bool)
         self._psi = np.full(k, math.nan)
         self._checked_at = math.nan
@@ -178,7 +181,46 @@ class DriftMonitor:
         return bins
 
     def observe(self, rows: np.ndarray) -> list[ModelDrift]:
-        """Count rows of raw feature values (n x k, card order); transitions if checked."""
+        """Count rows of raw feature values (n x k, card order); transitions if checked.
+
+        Rows wait, as given, until the next check, a read of the window or a window's
+        worth of them, then are binned and counted at once: the counts, the PSI and the
+        transitions are those of counting each call's rows as it came, at a fraction of
+        the cost for the one-row calls of a live stream.
+        """
+        width = np.shape(rows)[-1] if np.ndim(rows) else 1
+        if width != len(self.names):
+            raise ValueError(
+                f"model {self.card.model_id!r} has {len(self.names)} features per row, "
+                f"got {width}"
+            )
+        n = len(rows)
+        window = len(self._ring)
+        if self._waiting_rows + n >= window:
+            self._count_waiting()
+        if n >= window:
+            self._add(rows)
+        else:
+            self._waiting.append(rows)
+            self._waiting_rows += n
+        self.seen += n
+        self._since_check += n
+        if self._since_check >= self.thresholds.check_every:
+            return self.check()
+        return []
+
+    def _count_waiting(self) -> None:
+        waiting = self._waiting
+        if waiting:
+            rows = waiting[0] if len(waiting) == 1 else np.concatenate(
+                [np.atleast_2d(r) for r in waiting]
+            )  # fmt: skip
+            self._waiting = []
+            self._waiting_rows = 0
+            self._add(rows)
+
+    def _add(self, rows: np.ndarray) -> None:
+        """Bin and count ``rows`` into the window (fewer than a window, or a reset)."""
         bins = self.bins(rows)
         window = len(self._ring)
         if len(bins) >= window:
@@ -196,11 +238,6 @@ class DriftMonitor:
         self._count(bins, +1)
         self._next = int((self._next + n) % window)
         self._filled = min(window, self._filled + n)
-        self.seen += len(rows)
-        self._since_check += len(rows)
-        if self._since_check >= self.thresholds.check_every:
-            return self.check()
-        return []
 
     def observe_vector(self, names: Sequence[str], values: Sequence[float]) -> list[ModelDrift]:
         """Count one vector given by feature names and values (absent names: missing)."""
@@ -214,6 +251,7 @@ class DriftMonitor:
 
     def psi(self) -> np.ndarray:
         """The PSI of each feature over the window now (NaN before any vector)."""
+        self._count_waiting()
         if self._filled == 0:
             return np.full(len(self.names), math.nan)
         live = np.maximum(self._counts / self._filled, self.thresholds.share_floor)
@@ -252,6 +290,7 @@ class DriftMonitor:
     @property
     def observations(self) -> int:
         """Vectors in the window."""
+        self._count_waiting()
         return self._filled
 
     @property
@@ -260,6 +299,7 @@ class DriftMonitor:
 
     def report(self, *, fresh: bool = False) -> DriftReport:
         """The figures of the last check (``fresh``: the PSI computed now, states unchanged)."""
+        self._count_waiting()
         psi, at = (self.psi(), self.clock.now()) if fresh else (self._psi, self._checked_at)
         return DriftReport(
             model_id=self.card.model_id,
