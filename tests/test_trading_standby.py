@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import msgspec
 import pytest
 
+from pumpflow.common.bus.rabbitmq import ACK_LINGER_S
 from pumpflow.common.testing import (
     EventCollector,
     ProcessStack,
@@ -21,6 +23,8 @@ from pumpflow.common.testing import (
     free_port,
     http_json,
 )
+from pumpflow.common.trading import TokenView
+from pumpflow.trading.context import VIEW_PREFIX
 from pumpflow.trading.ledger import PostgresLedger
 
 from .test_trading_crash import LATENCY_S, TOKEN, no_orders
@@ -32,6 +36,7 @@ LEASE_TTL_S = 3
 #: a standby campaigns on; it trades within the lease's TTL of the holder's death, and
 #: this bound leaves the two shared cores room for the reload
 TAKE_OVER_S = 6 * LEASE_TTL_S
+LOW_SCORE = "score # < #"
 HELD_ALREADY = "held already (or an entry is in flight): one entry a token"
 
 
@@ -56,9 +61,8 @@ def roles(ports: dict[str, int]) -> dict[str, str | None]:
     return {name: (view or {}).get("role") for name, view in views.items()}
 
 
-async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg_pool):
-    stack, ports, upstream, watch = replicas
-    ledger = PostgresLedger(pg_pool)
+async def leader_and_standby(stack: ProcessStack, ports: dict[str, int]) -> tuple[str, str]:
+    """Serve both replicas; the names of the one that leads and the one standing by."""
     for name, port in ports.items():
         stack.serve("trading", name=name, replica=name, http_port=port)
 
@@ -71,6 +75,25 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     found = roles(ports)
     [leader] = [name for name, role in found.items() if role == "active"]
     [standby] = [name for name, role in found.items() if role == "standby"]
+    return leader, standby
+
+
+async def kill_leader(stack: ProcessStack, leader: str, standby: str, port: int) -> None:
+    """kill -9 the leader; wait until the standby trades."""
+    stack.procs[leader].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(stack.procs[leader].wait, 30)
+
+    async def took_over() -> bool:
+        return (await asyncio.to_thread(roles, {standby: port}))[standby] == "active"
+
+    await eventually(took_over, TAKE_OVER_S, what=f"{standby} takes over", details=stack.logs,
+                     interval=0.2)  # fmt: skip
+
+
+async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg_pool):
+    stack, ports, upstream, watch = replicas
+    ledger = PostgresLedger(pg_pool)
+    leader, standby = await leader_and_standby(stack, ports)
 
     held = await upstream.ready()
     await upstream.publish(upstream.prediction(held))
@@ -87,16 +110,8 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     status, body = post(f"http://127.0.0.1:{ports[leader]}/halt", TOKEN, {"reason": "before"})
     assert status == 200 and body["state"] == "halted", body
 
-    stack.procs[leader].send_signal(signal.SIGKILL)
-    await asyncio.to_thread(stack.procs[leader].wait, 30)
-
     port = ports[standby]
-
-    async def took_over() -> bool:
-        return (await asyncio.to_thread(roles, {standby: port}))[standby] == "active"
-
-    await eventually(took_over, TAKE_OVER_S, what=f"{standby} takes over", details=stack.logs,
-                     interval=0.2)  # fmt: skip
+    await kill_leader(stack, leader, standby, port)
     positions = http_json(f"http://127.0.0.1:{port}/positions")
     assert positions["source"] == "book", positions
     assert [p["mint"] for p in positions["positions"]] == [held], positions
@@ -126,4 +141,56 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     assert [o["order_id"] for o in await ledger.orders(limit=10, mint=held)] == [request.order_id]
     assert await ledger.control() == ("active", "after")
 
+    assert await stack.stop(standby) == 0, stack.logs()
+
+
+async def test_the_standby_decides_on_what_the_leader_learnt_before_it_died(
+    replicas, redis_client, namespace
+):
+    """A token's creation, features and lifecycle came before the take-over and do not
+    come again: the new leader enters it on its next prediction, from the token's view
+    the old one stored, and fills the entry on the market that view holds."""
+    stack, ports, upstream, watch = replicas
+    leader, standby = await leader_and_standby(stack, ports)
+    known = await upstream.ready()
+    await upstream.publish(upstream.prediction(known, score=0.1))
+    stored = f"{namespace}:{VIEW_PREFIX}{known}"
+
+    async def folded() -> bool:
+        raw = await redis_client.get(stored)
+        return (
+            raw is not None and msgspec.msgpack.decode(raw, type=TokenView).prediction is not None
+        )
+
+    await eventually(folded, 30, what="the leader's view of the token stored",
+                     details=stack.logs)  # fmt: skip
+    assert no_orders(ports[leader]) == 1
+    # the leader acks what it handled within ACK_LINGER_S; a message it had not acked
+    # would come again to the new leader, which the assertion below rules out
+    await asyncio.sleep(20 * ACK_LINGER_S)
+
+    port = ports[standby]
+    await kill_leader(stack, leader, standby, port)
+    await upstream.publish(upstream.prediction(known))
+
+    def reasons() -> dict[str, int]:
+        return http_json(f"http://127.0.0.1:{port}/pnl")["no_order_reasons"]
+
+    def decided() -> bool:
+        # the low score's prediction may come again too (the leader died before its ack)
+        return bool(watch.of("order.requested")) or any(r != LOW_SCORE for r in reasons())
+
+    await eventually(lambda: asyncio.to_thread(decided), 30,
+                     what="the token's prediction decided", details=stack.logs)  # fmt: skip
+    assert LOW_SCORE not in reasons(), "the token's events came again to the new leader"
+    requests = [e.data for e in watch.of("order.requested")]
+    assert [r.mint for r in requests] == [known], reasons()
+    [request] = requests
+    await upstream.trade_after(known, LATENCY_S + 60.0)
+    [opened] = [
+        e.data
+        for e in await watch.wait_for(1, "position.opened", where=lambda e: e.data.mint == known)
+    ]
+    assert opened.position_id == request.order_id
+    assert not watch.of("order.rejected")
     assert await stack.stop(standby) == 0, stack.logs()

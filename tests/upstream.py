@@ -62,10 +62,10 @@ class Upstream:
         )
         return mint
 
-    def prediction(self, mint: str) -> Event:
+    def prediction(self, mint: str, score: float = 0.9) -> Event:
         self._now()
         payload = ModelPrediction(
-            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=score
         )
         return make_event(payload, source="model/test", time=self.clock.now())
 

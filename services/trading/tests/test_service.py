@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
@@ -26,8 +27,8 @@ def trading(ledger: MemoryLedger, **settings: object) -> TradingService:
 
 
 @contextlib.asynccontextmanager
-async def running(clock, service: TradingService):
-    async with run_embedded([service], clock=clock, synchronous=True) as system:
+async def running(clock, service: TradingService, *, store: StateStore | None = None):
+    async with run_embedded([service], clock=clock, synchronous=True, store=store) as system:
         watch = await EventCollector("watch").attach(
             system.bus, "order.*", "position.*", "trading.*"
         )
@@ -186,3 +187,26 @@ async def test_a_restart_reloads_the_book_and_reconciles_the_order_in_flight(clo
         orders = await ledger.orders(limit=10)
         assert sorted(o["state"] for o in orders) == ["filled", "filled"]
         assert second.risk.reservations == {}
+
+
+async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(clock, market):
+    """A token's creation, features and lifecycle do not come again: the replica trading
+    next knows them from the views stored in the state store, and its paper executor
+    knows the token's market."""
+    ledger, store = MemoryLedger(), MemoryStateStore(clock)
+    async with running(clock, trading(ledger), store=store) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint, score=0.1))
+        retired = await ready(bus, market)
+        await publish(bus, market.lifecycle(retired, state="inactive"))
+        assert watch.count("order.requested") == 0
+
+    second = trading(ledger)
+    async with running(clock, second, store=store) as (bus, watch):
+        assert retired not in second.engine.views
+        await publish(bus, market.prediction(mint))
+        [request] = watch.payloads("order.requested")
+        assert request.mint == mint
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+        assert opened.position_id == request.order_id

@@ -20,6 +20,7 @@ from typing import Protocol
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.trading import VENUE_CURVE, PaperBroker, PaperExecution, PaperOrder
+from pumpflow.common.trading.paper import Market
 from pumpflow.trading.ledger import OrderOutcome, OrderRecord
 
 Outcome = OrderFilled | OrderRejected
@@ -59,6 +60,11 @@ class TradeExecutor(Protocol):
 
     def progress(self) -> list[OrderOutcome]:
         """What became known of orders still pending since the last call, to store."""
+        ...
+
+    def restore_market(self, mint: str, market: Market) -> None:
+        """``mint``'s market as the stored token view holds it (a take-over): where its
+        orders fill until the token's next event."""
         ...
 
     def forget(self, mint: str) -> None: ...
@@ -128,6 +134,9 @@ class PaperExecutor:
             )
         )
         return None
+
+    def restore_market(self, mint: str, market: Market) -> None:
+        self.broker.markets[mint] = Market(venue=market.venue, state=market.state)
 
     def forget(self, mint: str) -> None:
         self.broker.forget(mint)

@@ -29,7 +29,7 @@ from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderRejected, OrderRequested
 from pumpflow.common.pumpportal import API_KEY_PARAM, redact
 from pumpflow.common.trading import VENUE_CURVE, LiveBook, LiveExecution, LiveOrder
-from pumpflow.common.trading.paper import sell_order
+from pumpflow.common.trading.paper import Market, sell_order
 from pumpflow.trading.executor import Outcome
 from pumpflow.trading.ledger import OrderOutcome, OrderRecord
 
@@ -282,6 +282,9 @@ class LiveExecutor:
             )
         )
         return None
+
+    def restore_market(self, mint: str, market: Market) -> None:
+        self.book.markets[mint] = Market(venue=market.venue, state=market.state)
 
     def forget(self, mint: str) -> None:
         self.book.forget(mint)

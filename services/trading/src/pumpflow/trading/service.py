@@ -15,13 +15,14 @@ every order, fill and position.
   entry orders in flight and the positions held at that instant, which the exit
   service's graceful exit waits to have seen, however far behind its consumer is.
 - One event at a time: what it changed is written to the ledger in one transaction,
-  then new orders go to the executor, then the events are published, and only then
-  is the event acknowledged. An order whose id the ledger has already (derived from
-  a redelivered event) is dropped, never sent.
+  then new orders go to the executor, then the events are published, then the token
+  view it changed is stored, and only then is the event acknowledged. An order whose
+  id the ledger has already (derived from a redelivered event) is dropped, never sent.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
-  whose outcome is unknown, and only then consumes. The others stand by, ready,
+  whose outcome is unknown, loads the token views its predecessor stored
+  (:mod:`pumpflow.trading.context`), and only then consumes. The others stand by, ready,
   unsubscribed; one takes over within the lease's TTL of the holder's death.
   Scaling further would shard the capital: N traders, each with its own lease, its
   1/N of the capital and limits, and the tokens split between them by mint hash.
@@ -54,6 +55,7 @@ from pumpflow.common.events import (
     CircuitBreakerChanged,
     Event,
     ExitOrder,
+    FeaturesUpdated,
     ModelPrediction,
     OrderFilled,
     OrderRejected,
@@ -81,6 +83,7 @@ from pumpflow.common.trading import (
     derived_id,
 )
 from pumpflow.common.trading.paper import sell_order
+from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
     FillRecord,
@@ -101,6 +104,15 @@ log = logging.getLogger("pumpflow.trading")
 #: one replica trades at a time
 LEASE_NAME = "trading:decide"
 _RETIRED = frozenset({"inactive", "graduated"})
+#: the events the engine folds into its view of a token
+_CONTEXT = (
+    TokenTrade,
+    TokenCreated,
+    TokenMigrated,
+    FeaturesUpdated,
+    TokenLifecycle,
+    ModelPrediction,
+)
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 
 
@@ -177,6 +189,7 @@ class TradingService(Service):
         self.risk: RiskManager | None = None
         self.engine: TradingEngine | None = None
         self.executor: TradeExecutor | None = None
+        self.context: TokenContext | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -194,6 +207,10 @@ class TradingService(Service):
                 self.ledger = MemoryLedger()
             else:
                 self.ledger = PostgresLedger(ctx.db)
+        if ctx.store is not None:
+            self.context = TokenContext(ctx.store, ttl_s=self.settings.trading_context_ttl_s)
+        else:
+            log.info("trading without a state store: a take-over starts without token views")
         self._build()
         self._subscription = Subscription(
             service=self.settings.service,
@@ -267,6 +284,12 @@ class TradingService(Service):
         assert ctx is not None and self.ledger is not None
         async with self._lock:
             self._build()
+            if self.context is not None:
+                self.context.clear()
+                views = await self.context.load()
+                self.engine.views.update(views)
+                for mint, view in views.items():
+                    self.executor.restore_market(mint, view.market)
             snapshot = await self.ledger.load(remembered=self.settings.trading_remembered_orders)
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
@@ -286,9 +309,9 @@ class TradingService(Service):
             self.metrics.leading(True)
             self.metrics.book(self.book, self.risk)
             log.info(
-                "trading: %s trades: %d open positions, %d orders reconciled, state %s",
-                self.leader.holder if self.leader else "?", self.book.open_count,
-                len(self.reconciled), self.risk.state,
+                "trading: %s trades: %d open positions, %d orders reconciled, %d token views, "
+                "state %s", self.leader.holder if self.leader else "?", self.book.open_count,
+                len(self.reconciled), len(self.engine.views), self.risk.state,
             )  # fmt: skip
             self._schedule_tick()
         await ctx.bus.subscribe(self._subscription)
@@ -362,6 +385,9 @@ class TradingService(Service):
                     for outcome in self.executor.observe(data, time=event.time):
                         self._book(outcome, event, step)
                 produced = self.engine.process(event)
+                if self.context is not None and isinstance(data, _CONTEXT):
+                    if not (isinstance(data, ModelPrediction) and data.shadow):
+                        self.context.change(data.mint)
                 ordered = False
                 for out in produced:
                     if isinstance(out.data, OrderRequested):
@@ -379,6 +405,9 @@ class TradingService(Service):
                         self.executor.forget(data.mint)
             self._backlog.append(step)
             await self._flush()
+        if self.context is not None:
+            # outside the lock: the events handled meanwhile share the write
+            await self.context.save(self.engine.views)
 
     async def _barrier(self, shutdown: Event) -> None:
         """Tell the exit service, past any backlog, what the halt leaves it to wait for:

@@ -121,6 +121,12 @@ class TradingSettings(PumpPortalKeySettings):
         description="TTL (wall-clock seconds) of the lease 'trading:decide' that lets one "
         "replica trade; a standby takes over within it after a crash",
     )
+    trading_context_ttl_s: float = Field(
+        21_600.0,
+        gt=0,
+        description="how long a token's view (name, market, lifecycle, features, prediction) "
+        "stays in the state store after its last change, for a replica taking over",
+    )
     trading_remembered_orders: int = Field(
         100_000, ge=1, description="order ids loaded on start against a second send"
     )

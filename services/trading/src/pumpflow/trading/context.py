@@ -1,0 +1,111 @@
+"""What trading knows of each token, kept in the state store for the next replica that trades.
+
+The engine decides from its views of the tokens
+(:class:`~pumpflow.common.trading.TokenView`: name, symbol and creator, the market,
+the lifecycle, the latest features and prediction), folded from events many of which
+do not come again: a token's creation comes once, its lifecycle on a change of state,
+its features with its trades. A replica taking over the lease would otherwise know a
+token only from the events published after it subscribed.
+
+So the replica that trades stores each view an event changed (``trading:view:<mint>``,
+msgpack, with a TTL renewed by every change) before it acknowledges the event (the
+changes of events handled meanwhile on the bus's other lanes share the write), and
+deletes it when the engine forgets the token; a replica taking over loads them all
+before it subscribes. An event redelivered after the take-over (its holder died
+before acknowledging it) is applied again to the stored view: the latest values
+(curve, features, lifecycle, prediction) come out the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import msgspec
+
+from pumpflow.common.state.abc import StateStore, WriteBatch
+from pumpflow.common.trading import TokenView
+
+log = logging.getLogger("pumpflow.trading.context")
+
+VIEW_PREFIX = "trading:view:"
+_LOAD_CHUNK = 500
+
+
+class TokenContext:
+    """The engine's token views in the state store: stored as they change, loaded on a take-over.
+
+    Stores are group commits: every change made before :meth:`save` was called is stored
+    by the time it returns, and the handlers waiting meanwhile (the bus's other lanes)
+    share one write.
+    """
+
+    def __init__(self, store: StateStore, *, ttl_s: float):
+        self.store = store
+        self.ttl_s = ttl_s
+        #: mints whose views changed since the last write began
+        self.changed: set[str] = set()
+        self._changes = 0
+        self._stored = 0
+        self._writing: asyncio.Task[None] | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(TokenView)
+
+    def change(self, mint: str) -> None:
+        """``mint``'s view changed (or the engine forgot it): store it with the next write."""
+        self.changed.add(mint)
+        self._changes += 1
+
+    def clear(self) -> None:
+        """Forget the changes not stored (a take-over loads what the store holds)."""
+        self.changed.clear()
+        self._stored = self._changes
+
+    async def save(self, views: Mapping[str, TokenView]) -> None:
+        """Return once every change made so far is stored as ``views`` holds it (a view it
+        no longer has is deleted); raises what the store raised."""
+        wanted = self._changes
+        while self._stored < wanted:
+            if self._writing is None:
+                self._writing = asyncio.get_running_loop().create_task(self._write(views))
+            await asyncio.shield(self._writing)
+
+    async def _write(self, views: Mapping[str, TokenView]) -> None:
+        upto, mints, self.changed = self._changes, self.changed, set()
+        try:
+            batch = WriteBatch()
+            gone = []
+            for mint in mints:
+                view = views.get(mint)
+                if view is None:
+                    gone.append(VIEW_PREFIX + mint)
+                else:
+                    batch.set(VIEW_PREFIX + mint, self._encoder.encode(view), self.ttl_s)
+            if batch:
+                await self.store.write(batch)
+            if gone:
+                await self.store.delete_many(gone)
+        except BaseException:
+            self.changed |= mints
+            raise
+        finally:
+            self._writing = None
+        self._stored = max(self._stored, upto)
+
+    async def load(self) -> dict[str, TokenView]:
+        """Every stored view, by mint (one that cannot be read is skipped and logged)."""
+        keys = await self.store.scan_keys(VIEW_PREFIX)
+        views: dict[str, TokenView] = {}
+        for start in range(0, len(keys), _LOAD_CHUNK):
+            chunk = keys[start : start + _LOAD_CHUNK]
+            for key, raw in zip(chunk, await self.store.get_many(chunk), strict=True):
+                if raw is None:
+                    continue  # expired since the scan
+                try:
+                    view = self._decoder.decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("trading: the stored view %s cannot be read, skipped: %s", key, exc)
+                    continue
+                views[view.mint] = view
+        return views
