@@ -1,7 +1,9 @@
 """Two exit replicas and trading as processes over RabbitMQ, Redis and Postgres: a
 graceful exit is finished when every position of every partition is, not when the
-first replica is done with its share; and when a replica dies in the middle, the
-other takes its partitions, sells what they hold and only then finishes the run."""
+first replica is done with its share; when a replica dies in the middle, the other
+takes its partitions, sells what they hold and only then finishes the run; when a
+replica joins in the middle, the partitions it takes are sold by it alone (the old
+owner sends no tranche of them any more)."""
 
 from __future__ import annotations
 
@@ -68,10 +70,14 @@ class Replicas:
 
     def mints_of(self, replica: str, count: int) -> list[str]:
         """``count`` new mints on ``replica``'s partitions."""
+        return self.mints_on(self.expected[replica], count)
+
+    def mints_on(self, partitions: tuple[int, ...], count: int) -> list[str]:
+        """``count`` new mints on ``partitions``."""
         mints = []
         while len(mints) < count:
             mint = self.upstream.tokens.mint()
-            if partition_of(mint, PARTITIONS) in self.expected[replica]:
+            if partition_of(mint, PARTITIONS) in partitions:
                 mints.append(mint)
         return mints
 
@@ -233,4 +239,52 @@ async def test_a_replica_killed_mid_run_leaves_the_run_open_until_its_partitions
     stored = await records.get_run(run.run_id)
     assert_summary_matches_fills(stack, stored.summary, fast | slow)
     codes = await stack.processes.stop_all(["exit-a", "trading"])
+    assert set(codes.values()) == {0}, stack.processes.logs()
+
+
+async def test_a_replica_joining_mid_run_sells_the_partitions_it_takes_and_the_old_owner_stops(
+    replicas: Replicas, pg_pool
+):
+    stack = replicas
+    records = PostgresExitStore(pg_pool)
+    joined = assign_partitions(PARTITIONS, (*REPLICAS, "exit-c"))
+    # exit-b's partitions: one it keeps, one exit-c takes when it joins
+    [moving] = set(joined["exit-c"]) & set(stack.expected["exit-b"])
+    [kept] = set(stack.expected["exit-b"]) - {moving}
+    held = await stack.open([*stack.mints_on((moving,), EACH), *stack.mints_on((kept,), 1)])
+    await stack.hold("exit-b", EACH + 1)
+    moved = {held[m] for m in held if partition_of(m, PARTITIONS) == moving}
+    status, _ = post(f"{stack.urls['exit-a']}/shutdown", TOKEN, {"reason": "a replica joins"})
+    assert status == 200
+    # exit-b has sold a tranche of each position that moves: exit-c joins
+    await stack.watch.wait_for(
+        EACH, "order.filled", where=lambda e: e.data.position_id in moved, within=60
+    )
+    stack.urls["exit-c"] = f"http://127.0.0.1:{free_port()}"
+    stack.serve("exit-c", **SLOW)
+
+    async def c_took_its_partitions() -> bool:
+        return await stack.owned("exit-c") == set(joined["exit-c"])
+
+    await stack.until(c_took_its_partitions, "exit-c owning its partitions")
+    run = await records.active_run()
+    assert run is not None, "the run ended before exit-c joined"
+
+    async def finished() -> bool:
+        stored = await records.get_run(run.run_id)
+        return stored.finished_at is not None
+
+    await stack.until(finished, "the run finished")
+    assert await stack.open_in_trading() == set()
+    stored = await records.get_run(run.run_id)
+    assert_summary_matches_fills(stack, stored.summary, set(held.values()))
+    orders = stack.watch.of("exit.order")
+    assert len({o.data.order_id for o in orders}) == len(orders), "an order id sent twice"
+    # from exit-c's first tranche of a moved position on, only exit-c sells them
+    for position_id in moved:
+        sent = [o for o in orders if o.data.position_id == position_id]
+        first = next(i for i, o in enumerate(sent) if o.source == "exit/exit-c")
+        senders = {o.source for o in sent[first:]}
+        assert senders == {"exit/exit-c"}, [(o.source, o.data.order_id) for o in sent]
+    codes = await stack.processes.stop_all([*REPLICAS, "exit-c", "trading"])
     assert set(codes.values()) == {0}, stack.processes.logs()

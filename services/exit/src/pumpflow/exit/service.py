@@ -43,6 +43,12 @@
   that it ends on what this service has seen, as without a barrier. Past the deadline
   every placeholder goes, and a position the barrier listed that no replica saw is
   reported left (nothing sold).
+- **A partition moving** (a replica joining, or leaving by ``stop``) takes its
+  positions out of the old owner's share, which sends none of their tranches any more
+  (checked before each is stored and again before it is published) and gives up the
+  one it awaits; the new owner sells them like a restarted replica: after the outcome
+  of the tranche in flight, numbering on from the stored tranches, with the fills so
+  far in its report of the position.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
@@ -114,7 +120,8 @@ def control_group(service: str) -> str:
 
 
 class _OwnedPositions:
-    """The positions this replica holds, as the graceful exit reads them."""
+    """The positions this replica holds, as the graceful exit reads them: of the
+    partitions it owns (a partition revoked leaves its keys a moment later)."""
 
     def __init__(self, consumer: KeyedStatefulConsumer[ExitState]):
         self.consumer = consumer
@@ -122,12 +129,26 @@ class _OwnedPositions:
     @property
     def open_positions(self) -> Mapping[str, HeldView]:
         held = {}
+        owned, partitions = self.consumer.owned, self.consumer.bus.partitions
         for key in list(self.consumer.keys()):
+            if partition_of(key, partitions) not in owned:
+                continue
             state = self.consumer.state(key)
             view = held_view(state) if state is not None else None
             if view is not None:
                 held[key] = view
         return held
+
+
+def _moved(order_id: str, mint: str) -> OrderRejected:
+    """The answer to a tranche of a position whose partition moved to another replica."""
+    return OrderRejected(
+        order_id=order_id,
+        mint=mint,
+        reason="its partition moved to another replica",
+        side="sell",
+        position_id=order_id.split(":exit:")[0],
+    )
 
 
 class ExitService(Service):
@@ -163,7 +184,8 @@ class ExitService(Service):
         self.finished = asyncio.Event()
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future] = {}
+        #: tranches sent and awaited: order id -> (mint, its outcome)
+        self._waiting: dict[str, tuple[str, asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._graceful: asyncio.Task | None = None
         self._poll: asyncio.Task | None = None
@@ -277,6 +299,7 @@ class ExitService(Service):
                     if run is not None:
                         self._begin(run)
                 elif self.manager is not None and self.manager.summary is None:
+                    self._hand_over_moved()
                     self.manager.begin_graceful_exit(self.run.reason)
                     self.metrics.progress(self.manager.monitor_exit_progress())
                     await self._list_share(self.manager)
@@ -444,10 +467,26 @@ class ExitService(Service):
     def _owns(self, mint: str) -> bool:
         return partition_of(mint, self.consumer.bus.partitions) in self.consumer.owned
 
+    def _hand_over_moved(self) -> None:
+        """Positions whose partitions moved to another replica leave this share: their
+        new owner sells them, numbering on from the stored tranches (it waits for the
+        outcome of the one in flight here, which comes to it)."""
+        if self.manager is not None:
+            for mint in [m for m in self.manager.planner.exits if not self._owns(m)]:
+                self.manager.hand_over(mint)
+                log.info("exit: %s's partition moved: its new owner sells it", mint)
+        for order_id, (mint, waiting) in list(self._waiting.items()):
+            if not self._owns(mint) and not waiting.done():
+                waiting.set_result(_moved(order_id, mint))
+
     async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
-        """Send one tranche of the graceful exit: stored, published, its outcome awaited."""
+        """Send one tranche of the graceful exit: stored, published, its outcome awaited;
+        none once its partition has moved (the new owner sells the position)."""
         ctx = self._ctx
         now = ctx.clock.now()
+        if not self._owns(order.mint):
+            self._hand_over_moved()
+            return _moved(order.order_id, order.mint)
         record = self.manager.records[order.mint]
         await self.records.record_order(
             ExitOrderRecord(
@@ -464,8 +503,14 @@ class ExitService(Service):
                 run_id=self.run.run_id,
             )
         )
+        if not self._owns(order.mint):
+            # moved while it was stored: settled here, so the new owner need not wait for it
+            refused = _moved(order.order_id, order.mint)
+            await self.records.settle(order.order_id, refused, now)
+            self._hand_over_moved()
+            return refused
         outcome = asyncio.get_running_loop().create_future()
-        self._waiting[order.order_id] = outcome
+        self._waiting[order.order_id] = (order.mint, outcome)
         try:
             await ctx.bus.publish(make_event(order, source=ctx.source, time=now))
             self.metrics.ordered(order.reason)
@@ -504,7 +549,7 @@ class ExitService(Service):
         try:
             if ":exit:" in outcome.order_id:
                 first = await self.records.settle(outcome.order_id, outcome, time)
-                waiting = self._waiting.get(outcome.order_id)
+                _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
                 elif first and isinstance(outcome, OrderFilled) and self.manager is not None:

@@ -12,6 +12,9 @@ told each position sold out).
 A rule's sale ordered before the exit began holds its tokens back (the position's
 ``pending_tokens``): the position is not sold out until that sale settles, and if it
 is refused, the exit sells its tokens too (:meth:`GracefulExitManager.on_rule_outcome`).
+
+A position another seller takes over (its partition moved to another replica) leaves
+this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ class GracefulExitManager:
         self._lifecycles: dict[str, tuple[LifecycleState, float | None]] = {}
         #: position id -> tranches sent before a restart (their numbers are taken)
         self._sent: dict[str, int] = {}
+        #: mints handed over to another seller: never queued again by this manager
+        self._handed: set[str] = set()
 
     # ---------------------------------------------------------------- inputs
 
@@ -152,6 +157,8 @@ class GracefulExitManager:
             self.reason = reason
             self.planner.begin(now, deadline=deadline)
         for position in list(self.position_manager.open_positions.values()):
+            if position.mint in self._handed:
+                continue
             lifecycle, level = self._lifecycles.get(position.mint, (None, None))
             queued = self.planner.add(
                 position,
@@ -237,6 +244,16 @@ class GracefulExitManager:
             await self._wait_for_change(when)
         return await self._finish(force=True)
 
+    def hand_over(self, mint: str) -> bool:
+        """``mint``'s position is another seller's now: out of the plan and the reports,
+        for good (the tranche in flight, if any, is given up; the other seller waits for
+        its outcome). Whether it was queued here."""
+        self._handed.add(mint)
+        dropped = self.planner.drop(mint) is not None
+        self.records.pop(mint, None)
+        self._changed.set()
+        return dropped
+
     async def on_rule_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, tokens: float
     ) -> None:
@@ -292,6 +309,8 @@ class GracefulExitManager:
 
     async def _execute(self, tranche: PlannedTranche) -> None:
         outcome = await self.trade_executor.execute_exit(tranche.order())
+        if tranche.mint in self._handed:
+            return
         now = self.clock.now()
         record = self.records[tranche.mint]
         if isinstance(outcome, OrderFilled):

@@ -445,6 +445,14 @@ class ExitPlanner:
         self._dirty = True
         return queued
 
+    def drop(self, mint: str) -> QueuedExit | None:
+        """Take ``mint``'s position out of the plan (another replica sells it now)."""
+        queued = self.exits.pop(mint, None)
+        if queued is not None:
+            self.queue = [entry for entry in self.queue if entry[2] != mint]
+            heapq.heapify(self.queue)
+        return queued
+
     def release(self, mint: str, tokens: float) -> QueuedExit | None:
         """A rule's sale of ``tokens`` reserved from ``mint``'s exit filled: they are gone."""
         queued = self.exits.get(mint)
