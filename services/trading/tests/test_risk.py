@@ -189,6 +189,20 @@ def test_execution_breaker_trips_on_failures_in_a_row_and_half_opens(clock):
     assert again.tripped
 
 
+def test_sales_the_market_refused_on_slippage_do_not_count_toward_the_execution_breaker(clock):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    slipped = "slippage 12.00% over the 10% limit"
+    assert risk.record_execution(False, reason="timeout", side="sell", now=START) == []
+    # a falling token's sale refused again and again: neither a failure nor a success
+    for _ in range(5):
+        assert risk.record_execution(False, reason=slipped, side="sell", now=START) == []
+    assert risk.consecutive_failures == 1
+    # a buy refused on slippage counts, and so does a sale failing otherwise
+    assert risk.record_execution(False, reason=slipped, side="buy", now=START) == []
+    [trip, _] = risk.record_execution(False, reason="no confirmation", side="sell", now=START)
+    assert trip.breaker == "execution" and trip.tripped
+
+
 def test_the_daily_loss_limit_reduces_until_the_next_day(clock):
     book = PositionBook()
     risk = RiskManager(100.0, 0.02, 5, positions=book, clock=clock)

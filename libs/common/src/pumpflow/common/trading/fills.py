@@ -91,6 +91,20 @@ def _over_limit(slippage: float, slippage_pct: float) -> bool:
     return slippage > slippage_pct / 100.0 + _SLIPPAGE_EPSILON
 
 
+_SLIPPAGE_REFUSAL = "slippage "
+
+
+def _slippage_refusal(slippage: float, limit: float) -> FillRejection:
+    return FillRejection(
+        reason=f"{_SLIPPAGE_REFUSAL}{slippage:.2%} over the {limit:g}% limit", slippage=slippage
+    )
+
+
+def is_slippage_refusal(reason: str) -> bool:
+    """Whether an order was refused because the market moved past its slippage limit."""
+    return reason.startswith(_SLIPPAGE_REFUSAL)
+
+
 def fill_buy(
     state: CurveState,
     sol_amount: float,
@@ -113,9 +127,7 @@ def fill_buy(
         return FillRejection(reason="the curve sells no tokens")
     slippage = quote.average_price / wanted.average_price - 1.0
     if _over_limit(slippage, limit):
-        return FillRejection(
-            reason=f"slippage {slippage:.2%} over the {limit:g}% limit", slippage=slippage
-        )
+        return _slippage_refusal(slippage, limit)
     api_fee = quote.sol * execution.api_fee_rate
     return PaperFill(
         side="buy",
@@ -149,9 +161,7 @@ def fill_sell(
     wanted = quote_sell(expected, tokens, fee_rate=fee_rate)
     slippage = 1.0 - quote.average_price / wanted.average_price
     if _over_limit(slippage, limit):
-        return FillRejection(
-            reason=f"slippage {slippage:.2%} over the {limit:g}% limit", slippage=slippage
-        )
+        return _slippage_refusal(slippage, limit)
     api_fee = _api_fee(quote.sol, execution)
     return PaperFill(
         side="sell",

@@ -12,6 +12,17 @@ Circuit breakers (:data:`BREAKERS`) trip on their fault and recover after
 silence past the limits), ``rate`` (an anomalous event rate), ``execution`` (failed
 orders in a row; after recovery one more failure trips it again).
 
+A sale the market refused on slippage is no failure of execution and counts neither
+way: it is the token moving, not the executor or the chain failing. Exits are sold
+when the market turns against a position (stop loss, trailing stop, decline, the
+graceful exit's sweep), on curves that move a trade or more during an order's
+latency (the graduates' ~1.7 trades/s against 0.5 s, bots making 93 of the top 100
+wallets), so a falling token's re-armed sale is refused several times in a row: had
+that tripped the breaker, one token's dump would halt every entry for ``recovery_s``,
+and the halt does nothing for the sale (no state blocks an exit). A buy refused on
+slippage still counts: the breaker's halt acts on what failed (entries chasing a
+market that outruns them).
+
 Each change of a breaker or of the state is a report (a
 :class:`~pumpflow.common.events.CircuitBreakerChanged` or
 :class:`~pumpflow.common.events.TradingStateChanged` payload) the manager keeps until
@@ -40,6 +51,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.priority import Priority
 from pumpflow.common.pumpportal import POOL_PUMP_AMM
+from pumpflow.common.trading.fills import is_slippage_refusal
 from pumpflow.common.trading.settings import BreakerSettings, RiskLimits
 
 SECONDS_PER_DAY = 86_400.0
@@ -338,13 +350,16 @@ class RiskManager:
         return self._reports[mark:]
 
     def record_execution(
-        self, ok: bool, *, reason: str = "", now: float | None = None
+        self, ok: bool, *, reason: str = "", side: str | None = None, now: float | None = None
     ) -> list[Report]:
-        """An order's outcome: a failure counts toward the execution breaker."""
+        """An order's outcome: a failure counts toward the execution breaker, but for a
+        sale the market refused on slippage (see the module)."""
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
         if ok:
             self.consecutive_failures = 0
+        elif side == "sell" and is_slippage_refusal(reason):
+            pass
         else:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.breaker_settings.max_consecutive_failures:

@@ -77,7 +77,8 @@ Circuit breakers (:class:`BreakerSettings`):
   trades/s with bursts several times that; 1000/s is 17x the top average and twice
   the benchmark load (500/s). Beyond it the data is a replay loop or an attack.
 - ``max_consecutive_failures = 3``: one failed order is the market (slippage), three
-  in a row is the executor or the chain.
+  in a row is the executor or the chain. A sale refused on slippage is the market
+  alone and never counts (argued in :mod:`pumpflow.common.trading.risk`).
 - ``recovery_s = 60``: a breaker recovers after a minute without its fault, the
   lifecycle's quiet-to-declining time: short against the 4.4-minute graduate window,
   long against a flapping fault.
