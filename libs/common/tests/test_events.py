@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -125,6 +126,13 @@ def test_token_events_round_trip_in_an_envelope(event_type, frame, schema):
     back = decode_event(wire)
     assert back == event
     assert same_json(json.loads(wire)["data"], json.loads(frame))
+
+
+def test_envelopes_are_left_out_of_the_cycle_collector():
+    payload = decode_payload("token.trade", 1, SELL)
+    event = make_event(payload, source="feed/r1", time=1.0, seq=1)
+    assert not gc.is_tracked(event)
+    assert not gc.is_tracked(decode_event(encode_event(event)))
 
 
 # -- every registered schema, with a sample built from its own type information ----------

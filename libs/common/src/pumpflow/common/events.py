@@ -47,8 +47,13 @@ class Payload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     CRITICAL: ClassVar[bool] = False
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The envelope. ``data`` is a :class:`Payload` once decoded."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """The envelope. ``data`` is a :class:`Payload` once decoded.
+
+    Untracked by the cycle collector (``gc=False``): an envelope holds strings, numbers
+    and a payload of plain values, so it is never part of a reference cycle; tracked,
+    the events a backlog or a look-back holds would be traversed by every collection.
+    """
 
     id: str
     type: str
