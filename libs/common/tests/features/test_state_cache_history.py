@@ -15,6 +15,8 @@ from pumpflow.common.features import (
     FeatureVector,
     HistoryConfig,
 )
+from pumpflow.common.features.inputs import trade_input
+from pumpflow.common.features.processor import FeaturesProcessor
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.state.feature_cache import FeatureCache
 
@@ -60,6 +62,51 @@ def test_shedding_an_idle_token_changes_no_later_feature():
         assert np.allclose(
             straight.values(straight.token(mint)), shed.values(shed.token(mint)), rtol=0, atol=0
         )
+
+
+def test_runs_of_folded_trades_settle_to_what_applying_each_gives():
+    events = curve_history(7, trades=600, old_frames=False)
+    mint = events[0].data.mint
+    applied, folded = FeatureManager(), FeatureManager()
+    rng = np.random.default_rng(7)
+    i = 0
+    while i < len(events):
+        run = events[i : i + int(rng.integers(1, 40))]
+        for e in run:
+            applied.update_feature_history(e)
+        state = folded.token(mint)
+        for e in run[:-1]:
+            if state is None:
+                state = folded.update_feature_history(e)  # a new token's first trade
+            else:
+                state.fold(trade_input(e.data, e.time))
+        folded.update_feature_history(run[-1])
+        assert folded.values(folded.token(mint)) == applied.values(applied.token(mint))
+        i += len(run)
+    # a checkpoint of a state with trades still to settle carries on exactly
+    state = folded.token(mint)
+    for e in events[-5:]:
+        state.fold(trade_input(e.data, e.time + 1_000.0))
+        applied.update_feature_history(e.data, time=e.time + 1_000.0)
+    other = FeatureManager()
+    other.restore(mint, folded.snapshot(mint), seq=0)
+    assert other.values(other.token(mint)) == applied.values(applied.token(mint))
+
+
+def test_a_checkpoint_is_encoded_again_whenever_the_state_changed():
+    events = curve_history(8, trades=80, old_frames=False)
+    processor = FeaturesProcessor(FeatureManager(), retire_ttl_s=60.0)
+    state = processor.initial(events[0].data.mint)
+    for e in events:
+        state.apply(trade_input(e.data, e.time))
+        state.seq = e.seq
+        raw = processor.encode(state)
+        assert processor.encode(state) == raw  # nothing changed in between
+        assert processor.decode(raw).snapshot() == state.snapshot()
+    assert state.shed(events[-1].time + 1_000.0)
+    shed = processor.decode(processor.encode(state))
+    assert shed.buf_time is None
+    assert shed.snapshot() == state.snapshot()
 
 
 async def test_feature_cache_is_a_bounded_lru_over_the_store():

@@ -224,6 +224,7 @@ class FeatureManager:
 
     def values(self, state: TokenState) -> list[float]:
         """Feature values of a state, in ``names`` order (one generated function)."""
+        state.settle()
         return self._read(state)
 
     def generate_features(self, mint: str) -> FeatureVector | None:
@@ -231,6 +232,7 @@ class FeatureManager:
         state = self.token(mint)
         if state is None or state.n_events == 0:
             return None
+        state.settle()
         return FeatureVector(
             mint=mint,
             version=self.version,

@@ -4,8 +4,8 @@ Per mint, the state is the FeatureManager's :class:`TokenState`. Each token.crea
 token.trade is folded in and announced as ``features.updated`` (the values in
 ``manager.names`` order, ``source_seq`` the token event's seq). A ``features.updated``
 is a snapshot: of a token's events delivered together (``Effects.more``) only the last
-is announced, with every one of them folded in, so a backlog costs one vector per token
-per batch and consumers get the latest. A ``token.lifecycle``
+is announced, with every one of them folded in (the windows moved once), so a backlog
+costs one vector per token per batch and consumers get the latest. A ``token.lifecycle``
 event sets the token's processing priority, and retires it when it turns inactive or
 graduated; ``token.migrated`` retires it too. A retired token's record (and its
 stored vector) expire after ``retire_ttl_s`` unless it trades again.
@@ -56,11 +56,14 @@ class FeaturesProcessor:
         reason = invalid_reason(trade)
         if reason is not None:
             raise InvalidInput(reason)
-        state.apply(trade)
         seq = event.seq or 0
-        state.seq = seq
         if effects.more:
-            return state  # the key's next event of this batch announces the newer vector
+            # the key's next event of this batch moves the windows and announces
+            state.fold(trade)
+            state.seq = seq
+            return state
+        state.apply(trade)
+        state.seq = seq
         manager = self.manager
         effects.emit(
             FeaturesUpdated(
@@ -78,7 +81,14 @@ class FeaturesProcessor:
         return state
 
     def encode(self, state: TokenState) -> bytes:
-        return self._tag + encode_snapshot(state.snapshot())
+        # a commit that only moved the key's tracking (a lifecycle event, say) reuses the
+        # bytes: a state changes only by a trade (n_events) or by shedding (clears them)
+        encoded = state.encoded
+        if encoded is not None and encoded[0] == state.n_events and encoded[1] == state.seq:
+            return encoded[2]
+        raw = self._tag + encode_snapshot(state.snapshot())
+        state.encoded = (state.n_events, state.seq, raw)
+        return raw
 
     def compact(self, state: TokenState, now: float) -> bytes | None:
         # an idle token frozen: its windows are empty, every wallet an 8-byte id

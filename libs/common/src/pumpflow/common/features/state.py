@@ -159,6 +159,7 @@ class TokenState:
         "creator",
         "creator_balance",
         "creator_sold",
+        "encoded",
         "ewma",
         "first_price",
         "first_time",
@@ -178,6 +179,7 @@ class TokenState:
         "total_buy",
         "total_sell",
         "traders",
+        "unsettled",
         "v_sol",
         "v_tokens",
         "wstate",
@@ -218,12 +220,26 @@ class TokenState:
         self.buf_new: list[int] | None = None
         self.buf_price: list[float] | None = None
         self.maxq: list[deque] | None = None
+        #: trades folded in since the windows last moved (see :meth:`fold`)
+        self.unsettled = 0
+        #: (n_events, seq, bytes) of the last checkpoint a keeper encoded (see :meth:`shed`)
+        self.encoded: tuple[int, int, bytes] | None = None
 
     # ----------------------------------------------------------------------------------
     # The hot path.
 
     def apply(self, trade: TradeInput) -> None:
         """Fold one trade into the state (trades of a token must come in order)."""
+        self.fold(trade)
+        self.settle()
+
+    def fold(self, trade: TradeInput) -> None:
+        """Fold one trade in but leave the windows where they are until :meth:`settle`.
+
+        Folding a run of trades and settling once gives the state that applying each
+        gives (window sums are integers, each window's reference is the price before its
+        new left edge, a largest-buy queue pops the same entries); readers settle first.
+        """
         t, is_buy, lamports, _tokens, trader, new_balance, v_sol, v_tokens = trade
         price = v_sol / v_tokens
         layout = self.layout
@@ -291,29 +307,50 @@ class TokenState:
             if not is_buy:
                 self.creator_sold = True
 
-        windows = layout.windows
-        if not windows:
+        if not layout.windows:
             return
         if self.buf_time is None:
             self._new_buffers()
+        self.buf_time.append(t)
+        self.buf_buy.append(buy)
+        self.buf_sell.append(sell)
+        self.buf_new.append(1 if is_new else 0)
+        self.buf_price.append(price)
+        if is_buy and self.maxq:
+            for q in self.maxq:
+                while q and q[-1][1] <= lamports:
+                    q.pop()
+                q.append((t, lamports))
+        self.unsettled += 1
+
+    def settle(self) -> None:
+        """Move the windows over the trades folded since they last moved."""
+        pending = self.unsettled
+        if not pending:
+            return
+        self.unsettled = 0
         buf_time = self.buf_time
         buf_buy = self.buf_buy
         buf_sell = self.buf_sell
         buf_new = self.buf_new
-        buf_price = self.buf_price
-        buf_time.append(t)
-        buf_buy.append(buy)
-        buf_sell.append(sell)
-        buf_new.append(1 if is_new else 0)
-        buf_price.append(price)
+        if pending == 1:
+            buy = buf_buy[-1]
+            sell = buf_sell[-1]
+            new = buf_new[-1]
+        else:
+            buy = sum(buf_buy[-pending:])
+            sell = sum(buf_sell[-pending:])
+            new = sum(buf_new[-pending:])
+        t = buf_time[-1]
+        windows = self.layout.windows
         base = self.base
         wstate = self.wstate
         for k, window in enumerate(windows):
             at = k * WSLOTS
             wstate[at + _BUY] += buy
             wstate[at + _SELL] += sell
-            if is_new:
-                wstate[at + _NEW] += 1
+            if new:
+                wstate[at + _NEW] += new
             cutoff = t - window
             i = wstate[at + _LEFT] - base
             if buf_time[i] <= cutoff:
@@ -326,16 +363,12 @@ class TokenState:
                 wstate[at + _BUY] -= out_buy
                 wstate[at + _SELL] -= out_sell
                 wstate[at + _NEW] -= out_new
-                wstate[at + _REF] = buf_price[i - 1]
+                wstate[at + _REF] = self.buf_price[i - 1]
                 wstate[at + _LEFT] = i + base
         maxq = self.maxq
         if maxq:
-            for k, window in enumerate(layout.max_windows):
+            for k, window in enumerate(self.layout.max_windows):
                 q = maxq[k]
-                if is_buy:
-                    while q and q[-1][1] <= lamports:
-                        q.pop()
-                    q.append((t, lamports))
                 cutoff = t - window
                 while q and q[0][0] <= cutoff:
                     q.popleft()
@@ -343,7 +376,7 @@ class TokenState:
         drop = wstate[(len(windows) - 1) * WSLOTS + _LEFT] - base
         if drop > 32 and drop * 2 > len(buf_time):
             del buf_time[:drop], buf_buy[:drop], buf_sell[:drop]
-            del buf_new[:drop], buf_price[:drop]
+            del buf_new[:drop], self.buf_price[:drop]
             self.base = base + drop
 
     def _new_buffers(self) -> None:
@@ -388,6 +421,8 @@ class TokenState:
         windows = self.layout.windows
         if self.buf_time is None or not windows or not self.idle(now):
             return False
+        self.unsettled = 0  # every window ends empty, as if settled
+        self.encoded = None  # the one change that leaves n_events as it was
         wstate = self.wstate
         for k in range(len(windows)):
             at = k * WSLOTS
@@ -425,6 +460,7 @@ class TokenState:
 
         Raises ValueError (compact only) if two wallets would share an id.
         """
+        self.settle()
         scalars = (
             self.first_time,
             self.last_time,
