@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from pumpflow.common.events import Event, TokenCreated, TokenMigrated, TokenTrade
 from pumpflow.common.pumpportal import TokenPayload
@@ -18,9 +19,11 @@ TOKEN_EVENT_TYPES = (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE)
 ALL_EVENTS = "*"
 
 
-@dataclass(frozen=True, slots=True)
-class FeedRecord:
+class FeedRecord(msgspec.Struct, frozen=True, gc=False):
     """One validated token event from a feed.
+
+    One is built per frame: a struct takes a twentieth of a frozen dataclass's time to
+    build, and holding no cycle it is left out of the cycle collector.
 
     ``frame`` is the exact bytes received (what the recorder stores). ``event`` is
     set when the feed replays an already-enveloped event (from the database); the
