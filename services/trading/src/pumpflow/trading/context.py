@@ -48,7 +48,8 @@ class TokenContext:
         self.changed: set[str] = set()
         self._changes = 0
         self._stored = 0
-        self._writing: asyncio.Task[None] | None = None
+        #: resolved when the write on its way ends (stored or not)
+        self._writing: asyncio.Future[None] | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(TokenView)
 
@@ -67,9 +68,19 @@ class TokenContext:
         no longer has is deleted); raises what the store raised."""
         wanted = self._changes
         while self._stored < wanted:
-            if self._writing is None:
-                self._writing = asyncio.get_running_loop().create_task(self._write(views))
-            await asyncio.shield(self._writing)
+            if self._writing is not None:
+                # a write is on its way: wait for it, then write what it left if anything
+                await asyncio.shield(self._writing)
+                continue
+            # the first to wait writes, inline: no task, so a store that answers at once
+            # (the in-process one) leaves the event loop's order as it was
+            writing = self._writing = asyncio.get_running_loop().create_future()
+            try:
+                await self._write(views)
+            finally:
+                self._writing = None
+                if not writing.done():
+                    writing.set_result(None)
 
     async def _write(self, views: Mapping[str, TokenView]) -> None:
         upto, mints, self.changed = self._changes, self.changed, set()
@@ -89,8 +100,6 @@ class TokenContext:
         except BaseException:
             self.changed |= mints
             raise
-        finally:
-            self._writing = None
         self._stored = max(self._stored, upto)
 
     async def load(self) -> dict[str, TokenView]:
