@@ -362,3 +362,32 @@ def test_tranches_sized_to_the_impact_limit_and_the_optimal_price():
     rest = math.ceil(queued.tokens_left / sell_for_impact(queued.state, 0.02))
     assert rest == 4
     assert second.token_amount == pytest.approx(queued.tokens_left / rest)
+
+
+async def test_a_position_handed_over_mid_exit_gets_no_more_tranches_and_no_report(harness):
+    h = await harness(max_tranche_impact=0.005, min_tranche_interval_s=1.0)
+    moving = h.open("MintA", 2.0, curve_sol=5.0)
+    staying = h.open("MintB", 2.0, curve_sol=5.0)
+    execute = h.executor.execute_exit
+
+    async def partition_moves_after_first_tranche(order: ExitOrder):
+        outcome = await execute(order)
+        if order.mint == moving.mint:
+            # its partition moved while the tranche was out: another replica sells it now
+            assert h.manager.hand_over(moving.mint)
+        return outcome
+
+    h.executor.execute_exit = partition_moves_after_first_tranche
+    h.manager.trade_executor = h.executor
+    h.manager.begin_graceful_exit("handed over")
+    summary = await h.manager.run()
+
+    sent = [o for o in h.executor.orders if o.mint == moving.mint]
+    assert len(sent) == 1, "tranches sent after the hand-over"
+    assert [line.position_id for line in summary.lines] == [staying.position_id]
+    assert summary.positions_left == 0
+    reported = {line.position_id for r in h.reports for line in r.data.positions}
+    assert moving.position_id not in reported
+    # the position comes back in the book: this manager does not queue it again
+    h.manager.begin_graceful_exit("handed over")
+    assert moving.mint not in h.manager.planner.exits
