@@ -15,8 +15,10 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import (
+    BarrierPosition,
     FeaturesUpdated,
     ModelPrediction,
+    ShutdownBarrier,
     SystemShutdown,
     TokenLifecycle,
     make_event,
@@ -394,3 +396,28 @@ async def test_a_late_entry_behind_the_exit_consumers_backlog_is_waited_for_and_
         assert summary.positions == 3 and summary.positions_left == 0
         assert opened.position_id in {line.position_id for line in summary.lines}
         assert listed[entry_position_id(requested.data.order_id)][0] == "withdrawn"
+
+
+async def test_a_barrier_before_the_shutdown_begins_the_run_and_an_unseen_position_is_left():
+    clock = ReplayClock(START)
+    records = MemoryExitStore()
+    exits = exit_service(records, exit_deadline_s=20.0, exit_run_poll_s=0.02)
+    async with embedded(clock, exits) as (system, _):
+        # trading's barrier overtook the shutdown; it holds a position this consumer never
+        # sees (its events lost behind a backlog that outlasts the run)
+        unseen = BarrierPosition(position_id="pos-unseen", mint="MintUnseen")
+        barrier = ShutdownBarrier(reason="barrier first", positions=(unseen,))
+        await system.bus.publish(make_event(barrier, source="trading/test", time=clock.now()))
+        run = await eventually(records.active_run, what="the run begun by the barrier")
+        assert run.reason == "barrier first"
+        await until_finished(exits, clock)
+        ended = await records.get_run(run.run_id)
+        # the run waited for it to its deadline, then counted it left, nothing sold
+        assert ended.finished_at >= run.deadline
+        [line] = exits.summary.lines
+        assert line.position_id == "pos-unseen" and line.mint == "MintUnseen"
+        assert line.tokens_sold == 0 and not line.completed
+        assert exits.summary.positions_left == 1
+        # the same barrier told again, late: no second run
+        await system.bus.publish(make_event(barrier, source="trading/test", time=run.started_at))
+        assert await records.active_run() is None
