@@ -17,15 +17,24 @@ per vector), so the gap between the two figures is what that plumbing costs.
 Both figures are frames per CPU second of this process (``time.process_time``), so a
 busy machine slows the wall figure, not the CPU figure, as much.
 
-Run: .venv/bin/python benchmarks/backtest.py [--seed 6] [--minutes 10]
+``--by-service`` runs the whole pipeline once more and splits its CPU by service: every
+event-loop callback's CPU time goes to the service whose bus lane or keyed consumer the
+callback's task runs (a lane's handler and the consumer's flushes and announcements),
+the driver's own task (each frame through the feed's per-frame path, the replay clock's
+timers, the drains) apart. It reads the in-memory bus's and the consumer's task
+coroutines' locals, so it is a diagnostic of this code, not an interface.
+
+Run: .venv/bin/python benchmarks/backtest.py [--seed 6] [--minutes 10] [--by-service]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.events
 import gc
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -46,6 +55,52 @@ def whole_pipeline(frames) -> dict[str, float]:
         "predictions": report.predictions,
         "entries": report.entries,
     }
+
+
+def _owner(handle: asyncio.Handle) -> str:
+    """The service a callback works for: its task's bus lane or keyed consumer."""
+    task = getattr(handle._callback, "__self__", None)
+    if not isinstance(task, asyncio.Task):
+        return "other callbacks"
+    coro = task.get_coro()
+    frame = getattr(coro, "cr_frame", None)
+    name = getattr(coro, "__qualname__", "")
+    if frame is None:
+        return "other callbacks"
+    lane = frame.f_locals.get("lane")
+    if lane is not None:
+        return lane.group.service
+    owner = frame.f_locals.get("self")
+    processor = getattr(owner, "processor", None)
+    if processor is not None:
+        return type(processor).__name__.removesuffix("Processor").lower()
+    if name.startswith("run_backtest"):
+        return "driver: frames through the feed, clock, drains"
+    if name.startswith("TokenContext"):
+        return "trading"  # its token views' writes to the store
+    if name.startswith("TokenMonitorThreadPool"):
+        return "keyed consumers' worker pool"
+    return "other tasks"
+
+
+def by_service(frames) -> tuple[Counter, float]:
+    """The whole pipeline's CPU seconds by service, and the run's own CPU seconds."""
+    spent: Counter = Counter()
+    run = asyncio.events.Handle._run
+    clock = time.process_time
+
+    def timed(handle: asyncio.Handle) -> None:
+        owner = _owner(handle)  # before: a finished coroutine has no frame left
+        started = clock()
+        run(handle)
+        spent[owner] += clock() - started
+
+    asyncio.events.Handle._run = timed
+    try:
+        report = asyncio.run(run_backtest(frames, RUN_CONFIG, name="run"))
+    finally:
+        asyncio.events.Handle._run = run
+    return spent, report.cpu_s
 
 
 def batch_path(frames, min_score: float) -> dict[str, float]:
@@ -85,6 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=6)
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument(
+        "--by-service", action="store_true", help="also split the whole pipeline's CPU by service"
+    )
     args = parser.parse_args()
     frames = simulated_frames(args.seed, args.minutes)
     print(f"{len(frames):,} frames: {args.minutes:g} market minutes of seed {args.seed}")
@@ -99,6 +157,14 @@ def main() -> None:
             f"{name:<16} {len(frames) / r['cpu_s']:>13,.0f} {len(frames) / r['wall_s']:>14,.0f} "
             f"{r['cpu_s']:>8.2f} {r['predictions']:>8,} {r['entries']:>8,}"
         )
+    if args.by_service:
+        spent, cpu_s = by_service(frames)
+        total = sum(spent.values())
+        print(f"\nwhole pipeline by service: {total:.2f} CPU s in event-loop callbacks "
+              f"(the run: {cpu_s:.2f}, both timed by callback)")  # fmt: skip
+        for owner, seconds in spent.most_common():
+            if seconds >= 0.005 * total:
+                print(f"  {owner:<48} {seconds:>7.2f} s {seconds / total:>6.1%}")
 
 
 if __name__ == "__main__":

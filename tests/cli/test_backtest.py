@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ from pumpflow.cli.backtest import (
 )
 from pumpflow.cli.main import main
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.feed import socket_feed
 from pumpflow.simulator.cli import main as sim_main
 from pumpflow.simulator.dataset import load_dataset
 
@@ -54,6 +56,48 @@ async def test_a_backtest_of_the_same_stream_decides_the_same_twice():
     assert progress[-1] == (len(frames), len(frames))
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert "PnL after fees" in first.text()
+
+
+class _Crawling:
+    """The wall clock of a machine so slow that a minute passes between two readings."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        self.now += 60.0
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+async def test_a_slow_replay_passes_on_the_trades_of_a_token_the_feed_unsubscribed(monkeypatch):
+    # the stream, then a token of its first second trading again 20 market minutes on,
+    # after activity found it inactive and had the feed unsubscribe it
+    frames = simulated_frames(SEED, MINUTES, start=START)
+    decoded = [json.loads(frame) for _, frame in frames]
+    mint = decoded[0]["mint"]
+    trades = [d for d in decoded if d.get("txType") in ("buy", "sell")]
+    other = next(d for d in reversed(trades) if d["mint"] != mint)
+    again = next(d for d in reversed(trades) if d["mint"] == mint)
+    end = frames[-1][0]
+    frames += [
+        (end + 1200.0, json.dumps({**other, "signature": "Y" * 4 + other["signature"][4:]})),
+        (end + 1210.0, json.dumps({**again, "signature": "Z" * 4 + again["signature"][4:]})),
+    ]
+    frames = [(at, frame if isinstance(frame, bytes) else frame.encode()) for at, frame in frames]
+    monkeypatch.setenv("PUMPFLOW_ACTIVITY_SUBSCRIPTION_BATCH_MAX", "1")  # sent at once
+    monkeypatch.setattr(socket_feed, "time", _Crawling())
+    seen: list[tuple[str, str]] = []
+
+    async def observe(event) -> None:
+        if event.type in ("token.trade", "token.lifecycle") and event.data.mint == mint:
+            seen.append((event.type, getattr(event.data, "signature", "")[:4]))
+
+    await run_backtest(frames, RUN_CONFIG, observe=observe)
+    assert ("token.lifecycle", "") in seen
+    assert seen[-1] == ("token.trade", "ZZZZ")
 
 
 async def test_a_dataset_file_replays_as_the_market_it_was_written_from(dataset):
