@@ -286,6 +286,50 @@ def hop_ages(before: dict[str, str], after: dict[str, str]) -> str:
     return "event age at each consumer (pumpflow_event_age_seconds): " + "; ".join(parts)
 
 
+#: per-hop figures: (metric, label grouping the series, what it is)
+HOPS = (
+    ("pumpflow_receipt_age_seconds", "type", "receipt to handler start"),
+    ("pumpflow_handler_seconds", "type", "handler (apply, commit, publish)"),
+    ("pumpflow_worker_pool_queue_wait_seconds", None, "pool queue wait"),
+    ("pumpflow_consumer_commit_seconds", None, "checkpoint commit"),
+    ("pumpflow_consumer_publish_seconds", None, "publish with confirms"),
+    ("pumpflow_feed_record_stage_seconds", "stage", "feed recorder"),
+)
+
+
+def labelled_buckets(metrics_text: str, name: str, label: str | None) -> dict[str, dict]:
+    """A histogram's cumulative bucket counts by upper bound, per value of ``label``."""
+    found: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                group = sample.labels.get(label, "") if label else ""
+                counts = found.setdefault(group, {})
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return found
+
+
+def hop_breakdown(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Each service's receipt age at its handlers and the steps of its hop, p50 / p99."""
+    lines = ["per hop over the window (p50 / p99, ms; n):"]
+    for service in SERVICES:
+        parts = []
+        for name, label, what in HOPS:
+            first = labelled_buckets(before.get(service, ""), name, label)
+            last = labelled_buckets(after.get(service, ""), name, label)
+            for group, counts in sorted(last.items()):
+                window = {b: c - first.get(group, {}).get(b, 0.0) for b, c in counts.items()}
+                total = window.get(float("inf"), 0.0)
+                p50, p99 = histogram_quantile(0.5, window), histogram_quantile(0.99, window)
+                if total > 0 and p50 is not None and p99 is not None:
+                    tag = f"{what} {group}".strip()
+                    parts.append(f"{tag} {p50 * 1000:.1f} / {p99 * 1000:.1f} ({total:,.0f})")
+        if parts:
+            lines.append(f"  {service}: " + "; ".join(parts))
+    return lines
+
+
 def describe_histogram(before: dict[float, float], after: dict[float, float]) -> str:
     window = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
     total = window.get(float("inf"), 0.0)
@@ -466,6 +510,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 buckets((after or {}).get("trading", "")),
             ),
             hop_ages(before or {}, after or {}),
+            *hop_breakdown(before or {}, after or {}),
             describe("receipt to prediction", to_prediction),
         ]
         step.lines.append(

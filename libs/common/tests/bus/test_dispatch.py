@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.dispatch import Dispatcher, hold, release
 from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.metrics import series
 from pumpflow.common.events import TokenMigrated, make_event
 
 
@@ -77,3 +79,31 @@ async def test_a_held_service_takes_its_deliveries_in_order_once_released():
         release("held")
     assert await asyncio.gather(*waiting) == [None, None]
     assert calls == [("other", 1), ("held", 1), ("held", 2)]
+
+
+async def test_a_handler_start_counts_its_events_age_since_the_feeds_receipt():
+    """pumpflow_receipt_age_seconds: the wall time from the feed's receipt of the causal
+    chain's first frame to a handler's start, per event, alone or in a batch."""
+
+    async def handled(event) -> None:
+        pass
+
+    async def handled_batch(events) -> None:
+        pass
+
+    subscription = Subscription(
+        service="receipt-age", patterns=("token.*",), handler=handled,
+        batch_handler=handled_batch, window=4,
+    )  # fmt: skip
+    dispatcher = Dispatcher(service="receipt-age", lane="partition", event_log=EventLog("none"))
+    received = time.time() - 0.03
+    chained = make_event(
+        TokenMigrated(signature="s1", mint="m1", txType="migrate", pool="pump-amm"),
+        source="features/r1", time=1.0, seq=1, received_at=received,
+    )  # fmt: skip
+    assert await dispatcher.dispatch(chained, subscription) is None
+    assert await dispatcher.dispatch_batch([chained, migrated(2)], subscription) == []
+    receipt = series("receipt-age", "token.migrated", "partition").receipt
+    # two events with a receipt, none counted for the one without
+    assert receipt.count == 2
+    assert 0.03 <= receipt.total / receipt.count < 5.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -106,6 +106,19 @@ class FeedMetrics:
             "pumpflow_feed_record_errors_total", "Failed writes of event batches",
             registry=registry,
         )  # fmt: skip
+        self.record_stage = Histogram(
+            "pumpflow_feed_record_stage_seconds",
+            "Per write batch, by stage: wait (its oldest event queued before the write "
+            "began), store, publish (confirms included), mark (the outbox position)",
+            ["stage"],
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
+                     0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )  # fmt: skip
+        self.record_wait = self.record_stage.labels("wait")
+        self.record_store = self.record_stage.labels("store")
+        self.record_publish = self.record_stage.labels("publish")
+        self.record_mark = self.record_stage.labels("mark")
         self.record_pending = Gauge(
             "pumpflow_feed_record_pending", "Events waiting to be stored", registry=registry
         )

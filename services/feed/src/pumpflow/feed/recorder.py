@@ -331,6 +331,7 @@ class Recorder:
                 batch = [self._pending.popleft() for _ in range(count)]
                 self._inflight = count
                 self._inflight_since = batch[0][3]
+                self.metrics.record_wait.observe(time.monotonic() - batch[0][3])
                 self._full.clear()
                 if len(self._pending) < self._max_pending:
                     self._space.set()
@@ -347,6 +348,7 @@ class Recorder:
         while parts:
             part = parts.popleft()
             events = [e for e, _, _, _ in part]
+            started = time.perf_counter()
             try:
                 result = await self._retry("store", self.sink.write_batch, events,
                                            [f for _, f, _, _ in part])  # fmt: skip
@@ -357,6 +359,7 @@ class Recorder:
                     continue
                 await self._reject(part[0][0], part[0][1], refused.__cause__)
             else:
+                self.metrics.record_store.observe(time.perf_counter() - started)
                 self.stored += result.inserted
                 self.metrics.recorded.inc(result.inserted)
                 to_publish = result.to_publish(events)
@@ -393,12 +396,16 @@ class Recorder:
 
     async def _publish(self, events: list[Event], last_id: int | None) -> None:
         if self._publisher is not None and events:
+            started = time.perf_counter()
             await self._retry("publish", self._publisher.publish_many, events)
+            self.metrics.record_publish.observe(time.perf_counter() - started)
             self.published += len(events)
             self.metrics.published.inc(len(events))
         if self._outbox is not None and last_id is not None:
             store: TokenEventStore = self.sink  # type: ignore[assignment]
+            started = time.perf_counter()
             await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
+            self.metrics.record_mark.observe(time.perf_counter() - started)
 
     async def _retry(self, what: str, func, *args):
         """Call until it succeeds; a store's refusal of the rows raises StoreRejected."""

@@ -218,7 +218,10 @@ class Dispatcher:
             await _unheld(self.service)
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
-        stats.age.observe(time.time() - event.time)
+        now = time.time()
+        stats.age.observe(now - event.time)
+        if event.received_at is not None:
+            stats.receipt.observe(now - event.received_at)
         attempts = subscription.max_attempts if subscription.max_attempts > 1 else 1
         attempt = 0
         with ExitStack() as waiting:
@@ -286,6 +289,8 @@ class Dispatcher:
                 kind = event.type
                 counts = counted[kind] = [found.get(kind) or self.series(kind), 0]
             counts[0].age.observe(now - event.time)
+            if event.received_at is not None:
+                counts[0].receipt.observe(now - event.received_at)
             counts[1] += 1
         started = perf_counter()
         try:

@@ -25,6 +25,11 @@ HANDLER_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+#: fine below 100 ms, where receipt-latency targets (25 ms) and per-hop waits lie
+RECEIPT_BUCKETS = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 AGE_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0,
@@ -62,7 +67,7 @@ class Histogram:
 class Series:
     """Every bus metric of one (service, type, lane)."""
 
-    __slots__ = ("age", "consumed", "dead_lettered", "handler", "published")
+    __slots__ = ("age", "consumed", "dead_lettered", "handler", "published", "receipt")
 
     def __init__(self) -> None:
         self.published = 0
@@ -70,6 +75,7 @@ class Series:
         self.dead_lettered = 0
         self.handler = Histogram(HANDLER_BUCKETS)
         self.age = Histogram(AGE_BUCKETS)
+        self.receipt = Histogram(RECEIPT_BUCKETS)
 
 
 _COUNTERS = (
@@ -80,6 +86,12 @@ _COUNTERS = (
 _HISTOGRAMS = (
     ("pumpflow_handler_seconds", "handler", "Time a handler took for one event."),
     ("pumpflow_event_age_seconds", "age", "Wall time at consumption minus event time."),
+    (
+        "pumpflow_receipt_age_seconds",
+        "receipt",
+        "Wall time at a handler's start minus the feed's receipt of the frame the event's "
+        "causal chain began with (each consumer's cumulative latency from receipt).",
+    ),
 )
 
 

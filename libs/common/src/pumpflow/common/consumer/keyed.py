@@ -943,7 +943,9 @@ class KeyedStatefulConsumer(Generic[S]):
                 written, self._unannounced = self._unannounced, []
                 events = [e for batch in written for e in batch[1]]
                 if events:
+                    started = time.perf_counter()
                     await self._retry(lambda e=events: self.bus.publish_many(e), "publishing")
+                    self.metrics.publish_seconds.observe(time.perf_counter() - started)
                     if self._on_published is not None:
                         self._on_published(events)
                 for entries, _, handed, generation in written:

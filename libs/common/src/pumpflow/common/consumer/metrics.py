@@ -6,6 +6,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.metrics import families as shared_families
 
+#: fine below 25 ms, where a hop's store and publish waits lie
+STEP_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+)  # fmt: skip
+
 
 class _Families:
     def __init__(self, registry: CollectorRegistry):
@@ -45,6 +51,14 @@ class _Families:
             "pumpflow_consumer_commit_seconds",
             "Time to encode and write one group commit.",
             ["service"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.publish_seconds = Histogram(
+            "pumpflow_consumer_publish_seconds",
+            "Time to publish the events of the group commits written meanwhile, confirms included.",
+            ["service"],
+            buckets=STEP_BUCKETS,
             registry=registry,
         )
         self.store_retries = Counter(
@@ -110,6 +124,7 @@ class ConsumerMetrics:
         self.timers = families.timers.labels(service)
         self.commit_keys = families.commits.labels(service)
         self.commit_seconds = families.commit_seconds.labels(service)
+        self.publish_seconds = families.publish_seconds.labels(service)
         self.store_retries = families.store_retries.labels(service)
         self.live_keys = families.keys.labels(service, "live")
         self.compact_keys = families.keys.labels(service, "compact")
