@@ -254,3 +254,46 @@ async def test_a_refused_seq_is_never_given_again_by_a_restarted_feed(pg_pool):
     await recorder.close(5)
     await letters.close(5)
     await bus.close()
+
+
+class _HeldMarks(TokenEventStore):
+    """The real store, whose outbox marks wait until ``release`` is set."""
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        self.release = asyncio.Event()
+        self.marks_begun = 0
+
+    async def mark_published(self, publisher: str, last_id: int) -> None:
+        self.marks_begun += 1
+        await self.release.wait()
+        await super().mark_published(publisher, last_id)
+
+
+async def test_the_next_batch_is_stored_and_published_while_the_last_mark_waits(pg_pool):
+    """The outbox mark is off the receipt path: a slow mark holds no later event, and a
+    flush still returns only once the position covers everything published."""
+    bus, probe = await bus_with_probe()
+    store = _HeldMarks(pg_pool)
+    await store.outbox_position("feed")
+    recorder = Recorder(store, publisher=bus, metrics=FeedMetrics(CollectorRegistry()),
+                        config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
+    await recorder.start()
+    events = trades(12)
+    for event in events[:4]:
+        await recorder.add(event)
+    await eventually(lambda: store.marks_begun == 1)
+    for event in events[4:]:
+        await recorder.add(event)
+    # stored and published while the first batch's mark still waits
+    await eventually(lambda: len(probe.events) == len(events), within=10)
+    assert await store.count() == len(events)
+    flushed = asyncio.ensure_future(recorder.flush())
+    await asyncio.sleep(0)
+    assert not flushed.done()
+    store.release.set()
+    await asyncio.wait_for(flushed, 10)
+    assert await store.outbox_position("feed") == await pg_pool.fetchval(
+        "SELECT max(id) FROM token_events"
+    )
+    await recorder.close()

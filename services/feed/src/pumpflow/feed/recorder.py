@@ -10,7 +10,11 @@ between the two, and a replay would then differ from the live run.
 
 Batches form by group commit: while one write is in flight the next batch fills,
 so an idle feed writes each event at once (latency of one COPY transaction) and a
-busy one writes up to ``batch_size`` per transaction. ``max_delay`` adds a wait to
+busy one writes up to ``batch_size`` per transaction. The outbox position is marked
+after each publication beside the next batch's write, not before it: a mark is only
+where a restart begins republishing, so a late or lost one republishes a few events
+(consumers drop them by seq) and holding the next batch for it would add a round trip
+to every event's receipt latency. ``max_delay`` adds a wait to
 fill a batch (flush on size or age). When ``max_pending`` events wait, ``add`` waits
 too, which slows the socket reader instead of dropping what it read; the server may
 drop the connection meanwhile, so the wait is logged and counted
@@ -173,6 +177,9 @@ class Recorder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        #: the outbox position published and not marked yet, and the task marking it
+        self._mark_wanted: int | None = None
+        self._marking: asyncio.Task | None = None
         self.stored = 0
         self.published = 0
         #: events the store refused (dead-lettered)
@@ -258,6 +265,7 @@ class Recorder:
         if self._task is None and self._pending:
             raise RuntimeError("recorder not started")
         await self._idle.wait()
+        await self._marked()
 
     async def close(self, timeout_s: float | None = None) -> int:
         """Flush (within ``timeout_s``), then stop the writer; return the events not stored.
@@ -276,6 +284,11 @@ class Recorder:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._marking is not None:
+            # unmarked: the next start republishes from the last mark, consumers drop copies
+            self._marking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marking
         if unstored or unpublished:
             self.unstored += unstored
             self.unpublished += unpublished
@@ -315,6 +328,7 @@ class Recorder:
         if batch:
             await self._publish(batch, last_id)
             count += len(batch)
+        await self._marked()
         if count:
             log.warning("republished %d stored events the last run had not confirmed", count)
         return count
@@ -402,10 +416,27 @@ class Recorder:
             self.published += len(events)
             self.metrics.published.inc(len(events))
         if self._outbox is not None and last_id is not None:
-            store: TokenEventStore = self.sink  # type: ignore[assignment]
-            started = time.perf_counter()
-            await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
-            self.metrics.record_mark.observe(time.perf_counter() - started)
+            if self._mark_wanted is None or last_id > self._mark_wanted:
+                self._mark_wanted = last_id
+            if self._marking is None:
+                self._marking = asyncio.create_task(self._mark())
+
+    async def _marked(self) -> None:
+        """Wait until every published position is marked."""
+        while self._marking is not None:
+            await asyncio.shield(self._marking)
+
+    async def _mark(self) -> None:
+        """Mark the newest published position until none is left (one write at a time)."""
+        store: TokenEventStore = self.sink  # type: ignore[assignment]
+        try:
+            while self._mark_wanted is not None:
+                last_id, self._mark_wanted = self._mark_wanted, None
+                started = time.perf_counter()
+                await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
+                self.metrics.record_mark.observe(time.perf_counter() - started)
+        finally:
+            self._marking = None
 
     async def _retry(self, what: str, func, *args):
         """Call until it succeeds; a store's refusal of the rows raises StoreRejected."""
