@@ -194,14 +194,16 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
     next knows them from the views stored in the state store, and its paper executor
     knows the token's market."""
     ledger, store = MemoryLedger(), MemoryStateStore(clock)
-    async with running(clock, trading(ledger), store=store) as (bus, watch):
+    # one process on a market clock keeps no views unless told to: nobody takes over there
+    first = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, first, store=store) as (bus, watch):
         mint = await ready(bus, market)
         await publish(bus, market.prediction(mint, score=0.1))
         retired = await ready(bus, market)
         await publish(bus, market.lifecycle(retired, state="inactive"))
         assert watch.count("order.requested") == 0
 
-    second = trading(ledger)
+    second = trading(ledger, trading_keep_token_views=True)
     async with running(clock, second, store=store) as (bus, watch):
         assert retired not in second.engine.views
         await publish(bus, market.prediction(mint))

@@ -207,10 +207,13 @@ class TradingService(Service):
                 self.ledger = MemoryLedger()
             else:
                 self.ledger = PostgresLedger(ctx.db)
-        if ctx.store is not None:
+        stores = lease_stores(ctx)
+        keep_views = self.settings.trading_keep_token_views
+        if keep_views is None:
+            # another replica can take over only where the lease is shared with it
+            keep_views = any(store is ctx.store for store in stores)
+        if keep_views and ctx.store is not None:
             self.context = TokenContext(ctx.store, ttl_s=self.settings.trading_context_ttl_s)
-        else:
-            log.info("trading without a state store: a take-over starts without token views")
         self._build()
         self._subscription = Subscription(
             service=self.settings.service,
@@ -220,7 +223,7 @@ class TradingService(Service):
             partitions=tuple(range(ctx.bus.partitions)),
         )
         self.leader = LeaderLease(
-            lease_stores(ctx),
+            stores,
             self.settings.lease_config(
                 name=LEASE_NAME, holder=f"{self.settings.replica}:{uuid.uuid4().hex[:12]}"
             ),

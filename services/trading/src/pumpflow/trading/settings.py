@@ -121,6 +121,12 @@ class TradingSettings(PumpPortalKeySettings):
         description="TTL (wall-clock seconds) of the lease 'trading:decide' that lets one "
         "replica trade; a standby takes over within it after a crash",
     )
+    trading_keep_token_views: bool | None = Field(
+        None,
+        description="store the token views for a replica taking over; default: where the "
+        "lease is shared with other replicas (not in a one-process run on a market clock, "
+        "which no replica can take over)",
+    )
     trading_context_ttl_s: float = Field(
         21_600.0,
         gt=0,
