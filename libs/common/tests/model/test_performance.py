@@ -159,8 +159,7 @@ def test_a_long_lived_mint_keeps_its_heaps_bounded():
         predict(tracker, "m", t, p)
         state = tracker._mints.get("m")
         if state is not None:
-            assert len(state.ups) <= 2 * state.undecided + 33
-            assert len(state.closing) <= 2 * state.undecided + 33
+            assert len(state.items) <= 2 * state.undecided + 33
     # a 60 s horizon at about 5 s per trade: the labels waiting are a horizon's worth
     assert tracker.pending < 100
 

@@ -21,7 +21,9 @@ a price after the horizon arrives) and released by :meth:`LabelTracker.resolve_d
 once the clock is ``grace_s`` past the horizon, never before: every label is released
 at its horizon whatever its outcome, so a window of released labels is a cohort of
 predictions by time, not skewed towards quick hits. The grace (2 s) covers the bus's
-delivery lag of a price at the horizon.
+delivery lag of a price at the horizon. Labels are released in steps of
+``release_step_s`` (0.25 s: at most that late, well inside the service's one-second
+release loop), each step's in the order registered.
 
 A token that retires (``token.lifecycle`` inactive or graduated) will show no more
 prices, so :meth:`LabelTracker.retire` decides its pending labels now from the prices
@@ -29,12 +31,19 @@ seen, which is what training does for a token whose trades stop: no barrier hit 
 0, the net return is at the last price seen; they are still released at their horizon.
 Prices that come for it afterwards (a revived token) count only for new predictions.
 
-Bounds and cost: at most ``max_pending`` labels wait (the oldest is dropped and counted
-beyond that: 200,000 covers 120 s at over 1,600 predictions a second). Each mint keeps
-three heaps of its undecided labels (by take-profit price, stop price and horizon end):
-a price costs O(1) when it decides nothing, and each label is pushed and popped a
-constant number of times, O(log n) each, so the cost is O(log n) per prediction and
-O(1) per price, amortised. A mint with nothing undecided is forgotten.
+Bounds and cost: at most ``max_pending`` labels wait (the first due is dropped and
+counted beyond that: 200,000 covers 120 s at over 1,600 predictions a second). The
+labels waiting are kept by release step (a dict of deques, the steps in a heap): O(1)
+per prediction. Each mint keeps a list of its undecided labels and the bounds a price
+must cross to decide one (the lowest take-profit price, the highest stop price, the
+earliest horizon end of a regression label): a price that decides nothing costs O(1),
+one that decides some scans the mint's list, O(k) for its k undecided labels. The
+scoring policy follows a token at most once per ``label_interval_s`` (5 s), so k is at
+most horizon / interval per arm (24 at 120 s); a scan decides at least one label, so
+the cost is O(k) per prediction at worst, and a list append and two comparisons when
+the prices decide labels in bulk. Heaps per mint (O(log k) each way) cost more at this
+k: four heap pushes and their tuples per prediction were a quarter of the scoring
+path (docs/benchmarks.md). A mint with nothing undecided is forgotten.
 
 :class:`RollingPerformance` keeps the last ``window`` released labels of each model
 and arm and computes, on demand, AUC, Brier score, positive rate and precision at the
@@ -47,6 +56,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -65,6 +75,9 @@ from pumpflow.common.model.metrics import (
 #: a bus delivers a price within this long of its event time
 DEFAULT_GRACE_S = 2.0
 DEFAULT_MAX_PENDING = 200_000
+#: labels due within this much of each other are released together, at the later time
+DEFAULT_RELEASE_STEP_S = 0.25
+_INF = math.inf
 
 
 class ResolvedLabel(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,43 +97,51 @@ class ResolvedLabel(msgspec.Struct, frozen=True, kw_only=True):
     definition: LabelDefinition
     #: clock time it was released
     resolved_at: float
+    #: the vector scored (its names and values, as the features.updated carried them)
+    feature_names: tuple[str, ...] = ()
+    features: tuple[float, ...] = ()
 
 
-class _Pending:
-    __slots__ = ("arm", "decided", "definition", "down", "entry", "horizon_end", "label",
-                 "mint", "model_id", "observed_before", "score", "time", "up", "version")
+class _Pending(msgspec.Struct, gc=False):
+    """A registered prediction; ``decided`` once its label is certain."""
 
-    def __init__(self, mint: str, time: float, entry: float, model_id: str, version: str,
-                 arm: str, score: float, definition: LabelDefinition, observed_before: int):
-        self.mint = mint
-        self.time = time
-        self.entry = entry
-        self.model_id = model_id
-        self.version = version
-        self.arm = arm
-        self.score = score
-        self.definition = definition
-        self.horizon_end = time + definition.horizon_s
-        self.up, self.down = barriers(entry, definition)
-        #: prices of the mint observed before this prediction (they do not count)
-        self.observed_before = observed_before
-        self.decided = False
-        self.label = math.nan
+    mint: str
+    time: float
+    entry: float
+    model_id: str
+    version: str
+    arm: str
+    score: float
+    definition: LabelDefinition
+    #: prices of the mint observed before this prediction (they do not count)
+    observed_before: int
+    horizon_end: float
+    #: classification: the take-profit and stop prices; regression: +inf and -inf
+    up: float
+    down: float
+    #: regression: decided by the last price at or before the horizon end
+    closes: bool
+    names: tuple[str, ...]
+    values: tuple[float, ...]
+    decided: bool = False
+    label: float = math.nan
 
 
-class _Mint:
-    """A mint's undecided labels and the last price seen of it."""
+class _Mint(msgspec.Struct, gc=False):
+    """A mint's undecided labels, the bounds a price must cross to decide one of them,
+    and the last price seen of it."""
 
-    __slots__ = ("closing", "downs", "last_price", "observed", "undecided", "ups")
-
-    def __init__(self) -> None:
-        self.observed = 0
-        self.last_price = math.nan
-        self.undecided = 0
-        #: (take-profit price, seq, label), (-stop price, seq, label), (horizon end, ...)
-        self.ups: list[tuple[float, int, _Pending]] = []
-        self.downs: list[tuple[float, int, _Pending]] = []
-        self.closing: list[tuple[float, int, _Pending]] = []
+    observed: int = 0
+    last_price: float = math.nan
+    undecided: int = 0
+    #: the labels registered (decided ones linger until the next scan)
+    items: list[_Pending] = msgspec.field(default_factory=list)
+    #: the lowest take-profit and highest stop price, the earliest horizon end of a
+    #: regression label, over the undecided labels (or lingering ones: a scan then
+    #: decides nothing and tightens them)
+    lowest_up: float = math.inf
+    highest_down: float = -math.inf
+    first_close: float = math.inf
 
 
 class LabelTracker:
@@ -132,23 +153,32 @@ class LabelTracker:
         clock: Clock | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         max_pending: int = DEFAULT_MAX_PENDING,
+        release_step_s: float = DEFAULT_RELEASE_STEP_S,
     ):
-        if grace_s < 0 or max_pending <= 0:
-            raise ValueError("need grace_s >= 0 and max_pending > 0")
+        if grace_s < 0 or max_pending <= 0 or release_step_s <= 0:
+            raise ValueError("need grace_s >= 0, max_pending > 0 and release_step_s > 0")
         self.clock = clock or WallClock()
         self.grace_s = grace_s
         self.max_pending = max_pending
+        self.release_step_s = release_step_s
         self._mints: dict[str, _Mint] = {}
-        #: (release time, seq, label) of every label not yet released
-        self._due: list[tuple[float, int, _Pending]] = []
-        self._seq = itertools.count()
+        #: the labels not yet released by release slot (release time in steps, rounded
+        #: up), each slot's in the order registered; the slots in a heap
+        self._slots: dict[float, deque[_Pending]] = {}
+        self._slot_order: list[float] = []
+        self._pending = 0
+        # the barriers of the last definition registered, per unit of entry price
+        self._definition: LabelDefinition | None = None
+        self._barrier_factors = (_INF, -_INF, True)
+        self._grace_s = float(grace_s)
+        self._minus_step = -float(release_step_s)
         #: labels dropped unreleased because more than max_pending waited
         self.dropped = 0
 
     @property
     def pending(self) -> int:
         """Labels registered and not yet released."""
-        return len(self._due)
+        return self._pending
 
     @property
     def mints(self) -> int:
@@ -166,56 +196,140 @@ class LabelTracker:
         arm: str,
         score: float,
         definition: LabelDefinition,
+        names: tuple[str, ...] = (),
+        values: tuple[float, ...] = (),
     ) -> None:
-        """Follow a prediction of ``model_id`` on the trade of ``mint`` at ``time``/``price``."""
-        if not (price > 0 and math.isfinite(price)):
+        """Follow a prediction of ``model_id`` on the trade of ``mint`` at ``time``/``price``.
+
+        ``names``/``values``: the vector scored, handed back with the label.
+        """
+        self.follow(mint, time, price, model_id, version, arm, score, definition, names,
+                    values)
+
+    def follow(
+        self, mint: str, time: float, price: float, model_id: str, version: str, arm: str,
+        score: float, definition: LabelDefinition, names: tuple[str, ...],
+        values: tuple[float, ...],
+    ) -> None:
+        """:meth:`register` with positional arguments (the scoring path's call)."""
+        if not 0.0 < price < _INF:
             return  # no return is defined from a price that is not positive
         state = self._mints.get(mint)
         if state is None:
             state = self._mints[mint] = _Mint()
+        if definition is not self._definition:
+            self._set_definition(definition)
+        horizon_end = time + definition.horizon_s
+        up_factor, down_factor, closes = self._barrier_factors
+        if closes:
+            up, down = _INF, -_INF
+            if horizon_end < state.first_close:
+                state.first_close = horizon_end
+        else:
+            up = price * up_factor
+            down = price * down_factor
+            if up < state.lowest_up:
+                state.lowest_up = up
+            if down > state.highest_down:
+                state.highest_down = down
         item = _Pending(mint, time, price, model_id, version, arm, score, definition,
-                        state.observed)
-        seq = next(self._seq)
+                        state.observed, horizon_end, up, down, closes, names, values)
+        items = state.items
+        items.append(item)
         state.undecided += 1
-        heapq.heappush(state.closing, (item.horizon_end, seq, item))
+        if len(items) > 2 * state.undecided + 32:
+            self._scan(state, math.nan, -math.inf)  # drops what lingers, decides nothing
+        slots = self._slots
+        slot = -((horizon_end + self._grace_s) // self._minus_step)
+        waiting = slots.get(slot)
+        if waiting is None:
+            waiting = slots[slot] = deque()
+            heapq.heappush(self._slot_order, slot)
+        waiting.append(item)
+        if self._pending < self.max_pending:
+            self._pending += 1
+            return
+        # the first due goes unreleased (inline: at full rate, every registration's cost)
+        self.dropped += 1
+        first = self._slot_order[0]
+        waiting = slots[first]
+        oldest = waiting.popleft()
+        if not waiting:
+            heapq.heappop(self._slot_order)
+            del slots[first]
+        if not oldest.decided:
+            oldest.decided = True
+            owner = self._mints[oldest.mint]
+            owner.undecided -= 1
+            if not owner.undecided:
+                del self._mints[oldest.mint]
+
+    def _set_definition(self, definition: LabelDefinition) -> None:
+        self._definition = definition
         if definition.kind == "take_profit_first":
-            heapq.heappush(state.ups, (item.up, seq, item))
-            heapq.heappush(state.downs, (-item.down, seq, item))
-        heapq.heappush(self._due, (item.horizon_end + self.grace_s, seq, item))
-        if len(self._due) > self.max_pending:
-            _, _, oldest = heapq.heappop(self._due)
-            self.dropped += 1
-            if not oldest.decided:
-                self._decide(oldest, math.nan)
-                self._forget_if_settled(oldest.mint)
+            up, down = barriers(1.0, definition)
+            self._barrier_factors = (up, down, False)
+        else:
+            self._barrier_factors = (_INF, -_INF, True)
 
     def observe(self, mint: str, time: float, price: float) -> None:
         """The price a trade of ``mint`` left at event ``time``."""
         state = self._mints.get(mint)
-        if state is None or not (price > 0 and math.isfinite(price)):
+        if state is None or not 0.0 < price < _INF:
             return
-        # labels whose horizon ended before this price: decided by what came before it
-        closing = state.closing
-        while closing and closing[0][0] < time:
-            item = heapq.heappop(closing)[2]
-            if not item.decided:
-                self._decide(item, self._outcome_so_far(item, state))
-        downs = state.downs
-        while downs and -downs[0][0] >= price:
-            item = heapq.heappop(downs)[2]
-            if not item.decided:
-                self._decide(item, 0.0)
-        ups = state.ups
-        while ups and ups[0][0] <= price:
-            item = heapq.heappop(ups)[2]
-            if not item.decided:
-                self._decide(item, 1.0)
+        if (
+            price >= state.lowest_up
+            or price <= state.highest_down
+            or time > state.first_close
+        ):
+            self._scan(state, price, time)
         state.last_price = price
         state.observed += 1
-        if state.undecided == 0:
+        if not state.undecided:
             del self._mints[mint]
-        elif max(len(closing), len(ups), len(downs)) > 2 * state.undecided + 32:
-            self._compact(state)
+
+    def _scan(self, state: _Mint, price: float, time: float) -> None:
+        """Decide the labels of ``state`` that the price at ``time`` decides; keep the
+        others and tighten the bounds to them. NaN decides nothing."""
+        kept = []
+        lowest_up, highest_down, first_close = _INF, -_INF, _INF
+        decided = 0
+        for item in state.items:
+            if item.decided:
+                continue
+            if item.closes:
+                # regression: a horizon that ended before this price is decided by what
+                # came before it
+                if item.horizon_end < time:
+                    item.label = self._outcome_so_far(item, state)
+                    item.decided = True
+                    decided += 1
+                    continue
+                if item.horizon_end < first_close:
+                    first_close = item.horizon_end
+            elif price <= item.down:
+                # a stop hit is a 0 whether or not the horizon passed
+                item.label = 0.0
+                item.decided = True
+                decided += 1
+                continue
+            elif price >= item.up:
+                # a take profit is a 1 inside the horizon; after it, nothing was hit in time
+                item.label = 1.0 if time <= item.horizon_end else 0.0
+                item.decided = True
+                decided += 1
+                continue
+            else:
+                if item.up < lowest_up:
+                    lowest_up = item.up
+                if item.down > highest_down:
+                    highest_down = item.down
+            kept.append(item)
+        state.items = kept
+        state.undecided -= decided
+        state.lowest_up, state.highest_down, state.first_close = (
+            lowest_up, highest_down, first_close
+        )
 
     def retire(self, mint: str) -> int:
         """No more prices will come for ``mint``: decide its labels now; how many."""
@@ -223,7 +337,7 @@ class LabelTracker:
         if state is None:
             return 0
         decided = 0
-        for _, _, item in state.closing:
+        for item in state.items:
             if not item.decided:
                 self._decide(item, self._outcome_so_far(item, state), state=state)
                 decided += 1
@@ -233,9 +347,13 @@ class LabelTracker:
         """Release the labels whose horizon (and grace) has passed by ``now`` (the clock's)."""
         now = self.clock.now() if now is None else now
         out = []
-        due = self._due
-        while due and due[0][0] <= now:
-            item = heapq.heappop(due)[2]
+        order = self._slot_order
+        step = self.release_step_s
+        released: list[_Pending] = []
+        while order and order[0] * step <= now:
+            released.extend(self._slots.pop(heapq.heappop(order)))
+        self._pending -= len(released)
+        for item in released:
             if not item.decided:
                 self._decide(item, self._outcome_so_far(item, self._mints.get(item.mint)))
                 self._forget_if_settled(item.mint)
@@ -245,6 +363,7 @@ class LabelTracker:
                     arm=item.arm, task=_task_of(item.definition), score=item.score,
                     time=item.time, entry_price=item.entry, label=item.label,
                     definition=item.definition, resolved_at=now,
+                    feature_names=item.names, features=item.values,
                 )
             )
         return out
@@ -270,14 +389,6 @@ class LabelTracker:
         state = self._mints.get(mint)
         if state is not None and state.undecided == 0:
             del self._mints[mint]
-
-    @staticmethod
-    def _compact(state: _Mint) -> None:
-        # decided labels linger in the heaps they were not popped from
-        for name in ("ups", "downs", "closing"):
-            live = [entry for entry in getattr(state, name) if not entry[2].decided]
-            heapq.heapify(live)
-            setattr(state, name, live)
 
 
 def _task_of(definition: LabelDefinition) -> Task:

@@ -118,6 +118,8 @@ class ModelProcessor:
         #: follows every prediction to its label (live performance); None: not measured
         self.labels = labels
         self._price_at: dict[tuple[str, ...], int | None] = {}
+        self._price_names: tuple[str, ...] = ()
+        self._price_at_names: int | None = None
         self.arms = arms
         self.policy = policy or ScoringPolicy()
         #: the live feature-set version (default: the manager's feature manager's)
@@ -150,6 +152,7 @@ class ModelProcessor:
         version = self.feature_set_version
         interval = self.policy.min_interval_s
         by_model: dict[str, list[Event]] = {}
+        route = self.arms.route
         for mint, event in newest.items():
             data = event.data
             if data.feature_set_version != version:
@@ -160,8 +163,12 @@ class ModelProcessor:
                 or (state.scored and event.time - state.last_scored < interval)
             ):
                 continue
-            for arm in self.arms.route(mint):
-                by_model.setdefault(arm.model_id, []).append(event)
+            for arm in route(mint):
+                chosen = by_model.get(arm.model_id)
+                if chosen is None:
+                    by_model[arm.model_id] = [event]
+                else:
+                    chosen.append(event)
         rows = 0
         prepared = self._prepared
         for model_id, chosen in by_model.items():
@@ -203,12 +210,25 @@ class ModelProcessor:
             raise InvalidInput(f"the model service does not consume {kind}")
         prepared = self._prepared.pop(event.id, None)
         data = event.data
+        time = event.time
+        mint = effects.key
         labels = self.labels
+        live = data.feature_set_version == self.feature_set_version
         price = math.nan
-        if labels is not None and data.feature_set_version == self.feature_set_version:
+        if labels is not None and live:
             # every price counts for the labels pending, scored vector or not
-            price = self._price(data)
-            labels.observe(effects.key, event.time, price)
+            names = data.names
+            if names is self._price_names:
+                at = self._price_at_names
+            else:
+                at = self._price_at.get(names, -1)
+                if at == -1:
+                    at = self._price_index(names)
+                # vectors of one features service often share their names' tuple
+                self._price_names, self._price_at_names = names, at
+            if at is not None:
+                price = data.values[at]
+                labels.observe(mint, time, price)
         if effects.more:
             self.skipped["superseded"] += 1
             return state
@@ -216,20 +236,21 @@ class ModelProcessor:
             self.skipped["retired"] += 1
             effects.retire(self.policy.retire_ttl_s)  # a late vector loaded it: let it go
             return state
-        if data.feature_set_version != self.feature_set_version:
+        if not live:
             self.skipped["feature_set"] += 1
             return state
-        if state.scored and event.time - state.last_scored < self.policy.min_interval_s:
+        policy = self.policy
+        if state.scored and time - state.last_scored < policy.min_interval_s:
             self.skipped["interval"] += 1
             return state
         made = 0
-        mint = effects.key
         if (
             labels is not None
             and state.last_labelled
-            and event.time - state.last_labelled < self.policy.label_interval_s
+            and time - state.last_labelled < policy.label_interval_s
         ):
             labels = None  # this token's last labels cover this moment too
+        emit = effects.emit
         for arm in self.arms.route(mint):
             model_id = arm.model_id
             found = None if prepared is None else prepared.get(model_id)
@@ -238,44 +259,41 @@ class ModelProcessor:
                 if found is None:
                     continue
             card, score, seconds = found
+            label = card.label
             if labels is not None:
-                labels.register(
-                    mint=mint, time=event.time, price=price, model_id=model_id,
-                    version=card.version, arm=arm.name, score=score, definition=card.label,
-                )
-            effects.emit(
+                labels.follow(mint, time, price, model_id, card.version, arm.name, score,
+                              label, data.names, data.values)
+            emit(
                 ModelPrediction(
                     mint=mint,
                     model_id=model_id,
                     arm=arm.name,
                     feature_set_version=data.feature_set_version,
                     score=score,
-                    horizon_s=card.label.horizon_s,
-                    label=card.label.kind,
+                    horizon_s=label.horizon_s,
+                    label=label.kind,
                     model_version=card.version,
                     shadow=arm.shadow,
                     latency_s=seconds,
                     source_seq=data.source_seq,
                 ),
-                time=event.time,
+                time=time,
             )
             made += 1
         if made:
-            state.last_scored = event.time
+            state.last_scored = time
             state.scored += 1
             if labels is not None:
-                state.last_labelled = event.time
+                state.last_labelled = time
         else:
             self.skipped["no_model"] += 1
         return state
 
-    def _price(self, data: FeaturesUpdated) -> float:
-        """The vector's ``price`` feature (the price its trade left), NaN without one."""
-        names = data.names
-        at = self._price_at.get(names, -1)
-        if at == -1:
-            at = self._price_at[names] = names.index("price") if "price" in names else None
-        return math.nan if at is None else data.values[at]
+    def _price_index(self, names: tuple[str, ...]) -> int | None:
+        """Where a vector of ``names`` holds its ``price`` feature (the price its trade
+        left); None without one."""
+        at = self._price_at[names] = names.index("price") if "price" in names else None
+        return at
 
     def _score_alone(self, model_id: str, data: FeaturesUpdated) -> _Score | None:
         manager = self.manager
