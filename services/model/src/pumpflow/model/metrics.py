@@ -51,6 +51,17 @@ class _Families:
             ["arm", "model_id", "shadow"],
             registry=registry,
         )
+        self.refits = Counter(
+            "pumpflow_model_refits",
+            "Automatic refits decided, by model id and outcome (swapped or kept)",
+            ["model_id", "outcome"],
+            registry=registry,
+        )
+        self.stored_labels = Counter(
+            "pumpflow_model_labels_stored",
+            "Live labels stored (new ones; a label stored already is not counted)",
+            registry=registry,
+        )
         self.serving = Gauge(
             "pumpflow_model_serving",
             "The model version served under each model id (1)",
@@ -105,6 +116,15 @@ class ModelServiceMetrics:
         self._f.arm_share.clear()
         for arm, model_id, shadow, share in shares:
             self._f.arm_share.labels(arm, model_id, "true" if shadow else "false").set(share)
+
+    def refitted(self, model_id: str, swapped: bool) -> None:
+        self._f.refits.labels(model_id, "swapped" if swapped else "kept").inc()
+
+    def refits(self, model_id: str, outcome: str) -> float:
+        return self._f.refits.labels(model_id, outcome)._value.get()
+
+    def labels_stored(self, count: int) -> None:
+        self._f.stored_labels.inc(count)
 
     def serving(self, versions: Mapping[str, str]) -> None:
         self._f.serving.clear()

@@ -16,9 +16,19 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
   vectors in each token's order; labels due go every second into a
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
-  the threshold, Brier per model and arm), exported as metrics. Both are in memory:
-  a replica measures the tokens of its partitions, and labels pending at a restart
-  or a rebalance are lost.
+  the threshold, Brier per model and arm), exported as metrics. Labels pending are
+  in memory (a replica measures the tokens of its partitions; those pending at a
+  restart or a rebalance are lost); released ones are stored with the vector they
+  scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database), and the
+  rolling figures start from the stored ones after a restart.
+- Automatic refits: every ``model_refit_check_s`` each served model is checked
+  against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
+  :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
+  newest stored labels, on a thread, by one replica at a time. A candidate better on
+  the held-out slice is swapped in at once here (each prediction names the version
+  that made it), written to the registry (``model_registry_dir``) and stored as the
+  serving, which the other replicas follow and a restart keeps. Every refit decided is
+  stored (``model_refits``), logged and counted (``pumpflow_model_refits``).
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
@@ -36,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,11 +63,20 @@ from pumpflow.common.model import CardError, ModelError, ModelManager
 from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
 from pumpflow.common.model.card import Task, vector_row
 from pumpflow.common.model.drift import DriftMonitor
-from pumpflow.common.model.performance import LabelTracker, RollingPerformance
+from pumpflow.common.model.manager import LabelledRows
+from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
+from pumpflow.common.model.registry import ModelRegistry
 from pumpflow.common.model_metrics import ModelMonitorMetrics
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.labels import (
+    LabelStore,
+    MemoryLabelStore,
+    PostgresLabelStore,
+    StoredRefit,
+    definition_key,
+)
 from pumpflow.model.metrics import ModelServiceMetrics
 from pumpflow.model.settings import ModelSettings
 
@@ -63,6 +84,17 @@ log = logging.getLogger("pumpflow.model")
 
 #: the store key of the serving all replicas follow
 SERVING_KEY = "model:serving"
+#: released labels kept for the store while it refuses them
+STORE_BACKLOG = 100_000
+
+
+def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
+    """Stored rows (``names`` order) in a model's input ``order``; NaN where absent."""
+    at = {name: i for i, name in enumerate(names)}
+    columns = [data.rows[:, at[n]] if n in at else np.full(len(data.rows), np.nan)
+               for n in order]
+    return LabelledRows(rows=np.column_stack(columns), labels=data.labels, time=data.time,
+                        token=data.token, source=data.source)
 
 
 class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +136,7 @@ class ModelService(Service):
     name: ClassVar[str] = "model"
     settings_class: ClassVar[type[ModelSettings]] = ModelSettings
     needs_store: ClassVar[bool] = True
+    needs_db: ClassVar[bool] = True
 
     settings: ModelSettings
 
@@ -113,9 +146,19 @@ class ModelService(Service):
         *,
         manager: ModelManager | None = None,
         registry: CollectorRegistry | None = None,
+        refitter: Any = None,
+        label_store: LabelStore | None = None,
     ):
         super().__init__(settings)
+        # labels are stored in Postgres when asked and the run has it, else in memory
+        self.needs_db = settings.model_store_labels  # type: ignore[misc]
         self._manager = manager
+        #: refits models for the manager it makes (default: LightGBM like training's)
+        self._refitter = refitter
+        self.label_store: LabelStore | None = label_store
+        self._to_store: list[ResolvedLabel] = []
+        #: event time of each model's last refit attempt here (a failed one included)
+        self._refit_tried: dict[str, float] = {}
         self._registry = registry
         self.metrics = ModelServiceMetrics(registry=registry)
         self.monitor_metrics = ModelMonitorMetrics(registry=registry)
@@ -142,14 +185,35 @@ class ModelService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        settings = self.settings
         if self._manager is None:
-            self._manager = ModelManager(ctx.bus, FeatureManager(), clock=ctx.clock)
+            if self._refitter is None:
+                from pumpflow.model.training import LightGBMRefitter
+
+                self._refitter = LightGBMRefitter()
+            self._manager = ModelManager(
+                ctx.bus, FeatureManager(), clock=ctx.clock, refitter=self._refitter,
+                registry=ModelRegistry(
+                    settings.model_registry_dir
+                    or Path(tempfile.gettempdir()) / f"pumpflow-{settings.namespace}-models"
+                ),
+            )
+        if self.label_store is None:
+            self.label_store = (
+                PostgresLabelStore(ctx.db)
+                if ctx.db is not None and settings.model_store_labels
+                else MemoryLabelStore()
+            )
         stored = await self._stored_serving()
         serving = stored if stored is not None else self._configured_serving()
         # a model that cannot be served (another feature set, expired) stops the start
         self._apply(serving)
         self.labels = LabelTracker(clock=ctx.clock)
         self.performance = RollingPerformance()
+        if settings.model_store_labels:
+            # the rolling figures go on from the labels stored before the restart
+            stored = await self.label_store.last_labels(4 * self.performance.window)
+            self.performance.extend(stored)
         self.processor = ModelProcessor(
             self.manager, serving.table(), policy=self.settings.policy(), labels=self.labels
         )
@@ -166,6 +230,8 @@ class ModelService(Service):
             asyncio.create_task(self._serving_loop(), name="model-serving"),
             asyncio.create_task(self._monitor_loop(), name="model-monitor"),
         ]
+        if settings.model_refit:
+            self._loops.append(asyncio.create_task(self._refit_loop(), name="model-refit"))
 
     async def stop(self) -> None:
         if self.consumer is not None:
@@ -177,6 +243,8 @@ class ModelService(Service):
         self._loops = []
         with contextlib.suppress(Exception):
             await self._publish_drift()
+        with contextlib.suppress(Exception):
+            await self.store_labels()
 
     # ---------------------------------------------------------------- serving
 
@@ -331,8 +399,11 @@ class ModelService(Service):
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
 
     def resolve_labels(self) -> int:
-        """Count the labels due into the rolling performance; export it. Returns labels."""
+        """Count the labels due into the rolling performance; export it; queue them for
+        the store. Returns labels."""
         resolved = self.labels.resolve_due()
+        if self.settings.model_store_labels:
+            self._to_store.extend(resolved)
         performance = self.performance
         performance.extend(resolved)
         self.monitor_metrics.performance(
@@ -348,8 +419,96 @@ class ModelService(Service):
             try:
                 self.resolve_labels()
                 await self._publish_drift()
+                await self.store_labels()
             except Exception:
                 log.exception("model: drift or live performance failed; retrying")
+
+    async def store_labels(self) -> int:
+        """Store the labels released since the last call; how many were new.
+
+        A batch the store refused is kept for the next call (at most ``STORE_BACKLOG``
+        labels: the oldest go beyond that)."""
+        pending, self._to_store = self._to_store, []
+        if not pending:
+            return 0
+        try:
+            added = await self.label_store.add(
+                pending, feature_set_version=self.processor.feature_set_version,
+                names=self.manager.feature_manager.names,
+            )
+        except BaseException:
+            # refused, or cancelled by a stop (which stores them then)
+            self._to_store = (pending + self._to_store)[-STORE_BACKLOG:]
+            raise
+        self.metrics.labels_stored(added)
+        return added
+
+    # ---------------------------------------------------------------- refits
+
+    async def _refit_loop(self) -> None:
+        policy = self.settings.refit_policy()
+        while True:
+            await asyncio.sleep(policy.check_s)
+            for model_id in list(self.manager.models()):
+                try:
+                    await self.refit_if_due(model_id)
+                except Exception:
+                    log.exception("model: refitting %s failed; trying again later", model_id)
+
+    async def refit_if_due(self, model_id: str) -> StoredRefit | None:
+        """Refit ``model_id`` on its newest stored labels if the policy says so, swapping
+        the refit in if it is better on the held-out slice; the refit stored, or None."""
+        policy = self.settings.refit_policy()
+        store = self.label_store
+        card = self.manager.card(model_id)
+        of_model = (model_id, card.feature_set_version, definition_key(card.label))
+        now = self._ctx.clock.now()
+        last = await store.last_refit(model_id)
+        tried = max(last.at if last else -math.inf, self._refit_tried.get(model_id, -math.inf))
+        counts = await store.counts(*of_model, after_id=last.last_label_id if last else 0)
+        if not policy.due(new_labels=counts.new, rows=counts.rows, since_last_s=now - tried):
+            return None
+        async with store.refitting(model_id) as mine:
+            if not mine:
+                return None  # another replica refits it
+            if await store.last_refit(model_id) != last:
+                return None  # another replica just did
+            self._refit_tried[model_id] = now
+            data, last_id = await store.recent(*of_model, policy.window_rows)
+            names = self.manager.feature_manager.names
+            if tuple(card.feature_names) != tuple(names):
+                data = _in_order(data, names, card.feature_names)
+            result = await asyncio.wrap_future(self.manager.update_model(model_id, data))
+            path = None
+            if result.swapped and self.manager.registry is not None:
+                path = str(self.manager.registry.path(model_id, result.candidate_version))
+            refit = StoredRefit(
+                model_id=model_id, serving_version=result.serving_version,
+                candidate_version=result.candidate_version, swapped=result.swapped,
+                metric=result.metric, serving_score=result.serving_score,
+                candidate_score=result.candidate_score, held_out_rows=result.held_out_rows,
+                rows=len(data.labels), last_label_id=last_id, at=result.at, path=path,
+            )
+            await store.record_refit(refit)
+        self.metrics.refitted(model_id, result.swapped)
+        log.info(
+            "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
+            "held out: %s", model_id, refit.rows, refit.serving_version, refit.metric,
+            refit.serving_score, refit.candidate_version, refit.candidate_score,
+            refit.held_out_rows, "swapped in" if refit.swapped else "kept the serving one",
+        )
+        if path is not None:
+            # every replica serves it, and a restart loads it
+            task = card.task
+
+            def with_refit(serving: Serving) -> Serving:
+                source = ModelSource(path=path, task=task, loaded=serving.revision + 1)
+                return msgspec.structs.replace(
+                    serving, models={**serving.models, model_id: source}
+                )
+
+            await self.change(with_refit)
+        return refit
 
     # ---------------------------------------------------------------- reads
 

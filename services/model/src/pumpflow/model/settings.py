@@ -8,9 +8,11 @@ from pydantic import Field
 
 from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.model.processor import CONSUMES, ScoringPolicy
+from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.runtime.settings import CommonSettings
 
 _POLICY = ScoringPolicy()
+_REFIT = RefitPolicy()
 
 
 class ModelSettings(CommonSettings):
@@ -20,6 +22,14 @@ class ModelSettings(CommonSettings):
     (JSON list of ``{"name", "model_id", "weight", "shadow"}``) are the serving at first
     start: once changed through the HTTP API, the serving stored in the state store wins
     (every replica follows it, and it outlives restarts).
+
+    Live labels are stored (``model_store_labels``: Postgres when the run has a
+    database, else in memory) and each served model is refitted on its newest stored
+    labels when :class:`~pumpflow.common.model.refit.RefitPolicy` says so
+    (``model_refit_*``, defaults argued there); a refit better on the held-out slice is
+    swapped in, written to ``model_registry_dir`` and made the serving of every replica.
+    On by default: the policy's thresholds (20,000 new labels, 30 minutes apart) keep a
+    short run from ever refitting, and a long one is what the refits are for.
     """
 
     model_models: dict[str, str] = Field(
@@ -49,6 +59,32 @@ class ModelSettings(CommonSettings):
         1.0, gt=0,
         description="how often drift transitions are published and labels due are counted",
     )
+    model_store_labels: bool = Field(
+        True, description="store resolved live labels (Postgres when the run has a database)"
+    )
+    model_refit: bool = Field(
+        True, description="refit served models on their stored live labels automatically"
+    )
+    model_refit_every_labels: int = Field(
+        _REFIT.every_labels, ge=1, description="new stored labels of a model between refits"
+    )
+    model_refit_min_interval_s: float = Field(
+        _REFIT.min_interval_s, ge=0, description="least event time between a model's refits"
+    )
+    model_refit_min_rows: int = Field(
+        _REFIT.min_rows, ge=2, description="least stored labels of a model to refit it"
+    )
+    model_refit_window_rows: int = Field(
+        _REFIT.window_rows, ge=2, description="the newest stored labels a refit uses"
+    )
+    model_refit_check_s: float = Field(
+        _REFIT.check_s, gt=0, description="how often a refit being due is checked"
+    )
+    model_registry_dir: str = Field(
+        "",
+        description="where refitted models are written (shared by the replicas); empty: "
+        "pumpflow-<namespace>-models in the temporary directory",
+    )
     model_workers: int = Field(4, ge=1, le=256, description="token workers")
     model_window: int = Field(
         256, ge=1, le=4096,
@@ -66,6 +102,15 @@ class ModelSettings(CommonSettings):
             min_interval_s=self.model_min_interval_s,
             retire_ttl_s=self.model_retire_ttl_s,
             label_interval_s=self.model_label_interval_s,
+        )
+
+    def refit_policy(self) -> RefitPolicy:
+        return RefitPolicy(
+            every_labels=self.model_refit_every_labels,
+            min_interval_s=self.model_refit_min_interval_s,
+            min_rows=self.model_refit_min_rows,
+            window_rows=max(self.model_refit_window_rows, self.model_refit_min_rows),
+            check_s=self.model_refit_check_s,
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:

@@ -54,7 +54,6 @@ trading threshold (classification) or RMSE and MAE (regression) with
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -360,7 +359,7 @@ class LabelTracker:
             out.append(
                 ResolvedLabel(
                     mint=item.mint, model_id=item.model_id, version=item.version,
-                    arm=item.arm, task=_task_of(item.definition), score=item.score,
+                    arm=item.arm, task=task_of(item.definition), score=item.score,
                     time=item.time, entry_price=item.entry, label=item.label,
                     definition=item.definition, resolved_at=now,
                     feature_names=item.names, features=item.values,
@@ -391,7 +390,8 @@ class LabelTracker:
             del self._mints[mint]
 
 
-def _task_of(definition: LabelDefinition) -> Task:
+def task_of(definition: LabelDefinition) -> Task:
+    """The task of a model whose label is ``definition``."""
     return "classification" if definition.kind == "take_profit_first" else "regression"
 
 

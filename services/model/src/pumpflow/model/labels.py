@@ -1,0 +1,310 @@
+"""The model service's live labels and refits, stored.
+
+Every live label the service resolves is stored with the vector it scored (in the live
+feature set's order), the model and version that scored it, its arm, score, event time
+and label definition; every automatic refit is stored with its outcome. Labels outlive
+a restart (the rolling figures start from the stored ones) and are what a refit fits
+on. :class:`PostgresLabelStore` is a deployment's (migration 0011), shared by the
+replicas; :class:`MemoryLabelStore` the embedded run's without a database.
+
+A refit is made by one replica at a time (:meth:`LabelStore.refitting`): the store's
+counts since the last stored refit decide when one is due, whichever replica stored
+the labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import asyncpg
+import msgspec
+import numpy as np
+
+from pumpflow.common.model.card import LabelDefinition, vector_row
+from pumpflow.common.model.manager import LabelledRows
+from pumpflow.common.model.performance import ResolvedLabel, task_of
+
+_encode_definition = msgspec.json.Encoder().encode
+_decode_definition = msgspec.json.Decoder(LabelDefinition).decode
+
+
+def definition_key(definition: LabelDefinition) -> str:
+    """The stored form of a label definition; rows of another one are not refit on."""
+    return _encode_definition(definition).decode()
+
+
+class StoredRefit(msgspec.Struct, frozen=True, kw_only=True):
+    """An automatic refit decided, swapped or not."""
+
+    model_id: str
+    serving_version: str
+    candidate_version: str
+    swapped: bool
+    #: the metric both versions were compared on over the held-out slice
+    metric: str
+    serving_score: float
+    candidate_score: float
+    held_out_rows: int
+    #: rows the refit was given (fitted on and held out)
+    rows: int
+    #: the newest stored label the refit saw
+    last_label_id: int
+    at: float
+    #: where the swapped-in version was written (None: not swapped)
+    path: str | None = None
+
+
+class LabelCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Stored labels of a model (its feature set and label definition)."""
+
+    rows: int
+    #: of them, stored after the given label id
+    new: int
+
+
+class LabelStore(Protocol):
+    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
+                  names: tuple[str, ...]) -> int:
+        """Store released labels (their vectors in ``names`` order); how many were new.
+
+        A label without a vector or without a value (dropped) is not stored."""
+
+    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
+                     after_id: int) -> LabelCounts:
+        """How many labels of the model are stored, and how many after ``after_id``."""
+
+    async def recent(self, model_id: str, feature_set_version: str, definition: str,
+                     limit: int) -> tuple[LabelledRows, int]:
+        """The newest ``limit`` labels of the model (oldest first, features in the
+        stored order) and the newest label's id."""
+
+    async def last_labels(self, limit: int) -> list[ResolvedLabel]:
+        """The newest ``limit`` labels of every model and arm, oldest first (no vectors)."""
+
+    async def last_refit(self, model_id: str) -> StoredRefit | None:
+        """The model's newest stored refit."""
+
+    async def record_refit(self, refit: StoredRefit) -> None:
+        """Store a refit decided."""
+
+    def refitting(self, model_id: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Hold the right to refit ``model_id`` (True) unless another replica holds it."""
+
+
+def _label_rows(
+    labels: Sequence[ResolvedLabel], feature_set_version: str, names: tuple[str, ...]
+) -> list[tuple]:
+    rows = []
+    for label in labels:
+        if not label.features or math.isnan(label.label):
+            continue
+        features = vector_row(label.feature_names, label.features, names)
+        rows.append((
+            label.model_id, label.version, label.arm, label.mint, label.time, label.score,
+            label.label, definition_key(label.definition), feature_set_version,
+            features.tolist(), label.resolved_at,
+        ))
+    return rows
+
+
+def _labelled(records: list[tuple[int, str, float, float, Sequence[float]]]) -> LabelledRows:
+    """(id, mint, time, label, features) rows, newest first, as LabelledRows oldest first."""
+    records = records[::-1]
+    tokens: dict[str, int] = {}
+    return LabelledRows(
+        rows=np.array([r[4] for r in records], dtype=np.float64).reshape(len(records), -1),
+        labels=np.array([r[3] for r in records], dtype=np.float64),
+        time=np.array([r[2] for r in records], dtype=np.float64),
+        token=np.array([tokens.setdefault(r[1], len(tokens)) for r in records], np.int64),
+        source="stored live labels",
+    )
+
+
+_LABEL_COLUMNS = (
+    "model_id", "model_version", "arm", "mint", "event_time", "score", "label",
+    "definition", "feature_set_version", "features", "resolved_at",
+)
+_CREATE_STAGE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS model_labels_stage (model_id text, "
+    "model_version text, arm text, mint text, event_time double precision, "
+    "score double precision, label double precision, definition text, "
+    "feature_set_version text, features double precision[], "
+    "resolved_at double precision) ON COMMIT DELETE ROWS"
+)
+_REFIT_COLUMNS = (
+    "model_id, serving_version, candidate_version, swapped, metric, serving_score, "
+    "candidate_score, held_out_rows, rows, last_label_id, at, path"
+)
+_OF_MODEL = "model_id = $1 AND feature_set_version = $2 AND definition = $3"
+
+
+class PostgresLabelStore:
+    """Labels and refits in Postgres (migration 0011)."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
+                  names: tuple[str, ...]) -> int:
+        rows = _label_rows(labels, feature_set_version, names)
+        if not rows:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            # a label stored already (a delivery repeated after a rebalance) is kept once
+            await conn.execute(_CREATE_STAGE)
+            await conn.copy_records_to_table(
+                "model_labels_stage", records=rows, columns=_LABEL_COLUMNS
+            )
+            columns = ", ".join(_LABEL_COLUMNS)
+            status = await conn.execute(
+                f"INSERT INTO model_labels ({columns}) SELECT {columns} "
+                "FROM model_labels_stage ORDER BY event_time ON CONFLICT DO NOTHING"
+            )
+        return int(status.split()[-1])
+
+    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
+                     after_id: int) -> LabelCounts:
+        row = await self.pool.fetchrow(
+            f"SELECT count(*) AS rows, count(*) FILTER (WHERE id > $4) AS new "
+            f"FROM model_labels WHERE {_OF_MODEL}",
+            model_id, feature_set_version, definition, after_id,
+        )
+        return LabelCounts(rows=row["rows"], new=row["new"])
+
+    async def recent(self, model_id: str, feature_set_version: str, definition: str,
+                     limit: int) -> tuple[LabelledRows, int]:
+        records = await self.pool.fetch(
+            f"SELECT id, mint, event_time, label, features FROM model_labels "
+            f"WHERE {_OF_MODEL} ORDER BY event_time DESC, id DESC LIMIT $4",
+            model_id, feature_set_version, definition, limit,
+        )
+        last_id = max((r["id"] for r in records), default=0)
+        return _labelled([tuple(r.values()) for r in records]), last_id
+
+    async def last_labels(self, limit: int) -> list[ResolvedLabel]:
+        records = await self.pool.fetch(
+            "SELECT mint, model_id, model_version, arm, event_time, score, label, "
+            "definition, resolved_at FROM model_labels ORDER BY id DESC LIMIT $1",
+            limit,
+        )
+        return [_resolved(*r.values()) for r in reversed(records)]
+
+    async def last_refit(self, model_id: str) -> StoredRefit | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_REFIT_COLUMNS} FROM model_refits WHERE model_id = $1 "
+            "ORDER BY id DESC LIMIT 1",
+            model_id,
+        )
+        return None if row is None else StoredRefit(**dict(row))
+
+    async def record_refit(self, refit: StoredRefit) -> None:
+        await self.pool.execute(
+            f"INSERT INTO model_refits ({_REFIT_COLUMNS}) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            *msgspec.structs.astuple(refit),
+        )
+
+    @contextlib.asynccontextmanager
+    async def refitting(self, model_id: str) -> AsyncIterator[bool]:
+        # a session lock on a connection held for the refit: released if this dies
+        async with self.pool.acquire() as conn:
+            key = f"model-refit:{model_id}"
+            held = await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext(current_schema() || ':' || $1))", key
+            )
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext(current_schema() || ':' || $1))",
+                        key,
+                    )
+
+
+def _resolved(mint, model_id, version, arm, time, score, label, definition,
+              resolved_at) -> ResolvedLabel:
+    decoded = _decode_definition(definition)
+    return ResolvedLabel(
+        mint=mint, model_id=model_id, version=version, arm=arm, task=task_of(decoded),
+        score=score, time=time, entry_price=math.nan, label=label, definition=decoded,
+        resolved_at=resolved_at,
+    )
+
+
+class MemoryLabelStore:
+    """Labels and refits in memory (an embedded run without a database): the newest
+    ``kept`` labels."""
+
+    def __init__(self, *, kept: int = 400_000):
+        self.kept = kept
+        #: (id, row as stored)
+        self.labels: list[tuple[int, tuple]] = []
+        self.refits: list[StoredRefit] = []
+        self._next_id = 1
+        self._keys: set[tuple] = set()
+
+    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
+                  names: tuple[str, ...]) -> int:
+        added = 0
+        for row in _label_rows(labels, feature_set_version, names):
+            key = (row[0], row[2], row[3], row[4])
+            if key in self._keys:
+                continue
+            self._keys.add(key)
+            self.labels.append((self._next_id, row))
+            self._next_id += 1
+            added += 1
+        if len(self.labels) > self.kept:
+            for _, row in self.labels[: len(self.labels) - self.kept]:
+                self._keys.discard((row[0], row[2], row[3], row[4]))
+            del self.labels[: len(self.labels) - self.kept]
+        return added
+
+    def _of(self, model_id: str, feature_set_version: str, definition: str):
+        return [
+            (label_id, row) for label_id, row in self.labels
+            if row[0] == model_id and row[8] == feature_set_version and row[7] == definition
+        ]
+
+    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
+                     after_id: int) -> LabelCounts:
+        mine = self._of(model_id, feature_set_version, definition)
+        return LabelCounts(rows=len(mine), new=sum(1 for i, _ in mine if i > after_id))
+
+    async def recent(self, model_id: str, feature_set_version: str, definition: str,
+                     limit: int) -> tuple[LabelledRows, int]:
+        mine = sorted(self._of(model_id, feature_set_version, definition),
+                      key=lambda item: (item[1][4], item[0]), reverse=True)[:limit]
+        last_id = max((i for i, _ in mine), default=0)
+        return _labelled([(i, r[3], r[4], r[6], r[9]) for i, r in mine]), last_id
+
+    async def last_labels(self, limit: int) -> list[ResolvedLabel]:
+        return [
+            _resolved(r[3], r[0], r[1], r[2], r[4], r[5], r[6], r[7], r[10])
+            for _, r in self.labels[-limit:]
+        ]
+
+    async def last_refit(self, model_id: str) -> StoredRefit | None:
+        mine = [r for r in self.refits if r.model_id == model_id]
+        return mine[-1] if mine else None
+
+    async def record_refit(self, refit: StoredRefit) -> None:
+        self.refits.append(refit)
+
+    @contextlib.asynccontextmanager
+    async def refitting(self, model_id: str) -> AsyncIterator[bool]:
+        yield True
+
+
+__all__ = [
+    "LabelCounts",
+    "LabelStore",
+    "MemoryLabelStore",
+    "PostgresLabelStore",
+    "StoredRefit",
+    "definition_key",
+]

@@ -1,0 +1,188 @@
+"""Live labels stored in Postgres and used: they outlive a restart, and the service refits
+its model on them when the policy says so, swapping the refit in only if it is better."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from model_helpers import DEFAULT_CARD, START, vector_event
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.model import ModelManager
+from pumpflow.common.model.performance import ResolvedLabel
+from pumpflow.common.model.refit import RefitPolicy
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
+from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.labels import PostgresLabelStore
+from pumpflow.model.service import SERVING_KEY, ModelService, ModelSettings
+from pumpflow.model.training import LightGBMRefitter, TrainConfig
+from pumpflow.simulator.dataset import market_events
+from pumpflow.simulator.market import Market, MarketConfig
+
+NAMES = FeatureManager().names
+#: rows the refit tests store, and the policy's thresholds for them
+ROWS = 4_000
+
+
+def model_service(**settings) -> ModelService:
+    return ModelService(
+        ModelSettings.load(service="model", transport="memory", **settings),
+        registry=CollectorRegistry(),
+        refitter=LightGBMRefitter(config=TrainConfig(n_estimators=30)),
+    )
+
+
+async def stored_labels(pool) -> list:
+    return await pool.fetch(
+        "SELECT mint, event_time, model_version, arm, score, label, features "
+        "FROM model_labels ORDER BY id"
+    )
+
+
+async def test_live_labels_are_stored_with_the_vector_scored_and_outlive_a_restart(pg_pool):
+    clock = ReplayClock(START)
+    events = list(market_events(Market(MarketConfig(seed=5)), 240.0, start_epoch=START,
+                                source="feed/sim"))
+    vectors = FeatureUpdates().of(events)
+    settings = {"model_monitor_s": 0.05, "model_refit": False}
+    first = model_service(**settings)
+    async with run_embedded([first], clock=clock, db=pg_pool) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.prediction")
+        for vector in vectors:
+            await clock.advance_to(vector.time)
+            await system.bus.publish(vector)
+        await system.drain()
+        # past every horizon and its grace: every label followed is released and stored
+        await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+        await eventually(lambda: first.labels.pending == 0, what="every label released")
+        figures = first.performance.figures("entry", "control")
+
+        async def all_stored() -> bool:
+            count = await pg_pool.fetchval("SELECT count(*) FROM model_labels")
+            return count == figures.labels
+
+        await eventually(all_stored, what="every label released stored")
+    rows = await stored_labels(pg_pool)
+    assert len(rows) == figures.labels > 50
+    # each is a prediction that was published, with the vector it scored
+    predictions = {(p.key, p.time): p for p in seen.of("model.prediction")}
+    scored = {v.id: v for v in vectors}
+    for row in rows:
+        prediction = predictions[(row["mint"], row["event_time"])]
+        assert (row["model_version"], row["arm"]) == (DEFAULT_CARD.version, "control")
+        assert row["score"] == prediction.data.score
+        assert row["label"] in (0.0, 1.0)
+        vector = scored[prediction.causation_id].data
+        assert vector.names == NAMES
+        np.testing.assert_array_equal(row["features"], vector.values)
+
+    # a new process on the same database: the rolling figures go on from the stored labels
+    second = model_service(**settings)
+    async with run_embedded([second], clock=ReplayClock(clock.now()), db=pg_pool):
+        assert second.performance.figures("entry", "control") == figures
+
+
+def synthetic_labels(labels_of, *, n: int = ROWS, seed: int = 8) -> list[ResolvedLabel]:
+    """Labels of ``n`` predictions of the default model before START, half a second
+    apart, 40 per token; ``labels_of(rows)`` says each one's label."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, len(NAMES)))
+    labels = labels_of(rows)
+    time = START - n * 0.5 + np.arange(n) * 0.5
+    return [
+        ResolvedLabel(
+            mint=f"token{i // 40}", model_id="entry", version=DEFAULT_CARD.version,
+            arm="control", task="classification", score=0.5, time=float(time[i]),
+            entry_price=1.0, label=float(labels[i]), definition=DEFAULT_CARD.label,
+            resolved_at=float(time[i]) + 122.0, feature_names=NAMES,
+            features=tuple(float(v) for v in rows[i]),
+        )
+        for i in range(n)
+    ]
+
+
+def default_model_scores(rows: np.ndarray) -> np.ndarray:
+    manager = ModelManager(None, FeatureManager(), clock=ReplayClock(START))
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    return manager.predict_batch("entry", rows)
+
+
+def by_rsi(rows: np.ndarray) -> np.ndarray:
+    """Labels the default model knows nothing of: a refit learns them."""
+    return (rows[:, NAMES.index("rsi_14")] > 0.0) * 1.0
+
+
+def by_the_default_model(rows: np.ndarray) -> np.ndarray:
+    """Labels the default model ranks perfectly: no refit can do strictly better."""
+    scores = default_model_scores(rows)
+    return (scores > np.median(scores)) * 1.0
+
+
+REFIT_SETTINGS = {
+    "model_monitor_s": 0.05,
+    "model_refit_every_labels": ROWS,
+    "model_refit_min_rows": ROWS // 2,
+    "model_refit_min_interval_s": 0.0,
+    "model_refit_check_s": 0.05,
+}
+
+
+@pytest.mark.parametrize(("labels_of", "better"), [(by_rsi, True),
+                                                  (by_the_default_model, False)])
+async def test_the_service_refits_on_stored_labels_when_due_and_swaps_only_if_better(
+    pg_pool, tmp_path, labels_of, better
+):
+    store = PostgresLabelStore(pg_pool)
+    labels = synthetic_labels(labels_of)
+    # one label short of the policy's count: no refit is due
+    await store.add(labels[:-1], feature_set_version=DEFAULT_CARD.feature_set_version,
+                    names=NAMES)
+    clock = ReplayClock(START)
+    model = model_service(model_registry_dir=str(tmp_path), **REFIT_SETTINGS)
+    async with run_embedded([model], clock=clock, db=pg_pool) as system:
+        assert await model.refit_if_due("entry") is None
+        assert await store.last_refit("entry") is None
+        # the last label makes it due: the service's own loop refits
+        await store.add(labels[-1:], feature_set_version=DEFAULT_CARD.feature_set_version,
+                        names=NAMES)
+        refit = await eventually(lambda: store.last_refit("entry"), within=120.0,
+                                 what="an automatic refit stored")
+        assert refit.rows == ROWS and refit.held_out_rows == int(ROWS * 0.3)
+        assert refit.serving_version == DEFAULT_CARD.version != refit.candidate_version
+        assert refit.swapped is better
+        assert (refit.candidate_score > refit.serving_score) is better
+        assert model.metrics.refits("entry", "swapped" if better else "kept") == 1
+        serving = model.manager.card("entry").version
+        assert serving == (refit.candidate_version if better else DEFAULT_CARD.version)
+        stored = model.serving.models["entry"]
+        if better:
+            # written to the registry and made the serving every replica follows
+            assert refit.path == stored.path and refit.path.startswith(str(tmp_path))
+            assert refit.path.encode() in await system.store.get(SERVING_KEY)
+        else:
+            assert refit.path is None and stored.path == str(DEFAULT_MODEL_PATH)
+        # no new label since: no other refit is due
+        assert await model.refit_if_due("entry") is None
+
+        # predictions from now on name the version serving
+        seen = await EventCollector("seen").attach(system.bus, "model.prediction")
+        rng = np.random.default_rng(3)
+        for i in range(5):
+            values = tuple(float(v) for v in rng.normal(size=len(NAMES)))
+            await system.bus.publish(vector_event(f"after{i}", START + 1.0, values=values))
+        await seen.wait_until(lambda c: len(c.of("model.prediction")) == 5, what="predictions")
+        assert {p.data.model_version for p in seen.of("model.prediction")} == {serving}
+
+
+def test_a_refit_is_due_only_when_every_threshold_is_met():
+    policy = RefitPolicy(every_labels=100, min_rows=500, min_interval_s=60.0)
+    assert policy.due(new_labels=100, rows=500, since_last_s=60.0)
+    assert not policy.due(new_labels=99, rows=500, since_last_s=60.0)
+    assert not policy.due(new_labels=100, rows=499, since_last_s=60.0)
+    assert not policy.due(new_labels=100, rows=500, since_last_s=59.9)
+    assert policy.due(new_labels=500, rows=500, since_last_s=float("inf"))
+    with pytest.raises(ValueError):
+        RefitPolicy(min_rows=10, window_rows=5)
