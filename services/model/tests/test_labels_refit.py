@@ -148,8 +148,9 @@ async def test_the_service_refits_on_stored_labels_when_due_and_swaps_only_if_be
         # the last label makes it due: the service's own loop refits
         await store.add(labels[-1:], feature_set_version=DEFAULT_CARD.feature_set_version,
                         names=NAMES)
-        refit = await eventually(lambda: store.last_refit("entry"), within=120.0,
-                                 what="an automatic refit stored")
+        await eventually(lambda: model.refits, within=120.0, what="an automatic refit")
+        (refit,) = model.refits
+        assert await store.last_refit("entry") == refit
         assert refit.rows == ROWS and refit.held_out_rows == int(ROWS * 0.3)
         assert refit.serving_version == DEFAULT_CARD.version != refit.candidate_version
         assert refit.swapped is better

@@ -345,7 +345,7 @@ async def run_backtest(
     def build(cls, **settings):
         settings = cls.settings_class.load(
             service=cls.name, transport="memory", partitions=partitions,
-            **settings, **overrides.get(cls.name, {}),
+            **{**settings, **overrides.get(cls.name, {})},
         )  # fmt: skip
         return cls(settings, registry=CollectorRegistry())
 
@@ -353,7 +353,10 @@ async def run_backtest(
         FeedService, feed_record=False, pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data",
         feed_unsubscribe_grace_s=math.inf,
     )
-    model, trading = build(ModelService), build(TradingService)
+    # a refit swapped in when its thread happens to finish would make the results hang
+    # on the machine's speed: the replay scores with the models it starts with, unless
+    # the config asks for refits
+    model, trading = build(ModelService, model_refit=False), build(TradingService)
     services = [
         feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
     ]  # fmt: skip

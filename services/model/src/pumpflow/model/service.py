@@ -159,6 +159,8 @@ class ModelService(Service):
         self._to_store: list[ResolvedLabel] = []
         #: event time of each model's last refit attempt here (a failed one included)
         self._refit_tried: dict[str, float] = {}
+        #: the refits this replica made, each once its outcome is served
+        self.refits: list[StoredRefit] = []
         self._registry = registry
         self.metrics = ModelServiceMetrics(registry=registry)
         self.monitor_metrics = ModelMonitorMetrics(registry=registry)
@@ -508,6 +510,7 @@ class ModelService(Service):
                 )
 
             await self.change(with_refit)
+        self.refits.append(refit)
         return refit
 
     # ---------------------------------------------------------------- reads
