@@ -212,3 +212,33 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
         await clock.advance(1.0)
         [opened] = watch.payloads("position.opened")
         assert opened.position_id == request.order_id
+
+
+class _CountedWrites(MemoryStateStore):
+    """The in-memory store, counting its writes."""
+
+    writes = 0
+
+    async def write(self, batch) -> None:
+        self.writes += 1
+        await super().write(batch)
+
+
+async def test_a_lanes_ready_events_apply_in_order_and_share_one_view_write(clock, market):
+    """A lane's deliveries waiting together are one call: each applied in order, the token
+    views they changed stored in one write before any is acknowledged (one at a time, each
+    event waited for the write of the one before)."""
+    store = _CountedWrites()
+    service = trading(MemoryLedger())
+    async with run_embedded([service], clock=clock, synchronous=False, store=store) as system:
+        mint = market.tokens.mint()
+        buys = [market.tokens.buy(mint, f"w{i}", sol=0.1 + i / 100) for i in range(40)]
+        writes_before = store.writes
+        for event in (market.tokens.created(mint, sol=0.5, trader="dev"), *buys):
+            await system.bus.publish(event)
+        await system.bus.drain()
+        assert store.writes - writes_before <= 3
+        # applied in order: the view holds the last buy's curve
+        view = service.engine.views[mint]
+        assert view.curve is not None
+        assert view.curve.v_sol == pytest.approx(buys[-1].data.vSolInBondingCurve)

@@ -41,6 +41,7 @@ import logging
 import re
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -219,6 +220,8 @@ class TradingService(Service):
             service=self.settings.service,
             patterns=SERVICE_CONSUMES,
             handler=self.on_event,
+            batch_handler=self.on_events,
+            window=self.settings.trading_window,
             # every partition: trading is one decider, never balanced between replicas
             partitions=tuple(range(ctx.bus.partitions)),
         )
@@ -370,47 +373,72 @@ class TradingService(Service):
 
     async def on_event(self, event: Event) -> None:
         """Apply one consumed event; acknowledged once its changes are stored and published."""
-        if isinstance(event.data, SystemShutdown):
-            # the exit service sells what is held; nothing new may be bought meanwhile
-            await self.halt(f"shutdown: {event.data.reason}")
-            await self._barrier(event)
-            return
-        async with self._lock:
-            # what an earlier attempt could not store goes first, in its order
-            await self._flush()
-            step = _Step()
-            step.change.outcomes += self.executor.progress()
-            data = event.data
-            if isinstance(data, ExitOrder):
-                self._exit(event, step)
+        await self.on_events((event,))
+
+    async def on_events(self, events: Sequence[Event]) -> None:
+        """Apply a lane's ready events in delivery order; acknowledged once all their changes
+        are stored and published, the token views they changed in one write.
+
+        The lock is held across the run of events between shutdowns, so a later batch of
+        the same lane (the bus starts it while this one waits for the views' write) applies
+        after every event of this one.
+        """
+        run: list[Event] = []
+        for event in events:
+            if isinstance(event.data, SystemShutdown):
+                await self._apply_run(run)
+                run = []
+                # the exit service sells what is held; nothing new may be bought meanwhile
+                await self.halt(f"shutdown: {event.data.reason}")
+                await self._barrier(event)
             else:
-                if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
-                    for outcome in self.executor.observe(data, time=event.time):
-                        self._book(outcome, event, step)
-                produced = self.engine.process(event)
-                if self.context is not None and isinstance(data, _CONTEXT):
-                    if not (isinstance(data, ModelPrediction) and data.shadow):
-                        self.context.change(data.mint)
-                ordered = False
-                for out in produced:
-                    if isinstance(out.data, OrderRequested):
-                        self._request(out.data, event, step)
-                        ordered = True
-                if isinstance(data, ModelPrediction):
-                    self.metrics.prediction(ordered)
-                    if self.engine.last_latency_s is not None:
-                        self.metrics.receipt_to_decision(self.engine.last_latency_s)
-                    if not ordered:
-                        self._note_skip()
-                self._report(step, (), cause=event, produced=produced)
-                if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
-                    if not self.book.holds(data.mint):
-                        self.executor.forget(data.mint)
-            self._backlog.append(step)
-            await self._flush()
-        if self.context is not None:
+                run.append(event)
+        await self._apply_run(run)
+        if self.context is not None and events:
             # outside the lock: the events handled meanwhile share the write
             await self.context.save(self.engine.views)
+
+    async def _apply_run(self, events: list[Event]) -> None:
+        if not events:
+            return
+        async with self._lock:
+            for event in events:
+                await self._apply(event)
+
+    async def _apply(self, event: Event) -> None:
+        """Apply one event under the lock: decide, store, send, publish."""
+        # what an earlier attempt could not store goes first, in its order
+        await self._flush()
+        step = _Step()
+        step.change.outcomes += self.executor.progress()
+        data = event.data
+        if isinstance(data, ExitOrder):
+            self._exit(event, step)
+        else:
+            if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+                for outcome in self.executor.observe(data, time=event.time):
+                    self._book(outcome, event, step)
+            produced = self.engine.process(event)
+            if self.context is not None and isinstance(data, _CONTEXT):
+                if not (isinstance(data, ModelPrediction) and data.shadow):
+                    self.context.change(data.mint)
+            ordered = False
+            for out in produced:
+                if isinstance(out.data, OrderRequested):
+                    self._request(out.data, event, step)
+                    ordered = True
+            if isinstance(data, ModelPrediction):
+                self.metrics.prediction(ordered)
+                if self.engine.last_latency_s is not None:
+                    self.metrics.receipt_to_decision(self.engine.last_latency_s)
+                if not ordered:
+                    self._note_skip()
+            self._report(step, (), cause=event, produced=produced)
+            if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
+                if not self.book.holds(data.mint):
+                    self.executor.forget(data.mint)
+        self._backlog.append(step)
+        await self._flush()
 
     async def _barrier(self, shutdown: Event) -> None:
         """Tell the exit service, past any backlog, what the halt leaves it to wait for:

@@ -115,6 +115,14 @@ class TradingSettings(PumpPortalKeySettings):
     trading_tick_s: float = Field(
         1.0, gt=0, description="market seconds between the timed checks (breakers, due fills)"
     )
+    trading_window: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="deliveries of one lane applied in one call, in order, their token views "
+        "stored in one write before they are acknowledged (1: one at a time, each event "
+        "waiting for the write of the one before)",
+    )
     trading_lease_ttl_s: float = Field(
         10.0,
         gt=0,
