@@ -330,6 +330,32 @@ def hop_breakdown(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return lines
 
 
+def schedstats(procs: ProcessStack) -> dict[str, tuple[int, int, int]]:
+    """Per service process: ns on a CPU, ns waiting for one (runnable), timeslices run."""
+    found = {}
+    for service in SERVICES:
+        proc = procs.procs.get(service)
+        path = Path(f"/proc/{proc.pid}/schedstat") if proc is not None else None
+        if path is not None and path.exists():
+            on_cpu, waiting, slices = (int(v) for v in path.read_text().split()[:3])
+            found[service] = (on_cpu, waiting, slices)
+    return found
+
+
+def describe_scheduling(before: dict, after: dict, seconds: float) -> str:
+    """How long each process waited for a CPU while runnable: the machine's share of a hop."""
+    parts = []
+    for service, (cpu, wait, slices) in after.items():
+        cpu0, wait0, slices0 = before.get(service, (0, 0, 0))
+        runs = max(slices - slices0, 1)
+        parts.append(
+            f"{service} CPU {(cpu - cpu0) / 1e9 / seconds:.2f} s/s, runnable waiting "
+            f"{(wait - wait0) / 1e9 / seconds:.2f} s/s, {(wait - wait0) / runs / 1e6:.2f} ms "
+            f"a run ({runs / seconds:,.0f} runs/s)"
+        )
+    return "run queue (/proc/<pid>/schedstat over the window): " + "; ".join(parts)
+
+
 def describe_histogram(before: dict[float, float], after: dict[float, float]) -> str:
     window = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
     total = window.get(float("inf"), 0.0)
@@ -429,6 +455,8 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         before: dict[str, str] | None = None
         after: dict[str, str] | None = None
         before_at = after_at = 0.0
+        sched_before: dict[str, tuple[int, int, int]] = {}
+        sched_after: dict[str, tuple[int, int, int]] = {}
         while time.time() < window[1] + args.settle:
             await asyncio.sleep(args.sample)
             now = time.time()
@@ -438,8 +466,10 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 step.loads.append(os.getloadavg()[0])
                 if before is None:
                     before, before_at = await metrics_text(ports), time.time()
+                    sched_before = schedstats(procs)
             elif now > window[1] and after is None:
                 after, after_at = await metrics_text(ports), time.time()
+                sched_after = schedstats(procs)
                 step.backlog_end = sampled
             queued = ", ".join(f"{s} {n:,}" for s, n in sampled.items() if n)
             print(f"  {now - started:5.0f} s: {len(arrivals.seen):,} collected, queued "
@@ -511,6 +541,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
             ),
             hop_ages(before or {}, after or {}),
             *hop_breakdown(before or {}, after or {}),
+            describe_scheduling(sched_before, sched_after, max(after_at - before_at, 1e-9)),
             describe("receipt to prediction", to_prediction),
         ]
         step.lines.append(
