@@ -48,8 +48,15 @@ and limits that do not bind (capital 1,000 SOL, 100,000 positions) so that entri
 coming; the stale-data breaker keeps its default. All processes run on one machine with
 the servers (2 cores here): the figures include their contention.
 
+CPU per trade event. Each process's CPU seconds over the window (``/proc/<pid>/stat``:
+its threads, its live descendants and the children it reaped), divided by the window's
+trade events: every service, the simulator, this script's collector and the servers.
+With ``--own-servers`` RabbitMQ, Redis and Postgres are servers of the run's own (started
+as the tests' instances are: Postgres there runs with ``fsync = off``), so their CPU is
+the stack's alone; on the machine's shared servers their rows count every client.
+
 Run: .venv/bin/python benchmarks/trading_latency.py [--launches 30] [--speed 1 4 16]
-     [--warmup 60] [--seconds 60]
+     [--warmup 60] [--seconds 60] [--own-servers]
 """
 
 from __future__ import annotations
@@ -82,6 +89,12 @@ from pumpflow.common.testing import (
     free_port,
     http_get,
     stack_env,
+)
+from pumpflow.common.testing.instances import (
+    PostgresInstance,
+    RabbitMQInstance,
+    RedisInstance,
+    ServerInstance,
 )
 from pumpflow.simulator.market import Market, MarketConfig
 
@@ -116,7 +129,8 @@ class Arrivals:
 class QueueDepths:
     """The ready messages of every service's durable queues in a namespace, per service."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
         self.names = {
             f"{namespace}.{queue}": service
             for service in SERVICES
@@ -129,7 +143,7 @@ class QueueDepths:
 
     async def sample(self) -> dict[str, int]:
         if self._connection is None:
-            self._connection = await aio_pika.connect(AMQP_URL)
+            self._connection = await aio_pika.connect(self.amqp_url)
         depths = dict.fromkeys(SERVICES, 0)
         channel = await self._connection.channel()
         missing = []
@@ -171,6 +185,8 @@ class Step:
     allowed_growth: float = 0.0
     max_growth_s: float = 1.0
     max_age_s: float = 2.0
+    #: CPU seconds over the window by process
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def reasons(self) -> list[str]:
@@ -189,6 +205,52 @@ class Step:
 
 def _seconds(value: float | None) -> str:
     return "n/a (no samples)" if value is None else f"{value:.2f} s"
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """Every process's parent, name and CPU seconds (its own and its reaped children's)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue  # ended meanwhile
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        # fields[1] is ppid; utime, stime, cutime, cstime are fields 14-17 of stat(5)
+        table[int(entry)] = (int(fields[1]), name, sum(map(int, fields[11:15])) * _TICK_S)
+    return table
+
+
+def tree_cpu(roots: dict[str, int], by_name: dict[str, str] | None = None) -> dict[str, float]:
+    """CPU seconds so far of each root process with its live descendants, by label.
+
+    ``by_name`` adds, by label, every process tree whose root has that name (a shared
+    server's processes).
+    """
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def total(pid: int) -> float:
+        own = table[pid][2] if pid in table else 0.0
+        return own + sum(total(child) for child in children.get(pid, ()))
+
+    cpu = {label: total(pid) for label, pid in roots.items()}
+    for name, label in (by_name or {}).items():
+        tops = [
+            pid for pid, (ppid, n, _) in table.items()
+            if n == name and table.get(ppid, (0, "", 0.0))[1] != name
+        ]  # fmt: skip
+        cpu[label] = sum(total(pid) for pid in tops)
+    return cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -368,6 +430,35 @@ def describe_histogram(before: dict[float, float], after: dict[float, float]) ->
     )
 
 
+#: the machine's shared servers by process name, when the run has none of its own
+SHARED_SERVERS = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgres"}
+
+
+def process_cpu(procs: ProcessStack, servers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of every process of the stack, the servers and this script."""
+    roots = {name: proc.pid for name, proc in procs.procs.items()}
+    cpu = tree_cpu({**roots, **servers}, None if servers else SHARED_SERVERS)
+    cpu["benchmark (collector)"] = time.process_time()
+    return cpu
+
+
+def cpu_lines(step: Step, span: float, servers: dict[str, int]) -> list[str]:
+    """The window's CPU per process, per trade event and as a share of a core."""
+    trades = step.trades_per_s * span
+    if not step.cpu_s or trades <= 0:
+        return ["CPU per process: not sampled"]
+    shared = "" if servers else " (servers shared: every client's CPU)"
+    lines = [f"CPU over the window by process{shared}, per trade event and share of a core:"]
+    total = 0.0
+    for name, seconds in sorted(step.cpu_s.items(), key=lambda kv: -kv[1]):
+        total += seconds
+        lines.append(f"  {name:22s} {seconds:7.2f} s  {seconds / trades * 1e6:7.0f} us/trade  "
+                     f"{seconds / span:5.2f} cores")  # fmt: skip
+    lines.append(f"  {'all':22s} {total:7.2f} s  {total / trades * 1e6:7.0f} us/trade  "
+                 f"{total / span:5.2f} cores")  # fmt: skip
+    return lines
+
+
 async def wait_ready(procs: ProcessStack, ports: dict[str, int], within: float = 90.0) -> None:
     deadline = time.monotonic() + within
     while True:
@@ -411,8 +502,9 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
     logdir = Path(tempfile.mkdtemp(prefix="pumpflow-latency-"))
     env = stack_env(
         namespace=namespace,
-        amqp_url=AMQP_URL,
-        redis_url=REDIS_URL,
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        postgres_dsn=args.postgres_dsn,
         partitions=PARTITIONS,
         **TRADING,
     )
@@ -420,16 +512,16 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
     sim_port = free_port()
     ports = {s: free_port() for s in SERVICES}
     procs.configure(PUMPPORTAL_WS_URL=f"ws://127.0.0.1:{sim_port}/api/data")
-    bus = RabbitMQBus(url=AMQP_URL, namespace=namespace, partitions=PARTITIONS, source="bench")
+    bus = RabbitMQBus(url=args.amqp_url, namespace=namespace, partitions=PARTITIONS, source="bench")
     arrivals = Arrivals()
-    depths = QueueDepths(namespace)
+    depths = QueueDepths(namespace, args.amqp_url)
     db = None
     try:
         migrate = procs.run("migrate")
         if migrate.returncode != 0:
             raise RuntimeError(migrate.stderr)
         db = await asyncpg.create_pool(
-            POSTGRES_DSN, min_size=1, max_size=2, server_settings={"search_path": namespace}
+            args.postgres_dsn, min_size=1, max_size=2, server_settings={"search_path": namespace}
         )
         await bus.start()
         await bus.subscribe(
@@ -457,6 +549,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         before_at = after_at = 0.0
         sched_before: dict[str, tuple[int, int, int]] = {}
         sched_after: dict[str, tuple[int, int, int]] = {}
+        cpu_before: dict[str, float] = {}
         while time.time() < window[1] + args.settle:
             await asyncio.sleep(args.sample)
             now = time.time()
@@ -465,12 +558,15 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 backlog.append((now, float(sum(sampled.values()))))
                 step.loads.append(os.getloadavg()[0])
                 if before is None:
+                    cpu_before = process_cpu(procs, args.servers)
                     before, before_at = await metrics_text(ports), time.time()
                     sched_before = schedstats(procs)
             elif now > window[1] and after is None:
+                cpu_after = process_cpu(procs, args.servers)
                 after, after_at = await metrics_text(ports), time.time()
                 sched_after = schedstats(procs)
                 step.backlog_end = sampled
+                step.cpu_s = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
             queued = ", ".join(f"{s} {n:,}" for s, n in sampled.items() if n)
             print(f"  {now - started:5.0f} s: {len(arrivals.seen):,} collected, queued "
                   f"{sum(sampled.values()):,} ({queued}), "
@@ -543,6 +639,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
             *hop_breakdown(before or {}, after or {}),
             describe_scheduling(sched_before, sched_after, max(after_at - before_at, 1e-9)),
             describe("receipt to prediction", to_prediction),
+            *cpu_lines(step, span, args.servers),
         ]
         step.lines.append(
             "keeps up" if not step.reasons else "falls behind: " + "; ".join(step.reasons)
@@ -566,7 +663,7 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         await depths.close()
         await bus.close()
         await procs.aclose()
-        cleanup = RabbitMQBus(url=AMQP_URL, namespace=namespace, partitions=PARTITIONS,
+        cleanup = RabbitMQBus(url=args.amqp_url, namespace=namespace, partitions=PARTITIONS,
                               source="bench/cleanup")  # fmt: skip
         try:
             await cleanup.delete_topology(services=["bench-latency", *SERVICES])
@@ -574,8 +671,8 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
             await cleanup.close()
         if db is not None:
             await db.close()
-        await drop_schema(POSTGRES_DSN, namespace)
-        client = redis.from_url(REDIS_URL)
+        await drop_schema(args.postgres_dsn, namespace)
+        client = redis.from_url(args.redis_url)
         keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
         if keys:
             await client.delete(*keys)
@@ -583,7 +680,22 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
 
 
 async def run(args: argparse.Namespace) -> None:
-    steps = [await measure(args, speed) for speed in args.speed]
+    args.amqp_url, args.redis_url, args.postgres_dsn = AMQP_URL, REDIS_URL, POSTGRES_DSN
+    args.servers = {}
+    servers: list[ServerInstance] = []
+    if args.own_servers:
+        servers = [RabbitMQInstance(), RedisInstance(), PostgresInstance()]
+        for server in servers:
+            await asyncio.to_thread(server.start)
+        rabbitmq, redis_server, postgres = servers
+        args.amqp_url, args.redis_url = rabbitmq.url, redis_server.url
+        args.postgres_dsn = postgres.dsn
+        args.servers = {s.name: s._process.pid for s in servers if s._process is not None}
+    try:
+        steps = [await measure(args, speed) for speed in args.speed]
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.close)
     print("\n== steps (keeps up: no growing backlog on the broker, feed intake and event age "
           "stable)")  # fmt: skip
     for step in steps:
@@ -609,6 +721,10 @@ def main() -> None:
         "--settle", type=float, default=10.0, help="seconds after the window for late events"
     )
     parser.add_argument("--sample", type=float, default=3.0, help="seconds between samples")
+    parser.add_argument(
+        "--own-servers", action="store_true",
+        help="RabbitMQ, Redis and Postgres of the run's own, their CPU the stack's alone",
+    )  # fmt: skip
     parser.add_argument(
         "--max-growth", type=float, default=1.0,
         help="seconds the intake lag and event age may grow over the window (1)",
