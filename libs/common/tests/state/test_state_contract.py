@@ -369,6 +369,63 @@ async def test_write_stores_values_hashes_and_expiries_together(harness):
     await store.write(WriteBatch())  # empty: nothing to do
 
 
+@pytest.mark.parametrize("kind", ["set", "set with TTL", "hset", "hdel", "expire", "persist"])
+async def test_a_write_of_one_change_stores_it(harness, kind):
+    store = harness.store
+    await store.hset_many({"h": {"a": 1, "b": 2}}, ttl=SHORT_TTL)
+    batch = WriteBatch()
+    if kind == "set":
+        batch.set("v", b"1")
+    elif kind == "set with TTL":
+        batch.set("v", b"1", ttl=SHORT_TTL)
+    elif kind == "hset":
+        batch.hset("h", {"c": True})
+    elif kind == "hdel":
+        batch.hdel("h", ("a",))
+    elif kind == "expire":
+        batch.expire("h", LONG_TTL)
+    else:
+        batch.expire("h", None)
+    await store.write(batch)
+    expected_h = {
+        "hset": {"a": b"1", "b": b"2", "c": b"True"},
+        "hdel": {"b": b"2"},
+    }.get(kind, {"a": b"1", "b": b"2"})
+    assert await store.hgetall("h") == expected_h
+    if kind.startswith("set"):
+        assert await store.get("v") == b"1"
+    await harness.let_short_ttls_expire()
+    assert await store.get("v") == (b"1" if kind == "set" else None)
+    kept = kind in ("expire", "persist")
+    assert await store.hgetall("h") == (expected_h if kept else {})
+
+
+@pytest.mark.redis
+async def test_redis_writes_one_change_as_its_command_and_more_in_a_transaction(
+    redis_url, namespace, redis_client
+):
+    name = f"{namespace}-writer"
+    store = RedisStateStore(url=f"{redis_url}?client_name={name}", namespace=namespace)
+
+    async def last_command() -> str:
+        clients = await redis_client.client_list()
+        return next(c["cmd"] for c in clients if c["name"] == name)
+
+    try:
+        one = WriteBatch()
+        one.set("v", b"1", ttl=LONG_TTL)
+        await store.write(one)
+        assert await last_command() == "set"
+        two = WriteBatch()
+        two.set("v", b"2", ttl=LONG_TTL)
+        two.hset("h", {"f": 1})
+        await store.write(two)
+        assert await last_command() == "exec"
+    finally:
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
 async def test_epoch_keeps_its_identity_and_ages(harness, namespace):
     store = harness.store
     marker = f"{namespace}:epoch"  # the marker is the server's: one of this test's own
