@@ -187,3 +187,28 @@ def test_a_refit_is_due_only_when_every_threshold_is_met():
     assert policy.due(new_labels=500, rows=500, since_last_s=float("inf"))
     with pytest.raises(ValueError):
         RefitPolicy(min_rows=10, window_rows=5)
+
+
+async def test_the_memory_store_counts_and_keeps_the_newest_labels_like_postgres(pg_pool):
+    from pumpflow.model.labels import MemoryLabelStore, definition_key
+
+    labels = synthetic_labels(by_rsi, n=300)
+    memory = MemoryLabelStore(kept=200)
+    postgres = PostgresLabelStore(pg_pool)
+    of_model = ("entry", DEFAULT_CARD.feature_set_version, definition_key(DEFAULT_CARD.label))
+    for store in (memory, postgres):
+        added = await store.add(labels[:250], feature_set_version=of_model[1], names=NAMES)
+        assert added == 250
+        assert await store.add(labels[200:300], feature_set_version=of_model[1],
+                               names=NAMES) == 50  # the 50 stored already are kept once
+    counts = await postgres.counts(*of_model, after_id=100)
+    assert (counts.rows, counts.new) == (300, 200)
+    counts = await memory.counts(*of_model, after_id=100)
+    assert (counts.rows, counts.new) == (200, 200)  # the newest 200 kept
+    rows, last_id = await memory.recent(*of_model, 50)
+    stored, stored_last = await postgres.recent(*of_model, 50)
+    assert last_id == 300  # ids are the store's own: Postgres skips those of conflicts
+    assert stored_last == await pg_pool.fetchval("SELECT max(id) FROM model_labels")
+    np.testing.assert_array_equal(rows.rows, stored.rows)
+    np.testing.assert_array_equal(rows.labels, stored.labels)
+    np.testing.assert_array_equal(rows.time, stored.time)

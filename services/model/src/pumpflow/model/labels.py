@@ -14,6 +14,7 @@ the labels.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -246,6 +247,9 @@ class MemoryLabelStore:
         self.refits: list[StoredRefit] = []
         self._next_id = 1
         self._keys: set[tuple] = set()
+        #: the ids kept of each model, feature set and definition, ascending (counts are
+        #: asked every few seconds: a bisection, not a pass over every label)
+        self._ids: dict[tuple[str, str, str], list[int]] = {}
 
     async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
                   names: tuple[str, ...]) -> int:
@@ -256,12 +260,18 @@ class MemoryLabelStore:
                 continue
             self._keys.add(key)
             self.labels.append((self._next_id, row))
+            self._ids.setdefault((row[0], row[8], row[7]), []).append(self._next_id)
             self._next_id += 1
             added += 1
         if len(self.labels) > self.kept:
+            dropped: dict[tuple[str, str, str], int] = {}
             for _, row in self.labels[: len(self.labels) - self.kept]:
                 self._keys.discard((row[0], row[2], row[3], row[4]))
+                of_model = (row[0], row[8], row[7])
+                dropped[of_model] = dropped.get(of_model, 0) + 1
             del self.labels[: len(self.labels) - self.kept]
+            for of_model, count in dropped.items():
+                del self._ids[of_model][:count]  # the oldest of each are the ones dropped
         return added
 
     def _of(self, model_id: str, feature_set_version: str, definition: str):
@@ -272,8 +282,8 @@ class MemoryLabelStore:
 
     async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
                      after_id: int) -> LabelCounts:
-        mine = self._of(model_id, feature_set_version, definition)
-        return LabelCounts(rows=len(mine), new=sum(1 for i, _ in mine if i > after_id))
+        ids = self._ids.get((model_id, feature_set_version, definition), [])
+        return LabelCounts(rows=len(ids), new=len(ids) - bisect.bisect_right(ids, after_id))
 
     async def recent(self, model_id: str, feature_set_version: str, definition: str,
                      limit: int) -> tuple[LabelledRows, int]:
