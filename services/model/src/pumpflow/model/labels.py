@@ -4,8 +4,13 @@ Every live label the service resolves is stored with the vector it scored (in th
 feature set's order), the model and version that scored it, its arm, score, event time
 and label definition; every automatic refit is stored with its outcome. Labels outlive
 a restart (the rolling figures start from the stored ones) and are what a refit fits
-on. :class:`PostgresLabelStore` is a deployment's (migration 0011), shared by the
-replicas; :class:`MemoryLabelStore` the embedded run's without a database.
+on. :class:`PostgresLabelStore` is a deployment's (migrations 0011 and 0012), shared by
+the replicas; :class:`MemoryLabelStore` the embedded run's without a database.
+
+A swapped-in refit is stored with its model (the ONNX bytes and the card's), found by
+the model's content hash (:func:`model_hash`): a replica that lacks the file writes it
+into its own registry from the store, wherever it runs. Without a database the model
+is only in the registry of the process that fitted it.
 
 A refit is made by one replica at a time (:meth:`LabelStore.refitting`): the store's
 counts since the last stored refit decide when one is due, whichever replica stored
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
@@ -56,6 +62,13 @@ class StoredRefit(msgspec.Struct, frozen=True, kw_only=True):
     at: float
     #: where the swapped-in version was written (None: not swapped)
     path: str | None = None
+    #: the swapped-in model's content hash (:func:`model_hash`; None: not swapped)
+    sha256: str | None = None
+
+
+def model_hash(model: bytes) -> str:
+    """A model's content hash: what a serving names a refitted model's file by."""
+    return hashlib.sha256(model).hexdigest()
 
 
 class LabelCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,8 +101,12 @@ class LabelStore(Protocol):
     async def last_refit(self, model_id: str) -> StoredRefit | None:
         """The model's newest stored refit."""
 
-    async def record_refit(self, refit: StoredRefit) -> None:
-        """Store a refit decided."""
+    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
+                           card: bytes | None = None) -> None:
+        """Store a refit decided, with the model swapped in (its bytes and encoded card)."""
+
+    async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
+        """The stored model (bytes, encoded card) of that content hash; None if absent."""
 
     def refitting(self, model_id: str) -> contextlib.AbstractAsyncContextManager[bool]:
         """Hold the right to refit ``model_id`` (True) unless another replica holds it."""
@@ -137,13 +154,13 @@ _CREATE_STAGE = (
 )
 _REFIT_COLUMNS = (
     "model_id, serving_version, candidate_version, swapped, metric, serving_score, "
-    "candidate_score, held_out_rows, rows, last_label_id, at, path"
+    "candidate_score, held_out_rows, rows, last_label_id, at, path, sha256"
 )
 _OF_MODEL = "model_id = $1 AND feature_set_version = $2 AND definition = $3"
 
 
 class PostgresLabelStore:
-    """Labels and refits in Postgres (migration 0011)."""
+    """Labels, refits and the refitted models in Postgres (migrations 0011, 0012)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -201,12 +218,21 @@ class PostgresLabelStore:
         )
         return None if row is None else StoredRefit(**dict(row))
 
-    async def record_refit(self, refit: StoredRefit) -> None:
+    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
+                           card: bytes | None = None) -> None:
         await self.pool.execute(
-            f"INSERT INTO model_refits ({_REFIT_COLUMNS}) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            *msgspec.structs.astuple(refit),
+            f"INSERT INTO model_refits ({_REFIT_COLUMNS}, model, card) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            *msgspec.structs.astuple(refit), model, card,
         )
+
+    async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
+        row = await self.pool.fetchrow(
+            "SELECT model, card FROM model_refits "
+            "WHERE sha256 = $1 AND model IS NOT NULL AND card IS NOT NULL LIMIT 1",
+            sha256,
+        )
+        return None if row is None else (row["model"], row["card"])
 
     @contextlib.asynccontextmanager
     async def refitting(self, model_id: str) -> AsyncIterator[bool]:
@@ -302,8 +328,13 @@ class MemoryLabelStore:
         mine = [r for r in self.refits if r.model_id == model_id]
         return mine[-1] if mine else None
 
-    async def record_refit(self, refit: StoredRefit) -> None:
+    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
+                           card: bytes | None = None) -> None:
+        # the model stays in the registry of the process that fitted it, the only one
         self.refits.append(refit)
+
+    async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
+        return None
 
     @contextlib.asynccontextmanager
     async def refitting(self, model_id: str) -> AsyncIterator[bool]:
@@ -317,4 +348,5 @@ __all__ = [
     "PostgresLabelStore",
     "StoredRefit",
     "definition_key",
+    "model_hash",
 ]

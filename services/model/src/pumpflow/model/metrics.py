@@ -62,6 +62,14 @@ class _Families:
             "Live labels stored (new ones; a label stored already is not counted)",
             registry=registry,
         )
+        self.serving_unavailable = Counter(
+            "pumpflow_model_serving_unavailable",
+            "Stored servings this replica could not serve (a model file missing here and "
+            "not in the database), by when: start (the settings' models served instead) "
+            "or follow (the one serving kept)",
+            ["when"],
+            registry=registry,
+        )
         self.serving = Gauge(
             "pumpflow_model_serving",
             "The model version served under each model id (1)",
@@ -122,6 +130,12 @@ class ModelServiceMetrics:
 
     def refits(self, model_id: str, outcome: str) -> float:
         return self._f.refits.labels(model_id, outcome)._value.get()
+
+    def unavailable(self, when: str) -> None:
+        self._f.serving_unavailable.labels(when).inc()
+
+    def unavailable_count(self, when: str) -> float:
+        return self._f.serving_unavailable.labels(when)._value.get()
 
     def labels_stored(self, count: int) -> None:
         self._f.stored_labels.inc(count)

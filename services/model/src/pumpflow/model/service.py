@@ -25,10 +25,14 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
   newest stored labels, on a thread, by one replica at a time. A candidate better on
-  the held-out slice is swapped in at once here (each prediction names the version
-  that made it), written to the registry (``model_registry_dir``) and stored as the
-  serving, which the other replicas follow and a restart keeps. Every refit decided is
-  stored (``model_refits``), logged and counted (``pumpflow_model_refits``).
+  the held-out slice by more than ``model_refit_min_gain`` is swapped in at once here
+  (each prediction names the version that made it), written to the registry
+  (``model_registry_dir``), stored with its refit and stored as the serving, which the
+  other replicas follow and a restart keeps. The serving names the refitted model by
+  its content hash: a replica whose disk lacks the file (another machine, a container
+  restarted on an empty disk) writes it into its own registry from the stored refit
+  before loading it. Every refit decided is stored (``model_refits``), logged and
+  counted (``pumpflow_model_refits``).
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
@@ -61,12 +65,12 @@ from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_even
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import CardError, ModelError, ModelManager
 from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
-from pumpflow.common.model.card import Task, vector_row
+from pumpflow.common.model.card import Task, decode_card, vector_row
 from pumpflow.common.model.drift import DriftMonitor
 from pumpflow.common.model.manager import LabelledRows
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
-from pumpflow.common.model.registry import ModelRegistry
+from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.model_metrics import ModelMonitorMetrics
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
@@ -76,6 +80,7 @@ from pumpflow.model.labels import (
     PostgresLabelStore,
     StoredRefit,
     definition_key,
+    model_hash,
 )
 from pumpflow.model.metrics import ModelServiceMetrics
 from pumpflow.model.settings import ModelSettings
@@ -97,6 +102,11 @@ def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]
                         token=data.token, source=data.source)
 
 
+def _on_disk(model_path: str) -> bool:
+    """Whether a model and its card are both at ``model_path``."""
+    return Path(model_path).exists() and card_path(model_path).exists()
+
+
 class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
     """Where a model id's file is, and its task."""
 
@@ -104,6 +114,9 @@ class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
     task: Task = "classification"
     #: the serving revision that loaded it (the same path loaded again is a new file)
     loaded: int = 0
+    #: a refitted model's content hash: a replica lacking the file writes it from the
+    #: stored refit (None: a file the operator provides)
+    sha256: str | None = None
 
 
 class Serving(msgspec.Struct, frozen=True, kw_only=True):
@@ -174,6 +187,9 @@ class ModelService(Service):
         self._drift_out: list[ModelDrift] = []
         self._ctx: ServiceContext | None = None
         self._changing = asyncio.Lock()
+        #: the newest stored serving this replica could not follow for a missing file
+        #: (counted once)
+        self._unavailable_revision = -1
         self._loops: list[asyncio.Task] = []
         self.labels: LabelTracker | None = None
         self.performance: RollingPerformance | None = None
@@ -206,10 +222,7 @@ class ModelService(Service):
                 if ctx.db is not None and settings.model_store_labels
                 else MemoryLabelStore()
             )
-        stored = await self._stored_serving()
-        serving = stored if stored is not None else self._configured_serving()
-        # a model that cannot be served (another feature set, expired) stops the start
-        self._apply(serving)
+        serving = await self._start_serving()
         self.labels = LabelTracker(clock=ctx.clock)
         self.performance = RollingPerformance()
         if settings.model_store_labels:
@@ -264,6 +277,79 @@ class ModelService(Service):
             models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms
         )
 
+    async def _start_serving(self) -> Serving:
+        """Serve the stored serving, or the settings' one when none is stored.
+
+        A stored serving naming a model file missing here and not in the database (a
+        model loaded through the HTTP API from a disk this replica lacks, a refit whose
+        stored copy is gone) does not keep the service down: the error names the
+        revision and the file, is counted (``pumpflow_model_serving_unavailable``), and
+        the settings' models are served at the stored revision, so the next change of
+        the serving (a load, a refit) is followed as usual. Availability wins over the
+        newer model here: a replica that is down scores nothing and its partitions'
+        tokens go unscored until someone mends the disk, while the settings' models are
+        the deployment's own, checked on load like any other. The serving stored for the
+        other replicas is left as it is. Any other refusal (another feature set, an
+        expired model, a broken file) still stops the start, the settings' one included.
+        """
+        stored = await self._stored_serving()
+        configured = self._configured_serving()
+        if stored is None:
+            self._apply(configured)
+            return configured
+        try:
+            self._apply(stored, await self._fetch_missing(stored))
+            return stored
+        except ServingError as exc:
+            if exc.status != 404:
+                raise
+            log.error("model: cannot serve the stored serving revision %d, a model file is "
+                      "missing (%s); serving the settings' models", stored.revision, exc)
+            self.metrics.unavailable("start")
+        fallback = msgspec.structs.replace(configured, revision=stored.revision)
+        for model_id in set(self.manager.models()) - set(fallback.models):
+            self._unload(model_id)
+        self._apply(fallback)
+        return fallback
+
+    def _unload(self, model_id: str) -> None:
+        self.manager.unload_model(model_id)
+        self._sources.pop(model_id, None)
+        self.drift.pop(model_id, None)
+
+    async def _fetch_missing(self, serving: Serving) -> dict[str, str]:
+        """Write the refitted models ``serving`` names whose file is not here into this
+        replica's registry from the stored refits; their paths here by model id.
+
+        Found by content hash and written atomically: two replicas writing one is
+        harmless. A model not stored (no database) is left to the load to report."""
+        registry = self.manager.registry
+        found: dict[str, str] = {}
+        if registry is None or self.label_store is None:
+            return found
+        for model_id, source in serving.models.items():
+            if (source.sha256 is None or self._sources.get(model_id) == source
+                    or _on_disk(source.path)):
+                continue
+            stored = await self.label_store.model_file(source.sha256)
+            if stored is None:
+                continue
+            model, raw_card = stored
+            if model_hash(model) != source.sha256:
+                log.error("model: the stored model of %s is not %s; not written",
+                          model_id, source.sha256)
+                continue
+            try:
+                path = await asyncio.to_thread(registry.register, model, decode_card(raw_card))
+            except (CardError, OSError, ValueError) as exc:
+                log.error("model: cannot write the stored model of %s into %s: %s",
+                          model_id, registry.root, exc)
+                continue
+            log.info("model: wrote %s (%s) from the stored refit to %s",
+                     model_id, source.sha256, path)
+            found[model_id] = str(path)
+        return found
+
     async def _stored_serving(self) -> Serving | None:
         raw = await self._ctx.store.get(SERVING_KEY)
         if raw is None:
@@ -274,11 +360,12 @@ class ModelService(Service):
             log.error("model: unreadable stored serving, using the settings': %s", exc)
             return None
 
-    def _apply(self, serving: Serving) -> None:
-        """Load what ``serving`` names and is not loaded from there yet; then route by it.
+    def _apply(self, serving: Serving, paths: dict[str, str] | None = None) -> None:
+        """Load what ``serving`` names and is not loaded from there yet (from ``paths``
+        here by model id if given); then route by it.
 
-        Raises ServingError (nothing changed) if a model cannot be served or the arms
-        name a model not in ``serving``.
+        Raises ServingError (the routing unchanged) if a model cannot be served or the
+        arms name a model not in ``serving``.
         """
         missing = {a.model_id for a in serving.arms} - set(serving.models)
         if missing:
@@ -291,15 +378,16 @@ class ModelService(Service):
         for model_id, source in serving.models.items():
             if self._sources.get(model_id) == source:
                 continue
+            path = (paths or {}).get(model_id, source.path)
             try:
-                card = manager.load_model(model_id, source.path, source.task)
+                card = manager.load_model(model_id, path, source.task)
             except FileNotFoundError as exc:
                 raise ServingError(f"model {model_id!r}: {exc}", status=404) from None
             except (ModelError, CardError, ValueError) as exc:
                 raise ServingError(str(exc)) from None
             self._sources[model_id] = source
             self.drift[model_id] = DriftMonitor(card, clock=self._ctx.clock)
-            log.info("model: serving %s version %s from %s", model_id, card.version, source.path)
+            log.info("model: serving %s version %s from %s", model_id, card.version, path)
         self.serving = serving
         if self.processor is not None:
             self.processor.arms = table  # swapped whole, between two tokens' steps
@@ -309,10 +397,10 @@ class ModelService(Service):
         async with self._changing:
             current = await self._stored_serving() or self.serving
             if current.revision > self.serving.revision:
-                self._apply(current)
+                self._apply(current, await self._fetch_missing(current))
             changed = change(current)
             changed = msgspec.structs.replace(changed, revision=current.revision + 1)
-            self._apply(changed)
+            self._apply(changed, await self._fetch_missing(changed))
             await self._ctx.store.set(SERVING_KEY, _encode_serving(changed))
             self._publish_arms()
             return changed
@@ -324,9 +412,12 @@ class ModelService(Service):
             return False
         async with self._changing:
             try:
-                self._apply(stored)
+                self._apply(stored, await self._fetch_missing(stored))
             except ServingError as exc:
                 log.error("model: cannot follow serving revision %d: %s", stored.revision, exc)
+                if exc.status == 404 and stored.revision != self._unavailable_revision:
+                    self._unavailable_revision = stored.revision
+                    self.metrics.unavailable("follow")
                 return False
         self._publish_arms()
         return True
@@ -480,18 +571,27 @@ class ModelService(Service):
             names = self.manager.feature_manager.names
             if tuple(card.feature_names) != tuple(names):
                 data = _in_order(data, names, card.feature_names)
-            result = await asyncio.wrap_future(self.manager.update_model(model_id, data))
-            path = None
-            if result.swapped and self.manager.registry is not None:
-                path = str(self.manager.registry.path(model_id, result.candidate_version))
+            result = await asyncio.wrap_future(
+                self.manager.update_model(model_id, data, min_gain=policy.min_gain)
+            )
+            path = sha256 = model = raw_card = None
+            served = self.manager.serving(model_id) if result.swapped else None
+            if (served is not None and self.manager.registry is not None
+                    and served.card.version == result.candidate_version):
+                path = str(served.path)
+                # stored with the refit: every replica can write it where it runs
+                model = await asyncio.to_thread(served.path.read_bytes)
+                raw_card = await asyncio.to_thread(card_path(served.path).read_bytes)
+                sha256 = model_hash(model)
             refit = StoredRefit(
                 model_id=model_id, serving_version=result.serving_version,
                 candidate_version=result.candidate_version, swapped=result.swapped,
                 metric=result.metric, serving_score=result.serving_score,
                 candidate_score=result.candidate_score, held_out_rows=result.held_out_rows,
                 rows=len(data.labels), last_label_id=last_id, at=result.at, path=path,
+                sha256=sha256,
             )
-            await store.record_refit(refit)
+            await store.record_refit(refit, model=model, card=raw_card)
         self.metrics.refitted(model_id, result.swapped)
         log.info(
             "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
@@ -504,7 +604,8 @@ class ModelService(Service):
             task = card.task
 
             def with_refit(serving: Serving) -> Serving:
-                source = ModelSource(path=path, task=task, loaded=serving.revision + 1)
+                source = ModelSource(path=path, task=task, loaded=serving.revision + 1,
+                                     sha256=sha256)
                 return msgspec.structs.replace(
                     serving, models={**serving.models, model_id: source}
                 )

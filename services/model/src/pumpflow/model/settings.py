@@ -26,8 +26,10 @@ class ModelSettings(CommonSettings):
     Live labels are stored (``model_store_labels``: Postgres when the run has a
     database, else in memory) and each served model is refitted on its newest stored
     labels when :class:`~pumpflow.common.model.refit.RefitPolicy` says so
-    (``model_refit_*``, defaults argued there); a refit better on the held-out slice is
-    swapped in, written to ``model_registry_dir`` and made the serving of every replica.
+    (``model_refit_*``, defaults argued there); a refit better on the held-out slice by
+    more than ``model_refit_min_gain`` is swapped in, written to ``model_registry_dir``,
+    stored with its refit (a replica lacking the file writes it from there) and made the
+    serving of every replica.
     On by default: the policy's thresholds (20,000 new labels, 30 minutes apart) keep a
     short run from ever refitting, and a long one is what the refits are for.
     """
@@ -80,10 +82,16 @@ class ModelSettings(CommonSettings):
     model_refit_check_s: float = Field(
         _REFIT.check_s, gt=0, description="how often a refit being due is checked"
     )
+    model_refit_min_gain: float = Field(
+        _REFIT.min_gain, ge=0,
+        description="least gain of a refit on the held-out slice to swap it in (AUC; a "
+        "regressor: share of the serving RMSE)",
+    )
     model_registry_dir: str = Field(
         "",
-        description="where refitted models are written (shared by the replicas); empty: "
-        "pumpflow-<namespace>-models in the temporary directory",
+        description="where refitted models are written (a replica lacking one writes it "
+        "here from the database); empty: pumpflow-<namespace>-models in the temporary "
+        "directory",
     )
     model_workers: int = Field(4, ge=1, le=256, description="token workers")
     model_window: int = Field(
@@ -111,6 +119,7 @@ class ModelSettings(CommonSettings):
             min_rows=self.model_refit_min_rows,
             window_rows=max(self.model_refit_window_rows, self.model_refit_min_rows),
             check_s=self.model_refit_check_s,
+            min_gain=self.model_refit_min_gain,
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:

@@ -340,23 +340,31 @@ class ModelManager:
     # ----------------------------------------------------------------------------------
     # Updating and performance.
 
-    def update_model(self, model_id: str, new_data: LabelledRows) -> Future[UpdateResult]:
+    def update_model(
+        self, model_id: str, new_data: LabelledRows, *, min_gain: float = 0.0
+    ) -> Future[UpdateResult]:
         """Refit on recent labelled data in the background; swap only if better.
 
         The newest ``update_held_out_share`` of ``new_data`` by time is held out; the
         candidate is fitted on the rows before it whose label horizon ended before it.
         Both the serving model and the candidate score the held-out slice; the candidate
         replaces the serving model (in one step: each prediction names its version) only
-        if it scores strictly better. Every decision is kept in :attr:`updates`.
+        if it scores better by more than ``min_gain``: AUC points for a classifier, a
+        share of the serving model's RMSE for a regressor (0: strictly better). Every
+        decision is kept in :attr:`updates`.
         """
+        if min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, not {min_gain}")
         served = self.serving(model_id)
         if self._refitter is None:
             raise ModelError(f"model {model_id!r}: no refitter was given to this manager")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
-        return self._executor.submit(self._update, model_id, served, new_data)
+        return self._executor.submit(self._update, model_id, served, new_data, min_gain)
 
-    def _update(self, model_id: str, served: ServedModel, data: LabelledRows) -> UpdateResult:
+    def _update(
+        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float
+    ) -> UpdateResult:
         card = served.card
         order = np.argsort(data.time, kind="stable")
         data = data.take(order)
@@ -378,12 +386,12 @@ class ModelManager:
         if card.task == "classification":
             metric = "auc"
             old, new = auc(held_out.labels, serving_scores), auc(held_out.labels, candidate_scores)
-            better = new > old
+            better = new - old > min_gain
         else:
             metric = "rmse"
             old = rmse(held_out.labels, serving_scores)
             new = rmse(held_out.labels, candidate_scores)
-            better = new < old
+            better = old - new > min_gain * old
         now = self.clock.now()
         # the one that serves now may have been replaced meanwhile (a load): keep it then
         swapped = bool(better) and self._models.get(model_id) is served

@@ -8,6 +8,7 @@ the model before its card, so a reader never finds a card without its model.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pumpflow.common.model.card import (
@@ -28,7 +29,8 @@ def card_path(model_path: str | Path) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a name of its own: two processes (two containers' pid 1) may write the same file
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
 
