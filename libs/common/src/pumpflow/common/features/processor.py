@@ -13,10 +13,12 @@ stored vector) expire after ``retire_ttl_s`` unless it trades again.
 
 from __future__ import annotations
 
+import msgspec
+
 from pumpflow.common.events import Event, FeaturesUpdated
 from pumpflow.common.features.inputs import TradeInput, event_input
 from pumpflow.common.features.manager import FeatureManager
-from pumpflow.common.features.state import TokenState, decode_snapshot, encode_snapshot
+from pumpflow.common.features.state import TokenState, decode_snapshot
 from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 
 #: lifecycle states that retire a token here
@@ -25,6 +27,8 @@ RETIRING = ("inactive", "graduated")
 CONSUMES = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
 #: bytes of the feature-set version in front of each encoded state
 _VERSION_BYTES = 16
+#: window buffers hold lamports as int64s
+_MAX_LAMPORTS = 1 << 63
 
 
 class FeaturesProcessor:
@@ -86,7 +90,7 @@ class FeaturesProcessor:
         encoded = state.encoded
         if encoded is not None and encoded[0] == state.n_events and encoded[1] == state.seq:
             return encoded[2]
-        raw = self._tag + encode_snapshot(state.snapshot())
+        raw = self._tag + state.checkpoint()
         state.encoded = (state.n_events, state.seq, raw)
         return raw
 
@@ -98,7 +102,11 @@ class FeaturesProcessor:
     def decode(self, raw: bytes) -> TokenState:
         if raw[:_VERSION_BYTES] != self._tag:
             raise StaleState("state of another feature-set version")
-        return TokenState.restore(self.manager.layout, decode_snapshot(raw[_VERSION_BYTES:]))
+        try:
+            snapshot = decode_snapshot(raw[_VERSION_BYTES:])
+        except msgspec.DecodeError as exc:  # a layout this code does not read
+            raise StaleState(f"unreadable features state: {exc}") from exc
+        return TokenState.restore(self.manager.layout, snapshot)
 
 
 def invalid_reason(trade: TradeInput | None) -> str | None:
@@ -109,4 +117,6 @@ def invalid_reason(trade: TradeInput | None) -> str | None:
         return f"non-positive reserves (vSol={trade.v_sol}, vTokens={trade.v_tokens})"
     if trade.lamports < 0 or trade.tokens < 0:
         return "negative amount"
+    if trade.lamports >= _MAX_LAMPORTS:
+        return f"amount of {trade.lamports} lamports past 63 bits"
     return None

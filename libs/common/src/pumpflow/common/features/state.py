@@ -28,6 +28,7 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 from hashlib import blake2b
+from itertools import islice
 
 import msgspec
 
@@ -79,19 +80,27 @@ def slot(k: int, field: int) -> int:
     return k * WSLOTS + field
 
 
-def _ids_to_bytes(ids: array) -> bytes:
-    if sys.byteorder != "little":
-        ids = array("Q", ids)
-        ids.byteswap()
-    return ids.tobytes()
+#: array typecodes of the window buffers: time, lamports bought, sold, first-time flag, price
+_BUFFER_TYPES = ("d", "q", "q", "b", "d")
 
 
-def _ids_from_bytes(raw: bytes) -> array:
-    ids = array("Q")
-    ids.frombytes(raw)
-    if sys.byteorder != "little":
-        ids.byteswap()
-    return ids
+_BIG_ENDIAN = sys.byteorder != "little"
+
+
+def _to_le_bytes(items: array) -> bytes:
+    """An array's items as little-endian bytes (how checkpoints hold them)."""
+    if _BIG_ENDIAN:
+        items = array(items.typecode, items)
+        items.byteswap()
+    return items.tobytes()
+
+
+def _from_le_bytes(raw: bytes, typecode: str = "Q") -> array:
+    items = array(typecode)
+    items.frombytes(raw)
+    if _BIG_ENDIAN:
+        items.byteswap()
+    return items
 
 
 def wallet_id(wallet: str) -> int:
@@ -102,7 +111,10 @@ def wallet_id(wallet: str) -> int:
 class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     """The checkpoint of one TokenState (msgspec-encodable).
 
-    Fields after ``maxq`` were added later and default, so older checkpoints decode.
+    Layout 2: the window buffers are packed arrays of little-endian items (float64
+    times and prices, int64 lamports, int8 first-time flags), copied from the state's
+    own arrays at no cost per item. Layout 1 held them as lists, and still decodes;
+    fields after ``maxq`` were added later and default, so older checkpoints decode.
     """
 
     scalars: tuple[float, ...]
@@ -114,11 +126,11 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     ewma: list[float]
     rsi: list[float]
     base: int
-    buf_time: list[float]
-    buf_buy: list[int]
-    buf_sell: list[int]
-    buf_new: list[int]
-    buf_price: list[float]
+    buf_time: bytes | list[float]
+    buf_buy: bytes | list[int]
+    buf_sell: bytes | list[int]
+    buf_new: bytes | list[int]
+    buf_price: bytes | list[float]
     maxq: list[list[tuple[float, int]]]
     #: wallets known by their :func:`wallet_id` (little-endian uint64s) ...
     trader_ids: bytes = b""
@@ -126,10 +138,24 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     trader_buys: list[int] = []
     #: per-mint seq of the last token event applied (0 if unknown)
     seq: int = 0
+    #: wallets known by their address (``traders`` then empty) ...
+    trader_names: list[str] = []
+    #: ... and the lamports each bought, in the same order
+    trader_amounts: list[int] = []
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
+_name_encoder = msgspec.msgpack.Encoder()
+
+
+def _array_header(length: int) -> bytes:
+    """The msgpack header of an array of ``length`` items."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
 def encode_snapshot(snapshot: StateSnapshot, *, exact: bool = False) -> bytes:
@@ -171,6 +197,8 @@ class TokenState:
         "max_trader_buy",
         "maxq",
         "n_events",
+        "named",
+        "names",
         "peak_price",
         "prev_time",
         "price",
@@ -201,6 +229,9 @@ class TokenState:
         self.traders: dict[str | int, int] = {}
         #: True when some traders are keyed by wallet_id
         self.hashed = False
+        #: the first ``named`` traders' addresses, msgpack-encoded (see :meth:`checkpoint`)
+        self.names: bytearray | None = None
+        self.named = 0
         self.seq = 0
         self.total_buy = 0
         self.total_sell = 0
@@ -214,11 +245,13 @@ class TokenState:
         # avg gain, avg loss per period
         self.rsi = [0.0, 0.0] * len(layout.rsi_periods)
         self.base = 0
-        self.buf_time: list[float] | None = None
-        self.buf_buy: list[int] | None = None
-        self.buf_sell: list[int] | None = None
-        self.buf_new: list[int] | None = None
-        self.buf_price: list[float] | None = None
+        # the window buffers, one row per trade from ``base`` on (arrays: a checkpoint
+        # copies their bytes, and they take 8 bytes an item, not a Python object)
+        self.buf_time: array | None = None
+        self.buf_buy: array | None = None
+        self.buf_sell: array | None = None
+        self.buf_new: array | None = None
+        self.buf_price: array | None = None
         self.maxq: list[deque] | None = None
         #: trades folded in since the windows last moved (see :meth:`fold`)
         self.unsettled = 0
@@ -380,11 +413,13 @@ class TokenState:
             self.base = base + drop
 
     def _new_buffers(self) -> None:
-        self.buf_time = []
-        self.buf_buy = []
-        self.buf_sell = []
-        self.buf_new = []
-        self.buf_price = []
+        (
+            self.buf_time,
+            self.buf_buy,
+            self.buf_sell,
+            self.buf_new,
+            self.buf_price,
+        ) = (array(typecode) for typecode in _BUFFER_TYPES)
         self.maxq = [deque() for _ in self.layout.max_windows]
         self.base = self.n_events - 1
         for k in range(len(self.layout.windows)):
@@ -433,6 +468,7 @@ class TokenState:
             wstate[at + _REF] = self.price
         self.buf_time = self.buf_buy = self.buf_sell = self.buf_new = self.buf_price = None
         self.maxq = None
+        self.names = None
         self.base = self.n_events
         return True
 
@@ -460,6 +496,36 @@ class TokenState:
 
         Raises ValueError (compact only) if two wallets would share an id.
         """
+        return StateSnapshot(*self._fields(compact=compact))
+
+    def checkpoint(self) -> bytes:
+        """The state's checkpoint: :func:`encode_snapshot` of :meth:`snapshot`, but each
+        wallet's address encoded once, when it first trades (the same state decodes)."""
+        if self.hashed:
+            return _snapshot_encoder.encode(self._fields())
+        traders = self.traders
+        names = self.names
+        if names is None:
+            names = self.names = bytearray()
+            self.named = 0
+        if self.named < len(traders):
+            for name in islice(traders, self.named, None):
+                names += _name_encoder.encode(name)
+            self.named = len(traders)
+        return _snapshot_encoder.encode(
+            self._fields(traders={}, names=msgspec.Raw(_array_header(self.named) + names),
+                         amounts=list(traders.values()))
+        )  # fmt: skip
+
+    def _fields(
+        self,
+        *,
+        compact: bool = False,
+        traders: dict | None = None,
+        names: msgspec.Raw | None = None,
+        amounts: list[int] | None = None,
+    ) -> tuple:
+        """StateSnapshot's fields in order (its msgpack form is theirs as an array)."""
         self.settle()
         scalars = (
             self.first_time,
@@ -481,40 +547,50 @@ class TokenState:
             self.largest_buy,
             int(self.creator_sold),
         )
-        traders = self.traders
         ids = b""
         buys: list[int] = []
-        if compact:
-            keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
-            if len(set(keys)) != len(keys):
-                raise ValueError("two wallets of the token share an id")
-            ids = _ids_to_bytes(keys)
-            buys = list(traders.values())
-            traders = {}
-        elif self.hashed:
-            by_id = [(k, v) for k, v in traders.items() if type(k) is int]
-            ids = _ids_to_bytes(array("Q", (k for k, _ in by_id)))
-            buys = [v for _, v in by_id]
-            traders = {k: v for k, v in traders.items() if type(k) is str}
-        shed = self.buf_time is None
-        return StateSnapshot(
-            scalars=scalars,
-            ints=ints,
-            creator=self.creator,
-            traders=traders,
-            wstate=self.wstate,
-            ewma=self.ewma,
-            rsi=self.rsi,
-            base=self.base,
-            buf_time=[] if shed else self.buf_time,
-            buf_buy=[] if shed else self.buf_buy,
-            buf_sell=[] if shed else self.buf_sell,
-            buf_new=[] if shed else self.buf_new,
-            buf_price=[] if shed else self.buf_price,
-            maxq=[] if shed else [list(q) for q in self.maxq],
-            trader_ids=ids,
-            trader_buys=buys,
-            seq=self.seq,
+        if traders is None:
+            traders = self.traders
+            if compact:
+                keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
+                if len(set(keys)) != len(keys):
+                    raise ValueError("two wallets of the token share an id")
+                ids = _to_le_bytes(keys)
+                buys = list(traders.values())
+                traders = {}
+            elif self.hashed:
+                by_id = [(k, v) for k, v in traders.items() if type(k) is int]
+                ids = _to_le_bytes(array("Q", (k for k, _ in by_id)))
+                buys = [v for _, v in by_id]
+                traders = {k: v for k, v in traders.items() if type(k) is str}
+        if self.buf_time is None:
+            buffers = (b"", b"", b"", b"", b"")
+            maxq = []
+        else:
+            buffers = (
+                _to_le_bytes(self.buf_time),
+                _to_le_bytes(self.buf_buy),
+                _to_le_bytes(self.buf_sell),
+                _to_le_bytes(self.buf_new),
+                _to_le_bytes(self.buf_price),
+            )
+            maxq = list(map(list, self.maxq))
+        return (
+            scalars,
+            ints,
+            self.creator,
+            traders,
+            self.wstate,
+            self.ewma,
+            self.rsi,
+            self.base,
+            *buffers,
+            maxq,
+            ids,
+            buys,
+            self.seq,
+            [] if names is None else names,
+            [] if amounts is None else amounts,
         )
 
     @classmethod
@@ -546,8 +622,12 @@ class TokenState:
         state.creator_sold = bool(creator_sold)
         state.creator = snap.creator
         state.traders = dict(snap.traders)
+        if snap.trader_names:
+            if len(snap.trader_amounts) != len(snap.trader_names):
+                raise ValueError("snapshot has trader names and amounts of different lengths")
+            state.traders.update(zip(snap.trader_names, snap.trader_amounts, strict=True))
         if snap.trader_ids:
-            ids = _ids_from_bytes(snap.trader_ids)
+            ids = _from_le_bytes(snap.trader_ids)
             if len(ids) != len(snap.trader_buys):
                 raise ValueError("snapshot has trader ids and amounts of different lengths")
             state.traders.update(zip(ids, snap.trader_buys, strict=True))
@@ -562,11 +642,22 @@ class TokenState:
         state.rsi = list(snap.rsi)
         state.base = snap.base
         if snap.buf_time or snap.maxq:
-            state.buf_time = list(snap.buf_time)
-            state.buf_buy = list(snap.buf_buy)
-            state.buf_sell = list(snap.buf_sell)
-            state.buf_new = list(snap.buf_new)
-            state.buf_price = list(snap.buf_price)
+            (
+                state.buf_time,
+                state.buf_buy,
+                state.buf_sell,
+                state.buf_new,
+                state.buf_price,
+            ) = (
+                _from_le_bytes(items, typecode)
+                if items.__class__ is bytes
+                else array(typecode, items)  # layout 1
+                for typecode, items in zip(
+                    _BUFFER_TYPES,
+                    (snap.buf_time, snap.buf_buy, snap.buf_sell, snap.buf_new, snap.buf_price),
+                    strict=True,
+                )
+            )
             state.maxq = [deque((float(t), int(v)) for t, v in q) for q in snap.maxq]
         return state
 
