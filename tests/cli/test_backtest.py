@@ -73,21 +73,29 @@ class _Crawling:
 
 
 async def test_a_slow_replay_passes_on_the_trades_of_a_token_the_feed_unsubscribed(monkeypatch):
-    # the stream, then a token of its first second trading again 20 market minutes on,
-    # after activity found it inactive and had the feed unsubscribe it
+    # a token of the stream's first second goes quiet; once activity found it inactive
+    # and had the feed unsubscribe it, it trades again: within the feed's grace (10 s)
+    # of the market clock, and after it. The market passes on the first trade and
+    # keeps out the second on a machine slower than any
     frames = simulated_frames(SEED, MINUTES, start=START)
     decoded = [json.loads(frame) for _, frame in frames]
     mint = decoded[0]["mint"]
     trades = [d for d in decoded if d.get("txType") in ("buy", "sell")]
     other = next(d for d in reversed(trades) if d["mint"] != mint)
     again = next(d for d in reversed(trades) if d["mint"] == mint)
-    end = frames[-1][0]
-    frames += [
-        (end + 1200.0, json.dumps({**other, "signature": "Y" * 4 + other["signature"][4:]})),
-        (end + 1210.0, json.dumps({**again, "signature": "Z" * 4 + again["signature"][4:]})),
-    ]
-    frames = [(at, frame if isinstance(frame, bytes) else frame.encode()) for at, frame in frames]
-    monkeypatch.setenv("PUMPFLOW_ACTIVITY_SUBSCRIPTION_BATCH_MAX", "1")  # sent at once
+
+    def frame(at: float, trade: dict, label: str) -> tuple[float, bytes]:
+        return at, json.dumps({**trade, "signature": label * 4 + trade["signature"][4:]}).encode()
+
+    unsubscribed: list[float] = []
+
+    async def command(event) -> None:
+        if event.type == "feed.subscription" and mint in event.data.mints:
+            unsubscribed.append(event.time)
+
+    await run_backtest([*frames, frame(frames[-1][0] + 1200.0, other, "Y")], RUN_CONFIG,
+                       observe=command)  # fmt: skip
+    assert len(unsubscribed) == 1
     monkeypatch.setattr(socket_feed, "time", _Crawling())
     seen: list[tuple[str, str]] = []
 
@@ -95,7 +103,8 @@ async def test_a_slow_replay_passes_on_the_trades_of_a_token_the_feed_unsubscrib
         if event.type in ("token.trade", "token.lifecycle") and event.data.mint == mint:
             seen.append((event.type, getattr(event.data, "signature", "")[:4]))
 
-    await run_backtest(frames, RUN_CONFIG, observe=observe)
+    returns = [frame(unsubscribed[0] + 5.0, again, "Z"), frame(unsubscribed[0] + 30.0, again, "X")]
+    await run_backtest([*frames, *returns], RUN_CONFIG, observe=observe)
     assert ("token.lifecycle", "") in seen
     assert seen[-1] == ("token.trade", "ZZZZ")
 

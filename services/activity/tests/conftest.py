@@ -74,8 +74,8 @@ class Stack:
     ) -> ActivityService:
         settings = ActivitySettings.load(
             transport="memory", partitions=PARTITIONS, namespace=self.namespace,
-            # flushed by the tests, so the outcome does not depend on wall time
-            activity_subscription_batch_s=3600, **kw,
+            # flushed by the tests: the batch timer is an hour of the clock away
+            **{"activity_subscription_batch_s": 3600, **kw},
         )  # fmt: skip
         svc = ActivityService(settings, registry=registry or CollectorRegistry())
         self.ctx = ServiceContext(

@@ -76,6 +76,24 @@ async def test_feed_commands_are_batched_and_opposites_cancel_out(stack):
     assert [(c.data.action, c.data.mints) for c in s.commands[1:]] == [("subscribe", ("D",))]
 
 
+async def test_feed_commands_go_out_on_the_clock_every_batch_period(stack):
+    # a replay moves the clock by market time: the commands go out at the same market
+    # times however little wall time passes
+    s, tk = stack, stack.tokens
+    await s.activity(activity_subscription_batch_s=50)
+    await s.send(tk.created("A"))
+    await s.at(179)
+    assert s.commands == []
+    await s.at(180)  # A turns inactive; the batch that holds it goes out at 200
+    assert s.states("A") == ["new", "inactive"] and s.commands == []
+    await s.at(199)
+    assert s.commands == []
+    await s.at(200)
+    assert [(c.data.action, c.data.mints, c.time) for c in s.commands] == [
+        ("unsubscribe", ("A",), START + 200)
+    ]
+
+
 async def test_a_returning_token_is_resubscribed_but_a_straggler_is_not(stack):
     s, tk = stack, stack.tokens
     svc = await s.activity()

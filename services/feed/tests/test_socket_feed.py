@@ -119,10 +119,10 @@ async def bus_and_events():
     await bus.close()
 
 
-def make_feed(peer, bus, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
+def make_feed(peer, bus, *, clock=None, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
     metrics = FeedMetrics(CollectorRegistry())
     config = SocketFeedConfig(url=peer.url, backoff_initial_s=0.05, **kwargs)
-    feed = SocketDataFeed(config, clock=WallClock(), bus=bus, metrics=metrics)
+    feed = SocketDataFeed(config, clock=clock or WallClock(), bus=bus, metrics=metrics)
     manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics)
     manager.add_data_feed(feed)
     return feed, manager
@@ -551,6 +551,29 @@ async def test_trades_in_flight_after_an_unsubscribe_pass_within_the_grace_only(
     assert manager.unsubscribed_trades == 0
     await manager.stop()
     await bus2.close()
+
+
+async def test_the_grace_after_an_unsubscribe_runs_on_the_injected_clock(peer, bus_and_events):
+    # a replay: a trade is in flight or not by the clock that stamps the frames,
+    # whatever wall time passed
+    bus, got = bus_and_events
+    clock = ReplayClock(1_700_000_000.0)
+    feed, manager = make_feed(peer, bus, clock=clock)  # the default grace: 10 s
+    await start(manager, feed)
+    await peer.send(create(MINT_A), create(MINT_B))
+    await peer.until(lambda: peer.trade_keys == {MINT_A, MINT_B})
+    await manager.unsubscribe_from_token([MINT_A, MINT_B])
+    await peer.until(lambda: not peer.trade_keys)
+    await clock.advance(9.5)
+    await peer.send(trade(MINT_A, 1))
+    await eventually(lambda: len(got) == 3)
+    await clock.advance(0.5)
+    await peer.send(trade(MINT_B, 1), trade(MINT_A, 2))
+    await eventually(lambda: manager.unsubscribed_trades == 2)
+    assert [(e.type, e.key) for e in got] == [
+        ("token.created", MINT_A), ("token.created", MINT_B), ("token.trade", MINT_A),
+    ]  # fmt: skip
+    await manager.stop()
 
 
 # ---------------------------------------------------------------- the service's history

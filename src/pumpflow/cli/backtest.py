@@ -334,10 +334,7 @@ async def run_backtest(
 
     overrides = service_overrides(config or {})
     # the feed holds a real connection to a local socket that sends nothing: it runs
-    # connected (subscribing new mints) while its frames come from here. Its grace for
-    # the trades of a mint it unsubscribed runs on the wall clock, as do activity's
-    # batched (un)subscriptions: with no end to the grace, which trades it passes on
-    # does not hang on how fast the replay runs
+    # connected (subscribing new mints) while its frames come from here
     server = await serve(_swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     clock = ReplayClock(frames[0][0] if frames else SIM_START)
@@ -350,8 +347,7 @@ async def run_backtest(
         return cls(settings, registry=CollectorRegistry())
 
     feed = build(
-        FeedService, feed_record=False, pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data",
-        feed_unsubscribe_grace_s=math.inf,
+        FeedService, feed_record=False, pumpportal_ws_url=f"ws://127.0.0.1:{port}/api/data"
     )
     # a refit swapped in when its thread happens to finish would make the results hang
     # on the machine's speed: the replay scores with the models it starts with, unless

@@ -12,7 +12,8 @@ dedup, group commit, outbox, timers on the partition owner, restore on assignmen
   queued for a batched ``feed.subscription`` unsubscribe (trade streams cost money
   per message). A retired token that comes back is resubscribed the same way. An
   opposite request not yet sent cancels out; commands go out every
-  ``activity_subscription_batch_s``, when a batch is full, and on stop.
+  ``activity_subscription_batch_s`` of the injected clock (a replay sends them at the
+  same market times however fast it runs), when a batch is full, and on stop.
 - HTTP: ``GET /tokens/{mint}`` and ``GET /tokens?state=active&limit=100`` from the
   tokens this replica holds (a retired token from its stored record).
 """
@@ -33,6 +34,7 @@ from pumpflow.activity.metrics import ActivityServiceMetrics
 from pumpflow.activity.settings import ActivitySettings
 from pumpflow.common.activity import ActivityProcessor, ActivityState, FeedAction
 from pumpflow.common.activity.lifecycle import STATES
+from pumpflow.common.clock import TimerHandle
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer, Record
 from pumpflow.common.events import Event, FeedSubscription, make_event
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -65,29 +67,30 @@ class ActivityService(Service):
         #: mints waiting for a feed command, by action (insertion ordered)
         self._pending: dict[str, dict[str, None]] = {"subscribe": {}, "unsubscribe": {}}
         self._flushing_feed = asyncio.Lock()
-        self._loop: asyncio.Task | None = None
+        self._batch_timer: TimerHandle | None = None
+        self._stopped = False
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        self._stopped = False
         self.consumer = ctx.keyed_consumer(
             self.processor,
             self.settings.consumer_config(self.name),
             on_published=self._count,
             metrics=self.consumer_metrics,
         )
-        self._loop = asyncio.create_task(self._subscription_loop(), name="activity-feed")
+        self._schedule_batch()
         await self.consumer.start()
 
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
-            self._loop = None
+        self._stopped = True
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         # what the last steps asked for still goes out
         if self._ctx is not None:
             await self.flush_subscriptions()
@@ -136,14 +139,20 @@ class ActivityService(Service):
                     sent += len(mints)
         return sent
 
-    async def _subscription_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.activity_subscription_batch_s)
-            try:
-                await self.flush_subscriptions()
-                self.metrics.tokens(self.counts())
-            except Exception:
-                log.exception("activity: publishing feed commands failed; retrying")
+    def _schedule_batch(self) -> None:
+        if not self._stopped:
+            self._batch_timer = self._ctx.clock.call_later(
+                self.settings.activity_subscription_batch_s, self._on_batch
+            )
+
+    async def _on_batch(self) -> None:
+        try:
+            await self.flush_subscriptions()
+            self.metrics.tokens(self.counts())
+        except Exception:
+            log.exception("activity: publishing feed commands failed; retrying")
+        finally:
+            self._schedule_batch()
 
     # ---------------------------------------------------------------- reads
 

@@ -13,13 +13,15 @@
 - Control frames (acks, notices, errors) are logged and kept as a bounded prefix: a
   server may send megabytes in one, and neither the log nor memory may grow with it.
 - Stamps each frame with its arrival time from the injected Clock (frames carry none).
-- Flags a trade of a mint it never subscribed to (nor unsubscribed from within
+- Flags a trade of a mint it never subscribed to (nor asked to unsubscribe from within
   ``unsubscribe_grace_s``, while such trades are still in flight): the manager stores
   it and keeps it out of the pipeline.
 - Tracks the subscribed mints in the LookBack, which answers ``get_historical_data``
   for recent windows; older ones come from the TokenEventStore.
-- Connection timing (backoff, pings, the grace) runs on real time, never on the
-  injected clock, which may be a faster market clock.
+- Connection timing (backoff, pings, the rate limit) runs on real time, never on the
+  injected clock, which may be a faster market clock. The grace runs on the injected
+  clock, the one that stamps the frames' arrivals: in a replay a trade is in flight or
+  not by market time, however fast the machine replays it.
 - The API key goes into the URL only; every URL and error that is logged is redacted.
 """
 
@@ -201,8 +203,9 @@ class SocketDataFeed(DataFeedInterface):
         #: mints subscribed on the current connection
         self._on_server: set[str] = set()
         self._to_subscribe: dict[str, None] = {}
-        self._to_unsubscribe: dict[str, None] = {}
-        #: mints unsubscribed on this connection -> when (time.monotonic()), oldest first
+        #: mints to unsubscribe -> when asked (the clock's monotonic()), oldest first
+        self._to_unsubscribe: dict[str, float] = {}
+        #: mints unsubscribed on this connection -> when asked, oldest first
         self._ended: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
@@ -276,6 +279,9 @@ class SocketDataFeed(DataFeedInterface):
 
     async def unsubscribe(self, token_id: str | Iterable[str]) -> None:
         mints = as_mints(token_id)
+        # the grace starts when asked, not when sent: when the sender runs is up to the
+        # event loop and the rate limit, which a replay must not hang on
+        asked = self._clock.monotonic()
         for mint in mints:
             if mint not in self._active:
                 continue
@@ -283,7 +289,7 @@ class SocketDataFeed(DataFeedInterface):
             if mint in self._to_subscribe:
                 del self._to_subscribe[mint]  # never sent: nothing to undo on the server
             elif mint in self._on_server:
-                self._to_unsubscribe[mint] = None
+                self._to_unsubscribe[mint] = asked
         if self.lookback is not None:
             self.lookback.untrack(mints)
         self._changed()
@@ -333,25 +339,24 @@ class SocketDataFeed(DataFeedInterface):
             else:
                 break
             keys = list(itertools.islice(pending, self._max_keys))
-            for key in keys:
-                del pending[key]
             if method == SUBSCRIBE_TOKEN_TRADE:
+                for key in keys:
+                    del pending[key]
                 self._on_server.update(keys)
             else:
                 self._on_server.difference_update(keys)
-                self._end(keys)
+                self._end({key: pending.pop(key) for key in keys})
             await ws.send(method_message(method, keys).decode())
             self.metrics.subscribe_messages.labels(method).inc()
             log.debug("%s: %d keys", method, len(keys))
 
-    def _end(self, mints: list[str]) -> None:
-        """Remember when ``mints`` were unsubscribed: their trades in flight still count."""
-        now = time.monotonic()
+    def _end(self, asked: dict[str, float]) -> None:
+        """Remember when the unsubscribe of each mint was asked: its trades in flight count."""
         ended = self._ended
-        for mint in mints:
+        for mint, at in asked.items():
             ended.pop(mint, None)
-            ended[mint] = now
-        self._forget_ended(now)
+            ended[mint] = at
+        self._forget_ended(self._clock.monotonic())
 
     def _forget_ended(self, now: float) -> None:
         ended = self._ended
@@ -363,11 +368,15 @@ class SocketDataFeed(DataFeedInterface):
             del ended[mint]
 
     def _expects_trades(self, mint: str) -> bool:
-        """True if trades of ``mint`` belong on this connection: wanted, or still in flight."""
-        if mint in self._active or mint in self._on_server:
+        """True if trades of ``mint`` belong on this connection: wanted, or still in flight
+        (within the grace from when its unsubscribe was asked, sent yet or not)."""
+        if mint in self._active:
             return True
+        asked = self._to_unsubscribe.get(mint)
+        if asked is not None:
+            return self._clock.monotonic() - asked < self.config.unsubscribe_grace_s
         if mint in self._ended:
-            self._forget_ended(time.monotonic())
+            self._forget_ended(self._clock.monotonic())
             return mint in self._ended
         return False
 
