@@ -15,7 +15,6 @@ import signal
 import msgspec
 import pytest
 
-from pumpflow.common.bus.rabbitmq import ACK_LINGER_S
 from pumpflow.common.testing import (
     EventCollector,
     ProcessStack,
@@ -76,6 +75,13 @@ async def leader_and_standby(stack: ProcessStack, ports: dict[str, int]) -> tupl
     [leader] = [name for name, role in found.items() if role == "active"]
     [standby] = [name for name, role in found.items() if role == "standby"]
     return leader, standby
+
+
+def all_acked(port: int) -> bool:
+    """True once the replica behind ``port`` holds no message the broker delivered it
+    unacked (buffered, being handled, or handled with its ack held back)."""
+    body = http_json(f"http://127.0.0.1:{port}/readyz") or {}
+    return body.get("checks", {}).get("bus", {}).get("unacked") == 0
 
 
 async def kill_leader(stack: ProcessStack, leader: str, standby: str, port: int) -> None:
@@ -165,9 +171,11 @@ async def test_the_standby_decides_on_what_the_leader_learnt_before_it_died(
     await eventually(folded, 30, what="the leader's view of the token stored",
                      details=stack.logs)  # fmt: skip
     assert no_orders(ports[leader]) == 1
-    # the leader acks what it handled within ACK_LINGER_S; a message it had not acked
-    # would come again to the new leader, which the assertion below rules out
-    await asyncio.sleep(20 * ACK_LINGER_S)
+    # a message the leader had not acked would come again to the new leader, which the
+    # assertion below rules out: the leader acks what it handled (within ACK_LINGER_S)
+    await eventually(lambda: asyncio.to_thread(all_acked, ports[leader]), 30,
+                     what="the leader acked every message it was delivered",
+                     details=stack.logs)  # fmt: skip
 
     port = ports[standby]
     await kill_leader(stack, leader, standby, port)

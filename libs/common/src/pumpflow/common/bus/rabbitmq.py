@@ -405,6 +405,11 @@ class RabbitMQBus(EventBus):
             "partitions": self.partitions,
             "prefetch": self.prefetch,
             "queues_consumed": len(self._consumers),
+            # delivered by the broker and not acked yet: buffered, being handled, or
+            # handled with the ack held back (ACK_LINGER_S)
+            "unacked": sum(
+                len(c.buffer) + len(c.in_flight) + c.unacked_count for c in self._consumers
+            ),
         }
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
