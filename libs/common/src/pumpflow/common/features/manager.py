@@ -53,7 +53,7 @@ from pumpflow.common.features.definitions import (
     resolve_order,
 )
 from pumpflow.common.features.inputs import TradeInput, trade_input
-from pumpflow.common.features.state import Layout, TokenState, decode_snapshot
+from pumpflow.common.features.state import Layout, TokenState, decode_snapshot, encode_snapshot
 
 
 class FeatureVector(msgspec.Struct, frozen=True, kw_only=True):
@@ -300,7 +300,7 @@ class FeatureManager:
             return None
         if state.__class__ is bytes:
             return state  # a frozen token is its checkpoint
-        return state.checkpoint()
+        return encode_snapshot(state.snapshot())
 
     def restore(self, mint: str, raw: bytes, *, seq: int | None = None) -> TokenState:
         """Load a token's state from :meth:`snapshot` bytes (``seq`` overrides its seq)."""

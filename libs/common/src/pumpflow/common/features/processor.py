@@ -18,7 +18,7 @@ import msgspec
 from pumpflow.common.events import Event, FeaturesUpdated
 from pumpflow.common.features.inputs import TradeInput, event_input
 from pumpflow.common.features.manager import FeatureManager
-from pumpflow.common.features.state import TokenState, decode_snapshot
+from pumpflow.common.features.state import TokenState, decode_snapshot, encode_snapshot
 from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 
 #: lifecycle states that retire a token here
@@ -90,7 +90,7 @@ class FeaturesProcessor:
         encoded = state.encoded
         if encoded is not None and encoded[0] == state.n_events and encoded[1] == state.seq:
             return encoded[2]
-        raw = self._tag + state.checkpoint()
+        raw = self._tag + encode_snapshot(state.snapshot())
         state.encoded = (state.n_events, state.seq, raw)
         return raw
 

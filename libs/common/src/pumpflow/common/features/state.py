@@ -28,7 +28,6 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 from hashlib import blake2b
-from itertools import islice
 
 import msgspec
 
@@ -138,24 +137,10 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     trader_buys: list[int] = []
     #: per-mint seq of the last token event applied (0 if unknown)
     seq: int = 0
-    #: wallets known by their address (``traders`` then empty) ...
-    trader_names: list[str] = []
-    #: ... and the lamports each bought, in the same order
-    trader_amounts: list[int] = []
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(StateSnapshot)
-_name_encoder = msgspec.msgpack.Encoder()
-
-
-def _array_header(length: int) -> bytes:
-    """The msgpack header of an array of ``length`` items."""
-    if length < 16:
-        return bytes((0x90 | length,))
-    if length < 1 << 16:
-        return b"\xdc" + length.to_bytes(2, "big")
-    return b"\xdd" + length.to_bytes(4, "big")
 
 
 def encode_snapshot(snapshot: StateSnapshot, *, exact: bool = False) -> bytes:
@@ -197,8 +182,6 @@ class TokenState:
         "max_trader_buy",
         "maxq",
         "n_events",
-        "named",
-        "names",
         "peak_price",
         "prev_time",
         "price",
@@ -229,9 +212,6 @@ class TokenState:
         self.traders: dict[str | int, int] = {}
         #: True when some traders are keyed by wallet_id
         self.hashed = False
-        #: the first ``named`` traders' addresses, msgpack-encoded (see :meth:`checkpoint`)
-        self.names: bytearray | None = None
-        self.named = 0
         self.seq = 0
         self.total_buy = 0
         self.total_sell = 0
@@ -468,7 +448,6 @@ class TokenState:
             wstate[at + _REF] = self.price
         self.buf_time = self.buf_buy = self.buf_sell = self.buf_new = self.buf_price = None
         self.maxq = None
-        self.names = None
         self.base = self.n_events
         return True
 
@@ -496,36 +475,6 @@ class TokenState:
 
         Raises ValueError (compact only) if two wallets would share an id.
         """
-        return StateSnapshot(*self._fields(compact=compact))
-
-    def checkpoint(self) -> bytes:
-        """The state's checkpoint: :func:`encode_snapshot` of :meth:`snapshot`, but each
-        wallet's address encoded once, when it first trades (the same state decodes)."""
-        if self.hashed:
-            return _snapshot_encoder.encode(self._fields())
-        traders = self.traders
-        names = self.names
-        if names is None:
-            names = self.names = bytearray()
-            self.named = 0
-        if self.named < len(traders):
-            for name in islice(traders, self.named, None):
-                names += _name_encoder.encode(name)
-            self.named = len(traders)
-        return _snapshot_encoder.encode(
-            self._fields(traders={}, names=msgspec.Raw(_array_header(self.named) + names),
-                         amounts=list(traders.values()))
-        )  # fmt: skip
-
-    def _fields(
-        self,
-        *,
-        compact: bool = False,
-        traders: dict | None = None,
-        names: msgspec.Raw | None = None,
-        amounts: list[int] | None = None,
-    ) -> tuple:
-        """StateSnapshot's fields in order (its msgpack form is theirs as an array)."""
         self.settle()
         scalars = (
             self.first_time,
@@ -547,50 +496,40 @@ class TokenState:
             self.largest_buy,
             int(self.creator_sold),
         )
+        traders = self.traders
         ids = b""
         buys: list[int] = []
-        if traders is None:
-            traders = self.traders
-            if compact:
-                keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
-                if len(set(keys)) != len(keys):
-                    raise ValueError("two wallets of the token share an id")
-                ids = _to_le_bytes(keys)
-                buys = list(traders.values())
-                traders = {}
-            elif self.hashed:
-                by_id = [(k, v) for k, v in traders.items() if type(k) is int]
-                ids = _to_le_bytes(array("Q", (k for k, _ in by_id)))
-                buys = [v for _, v in by_id]
-                traders = {k: v for k, v in traders.items() if type(k) is str}
-        if self.buf_time is None:
-            buffers = (b"", b"", b"", b"", b"")
-            maxq = []
-        else:
-            buffers = (
-                _to_le_bytes(self.buf_time),
-                _to_le_bytes(self.buf_buy),
-                _to_le_bytes(self.buf_sell),
-                _to_le_bytes(self.buf_new),
-                _to_le_bytes(self.buf_price),
-            )
-            maxq = list(map(list, self.maxq))
-        return (
-            scalars,
-            ints,
-            self.creator,
-            traders,
-            self.wstate,
-            self.ewma,
-            self.rsi,
-            self.base,
-            *buffers,
-            maxq,
-            ids,
-            buys,
-            self.seq,
-            [] if names is None else names,
-            [] if amounts is None else amounts,
+        if compact:
+            keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
+            if len(set(keys)) != len(keys):
+                raise ValueError("two wallets of the token share an id")
+            ids = _to_le_bytes(keys)
+            buys = list(traders.values())
+            traders = {}
+        elif self.hashed:
+            by_id = [(k, v) for k, v in traders.items() if type(k) is int]
+            ids = _to_le_bytes(array("Q", (k for k, _ in by_id)))
+            buys = [v for _, v in by_id]
+            traders = {k: v for k, v in traders.items() if type(k) is str}
+        shed = self.buf_time is None
+        return StateSnapshot(
+            scalars=scalars,
+            ints=ints,
+            creator=self.creator,
+            traders=traders,
+            wstate=self.wstate,
+            ewma=self.ewma,
+            rsi=self.rsi,
+            base=self.base,
+            buf_time=b"" if shed else _to_le_bytes(self.buf_time),
+            buf_buy=b"" if shed else _to_le_bytes(self.buf_buy),
+            buf_sell=b"" if shed else _to_le_bytes(self.buf_sell),
+            buf_new=b"" if shed else _to_le_bytes(self.buf_new),
+            buf_price=b"" if shed else _to_le_bytes(self.buf_price),
+            maxq=[] if shed else list(map(list, self.maxq)),
+            trader_ids=ids,
+            trader_buys=buys,
+            seq=self.seq,
         )
 
     @classmethod
@@ -622,10 +561,6 @@ class TokenState:
         state.creator_sold = bool(creator_sold)
         state.creator = snap.creator
         state.traders = dict(snap.traders)
-        if snap.trader_names:
-            if len(snap.trader_amounts) != len(snap.trader_names):
-                raise ValueError("snapshot has trader names and amounts of different lengths")
-            state.traders.update(zip(snap.trader_names, snap.trader_amounts, strict=True))
         if snap.trader_ids:
             ids = _from_le_bytes(snap.trader_ids)
             if len(ids) != len(snap.trader_buys):
