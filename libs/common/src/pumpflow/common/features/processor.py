@@ -27,8 +27,6 @@ RETIRING = ("inactive", "graduated")
 CONSUMES = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
 #: bytes of the feature-set version in front of each encoded state
 _VERSION_BYTES = 16
-#: window buffers hold lamports as int64s
-_MAX_LAMPORTS = 1 << 63
 
 
 class FeaturesProcessor:
@@ -117,6 +115,4 @@ def invalid_reason(trade: TradeInput | None) -> str | None:
         return f"non-positive reserves (vSol={trade.v_sol}, vTokens={trade.v_tokens})"
     if trade.lamports < 0 or trade.tokens < 0:
         return "negative amount"
-    if trade.lamports >= _MAX_LAMPORTS:
-        return f"amount of {trade.lamports} lamports past 63 bits"
     return None

@@ -79,27 +79,19 @@ def slot(k: int, field: int) -> int:
     return k * WSLOTS + field
 
 
-#: array typecodes of the window buffers: time, lamports bought, sold, first-time flag, price
-_BUFFER_TYPES = ("d", "q", "q", "b", "d")
+def _ids_to_bytes(ids: array) -> bytes:
+    if sys.byteorder != "little":
+        ids = array("Q", ids)
+        ids.byteswap()
+    return ids.tobytes()
 
 
-_BIG_ENDIAN = sys.byteorder != "little"
-
-
-def _to_le_bytes(items: array) -> bytes:
-    """An array's items as little-endian bytes (how checkpoints hold them)."""
-    if _BIG_ENDIAN:
-        items = array(items.typecode, items)
-        items.byteswap()
-    return items.tobytes()
-
-
-def _from_le_bytes(raw: bytes, typecode: str = "Q") -> array:
-    items = array(typecode)
-    items.frombytes(raw)
-    if _BIG_ENDIAN:
-        items.byteswap()
-    return items
+def _ids_from_bytes(raw: bytes) -> array:
+    ids = array("Q")
+    ids.frombytes(raw)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids
 
 
 def wallet_id(wallet: str) -> int:
@@ -110,10 +102,7 @@ def wallet_id(wallet: str) -> int:
 class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     """The checkpoint of one TokenState (msgspec-encodable).
 
-    Layout 2: the window buffers are packed arrays of little-endian items (float64
-    times and prices, int64 lamports, int8 first-time flags), copied from the state's
-    own arrays at no cost per item. Layout 1 held them as lists, and still decodes;
-    fields after ``maxq`` were added later and default, so older checkpoints decode.
+    Fields after ``maxq`` were added later and default, so older checkpoints decode.
     """
 
     scalars: tuple[float, ...]
@@ -125,11 +114,11 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     ewma: list[float]
     rsi: list[float]
     base: int
-    buf_time: bytes | list[float]
-    buf_buy: bytes | list[int]
-    buf_sell: bytes | list[int]
-    buf_new: bytes | list[int]
-    buf_price: bytes | list[float]
+    buf_time: list[float]
+    buf_buy: list[int]
+    buf_sell: list[int]
+    buf_new: list[int]
+    buf_price: list[float]
     maxq: list[list[tuple[float, int]]]
     #: wallets known by their :func:`wallet_id` (little-endian uint64s) ...
     trader_ids: bytes = b""
@@ -225,13 +214,11 @@ class TokenState:
         # avg gain, avg loss per period
         self.rsi = [0.0, 0.0] * len(layout.rsi_periods)
         self.base = 0
-        # the window buffers, one row per trade from ``base`` on (arrays: a checkpoint
-        # copies their bytes, and they take 8 bytes an item, not a Python object)
-        self.buf_time: array | None = None
-        self.buf_buy: array | None = None
-        self.buf_sell: array | None = None
-        self.buf_new: array | None = None
-        self.buf_price: array | None = None
+        self.buf_time: list[float] | None = None
+        self.buf_buy: list[int] | None = None
+        self.buf_sell: list[int] | None = None
+        self.buf_new: list[int] | None = None
+        self.buf_price: list[float] | None = None
         self.maxq: list[deque] | None = None
         #: trades folded in since the windows last moved (see :meth:`fold`)
         self.unsettled = 0
@@ -393,13 +380,11 @@ class TokenState:
             self.base = base + drop
 
     def _new_buffers(self) -> None:
-        (
-            self.buf_time,
-            self.buf_buy,
-            self.buf_sell,
-            self.buf_new,
-            self.buf_price,
-        ) = (array(typecode) for typecode in _BUFFER_TYPES)
+        self.buf_time = []
+        self.buf_buy = []
+        self.buf_sell = []
+        self.buf_new = []
+        self.buf_price = []
         self.maxq = [deque() for _ in self.layout.max_windows]
         self.base = self.n_events - 1
         for k in range(len(self.layout.windows)):
@@ -503,12 +488,12 @@ class TokenState:
             keys = array("Q", (k if type(k) is int else wallet_id(k) for k in traders))
             if len(set(keys)) != len(keys):
                 raise ValueError("two wallets of the token share an id")
-            ids = _to_le_bytes(keys)
+            ids = _ids_to_bytes(keys)
             buys = list(traders.values())
             traders = {}
         elif self.hashed:
             by_id = [(k, v) for k, v in traders.items() if type(k) is int]
-            ids = _to_le_bytes(array("Q", (k for k, _ in by_id)))
+            ids = _ids_to_bytes(array("Q", (k for k, _ in by_id)))
             buys = [v for _, v in by_id]
             traders = {k: v for k, v in traders.items() if type(k) is str}
         shed = self.buf_time is None
@@ -521,12 +506,12 @@ class TokenState:
             ewma=self.ewma,
             rsi=self.rsi,
             base=self.base,
-            buf_time=b"" if shed else _to_le_bytes(self.buf_time),
-            buf_buy=b"" if shed else _to_le_bytes(self.buf_buy),
-            buf_sell=b"" if shed else _to_le_bytes(self.buf_sell),
-            buf_new=b"" if shed else _to_le_bytes(self.buf_new),
-            buf_price=b"" if shed else _to_le_bytes(self.buf_price),
-            maxq=[] if shed else list(map(list, self.maxq)),
+            buf_time=[] if shed else self.buf_time,
+            buf_buy=[] if shed else self.buf_buy,
+            buf_sell=[] if shed else self.buf_sell,
+            buf_new=[] if shed else self.buf_new,
+            buf_price=[] if shed else self.buf_price,
+            maxq=[] if shed else [list(q) for q in self.maxq],
             trader_ids=ids,
             trader_buys=buys,
             seq=self.seq,
@@ -562,7 +547,7 @@ class TokenState:
         state.creator = snap.creator
         state.traders = dict(snap.traders)
         if snap.trader_ids:
-            ids = _from_le_bytes(snap.trader_ids)
+            ids = _ids_from_bytes(snap.trader_ids)
             if len(ids) != len(snap.trader_buys):
                 raise ValueError("snapshot has trader ids and amounts of different lengths")
             state.traders.update(zip(ids, snap.trader_buys, strict=True))
@@ -577,22 +562,11 @@ class TokenState:
         state.rsi = list(snap.rsi)
         state.base = snap.base
         if snap.buf_time or snap.maxq:
-            (
-                state.buf_time,
-                state.buf_buy,
-                state.buf_sell,
-                state.buf_new,
-                state.buf_price,
-            ) = (
-                _from_le_bytes(items, typecode)
-                if items.__class__ is bytes
-                else array(typecode, items)  # layout 1
-                for typecode, items in zip(
-                    _BUFFER_TYPES,
-                    (snap.buf_time, snap.buf_buy, snap.buf_sell, snap.buf_new, snap.buf_price),
-                    strict=True,
-                )
-            )
+            state.buf_time = list(snap.buf_time)
+            state.buf_buy = list(snap.buf_buy)
+            state.buf_sell = list(snap.buf_sell)
+            state.buf_new = list(snap.buf_new)
+            state.buf_price = list(snap.buf_price)
             state.maxq = [deque((float(t), int(v)) for t, v in q) for q in snap.maxq]
         return state
 
