@@ -150,7 +150,12 @@ class Pair:
         return await self._buses.bus()
 
     async def consumer(
-        self, processor: RecordingProcessor, *, bus: EventBus | None = None, **options
+        self,
+        processor: RecordingProcessor,
+        *,
+        bus: EventBus | None = None,
+        store: StateStore | None = None,
+        **options,
     ) -> KeyedStatefulConsumer:
         consumer = KeyedStatefulConsumer(
             processor,
@@ -158,7 +163,7 @@ class Pair:
                 service="keyed", patterns=("token.trade", "token.migrated"), window=16
             ),
             bus=bus or await self.bus(),
-            store=self.store,
+            store=store or self.store,
             clock=self.clock,
             source="keyed/test",
             **options,
@@ -303,6 +308,64 @@ async def test_a_new_replica_restores_drops_redeliveries_and_publishes_the_store
     assert [e.seq for e in announced.of(key=other)] == [1, 2]
     # what is stored was published: at most the key's last event is listed still
     assert len((await pair.record(other)).outbox) <= 1
+
+
+class _HeldStore:
+    """The store with its next write held until :meth:`release` (a slow Redis round trip)."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self.holding = asyncio.Event()
+        self._released = asyncio.Event()
+        self._hold = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def write(self, batch) -> None:
+        if self._hold:
+            self._hold = False
+            self.holding.set()
+            await self._released.wait()
+        await self._store.write(batch)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+async def test_a_key_retired_while_its_first_write_is_under_way_leaves_the_index(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    held = _HeldStore(pair.store)
+    processor = _RetireWatchingProcessor()
+    await pair.consumer(processor, store=held)
+    mint = MINTS[5]
+    await bus.publish(trade(mint, 1))
+    await held.holding.wait()  # the key's first write (which indexes it) is under way
+    await bus.publish_many([trade(mint, 2), migrated(mint, 3)])
+    await asyncio.wait_for(processor.retiring.wait(), 30)
+    held.release()
+    await announced.wait_for(2, key=mint)
+    await eventually(lambda: _retired(pair, mint), what="the key's record retired")
+    index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
+    assert mint not in await pair.store.hgetall(index)
+
+
+class _RetireWatchingProcessor(RecordingProcessor):
+    def __init__(self):
+        super().__init__()
+        self.retiring = asyncio.Event()
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        state = super().apply(state, event, effects)
+        if event.type == "token.migrated":
+            self.retiring.set()
+        return state
+
+
+async def _retired(pair, mint: str) -> bool:
+    record = await pair.record(mint)
+    return record is not None and record.retired and record.applied == {"feed": 3}
 
 
 async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):

@@ -853,7 +853,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 entries = [e for e in dirty.values() if not e.gone]
                 started = time.perf_counter()
                 try:
-                    batch, events, published = self._batch(entries)
+                    batch, events, published, stored = self._batch(entries)
                 except Exception as exc:
                     # a processor or view that cannot encode: the deliveries waiting for
                     # this batch fail (the bus retries, then dead-letters them)
@@ -861,9 +861,12 @@ class KeyedStatefulConsumer(Generic[S]):
                     self._fail_waiters(generation, exc)
                     continue
                 await self._retry(lambda b=batch: self.store.write(b), "storing")
+                # as written, not as now: a key retired or revived while the write was
+                # under way is written again by the next commit, which must know this one
+                for entry, retired, ttl in stored:
+                    entry.indexed = not retired
+                    entry.stored_ttl = ttl
                 for entry in entries:
-                    entry.indexed = entry.retire_ttl is None
-                    entry.stored_ttl = entry.retire_ttl or self.config.live_ttl_s
                     if entry.retire_ttl is not None and not entry.outbox_stored:
                         self._retire(entry)  # stored with nothing left to publish
                 self._written = max(self._written, generation)
@@ -885,11 +888,15 @@ class KeyedStatefulConsumer(Generic[S]):
         self._write_waiters = [w for w in self._write_waiters if not w[1].done()]
         self._announce_waiters = [w for w in self._announce_waiters if not w[1].done()]
 
-    def _batch(self, entries: list[_Key]) -> tuple[WriteBatch, list[Event], list[tuple[_Key, int]]]:
-        """The write of ``entries``, and the events it hands to publication (per key)."""
+    def _batch(
+        self, entries: list[_Key]
+    ) -> tuple[WriteBatch, list[Event], list[tuple[_Key, int]], list[tuple[_Key, bool, float]]]:
+        """The write of ``entries``, the events it hands to publication (per key), and
+        each key as written (retired or not, and the TTL of its record)."""
         batch = WriteBatch()
         index: dict[str, dict[str, HashValue]] = {}
         handed: list[tuple[_Key, int]] = []
+        stored: list[tuple[_Key, bool, float]] = []
         events: list[Event] = []
         encode = self.processor.encode
         views = self._views
@@ -913,6 +920,7 @@ class KeyedStatefulConsumer(Generic[S]):
             )
             key = entry.key
             batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
+            stored.append((entry, retired, ttl))
             if views is not None and entry.state is not None:
                 for view_key, fields in views(key, entry.state, entry.published, outbox).items():
                     batch.hset(view_key, fields)
@@ -934,7 +942,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 handed.append((entry, fresh))
         if index:
             batch.hashes.update(index)
-        return batch, events, handed
+        return batch, events, handed, stored
 
     async def _announce(self) -> None:
         """Publish written batches in the order they were written, all that wait at once."""
