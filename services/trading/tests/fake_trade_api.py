@@ -1,6 +1,6 @@
 """A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
 
-It answers as the reference says the real one does, in one of four behaviours chosen
+It answers as the reference says the real one does, in one of five behaviours chosen
 by :attr:`FakeTradeApi.behaviour`:
 
 - ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
@@ -8,6 +8,8 @@ by :attr:`FakeTradeApi.behaviour`:
 - ``error``: 400 ``{"errors": [...]}`` without a signature (the API refused);
 - ``timeout``: no answer at all until the fake stops;
 - ``silent``: 200 with a signature whose trade never shows (the transaction dropped).
+- ``held``: 400 ``{"errors": ["Simulation failed"]}``, a refusal naming no cause,
+  once the test calls :meth:`FakeTradeApi.answer` (the market moves meanwhile).
 
 Every request is kept (its body and its key) so tests see what was sent, and how often.
 """
@@ -29,7 +31,7 @@ from starlette.routing import Route
 from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.servers import local_app
 
-Behaviour = Literal["success", "error", "timeout", "silent"]
+Behaviour = Literal["success", "error", "timeout", "silent", "held"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +49,11 @@ class FakeTradeApi:
     url: str = ""
     _release: asyncio.Event = field(default_factory=asyncio.Event)
     _numbers: itertools.count = field(default_factory=itertools.count)
+    _answer: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def answer(self) -> None:
+        """Let the ``held`` calls answer."""
+        self._answer.set()
 
     async def trade(self, request: Request) -> JSONResponse:
         body = await request.json()
@@ -59,6 +66,9 @@ class FakeTradeApi:
         if behaviour == "timeout":
             await self._release.wait()
             return JSONResponse({"errors": ["released at shutdown"]}, status_code=503)
+        if behaviour == "held":
+            await self._answer.wait()
+            return JSONResponse({"errors": ["Simulation failed"]}, status_code=400)
         if behaviour == "error":
             return JSONResponse(
                 {"errors": ["Simulation failed: insufficient funds for the trade"]},
@@ -78,3 +88,4 @@ async def fake_trade_api(behaviour: Behaviour = "success") -> AsyncIterator[Fake
             yield fake
         finally:
             fake._release.set()
+            fake._answer.set()

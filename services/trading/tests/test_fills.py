@@ -64,13 +64,13 @@ def test_slippage_over_the_limit_is_rejected_and_within_it_fills():
     rejected = fill_buy(moved, 0.5, expected=LAUNCH, execution=PaperExecution())
     assert isinstance(rejected, FillRejection)
     assert rejected.slippage == pytest.approx(slippage)
-    assert "slippage" in rejected.reason
+    assert "slippage" in rejected.reason and rejected.cause == "slippage"
     loose = fill_buy(moved, 0.5, expected=LAUNCH, execution=PaperExecution(slippage_pct=20.0))
     assert isinstance(loose, PaperFill) and loose.slippage == pytest.approx(slippage)
     # a sale into a dump is rejected the same way
     dumped = quote_sell(moved, 40_000_000.0).after
     sale = fill_sell(dumped, 1_000_000.0, expected=moved, execution=PaperExecution())
-    assert isinstance(sale, FillRejection)
+    assert isinstance(sale, FillRejection) and sale.cause == "slippage"
 
 
 def order(mint: str, order_id: str = "o1", **fields) -> OrderRequested:
@@ -132,8 +132,9 @@ def test_a_rejection_is_published_as_order_rejected():
     [outcome] = broker.due(101.0)
     assert isinstance(outcome.result, OrderRejected)
     assert "slippage" in outcome.result.reason and outcome.fill is None
+    assert outcome.result.cause == "slippage"
     unknown = broker.submit(order("never-seen"), time=100.0)
-    assert isinstance(unknown.result, OrderRejected)
+    assert isinstance(unknown.result, OrderRejected) and unknown.result.cause is None
 
 
 def test_after_migration_a_sale_fills_on_the_pool_approximation():

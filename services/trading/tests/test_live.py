@@ -175,6 +175,66 @@ async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock
     assert KEY not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("side", "market_moved", "cause", "failures"),
+    [
+        # a falling token's sale: the market, not execution; the breaker does not count it
+        ("sell", True, "slippage", 0),
+        # entries chasing a market that outruns them count
+        ("buy", True, "slippage", 1),
+        # a sale refused on a market that stayed put failed otherwise, and counts
+        ("sell", False, None, 1),
+    ],
+)
+async def test_a_refusal_on_a_market_past_the_orders_limit_is_slippage_counted_for_buys_only(
+    clock, market, side, market_moved, cause, failures
+):
+    ledger = MemoryLedger()
+    async with fake_trade_api("success" if side == "sell" else "held") as api:
+        service = live(ledger, api, trading_live_answer_timeout_s=10.0)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            if side == "sell":
+                await answered(service, api)
+                [bought] = api.requests
+                await publish(
+                    bus,
+                    market.tokens.buy(
+                        mint, WALLET, sol=request.sol_amount, signature=bought.signature
+                    ),
+                )
+                [opened] = watch.payloads("position.opened")
+                api.behaviour = "held"
+                sale = ExitOrder(
+                    order_id=f"{opened.position_id}:exit:1",
+                    mint=mint,
+                    position_id=opened.position_id,
+                    token_amount=opened.token_amount,
+                    reason="stop loss",
+                )
+                await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+            calls = 2 if side == "sell" else 1
+            await eventually(lambda: len(api.requests) == calls, what="the held call")
+            if market_moved:
+                # the stream shows the market past the limit before the refusal comes back
+                if side == "sell":
+                    move = market.tokens.sell(mint, "alice")  # her 3 SOL's worth
+                else:
+                    move = market.tokens.buy(mint, "whale", sol=5.0)
+                await publish(bus, move)
+            assert service.risk.consecutive_failures == 0
+            api.answer()
+            await answered(service, api, calls)
+            await clock.advance(service.settings.trading_tick_s)
+            [rejected] = watch.payloads("order.rejected")
+            assert rejected.side == side and rejected.reason.startswith("trade API refused")
+            assert rejected.cause == cause
+            assert ("over the" in rejected.reason) is (cause == "slippage")
+            assert service.risk.consecutive_failures == failures
+
+
 async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resent(clock, market):
     ledger = MemoryLedger()
     async with fake_trade_api("timeout") as api:

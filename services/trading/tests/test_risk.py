@@ -6,6 +6,7 @@ import pytest
 
 from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
 from pumpflow.common.events import (
+    SLIPPAGE,
     CircuitBreakerChanged,
     OrderFilled,
     TradingStateChanged,
@@ -195,10 +196,13 @@ def test_sales_the_market_refused_on_slippage_do_not_count_toward_the_execution_
     assert risk.record_execution(False, reason="timeout", side="sell", now=START) == []
     # a falling token's sale refused again and again: neither a failure nor a success
     for _ in range(5):
-        assert risk.record_execution(False, reason=slipped, side="sell", now=START) == []
+        refused = risk.record_execution(
+            False, reason=slipped, side="sell", cause=SLIPPAGE, now=START
+        )
+        assert refused == []
     assert risk.consecutive_failures == 1
     # a buy refused on slippage counts, and so does a sale failing otherwise
-    assert risk.record_execution(False, reason=slipped, side="buy", now=START) == []
+    assert risk.record_execution(False, reason=slipped, side="buy", cause=SLIPPAGE, now=START) == []
     [trip, _] = risk.record_execution(False, reason="no confirmation", side="sell", now=START)
     assert trip.breaker == "execution" and trip.tripped
 

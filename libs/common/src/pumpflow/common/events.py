@@ -223,6 +223,10 @@ class ModelDrift(Payload, frozen=True, kw_only=True, omit_defaults=True):
 
 
 Side = Literal["buy", "sell"]
+#: why an order was refused, where the executor can tell: ``slippage``, the market
+#: moved past the order's slippage limit
+RejectionCause = Literal["slippage"]
+SLIPPAGE: RejectionCause = "slippage"
 
 
 class OrderRequested(Payload, frozen=True, kw_only=True, omit_defaults=True):
@@ -278,6 +282,7 @@ class OrderRejected(Payload, frozen=True, kw_only=True, omit_defaults=True):
     reason: str
     side: Side | None = None
     position_id: str | None = None
+    cause: RejectionCause | None = None
 
 
 class _PositionPayload(Payload, frozen=True, kw_only=True, omit_defaults=True):

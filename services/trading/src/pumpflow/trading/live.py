@@ -53,6 +53,8 @@ class ApiAnswer:
     kind: Literal["signature", "refused", "unknown"]
     detail: str
     signature: str | None = None
+    #: the answer's HTTP status; None when no answer came
+    status: int | None = None
 
 
 class _MaskApiKey(logging.Filter):
@@ -118,11 +120,13 @@ class TradeApi:
             detail += f": {response.text}"
         detail = self._clean(detail)
         if isinstance(signature, str) and signature:
-            return ApiAnswer(kind="signature", detail=detail, signature=signature)
+            return ApiAnswer(
+                kind="signature", detail=detail, signature=signature, status=response.status_code
+            )
         if response.status_code >= 500 or answer is None:
             # a server error or a garbled answer may come after the transaction left
-            return ApiAnswer(kind="unknown", detail=detail)
-        return ApiAnswer(kind="refused", detail=detail)
+            return ApiAnswer(kind="unknown", detail=detail, status=response.status_code)
+        return ApiAnswer(kind="refused", detail=detail, status=response.status_code)
 
     def _clean(self, text: str) -> str:
         return redact(text, self._key)[:_DETAIL_CHARS]
@@ -196,6 +200,10 @@ class LiveExecutor:
                 side=order.side,
                 deadline=time + self.execution.confirm_s,
                 position_id=order.position_id,
+                amount=float(amount),
+                slippage_pct=order.slippage_pct,
+                expected=market.state if market is not None else None,
+                venue=market.venue if market is not None else VENUE_CURVE,
             )
         )
         task = asyncio.get_running_loop().create_task(self._call(order.order_id, body))
@@ -221,7 +229,11 @@ class LiveExecutor:
                     )
                 )
         elif answer.kind == "refused":
-            rejected = self.book.refused(order_id, f"trade API refused: {answer.detail}")
+            rejected = self.book.refused(
+                order_id,
+                f"trade API refused: {answer.detail}",
+                answered=answer.status is not None,
+            )
             if rejected is not None:
                 self._outcomes.append(rejected)
         else:

@@ -235,7 +235,9 @@ class TradingEngine:
         elif isinstance(data, OrderRejected):
             self.order_reasons.pop(data.order_id, None)
             self.risk.release(data.order_id)
-            self.risk.record_execution(False, reason=data.reason, side=data.side, now=now)
+            self.risk.record_execution(
+                False, reason=data.reason, side=data.side, cause=data.cause, now=now
+            )
         reports = self.risk.take_reports()
         return [self._wrap(p, event, now) for p in (*reports, *produced)]
 

@@ -36,7 +36,7 @@ from pumpflow.common.curve import (
     quote_buy,
     quote_sell,
 )
-from pumpflow.common.events import Side
+from pumpflow.common.events import SLIPPAGE, RejectionCause, Side
 from pumpflow.common.pumpportal import POOL_PUMP_AMM
 from pumpflow.common.trading.settings import PaperExecution
 
@@ -85,24 +85,20 @@ class FillRejection:
 
     reason: str
     slippage: float = 0.0
+    #: ``slippage`` when the market moved past the order's limit
+    cause: RejectionCause | None = None
 
 
 def _over_limit(slippage: float, slippage_pct: float) -> bool:
     return slippage > slippage_pct / 100.0 + _SLIPPAGE_EPSILON
 
 
-_SLIPPAGE_REFUSAL = "slippage "
-
-
 def _slippage_refusal(slippage: float, limit: float) -> FillRejection:
     return FillRejection(
-        reason=f"{_SLIPPAGE_REFUSAL}{slippage:.2%} over the {limit:g}% limit", slippage=slippage
+        reason=f"slippage {slippage:.2%} over the {limit:g}% limit",
+        slippage=slippage,
+        cause=SLIPPAGE,
     )
-
-
-def is_slippage_refusal(reason: str) -> bool:
-    """Whether an order was refused because the market moved past its slippage limit."""
-    return reason.startswith(_SLIPPAGE_REFUSAL)
 
 
 def fill_buy(

@@ -16,8 +16,18 @@ same (a frame the stream delivered late), the trade is booked as a late fill: th
 chain is the truth and the book follows it.
 
 An API answer without a signature is a refusal: nothing was sent and the order is
-rejected at once. An answer with a signature is pending even when it reports an
-error (a "Simulation failed" 400 has carried a signature whose sale landed).
+rejected at once. The refusal is a slippage refusal (``cause`` ``slippage``, which
+the execution breaker does not count for a sale) when the market the stream shows at
+the refusal is past the order's limit from the market it was sent on, by the paper
+fill's rule (:func:`~pumpflow.common.trading.paper.fill_on_market`): the trade API's
+refusals name no cause the system can read (its one documented refusal is a
+"Simulation failed" 400), so the market is the evidence. The stream lags the chain the
+API simulates on, so some slippage refusals go unrecognised and count, as any other
+failure. A transaction that lands and fails shows nothing on the stream (it carries
+trades only): its order ends unconfirmed and counts.
+
+An answer with a signature is pending even when it reports an error (a "Simulation
+failed" 400 has carried a signature whose sale landed).
 
 No clock and no I/O: the service's live TradeExecutor calls the API and feeds this.
 """
@@ -27,16 +37,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from pumpflow.common.curve import CurveState
 from pumpflow.common.events import (
+    SLIPPAGE,
     OrderFilled,
     OrderRejected,
+    RejectionCause,
     Side,
     TokenCreated,
     TokenMigrated,
     TokenTrade,
 )
-from pumpflow.common.trading.fills import VENUE_POOL
-from pumpflow.common.trading.paper import Market
+from pumpflow.common.trading.fills import VENUE_CURVE, VENUE_POOL, FillRejection
+from pumpflow.common.trading.paper import Market, fill_on_market
 from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
@@ -55,6 +68,12 @@ class LiveOrder:
     position_id: str | None = None
     #: the API's answer; None while unknown
     signature: str | None = None
+    #: SOL to spend (buy) or tokens to sell, and the order's slippage limit
+    amount: float = 0.0
+    slippage_pct: float = 0.0
+    #: the market the order was sent on; None for an order taken over after a restart
+    expected: CurveState | None = None
+    venue: str = VENUE_CURVE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,10 +141,19 @@ class LiveBook:
         order.signature = signature
         return True
 
-    def refused(self, order_id: str, reason: str) -> OrderRejected | None:
-        """The API refused without a signature: nothing was sent, the order is rejected."""
+    def refused(self, order_id: str, reason: str, *, answered: bool = True) -> OrderRejected | None:
+        """The API refused without a signature: nothing was sent, the order is rejected.
+
+        ``answered``: the API answered the refusal; an API never reached (no connection)
+        refuses too, and then the market is no cause.
+        """
         order = self.pending.pop(order_id, None)
-        return None if order is None else _rejected(order, reason)
+        if order is None:
+            return None
+        slipped = self._slippage_refusal(order) if answered else None
+        if slipped is None:
+            return _rejected(order, reason)
+        return _rejected(order, f"{reason} ({slipped.reason})", cause=slipped.cause)
 
     def observe(self, payload: object) -> list[Confirmation]:
         """Take a token event; return the orders its trade confirms."""
@@ -199,6 +227,24 @@ class LiveBook:
         del self.pending[order.order_id]
         return order, False
 
+    def _slippage_refusal(self, order: LiveOrder) -> FillRejection | None:
+        """The paper fill's refusal on slippage when the market the stream shows has moved
+        past the order's limit since it was sent."""
+        market = self.markets.get(order.mint)
+        if order.expected is None or market is None or market.state is None:
+            return None
+        fill = fill_on_market(
+            market,
+            order.side,
+            order.amount,
+            expected=order.expected,
+            venue=order.venue,
+            slippage_pct=order.slippage_pct,
+            execution=self.execution.fees,
+        )
+        slipped = isinstance(fill, FillRejection) and fill.cause == SLIPPAGE
+        return fill if slipped else None
+
     def _moved(self, trade: TokenTrade) -> float:
         """SOL the trade moved in the reserves: its ``solAmount``, or (older frames) the
         change of the curve's virtual SOL since the token's last event."""
@@ -215,11 +261,14 @@ class LiveBook:
         return abs(float(trade.vSolInBondingCurve) - market.state.v_sol)
 
 
-def _rejected(order: LiveOrder, reason: str) -> OrderRejected:
+def _rejected(
+    order: LiveOrder, reason: str, *, cause: RejectionCause | None = None
+) -> OrderRejected:
     return OrderRejected(
         order_id=order.order_id,
         mint=order.mint,
         reason=reason,
         side=order.side,
         position_id=order.position_id,
+        cause=cause,
     )

@@ -21,6 +21,7 @@ from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     OrderRequested,
+    RejectionCause,
     Side,
     TokenCreated,
     TokenMigrated,
@@ -96,6 +97,42 @@ class PaperOutcome:
     order: PaperOrder
     result: OrderFilled | OrderRejected
     fill: PaperFill | None = None
+
+
+def fill_on_market(
+    market: Market,
+    side: Side,
+    amount: float,
+    *,
+    expected: CurveState,
+    venue: str,
+    slippage_pct: float,
+    execution: PaperExecution,
+) -> PaperFill | FillRejection:
+    """Fill an order decided on ``expected`` (at ``venue``) on ``market`` as it stands.
+
+    ``market`` is left as it was: the caller applies a fill's ``after``.
+    """
+    assert market.state is not None
+    if side == "buy":
+        if market.venue != VENUE_CURVE:
+            return FillRejection(reason="the token left its bonding curve before the fill")
+        return fill_buy(
+            market.state,
+            amount,
+            expected=expected,
+            execution=execution,
+            slippage_pct=slippage_pct,
+        )
+    # an order decided on the curve and filling on the pool expects the pool's price
+    return fill_sell(
+        market.state,
+        amount,
+        expected=expected if venue == market.venue else market.state,
+        execution=execution,
+        venue=market.venue,
+        slippage_pct=slippage_pct,
+    )
 
 
 def sell_order(order: ExitOrder) -> OrderRequested:
@@ -209,29 +246,17 @@ class PaperBroker:
 
     def _fill(self, order: PaperOrder, market: Market) -> PaperOutcome:
         assert market.state is not None
-        if order.side == "buy":
-            if market.venue != VENUE_CURVE:
-                return self._reject(order, "the token left its bonding curve before the fill")
-            fill = fill_buy(
-                market.state,
-                order.amount,
-                expected=order.expected,
-                execution=self.execution,
-                slippage_pct=order.slippage_pct,
-            )
-        else:
-            # an order decided on the curve and filling on the pool expects the pool's price
-            expected = order.expected if order.venue == market.venue else market.state
-            fill = fill_sell(
-                market.state,
-                order.amount,
-                expected=expected,
-                execution=self.execution,
-                venue=market.venue,
-                slippage_pct=order.slippage_pct,
-            )
+        fill = fill_on_market(
+            market,
+            order.side,
+            order.amount,
+            expected=order.expected,
+            venue=order.venue,
+            slippage_pct=order.slippage_pct,
+            execution=self.execution,
+        )
         if isinstance(fill, FillRejection):
-            return self._reject(order, fill.reason)
+            return self._reject(order, fill.reason, fill.cause)
         # the order moves the market: later orders of the token see the state it left
         market.state = fill.after
         result = OrderFilled(
@@ -246,13 +271,16 @@ class PaperBroker:
         )
         return PaperOutcome(order=order, result=result, fill=fill)
 
-    def _reject(self, order: PaperOrder, reason: str) -> PaperOutcome:
+    def _reject(
+        self, order: PaperOrder, reason: str, cause: RejectionCause | None = None
+    ) -> PaperOutcome:
         result = OrderRejected(
             order_id=order.order_id,
             mint=order.mint,
             reason=reason,
             side=order.side,
             position_id=order.position_id,
+            cause=cause,
         )
         return PaperOutcome(order=order, result=result)
 

@@ -12,8 +12,9 @@ Circuit breakers (:data:`BREAKERS`) trip on their fault and recover after
 silence past the limits), ``rate`` (an anomalous event rate), ``execution`` (failed
 orders in a row; after recovery one more failure trips it again).
 
-A sale the market refused on slippage is no failure of execution and counts neither
-way: it is the token moving, not the executor or the chain failing. Exits are sold
+A sale the market refused on slippage (an order rejected with the ``cause``
+``slippage``, by paper and live execution alike) is no failure of execution and counts
+neither way: it is the token moving, not the executor or the chain failing. Exits are sold
 when the market turns against a position (stop loss, trailing stop, decline, the
 graceful exit's sweep), on curves that move a trade or more during an order's
 latency (the graduates' ~1.7 trades/s against 0.5 s, bots making 93 of the top 100
@@ -43,15 +44,16 @@ from typing import Protocol
 from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.curve import CurveState, buy_for_impact, frame_consistency_error
 from pumpflow.common.events import (
+    SLIPPAGE,
     CircuitBreakerChanged,
     Event,
+    RejectionCause,
     TokenCreated,
     TokenTrade,
     TradingStateChanged,
 )
 from pumpflow.common.priority import Priority
 from pumpflow.common.pumpportal import POOL_PUMP_AMM
-from pumpflow.common.trading.fills import is_slippage_refusal
 from pumpflow.common.trading.settings import BreakerSettings, RiskLimits
 
 SECONDS_PER_DAY = 86_400.0
@@ -350,15 +352,21 @@ class RiskManager:
         return self._reports[mark:]
 
     def record_execution(
-        self, ok: bool, *, reason: str = "", side: str | None = None, now: float | None = None
+        self,
+        ok: bool,
+        *,
+        reason: str = "",
+        side: str | None = None,
+        cause: RejectionCause | None = None,
+        now: float | None = None,
     ) -> list[Report]:
         """An order's outcome: a failure counts toward the execution breaker, but for a
-        sale the market refused on slippage (see the module)."""
+        sale the market refused on slippage (``cause``; see the module)."""
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
         if ok:
             self.consecutive_failures = 0
-        elif side == "sell" and is_slippage_refusal(reason):
+        elif side == "sell" and cause == SLIPPAGE:
             pass
         else:
             self.consecutive_failures += 1
