@@ -202,6 +202,10 @@ class _Consumer:
     unacked: DeliveredMessage | None = None
     unacked_count: int = 0
     unacked_since: float = 0.0
+    #: the channel underneath whose broker-sent cancels of this consumer are watched
+    cancels_watched: object | None = None
+    #: consuming again after the broker cancelled the consumer
+    reconsuming: asyncio.Task | None = None
 
 
 class RabbitMQBus(EventBus):
@@ -331,6 +335,9 @@ class RabbitMQBus(EventBus):
     async def _stop_consumer(self, consumer: _Consumer) -> None:
         consumer.stopping = True
         consumer.wakeup.set()
+        if consumer.reconsuming is not None:
+            consumer.reconsuming.cancel()
+            await asyncio.gather(consumer.reconsuming, return_exceptions=True)
         # a handler waiting for a dependency hands its message back instead
         consumer.dispatcher.halt()
         # a closed channel's deliveries are the broker's again, and waiting for a robust
@@ -811,13 +818,62 @@ class RabbitMQBus(EventBus):
         assert consumer.channel is not None
         channel = await consumer.channel.get_underlay_channel()
         self._watch(channel.connection)
+        if consumer.cancels_watched is not channel:
+            consumer.cancels_watched = channel
 
+            def cancelled(frame: aiormq.spec.Basic.Cancel) -> None:
+                if frame.consumer_tag == consumer.tag and not consumer.stopping:
+                    consumer.reconsuming = asyncio.ensure_future(self._consume_again(consumer))
+
+            channel.on_consumer_cancel_callbacks.add(cancelled)
+        await self._basic_consume(consumer, channel)
+
+    async def _basic_consume(
+        self, consumer: _Consumer, channel: aiormq.abc.AbstractChannel
+    ) -> None:
         async def on_delivery(message: DeliveredMessage) -> None:
             consumer.buffer.append(message)
             consumer.wakeup.set()
 
         ok = await channel.basic_consume(consumer.queue_name, on_delivery, no_ack=False)
         consumer.tag = ok.consumer_tag
+
+    async def _consume_again(self, consumer: _Consumer) -> None:
+        """Consume ``consumer``'s queue again once it is back, after the broker cancelled it.
+
+        The broker cancels a consumer whose queue went away: a queue process that crashed
+        and restarts from its durable contents (RabbitMQ 3.10's classic queues do, now and
+        then, when a single-active consumer comes and goes), a failover, a deletion. The
+        channel stays open: deliveries already taken are handled and acked as usual, and
+        the queue delivers again what it did not see acked (consumers drop copies by seq).
+        The queue's return is probed on a channel of its own, since a passive declare of
+        a missing queue closes its channel.
+        """
+        log.warning("the broker cancelled the consumer of %s; consuming again once it is back",
+                    consumer.queue_name)  # fmt: skip
+        assert consumer.channel is not None
+        connection = await self._connection_for(consumer.dispatcher.lane)
+        pause = 0.05
+        while not consumer.stopping:
+            try:
+                probe = await connection.channel()
+                try:
+                    await probe.get_queue(consumer.queue_name, ensure=True)
+                finally:
+                    if not probe.is_closed:
+                        await probe.close()
+                channel = await consumer.channel.get_underlay_channel()
+                if channel is not consumer.cancels_watched:
+                    return  # the channel was replaced meanwhile: its reopening consumed
+                await self._basic_consume(consumer, channel)
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.debug("the queue %s is not back yet: %r", consumer.queue_name, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            else:
+                log.info("consumer of %s resumed after the broker cancelled it",
+                         consumer.queue_name)  # fmt: skip
+                return
 
     async def _resume_delivery(self, consumer: _Consumer) -> None:
         # deliveries of the lost channel are the broker's again; it redelivers them (the
