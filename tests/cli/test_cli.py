@@ -21,7 +21,7 @@ from pumpflow.common.keyed import InvalidInput
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.state.redis import RedisStateStore
-from pumpflow.common.testing import eventually, free_port
+from pumpflow.common.testing import AppliedSeqs, eventually, free_port
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -326,31 +326,16 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     assert await bus.dead_letters("feed", remove=False) == []
 
 
-class _SeqsProcessor:
+class _SeqsProcessor(AppliedSeqs):
     """Keeps the seqs a mint applied; refuses the trades of ``rogue`` until fixed."""
 
     def __init__(self) -> None:
         self.fixed = False
 
-    def initial(self, key: str) -> list[int]:
-        return []
-
     def apply(self, state: list[int], event, effects) -> list[int]:
         if event.data.traderPublicKey == "rogue" and not self.fixed:
             raise InvalidInput("rogue trader")
-        return [*state, event.seq]
-
-    def fire(self, state: list[int], effects) -> list[int]:
-        return state
-
-    def encode(self, state: list[int]) -> bytes:
-        return json.dumps(state).encode()
-
-    def compact(self, state: list[int], now: float) -> bytes | None:
-        return None
-
-    def decode(self, raw: bytes) -> list[int]:
-        return json.loads(raw)
+        return super().apply(state, event, effects)
 
 
 async def test_dead_letters_are_redriven_once_their_cause_is_fixed_and_applied(

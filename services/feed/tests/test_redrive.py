@@ -28,7 +28,7 @@ from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing import AppliedSeqs, EventCollector, eventually
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.recorder import Recorder, RecorderConfig
@@ -53,6 +53,18 @@ def trade(index: int) -> tuple[Event, bytes]:
     return event, encode_payload(payload)
 
 
+
+async def recording(pg_pool, bus) -> tuple[TokenEventStore, DeadLetterQueue, Recorder]:
+    """The feed's store, dead letters and a started recorder (batches of 4) on ``bus``."""
+    store = TokenEventStore(pg_pool)
+    await store.outbox_position("feed")
+    letters = DeadLetterQueue(bus, service="feed")
+    letters.start()
+    recorder = Recorder(store, publisher=bus, dead_letters=letters,
+                        config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
+    await recorder.start()
+    return store, letters, recorder
+
 async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixed(
     tmp_path, pg_pool, rabbitmq_harness, process_stack
 ):
@@ -66,13 +78,7 @@ async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixe
     bus = await rabbitmq_harness.bus("feed/t", partitions=2)
     rabbitmq_harness.delete_after(["feed", "tap"])
     tap = await EventCollector("tap").attach(bus, "token.*")
-    store = TokenEventStore(pg_pool)
-    await store.outbox_position("feed")
-    letters = DeadLetterQueue(bus, service="feed")
-    letters.start()
-    recorder = Recorder(store, publisher=bus, dead_letters=letters,
-                        config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
-    await recorder.start()
+    store, letters, recorder = await recording(pg_pool, bus)
     trades = [trade(i) for i in range(8)]
     for event, frame in trades:
         await recorder.add(event, frame)
@@ -144,28 +150,6 @@ async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixe
     await letters.close(5)
 
 
-class _Seqs:
-    """Keeps the seqs a mint applied, in the order applied."""
-
-    def initial(self, key: str) -> list[int]:
-        return []
-
-    def apply(self, state: list[int], event, effects) -> list[int]:
-        return [*state, event.seq]
-
-    def fire(self, state: list[int], effects) -> list[int]:
-        return state
-
-    def encode(self, state: list[int]) -> bytes:
-        return json.dumps(state).encode()
-
-    def compact(self, state: list[int], now: float) -> bytes | None:
-        return None
-
-    def decode(self, raw: bytes) -> list[int]:
-        return json.loads(raw)
-
-
 #: the advisory lock that holds a redrive between its publication and its record of it
 HOLD = 0x7EDE
 
@@ -186,7 +170,7 @@ async def test_a_redrive_killed_between_publishing_and_recording_it_is_applied_o
     tap = await EventCollector("tap").attach(bus, "token.*")
     state = RedisStateStore(url=redis_url, namespace=namespace)
     consumer = KeyedStatefulConsumer(
-        _Seqs(),
+        AppliedSeqs(),
         KeyedConsumerConfig(service="seqs", patterns=("token.trade",)),
         bus=bus,
         store=state,
@@ -194,13 +178,7 @@ async def test_a_redrive_killed_between_publishing_and_recording_it_is_applied_o
         source="seqs/t",
     )
     await consumer.start()
-    store = TokenEventStore(pg_pool)
-    await store.outbox_position("feed")
-    letters = DeadLetterQueue(bus, service="feed")
-    letters.start()
-    recorder = Recorder(store, publisher=bus, dead_letters=letters,
-                        config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
-    await recorder.start()
+    store, letters, recorder = await recording(pg_pool, bus)
     trades = [trade(i) for i in range(4)]
     late, _ = trades[FIXED]
     mint = late.key

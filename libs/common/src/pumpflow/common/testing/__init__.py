@@ -23,6 +23,7 @@ from pumpflow.common.testing.factories import (
     partition_keys,
     sample_payload,
 )
+from pumpflow.common.testing.processors import AppliedSeqs
 from pumpflow.common.testing.servers import (
     AMQP_URL,
     POSTGRES_DSN,
@@ -51,6 +52,7 @@ __all__ = [
     "REDIS_URL",
     "START",
     "TRANSPORTS",
+    "AppliedSeqs",
     "BusHarness",
     "EventCollector",
     "FeatureUpdates",
