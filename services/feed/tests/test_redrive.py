@@ -53,7 +53,6 @@ def trade(index: int) -> tuple[Event, bytes]:
     return event, encode_payload(payload)
 
 
-
 async def recording(pg_pool, bus) -> tuple[TokenEventStore, DeadLetterQueue, Recorder]:
     """The feed's store, dead letters and a started recorder (batches of 4) on ``bus``."""
     store = TokenEventStore(pg_pool)
@@ -64,6 +63,7 @@ async def recording(pg_pool, bus) -> tuple[TokenEventStore, DeadLetterQueue, Rec
                         config=RecorderConfig(outbox="feed", batch_size=4))  # fmt: skip
     await recorder.start()
     return store, letters, recorder
+
 
 async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixed(
     tmp_path, pg_pool, rabbitmq_harness, process_stack
