@@ -86,7 +86,9 @@ async def open_page(path: Path, *, width: int = 1280, height: int = 1600):
     from websockets.asyncio.client import connect
 
     browser, url = chromium(), path.as_uri()
-    with tempfile.TemporaryDirectory() as profile:
+    # chromium's helper processes outlive the browser's own for a moment and may still
+    # write to the profile while it is removed: what they leave is the system's to clean
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc, page_url = await asyncio.wait_for(
             asyncio.to_thread(_start, browser, profile, width, height), 60
         )
