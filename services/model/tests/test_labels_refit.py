@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from pumpflow.common.model.performance import ResolvedLabel
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import card_path
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.http import create_app
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
 from pumpflow.model import DEFAULT_MODEL_PATH
@@ -252,7 +254,9 @@ async def test_a_replica_on_another_disk_follows_a_refit_from_the_database(pg_po
     # the follower starts first, on the settings' model, with a registry of its own
     follower = model_service(model_registry_dir=str(tmp_path / "follower"),
                              model_refit=False, model_serving_refresh_s=3600.0)
-    async with run_embedded([follower], clock=ReplayClock(START), db=pg_pool, store=store):
+    async with run_embedded(
+        [follower], clock=ReplayClock(START), db=pg_pool, store=store
+    ) as system:
         assert follower.manager.card("entry").version == DEFAULT_CARD.version
         refit = await refit_into(tmp_path / "fitter", pg_pool, store)
         written = file_bytes(refit.path)
@@ -263,6 +267,13 @@ async def test_a_replica_on_another_disk_follows_a_refit_from_the_database(pg_po
         here = tmp_path / "follower" / "entry" / f"{refit.candidate_version}.onnx"
         assert here.read_bytes() == written and card_path(here).exists()
         assert follower.metrics.unavailable_count("follow") == 0
+        # the follower names the file it read, not the fitter's
+        app = create_app(follower, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            listed = (await http.get("/models")).json()["models"]
+        assert listed["entry"]["path"] == str(here) != refit.path
+        assert listed["entry"]["card"]["version"] == refit.candidate_version
 
 
 async def test_a_restart_on_a_wiped_registry_serves_the_refit(pg_pool, tmp_path):

@@ -618,12 +618,10 @@ class ModelService(Service):
 
     def models_view(self) -> dict[str, Any]:
         manager = self.manager
-        sources = self.serving.models if self.serving else {}
+        # the file this replica read, not the serving's path: that names the file of the
+        # replica that fitted a refit, which one on another disk wrote from the database
         return {
-            model_id: {
-                "path": sources[model_id].path if model_id in sources else None,
-                "card": msgspec.to_builtins(card),
-            }
+            model_id: {"path": str(manager.path(model_id)), "card": msgspec.to_builtins(card)}
             for model_id, card in manager.models().items()
         }
 

@@ -265,6 +265,10 @@ class ModelManager:
         """The loaded models' cards by id."""
         return {model_id: served.card for model_id, served in self._models.items()}
 
+    def path(self, model_id: str) -> Path:
+        """Where the model serving as ``model_id`` was read from (a refit: written to)."""
+        return self._served(model_id).path
+
     def _served(self, model_id: str) -> ServedModel:
         try:
             return self._models[model_id]
