@@ -145,7 +145,6 @@ def exported_metrics() -> set[str]:
 
     from pumpflow.activity.metrics import ActivityServiceMetrics
     from pumpflow.common.consumer.metrics import ConsumerMetrics
-    from pumpflow.common.model_metrics import ModelMonitorMetrics
     from pumpflow.common.workers import TokenMonitorThreadPool
     from pumpflow.exit.metrics import ExitMetrics
     from pumpflow.feed.metrics import FeedMetrics
@@ -166,7 +165,6 @@ def exported_metrics() -> set[str]:
     FeedMetrics(registry=private)
     ActivityServiceMetrics(registry=private)
     ModelServiceMetrics(registry=private)
-    ModelMonitorMetrics(registry=private)
     TradingMetrics(registry=private)
     ExitMetrics(registry=private)
     TokenMonitorThreadPool(registry=private)

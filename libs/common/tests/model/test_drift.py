@@ -190,18 +190,3 @@ def test_one_vector_by_names_and_values(card):
     # volume infinite and sparse absent: both in the missing bin, as in training
     assert (monitor.bins(np.array([[math.inf, 0.5, math.nan]]))[0, [0, 2]]
             == monitor._missing_bin).all()
-
-
-def test_the_metrics_carry_the_report_and_count_the_transitions(card, rng):
-    from prometheus_client import CollectorRegistry
-
-    from pumpflow.common.model_metrics import ModelMonitorMetrics
-
-    metrics = ModelMonitorMetrics(registry=CollectorRegistry())
-    monitor = DriftMonitor(card, clock=ReplayClock(0.0))
-    feed(monitor, market(rng, 6_000), batch=100)
-    drift = feed(monitor, market(rng, 6_000, shift=1.0), batch=100)
-    metrics.drift(monitor.report(), drift)
-    assert metrics.psi("entry", "volume") == monitor.report().features[0].psi >= 0.25
-    assert metrics.drift_transitions("entry", "drifting") == 1
-    assert metrics.drift_transitions("entry", "recovered") == 0

@@ -214,23 +214,6 @@ def test_rolling_regression_error():
     assert metrics == {"rmse": rmse(targets, predictions), "mae": mae(targets, predictions)}
 
 
-def test_the_metrics_carry_the_live_figures_and_the_pending_labels():
-    from prometheus_client import CollectorRegistry
-
-    from pumpflow.common.model_metrics import ModelMonitorMetrics
-
-    metrics = ModelMonitorMetrics(registry=CollectorRegistry())
-    performance = RollingPerformance(window=10)
-    for score, label in [(0.9, 1.0), (0.2, 0.0), (0.6, 0.0), (0.7, 1.0)]:
-        performance.add(resolved("entry", "a", score, label))
-    metrics.performance(performance.by_arm("entry").values())
-    assert metrics.live("entry", "a", "auc") == performance.figures("entry", "a").metrics["auc"]
-    tracker, _ = tracker_at()
-    predict(tracker, "m", 0.0, 1.0)
-    metrics.labels(tracker)
-    assert metrics._f.pending_labels._value.get() == 1
-
-
 def test_the_manager_reports_the_live_figures_of_its_live_source(tmp_path):
     from pumpflow.common.model.card import (
         PREPROCESSING,

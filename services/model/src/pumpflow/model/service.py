@@ -71,7 +71,6 @@ from pumpflow.common.model.manager import LabelledRows
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.registry import ModelRegistry, card_path
-from pumpflow.common.model_metrics import ModelMonitorMetrics
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.labels import (
@@ -176,7 +175,6 @@ class ModelService(Service):
         self.refits: list[StoredRefit] = []
         self._registry = registry
         self.metrics = ModelServiceMetrics(registry=registry)
-        self.monitor_metrics = ModelMonitorMetrics(registry=registry)
         self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
         self.processor: ModelProcessor | None = None
         self.consumer: KeyedStatefulConsumer[ScoringState] | None = None
@@ -486,7 +484,7 @@ class ModelService(Service):
         pending, self._drift_out = self._drift_out, []
         for model_id, monitor in self.drift.items():
             mine = [t for t in pending if t.model_id == model_id]
-            self.monitor_metrics.drift(monitor.report(), mine)
+            self.metrics.drift(monitor.report(), mine)
         ctx = self._ctx
         for payload in pending:
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
@@ -499,11 +497,11 @@ class ModelService(Service):
             self._to_store.extend(resolved)
         performance = self.performance
         performance.extend(resolved)
-        self.monitor_metrics.performance(
+        self.metrics.performance(
             figures for key in performance.keys()
             if (figures := performance.figures(*key)) is not None
         )
-        self.monitor_metrics.labels(self.labels)
+        self.metrics.labels(self.labels)
         return len(resolved)
 
     async def _monitor_loop(self) -> None:
