@@ -96,6 +96,7 @@ def test_the_operator_hears_what_matters():
         "BacklogGrowing",
         "BreakerTripped",
         "ModelDrift",
+        "ModelServingUnavailable",
         "TradingHalted",
         "ProcessMemoryHigh",
         "ServiceMissing",

@@ -145,6 +145,9 @@ class ModelServiceMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("model", _Families, registry)
+        # at 0 from the start: the first one counted is an increase to the dashboard
+        for when in ("start", "follow"):
+            self._f.serving_unavailable.labels(when)
         self._skipped: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
         self._batched = 0
