@@ -369,6 +369,21 @@ async def test_write_stores_values_hashes_and_expiries_together(harness):
     await store.write(WriteBatch())  # empty: nothing to do
 
 
+async def test_a_write_stores_hashes_of_many_fields_and_removes_many(harness):
+    store = harness.store
+    fields = {f"f{i}": i for i in range(5000)}
+    batch = WriteBatch()
+    batch.set("v", b"1")
+    batch.hset("h", fields)
+    await store.write(batch)
+    assert await store.hgetall("h") == {k: str(v).encode() for k, v in fields.items()}
+    batch = WriteBatch()
+    batch.set("v", b"2")
+    batch.hdel("h", [f"f{i}" for i in range(1, 5000)])
+    await store.write(batch)
+    assert await store.hgetall("h") == {"f0": b"0"}
+
+
 @pytest.mark.parametrize("kind", ["set", "set with TTL", "hset", "hdel", "expire", "persist"])
 async def test_a_write_of_one_change_stores_it(harness, kind):
     store = harness.store
@@ -401,7 +416,7 @@ async def test_a_write_of_one_change_stores_it(harness, kind):
 
 
 @pytest.mark.redis
-async def test_redis_writes_one_change_as_its_command_and_more_in_a_transaction(
+async def test_redis_writes_one_change_as_its_command_and_more_in_a_script(
     redis_url, namespace, redis_client
 ):
     name = f"{namespace}-writer"
@@ -420,7 +435,7 @@ async def test_redis_writes_one_change_as_its_command_and_more_in_a_transaction(
         two.set("v", b"2", ttl=LONG_TTL)
         two.hset("h", {"f": 1})
         await store.write(two)
-        assert await last_command() == "exec"
+        assert await last_command() == "evalsha"
     finally:
         await store.delete_many(await store.scan_keys(""))
         await store.close()
