@@ -12,6 +12,7 @@ from pumpflow.trading.ledger import (
     MemoryLedger,
     OrderOutcome,
     OrderRecord,
+    PositionRecord,
     PostgresLedger,
 )
 
@@ -31,6 +32,14 @@ def fill(order_id: str, time: float) -> FillRecord:
     return FillRecord(
         order_id=order_id, mint="MintA", side="buy", token_amount=1e6, sol_amount=0.5,
         price=5e-7, fee_sol=0.01, filled_at=time, reason="score 0.9",
+    )  # fmt: skip
+
+
+def position(tokens: float) -> PositionRecord:
+    return PositionRecord(
+        position_id="a", mint="MintA", opened_at=101.0, closed_at=None, close_reason="",
+        token_amount=tokens, cost_sol=0.5, entry_price=5e-7, realized_pnl_sol=0.0,
+        fees_sol=0.01, mark_price=None,
     )  # fmt: skip
 
 
@@ -69,3 +78,30 @@ async def test_a_change_is_one_transaction(pg_pool):
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await ledger.commit(broken)
     assert await ledger.orders(limit=5) == []
+
+
+async def test_joined_changes_are_stored_as_written_one_after_the_other(ledger):
+    """Events decided together share a transaction: an order, its outcomes, fill and
+    position from later events, each later state winning, as if stored one by one."""
+    joined = LedgerChange.joined(
+        [
+            LedgerChange(orders=[order("a")]),
+            LedgerChange(
+                outcomes=[OrderOutcome(order_id="a", state="unknown")], positions=[position(1e6)]
+            ),
+            LedgerChange(
+                orders=[order("b")],
+                outcomes=[OrderOutcome(order_id="a", state="filled", signature="sig")],
+                fills=[fill("a", 101.0)],
+                positions=[position(2e6)],
+            ),
+        ]
+    )
+    assert await ledger.commit(joined) == {"a", "b"}
+    snapshot = await ledger.load(remembered=10)
+    assert [f.order_id for f in snapshot.fills] == ["a"]
+    assert [o.order_id for o in snapshot.unresolved] == ["b"]
+    [stored] = await ledger.orders(limit=5, state="filled")
+    assert stored["order_id"] == "a" and stored["signature"] == "sig"
+    [held] = await ledger.positions(open_only=True, limit=5)
+    assert held["token_amount"] == 2e6

@@ -14,7 +14,7 @@ from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector
-from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.ledger import LedgerChange, MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -242,3 +242,54 @@ async def test_a_lanes_ready_events_apply_in_order_and_share_one_view_write(cloc
         view = service.engine.views[mint]
         assert view.curve is not None
         assert view.curve.v_sol == pytest.approx(buys[-1].data.vSolInBondingCurve)
+
+
+class _CountedLedger(MemoryLedger):
+    """The in-memory ledger, counting the transactions that write something."""
+
+    commits = 0
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        self.commits += bool(change)
+        return await super().commit(change)
+
+
+async def test_a_lanes_events_that_order_nothing_share_one_ledger_transaction(clock, market):
+    """Three trades that each fill an order in flight: their fills, outcomes and positions
+    stored in one transaction (one event at a time, each was a transaction of its own)."""
+    ledger = _CountedLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mints = [await ready(bus, market) for _ in range(3)]
+        for mint in mints:
+            await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 3 and watch.count("order.filled") == 0
+        due = clock.now() + service.settings.trading_paper_latency_s + 1.0
+        trades = [market.tokens.buy(mint, "bob", sol=0.2, time=due) for mint in mints]
+        commits_before = ledger.commits
+        await service.on_events(trades)
+        assert ledger.commits - commits_before == 1
+        assert watch.count("order.filled") == 3 and watch.count("position.opened") == 3
+        orders = await ledger.orders(limit=10)
+        assert [o["state"] for o in orders] == ["filled"] * 3
+        assert len(await ledger.positions(open_only=True, limit=10)) == 3
+
+
+async def test_an_order_is_stored_and_sent_before_the_next_event_of_its_lane(clock, market):
+    """A prediction that orders and, in the same call, the token's trade past the paper
+    latency: the order is in the executor's hands when the trade comes, which fills it."""
+    ledger = _CountedLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        due = clock.now() + service.settings.trading_paper_latency_s + 1.0
+        commits_before = ledger.commits
+        trade = market.tokens.buy(mint, "bob", sol=0.2, time=due)
+        await service.on_events([market.prediction(mint), trade])
+        [request] = watch.payloads("order.requested")
+        [fill] = watch.payloads("order.filled")
+        assert fill.order_id == request.order_id
+        # the order, then its fill and position
+        assert ledger.commits - commits_before == 2
+        [stored] = await ledger.orders(limit=10)
+        assert stored["state"] == "filled"

@@ -2,9 +2,10 @@
 
 A :class:`LedgerChange` is what one consumed event (or one timer round) changed; the
 ledger writes it in one transaction, before the events it caused are published and
-before the consumed event is acknowledged. Orders are inserted only if their id is
-new: the ids of the orders inserted come back, and an order whose id was there
-already (derived from a redelivered or replayed event) is never sent.
+before the consumed event is acknowledged (the service joins the changes of a lane's
+events decided together, see ``TradingService._apply_run``). Orders are inserted only
+if their id is new: the ids of the orders inserted come back, and an order whose id
+was there already (derived from a redelivered or replayed event) is never sent.
 
 :class:`PostgresLedger` is the ledger of a deployment (migration 0005);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -17,6 +18,7 @@ before trading again), the recent order ids and the operator's state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -144,7 +146,8 @@ class PositionRecord:
 
 @dataclass(slots=True)
 class LedgerChange:
-    """What one event or timer round changed, written in one transaction."""
+    """What one event or timer round changed (or several, :meth:`joined`), written in one
+    transaction."""
 
     orders: list[OrderRecord] = field(default_factory=list)
     outcomes: list[OrderOutcome] = field(default_factory=list)
@@ -153,6 +156,18 @@ class LedgerChange:
 
     def __bool__(self) -> bool:
         return bool(self.orders or self.outcomes or self.fills or self.positions)
+
+    @classmethod
+    def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
+        """``changes`` as one, each part in their order (a later position's row wins)."""
+        if len(changes) == 1:
+            return changes[0]
+        return cls(
+            orders=[o for c in changes for o in c.orders],
+            outcomes=[o for c in changes for o in c.outcomes],
+            fills=[f for c in changes for f in c.fills],
+            positions=[p for c in changes for p in c.positions],
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

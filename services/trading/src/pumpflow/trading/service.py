@@ -14,10 +14,12 @@ every order, fill and position.
 - ``system.shutdown`` halts entries, then publishes ``trading.barrier`` (critical): the
   entry orders in flight and the positions held at that instant, which the exit
   service's graceful exit waits to have seen, however far behind its consumer is.
-- One event at a time: what it changed is written to the ledger in one transaction,
-  then new orders go to the executor, then the events are published, then the token
-  view it changed is stored, and only then is the event acknowledged. An order whose
-  id the ledger has already (derived from a redelivered event) is dropped, never sent.
+- A lane's ready events in order: what they changed is written to the ledger in one
+  transaction up to and including the first event that orders, then its orders go to
+  the executor before the next event is decided on; the events are published once
+  stored, the token views they changed are stored, and only then are the events
+  acknowledged. An order whose id the ledger has already (derived from a redelivered
+  event) is dropped, never sent.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -399,46 +401,64 @@ class TradingService(Service):
             await self.context.save(self.engine.views)
 
     async def _apply_run(self, events: list[Event]) -> None:
+        """Decide on each event in order, storing their changes in one transaction up to
+        and including the first event that orders, then sending its orders before the
+        next event is decided on.
+
+        An order is sent only once it is stored, so a kill -9 leaves no order sent that
+        the ledger does not hold (the next holder reconciles it) and a redelivered event's
+        order, already held, is never sent again. The changes of events that order
+        nothing wait for the next store: nothing leaves the process before they are
+        stored, and none is acknowledged before the run's end. An order must be in the
+        executor's hands before the next event is decided on: the executor finds the
+        order's outcome in the token's next trade (the paper fill after its latency, the
+        wallet's trade for a live order), and an outcome known at once (a refusal) releases
+        the order's reservation and counts toward the execution breaker, which the next
+        decision's risk checks read. So a store ends each event that orders.
+        """
         if not events:
             return
         async with self._lock:
+            # what an earlier attempt could not store goes first, its orders sent
+            await self._flush()
             for event in events:
-                await self._apply(event)
+                step = self._decide(event)
+                self._backlog.append(step)
+                if step.requests:
+                    await self._flush()
+            await self._flush()
 
-    async def _apply(self, event: Event) -> None:
-        """Apply one event under the lock: decide, store, send, publish."""
-        # what an earlier attempt could not store goes first, in its order
-        await self._flush()
+    def _decide(self, event: Event) -> _Step:
+        """Apply one event to the engine and executor: what it changed, what to send."""
         step = _Step()
         step.change.outcomes += self.executor.progress()
         data = event.data
         if isinstance(data, ExitOrder):
             self._exit(event, step)
-        else:
-            if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
-                for outcome in self.executor.observe(data, time=event.time):
-                    self._book(outcome, event, step)
-            produced = self.engine.process(event)
-            if self.context is not None and isinstance(data, _CONTEXT):
-                if not (isinstance(data, ModelPrediction) and data.shadow):
-                    self.context.change(data.mint)
-            ordered = False
-            for out in produced:
-                if isinstance(out.data, OrderRequested):
-                    self._request(out.data, event, step)
-                    ordered = True
-            if isinstance(data, ModelPrediction):
-                self.metrics.prediction(ordered)
-                if self.engine.last_latency_s is not None:
-                    self.metrics.receipt_to_decision(self.engine.last_latency_s)
-                if not ordered:
-                    self._note_skip()
-            self._report(step, (), cause=event, produced=produced)
-            if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
-                if not self.book.holds(data.mint):
-                    self.executor.forget(data.mint)
-        self._backlog.append(step)
-        await self._flush()
+            return step
+        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+            for outcome in self.executor.observe(data, time=event.time):
+                self._book(outcome, event, step)
+        produced = self.engine.process(event)
+        if self.context is not None and isinstance(data, _CONTEXT):
+            if not (isinstance(data, ModelPrediction) and data.shadow):
+                self.context.change(data.mint)
+        ordered = False
+        for out in produced:
+            if isinstance(out.data, OrderRequested):
+                self._request(out.data, event, step)
+                ordered = True
+        if isinstance(data, ModelPrediction):
+            self.metrics.prediction(ordered)
+            if self.engine.last_latency_s is not None:
+                self.metrics.receipt_to_decision(self.engine.last_latency_s)
+            if not ordered:
+                self._note_skip()
+        self._report(step, (), cause=event, produced=produced)
+        if isinstance(data, TokenLifecycle) and data.state in _RETIRED:
+            if not self.book.holds(data.mint):
+                self.executor.forget(data.mint)
+        return step
 
     async def _barrier(self, shutdown: Event) -> None:
         """Tell the exit service, past any backlog, what the halt leaves it to wait for:
@@ -606,12 +626,14 @@ class TradingService(Service):
     # ---------------------------------------------------------------- storing and sending
 
     async def _flush(self) -> None:
-        """Store each step in order, send its new orders, publish its events."""
+        """Store the waiting steps in one transaction, then send each one's new orders and
+        queue its events, in order; store what sending learnt the same way; publish."""
         while self._backlog:
-            step = self._backlog[0]
-            inserted = await self.ledger.commit(step.change)
-            self._backlog.pop(0)
-            await self._send(step, inserted)
+            steps = list(self._backlog)
+            inserted = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+            del self._backlog[: len(steps)]
+            for step in steps:
+                await self._send(step, inserted)
         await self._publish()
 
     async def _send(self, step: _Step, inserted: set[str]) -> None:
@@ -641,7 +663,7 @@ class TradingService(Service):
             if not (isinstance(e.data, OrderRequested) and e.data.order_id in dropped)
         ]
         if follow.change or follow.events:
-            self._backlog.insert(0, follow)
+            self._backlog.append(follow)
 
     async def _publish(self) -> None:
         bus = self._ctx.bus
