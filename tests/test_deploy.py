@@ -237,14 +237,15 @@ def test_the_market_dashboard_shows_what_pumpflow_does():
 def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/pumpflow-trading.json").read_text())
     assert {
-        # models: predictions by arm, PSI, rolling AUC and precision, refits, labels
-        # stored, servings a replica could not serve
+        # models: predictions by arm, PSI, rolling AUC and precision, refits (and those
+        # pruned), labels stored, servings a replica could not serve
         "pumpflow_model_predictions_total",
         "pumpflow_model_feature_psi",
         "pumpflow_model_live_metric",
         "pumpflow_model_refits_total",
         "pumpflow_model_labels_stored_total",
         "pumpflow_model_serving_unavailable_total",
+        "pumpflow_model_refits_pruned_total",
         # trading: PnL, positions, exposure, fills, rejections, state, breakers, latency
         "pumpflow_trading_pnl_sol",
         "pumpflow_trading_open_positions",

@@ -69,6 +69,13 @@ class _Families:
             ["model_id", "outcome"],
             registry=registry,
         )
+        self.pruned = Counter(
+            "pumpflow_model_refits_pruned",
+            "Stored refits pruned by the replica that refitted (refit), and their model "
+            "files it removed from its registry (file), by model id",
+            ["model_id", "what"],
+            registry=registry,
+        )
         self.stored_labels = Counter(
             "pumpflow_model_labels_stored",
             "Live labels stored (new ones; a label stored already is not counted)",
@@ -195,6 +202,13 @@ class ModelServiceMetrics:
 
     def refits(self, model_id: str, outcome: str) -> float:
         return self._f.refits.labels(model_id, outcome)._value.get()
+
+    def pruned(self, model_id: str, *, refits: int, files: int) -> None:
+        self._f.pruned.labels(model_id, "refit").inc(refits)
+        self._f.pruned.labels(model_id, "file").inc(files)
+
+    def pruned_count(self, model_id: str, what: str) -> float:
+        return self._f.pruned.labels(model_id, what)._value.get()
 
     def unavailable(self, when: str) -> None:
         self._f.serving_unavailable.labels(when).inc()

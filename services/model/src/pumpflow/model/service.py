@@ -32,7 +32,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
-  counted (``pumpflow_model_refits``).
+  counted (``pumpflow_model_refits``); then, still under the refit's lock, the model's
+  older refits are pruned with this replica's files of them (:mod:`pumpflow.model.pruning`;
+  the newest ``model_refit_keep`` and the served models are kept).
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
@@ -82,6 +84,7 @@ from pumpflow.model.labels import (
     model_hash,
 )
 from pumpflow.model.metrics import ModelServiceMetrics
+from pumpflow.model.pruning import PrunedRefit, RefitPruner, refit_pruner
 from pumpflow.model.settings import ModelSettings
 
 log = logging.getLogger("pumpflow.model")
@@ -168,6 +171,7 @@ class ModelService(Service):
         #: refits models for the manager it makes (default: LightGBM like training's)
         self._refitter = refitter
         self.label_store: LabelStore | None = label_store
+        self._pruner: RefitPruner | None = None
         self._to_store: list[ResolvedLabel] = []
         #: event time of each model's last refit attempt here (a failed one included)
         self._refit_tried: dict[str, float] = {}
@@ -220,6 +224,7 @@ class ModelService(Service):
                 if ctx.db is not None and settings.model_store_labels
                 else MemoryLabelStore()
             )
+        self._pruner = refit_pruner(self.label_store)
         serving = await self._start_serving()
         self.labels = LabelTracker(clock=ctx.clock)
         self.performance = RollingPerformance()
@@ -590,27 +595,62 @@ class ModelService(Service):
                 sha256=sha256,
             )
             await store.record_refit(refit, model=model, card=raw_card)
-        self.metrics.refitted(model_id, result.swapped)
-        log.info(
-            "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
-            "held out: %s", model_id, refit.rows, refit.serving_version, refit.metric,
-            refit.serving_score, refit.candidate_version, refit.candidate_score,
-            refit.held_out_rows, "swapped in" if refit.swapped else "kept the serving one",
-        )
-        if path is not None:
-            # every replica serves it, and a restart loads it
-            task = card.task
+            self.metrics.refitted(model_id, result.swapped)
+            log.info(
+                "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
+                "held out: %s", model_id, refit.rows, refit.serving_version, refit.metric,
+                refit.serving_score, refit.candidate_version, refit.candidate_score,
+                refit.held_out_rows, "swapped in" if refit.swapped else "kept the serving one",
+            )
+            if path is not None:
+                # every replica serves it, and a restart loads it
+                task = card.task
 
-            def with_refit(serving: Serving) -> Serving:
-                source = ModelSource(path=path, task=task, loaded=serving.revision + 1,
-                                     sha256=sha256)
-                return msgspec.structs.replace(
-                    serving, models={**serving.models, model_id: source}
-                )
+                def with_refit(serving: Serving) -> Serving:
+                    source = ModelSource(path=path, task=task, loaded=serving.revision + 1,
+                                         sha256=sha256)
+                    return msgspec.structs.replace(
+                        serving, models={**serving.models, model_id: source}
+                    )
 
-            await self.change(with_refit)
+                await self.change(with_refit)
+            # under the lock, the serving stored: no other replica refits or prunes it now
+            await self.prune_refits(model_id)
         self.refits.append(refit)
         return refit
+
+    async def prune_refits(self, model_id: str) -> list[PrunedRefit]:
+        """Delete the refits of ``model_id`` the refit policy prunes, and the pruned
+        models' files from this replica's registry; the refits deleted. Kept whatever
+        their age: the models the stored serving names and those loaded here (one an
+        operator loaded by path, a refit's file among them). A failure is logged: the
+        next refit prunes them."""
+        if self._pruner is None:
+            return []
+        try:
+            stored = await self._stored_serving()
+            served = {card.model_sha256 for card in self.manager.models().values()}
+            if stored is not None:
+                served |= {s.sha256 for s in stored.models.values() if s.sha256 is not None}
+            pruned = await self._pruner.prune(model_id, self.settings.refit_policy(), served)
+            registry = self.manager.registry
+            removed = []
+            for refit in pruned:
+                if registry is not None and refit.sha256 is not None and await asyncio.to_thread(
+                    registry.remove, model_id, refit.candidate_version
+                ):
+                    removed.append(refit.candidate_version)
+        except Exception:
+            log.exception("model: pruning the refits of %s failed; the next refit does", model_id)
+            return []
+        if pruned:
+            self.metrics.pruned(model_id, refits=len(pruned), files=len(removed))
+            log.info(
+                "model: pruned %d refits of %s (kept the newest %d and those served); "
+                "removed the files of %s from %s", len(pruned), model_id,
+                self.settings.model_refit_keep, removed or "none", registry and registry.root,
+            )
+        return pruned
 
     # ---------------------------------------------------------------- reads
 

@@ -29,7 +29,8 @@ class ModelSettings(CommonSettings):
     (``model_refit_*``, defaults argued there); a refit better on the held-out slice by
     more than ``model_refit_min_gain`` is swapped in, written to ``model_registry_dir``,
     stored with its refit (a replica lacking the file writes it from there) and made the
-    serving of every replica.
+    serving of every replica. A model's refits but the newest ``model_refit_keep`` and
+    the served ones are pruned after each refit.
     On by default: the policy's thresholds (20,000 new labels, 30 minutes apart) keep a
     short run from ever refitting, and a long one is what the refits are for.
     """
@@ -87,6 +88,11 @@ class ModelSettings(CommonSettings):
         description="least gain of a refit on the held-out slice to swap it in (AUC; a "
         "regressor: share of the serving RMSE)",
     )
+    model_refit_keep: int = Field(
+        _REFIT.keep_refits, ge=1,
+        description="a model's newest refits kept (with their models) after each refit; "
+        "older ones are deleted with the refitting replica's files, but those a serving names",
+    )
     model_registry_dir: str = Field(
         "",
         description="where refitted models are written (a replica lacking one writes it "
@@ -120,6 +126,7 @@ class ModelSettings(CommonSettings):
             window_rows=max(self.model_refit_window_rows, self.model_refit_min_rows),
             check_s=self.model_refit_check_s,
             min_gain=self.model_refit_min_gain,
+            keep_refits=self.model_refit_keep,
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:

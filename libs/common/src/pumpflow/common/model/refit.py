@@ -13,6 +13,7 @@ only if it scores better on the slice than the serving version by more than
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 
@@ -53,6 +54,18 @@ class RefitPolicy:
     at the rates above: recent for a market whose tokens live minutes, and 46 MB of
     features (29 doubles a row) in memory while refitting. ``check_s`` (30 s): how often
     the service asks the store; a count over an index, cheap.
+
+    ``keep_refits`` (10): a model's newest stored refits kept after each refit; older
+    ones are pruned (:meth:`prunable`), but never one whose model a serving names (a
+    replica, or one restarting on an empty disk, fetches what it serves from there). A
+    swapped-in refit is stored with its model (the shipped one: 128 KB of ONNX and a
+    20 KB card) and written to the refitting replica's disk; at most one refit per
+    ``min_interval_s`` makes up to 48 a day, 7 MB a day and 2.6 GB a year of each model
+    never freed. Ten cover the last 5 hours of refits at the least (5-10 hours at the
+    label rates above): the recent decisions with their scores to compare, and the
+    models swapped in lately to go back to by hand (``POST /models`` with a kept file)
+    once a swap shows worse in the live figures, which the alert on them tells within
+    the hour (``ModelAucLow``: 30 minutes on at least 200 labels); about 1.5 MB a model.
     """
 
     every_labels: int = 20_000
@@ -61,12 +74,15 @@ class RefitPolicy:
     window_rows: int = 200_000
     check_s: float = 30.0
     min_gain: float = 0.01
+    keep_refits: int = 10
 
     def __post_init__(self) -> None:
         if self.every_labels < 1 or self.min_rows < 2 or self.window_rows < self.min_rows:
             raise ValueError("need every_labels >= 1, min_rows >= 2, window_rows >= min_rows")
         if self.min_interval_s < 0 or self.check_s <= 0 or self.min_gain < 0:
             raise ValueError("need min_interval_s >= 0, check_s > 0 and min_gain >= 0")
+        if self.keep_refits < 1:
+            raise ValueError("need keep_refits >= 1 (the newest refit says when the next is due)")
 
     def due(self, *, new_labels: int, rows: int, since_last_s: float) -> bool:
         """Whether to refit a model with ``new_labels`` stored since its last refit,
@@ -76,6 +92,14 @@ class RefitPolicy:
             and rows >= self.min_rows
             and since_last_s >= self.min_interval_s
         )
+
+    def prunable(self, models: Sequence[str | None], served: Collection[str]) -> list[int]:
+        """Positions of a model's stored refits to prune, given each one's model hash
+        (None: not swapped in) newest first and the hashes of the models served."""
+        return [
+            i for i, model in enumerate(models)
+            if i >= self.keep_refits and (model is None or model not in served)
+        ]
 
 
 __all__ = ["RefitPolicy"]

@@ -72,6 +72,17 @@ class ModelRegistry:
     def register(self, model: bytes, card: ModelCard) -> Path:
         return write_model(self.path(card.model_id, card.version), model, card)
 
+    def remove(self, model_id: str, version: str) -> bool:
+        """Delete a stored version, its card first (a reader never finds a card without
+        its model); whether its model was there."""
+        path = self.path(model_id, version)
+        card_path(path).unlink(missing_ok=True)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def cards(self, model_id: str | None = None) -> list[ModelCard]:
         """Every stored card (of ``model_id``), oldest first."""
         pattern = f"{model_id}/*{CARD_SUFFIX}" if model_id else f"*/*{CARD_SUFFIX}"
