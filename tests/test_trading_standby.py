@@ -15,6 +15,7 @@ import signal
 import msgspec
 import pytest
 
+from pumpflow.common.priority import Priority
 from pumpflow.common.testing import (
     EventCollector,
     ProcessStack,
@@ -22,7 +23,7 @@ from pumpflow.common.testing import (
     free_port,
     http_json,
 )
-from pumpflow.common.trading import TokenView
+from pumpflow.common.trading import MIGRATION_POOL, TokenView
 from pumpflow.trading.context import VIEW_PREFIX
 from pumpflow.trading.ledger import PostgresLedger
 
@@ -201,4 +202,47 @@ async def test_the_standby_decides_on_what_the_leader_learnt_before_it_died(
     ]
     assert opened.position_id == request.order_id
     assert not watch.of("order.rejected")
+    assert await stack.stop(standby) == 0, stack.logs()
+
+
+async def test_a_pool_trade_that_comes_again_after_the_take_over_moves_the_view_once(
+    replicas, redis_client, namespace
+):
+    """The leader stores a token's view with a trade on the pool folded in, and dies; the
+    trade comes again to the new leader (as when the leader died before its ack): the
+    pool's state in the view is as if the trade came once."""
+    stack, ports, upstream, _ = replicas
+    leader, standby = await leader_and_standby(stack, ports)
+    mint = await upstream.ready()
+    migrated = upstream.tokens.migrated(mint)
+    pool_trade = upstream.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm")
+    await upstream.publish(migrated, pool_trade)
+    stored = f"{namespace}:{VIEW_PREFIX}{mint}"
+
+    async def view() -> TokenView | None:
+        raw = await redis_client.get(stored)
+        return None if raw is None else msgspec.msgpack.decode(raw, type=TokenView)
+
+    async def traded_on_the_pool() -> bool:
+        found = await view()
+        return found is not None and found.market.state not in (None, MIGRATION_POOL)
+
+    await eventually(traded_on_the_pool, 30, what="the leader's view of the pool stored",
+                     details=stack.logs)  # fmt: skip
+    once = (await view()).market.state
+    await eventually(lambda: asyncio.to_thread(all_acked, ports[leader]), 30,
+                     what="the leader acked every message it was delivered",
+                     details=stack.logs)  # fmt: skip
+
+    await kill_leader(stack, leader, standby, ports[standby])
+    # the trade again, then a lifecycle change behind it on the token's partition
+    await upstream.publish(pool_trade, upstream.lifecycle(mint, priority=int(Priority.LOW)))
+
+    async def caught_up() -> bool:
+        found = await view()
+        return found is not None and found.lifecycle.priority == Priority.LOW
+
+    await eventually(caught_up, 30, what="the new leader's view stored after the trade",
+                     details=stack.logs)  # fmt: skip
+    assert (await view()).market.state == once
     assert await stack.stop(standby) == 0, stack.logs()

@@ -52,15 +52,20 @@ class Upstream:
             mint=mint, feature_set_version="test", source_seq=1,
             names=tuple(GOOD_FEATURES), values=tuple(GOOD_FEATURES.values()),
         )  # fmt: skip
-        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
         now = self.clock.now()
         await self.publish(
             self.tokens.created(mint, sol=0.5, name="Good Coin", symbol="GOOD", trader="dev"),
             self.tokens.buy(mint, "alice", sol=3.0),
             make_event(features, source="features/test", time=now),
-            make_event(lifecycle, source="activity/test", time=now),
+            self.lifecycle(mint),
         )
         return mint
+
+    def lifecycle(self, mint: str, priority: int = int(Priority.URGENT)) -> Event:
+        """Activity calls ``mint`` active, at ``priority``."""
+        self._now()
+        payload = TokenLifecycle(mint=mint, state="active", priority=priority)
+        return make_event(payload, source="activity/test", time=self.clock.now())
 
     def prediction(self, mint: str, score: float = 0.9) -> Event:
         self._now()

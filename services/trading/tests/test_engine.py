@@ -276,3 +276,28 @@ def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, 
     engine.process(market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm"))
     assert position.mark_value_sol > on_pool
     assert "graduated" in engine.make_decision(mint, GOOD).reasons
+
+
+def test_a_redelivered_token_event_is_folded_into_its_view_once(engine, market, book, clock):
+    """A trade on the pool moves the pool's state in the view: one that comes again (by
+    its publisher's seq) leaves it, and the position's mark, as they were."""
+    broker = PaperBroker()
+    mint = market.ready(engine, broker=broker)
+    [order] = orders(engine.process(market.prediction(mint)))
+    broker.submit(order, time=clock.now())
+    clock.set_sync(START + 1)
+    [outcome] = broker.due(clock.now())
+    engine.process(market.filled(outcome.result))
+    engine.process(market.tokens.migrated(mint))
+    pool_trade = market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm")
+    assert not engine.applied(pool_trade)
+    engine.process(pool_trade)
+    view = engine.views[mint]
+    once, mark = view.market.state, book.position(mint).mark_value_sol
+    assert once != MIGRATION_POOL
+    assert engine.applied(pool_trade)
+    engine.process(pool_trade)
+    assert (view.market.state, book.position(mint).mark_value_sol) == (once, mark)
+    # the next trade moves it on
+    engine.process(market.tokens.sell(mint, "amm", pool="pump-amm"))
+    assert view.market.state != once

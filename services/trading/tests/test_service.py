@@ -14,6 +14,8 @@ from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector
+from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
+from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import LedgerChange, MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -214,6 +216,31 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
         assert opened.position_id == request.order_id
 
 
+async def test_a_pool_trade_redelivered_to_the_next_replica_moves_its_view_once(clock, market):
+    """The replica trading next loads the views its predecessor stored before acking; a
+    pool trade folded into them that comes again (its holder died before the ack) leaves
+    the pool's state in the view, stored and in the executor's market as it was."""
+    ledger, store = MemoryLedger(), MemoryStateStore(clock)
+    first = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, first, store=store) as (bus, _):
+        mint = await ready(bus, market)
+        await publish(bus, market.tokens.migrated(mint))
+        pool_trade = market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm")
+        await publish(bus, pool_trade)
+        once = first.engine.views[mint].market.state
+        assert once != MIGRATION_POOL
+
+    second = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, second, store=store) as (bus, _):
+        await publish(bus, pool_trade)
+        assert second.engine.views[mint].market.state == once
+        assert second.executor.expected(mint) == (VENUE_POOL, once)
+        assert (await TokenContext(store, ttl_s=60.0).load())[mint].market.state == once
+        # what comes after moves it on
+        await publish(bus, market.tokens.sell(mint, "amm", pool="pump-amm"))
+        assert second.engine.views[mint].market.state != once
+
+
 class _CountedWrites(MemoryStateStore):
     """The in-memory store, counting its writes."""
 
@@ -232,9 +259,11 @@ async def test_a_lanes_ready_events_apply_in_order_and_share_one_view_write(cloc
     service = trading(MemoryLedger())
     async with run_embedded([service], clock=clock, synchronous=False, store=store) as system:
         mint = market.tokens.mint()
+        # numbered in this order, as the feed numbers a token's events
+        created = market.tokens.created(mint, sol=0.5, trader="dev")
         buys = [market.tokens.buy(mint, f"w{i}", sol=0.1 + i / 100) for i in range(40)]
         writes_before = store.writes
-        for event in (market.tokens.created(mint, sol=0.5, trader="dev"), *buys):
+        for event in (created, *buys):
             await system.bus.publish(event)
         await system.bus.drain()
         assert store.writes - writes_before <= 3

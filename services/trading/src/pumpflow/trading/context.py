@@ -12,11 +12,13 @@ msgpack, with a TTL renewed by every change) before it acknowledges the event (t
 changes of events handled meanwhile on the bus's other lanes share the write), and
 deletes it when the engine forgets the token; a replica taking over loads them all
 before it subscribes. An event redelivered after the take-over (its holder died
-before acknowledging it) is applied again to the stored view: what holds the latest
-value (the curve, features, lifecycle, prediction) comes out the same, while a trade
-on the pool after the migration, followed trade by trade, moves the pool's state in
-the view a second time. Only where the lease is shared with other replicas: a
-one-process run on a market clock, which nobody can take over, keeps none.
+before acknowledging it) may be in a stored view already: each view keeps the last
+seq of each publisher's events it folded in (``TokenView.applied``, as the keyed
+consumer's tracking record does), and the engine passes over one not above it, so a
+trade on the pool after the migration, followed trade by trade, moves the pool's
+state in the view (and the executor's market) once. Only where the lease is shared
+with other replicas: a one-process run on a market clock, which nobody can take over,
+keeps none.
 """
 
 from __future__ import annotations

@@ -436,7 +436,10 @@ class TradingService(Service):
         if isinstance(data, ExitOrder):
             self._exit(event, step)
             return step
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        # a redelivery moved the executor's market already (or the view it came from)
+        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated) and not (
+            self.engine.applied(event)
+        ):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
         produced = self.engine.process(event)

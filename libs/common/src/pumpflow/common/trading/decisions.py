@@ -66,6 +66,10 @@ class TokenView:
     #: the latest features vector, by name
     features: dict[str, float] = field(default_factory=dict)
     features_time: float | None = None
+    #: publisher service -> the last seq of its events folded in here (stored with the
+    #: view, as the keyed consumer's tracking record keeps it): one not above it is a
+    #: redelivery, folded in already
+    applied: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,7 +10,10 @@ Consumed: ``token.created`` (name, symbol, creator), ``token.trade`` (the curve,
 marks), ``token.migrated``, ``features.updated`` (the latest vector),
 ``token.lifecycle`` (state and priority), ``model.prediction`` (the trigger: each
 prediction is one chance to enter), and the executor's ``order.filled`` and
-``order.rejected``.
+``order.rejected``. A token's view folds each token event, features vector and
+lifecycle in once: it keeps the last seq of each publisher's events it took, and one
+that comes again (a redelivery) is passed over, so a trade on the pool moves the
+pool's state once.
 
 An entry's order id is derived from the prediction event's id
 (:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
@@ -40,6 +43,7 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
     make_event,
+    source_service,
 )
 from pumpflow.common.trading.decisions import (
     DecisionPolicy,
@@ -72,6 +76,11 @@ SERVICE_CONSUMES = (
     # a graceful exit begins: no new entries from then on (exits go on)
     "system.shutdown",
 )
+
+#: what a token's view folds in once per event, by its publisher's seq; a prediction
+#: is not: each delivery is decided again (the order it causes is refused a second time
+#: by its id), and is its token's latest
+_FOLDED = (TokenTrade, TokenCreated, TokenMigrated, FeaturesUpdated, TokenLifecycle)
 
 #: lifecycle states after which a token not held is forgotten
 _RETIRED_STATES = frozenset({"inactive", "graduated"})
@@ -199,7 +208,9 @@ class TradingEngine:
         self.risk.observe(event, now=now)
         produced: list[Payload] = []
         data = event.data
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        if isinstance(data, _FOLDED) and not self._fold(event):
+            pass  # redelivered: its view has it (a pool trade would move the pool again)
+        elif isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             self._on_token_event(data, event.time)
         elif isinstance(data, FeaturesUpdated):
             view = self._view(data.mint)
@@ -247,7 +258,28 @@ class TradingEngine:
         self.risk.check(now)
         return [self._wrap(p, None, now) for p in self.risk.take_reports()]
 
+    def applied(self, event: Event) -> bool:
+        """Whether ``event`` is folded into its token's view already (a redelivery, say
+        after a take-over of views stored before their events were acknowledged)."""
+        data = event.data
+        if event.seq is None or not isinstance(data, _FOLDED):
+            return False
+        view = self.views.get(data.mint)
+        return view is not None and _taken(view, event)
+
     # ---------------------------------------------------------------- internals
+
+    def _fold(self, event: Event) -> bool:
+        """Take the seq of ``event`` (one of :data:`_FOLDED`) into its token's view;
+        False if the view has it already."""
+        seq = event.seq
+        if seq is None:
+            return True
+        view = self._view(event.data.mint)
+        if _taken(view, event):
+            return False
+        view.applied[source_service(event.source)] = seq
+        return True
 
     def _view(self, mint: str) -> TokenView:
         view = self.views.get(mint)
@@ -288,3 +320,8 @@ class TradingEngine:
             cause=cause,
             event_id=event_id,
         )
+
+
+def _taken(view: TokenView, event: Event) -> bool:
+    """``event``'s seq is not above the last of its publisher folded into ``view``."""
+    return event.seq <= view.applied.get(source_service(event.source), 0)
