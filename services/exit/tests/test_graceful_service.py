@@ -211,12 +211,12 @@ async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position
         # the next entry's order fills 20 s late (a slow venue): after the other four
         # positions are sold out
         late = tokens.mint()
-        execute_entry = trader.executor.execute_entry
+        start_entry = trader.executor.start_entry
 
         async def slow_entry(order, *, time):
-            return await execute_entry(order, time=time + 20.0 if order.mint == late else time)
+            return await start_entry(order, time=time + 20.0 if order.mint == late else time)
 
-        trader.executor.execute_entry = slow_entry
+        trader.executor.start_entry = slow_entry
         await _enter(system.bus, clock, tokens, late)
         [requested] = await watch.wait_for(
             1, "order.requested", where=lambda e: e.data.mint == late

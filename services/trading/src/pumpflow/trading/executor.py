@@ -2,13 +2,17 @@
 stream; live (:mod:`pumpflow.trading.live`) sends to PumpPortal's trade API.
 
 An executor carries out the orders the ledger stored: the engine's entries
-(:meth:`TradeExecutor.execute_entry`) and the exit service's sales
-(:meth:`TradeExecutor.execute_exit`). It learns
-outcomes from the token events (:meth:`TradeExecutor.observe`) and from time
-(:meth:`TradeExecutor.due`), and on start is asked about each order whose outcome the
-ledger does not know (:meth:`TradeExecutor.reconcile`); what it learns of an order
-still pending (the API's signature, or that no answer came) it gives the service to
-store (:meth:`TradeExecutor.progress`). An outcome is an
+(:meth:`TradeExecutor.start_entry`) and the exit service's sales
+(:meth:`TradeExecutor.start_exit`). Both start an order and return, with its
+outcome only when it is known at once (a refusal): the service goes on consuming
+while an order is out and learns its outcome later, from the token events
+(:meth:`TradeExecutor.observe`) and from time (:meth:`TradeExecutor.due`). (The
+graceful exit's :class:`~pumpflow.common.exit.ExitExecutor` differs: its
+``execute_exit`` waits for the sale's fill or refusal.) On start an executor is asked
+about each order whose outcome the ledger does not know
+(:meth:`TradeExecutor.reconcile`); what it learns of an order still pending (the API's
+signature, or that no answer came) it gives the service to store
+(:meth:`TradeExecutor.progress`). An outcome is an
 :class:`~pumpflow.common.events.OrderFilled` or an
 :class:`~pumpflow.common.events.OrderRejected`; the service books it.
 """
@@ -33,14 +37,14 @@ class TradeExecutor(Protocol):
         """The venue ``mint`` trades on and its state there, as an order decided now sees it."""
         ...
 
-    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
-        """Buy as ``order`` (stored already, decided at ``time``) asks; an outcome known
-        at once, or None while it is in the executor's hands."""
+    async def start_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+        """Start buying as ``order`` (stored already, decided at ``time``) asks; its
+        outcome if known at once, else None: it is in the executor's hands."""
         ...
 
-    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
-        """Sell one exit order (stored already, at ``time``); an outcome known at once,
-        or None while it is in the executor's hands."""
+    async def start_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+        """Start selling one exit order (stored already, at ``time``); its outcome if
+        known at once, else None: it is in the executor's hands."""
         ...
 
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
@@ -88,10 +92,10 @@ class PaperExecutor:
             return VENUE_CURVE, None
         return market.venue, market.state
 
-    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+    async def start_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
         return self._submit(order, time)
 
-    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+    async def start_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
         return self._submit(order, time)
 
     def _submit(self, order: OrderRequested | ExitOrder, time: float) -> Outcome | None:

@@ -2,7 +2,7 @@
 
 The service stores an order in the ledger (state ``sent``) before it hands it over
 here, so a crash during the call leaves an order that is reconciled, never sent
-again. :meth:`LiveExecutor.execute_entry` and :meth:`LiveExecutor.execute_exit` start
+again. :meth:`LiveExecutor.start_entry` and :meth:`LiveExecutor.start_exit` start
 the call and return at once: the service
 keeps consuming while the API answers. What the answer says is the service's to
 store (:meth:`LiveExecutor.progress`): the signature, or ``unknown`` when no answer
@@ -166,11 +166,11 @@ class LiveExecutor:
             return VENUE_CURVE, None
         return market.venue, market.state
 
-    async def execute_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
+    async def start_entry(self, order: OrderRequested, *, time: float) -> Outcome | None:
         """Start the buy's call (the ledger holds the order already)."""
         return self._send(order, time)
 
-    async def execute_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
+    async def start_exit(self, order: ExitOrder, *, time: float) -> Outcome | None:
         """Start the sale's call (the ledger holds the order already)."""
         return self._send(sell_order(order), time)
 

@@ -654,9 +654,9 @@ class TradingService(Service):
                 continue
             self.metrics.order(side, "sent")
             if isinstance(request, ExitOrder):
-                outcome = await self.executor.execute_exit(request, time=order.requested_at)
+                outcome = await self.executor.start_exit(request, time=order.requested_at)
             else:
-                outcome = await self.executor.execute_entry(request, time=order.requested_at)
+                outcome = await self.executor.start_entry(request, time=order.requested_at)
             if outcome is not None:
                 self._book(outcome, None, follow)
         step.stored_once = True

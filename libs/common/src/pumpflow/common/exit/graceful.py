@@ -59,7 +59,7 @@ class OpenPositions(Protocol):
 
 
 class ExitExecutor(Protocol):
-    """Sells one tranche; answers the fill, or the refusal with its reason."""
+    """Sells one tranche and waits: answers the fill, or the refusal with its reason."""
 
     async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected: ...
 
