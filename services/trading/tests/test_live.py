@@ -4,13 +4,17 @@ answer, and a signature whose trade never shows. Every case sends the order once
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.events import ExitOrder, make_event
-from pumpflow.common.testing import base58_key, eventually
+from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
+from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -38,6 +42,53 @@ def live(ledger: MemoryLedger, api: FakeTradeApi, **settings: object) -> Trading
     return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entered:
+    """A live trading service, running, that ordered an entry of a ready token."""
+
+    ledger: MemoryLedger
+    service: TradingService
+    bus: EventBus
+    watch: EventCollector
+    mint: str
+    prediction: Event
+    request: OrderRequested
+
+
+@contextlib.asynccontextmanager
+async def entered(clock, market, api: FakeTradeApi, **settings: object) -> AsyncIterator[Entered]:
+    """A live service on ``api`` and a fresh ledger, given a ready token and the
+    prediction it orders an entry on, for the block's duration."""
+    ledger = MemoryLedger()
+    service = live(ledger, api, **settings)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        prediction = market.prediction(mint)
+        await publish(bus, prediction)
+        [request] = watch.payloads("order.requested")
+        yield Entered(
+            ledger=ledger,
+            service=service,
+            bus=bus,
+            watch=watch,
+            mint=mint,
+            prediction=prediction,
+            request=request,
+        )
+
+
+async def bought(run: Entered, api: FakeTradeApi, market) -> PositionOpened:
+    """The entry's call answered and the wallet's trade that fills it: the position opened."""
+    await answered(run.service, api)
+    [call] = api.requests
+    await publish(
+        run.bus,
+        market.tokens.buy(run.mint, WALLET, sol=run.request.sol_amount, signature=call.signature),
+    )
+    [opened] = run.watch.payloads("position.opened")
+    return opened
+
+
 async def answered(service: TradingService, api: FakeTradeApi, requests: int = 1) -> None:
     """Wait until the fake has had ``requests`` calls and each has come back."""
     await eventually(
@@ -60,118 +111,95 @@ def fees_of(service: TradingService, moved: float) -> float:
 
 async def test_success_the_answer_is_not_a_fill_the_wallets_trade_is(clock, market, caplog):
     caplog.set_level(logging.DEBUG)
-    ledger = MemoryLedger()
-    async with fake_trade_api("success") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            [request] = watch.payloads("order.requested")
-            await answered(service, api)
-            [sent] = api.requests
-            assert sent.api_key == KEY
-            assert sent.body == {
-                "action": "buy",
-                "mint": mint,
-                "amount": request.sol_amount,
-                "denominatedInSol": "true",
-                "slippage": request.slippage_pct,
-                "priorityFee": service.settings.trading_live_priority_fee_sol,
-                "pool": "pump",
-            }
-            # the signature is stored; the order waits for its trade
-            await clock.advance(service.settings.trading_tick_s)
-            order = await order_of(ledger)
-            assert order["state"] == "sent" and order["signature"] == sent.signature
-            assert watch.count("order.filled") == 0 and not service.book.holds(mint)
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        service, request, mint = run.service, run.request, run.mint
+        await answered(service, api)
+        [sent] = api.requests
+        assert sent.api_key == KEY
+        assert sent.body == {
+            "action": "buy",
+            "mint": mint,
+            "amount": request.sol_amount,
+            "denominatedInSol": "true",
+            "slippage": request.slippage_pct,
+            "priorityFee": service.settings.trading_live_priority_fee_sol,
+            "pool": "pump",
+        }
+        # the signature is stored; the order waits for its trade
+        await clock.advance(service.settings.trading_tick_s)
+        order = await order_of(run.ledger)
+        assert order["state"] == "sent" and order["signature"] == sent.signature
+        assert run.watch.count("order.filled") == 0 and not service.book.holds(mint)
 
-            # another wallet's trade, and ours with another signature: neither confirms
-            await publish(
-                bus,
-                market.tokens.buy(mint, "bob", sol=0.2, signature=sent.signature),
-                market.tokens.buy(mint, WALLET, sol=0.2),
-            )
-            assert watch.count("order.filled") == 0
+        # another wallet's trade, and ours with another signature: neither confirms
+        await publish(
+            run.bus,
+            market.tokens.buy(mint, "bob", sol=0.2, signature=sent.signature),
+            market.tokens.buy(mint, WALLET, sol=0.2),
+        )
+        assert run.watch.count("order.filled") == 0
 
-            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature)
-            await publish(bus, ours)
-            [fill] = watch.payloads("order.filled")
-            [opened] = watch.payloads("position.opened")
-            assert fill.order_id == request.order_id and fill.signature == sent.signature
-            assert fill.token_amount == ours.data.tokenAmount
-            assert fill.sol_amount == pytest.approx(fees_of(service, ours.data.solAmount))
-            assert opened.token_amount == fill.token_amount
-            order = await order_of(ledger)
-            assert order["state"] == "filled"
-            assert len(api.requests) == 1
+        ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature)
+        await publish(run.bus, ours)
+        [fill] = run.watch.payloads("order.filled")
+        [opened] = run.watch.payloads("position.opened")
+        assert fill.order_id == request.order_id and fill.signature == sent.signature
+        assert fill.token_amount == ours.data.tokenAmount
+        assert fill.sol_amount == pytest.approx(fees_of(service, ours.data.solAmount))
+        assert opened.token_amount == fill.token_amount
+        order = await order_of(run.ledger)
+        assert order["state"] == "filled"
+        assert len(api.requests) == 1
     assert KEY not in caplog.text
 
 
 async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wallets_trade(
     clock, market
 ):
-    ledger = MemoryLedger()
-    async with fake_trade_api("success") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            [request] = watch.payloads("order.requested")
-            await answered(service, api)
-            [bought] = api.requests
-            await publish(
-                bus,
-                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=bought.signature),
-            )
-            [opened] = watch.payloads("position.opened")
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        mint = run.mint
+        opened = await bought(run, api, market)
 
-            sale = ExitOrder(
-                order_id=f"{opened.position_id}:exit:1",
-                mint=mint,
-                position_id=opened.position_id,
-                token_amount=opened.token_amount,
-                reason="take profit",
-            )
-            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
-            await answered(service, api, 2)
-            sold = api.requests[1]
-            assert sold.body["action"] == "sell" and sold.body["mint"] == mint
-            assert sold.body["amount"] == opened.token_amount
-            assert sold.body["denominatedInSol"] == "false"
-            await publish(
-                bus,
-                market.tokens.sell(
-                    mint, WALLET, tokens=opened.token_amount, signature=sold.signature
-                ),
-            )
-            [fill] = [f for f in watch.payloads("order.filled") if f.side == "sell"]
-            assert fill.order_id == sale.order_id and fill.signature == sold.signature
-            [closed] = watch.payloads("position.closed")
-            assert closed.position_id == opened.position_id and closed.reason == "take profit"
-            assert not service.book.holds(mint)
-            assert len(api.requests) == 2
+        sale = ExitOrder(
+            order_id=f"{opened.position_id}:exit:1",
+            mint=mint,
+            position_id=opened.position_id,
+            token_amount=opened.token_amount,
+            reason="take profit",
+        )
+        await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+        await answered(run.service, api, 2)
+        sold = api.requests[1]
+        assert sold.body["action"] == "sell" and sold.body["mint"] == mint
+        assert sold.body["amount"] == opened.token_amount
+        assert sold.body["denominatedInSol"] == "false"
+        await publish(
+            run.bus,
+            market.tokens.sell(mint, WALLET, tokens=opened.token_amount, signature=sold.signature),
+        )
+        [fill] = [f for f in run.watch.payloads("order.filled") if f.side == "sell"]
+        assert fill.order_id == sale.order_id and fill.signature == sold.signature
+        [closed] = run.watch.payloads("position.closed")
+        assert closed.position_id == opened.position_id and closed.reason == "take profit"
+        assert not run.service.book.holds(mint)
+        assert len(api.requests) == 2
 
 
 async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock, market, caplog):
     caplog.set_level(logging.DEBUG)
-    ledger = MemoryLedger()
-    async with fake_trade_api("error") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            prediction = market.prediction(mint)
-            await publish(bus, prediction)
-            await answered(service, api)
-            await clock.advance(service.settings.trading_tick_s)
-            [rejected] = watch.payloads("order.rejected")
-            assert "Simulation failed" in rejected.reason
-            order = await order_of(ledger)
-            assert order["state"] == "rejected" and order["signature"] is None
-            assert service.risk.reservations == {}
-            # the prediction again (a redelivery) and time: still one call
-            await publish(bus, prediction)
-            await clock.advance(CONFIRM_S + 1)
-            assert len(api.requests) == 1 and watch.count("order.rejected") == 1
+    async with fake_trade_api("error") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        await clock.advance(service.settings.trading_tick_s)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert "Simulation failed" in rejected.reason
+        order = await order_of(run.ledger)
+        assert order["state"] == "rejected" and order["signature"] is None
+        assert service.risk.reservations == {}
+        # the prediction again (a redelivery) and time: still one call
+        await publish(run.bus, run.prediction)
+        await clock.advance(CONFIRM_S + 1)
+        assert len(api.requests) == 1 and run.watch.count("order.rejected") == 1
     assert KEY not in caplog.text
 
 
@@ -189,135 +217,105 @@ async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock
 async def test_a_refusal_on_a_market_past_the_orders_limit_is_slippage_counted_for_buys_only(
     clock, market, side, market_moved, cause, failures
 ):
-    ledger = MemoryLedger()
-    async with fake_trade_api("success" if side == "sell" else "held") as api:
-        service = live(ledger, api, trading_live_answer_timeout_s=10.0)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            [request] = watch.payloads("order.requested")
+    async with (
+        fake_trade_api("success" if side == "sell" else "held") as api,
+        entered(clock, market, api, trading_live_answer_timeout_s=10.0) as run,
+    ):
+        service, mint = run.service, run.mint
+        if side == "sell":
+            opened = await bought(run, api, market)
+            api.behaviour = "held"
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:1",
+                mint=mint,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+                reason="stop loss",
+            )
+            await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+        calls = 2 if side == "sell" else 1
+        await eventually(lambda: len(api.requests) == calls, what="the held call")
+        if market_moved:
+            # the stream shows the market past the limit before the refusal comes back
             if side == "sell":
-                await answered(service, api)
-                [bought] = api.requests
-                await publish(
-                    bus,
-                    market.tokens.buy(
-                        mint, WALLET, sol=request.sol_amount, signature=bought.signature
-                    ),
-                )
-                [opened] = watch.payloads("position.opened")
-                api.behaviour = "held"
-                sale = ExitOrder(
-                    order_id=f"{opened.position_id}:exit:1",
-                    mint=mint,
-                    position_id=opened.position_id,
-                    token_amount=opened.token_amount,
-                    reason="stop loss",
-                )
-                await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
-            calls = 2 if side == "sell" else 1
-            await eventually(lambda: len(api.requests) == calls, what="the held call")
-            if market_moved:
-                # the stream shows the market past the limit before the refusal comes back
-                if side == "sell":
-                    move = market.tokens.sell(mint, "alice")  # her 3 SOL's worth
-                else:
-                    move = market.tokens.buy(mint, "whale", sol=5.0)
-                await publish(bus, move)
-            assert service.risk.consecutive_failures == 0
-            api.answer()
-            await answered(service, api, calls)
-            await clock.advance(service.settings.trading_tick_s)
-            [rejected] = watch.payloads("order.rejected")
-            assert rejected.side == side and rejected.reason.startswith("trade API refused")
-            assert rejected.cause == cause
-            assert ("over the" in rejected.reason) is (cause == "slippage")
-            assert service.risk.consecutive_failures == failures
+                move = market.tokens.sell(mint, "alice")  # her 3 SOL's worth
+            else:
+                move = market.tokens.buy(mint, "whale", sol=5.0)
+            await publish(run.bus, move)
+        assert service.risk.consecutive_failures == 0
+        api.answer()
+        await answered(service, api, calls)
+        await clock.advance(service.settings.trading_tick_s)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.side == side and rejected.reason.startswith("trade API refused")
+        assert rejected.cause == cause
+        assert ("over the" in rejected.reason) is (cause == "slippage")
+        assert service.risk.consecutive_failures == failures
 
 
 async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resent(clock, market):
-    ledger = MemoryLedger()
-    async with fake_trade_api("timeout") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            await answered(service, api)
-            await clock.advance(service.settings.trading_tick_s)
-            order = await order_of(ledger)
-            assert order["state"] == "unknown" and "no answer" in order["outcome"]
-            assert watch.count("order.rejected") == 0
-            assert service.risk.reservations.keys() == {order["order_id"]}
+    async with fake_trade_api("timeout") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        await clock.advance(service.settings.trading_tick_s)
+        order = await order_of(run.ledger)
+        assert order["state"] == "unknown" and "no answer" in order["outcome"]
+        assert run.watch.count("order.rejected") == 0
+        assert service.risk.reservations.keys() == {order["order_id"]}
 
-            await clock.advance(CONFIRM_S)
-            [rejected] = watch.payloads("order.rejected")
-            assert rejected.reason.startswith("unconfirmed: no answer from the trade API")
-            assert (await order_of(ledger))["state"] == "rejected"
-            assert len(api.requests) == 1
+        await clock.advance(CONFIRM_S)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.reason.startswith("unconfirmed: no answer from the trade API")
+        assert (await order_of(run.ledger))["state"] == "rejected"
+        assert len(api.requests) == 1
 
 
 async def test_no_answer_then_the_wallets_trade_on_the_token_fills_the_order(clock, market):
-    ledger = MemoryLedger()
-    async with fake_trade_api("timeout") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            [request] = watch.payloads("order.requested")
-            await answered(service, api)
-            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount)
-            await publish(bus, ours)
-            [fill] = watch.payloads("order.filled")
-            assert fill.order_id == request.order_id
-            assert fill.signature == ours.data.signature
-            order = await order_of(ledger)
-            assert order["state"] == "filled" and order["signature"] == ours.data.signature
-            assert len(api.requests) == 1
+    async with fake_trade_api("timeout") as api, entered(clock, market, api) as run:
+        await answered(run.service, api)
+        ours = market.tokens.buy(run.mint, WALLET, sol=run.request.sol_amount)
+        await publish(run.bus, ours)
+        [fill] = run.watch.payloads("order.filled")
+        assert fill.order_id == run.request.order_id
+        assert fill.signature == ours.data.signature
+        order = await order_of(run.ledger)
+        assert order["state"] == "filled" and order["signature"] == ours.data.signature
+        assert len(api.requests) == 1
 
 
 async def test_a_signature_whose_trade_never_shows_ends_unconfirmed(clock, market):
-    ledger = MemoryLedger()
-    async with fake_trade_api("silent") as api:
-        service = live(ledger, api)
-        async with running(clock, service) as (bus, watch):
-            mint = await ready(bus, market)
-            await publish(bus, market.prediction(mint))
-            [request] = watch.payloads("order.requested")
-            await answered(service, api)
-            [sent] = api.requests
-            await publish(bus, market.tokens.buy(mint, "bob", sol=1.0))
-            await clock.advance(CONFIRM_S - 1)
-            assert watch.count("order.rejected") == 0  # still within the wait
-            await clock.advance(1.0)
-            [rejected] = watch.payloads("order.rejected")
-            assert rejected.order_id == request.order_id
-            assert rejected.reason.startswith(f"unconfirmed: signature {sent.signature}")
-            order = await order_of(ledger)
-            assert order["state"] == "rejected" and order["signature"] == sent.signature
-            assert service.risk.reservations == {} and not service.book.holds(mint)
-            assert len(api.requests) == 1
+    async with fake_trade_api("silent") as api, entered(clock, market, api) as run:
+        service, request, mint = run.service, run.request, run.mint
+        await answered(service, api)
+        [sent] = api.requests
+        await publish(run.bus, market.tokens.buy(mint, "bob", sol=1.0))
+        await clock.advance(CONFIRM_S - 1)
+        assert run.watch.count("order.rejected") == 0  # still within the wait
+        await clock.advance(1.0)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.order_id == request.order_id
+        assert rejected.reason.startswith(f"unconfirmed: signature {sent.signature}")
+        order = await order_of(run.ledger)
+        assert order["state"] == "rejected" and order["signature"] == sent.signature
+        assert service.risk.reservations == {} and not service.book.holds(mint)
+        assert len(api.requests) == 1
 
-            # the stream shows it after all: the chain is the truth, booked late
-            await publish(
-                bus,
-                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature),
-            )
-            [fill] = watch.payloads("order.filled")
-            assert fill.order_id == request.order_id and service.book.holds(mint)
-            assert (await order_of(ledger))["state"] == "filled"
-            assert len(api.requests) == 1
+        # the stream shows it after all: the chain is the truth, booked late
+        await publish(
+            run.bus,
+            market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature),
+        )
+        [fill] = run.watch.payloads("order.filled")
+        assert fill.order_id == request.order_id and service.book.holds(mint)
+        assert (await order_of(run.ledger))["state"] == "filled"
+        assert len(api.requests) == 1
 
 
 async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(clock, market):
-    ledger = MemoryLedger()
     async with fake_trade_api("silent") as api:
-        first = live(ledger, api)
-        async with running(clock, first) as (bus, watch):
-            mint = await ready(bus, market)
-            prediction = market.prediction(mint)
-            await publish(bus, prediction)
-            [request] = watch.payloads("order.requested")
-            await answered(first, api)
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+        request, ledger = first.request, first.ledger
         [sent] = api.requests
         order = await order_of(ledger)
         assert order["state"] == "sent" and order["signature"] == sent.signature
@@ -325,11 +323,13 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
         second = live(ledger, api)
         async with running(clock, second) as (bus, watch):
             assert second.reconciled == {request.order_id: "resubmitted"}
-            await publish(bus, prediction)  # a redelivery: never a second order
+            await publish(bus, first.prediction)  # a redelivery: never a second order
             assert watch.count("order.requested") == 0
             await publish(
                 bus,
-                market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature),
+                market.tokens.buy(
+                    first.mint, WALLET, sol=request.sol_amount, signature=sent.signature
+                ),
             )
             [fill] = watch.payloads("order.filled")
             assert fill.order_id == request.order_id
