@@ -23,13 +23,13 @@ keeps none.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
 import msgspec
 
 from pumpflow.common.state.abc import StateStore, WriteBatch
+from pumpflow.common.state.commit import GroupCommit
 from pumpflow.common.trading import TokenView
 
 log = logging.getLogger("pumpflow.trading.context")
@@ -41,9 +41,9 @@ _LOAD_CHUNK = 500
 class TokenContext:
     """The engine's token views in the state store: stored as they change, loaded on a take-over.
 
-    Stores are group commits: every change made before :meth:`save` was called is stored
-    by the time it returns, and the handlers waiting meanwhile (the bus's other lanes)
-    share one write.
+    Stores are group commits (:class:`~pumpflow.common.state.commit.GroupCommit`): every
+    change made before :meth:`save` was called is stored by the time it returns, and the
+    handlers waiting meanwhile (the bus's other lanes) share one write.
     """
 
     def __init__(self, store: StateStore, *, ttl_s: float):
@@ -51,44 +51,30 @@ class TokenContext:
         self.ttl_s = ttl_s
         #: mints whose views changed since the last write began
         self.changed: set[str] = set()
-        self._changes = 0
-        self._stored = 0
-        #: resolved when the write on its way ends (stored or not)
-        self._writing: asyncio.Future[None] | None = None
+        self._commits = GroupCommit(self._write)
+        self._views: Mapping[str, TokenView] = {}
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(TokenView)
 
     def change(self, mint: str) -> None:
         """``mint``'s view changed (or the engine forgot it): store it with the next write."""
         self.changed.add(mint)
-        self._changes += 1
+        self._commits.change()
 
     def clear(self) -> None:
         """Forget the changes not stored (a take-over loads what the store holds)."""
         self.changed.clear()
-        self._stored = self._changes
+        self._commits.settle()
 
     async def save(self, views: Mapping[str, TokenView]) -> None:
         """Return once every change made so far is stored as ``views`` holds it (a view it
         no longer has is deleted); raises what the store raised."""
-        wanted = self._changes
-        while self._stored < wanted:
-            if self._writing is not None:
-                # a write is on its way: wait for it, then write what it left if anything
-                await asyncio.shield(self._writing)
-                continue
-            # the first to wait writes, inline: no task, so a store that answers at once
-            # (the in-process one) leaves the event loop's order as it was
-            writing = self._writing = asyncio.get_running_loop().create_future()
-            try:
-                await self._write(views)
-            finally:
-                self._writing = None
-                if not writing.done():
-                    writing.set_result(None)
+        self._views = views
+        await self._commits.until_stored(self._commits.changed)
 
-    async def _write(self, views: Mapping[str, TokenView]) -> None:
-        upto, mints, self.changed = self._changes, self.changed, set()
+    async def _write(self, upto: int) -> None:
+        mints, self.changed = self.changed, set()
+        views = self._views
         try:
             batch = WriteBatch()
             gone = []
@@ -105,7 +91,6 @@ class TokenContext:
         except BaseException:
             self.changed |= mints
             raise
-        self._stored = max(self._stored, upto)
 
     async def load(self) -> dict[str, TokenView]:
         """Every stored view, by mint (one that cannot be read is skipped and logged)."""

@@ -32,9 +32,10 @@ owns the rest:
   comes out as in order, a window counts it at the time it arrives (event time never
   steps back), and what holds the latest value (price, curve reserves) holds the
   late event's until the key's next event.
-- **Group commit.** Changed keys are written together, one :class:`WriteBatch` per
-  commit (the records, the service's views of them and new partition-index entries),
-  each key encoded once however many events it applied meanwhile. Then the outboxes
+- **Group commit** (:class:`~pumpflow.common.state.commit.GroupCommit`). Changed keys
+  are written together, one :class:`WriteBatch` per commit (the records, the service's
+  views of them and new partition-index entries), each key encoded once however many
+  events it applied meanwhile. Then the outboxes
   are published in per-key order, then the deliveries that caused them are acked
   (the bus acks when the handler returns). A crash in between publishes the stored
   outbox again; consumers drop the copies by seq.
@@ -91,6 +92,7 @@ from pumpflow.common.events import (
 from pumpflow.common.keyed import InvalidInput, KeyedProcessor, StaleState
 from pumpflow.common.priority import Priority
 from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
+from pumpflow.common.state.commit import GroupCommit, wake
 from pumpflow.common.workers import PoolClosed, TokenMonitorThreadPool, WorkerPoolConfig
 
 log = logging.getLogger(__name__)
@@ -340,17 +342,15 @@ class KeyedStatefulConsumer(Generic[S]):
         self.restored: set[int] = set()
         self._publishers: dict[str, str] = {}
         self._dirty: dict[str, _Key] = {}
-        self._changed = 0
-        #: generations written to the store, and written with their events published
-        self._written = 0
+        #: generations of changes, written by group commits of the dirty keys
+        self._commits = GroupCommit(self._write)
+        #: generations written with their events published
         self._announced = 0
-        self._flushing: asyncio.Future | None = None
         #: written batches not published yet (entries, events, handed, generation), and
         #: the task publishing them in order
         self._unannounced: list[tuple[list[_Key], list[Event], list, int]] = []
         self._announcing: asyncio.Future | None = None
-        #: (generation, future) of deliveries waiting for their write / their publication
-        self._write_waiters: list[tuple[int, asyncio.Future]] = []
+        #: (generation, future) of deliveries waiting for their publication
         self._announce_waiters: list[tuple[int, asyncio.Future]] = []
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -411,18 +411,18 @@ class KeyedStatefulConsumer(Generic[S]):
             self._sweeper.cancel()
         for entry in self._keys.values():
             self._cancel_timer(entry)
-        for task in (self._flushing, self._announcing):
-            if task is not None:
-                task.cancel()
-        for _, done in (*self._write_waiters, *self._announce_waiters):
+        self._commits.cancel()
+        if self._announcing is not None:
+            self._announcing.cancel()
+        for _, done in self._announce_waiters:
             done.cancel()
-        self._write_waiters, self._announce_waiters = [], []
+        self._announce_waiters = []
         # queued work runs into the cancellation below, so every delivery ends unacked
         await self.pool.stop(drain=True)
 
     async def flush(self) -> None:
         """Store and publish every change made so far."""
-        await self._until_stored(self._changed)
+        await self._until_stored(self._commits.changed)
 
     # ---------------------------------------------------------------- handling
 
@@ -743,7 +743,7 @@ class KeyedStatefulConsumer(Generic[S]):
     def _fire(self, key: str) -> int:
         entry = self._keys.get(key)
         if entry is None or entry.gone or self._stopping:
-            return self._changed
+            return self._commits.changed
         entry.timer = None
         entry.timer_at = None
         entry.touched = time.monotonic()
@@ -769,10 +769,11 @@ class KeyedStatefulConsumer(Generic[S]):
             return self.processor.initial(key)
 
     def _mark(self, entry: _Key) -> int:
-        self._changed += 1
-        entry.changed = self._changed
+        # GroupCommit.change without the call: one per applied event
+        commits = self._commits
+        entry.changed = commits.changed = changed = commits.changed + 1
         self._dirty[entry.key] = entry
-        return self._changed
+        return changed
 
     # ---------------------------------------------------------------- timers
 
@@ -831,62 +832,44 @@ class KeyedStatefulConsumer(Generic[S]):
                 done.set_result(None)
                 return
             self._announce_waiters.append((generation, done))
+            self._commits.kick()
         else:
-            if self._written >= generation:
-                done.set_result(None)
-                return
-            self._write_waiters.append((generation, done))
-        if self._flushing is None:
-            self._flushing = asyncio.ensure_future(self._flush())
+            self._commits.when_stored(generation, done)
 
     async def _until_stored(self, generation: int) -> None:
         done = asyncio.get_running_loop().create_future()
         self._when_stored(generation, done, announced=True)
         await done
 
-    async def _flush(self) -> None:
-        """Write until nothing is left; publication follows each batch, in batch order."""
+    async def _write(self, generation: int) -> None:
+        """Write the dirty keys (the changes up to ``generation``): the commit's write.
+        Their publication follows, in the order of the writes."""
+        dirty, self._dirty = self._dirty, {}
+        entries = [e for e in dirty.values() if not e.gone]
+        started = time.perf_counter()
         try:
-            while self._dirty:
-                generation = self._changed
-                dirty, self._dirty = self._dirty, {}
-                entries = [e for e in dirty.values() if not e.gone]
-                started = time.perf_counter()
-                try:
-                    batch, events, published, stored = self._batch(entries)
-                except Exception as exc:
-                    # a processor or view that cannot encode: the deliveries waiting for
-                    # this batch fail (the bus retries, then dead-letters them)
-                    log.exception("%s: encoding a commit failed", self.config.service)
-                    self._fail_waiters(generation, exc)
-                    continue
-                await self._retry(lambda b=batch: self.store.write(b), "storing")
-                # as written, not as now: a key retired or revived while the write was
-                # under way is written again by the next commit, which must know this one
-                for entry, retired, ttl in stored:
-                    entry.indexed = not retired
-                    entry.stored_ttl = ttl
-                for entry in entries:
-                    if entry.retire_ttl is not None and not entry.outbox_stored:
-                        self._retire(entry)  # stored with nothing left to publish
-                self._written = max(self._written, generation)
-                self._write_waiters = _wake(self._write_waiters, self._written)
-                self.flushes += 1
-                self.metrics.commit_keys.observe(len(entries))
-                self.metrics.commit_seconds.observe(time.perf_counter() - started)
-                self._unannounced.append((entries, events, published, generation))
-                if self._announcing is None:
-                    self._announcing = asyncio.ensure_future(self._announce())
-        finally:
-            self._flushing = None
-
-    def _fail_waiters(self, generation: int, exc: Exception) -> None:
-        for waiters in (self._write_waiters, self._announce_waiters):
-            for waited, done in waiters:
-                if waited <= generation and not done.done():
-                    done.set_exception(exc)
-        self._write_waiters = [w for w in self._write_waiters if not w[1].done()]
-        self._announce_waiters = [w for w in self._announce_waiters if not w[1].done()]
+            batch, events, published, stored = self._batch(entries)
+        except Exception as exc:
+            # a processor or view that cannot encode: the deliveries waiting for this
+            # batch fail (the bus retries, then dead-letters them)
+            log.exception("%s: encoding a commit failed", self.config.service)
+            self._announce_waiters = wake(self._announce_waiters, generation, exc)
+            raise
+        await self._retry(lambda: self.store.write(batch), "storing")
+        # as written, not as now: a key retired or revived while the write was under way
+        # is written again by the next commit, which must know this one
+        for entry, retired, ttl in stored:
+            entry.indexed = not retired
+            entry.stored_ttl = ttl
+        for entry in entries:
+            if entry.retire_ttl is not None and not entry.outbox_stored:
+                self._retire(entry)  # stored with nothing left to publish
+        self.flushes += 1
+        self.metrics.commit_keys.observe(len(entries))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._unannounced.append((entries, events, published, generation))
+        if self._announcing is None:
+            self._announcing = asyncio.ensure_future(self._announce())
 
     def _batch(
         self, entries: list[_Key]
@@ -971,9 +954,9 @@ class KeyedStatefulConsumer(Generic[S]):
                             self._cancel_timer(entry)
                             self._leave(entry)
                     self._announced = max(self._announced, generation)
-                self._announce_waiters = _wake(self._announce_waiters, self._announced)
-                if self._dirty and self._flushing is None and not self._stopping:
-                    self._flushing = asyncio.ensure_future(self._flush())
+                self._announce_waiters = wake(self._announce_waiters, self._announced)
+                if not self._stopping:
+                    self._commits.kick()
         finally:
             self._announcing = None
 
@@ -1060,14 +1043,13 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.indexed = False
             entry.stored_ttl = _LOST
             self._mark(entry)
-        self._rewriting = self._changed
+        self._rewriting = self._commits.changed
         log.error(
             "%s: the store lost its contents; writing back the %d keys held here (keys not "
             "held here, retired keys' records and other replicas' partitions, are gone)",
             self.config.service, len(held),
         )  # fmt: skip
-        if self._flushing is None and self._dirty:
-            self._flushing = asyncio.ensure_future(self._flush())
+        self._commits.kick()
 
     # ---------------------------------------------------------------- loading
 
@@ -1257,7 +1239,7 @@ class KeyedStatefulConsumer(Generic[S]):
 
     def describe(self) -> dict[str, Any]:
         health = self.pool.health()
-        rewriting = self._rewriting is not None and self._written < self._rewriting
+        rewriting = self._rewriting is not None and self._commits.stored < self._rewriting
         if not rewriting:
             self._rewriting = None
         return {
@@ -1339,20 +1321,6 @@ def _followed(events: list[Event]) -> list[bool]:
         else:
             later[ident] = event.seq
     return followed
-
-
-def _wake(
-    waiters: list[tuple[int, asyncio.Future]], reached: int
-) -> list[tuple[int, asyncio.Future]]:
-    """Resolve the waiters up to ``reached``; return the others."""
-    waiting = []
-    for waiter in waiters:
-        if waiter[0] <= reached:
-            if not waiter[1].done():
-                waiter[1].set_result(None)
-        else:
-            waiting.append(waiter)
-    return waiting
 
 
 async def _nothing() -> None:
