@@ -81,15 +81,16 @@ class FakeEffects:
         self.more = more
         self.emitted: list[tuple[Payload, float]] = []
         self.retired: float | None = None
+        self.timer: float | None = None
 
     def emit(self, payload: Payload, *, time: float) -> None:
         self.emitted.append((payload, time))
 
     def set_timer(self, at: float) -> None:
-        raise AssertionError("the model processor sets no timers")
+        self.timer = at
 
     def cancel_timer(self) -> None:
-        pass
+        self.timer = None
 
     def set_priority(self, priority: int) -> None:
         pass

@@ -117,9 +117,10 @@ def _label_rows(
 ) -> list[tuple]:
     rows = []
     for label in labels:
-        if not label.features or math.isnan(label.label):
+        values = label.vector()
+        if not len(values) or math.isnan(label.label):
             continue
-        features = vector_row(label.feature_names, label.features, names)
+        features = vector_row(label.feature_names, values, names)
         rows.append((
             label.model_id, label.version, label.arm, label.mint, label.time, label.score,
             label.label, definition_key(label.definition), feature_set_version,

@@ -16,9 +16,10 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
   vectors in each token's order; labels due go every second into a
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
-  the threshold, Brier per model and arm), exported as metrics. Labels pending are
-  in memory (a replica measures the tokens of its partitions; those pending at a
-  restart or a rebalance are lost); released ones are stored with the vector they
+  the threshold, Brier per model and arm), exported as metrics. Labels waiting for
+  their horizon are kept in each token's keyed state, so they are stored with its
+  effects and survive a restart or a rebalance: the partition's next owner releases
+  them at their horizon, each once. Released ones are stored with the vector they
   scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database), and the
   rolling figures start from the stored ones after a restart.
 - Automatic refits: every ``model_refit_check_s`` each served model is checked

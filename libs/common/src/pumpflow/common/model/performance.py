@@ -17,33 +17,37 @@ after a registration count for it, as only trades after the scored one do in tra
 A mint's prices come in time order (one partition, in seq order).
 
 Resolution: a label is decided as soon as its outcome is certain (a barrier is hit, or
-a price after the horizon arrives) and released by :meth:`LabelTracker.resolve_due`
-once the clock is ``grace_s`` past the horizon, never before: every label is released
-at its horizon whatever its outcome, so a window of released labels is a cohort of
-predictions by time, not skewed towards quick hits. The grace (2 s) covers the bus's
-delivery lag of a price at the horizon. Labels are released in steps of
-``release_step_s`` (0.25 s: at most that late, well inside the service's one-second
-release loop), each step's in the order registered.
+a price after the horizon arrives) and released once the clock is ``grace_s`` past the
+horizon, never before: every label is released at its horizon whatever its outcome, so
+a window of released labels is a cohort of predictions by time, not skewed towards
+quick hits. The grace (2 s) covers the bus's delivery lag of a price at the horizon.
+Release times are rounded up to steps of ``release_step_s`` (0.25 s), so a token's
+labels of one step go out together, in the order registered.
+
+Where labels wait: each token's in a :class:`TokenLabels` (its undecided and decided
+labels, the bounds a price must cross to decide one, its last price), held with the
+token's state by the model service (:class:`~pumpflow.common.model.processor.ModelProcessor`
+keeps it in the keyed state, so waiting labels are stored with the token's effects and
+move with its partition; :meth:`LabelTracker.release` on the token's next event or its
+timer) or by mint in the tracker itself (:meth:`LabelTracker.register`,
+:meth:`LabelTracker.resolve_due`). Either way what is released is handed out by
+:meth:`LabelTracker.resolve_due`. A stored label is its numbers and its vector packed
+(float64, the token's feature names and what scored it kept once per token).
 
 A token that retires (``token.lifecycle`` inactive or graduated) will show no more
-prices, so :meth:`LabelTracker.retire` decides its pending labels now from the prices
+prices, so :meth:`TokenLabels.retire` decides its waiting labels now from the prices
 seen, which is what training does for a token whose trades stop: no barrier hit is a
 0, the net return is at the last price seen; they are still released at their horizon.
 Prices that come for it afterwards (a revived token) count only for new predictions.
 
-Bounds and cost: at most ``max_pending`` labels wait (the first due is dropped and
-counted beyond that: 200,000 covers 120 s at over 1,600 predictions a second). The
-labels waiting are kept by release step (a dict of deques, the steps in a heap): O(1)
-per prediction. Each mint keeps a list of its undecided labels and the bounds a price
-must cross to decide one (the lowest take-profit price, the highest stop price, the
-earliest horizon end of a regression label): a price that decides nothing costs O(1),
-one that decides some scans the mint's list, O(k) for its k undecided labels. The
-scoring policy follows a token at most once per ``label_interval_s`` (5 s), so k is at
-most horizon / interval per arm (24 at 120 s); a scan decides at least one label, so
-the cost is O(k) per prediction at worst, and a list append and two comparisons when
-the prices decide labels in bulk. Heaps per mint (O(log k) each way) cost more at this
-k: four heap pushes and their tuples per prediction were a quarter of the scoring
-path (docs/benchmarks.md). A mint with nothing undecided is forgotten.
+Bounds and cost: a token keeps at most ``max_open`` labels waiting (the first
+registered is dropped and counted beyond that). A price that decides nothing costs two
+comparisons against the token's bounds (the lowest take-profit price, the highest stop
+price, the earliest horizon end of a regression label); one that decides some scans
+the token's list, O(k) for its k waiting labels. The scoring policy follows a token
+at most once per ``label_interval_s`` (5 s), so k is at most (horizon + grace) /
+interval per arm (25 at 120 s); a release is one pass over the token's list too, once
+per release step that has labels of the token.
 
 :class:`RollingPerformance` keeps the last ``window`` released labels of each model
 and arm and computes, on demand, AUC, Brier score, positive rate and precision at the
@@ -53,9 +57,8 @@ trading threshold (classification) or RMSE and MAE (regression) with
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections import deque
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -63,7 +66,7 @@ import msgspec
 import numpy as np
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.model.card import LabelDefinition, Task
+from pumpflow.common.model.card import LabelDefinition, Task, vector_row
 from pumpflow.common.model.labels import barriers, net_return
 from pumpflow.common.model.metrics import (
     classification_metrics,
@@ -73,7 +76,9 @@ from pumpflow.common.model.metrics import (
 
 #: a bus delivers a price within this long of its event time
 DEFAULT_GRACE_S = 2.0
-DEFAULT_MAX_PENDING = 200_000
+#: labels a token keeps waiting at most: 20 arms' worth at one label every 5 s over a
+#: 120 s horizon (and its grace)
+DEFAULT_MAX_OPEN = 512
 #: labels due within this much of each other are released together, at the later time
 DEFAULT_RELEASE_STEP_S = 0.25
 _INF = math.inf
@@ -99,90 +104,191 @@ class ResolvedLabel(msgspec.Struct, frozen=True, kw_only=True):
     #: the vector scored (its names and values, as the features.updated carried them)
     feature_names: tuple[str, ...] = ()
     features: tuple[float, ...] = ()
+    #: or its values packed (little-endian float64), as a token's state keeps them
+    packed: bytes = b""
+
+    def vector(self) -> np.ndarray:
+        """The values of the vector scored, in ``feature_names`` order (empty: none)."""
+        if self.packed:
+            return np.frombuffer(self.packed, dtype="<f8")
+        return np.asarray(self.features, dtype=np.float64)
 
 
-class _Pending(msgspec.Struct, gc=False):
-    """A registered prediction; ``decided`` once its label is certain."""
+class LabelSource(msgspec.Struct, frozen=True, array_like=True):
+    """What made some of a token's waiting predictions: kept once per token."""
 
-    mint: str
-    time: float
-    entry: float
     model_id: str
     version: str
     arm: str
-    score: float
     definition: LabelDefinition
-    #: prices of the mint observed before this prediction (they do not count)
+
+
+class OpenLabel(msgspec.Struct, array_like=True, gc=False):
+    """A prediction waiting for its release; ``label`` is NaN until decided."""
+
+    time: float
+    entry: float
+    score: float
+    #: its :class:`LabelSource` in the token's ``sources``
+    source: int
+    #: prices of the token observed before it (they do not count)
     observed_before: int
     horizon_end: float
     #: classification: the take-profit and stop prices; regression: +inf and -inf
     up: float
     down: float
-    #: regression: decided by the last price at or before the horizon end
-    closes: bool
-    names: tuple[str, ...]
-    values: tuple[float, ...]
-    decided: bool = False
+    #: clock time it is released at (its horizon and the grace, up to a release step)
+    release: float
+    #: the vector scored: little-endian float64 in the token's ``names`` order
+    values: bytes
     label: float = math.nan
 
 
-class _Mint(msgspec.Struct, gc=False):
-    """A mint's undecided labels, the bounds a price must cross to decide one of them,
-    and the last price seen of it."""
+class TokenLabels(msgspec.Struct, array_like=True, gc=False):
+    """One token's predictions waiting for their labels, the bounds a price must cross
+    to decide one of them, and the last price seen.
 
+    Small enough to be stored with the token's state: the feature names and what made
+    the predictions once per token, each label as its numbers and its packed vector."""
+
+    names: tuple[str, ...] = ()
+    sources: list[LabelSource] = []
+    #: in the order registered; decided ones wait here for their release too
+    items: list[OpenLabel] = []
     observed: int = 0
     last_price: float = math.nan
     undecided: int = 0
-    #: the labels registered (decided ones linger until the next scan)
-    items: list[_Pending] = msgspec.field(default_factory=list)
     #: the lowest take-profit and highest stop price, the earliest horizon end of a
-    #: regression label, over the undecided labels (or lingering ones: a scan then
-    #: decides nothing and tightens them)
-    lowest_up: float = math.inf
-    highest_down: float = -math.inf
-    first_close: float = math.inf
+    #: regression label, over the undecided labels (a scan that decides nothing
+    #: tightens them)
+    lowest_up: float = _INF
+    highest_down: float = -_INF
+    first_close: float = _INF
+    #: the earliest release time of the labels waiting
+    next_release: float = _INF
+
+    def observe(self, time: float, price: float) -> None:
+        """The price a trade of the token left at event ``time``."""
+        if not 0.0 < price < _INF:
+            return
+        if price >= self.lowest_up or price <= self.highest_down or time > self.first_close:
+            self._scan(price, time)
+        self.last_price = price
+        self.observed += 1
+
+    def _scan(self, price: float, time: float) -> None:
+        """Decide the labels that the price at ``time`` decides; tighten the bounds to
+        the others."""
+        lowest_up, highest_down, first_close = _INF, -_INF, _INF
+        decided = 0
+        for item in self.items:
+            if item.label == item.label:
+                continue  # decided already
+            if item.up == _INF:
+                # regression: a horizon that ended before this price is decided by what
+                # came before it
+                if item.horizon_end < time:
+                    item.label = self._outcome_so_far(item)
+                    decided += 1
+                    continue
+                if item.horizon_end < first_close:
+                    first_close = item.horizon_end
+            elif price <= item.down:
+                # a stop hit is a 0 whether or not the horizon passed
+                item.label = 0.0
+                decided += 1
+            elif price >= item.up:
+                # a take profit is a 1 inside the horizon; after it, nothing was hit in time
+                item.label = 1.0 if time <= item.horizon_end else 0.0
+                decided += 1
+            else:
+                if item.up < lowest_up:
+                    lowest_up = item.up
+                if item.down > highest_down:
+                    highest_down = item.down
+        self.undecided -= decided
+        self.lowest_up, self.highest_down, self.first_close = (
+            lowest_up, highest_down, first_close
+        )
+
+    def retire(self) -> int:
+        """No more prices will come: decide the undecided labels now; how many."""
+        decided = 0
+        for item in self.items:
+            if item.label != item.label:
+                item.label = self._outcome_so_far(item)
+                decided += 1
+        self.undecided = 0
+        self.lowest_up, self.highest_down, self.first_close = _INF, -_INF, _INF
+        return decided
+
+    def _outcome_so_far(self, item: OpenLabel) -> float:
+        """The label once no further price can count: no barrier hit, or the last price."""
+        definition = self.sources[item.source].definition
+        if definition.kind == "take_profit_first":
+            return 0.0
+        exit_price = self.last_price if self.observed > item.observed_before else item.entry
+        return float(net_return(item.entry, exit_price, definition.fee_rate))
+
+
+_PACKERS: dict[int, struct.Struct] = {}
+
+
+def _packer(size: int) -> struct.Struct:
+    packer = _PACKERS.get(size)
+    if packer is None:
+        packer = _PACKERS[size] = struct.Struct(f"<{size}d")
+    return packer
 
 
 class LabelTracker:
-    """Labels of registered predictions, resolved from later prices at their horizon."""
+    """Follows predictions to their labels and releases them at their horizon.
+
+    A token's waiting labels are a :class:`TokenLabels`, held by whoever holds the
+    token: the model service's keyed state (:meth:`follow`, :meth:`release`, with what
+    is released collected for :meth:`resolve_due`), or this tracker by mint
+    (:meth:`register`, :meth:`observe`, :meth:`retire`)."""
 
     def __init__(
         self,
         *,
         clock: Clock | None = None,
         grace_s: float = DEFAULT_GRACE_S,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_open: int = DEFAULT_MAX_OPEN,
         release_step_s: float = DEFAULT_RELEASE_STEP_S,
     ):
-        if grace_s < 0 or max_pending <= 0 or release_step_s <= 0:
-            raise ValueError("need grace_s >= 0, max_pending > 0 and release_step_s > 0")
+        if grace_s < 0 or max_open <= 0 or release_step_s <= 0:
+            raise ValueError("need grace_s >= 0, max_open > 0 and release_step_s > 0")
         self.clock = clock or WallClock()
         self.grace_s = grace_s
-        self.max_pending = max_pending
+        self.max_open = max_open
         self.release_step_s = release_step_s
-        self._mints: dict[str, _Mint] = {}
-        #: the labels not yet released by release slot (release time in steps, rounded
-        #: up), each slot's in the order registered; the slots in a heap
-        self._slots: dict[float, deque[_Pending]] = {}
-        self._slot_order: list[float] = []
-        self._pending = 0
-        # the barriers of the last definition registered, per unit of entry price
+        self._mints: dict[str, TokenLabels] = {}
+        #: released by :meth:`release`, not yet handed out by :meth:`resolve_due`
+        self._released: list[ResolvedLabel] = []
+        self._waiting = 0
+        # the barriers of the last definition followed, per unit of entry price
         self._definition: LabelDefinition | None = None
         self._barrier_factors = (_INF, -_INF, True)
         self._grace_s = float(grace_s)
+        self._step = float(release_step_s)
         self._minus_step = -float(release_step_s)
-        #: labels dropped unreleased because more than max_pending waited
+        #: labels dropped unreleased because a token had more than max_open waiting
         self.dropped = 0
 
     @property
     def pending(self) -> int:
-        """Labels registered and not yet released."""
-        return self._pending
+        """Labels followed here and not yet handed out by :meth:`resolve_due` (a token
+        whose partition moved counts where it was followed until its labels are
+        released)."""
+        return max(self._waiting, 0) + len(self._released)
 
     @property
     def mints(self) -> int:
-        """Mints with undecided labels (the ones whose prices are followed)."""
-        return len(self._mints)
+        """Mints held here with undecided labels (the ones whose prices count)."""
+        return sum(1 for tokens in self._mints.values() if tokens.undecided)
+
+    # ---------------------------------------------------------------- tokens held here
 
     def register(
         self,
@@ -202,66 +308,99 @@ class LabelTracker:
 
         ``names``/``values``: the vector scored, handed back with the label.
         """
-        self.follow(mint, time, price, model_id, version, arm, score, definition, names,
+        tokens = self._mints.get(mint)
+        if tokens is None:
+            tokens = self._mints[mint] = TokenLabels()
+        self.follow(tokens, time, price, model_id, version, arm, score, definition, names,
                     values)
+        if not tokens.items:
+            del self._mints[mint]
+
+    def observe(self, mint: str, time: float, price: float) -> None:
+        """The price a trade of ``mint`` left at event ``time``."""
+        tokens = self._mints.get(mint)
+        if tokens is not None:
+            tokens.observe(time, price)
+
+    def retire(self, mint: str) -> int:
+        """No more prices will come for ``mint``: decide its labels now; how many."""
+        tokens = self._mints.get(mint)
+        return 0 if tokens is None else tokens.retire()
+
+    def resolve_due(self, now: float | None = None) -> list[ResolvedLabel]:
+        """The labels released since the last call, with those of the tokens held here
+        whose horizon (and grace) has passed by ``now`` (the clock's)."""
+        now = self.clock.now() if now is None else now
+        for mint, tokens in list(self._mints.items()):
+            if tokens.next_release <= now:
+                self.release(tokens, mint, now)
+                if not tokens.items:
+                    del self._mints[mint]
+        out, self._released = self._released, []
+        return out
+
+    # ---------------------------------------------------------------- any token
 
     def follow(
-        self, mint: str, time: float, price: float, model_id: str, version: str, arm: str,
-        score: float, definition: LabelDefinition, names: tuple[str, ...],
-        values: tuple[float, ...],
+        self, tokens: TokenLabels, time: float, price: float, model_id: str, version: str,
+        arm: str, score: float, definition: LabelDefinition, names: tuple[str, ...],
+        values: tuple[float, ...], packed: bytes | None = None,
     ) -> None:
-        """:meth:`register` with positional arguments (the scoring path's call)."""
+        """Follow a prediction on the token's trade at ``time``/``price``: only prices
+        observed afterwards count for it. ``packed``: ``values`` packed already
+        (little-endian float64)."""
         if not 0.0 < price < _INF:
             return  # no return is defined from a price that is not positive
-        state = self._mints.get(mint)
-        if state is None:
-            state = self._mints[mint] = _Mint()
+        sources = tokens.sources
+        index = 0
+        for source in sources:
+            if (source.model_id == model_id and source.version == version
+                    and source.arm == arm and source.definition == definition):
+                break
+            index += 1
+        else:
+            sources.append(LabelSource(model_id, version, arm, definition))
+        items = tokens.items
+        if not items:
+            tokens.names = names
+        elif names is not tokens.names and names != tokens.names:
+            packed = vector_row(names, values, tokens.names).astype("<f8").tobytes()
         if definition is not self._definition:
             self._set_definition(definition)
         horizon_end = time + definition.horizon_s
         up_factor, down_factor, closes = self._barrier_factors
         if closes:
             up, down = _INF, -_INF
-            if horizon_end < state.first_close:
-                state.first_close = horizon_end
+            if horizon_end < tokens.first_close:
+                tokens.first_close = horizon_end
         else:
             up = price * up_factor
             down = price * down_factor
-            if up < state.lowest_up:
-                state.lowest_up = up
-            if down > state.highest_down:
-                state.highest_down = down
-        item = _Pending(mint, time, price, model_id, version, arm, score, definition,
-                        state.observed, horizon_end, up, down, closes, names, values)
-        items = state.items
-        items.append(item)
-        state.undecided += 1
-        if len(items) > 2 * state.undecided + 32:
-            self._scan(state, math.nan, -math.inf)  # drops what lingers, decides nothing
-        slots = self._slots
-        slot = -((horizon_end + self._grace_s) // self._minus_step)
-        waiting = slots.get(slot)
-        if waiting is None:
-            waiting = slots[slot] = deque()
-            heapq.heappush(self._slot_order, slot)
-        waiting.append(item)
-        if self._pending < self.max_pending:
-            self._pending += 1
-            return
-        # the first due goes unreleased (inline: at full rate, every registration's cost)
-        self.dropped += 1
-        first = self._slot_order[0]
-        waiting = slots[first]
-        oldest = waiting.popleft()
-        if not waiting:
-            heapq.heappop(self._slot_order)
-            del slots[first]
-        if not oldest.decided:
-            oldest.decided = True
-            owner = self._mints[oldest.mint]
-            owner.undecided -= 1
-            if not owner.undecided:
-                del self._mints[oldest.mint]
+            if up < tokens.lowest_up:
+                tokens.lowest_up = up
+            if down > tokens.highest_down:
+                tokens.highest_down = down
+        release = -((horizon_end + self._grace_s) // self._minus_step) * self._step
+        item = OpenLabel(time, price, score, index, tokens.observed, horizon_end, up, down,
+                         release, packed or _packer(len(values)).pack(*values))
+        # by release time, then as registered: a release takes the head of the list
+        if not items or items[-1].release <= release:
+            items.append(item)
+        else:
+            at = len(items) - 1
+            while at and items[at - 1].release > release:
+                at -= 1
+            items.insert(at, item)
+        tokens.undecided += 1
+        self._waiting += 1
+        if len(items) > self.max_open:
+            # the first due goes unreleased
+            oldest = items.pop(0)
+            self.dropped += 1
+            self._waiting -= 1
+            if oldest.label != oldest.label:
+                tokens.undecided -= 1
+        tokens.next_release = items[0].release
 
     def _set_definition(self, definition: LabelDefinition) -> None:
         self._definition = definition
@@ -271,123 +410,42 @@ class LabelTracker:
         else:
             self._barrier_factors = (_INF, -_INF, True)
 
-    def observe(self, mint: str, time: float, price: float) -> None:
-        """The price a trade of ``mint`` left at event ``time``."""
-        state = self._mints.get(mint)
-        if state is None or not 0.0 < price < _INF:
-            return
-        if (
-            price >= state.lowest_up
-            or price <= state.highest_down
-            or time > state.first_close
-        ):
-            self._scan(state, price, time)
-        state.last_price = price
-        state.observed += 1
-        if not state.undecided:
-            del self._mints[mint]
-
-    def _scan(self, state: _Mint, price: float, time: float) -> None:
-        """Decide the labels of ``state`` that the price at ``time`` decides; keep the
-        others and tighten the bounds to them. NaN decides nothing."""
-        kept = []
-        lowest_up, highest_down, first_close = _INF, -_INF, _INF
-        decided = 0
-        for item in state.items:
-            if item.decided:
-                continue
-            if item.closes:
-                # regression: a horizon that ended before this price is decided by what
-                # came before it
-                if item.horizon_end < time:
-                    item.label = self._outcome_so_far(item, state)
-                    item.decided = True
-                    decided += 1
-                    continue
-                if item.horizon_end < first_close:
-                    first_close = item.horizon_end
-            elif price <= item.down:
-                # a stop hit is a 0 whether or not the horizon passed
-                item.label = 0.0
-                item.decided = True
-                decided += 1
-                continue
-            elif price >= item.up:
-                # a take profit is a 1 inside the horizon; after it, nothing was hit in time
-                item.label = 1.0 if time <= item.horizon_end else 0.0
-                item.decided = True
-                decided += 1
-                continue
-            else:
-                if item.up < lowest_up:
-                    lowest_up = item.up
-                if item.down > highest_down:
-                    highest_down = item.down
-            kept.append(item)
-        state.items = kept
-        state.undecided -= decided
-        state.lowest_up, state.highest_down, state.first_close = (
-            lowest_up, highest_down, first_close
-        )
-
-    def retire(self, mint: str) -> int:
-        """No more prices will come for ``mint``: decide its labels now; how many."""
-        state = self._mints.pop(mint, None)
-        if state is None:
+    def release(self, tokens: TokenLabels, mint: str, now: float) -> int:
+        """Release the token's labels due by ``now`` (the undecided ones decided from the
+        prices seen), for :meth:`resolve_due`; how many."""
+        if now < tokens.next_release:
             return 0
-        decided = 0
-        for item in state.items:
-            if not item.decided:
-                self._decide(item, self._outcome_so_far(item, state), state=state)
-                decided += 1
-        return decided
-
-    def resolve_due(self, now: float | None = None) -> list[ResolvedLabel]:
-        """Release the labels whose horizon (and grace) has passed by ``now`` (the clock's)."""
-        now = self.clock.now() if now is None else now
-        out = []
-        order = self._slot_order
-        step = self.release_step_s
-        released: list[_Pending] = []
-        while order and order[0] * step <= now:
-            released.extend(self._slots.pop(heapq.heappop(order)))
-        self._pending -= len(released)
-        for item in released:
-            if not item.decided:
-                self._decide(item, self._outcome_so_far(item, self._mints.get(item.mint)))
-                self._forget_if_settled(item.mint)
+        items = tokens.items
+        out = self._released
+        sources = tokens.sources
+        names = tokens.names
+        released = 0
+        for item in items:
+            if item.release > now:
+                break
+            released += 1
+            label = item.label
+            if label != label:
+                label = item.label = tokens._outcome_so_far(item)
+                tokens.undecided -= 1
+            source = sources[item.source]
             out.append(
                 ResolvedLabel(
-                    mint=item.mint, model_id=item.model_id, version=item.version,
-                    arm=item.arm, task=task_of(item.definition), score=item.score,
-                    time=item.time, entry_price=item.entry, label=item.label,
-                    definition=item.definition, resolved_at=now,
-                    feature_names=item.names, features=item.values,
+                    mint=mint, model_id=source.model_id, version=source.version,
+                    arm=source.arm, task=task_of(source.definition), score=item.score,
+                    time=item.time, entry_price=item.entry, label=label,
+                    definition=source.definition, resolved_at=now, feature_names=names,
+                    packed=item.values,
                 )
             )
-        return out
-
-    # ----------------------------------------------------------------------------------
-
-    def _outcome_so_far(self, item: _Pending, state: _Mint | None) -> float:
-        """The label once no further price can count: no barrier hit, or the last price."""
-        if item.definition.kind == "take_profit_first":
-            return 0.0
-        seen = state is not None and state.observed > item.observed_before
-        exit_price = state.last_price if seen else item.entry
-        return float(net_return(item.entry, exit_price, item.definition.fee_rate))
-
-    def _decide(self, item: _Pending, label: float, *, state: _Mint | None = None) -> None:
-        item.decided = True
-        item.label = label
-        state = state or self._mints.get(item.mint)
-        if state is not None:
-            state.undecided -= 1
-
-    def _forget_if_settled(self, mint: str) -> None:
-        state = self._mints.get(mint)
-        if state is not None and state.undecided == 0:
-            del self._mints[mint]
+        del items[:released]
+        if items:
+            tokens.next_release = items[0].release
+        else:
+            tokens.next_release = _INF
+            tokens.sources = []
+        self._waiting -= released
+        return released
 
 
 def task_of(definition: LabelDefinition) -> Task:

@@ -1,11 +1,19 @@
 """ModelProcessor: which feature vectors are scored, by which arms, as a keyed processor.
 
-Per mint, the state is tiny (:class:`ScoringState`: the token's lifecycle state, the
-event time of its last scored vector and how many it scored). The keyed stateful
-consumer runs it on ``features.updated`` and ``token.lifecycle``; each scored vector
-becomes one ``model.prediction`` per arm that scores the token (its live arm, then
-every shadow arm, see :mod:`pumpflow.common.model.arms`), each naming the model id and
-the version that scored it, keyed and sequenced per mint, caused by the
+Per mint, the state is small (:class:`ScoringState`: the token's lifecycle state, the
+event time of its last scored vector and how many it scored, and its predictions
+waiting for their labels, :class:`~pumpflow.common.model.performance.TokenLabels`).
+Waiting labels are stored with the token's effects, restored with its partition and
+released on the owner only: on the token's next event once due, else by its timer
+(one per token, at its next release); a retired token stays until its last label is
+released, then goes. A release is decided by the state as stored, so a label is
+released once wherever its token moves (a replica that dies after releasing but before
+storing the token releases it again on the next owner; the label store keeps one).
+
+The keyed stateful consumer runs it on ``features.updated`` and ``token.lifecycle``;
+each scored vector becomes one ``model.prediction`` per arm that scores the token (its
+live arm, then every shadow arm, see :mod:`pumpflow.common.model.arms`), each naming the
+model id and the version that scored it, keyed and sequenced per mint, caused by the
 ``features.updated`` event.
 
 The scoring policy (:class:`ScoringPolicy`): a ``features.updated`` is scored when
@@ -31,6 +39,7 @@ really scored it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,7 +53,7 @@ from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.model.card import ModelCard, vector_row
 from pumpflow.common.model.manager import ModelError, ModelManager
-from pumpflow.common.model.performance import LabelTracker
+from pumpflow.common.model.performance import LabelTracker, TokenLabels
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
@@ -83,7 +92,7 @@ class ScoringPolicy:
             )
 
 
-class ScoringState(msgspec.Struct, kw_only=True, array_like=True):
+class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=True):
     """What the model service keeps of one token."""
 
     lifecycle: str | None = None
@@ -92,6 +101,8 @@ class ScoringState(msgspec.Struct, kw_only=True, array_like=True):
     scored: int = 0
     #: event time of the last prediction followed to its label (0: none yet)
     last_labelled: float = 0.0
+    #: its predictions waiting for their labels (None: none)
+    labels: TokenLabels | None = None
 
 
 #: a score: the card of the version that made it, the score, seconds of its batch's time
@@ -125,6 +136,8 @@ class ModelProcessor:
         #: the live feature-set version (default: the manager's feature manager's)
         self.feature_set_version = feature_set_version or manager.feature_manager.version
         self._prepared: dict[str, _Prepared] = {}
+        #: the prepared vectors' values packed (little-endian float64), by event id
+        self._packed: dict[str, bytes] = {}
         #: vectors not scored, by reason; predictions not made, by model id and reason
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[tuple[str, str]] = Counter()
@@ -171,10 +184,11 @@ class ModelProcessor:
                     chosen.append(event)
         rows = 0
         prepared = self._prepared
+        packed = self._packed if self.labels is not None else None
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
-                matrix = _matrix(chosen, card.feature_names)
+                matrix, as_sent = _matrix(chosen, card.feature_names)
                 batch = self.manager.score_batch(model_id, matrix)
             except (ModelError, ValueError):
                 continue  # each vector is then scored alone, which counts the failure
@@ -185,11 +199,19 @@ class ModelProcessor:
                 if scores is None:
                     scores = prepared[event.id] = {}
                 scores[model_id] = (scored_by, score, share)
+            if packed is not None and as_sent:
+                # the rows are the vectors as sent: a label keeps its row's bytes (one
+                # copy of the matrix, not a pack of each vector)
+                raw = matrix.astype("<f8", copy=False).tobytes()
+                width = len(raw) // len(chosen)
+                for i, event in enumerate(chosen):
+                    packed[event.id] = raw[i * width : (i + 1) * width]
             rows += len(chosen)
         self.prepared_rows += rows
-        if len(prepared) > PREPARED_KEPT:
-            for stale in list(prepared)[: len(prepared) - PREPARED_KEPT]:
-                del prepared[stale]
+        for kept in (prepared, packed):
+            if kept is not None and len(kept) > PREPARED_KEPT:
+                for stale in list(kept)[: len(kept) - PREPARED_KEPT]:
+                    del kept[stale]
         return rows
 
     # ---------------------------------------------------------------- KeyedProcessor
@@ -201,14 +223,18 @@ class ModelProcessor:
         kind = event.type
         if kind == "token.lifecycle":
             state.lifecycle = event.data.state
-            if state.lifecycle in RETIRING:
+            retiring = state.lifecycle in RETIRING
+            if state.labels is not None:
+                if retiring:
+                    state.labels.retire()  # no more prices: decided from those seen
+                self._release_due(state, effects)
+            if retiring and state.labels is None:
                 effects.retire(self.policy.retire_ttl_s)
-                if self.labels is not None:
-                    self.labels.retire(effects.key)
             return state
         if kind != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"the model service does not consume {kind}")
         prepared = self._prepared.pop(event.id, None)
+        packed = self._packed.pop(event.id, None) if self._packed else None
         data = event.data
         time = event.time
         mint = effects.key
@@ -228,13 +254,18 @@ class ModelProcessor:
                 self._price_names, self._price_at_names = names, at
             if at is not None:
                 price = data.values[at]
-                labels.observe(mint, time, price)
+                if state.labels is not None:
+                    state.labels.observe(time, price)
+        tokens = state.labels
+        if tokens is not None and tokens.next_release <= effects.now:
+            self._release_due(state, effects)
         if effects.more:
             self.skipped["superseded"] += 1
             return state
         if state.lifecycle in RETIRING:
             self.skipped["retired"] += 1
-            effects.retire(self.policy.retire_ttl_s)  # a late vector loaded it: let it go
+            if state.labels is None:
+                effects.retire(self.policy.retire_ttl_s)  # a late vector loaded it: let it go
             return state
         if not live:
             self.skipped["feature_set"] += 1
@@ -244,12 +275,19 @@ class ModelProcessor:
             self.skipped["interval"] += 1
             return state
         made = 0
-        if (
-            labels is not None
-            and state.last_labelled
-            and time - state.last_labelled < policy.label_interval_s
+        if labels is not None and (
+            (state.last_labelled and time - state.last_labelled < policy.label_interval_s)
+            or not 0.0 < price < math.inf
         ):
-            labels = None  # this token's last labels cover this moment too
+            # this token's last labels cover this moment too, or no return is defined
+            # from this price
+            labels = None
+        tokens = first_release = None
+        if labels is not None:
+            tokens = state.labels
+            if tokens is None:
+                tokens = state.labels = TokenLabels()
+            first_release = tokens.next_release
         emit = effects.emit
         for arm in self.arms.route(mint):
             model_id = arm.model_id
@@ -260,9 +298,9 @@ class ModelProcessor:
                     continue
             card, score, seconds = found
             label = card.label
-            if labels is not None:
-                labels.follow(mint, time, price, model_id, card.version, arm.name, score,
-                              label, data.names, data.values)
+            if tokens is not None:
+                labels.follow(tokens, time, price, model_id, card.version, arm.name, score,
+                              label, data.names, data.values, packed)
             emit(
                 ModelPrediction(
                     mint=mint,
@@ -283,11 +321,28 @@ class ModelProcessor:
         if made:
             state.last_scored = time
             state.scored += 1
-            if labels is not None:
+            if tokens is not None:
                 state.last_labelled = time
+                if tokens.next_release != first_release:
+                    effects.set_timer(tokens.next_release)
         else:
             self.skipped["no_model"] += 1
+            if tokens is not None and not tokens.items:
+                state.labels = None
         return state
+
+    def _release_due(self, state: ScoringState, effects: Effects) -> None:
+        """Release the token's labels due by now; the timer at the next one's release."""
+        tokens = state.labels
+        if self.labels is None:
+            state.labels = None  # followed by a run that measured them: not measured here
+        else:
+            self.labels.release(tokens, effects.key, effects.now)
+            if tokens.items:
+                effects.set_timer(tokens.next_release)
+                return
+            state.labels = None
+        effects.cancel_timer()
 
     def _price_index(self, names: tuple[str, ...]) -> int | None:
         """Where a vector of ``names`` holds its ``price`` feature (the price its trade
@@ -307,13 +362,19 @@ class ModelProcessor:
         return batch.card, float(batch.scores[0]), batch.seconds
 
     def fire(self, state: ScoringState, effects: Effects) -> ScoringState:
+        """The token's next label is due: release what is due; a retired token with
+        nothing left waiting goes."""
+        if state.labels is not None:
+            self._release_due(state, effects)
+        if state.lifecycle in RETIRING and state.labels is None:
+            effects.retire(self.policy.retire_ttl_s)
         return state
 
     def encode(self, state: ScoringState) -> bytes:
         return self._encode(state)
 
     def compact(self, state: ScoringState, now: float) -> bytes | None:
-        return None  # a dozen bytes already
+        return None  # a dozen bytes, and the labels waiting packed already
 
     def decode(self, raw: bytes) -> ScoringState:
         try:
@@ -322,12 +383,19 @@ class ModelProcessor:
             raise StaleState(f"unreadable scoring state: {exc}") from exc
 
 
-def _matrix(events: list[Event], order: tuple[str, ...]) -> np.ndarray:
-    """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature)."""
+def _matrix(events: list[Event], order: tuple[str, ...]) -> tuple[np.ndarray, bool]:
+    """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature), and
+    whether each row is its vector as sent (every vector in ``order``)."""
     first = events[0].data.names
-    if first == order and all(e.data.names is first or e.data.names == order for e in events):
-        return np.array([e.data.values for e in events], dtype=np.float64)
-    return np.stack([vector_row(e.data.names, e.data.values, order) for e in events])
+    width = len(order)
+    if first == order and all(
+        (e.data.names is first or e.data.names == order) and len(e.data.values) == width
+        for e in events
+    ):
+        # one pass over the numbers: np.array of the tuples costs twice that
+        values = itertools.chain.from_iterable(e.data.values for e in events)
+        return np.fromiter(values, np.float64, len(events) * width).reshape(-1, width), True
+    return np.stack([vector_row(e.data.names, e.data.values, order) for e in events]), False
 
 
 __all__ = [

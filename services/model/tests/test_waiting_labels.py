@@ -1,0 +1,157 @@
+"""Labels waiting for their horizon outlive their replica: a replica that stops (its
+partitions revoked and handed over) or dies leaves them stored with its tokens' state,
+and the next owner releases each of them once, at its horizon. On both transports: the
+in-memory bus and store, and RabbitMQ with Redis."""
+
+from __future__ import annotations
+
+import pytest
+from model_helpers import DEFAULT_CARD, START
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.model.processor import ScoringPolicy
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import BusHarness, FeatureUpdates, eventually
+from pumpflow.model.labels import MemoryLabelStore
+from pumpflow.model.service import ModelService, ModelSettings
+from pumpflow.simulator.dataset import market_events
+from pumpflow.simulator.market import Market, MarketConfig
+
+PARTITIONS = 4
+#: market seconds scored before the first replica goes: less than the horizon, so every
+#: label followed is still waiting then
+SCORED_S = 60.0
+
+PAIRS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("rabbitmq", id="rabbitmq+redis", marks=[pytest.mark.rabbitmq, pytest.mark.redis]),
+]
+
+
+@pytest.fixture(params=PAIRS)
+async def transport(request, namespace, amqp_url, redis_url):
+    clock = ReplayClock(START)
+    buses = BusHarness(request.param, namespace=namespace, amqp_url=amqp_url, partitions=PARTITIONS)
+    if request.param == "memory":
+        store: StateStore = MemoryStateStore(clock)
+    else:
+        from pumpflow.common.state.redis import RedisStateStore
+
+        store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        yield request.param, buses, store, clock
+    finally:
+        await buses.teardown()
+        if request.param != "memory":
+            await store.delete_many(await store.scan_keys(""))
+            await store.close()
+
+
+async def start_replica(bus: EventBus, store: StateStore, clock: ReplayClock) -> ModelService:
+    # the monitor loop stays out of the way: the test takes what each replica released
+    settings = ModelSettings.load(
+        service="model",
+        transport="memory",
+        partitions=PARTITIONS,
+        model_monitor_s=3600.0,
+        model_refit=False,
+    )
+    service = ModelService(settings, registry=CollectorRegistry(), label_store=MemoryLabelStore())
+    await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+    return service
+
+
+def followed(predictions, interval_s: float) -> list[tuple[str, float, str]]:
+    """The predictions the scoring policy follows to a label: a token's first, then the
+    first at least ``interval_s`` after the last one followed."""
+    by_mint: dict[str, dict[int, object]] = {}
+    for p in predictions:
+        by_mint.setdefault(p.key, {})[p.seq] = p  # a copy published again is one
+    out = []
+    for mint, by_seq in by_mint.items():
+        last = None
+        for seq in sorted(by_seq):
+            p = by_seq[seq]
+            if last is None or p.time - last >= interval_s:
+                last = p.time
+                out.append((mint, p.time, p.data.arm))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_owner(
+    transport, ending
+):
+    kind, buses, store, clock = transport
+    vectors = FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), SCORED_S, start_epoch=START, source="feed/sim")
+    )
+    publisher = await buses.bus("features/test")
+    seen = await buses.collector("model.prediction")
+    bus = await buses.bus("model/1")
+    first = await start_replica(bus, store, clock)
+    await clock.advance_to(vectors[-1].time)
+    await publisher.publish_many(vectors)
+
+    def all_applied() -> bool:
+        counts = first.consumer_metrics.counts()
+        return counts["applied"] + counts["duplicates"] >= len(vectors)
+
+    await eventually(all_applied, what="every vector applied")
+    await first.consumer.flush()
+    published = first.metrics.predictions("control", "entry", DEFAULT_CARD.version)
+
+    def all_seen() -> bool:
+        return len({(p.key, p.seq) for p in seen.of("model.prediction")}) >= published
+
+    await eventually(all_seen, what="every prediction published seen")
+    expected = followed(seen.of("model.prediction"), ScoringPolicy().label_interval_s)
+    assert len(expected) > 20
+    assert first.labels.pending == len(expected)
+    assert first.labels.resolve_due() == []  # none is due before its horizon
+
+    if ending == "stop":
+        # its partitions are revoked: their tokens are stored and handed over
+        await first.stop()
+    else:
+        # it dies: nothing more is written, its deliveries go back unacked
+        for loop in first._loops:
+            loop.cancel()
+        if kind == "memory":
+            await bus.abandon(first.consumer.subscription)
+            await first.consumer.abandon()
+        else:
+            await first.consumer.abandon()
+            await bus.close()
+    second = await start_replica(await buses.bus("model/2"), store, clock)
+    assert second.consumer.owned == set(range(PARTITIONS))
+    released = []
+    # the horizon passes: the new owner's timers release them
+    await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+
+    async def all_released() -> bool:
+        released.extend(second.labels.resolve_due())
+        return len(released) >= len(expected)
+
+    await eventually(all_released, what="the waiting labels released by the next owner")
+    await second.consumer.flush()
+    released.extend(second.labels.resolve_due())
+    got = sorted((label.mint, label.time, label.arm) for label in released)
+    assert got == expected  # each once
+    assert first.labels.resolve_due() == []
+    predicted = {(p.key, p.time): p for p in seen.of("model.prediction")}
+    for label in released:
+        prediction = predicted[(label.mint, label.time)]
+        assert label.score == prediction.data.score
+        assert label.version == DEFAULT_CARD.version and label.label in (0.0, 1.0)
+        assert label.resolved_at >= label.time + DEFAULT_CARD.label.horizon_s
+        assert len(label.vector()) == len(label.feature_names) > 0
+    # nothing waits any more: the tokens' states hold no labels
+    for mint in {label.mint for label in released}:
+        state = second.consumer.state(mint)
+        assert state is None or state.labels is None
+    await second.stop()
