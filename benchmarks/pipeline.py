@@ -30,7 +30,10 @@ mints) while its frames come from here. The figure is frames/s from the first fr
 handed to the feed until the bus is drained (every features.updated and
 token.lifecycle handled), and frames per CPU second of the process (other work on
 the machine disturbs it less). ``--profile FILE`` writes a pyinstrument text profile
-of one more run's timed part, ``--cprofile FILE`` cProfile stats.
+of one more run's timed part, ``--cprofile FILE`` cProfile stats. ``--loop-wait`` runs
+a probe that yields to the event loop over and over and reports how long it waited for
+its next turn: what an event of the critical lane, ready at that moment, waits behind
+the work the loop runs first (the batches applied in one stretch among it).
 
 Run: .venv/bin/python benchmarks/pipeline.py [--minutes 20] [--seed 3] [--repeat 3]
      [--chunk 512 --live-timers]
@@ -102,6 +105,8 @@ class Result:
     timers: int
     counts: Counter = field(default_factory=Counter)
     feed: dict[str, int] = field(default_factory=dict)
+    #: the probe's waits for a loop turn, seconds (``--loop-wait``)
+    waits: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -113,6 +118,15 @@ async def _swallow(ws) -> None:
         pass
 
 
+async def _probe(waits: list[float]) -> None:
+    """Yield to the loop until cancelled, noting each wait for the next turn."""
+    clock = time.perf_counter
+    while True:
+        before = clock()
+        await asyncio.sleep(0)
+        waits.append(clock() - before)
+
+
 async def run_pipeline(
     frames: list[tuple[float, bytes]],
     profiler=None,
@@ -120,6 +134,7 @@ async def run_pipeline(
     chunk: int = 0,
     partitions: int = PARTITIONS,
     live_timers: bool = False,
+    loop_wait: bool = False,
 ) -> Result:
     """One run: start the services, hand every frame to the feed, wait for the drain."""
     server = await serve(_swallow, "127.0.0.1", 0)
@@ -151,6 +166,8 @@ async def run_pipeline(
             started = time.perf_counter()
             cpu_started = time.process_time()
             unyielded = 0
+            waits: list[float] = []
+            probe = asyncio.ensure_future(_probe(waits)) if loop_wait else None
             for t, frame in frames:
                 at = START + t
                 if at >= next_tick:
@@ -171,6 +188,8 @@ async def run_pipeline(
                 raise RuntimeError("the bus did not drain")
             finished = time.perf_counter()
             cpu = time.process_time() - cpu_started
+            if probe is not None:
+                probe.cancel()
             if profiler is not None:
                 profiler.stop()
             counts = bus_counts() - before
@@ -193,6 +212,7 @@ async def run_pipeline(
         timers=timers,
         counts=counts,
         feed=stats,
+        waits=waits,
     )
 
 
@@ -214,6 +234,13 @@ def describe(result: Result) -> str:
         f"clock timers fired: {result.timers:,}",
         f"  events handled by: {', '.join(f'{s} {n:,}' for s, n in sorted(consumed.items()))}",
     ]
+    if result.waits:
+        waits = sorted(result.waits)
+        quantile = lambda q: waits[min(len(waits) - 1, int(q * len(waits)))] * 1e3  # noqa: E731
+        lines.append(
+            f"  loop turn waited for, ms ({len(waits):,} turns): p50 {quantile(0.5):.2f}, "
+            f"p99 {quantile(0.99):.2f}, p99.9 {quantile(0.999):.2f}, max {waits[-1] * 1e3:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -229,8 +256,12 @@ def main() -> None:
         "--live-timers", action="store_true", help="timers run as a WallClock runs them"
     )
     parser.add_argument("--cprofile", metavar="FILE", help="cProfile stats of one run")
+    parser.add_argument(
+        "--loop-wait", action="store_true", help="report how long a ready task waits for the loop"
+    )
     args = parser.parse_args()
-    shape = {"chunk": args.chunk, "partitions": args.partitions, "live_timers": args.live_timers}
+    shape = {"chunk": args.chunk, "partitions": args.partitions, "live_timers": args.live_timers,
+             "loop_wait": args.loop_wait}  # fmt: skip
 
     frames = market_frames(args.seed, args.minutes)
     mb = sum(len(f) for _, f in frames) / 2**20
