@@ -14,8 +14,12 @@ class ActivitySettings(CommonSettings):
 
     service: str = Field("activity", description="service name; first part of event sources")
     activity_workers: int = Field(2, ge=1, le=64, description="token workers")
+    #: a backlog's batches: a token's events of a window are folded, announced and
+    #: checkpointed once, and the loop runs a lane's batch in one stretch that every
+    #: other lane (the critical one too) waits behind; live, batches are one or two
+    #: events whatever the window (docs/benchmarks.md, the embedded pipeline)
     activity_window: int = Field(
-        64, ge=1, le=4096, description="deliveries per partition applied while storing"
+        128, ge=1, le=4096, description="deliveries per partition applied while storing"
     )
     activity_task_deadline_s: float = Field(
         10.0, gt=0, description="a token task running longer is hung"

@@ -19,8 +19,12 @@ class FeaturesSettings(CommonSettings):
         120.0, gt=0, description="a token idle this long is held as compact bytes"
     )
     features_workers: int = Field(8, ge=1, le=256, description="token workers")
+    #: a backlog's batches: a token's events of a window are folded, announced and
+    #: checkpointed once, and the loop runs a lane's batch in one stretch that every
+    #: other lane (the critical one too) waits behind; live, batches are one or two
+    #: events whatever the window (docs/benchmarks.md, the embedded pipeline)
     features_window: int = Field(
-        64, ge=1, le=4096, description="deliveries per partition applied while storing"
+        128, ge=1, le=4096, description="deliveries per partition applied while storing"
     )
     features_task_deadline_s: float = Field(
         10.0, gt=0, description="a token task running longer is hung"
