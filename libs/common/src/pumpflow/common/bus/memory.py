@@ -555,9 +555,13 @@ class InMemoryBus(EventBus):
         room = replica.subscription.window - lane.running
         items = lane.items
         returned = lane.returned
-        batch = []
-        while items and len(batch) < room and not (returned and items[0].id in returned):
-            batch.append(_Delivery(items.popleft()))
+        if returned:
+            batch = []
+            while items and len(batch) < room and items[0].id not in returned:
+                batch.append(_Delivery(items.popleft()))
+        else:
+            take = items.popleft
+            batch = [_Delivery(take()) for _ in range(min(room, len(items)))]
         lane.unacked.extend(batch)
         if lane.running == 0:
             lane.serving = replica
@@ -674,11 +678,7 @@ class InMemoryBus(EventBus):
                 while lane.running:
                     await lane.idle.wait()
                 continue
-            if (
-                subscription.window > 1
-                and subscription.batch_handler is not None
-                and not came_back
-            ):
+            if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
                 batch = self._start_batch(lane, replica)
                 task = asyncio.create_task(self._run_batch(lane, replica, batch))
                 lane.tasks.add(task)
