@@ -95,10 +95,8 @@ class LookBack:
         mint = event.key
         if self._active_since is None or mint not in self._since:
             return
-        history = self.history
-        if history.event_count(mint) >= self.config.max_events_per_token:
-            self._truncated.add(mint)  # the oldest goes; reads work out where coverage starts
-        history.add_event(mint, event)
+        if self.history.add_event(mint, event):
+            self._truncated.add(mint)  # the oldest went; reads work out where coverage starts
 
     def prune(self) -> int:
         """Drop events older than the age bound (event time); return how many."""

@@ -63,8 +63,9 @@ class EventHistoryManager:
     def __len__(self) -> int:
         return len(self._tokens)
 
-    def add_event(self, mint: str, event: Any, time: float | None = None) -> None:
-        """Append an event (its ``time`` attribute unless ``time`` is given)."""
+    def add_event(self, mint: str, event: Any, time: float | None = None) -> int:
+        """Append an event (its ``time`` attribute unless ``time`` is given); return how
+        many of the mint's oldest the count bound dropped for it."""
         when = float(event.time if time is None else time)
         buf = self._tokens.pop(mint, None)
         if buf is None:
@@ -80,7 +81,8 @@ class EventHistoryManager:
         buf.events.append(event)
         excess = len(buf) - self.config.max_events_per_token
         if excess > 0:
-            buf.drop_until(buf.start + excess)
+            return buf.drop_until(buf.start + excess)
+        return 0
 
     def get_events(
         self, mint: str, start: float | None = None, end: float | None = None
