@@ -6,7 +6,9 @@ Prints, per transport:
 - throughput: events/s through one hop (publish -> the consumer's handler returned;
   for RabbitMQ with publisher confirms, persistent messages and acks), publisher and
   consumer in this one process;
-- latency: p50/p99 of publish start -> handler, publishing at a fixed rate;
+- latency: p50/p99 of publish start -> handler, publishing at a fixed rate; for
+  RabbitMQ also this process's CPU per event over that run (publish and confirm,
+  delivery, handler, ack) and the ack frames sent per delivery;
 - in-memory synchronous mode: events/s with the handler run inside publish.
 
 Targets (docs/benchmarks.md): RabbitMQ >= 4,000 events/s, in-memory synchronous
@@ -26,6 +28,7 @@ import uuid
 from pumpflow.common.bus import InMemoryBus, Sequencer, Subscription
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, TokenTrade, make_event
+from pumpflow.common.testing.bus import BusHarness
 
 AMQP_URL = os.environ.get("PUMPFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MINTS = [f"{uuid.uuid4().hex[:32]}pump" for _ in range(200)]
@@ -76,8 +79,12 @@ async def throughput(bus: EventBus, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def latency(bus: EventBus, rate: float, seconds: float) -> tuple[float, float, int]:
-    """Publish at ``rate`` events/s, one publish at a time; return p50, p99 (ms), count."""
+async def latency(bus: EventBus, rate: float, seconds: float) -> tuple[float, float, int, float]:
+    """Publish at ``rate`` events/s, one publish at a time.
+
+    Return p50, p99 (ms), the count, and this process's CPU per event (us: publish and
+    confirm, delivery, handler, ack).
+    """
     sent_at: dict[str, float] = {}
     samples: list[float] = []
 
@@ -88,6 +95,7 @@ async def latency(bus: EventBus, rate: float, seconds: float) -> tuple[float, fl
     await bus.subscribe(Subscription(service=service, patterns=("token.trade",), handler=handler))
     events = make_events(int(rate * seconds))
     started = time.perf_counter()
+    cpu = time.process_time()
     for n, event in enumerate(events):
         delay = started + n / rate - time.perf_counter()
         if delay > 0:
@@ -97,8 +105,27 @@ async def latency(bus: EventBus, rate: float, seconds: float) -> tuple[float, fl
     deadline = time.perf_counter() + 10
     while len(samples) < len(events) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
+    # the acks held back are part of the cost; the transport sends them within its linger
+    while not BusHarness.no_ack_held_back(bus):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    cpu = time.process_time() - cpu
     cuts = statistics.quantiles(samples, n=100)
-    return cuts[49] * 1000, cuts[98] * 1000, len(samples)
+    return cuts[49] * 1000, cuts[98] * 1000, len(samples), cpu / len(events) * 1e6
+
+
+def counted_acks() -> list[int]:
+    """Count the AMQP ack frames sent from now on (the returned list's one item)."""
+    import aiormq.channel
+
+    count = [0]
+    send = aiormq.channel.Channel.basic_ack
+
+    async def basic_ack(self, *args, **kwargs):
+        count[0] += 1
+        return await send(self, *args, **kwargs)
+
+    aiormq.channel.Channel.basic_ack = basic_ack
+    return count
 
 
 def _consume_in_process(namespace: str, partitions: int, count: int, ready, finished) -> None:
@@ -199,7 +226,7 @@ async def main() -> int:
     bus = InMemoryBus(partitions=args.partitions, source="feed/bench")
     await bus.start()
     rate = await throughput(bus, args.events * 5)
-    p50, p99, n = await latency(bus, args.rate, args.seconds)
+    p50, p99, n, _ = await latency(bus, args.rate, args.seconds)
     await bus.close()
     print(f"memory (queued)       throughput: {rate:>10,.0f} events/s")
     print(
@@ -219,7 +246,8 @@ async def main() -> int:
         await bus.start()
         try:
             rate = await throughput(bus, args.events)
-            p50, p99, n = await latency(bus, args.rate, args.seconds)
+            acks = counted_acks()
+            p50, p99, n, cpu = await latency(bus, args.rate, args.seconds)
         finally:
             await bus.delete_topology()
             await bus.close()
@@ -229,7 +257,8 @@ async def main() -> int:
         )
         print(
             f"rabbitmq              latency at {args.rate:.0f}/s: p50 {p50:.3f} ms  "
-            f"p99 {p99:.3f} ms  (n={n})"
+            f"p99 {p99:.3f} ms  (n={n}); this process's CPU {cpu:.0f} us an event, "
+            f"{acks[0] / n:.2f} ack frames a delivery"
         )
         rate = await two_process_throughput(args.partitions, args.events)
         print(
