@@ -322,3 +322,13 @@ async def test_an_order_is_stored_and_sent_before_the_next_event_of_its_lane(clo
         assert ledger.commits - commits_before == 2
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
+
+
+def test_the_breakers_take_the_feed_lag_and_silence_settings():
+    breakers = TradingSettings.load(
+        service="trading",
+        transport="memory",
+        trading_max_feed_lag_s=7.0,
+        trading_max_silence_s=90.0,
+    ).breakers()
+    assert (breakers.max_feed_lag_s, breakers.max_silence_s) == (7.0, 90.0)

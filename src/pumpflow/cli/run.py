@@ -39,6 +39,9 @@ RUN_MIN_SCORE = 0.5
 RUN_SETTINGS = {"trading_reject_creator_sold": False}
 #: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
 FEED_LAG_S = 2.0
+#: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
+#: are half a wall second, which a busy machine's scheduler alone can take from the loop
+SILENCE_S = 3.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -167,6 +170,7 @@ async def run_embedded_market(
                 trading_min_score=min_score,
                 # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
                 trading_max_feed_lag_s=FEED_LAG_S * max(1.0, speed),
+                trading_max_silence_s=max(30.0, SILENCE_S * speed),
                 **RUN_SETTINGS,
             )
         )

@@ -112,6 +112,12 @@ class TradingSettings(PumpPortalKeySettings):
         description="an event older than this trips the stale breaker (a backlog: after a "
         "restart, what waited in the queues)",
     )
+    trading_max_silence_s: float = Field(
+        _BREAKERS.max_silence_s,
+        gt=0,
+        description="market seconds with no event at all that trip the stale breaker (a feed "
+        "that stopped delivering)",
+    )
     trading_tick_s: float = Field(
         1.0, gt=0, description="market seconds between the timed checks (breakers, due fills)"
     )
@@ -158,7 +164,11 @@ class TradingSettings(PumpPortalKeySettings):
         return replace(_LIMITS, add_to_positions=self.trading_add_to_positions)
 
     def breakers(self) -> BreakerSettings:
-        return replace(_BREAKERS, max_feed_lag_s=self.trading_max_feed_lag_s)
+        return replace(
+            _BREAKERS,
+            max_feed_lag_s=self.trading_max_feed_lag_s,
+            max_silence_s=self.trading_max_silence_s,
+        )
 
     def execution(self) -> PaperExecution:
         return replace(
