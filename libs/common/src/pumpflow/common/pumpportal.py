@@ -263,6 +263,17 @@ def decode_frame(raw: bytes | str) -> TokenPayload | ControlFrame:
     """
     try:
         data = _as_bytes(raw)
+        if len(data) <= MAX_FRAME_BYTES and data.isascii():
+            # most frames are trades: one parse straight into the trade, and only a
+            # frame it does not fit pays for routing (the errors are the route's)
+            try:
+                payload = _trade_decoder.decode(data)
+            except msgspec.MsgspecError:
+                pass
+            else:
+                _check_keys_unique(data, _quotes_needed(payload), TokenTrade.TYPE)
+                _check_values(payload, TokenTrade.TYPE)
+                return payload
         routed = _route(data)
         if isinstance(routed, ControlFrame):
             return routed
