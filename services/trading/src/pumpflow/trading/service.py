@@ -142,14 +142,12 @@ class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
 
-    __slots__ = ("change", "events", "requests", "stored_once")
+    __slots__ = ("change", "events", "requests")
 
     def __init__(self) -> None:
         self.change = LedgerChange()
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
-        #: the ledger took it before (a retry after an error): its orders are ours
-        self.stored_once = False
 
 
 class TradingService(Service):
@@ -645,7 +643,7 @@ class TradingService(Service):
         for order in step.change.orders:
             request = step.requests[order.order_id]
             side = order.side
-            if order.order_id not in inserted and not step.stored_once:
+            if order.order_id not in inserted:
                 # the ledger has it already: an event that came again, never sent twice
                 dropped.add(order.order_id)
                 self.risk.release(order.order_id)
@@ -659,7 +657,6 @@ class TradingService(Service):
                 outcome = await self.executor.start_entry(request, time=order.requested_at)
             if outcome is not None:
                 self._book(outcome, None, follow)
-        step.stored_once = True
         self._unpublished += [
             e
             for e in step.events
