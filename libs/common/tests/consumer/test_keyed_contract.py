@@ -246,6 +246,18 @@ async def test_a_duplicate_is_applied_and_announced_once(pair):
     assert consumer.metrics.duplicates._value.get() >= 2
 
 
+async def test_a_batch_that_ends_with_a_duplicate_stores_what_it_applied(pair):
+    consumer = await pair.consumer(RecordingProcessor())
+    mint = MINTS[1]
+    first, second = trade(mint, 1), trade(mint, 2)
+    # one key's events of one batch, the last a duplicate: the batch is done once the
+    # ones before it are stored
+    await consumer.handle_batch([first, second, trade(mint, 3), second])
+    assert await pair.applied(mint) == [1, 2, 3]
+    await consumer.handle_batch([trade(mint, 4), first])
+    assert await pair.applied(mint) == [1, 2, 3, 4]
+
+
 async def test_an_invalid_event_is_dead_lettered_and_the_key_goes_on(pair):
     bus = await pair.bus()
     announced = await watch(bus)
@@ -719,9 +731,7 @@ async def test_a_broker_restart_mid_stream_keeps_each_keys_order_and_drops_nothi
         await pair.teardown()
 
 
-async def test_a_store_away_longer_than_the_task_deadline_is_waited_out_not_hung(
-    pair, own_redis
-):
+async def test_a_store_away_longer_than_the_task_deadline_is_waited_out_not_hung(pair, own_redis):
     """A key loading from a Redis that is away holds its task: waiting, not hung."""
     bus = await pair.bus()
     announced = await watch(bus)

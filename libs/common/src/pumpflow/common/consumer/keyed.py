@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -542,15 +543,30 @@ class KeyedStatefulConsumer(Generic[S]):
         every event of it to :meth:`handle` (the applied ones are duplicates by then).
         """
         followed = _followed(events) if len(events) > 1 else (False,)
+        # one Effects for the key's events, and their changes marked once, after the
+        # last of them (nothing can commit between them: no await until then)
+        effects = _Effects(self, entry, None)
+        unmarked = False
         for i in range(start, len(events)):
             try:
-                applied = self._apply_to(entry, events[i], more=followed[i])
+                applied = self._apply_to(
+                    entry, events[i], more=followed[i], effects=effects, mark=False
+                )
             except Exception as exc:
                 failures.append(exc)
                 continue
+            if applied is None:
+                unmarked = True
+                continue
             if not isinstance(applied, int):
+                if unmarked:
+                    generation = max(generation, self._mark(entry))
                 return self._apply_rest(entry, events, i + 1, applied, failures)
             generation = max(generation, applied)
+        if unmarked:
+            # one mark for the changes of them all (a duplicate among them answered the
+            # key's generation before it, which this one passes)
+            generation = max(generation, self._mark(entry))
         return generation
 
     async def _apply_rest(
@@ -601,8 +617,21 @@ class KeyedStatefulConsumer(Generic[S]):
         return applied if isinstance(applied, int) else await applied
 
     def _apply_to(
-        self, entry: _Key, event: Event, *, more: bool = False, rebuilt: bool = False
-    ) -> int | Awaitable[int]:
+        self,
+        entry: _Key,
+        event: Event,
+        *,
+        more: bool = False,
+        rebuilt: bool = False,
+        effects: _Effects | None = None,
+        mark: bool = True,
+    ) -> int | Awaitable[int] | None:
+        """Apply ``event`` to ``entry``; return the generation of the change, or None when
+        it applied with ``mark`` False (the caller marks the key once for several).
+
+        ``effects``: the key's, reused for each of its events in turn (one per event
+        otherwise).
+        """
         entry.touched = time.monotonic()
         seq = event.seq
         publisher = None
@@ -649,8 +678,13 @@ class KeyedStatefulConsumer(Generic[S]):
                     )
         state = self._state_of(entry)
         retire_ttl, entry.retire_ttl = entry.retire_ttl, None
+        if effects is None:
+            effects = _Effects(self, entry, event, more)
+        else:
+            effects.cause = event
+            effects.more = more
         try:
-            entry.state = self.processor.apply(state, event, _Effects(self, entry, event, more))
+            entry.state = self.processor.apply(state, event, effects)
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
             return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
@@ -666,7 +700,7 @@ class KeyedStatefulConsumer(Generic[S]):
             self.metrics.redriven.inc()
         if publisher is not None and not late:
             entry.applied[publisher] = seq
-        return self._mark(entry)
+        return self._mark(entry) if mark else None
 
     async def _rebuild_then_apply(
         self, entry: _Key, event: Event, publisher: str, *, more: bool
@@ -1308,6 +1342,22 @@ def _done_applying(
 
 def _followed(events: list[Event]) -> list[bool]:
     """Per event: a later one of the same type and publisher follows that is no duplicate."""
+    first = events[0]
+    kind = first.type
+    source = first.source
+    before = first.seq
+    for event in itertools.islice(events, 1, None):
+        seq = event.seq
+        if seq is None or before is None or seq <= before:
+            break
+        if event.type != kind or event.source != source:
+            break
+        before = seq
+    else:
+        # the usual batch: one type from one publisher, numbered upwards
+        followed = [True] * len(events)
+        followed[-1] = False
+        return followed
     followed = [False] * len(events)
     later: dict[tuple[str, str], int | None] = {}
     for i in range(len(events) - 1, -1, -1):
