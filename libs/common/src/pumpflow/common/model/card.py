@@ -196,7 +196,9 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
     over a zero price), so training and serving route them alike.
     """
     out = np.array(rows, dtype=np.float32, copy=True, ndmin=2)
-    out[~np.isfinite(out)] = np.nan
+    finite = np.isfinite(out)
+    if not finite.all():
+        out[~finite] = np.nan
     return out
 
 

@@ -181,9 +181,15 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
         the others."""
         lowest_up, highest_down, first_close = _INF, -_INF, _INF
         decided = 0
-        for item in self.items:
+        left = self.undecided
+        # newest first: the undecided ones are mostly the newest, the oldest mostly
+        # decided and waiting for their release
+        for item in reversed(self.items):
+            if not left:
+                break
             if item.label == item.label:
                 continue  # decided already
+            left -= 1
             if item.up == _INF:
                 # regression: a horizon that ended before this price is decided by what
                 # came before it
