@@ -77,10 +77,15 @@ def to_lamports(sol: float) -> int:
     return round(sol * LAMPORTS_PER_SOL)
 
 
+#: builds a TradeInput from a tuple of its fields: a named tuple's own constructor
+#: takes its arguments through a Python function, four times as long, once per trade
+_new_input = tuple.__new__
+
+
 def trade_input(payload: Payload, time: float) -> TradeInput | None:
     """The :class:`TradeInput` of a token.created or token.trade payload; None for others."""
     if isinstance(payload, TokenTrade):
-        return TradeInput(
+        return _new_input(TradeInput, (
             float(time),
             payload.txType == "buy",
             to_lamports(sol_amount_of(payload)),
@@ -89,9 +94,9 @@ def trade_input(payload: Payload, time: float) -> TradeInput | None:
             float(payload.newTokenBalance),
             float(payload.vSolInBondingCurve),
             float(payload.vTokensInBondingCurve),
-        )
+        ))  # fmt: skip
     if isinstance(payload, TokenCreated):
-        return TradeInput(
+        return _new_input(TradeInput, (
             float(time),
             True,
             to_lamports(sol_amount_of(payload)),
@@ -100,7 +105,7 @@ def trade_input(payload: Payload, time: float) -> TradeInput | None:
             float(payload.initialBuy),
             float(payload.vSolInBondingCurve),
             float(payload.vTokensInBondingCurve),
-        )
+        ))  # fmt: skip
     return None
 
 
