@@ -149,6 +149,9 @@ class _Step:
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
 
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.events or self.change)
+
 
 class TradingService(Service):
     """Decide entries, execute orders, keep the book and the ledger; one replica at a time."""
@@ -421,7 +424,9 @@ class TradingService(Service):
             await self._flush()
             for event in events:
                 step = self._decide(event)
-                self._backlog.append(step)
+                # most events change nothing to store, send or publish
+                if step:
+                    self._backlog.append(step)
                 if step.requests:
                     await self._flush()
             await self._flush()
@@ -586,6 +591,8 @@ class TradingService(Service):
         self, step: _Step, reports, *, cause: Event | None, produced: list[Event] | None = None
     ) -> None:
         """Add produced events (and bare reports, wrapped) to the step; log and count them."""
+        if not reports and not produced:
+            return
         events = list(produced or ())
         now = self._ctx.clock.now()
         for payload in reports:
@@ -639,7 +646,7 @@ class TradingService(Service):
 
     async def _send(self, step: _Step, inserted: set[str]) -> None:
         dropped: set[str] = set()
-        follow = _Step()
+        follow: _Step | None = None
         for order in step.change.orders:
             request = step.requests[order.order_id]
             side = order.side
@@ -656,13 +663,15 @@ class TradingService(Service):
             else:
                 outcome = await self.executor.start_entry(request, time=order.requested_at)
             if outcome is not None:
+                if follow is None:
+                    follow = _Step()
                 self._book(outcome, None, follow)
         self._unpublished += [
             e
             for e in step.events
             if not (isinstance(e.data, OrderRequested) and e.data.order_id in dropped)
         ]
-        if follow.change or follow.events:
+        if follow is not None and (follow.change or follow.events):
             self._backlog.append(follow)
 
     async def _publish(self) -> None:

@@ -400,6 +400,8 @@ class RiskManager:
         loss = -self.positions.realized_since(day_start)
         limit = self.capital * self.limits.max_daily_loss_fraction
         self.daily_loss_hit = limit > 0 and loss >= limit
+        if self._settled_state() is self.state:
+            return self._reports[mark:]  # every event checks: the reason only for a change
         if self.daily_loss_hit:
             reason = f"daily loss {loss:.4f} SOL reached the limit {limit:.4f} SOL"
         elif recovered:
@@ -458,12 +460,17 @@ class RiskManager:
         while buckets and buckets[0][0] + 1 <= horizon:
             self._events_in_window -= int(buckets.popleft()[1])
 
-    def _settle(self, reason: str) -> None:
+    def _settled_state(self) -> TradingState:
+        """The state the operator's, the daily loss limit and the breakers call for."""
         state = self.operator_state
         if self.daily_loss_hit and _SEVERITY[TradingState.REDUCING] > _SEVERITY[state]:
             state = TradingState.REDUCING
         if any(b.tripped for b in self.breakers.values()):
             state = TradingState.HALTED
+        return state
+
+    def _settle(self, reason: str) -> None:
+        state = self._settled_state()
         if state is self.state:
             return
         change = TradingStateChanged(
