@@ -288,15 +288,14 @@ def _share(value: float | None) -> str:
 
 
 class _Counter:
-    """A bus handler that counts what it is delivered, by type (and side for orders)."""
+    """A bus handler that counts the orders it is delivered, by kind and side."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
 
     async def __call__(self, event) -> None:
-        side = getattr(event.data, "side", None)
-        kind = event.type.removeprefix("order.")
-        self.counts[(kind, side or "buy") if event.type.startswith("order.") else kind] += 1
+        side = getattr(event.data, "side", None) or "buy"
+        self.counts[event.type.removeprefix("order."), side] += 1
 
 
 async def _swallow(ws) -> None:
@@ -371,9 +370,6 @@ async def run_backtest(
                 service="backtest", handler=counter,
                 patterns=("order.requested", "order.filled", "order.rejected"),
             ))  # fmt: skip
-            await system.bus.subscribe(Subscription(
-                service="backtest-trading", handler=counter, patterns=("model.prediction",),
-            ))  # fmt: skip
             await collector.attach(system.bus)
             if observe is not None:
                 await system.bus.subscribe(
@@ -425,7 +421,7 @@ async def run_backtest(
                 frames=total,
                 seconds=seconds,
                 cpu_s=cpu,
-                predictions=counts["model.prediction"],
+                predictions=model.metrics.published(),
                 orders=Counter({k: v for k, v in counts.items() if isinstance(k, tuple)}),
                 entries=len(positions),
                 bought_sol=sum(p.bought_sol for p in positions),

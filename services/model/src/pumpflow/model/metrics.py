@@ -176,6 +176,10 @@ class ModelServiceMetrics:
         labels = (arm, model_id, version, "true" if shadow else "false")
         return self._f.predictions.labels(*labels)._value.get()
 
+    def published(self) -> int:
+        """The predictions this service published, every arm and model."""
+        return int(sum(counter._value.get() for counter, _scores in self._predicted.values()))
+
     def sync(
         self, skipped: Mapping[str, int], failed: Mapping[tuple[str, str], int], batched: int
     ) -> None:
