@@ -387,6 +387,8 @@ class RiskManager:
                 self._fault(STALE, now, f"no event for {silence:.0f}s")
         recovered = []
         for name, breaker in self.breakers.items():
+            if not breaker.tripped:
+                continue  # nothing to recover from (every event checks)
             if name == RATE and self._rate() > self.breaker_settings.max_events_per_s:
                 continue
             change = breaker.check(now)
