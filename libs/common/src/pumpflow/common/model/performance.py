@@ -240,11 +240,12 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
 _PACKERS: dict[int, struct.Struct] = {}
 
 
-def _packer(size: int) -> struct.Struct:
-    packer = _PACKERS.get(size)
-    if packer is None:
-        packer = _PACKERS[size] = struct.Struct(f"<{size}d")
-    return packer
+def packer(size: int) -> struct.Struct:
+    """The packer of ``size`` little-endian float64 (one per size, kept)."""
+    found = _PACKERS.get(size)
+    if found is None:
+        found = _PACKERS[size] = struct.Struct(f"<{size}d")
+    return found
 
 
 class LabelTracker:
@@ -270,8 +271,12 @@ class LabelTracker:
         self.max_open = max_open
         self.release_step_s = release_step_s
         self._mints: dict[str, TokenLabels] = {}
-        #: released by :meth:`release`, not yet handed out by :meth:`resolve_due`
-        self._released: list[ResolvedLabel] = []
+        #: released by :meth:`release`, not yet handed out by :meth:`resolve_due`: per
+        #: release, (mint, time released, the token's sources and names, its labels)
+        self._released: list[
+            tuple[str, float, list[LabelSource], tuple[str, ...], list[OpenLabel]]
+        ] = []
+        self._released_count = 0
         self._waiting = 0
         # the barriers of the last definition followed, per unit of entry price
         self._definition: LabelDefinition | None = None
@@ -287,7 +292,7 @@ class LabelTracker:
         """Labels followed here and not yet handed out by :meth:`resolve_due` (a token
         whose partition moved counts where it was followed until its labels are
         released)."""
-        return max(self._waiting, 0) + len(self._released)
+        return max(self._waiting, 0) + self._released_count
 
     @property
     def mints(self) -> int:
@@ -342,7 +347,23 @@ class LabelTracker:
                 self.release(tokens, mint, now)
                 if not tokens.items:
                     del self._mints[mint]
-        out, self._released = self._released, []
+        released, self._released = self._released, []
+        self._released_count = 0
+        tasks: dict[int, Task] = {}
+        out = []
+        append = out.append
+        for mint, at, sources, names, items in released:
+            for item in items:
+                source = sources[item.source]
+                task = tasks.get(id(source))
+                if task is None:
+                    task = tasks[id(source)] = task_of(source.definition)
+                append(ResolvedLabel(
+                    mint=mint, model_id=source.model_id, version=source.version,
+                    arm=source.arm, task=task, score=item.score, time=item.time,
+                    entry_price=item.entry, label=item.label, definition=source.definition,
+                    resolved_at=at, feature_names=names, packed=item.values,
+                ))
         return out
 
     # ---------------------------------------------------------------- any token
@@ -388,7 +409,7 @@ class LabelTracker:
                 tokens.highest_down = down
         release = -((horizon_end + self._grace_s) // self._minus_step) * self._step
         item = OpenLabel(time, price, score, index, tokens.observed, horizon_end, up, down,
-                         release, packed or _packer(len(values)).pack(*values))
+                         release, packed or packer(len(values)).pack(*values))
         # by release time, then as registered: a release takes the head of the list
         if not items or items[-1].release <= release:
             items.append(item)
@@ -422,28 +443,18 @@ class LabelTracker:
         if now < tokens.next_release:
             return 0
         items = tokens.items
-        out = self._released
-        sources = tokens.sources
-        names = tokens.names
         released = 0
         for item in items:
             if item.release > now:
                 break
             released += 1
-            label = item.label
-            if label != label:
-                label = item.label = tokens._outcome_so_far(item)
+            if item.label != item.label:
+                item.label = tokens._outcome_so_far(item)
                 tokens.undecided -= 1
-            source = sources[item.source]
-            out.append(
-                ResolvedLabel(
-                    mint=mint, model_id=source.model_id, version=source.version,
-                    arm=source.arm, task=task_of(source.definition), score=item.score,
-                    time=item.time, entry_price=item.entry, label=label,
-                    definition=source.definition, resolved_at=now, feature_names=names,
-                    packed=item.values,
-                )
-            )
+        # the token's released labels go out as they are kept, with what they share: a
+        # ResolvedLabel each is made once per hand-out (resolve_due), off the token's step
+        self._released.append((mint, now, tokens.sources, tokens.names, items[:released]))
+        self._released_count += released
         del items[:released]
         if items:
             tokens.next_release = items[0].release

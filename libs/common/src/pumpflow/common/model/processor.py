@@ -53,7 +53,7 @@ from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.model.card import ModelCard, vector_row
 from pumpflow.common.model.manager import ModelError, ModelManager
-from pumpflow.common.model.performance import LabelTracker, TokenLabels
+from pumpflow.common.model.performance import LabelTracker, TokenLabels, packer
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
@@ -188,7 +188,7 @@ class ModelProcessor:
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
-                matrix, as_sent = _matrix(chosen, card.feature_names)
+                matrix, raw = _matrix(chosen, card.feature_names)
                 batch = self.manager.score_batch(model_id, matrix)
             except (ModelError, ValueError):
                 continue  # each vector is then scored alone, which counts the failure
@@ -199,10 +199,9 @@ class ModelProcessor:
                 if scores is None:
                     scores = prepared[event.id] = {}
                 scores[model_id] = (scored_by, score, share)
-            if packed is not None and as_sent:
+            if packed is not None and raw is not None:
                 # the rows are the vectors as sent: a label keeps its row's bytes (one
-                # copy of the matrix, not a pack of each vector)
-                raw = matrix.astype("<f8", copy=False).tobytes()
+                # pack of the matrix, not one of each vector)
                 width = len(raw) // len(chosen)
                 for i, event in enumerate(chosen):
                     packed[event.id] = raw[i * width : (i + 1) * width]
@@ -383,19 +382,23 @@ class ModelProcessor:
             raise StaleState(f"unreadable scoring state: {exc}") from exc
 
 
-def _matrix(events: list[Event], order: tuple[str, ...]) -> tuple[np.ndarray, bool]:
+def _matrix(events: list[Event], order: tuple[str, ...]) -> tuple[np.ndarray, bytes | None]:
     """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature), and
-    whether each row is its vector as sent (every vector in ``order``)."""
+    the rows packed (little-endian float64) when each row is its vector as sent (every
+    vector in ``order``; None otherwise)."""
     first = events[0].data.names
     width = len(order)
     if first == order and all(
         (e.data.names is first or e.data.names == order) and len(e.data.values) == width
         for e in events
     ):
-        # one pass over the numbers: np.array of the tuples costs twice that
+        # one pack of every number (struct's loop in C; np.array of the tuples costs
+        # twice that), whose bytes are the matrix and the labels' vectors alike
         values = itertools.chain.from_iterable(e.data.values for e in events)
-        return np.fromiter(values, np.float64, len(events) * width).reshape(-1, width), True
-    return np.stack([vector_row(e.data.names, e.data.values, order) for e in events]), False
+        raw = packer(len(events) * width).pack(*values)
+        return np.frombuffer(raw, "<f8").reshape(-1, width), raw
+    rows = np.stack([vector_row(e.data.names, e.data.values, order) for e in events])
+    return rows, None
 
 
 __all__ = [
