@@ -382,7 +382,8 @@ class LabelTracker:
         index = 0
         for source in sources:
             if (source.model_id == model_id and source.version == version
-                    and source.arm == arm and source.definition == definition):
+                    and source.arm == arm
+                    and (source.definition is definition or source.definition == definition)):
                 break
             index += 1
         else:
@@ -390,8 +391,11 @@ class LabelTracker:
         items = tokens.items
         if not items:
             tokens.names = names
-        elif names is not tokens.names and names != tokens.names:
-            packed = vector_row(names, values, tokens.names).astype("<f8").tobytes()
+        elif names is not tokens.names:
+            if names == tokens.names:
+                tokens.names = names  # the vectors' own tuple: the next ones match by identity
+            else:
+                packed = vector_row(names, values, tokens.names).astype("<f8").tobytes()
         if definition is not self._definition:
             self._set_definition(definition)
         horizon_end = time + definition.horizon_s
