@@ -297,3 +297,36 @@ def test_the_manager_reports_the_live_figures_of_its_live_source(tmp_path):
     assert report.live["shadow"].metrics["auc"] == 1.0
     plain = ModelManager(None, Features(), clock=ReplayClock(1.0), runtime=Sums())
     assert plain.live_performance is None
+
+
+def test_labels_released_together_count_in_the_windows_as_added_one_by_one():
+    """The rolling windows filled from a release's numbers hold what adding each
+    released label would: the same labels, scores, versions and figures."""
+    rng = np.random.default_rng(5)
+    tracker, clock = tracker_at(0.0)
+    together = RollingPerformance(window=37)
+    one_by_one = RollingPerformance(window=37)
+    arms = (("entry", "a", TAKE), ("entry", "b", TAKE), ("return", "a", RETURN))
+    counted = 0
+    for step in range(400):
+        clock.set_sync(step * 0.7)
+        mint = f"m{step % 9}"
+        tracker.observe(mint, clock.now(), 1.0 + rng.random())
+        for model_id, arm, definition in arms:
+            tracker.register(mint=mint, time=clock.now(), price=1.0 + rng.random(),
+                             model_id=model_id, version=f"v{step // 150}", arm=arm,
+                             score=float(rng.random()), definition=definition)
+        if step % 50 == 49:
+            released = tracker.resolve_due()
+            counted += len(released)
+            together.extend(released)
+            for label in list(released):
+                one_by_one.add(label)
+    assert counted > 3 * 37  # the windows turned over
+    assert together.keys() == one_by_one.keys() == (("entry", "a"), ("entry", "b"),
+                                                     ("return", "a"))
+    for key in together.keys():
+        assert [a.tolist() for a in together.window_of(*key)] == [
+            b.tolist() for b in one_by_one.window_of(*key)]
+        assert together.figures(*key) == one_by_one.figures(*key)
+    assert together.threshold("entry") == one_by_one.threshold("entry")

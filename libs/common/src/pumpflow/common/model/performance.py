@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -237,6 +237,68 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
         return float(net_return(item.entry, exit_price, definition.fee_rate))
 
 
+#: one token's labels released together: its mint, the clock time they were released
+#: at, the token's sources and feature names, and the labels as the token kept them
+Release = tuple[str, float, list[LabelSource], tuple[str, ...], list[OpenLabel]]
+
+
+class ReleasedLabels(Sequence[ResolvedLabel]):
+    """Labels released together, as their tokens kept them (:data:`Release` each).
+
+    A sequence of :class:`ResolvedLabel`, made once when first read one by one;
+    :meth:`RollingPerformance.extend` reads the numbers without them."""
+
+    __slots__ = ("_count", "_labels", "releases")
+
+    def __init__(self, releases: list[Release] | None = None, count: int | None = None):
+        self.releases = releases or []
+        self._count = (
+            sum(len(items) for *_, items in self.releases) if count is None else count
+        )
+        self._labels: list[ResolvedLabel] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self.labels()[index]
+
+    def __iter__(self):
+        return iter(self.labels())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ReleasedLabels):
+            other = other.labels()
+        return self.labels() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ReleasedLabels({self.labels()!r})"
+
+    def labels(self) -> list[ResolvedLabel]:
+        """One :class:`ResolvedLabel` a label, in the order released."""
+        if self._labels is None:
+            tasks: dict[int, Task] = {}
+            out = []
+            append = out.append
+            for mint, at, sources, names, items in self.releases:
+                for item in items:
+                    source = sources[item.source]
+                    task = tasks.get(id(source))
+                    if task is None:
+                        task = tasks[id(source)] = task_of(source.definition)
+                    append(ResolvedLabel(
+                        mint=mint, model_id=source.model_id, version=source.version,
+                        arm=source.arm, task=task, score=item.score, time=item.time,
+                        entry_price=item.entry, label=item.label,
+                        definition=source.definition, resolved_at=at, feature_names=names,
+                        packed=item.values,
+                    ))
+            self._labels = out
+        return self._labels
+
+
 _PACKERS: dict[int, struct.Struct] = {}
 
 
@@ -273,9 +335,7 @@ class LabelTracker:
         self._mints: dict[str, TokenLabels] = {}
         #: released by :meth:`release`, not yet handed out by :meth:`resolve_due`: per
         #: release, (mint, time released, the token's sources and names, its labels)
-        self._released: list[
-            tuple[str, float, list[LabelSource], tuple[str, ...], list[OpenLabel]]
-        ] = []
+        self._released: list[Release] = []
         self._released_count = 0
         self._waiting = 0
         # the barriers of the last definition followed, per unit of entry price
@@ -338,7 +398,7 @@ class LabelTracker:
         tokens = self._mints.get(mint)
         return 0 if tokens is None else tokens.retire()
 
-    def resolve_due(self, now: float | None = None) -> list[ResolvedLabel]:
+    def resolve_due(self, now: float | None = None) -> ReleasedLabels:
         """The labels released since the last call, with those of the tokens held here
         whose horizon (and grace) has passed by ``now`` (the clock's)."""
         now = self.clock.now() if now is None else now
@@ -347,24 +407,9 @@ class LabelTracker:
                 self.release(tokens, mint, now)
                 if not tokens.items:
                     del self._mints[mint]
-        released, self._released = self._released, []
-        self._released_count = 0
-        tasks: dict[int, Task] = {}
-        out = []
-        append = out.append
-        for mint, at, sources, names, items in released:
-            for item in items:
-                source = sources[item.source]
-                task = tasks.get(id(source))
-                if task is None:
-                    task = tasks[id(source)] = task_of(source.definition)
-                append(ResolvedLabel(
-                    mint=mint, model_id=source.model_id, version=source.version,
-                    arm=source.arm, task=task, score=item.score, time=item.time,
-                    entry_price=item.entry, label=item.label, definition=source.definition,
-                    resolved_at=at, feature_names=names, packed=item.values,
-                ))
-        return out
+        released = ReleasedLabels(self._released, self._released_count)
+        self._released, self._released_count = [], 0
+        return released
 
     # ---------------------------------------------------------------- any token
 
@@ -526,6 +571,26 @@ class _Window:
         self.last_resolved_at = label.resolved_at
         self.cached = None
 
+    def add_many(self, labels: list[float], scores: list[float], versions: list[str],
+                 resolved_at: float) -> None:
+        """Add labels in order, as :meth:`add` of each would (the oldest go if more than
+        the window come)."""
+        size = len(self.labels)
+        count = len(labels)
+        if count > size:
+            labels, scores, versions = labels[-size:], scores[-size:], versions[-size:]
+            count = size
+        at = (self.next + np.arange(count)) % size
+        self.labels[at] = labels
+        self.scores[at] = scores
+        window_versions = self.versions
+        for i, version in zip(at.tolist(), versions, strict=True):
+            window_versions[i] = version
+        self.next = (self.next + count) % size
+        self.filled = min(self.filled + count, size)
+        self.last_resolved_at = resolved_at
+        self.cached = None
+
     def ordered(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of the window, oldest first."""
         if self.filled < len(self.labels):
@@ -570,8 +635,47 @@ class RollingPerformance:
         window.add(label)
 
     def extend(self, labels: Iterable[ResolvedLabel]) -> None:
-        for label in labels:
-            self.add(label)
+        """Count released labels, in order; labels released together
+        (:class:`ReleasedLabels`) go into each window at once, from their numbers."""
+        if not isinstance(labels, ReleasedLabels):
+            for label in labels:
+                self.add(label)
+            return
+        # by model and arm, in the order released: (task, labels, scores, versions,
+        # the last one's release time)
+        grouped: dict[tuple[str, str], tuple[Task, list, list, list, list]] = {}
+        definitions: dict[str, LabelDefinition] = {}
+        for _, at, sources, _, items in labels.releases:
+            for item in items:
+                label = item.label
+                if label != label:
+                    continue
+                source = sources[item.source]
+                task = task_of(source.definition)
+                group = grouped.get((source.model_id, source.arm))
+                if group is None:
+                    group = grouped[(source.model_id, source.arm)] = (task, [], [], [], [at])
+                elif group[0] != task:
+                    # a model id that changed task among them: one by one, as added
+                    for each in labels:
+                        self.add(each)
+                    return
+                group[1].append(label)
+                group[2].append(item.score)
+                group[3].append(source.version)
+                group[4][0] = at
+                if task == "classification":
+                    definitions[source.model_id] = source.definition
+        for (model_id, arm), (task, values, scores, versions, last) in grouped.items():
+            window = self._windows.get((model_id, arm))
+            if window is None or window.task != task:
+                window = self._windows[(model_id, arm)] = _Window(
+                    task=task, labels=np.zeros(self.window), scores=np.zeros(self.window),
+                    versions=[""] * self.window,
+                )
+            window.add_many(values, scores, versions, last[0])
+        for model_id, definition in definitions.items():
+            self._default_thresholds[model_id] = breakeven_threshold(definition)
 
     def threshold(self, model_id: str) -> float:
         return self.thresholds.get(model_id, self._default_thresholds.get(model_id, 0.5))
