@@ -259,7 +259,8 @@ async def test_on_feature_event_publishes_what_process_returns(market, book, ris
     assert bus.events == out and len(orders(out)) == 1
 
 
-def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, clock):
+def held_then_migrated(engine, market, clock) -> str:
+    """Enter a token on its curve, fill the entry, then migrate the token to its pool."""
     broker = PaperBroker()
     mint = market.ready(engine, broker=broker)
     [order] = orders(engine.process(market.prediction(mint)))
@@ -268,6 +269,11 @@ def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, 
     [outcome] = broker.due(clock.now())
     engine.process(market.filled(outcome.result))
     engine.process(market.tokens.migrated(mint))
+    return mint
+
+
+def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, clock):
+    mint = held_then_migrated(engine, market, clock)
     position = book.position(mint)
     on_pool = exit_value(
         MIGRATION_POOL, position.tokens, execution=book.execution, venue=VENUE_POOL
@@ -281,14 +287,7 @@ def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, 
 def test_a_redelivered_token_event_is_folded_into_its_view_once(engine, market, book, clock):
     """A trade on the pool moves the pool's state in the view: one that comes again (by
     its publisher's seq) leaves it, and the position's mark, as they were."""
-    broker = PaperBroker()
-    mint = market.ready(engine, broker=broker)
-    [order] = orders(engine.process(market.prediction(mint)))
-    broker.submit(order, time=clock.now())
-    clock.set_sync(START + 1)
-    [outcome] = broker.due(clock.now())
-    engine.process(market.filled(outcome.result))
-    engine.process(market.tokens.migrated(mint))
+    mint = held_then_migrated(engine, market, clock)
     pool_trade = market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm")
     assert not engine.applied(pool_trade)
     engine.process(pool_trade)
