@@ -116,15 +116,26 @@ def _label_rows(
     labels: Sequence[ResolvedLabel], feature_set_version: str, names: tuple[str, ...]
 ) -> list[tuple]:
     rows = []
+    # labels released together share their definitions and their feature names' tuple:
+    # each encoded, each compared with the store's, once
+    keys: dict[int, str] = {}
+    last_names: tuple[str, ...] | None = None
+    in_order = False
     for label in labels:
         values = label.vector()
         if not len(values) or math.isnan(label.label):
             continue
-        features = vector_row(label.feature_names, values, names)
+        if label.feature_names is not last_names:
+            last_names = label.feature_names
+            in_order = tuple(last_names) == tuple(names)
+        features = values if in_order else vector_row(label.feature_names, values, names)
+        definition = label.definition
+        key = keys.get(id(definition))
+        if key is None:
+            key = keys[id(definition)] = definition_key(definition)
         rows.append((
             label.model_id, label.version, label.arm, label.mint, label.time, label.score,
-            label.label, definition_key(label.definition), feature_set_version,
-            features.tolist(), label.resolved_at,
+            label.label, key, feature_set_version, features.tolist(), label.resolved_at,
         ))
     return rows
 
