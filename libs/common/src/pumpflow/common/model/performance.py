@@ -642,8 +642,9 @@ class RollingPerformance:
                 self.add(label)
             return
         # by model and arm, in the order released: (task, labels, scores, versions,
-        # the last one's release time)
+        # the last one's release time); each source's group and task found once
         grouped: dict[tuple[str, str], tuple[Task, list, list, list, list]] = {}
+        of_source: dict[int, tuple[tuple[Task, list, list, list, list], str, bool]] = {}
         definitions: dict[str, LabelDefinition] = {}
         for _, at, sources, _, items in labels.releases:
             for item in items:
@@ -651,21 +652,28 @@ class RollingPerformance:
                 if label != label:
                     continue
                 source = sources[item.source]
-                task = task_of(source.definition)
-                group = grouped.get((source.model_id, source.arm))
-                if group is None:
-                    group = grouped[(source.model_id, source.arm)] = (task, [], [], [], [at])
-                elif group[0] != task:
-                    # a model id that changed task among them: one by one, as added
-                    for each in labels:
-                        self.add(each)
-                    return
+                found = of_source.get(id(source))
+                if found is None:
+                    task = task_of(source.definition)
+                    group = grouped.get((source.model_id, source.arm))
+                    if group is None:
+                        group = grouped[(source.model_id, source.arm)] = (task, [], [], [], [at])
+                    elif group[0] != task:
+                        # a model id that changed task among them: one by one, as added
+                        for each in labels:
+                            self.add(each)
+                        return
+                    found = of_source[id(source)] = (
+                        group, source.version, task == "classification"
+                    )
+                group, version, classification = found
+                if classification:
+                    # the model's default threshold is its last label's, as added
+                    definitions[source.model_id] = source.definition
                 group[1].append(label)
                 group[2].append(item.score)
-                group[3].append(source.version)
+                group[3].append(version)
                 group[4][0] = at
-                if task == "classification":
-                    definitions[source.model_id] = source.definition
         for (model_id, arm), (task, values, scores, versions, last) in grouped.items():
             window = self._windows.get((model_id, arm))
             if window is None or window.task != task:
