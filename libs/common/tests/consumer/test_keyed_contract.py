@@ -29,7 +29,7 @@ from pumpflow.common.events import (
     encode_event,
     make_event,
 )
-from pumpflow.common.keyed import Effects, InvalidInput
+from pumpflow.common.keyed import UNCHANGED, Effects, InvalidInput
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
@@ -871,3 +871,104 @@ async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_fir
     await announced.wait_for(3)
     assert await pair.applied(MINTS[0]) == [1, 2, 3, 4, 5, 6]
     assert asked == [(MINTS[0], "feed", 5)]
+
+
+class QuietProcessor(RecordingProcessor):
+    """A trade of no tokens changes nothing."""
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        if event.type == "token.trade" and event.data.tokenAmount == 0:
+            return UNCHANGED
+        return super().apply(state, event, effects)
+
+
+class _CountingStore:
+    """The store, counting the keys each write stores."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self.written: list[str] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def write(self, batch) -> None:
+        self.written.extend(batch.values)
+        await self._store.write(batch)
+
+
+def quiet(mint: str, seq: int) -> Event:
+    return trade(mint, seq, amount=0.0)
+
+
+async def test_an_event_that_changed_nothing_stores_nothing_and_the_next_change_its_seq(pair):
+    counting = _CountingStore(pair.store)
+    processor = QuietProcessor()
+    consumer = await pair.consumer(processor, store=counting)
+    mint = MINTS[0]
+    gaps = consumer.metrics.gaps._value.get()
+    await consumer.handle_batch([trade(mint, 1)])
+    written, encoded = len(counting.written), processor.encoded
+    await consumer.handle_batch([quiet(mint, 2), quiet(mint, 3)])
+    await consumer.handle(quiet(mint, 4))
+    await consumer.flush()
+    assert (len(counting.written), processor.encoded) == (written, encoded)
+    assert (await pair.record(mint)).applied == {"feed": 1}
+    # known here all the same: a redelivery is a duplicate
+    duplicates = consumer.metrics.duplicates._value.get()
+    await consumer.handle_batch([quiet(mint, 3)])
+    assert consumer.metrics.duplicates._value.get() == duplicates + 1
+    await consumer.handle_batch([trade(mint, 5)])
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 5} and record.missing == {}
+    assert await pair.applied(mint) == [1, 5]
+    assert consumer.metrics.gaps._value.get() == gaps
+
+
+async def test_a_new_key_is_stored_by_its_first_event_even_if_it_changed_nothing(pair):
+    consumer = await pair.consumer(QuietProcessor())
+    mint = MINTS[1]
+    await consumer.handle_batch([quiet(mint, 1)])
+    record = await pair.record(mint)
+    assert record is not None and record.applied == {"feed": 1}
+    assert mint in await pair.store.hgetall(f"keyed:partition:{partition_of(mint, PARTITIONS)}")
+
+
+async def test_a_key_handed_over_stores_the_seqs_of_events_that_changed_nothing(pair):
+    first = await pair.consumer(QuietProcessor())
+    mint = MINTS[2]
+    partitions = tuple(range(PARTITIONS))
+    await first.handle_batch([trade(mint, 1)])
+    # handed over and back: its record lists no outbox, so nothing else stores it again
+    await first.revoke(partitions)
+    await first.assign(partitions)
+    await first.handle_batch([quiet(mint, 2), quiet(mint, 3)])
+    assert (await pair.record(mint)).applied == {"feed": 1}
+    await first.revoke(tuple(range(PARTITIONS)))
+    assert (await pair.record(mint)).applied == {"feed": 3}
+    second = await pair.consumer(QuietProcessor())
+    await second.handle_batch([quiet(mint, 3), trade(mint, 4)])
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 4} and record.missing == {}
+    assert await pair.applied(mint) == [1, 4]
+
+
+async def test_events_that_changed_nothing_redelivered_after_a_crash_are_harmless(pair):
+    dying = await pair.consumer(QuietProcessor())
+    mint = MINTS[3]
+    await dying.handle_batch([trade(mint, 1)])
+    await dying.handle_batch([quiet(mint, 2), quiet(mint, 3)])
+    await dying.abandon()  # what it held in memory is lost
+    pair.consumers.remove(dying)
+    assert (await pair.record(mint)).applied == {"feed": 1}
+    taking_over = await pair.consumer(QuietProcessor())
+    # seq 2 was acked; seq 3 comes again, then a change
+    await taking_over.handle_batch([quiet(mint, 3), trade(mint, 4)])
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 4}
+    assert await pair.applied(mint) == [1, 4]
+    # the acked one waits as if overtaken; if a copy of it comes it changes nothing
+    assert record.missing == {"feed": [2]}
+    await taking_over.handle_batch([quiet(mint, 2)])
+    assert await pair.applied(mint) == [1, 4]
+    assert (await pair.record(mint)).missing == {}

@@ -13,11 +13,23 @@ it asks of :class:`Effects`, which the consumer carries out after the state is s
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from pumpflow.common.events import Event, Payload
 
 S = TypeVar("S")
+
+
+class _Unchanged:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: what :meth:`KeyedProcessor.apply` returns for an event that changed nothing: the
+#: state is as it was (not touched in place) and the apply asked for no effect
+UNCHANGED: Final = _Unchanged()
 
 
 class InvalidInput(ValueError):
@@ -85,8 +97,15 @@ class KeyedProcessor(Protocol[S]):
     def initial(self, key: str) -> S:
         """State of a key never seen before."""
 
-    def apply(self, state: S, event: Event, effects: Effects) -> S:
-        """Apply ``event`` to the key's state; return the state (the same object or new)."""
+    def apply(self, state: S, event: Event, effects: Effects) -> S | _Unchanged:
+        """Apply ``event`` to the key's state; return the state (the same object or new).
+
+        Return :data:`UNCHANGED` when the event changed nothing at all: no part of the
+        state (not even in place) and no effect asked for. The consumer then need not
+        store the key: the event's seq is kept in memory and stored with the key's next
+        change, so after a crash such an event may be applied again, which is safe only
+        because it changes nothing.
+        """
 
     def fire(self, state: S, effects: Effects) -> S:
         """The key's timer fired; return the state."""

@@ -32,6 +32,17 @@ owns the rest:
   comes out as in order, a window counts it at the time it arrives (event time never
   steps back), and what holds the latest value (price, curve reserves) holds the
   late event's until the key's next event.
+- **Unchanged.** An event the processor applied as :data:`~pumpflow.common.keyed.UNCHANGED`
+  (no state change, no effect) stores nothing when its seq is the next one of its
+  publisher and the key has a live record (it is indexed): the seq is kept in memory
+  (later copies are duplicates) and stored with the key's next change, or when the
+  key is handed over (revoked or stopped). Anything else about such an event is
+  stored as for a change: a gap, a late or retried seq (their lists change), a key
+  without a live record (new, or loaded from its retired record, which would expire),
+  a pending retirement it cancels, a priority hint. A crash therefore leaves a
+  record's applied seq behind by at most unchanged events: those not acked are
+  delivered again and change nothing again; those acked make the next event after
+  the take-over count a gap over their seqs (kept in ``missing``, as if overtaken).
 - **Group commit** (:class:`~pumpflow.common.state.commit.GroupCommit`). Changed keys
   are written together, one :class:`WriteBatch` per commit (the records, the service's
   views of them and new partition-index entries), each key encoded once however many
@@ -90,7 +101,7 @@ from pumpflow.common.events import (
     make_event,
     source_service,
 )
-from pumpflow.common.keyed import InvalidInput, KeyedProcessor, StaleState
+from pumpflow.common.keyed import UNCHANGED, InvalidInput, KeyedProcessor, StaleState
 from pumpflow.common.priority import Priority
 from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
 from pumpflow.common.state.commit import GroupCommit, wake
@@ -184,6 +195,7 @@ class _Key:
         "handed",
         "indexed",
         "key",
+        "lagging",
         "missing",
         "outbox",
         "outbox_stored",
@@ -223,6 +235,8 @@ class _Key:
         #: TTL the record was last stored with (the views follow it)
         self.stored_ttl: float | None = None
         self.indexed = False
+        #: seqs applied by events that changed nothing are not stored yet
+        self.lagging = False
         #: generation of the key's last change
         self.changed = 0
         self.touched = 0.0
@@ -448,7 +462,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 # re-rank the key's queued work now, not once this event's turn comes
                 priority = hinted
                 if entry is not None:
-                    entry.priority = hinted
+                    self._reprioritise(entry, hinted)
                 self.pool.set_priority(key, hinted)
         done = asyncio.get_running_loop().create_future()
         self.pool.post(key, lambda: self._apply_then_wait(key, event, done), priority=priority)
@@ -487,13 +501,18 @@ class KeyedStatefulConsumer(Generic[S]):
                     if hinted is not None:
                         priority = hinted
                         if entry is not None:
-                            entry.priority = hinted
+                            self._reprioritise(entry, hinted)
                         self.pool.set_priority(key, hinted)
             # at once when the pool has nothing waiting: no queue, worker and loop turn
             self.pool.run_now(
                 key, lambda k=key, m=mine: self._apply_batch(k, m, batch), priority=priority
             )
         return batch.done
+
+    def _reprioritise(self, entry: _Key, priority: int) -> None:
+        if entry.priority != priority:
+            entry.priority = priority
+            self._mark(entry)  # the record keeps it: an unchanged event would not store it
 
     def _apply_batch(self, key: str, events: list[Event], batch: _Batch) -> Awaitable[None] | None:
         entry = self._keys.get(key)
@@ -636,6 +655,8 @@ class KeyedStatefulConsumer(Generic[S]):
         seq = event.seq
         publisher = None
         late = False
+        #: the seq only moves the applied one on by one: nothing else of the record changes
+        in_step = True
         if seq is not None:
             publisher = self._publishers.get(event.source)
             if publisher is None:
@@ -644,6 +665,7 @@ class KeyedStatefulConsumer(Generic[S]):
             if not last and seq > 1 and self._history is not None and not rebuilt:
                 return self._rebuild_then_apply(entry, event, publisher, more=more)
             if seq <= last:
+                in_step = False
                 late = _take_seq(entry.failed, publisher, seq) or (
                     event.redriven and _take_seq(entry.refused, publisher, seq)
                 )
@@ -655,8 +677,9 @@ class KeyedStatefulConsumer(Generic[S]):
                     self.metrics.duplicate_events.inc()
                     return entry.changed
             elif entry.failed and _take_seq(entry.failed, publisher, seq):
-                pass  # a retry of the last one, nothing passed it over
+                in_step = False  # a retry of the last one, nothing passed it over
             elif seq > last + 1:
+                in_step = False
                 # a key first seen a little past seq 1 may have had its first events
                 # overtaken; one first seen further in joined its stream midway
                 if last or seq <= UNAPPLIED_KEPT:
@@ -683,8 +706,9 @@ class KeyedStatefulConsumer(Generic[S]):
         else:
             effects.cause = event
             effects.more = more
+        published, timer_at, priority = entry.published, entry.timer_at, entry.priority
         try:
-            entry.state = self.processor.apply(state, event, effects)
+            applied = self.processor.apply(state, event, effects)
         except InvalidInput as exc:
             entry.retire_ttl = retire_ttl
             return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
@@ -696,6 +720,27 @@ class KeyedStatefulConsumer(Generic[S]):
                 self._mark(entry)
             raise
         self._applied_uncounted += 1
+        if applied is not UNCHANGED:
+            entry.state = applied
+        elif (
+            in_step
+            and retire_ttl is None
+            and entry.indexed
+            and entry.retire_ttl is None
+            and entry.published == published
+            and entry.timer_at == timer_at
+            and entry.priority == priority
+        ):
+            # Nothing to store: the seq is stored with the key's next change (or when the
+            # key is handed over). Only the seq's in-step move is left unstored, so a
+            # crash leaves the record's applied seq behind by events that changed
+            # nothing: their redeliveries apply them again, harmlessly, and the next
+            # event counts a gap over the ones acked (see the module).
+            if publisher is not None:
+                entry.applied[publisher] = seq
+                entry.lagging = True
+            # like a duplicate: done once the key's changes before it are stored
+            return entry.changed
         if event.redriven:
             self.metrics.redriven.inc()
         if publisher is not None and not late:
@@ -717,9 +762,11 @@ class KeyedStatefulConsumer(Generic[S]):
                 continue
             state = self._state_of(entry)
             try:
-                entry.state = self.processor.apply(
+                applied = self.processor.apply(
                     state, past, _Effects(self, entry, past, True, silent=True)
                 )
+                if applied is not UNCHANGED:
+                    entry.state = applied
             except InvalidInput:
                 _keep_seq(entry.refused, publisher, seq)  # dead-lettered when it came
             except Exception:
@@ -935,6 +982,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 failed=entry.failed,
                 missing=entry.missing,
             )
+            entry.lagging = False
             key = entry.key
             batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
             stored.append((entry, retired, ttl))
@@ -1216,7 +1264,7 @@ class KeyedStatefulConsumer(Generic[S]):
         """Store ``entries`` as the next owner should find them: outboxes published."""
         await self.flush()
         for entry in entries:
-            if entry.outbox_stored and not entry.gone:
+            if (entry.outbox_stored or entry.lagging) and not entry.gone:
                 self._mark(entry)
         await self.flush()
 
