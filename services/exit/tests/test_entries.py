@@ -4,14 +4,17 @@ buy's ``order.requested`` to its refusal, or to its fill and the position event 
 from __future__ import annotations
 
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.curve import state_from_frame
 from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     OrderRequested,
     PositionOpened,
+    TokenTrade,
     make_event,
 )
 from pumpflow.common.exit import ExitProcessor
+from pumpflow.common.keyed import UNCHANGED
 
 from .helpers import START
 
@@ -61,3 +64,26 @@ def test_an_entry_is_in_flight_until_refused_or_until_its_position_is_here():
     assert state.entries == {} and state.position.position_id == "p"
     # what it stores decodes back the same
     assert processor.decode(processor.encode(state)) == state
+
+
+def test_a_trade_without_a_position_changes_nothing_and_the_position_takes_its_market():
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    stored = processor.encode(state)
+    for sol in (30.0, 31.0):
+        trade = TokenTrade(
+            signature=f"s{sol}", mint=MINT, traderPublicKey="w", txType="buy",
+            tokenAmount=1000.0, newTokenBalance=1000.0, bondingCurveKey="c",
+            vTokensInBondingCurve=1e9, vSolInBondingCurve=sol,
+            marketCapSol=sol,
+        )  # fmt: skip
+        assert _apply(processor, state, trade) is UNCHANGED
+    assert processor.encode(state) == stored
+    opened = PositionOpened(
+        position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7,
+        mark_price=5e-8,
+    )  # fmt: skip
+    state = _apply(processor, state, opened)
+    # the latest trade's curve and mark, as if the state had followed them
+    assert (state.v_sol, state.v_tokens) == (31.0, 1e9)
+    assert state.mark_price == state_from_frame(31.0, 1e9).price

@@ -20,7 +20,9 @@ from pumpflow.common.events import Event, Payload
 S = TypeVar("S")
 
 
-class _Unchanged:
+class Unchanged:
+    """The type of :data:`UNCHANGED`."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -29,7 +31,7 @@ class _Unchanged:
 
 #: what :meth:`KeyedProcessor.apply` returns for an event that changed nothing: the
 #: state is as it was (not touched in place) and the apply asked for no effect
-UNCHANGED: Final = _Unchanged()
+UNCHANGED: Final = Unchanged()
 
 
 class InvalidInput(ValueError):
@@ -97,7 +99,7 @@ class KeyedProcessor(Protocol[S]):
     def initial(self, key: str) -> S:
         """State of a key never seen before."""
 
-    def apply(self, state: S, event: Event, effects: Effects) -> S | _Unchanged:
+    def apply(self, state: S, event: Event, effects: Effects) -> S | Unchanged:
         """Apply ``event`` to the key's state; return the state (the same object or new).
 
         Return :data:`UNCHANGED` when the event changed nothing at all: no part of the

@@ -50,7 +50,7 @@ from pumpflow.common.events import (
     TokenTrade,
 )
 from pumpflow.common.exit.rules import ExitDecision, ExitEvaluator, ExitRules, RuleWatch
-from pumpflow.common.keyed import Effects, StaleState
+from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
 from pumpflow.common.priority import Priority
 
 #: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
@@ -209,6 +209,12 @@ class ExitProcessor:
         self.on_lifecycle = on_lifecycle
         #: a graceful exit is selling: the rules order nothing
         self.halted = False
+        #: mint -> (v_sol, v_tokens, mark price) of the latest trade of a token without a
+        #: position, taken into its state when one opens. Not stored, so every trade
+        #: without a position stores nothing: after a restart or a partition move a
+        #: position opened before its token's next trade starts from the opening
+        #: event's mark and no curve (a graceful exit then sizes by that mark)
+        self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
 
     # ---------------------------------------------------------------- KeyedProcessor
 
@@ -235,6 +241,8 @@ class ExitProcessor:
                 state.entries.setdefault(data.order_id, False)
             decisions = []
         elif isinstance(data, TokenTrade):
+            if state.position is None:
+                return self._unheld_trade(state, data)
             price = self._mark(state, data)
             decisions = []
             if price is not None:
@@ -243,6 +251,8 @@ class ExitProcessor:
             state.migrated = True
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
         elif isinstance(data, TokenLifecycle):
+            if data.state == "inactive":
+                self._unheld.pop(state.mint, None)  # its next trade tells it again
             state.lifecycle = data.state
             state.activity_level = data.activity_level
             if self.on_lifecycle is not None:
@@ -279,6 +289,9 @@ class ExitProcessor:
     def _held(self, state: ExitState, data: PositionOpened | PositionUpdated, time: float) -> None:
         position = state.position
         if position is None or position.position_id != data.position_id:
+            market = self._unheld.pop(state.mint, None)
+            if market is not None:
+                state.v_sol, state.v_tokens, state.mark_price = market
             state.position = HeldState(
                 position_id=data.position_id,
                 opened_at=time,
@@ -293,6 +306,24 @@ class ExitProcessor:
             position.cost_sol = data.cost_sol
         if data.mark_price is not None and state.mark_price is None:
             state.mark_price = data.mark_price
+
+    def _unheld_trade(self, state: ExitState, trade: TokenTrade) -> ExitState | Unchanged:
+        """A trade of a token without a position changes its state only by a migration it
+        reveals: its market is held here until a position opens (see :attr:`_unheld`)."""
+        if trade.pool is not None and trade.pool != _CURVE_POOL and not state.migrated:
+            state.migrated = migrating = True
+        else:
+            migrating = False
+        if state.migrated:
+            sol, tokens = trade.solAmount, float(trade.tokenAmount)
+            if sol is not None and tokens > 0:
+                self._unheld[state.mint] = (state.v_sol, state.v_tokens, float(sol) / tokens)
+            return state if migrating else UNCHANGED
+        curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
+        self._unheld[state.mint] = (curve.v_sol, curve.v_tokens, curve.price)
+        if self.on_market is not None:
+            self.on_market(state.mint, curve)
+        return UNCHANGED
 
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; the trade's price (None if it says none)."""
