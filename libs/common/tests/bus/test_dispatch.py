@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.dispatch import Dispatcher, hold, release
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.bus.metrics import series
-from pumpflow.common.events import TokenMigrated, make_event
+from pumpflow.common.bus.metrics import AGE_BUCKETS, Histogram, series
+from pumpflow.common.events import TokenCreated, TokenMigrated, make_event
 
 
 def migrated(seq: int):
@@ -107,3 +109,44 @@ async def test_a_handler_start_counts_its_events_age_since_the_feeds_receipt():
     # two events with a receipt, none counted for the one without
     assert receipt.count == 2
     assert 0.03 <= receipt.total / receipt.count < 5.0
+
+
+def test_a_histogram_counts_a_list_of_values_as_each_value_alone():
+    """A batch's ages are observed at once; the buckets hold what one by one gives,
+    bounds included (a value equal to a bound is in that bound's bucket)."""
+    values = [0.0, 0.001, 0.0011, 0.01, 0.01, 7.5, 300.0, 301.0, -1.0, 0.2, 0.25]
+    one_by_one, at_once = Histogram(AGE_BUCKETS), Histogram(AGE_BUCKETS)
+    for value in values:
+        one_by_one.observe(value)
+    at_once.observe_many(list(values))
+    assert at_once.counts == one_by_one.counts
+    assert at_once.total == pytest.approx(one_by_one.total)
+    empty = Histogram(AGE_BUCKETS)
+    empty.observe_many([])
+    assert empty.count == 0
+
+
+async def test_a_batch_of_several_types_counts_each_types_events_in_its_series():
+    async def handled_batch(events) -> None:
+        pass
+
+    subscription = Subscription(
+        service="batch-types", patterns=("token.*",), handler=handled_batch,
+        batch_handler=handled_batch, window=8,
+    )  # fmt: skip
+    dispatcher = Dispatcher(service="batch-types", lane="partition", event_log=EventLog("none"))
+    created = make_event(
+        TokenCreated(signature="c1", mint="m1", traderPublicKey="w", txType="create",
+                     initialBuy=1.0, solAmount=0.1, bondingCurveKey="b",
+                     vTokensInBondingCurve=1e9, vSolInBondingCurve=30.0, marketCapSol=30.0,
+                     name="n", symbol="s", uri="u"),
+        source="feed/r1", time=time.time() - 0.02, seq=1, received_at=time.time() - 0.02,
+    )  # fmt: skip
+    batch = [created, migrated(2), migrated(3)]
+    assert await dispatcher.dispatch_batch(batch, subscription) == []
+    migrations = series("batch-types", "token.migrated", "partition")
+    creations = series("batch-types", "token.created", "partition")
+    assert (migrations.consumed, migrations.age.count, migrations.receipt.count) == (2, 2, 0)
+    assert (creations.consumed, creations.age.count, creations.receipt.count) == (1, 1, 1)
+    assert (migrations.handler.count, creations.handler.count) == (2, 1)
+    assert 0.02 <= creations.age.total < 5.0

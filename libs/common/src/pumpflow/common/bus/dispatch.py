@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
 from time import perf_counter
 
 from pumpflow.common.bus.abc import Subscription
@@ -150,6 +152,21 @@ async def _unheld(service: str) -> None:
         await gate.wait()
 
 
+_TYPE = attrgetter("type")
+
+
+def _by_type(events: Sequence[Event]) -> Iterator[tuple[str, Sequence[Event]]]:
+    """The batch's events by type (one group, the batch itself, when all share one)."""
+    if not events:
+        return
+    first = events[0].type
+    if all(map(first.__eq__, map(_TYPE, events))):
+        yield first, events
+        return
+    for kind, group in groupby(sorted(events, key=_TYPE), _TYPE):
+        yield kind, list(group)
+
+
 class Dispatcher:
     """The consume side of one lane of one service.
 
@@ -282,16 +299,14 @@ class Dispatcher:
         now = time.time()
         found = self._series
         # per type: its series and how many of its events the batch holds
-        counted: dict[str, list] = {}
-        for event in events:
-            counts = counted.get(event.type)
-            if counts is None:
-                kind = event.type
-                counts = counted[kind] = [found.get(kind) or self.series(kind), 0]
-            counts[0].age.observe(now - event.time)
-            if event.received_at is not None:
-                counts[0].receipt.observe(now - event.received_at)
-            counts[1] += 1
+        counted: list[tuple[Series, int]] = []
+        for kind, group in _by_type(events):
+            stats = found.get(kind) or self.series(kind)
+            stats.age.observe_many([now - event.time for event in group])
+            receipts = [now - at for event in group if (at := event.received_at) is not None]
+            if receipts:
+                stats.receipt.observe_many(receipts)
+            counted.append((stats, len(group)))
         started = perf_counter()
         try:
             await handler(events)
@@ -310,7 +325,7 @@ class Dispatcher:
             return dead
         # each event's share of the call, so the histogram stays per event
         share = (perf_counter() - started) / len(events)
-        for stats, count in counted.values():
+        for stats, count in counted:
             stats.handler.observe(share, count)
             stats.consumed += count
         event_log = self._event_log

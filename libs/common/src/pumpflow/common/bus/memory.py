@@ -549,32 +549,37 @@ class InMemoryBus(EventBus):
         lane.running += 1
         return delivery
 
-    def _start_batch(self, lane: _Lane, replica: _Replica) -> list[_Delivery]:
+    def _start_batch(self, lane: _Lane, replica: _Replica) -> tuple[list[Event], list[_Delivery]]:
         """Take as many of the lane's events as ``replica``'s window leaves room for, up to
-        one that came back (it runs alone: see the delivery limit)."""
+        one that came back (it runs alone: see the delivery limit); return them and their
+        deliveries."""
         room = replica.subscription.window - lane.running
         items = lane.items
         returned = lane.returned
         if returned:
-            batch = []
-            while items and len(batch) < room and items[0].id not in returned:
-                batch.append(_Delivery(items.popleft()))
+            events = []
+            while items and len(events) < room and items[0].id not in returned:
+                events.append(items.popleft())
+        elif room >= len(items):
+            events = list(items)
+            items.clear()
         else:
             take = items.popleft
-            batch = [_Delivery(take()) for _ in range(min(room, len(items)))]
+            events = [take() for _ in range(room)]
+        batch = list(map(_Delivery, events))
         lane.unacked.extend(batch)
         if lane.running == 0:
             lane.serving = replica
             replica.busy.add(lane)
             lane.idle.clear()
         lane.running += len(batch)
-        return batch
+        return events, batch
 
-    async def _run_batch(self, lane: _Lane, replica: _Replica, batch: list[_Delivery]) -> None:
+    async def _run_batch(
+        self, lane: _Lane, replica: _Replica, events: list[Event], batch: list[_Delivery]
+    ) -> None:
         try:
-            dead = await lane.dispatcher.dispatch_batch(
-                [d.event for d in batch], replica.subscription
-            )
+            dead = await lane.dispatcher.dispatch_batch(events, replica.subscription)
             for event, reason in dead:
                 self._store_dead(_dead_letter(lane, event, reason))
         except HandedBack:
@@ -679,8 +684,9 @@ class InMemoryBus(EventBus):
                     await lane.idle.wait()
                 continue
             if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
-                batch = self._start_batch(lane, replica)
-                task = asyncio.create_task(self._run_batch(lane, replica, batch))
+                task = asyncio.create_task(
+                    self._run_batch(lane, replica, *self._start_batch(lane, replica))
+                )
                 lane.tasks.add(task)
                 task.add_done_callback(lane.tasks.discard)
                 continue

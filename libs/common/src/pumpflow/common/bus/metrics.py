@@ -13,7 +13,7 @@ families when Prometheus scrapes; the exposition is the same.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -50,6 +50,27 @@ class Histogram:
         """Count ``value`` observed ``times`` times."""
         self.counts[bisect_left(self.bounds, value)] += times
         self.total += value * times
+
+    def observe_many(self, values: list[float]) -> None:
+        """Count each of ``values`` once (sorts the list in place).
+
+        Sorted, each bucket's share is one binary search from the last bucket's end: a
+        few bisections in C for a batch instead of one Python call a value.
+        """
+        values.sort()
+        counts = self.counts
+        size = len(values)
+        start = 0
+        for i, bound in enumerate(self.bounds):
+            end = bisect_right(values, bound, start)
+            if end > start:
+                counts[i] += end - start
+                if end == size:
+                    break
+                start = end
+        else:
+            counts[-1] += size - start
+        self.total += sum(values)
 
     @property
     def count(self) -> int:
