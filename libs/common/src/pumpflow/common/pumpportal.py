@@ -330,15 +330,18 @@ def _decode_control(data: bytes) -> ControlFrame:
 def _check_keys_unique(data: bytes, quotes_needed: int, event_type: str | None) -> None:
     """Reject a frame that names a key twice: its readers could disagree on the value.
 
-    Hot path: without a backslash no string holds a quote, so a frame has two quotes
-    per key and two per string value. ``quotes_needed`` counts them for each key given
-    once; a repeated key adds two. A frame with more (keys the payload does not know)
-    is counted again from its top-level object, and anything else gets a full parse.
+    Hot path: every string has its two quotes and an escaped quote inside one adds a
+    third, so a frame has at least two quotes per key and two per string value.
+    ``quotes_needed`` counts them for each key given once; a repeated key adds two, so a
+    frame with no more than that names none twice, escapes or not. A frame with more
+    (keys the payload does not know) is counted again from its top-level object if no
+    backslash can hide a quote in a string, and anything else gets a full parse.
     """
-    if b"\\" not in data:
-        quotes = data.count(b'"')
-        if quotes == quotes_needed or quotes == _quotes_of(_any_decoder.decode(data)):
-            return
+    quotes = data.count(b'"')
+    if quotes == quotes_needed:
+        return
+    if b"\\" not in data and quotes == _quotes_of(_any_decoder.decode(data)):
+        return
     duplicated = _duplicated_key(data)
     if duplicated is not None:
         raise EventValidationError(
