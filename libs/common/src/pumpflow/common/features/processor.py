@@ -16,7 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from pumpflow.common.events import Event, FeaturesUpdated
-from pumpflow.common.features.inputs import TradeInput, event_input
+from pumpflow.common.features.inputs import TradeInput, trade_input
 from pumpflow.common.features.manager import FeatureManager
 from pumpflow.common.features.state import TokenState, decode_snapshot, encode_snapshot
 from pumpflow.common.keyed import Effects, InvalidInput, StaleState
@@ -54,7 +54,7 @@ class FeaturesProcessor:
         if kind == "token.migrated":
             effects.retire(self.retire_ttl_s)
             return state
-        trade = event_input(event)
+        trade = trade_input(event.data, event.time)
         reason = invalid_reason(trade)
         if reason is not None:
             raise InvalidInput(reason)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import sys
 from array import array
+from bisect import bisect_right
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import blake2b
 
 import msgspec
@@ -46,8 +47,16 @@ class Layout:
     ewma_alphas: tuple[float, ...] = ()
     #: RSI periods (Wilder smoothing of per-trade gains and losses)
     rsi_periods: tuple[int, ...] = ()
+    #: per EWMA, (1 - alpha, alpha); per RSI period, (1 - 1/period, 1/period): the same
+    #: floats each trade would compute, computed once
+    ewma_weights: tuple[tuple[float, float], ...] = field(init=False, repr=False, compare=False)
+    rsi_weights: tuple[tuple[float, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        weights = tuple((1.0 - alpha, alpha) for alpha in self.ewma_alphas)
+        object.__setattr__(self, "ewma_weights", weights)
+        weights = tuple((1.0 - 1.0 / period, 1.0 / period) for period in self.rsi_periods)
+        object.__setattr__(self, "rsi_weights", weights)
         if tuple(sorted(set(self.windows))) != self.windows:
             raise ValueError("windows must be unique and ascending")
         if any(w <= 0 for w in self.windows):
@@ -264,15 +273,13 @@ class TokenState:
             self.last_return = r
             r2 = r * r
             ewma = self.ewma
-            for k, alpha in enumerate(layout.ewma_alphas):
-                ewma[k] = (1.0 - alpha) * ewma[k] + alpha * r2
+            for k, (keep, alpha) in enumerate(layout.ewma_weights):
+                ewma[k] = keep * ewma[k] + alpha * r2
             if layout.rsi_periods:
                 gain = r if r > 0.0 else 0.0
                 loss = -r if r < 0.0 else 0.0
                 rsi = self.rsi
-                for k, period in enumerate(layout.rsi_periods):
-                    a = 1.0 / period
-                    b = 1.0 - a
+                for k, (b, a) in enumerate(layout.rsi_weights):
                     rsi[2 * k] = b * rsi[2 * k] + a * gain
                     rsi[2 * k + 1] = b * rsi[2 * k + 1] + a * loss
             if price > self.peak_price:
@@ -354,17 +361,19 @@ class TokenState:
             cutoff = t - window
             i = wstate[at + _LEFT] - base
             if buf_time[i] <= cutoff:
-                out_buy = out_sell = out_new = 0
-                while buf_time[i] <= cutoff:
-                    out_buy += buf_buy[i]
-                    out_sell += buf_sell[i]
-                    out_new += buf_new[i]
-                    i += 1
-                wstate[at + _BUY] -= out_buy
-                wstate[at + _SELL] -= out_sell
-                wstate[at + _NEW] -= out_new
-                wstate[at + _REF] = self.buf_price[i - 1]
-                wstate[at + _LEFT] = i + base
+                # times never step back (fold clamps them), so the first row still inside
+                # is found by bisection; the sums are of integers, in any order exact
+                end = bisect_right(buf_time, cutoff, i)
+                if end == i + 1:
+                    wstate[at + _BUY] -= buf_buy[i]
+                    wstate[at + _SELL] -= buf_sell[i]
+                    wstate[at + _NEW] -= buf_new[i]
+                else:
+                    wstate[at + _BUY] -= sum(buf_buy[i:end])
+                    wstate[at + _SELL] -= sum(buf_sell[i:end])
+                    wstate[at + _NEW] -= sum(buf_new[i:end])
+                wstate[at + _REF] = self.buf_price[end - 1]
+                wstate[at + _LEFT] = end + base
         maxq = self.maxq
         if maxq:
             for k, window in enumerate(self.layout.max_windows):
