@@ -10,8 +10,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import groupby
-from operator import attrgetter
 from time import perf_counter
 
 from pumpflow.common.bus.abc import Subscription
@@ -152,19 +150,23 @@ async def _unheld(service: str) -> None:
         await gate.wait()
 
 
-_TYPE = attrgetter("type")
-
-
 def _by_type(events: Sequence[Event]) -> Iterator[tuple[str, Sequence[Event]]]:
     """The batch's events by type (one group, the batch itself, when all share one)."""
     if not events:
         return
-    first = events[0].type
-    if all(map(first.__eq__, map(_TYPE, events))):
+    types = [event.type for event in events]
+    first = types[0]
+    if types.count(first) == len(types):
         yield first, events
         return
-    for kind, group in groupby(sorted(events, key=_TYPE), _TYPE):
-        yield kind, list(group)
+    groups: dict[str, list[Event]] = {}
+    for kind, event in zip(types, events, strict=True):
+        group = groups.get(kind)
+        if group is None:
+            groups[kind] = [event]
+        else:
+            group.append(event)
+    yield from groups.items()
 
 
 class Dispatcher:

@@ -566,7 +566,7 @@ class InMemoryBus(EventBus):
         else:
             take = items.popleft
             events = [take() for _ in range(room)]
-        batch = list(map(_Delivery, events))
+        batch = [_Delivery(event) for event in events]
         lane.unacked.extend(batch)
         if lane.running == 0:
             lane.serving = replica
