@@ -57,14 +57,18 @@ log = logging.getLogger(__name__)
 
 
 class _Delivery:
-    """An event handed to a handler and not acked yet."""
+    """Events handed to a handler in one call (one, or a batch) and not acked yet.
 
-    __slots__ = ("abandoned", "done", "event")
+    A batch is one delivery: its events start, return and go back together, so one
+    object a batch rather than one an event.
+    """
 
-    def __init__(self, event: Event):
-        self.event = event
+    __slots__ = ("abandoned", "done", "events")
+
+    def __init__(self, events: list[Event]):
+        self.events = events
         self.done = False
-        #: its replica was abandoned: the event went back to the queue
+        #: its replica was abandoned: the events went back to the queue
         self.abandoned = False
 
 
@@ -92,7 +96,7 @@ class _Lane:
         self.dispatcher = dispatcher
         self.partition = partition
         self.items: deque[Event] = deque()
-        #: delivered and not acked, in delivery order
+        #: delivered and not acked, in delivery order (a batch is one delivery)
         self.unacked: deque[_Delivery] = deque()
         #: event id -> deliveries that ended unsettled (a shared lane's delivery limit)
         self.returned: dict[str, int] = {}
@@ -365,12 +369,15 @@ class InMemoryBus(EventBus):
                 stopped.extend(self._halt(lane))
                 for delivery in lane.unacked:
                     if not delivery.done:
-                        _returned(lane, delivery.event)
-                lane.items.extendleft(d.event for d in reversed(lane.unacked))
+                        for event in delivery.events:
+                            _returned(lane, event)
+                lane.items.extendleft(
+                    event for d in reversed(lane.unacked) for event in reversed(d.events)
+                )
                 lane.unacked.clear()
         for lane in (replica.broadcast, replica.critical_broadcast):
             stopped.extend(self._halt(lane))
-            self._settle(len(lane.items) + len(lane.unacked))
+            self._settle(len(lane.items) + sum(len(d.events) for d in lane.unacked))
             lane.items.clear()
             lane.unacked.clear()
         if stopped:
@@ -540,7 +547,7 @@ class InMemoryBus(EventBus):
 
     def _start(self, lane: _Lane, replica: _Replica) -> _Delivery:
         """Take the lane's next event for ``replica``'s handler."""
-        delivery = _Delivery(lane.items.popleft())
+        delivery = _Delivery([lane.items.popleft()])
         lane.unacked.append(delivery)
         if lane.running == 0:
             lane.serving = replica
@@ -549,10 +556,9 @@ class InMemoryBus(EventBus):
         lane.running += 1
         return delivery
 
-    def _start_batch(self, lane: _Lane, replica: _Replica) -> tuple[list[Event], list[_Delivery]]:
+    def _start_batch(self, lane: _Lane, replica: _Replica) -> _Delivery:
         """Take as many of the lane's events as ``replica``'s window leaves room for, up to
-        one that came back (it runs alone: see the delivery limit); return them and their
-        deliveries."""
+        one that came back (it runs alone: see the delivery limit)."""
         room = replica.subscription.window - lane.running
         items = lane.items
         returned = lane.returned
@@ -566,40 +572,36 @@ class InMemoryBus(EventBus):
         else:
             take = items.popleft
             events = [take() for _ in range(room)]
-        batch = [_Delivery(event) for event in events]
-        lane.unacked.extend(batch)
+        batch = _Delivery(events)
+        lane.unacked.append(batch)
         if lane.running == 0:
             lane.serving = replica
             replica.busy.add(lane)
             lane.idle.clear()
-        lane.running += len(batch)
-        return events, batch
+        lane.running += len(events)
+        return batch
 
-    async def _run_batch(
-        self, lane: _Lane, replica: _Replica, events: list[Event], batch: list[_Delivery]
-    ) -> None:
+    async def _run_batch(self, lane: _Lane, replica: _Replica, batch: _Delivery) -> None:
         try:
-            dead = await lane.dispatcher.dispatch_batch(events, replica.subscription)
+            dead = await lane.dispatcher.dispatch_batch(batch.events, replica.subscription)
             for event, reason in dead:
                 self._store_dead(_dead_letter(lane, event, reason))
         except HandedBack:
             # the lane stopped while the batch waited for a dependency: nothing died with
             # it, so the delivery limit does not count it
-            for delivery in reversed(batch):
-                if not delivery.abandoned:
-                    self._hand_back(lane, delivery, unsettled=False)
+            if not batch.abandoned:
+                self._hand_back(lane, batch, unsettled=False)
         except asyncio.CancelledError:
             if self._hand_back_cancelled(lane, batch):
                 raise
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on a batch", lane.group.service)
         finally:
-            returned = [d for d in batch if not d.abandoned]
-            if returned:
-                self._finish(lane, *returned)
+            if not batch.abandoned:
+                self._finish(lane, batch)
 
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
-        event = delivery.event
+        event = delivery.events[0]
         try:
             if lane.returned and lane.returned.get(event.id, 0) > DELIVERY_LIMIT:
                 returns = lane.returned[event.id]
@@ -618,7 +620,7 @@ class InMemoryBus(EventBus):
             if not delivery.abandoned:
                 self._hand_back(lane, delivery, unsettled=False)
         except asyncio.CancelledError:
-            if self._hand_back_cancelled(lane, [delivery]):
+            if self._hand_back_cancelled(lane, delivery):
                 raise
         except Exception:  # the dispatcher catches handler errors; this is a bus bug
             log.exception("in-memory bus lane %s failed on %s", lane.group.service, event.id)
@@ -628,36 +630,34 @@ class InMemoryBus(EventBus):
                     lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
 
-    def _hand_back_cancelled(self, lane: _Lane, deliveries: list[_Delivery]) -> bool:
+    def _hand_back_cancelled(self, lane: _Lane, delivery: _Delivery) -> bool:
         """Hand back what a cancelled handler left unfinished; True if the lane itself was
         cancelled (the cancellation goes on), False if only the handler was."""
-        # back to the front of the lane in reverse, so the first comes out first again
-        for delivery in reversed(deliveries):
-            if not delivery.abandoned:
-                self._hand_back(lane, delivery)
+        if not delivery.abandoned:
+            self._hand_back(lane, delivery)
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0
 
     def _hand_back(self, lane: _Lane, delivery: _Delivery, *, unsettled: bool = True) -> None:
-        """A handler ended unfinished (cancelled): its event goes back, never acked."""
+        """A handler ended unfinished (cancelled): its events go back, never acked."""
         lane.unacked.remove(delivery)
-        lane.items.appendleft(delivery.event)
+        # back to the front of the lane in reverse, so the first comes out first again
+        lane.items.extendleft(reversed(delivery.events))
         if unsettled:
-            _returned(lane, delivery.event)
+            for event in delivery.events:
+                _returned(lane, event)
         # returned as far as the window goes; acks of the others are not held back by it
         self._finish(lane, delivery)
         delivery.abandoned = True
 
-    def _finish(self, lane: _Lane, *deliveries: _Delivery) -> None:
-        """Record returned handlers; ack every returned delivery not behind a running one."""
-        for delivery in deliveries:
-            delivery.done = True
-        lane.running -= len(deliveries)
+    def _finish(self, lane: _Lane, delivery: _Delivery) -> None:
+        """Record a returned handler; ack every returned delivery not behind a running one."""
+        delivery.done = True
+        lane.running -= len(delivery.events)
         unacked = lane.unacked
         acked = 0
         while unacked and unacked[0].done:
-            unacked.popleft()
-            acked += 1
+            acked += len(unacked.popleft().events)
         if acked:
             self._settle(acked)
         if lane.running == 0:
@@ -685,7 +685,7 @@ class InMemoryBus(EventBus):
                 continue
             if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
                 task = asyncio.create_task(
-                    self._run_batch(lane, replica, *self._start_batch(lane, replica))
+                    self._run_batch(lane, replica, self._start_batch(lane, replica))
                 )
                 lane.tasks.add(task)
                 task.add_done_callback(lane.tasks.discard)
