@@ -25,7 +25,7 @@ from pumpflow.common.events import (
     TokenTrade,
     make_event,
 )
-from pumpflow.common.keyed import InvalidInput, StaleState
+from pumpflow.common.keyed import UNCHANGED, InvalidInput, StaleState
 from pumpflow.common.priority import Priority
 
 TH = LifecycleThresholds()
@@ -35,7 +35,10 @@ T0 = 1_000.0
 NAMES = ("price", *reversed(REQUIRED_FEATURES), "rsi_14")
 
 HOT = dict(
-    trades_per_minute=60.0, unique_traders=25, new_traders=20, sol_volume_per_minute=12.0,
+    trades_per_minute=60.0,
+    unique_traders=25,
+    new_traders=20,
+    sol_volume_per_minute=12.0,
     price_return=0.4,
 )
 #: exactly the active criteria
@@ -186,8 +189,12 @@ def test_first_vector_starts_a_new_token_with_its_deadline():
     assert key.fx.emitted == [
         (
             TokenLifecycle(
-                mint=MINT, state=NEW, previous_state=None, reason="first seen",
-                priority=Priority.NORMAL, activity_level=0.0,
+                mint=MINT,
+                state=NEW,
+                previous_state=None,
+                reason="first seen",
+                priority=Priority.NORMAL,
+                activity_level=0.0,
             ),
             T0,
         )
@@ -197,7 +204,10 @@ def test_first_vector_starts_a_new_token_with_its_deadline():
     state = key.state
     assert state.state == NEW and state.created_at == T0 and not state.retired
     assert state.metrics == ActivityMetrics(
-        time=T0, trades_per_minute=1.0, unique_traders=1, sol_volume_per_minute=0.05,
+        time=T0,
+        trades_per_minute=1.0,
+        unique_traders=1,
+        sol_volume_per_minute=0.05,
         curve_progress=0.0,
     )
 
@@ -465,8 +475,11 @@ def test_vector_with_values_not_matching_its_names_is_invalid_input():
     event = vector(T0)
     short = make_event(
         FeaturesUpdated(
-            mint=MINT, feature_set_version="test", source_seq=1,
-            names=event.data.names, values=event.data.values[:-1],
+            mint=MINT,
+            feature_set_version="test",
+            source_seq=1,
+            names=event.data.names,
+            values=event.data.values[:-1],
         ),
         source="features/test",
         time=T0,
@@ -478,8 +491,15 @@ def test_vector_with_values_not_matching_its_names_is_invalid_input():
 
 def test_other_event_types_are_invalid_input():
     trade = TokenTrade(
-        signature="s", mint=MINT, traderPublicKey="w", txType="buy", tokenAmount=1,
-        newTokenBalance=1, bondingCurveKey="c", vTokensInBondingCurve=1, vSolInBondingCurve=1,
+        signature="s",
+        mint=MINT,
+        traderPublicKey="w",
+        txType="buy",
+        tokenAmount=1,
+        newTokenBalance=1,
+        bondingCurveKey="c",
+        vTokensInBondingCurve=1,
+        vSolInBondingCurve=1,
         marketCapSol=1,
     )
     key = Key()
@@ -492,7 +512,8 @@ def test_other_event_types_are_invalid_input():
 def test_a_vector_a_newer_one_follows_in_its_batch_is_not_read():
     key = Key()
     followed = FakeEffects(MINT, T0, more=True)
-    state = key.processor.apply(key.processor.initial(MINT), vector(T0, **HOT), followed)
+    state = key.processor.initial(MINT)
+    assert key.processor.apply(state, vector(T0, **HOT), followed) is UNCHANGED
     assert state.state is None and state.metrics is None and followed.emitted == []
     newest = FakeEffects(MINT, T0)
     state = key.processor.apply(state, vector(T0, **HOT), newest)

@@ -43,7 +43,7 @@ from pumpflow.common.activity.lifecycle import (
 )
 from pumpflow.common.activity.metrics import ActivityMetricsReader, InvalidVector
 from pumpflow.common.events import Event, FeaturesUpdated, LifecycleState, TokenLifecycle
-from pumpflow.common.keyed import Effects, InvalidInput, StaleState
+from pumpflow.common.keyed import UNCHANGED, Effects, InvalidInput, StaleState, Unchanged
 from pumpflow.common.priority import Priority
 
 FeedAction = Literal["subscribe", "unsubscribe"]
@@ -100,7 +100,9 @@ class ActivityProcessor:
     def initial(self, key: str) -> ActivityState:
         return ActivityState(mint=key)
 
-    def apply(self, state: ActivityState, event: Event, effects: Effects) -> ActivityState:
+    def apply(
+        self, state: ActivityState, event: Event, effects: Effects
+    ) -> ActivityState | Unchanged:
         """Take a ``features.updated`` (the token's metrics) or a ``token.migrated``.
 
         A vector is a snapshot: of a token's vectors delivered together
@@ -111,7 +113,7 @@ class ActivityProcessor:
         if event.type != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"activity does not consume {event.type}")
         if effects.more:
-            return state  # a newer vector of the token follows in this batch: decide on that
+            return UNCHANGED  # a newer vector of the token follows in this batch: decide on that
         data = event.data
         try:
             metrics = self._reader.read(data.names, data.values, time=event.time)
