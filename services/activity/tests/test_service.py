@@ -157,6 +157,38 @@ async def test_a_restarted_replica_carries_on_from_the_store(stack):
     await second.stop()
 
 
+async def test_the_counts_kept_by_state_match_a_recount_of_the_tokens(stack):
+    s, tk = stack, stack.tokens
+    first = await s.activity()
+
+    def agree(svc: ActivityService) -> dict[str, int]:
+        counts = svc.counts()
+        assert counts == svc.recount()
+        return counts
+
+    agree(first)
+    for mint in "ABC":
+        await s.send(tk.created(mint))
+    assert agree(first)["new"] == 3
+    await s.pump(["A"], 1, 40)
+    assert agree(first)["active"] == 1
+    await s.at(61)
+    await s.send(tk.migrated("C"))
+    assert agree(first)["graduated"] == 1
+    await s.at(200)  # B goes inactive and retires; A declines
+    counts = agree(first)
+    assert counts["inactive"] == 0 and counts["new"] == 0 and counts["declining"] == 1
+    await s.pump(["B"], 210, 240)  # B revived
+    held = agree(first)
+    assert held["active"] == 1
+    await first.stop()
+    second = await s.activity()  # restored from the store, no apply yet
+    assert agree(second) == held
+    await s.at(400)
+    agree(second)
+    await second.stop()
+
+
 async def test_http_views(stack):
     s, tk = stack, stack.tokens
     svc = await s.activity()

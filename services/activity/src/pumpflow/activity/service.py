@@ -34,6 +34,7 @@ from pumpflow.activity.metrics import ActivityServiceMetrics
 from pumpflow.activity.settings import ActivitySettings
 from pumpflow.common.activity import ActivityProcessor, ActivityState, FeedAction
 from pumpflow.common.activity.lifecycle import STATES
+from pumpflow.common.activity.processor import counted
 from pumpflow.common.clock import TimerHandle
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer, Record
 from pumpflow.common.events import Event, FeedSubscription, make_event
@@ -60,8 +61,16 @@ class ActivityService(Service):
         self.metrics = ActivityServiceMetrics(registry=registry)
         self.consumer_metrics = ConsumerMetrics(self.name, registry=registry)
         self.processor = ActivityProcessor(
-            on_feed_request=self._request, thresholds=settings.thresholds()
+            on_feed_request=self._request,
+            thresholds=settings.thresholds(),
+            on_counted=self._counted,
         )
+        #: mint -> lifecycle state of the live tokens held here, kept as applies change
+        #: them; read again from every token when the partitions held change (keys
+        #: restored or handed over come and go without an apply)
+        self._states: dict[str, str] = {}
+        self._by_state: Counter[str] = Counter()
+        self._counted_over: tuple[frozenset[int], frozenset[int]] | None = None
         self.consumer: KeyedStatefulConsumer[ActivityState] | None = None
         self._ctx: ServiceContext | None = None
         #: mints waiting for a feed command, by action (insertion ordered)
@@ -183,10 +192,31 @@ class ActivityService(Service):
                 found.append(state)
         return found
 
+    def _counted(self, mint: str, state: str | None) -> None:
+        by_state = self._by_state
+        before = self._states.pop(mint, None)
+        if before is not None:
+            by_state[before] -= 1
+        if state is not None:
+            self._states[mint] = state
+            by_state[state] += 1
+
     def counts(self) -> dict[str, int]:
-        """Tokens held here, by lifecycle state."""
-        counts = Counter(t.state for t in self.tokens())
-        return {state: counts.get(state, 0) for state in STATES}
+        """Live tokens held here (not retired), by lifecycle state."""
+        consumer = self.consumer
+        if consumer is not None:
+            held = (frozenset(consumer.owned), frozenset(consumer.restored))
+            if held != self._counted_over:
+                self._counted_over = held
+                self._states = {t.mint: t.state for t in self.tokens() if counted(t) is not None}
+                self._by_state = Counter(self._states.values())
+        by_state = self._by_state
+        return {state: by_state.get(state, 0) for state in STATES}
+
+    def recount(self) -> dict[str, int]:
+        """:meth:`counts` read from every token held here (decoding those held compact)."""
+        by_state = Counter(counted(t) for t in self.tokens())
+        return {state: by_state.get(state, 0) for state in STATES}
 
     async def token(self, mint: str) -> dict[str, Any] | None:
         """The view of ``mint``: held here, or its stored record (a retired token)."""

@@ -48,6 +48,8 @@ from pumpflow.common.priority import Priority
 
 FeedAction = Literal["subscribe", "unsubscribe"]
 FeedRequestCallback = Callable[[FeedAction, str], None]
+#: (mint, its lifecycle state, None when it has none or is retired)
+CountedCallback = Callable[[str, LifecycleState | None], None]
 
 CONSUMES = ("features.updated", "token.migrated")
 #: a stale tombstone re-retired by a late event still gets a usable TTL
@@ -80,6 +82,11 @@ class ActivityState(msgspec.Struct, kw_only=True, omit_defaults=True):
     timer_at: float | None = None
 
 
+def counted(state: ActivityState) -> LifecycleState | None:
+    """The state ``state`` is counted under: none before its first event or once retired."""
+    return None if state.retired else state.state
+
+
 class ActivityProcessor:
     """Per-token lifecycle rules as a :class:`~pumpflow.common.keyed.KeyedProcessor`."""
 
@@ -88,9 +95,13 @@ class ActivityProcessor:
         *,
         on_feed_request: FeedRequestCallback,
         thresholds: LifecycleThresholds | None = None,
+        on_counted: CountedCallback | None = None,
     ):
         self.thresholds = thresholds or LifecycleThresholds()
         self._on_feed_request = on_feed_request
+        #: told a token's :func:`counted` state whenever an apply or a fire changes it
+        #: (its host keeps counts by state instead of reading every token)
+        self._on_counted = on_counted
         self._reader = ActivityMetricsReader()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(ActivityState).decode
@@ -109,7 +120,7 @@ class ActivityProcessor:
         (``Effects.more``) only the newest is read.
         """
         if event.type == "token.migrated":
-            return self.migrated(state, effects)
+            return self._counting(state, lambda: self.migrated(state, effects))
         if event.type != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"activity does not consume {event.type}")
         if effects.more:
@@ -119,10 +130,24 @@ class ActivityProcessor:
             metrics = self._reader.read(data.names, data.values, time=event.time)
         except InvalidVector as exc:
             raise InvalidInput(str(exc)) from exc
-        return self.update(state, metrics, effects)
+        return self._counting(state, lambda: self.update(state, metrics, effects))
+
+    def _counting(self, state: ActivityState, step: Callable[[], ActivityState]) -> ActivityState:
+        """Run ``step`` on ``state``; tell ``on_counted`` if the token's counted state moved."""
+        if self._on_counted is None:
+            return step()
+        before = counted(state)
+        state = step()
+        after = counted(state)
+        if after != before:
+            self._on_counted(state.mint, after)
+        return state
 
     def fire(self, state: ActivityState, effects: Effects) -> ActivityState:
         """Run the time rules due now; re-arm when the deadline moved on meanwhile."""
+        return self._counting(state, lambda: self._fire(state, effects))
+
+    def _fire(self, state: ActivityState, effects: Effects) -> ActivityState:
         token = state
         token.timer_at = None
         if token.state is None or token.retired:
