@@ -89,6 +89,19 @@ async def bought(run: Entered, api: FakeTradeApi, market) -> PositionOpened:
     return opened
 
 
+async def sell_all(run: Entered, opened: PositionOpened, clock, *, reason: str) -> ExitOrder:
+    """Publish the exit service's order to sell the whole position; return it."""
+    sale = ExitOrder(
+        order_id=f"{opened.position_id}:exit:1",
+        mint=opened.mint,
+        position_id=opened.position_id,
+        token_amount=opened.token_amount,
+        reason=reason,
+    )
+    await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+    return sale
+
+
 async def answered(service: TradingService, api: FakeTradeApi, requests: int = 1) -> None:
     """Wait until the fake has had ``requests`` calls and each has come back."""
     await eventually(
@@ -160,14 +173,7 @@ async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wal
         mint = run.mint
         opened = await bought(run, api, market)
 
-        sale = ExitOrder(
-            order_id=f"{opened.position_id}:exit:1",
-            mint=mint,
-            position_id=opened.position_id,
-            token_amount=opened.token_amount,
-            reason="take profit",
-        )
-        await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+        sale = await sell_all(run, opened, clock, reason="take profit")
         await answered(run.service, api, 2)
         sold = api.requests[1]
         assert sold.body["action"] == "sell" and sold.body["mint"] == mint
@@ -225,14 +231,7 @@ async def test_a_refusal_on_a_market_past_the_orders_limit_is_slippage_counted_f
         if side == "sell":
             opened = await bought(run, api, market)
             api.behaviour = "held"
-            sale = ExitOrder(
-                order_id=f"{opened.position_id}:exit:1",
-                mint=mint,
-                position_id=opened.position_id,
-                token_amount=opened.token_amount,
-                reason="stop loss",
-            )
-            await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+            await sell_all(run, opened, clock, reason="stop loss")
         calls = 2 if side == "sell" else 1
         await eventually(lambda: len(api.requests) == calls, what="the held call")
         if market_moved:
