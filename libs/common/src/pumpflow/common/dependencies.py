@@ -225,14 +225,22 @@ async def wait_out(
     stops the wait. The first pause and the recovery are logged, the pauses between
     them counted.
     """
+    try:
+        # the usual case, without setting up a wait
+        return await action()
+    except Exception as exc:
+        failure: Exception | None = exc
     with ExitStack() as waiting:
         pauses: Iterator[float] | None = None
         started = 0.0
         counted = False
         while True:
             try:
+                if failure is not None:
+                    raise failure
                 result = await action()
             except Exception as exc:
+                failure = None
                 dependency = transient_dependency(exc)
                 if dependency is None:
                     if not retry_failures:

@@ -341,6 +341,7 @@ class KeyedStatefulConsumer(Generic[S]):
         #: where a key without a record is rebuilt from (see the module)
         self._history = history
         self.metrics = metrics or ConsumerMetrics(config.service)
+        self._backoff = Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s)
         self.pool = TokenMonitorThreadPool(
             WorkerPoolConfig(
                 name=config.service,
@@ -1085,7 +1086,7 @@ class KeyedStatefulConsumer(Generic[S]):
             action,
             waiter=config.service,
             what=what,
-            backoff=Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s),
+            backoff=self._backoff,
             retry_failures=key is None,
             after_pause=after_pause,
         )
