@@ -72,6 +72,39 @@ class _Delivery:
         self.abandoned = False
 
 
+class _Wakeup:
+    """What a lane's worker waits on: :class:`asyncio.Event` for its one waiter, without
+    the list of waiters and the lookups (set once or more per delivery); a set wakes the
+    waiter as the event's would, in the same turn of the loop."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future | None = None
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            # a worker cancelled for a new one may end after the new one began to wait
+            if self._waiter is waiter:
+                self._waiter = None
+
+
 class _Lane:
     """One queue with its worker, delivering to ``consumer`` (shared or a replica's own)."""
 
@@ -105,7 +138,7 @@ class _Lane:
         self.serving: _Replica | None = None
         #: handler tasks of a window above 1
         self.tasks: set[asyncio.Task] = set()
-        self.wakeup = asyncio.Event()
+        self.wakeup = _Wakeup()
         #: set while no handler runs
         self.idle = asyncio.Event()
         self.idle.set()
@@ -182,6 +215,13 @@ def _dead_letter(lane: _Lane, event: Event, reason: str) -> DeadLetter:
         key=event.key,
         headers={"x-pumpflow-reason": reason, "x-pumpflow-lane": lane.dispatcher.lane},
     )
+
+
+def _left(lane: _Lane) -> None:
+    """A handler task of ``lane`` ends: it leaves the lane's tasks itself (a done callback
+    would take a turn of the event loop per delivery). One cancelled before it ran never
+    gets here: only :meth:`InMemoryBus._halt` cancels them, and it empties the set."""
+    lane.tasks.discard(asyncio.current_task())
 
 
 def _returned(lane: _Lane, event: Event) -> None:
@@ -599,6 +639,7 @@ class InMemoryBus(EventBus):
         finally:
             if not batch.abandoned:
                 self._finish(lane, batch)
+            _left(lane)
 
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
         event = delivery.events[0]
@@ -629,6 +670,7 @@ class InMemoryBus(EventBus):
                 if lane.returned:
                     lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
+            _left(lane)
 
     def _hand_back_cancelled(self, lane: _Lane, delivery: _Delivery) -> bool:
         """Hand back what a cancelled handler left unfinished; True if the lane itself was
@@ -684,20 +726,18 @@ class InMemoryBus(EventBus):
                     await lane.idle.wait()
                 continue
             if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
-                task = asyncio.create_task(
-                    self._run_batch(lane, replica, self._start_batch(lane, replica))
+                lane.tasks.add(
+                    asyncio.create_task(
+                        self._run_batch(lane, replica, self._start_batch(lane, replica))
+                    )
                 )
-                lane.tasks.add(task)
-                task.add_done_callback(lane.tasks.discard)
                 continue
             delivery = self._start(lane, replica)
             if subscription.window == 1 or came_back:
                 await self._run(lane, replica, delivery)
             else:
                 # started in this order, each runs up to its first suspension in turn
-                task = asyncio.create_task(self._run(lane, replica, delivery))
-                lane.tasks.add(task)
-                task.add_done_callback(lane.tasks.discard)
+                lane.tasks.add(asyncio.create_task(self._run(lane, replica, delivery)))
         while lane.running:
             await lane.idle.wait()
 
