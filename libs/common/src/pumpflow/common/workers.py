@@ -295,7 +295,9 @@ class TokenMonitorThreadPool:
                 self._m_wait.observe(0.0)
                 self._m_seconds.observe(self._monotonic() - started)
                 self._count_ok()
-            self._release(token)
+            # the pool is idle after nearly every task run at once: its count waits for
+            # the next timed one, a worker's idle, the health check or the stop
+            self._release(token, counting=False)
 
     def _queue(self, token: str, task: Task, future: asyncio.Future | None, priority: int) -> None:
         if self._closed:
@@ -442,14 +444,15 @@ class TokenMonitorThreadPool:
         self._levels.pop(token, None)
         self._ranked.pop(token, None)
 
-    def _release(self, token: str) -> None:
+    def _release(self, token: str, *, counting: bool = True) -> None:
         self._running.discard(token)
         if self._queues.get(token):
             self._rank(token)
         else:
             self._forget(token)
         if self._pending == 0 and not self._running:
-            self._count_ok()
+            if counting:
+                self._count_ok()
             self._idle.set()
 
     def _count_ok(self) -> None:
@@ -537,6 +540,7 @@ class TokenMonitorThreadPool:
 
     def check_health(self) -> None:
         """Replace workers that exited; cancel and replace hung ones."""
+        self._count_ok()
         now = self._monotonic()
         self._zombies = [z for z in self._zombies if z.task is not None and not z.task.done()]
         for worker in list(self._workers):
