@@ -14,6 +14,7 @@ from pumpflow.common.model.card import LabelDefinition
 from pumpflow.common.model.labels import label_history, net_multiplier
 from pumpflow.common.model.metrics import auc, brier, mae, precision_at, rmse
 from pumpflow.common.model.performance import (
+    LabelSource,
     LabelTracker,
     ResolvedLabel,
     RollingPerformance,
@@ -185,8 +186,8 @@ def test_a_tokens_waiting_labels_resolve_the_same_after_being_stored():
             mine.observe(t, p)
             tracker.release(mine, which, t)
             for model_id, definition in (("entry", TAKE), ("return", RETURN)):
-                tracker.follow(mine, t, p, model_id, "v1", "a", float(i), definition, names,
-                               (t, p, float(i)))
+                tracker.follow(mine, t, p, LabelSource(model_id, "v1", "a", definition),
+                               float(i), names, (t, p, float(i)))
             released[which] += tracker.resolve_due(-math.inf)
         tokens["moved"] = decode(encode(tokens["moved"]))  # stored, restored elsewhere
     for which, tracker in (("kept", kept), ("moved", moved)):

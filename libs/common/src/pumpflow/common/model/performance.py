@@ -382,8 +382,8 @@ class LabelTracker:
         tokens = self._mints.get(mint)
         if tokens is None:
             tokens = self._mints[mint] = TokenLabels()
-        self.follow(tokens, time, price, model_id, version, arm, score, definition, names,
-                    values)
+        self.follow(tokens, time, price, LabelSource(model_id, version, arm, definition),
+                    score, names, values)
         if not tokens.items:
             del self._mints[mint]
 
@@ -414,25 +414,22 @@ class LabelTracker:
     # ---------------------------------------------------------------- any token
 
     def follow(
-        self, tokens: TokenLabels, time: float, price: float, model_id: str, version: str,
-        arm: str, score: float, definition: LabelDefinition, names: tuple[str, ...],
-        values: tuple[float, ...], packed: bytes | None = None,
+        self, tokens: TokenLabels, time: float, price: float, source: LabelSource,
+        score: float, names: tuple[str, ...], values: tuple[float, ...],
+        packed: bytes | None = None,
     ) -> None:
-        """Follow a prediction on the token's trade at ``time``/``price``: only prices
-        observed afterwards count for it. ``packed``: ``values`` packed already
-        (little-endian float64)."""
+        """Follow a prediction made by ``source`` on the token's trade at
+        ``time``/``price``: only prices observed afterwards count for it. ``packed``:
+        ``values`` packed already (little-endian float64)."""
         if not 0.0 < price < _INF:
             return  # no return is defined from a price that is not positive
         sources = tokens.sources
-        index = 0
-        for source in sources:
-            if (source.model_id == model_id and source.version == version
-                    and source.arm == arm
-                    and (source.definition is definition or source.definition == definition)):
-                break
-            index += 1
-        else:
-            sources.append(LabelSource(model_id, version, arm, definition))
+        try:
+            # identity first, then equal fields (a token's sources decoded from its state)
+            index = sources.index(source)
+        except ValueError:
+            index = len(sources)
+            sources.append(source)
         items = tokens.items
         if not items:
             tokens.names = names
@@ -441,6 +438,7 @@ class LabelTracker:
                 tokens.names = names  # the vectors' own tuple: the next ones match by identity
             else:
                 packed = vector_row(names, values, tokens.names).astype("<f8").tobytes()
+        definition = source.definition
         if definition is not self._definition:
             self._set_definition(definition)
         horizon_end = time + definition.horizon_s

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,10 +51,10 @@ import numpy as np
 
 from pumpflow.common.events import Event, FeaturesUpdated, ModelPrediction
 from pumpflow.common.keyed import Effects, InvalidInput, StaleState
-from pumpflow.common.model.arms import ArmTable
+from pumpflow.common.model.arms import Arm, ArmTable
 from pumpflow.common.model.card import ModelCard, vector_row
 from pumpflow.common.model.manager import ModelError, ModelManager
-from pumpflow.common.model.performance import LabelTracker, TokenLabels, packer
+from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLabels, packer
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
@@ -107,8 +108,9 @@ class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=
 
 #: a score: the card of the version that made it, the score, seconds of its batch's time
 _Score = tuple[ModelCard, float, float]
-#: the scores prepared for one vector, by model id
-_Prepared = dict[str, _Score]
+#: what was prepared for one vector: its values packed (little-endian float64; None:
+#: not kept), then each model id that scored it and its score
+_Prepared = tuple
 #: prepared vectors kept at most (ones never applied, duplicates say, go oldest first)
 PREPARED_KEPT = 65536
 
@@ -136,8 +138,8 @@ class ModelProcessor:
         #: the live feature-set version (default: the manager's feature manager's)
         self.feature_set_version = feature_set_version or manager.feature_manager.version
         self._prepared: dict[str, _Prepared] = {}
-        #: the prepared vectors' values packed (little-endian float64), by event id
-        self._packed: dict[str, bytes] = {}
+        #: per arm name: the arm and card its label source was made for, and the source
+        self._sources: dict[str, tuple[Arm, ModelCard, LabelSource]] = {}
         #: vectors not scored, by reason; predictions not made, by model id and reason
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[tuple[str, str]] = Counter()
@@ -156,10 +158,7 @@ class ModelProcessor:
         scored here that the state refuses later is dropped unused). Returns the rows
         scored.
         """
-        newest: dict[str, Event] = {}
-        for event in events:
-            if event.type == "features.updated":
-                newest[event.key] = event
+        newest = {event.key: event for event in events if event.type == "features.updated"}
         if not newest:
             return 0
         version = self.feature_set_version
@@ -184,33 +183,31 @@ class ModelProcessor:
                     chosen.append(event)
         rows = 0
         prepared = self._prepared
-        packed = self._packed if self.labels is not None else None
+        following = self.labels is not None
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
-                matrix, raw = _matrix(chosen, card.feature_names)
+                matrix, packed = _matrix(chosen, card.feature_names)
                 batch = self.manager.score_batch(model_id, matrix)
             except (ModelError, ValueError):
                 continue  # each vector is then scored alone, which counts the failure
             share = batch.seconds / len(chosen)
             scored_by = batch.card
-            for event, score in zip(chosen, batch.scores.tolist(), strict=True):
-                scores = prepared.get(event.id)
-                if scores is None:
-                    scores = prepared[event.id] = {}
-                scores[model_id] = (scored_by, score, share)
-            if packed is not None and raw is not None:
-                # the rows are the vectors as sent: a label keeps its row's bytes (one
-                # pack of the matrix, not one of each vector)
-                width = len(raw) // len(chosen)
-                for i, event in enumerate(chosen):
-                    packed[event.id] = raw[i * width : (i + 1) * width]
+            # the rows are the vectors as sent: a label keeps its row's bytes
+            vectors = packed if following and packed is not None else [None] * len(chosen)
+            for event, score, vector in zip(chosen, batch.scores.tolist(), vectors, strict=True):
+                found = prepared.get(event.id)
+                if found is None:
+                    prepared[event.id] = (vector, model_id, (scored_by, score, share))
+                else:
+                    prepared[event.id] = (
+                        vector or found[0], *found[1:], model_id, (scored_by, score, share)
+                    )
             rows += len(chosen)
         self.prepared_rows += rows
-        for kept in (prepared, packed):
-            if kept is not None and len(kept) > PREPARED_KEPT:
-                for stale in list(kept)[: len(kept) - PREPARED_KEPT]:
-                    del kept[stale]
+        if len(prepared) > PREPARED_KEPT:
+            for stale in list(prepared)[: len(prepared) - PREPARED_KEPT]:
+                del prepared[stale]
         return rows
 
     # ---------------------------------------------------------------- KeyedProcessor
@@ -232,14 +229,12 @@ class ModelProcessor:
             return state
         if kind != "features.updated" or not isinstance(event.data, FeaturesUpdated):
             raise InvalidInput(f"the model service does not consume {kind}")
-        prepared = self._prepared.pop(event.id, None)
-        packed = self._packed.pop(event.id, None) if self._packed else None
         data = event.data
         time = event.time
-        mint = effects.key
         labels = self.labels
         live = data.feature_set_version == self.feature_set_version
         price = math.nan
+        tokens = state.labels
         if labels is not None and live:
             # every price counts for the labels pending, scored vector or not
             names = data.names
@@ -253,11 +248,11 @@ class ModelProcessor:
                 self._price_names, self._price_at_names = names, at
             if at is not None:
                 price = data.values[at]
-                if state.labels is not None:
-                    state.labels.observe(time, price)
-        tokens = state.labels
+                if tokens is not None:
+                    tokens.observe(time, price)
         if tokens is not None and tokens.next_release <= effects.now:
             self._release_due(state, effects)
+        prepared = self._prepared.pop(event.id, None)
         if effects.more:
             self.skipped["superseded"] += 1
             return state
@@ -273,33 +268,39 @@ class ModelProcessor:
         if state.scored and time - state.last_scored < policy.min_interval_s:
             self.skipped["interval"] += 1
             return state
-        made = 0
-        if labels is not None and (
-            (state.last_labelled and time - state.last_labelled < policy.label_interval_s)
-            or not 0.0 < price < math.inf
-        ):
-            # this token's last labels cover this moment too, or no return is defined
-            # from this price
-            labels = None
         tokens = first_release = None
-        if labels is not None:
+        if labels is not None and 0.0 < price < math.inf and not (
+            state.last_labelled and time - state.last_labelled < policy.label_interval_s
+        ):
             tokens = state.labels
             if tokens is None:
                 tokens = state.labels = TokenLabels()
             first_release = tokens.next_release
+        # otherwise this token's last labels cover this moment too, or no return is
+        # defined from this price
+        mint = effects.key
         emit = effects.emit
+        made = 0
         for arm in self.arms.route(mint):
             model_id = arm.model_id
-            found = None if prepared is None else prepared.get(model_id)
-            if found is None:
-                found = self._score_alone(model_id, data)
+            if prepared is not None and prepared[1] == model_id:
+                found = prepared[2]
+            else:
+                found = _prepared_score(prepared, model_id)
                 if found is None:
-                    continue
+                    found = self._score_alone(model_id, data)
+                    if found is None:
+                        continue
             card, score, seconds = found
             label = card.label
             if tokens is not None:
-                labels.follow(tokens, time, price, model_id, card.version, arm.name, score,
-                              label, data.names, data.values, packed)
+                source = self._sources.get(arm.name)
+                if source is None or source[0] is not arm or source[1] is not card:
+                    source = self._sources[arm.name] = (
+                        arm, card, LabelSource(model_id, card.version, arm.name, label)
+                    )
+                labels.follow(tokens, time, price, source[2], score, data.names, data.values,
+                              None if prepared is None else prepared[0])
             emit(
                 ModelPrediction(
                     mint=mint,
@@ -382,21 +383,40 @@ class ModelProcessor:
             raise StaleState(f"unreadable scoring state: {exc}") from exc
 
 
-def _matrix(events: list[Event], order: tuple[str, ...]) -> tuple[np.ndarray, bytes | None]:
+_names_of = operator.attrgetter("data.names")
+_values_of = operator.attrgetter("data.values")
+
+
+def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
+    """The score ``model_id`` prepared for a vector (None: not prepared)."""
+    if prepared is not None:
+        for at in range(1, len(prepared), 2):
+            if prepared[at] == model_id:
+                return prepared[at + 1]
+    return None
+
+
+def _matrix(
+    events: list[Event], order: tuple[str, ...]
+) -> tuple[np.ndarray, list[bytes] | None]:
     """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature), and
-    the rows packed (little-endian float64) when each row is its vector as sent (every
+    each row packed (little-endian float64) when each row is its vector as sent (every
     vector in ``order``; None otherwise)."""
     first = events[0].data.names
     width = len(order)
-    if first == order and all(
-        (e.data.names is first or e.data.names == order) and len(e.data.values) == width
-        for e in events
+    if (
+        first == order
+        and (
+            # vectors of one features service share their names' tuple
+            all(map(operator.is_, map(_names_of, events), itertools.repeat(first)))
+            or all(e.data.names == order for e in events)
+        )
+        and all(map(operator.eq, map(len, map(_values_of, events)), itertools.repeat(width)))
     ):
-        # one pack of every number (struct's loop in C; np.array of the tuples costs
-        # twice that), whose bytes are the matrix and the labels' vectors alike
-        values = itertools.chain.from_iterable(e.data.values for e in events)
-        raw = packer(len(events) * width).pack(*values)
-        return np.frombuffer(raw, "<f8").reshape(-1, width), raw
+        # one pack a vector (struct's loop in C; np.array of the tuples costs twice
+        # that), whose bytes are the labels' vectors and, joined, the matrix
+        packed = list(itertools.starmap(packer(width).pack, map(_values_of, events)))
+        return np.frombuffer(b"".join(packed), "<f8").reshape(-1, width), packed
     rows = np.stack([vector_row(e.data.names, e.data.values, order) for e in events])
     return rows, None
 
