@@ -212,7 +212,8 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
                     lowest_up = item.up
                 if item.down > highest_down:
                     highest_down = item.down
-        self.undecided -= decided
+        if decided:
+            self.undecided -= decided
         self.lowest_up, self.highest_down, self.first_close = (
             lowest_up, highest_down, first_close
         )
@@ -474,7 +475,9 @@ class LabelTracker:
             self._waiting -= 1
             if oldest.label != oldest.label:
                 tokens.undecided -= 1
-        tokens.next_release = items[0].release
+            tokens.next_release = items[0].release
+        elif items[0] is item:
+            tokens.next_release = release
 
     def _set_definition(self, definition: LabelDefinition) -> None:
         self._definition = definition
