@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from pumpflow.common.events import FeaturesUpdated
 from pumpflow.common.model.card import (
     PREPROCESSING,
     CardError,
@@ -22,6 +23,7 @@ from pumpflow.common.model.card import (
     prepare_inputs,
     reference_distribution,
     vector_row,
+    vector_rows,
 )
 
 MODEL = b"not really onnx"
@@ -93,6 +95,34 @@ def test_missing_and_infinite_values_are_nan_float32():
     assert out[0, 0] == 1.0 and np.isnan(out[0, 1:]).all()
     row = vector_row(("b", "a"), (2.0, 1.0), ("a", "b", "c"))
     assert row[:2].tolist() == [1.0, 2.0] and math.isnan(row[2])
+
+
+def vectors_of(*rows: tuple[tuple[str, ...], tuple[float, ...]]) -> list[FeaturesUpdated]:
+    return [FeaturesUpdated(mint="m", feature_set_version="v", source_seq=1, names=names,
+                            values=values)
+            for names, values in rows]
+
+
+def test_vector_rows_are_each_vectors_row_packed_when_every_vector_is_as_sent():
+    order = ("a", "b", "c")
+    names = ("a", "b", "c")
+    for vectors in (
+        # one names tuple shared, then equal tuples
+        vectors_of((names, (1.0, math.nan, math.inf)), (names, (-2.5, 0.0, 1e300))),
+        vectors_of((("a", "b", "c"), (1.0, 2.0, 3.0)), (("a", "b", "c"), (4.0, 5.0, 6.0))),
+    ):
+        rows, packed = vector_rows(vectors, order)
+        expected = np.stack([vector_row(v.names, v.values, order) for v in vectors])
+        assert rows.dtype == np.float64
+        np.testing.assert_array_equal(rows, expected)
+        assert packed == [np.asarray(v.values, "<f8").tobytes() for v in vectors]
+    # another order, or a vector of another length: rows as vector_row makes them, no bytes
+    other = vectors_of((("b", "a"), (2.0, 1.0)), (names, (1.0, 2.0, 3.0)))
+    rows, packed = vector_rows(other, order)
+    assert packed is None
+    np.testing.assert_array_equal(rows, [[1.0, 2.0, math.nan], [1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError):
+        vector_rows(vectors_of((names, (1.0, 2.0)), (names, (1.0, 2.0, 3.0))), order)
 
 
 def test_reference_bins_hold_every_row():

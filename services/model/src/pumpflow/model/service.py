@@ -68,7 +68,7 @@ from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_even
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import CardError, ModelError, ModelManager
 from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
-from pumpflow.common.model.card import Task, decode_card, vector_row
+from pumpflow.common.model.card import Task, decode_card, vector_rows
 from pumpflow.common.model.drift import DriftMonitor
 from pumpflow.common.model.manager import LabelledRows
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
@@ -471,9 +471,7 @@ class ModelService(Service):
             order = monitor.names
             rows = rows_by_order.get(order)
             if rows is None:
-                rows = rows_by_order[order] = np.stack(
-                    [vector_row(v.names, v.values, order) for v in vectors]
-                )
+                rows = rows_by_order[order] = vector_rows(vectors, order)[0]
             self._drift_out.extend(monitor.observe(rows))
 
     def _count(self, published: Sequence[Event]) -> None:

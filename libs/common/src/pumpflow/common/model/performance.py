@@ -58,7 +58,6 @@ trading threshold (classification) or RMSE and MAE (regression) with
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -66,7 +65,7 @@ import msgspec
 import numpy as np
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.model.card import LabelDefinition, Task, vector_row
+from pumpflow.common.model.card import LabelDefinition, Task, packer, vector_row
 from pumpflow.common.model.labels import barriers, net_return
 from pumpflow.common.model.metrics import (
     classification_metrics,
@@ -298,17 +297,6 @@ class ReleasedLabels(Sequence[ResolvedLabel]):
                     ))
             self._labels = out
         return self._labels
-
-
-_PACKERS: dict[int, struct.Struct] = {}
-
-
-def packer(size: int) -> struct.Struct:
-    """The packer of ``size`` little-endian float64 (one per size, kept)."""
-    found = _PACKERS.get(size)
-    if found is None:
-        found = _PACKERS[size] = struct.Struct(f"<{size}d")
-    return found
 
 
 class LabelTracker:

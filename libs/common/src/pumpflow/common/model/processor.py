@@ -39,7 +39,6 @@ really scored it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from collections import Counter
@@ -47,14 +46,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
-import numpy as np
 
 from pumpflow.common.events import Event, FeaturesUpdated, ModelPrediction
 from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 from pumpflow.common.model.arms import Arm, ArmTable
-from pumpflow.common.model.card import ModelCard, vector_row
+from pumpflow.common.model.card import ModelCard, vector_row, vector_rows
 from pumpflow.common.model.manager import ModelError, ModelManager
-from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLabels, packer
+from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLabels
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
@@ -187,7 +185,7 @@ class ModelProcessor:
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
-                matrix, packed = _matrix(chosen, card.feature_names)
+                matrix, packed = vector_rows(list(map(_data_of, chosen)), card.feature_names)
                 batch = self.manager.score_batch(model_id, matrix)
             except (ModelError, ValueError):
                 continue  # each vector is then scored alone, which counts the failure
@@ -383,8 +381,7 @@ class ModelProcessor:
             raise StaleState(f"unreadable scoring state: {exc}") from exc
 
 
-_names_of = operator.attrgetter("data.names")
-_values_of = operator.attrgetter("data.values")
+_data_of = operator.attrgetter("data")
 
 
 def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
@@ -394,31 +391,6 @@ def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
             if prepared[at] == model_id:
                 return prepared[at + 1]
     return None
-
-
-def _matrix(
-    events: list[Event], order: tuple[str, ...]
-) -> tuple[np.ndarray, list[bytes] | None]:
-    """The events' vectors as rows in ``order`` (NaN where a vector lacks a feature), and
-    each row packed (little-endian float64) when each row is its vector as sent (every
-    vector in ``order``; None otherwise)."""
-    first = events[0].data.names
-    width = len(order)
-    if (
-        first == order
-        and (
-            # vectors of one features service share their names' tuple
-            all(map(operator.is_, map(_names_of, events), itertools.repeat(first)))
-            or all(e.data.names == order for e in events)
-        )
-        and all(map(operator.eq, map(len, map(_values_of, events)), itertools.repeat(width)))
-    ):
-        # one pack a vector (struct's loop in C; np.array of the tuples costs twice
-        # that), whose bytes are the labels' vectors and, joined, the matrix
-        packed = list(itertools.starmap(packer(width).pack, map(_values_of, events)))
-        return np.frombuffer(b"".join(packed), "<f8").reshape(-1, width), packed
-    rows = np.stack([vector_row(e.data.names, e.data.values, order) for e in events])
-    return rows, None
 
 
 __all__ = [
