@@ -155,12 +155,16 @@ class Pair:
         *,
         bus: EventBus | None = None,
         store: StateStore | None = None,
+        partial_publishers: tuple[str, ...] = (),
         **options,
     ) -> KeyedStatefulConsumer:
         consumer = KeyedStatefulConsumer(
             processor,
             KeyedConsumerConfig(
-                service="keyed", patterns=("token.trade", "token.migrated"), window=16
+                service="keyed",
+                patterns=("token.trade", "token.migrated"),
+                window=16,
+                partial_publishers=partial_publishers,
             ),
             bus=bus or await self.bus(),
             store=store or self.store,
@@ -871,6 +875,38 @@ async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_fir
     await announced.wait_for(3)
     assert await pair.applied(MINTS[0]) == [1, 2, 3, 4, 5, 6]
     assert asked == [(MINTS[0], "feed", 5)]
+
+
+async def test_a_partial_publishers_seqs_skip_without_a_gap_a_loss_or_a_rebuild(pair):
+    """A consumer that takes only some of a publisher's types (activity: the feed's
+    token.migrated) sees its seqs skip: a key first seen far into that stream is new
+    here, not one that lost its record; nothing between is missing; copies still drop."""
+    asked: list[tuple[str, str, int]] = []
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        asked.append((key, publisher, before_seq))
+        return []
+
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(
+        RecordingProcessor(), history=history, partial_publishers=("feed",)
+    )
+    metrics = consumer.metrics
+    unrecorded, gaps = metrics.unrecorded._value.get(), metrics.gaps._value.get()
+    far, near = MINTS[4], MINTS[5]
+    first = trade(far, UNAPPLIED_KEPT + 325)
+    await bus.publish_many([first, trade(near, 5), trade(far, UNAPPLIED_KEPT + 400), first])
+    await bus.publish(trade(far, UNAPPLIED_KEPT + 401))  # a barrier behind the copy
+    await announced.wait_for(1, key=far, where=lambda e: e.data.source_seq == UNAPPLIED_KEPT + 401)
+    await announced.wait_for(1, key=near)
+    assert await pair.applied(far) == [UNAPPLIED_KEPT + s for s in (325, 400, 401)]
+    assert await pair.applied(near) == [5]
+    assert (await pair.record(far)).missing == {} and (await pair.record(near)).missing == {}
+    assert metrics.unrecorded._value.get() == unrecorded
+    assert metrics.gaps._value.get() == gaps
+    assert metrics.duplicates._value.get() >= 1
+    assert asked == []
 
 
 class QuietProcessor(RecordingProcessor):

@@ -32,6 +32,13 @@ owns the rest:
   comes out as in order, a window counts it at the time it arrives (event time never
   steps back), and what holds the latest value (price, curve reserves) holds the
   late event's until the key's next event.
+- **Partial publishers.** A publisher numbers all its keyed events of a key in one
+  seq; a consumer that takes only some of its types (``partial_publishers``: activity
+  takes the feed's ``token.migrated``, not its creations and trades) sees that seq skip
+  by design. Its seqs only drop duplicates: a skip is no gap (nothing between is
+  missing, none is counted), and a key whose first event is one far into the stream is
+  new here, not a key that lost its record (not counted as unrecorded, not rebuilt from
+  history). An older seq of it arriving after a newer one is dropped as a duplicate.
 - **Unchanged.** An event the processor applied as :data:`~pumpflow.common.keyed.UNCHANGED`
   (no state change, no effect) stores nothing when its seq is the next one of its
   publisher and the key has a live record (it is indexed): the seq is kept in memory
@@ -141,6 +148,9 @@ class KeyedConsumerConfig:
     window: int = 64
     #: TTL of a live key's record; None keeps it until the key retires
     live_ttl_s: float | None = None
+    #: publishers (service names) of which only some keyed event types are consumed
+    #: (see the module's partial publishers)
+    partial_publishers: tuple[str, ...] = ()
     #: a key untouched this long (wall seconds) is held encoded until its next event
     compact_after_s: float = 120.0
     compact_interval_s: float = 30.0
@@ -340,6 +350,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._prepare = prepare
         #: where a key without a record is rebuilt from (see the module)
         self._history = history
+        self._partial = frozenset(config.partial_publishers)
         self.metrics = metrics or ConsumerMetrics(config.service)
         self._backoff = Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s)
         self.pool = TokenMonitorThreadPool(
@@ -663,7 +674,13 @@ class KeyedStatefulConsumer(Generic[S]):
             if publisher is None:
                 publisher = self._publishers[event.source] = source_service(event.source)
             last = entry.applied.get(publisher, 0)
-            if not last and seq > 1 and self._history is not None and not rebuilt:
+            if (
+                not last
+                and seq > 1
+                and self._history is not None
+                and not rebuilt
+                and publisher not in self._partial
+            ):
                 return self._rebuild_then_apply(entry, event, publisher, more=more)
             if seq <= last:
                 in_step = False
@@ -679,6 +696,10 @@ class KeyedStatefulConsumer(Generic[S]):
                     return entry.changed
             elif entry.failed and _take_seq(entry.failed, publisher, seq):
                 in_step = False  # a retry of the last one, nothing passed it over
+            elif seq > last + 1 and publisher in self._partial:
+                # its seqs skip the types not consumed here: nothing between is missing
+                # and a first seq past 1 is no lost record (see the module)
+                in_step = False
             elif seq > last + 1:
                 in_step = False
                 # a key first seen a little past seq 1 may have had its first events

@@ -90,7 +90,8 @@ class _Families:
             "pumpflow_consumer_unrecorded_starts",
             "Keys with no stored record whose first event is further into a publisher's "
             "seq than a reordering explains (a store that lost the record, or a consumer "
-            "that joined mid-stream).",
+            "that joined mid-stream); not the seqs of a publisher it takes only some "
+            "types of, which skip by design.",
             ["service"],
             registry=registry,
         )
