@@ -157,6 +157,23 @@ async def test_a_restarted_replica_carries_on_from_the_store(stack):
     await second.stop()
 
 
+async def test_a_migration_before_the_tokens_first_vector_starts_it_with_nothing_lost(stack):
+    # under a backlog the feed's token.migrated (straight to activity) overtakes the
+    # token's vectors (a hop through features); activity takes none of the feed's
+    # creations and trades, so that seq is far past 1 though no record was lost
+    s, tk = stack, stack.tokens
+    svc = await s.activity()
+    vectors = s.features.of([tk.created("A")] + [tk.trade("A", f"w{i}") for i in range(99)])
+    await s.bus.publish(tk.migrated("A"))
+    for vector in vectors:
+        await s.bus.publish(vector)
+    assert s.states("A") == ["graduated"]
+    assert svc.consumer_metrics.counts()["unrecorded_starts"] == 0
+    record, _ = await stored(svc, "A")
+    assert record.applied == {"feed": 101, "features": 100} and record.missing == {}
+    await svc.stop()
+
+
 async def test_the_counts_kept_by_state_match_a_recount_of_the_tokens(stack):
     s, tk = stack, stack.tokens
     first = await s.activity()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pumpflow.common.activity import CONSUMES, LifecycleThresholds
+from pumpflow.common.activity import CONSUMES, PARTIAL_PUBLISHERS, LifecycleThresholds
 from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.runtime.settings import CommonSettings
 
@@ -61,6 +61,7 @@ class ActivitySettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            partial_publishers=PARTIAL_PUBLISHERS,
             workers=self.activity_workers,
             window=self.activity_window,
             task_deadline_s=self.activity_task_deadline_s,

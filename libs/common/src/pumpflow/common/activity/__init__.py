@@ -19,6 +19,7 @@ from pumpflow.common.activity.metrics import (
 )
 from pumpflow.common.activity.processor import (
     CONSUMES,
+    PARTIAL_PUBLISHERS,
     ActivityProcessor,
     ActivityState,
     FeedAction,
@@ -32,6 +33,7 @@ __all__ = [
     "GRADUATED",
     "INACTIVE",
     "NEW",
+    "PARTIAL_PUBLISHERS",
     "REQUIRED_FEATURES",
     "ActivityAnalyzer",
     "ActivityChange",

@@ -52,6 +52,10 @@ FeedRequestCallback = Callable[[FeedAction, str], None]
 CountedCallback = Callable[[str, LifecycleState | None], None]
 
 CONSUMES = ("features.updated", "token.migrated")
+#: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
+#: (creations, trades, migrations) activity takes only the migration's, so they skip by
+#: design, and under a backlog a migration can come before the token's first vector
+PARTIAL_PUBLISHERS = ("feed",)
 #: a stale tombstone re-retired by a late event still gets a usable TTL
 _MIN_TTL_S = 1.0
 
