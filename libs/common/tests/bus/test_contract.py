@@ -207,7 +207,9 @@ async def test_a_handler_cancelled_unfinished_gets_its_event_again_unacked(bus, 
         Subscription(service=service, patterns=("token.*",), handler=handler, window=window)
     )
     await bus.publish_many([trade_event("mintC", seq) for seq in range(1, 5)])
-    await eventually(lambda: sorted(handled) == [1, 2, 3, 4])
+    # a message may carry several events (RabbitMQ's batches): those handled before the
+    # cancelled one come again with it (at least once, dropped by seq downstream)
+    await eventually(lambda: sorted(set(handled)) == [1, 2, 3, 4])
     assert cancelled == [2]
     assert await bus.dead_letters(service) == []
 
@@ -466,7 +468,8 @@ async def test_stop_consuming_lets_in_flight_finish_and_takes_nothing_new(harnes
     got = Recorder(delay=0.02)
     old = Subscription(service=service, patterns=("token.*",), handler=got)
     await bus.subscribe(old)
-    await bus.publish_many(trade_event("mintT", seq) for seq in range(1, 51))
+    for seq in range(1, 51):  # one message each: a stop finishes a batch it began
+        await bus.publish(trade_event("mintT", seq))
     await eventually(lambda: len(got.events) >= 1)
     await bus.stop_consuming()
     assert await bus.drain(timeout=2)
@@ -662,7 +665,8 @@ async def test_stopping_waits_for_every_handler_in_flight(bus, service, stop):
     )
     await bus.subscribe(subscription)
     await bus.consume_partitions(subscription, [partition_of(key, bus.partitions)])
-    await bus.publish_many(trade_event(key, seq) for seq in range(1, 6))
+    for seq in range(1, 6):  # one message each: a stop finishes a batch it began
+        await bus.publish(trade_event(key, seq))
     await asyncio.wait_for(full.wait(), 10)
     if stop == "release_partitions":
         stopping = bus.release_partitions(subscription, [partition_of(key, bus.partitions)])
@@ -718,6 +722,74 @@ async def test_rabbitmq_malformed_body_goes_to_the_dlq(namespace, amqp_url, serv
         await bus.delete_topology()
         await bus.close()
     assert not bus.is_healthy()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_partitions_run_of_events_is_one_message(namespace, amqp_url, service):
+    """publish_many batches a partition's consecutive events of one type; they arrive alone."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    await bus.start()
+    try:
+        got = Recorder()
+        subscription = Subscription(service=service, patterns=("token.*",), handler=got)
+        await bus.subscribe(subscription)
+        await bus.unsubscribe(subscription)  # the queue stays: count what it holds
+        sent = [trade_event("mintB", seq) for seq in range(1, 11)]
+        await bus.publish_many(sent)
+        assert bus._channel is not None
+        channel = await bus._channel.get_underlay_channel()
+        declared = await channel.queue_declare(f"{namespace}.{service}.p00", passive=True)
+        assert declared.message_count == 1
+        await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+        await eventually(lambda: len(got.events) == len(sent))
+        assert [e.seq for e in got.events] == list(range(1, 11))
+        assert got.attempts == Counter({e.id: 1 for e in sent})
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("window", [1, 4])
+async def test_rabbitmq_a_malformed_event_of_a_batch_is_dead_lettered_alone(
+    namespace, amqp_url, service, window
+):
+    import aio_pika
+
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.events import encode_event
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    await bus.start()
+    try:
+        got = Recorder()
+        batches = BatchRecorder(got)
+        await bus.subscribe(
+            Subscription(
+                service=service,
+                patterns=("token.*",),
+                handler=got,
+                batch_handler=batches,
+                window=window,
+            )
+        )
+        good = [encode_event(trade_event("mintM", seq)) for seq in (1, 2)]
+        body = b"[" + b",".join((good[0], b'{"id": 1}', good[1])) + b"]"
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(f"{namespace}.events")
+            await exchange.publish(aio_pika.Message(body), "token.trade.v1.p00")
+        await eventually(lambda: len(got.events) == 2)
+        assert [e.seq for e in got.events] == [1, 2]
+        letters = await dead_letters_arriving(bus, service)
+        assert [letter.body for letter in letters] == [b'{"id": 1}']
+        assert letters[0].reason.startswith("malformed:")
+    finally:
+        await bus.delete_topology()
+        await bus.close()
 
 
 @pytest.mark.rabbitmq

@@ -27,6 +27,18 @@ would hold an exit order, and a publish's confirm, behind about that many trades
 Apart, the critical lane and the confirms wait only for their own traffic, and the
 bulk consumers keep acking when the broker blocks a publishing connection.
 
+Batches: ``publish_many`` puts a partition's consecutive events of one routing key in
+one message (up to BATCH_EVENTS, BATCH_BYTES), its body the JSON array of their
+envelopes, since the broker's work and the consumers' are per message far more than
+per byte. The callers hand over what gathered while their previous publication was
+confirmed (the feed's recorder, a keyed consumer's commit), so batches form as the
+rate grows and a lone event goes alone, as soon as before. Consumers take a batch's
+events in order as if delivered one by one: a malformed one is dead-lettered alone,
+and a redelivered batch counts the delivery limit per event, so only the event its
+consumer keeps dying on is dead-lettered. A consumer that stops (a release of its
+partitions, ``stop_consuming``) finishes a batch it began, so a clean hand-over
+redelivers nothing handled; one handed back or redelivered brings each event again.
+
 Publishing is confirmed and keeps its order across a reconnection. Each publication
 takes a ticket in the order it is first written. One whose confirm fails because the
 connection or channel went away is held: it is written again once the channel is
@@ -76,6 +88,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import msgspec
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -130,6 +143,8 @@ from pumpflow.common.events import (
 
 log = logging.getLogger(__name__)
 
+_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
 REASON_HEADER = "x-pumpflow-reason"
 #: backoff while the delivery journal's store is away
 JOURNAL_RETRY_INITIAL_S = 0.2
@@ -156,6 +171,10 @@ _MAX_REASON = 2000
 #: redelivers what was held back; consumers drop the copies by seq
 ACK_LINGER_S = 0.25
 PERSISTENT = 2
+#: events one message may carry, and their encoded size: a batch is handled as one
+#: delivery, and a frame of the broker's default size (128 KiB) holds it
+BATCH_EVENTS = 64
+BATCH_BYTES = 96 * 1024
 #: longest wait for dead letters handed back to show in their queue again
 REQUEUE_WAIT_S = 2.0
 Properties = Basic.Properties
@@ -165,12 +184,48 @@ class PublishAbandoned(ConnectionError):
     """Not written: a publication before it gave up, and this one may not overtake it."""
 
 
+class _Batch:
+    """What the events of one batch message share."""
+
+    __slots__ = ("begun", "settled")
+
+    def __init__(self) -> None:
+        #: a handler took one of its events: a stopping consumer takes the rest too, so a
+        #: clean stop or hand-over redelivers nothing that was handled
+        self.begun = False
+        #: the message was handed back or rejected whole: its other events are not acked
+        self.settled = False
+
+
+class _Part:
+    """One event of a batch message, handled as if it came alone (see Batches)."""
+
+    __slots__ = ("batch", "body", "last", "message")
+
+    def __init__(self, message: DeliveredMessage, body: bytes, batch: _Batch, last: bool):
+        self.message = message
+        self.body = body
+        self.batch = batch
+        #: the message's last event, whose settling acks the message
+        self.last = last
+
+    @property
+    def redelivered(self) -> bool | None:
+        return self.message.redelivered
+
+    @property
+    def routing_key(self) -> str | None:
+        return self.message.routing_key
+
+
 class _Delivery:
-    """A message handed to a handler and not acked yet."""
+    """A message (or an event of a batch) handed to a handler and not acked yet."""
 
     __slots__ = ("cancelled", "done", "failed", "message")
 
-    def __init__(self, message: DeliveredMessage):
+    def __init__(self, message: DeliveredMessage | _Part):
+        if type(message) is _Part:
+            message.batch.begun = True
         self.message = message
         self.done = False
         #: the bus failed on it: reject it (the broker dead-letters it), do not ack it
@@ -191,7 +246,7 @@ class _Consumer:
     channel: AbstractChannel | None = None
     queue: AbstractQueue | None = None
     tag: str | None = None
-    buffer: deque[DeliveredMessage] = field(default_factory=deque)
+    buffer: deque[DeliveredMessage | _Part] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     worker: asyncio.Task | None = None
@@ -365,6 +420,8 @@ class RabbitMQBus(EventBus):
         if consumer.buffer:
             # the rest goes back to the broker, which keeps it in its place in the queue
             last = consumer.buffer[-1]
+            if type(last) is _Part:
+                last = last.message
             consumer.buffer.clear()
             try:
                 await last.channel.basic_nack(last.delivery_tag, multiple=True, requeue=True)
@@ -472,8 +529,8 @@ class RabbitMQBus(EventBus):
 
     async def publish(self, event: Event) -> None:
         since = self._given_up
-        body, key = self._prepare(event)
-        await self._send(body, key, event, since)
+        body, key, _ = self._prepare(event)
+        await self._send(body, key, event.id, since)
 
     async def publish_many(self, events: Iterable[Event]) -> None:
         """Publish in order with up to PUBLISH_WINDOW confirms outstanding at once."""
@@ -489,14 +546,13 @@ class RabbitMQBus(EventBus):
                 failures.append(task.exception())
 
         try:
-            for event in events:
-                body, key = self._prepare(event)
+            for body, key, message_id in self._messages(events):
                 await window.acquire()
                 if failures:
                     break
                 # tasks start in creation order and aiormq writes under a FIFO lock,
-                # so the broker receives the events in this order
-                task = asyncio.create_task(self._send(body, key, event, since))
+                # so the broker receives the messages in this order
+                task = asyncio.create_task(self._send(body, key, message_id, since))
                 in_flight.add(task)
                 task.add_done_callback(settle)
             if in_flight:
@@ -507,7 +563,43 @@ class RabbitMQBus(EventBus):
         if failures:
             raise failures[0]
 
-    def _prepare(self, event: Event) -> tuple[bytes, str]:
+    def _messages(self, events: Iterable[Event]) -> list[tuple[bytes, str, str | None]]:
+        """The messages carrying ``events``: (body, routing key, message id) each, in order.
+
+        A partition's consecutive events of one routing key share a message (a batch,
+        see the module), so each queue receives its events in publish order; a critical
+        or keyless event goes alone and ends every open batch (nothing published after
+        it is written before it).
+        """
+        groups: list[list] = []
+        #: the batch still open for each partition: [routing key, bodies, first id, bytes]
+        open_by_partition: dict[str, list] = {}
+        for event in events:
+            body, key, batchable = self._prepare(event)
+            if not batchable:
+                groups.append([key, [body], event.id, len(body)])
+                open_by_partition.clear()
+                continue
+            partition = key[key.rfind(".") + 1 :]
+            group = open_by_partition.get(partition)
+            if (
+                group is not None
+                and group[0] == key
+                and len(group[1]) < BATCH_EVENTS
+                and group[3] + len(body) <= BATCH_BYTES
+            ):
+                group[1].append(body)
+                group[3] += len(body)
+            else:
+                group = open_by_partition[partition] = [key, [body], event.id, len(body)]
+                groups.append(group)
+        return [
+            (bodies[0], key, first_id) if len(bodies) == 1 else (_batch_body(bodies), key, None)
+            for key, bodies, first_id, _ in groups
+        ]
+
+    def _prepare(self, event: Event) -> tuple[bytes, str, bool]:
+        """The event's body, routing key, and whether it may share a message."""
         schema = check_publishable(event)
         keyless = event.key is None
         stats = self._published.get((event.type, keyless))
@@ -519,11 +611,11 @@ class RabbitMQBus(EventBus):
         key = routing_key_for(event, self.partitions)
         if self.event_log.enabled:
             self.event_log.published(event, routing_key=key)
-        return encode_event(event), key
+        return encode_event(event), key, not (keyless or schema.CRITICAL)
 
-    async def _send(self, body: bytes, key: str, event: Event, since: int) -> None:
+    async def _send(self, body: bytes, key: str, message_id: str | None, since: int) -> None:
         # the envelope carries type and source; every property costs marshalling time
-        properties = Properties(delivery_mode=PERSISTENT, message_id=event.id)
+        properties = Properties(delivery_mode=PERSISTENT, message_id=message_id)
         await self._publish_to(self.exchange_name, body, key, properties, since=since)
 
     async def _publish_to(
@@ -837,7 +929,15 @@ class RabbitMQBus(EventBus):
         self, consumer: _Consumer, channel: aiormq.abc.AbstractChannel
     ) -> None:
         async def on_delivery(message: DeliveredMessage) -> None:
-            consumer.buffer.append(message)
+            parts = _batch_parts(message.body)
+            if parts is None:
+                consumer.buffer.append(message)
+            else:
+                batch = _Batch()
+                last = len(parts) - 1
+                consumer.buffer.extend(
+                    _Part(message, body, batch, i == last) for i, body in enumerate(parts)
+                )
             consumer.wakeup.set()
 
         ok = await channel.basic_consume(consumer.queue_name, on_delivery, no_ack=False)
@@ -910,7 +1010,7 @@ class RabbitMQBus(EventBus):
             consumer.wakeup.clear()
             if in_flight and in_flight[0].done:
                 await self._settle(consumer)
-            if consumer.stopping:
+            if consumer.stopping and not (buffer and _begun(buffer[0])):
                 if not in_flight:
                     return
             elif (
@@ -926,7 +1026,7 @@ class RabbitMQBus(EventBus):
                     # a redelivered message runs alone (see the delivery limit): not batched
                     batch = []
                     while buffer and len(batch) < window - consumer.running:
-                        if buffer[0].redelivered:
+                        if buffer[0].redelivered or (consumer.stopping and not _begun(buffer[0])):
                             break
                         batch.append(_Delivery(buffer.popleft()))
                     in_flight.extend(batch)
@@ -1006,15 +1106,20 @@ class RabbitMQBus(EventBus):
         in_flight = consumer.in_flight
         while in_flight and in_flight[0].done:
             delivery = in_flight.popleft()
-            if delivery.failed or delivery.cancelled:
+            message = delivery.message
+            if type(message) is _Part:
+                message = await self._settle_part(consumer, delivery, message)
+                if message is None:
+                    continue
+            elif delivery.failed or delivery.cancelled:
                 # settle it before any ack covers it; a cumulative ack skips it afterwards
                 await self._flush_ack(consumer)
                 if delivery.failed:
-                    await self._reject(consumer, delivery.message)
+                    await self._reject(consumer, message)
                 else:
-                    await self._hand_back(consumer, delivery.message)
+                    await self._hand_back(consumer, message)
                 continue
-            consumer.unacked = delivery.message
+            consumer.unacked = message
             consumer.unacked_count += 1
             if consumer.unacked_count == 1:
                 consumer.unacked_since = time.monotonic()
@@ -1023,6 +1128,55 @@ class RabbitMQBus(EventBus):
             or time.monotonic() - consumer.unacked_since >= ACK_LINGER_S
         ):
             await self._flush_ack(consumer)
+
+    async def _settle_part(
+        self, consumer: _Consumer, delivery: _Delivery, part: _Part
+    ) -> DeliveredMessage | None:
+        """Settle one event of a batch; its message once it is due an ack, else None.
+
+        The message is acked with its last event. An event handed back hands back the
+        whole message (the events before it come again, at least once); one the bus
+        failed on is dead-lettered alone, as the broker would a message of one.
+        """
+        batch = part.batch
+        if batch.settled:
+            return None
+        message = part.message
+        if delivery.failed and not await self._dead_letter_part(consumer, part):
+            await self._flush_ack(consumer)
+            await self._reject(consumer, message)
+            self._drop_batch(consumer, batch)
+            return None
+        if delivery.cancelled:
+            await self._flush_ack(consumer)
+            await self._hand_back(consumer, message)
+            self._drop_batch(consumer, batch)
+            return None
+        return message if part.last else None
+
+    async def _dead_letter_part(self, consumer: _Consumer, part: _Part) -> bool:
+        try:
+            await self._to_dlq(
+                consumer.subscription.service,
+                part.body,
+                "the bus failed on it (see the consumer's log)",
+                event_type=_type_of(part.routing_key),
+                extra={"x-pumpflow-queue": consumer.queue_name},
+            )
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("dead-lettering an event of %s lost: %r", consumer.queue_name, exc)
+            return False
+        return True
+
+    @staticmethod
+    def _drop_batch(consumer: _Consumer, batch: _Batch) -> None:
+        """Forget the events of a message settled whole that no handler took yet."""
+        batch.settled = True
+        buffer = consumer.buffer
+        if any(type(m) is _Part and m.batch is batch for m in buffer):
+            kept = [m for m in buffer if not (type(m) is _Part and m.batch is batch)]
+            buffer.clear()
+            buffer.extend(kept)
 
     async def _flush_ack(self, consumer: _Consumer) -> None:
         message = consumer.unacked
@@ -1057,12 +1211,12 @@ class RabbitMQBus(EventBus):
             # the channel went away: the broker redelivers the message instead
             log.warning("reject on %s lost: %r", consumer.queue_name, exc)
 
-    async def _handle(self, consumer: _Consumer, message: DeliveredMessage) -> None:
+    async def _handle(self, consumer: _Consumer, message: DeliveredMessage | _Part) -> None:
         if not message.redelivered:
             await self._dispatch(consumer, message)
             return
         queue = consumer.queue_name
-        message_id = message.header.properties.message_id or hashlib.sha1(message.body).hexdigest()
+        message_id = _attempt_id(message)
         attempts = await self._count_attempt(queue, message_id)
         if attempts > DELIVERY_LIMIT:
             reason = (
@@ -1286,6 +1440,35 @@ class RabbitMQBus(EventBus):
         properties = Properties(delivery_mode=PERSISTENT, message_id=event.id)
         # the default exchange routes by queue name: no other service gets a copy
         await self._publish_to("", encode_event(event), name, properties)
+
+
+def _begun(message: DeliveredMessage | _Part) -> bool:
+    """An event of a batch whose first events were taken already."""
+    return type(message) is _Part and message.batch.begun
+
+
+def _attempt_id(message: DeliveredMessage | _Part) -> str:
+    """What the delivery limit counts a message's starts by: its id; an event of a batch
+    by its body (the batch's id, which the client makes up, is its batch-mates' too)."""
+    if type(message) is _Part:
+        return hashlib.sha1(message.body).hexdigest()
+    return message.header.properties.message_id or hashlib.sha1(message.body).hexdigest()
+
+
+def _batch_body(bodies: list[bytes]) -> bytes:
+    """One message's body for several encoded events: a JSON array of them."""
+    return b"[" + b",".join(bodies) + b"]"
+
+
+def _batch_parts(body: bytes) -> list[bytes] | None:
+    """The encoded events of a batch's body, or None when the body is one event's (an
+    envelope is a JSON object) or no JSON array at all (then it is malformed as one)."""
+    if body[:1] != b"[":
+        return None
+    try:
+        return [bytes(part) for part in _batch_decoder.decode(body)]
+    except msgspec.DecodeError:
+        return None
 
 
 def _ack_due(consumer: _Consumer) -> None:
