@@ -208,7 +208,10 @@ def asyncapi_document(namespace: str | None = None) -> dict[str, Any]:
             "description": (
                 "The versioned events the pumpflow services exchange over RabbitMQ, "
                 f"generated from the code by `{REFRESH}`. Every message is the envelope "
-                "with its type's payload in `data`; a version only ever gains optional "
+                "with its type's payload in `data`, or a JSON array of up to 64 such "
+                "envelopes: a partition's consecutive events of one routing key published "
+                "together (critical and keyless events always go alone), which consumers "
+                "take one by one; a version only ever gains optional "
                 "fields, anything else is a new major version on a channel of its own. "
                 f"Names are for the default namespace `{namespace}` (PUMPFLOW_NAMESPACE); "
                 f"every queue dead-letters into `{bus.dlx_name}`, to its group's DLQ."
