@@ -31,8 +31,9 @@ Delivery contract, the same for every transport (held by the shared contract tes
   only itself.
 - Delivery is at least once: a redelivery after a crash or a publisher's retry
   reaches the handler again, and so does every event of a message that carried
-  several (RabbitMQ's batches) when one of them is handed back. Consumers drop duplicates by the per-key ``seq`` they
-  store with their state (``pumpflow.common.consumer``).
+  several (RabbitMQ's batches) when one of them is handed back. Consumers drop
+  duplicates by the per-key ``seq`` they store with their state
+  (``pumpflow.common.consumer``).
 - Delivery limit: a message of a partition or critical lane whose handler was started
   more than :data:`DELIVERY_LIMIT` times and never returned (its consumer died or was
   stopped with it each time, as with a message that kills the process) is
