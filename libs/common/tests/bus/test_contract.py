@@ -752,6 +752,42 @@ async def test_rabbitmq_a_partitions_run_of_events_is_one_message(namespace, amq
 
 
 @pytest.mark.rabbitmq
+async def test_rabbitmq_a_stop_finishes_the_batch_it_began(namespace, amqp_url, service):
+    """A consumer stopped inside a batch handles its rest, so nothing handled comes again."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    def make_bus() -> RabbitMQBus:
+        return RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+
+    bus = make_bus()
+    await bus.start()
+    got = Recorder(delay=0.02)
+    await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
+    sent = [trade_event("mintS", seq) for seq in range(1, 11)]
+    await bus.publish_many(sent)  # one message: one key, one partition
+    await eventually(lambda: len(got.events) >= 1)
+    await bus.stop_consuming()
+    assert await bus.drain(timeout=5)
+    await bus.close()  # what it left unacked goes back to the queue
+    assert [e.seq for e in got.events] == list(range(1, 11))
+    assert got.attempts == Counter({e.id: 1 for e in sent})
+    # the barrier: the next consumer gets 11 and nothing of the batch before it
+    successor = make_bus()
+    await successor.start()
+    try:
+        rest = Recorder()
+        await successor.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=rest)
+        )
+        await successor.publish(trade_event("mintS", 11))
+        await eventually(lambda: any(e.seq == 11 for e in rest.events))
+        assert [e.seq for e in rest.events] == [11]
+    finally:
+        await successor.delete_topology()
+        await successor.close()
+
+
+@pytest.mark.rabbitmq
 @pytest.mark.parametrize("window", [1, 4])
 async def test_rabbitmq_a_malformed_event_of_a_batch_is_dead_lettered_alone(
     namespace, amqp_url, service, window
