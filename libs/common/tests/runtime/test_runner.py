@@ -166,7 +166,11 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
     stop = asyncio.Event()
     runner = asyncio.create_task(run_service(Stateful, settings, stop=stop))
     try:
-        body = await eventually(lambda: runner.done() or ready(port), what="the service ready")
+        # the service waits out a broker too loaded to bind its queues at once (10 s an
+        # attempt): on a shared machine that can take several attempts
+        body = await eventually(
+            lambda: runner.done() or ready(port), 120.0, what="the service ready"
+        )
         assert not runner.done(), runner.result()
         assert body["ready"] is True, body
         assert set(body["checks"]) == {"bus", "store", "postgres", "service"}
