@@ -28,8 +28,10 @@ class FeedRecord(msgspec.Struct, frozen=True, gc=False):
     ``frame`` is the exact bytes received (what the recorder stores). ``event`` is
     set when the feed replays an already-enveloped event (from the database); the
     manager then passes it on unchanged instead of wrapping the payload anew.
-    ``subscribed`` is False for a trade of a mint the feed did not subscribe to (a
-    server bug, or another subscription's traffic): stored, never published.
+    ``subscribed`` is False for a trade of a mint the feed is not subscribed to (one
+    it unsubscribed longer ago than the grace, which a replay of a recorded market
+    hands in where a live server would have stopped sending it; live, a server bug or
+    another subscription's traffic): stored, never published.
     """
 
     payload: TokenPayload

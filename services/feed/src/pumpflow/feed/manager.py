@@ -213,8 +213,9 @@ class DataFeedManager:
         self.metrics.unsubscribed_trades.inc()
         if self.unsubscribed_trades == 1 or self.unsubscribed_trades % 1000 == 0:
             log.warning(
-                "trade of %s, a mint the feed did not subscribe to: stored, not published "
-                "(%d so far)", record.payload.mint, self.unsubscribed_trades,
+                "trade of %s, a mint the feed is not subscribed to (never was, or left it "
+                "longer ago than the unsubscribe grace): stored, not published (%d so far)",
+                record.payload.mint, self.unsubscribed_trades,
             )  # fmt: skip
         if self.recorder is not None:
             event = make_event(record.payload, source=self.source, time=record.time)
