@@ -26,7 +26,10 @@ Two shapes of input:
 
 The feed holds a real connection, to a local socket that swallows its subscribe
 messages and sends nothing: the feed runs connected (sending subscriptions for new
-mints) while its frames come from here. The figure is frames/s from the first frame
+mints) while its frames come from here. So every frame of the market reaches it,
+trades of mints activity retired included, which a live server would no longer send:
+the feed stores those unpublished and counts them ("unsubscribed trades"), as it
+would a stray trade live. The figure is frames/s from the first frame
 handed to the feed until the bus is drained (every features.updated and
 token.lifecycle handled), and frames per CPU second of the process (other work on
 the machine disturbs it less). ``--profile FILE`` writes a pyinstrument text profile
