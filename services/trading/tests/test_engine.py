@@ -10,6 +10,7 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
     MIGRATION_POOL,
     VENUE_POOL,
+    BreakerSettings,
     DecisionPolicy,
     EntryFilters,
     PaperBroker,
@@ -289,14 +290,35 @@ def test_a_redelivered_token_event_is_folded_into_its_view_once(engine, market, 
     its publisher's seq) leaves it, and the position's mark, as they were."""
     mint = held_then_migrated(engine, market, clock)
     pool_trade = market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm")
-    assert not engine.applied(pool_trade)
     engine.process(pool_trade)
     view = engine.views[mint]
     once, mark = view.market.state, book.position(mint).mark_value_sol
     assert once != MIGRATION_POOL
-    assert engine.applied(pool_trade)
-    engine.process(pool_trade)
+    assert engine.process(pool_trade) == []
+    assert not engine.admit(pool_trade)
     assert (view.market.state, book.position(mint).mark_value_sol) == (once, mark)
     # the next trade moves it on
     engine.process(market.tokens.sell(mint, "amm", pool="pump-amm"))
     assert view.market.state != once
+
+
+def test_a_redelivered_token_event_counts_once_toward_the_rate_breaker(market, clock):
+    """More distinct events than the rate window allows trip the rate breaker; the same
+    trade delivered as often (by its publisher's seq, a redelivery) counts once."""
+    settings = BreakerSettings(
+        max_events_per_s=1.0, rate_window_s=10.0, max_feed_lag_s=1e9, max_silence_s=1e9
+    )
+
+    def rate_tripped(events: list[Event]) -> bool:
+        book = PositionBook()
+        risk = RiskManager(100.0, 0.02, 5, positions=book, clock=clock, breakers=settings)
+        engine = TradingEngine(None, book, risk, clock=clock)
+        for event in events:
+            engine.process(event)
+        return risk.breakers["rate"].tripped
+
+    mint = market.tokens.mint()
+    created = market.tokens.created(mint)
+    trade = market.tokens.buy(mint, "bob")
+    assert not rate_tripped([created, *[trade] * 20])
+    assert rate_tripped([created, trade, *(market.tokens.buy(mint, "bob") for _ in range(19))])

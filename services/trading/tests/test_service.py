@@ -5,6 +5,7 @@ and reconciles the order in flight without sending anything twice."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -239,6 +240,24 @@ async def test_a_pool_trade_redelivered_to_the_next_replica_moves_its_view_once(
         # what comes after moves it on
         await publish(bus, market.tokens.sell(mint, "amm", pool="pump-amm"))
         assert second.engine.views[mint].market.state != once
+
+
+async def test_a_redelivered_trade_counts_once_toward_the_rate_breaker(clock, market):
+    """The same trade delivered again and again (by its publisher's seq) counts once
+    toward the rate breaker: as many distinct events would trip it and halt entries."""
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, watch):
+        # 10 events in the 10 s window: a ready token's events, a trade and a prediction
+        # are within it
+        service.risk.breaker_settings = replace(
+            service.risk.breaker_settings, max_events_per_s=1.0, rate_window_s=10.0
+        )
+        mint = await ready(bus, market)
+        trade = market.tokens.buy(mint, "bob", sol=0.2)
+        await publish(bus, *[trade] * 20)
+        assert not service.risk.breakers["rate"].tripped
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
 
 
 class _CountedWrites(MemoryStateStore):

@@ -439,13 +439,13 @@ class TradingService(Service):
         if isinstance(data, ExitOrder):
             self._exit(event, step)
             return step
-        # a redelivery moved the executor's market already (or the view it came from)
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated) and not (
-            self.engine.applied(event)
-        ):
+        if not self.engine.admit(event):
+            # a redelivery: the executor's market, the views and the breakers have it
+            return step
+        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
-        produced = self.engine.process(event)
+        produced = self.engine.process(event, admitted=True)
         if self.context is not None and isinstance(data, _CONTEXT):
             if not (isinstance(data, ModelPrediction) and data.shadow):
                 self.context.change(data.mint)

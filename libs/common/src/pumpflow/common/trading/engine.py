@@ -12,8 +12,8 @@ marks), ``token.migrated``, ``features.updated`` (the latest vector),
 prediction is one chance to enter), and the executor's ``order.filled`` and
 ``order.rejected``. A token's view folds each token event, features vector and
 lifecycle in once: it keeps the last seq of each publisher's events it took, and one
-that comes again (a redelivery) is passed over, so a trade on the pool moves the
-pool's state once.
+that comes again (a redelivery) changes nothing, so a trade on the pool moves the
+pool's state once and counts once toward the risk manager's breakers.
 
 An entry's order id is derived from the prediction event's id
 (:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
@@ -202,15 +202,18 @@ class TradingEngine:
 
     # ---------------------------------------------------------------- the core
 
-    def process(self, event: Event) -> list[Event]:
-        """Apply a consumed event; return the events to publish, in order."""
+    def process(self, event: Event, *, admitted: bool = False) -> list[Event]:
+        """Apply a consumed event; return the events to publish, in order.
+
+        ``admitted``: the caller had :meth:`admit` take ``event`` in already.
+        """
+        if not admitted and not self.admit(event):
+            return []
         now = self.clock.now()
         self.risk.observe(event, now=now)
         produced: list[Payload] = []
         data = event.data
-        if isinstance(data, _FOLDED) and not self._fold(event):
-            pass  # redelivered: its view has it (a pool trade would move the pool again)
-        elif isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             self._on_token_event(data, event.time)
         elif isinstance(data, FeaturesUpdated):
             view = self._view(data.mint)
@@ -258,28 +261,25 @@ class TradingEngine:
         self.risk.check(now)
         return [self._wrap(p, None, now) for p in self.risk.take_reports()]
 
-    def applied(self, event: Event) -> bool:
-        """Whether ``event`` is folded into its token's view already (a redelivery, say
-        after a take-over of views stored before their events were acknowledged)."""
-        data = event.data
-        if event.seq is None or not isinstance(data, _FOLDED):
+    def admit(self, event: Event) -> bool:
+        """Take ``event``'s seq into its token's view; False for a redelivery (the view has
+        it already, say after a take-over of views stored before their events were
+        acknowledged), which must change nothing: a pool trade would move the pool again,
+        and any event would count once more toward the rate breaker's window.
+
+        Asked once an event: :meth:`process` asks it unless told it was asked already.
+        """
+        seq, data = event.seq, event.data
+        if seq is None or not isinstance(data, _FOLDED):
+            return True
+        view = self._view(data.mint)
+        publisher = source_service(event.source)
+        if seq <= view.applied.get(publisher, 0):
             return False
-        view = self.views.get(data.mint)
-        return view is not None and _taken(view, event)
+        view.applied[publisher] = seq
+        return True
 
     # ---------------------------------------------------------------- internals
-
-    def _fold(self, event: Event) -> bool:
-        """Take the seq of ``event`` (one of :data:`_FOLDED`) into its token's view;
-        False if the view has it already."""
-        seq = event.seq
-        if seq is None:
-            return True
-        view = self._view(event.data.mint)
-        if _taken(view, event):
-            return False
-        view.applied[source_service(event.source)] = seq
-        return True
 
     def _view(self, mint: str) -> TokenView:
         view = self.views.get(mint)
@@ -320,8 +320,3 @@ class TradingEngine:
             cause=cause,
             event_id=event_id,
         )
-
-
-def _taken(view: TokenView, event: Event) -> bool:
-    """``event``'s seq is not above the last of its publisher folded into ``view``."""
-    return event.seq <= view.applied.get(source_service(event.source), 0)
