@@ -94,7 +94,14 @@ class RecordingProcessor:
         return msgspec.msgpack.decode(raw, type=Applied)
 
 
-def trade(mint: str, seq: int, *, amount: float = 1000.0, at: float | None = None) -> Event:
+def trade(
+    mint: str,
+    seq: int,
+    *,
+    amount: float = 1000.0,
+    at: float | None = None,
+    source: str = "feed/test",
+) -> Event:
     payload = TokenTrade(
         signature=f"sig-{mint}-{seq}",
         mint=mint,
@@ -108,7 +115,7 @@ def trade(mint: str, seq: int, *, amount: float = 1000.0, at: float | None = Non
         marketCapSol=30.0,
         solAmount=0.01,
     )
-    return make_event(payload, source="feed/test", time=at or START + seq, seq=seq)
+    return make_event(payload, source=source, time=at or START + seq, seq=seq)
 
 
 def migrated(mint: str, seq: int) -> Event:
@@ -933,8 +940,8 @@ class _CountingStore:
         await self._store.write(batch)
 
 
-def quiet(mint: str, seq: int) -> Event:
-    return trade(mint, seq, amount=0.0)
+def quiet(mint: str, seq: int, *, source: str = "feed/test") -> Event:
+    return trade(mint, seq, amount=0.0, source=source)
 
 
 async def test_an_event_that_changed_nothing_stores_nothing_and_the_next_change_its_seq(pair):
@@ -1008,3 +1015,28 @@ async def test_events_that_changed_nothing_redelivered_after_a_crash_are_harmles
     await taking_over.handle_batch([quiet(mint, 2)])
     assert await pair.applied(mint) == [1, 4]
     assert (await pair.record(mint)).missing == {}
+
+
+async def test_a_publishers_first_event_is_stored_so_a_restored_record_knows_it(pair):
+    """A publisher's first event on a key with a live record is stored though it changed
+    nothing: the record restored after a crash knows the publisher, so its next event
+    far on is a gap, not an unrecorded start."""
+    dying = await pair.consumer(QuietProcessor())
+    mint = MINTS[4]
+    await dying.handle_batch([trade(mint, 1)])
+    await dying.handle_batch([quiet(mint, 1, source="scanner/test")])
+    await dying.handle_batch(
+        [quiet(mint, s, source="scanner/test") for s in range(2, UNAPPLIED_KEPT + 2)]
+    )
+    await dying.abandon()  # the seqs of the events that changed nothing are lost
+    pair.consumers.remove(dying)
+    assert (await pair.record(mint)).applied == {"feed": 1, "scanner": 1}
+    taking_over = await pair.consumer(QuietProcessor())
+    metrics = taking_over.metrics
+    unrecorded, gaps = metrics.unrecorded._value.get(), metrics.gaps._value.get()
+    await taking_over.handle_batch([trade(mint, UNAPPLIED_KEPT + 2, source="scanner/test")])
+    assert metrics.unrecorded._value.get() == unrecorded
+    assert metrics.gaps._value.get() == gaps + 1
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 1, "scanner": UNAPPLIED_KEPT + 2}
+    assert await pair.applied(mint) == [1, UNAPPLIED_KEPT + 2]

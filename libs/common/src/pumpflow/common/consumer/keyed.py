@@ -46,7 +46,8 @@ owns the rest:
   key is handed over (revoked or stopped). Anything else about such an event is
   stored as for a change: a gap, a late or retried seq (their lists change), a key
   without a live record (new, or loaded from its retired record, which would expire),
-  a pending retirement it cancels, a priority hint. A crash therefore leaves a
+  a publisher's first event on the key (a restored record knows the publisher), a
+  pending retirement it cancels, a priority hint. A crash therefore leaves a
   record's applied seq behind by at most unchanged events: those not acked are
   delivered again and change nothing again; those acked make the next event after
   the take-over count a gap over their seqs (kept in ``missing``, as if overtaken).
@@ -721,6 +722,9 @@ class KeyedStatefulConsumer(Generic[S]):
                         seq,
                         last,
                     )
+            elif not last:
+                # a publisher's first position is stored, so a restored record knows it
+                in_step = False
         state = self._state_of(entry)
         retire_ttl, entry.retire_ttl = entry.retire_ttl, None
         if effects is None:
