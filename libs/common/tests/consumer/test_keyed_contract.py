@@ -583,18 +583,19 @@ async def test_a_store_that_fails_for_a_while_is_waited_out_not_dead_lettered(pa
 
 
 class FixableProcessor(RecordingProcessor):
-    """Refuses (or fails on) the events of seq 2 until fixed."""
+    """Refuses (or fails on) the events of seq ``seq`` until fixed."""
 
-    def __init__(self, *, fail: bool = False):
+    def __init__(self, *, fail: bool = False, seq: int = 2):
         super().__init__()
         self.fail = fail
+        self.seq = seq
         self.fixed = False
 
     def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
-        if event.seq == 2 and not self.fixed:
+        if event.seq == self.seq and not self.fixed:
             if self.fail:
-                raise ValueError("cannot take seq 2 yet")
-            raise InvalidInput("seq 2 is not welcome yet")
+                raise ValueError(f"cannot take seq {self.seq} yet")
+            raise InvalidInput(f"seq {self.seq} is not welcome yet")
         return super().apply(state, event, effects)
 
 
@@ -854,6 +855,53 @@ async def test_a_key_without_a_record_starting_mid_stream_is_counted(pair):
     assert consumer.metrics.unrecorded._value.get() - before == 1
 
 
+async def test_a_publishers_first_event_far_into_its_seq_counts_on_a_key_others_started(pair):
+    """A key holding another publisher's input judges a publisher new to its record as a
+    new key would: a first seq past what a reordering explains lost what came before it,
+    a first seq a little past 1 may have been overtaken."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor())
+    before = consumer.metrics.unrecorded._value.get()
+    far, near = MINTS[6], MINTS[7]
+    await bus.publish_many(
+        [trade(far, 1, source="scanner/test"), trade(near, 1, source="scanner/test")]
+    )
+    await announced.wait_for(2)
+    await bus.publish_many(
+        [trade(far, UNAPPLIED_KEPT + 1), trade(far, UNAPPLIED_KEPT + 2), trade(near, 3)]
+    )
+    await announced.wait_for(3, key=far)
+    await announced.wait_for(2, key=near)
+    assert consumer.metrics.unrecorded._value.get() - before == 1
+    far_record, near_record = await pair.record(far), await pair.record(near)
+    assert far_record.applied == {"scanner": 1, "feed": UNAPPLIED_KEPT + 2}
+    assert far_record.missing == {}
+    assert near_record.applied == {"scanner": 1, "feed": 3}
+    assert near_record.missing == {"feed": [1, 2]}
+    assert await pair.applied(far) == [1, UNAPPLIED_KEPT + 1, UNAPPLIED_KEPT + 2]
+
+
+async def test_a_publishers_first_event_whose_apply_failed_starts_it_once(pair):
+    """An apply that raised keeps its seq in the record (``failed``): the publisher is
+    known there, so neither the events passing it over nor its retry count again."""
+    processor = FixableProcessor(fail=True, seq=UNAPPLIED_KEPT + 1)
+    consumer = await pair.consumer(processor)
+    before = consumer.metrics.unrecorded._value.get()
+    mint = MINTS[3]
+    await consumer.handle_batch([trade(mint, 1, source="scanner/test")])
+    with pytest.raises(ValueError):
+        await consumer.handle_batch([trade(mint, UNAPPLIED_KEPT + 1)])
+    await consumer.handle_batch([trade(mint, UNAPPLIED_KEPT + 2)])
+    processor.fixed = True
+    await consumer.handle_batch([trade(mint, UNAPPLIED_KEPT + 1)])
+    assert consumer.metrics.unrecorded._value.get() - before == 1
+    record = await pair.record(mint)
+    assert record.applied == {"scanner": 1, "feed": UNAPPLIED_KEPT + 2}
+    assert record.failed == {}
+    assert await pair.applied(mint) == [1, UNAPPLIED_KEPT + 2, UNAPPLIED_KEPT + 1]
+
+
 async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_first(pair):
     stored = {MINTS[0]: [trade(MINTS[0], seq) for seq in range(1, 5)]}
     asked: list[tuple[str, str, int]] = []
@@ -914,6 +962,24 @@ async def test_a_partial_publishers_seqs_skip_without_a_gap_a_loss_or_a_rebuild(
     assert metrics.gaps._value.get() == gaps
     assert metrics.duplicates._value.get() >= 1
     assert asked == []
+
+
+async def test_a_partial_publishers_first_event_far_in_on_a_key_others_started_is_no_loss(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor(), partial_publishers=("feed",))
+    metrics = consumer.metrics
+    unrecorded, gaps = metrics.unrecorded._value.get(), metrics.gaps._value.get()
+    mint = MINTS[5]
+    await bus.publish(trade(mint, 1, source="scanner/test"))
+    await announced.wait_for(1, key=mint)
+    await bus.publish(trade(mint, UNAPPLIED_KEPT + 325))
+    await announced.wait_for(2, key=mint)
+    record = await pair.record(mint)
+    assert record.applied == {"scanner": 1, "feed": UNAPPLIED_KEPT + 325}
+    assert record.missing == {}
+    assert metrics.unrecorded._value.get() == unrecorded
+    assert metrics.gaps._value.get() == gaps
 
 
 class QuietProcessor(RecordingProcessor):

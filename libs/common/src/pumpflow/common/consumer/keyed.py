@@ -31,7 +31,12 @@ owns the rest:
   processor sees it as the key's next event: what adds up (counts, volumes, sums)
   comes out as in order, a window counts it at the time it arrives (event time never
   steps back), and what holds the latest value (price, curve reserves) holds the
-  late event's until the key's next event.
+  late event's until the key's next event. A publisher's first event on a key (its
+  record holds nothing of that publisher: a new key, or one other publishers' events
+  started) further into its seq than a reordering explains (past
+  :data:`UNAPPLIED_KEPT`) is an unrecorded start: the publisher's events before it are
+  not in the state (a store that lost the record, a consumer that joined mid-stream).
+  It is counted and logged, and nothing before it is kept ``missing``.
 - **Partial publishers.** A publisher numbers all its keyed events of a key in one
   seq; a consumer that takes only some of its types (``partial_publishers``: activity
   takes the feed's ``token.migrated``, not its creations and trades) sees that seq skip
@@ -710,7 +715,8 @@ class KeyedStatefulConsumer(Generic[S]):
                     for skipped in range(max(last + 1, seq - UNAPPLIED_KEPT), seq):
                         if skipped not in failed:
                             _keep_seq(entry.missing, publisher, skipped)
-                if not (last or entry.applied or entry.indexed) and seq > UNAPPLIED_KEPT:
+                if not last and seq > UNAPPLIED_KEPT and publisher not in entry.failed:
+                    # the record holds nothing of this publisher, whatever others it holds
                     self._unrecorded(entry, publisher, seq)
                 if last:
                     self.metrics.gaps.inc()
@@ -836,14 +842,15 @@ class KeyedStatefulConsumer(Generic[S]):
         return self._mark(entry)
 
     def _unrecorded(self, entry: _Key, publisher: str, seq: int) -> None:
-        """A key without a record starts at its publisher's seq ``seq``: its state before
-        that is not here (a store that lost it, or a consumer that joined mid-stream)."""
+        """The key's record holds nothing of ``publisher`` and its first event from it is
+        seq ``seq``: the state lacks the publisher's events before it (a store that lost
+        the record, or a consumer that joined mid-stream)."""
         self.metrics.unrecorded.inc()
         count = int(self.metrics.unrecorded._value.get())
         if count == 1 or count % 1000 == 0:
             log.error(
-                "%s: %s has no stored record but its first event is %s's seq %d: it starts "
-                "from its initial state (%d keys so far)",
+                "%s: %s's record holds nothing of %s but its first event from it is seq %d: "
+                "the state goes on without the events before it (%d unrecorded starts so far)",
                 self.config.service, entry.key, publisher, seq, count,
             )  # fmt: skip
 

@@ -88,10 +88,11 @@ class _Families:
         )
         self.unrecorded = Counter(
             "pumpflow_consumer_unrecorded_starts",
-            "Keys with no stored record whose first event is further into a publisher's "
-            "seq than a reordering explains (a store that lost the record, or a consumer "
-            "that joined mid-stream); not the seqs of a publisher it takes only some "
-            "types of, which skip by design.",
+            "First events of a publisher on a key whose record holds nothing of it (a new "
+            "key, or one other publishers' events started) further into its seq than a "
+            "reordering explains (a store that lost the record, or a consumer that joined "
+            "mid-stream); not the seqs of a publisher it takes only some types of, which "
+            "skip by design.",
             ["service"],
             registry=registry,
         )
