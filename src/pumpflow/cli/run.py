@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run pumpflow embedded on a simulated market (one process, no servers)",
         description=(
             "Run the simulator, feed, features, activity, model, trading (paper) and exit "
-            "services in one process over the in-memory bus, and print the market, positions and PnL as "
-            "they go. Ctrl-C stops cleanly."
+            "services in one process over the in-memory bus, and print the market, positions "
+            "and PnL as they go. Ctrl-C stops cleanly."
         ),
     )
     parser.add_argument(
