@@ -20,6 +20,7 @@ the same machine at the same moment: the path's rate over the yardstick's is ste
 where either rate alone swings with the load, and the target is a ratio of 0.721.
 
 Run: .venv/bin/python benchmarks/model_service.py [--quick] [--batch 256] [--profile]
+     [--no-labels | --least]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import msgspec
 import numpy as np
 
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Payload
+from pumpflow.common.events import ModelPrediction, Payload
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import ModelManager, read_model
 from pumpflow.common.model.arms import Arm, ArmTable
@@ -130,6 +131,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-labels", action="store_true",
                         help="without following predictions to their labels")
+    parser.add_argument("--least", action="store_true",
+                        help="apply cut to the least a prediction needs (no labels): its "
+                             "prepared score taken, its payload made and emitted, the "
+                             "state's two fields set; what a path that handled a "
+                             "delivery's predictions together could come down to")
     args = parser.parse_args()
     seconds = 1.5 if args.quick else 5.0
     _, card = read_model(DEFAULT_MODEL_PATH)
@@ -137,7 +143,7 @@ def main() -> None:
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     arms = ArmTable([Arm(name="control", model_id="entry")])
     # every vector scored: the policy's interval would only thin the work measured
-    labels = None if args.no_labels else LabelTracker(clock=ReplayClock(START))
+    labels = None if args.no_labels or args.least else LabelTracker(clock=ReplayClock(START))
     processor = ModelProcessor(
         manager, arms, policy=ScoringPolicy(min_interval_s=0.0), labels=labels,
     )
@@ -149,6 +155,32 @@ def main() -> None:
     states = {}
     initial = processor.initial
     apply = processor.apply
+    if args.least:
+        prepared = processor._prepared
+
+        def apply(state, event, effects):
+            """The least of ``processor.apply`` for a prepared vector of the one arm."""
+            card, score, seconds = prepared.pop(event.id)[2]
+            data = event.data
+            effects.emit(
+                ModelPrediction(
+                    mint=effects.key,
+                    model_id="entry",
+                    arm="control",
+                    feature_set_version=data.feature_set_version,
+                    score=score,
+                    horizon_s=card.label.horizon_s,
+                    label=card.label.kind,
+                    model_version=card.version,
+                    shadow=False,
+                    latency_s=seconds,
+                    source_seq=data.source_seq,
+                ),
+                time=event.time,
+            )
+            state.last_scored = event.time
+            state.scored += 1
+            return state
 
     encode = processor.encode
 
