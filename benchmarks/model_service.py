@@ -141,7 +141,8 @@ def main() -> None:
     _, card = read_model(DEFAULT_MODEL_PATH)
     manager = ModelManager(None, FeatureManager(), clock=ReplayClock(START))
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
-    arms = ArmTable([Arm(name="control", model_id="entry")])
+    arm = Arm(name="control", model_id="entry")
+    arms = ArmTable([arm])
     # every vector scored: the policy's interval would only thin the work measured
     labels = None if args.no_labels or args.least else LabelTracker(clock=ReplayClock(START))
     processor = ModelProcessor(
@@ -165,14 +166,14 @@ def main() -> None:
             effects.emit(
                 ModelPrediction(
                     mint=effects.key,
-                    model_id="entry",
-                    arm="control",
+                    model_id=arm.model_id,
+                    arm=arm.name,
                     feature_set_version=data.feature_set_version,
                     score=score,
                     horizon_s=card.label.horizon_s,
                     label=card.label.kind,
                     model_version=card.version,
-                    shadow=False,
+                    shadow=arm.shadow,
                     latency_s=seconds,
                     source_seq=data.source_seq,
                 ),
