@@ -124,6 +124,25 @@ async def test_a_returning_token_is_resubscribed_but_a_straggler_is_not(stack):
     await svc.stop()
 
 
+async def test_a_token_back_after_its_tombstone_expired_numbers_above_its_old_events(stack):
+    # exit and trading remember a token's lifecycle seqs longer than its tombstone lasts:
+    # seqs given again would be dropped there as duplicates
+    s, tk = stack, stack.tokens
+    svc = await s.activity()
+    await s.send(tk.created("A"))
+    await s.at(200)
+    assert s.states("A") == ["new", "inactive"]
+    before = s.seqs("A")
+    await svc.consumer.flush()
+    await s.at(200 + svc.settings.thresholds().tombstone_ttl_s + 60)
+    assert await svc.consumer.store.get(KEY_PREFIX + "A") is None
+    await s.pump(["A"], 4000, 4030)
+    after = s.seqs("A")[len(before):]
+    assert after and min(after) > max(before)
+    assert after == list(range(after[0], after[0] + len(after)))
+    await svc.stop()
+
+
 async def test_a_restarted_replica_carries_on_from_the_store(stack):
     s, tk = stack, stack.tokens
     first = await s.activity()

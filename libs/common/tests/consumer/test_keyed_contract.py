@@ -446,6 +446,50 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     await eventually(expired, 10, what="the retired record to expire")
 
 
+def _same_partition(mint: str, count: int) -> list[str]:
+    """``count`` other keys of ``mint``'s partition."""
+    partition = partition_of(mint, PARTITIONS)
+    others = (f"{mint}-{i}" for i in range(10_000))
+    return [k for k in others if partition_of(k, PARTITIONS) == partition][:count]
+
+
+async def test_a_key_back_after_its_record_expired_numbers_above_what_it_published(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    first = await pair.consumer(RecordingProcessor())
+    mint = MINTS[5]
+    fresh, midway = _same_partition(mint, 2)
+    await bus.publish_many([trade(mint, 1), trade(mint, 2), trade(mint, 3), migrated(mint, 4)])
+    await announced.wait_for(3, key=mint)
+    await eventually(lambda: mint not in first.keys())
+    if pair.transport == "memory":
+        await pair.clock.advance(RETIRE_TTL + 0.01)
+
+    async def expired() -> bool:
+        return await pair.record(mint) is None
+
+    await eventually(expired, 10, what="the retired record to expire")
+    # another replica, holding nothing in memory, owns the partition now
+    await first.stop()
+    await pair.consumer(
+        RecordingProcessor(), bus=bus if pair.transport == "memory" else await pair.bus()
+    )
+    # the feed's seqs go on; the key's own start over from a new record
+    await bus.publish_many([trade(mint, 5), trade(fresh, 1), trade(midway, 7)])
+    await announced.wait_for(4, key=mint)
+    await announced.wait_until(lambda c: c.count(key=fresh) and c.count(key=midway))
+
+    def seqs(key: str) -> list[int]:
+        return [e.seq for e in announced.events if e.key == key]
+
+    # above the 3 it published before, which a consumer remembering it still holds
+    assert seqs(mint) == [1, 2, 3, 4]
+    # a key new to the stream starts at 1; one first seen midway above the floor
+    assert seqs(fresh) == [1]
+    assert seqs(midway) == [4]
+    assert await pair.applied(mint) == [5]
+
+
 async def test_a_busy_key_is_encoded_once_per_commit_not_once_per_event(pair):
     bus = await pair.bus()
     announced = await watch(bus)
@@ -793,14 +837,15 @@ async def test_a_store_away_longer_than_the_task_deadline_is_waited_out_not_hung
 
 async def test_what_a_redis_restart_emptied_is_written_back_and_restored_from(pair, own_redis):
     """A Redis without persistence comes back empty: the keys held in memory are
-    written back (records, views, partition index), so a replica restarted afterwards
-    continues them instead of starting from zero."""
+    written back (records, views, partition index, the seq floors of their partitions),
+    so a replica restarted afterwards continues them instead of starting from zero."""
     bus = await pair.bus()
     announced = await watch(bus)
     store = RedisStateStore(url=own_redis.url, namespace=pair.namespace)
     config = KeyedConsumerConfig(
-        service="keyed", patterns=("token.trade",), window=16, compact_interval_s=0.05
-    )
+        service="keyed", patterns=("token.trade", "token.migrated"), window=16,
+        compact_interval_s=0.05,
+    )  # fmt: skip
 
     def consumer() -> KeyedStatefulConsumer:
         made = KeyedStatefulConsumer(
@@ -816,6 +861,14 @@ async def test_what_a_redis_restart_emptied_is_written_back_and_restored_from(pa
     mints = MINTS[:4]
     await bus.publish_many([trade(m, s) for s in range(1, 6) for m in mints])
     await announced.wait_until(lambda c: all(c.count(key=m) >= 5 for m in mints))
+    retired = MINTS[4]
+    floor = f"keyed:seq-floor:{partition_of(retired, PARTITIONS)}"
+    await bus.publish_many([trade(retired, 1), trade(retired, 2), migrated(retired, 3)])
+
+    async def floor_raised() -> bool:
+        return await store.get(floor) == b"2"
+
+    await eventually(floor_raised, 10, what="the retired key's seqs to raise the floor")
 
     losses = first.metrics.store_losses._value.get()
     await asyncio.to_thread(own_redis.restart)
@@ -827,6 +880,8 @@ async def test_what_a_redis_restart_emptied_is_written_back_and_restored_from(pa
         assert msgspec.msgpack.decode(
             msgspec.msgpack.decode(raw, type=Record).state, type=Applied
         ).seqs == list(range(1, 6))
+    # the retired key's record is gone with the store, how far it had numbered is not
+    assert await floor_raised()
 
     await first.stop()
     pair.consumers.remove(first)

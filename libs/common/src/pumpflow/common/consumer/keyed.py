@@ -70,6 +70,15 @@ owns the rest:
 - **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored, takes
   it off its partition's index and gives its record (and views) that TTL; an event
   for it later loads it again (and indexes it again).
+- **Seqs it publishes.** A key numbers its events 1, 2, ... from its record's start. A
+  record that expired (a retired key gone quiet past its TTL) or was lost takes with it
+  how far the key had got, while a consumer of its events may remember longer and
+  would drop the seqs given again as duplicates. So each partition keeps a floor,
+  ``<service>:seq-floor:<p>``, the highest seq a retired key of it published, raised in
+  the same write that retires the key; a new record whose first event is not its
+  publisher's seq 1 (a key that may have been here before) numbers from above it. A
+  key new to the stream starts at 1 whatever the floor. Its consumers see the jump as
+  a gap (or, holding nothing of it, a start past seq 1) and go on.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -368,6 +377,12 @@ class KeyedStatefulConsumer(Generic[S]):
         )
         self._key_prefix = f"{config.service}:key:"
         self._index_prefix = f"{config.service}:partition:"
+        self._floor_prefix = f"{config.service}:seq-floor:"
+        #: partition -> the highest seq a retired key of it had published, as stored
+        #: (known for the partitions of every key in memory; see :meth:`_load`)
+        self._floors: dict[int, int] = {}
+        #: partitions whose floor the store lost, written back by the next commit
+        self._lost_floors: set[int] = set()
         self._keys: dict[str, _Key] = {}
         #: partitions whose keys this replica holds (restored, timers armed)
         self.owned: set[int] = set()
@@ -547,7 +562,7 @@ class KeyedStatefulConsumer(Generic[S]):
     async def _load_and_apply_batch(self, key: str, events: list[Event], batch: _Batch) -> None:
         failures: list[Exception] = []
         try:
-            entry = await self._load(key)
+            entry = await self._load(key, events[0])
             applied = self._apply_all(entry, events, 0, entry.changed, failures)
             generation = applied if isinstance(applied, int) else await applied
         except BaseException as exc:
@@ -650,7 +665,7 @@ class KeyedStatefulConsumer(Generic[S]):
         return self._apply_to(entry, event)
 
     async def _load_and_apply(self, key: str, event: Event) -> int:
-        applied = self._apply_to(await self._load(key), event)
+        applied = self._apply_to(await self._load(key, event), event)
         return applied if isinstance(applied, int) else await applied
 
     def _apply_to(
@@ -807,9 +822,9 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.applied[publisher] = seq
             replayed += 1
         if replayed:
-            # what the key published before is unknown: its seqs go on past what it may
-            # have used (at most one event per input), so a consumer that remembers the
-            # old ones counts a gap instead of dropping the new ones as duplicates
+            # what the key published before is unknown: beside the floor (a new record
+            # starts above it), its seqs go on past what it may have used if it published
+            # at most one event per input, which holds where the floor was lost too
             entry.published = max(entry.published, entry.applied[publisher])
             self.metrics.rebuilt.inc()
             log.warning(
@@ -1025,6 +1040,11 @@ class KeyedStatefulConsumer(Generic[S]):
                     if ttl != entry.stored_ttl:
                         batch.expire(view_key, ttl)
             if retired:
+                floor = self._floors.get(entry.partition, 0)
+                if entry.published > floor:
+                    # stored with the record it covers: a key that expires has raised it
+                    self._floors[entry.partition] = floor = entry.published
+                    batch.set(f"{self._floor_prefix}{entry.partition}", b"%d" % floor)
                 if entry.indexed:
                     # a retired key is loaded by its next event, never restored: its
                     # index entry would stay for ever, one per key the service saw
@@ -1040,6 +1060,12 @@ class KeyedStatefulConsumer(Generic[S]):
                 handed.append((entry, fresh))
         if index:
             batch.hashes.update(index)
+        if self._lost_floors:
+            for partition in self._lost_floors:
+                floor = self._floors.get(partition, 0)
+                if floor:
+                    batch.set(f"{self._floor_prefix}{partition}", b"%d" % floor)
+            self._lost_floors.clear()
         return batch, events, handed, stored
 
     async def _announce(self) -> None:
@@ -1159,6 +1185,7 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.stored_ttl = _LOST
             self._mark(entry)
         self._rewriting = self._commits.changed
+        self._lost_floors.update(p for p, floor in self._floors.items() if floor)
         log.error(
             "%s: the store lost its contents; writing back the %d keys held here (keys not "
             "held here, retired keys' records and other replicas' partitions, are gone)",
@@ -1191,20 +1218,54 @@ class KeyedStatefulConsumer(Generic[S]):
             log.error("%s: unreadable record of %s dropped: %s", self.config.service, key, exc)
             return None
 
-    async def _load(self, key: str) -> _Key:
-        """A key not in memory: its stored record (a retired key) or a new one."""
-        stored = await self._get(key)
+    async def _load(self, key: str, first: Event) -> _Key:
+        """A key not in memory, whose next event is ``first``: its stored record (a
+        retired key) or a new one.
+
+        A new record whose first event is not its publisher's seq 1 may be a key whose
+        record expired or was lost: what it published then is unknown, and consumers that
+        remember it would drop seqs given again as duplicates. Its seqs start above the
+        partition's floor, the highest seq a retired key of it published, as the feed's
+        Sequencer starts a key it no longer holds above its own.
+        """
+        partition = self._partition(key)
+        floor = self._floors.get(partition)
+        if floor is not None:
+            stored = await self._get(key)
+        else:
+            stored, raw = await self._retry(
+                lambda: self.store.get_many(
+                    (self._key_prefix + key, f"{self._floor_prefix}{partition}")
+                ),
+                "loading",
+                key=key,
+            )
+            # a key of the partition retired meanwhile may have raised it already
+            floor = self._floors[partition] = max(
+                self._floors.get(partition, 0), _floor_of(raw)
+            )
         record = None if stored is None else self._decode_stored(key, stored)
         if record is not None:
             entry = self._entry_from(key, record)
             self._adopt(entry, record)
         else:
-            entry = _Key(key, self._partition(key), self.processor.initial(key), None)
+            entry = _Key(key, partition, self.processor.initial(key), None)
+            if first.seq != 1:
+                entry.published = floor
         self._keys[key] = entry
         return entry
 
     async def _get(self, key: str) -> bytes | None:
         return await self._retry(lambda: self.store.get(self._key_prefix + key), "loading", key=key)
+
+    async def _load_floors(self, partitions: Iterable[int]) -> None:
+        """Read the seq floors of ``partitions`` (another owner may have raised them)."""
+        partitions = tuple(partitions)
+        keys = [f"{self._floor_prefix}{p}" for p in partitions]
+        floors = await self._retry(lambda: self.store.get_many(keys), "restoring")
+        for partition, floor in zip(partitions, floors, strict=True):
+            # a floor raised here and not yet written is the higher one
+            self._floors[partition] = max(self._floors.get(partition, 0), _floor_of(floor))
 
     def _adopt(self, entry: _Key, record: Record) -> None:
         """Take over a stored record's timer and unconfirmed outbox."""
@@ -1223,6 +1284,7 @@ class KeyedStatefulConsumer(Generic[S]):
         if checking is not None:
             await checking
         restored = 0
+        await self._load_floors(partitions)
         for partition in partitions:
             index_key = f"{self._index_prefix}{partition}"
             listed = [
@@ -1286,6 +1348,8 @@ class KeyedStatefulConsumer(Generic[S]):
         await self._hand_over(mine)
         for entry in mine:
             self._forget(entry)
+        for partition in lost:
+            self._floors.pop(partition, None)  # the next owner raises it from now on
         log.info(
             "%s: partitions %s revoked, %d keys handed over",
             self.config.service,
@@ -1456,6 +1520,10 @@ def _followed(events: list[Event]) -> list[bool]:
 
 async def _nothing() -> None:
     return None
+
+
+def _floor_of(raw: bytes | None) -> int:
+    return 0 if raw is None else int(raw)
 
 
 def _keep_seq(seqs_of: dict[str, list[int]], publisher: str, seq: int) -> None:
