@@ -137,7 +137,7 @@ async def test_a_token_back_after_its_tombstone_expired_numbers_above_its_old_ev
     await s.at(200 + svc.settings.thresholds().tombstone_ttl_s + 60)
     assert await svc.consumer.store.get(KEY_PREFIX + "A") is None
     await s.pump(["A"], 4000, 4030)
-    after = s.seqs("A")[len(before):]
+    after = s.seqs("A")[len(before) :]
     assert after and min(after) > max(before)
     assert after == list(range(after[0], after[0] + len(after)))
     await svc.stop()

@@ -1241,9 +1241,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 key=key,
             )
             # a key of the partition retired meanwhile may have raised it already
-            floor = self._floors[partition] = max(
-                self._floors.get(partition, 0), _floor_of(raw)
-            )
+            floor = self._floors[partition] = max(self._floors.get(partition, 0), _floor_of(raw))
         record = None if stored is None else self._decode_stored(key, stored)
         if record is not None:
             entry = self._entry_from(key, record)
