@@ -39,6 +39,8 @@ PARTITIONS = 4
 START = 1_700_000_000.0
 TIMER_DELAY = 30.0
 RETIRE_TTL = 0.3
+#: a consumer's stop at teardown, before it is abandoned instead
+STOP_WITHIN_S = 20.0
 
 
 class Applied(msgspec.Struct):
@@ -193,7 +195,11 @@ class Pair:
 
     async def teardown(self) -> None:
         for consumer in self.consumers:
-            await consumer.stop()
+            try:
+                # a test that failed may leave its consumer waiting out a store it stopped
+                await asyncio.wait_for(consumer.stop(), STOP_WITHIN_S)
+            except TimeoutError:
+                await consumer.abandon()
         if self._buses is not None:
             await self._buses.teardown()
         if self._store is not None and self.transport == "rabbitmq":
