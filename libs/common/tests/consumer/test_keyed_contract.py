@@ -464,7 +464,7 @@ async def test_a_key_back_after_its_record_expired_numbers_above_what_it_publish
     announced = await watch(bus)
     first = await pair.consumer(RecordingProcessor())
     mint = MINTS[5]
-    fresh, midway = _same_partition(mint, 2)
+    fresh, midway, redriven = _same_partition(mint, 3)
     await bus.publish_many([trade(mint, 1), trade(mint, 2), trade(mint, 3), migrated(mint, 4)])
     await announced.wait_for(3, key=mint)
     await eventually(lambda: mint not in first.keys())
@@ -481,18 +481,22 @@ async def test_a_key_back_after_its_record_expired_numbers_above_what_it_publish
         RecordingProcessor(), bus=bus if pair.transport == "memory" else await pair.bus()
     )
     # the feed's seqs go on; the key's own start over from a new record
-    await bus.publish_many([trade(mint, 5), trade(fresh, 1), trade(midway, 7)])
+    late_first = msgspec.structs.replace(trade(redriven, 1), redriven=True)
+    await bus.publish_many([trade(mint, 5), trade(fresh, 1), trade(midway, 7), late_first])
     await announced.wait_for(4, key=mint)
-    await announced.wait_until(lambda c: c.count(key=fresh) and c.count(key=midway))
+    await announced.wait_until(lambda c: all(c.count(key=k) for k in (fresh, midway, redriven)))
 
     def seqs(key: str) -> list[int]:
         return [e.seq for e in announced.events if e.key == key]
 
     # above the 3 it published before, which a consumer remembering it still holds
     assert seqs(mint) == [1, 2, 3, 4]
-    # a key new to the stream starts at 1; one first seen midway above the floor
+    # a key new to the stream starts at 1; one first seen midway, or first given a
+    # seq 1 put back from the dead letters (its key may have been here since), above
+    # the floor
     assert seqs(fresh) == [1]
     assert seqs(midway) == [4]
+    assert seqs(redriven) == [4]
     assert await pair.applied(mint) == [5]
 
 

@@ -76,7 +76,8 @@ owns the rest:
   would drop the seqs given again as duplicates. So each partition keeps a floor,
   ``<service>:seq-floor:<p>``, the highest seq a retired key of it published, raised in
   the same write that retires the key; a new record whose first event is not its
-  publisher's seq 1 (a key that may have been here before) numbers from above it. A
+  publisher's seq 1, or is redriven (a key that may have been here before), numbers
+  from above it. A
   key new to the stream starts at 1 whatever the floor. Its consumers see the jump as
   a gap (or, holding nothing of it, a start past seq 1) and go on.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
@@ -1222,11 +1223,12 @@ class KeyedStatefulConsumer(Generic[S]):
         """A key not in memory, whose next event is ``first``: its stored record (a
         retired key) or a new one.
 
-        A new record whose first event is not its publisher's seq 1 may be a key whose
-        record expired or was lost: what it published then is unknown, and consumers that
-        remember it would drop seqs given again as duplicates. Its seqs start above the
-        partition's floor, the highest seq a retired key of it published, as the feed's
-        Sequencer starts a key it no longer holds above its own.
+        A new record whose first event is not its publisher's seq 1, or is put back from
+        the dead letters, may be a key whose record expired or was lost: what it
+        published then is unknown, and consumers that remember it would drop seqs given
+        again as duplicates. Its seqs start above the partition's floor, the highest seq
+        a retired key of it published, as the feed's Sequencer starts a key it no longer
+        holds above its own.
         """
         partition = self._partition(key)
         floor = self._floors.get(partition)
@@ -1248,7 +1250,7 @@ class KeyedStatefulConsumer(Generic[S]):
             self._adopt(entry, record)
         else:
             entry = _Key(key, partition, self.processor.initial(key), None)
-            if first.seq != 1:
+            if first.seq != 1 or first.redriven:
                 entry.published = floor
         self._keys[key] = entry
         return entry
