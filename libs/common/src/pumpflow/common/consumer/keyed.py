@@ -77,9 +77,8 @@ owns the rest:
   ``<service>:seq-floor:<p>``, the highest seq a retired key of it published, raised in
   the same write that retires the key; a new record whose first event is not its
   publisher's seq 1, or is redriven (a key that may have been here before), numbers
-  from above it. A
-  key new to the stream starts at 1 whatever the floor. Its consumers see the jump as
-  a gap (or, holding nothing of it, a start past seq 1) and go on.
+  from above it. A key new to the stream starts at 1 whatever the floor. Its consumers
+  see the jump as a gap (or, holding nothing of it, a start past seq 1) and go on.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -382,8 +381,8 @@ class KeyedStatefulConsumer(Generic[S]):
         #: partition -> the highest seq a retired key of it had published, as stored
         #: (known for the partitions of every key in memory; see :meth:`_load`)
         self._floors: dict[int, int] = {}
-        #: partitions whose floor the store lost, written back by the next commit
-        self._lost_floors: set[int] = set()
+        #: the store lost the floors: the next commit writes those known here back
+        self._floors_lost = False
         self._keys: dict[str, _Key] = {}
         #: partitions whose keys this replica holds (restored, timers armed)
         self.owned: set[int] = set()
@@ -1041,11 +1040,10 @@ class KeyedStatefulConsumer(Generic[S]):
                     if ttl != entry.stored_ttl:
                         batch.expire(view_key, ttl)
             if retired:
-                floor = self._floors.get(entry.partition, 0)
-                if entry.published > floor:
+                if entry.published > self._floors.get(entry.partition, 0):
                     # stored with the record it covers: a key that expires has raised it
-                    self._floors[entry.partition] = floor = entry.published
-                    batch.set(f"{self._floor_prefix}{entry.partition}", b"%d" % floor)
+                    self._floors[entry.partition] = entry.published
+                    self._write_floor(batch, entry.partition)
                 if entry.indexed:
                     # a retired key is loaded by its next event, never restored: its
                     # index entry would stay for ever, one per key the service saw
@@ -1061,13 +1059,15 @@ class KeyedStatefulConsumer(Generic[S]):
                 handed.append((entry, fresh))
         if index:
             batch.hashes.update(index)
-        if self._lost_floors:
-            for partition in self._lost_floors:
-                floor = self._floors.get(partition, 0)
+        if self._floors_lost:
+            self._floors_lost = False
+            for partition, floor in self._floors.items():
                 if floor:
-                    batch.set(f"{self._floor_prefix}{partition}", b"%d" % floor)
-            self._lost_floors.clear()
+                    self._write_floor(batch, partition)
         return batch, events, handed, stored
+
+    def _write_floor(self, batch: WriteBatch, partition: int) -> None:
+        batch.set(self._floor_key(partition), b"%d" % self._floors[partition])
 
     async def _announce(self) -> None:
         """Publish written batches in the order they were written, all that wait at once."""
@@ -1186,7 +1186,7 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.stored_ttl = _LOST
             self._mark(entry)
         self._rewriting = self._commits.changed
-        self._lost_floors.update(p for p, floor in self._floors.items() if floor)
+        self._floors_lost = True
         log.error(
             "%s: the store lost its contents; writing back the %d keys held here (keys not "
             "held here, retired keys' records and other replicas' partitions, are gone)",
@@ -1236,14 +1236,11 @@ class KeyedStatefulConsumer(Generic[S]):
             stored = await self._get(key)
         else:
             stored, raw = await self._retry(
-                lambda: self.store.get_many(
-                    (self._key_prefix + key, f"{self._floor_prefix}{partition}")
-                ),
+                lambda: self.store.get_many((self._key_prefix + key, self._floor_key(partition))),
                 "loading",
                 key=key,
             )
-            # a key of the partition retired meanwhile may have raised it already
-            floor = self._floors[partition] = max(self._floors.get(partition, 0), _floor_of(raw))
+            floor = self._take_floor(partition, raw)
         record = None if stored is None else self._decode_stored(key, stored)
         if record is not None:
             entry = self._entry_from(key, record)
@@ -1261,11 +1258,21 @@ class KeyedStatefulConsumer(Generic[S]):
     async def _load_floors(self, partitions: Iterable[int]) -> None:
         """Read the seq floors of ``partitions`` (another owner may have raised them)."""
         partitions = tuple(partitions)
-        keys = [f"{self._floor_prefix}{p}" for p in partitions]
+        keys = [self._floor_key(p) for p in partitions]
         floors = await self._retry(lambda: self.store.get_many(keys), "restoring")
-        for partition, floor in zip(partitions, floors, strict=True):
-            # a floor raised here and not yet written is the higher one
-            self._floors[partition] = max(self._floors.get(partition, 0), _floor_of(floor))
+        for partition, raw in zip(partitions, floors, strict=True):
+            self._take_floor(partition, raw)
+
+    def _floor_key(self, partition: int) -> str:
+        return f"{self._floor_prefix}{partition}"
+
+    def _take_floor(self, partition: int, raw: bytes | None) -> int:
+        """Hold the stored floor of ``partition``; one raised here since (a key retired
+        while the floor was read, not yet written) is the higher one."""
+        floor = self._floors[partition] = max(
+            self._floors.get(partition, 0), 0 if raw is None else int(raw)
+        )
+        return floor
 
     def _adopt(self, entry: _Key, record: Record) -> None:
         """Take over a stored record's timer and unconfirmed outbox."""
@@ -1520,10 +1527,6 @@ def _followed(events: list[Event]) -> list[bool]:
 
 async def _nothing() -> None:
     return None
-
-
-def _floor_of(raw: bytes | None) -> int:
-    return 0 if raw is None else int(raw)
 
 
 def _keep_seq(seqs_of: dict[str, list[int]], publisher: str, seq: int) -> None:
