@@ -30,6 +30,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.keyed import UNCHANGED, Effects, InvalidInput
+from pumpflow.common.priority import Priority
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
@@ -965,6 +966,91 @@ async def test_a_publishers_first_event_whose_apply_failed_starts_it_once(pair):
     assert record.applied == {"scanner": 1, "feed": UNAPPLIED_KEPT + 2}
     assert record.failed == {}
     assert await pair.applied(mint) == [1, UNAPPLIED_KEPT + 2, UNAPPLIED_KEPT + 1]
+
+
+class EmitsThenFails(RecordingProcessor):
+    """For seq ``seq``, until fixed: emits, arms a timer, raises its priority and retires
+    the key, then fails (or refuses), its state left as it was."""
+
+    def __init__(self, *, refuse: bool = False, seq: int = 2):
+        super().__init__(timers=True)
+        self.refuse = refuse
+        self.seq = seq
+        self.fixed = False
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        if event.seq != self.seq or self.fixed:
+            return super().apply(state, event, effects)
+        super().apply(Applied(seqs=list(state.seqs)), event, effects)
+        effects.set_timer(event.time + 2 * TIMER_DELAY)
+        effects.set_priority(Priority.URGENT)
+        effects.retire(RETIRE_TTL)
+        if self.refuse:
+            raise InvalidInput(f"seq {self.seq} is refused after its effects")
+        raise ValueError(f"seq {self.seq} failed after its effects")
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["failed", "refused"])
+async def test_what_an_apply_that_raised_asked_for_is_taken_back(pair, refuse):
+    """Its events are not published, its timer, priority and retirement do not stand:
+    the retry of a failed event announces it once, with the next seq."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    processor = EmitsThenFails(refuse=refuse)
+    consumer = await pair.consumer(processor)
+    mint = MINTS[4]
+    await consumer.handle_batch([trade(mint, 1)])
+    if refuse:
+        await consumer.handle_batch([trade(mint, 2)])
+    else:
+        with pytest.raises(ValueError):
+            await consumer.handle_batch([trade(mint, 2)])
+    record = await pair.record(mint)
+    assert record.timer == START + 1 + TIMER_DELAY
+    assert record.priority == Priority.NORMAL
+    assert not record.retired
+    assert record.published == 1
+    processor.fixed = True
+    await consumer.handle_batch([trade(mint, 2), trade(mint, 3)])
+    await announced.wait_for(1, key=mint, where=lambda e: e.data.source_seq == 3)
+    got = [(e.seq, e.data.source_seq) for e in announced.of(key=mint)]
+    if refuse:
+        assert got == [(1, 1), (2, 3)]
+        assert await pair.applied(mint) == [1, 3]
+    else:
+        assert got == [(1, 1), (2, 2), (3, 3)]
+        assert await pair.applied(mint) == [1, 2, 3]
+
+
+class FireEmitsThenFails(RecordingProcessor):
+    """Its timer's fire emits, re-arms and raises."""
+
+    def __init__(self):
+        super().__init__(timers=True)
+
+    def fire(self, state: Applied, effects: Effects) -> Applied:
+        effects.emit(
+            FeaturesUpdated(mint=effects.key, feature_set_version="test", source_seq=0,
+                            names=("n",), values=(0.0,)),
+            time=effects.now,
+        )
+        effects.set_timer(effects.now + TIMER_DELAY)
+        raise ValueError("the fire failed after its effects")
+
+
+async def test_what_a_fire_that_raised_asked_for_is_taken_back(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(FireEmitsThenFails())
+    mint = MINTS[5]
+    await consumer.handle_batch([trade(mint, 1)])
+    await pair.clock.advance(TIMER_DELAY + 2)
+    await consumer.handle_batch([trade(mint, 2)])
+    await announced.wait_for(1, key=mint, where=lambda e: e.data.source_seq == 2)
+    assert [(e.seq, e.data.source_seq) for e in announced.of(key=mint)] == [(1, 1), (2, 2)]
+    record = await pair.record(mint)
+    assert record.published == 2
+    assert record.timer == START + 2 + TIMER_DELAY
 
 
 async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_first(pair):

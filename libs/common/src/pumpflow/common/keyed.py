@@ -107,10 +107,16 @@ class KeyedProcessor(Protocol[S]):
         store the key: the event's seq is kept in memory and stored with the key's next
         change, so after a crash such an event may be applied again, which is safe only
         because it changes nothing.
+
+        Raise :class:`InvalidInput` for an event that cannot be applied, any other
+        exception for a failure; either way leave the state as it was (the consumer
+        cannot undo a change made in place) and what was asked of ``effects`` is taken
+        back.
         """
 
     def fire(self, state: S, effects: Effects) -> S:
-        """The key's timer fired; return the state."""
+        """The key's timer fired; return the state (a fire that raises is taken back as
+        an apply's is, and its timer is spent)."""
 
     def encode(self, state: S) -> bytes:
         """State as bytes for the store."""

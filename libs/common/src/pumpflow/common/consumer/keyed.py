@@ -93,7 +93,10 @@ Transient failures of the store or the bus
 (:func:`~pumpflow.common.dependencies.transient_dependency`) are waited out (the
 deliveries wait, unacked; a key's task waiting so is not hung); an event the processor
 refuses (:class:`InvalidInput`) is dead-lettered with its reason and the key's stream
-goes on.
+goes on. Whatever an apply or a fire that raised asked of its effects is taken back:
+the events it emitted are not published (a retry announces its event once, with the
+next seq), and its timer, priority and retirement do not stand. A fire that raised is
+logged and counted by the pool, its timer spent; time goes on.
 """
 
 from __future__ import annotations
@@ -757,10 +760,10 @@ class KeyedStatefulConsumer(Generic[S]):
         try:
             applied = self.processor.apply(state, event, effects)
         except InvalidInput as exc:
-            entry.retire_ttl = retire_ttl
+            self._take_back(entry, published, timer_at, priority, retire_ttl)
             return self._refuse(entry, event, publisher, f"invalid: {exc}", late=late)
         except Exception:
-            entry.retire_ttl = retire_ttl
+            self._take_back(entry, published, timer_at, priority, retire_ttl)
             if publisher is not None:
                 # the bus tries it again, then dead-letters it; later events pass it over
                 _keep_seq(entry.failed, publisher, seq)
@@ -878,9 +881,39 @@ class KeyedStatefulConsumer(Generic[S]):
         entry.touched = time.monotonic()
         state = self._state_of(entry)
         entry.retire_ttl = None
-        entry.state = self.processor.fire(state, _Effects(self, entry, None))
+        published, priority = entry.published, entry.priority
+        try:
+            entry.state = self.processor.fire(state, _Effects(self, entry, None))
+        except Exception:
+            self._take_back(entry, published, None, priority, None)
+            raise
         self.metrics.timers.inc()
         return self._mark(entry)
+
+    def _take_back(
+        self,
+        entry: _Key,
+        published: int,
+        timer_at: float | None,
+        priority: int,
+        retire_ttl: float | None,
+    ) -> None:
+        """Undo what an apply or fire that raised asked for: the events it emitted are
+        not published, its timer, priority and retirement do not stand."""
+        emitted = entry.published - published
+        if emitted:
+            # nothing awaits inside a processor: its events are the outbox's last ones
+            del entry.outbox[-emitted:]
+            entry.published = published
+        if entry.timer_at != timer_at:
+            if timer_at is None:
+                self._disarm(entry)
+            else:
+                self._arm(entry, timer_at)
+        if entry.priority != priority:
+            entry.priority = priority
+            self.pool.set_priority(entry.key, priority)
+        entry.retire_ttl = retire_ttl
 
     def _state_of(self, entry: _Key) -> Any:
         if entry.state is None:
@@ -934,7 +967,13 @@ class KeyedStatefulConsumer(Generic[S]):
         done = asyncio.get_running_loop().create_future()
 
         def fire() -> None:
-            self._when_stored(self._fire(key), done, announced=True)
+            try:
+                generation = self._fire(key)
+            except Exception:
+                # the pool logs and counts it; the timer is spent and time goes on
+                done.set_result(None)
+                raise
+            self._when_stored(generation, done, announced=True)
 
         self.pool.post(key, fire, priority=max(priority, Priority.HIGH))
         # a ReplayClock awaits it: the timer's effects are out when time moves on
