@@ -342,6 +342,10 @@ async def test_numbering_holds_the_mints_of_the_window_only_and_never_reuses_a_s
         assert seqs == sorted(set(seqs)), mint  # never a seq twice, never one backwards
         assert seqs[:3] == [1, 2, 3], mint
     assert per_mint[mints[100]][3] > 3  # back after it left: above every seq given
+    # and only that event says the mint's numbering starts afresh
+    assert [(e.key, e.seq) for e in got if e.renumbered] == [
+        (mints[n - 100], per_mint[mints[n - 100]][3]) for n in range(100, 400, 10)
+    ]
     await bus.close()
 
 
@@ -375,6 +379,8 @@ async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(
     await feed.push(trade(old_mint, 5), trade(new_mint, 2))
     await second.flush()
     await bus.drain()
-    assert [(e.key, e.seq) for e in got] == [(old_mint, 6), (new_mint, 3)]
+    assert [(e.key, e.seq, e.renumbered) for e in got] == [
+        (old_mint, 6, True), (new_mint, 3, False)
+    ]
     await manager.stop()
     await bus.close()

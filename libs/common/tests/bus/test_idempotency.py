@@ -20,11 +20,14 @@ def test_quiet_keys_leave_and_come_back_above_every_seq_given():
     assert len(seq) == 1 and seq.floor == 1
     seq.retire_idle(before=10.0)
     assert len(seq) == 0 and seq.floor == 5
-    # a key back after it left, whatever it had: above every seq given
-    assert seq.next("quiet", at=11.0) == 6
+    # a key back after it left, whatever it had: above every seq given, and said so
+    assert seq.number("quiet", at=11.0) == (6, True)
+    assert seq.number("quiet", at=11.0) == (7, False)
     assert seq.next("busy", at=11.0) == 6
     # a creation is a key's first event ever: from 1
-    assert seq.next("new", at=11.0, first=True) == 1
+    assert seq.number("new", at=11.0, first=True) == (1, False)
+    # nothing has left yet: a key first seen midway starts at 1 all the same
+    assert Sequencer().number("midway") == (1, False)
 
 
 def test_many_short_lived_keys_level_off_and_no_key_reuses_a_seq():

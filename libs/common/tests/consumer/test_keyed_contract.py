@@ -487,18 +487,44 @@ async def test_a_key_back_after_its_record_expired_numbers_above_what_it_publish
     await announced.wait_for(4, key=mint)
     await announced.wait_until(lambda c: all(c.count(key=k) for k in (fresh, midway, redriven)))
 
-    def seqs(key: str) -> list[int]:
-        return [e.seq for e in announced.events if e.key == key]
+    def seqs(key: str) -> list[tuple[int, bool]]:
+        return [(e.seq, e.renumbered) for e in announced.events if e.key == key]
 
-    # above the 3 it published before, which a consumer remembering it still holds
-    assert seqs(mint) == [1, 2, 3, 4]
+    # above the 3 it published before, which a consumer remembering it still holds,
+    # saying its numbering starts afresh
+    assert seqs(mint) == [(1, False), (2, False), (3, False), (4, True)]
     # a key new to the stream starts at 1; one first seen midway, or first given a
     # seq 1 put back from the dead letters (its key may have been here since), above
     # the floor
-    assert seqs(fresh) == [1]
-    assert seqs(midway) == [4]
-    assert seqs(redriven) == [4]
+    assert seqs(fresh) == [(1, False)]
+    assert seqs(midway) == [(4, True)]
+    assert seqs(redriven) == [(4, True)]
     assert await pair.applied(mint) == [5]
+
+
+async def test_a_renumbered_event_is_no_gap_and_no_unrecorded_start(pair):
+    """A publisher that numbers a key afresh says so: the consumer holding the key's old
+    numbering counts no gap, one holding nothing of it no unrecorded start."""
+    consumer = await pair.consumer(RecordingProcessor())
+    held, unheld = MINTS[6], MINTS[7]
+    gaps, unrecorded = consumer.metrics.gaps._value.get(), consumer.metrics.unrecorded._value.get()
+
+    def renumbered(mint: str, seq: int) -> Event:
+        return msgspec.structs.replace(trade(mint, seq), renumbered=True)
+
+    await consumer.handle_batch([trade(held, 1), trade(held, 2)])
+    await consumer.handle_batch([renumbered(held, 300), renumbered(unheld, 300)])
+    await consumer.handle_batch([trade(held, 301), trade(unheld, 301)])
+    assert consumer.metrics.gaps._value.get() == gaps
+    assert consumer.metrics.unrecorded._value.get() == unrecorded
+    held_record, unheld_record = await pair.record(held), await pair.record(unheld)
+    assert (held_record.applied, held_record.missing) == ({"feed": 301}, {})
+    assert (unheld_record.applied, unheld_record.missing) == ({"feed": 301}, {})
+    assert await pair.applied(held) == [1, 2, 300, 301]
+    assert await pair.applied(unheld) == [300, 301]
+    # unmarked, the same jump is a gap
+    await consumer.handle_batch([trade(held, 600)])
+    assert consumer.metrics.gaps._value.get() == gaps + 1
 
 
 async def test_a_busy_key_is_encoded_once_per_commit_not_once_per_event(pair):

@@ -70,6 +70,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=Fa
     #: clock time the feed received the frame this event's causal chain began with,
     #: handed on by every event it causes (receipt-to-decision latency)
     received_at: float | None = None
+    #: the publisher numbers its key afresh from this seq, above any it gave the key
+    #: before (it holds nothing of the key any more): no seq between is missing
+    renumbered: bool = False
 
     @property
     def critical(self) -> bool:
@@ -88,6 +91,7 @@ class _WireEvent(msgspec.Struct, frozen=True, kw_only=True):
     causation_id: str | None = None
     redriven: bool = False
     received_at: float | None = None
+    renumbered: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -532,11 +536,12 @@ def make_event(
     event_id: str | None = None,
     received_at: float | None = None,
     cause: Event | None = None,
+    renumbered: bool = False,
 ) -> Event:
     """Wrap a payload in an envelope; the key is taken from the payload's key field.
 
     ``cause``: the event this one follows from; it gives the causation id and hands on
-    its receipt time.
+    its receipt time. ``renumbered``: ``seq`` starts the key's numbering afresh.
     """
     key_field = payload.KEY_FIELD
     if cause is not None:
@@ -552,6 +557,7 @@ def make_event(
         seq=seq,
         causation_id=causation_id,
         received_at=received_at,
+        renumbered=renumbered,
         data=payload,
     )
 
@@ -595,6 +601,7 @@ def decode_event(raw: bytes | str) -> Event:
         causation_id=wire.causation_id,
         redriven=wire.redriven,
         received_at=wire.received_at,
+        renumbered=wire.renumbered,
         data=data,
     )
 

@@ -557,13 +557,15 @@ class ActivityAnalyzer:
                     priority=t.priority,
                     activity_level=round(t.activity_level, 6),
                 )
+                seq, renumbered = self._sequencer.number(t.mint)
                 await self.bus.publish(
                     events.make_event(
                         payload,
                         source=self.source,
                         time=t.time,
-                        seq=self._sequencer.next(t.mint),
+                        seq=seq,
                         cause=cause,
+                        renumbered=renumbered,
                     )
                 )
                 self._outbox.popleft()

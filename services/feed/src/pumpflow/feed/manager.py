@@ -189,13 +189,20 @@ class DataFeedManager:
         event = record.event
         if event is None:
             sequencer = self.sequencer
-            seq = sequencer.next(payload.mint, at=record.time, first=type(payload) is TokenCreated)
+            seq, renumbered = sequencer.number(
+                payload.mint, at=record.time, first=type(payload) is TokenCreated
+            )
             window = self.config.seq_restore_window_s
             if window is not None:
                 sequencer.retire_idle(record.time - window)
             # a frame carries no time: its arrival is the event's time and its receipt
             event = make_event(
-                payload, source=self.source, time=record.time, seq=seq, received_at=record.time
+                payload,
+                source=self.source,
+                time=record.time,
+                seq=seq,
+                received_at=record.time,
+                renumbered=renumbered,
             )
         self.events += 1
         if self.recorder is not None:

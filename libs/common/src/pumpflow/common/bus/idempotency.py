@@ -19,8 +19,8 @@ class Sequencer:
     from 1 when its event is its ``first`` ever (a token's creation), and otherwise
     from ``floor + 1``: above every seq any key ever had here, so above any seq of its
     own. No seq is ever given twice, however many keys came and went, with memory for
-    the keys of the last while only. Consumers see such a key's numbering jump once (a
-    gap) and go on.
+    the keys of the last while only. Such a key's first event says so (``renumbered``),
+    so consumers take the jump for no gap.
 
     After a restart, :meth:`restore` the recent keys' positions and :meth:`raise_floor`
     to the highest seq ever stored, so numbering goes on instead of starting over,
@@ -43,15 +43,20 @@ class Sequencer:
 
     def next(self, key: str, *, at: float = 0.0, first: bool = False) -> int:
         """The key's next seq, numbered at time ``at`` (what :meth:`retire_idle` compares)."""
+        return self.number(key, at=at, first=first)[0]
+
+    def number(self, key: str, *, at: float = 0.0, first: bool = False) -> tuple[int, bool]:
+        """The key's next seq, as :meth:`next`, and whether it starts the key's numbering
+        afresh above the floor (what an event's ``renumbered`` says)."""
         entry = self._last.get(key)
         if entry is None:
             seq = 1 if first else self._floor + 1
             self._last[key] = [seq, at]
-            return seq
+            return seq, seq > 1
         seq = entry[0] = entry[0] + 1
         entry[1] = at
         self._last.move_to_end(key)
-        return seq
+        return seq, False
 
     def last(self, key: str) -> int:
         """The last seq given to a key held (0: none, or it left)."""

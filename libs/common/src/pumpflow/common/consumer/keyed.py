@@ -77,8 +77,15 @@ owns the rest:
   ``<service>:seq-floor:<p>``, the highest seq a retired key of it published, raised in
   the same write that retires the key; a new record whose first event is not its
   publisher's seq 1, or is redriven (a key that may have been here before), numbers
-  from above it. A key new to the stream starts at 1 whatever the floor. Its consumers
-  see the jump as a gap (or, holding nothing of it, a start past seq 1) and go on.
+  from above it. A key new to the stream starts at 1 whatever the floor. The first
+  event of such a numbering (after a rebuild too) is marked ``renumbered``, and a
+  consumer takes its jump for no gap and, holding nothing of the publisher, for no
+  unrecorded start (a copy that lost the mark, such as the feed's stored events
+  published again, counts one as before).
+- **Renumbered.** An event marked ``renumbered`` (the feed's Sequencer marks a mint's
+  return above its floor the same way) skips no seq of its publisher: nothing between
+  is kept ``missing``, no gap or unrecorded start is counted. A key without a record is
+  still rebuilt from history first: its events before belong to it all the same.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -232,6 +239,7 @@ class _Key:
         "published",
         "raw",
         "refused",
+        "renumbered_from",
         "retire_ttl",
         "state",
         "stored_ttl",
@@ -251,6 +259,9 @@ class _Key:
         self.failed: dict[str, list[int]] = {}
         self.missing: dict[str, list[int]] = {}
         self.published = 0
+        #: the key numbers afresh from the seq after this one (-1: it does not): the
+        #: event given it says so
+        self.renumbered_from = -1
         self.outbox: list[Event] = []
         #: events at the head of the outbox handed to a publication under way
         self.handed = 0
@@ -305,14 +316,15 @@ class _Effects:
         if self._silent:
             return
         entry = self._entry
-        entry.published += 1
+        seq = entry.published = entry.published + 1
         entry.outbox.append(
             make_event(
                 payload,
                 source=self._consumer.source,
                 time=time,
-                seq=entry.published,
+                seq=seq,
                 cause=self.cause,
+                renumbered=seq - 1 == entry.renumbered_from,
             )
         )
 
@@ -720,9 +732,10 @@ class KeyedStatefulConsumer(Generic[S]):
                     return entry.changed
             elif entry.failed and _take_seq(entry.failed, publisher, seq):
                 in_step = False  # a retry of the last one, nothing passed it over
-            elif seq > last + 1 and publisher in self._partial:
-                # its seqs skip the types not consumed here: nothing between is missing
-                # and a first seq past 1 is no lost record (see the module)
+            elif seq > last + 1 and (event.renumbered or publisher in self._partial):
+                # its seqs start afresh, or skip the types not consumed here: nothing
+                # between is missing and a first seq past 1 is no lost record (see the
+                # module)
                 in_step = False
             elif seq > last + 1:
                 in_step = False
@@ -828,7 +841,8 @@ class KeyedStatefulConsumer(Generic[S]):
             # what the key published before is unknown: beside the floor (a new record
             # starts above it), its seqs go on past what it may have used if it published
             # at most one event per input, which holds where the floor was lost too
-            entry.published = max(entry.published, entry.applied[publisher])
+            if entry.applied[publisher] > entry.published:
+                entry.published = entry.renumbered_from = entry.applied[publisher]
             self.metrics.rebuilt.inc()
             log.warning(
                 "%s: %s had no record; rebuilt from %d stored events of %s before seq %d",
@@ -1286,8 +1300,8 @@ class KeyedStatefulConsumer(Generic[S]):
             self._adopt(entry, record)
         else:
             entry = _Key(key, partition, self.processor.initial(key), None)
-            if first.seq != 1 or first.redriven:
-                entry.published = floor
+            if (first.seq != 1 or first.redriven) and floor:
+                entry.published = entry.renumbered_from = floor
         self._keys[key] = entry
         return entry
 
