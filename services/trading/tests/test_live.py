@@ -4,18 +4,21 @@ answer, and a signature whose trade never shows. Every case sends the order once
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
+from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector, base58_key, eventually
-from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.ledger import LedgerChange, MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -332,6 +335,61 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
             )
             [fill] = watch.payloads("order.filled")
             assert fill.order_id == request.order_id
+        assert len(api.requests) == 1
+
+
+class _BlinkingLedger(MemoryLedger):
+    """The in-memory ledger, losing its connection on the next ``failures`` writes (the
+    last one once ``held`` is set, if it is given)."""
+
+    failures = 0
+    held: asyncio.Event | None = None
+    holding = False
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        if change and self.failures:
+            self.failures -= 1
+            if not self.failures and self.held is not None:
+                self.holding = True
+                await self.held.wait()
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await super().commit(change)
+
+
+async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
+    """Postgres fails while the wallet's trade waits behind a change to store: the bus
+    hands the trade back alone, and a later trade of the token, in a batch that ran
+    first, must not make its view refuse it as a redelivery (the wallet bought, yet the
+    order would end unconfirmed)."""
+    ledger = _BlinkingLedger()
+    async with fake_trade_api("success") as api:
+        service = live(ledger, api)
+        async with run_embedded([service], clock=clock, synchronous=False) as system:
+            bus = system.bus
+            watch = await EventCollector("watch").attach(bus, "order.*", "position.*")
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [requested] = await watch.wait_for(1, "order.requested")
+            request = requested.data
+            await answered(service, api)
+            [call] = api.requests
+            # the tick cannot store the call's signature: the change waits
+            ledger.failures, ledger.held = 2, asyncio.Event()
+            await clock.advance(service.settings.trading_tick_s)
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=call.signature)
+            await publish(bus, ours)
+            await eventually(lambda: ledger.holding, what="the wallet's trade storing")
+            await publish(bus, market.tokens.buy(mint, "bob", sol=0.1))
+            await eventually(lambda: service._lock._waiters, what="the later trade waiting")
+            ledger.held.set()
+            [filled] = await watch.wait_for(1, "order.filled")
+            fill = filled.data
+            assert fill.order_id == request.order_id and fill.signature == call.signature
+            assert service.book.holds(mint)
+            await clock.advance(2 * CONFIRM_S)
+            await bus.drain()
+            assert watch.count("order.rejected") == 0
+            assert (await order_of(ledger))["state"] == "filled"
         assert len(api.requests) == 1
 
 

@@ -180,6 +180,8 @@ class TradingService(Service):
         self._lock = asyncio.Lock()
         self._backlog: list[_Step] = []
         self._unpublished: list[Event] = []
+        #: events a call that failed left undecided: the next call decides them first
+        self._undecided: list[Event] = []
         self._subscription: Subscription | None = None
         self._subscribed = False
         self._leading = False
@@ -293,6 +295,7 @@ class TradingService(Service):
         assert ctx is not None and self.ledger is not None
         async with self._lock:
             self._build()
+            self._undecided = []
             if self.context is not None:
                 self.context.clear()
                 views = await self.context.load()
@@ -416,20 +419,37 @@ class TradingService(Service):
         wallet's trade for a live order), and an outcome known at once (a refusal) releases
         the order's reservation and counts toward the execution breaker, which the next
         decision's risk checks read. So a store ends each event that orders.
+
+        The events a call that raised left undecided are decided first by the next call:
+        the bus hands them back one at a time, and a later batch of their lane may run
+        before that, whose later events of a token would have its view refuse them (by
+        their seq) as redeliveries.
         """
         if not events:
             return
         async with self._lock:
-            # what an earlier attempt could not store goes first, its orders sent
-            await self._flush()
-            for event in events:
-                step = self._decide(event)
-                # most events change nothing to store, send or publish
-                if step:
-                    self._backlog.append(step)
-                if step.requests:
-                    await self._flush()
-            await self._flush()
+            if self._undecided:
+                # delivered before these
+                held = {e.id for e in self._undecided}
+                events = [*self._undecided, *(e for e in events if e.id not in held)]
+                self._undecided = []
+            taken = 0
+            try:
+                # what an earlier attempt could not store goes first, its orders sent
+                await self._flush()
+                for event in events:
+                    # one whose decision raised is not taken up again: alone, it costs itself
+                    taken += 1
+                    step = self._decide(event)
+                    # most events change nothing to store, send or publish
+                    if step:
+                        self._backlog.append(step)
+                    if step.requests:
+                        await self._flush()
+                await self._flush()
+            except Exception:
+                self._undecided = events[taken:]
+                raise
 
     def _decide(self, event: Event) -> _Step:
         """Apply one event to the engine and executor: what it changed, what to send."""
