@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -18,12 +17,12 @@ from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector, base58_key, eventually
-from pumpflow.trading.ledger import LedgerChange, MemoryLedger
+from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .fake_trade_api import FakeTradeApi, fake_trade_api
-from .test_service import publish, ready, running
+from .test_service import BlinkingLedger, publish, ready, running
 
 KEY = "fake-api-key-never-logged"
 WALLET = base58_key("ourwallet")
@@ -338,30 +337,12 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
         assert len(api.requests) == 1
 
 
-class _BlinkingLedger(MemoryLedger):
-    """The in-memory ledger, losing its connection on the next ``failures`` writes (the
-    last one once ``held`` is set, if it is given)."""
-
-    failures = 0
-    held: asyncio.Event | None = None
-    holding = False
-
-    async def commit(self, change: LedgerChange) -> set[str]:
-        if change and self.failures:
-            self.failures -= 1
-            if not self.failures and self.held is not None:
-                self.holding = True
-                await self.held.wait()
-            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
-        return await super().commit(change)
-
-
 async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
     """Postgres fails while the wallet's trade waits behind a change to store: the bus
     hands the trade back alone, and a later trade of the token, in a batch that ran
     first, must not make its view refuse it as a redelivery (the wallet bought, yet the
     order would end unconfirmed)."""
-    ledger = _BlinkingLedger()
+    ledger = BlinkingLedger()
     async with fake_trade_api("success") as api:
         service = live(ledger, api)
         async with run_embedded([service], clock=clock, synchronous=False) as system:

@@ -182,6 +182,8 @@ class TradingService(Service):
         self._unpublished: list[Event] = []
         #: events a call that failed left undecided: the next call decides them first
         self._undecided: list[Event] = []
+        #: shutdowns whose barrier is out (or queued to go)
+        self._barriers: set[str] = set()
         self._subscription: Subscription | None = None
         self._subscribed = False
         self._leading = False
@@ -394,6 +396,9 @@ class TradingService(Service):
             if isinstance(event.data, SystemShutdown):
                 await self._apply_run(run)
                 run = []
+                if event.id in self._barriers:
+                    # handed back after its barrier, as a later event of its batch failed
+                    continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}")
                 await self._barrier(event)
@@ -507,6 +512,8 @@ class TradingService(Service):
                 make_event(barrier, source=self._ctx.source, time=now, cause=shutdown)
             )
             self._backlog.append(step)
+            # out with this flush or the next: the shutdown coming again sends no second one
+            self._barriers.add(shutdown.id)
             await self._flush()
 
     def _note_skip(self) -> None:
