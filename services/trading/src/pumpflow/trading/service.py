@@ -39,11 +39,12 @@ every order, fill and position.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -221,7 +222,9 @@ class TradingService(Service):
             # another replica can take over only where the lease is shared with it
             keep_views = any(store is ctx.store for store in stores)
         if keep_views and ctx.store is not None:
-            self.context = TokenContext(ctx.store, ttl_s=self.settings.trading_context_ttl_s)
+            self.context = TokenContext(
+                ctx.store, ttl_s=self.settings.trading_context_ttl_s, settled=self._settled
+            )
         self._build()
         self._subscription = Subscription(
             service=self.settings.service,
@@ -455,6 +458,15 @@ class TradingService(Service):
             except Exception:
                 self._undecided = events[taken:]
                 raise
+
+    @contextlib.asynccontextmanager
+    async def _settled(self) -> AsyncIterator[None]:
+        """Hold the decisions while the token views are read for the state store, what
+        they changed stored in the ledger first: a view stored ahead of the ledger has
+        the next holder refuse the event as a redelivery, its change (a fill) lost."""
+        async with self._lock:
+            await self._flush()
+            yield
 
     def _decide(self, event: Event) -> _Step:
         """Apply one event to the engine and executor: what it changed, what to send."""
