@@ -398,6 +398,27 @@ async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(cloc
         assert sell.order_id == sale.order_id
 
 
+async def test_a_views_write_after_standing_by_stores_and_sends_no_order(clock, market):
+    """Postgres down: a prediction's order is not stored, nor is it on standing by. A
+    write of the views that comes later (another lane's handler) finds the ledger back:
+    it must not store the order and send it, as the replica no longer trades."""
+    ledger, store = BlinkingLedger(), MemoryStateStore(clock)
+    service = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, service, store=store) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.failures = 1_000_000
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([market.prediction(mint)])
+        await service.leader.stop()
+        assert service.role == "standby"
+        ledger.failures = 0
+        with contextlib.suppress(RuntimeError):  # the views wait with the changes
+            await service.context.save(service.engine.views)
+        assert await ledger.orders(limit=10) == []
+        assert watch.count("order.requested") == 0
+        ledger.failures = 1_000_000
+
+
 def test_the_breakers_take_the_feed_lag_and_silence_settings():
     breakers = TradingSettings.load(
         service="trading",

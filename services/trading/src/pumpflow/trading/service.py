@@ -465,7 +465,11 @@ class TradingService(Service):
         they changed stored in the ledger first: a view stored ahead of the ledger has
         the next holder refuse the event as a redelivery, its change (a fill) lost."""
         async with self._lock:
-            await self._flush()
+            if self._leading:
+                await self._flush()
+            elif self._backlog:
+                # stood by: nothing is sent from here any more, the next holder reconciles
+                raise RuntimeError("trading stood by with changes unstored: views not stored")
             yield
 
     def _decide(self, event: Event) -> _Step:
