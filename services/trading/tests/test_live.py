@@ -4,23 +4,27 @@ answer, and a signature whose trade never shows. Every case sends the order once
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .fake_trade_api import FakeTradeApi, fake_trade_api
-from .test_service import publish, ready, running
+from .test_service import BlinkingLedger, publish, ready, running
 
 KEY = "fake-api-key-never-logged"
 WALLET = base58_key("ourwallet")
@@ -332,6 +336,96 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
             )
             [fill] = watch.payloads("order.filled")
             assert fill.order_id == request.order_id
+        assert len(api.requests) == 1
+
+
+async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
+    """Postgres fails while the wallet's trade waits behind a change to store: the bus
+    hands the trade back alone, and a later trade of the token, in a batch that ran
+    first, must not make its view refuse it as a redelivery (the wallet bought, yet the
+    order would end unconfirmed)."""
+    ledger = BlinkingLedger()
+    async with fake_trade_api("success") as api:
+        service = live(ledger, api)
+        async with run_embedded([service], clock=clock, synchronous=False) as system:
+            bus = system.bus
+            watch = await EventCollector("watch").attach(bus, "order.*", "position.*")
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [requested] = await watch.wait_for(1, "order.requested")
+            request = requested.data
+            await answered(service, api)
+            [call] = api.requests
+            # the tick cannot store the call's signature: the change waits
+            ledger.failures, ledger.held = 2, asyncio.Event()
+            await clock.advance(service.settings.trading_tick_s)
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=call.signature)
+            await publish(bus, ours)
+            await eventually(lambda: ledger.holding, what="the wallet's trade storing")
+            await publish(bus, market.tokens.buy(mint, "bob", sol=0.1))
+            await eventually(lambda: service._lock._waiters, what="the later trade waiting")
+            ledger.held.set()
+            [filled] = await watch.wait_for(1, "order.filled")
+            fill = filled.data
+            assert fill.order_id == request.order_id and fill.signature == call.signature
+            assert service.book.holds(mint)
+            await clock.advance(2 * CONFIRM_S)
+            await bus.drain()
+            assert watch.count("order.rejected") == 0
+            assert (await order_of(ledger))["state"] == "filled"
+        assert len(api.requests) == 1
+
+
+class _HeldStore(MemoryStateStore):
+    """The in-memory store, its writes waiting while ``held`` is set and not released."""
+
+    held: asyncio.Event | None = None
+    holding = False
+
+    async def write(self, batch) -> None:
+        if self.held is not None:
+            self.holding = True
+            await self.held.wait()
+        await super().write(batch)
+
+
+async def test_a_view_is_not_stored_ahead_of_the_ledger_so_the_next_holder_fills_the_order(
+    clock, market
+):
+    """The views' write shared with another lane's handler begins after the wallet's
+    trade was decided but not stored (Postgres down): the view must not say the trade
+    was folded in, else the replica taking over (the lease lost meanwhile) refuses it as
+    a redelivery, and the order the wallet filled ends unconfirmed."""
+    ledger, store = BlinkingLedger(), _HeldStore(clock)
+    async with fake_trade_api("success") as api:
+        first = live(ledger, api, trading_keep_token_views=True)
+        async with running(clock, first, store=store) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(first, api)
+            [call] = api.requests
+            other = await ready(bus, market)
+            store.held = asyncio.Event()
+            another_lane = asyncio.create_task(first.on_events([market.features(other)]))
+            await eventually(lambda: store.holding, what="the views' write")
+            ledger.failures = 1_000_000
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=call.signature)
+            with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+                await first.on_events([ours])
+            assert first.book.holds(mint)  # in memory only
+            store.held.set()
+            await another_lane
+            # the write that takes the trade's view next
+            with contextlib.suppress(asyncpg.exceptions.ConnectionDoesNotExistError):
+                await first.context.save(first.engine.views)
+        ledger.failures = 0
+        second = live(ledger, api, trading_keep_token_views=True)
+        async with running(clock, second, store=store) as (bus, watch):
+            await publish(bus, ours)  # never acknowledged: delivered again
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id and fill.signature == call.signature
+            assert second.book.holds(mint)
         assert len(api.requests) == 1
 
 

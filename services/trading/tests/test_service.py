@@ -4,13 +4,17 @@ and reconciles the order in flight without sending anything twice."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import replace
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
+from pumpflow.common.bus.dispatch import Dispatcher
+from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
@@ -302,6 +306,24 @@ class _CountedLedger(MemoryLedger):
         return await super().commit(change)
 
 
+class BlinkingLedger(MemoryLedger):
+    """The in-memory ledger, losing its connection on the next ``failures`` writes (the
+    last one once ``held`` is set, if it is given)."""
+
+    failures = 0
+    held: asyncio.Event | None = None
+    holding = False
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        if change and self.failures:
+            self.failures -= 1
+            if not self.failures and self.held is not None:
+                self.holding = True
+                await self.held.wait()
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await super().commit(change)
+
+
 async def test_a_lanes_events_that_order_nothing_share_one_ledger_transaction(clock, market):
     """Three trades that each fill an order in flight: their fills, outcomes and positions
     stored in one transaction (one event at a time, each was a transaction of its own)."""
@@ -341,6 +363,60 @@ async def test_an_order_is_stored_and_sent_before_the_next_event_of_its_lane(clo
         assert ledger.commits - commits_before == 2
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
+
+
+async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(clock, market):
+    """A batch of the critical lane, the shutdown then an exit order whose store fails:
+    the bus hands each back alone, and the shutdown, halted on and announced already,
+    halts and announces nothing again (a second barrier would list its positions again
+    for the exit service's graceful exit to wait for)."""
+    ledger = BlinkingLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+        shutdown = make_event(SystemShutdown(reason="operator"), source="cli/t", time=clock.now())
+        sale = ExitOrder(
+            order_id=f"{opened.position_id}:exit:1",
+            mint=mint,
+            position_id=opened.position_id,
+            token_amount=opened.token_amount,
+        )
+        ledger.failures = 1
+        dispatcher = Dispatcher(service="trading", lane="critical", event_log=EventLog("none"))
+        dead = await dispatcher.dispatch_batch(
+            [shutdown, make_event(sale, source="exit/t", time=clock.now())],
+            service._subscription,
+        )
+        assert dead == []
+        [barrier] = watch.payloads("trading.barrier")
+        assert [p.position_id for p in barrier.positions] == [opened.position_id]
+        assert [s.state for s in watch.payloads("trading.state")] == ["halted"]
+        [sell] = [r for r in watch.payloads("order.requested") if r.side == "sell"]
+        assert sell.order_id == sale.order_id
+
+
+async def test_a_views_write_after_standing_by_stores_and_sends_no_order(clock, market):
+    """Postgres down: a prediction's order is not stored, nor is it on standing by. A
+    write of the views that comes later (another lane's handler) finds the ledger back:
+    it must not store the order and send it, as the replica no longer trades."""
+    ledger, store = BlinkingLedger(), MemoryStateStore(clock)
+    service = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, service, store=store) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.failures = 1_000_000
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([market.prediction(mint)])
+        await service.leader.stop()
+        assert service.role == "standby"
+        ledger.failures = 0
+        with contextlib.suppress(RuntimeError):  # the views wait with the changes
+            await service.context.save(service.engine.views)
+        assert await ledger.orders(limit=10) == []
+        assert watch.count("order.requested") == 0
+        ledger.failures = 1_000_000
 
 
 def test_the_breakers_take_the_feed_lag_and_silence_settings():

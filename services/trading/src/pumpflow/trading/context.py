@@ -23,8 +23,10 @@ keeps none.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 
 import msgspec
 
@@ -46,9 +48,18 @@ class TokenContext:
     handlers waiting meanwhile (the bus's other lanes) share one write.
     """
 
-    def __init__(self, store: StateStore, *, ttl_s: float):
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        ttl_s: float,
+        settled: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ):
         self.store = store
         self.ttl_s = ttl_s
+        #: held while a write reads the views: every change they fold in is stored
+        #: elsewhere first (the ledger), so no view is stored ahead of it
+        self._settled = settled or contextlib.nullcontext
         #: mints whose views changed since the last write began
         self.changed: set[str] = set()
         self._commits = GroupCommit(self._write)
@@ -73,17 +84,19 @@ class TokenContext:
         await self._commits.until_stored(self._commits.changed)
 
     async def _write(self, upto: int) -> None:
-        mints, self.changed = self.changed, set()
-        views = self._views
+        mints: set[str] = set()
         try:
-            batch = WriteBatch()
-            gone = []
-            for mint in mints:
-                view = views.get(mint)
-                if view is None:
-                    gone.append(VIEW_PREFIX + mint)
-                else:
-                    batch.set(VIEW_PREFIX + mint, self._encoder.encode(view), self.ttl_s)
+            async with self._settled():
+                mints, self.changed = self.changed, set()
+                views = self._views
+                batch = WriteBatch()
+                gone = []
+                for mint in mints:
+                    view = views.get(mint)
+                    if view is None:
+                        gone.append(VIEW_PREFIX + mint)
+                    else:
+                        batch.set(VIEW_PREFIX + mint, self._encoder.encode(view), self.ttl_s)
             if batch:
                 await self.store.write(batch)
             if gone:

@@ -39,11 +39,12 @@ every order, fill and position.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -180,6 +181,10 @@ class TradingService(Service):
         self._lock = asyncio.Lock()
         self._backlog: list[_Step] = []
         self._unpublished: list[Event] = []
+        #: events a call that failed left undecided: the next call decides them first
+        self._undecided: list[Event] = []
+        #: shutdowns whose barrier is out (or queued to go)
+        self._barriers: set[str] = set()
         self._subscription: Subscription | None = None
         self._subscribed = False
         self._leading = False
@@ -217,7 +222,9 @@ class TradingService(Service):
             # another replica can take over only where the lease is shared with it
             keep_views = any(store is ctx.store for store in stores)
         if keep_views and ctx.store is not None:
-            self.context = TokenContext(ctx.store, ttl_s=self.settings.trading_context_ttl_s)
+            self.context = TokenContext(
+                ctx.store, ttl_s=self.settings.trading_context_ttl_s, settled=self._settled
+            )
         self._build()
         self._subscription = Subscription(
             service=self.settings.service,
@@ -293,6 +300,7 @@ class TradingService(Service):
         assert ctx is not None and self.ledger is not None
         async with self._lock:
             self._build()
+            self._undecided = []
             if self.context is not None:
                 self.context.clear()
                 views = await self.context.load()
@@ -391,6 +399,9 @@ class TradingService(Service):
             if isinstance(event.data, SystemShutdown):
                 await self._apply_run(run)
                 run = []
+                if event.id in self._barriers:
+                    # handed back after its barrier, as a later event of its batch failed
+                    continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}")
                 await self._barrier(event)
@@ -416,20 +427,50 @@ class TradingService(Service):
         wallet's trade for a live order), and an outcome known at once (a refusal) releases
         the order's reservation and counts toward the execution breaker, which the next
         decision's risk checks read. So a store ends each event that orders.
+
+        The events a call that raised left undecided are decided first by the next call:
+        the bus hands them back one at a time, and a later batch of their lane may run
+        before that, whose later events of a token would have its view refuse them (by
+        their seq) as redeliveries.
         """
         if not events:
             return
         async with self._lock:
-            # what an earlier attempt could not store goes first, its orders sent
-            await self._flush()
-            for event in events:
-                step = self._decide(event)
-                # most events change nothing to store, send or publish
-                if step:
-                    self._backlog.append(step)
-                if step.requests:
-                    await self._flush()
-            await self._flush()
+            if self._undecided:
+                # delivered before these
+                held = {e.id for e in self._undecided}
+                events = [*self._undecided, *(e for e in events if e.id not in held)]
+                self._undecided = []
+            taken = 0
+            try:
+                # what an earlier attempt could not store goes first, its orders sent
+                await self._flush()
+                for event in events:
+                    # one whose decision raised is not taken up again: alone, it costs itself
+                    taken += 1
+                    step = self._decide(event)
+                    # most events change nothing to store, send or publish
+                    if step:
+                        self._backlog.append(step)
+                    if step.requests:
+                        await self._flush()
+                await self._flush()
+            except Exception:
+                self._undecided = events[taken:]
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _settled(self) -> AsyncIterator[None]:
+        """Hold the decisions while the token views are read for the state store, what
+        they changed stored in the ledger first: a view stored ahead of the ledger has
+        the next holder refuse the event as a redelivery, its change (a fill) lost."""
+        async with self._lock:
+            if self._leading:
+                await self._flush()
+            elif self._backlog:
+                # stood by: nothing is sent from here any more, the next holder reconciles
+                raise RuntimeError("trading stood by with changes unstored: views not stored")
+            yield
 
     def _decide(self, event: Event) -> _Step:
         """Apply one event to the engine and executor: what it changed, what to send."""
@@ -487,6 +528,8 @@ class TradingService(Service):
                 make_event(barrier, source=self._ctx.source, time=now, cause=shutdown)
             )
             self._backlog.append(step)
+            # out with this flush or the next: the shutdown coming again sends no second one
+            self._barriers.add(shutdown.id)
             await self._flush()
 
     def _note_skip(self) -> None:
