@@ -71,6 +71,20 @@ async def test_an_order_id_is_taken_once_and_a_load_gives_back_what_is_unresolve
     assert await ledger.control() == ("halted", "kill switch")
 
 
+async def test_a_retried_commit_takes_the_orders_stored_under_its_attempt_as_inserted(ledger):
+    """A commit that raised may have been stored (its reply lost): its retry, the same
+    decision, gets its orders back as inserted; another decision of the same order id
+    (a redelivered event) is still refused, as is any when the stored one has none."""
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:2")])) == set()
+    assert await ledger.commit(LedgerChange(orders=[order("a")])) == set()
+    await ledger.commit(LedgerChange(orders=[order("b")]))
+    assert await ledger.commit(LedgerChange(orders=[order("b")])) == set()
+    [stored] = [o for o in await ledger.orders(limit=5) if o["order_id"] == "a"]
+    assert stored["attempt"] == "w:1"
+
+
 async def test_a_change_is_one_transaction(pg_pool):
     ledger = PostgresLedger(pg_pool)
     # a fill of an order the ledger does not have breaks the foreign key: nothing is kept

@@ -365,6 +365,44 @@ async def test_an_order_is_stored_and_sent_before_the_next_event_of_its_lane(clo
         assert stored["state"] == "filled"
 
 
+class LostReplyLedger(MemoryLedger):
+    """The in-memory ledger, storing its next write and then losing the reply (the
+    connection closed after the commit)."""
+
+    lose_next = False
+
+    async def commit(self, change: LedgerChange) -> set[str]:
+        inserted = await super().commit(change)
+        if change and self.lose_next:
+            self.lose_next = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return inserted
+
+
+async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clock, market):
+    """The retry finds the order stored by its own decision: it is sent, once (taken for
+    a redelivery's, it was never sent, its capital released, the ledger saying sent)."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        prediction = market.prediction(mint)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([prediction])
+        assert watch.count("order.requested") == 0
+        await service.on_events([prediction])  # the bus hands it back
+        [request] = watch.payloads("order.requested")
+        await clock.advance(1.0)
+        [fill] = watch.payloads("order.filled")
+        assert fill.order_id == request.order_id
+        [stored] = await ledger.orders(limit=10)
+        assert stored["order_id"] == request.order_id and stored["state"] == "filled"
+        # a redelivery of the prediction, decided again, sends nothing
+        await service.on_events([prediction])
+        assert watch.count("order.requested") == 1
+
+
 async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(clock, market):
     """A batch of the critical lane, the shutdown then an exit order whose store fails:
     the bus hands each back alone, and the shutdown, halted on and announced already,

@@ -5,9 +5,12 @@ ledger writes it in one transaction, before the events it caused are published a
 before the consumed event is acknowledged (the service joins the changes of a lane's
 events decided together, see ``TradingService._apply_run``). Orders are inserted only
 if their id is new: the ids of the orders inserted come back, and an order whose id
-was there already (derived from a redelivered or replayed event) is never sent.
+was there already (derived from a redelivered or replayed event) is never sent. Each
+order carries its decision's ``attempt``: a commit that raised may have been stored
+all the same (its reply lost), and its retry, the same decision, gets back the orders
+stored under its attempt as inserted, so they are sent once rather than never.
 
-:class:`PostgresLedger` is the ledger of a deployment (migration 0005);
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -53,6 +56,9 @@ class OrderRecord:
     expected_v_tokens: float | None = None
     signature: str | None = None
     outcome: str = ""
+    #: the decision that stored it (unique to it): a retry of its commit takes the order
+    #: as its own
+    attempt: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,8 +226,11 @@ class MemoryLedger:
     async def commit(self, change: LedgerChange) -> set[str]:
         inserted = set()
         for order in change.orders:
-            if order.order_id not in self._orders:
+            stored = self._orders.get(order.order_id)
+            if stored is None:
                 self._orders[order.order_id] = order
+                inserted.add(order.order_id)
+            elif order.attempt is not None and stored.attempt == order.attempt:
                 inserted.add(order.order_id)
         for outcome in change.outcomes:
             found = self._orders.get(outcome.order_id)
@@ -271,11 +280,12 @@ class MemoryLedger:
 _INSERT_ORDER = """
 INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
     position_id, cause_id, executor, state, requested_at, venue, expected_v_sol,
-    expected_v_tokens, signature, outcome)
+    expected_v_tokens, signature, outcome, attempt)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[],
     $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::float8[],
-    $13::text[], $14::float8[], $15::float8[], $16::text[], $17::text[])
-ON CONFLICT (order_id) DO NOTHING
+    $13::text[], $14::float8[], $15::float8[], $16::text[], $17::text[], $18::text[])
+ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt
+    WHERE orders.attempt = EXCLUDED.attempt
 RETURNING order_id
 """
 _UPDATE_ORDER = """
@@ -302,7 +312,7 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
-    "expected_v_tokens", "signature", "outcome",
+    "expected_v_tokens", "signature", "outcome", "attempt",
 )  # fmt: skip
 _SELECT_ORDERS = f"SELECT {', '.join(_ORDER_COLUMNS)} FROM orders"
 _FILL_COLUMNS = (
@@ -316,7 +326,7 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migration 0005), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool

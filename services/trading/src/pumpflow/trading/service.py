@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import uuid
@@ -185,6 +186,9 @@ class TradingService(Service):
         self._undecided: list[Event] = []
         #: shutdowns whose barrier is out (or queued to go)
         self._barriers: set[str] = set()
+        #: each order's decision, unique to it (the ledger's ``attempt``)
+        self._writer = uuid.uuid4().hex
+        self._attempts = itertools.count(1)
         self._subscription: Subscription | None = None
         self._subscribed = False
         self._leading = False
@@ -593,6 +597,7 @@ class TradingService(Service):
                 venue=venue,
                 expected_v_sol=None if state is None else state.v_sol,
                 expected_v_tokens=None if state is None else state.v_tokens,
+                attempt=f"{self._writer}:{next(self._attempts)}",
             )
         )
 
