@@ -457,6 +457,24 @@ async def test_a_views_write_after_standing_by_stores_and_sends_no_order(clock, 
         ledger.failures = 1_000_000
 
 
+async def test_a_replica_standing_by_sends_no_order_the_ledger_failed_to_store(clock, market):
+    """Postgres fails on a prediction's order, then the lease goes: standing by, with the
+    ledger back, neither stores nor sends the order (the next holder, which read the
+    ledger already, would never know of it); the prediction, not acknowledged, is the
+    next holder's to decide."""
+    ledger = BlinkingLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.failures = 1
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([market.prediction(mint)])
+        await service.leader.stop()
+        assert service.role == "standby"
+        assert await ledger.orders(limit=10) == []
+        assert watch.count("order.requested") == 0
+
+
 def test_the_breakers_take_the_feed_lag_and_silence_settings():
     breakers = TradingSettings.load(
         service="trading",

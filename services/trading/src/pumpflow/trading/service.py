@@ -374,6 +374,13 @@ class TradingService(Service):
             self._subscribed = False
             await self._ctx.bus.unsubscribe(self._subscription)
         async with self._lock:
+            withdrawn = self._withdraw_unsent()
+            if withdrawn:
+                log.warning(
+                    "trading: %d orders decided while the ledger failed are not sent: "
+                    "their events were not acknowledged, and the next holder decides them",
+                    withdrawn,
+                )
             try:
                 if self.executor is not None:
                     await self.executor.close()
@@ -383,6 +390,26 @@ class TradingService(Service):
                 await self._flush()
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
+
+    def _withdraw_unsent(self) -> int:
+        """Take the orders out of the steps waiting to be stored (none of them stored or
+        sent: a holder stores an order before it sends it); how many. A replica that
+        stands by sends nothing: the next holder, which may hold the lease already and
+        has read the ledger, would never know of an order sent now."""
+        withdrawn = 0
+        for step in self._backlog:
+            if not step.requests:
+                continue
+            ids = step.requests.keys()
+            withdrawn += len(ids)
+            step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
+            step.events = [
+                e
+                for e in step.events
+                if not (isinstance(e.data, OrderRequested) and e.data.order_id in ids)
+            ]
+            step.requests = {}
+        return withdrawn
 
     # ---------------------------------------------------------------- events
 
@@ -469,11 +496,11 @@ class TradingService(Service):
         they changed stored in the ledger first: a view stored ahead of the ledger has
         the next holder refuse the event as a redelivery, its change (a fill) lost."""
         async with self._lock:
-            if self._leading:
-                await self._flush()
-            elif self._backlog:
-                # stood by: nothing is sent from here any more, the next holder reconciles
-                raise RuntimeError("trading stood by with changes unstored: views not stored")
+            if not self._leading:
+                # the views are the holder's: this replica's may be ahead of the ledger (an
+                # order it withdrew), and the next holder has read its own
+                raise RuntimeError("trading stood by: views not stored")
+            await self._flush()
             yield
 
     def _decide(self, event: Event) -> _Step:
