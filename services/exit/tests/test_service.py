@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.consumer import Record
 from pumpflow.common.events import (
     ExitOrder,
     OrderFilled,
@@ -31,6 +32,22 @@ async def held_position(bus, tokens: TokenEvents):
     position = opened(tokens, mint, tokens_held=HELD)
     await bus.publish(position)
     return mint, position
+
+
+async def test_the_feeds_creations_it_does_not_take_leave_no_seq_missing():
+    """Exit takes the feed's trades, not its creations: seq 1 is skipped by design, so
+    a token's record keeps no seq missing (it did, for ever) and counts no gap."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, _):
+        mint, _ = await held_position(system.bus, tokens)
+        await system.bus.publish(tokens.buy(mint, "whale", sol=1.0))
+        raw = await system.store.get(f"exit:key:{mint}")
+        record = msgspec.msgpack.decode(raw, type=Record)
+        assert record.applied["feed"] == 3
+        assert record.missing == {}
+        assert service.consumer.metrics.gaps._value.get() == 0
 
 
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:

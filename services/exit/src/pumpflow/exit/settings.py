@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.exit import CONSUMES, ExitRules, GracefulExitConfig
+from pumpflow.common.exit import CONSUMES, PARTIAL_PUBLISHERS, ExitRules, GracefulExitConfig
 from pumpflow.common.runtime.settings import CommonSettings
 
 _RULES = ExitRules()
@@ -97,6 +97,7 @@ class ExitSettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            partial_publishers=PARTIAL_PUBLISHERS,
             workers=self.exit_workers,
             window=self.exit_window,
             live_ttl_s=self.exit_state_ttl_s,

@@ -25,6 +25,7 @@ from pumpflow.common.exit.planner import (
 from pumpflow.common.exit.processor import (
     CONSUMES,
     CONTROL_CONSUMES,
+    PARTIAL_PUBLISHERS,
     ExitProcessor,
     ExitState,
     HeldState,
@@ -57,6 +58,7 @@ from pumpflow.common.exit.rules import (
 __all__ = [
     "CONSUMES",
     "CONTROL_CONSUMES",
+    "PARTIAL_PUBLISHERS",
     "DEADLINE",
     "DECLINE",
     "FULL_EXIT_RULES",

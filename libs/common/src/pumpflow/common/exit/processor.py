@@ -66,6 +66,11 @@ CONSUMES = (
     "order.rejected",
 )
 
+#: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
+#: exit takes the trades and the migration, not the creation (seq 1), so they skip by
+#: design; a trade that never came is superseded by the next one's market anyway
+PARTIAL_PUBLISHERS = ("feed",)
+
 #: the exit service's keyless commands, on a consumer group of their own: the shutdown,
 #: and trading's answer to it (what it had in flight and held when it halted entries)
 CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
