@@ -36,7 +36,7 @@ LEASE_TTL_S = 3
 #: a standby campaigns on; it trades within the lease's TTL of the holder's death, and
 #: this bound leaves the two shared cores room for the reload
 TAKE_OVER_S = 6 * LEASE_TTL_S
-LOW_SCORE = "score # < #"
+LOW_SCORE = "score # < 0.6"
 HELD_ALREADY = "held already (or an entry is in flight): one entry a token"
 
 

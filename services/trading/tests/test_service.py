@@ -97,6 +97,15 @@ async def test_a_prediction_becomes_a_paper_position_stored_in_the_ledger(clock,
         assert pnl["unrealized_pnl_sol"] == held["unrealized_pnl_sol"]
 
 
+async def test_predictions_without_an_order_are_counted_by_reason_with_its_limit(clock, market):
+    """Reasons are grouped by what varies (the observed value); the limit stays readable."""
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, _):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint, score=0.2), market.prediction(mint, score=0.3))
+        assert service.pnl()["no_order_reasons"] == {"score # < 0.6": 2}
+
+
 async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):
     service = trading(MemoryLedger())
     async with running(clock, service) as (bus, watch):

@@ -569,7 +569,8 @@ class TradingService(Service):
         if decision is None:
             return  # a shadow arm's
         for reason in decision.reasons or ("no order",):
-            self.skipped[_REASON_NUMBERS.sub("#", reason)] += 1
+            # the observed value comes first and varies; the limits after it are settings
+            self.skipped[_REASON_NUMBERS.sub("#", reason, count=1)] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
         """A sale the exit service ordered: stored, then executed (never twice)."""
