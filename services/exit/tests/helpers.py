@@ -21,6 +21,34 @@ START = 1_700_000_000.0
 _positions = itertools.count(1)
 
 
+class Outage(ConnectionError):
+    """A failure of the records' database that passes (a restart, say)."""
+
+    transient_dependency = "postgres"
+
+
+class FlakyExitStore(MemoryExitStore):
+    """Records whose database is out for the first ``failures`` writes of a settled order."""
+
+    def __init__(self, failures: int = 1):
+        super().__init__()
+        self.failures = failures
+
+    def _write(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise Outage("the records' database is restarting")
+
+    async def settle(self, order_id, outcome, time):
+        self._write()
+        return await super().settle(order_id, outcome, time)
+
+    async def record_order(self, order):
+        if order.state != "sent":
+            self._write()
+        return await super().record_order(order)
+
+
 def exit_service(records: MemoryExitStore | None = None, **settings: object) -> ExitService:
     config = ExitSettings.load(service="exit", transport="memory", **settings)
     return ExitService(config, registry=CollectorRegistry(), records=records or MemoryExitStore())

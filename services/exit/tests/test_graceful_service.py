@@ -31,7 +31,7 @@ from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, embedded, exit_service
+from .helpers import START, FlakyExitStore, embedded, exit_service
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -140,6 +140,31 @@ async def test_a_restart_in_the_middle_resumes_and_sells_no_tranche_twice():
         sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
         await second.stop()
+
+
+async def test_an_outage_of_the_records_as_a_tranche_fills_is_waited_out():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = FlakyExitStore()
+    # the outage outlasts no wait for a fill (a tranche given up would be retried)
+    trader, exits = trading(MemoryLedger()), exit_service(records, exit_order_timeout_s=5.0)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await open_positions(system.bus, clock, tokens, 2)
+        shutdown = SystemShutdown(reason="records out")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert records.failures == 0
+        assert trader.book.open_count == 0
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        # every fill counted (none given up for want of its outcome, none sold twice)
+        assert exits.summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+        assert exits.summary.positions_left == 0
+        orders = [o.order_id for o in watch.payloads("exit.order")]
+        assert sorted(orders) == sorted(f.order_id for f in sells)
+        run = await records.latest_run()
+        stored = await records.run_orders(run.run_id)
+        assert {o.order_id: o.state for o in stored} == {o: "filled" for o in orders}
 
 
 async def test_http_shutdown_needs_the_token_then_the_exit_is_served():

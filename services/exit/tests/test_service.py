@@ -19,7 +19,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.testing import TokenEvents
 
-from .helpers import START, embedded, exit_service, opened
+from .helpers import START, FlakyExitStore, embedded, exit_service, opened
 
 HELD = 1e6
 
@@ -194,3 +194,27 @@ async def test_a_refused_sale_gives_its_rule_back_and_a_filled_one_is_reported()
         assert line.slippage == pytest.approx(1 - 0.99 * price / line.mark_price)
         stored = {o["order_id"]: o["state"] for o in await records.orders(limit=10)}
         assert stored == {first.order_id: "rejected", second.order_id: "filled"}
+
+
+async def test_an_outage_of_the_records_as_a_sale_settles_is_waited_out():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = FlakyExitStore(failures=2)
+    service = exit_service(records)
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        await _buy_until(bus, tokens, mint, position.data.entry_price * 1.5)
+        [order] = watch.payloads("exit.order")
+        price = tokens.curves[mint].price
+        fill = OrderFilled(
+            order_id=order.order_id, mint=mint, side="sell", token_amount=order.token_amount,
+            sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
+            position_id=order.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(fill, source="trading/test", time=clock.now()))
+        [report] = await watch.wait_for(1, "exit.report")
+        assert records.failures == 0
+        assert report.data.reason == "take_profit_1"
+        stored = {o["order_id"]: o["state"] for o in await records.orders(limit=10)}
+        assert stored == {order.order_id: "filled"}

@@ -94,6 +94,33 @@ async def test_live_labels_are_stored_with_the_vector_scored_and_outlive_a_resta
         assert second.performance.figures("entry", "control") == figures
 
 
+async def test_labels_released_since_the_last_round_are_stored_by_a_stop(pg_pool):
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
+    )
+    # no round of the monitor before the stop: the stop stores what was released
+    model = model_service(model_monitor_s=3600.0, model_refit=False)
+    async with run_embedded([model], clock=clock, db=pg_pool) as system:
+        for vector in vectors:
+            await clock.advance_to(vector.time)
+            await system.bus.publish(vector)
+        await system.drain()
+        followed = model.labels.pending
+        assert followed > 10
+        await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+
+        def released() -> bool:
+            states = map(model.consumer.state, list(model.consumer.keys()))
+            return all(state is None or state.labels is None for state in states)
+
+        # the tokens are stored without them: released, they are only here
+        await eventually(released, what="every label released")
+        await model.consumer.flush()
+        assert model.labels.pending == followed
+    assert len(await stored_labels(pg_pool)) == followed
+
+
 def synthetic_labels(labels_of, *, n: int = ROWS, seed: int = 8) -> list[ResolvedLabel]:
     """Labels of ``n`` predictions of the default model before START, half a second
     apart, 40 per token; ``labels_of(rows)`` says each one's label."""

@@ -74,6 +74,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
+from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -548,7 +549,12 @@ class ExitService(Service):
     ) -> None:
         try:
             if ":exit:" in outcome.order_id:
-                first = await self.records.settle(outcome.order_id, outcome, time)
+                # the outcome comes once (acked as it applied): an outage of the store is
+                # waited out, or its fill is lost to the tranche awaiting it
+                first = await wait_out(
+                    lambda: self.records.settle(outcome.order_id, outcome, time),
+                    waiter="exit", what=f"storing the outcome of {outcome.order_id}",
+                )
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
@@ -587,7 +593,11 @@ class ExitService(Service):
             started_at=sale.decided_at,
             mark_price=sale.mark_price,
         ).settled(outcome, time)
-        if not await self.records.record_order(stored):
+        recorded = await wait_out(
+            lambda: self.records.record_order(stored),
+            waiter="exit", what=f"storing the outcome of {outcome.order_id}",
+        )
+        if not recorded:
             return  # settled before (a redelivery)
         if isinstance(outcome, OrderFilled):
             record.add_fill(outcome, time)

@@ -263,6 +263,9 @@ class ModelService(Service):
         with contextlib.suppress(Exception):
             await self._publish_drift()
         with contextlib.suppress(Exception):
+            # released since the last round: their tokens are stored without them
+            self.resolve_labels()
+        with contextlib.suppress(Exception):
             await self.store_labels()
 
     # ---------------------------------------------------------------- serving
