@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from model_helpers import (
     DEFAULT_CARD,
     START,
@@ -107,6 +108,29 @@ def test_shadow_arms_score_beside_the_live_arm_marked_shadow(tmp_path):
     processor.arms = arms.promote("candidate")
     later = Token(processor, base58_key("later")).step(vector_event(base58_key("later"), START))
     assert [(p.arm, p.shadow) for p in later] == [("candidate", False), ("control", True)]
+
+
+def test_a_model_that_fails_to_score_is_skipped_its_failure_counted(tmp_path):
+    """onnxruntime fails on the shadow arm's model, in the batch and alone: the live arm's
+    prediction goes out once and its label is followed once (the apply did not raise half
+    way, which would have followed it again on the retry)."""
+    models = manager(other=other_model(tmp_path))
+    arms = ArmTable([
+        Arm(name="control", model_id="entry"),
+        Arm(name="candidate", model_id="other", shadow=True),
+    ])
+
+    def broken(inputs):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : the session cannot run")
+
+    models.serving("other").session.predict = broken
+    processor = ModelProcessor(models, arms, labels=LabelTracker())
+    token = Token(processor)
+    event = vector_event(MINT, START)
+    assert processor.prepare([event], lambda mint: None) == 1
+    assert [(p.arm, p.model_id) for p in token.step(event)] == [("control", "entry")]
+    assert processor.failed[("other", "ModelError")] == 1
+    assert len(processor.decode(token.raw).labels.items) == 1
 
 
 def test_a_batch_of_many_tokens_is_scored_in_one_call_and_equals_scoring_alone():

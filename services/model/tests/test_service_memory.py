@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.activity.service import ActivityService
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import ModelDrift
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.model.metrics import auc
 from pumpflow.common.runtime.embedded import run_embedded
@@ -229,3 +230,29 @@ async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_it
             by_mint.setdefault(p.key, []).append(p.data.model_version)
         for mine in by_mint.values():
             assert mine == sorted(mine, key=lambda v: v == new_version)
+
+
+async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round():
+    clock = ReplayClock(START)
+    model = model_service()
+    async with run_embedded([model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+        publish = system.bus.publish
+        calls = itertools.count(1)
+
+        async def second_fails(event, *args, **kwargs):
+            if next(calls) == 2:
+                raise ConnectionError("the broker went away")
+            return await publish(event, *args, **kwargs)
+
+        system.bus.publish = second_fails
+        model._drift_out += [
+            ModelDrift(model_id="entry", version="v", feature=name, state="drifting",
+                       psi=0.3, threshold=0.25, observations=500)
+            for name in ("age_s", "buys", "sells")
+        ]  # fmt: skip
+        with pytest.raises(ConnectionError):
+            await model._publish_drift()
+        await model._publish_drift()
+        await seen.wait_for(3, "model.drift")
+        assert [e.data.feature for e in seen.of("model.drift")] == ["age_s", "buys", "sells"]

@@ -188,6 +188,8 @@ class ModelService(Service):
         #: what each model id was loaded from here
         self._sources: dict[str, ModelSource] = {}
         self._drift_out: list[ModelDrift] = []
+        #: counted, not yet published (a publication that failed goes on from its first)
+        self._drift_unsent: list[ModelDrift] = []
         self._ctx: ServiceContext | None = None
         self._changing = asyncio.Lock()
         #: the newest stored serving this replica could not follow for a missing file
@@ -260,13 +262,18 @@ class ModelService(Service):
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         self._loops = []
-        with contextlib.suppress(Exception):
+        try:
             await self._publish_drift()
+        except Exception:
+            log.exception("model: %d drift events not published at the stop",
+                          len(self._drift_unsent))  # fmt: skip
         with contextlib.suppress(Exception):
             # released since the last round: their tokens are stored without them
             self.resolve_labels()
-        with contextlib.suppress(Exception):
+        try:
             await self.store_labels()
+        except Exception:
+            log.exception("model: %d released labels not stored at the stop", len(self._to_store))
 
     # ---------------------------------------------------------------- serving
 
@@ -492,9 +499,12 @@ class ModelService(Service):
         for model_id, monitor in self.drift.items():
             mine = [t for t in pending if t.model_id == model_id]
             self.metrics.drift(monitor.report(), mine)
+        self._drift_unsent += pending
         ctx = self._ctx
-        for payload in pending:
+        while self._drift_unsent:
+            payload = self._drift_unsent[0]
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
+            del self._drift_unsent[0]
 
     def resolve_labels(self) -> int:
         """Count the labels due into the rolling performance; export it; queue them for

@@ -307,7 +307,12 @@ class ModelManager:
                 f"model {model_id!r} takes {width} features per row, got {inputs.shape[1]}"
             )
         started = self._timer()
-        scores = served.session.predict(inputs)
+        try:
+            scores = served.session.predict(inputs)
+        except Exception as exc:
+            # onnxruntime's own errors derive from Exception alone: as a ModelError the
+            # callers skip this model, its failure counted, and score the others
+            raise ModelError(f"model {model_id!r} failed to score: {exc!r}") from exc
         counts = self._counts[model_id]
         counts.seconds += self._timer() - started
         counts.batches += 1
