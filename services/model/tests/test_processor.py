@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from model_helpers import (
     DEFAULT_CARD,
     START,
@@ -13,6 +12,7 @@ from model_helpers import (
     other_model,
     vector_event,
 )
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import ModelPrediction
