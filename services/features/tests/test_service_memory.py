@@ -166,6 +166,39 @@ async def test_bad_trade_is_dead_lettered_and_the_stream_goes_on(system):
     await service.stop()
 
 
+async def test_a_trade_too_large_to_store_is_dead_lettered_and_the_token_goes_on(system):
+    bus, store, clock, collector = system
+    events = [e for e in market_events(6, 20.0) if e.type in TRADE_TYPES]
+    service = await start_service(bus, store, clock)
+    for e in events[:3]:
+        await bus.publish(e)
+    good = next(e for e in events[3:] if e.type == "token.trade")
+    # a malformed frame: more SOL than exists, more lamports than a checkpoint holds
+    huge = TokenTrade(
+        **{
+            **{f: getattr(good.data, f) for f in good.data.__struct_fields__},
+            "txType": "buy",
+            "solAmount": 2e10,
+        }
+    )
+    await bus.publish(make_event(huge, source="feed/sim", time=good.time, seq=good.seq))
+    letters = await bus.dead_letters("features")
+    assert len(letters) == 1 and "lamports" in letters[0].reason
+    for e in events[3:]:
+        if e is not good:
+            await bus.publish(e)
+    # the token's later trades are stored and announced: its state can still be encoded
+    assert service.consumer_metrics.counts()["applied"] == len(events) - 1
+    last = [e for e in events if e.key == good.key][-1]
+    assert last is not good
+    await eventually(
+        lambda: any(u.data.source_seq == last.seq for u in collector.by_key().get(last.key, ()))
+    )
+    stored = await service.read_features(last.key)
+    assert stored is not None and stored["seq"] == last.seq
+    await service.stop()
+
+
 async def test_idle_tokens_are_compacted_and_publish_the_same_afterwards(system):
     import msgspec
 

@@ -123,3 +123,20 @@ async def test_settle_counts_the_changes_made_as_stored_and_cancel_ends_the_wait
     await writes.began.wait()
     commit.cancel()
     assert done.cancelled()
+
+
+async def test_a_change_a_failed_write_took_is_written_again_when_waited_for_in_a_task():
+    writes = Writes()
+    commit = GroupCommit(writes)
+    writes.failures.append(RuntimeError("store down"))
+    change = commit.change()
+    failed = asyncio.get_running_loop().create_future()
+    commit.when_stored(change, failed)
+    with pytest.raises(RuntimeError, match="store down"):
+        await failed
+    # waited for again with nothing changed since: written again, not waited for for ever
+    again = asyncio.get_running_loop().create_future()
+    commit.when_stored(change, again)
+    await asyncio.wait_for(again, 5.0)
+    assert commit.stored == 1
+    assert writes.took == [1, 1]

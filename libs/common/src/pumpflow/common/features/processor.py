@@ -27,6 +27,9 @@ RETIRING = ("inactive", "graduated")
 CONSUMES = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
 #: bytes of the feature-set version in front of each encoded state
 _VERSION_BYTES = 16
+#: lamports a token's bought or sold total may reach: checkpoints and the batch path
+#: hold them as 64-bit integers
+MAX_LAMPORTS = 2**63 - 1
 
 
 class FeaturesProcessor:
@@ -58,6 +61,9 @@ class FeaturesProcessor:
         reason = invalid_reason(trade)
         if reason is not None:
             raise InvalidInput(reason)
+        if (state.total_buy if trade.is_buy else state.total_sell) + trade.lamports > MAX_LAMPORTS:
+            # folded in, the state could not be stored: every commit with it would fail
+            raise InvalidInput(f"{trade.lamports} lamports take the token's total past 64 bits")
         seq = event.seq or 0
         if effects.more:
             # the key's next event of this batch moves the windows and announces

@@ -50,11 +50,14 @@ class GroupCommit:
 
     def when_stored(self, change: int, done: asyncio.Future) -> None:
         """Resolve ``done`` once ``change`` is stored (fail it with the error of the write
-        that took it); starts a write if none is under way."""
+        that took it); starts a write if none is under way (again, if a write of it failed)."""
         if self.stored >= change:
             done.set_result(None)
             return
         self._waiters.append((change, done))
+        if self._writing is None and self._taken >= change:
+            # a write took it and failed: nothing else would write it again
+            self._taken = self.stored
         self.kick()
 
     def kick(self) -> None:
