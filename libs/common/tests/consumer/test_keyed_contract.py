@@ -1079,6 +1079,44 @@ async def test_what_a_fire_that_raised_asked_for_is_taken_back(pair):
     assert record.timer == START + 2 + TIMER_DELAY
 
 
+class UnencodableAt(RecordingProcessor):
+    """A state that has applied seq ``seq`` cannot be encoded."""
+
+    def __init__(self, seq: int):
+        super().__init__()
+        self.seq = seq
+
+    def encode(self, state: Applied) -> bytes:
+        if self.seq in state.seqs:
+            raise OverflowError("int too big to convert")
+        return super().encode(state)
+
+
+async def test_a_key_that_cannot_be_stored_loses_no_other_keys_change(pair):
+    """Its commit fails; the other keys of it are written by the next one, their events
+    announced, and the key itself comes back from its stored record."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(UnencodableAt(seq=2))
+    good, bad = MINTS[0], MINTS[1]
+    await consumer.handle_batch([trade(good, 1), trade(bad, 1)])
+    with pytest.raises(OverflowError):
+        await consumer.handle_batch([trade(good, 3), trade(bad, 2)])
+    # handed back: the good key's event is a duplicate, stored by the next commit
+    await consumer.handle_batch([trade(good, 3)])
+    await announced.wait_for(1, key=good, where=lambda e: e.data.source_seq == 3)
+    assert [e.data.source_seq for e in announced.of(key=good)] == [1, 3]
+    assert await pair.applied(good) == [1, 3]
+    assert [e.data.source_seq for e in announced.of(key=bad)] == [1]
+    assert await pair.applied(bad) == [1]
+    # the bad key's event applies again to its stored record, and fails again
+    with pytest.raises(OverflowError):
+        await consumer.handle_batch([trade(bad, 2)])
+    await consumer.handle_batch([trade(bad, 3)])
+    await announced.wait_for(2, key=bad)
+    assert await pair.applied(bad) == [1, 3]
+
+
 async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_first(pair):
     stored = {MINTS[0]: [trade(MINTS[0], seq) for seq in range(1, 5)]}
     asked: list[tuple[str, str, int]] = []

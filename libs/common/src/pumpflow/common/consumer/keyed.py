@@ -103,7 +103,10 @@ refuses (:class:`InvalidInput`) is dead-lettered with its reason and the key's s
 goes on. Whatever an apply or a fire that raised asked of its effects is taken back:
 the events it emitted are not published (a retry announces its event once, with the
 next seq), and its timer, priority and retirement do not stand. A fire that raised is
-logged and counted by the pool, its timer spent; time goes on.
+logged and counted by the pool, its timer spent; time goes on. A key whose state (or
+view) cannot be encoded fails the deliveries its commit waited for and leaves memory:
+its events come back and apply again to its stored record (the bus dead-letters one
+that fails every time), and the commit's other keys are written by the next commit.
 """
 
 from __future__ import annotations
@@ -1031,12 +1034,21 @@ class KeyedStatefulConsumer(Generic[S]):
         started = time.perf_counter()
         try:
             batch, events, published, stored = self._batch(entries)
-        except Exception as exc:
-            # a processor or view that cannot encode: the deliveries waiting for this
-            # batch fail (the bus retries, then dead-letters them)
-            log.exception("%s: encoding a commit failed", self.config.service)
-            self._announce_waiters = wake(self._announce_waiters, generation, exc)
-            raise
+        except _Unencodable as failure:
+            # a key whose state or view cannot be encoded: the deliveries waiting for this
+            # commit fail (the bus hands them back); the other keys are written by the
+            # next one, and the key is dropped from memory, its events since its last
+            # write applied again to its stored record when they come back (the bus
+            # dead-letters one that fails every time)
+            bad = failure.entry
+            log.error("%s: %s cannot be stored, its changes since its last write dropped: %r",
+                      self.config.service, bad.key, failure.error)  # fmt: skip
+            for entry in entries:
+                if entry is not bad:
+                    self._dirty.setdefault(entry.key, entry)
+            self._forget(bad)
+            self._announce_waiters = wake(self._announce_waiters, generation, failure.error)
+            raise failure.error from None
         await self._retry(lambda: self.store.write(batch), "storing")
         # as written, not as now: a key retired or revived while the write was under way
         # is written again by the next commit, which must know this one
@@ -1066,29 +1078,44 @@ class KeyedStatefulConsumer(Generic[S]):
         encode = self.processor.encode
         views = self._views
         live_ttl = self.config.live_ttl_s
+        # every key encoded before any is marked written: one that cannot be leaves the
+        # others as they were, for the next commit
+        encoded = []
         for entry in entries:
-            raw = encode(entry.state) if entry.state is not None else entry.raw
+            try:
+                outbox = entry.outbox
+                retired = entry.retire_ttl is not None
+                record = Record(
+                    state=encode(entry.state) if entry.state is not None else entry.raw,
+                    applied=entry.applied,
+                    published=entry.published,
+                    outbox=[encode_event(e) for e in outbox],
+                    timer=entry.timer_at,
+                    priority=entry.priority,
+                    retired=retired,
+                    refused=entry.refused,
+                    failed=entry.failed,
+                    missing=entry.missing,
+                )
+                raw_record = _encode_record(record)
+                viewed = (
+                    views(entry.key, entry.state, entry.published, outbox)
+                    if views is not None and entry.state is not None
+                    else None
+                )
+            except Exception as exc:
+                raise _Unencodable(entry, exc) from exc
+            encoded.append((entry, raw_record, viewed))
+        for entry, raw_record, viewed in encoded:
             outbox = entry.outbox
             retired = entry.retire_ttl is not None
             ttl = entry.retire_ttl if retired else live_ttl
-            record = Record(
-                state=raw,
-                applied=entry.applied,
-                published=entry.published,
-                outbox=[encode_event(e) for e in outbox],
-                timer=entry.timer_at,
-                priority=entry.priority,
-                retired=retired,
-                refused=entry.refused,
-                failed=entry.failed,
-                missing=entry.missing,
-            )
             entry.lagging = False
             key = entry.key
-            batch.values[self._key_prefix + key] = (_encode_record(record), ttl)
+            batch.values[self._key_prefix + key] = (raw_record, ttl)
             stored.append((entry, retired, ttl))
-            if views is not None and entry.state is not None:
-                for view_key, fields in views(key, entry.state, entry.published, outbox).items():
+            if viewed is not None:
+                for view_key, fields in viewed.items():
                     batch.hset(view_key, fields)
                     if ttl != entry.stored_ttl:
                         batch.expire(view_key, ttl)
@@ -1498,6 +1525,15 @@ class KeyedStatefulConsumer(Generic[S]):
                 "restarts": health.restarts,
             },
         }
+
+
+class _Unencodable(Exception):
+    """A key of a commit whose record or views cannot be encoded."""
+
+    def __init__(self, entry: _Key, error: Exception):
+        super().__init__(entry.key, error)
+        self.entry = entry
+        self.error = error
 
 
 class _Batch:
