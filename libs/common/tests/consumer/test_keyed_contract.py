@@ -1092,6 +1092,33 @@ class UnencodableAt(RecordingProcessor):
         return super().encode(state)
 
 
+class SnapshotProcessor(RecordingProcessor):
+    """Announces a key's state as of its last event of a batch (``effects.more``)."""
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        if not effects.more:
+            return super().apply(state, event, effects)
+        state.seqs.append(event.seq)
+        return state
+
+
+async def test_an_event_followed_only_by_a_duplicate_is_announced(pair):
+    """A late seq applied in a batch whose later event the key has applied already (a
+    redelivery): nothing newer follows it, so its change is announced; in a batch of new
+    events only the last announces."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(SnapshotProcessor())
+    mint = MINTS[2]
+    await consumer.handle_batch([trade(mint, 1)])
+    await consumer.handle_batch([trade(mint, 3)])  # 2 overtaken
+    await consumer.handle_batch([trade(mint, 2), trade(mint, 3)])
+    await consumer.handle_batch([trade(mint, 3), trade(mint, 4), trade(mint, 5)])
+    await announced.wait_for(4, key=mint)
+    assert [e.data.source_seq for e in announced.of(key=mint)] == [1, 3, 2, 5]
+    assert await pair.applied(mint) == [1, 3, 2, 4, 5]
+
+
 async def test_a_key_that_cannot_be_stored_loses_no_other_keys_change(pair):
     """Its commit fails; the other keys of it are written by the next one, their events
     announced, and the key itself comes back from its stored record."""

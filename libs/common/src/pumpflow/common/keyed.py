@@ -64,7 +64,8 @@ class Effects(Protocol):
     @property
     def more(self) -> bool:
         """A later event of this key, of the same type and publisher, follows at once
-        (the same delivery batch), and is no duplicate.
+        (the same delivery batch), and is no duplicate of it or of what the key applied.
+        (Should that event be refused or fail, the key's next event announces.)
 
         A processor whose announcements are snapshots of the key (the latest supersedes
         the others) may leave the announcement to the last of them.

@@ -612,7 +612,11 @@ class KeyedStatefulConsumer(Generic[S]):
         go on, as when each is delivered alone: the batch then fails, and the bus hands
         every event of it to :meth:`handle` (the applied ones are duplicates by then).
         """
-        followed = _followed(events) if len(events) > 1 else (False,)
+        followed = (
+            _followed(events, lambda source: entry.applied.get(self._publisher(source), 0))
+            if len(events) > 1
+            else (False,)
+        )
         # one Effects for the key's events, and their changes marked once, after the
         # last of them (nothing can commit between them: no await until then)
         effects = _Effects(self, entry, None)
@@ -709,9 +713,7 @@ class KeyedStatefulConsumer(Generic[S]):
         #: the seq only moves the applied one on by one: nothing else of the record changes
         in_step = True
         if seq is not None:
-            publisher = self._publishers.get(event.source)
-            if publisher is None:
-                publisher = self._publishers[event.source] = source_service(event.source)
+            publisher = self._publisher(event.source)
             last = entry.applied.get(publisher, 0)
             if (
                 not last
@@ -875,6 +877,12 @@ class KeyedStatefulConsumer(Generic[S]):
             if not late:
                 entry.applied[publisher] = event.seq
         return self._mark(entry)
+
+    def _publisher(self, source: str) -> str:
+        publisher = self._publishers.get(source)
+        if publisher is None:
+            publisher = self._publishers[source] = source_service(source)
+        return publisher
 
     def _unrecorded(self, entry: _Key, publisher: str, seq: int) -> None:
         """The key's record holds nothing of ``publisher`` and its first event from it is
@@ -1581,8 +1589,9 @@ def _done_applying(
     batch.applied(generation, announced=announced)
 
 
-def _followed(events: list[Event]) -> list[bool]:
-    """Per event: a later one of the same type and publisher follows that is no duplicate."""
+def _followed(events: list[Event], applied: Callable[[str], int]) -> list[bool]:
+    """Per event: a later one of the same type and publisher follows that is no duplicate,
+    of the events before it or of what the key has applied (``applied`` of a source)."""
     first = events[0]
     kind = first.type
     source = first.source
@@ -1595,8 +1604,9 @@ def _followed(events: list[Event]) -> list[bool]:
             break
         before = seq
     else:
-        # the usual batch: one type from one publisher, numbered upwards
-        followed = [True] * len(events)
+        # the usual batch: one type from one publisher, numbered upwards: the last is
+        # new unless the key has applied it already (a redelivery)
+        followed = [before > applied(source)] * len(events)
         followed[-1] = False
         return followed
     followed = [False] * len(events)
@@ -1606,7 +1616,11 @@ def _followed(events: list[Event]) -> list[bool]:
         ident = (event.type, event.source)
         if ident in later:
             seq = later[ident]
-            followed[i] = seq is None or event.seq is None or seq > event.seq
+            followed[i] = (
+                seq is None
+                or event.seq is None
+                or (seq > event.seq and seq > applied(event.source))
+            )
             if seq is not None and event.seq is not None and event.seq > seq:
                 later[ident] = event.seq
         else:
