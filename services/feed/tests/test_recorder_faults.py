@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import signal
 import string
 
 import msgspec
@@ -160,6 +162,34 @@ async def test_a_stop_that_cannot_flush_says_how_many_events_it_lost(own_store, 
     assert await recorder.close(0.3) == 7
     assert recorder.unstored == 7
     assert "stop: 7 events not stored within 0.3 s: lost" in caplog.text
+
+
+async def test_a_stop_ends_in_its_bound_when_the_store_stops_answering(own_postgres, caplog):
+    """A server that keeps the connection and never answers (a frozen host, a lost
+    network) never acknowledges the cancel of the write in flight: the stop leaves it."""
+    pool = await create_pool(own_postgres.dsn, "feed_faults", min_size=1, max_size=1)
+    store = TokenEventStore(pool)
+    recorder = Recorder(store, config=RecorderConfig(retry_initial_s=0.05))
+    await recorder.start()
+    events = trades(10)
+    for event in events[:3]:
+        await recorder.add(event)
+    await recorder.flush()
+    # the pool's one connection: the backend serving it stops, the server goes on
+    backend = await pool.fetchval("SELECT pg_backend_pid()")
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        for event in events[3:]:
+            await recorder.add(event)
+        caplog.set_level(logging.ERROR)
+        closing = asyncio.ensure_future(recorder.close(0.3))
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        assert done, "the stop waits for the store"  # it waited for ever
+        assert closing.result() == 7
+        assert "stop: 7 events not stored within 0.3 s: lost" in caplog.text
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    await asyncio.wait_for(pool.close(), 10)
 
 
 async def test_the_service_is_not_ready_while_it_cannot_store_and_its_stop_fails(own_store):

@@ -23,6 +23,7 @@ from pumpflow.common.events import (
     EventValidationError,
     ExitOrder,
     FeaturesUpdated,
+    ModelDrift,
     SystemShutdown,
     TokenTrade,
     decode_event,
@@ -56,6 +57,13 @@ def features_event(mint: str, seq: int = 1) -> Event:
         mint=mint, feature_set_version="fs1", source_seq=seq, names=("a",), values=(1.0,)
     )
     return make_event(payload, source="features/r1", time=time.time(), seq=seq)
+
+
+def drift_event(feature: str) -> Event:
+    """A keyless ordinary event: it goes to each replica's broadcast lane."""
+    payload = ModelDrift(model_id="m1", version="1", feature=feature, state="drifting",
+                         psi=0.5, threshold=0.2, observations=100)  # fmt: skip
+    return make_event(payload, source="model/r1", time=time.time())
 
 
 def shutdown_event() -> Event:
@@ -1006,6 +1014,44 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
             await bus.publish(trade_event("mintR", seq))
         await eventually(lambda: len(got.events) >= 20, within=20)
         assert sorted({e.seq for e in got.events}) == list(range(1, 21))
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_replicas_broadcast_lane_outlives_the_loss_of_its_connection(
+    namespace, amqp_url, service
+):
+    """The broker deletes a replica's own queue with the connection that consumed it."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
+    await bus.start()
+    try:
+        got = Recorder()
+        await bus.subscribe(
+            Subscription(service=service, patterns=("token.*", "model.drift"), handler=got)
+        )
+        await bus.publish(trade_event("mintB", 1))
+        await bus.publish(drift_event("f1"))
+        await eventually(lambda: len(got.events) == 2)
+        # the consumers' connection alone dies, as on a network failure
+        bulk = bus._bulk_connection
+        lost = bulk.transport.connection
+        await lost.close(ConnectionError("simulated network failure"))
+        await eventually(lambda: getattr(bulk.transport, "connection", lost) is not lost, within=20)
+        await eventually(bus.is_healthy, within=20, what="the bus healthy again")
+        await bus.publish(trade_event("mintB", 2))
+        await bus.publish(drift_event("f2"))
+        # its queue, deleted with the connection, is declared and bound again with it
+        await eventually(
+            lambda: [e.data.feature for e in got.of_type("model.drift")] == ["f1", "f2"],
+            within=20,
+            what="the broadcast after the loss",
+        )
+        assert bus.is_healthy()
+        assert sorted({e.seq for e in got.of_type("token.trade")}) == [1, 2]
     finally:
         await bus.delete_topology()
         await bus.close()

@@ -65,6 +65,11 @@ from pumpflow.feed.redrive import refusal_reason, refused_headers
 
 log = logging.getLogger(__name__)
 
+#: longest wait for a cancelled write or mark to end on a stop: a store that holds its
+#: connection and stopped answering (a frozen host, a lost network) never acknowledges
+#: the driver's cancel, so the stop would wait for it for ever
+CANCEL_WAIT_S = 1.0
+
 
 class EventSink(Protocol):
     async def write_batch(
@@ -280,15 +285,12 @@ class Recorder:
             await asyncio.wait_for(self.flush(), timeout_s)
         unpublished = self._unpublished
         unstored = self.pending - unpublished
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await _cancel(self._task)
         self._task = None
-        if self._marking is not None:
+        marking, self._marking = self._marking, None
+        if marking is not None:
             # unmarked: the next start republishes from the last mark, consumers drop copies
-            self._marking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._marking
+            await _cancel(marking)
         if unstored or unpublished:
             self.unstored += unstored
             self.unpublished += unpublished
@@ -436,7 +438,9 @@ class Recorder:
                 await self._retry("outbox mark", store.mark_published, self._outbox, last_id)
                 self.metrics.record_mark.observe(time.perf_counter() - started)
         finally:
-            self._marking = None
+            # a mark a stop gave up on may end after the next one began
+            if self._marking is asyncio.current_task():
+                self._marking = None
 
     async def _retry(self, what: str, func, *args):
         """Call until it succeeds; a store's refusal of the rows raises StoreRejected."""
@@ -458,3 +462,11 @@ class Recorder:
             else:
                 self.last_error = None
                 return result
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    """Cancel ``task`` and wait for its end up to CANCEL_WAIT_S; raise what it raised."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+    if task.done() and not task.cancelled():
+        task.result()

@@ -10,7 +10,9 @@ Topology under ``<ns>`` (the namespace):
   consumed on the main connection, apart from the backlog of trades (see Connections).
 - ``<ns>.<service>.bcast.<replica>`` and ``<ns>.<service>.critical.<replica>``: one
   pair per replica, bound to the keyless types it wants (``system.shutdown`` goes to
-  the critical one), so every replica gets them; deleted with the replica.
+  the critical one), so every replica gets them; deleted with the replica, and with
+  the connection consuming it, whose channel declares and binds it again on reconnecting
+  (what was published meanwhile is lost to that replica).
 - ``<ns>.dlx`` (direct) and ``<ns>.<service>.dlq``: every queue dead-letters into the
   service's DLQ. A message the service gives up on is published there by the bus with
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
@@ -791,10 +793,19 @@ class RabbitMQBus(EventBus):
         return declared
 
     async def _declare_bound(
-        self, name: str, keys: list[str], service: str, *, shared: bool
-    ) -> None:
-        assert self._channel is not None
-        queue = await self._channel.declare_queue(
+        self,
+        name: str,
+        keys: list[str],
+        service: str,
+        *,
+        shared: bool,
+        channel: AbstractChannel | None = None,
+    ) -> AbstractQueue:
+        """Declare the queue and bind it on ``channel`` (the main one by default), which
+        declares and binds it again when it reopens."""
+        channel = channel or self._channel
+        assert channel is not None
+        queue = await channel.declare_queue(
             name,
             durable=shared,
             auto_delete=not shared,
@@ -803,6 +814,7 @@ class RabbitMQBus(EventBus):
         self._queues.add(name)
         for key in keys:
             await queue.bind(self.exchange_name, routing_key=key)
+        return queue
 
     async def subscribe(self, subscription: Subscription) -> None:
         if self._channel is None:
@@ -827,11 +839,10 @@ class RabbitMQBus(EventBus):
         if bindings.critical:
             keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.critical]
             own.append((self._name(service, "critical", replica), CRITICAL, keys))
-        for name, lane, keys in own:
-            await self._declare_bound(name, keys, service, shared=False)
-            consumed.append((name, lane, None))
         for name, lane, partition in consumed:
             await self._consume(name, lane, subscription, partition)
+        for name, lane, keys in own:
+            await self._consume(name, lane, subscription, own_keys=keys)
 
     async def consume_partitions(
         self, subscription: Subscription, partitions: Iterable[int]
@@ -870,8 +881,15 @@ class RabbitMQBus(EventBus):
             await consumer.channel.close()
 
     async def _consume(
-        self, name: str, lane: str, subscription: Subscription, partition: int | None = None
+        self,
+        name: str,
+        lane: str,
+        subscription: Subscription,
+        partition: int | None = None,
+        *,
+        own_keys: list[str] | None = None,
     ) -> None:
+        """Consume a queue; ``own_keys``: the replica's own queue, declared here bound to them."""
         connection = await self._connection_for(lane)
         consumer = _Consumer(
             queue_name=name,
@@ -885,8 +903,16 @@ class RabbitMQBus(EventBus):
         # a smaller prefetch would never let the window fill
         prefetch = max(self.prefetch, subscription.window)
         await consumer.channel.set_qos(prefetch_count=prefetch)
-        # passive: the queue exists; redeclaring with its arguments would be equivalent
-        consumer.queue = await consumer.channel.get_queue(name, ensure=True)
+        if own_keys is None:
+            # passive: the queue exists; redeclaring with its arguments would be equivalent
+            consumer.queue = await consumer.channel.get_queue(name, ensure=True)
+        else:
+            # the broker deletes it with the connection consuming it: declared and bound on
+            # the consumer's channel, which declares and binds it again when it reopens (a
+            # passive look for it would fail each reconnection of that connection)
+            consumer.queue = await self._declare_bound(
+                name, own_keys, subscription.service, shared=False, channel=consumer.channel
+            )
         consumer.worker = asyncio.create_task(self._work(consumer), name=f"bus:{name}")
         await self._start_delivery(consumer)
         if isinstance(consumer.channel, AbstractRobustChannel):
