@@ -22,8 +22,12 @@ Delivery contract, the same for every transport (held by the shared contract tes
   before it on its lane returned), so a slow message holds back the acks behind it
   and a crash redelivers it and everything after it. Releasing partitions,
   unsubscribing, stopping and draining wait for every handler in flight. With the
-  default window of 1 a lane is handled one message at a time (so is every lane of
-  the in-memory bus's synchronous mode, which runs handlers inside ``publish``).
+  default window of 1 a lane is handled one message at a time. The in-memory bus's
+  synchronous mode (tests and replays) runs each handler inside the ``publish`` that
+  delivered it: publications made one after another are handled one at a time, in
+  order, but two tasks publishing at once can have one lane's handlers overlap, the
+  later one first if the earlier suspends (serialising them would deadlock services
+  that answer each other inside a publication, as activity answers features).
 - Batches: a subscription with a ``batch_handler`` and a window above 1 gets the
   deliveries a lane has ready (up to what the window leaves) as one call, in delivery
   order; its return acks them all. If it raises, each of them is handled alone by
