@@ -469,11 +469,11 @@ async def test_a_views_write_after_standing_by_stores_and_sends_no_order(clock, 
 async def test_a_replica_standing_by_sends_no_order_the_ledger_failed_to_store(clock, market):
     """Postgres fails on a prediction's order, then the lease goes: standing by, with the
     ledger back, neither stores nor sends the order (the next holder, which read the
-    ledger already, would never know of it); the prediction, not acknowledged, is the
-    next holder's to decide."""
+    ledger already, would never know of it), nor stores the views that decided it; the
+    prediction, not acknowledged, is the next holder's to decide."""
     ledger = BlinkingLedger()
-    service = trading(ledger)
-    async with running(clock, service) as (bus, watch):
+    service = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, service, store=MemoryStateStore(clock)) as (bus, watch):
         mint = await ready(bus, market)
         ledger.failures = 1
         with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
@@ -482,6 +482,24 @@ async def test_a_replica_standing_by_sends_no_order_the_ledger_failed_to_store(c
         assert service.role == "standby"
         assert await ledger.orders(limit=10) == []
         assert watch.count("order.requested") == 0
+        with pytest.raises(RuntimeError, match="views not stored"):
+            await service.context.save(service.engine.views)
+
+
+async def test_views_a_handler_in_flight_saves_after_a_clean_stand_by_are_stored(clock, market):
+    """Standing by with the ledger holding every change: the views of a handler still
+    in flight are not ahead of it, and are stored (refused, the handler would fail and
+    its events go round again at every stop)."""
+    store = MemoryStateStore(clock)
+    service = trading(MemoryLedger(), trading_keep_token_views=True)
+    async with running(clock, service, store=store) as (bus, _):
+        mint = await ready(bus, market)
+        await store.delete_many([f"trading:view:{mint}"])
+        service.context.change(mint)  # decided, its view's write still to come
+        await service.leader.stop()
+        assert service.role == "standby"
+        await service.context.save(service.engine.views)
+        assert await store.get(f"trading:view:{mint}") is not None
 
 
 def test_the_breakers_take_the_feed_lag_and_silence_settings():

@@ -184,6 +184,8 @@ class TradingService(Service):
         self._unpublished: list[Event] = []
         #: events a call that failed left undecided: the next call decides them first
         self._undecided: list[Event] = []
+        #: orders withdrawn unsent on standing by (since the last election)
+        self._withdrawn = 0
         #: shutdowns whose barrier is out (or queued to go)
         self._barriers: set[str] = set()
         #: each order's decision, unique to it (the ledger's ``attempt``)
@@ -305,6 +307,7 @@ class TradingService(Service):
         async with self._lock:
             self._build()
             self._undecided = []
+            self._withdrawn = 0
             if self.context is not None:
                 self.context.clear()
                 views = await self.context.load()
@@ -375,6 +378,7 @@ class TradingService(Service):
             await self._ctx.bus.unsubscribe(self._subscription)
         async with self._lock:
             withdrawn = self._withdraw_unsent()
+            self._withdrawn += withdrawn
             if withdrawn:
                 log.warning(
                     "trading: %d orders decided while the ledger failed are not sent: "
@@ -496,11 +500,12 @@ class TradingService(Service):
         they changed stored in the ledger first: a view stored ahead of the ledger has
         the next holder refuse the event as a redelivery, its change (a fill) lost."""
         async with self._lock:
-            if not self._leading:
-                # the views are the holder's: this replica's may be ahead of the ledger (an
-                # order it withdrew), and the next holder has read its own
-                raise RuntimeError("trading stood by: views not stored")
-            await self._flush()
+            if self._leading:
+                await self._flush()
+            elif self._backlog or self._withdrawn:
+                # stood by with changes the ledger lacks (unstored, or orders withdrawn):
+                # nothing is sent from here any more, the next holder decides them again
+                raise RuntimeError("trading stood by with changes unstored: views not stored")
             yield
 
     def _decide(self, event: Event) -> _Step:
