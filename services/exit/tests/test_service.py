@@ -10,6 +10,7 @@ import pytest
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import Record
 from pumpflow.common.events import (
+    Event,
     ExitOrder,
     OrderFilled,
     OrderRejected,
@@ -48,6 +49,16 @@ async def test_the_feeds_creations_it_does_not_take_leave_no_seq_missing():
         assert record.applied["feed"] == 3
         assert record.missing == {}
         assert service.consumer.metrics.gaps._value.get() == 0
+
+
+def filled(order: ExitOrder, price: float, time: float) -> Event:
+    """Trading's fill of a whole exit order: 1% below ``price``, 3% short in SOL."""
+    fill = OrderFilled(
+        order_id=order.order_id, mint=order.mint, side="sell", token_amount=order.token_amount,
+        sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
+        position_id=order.position_id,
+    )  # fmt: skip
+    return make_event(fill, source="trading/test", time=time)
 
 
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:
@@ -179,12 +190,7 @@ async def test_a_refused_sale_gives_its_rule_back_and_a_filled_one_is_reported()
         assert second.reason == "take_profit_1"
         assert second.order_id.endswith(":rule:2")
         price = tokens.curves[mint].price
-        fill = OrderFilled(
-            order_id=second.order_id, mint=mint, side="sell", token_amount=second.token_amount,
-            sol_amount=second.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
-            position_id=second.position_id,
-        )  # fmt: skip
-        await bus.publish(make_event(fill, source="trading/test", time=clock.now()))
+        await bus.publish(filled(second, price, clock.now()))
         await system.drain()
         records = service.records
         [report] = await watch.wait_for(1, "exit.report")
@@ -207,12 +213,7 @@ async def test_an_outage_of_the_records_as_a_sale_settles_is_waited_out():
         await _buy_until(bus, tokens, mint, position.data.entry_price * 1.5)
         [order] = watch.payloads("exit.order")
         price = tokens.curves[mint].price
-        fill = OrderFilled(
-            order_id=order.order_id, mint=mint, side="sell", token_amount=order.token_amount,
-            sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
-            position_id=order.position_id,
-        )  # fmt: skip
-        await bus.publish(make_event(fill, source="trading/test", time=clock.now()))
+        await bus.publish(filled(order, price, clock.now()))
         [report] = await watch.wait_for(1, "exit.report")
         assert records.failures == 0
         assert report.data.reason == "take_profit_1"
