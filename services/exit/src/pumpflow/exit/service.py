@@ -63,9 +63,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -111,6 +111,8 @@ from pumpflow.exit.records import (
     resume_state,
 )
 from pumpflow.exit.settings import ExitSettings
+
+T = TypeVar("T")
 
 log = logging.getLogger("pumpflow.exit")
 
@@ -549,11 +551,8 @@ class ExitService(Service):
     ) -> None:
         try:
             if ":exit:" in outcome.order_id:
-                # the outcome comes once (acked as it applied): an outage of the store is
-                # waited out, or its fill is lost to the tranche awaiting it
-                first = await wait_out(
-                    lambda: self.records.settle(outcome.order_id, outcome, time),
-                    waiter="exit", what=f"storing the outcome of {outcome.order_id}",
+                first = await self._stored(
+                    outcome, lambda: self.records.settle(outcome.order_id, outcome, time)
                 )
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
@@ -568,6 +567,16 @@ class ExitService(Service):
                 await self._settle_rule(mint, outcome, sale, time)
         except Exception:
             log.exception("exit: storing the outcome of %s failed", outcome.order_id)
+
+    async def _stored(
+        self, outcome: OrderFilled | OrderRejected, write: Callable[[], Awaitable[T]]
+    ) -> T:
+        """``write`` of ``outcome`` done: the outcome comes once (acked as it applied), so
+        an outage of the store is waited out, or its fill is lost (to the tranche awaiting
+        it, to the report)."""
+        return await wait_out(
+            write, waiter="exit", what=f"storing the outcome of {outcome.order_id}"
+        )
 
     async def _settle_rule(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale, time: float
@@ -593,11 +602,7 @@ class ExitService(Service):
             started_at=sale.decided_at,
             mark_price=sale.mark_price,
         ).settled(outcome, time)
-        recorded = await wait_out(
-            lambda: self.records.record_order(stored),
-            waiter="exit", what=f"storing the outcome of {outcome.order_id}",
-        )
-        if not recorded:
+        if not await self._stored(outcome, lambda: self.records.record_order(stored)):
             return  # settled before (a redelivery)
         if isinstance(outcome, OrderFilled):
             record.add_fill(outcome, time)

@@ -713,7 +713,8 @@ class KeyedStatefulConsumer(Generic[S]):
         #: the seq only moves the applied one on by one: nothing else of the record changes
         in_step = True
         if seq is not None:
-            publisher = self._publisher(event.source)
+            # a dict look-up per event; the method on a source not seen yet
+            publisher = self._publishers.get(event.source) or self._publisher(event.source)
             last = entry.applied.get(publisher, 0)
             if (
                 not last
