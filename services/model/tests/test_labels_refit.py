@@ -22,8 +22,9 @@ from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import card_path
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
+from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
+from pumpflow.common.testing import BusHarness, EventCollector, FeatureUpdates, eventually
 from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.labels import PostgresLabelStore, model_hash
 from pumpflow.model.service import SERVING_KEY, ModelService, ModelSettings, ModelSource
@@ -94,12 +95,18 @@ async def test_live_labels_are_stored_with_the_vector_scored_and_outlive_a_resta
         assert second.performance.figures("entry", "control") == figures
 
 
-async def test_labels_released_since_the_last_round_are_stored_by_a_stop(pg_pool):
+def labels_released(model: ModelService) -> bool:
+    """Whether no token held by ``model`` has labels waiting."""
+    states = map(model.consumer.state, list(model.consumer.keys()))
+    return all(state is None or state.labels is None for state in states)
+
+
+async def test_labels_released_are_stored_with_their_tokens_without_a_round(pg_pool):
     clock = ReplayClock(START)
     vectors = FeatureUpdates().of(
         market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
     )
-    # no round of the monitor before the stop: the stop stores what was released
+    # no round of the monitor: the commits of the tokens store what they released
     model = model_service(model_monitor_s=3600.0, model_refit=False)
     async with run_embedded([model], clock=clock, db=pg_pool) as system:
         for vector in vectors:
@@ -109,16 +116,74 @@ async def test_labels_released_since_the_last_round_are_stored_by_a_stop(pg_pool
         followed = model.labels.pending
         assert followed > 10
         await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
-
-        def released() -> bool:
-            states = map(model.consumer.state, list(model.consumer.keys()))
-            return all(state is None or state.labels is None for state in states)
-
-        # the tokens are stored without them: released, they are only here
-        await eventually(released, what="every label released")
+        await eventually(lambda: labels_released(model), what="every label released")
         await model.consumer.flush()
-        assert model.labels.pending == followed
+        # the tokens are stored without them: they were stored first
+        assert model.labels.pending == 0
+        assert len(await stored_labels(pg_pool)) == followed
+        assert model.performance.figures("entry", "control").labels == followed
     assert len(await stored_labels(pg_pool)) == followed
+
+
+async def test_labels_released_and_committed_outlive_a_crash_before_the_round(
+    pg_pool, namespace
+):
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
+    )
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = MemoryStateStore(clock)
+
+    async def replica() -> ModelService:
+        # no round of the monitor comes before the crash
+        model = model_service(model_monitor_s=3600.0, model_refit=False, partitions=4)
+        settings = model.settings
+        await model.start(ServiceContext(
+            settings=settings, bus=await buses.bus("model"), clock=clock, store=store,
+            db=pg_pool,
+        ))
+        return model
+
+    try:
+        first = await replica()
+        publisher = await buses.bus("features/test")
+        await clock.advance_to(vectors[-1].time)
+        await publisher.publish_many(vectors)
+
+        def all_applied() -> bool:
+            counts = first.consumer_metrics.counts()
+            return counts["applied"] + counts["duplicates"] >= len(vectors)
+
+        await eventually(all_applied, what="every vector applied")
+        await first.consumer.flush()
+        followed = first.labels.pending
+        assert followed > 10
+        # past every horizon: the tokens' timers release the labels, and their states
+        # are stored without them
+        await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+        await eventually(lambda: labels_released(first), what="every label released")
+        await first.consumer.flush()
+        # kill -9: no stop, nothing more stored or published
+        for loop in first._loops:
+            loop.cancel()
+        bus = await buses.bus("model")
+        await bus.abandon(first.consumer.subscription)
+        await first.consumer.abandon()
+
+        # neither lost nor counted twice: in the store once, the rolling figures of a
+        # new process start from them, and no token holds them to release again
+        assert len(await stored_labels(pg_pool)) == followed
+        second = await replica()
+        assert second.performance.figures("entry", "control").labels == followed
+        await clock.advance(DEFAULT_CARD.label.horizon_s)
+        await second.consumer.flush()
+        assert labels_released(second)
+        assert second.resolve_labels() == 0
+        await second.stop()
+        assert len(await stored_labels(pg_pool)) == followed
+    finally:
+        await buses.teardown()
 
 
 def synthetic_labels(labels_of, *, n: int = ROWS, seed: int = 8) -> list[ResolvedLabel]:

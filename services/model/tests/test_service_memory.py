@@ -81,7 +81,9 @@ async def test_predictions_flow_from_a_simulated_market_with_the_default_model()
         assert model.processor.prepared_rows > 0  # batches were scored ahead
         # live performance: past the horizon every prediction's label is out
         await clock.advance(DEFAULT_CARD.label.horizon_s + 10.0)
-        assert model.resolve_labels() > 0
+        await model.consumer.flush()  # its commits hand the labels released out
+        model.resolve_labels()
+        assert model.labels.pending == 0
         figures = model.performance.figures("entry", "control")
         assert figures is not None and figures.labels > 0
         assert figures.versions == (DEFAULT_CARD.version,)

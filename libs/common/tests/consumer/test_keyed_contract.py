@@ -663,6 +663,61 @@ async def test_a_store_that_fails_for_a_while_is_waited_out_not_dead_lettered(pa
     assert await bus.dead_letters("keyed") == []
 
 
+class HandingProcessor(RecordingProcessor):
+    """Hands each seq applied out of the key (as the model service releases labels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed: list[int] = []
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        applied = super().apply(state, event, effects)
+        self.handed.append(event.seq)
+        return applied
+
+
+async def test_what_keys_hand_out_is_stored_before_them_and_a_refusal_holds_them(pair):
+    bus = await pair.bus()
+    announced = await watch(bus)
+    processor = HandingProcessor()
+    kept: list[int] = []
+    refusing = True
+    calls = 0
+
+    async def before_write() -> None:
+        nonlocal calls
+        calls += 1
+        if refusing:
+            raise ConnectionError("the service's own store is away")
+        kept.extend(processor.handed)
+        processor.handed.clear()
+
+    consumer = KeyedStatefulConsumer(
+        processor,
+        KeyedConsumerConfig(
+            service="keyed", patterns=("token.trade",), retry_initial_s=0.01, retry_max_s=0.02
+        ),
+        bus=bus,
+        store=pair.store,
+        clock=pair.clock,
+        source="keyed/test",
+        before_write=before_write,
+    )
+    await consumer.start()
+    pair.consumers.append(consumer)
+    mint = MINTS[6]
+    await bus.publish_many([trade(mint, s) for s in range(1, 11)])
+    await eventually(lambda: calls >= 3, what="before_write retried")
+    # the keys wait for it: not written, nothing announced
+    assert await pair.record(mint) is None
+    assert announced.of("features.updated") == []
+    refusing = False
+    await announced.wait_for(10, key=mint)
+    assert await pair.applied(mint) == list(range(1, 11))
+    assert kept == list(range(1, 11))
+    assert await bus.dead_letters("keyed") == []
+
+
 class FixableProcessor(RecordingProcessor):
     """Refuses (or fails on) the events of seq ``seq`` until fixed."""
 

@@ -14,13 +14,16 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   whose transitions go out as ``model.drift``.
 - Live performance: every prediction (shadows too) is followed to its label by a
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
-  vectors in each token's order; labels due go every second into a
+  vectors in each token's order; labels released go into a
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
-  the threshold, Brier per model and arm), exported as metrics. Labels waiting for
-  their horizon are kept in each token's keyed state, so they are stored with its
-  effects and survive a restart or a rebalance: the partition's next owner releases
-  them at their horizon, each once. Released ones are stored with the vector they
-  scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database), and the
+  the threshold, Brier per model and arm), exported as metrics every second. Labels
+  waiting for their horizon are kept in each token's keyed state, so they are stored
+  with its effects and survive a restart or a rebalance: the partition's next owner
+  releases them at their horizon, each once. Released ones are stored with the vector
+  they scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database)
+  before the tokens' states without them are (the keyed consumer's ``before_write``,
+  waited out as the states' write is): a crash leaves a label in its token's state
+  (released again by the next owner, stored once) or stored, never neither. The
   rolling figures start from the stored ones after a restart.
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
@@ -92,8 +95,6 @@ log = logging.getLogger("pumpflow.model")
 
 #: the store key of the serving all replicas follow
 SERVING_KEY = "model:serving"
-#: released labels kept for the store while it refuses them
-STORE_BACKLOG = 100_000
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -244,6 +245,7 @@ class ModelService(Service):
             prepare=self._prepare,
             on_published=self._count,
             metrics=self.consumer_metrics,
+            before_write=self._store_released if settings.model_store_labels else None,
         )
         self._publish_arms()
         await self.consumer.start()
@@ -268,7 +270,7 @@ class ModelService(Service):
             log.exception("model: %d drift events not published at the stop",
                           len(self._drift_unsent))  # fmt: skip
         with contextlib.suppress(Exception):
-            # released since the last round: their tokens are stored without them
+            # any the consumer's last commit left (it stores them before their tokens)
             self.resolve_labels()
         try:
             await self.store_labels()
@@ -506,20 +508,35 @@ class ModelService(Service):
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
             del self._drift_unsent[0]
 
-    def resolve_labels(self) -> int:
-        """Count the labels due into the rolling performance; export it; queue them for
-        the store. Returns labels."""
+    def _hand_out(self) -> int:
+        """Count the labels released since the last call into the rolling performance and
+        queue them for the store; how many."""
         resolved = self.labels.resolve_due()
-        if self.settings.model_store_labels:
-            self._to_store.extend(resolved)
+        if resolved:
+            if self.settings.model_store_labels:
+                self._to_store.extend(resolved)
+            self.performance.extend(resolved)
+        return len(resolved)
+
+    async def _store_released(self) -> None:
+        """Store the labels released so far: the keyed consumer's ``before_write``, so
+        the tokens' states that no longer hold them are written after them."""
+        self._hand_out()
+        if self._to_store:
+            await self.store_labels()
+
+    def resolve_labels(self) -> int:
+        """Count the labels released into the rolling performance and queue them for the
+        store (the next commit of the tokens stores them); export the figures. Returns
+        the labels handed out here."""
+        resolved = self._hand_out()
         performance = self.performance
-        performance.extend(resolved)
         self.metrics.performance(
             figures for key in performance.keys()
             if (figures := performance.figures(*key)) is not None
         )
         self.metrics.labels(self.labels)
-        return len(resolved)
+        return resolved
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -527,15 +544,15 @@ class ModelService(Service):
             try:
                 self.resolve_labels()
                 await self._publish_drift()
-                await self.store_labels()
             except Exception:
                 log.exception("model: drift or live performance failed; retrying")
 
     async def store_labels(self) -> int:
-        """Store the labels released since the last call; how many were new.
+        """Store the labels handed out since the last call; how many were new.
 
-        A batch the store refused is kept for the next call (at most ``STORE_BACKLOG``
-        labels: the oldest go beyond that)."""
+        A batch the store refused is kept whole for the next call: the commit waiting for
+        it holds the tokens' states that would otherwise be written without them (so
+        what waits here is at most what was waiting in those states)."""
         pending, self._to_store = self._to_store, []
         if not pending:
             return 0
@@ -545,8 +562,8 @@ class ModelService(Service):
                 names=self.manager.feature_manager.names,
             )
         except BaseException:
-            # refused, or cancelled by a stop (which stores them then)
-            self._to_store = (pending + self._to_store)[-STORE_BACKLOG:]
+            # refused, or cancelled (by a stop, which stores them then, or a crash)
+            self._to_store = pending + self._to_store
             raise
         self.metrics.labels_stored(added)
         return added

@@ -60,7 +60,7 @@ class ModelSettings(CommonSettings):
     )
     model_monitor_s: float = Field(
         1.0, gt=0,
-        description="how often drift transitions are published and labels due are counted",
+        description="how often drift transitions are published and the live figures exported",
     )
     model_store_labels: bool = Field(
         True, description="store resolved live labels (Postgres when the run has a database)"

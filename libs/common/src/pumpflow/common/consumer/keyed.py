@@ -62,7 +62,12 @@ owns the rest:
   events it applied meanwhile. Then the outboxes
   are published in per-key order, then the deliveries that caused them are acked
   (the bus acks when the handler returns). A crash in between publishes the stored
-  outbox again; consumers drop the copies by seq.
+  outbox again; consumers drop the copies by seq. What a processor hands out of its
+  keys' state to a store of the service's own (the model service's released labels)
+  is stored by ``before_write``, awaited once the commit's keys are encoded and before
+  they are written, and retried whatever the error as the write is: a crash leaves it
+  in the state or in that store, never in neither (a crash after ``before_write``
+  hands it out again from the state; that store keeps one).
 - **Ownership.** ``on_assigned`` loads the live records of the partitions (listed in
   ``<service>:partition:<p>``), re-arms their timers and publishes what their outboxes
   still hold; ``on_revoked`` stops their timers, lets their queued work finish,
@@ -366,6 +371,7 @@ class KeyedStatefulConsumer(Generic[S]):
         metrics: ConsumerMetrics | None = None,
         prepare: Callable[[Sequence[Event]], None] | None = None,
         history: HistorySource | None = None,
+        before_write: Callable[[], Awaitable[Any]] | None = None,
     ):
         self.processor = processor
         self.config = config
@@ -383,6 +389,9 @@ class KeyedStatefulConsumer(Generic[S]):
         self._prepare = prepare
         #: where a key without a record is rebuilt from (see the module)
         self._history = history
+        #: stores what the keys of a commit handed out of their state, before it writes
+        #: them (see the module)
+        self._before_write = before_write
         self._partial = frozenset(config.partial_publishers)
         self.metrics = metrics or ConsumerMetrics(config.service)
         self._backoff = Backoff(initial_s=config.retry_initial_s, max_s=config.retry_max_s)
@@ -1058,6 +1067,10 @@ class KeyedStatefulConsumer(Generic[S]):
             self._forget(bad)
             self._announce_waiters = wake(self._announce_waiters, generation, failure.error)
             raise failure.error from None
+        if self._before_write is not None:
+            # after the encoding: what the encoded states no longer hold is handed out by
+            # now
+            await self._retry(self._before_write, "storing what the keys handed out")
         await self._retry(lambda: self.store.write(batch), "storing")
         # as written, not as now: a key retired or revived while the write was under way
         # is written again by the next commit, which must know this one
