@@ -179,6 +179,10 @@ BATCH_EVENTS = 64
 BATCH_BYTES = 96 * 1024
 #: longest wait for dead letters handed back to show in their queue again
 REQUEUE_WAIT_S = 2.0
+#: longest wait for the broker to answer a consumer's cancel or its channel's close on a
+#: stop: it answers in milliseconds, and a frozen one (a stopped host, a lost network
+#: that keeps the socket open) never does, so a stop would wait for it for ever
+CANCEL_WAIT_S = 2.0
 Properties = Basic.Properties
 
 
@@ -410,9 +414,18 @@ class RabbitMQBus(EventBus):
             and not consumer.channel.is_closed
         ):
             try:
-                channel = await consumer.channel.get_underlay_channel()
-                await channel.basic_cancel(consumer.tag)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                # a frozen broker never answers, and a connection down waits for its
+                # reconnection: bounded, since the stop goes on without the answer (a
+                # cancel given up on closes its channel, whose deliveries go back)
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    channel = await consumer.channel.get_underlay_channel()
+                    await channel.basic_cancel(consumer.tag)
+            except (
+                aiormq.exceptions.AMQPError,
+                ConnectionError,
+                RuntimeError,
+                TimeoutError,
+            ) as exc:
                 log.warning("cancelling consumer of %s: %r", consumer.queue_name, exc)
             consumer.tag = None
         if consumer.worker is not None:
@@ -432,18 +445,29 @@ class RabbitMQBus(EventBus):
 
     async def close(self) -> None:
         await self.stop_consuming()
-        for consumer in self._consumers:
-            if consumer.channel is not None and not consumer.channel.is_closed:
-                await consumer.channel.close()
+        await asyncio.gather(*(self._close_channel(c) for c in self._consumers))
         self._consumers.clear()
         self._dlqs.clear()
-        for connection in self._connections():
-            await connection.close()
+        # each waits for the broker's answer up to aiormq's bound: side by side
+        await asyncio.gather(*(connection.close() for connection in self._connections()))
         self._connection = None
         self._bulk_connection = None
         self._channel = None
         self._exchange = None
         self._dlx = None
+
+    @staticmethod
+    async def _close_channel(consumer: _Consumer) -> None:
+        """Close a consumer's channel, waiting up to CANCEL_WAIT_S for the broker's answer
+        (the connection's close ends it all the same)."""
+        channel = consumer.channel
+        if channel is None or channel.is_closed:
+            return
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await channel.close()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            log.warning("closing the channel of %s: %r", consumer.queue_name, exc)
 
     def _connections(self) -> list[AbstractRobustConnection]:
         """The bus's open connections: the main one, and the bulk lanes' once opened."""
@@ -877,8 +901,7 @@ class RabbitMQBus(EventBus):
         if consumer in self._consumers:
             self._consumers.remove(consumer)
         await self._stop_consumer(consumer)
-        if consumer.channel is not None and not consumer.channel.is_closed:
-            await consumer.channel.close()
+        await self._close_channel(consumer)
 
     async def _consume(
         self,
