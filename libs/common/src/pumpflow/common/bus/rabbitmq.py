@@ -50,9 +50,9 @@ before anything new, and a key's events reach its queue in publish order. All th
 confirms a lost channel owed fail together, before any reconnection can complete, so
 every publication of that tail is held before the new channel takes a frame. The
 earliest held publication waits for nothing but the channel, so nothing deadlocks. A
-publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable)
-fails every call begun before it and not written yet, rather than let them overtake
-it; the callers publish again in order.
+publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable,
+or NACKED_ATTEMPTS nacks, each counted apart) fails every call begun before it and not
+written yet, rather than let them overtake it; the callers publish again in order.
 
 Delivery limit: a message that kills its consumer's process is redelivered (the
 broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
@@ -662,7 +662,10 @@ class RabbitMQBus(EventBus):
         if since is None:
             since = self._given_up
         ticket = next(self._tickets)
-        failures = 0
+        # counted apart, each against its own bound: nacks come while a queue restarts
+        # (seconds), failed writes while writes lose their channel; a publication
+        # nacked a while must still give up on failed writes as soon as one never nacked
+        nacks = failed_writes = 0
         try:
             while True:
                 channel = await self._writable(ticket, since)
@@ -693,9 +696,13 @@ class RabbitMQBus(EventBus):
                         | ConnectionError,
                     ):
                         raise
-                    failures += 1
-                    nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
-                    if failures == (NACKED_ATTEMPTS if nacked else PUBLISH_ATTEMPTS):
+                    if isinstance(exc, aiormq.exceptions.DeliveryError):
+                        nacks += 1
+                        failures, limit = nacks, NACKED_ATTEMPTS
+                    else:
+                        failed_writes += 1
+                        failures, limit = failed_writes, PUBLISH_ATTEMPTS
+                    if failures >= limit:
                         self._given_up += 1
                         self._held_changed.set()
                         self._held_changed.clear()
