@@ -1299,10 +1299,12 @@ class RabbitMQBus(EventBus):
 
     async def _count_attempt(self, queue: str, message_id: str) -> int:
         """Count an attempt, waiting for the journal's store while it is away."""
+        # one token for every try: a try whose reply was lost may have counted already
+        token = uuid.uuid4().hex
         delay = JOURNAL_RETRY_INITIAL_S
         while True:
             try:
-                return await self.journal.attempt(queue, message_id)
+                return await self.journal.attempt(queue, message_id, token)
             except Exception as exc:  # the store is unwell; CancelledError passes
                 log.warning("%s: counting a redelivery failed (%r); the message waits %.1f s",
                             queue, exc, delay)  # fmt: skip
