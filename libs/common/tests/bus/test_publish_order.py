@@ -145,3 +145,41 @@ async def test_a_publication_the_broker_nacks_is_written_again(namespace, amqp_u
         assert again.message_id == second.id
     finally:
         await bus.close()
+
+
+async def test_nacks_and_failed_writes_each_have_their_own_bound(namespace, amqp_url, caplog):
+    """A publication nacked a few times (its queue full), whose writes then fail (its
+    exchange gone: the broker closes the channel at each write) gives up after
+    PUBLISH_ATTEMPTS failed writes, whatever the nacks before them counted."""
+    import aiormq
+
+    from pumpflow.common.bus.rabbitmq import PERSISTENT, Properties, RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="feed/r1")
+    await bus.start()
+    try:
+        # declared apart from the bus's publishing channel, which would declare it again
+        # on reopening
+        admin = await bus._connection.channel()
+        exchange = f"{namespace}.doomed"
+        await admin.declare_exchange(exchange, durable=False)
+        queue = await admin.declare_queue(
+            f"{namespace}.full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(exchange, routing_key="k")
+        properties = Properties(delivery_mode=PERSISTENT)
+        await bus._publish_to(exchange, b"first", "k", properties)
+
+        def nacks() -> int:
+            return sum("DeliveryError" in r.getMessage() for r in caplog.records)
+
+        caplog.set_level("WARNING", logger="pumpflow.common.bus.rabbitmq")
+        publishing = asyncio.ensure_future(bus._publish_to(exchange, b"second", "k", properties))
+        await eventually(lambda: nacks() >= 3, within=10, what="three nacks")
+        await admin.exchange_delete(exchange)
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await asyncio.wait_for(publishing, 10)
+        await queue.delete(if_unused=False, if_empty=False)
+        await admin.close()
+    finally:
+        await bus.close()

@@ -133,7 +133,7 @@ class Stateful(Service):
         await ctx.store.set("started", ctx.settings.replica.encode())
         # a redelivery counted as the bus counts one: where every replica sees it
         bus = getattr(ctx.bus, "inner", ctx.bus)
-        await bus.journal.attempt("stateful.p0", "probe")
+        await bus.journal.attempt("stateful.p0", "probe", "start-1")
         await ctx.db.execute("CREATE TABLE IF NOT EXISTS marker (replica text)")
         await ctx.db.execute("INSERT INTO marker VALUES ($1)", ctx.settings.replica)
 
@@ -175,8 +175,8 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
         assert body["ready"] is True, body
         assert set(body["checks"]) == {"bus", "store", "postgres", "service"}
         assert await redis_client.get(f"{namespace}:started") == b"r1"
-        counts = [k async for k in redis_client.scan_iter(match=f"{namespace}:deliveries:*")]
-        assert [await redis_client.get(k) for k in counts] == [b"1"]
+        counts = [k async for k in redis_client.scan_iter(match=f"{namespace}:delivery-starts:*")]
+        assert [await redis_client.smembers(k) for k in counts] == [{b"start-1"}]
         stop.set()
         assert await asyncio.wait_for(runner, 60) == 0
         assert await redis_client.get(f"{namespace}:stopped") == b"1"

@@ -199,6 +199,18 @@ async def test_increment_counts_atomically_until_the_ttl_runs_out(harness):
     assert await store.increment("n", LONG_TTL) == 1
 
 
+async def test_add_member_counts_each_member_once_until_the_ttl_runs_out(harness):
+    store = harness.store
+    counts = await asyncio.gather(*(store.add_member("s", f"m{i}", SHORT_TTL) for i in range(5)))
+    assert sorted(counts) == [1, 2, 3, 4, 5]
+    assert await store.add_member("s", "m0", SHORT_TTL) == 5  # made again: counted once
+    assert await store.get("s") is None  # a set is no value
+    await harness.let_short_ttls_expire()
+    assert await store.add_member("s", "m0", LONG_TTL) == 1
+    await store.delete_many(["s"])
+    assert await store.scan_keys("s") == []
+
+
 async def test_extend_if_equal_extends_only_the_matching_value(harness):
     store = harness.store
     await store.set("k", b"mine", ttl=SHORT_TTL)

@@ -5,9 +5,14 @@ its queue next, on this host or another. Its count of attempts has to outlive th
 process that died with it and be one count for all replicas, or a message that
 crashes replica A, then B, then A again is never counted past the limit. So a
 service process counts in the shared state store (:class:`SharedDeliveryJournal`,
-Redis through ``StateStore.increment``), each count with a TTL: a count is needed
+Redis through ``StateStore.add_member``), each count with a TTL: a count is needed
 while its message goes round, and one left behind (its settle lost) expires instead
 of piling up.
+
+A count is the set of its message's starts, each named by a token of its own, not a
+number added to: a count whose reply was lost (stored, the connection gone before the
+answer) is made again with the same token and counts once. Added to, that start would
+count twice, and the message be dead-lettered one start early.
 
 A bus given no shared store (a command-line tool, a test's bus) counts in files
 under the host's temporary directory (:class:`LocalDeliveryJournal`): that outlives
@@ -29,15 +34,19 @@ from typing import Protocol
 #: how long a count outlives its last attempt: far longer than any restart between
 #: two deliveries of a message, short enough that counts whose settle was lost go
 JOURNAL_TTL_S = 24 * 3600.0
-#: the prefix of the counts' keys in the shared store
-JOURNAL_PREFIX = "deliveries:"
+#: the prefix of the counts' keys in the shared store (a set of start tokens each)
+JOURNAL_PREFIX = "delivery-starts:"
 
 
 class DeliveryJournal(Protocol):
     """How often each redelivered message was started and never settled, per queue."""
 
-    async def attempt(self, queue: str, message_id: str) -> int:
-        """Count one more start of ``message_id`` on ``queue``; return the count."""
+    async def attempt(self, queue: str, message_id: str, token: str) -> int:
+        """Count the start ``token`` of ``message_id`` on ``queue``; return the count.
+
+        ``token`` names this start alone: counting it again (its reply was lost) leaves
+        the count as it is.
+        """
         ...
 
     async def settle(self, queue: str, message_id: str) -> None:
@@ -49,10 +58,10 @@ class DeliveryJournal(Protocol):
         ...
 
 
-class CountStore(Protocol):
+class JournalStore(Protocol):
     """The part of a ``StateStore`` a shared journal uses."""
 
-    async def increment(self, key: str, ttl: float) -> int: ...
+    async def add_member(self, key: str, member: str, ttl: float) -> int: ...
 
     async def delete_many(self, keys: Iterable[str]) -> None: ...
 
@@ -74,14 +83,15 @@ def _entry(queue: str, message_id: str) -> str:
 class SharedDeliveryJournal:
     """Counts in a store every replica shares (Redis), each with a TTL."""
 
-    def __init__(self, store: CountStore, *, ttl_s: float = JOURNAL_TTL_S):
+    def __init__(self, store: JournalStore, *, ttl_s: float = JOURNAL_TTL_S):
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self.store = store
         self.ttl_s = ttl_s
 
-    async def attempt(self, queue: str, message_id: str) -> int:
-        return await self.store.increment(JOURNAL_PREFIX + _entry(queue, message_id), self.ttl_s)
+    async def attempt(self, queue: str, message_id: str, token: str) -> int:
+        key = JOURNAL_PREFIX + _entry(queue, message_id)
+        return await self.store.add_member(key, token, self.ttl_s)
 
     async def settle(self, queue: str, message_id: str) -> None:
         await self.store.delete_many([JOURNAL_PREFIX + _entry(queue, message_id)])
@@ -91,8 +101,9 @@ class SharedDeliveryJournal:
 
 
 class LocalDeliveryJournal:
-    """One small file per message under way (written and synced before its handler
-    starts, removed once it is settled): the count survives the process, on this host."""
+    """One small file per message under way, its starts' tokens a line each (written and
+    synced before its handler starts, removed once it is settled): the count survives
+    the process, on this host."""
 
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
@@ -100,20 +111,22 @@ class LocalDeliveryJournal:
     @classmethod
     def for_namespace(cls, namespace: str) -> LocalDeliveryJournal:
         """The journal under the temporary directory, one per namespace."""
-        return cls(Path(tempfile.gettempdir()) / "pumpflow-deliveries" / namespace)
+        return cls(Path(tempfile.gettempdir()) / "pumpflow-delivery-starts" / namespace)
 
     def _path(self, queue: str, message_id: str) -> Path:
         return self.directory / _entry(queue, message_id)
 
-    async def attempt(self, queue: str, message_id: str) -> int:
+    async def attempt(self, queue: str, message_id: str, token: str) -> int:
         path = self._path(queue, message_id)
         try:
-            count = int(path.read_text() or 0) + 1
-        except (FileNotFoundError, ValueError):
-            count = 1
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _write_synced(path, str(count))
-        return count
+            tokens = path.read_text().split()
+        except FileNotFoundError:
+            tokens = []
+        if token not in tokens:
+            tokens.append(token)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_synced(path, "\n".join(tokens))
+        return len(tokens)
 
     async def settle(self, queue: str, message_id: str) -> None:
         self._path(queue, message_id).unlink(missing_ok=True)

@@ -50,9 +50,9 @@ before anything new, and a key's events reach its queue in publish order. All th
 confirms a lost channel owed fail together, before any reconnection can complete, so
 every publication of that tail is held before the new channel takes a frame. The
 earliest held publication waits for nothing but the channel, so nothing deadlocks. A
-publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable)
-fails every call begun before it and not written yet, rather than let them overtake
-it; the callers publish again in order.
+publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable,
+or NACKED_ATTEMPTS nacks, each counted apart) fails every call begun before it and not
+written yet, rather than let them overtake it; the callers publish again in order.
 
 Delivery limit: a message that kills its consumer's process is redelivered (the
 broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
@@ -179,6 +179,10 @@ BATCH_EVENTS = 64
 BATCH_BYTES = 96 * 1024
 #: longest wait for dead letters handed back to show in their queue again
 REQUEUE_WAIT_S = 2.0
+#: longest wait for the broker to answer a consumer's cancel or its channel's close on a
+#: stop: it answers in milliseconds, and a frozen one (a stopped host, a lost network
+#: that keeps the socket open) never does, so a stop would wait for it for ever
+CANCEL_WAIT_S = 2.0
 Properties = Basic.Properties
 
 
@@ -410,9 +414,18 @@ class RabbitMQBus(EventBus):
             and not consumer.channel.is_closed
         ):
             try:
-                channel = await consumer.channel.get_underlay_channel()
-                await channel.basic_cancel(consumer.tag)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                # a frozen broker never answers, and a connection down waits for its
+                # reconnection: bounded, since the stop goes on without the answer (a
+                # cancel given up on closes its channel, whose deliveries go back)
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    channel = await consumer.channel.get_underlay_channel()
+                    await channel.basic_cancel(consumer.tag)
+            except (
+                aiormq.exceptions.AMQPError,
+                ConnectionError,
+                RuntimeError,
+                TimeoutError,
+            ) as exc:
                 log.warning("cancelling consumer of %s: %r", consumer.queue_name, exc)
             consumer.tag = None
         if consumer.worker is not None:
@@ -432,18 +445,29 @@ class RabbitMQBus(EventBus):
 
     async def close(self) -> None:
         await self.stop_consuming()
-        for consumer in self._consumers:
-            if consumer.channel is not None and not consumer.channel.is_closed:
-                await consumer.channel.close()
+        await asyncio.gather(*(self._close_channel(c) for c in self._consumers))
         self._consumers.clear()
         self._dlqs.clear()
-        for connection in self._connections():
-            await connection.close()
+        # each waits for the broker's answer up to aiormq's bound: side by side
+        await asyncio.gather(*(connection.close() for connection in self._connections()))
         self._connection = None
         self._bulk_connection = None
         self._channel = None
         self._exchange = None
         self._dlx = None
+
+    @staticmethod
+    async def _close_channel(consumer: _Consumer) -> None:
+        """Close a consumer's channel, waiting up to CANCEL_WAIT_S for the broker's answer
+        (the connection's close ends it all the same)."""
+        channel = consumer.channel
+        if channel is None or channel.is_closed:
+            return
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await channel.close()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            log.warning("closing the channel of %s: %r", consumer.queue_name, exc)
 
     def _connections(self) -> list[AbstractRobustConnection]:
         """The bus's open connections: the main one, and the bulk lanes' once opened."""
@@ -638,7 +662,10 @@ class RabbitMQBus(EventBus):
         if since is None:
             since = self._given_up
         ticket = next(self._tickets)
-        failures = 0
+        # counted apart, each against its own bound: nacks come while a queue restarts
+        # (seconds), failed writes while writes lose their channel; a publication
+        # nacked a while must still give up on failed writes as soon as one never nacked
+        nacks = failed_writes = 0
         try:
             while True:
                 channel = await self._writable(ticket, since)
@@ -669,9 +696,13 @@ class RabbitMQBus(EventBus):
                         | ConnectionError,
                     ):
                         raise
-                    failures += 1
-                    nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
-                    if failures == (NACKED_ATTEMPTS if nacked else PUBLISH_ATTEMPTS):
+                    if isinstance(exc, aiormq.exceptions.DeliveryError):
+                        nacks += 1
+                        failures, limit = nacks, NACKED_ATTEMPTS
+                    else:
+                        failed_writes += 1
+                        failures, limit = failed_writes, PUBLISH_ATTEMPTS
+                    if failures >= limit:
                         self._given_up += 1
                         self._held_changed.set()
                         self._held_changed.clear()
@@ -877,8 +908,7 @@ class RabbitMQBus(EventBus):
         if consumer in self._consumers:
             self._consumers.remove(consumer)
         await self._stop_consumer(consumer)
-        if consumer.channel is not None and not consumer.channel.is_closed:
-            await consumer.channel.close()
+        await self._close_channel(consumer)
 
     async def _consume(
         self,
@@ -1269,10 +1299,12 @@ class RabbitMQBus(EventBus):
 
     async def _count_attempt(self, queue: str, message_id: str) -> int:
         """Count an attempt, waiting for the journal's store while it is away."""
+        # one token for every try: a try whose reply was lost may have counted already
+        token = uuid.uuid4().hex
         delay = JOURNAL_RETRY_INITIAL_S
         while True:
             try:
-                return await self.journal.attempt(queue, message_id)
+                return await self.journal.attempt(queue, message_id, token)
             except Exception as exc:  # the store is unwell; CancelledError passes
                 log.warning("%s: counting a redelivery failed (%r); the message waits %.1f s",
                             queue, exc, delay)  # fmt: skip

@@ -94,6 +94,15 @@ class StateStore(ABC):
         return the new count."""
 
     @abstractmethod
+    async def add_member(self, key: str, member: str, ttl: float) -> int:
+        """Atomically add ``member`` to the set at ``key`` (empty when missing) and give
+        it ``ttl``; return how many members it holds.
+
+        A member the set holds already changes nothing but the TTL, so a call made again
+        after its reply was lost (done by the store, never answered) counts once.
+        """
+
+    @abstractmethod
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         """Atomically reset the TTL of ``key`` if it still holds ``value``; True when done."""
 

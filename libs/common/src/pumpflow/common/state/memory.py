@@ -20,7 +20,7 @@ def _as_bytes(value: HashValue) -> bytes:
 class MemoryStateStore(StateStore):
     def __init__(self, clock: Clock | None = None):
         self._clock = clock or WallClock()
-        self._values: dict[str, bytes | dict[str, HashValue]] = {}
+        self._values: dict[str, bytes | dict[str, HashValue] | set[str]] = {}
         self._expiry: dict[str, float] = {}
         #: (deadline, key) of every TTL set; entries whose key got a new TTL are stale
         self._deadlines: list[tuple[float, str]] = []
@@ -148,6 +148,15 @@ class MemoryStateStore(StateStore):
         self._values[key] = str(count).encode()
         self._set_ttl(key, ttl)
         return count
+
+    async def add_member(self, key: str, member: str, ttl: float) -> int:
+        self._purge()
+        current = self._values.get(key) if self._alive(key) else None
+        if not isinstance(current, set):
+            current = self._values[key] = set()
+        current.add(member)
+        self._set_ttl(key, ttl)
+        return len(current)
 
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         if not self._alive(key) or self._values[key] != value:

@@ -204,6 +204,15 @@ class RedisStateStore(StateStore):
             count, _ = await pipe.execute()
         return int(count)
 
+    async def add_member(self, key: str, member: str, ttl: float) -> int:
+        full = self._key(key)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.sadd(full, member)
+            pipe.pexpire(full, _ttl_ms(ttl))
+            pipe.scard(full)
+            _, _, count = await pipe.execute()
+        return int(count)
+
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         done = await self._extend_if_equal(keys=[self._key(key)], args=[bytes(value), _ttl_ms(ttl)])
         return bool(done)

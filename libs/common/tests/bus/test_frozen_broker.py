@@ -1,0 +1,66 @@
+"""A RabbitMQ bus closes within a bound while its broker is frozen.
+
+A frozen broker (a stopped host, a network lost with the sockets still open) takes
+frames and answers none. The bus reaches the broker through a proxy of the test's own
+that stops forwarding, so the machine's broker stays untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import pytest
+
+from pumpflow.common.bus import Subscription
+from pumpflow.common.events import Event
+from pumpflow.common.testing import eventually
+from pumpflow.common.testing.proxy import TcpProxy
+
+from .test_publish_order import trade_event
+
+pytestmark = pytest.mark.rabbitmq
+
+#: inside the runner's bound for a close step (10 s): the cancels and the channels'
+#: closes (CANCEL_WAIT_S each), then the connections' closes side by side, each
+#: bounded by the client (about 2 s)
+CLOSE_WITHIN_S = 8.0
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """``url`` with the proxy's port for the broker's."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    return parts._replace(netloc=f"{netloc}:{proxy.port}").geturl()
+
+
+async def test_close_returns_within_its_bound_while_the_broker_is_frozen(namespace, amqp_url):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    service = f"svc_{namespace}"
+    handled: list[Event] = []
+
+    async def record(event: Event) -> None:
+        handled.append(event)
+
+    async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
+        bus = RabbitMQBus(
+            url=through(proxy, amqp_url), namespace=namespace, partitions=2, source="feed/r1"
+        )
+        await bus.start()
+        try:
+            # both connections: the partitions' (bulk) and the critical lane's (main)
+            patterns = ("token.*", "exit.*")
+            await bus.declare(service, patterns)
+            await bus.subscribe(Subscription(service=service, patterns=patterns, handler=record))
+            await bus.publish(trade_event("mintF", 1))
+            await eventually(lambda: handled, what="the event handled")
+            proxy.freeze()
+            await asyncio.wait_for(bus.close(), CLOSE_WITHIN_S)
+            assert not bus._connections()
+        finally:
+            proxy.thaw()
+            await bus.close()
+    cleanup = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="cleanup/1")
+    await cleanup.delete_topology(services=[service])
+    await cleanup.close()
