@@ -391,3 +391,49 @@ async def test_a_position_handed_over_mid_exit_gets_no_more_tranches_and_no_repo
     # the position comes back in the book: this manager does not queue it again
     h.manager.begin_graceful_exit("handed over")
     assert moving.mint not in h.manager.planner.exits
+
+
+async def test_tranches_without_an_outcome_are_not_offered_again_and_reported_unconfirmed(
+    harness,
+):
+    h = await harness()
+    lost = h.open("MintLost", 2.0, curve_sol=5.0)
+    sold = h.open("MintSold", 2.0, curve_sol=5.0)
+    held = lost.tokens
+    execute = h.executor.execute_exit
+    asked: list[ExitOrder] = []
+
+    async def outcomes_of_one_mint_lost(order: ExitOrder):
+        if order.mint != lost.mint:
+            return await execute(order)
+        asked.append(order)
+        if len(asked) == 1:
+            # the first tranche is refused: its tokens go back to sell
+            return OrderRejected(order_id=order.order_id, mint=order.mint, reason="slippage")
+        return None  # no outcome came: the sale may have gone through
+
+    h.executor.execute_exit = outcomes_of_one_mint_lost
+    h.manager.begin_graceful_exit("outcomes lost")
+    summary = await h.manager.run()
+
+    # what the tranches without an outcome asked for never adds up to more than the
+    # position held: none is asked for again under a new order id
+    unanswered = asked[1:]
+    assert len(unanswered) >= 2
+    assert len({o.order_id for o in asked}) == len(asked)
+    assert sum(o.token_amount for o in unanswered) == pytest.approx(held, rel=1e-9)
+    assert sold.mint not in h.book.open_positions
+    lines = {line.mint: line for line in summary.lines}
+    assert lines[sold.mint].completed and lines[sold.mint].unconfirmed_tranches == 0
+    # the exit waited for their outcomes to the deadline, then said what is unknown
+    assert summary.finished_at == h.manager.planner.deadline
+    line = lines[lost.mint]
+    assert not line.completed and line.tranches == 0 and line.tokens_sold == 0
+    assert line.unconfirmed_tranches == len(unanswered)
+    assert line.unconfirmed_tokens == pytest.approx(held, rel=1e-9)
+    assert summary.unconfirmed == (line,) and summary.positions_left == 1
+    assert f"UNCONFIRMED: {len(unanswered)} tranches of 1 positions got no outcome" in (
+        summary.text()
+    )
+    progress = h.manager.monitor_exit_progress()
+    assert progress.unconfirmed_tranches == len(unanswered) and progress.sold_out == 1

@@ -202,7 +202,7 @@ async def test_a_tranche_given_up_for_lost_that_fills_late_counts_and_nothing_is
     tokens = TokenEvents(clock)
     ledger, records = MemoryLedger(), MemoryExitStore()
     # every tranche outlives its wait (fills come only as the replay clock moves): each
-    # is given up and retried, and its fill lands late
+    # is given up, its tokens not offered again, and its fill lands late
     trader = trading(ledger)
     exits = exit_service(records, exit_order_timeout_s=1e-6)
     async with embedded(clock, trader, exits) as (system, watch):
@@ -224,6 +224,49 @@ async def test_a_tranche_given_up_for_lost_that_fills_late_counts_and_nothing_is
         summary = exits.summary
         assert summary.positions_left == 0
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+
+
+async def test_a_tranche_without_an_outcome_on_a_clock_that_stands_still_is_not_asked_again():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    # the replay clock stands still from the shutdown on: trading's fills, which follow
+    # it, do not come, nor does the deadline; a tranche refused is tried again at once
+    trader = trading(ledger)
+    exits = exit_service(records, exit_order_timeout_s=0.05, exit_min_tranche_interval_s=0.0)
+    async with embedded(clock, trader, exits) as (system, watch):
+        [event] = await _opened(system, clock, tokens, watch, 1)
+        held = event.data.token_amount
+        stopped_at = clock.now()
+        shutdown = SystemShutdown(reason="outcomes lost")
+        await system.bus.publish(make_event(shutdown, source="test", time=stopped_at))
+
+        def given_up() -> bool:
+            progress = exits.progress().get("progress", {})
+            return progress.get("unconfirmed_tokens", 0.0) >= held * (1 - 1e-9)
+
+        await eventually(
+            given_up,
+            20.0,
+            what="the tranche given up for lost, its tokens unconfirmed",
+            details=lambda: f"{len(watch.payloads('exit.order'))} tranches asked",
+        )
+        assert clock.now() == stopped_at
+        [order] = watch.payloads("exit.order")
+        assert order.token_amount == pytest.approx(held, rel=1e-9)
+        assert not exits.finished.is_set()
+
+        # the clock moves on: the tranche fills, late, and ends the exit
+        await advancing(clock, exits.finished.is_set, what="the graceful exit finished")
+        assert trader.book.open_count == 0
+        [order] = watch.payloads("exit.order")
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        assert [f.order_id for f in sells] == [order.order_id]
+        assert sells[0].token_amount == pytest.approx(held, rel=1e-9)
+        [line] = exits.summary.lines
+        assert line.completed and line.unconfirmed_tranches == 0
+        assert exits.summary.sol_recovered == pytest.approx(sells[0].sol_amount)
+        assert "UNCONFIRMED" not in exits.summary.text()
 
 
 async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position_sold():

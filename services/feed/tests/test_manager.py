@@ -13,10 +13,12 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.consumer import ConsumerMetrics, KeyedConsumerConfig, KeyedStatefulConsumer
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
+from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import base58_key
+from pumpflow.common.testing import AppliedSeqs, base58_key
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
@@ -346,6 +348,77 @@ async def test_numbering_holds_the_mints_of_the_window_only_and_never_reuses_a_s
     assert [(e.key, e.seq) for e in got if e.renumbered] == [
         (mints[n - 100], per_mint[mints[n - 100]][3]) for n in range(100, 400, 10)
     ]
+    await bus.close()
+
+
+async def seqs_consumer(bus: InMemoryBus) -> KeyedStatefulConsumer:
+    """A keyed consumer of the trades on ``bus`` that keeps the seqs each mint applied."""
+    clock = ReplayClock(0.0)
+    consumer = KeyedStatefulConsumer(
+        AppliedSeqs(),
+        KeyedConsumerConfig(service="seqs", patterns=("token.trade",)),
+        bus=bus,
+        store=MemoryStateStore(clock),
+        clock=clock,
+        source="seqs/test",
+        metrics=ConsumerMetrics("seqs", registry=CollectorRegistry()),
+    )
+    await consumer.start()
+    return consumer
+
+
+@pytest.mark.postgres
+async def test_a_renumbered_event_keeps_its_mark_republished_or_replayed_from_the_store(
+    pg_pool, metrics
+):
+    """The first event of a mint's fresh numbering, stored and read back, still says so:
+    a consumer takes its jump for no gap."""
+    store = TokenEventStore(pg_pool)
+    await store.outbox_position("feed")  # the service existed before the crash
+    marks = [(1, False), (2, False), (40, True), (41, False)]
+    frames = [trade(A, i) for i in range(len(marks))]
+    events = [
+        make_event(decode_frame(frame), source="feed/old", time=10.0 + i, seq=seq,
+                   received_at=10.0 + i, renumbered=renumbered)
+        for i, (frame, (seq, renumbered)) in enumerate(zip(frames, marks, strict=True))
+    ]  # fmt: skip
+    # stored, never published: the feed crashed before its outbox moved
+    assert await store.write(events, frames) == len(events)
+
+    bus, got = await collecting_bus()
+    consumer = await seqs_consumer(bus)
+    restarted = Recorder(store, publisher=bus, config=RecorderConfig(outbox="feed"),
+                         metrics=metrics)  # fmt: skip
+    assert await restarted.recover() == len(events)
+    await bus.drain()
+    assert [(e.seq, e.renumbered) for e in got] == marks
+    await consumer.flush()
+    assert consumer.state(A) == [1, 2, 40, 41]
+    assert consumer.metrics.counts()["gaps"] == 0
+    await consumer.stop()
+    await bus.close()
+
+    replayed: list[Event] = []
+
+    async def capture(record: FeedRecord) -> None:
+        replayed.append(record.event)
+
+    db_feed = DatabaseDataFeed(store, clock=ReplayClock())
+    db_feed.register_callback(ALL_EVENTS, capture)
+    assert await db_feed.run() == len(events)
+    assert replayed == events
+    # the look-back's older events, and what a consumer rebuilds a lost record from
+    older = await db_feed.get_historical_data(A, None, None)
+    assert [(e.seq, e.renumbered) for e in older] == marks
+    assert [(e.seq, e.renumbered) for e in await store.history(A, "feed", 100)] == marks
+    bus, _ = await collecting_bus()
+    consumer = await seqs_consumer(bus)
+    await bus.publish_many(replayed)
+    await bus.drain()
+    await consumer.flush()
+    assert consumer.state(A) == [1, 2, 40, 41]
+    assert consumer.metrics.counts()["gaps"] == 0
+    await consumer.stop()
     await bus.close()
 
 

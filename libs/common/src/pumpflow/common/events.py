@@ -399,6 +399,10 @@ class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     fee_sol: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    #: tranches sent that got no outcome, and the tokens they asked for: these may
+    #: have sold (not counted in ``tokens_sold``)
+    unconfirmed_tranches: int = 0
+    unconfirmed_tokens: float = 0.0
 
 
 class ExitReport(Payload, frozen=True, kw_only=True, omit_defaults=True):

@@ -181,7 +181,8 @@ class ExitOrderRecord:
 
 def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[str, int]]:
     """A graceful exit's records as far as its stored tranches got, and the tranches
-    each position id has sent (its numbers are taken)."""
+    each position id has sent (its numbers are taken). A tranche still without an
+    outcome is unconfirmed: it may have sold, so its tokens are not offered again."""
     by_mint: dict[str, list[ExitOrderRecord]] = defaultdict(list)
     sent: dict[str, int] = {}
     for order in sorted(orders, key=lambda o: (o.sent_at, o.number)):
@@ -198,6 +199,7 @@ def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[
             tokens_at_start=max(o.tokens_at_start for o in mine),
             mark_price=first.mark_price,
             started_at=first.started_at,
+            unconfirmed={o.order_id: o.token_amount for o in mine if o.state == "sent"},
         )
         for order in mine:
             fill = order.fill()

@@ -482,9 +482,10 @@ class ExitService(Service):
             if not self._owns(mint) and not waiting.done():
                 waiting.set_result(_moved(order_id, mint))
 
-    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected:
-        """Send one tranche of the graceful exit: stored, published, its outcome awaited;
-        none once its partition has moved (the new owner sells the position)."""
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected | None:
+        """Send one tranche of the graceful exit: stored, published, its outcome awaited
+        (None if it does not come within ``exit_order_timeout_s``); none once its
+        partition has moved (the new owner sells the position)."""
         ctx = self._ctx
         now = ctx.clock.now()
         if not self._owns(order.mint):
@@ -519,13 +520,7 @@ class ExitService(Service):
             self.metrics.ordered(order.reason)
             return await asyncio.wait_for(outcome, self.settings.exit_order_timeout_s)
         except TimeoutError:
-            return OrderRejected(
-                order_id=order.order_id,
-                mint=order.mint,
-                reason="no outcome in time",
-                side="sell",
-                position_id=order.position_id,
-            )
+            return None
         finally:
             self._waiting.pop(order.order_id, None)
 
@@ -557,9 +552,9 @@ class ExitService(Service):
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
-                elif first and isinstance(outcome, OrderFilled) and self.manager is not None:
-                    # given up for lost (exit_order_timeout_s) and retried: it sold all the same
-                    await self.manager.on_late_fill(outcome)
+                elif first and self.manager is not None:
+                    # given up for lost (exit_order_timeout_s): its tokens were held back
+                    await self.manager.on_late_outcome(outcome)
                 return
             if sale is not None:
                 if self.manager is not None:

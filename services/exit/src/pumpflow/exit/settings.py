@@ -59,8 +59,8 @@ class ExitSettings(CommonSettings):
     exit_order_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="wall seconds a tranche waits for its fill before it is retried "
-        "(a fill that comes later still counts)",
+        description="wall seconds a tranche waits for its outcome; then its tokens are "
+        "unconfirmed, not offered again (an outcome that comes later still counts)",
     )
     exit_run_poll_s: float = Field(
         1.0, gt=0, description="how often a replica looks for a graceful exit begun elsewhere"

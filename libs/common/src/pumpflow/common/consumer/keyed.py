@@ -85,8 +85,8 @@ owns the rest:
   from above it. A key new to the stream starts at 1 whatever the floor. The first
   event of such a numbering (after a rebuild too) is marked ``renumbered``, and a
   consumer takes its jump for no gap and, holding nothing of the publisher, for no
-  unrecorded start (a copy that lost the mark, such as the feed's stored events
-  published again, counts one as before).
+  unrecorded start (the feed's stored events keep the mark, published again or
+  replayed).
 - **Renumbered.** An event marked ``renumbered`` (the feed's Sequencer marks a mint's
   return above its floor the same way) skips no seq of its publisher: nothing between
   is kept ``missing``, no gap or unrecorded start is counted. A key without a record is

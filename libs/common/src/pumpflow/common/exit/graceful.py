@@ -3,15 +3,22 @@
 Collaborators come by injection: the event bus (anything with ``publish``), the
 position manager (its ``open_positions`` by mint) and the trade executor (an
 ``execute_exit`` of one tranche's :class:`~pumpflow.common.events.ExitOrder`,
-answering its fill or its refusal). The plan is :class:`~.planner.ExitPlanner`'s;
-this class runs it on the injected clock and publishes an ``exit.report`` per
-position as it is sold out and a summary (``graceful``) at the end (unless the caller
-sums the exits of several managers itself: ``publish_summary=False``; ``on_exited`` is
-told each position sold out).
+answering its fill, its refusal, or None: no outcome came). The plan is
+:class:`~.planner.ExitPlanner`'s; this class runs it on the injected clock and
+publishes an ``exit.report`` per position as it is sold out and a summary
+(``graceful``) at the end (unless the caller sums the exits of several managers
+itself: ``publish_summary=False``; ``on_exited`` is told each position sold out).
 
 A rule's sale ordered before the exit began holds its tokens back (the position's
 ``pending_tokens``): the position is not sold out until that sale settles, and if it
 is refused, the exit sells its tokens too (:meth:`GracefulExitManager.on_rule_outcome`).
+
+A tranche without an outcome may have sold: its tokens are unconfirmed, never offered
+again (a new order could sell them twice), while the position's other tokens go on
+selling. Its outcome, should it come later, settles them
+(:meth:`GracefulExitManager.on_late_outcome`): a fill counts, a refusal gives them back
+to sell. The exit waits for it to the deadline at most; each position's report says
+what is still unconfirmed then.
 
 A position another seller takes over (its partition moved to another replica) leaves
 this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
@@ -20,6 +27,7 @@ this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no repor
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +54,8 @@ from pumpflow.common.exit.planner import (
 )
 from pumpflow.common.exit.report import ExitRecord, GracefulExitSummary
 
+log = logging.getLogger(__name__)
+
 
 class Publisher(Protocol):
     async def publish(self, event: Event) -> None: ...
@@ -59,9 +69,10 @@ class OpenPositions(Protocol):
 
 
 class ExitExecutor(Protocol):
-    """Sells one tranche and waits: answers the fill, or the refusal with its reason."""
+    """Sells one tranche and waits: answers the fill, the refusal with its reason, or
+    None when no outcome came in time (the sale may have gone through)."""
 
-    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected: ...
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected | None: ...
 
 
 WaitUntil = Callable[[float], Awaitable[None]]
@@ -77,6 +88,9 @@ class ExitProgress:
     positions: int
     sold_out: int
     in_flight: int
+    #: tranches given up for lost whose outcome has not come, and their tokens
+    unconfirmed_tranches: int
+    unconfirmed_tokens: float
     tranches: int
     tokens_at_start: float
     tokens_left: float
@@ -177,6 +191,12 @@ class GracefulExitManager:
                     mark_price=queued.mark_price,
                     started_at=now,
                 )
+            elif queued is not None:
+                # a resumed exit's tranches still without an outcome are not offered again
+                unanswered = self.records[queued.mint].unconfirmed
+                self.planner.hold_unconfirmed(
+                    queued.mint, sum(unanswered.values()), len(unanswered)
+                )
         self.prioritize_exits()
         return len(self.planner.exits)
 
@@ -236,8 +256,9 @@ class GracefulExitManager:
                 continue
             deadline = self.planner.deadline
             when = self.planner.next_ready_at()
-            if when is None and self.planner.awaiting_rules and deadline is not None:
-                # a rule's sale may yet be refused and give its tokens back to sell
+            if when is None and self.planner.awaiting_outcomes and deadline is not None:
+                # a rule's sale, or a tranche given up for lost, may yet be refused and
+                # give its tokens back to sell
                 when = deadline if now < deadline else None
             if when is None or (deadline is not None and when > deadline):
                 break
@@ -271,16 +292,22 @@ class GracefulExitManager:
         await self._close_if_sold_out(mint)
         await self._finish_if_done()
 
-    async def on_late_fill(self, fill: OrderFilled) -> None:
-        """A tranche's fill that came after the executor gave the tranche up (answered
-        its refusal for want of an outcome): counted, so what is left is not sold twice."""
-        record = self.records.get(fill.mint)
+    async def on_late_outcome(self, outcome: OrderFilled | OrderRejected) -> None:
+        """The outcome of a tranche the executor gave up (answered None) came: a fill
+        counts, a refusal gives its tokens back to sell."""
+        record = self.records.get(outcome.mint)
         if record is None or self.summary is not None:
             return
-        now = self.clock.now()
-        self.planner.record_late_fill(fill.mint, fill.token_amount)
-        record.add_fill(fill, now)
-        await self._close_if_sold_out(fill.mint)
+        asked = record.unconfirmed.pop(outcome.order_id, None)
+        if asked is None:
+            return
+        filled = isinstance(outcome, OrderFilled)
+        sold = outcome.token_amount if filled else None
+        self.planner.record_late_outcome(outcome.mint, asked, sold)
+        if filled:
+            record.add_fill(outcome, self.clock.now())
+        self._changed.set()
+        await self._close_if_sold_out(outcome.mint)
         await self._finish_if_done()
 
     def calculate_optimal_exit_price(self, token_id: str) -> float | None:
@@ -297,6 +324,8 @@ class GracefulExitManager:
             positions=len(self.planner.exits),
             sold_out=sum(1 for q in exits if q.done),
             in_flight=sum(1 for q in exits if q.in_flight),
+            unconfirmed_tranches=sum(q.tranches_lost for q in exits),
+            unconfirmed_tokens=sum(q.unconfirmed for q in exits),
             tranches=sum(q.tranches_filled for q in exits),
             tokens_at_start=sum(q.tokens_at_start for q in exits),
             tokens_left=sum(q.tokens_left for q in exits),
@@ -313,7 +342,13 @@ class GracefulExitManager:
             return
         now = self.clock.now()
         record = self.records[tranche.mint]
-        if isinstance(outcome, OrderFilled):
+        if outcome is None:
+            queued = self.planner.record_lost(tranche, now)
+            record.unconfirmed[tranche.order_id] = tranche.token_amount
+            log.warning("exit: no outcome of %s: its %.6g tokens unconfirmed, %.6g left to "
+                        "offer", tranche.order_id, tranche.token_amount,
+                        queued.free)  # fmt: skip
+        elif isinstance(outcome, OrderFilled):
             self.planner.record_fill(tranche, outcome.token_amount, now)
             record.add_fill(outcome, now)
             if tranche.rule == DEADLINE:

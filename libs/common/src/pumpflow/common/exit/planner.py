@@ -26,9 +26,12 @@ order. The plan's view of a curve moves by its own sales
 (:func:`pumpflow.common.curve.quote_sell`) until the market reports the curve again;
 every report re-scores the queue. A token waits ``min_tranche_interval_s`` between
 its tranches, so the market's buyers come in between them, and other tokens sell
-meanwhile. From ``deadline - final_sweep_s`` on,
-each position left is sold whole (rule ``deadline``), so the last orders land before
-the deadline.
+meanwhile. A tranche whose outcome never came may have sold: its tokens are
+*unconfirmed*, never offered again (a new order for them could sell them twice), and
+the position is not sold out until that outcome comes (a fill sells them, a refusal
+gives them back to sell) or the deadline ends the exit with them unconfirmed. From
+``deadline - final_sweep_s`` on, each position left is sold whole (rule ``deadline``),
+so the last orders land before the deadline.
 
 Defaults:
 
@@ -161,6 +164,11 @@ class QueuedExit:
     #: tokens a rule's sale ordered before the exit began is still selling: not the
     #: exit's to sell, yet the position is not flat until that sale settles
     reserved: float = 0.0
+    #: tokens of tranches whose outcome never came (they may have sold): not offered
+    #: again, and the position is not flat until those outcomes come
+    unconfirmed: float = 0.0
+    #: how many such tranches
+    tranches_lost: int = 0
     score: Score | None = None
 
     @property
@@ -168,8 +176,14 @@ class QueuedExit:
         return self.tokens_left <= 0.0 and self.reserved <= 0.0
 
     @property
+    def free(self) -> float:
+        """Tokens the exit may still offer: held, and in no tranche awaiting an outcome."""
+        free = self.tokens_left - self.unconfirmed
+        return free if free > self.tokens_at_start * 1e-9 else 0.0
+
+    @property
     def sellable(self) -> bool:
-        return self.tokens_left > 0.0
+        return self.free > 0.0
 
     @property
     def price(self) -> float | None:
@@ -377,17 +391,18 @@ class ExitPlanner:
 
     def tranche_size(self, queued: QueuedExit) -> float:
         """Tokens of the next tranche: what is left in equal parts under the impact limit."""
+        free = queued.free
         if queued.state is None:
-            return queued.tokens_left
+            return free
         cap = sell_for_impact(queued.state, self.config.max_tranche_impact)
-        if queued.tokens_left <= cap:
-            return queued.tokens_left
+        if free <= cap:
+            return free
         # equal parts rather than full tranches and a crumb: no dust order at the end
-        return queued.tokens_left / math.ceil(queued.tokens_left / cap)
+        return free / math.ceil(free / cap)
 
     def _tranche(self, queued: QueuedExit, sweep: bool) -> PlannedTranche:
         c = self.config
-        tokens = queued.tokens_left if sweep else self.tranche_size(queued)
+        tokens = queued.free if sweep else self.tranche_size(queued)
         quote = quote_sell(queued.state, tokens) if queued.state is not None else None
         queued.tranches_sent += 1
         queued.in_flight = True
@@ -415,13 +430,41 @@ class ExitPlanner:
         queued.ready_at = time + self.config.min_tranche_interval_s
         return queued
 
-    def record_late_fill(self, mint: str, tokens_sold: float) -> QueuedExit | None:
-        """A tranche given up for lost (no outcome in time, refused and retried since)
-        filled after all: what it sold is no longer held."""
-        queued = self.exits.get(mint)
-        if queued is not None and not queued.done:
-            self._sold(queued, tokens_sold)
+    def record_lost(self, tranche: PlannedTranche, time: float) -> QueuedExit:
+        """No outcome of a tranche came: its tokens are unconfirmed (never offered again)
+        until it comes; the position's other tokens go on selling."""
+        queued = self.exits[tranche.mint]
+        queued.in_flight = False
+        queued.unconfirmed += min(tranche.token_amount, queued.free)
+        queued.tranches_lost += 1
+        queued.ready_at = time + self.config.min_tranche_interval_s
+        self._dirty = True
         return queued
+
+    def record_late_outcome(
+        self, mint: str, asked: float, tokens_sold: float | None
+    ) -> QueuedExit | None:
+        """The outcome of a tranche of ``asked`` tokens given up for lost came: filled
+        (``tokens_sold``), they are no longer held; refused (None), they may be offered
+        again."""
+        queued = self.exits.get(mint)
+        if queued is None:
+            return None
+        queued.unconfirmed = max(0.0, queued.unconfirmed - asked)
+        queued.tranches_lost = max(0, queued.tranches_lost - 1)
+        if tokens_sold is not None and not queued.done:
+            self._sold(queued, tokens_sold)
+        self._dirty = True
+        return queued
+
+    def hold_unconfirmed(self, mint: str, tokens: float, tranches: int) -> None:
+        """``mint``'s exit has ``tranches`` of ``tokens`` sent before and still without an
+        outcome (a resumed exit's): not offered again."""
+        queued = self.exits.get(mint)
+        if queued is not None and tranches > queued.tranches_lost:
+            queued.unconfirmed = min(tokens, queued.tokens_left)
+            queued.tranches_lost = tranches
+            self._dirty = True
 
     def _sold(self, queued: QueuedExit, tokens_sold: float) -> None:
         queued.tranches_filled += 1
@@ -483,9 +526,10 @@ class ExitPlanner:
         return all(q.done for q in self.exits.values())
 
     @property
-    def awaiting_rules(self) -> bool:
-        """Whether a rule's sale still holds tokens some exit may have to sell."""
-        return any(q.reserved > 0 for q in self.exits.values())
+    def awaiting_outcomes(self) -> bool:
+        """Whether a rule's sale, or a tranche given up for lost, still holds tokens
+        whose outcome may end an exit or give them back to sell."""
+        return any(q.reserved > 0 or q.unconfirmed > 0 for q in self.exits.values())
 
     def expected_exit_price(self, mint: str) -> float | None:
         """Average price (before fees) the next tranche of ``mint`` would get now.

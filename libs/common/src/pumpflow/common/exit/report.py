@@ -35,6 +35,9 @@ class ExitRecord:
     started_at: float
     fills: list[TrancheFill] = field(default_factory=list)
     finished_at: float | None = None
+    #: tranches sent whose outcome never came (order id -> tokens asked): they may
+    #: have sold
+    unconfirmed: dict[str, float] = field(default_factory=dict)
 
     def add_fill(self, fill: OrderFilled, time: float) -> TrancheFill:
         tranche = TrancheFill(
@@ -106,6 +109,8 @@ class ExitRecord:
             fee_sol=self.fee_sol,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            unconfirmed_tranches=len(self.unconfirmed),
+            unconfirmed_tokens=sum(self.unconfirmed.values()),
         )
 
     def report(self) -> ExitReport:
@@ -143,6 +148,11 @@ class GracefulExitSummary:
     @property
     def tranches(self) -> int:
         return sum(line.tranches for line in self.lines)
+
+    @property
+    def unconfirmed(self) -> tuple[ExitLine, ...]:
+        """Positions with tranches whose outcome never came (their tokens may have sold)."""
+        return tuple(line for line in self.lines if line.unconfirmed_tranches)
 
     @property
     def sol_recovered(self) -> float:
@@ -199,11 +209,21 @@ class GracefulExitSummary:
             f"SOL recovered {self.sol_recovered:.4f} against {self.mark_value_sol:.4f} at the "
             f"marks; worst slippage {'-' if worst is None else f'{worst:.2%}'}",
         ]
+        unconfirmed = self.unconfirmed
+        if unconfirmed:
+            lines.append(
+                f"UNCONFIRMED: {sum(line.unconfirmed_tranches for line in unconfirmed)} "
+                f"tranches of {len(unconfirmed)} positions got no outcome; their "
+                f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may "
+                "have sold (trading's ledger knows)"
+            )
         for line in self.lines:
             slip = "-" if line.slippage is None else f"{line.slippage:.2%}"
+            left = "" if line.completed else "  NOT SOLD OUT"
+            if line.unconfirmed_tranches:
+                left += f"  {line.unconfirmed_tokens:.6g} tokens UNCONFIRMED"
             lines.append(
                 f"  {line.mint[:12]:<12} {line.reason:<9} {line.tranches:>3} tranches "
-                f"{line.sol_received:>10.4f} SOL  slippage {slip}"
-                + ("" if line.completed else "  NOT SOLD OUT")
+                f"{line.sol_received:>10.4f} SOL  slippage {slip}" + left
             )
         return "\n".join(lines)

@@ -4,7 +4,9 @@ Writes COPY a batch into a per-connection staging table, then insert it into
 ``token_events`` with ``ON CONFLICT DO NOTHING`` (idempotent on signature and
 txType) and upsert ``tokens`` in the same transaction. The ``frame`` column keeps
 the frame exactly as received, so a replay decodes the very bytes the live feed
-decoded and reproduces its payloads byte for byte.
+decoded and reproduces its payloads byte for byte; ``renumbered`` keeps the
+envelope's mark (the first event of a mint's fresh numbering), so what is published
+again or replayed from here is taken for no gap, as the live event was.
 
 Reads go through a server-side cursor inside a transaction, so replaying millions
 of rows holds only ``batch_size`` of them in memory.
@@ -63,6 +65,7 @@ _STAGE_COLUMNS = (
     "initial_buy",
     "pool",
     "is_mayhem_mode",
+    "renumbered",
 )
 _CREATE_STAGE = f"""
 CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
@@ -86,7 +89,8 @@ CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
     uri text,
     initial_buy double precision,
     pool text,
-    is_mayhem_mode boolean
+    is_mayhem_mode boolean,
+    renumbered boolean NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 # jsonb refuses the \u0000 escape that JSON allows; only the queryable copy changes
@@ -95,10 +99,10 @@ WITH inserted AS (
     INSERT INTO token_events (
         signature, tx_type, mint, event_time, seq, source, event_id, trader,
         sol_amount, token_amount, v_sol_in_bonding_curve, v_tokens_in_bonding_curve,
-        market_cap_sol, payload, frame)
+        market_cap_sol, payload, frame, renumbered)
     SELECT signature, tx_type, mint, event_time, seq, source, event_id, trader,
            sol_amount, token_amount, v_sol, v_tokens, market_cap_sol,
-           replace(frame, '\\u0000', '\\ufffd')::jsonb, frame
+           replace(frame, '\\u0000', '\\ufffd')::jsonb, frame, renumbered
     FROM pg_temp.{_STAGE}
     ORDER BY ord
     ON CONFLICT (signature, tx_type) DO NOTHING
@@ -237,6 +241,7 @@ def _stage_row(ord_: int, event: Event, frame: bytes | str | None) -> tuple:
             event.id, data.traderPublicKey, _float(data.solAmount), float(data.tokenAmount),
             float(data.vSolInBondingCurve), float(data.vTokensInBondingCurve),
             float(data.marketCapSol), text, None, None, None, None, data.pool, None,
+            event.renumbered,
         )  # fmt: skip
     if kind is TokenCreated:
         return (
@@ -244,13 +249,13 @@ def _stage_row(ord_: int, event: Event, frame: bytes | str | None) -> tuple:
             event.id, data.traderPublicKey, _float(data.solAmount), float(data.initialBuy),
             float(data.vSolInBondingCurve), float(data.vTokensInBondingCurve),
             float(data.marketCapSol), text, data.name, data.symbol, data.uri,
-            float(data.initialBuy), data.pool, data.is_mayhem_mode,
+            float(data.initialBuy), data.pool, data.is_mayhem_mode, event.renumbered,
         )  # fmt: skip
     if kind is TokenMigrated:
         return (
             ord_, data.signature, "migrate", data.mint, event.time, event.seq, event.source,
             event.id, None, None, None, None, None, None, text, None, None, None, None,
-            data.pool, None,
+            data.pool, None, event.renumbered,
         )  # fmt: skip
     raise TypeError(f"not a token event: {event.type} ({kind.__name__})")
 
@@ -260,7 +265,7 @@ def _without_nul(row: tuple) -> tuple:
 
 
 class TokenEventStore:
-    """Token events and tokens in Postgres (tables of migrations 0001 and 0002)."""
+    """Token events and tokens in Postgres (tables of migrations 0001, 0002 and 0014)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
@@ -418,7 +423,7 @@ class TokenEventStore:
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {sorted(_ORDERS)}, not {order!r}")
         query = (
-            "SELECT id, event_id, tx_type, mint, event_time, seq, source,"
+            "SELECT id, event_id, tx_type, mint, event_time, seq, source, renumbered,"
             " coalesce(frame, payload::text) AS frame FROM token_events"
             + (" WHERE " + " AND ".join(where) if where else "")
             + _ORDERS[order]
@@ -438,6 +443,7 @@ class TokenEventStore:
                         # the feed stamps a frame's arrival as its time
                         received_at=row["event_time"],
                         data=decode_token_frame(frame),
+                        renumbered=row["renumbered"],
                     ),
                     frame=frame,
                     row_id=row["id"],
