@@ -1,18 +1,35 @@
-"""The README says what the code does: its first commands, its settings table."""
+"""The README and docs/ say what the code does: commands, flags, settings, metrics."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 
+from pumpflow.cli.delegated import DELEGATED
+from pumpflow.cli.main import build_parser
+from pumpflow.cli.notify import NotifySettings
 from pumpflow.cli.serve import describe_settings
 from pumpflow.common.runtime.discovery import installed_services, load_service
 from pumpflow.common.runtime.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+#: what users read: the README and docs/ (benchmarks.md is figures, the catalogue generated)
+DOCS = {
+    name: (ROOT / name).read_text()
+    for name in ("README.md", "docs/architecture.md", "docs/reliability.md", "docs/market.md")
+}
+#: the code a named variable or metric must appear in
+CODE = "\n".join(
+    path.read_text()
+    for folder in ("src", "libs", "services", "tests")
+    for path in (ROOT / folder).rglob("*.py")
+    if path.resolve() != Path(__file__).resolve()
+)
 
 
 def test_the_first_code_block_is_make_run_and_make_test():
@@ -88,3 +105,86 @@ def test_every_config_file_example_names_real_tables_and_settings(tmp_path):
         path = tmp_path / f"example{number}.toml"
         path.write_text(text)
         check_config_file(path, services)
+
+
+def setting_variables() -> set[str]:
+    """Every setting's environment variable, of every service and of ``pumpflow notify``."""
+    variables = {
+        row["variable"] for s in installed_services() for row in describe_settings(load_service(s))
+    }
+    return variables | {f"PUMPFLOW_{name.upper()}" for name in NotifySettings.model_fields}
+
+
+def test_every_variable_the_docs_name_is_read_by_the_code():
+    settings = setting_variables()
+    for doc, text in DOCS.items():
+        for variable in set(re.findall(r"\b(?:PUMPFLOW|PUMPPORTAL)_[A-Z0-9_]*", text)):
+            if variable.endswith("_"):  # PUMPFLOW_FEED_HISTORY_*, PUMPFLOW_<NAME>
+                assert any(s.startswith(variable) for s in settings), (doc, variable)
+            else:
+                # a setting, or a variable read directly (PUMPFLOW_REPORTS_DIR)
+                assert variable in settings or f'"{variable}"' in CODE, (doc, variable)
+
+
+def test_every_metric_the_docs_name_is_exported():
+    declared = set(re.findall(r"[\"'](pumpflow_[a-z0-9_]+)[\"']", CODE))
+    for doc, text in DOCS.items():
+        for metric in set(re.findall(r"\bpumpflow_[a-z0-9_]+", text)):
+            # a counter is declared without the _total it is exported with
+            assert metric in declared or metric.removesuffix("_total") in declared, (doc, metric)
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return actions[0].choices if actions else {}
+
+
+def check_command(words: list[str]) -> None:
+    """``pumpflow WORDS``: each subcommand exists and each --flag is one of its parsers'."""
+    chain = [build_parser()]
+    rest = list(words)
+    while rest:
+        word = rest.pop(0)
+        if word.startswith("--"):
+            flag = word.split("=", 1)[0]
+            action = next(
+                (
+                    p._option_string_actions[flag]
+                    for p in reversed(chain)
+                    if flag in p._option_string_actions
+                ),
+                None,
+            )
+            assert action is not None, f"`pumpflow {' '.join(words)}`: no {flag}"
+            if action.nargs != 0 and "=" not in word and rest:
+                rest.pop(0)  # the flag's value
+            continue
+        choices = subcommands(chain[-1])
+        if word in DELEGATED and chain[-1] is chain[0]:
+            module, prefix, prog, _ = DELEGATED[word]
+            chain.append(importlib.import_module(module).build_parser(prog))
+            rest[:0] = prefix
+        elif word in choices:
+            chain.append(choices[word])
+        elif choices and not word.startswith("<"):  # <command>: any of them
+            raise AssertionError(f"`pumpflow {' '.join(words)}`: no subcommand {word}")
+
+
+def test_every_command_the_docs_name_exists_with_its_flags():
+    commands = []
+    for text in DOCS.values():
+        fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+        for block in fenced:
+            commands += re.findall(r"(?:^|\s|/)pumpflow ([^#\n]*)", block, re.M)
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        commands += re.findall(r"`pumpflow ([^`]+)`", prose)
+    assert len(commands) > 30
+    for command in commands:
+        check_command(command.replace("&", " ").split())
+
+
+def test_every_make_target_the_docs_name_exists():
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M))
+    for doc, text in DOCS.items():
+        for target in re.findall(r"(?:^|`)make ([a-z]+)", text, re.M):
+            assert target in targets, (doc, target)
