@@ -28,10 +28,10 @@ every order, fill and position.
   unsubscribed; one takes over within the lease's TTL of the holder's death.
   Scaling further would shard the capital: N traders, each with its own lease, its
   1/N of the capital and limits, and the tokens split between them by mint hash.
-- Timers on the injected clock (every ``trading_tick_s``): orders due without a
-  later trade, the breakers' silence and recoveries, the trading day, and the
-  operator's state as the ledger holds it (a halt given to another replica or by
-  the CLI). A halt given here applies before the next event.
+- Timers on the injected clock (every ``trading_tick_s``, one loop a leadership
+  term): orders due without a later trade, the breakers' silence and recoveries,
+  the trading day, and the operator's state as the ledger holds it (a halt given
+  to another replica or by the CLI). A halt given here applies before the next event.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
 """
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -195,6 +196,9 @@ class TradingService(Service):
         self._subscribed = False
         self._leading = False
         self._stopped = False
+        #: the leadership term: each stand-by ends one, and a tick of an earlier term
+        #: neither acts nor schedules the next
+        self._term = 0
         self._tick: TimerHandle | None = None
         #: orders given back to the executor or settled on the last take-over
         self.reconciled: dict[str, str] = {}
@@ -369,6 +373,7 @@ class TradingService(Service):
         """Stop trading (the lease is lost, or the service stops): what was decided is
         stored and published first; the next holder reloads from the ledger."""
         self._leading = False
+        self._term += 1
         self.metrics.leading(False)
         if self._tick is not None:
             self._tick.cancel()
@@ -765,14 +770,25 @@ class TradingService(Service):
 
     def _schedule_tick(self) -> None:
         if self._leading and not self._stopped:
-            self._tick = self._ctx.clock.call_later(self.settings.trading_tick_s, self._on_tick)
+            self._tick = self._ctx.clock.call_later(
+                self.settings.trading_tick_s, functools.partial(self._on_tick, self._term)
+            )
 
-    async def _on_tick(self) -> None:
-        if not self._leading:
+    async def _on_tick(self, term: int) -> None:
+        """One timed round of the term ``term``; the next one scheduled while it lasts.
+
+        A round that was waiting (for Postgres, for the lock) while the lease went and
+        came back belongs to the term before: the new term's take-over scheduled its own
+        round, so this one does nothing and schedules nothing (two loops would run every
+        check twice, at once).
+        """
+        if term != self._term:
             return
         try:
             control = await self.ledger.control()
             async with self._lock:
+                if term != self._term:
+                    return
                 await self._flush()
                 step = _Step()
                 step.change.outcomes += self.executor.progress()
@@ -791,7 +807,8 @@ class TradingService(Service):
             log.exception("trading: the timed checks failed; next round in %gs",
                           self.settings.trading_tick_s)  # fmt: skip
         finally:
-            self._schedule_tick()
+            if term == self._term:
+                self._schedule_tick()
 
     # ---------------------------------------------------------------- the kill switch
 
