@@ -2,8 +2,10 @@
 
 Talks to a trading replica's HTTP API (``--url``, default the local one) with the
 bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes it: the state is stored in
-the ledger first, applied at once by the replica that trades and read by the others;
-a halt outlives restarts until a resume.
+the ledger, applied at once by the replica that trades and read by the others; a halt
+outlives restarts until a resume. A halt given to the trading replica while Postgres is
+away applies there at once and is stored once Postgres is back (said so, exit status
+3); a resume is refused meanwhile.
 """
 
 from __future__ import annotations
@@ -57,4 +59,7 @@ def trading_command(args: argparse.Namespace) -> int:
         print(f"pumpflow trading: {url} does not answer: {exc}", file=sys.stderr)
         return 1
     print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); role {body['role']}")
+    if body.get("stored") is False:
+        print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
+        return 3
     return 0

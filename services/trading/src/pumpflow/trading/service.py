@@ -28,10 +28,13 @@ every order, fill and position.
   unsubscribed; one takes over within the lease's TTL of the holder's death.
   Scaling further would shard the capital: N traders, each with its own lease, its
   1/N of the capital and limits, and the tokens split between them by mint hash.
-- Timers on the injected clock (every ``trading_tick_s``): orders due without a
-  later trade, the breakers' silence and recoveries, the trading day, and the
-  operator's state as the ledger holds it (a halt given to another replica or by
-  the CLI). A halt given here applies before the next event.
+- Timers on the injected clock (every ``trading_tick_s``, one loop a leadership
+  term): orders due without a later trade, the breakers' silence and recoveries,
+  the trading day, and the operator's state as the ledger holds it (a halt given
+  to another replica or by the CLI).
+- The kill switch: a halt given here applies before the next event, Postgres or not,
+  and is stored for the other replicas and restarts, as soon as Postgres takes it; a
+  resume is stored first, and refused while Postgres is away (see :meth:`halt`).
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
 """
@@ -40,13 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, ClassVar
 
 import msgspec
@@ -119,6 +123,12 @@ _CONTEXT = (
     ModelPrediction,
 )
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
+#: wall seconds between attempts to store a halt while Postgres is away (first, most)
+_CONTROL_RETRY_S = (0.1, 2.0)
+
+
+class ControlNotStored(RuntimeError):
+    """The operator's state could not be stored in the ledger, so it is not applied."""
 
 
 def _check_live(settings: TradingSettings) -> None:
@@ -195,7 +205,23 @@ class TradingService(Service):
         self._subscribed = False
         self._leading = False
         self._stopped = False
+        #: the leadership term: each stand-by ends one, and a tick of an earlier term
+        #: neither acts nor schedules the next
+        self._term = 0
         self._tick: TimerHandle | None = None
+        #: the last operator's state given here, and whether the ledger holds it yet
+        self._control: tuple[TradingState, str] | None = None
+        self._control_unstored = False
+        #: why the last attempt to store it failed
+        self._control_error = ""
+        #: operator's states given here so far: a read of the ledger's from before the
+        #: last one is not applied
+        self._control_changes = 0
+        #: one write of the operator's state at a time, in the order they were given
+        self._control_lock = asyncio.Lock()
+        self._control_writer: asyncio.Task | None = None
+        #: steps at the front of the backlog in a commit under way
+        self._storing = 0
         #: orders given back to the executor or settled on the last take-over
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
@@ -259,10 +285,21 @@ class TradingService(Service):
             await self.leader.stop()
         await self._stand_by()
         self._stopped = True
-        if self._backlog or self._unpublished:
+        writer = self._control_writer
+        if writer is not None and not writer.done():
+            # one last chance, as long as a halt's answer waits
+            await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        if self._control_unstored:
+            log.error("trading: stopped with the operator's %s (%s) not stored: %s",
+                      *self._control, self._control_error)  # fmt: skip
+        if self._backlog or self._unpublished or self._control_unstored:
             raise RuntimeError(
-                f"trading stopped with {len(self._backlog)} changes unstored and "
+                f"trading stopped with {len(self._backlog)} changes unstored, "
                 f"{len(self._unpublished)} events unpublished"
+                + (", the operator's state unstored" if self._control_unstored else "")
             )
 
     def _build(self) -> None:
@@ -314,6 +351,7 @@ class TradingService(Service):
                 self.engine.views.update(views)
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
+            changes = self._control_changes
             snapshot = await self.ledger.load(remembered=self.settings.trading_remembered_orders)
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
@@ -323,6 +361,11 @@ class TradingService(Service):
             step = _Step()
             if snapshot.control is not None:
                 self.risk.set_state(*snapshot.control)
+            if self._control is not None and (
+                self._control_unstored or changes != self._control_changes
+            ):
+                # given here and not stored yet, or after the ledger was read
+                self.risk.set_state(*self._control)
             self.reconciled = {}
             for order in snapshot.unresolved:
                 self._reconcile(order, step)
@@ -369,6 +412,7 @@ class TradingService(Service):
         """Stop trading (the lease is lost, or the service stops): what was decided is
         stored and published first; the next holder reloads from the ledger."""
         self._leading = False
+        self._term += 1
         self.metrics.leading(False)
         if self._tick is not None:
             self._tick.cancel()
@@ -719,7 +763,11 @@ class TradingService(Service):
         queue its events, in order; store what sending learnt the same way; publish."""
         while self._backlog:
             steps = list(self._backlog)
-            inserted = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+            self._storing = len(steps)
+            try:
+                inserted = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+            finally:
+                self._storing = 0
             del self._backlog[: len(steps)]
             for step in steps:
                 await self._send(step, inserted)
@@ -729,7 +777,9 @@ class TradingService(Service):
         dropped: set[str] = set()
         follow: _Step | None = None
         for order in step.change.orders:
-            request = step.requests[order.order_id]
+            request = step.requests.get(order.order_id)
+            if request is None:
+                continue  # refused unsent by a halt: stored as such
             side = order.side
             if order.order_id not in inserted:
                 # the ledger has it already: an event that came again, never sent twice
@@ -765,20 +815,38 @@ class TradingService(Service):
 
     def _schedule_tick(self) -> None:
         if self._leading and not self._stopped:
-            self._tick = self._ctx.clock.call_later(self.settings.trading_tick_s, self._on_tick)
+            self._tick = self._ctx.clock.call_later(
+                self.settings.trading_tick_s, functools.partial(self._on_tick, self._term)
+            )
 
-    async def _on_tick(self) -> None:
-        if not self._leading:
+    async def _on_tick(self, term: int) -> None:
+        """One timed round of the term ``term``; the next one scheduled while it lasts.
+
+        A round that was waiting (for Postgres, for the lock) while the lease went and
+        came back belongs to the term before: the new term's take-over scheduled its own
+        round, so this one does nothing and schedules nothing (two loops would run every
+        check twice, at once).
+        """
+        if term != self._term:
             return
         try:
+            changes = self._control_changes
             control = await self.ledger.control()
             async with self._lock:
+                if term != self._term:
+                    return
                 await self._flush()
                 step = _Step()
                 step.change.outcomes += self.executor.progress()
-                if control is not None and (
-                    control[0] is not self.risk.operator_state
-                    or control[1] != self.risk.operator_reason
+                # the ledger's is older than one given here meanwhile, or than one unstored
+                current = changes == self._control_changes and not self._control_unstored
+                if (
+                    current
+                    and control is not None
+                    and (
+                        control[0] is not self.risk.operator_state
+                        or control[1] != self.risk.operator_reason
+                    )
                 ):
                     self.risk.set_state(*control)
                 for outcome in self.executor.due(self._ctx.clock.now()):
@@ -791,15 +859,85 @@ class TradingService(Service):
             log.exception("trading: the timed checks failed; next round in %gs",
                           self.settings.trading_tick_s)  # fmt: skip
         finally:
-            self._schedule_tick()
+            if term == self._term:
+                self._schedule_tick()
 
     # ---------------------------------------------------------------- the kill switch
 
-    async def set_state(self, state: TradingState | str, reason: str) -> dict[str, Any]:
-        """The operator's state (the kill switch halts): stored, then applied at once here
-        when this replica trades (another one reads it from the ledger on its next tick)."""
-        state = TradingState(state)
-        await self.ledger.set_control(state, reason)
+    async def halt(self, reason: str = "kill switch") -> dict[str, Any]:
+        """Halt entries (exits go on): at once here, then stored for the others.
+
+        The kill switch must work when things break, Postgres included. When this
+        replica trades, the halt applies before its next decision, without waiting for
+        the ledger or for a decision under way, and the entries decided but not sent yet
+        (waiting for the ledger) are refused: stored as such, never sent. Then it is
+        stored, so that another replica taking over and a restart keep it; with
+        Postgres away it is retried until it is back, never dropped, and meanwhile
+        neither a tick nor a take-over here puts the ledger's older state back.
+
+        The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
+        says whether the ledger holds the halt, ``detail`` what that means. A replica
+        that stands by applies nothing itself: the trading replica reads the halt from
+        the ledger on its next tick once it is stored.
+        """
+        state = TradingState.HALTED
+        self._given(state, reason)
+        if self._leading:
+            self.risk.set_state(state, reason)
+            step = _Step()
+            self._report(step, self.risk.take_reports(), cause=None)
+            self._backlog.append(step)
+            refused = self._refuse_unsent_entries(reason)
+            if refused:
+                log.warning("trading: %d entries decided before the halt and not sent yet "
+                            "are refused", refused)  # fmt: skip
+        writer = self._control_writer
+        if writer is None or writer.done():
+            writer = self._control_writer = asyncio.create_task(
+                self._store_control(), name="trading:control"
+            )
+        await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
+        stored = not self._control_unstored
+        if stored and self._leading:
+            try:
+                async with self._lock:
+                    await self._flush()
+            except Exception:
+                log.exception("trading: publishing the halt failed; the next round does")
+            self.metrics.book(self.book, self.risk)
+        return {**self.state_view(), "stored": stored, "detail": self._halt_detail(stored)}
+
+    async def resume(self, reason: str = "resumed") -> dict[str, Any]:
+        """Resume entries: stored first, then applied here when this replica trades.
+
+        Refused (:class:`ControlNotStored`) while Postgres is away, and while a halt
+        given here is not stored yet: resumed here alone, this replica would trade while
+        the ledger says halted (or is about to), which a replica taking over, a restart
+        and this one's next tick would undo. Trading stays halted until Postgres is back.
+        """
+        state = TradingState.ACTIVE
+        if self._control_unstored:
+            raise ControlNotStored(
+                f"not resumed: the halt given here ({self._control[1]}) is not stored yet, "
+                "as the ledger (Postgres) is unavailable "
+                f"({self._control_error or 'no answer yet'}); trading "
+                "stays halted: resume once Postgres is back and the halt is stored"
+            )
+        before = self._control_changes
+        try:
+            async with self._control_lock:
+                await self.ledger.set_control(state, reason)
+        except Exception as exc:
+            raise ControlNotStored(
+                "not resumed: the ledger (Postgres) is unavailable "
+                f"({type(exc).__name__}: {exc}); trading stays as it is: resume once "
+                "Postgres is back"
+            ) from exc
+        if before != self._control_changes:
+            # a halt given meanwhile is stored after this, and stands
+            return self.state_view()
+        self._control_changes += 1
+        self._control = (state, reason)
         if self._leading:
             async with self._lock:
                 step = _Step()
@@ -810,11 +948,79 @@ class TradingService(Service):
                 self.metrics.book(self.book, self.risk)
         return self.state_view()
 
-    async def halt(self, reason: str = "kill switch") -> dict[str, Any]:
-        return await self.set_state(TradingState.HALTED, reason)
+    def _given(self, state: TradingState, reason: str) -> None:
+        self._control = (state, reason)
+        self._control_unstored = True
+        self._control_changes += 1
 
-    async def resume(self, reason: str = "resumed") -> dict[str, Any]:
-        return await self.set_state(TradingState.ACTIVE, reason)
+    async def _store_control(self) -> None:
+        """Store the operator's state given here until the ledger takes it (retried while
+        Postgres is away): another replica taking over and a restart read it there."""
+        delay, most = _CONTROL_RETRY_S
+        failed = False
+        while self._control_unstored:
+            control = self._control
+            try:
+                async with self._control_lock:
+                    await self.ledger.set_control(*control)
+            except Exception as exc:
+                self._control_error = f"{type(exc).__name__}: {exc}"
+                if not failed:
+                    log.warning("trading: the operator's %s (%s) is not stored: %s; retrying",
+                                *control, self._control_error)  # fmt: skip
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, most)
+                continue
+            if self._control is control:
+                # a later one given meanwhile is stored next
+                self._control_unstored = False
+                self._control_error = ""
+        if failed:
+            log.warning("trading: the operator's %s (%s) is stored", *self._control)
+
+    def _refuse_unsent_entries(self, reason: str) -> int:
+        """Refuse the entries waiting for the ledger (decided, neither stored nor sent):
+        stored refused, their capital released; how many. The steps of a commit under
+        way are left alone: it may store them as sent, and then they are sent."""
+        refused = 0
+        for step in self._backlog[self._storing :]:
+            ids = {i for i, r in step.requests.items() if isinstance(r, OrderRequested)}
+            if not ids:
+                continue
+            for order_id in ids:
+                del step.requests[order_id]
+                self.risk.release(order_id)
+                self.metrics.order("buy", "rejected")
+            step.change.orders = [
+                replace(o, state="rejected", outcome=f"halted before it was sent: {reason}")
+                if o.order_id in ids
+                else o
+                for o in step.change.orders
+            ]
+            step.events = [
+                e
+                for e in step.events
+                if not (isinstance(e.data, OrderRequested) and e.data.order_id in ids)
+            ]
+            refused += len(ids)
+        return refused
+
+    def _halt_detail(self, stored: bool) -> str:
+        if self._leading:
+            done = "halted in this replica at once"
+        else:
+            done = "not applied here: this replica stands by"
+        if stored:
+            after = "" if self._leading else "; the trading replica applies it on its next tick"
+            return f"{done}; stored, so other replicas and a restart keep it{after}"
+        return (
+            f"{done}; NOT stored yet: the ledger (Postgres) is unavailable "
+            f"({self._control_error or 'no answer yet'}); stored as soon as it is back "
+            "(retried meanwhile), until then a replica taking over or a restart does not "
+            "know of it"
+            + ("" if self._leading else ", nor does the trading replica: halt it there")
+        )
 
     # ---------------------------------------------------------------- reads
 
@@ -826,6 +1032,8 @@ class TradingService(Service):
             "reason": risk.state_reason(),
             "operator_state": risk.operator_state.value,
             "operator_reason": risk.operator_reason,
+            # False while the operator's state given here waits for Postgres
+            "operator_state_stored": not self._control_unstored,
             "daily_loss_limit_hit": risk.daily_loss_hit,
             "breakers": {
                 name: {"tripped": b.tripped, "reason": b.reason, "last_fault": b.last_fault}
@@ -890,6 +1098,8 @@ class TradingService(Service):
 
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
+        from fastapi.encoders import jsonable_encoder
+        from fastapi.responses import JSONResponse
 
         from pumpflow.common.runtime.http import require_token
 
@@ -925,14 +1135,21 @@ class TradingService(Service):
             return self.limits()
 
         @api.post("/halt", dependencies=guarded)
-        async def halt(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
-            return await self.halt(str((body or {}).get("reason") or "kill switch (HTTP)"))
+        async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
+            if self.risk is None:
+                raise HTTPException(503, "not started")
+            view = await self.halt(str((body or {}).get("reason") or "kill switch (HTTP)"))
+            # 202: taken, and not stored yet (the detail says what holds meanwhile)
+            return JSONResponse(jsonable_encoder(view), status_code=200 if view["stored"] else 202)
 
         @api.post("/resume", dependencies=guarded)
         async def resume(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
             if self.risk is None:
                 raise HTTPException(503, "not started")
-            return await self.resume(str((body or {}).get("reason") or "resumed (HTTP)"))
+            try:
+                return await self.resume(str((body or {}).get("reason") or "resumed (HTTP)"))
+            except ControlNotStored as exc:
+                raise HTTPException(503, str(exc)) from exc
 
         return api
 

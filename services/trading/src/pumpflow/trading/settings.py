@@ -135,6 +135,13 @@ class TradingSettings(PumpPortalKeySettings):
         description="TTL (wall-clock seconds) of the lease 'trading:decide' that lets one "
         "replica trade; a standby takes over within it after a crash",
     )
+    trading_halt_store_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="wall seconds a halt waits to be stored in the ledger before it answers "
+        "that it is not yet (applied here at once all the same, and stored once Postgres "
+        "takes it)",
+    )
     trading_keep_token_views: bool | None = Field(
         None,
         description="store the token views for a replica taking over; default: where the "

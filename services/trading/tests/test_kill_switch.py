@@ -1,0 +1,170 @@
+"""The kill switch while Postgres breaks: a halt applies in the trading replica at once,
+says it is not stored yet, and is stored once Postgres is back, for a restart to keep; a
+resume is refused meanwhile. The outages are of a Postgres of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.db.pool import create_pool
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.trading import TradingState
+from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .test_service import publish, ready
+
+TOKEN = "kill-switch-token"
+
+
+def trading(ledger: PostgresLedger) -> TradingService:
+    config = TradingSettings.load(
+        service="trading", transport="memory", api_token=TOKEN, trading_halt_store_wait_s=0.2
+    )
+    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+
+
+@contextlib.asynccontextmanager
+async def running(clock, service: TradingService):
+    """The service embedded, a watch on its events, and a client of its HTTP API."""
+    async with run_embedded([service], clock=clock, synchronous=True) as system:
+        watch = await EventCollector("watch").attach(
+            system.bus, "order.*", "position.*", "trading.*"
+        )
+        app = create_app(service, system.contexts["trading"])
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://trading", headers=headers
+        ) as client:
+            yield system.bus, watch, client
+
+
+@pytest.fixture
+async def own_ledger(own_postgres, namespace):
+    """A ledger on a Postgres of the test's own (``own_postgres``, to stop and start)."""
+    pool = await create_pool(own_postgres.dsn, namespace, min_size=0, max_size=4)
+    try:
+        yield PostgresLedger(pool)
+    finally:
+        await pool.close()
+
+
+async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_is_back(
+    clock, market, own_postgres, own_ledger
+):
+    ledger = own_ledger
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        mint = await ready(bus, market)
+        await asyncio.to_thread(own_postgres.stop)
+
+        answer = await client.post("/halt", json={"reason": "postgres is down"})
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert body["state"] == "halted" and body["stored"] is False, body
+        assert "halted in this replica at once" in body["detail"], body
+        assert "NOT stored yet" in body["detail"], body
+        assert (await client.get("/state")).json()["operator_state_stored"] is False
+        # no entry from the next event on
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0
+        [halted] = watch.payloads("trading.state")
+        assert halted.state == "halted" and halted.reason == "postgres is down"
+        # resumed here alone, this replica would trade while the ledger says otherwise
+        refused = await client.post("/resume", json={"reason": "too early"})
+        assert refused.status_code == 503, refused.text
+        assert "not stored yet" in refused.json()["detail"]
+        assert service.risk.state is TradingState.HALTED
+
+        await asyncio.to_thread(own_postgres.start)
+
+        async def stored():
+            with contextlib.suppress(OSError):
+                return await ledger.control() == ("halted", "postgres is down")
+
+        await eventually(stored, what="the halt stored once Postgres is back")
+        assert (await client.get("/state")).json()["operator_state_stored"] is True
+        await clock.advance(service.settings.trading_tick_s)
+        assert service.risk.state is TradingState.HALTED
+
+    # a restart keeps it
+    restarted = trading(ledger)
+    async with running(clock, restarted) as (bus, watch, client):
+        assert restarted.risk.state is TradingState.HALTED
+        assert restarted.risk.operator_reason == "postgres is down"
+        answer = await client.post("/resume", json={"reason": "postgres is back"})
+        assert answer.status_code == 200 and answer.json()["state"] == "active", answer.text
+        assert await ledger.control() == ("active", "postgres is back")
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
+
+
+async def test_an_entry_waiting_for_postgres_when_the_halt_comes_is_never_sent(
+    clock, market, own_postgres, own_ledger
+):
+    """Postgres fails the store of a prediction's order, so the order is not sent yet;
+    the halt comes: once Postgres is back the order is stored refused, and never sent."""
+    ledger = own_ledger
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        mint = await ready(bus, market)
+        await asyncio.to_thread(own_postgres.stop)
+        with pytest.raises(OSError):
+            await service.on_events([market.prediction(mint)])
+        assert len(service.risk.reservations) == 1
+
+        answer = await client.post("/halt", json={"reason": "postgres is down"})
+        assert answer.status_code == 202 and answer.json()["stored"] is False, answer.text
+        assert service.risk.reservations == {}
+
+        await asyncio.to_thread(own_postgres.start)
+
+        async def stored():
+            with contextlib.suppress(OSError):
+                return await ledger.control() == ("halted", "postgres is down")
+
+        await eventually(stored, what="the halt stored once Postgres is back")
+        # the next round stores what waited
+        await clock.advance(service.settings.trading_tick_s)
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"] == "halted before it was sent: postgres is down", order
+        assert watch.count("order.requested") == 0
+        assert service.executor.due(clock.now() + 3600.0) == []
+        assert [s.state for s in watch.payloads("trading.state")] == ["halted"]
+
+
+async def test_the_ledgers_older_state_never_undoes_a_halt_not_stored_yet(clock, market, pg_pool):
+    """The halt's store waits for Postgres (a lock on its table) while a tick reads the
+    state stored before: the tick leaves the halt in place, and the store goes through
+    once the lock is gone."""
+    ledger = PostgresLedger(pg_pool)
+    await ledger.set_control(TradingState.ACTIVE, "resumed before")
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        mint = await ready(bus, market)
+        async with pg_pool.acquire() as holder, holder.transaction():
+            # reads go on, writes wait
+            await holder.execute("LOCK TABLE trading_control IN EXCLUSIVE MODE")
+            # bounded: a halt that waited for the store would wait for the lock
+            answer = await asyncio.wait_for(client.post("/halt", json={"reason": "operator"}), 30)
+            assert answer.status_code == 202 and answer.json()["stored"] is False, answer.text
+            await clock.advance(service.settings.trading_tick_s)
+            assert service.risk.state is TradingState.HALTED
+            assert service.risk.operator_reason == "operator"
+        await eventually(lambda: service.state_view()["operator_state_stored"],
+                         what="the halt stored once the lock is gone")  # fmt: skip
+        assert await ledger.control() == ("halted", "operator")
+        await clock.advance(service.settings.trading_tick_s)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0

@@ -1,0 +1,71 @@
+"""The trading replica's terms as leader, on the real lease and Postgres: one timer loop
+a term, whatever a tick was doing when the lease went and came back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.lease import LEASE_PREFIX
+from pumpflow.common.testing import eventually
+from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.service import LEASE_NAME, TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .test_service import running
+
+#: short, so that the lease goes and comes back within a test's patience
+LEASE_TTL_S = 2.0
+
+
+class CountedTicks(TradingService):
+    """The trading service, counting its timed rounds."""
+
+    ticks = 0
+
+    async def _on_tick(self, *args) -> None:
+        self.ticks += 1
+        await super()._on_tick(*args)
+
+
+async def waiting_on_a_lock(conn, table: str) -> bool:
+    """True while another session waits for a lock on ``table`` (of the pool's schema)."""
+    return await conn.fetchval(
+        "SELECT count(*) > 0 FROM pg_locks WHERE NOT granted AND relation = $1::regclass",
+        table,
+    )
+
+
+async def test_a_re_election_during_a_tick_leaves_one_timer_loop(clock, pg_pool):
+    """A tick waits for Postgres while the lease goes to another holder and comes back:
+    the new term runs one timer loop, the tick of the term before starts none."""
+    config = TradingSettings.load(
+        service="trading", transport="memory", trading_lease_ttl_s=LEASE_TTL_S
+    )
+    service = CountedTicks(config, registry=CollectorRegistry(), ledger=PostgresLedger(pg_pool))
+    tick_s = config.trading_tick_s
+    async with running(clock, service):
+        lease = service.leader.lease
+        key = LEASE_PREFIX + LEASE_NAME
+        async with pg_pool.acquire() as holder, pg_pool.acquire() as watcher:
+            async with holder.transaction():
+                # the tick's read of the operator's state waits here, mid-tick
+                await holder.execute("LOCK TABLE trading_control IN ACCESS EXCLUSIVE MODE")
+                tick = asyncio.create_task(clock.advance(tick_s))
+                await eventually(lambda: waiting_on_a_lock(watcher, "trading_control"),
+                                 what="the tick waiting for Postgres")  # fmt: skip
+                assert service.ticks == 1
+                await lease.store.set_many({key: b"another replica"}, ttl=LEASE_TTL_S * 10)
+                await eventually(lambda: service.role == "standby", LEASE_TTL_S * 5,
+                                 what="the lease lost")  # fmt: skip
+                await lease.store.delete_many([key])
+                # the take-over reads the ledger, and waits for the lock too
+                await eventually(lambda: service.leader.elections == 2, LEASE_TTL_S * 5,
+                                 what="the lease taken again")  # fmt: skip
+            await tick
+        await eventually(lambda: service.role == "active", what="trading again")
+        for _ in range(3):
+            before = service.ticks
+            await clock.advance(tick_s)
+            assert service.ticks - before == 1
