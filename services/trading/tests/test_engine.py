@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pumpflow.common.events import Event, OrderRequested, make_event
+from pumpflow.common.events import Event, OrderRejected, OrderRequested, make_event
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
     MIGRATION_POOL,
@@ -240,6 +240,22 @@ def test_fills_open_positions_and_trades_mark_them(engine, market, book, risk, c
     engine.process(market.tokens.buy(mint, "bob", sol=5.0))
     position = book.position(mint)
     assert position.unrealized_pnl_sol > 0 and position.mark_price is not None
+
+
+def test_a_sale_s_outcome_releases_the_tokens_it_reserved(engine, market, book, clock):
+    broker = PaperBroker()
+    mint = market.ready(engine, broker=broker)
+    [order] = orders(engine.process(market.prediction(mint)))
+    broker.submit(order, time=START)
+    clock.set_sync(START + 1)
+    [bought] = broker.due(clock.now())
+    engine.process(market.filled(bought.result))
+    held = book.position(mint).tokens
+    assert book.reserve_sale("s1", mint, held).tokens == held
+    assert book.reserve_sale("s2", mint, held).tokens == 0.0
+    refused = OrderRejected(order_id="s1", mint=mint, reason="refused", side="sell")
+    engine.process(market.filled(refused))
+    assert book.sales == {} and book.reserve_sale("s2", mint, held).tokens == held
 
 
 class Collected:

@@ -195,6 +195,28 @@ async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wal
         assert len(api.requests) == 2
 
 
+async def test_sales_in_flight_together_never_ask_the_trade_api_for_more_than_is_held(
+    clock, market
+):
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        opened = await bought(run, api, market)
+        held = opened.token_amount
+        for n in (1, 2, 3):
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:{n}",
+                mint=opened.mint,
+                position_id=opened.position_id,
+                token_amount=held * 0.7,
+            )
+            await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+        await answered(run.service, api, 3)
+        sold = [r.body["amount"] for r in api.requests if r.body["action"] == "sell"]
+        assert sold == pytest.approx([held * 0.7, held * 0.3])
+        [refused] = run.watch.payloads("order.rejected")
+        assert refused.order_id == f"{opened.position_id}:exit:3"
+        assert "sales in flight" in refused.reason
+
+
 async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock, market, caplog):
     caplog.set_level(logging.DEBUG)
     async with fake_trade_api("error") as api, entered(clock, market, api) as run:

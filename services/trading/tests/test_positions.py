@@ -97,6 +97,42 @@ def test_a_sale_of_more_than_is_held_is_booked_for_what_was_held():
     assert closed.realized_pnl_sol == pytest.approx(double.sol / 2 - buy.sol, rel=1e-12)
 
 
+def test_overlapping_sales_never_ask_together_for_more_than_is_held():
+    """Each sale gets what is held less what the sales in flight ask for, until its
+    outcome: a fill takes what it sold out of the holding, a refusal gives it back."""
+    book = PositionBook(EXECUTION)
+    buy = fill_buy(LAUNCH, 2.02, expected=LAUNCH, execution=EXECUTION)
+    book.apply_fill(filled("e", buy), time=1.0)
+    held = buy.tokens
+
+    rule = book.reserve_sale("rule", "m", held * 0.7)
+    assert rule and rule.tokens == held * 0.7
+    tranche = book.reserve_sale("tranche", "m", held * 0.7)
+    assert tranche.tokens == pytest.approx(held * 0.3, rel=1e-12)
+    sweep = book.reserve_sale("sweep", "m", held)
+    assert not sweep and sweep.tokens == 0.0
+    assert "all asked for by sales in flight" in sweep.reason
+    assert book.sellable("m") == 0.0 and "sweep" not in book.sales
+
+    # the rule's sale fills: what it sold leaves the holding, its reservation with it
+    sold = fill_sell(buy.after, rule.tokens, expected=buy.after, execution=EXECUTION)
+    book.apply_fill(filled("rule", sold), time=2.0)
+    assert book.position("m").tokens == pytest.approx(held * 0.3, rel=1e-9)
+    assert book.sales.keys() == {"tranche"}
+    assert not book.reserve_sale("sweep", "m", held)
+    # the tranche is refused: its tokens may sell again
+    book.release_sale("tranche")
+    again = book.reserve_sale("sweep", "m", held)
+    assert again.tokens == pytest.approx(held * 0.3, rel=1e-9)
+
+    # a sale in flight before a restart reserves all it asks for, whatever is left
+    restarted = PositionBook(EXECUTION)
+    restarted.apply_fill(filled("e", buy), time=1.0)
+    restarted.resume_sale("flying", "m", held * 0.6)
+    assert restarted.reserve_sale("next", "m", held).tokens == pytest.approx(held * 0.4)
+    assert not PositionBook(EXECUTION).reserve_sale("x", "m", 1.0)  # nothing held
+
+
 def test_realised_pnl_since_a_start_is_the_sum_of_the_sales_since_across_a_new_start():
     """The running sums against the sums over every sale, the start moving a day on."""
     book = PositionBook(EXECUTION)

@@ -20,6 +20,10 @@ every order, fill and position.
   stored, the token views they changed are stored, and only then are the events
   acknowledged. An order whose id the ledger has already (derived from a redelivered
   event) is dropped, never sent.
+- An exit's sale sells no more than its position holds less what the position's sales
+  in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
+  sales a take-over finds in flight included; with nothing left it is stored refused,
+  never sent.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -101,6 +105,7 @@ from pumpflow.trading.ledger import (
     MemoryLedger,
     OrderOutcome,
     OrderRecord,
+    OrderState,
     PositionRecord,
     PostgresLedger,
 )
@@ -125,6 +130,12 @@ _CONTEXT = (
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
+
+
+def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
+    """Whether ``event`` is the request or the refusal of one of the orders ``ids``."""
+    data = event.data
+    return isinstance(data, OrderRequested | OrderRejected) and data.order_id in ids
 
 
 class ControlNotStored(RuntimeError):
@@ -154,15 +165,17 @@ class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
 
-    __slots__ = ("change", "events", "requests")
+    __slots__ = ("change", "events", "refused", "requests")
 
     def __init__(self) -> None:
         self.change = LedgerChange()
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
+        #: sales refused before they were sent (nothing left to sell): stored refused
+        self.refused: set[str] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.requests or self.events or self.change)
+        return bool(self.requests or self.refused or self.events or self.change)
 
 
 class TradingService(Service):
@@ -398,6 +411,9 @@ class TradingService(Service):
         if outcome is None:
             if order.side == "buy" and order.sol_amount:
                 self.risk.reserve(order.order_id, order.mint, order.sol_amount)
+            elif order.side == "sell":
+                # its tokens are not for the next sale until its outcome
+                self.book.resume_sale(order.order_id, order.mint, order.token_amount or 0.0)
             self.engine.order_reasons[order.order_id] = order.reason
             if order.state == "pending":
                 step.change.outcomes.append(OrderOutcome(order_id=order.order_id, state="sent"))
@@ -446,17 +462,14 @@ class TradingService(Service):
         has read the ledger, would never know of an order sent now."""
         withdrawn = 0
         for step in self._backlog:
-            if not step.requests:
+            if not step.requests and not step.refused:
                 continue
-            ids = step.requests.keys()
+            ids = step.requests.keys() | step.refused
             withdrawn += len(ids)
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
-            step.events = [
-                e
-                for e in step.events
-                if not (isinstance(e.data, OrderRequested) and e.data.order_id in ids)
-            ]
+            step.events = [e for e in step.events if not _order_event(e, ids)]
             step.requests = {}
+            step.refused = set()
         return withdrawn
 
     # ---------------------------------------------------------------- events
@@ -622,19 +635,18 @@ class TradingService(Service):
             self.skipped[_REASON_NUMBERS.sub("#", reason, count=1)] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
-        """A sale the exit service ordered: stored, then executed (never twice)."""
+        """A sale the exit service ordered: stored, then executed (never twice), for no
+        more than the position holds less what its sales in flight ask for."""
         order: ExitOrder = event.data
         if order.order_id in self.engine.sent_orders:
             self.metrics.order("sell", "duplicate")
             return
         self.engine.sent_orders[order.order_id] = None
-        self.engine.order_reasons[order.order_id] = order.reason
-        position = self.book.position(order.mint)
-        held = position.tokens if position is not None else 0.0
-        if order.token_amount > held:
-            # never sell what is not held (a late fill of an earlier tranche sold it);
-            # nothing held is refused by the executor as "nothing to sell"
-            order = msgspec.structs.replace(order, token_amount=held)
+        # the exit's sales overlap (a rule's and a tranche, a tranche retried): the venue
+        # sells whatever it is asked, held or not
+        reserved = self.book.reserve_sale(order.order_id, order.mint, order.token_amount)
+        if reserved and reserved.tokens != order.token_amount:
+            order = msgspec.structs.replace(order, token_amount=reserved.tokens)
         request = sell_order(order)
         step.events.append(
             make_event(
@@ -645,7 +657,33 @@ class TradingService(Service):
                 event_id=derived_id("outcome", f"request:{order.order_id}"),
             )
         )
+        if not reserved:
+            self._refuse(request, reserved.reason, event, step)
+            return
+        self.engine.order_reasons[order.order_id] = order.reason
         self._request(request, event, step, original=order)
+
+    def _refuse(self, request: OrderRequested, reason: str, cause: Event, step: _Step) -> None:
+        """Refuse a sale before it is sent: stored refused, never reconciled nor sent; its
+        request and refusal are published once stored, unless the ledger had its id."""
+        refusal = OrderRejected(
+            order_id=request.order_id,
+            mint=request.mint,
+            reason=reason,
+            side=request.side,
+            position_id=request.position_id,
+        )
+        step.events.append(
+            make_event(
+                refusal,
+                source=self._ctx.source,
+                time=self._ctx.clock.now(),
+                cause=cause,
+                event_id=derived_id("outcome", request.order_id),
+            )
+        )
+        step.refused.add(request.order_id)
+        self._record(request, cause, step, state="rejected", outcome=reason)
 
     def _request(
         self,
@@ -655,8 +693,19 @@ class TradingService(Service):
         *,
         original: OrderRequested | ExitOrder | None = None,
     ) -> None:
-        venue, state = self.executor.expected(request.mint)
         step.requests[request.order_id] = original or request
+        self._record(request, cause, step)
+
+    def _record(
+        self,
+        request: OrderRequested,
+        cause: Event,
+        step: _Step,
+        *,
+        state: OrderState = "sent",
+        outcome: str = "",
+    ) -> None:
+        venue, market = self.executor.expected(request.mint)
         step.change.orders.append(
             OrderRecord(
                 order_id=request.order_id,
@@ -669,11 +718,12 @@ class TradingService(Service):
                 position_id=request.position_id,
                 cause_id=cause.id,
                 executor=self.executor.name,
-                state="sent",
+                state=state,
                 requested_at=self._ctx.clock.now(),
                 venue=venue,
-                expected_v_sol=None if state is None else state.v_sol,
-                expected_v_tokens=None if state is None else state.v_tokens,
+                expected_v_sol=None if market is None else market.v_sol,
+                expected_v_tokens=None if market is None else market.v_tokens,
+                outcome=outcome,
                 attempt=f"{self._writer}:{next(self._attempts)}",
             )
         )
@@ -778,15 +828,21 @@ class TradingService(Service):
         follow: _Step | None = None
         for order in step.change.orders:
             request = step.requests.get(order.order_id)
-            if request is None:
+            refused = order.order_id in step.refused
+            if request is None and not refused:
                 continue  # refused unsent by a halt: stored as such
             side = order.side
             if order.order_id not in inserted:
                 # the ledger has it already: an event that came again, never sent twice
                 dropped.add(order.order_id)
                 self.risk.release(order.order_id)
+                self.book.release_sale(order.order_id)
                 self.metrics.order(side, "duplicate")
                 log.info("trading: order %s is in the ledger already: not sent", order.order_id)
+                continue
+            if refused:
+                self.metrics.order(side, "rejected")
+                log.info("trading: order %s refused: %s", order.order_id, order.outcome)
                 continue
             self.metrics.order(side, "sent")
             if isinstance(request, ExitOrder):
@@ -797,11 +853,7 @@ class TradingService(Service):
                 if follow is None:
                     follow = _Step()
                 self._book(outcome, None, follow)
-        self._unpublished += [
-            e
-            for e in step.events
-            if not (isinstance(e.data, OrderRequested) and e.data.order_id in dropped)
-        ]
+        self._unpublished += [e for e in step.events if not _order_event(e, dropped)]
         if follow is not None and (follow.change or follow.events):
             self._backlog.append(follow)
 
@@ -1068,6 +1120,7 @@ class TradingService(Service):
             "exposure_sol": risk.total_exposure,
             "open_positions": risk.open_positions(),
             "orders_in_flight": len(risk.reservations),
+            "sales_in_flight": len(self.book.sales),
         }
 
     @staticmethod

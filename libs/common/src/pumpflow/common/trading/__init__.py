@@ -26,7 +26,7 @@ from pumpflow.common.trading.fills import (
 )
 from pumpflow.common.trading.live import Confirmation, LiveBook, LiveOrder, confirmed_fill
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
-from pumpflow.common.trading.positions import Position, PositionBook
+from pumpflow.common.trading.positions import Position, PositionBook, SaleReservation
 from pumpflow.common.trading.risk import (
     BREAKERS,
     CircuitBreaker,
@@ -72,6 +72,7 @@ __all__ = [
     "RiskCheck",
     "RiskLimits",
     "RiskManager",
+    "SaleReservation",
     "TokenView",
     "TradingEngine",
     "TradingState",

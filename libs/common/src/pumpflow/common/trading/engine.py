@@ -19,7 +19,10 @@ An entry's order id is derived from the prediction event's id
 (:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
 prediction gives the same order, which the engine (and, across restarts, the
 service's ledger) refuses to send twice. An entry reserves its size with the risk
-manager until its fill or rejection, so a burst of predictions cannot pass a limit.
+manager until its fill or rejection, so a burst of predictions cannot pass a limit; a
+sale reserves its tokens with the position book the same way (the caller reserves
+them, see :meth:`~.positions.PositionBook.reserve_sale`), its fill or rejection here
+releases them.
 """
 
 from __future__ import annotations
@@ -249,6 +252,7 @@ class TradingEngine:
         elif isinstance(data, OrderRejected):
             self.order_reasons.pop(data.order_id, None)
             self.risk.release(data.order_id)
+            self.positions.release_sale(data.order_id)
             self.risk.record_execution(
                 False, reason=data.reason, side=data.side, cause=data.cause, now=now
             )

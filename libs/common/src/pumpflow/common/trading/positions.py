@@ -13,6 +13,13 @@ One position per token at a time; its id is the order id of the buy that opened 
 (deterministic, see :func:`~.decisions.order_id_for`). A buy for a token already held
 adds to its position.
 
+A sale is sized against what the position holds less what its sales in flight ask
+for (:meth:`PositionBook.reserve_sale`): each sale reserves its tokens until its
+outcome (its fill, which takes the tokens it sold out of the holding in the same step,
+or :meth:`PositionBook.release_sale` on a rejection), so sales that overlap (a rule's
+sale and a tranche of the graceful exit, say) never ask the venue together for more
+than is held: neither the paper broker nor the chain knows what the book holds.
+
 Persistence (a later step): the service's PositionManager writes each order (id,
 token, side, amounts, state: requested, sent, unknown, filled, rejected) and each fill
 to Postgres with the book's change in one transaction; the book here is what it
@@ -98,6 +105,18 @@ class Position:
 PositionChange = PositionOpened | PositionUpdated | PositionClosed
 
 
+@dataclass(frozen=True, slots=True)
+class SaleReservation:
+    """What a sale may sell: its tokens, reserved; none, with the reason, when nothing
+    is left."""
+
+    tokens: float
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.tokens > 0
+
+
 @dataclass(slots=True)
 class PositionBook:
     """Positions in memory; the service persists what changes (see the module docstring)."""
@@ -107,6 +126,8 @@ class PositionBook:
     closed_positions: list[Position] = field(default_factory=list)
     #: order ids already applied, so a fill delivered twice counts once
     applied_orders: set[str] = field(default_factory=set)
+    #: order id -> (mint, tokens) of the sales sent and not yet filled or rejected
+    sales: dict[str, tuple[str, float]] = field(default_factory=dict)
     #: (time, realised PnL) of the recent sales, oldest first, to sum a new day's again
     realizations: deque[tuple[float, float]] = field(default_factory=deque)
     #: realised PnL of every sale
@@ -126,6 +147,16 @@ class PositionBook:
     @property
     def open_count(self) -> int:
         return len(self.open_positions)
+
+    def selling(self, mint: str) -> float:
+        """Tokens of ``mint`` the sales in flight ask for."""
+        return sum(tokens for m, tokens in self.sales.values() if m == mint)
+
+    def sellable(self, mint: str) -> float:
+        """Tokens of ``mint`` held and not asked for by a sale in flight."""
+        position = self.open_positions.get(mint)
+        held = position.tokens if position is not None else 0.0
+        return max(0.0, held - self.selling(mint))
 
     def exposure(self, mint: str) -> float:
         """Cost basis held in ``mint``."""
@@ -157,10 +188,45 @@ class PositionBook:
 
     # ---------------------------------------------------------------- changes
 
+    def reserve_sale(self, order_id: str, mint: str, tokens: float) -> SaleReservation:
+        """Reserve for the sale ``order_id`` up to ``tokens`` of ``mint``: no more than is
+        held less what the other sales in flight ask for; nothing, and why, when nothing
+        is left. Reserved until the sale's fill or :meth:`release_sale`."""
+        self.sales.pop(order_id, None)
+        left = self.sellable(mint)
+        if left <= DUST_TOKENS:
+            position = self.open_positions.get(mint)
+            if position is None:
+                return SaleReservation(0.0, "nothing to sell: no position held")
+            return SaleReservation(
+                0.0,
+                f"nothing to sell: the {position.tokens:g} tokens held are all asked for "
+                f"by sales in flight ({self.selling(mint):g} tokens)",
+            )
+        amount = min(tokens, left)
+        if amount <= 0:
+            return SaleReservation(0.0, f"nothing to sell: {tokens:g} tokens asked for")
+        self.sales[order_id] = (mint, amount)
+        return SaleReservation(amount)
+
+    def resume_sale(self, order_id: str, mint: str, tokens: float) -> None:
+        """Reserve what a sale sent before a restart asks for: it is in flight for all of
+        it, whatever is left to sell."""
+        if tokens > 0:
+            self.sales[order_id] = (mint, tokens)
+
+    def release_sale(self, order_id: str) -> None:
+        """The sale ``order_id`` was refused (or never sent): its tokens may sell again."""
+        self.sales.pop(order_id, None)
+
     def apply_fill(
         self, fill: OrderFilled, *, time: float, reason: str = ""
     ) -> PositionChange | None:
-        """Book a fill; the position change to publish, or None for a repeated order id."""
+        """Book a fill; the position change to publish, or None for a repeated order id.
+
+        A sale's reservation ends here, as the tokens it sold leave the holding.
+        """
+        self.sales.pop(fill.order_id, None)
         if fill.order_id in self.applied_orders:
             return None
         self.applied_orders.add(fill.order_id)

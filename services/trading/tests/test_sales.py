@@ -1,0 +1,92 @@
+"""Sales of one position that overlap (a rule's sale and a graceful exit's tranche, a
+tranche retried), on Postgres: together they never sell more than is held, and a
+restart counts the sale it takes over in flight."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.events import Event, ExitOrder, PositionOpened, make_event
+from pumpflow.trading.ledger import PostgresLedger
+
+from .test_service import publish, ready, running, trading
+
+#: long enough for every sale of a test to be in flight together
+LATENCY_S = 30.0
+
+
+def sale(opened: PositionOpened, n: int, tokens: float, clock) -> Event:
+    order = ExitOrder(
+        order_id=f"{opened.position_id}:exit:{n}",
+        mint=opened.mint,
+        position_id=opened.position_id,
+        token_amount=tokens,
+    )
+    return make_event(order, source="exit/t", time=clock.now())
+
+
+async def test_overlapping_sales_never_sell_more_than_is_held(clock, market, pg_pool):
+    ledger = PostgresLedger(pg_pool)
+    service = trading(ledger, trading_paper_latency_s=LATENCY_S)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(LATENCY_S + 1.0)
+        [opened] = watch.payloads("position.opened")
+        held = opened.token_amount
+
+        # both in flight, asking for 1.4 times the holding
+        await publish(bus, sale(opened, 1, held * 0.7, clock), sale(opened, 2, held * 0.7, clock))
+        sells = [r for r in watch.payloads("order.requested") if r.side == "sell"]
+        assert [r.token_amount for r in sells] == pytest.approx([held * 0.7, held * 0.3])
+        # all of it asked for: refused, never sent
+        sweep = sale(opened, 3, held, clock)
+        await publish(bus, sweep)
+        [refused] = watch.payloads("order.rejected")
+        assert refused.order_id == sweep.data.order_id
+        assert "nothing to sell" in refused.reason and "sales in flight" in refused.reason
+
+        await clock.advance(LATENCY_S + 1.0)
+        sold = [f.token_amount for f in watch.payloads("order.filled") if f.side == "sell"]
+        assert len(sold) == 2 and sum(sold) == pytest.approx(held, rel=1e-9)
+        assert sum(sold) <= held * (1 + 1e-12)
+        [closed] = watch.payloads("position.closed")
+        assert closed.position_id == opened.position_id
+        states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10, mint=mint)}
+        assert states == {
+            opened.position_id: "filled",
+            f"{opened.position_id}:exit:1": "filled",
+            f"{opened.position_id}:exit:2": "filled",
+            f"{opened.position_id}:exit:3": "rejected",
+        }
+
+
+async def test_a_sale_after_a_restart_leaves_what_the_sale_in_flight_asks_for(
+    clock, market, pg_pool
+):
+    ledger = PostgresLedger(pg_pool)
+    first = trading(ledger, trading_paper_latency_s=LATENCY_S)
+    async with running(clock, first) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(LATENCY_S + 1.0)
+        [opened] = watch.payloads("position.opened")
+        held = opened.token_amount
+        flying = sale(opened, 1, held * 0.6, clock)
+        await publish(bus, flying)
+        sells = [r.order_id for r in watch.payloads("order.requested") if r.side == "sell"]
+        assert sells == [flying.data.order_id]
+
+    second = trading(ledger, trading_paper_latency_s=LATENCY_S)
+    async with running(clock, second) as (bus, watch):
+        assert second.reconciled == {flying.data.order_id: "resubmitted"}
+        await publish(bus, sale(opened, 2, held, clock))
+        [request] = watch.payloads("order.requested")
+        assert request.token_amount == pytest.approx(held * 0.4, rel=1e-9)
+
+        await clock.advance(LATENCY_S + 1.0)
+        fills = watch.payloads("order.filled")
+        assert sorted(f.order_id for f in fills) == [flying.data.order_id, request.order_id]
+        assert sum(f.token_amount for f in fills) == pytest.approx(held, rel=1e-9)
+        [closed] = watch.payloads("position.closed")
+        assert closed.position_id == opened.position_id
