@@ -495,3 +495,35 @@ def test_the_breakers_take_the_feed_lag_and_silence_settings():
         trading_max_silence_s=90.0,
     ).breakers()
     assert (breakers.max_feed_lag_s, breakers.max_silence_s) == (7.0, 90.0)
+
+
+async def test_a_retired_tokens_view_and_market_go_once_its_position_closes(clock, market):
+    """A token retired while a position is held keeps its view and market for the exit's
+    sales; once the position closes they go (they stayed, one per traded token, for ever),
+    in memory and in the store."""
+    service = trading(MemoryLedger(), trading_keep_token_views=True)
+    async with running(clock, service) as (bus, watch):
+        traded = []
+        for _ in range(6):
+            mint = await ready(bus, market)
+            traded.append(mint)
+            await publish(bus, market.prediction(mint))
+            await clock.advance(1.0)
+            opened = watch.payloads("position.opened")[-1]
+            assert opened.mint == mint
+            await publish(bus, market.lifecycle(mint, state="inactive"))
+            assert mint in service.engine.views  # held: the exit still sells on its market
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:1",
+                mint=mint,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+            )
+            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+            await clock.advance(1.0)  # the sale fills
+            assert watch.payloads("position.closed")[-1].mint == mint
+        await clock.advance(1.0)  # the next tick lets the last one go
+        assert not set(traded) & set(service.engine.views)
+        assert not set(traded) & set(service.executor.broker.markets)
+        await service.context.save(service.engine.views)
+        assert not set(traded) & set(await service.context.load())

@@ -207,6 +207,7 @@ class ExitService(Service):
             on_outcome=self._on_outcome,
             on_market=self._on_market,
             on_lifecycle=self._on_lifecycle,
+            retire_ttl_s=s.exit_state_ttl_s,
         )
         under_way = await self.records.active_run()
         # the rules must not sell what a graceful exit under way is selling

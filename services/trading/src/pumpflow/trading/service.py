@@ -239,6 +239,10 @@ class TradingService(Service):
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
         self.skipped: Counter[str] = Counter()
+        #: mints whose position closed since the next event or tick began: a retired
+        #: token's view and market go then (not at the fill: the trade that filled the
+        #: sale is folded in after it)
+        self._closed: set[str] = set()
         self.book = PositionBook()
         self.risk: RiskManager | None = None
         self.engine: TradingEngine | None = None
@@ -568,6 +572,7 @@ class TradingService(Service):
     def _decide(self, event: Event) -> _Step:
         """Apply one event to the engine and executor: what it changed, what to send."""
         step = _Step()
+        self._forget_closed()
         step.change.outcomes += self.executor.progress()
         data = event.data
         if isinstance(data, ExitOrder):
@@ -599,6 +604,16 @@ class TradingService(Service):
             if not self.book.holds(data.mint):
                 self.executor.forget(data.mint)
         return step
+
+    def _forget_closed(self) -> None:
+        """The views and markets of retired tokens whose positions closed since the last
+        call go (the store's copy with the next write of the views)."""
+        closed, self._closed = self._closed, set()
+        for mint in closed:
+            if self.engine.forget_retired(mint):
+                self.executor.forget(mint)
+                if self.context is not None:
+                    self.context.change(mint)
 
     async def _barrier(self, shutdown: Event) -> None:
         """Tell the exit service, past any backlog, what the halt leaves it to wait for:
@@ -752,6 +767,8 @@ class TradingService(Service):
             position = self._position(outcome.mint)
             if position is not None:
                 step.change.positions.append(PositionRecord.of(position))
+            if not self.book.holds(outcome.mint):
+                self._closed.add(outcome.mint)
             self.metrics.order(side, "filled")
             self.metrics.fill(side, outcome.sol_amount, outcome.fee_sol)
             self._update_capital()
@@ -901,6 +918,7 @@ class TradingService(Service):
                     )
                 ):
                     self.risk.set_state(*control)
+                self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
                 self._report(step, (), cause=None, produced=self.engine.tick())

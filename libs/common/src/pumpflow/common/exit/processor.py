@@ -21,6 +21,13 @@ What has ended here (entries refused or landed, positions closed) is remembered 
 mint (:attr:`ExitState.ended`): trading's shutdown barrier lists what it had in flight
 and held, and the graceful exit waits until this consumer has seen each of them.
 
+Retirement: exit sees every token's trades, so each token is a key here. A token retired
+by activity (``token.lifecycle`` to ``inactive`` or ``graduated``) with nothing in play
+here (no position, no entry in flight, no rule's sale unsettled, no graceful exit under
+way) leaves memory and the partition's index; its record stays ``retire_ttl_s``. A late
+event of it (a trade on its pool after the migration) loads it and lets it go again; a
+position, an entry or a lifecycle state past the retirement keeps it.
+
 Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan; ``on_outcome`` is
 told each exit order's fill or refusal with the sale it settles.
@@ -79,6 +86,8 @@ CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 _CURVE_POOL = "pump"
 #: ids ended a mint remembers (its latest): a mint sees a handful of entries
 _ENDED_KEPT = 32
+#: lifecycle states that retire a token here once nothing of it is in play
+RETIRING = ("inactive", "graduated")
 
 
 def rule_order_id(position_id: str, number: int) -> str:
@@ -205,7 +214,12 @@ class ExitProcessor:
         on_outcome: OutcomeHook | None = None,
         on_market: MarketHook | None = None,
         on_lifecycle: LifecycleHook | None = None,
+        retire_ttl_s: float = 6 * 3600.0,
     ):
+        if retire_ttl_s <= 0:
+            raise ValueError("retire_ttl_s must be positive")
+        #: how long a retired token's record stays in the store
+        self.retire_ttl_s = retire_ttl_s
         # no on_timed: the consumer runs the timers, asked through Effects
         self.evaluator = ExitEvaluator(rules, clock=clock)
         self.slippage_pct = slippage_pct
@@ -247,7 +261,9 @@ class ExitProcessor:
             decisions = []
         elif isinstance(data, TokenTrade):
             if state.position is None:
-                return self._unheld_trade(state, data)
+                unheld = self._unheld_trade(state, data)
+                self._retire_if_done(state, effects)
+                return unheld
             price = self._mark(state, data)
             decisions = []
             if price is not None:
@@ -256,7 +272,7 @@ class ExitProcessor:
             state.migrated = True
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
         elif isinstance(data, TokenLifecycle):
-            if data.state == "inactive":
+            if data.state in RETIRING:
                 self._unheld.pop(state.mint, None)  # its next trade tells it again
             state.lifecycle = data.state
             state.activity_level = data.activity_level
@@ -269,13 +285,27 @@ class ExitProcessor:
             decisions = []
         self._order(state, decisions, effects)
         self._arm(state, effects)
+        self._retire_if_done(state, effects)
         return state
 
     def fire(self, state: ExitState, effects: Effects) -> ExitState:
         now = effects.now
         self._order(state, self._rules(state, lambda ev: ev.check_time(state.mint, now)), effects)
         self._arm(state, effects)
+        self._retire_if_done(state, effects)
         return state
+
+    def _retire_if_done(self, state: ExitState, effects: Effects) -> None:
+        """A retired token with nothing in play here leaves memory (see the module)."""
+        if (
+            state.lifecycle in RETIRING
+            and state.position is None
+            and not state.entries
+            and not state.pending
+            and not self.halted
+        ):
+            self._unheld.pop(state.mint, None)
+            effects.retire(self.retire_ttl_s)
 
     def encode(self, state: ExitState) -> bytes:
         return _encode(state)

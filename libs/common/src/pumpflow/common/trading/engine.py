@@ -283,6 +283,21 @@ class TradingEngine:
         view.applied[publisher] = seq
         return True
 
+    def forget_retired(self, mint: str) -> bool:
+        """Forget ``mint``'s view if its token retired (inactive, graduated) and no position
+        is held in it: the retirement's own event forgets it unless a position is held,
+        so a position closed later is the last of it. True if forgotten."""
+        view = self.views.get(mint)
+        if (
+            view is None
+            or view.lifecycle is None
+            or view.lifecycle.state not in _RETIRED_STATES
+            or self.positions.holds(mint)
+        ):
+            return False
+        del self.views[mint]
+        return True
+
     # ---------------------------------------------------------------- internals
 
     def _view(self, mint: str) -> TokenView:

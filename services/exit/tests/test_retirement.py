@@ -1,0 +1,73 @@
+"""Exit sees every token's trades, so every token is a key here: a token activity
+retires with nothing in play leaves memory and the partition's index, as tokens come
+and go by the thousand a day; one with a position stays until it is closed."""
+
+from __future__ import annotations
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import PositionClosed, TokenLifecycle, make_event
+from pumpflow.common.testing import TokenEvents
+
+from .helpers import START, embedded, exit_service, opened
+
+TOKENS = 300
+
+
+def lifecycle(clock: ReplayClock, mint: str, state: str, previous: str = "active"):
+    payload = TokenLifecycle(mint=mint, state=state, previous_state=previous)
+    return make_event(payload, source="activity/test", time=clock.now())
+
+
+async def index_entries(system, service) -> int:
+    """Keys the exit partitions' indexes list (what a new owner restores)."""
+    partitions = service.consumer.owned | service.consumer.restored
+    found = 0
+    for partition in partitions:
+        found += len(await system.store.hgetall(f"{service.consumer._index_prefix}{partition}"))
+    return found
+
+
+async def test_retired_tokens_leave_memory_and_the_index():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, _):
+        bus = system.bus
+        held = tokens.mint()
+        await bus.publish(tokens.created(held, sol=5.0))
+        await bus.publish(tokens.buy(held, "whale", sol=10.0))
+        position = opened(tokens, held)
+        await bus.publish(position)
+        for n in range(TOKENS):
+            mint = tokens.mint()
+            await bus.publish(tokens.created(mint, sol=1.0))
+            await bus.publish(tokens.buy(mint, "alice", sol=0.5))
+            await bus.publish(tokens.sell(mint, "alice", tokens=1000.0))
+            await bus.publish(lifecycle(clock, mint, "inactive" if n % 2 else "graduated"))
+            await clock.advance(1.0)
+        await bus.publish(lifecycle(clock, held, "inactive"))
+        await service.consumer.flush()
+        # the held token stays (its rules watch its position); the others are gone
+        assert set(service.consumer.keys()) == {held}
+        assert set(service.processor._unheld) <= {held}
+        assert await index_entries(system, service) == 1
+
+        # a late trade on a graduate's pool loads it, and it goes again
+        late = tokens.mint()
+        await bus.publish(tokens.created(late, sol=1.0))
+        await bus.publish(lifecycle(clock, late, "graduated"))
+        await bus.publish(tokens.buy(late, "bob", sol=0.5, pool="pump-amm"))
+        await service.consumer.flush()
+        assert late not in set(service.consumer.keys())
+        assert late not in service.processor._unheld
+
+        # the position closed, its retired token goes too
+        data = position.data
+        closed = PositionClosed(
+            position_id=data.position_id, mint=held, token_amount=0.0, cost_sol=data.cost_sol,
+            entry_price=data.entry_price, reason="test",
+        )  # fmt: skip
+        await bus.publish(make_event(closed, source="trading/test", time=clock.now()))
+        await service.consumer.flush()
+        assert len(service.consumer) == 0
+        assert await index_entries(system, service) == 0
