@@ -384,3 +384,25 @@ def test_images_run_as_an_unprivileged_user():
     for dockerfile in ROOT.glob("deploy/*Dockerfile"):
         users = re.findall(r"^USER (\S+)", dockerfile.read_text(), re.MULTILINE)
         assert users and users[-1] not in {"root", "0"}, dockerfile.name
+
+
+#: gauges each replica exports of the whole, not of its share: every model replica's
+#: rolling window starts from the same stored labels, and each one's drift monitor marks
+#: the features it sees drifting; a sum over replicas counts them once per replica
+WHOLE_PER_REPLICA = (
+    "pumpflow_model_live_labels",
+    "pumpflow_model_live_metric",
+    "pumpflow_model_feature_drifting",
+    "pumpflow_model_feature_psi",
+)
+SUMMED = re.compile(r"\bsum\s*(?:by\s*\([^)]*\)\s*)?\(\s*(pumpflow_[a-z_]+)")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_no_dashboard_sums_a_gauge_every_replica_exports_of_the_whole(path):
+    dashboard = json.loads(path.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    for panel in panels:
+        for target in panel["targets"]:
+            summed = set(SUMMED.findall(target["expr"])) & set(WHOLE_PER_REPLICA)
+            assert not summed, f"{panel['title']}: sums {summed} over replicas"

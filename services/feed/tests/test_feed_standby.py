@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
+from pumpflow.common.events import FeedSubscription, make_event
 from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
@@ -23,7 +25,7 @@ from pumpflow.simulator.market import Market, MarketConfig
 TTL = 1.0
 
 
-async def start_replica(server, bus, store, replica: str, db=None) -> FeedService:
+async def start_replica(server, bus, store, replica: str, db=None, registry=None) -> FeedService:
     settings = FeedSettings(
         pumpportal_ws_url=server.url,
         feed_record=db is not None,
@@ -32,7 +34,7 @@ async def start_replica(server, bus, store, replica: str, db=None) -> FeedServic
         transport="memory",
         replica=replica,
     )
-    service = FeedService(settings)
+    service = FeedService(settings, registry=registry)
     ctx = ServiceContext(settings=settings, bus=bus, clock=WallClock(), store=store, db=db)
     await service.start(ctx)
     return service
@@ -106,6 +108,52 @@ async def test_a_holder_that_loses_its_lease_disconnects_at_once():
         await thief.release()
         await eventually(lambda: server.connections == 1)
         assert server.counters["connections"] == 2
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+async def test_only_the_connected_replica_reports_subscriptions():
+    """pumpflow_feed_active_subscriptions is summed over the replicas: a standby keeps
+    the wanted mints from the commands, and one that lost the lease keeps them too, but
+    neither subscribes anything on PumpPortal."""
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120.0)), speed=40.0
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    store = MemoryStateStore(WallClock())
+    registries = {"one": CollectorRegistry(), "two": CollectorRegistry()}
+    first = await start_replica(server, bus, store, "one", registry=registries["one"])
+    second = await start_replica(server, bus, store, "two", registry=registries["two"])
+
+    def subscribed(name: str) -> float:
+        return registries[name].get_sample_value("pumpflow_feed_active_subscriptions")
+
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        command = FeedSubscription(action="subscribe", mints=("wantedA", "wantedB"), reason="t")
+        await bus.publish(make_event(command, source="activity/test", time=1.0))
+        await eventually(lambda: {"wantedA", "wantedB"} <= second.socket.active_mints)
+        await eventually(lambda: {"wantedA", "wantedB"} <= first.socket.active_mints)
+        assert subscribed("one") == len(first.socket.active_mints) >= 2
+        assert subscribed("two") == 0
+        # someone else takes the lease: the first disconnects, its wanted mints kept
+        await store.delete_if_equal("lease:" + LEASE_NAME, first.leader.holder.encode())
+        thief = Lease(store, LEASE_NAME, "thief", 60.0)
+        assert await thief.acquire()
+        await eventually(lambda: first.role == "standby" and not first.socket.is_connected)
+        assert first.socket.active_mints
+        assert subscribed("one") == 0
+        await thief.release()
+        await eventually(lambda: first.socket.is_connected or second.socket.is_connected)
+        holder = "one" if first.socket.is_connected else "two"
+        socket = (first if holder == "one" else second).socket
+        await eventually(lambda: subscribed(holder) == len(socket.active_mints) > 0)
+        assert subscribed("two" if holder == "one" else "one") == 0
     finally:
         await first.stop()
         await second.stop()

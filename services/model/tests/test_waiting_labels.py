@@ -131,7 +131,11 @@ async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_own
     assert first.labels.resolve_due() == []  # none is due before its horizon
 
     if ending == "stop":
-        # its partitions are revoked: their tokens are stored and handed over
+        # its partitions are revoked (as a rebalance does): their tokens are stored and
+        # handed over, and their labels wait here no more
+        await first.consumer.revoke(tuple(range(PARTITIONS)))
+        first.resolve_labels()
+        assert first.metrics.pending_labels() == 0
         await first.stop()
     else:
         # it dies: nothing more is written, its deliveries go back unacked
@@ -145,6 +149,13 @@ async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_own
             await bus.close()
     second = await start_replica(await buses.bus("model/2"), store, clock)
     assert second.consumer.owned == set(range(PARTITIONS))
+
+    def pending(service: ModelService) -> float:
+        service.resolve_labels()  # what the monitor loop exports every model_monitor_s
+        return service.metrics.pending_labels()
+
+    # the labels wait on the next owner now, restored with their tokens
+    await eventually(lambda: pending(second) == len(expected), what="the labels counted")
     # the horizon passes: the new owner's timers release them, its commits store them
     await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
     released = second.label_store.given
@@ -154,6 +165,7 @@ async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_own
     await second.consumer.flush()
     got = sorted((label.mint, label.time, label.arm) for label in released)
     assert got == expected  # each once
+    assert pending(second) == 0
     assert first.labels.resolve_due() == [] and first.label_store.given == []
     predicted = {(p.key, p.time): p for p in seen.of("model.prediction")}
     for label in released:

@@ -1190,6 +1190,9 @@ async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
         await eventually(lambda: {e.seq for e in got.events} == {1, 3, 4, 5, 6}, within=10)
         assert [e.seq for e in got.events][-4:] == [3, 4, 5, 6]
         assert len(await publisher.dead_letters(service, remove=False)) == 1
+        # the alert on dead letters hears of it, once
+        dead = metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition")
+        assert dead == 1
     finally:
         over.set()
 
@@ -1235,5 +1238,7 @@ async def test_a_message_that_kills_one_replica_after_another_is_counted_once_fo
         assert len(set(deliveries)) == len(deliveries)  # a replica of its own each time
         assert [decode_event(letter.body).id for letter in letters] == [poison.id]
         assert letters[0].reason.startswith(f"delivery limit: started {crashes} times")
+        dead = metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition")
+        assert dead == 1
     finally:
         over.set()

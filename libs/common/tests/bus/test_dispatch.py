@@ -150,3 +150,36 @@ async def test_a_batch_of_several_types_counts_each_types_events_in_its_series()
     assert (creations.consumed, creations.age.count, creations.receipt.count) == (1, 1, 1)
     assert (migrations.handler.count, creations.handler.count) == (2, 1)
     assert 0.02 <= creations.age.total < 5.0
+
+
+async def test_a_batch_handled_alone_after_its_call_failed_counts_each_events_age_once():
+    """The events of a batch whose call raised are dispatched one by one: still one
+    delivery each, so one age and one receipt age each, and consumed once."""
+    calls: list[int] = []
+
+    async def handled(event) -> None:
+        calls.append(event.seq)
+
+    async def failing_batch(events) -> None:
+        raise RuntimeError("the batch's call fails")
+
+    subscription = Subscription(
+        service="batch-fails", patterns=("token.*",), handler=handled,
+        batch_handler=failing_batch, window=4,
+    )  # fmt: skip
+    dispatcher = Dispatcher(service="batch-fails", lane="partition", event_log=EventLog("none"))
+    received = time.time() - 0.01
+    batch = [
+        make_event(
+            TokenMigrated(signature=f"s{seq}", mint="m1", txType="migrate", pool="pump-amm"),
+            source="feed/r1",
+            time=1.0,
+            seq=seq,
+            received_at=received,
+        )
+        for seq in (1, 2, 3)
+    ]
+    assert await dispatcher.dispatch_batch(batch, subscription) == []
+    assert calls == [1, 2, 3]
+    stats = series("batch-fails", "token.migrated", "partition")
+    assert (stats.consumed, stats.age.count, stats.receipt.count) == (3, 3, 3)

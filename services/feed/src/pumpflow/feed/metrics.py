@@ -82,9 +82,11 @@ class FeedMetrics:
             "pumpflow_feed_connected", "1 while the socket is connected", registry=registry
         )
         self.active_subscriptions = Gauge(
-            "pumpflow_feed_active_subscriptions", "Mints whose trades are subscribed",
+            "pumpflow_feed_active_subscriptions",
+            "Mints whose trades are subscribed on the PumpPortal connection (0 on a replica "
+            "without it)",
             registry=registry,
-        )  # fmt: skip
+        )
         self.subscribe_messages = Counter(
             "pumpflow_feed_subscribe_messages_total", "Subscription messages sent, by method",
             ["method"], registry=registry,

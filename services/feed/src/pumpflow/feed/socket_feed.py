@@ -323,9 +323,14 @@ class SocketDataFeed(DataFeedInterface):
             self._to_subscribe[mint] = None
 
     def _changed(self) -> None:
-        self.metrics.active_subscriptions.set(len(self._active))
+        self._export_subscriptions()
         if self._to_subscribe or self._to_unsubscribe:
             self._wake.set()
+
+    def _export_subscriptions(self) -> None:
+        # a replica without the connection subscribes nothing, whatever mints it keeps
+        # wanted (a hot standby keeps them from the commands): dashboards sum the replicas
+        self.metrics.active_subscriptions.set(len(self._active) if self._ws is not None else 0)
 
     async def _send_pending(self, ws: ClientConnection) -> None:
         """Send queued (un)subscriptions in batches, within the rate limit, until none are left."""
@@ -477,6 +482,7 @@ class SocketDataFeed(DataFeedInterface):
         self._to_subscribe = dict.fromkeys(self._active)
         self._ws = ws
         self.metrics.connected.set(1)
+        self._export_subscriptions()
         sender: asyncio.Task | None = None
         try:
             if self.config.subscribe_new_tokens:
@@ -504,6 +510,7 @@ class SocketDataFeed(DataFeedInterface):
             self._connected.clear()
             self.metrics.connected.set(0)
             self._ws = None
+            self._export_subscriptions()
             if sender is not None:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):

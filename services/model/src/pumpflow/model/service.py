@@ -66,6 +66,7 @@ import msgspec
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_event
 from pumpflow.common.features import FeatureManager
@@ -198,6 +199,8 @@ class ModelService(Service):
         self._unavailable_revision = -1
         self._loops: list[asyncio.Task] = []
         self.labels: LabelTracker | None = None
+        #: the partitions (owned, restored) the waiting labels were last counted over
+        self._labels_counted_over: tuple[frozenset[int], frozenset[int]] | None = None
         self.performance: RollingPerformance | None = None
 
     @property
@@ -231,6 +234,7 @@ class ModelService(Service):
         self._pruner = refit_pruner(self.label_store)
         serving = await self._start_serving()
         self.labels = LabelTracker(clock=ctx.clock)
+        self._labels_counted_over = None
         self.performance = RollingPerformance()
         if settings.model_store_labels:
             # the rolling figures go on from the labels stored before the restart
@@ -535,8 +539,30 @@ class ModelService(Service):
             figures for key in performance.keys()
             if (figures := performance.figures(*key)) is not None
         )
+        self._recount_labels()
         self.metrics.labels(self.labels)
         return resolved
+
+    def _recount_labels(self) -> None:
+        """Count the waiting labels from the tokens held here when the partitions held
+        change: a token restored with its partition or handed over with it brings or
+        takes its labels without a follow or a release (a partition revoked leaves its
+        keys a moment later, so only the owned ones count)."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        held = (frozenset(consumer.owned), frozenset(consumer.restored))
+        if held == self._labels_counted_over:
+            return
+        self._labels_counted_over = held
+        owned, partitions = consumer.owned, consumer.bus.partitions
+        tokens = []
+        for key in list(consumer.keys()):
+            if partition_of(key, partitions) in owned:
+                state = consumer.state(key)
+                if state is not None and state.labels is not None:
+                    tokens.append(state.labels)
+        self.labels.recount(tokens)
 
     async def _monitor_loop(self) -> None:
         while True:

@@ -231,16 +231,23 @@ class Dispatcher:
         if self._halted is not None and self._halted.is_set():
             self._halted = asyncio.Event()
 
-    async def dispatch(self, event: Event, subscription: Subscription) -> str | None:
-        """Deliver ``event`` to the subscription's handler; return a dead-letter reason or None."""
+    async def dispatch(
+        self, event: Event, subscription: Subscription, *, observed: bool = False
+    ) -> str | None:
+        """Deliver ``event`` to the subscription's handler; return a dead-letter reason or None.
+
+        ``observed``: its age and receipt age are counted already (by the batch it came
+        in, handled alone after the batch's call failed): one delivery, one observation.
+        """
         if HELD:
             await _unheld(self.service)
         stats = self._series.get(event.type) or self.series(event.type)
         event_log = self._event_log
-        now = time.time()
-        stats.age.observe(now - event.time)
-        if event.received_at is not None:
-            stats.receipt.observe(now - event.received_at)
+        if not observed:
+            now = time.time()
+            stats.age.observe(now - event.time)
+            if event.received_at is not None:
+                stats.receipt.observe(now - event.received_at)
         attempts = subscription.max_attempts if subscription.max_attempts > 1 else 1
         attempt = 0
         with ExitStack() as waiting:
@@ -321,7 +328,7 @@ class Dispatcher:
             )
             dead = []
             for event in events:
-                reason = await self.dispatch(event, subscription)
+                reason = await self.dispatch(event, subscription, observed=True)
                 if reason is not None:
                     dead.append((event, reason))
             return dead

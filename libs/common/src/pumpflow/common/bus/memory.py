@@ -650,6 +650,7 @@ class InMemoryBus(EventBus):
                     f"delivery limit: started {returns} times and never settled "
                     "(its consumer died or stopped with it each time)"
                 )
+                record_dead_letter(lane.group.service, event.type, lane.dispatcher.lane)
                 self._store_dead(_dead_letter(lane, event, reason))
                 return
             reason = await lane.dispatcher.dispatch(event, replica.subscription)

@@ -1280,13 +1280,17 @@ class RabbitMQBus(EventBus):
                 "(its consumer died or stopped with it each time)"
             )
             log.error("%s: %s, dead-lettered", queue, reason)
+            event_type = _type_of(message.routing_key)
             await self._to_dlq(
                 consumer.subscription.service,
                 message.body,
                 reason,
-                event_type=_type_of(message.routing_key),
+                event_type=event_type,
                 extra={"x-pumpflow-queue": queue},
             )
+            # counted once stored: a letter the broker did not take comes back, past the
+            # limit still
+            record_dead_letter(consumer.subscription.service, event_type, consumer.dispatcher.lane)
         else:
             try:
                 await self._dispatch(consumer, message)

@@ -338,10 +338,18 @@ class LabelTracker:
 
     @property
     def pending(self) -> int:
-        """Labels followed here and not yet handed out by :meth:`resolve_due` (a token
-        whose partition moved counts where it was followed until its labels are
-        released)."""
+        """Labels waiting in the tokens held here and released ones not yet handed out by
+        :meth:`resolve_due`. Tokens held in a keyed state come and go with their
+        partition (restored, handed over) without a follow or a release: their holder
+        :meth:`recount` s them then."""
         return max(self._waiting, 0) + self._released_count
+
+    def recount(self, held: Iterable[TokenLabels]) -> None:
+        """Count the labels waiting afresh: those of ``held``, the tokens held in keyed
+        states here, and those of the tokens this tracker holds by mint."""
+        self._waiting = sum(len(tokens.items) for tokens in held) + sum(
+            len(tokens.items) for tokens in self._mints.values()
+        )
 
     @property
     def mints(self) -> int:
