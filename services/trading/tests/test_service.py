@@ -255,6 +255,30 @@ async def test_a_pool_trade_redelivered_to_the_next_replica_moves_its_view_once(
         assert second.engine.views[mint].market.state != once
 
 
+async def test_a_graduates_pool_trades_keep_no_view_or_market_once_it_retired(clock, market):
+    """A graduate not held leaves with its graduation; its pool trades, which go on
+    streaming, make neither its view nor its market again (one per graduate, for ever),
+    in memory or in the store; a held graduate keeps both."""
+    service = trading(MemoryLedger(), trading_keep_token_views=True)
+    async with running(clock, service) as (bus, watch):
+        held = await ready(bus, market)
+        await publish(bus, market.prediction(held))
+        await clock.advance(1.0)
+        assert watch.payloads("position.opened")[-1].mint == held
+        graduates = [held] + [await ready(bus, market) for _ in range(3)]
+        for mint in graduates:
+            await publish(bus, market.tokens.migrated(mint), market.lifecycle(mint, "graduated"))
+        for mint in graduates:
+            for trader in ("amm1", "amm2"):
+                await publish(bus, market.tokens.buy(mint, trader, sol=1.0, pool="pump-amm"))
+        retired = set(graduates[1:])
+        assert not retired & set(service.engine.views)
+        assert not retired & set(service.executor.broker.markets)
+        assert held in service.engine.views and held in service.executor.broker.markets
+        await service.context.save(service.engine.views)
+        assert set(await service.context.load()) & set(graduates) == {held}
+
+
 async def test_a_redelivered_trade_counts_once_toward_the_rate_breaker(clock, market):
     """The same trade delivered again and again (by its publisher's seq) counts once
     toward the rate breaker: as many distinct events would trip it and halt entries."""

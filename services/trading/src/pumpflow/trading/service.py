@@ -585,7 +585,10 @@ class TradingService(Service):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
         produced = self.engine.process(event, admitted=True)
-        if self.context is not None and isinstance(data, _CONTEXT):
+        if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
+            # a graduate's pool trade the engine keeps no view for: nor its market here
+            self.executor.forget(data.mint)
+        elif self.context is not None and isinstance(data, _CONTEXT):
             if not (isinstance(data, ModelPrediction) and data.shadow):
                 self.context.change(data.mint)
         ordered = False

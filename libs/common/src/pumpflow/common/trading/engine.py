@@ -276,7 +276,11 @@ class TradingEngine:
         seq, data = event.seq, event.data
         if seq is None or not isinstance(data, _FOLDED):
             return True
-        view = self._view(data.mint)
+        view = self.views.get(data.mint)
+        if view is None:
+            if self._graduate_unheld(data):
+                return True
+            view = self._view(data.mint)
         publisher = source_service(event.source)
         if seq <= view.applied.get(publisher, 0):
             return False
@@ -307,7 +311,11 @@ class TradingEngine:
         return view
 
     def _on_token_event(self, data: TokenTrade | TokenCreated | TokenMigrated, time: float) -> None:
-        view = self._view(data.mint)
+        view = self.views.get(data.mint)
+        if view is None:
+            if self._graduate_unheld(data):
+                return
+            view = self._view(data.mint)
         if isinstance(data, TokenCreated):
             view.name = data.name
             view.symbol = data.symbol
@@ -322,6 +330,18 @@ class TradingEngine:
             view.curve = market.state
         if market.state is not None:
             self.positions.mark(data.mint, market.state, time=time, venue=market.venue)
+
+    def _graduate_unheld(self, data: object) -> bool:
+        """Whether ``data`` is a graduate's trade on its pool (or its migration) with
+        nothing held: its view went with its graduation and no entry is taken there,
+        while its pool trades go on streaming (a view made again from them would stay for
+        ever; a redelivered one counts again toward the rate breaker, as any event of a
+        token without a view does)."""
+        if isinstance(data, TokenTrade):
+            on_pool = data.pool == VENUE_POOL
+        else:
+            on_pool = isinstance(data, TokenMigrated)
+        return on_pool and not self.positions.holds(data.mint)
 
     def _remember(self, order_id: str) -> None:
         self.sent_orders[order_id] = None
