@@ -97,3 +97,60 @@ async def test_concurrent_migrations_of_a_new_schema_apply_it_once(conn, namespa
     assert await conn.fetchval(f'SELECT count(*) FROM "{namespace}".schema_migrations') == len(
         expected
     )
+
+
+#: the last migration of the released version an upgrade starts from (dd41b71)
+RELEASED = 13
+#: how that release writes a token event (its TokenEventStore's insert, renumbered unknown)
+_RELEASED_INSERT = """
+INSERT INTO token_events (
+    signature, tx_type, mint, event_time, seq, source, event_id, trader, sol_amount,
+    token_amount, v_sol_in_bonding_curve, v_tokens_in_bonding_curve, market_cap_sol,
+    payload, frame)
+VALUES ($1, 'buy', $2, $3, $4, 'feed/old', $5, $6, 1e-05, 10.5, 32.19, 1e9, 32.19,
+        $7::jsonb, $8)
+"""
+
+
+def _released_trade(i: int) -> tuple:
+    from pumpflow.common.testing import base58_key
+
+    signature, mint, trader = base58_key(f"sig-{i}", 88), base58_key("M"), base58_key(f"w{i}")
+    frame = (
+        f'{{"signature":"{signature}","mint":"{mint}","traderPublicKey":"{trader}",'
+        '"txType":"buy","tokenAmount":10.5,"solAmount":1e-05,"newTokenBalance":0,'
+        f'"bondingCurveKey":"{base58_key("bc")}","vTokensInBondingCurve":1000000000,'
+        '"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
+    )
+    return signature, mint, 100.0 + i, i, f"event-{i}", trader, frame, frame
+
+
+async def test_a_database_of_the_released_version_takes_the_new_migrations(
+    conn, namespace, monkeypatch
+):
+    # an upgrade in place: the schema and rows the release left, then this code's migrate
+    from pumpflow.common.db.pool import create_pool
+    from pumpflow.common.storage import TokenEventStore
+
+    real = load_migrations()
+    released = [m for m in real if m.version <= RELEASED]
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: released)
+    assert await migrate(conn, namespace) == [m.version for m in released]
+    await conn.execute(f'SET search_path TO "{namespace}"')
+    await conn.execute(_RELEASED_INSERT, *_released_trade(1))
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: real)
+    assert await migrate(conn, namespace) == [m.version for m in real if m.version > RELEASED]
+    # a replica of the release still writing during a rolling upgrade
+    await conn.execute(f'SET search_path TO "{namespace}"')
+    await conn.execute(_RELEASED_INSERT, *_released_trade(2))
+    dsn = os.environ.get("PUMPFLOW_TEST_POSTGRES_DSN", POSTGRES_DSN)
+    pool = await create_pool(dsn, namespace, apply_migrations=False)
+    try:
+        stored = [s async for s in TokenEventStore(pool).stream_stored()]
+    finally:
+        await pool.close()
+    assert [(s.event.seq, s.event.id, s.event.renumbered) for s in stored] == [
+        (1, "event-1", False),
+        (2, "event-2", False),
+    ]
+    assert [s.frame for s in stored] == [_released_trade(i)[-1].encode() for i in (1, 2)]
