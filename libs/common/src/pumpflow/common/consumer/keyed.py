@@ -95,6 +95,8 @@ owns the rest:
   queued (work across keys at once: the model service's one model call for many
   tokens) and ``settle`` once that work is over, whatever came of it (applied, a
   duplicate, refused, raised), so what ``prepare`` kept for the delivery goes with it.
+  ``on_forgotten`` is told each key that leaves memory (retired, revoked, dropped as
+  unencodable), so what a service keeps per key beside its state goes with it.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -377,6 +379,7 @@ class KeyedStatefulConsumer(Generic[S]):
         settle: Callable[[Sequence[Event]], None] | None = None,
         history: HistorySource | None = None,
         before_write: Callable[[], Awaitable[Any]] | None = None,
+        on_forgotten: Callable[[str], None] | None = None,
     ):
         self.processor = processor
         self.config = config
@@ -396,6 +399,9 @@ class KeyedStatefulConsumer(Generic[S]):
         #: came of it (applied, a duplicate, refused, raised): what was prepared for it
         #: and not taken goes
         self._settle = settle
+        #: told each key that leaves memory (retired, revoked, unencodable): what the
+        #: service holds of it beside its state goes
+        self._on_forgotten = on_forgotten
         #: where a key without a record is rebuilt from (see the module)
         self._history = history
         #: stores what the keys of a commit handed out of their state, before it writes
@@ -1245,12 +1251,17 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
             self.metrics.retired.inc()
+            if self._on_forgotten is not None:
+                self._on_forgotten(entry.key)
 
-    def _forget(self, entry: _Key) -> None:
+    def _forget(self, entry: _Key, *, replaced: bool = False) -> None:
+        """Drop ``entry`` from memory; ``replaced``: by a newer one of its key, which stays."""
         entry.gone = True
         self._cancel_timer(entry)
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
+            if self._on_forgotten is not None and not replaced:
+                self._on_forgotten(entry.key)
 
     async def _retry(
         self, action: Callable[[], Awaitable[T]], what: str, *, key: str | None = None
@@ -1443,7 +1454,8 @@ class KeyedStatefulConsumer(Generic[S]):
                         continue  # loaded when an event comes for it
                     old = self._keys.get(key)
                     if old is not None:
-                        self._forget(old)  # the store is newer than what memory held
+                        # the store is newer than what memory held
+                        self._forget(old, replaced=True)
                     entry = self._entry_from(key, record)
                     self._keys[key] = entry
                     self._adopt(entry, record)
