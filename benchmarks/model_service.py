@@ -2,11 +2,12 @@
 
 What the keyed consumer runs per delivery, without the bus and the store: the
 processor's ``prepare`` of a batch (the vectors the policy scores, one onnxruntime
-call per model, the shipped default model) and then ``apply`` of each event (the
+call per model, the shipped default model), then ``apply`` of each event (the
 policy, the arm, the ``model.prediction`` payload handed to the effects, and, as the
 service does, each vector's price observed and each prediction followed to its label
 in the token's state, released there once due, with the effects' clock at the
-event's time; ``--no-labels`` leaves that out). The vectors are a simulated market's
+event's time; ``--no-labels`` leaves that out), then ``settle`` of the batch (what its
+events did not take is dropped). The vectors are a simulated market's
 ``features.updated``; each batch holds ``--batch`` tokens' vectors, as a delivery of
 that many tokens does. One process, one thread, onnxruntime with one intra-op thread.
 A second figure adds what the consumer's commit does per delivery: each token's state
@@ -184,6 +185,7 @@ def main() -> None:
             return state
 
     encode = processor.encode
+    settle = processor.settle
 
     def run_batch(batch, *, commit: bool = False) -> None:
         processor.prepare(batch, states.get)
@@ -194,6 +196,7 @@ def main() -> None:
             if state is None:
                 state = states[event.key] = initial(event.key)
             apply(state, event, effects)
+        settle(batch)  # as the consumer does once the batch's work is over
         if labels is not None:
             labels.resolve_due(batch[-1].time)  # what the service's monitor takes each second
         if commit:

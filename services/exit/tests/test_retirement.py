@@ -1,16 +1,25 @@
 """Exit sees every token's trades, so every token is a key here: a token activity
 retires with nothing in play leaves memory and the partition's index, as tokens come
-and go by the thousand a day; one with a position stays until it is closed."""
+and go by the thousand a day; one with a position stays until it is closed. A token
+whose partition moves to another replica leaves this one's memory, its market too."""
 
 from __future__ import annotations
 
+from pumpflow.common.bus import partition_of
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import PositionClosed, TokenLifecycle, make_event
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents
+from pumpflow.exit.service import ExitService
 
 from .helpers import START, embedded, exit_service, opened
 
 TOKENS = 300
+PARTITIONS = 4
+BEAT = OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
 
 
 def lifecycle(clock: ReplayClock, mint: str, state: str, previous: str = "active"):
@@ -71,3 +80,47 @@ async def test_retired_tokens_leave_memory_and_the_index():
         await service.consumer.flush()
         assert len(service.consumer) == 0
         assert await index_entries(system, service) == 0
+
+
+async def test_tokens_of_a_partition_moved_to_another_replica_leave_this_ones_memory():
+    """A replica joins: the partitions it takes leave the first replica with their
+    tokens, what the processor holds of them beside their state (their market) too."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    bus = InMemoryBus(partitions=PARTITIONS, synchronous=True, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    services: dict[str, tuple[ExitService, BalancedBus]] = {}
+
+    async def replica(name: str) -> ExitService:
+        balanced = BalancedBus(bus, store=store, clock=clock, replica=name, config=BEAT)
+        service = exit_service(partitions=PARTITIONS, replica=name)
+        ctx = ServiceContext(settings=service.settings, bus=balanced, clock=clock, store=store)
+        await service.start(ctx)
+        services[name] = (service, balanced)
+        return service
+
+    def owned(name: str) -> set[int]:
+        return set(services[name][1].balancer("exit").owned)
+
+    try:
+        a = await replica("a")
+        mints = [tokens.mint() for _ in range(16)]
+        for mint in mints:
+            await bus.publish(tokens.created(mint, sol=1.0))
+            await bus.publish(tokens.buy(mint, "alice", sol=0.5))
+        await a.consumer.flush()
+        assert set(a.consumer.keys()) == set(a.processor._unheld) == set(mints)
+
+        await replica("b")
+        await clock.advance(3 * BEAT.heartbeat_interval_s)
+        assert owned("a") and owned("b") and owned("a") | owned("b") == set(range(PARTITIONS))
+        kept = {m for m in mints if partition_of(m, PARTITIONS) in owned("a")}
+        assert kept and kept != set(mints)
+        assert set(a.consumer.keys()) == kept
+        assert set(a.processor._unheld) == kept
+    finally:
+        for service, balanced in reversed(services.values()):
+            await balanced.balancer("exit").stop(leave=True)
+            await service.stop()
+        await bus.close()

@@ -402,12 +402,15 @@ async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
     bus = await pair.bus()
     announced = await watch(bus)
     leaving, staying = RecordingProcessor(timers=True), RecordingProcessor(timers=True)
-    first = await pair.consumer(leaving)
+    forgotten: list[str] = []
+    first = await pair.consumer(leaving, on_forgotten=forgotten.append)
     await bus.publish_many([trade(m, 1) for m in MINTS])
     await announced.wait_until(lambda c: all(c.count(key=m) >= 1 for m in MINTS))
+    assert forgotten == []
     # the partitions move: the first replica's timers stop, the next one's are armed
     await first.revoke(tuple(range(PARTITIONS)))
     assert len(first) == 0
+    assert sorted(forgotten) == sorted(MINTS)  # what the service holds of them goes too
     await pair.consumer(staying, bus=bus if pair.transport == "memory" else await pair.bus())
     await pair.clock.advance(TIMER_DELAY + 2)
     assert leaving.fired_keys == []
@@ -421,11 +424,13 @@ async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
 async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     bus = await pair.bus()
     announced = await watch(bus)
-    consumer = await pair.consumer(RecordingProcessor())
+    forgotten: list[str] = []
+    consumer = await pair.consumer(RecordingProcessor(), on_forgotten=forgotten.append)
     mint = MINTS[4]
     await bus.publish_many([trade(mint, 1), trade(mint, 2), migrated(mint, 3)])
     await announced.wait_for(2, key=mint)
     await eventually(lambda: mint not in consumer.keys())
+    assert forgotten == [mint]
     record = await pair.record(mint)
     assert record is not None and record.retired and record.applied == {"feed": 3}
     # off the partition's index too, or the index would list every key ever seen
@@ -443,6 +448,7 @@ async def test_a_retired_key_leaves_memory_and_its_record_expires(pair):
     await eventually(indexed, 10, what="the revived key indexed again")
     await bus.publish(migrated(mint, 5))
     await eventually(lambda: mint not in consumer.keys())
+    assert forgotten == [mint, mint]
     assert not await indexed()
     if pair.transport == "memory":
         await pair.clock.advance(RETIRE_TTL + 0.01)

@@ -35,6 +35,7 @@ from pumpflow.activity.settings import ActivitySettings
 from pumpflow.common.activity import ActivityProcessor, ActivityState, FeedAction
 from pumpflow.common.activity.lifecycle import STATES
 from pumpflow.common.activity.processor import counted
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import TimerHandle
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer, Record
 from pumpflow.common.events import Event, FeedSubscription, make_event
@@ -66,8 +67,8 @@ class ActivityService(Service):
             on_counted=self._counted,
         )
         #: mint -> lifecycle state of the live tokens held here, kept as applies change
-        #: them; read again from every token when the partitions held change (keys
-        #: restored or handed over come and go without an apply)
+        #: them and dropped as tokens leave memory; read again from every token of the
+        #: partitions owned when those change (keys restored come without an apply)
         self._states: dict[str, str] = {}
         self._by_state: Counter[str] = Counter()
         self._counted_over: tuple[frozenset[int], frozenset[int]] | None = None
@@ -89,6 +90,7 @@ class ActivityService(Service):
             self.settings.consumer_config(self.name),
             on_published=self._count,
             metrics=self.consumer_metrics,
+            on_forgotten=self._forgotten,
         )
         self._schedule_batch()
         await self.consumer.start()
@@ -186,7 +188,11 @@ class ActivityService(Service):
         if consumer is None:
             return []
         found = []
+        # a partition revoked leaves its keys a moment later, once handed over
+        owned, partitions = consumer.owned, consumer.bus.partitions
         for key in list(consumer.keys()):
+            if partition_of(key, partitions) not in owned:
+                continue
             state = consumer.state(key)
             if state is not None and state.state is not None:
                 found.append(state)
@@ -201,8 +207,13 @@ class ActivityService(Service):
             self._states[mint] = state
             by_state[state] += 1
 
+    def _forgotten(self, mint: str) -> None:
+        # retired or handed over: a fire that ran while its partition was revoked may
+        # have counted it after the recount of the partitions left
+        self._counted(mint, None)
+
     def counts(self) -> dict[str, int]:
-        """Live tokens held here (not retired), by lifecycle state."""
+        """Live tokens held here (of the partitions owned, not retired), by lifecycle state."""
         consumer = self.consumer
         if consumer is not None:
             held = (frozenset(consumer.owned), frozenset(consumer.restored))

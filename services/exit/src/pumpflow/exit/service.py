@@ -217,6 +217,7 @@ class ExitService(Service):
             s.consumer_config(s.service),
             on_published=self._published,
             metrics=self.consumer_metrics,
+            on_forgotten=self.processor.forget,
         )
         await self.consumer.start()
         self._control = Subscription(

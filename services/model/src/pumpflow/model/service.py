@@ -247,6 +247,7 @@ class ModelService(Service):
             self.processor,
             self.settings.consumer_config(self.name),
             prepare=self._prepare,
+            settle=self.processor.settle,
             on_published=self._count,
             metrics=self.consumer_metrics,
             before_write=self._store_released if settings.model_store_labels else None,

@@ -91,6 +91,12 @@ owns the rest:
   return above its floor the same way) skips no seq of its publisher: nothing between
   is kept ``missing``, no gap or unrecorded start is counted. A key without a record is
   still rebuilt from history first: its events before belong to it all the same.
+- **Beside the keys.** ``prepare`` is told each delivery before its keys' work is
+  queued (work across keys at once: the model service's one model call for many
+  tokens) and ``settle`` once that work is over, whatever came of it (applied, a
+  duplicate, refused, raised), so what ``prepare`` kept for the delivery goes with it.
+  ``on_forgotten`` is told each key that leaves memory (retired, revoked, dropped as
+  unencodable), so what a service keeps per key beside its state goes with it.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -370,8 +376,10 @@ class KeyedStatefulConsumer(Generic[S]):
         on_published: Callable[[Sequence[Event]], None] | None = None,
         metrics: ConsumerMetrics | None = None,
         prepare: Callable[[Sequence[Event]], None] | None = None,
+        settle: Callable[[Sequence[Event]], None] | None = None,
         history: HistorySource | None = None,
         before_write: Callable[[], Awaitable[Any]] | None = None,
+        on_forgotten: Callable[[str], None] | None = None,
     ):
         self.processor = processor
         self.config = config
@@ -387,6 +395,13 @@ class KeyedStatefulConsumer(Generic[S]):
         #: work across keys is done there at once (one model call for many tokens); it
         #: reads state, never changes it
         self._prepare = prepare
+        #: given each delivery ``prepare`` was, once its keys' work is over, whatever
+        #: came of it (applied, a duplicate, refused, raised): what was prepared for it
+        #: and not taken goes
+        self._settle = settle
+        #: told each key that leaves memory (retired, revoked, unencodable): what the
+        #: service holds of it beside its state goes
+        self._on_forgotten = on_forgotten
         #: where a key without a record is rebuilt from (see the module)
         self._history = history
         #: stores what the keys of a commit handed out of their state, before it writes
@@ -525,7 +540,14 @@ class KeyedStatefulConsumer(Generic[S]):
                     self._reprioritise(entry, hinted)
                 self.pool.set_priority(key, hinted)
         done = asyncio.get_running_loop().create_future()
-        self.pool.post(key, lambda: self._apply_then_wait(key, event, done), priority=priority)
+        if self._settle is not None:
+            # done once applied or failed: the event's work is over either way
+            done.add_done_callback(lambda _: self._settle((event,)))
+        try:
+            self.pool.post(key, lambda: self._apply_then_wait(key, event, done), priority=priority)
+        except BaseException:
+            done.cancel()
+            raise
         return done
 
     def handle_batch(self, events: Sequence[Event]) -> asyncio.Future:
@@ -550,23 +572,36 @@ class KeyedStatefulConsumer(Generic[S]):
                 mine.append(event)
         if self._prepare is not None:
             self._prepare(events)
-        batch = _Batch(self, asyncio.get_running_loop().create_future(), len(by_key))
+        batch = _Batch(
+            self,
+            asyncio.get_running_loop().create_future(),
+            len(by_key),
+            events if self._settle is not None else None,
+        )
         hint = self._priority_hint
-        for key, mine in by_key.items():
-            entry = self._keys.get(key)
-            priority = entry.priority if entry is not None else Priority.NORMAL
-            if hint is not None:
-                for event in mine:
-                    hinted = hint(event)
-                    if hinted is not None:
-                        priority = hinted
-                        if entry is not None:
-                            self._reprioritise(entry, hinted)
-                        self.pool.set_priority(key, hinted)
-            # at once when the pool has nothing waiting: no queue, worker and loop turn
-            self.pool.run_now(
-                key, lambda k=key, m=mine: self._apply_batch(k, m, batch), priority=priority
-            )
+        queued = 0
+        try:
+            for key, mine in by_key.items():
+                entry = self._keys.get(key)
+                priority = entry.priority if entry is not None else Priority.NORMAL
+                if hint is not None:
+                    for event in mine:
+                        hinted = hint(event)
+                        if hinted is not None:
+                            priority = hinted
+                            if entry is not None:
+                                self._reprioritise(entry, hinted)
+                            self.pool.set_priority(key, hinted)
+                # at once when the pool has nothing waiting: no queue, worker and loop turn
+                self.pool.run_now(
+                    key, lambda k=key, m=mine: self._apply_batch(k, m, batch), priority=priority
+                )
+                queued += 1
+        except BaseException as exc:
+            # a closing pool takes no more: the keys not queued end the batch as failed
+            for _ in range(len(by_key) - queued):
+                batch.fail(exc)
+            raise
         return batch.done
 
     def _reprioritise(self, entry: _Key, priority: int) -> None:
@@ -1216,12 +1251,17 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
             self.metrics.retired.inc()
+            if self._on_forgotten is not None:
+                self._on_forgotten(entry.key)
 
-    def _forget(self, entry: _Key) -> None:
+    def _forget(self, entry: _Key, *, replaced: bool = False) -> None:
+        """Drop ``entry`` from memory; ``replaced``: by a newer one of its key, which stays."""
         entry.gone = True
         self._cancel_timer(entry)
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
+            if self._on_forgotten is not None and not replaced:
+                self._on_forgotten(entry.key)
 
     async def _retry(
         self, action: Callable[[], Awaitable[T]], what: str, *, key: str | None = None
@@ -1414,7 +1454,8 @@ class KeyedStatefulConsumer(Generic[S]):
                         continue  # loaded when an event comes for it
                     old = self._keys.get(key)
                     if old is not None:
-                        self._forget(old)  # the store is newer than what memory held
+                        # the store is newer than what memory held
+                        self._forget(old, replaced=True)
                     entry = self._entry_from(key, record)
                     self._keys[key] = entry
                     self._adopt(entry, record)
@@ -1561,14 +1602,22 @@ class _Unencodable(Exception):
 class _Batch:
     """One batch handler call: its future, done once every key's events are stored."""
 
-    __slots__ = ("_consumer", "announced", "done", "generation", "left")
+    __slots__ = ("_consumer", "announced", "done", "events", "generation", "left")
 
-    def __init__(self, consumer: KeyedStatefulConsumer, done: asyncio.Future, keys: int):
+    def __init__(
+        self,
+        consumer: KeyedStatefulConsumer,
+        done: asyncio.Future,
+        keys: int,
+        events: Sequence[Event] | None,
+    ):
         self._consumer = consumer
         self.done = done
         self.left = keys
         self.generation = 0
         self.announced = False
+        #: the delivery's events, settled once every key's work is over (None: not told)
+        self.events = events
 
     def applied(self, generation: int, *, announced: bool) -> None:
         """One key's events are applied; the last key hands the batch to the commit."""
@@ -1576,11 +1625,16 @@ class _Batch:
         if generation > self.generation:
             self.generation = generation
         self.announced = self.announced or announced
-        if not self.left and not self.done.done():
-            self._consumer._when_stored(self.generation, self.done, announced=self.announced)
+        if not self.left:
+            if self.events is not None:
+                self._consumer._settle(self.events)
+            if not self.done.done():
+                self._consumer._when_stored(self.generation, self.done, announced=self.announced)
 
     def fail(self, exc: BaseException) -> None:
         self.left -= 1
+        if not self.left and self.events is not None:
+            self._consumer._settle(self.events)
         if not self.done.done():
             self.done.set_exception(exc)
 

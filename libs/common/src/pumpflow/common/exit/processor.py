@@ -235,6 +235,11 @@ class ExitProcessor:
         #: event's mark and no curve (a graceful exit then sizes by that mark)
         self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
 
+    def forget(self, mint: str) -> None:
+        """``mint`` left memory here (retired, or its partition moved): what is held of
+        it beside its state goes (the keyed consumer's ``on_forgotten``)."""
+        self._unheld.pop(mint, None)
+
     # ---------------------------------------------------------------- KeyedProcessor
 
     def initial(self, key: str) -> ExitState:

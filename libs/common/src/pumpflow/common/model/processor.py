@@ -34,7 +34,9 @@ tokens' events before their keys' work runs, picks the vectors the policy will s
 :meth:`ModelProcessor.apply` then takes a vector's score from there, or scores the
 vector alone when it was not prepared (a single delivery, a state not in memory, a
 table or model changed meanwhile). Either way the prediction names the version that
-really scored it.
+really scored it. :meth:`ModelProcessor.settle`, told once the batch's work is over,
+drops what its events did not take (a duplicate, a refused event, an apply that
+raised): what is kept is the deliveries in flight, never more.
 """
 
 from __future__ import annotations
@@ -109,8 +111,6 @@ _Score = tuple[ModelCard, float, float]
 #: what was prepared for one vector: its values packed (little-endian float64; None:
 #: not kept), then each model id that scored it and its score
 _Prepared = tuple
-#: prepared vectors kept at most (ones never applied, duplicates say, go oldest first)
-PREPARED_KEPT = 65536
 
 
 class ModelProcessor:
@@ -203,10 +203,16 @@ class ModelProcessor:
                     )
             rows += len(chosen)
         self.prepared_rows += rows
-        if len(prepared) > PREPARED_KEPT:
-            for stale in list(prepared)[: len(prepared) - PREPARED_KEPT]:
-                del prepared[stale]
         return rows
+
+    def settle(self, events: Sequence[Event]) -> None:
+        """Forget what was prepared for ``events``: their delivery is over, and those not
+        applied (a duplicate, a refusal, an apply that raised) never take it."""
+        prepared = self._prepared
+        if prepared:
+            pop = prepared.pop
+            for event in events:
+                pop(event.id, None)
 
     # ---------------------------------------------------------------- KeyedProcessor
 
