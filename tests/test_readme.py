@@ -188,3 +188,34 @@ def test_every_make_target_the_docs_name_exists():
     for doc, text in DOCS.items():
         for target in re.findall(r"(?:^|`)make ([a-z]+)", text, re.M):
             assert target in targets, (doc, target)
+
+
+def test_the_service_table_lists_what_each_service_consumes_and_publishes():
+    """The README's table of services against the deployed topology (the catalogue's
+    source): ``order.*`` stands for every ``order`` event, exit's control consumer is
+    exit's."""
+    from pumpflow.cli.catalogue import consumer_groups
+    from pumpflow.common.events import registered
+    from pumpflow.common.runtime.topology import PUBLISHERS
+
+    types = {event_type for event_type, _ in registered()}
+
+    def expanded(cell: str) -> set[str]:
+        named = {name.strip() for name in cell.split(",")}
+        return {
+            t for name in named for t in types
+            if t == name or (name.endswith(".*") and t.startswith(name[:-1]))
+        } | {name for name in named if not name.endswith(".*")}
+
+    groups = consumer_groups()
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| ([^|]+) \| ([^|]+) \|$", README, re.M)
+    table = {
+        service: (expanded(consumes), expanded(publishes))
+        for service, consumes, publishes in rows
+        if service in PUBLISHERS
+    }
+    assert set(table) == set(PUBLISHERS)
+    for service, (consumes, publishes) in table.items():
+        deployed = set(groups[service]) | set(groups.get(f"{service}-control", ()))
+        assert consumes == deployed, service
+        assert publishes == set(PUBLISHERS[service]), service
