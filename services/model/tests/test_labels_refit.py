@@ -3,6 +3,7 @@ its model on them when the policy says so, swapping the refit in only if it is b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from pathlib import Path
@@ -123,6 +124,38 @@ async def test_labels_released_are_stored_with_their_tokens_without_a_round(pg_p
         assert len(await stored_labels(pg_pool)) == followed
         assert model.performance.figures("entry", "control").labels == followed
     assert len(await stored_labels(pg_pool)) == followed
+
+
+async def test_a_label_the_store_refuses_alone_is_dropped_and_holds_no_commit(pg_pool):
+    """A released label Postgres refuses for what it holds (a NUL in a text), stored with
+    the others by a commit's ``before_write``: retried, it would hold that commit and
+    every later one for ever. It is dropped and counted; the others are stored."""
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
+    )
+    model = model_service(model_monitor_s=3600.0, model_refit=False)
+    async with run_embedded([model], clock=clock, db=pg_pool) as system:
+        for vector in vectors:
+            await clock.advance_to(vector.time)
+            await system.bus.publish(vector)
+        await system.drain()
+        followed = model.labels.pending
+        assert followed > 10
+        good, poison = synthetic_labels(by_rsi, n=2)
+        poison = msgspec.structs.replace(poison, mint="bad\x00mint")
+        model._to_store += [good, poison]
+        try:
+            assert await model.store_labels() == 1
+        finally:
+            # a test that fails here stops all the same
+            model._to_store = [label for label in model._to_store if label is not poison]
+        assert model.metrics.refused_count() == 1
+        await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+        await eventually(lambda: labels_released(model), what="every label released")
+        await asyncio.wait_for(model.consumer.flush(), 20.0)
+        assert len(await stored_labels(pg_pool)) == followed + 1
+        assert model._to_store == []
 
 
 async def test_labels_released_and_committed_outlive_a_crash_before_the_round(

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.db.pool import create_pool
+from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, eventually
@@ -168,3 +169,86 @@ async def test_the_ledgers_older_state_never_undoes_a_halt_not_stored_yet(clock,
         await clock.advance(service.settings.trading_tick_s)
         await publish(bus, market.prediction(mint))
         assert watch.count("order.requested") == 0
+
+
+async def _waiting_for_lock(pool, table: str) -> bool:
+    """Whether a statement waits for the lock on ``table`` (of the pool's schema)."""
+    async with pool.acquire() as conn:
+        return await conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_locks WHERE relation = $1::regclass AND NOT granted",
+            table,
+        )
+
+
+async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sent(
+    clock, market, pg_pool
+):
+    """The halt comes while the store of an entry's order waits (a lock on the orders):
+    the halt leaves it to that store, which fails; the entry is then refused as any
+    entry waiting for the ledger when the halt came, never stored as sent nor sent."""
+    ledger = PostgresLedger(pg_pool)
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        mint = await ready(bus, market)
+        async with pg_pool.acquire() as holder, holder.transaction():
+            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
+            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
+                             what="the entry's store waiting for the lock")  # fmt: skip
+            halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
+            await eventually(lambda: service.risk.state is TradingState.HALTED,
+                             what="the halt applied")  # fmt: skip
+            # the store under way fails
+            await holder.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE relation = 'orders'::regclass AND NOT granted"
+            )
+            with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
+                await deciding
+        answer = await asyncio.wait_for(halting, 30)
+        assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
+        await clock.advance(service.settings.trading_tick_s)
+        assert watch.count("order.requested") == 0
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"] == "halted before it was sent: operator", order
+        assert service.risk.reservations == {}
+        assert service.executor.due(clock.now() + 3600.0) == []
+
+
+async def test_a_halt_given_while_a_resume_waits_to_apply_stands(clock, market, pg_pool):
+    """A resume stored, waiting for a decision under way to apply here; a halt comes and
+    is stored after it: the halt stands, here as in the ledger, and no entry follows."""
+    ledger = PostgresLedger(pg_pool)
+    await ledger.set_control(TradingState.HALTED, "halted before")
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        assert service.risk.state is TradingState.HALTED
+        mint = await ready(bus, market)
+        async with pg_pool.acquire() as holder, holder.transaction():
+            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            # a decision under way: a sale refused (nothing held) waits to be stored
+            sale = ExitOrder(
+                order_id="nothing-held", mint=mint, position_id="none", token_amount=1.0
+            )
+            deciding = asyncio.create_task(
+                service.on_events([make_event(sale, source="exit/t", time=clock.now())])
+            )
+            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
+                             what="the decision's store waiting for the lock")  # fmt: skip
+            resuming = asyncio.create_task(client.post("/resume", json={"reason": "resumed"}))
+            await eventually(lambda: service._control == (TradingState.ACTIVE, "resumed"),
+                             what="the resume stored, waiting to apply")  # fmt: skip
+            halting = asyncio.create_task(client.post("/halt", json={"reason": "halted again"}))
+            await eventually(lambda: service.state_view()["operator_state_stored"],
+                             what="the halt stored")  # fmt: skip
+        await asyncio.wait_for(deciding, 30)
+        resumed = await asyncio.wait_for(resuming, 30)
+        assert resumed.status_code == 200, resumed.text
+        halted = await asyncio.wait_for(halting, 30)
+        assert halted.status_code == 200, halted.text
+        assert await ledger.control() == ("halted", "halted again")
+        assert service.risk.state is TradingState.HALTED, service.state_view()
+        assert service.risk.operator_reason == "halted again"
+        await publish(bus, market.prediction(mint))
+        assert [o.side for o in watch.payloads("order.requested")] == ["sell"]

@@ -81,6 +81,12 @@ class _Families:
             "Live labels stored (new ones; a label stored already is not counted)",
             registry=registry,
         )
+        self.refused_labels = Counter(
+            "pumpflow_model_labels_refused",
+            "Released labels the label store refused alone (for what they hold, not an "
+            "outage), dropped unstored",
+            registry=registry,
+        )
         self.serving_unavailable = Counter(
             "pumpflow_model_serving_unavailable",
             "Stored servings this replica could not serve (a model file missing here and "
@@ -222,6 +228,12 @@ class ModelServiceMetrics:
 
     def labels_stored(self, count: int) -> None:
         self._f.stored_labels.inc(count)
+
+    def label_refused(self) -> None:
+        self._f.refused_labels.inc()
+
+    def refused_count(self) -> float:
+        return self._f.refused_labels._value.get()
 
     def serving(self, versions: Mapping[str, str]) -> None:
         self._f.serving.clear()

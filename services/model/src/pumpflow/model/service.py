@@ -68,6 +68,7 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
+from pumpflow.common.dependencies import transient_dependency
 from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import CardError, ModelError, ModelManager
@@ -577,22 +578,56 @@ class ModelService(Service):
     async def store_labels(self) -> int:
         """Store the labels handed out since the last call; how many were new.
 
-        A batch the store refused is kept whole for the next call: the commit waiting for
-        it holds the tokens' states that would otherwise be written without them (so
-        what waits here is at most what was waiting in those states)."""
+        A batch the store could not take (Postgres away) is kept whole for the next call:
+        the commit waiting for it holds the tokens' states that would otherwise be written
+        without them (so what waits here is at most what was waiting in those states). A
+        batch the store refused for what it holds is stored label by label, and a label
+        refused alone is dropped, logged and counted: retried, it would hold every
+        commit of the service for ever."""
         pending, self._to_store = self._to_store, []
         if not pending:
             return 0
         try:
-            added = await self.label_store.add(
-                pending, feature_set_version=self.processor.feature_set_version,
-                names=self.manager.feature_manager.names,
-            )
+            added = await self._add(pending)
+        except Exception as exc:
+            if transient_dependency(exc) is not None:
+                self._to_store = pending + self._to_store
+                raise
+            log.error("model: the label store refused %d labels (%r); storing them one by "
+                      "one", len(pending), exc)  # fmt: skip
+            added = await self._add_apart(pending)
         except BaseException:
-            # refused, or cancelled (by a stop, which stores them then, or a crash)
+            # cancelled (by a stop, which stores them then, or a crash)
             self._to_store = pending + self._to_store
             raise
         self.metrics.labels_stored(added)
+        return added
+
+    async def _add(self, labels: Sequence[ResolvedLabel]) -> int:
+        return await self.label_store.add(
+            labels, feature_set_version=self.processor.feature_set_version,
+            names=self.manager.feature_manager.names,
+        )
+
+    async def _add_apart(self, labels: list[ResolvedLabel]) -> int:
+        """Store ``labels`` one by one, dropping each the store refuses alone; how many
+        were new. What is not tried when the store goes away waits for the next call."""
+        added = 0
+        for i, label in enumerate(labels):
+            try:
+                added += await self._add((label,))
+            except Exception as exc:
+                if transient_dependency(exc) is not None:
+                    self.metrics.labels_stored(added)
+                    self._to_store = labels[i:] + self._to_store
+                    raise
+                log.error("model: label of %s (%s %s, %s) refused by the store, dropped: %r",
+                          label.mint, label.model_id, label.arm, label.time, exc)  # fmt: skip
+                self.metrics.label_refused()
+            except BaseException:
+                self.metrics.labels_stored(added)
+                self._to_store = labels[i:] + self._to_store
+                raise
         return added
 
     # ---------------------------------------------------------------- refits

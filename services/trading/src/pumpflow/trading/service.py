@@ -836,6 +836,16 @@ class TradingService(Service):
             self._storing = len(steps)
             try:
                 inserted = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+            except Exception:
+                self._storing = 0
+                if self.risk.operator_state is TradingState.HALTED:
+                    # a halt given during this commit left its entries to it: unstored,
+                    # they are refused as any entry waiting for the ledger then
+                    refused = self._refuse_unsent_entries(self.risk.operator_reason)
+                    if refused:
+                        log.warning("trading: %d entries whose store failed after the halt "
+                                    "are refused", refused)  # fmt: skip
+                raise
             finally:
                 self._storing = 0
             del self._backlog[: len(steps)]
@@ -1010,9 +1020,13 @@ class TradingService(Service):
             # a halt given meanwhile is stored after this, and stands
             return self.state_view()
         self._control_changes += 1
+        mine = self._control_changes
         self._control = (state, reason)
         if self._leading:
             async with self._lock:
+                if mine != self._control_changes:
+                    # a halt given while this waited for the decision under way stands
+                    return self.state_view()
                 step = _Step()
                 self.risk.set_state(state, reason)
                 self._report(step, self.risk.take_reports(), cause=None)
@@ -1055,7 +1069,8 @@ class TradingService(Service):
     def _refuse_unsent_entries(self, reason: str) -> int:
         """Refuse the entries waiting for the ledger (decided, neither stored nor sent):
         stored refused, their capital released; how many. The steps of a commit under
-        way are left alone: it may store them as sent, and then they are sent."""
+        way are left alone: it may store them as sent, and then they are sent; if it
+        fails, :meth:`_flush` refuses them then."""
         refused = 0
         for step in self._backlog[self._storing :]:
             ids = {i for i, r in step.requests.items() if isinstance(r, OrderRequested)}
