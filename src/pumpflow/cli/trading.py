@@ -5,7 +5,8 @@ bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes it: the state is store
 the ledger, applied at once by the replica that trades and read by the others; a halt
 outlives restarts until a resume. A halt given to the trading replica while Postgres is
 away applies there at once and is stored once Postgres is back (said so, exit status
-3); a resume is refused meanwhile.
+3); given to a stand-by then, it applies nowhere (exit status 1: halt the trading
+replica). A resume is refused meanwhile.
 """
 
 from __future__ import annotations
@@ -61,5 +62,6 @@ def trading_command(args: argparse.Namespace) -> int:
     print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); role {body['role']}")
     if body.get("stored") is False:
         print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
-        return 3
+        # applied by the replica that trades, or by none (a stand-by applies nothing)
+        return 3 if body["role"] == "active" else 1
     return 0

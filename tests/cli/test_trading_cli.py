@@ -1,0 +1,83 @@
+"""``pumpflow trading``: its exit status says whether the kill switch took effect.
+
+A local fake of a trading replica's HTTP API on 127.0.0.1 answers as the service does
+(``services/trading/tests/test_kill_switch.py`` tests those answers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from pumpflow.cli.main import build_parser
+from pumpflow.common.testing.servers import free_port, local_app
+
+TOKEN = "cli-token"
+STORED = {"stored": True, "detail": "halted in this replica at once; stored"}
+UNSTORED_ACTIVE = {"stored": False, "detail": "halted in this replica at once; NOT stored yet"}
+UNSTORED_STANDBY = {
+    "stored": False,
+    "detail": "not applied here: this replica stands by; NOT stored yet",
+}
+
+
+def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse({"state": "active", "reason": "", "role": role})
+
+    async def halted(request: Request) -> JSONResponse:
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        body = {"state": "halted", "reason": (await request.json())["reason"], "role": role}
+        return JSONResponse({**body, **halt}, status_code=200 if halt["stored"] else 202)
+
+    async def resumed(request: Request) -> JSONResponse:
+        if resume_status != 200:
+            return JSONResponse({"detail": "not resumed: Postgres is away"}, resume_status)
+        return JSONResponse({"state": "active", "reason": "resumed", "role": role})
+
+    return Starlette(routes=[
+        Route("/state", state),
+        Route("/halt", halted, methods=["POST"]),
+        Route("/resume", resumed, methods=["POST"]),
+    ])
+
+
+async def pumpflow_trading(base: str, *args: str) -> int:
+    parsed = build_parser().parse_args(["trading", *args, "--url", base])
+    return await asyncio.to_thread(parsed.handler, parsed)
+
+
+@pytest.mark.parametrize(
+    ("role", "halt", "status"),
+    [
+        ("active", STORED, 0),
+        # applied where it trades, stored later: said, and told apart from a success
+        ("active", UNSTORED_ACTIVE, 3),
+        # a stand-by applies nothing itself: the halt took effect nowhere
+        ("standby", UNSTORED_STANDBY, 1),
+        ("standby", STORED, 0),
+    ],
+)
+async def test_a_halts_exit_status_says_where_it_took_effect(monkeypatch, capsys, role, halt,
+                                                             status):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(replica(role, halt)) as base:
+        assert await pumpflow_trading(base, "halt", "--reason", "test") == status
+    if not halt["stored"]:
+        assert halt["detail"] in capsys.readouterr().err
+
+
+async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(replica("active", STORED, resume_status=503)) as base:
+        assert await pumpflow_trading(base, "resume") == 1
+        assert "503" in capsys.readouterr().err
+        assert await pumpflow_trading(base, "state") == 0
+        monkeypatch.delenv("PUMPFLOW_API_TOKEN")
+        assert await pumpflow_trading(base, "halt") == 2
+    assert await pumpflow_trading(f"http://127.0.0.1:{free_port()}", "state") == 1
+    assert "does not answer" in capsys.readouterr().err
