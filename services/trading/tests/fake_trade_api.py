@@ -1,6 +1,6 @@
 """A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
 
-It answers as the reference says the real one does, in one of five behaviours chosen
+It answers as the reference says the real one does, in one of six behaviours chosen
 by :attr:`FakeTradeApi.behaviour`:
 
 - ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
@@ -9,7 +9,9 @@ by :attr:`FakeTradeApi.behaviour`:
 - ``timeout``: no answer at all until the fake stops;
 - ``silent``: 200 with a signature whose trade never shows (the transaction dropped).
 - ``held``: 400 ``{"errors": ["Simulation failed"]}``, a refusal naming no cause,
-  once the test calls :meth:`FakeTradeApi.answer` (the market moves meanwhile).
+  once the test calls :meth:`FakeTradeApi.answer` (the market moves meanwhile);
+- ``slow``: 200 with a signature, once the test calls :meth:`FakeTradeApi.answer`
+  (the transaction left at once: its trade may show on the stream before the answer).
 
 Every request is kept (its body and its key) so tests see what was sent, and how often.
 """
@@ -31,7 +33,7 @@ from starlette.routing import Route
 from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.servers import local_app
 
-Behaviour = Literal["success", "error", "timeout", "silent", "held"]
+Behaviour = Literal["success", "error", "timeout", "silent", "held", "slow"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +54,7 @@ class FakeTradeApi:
     _answer: asyncio.Event = field(default_factory=asyncio.Event)
 
     def answer(self) -> None:
-        """Let the ``held`` calls answer."""
+        """Let the ``held`` and ``slow`` calls answer."""
         self._answer.set()
 
     async def trade(self, request: Request) -> JSONResponse:
@@ -60,7 +62,7 @@ class FakeTradeApi:
         api_key = request.query_params.get("api-key")
         behaviour = self.behaviour
         signature = None
-        if behaviour in ("success", "silent"):
+        if behaviour in ("success", "silent", "slow"):
             signature = base58_key(f"fake-signature-{next(self._numbers)}", 88)
         self.requests.append(Received(body=body, api_key=api_key, signature=signature))
         if behaviour == "timeout":
@@ -69,6 +71,8 @@ class FakeTradeApi:
         if behaviour == "held":
             await self._answer.wait()
             return JSONResponse({"errors": ["Simulation failed"]}, status_code=400)
+        if behaviour == "slow":
+            await self._answer.wait()
         if behaviour == "error":
             return JSONResponse(
                 {"errors": ["Simulation failed: insufficient funds for the trade"]},

@@ -204,6 +204,7 @@ class LiveExecutor:
                 slippage_pct=order.slippage_pct,
                 expected=market.state if market is not None else None,
                 venue=market.venue if market is not None else VENUE_CURVE,
+                awaiting=True,
             )
         )
         task = asyncio.get_running_loop().create_task(self._call(order.order_id, body))
@@ -241,6 +242,7 @@ class LiveExecutor:
                 "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
                 "token settle it, it is never sent again", order_id, answer.detail,
             )  # fmt: skip
+            self.book.unanswered(order_id)
             if order_id in self.book.pending:
                 self._progress.append(
                     OrderOutcome(order_id=order_id, state="unknown", outcome=answer.detail)
@@ -264,6 +266,8 @@ class LiveExecutor:
 
     def due(self, now: float) -> list[Outcome]:
         outcomes, self._outcomes = self._outcomes, []
+        # trades of the wallet that showed before the answers naming them
+        outcomes += [confirmation.fill for confirmation in self.book.settled()]
         for rejected in self.book.due(now):
             log.warning("trading: order %s %s", rejected.order_id, rejected.reason)
             outcomes.append(rejected)
