@@ -362,6 +362,22 @@ async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resen
         assert len(api.requests) == 1
 
 
+async def test_an_answer_that_never_ends_is_no_answer_within_the_answer_timeout(clock, market):
+    """Each read of the body comes within the read timeout, the body never ends: the
+    answer's wait is bounded as a whole, the order's outcome unknown, never resent."""
+    async with fake_trade_api("trickle") as api, entered(clock, market, api) as run:
+        service = run.service
+        await eventually(
+            lambda: len(api.requests) == 1 and not service.executor.calls,
+            within=10 * service.settings.trading_live_answer_timeout_s,
+            what="the call given up",
+        )
+        await clock.advance(service.settings.trading_tick_s)
+        order = await order_of(run.ledger)
+        assert order["state"] == "unknown" and "no answer" in order["outcome"]
+        assert len(api.requests) == 1
+
+
 async def test_no_answer_then_the_wallets_trade_on_the_token_fills_the_order(clock, market):
     async with fake_trade_api("timeout") as api, entered(clock, market, api) as run:
         await answered(run.service, api)

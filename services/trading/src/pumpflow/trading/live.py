@@ -92,13 +92,16 @@ class TradeApi:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout)
         try:
-            response = await self._client.post(
-                self.url, params={API_KEY_PARAM: self._key}, json=body
-            )
+            # httpx bounds each read, not the answer: a body trickling in would hold the
+            # order without an outcome past its confirmation wait
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(
+                    self.url, params={API_KEY_PARAM: self._key}, json=body
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             # no connection, so no request: nothing was sent
             return ApiAnswer(kind="refused", detail=self._clean(f"trade API unreachable: {exc}"))
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             return ApiAnswer(
                 kind="unknown", detail=f"no answer from the trade API within {self._timeout:g} s"
             )
