@@ -1,6 +1,6 @@
 """A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
 
-It answers as the reference says the real one does, in one of five behaviours chosen
+It answers as the reference says the real one does, in one of seven behaviours chosen
 by :attr:`FakeTradeApi.behaviour`:
 
 - ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
@@ -9,7 +9,11 @@ by :attr:`FakeTradeApi.behaviour`:
 - ``timeout``: no answer at all until the fake stops;
 - ``silent``: 200 with a signature whose trade never shows (the transaction dropped).
 - ``held``: 400 ``{"errors": ["Simulation failed"]}``, a refusal naming no cause,
-  once the test calls :meth:`FakeTradeApi.answer` (the market moves meanwhile).
+  once the test calls :meth:`FakeTradeApi.answer` (the market moves meanwhile);
+- ``slow``: 200 with a signature, once the test calls :meth:`FakeTradeApi.answer`
+  (the transaction left at once: its trade may show on the stream before the answer);
+- ``trickle``: 200 whose body comes a blank every 50 ms (each read well within a
+  client's read timeout) until the fake stops: an answer that never ends.
 
 Every request is kept (its body and its key) so tests see what was sent, and how often.
 """
@@ -25,13 +29,13 @@ from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.servers import local_app
 
-Behaviour = Literal["success", "error", "timeout", "silent", "held"]
+Behaviour = Literal["success", "error", "timeout", "silent", "held", "slow", "trickle"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,29 +56,40 @@ class FakeTradeApi:
     _answer: asyncio.Event = field(default_factory=asyncio.Event)
 
     def answer(self) -> None:
-        """Let the ``held`` calls answer."""
+        """Let the ``held`` and ``slow`` calls answer."""
         self._answer.set()
 
-    async def trade(self, request: Request) -> JSONResponse:
+    async def trade(self, request: Request) -> Response:
         body = await request.json()
         api_key = request.query_params.get("api-key")
         behaviour = self.behaviour
         signature = None
-        if behaviour in ("success", "silent"):
+        if behaviour in ("success", "silent", "slow"):
             signature = base58_key(f"fake-signature-{next(self._numbers)}", 88)
         self.requests.append(Received(body=body, api_key=api_key, signature=signature))
+        if behaviour == "trickle":
+            return StreamingResponse(self._trickle(), media_type="application/json")
         if behaviour == "timeout":
             await self._release.wait()
             return JSONResponse({"errors": ["released at shutdown"]}, status_code=503)
         if behaviour == "held":
             await self._answer.wait()
             return JSONResponse({"errors": ["Simulation failed"]}, status_code=400)
+        if behaviour == "slow":
+            await self._answer.wait()
         if behaviour == "error":
             return JSONResponse(
                 {"errors": ["Simulation failed: insufficient funds for the trade"]},
                 status_code=400,
             )
         return JSONResponse({"signature": signature, "errors": []})
+
+    async def _trickle(self) -> AsyncIterator[bytes]:
+        while not self._release.is_set():
+            yield b" "
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._release.wait(), 0.05)
+        yield b'{"errors": ["released at shutdown"]}'
 
 
 @contextlib.asynccontextmanager

@@ -217,6 +217,73 @@ async def test_sales_in_flight_together_never_ask_the_trade_api_for_more_than_is
         assert "sales in flight" in refused.reason
 
 
+async def test_sales_whose_trades_show_before_their_answers_fill_by_their_own_signatures(
+    clock, market
+):
+    """Two sales of a position in flight, the second's trade on the stream before either
+    answer: a trade is an order's once its answer names it, else the first sale would
+    take the second's trade and the second sale's own trade, showing later, no order."""
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        opened = await bought(run, api, market)
+        held = opened.token_amount
+        api.behaviour = "slow"
+        sales = {}
+        for n, share in ((1, 0.7), (2, 0.3)):
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:{n}",
+                mint=opened.mint,
+                position_id=opened.position_id,
+                token_amount=held * share,
+            )
+            await publish(run.bus, make_event(sale, source="exit/t", time=clock.now()))
+            sales[n] = sale
+        await eventually(lambda: len(api.requests) == 3, what="both sales' calls")
+        call = {round(r.body["amount"] / held, 1): r for r in api.requests[1:]}
+        first, second = call[0.7], call[0.3]
+
+        def trade(sold) -> Event:
+            tokens = sold.body["amount"]
+            return market.tokens.sell(run.mint, WALLET, tokens=tokens, signature=sold.signature)
+
+        await publish(run.bus, trade(second))
+        api.answer()
+        await answered(run.service, api, 3)
+        await clock.advance(run.service.settings.trading_tick_s)
+        await publish(run.bus, trade(first))
+        await clock.advance(run.service.settings.trading_tick_s)
+        fills = {f.order_id: f for f in run.watch.payloads("order.filled") if f.side == "sell"}
+        assert fills.keys() == {sales[1].order_id, sales[2].order_id}
+        assert fills[sales[1].order_id].signature == first.signature
+        assert fills[sales[1].order_id].token_amount == pytest.approx(held * 0.7)
+        assert fills[sales[2].order_id].signature == second.signature
+        assert not run.service.book.holds(run.mint)
+        await clock.advance(CONFIRM_S + 1)
+        assert run.watch.count("order.rejected") == 0
+        assert len(api.requests) == 3
+
+
+async def test_a_trade_made_by_hand_while_the_answer_is_awaited_fills_no_order(clock, market):
+    """The wallet trades the token by hand while the entry's call awaits its answer:
+    that trade is not the entry's, whose own trade (the answer's signature) fills it."""
+    async with fake_trade_api("slow") as api, entered(clock, market, api) as run:
+        await eventually(lambda: len(api.requests) == 1, what="the entry's call")
+        [call] = api.requests
+        by_hand = market.tokens.buy(run.mint, WALLET, sol=0.05)
+        await publish(run.bus, by_hand)
+        api.answer()
+        await answered(run.service, api)
+        await clock.advance(run.service.settings.trading_tick_s)
+        assert run.watch.count("order.filled") == 0
+        ours = market.tokens.buy(
+            run.mint, WALLET, sol=run.request.sol_amount, signature=call.signature
+        )
+        await publish(run.bus, ours)
+        [fill] = run.watch.payloads("order.filled")
+        assert fill.order_id == run.request.order_id and fill.signature == call.signature
+        assert fill.token_amount == ours.data.tokenAmount
+        assert len(api.requests) == 1
+
+
 async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock, market, caplog):
     caplog.set_level(logging.DEBUG)
     async with fake_trade_api("error") as api, entered(clock, market, api) as run:
@@ -292,6 +359,22 @@ async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resen
         [rejected] = run.watch.payloads("order.rejected")
         assert rejected.reason.startswith("unconfirmed: no answer from the trade API")
         assert (await order_of(run.ledger))["state"] == "rejected"
+        assert len(api.requests) == 1
+
+
+async def test_an_answer_that_never_ends_is_no_answer_within_the_answer_timeout(clock, market):
+    """Each read of the body comes within the read timeout, the body never ends: the
+    answer's wait is bounded as a whole, the order's outcome unknown, never resent."""
+    async with fake_trade_api("trickle") as api, entered(clock, market, api) as run:
+        service = run.service
+        await eventually(
+            lambda: len(api.requests) == 1 and not service.executor.calls,
+            within=10 * service.settings.trading_live_answer_timeout_s,
+            what="the call given up",
+        )
+        await clock.advance(service.settings.trading_tick_s)
+        order = await order_of(run.ledger)
+        assert order["state"] == "unknown" and "no answer" in order["outcome"]
         assert len(api.requests) == 1
 
 

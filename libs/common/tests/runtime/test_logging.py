@@ -14,7 +14,7 @@ from pumpflow.common.runtime.logging import (
     redacted_settings,
     secret_values,
 )
-from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.runtime.settings import CommonSettings, PumpPortalKeySettings
 
 
 class WalletSettings(CommonSettings):
@@ -72,6 +72,18 @@ def test_secret_str_values_are_scrubbed_too():
         "key is %s", settings.pumpportal_api_key.get_secret_value()
     )
     assert "SECRETSTR-VALUE-8" not in stream.getvalue()
+
+
+def test_a_key_read_from_its_secret_file_is_scrubbed(tmp_path):
+    secret = tmp_path / "pumpportal-key"
+    secret.write_text("FILEKEY-VALUE-9\n")
+    settings = PumpPortalKeySettings(pumpportal_api_key_file=secret, service="trading")
+    assert settings.api_key() == "FILEKEY-VALUE-9"
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("pumpflow.test").warning("answer: %s", settings.api_key())
+    assert "FILEKEY-VALUE-9" not in stream.getvalue()
+    assert f"answer: {MASK}" in stream.getvalue()
 
 
 def test_unset_secrets_stay_visibly_unset():

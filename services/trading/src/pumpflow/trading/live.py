@@ -92,13 +92,16 @@ class TradeApi:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout)
         try:
-            response = await self._client.post(
-                self.url, params={API_KEY_PARAM: self._key}, json=body
-            )
+            # httpx bounds each read, not the answer: a body trickling in would hold the
+            # order without an outcome past its confirmation wait
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(
+                    self.url, params={API_KEY_PARAM: self._key}, json=body
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             # no connection, so no request: nothing was sent
             return ApiAnswer(kind="refused", detail=self._clean(f"trade API unreachable: {exc}"))
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             return ApiAnswer(
                 kind="unknown", detail=f"no answer from the trade API within {self._timeout:g} s"
             )
@@ -204,6 +207,7 @@ class LiveExecutor:
                 slippage_pct=order.slippage_pct,
                 expected=market.state if market is not None else None,
                 venue=market.venue if market is not None else VENUE_CURVE,
+                awaiting=True,
             )
         )
         task = asyncio.get_running_loop().create_task(self._call(order.order_id, body))
@@ -241,6 +245,7 @@ class LiveExecutor:
                 "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
                 "token settle it, it is never sent again", order_id, answer.detail,
             )  # fmt: skip
+            self.book.unanswered(order_id)
             if order_id in self.book.pending:
                 self._progress.append(
                     OrderOutcome(order_id=order_id, state="unknown", outcome=answer.detail)
@@ -264,6 +269,8 @@ class LiveExecutor:
 
     def due(self, now: float) -> list[Outcome]:
         outcomes, self._outcomes = self._outcomes, []
+        # trades of the wallet that showed before the answers naming them
+        outcomes += [confirmation.fill for confirmation in self.book.settled()]
         for rejected in self.book.due(now):
             log.warning("trading: order %s %s", rejected.order_id, rejected.reason)
             outcomes.append(rejected)

@@ -136,7 +136,12 @@ def _split_secrets(settings: BaseModel | Mapping[str, Any]) -> tuple[set[str], s
     anywhere: set[str] = set()
     every: set[str] = set()
     weak: list[str] = []
-    for name, found in _all_secrets(values).items():
+    secrets = _all_secrets(values)
+    # a secret read from a file (a mounted secret) is in no setting's value
+    read = getattr(settings, "read_secrets", None)
+    for name, secret in (read() if callable(read) else {}).items():
+        secrets.setdefault(name, set()).add(secret)
+    for name, found in secrets.items():
         every |= found
         anywhere.update(s for s in found if len(s) >= _MIN_SCRUB_LENGTH and s not in public)
         if any(len(s) >= _MIN_SCRUB_LENGTH and s in public for s in found):

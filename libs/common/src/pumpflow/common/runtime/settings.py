@@ -267,6 +267,16 @@ class PumpPortalKeySettings(CommonSettings):
         description="file holding the API key (a mounted secret)",
     )
 
+    def read_secrets(self) -> dict[str, str]:
+        """The key read from the secret file, for the log scrubber to mask."""
+        if self.pumpportal_api_key is not None or self.pumpportal_api_key_file is None:
+            return {}
+        try:
+            key = self.api_key()
+        except SettingsError:
+            return {}
+        return {"pumpportal_api_key_file": key} if key else {}
+
     def api_key(self) -> str | None:
         """The key from the environment or the secret file; never log it."""
         if self.pumpportal_api_key is not None:

@@ -4,9 +4,16 @@ An answer from the API is not a fill. An order the API answered with a signature
 pending until the token's stream shows that signature, traded by the wallet. An order
 whose answer never came (a timeout, a lost connection, a crash during the call: the
 ledger recorded the order before the call) is pending until the stream shows a trade
-of the wallet on that token and side. The fill is priced from that trade: its tokens
-and the SOL it moved, plus the curve's (or the pool's) fee, the API's fee and the
-priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s rates.
+of the wallet on that token and side. A trade of the wallet that shows while an order
+of its token and side still awaits its answer (the API sends before it answers, so
+the stream can be first) waits for the answers: it is the order's whose answer names
+its signature, else, once no answer is awaited there, the oldest order's whose answer
+never came (else it is not the system's: a trade made by hand from the wallet). Taken
+by whichever order happened to be waiting, it would give an order another one's trade,
+and the other order's own trade, showing later, to nothing. The fill is priced from
+that trade: its tokens and the SOL it moved, plus the curve's (or the pool's) fee, the
+API's fee and the priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s
+rates.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
@@ -74,6 +81,8 @@ class LiveOrder:
     #: the market the order was sent on; None for an order taken over after a restart
     expected: CurveState | None = None
     venue: str = VENUE_CURVE
+    #: its call is in flight: the answer, and the signature it names, may still come
+    awaiting: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +134,10 @@ class LiveBook:
     pending: dict[str, LiveOrder] = field(default_factory=dict)
     #: signature -> an order given up as unconfirmed, newest last
     expired: OrderedDict[str, LiveOrder] = field(default_factory=OrderedDict)
+    #: signature -> a trade of the wallet waiting for answers (with the SOL it moved)
+    unclaimed: dict[str, tuple[TokenTrade, float]] = field(default_factory=dict)
+    #: fills that answers settled, to take with :meth:`settled`
+    _settled: list[Confirmation] = field(default_factory=list)
 
     def market(self, mint: str) -> Market | None:
         return self.markets.get(mint)
@@ -138,8 +151,26 @@ class LiveBook:
         order = self.pending.get(order_id)
         if order is None:
             return False
-        order.signature = signature
+        order.signature, order.awaiting = signature, False
+        claimed = self.unclaimed.pop(signature, None)
+        if claimed is not None:
+            del self.pending[order_id]
+            self._settle(order, *claimed)
+        self._resolve(order.mint, order.side)
         return True
+
+    def unanswered(self, order_id: str) -> None:
+        """No answer will come for the order: a trade of the wallet on its token and side
+        fills it."""
+        order = self.pending.get(order_id)
+        if order is not None:
+            order.awaiting = False
+            self._resolve(order.mint, order.side)
+
+    def settled(self) -> list[Confirmation]:
+        """The fills answers settled since the last call (then forgotten)."""
+        found, self._settled = self._settled, []
+        return found
 
     def refused(self, order_id: str, reason: str, *, answered: bool = True) -> OrderRejected | None:
         """The API refused without a signature: nothing was sent, the order is rejected.
@@ -150,6 +181,7 @@ class LiveBook:
         order = self.pending.pop(order_id, None)
         if order is None:
             return None
+        self._resolve(order.mint, order.side)
         slipped = self._slippage_refusal(order) if answered else None
         if slipped is None:
             return _rejected(order, reason)
@@ -187,6 +219,8 @@ class LiveBook:
                     f"wallet within {wait}; its blockhash has expired"
                 )
             rejected.append(_rejected(order, reason))
+            if order.awaiting:
+                self._resolve(order.mint, order.side)
         return rejected
 
     def next_due(self) -> float | None:
@@ -200,15 +234,18 @@ class LiveBook:
     # ---------------------------------------------------------------- internals
 
     def _confirm(self, trade: TokenTrade) -> Confirmation | None:
+        moved = self._moved(trade)
         order, late = self._match(trade)
         if order is None:
+            if self._unanswered(trade.mint, trade.txType, awaiting=True):
+                self.unclaimed[trade.signature] = (trade, moved)
             return None
-        fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=self._moved(trade))
+        fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         return Confirmation(fill=fill, late=late)
 
     def _match(self, trade: TokenTrade) -> tuple[LiveOrder | None, bool]:
-        """The order ``trade`` (the wallet's) confirms: by signature, else the oldest order
-        of the token and side whose answer never came."""
+        """The order ``trade`` (the wallet's) confirms: by signature, else, when no order of
+        the token and side awaits its answer, the oldest one whose answer never came."""
         for order in self.pending.values():
             if order.signature == trade.signature:
                 del self.pending[order.order_id]
@@ -216,16 +253,41 @@ class LiveBook:
         late = self.expired.pop(trade.signature, None)
         if late is not None:
             return late, True
-        unanswered = [
-            o
-            for o in self.pending.values()
-            if o.signature is None and o.mint == trade.mint and o.side == trade.txType
-        ]
+        if self._unanswered(trade.mint, trade.txType, awaiting=True):
+            return None, False
+        unanswered = self._unanswered(trade.mint, trade.txType, awaiting=False)
         if not unanswered:
             return None, False
         order = min(unanswered, key=lambda o: o.deadline)
         del self.pending[order.order_id]
         return order, False
+
+    def _unanswered(self, mint: str, side: str, *, awaiting: bool) -> list[LiveOrder]:
+        """Orders of the token and side without a signature, whose answer may still come
+        (``awaiting``) or never will."""
+        return [
+            o
+            for o in self.pending.values()
+            if o.signature is None and o.awaiting is awaiting and o.mint == mint and o.side == side
+        ]
+
+    def _resolve(self, mint: str, side: str) -> None:
+        """Once no answer is awaited on the token and side, give the trades waiting there to
+        the orders whose answer never came, oldest first; the rest are not the system's."""
+        if self._unanswered(mint, side, awaiting=True):
+            return
+        waiting = [s for s, (t, _) in self.unclaimed.items() if t.mint == mint and t.txType == side]
+        for signature in waiting:
+            trade, moved = self.unclaimed.pop(signature)
+            unanswered = self._unanswered(mint, side, awaiting=False)
+            if unanswered:
+                order = min(unanswered, key=lambda o: o.deadline)
+                del self.pending[order.order_id]
+                self._settle(order, trade, moved)
+
+    def _settle(self, order: LiveOrder, trade: TokenTrade, moved: float) -> None:
+        fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
+        self._settled.append(Confirmation(fill=fill))
 
     def _slippage_refusal(self, order: LiveOrder) -> FillRejection | None:
         """The paper fill's refusal on slippage when the market the stream shows has moved
