@@ -97,6 +97,7 @@ from pumpflow.trading.ledger import (
     MemoryLedger,
     OrderOutcome,
     OrderRecord,
+    OrderState,
     PositionRecord,
     PostgresLedger,
 )
@@ -891,7 +892,7 @@ class TradingService(Service):
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
-        from pumpflow.common.runtime.http import require_token
+        from pumpflow.common.runtime.http import reason_of, require_token
 
         api = APIRouter()
         guarded = [Depends(require_token)]
@@ -905,7 +906,7 @@ class TradingService(Service):
 
         @api.get("/orders")
         async def orders(
-            state: str | None = Query(None, description="pending, sent, unknown, filled, rejected"),
+            state: OrderState | None = Query(None),
             mint: str | None = None,
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
@@ -926,13 +927,13 @@ class TradingService(Service):
 
         @api.post("/halt", dependencies=guarded)
         async def halt(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
-            return await self.halt(str((body or {}).get("reason") or "kill switch (HTTP)"))
+            return await self.halt(reason_of(body, "kill switch (HTTP)"))
 
         @api.post("/resume", dependencies=guarded)
         async def resume(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
             if self.risk is None:
                 raise HTTPException(503, "not started")
-            return await self.resume(str((body or {}).get("reason") or "resumed (HTTP)"))
+            return await self.resume(reason_of(body, "resumed (HTTP)"))
 
         return api
 
