@@ -154,6 +154,50 @@ def test_config_file_sets_services_settings_under_the_environment(monkeypatch, t
     assert "no service named [tradng]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["run", "--speed", "nan"], "argument --speed: not a finite number: 'nan'"),
+        (["backtest", "--minutes", "inf"], "argument --minutes: not a finite number: 'inf'"),
+        (["train", "--horizon", "NaN"], "argument --horizon: not a finite number: 'NaN'"),
+        (["stop", "--timeout=-inf"], "argument --timeout: not a finite number: '-inf'"),
+    ],
+)
+def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsys):
+    # parsed only: a run given one would run for ever
+    with pytest.raises(SystemExit) as refused:
+        cli_main.build_parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "code", "named"),
+    [
+        (["run", "--duration", "1", "--plain", "--min-score", "7"], None, 2,
+         "pumpflow run: invalid settings: PUMPFLOW_TRADING_MIN_SCORE: Input should be less"),
+        (["run", "--duration", "1", "--plain"], "[common]\nnamespace = 5\n", 2,
+         "pumpflow run: invalid settings: namespace in [common] of"),
+        (["backtest", "--dataset", "/nonexistent/m.jsonl"], None, 1,
+         "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory"),
+        (["catalogue", "--out", "/proc/nonexistent"], None, 1,
+         "pumpflow catalogue: /proc/nonexistent: No such file or directory"),
+    ],
+)
+def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
+    argv, config, code, named, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    if config is not None:
+        (tmp_path / "pumpflow.toml").write_text(config)
+        argv = ["--config-file", str(tmp_path / "pumpflow.toml"), *argv]
+    assert cli_main.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.strip() == err.strip().splitlines()[-1], err  # one line
+    assert named in err
+
+
 def test_unknown_service_is_exit_2_listing_the_installed_ones(fake_services, capsys):
     assert cli_main.main(["serve", "nope"]) == 2
     assert "no service named 'nope' (installed: widget)" in capsys.readouterr().err

@@ -183,6 +183,11 @@ async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
             assert (await client.get("/positions")).json()["count"] == 2
             assert (await client.post("/shutdown")).status_code == 401
             assert exits.run is None
+            bad = await client.post(
+                "/shutdown", json={"reason": 5}, headers={"Authorization": "Bearer secret"}
+            )
+            assert bad.status_code == 422 and "'reason' must be text" in bad.text
+            assert exits.run is None
             asked = await client.post(
                 "/shutdown", json={"reason": "http"}, headers={"Authorization": "Bearer secret"}
             )

@@ -154,6 +154,37 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
         assert model.consumer_metrics.counts()["invalid"] == 0
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "named"),
+    [
+        ("POST", "/models", {"model_id": "x", "path": "."}, 409, "Is a directory"),
+        ("POST", "/models", {"model_id": "x", "path": ""}, 422, "'path' must be non-empty"),
+        ("POST", "/models", {"model_id": "x", "path": "a\x00b"}, 422, "without NUL"),
+        ("POST", "/models", {"model_id": "", "path": "m.onnx"}, 422, "'model_id'"),
+        # a misspelt weight would leave the arm at weight 1
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "wieght": 0.5}]}, 422,
+         "arms[0]: no field named wieght"),
+    ],
+)
+async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
+    method, path, body, status, named
+):
+    model = model_service()
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            before = (await http.get("/arms")).json()
+            refused = await http.request(method, path, json=body, headers=auth)
+            assert refused.status_code == status, refused.text
+            assert named in refused.json()["detail"] and TOKEN not in refused.text
+            assert (await http.get("/arms")).json() == before
+            assert set(model.manager.models()) == {"entry"}
+            weights = {"weights": {"control": 1.0}}
+            assert (await http.put("/arms/weights", json=weights, headers=auth)).status_code == 200
+
+
 async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tmp_path):
     import msgspec
 

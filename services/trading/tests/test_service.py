@@ -551,3 +551,37 @@ async def test_a_retired_tokens_view_and_market_go_once_its_position_closes(cloc
         assert not set(traded) & set(service.executor.broker.markets)
         await service.context.save(service.engine.views)
         assert not set(traded) & set(await service.context.load())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "named"),
+    [
+        ("POST", "/halt", {"reason": 5}, "'reason' must be text"),
+        ("POST", "/halt", {"reason": ["kill"]}, "'reason' must be text"),
+        ("POST", "/halt", {"reason": "a\x00b"}, "without NUL"),
+        ("POST", "/halt", {"reason": "x" * 501}, "at most 500 characters"),
+        ("POST", "/resume", {"reason": {"why": "x"}}, "'reason' must be text"),
+        ("GET", "/orders?state=filed", None, "'filled'"),
+    ],
+)
+async def test_a_bad_operator_request_is_refused_naming_it_and_changes_nothing(
+    clock, method, path, body, named
+):
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    ledger = MemoryLedger()
+    service = trading(ledger, api_token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    async with run_embedded([service], clock=clock, synchronous=True) as system:
+        app = create_app(service, system.contexts["trading"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            refused = await http.request(method, path, json=body, headers=auth)
+            assert refused.status_code == 422, refused.text
+            assert named in refused.text and "s3cret" not in refused.text
+            assert await ledger.control() is None
+            assert service.risk.operator_state.value == "active"
+            halted = await http.post("/halt", json={"reason": "drill"}, headers=auth)
+            assert halted.status_code == 200 and halted.json()["operator_reason"] == "drill"

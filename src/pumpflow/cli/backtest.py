@@ -54,6 +54,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from pumpflow.cli.arguments import finite
 from pumpflow.cli.report import write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 
@@ -584,10 +585,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--seed", type=int, help="simulate this market seed here")
     source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    parser.add_argument("--start", type=float, help="Postgres: first event time (epoch s)")
-    parser.add_argument("--end", type=float, help="Postgres: end of the window (epoch s)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="--seed: market minutes (10)")
-    parser.add_argument("--launches", type=float, help="--seed: token launches per minute")
+    parser.add_argument("--start", type=finite, help="Postgres: first event time (epoch s)")
+    parser.add_argument("--end", type=finite, help="Postgres: end of the window (epoch s)")
+    parser.add_argument("--minutes", type=finite, default=10.0, help="--seed: market minutes (10)")
+    parser.add_argument("--launches", type=finite, help="--seed: token launches per minute")
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
         help="a configuration to run (repeatable); KEYs are trading, exit or model settings",
@@ -601,7 +602,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write every configuration's settings and results here (- for stdout)",
     )  # fmt: skip
     parser.add_argument(
-        "--every", type=float, default=2.0,
+        "--every", type=finite, default=2.0,
         help="wall seconds between progress lines when stderr is no terminal (2)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")

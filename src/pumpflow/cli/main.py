@@ -84,6 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SettingsError as exc:
+        # a setting from the environment, the config file or a flag: the message names it
+        print(f"pumpflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a file named on the command line that cannot be read or written
+        print(f"pumpflow {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
+from pumpflow.cli.arguments import finite
+
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
 
@@ -55,21 +57,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--duration", type=float, default=60.0, help="real seconds to run; 0 runs until Ctrl-C (60)"
+        "--duration",
+        type=finite,
+        default=60.0,
+        help="real seconds to run; 0 runs until Ctrl-C (60)",
     )
     parser.add_argument(
-        "--speed", type=float, default=10.0, help="market time per real second (10)"
+        "--speed", type=finite, default=10.0, help="market time per real second (10)"
     )
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
     parser.add_argument(
-        "--launches", type=float, default=30.0, help="token launches per market minute (30)"
+        "--launches", type=finite, default=30.0, help="token launches per market minute (30)"
     )
     parser.add_argument(
-        "--every", type=float, default=2.0, help="real seconds between plain status lines (2)"
+        "--every", type=finite, default=2.0, help="real seconds between plain status lines (2)"
     )
     parser.add_argument(
         "--min-score",
-        type=float,
+        type=finite,
         default=RUN_MIN_SCORE,
         help=f"model score trading enters on ({RUN_MIN_SCORE:g}; see the module docstring)",
     )

@@ -15,6 +15,7 @@ import time
 import urllib.error
 
 from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
+from pumpflow.cli.arguments import finite
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to follow the exit (300)"
+        "--timeout", type=finite, default=300.0, help="seconds to follow the exit (300)"
     )
     parser.set_defaults(handler=stop_command)
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from pumpflow.cli.arguments import finite
 from pumpflow.common.events import Event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model.card import LabelDefinition
@@ -63,8 +64,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def _epoch(text: str) -> float:
     try:
-        return float(text)
-    except ValueError:
+        return finite(text)
+    except argparse.ArgumentTypeError:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
@@ -99,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulate these market seeds here",
     )  # fmt: skip
     source.add_argument(
-        "--sim-minutes", type=float, default=DEFAULT_SIM_MINUTES,
+        "--sim-minutes", type=finite, default=DEFAULT_SIM_MINUTES,
         help="market minutes per simulated seed (%(default)g)",
     )  # fmt: skip
     source.add_argument(
@@ -116,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validate on markets of these seeds, simulated here",
     )  # fmt: skip
     held.add_argument(
-        "--held-out-share", type=float, default=0.3,
+        "--held-out-share", type=finite, default=0.3,
         help="without a held-out source: the share of tokens, the last launched, held out (0.3)",
     )  # fmt: skip
     label = parser.add_argument_group("label")
@@ -125,19 +126,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="take profit before stop loss (classification), or the net return (regression)",
     )  # fmt: skip
     label.add_argument(
-        "--horizon", type=float, default=DEFAULT_HORIZON_S, metavar="S",
+        "--horizon", type=finite, default=DEFAULT_HORIZON_S, metavar="S",
         help="seconds the label looks ahead (%(default)g)",
     )  # fmt: skip
     label.add_argument(
-        "--take-profit", type=float, default=None, metavar="FRACTION",
+        "--take-profit", type=finite, default=None, metavar="FRACTION",
         help="net return a positive reaches before the stop loss (default: the shipped label's)",
     )  # fmt: skip
     label.add_argument(
-        "--stop-loss", type=float, default=None, metavar="FRACTION",
+        "--stop-loss", type=finite, default=None, metavar="FRACTION",
         help="net fall that makes a negative first (default: the shipped label's)",
     )  # fmt: skip
     label.add_argument(
-        "--fee-rate", type=float, default=DEFAULT_FEE_RATE,
+        "--fee-rate", type=finite, default=DEFAULT_FEE_RATE,
         help="curve fee the label's net return pays per trade (%(default)g)",
     )  # fmt: skip
     model = parser.add_argument_group("model")
@@ -145,9 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seed", type=int, default=1, help="training seed (1)")
     model.add_argument("--trees", type=int, default=120, help="boosted trees (120)")
     model.add_argument("--leaves", type=int, default=15, help="leaves per tree (15)")
-    model.add_argument("--learning-rate", type=float, default=0.05, help="boosting rate (0.05)")
+    model.add_argument("--learning-rate", type=finite, default=0.05, help="boosting rate (0.05)")
     model.add_argument(
-        "--valid-days", type=float, default=30.0, help="days the card says the model is valid (30)"
+        "--valid-days", type=finite, default=30.0, help="days the card says the model is valid (30)"
     )
     model.add_argument(
         "--created-at", type=_epoch, default=None, help="the card's creation time (default: now)"

@@ -305,3 +305,16 @@ async def test_a_wall_clock_cannot_be_moved():
         refused = await http.post("/clock", json={"to": 1.0}, headers={"Authorization": "Bearer t"})
     assert now["replay"] is False and now["next_timer_at"] is None
     assert refused.status_code == 409 and "REPLAY_CLOCK_START" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("to", ["NaN", "Infinity", "-Infinity"])
+async def test_a_clock_step_to_no_time_is_refused_and_the_clock_stays(to):
+    _, ctx, app = make()
+    ctx.clock.call_at(5.0, lambda: None)
+    auth = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
+    async with client(app) as http:
+        refused = await http.post("/clock", content=f'{{"to": {to}}}', headers=auth)
+        assert refused.status_code == 422 and "'to' must be a time" in refused.text
+        assert ctx.clock.now() == 0.0 and ctx.clock.next_timer_at() == 5.0
+        moved = await http.post("/clock", json={"to": 10.0}, headers=auth)
+    assert moved.status_code == 200 and moved.json()["fired"] == 1

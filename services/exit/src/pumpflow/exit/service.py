@@ -652,7 +652,7 @@ class ExitService(Service):
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
-        from pumpflow.common.runtime.http import require_token
+        from pumpflow.common.runtime.http import reason_of, require_token
 
         api = APIRouter()
 
@@ -679,7 +679,7 @@ class ExitService(Service):
 
         @api.post("/shutdown", dependencies=[Depends(require_token)])
         async def shutdown(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
-            reason = str((body or {}).get("reason") or "shutdown (HTTP)")
+            reason = reason_of(body, "shutdown (HTTP)")
             ctx = self._ctx
             if ctx is None:
                 raise HTTPException(503, "not started")

@@ -405,6 +405,10 @@ class ModelService(Service):
                 card = manager.load_model(model_id, path, source.task)
             except FileNotFoundError as exc:
                 raise ServingError(f"model {model_id!r}: {exc}", status=404) from None
+            except OSError as exc:
+                raise ServingError(
+                    f"model {model_id!r}: cannot read {path}: {exc.strerror}"
+                ) from None
             except (ModelError, CardError, ValueError) as exc:
                 raise ServingError(str(exc)) from None
             self._sources[model_id] = source
@@ -803,6 +807,9 @@ class ModelService(Service):
             model_id: str = Body(...), path: str = Body(...),
             model_type: Task = Body("classification"),
         ) -> dict[str, Any]:
+            if not model_id or not path or "\x00" in model_id + path:
+                raise HTTPException(422, "'model_id' and 'path' must be non-empty, without NUL")
+
             def with_model(serving: Serving) -> Serving:
                 # the revision loaded at: the same path again is a reload (a new file there)
                 source = ModelSource(
@@ -824,6 +831,11 @@ class ModelService(Service):
             arms: list[dict[str, Any]] = Body(..., embed=True),
             salt: str | None = Body(None, embed=True),
         ) -> dict[str, Any]:
+            for i, arm in enumerate(arms):
+                # a misspelt field would otherwise leave its default in place
+                unknown = sorted(set(arm) - set(Arm.__struct_fields__))
+                if unknown:
+                    raise HTTPException(422, f"arms[{i}]: no field named {', '.join(unknown)}")
             try:
                 table = tuple(msgspec.convert(a, Arm) for a in arms)
             except msgspec.ValidationError as exc:

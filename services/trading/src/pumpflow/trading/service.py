@@ -1190,7 +1190,7 @@ class TradingService(Service):
         from fastapi.encoders import jsonable_encoder
         from fastapi.responses import JSONResponse
 
-        from pumpflow.common.runtime.http import require_token
+        from pumpflow.common.runtime.http import reason_of, require_token
 
         api = APIRouter()
         guarded = [Depends(require_token)]
@@ -1204,7 +1204,7 @@ class TradingService(Service):
 
         @api.get("/orders")
         async def orders(
-            state: str | None = Query(None, description="pending, sent, unknown, filled, rejected"),
+            state: OrderState | None = Query(None),
             mint: str | None = None,
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
@@ -1227,7 +1227,7 @@ class TradingService(Service):
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             if self.risk is None:
                 raise HTTPException(503, "not started")
-            view = await self.halt(str((body or {}).get("reason") or "kill switch (HTTP)"))
+            view = await self.halt(reason_of(body, "kill switch (HTTP)"))
             # 202: taken, and not stored yet (the detail says what holds meanwhile)
             return JSONResponse(jsonable_encoder(view), status_code=200 if view["stored"] else 202)
 
@@ -1236,7 +1236,7 @@ class TradingService(Service):
             if self.risk is None:
                 raise HTTPException(503, "not started")
             try:
-                return await self.resume(str((body or {}).get("reason") or "resumed (HTTP)"))
+                return await self.resume(reason_of(body, "resumed (HTTP)"))
             except ControlNotStored as exc:
                 raise HTTPException(503, str(exc)) from exc
 

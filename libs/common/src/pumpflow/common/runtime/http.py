@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -70,6 +71,25 @@ def require_token(
     given = credentials.credentials if credentials is not None else ""
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise TokenError(401, "missing or wrong bearer token")
+
+
+#: the longest reason an operator's request may give (it is stored and published)
+REASON_MAX_CHARS = 500
+
+
+def reason_of(body: dict[str, Any] | None, default: str) -> str:
+    """The ``reason`` of an operator's request body, ``default`` when it gives none;
+    HTTPException 422 when it is not short text."""
+    reason = (body or {}).get("reason")
+    if reason is None or reason == "":
+        return default
+    if not isinstance(reason, str):
+        raise HTTPException(422, f"'reason' must be text, got {reason!r:.80}")
+    if "\x00" in reason or len(reason) > REASON_MAX_CHARS:
+        raise HTTPException(
+            422, f"'reason' must be at most {REASON_MAX_CHARS} characters, without NUL"
+        )
+    return reason
 
 
 async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
@@ -195,7 +215,10 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
         if not isinstance(replay, ReplayClock):
             raise HTTPException(409, "on the wall clock: set PUMPFLOW_REPLAY_CLOCK_START")
         to, held = body.get("to"), body.get("hold")
-        if to is not None and (not isinstance(to, int | float) or isinstance(to, bool)):
+        if to is not None and (
+            not isinstance(to, int | float) or isinstance(to, bool) or not math.isfinite(to)
+        ):
+            # NaN would move nothing, infinity would fire the periodic timers for ever
             raise HTTPException(422, f"'to' must be a time in epoch seconds, got {to!r}")
         if held is not None and not isinstance(held, bool):
             raise HTTPException(422, f"'hold' must be true or false, got {held!r}")
