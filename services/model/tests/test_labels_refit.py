@@ -53,19 +53,29 @@ async def stored_labels(pool) -> list:
     )
 
 
+def seed5_vectors(seconds: float) -> list:
+    """The vectors of ``seconds`` of simulated market (seed 5) from START."""
+    return FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), seconds, start_epoch=START, source="feed/sim")
+    )
+
+
+async def feed(system, clock: ReplayClock, vectors: list) -> None:
+    """Publish ``vectors`` each at its time, then let the system take them all."""
+    for vector in vectors:
+        await clock.advance_to(vector.time)
+        await system.bus.publish(vector)
+    await system.drain()
+
+
 async def test_live_labels_are_stored_with_the_vector_scored_and_outlive_a_restart(pg_pool):
     clock = ReplayClock(START)
-    events = list(market_events(Market(MarketConfig(seed=5)), 240.0, start_epoch=START,
-                                source="feed/sim"))
-    vectors = FeatureUpdates().of(events)
+    vectors = seed5_vectors(240.0)
     settings = {"model_monitor_s": 0.05, "model_refit": False}
     first = model_service(**settings)
     async with run_embedded([first], clock=clock, db=pg_pool) as system:
         seen = await EventCollector("seen").attach(system.bus, "model.prediction")
-        for vector in vectors:
-            await clock.advance_to(vector.time)
-            await system.bus.publish(vector)
-        await system.drain()
+        await feed(system, clock, vectors)
         # past every horizon and its grace: every label followed is released and stored
         await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
         await eventually(lambda: first.labels.pending == 0, what="every label released")
@@ -104,16 +114,11 @@ def labels_released(model: ModelService) -> bool:
 
 async def test_labels_released_are_stored_with_their_tokens_without_a_round(pg_pool):
     clock = ReplayClock(START)
-    vectors = FeatureUpdates().of(
-        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
-    )
+    vectors = seed5_vectors(60.0)
     # no round of the monitor: the commits of the tokens store what they released
     model = model_service(model_monitor_s=3600.0, model_refit=False)
     async with run_embedded([model], clock=clock, db=pg_pool) as system:
-        for vector in vectors:
-            await clock.advance_to(vector.time)
-            await system.bus.publish(vector)
-        await system.drain()
+        await feed(system, clock, vectors)
         followed = model.labels.pending
         assert followed > 10
         await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
@@ -131,15 +136,10 @@ async def test_a_label_the_store_refuses_alone_is_dropped_and_holds_no_commit(pg
     the others by a commit's ``before_write``: retried, it would hold that commit and
     every later one for ever. It is dropped and counted; the others are stored."""
     clock = ReplayClock(START)
-    vectors = FeatureUpdates().of(
-        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
-    )
+    vectors = seed5_vectors(60.0)
     model = model_service(model_monitor_s=3600.0, model_refit=False)
     async with run_embedded([model], clock=clock, db=pg_pool) as system:
-        for vector in vectors:
-            await clock.advance_to(vector.time)
-            await system.bus.publish(vector)
-        await system.drain()
+        await feed(system, clock, vectors)
         followed = model.labels.pending
         assert followed > 10
         good, poison = synthetic_labels(by_rsi, n=2)
@@ -162,9 +162,7 @@ async def test_labels_released_and_committed_outlive_a_crash_before_the_round(
     pg_pool, namespace
 ):
     clock = ReplayClock(START)
-    vectors = FeatureUpdates().of(
-        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
-    )
+    vectors = seed5_vectors(60.0)
     buses = BusHarness("memory", namespace=namespace, partitions=4)
     store = MemoryStateStore(clock)
 
