@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
+import msgspec
 import pytest
 
 from pumpflow.common.bus.memory import InMemoryBus
@@ -12,7 +14,7 @@ from pumpflow.common.events import Event, FeedSubscription, encode_payload, make
 from pumpflow.common.pumpportal import ACK_UNSUBSCRIBED_KEYS
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.service import FeedService
@@ -38,11 +40,14 @@ class Harness:
         return [e.key for e in self.events if e.type == "token.created"]
 
 
-async def start_harness(*, faults=FaultConfig(), db=None, seed=7, rate=120.0) -> Harness:
+async def start_harness(
+    *, faults=FaultConfig(), db=None, seed=7, rate=120.0, per_subscription=False, **settings
+) -> Harness:
     server = simulator.SimulatorServer(
         market=Market(MarketConfig(seed=seed, launches_per_minute=rate)),
         speed=SPEED,
         faults=faults,
+        per_subscription=per_subscription,
     )
     await server.start()
     bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
@@ -53,6 +58,7 @@ async def start_harness(*, faults=FaultConfig(), db=None, seed=7, rate=120.0) ->
         feed_backoff_initial_s=0.05,
         transport="memory",
         replica="test",
+        **settings,
     )
     service = FeedService(settings)
     harness = Harness(server, bus, service)
@@ -162,3 +168,84 @@ async def test_record_then_replay_gives_the_same_events(pg_pool):
     # arrival order is time order (ties keep arrival order)
     assert replayed == live
     assert [encode_payload(e.data) for e in replayed] == [encode_payload(e.data) for e in live]
+
+
+WALLET = base58_key("livewallet")
+_wallet_trades = itertools.count()
+
+
+def wallet_trade(h: Harness, mint: str) -> dict:
+    """A trade of the live wallet in ``mint``: the curve of a trade the market made."""
+    market_trade = next(e for e in reversed(h.events) if e.type == "token.trade")
+    frame = msgspec.json.decode(encode_payload(market_trade.data))
+    signature = base58_key(f"walletsale{next(_wallet_trades)}", 88)
+    return {**frame, "mint": mint, "traderPublicKey": WALLET, "signature": signature}
+
+
+def on_server(h: Harness, *, mint: str | None = None, wallet: str | None = None) -> bool:
+    """Whether the simulator's connection holds the subscription (what it filters by)."""
+    return any(
+        (mint is None or mint in client.mints) and (wallet is None or wallet in client.accounts)
+        for client in h.server._clients
+    )
+
+
+async def published(h: Harness, frame: dict) -> list[Event]:
+    """Send ``frame`` from the simulator; the events the feed published of it."""
+    assert await h.server.inject(frame) >= 1
+    await eventually(
+        lambda: any(e.data.signature == frame["signature"] for e in h.events),
+        within=5,
+        what=f"the wallet's trade {frame['signature'][:12]} on the bus",
+    )
+    # barrier: a market frame sent after it is published after it
+    mark = len(h.events)
+    await eventually(lambda: len(h.events) > mark + 5)
+    return [e for e in h.events if e.data.signature == frame["signature"]]
+
+
+async def test_the_wallets_trades_stream_whatever_mints_are_subscribed_and_after_a_drop():
+    """Trading's wallet (feed.subscription accounts) is streamed on the account-trade
+    subscription: its trades of a mint the feed unsubscribed, or never streamed, are
+    published in the mint's seq order; after a dropped connection it is subscribed again;
+    a trade on both its token's and its wallet's streams is published once, one seq."""
+    h = await start_harness(per_subscription=True, feed_unsubscribe_grace_s=0.0)
+    try:
+        await eventually(lambda: sum(1 for m in h.created() if h.of(m)) >= 2)
+        quiet, streamed = [m for m in h.created() if h.of(m)][:2]
+        command = FeedSubscription(
+            action="subscribe", mints=(), accounts=(WALLET,), reason="live wallet"
+        )
+        await h.bus.publish(make_event(command, source="trading/test", time=0.0))
+        await h.bus.publish(make_event(
+            FeedSubscription(action="unsubscribe", mints=(quiet,), reason="inactive"),
+            source="activity/test", time=0.0,
+        ))  # fmt: skip
+        await eventually(lambda: on_server(h, wallet=WALLET) and not on_server(h, mint=quiet))
+        assert h.service.subscriptions()["accounts"] == [WALLET]
+
+        # the sale of a token the activity service unsubscribed
+        [sale] = await published(h, wallet_trade(h, quiet))
+        seqs = [e.seq for e in h.events if e.key == quiet]
+        assert seqs == list(range(1, len(seqs) + 1)) and sale.seq == seqs[-1]
+        # a mint the feed never streamed
+        never = base58_key("neverstreamedpump")
+        assert never not in h.service.socket.active_mints
+        assert len(await published(h, wallet_trade(h, never))) == 1
+
+        # on both streams: sent twice, published once, and the mint's seqs have no gap
+        duplicates = h.service.manager.duplicates
+        assert on_server(h, mint=streamed, wallet=WALLET)
+        frame = wallet_trade(h, streamed)
+        [both] = await published(h, frame)
+        assert h.service.manager.duplicates == duplicates + 1
+        seqs = [e.seq for e in h.events if e.key == streamed]
+        assert seqs == list(range(1, len(seqs) + 1)) and both.seq in seqs
+
+        # a dropped connection: the wallet is subscribed again on the next one
+        assert await h.server.drop_connections() == 1
+        await eventually(lambda: h.service.socket.sessions == 2 and on_server(h, wallet=WALLET))
+        [again] = await published(h, wallet_trade(h, quiet))
+        assert again.seq == sale.seq + 1
+    finally:
+        await stop_harness(h)

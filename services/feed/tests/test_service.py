@@ -69,7 +69,8 @@ async def test_subscriptions_route_and_status_without_recording():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://feed") as client:
             body = (await client.get("/subscriptions")).json()
-        assert body == {"connected": False, "count": 2, "pending_messages": 2, "mints": ["A", "B"]}
+        assert body == {"connected": False, "count": 2, "pending_messages": 2, "accounts": [],
+                        "mints": ["A", "B"]}  # fmt: skip
         status = await service.status()
         assert status["ready"] is False and status["active_subscriptions"] == 2
     finally:

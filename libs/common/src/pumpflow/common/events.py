@@ -174,7 +174,8 @@ class TokenLifecycle(Payload, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class FeedSubscription(Payload, frozen=True, kw_only=True, omit_defaults=True):
-    """A command to the feed: start or stop streaming trades of some mints."""
+    """A command to the feed: start or stop streaming trades of some mints, or of some
+    wallets (``accounts``: every trade they make, whichever mints are streamed)."""
 
     TYPE: ClassVar[str] = "feed.subscription"
     KEY_FIELD: ClassVar[str | None] = None
@@ -182,6 +183,8 @@ class FeedSubscription(Payload, frozen=True, kw_only=True, omit_defaults=True):
     action: Literal["subscribe", "unsubscribe"]
     mints: tuple[str, ...]
     reason: str = ""
+    #: wallets whose trades the feed streams on PumpPortal's account-trade subscription
+    accounts: tuple[str, ...] = ()
 
 
 class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):

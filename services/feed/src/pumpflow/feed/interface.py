@@ -106,6 +106,22 @@ class DataFeedInterface(ABC):
         None leaves that end open.
         """
 
+    async def subscribe_accounts(self, wallets: str | Iterable[str]) -> None:
+        """Start receiving every trade of one wallet, or of several, whatever its mint.
+
+        A feed without such a subscription (a replay holds every trade already) ignores it.
+        """
+        return None
+
+    async def unsubscribe_accounts(self, wallets: str | Iterable[str]) -> None:
+        """Stop receiving the trades of one wallet, or of several."""
+        return None
+
+    @property
+    def accounts(self) -> frozenset[str]:
+        """Wallets whose trades this feed delivers whatever their mints."""
+        return frozenset()
+
     @property
     def active_mints(self) -> frozenset[str]:
         """Mints whose trades this feed delivers now."""

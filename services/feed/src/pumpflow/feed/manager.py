@@ -1,6 +1,8 @@
 """DataFeedManager: frames from the feeds become v1 events on the bus.
 
-Each validated token event is deduplicated by (txType, signature), wrapped with
+Each validated token event is deduplicated by (txType, signature) before it is
+numbered (a trade that arrives twice, on its token's stream and on its wallet's, takes
+one seq and is published once), wrapped with
 ``make_event`` (source, arrival time, per-mint seq from a Sequencer) and handed to
 the Recorder (store, then publish) or, without one, published at once. A trade of a
 mint the feed did not subscribe to is stored without a seq and never published.
@@ -135,6 +137,18 @@ class DataFeedManager:
         mints = as_mints(token_id)
         for feed in self.feeds:
             await feed.unsubscribe(mints)
+
+    async def subscribe_to_accounts(self, wallets: str | Iterable[str]) -> None:
+        """Stream every trade of one wallet, or of several, from every feed."""
+        wallets = as_mints(wallets)
+        for feed in self.feeds:
+            await feed.subscribe_accounts(wallets)
+
+    async def unsubscribe_from_accounts(self, wallets: str | Iterable[str]) -> None:
+        """Stop the trades of one wallet, or of several, on every feed."""
+        wallets = as_mints(wallets)
+        for feed in self.feeds:
+            await feed.unsubscribe_accounts(wallets)
 
     async def start(self) -> None:
         """Continue where the last publisher stopped, then connect every feed."""

@@ -2,7 +2,23 @@
 
 Wiring only. The DataFeedManager owns the SocketDataFeed and the Recorder: it
 sequences frames per mint and stores, then publishes them (``recorder.py``).
-``feed.subscription`` commands from the bus subscribe or unsubscribe mints.
+``feed.subscription`` commands from the bus subscribe or unsubscribe mints, and
+wallets (``accounts``).
+
+Wallets: live trading confirms an order only by the wallet's own trade on the stream,
+and the activity service unsubscribes a token's trades when it goes quiet, which is
+when the exit service sells what is left of a position. So trading announces its wallet
+(``feed.subscription`` with ``accounts``) when it takes over and every
+``trading_live_announce_s``, and the feed streams that wallet's trades on PumpPortal's
+account-trade subscription whatever mints it streams. Why a command and not a feed
+setting: the wallet is trading's setting, and a second copy in the feed's environment
+can differ from it or be forgotten, and a forgotten one fails silently, with sales
+ending "unconfirmed"; over the bus there is one source of it. What a command cannot
+reach (the feed's per-replica command queue does not exist before the replica) is
+covered twice: the lease holder keeps the wallets in the store beside the mints, for
+the replica that takes over or restarts, and trading announces again within its
+period. Wallets stay subscribed until a command unsubscribes them: a trading service
+that stops must not leave the sales of a restart unconfirmed.
 
 PumpPortal allows one connection per key, so replicas campaign for a LeaderLease
 (``feed:pumpportal``): the leader continues where the last one stopped (seq, stored
@@ -52,6 +68,8 @@ CONSUMES = (FeedSubscription.TYPE,)
 LEASE_NAME = "feed:pumpportal"
 #: the wanted mints of the lease holder, for the replica that takes over
 MINTS_KEY = "feed:pumpportal:mints"
+#: the wallets whose trades the lease holder streams, for the replica that takes over
+ACCOUNTS_KEY = "feed:pumpportal:accounts"
 
 
 class FeedService(Service):
@@ -161,6 +179,9 @@ class FeedService(Service):
         saved = await self.leader.store.get(MINTS_KEY)
         if saved:
             await self.manager.subscribe_to_token(saved.decode().split())
+        accounts = await self.leader.store.get(ACCOUNTS_KEY)
+        if accounts:
+            await self.manager.subscribe_to_accounts(accounts.decode().split())
         log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
         await self.manager.start()
 
@@ -183,6 +204,7 @@ class FeedService(Service):
         """Keep the wanted mints in the store, for a replica that takes over."""
         mints = "\n".join(self.socket.active_mints).encode()
         await self.leader.store.set(MINTS_KEY, mints)
+        await self.leader.store.set(ACCOUNTS_KEY, "\n".join(self.socket.accounts).encode())
 
     async def on_command(self, event: Event) -> None:
         command: FeedSubscription = event.data
@@ -190,9 +212,14 @@ class FeedService(Service):
             return
         if command.action == "unsubscribe":
             await self.manager.unsubscribe_from_token(command.mints)
+            if command.accounts:
+                await self.manager.unsubscribe_from_accounts(command.accounts)
         else:
             await self.manager.subscribe_to_token(command.mints)
-        log.debug("%s %d mints (%s)", command.action, len(command.mints), command.reason)
+            if command.accounts:
+                await self.manager.subscribe_to_accounts(command.accounts)
+        log.debug("%s %d mints, %d wallets (%s)", command.action, len(command.mints),
+                  len(command.accounts), command.reason)  # fmt: skip
 
     async def stop(self) -> None:
         if self._stopped:
@@ -226,6 +253,7 @@ class FeedService(Service):
             "connected": bool(socket and socket.is_connected),
             "count": len(active),
             "pending_messages": socket.pending_messages if socket is not None else 0,
+            "accounts": sorted(socket.accounts) if socket is not None else [],
             "mints": active,
         }
 

@@ -4,6 +4,12 @@
   (batched: at most 5,000 keys per message, at most 200 messages in any second).
 - Keeps the set of mints it should stream; after a reconnect (jittered exponential
   backoff) it subscribes every one of them again.
+- Streams the trades of the wallets it is given (``subscribe_accounts``: the live
+  trading wallet, whose trades confirm its orders) on PumpPortal's account-trade
+  subscription, whether or not their mints are streamed, and subscribes them again on
+  every connection. Such a trade is expected (published) whatever its mint; the frame
+  is the one the token's stream sends, so a trade on both streams is one signature,
+  which the manager's duplicate check drops the second time.
 - Validates every frame; a bad one is counted, logged (within a budget) and
   dead-lettered with the reason, and the stream goes on; so is a frame over the read
   limit (MAX_READ_BYTES), refused by its size and dead-lettered as a prefix (its size and
@@ -48,9 +54,11 @@ from pumpflow.common.pumpportal import (
     MAX_FRAME_BYTES,
     MAX_KEYS_PER_MESSAGE,
     MAX_MESSAGES_PER_SECOND,
+    SUBSCRIBE_ACCOUNT_TRADE,
     SUBSCRIBE_MIGRATION,
     SUBSCRIBE_NEW_TOKEN,
     SUBSCRIBE_TOKEN_TRADE,
+    UNSUBSCRIBE_ACCOUNT_TRADE,
     UNSUBSCRIBE_TOKEN_TRADE,
     ControlFrame,
     FrameKind,
@@ -207,6 +215,11 @@ class SocketDataFeed(DataFeedInterface):
         self._to_unsubscribe: dict[str, float] = {}
         #: mints unsubscribed on this connection -> when asked, oldest first
         self._ended: dict[str, float] = {}
+        #: wallets whose trades we want, and those still to (un)subscribe on this connection
+        self._accounts: dict[str, None] = {}
+        self._accounts_on_server: set[str] = set()
+        self._accounts_to_subscribe: dict[str, None] = {}
+        self._accounts_to_unsubscribe: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._stopping = False
@@ -235,9 +248,19 @@ class SocketDataFeed(DataFeedInterface):
         return frozenset(self._active)
 
     @property
+    def accounts(self) -> frozenset[str]:
+        """Wallets whose trades this feed streams (account-trade subscriptions)."""
+        return frozenset(self._accounts)
+
+    @property
     def pending_messages(self) -> int:
         """Subscription changes not yet sent."""
-        return len(self._to_subscribe) + len(self._to_unsubscribe)
+        return (
+            len(self._to_subscribe)
+            + len(self._to_unsubscribe)
+            + len(self._accounts_to_subscribe)
+            + len(self._accounts_to_unsubscribe)
+        )
 
     async def connect(self) -> None:
         """Start the connection loop; it retries for ever (``wait_connected`` waits for it)."""
@@ -294,6 +317,28 @@ class SocketDataFeed(DataFeedInterface):
             self.lookback.untrack(mints)
         self._changed()
 
+    async def subscribe_accounts(self, wallets: str | Iterable[str]) -> None:
+        for wallet in as_mints(wallets):
+            if wallet in self._accounts:
+                continue
+            self._accounts[wallet] = None
+            if wallet in self._accounts_to_unsubscribe:
+                del self._accounts_to_unsubscribe[wallet]  # still subscribed on the server
+            elif wallet not in self._accounts_on_server:
+                self._accounts_to_subscribe[wallet] = None
+        self._changed()
+
+    async def unsubscribe_accounts(self, wallets: str | Iterable[str]) -> None:
+        for wallet in as_mints(wallets):
+            if wallet not in self._accounts:
+                continue
+            del self._accounts[wallet]
+            if wallet in self._accounts_to_subscribe:
+                del self._accounts_to_subscribe[wallet]
+            elif wallet in self._accounts_on_server:
+                self._accounts_to_unsubscribe[wallet] = None
+        self._changed()
+
     async def get_historical_data(
         self, token_id: str, start_time: float | None, end_time: float | None
     ) -> list[Event]:
@@ -324,7 +369,7 @@ class SocketDataFeed(DataFeedInterface):
 
     def _changed(self) -> None:
         self._export_subscriptions()
-        if self._to_subscribe or self._to_unsubscribe:
+        if self.pending_messages:
             self._wake.set()
 
     def _export_subscriptions(self) -> None:
@@ -334,9 +379,13 @@ class SocketDataFeed(DataFeedInterface):
 
     async def _send_pending(self, ws: ClientConnection) -> None:
         """Send queued (un)subscriptions in batches, within the rate limit, until none are left."""
-        while self._to_unsubscribe or self._to_subscribe:
+        while self.pending_messages:
             # wait for the limiter before choosing keys, so a change made meanwhile counts
             await self._limiter.acquire()
+            # the wallets first: their trades confirm orders of real money
+            if self._accounts_to_subscribe or self._accounts_to_unsubscribe:
+                await self._send_accounts(ws)
+                continue
             if self._to_unsubscribe:
                 method, pending = UNSUBSCRIBE_TOKEN_TRADE, self._to_unsubscribe
             elif self._to_subscribe:
@@ -354,6 +403,23 @@ class SocketDataFeed(DataFeedInterface):
             await ws.send(method_message(method, keys).decode())
             self.metrics.subscribe_messages.labels(method).inc()
             log.debug("%s: %d keys", method, len(keys))
+
+    async def _send_accounts(self, ws: ClientConnection) -> None:
+        """Send one batch of account (un)subscriptions (the caller acquired the limiter)."""
+        if self._accounts_to_subscribe:
+            method, pending = SUBSCRIBE_ACCOUNT_TRADE, self._accounts_to_subscribe
+        else:
+            method, pending = UNSUBSCRIBE_ACCOUNT_TRADE, self._accounts_to_unsubscribe
+        keys = list(itertools.islice(pending, self._max_keys))
+        for key in keys:
+            del pending[key]
+        if method == SUBSCRIBE_ACCOUNT_TRADE:
+            self._accounts_on_server.update(keys)
+        else:
+            self._accounts_on_server.difference_update(keys)
+        await ws.send(method_message(method, keys).decode())
+        self.metrics.subscribe_messages.labels(method).inc()
+        log.info("%s: %d wallets", method, len(keys))
 
     def _end(self, asked: dict[str, float]) -> None:
         """Remember when the unsubscribe of each mint was asked: its trades in flight count."""
@@ -470,16 +536,20 @@ class SocketDataFeed(DataFeedInterface):
         if self.sessions > 1:
             self.metrics.reconnects.inc()
         log.info(
-            "connected to %s (session %d, %d mints to resubscribe)",
+            "connected to %s (session %d, %d mints and %d wallets to resubscribe)",
             self.redacted_url,
             self.sessions,
             len(self._active),
+            len(self._accounts),
         )
         # a new connection has no subscriptions: everything active is sent again
         self._on_server.clear()
         self._ended.clear()
         self._to_unsubscribe.clear()
         self._to_subscribe = dict.fromkeys(self._active)
+        self._accounts_on_server.clear()
+        self._accounts_to_unsubscribe.clear()
+        self._accounts_to_subscribe = dict.fromkeys(self._accounts)
         self._ws = ws
         self.metrics.connected.set(1)
         self._export_subscriptions()
@@ -558,7 +628,9 @@ class SocketDataFeed(DataFeedInterface):
                     self.lookback.track((payload.mint,), arrival)
                 self._changed()
         elif kind is not FrameKind.MIGRATE:
-            subscribed = self._expects_trades(payload.mint)
+            subscribed = (
+                self._expects_trades(payload.mint) or payload.traderPublicKey in self._accounts
+            )
         try:
             await self._emit(FeedRecord(payload, data, arrival, subscribed=subscribed))
         except Exception as exc:

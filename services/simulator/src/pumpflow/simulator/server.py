@@ -94,12 +94,27 @@ class _Client:
             frame["mint"] in self.mints or frame["traderPublicKey"] in self.accounts
         )
 
+    def wants_twice(self, frame: Frame) -> bool:
+        """True for a trade both a token and an account subscription of this client take."""
+        return (
+            self.funded
+            and frame["txType"] in ("buy", "sell")
+            and frame["mint"] in self.mints
+            and frame["traderPublicKey"] in self.accounts
+        )
+
 
 class SimulatorServer:
     """PumpPortal's data socket, served from a simulated market.
 
     ``speed`` is the time-scale factor: 1 is real time, 10 ten times faster, 0 as fast
     as the clients read (the market then waits while nobody is connected).
+
+    ``per_subscription``: a trade that a client's token and account subscriptions both
+    take is sent once for each, as a server streaming each subscription on its own
+    would (PumpPortal's documentation does not say which it does: a client must take
+    either). ``inject`` sends a frame of the test's (the live wallet's trade) now, to
+    every client that wants it, as the market's would be.
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class SimulatorServer:
         faults: FaultConfig = FaultConfig(),
         require_api_key: bool = False,
         sent_log: str | Path | None = None,
+        per_subscription: bool = False,
     ):
         if speed < 0:
             raise ValueError(f"speed must be >= 0, got {speed}")
@@ -121,6 +137,7 @@ class SimulatorServer:
         self.speed = speed
         self.faults = faults
         self.require_api_key = require_api_key
+        self.per_subscription = per_subscription
         #: what was sent: create, buy, sell, migrate, control, errors, malformed,
         #: duplicate, delayed, hostile (and hostile_<kind>); connections, dropped;
         #: undelivered (data frames queued for a connection that ended first),
@@ -341,6 +358,9 @@ class SimulatorServer:
                         self.counters["duplicate"] += 1
                 await self._put(client, out, self._note(what, frame))
                 self.counters[tx] += 1
+                if self.per_subscription and client.wants_twice(frame):
+                    await self._put(client, text, self._note("account", frame))
+                    self.counters["account_copy"] += 1
                 if faults.hostile_rate and rng.random() < faults.hostile_rate:
                     self._hostile_serial += 1
                     serial = self._hostile_serial
@@ -348,6 +368,21 @@ class SimulatorServer:
                     self.counters["hostile"] += 1
                     self.counters[f"hostile_{kind}"] += 1
                     await self._put(client, bad, f"hostile_{kind}\t-\t-\thostile{serial}")
+
+    async def inject(self, frame: Frame) -> int:
+        """Send ``frame`` now to every client that wants it, without faults; return how
+        many copies went out."""
+        text = _encode(frame).decode()
+        sent = 0
+        for client in tuple(self._clients):
+            if not client.wants(frame):
+                continue
+            copies = 2 if self.per_subscription and client.wants_twice(frame) else 1
+            for _ in range(copies):
+                await self._put(client, text, self._note("injected", frame))
+                sent += 1
+        self.counters["injected"] += sent
+        return sent
 
     def _note(self, kind: str, frame: Frame) -> str:
         """The sent-log line of a data frame ("" without a sent log; None marks control)."""

@@ -11,6 +11,12 @@ every order, fill and position.
   ``model.prediction`` (each one chance to enter) and the exit service's
   ``exit.order``. Publishes ``order.requested|filled|rejected``,
   ``position.opened|updated|closed``, ``trading.state`` and ``trading.breaker``.
+- Live, the holder announces its wallet to the feed (``feed.subscription`` with
+  ``accounts``) as it takes over and every ``trading_live_announce_s``: the feed then
+  streams the wallet's trades, which confirm the orders, even of a token whose trades
+  the activity service unsubscribed (a quiet token, exactly when the exit service sells
+  the rest of a position). Repeated, so a feed that restarted or took over without the
+  store's copy learns it within the period.
 - ``system.shutdown`` halts entries, then publishes ``trading.barrier`` (critical): the
   entry orders in flight and the positions held at that instant, which the exit
   service's graceful exit waits to have seen, however far behind its consumer is.
@@ -69,6 +75,7 @@ from pumpflow.common.events import (
     Event,
     ExitOrder,
     FeaturesUpdated,
+    FeedSubscription,
     ModelPrediction,
     OrderFilled,
     OrderRejected,
@@ -222,6 +229,8 @@ class TradingService(Service):
         #: neither acts nor schedules the next
         self._term = 0
         self._tick: TimerHandle | None = None
+        #: the clock's monotonic() when the wallet was last announced to the feed
+        self._announced_at: float | None = None
         #: the last operator's state given here, and whether the ledger holds it yet
         self._control: tuple[TradingState, str] | None = None
         self._control_unstored = False
@@ -400,6 +409,8 @@ class TradingService(Service):
             self._schedule_tick()
         await ctx.bus.subscribe(self._subscription)
         self._subscribed = True
+        self._announced_at = None
+        await self._announce_wallet()
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
         if order.side == "sell" and order.mint not in self.book.open_positions:
@@ -943,7 +954,33 @@ class TradingService(Service):
                           self.settings.trading_tick_s)  # fmt: skip
         finally:
             if term == self._term:
+                await self._announce_wallet()
                 self._schedule_tick()
+
+    async def _announce_wallet(self) -> None:
+        """Ask the feed for the live wallet's trades, if live and due; a failure waits for
+        the next round (the feed keeps a wallet it was given once)."""
+        ctx, settings = self._ctx, self.settings
+        if settings.trading_executor != "live" or not self._leading or ctx is None:
+            return
+        now = ctx.clock.monotonic()
+        due = self._announced_at is None or (
+            now - self._announced_at >= settings.trading_live_announce_s
+        )
+        if not due:
+            return
+        command = FeedSubscription(
+            action="subscribe",
+            mints=(),
+            accounts=(settings.trading_live_wallet,),
+            reason="live wallet",
+        )
+        try:
+            await ctx.bus.publish(make_event(command, source=ctx.source, time=ctx.clock.now()))
+        except Exception:
+            log.exception("trading: announcing the live wallet to the feed failed; next round")
+            return
+        self._announced_at = now
 
     # ---------------------------------------------------------------- the kill switch
 

@@ -12,7 +12,9 @@ floor: the size a pump.fun trader starting out uses, not a fund's.
 Live trading needs three things at once: ``trading_executor = live``,
 ``trading_live_enabled = true`` and PumpPortal's API key (``PUMPPORTAL_API_KEY`` or
 ``PUMPPORTAL_API_KEY_FILE``), plus the public key of the key's wallet
-(``trading_live_wallet``), whose trades in the token stream confirm the orders. The
+(``trading_live_wallet``), whose trades in the token stream confirm the orders (the
+service announces it to the feed, which streams its trades whatever tokens it streams:
+``trading_live_announce_s``). The
 sending and confirming defaults are argued in :mod:`pumpflow.common.trading.settings`.
 """
 
@@ -72,6 +74,12 @@ class TradingSettings(PumpPortalKeySettings):
         gt=0,
         description="live: seconds an order waits for its trade in the token's stream "
         "before it is rejected as unconfirmed",
+    )
+    trading_live_announce_s: float = Field(
+        30.0,
+        gt=0,
+        description="live: seconds between announcements of the wallet to the feed "
+        "(feed.subscription accounts), which streams its trades whatever mints it streams",
     )
     trading_capital_sol: float = Field(
         10.0, gt=0, description="capital the limits are fractions of (paper: the start)"

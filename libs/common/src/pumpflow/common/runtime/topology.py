@@ -80,6 +80,8 @@ PUBLISHERS: Mapping[str, tuple[str, ...]] = {
         TradingStateChanged.TYPE,
         CircuitBreakerChanged.TYPE,
         ShutdownBarrier.TYPE,
+        # live: the wallet whose trades the feed streams (accounts)
+        FeedSubscription.TYPE,
     ),
     # system.shutdown: through its API, for `pumpflow stop`
     "exit": (ExitOrder.TYPE, ExitReport.TYPE, SystemShutdown.TYPE),
