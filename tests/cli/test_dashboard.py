@@ -73,7 +73,8 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
     assert "graceful exit (pumpflow run ended):" in printed
     lines = printed.strip().splitlines()
     assert lines[-2].startswith("run over:") and lines[-1] == f"report: {report}"
-    assert report.exists()
+    row = r"graceful exit</td><td>\d+ of \d+ positions sold out"
+    assert re.search(row, report.read_text()), "the report's row of the graceful exit"
 
 
 def test_the_dashboard_only_on_a_terminal_and_not_when_plain_is_asked():
