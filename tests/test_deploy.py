@@ -255,7 +255,13 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         "pumpflow_trading_state",
         "pumpflow_trading_breaker_trips_total",
         "pumpflow_receipt_to_decision_seconds_bucket",
-        # exits: progress, slippage
+        # what an operator must see: a halt not stored, sales in flight and refused,
+        # labels the store refused
+        "pumpflow_trading_operator_state_stored",
+        "pumpflow_trading_sales_in_flight",
+        "pumpflow_trading_sales_refused_total",
+        "pumpflow_model_labels_refused_total",
+        # exits: progress (tranches without an outcome too), slippage
         "pumpflow_exit_graceful",
         "pumpflow_exit_slippage_bucket",
         # every service's processes
@@ -264,6 +270,7 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
     } <= dashboard_metrics(dashboard)
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     assert 'outcome="rejected"' in exprs and 'metric="precision"' in exprs
+    assert 'what="unconfirmed_tranches"' in exprs
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)

@@ -5,11 +5,29 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import replace
 
+from prometheus_client import CollectorRegistry
 from rich.console import Console as RichConsole
 
-from pumpflow.cli.dashboard import LIFECYCLE, RATED, RecentLines, wants_dashboard
+from pumpflow.cli.console import Console
+from pumpflow.cli.dashboard import (
+    LIFECYCLE,
+    RATED,
+    Dashboard,
+    RecentLines,
+    exit_progress,
+    wants_dashboard,
+)
 from pumpflow.cli.run import run_embedded_market
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.exit import ExitProgress
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.testing import eventually
+from pumpflow.common.trading import TradingState
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
 
 FRAME = "pumpflow run +"
 
@@ -47,14 +65,16 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
     for breaker in ("curve", "execution", "rate", "stale"):
         assert f"breaker {breaker}" in last, last
     # the graceful exit ran while the dashboard showed it: the kill switch is thrown
-    assert "halted" in last
+    assert "halted" in last and "NOT STORED" not in last
+    assert re.search(r"graceful exit +\d+/\d+ sold out, \d+ in flight", last), last
     # the console's lines went to the dashboard, not to the plain output
     printed = out.getvalue()
     assert "trade subscriptions" not in printed.split("graceful exit")[0]
     assert "graceful exit (pumpflow run ended):" in printed
     lines = printed.strip().splitlines()
     assert lines[-2].startswith("run over:") and lines[-1] == f"report: {report}"
-    assert report.exists()
+    row = r"graceful exit</td><td>\d+ of \d+ positions sold out"
+    assert re.search(row, report.read_text()), "the report's row of the graceful exit"
 
 
 def test_the_dashboard_only_on_a_terminal_and_not_when_plain_is_asked():
@@ -72,3 +92,60 @@ def test_recent_lines_keep_the_last_whole_lines():
     assert list(recent.lines) == ["one", "two"]
     recent.write("ee\n")
     assert list(recent.lines) == ["two", "three"]
+
+
+class _AwayLedger(MemoryLedger):
+    """Trading's ledger, unable to store the operator's state while ``away`` (Postgres)."""
+
+    away = True
+
+    async def set_control(self, state: TradingState, reason: str) -> None:
+        if self.away:
+            raise ConnectionError("the ledger is away")
+        await super().set_control(state, reason)
+
+
+def drawn(renderable) -> str:
+    screen = RichConsole(file=io.StringIO(), width=150, record=True)
+    screen.print(renderable)
+    return screen.export_text()
+
+
+async def test_the_trading_panel_says_a_halt_is_not_stored_until_it_is():
+    clock = ReplayClock(1_700_000_000.0)
+    ledger = _AwayLedger()
+    config = TradingSettings.load(
+        service="trading", transport="memory", trading_halt_store_wait_s=0.01
+    )
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        console = Console(system=system, clock=clock, speed=1.0, out=io.StringIO())
+        dashboard = Dashboard(console, RecentLines())
+        assert "NOT STORED" not in drawn(dashboard.render())
+
+        answer = await trading.halt("the ledger is away")
+        assert answer["stored"] is False
+        assert re.search(r"state +halted, NOT STORED", drawn(dashboard.render()))
+
+        ledger.away = False
+        await eventually(
+            lambda: trading.state_view()["operator_state_stored"], what="the halt stored"
+        )
+        shown = drawn(dashboard.render())
+        assert re.search(r"state +halted", shown) and "NOT STORED" not in shown
+
+
+def test_a_graceful_exits_unconfirmed_tranches_stand_out():
+    progress = ExitProgress(
+        started=True, done=False, positions=3, sold_out=1, in_flight=1,
+        unconfirmed_tranches=2, unconfirmed_tokens=1.5e6, tranches=4,
+        tokens_at_start=9e6, tokens_left=5e6, sol_recovered=0.4, elapsed_s=12.0,
+        deadline_margin_s=48.0,
+    )  # fmt: skip
+    line = exit_progress(progress)
+    assert line.plain == (
+        "1/3 sold out, 1 in flight, 2 tranches UNCONFIRMED (1.5e+06 tokens may have sold)"
+    )
+    assert any(span.style == "bold red" for span in line.spans)
+    settled = exit_progress(replace(progress, unconfirmed_tranches=0, unconfirmed_tokens=0.0))
+    assert settled.plain == "1/3 sold out, 1 in flight" and not settled.spans

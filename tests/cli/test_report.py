@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from pumpflow.cli.main import main
+from pumpflow.cli.run import graceful_exit_note
+from pumpflow.common.events import ExitLine
+from pumpflow.common.exit import GracefulExitSummary
 from pumpflow.report import html, results, svg
 from pumpflow.report.gather import from_ledger, slippage_pct
 from pumpflow.report.results import Results, Trade
@@ -242,3 +245,30 @@ def test_a_report_with_nothing_in_it_says_so_in_every_plot():
     for message in ("no exits", "lifecycle: not kept", "predictions: not kept", "no filled"):
         assert message in page
     assert re.search(r"(src|href)=|url\(|@import", page) is None
+
+
+def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome():
+    sold = ExitLine(position_id="p1", mint="m1", tokens_sold=1e6, sol_received=0.25,
+                    tranches=2, completed=True)  # fmt: skip
+    lost = ExitLine(position_id="p2", mint="m2", tokens_sold=2e6, sol_received=0.5,
+                    tranches=1, completed=False, unconfirmed_tranches=2,
+                    unconfirmed_tokens=3e6)  # fmt: skip
+    summary = GracefulExitSummary(
+        reason="pumpflow run ended", started_at=0.0, finished_at=50.0, deadline=60.0,
+        lines=(sold, lost),
+    )  # fmt: skip
+    note = graceful_exit_note(summary)
+    assert note == (
+        "1 of 2 positions sold out in 3 tranches, 0.7500 SOL recovered; UNCONFIRMED: 2 "
+        "tranches of 1 positions got no outcome, their 3e+06 tokens may have sold"
+    )
+    page = html.render(Results(title="run", source="here", notes={"graceful exit": note}))
+    assert "<td>graceful exit</td><td>1 of 2 positions sold out" in page
+    assert "UNCONFIRMED: 2 tranches" in page
+    clean = GracefulExitSummary(
+        reason="pumpflow run ended", started_at=0.0, finished_at=50.0, deadline=60.0,
+        lines=(sold,),
+    )  # fmt: skip
+    assert (
+        graceful_exit_note(clean) == "1 of 1 positions sold out in 2 tranches, 0.2500 SOL recovered"
+    )

@@ -49,9 +49,15 @@ class FlakyExitStore(MemoryExitStore):
         return await super().record_order(order)
 
 
-def exit_service(records: MemoryExitStore | None = None, **settings: object) -> ExitService:
+def exit_service(
+    records: MemoryExitStore | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    **settings: object,
+) -> ExitService:
     config = ExitSettings.load(service="exit", transport="memory", **settings)
-    return ExitService(config, registry=CollectorRegistry(), records=records or MemoryExitStore())
+    registry = CollectorRegistry() if registry is None else registry
+    return ExitService(config, registry=registry, records=records or MemoryExitStore())
 
 
 @contextlib.asynccontextmanager

@@ -238,7 +238,14 @@ async def test_a_tranche_without_an_outcome_on_a_clock_that_stands_still_is_not_
     # the replay clock stands still from the shutdown on: trading's fills, which follow
     # it, do not come, nor does the deadline; a tranche refused is tried again at once
     trader = trading(ledger)
-    exits = exit_service(records, exit_order_timeout_s=0.05, exit_min_tranche_interval_s=0.0)
+    registry = CollectorRegistry()
+    exits = exit_service(
+        records, registry=registry, exit_order_timeout_s=0.05, exit_min_tranche_interval_s=0.0
+    )
+
+    def gauge(what: str) -> float | None:
+        return registry.get_sample_value("pumpflow_exit_graceful", {"what": what})
+
     async with embedded(clock, trader, exits) as (system, watch):
         [event] = await _opened(system, clock, tokens, watch, 1)
         held = event.data.token_amount
@@ -260,6 +267,14 @@ async def test_a_tranche_without_an_outcome_on_a_clock_that_stands_still_is_not_
         [order] = watch.payloads("exit.order")
         assert order.token_amount == pytest.approx(held, rel=1e-9)
         assert not exits.finished.is_set()
+        # what an alert reads, from the replica's look at its exit (once a second)
+        await eventually(
+            lambda: gauge("unconfirmed_tranches") == 1,
+            20.0,
+            what="the unconfirmed tranche on /metrics",
+            details=lambda: f"unconfirmed_tranches {gauge('unconfirmed_tranches')}",
+        )
+        assert gauge("unconfirmed_tokens") == pytest.approx(held, rel=1e-9)
 
         # the clock moves on: the tranche fills, late, and ends the exit
         await advancing(clock, exits.finished.is_set, what="the graceful exit finished")
@@ -272,6 +287,7 @@ async def test_a_tranche_without_an_outcome_on_a_clock_that_stands_still_is_not_
         assert line.completed and line.unconfirmed_tranches == 0
         assert exits.summary.sol_recovered == pytest.approx(sells[0].sol_amount)
         assert "UNCONFIRMED" not in exits.summary.text()
+        assert gauge("unconfirmed_tranches") == 0 and gauge("unconfirmed_tokens") == 0
 
 
 async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position_sold():

@@ -26,11 +26,12 @@ from .test_service import publish, ready
 TOKEN = "kill-switch-token"
 
 
-def trading(ledger: PostgresLedger) -> TradingService:
+def trading(ledger: PostgresLedger, registry: CollectorRegistry | None = None) -> TradingService:
     config = TradingSettings.load(
         service="trading", transport="memory", api_token=TOKEN, trading_halt_store_wait_s=0.2
     )
-    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+    registry = CollectorRegistry() if registry is None else registry
+    return TradingService(config, registry=registry, ledger=ledger)
 
 
 @contextlib.asynccontextmanager
@@ -63,9 +64,15 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
     clock, market, own_postgres, own_ledger
 ):
     ledger = own_ledger
-    service = trading(ledger)
+    registry = CollectorRegistry()
+    service = trading(ledger, registry)
+
+    def stored_gauge() -> float | None:
+        return registry.get_sample_value("pumpflow_trading_operator_state_stored")
+
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
+        assert stored_gauge() == 1
         await asyncio.to_thread(own_postgres.stop)
 
         answer = await client.post("/halt", json={"reason": "postgres is down"})
@@ -75,6 +82,8 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
         assert "halted in this replica at once" in body["detail"], body
         assert "NOT stored yet" in body["detail"], body
         assert (await client.get("/state")).json()["operator_state_stored"] is False
+        # what an alert reads: the kill switch is not durable yet
+        assert stored_gauge() == 0
         # no entry from the next event on
         await publish(bus, market.prediction(mint))
         assert watch.count("order.requested") == 0
@@ -94,6 +103,7 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
 
         await eventually(stored, what="the halt stored once Postgres is back")
         assert (await client.get("/state")).json()["operator_state_stored"] is True
+        assert stored_gauge() == 1
         await clock.advance(service.settings.trading_tick_s)
         assert service.risk.state is TradingState.HALTED
 
@@ -116,9 +126,15 @@ async def test_an_entry_waiting_for_postgres_when_the_halt_comes_is_never_sent(
     """Postgres fails the store of a prediction's order, so the order is not sent yet;
     the halt comes: once Postgres is back the order is stored refused, and never sent."""
     ledger = own_ledger
-    service = trading(ledger)
+    registry = CollectorRegistry()
+    service = trading(ledger, registry)
+
+    def stored_gauge() -> float | None:
+        return registry.get_sample_value("pumpflow_trading_operator_state_stored")
+
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
+        assert stored_gauge() == 1
         await asyncio.to_thread(own_postgres.stop)
         with pytest.raises(OSError):
             await service.on_events([market.prediction(mint)])

@@ -5,6 +5,7 @@ restart counts the sale it takes over in flight."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.events import Event, ExitOrder, PositionOpened, make_event
 from pumpflow.trading.ledger import PostgresLedger
@@ -27,13 +28,19 @@ def sale(opened: PositionOpened, n: int, tokens: float, clock) -> Event:
 
 async def test_overlapping_sales_never_sell_more_than_is_held(clock, market, pg_pool):
     ledger = PostgresLedger(pg_pool)
-    service = trading(ledger, trading_paper_latency_s=LATENCY_S)
+    registry = CollectorRegistry()
+    service = trading(ledger, registry=registry, trading_paper_latency_s=LATENCY_S)
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
         await publish(bus, market.prediction(mint))
         await clock.advance(LATENCY_S + 1.0)
         [opened] = watch.payloads("position.opened")
         held = opened.token_amount
+        assert sample("pumpflow_trading_sales_refused_total") == 0
 
         # both in flight, asking for 1.4 times the holding
         await publish(bus, sale(opened, 1, held * 0.7, clock), sale(opened, 2, held * 0.7, clock))
@@ -45,6 +52,9 @@ async def test_overlapping_sales_never_sell_more_than_is_held(clock, market, pg_
         [refused] = watch.payloads("order.rejected")
         assert refused.order_id == sweep.data.order_id
         assert "nothing to sell" in refused.reason and "sales in flight" in refused.reason
+        assert sample("pumpflow_trading_sales_refused_total") == 1
+        await clock.advance(service.settings.trading_tick_s)
+        assert sample("pumpflow_trading_sales_in_flight") == 2
 
         await clock.advance(LATENCY_S + 1.0)
         sold = [f.token_amount for f in watch.payloads("order.filled") if f.side == "sell"]
@@ -52,6 +62,7 @@ async def test_overlapping_sales_never_sell_more_than_is_held(clock, market, pg_
         assert sum(sold) <= held * (1 + 1e-12)
         [closed] = watch.payloads("position.closed")
         assert closed.position_id == opened.position_id
+        assert sample("pumpflow_trading_sales_in_flight") == 0
         states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10, mint=mint)}
         assert states == {
             opened.position_id: "filled",

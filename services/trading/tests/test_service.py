@@ -28,9 +28,12 @@ from pumpflow.trading.settings import TradingSettings
 from .conftest import Market
 
 
-def trading(ledger: MemoryLedger, **settings: object) -> TradingService:
+def trading(
+    ledger: MemoryLedger, *, registry: CollectorRegistry | None = None, **settings: object
+) -> TradingService:
     config = TradingSettings.load(service="trading", transport="memory", **settings)
-    return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
+    registry = CollectorRegistry() if registry is None else registry
+    return TradingService(config, registry=registry, ledger=ledger)
 
 
 @contextlib.asynccontextmanager

@@ -2,9 +2,10 @@
 
 It draws what the run's :class:`~pumpflow.cli.console.Console` counted off the bus and
 what the services show read-only (trading's book, risk state and breakers, the feed's
-subscriptions): tokens by lifecycle state, event rates, the model's signals, open
-positions, PnL and the breakers, and the console's latest lines (entries, sales,
-trading state changes). It changes nothing it reads. Without a terminal (a log, CI)
+subscriptions, the graceful exit's progress): tokens by lifecycle state, event rates,
+the model's signals, open positions, PnL and the breakers (a halt not stored yet and
+tranches without an outcome in bold red), and the console's latest lines (entries,
+sales, trading state changes). It changes nothing it reads. Without a terminal (a log, CI)
 the run prints the console's plain status lines instead (:func:`wants_dashboard`).
 """
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from rich.console import Console as RichConsole
 
     from pumpflow.cli.console import Console
+    from pumpflow.common.exit import ExitProgress
 
 LIFECYCLE = ("new", "active", "declining", "inactive", "graduated")
 #: the event types whose rates are shown, in pipeline order
@@ -124,7 +126,11 @@ class Dashboard:
         table.add_column()
         table.add_column(justify="right")
         style = "green" if risk.state == "active" else "bold red"
-        table.add_row("state", Text(str(risk.state), style=style))
+        state = Text(str(risk.state), style=style)
+        if not trading.state_view()["operator_state_stored"]:
+            # the kill switch holds here only: a take-over or a restart would trade again
+            state.append(", NOT STORED", style="bold red")
+        table.add_row("state", state)
         table.add_row("realised PnL", _signed(pnl["realized_pnl_sol"]))
         table.add_row("open, marked", _signed(pnl["unrealized_pnl_sol"]))
         table.add_row("fees", f"{pnl['fees_sol']:.4f} SOL")
@@ -139,6 +145,10 @@ class Dashboard:
                      overflow="ellipsis") if breaker.tripped
                 else Text("ok", style="green"),
             )  # fmt: skip
+        exits = self.console.system.services.get("exit")
+        manager = getattr(exits, "manager", None)
+        if manager is not None:
+            table.add_row("graceful exit", exit_progress(manager.monitor_exit_progress()))
         return Panel(table, title="trading (paper)")
 
     def _signals(self) -> Panel:
@@ -204,6 +214,22 @@ class Dashboard:
                     live.update(self.render(), refresh=True)
             finally:
                 live.update(self.render(), refresh=True)
+
+
+def exit_progress(progress: ExitProgress) -> Text:
+    """A graceful exit's progress in a line; tranches without an outcome stand out."""
+    text = Text(
+        f"{progress.sold_out}/{progress.positions} sold out, {progress.in_flight} in flight",
+        no_wrap=True,
+        overflow="ellipsis",
+    )
+    if progress.unconfirmed_tranches:
+        text.append(
+            f", {progress.unconfirmed_tranches} tranches UNCONFIRMED "
+            f"({progress.unconfirmed_tokens:.6g} tokens may have sold)",
+            style="bold red",
+        )
+    return text
 
 
 def _signed(value: float, unit: str = " SOL") -> Text:

@@ -231,6 +231,9 @@ async def run_embedded_market(
                 f"{console.counts['token.trade']:,}",
                 "predictions": f"{console.counts['model.prediction']:,}",
             }
+            summary = system["exit"].summary
+            if summary is not None:
+                notes["graceful exit"] = graceful_exit_note(summary)
             path = html.write(msgspec.structs.replace(results, notes=notes), report)
             print(f"report: {path}", file=out, flush=True)
     finally:
@@ -258,6 +261,23 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
         print(exits.summary.text(), file=out, flush=True)
     left = system["trading"].book.open_count
     print(f"open positions after the graceful exit: {left}", file=out, flush=True)
+
+
+def graceful_exit_note(summary) -> str:
+    """The report's row of a graceful exit (a ``GracefulExitSummary``): what it sold and,
+    in capitals, the tranches whose outcome never came."""
+    note = (
+        f"{summary.positions - summary.positions_left} of {summary.positions} positions sold "
+        f"out in {summary.tranches} tranches, {summary.sol_recovered:.4f} SOL recovered"
+    )
+    unconfirmed = summary.unconfirmed
+    if unconfirmed:
+        note += (
+            f"; UNCONFIRMED: {sum(line.unconfirmed_tranches for line in unconfirmed)} "
+            f"tranches of {len(unconfirmed)} positions got no outcome, their "
+            f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may have sold"
+        )
+    return note
 
 
 async def _finished(exits) -> None:

@@ -7,6 +7,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pumpflow.common.exit import ExitProgress
 from pumpflow.common.metrics import families
 
+#: the fields of :class:`ExitProgress` the graceful gauge shows, by ``what``
+_PROGRESS = (
+    "positions", "sold_out", "in_flight", "tranches", "tokens_left", "unconfirmed_tranches",
+    "unconfirmed_tokens",
+)  # fmt: skip
+
 
 class _Families:
     def __init__(self, registry: CollectorRegistry):
@@ -31,7 +37,9 @@ class _Families:
         )
         self.graceful = Gauge(
             "pumpflow_exit_graceful",
-            "Graceful exit progress: positions, sold_out, in_flight, tranches, tokens_left",
+            "Graceful exit progress: positions, sold_out, in_flight, tranches, tokens_left; "
+            "unconfirmed_tranches and unconfirmed_tokens (tranches whose outcome never came: "
+            "they may have sold)",
             ["what"],
             registry=registry,
         )
@@ -43,7 +51,8 @@ class _Families:
 
 
 class ExitMetrics:
-    """Exits by rule, slippage, graceful-exit progress and deadline margin."""
+    """Exits by rule, slippage, graceful-exit progress (tranches unconfirmed included) and
+    deadline margin."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("exit", _Families, registry)
@@ -60,7 +69,7 @@ class ExitMetrics:
             self._f.slippage.labels(rule).observe(slippage)
 
     def progress(self, progress: ExitProgress) -> None:
-        for what in ("positions", "sold_out", "in_flight", "tranches", "tokens_left"):
+        for what in _PROGRESS:
             self._f.graceful.labels(what).set(getattr(progress, what))
         self._f.margin.set(progress.deadline_margin_s)
 

@@ -79,13 +79,34 @@ class _Families:
             "1 while this replica holds the lease and trades",
             registry=registry,
         )
+        self.operator_state_stored = Gauge(
+            "pumpflow_trading_operator_state_stored",
+            "0 while the operator's state given to this replica (a halt) waits for the "
+            "ledger: a take-over or a restart does not know of it, nor, given to a stand-by, "
+            "does the trading replica",
+            registry=registry,
+        )
+        self.sales_in_flight = Gauge(
+            "pumpflow_trading_sales_in_flight",
+            "Sales sent and not yet filled or rejected (their tokens are not for another sale)",
+            registry=registry,
+        )
+        self.sales_refused = Counter(
+            "pumpflow_trading_sales_refused",
+            "Sales refused unsent, nothing left to sell: the position's tokens all asked for "
+            "by sales in flight, or none held",
+            registry=registry,
+        )
 
 
 class TradingMetrics:
-    """Orders, fills, fees, PnL, exposure, the trading state and the breakers."""
+    """Orders, fills, fees, PnL, exposure, the trading state and the breakers, the sales
+    in flight and refused, and whether the operator's state given here is stored."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("trading", _Families, registry)
+        # nothing given here waits for the ledger until a halt does
+        self._f.operator_state_stored.set(1)
         #: ordered -> its predictions counter (looked up once: one a prediction)
         self._predictions: dict[bool, Any] = {}
 
@@ -118,6 +139,12 @@ class TradingMetrics:
     def leading(self, leader: bool) -> None:
         self._f.leader.set(1 if leader else 0)
 
+    def operator_state(self, stored: bool) -> None:
+        self._f.operator_state_stored.set(1 if stored else 0)
+
+    def sale_refused(self) -> None:
+        self._f.sales_refused.inc()
+
     def book(self, book: PositionBook, risk: RiskManager) -> None:
         f = self._f
         f.pnl.labels("realized").set(book.realized_pnl_sol)
@@ -125,6 +152,7 @@ class TradingMetrics:
         f.capital.set(risk.capital)
         f.exposure.set(risk.total_exposure)
         f.positions.set(book.open_count)
+        f.sales_in_flight.set(len(book.sales))
         for state in TradingState:
             f.state.labels(state.value).set(1 if risk.state is state else 0)
         for name in BREAKERS:

@@ -883,6 +883,7 @@ class TradingService(Service):
                 continue
             if refused:
                 self.metrics.order(side, "rejected")
+                self.metrics.sale_refused()
                 log.info("trading: order %s refused: %s", order.order_id, order.outcome)
                 continue
             self.metrics.order(side, "sent")
@@ -1076,6 +1077,7 @@ class TradingService(Service):
         self._control = (state, reason)
         self._control_unstored = True
         self._control_changes += 1
+        self.metrics.operator_state(False)
 
     async def _store_control(self) -> None:
         """Store the operator's state given here until the ledger takes it (retried while
@@ -1100,6 +1102,7 @@ class TradingService(Service):
                 # a later one given meanwhile is stored next
                 self._control_unstored = False
                 self._control_error = ""
+                self.metrics.operator_state(True)
         if failed:
             log.warning("trading: the operator's %s (%s) is stored", *self._control)
 
