@@ -203,7 +203,8 @@ class LiveBook:
         """Give up the orders whose trade has not shown by their deadline."""
         rejected = []
         for order in [o for o in self.pending.values() if o.deadline <= now]:
-            del self.pending[order.order_id]
+            if self.pending.pop(order.order_id, None) is None:
+                continue  # filled by the trade an earlier one's resolve gave it
             wait = f"{self.execution.confirm_s:g} s"
             if order.signature is None:
                 reason = (
