@@ -198,6 +198,18 @@ def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
     assert named in err
 
 
+def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
+    """A file no flag named failing is a defect, not the user's: it is raised as it is."""
+    from pumpflow.cli import catalogue
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/opt/pumpflow/internal.json")
+
+    monkeypatch.setattr(catalogue, "asyncapi_document", broken)
+    with pytest.raises(FileNotFoundError):
+        cli_main.main(["catalogue", "--out", str(tmp_path)])
+
+
 def test_unknown_service_is_exit_2_listing_the_installed_ones(fake_services, capsys):
     assert cli_main.main(["serve", "nope"]) == 2
     assert "no service named 'nope' (installed: widget)" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``pumpflow trading``: its exit status says whether the kill switch took effect.
+"""``pumpflow trading`` and ``pumpflow stop``: what they say of the kill switch and the
+graceful exit.
 
 A local fake of a trading replica's HTTP API on 127.0.0.1 answers as the service does
 (``services/trading/tests/test_kill_switch.py`` tests those answers)."""
@@ -81,3 +82,32 @@ async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, 
         assert await pumpflow_trading(base, "halt") == 2
     assert await pumpflow_trading(f"http://127.0.0.1:{free_port()}", "state") == 1
     assert "does not answer" in capsys.readouterr().err
+
+
+async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, capsys):
+    """``pumpflow stop`` against a fake exit replica: the progress it follows names the
+    tranches without an outcome, the report ends it."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    polls = []
+
+    async def shutdown(request: Request) -> JSONResponse:
+        return JSONResponse({"published": True})
+
+    async def progress(request: Request) -> JSONResponse:
+        polls.append(1)
+        if len(polls) < 2:
+            return JSONResponse({"progress": {
+                "sold_out": 1, "positions": 2, "tranches": 3, "unconfirmed_tranches": 1,
+                "deadline_margin_s": 42.0,
+            }})
+        return JSONResponse({"text": "graceful exit (test): 2 positions, 1 sold out"})
+
+    app = Starlette(routes=[
+        Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)
+    ])
+    async with local_app(app) as base:
+        parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30"])
+        assert await asyncio.to_thread(parsed.handler, parsed) == 0
+    out = capsys.readouterr().out
+    assert "1/2 sold out, 3 tranches, 1 UNCONFIRMED (no outcome yet), 42.0s" in out
+    assert out.rstrip().endswith("graceful exit (test): 2 positions, 1 sold out")

@@ -89,11 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pumpflow {args.command}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.filename is None:
-            raise
+        if exc.filename is None or not _named(args, exc.filename):
+            raise  # a file of the code's own: a defect, with its traceback
         # a file named on the command line that cannot be read or written
         print(f"pumpflow {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _named(args: argparse.Namespace, filename: str | bytes | os.PathLike) -> bool:
+    """Whether ``filename`` is (under) a path given on the command line."""
+    failed = Path(os.fsdecode(filename)).absolute()
+    for value in vars(args).values():
+        for given in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(given, str | os.PathLike) and given:
+                path = Path(given).absolute()
+                if failed == path or path in failed.parents:
+                    return True
+    return False
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ def stop_command(args: argparse.Namespace) -> int:
                 return 0
             progress = body.get("progress")
             if progress:
+                unconfirmed = progress.get("unconfirmed_tranches") or 0
                 print(
                     f"  {progress['sold_out']}/{progress['positions']} sold out, "
                     f"{progress['tranches']} tranches, "
-                    f"{progress['deadline_margin_s']:.1f}s to the deadline",
+                    + (f"{unconfirmed} UNCONFIRMED (no outcome yet), " if unconfirmed else "")
+                    + f"{progress['deadline_margin_s']:.1f}s to the deadline",
                     flush=True,
                 )
             time.sleep(1.0)
