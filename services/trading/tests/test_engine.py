@@ -144,6 +144,20 @@ def test_each_entry_filter_blocks_an_entry(engine, market, feature, value, reaso
     assert engine.analyze_token(mint, GOOD).enter
 
 
+def test_a_token_whose_creation_was_not_seen_is_not_entered(engine, market):
+    """First seen by a trade (the wallet's own, made by hand; a stream joined late), a
+    token's age and creator are counted from that trade: it looks new and is not."""
+    mint = market.tokens.mint()
+    for event in (
+        market.tokens.buy(mint, "alice", sol=3.0),
+        market.features(mint),
+        market.lifecycle(mint),
+    ):
+        engine.process(event)
+    assert orders(engine.process(market.prediction(mint))) == []
+    assert engine.analyze_token(mint, GOOD).reasons == ("creation not seen",)
+
+
 def test_low_scores_and_missing_inputs_block_an_entry(engine, market):
     mint = market.ready(engine)
     assert orders(engine.process(market.prediction(mint, score=0.59))) == []

@@ -109,6 +109,10 @@ class DecisionPolicy:
         missing = [n for n in FILTER_FEATURES if n not in features]
         if missing:
             return [f"features lack {missing}"]
+        if view.created_at is None:
+            # a token first seen by a trade (one made by hand from the wallet, a stream
+            # joined late): its age and creator, counted from that trade, are guesses
+            reasons.append("creation not seen")
         age = features["time_since_launch"]
         if not f.min_age_s <= age <= f.max_age_s:
             reasons.append(f"age {age:.0f}s outside {f.min_age_s:g}..{f.max_age_s:g}s")

@@ -36,6 +36,9 @@ Entry filters (:class:`EntryFilters`):
   graduation, so concentration is allowed, up to one wallet having bought half of
   all SOL: its one sale would take back half the curve's demand.
 - block lists are empty by default: they are the operator's, not the market's.
+- not a setting: a token whose creation trading did not see is not entered. First
+  seen by a trade (the wallet's own, made by hand and streamed by the feed; a stream
+  joined late), its age and creator's share are counted from that trade.
 
 Risk limits (:class:`RiskLimits`), as fractions of capital:
 
