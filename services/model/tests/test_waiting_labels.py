@@ -5,6 +5,9 @@ in-memory bus and store, and RabbitMQ with Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 from model_helpers import DEFAULT_CARD, START
 from prometheus_client import CollectorRegistry
@@ -179,3 +182,91 @@ async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_own
         state = second.consumer.state(mint)
         assert state is None or state.labels is None
     await second.stop()
+
+
+class DyingLabelStore(MemoryLabelStore):
+    """Stores labels, then, while ``dying``, never returns: the process dies after the
+    labels' insert and before its tokens' states without them are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.dying = True
+        self.died = asyncio.Event()
+
+    async def add(self, labels, *, feature_set_version, names):
+        added = await super().add(labels, feature_set_version=feature_set_version, names=names)
+        if self.dying:
+            self.died.set()
+            await asyncio.Event().wait()
+        return added
+
+
+async def test_labels_released_again_after_their_insert_count_once_in_the_figures(namespace):
+    """A replica dies between the insert of released labels and the write of its tokens'
+    states without them: the next owner's figures start from the stored labels, and its
+    tokens release the same labels again. The store keeps each once, and so do the
+    rolling figures."""
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=PARTITIONS)
+    store = MemoryStateStore(clock)
+    labels = DyingLabelStore()
+
+    async def replica(name: str) -> ModelService:
+        settings = ModelSettings.load(service="model", transport="memory",
+                                      partitions=PARTITIONS, model_monitor_s=3600.0,
+                                      model_refit=False)  # fmt: skip
+        service = ModelService(settings, registry=CollectorRegistry(), label_store=labels)
+        bus = await buses.bus(name)
+        await service.start(ServiceContext(settings=settings, bus=bus, clock=clock, store=store))
+        return service
+
+    try:
+        vectors = FeatureUpdates().of(market_events(
+            Market(MarketConfig(seed=5)), SCORED_S, start_epoch=START, source="feed/sim"
+        ))
+        first = await replica("model/1")
+        await clock.advance_to(vectors[-1].time)
+        await (await buses.bus("features/test")).publish_many(vectors)
+
+        def all_applied() -> bool:
+            counts = first.consumer_metrics.counts()
+            return counts["applied"] + counts["duplicates"] >= len(vectors)
+
+        await eventually(all_applied, what="every vector applied")
+        await first.consumer.flush()  # the tokens' states hold their waiting labels
+        waiting = first.labels.pending
+        assert waiting > 20
+        # past the horizon: the timers release the labels, a commit stores them and dies
+        # (the clock waits on the timers' work, which never ends)
+        horizon = vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0
+        advancing = asyncio.create_task(clock.advance_to(horizon))
+        await asyncio.wait_for(labels.died.wait(), 20.0)
+        stored = len(labels.labels)
+        assert stored > 0
+        for loop in first._loops:
+            loop.cancel()
+        await (await buses.bus("model/1")).abandon(first.consumer.subscription)
+        await first.consumer.abandon()
+        advancing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await advancing
+
+        labels.dying = False
+        second = await replica("model/2")
+        assert second.performance.figures("entry", "control").labels == stored
+
+        def restored() -> bool:
+            second.resolve_labels()
+            return second.metrics.pending_labels() == waiting
+
+        await eventually(restored, what="the waiting labels restored with their tokens")
+        # the restored tokens release every label again, those stored already included
+        await clock.advance_to(horizon)
+        await eventually(lambda: len(labels.labels) == waiting,
+                         what="every label released stored")  # fmt: skip
+        await second.consumer.flush()
+        second.resolve_labels()
+        assert second.performance.figures("entry", "control").labels == waiting
+        await second.stop()
+    finally:
+        await buses.teardown()

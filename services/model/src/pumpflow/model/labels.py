@@ -81,10 +81,13 @@ class LabelCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 class LabelStore(Protocol):
     async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> int:
-        """Store released labels (their vectors in ``names`` order); how many were new.
+                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+        """Store released labels (their vectors in ``names`` order); those that were new,
+        in the order given.
 
-        A label without a vector or without a value (dropped) is not stored."""
+        A label without a vector or without a value (dropped) is not stored; a label
+        stored already (by its model, arm, mint and event time), or given twice, is new
+        once."""
 
     async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
                      after_id: int) -> LabelCounts:
@@ -114,8 +117,10 @@ class LabelStore(Protocol):
 
 def _label_rows(
     labels: Sequence[ResolvedLabel], feature_set_version: str, names: tuple[str, ...]
-) -> list[tuple]:
+) -> tuple[list[tuple], list[ResolvedLabel]]:
+    """The rows to store of ``labels``, and the labels they are, alike in order."""
     rows = []
+    kept = []
     # labels released together share their definitions and their feature names' tuple:
     # each encoded, each compared with the store's, once
     keys: dict[int, str] = {}
@@ -137,7 +142,13 @@ def _label_rows(
             label.model_id, label.version, label.arm, label.mint, label.time, label.score,
             label.label, key, feature_set_version, features.tolist(), label.resolved_at,
         ))
-    return rows
+        kept.append(label)
+    return rows, kept
+
+
+def _natural_key(row: tuple) -> tuple:
+    """A stored row's key (model, arm, mint, event time): stored once."""
+    return row[0], row[2], row[3], row[4]
 
 
 def _labelled(records: list[tuple[int, str, float, float, Sequence[float]]]) -> LabelledRows:
@@ -178,10 +189,10 @@ class PostgresLabelStore:
         self.pool = pool
 
     async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> int:
-        rows = _label_rows(labels, feature_set_version, names)
+                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+        rows, kept = _label_rows(labels, feature_set_version, names)
         if not rows:
-            return 0
+            return []
         async with self.pool.acquire() as conn, conn.transaction():
             # a label stored already (a delivery repeated after a rebalance) is kept once
             await conn.execute(_CREATE_STAGE)
@@ -189,11 +200,21 @@ class PostgresLabelStore:
                 "model_labels_stage", records=rows, columns=_LABEL_COLUMNS
             )
             columns = ", ".join(_LABEL_COLUMNS)
-            status = await conn.execute(
+            inserted = await conn.fetch(
                 f"INSERT INTO model_labels ({columns}) SELECT {columns} "
-                "FROM model_labels_stage ORDER BY event_time ON CONFLICT DO NOTHING"
+                "FROM model_labels_stage ORDER BY event_time ON CONFLICT DO NOTHING "
+                "RETURNING model_id, arm, mint, event_time"
             )
-        return int(status.split()[-1])
+        if len(inserted) == len(rows):
+            return kept
+        new = {tuple(record) for record in inserted}
+        added = []
+        for row, label in zip(rows, kept, strict=True):
+            key = _natural_key(row)
+            if key in new:
+                new.discard(key)  # a label given twice is new once
+                added.append(label)
+        return added
 
     async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
                      after_id: int) -> LabelCounts:
@@ -290,21 +311,22 @@ class MemoryLabelStore:
         self._ids: dict[tuple[str, str, str], list[int]] = {}
 
     async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> int:
-        added = 0
-        for row in _label_rows(labels, feature_set_version, names):
-            key = (row[0], row[2], row[3], row[4])
+                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+        added = []
+        rows, kept = _label_rows(labels, feature_set_version, names)
+        for row, label in zip(rows, kept, strict=True):
+            key = _natural_key(row)
             if key in self._keys:
                 continue
             self._keys.add(key)
             self.labels.append((self._next_id, row))
             self._ids.setdefault((row[0], row[8], row[7]), []).append(self._next_id)
             self._next_id += 1
-            added += 1
+            added.append(label)
         if len(self.labels) > self.kept:
             dropped: dict[tuple[str, str, str], int] = {}
             for _, row in self.labels[: len(self.labels) - self.kept]:
-                self._keys.discard((row[0], row[2], row[3], row[4]))
+                self._keys.discard(_natural_key(row))
                 of_model = (row[0], row[8], row[7])
                 dropped[of_model] = dropped.get(of_model, 0) + 1
             del self.labels[: len(self.labels) - self.kept]

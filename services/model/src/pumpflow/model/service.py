@@ -16,7 +16,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
   vectors in each token's order; labels released go into a
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
-  the threshold, Brier per model and arm), exported as metrics every second. Labels
+  the threshold, Brier per model and arm), exported as metrics every second: when
+  they are stored, those new to the store once stored (one stored already, or one
+  refused and dropped, is not counted again). Labels
   waiting for their horizon are kept in each token's keyed state, so they are stored
   with its effects and survive a restart or a rebalance: the partition's next owner
   releases them at their horizon, each once. Released ones are stored with the vector
@@ -24,7 +26,8 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   before the tokens' states without them are (the keyed consumer's ``before_write``,
   waited out as the states' write is): a crash leaves a label in its token's state
   (released again by the next owner, stored once) or stored, never neither. The
-  rolling figures start from the stored ones after a restart.
+  rolling figures start from the stored ones after a restart, so a label released
+  again is counted once.
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
@@ -519,13 +522,17 @@ class ModelService(Service):
             del self._drift_unsent[0]
 
     def _hand_out(self) -> int:
-        """Count the labels released since the last call into the rolling performance and
-        queue them for the store; how many."""
+        """Queue the labels released since the last call for the store, or count them
+        into the rolling performance when none are stored; how many."""
         resolved = self.labels.resolve_due()
         if resolved:
             if self.settings.model_store_labels:
+                # counted once stored, those new to the store only: one stored already
+                # (released again by a partition's next owner when its token's state
+                # was not written after it) is in the stored labels the figures start from
                 self._to_store.extend(resolved)
-            self.performance.extend(resolved)
+            else:
+                self.performance.extend(resolved)
         return len(resolved)
 
     async def _store_released(self) -> None:
@@ -536,9 +543,8 @@ class ModelService(Service):
             await self.store_labels()
 
     def resolve_labels(self) -> int:
-        """Count the labels released into the rolling performance and queue them for the
-        store (the next commit of the tokens stores them); export the figures. Returns
-        the labels handed out here."""
+        """Hand out the labels released (:meth:`_hand_out`: the next commit of the tokens
+        stores them); export the figures. Returns the labels handed out here."""
         resolved = self._hand_out()
         performance = self.performance
         self.metrics.performance(
@@ -580,7 +586,8 @@ class ModelService(Service):
                 log.exception("model: drift or live performance failed; retrying")
 
     async def store_labels(self) -> int:
-        """Store the labels handed out since the last call; how many were new.
+        """Store the labels handed out since the last call and count those new to the
+        store into the rolling performance; how many were new.
 
         A batch the store could not take (Postgres away) is kept whole for the next call:
         the commit waiting for it holds the tokens' states that would otherwise be written
@@ -599,40 +606,49 @@ class ModelService(Service):
                 raise
             log.error("model: the label store refused %d labels (%r); storing them one by "
                       "one", len(pending), exc)  # fmt: skip
-            added = await self._add_apart(pending)
+            return await self._add_apart(pending)
         except BaseException:
             # cancelled (by a stop, which stores them then, or a crash)
             self._to_store = pending + self._to_store
             raise
-        self.metrics.labels_stored(added)
-        return added
+        self._stored(added)
+        return len(added)
 
-    async def _add(self, labels: Sequence[ResolvedLabel]) -> int:
+    async def _add(self, labels: Sequence[ResolvedLabel]) -> list[ResolvedLabel]:
         return await self.label_store.add(
             labels, feature_set_version=self.processor.feature_set_version,
             names=self.manager.feature_manager.names,
         )
 
+    def _stored(self, added: list[ResolvedLabel]) -> None:
+        """Count labels new to the store, in the order released."""
+        self.performance.extend(added)
+        self.metrics.labels_stored(len(added))
+
     async def _add_apart(self, labels: list[ResolvedLabel]) -> int:
-        """Store ``labels`` one by one, dropping each the store refuses alone; how many
-        were new. What is not tried when the store goes away waits for the next call."""
-        added = 0
-        for i, label in enumerate(labels):
-            try:
-                added += await self._add((label,))
-            except Exception as exc:
-                if transient_dependency(exc) is not None:
-                    self.metrics.labels_stored(added)
+        """Store ``labels`` one by one, dropping each the store refuses alone, and count
+        those new; how many were new. What is not tried when the store goes away waits
+        for the next call."""
+        added: list[ResolvedLabel] = []
+        try:
+            for i, label in enumerate(labels):
+                try:
+                    added += await self._add((label,))
+                except Exception as exc:
+                    if transient_dependency(exc) is not None:
+                        self._to_store = labels[i:] + self._to_store
+                        raise
+                    log.error(
+                        "model: label of %s (%s %s, %s) refused by the store, dropped: %r",
+                        label.mint, label.model_id, label.arm, label.time, exc,
+                    )
+                    self.metrics.label_refused()
+                except BaseException:
                     self._to_store = labels[i:] + self._to_store
                     raise
-                log.error("model: label of %s (%s %s, %s) refused by the store, dropped: %r",
-                          label.mint, label.model_id, label.arm, label.time, exc)  # fmt: skip
-                self.metrics.label_refused()
-            except BaseException:
-                self.metrics.labels_stored(added)
-                self._to_store = labels[i:] + self._to_store
-                raise
-        return added
+        finally:
+            self._stored(added)
+        return len(added)
 
     # ---------------------------------------------------------------- refits
 
