@@ -318,7 +318,7 @@ async def test_a_refusal_on_a_market_past_the_orders_limit_is_slippage_counted_f
 ):
     async with (
         fake_trade_api("success" if side == "sell" else "held") as api,
-        entered(clock, market, api, trading_live_answer_timeout_s=10.0) as run,
+        entered(clock, market, api, trading_live_answer_timeout_s=9.0) as run,
     ):
         service, mint = run.service, run.mint
         if side == "sell":

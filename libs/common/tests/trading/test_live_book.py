@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pumpflow.common.testing.factories import TokenEvents
 from pumpflow.common.trading.live import LiveBook, LiveOrder
 from pumpflow.common.trading.settings import LiveExecution
@@ -30,3 +32,11 @@ def test_orders_due_together_where_one_resolving_settles_the_other_are_each_ende
     [filled] = book.settled()
     assert filled.fill.order_id == "b" and filled.fill.signature == sale.signature
     assert not book.pending and not book.unclaimed
+
+
+def test_an_answer_timeout_not_below_the_confirmation_wait_is_refused():
+    """An answer coming after its order was given up would name a signature nothing is
+    kept for: the wallet's trade would go unbooked."""
+    with pytest.raises(ValueError, match="answer_timeout_s must be below confirm_s"):
+        LiveExecution(wallet=WALLET, answer_timeout_s=90.0, confirm_s=90.0)
+    assert LiveExecution(wallet=WALLET, answer_timeout_s=5.0, confirm_s=90.0).confirm_s == 90.0

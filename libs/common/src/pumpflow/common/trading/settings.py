@@ -111,7 +111,9 @@ Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
   a Solana transaction carries a recent blockhash valid for 150 slots (~60 s at
   ~0.4 s a slot) and can never land after it expires. Past 90 s an order whose trade
   has not shown did not land (unless the stream dropped its frame: a trade showing
-  later is still booked, see :mod:`pumpflow.common.trading.live`).
+  later is still booked, see :mod:`pumpflow.common.trading.live`). ``answer_timeout_s``
+  must be below it: an answer coming after its order was given up would name a
+  signature nothing is kept for, and the wallet's trade would go unbooked.
 - fees (curve, pool, API) are :class:`PaperExecution`'s: the same rates price a live
   fill from the trade the stream shows.
 """
@@ -269,3 +271,7 @@ class LiveExecution:
         if self.priority_fee_sol < 0:
             raise ValueError("priority_fee_sol must be >= 0")
         _check_positive(self, "answer_timeout_s", "confirm_s")
+        if self.answer_timeout_s >= self.confirm_s:
+            # an answer after its order was given up names a signature nothing is kept
+            # for: the wallet's trade would go unbooked
+            raise ValueError("answer_timeout_s must be below confirm_s")
