@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pydantic import AliasChoices, Field
 
 from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
+from pumpflow.cli.delegated import DELEGATED
 from pumpflow.common.clock import WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
 from pumpflow.common.keyed import InvalidInput
@@ -167,6 +169,25 @@ def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsy
     # parsed only: a run given one would run for ever
     with pytest.raises(SystemExit) as refused:
         cli_main.build_parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["sim", "dataset", "--minutes", "nan"], "argument --minutes: not a finite number"),
+        (["sim", "serve", "--speed", "inf"], "argument --speed: not a finite number"),
+        (["replay", "--speed", "nan"], "argument --speed: not a finite number"),
+        (["record", "--duration", "inf"], "argument --duration: not a finite number"),
+    ],
+)
+def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, named, capsys):
+    """``pumpflow sim|record|replay`` parse with their owners' parsers, alike."""
+    module, prefix, prog, _ = DELEGATED[argv[0]]
+    parser = importlib.import_module(module).build_parser(prog)
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args([*prefix, *argv[1:]])
     assert refused.value.code == 2
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
 

@@ -54,9 +54,9 @@ from typing import Any, TextIO
 
 import msgspec
 
-from pumpflow.cli.arguments import finite
 from pumpflow.cli.report import write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
+from pumpflow.common.runtime.arguments import finite
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
 SIM_START = 1_700_000_000.0

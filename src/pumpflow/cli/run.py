@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
-from pumpflow.cli.arguments import finite
+from pumpflow.common.runtime.arguments import finite
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole

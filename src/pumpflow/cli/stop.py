@@ -15,7 +15,7 @@ import time
 import urllib.error
 
 from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
-from pumpflow.cli.arguments import finite
+from pumpflow.common.runtime.arguments import finite
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -27,11 +27,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from pumpflow.cli.arguments import finite
 from pumpflow.common.events import Event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model.card import LabelDefinition
 from pumpflow.common.model.labels import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
+from pumpflow.common.runtime.arguments import finite
 
 DEFAULT_SIM_MINUTES = 10.0
 #: 2026-01-01T00:00:00Z: simulated runs start here, one after the other

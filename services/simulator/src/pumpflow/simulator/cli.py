@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from pumpflow.common.runtime.arguments import finite
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import load_dataset, write_dataset
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
@@ -26,29 +27,29 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     def market_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=1, help="market seed (default 1)")
-        p.add_argument("--rate", type=float, default=30.0, help="token launches per minute")
+        p.add_argument("--rate", type=finite, default=30.0, help="token launches per minute")
 
     p = sub.add_parser("calibrate", help="measure a run against docs/market.md's statistics")
     market_args(p)
-    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes of launches")
+    p.add_argument("--minutes", type=finite, default=60.0, help="simulated minutes of launches")
 
     p = sub.add_parser("serve", help="serve PumpPortal's data socket from the market")
     market_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (8765; 0: any)")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=finite, default=1.0,
                    help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read")
-    p.add_argument("--drop-every", type=float, default=None, metavar="S",
+    p.add_argument("--drop-every", type=finite, default=None, metavar="S",
                    help="drop every connection (no close frame) every S seconds")
-    p.add_argument("--malformed-rate", type=float, default=0.0, metavar="R",
+    p.add_argument("--malformed-rate", type=finite, default=0.0, metavar="R",
                    help="share of frames replaced by a malformed one")
-    p.add_argument("--duplicate-rate", type=float, default=0.0, metavar="R",
+    p.add_argument("--duplicate-rate", type=finite, default=0.0, metavar="R",
                    help="share of frames sent twice")
-    p.add_argument("--delay-rate", type=float, default=0.0, metavar="R",
+    p.add_argument("--delay-rate", type=finite, default=0.0, metavar="R",
                    help="share of frames held back by a random extra latency")
-    p.add_argument("--delay-max", type=float, default=0.5, metavar="S",
+    p.add_argument("--delay-max", type=finite, default=0.5, metavar="S",
                    help="longest extra latency of a held-back frame (0.5 s)")
-    p.add_argument("--hostile-rate", type=float, default=0.0, metavar="R",
+    p.add_argument("--hostile-rate", type=finite, default=0.0, metavar="R",
                    help="share of frames followed by a hostile frame")
     p.add_argument("--hostile-kinds", default="", metavar="K,K",
                    help=f"hostile classes (default all but oversize): {','.join(HOSTILE_KINDS)}")
@@ -61,9 +62,9 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
     market_args(p)
-    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes (60)")
+    p.add_argument("--minutes", type=finite, default=60.0, help="simulated minutes (60)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
-    p.add_argument("--start-epoch", type=float, default=None,
+    p.add_argument("--start-epoch", type=finite, default=None,
                    help="arrival time of the run's start (default: now)")
 
     p = sub.add_parser("load", help="load a JSONL dataset into Postgres")

@@ -1,4 +1,4 @@
-"""Argument types shared by the subcommands."""
+"""Argument types shared by the command lines (pumpflow's and the services' own)."""
 
 from __future__ import annotations
 
