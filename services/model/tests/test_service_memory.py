@@ -164,6 +164,8 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
         # a misspelt weight would leave the arm at weight 1
         ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "wieght": 0.5}]}, 422,
          "arms[0]: no field named wieght"),
+        # nothing to change: the revision would move alone
+        ("PUT", "/arms/weights", {"weights": {}}, 422, "no arm's weight given"),
     ],
 )
 async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(

@@ -124,7 +124,10 @@ class ArmTable:
         return ArmTable(arms, salt=self.salt, revision=self.revision + 1)
 
     def with_weights(self, weights: Mapping[str, float]) -> ArmTable:
-        """The table with the named arms' weights set (the others keep theirs)."""
+        """The table with the named arms' weights set (the others keep theirs); at least
+        one arm named (an empty change would only move the table's revision)."""
+        if not weights:
+            raise ArmError("no arm's weight given")
         for name in weights:
             self.arm(name)
         return self._next(
