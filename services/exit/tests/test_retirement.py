@@ -1,18 +1,35 @@
 """Exit sees every token's trades, so every token is a key here: a token activity
 retires with nothing in play leaves memory and the partition's index, as tokens come
 and go by the thousand a day; one with a position stays until it is closed. A token
-whose partition moves to another replica leaves this one's memory, its market too."""
+whose partition moves to another replica leaves this one's memory, its market too. An
+entry that ended before its token retired is still seen by the graceful exit when
+trading's barrier lists it."""
 
 from __future__ import annotations
+
+import asyncio
+
+import pytest
 
 from pumpflow.common.bus import partition_of
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import PositionClosed, TokenLifecycle, make_event
+from pumpflow.common.events import (
+    BarrierEntry,
+    OrderFilled,
+    OrderRejected,
+    OrderRequested,
+    PositionClosed,
+    ShutdownBarrier,
+    SystemShutdown,
+    TokenLifecycle,
+    make_event,
+)
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import TokenEvents
+from pumpflow.common.testing import TokenEvents, eventually
+from pumpflow.exit.records import BARRIER, MemoryExitStore, entry_position_id
 from pumpflow.exit.service import ExitService
 
 from .helpers import START, embedded, exit_service, opened
@@ -124,3 +141,60 @@ async def test_tokens_of_a_partition_moved_to_another_replica_leave_this_ones_me
             await balanced.balancer("exit").stop(leave=True)
             await service.stop()
         await bus.close()
+
+
+@pytest.mark.parametrize("outcome", ["refused", "landed"])
+async def test_an_entry_ended_before_its_token_retired_is_seen_when_the_barrier_lists_it(
+    outcome: str,
+):
+    """Trading's entry ends (refused, or landed and its position closed), its token
+    retires, then the shutdown and trading's barrier listing that entry come: the run
+    ends on the barrier, not on the deadline."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records, exit_run_poll_s=0.02, exit_barrier_wait_s=10.0)
+    async with embedded(clock, exits) as (system, _):
+        bus = system.bus
+
+        async def trading(payload) -> None:
+            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=1.0))
+        await trading(OrderRequested(order_id="entry-1", mint=mint, side="buy", sol_amount=0.1))
+        if outcome == "refused":
+            await trading(OrderRejected(order_id="entry-1", mint=mint, reason="slippage"))
+        else:
+            await trading(OrderFilled(
+                order_id="entry-1", mint=mint, side="buy", token_amount=1e6, sol_amount=0.1,
+                price=1e-7, position_id="pos-1",
+            ))  # fmt: skip
+            position = opened(tokens, mint)
+            await bus.publish(position)
+            data = position.data
+            await trading(PositionClosed(
+                position_id=data.position_id, mint=mint, token_amount=0.0,
+                cost_sol=data.cost_sol, entry_price=data.entry_price, reason="test",
+            ))  # fmt: skip
+        await bus.publish(lifecycle(clock, mint, "inactive"))
+        await exits.consumer.flush()
+        assert mint not in set(exits.consumer.keys())
+
+        await bus.publish(make_event(SystemShutdown(reason="retired"), source="test",
+                                     time=clock.now()))  # fmt: skip
+        run = await eventually(records.active_run, what="the graceful exit begun")
+        barrier = ShutdownBarrier(
+            reason="retired", entries=(BarrierEntry(order_id="entry-1", mint=mint),)
+        )
+        await trading(barrier)
+        listed = records.run_positions[run.run_id]
+        barrier_waited = run.started_at + exits.settings.exit_barrier_wait_s
+        while (await records.get_run(run.run_id)).finished_at is None:
+            assert clock.now() < barrier_waited, "the run waits for an entry that had ended"
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+        await eventually(exits.finished.is_set, what="the graceful exit finished")
+        assert listed[BARRIER][0] == "withdrawn"
+        assert listed[entry_position_id("entry-1")][0] == "withdrawn"
+        assert exits.summary.positions == 0

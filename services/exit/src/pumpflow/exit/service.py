@@ -400,8 +400,8 @@ class ExitService(Service):
         """The run's changes that say what it still waits for here, besides the positions
         queued: positions held and not queued yet (a late entry's; the next share sells
         them), each mint's entry orders in flight, and the placeholders this consumer has
-        seen to (ended, or here: listed with them). Past the deadline every placeholder
-        goes: the run ends on time."""
+        seen to (ended, its token here or retired since, or here: listed with them). Past
+        the deadline every placeholder goes: the run ends on time."""
         now = self._ctx.clock.now()
         queued = set()
         if self.manager is not None:
@@ -419,6 +419,9 @@ class ExitService(Service):
             seen += state.ended
             if state.position is not None:
                 seen.append(state.position.position_id)
+        # a token retired since its entry ended is out of the keys, not out of the run
+        for ended in list(self.processor.retired_ended.values()):
+            seen += ended
         withdraw = [p for i in seen for p in (entry_position_id(i), held_position_id(i))]
         if now >= self.run.started_at + self.settings.exit_barrier_wait_s:
             withdraw.append(BARRIER)
