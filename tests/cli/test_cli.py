@@ -198,7 +198,17 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
         (["run", "--duration", "1", "--plain", "--min-score", "7"], None, 2,
          "pumpflow run: invalid settings: PUMPFLOW_TRADING_MIN_SCORE: Input should be less"),
         (["run", "--duration", "1", "--plain"], "[common]\nnamespace = 5\n", 2,
-         "pumpflow run: invalid settings: namespace in [common] of"),
+         "pumpflow.toml: [common] namespace: Input should be a valid string"),
+        # values a flag overrides are checked all the same: a typo must not pass for a
+        # value that applies
+        (["run", "--duration", "1", "--plain"], "[trading]\ntrading_min_score = 'high'\n", 2,
+         "pumpflow.toml: [trading] trading_min_score: Input should be a valid number"),
+        (["run", "--duration", "1", "--plain"], "[common]\ntransport = 'kafka'\n", 2,
+         "pumpflow.toml: [common] transport: Input should be 'memory' or 'rabbitmq'"),
+        (["run", "--duration", "1", "--plain", "--min-score", "0.5"],
+         "[trading]\ntrading_min_score = 7\n[common]\npartitions = 0\n", 2,
+         "pumpflow.toml: [trading] trading_min_score: Input should be less than or equal to 1; "
+         "[common] partitions: Input should be greater than or equal to 1"),
         (["backtest", "--dataset", "/nonexistent/m.jsonl"], None, 1,
          "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory"),
         (["catalogue", "--out", "/proc/nonexistent"], None, 1,

@@ -8,7 +8,8 @@ can hold the settings of every service: ``[common]`` for all of them, ``[trading
 ``[exit]``, ... for one, each key a setting's name (``trading_min_score = 0.5``). The
 environment overrides the file, and what the code passes overrides both. A key no
 setting of its table has is an error naming the file, table and key: a typo never
-silently keeps a default.
+silently keeps a default. :func:`check_config_file` checks the whole file up front,
+values included.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -63,9 +65,16 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]]) -> None:
-    """Check every table and key of the file against ``services``' settings classes."""
+    """Check every table, key and value of the file against ``services``' settings classes.
+
+    Each value is checked against its field's type and constraints on its own, as a
+    flag or the environment overriding it would keep it from ever being validated: a
+    typo'd value must not pass for one that applies. Rules between fields stay with
+    loading, where the values that apply are known.
+    """
     tables = read_config_file(path)
     known = {COMMON_TABLE: CommonSettings, **services}
+    problems = []
     for name, table in tables.items():
         settings_cls = known.get(name)
         if settings_cls is None:
@@ -74,6 +83,9 @@ def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]])
                 f"(tables: {', '.join(sorted(known))})"
             )
         _check_keys(path, name, table, settings_cls)
+        problems += _bad_values(name, table, settings_cls)
+    if problems:
+        raise SettingsError(f"config file {path}: {'; '.join(problems)}")
 
 
 def _check_keys(path, name: str, table: dict[str, Any], settings_cls) -> None:
@@ -82,6 +94,23 @@ def _check_keys(path, name: str, table: dict[str, Any], settings_cls) -> None:
         raise SettingsError(
             f"config file {path}: [{name}] has no setting named {', '.join(unknown)}"
         )
+
+
+def _bad_values(name: str, table: dict[str, Any], settings_cls) -> list[str]:
+    """``[table] key: reason`` of each value its field refuses (the value itself is not
+    shown: it may be a secret)."""
+    problems = []
+    for key, value in table.items():
+        field = settings_cls.model_fields[key]
+        annotation = (
+            Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        )
+        try:
+            TypeAdapter(annotation).validate_python(value)
+        except ValidationError as exc:
+            reasons = "; ".join(err["msg"] for err in exc.errors())
+            problems.append(f"[{name}] {key}: {reasons}")
+    return problems
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
