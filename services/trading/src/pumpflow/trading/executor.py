@@ -24,6 +24,7 @@ from typing import Protocol
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.trading import VENUE_CURVE, PaperBroker, PaperExecution, PaperOrder
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market
 from pumpflow.trading.ledger import OrderOutcome, OrderRecord
 
@@ -116,13 +117,7 @@ class PaperExecutor:
         token's stream after its latency (the broker's queue was lost with the process)."""
         amount = order.sol_amount if order.side == "buy" else order.token_amount
         if order.expected_v_sol is None or order.expected_v_tokens is None or not amount:
-            return OrderRejected(
-                order_id=order.order_id,
-                mint=order.mint,
-                reason="no market data when the order was decided",
-                side=order.side,
-                position_id=order.position_id,
-            )
+            return rejected(order, "no market data when the order was decided")
         self.broker.resume(
             PaperOrder(
                 order_id=order.order_id,

@@ -26,9 +26,10 @@ import httpx
 
 from pumpflow.common.clock import Clock
 from pumpflow.common.curve import CurveState
-from pumpflow.common.events import ExitOrder, OrderRejected, OrderRequested
+from pumpflow.common.events import ExitOrder, OrderRequested
 from pumpflow.common.pumpportal import API_KEY_PARAM, redact
 from pumpflow.common.trading import VENUE_CURVE, LiveBook, LiveExecution, LiveOrder
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, sell_order
 from pumpflow.trading.executor import Outcome
 from pumpflow.trading.ledger import OrderOutcome, OrderRecord
@@ -182,9 +183,9 @@ class LiveExecutor:
         amount = order.sol_amount if order.side == "buy" else order.token_amount
         market = self.book.market(order.mint)
         if amount is None or amount <= 0:
-            return _reject(order, f"no amount to {order.side}")
+            return rejected(order, f"no amount to {order.side}")
         if order.side == "buy" and market is not None and market.venue != VENUE_CURVE:
-            return _reject(order, "the token has left its bonding curve")
+            return rejected(order, "the token has left its bonding curve")
         if order.order_id in self.calls or order.order_id in self.book.pending:
             return None
         body = {
@@ -271,9 +272,9 @@ class LiveExecutor:
         outcomes, self._outcomes = self._outcomes, []
         # trades of the wallet that showed before the answers naming them
         outcomes += [confirmation.fill for confirmation in self.book.settled()]
-        for rejected in self.book.due(now):
-            log.warning("trading: order %s %s", rejected.order_id, rejected.reason)
-            outcomes.append(rejected)
+        for given_up in self.book.due(now):
+            log.warning("trading: order %s %s", given_up.order_id, given_up.reason)
+            outcomes.append(given_up)
         return outcomes
 
     def next_due(self) -> float | None:
@@ -283,12 +284,8 @@ class LiveExecutor:
         """Wait again for the order's trade, from now (what the stream showed while no
         replica traded is not seen again); never send it again."""
         if order.executor != self.name:
-            return OrderRejected(
-                order_id=order.order_id,
-                mint=order.mint,
-                reason=f"recorded by the {order.executor} executor; the live one never sends it",
-                side=order.side,
-                position_id=order.position_id,
+            return rejected(
+                order, f"recorded by the {order.executor} executor; the live one never sends it"
             )
         self.book.add(
             LiveOrder(
@@ -316,12 +313,3 @@ class LiveExecutor:
         await asyncio.gather(*calls, return_exceptions=True)
         await self.api.close()
 
-
-def _reject(order: OrderRequested, reason: str) -> OrderRejected:
-    return OrderRejected(
-        order_id=order.order_id,
-        mint=order.mint,
-        reason=reason,
-        side=order.side,
-        position_id=order.position_id,
-    )

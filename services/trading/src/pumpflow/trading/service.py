@@ -102,6 +102,7 @@ from pumpflow.common.trading import (
     TradingState,
     derived_id,
 )
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
@@ -414,13 +415,7 @@ class TradingService(Service):
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
         if order.side == "sell" and order.mint not in self.book.open_positions:
-            outcome: Outcome | None = OrderRejected(
-                order_id=order.order_id,
-                mint=order.mint,
-                reason="nothing held to sell after the restart",
-                side="sell",
-                position_id=order.position_id,
-            )
+            outcome: Outcome | None = rejected(order, "nothing held to sell after the restart")
         else:
             outcome = self.executor.reconcile(order)
         if outcome is None:
@@ -695,16 +690,9 @@ class TradingService(Service):
     def _refuse(self, request: OrderRequested, reason: str, cause: Event, step: _Step) -> None:
         """Refuse a sale before it is sent: stored refused, never reconciled nor sent; its
         request and refusal are published once stored, unless the ledger had its id."""
-        refusal = OrderRejected(
-            order_id=request.order_id,
-            mint=request.mint,
-            reason=reason,
-            side=request.side,
-            position_id=request.position_id,
-        )
         step.events.append(
             make_event(
-                refusal,
+                rejected(request, reason),
                 source=self._ctx.source,
                 time=self._ctx.clock.now(),
                 cause=cause,

@@ -25,6 +25,7 @@ from pumpflow.common.trading.fills import (
     fill_sell,
 )
 from pumpflow.common.trading.live import Confirmation, LiveBook, LiveOrder, confirmed_fill
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
 from pumpflow.common.trading.positions import Position, PositionBook, SaleReservation
 from pumpflow.common.trading.risk import (
@@ -82,4 +83,5 @@ __all__ = [
     "fill_buy",
     "fill_sell",
     "order_id_for",
+    "rejected",
 ]

@@ -49,13 +49,13 @@ from pumpflow.common.events import (
     SLIPPAGE,
     OrderFilled,
     OrderRejected,
-    RejectionCause,
     Side,
     TokenCreated,
     TokenMigrated,
     TokenTrade,
 )
 from pumpflow.common.trading.fills import VENUE_CURVE, VENUE_POOL, FillRejection
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, fill_on_market
 from pumpflow.common.trading.settings import LiveExecution
 
@@ -184,8 +184,8 @@ class LiveBook:
         self._resolve(order.mint, order.side)
         slipped = self._slippage_refusal(order) if answered else None
         if slipped is None:
-            return _rejected(order, reason)
-        return _rejected(order, f"{reason} ({slipped.reason})", cause=slipped.cause)
+            return rejected(order, reason)
+        return rejected(order, f"{reason} ({slipped.reason})", cause=slipped.cause)
 
     def observe(self, payload: object) -> list[Confirmation]:
         """Take a token event; return the orders its trade confirms."""
@@ -201,7 +201,7 @@ class LiveBook:
 
     def due(self, now: float) -> list[OrderRejected]:
         """Give up the orders whose trade has not shown by their deadline."""
-        rejected = []
+        given_up = []
         for order in [o for o in self.pending.values() if o.deadline <= now]:
             if self.pending.pop(order.order_id, None) is None:
                 continue  # filled by the trade an earlier one's resolve gave it
@@ -219,10 +219,10 @@ class LiveBook:
                     f"unconfirmed: signature {order.signature} showed in no trade of the "
                     f"wallet within {wait}; its blockhash has expired"
                 )
-            rejected.append(_rejected(order, reason))
+            given_up.append(rejected(order, reason))
             if order.awaiting:
                 self._resolve(order.mint, order.side)
-        return rejected
+        return given_up
 
     def next_due(self) -> float | None:
         return min((o.deadline for o in self.pending.values()), default=None)
@@ -323,15 +323,3 @@ class LiveBook:
             )
         return abs(float(trade.vSolInBondingCurve) - market.state.v_sol)
 
-
-def _rejected(
-    order: LiveOrder, reason: str, *, cause: RejectionCause | None = None
-) -> OrderRejected:
-    return OrderRejected(
-        order_id=order.order_id,
-        mint=order.mint,
-        reason=reason,
-        side=order.side,
-        position_id=order.position_id,
-        cause=cause,
-    )

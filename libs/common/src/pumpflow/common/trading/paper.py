@@ -37,6 +37,7 @@ from pumpflow.common.trading.fills import (
     fill_sell,
     pool_after_trade,
 )
+from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.settings import PaperExecution
 
 
@@ -274,15 +275,7 @@ class PaperBroker:
     def _reject(
         self, order: PaperOrder, reason: str, cause: RejectionCause | None = None
     ) -> PaperOutcome:
-        result = OrderRejected(
-            order_id=order.order_id,
-            mint=order.mint,
-            reason=reason,
-            side=order.side,
-            position_id=order.position_id,
-            cause=cause,
-        )
-        return PaperOutcome(order=order, result=result)
+        return PaperOutcome(order=order, result=rejected(order, reason, cause=cause))
 
     def _reject_new(self, order: OrderRequested, time: float, reason: str) -> PaperOutcome:
         amount = (order.sol_amount if order.side == "buy" else order.token_amount) or 0.0
