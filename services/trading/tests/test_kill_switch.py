@@ -60,6 +60,11 @@ async def own_ledger(own_postgres, namespace):
         await pool.close()
 
 
+def stored_gauge(registry: CollectorRegistry) -> float | None:
+    """The service's gauge of whether the operator's state is stored."""
+    return registry.get_sample_value("pumpflow_trading_operator_state_stored")
+
+
 async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_is_back(
     clock, market, own_postgres, own_ledger
 ):
@@ -67,12 +72,9 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
     registry = CollectorRegistry()
     service = trading(ledger, registry)
 
-    def stored_gauge() -> float | None:
-        return registry.get_sample_value("pumpflow_trading_operator_state_stored")
-
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
-        assert stored_gauge() == 1
+        assert stored_gauge(registry) == 1
         await asyncio.to_thread(own_postgres.stop)
 
         answer = await client.post("/halt", json={"reason": "postgres is down"})
@@ -83,7 +85,7 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
         assert "NOT stored yet" in body["detail"], body
         assert (await client.get("/state")).json()["operator_state_stored"] is False
         # what an alert reads: the kill switch is not durable yet
-        assert stored_gauge() == 0
+        assert stored_gauge(registry) == 0
         # no entry from the next event on
         await publish(bus, market.prediction(mint))
         assert watch.count("order.requested") == 0
@@ -103,7 +105,7 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
 
         await eventually(stored, what="the halt stored once Postgres is back")
         assert (await client.get("/state")).json()["operator_state_stored"] is True
-        assert stored_gauge() == 1
+        assert stored_gauge(registry) == 1
         await clock.advance(service.settings.trading_tick_s)
         assert service.risk.state is TradingState.HALTED
 
@@ -129,12 +131,9 @@ async def test_an_entry_waiting_for_postgres_when_the_halt_comes_is_never_sent(
     registry = CollectorRegistry()
     service = trading(ledger, registry)
 
-    def stored_gauge() -> float | None:
-        return registry.get_sample_value("pumpflow_trading_operator_state_stored")
-
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
-        assert stored_gauge() == 1
+        assert stored_gauge(registry) == 1
         await asyncio.to_thread(own_postgres.stop)
         with pytest.raises(OSError):
             await service.on_events([market.prediction(mint)])

@@ -617,6 +617,8 @@ class TradingService(Service):
     def _forget_closed(self) -> None:
         """The views and markets of retired tokens whose positions closed since the last
         call go (the store's copy with the next write of the views)."""
+        if not self._closed:
+            return  # every event asks: most find nothing closed
         closed, self._closed = self._closed, set()
         for mint in closed:
             if self.engine.forget_retired(mint):
