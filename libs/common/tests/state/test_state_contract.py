@@ -189,16 +189,6 @@ async def test_set_if_absent_sets_once_until_the_ttl_runs_out(harness):
     assert await store.get("k") == b"b"
 
 
-async def test_increment_counts_atomically_until_the_ttl_runs_out(harness):
-    store = harness.store
-    counts = await asyncio.gather(*(store.increment("n", SHORT_TTL) for _ in range(5)))
-    assert sorted(counts) == [1, 2, 3, 4, 5]
-    assert await store.get("n") == b"5"
-    await harness.let_short_ttls_expire()
-    assert await store.get("n") is None
-    assert await store.increment("n", LONG_TTL) == 1
-
-
 async def test_add_member_counts_each_member_once_until_the_ttl_runs_out(harness):
     store = harness.store
     counts = await asyncio.gather(*(store.add_member("s", f"m{i}", SHORT_TTL) for i in range(5)))

@@ -89,11 +89,6 @@ class StateStore(ABC):
         """Atomically set ``key`` with a TTL unless it exists; True when set."""
 
     @abstractmethod
-    async def increment(self, key: str, ttl: float) -> int:
-        """Atomically add 1 to the count at ``key`` (0 when missing) and give it ``ttl``;
-        return the new count."""
-
-    @abstractmethod
     async def add_member(self, key: str, member: str, ttl: float) -> int:
         """Atomically add ``member`` to the set at ``key`` (empty when missing) and give
         it ``ttl``; return how many members it holds.

@@ -141,14 +141,6 @@ class MemoryStateStore(StateStore):
         self._set_ttl(key, ttl)
         return True
 
-    async def increment(self, key: str, ttl: float) -> int:
-        self._purge()
-        current = self._values.get(key) if self._alive(key) else None
-        count = (int(current) if isinstance(current, bytes) else 0) + 1
-        self._values[key] = str(count).encode()
-        self._set_ttl(key, ttl)
-        return count
-
     async def add_member(self, key: str, member: str, ttl: float) -> int:
         self._purge()
         current = self._values.get(key) if self._alive(key) else None

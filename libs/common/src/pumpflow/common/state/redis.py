@@ -196,14 +196,6 @@ class RedisStateStore(StateStore):
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
         return bool(await self._client.set(self._key(key), bytes(value), nx=True, px=_ttl_ms(ttl)))
 
-    async def increment(self, key: str, ttl: float) -> int:
-        full = self._key(key)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.incr(full)
-            pipe.pexpire(full, _ttl_ms(ttl))
-            count, _ = await pipe.execute()
-        return int(count)
-
     async def add_member(self, key: str, member: str, ttl: float) -> int:
         full = self._key(key)
         async with self._client.pipeline(transaction=True) as pipe:
