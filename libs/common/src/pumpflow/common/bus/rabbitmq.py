@@ -272,6 +272,9 @@ class _Consumer:
     cancels_watched: object | None = None
     #: consuming again after the broker cancelled the consumer
     reconsuming: asyncio.Task | None = None
+    #: the channel underneath its deliveries come on: closed from a lost connection until
+    #: the reopened channel has declared and bound its queue again and consumes
+    consuming_on: aiormq.abc.AbstractChannel | None = None
 
 
 class RabbitMQBus(EventBus):
@@ -486,7 +489,11 @@ class RabbitMQBus(EventBus):
             return False
         if self._channel is None or self._channel.is_closed:
             return False
-        return all(c.channel is not None and not c.channel.is_closed for c in self._consumers)
+        # a reopened channel is open before it has restored its queues and consumes: what
+        # is published to a replica's own queue meanwhile finds none
+        return all(
+            c.consuming_on is not None and not c.consuming_on.is_closed for c in self._consumers
+        )
 
     def describe(self) -> dict[str, Any]:
         connection = self._connection
@@ -998,6 +1005,7 @@ class RabbitMQBus(EventBus):
 
         ok = await channel.basic_consume(consumer.queue_name, on_delivery, no_ack=False)
         consumer.tag = ok.consumer_tag
+        consumer.consuming_on = channel
 
     async def _consume_again(self, consumer: _Consumer) -> None:
         """Consume ``consumer``'s queue again once it is back, after the broker cancelled it.
