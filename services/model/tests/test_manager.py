@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -163,6 +164,55 @@ def test_a_regression_model_is_served(tmp_path):
     np.testing.assert_allclose(scores, trained.native.predict(prepare_inputs(values[:500])),
                                atol=1e-5)
     assert trained.card.held_out.model["rmse"] < trained.card.held_out.baseline["rmse"]
+
+
+def test_a_classifier_is_exported_as_its_margin_through_a_sigmoid_and_old_graphs_still_serve(
+    tmp_path,
+):
+    """The exported graph has no classifier node (its label and second column cost
+    onnxruntime time, unread); a converter's two-column classifier, as models of
+    earlier releases are, scores the same positive class."""
+    import onnx
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    from pumpflow.common.model import write_model
+    from pumpflow.common.model.card import model_digest
+
+    features = FeatureManager()
+    rng = np.random.default_rng(3)
+    n = 3_000
+    values = rng.normal(size=(n, len(features.names)))
+    values[rng.random(values.shape) < 0.05] = np.nan
+    labels = (np.nan_to_num(values[:, 3]) + rng.normal(0.0, 0.5, n) > 0).astype(float)
+    time = np.arange(n, dtype=float)
+    dataset = Dataset(
+        names=features.names, feature_set_version=features.version,
+        label=DEFAULT_CARD.label, source="synthetic", features=values, labels=labels,
+        time=time, token=np.arange(n) // 10, mints=tuple(f"m{i}" for i in range(n // 10)),
+        launch=time[::10],
+    )  # fmt: skip
+    trained = train(dataset, TrainConfig(model_id="cls", n_estimators=30), created_at=0.0)
+    graph = onnx.load_from_string(trained.model)
+    assert [node.op_type for node in graph.graph.node] == ["TreeEnsembleRegressor", "Sigmoid"]
+    shipped = onnx.load(str(DEFAULT_MODEL_PATH))
+    assert "TreeEnsembleClassifier" not in {node.op_type for node in shipped.graph.node}
+
+    converted = convert_lightgbm(
+        trained.native, initial_types=[("features", FloatTensorType([None, len(features.names)]))],
+        zipmap=False, target_opset=15,
+    ).SerializeToString()  # fmt: skip
+    digest = model_digest(converted)
+    old_card = msgspec.structs.replace(trained.card, version=digest[:16], model_sha256=digest)
+    manager = manager_at(10.0, features)
+    manager.load_model("new", write_model(tmp_path / "new.onnx", trained.model, trained.card),
+                       "classification")
+    manager.load_model("old", write_model(tmp_path / "old.onnx", converted, old_card),
+                       "classification")
+    rows = values[:500]
+    native = trained.native.predict_proba(prepare_inputs(rows))[:, 1]
+    np.testing.assert_allclose(manager.predict_batch("new", rows), native, atol=1e-6)
+    np.testing.assert_allclose(manager.predict_batch("old", rows), native, atol=1e-6)
 
 
 def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path):

@@ -304,11 +304,61 @@ def export_onnx(native, config: TrainConfig, width: int) -> tuple[bytes, str]:
     )
     # the converter names the graph with a random uuid: the same model, the same bytes
     onnx_model.graph.name = config.model_id
+    if config.task == "classification":
+        onnx_model = _margin_through_sigmoid(onnx_model)
     outputs = [o.name for o in onnx_model.graph.output]
     output = "probabilities" if config.task == "classification" else outputs[0]
     if output not in outputs:
         raise TrainingError(f"the converted model's outputs are {outputs}")
     return onnx_model.SerializeToString(), output
+
+
+def _margin_through_sigmoid(onnx_model):
+    """A converted binary classifier as its trees' margin through a Sigmoid, output
+    ``probabilities`` (n x 1, the positive class).
+
+    The classifier node also makes a label and the complementary column on every call,
+    which nothing reads: the same trees as a regressor and a Sigmoid score the same
+    probabilities (within float32 rounding) in about 9% less of onnxruntime's time. A
+    graph of any other shape is left as the converter made it; serving reads the last
+    column of a classifier's output either way.
+    """
+    from onnx import TensorProto, helper
+
+    graph = onnx_model.graph
+    nodes = list(graph.node)
+    trees = next((n for n in nodes if n.op_type == "TreeEnsembleClassifier"), None)
+    if trees is None:
+        return onnx_model
+    attributes = {a.name: helper.get_attribute_value(a) for a in trees.attribute}
+    if (
+        attributes.get("post_transform") != b"LOGISTIC"
+        or list(attributes.get("classlabels_int64s", ())) != [0, 1]
+        or set(attributes.get("class_ids", ())) != {0}
+        or "base_values" in attributes
+    ):
+        return onnx_model
+    kept = {
+        name: value for name, value in attributes.items()
+        if name.startswith("nodes_") and name != "nodes_hitrates"
+    }  # fmt: skip
+    margin = helper.make_node(
+        "TreeEnsembleRegressor", list(trees.input), ["margin"], name="trees",
+        domain=trees.domain, n_targets=1, post_transform="NONE",
+        target_treeids=attributes["class_treeids"], target_nodeids=attributes["class_nodeids"],
+        target_ids=attributes["class_ids"], target_weights=attributes["class_weights"],
+        **kept,
+    )  # fmt: skip
+    sigmoid = helper.make_node("Sigmoid", ["margin"], ["probabilities"], name="sigmoid")
+    output = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])
+    rewritten = helper.make_graph(
+        [margin, sigmoid], graph.name, list(graph.input), [output], list(graph.initializer)
+    )
+    out = helper.make_model(rewritten, opset_imports=list(onnx_model.opset_import))
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain",
+                       "model_version", "doc_string"):
+        setattr(out, field_name, getattr(onnx_model, field_name))
+    return out
 
 
 def _baseline(dataset: Dataset, train_labels: np.ndarray, task: Task) -> tuple[str, np.ndarray]:

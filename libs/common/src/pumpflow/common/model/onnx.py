@@ -1,7 +1,7 @@
 """onnxruntime sessions for models with cards.
 
-A classifier's session reads column 1 (the positive class) of the card's output (the
-probabilities); a regressor's, its single column. One intra-op thread per session:
+A classifier's session reads the last column (the positive class) of the card's output
+(the probabilities); a regressor's, its single column. One intra-op thread per session:
 scoring runs micro-batches on the caller's thread, and the service decides how many
 run at once.
 """
@@ -44,7 +44,9 @@ class OnnxSession:
             raise CardError(f"the model's outputs are {outputs}", field="output_name")
         self._input = name
         self._outputs = [card.output_name]
-        self._column = 1 if card.task == "classification" else 0
+        # a classifier's positive class is its output's last column: the second of a
+        # converter's two, or the one of a margin through a Sigmoid
+        self._column = -1 if card.task == "classification" else 0
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         out = self._session.run(self._outputs, {self._input: inputs})[0]
