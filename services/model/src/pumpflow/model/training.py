@@ -319,7 +319,7 @@ def _margin_through_sigmoid(onnx_model):
 
     The classifier node also makes a label and the complementary column on every call,
     which nothing reads: the same trees as a regressor and a Sigmoid score the same
-    probabilities (within float32 rounding) in about 9% less of onnxruntime's time. A
+    probabilities (within float32 rounding) in about a tenth less of onnxruntime's time. A
     graph of any other shape is left as the converter made it; serving reads the last
     column of a classifier's output either way.
     """
