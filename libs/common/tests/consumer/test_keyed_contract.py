@@ -972,14 +972,18 @@ async def test_what_a_redis_restart_emptied_is_written_back_and_restored_from(pa
     await asyncio.to_thread(own_redis.restart)
     await eventually(lambda: first.metrics.store_losses._value.get() > losses, what="loss found")
     await eventually(lambda: "ready" not in first.describe(), what="written back")
+    # read on connections of its own: one of the store's pool may still be the broken one
+    # (the consumer's own reads wait that out)
+    reader = RedisStateStore(url=own_redis.url, namespace=pair.namespace)
     for mint in mints:
-        raw = await store.get(f"keyed:key:{mint}")
+        raw = await reader.get(f"keyed:key:{mint}")
         assert raw is not None
         assert msgspec.msgpack.decode(
             msgspec.msgpack.decode(raw, type=Record).state, type=Applied
         ).seqs == list(range(1, 6))
     # the retired key's record is gone with the store, how far it had numbered is not
-    assert await floor_raised()
+    assert await reader.get(floor) == b"2"
+    await reader.close()
 
     await first.stop()
     pair.consumers.remove(first)
@@ -994,6 +998,50 @@ async def test_what_a_redis_restart_emptied_is_written_back_and_restored_from(pa
     assert second.metrics.unrecorded._value.get() == unrecorded
     await second.stop()
     pair.consumers.remove(second)
+    await store.close()
+
+
+async def test_a_redis_restart_its_client_hid_is_found_before_the_sweep(pair, own_redis):
+    """A quick restart may reach the consumer as no failure at all: another user of the
+    store's client (a lease, an HTTP view) met the broken connection, and the client
+    opened a new one. The new connection, not the sweep, has the epoch read again, and
+    what the store lost is written back at once."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    store = RedisStateStore(url=own_redis.url, namespace=pair.namespace)
+    config = KeyedConsumerConfig(
+        service="keyed", patterns=("token.trade",), window=16, compact_interval_s=3600.0,
+    )  # fmt: skip
+    consumer = KeyedStatefulConsumer(
+        RecordingProcessor(), config, bus=bus, store=store, clock=pair.clock,
+        source="keyed/test",
+    )  # fmt: skip
+    pair.consumers.append(consumer)
+    await consumer.start()
+    mints = MINTS[:3]
+    await bus.publish_many([trade(m, s) for s in range(1, 4) for m in mints])
+    await announced.wait_until(lambda c: all(c.count(key=m) >= 3 for m in mints))
+    losses = consumer.metrics.store_losses._value.get()
+    retries = consumer.metrics.store_retries._value.get()
+
+    await asyncio.to_thread(own_redis.restart)
+    # the broken connection fails a ping and is dropped: the next one is new
+    await eventually(store.ping, what="the store's client connected again")
+    await bus.publish(trade(mints[0], 4))  # its commit goes through the new connection
+    await announced.wait_until(lambda c: c.count(key=mints[0]) >= 4)
+    await eventually(lambda: consumer.metrics.store_losses._value.get() > losses,
+                     what="the loss found without the sweep")  # fmt: skip
+
+    reader = RedisStateStore(url=own_redis.url, namespace=pair.namespace)
+
+    async def written_back() -> bool:
+        return all([await reader.get(f"keyed:key:{m}") is not None for m in mints])
+
+    await eventually(written_back, 10, what="the keys the restart emptied written back")
+    await reader.close()
+    assert consumer.metrics.store_retries._value.get() == retries  # no failure was seen
+    await consumer.stop()
+    pair.consumers.remove(consumer)
     await store.close()
 
 

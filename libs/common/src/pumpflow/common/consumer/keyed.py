@@ -454,6 +454,8 @@ class KeyedStatefulConsumer(Generic[S]):
         #: means the store lost what it held
         self._epoch: bytes | None = None
         self._checking_epoch: asyncio.Future | None = None
+        #: the store's connections opened when its epoch was last read
+        self._connections = 0
         #: the commit that writes back what the store lost (ready once stored)
         self._rewriting: int | None = None
 
@@ -467,6 +469,7 @@ class KeyedStatefulConsumer(Generic[S]):
         """Start the pool, then subscribe (the bus assigns partitions before delivering)."""
         self._stopping = False
         self._epoch, _ = await self._retry(self.store.epoch, "reading the store's epoch")
+        self._connections = self.store.connections
         await self.pool.start()
         self._schedule_sweep()
         self._subscription = Subscription(
@@ -1291,15 +1294,17 @@ class KeyedStatefulConsumer(Generic[S]):
             retry_failures=key is None,
             after_pause=after_pause,
         )
-        if waited:
-            # a store that was away may come back empty (a restart without persistence)
-            self.check_epoch()
+        connections = self.store.connections
+        if (waited or connections != self._connections) and self.check_epoch() is not None:
+            # a store that was away may come back empty (a restart without persistence),
+            # whether the wait was ours or its client's, which reconnects by itself
+            self._connections = connections
         return result
 
     def check_epoch(self) -> asyncio.Future | None:
         """Find out (in the background) whether the store lost its contents; None if it
-        is being found out already. Done after every wait for a dependency, on every
-        sweep and when partitions are assigned."""
+        is being found out already. Done after every wait for a dependency, after the
+        store's client connected again, on every sweep and when partitions are assigned."""
         if self._checking_epoch is not None or self._stopping or self._epoch is None:
             return None
         self._checking_epoch = asyncio.ensure_future(self._check_epoch())

@@ -117,6 +117,14 @@ class StateStore(ABC):
         contents as a whole.
         """
 
+    @property
+    def connections(self) -> int:
+        """Connections to the server opened so far. A client that reconnects and retries
+        by itself hides a restart from its callers, and a server that restarted may have
+        come back empty: a holder of the :meth:`epoch` reads it again when this changes.
+        A store without connections answers 0."""
+        return 0
+
     @abstractmethod
     async def ping(self) -> bool:
         """True when the store answers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable, Mapping
 
@@ -86,6 +87,29 @@ class RedisStateStore(StateStore):
         self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
         self._epoch = self._client.register_script(_EPOCH)
         self._write = self._client.register_script(_WRITE)
+        self._connections = 0
+        self._count_connections()
+
+    def _count_connections(self) -> None:
+        # redis-py reconnects and retries a command by itself: the count is how a caller
+        # learns that a connection was opened again, maybe to a server restarted empty
+        kwargs = self._client.connection_pool.connection_kwargs
+        given = kwargs.get("redis_connect_func")
+
+        async def connected(connection) -> None:
+            if given is None:
+                await connection.on_connect()
+            elif asyncio.iscoroutinefunction(given):
+                await given(connection)
+            else:
+                given(connection)
+            self._connections += 1
+
+        kwargs["redis_connect_func"] = connected
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     def _key(self, key: str) -> str:
         return self._prefix + key
