@@ -16,7 +16,9 @@ Topology under ``<ns>`` (the namespace):
 - ``<ns>.dlx`` (direct) and ``<ns>.<service>.dlq``: every queue dead-letters into the
   service's DLQ. A message the service gives up on is published there by the bus with
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
-  only then acked.
+  only then acked. A message the bus fails on (its letter's publish, say) is rejected,
+  and the broker dead-letters it. Either letter is counted
+  (``pumpflow_events_dead_lettered_total``) once stored: confirmed, or rejected.
 
 Connections: two robust connections (both reconnect, close with the bus and count in
 :meth:`RabbitMQBus.is_healthy`). The main one carries publishing and its confirms,
@@ -1285,6 +1287,7 @@ class RabbitMQBus(EventBus):
                 consumer.subscription.service,
                 part.body,
                 "the bus failed on it (see the consumer's log)",
+                consumer.dispatcher.lane,
                 event_type=_type_of(part.routing_key),
                 extra={"x-pumpflow-queue": consumer.queue_name},
             )
@@ -1335,6 +1338,13 @@ class RabbitMQBus(EventBus):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # the channel went away: the broker redelivers the message instead
             log.warning("reject on %s lost: %r", consumer.queue_name, exc)
+            return
+        # one letter, however many events a batch's message holds
+        record_dead_letter(
+            consumer.subscription.service,
+            _type_of(message.routing_key),
+            consumer.dispatcher.lane,
+        )
 
     async def _handle(self, consumer: _Consumer, message: DeliveredMessage | _Part) -> None:
         if not message.redelivered:
@@ -1349,17 +1359,14 @@ class RabbitMQBus(EventBus):
                 "(its consumer died or stopped with it each time)"
             )
             log.error("%s: %s, dead-lettered", queue, reason)
-            event_type = _type_of(message.routing_key)
             await self._to_dlq(
                 consumer.subscription.service,
                 message.body,
                 reason,
-                event_type=event_type,
+                consumer.dispatcher.lane,
+                event_type=_type_of(message.routing_key),
                 extra={"x-pumpflow-queue": queue},
             )
-            # counted once stored: a letter the broker did not take comes back, past the
-            # limit still
-            record_dead_letter(consumer.subscription.service, event_type, consumer.dispatcher.lane)
         else:
             try:
                 await self._dispatch(consumer, message)
@@ -1425,6 +1432,7 @@ class RabbitMQBus(EventBus):
                 consumer.subscription.service,
                 message.body,
                 reason,
+                consumer.dispatcher.lane,
                 event_type=event_type,
                 extra={"x-pumpflow-queue": consumer.queue_name},
             )
@@ -1437,6 +1445,7 @@ class RabbitMQBus(EventBus):
             consumer.subscription.service,
             body,
             reason,
+            consumer.dispatcher.lane,
             event_type=event.type,
             key=event.key,
             extra={
@@ -1452,11 +1461,15 @@ class RabbitMQBus(EventBus):
         service: str,
         body: bytes,
         reason: str,
+        lane: str,
         *,
         event_type: str | None = None,
         key: str | None = None,
         extra: dict[str, str] | None = None,
     ) -> None:
+        """Store a letter in ``service``'s DLQ; count it once the broker confirmed it
+        (``lane``: where it came from, or INPUT), since one it did not take is
+        dead-lettered again (rejected, or its message redelivered)."""
         await self._declare_dlq(service)
         # the reason, type and key given win over headers a letter carried before
         headers = {**(extra or {}), REASON_HEADER: reason[:_MAX_REASON]}
@@ -1466,6 +1479,7 @@ class RabbitMQBus(EventBus):
             headers["x-pumpflow-key"] = key
         properties = Properties(delivery_mode=PERSISTENT, headers=headers)
         await self._publish_to(self.dlx_name, body, service, properties)
+        record_dead_letter(service, event_type, lane)
 
     async def dead_letter(
         self,
@@ -1477,9 +1491,14 @@ class RabbitMQBus(EventBus):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        record_dead_letter(service, event_type, INPUT)
         await self._to_dlq(
-            service, body, reason, event_type=event_type, key=key, extra=dict(headers or {})
+            service,
+            body,
+            reason,
+            INPUT,
+            event_type=event_type,
+            key=key,
+            extra=dict(headers or {}),
         )
 
     async def dead_letters(
