@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 
 import aio_pika
+import aiormq
 import pytest
 
 from pumpflow.common.bus import Subscription
@@ -242,5 +243,53 @@ async def test_a_nacked_publication_is_not_overtaken_by_a_later_one_of_its_parti
             events = _batch_parts(body) or [body]
             arrived += [decode_event(part).seq for part in events]
         assert arrived == list(range(1, 12))
+    finally:
+        await bus.close()
+
+
+async def test_a_publication_given_up_fails_the_later_ones_of_its_partition(
+    namespace, amqp_url, monkeypatch
+):
+    """The first of a key's publications is nacked until it gives up: the one behind it
+    was never written, and fails with it; published again, both arrive in order."""
+    from pumpflow.common.bus import rabbitmq
+    from pumpflow.common.bus.rabbitmq import PublishAbandoned, RabbitMQBus
+    from pumpflow.common.bus.routing import routing_key_for
+    from pumpflow.common.events import TokenMigrated
+
+    monkeypatch.setattr(rabbitmq, "NACKED_ATTEMPTS", 2)
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="feed/r1")
+    await bus.start()
+    try:
+        trade = trade_event("mintA", 1)
+        migration = make_event(
+            TokenMigrated(signature="sig-migrate", mint="mintA", txType="migrate"),
+            source="feed/r1",
+            time=time.time(),
+            seq=2,
+        )
+        channel = bus._channel
+        queue = await channel.declare_queue(
+            f"{namespace}.full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        for event in (trade, migration):
+            await queue.bind(bus.exchange_name, routing_key=routing_key_for(event, 1))
+        await channel.default_exchange.publish(aio_pika.Message(b"filler"), routing_key=queue.name)
+        with pytest.raises((PublishAbandoned, aiormq.exceptions.DeliveryError)):
+            await bus.publish_many([trade, migration])
+        assert bus._lines == {}
+        taken = await queue.get(timeout=5)
+        assert taken.body == b"filler"
+        await taken.ack()
+        await queue.delete(if_unused=False, if_empty=False)
+        queue = await channel.declare_queue(f"{namespace}.open")
+        for event in (trade, migration):
+            await queue.bind(bus.exchange_name, routing_key=routing_key_for(event, 1))
+        await bus.publish_many([trade, migration])
+        arrived = []
+        while (message := await queue.get(timeout=5, fail=False)) is not None:
+            await message.ack()
+            arrived.append(decode_event(message.body).seq)
+        assert arrived == [1, 2]
     finally:
         await bus.close()
