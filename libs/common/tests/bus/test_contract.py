@@ -27,6 +27,7 @@ from pumpflow.common.events import (
     SystemShutdown,
     TokenTrade,
     decode_event,
+    encode_event,
     make_event,
 )
 from pumpflow.common.testing import eventually
@@ -89,6 +90,17 @@ async def dead_letters_arriving(bus, service: str, within: float = 5.0) -> list:
 def metric(name: str, service: str, event_type: str, lane: str) -> float:
     value = REGISTRY.get_sample_value(name, {"service": service, "type": event_type, "lane": lane})
     return value or 0.0
+
+
+async def dead_lettered_once(service: str, event_type: str, lane: str) -> None:
+    """Wait until one dead letter of the series is counted, and no more: RabbitMQ counts
+    a letter once its publish is confirmed, which may come after the letter is read."""
+
+    def dead() -> float:
+        return metric("pumpflow_events_dead_lettered_total", service, event_type, lane)
+
+    await eventually(lambda: dead() >= 1, within=5, what=f"a dead letter of {service} counted")
+    assert dead() == 1
 
 
 class Recorder:
@@ -191,7 +203,7 @@ async def test_poison_message_is_dead_lettered_and_the_stream_goes_on(bus, servi
     assert letter.event_type == "token.trade"
     assert letter.key == "mintP"
     assert decode_event(letter.body).id == sent[2].id
-    assert metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition") == 1
+    await dead_lettered_once(service, "token.trade", "partition")
     assert await bus.dead_letters(service) == []  # read means removed
 
 
@@ -868,6 +880,110 @@ async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url
         letters = await dead_letters_arriving(bus, service)
         assert [decode_event(d.body).id for d in letters] == [poison.id]
         assert letters[0].reason.startswith("broker: rejected")
+        # the alert on dead letters hears of it, once
+        await dead_lettered_once(service, "token.trade", "partition")
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_message_past_the_limit_the_bus_rejects_is_counted(
+    namespace, amqp_url, service, monkeypatch
+):
+    """Past the delivery limit the bus's own dead letter fails (its DLQ publish): the
+    message is rejected, dead-lettered by the broker, and counted as every letter is."""
+    from pumpflow.common.bus.rabbitmq import PublishAbandoned, RabbitMQBus
+    from pumpflow.common.testing import BusHarness
+
+    stored = RabbitMQBus._to_dlq
+    failures = 0
+
+    async def fails_once(self, *args, **kwargs):
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise PublishAbandoned("the DLQ publish gave up")
+        await stored(self, *args, **kwargs)
+
+    monkeypatch.setattr(RabbitMQBus, "_to_dlq", fails_once)
+    harness = BusHarness("rabbitmq", namespace=namespace, amqp_url=amqp_url)
+    try:
+        publisher = await harness.bus()
+        consumer = await harness.bus()
+        poison = trade_event("mintR", 1)
+        deliveries = 0
+        over = asyncio.Event()  # set at the end only, so the crashed buses can close
+
+        async def dies_on_poison(event: Event) -> None:
+            nonlocal deliveries
+            deliveries += 1
+            await over.wait()  # its consumer dies with it before this returns
+
+        def subscription() -> Subscription:
+            return Subscription(service=service, patterns=("token.*",), handler=dies_on_poison)
+
+        current = subscription()
+        await consumer.subscribe(current)
+        await publisher.publish(poison)
+
+        async def crash() -> None:
+            nonlocal consumer, current
+            fresh = subscription()
+            consumer = await harness.crash_consumer(consumer, current, fresh)
+            current = fresh
+
+        try:
+            crashes, letters = await crash_until_dead_lettered(
+                publisher, service, lambda: deliveries, crash
+            )
+            assert crashes == DELIVERY_LIMIT + 1
+            assert failures == 1
+            assert [decode_event(letter.body).id for letter in letters] == [poison.id]
+            assert letters[0].reason.startswith("broker: rejected")
+            await dead_lettered_once(service, "token.trade", "partition")
+        finally:
+            over.set()
+    finally:
+        await harness.teardown()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_dead_letter_stored_on_its_second_try_is_counted_once(
+    namespace, amqp_url, service
+):
+    """A caller's dead letter whose publish failed is given again (the keyed consumer
+    waits the broker out): one letter, one count."""
+    from pumpflow.common.bus.rabbitmq import PublishAbandoned, RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    await bus.start()
+    try:
+        publish_to = bus._publish_to
+        failed = False
+
+        async def fails_once(*args, **kwargs):
+            nonlocal failed
+            if not failed:
+                failed = True
+                raise PublishAbandoned("the DLQ publish gave up")
+            await publish_to(*args, **kwargs)
+
+        bus._publish_to = fails_once
+        refused = trade_event("mintI", 1)
+        for attempt in range(2):
+            try:
+                await bus.dead_letter(
+                    encode_event(refused),
+                    service=service,
+                    reason="invalid",
+                    event_type=refused.type,
+                )
+            except PublishAbandoned:
+                assert attempt == 0
+        letters = await dead_letters_arriving(bus, service)
+        assert [letter.reason for letter in letters] == ["invalid"]
+        await dead_lettered_once(service, "token.trade", "input")
     finally:
         await bus.delete_topology()
         await bus.close()
@@ -1191,8 +1307,7 @@ async def test_a_message_that_kills_its_consumer_every_time_ends_in_the_dlq(
         assert [e.seq for e in got.events][-4:] == [3, 4, 5, 6]
         assert len(await publisher.dead_letters(service, remove=False)) == 1
         # the alert on dead letters hears of it, once
-        dead = metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition")
-        assert dead == 1
+        await dead_lettered_once(service, "token.trade", "partition")
     finally:
         over.set()
 
@@ -1238,7 +1353,6 @@ async def test_a_message_that_kills_one_replica_after_another_is_counted_once_fo
         assert len(set(deliveries)) == len(deliveries)  # a replica of its own each time
         assert [decode_event(letter.body).id for letter in letters] == [poison.id]
         assert letters[0].reason.startswith(f"delivery limit: started {crashes} times")
-        dead = metric("pumpflow_events_dead_lettered_total", service, "token.trade", "partition")
-        assert dead == 1
+        await dead_lettered_once(service, "token.trade", "partition")
     finally:
         over.set()

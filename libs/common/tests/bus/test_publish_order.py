@@ -10,10 +10,13 @@ import asyncio
 import time
 from collections import defaultdict
 
+import aio_pika
+import aiormq
 import pytest
 
 from pumpflow.common.bus import Subscription
-from pumpflow.common.events import Event, TokenTrade, make_event
+from pumpflow.common.bus.rabbitmq import _batch_parts
+from pumpflow.common.events import Event, TokenTrade, decode_event, make_event
 from pumpflow.common.testing import eventually
 
 pytestmark = pytest.mark.rabbitmq
@@ -181,5 +184,112 @@ async def test_nacks_and_failed_writes_each_have_their_own_bound(namespace, amqp
             await asyncio.wait_for(publishing, 10)
         await queue.delete(if_unused=False, if_empty=False)
         await admin.close()
+    finally:
+        await bus.close()
+
+
+async def test_a_nacked_publication_is_not_overtaken_by_a_later_one_of_its_partition(
+    namespace, amqp_url, caplog
+):
+    """A queue refuses one publication (nacked) and takes the next one of the same key,
+    written before the nack came back: the key's events still reach it in publish order.
+
+    The queue is bounded in bytes with reject-publish, and holds a filler: a batch of a
+    mint's trades does not fit beside it, the mint's migration after it does. The
+    filler is taken once the batch was nacked, so the batch fits when written again.
+    """
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus, _batch_body
+    from pumpflow.common.bus.routing import routing_key_for
+    from pumpflow.common.events import TokenMigrated, encode_event
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="feed/r1")
+    await bus.start()
+    try:
+        trades = [trade_event("mintA", seq) for seq in range(1, 11)]
+        migration = make_event(
+            TokenMigrated(signature="sig-migrate", mint="mintA", txType="migrate"),
+            source="feed/r1",
+            time=time.time(),
+            seq=11,
+        )
+        batch = len(_batch_body([encode_event(e) for e in trades]))
+        alone = len(encode_event(migration))
+        assert batch > 4 * alone
+        limit = batch + alone
+        channel = bus._channel
+        queue = await channel.declare_queue(
+            f"{namespace}.bounded",
+            arguments={"x-max-length-bytes": limit, "x-overflow": "reject-publish"},
+        )
+        for event in (trades[0], migration):
+            await queue.bind(bus.exchange_name, routing_key=routing_key_for(event, 1))
+        filler = b"x" * (limit - 2 * alone)
+        await channel.default_exchange.publish(aio_pika.Message(filler), routing_key=queue.name)
+
+        def nacks() -> int:
+            return sum("DeliveryError" in r.getMessage() for r in caplog.records)
+
+        caplog.set_level("WARNING", logger="pumpflow.common.bus.rabbitmq")
+        publishing = asyncio.ensure_future(bus.publish_many([*trades, migration]))
+        await eventually(lambda: nacks() >= 1, within=10, what="the batch nacked")
+        taken = await queue.get(timeout=5)
+        assert taken.body == filler
+        await taken.ack()
+        await asyncio.wait_for(publishing, 20)
+        arrived: list[int] = []
+        while (message := await queue.get(timeout=5, fail=False)) is not None:
+            await message.ack()
+            body = message.body
+            events = _batch_parts(body) or [body]
+            arrived += [decode_event(part).seq for part in events]
+        assert arrived == list(range(1, 12))
+    finally:
+        await bus.close()
+
+
+async def test_a_publication_given_up_fails_the_later_ones_of_its_partition(
+    namespace, amqp_url, monkeypatch
+):
+    """The first of a key's publications is nacked until it gives up: the one behind it
+    was never written, and fails with it; published again, both arrive in order."""
+    from pumpflow.common.bus import rabbitmq
+    from pumpflow.common.bus.rabbitmq import PublishAbandoned, RabbitMQBus
+    from pumpflow.common.bus.routing import routing_key_for
+    from pumpflow.common.events import TokenMigrated
+
+    monkeypatch.setattr(rabbitmq, "NACKED_ATTEMPTS", 2)
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="feed/r1")
+    await bus.start()
+    try:
+        trade = trade_event("mintA", 1)
+        migration = make_event(
+            TokenMigrated(signature="sig-migrate", mint="mintA", txType="migrate"),
+            source="feed/r1",
+            time=time.time(),
+            seq=2,
+        )
+        channel = bus._channel
+        queue = await channel.declare_queue(
+            f"{namespace}.full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        for event in (trade, migration):
+            await queue.bind(bus.exchange_name, routing_key=routing_key_for(event, 1))
+        await channel.default_exchange.publish(aio_pika.Message(b"filler"), routing_key=queue.name)
+        with pytest.raises((PublishAbandoned, aiormq.exceptions.DeliveryError)):
+            await bus.publish_many([trade, migration])
+        assert bus._lines == {}
+        taken = await queue.get(timeout=5)
+        assert taken.body == b"filler"
+        await taken.ack()
+        await queue.delete(if_unused=False, if_empty=False)
+        queue = await channel.declare_queue(f"{namespace}.open")
+        for event in (trade, migration):
+            await queue.bind(bus.exchange_name, routing_key=routing_key_for(event, 1))
+        await bus.publish_many([trade, migration])
+        arrived = []
+        while (message := await queue.get(timeout=5, fail=False)) is not None:
+            await message.ack()
+            arrived.append(decode_event(message.body).seq)
+        assert arrived == [1, 2]
     finally:
         await bus.close()

@@ -9,7 +9,7 @@ import pytest
 
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.lease import Lease
-from pumpflow.common.state.abc import StateStore, WriteBatch
+from pumpflow.common.state.abc import StateStore, WriteBatch, WrongKind
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 
@@ -415,6 +415,90 @@ async def test_a_write_of_one_change_stores_it(harness, kind):
     assert await store.get("v") == (b"1" if kind == "set" else None)
     kept = kind in ("expire", "persist")
     assert await store.hgetall("h") == (expected_h if kept else {})
+
+
+@pytest.mark.parametrize("conflict", ["a value", "a set", "a value of the write"])
+@pytest.mark.parametrize("command", ["hset", "hdel"])
+async def test_a_write_whose_hash_command_meets_no_hash_stores_nothing(harness, conflict, command):
+    """Redis runs the write's hash command on such a key with WRONGTYPE, keeping what the
+    write's commands before it stored (a record without its views); it is refused whole."""
+    store = harness.store
+    await store.set_many({"record": b"old"})
+    if conflict == "a value":
+        await store.set_many({"view": b"plain"})
+    elif conflict == "a set":
+        await store.add_member("view", "member", LONG_TTL)
+    for fields in ({"f": 1}, {"g": 2}):
+        batch = WriteBatch()
+        batch.set("record", b"new")
+        batch.set("other", b"new", ttl=LONG_TTL)
+        batch.hset("index", fields)
+        if conflict == "a value of the write":
+            batch.set("view", b"plain")
+        if command == "hset":
+            batch.hset("view", {"f": 1})
+        else:
+            batch.hdel("view", ("f",))
+        batch.expire("index", LONG_TTL)
+        with pytest.raises(WrongKind):
+            await store.write(batch)
+        assert await store.get_many(["record", "other"]) == [b"old", None]
+        assert await store.hgetall("index") == {}
+    expected = {"a value": b"plain", "a set": None, "a value of the write": None}[conflict]
+    assert await store.get("view") == expected
+
+
+async def test_a_write_with_a_ttl_past_any_clock_stores_it_all(harness):
+    """Redis refuses an expiry past a signed 64-bit count of ms: the command after others
+    of the write would fail, keeping theirs."""
+    store = harness.store
+    for ttl in (1e17, float("inf")):
+        batch = WriteBatch()
+        batch.set("first", b"1")
+        batch.set("lasting", b"2", ttl=ttl)
+        batch.hset("h", {"f": 1})
+        batch.expire("h", ttl)
+        await store.write(batch)
+        assert await store.get_many(["first", "lasting"]) == [b"1", b"2"]
+        assert await store.hgetall("h") == {"f": b"1"}
+        await store.delete_many(["first", "lasting", "h"])
+    await harness.let_short_ttls_expire()
+
+
+@pytest.mark.redis
+async def test_redis_out_of_memory_refuses_a_write_whole(own_redis):
+    """Over maxmemory (noeviction) Redis refuses a script's first write and lets the rest
+    through once one ran: a write is stored whole or refused whole, whatever comes first."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import OutOfMemoryError
+
+    client = aioredis.Redis.from_url(own_redis.url)
+    store = RedisStateStore(url=own_redis.url, namespace="oom", client=client)
+    try:
+        await client.mset({f"filler{i}": b"x" * 10_000 for i in range(200)})
+        used = (await client.info("memory"))["used_memory"]
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", used // 2)
+        with pytest.raises(OutOfMemoryError):
+            await client.set("probe", b"1")
+        # the first write refused: nothing stored
+        batch = WriteBatch()
+        batch.set("record", b"new")
+        batch.hset("view", {"f": 1})
+        batch.expire("view", LONG_TTL)
+        with pytest.raises(OutOfMemoryError):
+            await store.write(batch)
+        assert await store.get("record") is None
+        assert await store.hgetall("view") == {}
+        # a first write that may run out of memory (removing fields) lets the rest through
+        batch = WriteBatch()
+        batch.hdel("index", ("gone",))
+        batch.hset("view", {"f": 1})
+        batch.expire("view", LONG_TTL)
+        await store.write(batch)
+        assert await store.hgetall("view") == {"f": b"1"}
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.redis

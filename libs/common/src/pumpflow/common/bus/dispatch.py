@@ -14,7 +14,7 @@ from time import perf_counter
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.bus.metrics import Series, record_dead_letter, series
+from pumpflow.common.bus.metrics import Series, series
 from pumpflow.common.bus.routing import resolve_types
 from pumpflow.common.dependencies import WAITS, Backoff, transient_dependency
 from pumpflow.common.events import (
@@ -174,7 +174,8 @@ class Dispatcher:
 
     Runs the handler with retries, records metrics and the event log, and decides
     when a message is dead-lettered: :meth:`dispatch` returns the reason, the
-    transport stores the message. Either way the message is done and may be acked.
+    transport stores the message (and counts it, as every letter it stores, once
+    stored). Either way the message is done and may be acked.
     Duplicates are the consumer's to drop (it stores the last applied seq with its
     state); the bus delivers at least once.
 
@@ -288,7 +289,6 @@ class Dispatcher:
                     )
                 return None
         reason = f"handler failed {attempts} times: {type(failure).__name__}: {failure}"
-        record_dead_letter(self.service, event.type, self.lane)
         event_log.consumed(event, service=self.service, lane=self.lane, outcome="dead-lettered")
         log.error("%s dead-lettered %s id=%s: %s", self.service, event.type, event.id, reason)
         return reason
@@ -360,8 +360,7 @@ class Dispatcher:
             raise HandedBack()
 
     def malformed(self, error: EventValidationError, event_type: str | None) -> str:
-        """Account for a message that does not decode; return the dead-letter reason."""
+        """Log a message that does not decode; return the dead-letter reason."""
         reason = f"malformed: {error}"
-        record_dead_letter(self.service, event_type, self.lane)
         log.error("%s dead-lettered a malformed %s message: %s", self.service, event_type, reason)
         return reason

@@ -550,7 +550,7 @@ class InMemoryBus(EventBus):
                     # the hot path of replays, kept inline
                     reason = await lane.dispatcher.dispatch(event, consumer.subscription)
                     if reason is not None:
-                        self._store_dead(_dead_letter(lane, event, reason))
+                        self._store_dead(_dead_letter(lane, event, reason), lane.dispatcher.lane)
                 else:
                     self._enqueue(lane, event)
 
@@ -625,7 +625,7 @@ class InMemoryBus(EventBus):
         try:
             dead = await lane.dispatcher.dispatch_batch(batch.events, replica.subscription)
             for event, reason in dead:
-                self._store_dead(_dead_letter(lane, event, reason))
+                self._store_dead(_dead_letter(lane, event, reason), lane.dispatcher.lane)
         except HandedBack:
             # the lane stopped while the batch waited for a dependency: nothing died with
             # it, so the delivery limit does not count it
@@ -650,12 +650,11 @@ class InMemoryBus(EventBus):
                     f"delivery limit: started {returns} times and never settled "
                     "(its consumer died or stopped with it each time)"
                 )
-                record_dead_letter(lane.group.service, event.type, lane.dispatcher.lane)
-                self._store_dead(_dead_letter(lane, event, reason))
+                self._store_dead(_dead_letter(lane, event, reason), lane.dispatcher.lane)
                 return
             reason = await lane.dispatcher.dispatch(event, replica.subscription)
             if reason is not None:
-                self._store_dead(_dead_letter(lane, event, reason))
+                self._store_dead(_dead_letter(lane, event, reason), lane.dispatcher.lane)
         except HandedBack:
             # returned in order (the lane stopped while it waited for a dependency):
             # nothing died with it, so the delivery limit does not count it
@@ -757,7 +756,9 @@ class InMemoryBus(EventBus):
 
     # ---------------------------------------------------------------- dead letters
 
-    def _store_dead(self, letter: DeadLetter) -> None:
+    def _store_dead(self, letter: DeadLetter, lane: str) -> None:
+        """Keep ``letter`` and count it (``lane``: where it came from, or INPUT)."""
+        record_dead_letter(letter.service, letter.event_type, lane)
         self._dead.setdefault(letter.service, deque()).append(letter)
 
     async def dead_letter(
@@ -770,7 +771,6 @@ class InMemoryBus(EventBus):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        record_dead_letter(service, event_type, INPUT)
         self._store_dead(
             DeadLetter(
                 service=service,
@@ -779,7 +779,8 @@ class InMemoryBus(EventBus):
                 event_type=event_type,
                 key=key,
                 headers=dict(headers or {}),
-            )
+            ),
+            INPUT,
         )
 
     async def take_dead_letters(

@@ -113,7 +113,11 @@ class Series:
 _COUNTERS = (
     ("pumpflow_events_published", "published", "Events published to the bus."),
     ("pumpflow_events_consumed", "consumed", "Events handled successfully."),
-    ("pumpflow_events_dead_lettered", "dead_lettered", "Messages dead-lettered with a reason."),
+    (
+        "pumpflow_events_dead_lettered",
+        "dead_lettered",
+        "Letters stored in a dead-letter queue, each counted once stored.",
+    ),
 )
 _HISTOGRAMS = (
     ("pumpflow_handler_seconds", "handler", "Time a handler took for one event."),
@@ -184,4 +188,6 @@ def series(service: str, event_type: str, lane: str) -> Series:
 
 
 def record_dead_letter(service: str, event_type: str | None, lane: str) -> None:
+    """Count a letter stored in ``service``'s dead letters (each transport, where it
+    stores one: the bus's own and the broker's, on rejection, alike)."""
     series(service, event_type or "unknown", lane).dead_lettered += 1

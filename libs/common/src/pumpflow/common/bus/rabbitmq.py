@@ -16,7 +16,9 @@ Topology under ``<ns>`` (the namespace):
 - ``<ns>.dlx`` (direct) and ``<ns>.<service>.dlq``: every queue dead-letters into the
   service's DLQ. A message the service gives up on is published there by the bus with
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
-  only then acked.
+  only then acked. A message the bus fails on (its letter's publish, say) is rejected,
+  and the broker dead-letters it. Either letter is counted
+  (``pumpflow_events_dead_lettered_total``) once stored: confirmed, or rejected.
 
 Connections: two robust connections (both reconnect, close with the bus and count in
 :meth:`RabbitMQBus.is_healthy`). The main one carries publishing and its confirms,
@@ -53,6 +55,17 @@ earliest held publication waits for nothing but the channel, so nothing deadlock
 publication that gives up (PUBLISH_ATTEMPTS failed writes with the broker reachable,
 or NACKED_ATTEMPTS nacks, each counted apart) fails every call begun before it and not
 written yet, rather than let them overtake it; the callers publish again in order.
+
+A nack comes on an open channel, after the publications written behind it: a queue
+that refused one (its process restarting, or full) may take the next, so a nacked
+publication written again would reach its queues after a later one of its key, and
+consumers drop an older seq (trading's views, a keyed consumer of only some of the
+publisher's types) or apply it late. So a publication is written only once every
+earlier one of its line is confirmed or given up: a line is a partition of a lane
+(``pNN``, ``critical.pNN``), where a key's events all go; keyless ones have none.
+Partitions still go side by side, and a partition's consecutive events of one routing
+key share a message, so this costs little more than a round trip where a partition's
+routing key changes within a call.
 
 Delivery limit: a message that kills its consumer's process is redelivered (the
 broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
@@ -331,6 +344,10 @@ class RabbitMQBus(EventBus):
         self._held_changed = asyncio.Event()
         #: publications given up so far; a call begun before one writes nothing more
         self._given_up = 0
+        #: per line (a partition of one lane), its publications not settled yet, in
+        #: ticket order, each [ticket, future woken when it is first]: only the first is
+        #: written (see Publishing)
+        self._lines: dict[str, deque[list]] = {}
         #: the AMQP connections whose loss is watched, and the tasks emptying lost ones
         self._watched: set[aiormq.abc.AbstractConnection] = set()
         self._discarding: set[asyncio.Task] = set()
@@ -562,8 +579,8 @@ class RabbitMQBus(EventBus):
 
     async def publish(self, event: Event) -> None:
         since = self._given_up
-        body, key, _ = self._prepare(event)
-        await self._send(body, key, event.id, since)
+        body, key, lane = self._prepare(event)
+        await self._send(body, key, event.id, since, _line(lane, key))
 
     async def publish_many(self, events: Iterable[Event]) -> None:
         """Publish in order with up to PUBLISH_WINDOW confirms outstanding at once."""
@@ -579,13 +596,13 @@ class RabbitMQBus(EventBus):
                 failures.append(task.exception())
 
         try:
-            for body, key, message_id in self._messages(events):
+            for body, key, message_id, line in self._messages(events):
                 await window.acquire()
                 if failures:
                     break
                 # tasks start in creation order and aiormq writes under a FIFO lock,
                 # so the broker receives the messages in this order
-                task = asyncio.create_task(self._send(body, key, message_id, since))
+                task = asyncio.create_task(self._send(body, key, message_id, since, line))
                 in_flight.add(task)
                 task.add_done_callback(settle)
             if in_flight:
@@ -596,8 +613,9 @@ class RabbitMQBus(EventBus):
         if failures:
             raise failures[0]
 
-    def _messages(self, events: Iterable[Event]) -> list[tuple[bytes, str, str | None]]:
-        """The messages carrying ``events``: (body, routing key, message id) each, in order.
+    def _messages(self, events: Iterable[Event]) -> list[tuple[bytes, str, str | None, str | None]]:
+        """The messages carrying ``events``: (body, routing key, message id, line) each, in
+        order.
 
         A partition's consecutive events of one routing key share a message (a batch,
         see the module), so each queue receives its events in publish order; a critical
@@ -605,12 +623,13 @@ class RabbitMQBus(EventBus):
         it is written before it).
         """
         groups: list[list] = []
-        #: the batch still open for each partition: [routing key, bodies, first id, bytes]
+        #: the batch still open for each partition: [routing key, bodies, first id, bytes,
+        #: line]
         open_by_partition: dict[str, list] = {}
         for event in events:
-            body, key, batchable = self._prepare(event)
-            if not batchable:
-                groups.append([key, [body], event.id, len(body)])
+            body, key, lane = self._prepare(event)
+            if lane != PARTITION:
+                groups.append([key, [body], event.id, len(body), _line(lane, key)])
                 open_by_partition.clear()
                 continue
             partition = key[key.rfind(".") + 1 :]
@@ -624,17 +643,22 @@ class RabbitMQBus(EventBus):
                 group[1].append(body)
                 group[3] += len(body)
             else:
-                group = open_by_partition[partition] = [key, [body], event.id, len(body)]
+                group = [key, [body], event.id, len(body), partition]
+                open_by_partition[partition] = group
                 groups.append(group)
         return [
-            (bodies[0], key, first_id) if len(bodies) == 1 else (_batch_body(bodies), key, None)
-            for key, bodies, first_id, _ in groups
+            (bodies[0], key, first_id, line)
+            if len(bodies) == 1
+            else (_batch_body(bodies), key, None, line)
+            for key, bodies, first_id, _, line in groups
         ]
 
-    def _prepare(self, event: Event) -> tuple[bytes, str, bool]:
-        """The event's body, routing key, and whether it may share a message."""
+    def _prepare(self, event: Event) -> tuple[bytes, str, str]:
+        """The event's body, routing key, and lane (only a partition's events share a
+        message)."""
         schema = check_publishable(event)
         keyless = event.key is None
+        lane = BROADCAST if keyless else CRITICAL if schema.CRITICAL else PARTITION
         stats = self._published.get((event.type, keyless))
         if stats is None:
             stats = self._published[(event.type, keyless)] = series(
@@ -644,12 +668,14 @@ class RabbitMQBus(EventBus):
         key = routing_key_for(event, self.partitions)
         if self.event_log.enabled:
             self.event_log.published(event, routing_key=key)
-        return encode_event(event), key, not (keyless or schema.CRITICAL)
+        return encode_event(event), key, lane
 
-    async def _send(self, body: bytes, key: str, message_id: str | None, since: int) -> None:
+    async def _send(
+        self, body: bytes, key: str, message_id: str | None, since: int, line: str | None
+    ) -> None:
         # the envelope carries type and source; every property costs marshalling time
         properties = Properties(delivery_mode=PERSISTENT, message_id=message_id)
-        await self._publish_to(self.exchange_name, body, key, properties, since=since)
+        await self._publish_to(self.exchange_name, body, key, properties, since=since, line=line)
 
     async def _publish_to(
         self,
@@ -659,21 +685,26 @@ class RabbitMQBus(EventBus):
         properties: Properties,
         *,
         since: int | None = None,
+        line: str | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm; resend in order across a reconnection.
 
         ``since``: the give-ups counted when the caller's call began (see the module).
+        ``line``: written only once every earlier publication of that line is settled.
         """
         if self._channel is None:
             raise RuntimeError("RabbitMQBus is not started")
         if since is None:
             since = self._given_up
         ticket = next(self._tickets)
+        turn = self._join(line, ticket)
         # counted apart, each against its own bound: nacks come while a queue restarts
         # (seconds), failed writes while writes lose their channel; a publication
         # nacked a while must still give up on failed writes as soon as one never nacked
         nacks = failed_writes = 0
         try:
+            if turn is not None:
+                await turn
             while True:
                 channel = await self._writable(ticket, since)
                 # written at once below (the lock is free between writes), so no later
@@ -724,6 +755,38 @@ class RabbitMQBus(EventBus):
                     await asyncio.sleep(min(0.1 * failures, 1.0))
         finally:
             self._release(ticket)
+            if line is not None:
+                self._leave(line, ticket)
+
+    def _join(self, line: str | None, ticket: int) -> asyncio.Future | None:
+        """Queue ``ticket`` on ``line``; a future done once it is first, None when it is."""
+        if line is None:
+            return None
+        waiting = self._lines.get(line)
+        if waiting is None:
+            self._lines[line] = deque([[ticket, None]])
+            return None
+        turn = asyncio.get_running_loop().create_future()
+        waiting.append([ticket, turn])
+        return turn
+
+    def _leave(self, line: str, ticket: int) -> None:
+        """Take ``ticket`` off ``line`` (settled, given up or cancelled); wake the next."""
+        waiting = self._lines[line]
+        if waiting[0][0] != ticket:
+            # not written yet: a call that failed or was cancelled while it waited
+            for place, (queued, _) in enumerate(waiting):
+                if queued == ticket:
+                    del waiting[place]
+                    break
+            return
+        waiting.popleft()
+        if not waiting:
+            del self._lines[line]
+            return
+        turn = waiting[0][1]
+        if not turn.done():
+            turn.set_result(None)
 
     async def _writable(self, ticket: int, since: int) -> aiormq.abc.AbstractChannel:
         """The open publishing channel, once ``ticket`` is next: no earlier one held."""
@@ -1224,6 +1287,7 @@ class RabbitMQBus(EventBus):
                 consumer.subscription.service,
                 part.body,
                 "the bus failed on it (see the consumer's log)",
+                consumer.dispatcher.lane,
                 event_type=_type_of(part.routing_key),
                 extra={"x-pumpflow-queue": consumer.queue_name},
             )
@@ -1274,6 +1338,13 @@ class RabbitMQBus(EventBus):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # the channel went away: the broker redelivers the message instead
             log.warning("reject on %s lost: %r", consumer.queue_name, exc)
+            return
+        # one letter, however many events a batch's message holds
+        record_dead_letter(
+            consumer.subscription.service,
+            _type_of(message.routing_key),
+            consumer.dispatcher.lane,
+        )
 
     async def _handle(self, consumer: _Consumer, message: DeliveredMessage | _Part) -> None:
         if not message.redelivered:
@@ -1288,17 +1359,14 @@ class RabbitMQBus(EventBus):
                 "(its consumer died or stopped with it each time)"
             )
             log.error("%s: %s, dead-lettered", queue, reason)
-            event_type = _type_of(message.routing_key)
             await self._to_dlq(
                 consumer.subscription.service,
                 message.body,
                 reason,
-                event_type=event_type,
+                consumer.dispatcher.lane,
+                event_type=_type_of(message.routing_key),
                 extra={"x-pumpflow-queue": queue},
             )
-            # counted once stored: a letter the broker did not take comes back, past the
-            # limit still
-            record_dead_letter(consumer.subscription.service, event_type, consumer.dispatcher.lane)
         else:
             try:
                 await self._dispatch(consumer, message)
@@ -1364,6 +1432,7 @@ class RabbitMQBus(EventBus):
                 consumer.subscription.service,
                 message.body,
                 reason,
+                consumer.dispatcher.lane,
                 event_type=event_type,
                 extra={"x-pumpflow-queue": consumer.queue_name},
             )
@@ -1376,6 +1445,7 @@ class RabbitMQBus(EventBus):
             consumer.subscription.service,
             body,
             reason,
+            consumer.dispatcher.lane,
             event_type=event.type,
             key=event.key,
             extra={
@@ -1391,11 +1461,15 @@ class RabbitMQBus(EventBus):
         service: str,
         body: bytes,
         reason: str,
+        lane: str,
         *,
         event_type: str | None = None,
         key: str | None = None,
         extra: dict[str, str] | None = None,
     ) -> None:
+        """Store a letter in ``service``'s DLQ; count it once the broker confirmed it
+        (``lane``: where it came from, or INPUT), since one it did not take is
+        dead-lettered again (rejected, or its message redelivered)."""
         await self._declare_dlq(service)
         # the reason, type and key given win over headers a letter carried before
         headers = {**(extra or {}), REASON_HEADER: reason[:_MAX_REASON]}
@@ -1405,6 +1479,7 @@ class RabbitMQBus(EventBus):
             headers["x-pumpflow-key"] = key
         properties = Properties(delivery_mode=PERSISTENT, headers=headers)
         await self._publish_to(self.dlx_name, body, service, properties)
+        record_dead_letter(service, event_type, lane)
 
     async def dead_letter(
         self,
@@ -1416,9 +1491,14 @@ class RabbitMQBus(EventBus):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        record_dead_letter(service, event_type, INPUT)
         await self._to_dlq(
-            service, body, reason, event_type=event_type, key=key, extra=dict(headers or {})
+            service,
+            body,
+            reason,
+            INPUT,
+            event_type=event_type,
+            key=key,
+            extra=dict(headers or {}),
         )
 
     async def dead_letters(
@@ -1510,6 +1590,15 @@ class RabbitMQBus(EventBus):
         properties = Properties(delivery_mode=PERSISTENT, message_id=event.id)
         # the default exchange routes by queue name: no other service gets a copy
         await self._publish_to("", encode_event(event), name, properties)
+
+
+def _line(lane: str, key: str) -> str | None:
+    """The line a publication keeps its order on: its lane's partition (``<lane>.pNN``),
+    a key's events all on one; None for a keyless event, which has no order to keep."""
+    if lane == BROADCAST:
+        return None
+    partition = key[key.rfind(".") + 1 :]
+    return partition if lane == PARTITION else f"{lane}.{partition}"
 
 
 def _begun(message: DeliveredMessage | _Part) -> bool:

@@ -16,12 +16,18 @@ HashValue = bytes | str | int | float
 EPOCH_MARKER = "store:epoch"
 
 
+class WrongKind(TypeError):
+    """A write sets or removes hash fields of a key that holds no hash (a plain value, a
+    set), or that it sets as a value too: nothing of it is stored."""
+
+
 @dataclass(slots=True)
 class WriteBatch:
     """Values, hash fields and expiries that :meth:`StateStore.write` stores all or none of.
 
     Hash fields to remove (``unset``) go before the fields set; expiries apply after the
-    values and hashes; ``None`` removes a key's TTL.
+    values and hashes; ``None`` removes a key's TTL. A batch whose hash fields go to a key
+    holding no hash, or to one it sets as a value, is refused whole (:class:`WrongKind`).
     """
 
     #: key -> (value, TTL or None)
@@ -45,6 +51,10 @@ class WriteBatch:
 
     def __bool__(self) -> bool:
         return bool(self.values or self.hashes or self.expiries or self.unset)
+
+    def hash_keys(self) -> set[str]:
+        """The keys whose hash fields it sets or removes."""
+        return {k for k, f in self.unset.items() if f} | {k for k, f in self.hashes.items() if f}
 
 
 class StateStore(ABC):

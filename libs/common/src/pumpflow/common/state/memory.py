@@ -6,7 +6,7 @@ import heapq
 from collections.abc import Iterable, Mapping
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch
+from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch, WrongKind
 
 
 def _as_bytes(value: HashValue) -> bytes:
@@ -94,6 +94,10 @@ class MemoryStateStore(StateStore):
         # no await inside: atomic on the event loop
         self._purge()
         values = self._values
+        for key in batch.hash_keys():
+            current = values.get(key) if self._alive(key) else None
+            if key in batch.values or not (current is None or isinstance(current, dict)):
+                raise WrongKind(f"{key} holds no hash: nothing of the write is stored")
         for key, (value, ttl) in batch.values.items():
             values[key] = bytes(value)
             self._set_ttl(key, ttl)

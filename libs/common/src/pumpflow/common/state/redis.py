@@ -8,14 +8,19 @@ from collections.abc import Iterable, Mapping
 
 import redis.asyncio as redis
 
-from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch
+from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch, WrongKind
 
 _GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
+
+#: the longest TTL given to Redis (146 million years): it refuses an expiry whose time
+#: (now + TTL, in ms) is past a signed 64-bit number, as the in-process store never does
+_MAX_TTL_MS = 2**62
 
 
 def _ttl_ms(ttl: float) -> int:
     # Redis rejects a zero expiry; a TTL below a millisecond still has to expire the key.
-    return max(1, round(ttl * 1000))
+    ms = ttl * 1000
+    return _MAX_TTL_MS if ms >= _MAX_TTL_MS else max(1, round(ms))
 
 
 # compare-and-act scripts: Redis runs a script atomically, so no other client can take
@@ -51,8 +56,31 @@ return {written, now - tonumber(written)}
 # the client's CPU of this (a command and a parsed reply each, MULTI, EXEC, the
 # pipeline's set-up). ARGV holds each command as its name, its argument count and its
 # arguments after the key; KEYS holds the keys, one a command, in order.
+# A script that fails midway keeps what it wrote (Redis rolls nothing back), so what
+# could fail a command is refused before the first: a hash command on a key holding no
+# hash, or on one the batch sets as a value (WRONGTYPE). Out of memory fails a script
+# only at its first write; expiries are bounded (_MAX_TTL_MS); the other commands take
+# any key.
 _WRITE = """
 local at = 1
+local kinds = {}
+for k = 1, #KEYS do
+    local name, key = ARGV[at], KEYS[k]
+    if name == 'SET' then
+        kinds[key] = 'string'
+    elseif name == 'HSET' or name == 'HDEL' then
+        local kind = kinds[key]
+        if not kind then
+            kind = redis.call('TYPE', key)['ok']
+            kinds[key] = kind
+        end
+        if kind ~= 'hash' and kind ~= 'none' then
+            return redis.error_reply('WRONGTYPE ' .. key .. ' holds no hash: nothing written')
+        end
+    end
+    at = at + 2 + tonumber(ARGV[at + 1])
+end
+at = 1
 for k = 1, #KEYS do
     local count = tonumber(ARGV[at + 1])
     redis.call(ARGV[at], KEYS[k], unpack(ARGV, at + 2, at + 1 + count))
@@ -154,17 +182,22 @@ class RedisStateStore(StateStore):
 
     async def write(self, batch: WriteBatch) -> None:
         commands = self._commands(batch)
-        if len(commands) == 1:
-            # one command is atomic by itself (about half the client's CPU of a
-            # one-key write, the common checkpoint, against the script)
-            await self._client.execute_command(*commands[0])
-        elif commands:
-            keys = []
-            args: list = []
-            for name, key, *rest in commands:
-                keys.append(key)
-                args += (name, len(rest), *rest)
-            await self._write(keys=keys, args=args)
+        try:
+            if len(commands) == 1:
+                # one command is atomic by itself (about half the client's CPU of a
+                # one-key write, the common checkpoint, against the script)
+                await self._client.execute_command(*commands[0])
+            elif commands:
+                keys = []
+                args: list = []
+                for name, key, *rest in commands:
+                    keys.append(key)
+                    args += (name, len(rest), *rest)
+                await self._write(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise WrongKind(f"{exc}: nothing of the write is stored") from exc
+            raise
 
     def _commands(self, batch: WriteBatch) -> list[tuple]:
         """The Redis commands of ``batch``, in the order the contract applies them."""
