@@ -444,6 +444,37 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
         assert len(api.requests) == 1
 
 
+async def test_a_take_over_fills_an_order_without_answer_by_its_own_trade_not_a_hand_trade(
+    clock, market
+):
+    """The entry's answer was lost and the replica went: the next one waits for the
+    order's trade. The wallet's hand buy of the token (another size) is not the order's
+    and fills nothing; the buy of the order's size does."""
+    async with fake_trade_api("timeout") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            await clock.advance(first.service.settings.trading_tick_s)
+        request, ledger, mint = first.request, first.ledger, first.mint
+        order = await order_of(ledger)
+        assert order["state"] == "unknown" and order["signature"] is None
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {request.order_id: "resubmitted"}
+            await clock.advance(1.0)
+            await publish(bus, market.tokens.buy(mint, WALLET, sol=request.sol_amount / 10))
+            assert watch.count("order.filled") == 0 and not second.book.holds(mint)
+            assert second.risk.reservations.keys() == {request.order_id}
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id
+            assert fill.signature == ours.data.signature
+            assert fill.token_amount == ours.data.tokenAmount
+            assert (await order_of(ledger))["state"] == "filled"
+        assert len(api.requests) == 1
+
+
 async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
     """Postgres fails while the wallet's trade waits behind a change to store: the bus
     hands the trade back alone, and a later trade of the token, in a batch that ran

@@ -203,6 +203,7 @@ class LiveExecutor:
                 mint=order.mint,
                 side=order.side,
                 deadline=time + self.execution.confirm_s,
+                sent_at=time,
                 position_id=order.position_id,
                 amount=float(amount),
                 slippage_pct=order.slippage_pct,
@@ -259,7 +260,7 @@ class LiveExecutor:
 
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for confirmation in self.book.observe(payload):
+        for confirmation in self.book.observe(payload, time=time):
             if confirmation.late:
                 log.error(
                     "trading: order %s given up as unconfirmed traded after all (signature "
@@ -287,14 +288,18 @@ class LiveExecutor:
             return rejected(
                 order, f"recorded by the {order.executor} executor; the live one never sends it"
             )
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
         self.book.add(
             LiveOrder(
                 order_id=order.order_id,
                 mint=order.mint,
                 side=order.side,
                 deadline=self.clock.now() + self.execution.confirm_s,
+                sent_at=order.requested_at,
                 position_id=order.position_id,
                 signature=order.signature,
+                amount=float(amount or 0.0),
+                slippage_pct=order.slippage_pct,
             )
         )
         return None
