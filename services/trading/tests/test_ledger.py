@@ -85,6 +85,30 @@ async def test_a_retried_commit_takes_the_orders_stored_under_its_attempt_as_ins
     assert stored["attempt"] == "w:1"
 
 
+async def test_a_retry_storing_its_order_refused_settles_the_row_its_lost_commit_stored(ledger):
+    """A halt refuses an entry whose store raised, yet reached the ledger: its retry, the
+    same decision, stores it refused, so no row says ``sent`` of an order never sent.
+    Another decision's refusal of the same order id leaves the stored order as it is, as
+    does a retry once the order has an outcome."""
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    refused = dict(state="rejected", outcome="halted before it was sent: operator")
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:2", **refused)])) == set()
+    [stored] = await ledger.orders(limit=5)
+    assert stored["state"] == "sent"
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1", **refused)])) == {"a"}
+    [stored] = await ledger.orders(limit=5)
+    assert stored["state"] == "rejected" and stored["outcome"] == refused["outcome"]
+    assert (await ledger.load(remembered=10)).unresolved == []
+
+    await ledger.commit(LedgerChange(orders=[order("b", attempt="w:3")]))
+    await ledger.commit(
+        LedgerChange(outcomes=[OrderOutcome(order_id="b", state="filled")], fills=[fill("b", 1.0)])
+    )
+    await ledger.commit(LedgerChange(orders=[order("b", attempt="w:3", **refused)]))
+    [stored] = await ledger.orders(limit=5, state="filled")
+    assert stored["order_id"] == "b"
+
+
 async def test_a_change_is_one_transaction(pg_pool):
     ledger = PostgresLedger(pg_pool)
     # a fill of an order the ledger does not have breaks the foreign key: nothing is kept

@@ -8,7 +8,11 @@ if their id is new: the ids of the orders inserted come back, and an order whose
 was there already (derived from a redelivered or replayed event) is never sent. Each
 order carries its decision's ``attempt``: a commit that raised may have been stored
 all the same (its reply lost), and its retry, the same decision, gets back the orders
-stored under its attempt as inserted, so they are sent once rather than never.
+stored under its attempt as inserted, so they are sent once rather than never. A retry
+may store an order of its attempt refused instead (a halt refuses the entries whose
+store failed): nothing sent it, as an order is sent only once its commit answered, so
+the row stored ``sent`` is settled refused, rather than left for a take-over to
+reconcile as an order of unknown outcome, its capital reserved meanwhile.
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -22,7 +26,7 @@ before trading again), the recent order ids and the operator's state.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from pumpflow.common.events import OrderFilled, Side
@@ -33,6 +37,8 @@ OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 #: the row of trading_control that holds the operator's state
 CONTROL = "operator"
+#: what an order stored by an attempt whose reply was lost is left in, unsent
+_UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,6 +238,10 @@ class MemoryLedger:
                 inserted.add(order.order_id)
             elif order.attempt is not None and stored.attempt == order.attempt:
                 inserted.add(order.order_id)
+                if order.state == "rejected" and stored.state in _UNSENT:
+                    self._orders[order.order_id] = replace(
+                        stored, state=order.state, outcome=order.outcome
+                    )
         for outcome in change.outcomes:
             found = self._orders.get(outcome.order_id)
             if found is not None:
@@ -277,14 +287,21 @@ class MemoryLedger:
         return found[:limit]
 
 
-_INSERT_ORDER = """
+#: a retry of the order's attempt stores it refused, and nothing took it further
+_SETTLES_UNSENT = "EXCLUDED.state = 'rejected' AND orders.state IN ({})".format(
+    ", ".join(f"'{state}'" for state in _UNSENT)
+)
+_INSERT_ORDER = f"""
 INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
     position_id, cause_id, executor, state, requested_at, venue, expected_v_sol,
     expected_v_tokens, signature, outcome, attempt)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[],
     $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::float8[],
     $13::text[], $14::float8[], $15::float8[], $16::text[], $17::text[], $18::text[])
-ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt
+ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt,
+    state = CASE WHEN {_SETTLES_UNSENT} THEN EXCLUDED.state ELSE orders.state END,
+    outcome = CASE WHEN {_SETTLES_UNSENT} THEN EXCLUDED.outcome ELSE orders.outcome END,
+    updated_at = CASE WHEN {_SETTLES_UNSENT} THEN now() ELSE orders.updated_at END
     WHERE orders.attempt = EXCLUDED.attempt
 RETURNING order_id
 """

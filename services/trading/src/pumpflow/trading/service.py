@@ -841,7 +841,8 @@ class TradingService(Service):
                 self._storing = 0
                 if self.risk.operator_state is TradingState.HALTED:
                     # a halt given during this commit left its entries to it: unstored,
-                    # they are refused as any entry waiting for the ledger then
+                    # they are refused as any entry waiting for the ledger then (stored
+                    # all the same, its reply lost, the retry settles their rows refused)
                     refused = self._refuse_unsent_entries(self.risk.operator_reason)
                     if refused:
                         log.warning("trading: %d entries whose store failed after the halt "
