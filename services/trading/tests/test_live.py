@@ -475,6 +475,31 @@ async def test_a_take_over_fills_an_order_without_answer_by_its_own_trade_not_a_
         assert len(api.requests) == 1
 
 
+async def test_a_paper_restart_books_no_paper_fill_for_a_live_order_in_flight(clock, market):
+    """Live trading stops with an entry in flight and the service comes back on paper:
+    the order is the chain's (its outcome unknown here), so paper neither fills it at a
+    paper price nor holds its capital; it is rejected, saying why."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+        request, ledger, mint = first.request, first.ledger, first.mint
+
+    paper = TradingService(
+        TradingSettings.load(service="trading", transport="memory"),
+        registry=CollectorRegistry(),
+        ledger=ledger,
+    )
+    async with running(clock, paper) as (bus, watch):
+        assert paper.reconciled == {request.order_id: "rejected"}
+        await publish(bus, market.tokens.buy(mint, "bob", sol=0.2))
+        await clock.advance(paper.settings.trading_tick_s + 1.0)
+        assert watch.count("order.filled") == 0 and not paper.book.holds(mint)
+        assert paper.risk.reservations == {}
+        order = await order_of(ledger)
+        assert order["state"] == "rejected" and "live executor" in order["outcome"]
+    assert len(api.requests) == 1
+
+
 async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
     """Postgres fails while the wallet's trade waits behind a change to store: the bus
     hands the trade back alone, and a later trade of the token, in a batch that ran

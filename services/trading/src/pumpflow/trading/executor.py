@@ -59,8 +59,9 @@ class TradeExecutor(Protocol):
     def next_due(self) -> float | None: ...
 
     def reconcile(self, order: OrderRecord) -> Outcome | None:
-        """An order the ledger has no outcome for (a restart): its outcome, or None when
-        it is in the executor's hands again and its outcome comes later."""
+        """An order of this executor the ledger has no outcome for (a restart): its
+        outcome, or None when it is in the executor's hands again and its outcome comes
+        later. (The service rejects another executor's.)"""
         ...
 
     def progress(self) -> list[OrderOutcome]:

@@ -414,8 +414,17 @@ class TradingService(Service):
         await self._announce_wallet()
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
-        if order.side == "sell" and order.mint not in self.book.open_positions:
-            outcome: Outcome | None = rejected(order, "nothing held to sell after the restart")
+        name = self.executor.name
+        if order.executor != name:
+            # paper's fill of a live order would book a price the chain never paid, and
+            # the live executor would send a paper one for real
+            outcome: Outcome | None = rejected(
+                order,
+                f"recorded by the {order.executor} executor: the {name} one neither sends "
+                "it nor learns its outcome",
+            )
+        elif order.side == "sell" and order.mint not in self.book.open_positions:
+            outcome = rejected(order, "nothing held to sell after the restart")
         else:
             outcome = self.executor.reconcile(order)
         if outcome is None:
