@@ -416,8 +416,8 @@ class TradingService(Service):
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
         name = self.executor.name
         if order.executor != name:
-            # paper's fill of a live order would book a price the chain never paid, and
-            # the live executor would send a paper one for real
+            # paper would fill a live order at a price the chain never paid, and live
+            # would take a wallet trade for a paper order's fill
             outcome: Outcome | None = rejected(
                 order,
                 f"recorded by the {order.executor} executor: the {name} one neither sends "
