@@ -195,6 +195,28 @@ async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wal
         assert len(api.requests) == 2
 
 
+async def test_a_live_positions_unrealised_pnl_is_what_selling_it_then_realises(clock, market):
+    """The mark counts every fee of the sale that would close the position, the priority
+    fee included: sold on the market it was marked on, the position realises its
+    unrealised PnL exactly."""
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        opened = await bought(run, api, market)
+        await publish(run.bus, market.tokens.buy(run.mint, "bob", sol=1.0))
+        unrealized = run.service.pnl()["unrealized_pnl_sol"]
+
+        await sell_all(run, opened, clock, reason="take profit")
+        await answered(run.service, api, 2)
+        sold = api.requests[1]
+        await publish(
+            run.bus,
+            market.tokens.sell(
+                run.mint, WALLET, tokens=opened.token_amount, signature=sold.signature
+            ),
+        )
+        [closed] = run.watch.payloads("position.closed")
+        assert closed.realized_pnl_sol == pytest.approx(unrealized, rel=1e-9)
+
+
 async def test_sales_in_flight_together_never_ask_the_trade_api_for_more_than_is_held(
     clock, market
 ):

@@ -333,7 +333,11 @@ class TradingService(Service):
         """A fresh book, risk manager, engine and executor (the ledger refills them)."""
         ctx, s = self._ctx, self.settings
         assert ctx is not None
-        self.book = PositionBook(execution=s.execution())
+        live = s.trading_executor == "live"
+        self.book = PositionBook(
+            execution=s.execution(),
+            sale_fee_sol=s.trading_live_priority_fee_sol if live else 0.0,
+        )
         self.risk = RiskManager(
             s.trading_capital_sol,
             s.trading_max_risk_per_trade,
@@ -352,7 +356,7 @@ class TradingService(Service):
             source=ctx.source,
             slippage_pct=s.trading_slippage_pct,
         )
-        if s.trading_executor == "live":
+        if live:
             self.executor = LiveExecutor(
                 s.live_execution(),
                 TradeApi(

@@ -6,8 +6,8 @@ included), a sale's is everything received after every fee. So a position's
 ``cost_sol`` is its cost basis with every fee, and realised PnL is what sales brought
 less the share of the cost basis they sold. A mark values the tokens held at what
 selling them all at once would bring after every fee (:func:`~.fills.exit_value`: the
-curve's own impact and fee, the API's fee), so unrealised PnL is what closing now
-would realise.
+curve's own impact and fee, the API's fee; and the fee a sale pays whatever its size,
+live execution's priority fee), so unrealised PnL is what closing now would realise.
 
 One position per token at a time; its id is the order id of the buy that opened it
 (deterministic, see :func:`~.decisions.order_id_for`). A buy for a token already held
@@ -122,6 +122,8 @@ class PositionBook:
     """Positions in memory; the service persists what changes (see the module docstring)."""
 
     execution: PaperExecution = field(default_factory=PaperExecution)
+    #: SOL a sale pays whatever its size (live execution's priority fee)
+    sale_fee_sol: float = 0.0
     open_positions: dict[str, Position] = field(default_factory=dict)
     closed_positions: list[Position] = field(default_factory=list)
     #: order ids already applied, so a fill delivered twice counts once
@@ -252,12 +254,13 @@ class PositionBook:
 
     def _value(self, position: Position) -> None:
         if position.mark_state is not None:
-            position.mark_value_sol = exit_value(
+            value = exit_value(
                 position.mark_state,
                 position.tokens,
                 execution=self.execution,
                 venue=position.mark_venue,
             )
+            position.mark_value_sol = value - self.sale_fee_sol if position.tokens > 0 else 0.0
 
     def _buy(self, fill: OrderFilled, time: float) -> PositionChange:
         position = self.open_positions.get(fill.mint)
