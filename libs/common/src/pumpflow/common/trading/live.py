@@ -5,17 +5,18 @@ pending until the token's stream shows that signature, traded by the wallet. An 
 whose answer never came (a timeout, a lost connection, a crash during the call: the
 ledger recorded the order before the call) is pending until the stream shows a trade
 of the wallet consistent with it (:func:`consistent`): its token and side, seen
-(stamped by the feed) no earlier than the order was sent, and of the order's size: a
-sale of exactly the tokens the order sold, a buy whose cost after the venue's and the
-API's fees is the order's SOL within its slippage either way. A trade of the wallet
-that shows while an order of its token and side still awaits its answer (the API sends
-before it answers, so the stream can be first) waits for the answers: it is the
-order's whose answer names its signature, else, once no answer is awaited there, the
-oldest consistent order's whose answer never came. A trade consistent with no order
-is not the system's (a trade made by hand from the wallet, of another size or from
-before the order): it fills nothing, as any trade of nobody's order. Taken by
-whichever order happened to be waiting, it would give an order another one's trade,
-and the other order's own trade, showing later, to nothing. The fill is priced from
+(stamped by the feed) no earlier than the order was sent (give or take the clocks'
+skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
+whose cost after the venue's and the API's fees is the order's SOL within its
+slippage either way. A trade of the wallet that shows while an order of its token and
+side still awaits its answer (the API sends before it answers, so the stream can be
+first) waits for the answers: it is the order's whose answer names its signature,
+else, once no answer is awaited there, the oldest consistent order's whose answer
+never came. A trade consistent with no order is not the system's (a trade made by
+hand from the wallet, of another size or from before the order): it fills nothing, as
+any trade of nobody's order. Taken by whichever order happened to be waiting, it
+would give an order another one's trade, and the other order's own trade, showing
+later, to nothing. The fill is priced from
 that trade: its tokens and the SOL it moved, plus the curve's (or the pool's) fee, the
 API's fee and the priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s
 rates.
@@ -70,6 +71,10 @@ REMEMBERED_EXPIRED = 1000
 TOKEN_UNIT = 10.0**-TOKEN_DECIMALS
 #: relative tolerance of the size checks, for the floats' rounding
 _SIZE_EPSILON = 1e-9
+#: how far the feed's clock, which stamps the wallet's trades, may be behind trading's,
+#: which stamps its orders: hosts kept by NTP agree within milliseconds, and a trade
+#: lands a slot (~0.4 s) or more after its order was sent
+CLOCK_SKEW_S = 1.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -108,7 +113,8 @@ def consistent(
     order: LiveOrder, trade: TokenTrade, *, time: float, execution: LiveExecution, moved_sol: float
 ) -> bool:
     """Whether ``trade`` (the wallet's, stamped ``time``) can be ``order``'s, whose answer
-    never came: its token and side, not before the order was sent, and of its size.
+    never came: its token and side, not before the order was sent (the clocks' skew
+    allowed), and of its size.
 
     A sale sells the order's tokens, to the token's unit. A buy's cost after the venue's
     and the API's fees is the order's SOL within its slippage either way: the API spends
@@ -117,7 +123,7 @@ def consistent(
     """
     if trade.mint != order.mint or trade.txType != order.side:
         return False
-    if time < order.sent_at or order.amount <= 0:
+    if time < order.sent_at - CLOCK_SKEW_S or order.amount <= 0:
         return False
     if order.side == "sell":
         tokens = float(trade.tokenAmount)
