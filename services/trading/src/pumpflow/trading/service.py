@@ -28,8 +28,9 @@ every order, fill and position.
   event) is dropped, never sent.
 - An exit's sale sells no more than its position holds less what the position's sales
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
-  sales a take-over finds in flight included; with nothing left it is stored refused,
-  never sent.
+  sales a take-over finds in flight included; with nothing left, or ordered for a
+  position that closed since (its token entered again), it is stored refused, never
+  sent.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -683,7 +684,9 @@ class TradingService(Service):
         self.engine.sent_orders[order.order_id] = None
         # the exit's sales overlap (a rule's and a tranche, a tranche retried): the venue
         # sells whatever it is asked, held or not
-        reserved = self.book.reserve_sale(order.order_id, order.mint, order.token_amount)
+        reserved = self.book.reserve_sale(
+            order.order_id, order.mint, order.token_amount, position_id=order.position_id
+        )
         if reserved and reserved.tokens != order.token_amount:
             order = msgspec.structs.replace(order, token_amount=reserved.tokens)
         request = sell_order(order)

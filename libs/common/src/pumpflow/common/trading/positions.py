@@ -190,14 +190,23 @@ class PositionBook:
 
     # ---------------------------------------------------------------- changes
 
-    def reserve_sale(self, order_id: str, mint: str, tokens: float) -> SaleReservation:
+    def reserve_sale(
+        self, order_id: str, mint: str, tokens: float, *, position_id: str | None = None
+    ) -> SaleReservation:
         """Reserve for the sale ``order_id`` up to ``tokens`` of ``mint``: no more than is
         held less what the other sales in flight ask for; nothing, and why, when nothing
-        is left. Reserved until the sale's fill or :meth:`release_sale`."""
+        is left or the token's position is not ``position_id`` (the sale was ordered for
+        one that closed since). Reserved until the sale's fill or :meth:`release_sale`."""
         self.sales.pop(order_id, None)
+        position = self.open_positions.get(mint)
+        if position is not None and position_id is not None and position.position_id != position_id:
+            return SaleReservation(
+                0.0,
+                f"nothing to sell: position {position_id} is not held (the token's position "
+                f"is {position.position_id})",
+            )
         left = self.sellable(mint)
         if left <= DUST_TOKENS:
-            position = self.open_positions.get(mint)
             if position is None:
                 return SaleReservation(0.0, "nothing to sell: no position held")
             return SaleReservation(
