@@ -109,6 +109,36 @@ async def test_a_retry_storing_its_order_refused_settles_the_row_its_lost_commit
     assert stored["order_id"] == "b"
 
 
+async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_time(ledger):
+    """What a take-over remembers for a trade showing late: the orders rejected with a
+    signature (given up as unconfirmed), from the time asked on."""
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                order("old", requested_at=50.0),
+                order("given-up", requested_at=100.0),
+                order("refused", requested_at=101.0),
+                order("open", requested_at=102.0),
+            ]
+        )
+    )
+    unconfirmed = "unconfirmed: its blockhash has expired"
+    await ledger.commit(
+        LedgerChange(
+            outcomes=[
+                OrderOutcome(order_id="old", state="rejected", outcome=unconfirmed, signature="s0"),
+                OrderOutcome(
+                    order_id="given-up", state="rejected", outcome=unconfirmed, signature="s1"
+                ),
+                OrderOutcome(order_id="refused", state="rejected", outcome="trade API refused"),
+            ]
+        )
+    )
+    snapshot = await ledger.load(remembered=10, given_up_since=60.0)
+    assert [(o.order_id, o.signature) for o in snapshot.given_up] == [("given-up", "s1")]
+    assert (await ledger.load(remembered=10)).given_up == []
+
+
 async def test_a_change_is_one_transaction(pg_pool):
     ledger = PostgresLedger(pg_pool)
     # a fill of an order the ledger does not have breaks the foreign key: nothing is kept

@@ -441,6 +441,33 @@ async def test_a_signature_whose_trade_never_shows_ends_unconfirmed(clock, marke
         assert len(api.requests) == 1
 
 
+async def test_a_trade_showing_after_its_order_was_given_up_and_a_restart_is_booked_late(
+    clock, market
+):
+    """An entry given up as unconfirmed, then a restart: its signature's trade showing
+    after all (a frame the stream delivered late) is the chain's truth, booked late by
+    the replica that trades now, as by the one that gave it up."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            await clock.advance(CONFIRM_S + 1)
+            [rejected] = first.watch.payloads("order.rejected")
+            assert rejected.reason.startswith("unconfirmed: signature")
+        request, ledger, mint = first.request, first.ledger, first.mint
+        [sent] = api.requests
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {}
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id and fill.signature == sent.signature
+            assert second.book.holds(mint)
+            assert (await order_of(ledger))["state"] == "filled"
+        assert len(api.requests) == 1
+
+
 async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(clock, market):
     async with fake_trade_api("silent") as api:
         async with entered(clock, market, api) as first:

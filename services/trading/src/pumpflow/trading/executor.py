@@ -68,6 +68,11 @@ class TradeExecutor(Protocol):
         """What became known of orders still pending since the last call, to store."""
         ...
 
+    def given_up(self, order: OrderRecord) -> None:
+        """An order rejected as unconfirmed before a take-over, with what it was sent as:
+        its trade, should it show late after all, is booked."""
+        ...
+
     def restore_market(self, mint: str, market: Market) -> None:
         """``mint``'s market as the stored token view holds it (a take-over): where its
         orders fill until the token's next event."""
@@ -143,6 +148,9 @@ class PaperExecutor:
 
     def progress(self) -> list[OrderOutcome]:
         return []
+
+    def given_up(self, order: OrderRecord) -> None:
+        return None  # a paper order's outcome is never late
 
     async def close(self) -> None:
         return None

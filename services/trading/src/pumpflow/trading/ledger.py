@@ -190,6 +190,9 @@ class LedgerSnapshot:
     unresolved: list[OrderRecord]
     order_ids: list[str]
     control: tuple[TradingState, str] | None
+    #: orders rejected with a signature (given up as unconfirmed) since the load's
+    #: ``given_up_since``, oldest first: a late trade of theirs is still theirs
+    given_up: list[OrderRecord] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -197,7 +200,9 @@ class Ledger(Protocol):
         """Write ``change`` in one transaction; return the ids of the orders inserted."""
         ...
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot: ...
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None
+    ) -> LedgerSnapshot: ...
 
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
@@ -253,13 +258,21 @@ class MemoryLedger:
             self._positions[position.position_id] = position
         return inserted
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot:
+    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
         return LedgerSnapshot(
             fills=list(self._fills.values()),
             unresolved=[o for o in orders if o.state in UNRESOLVED],
             order_ids=[o.order_id for o in orders[-remembered:]],
             control=self._control,
+            given_up=[
+                o
+                for o in orders
+                if given_up_since is not None
+                and o.requested_at >= given_up_since
+                and o.state == "rejected"
+                and o.signature is not None
+            ],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:
@@ -383,7 +396,7 @@ class PostgresLedger:
                 )  # fmt: skip
             return inserted
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot:
+    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             fills = await conn.fetch(
                 f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
@@ -399,11 +412,19 @@ class PostgresLedger:
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
+            given_up = []
+            if given_up_since is not None:
+                given_up = await conn.fetch(
+                    f"{_SELECT_ORDERS} WHERE requested_at >= $1 AND state = 'rejected' "
+                    "AND signature IS NOT NULL ORDER BY requested_at, order_id",
+                    given_up_since,
+                )
         return LedgerSnapshot(
             fills=[FillRecord(**dict(row)) for row in fills],
             unresolved=[_record(row) for row in unresolved],
             order_ids=[row["order_id"] for row in reversed(ids)],
             control=None if control is None else (TradingState(control[0]), control[1]),
+            given_up=[_record(row) for row in given_up],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

@@ -284,21 +284,29 @@ class LiveExecutor:
     def reconcile(self, order: OrderRecord) -> Outcome | None:
         """Wait again for the order's trade, from now (what the stream showed while no
         replica traded is not seen again); never send it again."""
-        amount = order.sol_amount if order.side == "buy" else order.token_amount
-        self.book.add(
-            LiveOrder(
-                order_id=order.order_id,
-                mint=order.mint,
-                side=order.side,
-                deadline=self.clock.now() + self.execution.confirm_s,
-                sent_at=order.requested_at,
-                position_id=order.position_id,
-                signature=order.signature,
-                amount=float(amount or 0.0),
-                slippage_pct=order.slippage_pct,
-            )
-        )
+        self.book.add(self._live_order(order, deadline=self.clock.now() + self.execution.confirm_s))
         return None
+
+    def given_up(self, order: OrderRecord) -> None:
+        """Book the order's trade should its signature show late after all."""
+        if order.executor != self.name or order.signature is None:
+            return
+        self.book.given_up(self._live_order(order, deadline=order.requested_at))
+
+    def _live_order(self, order: OrderRecord, *, deadline: float) -> LiveOrder:
+        """The live book's order of a ledger's record."""
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
+        return LiveOrder(
+            order_id=order.order_id,
+            mint=order.mint,
+            side=order.side,
+            deadline=deadline,
+            sent_at=order.requested_at,
+            position_id=order.position_id,
+            signature=order.signature,
+            amount=float(amount or 0.0),
+            slippage_pct=order.slippage_pct,
+        )
 
     def restore_market(self, mint: str, market: Market) -> None:
         self.book.markets[mint] = Market(venue=market.venue, state=market.state)

@@ -139,6 +139,9 @@ _CONTEXT = (
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
+#: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
+#: theirs the stream delivers late: a feed's backlog is minutes, not a day
+_GIVEN_UP_KEPT_S = 86_400.0
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -384,7 +387,10 @@ class TradingService(Service):
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
             changes = self._control_changes
-            snapshot = await self.ledger.load(remembered=self.settings.trading_remembered_orders)
+            snapshot = await self.ledger.load(
+                remembered=self.settings.trading_remembered_orders,
+                given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
+            )
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
             self._update_capital()
@@ -401,6 +407,8 @@ class TradingService(Service):
             self.reconciled = {}
             for order in snapshot.unresolved:
                 self._reconcile(order, step)
+            for order in snapshot.given_up:
+                self.executor.given_up(order)
             self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
             await self._flush()

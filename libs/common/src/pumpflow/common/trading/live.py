@@ -25,8 +25,9 @@ The reconciliation rule: an order whose trade has not shown ``confirm_s`` after 
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
 never sent again (the ledger's order id forbids it). By then the transaction's
 blockhash has expired, so it did not land. Should its signature show later all the
-same (a frame the stream delivered late), the trade is booked as a late fill: the
-chain is the truth and the book follows it.
+same (a frame the stream delivered late), the trade is booked as a late fill, after a
+take-over too (:meth:`LiveBook.given_up`): the chain is the truth and the book
+follows it.
 
 An API answer without a signature is a refusal: nothing was sent and the order is
 rejected at once. The refusal is a slippage refusal (``cause`` ``slippage``, which
@@ -256,9 +257,7 @@ class LiveBook:
                     f"on the token within {wait}"
                 )
             else:
-                self.expired[order.signature] = order
-                while len(self.expired) > REMEMBERED_EXPIRED:
-                    self.expired.popitem(last=False)
+                self.given_up(order)
                 reason = (
                     f"unconfirmed: signature {order.signature} showed in no trade of the "
                     f"wallet within {wait}; its blockhash has expired"
@@ -267,6 +266,14 @@ class LiveBook:
             if order.awaiting:
                 self._resolve(order.mint, order.side)
         return given_up
+
+    def given_up(self, order: LiveOrder) -> None:
+        """Remember ``order``, given up as unconfirmed with its signature (here, or before
+        a take-over): its trade, should it show late, is booked all the same."""
+        assert order.signature is not None
+        self.expired[order.signature] = order
+        while len(self.expired) > REMEMBERED_EXPIRED:
+            self.expired.popitem(last=False)
 
     def next_due(self) -> float | None:
         return min((o.deadline for o in self.pending.values()), default=None)
