@@ -109,6 +109,34 @@ async def test_a_retry_storing_its_order_refused_settles_the_row_its_lost_commit
     assert stored["order_id"] == "b"
 
 
+async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_insert_none(
+    ledger,
+):
+    """A replica standing by withdraws the orders it did not send: a row its lost commit
+    stored is settled refused; another decision's row, one with an outcome, and an
+    order the ledger never had are left as they are."""
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                order("stored", attempt="w:1"),
+                order("other", attempt="w:9"),
+                order("filled", attempt="w:3"),
+            ],
+            outcomes=[OrderOutcome(order_id="filled", state="filled")],
+        )
+    )
+    refused = dict(state="rejected", outcome="withdrawn unsent: its replica stood by")
+    withdrawn = [
+        order("stored", attempt="w:1", **refused),
+        order("other", attempt="w:2", **refused),
+        order("filled", attempt="w:3", **refused),
+        order("never", attempt="w:4", **refused),
+    ]
+    assert await ledger.commit(LedgerChange(withdrawn=withdrawn)) == set()
+    states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10)}
+    assert states == {"stored": "rejected", "other": "sent", "filled": "filled"}
+
+
 async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_time(ledger):
     """What a take-over remembers for a trade showing late: the orders rejected with a
     signature (given up as unconfirmed), from the time asked on."""

@@ -439,6 +439,35 @@ async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clo
         assert watch.count("order.requested") == 1
 
 
+async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_standing_by(
+    clock, market
+):
+    """The store of a prediction's order reaches the ledger, its reply lost; then the
+    lease goes. The replica standing by sends nothing, and the row its commit stored says
+    so rather than ``sent``: a take-over would reconcile it as an order of unknown
+    outcome, its capital held, and a live one wait for its trade."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([market.prediction(mint)])
+        await service.leader.stop()
+        assert service.role == "standby"
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"].startswith("withdrawn unsent"), order
+        assert watch.count("order.requested") == 0
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        assert second.reconciled == {}
+        assert second.risk.reservations == {}
+        await clock.advance(1.0)
+        assert watch.count("order.filled") == 0 and not second.book.holds(mint)
+
+
 async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(clock, market):
     """A batch of the critical lane, the shutdown then an exit order whose store fails:
     the bus hands each back alone, and the shutdown, halted on and announced already,

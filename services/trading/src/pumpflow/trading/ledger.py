@@ -12,7 +12,10 @@ stored under its attempt as inserted, so they are sent once rather than never. A
 may store an order of its attempt refused instead (a halt refuses the entries whose
 store failed): nothing sent it, as an order is sent only once its commit answered, so
 the row stored ``sent`` is settled refused, rather than left for a take-over to
-reconcile as an order of unknown outcome, its capital reserved meanwhile.
+reconcile as an order of unknown outcome, its capital reserved meanwhile. So are the
+rows of orders a replica standing by withdrew unsent (``withdrawn``), which the ledger
+may hold the same way; none of those is inserted: the next holder decides their
+events again.
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -165,9 +168,12 @@ class LedgerChange:
     outcomes: list[OrderOutcome] = field(default_factory=list)
     fills: list[FillRecord] = field(default_factory=list)
     positions: list[PositionRecord] = field(default_factory=list)
+    #: orders withdrawn unsent, refused: a row a commit of their attempt stored (its reply
+    #: lost) is settled so; none is inserted
+    withdrawn: list[OrderRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.orders or self.outcomes or self.fills or self.positions)
+        return bool(self.orders or self.outcomes or self.fills or self.positions or self.withdrawn)
 
     @classmethod
     def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
@@ -179,6 +185,7 @@ class LedgerChange:
             outcomes=[o for c in changes for o in c.outcomes],
             fills=[f for c in changes for f in c.fills],
             positions=[p for c in changes for p in c.positions],
+            withdrawn=[o for c in changes for o in c.withdrawn],
         )
 
 
@@ -217,6 +224,16 @@ class Ledger(Protocol):
     async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]: ...
 
 
+def _settles_unsent(stored: OrderRecord, order: OrderRecord) -> bool:
+    """Whether ``order``, of the attempt that stored ``stored``, refuses it unsent."""
+    return (
+        order.attempt is not None
+        and stored.attempt == order.attempt
+        and order.state == "rejected"
+        and stored.state in _UNSENT
+    )
+
+
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
     values = asdict(order)
     values.update(state=outcome.state, outcome=outcome.outcome)
@@ -243,10 +260,12 @@ class MemoryLedger:
                 inserted.add(order.order_id)
             elif order.attempt is not None and stored.attempt == order.attempt:
                 inserted.add(order.order_id)
-                if order.state == "rejected" and stored.state in _UNSENT:
-                    self._orders[order.order_id] = replace(
-                        stored, state=order.state, outcome=order.outcome
-                    )
+        for order in [*change.orders, *change.withdrawn]:
+            stored = self._orders.get(order.order_id)
+            if stored is not None and _settles_unsent(stored, order):
+                self._orders[order.order_id] = replace(
+                    stored, state=order.state, outcome=order.outcome
+                )
         for outcome in change.outcomes:
             found = self._orders.get(outcome.order_id)
             if found is not None:
@@ -301,9 +320,8 @@ class MemoryLedger:
 
 
 #: a retry of the order's attempt stores it refused, and nothing took it further
-_SETTLES_UNSENT = "EXCLUDED.state = 'rejected' AND orders.state IN ({})".format(
-    ", ".join(f"'{state}'" for state in _UNSENT)
-)
+_UNSENT_STATES = ", ".join(f"'{state}'" for state in _UNSENT)
+_SETTLES_UNSENT = f"EXCLUDED.state = 'rejected' AND orders.state IN ({_UNSENT_STATES})"
 _INSERT_ORDER = f"""
 INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
     position_id, cause_id, executor, state, requested_at, venue, expected_v_sol,
@@ -317,6 +335,10 @@ ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt,
     updated_at = CASE WHEN {_SETTLES_UNSENT} THEN now() ELSE orders.updated_at END
     WHERE orders.attempt = EXCLUDED.attempt
 RETURNING order_id
+"""
+_SETTLE_WITHDRAWN = f"""
+UPDATE orders SET state = $3, outcome = $4, updated_at = now()
+WHERE order_id = $1 AND attempt = $2 AND $3 = 'rejected' AND state IN ({_UNSENT_STATES})
 """
 _UPDATE_ORDER = """
 UPDATE orders SET state = $2, outcome = $3, signature = coalesce($4, signature),
@@ -370,6 +392,11 @@ class PostgresLedger:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
                 rows = await conn.fetch(_INSERT_ORDER, *columns)
                 inserted = {row["order_id"] for row in rows}
+            if change.withdrawn:
+                await conn.executemany(
+                    _SETTLE_WITHDRAWN,
+                    [(o.order_id, o.attempt, o.state, o.outcome) for o in change.withdrawn],
+                )
             if change.outcomes:
                 await conn.executemany(
                     _UPDATE_ORDER,

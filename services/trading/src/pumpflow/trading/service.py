@@ -488,21 +488,31 @@ class TradingService(Service):
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
     def _withdraw_unsent(self) -> int:
-        """Take the orders out of the steps waiting to be stored (none of them stored or
-        sent: a holder stores an order before it sends it); how many. A replica that
-        stands by sends nothing: the next holder, which may hold the lease already and
-        has read the ledger, would never know of an order sent now."""
-        withdrawn = 0
+        """Take the orders out of the steps waiting to be stored (none of them sent: a
+        holder stores an order before it sends it); how many. A replica that stands by
+        sends nothing: the next holder, which may hold the lease already and has read the
+        ledger, would never know of an order sent now. A failed commit may have stored
+        them all the same (its reply lost): those rows are settled refused, none
+        inserted, as the next holder decides their events again."""
+        withdrawn: list[OrderRecord] = []
         for step in self._backlog:
             if not step.requests and not step.refused:
                 continue
             ids = step.requests.keys() | step.refused
-            withdrawn += len(ids)
+            withdrawn += [
+                replace(o, state="rejected", outcome="withdrawn unsent: its replica stood by")
+                for o in step.change.orders
+                if o.order_id in ids
+            ]
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
             step.events = [e for e in step.events if not _order_event(e, ids)]
             step.requests = {}
             step.refused = set()
-        return withdrawn
+        if withdrawn:
+            step = _Step()
+            step.change.withdrawn = withdrawn
+            self._backlog.append(step)
+        return len(withdrawn)
 
     # ---------------------------------------------------------------- events
 
