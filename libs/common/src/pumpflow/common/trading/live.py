@@ -7,19 +7,18 @@ ledger recorded the order before the call) is pending until the stream shows a t
 of the wallet consistent with it (:func:`consistent`): its token and side, seen
 (stamped by the feed) no earlier than the order was sent (give or take the clocks'
 skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
-whose cost after the venue's and the API's fees is the order's SOL within its
-slippage either way. A trade of the wallet that shows while an order of its token and
-side still awaits its answer (the API sends before it answers, so the stream can be
-first) waits for the answers: it is the order's whose answer names its signature,
-else, once no answer is awaited there, the oldest consistent order's whose answer
-never came. A trade consistent with no order is not the system's (a trade made by
-hand from the wallet, of another size or from before the order): it fills nothing, as
-any trade of nobody's order. Taken by whichever order happened to be waiting, it
-would give an order another one's trade, and the other order's own trade, showing
-later, to nothing. The fill is priced from
-that trade: its tokens and the SOL it moved, plus the curve's (or the pool's) fee, the
-API's fee and the priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s
-rates.
+whose cost after the venue's and the API's fees is the order's SOL within its slippage
+either way. A trade of the wallet that shows while an order of its token and side
+still awaits its answer (the API sends before it answers, so the stream can be first)
+waits for the answers: it is the order's whose answer names its signature, else, once
+no answer is awaited there, the oldest consistent order's whose answer never came. A
+trade consistent with no order is not the system's (a trade made by hand from the
+wallet, of another size or from before the order): it fills nothing, as any trade of
+nobody's order. Taken by whichever order happened to be waiting, it would give an
+order another one's trade, and the other order's own trade, showing later, to nothing.
+The fill is priced from that trade: its tokens and the SOL it moved, plus the curve's
+(or the pool's) fee, the API's fee and the priority fee, at
+:class:`~pumpflow.common.trading.LiveExecution`'s rates.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
