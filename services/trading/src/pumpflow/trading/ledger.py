@@ -319,8 +319,8 @@ class MemoryLedger:
         return found[:limit]
 
 
-#: a retry of the order's attempt stores it refused, and nothing took it further
 _UNSENT_STATES = ", ".join(f"'{state}'" for state in _UNSENT)
+#: a retry of the order's attempt stores it refused, and nothing took it further
 _SETTLES_UNSENT = f"EXCLUDED.state = 'rejected' AND orders.state IN ({_UNSENT_STATES})"
 _INSERT_ORDER = f"""
 INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
