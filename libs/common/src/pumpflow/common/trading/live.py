@@ -8,16 +8,16 @@ of the wallet consistent with it (:func:`consistent`): its token and side, seen
 (stamped by the feed) no earlier than the order was sent (give or take the clocks'
 skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
 whose cost after the venue's and the API's fees is the order's SOL within its slippage
-either way. A trade of the wallet that shows while an order of its token and side
-still awaits its answer (the API sends before it answers, so the stream can be first)
-waits for the answers: it is the order's whose answer names its signature, else, once
-no answer is awaited there, the oldest consistent order's whose answer never came. A
-trade consistent with no order is not the system's (a trade made by hand from the
-wallet, of another size or from before the order): it fills nothing, as any trade of
-nobody's order. Taken by whichever order happened to be waiting, it would give an
-order another one's trade, and the other order's own trade, showing later, to nothing.
-The fill is priced from that trade: its tokens and the SOL it moved, plus the curve's
-(or the pool's) fee, the API's fee and the priority fee, at
+(and the API's fee) either way. A trade of the wallet that shows while an order of its
+token and side still awaits its answer (the API sends before it answers, so the stream
+can be first) waits for the answers: it is the order's whose answer names its
+signature, else, once no answer is awaited there, the oldest consistent order's whose
+answer never came. A trade consistent with no order is not the system's (a trade made
+by hand from the wallet, of another size or from before the order): it fills nothing,
+as any trade of nobody's order. Taken by whichever order happened to be waiting, it
+would give an order another one's trade, and the other order's own trade, showing
+later, to nothing. The fill is priced from that trade: its tokens and the SOL it
+moved, plus the curve's (or the pool's) fee, the API's fee and the priority fee, at
 :class:`~pumpflow.common.trading.LiveExecution`'s rates.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
@@ -117,9 +117,10 @@ def consistent(
     allowed), and of its size.
 
     A sale sells the order's tokens, to the token's unit. A buy's cost after the venue's
-    and the API's fees is the order's SOL within its slippage either way: the API spends
-    the SOL, or buys the tokens it quotes for them, paying up to the slippage more when
-    the price rose before the trade landed (less when it fell).
+    and the API's fees is the order's SOL within its slippage and the API's fee either
+    way: the API spends the SOL, or buys the tokens it quotes for them, paying up to the
+    slippage more when the price rose before the trade landed (less when it fell); and
+    the reference does not say whether its fee comes out of the SOL or on top of it.
     """
     if trade.mint != order.mint or trade.txType != order.side:
         return False
@@ -130,7 +131,11 @@ def consistent(
         return abs(tokens - order.amount) <= TOKEN_UNIT + order.amount * _SIZE_EPSILON
     fill = confirmed_fill(order, trade, execution=execution, moved_sol=moved_sol)
     cost = fill.sol_amount - execution.priority_fee_sol
-    limit = (1.0 + order.slippage_pct / 100.0) * (1.0 + _SIZE_EPSILON)
+    limit = (
+        (1.0 + order.slippage_pct / 100.0)
+        * (1.0 + execution.fees.api_fee_rate)
+        * (1.0 + _SIZE_EPSILON)
+    )
     return order.amount / limit <= cost <= order.amount * limit
 
 
