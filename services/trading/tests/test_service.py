@@ -233,6 +233,29 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
         assert opened.position_id == request.order_id
 
 
+async def test_the_next_replica_values_the_positions_it_takes_over_on_their_markets(
+    clock, market
+):
+    """A position held when the replica goes is valued by the next one on the market its
+    stored view holds, as it was: not at its cost (no unrealised PnL) until its token
+    trades again, which a quiet token may never do."""
+    ledger, store = MemoryLedger(), MemoryStateStore(clock)
+    first = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, first, store=store) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        assert watch.count("position.opened") == 1
+        await publish(bus, market.tokens.sell(mint, "alice"))
+        before = first.pnl()["unrealized_pnl_sol"]
+        assert before < 0
+
+    second = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, second, store=store):
+        assert second.book.holds(mint)
+        assert second.pnl()["unrealized_pnl_sol"] == pytest.approx(before, rel=1e-12)
+
+
 async def test_a_pool_trade_redelivered_to_the_next_replica_moves_its_view_once(clock, market):
     """The replica trading next loads the views its predecessor stored before acking; a
     pool trade folded into them that comes again (its holder died before the ack) leaves

@@ -393,6 +393,13 @@ class TradingService(Service):
             )
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+            for mint in list(self.book.open_positions):
+                view = self.engine.views.get(mint)
+                if view is not None and view.market.state is not None:
+                    # as the predecessor valued it: a quiet token may never trade again
+                    self.book.mark(
+                        mint, view.market.state, time=ctx.clock.now(), venue=view.market.venue
+                    )
             self._update_capital()
             for order_id in snapshot.order_ids:
                 self.engine.sent_orders[order_id] = None
