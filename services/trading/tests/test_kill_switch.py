@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.common.trading import TradingState
 from pumpflow.trading.ledger import PostgresLedger
 from pumpflow.trading.service import TradingService
@@ -229,6 +231,63 @@ async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sen
         assert order["outcome"] == "halted before it was sent: operator", order
         assert service.risk.reservations == {}
         assert service.executor.due(clock.now() + 3600.0) == []
+
+
+def through(proxy: TcpProxy, dsn: str) -> str:
+    """``dsn`` with the proxy for its server."""
+    parts = urlsplit(dsn)
+    user, _, _ = parts.netloc.rpartition("@")
+    server = f"{proxy.host}:{proxy.port}"
+    return parts._replace(netloc=f"{user}@{server}" if user else server).geturl()
+
+
+async def test_an_entry_whose_store_lost_its_reply_after_the_halt_came_is_stored_refused(
+    clock, market, pg_pool, postgres_dsn, namespace
+):
+    """The halt comes while the store of an entry's order waits (a lock on the orders);
+    that store then reaches Postgres but its reply is lost, so the halt refuses the
+    entry unsent: the ledger says so (not ``sent``, which a take-over would reconcile as
+    an order of unknown outcome, its capital reserved), and nothing is ever sent."""
+    async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
+        pool = await create_pool(through(proxy, postgres_dsn), namespace, apply_migrations=False)
+        try:
+            ledger = PostgresLedger(pool)
+            service = trading(ledger)
+            async with running(clock, service) as (bus, watch, client):
+                mint = await ready(bus, market)
+                async with pg_pool.acquire() as holder:
+                    locked = holder.transaction()
+                    await locked.start()
+                    await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+                    deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
+                    await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
+                                     what="the entry's store waiting for the lock")  # fmt: skip
+                    halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
+                    await eventually(lambda: service.state_view()["operator_state_stored"],
+                                     what="the halt applied and stored")  # fmt: skip
+                    # the entry's transaction is stored, its commit's answer never comes
+                    proxy.lose_replies(1, containing=b"COMMIT\x00")
+                    await locked.rollback()
+                    with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
+                        await deciding
+                assert proxy.lost_replies == 1
+                answer = await asyncio.wait_for(halting, 30)
+                assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
+                await clock.advance(service.settings.trading_tick_s)
+                assert watch.count("order.requested") == 0
+                [order] = await ledger.orders(limit=10)
+                assert order["state"] == "rejected", order
+                assert order["outcome"] == "halted before it was sent: operator", order
+                assert service.risk.reservations == {}
+
+            # a take-over finds nothing to reconcile, no capital held for it
+            restarted = trading(ledger)
+            async with running(clock, restarted) as (bus, watch, client):
+                assert restarted.reconciled == {}
+                assert restarted.risk.reservations == {}
+                assert watch.count("order.requested") == 0
+        finally:
+            await pool.close()
 
 
 async def test_a_halt_given_while_a_resume_waits_to_apply_stands(clock, market, pg_pool):

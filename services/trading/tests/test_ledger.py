@@ -85,6 +85,88 @@ async def test_a_retried_commit_takes_the_orders_stored_under_its_attempt_as_ins
     assert stored["attempt"] == "w:1"
 
 
+async def test_a_retry_storing_its_order_refused_settles_the_row_its_lost_commit_stored(ledger):
+    """A halt refuses an entry whose store raised, yet reached the ledger: its retry, the
+    same decision, stores it refused, so no row says ``sent`` of an order never sent.
+    Another decision's refusal of the same order id leaves the stored order as it is, as
+    does a retry once the order has an outcome."""
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    refused = dict(state="rejected", outcome="halted before it was sent: operator")
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:2", **refused)])) == set()
+    [stored] = await ledger.orders(limit=5)
+    assert stored["state"] == "sent"
+    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1", **refused)])) == {"a"}
+    [stored] = await ledger.orders(limit=5)
+    assert stored["state"] == "rejected" and stored["outcome"] == refused["outcome"]
+    assert (await ledger.load(remembered=10)).unresolved == []
+
+    await ledger.commit(LedgerChange(orders=[order("b", attempt="w:3")]))
+    await ledger.commit(
+        LedgerChange(outcomes=[OrderOutcome(order_id="b", state="filled")], fills=[fill("b", 1.0)])
+    )
+    await ledger.commit(LedgerChange(orders=[order("b", attempt="w:3", **refused)]))
+    [stored] = await ledger.orders(limit=5, state="filled")
+    assert stored["order_id"] == "b"
+
+
+async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_insert_none(
+    ledger,
+):
+    """A replica standing by withdraws the orders it did not send: a row its lost commit
+    stored is settled refused; another decision's row, one with an outcome, and an
+    order the ledger never had are left as they are."""
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                order("stored", attempt="w:1"),
+                order("other", attempt="w:9"),
+                order("filled", attempt="w:3"),
+            ],
+            outcomes=[OrderOutcome(order_id="filled", state="filled")],
+        )
+    )
+    refused = dict(state="rejected", outcome="withdrawn unsent: its replica stood by")
+    withdrawn = [
+        order("stored", attempt="w:1", **refused),
+        order("other", attempt="w:2", **refused),
+        order("filled", attempt="w:3", **refused),
+        order("never", attempt="w:4", **refused),
+    ]
+    assert await ledger.commit(LedgerChange(withdrawn=withdrawn)) == set()
+    states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10)}
+    assert states == {"stored": "rejected", "other": "sent", "filled": "filled"}
+
+
+async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_time(ledger):
+    """What a take-over remembers for a trade showing late: the orders rejected with a
+    signature (given up as unconfirmed), from the time asked on."""
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                order("old", requested_at=50.0),
+                order("given-up", requested_at=100.0),
+                order("refused", requested_at=101.0),
+                order("open", requested_at=102.0),
+            ]
+        )
+    )
+    unconfirmed = "unconfirmed: its blockhash has expired"
+    await ledger.commit(
+        LedgerChange(
+            outcomes=[
+                OrderOutcome(order_id="old", state="rejected", outcome=unconfirmed, signature="s0"),
+                OrderOutcome(
+                    order_id="given-up", state="rejected", outcome=unconfirmed, signature="s1"
+                ),
+                OrderOutcome(order_id="refused", state="rejected", outcome="trade API refused"),
+            ]
+        )
+    )
+    snapshot = await ledger.load(remembered=10, given_up_since=60.0)
+    assert [(o.order_id, o.signature) for o in snapshot.given_up] == [("given-up", "s1")]
+    assert (await ledger.load(remembered=10)).given_up == []
+
+
 async def test_a_change_is_one_transaction(pg_pool):
     ledger = PostgresLedger(pg_pool)
     # a fill of an order the ledger does not have breaks the foreign key: nothing is kept

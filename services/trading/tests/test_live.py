@@ -195,6 +195,28 @@ async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wal
         assert len(api.requests) == 2
 
 
+async def test_a_live_positions_unrealised_pnl_is_what_selling_it_then_realises(clock, market):
+    """The mark counts every fee of the sale that would close the position, the priority
+    fee included: sold on the market it was marked on, the position realises its
+    unrealised PnL exactly."""
+    async with fake_trade_api("success") as api, entered(clock, market, api) as run:
+        opened = await bought(run, api, market)
+        await publish(run.bus, market.tokens.buy(run.mint, "bob", sol=1.0))
+        unrealized = run.service.pnl()["unrealized_pnl_sol"]
+
+        await sell_all(run, opened, clock, reason="take profit")
+        await answered(run.service, api, 2)
+        sold = api.requests[1]
+        await publish(
+            run.bus,
+            market.tokens.sell(
+                run.mint, WALLET, tokens=opened.token_amount, signature=sold.signature
+            ),
+        )
+        [closed] = run.watch.payloads("position.closed")
+        assert closed.realized_pnl_sol == pytest.approx(unrealized, rel=1e-9)
+
+
 async def test_sales_in_flight_together_never_ask_the_trade_api_for_more_than_is_held(
     clock, market
 ):
@@ -419,6 +441,33 @@ async def test_a_signature_whose_trade_never_shows_ends_unconfirmed(clock, marke
         assert len(api.requests) == 1
 
 
+async def test_a_trade_showing_after_its_order_was_given_up_and_a_restart_is_booked_late(
+    clock, market
+):
+    """An entry given up as unconfirmed, then a restart: its signature's trade showing
+    after all (a frame the stream delivered late) is the chain's truth, booked late by
+    the replica that trades now, as by the one that gave it up."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            await clock.advance(CONFIRM_S + 1)
+            [rejected] = first.watch.payloads("order.rejected")
+            assert rejected.reason.startswith("unconfirmed: signature")
+        request, ledger, mint = first.request, first.ledger, first.mint
+        [sent] = api.requests
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {}
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=sent.signature)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id and fill.signature == sent.signature
+            assert second.book.holds(mint)
+            assert (await order_of(ledger))["state"] == "filled"
+        assert len(api.requests) == 1
+
+
 async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(clock, market):
     async with fake_trade_api("silent") as api:
         async with entered(clock, market, api) as first:
@@ -442,6 +491,62 @@ async def test_a_restart_waits_for_the_order_in_flight_and_never_sends_it_again(
             [fill] = watch.payloads("order.filled")
             assert fill.order_id == request.order_id
         assert len(api.requests) == 1
+
+
+async def test_a_take_over_fills_an_order_without_answer_by_its_own_trade_not_a_hand_trade(
+    clock, market
+):
+    """The entry's answer was lost and the replica went: the next one waits for the
+    order's trade. The wallet's hand buy of the token (another size) is not the order's
+    and fills nothing; the buy of the order's size does."""
+    async with fake_trade_api("timeout") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            await clock.advance(first.service.settings.trading_tick_s)
+        request, ledger, mint = first.request, first.ledger, first.mint
+        order = await order_of(ledger)
+        assert order["state"] == "unknown" and order["signature"] is None
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {request.order_id: "resubmitted"}
+            await clock.advance(1.0)
+            await publish(bus, market.tokens.buy(mint, WALLET, sol=request.sol_amount / 10))
+            assert watch.count("order.filled") == 0 and not second.book.holds(mint)
+            assert second.risk.reservations.keys() == {request.order_id}
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id
+            assert fill.signature == ours.data.signature
+            assert fill.token_amount == ours.data.tokenAmount
+            assert (await order_of(ledger))["state"] == "filled"
+        assert len(api.requests) == 1
+
+
+async def test_a_paper_restart_books_no_paper_fill_for_a_live_order_in_flight(clock, market):
+    """Live trading stops with an entry in flight and the service comes back on paper:
+    the order is the chain's (its outcome unknown here), so paper neither fills it at a
+    paper price nor holds its capital; it is rejected, saying why."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+        request, ledger, mint = first.request, first.ledger, first.mint
+
+    paper = TradingService(
+        TradingSettings.load(service="trading", transport="memory"),
+        registry=CollectorRegistry(),
+        ledger=ledger,
+    )
+    async with running(clock, paper) as (bus, watch):
+        assert paper.reconciled == {request.order_id: "rejected"}
+        await publish(bus, market.tokens.buy(mint, "bob", sol=0.2))
+        await clock.advance(paper.settings.trading_tick_s + 1.0)
+        assert watch.count("order.filled") == 0 and not paper.book.holds(mint)
+        assert paper.risk.reservations == {}
+        order = await order_of(ledger)
+        assert order["state"] == "rejected" and "live executor" in order["outcome"]
+    assert len(api.requests) == 1
 
 
 async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):

@@ -101,3 +101,40 @@ async def test_a_sale_after_a_restart_leaves_what_the_sale_in_flight_asks_for(
         assert sum(f.token_amount for f in fills) == pytest.approx(held, rel=1e-9)
         [closed] = watch.payloads("position.closed")
         assert closed.position_id == opened.position_id
+
+
+async def test_a_sale_of_a_closed_position_never_sells_the_next_one_of_its_token(
+    clock, market, pg_pool
+):
+    """A position closes and the token is entered again; a sale the exit service ordered
+    for the closed position comes late (its lane behind): it is refused, and the new
+    position keeps every token, rather than being sold by an order no exit decided for it."""
+    ledger = PostgresLedger(pg_pool)
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [first] = watch.payloads("position.opened")
+        await publish(bus, sale(first, 1, first.token_amount, clock))
+        await clock.advance(1.0)
+        [closed] = watch.payloads("position.closed")
+        assert closed.position_id == first.position_id
+
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [_, second] = watch.payloads("position.opened")
+        assert second.position_id != first.position_id
+
+        late = sale(first, 2, first.token_amount, clock)
+        await publish(bus, late)
+        [refused] = watch.payloads("order.rejected")
+        assert refused.order_id == late.data.order_id
+        assert first.position_id in refused.reason and "nothing to sell" in refused.reason
+        await clock.advance(1.0)
+        assert [f.order_id for f in watch.payloads("order.filled") if f.side == "sell"] == [
+            f"{first.position_id}:exit:1"
+        ]
+        held = service.book.position(mint)
+        assert held.position_id == second.position_id
+        assert held.tokens == second.token_amount

@@ -233,6 +233,29 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
         assert opened.position_id == request.order_id
 
 
+async def test_the_next_replica_values_the_positions_it_takes_over_on_their_markets(
+    clock, market
+):
+    """A position held when the replica goes is valued by the next one on the market its
+    stored view holds, as it was: not at its cost (no unrealised PnL) until its token
+    trades again, which a quiet token may never do."""
+    ledger, store = MemoryLedger(), MemoryStateStore(clock)
+    first = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, first, store=store) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        assert watch.count("position.opened") == 1
+        await publish(bus, market.tokens.sell(mint, "alice"))
+        before = first.pnl()["unrealized_pnl_sol"]
+        assert before < 0
+
+    second = trading(ledger, trading_keep_token_views=True)
+    async with running(clock, second, store=store):
+        assert second.book.holds(mint)
+        assert second.pnl()["unrealized_pnl_sol"] == pytest.approx(before, rel=1e-12)
+
+
 async def test_a_pool_trade_redelivered_to_the_next_replica_moves_its_view_once(clock, market):
     """The replica trading next loads the views its predecessor stored before acking; a
     pool trade folded into them that comes again (its holder died before the ack) leaves
@@ -437,6 +460,35 @@ async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clo
         # a redelivery of the prediction, decided again, sends nothing
         await service.on_events([prediction])
         assert watch.count("order.requested") == 1
+
+
+async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_standing_by(
+    clock, market
+):
+    """The store of a prediction's order reaches the ledger, its reply lost; then the
+    lease goes. The replica standing by sends nothing, and the row its commit stored says
+    so rather than ``sent``: a take-over would reconcile it as an order of unknown
+    outcome, its capital held, and a live one wait for its trade."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([market.prediction(mint)])
+        await service.leader.stop()
+        assert service.role == "standby"
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"].startswith("withdrawn unsent"), order
+        assert watch.count("order.requested") == 0
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        assert second.reconciled == {}
+        assert second.risk.reservations == {}
+        await clock.advance(1.0)
+        assert watch.count("order.filled") == 0 and not second.book.holds(mint)
 
 
 async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(clock, market):

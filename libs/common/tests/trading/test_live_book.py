@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pumpflow.common.events import Event
 from pumpflow.common.testing.factories import TokenEvents
 from pumpflow.common.trading.live import LiveBook, LiveOrder
 from pumpflow.common.trading.settings import LiveExecution
@@ -15,22 +16,33 @@ def test_orders_due_together_where_one_resolving_settles_the_other_are_each_ende
     """Two sales of a token overdue at one tick: the first, awaiting its answer, ends and
     gives the trade held for it to the second (no answer came): that one is filled, not
     given up too."""
-    tokens = TokenEvents()
+    tokens = TokenEvents(start=0.0)
     mint = tokens.mint()
     tokens.created(mint)
     tokens.buy(mint, WALLET, sol=1.0)
+    held = tokens.balance(mint, WALLET)
     book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=10.0))
-    book.add(LiveOrder(order_id="a", mint=mint, side="sell", deadline=10.0, awaiting=True))
-    book.add(LiveOrder(order_id="b", mint=mint, side="sell", deadline=10.5, awaiting=True))
+    for order_id, deadline in (("a", 10.0), ("b", 10.5)):
+        book.add(
+            LiveOrder(
+                order_id=order_id,
+                mint=mint,
+                side="sell",
+                deadline=deadline,
+                sent_at=0.0,
+                amount=held,
+                awaiting=True,
+            )
+        )
     book.unanswered("b")
-    sale = tokens.sell(mint, WALLET).data
-    assert book.observe(sale) == [] and sale.signature in book.unclaimed
+    sale = tokens.sell(mint, WALLET)
+    assert book.observe(sale.data, time=sale.time) == [] and sale.data.signature in book.unclaimed
 
     rejected = book.due(11.0)
 
     assert [r.order_id for r in rejected] == ["a"]
     [filled] = book.settled()
-    assert filled.fill.order_id == "b" and filled.fill.signature == sale.signature
+    assert filled.fill.order_id == "b" and filled.fill.signature == sale.data.signature
     assert not book.pending and not book.unclaimed
 
 
@@ -40,3 +52,92 @@ def test_an_answer_timeout_not_below_the_confirmation_wait_is_refused():
     with pytest.raises(ValueError, match="answer_timeout_s must be below confirm_s"):
         LiveExecution(wallet=WALLET, answer_timeout_s=90.0, confirm_s=90.0)
     assert LiveExecution(wallet=WALLET, answer_timeout_s=5.0, confirm_s=90.0).confirm_s == 90.0
+
+
+def taken_over(mint: str, side: str, amount: float, *, sent_at: float) -> LiveBook:
+    """A book holding one order of ``mint`` whose answer never came, as a take-over
+    hands it back (no signature, nothing awaited)."""
+    book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=90.0))
+    order = LiveOrder(
+        order_id="o",
+        mint=mint,
+        side=side,
+        deadline=sent_at + 90.0,
+        sent_at=sent_at,
+        amount=amount,
+        slippage_pct=5.0,
+    )
+    book.add(order)
+    return book
+
+
+def fills(book: LiveBook, trade: Event) -> list[str]:
+    """The orders ``trade`` fills, by id."""
+    return [c.fill.order_id for c in book.observe(trade.data, time=trade.time)]
+
+
+def test_an_unanswered_buy_is_filled_by_a_wallet_trade_of_its_size_only():
+    """A buy of 0.5 SOL whose answer never came: the wallet's hand buys of 0.05 and
+    2 SOL on the token are not it; a buy costing the order's SOL (its fees within) is."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    assert fills(book, tokens.buy(mint, WALLET, sol=0.05)) == []
+    assert fills(book, tokens.buy(mint, WALLET, sol=2.0)) == []
+    assert fills(book, tokens.sell(mint, WALLET)) == []  # the other side
+    assert "o" in book.pending
+    ours = tokens.buy(mint, WALLET, sol=0.5 / 1.01)  # the API's 1% out of the order's SOL
+    assert fills(book, ours) == ["o"]
+    assert not book.pending
+
+
+def test_a_wallet_trade_stamped_before_the_order_was_sent_fills_it_not():
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    earlier = tokens.buy(mint, WALLET, sol=0.5 / 1.01, time=90.0)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    assert fills(book, earlier) == []
+    # the feed's clock a little behind trading's
+    assert fills(book, tokens.buy(mint, WALLET, sol=0.5 / 1.01, time=99.5)) == ["o"]
+
+
+def test_an_unanswered_sale_is_filled_by_a_wallet_sale_of_its_tokens_only():
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    tokens.buy(mint, WALLET, sol=1.0)
+    held = tokens.balance(mint, WALLET)
+    book = taken_over(mint, "sell", held / 2, sent_at=100.0)
+    assert fills(book, tokens.sell(mint, WALLET, tokens=held / 4)) == []
+    assert fills(book, tokens.sell(mint, WALLET, tokens=held / 2)) == ["o"]
+
+
+def test_a_trade_held_for_an_answer_fills_no_unanswered_order_of_another_size():
+    """A sale of the wallet shows while one sale awaits its answer and another's never
+    came; the answer names another signature: the held trade, of neither's size, is
+    nobody's, and the unanswered sale still waits for its own."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    tokens.buy(mint, WALLET, sol=1.0)
+    held = tokens.balance(mint, WALLET)
+    book = taken_over(mint, "sell", held / 2, sent_at=100.0)
+    book.add(
+        LiveOrder(
+            order_id="p",
+            mint=mint,
+            side="sell",
+            deadline=190.0,
+            sent_at=100.0,
+            amount=held / 4,
+            awaiting=True,
+        )
+    )
+    by_hand = tokens.sell(mint, WALLET, tokens=held / 8)
+    assert fills(book, by_hand) == [] and by_hand.data.signature in book.unclaimed
+    assert book.answered("p", "sig-of-p")
+    assert book.settled() == [] and not book.unclaimed
+    assert "o" in book.pending
+    assert fills(book, tokens.sell(mint, WALLET, tokens=held / 2)) == ["o"]

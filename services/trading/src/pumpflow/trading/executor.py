@@ -59,12 +59,18 @@ class TradeExecutor(Protocol):
     def next_due(self) -> float | None: ...
 
     def reconcile(self, order: OrderRecord) -> Outcome | None:
-        """An order the ledger has no outcome for (a restart): its outcome, or None when
-        it is in the executor's hands again and its outcome comes later."""
+        """An order of this executor the ledger has no outcome for (a restart): its
+        outcome, or None when it is in the executor's hands again and its outcome comes
+        later. (The service rejects another executor's.)"""
         ...
 
     def progress(self) -> list[OrderOutcome]:
         """What became known of orders still pending since the last call, to store."""
+        ...
+
+    def given_up(self, order: OrderRecord) -> None:
+        """An order rejected as unconfirmed before a take-over, with what it was sent as:
+        its trade, should it show late after all, is booked."""
         ...
 
     def restore_market(self, mint: str, market: Market) -> None:
@@ -142,6 +148,9 @@ class PaperExecutor:
 
     def progress(self) -> list[OrderOutcome]:
         return []
+
+    def given_up(self, order: OrderRecord) -> None:
+        return None  # a paper order's outcome is never late
 
     async def close(self) -> None:
         return None

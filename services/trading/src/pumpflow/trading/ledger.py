@@ -8,7 +8,14 @@ if their id is new: the ids of the orders inserted come back, and an order whose
 was there already (derived from a redelivered or replayed event) is never sent. Each
 order carries its decision's ``attempt``: a commit that raised may have been stored
 all the same (its reply lost), and its retry, the same decision, gets back the orders
-stored under its attempt as inserted, so they are sent once rather than never.
+stored under its attempt as inserted, so they are sent once rather than never. A retry
+may store an order of its attempt refused instead (a halt refuses the entries whose
+store failed): nothing sent it, as an order is sent only once its commit answered, so
+the row stored ``sent`` is settled refused, rather than left for a take-over to
+reconcile as an order of unknown outcome, its capital reserved meanwhile. So are the
+rows of orders a replica standing by withdrew unsent (``withdrawn``), which the ledger
+may hold the same way; none of those is inserted: the next holder decides their
+events again.
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -22,7 +29,7 @@ before trading again), the recent order ids and the operator's state.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from pumpflow.common.events import OrderFilled, Side
@@ -33,6 +40,8 @@ OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 #: the row of trading_control that holds the operator's state
 CONTROL = "operator"
+#: what an order stored by an attempt whose reply was lost is left in, unsent
+_UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,9 +168,12 @@ class LedgerChange:
     outcomes: list[OrderOutcome] = field(default_factory=list)
     fills: list[FillRecord] = field(default_factory=list)
     positions: list[PositionRecord] = field(default_factory=list)
+    #: orders withdrawn unsent, refused: a row a commit of their attempt stored (its reply
+    #: lost) is settled so; none is inserted
+    withdrawn: list[OrderRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.orders or self.outcomes or self.fills or self.positions)
+        return bool(self.orders or self.outcomes or self.fills or self.positions or self.withdrawn)
 
     @classmethod
     def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
@@ -173,6 +185,7 @@ class LedgerChange:
             outcomes=[o for c in changes for o in c.outcomes],
             fills=[f for c in changes for f in c.fills],
             positions=[p for c in changes for p in c.positions],
+            withdrawn=[o for c in changes for o in c.withdrawn],
         )
 
 
@@ -184,6 +197,9 @@ class LedgerSnapshot:
     unresolved: list[OrderRecord]
     order_ids: list[str]
     control: tuple[TradingState, str] | None
+    #: orders rejected with a signature (given up as unconfirmed) since the load's
+    #: ``given_up_since``, oldest first: a late trade of theirs is still theirs
+    given_up: list[OrderRecord] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -191,7 +207,9 @@ class Ledger(Protocol):
         """Write ``change`` in one transaction; return the ids of the orders inserted."""
         ...
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot: ...
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None
+    ) -> LedgerSnapshot: ...
 
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
@@ -204,6 +222,16 @@ class Ledger(Protocol):
         ...
 
     async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]: ...
+
+
+def _settles_unsent(stored: OrderRecord, order: OrderRecord) -> bool:
+    """Whether ``order``, of the attempt that stored ``stored``, refuses it unsent."""
+    return (
+        order.attempt is not None
+        and stored.attempt == order.attempt
+        and order.state == "rejected"
+        and stored.state in _UNSENT
+    )
 
 
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
@@ -232,6 +260,12 @@ class MemoryLedger:
                 inserted.add(order.order_id)
             elif order.attempt is not None and stored.attempt == order.attempt:
                 inserted.add(order.order_id)
+        for order in [*change.orders, *change.withdrawn]:
+            stored = self._orders.get(order.order_id)
+            if stored is not None and _settles_unsent(stored, order):
+                self._orders[order.order_id] = replace(
+                    stored, state=order.state, outcome=order.outcome
+                )
         for outcome in change.outcomes:
             found = self._orders.get(outcome.order_id)
             if found is not None:
@@ -243,13 +277,21 @@ class MemoryLedger:
             self._positions[position.position_id] = position
         return inserted
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot:
+    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
         return LedgerSnapshot(
             fills=list(self._fills.values()),
             unresolved=[o for o in orders if o.state in UNRESOLVED],
             order_ids=[o.order_id for o in orders[-remembered:]],
             control=self._control,
+            given_up=[
+                o
+                for o in orders
+                if given_up_since is not None
+                and o.requested_at >= given_up_since
+                and o.state == "rejected"
+                and o.signature is not None
+            ],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:
@@ -277,16 +319,26 @@ class MemoryLedger:
         return found[:limit]
 
 
-_INSERT_ORDER = """
+_UNSENT_STATES = ", ".join(f"'{state}'" for state in _UNSENT)
+#: a retry of the order's attempt stores it refused, and nothing took it further
+_SETTLES_UNSENT = f"EXCLUDED.state = 'rejected' AND orders.state IN ({_UNSENT_STATES})"
+_INSERT_ORDER = f"""
 INSERT INTO orders (order_id, mint, side, sol_amount, token_amount, slippage_pct, reason,
     position_id, cause_id, executor, state, requested_at, venue, expected_v_sol,
     expected_v_tokens, signature, outcome, attempt)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[],
     $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::float8[],
     $13::text[], $14::float8[], $15::float8[], $16::text[], $17::text[], $18::text[])
-ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt
+ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt,
+    state = CASE WHEN {_SETTLES_UNSENT} THEN EXCLUDED.state ELSE orders.state END,
+    outcome = CASE WHEN {_SETTLES_UNSENT} THEN EXCLUDED.outcome ELSE orders.outcome END,
+    updated_at = CASE WHEN {_SETTLES_UNSENT} THEN now() ELSE orders.updated_at END
     WHERE orders.attempt = EXCLUDED.attempt
 RETURNING order_id
+"""
+_SETTLE_WITHDRAWN = f"""
+UPDATE orders SET state = $3, outcome = $4, updated_at = now()
+WHERE order_id = $1 AND attempt = $2 AND $3 = 'rejected' AND state IN ({_UNSENT_STATES})
 """
 _UPDATE_ORDER = """
 UPDATE orders SET state = $2, outcome = $3, signature = coalesce($4, signature),
@@ -340,6 +392,11 @@ class PostgresLedger:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
                 rows = await conn.fetch(_INSERT_ORDER, *columns)
                 inserted = {row["order_id"] for row in rows}
+            if change.withdrawn:
+                await conn.executemany(
+                    _SETTLE_WITHDRAWN,
+                    [(o.order_id, o.attempt, o.state, o.outcome) for o in change.withdrawn],
+                )
             if change.outcomes:
                 await conn.executemany(
                     _UPDATE_ORDER,
@@ -366,7 +423,7 @@ class PostgresLedger:
                 )  # fmt: skip
             return inserted
 
-    async def load(self, *, remembered: int) -> LedgerSnapshot:
+    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             fills = await conn.fetch(
                 f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
@@ -382,11 +439,19 @@ class PostgresLedger:
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
+            given_up = []
+            if given_up_since is not None:
+                given_up = await conn.fetch(
+                    f"{_SELECT_ORDERS} WHERE requested_at >= $1 AND state = 'rejected' "
+                    "AND signature IS NOT NULL ORDER BY requested_at, order_id",
+                    given_up_since,
+                )
         return LedgerSnapshot(
             fills=[FillRecord(**dict(row)) for row in fills],
             unresolved=[_record(row) for row in unresolved],
             order_ids=[row["order_id"] for row in reversed(ids)],
             control=None if control is None else (TradingState(control[0]), control[1]),
+            given_up=[_record(row) for row in given_up],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

@@ -203,6 +203,7 @@ class LiveExecutor:
                 mint=order.mint,
                 side=order.side,
                 deadline=time + self.execution.confirm_s,
+                sent_at=time,
                 position_id=order.position_id,
                 amount=float(amount),
                 slippage_pct=order.slippage_pct,
@@ -259,7 +260,7 @@ class LiveExecutor:
 
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for confirmation in self.book.observe(payload):
+        for confirmation in self.book.observe(payload, time=time):
             if confirmation.late:
                 log.error(
                     "trading: order %s given up as unconfirmed traded after all (signature "
@@ -283,21 +284,29 @@ class LiveExecutor:
     def reconcile(self, order: OrderRecord) -> Outcome | None:
         """Wait again for the order's trade, from now (what the stream showed while no
         replica traded is not seen again); never send it again."""
-        if order.executor != self.name:
-            return rejected(
-                order, f"recorded by the {order.executor} executor; the live one never sends it"
-            )
-        self.book.add(
-            LiveOrder(
-                order_id=order.order_id,
-                mint=order.mint,
-                side=order.side,
-                deadline=self.clock.now() + self.execution.confirm_s,
-                position_id=order.position_id,
-                signature=order.signature,
-            )
-        )
+        self.book.add(self._live_order(order, deadline=self.clock.now() + self.execution.confirm_s))
         return None
+
+    def given_up(self, order: OrderRecord) -> None:
+        """Book the order's trade should its signature show late after all."""
+        if order.executor != self.name or order.signature is None:
+            return
+        self.book.given_up(self._live_order(order, deadline=order.requested_at))
+
+    def _live_order(self, order: OrderRecord, *, deadline: float) -> LiveOrder:
+        """The live book's order of a ledger's record."""
+        amount = order.sol_amount if order.side == "buy" else order.token_amount
+        return LiveOrder(
+            order_id=order.order_id,
+            mint=order.mint,
+            side=order.side,
+            deadline=deadline,
+            sent_at=order.requested_at,
+            position_id=order.position_id,
+            signature=order.signature,
+            amount=float(amount or 0.0),
+            slippage_pct=order.slippage_pct,
+        )
 
     def restore_market(self, mint: str, market: Market) -> None:
         self.book.markets[mint] = Market(venue=market.venue, state=market.state)

@@ -28,8 +28,9 @@ every order, fill and position.
   event) is dropped, never sent.
 - An exit's sale sells no more than its position holds less what the position's sales
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
-  sales a take-over finds in flight included; with nothing left it is stored refused,
-  never sent.
+  sales a take-over finds in flight included; with nothing left, or ordered for a
+  position that closed since (its token entered again), it is stored refused, never
+  sent.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -138,6 +139,9 @@ _CONTEXT = (
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
+#: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
+#: theirs the stream delivers late: a feed's backlog is minutes, not a day
+_GIVEN_UP_KEPT_S = 86_400.0
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -333,7 +337,11 @@ class TradingService(Service):
         """A fresh book, risk manager, engine and executor (the ledger refills them)."""
         ctx, s = self._ctx, self.settings
         assert ctx is not None
-        self.book = PositionBook(execution=s.execution())
+        live = s.trading_executor == "live"
+        self.book = PositionBook(
+            execution=s.execution(),
+            sale_fee_sol=s.trading_live_priority_fee_sol if live else 0.0,
+        )
         self.risk = RiskManager(
             s.trading_capital_sol,
             s.trading_max_risk_per_trade,
@@ -352,7 +360,7 @@ class TradingService(Service):
             source=ctx.source,
             slippage_pct=s.trading_slippage_pct,
         )
-        if s.trading_executor == "live":
+        if live:
             self.executor = LiveExecutor(
                 s.live_execution(),
                 TradeApi(
@@ -379,9 +387,19 @@ class TradingService(Service):
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
             changes = self._control_changes
-            snapshot = await self.ledger.load(remembered=self.settings.trading_remembered_orders)
+            snapshot = await self.ledger.load(
+                remembered=self.settings.trading_remembered_orders,
+                given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
+            )
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+            for mint in list(self.book.open_positions):
+                view = self.engine.views.get(mint)
+                if view is not None and view.market.state is not None:
+                    # as the predecessor valued it: a quiet token may never trade again
+                    self.book.mark(
+                        mint, view.market.state, time=ctx.clock.now(), venue=view.market.venue
+                    )
             self._update_capital()
             for order_id in snapshot.order_ids:
                 self.engine.sent_orders[order_id] = None
@@ -396,6 +414,8 @@ class TradingService(Service):
             self.reconciled = {}
             for order in snapshot.unresolved:
                 self._reconcile(order, step)
+            for order in snapshot.given_up:
+                self.executor.given_up(order)
             self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
             await self._flush()
@@ -414,8 +434,17 @@ class TradingService(Service):
         await self._announce_wallet()
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
-        if order.side == "sell" and order.mint not in self.book.open_positions:
-            outcome: Outcome | None = rejected(order, "nothing held to sell after the restart")
+        name = self.executor.name
+        if order.executor != name:
+            # paper would fill a live order at a price the chain never paid, and live
+            # would take a wallet trade for a paper order's fill
+            outcome: Outcome | None = rejected(
+                order,
+                f"recorded by the {order.executor} executor: the {name} one neither sends "
+                "it nor learns its outcome",
+            )
+        elif order.side == "sell" and order.mint not in self.book.open_positions:
+            outcome = rejected(order, "nothing held to sell after the restart")
         else:
             outcome = self.executor.reconcile(order)
         if outcome is None:
@@ -466,21 +495,31 @@ class TradingService(Service):
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
     def _withdraw_unsent(self) -> int:
-        """Take the orders out of the steps waiting to be stored (none of them stored or
-        sent: a holder stores an order before it sends it); how many. A replica that
-        stands by sends nothing: the next holder, which may hold the lease already and
-        has read the ledger, would never know of an order sent now."""
-        withdrawn = 0
+        """Take the orders out of the steps waiting to be stored (none of them sent: a
+        holder stores an order before it sends it); how many. A replica that stands by
+        sends nothing: the next holder, which may hold the lease already and has read the
+        ledger, would never know of an order sent now. A failed commit may have stored
+        them all the same (its reply lost): those rows are settled refused, none
+        inserted, as the next holder decides their events again."""
+        withdrawn: list[OrderRecord] = []
         for step in self._backlog:
             if not step.requests and not step.refused:
                 continue
             ids = step.requests.keys() | step.refused
-            withdrawn += len(ids)
+            withdrawn += [
+                replace(o, state="rejected", outcome="withdrawn unsent: its replica stood by")
+                for o in step.change.orders
+                if o.order_id in ids
+            ]
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
             step.events = [e for e in step.events if not _order_event(e, ids)]
             step.requests = {}
             step.refused = set()
-        return withdrawn
+        if withdrawn:
+            step = _Step()
+            step.change.withdrawn = withdrawn
+            self._backlog.append(step)
+        return len(withdrawn)
 
     # ---------------------------------------------------------------- events
 
@@ -670,7 +709,9 @@ class TradingService(Service):
         self.engine.sent_orders[order.order_id] = None
         # the exit's sales overlap (a rule's and a tranche, a tranche retried): the venue
         # sells whatever it is asked, held or not
-        reserved = self.book.reserve_sale(order.order_id, order.mint, order.token_amount)
+        reserved = self.book.reserve_sale(
+            order.order_id, order.mint, order.token_amount, position_id=order.position_id
+        )
         if reserved and reserved.tokens != order.token_amount:
             order = msgspec.structs.replace(order, token_amount=reserved.tokens)
         request = sell_order(order)
@@ -841,7 +882,8 @@ class TradingService(Service):
                 self._storing = 0
                 if self.risk.operator_state is TradingState.HALTED:
                     # a halt given during this commit left its entries to it: unstored,
-                    # they are refused as any entry waiting for the ledger then
+                    # they are refused as any entry waiting for the ledger then (stored
+                    # all the same, its reply lost, the retry settles their rows refused)
                     refused = self._refuse_unsent_entries(self.risk.operator_reason)
                     if refused:
                         log.warning("trading: %d entries whose store failed after the halt "

@@ -7,7 +7,8 @@ The server stays up and well; what the client sees of it changes:
   held bytes go on.
 - :meth:`TcpProxy.lose_replies`: the next replies of the server are dropped, each
   with its connection: the request reached the server and was done there, the answer
-  never reached the client.
+  never reached the client. ``containing`` picks the replies by their bytes (a
+  Postgres ``COMMIT``'s, after its transaction's other replies went through).
 
 Run it on the event loop of the clients under test:
 
@@ -37,6 +38,7 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._replies_to_lose = 0
+        self._lose_containing = b""
         #: replies dropped so far (each with its connection)
         self.lost_replies = 0
         #: the forwarding tasks, two a connection
@@ -54,9 +56,11 @@ class TcpProxy:
         """Forward again, what was held first."""
         self._flowing.set()
 
-    def lose_replies(self, count: int = 1) -> None:
-        """Drop the next ``count`` replies of the server, and the connection of each."""
+    def lose_replies(self, count: int = 1, *, containing: bytes = b"") -> None:
+        """Drop the next ``count`` replies of the server that hold ``containing`` (any,
+        by default), and the connection of each; the others pass."""
         self._replies_to_lose += count
+        self._lose_containing = containing
 
     async def close(self) -> None:
         if self._server is not None:
@@ -103,7 +107,7 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             while data := await source.read(_CHUNK):
                 await self._flowing.wait()
-                if reply and self._replies_to_lose:
+                if reply and self._replies_to_lose and self._lose_containing in data:
                     self._replies_to_lose -= 1
                     self.lost_replies += 1
                     return  # the connection goes with it

@@ -4,23 +4,29 @@ An answer from the API is not a fill. An order the API answered with a signature
 pending until the token's stream shows that signature, traded by the wallet. An order
 whose answer never came (a timeout, a lost connection, a crash during the call: the
 ledger recorded the order before the call) is pending until the stream shows a trade
-of the wallet on that token and side. A trade of the wallet that shows while an order
-of its token and side still awaits its answer (the API sends before it answers, so
-the stream can be first) waits for the answers: it is the order's whose answer names
-its signature, else, once no answer is awaited there, the oldest order's whose answer
-never came (else it is not the system's: a trade made by hand from the wallet). Taken
-by whichever order happened to be waiting, it would give an order another one's trade,
-and the other order's own trade, showing later, to nothing. The fill is priced from
-that trade: its tokens and the SOL it moved, plus the curve's (or the pool's) fee, the
-API's fee and the priority fee, at :class:`~pumpflow.common.trading.LiveExecution`'s
-rates.
+of the wallet consistent with it (:func:`consistent`): its token and side, seen
+(stamped by the feed) no earlier than the order was sent (give or take the clocks'
+skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
+whose cost after the venue's and the API's fees is the order's SOL within its slippage
+(and the API's fee) either way. A trade of the wallet that shows while an order of its
+token and side still awaits its answer (the API sends before it answers, so the stream
+can be first) waits for the answers: it is the order's whose answer names its
+signature, else, once no answer is awaited there, the oldest consistent order's whose
+answer never came. A trade consistent with no order is not the system's (a trade made
+by hand from the wallet, of another size or from before the order): it fills nothing,
+as any trade of nobody's order. Taken by whichever order happened to be waiting, it
+would give an order another one's trade, and the other order's own trade, showing
+later, to nothing. The fill is priced from that trade: its tokens and the SOL it
+moved, plus the curve's (or the pool's) fee, the API's fee and the priority fee, at
+:class:`~pumpflow.common.trading.LiveExecution`'s rates.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
 never sent again (the ledger's order id forbids it). By then the transaction's
 blockhash has expired, so it did not land. Should its signature show later all the
-same (a frame the stream delivered late), the trade is booked as a late fill: the
-chain is the truth and the book follows it.
+same (a frame the stream delivered late), the trade is booked as a late fill, after a
+take-over too (:meth:`LiveBook.given_up`): the chain is the truth and the book
+follows it.
 
 An API answer without a signature is a refusal: nothing was sent and the order is
 rejected at once. The refusal is a slippage refusal (``cause`` ``slippage``, which
@@ -44,7 +50,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pumpflow.common.curve import CurveState
+from pumpflow.common.curve import TOKEN_DECIMALS, CurveState
 from pumpflow.common.events import (
     SLIPPAGE,
     OrderFilled,
@@ -61,6 +67,14 @@ from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
 REMEMBERED_EXPIRED = 1000
+#: a sale's tokens as the chain counts them: the API rounds the order's amount to them
+TOKEN_UNIT = 10.0**-TOKEN_DECIMALS
+#: relative tolerance of the size checks, for the floats' rounding
+_SIZE_EPSILON = 1e-9
+#: how far the feed's clock, which stamps the wallet's trades, may be behind trading's,
+#: which stamps its orders: hosts kept by NTP agree within milliseconds, and a trade
+#: lands a slot (~0.4 s) or more after its order was sent
+CLOCK_SKEW_S = 1.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -72,6 +86,8 @@ class LiveOrder:
     side: Side
     #: when the order is given up as unconfirmed
     deadline: float
+    #: when it was sent (the ledger's time of the order): no earlier trade is its
+    sent_at: float
     position_id: str | None = None
     #: the API's answer; None while unknown
     signature: str | None = None
@@ -91,6 +107,36 @@ class Confirmation:
 
     fill: OrderFilled
     late: bool = False
+
+
+def consistent(
+    order: LiveOrder, trade: TokenTrade, *, time: float, execution: LiveExecution, moved_sol: float
+) -> bool:
+    """Whether ``trade`` (the wallet's, stamped ``time``) can be ``order``'s, whose answer
+    never came: its token and side, not before the order was sent (the clocks' skew
+    allowed), and of its size.
+
+    A sale sells the order's tokens, to the token's unit. A buy's cost after the venue's
+    and the API's fees is the order's SOL within its slippage and the API's fee either
+    way: the API spends the SOL, or buys the tokens it quotes for them, paying up to the
+    slippage more when the price rose before the trade landed (less when it fell); and
+    the reference does not say whether its fee comes out of the SOL or on top of it.
+    """
+    if trade.mint != order.mint or trade.txType != order.side:
+        return False
+    if time < order.sent_at - CLOCK_SKEW_S or order.amount <= 0:
+        return False
+    if order.side == "sell":
+        tokens = float(trade.tokenAmount)
+        return abs(tokens - order.amount) <= TOKEN_UNIT + order.amount * _SIZE_EPSILON
+    fill = confirmed_fill(order, trade, execution=execution, moved_sol=moved_sol)
+    cost = fill.sol_amount - execution.priority_fee_sol
+    limit = (
+        (1.0 + order.slippage_pct / 100.0)
+        * (1.0 + execution.fees.api_fee_rate)
+        * (1.0 + _SIZE_EPSILON)
+    )
+    return order.amount / limit <= cost <= order.amount * limit
 
 
 def confirmed_fill(
@@ -134,8 +180,9 @@ class LiveBook:
     pending: dict[str, LiveOrder] = field(default_factory=dict)
     #: signature -> an order given up as unconfirmed, newest last
     expired: OrderedDict[str, LiveOrder] = field(default_factory=OrderedDict)
-    #: signature -> a trade of the wallet waiting for answers (with the SOL it moved)
-    unclaimed: dict[str, tuple[TokenTrade, float]] = field(default_factory=dict)
+    #: signature -> a trade of the wallet waiting for answers (with the SOL it moved and
+    #: when the feed stamped it)
+    unclaimed: dict[str, tuple[TokenTrade, float, float]] = field(default_factory=dict)
     #: fills that answers settled, to take with :meth:`settled`
     _settled: list[Confirmation] = field(default_factory=list)
 
@@ -155,12 +202,13 @@ class LiveBook:
         claimed = self.unclaimed.pop(signature, None)
         if claimed is not None:
             del self.pending[order_id]
-            self._settle(order, *claimed)
+            trade, moved, _ = claimed
+            self._settle(order, trade, moved)
         self._resolve(order.mint, order.side)
         return True
 
     def unanswered(self, order_id: str) -> None:
-        """No answer will come for the order: a trade of the wallet on its token and side
+        """No answer will come for the order: a trade of the wallet consistent with it
         fills it."""
         order = self.pending.get(order_id)
         if order is not None:
@@ -187,13 +235,14 @@ class LiveBook:
             return rejected(order, reason)
         return rejected(order, f"{reason} ({slipped.reason})", cause=slipped.cause)
 
-    def observe(self, payload: object) -> list[Confirmation]:
-        """Take a token event; return the orders its trade confirms."""
+    def observe(self, payload: object, *, time: float) -> list[Confirmation]:
+        """Take a token event the feed stamped ``time``; return the orders its trade
+        confirms."""
         if not isinstance(payload, TokenTrade | TokenCreated | TokenMigrated):
             return []
         confirmations: list[Confirmation] = []
         if isinstance(payload, TokenTrade) and payload.traderPublicKey == self.execution.wallet:
-            confirmation = self._confirm(payload)
+            confirmation = self._confirm(payload, time)
             if confirmation is not None:
                 confirmations.append(confirmation)
         self.markets.setdefault(payload.mint, Market()).apply(payload)
@@ -212,9 +261,7 @@ class LiveBook:
                     f"on the token within {wait}"
                 )
             else:
-                self.expired[order.signature] = order
-                while len(self.expired) > REMEMBERED_EXPIRED:
-                    self.expired.popitem(last=False)
+                self.given_up(order)
                 reason = (
                     f"unconfirmed: signature {order.signature} showed in no trade of the "
                     f"wallet within {wait}; its blockhash has expired"
@@ -223,6 +270,14 @@ class LiveBook:
             if order.awaiting:
                 self._resolve(order.mint, order.side)
         return given_up
+
+    def given_up(self, order: LiveOrder) -> None:
+        """Remember ``order``, given up as unconfirmed with its signature (here, or before
+        a take-over): its trade, should it show late, is booked all the same."""
+        assert order.signature is not None
+        self.expired[order.signature] = order
+        while len(self.expired) > REMEMBERED_EXPIRED:
+            self.expired.popitem(last=False)
 
     def next_due(self) -> float | None:
         return min((o.deadline for o in self.pending.values()), default=None)
@@ -234,19 +289,20 @@ class LiveBook:
 
     # ---------------------------------------------------------------- internals
 
-    def _confirm(self, trade: TokenTrade) -> Confirmation | None:
+    def _confirm(self, trade: TokenTrade, time: float) -> Confirmation | None:
         moved = self._moved(trade)
-        order, late = self._match(trade)
+        order, late = self._match(trade, moved, time)
         if order is None:
             if self._unanswered(trade.mint, trade.txType, awaiting=True):
-                self.unclaimed[trade.signature] = (trade, moved)
+                self.unclaimed[trade.signature] = (trade, moved, time)
             return None
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         return Confirmation(fill=fill, late=late)
 
-    def _match(self, trade: TokenTrade) -> tuple[LiveOrder | None, bool]:
+    def _match(self, trade: TokenTrade, moved: float, time: float) -> tuple[LiveOrder | None, bool]:
         """The order ``trade`` (the wallet's) confirms: by signature, else, when no order of
-        the token and side awaits its answer, the oldest one whose answer never came."""
+        the token and side awaits its answer, the oldest one consistent with it whose
+        answer never came."""
         for order in self.pending.values():
             if order.signature == trade.signature:
                 del self.pending[order.order_id]
@@ -256,12 +312,21 @@ class LiveBook:
             return late, True
         if self._unanswered(trade.mint, trade.txType, awaiting=True):
             return None, False
-        unanswered = self._unanswered(trade.mint, trade.txType, awaiting=False)
-        if not unanswered:
-            return None, False
-        order = min(unanswered, key=lambda o: o.deadline)
+        return self._claim(trade, moved, time), False
+
+    def _claim(self, trade: TokenTrade, moved: float, time: float) -> LiveOrder | None:
+        """Take the oldest order whose answer never came that ``trade`` is consistent with;
+        None when it is no order's."""
+        candidates = [
+            o
+            for o in self._unanswered(trade.mint, trade.txType, awaiting=False)
+            if consistent(o, trade, time=time, execution=self.execution, moved_sol=moved)
+        ]
+        if not candidates:
+            return None
+        order = min(candidates, key=lambda o: o.deadline)
         del self.pending[order.order_id]
-        return order, False
+        return order
 
     def _unanswered(self, mint: str, side: str, *, awaiting: bool) -> list[LiveOrder]:
         """Orders of the token and side without a signature, whose answer may still come
@@ -274,16 +339,17 @@ class LiveBook:
 
     def _resolve(self, mint: str, side: str) -> None:
         """Once no answer is awaited on the token and side, give the trades waiting there to
-        the orders whose answer never came, oldest first; the rest are not the system's."""
+        the orders whose answer never came that they are consistent with, oldest first;
+        the rest are not the system's."""
         if self._unanswered(mint, side, awaiting=True):
             return
-        waiting = [s for s, (t, _) in self.unclaimed.items() if t.mint == mint and t.txType == side]
+        waiting = [
+            s for s, (t, _, _) in self.unclaimed.items() if t.mint == mint and t.txType == side
+        ]
         for signature in waiting:
-            trade, moved = self.unclaimed.pop(signature)
-            unanswered = self._unanswered(mint, side, awaiting=False)
-            if unanswered:
-                order = min(unanswered, key=lambda o: o.deadline)
-                del self.pending[order.order_id]
+            trade, moved, time = self.unclaimed.pop(signature)
+            order = self._claim(trade, moved, time)
+            if order is not None:
                 self._settle(order, trade, moved)
 
     def _settle(self, order: LiveOrder, trade: TokenTrade, moved: float) -> None:

@@ -6,8 +6,8 @@ included), a sale's is everything received after every fee. So a position's
 ``cost_sol`` is its cost basis with every fee, and realised PnL is what sales brought
 less the share of the cost basis they sold. A mark values the tokens held at what
 selling them all at once would bring after every fee (:func:`~.fills.exit_value`: the
-curve's own impact and fee, the API's fee), so unrealised PnL is what closing now
-would realise.
+curve's own impact and fee, the API's fee; and the fee a sale pays whatever its size,
+live execution's priority fee), so unrealised PnL is what closing now would realise.
 
 One position per token at a time; its id is the order id of the buy that opened it
 (deterministic, see :func:`~.decisions.order_id_for`). A buy for a token already held
@@ -122,6 +122,8 @@ class PositionBook:
     """Positions in memory; the service persists what changes (see the module docstring)."""
 
     execution: PaperExecution = field(default_factory=PaperExecution)
+    #: SOL a sale pays whatever its size (live execution's priority fee)
+    sale_fee_sol: float = 0.0
     open_positions: dict[str, Position] = field(default_factory=dict)
     closed_positions: list[Position] = field(default_factory=list)
     #: order ids already applied, so a fill delivered twice counts once
@@ -188,14 +190,23 @@ class PositionBook:
 
     # ---------------------------------------------------------------- changes
 
-    def reserve_sale(self, order_id: str, mint: str, tokens: float) -> SaleReservation:
+    def reserve_sale(
+        self, order_id: str, mint: str, tokens: float, *, position_id: str | None = None
+    ) -> SaleReservation:
         """Reserve for the sale ``order_id`` up to ``tokens`` of ``mint``: no more than is
         held less what the other sales in flight ask for; nothing, and why, when nothing
-        is left. Reserved until the sale's fill or :meth:`release_sale`."""
+        is left or the token's position is not ``position_id`` (the sale was ordered for
+        one that closed since). Reserved until the sale's fill or :meth:`release_sale`."""
         self.sales.pop(order_id, None)
+        position = self.open_positions.get(mint)
+        if position is not None and position_id is not None and position.position_id != position_id:
+            return SaleReservation(
+                0.0,
+                f"nothing to sell: position {position_id} is not held (the token's position "
+                f"is {position.position_id})",
+            )
         left = self.sellable(mint)
         if left <= DUST_TOKENS:
-            position = self.open_positions.get(mint)
             if position is None:
                 return SaleReservation(0.0, "nothing to sell: no position held")
             return SaleReservation(
@@ -252,12 +263,13 @@ class PositionBook:
 
     def _value(self, position: Position) -> None:
         if position.mark_state is not None:
-            position.mark_value_sol = exit_value(
+            value = exit_value(
                 position.mark_state,
                 position.tokens,
                 execution=self.execution,
                 venue=position.mark_venue,
             )
+            position.mark_value_sol = value - self.sale_fee_sol if position.tokens > 0 else 0.0
 
     def _buy(self, fill: OrderFilled, time: float) -> PositionChange:
         position = self.open_positions.get(fill.mint)
