@@ -218,6 +218,7 @@ class ExitService(Service):
             on_published=self._published,
             metrics=self.consumer_metrics,
             on_forgotten=self.processor.forget,
+            before_write=self._store_ended,
         )
         await self.consumer.start()
         self._control = Subscription(
@@ -396,11 +397,26 @@ class ExitService(Service):
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
-    def _to_come(self) -> dict[str, Any]:
+    async def _store_ended(self) -> None:
+        """Store the ids ended at the tokens retired since the last commit: the keyed
+        consumer's ``before_write``, so a token leaves memory and the partition's index
+        only once they are stored (a restarted replica reads them in :meth:`_to_come`)."""
+        handed = self.processor.retired_ended
+        if not handed:
+            return
+        ended = dict(handed)
+        await self.records.record_ended(
+            ended, time=self._ctx.clock.now(), keep_s=self.settings.exit_state_ttl_s
+        )
+        for mint, ids in ended.items():
+            if handed.get(mint) == ids:
+                del handed[mint]
+
+    async def _to_come(self) -> dict[str, Any]:
         """The run's changes that say what it still waits for here, besides the positions
         queued: positions held and not queued yet (a late entry's; the next share sells
-        them), each mint's entry orders in flight, and the placeholders this consumer has
-        seen to (ended, its token here or retired since, or here: listed with them). Past
+        them), each mint's entry orders in flight, and the placeholders seen to (ended at a
+        token here or stored as ended at a retired one, or here: listed with them). Past
         the deadline every placeholder goes: the run ends on time."""
         now = self._ctx.clock.now()
         queued = set()
@@ -419,9 +435,8 @@ class ExitService(Service):
             seen += state.ended
             if state.position is not None:
                 seen.append(state.position.position_id)
-        # a token retired since its entry ended is out of the keys, not out of the run
-        for ended in list(self.processor.retired_ended.values()):
-            seen += ended
+        # read after the keys: a token leaves memory only once its ended ids are stored
+        seen += await self.records.ended_ids()
         withdraw = [p for i in seen for p in (entry_position_id(i), held_position_id(i))]
         if now >= self.run.started_at + self.settings.exit_barrier_wait_s:
             withdraw.append(BARRIER)
@@ -444,7 +459,7 @@ class ExitService(Service):
         ctx = self._ctx
         now = ctx.clock.now()
         # every change may be the last: it says what is still to come, read with it
-        to_come = self._to_come()
+        to_come = await self._to_come()
         for name in ("positions", "withdraw"):
             to_come[name] = [*changes.pop(name, ()), *to_come[name]]
         ended = await self.records.update_run(self.run.run_id, time=now, **to_come, **changes)

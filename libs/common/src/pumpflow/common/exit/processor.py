@@ -20,8 +20,9 @@ opened (or added to) is here: a graceful exit waits for what such an entry opens
 What has ended here (entries refused or landed, positions closed) is remembered per
 mint (:attr:`ExitState.ended`): trading's shutdown barrier lists what it had in flight
 and held, and the graceful exit waits until this consumer has seen each of them. A
-token retired with ids ended leaves them in :attr:`ExitProcessor.retired_ended`: an
-entry that ended and whose token retired before the barrier came is seen all the same.
+token retired with ids ended hands them out in :attr:`ExitProcessor.retired_ended`;
+the service stores them before the retirement is written, so an entry that ended and
+whose token retired before the barrier came is seen all the same, after a restart too.
 
 Retirement: exit sees every token's trades, so each token is a key here. A token retired
 by activity (``token.lifecycle`` to ``inactive`` or ``graduated``) with nothing in play
@@ -88,10 +89,6 @@ CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 _CURVE_POOL = "pump"
 #: ids ended a mint remembers (its latest): a mint sees a handful of entries
 _ENDED_KEPT = 32
-#: retired mints whose ended ids are kept (the latest): only tokens the system entered
-#: have any, and the barrier lists only entries in flight as trading halted, so those
-#: that matter retired moments before; far more than trading has open at once
-_RETIRED_KEPT = 1024
 #: lifecycle states that retire a token here once nothing of it is in play
 RETIRING = ("inactive", "graduated")
 
@@ -240,8 +237,9 @@ class ExitProcessor:
         #: position opened before its token's next trade starts from the opening
         #: event's mark and no curve (a graceful exit then sizes by that mark)
         self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
-        #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here, the
-        #: latest ``_RETIRED_KEPT`` mints: the graceful exit reads them with its keys'
+        #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here and
+        #: not stored yet: the service stores them before the retirement is written (the
+        #: keyed consumer's ``before_write``) and takes them out of here
         self.retired_ended: dict[str, tuple[str, ...]] = {}
 
     def forget(self, mint: str) -> None:
@@ -320,10 +318,7 @@ class ExitProcessor:
         ):
             self._unheld.pop(state.mint, None)
             if state.ended:
-                self.retired_ended.pop(state.mint, None)
                 self.retired_ended[state.mint] = tuple(state.ended)
-                while len(self.retired_ended) > _RETIRED_KEPT:
-                    del self.retired_ended[next(iter(self.retired_ended))]
             effects.retire(self.retire_ttl_s)
 
     def encode(self, state: ExitState) -> bytes:
