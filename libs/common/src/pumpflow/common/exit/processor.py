@@ -235,7 +235,8 @@ class ExitProcessor:
         #: position, taken into its state when one opens. Not stored, so every trade
         #: without a position stores nothing: after a restart or a partition move a
         #: position opened before its token's next trade starts from the opening
-        #: event's mark and no curve (a graceful exit then sizes by that mark)
+        #: event's mark and no curve (a graceful exit sells it in its final sweep unless
+        #: a trade brings the curve first). Let go only as the key leaves memory
         self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
         #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here and
         #: not stored yet: the service stores them before the retirement is written (the
@@ -284,8 +285,6 @@ class ExitProcessor:
             state.migrated = True
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
         elif isinstance(data, TokenLifecycle):
-            if data.state in RETIRING:
-                self._unheld.pop(state.mint, None)  # its next trade tells it again
             state.lifecycle = data.state
             state.activity_level = data.activity_level
             if self.on_lifecycle is not None:
@@ -316,7 +315,9 @@ class ExitProcessor:
             and not state.pending
             and not self.halted
         ):
-            self._unheld.pop(state.mint, None)
+            # its market goes once it leaves memory (forget): a retirement asked may not
+            # stand (a later event of the same commit keeps the key), and a position
+            # opened then takes that market
             if state.ended:
                 self.retired_ended[state.mint] = tuple(state.ended)
             effects.retire(self.retire_ttl_s)
