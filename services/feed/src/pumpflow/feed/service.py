@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -193,7 +192,12 @@ class FeedService(Service):
             await self.manager.subscribe_to_token(saved.decode().split())
         accounts = await self.leader.store.get(ACCOUNTS_KEY)
         if accounts:
-            await self._subscribe_accounts(accounts.decode().split())
+            wallets = accounts.decode().split()
+            now = self._clock.monotonic()
+            for wallet in wallets:
+                # a standby hears the announcements too: it knows when each came last
+                self._announced.setdefault(wallet, now)
+            await self.manager.subscribe_to_accounts(wallets)
         self._saved = {MINTS_KEY: saved, ACCOUNTS_KEY: accounts}
         # a standby kept the wallets of the commands: those no longer announced go first
         await self._expire_accounts()
@@ -228,14 +232,6 @@ class FeedService(Service):
                 await self.leader.store.set(key, value)
                 self._saved[key] = value
 
-    async def _subscribe_accounts(self, wallets: Sequence[str]) -> None:
-        """Stream the trades of ``wallets``, announced now."""
-        now = self._clock.monotonic()
-        for wallet in wallets:
-            self._announced.pop(wallet, None)
-            self._announced[wallet] = now
-        await self.manager.subscribe_to_accounts(wallets)
-
     async def _expire_accounts(self) -> None:
         """Unsubscribe the wallets not announced for ``feed_account_ttl_s``."""
         horizon = self._clock.monotonic() - self.settings.feed_account_ttl_s
@@ -258,7 +254,11 @@ class FeedService(Service):
         else:
             await self.manager.subscribe_to_token(command.mints)
             if command.accounts:
-                await self._subscribe_accounts(command.accounts)
+                now = self._clock.monotonic()
+                for wallet in command.accounts:
+                    self._announced.pop(wallet, None)  # announced again: the newest
+                    self._announced[wallet] = now
+                await self.manager.subscribe_to_accounts(command.accounts)
         log.debug("%s %d mints, %d wallets (%s)", command.action, len(command.mints),
                   len(command.accounts), command.reason)  # fmt: skip
 
