@@ -191,6 +191,11 @@ def held_view(state: ExitState) -> HeldView | None:
     )
 
 
+def _on_pool(trade: TokenTrade) -> bool:
+    """A trade on the token's AMM pool: the token has migrated."""
+    return trade.pool is not None and trade.pool != _CURVE_POOL
+
+
 def _end(state: ExitState, ended_id: str) -> None:
     if ended_id not in state.ended:
         state.ended.append(ended_id)
@@ -277,10 +282,14 @@ class ExitProcessor:
                 unheld = self._unheld_trade(state, data)
                 self._retire_if_done(state, effects)
                 return unheld
+            # a trade on its pool tells the migration its frame did not (lost, or late)
+            revealed = _on_pool(data) and not state.migrated
             price = self._mark(state, data)
             decisions = []
+            if revealed:
+                decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
             if price is not None:
-                decisions = self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
+                decisions += self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
         elif isinstance(data, TokenMigrated):
             state.migrated = True
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
@@ -360,7 +369,7 @@ class ExitProcessor:
     def _unheld_trade(self, state: ExitState, trade: TokenTrade) -> ExitState | Unchanged:
         """A trade of a token without a position changes its state only by a migration it
         reveals: its market is held here until a position opens (see :attr:`_unheld`)."""
-        if trade.pool is not None and trade.pool != _CURVE_POOL and not state.migrated:
+        if _on_pool(trade) and not state.migrated:
             state.migrated = migrating = True
         else:
             migrating = False
@@ -377,7 +386,7 @@ class ExitProcessor:
 
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; the trade's price (None if it says none)."""
-        if trade.pool is not None and trade.pool != _CURVE_POOL:
+        if _on_pool(trade):
             state.migrated = True
         if state.migrated:
             sol, tokens = trade.solAmount, float(trade.tokenAmount)
