@@ -52,8 +52,10 @@
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
-  what is still held is sold under the same deadline. Trading refuses an order id it
-  has seen, so nothing is sold twice.
+  what is still held is sold under the same deadline. A tranche stored and still
+  without an outcome is published again under its order id (stored just before a
+  crash, it may never have been sent). Trading refuses an order id it has seen, so
+  nothing is sold twice.
 - HTTP: ``GET /progress`` (the graceful exit now), ``GET /summary`` (the last one's),
   ``GET /orders``, ``GET /positions``; ``POST /shutdown`` needs the API token.
 """
@@ -95,6 +97,7 @@ from pumpflow.common.exit import (
     GracefulExitSummary,
     HeldView,
     PendingSale,
+    PlannedTranche,
     held_view,
 )
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -331,7 +334,8 @@ class ExitService(Service):
         """Sell what the partitions held here hold; the run if it is over."""
         ctx = self._ctx
         await self._settled_before(run)
-        records, sent = resume_state(await self.records.run_orders(run.run_id))
+        orders = await self.records.run_orders(run.run_id)
+        records, sent = resume_state(orders)
         # other replicas' exits are theirs to report
         records = [r for r in records if self._owns(r.mint)]
         manager = GracefulExitManager(
@@ -359,6 +363,7 @@ class ExitService(Service):
         self.metrics.progress(manager.monitor_exit_progress())
         # exits sold out before a crash, not closed yet, are closed with the listing
         await self._list_share(manager, [r.line() for r in records if r.completed])
+        await self._send_again(run, manager, orders)
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
@@ -371,6 +376,38 @@ class ExitService(Service):
                 log.exception("exit: closing this replica's share failed; again")
                 await asyncio.sleep(self.settings.exit_run_poll_s)
         return self._ended
+
+    async def _send_again(
+        self, run: RunRecord, manager: GracefulExitManager, orders: list[ExitOrderRecord]
+    ) -> None:
+        """Publish again the tranches of this share stored and still without an outcome:
+        one stored just before a crash may never have been published, and its tokens
+        would stay unconfirmed to the deadline. Trading sells an order id once, so one it
+        has is not sold again; its outcome comes as it would have (a late outcome)."""
+        ctx = self._ctx
+        config = self.settings.graceful()
+        for order in orders:
+            record = manager.records.get(order.mint)
+            if record is None or order.order_id not in record.unconfirmed:
+                continue
+            tranche = PlannedTranche(
+                mint=order.mint,
+                position_id=order.position_id,
+                order_id=order.order_id,
+                number=order.number,
+                token_amount=order.token_amount,
+                rule=order.rule,
+                price_before=None,
+                expected_price=None,
+                expected_sol=None,
+                price_impact=None,
+                score=0.0,
+                deadline=run.deadline,
+                slippage_pct=config.slippage_of(order.rule),
+            )
+            log.info("exit: %s still without an outcome: asked again", order.order_id)
+            await ctx.bus.publish(make_event(tranche.order(), source=ctx.source,
+                                             time=ctx.clock.now()))  # fmt: skip
 
     async def _until_more(self, run: RunRecord) -> RunRecord | None:
         """Wait for the run to end, listing the partitions that come here; None when a
