@@ -276,6 +276,10 @@ async def test_a_wallet_no_longer_announced_is_unsubscribed_and_kept_for_a_take_
         return check
 
     try:
+        # no wallet yet: renewals write none, not an empty list each
+        renewed = h.service.leader.renewals
+        await eventually(lambda: h.service.leader.renewals >= renewed + 2, what="two renewals")
+        assert await stored() is None
         await announce(replaced)
         await eventually(lambda: on_server(h, wallet=replaced), what="the first wallet")
 

@@ -106,7 +106,7 @@ class FeedService(Service):
         self._announced: dict[str, float] = {}
         #: what the store holds under each key this holder keeps for a successor, as it
         #: last wrote or read it: a renewal writes only what changed
-        self._saved: dict[str, bytes | None] = {}
+        self._saved: dict[str, bytes] = {}
 
     @property
     def role(self) -> str:
@@ -198,7 +198,8 @@ class FeedService(Service):
                 # a standby hears the announcements too: it knows when each came last
                 self._announced.setdefault(wallet, now)
             await self.manager.subscribe_to_accounts(wallets)
-        self._saved = {MINTS_KEY: saved, ACCOUNTS_KEY: accounts}
+        # a key missing holds nothing, as an empty one does
+        self._saved = {MINTS_KEY: saved or b"", ACCOUNTS_KEY: accounts or b""}
         # a standby kept the wallets of the commands: those no longer announced go first
         await self._expire_accounts()
         log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
