@@ -3,6 +3,8 @@ buy's ``order.requested`` to its refusal, or to its fill and the position event 
 
 from __future__ import annotations
 
+import pytest
+
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.curve import state_from_frame
 from pumpflow.common.events import (
@@ -10,6 +12,7 @@ from pumpflow.common.events import (
     OrderRejected,
     OrderRequested,
     PositionOpened,
+    TokenLifecycle,
     TokenTrade,
     make_event,
 )
@@ -31,6 +34,9 @@ class _Effects:
         pass
 
     def cancel_timer(self):
+        pass
+
+    def retire(self, ttl_s):
         pass
 
 
@@ -86,4 +92,40 @@ def test_a_trade_without_a_position_changes_nothing_and_the_position_takes_its_m
     state = _apply(processor, state, opened)
     # the latest trade's curve and mark, as if the state had followed them
     assert (state.v_sol, state.v_tokens) == (31.0, 1e9)
+    assert state.mark_price == state_from_frame(31.0, 1e9).price
+
+
+def _trade(sol: float) -> TokenTrade:
+    return TokenTrade(
+        signature=f"s{sol}", mint=MINT, traderPublicKey="w", txType="buy",
+        tokenAmount=1000.0, newTokenBalance=1000.0, bondingCurveKey="c",
+        vTokensInBondingCurve=1e9, vSolInBondingCurve=sol, marketCapSol=sol,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ["in flight", "ordered after"])
+def test_a_token_gone_inactive_keeps_its_market_for_the_position_its_entry_opens(entry: str):
+    """The token goes inactive with an entry in flight (it stays: the entry keeps it), or
+    before the entry is ordered (its retirement, asked, does not stand: the entry comes
+    before it is written): the position opened holds the market of the token's latest
+    trade, its curve too (without one a graceful exit sells it only in its final sweep)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    assert _apply(processor, state, _trade(31.0)) is UNCHANGED
+    buy = OrderRequested(order_id="o1", mint=MINT, side="buy", sol_amount=0.1)
+    inactive = TokenLifecycle(mint=MINT, state="inactive", previous_state="active")
+    for payload in [buy, inactive] if entry == "in flight" else [inactive, buy]:
+        state = _apply(processor, state, payload)
+    filled = OrderFilled(
+        order_id="o1", mint=MINT, side="buy", token_amount=1e6, sol_amount=0.1, price=1e-7,
+        position_id="p",
+    )  # fmt: skip
+    state = _apply(processor, state, filled)
+    opened = PositionOpened(
+        position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7,
+        mark_price=5e-8,
+    )  # fmt: skip
+    state = _apply(processor, state, opened)
+    assert (state.v_sol, state.v_tokens) == (31.0, 1e9)
+    assert state.curve is not None
     assert state.mark_price == state_from_frame(31.0, 1e9).price

@@ -510,3 +510,56 @@ async def test_a_barrier_before_the_shutdown_begins_the_run_and_an_unseen_positi
         # the same barrier told again, late: no second run
         await system.bus.publish(make_event(barrier, source="trading/test", time=run.started_at))
         assert await records.active_run() is None
+
+
+class _StoresThenDies(MemoryExitStore):
+    """Records of a replica that dies after storing its first tranche, before sending it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dying = True
+        self.stored = asyncio.Event()
+
+    async def record_order(self, order):
+        new = await super().record_order(order)
+        if self.dying and ":exit:" in order.order_id:
+            self.stored.set()
+            await asyncio.Event().wait()  # the process is gone: nothing more of it runs
+        return new
+
+
+async def test_a_tranche_stored_and_never_sent_before_a_crash_is_sent_by_the_restarted_replica():
+    """The replica stores a tranche (its number taken) and dies before publishing it;
+    the restarted one finds it without an outcome, asks for it again under its stored
+    order id (trading sells an order id once), and the position ends flat, not with
+    that tranche's tokens unconfirmed and held at the deadline."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), _StoresThenDies()
+    trader = trading(ledger)
+    first = exit_service(records)
+    async with embedded(clock, trader, first) as (system, watch):
+        [event] = await _opened(system, clock, tokens, watch, 1)
+        bought = event.data.token_amount
+        shutdown = SystemShutdown(reason="crash before sending")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await eventually(records.stored.is_set, what="the first tranche stored")
+        assert watch.payloads("exit.order") == []
+        await first.stop()
+
+        records.dying = False
+        second = exit_service(records, exit_resume_wait_s=0.05)
+        await second.start(system.contexts["exit"])
+        try:
+            # the clock stands still until then: the resumed exit is not past its deadline
+            await eventually(lambda: watch.payloads("exit.order"), what="the tranche asked again")
+            await until_finished(second, clock)
+            assert trader.book.open_count == 0
+            sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+            assert sum(f.token_amount for f in sells) == pytest.approx(bought, rel=1e-9)
+            orders = [o.order_id for o in watch.payloads("exit.order")]
+            assert orders[0].endswith(":exit:1") and len(orders) == len(set(orders))
+            [line] = second.summary.lines
+            assert line.completed and line.unconfirmed_tranches == 0
+        finally:
+            await second.stop()

@@ -140,3 +140,24 @@ async def barrier_holds_the_run(store) -> None:
     assert lines["pc"]["tokens_sold"] == 0 and not lines["pc"]["completed"]
     assert lines["pc"]["mint"] == "mint-c"
     assert ended.summary["positions_left"] == 1
+
+
+async def test_the_ids_ended_at_retired_tokens_are_kept_as_long_as_their_records():
+    await keeps_ended(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_the_ids_ended_at_retired_tokens_are_kept_in_postgres(pg_pool):
+    await keeps_ended(PostgresExitStore(pg_pool))
+
+
+async def keeps_ended(store) -> None:
+    assert await store.ended_ids() == set()
+    await store.record_ended({"mint-a": ("entry-1", "pos-1")}, time=START, keep_s=60.0)
+    # stored again (a retirement written again after a crash): the same ids, no error
+    await store.record_ended({"mint-a": ("entry-1", "pos-1")}, time=START + 1, keep_s=60.0)
+    await store.record_ended({"mint-b": ("entry-2",)}, time=START + 30, keep_s=60.0)
+    assert await store.ended_ids() == {"entry-1", "pos-1", "entry-2"}
+    # past the records' TTL the oldest go
+    await store.record_ended({"mint-c": ("entry-3",)}, time=START + 80, keep_s=60.0)
+    assert await store.ended_ids() == {"entry-2", "entry-3"}

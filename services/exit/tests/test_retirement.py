@@ -198,3 +198,51 @@ async def test_an_entry_ended_before_its_token_retired_is_seen_when_the_barrier_
         assert listed[BARRIER][0] == "withdrawn"
         assert listed[entry_position_id("entry-1")][0] == "withdrawn"
         assert exits.summary.positions == 0
+
+
+async def test_a_replica_restarted_in_the_run_sees_an_entry_ended_before_its_token_retired():
+    """Trading's entry is refused and its token retires; the shutdown comes and the
+    replica restarts before trading's barrier, which lists that entry, comes: the
+    restarted replica knows it ended, and the run ends on the barrier, not on the
+    deadline."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {"exit_run_poll_s": 0.02, "exit_barrier_wait_s": 10.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, _):
+        bus = system.bus
+
+        async def trading(payload) -> None:
+            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=1.0))
+        await trading(OrderRequested(order_id="entry-1", mint=mint, side="buy", sol_amount=0.1))
+        await trading(OrderRejected(order_id="entry-1", mint=mint, reason="slippage"))
+        await bus.publish(lifecycle(clock, mint, "inactive"))
+        await first.consumer.flush()
+        assert mint not in set(first.consumer.keys())
+        await bus.publish(make_event(SystemShutdown(reason="restart"), source="test",
+                                     time=clock.now()))  # fmt: skip
+        run = await eventually(records.active_run, what="the graceful exit begun")
+
+        # the replica goes; its store and records stay (a new one picks them up)
+        await first.stop()
+        second = exit_service(records, **settings)
+        await second.start(system.contexts["exit"])
+        try:
+            barrier = ShutdownBarrier(
+                reason="restart", entries=(BarrierEntry(order_id="entry-1", mint=mint),)
+            )
+            await trading(barrier)
+            barrier_waited = run.started_at + second.settings.exit_barrier_wait_s
+            while (await records.get_run(run.run_id)).finished_at is None:
+                assert clock.now() < barrier_waited, "the run waits for an entry that had ended"
+                await clock.advance(0.25)
+                await asyncio.sleep(0)
+            await eventually(second.finished.is_set, what="the graceful exit finished")
+            listed = records.run_positions[run.run_id]
+            assert listed[entry_position_id("entry-1")][0] == "withdrawn"
+        finally:
+            await second.stop()

@@ -150,6 +150,28 @@ async def test_each_rule_orders_its_sale_on_the_critical_lane(rule):
         assert service.metrics.orders(rule) == 1
 
 
+async def test_a_trade_on_its_pool_tells_the_migration_and_sells_everything():
+    """The token's migrate frame never came (PumpPortal keeps no history: one sent while
+    the feed reconnects is lost): its first trade on the AMM pool tells the migration,
+    and the migration rule sells everything as the frame would have, once."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        await bus.publish(tokens.buy(mint, "bob", sol=0.5, pool="pump-amm"))
+        [event] = watch.of("exit.order")
+        order: ExitOrder = event.data
+        assert order.reason == "migration"
+        assert order.position_id == position.data.position_id
+        assert order.token_amount == pytest.approx(HELD)
+        # the frame coming late changes nothing
+        await bus.publish(tokens.migrated(mint))
+        await bus.publish(tokens.buy(mint, "bob", sol=0.5, pool="pump-amm"))
+        assert watch.count("exit.order") == 1
+
+
 async def test_tokens_added_to_a_position_are_sold_with_it():
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)

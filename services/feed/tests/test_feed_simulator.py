@@ -17,7 +17,7 @@ from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
-from pumpflow.feed.service import FeedService
+from pumpflow.feed.service import ACCOUNTS_KEY, FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
 from pumpflow.simulator.faults import FaultConfig
@@ -247,5 +247,68 @@ async def test_the_wallets_trades_stream_whatever_mints_are_subscribed_and_after
         await eventually(lambda: h.service.socket.sessions == 2 and on_server(h, wallet=WALLET))
         [again] = await published(h, wallet_trade(h, quiet))
         assert again.seq == sale.seq + 1
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_wallet_no_longer_announced_is_unsubscribed_and_kept_for_a_take_over_on_change():
+    """Trading announces its wallet, then another in its place: the first, no longer
+    announced, is unsubscribed on the server (unsubscribeAccountTrade) once
+    feed_account_ttl_s has passed, while the one announced stays; when trading stops
+    announcing (gone for good) the last goes too. The wallets kept for a take-over are
+    written as they change, not on every renewal of the lease."""
+    h = await start_harness(feed_account_ttl_s=1.0, feed_lease_ttl_s=0.6)
+    replaced, current = WALLET, base58_key("nextlivewallet")
+
+    async def announce(wallet: str) -> None:
+        command = FeedSubscription(
+            action="subscribe", mints=(), accounts=(wallet,), reason="live wallet"
+        )
+        await h.bus.publish(make_event(command, source="trading/test", time=0.0))
+
+    async def stored() -> bytes | None:
+        return await h.service.leader.store.get(ACCOUNTS_KEY)
+
+    def holds(value: bytes):
+        async def check() -> bool:
+            return await stored() == value
+
+        return check
+
+    try:
+        # no wallet yet: renewals write none, not an empty list each
+        renewed = h.service.leader.renewals
+        await eventually(lambda: h.service.leader.renewals >= renewed + 2, what="two renewals")
+        assert await stored() is None
+        await announce(replaced)
+        await eventually(lambda: on_server(h, wallet=replaced), what="the first wallet")
+
+        # trading announces the new wallet on its period; the replaced one is not
+        async def announced_and_expired() -> bool:
+            await announce(current)
+            return on_server(h, wallet=current) and not on_server(h, wallet=replaced)
+
+        await eventually(
+            announced_and_expired, interval=0.1, what="the replaced wallet unsubscribed"
+        )
+        assert h.service.subscriptions()["accounts"] == [current]
+        assert ACK_UNSUBSCRIBED_KEYS in h.service.socket.notices
+        await eventually(holds(current.encode()), what="the wallets kept: the new one")
+
+        # nothing changes over renewals of the lease: nothing is written
+        await h.service.leader.store.set(ACCOUNTS_KEY, b"written elsewhere")
+        renewals = h.service.leader.renewals
+
+        async def renewed_unchanged() -> bool:
+            await announce(current)
+            return h.service.leader.renewals >= renewals + 3
+
+        await eventually(renewed_unchanged, interval=0.1, what="three renewals of the lease")
+        assert await stored() == b"written elsewhere"
+
+        # trading gone: its wallet goes too, and the empty list is written
+        await eventually(lambda: not on_server(h, wallet=current), what="the wallet unsubscribed")
+        assert h.service.subscriptions()["accounts"] == []
+        await eventually(holds(b""), what="the wallets kept: none")
     finally:
         await stop_harness(h)

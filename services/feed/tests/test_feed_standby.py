@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,7 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.feed.service import LEASE_NAME, FeedService
+from pumpflow.feed.service import ACCOUNTS_KEY, LEASE_NAME, FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
 from pumpflow.simulator.market import Market, MarketConfig
@@ -25,7 +26,9 @@ from pumpflow.simulator.market import Market, MarketConfig
 TTL = 1.0
 
 
-async def start_replica(server, bus, store, replica: str, db=None, registry=None) -> FeedService:
+async def start_replica(
+    server, bus, store, replica: str, db=None, registry=None, **settings
+) -> FeedService:
     settings = FeedSettings(
         pumpportal_ws_url=server.url,
         feed_record=db is not None,
@@ -33,6 +36,7 @@ async def start_replica(server, bus, store, replica: str, db=None, registry=None
         feed_lease_ttl_s=TTL,
         transport="memory",
         replica=replica,
+        **settings,
     )
     service = FeedService(settings, registry=registry)
     ctx = ServiceContext(settings=settings, bus=bus, clock=WallClock(), store=store, db=db)
@@ -154,6 +158,47 @@ async def test_only_the_connected_replica_reports_subscriptions():
         socket = (first if holder == "one" else second).socket
         await eventually(lambda: subscribed(holder) == len(socket.active_mints) > 0)
         assert subscribed("two" if holder == "one" else "one") == 0
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+async def test_a_standby_taking_over_lets_go_of_a_wallet_it_heard_announced_too_long_ago():
+    """The holder keeps trading's wallet for a successor, and trading stops announcing
+    it. The standby heard the announcements too: taking over, it lets the wallet go
+    when its last announcement is older than feed_account_ttl_s, as if it had held the
+    lease all along, not as if the wallet had been announced at the take-over."""
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120.0)), speed=40.0
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    store = MemoryStateStore(WallClock())
+    ttl = 0.5
+    first = await start_replica(server, bus, store, "one", feed_account_ttl_s=300.0)
+    second = await start_replica(server, bus, store, "two", feed_account_ttl_s=ttl)
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        command = FeedSubscription(
+            action="subscribe", mints=(), accounts=("walletW",), reason="live wallet"
+        )
+        await bus.publish(make_event(command, source="trading/test", time=1.0))
+        announced = time.monotonic()
+        await eventually(lambda: "walletW" in second.socket.accounts)
+
+        async def kept() -> bool:
+            return await store.get(ACCOUNTS_KEY) == b"walletW"
+
+        await eventually(kept, what="the wallet kept for a successor")
+        await eventually(lambda: time.monotonic() > announced + ttl, what="the standby's TTL")
+        await first.stop()
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 2)
+        assert second.subscriptions()["accounts"] == []
+        await eventually(lambda: second.socket.pending_messages == 0)
+        assert not any("walletW" in client.accounts for client in server._clients)
     finally:
         await first.stop()
         await second.stop()

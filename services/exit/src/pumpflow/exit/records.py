@@ -4,8 +4,8 @@ A graceful exit's tranche is stored before it is sent: after a crash the stored
 tranches say which numbers each position has used (order ids
 ``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
 refuses an order id it has seen, never sells twice. A rule's sale is stored when it
-settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008, 0010);
-:class:`MemoryExitStore` the embedded run's and the tests'.
+settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008, 0010,
+0015); :class:`MemoryExitStore` the embedded run's and the tests'.
 
 A graceful exit is finished when every position of every partition is: each replica
 lists the partitions it has loaded and the positions it queued (:meth:`ExitStore.update_run`),
@@ -29,6 +29,10 @@ is withdrawn, with no line in the summary, once it has:
 Past the run's deadline every placeholder goes: a position trading held that no
 replica ever saw is closed with an empty line (nothing sold, not completed), so the
 summary counts it among the positions left.
+
+The ids that ended at a token the exit retired (:meth:`ExitStore.record_ended`) are
+stored before its retirement is: the token's state leaves memory and the partition's
+index then, and a replica restarted since still withdraws a placeholder of one of them.
 """
 
 from __future__ import annotations
@@ -252,6 +256,15 @@ class ExitStore(Protocol):
 
     async def orders(self, *, limit: int) -> list[dict[str, Any]]: ...
 
+    async def record_ended(
+        self, ended: Mapping[str, Iterable[str]], *, time: float, keep_s: float
+    ) -> None:
+        """Store the ids ``ended`` at each mint (mint -> ids) at ``time``; forget those
+        stored more than ``keep_s`` before it."""
+
+    async def ended_ids(self) -> set[str]:
+        """Every id stored by :meth:`record_ended` and not forgotten yet."""
+
 
 class MemoryExitStore:
     """The records in memory (a restart of the embedded run starts from nothing)."""
@@ -266,6 +279,8 @@ class MemoryExitStore:
         self.run_positions: dict[str, dict[str, tuple[PositionState, ExitLine | None]]] = (
             defaultdict(dict)
         )
+        #: id -> (mint, stored at) of the ids ended at retired tokens
+        self.ended: dict[str, tuple[str, float]] = {}
 
     async def begin_run(self, run: RunRecord) -> RunRecord:
         active = await self.active_run()
@@ -351,6 +366,19 @@ class MemoryExitStore:
         found = sorted(self.exit_orders.values(), key=lambda o: o.sent_at, reverse=True)
         return [asdict(o) for o in found[:limit]]
 
+    async def record_ended(
+        self, ended: Mapping[str, Iterable[str]], *, time: float, keep_s: float
+    ) -> None:
+        for mint, ids in ended.items():
+            for ended_id in ids:
+                self.ended[ended_id] = (mint, time)
+        for ended_id, (_mint, stored_at) in list(self.ended.items()):
+            if stored_at < time - keep_s:
+                del self.ended[ended_id]
+
+    async def ended_ids(self) -> set[str]:
+        return set(self.ended)
+
 
 _ORDER_COLUMNS = tuple(ExitOrderRecord.__dataclass_fields__)
 _INSERT_ORDER = (
@@ -384,7 +412,7 @@ def _run(row: Any) -> RunRecord | None:
 
 
 class PostgresExitStore:
-    """The records in Postgres (migration 0006), in the pool's schema."""
+    """The records in Postgres (migrations 0006, 0008, 0010, 0015), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -566,6 +594,23 @@ class PostgresExitStore:
                 limit,
             )
         return [dict(row) for row in rows]
+
+    async def record_ended(
+        self, ended: Mapping[str, Iterable[str]], *, time: float, keep_s: float
+    ) -> None:
+        rows = [(ended_id, mint, time) for mint, ids in ended.items() for ended_id in ids]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO exit_ended (id, mint, stored_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (id) DO UPDATE SET mint = excluded.mint, "
+                "stored_at = excluded.stored_at",
+                rows,
+            )
+            await conn.execute("DELETE FROM exit_ended WHERE stored_at < $1", time - keep_s)
+
+    async def ended_ids(self) -> set[str]:
+        async with self.pool.acquire() as conn:
+            return {row["id"] for row in await conn.fetch("SELECT id FROM exit_ended")}
 
 
 def _entry_placeholders(entries: Mapping[str, Iterable[str]] | None) -> list[tuple[str, str]]:

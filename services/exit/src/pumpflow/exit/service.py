@@ -52,8 +52,10 @@
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
-  what is still held is sold under the same deadline. Trading refuses an order id it
-  has seen, so nothing is sold twice.
+  what is still held is sold under the same deadline. A tranche stored and still
+  without an outcome is published again under its order id (stored just before a
+  crash, it may never have been sent). Trading refuses an order id it has seen, so
+  nothing is sold twice.
 - HTTP: ``GET /progress`` (the graceful exit now), ``GET /summary`` (the last one's),
   ``GET /orders``, ``GET /positions``; ``POST /shutdown`` needs the API token.
 """
@@ -95,6 +97,7 @@ from pumpflow.common.exit import (
     GracefulExitSummary,
     HeldView,
     PendingSale,
+    PlannedTranche,
     held_view,
 )
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -218,6 +221,7 @@ class ExitService(Service):
             on_published=self._published,
             metrics=self.consumer_metrics,
             on_forgotten=self.processor.forget,
+            before_write=self._store_ended,
         )
         await self.consumer.start()
         self._control = Subscription(
@@ -330,7 +334,8 @@ class ExitService(Service):
         """Sell what the partitions held here hold; the run if it is over."""
         ctx = self._ctx
         await self._settled_before(run)
-        records, sent = resume_state(await self.records.run_orders(run.run_id))
+        orders = await self.records.run_orders(run.run_id)
+        records, sent = resume_state(orders)
         # other replicas' exits are theirs to report
         records = [r for r in records if self._owns(r.mint)]
         manager = GracefulExitManager(
@@ -358,6 +363,7 @@ class ExitService(Service):
         self.metrics.progress(manager.monitor_exit_progress())
         # exits sold out before a crash, not closed yet, are closed with the listing
         await self._list_share(manager, [r.line() for r in records if r.completed])
+        await self._send_again(run, manager, orders)
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
@@ -370,6 +376,38 @@ class ExitService(Service):
                 log.exception("exit: closing this replica's share failed; again")
                 await asyncio.sleep(self.settings.exit_run_poll_s)
         return self._ended
+
+    async def _send_again(
+        self, run: RunRecord, manager: GracefulExitManager, orders: list[ExitOrderRecord]
+    ) -> None:
+        """Publish again the tranches of this share stored and still without an outcome:
+        one stored just before a crash may never have been published, and its tokens
+        would stay unconfirmed to the deadline. Trading sells an order id once, so one it
+        has is not sold again; its outcome comes as it would have (a late outcome)."""
+        ctx = self._ctx
+        config = self.settings.graceful()
+        for order in orders:
+            record = manager.records.get(order.mint)
+            if record is None or order.order_id not in record.unconfirmed:
+                continue
+            tranche = PlannedTranche(
+                mint=order.mint,
+                position_id=order.position_id,
+                order_id=order.order_id,
+                number=order.number,
+                token_amount=order.token_amount,
+                rule=order.rule,
+                price_before=None,
+                expected_price=None,
+                expected_sol=None,
+                price_impact=None,
+                score=0.0,
+                deadline=run.deadline,
+                slippage_pct=config.slippage_of(order.rule),
+            )
+            log.info("exit: %s still without an outcome: asked again", order.order_id)
+            await ctx.bus.publish(make_event(tranche.order(), source=ctx.source,
+                                             time=ctx.clock.now()))  # fmt: skip
 
     async def _until_more(self, run: RunRecord) -> RunRecord | None:
         """Wait for the run to end, listing the partitions that come here; None when a
@@ -396,11 +434,26 @@ class ExitService(Service):
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
-    def _to_come(self) -> dict[str, Any]:
+    async def _store_ended(self) -> None:
+        """Store the ids ended at the tokens retired since the last commit: the keyed
+        consumer's ``before_write``, so a token leaves memory and the partition's index
+        only once they are stored (a restarted replica reads them in :meth:`_to_come`)."""
+        handed = self.processor.retired_ended
+        if not handed:
+            return
+        ended = dict(handed)
+        await self.records.record_ended(
+            ended, time=self._ctx.clock.now(), keep_s=self.settings.exit_state_ttl_s
+        )
+        for mint, ids in ended.items():
+            if handed.get(mint) == ids:
+                del handed[mint]
+
+    async def _to_come(self) -> dict[str, Any]:
         """The run's changes that say what it still waits for here, besides the positions
         queued: positions held and not queued yet (a late entry's; the next share sells
-        them), each mint's entry orders in flight, and the placeholders this consumer has
-        seen to (ended, its token here or retired since, or here: listed with them). Past
+        them), each mint's entry orders in flight, and the placeholders seen to (ended at a
+        token here or stored as ended at a retired one, or here: listed with them). Past
         the deadline every placeholder goes: the run ends on time."""
         now = self._ctx.clock.now()
         queued = set()
@@ -419,9 +472,8 @@ class ExitService(Service):
             seen += state.ended
             if state.position is not None:
                 seen.append(state.position.position_id)
-        # a token retired since its entry ended is out of the keys, not out of the run
-        for ended in list(self.processor.retired_ended.values()):
-            seen += ended
+        # read after the keys: a token leaves memory only once its ended ids are stored
+        seen += await self.records.ended_ids()
         withdraw = [p for i in seen for p in (entry_position_id(i), held_position_id(i))]
         if now >= self.run.started_at + self.settings.exit_barrier_wait_s:
             withdraw.append(BARRIER)
@@ -444,7 +496,7 @@ class ExitService(Service):
         ctx = self._ctx
         now = ctx.clock.now()
         # every change may be the last: it says what is still to come, read with it
-        to_come = self._to_come()
+        to_come = await self._to_come()
         for name in ("positions", "withdraw"):
             to_come[name] = [*changes.pop(name, ()), *to_come[name]]
         ended = await self.records.update_run(self.run.run_id, time=now, **to_come, **changes)

@@ -53,6 +53,19 @@ def as_mints(token_id: str | Iterable[str]) -> tuple[str, ...]:
     return (token_id,) if isinstance(token_id, str) else tuple(token_id)
 
 
+def expire_before(since: dict[str, float], horizon: float) -> list[str]:
+    """Drop from ``since`` (key -> when last asked for, oldest first: a key asked for
+    again is put last) the keys asked for at or before ``horizon``; those dropped."""
+    expired = []
+    while since:
+        key, at = next(iter(since.items()))
+        if at > horizon:
+            break
+        del since[key]
+        expired.append(key)
+    return expired
+
+
 class DataFeedInterface(ABC):
     """A source of token events: the live socket or a database replay."""
 

@@ -17,8 +17,11 @@ ending "unconfirmed"; over the bus there is one source of it. What a command can
 reach (the feed's per-replica command queue does not exist before the replica) is
 covered twice: the lease holder keeps the wallets in the store beside the mints, for
 the replica that takes over or restarts, and trading announces again within its
-period. Wallets stay subscribed until a command unsubscribes them: a trading service
-that stops must not leave the sales of a restart unconfirmed.
+period. A wallet not announced for ``feed_account_ttl_s`` (replaced, or trading gone
+for good) is unsubscribed (``unsubscribeAccountTrade``), checked as the lease is taken
+and at each renewal; the TTL is many of trading's periods, so a trading restart or
+failover announces again long before and the sales of a restart still confirm. The
+holder writes the mints and wallets it keeps for a successor as they change.
 
 PumpPortal allows one connection per key, so replicas campaign for a LeaderLease
 (``feed:pumpportal``): the leader continues where the last one stopped (seq, stored
@@ -46,13 +49,14 @@ import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, FeedSubscription
 from pumpflow.common.lease import LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.dead_letters import DeadLetterQueue
-from pumpflow.feed.interface import TOKEN_EVENT_TYPES
+from pumpflow.feed.interface import TOKEN_EVENT_TYPES, expire_before
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.manager import DataFeedManager
 from pumpflow.feed.metrics import FeedMetrics
@@ -97,6 +101,12 @@ class FeedService(Service):
         self._stopped = False
         #: time.monotonic() by which a stop has flushed what it can (one bound for every step)
         self._stop_deadline: float | None = None
+        self._clock: Clock | None = None
+        #: wallets announced -> when last (the clock's monotonic()), oldest first
+        self._announced: dict[str, float] = {}
+        #: what the store holds under each key this holder keeps for a successor, as it
+        #: last wrote or read it: a renewal writes only what changed
+        self._saved: dict[str, bytes] = {}
 
     @property
     def role(self) -> str:
@@ -116,6 +126,7 @@ class FeedService(Service):
     async def start(self, ctx: ServiceContext) -> None:
         settings = self.settings
         recorder = None
+        self._clock = ctx.clock
         self.dead_letters = DeadLetterQueue(ctx.bus, service=settings.service, metrics=self.metrics)
         self.dead_letters.start()
         if settings.feed_record:
@@ -181,7 +192,16 @@ class FeedService(Service):
             await self.manager.subscribe_to_token(saved.decode().split())
         accounts = await self.leader.store.get(ACCOUNTS_KEY)
         if accounts:
-            await self.manager.subscribe_to_accounts(accounts.decode().split())
+            wallets = accounts.decode().split()
+            now = self._clock.monotonic()
+            for wallet in wallets:
+                # a standby hears the announcements too: it knows when each came last
+                self._announced.setdefault(wallet, now)
+            await self.manager.subscribe_to_accounts(wallets)
+        # a key missing holds nothing, as an empty one does
+        self._saved = {MINTS_KEY: saved or b"", ACCOUNTS_KEY: accounts or b""}
+        # a standby kept the wallets of the commands: those no longer announced go first
+        await self._expire_accounts()
         log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
         await self.manager.start()
 
@@ -201,10 +221,26 @@ class FeedService(Service):
         return max(0.0, self._stop_deadline - time.monotonic())
 
     async def _save_mints(self) -> None:
-        """Keep the wanted mints in the store, for a replica that takes over."""
-        mints = "\n".join(self.socket.active_mints).encode()
-        await self.leader.store.set(MINTS_KEY, mints)
-        await self.leader.store.set(ACCOUNTS_KEY, "\n".join(self.socket.accounts).encode())
+        """Keep the wanted mints and wallets in the store, for a replica that takes over
+        (those changed since last written); the wallets no longer announced go first."""
+        await self._expire_accounts()
+        wanted = {
+            MINTS_KEY: "\n".join(self.socket.active_mints).encode(),
+            ACCOUNTS_KEY: "\n".join(self.socket.accounts).encode(),
+        }
+        for key, value in wanted.items():
+            if self._saved.get(key) != value:
+                await self.leader.store.set(key, value)
+                self._saved[key] = value
+
+    async def _expire_accounts(self) -> None:
+        """Unsubscribe the wallets not announced for ``feed_account_ttl_s``."""
+        horizon = self._clock.monotonic() - self.settings.feed_account_ttl_s
+        expired = expire_before(self._announced, horizon)
+        if expired:
+            log.info("feed: %d wallets not announced for %gs: unsubscribed", len(expired),
+                     self.settings.feed_account_ttl_s)  # fmt: skip
+            await self.manager.unsubscribe_from_accounts(expired)
 
     async def on_command(self, event: Event) -> None:
         command: FeedSubscription = event.data
@@ -213,10 +249,16 @@ class FeedService(Service):
         if command.action == "unsubscribe":
             await self.manager.unsubscribe_from_token(command.mints)
             if command.accounts:
+                for wallet in command.accounts:
+                    self._announced.pop(wallet, None)
                 await self.manager.unsubscribe_from_accounts(command.accounts)
         else:
             await self.manager.subscribe_to_token(command.mints)
             if command.accounts:
+                now = self._clock.monotonic()
+                for wallet in command.accounts:
+                    self._announced.pop(wallet, None)  # announced again: the newest
+                    self._announced[wallet] = now
                 await self.manager.subscribe_to_accounts(command.accounts)
         log.debug("%s %d mints, %d wallets (%s)", command.action, len(command.mints),
                   len(command.accounts), command.reason)  # fmt: skip

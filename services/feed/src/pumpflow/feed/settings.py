@@ -62,6 +62,14 @@ class FeedSettings(PumpPortalKeySettings):
             "later ones, like those of mints never subscribed, are stored, not published"
         ),
     )
+    feed_account_ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "a wallet not announced for this long (feed.subscription accounts; trading "
+            "announces its own every PUMPFLOW_TRADING_LIVE_ANNOUNCE_S) is unsubscribed"
+        ),
+    )
     feed_dedup_capacity: int = Field(200_000, ge=1, description="recent signatures remembered")
     feed_record_batch_size: int = Field(2_000, ge=1, description="events per Postgres write")
     feed_record_max_delay_s: float = Field(

@@ -68,7 +68,13 @@ from pumpflow.common.pumpportal import (
     with_api_key,
 )
 from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
-from pumpflow.feed.interface import DataFeedInterface, FeedError, FeedRecord, as_mints
+from pumpflow.feed.interface import (
+    DataFeedInterface,
+    FeedError,
+    FeedRecord,
+    as_mints,
+    expire_before,
+)
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.ratelimit import SlidingWindowLimiter
@@ -430,13 +436,7 @@ class SocketDataFeed(DataFeedInterface):
         self._forget_ended(self._clock.monotonic())
 
     def _forget_ended(self, now: float) -> None:
-        ended = self._ended
-        horizon = now - self.config.unsubscribe_grace_s
-        while ended:
-            mint, at = next(iter(ended.items()))
-            if at > horizon:
-                break
-            del ended[mint]
+        expire_before(self._ended, now - self.config.unsubscribe_grace_s)
 
     def _expects_trades(self, mint: str) -> bool:
         """True if trades of ``mint`` belong on this connection: wanted, or still in flight

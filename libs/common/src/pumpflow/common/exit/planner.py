@@ -125,6 +125,10 @@ class GracefulExitConfig:
     def urgency(self, state: str | None) -> float:
         return dict(self.lifecycle_urgency).get(state, 0.5)
 
+    def slippage_of(self, rule: str) -> float:
+        """The slippage limit of a tranche of ``rule`` (the deadline's sweep, or not)."""
+        return self.sweep_slippage_pct if rule == DEADLINE else self.slippage_pct
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Score:
@@ -419,7 +423,7 @@ class ExitPlanner:
             price_impact=quote.price_impact if quote else None,
             score=queued.score.total if queued.score else 0.0,
             deadline=self.deadline if self.deadline is not None else 0.0,
-            slippage_pct=c.sweep_slippage_pct if sweep else c.slippage_pct,
+            slippage_pct=c.slippage_of(DEADLINE if sweep else GRACEFUL),
         )
 
     def record_fill(self, tranche: PlannedTranche, tokens_sold: float, time: float) -> QueuedExit:

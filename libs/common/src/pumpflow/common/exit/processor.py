@@ -20,8 +20,9 @@ opened (or added to) is here: a graceful exit waits for what such an entry opens
 What has ended here (entries refused or landed, positions closed) is remembered per
 mint (:attr:`ExitState.ended`): trading's shutdown barrier lists what it had in flight
 and held, and the graceful exit waits until this consumer has seen each of them. A
-token retired with ids ended leaves them in :attr:`ExitProcessor.retired_ended`: an
-entry that ended and whose token retired before the barrier came is seen all the same.
+token retired with ids ended hands them out in :attr:`ExitProcessor.retired_ended`;
+the service stores them before the retirement is written, so an entry that ended and
+whose token retired before the barrier came is seen all the same, after a restart too.
 
 Retirement: exit sees every token's trades, so each token is a key here. A token retired
 by activity (``token.lifecycle`` to ``inactive`` or ``graduated``) with nothing in play
@@ -88,10 +89,6 @@ CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 _CURVE_POOL = "pump"
 #: ids ended a mint remembers (its latest): a mint sees a handful of entries
 _ENDED_KEPT = 32
-#: retired mints whose ended ids are kept (the latest): only tokens the system entered
-#: have any, and the barrier lists only entries in flight as trading halted, so those
-#: that matter retired moments before; far more than trading has open at once
-_RETIRED_KEPT = 1024
 #: lifecycle states that retire a token here once nothing of it is in play
 RETIRING = ("inactive", "graduated")
 
@@ -194,6 +191,11 @@ def held_view(state: ExitState) -> HeldView | None:
     )
 
 
+def _on_pool(trade: TokenTrade) -> bool:
+    """A trade on the token's AMM pool: the token has migrated."""
+    return trade.pool is not None and trade.pool != _CURVE_POOL
+
+
 def _end(state: ExitState, ended_id: str) -> None:
     if ended_id not in state.ended:
         state.ended.append(ended_id)
@@ -238,10 +240,12 @@ class ExitProcessor:
         #: position, taken into its state when one opens. Not stored, so every trade
         #: without a position stores nothing: after a restart or a partition move a
         #: position opened before its token's next trade starts from the opening
-        #: event's mark and no curve (a graceful exit then sizes by that mark)
+        #: event's mark and no curve (a graceful exit sells it in its final sweep unless
+        #: a trade brings the curve first). Let go only as the key leaves memory
         self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
-        #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here, the
-        #: latest ``_RETIRED_KEPT`` mints: the graceful exit reads them with its keys'
+        #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here and
+        #: not stored yet: the service stores them before the retirement is written (the
+        #: keyed consumer's ``before_write``) and takes them out of here
         self.retired_ended: dict[str, tuple[str, ...]] = {}
 
     def forget(self, mint: str) -> None:
@@ -278,16 +282,18 @@ class ExitProcessor:
                 unheld = self._unheld_trade(state, data)
                 self._retire_if_done(state, effects)
                 return unheld
+            # a trade on its pool tells the migration its frame did not (lost, or late)
+            revealed = _on_pool(data) and not state.migrated
             price = self._mark(state, data)
             decisions = []
+            if revealed:
+                decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
             if price is not None:
-                decisions = self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
+                decisions += self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
         elif isinstance(data, TokenMigrated):
             state.migrated = True
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
         elif isinstance(data, TokenLifecycle):
-            if data.state in RETIRING:
-                self._unheld.pop(state.mint, None)  # its next trade tells it again
             state.lifecycle = data.state
             state.activity_level = data.activity_level
             if self.on_lifecycle is not None:
@@ -318,12 +324,11 @@ class ExitProcessor:
             and not state.pending
             and not self.halted
         ):
-            self._unheld.pop(state.mint, None)
+            # its market goes once it leaves memory (forget): a retirement asked may not
+            # stand (a later event of the same commit keeps the key), and a position
+            # opened then takes that market
             if state.ended:
-                self.retired_ended.pop(state.mint, None)
                 self.retired_ended[state.mint] = tuple(state.ended)
-                while len(self.retired_ended) > _RETIRED_KEPT:
-                    del self.retired_ended[next(iter(self.retired_ended))]
             effects.retire(self.retire_ttl_s)
 
     def encode(self, state: ExitState) -> bytes:
@@ -364,7 +369,7 @@ class ExitProcessor:
     def _unheld_trade(self, state: ExitState, trade: TokenTrade) -> ExitState | Unchanged:
         """A trade of a token without a position changes its state only by a migration it
         reveals: its market is held here until a position opens (see :attr:`_unheld`)."""
-        if trade.pool is not None and trade.pool != _CURVE_POOL and not state.migrated:
+        if _on_pool(trade) and not state.migrated:
             state.migrated = migrating = True
         else:
             migrating = False
@@ -381,7 +386,7 @@ class ExitProcessor:
 
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; the trade's price (None if it says none)."""
-        if trade.pool is not None and trade.pool != _CURVE_POOL:
+        if _on_pool(trade):
             state.migrated = True
         if state.migrated:
             sol, tokens = trade.solAmount, float(trade.tokenAmount)

@@ -36,9 +36,10 @@ Defaults, from the market figures in docs/market.md:
   lifecycle has that transition; most do not); ``inactive`` sells the rest
   (``inactivity``), as does a position's own silence: no trade of its token for 60 s,
   the lifecycle's ``decline_after_quiet_s`` (none in 60 s has probability e^-6 ~ 0.25%
-  for a token still at the active pace). Migration (``graduated``, or the token's
-  ``migrate`` frame) sells everything: after it the token trades on the PumpSwap pool,
-  which paper trading only approximates and the curve's features no longer describe.
+  for a token still at the active pace). Migration (``graduated``, the token's
+  ``migrate`` frame, or its first trade on its pool when that frame never came) sells
+  everything: after it the token trades on the PumpSwap pool, which paper trading only
+  approximates and the curve's features no longer describe.
 
 A full exit takes what is left; of several rules due at once the first in
 :data:`FULL_EXIT_RULES` names it. Partial exits (ladder steps, decline) sell their
