@@ -60,7 +60,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,6 +102,11 @@ log = logging.getLogger("pumpflow.model")
 
 #: the store key of the serving all replicas follow
 SERVING_KEY = "model:serving"
+#: the store key a replica holds while it changes the serving, and how long it may
+#: (a change loads a model file at most): one change at a time across the replicas,
+#: each made on the serving the one before stored
+CHANGING_KEY = "model:serving:changing"
+CHANGING_TTL_S = 30.0
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -423,7 +430,7 @@ class ModelService(Service):
 
     async def change(self, change) -> Serving:
         """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
-        async with self._changing:
+        async with self._changing, self._changing_everywhere():
             current = await self._stored_serving() or self.serving
             if current.revision > self.serving.revision:
                 self._apply(current, await self._fetch_missing(current))
@@ -433,6 +440,30 @@ class ModelService(Service):
             await self._ctx.store.set(SERVING_KEY, _encode_serving(changed))
             self._publish_arms()
             return changed
+
+    @contextlib.asynccontextmanager
+    async def _changing_everywhere(self):
+        """Hold the serving's change key in the store for a change (ServingError 503 if
+        another replica held it for longer than a change may take): two replicas reading
+        the same stored serving would each store their change as the same next revision,
+        the first one lost, and each then serving its own table under that revision,
+        which neither follows."""
+        store = self._ctx.store
+        holder = f"{self._ctx.source}/{secrets.token_hex(8)}".encode()
+        deadline = time.monotonic() + CHANGING_TTL_S
+        pause = 0.01
+        while not await store.set_if_absent(CHANGING_KEY, holder, CHANGING_TTL_S):
+            if time.monotonic() >= deadline:
+                raise ServingError("another replica is changing the serving; try again",
+                                   status=503)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                # left held, it runs out by its TTL
+                await store.delete_if_equal(CHANGING_KEY, holder)
 
     async def refresh(self) -> bool:
         """Follow a newer serving another replica stored; True if it changed here."""

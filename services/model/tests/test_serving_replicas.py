@@ -1,0 +1,81 @@
+"""The serving (models, arm table) shared by replicas through Redis: changes made through
+different replicas at once are each made on the one before, and every replica ends up
+serving the same table."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from model_helpers import START
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.testing import BusHarness
+from pumpflow.model.labels import MemoryLabelStore
+from pumpflow.model.service import ModelService, ModelSettings
+
+pytestmark = [pytest.mark.redis]
+
+TOKEN = "sesame"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def replicas(namespace, redis_url):
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    started: list[ModelService] = []
+    try:
+        for name in ("m1", "m2"):
+            settings = ModelSettings.load(
+                service="model", transport="memory", partitions=4, replica=name,
+                api_token=TOKEN, model_monitor_s=3600.0, model_refit=False,
+                model_serving_refresh_s=3600.0,
+            )
+            service = ModelService(
+                settings, registry=CollectorRegistry(), label_store=MemoryLabelStore()
+            )
+            ctx = ServiceContext(settings=settings, bus=await buses.bus("model"), clock=clock,
+                                 store=store)
+            await service.start(ctx)
+            started.append(service)
+        yield [(s, httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(s, s._ctx)),
+                                     base_url="http://model")) for s in started]
+    finally:
+        for service in started:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+async def test_changes_through_two_replicas_at_once_are_both_kept_and_followed(replicas):
+    (first, one), (second, two) = replicas
+    arms = [{"name": "control", "model_id": "entry"}, {"name": "treatment", "model_id": "entry"}]
+    assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
+    for round_ in range(1, 6):
+
+        async def weigh(client, arm: str, weight: float) -> httpx.Response:
+            await asyncio.sleep(0)
+            return await client.put("/arms/weights", json={"weights": {arm: weight}},
+                                    headers=AUTH)
+
+        answers = await asyncio.gather(
+            weigh(one, "control", float(round_)), weigh(two, "treatment", 10.0 + round_)
+        )
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        # each change was made on the other's: two revisions, both weights stored
+        assert answers[0].json()["revision"] != answers[1].json()["revision"]
+        for service in (first, second):
+            await service.refresh()
+            weights = {arm.name: arm.weight for arm in service.processor.arms.arms}
+            assert weights == {"control": float(round_), "treatment": 10.0 + round_}
+        assert first.processor.arms == second.processor.arms
+
