@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import msgspec
 import pytest
 from model_helpers import START
 from prometheus_client import CollectorRegistry
@@ -79,3 +80,23 @@ async def test_changes_through_two_replicas_at_once_are_both_kept_and_followed(r
             assert weights == {"control": float(round_), "treatment": 10.0 + round_}
         assert first.processor.arms == second.processor.arms
 
+
+async def test_a_change_here_while_following_another_replicas_is_not_undone(replicas):
+    (first, _), (second, _) = replicas
+
+    def weighed(weight: float):
+        def change(serving):
+            return msgspec.structs.replace(
+                serving, arms=serving.table().with_weights({"control": weight}).arms
+            )
+
+        return change
+
+    await second.change(weighed(2.0))
+    # connections for both at once: the read of the follow is answered before the change's
+    store = first._ctx.store
+    await asyncio.gather(*(store.get(f"warm{i}") for i in range(4)))
+    # a change here starts as the other replica's is being followed
+    mine, _ = await asyncio.gather(first.change(weighed(3.0)), first.refresh())
+    assert first.serving.revision == mine.revision == second.serving.revision + 1
+    assert first.processor.arms.arm("control").weight == 3.0

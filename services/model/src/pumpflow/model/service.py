@@ -471,6 +471,8 @@ class ModelService(Service):
         if stored is None or self.serving is None or stored.revision <= self.serving.revision:
             return False
         async with self._changing:
+            if stored.revision <= self.serving.revision:
+                return False  # a change here meanwhile stored a newer one
             try:
                 self._apply(stored, await self._fetch_missing(stored))
             except ServingError as exc:
