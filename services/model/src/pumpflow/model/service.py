@@ -32,10 +32,11 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
   newest stored labels, on a thread, by one replica at a time. A candidate better on
-  the held-out slice by more than ``model_refit_min_gain`` is swapped in at once here
-  (each prediction names the version that made it), written to the registry
-  (``model_registry_dir``), stored with its refit and stored as the serving, which the
-  other replicas follow and a restart keeps. The serving names the refitted model by
+  the held-out slice by more than ``model_refit_min_gain`` is written to the registry
+  (``model_registry_dir``), stored with its refit and stored as the serving, which this
+  replica then serves (each prediction names the version that made it), the other
+  replicas follow and a restart keeps; a failure before leaves the serving one served
+  here as everywhere. The serving names the refitted model by
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
@@ -718,17 +719,17 @@ class ModelService(Service):
             names = self.manager.feature_manager.names
             if tuple(card.feature_names) != tuple(names):
                 data = _in_order(data, names, card.feature_names)
+            # served here only once stored as the serving, as every replica serves it: a
+            # failure before (the database, the store) leaves the one serving everywhere
             result = await asyncio.wrap_future(
-                self.manager.update_model(model_id, data, min_gain=policy.min_gain)
+                self.manager.update_model(model_id, data, min_gain=policy.min_gain, swap=False)
             )
             path = sha256 = model = raw_card = None
-            served = self.manager.serving(model_id) if result.swapped else None
-            if (served is not None and self.manager.registry is not None
-                    and served.card.version == result.candidate_version):
-                path = str(served.path)
+            if result.swapped and result.path is not None:
+                path = result.path
                 # stored with the refit: every replica can write it where it runs
-                model = await asyncio.to_thread(served.path.read_bytes)
-                raw_card = await asyncio.to_thread(card_path(served.path).read_bytes)
+                model = await asyncio.to_thread(Path(path).read_bytes)
+                raw_card = await asyncio.to_thread(card_path(path).read_bytes)
                 sha256 = model_hash(model)
             refit = StoredRefit(
                 model_id=model_id, serving_version=result.serving_version,

@@ -153,6 +153,9 @@ class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
     candidate_score: float
     held_out_rows: int
     at: float
+    #: where the candidate chosen was written (the registry; None: not chosen, or kept
+    #: in memory alone)
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,7 +353,7 @@ class ModelManager:
     # Updating and performance.
 
     def update_model(
-        self, model_id: str, new_data: LabelledRows, *, min_gain: float = 0.0
+        self, model_id: str, new_data: LabelledRows, *, min_gain: float = 0.0, swap: bool = True
     ) -> Future[UpdateResult]:
         """Refit on recent labelled data in the background; swap only if better.
 
@@ -361,6 +364,11 @@ class ModelManager:
         if it scores better by more than ``min_gain``: AUC points for a classifier, a
         share of the serving model's RMSE for a regressor (0: strictly better). Every
         decision is kept in :attr:`updates`.
+
+        ``swap=False``: the candidate chosen is written to the registry (the result's
+        ``path``) and not served here: the caller serves it once it has recorded it
+        (a service whose replicas share what they serve), so a failure before then
+        leaves the serving one in place.
         """
         if min_gain < 0:
             raise ValueError(f"min_gain must be >= 0, not {min_gain}")
@@ -369,10 +377,11 @@ class ModelManager:
             raise ModelError(f"model {model_id!r}: no refitter was given to this manager")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
-        return self._executor.submit(self._update, model_id, served, new_data, min_gain)
+        return self._executor.submit(self._update, model_id, served, new_data, min_gain, swap)
 
     def _update(
-        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float
+        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float,
+        swap: bool,
     ) -> UpdateResult:
         card = served.card
         order = np.argsort(data.time, kind="stable")
@@ -404,18 +413,21 @@ class ModelManager:
         now = self.clock.now()
         # the one that serves now may have been replaced meanwhile (a load): keep it then
         swapped = bool(better) and self._models.get(model_id) is served
+        written = None
         if swapped:
             path = served.path
             if self.registry is not None:
-                path = self.registry.register(model, candidate_card)
-            self._models[model_id] = ServedModel(
-                card=candidate_card, session=candidate, path=path, loaded_at=now
-            )
+                path = written = self.registry.register(model, candidate_card)
+            if swap:
+                self._models[model_id] = ServedModel(
+                    card=candidate_card, session=candidate, path=path, loaded_at=now
+                )
         result = UpdateResult(
             model_id=model_id, swapped=swapped, serving_version=card.version,
             candidate_version=candidate_card.version, metric=metric,
             serving_score=float(old), candidate_score=float(new),
             held_out_rows=len(held_out.labels), at=now,
+            path=None if written is None else str(written),
         )
         self.updates.setdefault(model_id, []).append(result)
         return result
