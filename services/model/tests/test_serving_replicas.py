@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
-from pumpflow.common.testing import BusHarness
+from pumpflow.common.testing import BusHarness, eventually
 from pumpflow.model.labels import MemoryLabelStore
 from pumpflow.model.service import ModelService, ModelSettings
 
@@ -23,6 +23,22 @@ pytestmark = [pytest.mark.redis]
 
 TOKEN = "sesame"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def start_replica(name: str, buses: BusHarness, store, clock) -> ModelService:
+    settings = ModelSettings.load(
+        service="model", transport="memory", partitions=4, replica=name, api_token=TOKEN,
+        model_monitor_s=3600.0, model_refit=False, model_serving_refresh_s=3600.0,
+    )
+    service = ModelService(settings, registry=CollectorRegistry(), label_store=MemoryLabelStore())
+    await service.start(ServiceContext(settings=settings, bus=await buses.bus("model"),
+                                       clock=clock, store=store))
+    return service
+
+
+def client(service: ModelService) -> httpx.AsyncClient:
+    app = create_app(service, service._ctx)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://model")
 
 
 @pytest.fixture
@@ -35,20 +51,8 @@ async def replicas(namespace, redis_url):
     started: list[ModelService] = []
     try:
         for name in ("m1", "m2"):
-            settings = ModelSettings.load(
-                service="model", transport="memory", partitions=4, replica=name,
-                api_token=TOKEN, model_monitor_s=3600.0, model_refit=False,
-                model_serving_refresh_s=3600.0,
-            )
-            service = ModelService(
-                settings, registry=CollectorRegistry(), label_store=MemoryLabelStore()
-            )
-            ctx = ServiceContext(settings=settings, bus=await buses.bus("model"), clock=clock,
-                                 store=store)
-            await service.start(ctx)
-            started.append(service)
-        yield [(s, httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(s, s._ctx)),
-                                     base_url="http://model")) for s in started]
+            started.append(await start_replica(name, buses, store, clock))
+        yield [(s, client(s)) for s in started]
     finally:
         for service in started:
             await service.stop()
@@ -100,3 +104,53 @@ async def test_a_change_here_while_following_another_replicas_is_not_undone(repl
     mine, _ = await asyncio.gather(first.change(weighed(3.0)), first.refresh())
     assert first.serving.revision == mine.revision == second.serving.revision + 1
     assert first.processor.arms.arm("control").weight == 3.0
+
+
+async def test_a_serving_the_store_lost_is_stored_again_for_the_replicas_to_come(
+    own_redis, namespace
+):
+    import redis.exceptions
+
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    started: list[ModelService] = []
+    try:
+        first = await start_replica("m1", buses, store, clock)
+        started.append(first)
+        async with client(first) as http:
+            arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
+                    {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+            changed = await http.put("/arms", json={"arms": arms}, headers=AUTH)
+            assert changed.status_code == 200, changed.text
+        # the deployment's Redis keeps nothing over a restart
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.to_thread(own_redis.start)
+
+        async def refreshed() -> bool:
+            # a connection from before the restart fails its first command; the service's
+            # loop reads again at its next round
+            try:
+                await first.refresh()
+            except redis.exceptions.ConnectionError:
+                return False
+            return True
+
+        await eventually(refreshed, what="the serving read again")
+        later = await start_replica("m2", buses, store, clock)
+        started.append(later)
+        assert later.serving.revision == first.serving.revision == changed.json()["revision"]
+        assert later.processor.arms == first.processor.arms
+        # and the next change, wherever made, is followed by both
+        async with client(later) as http:
+            weights = {"weights": {"control": 0.5}}
+            assert (await http.put("/arms/weights", json=weights, headers=AUTH)).status_code == 200
+        assert await first.refresh()
+        assert first.processor.arms == later.processor.arms
+    finally:
+        for service in started:
+            await service.stop()
+        await buses.teardown()
+        await store.close()

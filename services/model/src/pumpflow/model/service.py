@@ -339,6 +339,7 @@ class ModelService(Service):
             log.error("model: cannot serve the stored serving revision %d, a model file is "
                       "missing (%s); serving the settings' models", stored.revision, exc)
             self.metrics.unavailable("start")
+            self._unavailable_revision = stored.revision
         fallback = msgspec.structs.replace(configured, revision=stored.revision)
         for model_id in set(self.manager.models()) - set(fallback.models):
             self._unload(model_id)
@@ -467,9 +468,15 @@ class ModelService(Service):
                 await store.delete_if_equal(CHANGING_KEY, holder)
 
     async def refresh(self) -> bool:
-        """Follow a newer serving another replica stored; True if it changed here."""
+        """Follow a newer serving another replica stored; True if it changed here. Store
+        this one again if the store lost it (see :meth:`_store_again`)."""
         stored = await self._stored_serving()
-        if stored is None or self.serving is None or stored.revision <= self.serving.revision:
+        if self.serving is None:
+            return False
+        if stored is None or stored.revision < self.serving.revision:
+            await self._store_again()
+            return False
+        if stored.revision == self.serving.revision:
             return False
         async with self._changing:
             if stored.revision <= self.serving.revision:
@@ -484,6 +491,26 @@ class ModelService(Service):
                 return False
         self._publish_arms()
         return True
+
+    async def _store_again(self) -> None:
+        """Store the serving here if the store holds none or an older one: Redis keeps
+        nothing over a restart (the deployment's runs without persistence), and a
+        replica started then would serve the settings' models, and a change made there
+        would be stored under a revision the replicas serving a later one never follow.
+        The newest serving of the replicas is kept; the settings' (revision 0), or one
+        this replica serves instead of the stored one it could not load, is not stored."""
+        serving = self.serving
+        if serving.revision == 0 or serving.revision == self._unavailable_revision:
+            return
+        async with self._changing, self._changing_everywhere():
+            stored = await self._stored_serving()
+            if stored is not None and stored.revision >= self.serving.revision:
+                return
+            serving = self.serving
+            await self._ctx.store.set(SERVING_KEY, _encode_serving(serving))
+        log.warning("model: the store held %s; stored serving revision %d again",
+                    "no serving" if stored is None else f"revision {stored.revision}",
+                    serving.revision)
 
     async def _serving_loop(self) -> None:
         while True:
