@@ -166,6 +166,16 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
          "arms[0]: no field named wieght"),
         # nothing to change: the revision would move alone
         ("PUT", "/arms/weights", {"weights": {}}, 422, "no arm's weight given"),
+        # a table that cannot route is a bad request, as its weights are
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "weight": -1.0}]}, 422,
+         "weight must be finite and >= 0"),
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry"}] * 2}, 422,
+         "arm names must be non-empty and distinct"),
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "shadow": True}]}, 422,
+         "no live arm"),
+        ("PUT", "/arms", {"arms": []}, 422, "at least one arm"),
+        ("PUT", "/arms/weights", {"weights": {"control": -1.0}}, 422,
+         "weight must be finite and >= 0"),
     ],
 )
 async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(

@@ -915,7 +915,8 @@ class ModelService(Service):
                     raise HTTPException(422, f"arms[{i}]: no field named {', '.join(unknown)}")
             try:
                 table = tuple(msgspec.convert(a, Arm) for a in arms)
-            except msgspec.ValidationError as exc:
+                ArmTable(table)  # one that cannot route is refused as its weights are
+            except (msgspec.ValidationError, ArmError) as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
             return await changed(lambda s: msgspec.structs.replace(
                 s, arms=table, salt=salt or s.salt))
