@@ -358,7 +358,8 @@ class ModelManager:
         """Refit on recent labelled data in the background; swap only if better.
 
         The newest ``update_held_out_share`` of ``new_data`` by time is held out; the
-        candidate is fitted on the rows before it whose label horizon ended before it.
+        candidate is fitted on the rows before it whose label horizon ended before it, of
+        the tokens (when known) with no row held out.
         Both the serving model and the candidate score the held-out slice; the candidate
         replaces the serving model (in one step: each prediction names its version) only
         if it scores better by more than ``min_gain``: AUC points for a classifier, a
@@ -390,11 +391,14 @@ class ModelManager:
         if first_held <= 0 or first_held >= len(data.time):
             raise ModelError(f"model {model_id!r}: too few rows to refit and hold out")
         cut = data.time[first_held]
-        held_out = data.take(np.arange(len(data.time)) >= first_held)
-        fit_on = data.take(
-            (np.arange(len(data.time)) < first_held)
-            & (data.time + card.label.horizon_s <= cut)
-        )
+        held = np.arange(len(data.time)) >= first_held
+        held_out = data.take(held)
+        before = ~held & (data.time + card.label.horizon_s <= cut)
+        if data.token is not None:
+            # as training splits: a token traded across the cut is held out alone, else the
+            # candidate would be judged on the later rows of tokens it was fitted on
+            before &= ~np.isin(data.token, held_out.token)
+        fit_on = data.take(before)
         model, candidate_card = self._refitter.refit(card, fit_on, held_out,
                                                      now=self.clock.now())
         candidate = self.runtime.open(model, candidate_card)
