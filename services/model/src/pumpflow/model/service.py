@@ -608,9 +608,12 @@ class ModelService(Service):
         stores them); export the figures. Returns the labels handed out here."""
         resolved = self._hand_out()
         performance = self.performance
+        # those of the arms routed now: an arm taken out gets no more labels, and its last
+        # figures would stand for ever (an alert on them firing with them)
+        routed = {(arm.model_id, arm.name) for arm in self.processor.arms.arms}
         self.metrics.performance(
             figures for key in performance.keys()
-            if (figures := performance.figures(*key)) is not None
+            if key in routed and (figures := performance.figures(*key)) is not None
         )
         self._recount_labels()
         self.metrics.labels(self.labels)
