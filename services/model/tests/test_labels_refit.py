@@ -471,3 +471,22 @@ async def test_a_refit_whose_serving_cannot_be_stored_is_not_served_here_alone(
             assert model.serving.models["entry"].path == str(DEFAULT_MODEL_PATH)
     finally:
         await store.close()
+
+
+async def test_a_vector_one_model_scored_on_two_arms_is_refitted_on_once(pg_pool):
+    from pumpflow.model.labels import MemoryLabelStore, definition_key
+
+    # the model live on an arm and shadowing every token on another: the tokens of the
+    # live arm are labelled twice, the same vector, score and label
+    labels = synthetic_labels(by_rsi, n=200)
+    shadow = [msgspec.structs.replace(label, arm="shadow") for label in labels[::2]]
+    of_model = ("entry", DEFAULT_CARD.feature_set_version, definition_key(DEFAULT_CARD.label))
+    for store in (MemoryLabelStore(), PostgresLabelStore(pg_pool)):
+        await store.add([*labels, *shadow], feature_set_version=of_model[1], names=NAMES)
+        rows, _ = await store.recent(*of_model, 1_000)
+        assert len(rows.labels) == len(labels)
+        np.testing.assert_array_equal(rows.time, [label.time for label in labels])
+        np.testing.assert_array_equal(rows.labels, [label.label for label in labels])
+        # the newest limit: distinct vectors
+        rows, _ = await store.recent(*of_model, 50)
+        np.testing.assert_array_equal(rows.time, [label.time for label in labels[-50:]])
