@@ -21,9 +21,10 @@ The manager is transport-free: the event bus is kept for the service that hosts 
 from __future__ import annotations
 
 import math
+import threading
 import time as _time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,6 +175,37 @@ class ServedModel:
     session: ScoringSession
     path: Path
     loaded_at: float
+
+
+class BackgroundExecutor(Executor):
+    """Runs the calls given one at a time, each on a daemon thread of its own.
+
+    A refit is abandoned with its process: the workers of a ThreadPoolExecutor are
+    joined when the interpreter exits, so a process stopped (drained and stored) during
+    a refit would wait the refit out (tens of seconds to minutes) past its stop grace
+    and be killed. A refit abandoned has recorded nothing (at most its model file is in
+    the registry, unnamed by any serving): it is decided again later.
+    """
+
+    def __init__(self) -> None:
+        self._one_at_a_time = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            with self._one_at_a_time:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+        threading.Thread(target=run, name="refit", daemon=True).start()
+        return future
 
 
 class _Counts:
@@ -377,7 +409,7 @@ class ModelManager:
         if self._refitter is None:
             raise ModelError(f"model {model_id!r}: no refitter was given to this manager")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
+            self._executor = BackgroundExecutor()
         return self._executor.submit(self._update, model_id, served, new_data, min_gain, swap)
 
     def _update(
