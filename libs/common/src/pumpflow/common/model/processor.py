@@ -261,9 +261,9 @@ class ModelProcessor:
                 if tokens is not None:
                     tokens.observe(time, price)
         if live:
-            # a backlog (a restart, an outage, a partition taken over) delivers the prices
-            # of a horizon later than it ends: a label released by the clock alone would
-            # be decided without them
+            # a consumer running behind the market applies the prices of a horizon later
+            # than it ends: a label released by the clock alone would be decided without
+            # them
             lag = effects.now - time
             state.lag = math.ceil(lag) if lag > 0.0 else 0
         if tokens is not None and tokens.next_release + state.lag <= effects.now:
