@@ -154,3 +154,23 @@ async def test_a_serving_the_store_lost_is_stored_again_for_the_replicas_to_come
             await service.stop()
         await buses.teardown()
         await store.close()
+
+
+async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones(replicas):
+    from pumpflow.model.service import SERVING_KEY
+
+    (first, one), _ = replicas
+    arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
+            {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+    assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
+    # the store holds an older serving (one stored again by a replica that had not
+    # followed this one yet)
+    older = msgspec.structs.replace(first.serving, revision=0, arms=first.serving.arms[:1])
+    await first._ctx.store.set(SERVING_KEY, msgspec.json.encode(older))
+    weights = {"weights": {"treatment": 0.9}}
+    answer = await one.put("/arms/weights", json=weights, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert {arm["name"]: arm["weight"] for arm in answer.json()["arms"]} == {
+        "control": 0.3, "treatment": 0.9
+    }
+    assert answer.json()["revision"] == 2

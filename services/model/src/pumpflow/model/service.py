@@ -433,8 +433,11 @@ class ModelService(Service):
     async def change(self, change) -> Serving:
         """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
         async with self._changing, self._changing_everywhere():
-            current = await self._stored_serving() or self.serving
-            if current.revision > self.serving.revision:
+            current = await self._stored_serving()
+            if current is None or current.revision < self.serving.revision:
+                # a store that lost it, or holds an older one: made on this one's
+                current = self.serving
+            elif current.revision > self.serving.revision:
                 self._apply(current, await self._fetch_missing(current))
             changed = change(current)
             changed = msgspec.structs.replace(changed, revision=current.revision + 1)
