@@ -442,3 +442,51 @@ async def test_a_stored_serving_whose_model_is_gone_everywhere_starts_on_the_set
     assert gone in error
     # the serving stored for the other replicas is left as it was
     assert msgspec.json.decode(await store.get(SERVING_KEY))["models"]["entry"]["path"] == gone
+
+
+@pytest.mark.redis
+async def test_a_refit_whose_serving_cannot_be_stored_is_not_served_here_alone(
+    pg_pool, tmp_path, own_redis, namespace
+):
+    from pumpflow.common.state.redis import RedisStateStore
+
+    await PostgresLabelStore(pg_pool).add(
+        synthetic_labels(by_rsi), feature_set_version=DEFAULT_CARD.feature_set_version,
+        names=NAMES,
+    )
+    store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    settings = {**REFIT_SETTINGS, "model_refit": False, "model_serving_refresh_s": 3600.0}
+    model = model_service(model_registry_dir=str(tmp_path), **settings)
+    try:
+        async with run_embedded([model], clock=ReplayClock(START), db=pg_pool, store=store):
+            await asyncio.to_thread(own_redis.stop)
+            try:
+                with pytest.raises(Exception):  # noqa: B017 - whatever the client raises
+                    await model.refit_if_due("entry")
+            finally:
+                await asyncio.to_thread(own_redis.start)
+            # the other replicas go on with the serving stored: so does this one
+            assert model.manager.card("entry").version == DEFAULT_CARD.version
+            assert model.drift["entry"].card.version == DEFAULT_CARD.version
+            assert model.serving.models["entry"].path == str(DEFAULT_MODEL_PATH)
+    finally:
+        await store.close()
+
+
+async def test_a_vector_one_model_scored_on_two_arms_is_refitted_on_once(pg_pool):
+    from pumpflow.model.labels import MemoryLabelStore, definition_key
+
+    # the model live on an arm and shadowing every token on another: the tokens of the
+    # live arm are labelled twice, the same vector, score and label
+    labels = synthetic_labels(by_rsi, n=200)
+    shadow = [msgspec.structs.replace(label, arm="shadow") for label in labels[::2]]
+    of_model = ("entry", DEFAULT_CARD.feature_set_version, definition_key(DEFAULT_CARD.label))
+    for store in (MemoryLabelStore(), PostgresLabelStore(pg_pool)):
+        await store.add([*labels, *shadow], feature_set_version=of_model[1], names=NAMES)
+        rows, _ = await store.recent(*of_model, 1_000)
+        assert len(rows.labels) == len(labels)
+        np.testing.assert_array_equal(rows.time, [label.time for label in labels])
+        np.testing.assert_array_equal(rows.labels, [label.label for label in labels])
+        # the newest limit: distinct vectors
+        rows, _ = await store.recent(*of_model, 50)
+        np.testing.assert_array_equal(rows.time, [label.time for label in labels[-50:]])

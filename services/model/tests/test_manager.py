@@ -307,3 +307,71 @@ def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
     assert swapped.swapped and manager.card("entry").version == strict.candidate_version
     with pytest.raises(ValueError):
         update(-0.01)
+
+
+def test_a_refit_is_fitted_on_no_token_of_the_held_out_slice():
+    from pumpflow.common.model.manager import LabelledRows
+
+    class Recording:
+        """Keeps what it is given to fit on and to hold out, fits nothing."""
+
+        def refit(self, card, fit_on, held_out, *, now):
+            self.given = (fit_on, held_out)
+            raise RuntimeError("not fitted")
+
+    refitter = Recording()
+    manager = ModelManager(None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at),
+                           refitter=refitter)
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    n = 4_000
+    rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    # a token's rows every 0.5 s for 200 s: longer than the label's horizon, so the one
+    # traded across the held-out slice's start has rows labelled before it
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5
+    token = (np.arange(n) + 300) // 400
+    with pytest.raises(RuntimeError):
+        manager.update_model(
+            "entry", LabelledRows(rows=rows, labels=np.zeros(n), time=time, token=token)
+        ).result(timeout=60)
+    fit_on, held_out = refitter.given
+    assert len(fit_on.rows) and len(held_out.rows) == int(n * 0.3)
+    # as training splits: no token on both sides
+    assert not set(fit_on.token.tolist()) & set(held_out.token.tolist())
+    assert fit_on.time.max() + DEFAULT_CARD.label.horizon_s <= held_out.time.min()
+
+
+def test_a_refit_under_way_does_not_hold_the_process_at_its_exit():
+    import subprocess
+    import sys
+
+    # a process that stops (SIGTERM, the service drained and stored) while a refit runs
+    script = """
+import threading
+import numpy as np
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.features import FeatureManager
+from pumpflow.common.model import ModelManager, read_model
+from pumpflow.common.model.manager import LabelledRows
+from pumpflow.model import DEFAULT_MODEL_PATH
+
+class Endless:
+    def refit(self, card, fit_on, held_out, *, now):
+        started.set()
+        threading.Event().wait()
+
+started = threading.Event()
+_, card = read_model(DEFAULT_MODEL_PATH)
+manager = ModelManager(None, FeatureManager(), clock=ReplayClock(card.created_at),
+                       refitter=Endless())
+manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+n = 100
+rows = np.zeros((n, len(card.feature_names)))
+time = card.created_at + np.arange(n) * 10.0
+manager.update_model("entry", LabelledRows(rows=rows, labels=np.arange(n) % 2, time=time))
+started.wait()
+print("refitting", flush=True)
+"""
+    # its exit would wait for the refit's end, which never comes
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"refitting\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from model_helpers import (
     DEFAULT_CARD,
@@ -198,3 +200,47 @@ def test_a_tokens_predictions_are_followed_to_labels_at_most_once_per_label_inte
         assert token.step(vector_event(MINT, START + at, seq=1))
         pending.append(labels.pending)
     assert pending == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("lag", [30.0, 600.0])
+def test_a_backlog_of_a_tokens_prices_labels_its_predictions_as_delivered_live(lag):
+    from pumpflow.common.features import FeatureManager
+
+    names = FeatureManager().names
+
+    def vector(at: float, price: float, seq: int):
+        values = [0.0] * len(names)
+        values[names.index("price")] = price
+        return vector_event(MINT, START + at, seq=seq, values=tuple(values))
+
+    # scored at 1.0 every 10 s; the price reaches the take profit of the first ones 100 s
+    # on, within their 120 s horizon, and falls back after it
+    path = [(10.0 * i, 1.0) for i in range(10)] + [(100.0, 1.3), (130.0, 0.9)]
+
+    def labels_with(delay: float) -> list[tuple[float, float]]:
+        labels = LabelTracker(clock=ReplayClock(START))
+        processor = ModelProcessor(manager(), ONE_ARM, labels=labels)
+        state = processor.initial(MINT)
+        timer = None
+        for seq, (at, price) in enumerate(path, 1):
+            now = START + at + delay
+            # the token's timer fires on the clock, between its deliveries
+            while timer is not None and timer <= now:
+                effects = FakeEffects(MINT, timer)
+                effects.timer = timer
+                state = processor.fire(state, effects)
+                timer = effects.timer if effects.timer != timer else None
+            effects = FakeEffects(MINT, now)
+            effects.timer = timer
+            state = processor.apply(state, vector(at, price, seq), effects)
+            timer = effects.timer
+        # then the token goes quiet: its timer releases the rest
+        while state.labels is not None:
+            effects = FakeEffects(MINT, max(timer, effects.now))
+            state = processor.fire(state, effects)
+            timer = effects.timer
+        return [(label.time - START, label.label) for label in labels.resolve_due(math.inf)]
+
+    live = labels_with(0.0)
+    assert live[0] == (0.0, 1.0)
+    assert labels_with(lag) == live

@@ -166,6 +166,16 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
          "arms[0]: no field named wieght"),
         # nothing to change: the revision would move alone
         ("PUT", "/arms/weights", {"weights": {}}, 422, "no arm's weight given"),
+        # a table that cannot route is a bad request, as its weights are
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "weight": -1.0}]}, 422,
+         "weight must be finite and >= 0"),
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry"}] * 2}, 422,
+         "arm names must be non-empty and distinct"),
+        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "shadow": True}]}, 422,
+         "no live arm"),
+        ("PUT", "/arms", {"arms": []}, 422, "at least one arm"),
+        ("PUT", "/arms/weights", {"weights": {"control": -1.0}}, 422,
+         "weight must be finite and >= 0"),
     ],
 )
 async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
@@ -291,3 +301,49 @@ async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round
         await model._publish_drift()
         await seen.wait_for(3, "model.drift")
         assert [e.data.feature for e in seen.of("model.drift")] == ["age_s", "buys", "sells"]
+
+
+async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
+    from pumpflow.common.model.performance import ResolvedLabel
+
+    registry = CollectorRegistry()
+    model = ModelService(
+        ModelSettings.load(service="model", transport="memory", api_token=TOKEN,
+                           model_store_labels=False, model_monitor_s=3600.0),
+        registry=registry,
+    )
+
+    def auc_of(arm: str) -> float | None:
+        return registry.get_sample_value(
+            "pumpflow_model_live_metric", {"model_id": "entry", "arm": arm, "metric": "auc"}
+        )
+
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            arms = [{"name": "control", "model_id": "entry"},
+                    {"name": "treatment", "model_id": "entry"}]
+            assert (await http.put("/arms", json={"arms": arms}, headers=auth)).status_code == 200
+            # labels released for both arms, the treatment's ranking badly
+            for arm, good in (("control", True), ("treatment", False)):
+                for i in range(400):
+                    label = float(i % 2)
+                    model.performance.add(ResolvedLabel(
+                        mint=f"m{i}", model_id="entry", version=DEFAULT_CARD.version, arm=arm,
+                        task="classification", score=label if good else 1.0 - label,
+                        time=START, entry_price=1.0, label=label,
+                        definition=DEFAULT_CARD.label, resolved_at=START,
+                    ))
+            model.resolve_labels()
+            assert (auc_of("control"), auc_of("treatment")) == (1.0, 0.0)
+            # the treatment goes: no label comes for it any more, and an alert on its
+            # last figures would fire for ever
+            arms = arms[:1]
+            assert (await http.put("/arms", json={"arms": arms}, headers=auth)).status_code == 200
+            model.resolve_labels()
+            assert (auc_of("control"), auc_of("treatment")) == (1.0, None)
+            # its figures are still there to read
+            live = (await http.get("/models/entry/performance")).json()["live"]
+            assert set(live) == {"control", "treatment"}

@@ -96,7 +96,10 @@ class LabelStore(Protocol):
     async def recent(self, model_id: str, feature_set_version: str, definition: str,
                      limit: int) -> tuple[LabelledRows, int]:
         """The newest ``limit`` labels of the model (oldest first, features in the
-        stored order) and the newest label's id."""
+        stored order), each vector once, and the newest label's id.
+
+        A model on two arms (live on one, shadowing every token on another) labels the
+        tokens of its live arm twice: the same vector, score and label, one row."""
 
     async def last_labels(self, limit: int) -> list[ResolvedLabel]:
         """The newest ``limit`` labels of every model and arm, oldest first (no vectors)."""
@@ -228,8 +231,9 @@ class PostgresLabelStore:
     async def recent(self, model_id: str, feature_set_version: str, definition: str,
                      limit: int) -> tuple[LabelledRows, int]:
         records = await self.pool.fetch(
-            f"SELECT id, mint, event_time, label, features FROM model_labels "
-            f"WHERE {_OF_MODEL} ORDER BY event_time DESC, id DESC LIMIT $4",
+            f"SELECT DISTINCT ON (event_time, mint) id, mint, event_time, label, features "
+            f"FROM model_labels WHERE {_OF_MODEL} ORDER BY event_time DESC, mint, id DESC "
+            "LIMIT $4",
             model_id, feature_set_version, definition, limit,
         )
         last_id = max((r["id"] for r in records), default=0)
@@ -347,8 +351,17 @@ class MemoryLabelStore:
 
     async def recent(self, model_id: str, feature_set_version: str, definition: str,
                      limit: int) -> tuple[LabelledRows, int]:
-        mine = sorted(self._of(model_id, feature_set_version, definition),
-                      key=lambda item: (item[1][4], item[0]), reverse=True)[:limit]
+        newest = sorted(self._of(model_id, feature_set_version, definition),
+                        key=lambda item: (item[1][4], item[0]), reverse=True)
+        seen: set[tuple[float, str]] = set()
+        mine = []
+        for item in newest:
+            if len(mine) == limit:
+                break
+            vector = (item[1][4], item[1][3])
+            if vector not in seen:
+                seen.add(vector)
+                mine.append(item)
         last_id = max((i for i, _ in mine), default=0)
         return _labelled([(i, r[3], r[4], r[6], r[9]) for i, r in mine]), last_id
 

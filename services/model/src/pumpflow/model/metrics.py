@@ -257,7 +257,10 @@ class ModelServiceMetrics:
         return self._f.drift_transitions.labels(model_id, state)._value.get()
 
     def performance(self, figures: Iterable[LiveFigures]) -> None:
-        """Set the live-performance gauges (NaN figures, like AUC of one class, skipped)."""
+        """Set the live-performance gauges to ``figures``, those of any other model and arm
+        gone (NaN figures, like AUC of one class, left out)."""
+        self._f.live.clear()
+        self._f.live_labels.clear()
         for each in figures:
             for metric, value in each.metrics.items():
                 if not math.isnan(value):

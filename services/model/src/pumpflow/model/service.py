@@ -32,10 +32,11 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
   newest stored labels, on a thread, by one replica at a time. A candidate better on
-  the held-out slice by more than ``model_refit_min_gain`` is swapped in at once here
-  (each prediction names the version that made it), written to the registry
-  (``model_registry_dir``), stored with its refit and stored as the serving, which the
-  other replicas follow and a restart keeps. The serving names the refitted model by
+  the held-out slice by more than ``model_refit_min_gain`` is written to the registry
+  (``model_registry_dir``), stored with its refit and stored as the serving, which this
+  replica then serves (each prediction names the version that made it), the other
+  replicas follow and a restart keeps; a failure before leaves the serving one served
+  here as everywhere. The serving names the refitted model by
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
@@ -60,7 +61,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,6 +103,11 @@ log = logging.getLogger("pumpflow.model")
 
 #: the store key of the serving all replicas follow
 SERVING_KEY = "model:serving"
+#: the store key a replica holds while it changes the serving, and how long it may
+#: (a change loads a model file at most): one change at a time across the replicas,
+#: each made on the serving the one before stored
+CHANGING_KEY = "model:serving:changing"
+CHANGING_TTL_S = 30.0
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -331,6 +339,7 @@ class ModelService(Service):
             log.error("model: cannot serve the stored serving revision %d, a model file is "
                       "missing (%s); serving the settings' models", stored.revision, exc)
             self.metrics.unavailable("start")
+            self._unavailable_revision = stored.revision
         fallback = msgspec.structs.replace(configured, revision=stored.revision)
         for model_id in set(self.manager.models()) - set(fallback.models):
             self._unload(model_id)
@@ -423,9 +432,12 @@ class ModelService(Service):
 
     async def change(self, change) -> Serving:
         """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
-        async with self._changing:
-            current = await self._stored_serving() or self.serving
-            if current.revision > self.serving.revision:
+        async with self._changing, self._changing_everywhere():
+            current = await self._stored_serving()
+            if current is None or current.revision < self.serving.revision:
+                # a store that lost it, or holds an older one: made on this one's
+                current = self.serving
+            elif current.revision > self.serving.revision:
                 self._apply(current, await self._fetch_missing(current))
             changed = change(current)
             changed = msgspec.structs.replace(changed, revision=current.revision + 1)
@@ -434,12 +446,44 @@ class ModelService(Service):
             self._publish_arms()
             return changed
 
+    @contextlib.asynccontextmanager
+    async def _changing_everywhere(self):
+        """Hold the serving's change key in the store for a change (ServingError 503 if
+        another replica held it for longer than a change may take): two replicas reading
+        the same stored serving would each store their change as the same next revision,
+        the first one lost, and each then serving its own table under that revision,
+        which neither follows."""
+        store = self._ctx.store
+        holder = f"{self._ctx.source}/{secrets.token_hex(8)}".encode()
+        deadline = time.monotonic() + CHANGING_TTL_S
+        pause = 0.01
+        while not await store.set_if_absent(CHANGING_KEY, holder, CHANGING_TTL_S):
+            if time.monotonic() >= deadline:
+                raise ServingError("another replica is changing the serving; try again",
+                                   status=503)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                # left held, it runs out by its TTL
+                await store.delete_if_equal(CHANGING_KEY, holder)
+
     async def refresh(self) -> bool:
-        """Follow a newer serving another replica stored; True if it changed here."""
+        """Follow a newer serving another replica stored; True if it changed here. Store
+        this one again if the store lost it (see :meth:`_store_again`)."""
         stored = await self._stored_serving()
-        if stored is None or self.serving is None or stored.revision <= self.serving.revision:
+        if self.serving is None:
+            return False
+        if stored is None or stored.revision < self.serving.revision:
+            await self._store_again()
+            return False
+        if stored.revision == self.serving.revision:
             return False
         async with self._changing:
+            if stored.revision <= self.serving.revision:
+                return False  # a change here meanwhile stored a newer one
             try:
                 self._apply(stored, await self._fetch_missing(stored))
             except ServingError as exc:
@@ -450,6 +494,26 @@ class ModelService(Service):
                 return False
         self._publish_arms()
         return True
+
+    async def _store_again(self) -> None:
+        """Store the serving here if the store holds none or an older one: Redis keeps
+        nothing over a restart (the deployment's runs without persistence), and a
+        replica started then would serve the settings' models, and a change made there
+        would be stored under a revision the replicas serving a later one never follow.
+        The newest serving of the replicas is kept; the settings' (revision 0), or one
+        this replica serves instead of the stored one it could not load, is not stored."""
+        serving = self.serving
+        if serving.revision == 0 or serving.revision == self._unavailable_revision:
+            return
+        async with self._changing, self._changing_everywhere():
+            stored = await self._stored_serving()
+            if stored is not None and stored.revision >= self.serving.revision:
+                return
+            serving = self.serving
+            await self._ctx.store.set(SERVING_KEY, _encode_serving(serving))
+        log.warning("model: the store held %s; stored serving revision %d again",
+                    "no serving" if stored is None else f"revision {stored.revision}",
+                    serving.revision)
 
     async def _serving_loop(self) -> None:
         while True:
@@ -547,9 +611,12 @@ class ModelService(Service):
         stores them); export the figures. Returns the labels handed out here."""
         resolved = self._hand_out()
         performance = self.performance
+        # those of the arms routed now: an arm taken out gets no more labels, and its last
+        # figures would stand for ever (an alert on them firing with them)
+        routed = {(arm.model_id, arm.name) for arm in self.processor.arms.arms}
         self.metrics.performance(
             figures for key in performance.keys()
-            if (figures := performance.figures(*key)) is not None
+            if key in routed and (figures := performance.figures(*key)) is not None
         )
         self._recount_labels()
         self.metrics.labels(self.labels)
@@ -685,17 +752,17 @@ class ModelService(Service):
             names = self.manager.feature_manager.names
             if tuple(card.feature_names) != tuple(names):
                 data = _in_order(data, names, card.feature_names)
+            # served here only once stored as the serving, as every replica serves it: a
+            # failure before (the database, the store) leaves the one serving everywhere
             result = await asyncio.wrap_future(
-                self.manager.update_model(model_id, data, min_gain=policy.min_gain)
+                self.manager.update_model(model_id, data, min_gain=policy.min_gain, swap=False)
             )
             path = sha256 = model = raw_card = None
-            served = self.manager.serving(model_id) if result.swapped else None
-            if (served is not None and self.manager.registry is not None
-                    and served.card.version == result.candidate_version):
-                path = str(served.path)
+            if result.swapped and result.path is not None:
+                path = result.path
                 # stored with the refit: every replica can write it where it runs
-                model = await asyncio.to_thread(served.path.read_bytes)
-                raw_card = await asyncio.to_thread(card_path(served.path).read_bytes)
+                model = await asyncio.to_thread(Path(path).read_bytes)
+                raw_card = await asyncio.to_thread(card_path(path).read_bytes)
                 sha256 = model_hash(model)
             refit = StoredRefit(
                 model_id=model_id, serving_version=result.serving_version,
@@ -854,7 +921,8 @@ class ModelService(Service):
                     raise HTTPException(422, f"arms[{i}]: no field named {', '.join(unknown)}")
             try:
                 table = tuple(msgspec.convert(a, Arm) for a in arms)
-            except msgspec.ValidationError as exc:
+                ArmTable(table)  # one that cannot route is refused as its weights are
+            except (msgspec.ValidationError, ArmError) as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
             return await changed(lambda s: msgspec.structs.replace(
                 s, arms=table, salt=salt or s.salt))

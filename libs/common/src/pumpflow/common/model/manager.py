@@ -21,9 +21,10 @@ The manager is transport-free: the event bus is kept for the service that hosts 
 from __future__ import annotations
 
 import math
+import threading
 import time as _time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -153,6 +154,9 @@ class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
     candidate_score: float
     held_out_rows: int
     at: float
+    #: where the candidate chosen was written (the registry; None: not chosen, or kept
+    #: in memory alone)
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,6 +175,37 @@ class ServedModel:
     session: ScoringSession
     path: Path
     loaded_at: float
+
+
+class BackgroundExecutor(Executor):
+    """Runs the calls given one at a time, each on a daemon thread of its own.
+
+    A refit is abandoned with its process: the workers of a ThreadPoolExecutor are
+    joined when the interpreter exits, so a process stopped (drained and stored) during
+    a refit would wait the refit out (tens of seconds to minutes) past its stop grace
+    and be killed. A refit abandoned has recorded nothing (at most its model file is in
+    the registry, unnamed by any serving): it is decided again later.
+    """
+
+    def __init__(self) -> None:
+        self._one_at_a_time = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            with self._one_at_a_time:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+        threading.Thread(target=run, name="refit", daemon=True).start()
+        return future
 
 
 class _Counts:
@@ -350,17 +385,23 @@ class ModelManager:
     # Updating and performance.
 
     def update_model(
-        self, model_id: str, new_data: LabelledRows, *, min_gain: float = 0.0
+        self, model_id: str, new_data: LabelledRows, *, min_gain: float = 0.0, swap: bool = True
     ) -> Future[UpdateResult]:
         """Refit on recent labelled data in the background; swap only if better.
 
         The newest ``update_held_out_share`` of ``new_data`` by time is held out; the
-        candidate is fitted on the rows before it whose label horizon ended before it.
+        candidate is fitted on the rows before it whose label horizon ended before it, of
+        the tokens (when known) with no row held out.
         Both the serving model and the candidate score the held-out slice; the candidate
         replaces the serving model (in one step: each prediction names its version) only
         if it scores better by more than ``min_gain``: AUC points for a classifier, a
         share of the serving model's RMSE for a regressor (0: strictly better). Every
         decision is kept in :attr:`updates`.
+
+        ``swap=False``: the candidate chosen is written to the registry (the result's
+        ``path``) and not served here: the caller serves it once it has recorded it
+        (a service whose replicas share what they serve), so a failure before then
+        leaves the serving one in place.
         """
         if min_gain < 0:
             raise ValueError(f"min_gain must be >= 0, not {min_gain}")
@@ -368,11 +409,12 @@ class ModelManager:
         if self._refitter is None:
             raise ModelError(f"model {model_id!r}: no refitter was given to this manager")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit")
-        return self._executor.submit(self._update, model_id, served, new_data, min_gain)
+            self._executor = BackgroundExecutor()
+        return self._executor.submit(self._update, model_id, served, new_data, min_gain, swap)
 
     def _update(
-        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float
+        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float,
+        swap: bool,
     ) -> UpdateResult:
         card = served.card
         order = np.argsort(data.time, kind="stable")
@@ -381,11 +423,14 @@ class ModelManager:
         if first_held <= 0 or first_held >= len(data.time):
             raise ModelError(f"model {model_id!r}: too few rows to refit and hold out")
         cut = data.time[first_held]
-        held_out = data.take(np.arange(len(data.time)) >= first_held)
-        fit_on = data.take(
-            (np.arange(len(data.time)) < first_held)
-            & (data.time + card.label.horizon_s <= cut)
-        )
+        held = np.arange(len(data.time)) >= first_held
+        held_out = data.take(held)
+        before = ~held & (data.time + card.label.horizon_s <= cut)
+        if data.token is not None:
+            # as training splits: a token traded across the cut is held out alone, else the
+            # candidate would be judged on the later rows of tokens it was fitted on
+            before &= ~np.isin(data.token, held_out.token)
+        fit_on = data.take(before)
         model, candidate_card = self._refitter.refit(card, fit_on, held_out,
                                                      now=self.clock.now())
         candidate = self.runtime.open(model, candidate_card)
@@ -404,18 +449,21 @@ class ModelManager:
         now = self.clock.now()
         # the one that serves now may have been replaced meanwhile (a load): keep it then
         swapped = bool(better) and self._models.get(model_id) is served
+        written = None
         if swapped:
             path = served.path
             if self.registry is not None:
-                path = self.registry.register(model, candidate_card)
-            self._models[model_id] = ServedModel(
-                card=candidate_card, session=candidate, path=path, loaded_at=now
-            )
+                path = written = self.registry.register(model, candidate_card)
+            if swap:
+                self._models[model_id] = ServedModel(
+                    card=candidate_card, session=candidate, path=path, loaded_at=now
+                )
         result = UpdateResult(
             model_id=model_id, swapped=swapped, serving_version=card.version,
             candidate_version=candidate_card.version, metric=metric,
             serving_score=float(old), candidate_score=float(new),
             held_out_rows=len(held_out.labels), at=now,
+            path=None if written is None else str(written),
         )
         self.updates.setdefault(model_id, []).append(result)
         return result

@@ -20,7 +20,9 @@ Resolution: a label is decided as soon as its outcome is certain (a barrier is h
 a price after the horizon arrives) and released once the clock is ``grace_s`` past the
 horizon, never before: every label is released at its horizon whatever its outcome, so
 a window of released labels is a cohort of predictions by time, not skewed towards
-quick hits. The grace (2 s) covers the bus's delivery lag of a price at the horizon.
+quick hits. The grace (2 s) covers the bus's delivery lag of a price at the horizon; a
+holder that knows its token's prices come later (a backlog) releases them that much later
+(``release(..., lag=)``).
 Release times are rounded up to steps of ``release_step_s`` (0.25 s), so a token's
 labels of one step go out together, in the order registered.
 
@@ -483,15 +485,17 @@ class LabelTracker:
         else:
             self._barrier_factors = (_INF, -_INF, True)
 
-    def release(self, tokens: TokenLabels, mint: str, now: float) -> int:
+    def release(self, tokens: TokenLabels, mint: str, now: float, *, lag: float = 0.0) -> int:
         """Release the token's labels due by ``now`` (the undecided ones decided from the
-        prices seen), for :meth:`resolve_due`; how many."""
-        if now < tokens.next_release:
+        prices seen), for :meth:`resolve_due`; how many. ``lag``: how far behind the
+        clock the token's prices come (each label is due that much later)."""
+        due = now - lag
+        if due < tokens.next_release:
             return 0
         items = tokens.items
         released = 0
         for item in items:
-            if item.release > now:
+            if item.release > due:
                 break
             released += 1
             if item.label != item.label:

@@ -6,7 +6,10 @@ waiting for their labels, :class:`~pumpflow.common.model.performance.TokenLabels
 Waiting labels are stored with the token's effects, restored with its partition and
 released on the owner only: on the token's next event once due, else by its timer
 (one per token, at its next release); a retired token stays until its last label is
-released, then goes. A release is decided by the state as stored, so a label is
+released, then goes. A label is due at its horizon and grace as the token's prices come:
+when its last vector came ``lag`` seconds of the clock after its event time (a consumer
+running behind the market), that much later, so the prices up to its horizon still
+count. A release is decided by the state as stored, so a label is
 released once wherever its token moves (a replica that dies after releasing but before
 storing the token releases it again on the next owner; the label store keeps one).
 
@@ -104,6 +107,9 @@ class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=
     last_labelled: float = 0.0
     #: its predictions waiting for their labels (None: none)
     labels: TokenLabels | None = None
+    #: whole clock seconds (rounded up) its last vector came after its event time: a label
+    #: is released that much after its horizon and grace, when its prices come in a backlog
+    lag: int = 0
 
 
 #: a score: the card of the version that made it, the score, seconds of its batch's time
@@ -254,7 +260,13 @@ class ModelProcessor:
                 price = data.values[at]
                 if tokens is not None:
                     tokens.observe(time, price)
-        if tokens is not None and tokens.next_release <= effects.now:
+        if live:
+            # a consumer running behind the market applies the prices of a horizon later
+            # than it ends: a label released by the clock alone would be decided without
+            # them
+            lag = effects.now - time
+            state.lag = math.ceil(lag) if lag > 0.0 else 0
+        if tokens is not None and tokens.next_release + state.lag <= effects.now:
             self._release_due(state, effects)
         prepared = self._prepared.pop(event.id, None)
         if effects.more:
@@ -328,7 +340,7 @@ class ModelProcessor:
             if tokens is not None:
                 state.last_labelled = time
                 if tokens.next_release != first_release:
-                    effects.set_timer(tokens.next_release)
+                    effects.set_timer(tokens.next_release + state.lag)
         else:
             self.skipped["no_model"] += 1
             if tokens is not None and not tokens.items:
@@ -341,9 +353,9 @@ class ModelProcessor:
         if self.labels is None:
             state.labels = None  # followed by a run that measured them: not measured here
         else:
-            self.labels.release(tokens, effects.key, effects.now)
+            self.labels.release(tokens, effects.key, effects.now, lag=state.lag)
             if tokens.items:
-                effects.set_timer(tokens.next_release)
+                effects.set_timer(tokens.next_release + state.lag)
                 return
             state.labels = None
         effects.cancel_timer()

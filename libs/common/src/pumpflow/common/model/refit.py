@@ -6,9 +6,9 @@ the label; :class:`~pumpflow.common.model.performance.ResolvedLabel`) and checks
 to :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the newest
 ``window_rows`` stored rows of the model (its feature set and label definition): the
 manager holds out the newest share of them by time (``update_held_out_share``, 30%),
-fits a candidate on the rows whose horizon ended before that slice, and swaps it in
-only if it scores better on the slice than the serving version by more than
-``min_gain``.
+fits a candidate on the rows whose horizon ended before that slice, of the tokens
+with no row in it, and swaps it in only if it scores better on the slice than the
+serving version by more than ``min_gain``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""The serving (models, arm table) shared by replicas through Redis: changes made through
+different replicas at once are each made on the one before, and every replica ends up
+serving the same table."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import msgspec
+import pytest
+from model_helpers import START
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.testing import BusHarness, eventually
+from pumpflow.model.labels import MemoryLabelStore
+from pumpflow.model.service import ModelService, ModelSettings
+
+pytestmark = [pytest.mark.redis]
+
+TOKEN = "sesame"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def start_replica(name: str, buses: BusHarness, store, clock) -> ModelService:
+    settings = ModelSettings.load(
+        service="model", transport="memory", partitions=4, replica=name, api_token=TOKEN,
+        model_monitor_s=3600.0, model_refit=False, model_serving_refresh_s=3600.0,
+    )
+    service = ModelService(settings, registry=CollectorRegistry(), label_store=MemoryLabelStore())
+    await service.start(ServiceContext(settings=settings, bus=await buses.bus("model"),
+                                       clock=clock, store=store))
+    return service
+
+
+def client(service: ModelService) -> httpx.AsyncClient:
+    app = create_app(service, service._ctx)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://model")
+
+
+@pytest.fixture
+async def replicas(namespace, redis_url):
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    started: list[ModelService] = []
+    try:
+        for name in ("m1", "m2"):
+            started.append(await start_replica(name, buses, store, clock))
+        yield [(s, client(s)) for s in started]
+    finally:
+        for service in started:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+async def test_changes_through_two_replicas_at_once_are_both_kept_and_followed(replicas):
+    (first, one), (second, two) = replicas
+    arms = [{"name": "control", "model_id": "entry"}, {"name": "treatment", "model_id": "entry"}]
+    assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
+    for round_ in range(1, 6):
+
+        async def weigh(client, arm: str, weight: float) -> httpx.Response:
+            await asyncio.sleep(0)
+            return await client.put("/arms/weights", json={"weights": {arm: weight}},
+                                    headers=AUTH)
+
+        answers = await asyncio.gather(
+            weigh(one, "control", float(round_)), weigh(two, "treatment", 10.0 + round_)
+        )
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        # each change was made on the other's: two revisions, both weights stored
+        assert answers[0].json()["revision"] != answers[1].json()["revision"]
+        for service in (first, second):
+            await service.refresh()
+            weights = {arm.name: arm.weight for arm in service.processor.arms.arms}
+            assert weights == {"control": float(round_), "treatment": 10.0 + round_}
+        assert first.processor.arms == second.processor.arms
+
+
+async def test_a_change_here_while_following_another_replicas_is_not_undone(replicas):
+    (first, _), (second, _) = replicas
+
+    def weighed(weight: float):
+        def change(serving):
+            return msgspec.structs.replace(
+                serving, arms=serving.table().with_weights({"control": weight}).arms
+            )
+
+        return change
+
+    await second.change(weighed(2.0))
+    # connections for both at once: the read of the follow is answered before the change's
+    store = first._ctx.store
+    await asyncio.gather(*(store.get(f"warm{i}") for i in range(4)))
+    # a change here starts as the other replica's is being followed
+    mine, _ = await asyncio.gather(first.change(weighed(3.0)), first.refresh())
+    assert first.serving.revision == mine.revision == second.serving.revision + 1
+    assert first.processor.arms.arm("control").weight == 3.0
+
+
+async def test_a_serving_the_store_lost_is_stored_again_for_the_replicas_to_come(
+    own_redis, namespace
+):
+    import redis.exceptions
+
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=own_redis.url, namespace=namespace)
+    started: list[ModelService] = []
+    try:
+        first = await start_replica("m1", buses, store, clock)
+        started.append(first)
+        async with client(first) as http:
+            arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
+                    {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+            changed = await http.put("/arms", json={"arms": arms}, headers=AUTH)
+            assert changed.status_code == 200, changed.text
+        # the deployment's Redis keeps nothing over a restart
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.to_thread(own_redis.start)
+
+        async def refreshed() -> bool:
+            # a connection from before the restart fails its first command; the service's
+            # loop reads again at its next round
+            try:
+                await first.refresh()
+            except redis.exceptions.ConnectionError:
+                return False
+            return True
+
+        await eventually(refreshed, what="the serving read again")
+        later = await start_replica("m2", buses, store, clock)
+        started.append(later)
+        assert later.serving.revision == first.serving.revision == changed.json()["revision"]
+        assert later.processor.arms == first.processor.arms
+        # and the next change, wherever made, is followed by both
+        async with client(later) as http:
+            weights = {"weights": {"control": 0.5}}
+            assert (await http.put("/arms/weights", json=weights, headers=AUTH)).status_code == 200
+        assert await first.refresh()
+        assert first.processor.arms == later.processor.arms
+    finally:
+        for service in started:
+            await service.stop()
+        await buses.teardown()
+        await store.close()
+
+
+async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones(replicas):
+    from pumpflow.model.service import SERVING_KEY
+
+    (first, one), _ = replicas
+    arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
+            {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+    assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
+    # the store holds an older serving (one stored again by a replica that had not
+    # followed this one yet)
+    older = msgspec.structs.replace(first.serving, revision=0, arms=first.serving.arms[:1])
+    await first._ctx.store.set(SERVING_KEY, msgspec.json.encode(older))
+    weights = {"weights": {"treatment": 0.9}}
+    answer = await one.put("/arms/weights", json=weights, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert {arm["name"]: arm["weight"] for arm in answer.json()["arms"]} == {
+        "control": 0.3, "treatment": 0.9
+    }
+    assert answer.json()["revision"] == 2
