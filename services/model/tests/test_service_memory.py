@@ -303,6 +303,33 @@ async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round
         assert [e.data.feature for e in seen.of("model.drift")] == ["age_s", "buys", "sells"]
 
 
+def test_live_precision_is_measured_where_trading_enters(monkeypatch):
+    """One setting for both services: trading's entry score is where the model's live
+    precision is measured (its default, trading's, unless set)."""
+    from pumpflow.common.trading import EntryFilters
+
+    assert model_service().settings.trading_min_score == EntryFilters().min_score
+    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "0.72")
+    assert model_service().settings.trading_min_score == 0.72
+
+
+async def test_the_live_figures_are_measured_at_the_trading_threshold():
+    from pumpflow.common.model.performance import ResolvedLabel
+
+    model = model_service(model_store_labels=False, model_monitor_s=3600.0,
+                          trading_min_score=0.7)
+    async with run_embedded([model], clock=ReplayClock(START)):
+        for i, score in enumerate((0.9, 0.8, 0.65, 0.5, 0.75)):
+            model.performance.add(ResolvedLabel(
+                mint=f"m{i}", model_id="entry", version=DEFAULT_CARD.version, arm="control",
+                task="classification", score=score, time=START, entry_price=1.0,
+                label=float(i != 1), definition=DEFAULT_CARD.label, resolved_at=START,
+            ))
+        metrics = model.performance.figures("entry", "control").metrics
+    assert metrics["threshold"] == 0.7
+    assert metrics["precision"] == 2 / 3  # of 0.9, 0.8 and 0.75; 0.65 and 0.5 not entered
+
+
 async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
     from pumpflow.common.model.performance import ResolvedLabel
 

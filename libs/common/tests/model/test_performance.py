@@ -240,6 +240,15 @@ def test_rolling_auc_precision_and_brier_equal_a_direct_computation_on_the_windo
     performance.set_threshold("entry", 0.9)
     assert performance.figures("entry", "a").metrics["precision"] == precision_at(
         window_labels, window_scores, 0.9)
+    # the score trading enters at, for every model without a threshold of its own
+    at_trading = RollingPerformance(window=500, threshold=0.6)
+    for score, label in zip(scores, labels, strict=True):
+        at_trading.add(resolved("entry", "a", score, label))
+    figures = at_trading.figures("entry", "a")
+    assert figures.metrics["threshold"] == 0.6
+    assert figures.metrics["precision"] == precision_at(window_labels, window_scores, 0.6)
+    with pytest.raises(ValueError, match="threshold"):
+        RollingPerformance(threshold=1.5)
 
 
 def test_rolling_regression_error():

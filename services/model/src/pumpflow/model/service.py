@@ -247,7 +247,7 @@ class ModelService(Service):
         serving = await self._start_serving()
         self.labels = LabelTracker(clock=ctx.clock)
         self._labels_counted_over = None
-        self.performance = RollingPerformance()
+        self.performance = RollingPerformance(threshold=settings.trading_min_score)
         if settings.model_store_labels:
             # the rolling figures go on from the labels stored before the restart
             stored = await self.label_store.last_labels(4 * self.performance.window)

@@ -10,6 +10,7 @@ from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.model.processor import CONSUMES, ScoringPolicy
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.trading import EntryFilters
 
 _POLICY = ScoringPolicy()
 _REFIT = RefitPolicy()
@@ -54,6 +55,11 @@ class ModelSettings(CommonSettings):
     )
     model_retire_ttl_s: float = Field(
         _POLICY.retire_ttl_s, gt=0, description="TTL of a retired token's record"
+    )
+    trading_min_score: float = Field(
+        EntryFilters().min_score, ge=0, le=1,
+        description="the score trading enters at, trading's own setting: live precision is "
+        "measured there",
     )
     model_serving_refresh_s: float = Field(
         2.0, gt=0, description="how often a replica reads the shared serving (models, arms)"

@@ -606,17 +606,27 @@ class RollingPerformance:
     Window: 2,000 labels. The standard error of an AUC over ``n`` labels with positive
     share ``r`` is about ``0.5 / sqrt(n r (1 - r))`` at worst: 0.025 for 2,000 labels at a
     10% positive rate, fine enough to see a model lose 0.05 of AUC, and at tens of
-    predictions a second the window turns over in minutes. ``thresholds``: the trading
-    threshold per model id; a model without one is measured at its label's break-even
-    probability (:func:`breakeven_threshold`).
+    predictions a second the window turns over in minutes. Precision is measured at the
+    trading threshold: ``thresholds`` per model id, else ``threshold`` (the score trading
+    enters at), else the model's label's break-even probability
+    (:func:`breakeven_threshold`).
     Adding is O(1); figures cost O(window log window) and are cached until the next add.
     """
 
-    def __init__(self, *, window: int = 2000, thresholds: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        *,
+        window: int = 2000,
+        thresholds: Mapping[str, float] | None = None,
+        threshold: float | None = None,
+    ):
         if window <= 0:
             raise ValueError("window must be positive")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError("threshold must be within [0, 1]")
         self.window = window
         self.thresholds = dict(thresholds or {})
+        self.default_threshold = threshold
         self._windows: dict[tuple[str, str], _Window] = {}
         self._default_thresholds: dict[str, float] = {}
 
@@ -687,7 +697,10 @@ class RollingPerformance:
             self._default_thresholds[model_id] = breakeven_threshold(definition)
 
     def threshold(self, model_id: str) -> float:
-        return self.thresholds.get(model_id, self._default_thresholds.get(model_id, 0.5))
+        found = self.thresholds.get(model_id, self.default_threshold)
+        if found is None:
+            return self._default_thresholds.get(model_id, 0.5)
+        return found
 
     def set_threshold(self, model_id: str, threshold: float) -> None:
         self.thresholds[model_id] = threshold
