@@ -278,14 +278,17 @@ class GracefulExitManager:
     async def on_rule_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, tokens: float
     ) -> None:
-        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, its
-        tokens are gone; refused, the exit sells them (the position is never left open)."""
+        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, the
+        tokens it sold are gone; refused, the exit sells them (the position is never left
+        open)."""
         queued = self.planner.exits.get(mint)
         record = self.records.get(mint)
         if queued is None or record is None or self.summary is not None:
             return
         if isinstance(outcome, OrderFilled):
-            self.planner.release(mint, tokens)
+            # trading cuts a sale to what the others under way leave: the tokens it did
+            # not sell stay reserved for those, and a refusal of one gives them back
+            self.planner.release(mint, outcome.token_amount)
         else:
             record.tokens_at_start += self.planner.retake(mint, tokens)
         self._changed.set()

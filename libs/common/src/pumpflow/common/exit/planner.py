@@ -501,7 +501,7 @@ class ExitPlanner:
         return queued
 
     def release(self, mint: str, tokens: float) -> QueuedExit | None:
-        """A rule's sale of ``tokens`` reserved from ``mint``'s exit filled: they are gone."""
+        """A rule's sale reserved from ``mint``'s exit sold ``tokens``: they are gone."""
         queued = self.exits.get(mint)
         if queued is not None:
             queued.reserved = max(0.0, queued.reserved - tokens)
