@@ -6,7 +6,9 @@
   :data:`~pumpflow.common.exit.CONSUMES` (trading's position and order events, the
   token's trades, migration and lifecycle) and publishes ``exit.order`` on the
   critical lane, order id ``<position_id>:rule:<n>``; trading executes it. Each
-  settled sale is stored and reported (``exit.report``).
+  settled sale is reported (``exit.report``) and stored before the state that applied
+  its outcome is written, as a tranche's outcome is (the consumer's ``before_write``):
+  its delivery is acked only once it is stored.
 - **Graceful exit.** ``system.shutdown`` (``pumpflow stop``, SIGTERM of the embedded
   run, ``POST /shutdown`` with the API token) comes on the group ``<service>-control``
   (a keyless command, apart from the keyed consumer's queues). The replica that takes
@@ -65,9 +67,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -76,7 +78,6 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
-from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -101,6 +102,7 @@ from pumpflow.common.exit import (
     held_view,
 )
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.trading import derived_id
 from pumpflow.exit.metrics import ExitMetrics
 from pumpflow.exit.records import (
     BARRIER,
@@ -114,8 +116,6 @@ from pumpflow.exit.records import (
     resume_state,
 )
 from pumpflow.exit.settings import ExitSettings
-
-T = TypeVar("T")
 
 log = logging.getLogger("pumpflow.exit")
 
@@ -190,6 +190,12 @@ class ExitService(Service):
         self.finished = asyncio.Event()
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
+        #: exit orders' outcomes applied and not stored yet: (mint, outcome, sale, time)
+        self._outcomes: list[
+            tuple[str, OrderFilled | OrderRejected, PendingSale | None, float]
+        ] = []
+        #: order ids of those whose rule sale's report went out
+        self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
         self._waiting: dict[str, tuple[str, asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -221,7 +227,7 @@ class ExitService(Service):
             on_published=self._published,
             metrics=self.consumer_metrics,
             on_forgotten=self.processor.forget,
-            before_write=self._store_ended,
+            before_write=self._before_write,
         )
         await self.consumer.start()
         self._control = Subscription(
@@ -435,9 +441,9 @@ class ExitService(Service):
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
     async def _store_ended(self) -> None:
-        """Store the ids ended at the tokens retired since the last commit: the keyed
-        consumer's ``before_write``, so a token leaves memory and the partition's index
-        only once they are stored (a restarted replica reads them in :meth:`_to_come`)."""
+        """Store the ids ended at the tokens retired since the last commit: a token leaves
+        memory and the partition's index only once they are stored (a restarted replica
+        reads them in :meth:`_to_come`)."""
         handed = self.processor.retired_ended
         if not handed:
             return
@@ -594,46 +600,61 @@ class ExitService(Service):
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(mint, outcome, sale, time))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # stored by the commit's before_write: the delivery is acked only once it is
+        self._outcomes.append((mint, outcome, sale, time))
 
-    async def _settle(
-        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
+    async def _before_write(self) -> None:
+        """What the commit's keys hand out, stored before their states are written (the
+        keyed consumer's ``before_write``): a crash leaves it stored, or its events
+        unacked and applied again, never applied and not stored."""
+        await self._store_ended()
+        await self._store_outcomes()
+
+    async def _store_outcomes(self) -> None:
+        """Store each exit order's outcome applied since the last commit, then act on it.
+
+        The outcome comes once (acked as its state is written): stored here, a crash
+        before the write has it applied and stored again (a no-op), one after has it
+        stored. Its rule sale's report goes out with it under an id of its own, so a
+        second one after a crash is the same event.
+        """
+        while self._outcomes:
+            mint, outcome, sale, time = self._outcomes[0]
+            if ":exit:" in outcome.order_id:
+                first = await self.records.settle(outcome.order_id, outcome, time)
+            elif sale is not None:
+                first = await self._settle_rule(mint, outcome, sale, time)
+            else:
+                first = False
+            del self._outcomes[0]
+            self._reported.discard(outcome.order_id)
+            task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale, first))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settled(
+        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, first: bool
     ) -> None:
+        """An outcome stored: to the tranche awaiting it, or to the graceful exit."""
         try:
             if ":exit:" in outcome.order_id:
-                first = await self._stored(
-                    outcome, lambda: self.records.settle(outcome.order_id, outcome, time)
-                )
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
                 elif first and self.manager is not None:
                     # given up for lost (exit_order_timeout_s): its tokens were held back
                     await self.manager.on_late_outcome(outcome)
-                return
-            if sale is not None:
-                if self.manager is not None:
-                    await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
-                await self._settle_rule(mint, outcome, sale, time)
+            elif sale is not None and self.manager is not None:
+                await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
         except Exception:
-            log.exception("exit: storing the outcome of %s failed", outcome.order_id)
-
-    async def _stored(
-        self, outcome: OrderFilled | OrderRejected, write: Callable[[], Awaitable[T]]
-    ) -> T:
-        """``write`` of ``outcome`` done: the outcome comes once (acked as it applied), so
-        an outage of the store is waited out, or its fill is lost (to the tranche awaiting
-        it, to the report)."""
-        return await wait_out(
-            write, waiter="exit", what=f"storing the outcome of {outcome.order_id}"
-        )
+            log.exception("exit: the graceful exit took the outcome of %s badly",
+                          outcome.order_id)  # fmt: skip
 
     async def _settle_rule(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale, time: float
-    ) -> None:
-        """A rule's sale settled: stored, counted and, filled, reported."""
+    ) -> bool:
+        """A rule's sale settled: reported if filled, then stored and counted; whether it
+        was new."""
         record = ExitRecord(
             mint=mint,
             position_id=outcome.position_id or "",
@@ -654,18 +675,26 @@ class ExitService(Service):
             started_at=sale.decided_at,
             mark_price=sale.mark_price,
         ).settled(outcome, time)
-        if not await self._stored(outcome, lambda: self.records.record_order(stored)):
-            return  # settled before (a redelivery)
         if isinstance(outcome, OrderFilled):
             record.add_fill(outcome, time)
             record.finish(time)
-            self.metrics.settled(sale.rule, "filled", record.slippage)
+        if isinstance(outcome, OrderFilled) and outcome.order_id not in self._reported:
             ctx = self._ctx
-            await ctx.bus.publish(make_event(record.report(), source=ctx.source, time=time))
+            # before the record: a crash between the two reports it again, the same event
+            report = make_event(record.report(), source=ctx.source, time=time,
+                                event_id=derived_id("exit-report", outcome.order_id))  # fmt: skip
+            await ctx.bus.publish(report)
+            # an outage of the records retries the store, not the report
+            self._reported.add(outcome.order_id)
+        if not await self.records.record_order(stored):
+            return False  # settled before (applied again after a crash)
+        if isinstance(outcome, OrderFilled):
+            self.metrics.settled(sale.rule, "filled", record.slippage)
         else:
             self.metrics.settled(sale.rule, "rejected")
             log.info("exit: %s's sale %s refused: %s", sale.rule, outcome.order_id,
                      outcome.reason)  # fmt: skip
+        return True
 
     def _published(self, events: Sequence[Event]) -> None:
         for event in events:
