@@ -18,6 +18,9 @@ from pumpflow.common.events import (
     BarrierPosition,
     FeaturesUpdated,
     ModelPrediction,
+    OrderFilled,
+    PositionClosed,
+    PositionUpdated,
     ShutdownBarrier,
     SystemShutdown,
     TokenLifecycle,
@@ -31,7 +34,7 @@ from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, FlakyExitStore, Outage, embedded, exit_service
+from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, opened
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -656,3 +659,66 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
         if second is not None:
             await second.stop()
         await store.close()
+
+
+async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported_closed():
+    """A tranche of the graceful exit fills, then a hand sale closes the rest of the
+    position: the exit asks for no more tranches (none would be answered but refused,
+    to the deadline), its line says trading closed it and why, and the run ends at once,
+    the position not counted left."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(
+        records,
+        exit_max_tranche_impact=0.002,
+        exit_min_tranche_interval_s=5.0,
+        exit_order_timeout_s=1.0,
+        # no trading here to answer the shutdown with its barrier
+        exit_barrier_wait_s=0.0,
+        exit_run_poll_s=0.02,
+    )
+    async with embedded(clock, exits) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=3e7)
+        held = position.data
+        await bus.publish(position)
+        await bus.publish(make_event(SystemShutdown(reason="hand sale"), source="test",
+                                     time=clock.now()))  # fmt: skip
+        [first] = await watch.wait_for(1, "exit.order")
+        tranche = first.data
+        assert tranche.token_amount < held.token_amount / 2
+        price = tokens.curves[mint].price
+
+        async def trading(payload) -> None:
+            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+        await trading(
+            OrderFilled(
+                order_id=tranche.order_id, mint=mint, side="sell",
+                token_amount=tranche.token_amount, sol_amount=tranche.token_amount * price,
+                price=price, position_id=held.position_id,
+            )
+        )  # fmt: skip
+        left = held.token_amount - tranche.token_amount
+        fields = {"position_id": held.position_id, "mint": mint, "entry_price": held.entry_price}
+        await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+        # the rest goes by hand
+        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+        # the clock stands still: the run ends on the close, not on its deadline
+        await eventually(exits.finished.is_set, what="the graceful exit finished")
+
+        assert watch.payloads("exit.order") == [tranche]
+        summary = exits.summary
+        [line] = summary.lines
+        assert line.closed == "manual" and line.completed, line
+        assert line.tranches == 1 and line.tokens_sold == pytest.approx(tranche.token_amount)
+        assert summary.positions_left == 0 and summary.deadline_margin_s > 0
+        text = summary.text()
+        assert "0 sold out, 1 closed by trading" in text, text
+        assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text
+        run = await records.latest_run()
+        assert run.summary["positions"][0]["closed"] == "manual"

@@ -17,8 +17,10 @@
   :class:`~pumpflow.common.exit.GracefulExitManager`: the rules stop, each tranche is
   stored, then published as an ``exit.order``, then awaited as trading's
   ``order.filled``/``order.rejected``. A rule's sale under way holds its tokens back
-  until it settles; refused, the graceful exit sells them too. Reports per position go
-  out as ``exit.report`` and into the records.
+  until it settles; refused, the graceful exit sells them too. A position trading
+  closes by other means (``position.closed``: a hand sale, a rule's sale that raced)
+  gets no tranche more; its report says it was closed, and why. Reports per position
+  go out as ``exit.report`` and into the records.
 - **The end of a graceful exit** is the whole run's, not a replica's: each replica
   lists in the records the partitions it has loaded and the positions it queued, and
   closes each position as it is sold out (or as the deadline leaves it); the change
@@ -69,7 +71,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -146,6 +148,16 @@ class _OwnedPositions:
         return held
 
 
+class _Closed(NamedTuple):
+    """Trading closed a position (the close's reason)."""
+
+    position_id: str
+    reason: str
+
+
+_Handed = OrderFilled | OrderRejected | _Closed
+
+
 def _moved(order_id: str, mint: str) -> OrderRejected:
     """The answer to a tranche of a position whose partition moved to another replica."""
     return OrderRejected(
@@ -190,10 +202,9 @@ class ExitService(Service):
         self.finished = asyncio.Event()
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
-        #: exit orders' outcomes applied and not stored yet: (mint, outcome, sale, time)
-        self._outcomes: list[
-            tuple[str, OrderFilled | OrderRejected, PendingSale | None, float]
-        ] = []
+        #: exit orders' outcomes and positions closed, applied and not stored or acted on
+        #: yet, in the order they applied: (mint, what, sale, time)
+        self._outcomes: list[tuple[str, _Handed, PendingSale | None, float]] = []
         #: order ids of those whose rule sale's report went out
         self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
@@ -216,6 +227,7 @@ class ExitService(Service):
             on_outcome=self._on_outcome,
             on_market=self._on_market,
             on_lifecycle=self._on_lifecycle,
+            on_closed=self._on_closed,
             retire_ttl_s=s.exit_state_ttl_s,
         )
         under_way = await self.records.active_run()
@@ -597,6 +609,11 @@ class ExitService(Service):
         if self.manager is not None:
             self.manager.on_lifecycle(mint, state, level)
 
+    def _on_closed(self, mint: str, position_id: str, reason: str) -> None:
+        # acted on after the outcomes applied before it: the sale that closed the
+        # position may be the exit's own
+        self._outcomes.append((mint, _Closed(position_id, reason), None, 0.0))
+
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
@@ -620,24 +637,29 @@ class ExitService(Service):
         """
         while self._outcomes:
             mint, outcome, sale, time = self._outcomes[0]
-            if ":exit:" in outcome.order_id:
+            first = False
+            if isinstance(outcome, _Closed):
+                pass  # nothing to store: the graceful exit is told in its turn
+            elif ":exit:" in outcome.order_id:
                 first = await self.records.settle(outcome.order_id, outcome, time)
             elif sale is not None:
                 first = await self._settle_rule(mint, outcome, sale, time)
-            else:
-                first = False
+                self._reported.discard(outcome.order_id)
             del self._outcomes[0]
-            self._reported.discard(outcome.order_id)
             task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale, first))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _settled(
-        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, first: bool
+        self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool
     ) -> None:
-        """An outcome stored: to the tranche awaiting it, or to the graceful exit."""
+        """An outcome stored: to the tranche awaiting it, or to the graceful exit; a
+        position closed: to the graceful exit."""
         try:
-            if ":exit:" in outcome.order_id:
+            if isinstance(outcome, _Closed):
+                if self.manager is not None:
+                    await self.manager.on_closed(mint, outcome.position_id, outcome.reason)
+            elif ":exit:" in outcome.order_id:
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
@@ -647,8 +669,7 @@ class ExitService(Service):
             elif sale is not None and self.manager is not None:
                 await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
         except Exception:
-            log.exception("exit: the graceful exit took the outcome of %s badly",
-                          outcome.order_id)  # fmt: skip
+            log.exception("exit: the graceful exit took %r badly", outcome)
 
     async def _settle_rule(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale, time: float
