@@ -338,6 +338,29 @@ async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_th
     assert line.completed and line.tokens_sold == pytest.approx(held * 0.6, rel=1e-9)
 
 
+async def test_a_position_closed_while_its_tranche_is_in_flight_ends_closed_at_its_answer(
+    harness,
+):
+    """A hand sale closes the position while the exit's first tranche is on its way;
+    trading refuses that tranche (nothing held): the exit ends there, its line closed by
+    trading, no tranche more and nothing left."""
+    h = await harness(deadline_s=30.0)
+    h.open("mint1", 1.0, curve_sol=0.0)
+
+    async def closed_meanwhile(order: ExitOrder) -> OrderRejected:
+        del h.book.open_positions["mint1"]
+        await h.manager.on_closed("mint1", order.position_id, "manual")
+        return OrderRejected(order_id=order.order_id, mint="mint1", reason="nothing held")
+
+    h.executor.execute_exit = closed_meanwhile
+    h.manager.begin_graceful_exit()
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+    [line] = summary.lines
+    assert line.closed == "manual" and line.completed and line.tranches == 0, line
+    assert summary.positions_left == 0
+    assert summary.finished_at == START
+
+
 async def test_a_second_begin_adds_nothing_twice(harness):
     h = await harness()
     h.open("a", 1.0, curve_sol=0.0)

@@ -628,7 +628,8 @@ class ExitService(Service):
         await self._store_outcomes()
 
     async def _store_outcomes(self) -> None:
-        """Store each exit order's outcome applied since the last commit, then act on it.
+        """Store each exit order's outcome applied since the last commit, then act on it
+        and on each position closed, in the order they applied.
 
         The outcome comes once (acked as its state is written): stored here, a crash
         before the write has it applied and stored again (a no-op), one after has it
@@ -637,18 +638,25 @@ class ExitService(Service):
         """
         while self._outcomes:
             mint, outcome, sale, time = self._outcomes[0]
-            first = False
-            if isinstance(outcome, _Closed):
-                pass  # nothing to store: the graceful exit is told in its turn
-            elif ":exit:" in outcome.order_id:
-                first = await self.records.settle(outcome.order_id, outcome, time)
-            elif sale is not None:
-                first = await self._settle_rule(mint, outcome, sale, time)
-                self._reported.discard(outcome.order_id)
+            first = await self._store(mint, outcome, sale, time)
             del self._outcomes[0]
             task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale, first))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _store(
+        self, mint: str, outcome: _Handed, sale: PendingSale | None, time: float
+    ) -> bool:
+        """Store ``outcome``; whether it was new (a position closed has nothing to store)."""
+        if isinstance(outcome, _Closed):
+            return False
+        if ":exit:" in outcome.order_id:
+            return await self.records.settle(outcome.order_id, outcome, time)
+        if sale is None:
+            return False
+        first = await self._settle_rule(mint, outcome, sale, time)
+        self._reported.discard(outcome.order_id)
+        return first
 
     async def _settled(
         self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool

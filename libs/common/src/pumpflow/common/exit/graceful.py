@@ -372,9 +372,10 @@ class GracefulExitManager:
             record.add_fill(outcome, now)
             if tranche.rule == DEADLINE:
                 record.rule = DEADLINE
-            await self._close_if_sold_out(tranche.mint)
         else:
             self.planner.record_rejection(tranche, now)
+        # whatever its answer: a position closed meanwhile ends with it
+        await self._close_if_sold_out(tranche.mint)
         await self._finish_if_done()
 
     async def _close_if_sold_out(self, mint: str) -> None:
