@@ -294,6 +294,73 @@ async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusa
     assert summary.finished_at < START + 30.0
 
 
+async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_the_rest_back(
+    harness,
+):
+    """Two rule sales of 60% each were under way as the exit began; trading cut the
+    second to the 40% not already asked for. It fills 40%, then the first is refused:
+    the 60% still held are the exit's, not the 40% that 60% ordered less would leave."""
+    h = await harness(deadline_s=30.0)
+    position = h.open("mint1", 1.0, curve_sol=0.0)
+    held = position.tokens
+    view = Position(**{**position.__dict__, "tokens": 0.0})
+    view.pending_tokens = held
+    h.book.open_positions["mint1"] = view
+    waiting_on_the_rules = asyncio.Event()
+
+    async def wait_until(when: float) -> None:
+        """The clock's wait, but held while the rules' sales hold every token."""
+        if h.manager.planner.exits["mint1"].tokens_left == 0:
+            waiting_on_the_rules.set()
+            await asyncio.Event().wait()  # ended by the rules' outcomes
+        await h.clock.advance_to(when)
+
+    h.manager = GracefulExitManager(
+        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
+        wait_until=wait_until,
+    )  # fmt: skip
+    h.manager.begin_graceful_exit()
+    running = asyncio.ensure_future(h.manager.run())
+    await asyncio.wait_for(waiting_on_the_rules.wait(), 10)
+    cut = OrderFilled(
+        order_id="pos-mint1:rule:2", mint="mint1", side="sell", token_amount=held * 0.4,
+        sol_amount=0.3, price=0.3 / (held * 0.4), position_id="pos-mint1",
+    )  # fmt: skip
+    view.tokens, view.pending_tokens = held * 0.6, 0.0
+    await h.manager.on_rule_outcome("mint1", cut, held * 0.6)
+    refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.6)
+    summary = await running
+    assert h.book.open_positions == {}, "tokens left held by a sold-out exit"
+    sold = sum(o.token_amount for o, _, _ in h.executor.fills)
+    assert sold == pytest.approx(held * 0.6, rel=1e-9)
+    [line] = summary.lines
+    assert line.completed and line.tokens_sold == pytest.approx(held * 0.6, rel=1e-9)
+
+
+async def test_a_position_closed_while_its_tranche_is_in_flight_ends_closed_at_its_answer(
+    harness,
+):
+    """A hand sale closes the position while the exit's first tranche is on its way;
+    trading refuses that tranche (nothing held): the exit ends there, its line closed by
+    trading, no tranche more and nothing left."""
+    h = await harness(deadline_s=30.0)
+    h.open("mint1", 1.0, curve_sol=0.0)
+
+    async def closed_meanwhile(order: ExitOrder) -> OrderRejected:
+        del h.book.open_positions["mint1"]
+        await h.manager.on_closed("mint1", order.position_id, "manual")
+        return OrderRejected(order_id=order.order_id, mint="mint1", reason="nothing held")
+
+    h.executor.execute_exit = closed_meanwhile
+    h.manager.begin_graceful_exit()
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+    [line] = summary.lines
+    assert line.closed == "manual" and line.completed and line.tranches == 0, line
+    assert summary.positions_left == 0
+    assert summary.finished_at == START
+
+
 async def test_a_second_begin_adds_nothing_twice(harness):
     h = await harness()
     h.open("a", 1.0, curve_sol=0.0)

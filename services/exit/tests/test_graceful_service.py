@@ -18,6 +18,9 @@ from pumpflow.common.events import (
     BarrierPosition,
     FeaturesUpdated,
     ModelPrediction,
+    OrderFilled,
+    PositionClosed,
+    PositionUpdated,
     ShutdownBarrier,
     SystemShutdown,
     TokenLifecycle,
@@ -26,12 +29,12 @@ from pumpflow.common.events import (
 from pumpflow.common.priority import Priority
 from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
-from pumpflow.exit.records import BARRIER, MemoryExitStore, entry_position_id
+from pumpflow.exit.records import BARRIER, MemoryExitStore, PostgresExitStore, entry_position_id
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, FlakyExitStore, embedded, exit_service
+from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, opened
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -563,3 +566,159 @@ async def test_a_tranche_stored_and_never_sent_before_a_crash_is_sent_by_the_res
             assert line.completed and line.unconfirmed_tranches == 0
         finally:
             await second.stop()
+
+
+class _RecordsOut(PostgresExitStore):
+    """The exit's records in Postgres, out (as a restart of the database) while ``down``:
+    a tranche's outcome cannot be stored then."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.down = False
+        #: tries to store a tranche's outcome while down
+        self.refused = 0
+
+    async def settle(self, order_id, outcome, time):
+        if self.down:
+            self.refused += 1
+            raise Outage("the records' database is restarting")
+        return await super().settle(order_id, outcome, time)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
+    rabbitmq_harness, redis_client, redis_url, namespace, pg_pool
+):
+    """A tranche fills while the exit's records are out; the replica dies trying to store
+    the fill, before they are back. The fill is not lost with it: the delivery was not
+    acked, so the restarted replica applies and stores it, and the position ends sold
+    out, not held back as that tranche's unconfirmed tokens until the deadline (trading
+    answers an order id once, so asking again brings nothing)."""
+    from pumpflow.common.runtime.service import ServiceContext
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), _RecordsOut(pg_pool)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    settings = {"partitions": PARTITIONS, "exit_resume_wait_s": 5.0}
+    trader = trading(ledger, partitions=PARTITIONS)
+    bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="test/embedded")
+
+    async def replica(service):
+        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
+        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
+        await service.start(ctx)
+        return replica_bus
+
+    first = exit_service(records, **settings)
+    first_bus = await replica(first)
+    second = None
+    try:
+        async with embedded(clock, trader, bus=bus) as (_, watch):
+            mint = tokens.mint()
+            await _enter(bus, clock, tokens, mint)
+            await advancing(clock, lambda: len(first.positions()) == 1, what="the position held")
+            [opened] = watch.payloads("position.opened")
+            await bus.publish(make_event(SystemShutdown(reason="records out"), source="test",
+                                         time=clock.now()))  # fmt: skip
+            [tranche] = await watch.wait_for(1, "exit.order", within=30)
+            records.down = True
+            # trading fills it as the clock moves; the replica tries to store the fill,
+            # and again, while the records are out
+            await advancing(clock, lambda: records.refused >= 2, what="the fill's store tried")
+            assert [f.order_id for f in watch.payloads("order.filled") if f.side == "sell"] == [
+                tranche.data.order_id
+            ]
+
+            # the replica dies: nothing more of it runs, what it did not ack goes back
+            for task in (first._poll, first._graceful, *first._tasks):
+                task.cancel()
+            await first.consumer.abandon()
+            await first_bus.close()
+            records.down = False
+            second = exit_service(records, **settings)
+            await replica(second)
+            await advancing(clock, second.finished.is_set, what="the resumed exit finished")
+
+            assert trader.book.open_count == 0
+            sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+            assert sum(f.token_amount for f in sells) == pytest.approx(
+                opened.token_amount, rel=1e-9
+            )
+            [line] = second.summary.lines
+            assert line.completed and line.unconfirmed_tranches == 0, line
+            assert second.summary.deadline_margin_s > 0
+            assert second.summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+            run = await records.latest_run()
+            stored = {o.order_id: o.state for o in await records.run_orders(run.run_id)}
+            assert stored == {f.order_id: "filled" for f in sells}
+    finally:
+        if second is not None:
+            await second.stop()
+        await store.close()
+
+
+async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported_closed():
+    """A tranche of the graceful exit fills, then a hand sale closes the rest of the
+    position: the exit asks for no more tranches (none would be answered but refused,
+    to the deadline), its line says trading closed it and why, and the run ends at once,
+    the position not counted left."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(
+        records,
+        exit_max_tranche_impact=0.002,
+        exit_min_tranche_interval_s=5.0,
+        exit_order_timeout_s=1.0,
+        # no trading here to answer the shutdown with its barrier
+        exit_barrier_wait_s=0.0,
+        exit_run_poll_s=0.02,
+    )
+    async with embedded(clock, exits) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=3e7)
+        held = position.data
+        await bus.publish(position)
+        await bus.publish(make_event(SystemShutdown(reason="hand sale"), source="test",
+                                     time=clock.now()))  # fmt: skip
+        [first] = await watch.wait_for(1, "exit.order")
+        tranche = first.data
+        assert tranche.token_amount < held.token_amount / 2
+        price = tokens.curves[mint].price
+
+        async def trading(payload) -> None:
+            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+        await trading(
+            OrderFilled(
+                order_id=tranche.order_id, mint=mint, side="sell",
+                token_amount=tranche.token_amount, sol_amount=tranche.token_amount * price,
+                price=price, position_id=held.position_id,
+            )
+        )  # fmt: skip
+        left = held.token_amount - tranche.token_amount
+        fields = {"position_id": held.position_id, "mint": mint, "entry_price": held.entry_price}
+        await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+        # the rest goes by hand
+        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+        # the clock stands still: the run ends on the close, not on its deadline
+        await eventually(exits.finished.is_set, what="the graceful exit finished")
+
+        assert watch.payloads("exit.order") == [tranche]
+        summary = exits.summary
+        [line] = summary.lines
+        assert line.closed == "manual" and line.completed, line
+        assert line.tranches == 1 and line.tokens_sold == pytest.approx(tranche.token_amount)
+        assert summary.positions_left == 0 and summary.deadline_margin_s > 0
+        text = summary.text()
+        assert "0 sold out, 1 closed by trading" in text, text
+        assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text
+        run = await records.latest_run()
+        assert run.summary["positions"][0]["closed"] == "manual"

@@ -6,7 +6,9 @@
   :data:`~pumpflow.common.exit.CONSUMES` (trading's position and order events, the
   token's trades, migration and lifecycle) and publishes ``exit.order`` on the
   critical lane, order id ``<position_id>:rule:<n>``; trading executes it. Each
-  settled sale is stored and reported (``exit.report``).
+  settled sale is reported (``exit.report``) and stored before the state that applied
+  its outcome is written, as a tranche's outcome is (the consumer's ``before_write``):
+  its delivery is acked only once it is stored.
 - **Graceful exit.** ``system.shutdown`` (``pumpflow stop``, SIGTERM of the embedded
   run, ``POST /shutdown`` with the API token) comes on the group ``<service>-control``
   (a keyless command, apart from the keyed consumer's queues). The replica that takes
@@ -15,8 +17,10 @@
   :class:`~pumpflow.common.exit.GracefulExitManager`: the rules stop, each tranche is
   stored, then published as an ``exit.order``, then awaited as trading's
   ``order.filled``/``order.rejected``. A rule's sale under way holds its tokens back
-  until it settles; refused, the graceful exit sells them too. Reports per position go
-  out as ``exit.report`` and into the records.
+  until it settles; refused, the graceful exit sells them too. A position trading
+  closes by other means (``position.closed``: a hand sale, a rule's sale that raced)
+  gets no tranche more; its report says it was closed, and why. Reports per position
+  go out as ``exit.report`` and into the records.
 - **The end of a graceful exit** is the whole run's, not a replica's: each replica
   lists in the records the partitions it has loaded and the positions it queued, and
   closes each position as it is sold out (or as the deadline leaves it); the change
@@ -65,9 +69,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -76,7 +80,6 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
-from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -101,6 +104,7 @@ from pumpflow.common.exit import (
     held_view,
 )
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.trading import derived_id
 from pumpflow.exit.metrics import ExitMetrics
 from pumpflow.exit.records import (
     BARRIER,
@@ -114,8 +118,6 @@ from pumpflow.exit.records import (
     resume_state,
 )
 from pumpflow.exit.settings import ExitSettings
-
-T = TypeVar("T")
 
 log = logging.getLogger("pumpflow.exit")
 
@@ -144,6 +146,16 @@ class _OwnedPositions:
             if view is not None:
                 held[key] = view
         return held
+
+
+class _Closed(NamedTuple):
+    """Trading closed a position (the close's reason)."""
+
+    position_id: str
+    reason: str
+
+
+_Handed = OrderFilled | OrderRejected | _Closed
 
 
 def _moved(order_id: str, mint: str) -> OrderRejected:
@@ -190,6 +202,11 @@ class ExitService(Service):
         self.finished = asyncio.Event()
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
+        #: exit orders' outcomes and positions closed, applied and not stored or acted on
+        #: yet, in the order they applied: (mint, what, sale, time)
+        self._outcomes: list[tuple[str, _Handed, PendingSale | None, float]] = []
+        #: order ids of those whose rule sale's report went out
+        self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
         self._waiting: dict[str, tuple[str, asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -210,6 +227,7 @@ class ExitService(Service):
             on_outcome=self._on_outcome,
             on_market=self._on_market,
             on_lifecycle=self._on_lifecycle,
+            on_closed=self._on_closed,
             retire_ttl_s=s.exit_state_ttl_s,
         )
         under_way = await self.records.active_run()
@@ -221,7 +239,7 @@ class ExitService(Service):
             on_published=self._published,
             metrics=self.consumer_metrics,
             on_forgotten=self.processor.forget,
-            before_write=self._store_ended,
+            before_write=self._before_write,
         )
         await self.consumer.start()
         self._control = Subscription(
@@ -435,9 +453,9 @@ class ExitService(Service):
         await self._update_run(partitions=partitions, positions=positions, lines=lines)
 
     async def _store_ended(self) -> None:
-        """Store the ids ended at the tokens retired since the last commit: the keyed
-        consumer's ``before_write``, so a token leaves memory and the partition's index
-        only once they are stored (a restarted replica reads them in :meth:`_to_come`)."""
+        """Store the ids ended at the tokens retired since the last commit: a token leaves
+        memory and the partition's index only once they are stored (a restarted replica
+        reads them in :meth:`_to_come`)."""
         handed = self.processor.retired_ended
         if not handed:
             return
@@ -591,49 +609,81 @@ class ExitService(Service):
         if self.manager is not None:
             self.manager.on_lifecycle(mint, state, level)
 
+    def _on_closed(self, mint: str, position_id: str, reason: str) -> None:
+        # acted on after the outcomes applied before it: the sale that closed the
+        # position may be the exit's own
+        self._outcomes.append((mint, _Closed(position_id, reason), None, 0.0))
+
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(mint, outcome, sale, time))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # stored by the commit's before_write: the delivery is acked only once it is
+        self._outcomes.append((mint, outcome, sale, time))
 
-    async def _settle(
-        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
+    async def _before_write(self) -> None:
+        """What the commit's keys hand out, stored before their states are written (the
+        keyed consumer's ``before_write``): a crash leaves it stored, or its events
+        unacked and applied again, never applied and not stored."""
+        await self._store_ended()
+        await self._store_outcomes()
+
+    async def _store_outcomes(self) -> None:
+        """Store each exit order's outcome applied since the last commit, then act on it
+        and on each position closed, in the order they applied.
+
+        The outcome comes once (acked as its state is written): stored here, a crash
+        before the write has it applied and stored again (a no-op), one after has it
+        stored. Its rule sale's report goes out with it under an id of its own, so a
+        second one after a crash is the same event.
+        """
+        while self._outcomes:
+            mint, outcome, sale, time = self._outcomes[0]
+            first = await self._store(mint, outcome, sale, time)
+            del self._outcomes[0]
+            task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale, first))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _store(
+        self, mint: str, outcome: _Handed, sale: PendingSale | None, time: float
+    ) -> bool:
+        """Store ``outcome``; whether it was new (a position closed has nothing to store)."""
+        if isinstance(outcome, _Closed):
+            return False
+        if ":exit:" in outcome.order_id:
+            return await self.records.settle(outcome.order_id, outcome, time)
+        if sale is None:
+            return False
+        first = await self._settle_rule(mint, outcome, sale, time)
+        self._reported.discard(outcome.order_id)
+        return first
+
+    async def _settled(
+        self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool
     ) -> None:
+        """An outcome stored: to the tranche awaiting it, or to the graceful exit; a
+        position closed: to the graceful exit."""
         try:
-            if ":exit:" in outcome.order_id:
-                first = await self._stored(
-                    outcome, lambda: self.records.settle(outcome.order_id, outcome, time)
-                )
+            if isinstance(outcome, _Closed):
+                if self.manager is not None:
+                    await self.manager.on_closed(mint, outcome.position_id, outcome.reason)
+            elif ":exit:" in outcome.order_id:
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
                 elif first and self.manager is not None:
                     # given up for lost (exit_order_timeout_s): its tokens were held back
                     await self.manager.on_late_outcome(outcome)
-                return
-            if sale is not None:
-                if self.manager is not None:
-                    await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
-                await self._settle_rule(mint, outcome, sale, time)
+            elif sale is not None and self.manager is not None:
+                await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
         except Exception:
-            log.exception("exit: storing the outcome of %s failed", outcome.order_id)
-
-    async def _stored(
-        self, outcome: OrderFilled | OrderRejected, write: Callable[[], Awaitable[T]]
-    ) -> T:
-        """``write`` of ``outcome`` done: the outcome comes once (acked as it applied), so
-        an outage of the store is waited out, or its fill is lost (to the tranche awaiting
-        it, to the report)."""
-        return await wait_out(
-            write, waiter="exit", what=f"storing the outcome of {outcome.order_id}"
-        )
+            log.exception("exit: the graceful exit took %r badly", outcome)
 
     async def _settle_rule(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale, time: float
-    ) -> None:
-        """A rule's sale settled: stored, counted and, filled, reported."""
+    ) -> bool:
+        """A rule's sale settled: reported if filled, then stored and counted; whether it
+        was new."""
         record = ExitRecord(
             mint=mint,
             position_id=outcome.position_id or "",
@@ -654,18 +704,26 @@ class ExitService(Service):
             started_at=sale.decided_at,
             mark_price=sale.mark_price,
         ).settled(outcome, time)
-        if not await self._stored(outcome, lambda: self.records.record_order(stored)):
-            return  # settled before (a redelivery)
         if isinstance(outcome, OrderFilled):
             record.add_fill(outcome, time)
             record.finish(time)
-            self.metrics.settled(sale.rule, "filled", record.slippage)
+        if isinstance(outcome, OrderFilled) and outcome.order_id not in self._reported:
             ctx = self._ctx
-            await ctx.bus.publish(make_event(record.report(), source=ctx.source, time=time))
+            # before the record: a crash between the two reports it again, the same event
+            report = make_event(record.report(), source=ctx.source, time=time,
+                                event_id=derived_id("exit-report", outcome.order_id))  # fmt: skip
+            await ctx.bus.publish(report)
+            # an outage of the records retries the store, not the report
+            self._reported.add(outcome.order_id)
+        if not await self.records.record_order(stored):
+            return False  # settled before (applied again after a crash)
+        if isinstance(outcome, OrderFilled):
+            self.metrics.settled(sale.rule, "filled", record.slippage)
         else:
             self.metrics.settled(sale.rule, "rejected")
             log.info("exit: %s's sale %s refused: %s", sale.rule, outcome.order_id,
                      outcome.reason)  # fmt: skip
+        return True
 
     def _published(self, events: Sequence[Event]) -> None:
         for event in events:

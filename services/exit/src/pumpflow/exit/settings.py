@@ -24,9 +24,6 @@ class ExitSettings(CommonSettings):
     exit_state_ttl_s: float = Field(
         6 * 3600.0, gt=0, description="TTL of a token's record in the store"
     )
-    exit_closed_ttl_s: float = Field(
-        600.0, gt=0, description="a closed position's token leaves memory; its record's TTL"
-    )
     exit_slippage_pct: float = Field(
         10.0, gt=0, le=100, description="slippage limit of a rule's sale"
     )

@@ -20,6 +20,10 @@ selling. Its outcome, should it come later, settles them
 to sell. The exit waits for it to the deadline at most; each position's report says
 what is still unconfirmed then.
 
+A position trading closes by other means (a hand sale, a rule's sale that raced) leaves
+the plan with :meth:`GracefulExitManager.on_closed`: no more tranches; its report says
+it was closed, and why.
+
 A position another seller takes over (its partition moved to another replica) leaves
 this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
 """
@@ -278,16 +282,31 @@ class GracefulExitManager:
     async def on_rule_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, tokens: float
     ) -> None:
-        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, its
-        tokens are gone; refused, the exit sells them (the position is never left open)."""
+        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, the
+        tokens it sold are gone; refused, the exit sells them (the position is never left
+        open)."""
         queued = self.planner.exits.get(mint)
         record = self.records.get(mint)
         if queued is None or record is None or self.summary is not None:
             return
         if isinstance(outcome, OrderFilled):
-            self.planner.release(mint, tokens)
+            # trading cuts a sale to what the others under way leave: the tokens it did
+            # not sell stay reserved for those, and a refusal of one gives them back
+            self.planner.release(mint, outcome.token_amount)
         else:
             record.tokens_at_start += self.planner.retake(mint, tokens)
+        self._changed.set()
+        await self._close_if_sold_out(mint)
+        await self._finish_if_done()
+
+    async def on_closed(self, mint: str, position_id: str, reason: str) -> None:
+        """Trading closed ``mint``'s position ``position_id`` (``reason``): nothing of it is
+        held any more, so no tranche more; once the tranche in flight is answered, its
+        exit ends, reported closed by trading unless this exit sold it out."""
+        queued = self.planner.exits.get(mint)
+        if queued is None or queued.position_id != position_id or self.summary is not None:
+            return
+        self.planner.close(mint, reason)
         self._changed.set()
         await self._close_if_sold_out(mint)
         await self._finish_if_done()
@@ -353,9 +372,10 @@ class GracefulExitManager:
             record.add_fill(outcome, now)
             if tranche.rule == DEADLINE:
                 record.rule = DEADLINE
-            await self._close_if_sold_out(tranche.mint)
         else:
             self.planner.record_rejection(tranche, now)
+        # whatever its answer: a position closed meanwhile ends with it
+        await self._close_if_sold_out(tranche.mint)
         await self._finish_if_done()
 
     async def _close_if_sold_out(self, mint: str) -> None:
@@ -364,10 +384,18 @@ class GracefulExitManager:
         record = self.records[mint]
         if queued is None or not queued.done or record.finished_at is not None:
             return
-        record.finish(self.clock.now())
+        self._end(record, self.clock.now())
         await self._publish(record.report())
         if self.on_exited is not None:
             await self.on_exited(record)
+
+    def _end(self, record: ExitRecord, time: float) -> None:
+        """``record``'s exit is over at ``time``: closed by trading if it was, and this
+        exit did not sell it out."""
+        queued = self.planner.exits.get(record.mint)
+        if queued is not None and queued.closed is not None and not record.sold_out:
+            record.closed = queued.closed
+        record.finish(time)
 
     async def _finish_if_done(self) -> None:
         if self.planner.done and self.summary is None:
@@ -379,7 +407,7 @@ class GracefulExitManager:
         now = self.clock.now()
         for record in self.records.values():
             if record.finished_at is None and (force or record.completed):
-                record.finish(now)
+                self._end(record, now)
         self.summary = GracefulExitSummary(
             reason=self.reason or "shutdown",
             started_at=self.planner.started_at if self.planner.started_at is not None else now,

@@ -173,15 +173,22 @@ class QueuedExit:
     unconfirmed: float = 0.0
     #: how many such tranches
     tranches_lost: int = 0
+    #: trading closed the position (the close's reason): nothing is left to sell, the
+    #: tranche in flight's outcome still counts
+    closed: str | None = None
     score: Score | None = None
 
     @property
     def done(self) -> bool:
+        if self.closed is not None:
+            return not self.in_flight
         return self.tokens_left <= 0.0 and self.reserved <= 0.0
 
     @property
     def free(self) -> float:
         """Tokens the exit may still offer: held, and in no tranche awaiting an outcome."""
+        if self.closed is not None:
+            return 0.0
         free = self.tokens_left - self.unconfirmed
         return free if free > self.tokens_at_start * 1e-9 else 0.0
 
@@ -500,8 +507,17 @@ class ExitPlanner:
             heapq.heapify(self.queue)
         return queued
 
+    def close(self, mint: str, reason: str) -> QueuedExit | None:
+        """Trading closed ``mint``'s position (``reason``): nothing is left to offer or to
+        wait for but the tranche in flight."""
+        queued = self.exits.get(mint)
+        if queued is not None and queued.closed is None:
+            queued.closed = reason
+            self._dirty = True
+        return queued
+
     def release(self, mint: str, tokens: float) -> QueuedExit | None:
-        """A rule's sale of ``tokens`` reserved from ``mint``'s exit filled: they are gone."""
+        """A rule's sale reserved from ``mint``'s exit sold ``tokens``: they are gone."""
         queued = self.exits.get(mint)
         if queued is not None:
             queued.reserved = max(0.0, queued.reserved - tokens)
@@ -533,7 +549,9 @@ class ExitPlanner:
     def awaiting_outcomes(self) -> bool:
         """Whether a rule's sale, or a tranche given up for lost, still holds tokens
         whose outcome may end an exit or give them back to sell."""
-        return any(q.reserved > 0 or q.unconfirmed > 0 for q in self.exits.values())
+        return any(
+            q.closed is None and (q.reserved > 0 or q.unconfirmed > 0) for q in self.exits.values()
+        )
 
     def expected_exit_price(self, mint: str) -> float | None:
         """Average price (before fees) the next tranche of ``mint`` would get now.

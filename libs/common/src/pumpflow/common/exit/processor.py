@@ -32,8 +32,9 @@ event of it (a trade on its pool after the migration) loads it and lets it go ag
 position, an entry or a lifecycle state past the retirement keeps it.
 
 Hooks (the service's, called as events apply; they must not change the state):
-``on_market`` and ``on_lifecycle`` feed the graceful exit's plan; ``on_outcome`` is
-told each exit order's fill or refusal with the sale it settles.
+``on_market`` and ``on_lifecycle`` feed the graceful exit's plan, and ``on_closed``
+tells it that trading closed a position (by its last sale, the exit's or another's);
+``on_outcome`` is told each exit order's fill or refusal with the sale it settles.
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def _end(state: ExitState, ended_id: str) -> None:
 OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
 MarketHook = Callable[[str, CurveState], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
+#: (mint, position id, the close's reason)
+ClosedHook = Callable[[str, str, str], None]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(ExitState).decode
@@ -222,6 +225,7 @@ class ExitProcessor:
         on_outcome: OutcomeHook | None = None,
         on_market: MarketHook | None = None,
         on_lifecycle: LifecycleHook | None = None,
+        on_closed: ClosedHook | None = None,
         retire_ttl_s: float = 6 * 3600.0,
     ):
         if retire_ttl_s <= 0:
@@ -234,6 +238,7 @@ class ExitProcessor:
         self.on_outcome = on_outcome
         self.on_market = on_market
         self.on_lifecycle = on_lifecycle
+        self.on_closed = on_closed
         #: a graceful exit is selling: the rules order nothing
         self.halted = False
         #: mint -> (v_sol, v_tokens, mark price) of the latest trade of a token without a
@@ -270,6 +275,8 @@ class ExitProcessor:
                 state.position = None
                 state.watch = None
                 state.pending = {}
+                if self.on_closed is not None:
+                    self.on_closed(state.mint, data.position_id, data.reason)
             _end(state, data.position_id)
             self._landed(state)
             decisions = []

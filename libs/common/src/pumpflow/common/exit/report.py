@@ -38,6 +38,8 @@ class ExitRecord:
     #: tranches sent whose outcome never came (order id -> tokens asked): they may
     #: have sold
     unconfirmed: dict[str, float] = field(default_factory=dict)
+    #: the reason trading closed the position before this exit sold it out
+    closed: str | None = None
 
     def add_fill(self, fill: OrderFilled, time: float) -> TrancheFill:
         tranche = TrancheFill(
@@ -70,8 +72,13 @@ class ExitRecord:
         return sum(f.fee_sol for f in self.fills)
 
     @property
-    def completed(self) -> bool:
+    def sold_out(self) -> bool:
         return self.tokens_sold >= self.tokens_at_start * (1 - 1e-9)
+
+    @property
+    def completed(self) -> bool:
+        """Nothing of the position is left: sold out, or closed by trading."""
+        return self.sold_out or self.closed is not None
 
     @property
     def average_price(self) -> float | None:
@@ -111,6 +118,7 @@ class ExitRecord:
             finished_at=self.finished_at,
             unconfirmed_tranches=len(self.unconfirmed),
             unconfirmed_tokens=sum(self.unconfirmed.values()),
+            closed=self.closed or "",
         )
 
     def report(self) -> ExitReport:
@@ -144,6 +152,11 @@ class GracefulExitSummary:
     @property
     def positions_left(self) -> int:
         return sum(1 for line in self.lines if not line.completed)
+
+    @property
+    def closed(self) -> int:
+        """Positions trading closed before the exit sold them out."""
+        return sum(1 for line in self.lines if line.closed)
 
     @property
     def tranches(self) -> int:
@@ -204,7 +217,9 @@ class GracefulExitSummary:
         worst = self.worst_slippage
         lines = [
             f"graceful exit ({self.reason}): {self.positions} positions, "
-            f"{self.positions - self.positions_left} sold out, {self.tranches} tranches "
+            f"{self.positions - self.positions_left - self.closed} sold out, "
+            + (f"{self.closed} closed by trading, " if self.closed else "")
+            + f"{self.tranches} tranches "
             f"in {self.duration_s:.1f}s ({self.deadline_margin_s:+.1f}s to the deadline)",
             f"SOL recovered {self.sol_recovered:.4f} against {self.mark_value_sol:.4f} at the "
             f"marks; worst slippage {'-' if worst is None else f'{worst:.2%}'}",
@@ -220,6 +235,8 @@ class GracefulExitSummary:
         for line in self.lines:
             slip = "-" if line.slippage is None else f"{line.slippage:.2%}"
             left = "" if line.completed else "  NOT SOLD OUT"
+            if line.closed:
+                left += f"  closed by trading ({line.closed})"
             if line.unconfirmed_tranches:
                 left += f"  {line.unconfirmed_tokens:.6g} tokens UNCONFIRMED"
             lines.append(
