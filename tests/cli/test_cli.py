@@ -213,6 +213,16 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
          "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory"),
         (["catalogue", "--out", "/proc/nonexistent"], None, 1,
          "pumpflow catalogue: /proc/nonexistent: No such file or directory"),
+        # the services' own commands, delegated, alike
+        (["sim", "dataset", "--minutes", "1", "--out", "/nonexistent/d.jsonl"], None, 1,
+         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
+        (["sim", "load", "/nonexistent/d.jsonl"], None, 1,
+         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
+        # a server that does not answer (nothing listens on port 1)
+        (["backtest", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
+         "pumpflow backtest: cannot connect: [Errno 111] Connect call failed"),
+        (["replay", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
+         "pumpflow replay: cannot connect: [Errno 111] Connect call failed"),
     ],
 )
 def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
