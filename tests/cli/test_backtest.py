@@ -199,6 +199,13 @@ def test_a_setting_no_service_has_is_refused(dataset):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])
 
 
+def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
+    with pytest.raises(SystemExit, match=r"configuration 'strict': .*TRADING_MIN_SCORE.*less than"):
+        main(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",
+              "--config", "strict=trading_min_score=7"])  # fmt: skip
+    assert capsys.readouterr().out == ""  # nothing read, nothing run
+
+
 def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):
     configs = tmp_path / "strategies.toml"
     configs.write_text(

@@ -119,13 +119,18 @@ async def database_frames(
 # ------------------------------------------------------------------ configurations
 
 
-def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Route each setting of ``config`` to the configurable services that have it."""
+def configurable_settings() -> dict[str, Any]:
+    """The settings classes of the services a configuration may change, by service."""
     from pumpflow.exit.service import ExitService
     from pumpflow.model.service import ModelService
     from pumpflow.trading.service import TradingService
 
-    classes = {cls.name: cls.settings_class for cls in (TradingService, ExitService, ModelService)}
+    return {cls.name: cls.settings_class for cls in (TradingService, ExitService, ModelService)}
+
+
+def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route each setting of ``config`` to the configurable services that have it."""
+    classes = configurable_settings()
     routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for key, value in config.items():
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
@@ -134,6 +139,19 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for name in owners:
             routed[name][key] = value
     return routed
+
+
+def check_config(name: str, config: Mapping[str, Any]) -> None:
+    """Refuse a configuration whose setting no service has or whose value its setting
+    does not take, before any frame is read and any configuration runs."""
+    from pumpflow.common.runtime.settings import SettingsError
+
+    classes = configurable_settings()
+    for service, settings in service_overrides(config).items():
+        try:
+            classes[service].load(service=service, transport="memory", **settings)
+        except SettingsError as exc:
+            raise ValueError(f"configuration {name!r}: {exc}") from None
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -618,8 +636,8 @@ def backtest_command(args: argparse.Namespace) -> int:
         if args.configs:
             configs += read_configs(args.configs)
         configs = configs or [("run", RUN_CONFIG)]
-        for _, config in configs:
-            service_overrides(config)
+        for name, config in configs:
+            check_config(name, config)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
