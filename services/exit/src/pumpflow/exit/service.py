@@ -29,7 +29,9 @@
   filled, the position it opened comes here late, is listed in its place and sold.
   Every change of the run lists what is still to come here with it (entries in
   flight, positions not queued yet), so no sale finishes the run before them. Past
-  the deadline the placeholders are withdrawn: the run ends on time.
+  the deadline the placeholders are withdrawn: the run ends on time. Once it has ended
+  the rules order again (trading stays halted until the operator resumes it, and
+  what it buys then needs them), and the next shutdown begins a run of its own.
 - **Trading's barrier.** This consumer may lag behind trading (a backlog on a
   partition): an entry trading sent may not have come here when everything else is
   sold. So trading, as it halts entries on ``system.shutdown``, publishes
@@ -289,6 +291,8 @@ class ExitService(Service):
         if self.run is not None:
             return
         self.run = run
+        # the last run's report is not this one's
+        self.summary = None
         self.processor.halted = True
         self.finished.clear()
         self.began.set()
@@ -323,6 +327,10 @@ class ExitService(Service):
             self.summary = GracefulExitSummary.from_report(report)
             self.metrics.margin(self.summary.deadline_margin_s)
             log.info("exit: %s", self.summary.text())
+            # over: the rules sell again what trading buys once resumed, and the next
+            # shutdown begins a run of its own
+            self.run, self._ended = None, None
+            self.processor.halted = False
         finally:
             self.finished.set()
 
@@ -441,6 +449,8 @@ class ExitService(Service):
 
     async def _update_run(self, **changes: Any) -> None:
         """Change the run's records; if that ended the run, publish its summary."""
+        if self.run is None:
+            return  # over: its records are closed
         ctx = self._ctx
         now = ctx.clock.now()
         # every change may be the last: it says what is still to come, read with it
@@ -686,6 +696,8 @@ class ExitService(Service):
             ctx = self._ctx
             if ctx is None:
                 raise HTTPException(503, "not started")
+            # /progress follows this exit from now on, not the last one's report
+            self.summary = None
             # on the bus, so every service that stops on it hears it
             await ctx.bus.publish(
                 make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
