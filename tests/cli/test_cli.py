@@ -423,6 +423,20 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     assert await bus.dead_letters("feed", remove=False) == []
 
 
+async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not_created(
+    rabbitmq_harness, process_stack
+):
+    bus = await rabbitmq_harness.bus("feed/t", partitions=2)
+    process_stack.configure(partitions=2)
+    typo = await asyncio.to_thread(process_stack.run, "dead-letters", "featurs")
+    assert typo.returncode == 2
+    assert typo.stderr.strip() == (
+        f"pumpflow: no dead letters are kept for 'featurs' in namespace "
+        f"'{bus.namespace}': no such service has consumed there"
+    )
+    assert not await bus.keeps_dead_letters_of("featurs")  # and none was made
+
+
 class _SeqsProcessor(AppliedSeqs):
     """Keeps the seqs a mint applied; refuses the trades of ``rogue`` until fixed."""
 
