@@ -540,6 +540,12 @@ async def test_positions_opened_after_a_finished_graceful_exit_and_a_resume_get_
         await until_finished(exits, clock)
         assert trader.book.open_count == 0
 
+        ended = exits.progress()["progress"]
+        assert ended["done"] and ended["deadline_margin_s"] > 0
+        await clock.advance(20.0)  # less than trading's silence breaker
+        # as it ended: its deadline margin does not run on past it
+        assert exits.progress()["progress"] == ended and exits.manager is None
+
         await trader.resume("after the exit")
         [opened] = await _opened(system, clock, tokens, watch, 1)
         assert exits.progress()["accepting_entries"]

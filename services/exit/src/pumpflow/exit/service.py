@@ -91,6 +91,7 @@ from pumpflow.common.events import (
 from pumpflow.common.exit import (
     CONTROL_CONSUMES,
     ExitProcessor,
+    ExitProgress,
     ExitRecord,
     ExitState,
     GracefulExitManager,
@@ -180,6 +181,8 @@ class ExitService(Service):
         self.processor: ExitProcessor | None = None
         self.consumer: KeyedStatefulConsumer[ExitState] | None = None
         self.manager: GracefulExitManager | None = None
+        #: the last graceful exit's progress as it ended (its manager is dropped then)
+        self.last_progress: ExitProgress | None = None
         self.run: RunRecord | None = None
         #: the whole run's summary, once every replica's positions are exited
         self.summary: GracefulExitSummary | None = None
@@ -292,7 +295,7 @@ class ExitService(Service):
             return
         self.run = run
         # the last run's report is not this one's
-        self.summary = None
+        self.summary, self.last_progress = None, None
         self.processor.halted = True
         self.finished.clear()
         self.began.set()
@@ -328,8 +331,10 @@ class ExitService(Service):
             self.metrics.margin(self.summary.deadline_margin_s)
             log.info("exit: %s", self.summary.text())
             # over: the rules sell again what trading buys once resumed, and the next
-            # shutdown begins a run of its own
-            self.run, self._ended = None, None
+            # shutdown begins a run of its own; its progress stays as it ended (its
+            # elapsed time and deadline margin would go on counting)
+            self.last_progress = self._progress()
+            self.run, self._ended, self.manager = None, None, None
             self.processor.halted = False
         finally:
             self.finished.set()
@@ -639,14 +644,20 @@ class ExitService(Service):
             for view in views
         ]
 
+    def _progress(self) -> ExitProgress | None:
+        """The graceful exit's progress now, or the last one's as it ended."""
+        if self.manager is not None:
+            return self.manager.monitor_exit_progress()
+        return self.last_progress
+
     def progress(self) -> dict[str, Any]:
-        manager = self.manager
         body: dict[str, Any] = {
             "run": None if self.run is None else asdict(self.run),
             "accepting_entries": self.run is None,
         }
-        if manager is not None:
-            body["progress"] = asdict(manager.monitor_exit_progress())
+        progress = self._progress()
+        if progress is not None:
+            body["progress"] = asdict(progress)
         if self.summary is not None:
             body["summary"] = msgspec.to_builtins(self.summary.report())
             body["text"] = self.summary.text()
@@ -709,8 +720,8 @@ class ExitService(Service):
     async def status(self) -> dict[str, Any]:
         consumer = {} if self.consumer is None else self.consumer.describe()
         body = {**consumer, "graceful": self.run is not None}
-        if self.manager is not None:
-            progress = self.manager.monitor_exit_progress()
+        progress = self._progress()
+        if progress is not None:
             self.metrics.progress(progress)
             body["progress"] = asdict(progress)
         return body
