@@ -194,6 +194,14 @@ def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
     assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
 
 
+def test_the_environment_sets_the_default_runs_trading_settings(dataset, monkeypatch, capsys):
+    """Without a configuration, ``pumpflow run``'s settings, which yield to the environment."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "1")
+    assert main(["backtest", "--dataset", dataset, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "orders: none" in out or "entries 0," in out, out
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

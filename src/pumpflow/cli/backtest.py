@@ -24,8 +24,9 @@ defaults and their PUMPFLOW_* environment; every configuration runs on the same
 frames in a system of its own, one after the other, and one table compares them.
 ``--configs FILE.toml`` reads configurations from a file, one table each (``[eager]``
 then ``trading_min_score = 0.5``). Without either, one run with ``pumpflow run``'s
-trading settings (``run``). ``--json FILE`` also writes each configuration's settings
-and results (the same for the same stream) and its timings.
+trading settings (``run``), where the environment and the config file win as there.
+``--json FILE`` also writes each configuration's settings and results (the same for
+the same stream) and its timings.
 
 Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
 ``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
@@ -139,6 +140,14 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for name in owners:
             routed[name][key] = value
     return routed
+
+
+def run_config() -> dict[str, Any]:
+    """``pumpflow run``'s trading settings less those the environment or the config file
+    sets, which win here as they do there."""
+    settings = configurable_settings()["trading"]
+    given = settings.load(service="trading", transport="memory").model_fields_set
+    return {key: value for key, value in RUN_CONFIG.items() if key not in given}
 
 
 def check_config(name: str, config: Mapping[str, Any]) -> None:
@@ -635,7 +644,7 @@ def backtest_command(args: argparse.Namespace) -> int:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
             configs += read_configs(args.configs)
-        configs = configs or [("run", RUN_CONFIG)]
+        configs = configs or [("run", run_config())]
         for name, config in configs:
             check_config(name, config)
     except (ValueError, OSError) as exc:
