@@ -239,6 +239,26 @@ def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
     assert named in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["run", "--duration", "1", "--plain", "--report", "/"], "pumpflow run: /: Is a directory"),
+        (["run", "--duration", "1", "--plain", "--report", "/proc/nonexistent/r.html"],
+         "pumpflow run: /proc/nonexistent: No such file or directory"),
+        (["backtest", "--seed", "1", "--minutes", "1", "--report", "/"],
+         "pumpflow backtest: /: Is a directory"),
+        (["backtest", "--seed", "1", "--minutes", "1", "--json", "/proc/nonexistent/r.json"],
+         "pumpflow backtest: /proc/nonexistent: No such file or directory"),
+    ],
+)
+def test_a_report_that_cannot_be_written_is_refused_before_the_run(argv, named, capsys):
+    """The results of a run would be lost at its end: it does not start."""
+    assert cli_main.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    assert captured.err.strip() == named
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

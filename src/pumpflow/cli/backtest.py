@@ -55,7 +55,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from pumpflow.cli.report import write_backtest_reports
+from pumpflow.cli.report import writable, write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import finite
 
@@ -651,6 +651,9 @@ def backtest_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
         raise SystemExit("pumpflow backtest: configuration names must differ")
+    for path in (args.report, None if args.json_out == "-" else args.json_out):
+        if path:
+            writable(path)
     if args.dataset:
         frames, source = dataset_frames(args.dataset), args.dataset
     elif args.seed is not None:

@@ -110,14 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _named(given: Sequence[object], filename: str | bytes | os.PathLike) -> bool:
-    """Whether ``filename`` is (under) a path given on the command line: an argument's
-    value, or a word of a delegated command's own arguments."""
+    """Whether ``filename`` is a path given on the command line, under one or a folder of
+    one (made for it): an argument's value, or a word of a delegated command's own."""
     failed = Path(os.fsdecode(filename)).absolute()
     for value in given:
         for one in value if isinstance(value, list | tuple) else (value,):
             if isinstance(one, str | os.PathLike) and one:
                 path = Path(one).absolute()
-                if failed == path or path in failed.parents:
+                if failed == path or path in failed.parents or failed in path.parents:
                     return True
     return False
 

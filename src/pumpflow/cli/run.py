@@ -93,12 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pumpflow.cli.dashboard import wants_dashboard
-    from pumpflow.cli.report import default_path
+    from pumpflow.cli.report import default_path, writable
 
     if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
         raise SystemExit(
             "pumpflow run: --duration must be >= 0; --speed, --launches and --every > 0"
         )
+    report = writable(args.report or default_path("run", f"seed{args.seed}"))
     return asyncio.run(
         run_embedded_market(
             duration=args.duration,
@@ -108,7 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
             every=args.every,
             verbose=args.verbose,
             min_score=args.min_score,
-            report=args.report or default_path("run", f"seed{args.seed}"),
+            report=report,
             screen=_screen() if wants_dashboard(args.plain, sys.stdout) else None,
         )
     )
