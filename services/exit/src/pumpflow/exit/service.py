@@ -333,7 +333,7 @@ class ExitService(Service):
             # over: the rules sell again what trading buys once resumed, and the next
             # shutdown begins a run of its own; its progress stays as it ended (its
             # elapsed time and deadline margin would go on counting)
-            self.last_progress = self._progress()
+            self.last_progress = self.exit_progress()
             self.run, self._ended, self.manager = None, None, None
             self.processor.halted = False
         finally:
@@ -644,7 +644,7 @@ class ExitService(Service):
             for view in views
         ]
 
-    def _progress(self) -> ExitProgress | None:
+    def exit_progress(self) -> ExitProgress | None:
         """The graceful exit's progress now, or the last one's as it ended."""
         if self.manager is not None:
             return self.manager.monitor_exit_progress()
@@ -655,7 +655,7 @@ class ExitService(Service):
             "run": None if self.run is None else asdict(self.run),
             "accepting_entries": self.run is None,
         }
-        progress = self._progress()
+        progress = self.exit_progress()
         if progress is not None:
             body["progress"] = asdict(progress)
         if self.summary is not None:
@@ -720,7 +720,7 @@ class ExitService(Service):
     async def status(self) -> dict[str, Any]:
         consumer = {} if self.consumer is None else self.consumer.describe()
         body = {**consumer, "graceful": self.run is not None}
-        progress = self._progress()
+        progress = self.exit_progress()
         if progress is not None:
             self.metrics.progress(progress)
             body["progress"] = asdict(progress)
