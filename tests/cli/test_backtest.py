@@ -202,6 +202,15 @@ def test_the_environment_sets_the_default_runs_trading_settings(dataset, monkeyp
     assert "orders: none" in out or "entries 0," in out, out
 
 
+def test_json_to_stdout_is_the_document_alone(dataset, tmp_path, capsys):
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--json", "-",
+                 "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)  # a machine reads stdout as it is
+    assert [c["name"] for c in document["configurations"]] == ["run"]
+    assert "backtest 'run'" in captured.err and "report 'run'" in captured.err
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

@@ -670,8 +670,10 @@ def backtest_command(args: argparse.Namespace) -> int:
         source = f"postgres {schema}"
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
+    # with --json - stdout is the JSON document alone, for machines
+    said = sys.stderr if args.json_out == "-" else sys.stdout
     print(f"pumpflow backtest: {len(frames):,} frames from {source}; "
-          f"{len(configs)} configuration(s)", flush=True)  # fmt: skip
+          f"{len(configs)} configuration(s)", file=said, flush=True)  # fmt: skip
     reports = []
     for name, config in configs:
         progress = None if args.quiet else progress_for(name, every=args.every)
@@ -680,9 +682,9 @@ def backtest_command(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.close()
-        print(reports[-1].text(), flush=True)
+        print(reports[-1].text(), file=said, flush=True)
     if len(reports) > 1:
-        print(comparison_table(reports), flush=True)
+        print(comparison_table(reports), file=said, flush=True)
     if args.json_out:
         document = json.dumps(comparison_json(source, configs, reports), indent=2, default=str)
         if args.json_out == "-":
@@ -690,5 +692,5 @@ def backtest_command(args: argparse.Namespace) -> int:
         else:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
-    write_backtest_reports(reports, args.report)
+    write_backtest_reports(reports, args.report, said=said)
     return 0

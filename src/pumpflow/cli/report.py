@@ -13,10 +13,11 @@ import argparse
 import asyncio
 import errno
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
@@ -100,7 +101,9 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_backtest_reports(reports: Sequence, path: str | None) -> list[Path]:
+def write_backtest_reports(
+    reports: Sequence, path: str | None, *, said: TextIO = sys.stdout
+) -> list[Path]:
     """One report per configuration a backtest ran (its name in the file's when several)."""
     import msgspec
 
@@ -123,5 +126,5 @@ def write_backtest_reports(reports: Sequence, path: str | None) -> list[Path]:
             "live AUC": auc,
         }
         written.append(html.write(msgspec.structs.replace(r.report_data, notes=notes), out))
-        print(f"report '{r.name}': {written[-1]}", flush=True)
+        print(f"report '{r.name}': {written[-1]}", file=said, flush=True)
     return written
