@@ -707,8 +707,8 @@ class ExitService(Service):
             ctx = self._ctx
             if ctx is None:
                 raise HTTPException(503, "not started")
-            # /progress follows this exit from now on, not the last one's report
-            self.summary = None
+            # /progress follows this exit from now on, not the last one's
+            self.summary, self.last_progress = None, None
             # on the bus, so every service that stops on it hears it
             await ctx.bus.publish(
                 make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
