@@ -194,9 +194,33 @@ def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
     assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
 
 
+def test_the_environment_sets_the_default_runs_trading_settings(dataset, monkeypatch, capsys):
+    """Without a configuration, ``pumpflow run``'s settings, which yield to the environment."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "1")
+    assert main(["backtest", "--dataset", dataset, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "orders: none" in out or "entries 0," in out, out
+
+
+def test_json_to_stdout_is_the_document_alone(dataset, tmp_path, capsys):
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--json", "-",
+                 "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)  # a machine reads stdout as it is
+    assert [c["name"] for c in document["configurations"]] == ["run"]
+    assert "backtest 'run'" in captured.err and "report 'run'" in captured.err
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])
+
+
+def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
+    with pytest.raises(SystemExit, match=r"configuration 'strict': .*TRADING_MIN_SCORE.*less than"):
+        main(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",
+              "--config", "strict=trading_min_score=7"])  # fmt: skip
+    assert capsys.readouterr().out == ""  # nothing read, nothing run
 
 
 def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):

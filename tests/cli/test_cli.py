@@ -213,6 +213,16 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
          "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory"),
         (["catalogue", "--out", "/proc/nonexistent"], None, 1,
          "pumpflow catalogue: /proc/nonexistent: No such file or directory"),
+        # the services' own commands, delegated, alike
+        (["sim", "dataset", "--minutes", "1", "--out", "/nonexistent/d.jsonl"], None, 1,
+         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
+        (["sim", "load", "/nonexistent/d.jsonl"], None, 1,
+         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
+        # a server that does not answer (nothing listens on port 1)
+        (["backtest", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
+         "pumpflow backtest: cannot connect: [Errno 111] Connect call failed"),
+        (["replay", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
+         "pumpflow replay: cannot connect: [Errno 111] Connect call failed"),
     ],
 )
 def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
@@ -227,6 +237,26 @@ def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
     err = capsys.readouterr().err
     assert err.strip() == err.strip().splitlines()[-1], err  # one line
     assert named in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["run", "--duration", "1", "--plain", "--report", "/"], "pumpflow run: /: Is a directory"),
+        (["run", "--duration", "1", "--plain", "--report", "/proc/nonexistent/r.html"],
+         "pumpflow run: /proc/nonexistent: No such file or directory"),
+        (["backtest", "--seed", "1", "--minutes", "1", "--report", "/"],
+         "pumpflow backtest: /: Is a directory"),
+        (["backtest", "--seed", "1", "--minutes", "1", "--json", "/proc/nonexistent/r.json"],
+         "pumpflow backtest: /proc/nonexistent: No such file or directory"),
+    ],
+)
+def test_a_report_that_cannot_be_written_is_refused_before_the_run(argv, named, capsys):
+    """The results of a run would be lost at its end: it does not start."""
+    assert cli_main.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    assert captured.err.strip() == named
 
 
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
@@ -411,6 +441,20 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     assert records[0]["body"] == '{"txType": "buy", "mint": 7}'
     assert base64.b64decode(records[1]["body_base64"]) == b"\xff\xfe not utf-8"
     assert await bus.dead_letters("feed", remove=False) == []
+
+
+async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not_created(
+    rabbitmq_harness, process_stack
+):
+    bus = await rabbitmq_harness.bus("feed/t", partitions=2)
+    process_stack.configure(partitions=2)
+    typo = await asyncio.to_thread(process_stack.run, "dead-letters", "featurs")
+    assert typo.returncode == 2
+    assert typo.stderr.strip() == (
+        f"pumpflow: no dead letters are kept for 'featurs' in namespace "
+        f"'{bus.namespace}': no such service has consumed there"
+    )
+    assert not await bus.keeps_dead_letters_of("featurs")  # and none was made
 
 
 class _SeqsProcessor(AppliedSeqs):

@@ -149,3 +149,12 @@ def test_a_graceful_exits_unconfirmed_tranches_stand_out():
     assert any(span.style == "bold red" for span in line.spans)
     settled = exit_progress(replace(progress, unconfirmed_tranches=0, unconfirmed_tokens=0.0))
     assert settled.plain == "1/3 sold out, 1 in flight" and not settled.spans
+
+
+def test_a_trading_events_line_counts_its_records_instead_of_listing_them():
+    from pumpflow.cli.console import msgspec_line
+    from pumpflow.common.events import BarrierPosition, ShutdownBarrier
+
+    held = tuple(BarrierPosition(position_id=f"entry-{i}", mint=f"Mint{i}pump") for i in range(5))
+    line = msgspec_line(ShutdownBarrier(reason="pumpflow run ended", positions=held))
+    assert line == "reason='pumpflow run ended' entries=() positions=5"

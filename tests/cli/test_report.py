@@ -117,10 +117,13 @@ def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_pa
     assert _without_time(again.read_text()) == _without_time(path.read_text())
 
 
-def test_a_file_that_is_not_results_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "why"), [(json.dumps({"title": "x"}), "source"), ("# pumpflow\n", "malformed")]
+)
+def test_a_file_that_is_not_results_is_refused_by_name(tmp_path, text, why):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"title": "x"}))
-    with pytest.raises(SystemExit, match=r"bad\.json: not a pumpflow results file.*source"):
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=rf"bad\.json: not a pumpflow results file.*{why}"):
         main(["report", "--results", str(bad)])
 
 

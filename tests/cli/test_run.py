@@ -47,3 +47,16 @@ async def test_a_clean_fast_run_logs_no_warning_or_error_and_keeps_the_feed_leas
         r for r in caplog.records if "elected" in r.getMessage() and "feed:" in r.getMessage()
     ]
     assert len(elected) == 1, "the feed was elected once and kept its lease"
+
+
+async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
+    """``pumpflow run``'s own entry score is a default: PUMPFLOW_TRADING_MIN_SCORE wins."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "1")
+    out = io.StringIO()
+    status = await run_embedded_market(
+        duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out
+    )
+    assert status == 0
+    printed = out.getvalue()
+    assert "BOUGHT" not in printed and "trading: 0 orders" in printed, printed[-2000:]
+    assert "score # < 1" in printed

@@ -111,3 +111,12 @@ async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, c
     out = capsys.readouterr().out
     assert "1/2 sold out, 3 tranches, 1 UNCONFIRMED (no outcome yet), 42.0s" in out
     assert out.rstrip().endswith("graceful exit (test): 2 positions, 1 sold out")
+
+
+@pytest.mark.parametrize("command", ["trading state", "stop"])
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8005", "ftp://127.0.0.1/"])
+def test_a_url_that_is_no_http_address_is_refused_naming_it(command, url, capsys):
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args([*command.split(), "--url", url])
+    assert refused.value.code == 2
+    assert f"argument --url: not an http(s) URL: {url!r}" in capsys.readouterr().err

@@ -92,6 +92,19 @@ def test_config_file_common_then_service_table_then_environment_then_code(monkey
     assert ExampleSettings.load(service="third").prefetch == 32
 
 
+def test_a_commands_own_defaults_yield_to_the_environment_and_the_file(monkeypatch, tmp_path):
+    path = write_config(tmp_path, "[common]\nprefetch = 32\n")
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))
+    monkeypatch.setenv("PUMPFLOW_EXAMPLE_BATCH_SIZE", "7")
+    defaults = {"example_batch_size": 50, "prefetch": 16, "partitions": 2}
+    settings = ExampleSettings.load_with_defaults(defaults, service="example")
+    assert settings.example_batch_size == 7  # the environment over the command's default
+    assert settings.prefetch == 32  # the file over the command's default
+    assert settings.partitions == 2  # the command's default over the setting's
+    given = ExampleSettings.load_with_defaults(defaults, service="example", example_batch_size=3)
+    assert given.example_batch_size == 3  # the code (a flag) over all
+
+
 def test_config_file_key_of_no_setting_is_named(monkeypatch, tmp_path):
     path = write_config(tmp_path, "[example]\nexample_batch_sise = 5\n")
     monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))

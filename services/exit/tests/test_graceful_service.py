@@ -197,11 +197,25 @@ async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
             assert asked.status_code == 200
             await until_finished(exits, clock)
             progress = (await client.get("/progress")).json()
-            assert progress["progress"]["sold_out"] == 2 and not progress["accepting_entries"]
+            # over: the rules are back for what a resumed trading buys
+            assert progress["progress"]["sold_out"] == 2 and progress["accepting_entries"]
             assert "graceful exit (http): 2 positions, 2 sold out" in progress["text"]
             summary = (await client.get("/summary")).json()
             assert summary["run"]["summary"]["positions_left"] == 0
             assert (await client.get("/orders")).json()["count"] >= 2
+
+            # a second shutdown is a run of its own: the first's report is not its
+            asked = await client.post(
+                "/shutdown", json={"reason": "again"}, headers={"Authorization": "Bearer secret"}
+            )
+            assert asked.status_code == 200
+            assert "text" not in (await client.get("/progress")).json()
+            await advancing(
+                clock, lambda: exits.summary is not None, what="the second exit finished"
+            )
+            progress = (await client.get("/progress")).json()
+            assert "graceful exit (again): 0 positions" in progress["text"]
+            assert await exits.records.active_run() is None  # no run left open
         assert trader.book.open_count == 0
 
 
@@ -722,3 +736,35 @@ async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported
         assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text
         run = await records.latest_run()
         assert run.summary["positions"][0]["closed"] == "manual"
+
+
+async def test_positions_opened_after_a_finished_graceful_exit_and_a_resume_get_their_rules():
+    """A graceful exit over, the operator resumes trading: what it buys then is sold by
+    the rules again (the exit's halt of the rules ends with the run)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    ledger, records = MemoryLedger(), MemoryExitStore()
+    trader, exits = trading(ledger), exit_service(records, exit_max_hold_s=60.0)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await _opened(system, clock, tokens, watch, 1)
+        shutdown = SystemShutdown(reason="test shutdown")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+        assert trader.book.open_count == 0
+
+        ended = exits.progress()["progress"]
+        assert ended["done"] and ended["deadline_margin_s"] > 0
+        await clock.advance(20.0)  # less than trading's silence breaker
+        # as it ended: its deadline margin does not run on past it
+        assert exits.progress()["progress"] == ended and exits.manager is None
+
+        await trader.resume("after the exit")
+        [opened] = await _opened(system, clock, tokens, watch, 1)
+        assert exits.progress()["accepting_entries"]
+        await advancing(
+            clock,
+            lambda: any(o.position_id == opened.data.position_id and ":rule:" in o.order_id
+                        for o in watch.payloads("exit.order")),
+            what="the new position's max-hold sale",
+        )  # fmt: skip
+        await advancing(clock, lambda: trader.book.open_count == 0, what="the position sold")

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.runner import run_service
+from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.trading.ledger import MemoryLedger
@@ -651,6 +653,20 @@ def test_live_refuses_to_start_without_its_switch_key_and_wallet(missing, messag
     monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
     monkeypatch.delenv("PUMPPORTAL_API_KEY_FILE", raising=False)
     api = FakeTradeApi(url="http://127.0.0.1:9/api/trade")
-    with pytest.raises(RuntimeError, match=message) as failure:
+    with pytest.raises(SettingsError, match=message) as failure:
         live(MemoryLedger(), api, **missing)
     assert KEY not in str(failure.value)
+
+
+def test_serving_live_without_its_switch_is_one_line_and_exit_2(monkeypatch, capsys):
+    """A refusal of the settings together, like one of a setting alone: no traceback."""
+    settings = TradingSettings.load(
+        service="trading", transport="memory", http_port=0, trading_executor="live"
+    )
+    assert asyncio.run(run_service(TradingService, settings)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "pumpflow trading: the live executor is chosen but not enabled: set "
+        "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
+    )

@@ -566,7 +566,8 @@ async def test_views_a_handler_in_flight_saves_after_a_clean_stand_by_are_stored
         assert await store.get(f"trading:view:{mint}") is not None
 
 
-def test_the_breakers_take_the_feed_lag_and_silence_settings():
+def test_the_breakers_take_the_feed_lag_silence_and_rate_settings(monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_TRADING_MAX_EVENTS_PER_S", "3000")
     breakers = TradingSettings.load(
         service="trading",
         transport="memory",
@@ -574,6 +575,7 @@ def test_the_breakers_take_the_feed_lag_and_silence_settings():
         trading_max_silence_s=90.0,
     ).breakers()
     assert (breakers.max_feed_lag_s, breakers.max_silence_s) == (7.0, 90.0)
+    assert breakers.max_events_per_s == 3000.0
 
 
 async def test_a_retired_tokens_view_and_market_go_once_its_position_closes(clock, market):

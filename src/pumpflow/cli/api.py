@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import urllib.parse
 import urllib.request
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 10.0
+
+
+def http_url(text: str) -> str:
+    """A ``--url`` of a service's HTTP API, without its trailing slash; anything but an
+    http(s) address with a host is refused as the flag's error."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text.rstrip("/")
 
 
 def api_token(command: str) -> str | None:

@@ -24,8 +24,9 @@ defaults and their PUMPFLOW_* environment; every configuration runs on the same
 frames in a system of its own, one after the other, and one table compares them.
 ``--configs FILE.toml`` reads configurations from a file, one table each (``[eager]``
 then ``trading_min_score = 0.5``). Without either, one run with ``pumpflow run``'s
-trading settings (``run``). ``--json FILE`` also writes each configuration's settings
-and results (the same for the same stream) and its timings.
+trading settings (``run``), where the environment and the config file win as there.
+``--json FILE`` also writes each configuration's settings and results (the same for
+the same stream) and its timings.
 
 Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
 ``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
@@ -54,7 +55,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from pumpflow.cli.report import write_backtest_reports
+from pumpflow.cli.report import writable, write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import finite
 
@@ -119,13 +120,18 @@ async def database_frames(
 # ------------------------------------------------------------------ configurations
 
 
-def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Route each setting of ``config`` to the configurable services that have it."""
+def configurable_settings() -> dict[str, Any]:
+    """The settings classes of the services a configuration may change, by service."""
     from pumpflow.exit.service import ExitService
     from pumpflow.model.service import ModelService
     from pumpflow.trading.service import TradingService
 
-    classes = {cls.name: cls.settings_class for cls in (TradingService, ExitService, ModelService)}
+    return {cls.name: cls.settings_class for cls in (TradingService, ExitService, ModelService)}
+
+
+def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route each setting of ``config`` to the configurable services that have it."""
+    classes = configurable_settings()
     routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for key, value in config.items():
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
@@ -134,6 +140,27 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for name in owners:
             routed[name][key] = value
     return routed
+
+
+def run_config() -> dict[str, Any]:
+    """``pumpflow run``'s trading settings less those the environment or the config file
+    sets, which win here as they do there."""
+    settings = configurable_settings()["trading"]
+    given = settings.load(service="trading", transport="memory").model_fields_set
+    return {key: value for key, value in RUN_CONFIG.items() if key not in given}
+
+
+def check_config(name: str, config: Mapping[str, Any]) -> None:
+    """Refuse a configuration whose setting no service has or whose value its setting
+    does not take, before any frame is read and any configuration runs."""
+    from pumpflow.common.runtime.settings import SettingsError
+
+    classes = configurable_settings()
+    for service, settings in service_overrides(config).items():
+        try:
+            classes[service].load(service=service, transport="memory", **settings)
+        except SettingsError as exc:
+            raise ValueError(f"configuration {name!r}: {exc}") from None
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -617,13 +644,16 @@ def backtest_command(args: argparse.Namespace) -> int:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
             configs += read_configs(args.configs)
-        configs = configs or [("run", RUN_CONFIG)]
-        for _, config in configs:
-            service_overrides(config)
+        configs = configs or [("run", run_config())]
+        for name, config in configs:
+            check_config(name, config)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
         raise SystemExit("pumpflow backtest: configuration names must differ")
+    for path in (args.report, None if args.json_out == "-" else args.json_out):
+        if path:
+            writable(path)
     if args.dataset:
         frames, source = dataset_frames(args.dataset), args.dataset
     elif args.seed is not None:
@@ -640,8 +670,10 @@ def backtest_command(args: argparse.Namespace) -> int:
         source = f"postgres {schema}"
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
+    # with --json - stdout is the JSON document alone, for machines
+    said = sys.stderr if args.json_out == "-" else sys.stdout
     print(f"pumpflow backtest: {len(frames):,} frames from {source}; "
-          f"{len(configs)} configuration(s)", flush=True)  # fmt: skip
+          f"{len(configs)} configuration(s)", file=said, flush=True)  # fmt: skip
     reports = []
     for name, config in configs:
         progress = None if args.quiet else progress_for(name, every=args.every)
@@ -650,9 +682,9 @@ def backtest_command(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.close()
-        print(reports[-1].text(), flush=True)
+        print(reports[-1].text(), file=said, flush=True)
     if len(reports) > 1:
-        print(comparison_table(reports), flush=True)
+        print(comparison_table(reports), file=said, flush=True)
     if args.json_out:
         document = json.dumps(comparison_json(source, configs, reports), indent=2, default=str)
         if args.json_out == "-":
@@ -660,5 +692,5 @@ def backtest_command(args: argparse.Namespace) -> int:
         else:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
-    write_backtest_reports(reports, args.report)
+    write_backtest_reports(reports, args.report, said=said)
     return 0

@@ -25,9 +25,16 @@ from pumpflow.common.events import (
 
 
 def msgspec_line(data: object) -> str:
-    """A payload's fields as ``name=value`` pairs."""
+    """A payload's fields as ``name=value`` pairs; a list of records (a barrier's
+    positions, say) by its length, which a line has room for."""
     fields = getattr(data, "__struct_fields__", ())
-    return " ".join(f"{name}={getattr(data, name)!r}" for name in fields)
+    return " ".join(f"{name}={_short(getattr(data, name))}" for name in fields)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, list | tuple) and any(hasattr(v, "__struct_fields__") for v in value):
+        return str(len(value))
+    return repr(value)
 
 
 if TYPE_CHECKING:

@@ -146,9 +146,9 @@ class Dashboard:
                 else Text("ok", style="green"),
             )  # fmt: skip
         exits = self.console.system.services.get("exit")
-        manager = getattr(exits, "manager", None)
-        if manager is not None:
-            table.add_row("graceful exit", exit_progress(manager.monitor_exit_progress()))
+        progress = None if exits is None else exits.exit_progress()
+        if progress is not None:
+            table.add_row("graceful exit", exit_progress(progress))
         return Panel(table, title="trading (paper)")
 
     def _signals(self) -> Panel:

@@ -205,6 +205,12 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
     store = _StoreOnDemand(settings)
     code = 0
     try:
+        if not await bus.keeps_dead_letters_of(args.service):
+            # a typo would read (and leave behind) an empty store of its own
+            print(f"pumpflow: no dead letters are kept for {args.service!r} in namespace "
+                  f"{settings.namespace!r}: no such service has consumed there",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         if args.redrive or letters is not None:
             select = LetterFilter(reason=args.reason, event_type=args.event_type)
             restorer = StoredEventRedrive(store, bus)

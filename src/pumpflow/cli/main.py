@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,32 +79,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv and argv[0] in DELEGATED:
         # the owner's parser reads every option, -h included
-        return delegate(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+        command, given = argv[0], argv[1:]
+
+        def handle() -> int:
+            return delegate(command, given)
+    else:
+        args = build_parser().parse_args(argv)
+        command, given = args.command, list(vars(args).values())
+
+        def handle() -> int:
+            return int(args.handler(args) or 0)
     try:
-        return int(args.handler(args) or 0)
+        return handle()
     except KeyboardInterrupt:
         return 130
     except SettingsError as exc:
         # a setting from the environment, the config file or a flag: the message names it
-        print(f"pumpflow {args.command}: {exc}", file=sys.stderr)
+        print(f"pumpflow {command}: {exc}", file=sys.stderr)
         return 2
+    except (ConnectionError, socket.gaierror) as exc:
+        # a server a flag or a setting names (Postgres, RabbitMQ, a socket) does not answer
+        print(f"pumpflow {command}: cannot connect: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        if exc.filename is None or not _named(args, exc.filename):
+        if exc.filename is None or not _named(given, exc.filename):
             raise  # a file of the code's own: a defect, with its traceback
         # a file named on the command line that cannot be read or written
-        print(f"pumpflow {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"pumpflow {command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
 
 
-def _named(args: argparse.Namespace, filename: str | bytes | os.PathLike) -> bool:
-    """Whether ``filename`` is (under) a path given on the command line."""
+def _named(given: Sequence[object], filename: str | bytes | os.PathLike) -> bool:
+    """Whether ``filename`` is a path given on the command line, under one or a folder of
+    one (made for it): an argument's value, or a word of a delegated command's own."""
     failed = Path(os.fsdecode(filename)).absolute()
-    for value in vars(args).values():
-        for given in value if isinstance(value, list | tuple) else (value,):
-            if isinstance(given, str | os.PathLike) and given:
-                path = Path(given).absolute()
-                if failed == path or path in failed.parents:
+    for value in given:
+        for one in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(one, str | os.PathLike) and one:
+                path = Path(one).absolute()
+                if failed == path or path in failed.parents or failed in path.parents:
                     return True
     return False
 

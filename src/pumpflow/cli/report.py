@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
@@ -28,6 +30,18 @@ def default_path(kind: str, name: str) -> Path:
     """``<reports folder>/<kind>-<name>-<UTC time>.html``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Path(os.environ.get(REPORTS_DIR_ENV) or "reports") / f"{kind}-{name}-{stamp}.html"
+
+
+def writable(path: str | Path) -> Path:
+    """``path``, its folder made, once a file can be written there; else the OSError
+    naming it, before a run or a backtest whose results it would lose at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
+    return path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,7 +101,9 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_backtest_reports(reports: Sequence, path: str | None) -> list[Path]:
+def write_backtest_reports(
+    reports: Sequence, path: str | None, *, said: TextIO = sys.stdout
+) -> list[Path]:
     """One report per configuration a backtest ran (its name in the file's when several)."""
     import msgspec
 
@@ -110,5 +126,5 @@ def write_backtest_reports(reports: Sequence, path: str | None) -> list[Path]:
             "live AUC": auc,
         }
         written.append(html.write(msgspec.structs.replace(r.report_data, notes=notes), out))
-        print(f"report '{r.name}': {written[-1]}", flush=True)
+        print(f"report '{r.name}': {written[-1]}", file=said, flush=True)
     return written

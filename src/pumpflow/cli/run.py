@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--min-score",
         type=finite,
-        default=RUN_MIN_SCORE,
-        help=f"model score trading enters on ({RUN_MIN_SCORE:g}; see the module docstring)",
+        default=None,
+        help=f"model score trading enters on (PUMPFLOW_TRADING_MIN_SCORE, else {RUN_MIN_SCORE:g})",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="print every creation and lifecycle change"
@@ -93,12 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pumpflow.cli.dashboard import wants_dashboard
-    from pumpflow.cli.report import default_path
+    from pumpflow.cli.report import default_path, writable
 
     if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
         raise SystemExit(
             "pumpflow run: --duration must be >= 0; --speed, --launches and --every > 0"
         )
+    report = writable(args.report or default_path("run", f"seed{args.seed}"))
     return asyncio.run(
         run_embedded_market(
             duration=args.duration,
@@ -108,7 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
             every=args.every,
             verbose=args.verbose,
             min_score=args.min_score,
-            report=args.report or default_path("run", f"seed{args.seed}"),
+            report=report,
             screen=_screen() if wants_dashboard(args.plain, sys.stdout) else None,
         )
     )
@@ -129,7 +130,7 @@ async def run_embedded_market(
     every: float,
     verbose: bool = False,
     out: TextIO = sys.stdout,
-    min_score: float = RUN_MIN_SCORE,
+    min_score: float | None = None,
     report: str | Path | None = None,
     screen: RichConsole | None = None,
 ) -> int:
@@ -168,15 +169,20 @@ async def run_embedded_market(
                 feed_record=False,
             )
         )
+        # the run's own trading defaults; what the environment or the config file sets,
+        # or --min-score, wins
         trading = TradingService(
-            TradingService.settings_class.load(
+            TradingService.settings_class.load_with_defaults(
+                {
+                    "trading_min_score": RUN_MIN_SCORE,
+                    # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
+                    "trading_max_feed_lag_s": FEED_LAG_S * max(1.0, speed),
+                    "trading_max_silence_s": max(30.0, SILENCE_S * speed),
+                    **RUN_SETTINGS,
+                },
                 service="trading",
                 transport="memory",
-                trading_min_score=min_score,
-                # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
-                trading_max_feed_lag_s=FEED_LAG_S * max(1.0, speed),
-                trading_max_silence_s=max(30.0, SILENCE_S * speed),
-                **RUN_SETTINGS,
+                **({} if min_score is None else {"trading_min_score": min_score}),
             )
         )
         async with run_embedded(

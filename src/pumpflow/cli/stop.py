@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 
-from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
+from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, http_url, post_json
 from pumpflow.common.runtime.arguments import finite
 
 
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
     parser.add_argument(
         "--url",
+        type=http_url,
         default=os.environ.get("PUMPFLOW_EXIT_URL", DEFAULT_URL),
         help=f"an exit replica's HTTP address (PUMPFLOW_EXIT_URL, {DEFAULT_URL})",
     )
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def stop_command(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/")
+    url = args.url
     token = api_token("stop")
     if not token:
         return 2

@@ -16,7 +16,7 @@ import os
 import sys
 import urllib.error
 
-from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, post_json
+from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, http_url, post_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
     parser.add_argument(
         "--url",
+        type=http_url,
         default=os.environ.get("PUMPFLOW_TRADING_URL", DEFAULT_URL),
         help=f"a trading replica's HTTP address (PUMPFLOW_TRADING_URL, {DEFAULT_URL})",
     )
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def trading_command(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/")
+    url = args.url
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")

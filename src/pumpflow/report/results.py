@@ -156,5 +156,5 @@ def load(path: str | Path) -> Results:
     """The results a run saved; a file that is not one names what is wrong."""
     try:
         return msgspec.json.decode(Path(path).read_bytes(), type=Results)
-    except msgspec.ValidationError as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ValueError(f"{path}: not a pumpflow results file: {exc}") from None

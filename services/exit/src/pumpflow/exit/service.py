@@ -33,7 +33,9 @@
   filled, the position it opened comes here late, is listed in its place and sold.
   Every change of the run lists what is still to come here with it (entries in
   flight, positions not queued yet), so no sale finishes the run before them. Past
-  the deadline the placeholders are withdrawn: the run ends on time.
+  the deadline the placeholders are withdrawn: the run ends on time. Once it has ended
+  the rules order again (trading stays halted until the operator resumes it, and
+  what it buys then needs them), and the next shutdown begins a run of its own.
 - **Trading's barrier.** This consumer may lag behind trading (a backlog on a
   partition): an entry trading sent may not have come here when everything else is
   sold. So trading, as it halts entries on ``system.shutdown``, publishes
@@ -94,6 +96,7 @@ from pumpflow.common.events import (
 from pumpflow.common.exit import (
     CONTROL_CONSUMES,
     ExitProcessor,
+    ExitProgress,
     ExitRecord,
     ExitState,
     GracefulExitManager,
@@ -193,6 +196,8 @@ class ExitService(Service):
         self.processor: ExitProcessor | None = None
         self.consumer: KeyedStatefulConsumer[ExitState] | None = None
         self.manager: GracefulExitManager | None = None
+        #: the last graceful exit's progress as it ended (its manager is dropped then)
+        self.last_progress: ExitProgress | None = None
         self.run: RunRecord | None = None
         #: the whole run's summary, once every replica's positions are exited
         self.summary: GracefulExitSummary | None = None
@@ -311,6 +316,8 @@ class ExitService(Service):
         if self.run is not None:
             return
         self.run = run
+        # the last run's report is not this one's
+        self.summary, self.last_progress = None, None
         self.processor.halted = True
         self.finished.clear()
         self.began.set()
@@ -345,6 +352,12 @@ class ExitService(Service):
             self.summary = GracefulExitSummary.from_report(report)
             self.metrics.margin(self.summary.deadline_margin_s)
             log.info("exit: %s", self.summary.text())
+            # over: the rules sell again what trading buys once resumed, and the next
+            # shutdown begins a run of its own; its progress stays as it ended (its
+            # elapsed time and deadline margin would go on counting)
+            self.last_progress = self.exit_progress()
+            self.run, self._ended, self.manager = None, None, None
+            self.processor.halted = False
         finally:
             self.finished.set()
 
@@ -511,6 +524,8 @@ class ExitService(Service):
 
     async def _update_run(self, **changes: Any) -> None:
         """Change the run's records; if that ended the run, publish its summary."""
+        if self.run is None:
+            return  # over: its records are closed
         ctx = self._ctx
         now = ctx.clock.now()
         # every change may be the last: it says what is still to come, read with it
@@ -739,14 +754,20 @@ class ExitService(Service):
             for view in views
         ]
 
+    def exit_progress(self) -> ExitProgress | None:
+        """The graceful exit's progress now, or the last one's as it ended."""
+        if self.manager is not None:
+            return self.manager.monitor_exit_progress()
+        return self.last_progress
+
     def progress(self) -> dict[str, Any]:
-        manager = self.manager
         body: dict[str, Any] = {
             "run": None if self.run is None else asdict(self.run),
             "accepting_entries": self.run is None,
         }
-        if manager is not None:
-            body["progress"] = asdict(manager.monitor_exit_progress())
+        progress = self.exit_progress()
+        if progress is not None:
+            body["progress"] = asdict(progress)
         if self.summary is not None:
             body["summary"] = msgspec.to_builtins(self.summary.report())
             body["text"] = self.summary.text()
@@ -796,6 +817,8 @@ class ExitService(Service):
             ctx = self._ctx
             if ctx is None:
                 raise HTTPException(503, "not started")
+            # /progress follows this exit from now on, not the last one's
+            self.summary, self.last_progress = None, None
             # on the bus, so every service that stops on it hears it
             await ctx.bus.publish(
                 make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
@@ -807,8 +830,8 @@ class ExitService(Service):
     async def status(self) -> dict[str, Any]:
         consumer = {} if self.consumer is None else self.consumer.describe()
         body = {**consumer, "graceful": self.run is not None}
-        if self.manager is not None:
-            progress = self.manager.monitor_exit_progress()
+        progress = self.exit_progress()
+        if progress is not None:
             self.metrics.progress(progress)
             body["progress"] = asdict(progress)
         return body

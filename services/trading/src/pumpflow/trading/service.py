@@ -93,6 +93,7 @@ from pumpflow.common.events import (
 from pumpflow.common.lease import LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.trading import (
     SERVICE_CONSUMES,
     DecisionPolicy,
@@ -157,17 +158,17 @@ class ControlNotStored(RuntimeError):
 def _check_live(settings: TradingSettings) -> None:
     """Refuse to start live without the explicit switch, the key and the wallet."""
     if not settings.trading_live_enabled:
-        raise RuntimeError(
+        raise SettingsError(
             "the live executor is chosen but not enabled: set "
             "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
         )
     if settings.api_key() is None:
-        raise RuntimeError(
+        raise SettingsError(
             "the live executor needs PumpPortal's API key: set PUMPPORTAL_API_KEY or "
             "PUMPPORTAL_API_KEY_FILE"
         )
     if not settings.trading_live_wallet:
-        raise RuntimeError(
+        raise SettingsError(
             "the live executor needs the public key of the API key's wallet, whose trades "
             "confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
         )

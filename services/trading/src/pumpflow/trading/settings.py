@@ -126,6 +126,12 @@ class TradingSettings(PumpPortalKeySettings):
         description="market seconds with no event at all that trip the stale breaker (a feed "
         "that stopped delivering)",
     )
+    trading_max_events_per_s: float = Field(
+        _BREAKERS.max_events_per_s,
+        gt=0,
+        description="events a second trading consumes (about three a trade), over "
+        f"{_BREAKERS.rate_window_s:g} s, that trip the rate breaker (a replay loop, a flood)",
+    )
     trading_tick_s: float = Field(
         1.0, gt=0, description="market seconds between the timed checks (breakers, due fills)"
     )
@@ -183,6 +189,7 @@ class TradingSettings(PumpPortalKeySettings):
             _BREAKERS,
             max_feed_lag_s=self.trading_max_feed_lag_s,
             max_silence_s=self.trading_max_silence_s,
+            max_events_per_s=self.trading_max_events_per_s,
         )
 
     def execution(self) -> PaperExecution:

@@ -239,6 +239,11 @@ class EventBus(EventPublisher, EventSubscriber):
         (a peek), so a caller can save them before removing them.
         """
 
+    async def keeps_dead_letters_of(self, service: str) -> bool:
+        """Whether the bus keeps a store of ``service``'s dead letters: it has one once the
+        service consumed or dead-lettered. Asking creates none."""
+        return True
+
     @abstractmethod
     async def take_dead_letters(
         self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]

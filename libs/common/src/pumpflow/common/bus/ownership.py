@@ -586,6 +586,9 @@ class BalancedBus(EventBus):
     ) -> list[DeadLetter]:
         return await self.inner.dead_letters(service, limit, remove=remove)
 
+    async def keeps_dead_letters_of(self, service: str) -> bool:
+        return await self.inner.keeps_dead_letters_of(service)
+
     async def take_dead_letters(
         self, service: str, take: Callable[[DeadLetter], Awaitable[bool]]
     ) -> int:

@@ -1501,6 +1501,22 @@ class RabbitMQBus(EventBus):
             extra=dict(headers or {}),
         )
 
+    async def keeps_dead_letters_of(self, service: str) -> bool:
+        if service in self._dlqs:
+            return True
+        if self._connection is None:
+            raise RuntimeError("RabbitMQBus is not started")
+        # a channel of its own: a passive declare of a missing queue closes it
+        channel = await self._connection.channel()
+        try:
+            await channel.declare_queue(self.dlq_name(service), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
+
     async def dead_letters(
         self, service: str, limit: int = 100, *, remove: bool = True
     ) -> list[DeadLetter]:

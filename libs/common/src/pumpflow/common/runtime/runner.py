@@ -94,6 +94,12 @@ async def run_service(
         print(f"pumpflow {service_cls.name}: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     log.info("starting %s", settings.service, extra={"settings": redacted_settings(settings)})
+    try:
+        service: Service = service_cls(settings)
+    except SettingsError as exc:
+        # settings each valid alone that the service cannot run with together
+        print(f"pumpflow {service_cls.name}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
 
     stop = stop or asyncio.Event()
     installed = _install_signal_handlers(stop)
@@ -101,12 +107,10 @@ async def run_service(
     startup = Startup(settings)
     wired = _Wired()
     bus = None
-    service: Service | None = None
     http: HttpServer | None = None
     started = False
     exit_code = EXIT_OK
     try:
-        service = service_cls(settings)
         if settings.http_port:
             from pumpflow.common.runtime.http import HttpServer, create_app
 
@@ -136,7 +140,7 @@ async def run_service(
             await _bounded("stop consuming", bus.stop_consuming())
             if started:
                 await _drain(bus, settings.drain_timeout_s)
-        if service is not None and started:
+        if started:
             # a stop that fails or overruns may have lost work: the exit code says so
             if not await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0)):
                 exit_code = EXIT_FAILED

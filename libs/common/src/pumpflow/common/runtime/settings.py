@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -262,6 +263,13 @@ class CommonSettings(BaseSettings):
             if name in read_config_file(path).get(table, {}):
                 return f"{name} in [{table}] of {path}"
         return variable
+
+    @classmethod
+    def load_with_defaults(cls, defaults: Mapping[str, Any], **overrides):
+        """:meth:`load`, with ``defaults`` in place of the settings' own defaults: a
+        setting the environment or the config file gives keeps its value."""
+        given = cls.load(**overrides).model_fields_set
+        return cls.load(**{k: v for k, v in defaults.items() if k not in given}, **overrides)
 
     @classmethod
     def variable_name(cls, loc: tuple) -> str:

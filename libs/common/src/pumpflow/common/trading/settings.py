@@ -76,9 +76,12 @@ Circuit breakers (:class:`BreakerSettings`):
   means a backlog; at the graduates' ~1.7 trades/s the curve has moved ~3 trades since.
 - ``max_silence_s = 30``: tokens are created at 16-42 a minute and the feed carries
   every creation; 30 s with no event at all has probability e^-8 at the slowest rate.
-- ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the market averages 23-58
-  trades/s with bursts several times that; 1000/s is 17x the top average and twice
-  the benchmark load (500/s). Beyond it the data is a replay loop or an attack.
+- ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the breaker counts every
+  event trading consumes, about three a trade (the trade, its features, a prediction
+  at most every 0.5 s a token, lifecycle changes: 12,500 events for 4,100 trades on
+  the simulator at 1x). The market averages 23-58 trades/s, 70-175 events/s, with
+  bursts several times that; 1000/s is 6x the top average over ten seconds. Beyond it
+  the data is a replay loop or an attack (``PUMPFLOW_TRADING_MAX_EVENTS_PER_S``).
 - ``max_consecutive_failures = 3``: one failed order is the market (slippage), three
   in a row is the executor or the chain. A sale refused on slippage is the market
   alone and never counts (argued in :mod:`pumpflow.common.trading.risk`).
