@@ -236,3 +236,12 @@ def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsy
     assert [row.split("|")[1].strip() for row in rows] == [
         "config", "defaults", "eager", "patient"
     ]  # fmt: skip
+
+
+async def test_each_configuration_measures_live_precision_where_its_trading_enters():
+    """The model reads trading's entry score: a configuration's precision is at its own."""
+    frames = simulated_frames(SEED, 4.0, start=START)
+    for min_score in (0.45, 0.7):
+        result = await run_backtest(frames, {**RUN_CONFIG, "trading_min_score": min_score})
+        assert result.precision, "no label released to measure at"
+        assert {t for _, t in result.precision.values()} == {min_score}

@@ -188,6 +188,8 @@ async def run_embedded_market(
         async with run_embedded(
             [feed, FeaturesService, ActivityService, ModelService, trading, ExitService],
             clock=clock,
+            # the model measures its live precision where trading enters
+            settings={"trading_min_score": trading.settings.trading_min_score},
         ) as system:
             # under the dashboard the console's lines go to its "latest" panel
             recent = RecentLines()
