@@ -483,7 +483,8 @@ class TradingService(Service):
             if withdrawn:
                 log.warning(
                     "trading: %d orders decided while the ledger failed are not sent: "
-                    "their events were not acknowledged, and the next holder decides them",
+                    "their events were not acknowledged, and the next holder decides them "
+                    "(those the ledger stored all the same are told refused)",
                     withdrawn,
                 )
             try:
