@@ -113,14 +113,17 @@ async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_inse
     ledger,
 ):
     """A replica standing by withdraws the orders it did not send: a row its lost commit
-    stored is settled refused; another decision's row, one with an outcome, and an
-    order the ledger never had are left as they are."""
+    stored is settled refused, and one it stored refused (a sale with nothing left) is
+    kept so, both told back as held; another decision's row, one with an outcome, and
+    an order the ledger never had are left as they are, none told back."""
+    nothing_left = dict(state="rejected", outcome="nothing to sell: no position held")
     await ledger.commit(
         LedgerChange(
             orders=[
                 order("stored", attempt="w:1"),
                 order("other", attempt="w:9"),
                 order("filled", attempt="w:3"),
+                order("refused", attempt="w:5", side="sell", **nothing_left),
             ],
             outcomes=[OrderOutcome(order_id="filled", state="filled")],
         )
@@ -131,10 +134,17 @@ async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_inse
         order("other", attempt="w:2", **refused),
         order("filled", attempt="w:3", **refused),
         order("never", attempt="w:4", **refused),
+        order("refused", attempt="w:5", side="sell", **nothing_left),
     ]
-    assert await ledger.commit(LedgerChange(withdrawn=withdrawn)) == set()
-    states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10)}
-    assert states == {"stored": "rejected", "other": "sent", "filled": "filled"}
+    assert await ledger.commit(LedgerChange(withdrawn=withdrawn)) == {"stored", "refused"}
+    stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
+    assert {i: o["state"] for i, o in stored.items()} == {
+        "stored": "rejected",
+        "other": "sent",
+        "filled": "filled",
+        "refused": "rejected",
+    }
+    assert stored["refused"]["outcome"] == nothing_left["outcome"]
 
 
 async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_time(ledger):

@@ -429,8 +429,13 @@ class LostReplyLedger(MemoryLedger):
     connection closed after the commit)."""
 
     lose_next = False
+    #: the next write fails before it reaches the ledger
+    fail_next = False
 
     async def commit(self, change: LedgerChange) -> set[str]:
+        if change and self.fail_next:
+            self.fail_next = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
         inserted = await super().commit(change)
         if change and self.lose_next:
             self.lose_next = False
@@ -467,8 +472,8 @@ async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_st
 ):
     """The store of a prediction's order reaches the ledger, its reply lost; then the
     lease goes. The replica standing by sends nothing, and the row its commit stored says
-    so rather than ``sent``: a take-over would reconcile it as an order of unknown
-    outcome, its capital held, and a live one wait for its trade."""
+    so rather than ``sent`` (a take-over would reconcile it as an order of unknown
+    outcome, its capital held, and a live one wait for its trade), as do its events."""
     ledger = LostReplyLedger()
     service = trading(ledger)
     async with running(clock, service) as (bus, watch):
@@ -481,7 +486,9 @@ async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_st
         [order] = await ledger.orders(limit=10)
         assert order["state"] == "rejected", order
         assert order["outcome"].startswith("withdrawn unsent"), order
-        assert watch.count("order.requested") == 0
+        # told refused: the next holder takes the prediction handed back for a copy
+        assert [r.order_id for r in watch.payloads("order.rejected")] == [order["order_id"]]
+        assert watch.count("order.requested") == 1 and watch.count("order.filled") == 0
 
     second = trading(ledger)
     async with running(clock, second) as (bus, watch):
@@ -489,6 +496,72 @@ async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_st
         assert second.risk.reservations == {}
         await clock.advance(1.0)
         assert watch.count("order.filled") == 0 and not second.book.holds(mint)
+
+
+async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(
+    clock, market
+):
+    """An exit's sale whose store reaches the ledger, its reply lost; then the lease goes.
+    The replica standing by settles the row refused and says so (its request and
+    refusal published): the next holder takes the sale, handed back to it, for a copy of
+    the stored one and publishes nothing of it, so the exit would otherwise wait for an
+    outcome that never comes (a tranche to the run's deadline, a rule's sale for ever)."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+        sale = ExitOrder(
+            order_id=f"{opened.position_id}:exit:1",
+            mint=mint,
+            position_id=opened.position_id,
+            token_amount=opened.token_amount,
+        )
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([make_event(sale, source="exit/t", time=clock.now())])
+        await service.leader.stop()
+        stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
+        assert stored[sale.order_id]["state"] == "rejected"
+        [refusal] = watch.payloads("order.rejected")
+        assert refusal.order_id == sale.order_id
+        assert [r.order_id for r in watch.payloads("order.requested") if r.side == "sell"] == [
+            sale.order_id
+        ]
+        assert watch.count("order.filled") == 1  # the entry's only
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        # handed back to the next holder: a copy of the stored sale, nothing published
+        await second.on_events([make_event(sale, source="exit/t", time=clock.now())])
+        await clock.advance(1.0)
+        assert watch.count("order.requested") == 0 and second.book.holds(mint)
+
+
+async def test_an_entry_a_lost_commit_never_stored_is_withdrawn_without_a_word(clock, market):
+    """The lease goes while an entry's store fails before it reached the ledger: nothing
+    of it is published by the replica standing by, and the next holder decides its
+    prediction again."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        prediction = market.prediction(mint)
+        ledger.fail_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([prediction])
+        await service.leader.stop()
+        assert await ledger.orders(limit=10) == []
+        assert watch.count("order.requested") == 0 and watch.count("order.rejected") == 0
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        await ready(bus, market, mint)
+        await second.on_events([prediction])
+        await clock.advance(1.0)
+        assert watch.count("order.filled") == 1
 
 
 async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(clock, market):

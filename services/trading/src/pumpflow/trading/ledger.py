@@ -14,8 +14,10 @@ store failed): nothing sent it, as an order is sent only once its commit answere
 the row stored ``sent`` is settled refused, rather than left for a take-over to
 reconcile as an order of unknown outcome, its capital reserved meanwhile. So are the
 rows of orders a replica standing by withdrew unsent (``withdrawn``), which the ledger
-may hold the same way; none of those is inserted: the next holder decides their
-events again.
+may hold the same way; none of those is inserted, and the ids of those it holds come
+back: the next holder takes their events, handed back to it, for copies, so the
+replica standing by publishes their refusals. One the ledger does not hold is decided
+again there.
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -169,7 +171,7 @@ class LedgerChange:
     fills: list[FillRecord] = field(default_factory=list)
     positions: list[PositionRecord] = field(default_factory=list)
     #: orders withdrawn unsent, refused: a row a commit of their attempt stored (its reply
-    #: lost) is settled so; none is inserted
+    #: lost) is settled so, and its id comes back; none is inserted
     withdrawn: list[OrderRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -204,7 +206,8 @@ class LedgerSnapshot:
 
 class Ledger(Protocol):
     async def commit(self, change: LedgerChange) -> set[str]:
-        """Write ``change`` in one transaction; return the ids of the orders inserted."""
+        """Write ``change`` in one transaction; return the ids of the orders inserted, and
+        of the ``withdrawn`` ones it holds (settled refused)."""
         ...
 
     async def load(
@@ -234,6 +237,20 @@ def _settles_unsent(stored: OrderRecord, order: OrderRecord) -> bool:
     )
 
 
+def _holds_withdrawn(stored: OrderRecord, order: OrderRecord) -> bool:
+    """Whether ``stored`` is the row a lost commit of ``order``'s attempt stored, nothing
+    having taken it further: unsent, or refused as ``order`` was (a sale with nothing
+    left to sell)."""
+    return (
+        order.attempt is not None
+        and stored.attempt == order.attempt
+        and (
+            stored.state in _UNSENT
+            or (stored.state == "rejected" and stored.outcome == order.outcome)
+        )
+    )
+
+
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
     values = asdict(order)
     values.update(state=outcome.state, outcome=outcome.outcome)
@@ -260,12 +277,19 @@ class MemoryLedger:
                 inserted.add(order.order_id)
             elif order.attempt is not None and stored.attempt == order.attempt:
                 inserted.add(order.order_id)
-        for order in [*change.orders, *change.withdrawn]:
+        for order in change.orders:
             stored = self._orders.get(order.order_id)
             if stored is not None and _settles_unsent(stored, order):
                 self._orders[order.order_id] = replace(
                     stored, state=order.state, outcome=order.outcome
                 )
+        for order in change.withdrawn:
+            stored = self._orders.get(order.order_id)
+            if stored is not None and _holds_withdrawn(stored, order):
+                self._orders[order.order_id] = replace(
+                    stored, state="rejected", outcome=order.outcome
+                )
+                inserted.add(order.order_id)
         for outcome in change.outcomes:
             found = self._orders.get(outcome.order_id)
             if found is not None:
@@ -337,8 +361,12 @@ ON CONFLICT (order_id) DO UPDATE SET attempt = orders.attempt,
 RETURNING order_id
 """
 _SETTLE_WITHDRAWN = f"""
-UPDATE orders SET state = $3, outcome = $4, updated_at = now()
-WHERE order_id = $1 AND attempt = $2 AND $3 = 'rejected' AND state IN ({_UNSENT_STATES})
+UPDATE orders SET state = 'rejected', outcome = w.outcome, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS w(order_id, attempt, outcome)
+WHERE orders.order_id = w.order_id AND orders.attempt = w.attempt
+    AND (orders.state IN ({_UNSENT_STATES})
+        OR (orders.state = 'rejected' AND orders.outcome = w.outcome))
+RETURNING orders.order_id
 """
 _UPDATE_ORDER = """
 UPDATE orders SET state = $2, outcome = $3, signature = coalesce($4, signature),
@@ -393,10 +421,13 @@ class PostgresLedger:
                 rows = await conn.fetch(_INSERT_ORDER, *columns)
                 inserted = {row["order_id"] for row in rows}
             if change.withdrawn:
-                await conn.executemany(
+                rows = await conn.fetch(
                     _SETTLE_WITHDRAWN,
-                    [(o.order_id, o.attempt, o.state, o.outcome) for o in change.withdrawn],
+                    [o.order_id for o in change.withdrawn],
+                    [o.attempt for o in change.withdrawn],
+                    [o.outcome for o in change.withdrawn],
                 )
+                inserted |= {row["order_id"] for row in rows}
             if change.outcomes:
                 await conn.executemany(
                     _UPDATE_ORDER,

@@ -143,6 +143,8 @@ _CONTROL_RETRY_S = (0.1, 2.0)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
+#: the outcome of an order a replica standing by withdrew unsent
+_WITHDRAWN = "withdrawn unsent: its replica stood by"
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -482,7 +484,8 @@ class TradingService(Service):
             if withdrawn:
                 log.warning(
                     "trading: %d orders decided while the ledger failed are not sent: "
-                    "their events were not acknowledged, and the next holder decides them",
+                    "their events were not acknowledged, and the next holder decides them "
+                    "(those the ledger stored all the same are told refused)",
                     withdrawn,
                 )
             try:
@@ -500,18 +503,23 @@ class TradingService(Service):
         holder stores an order before it sends it); how many. A replica that stands by
         sends nothing: the next holder, which may hold the lease already and has read the
         ledger, would never know of an order sent now. A failed commit may have stored
-        them all the same (its reply lost): those rows are settled refused, none
-        inserted, as the next holder decides their events again."""
+        them all the same (its reply lost): those rows are settled refused, and their
+        requests and refusals published, since the next holder takes an order the ledger
+        holds for a copy (the exit, told nothing, would wait for its sale's outcome for
+        ever); an order the ledger does not hold is neither inserted nor told of, its
+        event decided again there."""
         withdrawn: list[OrderRecord] = []
+        told: list[Event] = []
         for step in self._backlog:
             if not step.requests and not step.refused:
                 continue
             ids = step.requests.keys() | step.refused
-            withdrawn += [
-                replace(o, state="rejected", outcome="withdrawn unsent: its replica stood by")
-                for o in step.change.orders
-                if o.order_id in ids
-            ]
+            for order in step.change.orders:
+                if order.order_id in step.refused:
+                    withdrawn.append(order)  # stored refused already, its refusal with it
+                elif order.order_id in ids:
+                    withdrawn.append(replace(order, state="rejected", outcome=_WITHDRAWN))
+            told += [e for e in step.events if _order_event(e, ids)]
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
             step.events = [e for e in step.events if not _order_event(e, ids)]
             step.requests = {}
@@ -519,6 +527,20 @@ class TradingService(Service):
         if withdrawn:
             step = _Step()
             step.change.withdrawn = withdrawn
+            now = self._ctx.clock.now()
+            for order in withdrawn:
+                said = [e for e in told if e.data.order_id == order.order_id]
+                step.events += said
+                if not any(isinstance(e.data, OrderRejected) for e in said):
+                    step.events.append(
+                        make_event(
+                            rejected(order, _WITHDRAWN),
+                            source=self._ctx.source,
+                            time=now,
+                            cause=said[0] if said else None,
+                            event_id=derived_id("outcome", order.order_id),
+                        )
+                    )
             self._backlog.append(step)
         return len(withdrawn)
 
@@ -898,7 +920,8 @@ class TradingService(Service):
         await self._publish()
 
     async def _send(self, step: _Step, inserted: set[str]) -> None:
-        dropped: set[str] = set()
+        # a withdrawn order is told of only where the ledger holds it (see _withdraw_unsent)
+        dropped = {o.order_id for o in step.change.withdrawn if o.order_id not in inserted}
         follow: _Step | None = None
         for order in step.change.orders:
             request = step.requests.get(order.order_id)

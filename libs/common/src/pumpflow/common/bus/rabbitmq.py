@@ -64,8 +64,9 @@ publisher's types) or apply it late. So a publication is written only once every
 earlier one of its line is confirmed or given up: a line is a partition of a lane
 (``pNN``, ``critical.pNN``), where a key's events all go; keyless ones have none.
 Partitions still go side by side, and a partition's consecutive events of one routing
-key share a message, so this costs little more than a round trip where a partition's
-routing key changes within a call.
+key share a message, so a call costs a confirm's round trip more for each further
+message of one partition: where its routing key changes (a new token's create, then
+its trade), or its run fills a message (BATCH_EVENTS, BATCH_BYTES).
 
 Delivery limit: a message that kills its consumer's process is redelivered (the
 broker marks it ``redelivered``). A redelivered message runs alone (nothing else of
@@ -620,7 +621,8 @@ class RabbitMQBus(EventBus):
         A partition's consecutive events of one routing key share a message (a batch,
         see the module), so each queue receives its events in publish order; a critical
         or keyless event goes alone and ends every open batch (nothing published after
-        it is written before it).
+        it shares a message with events before it). The line of each is where it keeps
+        its order (see Publishing).
         """
         groups: list[list] = []
         #: the batch still open for each partition: [routing key, bodies, first id, bytes,

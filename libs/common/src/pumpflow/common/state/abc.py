@@ -52,10 +52,6 @@ class WriteBatch:
     def __bool__(self) -> bool:
         return bool(self.values or self.hashes or self.expiries or self.unset)
 
-    def hash_keys(self) -> set[str]:
-        """The keys whose hash fields it sets or removes."""
-        return {k for k, f in self.unset.items() if f} | {k for k, f in self.hashes.items() if f}
-
 
 class StateStore(ABC):
     """Batched get/set of values and hashes with optional TTLs (seconds)."""

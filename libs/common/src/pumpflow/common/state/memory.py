@@ -94,10 +94,16 @@ class MemoryStateStore(StateStore):
         # no await inside: atomic on the event loop
         self._purge()
         values = self._values
-        for key in batch.hash_keys():
-            current = values.get(key) if self._alive(key) else None
-            if key in batch.values or not (current is None or isinstance(current, dict)):
-                raise WrongKind(f"{key} holds no hash: nothing of the write is stored")
+        for hashes in (batch.unset, batch.hashes):
+            for key, fields in hashes.items():
+                if not fields:
+                    continue
+                current = values.get(key)
+                # a hash or nothing, the common case, needs no look at the key's expiry
+                if key in batch.values or (
+                    current is not None and not isinstance(current, dict) and self._alive(key)
+                ):
+                    raise WrongKind(f"{key} holds no hash: nothing of the write is stored")
         for key, (value, ttl) in batch.values.items():
             values[key] = bytes(value)
             self._set_ttl(key, ttl)
