@@ -982,6 +982,8 @@ async def test_rabbitmq_a_batch_dead_lettered_whole_is_read_and_taken_event_by_e
         assert [decode_event(d.body).seq for d in left[1:]] == [1, 3, 5]
         assert all(d.reason.startswith("broker: rejected") for d in left[1:])
         assert {(d.event_type, d.key) for d in left[1:]} == {("token.trade", "mintT")}
+        # stored by the bus, not the broker: never read as a batch again
+        assert not any("x-death" in d.headers for d in left[1:])
         # stored again as letters of their own: a second taker sees them alone, once
         assert await bus.take_dead_letters(service, take_even) == 4
     finally:

@@ -124,7 +124,7 @@ from pumpflow.common.bus.abc import (
     Subscription,
     notify_assigned,
 )
-from pumpflow.common.bus.batches import batch_body, batch_parts, letter_events
+from pumpflow.common.bus.batches import DEATH_HEADER, batch_body, batch_parts, letter_events
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -1486,8 +1486,11 @@ class RabbitMQBus(EventBus):
     ) -> None:
         """Publish a letter to ``service``'s DLQ, confirmed, without counting it."""
         await self._declare_dlq(service)
-        # the reason, type and key given win over headers a letter carried before
-        headers = {**(extra or {}), REASON_HEADER: reason[:_MAX_REASON]}
+        # the reason, type and key given win over headers a letter carried before; the
+        # broker's x-death does not pass, or a reader would take this letter for a batch
+        # the broker dead-lettered whole
+        headers = {k: v for k, v in (extra or {}).items() if k != DEATH_HEADER}
+        headers[REASON_HEADER] = reason[:_MAX_REASON]
         if event_type is not None:
             headers["x-pumpflow-type"] = event_type
         if key is not None:
