@@ -1,7 +1,8 @@
 """The exit service and trading as processes over RabbitMQ, Redis and Postgres: kill -9
 of the exit service in the middle of a graceful exit, then a restart: it resumes from
 its Postgres records, every position is sold out, none sold twice, and the stored
-summary matches trading's fills."""
+summary matches trading's fills; a position trading closed before the kill is reported
+closed by trading."""
 
 from __future__ import annotations
 
@@ -185,3 +186,114 @@ async def test_pumpflow_stop_runs_the_graceful_exit_of_a_running_exit_service(st
     assert state["state"] == "halted", state  # no entry after the stop
     assert await stack.processes.stop("exit") == 0, stack.processes.logs()
     assert await stack.processes.stop("trading") == 0, stack.processes.logs()
+
+
+async def test_kill_9_after_trading_closed_a_position_before_its_line_reached_the_run(
+    stack: Stack, pg_pool, redis_client, namespace
+):
+    """A tranche of the graceful exit fills, then a hand sale closes the rest. The exit
+    applies the close and writes its state, but its line cannot reach the run's records
+    (the run's row is locked) when it is killed -9. Restarted, it holds the position no
+    more: it reports it closed by trading, with the tranche sold, not left unsold. The
+    test is trading here: it answers the tranche and closes the position."""
+    import msgspec
+
+    from pumpflow.common.consumer.keyed import Record
+    from pumpflow.common.events import (
+        OrderFilled,
+        PositionClosed,
+        PositionOpened,
+        PositionUpdated,
+        make_event,
+    )
+    from pumpflow.common.exit import ExitState
+    from pumpflow.common.testing.stack import http_get
+
+    # no trading process to answer the shutdown with its barrier; one tranche only
+    stack.processes.configure(exit_barrier_wait_s=0.0, exit_min_tranche_interval_s=600.0)
+    records = PostgresExitStore(pg_pool)
+    upstream = stack.upstream
+    stack.serve_exit()
+
+    async def ready() -> bool:
+        status, _ = await asyncio.to_thread(http_get, f"{stack.exit_url}/readyz")
+        return status == 200
+
+    await stack.until(ready, "the exit service consuming")
+    mint = await upstream.ready()
+    price = upstream.tokens.curves[mint].price
+    fields = {"position_id": "pos-hand", "mint": mint, "entry_price": price}
+
+    async def trading(payload) -> None:
+        upstream._now()
+        await upstream.publish(make_event(payload, source="trading/test",
+                                          time=upstream.clock.now()))  # fmt: skip
+
+    await trading(PositionOpened(**fields, token_amount=3e7, cost_sol=3e7 * price,
+                                 mark_price=price))  # fmt: skip
+
+    async def holds_it() -> bool:
+        held = await stack.get(f"{stack.exit_url}/positions")
+        return bool(held) and held.get("count") == 1
+
+    await stack.until(holds_it, "the exit service holding the position")
+    status, _ = post(f"{stack.exit_url}/shutdown", TOKEN, {"reason": "hand sale"})
+    assert status == 200
+    [order] = await stack.watch.wait_for(1, "exit.order", within=40)
+    tranche = order.data
+    await trading(
+        OrderFilled(
+            order_id=tranche.order_id, mint=mint, side="sell", token_amount=tranche.token_amount,
+            sol_amount=tranche.token_amount * price, price=price, position_id="pos-hand",
+        )
+    )  # fmt: skip
+    left = 3e7 - tranche.token_amount
+    await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+    run = await records.active_run()
+    assert run is not None
+
+    async def filled_stored() -> bool:
+        stored = await records.run_orders(run.run_id)
+        return [o.state for o in stored] == ["filled"]
+
+    await stack.until(filled_stored, "the tranche's fill stored")
+    # the run's row locked: no line of it can be stored until the kill
+    locked = await pg_pool.acquire()
+    holding = locked.transaction()
+    await holding.start()
+    try:
+        await locked.execute(
+            "SELECT 1 FROM exit_runs WHERE run_id = $1 FOR NO KEY UPDATE", run.run_id
+        )
+        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+
+        async def close_written() -> bool:
+            raw = await redis_client.get(f"{namespace}:exit:key:{mint}")
+            if raw is None:
+                return False
+            record = msgspec.msgpack.decode(raw, type=Record)
+            return msgspec.msgpack.decode(record.state, type=ExitState).position is None
+
+        await stack.until(close_written, "the close applied and its state written")
+        stack.processes.procs["exit"].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(stack.processes.procs["exit"].wait, 30)
+    finally:
+        await holding.rollback()
+        await pg_pool.release(locked)
+    assert (await records.get_run(run.run_id)).finished_at is None
+
+    stack.serve_exit()
+
+    async def finished() -> bool:
+        latest = await records.get_run(run.run_id)
+        return latest.finished_at is not None
+
+    await stack.until(finished, "the resumed graceful exit finished", within=60)
+    summary = (await records.get_run(run.run_id)).summary
+    [line] = summary["positions"]
+    assert line.get("closed") == "manual" and line["completed"], line
+    assert line["tranches"] == 1 and line["tokens_sold"] == pytest.approx(tranche.token_amount)
+    assert summary["positions_left"] == 0, summary
+    text = (await stack.get(f"{stack.exit_url}/summary"))["text"]
+    assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text, text
+    assert await stack.processes.stop("exit") == 0, stack.processes.logs()

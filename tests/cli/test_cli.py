@@ -17,8 +17,10 @@ from pydantic import AliasChoices, Field
 from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
 from pumpflow.cli.delegated import DELEGATED
+from pumpflow.common.bus import Subscription, partition_of
 from pumpflow.common.clock import WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
+from pumpflow.common.events import Event, encode_event
 from pumpflow.common.keyed import InvalidInput
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
@@ -455,6 +457,74 @@ async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not
         f"'{bus.namespace}': no such service has consumed there"
     )
     assert not await bus.keeps_dead_letters_of("featurs")  # and none was made
+
+
+async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event(
+    tmp_path, rabbitmq_harness, process_stack, namespace, token_events
+):
+    """A message of several events the broker dead-lettered whole (the bus could not
+    store its event's letter) is listed and redriven as one letter per event, in order;
+    so is such a batch a move saved to a file as one record."""
+    bus = await rabbitmq_harness.bus("batch/t", partitions=2)
+    rabbitmq_harness.delete_after(["batches"])
+
+    async def dlq_down(*args, **kwargs):
+        raise ConnectionError("DLQ publish failed")
+
+    bus._to_dlq = dlq_down
+    fixed = False
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        if not fixed:
+            raise RuntimeError("not yet")
+        got.append(event)
+
+    await bus.subscribe(
+        Subscription(service="batches", patterns=("token.trade",), handler=handler, max_attempts=1)
+    )
+    process_stack.configure(partitions=2)
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return process_stack.run("dead-letters", "batches", *argv)
+
+    sent = [token_events.trade("mintBatch", seq=seq) for seq in range(1, 5)]
+    await bus.publish_many(sent)  # one message: one key, one partition
+
+    async def dead() -> bool:
+        return len(await bus.dead_letters("batches", remove=False)) == len(sent)
+
+    await eventually(dead, 10, what="the batch's letters")
+    listed = await asyncio.to_thread(cli)
+    assert listed.returncode == 0, listed.stderr
+    shown = [line for line in listed.stdout.splitlines() if line.startswith("- ")]
+    queue = f"{namespace}.batches.p{partition_of('mintBatch', 2):02d}"
+    assert shown == [f"- token.trade key=mintBatch: broker: rejected from {queue}"] * 4
+    assert "4 dead letter(s) shown" in listed.stdout
+    fixed = True
+    redriven = await asyncio.to_thread(cli, "--redrive")
+    assert redriven.returncode == 0, redriven.stderr
+    assert "redrove 4 dead letter(s) of batches" in redriven.stdout
+    await eventually(lambda: len(got) == len(sent), 10, what="the batch redriven")
+    assert [e.id for e in got] == [e.id for e in sent]
+    assert await bus.dead_letters("batches", remove=False) == []
+
+    # the record a move made of the whole batch's letter
+    saved = tmp_path / "dead.jsonl"
+    record = {
+        "service": "batches",
+        "reason": "broker: rejected from the partition queue",
+        "event_type": None,
+        "key": None,
+        "body": "[" + ",".join(encode_event(e).decode() for e in sent) + "]",
+        "headers": {"x-death": "[{'reason': 'rejected'}]"},
+    }
+    saved.write_text(json.dumps(record) + "\n")
+    from_file = await asyncio.to_thread(cli, "--redrive-from", str(saved), "--type", "token.trade")
+    assert from_file.returncode == 0, from_file.stderr
+    assert "redrove 4 dead letter(s) of batches" in from_file.stdout
+    await eventually(lambda: len(got) == 2 * len(sent), 10, what="the saved batch redriven")
+    assert [e.id for e in got[len(sent) :]] == [e.id for e in sent]
 
 
 class _SeqsProcessor(AppliedSeqs):

@@ -768,3 +768,117 @@ async def test_positions_opened_after_a_finished_graceful_exit_and_a_resume_get_
             what="the new position's max-hold sale",
         )  # fmt: skip
         await advancing(clock, lambda: trader.book.open_count == 0, what="the position sold")
+
+
+class _LinesOut(PostgresExitStore):
+    """The exit's records in Postgres, refusing to close a position of the run (its
+    line) while ``down``."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.down = False
+        #: tries to store a line while down
+        self.refused = 0
+
+    async def update_run(self, run_id, *, lines=(), **changes):
+        lines = list(lines)
+        if self.down and lines:
+            self.refused += 1
+            raise Outage("the records' database is restarting")
+        return await super().update_run(run_id, lines=lines, **changes)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_reports_it_closed(
+    rabbitmq_harness, redis_url, namespace, pg_pool
+):
+    """A tranche of the graceful exit fills, then a hand sale closes the rest; the
+    replica applies the close (its state written, the event acked) but dies before the
+    position's line reaches the run's records. The resumed replica holds the position
+    no more: it reports it closed by trading, with the tranche sold, not as left unsold."""
+    from pumpflow.common.runtime.service import ServiceContext
+    from pumpflow.common.state.redis import RedisStateStore
+    from pumpflow.common.testing import EventCollector
+
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _LinesOut(pg_pool)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    settings = {
+        "partitions": PARTITIONS,
+        "exit_resume_wait_s": 5.0,
+        "exit_max_tranche_impact": 0.002,
+        "exit_min_tranche_interval_s": 5.0,
+        # no trading here to answer the shutdown with its barrier
+        "exit_barrier_wait_s": 0.0,
+        "exit_run_poll_s": 0.02,
+    }
+    bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="trading/test")
+    watch = await EventCollector("watch").attach(bus, "exit.*")
+
+    async def replica(service):
+        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
+        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
+        await service.start(ctx)
+        return replica_bus
+
+    async def trading(payload) -> None:
+        await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+    first = exit_service(records, **settings)
+    first_bus = await replica(first)
+    second = None
+    try:
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=3e7)
+        held = position.data
+        await bus.publish(position)
+        await eventually(lambda: len(first.positions()) == 1, what="the position held")
+        await trading(SystemShutdown(reason="hand sale"))
+        [first_order] = await watch.wait_for(1, "exit.order", within=30)
+        tranche = first_order.data
+        price = tokens.curves[mint].price
+        await trading(
+            OrderFilled(
+                order_id=tranche.order_id, mint=mint, side="sell",
+                token_amount=tranche.token_amount, sol_amount=tranche.token_amount * price,
+                price=price, position_id=held.position_id,
+            )
+        )  # fmt: skip
+        left = held.token_amount - tranche.token_amount
+        fields = {"position_id": held.position_id, "mint": mint, "entry_price": held.entry_price}
+        await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+        records.down = True
+        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+        # the close applied and written; its line tried, not stored
+        await eventually(lambda: records.refused >= 1, what="the position's line tried")
+        await first.consumer.flush()
+        assert first.consumer.state(mint).position is None
+
+        # the replica dies: nothing more of it runs
+        for task in (first._poll, first._graceful, *first._tasks):
+            task.cancel()
+        await first.consumer.abandon()
+        await first_bus.close()
+        records.down = False
+        second = exit_service(records, **settings)
+        await replica(second)
+        await advancing(clock, second.finished.is_set, what="the resumed exit finished")
+
+        assert watch.payloads("exit.order") == [tranche]
+        summary = second.summary
+        [line] = summary.lines
+        assert line.closed == "manual" and line.completed, line
+        assert line.tranches == 1 and line.tokens_sold == pytest.approx(tranche.token_amount)
+        assert summary.positions_left == 0
+        assert "1 closed by trading" in summary.text() and "NOT SOLD OUT" not in summary.text()
+        run = await records.latest_run()
+        assert run.summary["positions"][0]["closed"] == "manual"
+    finally:
+        if second is not None:
+            await second.stop()
+        await store.close()

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from pumpflow.common.events import ExitLine
+from pumpflow.common.events import ExitLine, OrderFilled
 from pumpflow.exit.records import (
     BARRIER,
+    ExitOrderRecord,
     MemoryExitStore,
     PostgresExitStore,
     RunRecord,
+    TradingClose,
     entry_position_id,
     held_position_id,
+    resume_state,
 )
 
 from .helpers import START
@@ -161,3 +164,65 @@ async def keeps_ended(store) -> None:
     # past the records' TTL the oldest go
     await store.record_ended({"mint-c": ("entry-3",)}, time=START + 80, keep_s=60.0)
     assert await store.ended_ids() == {"entry-2", "entry-3"}
+
+
+async def test_positions_trading_closed_are_kept_with_the_run_and_resumed_closed():
+    await resumes_closes(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_positions_trading_closed_are_kept_with_the_run_in_postgres(pg_pool):
+    await resumes_closes(PostgresExitStore(pg_pool))
+
+
+def order(position_id: str, number: int, *, filled: float | None) -> ExitOrderRecord:
+    sent = ExitOrderRecord(
+        order_id=f"{position_id}:exit:{number}", mint=f"mint-{position_id}",
+        position_id=position_id, rule="graceful", number=number, token_amount=50.0,
+        sent_at=START + number, tokens_at_start=100.0, started_at=START, run_id="r",
+    )  # fmt: skip
+    if filled is None:
+        return sent
+    fill = OrderFilled(
+        order_id=sent.order_id, mint=sent.mint, side="sell", token_amount=filled,
+        sol_amount=filled / 100, price=0.01, position_id=position_id,
+    )  # fmt: skip
+    return sent.settled(fill, START + number + 0.5)
+
+
+async def resumes_closes(store) -> None:
+    run = await store.begin_run(RunRecord.new("test", START, START + 60, partitions=1))
+    await store.update_run(
+        run.run_id, time=START, partitions=[0], positions=[("p1", "mint-p1")],
+        withdraw=[BARRIER],
+    )  # fmt: skip
+    # p1 was listed; p2 closes before its listing got to the records: listed with it
+    await store.record_close(run.run_id, "p1", TradingClose(mint="mint-p1", reason="manual",
+                                                            time=START + 5))  # fmt: skip
+    await store.record_close(run.run_id, "p2", TradingClose(mint="mint-p2", reason="rule",
+                                                            time=START + 6))  # fmt: skip
+    closes = await store.run_closes(run.run_id)
+    assert closes == {
+        "p1": TradingClose(mint="mint-p1", reason="manual", time=START + 5),
+        "p2": TradingClose(mint="mint-p2", reason="rule", time=START + 6),
+    }
+    records, sent = resume_state([order("p1", 1, filled=50.0)], closes)
+    by_id = {r.position_id: r for r in records}
+    # half sold, the rest closed by trading; closed before its first tranche, nothing sold
+    assert by_id["p1"].closed == "manual" and by_id["p1"].tokens_sold == 50.0
+    assert by_id["p2"].closed == "rule" and by_id["p2"].tokens_sold == 0.0
+    assert all(r.completed and r.finished_at is not None for r in records)
+    assert sent == {"p1": 1}
+    # the run waits for both lines
+    assert await store.update_run(run.run_id, time=START + 7, lines=[by_id["p1"].line()]) is None
+    ended = await store.update_run(run.run_id, time=START + 8, lines=[by_id["p2"].line()])
+    assert ended is not None and ended.summary["positions_left"] == 0
+    assert sorted(p["closed"] for p in ended.summary["positions"]) == ["manual", "rule"]
+
+
+def test_a_position_its_tranches_sold_out_is_not_resumed_closed_by_trading():
+    """The exit's own last tranche closed the position: sold out, not closed by trading."""
+    close = TradingClose(mint="mint-p1", reason="sold", time=START + 9)
+    orders = [order("p1", 1, filled=50.0), order("p1", 2, filled=50.0)]
+    [record], _ = resume_state(orders, {"p1": close})
+    assert record.sold_out and record.closed is None and record.finished_at == START + 2.5

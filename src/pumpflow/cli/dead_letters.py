@@ -9,7 +9,8 @@ half way leaves each letter in the queue, in the file, or in both, never in neit
 ``--redrive-from FILE`` puts back the letters a ``--move`` saved in FILE (the file
 stays as it is). ``--dry-run`` counts what would go back. A redriven event is
 applied once by the service however often it is redriven (see
-``pumpflow.common.bus.redrive``).
+``pumpflow.common.bus.redrive``). A batch of events the broker dead-lettered whole is
+listed, moved and redriven as a letter per event, in order, each with its reason.
 
 A token event the feed's store refused goes back to the store instead, with its
 original seq and time, and is published once (``pumpflow.feed.redrive``); one its
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from pumpflow.common.bus.abc import DeadLetter, EventBus
+from pumpflow.common.bus.batches import letter_events
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
@@ -102,7 +104,8 @@ def record_letter(record: dict) -> DeadLetter:
 
 
 def read_letters(path: Path, service: str) -> list[DeadLetter]:
-    """The letters of ``service`` saved in ``path`` by ``--move``."""
+    """The letters of ``service`` saved in ``path`` by ``--move``, one per event (a
+    record may hold a batch the broker dead-lettered whole)."""
     letters = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -113,7 +116,7 @@ def read_letters(path: Path, service: str) -> list[DeadLetter]:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: not a dead-letter record: {exc!r}") from None
             if letter.service == service:
-                letters.append(letter)
+                letters.extend(letter_events(letter))
     return letters
 
 

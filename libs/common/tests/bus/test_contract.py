@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from pumpflow.common.bus import BusConfig, InMemoryBus, Subscription, create_bus, partition_of
 from pumpflow.common.bus.abc import DELIVERY_LIMIT
+from pumpflow.common.bus.redrive import redrive
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -297,6 +298,58 @@ async def test_a_failing_batch_is_handled_event_by_event(bus, service):
     assert [decode_event(letter.body).id for letter in letters] == [sent[2].id]
     assert "2 times" in letters[0].reason
     assert got.attempts[sent[2].id] == 2
+
+
+async def test_events_dead_lettered_in_one_message_are_listed_and_redriven_one_by_one(
+    harness, service
+):
+    """Events published together reach the dead letters as a letter each, in order, with
+    the reason, and a redrive puts each back. On RabbitMQ they share a message, which
+    the broker dead-letters whole when the bus cannot store an event's letter itself."""
+    bus = await harness.bus()
+    if harness.transport == "rabbitmq":
+
+        async def dlq_down(*args, **kwargs):
+            raise ConnectionError("DLQ publish failed")
+
+        bus._to_dlq = dlq_down
+    fixed = False
+    got = Recorder(fail=lambda e: not fixed)
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=1)
+    )
+    sent = [trade_event("mintD", seq) for seq in range(1, 6)]
+    await bus.publish_many(sent)
+
+    async def every_event_dead() -> list | None:
+        letters = await bus.dead_letters(service, remove=False)
+        return letters if len(letters) == len(sent) else None
+
+    letters = await eventually(
+        every_event_dead, within=5, interval=0.02, what="a dead letter for each event"
+    )
+    assert [decode_event(d.body).id for d in letters] == [e.id for e in sent]
+    assert {(d.event_type, d.key) for d in letters} == {("token.trade", "mintD")}
+    if harness.transport == "rabbitmq":
+        assert all(d.reason.startswith("broker: rejected") for d in letters)
+    else:
+        assert all("cannot handle seq" in d.reason for d in letters)
+    fixed = True
+    count = await redrive(bus, service)
+    assert (count.redriven, count.not_events) == (len(sent), 0)
+    await eventually(lambda: len(got.events) == len(sent))
+    assert [e.id for e in got.events] == [e.id for e in sent]
+    assert all(e.redriven for e in got.events)
+    assert await bus.dead_letters(service) == []
+
+
+async def test_input_dead_lettered_as_a_json_array_of_events_stays_one_letter(bus, service):
+    """Only a message the broker dead-lettered from a queue is read as a batch: raw input
+    (a frame that happens to be an array of envelopes) is kept as given."""
+    frame = b"[" + b",".join(encode_event(trade_event("mintJ", seq)) for seq in (1, 2)) + b"]"
+    await bus.dead_letter(frame, service=service, reason="bad frame")
+    letters = await dead_letters_arriving(bus, service)
+    assert [(d.body, d.reason) for d in letters] == [(frame, "bad frame")]
 
 
 async def test_dead_letter_of_bad_input_is_kept_with_its_reason(bus, service):
@@ -885,6 +938,61 @@ async def test_rabbitmq_bus_fault_dead_letters_at_the_broker(namespace, amqp_url
     finally:
         await bus.delete_topology()
         await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_batch_dead_lettered_whole_is_read_and_taken_event_by_event(
+    namespace, amqp_url, service
+):
+    """A batch the broker dead-lettered gives its letters together (a read's limit does
+    not split them); the events of it a taker leaves stay dead, each a letter of its own,
+    with the batch's reason, and the letters behind it keep their place."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    await bus.start()
+    try:
+
+        async def dlq_down(*args, **kwargs):
+            raise ConnectionError("DLQ publish failed")
+
+        bus._to_dlq = dlq_down
+        got = Recorder(fail=lambda e: e.seq == 2)
+        await bus.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=got, max_attempts=1)
+        )
+        sent = [trade_event("mintT", seq) for seq in range(1, 6)]
+        await bus.publish_many(sent)  # one message: seq 2 fails it, seq 3 on are dropped
+        await eventually(
+            lambda: _equals(bus.dead_letters(service, limit=1, remove=False), 5),
+            within=5, interval=0.02, what="the batch's letters",
+        )  # fmt: skip
+        del bus._to_dlq
+        await bus.dead_letter(b"frame", service=service, reason="bad frame")
+        peeked = await bus.dead_letters(service, limit=5, remove=False)
+        assert [decode_event(d.body).seq for d in peeked] == [1, 2, 3, 4, 5]
+        assert len(await bus.dead_letters(service, limit=6, remove=False)) == 6
+
+        async def take_even(letter) -> bool:
+            return letter.body != b"frame" and decode_event(letter.body).seq % 2 == 0
+
+        assert await bus.take_dead_letters(service, take_even) == 6
+        left = await bus.dead_letters(service, remove=False)
+        assert left[0].body == b"frame"
+        assert [decode_event(d.body).seq for d in left[1:]] == [1, 3, 5]
+        assert all(d.reason.startswith("broker: rejected") for d in left[1:])
+        assert {(d.event_type, d.key) for d in left[1:]} == {("token.trade", "mintT")}
+        # stored by the bus, not the broker: never read as a batch again
+        assert not any("x-death" in d.headers for d in left[1:])
+        # stored again as letters of their own: a second taker sees them alone, once
+        assert await bus.take_dead_letters(service, take_even) == 4
+    finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
+async def _equals(letters, count: int) -> bool:
+    return len(await letters) == count
 
 
 @pytest.mark.rabbitmq

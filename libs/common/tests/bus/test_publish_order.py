@@ -15,7 +15,7 @@ import aiormq
 import pytest
 
 from pumpflow.common.bus import Subscription
-from pumpflow.common.bus.rabbitmq import _batch_parts
+from pumpflow.common.bus.batches import batch_parts
 from pumpflow.common.events import Event, TokenTrade, decode_event, make_event
 from pumpflow.common.testing import eventually
 
@@ -198,7 +198,8 @@ async def test_a_nacked_publication_is_not_overtaken_by_a_later_one_of_its_parti
     mint's trades does not fit beside it, the mint's migration after it does. The
     filler is taken once the batch was nacked, so the batch fits when written again.
     """
-    from pumpflow.common.bus.rabbitmq import RabbitMQBus, _batch_body
+    from pumpflow.common.bus.batches import batch_body
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
     from pumpflow.common.bus.routing import routing_key_for
     from pumpflow.common.events import TokenMigrated, encode_event
 
@@ -212,7 +213,7 @@ async def test_a_nacked_publication_is_not_overtaken_by_a_later_one_of_its_parti
             time=time.time(),
             seq=11,
         )
-        batch = len(_batch_body([encode_event(e) for e in trades]))
+        batch = len(batch_body([encode_event(e) for e in trades]))
         alone = len(encode_event(migration))
         assert batch > 4 * alone
         limit = batch + alone
@@ -240,7 +241,7 @@ async def test_a_nacked_publication_is_not_overtaken_by_a_later_one_of_its_parti
         while (message := await queue.get(timeout=5, fail=False)) is not None:
             await message.ack()
             body = message.body
-            events = _batch_parts(body) or [body]
+            events = batch_parts(body) or [body]
             arrived += [decode_event(part).seq for part in events]
         assert arrived == list(range(1, 12))
     finally:

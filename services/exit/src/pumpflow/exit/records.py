@@ -5,7 +5,7 @@ tranches say which numbers each position has used (order ids
 ``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
 refuses an order id it has seen, never sells twice. A rule's sale is stored when it
 settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008, 0010,
-0015); :class:`MemoryExitStore` the embedded run's and the tests'.
+0015, 0016); :class:`MemoryExitStore` the embedded run's and the tests'.
 
 A graceful exit is finished when every position of every partition is: each replica
 lists the partitions it has loaded and the positions it queued (:meth:`ExitStore.update_run`),
@@ -29,6 +29,11 @@ is withdrawn, with no line in the summary, once it has:
 Past the run's deadline every placeholder goes: a position trading held that no
 replica ever saw is closed with an empty line (nothing sold, not completed), so the
 summary counts it among the positions left.
+
+A position trading closes by other means during the run is stored as closed
+(:meth:`ExitStore.record_close`) before the state that applied the close is written: a
+replica resumed after a crash reports it closed by trading (:func:`resume_state`),
+however far its line had got.
 
 The ids that ended at a token the exit retired (:meth:`ExitStore.record_ended`) are
 stored before its retirement is: the token's state leaves memory and the partition's
@@ -183,10 +188,25 @@ class ExitOrderRecord:
         )
 
 
-def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[str, int]]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TradingClose:
+    """Trading closed a position of a run by other means (a hand sale, a rule's sale
+    that raced) before the exit sold it out."""
+
+    mint: str
+    reason: str
+    time: float
+
+
+def resume_state(
+    orders: list[ExitOrderRecord], closes: Mapping[str, TradingClose] | None = None
+) -> tuple[list[ExitRecord], dict[str, int]]:
     """A graceful exit's records as far as its stored tranches got, and the tranches
     each position id has sent (its numbers are taken). A tranche still without an
-    outcome is unconfirmed: it may have sold, so its tokens are not offered again."""
+    outcome is unconfirmed: it may have sold, so its tokens are not offered again. A
+    position trading closed (``closes``, by position id) ends closed by trading unless
+    its tranches sold it out, one closed before its first tranche with nothing sold."""
+    closes = closes or {}
     by_mint: dict[str, list[ExitOrderRecord]] = defaultdict(list)
     sent: dict[str, int] = {}
     for order in sorted(orders, key=lambda o: (o.sent_at, o.number)):
@@ -209,8 +229,27 @@ def resume_state(orders: list[ExitOrderRecord]) -> tuple[list[ExitRecord], dict[
             fill = order.fill()
             if fill is not None:
                 record.add_fill(fill, order.settled_at or order.sent_at)
+        finished = max(o.settled_at or o.sent_at for o in mine)
+        close = closes.get(record.position_id)
+        if close is not None and not record.sold_out:
+            record.closed = close.reason
+            finished = max(finished, close.time)
         if record.completed:
-            record.finish(max(o.settled_at or o.sent_at for o in mine))
+            record.finish(finished)
+        records.append(record)
+    for position_id, close in closes.items():
+        if position_id in sent:
+            continue
+        record = ExitRecord(
+            mint=close.mint,
+            position_id=position_id,
+            rule=GRACEFUL,
+            tokens_at_start=0.0,
+            mark_price=None,
+            started_at=close.time,
+            closed=close.reason,
+        )
+        record.finish(close.time)
         records.append(record)
     return records, sent
 
@@ -243,6 +282,13 @@ class ExitStore(Protocol):
         (past the deadline), every placeholder; the run if this finished it (every
         partition listed, no position or placeholder open), at ``time`` with the summary
         of every line."""
+
+    async def record_close(self, run_id: str, position_id: str, close: TradingClose) -> None:
+        """Store that trading closed ``position_id``, a position of the run (listed with
+        it if it is not yet)."""
+
+    async def run_closes(self, run_id: str) -> dict[str, TradingClose]:
+        """The positions of the run trading closed, by position id."""
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         """Store ``order`` unless its id is stored; whether it was new."""
@@ -281,6 +327,8 @@ class MemoryExitStore:
         )
         #: id -> (mint, stored at) of the ids ended at retired tokens
         self.ended: dict[str, tuple[str, float]] = {}
+        #: run id -> position id -> trading's close of it
+        self.closes: dict[str, dict[str, TradingClose]] = defaultdict(dict)
 
     async def begin_run(self, run: RunRecord) -> RunRecord:
         active = await self.active_run()
@@ -343,6 +391,14 @@ class MemoryExitStore:
             return None
         self.runs[run_id] = run.finished(time, (line for _, line in held.values() if line))
         return self.runs[run_id]
+
+    async def record_close(self, run_id: str, position_id: str, close: TradingClose) -> None:
+        self.run_positions[run_id].setdefault(position_id, ("open", None))
+        self.run_mints[run_id].setdefault(position_id, close.mint)
+        self.closes[run_id][position_id] = close
+
+    async def run_closes(self, run_id: str) -> dict[str, TradingClose]:
+        return dict(self.closes.get(run_id, {}))
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         if order.order_id in self.exit_orders:
@@ -412,7 +468,8 @@ def _run(row: Any) -> RunRecord | None:
 
 
 class PostgresExitStore:
-    """The records in Postgres (migrations 0006, 0008, 0010, 0015), in the pool's schema."""
+    """The records in Postgres (migrations 0006, 0008, 0010, 0015, 0016), in the pool's
+    schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -559,6 +616,31 @@ class PostgresExitStore:
             "OR starts_with(position_id, $4) OR position_id = $5)",
             run_id, time, _ENTRY, _HELD, BARRIER,
         )  # fmt: skip
+
+    async def record_close(self, run_id: str, position_id: str, close: TradingClose) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO exit_run_positions (run_id, position_id, mint, trading_closed, "
+                "trading_closed_at) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (run_id, position_id) DO UPDATE SET "
+                "trading_closed = excluded.trading_closed, "
+                "trading_closed_at = excluded.trading_closed_at",
+                run_id, position_id, close.mint, close.reason, close.time,
+            )  # fmt: skip
+
+    async def run_closes(self, run_id: str) -> dict[str, TradingClose]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT position_id, mint, trading_closed, trading_closed_at "
+                "FROM exit_run_positions WHERE run_id = $1 AND trading_closed IS NOT NULL",
+                run_id,
+            )
+        return {
+            row["position_id"]: TradingClose(
+                mint=row["mint"], reason=row["trading_closed"], time=row["trading_closed_at"]
+            )
+            for row in rows
+        }
 
     async def record_order(self, order: ExitOrderRecord) -> bool:
         async with self.pool.acquire() as conn:

@@ -19,8 +19,10 @@
   ``order.filled``/``order.rejected``. A rule's sale under way holds its tokens back
   until it settles; refused, the graceful exit sells them too. A position trading
   closes by other means (``position.closed``: a hand sale, a rule's sale that raced)
-  gets no tranche more; its report says it was closed, and why. Reports per position
-  go out as ``exit.report`` and into the records.
+  gets no tranche more; its report says it was closed, and why, and the close is
+  stored with the run's records before the state that applied it is written, as a
+  tranche's outcome is. Reports per position go out as ``exit.report`` and into the
+  records.
 - **The end of a graceful exit** is the whole run's, not a replica's: each replica
   lists in the records the partitions it has loaded and the positions it queued, and
   closes each position as it is sold out (or as the deadline leaves it); the change
@@ -57,8 +59,9 @@
   far in its report of the position.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
-  stored tranches give each position's next tranche number and the fills so far;
-  what is still held is sold under the same deadline. A tranche stored and still
+  stored tranches give each position's next tranche number and the fills so far, and
+  the stored closes the positions trading closed; what is still held is sold under
+  the same deadline. A tranche stored and still
   without an outcome is published again under its order id (stored just before a
   crash, it may never have been sent). Trading refuses an order id it has seen, so
   nothing is sold twice.
@@ -116,6 +119,7 @@ from pumpflow.exit.records import (
     MemoryExitStore,
     PostgresExitStore,
     RunRecord,
+    TradingClose,
     entry_position_id,
     held_position_id,
     resume_state,
@@ -366,7 +370,7 @@ class ExitService(Service):
         ctx = self._ctx
         await self._settled_before(run)
         orders = await self.records.run_orders(run.run_id)
-        records, sent = resume_state(orders)
+        records, sent = resume_state(orders, await self.records.run_closes(run.run_id))
         # other replicas' exits are theirs to report
         records = [r for r in records if self._owns(r.mint)]
         manager = GracefulExitManager(
@@ -643,8 +647,9 @@ class ExitService(Service):
         await self._store_outcomes()
 
     async def _store_outcomes(self) -> None:
-        """Store each exit order's outcome applied since the last commit, then act on it
-        and on each position closed, in the order they applied.
+        """Store each exit order's outcome and each close of a position this graceful
+        exit sells applied since the last commit, then act on them, in the order they
+        applied.
 
         The outcome comes once (acked as its state is written): stored here, a crash
         before the write has it applied and stored again (a no-op), one after has it
@@ -662,8 +667,10 @@ class ExitService(Service):
     async def _store(
         self, mint: str, outcome: _Handed, sale: PendingSale | None, time: float
     ) -> bool:
-        """Store ``outcome``; whether it was new (a position closed has nothing to store)."""
+        """Store ``outcome``; whether it was new (a position closed is never an
+        outcome's first store)."""
         if isinstance(outcome, _Closed):
+            await self._store_close(mint, outcome)
             return False
         if ":exit:" in outcome.order_id:
             return await self.records.settle(outcome.order_id, outcome, time)
@@ -672,6 +679,16 @@ class ExitService(Service):
         first = await self._settle_rule(mint, outcome, sale, time)
         self._reported.discard(outcome.order_id)
         return first
+
+    async def _store_close(self, mint: str, closed: _Closed) -> None:
+        """Store trading's close of a position this graceful exit sells with the run's
+        records: the line that says so may not reach them before a crash, and a resumed
+        replica holds the position no more, so only the records tell it why."""
+        manager = self.manager
+        if manager is None or not manager.selling(mint, closed.position_id):
+            return
+        close = TradingClose(mint=mint, reason=closed.reason, time=self._ctx.clock.now())
+        await self.records.record_close(self.run.run_id, closed.position_id, close)
 
     async def _settled(
         self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool

@@ -235,8 +235,12 @@ class EventBus(EventPublisher, EventSubscriber):
     ) -> list[DeadLetter]:
         """Return up to ``limit`` dead letters of a service, oldest first.
 
-        With ``remove`` they leave the store; without, they stay where they were
-        (a peek), so a caller can save them before removing them.
+        A letter is one event (or one piece of raw input): a message of several events
+        dead-lettered whole gives a letter per event, in order, each with its reason
+        (``pumpflow.common.bus.batches``). Its letters are returned together, so the
+        first message's may exceed ``limit``. With ``remove`` they leave the store;
+        without, they stay where they were (a peek), so a caller can save them before
+        removing them.
         """
 
     async def keeps_dead_letters_of(self, service: str) -> bool:
@@ -251,8 +255,10 @@ class EventBus(EventPublisher, EventSubscriber):
         """Offer each dead letter ``service`` holds now to ``take``, oldest first, once.
 
         A letter ``take`` returns True for leaves the store after ``take`` returned; the
-        others (and any it raised on) stay in their place. Letters arriving meanwhile
-        wait for the next call. Returns how many were offered.
+        others (and any it raised on) stay in their place. The letters of a message of
+        several events (see :meth:`dead_letters`) are offered in order; those not taken
+        when others of it were stay as letters of their own, behind those offered.
+        Letters arriving meanwhile wait for the next call. Returns how many were offered.
         """
 
     @abstractmethod

@@ -41,7 +41,10 @@ events in order as if delivered one by one: a malformed one is dead-lettered alo
 and a redelivered batch counts the delivery limit per event, so only the event its
 consumer keeps dying on is dead-lettered. A consumer that stops (a release of its
 partitions, ``stop_consuming``) finishes a batch it began, so a clean hand-over
-redelivers nothing handled; one handed back or redelivered brings each event again.
+redelivers nothing handled; one handed back or redelivered brings each event again. A
+batch the bus rejects (its event's letter could not be stored) is dead-lettered whole
+by the broker; its dead letters are read as one per event
+(``pumpflow.common.bus.batches``), so each is listed and redriven.
 
 Publishing is confirmed and keeps its order across a reconnection. Each publication
 takes a ticket in the order it is first written. One whose confirm fails because the
@@ -104,7 +107,6 @@ from typing import Any
 
 import aio_pika
 import aiormq
-import msgspec
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -123,6 +125,7 @@ from pumpflow.common.bus.abc import (
     Subscription,
     notify_assigned,
 )
+from pumpflow.common.bus.batches import DEATH_HEADER, batch_body, batch_parts, letter_events
 from pumpflow.common.bus.dispatch import (
     BROADCAST,
     CRITICAL,
@@ -158,8 +161,6 @@ from pumpflow.common.events import (
 )
 
 log = logging.getLogger(__name__)
-
-_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 REASON_HEADER = "x-pumpflow-reason"
 #: backoff while the delivery journal's store is away
@@ -651,7 +652,7 @@ class RabbitMQBus(EventBus):
         return [
             (bodies[0], key, first_id, line)
             if len(bodies) == 1
-            else (_batch_body(bodies), key, None, line)
+            else (batch_body(bodies), key, None, line)
             for key, bodies, first_id, _, line in groups
         ]
 
@@ -1057,7 +1058,7 @@ class RabbitMQBus(EventBus):
         self, consumer: _Consumer, channel: aiormq.abc.AbstractChannel
     ) -> None:
         async def on_delivery(message: DeliveredMessage) -> None:
-            parts = _batch_parts(message.body)
+            parts = batch_parts(message.body)
             if parts is None:
                 consumer.buffer.append(message)
             else:
@@ -1472,16 +1473,32 @@ class RabbitMQBus(EventBus):
         """Store a letter in ``service``'s DLQ; count it once the broker confirmed it
         (``lane``: where it came from, or INPUT), since one it did not take is
         dead-lettered again (rejected, or its message redelivered)."""
+        await self._store_letter(service, body, reason, event_type=event_type, key=key, extra=extra)
+        record_dead_letter(service, event_type, lane)
+
+    async def _store_letter(
+        self,
+        service: str,
+        body: bytes,
+        reason: str,
+        *,
+        event_type: str | None = None,
+        key: str | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish a letter to ``service``'s DLQ, confirmed, without counting it."""
         await self._declare_dlq(service)
-        # the reason, type and key given win over headers a letter carried before
-        headers = {**(extra or {}), REASON_HEADER: reason[:_MAX_REASON]}
+        # the reason, type and key given win over headers a letter carried before; the
+        # broker's x-death does not pass, or a reader would take this letter for a batch
+        # the broker dead-lettered whole
+        headers = {k: v for k, v in (extra or {}).items() if k != DEATH_HEADER}
+        headers[REASON_HEADER] = reason[:_MAX_REASON]
         if event_type is not None:
             headers["x-pumpflow-type"] = event_type
         if key is not None:
             headers["x-pumpflow-key"] = key
         properties = Properties(delivery_mode=PERSISTENT, headers=headers)
         await self._publish_to(self.dlx_name, body, service, properties)
-        record_dead_letter(service, event_type, lane)
 
     async def dead_letter(
         self,
@@ -1525,14 +1542,20 @@ class RabbitMQBus(EventBus):
         queue = await self._declare_dlq(service)
         letters: list[DeadLetter] = []
         held = []
+        spare = None
         complete = False
         try:
             while len(letters) < limit:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
+                read = _letters(service, message)
+                if letters and len(letters) + len(read) > limit:
+                    # a message's letters go together: this one waits for the next read
+                    spare = message
+                    break
                 held.append(message)
-                letters.append(_letter(service, message))
+                letters.extend(read)
             complete = True
         finally:
             # a peek hands every message back; so does a read that failed half way,
@@ -1544,6 +1567,9 @@ class RabbitMQBus(EventBus):
                     returned += 1
                 else:
                     await message.ack()
+            if spare is not None:
+                await spare.nack(requeue=True)
+                returned += 1
             await self._until_requeued(service, returned)
         return letters
 
@@ -1571,17 +1597,35 @@ class RabbitMQBus(EventBus):
         declared = await self._channel.declare_queue(self.dlq_name(service), durable=True)
         present = declared.declaration_result.message_count or 0
         kept = []
-        offered = 0
+        read = offered = 0
         try:
-            while offered < present:
+            while read < present:
                 message = await declared.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                offered += 1
+                read += 1
                 kept.append(message)
-                if await take(_letter(service, message)):
-                    kept.pop()
-                    await message.ack()
+                letters = _letters(service, message)
+                left = []
+                for letter in letters:
+                    offered += 1
+                    if not await take(letter):
+                        left.append(letter)
+                if len(left) == len(letters):
+                    continue
+                # the events of a batch not taken stay dead, each a letter of its own
+                # behind those offered (they were dead-lettered once: not counted again)
+                for letter in left:
+                    await self._store_letter(
+                        service,
+                        letter.body,
+                        letter.reason,
+                        event_type=letter.event_type,
+                        key=letter.key,
+                        extra=letter.headers,
+                    )
+                kept.pop()
+                await message.ack()
         finally:
             # held unacked until here, so the broker puts them back in their place
             for message in kept:
@@ -1632,36 +1676,24 @@ def _attempt_id(message: DeliveredMessage | _Part) -> str:
     return message.header.properties.message_id or hashlib.sha1(message.body).hexdigest()
 
 
-def _batch_body(bodies: list[bytes]) -> bytes:
-    """One message's body for several encoded events: a JSON array of them."""
-    return b"[" + b",".join(bodies) + b"]"
-
-
-def _batch_parts(body: bytes) -> list[bytes] | None:
-    """The encoded events of a batch's body, or None when the body is one event's (an
-    envelope is a JSON object) or no JSON array at all (then it is malformed as one)."""
-    if body[:1] != b"[":
-        return None
-    try:
-        return [bytes(part) for part in _batch_decoder.decode(body)]
-    except msgspec.DecodeError:
-        return None
-
-
 def _ack_due(consumer: _Consumer) -> None:
     consumer.ack_timer = None
     consumer.wakeup.set()
 
 
-def _letter(service: str, message: AbstractIncomingMessage) -> DeadLetter:
+def _letters(service: str, message: AbstractIncomingMessage) -> list[DeadLetter]:
+    """The letters of a DLQ message: one, or one per event of a batch the broker
+    dead-lettered whole."""
     headers = {str(k): _text(v) for k, v in (message.headers or {}).items()}
-    return DeadLetter(
-        service=service,
-        reason=headers.get(REASON_HEADER) or _broker_reason(message),
-        body=message.body,
-        event_type=headers.get("x-pumpflow-type") or _type_of(message.routing_key),
-        key=headers.get("x-pumpflow-key"),
-        headers=headers,
+    return letter_events(
+        DeadLetter(
+            service=service,
+            reason=headers.get(REASON_HEADER) or _broker_reason(message),
+            body=message.body,
+            event_type=headers.get("x-pumpflow-type") or _type_of(message.routing_key),
+            key=headers.get("x-pumpflow-key"),
+            headers=headers,
+        )
     )
 
 

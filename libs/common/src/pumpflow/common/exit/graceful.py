@@ -299,12 +299,16 @@ class GracefulExitManager:
         await self._close_if_sold_out(mint)
         await self._finish_if_done()
 
+    def selling(self, mint: str, position_id: str) -> bool:
+        """Whether this exit sells ``mint``'s position ``position_id`` (queued, not over)."""
+        queued = self.planner.exits.get(mint)
+        return queued is not None and queued.position_id == position_id and self.summary is None
+
     async def on_closed(self, mint: str, position_id: str, reason: str) -> None:
         """Trading closed ``mint``'s position ``position_id`` (``reason``): nothing of it is
         held any more, so no tranche more; once the tranche in flight is answered, its
         exit ends, reported closed by trading unless this exit sold it out."""
-        queued = self.planner.exits.get(mint)
-        if queued is None or queued.position_id != position_id or self.summary is not None:
+        if not self.selling(mint, position_id):
             return
         self.planner.close(mint, reason)
         self._changed.set()
