@@ -13,6 +13,7 @@ uses a fixture which always connects is marked with its server (``-m "not redis"
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 
@@ -55,6 +56,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture in SERVER_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
             if item.get_closest_marker(SERVER_FIXTURES[fixture]) is None:
                 item.add_marker(SERVER_FIXTURES[fixture])
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """A test that configures logging in-process (a service's runner, a CLI command)
+    leaves the root logger as it found it: the handler it installed writes to that
+    test's captured stderr, closed once the test ends, and a later test's log records
+    would print logging's own errors into its output."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 # ---------------------------------------------------------------------- servers
