@@ -152,6 +152,22 @@ async def run_embedded_market(
     from pumpflow.simulator.server import SimulatorServer
     from pumpflow.trading.service import TradingService
 
+    # the run's own trading defaults: what the environment or the config file sets, or
+    # --min-score, wins; a bad value is refused before the simulator starts
+    trading = TradingService(
+        TradingService.settings_class.load_with_defaults(
+            {
+                "trading_min_score": RUN_MIN_SCORE,
+                # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
+                "trading_max_feed_lag_s": FEED_LAG_S * max(1.0, speed),
+                "trading_max_silence_s": max(30.0, SILENCE_S * speed),
+                **RUN_SETTINGS,
+            },
+            service="trading",
+            transport="memory",
+            **({} if min_score is None else {"trading_min_score": min_score}),
+        )
+    )
     clock = WallClock(speed=speed)
     market = Market(MarketConfig(seed=seed, launches_per_minute=launches_per_minute))
     server = SimulatorServer(market=market, speed=speed)
@@ -167,22 +183,6 @@ async def run_embedded_market(
                 transport="memory",
                 pumpportal_ws_url=server.url,
                 feed_record=False,
-            )
-        )
-        # the run's own trading defaults; what the environment or the config file sets,
-        # or --min-score, wins
-        trading = TradingService(
-            TradingService.settings_class.load_with_defaults(
-                {
-                    "trading_min_score": RUN_MIN_SCORE,
-                    # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
-                    "trading_max_feed_lag_s": FEED_LAG_S * max(1.0, speed),
-                    "trading_max_silence_s": max(30.0, SILENCE_S * speed),
-                    **RUN_SETTINGS,
-                },
-                service="trading",
-                transport="memory",
-                **({} if min_score is None else {"trading_min_score": min_score}),
             )
         )
         async with run_embedded(
