@@ -52,11 +52,11 @@
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
-  one it awaits; the new owner sells them like a restarted replica, in a share of the
-  partitions whose keys it has loaded (one still loading is the next share's: its
-  stored exits are not this one's to close): after the outcome
+  one it awaits; the new owner sells them like a restarted replica: after the outcome
   of the tranche in flight, numbering on from the stored tranches, with the fills so
-  far in its report of the position.
+  far in its report of the position. A share is of the partitions whose keys are
+  loaded: one still loading is the next share's (its stored exits are not this one's
+  to close, unsold, as it ends).
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far;
