@@ -10,8 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import Event, PositionOpened, make_event
+from pumpflow.common.events import Event, ExitOrder, OrderFilled, PositionOpened, make_event
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.state.abc import StateStore
 from pumpflow.common.testing import EventCollector, TokenEvents
 from pumpflow.exit.records import MemoryExitStore
 from pumpflow.exit.service import ExitService
@@ -61,9 +62,14 @@ def exit_service(
 
 
 @contextlib.asynccontextmanager
-async def embedded(clock: ReplayClock, *services, bus: EventBus | None = None):
-    """``services`` on a synchronous in-memory bus, or on ``bus``; a watch of their events."""
-    async with run_embedded(list(services), clock=clock, synchronous=True, bus=bus) as system:
+async def embedded(
+    clock: ReplayClock, *services, bus: EventBus | None = None, store: StateStore | None = None
+):
+    """``services`` on a synchronous in-memory bus, or on ``bus`` (their keys in ``store``,
+    if given); a watch of their events."""
+    async with run_embedded(
+        list(services), clock=clock, synchronous=True, bus=bus, store=store
+    ) as system:
         watch = await EventCollector("watch").attach(system.bus, "exit.*", "order.*", "position.*")
         yield system, watch
 
@@ -80,3 +86,13 @@ def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event
         mark_price=price,
     )
     return make_event(payload, source="trading/test", time=tokens.clock.now())
+
+
+def filled(order: ExitOrder, price: float, time: float) -> Event:
+    """Trading's fill of a whole exit order: 1% below ``price``, 3% short in SOL."""
+    fill = OrderFilled(
+        order_id=order.order_id, mint=order.mint, side="sell", token_amount=order.token_amount,
+        sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
+        position_id=order.position_id,
+    )  # fmt: skip
+    return make_event(fill, source="trading/test", time=time)

@@ -27,6 +27,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.priority import Priority
+from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
 from pumpflow.exit.records import BARRIER, MemoryExitStore, PostgresExitStore, entry_position_id
@@ -34,7 +35,7 @@ from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, opened
+from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, filled, opened
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -882,3 +883,110 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
         if second is not None:
             await second.stop()
         await store.close()
+
+
+class _SlowPartition(MemoryStateStore):
+    """Keys whose partition index ``held`` is read only once let ``through``: that
+    partition's keys load last, as a store under load has them."""
+
+    def __init__(self, clock: ReplayClock):
+        super().__init__(clock)
+        self.held: str | None = None
+        self.through = asyncio.Event()
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        if key == self.held:
+            await self.through.wait()
+        return await super().hgetall(key)
+
+
+async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_in_the_run():
+    """Partitions come to a replica in the middle of a run with another owner's tranches
+    stored: the share it resumes as one has its keys loaded does not close, unsold, the
+    exit of a position whose partition is still loading; that position is sold once it
+    has loaded, and only then is the run over."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records, keys = MemoryExitStore(), _SlowPartition(clock)
+    exits = exit_service(
+        records,
+        exit_min_tranche_interval_s=20.0,
+        exit_max_tranche_impact=0.005,
+        exit_deadline_s=600.0,
+        exit_run_poll_s=0.02,
+        exit_resume_wait_s=0.2,
+    )
+    async with embedded(clock, exits, store=keys) as (system, watch):
+        partitions = system.bus.partitions
+        # one position that stays, one on each partition that comes back: kept, slow
+        mints: dict[int, str] = {}
+        while len(mints) < 3:
+            mint = tokens.mint()
+            mints.setdefault(partition_of(mint, partitions), mint)
+        [(_, small), (kept, first), (slow, last)] = list(mints.items())
+        held = {small: 1e5, first: 1e7, last: 1e7}
+        positions = {}
+        for mint, amount in held.items():
+            await system.bus.publish(tokens.created(mint, sol=5.0))
+            await system.bus.publish(tokens.buy(mint, "whale", sol=10.0))
+            position = opened(tokens, mint, tokens_held=amount)
+            positions[mint] = position.data.position_id
+            await system.bus.publish(position)
+        assert len(exits.positions()) == 3
+        answered: set[str] = set()
+
+        async def answer() -> None:
+            for order in watch.payloads("exit.order"):
+                if order.order_id not in answered:
+                    answered.add(order.order_id)
+                    price = tokens.curves[order.mint].price
+                    await system.bus.publish(filled(order, price, clock.now()))
+
+        shutdown = SystemShutdown(reason="partitions move")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+
+        async def first_tranches() -> bool:
+            await answer()
+            return {o.mint for o in watch.payloads("exit.order")} == set(held)
+
+        await eventually(first_tranches, 10, what="a first tranche of each position")
+        await answer()
+        run = await records.active_run()
+        # another owner took the two partitions for a while: its tranches are stored
+        await exits.consumer.revoke((kept, slow))
+
+        async def share_over() -> bool:
+            return exits.manager is not None and exits.manager.summary is not None
+
+        await eventually(share_over, 10, what="the share of the partition that stayed")
+        assert records.run_positions[run.run_id][positions[small]][0] == "exited"
+        # both come back; the second's keys load last
+        keys.held = f"exit:partition:{slow}"
+        await exits.consumer.assign((kept,))
+        loading = asyncio.create_task(exits.consumer.assign((slow,)))
+
+        async def kept_sold() -> bool:
+            await answer()
+            await clock.advance(5.0)
+            state = records.run_positions[run.run_id][positions[first]][0]
+            return state != "open"
+
+        await eventually(kept_sold, 20, what="the kept partition's position sold")
+        assert records.run_positions[run.run_id][positions[first]][0] == "exited"
+        stored = await records.get_run(run.run_id)
+        assert stored.finished_at is None, stored.summary
+        assert records.run_positions[run.run_id][positions[last]][0] == "open"
+        keys.through.set()
+        await loading
+
+        async def finished() -> bool:
+            await answer()
+            await clock.advance(5.0)
+            return (await records.get_run(run.run_id)).finished_at is not None
+
+        await eventually(finished, 20, what="the run finished")
+        summary = (await records.get_run(run.run_id)).summary
+        assert summary["positions_left"] == 0, summary
+        assert {line["position_id"] for line in summary["positions"]} == set(positions.values())
+        assert all(line["completed"] for line in summary["positions"]), summary
+        assert summary["finished_at"] < run.deadline - 300.0, "sold by the deadline's sweep"

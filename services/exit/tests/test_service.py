@@ -10,9 +10,7 @@ import pytest
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import Record
 from pumpflow.common.events import (
-    Event,
     ExitOrder,
-    OrderFilled,
     OrderRejected,
     PositionUpdated,
     TokenLifecycle,
@@ -20,7 +18,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.testing import TokenEvents
 
-from .helpers import START, FlakyExitStore, embedded, exit_service, opened
+from .helpers import START, FlakyExitStore, embedded, exit_service, filled, opened
 
 HELD = 1e6
 
@@ -49,16 +47,6 @@ async def test_the_feeds_creations_it_does_not_take_leave_no_seq_missing():
         assert record.applied["feed"] == 3
         assert record.missing == {}
         assert service.consumer.metrics.gaps._value.get() == 0
-
-
-def filled(order: ExitOrder, price: float, time: float) -> Event:
-    """Trading's fill of a whole exit order: 1% below ``price``, 3% short in SOL."""
-    fill = OrderFilled(
-        order_id=order.order_id, mint=order.mint, side="sell", token_amount=order.token_amount,
-        sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
-        position_id=order.position_id,
-    )  # fmt: skip
-    return make_event(fill, source="trading/test", time=time)
 
 
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:

@@ -56,7 +56,9 @@
   (checked before each is stored and again before it is published) and gives up the
   one it awaits; the new owner sells them like a restarted replica: after the outcome
   of the tranche in flight, numbering on from the stored tranches, with the fills so
-  far in its report of the position.
+  far in its report of the position. A share is of the partitions whose keys are
+  loaded: one still loading is the next share's (its stored exits are not this one's
+  to close, unsold, as it ends).
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far, and
@@ -136,7 +138,8 @@ def control_group(service: str) -> str:
 
 class _OwnedPositions:
     """The positions this replica holds, as the graceful exit reads them: of the
-    partitions it owns (a partition revoked leaves its keys a moment later)."""
+    partitions it owns whose keys are loaded (a partition revoked leaves its keys a
+    moment later; one assigned holds only some of them until all are)."""
 
     def __init__(self, consumer: KeyedStatefulConsumer[ExitState]):
         self.consumer = consumer
@@ -144,9 +147,9 @@ class _OwnedPositions:
     @property
     def open_positions(self) -> Mapping[str, HeldView]:
         held = {}
-        owned, partitions = self.consumer.owned, self.consumer.bus.partitions
+        restored, partitions = self.consumer.restored, self.consumer.bus.partitions
         for key in list(self.consumer.keys()):
-            if partition_of(key, partitions) not in owned:
+            if partition_of(key, partitions) not in restored:
                 continue
             state = self.consumer.state(key)
             view = held_view(state) if state is not None else None
@@ -371,8 +374,10 @@ class ExitService(Service):
         await self._settled_before(run)
         orders = await self.records.run_orders(run.run_id)
         records, sent = resume_state(orders, await self.records.run_closes(run.run_id))
-        # other replicas' exits are theirs to report
-        records = [r for r in records if self._owns(r.mint)]
+        # other replicas' exits are theirs to report; those of a partition still loading
+        # are the next share's: this one would close them unsold, their positions not
+        # queued
+        records = [r for r in records if self._restored(r.mint)]
         manager = GracefulExitManager(
             ctx.bus,
             _OwnedPositions(self.consumer),
@@ -543,8 +548,9 @@ class ExitService(Service):
             await ctx.bus.publish(make_event(report, source=ctx.source, time=now))
 
     async def _settled_before(self, run: RunRecord) -> None:
-        """Wait (a while) for this replica's partitions and for the outcomes of tranches
-        sent before a restart: what is held is what those partitions hold after them.
+        """Wait (a while) for this replica's partitions, their keys loaded, and for the
+        outcomes of tranches sent before a restart: what is held is what those
+        partitions hold after them.
 
         A replica that resumes before the bus assigns it partitions holds no position,
         and a graceful exit of none is over at once, stranding what the partitions hold.
@@ -552,17 +558,22 @@ class ExitService(Service):
         loop = asyncio.get_running_loop()
         until = loop.time() + self.settings.exit_resume_wait_s
         while loop.time() < until:
-            if self.consumer.owned:
+            if self.consumer.owned and self.consumer.owned <= self.consumer.restored:
                 orders = await self.records.run_orders(run.run_id)
                 # other replicas' tranches in flight are theirs to wait for
                 if all(o.state != "sent" or not self._owns(o.mint) for o in orders):
                     return
             await asyncio.sleep(0.05)
-        log.warning("exit: %s resumes with partitions %s, tranches still without an outcome",
-                    run.run_id, sorted(self.consumer.owned))  # fmt: skip
+        log.warning("exit: %s resumes with partitions %s (%s loaded), tranches still without "
+                    "an outcome", run.run_id, sorted(self.consumer.owned),
+                    sorted(self.consumer.restored))  # fmt: skip
 
     def _owns(self, mint: str) -> bool:
         return partition_of(mint, self.consumer.bus.partitions) in self.consumer.owned
+
+    def _restored(self, mint: str) -> bool:
+        """Whether ``mint``'s partition is owned here with its keys loaded."""
+        return partition_of(mint, self.consumer.bus.partitions) in self.consumer.restored
 
     def _hand_over_moved(self) -> None:
         """Positions whose partitions moved to another replica leave this share: their
