@@ -12,6 +12,7 @@ from pumpflow.common.events import (
     OrderRejected,
     OrderRequested,
     PositionOpened,
+    PositionUpdated,
     TokenLifecycle,
     TokenTrade,
     make_event,
@@ -129,3 +130,33 @@ def test_a_token_gone_inactive_keeps_its_market_for_the_position_its_entry_opens
     assert (state.v_sol, state.v_tokens) == (31.0, 1e9)
     assert state.curve is not None
     assert state.mark_price == state_from_frame(31.0, 1e9).price
+
+
+def test_a_sale_filled_and_delivered_again_counts_once_after_a_take_over():
+    """Trading's events carry no seq: a fill delivered again to the next owner of its
+    partition, after the position update that already counts it, leaves the tokens held
+    as trading says (counted twice, the graceful exit sold too little and ended the run
+    with tokens held)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    opened = PositionOpened(
+        position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7
+    )
+    state = _apply(processor, state, opened)
+    sold = OrderFilled(
+        order_id="p:exit:1", mint=MINT, side="sell", token_amount=2e5, sol_amount=0.02,
+        price=1e-7, position_id="p",
+    )  # fmt: skip
+    state = _apply(processor, state, sold)
+    assert state.position.tokens == 8e5
+    updated = PositionUpdated(
+        position_id="p", mint=MINT, token_amount=8e5, cost_sol=0.08, entry_price=1e-7
+    )
+    state = _apply(processor, state, updated)
+    # the next owner restores what was stored, then gets both events again
+    taken_over = ExitProcessor(clock=ReplayClock(START))
+    state = taken_over.decode(processor.encode(state))
+    state = _apply(taken_over, state, sold)
+    assert state.position.tokens == 8e5
+    state = _apply(taken_over, state, updated)
+    assert state.position.tokens == 8e5

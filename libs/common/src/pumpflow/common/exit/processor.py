@@ -111,6 +111,10 @@ class HeldState(msgspec.Struct, kw_only=True):
     tokens: float
     entry_price: float
     cost_sol: float = 0.0
+    #: the exit orders whose fills ``tokens`` has counted: trading's events carry no seq
+    #: for the consumer to drop a copy by, and a fill delivered again (to the next owner
+    #: of its partition, say) must not sell the position down twice
+    sold: list[str] = []
 
 
 class PendingSale(msgspec.Struct, kw_only=True):
@@ -417,9 +421,14 @@ class ExitProcessor:
         sale = state.pending.pop(outcome.order_id, None)
         position = state.position
         if isinstance(outcome, OrderFilled):
-            if position is not None and position.position_id == outcome.position_id:
+            if (
+                position is not None
+                and position.position_id == outcome.position_id
+                and outcome.order_id not in position.sold
+            ):
                 # position.updated says the same soon; the plan must not wait for it
                 position.tokens = max(0.0, position.tokens - outcome.token_amount)
+                position.sold.append(outcome.order_id)
         elif sale is not None and position is not None:
             # the sale failed: its tokens, and its rule, are the rules' again
             decision = ExitDecision(
