@@ -107,6 +107,12 @@ async def test_predictions_without_an_order_are_counted_by_reason_with_its_limit
         mint = await ready(bus, market)
         await publish(bus, market.prediction(mint, score=0.2), market.prediction(mint, score=0.3))
         assert service.pnl()["no_order_reasons"] == {"score # < 0.6": 2}
+        # nothing held or paid yet: the figures are still numbers of one type, as JSON
+        # readers with types expect them
+        pnl = service.pnl()
+        for name in ("realized_pnl_sol", "unrealized_pnl_sol", "pnl_sol", "fees_sol",
+                     "exposure_sol"):
+            assert type(pnl[name]) is float, (name, pnl[name])
 
 
 async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):

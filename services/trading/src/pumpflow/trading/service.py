@@ -1228,7 +1228,8 @@ class TradingService(Service):
     def pnl(self) -> dict[str, Any]:
         book = self.book
         realized, unrealized = book.realized_pnl_sol, book.unrealized_pnl_sol
-        fees = sum(p.fees_sol for p in (*book.open_positions.values(), *book.closed_positions))
+        positions = (*book.open_positions.values(), *book.closed_positions)
+        fees = sum((p.fees_sol for p in positions), 0.0)
         return {
             "role": self.role,
             "capital_sol": self.risk.capital,

@@ -167,7 +167,7 @@ class PositionBook:
 
     @property
     def total_exposure(self) -> float:
-        return sum(p.cost_sol for p in self.open_positions.values())
+        return sum((p.cost_sol for p in self.open_positions.values()), 0.0)
 
     @property
     def realized_pnl_sol(self) -> float:
@@ -175,7 +175,7 @@ class PositionBook:
 
     @property
     def unrealized_pnl_sol(self) -> float:
-        return sum(p.unrealized_pnl_sol for p in self.open_positions.values())
+        return sum((p.unrealized_pnl_sol for p in self.open_positions.values()), 0.0)
 
     def realized_since(self, since: float) -> float:
         """Realised PnL of the sales at or after ``since`` (within ``REALIZATIONS_KEPT_S``).

@@ -279,7 +279,7 @@ class RiskManager:
 
     @property
     def total_exposure(self) -> float:
-        return self.positions.total_exposure + sum(s for _, s in self.reservations.values())
+        return self.positions.total_exposure + sum((s for _, s in self.reservations.values()), 0.0)
 
     def open_positions(self) -> int:
         """Tokens held or with an entry in flight."""
