@@ -129,6 +129,21 @@ def test_settings_shows_variables_defaults_descriptions_and_hides_secrets(
     assert re.search(r"PUMPFLOW_WIDGET_COUNT\s+5\n\s+default 3; how many widgets", text)
 
 
+def test_settings_shows_the_service_name_the_runtime_sets_as_its_default(
+    fake_services, monkeypatch, capsys
+):
+    # the runtime loads a service's settings with its own name, over the environment
+    monkeypatch.setenv("PUMPFLOW_SERVICE", "elsewhere")
+    assert cli_main.main(["settings", "widget", "--json"]) == 0
+    row = {r["variable"]: r for r in json.loads(capsys.readouterr().out)}["PUMPFLOW_SERVICE"]
+    assert row["value"] == row["default"] == "widget"
+    assert "the runtime sets it to 'widget', over PUMPFLOW_SERVICE" in row["description"]
+
+    assert cli_main.main(["settings", "widget"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"PUMPFLOW_SERVICE\s+widget\n\s+default widget;", text)
+
+
 def test_settings_with_a_bad_value_names_the_variable(fake_services, monkeypatch, capsys):
     monkeypatch.setenv("PUMPFLOW_WIDGET_COUNT", "0")
     assert cli_main.main(["settings", "widget"]) == 2

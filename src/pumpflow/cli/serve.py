@@ -72,7 +72,9 @@ def services_command(args: argparse.Namespace) -> int:
 def describe_settings(service_cls) -> list[dict]:
     """Every setting of a service: variable, current value, default, description."""
     settings_cls = service_cls.settings_class
-    current = settings_cls.load(service=service_cls.name)
+    # what the runtime passes itself, over the environment: the service's name
+    fixed = {"service": service_cls.name}
+    current = settings_cls.load(**fixed)
     prefix = settings_cls.model_config.get("env_prefix", "")
     rows = []
     for name, field in settings_cls.model_fields.items():
@@ -83,7 +85,11 @@ def describe_settings(service_cls) -> list[dict]:
             (c for c in choices if isinstance(c, str) and c.isupper()),
             f"{prefix}{name.upper()}",
         )
-        if field.default_factory is not None:
+        description = field.description or ""
+        if name in fixed:
+            default = fixed[name]
+            description += f" (the runtime sets it to {fixed[name]!r}, over {variable})"
+        elif field.default_factory is not None:
             default = "(computed)"
         else:
             default = redact_value(name, field.default)
@@ -92,7 +98,7 @@ def describe_settings(service_cls) -> list[dict]:
                 "variable": variable,
                 "value": redact_value(name, getattr(current, name)),
                 "default": default,
-                "description": field.description or "",
+                "description": description,
             }
         )
     return rows
