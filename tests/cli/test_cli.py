@@ -193,6 +193,43 @@ def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsy
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
+        (["backtest", "--seed", "1", "--minutes", "-3"], "argument --minutes: must be > 0, not -3"),
+        (["backtest", "--launches", "0"], "argument --launches: must be > 0, not 0"),
+        (["backtest", "--every", "-1"], "argument --every: must be > 0, not -1"),
+        (["run", "--duration", "-1"], "argument --duration: must be >= 0, not -1"),
+        (["run", "--speed", "0"], "argument --speed: must be > 0, not 0"),
+        (["run", "--launches", "-30"], "argument --launches: must be > 0, not -30"),
+        (["run", "--every", "0"], "argument --every: must be > 0, not 0"),
+        (["train", "--sim-minutes", "0"], "argument --sim-minutes: must be > 0, not 0"),
+        (["train", "--held-out-share", "1"], "argument --held-out-share: must be > 0 and < 1"),
+        (["train", "--horizon", "-120"], "argument --horizon: must be > 0, not -120"),
+        (["train", "--take-profit", "0"], "argument --take-profit: must be > 0, not 0"),
+        (["train", "--stop-loss", "-0.1"], "argument --stop-loss: must be > 0 and < 1"),
+        (["train", "--fee-rate", "-0.01"], "argument --fee-rate: must be >= 0 and < 1"),
+        (["train", "--trees", "0"], "argument --trees: must be >= 1, not 0"),
+        (["train", "--trees", "2.5"], "argument --trees: not a whole number: '2.5'"),
+        (["train", "--leaves", "1"], "argument --leaves: must be >= 2, not 1"),
+        (["train", "--learning-rate", "0"], "argument --learning-rate: must be > 0, not 0"),
+        (["train", "--valid-days", "-30"], "argument --valid-days: must be > 0, not -30"),
+        (["stop", "--timeout", "0"], "argument --timeout: must be > 0, not 0"),
+        (["dead-letters", "features", "--limit", "0"], "argument --limit: must be >= 1, not 0"),
+    ],
+)
+def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(
+    argv, named, capsys
+):
+    # a negative count or duration would run and end in an empty result ("no frames")
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert named in err[-1]
+    assert err[-1].startswith(f"pumpflow {argv[0]}: error: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
         (["sim", "dataset", "--minutes", "nan"], "argument --minutes: not a finite number"),
         (["sim", "serve", "--speed", "inf"], "argument --speed: not a finite number"),
         (["replay", "--speed", "nan"], "argument --speed: not a finite number"),

@@ -57,7 +57,7 @@ import msgspec
 
 from pumpflow.cli.report import writable, write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import finite, positive
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
 SIM_START = 1_700_000_000.0
@@ -614,8 +614,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     parser.add_argument("--start", type=finite, help="Postgres: first event time (epoch s)")
     parser.add_argument("--end", type=finite, help="Postgres: end of the window (epoch s)")
-    parser.add_argument("--minutes", type=finite, default=10.0, help="--seed: market minutes (10)")
-    parser.add_argument("--launches", type=finite, help="--seed: token launches per minute")
+    parser.add_argument(
+        "--minutes", type=positive, default=10.0, help="--seed: market minutes (10)"
+    )
+    parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
         help="a configuration to run (repeatable); KEYs are trading, exit or model settings",
@@ -629,7 +631,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write every configuration's settings and results here (- for stdout)",
     )  # fmt: skip
     parser.add_argument(
-        "--every", type=finite, default=2.0,
+        "--every", type=positive, default=2.0,
         help="wall seconds between progress lines when stderr is no terminal (2)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")

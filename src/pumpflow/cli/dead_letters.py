@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TextIO
 from pumpflow.common.bus.abc import DeadLetter, EventBus
 from pumpflow.common.bus.batches import letter_events
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
+from pumpflow.common.runtime.arguments import count
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list a service's dead letters with their reasons, or move them to a file",
     )
     parser.add_argument("service", help="the consuming service, e.g. features")
-    parser.add_argument("--limit", type=int, default=20, help="how many to list (20)")
+    parser.add_argument("--limit", type=count, default=20, help="how many to list (20)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument(
         "--move", type=Path, metavar="FILE", help="append all of them to FILE (JSONL), then remove"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import finite, non_negative, positive
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
@@ -58,19 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=finite,
+        type=non_negative,
         default=60.0,
         help="real seconds to run; 0 runs until Ctrl-C (60)",
     )
     parser.add_argument(
-        "--speed", type=finite, default=10.0, help="market time per real second (10)"
+        "--speed", type=positive, default=10.0, help="market time per real second (10)"
     )
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
     parser.add_argument(
-        "--launches", type=finite, default=30.0, help="token launches per market minute (30)"
+        "--launches", type=positive, default=30.0, help="token launches per market minute (30)"
     )
     parser.add_argument(
-        "--every", type=finite, default=2.0, help="real seconds between plain status lines (2)"
+        "--every", type=positive, default=2.0, help="real seconds between plain status lines (2)"
     )
     parser.add_argument(
         "--min-score",
@@ -95,10 +95,6 @@ def run_command(args: argparse.Namespace) -> int:
     from pumpflow.cli.dashboard import wants_dashboard
     from pumpflow.cli.report import default_path, writable
 
-    if args.duration < 0 or args.speed <= 0 or args.launches <= 0 or args.every <= 0:
-        raise SystemExit(
-            "pumpflow run: --duration must be >= 0; --speed, --launches and --every > 0"
-        )
     report = writable(args.report or default_path("run", f"seed{args.seed}"))
     return asyncio.run(
         run_embedded_market(

@@ -15,7 +15,7 @@ import time
 import urllib.error
 
 from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, http_url, post_json
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import positive
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
-        "--timeout", type=finite, default=300.0, help="seconds to follow the exit (300)"
+        "--timeout", type=positive, default=300.0, help="seconds to follow the exit (300)"
     )
     parser.set_defaults(handler=stop_command)
 

@@ -31,7 +31,7 @@ from pumpflow.common.events import Event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model.card import LabelDefinition
 from pumpflow.common.model.labels import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import bounded, count, finite, positive, share
 
 DEFAULT_SIM_MINUTES = 10.0
 #: 2026-01-01T00:00:00Z: simulated runs start here, one after the other
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulate these market seeds here",
     )  # fmt: skip
     source.add_argument(
-        "--sim-minutes", type=finite, default=DEFAULT_SIM_MINUTES,
+        "--sim-minutes", type=positive, default=DEFAULT_SIM_MINUTES,
         help="market minutes per simulated seed (%(default)g)",
     )  # fmt: skip
     source.add_argument(
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validate on markets of these seeds, simulated here",
     )  # fmt: skip
     held.add_argument(
-        "--held-out-share", type=finite, default=0.3,
+        "--held-out-share", type=share, default=0.3,
         help="without a held-out source: the share of tokens, the last launched, held out (0.3)",
     )  # fmt: skip
     label = parser.add_argument_group("label")
@@ -126,29 +126,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="take profit before stop loss (classification), or the net return (regression)",
     )  # fmt: skip
     label.add_argument(
-        "--horizon", type=finite, default=DEFAULT_HORIZON_S, metavar="S",
+        "--horizon", type=positive, default=DEFAULT_HORIZON_S, metavar="S",
         help="seconds the label looks ahead (%(default)g)",
     )  # fmt: skip
     label.add_argument(
-        "--take-profit", type=finite, default=None, metavar="FRACTION",
+        "--take-profit", type=positive, default=None, metavar="FRACTION",
         help="net return a positive reaches before the stop loss (default: the shipped label's)",
     )  # fmt: skip
     label.add_argument(
-        "--stop-loss", type=finite, default=None, metavar="FRACTION",
+        "--stop-loss", type=share, default=None, metavar="FRACTION",
         help="net fall that makes a negative first (default: the shipped label's)",
     )  # fmt: skip
     label.add_argument(
-        "--fee-rate", type=finite, default=DEFAULT_FEE_RATE,
+        "--fee-rate", type=bounded(at_least=0, below=1), default=DEFAULT_FEE_RATE,
         help="curve fee the label's net return pays per trade (%(default)g)",
     )  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument("--model-id", default="entry", help="the model's id (entry)")
     model.add_argument("--seed", type=int, default=1, help="training seed (1)")
-    model.add_argument("--trees", type=int, default=120, help="boosted trees (120)")
-    model.add_argument("--leaves", type=int, default=15, help="leaves per tree (15)")
-    model.add_argument("--learning-rate", type=finite, default=0.05, help="boosting rate (0.05)")
+    model.add_argument("--trees", type=count, default=120, help="boosted trees (120)")
     model.add_argument(
-        "--valid-days", type=finite, default=30.0, help="days the card says the model is valid (30)"
+        "--leaves", type=bounded(at_least=2, whole=True), default=15, help="leaves per tree (15)"
+    )
+    model.add_argument("--learning-rate", type=positive, default=0.05, help="boosting rate (0.05)")
+    model.add_argument(
+        "--valid-days",
+        type=positive,
+        default=30.0,
+        help="days the card says the model is valid (30)",
     )
     model.add_argument(
         "--created-at", type=_epoch, default=None, help="the card's creation time (default: now)"

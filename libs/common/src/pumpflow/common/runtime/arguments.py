@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def finite(text: str) -> float:
@@ -16,3 +17,53 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+def integer(text: str) -> int:
+    """A whole number of an option."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def bounded(
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    whole: bool = False,
+) -> Callable[[str], float]:
+    """The type of an option whose number is meaningless out of the range given: a value
+    out of it is refused with the range, as the option's one-line error (a negative
+    count or duration otherwise runs and ends in an empty result that says nothing)."""
+    checks = [
+        (bound, word, test)
+        for bound, word, test in (
+            (above, ">", lambda v, b: v > b),
+            (at_least, ">=", lambda v, b: v >= b),
+            (below, "<", lambda v, b: v < b),
+            (at_most, "<=", lambda v, b: v <= b),
+        )
+        if bound is not None
+    ]
+    allowed = " and ".join(f"{word} {bound:g}" for bound, word, _ in checks)
+
+    def parse(text: str) -> float:
+        value = integer(text) if whole else finite(text)
+        if not all(test(value, bound) for bound, _, test in checks):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text}")
+        return value
+
+    return parse
+
+
+#: seconds, counts, rates and sizes that only mean something above zero
+positive = bounded(above=0)
+#: durations where 0 has a meaning of its own (e.g. until stopped)
+non_negative = bounded(at_least=0)
+#: counts of things of which there must be one at least
+count = bounded(at_least=1, whole=True)
+#: shares and rates of a whole, strictly between nothing and all of it
+share = bounded(above=0, below=1)
