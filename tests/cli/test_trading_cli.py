@@ -84,6 +84,51 @@ async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, 
     assert "does not answer" in capsys.readouterr().err
 
 
+def refusing(status: int, detail: str) -> Starlette:
+    """A replica that answers every call with ``status`` and FastAPI's JSON of ``detail``."""
+
+    async def refuse(request: Request) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": detail}, status, headers=headers)
+
+    paths = ("/state", "/halt", "/resume", "/shutdown", "/progress")
+    return Starlette(routes=[Route(path, refuse, methods=["GET", "POST"]) for path in paths])
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "detail", "said"),
+    [
+        (["trading", "halt"], 401, "missing or wrong bearer token",
+         "refused the bearer token (401 unauthorized): it is missing or wrong; set "
+         "PUMPFLOW_API_TOKEN to the service's own PUMPFLOW_API_TOKEN"),
+        (["stop", "--no-wait"], 401, "missing or wrong bearer token",
+         "refused the bearer token (401 unauthorized)"),
+        (["trading", "resume"], 503,
+         "not resumed: the ledger (Postgres) is unavailable (OSError: gone); trading stays",
+         "cannot do it now (503: unavailable): not resumed: the ledger (Postgres) is "
+         "unavailable (OSError: gone); trading stays"),
+        (["trading", "state"], 503, "trading is starting: waiting for postgres",
+         "cannot do it now (503: unavailable): trading is starting: waiting for postgres"),
+        (["stop"], 503, "not started", "cannot do it now (503: unavailable): not started"),
+        (["trading", "halt"], 403,
+         "mutating endpoints are disabled: a token must be configured (PUMPFLOW_API_TOKEN)",
+         "refused it (403 Forbidden): mutating endpoints are disabled: a token must be "
+         "configured (PUMPFLOW_API_TOKEN)"),
+    ],
+)  # fmt: skip
+async def test_a_refusal_is_one_line_in_words_not_the_services_json(
+    monkeypatch, capsys, argv, status, detail, said
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(refusing(status, detail)) as base:
+        parsed = build_parser().parse_args([*argv, "--url", base])
+        assert await asyncio.to_thread(parsed.handler, parsed) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"pumpflow {argv[0]}: {base} {said}")
+    assert "{" not in err
+
+
 async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, capsys):
     """``pumpflow stop`` against a fake exit replica: the progress it follows names the
     tranches without an outcome, the report ends it."""

@@ -6,11 +6,16 @@ import argparse
 import json
 import os
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 10.0
+#: the variable the CLI reads the bearer token from, and the services theirs
+TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
+#: the longest answer of a service quoted in an error line
+QUOTED_MAX_CHARS = 300
 
 
 def http_url(text: str) -> str:
@@ -24,10 +29,42 @@ def http_url(text: str) -> str:
 
 def api_token(command: str) -> str | None:
     """``PUMPFLOW_API_TOKEN``, or None after saying it is missing."""
-    token = os.environ.get("PUMPFLOW_API_TOKEN")
+    token = os.environ.get(TOKEN_VARIABLE)
     if not token:
-        print(f"pumpflow {command}: PUMPFLOW_API_TOKEN is not set", file=sys.stderr)
+        print(f"pumpflow {command}: {TOKEN_VARIABLE} is not set", file=sys.stderr)
     return token
+
+
+def failure(command: str, url: str, exc: OSError) -> str:
+    """The one line that says why a call to the service at ``url`` failed: its refusal
+    in words (the service's reason, not its JSON), or that it did not answer."""
+    if not isinstance(exc, urllib.error.HTTPError):
+        return f"pumpflow {command}: {url} does not answer: {exc}"
+    if exc.code == 401:
+        return (
+            f"pumpflow {command}: {url} refused the bearer token (401 unauthorized): it is "
+            f"missing or wrong; set {TOKEN_VARIABLE} to the service's own {TOKEN_VARIABLE}"
+        )
+    said = _reason(exc)
+    if exc.code == 503:
+        return f"pumpflow {command}: {url} cannot do it now (503: unavailable): {said}"
+    return f"pumpflow {command}: {url} refused it ({exc.code} {exc.reason}): {said}"
+
+
+def _reason(exc: urllib.error.HTTPError) -> str:
+    """What the service said: its JSON body's ``detail`` (FastAPI's), else its text, on
+    one line and cut short."""
+    text = exc.read().decode("utf-8", "replace")
+    try:
+        detail = json.loads(text).get("detail", text)
+    except (ValueError, AttributeError):
+        detail = text
+    if isinstance(detail, list):  # a request the API's validation refused
+        detail = "; ".join(str(d.get("msg", d) if isinstance(d, dict) else d) for d in detail)
+    said = " ".join(str(detail).split()) or "no reason given"
+    if len(said) > QUOTED_MAX_CHARS:
+        said = said[: QUOTED_MAX_CHARS - 3] + "..."
+    return said
 
 
 def get_json(url: str) -> dict:

@@ -12,9 +12,15 @@ import argparse
 import os
 import sys
 import time
-import urllib.error
 
-from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, http_url, post_json
+from pumpflow.cli.api import (
+    DEFAULT_URL,
+    api_token,
+    failure,
+    get_json,
+    http_url,
+    post_json,
+)
 from pumpflow.common.runtime.arguments import positive
 
 
@@ -68,11 +74,8 @@ def stop_command(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             time.sleep(1.0)
-    except urllib.error.HTTPError as exc:
-        print(f"pumpflow stop: {exc.code}: {exc.read().decode()}", file=sys.stderr)
-        return 1
     except OSError as exc:
-        print(f"pumpflow stop: {url} does not answer: {exc}", file=sys.stderr)
+        print(failure("stop", url, exc), file=sys.stderr)
         return 1
     print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)
     return 1

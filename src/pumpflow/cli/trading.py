@@ -14,9 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.error
 
-from pumpflow.cli.api import DEFAULT_URL, api_token, get_json, http_url, post_json
+from pumpflow.cli.api import (
+    DEFAULT_URL,
+    api_token,
+    failure,
+    get_json,
+    http_url,
+    post_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,11 +60,8 @@ def trading_command(args: argparse.Namespace) -> int:
                 return 2
             reason = args.reason or f"{args.action} (CLI)"
             body = post_json(f"{url}/{args.action}", {"reason": reason}, token)
-    except urllib.error.HTTPError as exc:
-        print(f"pumpflow trading: {exc.code}: {exc.read().decode()}", file=sys.stderr)
-        return 1
     except OSError as exc:
-        print(f"pumpflow trading: {url} does not answer: {exc}", file=sys.stderr)
+        print(failure("trading", url, exc), file=sys.stderr)
         return 1
     print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); role {body['role']}")
     if body.get("stored") is False:
