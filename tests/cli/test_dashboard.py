@@ -77,6 +77,44 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
     assert re.search(row, report.read_text()), "the report's row of the graceful exit"
 
 
+async def test_the_dashboard_fits_80_columns_each_row_on_one_line(tmp_path):
+    """On a classic 80-column terminal the panels stack rather than squeeze, and a cell
+    too long is cut with an ellipsis: no row wraps away from its label."""
+    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=80, record=True)
+    status = await run_embedded_market(
+        duration=3.0, speed=40.0, seed=7, launches_per_minute=60.0, every=1.0,
+        out=io.StringIO(), screen=screen, report=tmp_path / "run.html",
+    )  # fmt: skip
+    assert status == 0
+    last = FRAME + screen.export_text().split(FRAME)[-1]
+    lines = last.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert re.fullmatch(
+        r"pumpflow run \+\d\d:\d\d market time at 40x  \|  Ctrl-C stops *", lines[0]
+    )
+    assert re.fullmatch(
+        r"tokens [\d,]+ \| trades [\d,]+ \| trade subscriptions \d+ \| graduated \d+ *", lines[1]
+    ), lines[1]
+    for title in ("tokens by lifecycle state", "events: total, per second", "trading (paper)",
+                  "signals: ", "open positions", "latest"):  # fmt: skip
+        assert title in last, last
+    for kind in RATED:
+        assert re.search(rf"│ {re.escape(kind)} +[\d,]+ +[\d,.]+/s +│", last), (kind, last)
+    for label in ("realised PnL", "open, marked"):
+        assert re.search(rf"│ {label} +[+-]\d+\.\d{{4}} SOL +│", last), (label, last)
+    assert re.search(r"│ positions +\d+ open, \d+ closed +│", last), last
+    for breaker in ("curve", "execution", "rate", "stale"):
+        assert re.search(rf"│ breaker {breaker} +(ok|TRIPPED.*) +│", last), (breaker, last)
+    assert re.search(r"│ graceful exit +\d+/\d+ sold out, \d+ in flight +│", last), last
+    assert re.search(r"│ token +score +state +mcap SOL │", last), last
+    assert re.search(r"│ token +cost +worth +PnL │", last), last
+    assert re.search(r"[\d,]+ orders \([\d,]+ rejected\)", last), last
+    # the latest lines: each on a row of its own, the longest cut short
+    latest = last.split(" latest ")[1].split("╰")[0].strip("─╮\n").splitlines()
+    assert len(latest) >= 4
+    assert all(re.match(r"│ \+\d\d:\d\d [A-Z]+ ", row) for row in latest), latest
+
+
 def test_the_dashboard_only_on_a_terminal_and_not_when_plain_is_asked():
     assert wants_dashboard(False, _Terminal())
     assert not wants_dashboard(True, _Terminal())

@@ -7,6 +7,10 @@ the model's signals, open positions, PnL and the breakers (a halt not stored yet
 tranches without an outcome in bold red), and the console's latest lines (entries,
 sales, trading state changes). It changes nothing it reads. Without a terminal (a log, CI)
 the run prints the console's plain status lines instead (:func:`wants_dashboard`).
+
+It fits the terminal down to 80 columns: narrower than :data:`WIDE_COLUMNS` the trading
+panel takes a row of its own, and a cell too long for its column is cut with an
+ellipsis, never wrapped onto a line its label does not share.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
+    from rich.console import ConsoleOptions, RenderResult
 
     from pumpflow.cli.console import Console
     from pumpflow.common.exit import ExitProgress
@@ -36,6 +42,12 @@ RATED = (
 #: wall seconds the event rates are averaged over
 RATE_WINDOW_S = 2.0
 REFRESH_PER_S = 4.0
+#: narrower than this, the top row's three panels do not fit side by side: the trading
+#: panel takes a row of its own
+WIDE_COLUMNS = 120
+#: the most of a token's symbol (or mint) shown in a table: at 80 columns the signals'
+#: and the positions' tables then fit side by side without cutting a figure
+TOKEN_CHARS = 10
 
 
 def wants_dashboard(plain: bool, out: TextIO) -> bool:
@@ -59,6 +71,38 @@ class RecentLines:
 
     def flush(self) -> None:
         pass
+
+
+class _FitWidth:
+    """A renderable laid out for the width it is drawn at, by ``layout(width)``."""
+
+    def __init__(self, layout: Callable[[int], RenderableType]):
+        self.layout = layout
+
+    def __rich_console__(self, console: RichConsole, options: ConsoleOptions) -> RenderResult:
+        yield self.layout(options.max_width)
+
+
+def _grid(*justify: str) -> Table:
+    """A borderless table of one-line cells, a column per ``justify``: a cell too long is
+    cut with an ellipsis (a wrapped row would no longer line up with its label)."""
+    table = Table.grid(padding=(0, 2))
+    for side in justify:
+        table.add_column(justify=side, no_wrap=True, overflow="ellipsis")
+    return table
+
+
+def _headed(*headers: str) -> Table:
+    """A table of one-line cells under ``headers``: the first column, the token, left and
+    cut at :data:`TOKEN_CHARS` (the figures beside it keep their width), the figures right."""
+    table = Table(box=None, padding=(0, 1), expand=True, pad_edge=False, collapse_padding=True)
+    for header in headers:
+        first = not table.columns
+        table.add_column(
+            header, justify="left" if first else "right", no_wrap=True, overflow="ellipsis",
+            max_width=TOKEN_CHARS if first else None,
+        )  # fmt: skip
+    return table
 
 
 class Dashboard:
@@ -90,29 +134,28 @@ class Dashboard:
 
     # ---------------------------------------------------------------- panels
 
-    def _header(self) -> Text:
+    def _header(self) -> tuple[Text, str]:
+        """The run's time, and its counts (one line on a wide screen, two on a narrow)."""
         c = self.console
-        return Text.assemble(
+        when = Text.assemble(
             ("pumpflow run ", "bold"),
-            f"{c.market_clock()} market time at {c.speed:g}x  |  tokens {len(c.tokens):,}  |  "
-            f"trades {c.counts['token.trade']:,}  |  trade subscriptions {c.subscribed()}  |  "
-            f"graduated {len(c.graduated)}  |  Ctrl-C stops",
+            f"{c.market_clock()} market time at {c.speed:g}x  |  Ctrl-C stops",
         )
+        counts = (
+            f"tokens {len(c.tokens):,}  |  trades {c.counts['token.trade']:,}  |  "
+            f"trade subscriptions {c.subscribed()}  |  graduated {len(c.graduated)}"
+        )
+        return when, counts
 
     def _lifecycle(self) -> Panel:
         states = Counter(t.state for t in self.console.tokens.values())
-        table = Table.grid(padding=(0, 2))
-        table.add_column()
-        table.add_column(justify="right")
+        table = _grid("left", "right")
         for state in LIFECYCLE:
             table.add_row(state, f"{states[state]:,}")
         return Panel(table, title="tokens by lifecycle state")
 
     def _rates(self) -> Panel:
-        table = Table.grid(padding=(0, 2))
-        table.add_column()
-        table.add_column(justify="right")
-        table.add_column(justify="right")
+        table = _grid("left", "right", "right")
         for kind, rate in self.rates().items():
             table.add_row(kind, f"{self.console.counts[kind]:,}", f"{rate:,.1f}/s")
         return Panel(table, title="events: total, per second")
@@ -122,9 +165,7 @@ class Dashboard:
         if trading is None:
             return Panel("not running", title="trading")
         pnl, risk = trading.pnl(), trading.risk
-        table = Table.grid(padding=(0, 2))
-        table.add_column()
-        table.add_column(justify="right")
+        table = _grid("left", "right")
         style = "green" if risk.state == "active" else "bold red"
         state = Text(str(risk.state), style=style)
         if not trading.state_view()["operator_state_stored"]:
@@ -155,52 +196,59 @@ class Dashboard:
         c = self.console
         scored = [t for t in c.tokens.values() if t.score is not None and t.state != "inactive"]
         scored.sort(key=lambda t: t.score, reverse=True)
-        table = Table(box=None, padding=(0, 1), expand=True)
-        for column in ("token", "score", "state", "mcap SOL"):
-            table.add_column(column, justify="left" if column == "token" else "right")
+        table = _headed("token", "score", "state", "mcap SOL")
         for token in scored[:6]:
             table.add_row(
-                token.symbol[:12], f"{token.score:.2f}", token.state,
+                token.symbol, f"{token.score:.2f}", token.state,
                 f"{token.features.get('market_cap_sol', 0.0):.1f}",
             )  # fmt: skip
         counts = c.counts
-        title = (
-            f"signals: {counts['model.prediction']:,} predictions, {counts['order.requested']:,} "
-            f"orders ({counts['order.rejected']:,} rejected)"
+        return Panel(
+            table,
+            title=f"signals: {counts['model.prediction']:,} predictions",
+            subtitle=f"{counts['order.requested']:,} orders "
+            f"({counts['order.rejected']:,} rejected)",
         )
-        return Panel(table, title=title)
 
     def _positions(self) -> Panel:
         trading = self._trading()
         held = [] if trading is None else list(trading.book.open_positions.values())
         held.sort(key=lambda p: p.pnl_sol, reverse=True)
-        table = Table(box=None, padding=(0, 1), expand=True)
-        for column in ("token", "cost SOL", "worth SOL", "PnL SOL"):
-            table.add_column(column, justify="left" if column == "token" else "right")
+        table = _headed("token", "cost", "worth", "PnL")
         for position in held[:6]:
             token = self.console.tokens.get(position.mint)
             worth = position.mark_value_sol
             table.add_row(
-                token.symbol[:12] if token else position.mint[:12], f"{position.cost_sol:.3f}",
+                token.symbol if token else position.mint, f"{position.cost_sol:.3f}",
                 "-" if worth is None else f"{worth:.3f}", _signed(position.pnl_sol, unit=""),
             )  # fmt: skip
         more = f", {len(held) - 6} more" if len(held) > 6 else ""
-        return Panel(table, title=f"open positions ({len(held)}{more})")
+        return Panel(table, title=f"open positions ({len(held)}{more}), SOL")
 
     def _recent(self) -> Panel:
         lines = list(self.recent.lines) or ["(nothing yet)"]
-        return Panel("\n".join(lines), title="latest")
+        return Panel(Text("\n".join(lines), no_wrap=True, overflow="ellipsis"), title="latest")
 
-    def render(self) -> Group:
-        top = Table.grid(expand=True, padding=(0, 1))
-        for _ in range(3):
-            top.add_column(ratio=1)
-        top.add_row(self._lifecycle(), self._rates(), self._trading_panel())
-        middle = Table.grid(expand=True, padding=(0, 1))
-        middle.add_column(ratio=1)
-        middle.add_column(ratio=1)
-        middle.add_row(self._signals(), self._positions())
-        return Group(self._header(), top, middle, self._recent())
+    def render(self) -> RenderableType:
+        """The panels as they are now, laid out when drawn: three across the top from
+        :data:`WIDE_COLUMNS` on; narrower (80 columns), the trading panel on a row of its
+        own under the lifecycle and the events."""
+        (when, counts), lifecycle, rates = self._header(), self._lifecycle(), self._rates()
+        trading, signals, positions = self._trading_panel(), self._signals(), self._positions()
+        recent = self._recent()
+
+        def layout(width: int) -> Group:
+            if width >= WIDE_COLUMNS:
+                header = [Text.assemble(when, "  |  ", counts)]
+                top = [_row(lifecycle, rates, trading)]
+            else:
+                header = [when, Text(counts.replace("  |  ", " | "))]
+                top = [_row(lifecycle, rates, ratios=(None, 1)), trading]
+            for line in header:
+                line.no_wrap, line.overflow = True, "ellipsis"
+            return Group(*header, *top, _row(signals, positions), recent)
+
+        return _FitWidth(layout)
 
     async def run(self, screen: RichConsole, refresh_per_s: float = REFRESH_PER_S) -> None:
         """Redraw on ``screen`` until cancelled; rendering happens on the event loop, so it
@@ -214,6 +262,16 @@ class Dashboard:
                     live.update(self.render(), refresh=True)
             finally:
                 live.update(self.render(), refresh=True)
+
+
+def _row(*panels: Panel, ratios: tuple[int | None, ...] | None = None) -> Table:
+    """Panels side by side across the width (equal shares unless ``ratios``; None: the
+    panel's own width)."""
+    row = Table.grid(expand=True, padding=(0, 1))
+    for ratio in ratios or (1,) * len(panels):
+        row.add_column(ratio=ratio)
+    row.add_row(*panels)
+    return row
 
 
 def exit_progress(progress: ExitProgress) -> Text:
