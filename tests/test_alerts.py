@@ -102,6 +102,8 @@ def test_the_operator_hears_what_matters():
         "ServiceMissing",
         "ServiceDown",
         "DeadLettersGrowing",
+        # a key of the wrong kind stalls a service's commits
+        "CommitsStalled",
         # the kill switch not durable, tranches that may have sold, labels dropped
         "TradingHaltNotStored",
         "ExitTranchesUnconfirmed",

@@ -8,11 +8,13 @@ straight off the stored state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
@@ -667,6 +669,58 @@ async def test_a_store_that_fails_for_a_while_is_waited_out_not_dead_lettered(pa
     assert await pair.applied(mint) == list(range(1, 11))
     assert consumer.metrics.store_retries._value.get() >= 3
     assert await bus.dead_letters("keyed") == []
+
+
+def stalled_commits(kind: str) -> float:
+    found = REGISTRY.get_sample_value(
+        "pumpflow_consumer_stalled_commits_total", {"service": "keyed", "kind": kind}
+    )
+    return found or 0.0
+
+
+async def test_a_commit_refused_for_a_key_of_the_wrong_kind_is_counted_logged_and_waits(
+    pair, caplog
+):
+    """Something else wrote a plain value where the consumer keeps a hash (its partition
+    index): the store refuses the commit whole, every time. It is retried, not
+    dead-lettered (the state would be lost); each refusal counts by what the key holds,
+    and the log names the key once, not once a retry. Once the key goes, it is stored."""
+    bus = await pair.bus()
+    announced = await watch(bus)
+    mint = MINTS[6]
+    index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
+    await pair.store.set(index, b"not a hash")
+    before = stalled_commits("value")
+    consumer = KeyedStatefulConsumer(
+        RecordingProcessor(),
+        KeyedConsumerConfig(
+            service="keyed", patterns=("token.trade",), retry_initial_s=0.01, retry_max_s=0.02
+        ),
+        bus=bus,
+        store=pair.store,
+        clock=pair.clock,
+        source="keyed/test",
+    )
+    await consumer.start()
+    pair.consumers.append(consumer)
+    caplog.set_level(logging.WARNING, logger="pumpflow.common.dependencies")
+    await bus.publish_many([trade(mint, s) for s in range(1, 6)])
+    await eventually(lambda: stalled_commits("value") - before >= 20, what="refusals counted")
+    assert await pair.applied(mint) == []
+    assert announced.events == []
+    named = [r for r in caplog.records if index in r.getMessage()]
+    assert len(named) == 1, [r.getMessage() for r in named]
+    said = named[0].getMessage()
+    assert named[0].levelname == "ERROR"
+    assert f"{index} holds a value, not a hash" in said
+    assert "every commit of keyed here waits" in said and "not dead-lettered" in said
+
+    await pair.store.delete_many([index])
+    await announced.wait_for(5, key=mint)
+    assert await pair.applied(mint) == [1, 2, 3, 4, 5]
+    assert await pair.store.hgetall(index) == {mint: b"1"}
+    assert await bus.dead_letters("keyed") == []
+    assert any("went through after" in r.getMessage() for r in caplog.records)
 
 
 class HandingProcessor(RecordingProcessor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -440,12 +441,32 @@ async def test_a_write_whose_hash_command_meets_no_hash_stores_nothing(harness, 
         else:
             batch.hdel("view", ("f",))
         batch.expire("index", LONG_TTL)
-        with pytest.raises(WrongKind):
+        with pytest.raises(WrongKind) as refused:
             await store.write(batch)
         assert await store.get_many(["record", "other"]) == [b"old", None]
         assert await store.hgetall("index") == {}
+        # which key, and what it holds: an operator is told what to remove
+        assert refused.value.key == "view"
+        assert refused.value.kind == ("set" if conflict == "a set" else "value")
+        assert re.search(r"\bview holds a (set|value), not a hash", str(refused.value))
     expected = {"a value": b"plain", "a set": None, "a value of the write": None}[conflict]
     assert await store.get("view") == expected
+
+
+@pytest.mark.parametrize("command", ["hset", "hdel"])
+async def test_a_lone_hash_command_on_no_hash_names_its_key_and_what_it_holds(harness, command):
+    """A write of one command goes to Redis alone, whose refusal names neither."""
+    store = harness.store
+    await store.add_member("members", "m", LONG_TTL)
+    batch = WriteBatch()
+    if command == "hset":
+        batch.hset("members", {"f": 1})
+    else:
+        batch.hdel("members", ("f",))
+    with pytest.raises(WrongKind) as refused:
+        await store.write(batch)
+    assert (refused.value.key, refused.value.kind) == ("members", "set")
+    assert "members holds a set, not a hash" in str(refused.value)
 
 
 async def test_a_write_with_a_ttl_past_any_clock_stores_it_all(harness):

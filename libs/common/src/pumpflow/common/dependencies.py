@@ -206,6 +206,11 @@ class DependencyWaits:
 #: the process's record of its waits
 WAITS = DependencyWaits()
 
+#: seconds between the error lines of work that keeps failing and is retried (the first
+#: failure is logged at once): a failure that lasts (a key of the wrong kind in the
+#: store) writes a line a minute, not one a pause
+FAILURE_LOG_EVERY_S = 60.0
+
 
 async def wait_out(
     action: Callable[[], Awaitable[T]],
@@ -220,7 +225,8 @@ async def wait_out(
 
     A failure that is not transient is raised at once, unless ``retry_failures``: work
     that no single input can be blamed for (a group commit of many keys) is retried
-    then too, each failure logged as an error. ``after_pause`` is called after each
+    then too, the first failure logged as an error, then one line a
+    :data:`FAILURE_LOG_EVERY_S` while it fails. ``after_pause`` is called after each
     pause (to tell a watchdog the work is waiting, not hung). Cancelling the caller
     stops the wait. The first pause and the recovery are logged, the pauses between
     them counted.
@@ -234,6 +240,8 @@ async def wait_out(
         pauses: Iterator[float] | None = None
         started = 0.0
         counted = False
+        failed = 0
+        logged = 0.0
         while True:
             try:
                 if failure is not None:
@@ -242,13 +250,23 @@ async def wait_out(
             except Exception as exc:
                 failure = None
                 dependency = transient_dependency(exc)
-                if dependency is None:
-                    if not retry_failures:
-                        raise
-                    log.error("%s: %s failed, retrying: %r", waiter, what, exc)
                 if pauses is None:
                     pauses = (backoff or Backoff()).pauses()
                     started = time.monotonic()
+                if dependency is None:
+                    if not retry_failures:
+                        raise
+                    failed += 1
+                    now = time.monotonic()
+                    if failed == 1:
+                        logged = now
+                        log.error("%s: %s failed, retrying: %r", waiter, what, exc)
+                    elif now - logged >= FAILURE_LOG_EVERY_S:
+                        logged = now
+                        log.error(
+                            "%s: %s still fails (%d tries in %.0f s), retrying: %r",
+                            waiter, what, failed, now - started, exc,
+                        )  # fmt: skip
                 if dependency is not None:
                     if not counted:
                         counted = True

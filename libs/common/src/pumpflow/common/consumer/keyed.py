@@ -118,6 +118,12 @@ logged and counted by the pool, its timer spent; time goes on. A key whose state
 view) cannot be encoded fails the deliveries its commit waited for and leaves memory:
 its events come back and apply again to its stored record (the bus dead-letters one
 that fails every time), and the commit's other keys are written by the next commit.
+A commit the store refuses because a key of it holds the wrong kind
+(:class:`~pumpflow.common.state.abc.WrongKind`: a value or a set where the commit
+writes hash fields, written by something else) is retried until that key is removed,
+every later commit waiting behind it; nothing is dead-lettered (the state would be
+lost). Each refusal is counted (``pumpflow_consumer_stalled_commits_total`` by what the
+key holds) and the first logged naming the key, then a line a minute.
 """
 
 from __future__ import annotations
@@ -149,7 +155,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.keyed import UNCHANGED, InvalidInput, KeyedProcessor, StaleState
 from pumpflow.common.priority import Priority
-from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch
+from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch, WrongKind
 from pumpflow.common.state.commit import GroupCommit, wake
 from pumpflow.common.workers import PoolClosed, TokenMonitorThreadPool, WorkerPoolConfig
 
@@ -1109,7 +1115,7 @@ class KeyedStatefulConsumer(Generic[S]):
             # after the encoding: what the encoded states no longer hold is handed out by
             # now
             await self._retry(self._before_write, "storing what the keys handed out")
-        await self._retry(lambda: self.store.write(batch), "storing")
+        await self._retry(lambda: self._store_commit(batch), "storing")
         # as written, not as now: a key retired or revived while the write was under way
         # is written again by the next commit, which must know this one
         for entry, retired, ttl in stored:
@@ -1124,6 +1130,21 @@ class KeyedStatefulConsumer(Generic[S]):
         self._unannounced.append((entries, events, published, generation))
         if self._announcing is None:
             self._announcing = asyncio.ensure_future(self._announce())
+
+    async def _store_commit(self, batch: WriteBatch) -> None:
+        """Write a commit; one the store refuses for a key of the wrong kind is counted,
+        and said in words an operator acts on (it is retried until the key goes)."""
+        try:
+            await self.store.write(batch)
+        except WrongKind as exc:
+            self.metrics.stalled_commit(exc.kind)
+            raise WrongKind(
+                f"{exc} (written by something else?); every commit of {self.config.service} "
+                "here waits, retried, until that key is deleted or holds a hash; its "
+                "events are not dead-lettered, as their state would be lost",
+                key=exc.key,
+                kind=exc.kind,
+            ) from exc
 
     def _batch(
         self, entries: list[_Key]

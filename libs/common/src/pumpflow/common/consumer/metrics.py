@@ -79,6 +79,15 @@ class _Families:
             ["service"],
             registry=registry,
         )
+        self.stalled_commits = Counter(
+            "pumpflow_consumer_stalled_commits",
+            "Group commits the store refused because a key of theirs holds the wrong kind "
+            "(a value or a set where hash fields go: written by something else), by what "
+            "it holds; retried until the key is removed, every commit of the replica "
+            "waiting meanwhile.",
+            ["service", "kind"],
+            registry=registry,
+        )
         self.store_losses = Counter(
             "pumpflow_consumer_store_losses",
             "Times the store was found to have lost its contents (a new epoch): the keys "
@@ -133,8 +142,14 @@ class ConsumerMetrics:
         self.restored = families.restored.labels(service)
         self.retired = families.retired.labels(service)
         self.store_losses = families.store_losses.labels(service)
+        self._stalled_commits = families.stalled_commits
+        self.service = service
         self.unrecorded = families.unrecorded.labels(service)
         self.rebuilt = families.rebuilt.labels(service)
+
+    def stalled_commit(self, kind: str) -> None:
+        """Count a commit refused for a key holding ``kind`` (see ``WrongKind``)."""
+        self._stalled_commits.labels(self.service, kind).inc()
 
     def counts(self) -> dict[str, float]:
         """This service's event counters as numbers (for status pages and tests)."""

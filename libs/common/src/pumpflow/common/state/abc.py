@@ -18,7 +18,17 @@ EPOCH_MARKER = "store:epoch"
 
 class WrongKind(TypeError):
     """A write sets or removes hash fields of a key that holds no hash (a plain value, a
-    set), or that it sets as a value too: nothing of it is stored."""
+    set), or that it sets as a value too: nothing of it is stored.
+
+    ``key`` is that key (as the caller names it; None when the store could not tell) and
+    ``kind`` what it holds: ``value``, ``set``, ``list``, ``zset``, ``stream``, or
+    ``unknown``.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, kind: str = "unknown"):
+        super().__init__(message)
+        self.key = key
+        self.kind = kind
 
 
 @dataclass(slots=True)

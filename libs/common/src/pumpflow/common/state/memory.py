@@ -103,7 +103,12 @@ class MemoryStateStore(StateStore):
                 if key in batch.values or (
                     current is not None and not isinstance(current, dict) and self._alive(key)
                 ):
-                    raise WrongKind(f"{key} holds no hash: nothing of the write is stored")
+                    kind = "value" if key in batch.values else _kind(current)
+                    raise WrongKind(
+                        f"{key} holds a {kind}, not a hash: nothing of the write is stored",
+                        key=key,
+                        kind=kind,
+                    )
         for key, (value, ttl) in batch.values.items():
             values[key] = bytes(value)
             self._set_ttl(key, ttl)
@@ -180,3 +185,8 @@ class MemoryStateStore(StateStore):
 
     async def ping(self) -> bool:
         return True
+
+
+def _kind(value: object) -> str:
+    """What a key holding ``value`` (no hash) holds, in the words of :class:`WrongKind`."""
+    return "set" if isinstance(value, set) else "value"

@@ -75,7 +75,7 @@ for k = 1, #KEYS do
             kinds[key] = kind
         end
         if kind ~= 'hash' and kind ~= 'none' then
-            return redis.error_reply('WRONGTYPE ' .. key .. ' holds no hash: nothing written')
+            return redis.error_reply('WRONGTYPE ' .. kind .. ' ' .. key)
         end
     end
     at = at + 2 + tonumber(ARGV[at + 1])
@@ -196,8 +196,29 @@ class RedisStateStore(StateStore):
                 await self._write(keys=keys, args=args)
         except redis.ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
-                raise WrongKind(f"{exc}: nothing of the write is stored") from exc
+                raise await self._wrong_kind(str(exc), commands) from exc
             raise
+
+    async def _wrong_kind(self, reply: str, commands: list[tuple]) -> WrongKind:
+        """The refusal of a write, naming the key that holds no hash and what it holds: the
+        script's reply says (``WRONGTYPE <type> <key>``); a lone command's, Redis' own,
+        does not, so the key's type is asked for."""
+        words = reply.split(" ", 2)
+        if len(commands) > 1 and len(words) == 3:
+            kind, key = words[1], words[2]
+        else:
+            key = commands[0][1]
+            try:
+                kind = (await self._client.type(key)).decode()
+            except (redis.RedisError, OSError):
+                kind = "unknown"
+        # a string is what the store calls a value
+        kind = "value" if kind == "string" else kind
+        return WrongKind(
+            f"{key} holds a {kind}, not a hash: nothing of the write is stored",
+            key=key.removeprefix(self._prefix),
+            kind=kind,
+        )
 
     def _commands(self, batch: WriteBatch) -> list[tuple]:
         """The Redis commands of ``batch``, in the order the contract applies them."""
