@@ -121,7 +121,7 @@ async def test_each_key_keeps_its_order_across_lost_connections(namespace, amqp_
         await consumer.close()
 
 
-async def test_a_publication_the_broker_nacks_is_written_again(namespace, amqp_url):
+async def test_a_publication_the_broker_nacks_is_written_again(namespace, amqp_url, caplog):
     """A queue that refuses a message (here: full, with reject-publish; in the wild: its
     process crashed and restarted) nacks it; the publication is written again."""
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
@@ -137,15 +137,66 @@ async def test_a_publication_the_broker_nacks_is_written_again(namespace, amqp_u
         first, second = trade_event("mintA", 1), trade_event("mintA", 2)
         await queue.bind(bus.exchange_name, routing_key=routing_key_for(first, 1))
         await bus.publish(first)
+        caplog.set_level("WARNING", logger="pumpflow.common.bus.rabbitmq")
         publishing = asyncio.ensure_future(bus.publish(second))
-        # the queue is full: the second is nacked, and held to be written again
-        await eventually(lambda: bus._held, within=5, what="the nacked write held")
+        # the queue is full: the second is nacked, to be written again
+        await eventually(
+            lambda: any("DeliveryError" in r.getMessage() for r in caplog.records),
+            within=5,
+            what="the write nacked",
+        )
         assert not publishing.done()
         taken = await queue.get(timeout=5)
         await taken.ack()
         await asyncio.wait_for(publishing, 10)
         again = await queue.get(timeout=5)
         assert again.message_id == second.id
+    finally:
+        await bus.close()
+
+
+async def test_a_nacked_publication_holds_back_its_partition_alone(
+    namespace, amqp_url, caplog, monkeypatch
+):
+    """While a nacked publication pauses before it is written again, a publication of
+    another partition goes out at once; one of its own partition waits behind it."""
+    from pumpflow.common.bus import rabbitmq
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.bus.routing import partition_of, routing_key_for
+
+    # a pause far longer than the test: whatever waits for it does not finish
+    monkeypatch.setattr(rabbitmq, "RESEND_PAUSE_S", 600.0)
+    monkeypatch.setattr(rabbitmq, "RESEND_PAUSE_MAX_S", 600.0)
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="feed/r1")
+    await bus.start()
+    try:
+        refused = trade_event("mintA", 1)
+        other = next(
+            trade_event(f"mint{i}", 1)
+            for i in range(100)
+            if partition_of(f"mint{i}", 2) != partition_of("mintA", 2)
+        )
+        channel = bus._channel
+        queue = await channel.declare_queue(
+            f"{namespace}.full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(bus.exchange_name, routing_key=routing_key_for(refused, 2))
+        await channel.default_exchange.publish(aio_pika.Message(b"filler"), routing_key=queue.name)
+        caplog.set_level("WARNING", logger="pumpflow.common.bus.rabbitmq")
+        pausing = asyncio.ensure_future(bus.publish(refused))
+        await eventually(
+            lambda: any("DeliveryError" in r.getMessage() for r in caplog.records),
+            within=5,
+            what="the write nacked",
+        )
+        behind = asyncio.ensure_future(bus.publish(trade_event("mintA", 2)))
+        # confirmed by the broker (routed nowhere) while the nacked one pauses
+        await asyncio.wait_for(bus.publish(other), 5)
+        assert not pausing.done() and not behind.done()
+        pausing.cancel()
+        behind.cancel()
+        await asyncio.gather(pausing, behind, return_exceptions=True)
+        await queue.delete(if_unused=False, if_empty=False)
     finally:
         await bus.close()
 

@@ -66,6 +66,9 @@ consumers drop an older seq (trading's views, a keyed consumer of only some of t
 publisher's types) or apply it late. So a publication is written only once every
 earlier one of its line is confirmed or given up: a line is a partition of a lane
 (``pNN``, ``critical.pNN``), where a key's events all go; keyless ones have none.
+That is also all a nack holds back while the publication pauses before it is written
+again: its line (a keyless one, with no line, holds every later one back, as a lost
+channel's do); the other partitions go on.
 Partitions still go side by side, and a partition's consecutive events of one routing
 key share a message, so a call costs a confirm's round trip more for each further
 message of one partition: where its routing key changes (a new token's create, then
@@ -176,6 +179,10 @@ PUBLISH_ATTEMPTS = 3
 #: nacks a publication survives: a crashed queue process takes seconds to come back
 #: (the pauses grow to 1 s: about 25 s in all)
 NACKED_ATTEMPTS = 30
+#: the pause before a publication that failed is written again: this much a failure
+#: so far, at most RESEND_PAUSE_MAX_S
+RESEND_PAUSE_S = 0.1
+RESEND_PAUSE_MAX_S = 1.0
 #: longest pause while waiting for the publishing channel to reopen
 REOPEN_POLL_S = 0.5
 #: a lost connection's frame buffer is emptied until nothing came for this long
@@ -737,7 +744,8 @@ class RabbitMQBus(EventBus):
                         | ConnectionError,
                     ):
                         raise
-                    if isinstance(exc, aiormq.exceptions.DeliveryError):
+                    nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
+                    if nacked:
                         nacks += 1
                         failures, limit = nacks, NACKED_ATTEMPTS
                     else:
@@ -748,14 +756,17 @@ class RabbitMQBus(EventBus):
                         self._held_changed.set()
                         self._held_changed.clear()
                         raise
-                    # held before this task yields: no later ticket is written meanwhile
-                    self._held.add(ticket)
+                    if line is None or channel.is_closed or not nacked:
+                        # held before this task yields: no later ticket is written
+                        # meanwhile. A nack holds its line alone (its later publications
+                        # wait their turn behind it anyway): the other lines go on
+                        self._held.add(ticket)
                     log.warning(
                         "publish to %s failed (%r); resending in order after reconnect",
                         key,
                         exc,
                     )
-                    await asyncio.sleep(min(0.1 * failures, 1.0))
+                    await asyncio.sleep(min(RESEND_PAUSE_S * failures, RESEND_PAUSE_MAX_S))
         finally:
             self._release(ticket)
             if line is not None:
