@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aio_pika
 import aiormq.exceptions
@@ -12,6 +13,7 @@ import redis
 import redis.exceptions
 from redis import asyncio as aioredis
 
+from pumpflow.common import dependencies
 from pumpflow.common.dependencies import (
     NETWORK,
     POSTGRES,
@@ -128,6 +130,36 @@ async def test_wait_out_waits_through_transient_failures_and_raises_the_others()
         return len(attempts)
 
     assert await wait_out(broken_twice, waiter="test", backoff=backoff, retry_failures=True) == 3
+
+
+async def test_work_that_keeps_failing_logs_its_first_failure_then_a_line_a_while(
+    monkeypatch, caplog
+):
+    """Retried whatever the error, a lasting failure (a key of the wrong kind) is logged
+    at once, then once per FAILURE_LOG_EVERY_S with how many tries failed, not per try."""
+    monkeypatch.setattr(dependencies, "FAILURE_LOG_EVERY_S", 0.2)
+    caplog.set_level("WARNING", logger="pumpflow.common.dependencies")
+    attempts = []
+
+    async def refused() -> int:
+        attempts.append(1)
+        if len(attempts) <= 60:
+            raise ValueError("the key holds a set")
+        return len(attempts)
+
+    backoff = Backoff(initial_s=0.01, max_s=0.01)
+    started = asyncio.get_running_loop().time()
+    assert await wait_out(refused, waiter="t", what="storing", backoff=backoff,
+                          retry_failures=True) == 61  # fmt: skip
+    took = asyncio.get_running_loop().time() - started
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert lines[0] == "t: storing failed, retrying: ValueError('the key holds a set')"
+    assert all(
+        re.match(r"t: storing still fails \(\d+ tries in \d+ s\)", line) for line in lines[1:]
+    )
+    # one line at once and one a 0.2 s since, not one per try
+    assert 2 <= len(lines) <= 2 + took / 0.2, (lines, took)
+    assert caplog.records[-1].getMessage().startswith("t: storing went through after")
 
 
 async def test_cancelling_a_wait_ends_it():
