@@ -8,9 +8,9 @@ of the wallet consistent with it (:func:`consistent`): its token and side, seen
 (stamped by the feed) no earlier than the order was sent (give or take the clocks'
 skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
 whose cost after the venue's and the API's fees is the order's SOL within its slippage
-(and the API's fee) either way. A trade of the wallet that shows while an order of its
-token and side still awaits its answer (the API sends before it answers, so the stream
-can be first) waits for the answers: it is the order's whose answer names its
+either way, with those fees on top at most. A trade of the wallet that shows while an
+order of its token and side still awaits its answer (the API sends before it answers,
+so the stream can be first) waits for the answers: it is the order's whose answer names its
 signature, else, once no answer is awaited there, the oldest consistent order's whose
 answer never came. A trade consistent with no order is not the system's (a trade made
 by hand from the wallet, of another size or from before the order): it fills nothing,
@@ -60,7 +60,7 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
 )
-from pumpflow.common.trading.fills import VENUE_CURVE, VENUE_POOL, FillRejection
+from pumpflow.common.trading.fills import VENUE_CURVE, FillRejection, venue_fee_rate
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, fill_on_market
 from pumpflow.common.trading.settings import LiveExecution
@@ -117,10 +117,12 @@ def consistent(
     allowed), and of its size.
 
     A sale sells the order's tokens, to the token's unit. A buy's cost after the venue's
-    and the API's fees is the order's SOL within its slippage and the API's fee either
-    way: the API spends the SOL, or buys the tokens it quotes for them, paying up to the
-    slippage more when the price rose before the trade landed (less when it fell); and
-    the reference does not say whether its fee comes out of the SOL or on top of it.
+    and the API's fees is the order's SOL within its slippage either way, plus at most
+    those two fees: the API spends the SOL, or buys the tokens it quotes for them, paying
+    up to the slippage more when the price rose before the trade landed (less when it
+    fell); and the reference does not say whether the venue's fee (the curve's 1.25%, or
+    the pool's) and the API's 1% come out of the SOL or on top of it, so the cost at the
+    quoted price is anywhere from the SOL to the SOL with both fees on top.
     """
     if trade.mint != order.mint or trade.txType != order.side:
         return False
@@ -131,12 +133,10 @@ def consistent(
         return abs(tokens - order.amount) <= TOKEN_UNIT + order.amount * _SIZE_EPSILON
     fill = confirmed_fill(order, trade, execution=execution, moved_sol=moved_sol)
     cost = fill.sol_amount - execution.priority_fee_sol
-    limit = (
-        (1.0 + order.slippage_pct / 100.0)
-        * (1.0 + execution.fees.api_fee_rate)
-        * (1.0 + _SIZE_EPSILON)
-    )
-    return order.amount / limit <= cost <= order.amount * limit
+    fees = execution.fees
+    slipped = (1.0 + order.slippage_pct / 100.0) * (1.0 + _SIZE_EPSILON)
+    on_top = (1.0 + venue_fee_rate(fees, trade.pool)) * (1.0 + fees.api_fee_rate)
+    return order.amount / slipped <= cost <= order.amount * slipped * on_top
 
 
 def confirmed_fill(
@@ -149,7 +149,7 @@ def confirmed_fill(
     the venue's fee, the API's fee on the rest and the priority fee (as paper fills).
     """
     fees = execution.fees
-    rate = fees.pool_fee_rate if trade.pool == VENUE_POOL else fees.curve_fee_rate
+    rate = venue_fee_rate(fees, trade.pool)
     tokens = float(trade.tokenAmount)
     venue_fee = moved_sol * rate
     if order.side == "buy":
