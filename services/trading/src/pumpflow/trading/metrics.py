@@ -97,6 +97,14 @@ class _Families:
             "by sales in flight, or none held",
             registry=registry,
         )
+        self.unbooked = Counter(
+            "pumpflow_trading_unbooked_trades",
+            "Trades the book does not hold, by kind: a sale filled for a position closed "
+            "since (sale_of_closed_position), a trade of the live wallet no order matches "
+            "(wallet_trade): the wallet and the book differ by it",
+            ["kind"],
+            registry=registry,
+        )
 
 
 class TradingMetrics:
@@ -144,6 +152,12 @@ class TradingMetrics:
 
     def sale_refused(self) -> None:
         self._f.sales_refused.inc()
+
+    def unbooked(self, kind: str) -> None:
+        self._f.unbooked.labels(kind).inc()
+
+    def unbooked_trades(self, kind: str) -> float:
+        return self._f.unbooked.labels(kind)._value.get()
 
     def book(self, book: PositionBook, risk: RiskManager) -> None:
         f = self._f

@@ -30,7 +30,9 @@ every order, fill and position.
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
   sales a take-over finds in flight included; with nothing left, or ordered for a
   position that closed since (its token entered again), it is stored refused, never
-  sent.
+  sent. A sale only ever sells the position it was ordered for: a take-over refuses one
+  in flight for a position no longer held, and a fill of one (a trade showing late) is
+  booked to no position, logged and counted (``pumpflow_trading_unbooked_trades``).
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -446,8 +448,8 @@ class TradingService(Service):
                 f"recorded by the {order.executor} executor: the {name} one neither sends "
                 "it nor learns its outcome",
             )
-        elif order.side == "sell" and order.mint not in self.book.open_positions:
-            outcome = rejected(order, "nothing held to sell after the restart")
+        elif order.side == "sell" and (unheld := self.book.not_held(order.mint, order.position_id)):
+            outcome = rejected(order, f"nothing to sell after the restart: {unheld}")
         else:
             outcome = self.executor.reconcile(order)
         if outcome is None:
@@ -823,6 +825,12 @@ class TradingService(Service):
             event_id=derived_id("outcome", outcome.order_id),
         )
         reason = self.engine.order_reasons.get(outcome.order_id, "")
+        unheld = (
+            isinstance(outcome, OrderFilled)
+            and outcome.side == "sell"
+            and outcome.order_id not in self.book.applied_orders
+            and self.book.not_held(outcome.mint, outcome.position_id)
+        )
         produced = self.engine.process(event)
         step.events.append(event)
         self._report(step, (), cause=cause, produced=produced)
@@ -832,9 +840,17 @@ class TradingService(Service):
                 OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
             )
             step.change.fills.append(FillRecord.of(outcome, time=now, reason=reason))
-            position = self._position(outcome.mint)
+            position = None if unheld else self._position(outcome.mint)
             if position is not None:
                 step.change.positions.append(PositionRecord.of(position))
+            if unheld:
+                self.metrics.unbooked("sale_of_closed_position")
+                log.error(
+                    "trading: sale %s of position %s filled (%g tokens, signature %s) with "
+                    "nothing of its position left to sell: %s; booked to no position",
+                    outcome.order_id, outcome.position_id, outcome.token_amount,
+                    outcome.signature, unheld,
+                )  # fmt: skip
             if not self.book.holds(outcome.mint):
                 self._closed.add(outcome.mint)
             self.metrics.order(side, "filled")
