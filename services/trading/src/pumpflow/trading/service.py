@@ -111,6 +111,7 @@ from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
+    WITHDRAWN,
     FillRecord,
     Ledger,
     LedgerChange,
@@ -145,8 +146,6 @@ _CONTROL_RETRY_S = (0.1, 2.0)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
-#: the outcome of an order a replica standing by withdrew unsent
-_WITHDRAWN = "withdrawn unsent: its replica stood by"
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -408,6 +407,7 @@ class TradingService(Service):
             self._update_capital()
             for order_id in snapshot.order_ids:
                 self.engine.sent_orders[order_id] = None
+            self.engine.withdrawn.update(snapshot.withdrawn)
             step = _Step()
             if snapshot.control is not None:
                 self.risk.set_state(*snapshot.control)
@@ -509,7 +509,8 @@ class TradingService(Service):
         requests and refusals published, since the next holder takes an order the ledger
         holds for a copy (the exit, told nothing, would wait for its sale's outcome for
         ever); an order the ledger does not hold is neither inserted nor told of, its
-        event decided again there."""
+        event decided again there. An entry settled withdrawn is decided again there too
+        (the ledger's load names it), under an id derived from its own, which is taken."""
         withdrawn: list[OrderRecord] = []
         told: list[Event] = []
         for step in self._backlog:
@@ -520,7 +521,7 @@ class TradingService(Service):
                 if order.order_id in step.refused:
                     withdrawn.append(order)  # stored refused already, its refusal with it
                 elif order.order_id in ids:
-                    withdrawn.append(replace(order, state="rejected", outcome=_WITHDRAWN))
+                    withdrawn.append(replace(order, state="rejected", outcome=WITHDRAWN))
             told += [e for e in step.events if _order_event(e, ids)]
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
             step.events = [e for e in step.events if not _order_event(e, ids)]
@@ -536,7 +537,7 @@ class TradingService(Service):
                 if not any(isinstance(e.data, OrderRejected) for e in said):
                     step.events.append(
                         make_event(
-                            rejected(order, _WITHDRAWN),
+                            rejected(order, WITHDRAWN),
                             source=self._ctx.source,
                             time=now,
                             cause=said[0] if said else None,
