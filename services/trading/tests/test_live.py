@@ -740,3 +740,41 @@ async def test_a_sale_showing_late_after_a_take_over_never_sells_the_next_positi
             stored = {p["position_id"]: p for p in await ledger.positions(open_only=True, limit=9)}
             assert stored[reentered.position_id]["token_amount"] == reentered.token_amount
         assert len(api.requests) == 4
+
+
+async def test_a_wallet_trade_matching_no_order_is_logged_counted_and_shown(clock, market, caplog):
+    """The entry's answer never comes and its buy lands after the price fell past its
+    slippage: it fills nothing, and the operator learns that the wallet holds tokens the
+    book does not (a log line, a metric, the HTTP views), as the order ends unconfirmed
+    naming the trade."""
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    async with fake_trade_api("timeout") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        cheaper = market.tokens.buy(run.mint, WALLET, sol=run.request.sol_amount / 1.5)
+        with caplog.at_level(logging.ERROR, logger="pumpflow.trading"):
+            await publish(run.bus, cheaper)
+        assert run.watch.count("order.filled") == 0 and not service.book.holds(run.mint)
+        signature = cheaper.data.signature
+        assert service.metrics.unbooked_trades("wallet_trade") == 1
+        [line] = [r.getMessage() for r in caplog.records if "matches no order" in r.getMessage()]
+        assert signature in line and run.request.order_id in line
+
+        app = create_app(service, service._ctx)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for path in ("/orders", f"/orders?mint={run.mint}", "/positions"):
+                [shown] = (await http.get(path)).json()["unbooked_wallet_trades"]
+                assert shown["signature"] == signature and shown["side"] == "buy"
+                assert shown["tokens"] == cheaper.data.tokenAmount
+                assert shown["candidates"] == [run.request.order_id]
+            other = (await http.get("/orders?mint=another")).json()
+            assert other["unbooked_wallet_trades"] == []
+
+        await clock.advance(CONFIRM_S + 1)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.order_id == run.request.order_id and signature in rejected.reason
+        assert len(api.requests) == 1

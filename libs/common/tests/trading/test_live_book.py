@@ -167,3 +167,50 @@ def test_a_trade_held_for_an_answer_fills_no_unanswered_order_of_another_size():
     assert book.settled() == [] and not book.unclaimed
     assert "o" in book.pending
     assert fills(book, tokens.sell(mint, WALLET, tokens=held / 2)) == ["o"]
+
+
+def test_a_wallet_trade_matching_no_order_is_kept_unbooked_naming_the_orders_it_may_be():
+    """A buy of 0.5 SOL at 5% slippage whose answer never came; the wallet's buy lands
+    after the price fell by a fifth, costing less than the order allows: it fills
+    nothing and is kept unbooked, naming the order, whose refusal names it in turn. A
+    hand sale with no order of its side waiting is kept unbooked, naming none."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    cheaper = tokens.buy(mint, WALLET, sol=0.5 / 1.01 / 1.25)
+    assert fills(book, cheaper) == [] and "o" in book.pending
+    [unbooked] = book.unbooked()
+    assert unbooked.signature == cheaper.data.signature and unbooked.candidates == ("o",)
+    assert unbooked.side == "buy" and unbooked.tokens == cheaper.data.tokenAmount
+    assert book.unbooked() == []  # taken once
+
+    [rejected] = book.due(190.0)
+    assert rejected.order_id == "o" and cheaper.data.signature in rejected.reason
+
+    by_hand = tokens.sell(mint, WALLET)
+    assert fills(book, by_hand) == []
+    [sold] = book.unbooked()
+    assert sold.signature == by_hand.data.signature and sold.candidates == ()
+    assert [u.signature for u in book.recent_unbooked] == [
+        cheaper.data.signature,
+        by_hand.data.signature,
+    ]
+
+
+def test_a_wallet_trade_held_for_an_answer_naming_another_signature_is_kept_unbooked():
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=90.0))
+    book.add(
+        LiveOrder(
+            order_id="p", mint=mint, side="buy", deadline=190.0, sent_at=100.0, amount=0.5,
+            slippage_pct=5.0, awaiting=True,
+        )
+    )  # fmt: skip
+    by_hand = tokens.buy(mint, WALLET, sol=2.0)
+    assert fills(book, by_hand) == [] and book.unbooked() == []  # held for the answer
+    assert book.answered("p", "sig-of-p")
+    [unbooked] = book.unbooked()
+    assert unbooked.signature == by_hand.data.signature and unbooked.candidates == ()

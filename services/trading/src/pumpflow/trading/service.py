@@ -48,6 +48,11 @@ every order, fill and position.
 - The kill switch: a halt given here applies before the next event, Postgres or not,
   and is stored for the other replicas and restarts, as soon as Postgres takes it; a
   resume is stored first, and refused while Postgres is away (see :meth:`halt`).
+- Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
+  that landed past its slippage after its answer never came: see
+  :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
+  (``pumpflow_trading_unbooked_trades``) and listed in ``unbooked_wallet_trades`` of
+  ``/orders`` and ``/positions``, as the wallet and the book differ by it.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
 """
@@ -61,7 +66,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ClassVar
@@ -104,8 +109,10 @@ from pumpflow.common.trading import (
     RiskManager,
     TradingEngine,
     TradingState,
+    UnbookedTrade,
     derived_id,
 )
+from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
@@ -257,6 +264,8 @@ class TradingService(Service):
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
         self.skipped: Counter[str] = Counter()
+        #: the latest trades of the live wallet that matched no order, oldest first
+        self.unbooked: deque[UnbookedTrade] = deque(maxlen=REMEMBERED_UNBOOKED)
         #: mints whose position closed since the next event or tick began: a retired
         #: token's view and market go then (not at the fill: the trade that filled the
         #: sale is folded in after it)
@@ -655,6 +664,7 @@ class TradingService(Service):
         if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
+            self._note_unbooked()
         produced = self.engine.process(event, admitted=True)
         if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
@@ -715,6 +725,32 @@ class TradingService(Service):
             # out with this flush or the next: the shutdown coming again sends no second one
             self._barriers.add(shutdown.id)
             await self._flush()
+
+    def _note_unbooked(self) -> None:
+        """Say so of each trade of the live wallet found to match no order: the wallet
+        and the book differ by it, and only the operator can tell whose it was."""
+        for trade in self.executor.unbooked():
+            self.unbooked.append(trade)
+            self.metrics.unbooked("wallet_trade")
+            if trade.candidates:
+                whose = (
+                    f"it may be order {', '.join(trade.candidates)}, whose answer never came, "
+                    "landed at a price past its slippage, or a trade made by hand"
+                )
+            else:
+                whose = "no order of its token and side awaits its trade: made by hand?"
+            log.error(
+                "trading: the live wallet's %s %s of %g tokens of %s (%g SOL before fees) "
+                "matches no order: the wallet and the book differ by it; %s",
+                trade.side, trade.signature, trade.tokens, trade.mint, trade.sol, whose,
+            )  # fmt: skip
+
+    def unbooked_view(self) -> list[dict[str, Any]]:
+        """The latest trades of the live wallet that matched no order, newest first."""
+        return [
+            {**asdict(trade), "candidates": list(trade.candidates)}
+            for trade in reversed(self.unbooked)
+        ]
 
     def _note_skip(self) -> None:
         """Count why a prediction ordered nothing (each reason, numbers left out)."""
@@ -1019,6 +1055,7 @@ class TradingService(Service):
                 self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
+                self._note_unbooked()
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
@@ -1288,16 +1325,29 @@ class TradingService(Service):
 
     async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
         """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
+        unbooked = self.unbooked_view()
         if not self._leading:
             rows = await self.ledger.positions(open_only=open_only, limit=limit)
-            return {"role": self.role, "source": "ledger", "count": len(rows), "positions": rows}
+            return {
+                "role": self.role,
+                "source": "ledger",
+                "count": len(rows),
+                "positions": rows,
+                "unbooked_wallet_trades": unbooked,
+            }
         book = self.book
         found = list(book.open_positions.values())
         if not open_only:
             found += book.closed_positions
         found.sort(key=lambda p: p.opened_at, reverse=True)
         views = [self.position_view(p) for p in found[:limit]]
-        return {"role": self.role, "source": "book", "count": len(views), "positions": views}
+        return {
+            "role": self.role,
+            "source": "book",
+            "count": len(views),
+            "positions": views,
+            "unbooked_wallet_trades": unbooked,
+        }
 
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
@@ -1323,7 +1373,8 @@ class TradingService(Service):
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
             rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
-            return {"count": len(rows), "orders": rows}
+            unbooked = [t for t in self.unbooked_view() if mint is None or t["mint"] == mint]
+            return {"count": len(rows), "orders": rows, "unbooked_wallet_trades": unbooked}
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:

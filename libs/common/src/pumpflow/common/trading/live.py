@@ -20,6 +20,16 @@ later, to nothing. The fill is priced from that trade: its tokens and the SOL it
 moved, plus the curve's (or the pool's) fee, the API's fee and the priority fee, at
 :class:`~pumpflow.common.trading.LiveExecution`'s rates.
 
+Yet the wallet holds (or sold) what a trade of no order moved, and the book does not:
+it is kept as an :class:`UnbookedTrade` (:meth:`LiveBook.unbooked`), naming the orders
+whose answer never came that it may be, for the operator to see. A buy of ours that
+landed after the price fell past its slippage is one: it cost less than its order
+allows, and that order ends unconfirmed (its refusal names the trade). It is not
+booked as the order's position: the stream shows a trade's token, side, size,
+signature and wallet, and a buy made by hand from the wallet then is told apart from
+it by none of them. Booked, a hand trade would be a position the exit service sells,
+its cost counted against the capital and the limits.
+
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
 never sent again (the ledger's order id forbids it). By then the transaction's
@@ -47,7 +57,7 @@ No clock and no I/O: the service's live TradeExecutor calls the API and feeds th
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import TOKEN_DECIMALS, CurveState
@@ -67,6 +77,8 @@ from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
 REMEMBERED_EXPIRED = 1000
+#: trades of the wallet that matched no order, the latest kept for the operator's view
+REMEMBERED_UNBOOKED = 100
 #: a sale's tokens as the chain counts them: the API rounds the order's amount to them
 TOKEN_UNIT = 10.0**-TOKEN_DECIMALS
 #: relative tolerance of the size checks, for the floats' rounding
@@ -99,6 +111,23 @@ class LiveOrder:
     venue: str = VENUE_CURVE
     #: its call is in flight: the answer, and the signature it names, may still come
     awaiting: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnbookedTrade:
+    """A trade of the wallet no order matches: the wallet and the book differ by it."""
+
+    signature: str
+    mint: str
+    side: Side
+    tokens: float
+    #: SOL the trade moved in the reserves, before fees
+    sol: float
+    #: when the feed stamped it
+    time: float
+    #: the orders of its token and side whose answer never came, waiting when it
+    #: showed: it may be one's, at a price past its slippage (else it was made by hand)
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,6 +214,12 @@ class LiveBook:
     unclaimed: dict[str, tuple[TokenTrade, float, float]] = field(default_factory=dict)
     #: fills that answers settled, to take with :meth:`settled`
     _settled: list[Confirmation] = field(default_factory=list)
+    #: the latest trades of the wallet that matched no order, oldest first
+    recent_unbooked: deque[UnbookedTrade] = field(
+        default_factory=lambda: deque(maxlen=REMEMBERED_UNBOOKED)
+    )
+    #: those not taken with :meth:`unbooked` yet
+    _unbooked: list[UnbookedTrade] = field(default_factory=list)
 
     def market(self, mint: str) -> Market | None:
         return self.markets.get(mint)
@@ -218,6 +253,11 @@ class LiveBook:
     def settled(self) -> list[Confirmation]:
         """The fills answers settled since the last call (then forgotten)."""
         found, self._settled = self._settled, []
+        return found
+
+    def unbooked(self) -> list[UnbookedTrade]:
+        """The trades of the wallet found to match no order since the last call."""
+        found, self._unbooked = self._unbooked, []
         return found
 
     def refused(self, order_id: str, reason: str, *, answered: bool = True) -> OrderRejected | None:
@@ -260,6 +300,12 @@ class LiveBook:
                     f"unconfirmed: no answer from the trade API and no trade of the wallet "
                     f"on the token within {wait}"
                 )
+                near = [u.signature for u in self.recent_unbooked if order.order_id in u.candidates]
+                if near:
+                    reason += (
+                        f"; the wallet's {order.side} {', '.join(near)} on the token matched "
+                        "no order (its price past the slippage, or made by hand): unbooked"
+                    )
             else:
                 self.given_up(order)
                 reason = (
@@ -295,6 +341,8 @@ class LiveBook:
         if order is None:
             if self._unanswered(trade.mint, trade.txType, awaiting=True):
                 self.unclaimed[trade.signature] = (trade, moved, time)
+            else:
+                self._unbook(trade, moved, time)
             return None
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         return Confirmation(fill=fill, late=late)
@@ -351,6 +399,24 @@ class LiveBook:
             order = self._claim(trade, moved, time)
             if order is not None:
                 self._settle(order, trade, moved)
+            else:
+                self._unbook(trade, moved, time)
+
+    def _unbook(self, trade: TokenTrade, moved: float, time: float) -> None:
+        """Keep ``trade``, the wallet's, as matching no order."""
+        unbooked = UnbookedTrade(
+            signature=trade.signature,
+            mint=trade.mint,
+            side=trade.txType,
+            tokens=float(trade.tokenAmount),
+            sol=moved,
+            time=time,
+            candidates=tuple(
+                o.order_id for o in self._unanswered(trade.mint, trade.txType, awaiting=False)
+            ),
+        )
+        self.recent_unbooked.append(unbooked)
+        self._unbooked.append(unbooked)
 
     def _settle(self, order: LiveOrder, trade: TokenTrade, moved: float) -> None:
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
