@@ -496,7 +496,8 @@ class TradingService(Service):
                 log.warning(
                     "trading: %d orders decided while the ledger failed are not sent: "
                     "their events were not acknowledged, and the next holder decides them "
-                    "(those the ledger stored all the same are told refused)",
+                    "(those the ledger stored all the same are told refused, and an entry of "
+                    "them ordered again there is under an id of its own)",
                     withdrawn,
                 )
             try:
