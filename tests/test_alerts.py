@@ -104,10 +104,12 @@ def test_the_operator_hears_what_matters():
         "DeadLettersGrowing",
         # a key of the wrong kind stalls a service's commits
         "CommitsStalled",
-        # the kill switch not durable, tranches that may have sold, labels dropped
+        # the kill switch not durable, tranches that may have sold, labels dropped, the
+        # wallet and the book differing
         "TradingHaltNotStored",
         "ExitTranchesUnconfirmed",
         "ModelLabelsRefused",
+        "TradesUnbooked",
     } <= set(alert_names())
     groups = yaml.safe_load(RULES.read_text())["groups"]
     for rule in (r for g in groups for r in g["rules"]):

@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from pumpflow.trading.ledger import (
+    WITHDRAWN,
     FillRecord,
     LedgerChange,
     MemoryLedger,
@@ -128,7 +129,7 @@ async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_inse
             outcomes=[OrderOutcome(order_id="filled", state="filled")],
         )
     )
-    refused = dict(state="rejected", outcome="withdrawn unsent: its replica stood by")
+    refused = dict(state="rejected", outcome=WITHDRAWN)
     withdrawn = [
         order("stored", attempt="w:1", **refused),
         order("other", attempt="w:2", **refused),
@@ -145,6 +146,10 @@ async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_inse
         "refused": "rejected",
     }
     assert stored["refused"]["outcome"] == nothing_left["outcome"]
+    # the entry withdrawn is told apart from the orders whose ids are taken for good
+    snapshot = await ledger.load(remembered=10)
+    assert snapshot.withdrawn == ["stored"]
+    assert set(snapshot.order_ids) == {"stored", "other", "filled", "refused"}
 
 
 async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_time(ledger):

@@ -670,3 +670,111 @@ def test_serving_live_without_its_switch_is_one_line_and_exit_2(monkeypatch, cap
         "pumpflow trading: the live executor is chosen but not enabled: set "
         "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
     )
+
+
+async def test_a_sale_showing_late_after_a_take_over_never_sells_the_next_position(clock, market):
+    """A sale given up as unconfirmed, then a take-over; another sale closes the position
+    and the token is entered again. The first sale's trade then shows late: it is booked
+    for the position it was sent for, closed, and the new position keeps every token."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            opened = await bought(first, api, market)
+            given_up = await sell_all(first, opened, clock, reason="take profit")
+            await answered(first.service, api, 2)
+            await clock.advance(CONFIRM_S + 1)
+            [rejected] = first.watch.payloads("order.rejected")
+            assert rejected.order_id == given_up.order_id
+        ledger, mint = first.ledger, first.mint
+        late = api.requests[1]
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.book.position(mint).position_id == opened.position_id
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:2",
+                mint=mint,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+            )
+            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+            await answered(second, api, 3)
+            await publish(
+                bus,
+                market.tokens.sell(
+                    mint, WALLET, tokens=opened.token_amount, signature=api.requests[2].signature
+                ),
+            )
+            [closed] = watch.payloads("position.closed")
+            assert closed.position_id == opened.position_id
+
+            # the token as the next holder learns it (no store of views here)
+            await ready(bus, market, mint)
+            await publish(bus, market.prediction(mint))
+            [_, entry] = watch.payloads("order.requested")
+            await answered(second, api, 4)
+            await publish(
+                bus,
+                market.tokens.buy(
+                    mint, WALLET, sol=entry.sol_amount, signature=api.requests[3].signature
+                ),
+            )
+            [reentered] = watch.payloads("position.opened")
+            assert reentered.position_id != opened.position_id
+
+            await publish(
+                bus,
+                market.tokens.sell(
+                    mint, WALLET, tokens=opened.token_amount, signature=late.signature
+                ),
+            )
+            fills = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+            assert [f.order_id for f in fills] == [sale.order_id, given_up.order_id]
+            assert fills[1].position_id == opened.position_id
+            held = second.book.position(mint)
+            assert held.position_id == reentered.position_id
+            assert held.tokens == reentered.token_amount
+            assert [c.position_id for c in watch.payloads("position.closed")] == [
+                opened.position_id
+            ]
+            assert second.metrics.unbooked_trades("sale_of_closed_position") == 1
+            stored = {p["position_id"]: p for p in await ledger.positions(open_only=True, limit=9)}
+            assert stored[reentered.position_id]["token_amount"] == reentered.token_amount
+        assert len(api.requests) == 4
+
+
+async def test_a_wallet_trade_matching_no_order_is_logged_counted_and_shown(clock, market, caplog):
+    """The entry's answer never comes and its buy lands after the price fell past its
+    slippage: it fills nothing, and the operator learns that the wallet holds tokens the
+    book does not (a log line, a metric, the HTTP views), as the order ends unconfirmed
+    naming the trade."""
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    async with fake_trade_api("timeout") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        cheaper = market.tokens.buy(run.mint, WALLET, sol=run.request.sol_amount / 1.5)
+        with caplog.at_level(logging.ERROR, logger="pumpflow.trading"):
+            await publish(run.bus, cheaper)
+        assert run.watch.count("order.filled") == 0 and not service.book.holds(run.mint)
+        signature = cheaper.data.signature
+        assert service.metrics.unbooked_trades("wallet_trade") == 1
+        [line] = [r.getMessage() for r in caplog.records if "matches no order" in r.getMessage()]
+        assert signature in line and run.request.order_id in line
+
+        app = create_app(service, service._ctx)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for path in ("/orders", f"/orders?mint={run.mint}", "/positions"):
+                [shown] = (await http.get(path)).json()["unbooked_wallet_trades"]
+                assert shown["signature"] == signature and shown["side"] == "buy"
+                assert shown["tokens"] == cheaper.data.tokenAmount
+                assert shown["candidates"] == [run.request.order_id]
+            other = (await http.get("/orders?mint=another")).json()
+            assert other["unbooked_wallet_trades"] == []
+
+        await clock.advance(CONFIRM_S + 1)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.order_id == run.request.order_id and signature in rejected.reason
+        assert len(api.requests) == 1

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.events import Event, ExitOrder, PositionOpened, make_event
-from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.ledger import LedgerChange, MemoryLedger, OrderRecord, PostgresLedger
 
 from .test_service import publish, ready, running, trading
 
@@ -138,3 +138,61 @@ async def test_a_sale_of_a_closed_position_never_sells_the_next_one_of_its_token
         held = service.book.position(mint)
         assert held.position_id == second.position_id
         assert held.tokens == second.token_amount
+
+
+async def test_a_take_over_refuses_a_sale_in_flight_for_a_position_closed_since(clock, market):
+    """The ledger holds a sale in flight for a position that closed since, its token
+    entered again (a close and a re-entry within the paper latency, the holder gone
+    before the sale's outcome was stored): the next holder refuses it on reconciliation,
+    rather than selling the new position with it."""
+    ledger = MemoryLedger()
+    first = trading(ledger)
+    async with running(clock, first) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [closing] = watch.payloads("position.opened")
+        await publish(bus, sale(closing, 1, closing.token_amount, clock))
+        await clock.advance(1.0)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [_, opened] = watch.payloads("position.opened")
+        view = first.engine.views[mint].curve
+    flying = sale(closing, 2, closing.token_amount, clock).data
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                OrderRecord(
+                    order_id=flying.order_id,
+                    mint=mint,
+                    side="sell",
+                    sol_amount=None,
+                    token_amount=flying.token_amount,
+                    slippage_pct=flying.slippage_pct,
+                    reason="",
+                    position_id=closing.position_id,
+                    cause_id=None,
+                    executor="paper",
+                    state="sent",
+                    requested_at=clock.now(),
+                    venue="pump",
+                    expected_v_sol=view.v_sol,
+                    expected_v_tokens=view.v_tokens,
+                )
+            ]
+        )
+    )
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        assert second.reconciled == {flying.order_id: "rejected"}
+        [refused] = await ledger.orders(limit=1, state="rejected")
+        assert refused["order_id"] == flying.order_id
+        outcome = refused["outcome"]
+        assert closing.position_id in outcome and opened.position_id in outcome
+        await publish(bus, market.tokens.buy(mint, "bob", sol=0.2))
+        await clock.advance(1.0)
+        assert watch.count("order.filled") == 0
+        held = second.book.position(mint)
+        assert held.position_id == opened.position_id
+        assert held.tokens == opened.token_amount and not second.book.sales

@@ -20,6 +20,7 @@ from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
+from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import LedgerChange, MemoryLedger
 from pumpflow.trading.service import TradingService
@@ -502,6 +503,45 @@ async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_st
         assert second.risk.reservations == {}
         await clock.advance(1.0)
         assert watch.count("order.filled") == 0 and not second.book.holds(mint)
+
+
+async def test_an_entry_withdrawn_with_its_id_taken_is_decided_again_under_an_id_of_its_own(
+    clock, market
+):
+    """The store of a prediction's order reaches the ledger, its reply lost; the lease
+    goes and the replica standing by settles the row withdrawn (its id taken, nothing
+    sent). The next holder, handed the prediction back, decides it again: still valid,
+    it orders under an id derived from the withdrawn one, sent and filled once."""
+    ledger = LostReplyLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        prediction = market.prediction(mint)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([prediction])
+        await service.leader.stop()
+        [withdrawn] = watch.payloads("order.rejected")
+
+    second = trading(ledger)
+    async with running(clock, second) as (bus, watch):
+        await ready(bus, market, mint)
+        await second.on_events([prediction])  # handed back
+        [request] = watch.payloads("order.requested")
+        assert request.order_id == retaken_id(withdrawn.order_id)
+        await clock.advance(1.0)
+        [fill] = watch.payloads("order.filled")
+        assert fill.order_id == request.order_id and second.book.holds(mint)
+        await second.on_events([prediction])  # again: the same order, never sent twice
+        assert watch.count("order.requested") == 1
+        states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10)}
+        assert states == {withdrawn.order_id: "rejected", request.order_id: "filled"}
+
+    third = trading(ledger)
+    async with running(clock, third) as (bus, watch):
+        await ready(bus, market, mint)
+        await third.on_events([prediction])  # a later holder names the same order
+        assert watch.count("order.requested") == 0
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(

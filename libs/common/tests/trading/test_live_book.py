@@ -54,7 +54,9 @@ def test_an_answer_timeout_not_below_the_confirmation_wait_is_refused():
     assert LiveExecution(wallet=WALLET, answer_timeout_s=5.0, confirm_s=90.0).confirm_s == 90.0
 
 
-def taken_over(mint: str, side: str, amount: float, *, sent_at: float) -> LiveBook:
+def taken_over(
+    mint: str, side: str, amount: float, *, sent_at: float, slippage_pct: float = 5.0
+) -> LiveBook:
     """A book holding one order of ``mint`` whose answer never came, as a take-over
     hands it back (no signature, nothing awaited)."""
     book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=90.0))
@@ -65,7 +67,7 @@ def taken_over(mint: str, side: str, amount: float, *, sent_at: float) -> LiveBo
         deadline=sent_at + 90.0,
         sent_at=sent_at,
         amount=amount,
-        slippage_pct=5.0,
+        slippage_pct=slippage_pct,
     )
     book.add(order)
     return book
@@ -90,6 +92,30 @@ def test_an_unanswered_buy_is_filled_by_a_wallet_trade_of_its_size_only():
     ours = tokens.buy(mint, WALLET, sol=0.5 / 1.01)  # the API's 1% out of the order's SOL
     assert fills(book, ours) == ["o"]
     assert not book.pending
+
+
+@pytest.mark.parametrize(
+    ("paid", "ours"),
+    [
+        (1.0, True),  # both fees out of the order's SOL
+        (1.0125 * 1.01, True),  # the curve's 1.25% and the API's 1% on top of it
+        (1.0125 * 1.01 * 1.005, True),  # and the price up by the whole slippage
+        (1.0125 * 1.01 * 1.006, False),  # more than the fees and the slippage allow
+        (1 / 1.005, True),  # the price down by the whole slippage
+        (1 / 1.006, False),
+    ],
+)
+def test_an_unanswered_buy_is_filled_by_a_trade_costing_its_sol_with_the_fees_on_top(paid, ours):
+    """A buy of 0.5 SOL at 0.5% slippage whose answer never came: the wallet's trade
+    costing the SOL with the venue's and the API's fees on top is its own, within the
+    slippage either way and no further."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0, slippage_pct=0.5)
+    # the trade's SOL with the curve's fee, the API's 1% on top of it
+    trade = tokens.buy(mint, WALLET, sol=0.5 * paid / 1.01)
+    assert fills(book, trade) == (["o"] if ours else [])
 
 
 def test_a_wallet_trade_stamped_before_the_order_was_sent_fills_it_not():
@@ -141,3 +167,50 @@ def test_a_trade_held_for_an_answer_fills_no_unanswered_order_of_another_size():
     assert book.settled() == [] and not book.unclaimed
     assert "o" in book.pending
     assert fills(book, tokens.sell(mint, WALLET, tokens=held / 2)) == ["o"]
+
+
+def test_a_wallet_trade_matching_no_order_is_kept_unbooked_naming_the_orders_it_may_be():
+    """A buy of 0.5 SOL at 5% slippage whose answer never came; the wallet's buy lands
+    after the price fell by a fifth, costing less than the order allows: it fills
+    nothing and is kept unbooked, naming the order, whose refusal names it in turn. A
+    hand sale with no order of its side waiting is kept unbooked, naming none."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    cheaper = tokens.buy(mint, WALLET, sol=0.5 / 1.01 / 1.25)
+    assert fills(book, cheaper) == [] and "o" in book.pending
+    [unbooked] = book.unbooked()
+    assert unbooked.signature == cheaper.data.signature and unbooked.candidates == ("o",)
+    assert unbooked.side == "buy" and unbooked.tokens == cheaper.data.tokenAmount
+    assert book.unbooked() == []  # taken once
+
+    [rejected] = book.due(190.0)
+    assert rejected.order_id == "o" and cheaper.data.signature in rejected.reason
+
+    by_hand = tokens.sell(mint, WALLET)
+    assert fills(book, by_hand) == []
+    [sold] = book.unbooked()
+    assert sold.signature == by_hand.data.signature and sold.candidates == ()
+    assert [u.signature for u in book.recent_unbooked] == [
+        cheaper.data.signature,
+        by_hand.data.signature,
+    ]
+
+
+def test_a_wallet_trade_held_for_an_answer_naming_another_signature_is_kept_unbooked():
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=90.0))
+    book.add(
+        LiveOrder(
+            order_id="p", mint=mint, side="buy", deadline=190.0, sent_at=100.0, amount=0.5,
+            slippage_pct=5.0, awaiting=True,
+        )
+    )  # fmt: skip
+    by_hand = tokens.buy(mint, WALLET, sol=2.0)
+    assert fills(book, by_hand) == [] and book.unbooked() == []  # held for the answer
+    assert book.answered("p", "sig-of-p")
+    [unbooked] = book.unbooked()
+    assert unbooked.signature == by_hand.data.signature and unbooked.candidates == ()

@@ -23,7 +23,13 @@ from typing import Protocol
 
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
-from pumpflow.common.trading import VENUE_CURVE, PaperBroker, PaperExecution, PaperOrder
+from pumpflow.common.trading import (
+    VENUE_CURVE,
+    PaperBroker,
+    PaperExecution,
+    PaperOrder,
+    UnbookedTrade,
+)
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market
 from pumpflow.trading.ledger import OrderOutcome, OrderRecord
@@ -66,6 +72,10 @@ class TradeExecutor(Protocol):
 
     def progress(self) -> list[OrderOutcome]:
         """What became known of orders still pending since the last call, to store."""
+        ...
+
+    def unbooked(self) -> list[UnbookedTrade]:
+        """The trades of the live wallet found to match no order since the last call."""
         ...
 
     def given_up(self, order: OrderRecord) -> None:
@@ -148,6 +158,9 @@ class PaperExecutor:
 
     def progress(self) -> list[OrderOutcome]:
         return []
+
+    def unbooked(self) -> list[UnbookedTrade]:
+        return []  # no wallet trades on paper
 
     def given_up(self, order: OrderRecord) -> None:
         return None  # a paper order's outcome is never late

@@ -17,7 +17,8 @@ rows of orders a replica standing by withdrew unsent (``withdrawn``), which the 
 may hold the same way; none of those is inserted, and the ids of those it holds come
 back: the next holder takes their events, handed back to it, for copies, so the
 replica standing by publishes their refusals. One the ledger does not hold is decided
-again there.
+again there; so is an entry it holds withdrawn, whose id is taken (:meth:`Ledger.load`
+tells which, ``withdrawn``): ordered again, it is under an id derived from the old one.
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -44,6 +45,8 @@ UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 CONTROL = "operator"
 #: what an order stored by an attempt whose reply was lost is left in, unsent
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
+#: the outcome of an order a replica standing by withdrew unsent
+WITHDRAWN = "withdrawn unsent: its replica stood by"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +205,9 @@ class LedgerSnapshot:
     #: orders rejected with a signature (given up as unconfirmed) since the load's
     #: ``given_up_since``, oldest first: a late trade of theirs is still theirs
     given_up: list[OrderRecord] = field(default_factory=list)
+    #: entries among ``order_ids`` a replica standing by withdrew unsent: their ids are
+    #: taken, and their decisions are not
+    withdrawn: list[str] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -249,6 +255,10 @@ def _holds_withdrawn(stored: OrderRecord, order: OrderRecord) -> bool:
             or (stored.state == "rejected" and stored.outcome == order.outcome)
         )
     )
+
+
+def _withdrawn_entry(order: OrderRecord) -> bool:
+    return order.side == "buy" and order.state == "rejected" and order.outcome == WITHDRAWN
 
 
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
@@ -303,10 +313,12 @@ class MemoryLedger:
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
+        recent = orders[-remembered:]
         return LedgerSnapshot(
             fills=list(self._fills.values()),
             unresolved=[o for o in orders if o.state in UNRESOLVED],
-            order_ids=[o.order_id for o in orders[-remembered:]],
+            order_ids=[o.order_id for o in recent],
+            withdrawn=[o.order_id for o in recent if _withdrawn_entry(o)],
             control=self._control,
             given_up=[
                 o
@@ -465,7 +477,10 @@ class PostgresLedger:
                 list(UNRESOLVED),
             )
             ids = await conn.fetch(
-                "SELECT order_id FROM orders ORDER BY requested_at DESC LIMIT $1", remembered
+                "SELECT order_id, side = 'buy' AND state = 'rejected' AND outcome = $2 "
+                "AS withdrawn FROM orders ORDER BY requested_at DESC LIMIT $1",
+                remembered,
+                WITHDRAWN,
             )
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
@@ -483,6 +498,7 @@ class PostgresLedger:
             order_ids=[row["order_id"] for row in reversed(ids)],
             control=None if control is None else (TradingState(control[0]), control[1]),
             given_up=[_record(row) for row in given_up],
+            withdrawn=[row["order_id"] for row in reversed(ids) if row["withdrawn"]],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

@@ -28,7 +28,13 @@ from pumpflow.common.clock import Clock
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderRequested
 from pumpflow.common.pumpportal import API_KEY_PARAM, redact
-from pumpflow.common.trading import VENUE_CURVE, LiveBook, LiveExecution, LiveOrder
+from pumpflow.common.trading import (
+    VENUE_CURVE,
+    LiveBook,
+    LiveExecution,
+    LiveOrder,
+    UnbookedTrade,
+)
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, sell_order
 from pumpflow.trading.executor import Outcome
@@ -257,6 +263,9 @@ class LiveExecutor:
         """What the API's answers said of orders still pending, to store (then forgotten)."""
         found, self._progress = self._progress, []
         return found
+
+    def unbooked(self) -> list[UnbookedTrade]:
+        return self.book.unbooked()
 
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
         outcomes: list[Outcome] = []

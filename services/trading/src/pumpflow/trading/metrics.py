@@ -15,6 +15,9 @@ RECEIPT_TO_DECISION_BUCKETS = (
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
+#: what the book does not hold though the wallet moved by it (see ``unbooked``)
+UNBOOKED_KINDS = ("wallet_trade", "sale_of_closed_position")
+
 
 class _Families:
     def __init__(self, registry: CollectorRegistry):
@@ -97,6 +100,14 @@ class _Families:
             "by sales in flight, or none held",
             registry=registry,
         )
+        self.unbooked = Counter(
+            "pumpflow_trading_unbooked_trades",
+            "Trades the book does not hold, by kind: a sale filled for a position closed "
+            "since (sale_of_closed_position), a trade of the live wallet no order matches "
+            "(wallet_trade): the wallet and the book differ by it",
+            ["kind"],
+            registry=registry,
+        )
 
 
 class TradingMetrics:
@@ -107,6 +118,9 @@ class TradingMetrics:
         self._f = families("trading", _Families, registry)
         # nothing given here waits for the ledger until a halt does
         self._f.operator_state_stored.set(1)
+        for kind in UNBOOKED_KINDS:
+            # from 0, so the first one shows as an increase
+            self._f.unbooked.labels(kind)
         #: ordered -> its predictions counter (looked up once: one a prediction)
         self._predictions: dict[bool, Any] = {}
 
@@ -144,6 +158,12 @@ class TradingMetrics:
 
     def sale_refused(self) -> None:
         self._f.sales_refused.inc()
+
+    def unbooked(self, kind: str) -> None:
+        self._f.unbooked.labels(kind).inc()
+
+    def unbooked_trades(self, kind: str) -> float:
+        return self._f.unbooked.labels(kind)._value.get()
 
     def book(self, book: PositionBook, risk: RiskManager) -> None:
         f = self._f

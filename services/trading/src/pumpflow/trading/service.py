@@ -30,7 +30,9 @@ every order, fill and position.
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
   sales a take-over finds in flight included; with nothing left, or ordered for a
   position that closed since (its token entered again), it is stored refused, never
-  sent.
+  sent. A sale only ever sells the position it was ordered for: a take-over refuses one
+  in flight for a position no longer held, and a fill of one (a trade showing late) is
+  booked to no position, logged and counted (``pumpflow_trading_unbooked_trades``).
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger, reconciles every order
@@ -46,6 +48,11 @@ every order, fill and position.
 - The kill switch: a halt given here applies before the next event, Postgres or not,
   and is stored for the other replicas and restarts, as soon as Postgres takes it; a
   resume is stored first, and refused while Postgres is away (see :meth:`halt`).
+- Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
+  that landed past its slippage after its answer never came: see
+  :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
+  (``pumpflow_trading_unbooked_trades``) and listed in ``unbooked_wallet_trades`` of
+  ``/orders`` and ``/positions``, as the wallet and the book differ by it.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
 """
@@ -59,7 +66,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ClassVar
@@ -102,13 +109,16 @@ from pumpflow.common.trading import (
     RiskManager,
     TradingEngine,
     TradingState,
+    UnbookedTrade,
     derived_id,
 )
+from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
+    WITHDRAWN,
     FillRecord,
     Ledger,
     LedgerChange,
@@ -143,8 +153,6 @@ _CONTROL_RETRY_S = (0.1, 2.0)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
-#: the outcome of an order a replica standing by withdrew unsent
-_WITHDRAWN = "withdrawn unsent: its replica stood by"
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -256,6 +264,8 @@ class TradingService(Service):
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
         self.skipped: Counter[str] = Counter()
+        #: the latest trades of the live wallet that matched no order, oldest first
+        self.unbooked: deque[UnbookedTrade] = deque(maxlen=REMEMBERED_UNBOOKED)
         #: mints whose position closed since the next event or tick began: a retired
         #: token's view and market go then (not at the fill: the trade that filled the
         #: sale is folded in after it)
@@ -406,6 +416,7 @@ class TradingService(Service):
             self._update_capital()
             for order_id in snapshot.order_ids:
                 self.engine.sent_orders[order_id] = None
+            self.engine.withdrawn.update(snapshot.withdrawn)
             step = _Step()
             if snapshot.control is not None:
                 self.risk.set_state(*snapshot.control)
@@ -446,8 +457,8 @@ class TradingService(Service):
                 f"recorded by the {order.executor} executor: the {name} one neither sends "
                 "it nor learns its outcome",
             )
-        elif order.side == "sell" and order.mint not in self.book.open_positions:
-            outcome = rejected(order, "nothing held to sell after the restart")
+        elif order.side == "sell" and (unheld := self.book.not_held(order.mint, order.position_id)):
+            outcome = rejected(order, f"nothing to sell after the restart: {unheld}")
         else:
             outcome = self.executor.reconcile(order)
         if outcome is None:
@@ -485,7 +496,8 @@ class TradingService(Service):
                 log.warning(
                     "trading: %d orders decided while the ledger failed are not sent: "
                     "their events were not acknowledged, and the next holder decides them "
-                    "(those the ledger stored all the same are told refused)",
+                    "(those the ledger stored all the same are told refused, and an entry of "
+                    "them ordered again there is under an id of its own)",
                     withdrawn,
                 )
             try:
@@ -507,7 +519,8 @@ class TradingService(Service):
         requests and refusals published, since the next holder takes an order the ledger
         holds for a copy (the exit, told nothing, would wait for its sale's outcome for
         ever); an order the ledger does not hold is neither inserted nor told of, its
-        event decided again there."""
+        event decided again there. An entry settled withdrawn is decided again there too
+        (the ledger's load names it), under an id derived from its own, which is taken."""
         withdrawn: list[OrderRecord] = []
         told: list[Event] = []
         for step in self._backlog:
@@ -518,7 +531,7 @@ class TradingService(Service):
                 if order.order_id in step.refused:
                     withdrawn.append(order)  # stored refused already, its refusal with it
                 elif order.order_id in ids:
-                    withdrawn.append(replace(order, state="rejected", outcome=_WITHDRAWN))
+                    withdrawn.append(replace(order, state="rejected", outcome=WITHDRAWN))
             told += [e for e in step.events if _order_event(e, ids)]
             step.change.orders = [o for o in step.change.orders if o.order_id not in ids]
             step.events = [e for e in step.events if not _order_event(e, ids)]
@@ -534,7 +547,7 @@ class TradingService(Service):
                 if not any(isinstance(e.data, OrderRejected) for e in said):
                     step.events.append(
                         make_event(
-                            rejected(order, _WITHDRAWN),
+                            rejected(order, WITHDRAWN),
                             source=self._ctx.source,
                             time=now,
                             cause=said[0] if said else None,
@@ -652,6 +665,7 @@ class TradingService(Service):
         if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
+            self._note_unbooked()
         produced = self.engine.process(event, admitted=True)
         if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
@@ -712,6 +726,32 @@ class TradingService(Service):
             # out with this flush or the next: the shutdown coming again sends no second one
             self._barriers.add(shutdown.id)
             await self._flush()
+
+    def _note_unbooked(self) -> None:
+        """Say so of each trade of the live wallet found to match no order: the wallet
+        and the book differ by it, and only the operator can tell whose it was."""
+        for trade in self.executor.unbooked():
+            self.unbooked.append(trade)
+            self.metrics.unbooked("wallet_trade")
+            if trade.candidates:
+                whose = (
+                    f"it may be order {', '.join(trade.candidates)}, whose answer never came, "
+                    "landed at a price past its slippage, or a trade made by hand"
+                )
+            else:
+                whose = "no order of its token and side awaits its trade: made by hand?"
+            log.error(
+                "trading: the live wallet's %s %s of %g tokens of %s (%g SOL before fees) "
+                "matches no order: the wallet and the book differ by it; %s",
+                trade.side, trade.signature, trade.tokens, trade.mint, trade.sol, whose,
+            )  # fmt: skip
+
+    def unbooked_view(self) -> list[dict[str, Any]]:
+        """The latest trades of the live wallet that matched no order, newest first."""
+        return [
+            {**asdict(trade), "candidates": list(trade.candidates)}
+            for trade in reversed(self.unbooked)
+        ]
 
     def _note_skip(self) -> None:
         """Count why a prediction ordered nothing (each reason, numbers left out)."""
@@ -823,6 +863,12 @@ class TradingService(Service):
             event_id=derived_id("outcome", outcome.order_id),
         )
         reason = self.engine.order_reasons.get(outcome.order_id, "")
+        unheld = (
+            isinstance(outcome, OrderFilled)
+            and outcome.side == "sell"
+            and outcome.order_id not in self.book.applied_orders
+            and self.book.not_held(outcome.mint, outcome.position_id)
+        )
         produced = self.engine.process(event)
         step.events.append(event)
         self._report(step, (), cause=cause, produced=produced)
@@ -832,9 +878,17 @@ class TradingService(Service):
                 OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
             )
             step.change.fills.append(FillRecord.of(outcome, time=now, reason=reason))
-            position = self._position(outcome.mint)
+            position = None if unheld else self._position(outcome.mint)
             if position is not None:
                 step.change.positions.append(PositionRecord.of(position))
+            if unheld:
+                self.metrics.unbooked("sale_of_closed_position")
+                log.error(
+                    "trading: sale %s of position %s filled (%g tokens, signature %s) with "
+                    "nothing of its position left to sell: %s; booked to no position",
+                    outcome.order_id, outcome.position_id, outcome.token_amount,
+                    outcome.signature, unheld,
+                )  # fmt: skip
             if not self.book.holds(outcome.mint):
                 self._closed.add(outcome.mint)
             self.metrics.order(side, "filled")
@@ -1002,6 +1056,7 @@ class TradingService(Service):
                 self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
+                self._note_unbooked()
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
@@ -1271,16 +1326,29 @@ class TradingService(Service):
 
     async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
         """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
+        unbooked = self.unbooked_view()
         if not self._leading:
             rows = await self.ledger.positions(open_only=open_only, limit=limit)
-            return {"role": self.role, "source": "ledger", "count": len(rows), "positions": rows}
+            return {
+                "role": self.role,
+                "source": "ledger",
+                "count": len(rows),
+                "positions": rows,
+                "unbooked_wallet_trades": unbooked,
+            }
         book = self.book
         found = list(book.open_positions.values())
         if not open_only:
             found += book.closed_positions
         found.sort(key=lambda p: p.opened_at, reverse=True)
         views = [self.position_view(p) for p in found[:limit]]
-        return {"role": self.role, "source": "book", "count": len(views), "positions": views}
+        return {
+            "role": self.role,
+            "source": "book",
+            "count": len(views),
+            "positions": views,
+            "unbooked_wallet_trades": unbooked,
+        }
 
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
@@ -1306,7 +1374,8 @@ class TradingService(Service):
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
             rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
-            return {"count": len(rows), "orders": rows}
+            unbooked = [t for t in self.unbooked_view() if mint is None or t["mint"] == mint]
+            return {"count": len(rows), "orders": rows, "unbooked_wallet_trades": unbooked}
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:

@@ -24,7 +24,13 @@ from pumpflow.common.trading.fills import (
     fill_buy,
     fill_sell,
 )
-from pumpflow.common.trading.live import Confirmation, LiveBook, LiveOrder, confirmed_fill
+from pumpflow.common.trading.live import (
+    Confirmation,
+    LiveBook,
+    LiveOrder,
+    UnbookedTrade,
+    confirmed_fill,
+)
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
 from pumpflow.common.trading.positions import Position, PositionBook, SaleReservation
@@ -77,6 +83,7 @@ __all__ = [
     "TokenView",
     "TradingEngine",
     "TradingState",
+    "UnbookedTrade",
     "confirmed_fill",
     "derived_id",
     "exit_value",

@@ -47,6 +47,13 @@ def order_id_for(cause_id: str, purpose: str = "entry") -> str:
     return f"{purpose}-{derived_id(purpose, cause_id)}"
 
 
+def retaken_id(order_id: str) -> str:
+    """The id of an entry decided again after the order ``order_id`` was withdrawn unsent
+    (its id taken in the ledger): derived from it, so every replica deciding it again
+    names the same order."""
+    return order_id_for(order_id, "retaken")
+
+
 @dataclass(slots=True)
 class TokenView:
     """What trading knows of one token, from its events."""

@@ -18,7 +18,10 @@ pool's state once and counts once toward the risk manager's breakers.
 An entry's order id is derived from the prediction event's id
 (:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
 prediction gives the same order, which the engine (and, across restarts, the
-service's ledger) refuses to send twice. An entry reserves its size with the risk
+service's ledger) refuses to send twice. An entry a replica standing by withdrew
+unsent (:attr:`TradingEngine.withdrawn`) was never sent: decided again, it is ordered
+under an id derived from the withdrawn one (:func:`~.decisions.retaken_id`), as its id
+is taken. An entry reserves its size with the risk
 manager until its fill or rejection, so a burst of predictions cannot pass a limit; a
 sale reserves its tokens with the position book the same way (the caller reserves
 them, see :meth:`~.positions.PositionBook.reserve_sale`), its fill or rejection here
@@ -54,6 +57,7 @@ from pumpflow.common.trading.decisions import (
     TokenView,
     derived_id,
     order_id_for,
+    retaken_id,
 )
 from pumpflow.common.trading.fills import VENUE_POOL
 from pumpflow.common.trading.positions import PositionBook
@@ -135,6 +139,9 @@ class TradingEngine:
         self.slippage_pct = slippage_pct
         self.views: dict[str, TokenView] = {}
         self.sent_orders: OrderedDict[str, None] = OrderedDict()
+        #: ids of entries withdrawn unsent (the caller's ledger says which): taken, and
+        #: never sent, so their decisions are taken again under ids of their own
+        self.withdrawn: set[str] = set()
         #: what the last (live) prediction was decided, with its reasons
         self.last_decision: Decision | None = None
         #: clock seconds from the feed's receipt of the frame the last (live) prediction
@@ -191,6 +198,8 @@ class TradingEngine:
         if cause_id is None:
             cause_id = f"{token_id}@{view.features_time}"
         order_id = order_id_for(cause_id)
+        while order_id in self.withdrawn:
+            order_id = retaken_id(order_id)
         if order_id in self.sent_orders:
             return Decision(entry=entry, size_sol=size, reasons=(f"order {order_id} sent already",))
         order = OrderRequested(

@@ -152,7 +152,7 @@ def fill_sell(
     limit = execution.slippage_pct if slippage_pct is None else slippage_pct
     if tokens <= 0:
         return FillRejection(reason=f"nothing to sell: {tokens} tokens")
-    fee_rate = _venue_fee_rate(execution, venue)
+    fee_rate = venue_fee_rate(execution, venue)
     quote = quote_sell(state, tokens, fee_rate=fee_rate)
     wanted = quote_sell(expected, tokens, fee_rate=fee_rate)
     slippage = 1.0 - quote.average_price / wanted.average_price
@@ -181,11 +181,12 @@ def exit_value(
         return 0.0
     # a sale against the state itself never slips: fill_sell's proceeds from one quote
     # (this runs on every trade of a held token)
-    sol = quote_sell(state, tokens, fee_rate=_venue_fee_rate(execution, venue)).sol
+    sol = quote_sell(state, tokens, fee_rate=venue_fee_rate(execution, venue)).sol
     return sol - _api_fee(sol, execution)
 
 
-def _venue_fee_rate(execution: PaperExecution, venue: str) -> float:
+def venue_fee_rate(execution: PaperExecution, venue: str | None) -> float:
+    """The fee rate of ``venue``'s SOL leg: the pool's, else the curve's."""
     return execution.pool_fee_rate if venue == VENUE_POOL else execution.curve_fee_rate
 
 

@@ -8,9 +8,9 @@ of the wallet consistent with it (:func:`consistent`): its token and side, seen
 (stamped by the feed) no earlier than the order was sent (give or take the clocks'
 skew), and of the order's size: a sale of exactly the tokens the order sold, a buy
 whose cost after the venue's and the API's fees is the order's SOL within its slippage
-(and the API's fee) either way. A trade of the wallet that shows while an order of its
-token and side still awaits its answer (the API sends before it answers, so the stream
-can be first) waits for the answers: it is the order's whose answer names its
+either way, with those fees on top at most. A trade of the wallet that shows while an
+order of its token and side still awaits its answer (the API sends before it answers,
+so the stream can be first) waits for the answers: it is the order's whose answer names its
 signature, else, once no answer is awaited there, the oldest consistent order's whose
 answer never came. A trade consistent with no order is not the system's (a trade made
 by hand from the wallet, of another size or from before the order): it fills nothing,
@@ -19,6 +19,16 @@ would give an order another one's trade, and the other order's own trade, showin
 later, to nothing. The fill is priced from that trade: its tokens and the SOL it
 moved, plus the curve's (or the pool's) fee, the API's fee and the priority fee, at
 :class:`~pumpflow.common.trading.LiveExecution`'s rates.
+
+Yet the wallet holds (or sold) what a trade of no order moved, and the book does not:
+it is kept as an :class:`UnbookedTrade` (:meth:`LiveBook.unbooked`), naming the orders
+whose answer never came that it may be, for the operator to see. A buy of ours that
+landed after the price fell past its slippage is one: it cost less than its order
+allows, and that order ends unconfirmed (its refusal names the trade). It is not
+booked as the order's position: the stream shows a trade's token, side, size,
+signature and wallet, and a buy made by hand from the wallet then is told apart from
+it by none of them. Booked, a hand trade would be a position the exit service sells,
+its cost counted against the capital and the limits.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
@@ -47,7 +57,7 @@ No clock and no I/O: the service's live TradeExecutor calls the API and feeds th
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import TOKEN_DECIMALS, CurveState
@@ -60,13 +70,15 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
 )
-from pumpflow.common.trading.fills import VENUE_CURVE, VENUE_POOL, FillRejection
+from pumpflow.common.trading.fills import VENUE_CURVE, FillRejection, venue_fee_rate
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, fill_on_market
 from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
 REMEMBERED_EXPIRED = 1000
+#: trades of the wallet that matched no order, the latest kept for the operator's view
+REMEMBERED_UNBOOKED = 100
 #: a sale's tokens as the chain counts them: the API rounds the order's amount to them
 TOKEN_UNIT = 10.0**-TOKEN_DECIMALS
 #: relative tolerance of the size checks, for the floats' rounding
@@ -102,6 +114,23 @@ class LiveOrder:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UnbookedTrade:
+    """A trade of the wallet no order matches: the wallet and the book differ by it."""
+
+    signature: str
+    mint: str
+    side: Side
+    tokens: float
+    #: SOL the trade moved in the reserves, before fees
+    sol: float
+    #: when the feed stamped it
+    time: float
+    #: the orders of its token and side whose answer never came, waiting when it
+    #: showed: it may be one's, at a price past its slippage (else it was made by hand)
+    candidates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Confirmation:
     """A fill the token's stream showed; ``late`` when its order had been given up."""
 
@@ -117,10 +146,12 @@ def consistent(
     allowed), and of its size.
 
     A sale sells the order's tokens, to the token's unit. A buy's cost after the venue's
-    and the API's fees is the order's SOL within its slippage and the API's fee either
-    way: the API spends the SOL, or buys the tokens it quotes for them, paying up to the
-    slippage more when the price rose before the trade landed (less when it fell); and
-    the reference does not say whether its fee comes out of the SOL or on top of it.
+    and the API's fees is the order's SOL within its slippage either way, plus at most
+    those two fees: the API spends the SOL, or buys the tokens it quotes for them, paying
+    up to the slippage more when the price rose before the trade landed (less when it
+    fell); and the reference does not say whether the venue's fee (the curve's 1.25%, or
+    the pool's) and the API's 1% come out of the SOL or on top of it, so the cost at the
+    quoted price is anywhere from the SOL to the SOL with both fees on top.
     """
     if trade.mint != order.mint or trade.txType != order.side:
         return False
@@ -131,12 +162,10 @@ def consistent(
         return abs(tokens - order.amount) <= TOKEN_UNIT + order.amount * _SIZE_EPSILON
     fill = confirmed_fill(order, trade, execution=execution, moved_sol=moved_sol)
     cost = fill.sol_amount - execution.priority_fee_sol
-    limit = (
-        (1.0 + order.slippage_pct / 100.0)
-        * (1.0 + execution.fees.api_fee_rate)
-        * (1.0 + _SIZE_EPSILON)
-    )
-    return order.amount / limit <= cost <= order.amount * limit
+    fees = execution.fees
+    slipped = (1.0 + order.slippage_pct / 100.0) * (1.0 + _SIZE_EPSILON)
+    on_top = (1.0 + venue_fee_rate(fees, trade.pool)) * (1.0 + fees.api_fee_rate)
+    return order.amount / slipped <= cost <= order.amount * slipped * on_top
 
 
 def confirmed_fill(
@@ -149,7 +178,7 @@ def confirmed_fill(
     the venue's fee, the API's fee on the rest and the priority fee (as paper fills).
     """
     fees = execution.fees
-    rate = fees.pool_fee_rate if trade.pool == VENUE_POOL else fees.curve_fee_rate
+    rate = venue_fee_rate(fees, trade.pool)
     tokens = float(trade.tokenAmount)
     venue_fee = moved_sol * rate
     if order.side == "buy":
@@ -185,6 +214,12 @@ class LiveBook:
     unclaimed: dict[str, tuple[TokenTrade, float, float]] = field(default_factory=dict)
     #: fills that answers settled, to take with :meth:`settled`
     _settled: list[Confirmation] = field(default_factory=list)
+    #: the latest trades of the wallet that matched no order, oldest first
+    recent_unbooked: deque[UnbookedTrade] = field(
+        default_factory=lambda: deque(maxlen=REMEMBERED_UNBOOKED)
+    )
+    #: those not taken with :meth:`unbooked` yet
+    _unbooked: list[UnbookedTrade] = field(default_factory=list)
 
     def market(self, mint: str) -> Market | None:
         return self.markets.get(mint)
@@ -218,6 +253,11 @@ class LiveBook:
     def settled(self) -> list[Confirmation]:
         """The fills answers settled since the last call (then forgotten)."""
         found, self._settled = self._settled, []
+        return found
+
+    def unbooked(self) -> list[UnbookedTrade]:
+        """The trades of the wallet found to match no order since the last call."""
+        found, self._unbooked = self._unbooked, []
         return found
 
     def refused(self, order_id: str, reason: str, *, answered: bool = True) -> OrderRejected | None:
@@ -260,6 +300,12 @@ class LiveBook:
                     f"unconfirmed: no answer from the trade API and no trade of the wallet "
                     f"on the token within {wait}"
                 )
+                near = [u.signature for u in self.recent_unbooked if order.order_id in u.candidates]
+                if near:
+                    reason += (
+                        f"; the wallet's {order.side} {', '.join(near)} on the token matched "
+                        "no order (its price past the slippage, or made by hand): unbooked"
+                    )
             else:
                 self.given_up(order)
                 reason = (
@@ -295,6 +341,8 @@ class LiveBook:
         if order is None:
             if self._unanswered(trade.mint, trade.txType, awaiting=True):
                 self.unclaimed[trade.signature] = (trade, moved, time)
+            else:
+                self._unbook(trade, moved, time)
             return None
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         return Confirmation(fill=fill, late=late)
@@ -351,6 +399,24 @@ class LiveBook:
             order = self._claim(trade, moved, time)
             if order is not None:
                 self._settle(order, trade, moved)
+            else:
+                self._unbook(trade, moved, time)
+
+    def _unbook(self, trade: TokenTrade, moved: float, time: float) -> None:
+        """Keep ``trade``, the wallet's, as matching no order."""
+        unbooked = UnbookedTrade(
+            signature=trade.signature,
+            mint=trade.mint,
+            side=trade.txType,
+            tokens=float(trade.tokenAmount),
+            sol=moved,
+            time=time,
+            candidates=tuple(
+                o.order_id for o in self._unanswered(trade.mint, trade.txType, awaiting=False)
+            ),
+        )
+        self.recent_unbooked.append(unbooked)
+        self._unbooked.append(unbooked)
 
     def _settle(self, order: LiveOrder, trade: TokenTrade, moved: float) -> None:
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)

@@ -11,7 +11,8 @@ live execution's priority fee), so unrealised PnL is what closing now would real
 
 One position per token at a time; its id is the order id of the buy that opened it
 (deterministic, see :func:`~.decisions.order_id_for`). A buy for a token already held
-adds to its position.
+adds to its position. A sale belongs to the position it was ordered for (its order's
+position id): its fill never sells another position of the token, opened since.
 
 A sale is sized against what the position holds less what its sales in flight ask
 for (:meth:`PositionBook.reserve_sale`): each sale reserves its tokens until its
@@ -160,6 +161,21 @@ class PositionBook:
         held = position.tokens if position is not None else 0.0
         return max(0.0, held - self.selling(mint))
 
+    def not_held(self, mint: str, position_id: str | None) -> str:
+        """Why a sale of ``mint`` ordered for ``position_id`` has no position to sell from
+        (none held, or the token's position is another one: it closed and the token was
+        entered again); empty when it has. A sale without a position id sells the
+        token's."""
+        position = self.open_positions.get(mint)
+        if position is None:
+            return "no position held"
+        if position_id is not None and position.position_id != position_id:
+            return (
+                f"position {position_id} is not held (the token's position is "
+                f"{position.position_id})"
+            )
+        return ""
+
     def exposure(self, mint: str) -> float:
         """Cost basis held in ``mint``."""
         position = self.open_positions.get(mint)
@@ -199,12 +215,9 @@ class PositionBook:
         one that closed since). Reserved until the sale's fill or :meth:`release_sale`."""
         self.sales.pop(order_id, None)
         position = self.open_positions.get(mint)
-        if position is not None and position_id is not None and position.position_id != position_id:
-            return SaleReservation(
-                0.0,
-                f"nothing to sell: position {position_id} is not held (the token's position "
-                f"is {position.position_id})",
-            )
+        other = self.not_held(mint, position_id)
+        if position is not None and other:
+            return SaleReservation(0.0, f"nothing to sell: {other}")
         left = self.sellable(mint)
         if left <= DUST_TOKENS:
             if position is None:
@@ -233,7 +246,8 @@ class PositionBook:
     def apply_fill(
         self, fill: OrderFilled, *, time: float, reason: str = ""
     ) -> PositionChange | None:
-        """Book a fill; the position change to publish, or None for a repeated order id.
+        """Book a fill; the position change to publish, or None for a repeated order id or
+        a sale of a position not held (:meth:`not_held`), which changes nothing.
 
         A sale's reservation ends here, as the tokens it sold leave the holding.
         """
@@ -289,8 +303,11 @@ class PositionBook:
         return PositionUpdated(**position.payload_fields())
 
     def _sell(self, fill: OrderFilled, time: float, reason: str) -> PositionChange | None:
-        position = self.open_positions.get(fill.mint)
-        if position is None or position.tokens <= 0:
+        if self.not_held(fill.mint, fill.position_id):
+            # a sale sells the position it was ordered for, never the next one of its token
+            return None
+        position = self.open_positions[fill.mint]
+        if position.tokens <= 0:
             return None
         sold = min(fill.token_amount, position.tokens)
         share = sold / position.tokens

@@ -118,7 +118,8 @@ Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
   must be below it: an answer coming after its order was given up would name a
   signature nothing is kept for, and the wallet's trade would go unbooked.
 - fees (curve, pool, API) are :class:`PaperExecution`'s: the same rates price a live
-  fill from the trade the stream shows.
+  fill from the trade the stream shows, and bound what the trade of a buy whose answer
+  never came may cost on top of its SOL.
 """
 
 from __future__ import annotations
