@@ -19,7 +19,17 @@ back: the next holder takes their events, handed back to it, for copies, so the
 replica standing by publishes their refusals. One the ledger does not hold is decided
 again there.
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
+The same transaction numbers the keyed events the change causes (``order.*`` and
+``position.*``), per mint, 1, 2, ... (:attr:`LedgerChange.events`, in publication
+order), so the keyed consumer (the exit's) drops a copy or a stale one by its seq.
+Only events that will be published are numbered: an order's request or refusal that
+goes out only if its order is inserted (see :class:`KeyedEvent`) takes no number
+otherwise, a change rolled back takes its numbers back, and an event numbered
+before (its id: the retry of a commit whose reply was lost, the events of a
+withdrawn order told again) gets the seq it was given then. A replica taking over
+numbers on from where the ledger's count stands.
+
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -30,6 +40,9 @@ before trading again), the recent order ids and the operator's state.
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -44,6 +57,10 @@ UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 CONTROL = "operator"
 #: what an order stored by an attempt whose reply was lost is left in, unsent
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
+#: events whose seqs the memory ledger remembers by id
+_EVENT_SEQS_KEPT = 100_000
+#: wall seconds between deletions of the seqs of old events (the rows of a day ago)
+_EVENT_SEQS_PRUNE_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,6 +178,26 @@ class PositionRecord:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyedEvent:
+    """An event of a mint that a change causes, to be numbered with it."""
+
+    event_id: str
+    mint: str
+    #: the order whose request or refusal this is, where it is published only if the
+    #: ledger inserts the order (or holds it, withdrawn): numbered only then
+    order_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a commit stored: the ids of the orders inserted (and of the ``withdrawn``
+    ones it holds), and the seq of each of its events numbered (event id -> seq)."""
+
+    inserted: set[str] = field(default_factory=set)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class LedgerChange:
     """What one event or timer round changed (or several, :meth:`joined`), written in one
@@ -173,9 +210,18 @@ class LedgerChange:
     #: orders withdrawn unsent, refused: a row a commit of their attempt stored (its reply
     #: lost) is settled so, and its id comes back; none is inserted
     withdrawn: list[OrderRecord] = field(default_factory=list)
+    #: the keyed events it causes, in the order they are published
+    events: list[KeyedEvent] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.orders or self.outcomes or self.fills or self.positions or self.withdrawn)
+        return bool(
+            self.orders
+            or self.outcomes
+            or self.fills
+            or self.positions
+            or self.withdrawn
+            or self.events
+        )
 
     @classmethod
     def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
@@ -188,6 +234,7 @@ class LedgerChange:
             fills=[f for c in changes for f in c.fills],
             positions=[p for c in changes for p in c.positions],
             withdrawn=[o for c in changes for o in c.withdrawn],
+            events=[e for c in changes for e in c.events],
         )
 
 
@@ -205,9 +252,10 @@ class LedgerSnapshot:
 
 
 class Ledger(Protocol):
-    async def commit(self, change: LedgerChange) -> set[str]:
-        """Write ``change`` in one transaction; return the ids of the orders inserted, and
-        of the ``withdrawn`` ones it holds (settled refused)."""
+    async def commit(self, change: LedgerChange) -> Committed:
+        """Write ``change`` in one transaction and number its events; return the ids of
+        the orders inserted, and of the ``withdrawn`` ones it holds (settled refused),
+        and the seqs of its events that will be published."""
         ...
 
     async def load(
@@ -251,6 +299,15 @@ def _holds_withdrawn(stored: OrderRecord, order: OrderRecord) -> bool:
     )
 
 
+def _published(change: LedgerChange, inserted: set[str]) -> list[KeyedEvent]:
+    """The events of ``change`` that will be published, once each."""
+    found: dict[str, KeyedEvent] = {}
+    for event in change.events:
+        if event.order_id is None or event.order_id in inserted:
+            found.setdefault(event.event_id, event)
+    return list(found.values())
+
+
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
     values = asdict(order)
     values.update(state=outcome.state, outcome=outcome.outcome)
@@ -267,8 +324,11 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
+        #: mint -> the last seq given; event id -> its seq (the latest ones)
+        self._seqs: dict[str, int] = {}
+        self._event_seqs: dict[str, int] = {}
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
         for order in change.orders:
             stored = self._orders.get(order.order_id)
@@ -299,7 +359,22 @@ class MemoryLedger:
                 self._fills.setdefault(fill.order_id, fill)
         for position in change.positions:
             self._positions[position.position_id] = position
-        return inserted
+        return Committed(inserted, self._number(_published(change, inserted)))
+
+    def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
+        seqs = {}
+        for event in events:
+            seq = self._event_seqs.get(event.event_id)
+            if seq is None:
+                seq = self._seqs[event.mint] = self._seqs.get(event.mint, 0) + 1
+                self._event_seqs[event.event_id] = seq
+            seqs[event.event_id] = seq
+        # only a retry needs them: a long run keeps the latest
+        excess = len(self._event_seqs) - _EVENT_SEQS_KEPT
+        if excess > 0:
+            for event_id in list(itertools.islice(self._event_seqs, excess)):
+                del self._event_seqs[event_id]
+        return seqs
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
@@ -389,6 +464,20 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
     realized_pnl_sol = EXCLUDED.realized_pnl_sol, fees_sol = EXCLUDED.fees_sol,
     mark_price = EXCLUDED.mark_price, updated_at = now()
 """
+_NUMBERED = "SELECT event_id, seq FROM trading_event_seqs WHERE event_id = ANY($1::text[])"
+#: the mints' counts moved on by the events numbered now (locked in mint order): the last
+#: seq of each
+_TAKE_SEQS = """
+INSERT INTO trading_seqs AS t (mint, seq)
+SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+ON CONFLICT (mint) DO UPDATE SET seq = t.seq + EXCLUDED.seq
+RETURNING mint, seq
+"""
+_INSERT_EVENT_SEQS = """
+INSERT INTO trading_event_seqs (event_id, mint, seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+"""
+_PRUNE_EVENT_SEQS = "DELETE FROM trading_event_seqs WHERE stored_at < now() - interval '1 day'"
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -406,14 +495,16 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
+        #: time.monotonic() of the last deletion of old events' seqs
+        self._pruned_at: float | None = None
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         if not change:
-            return set()
+            return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
             inserted: set[str] = set()
             if change.orders:
@@ -452,7 +543,34 @@ class PostgresLedger:
                         for p in change.positions
                     ],
                 )  # fmt: skip
-            return inserted
+            seqs = await self._number(conn, _published(change, inserted))
+            return Committed(inserted, seqs)
+
+    async def _number(self, conn: Any, events: list[KeyedEvent]) -> dict[str, int]:
+        """Number ``events`` in the commit's transaction: an event numbered before keeps
+        its seq, the others take the next ones of their mints."""
+        if not events:
+            return {}
+        rows = await conn.fetch(_NUMBERED, [e.event_id for e in events])
+        seqs = {row["event_id"]: row["seq"] for row in rows}
+        fresh = [e for e in events if e.event_id not in seqs]
+        if fresh:
+            counts = Counter(e.mint for e in fresh)
+            rows = await conn.fetch(_TAKE_SEQS, list(counts), list(counts.values()))
+            last = {row["mint"]: row["seq"] - counts[row["mint"]] for row in rows}
+            for event in fresh:
+                seqs[event.event_id] = last[event.mint] = last[event.mint] + 1
+            await conn.execute(
+                _INSERT_EVENT_SEQS,
+                [e.event_id for e in fresh],
+                [e.mint for e in fresh],
+                [seqs[e.event_id] for e in fresh],
+            )
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= _EVENT_SEQS_PRUNE_S:
+            self._pruned_at = now
+            await conn.execute(_PRUNE_EVENT_SEQS)
+        return seqs
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
