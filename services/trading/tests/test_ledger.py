@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from pumpflow.common.events import PositionUpdated, make_event
 from pumpflow.trading.ledger import (
     FillRecord,
     KeyedEvent,
@@ -45,7 +46,11 @@ def position(tokens: float) -> PositionRecord:
 
 
 def keyed(event_id: str, mint: str = "MintA", order_id: str | None = None) -> KeyedEvent:
-    return KeyedEvent(event_id=event_id, mint=mint, order_id=order_id)
+    payload = PositionUpdated(
+        position_id="a", mint=mint, token_amount=1e6, cost_sol=0.5, entry_price=5e-7
+    )
+    event = make_event(payload, source="trading/t", time=100.0, event_id=event_id)
+    return KeyedEvent(event=event, order_id=order_id)
 
 
 async def inserted(ledger, change: LedgerChange) -> set[str]:
@@ -248,3 +253,24 @@ async def test_a_ledger_taking_over_numbers_on_above_its_predecessor(pg_pool):
     taking_over = PostgresLedger(pg_pool)
     numbered = await taking_over.commit(LedgerChange(events=[keyed("e3"), keyed("e1")]))
     assert numbered.seqs == {"e3": 3, "e1": 1}
+
+
+async def test_the_outbox_holds_the_numbered_events_until_they_are_gone(ledger):
+    """A load gives back the events numbered and not told gone, with their seqs, each
+    mint's in order; gone ones leave with the next change."""
+    await ledger.commit(
+        LedgerChange(events=[keyed("b1", mint="MintB"), keyed("a1"), keyed("b2", mint="MintB")])
+    )
+    outbox = (await ledger.load(remembered=10)).outbox
+    assert [(e.id, e.key, e.seq) for e in outbox] == [
+        ("a1", "MintA", 1),
+        ("b1", "MintB", 1),
+        ("b2", "MintB", 2),
+    ]
+    assert outbox[0].data.token_amount == 1e6
+    # told gone with nothing to write: nothing is written
+    await ledger.commit(LedgerChange(gone=["a1", "b1"]))
+    assert len((await ledger.load(remembered=10)).outbox) == 3
+    await ledger.commit(LedgerChange(events=[keyed("a2")], gone=["a1", "b1"]))
+    outbox = (await ledger.load(remembered=10)).outbox
+    assert [(e.id, e.seq) for e in outbox] == [("a2", 2), ("b2", 2)]

@@ -29,6 +29,13 @@ before (its id: the retry of a commit whose reply was lost, the events of a
 withdrawn order told again) gets the seq it was given then. A replica taking over
 numbers on from where the ledger's count stands.
 
+The numbered events stay in the ledger's outbox until the service has published them
+(:attr:`LedgerChange.gone`, with its next change): a replica taking over publishes what
+its predecessor stored and may not have published (:attr:`LedgerSnapshot.outbox`)
+before anything of its own, with the seqs they were given, so a kill between a commit
+and its publication loses no event and leaves consumers no gap; what had gone out is
+a copy they drop by its seq.
+
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
@@ -40,14 +47,15 @@ before trading again), the recent order ids and the operator's state.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from pumpflow.common.events import OrderFilled, Side
+import msgspec
+
+from pumpflow.common.events import Event, OrderFilled, Side, decode_event, encode_event
 from pumpflow.common.trading import Position, TradingState
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
@@ -57,10 +65,9 @@ UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 CONTROL = "operator"
 #: what an order stored by an attempt whose reply was lost is left in, unsent
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
-#: events whose seqs the memory ledger remembers by id
-_EVENT_SEQS_KEPT = 100_000
-#: wall seconds between deletions of the seqs of old events (the rows of a day ago)
-_EVENT_SEQS_PRUNE_S = 3600.0
+#: wall seconds between deletions of the outbox's events of a day ago (none is left
+#: there so long unless the service failed to tell it published)
+_OUTBOX_PRUNE_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,13 +187,20 @@ class PositionRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyedEvent:
-    """An event of a mint that a change causes, to be numbered with it."""
+    """An event of a mint that a change causes, to be numbered and kept with it."""
 
-    event_id: str
-    mint: str
+    event: Event
     #: the order whose request or refusal this is, where it is published only if the
     #: ledger inserts the order (or holds it, withdrawn): numbered only then
     order_id: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        return self.event.id
+
+    @property
+    def mint(self) -> str:
+        return self.event.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +226,9 @@ class LedgerChange:
     withdrawn: list[OrderRecord] = field(default_factory=list)
     #: the keyed events it causes, in the order they are published
     events: list[KeyedEvent] = field(default_factory=list)
+    #: ids of events out of the outbox: published, or taken back unpublished (a halt's
+    #: refusal of an entry a lost commit stored); written only with a change
+    gone: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -235,6 +252,7 @@ class LedgerChange:
             positions=[p for c in changes for p in c.positions],
             withdrawn=[o for c in changes for o in c.withdrawn],
             events=[e for c in changes for e in c.events],
+            gone=[i for c in changes for i in c.gone],
         )
 
 
@@ -249,6 +267,8 @@ class LedgerSnapshot:
     #: orders rejected with a signature (given up as unconfirmed) since the load's
     #: ``given_up_since``, oldest first: a late trade of theirs is still theirs
     given_up: list[OrderRecord] = field(default_factory=list)
+    #: events numbered and not known to be published, each mint's in seq order
+    outbox: list[Event] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -299,6 +319,11 @@ def _holds_withdrawn(stored: OrderRecord, order: OrderRecord) -> bool:
     )
 
 
+def numbered(event: Event, seq: int) -> Event:
+    """``event`` with its seq."""
+    return msgspec.structs.replace(event, seq=seq)
+
+
 def _published(change: LedgerChange, inserted: set[str]) -> list[KeyedEvent]:
     """The events of ``change`` that will be published, once each."""
     found: dict[str, KeyedEvent] = {}
@@ -324,12 +349,17 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
-        #: mint -> the last seq given; event id -> its seq (the latest ones)
+        #: mint -> the last seq given
         self._seqs: dict[str, int] = {}
-        self._event_seqs: dict[str, int] = {}
+        #: event id -> the event numbered, until it is gone
+        self._outbox: dict[str, Event] = {}
 
     async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
+        if not change:
+            return Committed()
+        for event_id in change.gone:
+            self._outbox.pop(event_id, None)
         for order in change.orders:
             stored = self._orders.get(order.order_id)
             if stored is None:
@@ -363,17 +393,12 @@ class MemoryLedger:
 
     def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
         seqs = {}
-        for event in events:
-            seq = self._event_seqs.get(event.event_id)
-            if seq is None:
-                seq = self._seqs[event.mint] = self._seqs.get(event.mint, 0) + 1
-                self._event_seqs[event.event_id] = seq
-            seqs[event.event_id] = seq
-        # only a retry needs them: a long run keeps the latest
-        excess = len(self._event_seqs) - _EVENT_SEQS_KEPT
-        if excess > 0:
-            for event_id in list(itertools.islice(self._event_seqs, excess)):
-                del self._event_seqs[event_id]
+        for keyed in events:
+            stored = self._outbox.get(keyed.event_id)
+            if stored is None:
+                seq = self._seqs[keyed.mint] = self._seqs.get(keyed.mint, 0) + 1
+                stored = self._outbox[keyed.event_id] = numbered(keyed.event, seq)
+            seqs[keyed.event_id] = stored.seq
         return seqs
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
@@ -391,6 +416,7 @@ class MemoryLedger:
                 and o.state == "rejected"
                 and o.signature is not None
             ],
+            outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:
@@ -464,7 +490,7 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
     realized_pnl_sol = EXCLUDED.realized_pnl_sol, fees_sol = EXCLUDED.fees_sol,
     mark_price = EXCLUDED.mark_price, updated_at = now()
 """
-_NUMBERED = "SELECT event_id, seq FROM trading_event_seqs WHERE event_id = ANY($1::text[])"
+_NUMBERED = "SELECT event_id, seq FROM trading_outbox WHERE event_id = ANY($1::text[])"
 #: the mints' counts moved on by the events numbered now (locked in mint order): the last
 #: seq of each
 _TAKE_SEQS = """
@@ -473,11 +499,12 @@ SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
 ON CONFLICT (mint) DO UPDATE SET seq = t.seq + EXCLUDED.seq
 RETURNING mint, seq
 """
-_INSERT_EVENT_SEQS = """
-INSERT INTO trading_event_seqs (event_id, mint, seq)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+_INSERT_OUTBOX = """
+INSERT INTO trading_outbox (event_id, mint, seq, event)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
 """
-_PRUNE_EVENT_SEQS = "DELETE FROM trading_event_seqs WHERE stored_at < now() - interval '1 day'"
+_GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
+_PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -499,7 +526,7 @@ class PostgresLedger:
 
     def __init__(self, pool: Any):
         self.pool = pool
-        #: time.monotonic() of the last deletion of old events' seqs
+        #: time.monotonic() of the last deletion of the outbox's old events
         self._pruned_at: float | None = None
 
     async def commit(self, change: LedgerChange) -> Committed:
@@ -507,6 +534,8 @@ class PostgresLedger:
             return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
             inserted: set[str] = set()
+            if change.gone:
+                await conn.execute(_GONE, change.gone)
             if change.orders:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
                 rows = await conn.fetch(_INSERT_ORDER, *columns)
@@ -547,8 +576,8 @@ class PostgresLedger:
             return Committed(inserted, seqs)
 
     async def _number(self, conn: Any, events: list[KeyedEvent]) -> dict[str, int]:
-        """Number ``events`` in the commit's transaction: an event numbered before keeps
-        its seq, the others take the next ones of their mints."""
+        """Number ``events`` into the outbox in the commit's transaction: an event
+        numbered before keeps its seq, the others take the next ones of their mints."""
         if not events:
             return {}
         rows = await conn.fetch(_NUMBERED, [e.event_id for e in events])
@@ -561,15 +590,16 @@ class PostgresLedger:
             for event in fresh:
                 seqs[event.event_id] = last[event.mint] = last[event.mint] + 1
             await conn.execute(
-                _INSERT_EVENT_SEQS,
+                _INSERT_OUTBOX,
                 [e.event_id for e in fresh],
                 [e.mint for e in fresh],
                 [seqs[e.event_id] for e in fresh],
+                [encode_event(numbered(e.event, seqs[e.event_id])) for e in fresh],
             )
         now = time.monotonic()
-        if self._pruned_at is None or now - self._pruned_at >= _EVENT_SEQS_PRUNE_S:
+        if self._pruned_at is None or now - self._pruned_at >= _OUTBOX_PRUNE_S:
             self._pruned_at = now
-            await conn.execute(_PRUNE_EVENT_SEQS)
+            await conn.execute(_PRUNE_OUTBOX)
         return seqs
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
@@ -588,6 +618,7 @@ class PostgresLedger:
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
+            outbox = await conn.fetch("SELECT event FROM trading_outbox ORDER BY mint, seq")
             given_up = []
             if given_up_since is not None:
                 given_up = await conn.fetch(
@@ -601,6 +632,7 @@ class PostgresLedger:
             order_ids=[row["order_id"] for row in reversed(ids)],
             control=None if control is None else (TradingState(control[0]), control[1]),
             given_up=[_record(row) for row in given_up],
+            outbox=[decode_event(row["event"]) for row in outbox],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

@@ -214,11 +214,7 @@ class _Step:
         """Its keyed events, for the ledger to number as it stores the step."""
         guarded = self.guarded()
         return [
-            KeyedEvent(
-                event_id=e.id,
-                mint=e.key,
-                order_id=e.data.order_id if _order_event(e, guarded) else None,
-            )
+            KeyedEvent(event=e, order_id=e.data.order_id if _order_event(e, guarded) else None)
             for e in self.events
             if e.key is not None
         ]
@@ -251,6 +247,9 @@ class TradingService(Service):
         self._lock = asyncio.Lock()
         self._backlog: list[_Step] = []
         self._unpublished: list[Event] = []
+        #: ids of keyed events published (or taken back unpublished) whose copies the
+        #: ledger's outbox still holds: they go with its next change
+        self._gone: list[str] = []
         #: events a call that failed left undecided: the next call decides them first
         self._undecided: list[Event] = []
         #: orders withdrawn unsent on standing by (since the last election)
@@ -450,6 +449,13 @@ class TradingService(Service):
                 self._reconcile(order, step)
             for order in snapshot.given_up:
                 self.executor.given_up(order)
+            # what the predecessor stored and may not have published goes out first, as
+            # numbered (a copy of what it did publish is dropped by its seq)
+            stored = {e.id for e in snapshot.outbox}
+            self._unpublished = [
+                *snapshot.outbox,
+                *(e for e in self._unpublished if e.id not in stored),
+            ]
             self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
             await self._flush()
@@ -933,8 +939,10 @@ class TradingService(Service):
             for step in steps:
                 # as the step stands now: a halt or a stand-by may have taken events out
                 step.change.events = step.keyed()
+            gone = list(self._gone)
+            change = replace(LedgerChange.joined([s.change for s in steps]), gone=gone)
             try:
-                committed = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+                committed = await self.ledger.commit(change)
             except Exception:
                 self._storing = 0
                 if self.risk.operator_state is TradingState.HALTED:
@@ -948,6 +956,8 @@ class TradingService(Service):
                 raise
             finally:
                 self._storing = 0
+            if change:
+                del self._gone[: len(gone)]
             del self._backlog[: len(steps)]
             for step in steps:
                 await self._send(step, committed)
@@ -996,8 +1006,11 @@ class TradingService(Service):
     async def _publish(self) -> None:
         bus = self._ctx.bus
         while self._unpublished:
-            await bus.publish(self._unpublished[0])
+            event = self._unpublished[0]
+            await bus.publish(event)
             self._unpublished.pop(0)
+            if event.seq is not None:
+                self._gone.append(event.id)
 
     # ---------------------------------------------------------------- timers
 
@@ -1220,11 +1233,14 @@ class TradingService(Service):
                 else o
                 for o in step.change.orders
             ]
-            step.events = [
-                e
-                for e in step.events
-                if not (isinstance(e.data, OrderRequested) and e.data.order_id in ids)
-            ]
+            kept = []
+            for e in step.events:
+                if isinstance(e.data, OrderRequested) and e.data.order_id in ids:
+                    # a commit whose reply was lost may have stored it: never published now
+                    self._gone.append(e.id)
+                else:
+                    kept.append(e)
+            step.events = kept
             refused += len(ids)
         return refused
 

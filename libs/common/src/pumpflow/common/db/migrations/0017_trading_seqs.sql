@@ -6,13 +6,16 @@ CREATE TABLE trading_seqs (
     -- the last seq given to an event of the mint
     seq     bigint NOT NULL
 );
--- The seq each event was given, by its id: a commit whose reply was lost stored them,
--- and its retry (the same events) gets the same seqs back, leaving no number unused.
--- Needed only until the retry; rows older than a day are deleted as commits go.
-CREATE TABLE trading_event_seqs (
+-- The events numbered, with their seqs, until the service has published them: a
+-- replica taking over publishes what is left (its predecessor died before publishing),
+-- and a commit whose reply was lost is retried with the same events, which get the same
+-- seqs back, leaving no number unused. Rows of a day ago are deleted as commits go.
+CREATE TABLE trading_outbox (
     event_id    text PRIMARY KEY,
     mint        text NOT NULL,
     seq         bigint NOT NULL,
+    -- the encoded envelope, its seq in it
+    event       bytea NOT NULL,
     stored_at   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX trading_event_seqs_stored_at ON trading_event_seqs (stored_at);
+CREATE INDEX trading_outbox_stored_at ON trading_outbox (stored_at);
