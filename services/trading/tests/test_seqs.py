@@ -53,6 +53,8 @@ async def test_the_next_replica_numbers_a_mints_events_on_above_its_predecessor(
             ("position.opened", 3),
         ]
 
+    # stopped cleanly: nothing left for the next replica to publish again
+    assert (await PostgresLedger(pg_pool).load(remembered=1)).outbox == []
     second = trading(PostgresLedger(pg_pool))
     async with running(clock, second) as (bus, watch):
         held = second.book.open_positions[mint]

@@ -282,6 +282,10 @@ class Ledger(Protocol):
         self, *, remembered: int, given_up_since: float | None = None
     ) -> LedgerSnapshot: ...
 
+    async def published(self, event_ids: Sequence[str]) -> None:
+        """Take the events ``event_ids`` out of the outbox (published), without a change."""
+        ...
+
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
@@ -400,6 +404,10 @@ class MemoryLedger:
                 stored = self._outbox[keyed.event_id] = numbered(keyed.event, seq)
             seqs[keyed.event_id] = stored.seq
         return seqs
+
+    async def published(self, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            self._outbox.pop(event_id, None)
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
@@ -601,6 +609,9 @@ class PostgresLedger:
             self._pruned_at = now
             await conn.execute(_PRUNE_OUTBOX)
         return seqs
+
+    async def published(self, event_ids: Sequence[str]) -> None:
+        await self.pool.execute(_GONE, list(event_ids))
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):

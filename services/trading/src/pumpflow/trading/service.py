@@ -532,6 +532,10 @@ class TradingService(Service):
                     step.change.outcomes += self.executor.progress()
                     self._backlog.append(step)
                 await self._flush()
+                if self._gone:
+                    # the next holder would publish them again: copies, but needless
+                    await self.ledger.published(self._gone)
+                    self._gone = []
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
