@@ -48,7 +48,6 @@ before trading again), the recent order ids and the operator's state.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -498,18 +497,36 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
     realized_pnl_sol = EXCLUDED.realized_pnl_sol, fees_sol = EXCLUDED.fees_sol,
     mark_price = EXCLUDED.mark_price, updated_at = now()
 """
-_NUMBERED = "SELECT event_id, seq FROM trading_outbox WHERE event_id = ANY($1::text[])"
-#: the mints' counts moved on by the events numbered now (locked in mint order): the last
-#: seq of each
-_TAKE_SEQS = """
-INSERT INTO trading_seqs AS t (mint, seq)
-SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
-ON CONFLICT (mint) DO UPDATE SET seq = t.seq + EXCLUDED.seq
-RETURNING mint, seq
-"""
-_INSERT_OUTBOX = """
-INSERT INTO trading_outbox (event_id, mint, seq, event)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[])
+#: one round trip: the gone events ($4) leave the outbox; of the events given ($1-$3, in
+#: publication order), those in the outbox keep their seqs, the others move their mints'
+#: counts on (locked in mint order) and enter it numbered in order; every given event's
+#: seq comes back (the outbox read is the statement's snapshot, before its insert)
+_NUMBER = """
+WITH gone AS (
+    DELETE FROM trading_outbox WHERE event_id = ANY($4::text[])
+), given AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY
+        AS g(event_id, mint, event, n)
+), fresh AS (
+    SELECT * FROM given
+    WHERE NOT EXISTS (SELECT 1 FROM trading_outbox o WHERE o.event_id = given.event_id)
+), counts AS (
+    SELECT mint, count(*) AS taken FROM fresh GROUP BY mint
+), moved AS (
+    INSERT INTO trading_seqs AS t (mint, seq)
+    SELECT mint, taken FROM counts ORDER BY mint
+    ON CONFLICT (mint) DO UPDATE SET seq = t.seq + EXCLUDED.seq
+    RETURNING mint, seq
+), numbered AS (
+    INSERT INTO trading_outbox (event_id, mint, seq, event)
+    SELECT f.event_id, f.mint,
+        m.seq - c.taken + row_number() OVER (PARTITION BY f.mint ORDER BY f.n), f.event
+    FROM fresh f JOIN moved m USING (mint) JOIN counts c USING (mint)
+    RETURNING event_id, seq
+)
+SELECT event_id, seq FROM numbered
+UNION ALL
+SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
 """
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
@@ -542,8 +559,6 @@ class PostgresLedger:
             return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
             inserted: set[str] = set()
-            if change.gone:
-                await conn.execute(_GONE, change.gone)
             if change.orders:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
                 rows = await conn.fetch(_INSERT_ORDER, *columns)
@@ -580,30 +595,23 @@ class PostgresLedger:
                         for p in change.positions
                     ],
                 )  # fmt: skip
-            seqs = await self._number(conn, _published(change, inserted))
+            seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 
-    async def _number(self, conn: Any, events: list[KeyedEvent]) -> dict[str, int]:
-        """Number ``events`` into the outbox in the commit's transaction: an event
-        numbered before keeps its seq, the others take the next ones of their mints."""
-        if not events:
-            return {}
-        rows = await conn.fetch(_NUMBERED, [e.event_id for e in events])
-        seqs = {row["event_id"]: row["seq"] for row in rows}
-        fresh = [e for e in events if e.event_id not in seqs]
-        if fresh:
-            counts = Counter(e.mint for e in fresh)
-            rows = await conn.fetch(_TAKE_SEQS, list(counts), list(counts.values()))
-            last = {row["mint"]: row["seq"] - counts[row["mint"]] for row in rows}
-            for event in fresh:
-                seqs[event.event_id] = last[event.mint] = last[event.mint] + 1
-            await conn.execute(
-                _INSERT_OUTBOX,
-                [e.event_id for e in fresh],
-                [e.mint for e in fresh],
-                [seqs[e.event_id] for e in fresh],
-                [encode_event(numbered(e.event, seqs[e.event_id])) for e in fresh],
+    async def _number(self, conn: Any, events: list[KeyedEvent], gone: list[str]) -> dict[str, int]:
+        """Number ``events`` into the outbox in the commit's transaction, ``gone`` out of
+        it: an event numbered before keeps its seq, the others take the next ones of
+        their mints (stored without it: the outbox's column holds it)."""
+        seqs: dict[str, int] = {}
+        if events or gone:
+            rows = await conn.fetch(
+                _NUMBER,
+                [e.event_id for e in events],
+                [e.mint for e in events],
+                [encode_event(e.event) for e in events],
+                gone,
             )
+            seqs = {row["event_id"]: row["seq"] for row in rows}
         now = time.monotonic()
         if self._pruned_at is None or now - self._pruned_at >= _OUTBOX_PRUNE_S:
             self._pruned_at = now
@@ -629,7 +637,7 @@ class PostgresLedger:
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
-            outbox = await conn.fetch("SELECT event FROM trading_outbox ORDER BY mint, seq")
+            outbox = await conn.fetch("SELECT event, seq FROM trading_outbox ORDER BY mint, seq")
             given_up = []
             if given_up_since is not None:
                 given_up = await conn.fetch(
@@ -643,7 +651,7 @@ class PostgresLedger:
             order_ids=[row["order_id"] for row in reversed(ids)],
             control=None if control is None else (TradingState(control[0]), control[1]),
             given_up=[_record(row) for row in given_up],
-            outbox=[decode_event(row["event"]) for row in outbox],
+            outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

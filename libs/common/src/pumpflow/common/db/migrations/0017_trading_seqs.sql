@@ -14,7 +14,7 @@ CREATE TABLE trading_outbox (
     event_id    text PRIMARY KEY,
     mint        text NOT NULL,
     seq         bigint NOT NULL,
-    -- the encoded envelope, its seq in it
+    -- the encoded envelope (its seq is the column's)
     event       bytea NOT NULL,
     stored_at   timestamptz NOT NULL DEFAULT now()
 );
