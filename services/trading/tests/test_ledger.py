@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from pumpflow.common.events import PositionUpdated, make_event
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     FillRecord,
+    KeyedEvent,
     LedgerChange,
     MemoryLedger,
     OrderOutcome,
@@ -44,6 +46,18 @@ def position(tokens: float) -> PositionRecord:
     )  # fmt: skip
 
 
+def keyed(event_id: str, mint: str = "MintA", order_id: str | None = None) -> KeyedEvent:
+    payload = PositionUpdated(
+        position_id="a", mint=mint, token_amount=1e6, cost_sol=0.5, entry_price=5e-7
+    )
+    event = make_event(payload, source="trading/t", time=100.0, event_id=event_id)
+    return KeyedEvent(event=event, order_id=order_id)
+
+
+async def inserted(ledger, change: LedgerChange) -> set[str]:
+    return (await ledger.commit(change)).inserted
+
+
 @pytest.fixture(params=["postgres", "memory"])
 def ledger(request):
     if request.param == "memory":
@@ -52,9 +66,9 @@ def ledger(request):
 
 
 async def test_an_order_id_is_taken_once_and_a_load_gives_back_what_is_unresolved(ledger):
-    assert await ledger.commit(LedgerChange(orders=[order("a"), order("b")])) == {"a", "b"}
+    assert await inserted(ledger, LedgerChange(orders=[order("a"), order("b")])) == {"a", "b"}
     # the same id again, from a redelivered event: refused, the first one stays
-    assert await ledger.commit(LedgerChange(orders=[order("a", sol_amount=9.0)])) == set()
+    assert await inserted(ledger, LedgerChange(orders=[order("a", sol_amount=9.0)])) == set()
     await ledger.commit(
         LedgerChange(
             outcomes=[OrderOutcome(order_id="a", state="filled")], fills=[fill("a", 101.0)]
@@ -76,12 +90,12 @@ async def test_a_retried_commit_takes_the_orders_stored_under_its_attempt_as_ins
     """A commit that raised may have been stored (its reply lost): its retry, the same
     decision, gets its orders back as inserted; another decision of the same order id
     (a redelivered event) is still refused, as is any when the stored one has none."""
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:2")])) == set()
-    assert await ledger.commit(LedgerChange(orders=[order("a")])) == set()
+    assert await inserted(ledger, LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    assert await inserted(ledger, LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    assert await inserted(ledger, LedgerChange(orders=[order("a", attempt="w:2")])) == set()
+    assert await inserted(ledger, LedgerChange(orders=[order("a")])) == set()
     await ledger.commit(LedgerChange(orders=[order("b")]))
-    assert await ledger.commit(LedgerChange(orders=[order("b")])) == set()
+    assert await inserted(ledger, LedgerChange(orders=[order("b")])) == set()
     [stored] = [o for o in await ledger.orders(limit=5) if o["order_id"] == "a"]
     assert stored["attempt"] == "w:1"
 
@@ -91,12 +105,14 @@ async def test_a_retry_storing_its_order_refused_settles_the_row_its_lost_commit
     same decision, stores it refused, so no row says ``sent`` of an order never sent.
     Another decision's refusal of the same order id leaves the stored order as it is, as
     does a retry once the order has an outcome."""
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
+    assert await inserted(ledger, LedgerChange(orders=[order("a", attempt="w:1")])) == {"a"}
     refused = dict(state="rejected", outcome="halted before it was sent: operator")
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:2", **refused)])) == set()
+    other = LedgerChange(orders=[order("a", attempt="w:2", **refused)])
+    assert await inserted(ledger, other) == set()
     [stored] = await ledger.orders(limit=5)
     assert stored["state"] == "sent"
-    assert await ledger.commit(LedgerChange(orders=[order("a", attempt="w:1", **refused)])) == {"a"}
+    own = LedgerChange(orders=[order("a", attempt="w:1", **refused)])
+    assert await inserted(ledger, own) == {"a"}
     [stored] = await ledger.orders(limit=5)
     assert stored["state"] == "rejected" and stored["outcome"] == refused["outcome"]
     assert (await ledger.load(remembered=10)).unresolved == []
@@ -137,7 +153,7 @@ async def test_orders_withdrawn_unsent_settle_the_rows_of_their_attempt_and_inse
         order("never", attempt="w:4", **refused),
         order("refused", attempt="w:5", side="sell", **nothing_left),
     ]
-    assert await ledger.commit(LedgerChange(withdrawn=withdrawn)) == {"stored", "refused"}
+    assert await inserted(ledger, LedgerChange(withdrawn=withdrawn)) == {"stored", "refused"}
     stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
     assert {i: o["state"] for i, o in stored.items()} == {
         "stored": "rejected",
@@ -208,7 +224,7 @@ async def test_joined_changes_are_stored_as_written_one_after_the_other(ledger):
             ),
         ]
     )
-    assert await ledger.commit(joined) == {"a", "b"}
+    assert await inserted(ledger, joined) == {"a", "b"}
     snapshot = await ledger.load(remembered=10)
     assert [f.order_id for f in snapshot.fills] == ["a"]
     assert [o.order_id for o in snapshot.unresolved] == ["b"]
@@ -216,3 +232,50 @@ async def test_joined_changes_are_stored_as_written_one_after_the_other(ledger):
     assert stored["order_id"] == "a" and stored["signature"] == "sig"
     [held] = await ledger.positions(open_only=True, limit=5)
     assert held["token_amount"] == 2e6
+
+
+async def test_events_are_numbered_per_mint_once_each_and_only_if_published(ledger):
+    """A change's events take their mints' next seqs in order; the request of an order the
+    ledger had already (a redelivery's, never published) takes none; an event numbered
+    before (a retry of a commit whose reply was lost) keeps its seq."""
+    first = await ledger.commit(
+        LedgerChange(
+            orders=[order("a")],
+            events=[keyed("e1", order_id="a"), keyed("e2"), keyed("f1", mint="MintB")],
+        )
+    )
+    assert first.inserted == {"a"} and first.seqs == {"e1": 1, "e2": 2, "f1": 1}
+    again = await ledger.commit(
+        LedgerChange(orders=[order("a")], events=[keyed("e3", order_id="a"), keyed("e4")])
+    )
+    assert again.inserted == set() and again.seqs == {"e4": 3}
+    retry = await ledger.commit(LedgerChange(events=[keyed("e2"), keyed("e4"), keyed("e5")]))
+    assert retry.seqs == {"e2": 2, "e4": 3, "e5": 4}
+
+
+async def test_a_ledger_taking_over_numbers_on_above_its_predecessor(pg_pool):
+    await PostgresLedger(pg_pool).commit(LedgerChange(events=[keyed("e1"), keyed("e2")]))
+    taking_over = PostgresLedger(pg_pool)
+    numbered = await taking_over.commit(LedgerChange(events=[keyed("e3"), keyed("e1")]))
+    assert numbered.seqs == {"e3": 3, "e1": 1}
+
+
+async def test_the_outbox_holds_the_numbered_events_until_they_are_gone(ledger):
+    """A load gives back the events numbered and not told gone, with their seqs, each
+    mint's in order; gone ones leave with the next change."""
+    await ledger.commit(
+        LedgerChange(events=[keyed("b1", mint="MintB"), keyed("a1"), keyed("b2", mint="MintB")])
+    )
+    outbox = (await ledger.load(remembered=10)).outbox
+    assert [(e.id, e.key, e.seq) for e in outbox] == [
+        ("a1", "MintA", 1),
+        ("b1", "MintB", 1),
+        ("b2", "MintB", 2),
+    ]
+    assert outbox[0].data.token_amount == 1e6
+    # told gone with nothing to write: nothing is written
+    await ledger.commit(LedgerChange(gone=["a1", "b1"]))
+    assert len((await ledger.load(remembered=10)).outbox) == 3
+    await ledger.commit(LedgerChange(events=[keyed("a2")], gone=["a1", "b1"]))
+    outbox = (await ledger.load(remembered=10)).outbox
+    assert [(e.id, e.seq) for e in outbox] == [("a2", 2), ("b2", 2)]

@@ -22,7 +22,7 @@ from pumpflow.common.testing import EventCollector
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
-from pumpflow.trading.ledger import LedgerChange, MemoryLedger
+from pumpflow.trading.ledger import Committed, LedgerChange, MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -367,7 +367,7 @@ class _CountedLedger(MemoryLedger):
 
     commits = 0
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         self.commits += bool(change)
         return await super().commit(change)
 
@@ -380,7 +380,7 @@ class BlinkingLedger(MemoryLedger):
     held: asyncio.Event | None = None
     holding = False
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         if change and self.failures:
             self.failures -= 1
             if not self.failures and self.held is not None:
@@ -439,15 +439,15 @@ class LostReplyLedger(MemoryLedger):
     #: the next write fails before it reaches the ledger
     fail_next = False
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         if change and self.fail_next:
             self.fail_next = False
             raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
-        inserted = await super().commit(change)
+        committed = await super().commit(change)
         if change and self.lose_next:
             self.lose_next = False
             raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
-        return inserted
+        return committed
 
 
 async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clock, market):

@@ -20,7 +20,24 @@ replica standing by publishes their refusals. One the ledger does not hold is de
 again there; so is an entry it holds withdrawn, whose id is taken (:meth:`Ledger.load`
 tells which, ``withdrawn``): ordered again, it is under an id derived from the old one.
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013);
+The same transaction numbers the keyed events the change causes (``order.*`` and
+``position.*``), per mint, 1, 2, ... (:attr:`LedgerChange.events`, in publication
+order), so the keyed consumer (the exit's) drops a copy or a stale one by its seq.
+Only events that will be published are numbered: an order's request or refusal that
+goes out only if its order is inserted (see :class:`KeyedEvent`) takes no number
+otherwise, a change rolled back takes its numbers back, and an event numbered
+before (its id: the retry of a commit whose reply was lost, the events of a
+withdrawn order told again) gets the seq it was given then. A replica taking over
+numbers on from where the ledger's count stands.
+
+The numbered events stay in the ledger's outbox until the service has published them
+(:attr:`LedgerChange.gone`, with its next change): a replica taking over publishes what
+its predecessor stored and may not have published (:attr:`LedgerSnapshot.outbox`)
+before anything of its own, with the seqs they were given, so a kill between a commit
+and its publication loses no event and leaves consumers no gap; what had gone out is
+a copy they drop by its seq.
+
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -31,11 +48,14 @@ before trading again), the recent order ids and the operator's state.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from pumpflow.common.events import OrderFilled, Side
+import msgspec
+
+from pumpflow.common.events import Event, OrderFilled, Side, decode_event, encode_event
 from pumpflow.common.trading import Position, TradingState
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
@@ -47,6 +67,9 @@ CONTROL = "operator"
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 #: the outcome of an order a replica standing by withdrew unsent
 WITHDRAWN = "withdrawn unsent: its replica stood by"
+#: wall seconds between deletions of the outbox's events of a day ago (none is left
+#: there so long unless the service failed to tell it published)
+_OUTBOX_PRUNE_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +187,33 @@ class PositionRecord:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyedEvent:
+    """An event of a mint that a change causes, to be numbered and kept with it."""
+
+    event: Event
+    #: the order whose request or refusal this is, where it is published only if the
+    #: ledger inserts the order (or holds it, withdrawn): numbered only then
+    order_id: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        return self.event.id
+
+    @property
+    def mint(self) -> str:
+        return self.event.key
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a commit stored: the ids of the orders inserted (and of the ``withdrawn``
+    ones it holds), and the seq of each of its events numbered (event id -> seq)."""
+
+    inserted: set[str] = field(default_factory=set)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class LedgerChange:
     """What one event or timer round changed (or several, :meth:`joined`), written in one
@@ -176,9 +226,21 @@ class LedgerChange:
     #: orders withdrawn unsent, refused: a row a commit of their attempt stored (its reply
     #: lost) is settled so, and its id comes back; none is inserted
     withdrawn: list[OrderRecord] = field(default_factory=list)
+    #: the keyed events it causes, in the order they are published
+    events: list[KeyedEvent] = field(default_factory=list)
+    #: ids of events out of the outbox: published, or taken back unpublished (a halt's
+    #: refusal of an entry a lost commit stored); written only with a change
+    gone: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.orders or self.outcomes or self.fills or self.positions or self.withdrawn)
+        return bool(
+            self.orders
+            or self.outcomes
+            or self.fills
+            or self.positions
+            or self.withdrawn
+            or self.events
+        )
 
     @classmethod
     def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
@@ -191,6 +253,8 @@ class LedgerChange:
             fills=[f for c in changes for f in c.fills],
             positions=[p for c in changes for p in c.positions],
             withdrawn=[o for c in changes for o in c.withdrawn],
+            events=[e for c in changes for e in c.events],
+            gone=[i for c in changes for i in c.gone],
         )
 
 
@@ -208,17 +272,24 @@ class LedgerSnapshot:
     #: entries among ``order_ids`` a replica standing by withdrew unsent: their ids are
     #: taken, and their decisions are not
     withdrawn: list[str] = field(default_factory=list)
+    #: events numbered and not known to be published, each mint's in seq order
+    outbox: list[Event] = field(default_factory=list)
 
 
 class Ledger(Protocol):
-    async def commit(self, change: LedgerChange) -> set[str]:
-        """Write ``change`` in one transaction; return the ids of the orders inserted, and
-        of the ``withdrawn`` ones it holds (settled refused)."""
+    async def commit(self, change: LedgerChange) -> Committed:
+        """Write ``change`` in one transaction and number its events; return the ids of
+        the orders inserted, and of the ``withdrawn`` ones it holds (settled refused),
+        and the seqs of its events that will be published."""
         ...
 
     async def load(
         self, *, remembered: int, given_up_since: float | None = None
     ) -> LedgerSnapshot: ...
+
+    async def published(self, event_ids: Sequence[str]) -> None:
+        """Take the events ``event_ids`` out of the outbox (published), without a change."""
+        ...
 
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
@@ -261,6 +332,20 @@ def _withdrawn_entry(order: OrderRecord) -> bool:
     return order.side == "buy" and order.state == "rejected" and order.outcome == WITHDRAWN
 
 
+def numbered(event: Event, seq: int) -> Event:
+    """``event`` with its seq."""
+    return msgspec.structs.replace(event, seq=seq)
+
+
+def _published(change: LedgerChange, inserted: set[str]) -> list[KeyedEvent]:
+    """The events of ``change`` that will be published, once each."""
+    found: dict[str, KeyedEvent] = {}
+    for event in change.events:
+        if event.order_id is None or event.order_id in inserted:
+            found.setdefault(event.event_id, event)
+    return list(found.values())
+
+
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
     values = asdict(order)
     values.update(state=outcome.state, outcome=outcome.outcome)
@@ -277,9 +362,17 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
+        #: mint -> the last seq given
+        self._seqs: dict[str, int] = {}
+        #: event id -> the event numbered, until it is gone
+        self._outbox: dict[str, Event] = {}
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
+        if not change:
+            return Committed()
+        for event_id in change.gone:
+            self._outbox.pop(event_id, None)
         for order in change.orders:
             stored = self._orders.get(order.order_id)
             if stored is None:
@@ -309,7 +402,21 @@ class MemoryLedger:
                 self._fills.setdefault(fill.order_id, fill)
         for position in change.positions:
             self._positions[position.position_id] = position
-        return inserted
+        return Committed(inserted, self._number(_published(change, inserted)))
+
+    def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
+        seqs = {}
+        for keyed in events:
+            stored = self._outbox.get(keyed.event_id)
+            if stored is None:
+                seq = self._seqs[keyed.mint] = self._seqs.get(keyed.mint, 0) + 1
+                stored = self._outbox[keyed.event_id] = numbered(keyed.event, seq)
+            seqs[keyed.event_id] = stored.seq
+        return seqs
+
+    async def published(self, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            self._outbox.pop(event_id, None)
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
@@ -328,6 +435,7 @@ class MemoryLedger:
                 and o.state == "rejected"
                 and o.signature is not None
             ],
+            outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:
@@ -401,6 +509,39 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
     realized_pnl_sol = EXCLUDED.realized_pnl_sol, fees_sol = EXCLUDED.fees_sol,
     mark_price = EXCLUDED.mark_price, updated_at = now()
 """
+#: one round trip: the gone events ($4) leave the outbox; of the events given ($1-$3, in
+#: publication order), those in the outbox keep their seqs, the others move their mints'
+#: counts on (locked in mint order) and enter it numbered in order; every given event's
+#: seq comes back (the outbox read is the statement's snapshot, before its insert)
+_NUMBER = """
+WITH gone AS (
+    DELETE FROM trading_outbox WHERE event_id = ANY($4::text[])
+), given AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY
+        AS g(event_id, mint, event, n)
+), fresh AS (
+    SELECT * FROM given
+    WHERE NOT EXISTS (SELECT 1 FROM trading_outbox o WHERE o.event_id = given.event_id)
+), counts AS (
+    SELECT mint, count(*) AS taken FROM fresh GROUP BY mint
+), moved AS (
+    INSERT INTO trading_seqs AS t (mint, seq)
+    SELECT mint, taken FROM counts ORDER BY mint
+    ON CONFLICT (mint) DO UPDATE SET seq = t.seq + EXCLUDED.seq
+    RETURNING mint, seq
+), numbered AS (
+    INSERT INTO trading_outbox (event_id, mint, seq, event)
+    SELECT f.event_id, f.mint,
+        m.seq - c.taken + row_number() OVER (PARTITION BY f.mint ORDER BY f.n), f.event
+    FROM fresh f JOIN moved m USING (mint) JOIN counts c USING (mint)
+    RETURNING event_id, seq
+)
+SELECT event_id, seq FROM numbered
+UNION ALL
+SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
+"""
+_GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
+_PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -418,14 +559,16 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
+        #: time.monotonic() of the last deletion of the outbox's old events
+        self._pruned_at: float | None = None
 
-    async def commit(self, change: LedgerChange) -> set[str]:
+    async def commit(self, change: LedgerChange) -> Committed:
         if not change:
-            return set()
+            return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
             inserted: set[str] = set()
             if change.orders:
@@ -464,7 +607,31 @@ class PostgresLedger:
                         for p in change.positions
                     ],
                 )  # fmt: skip
-            return inserted
+            seqs = await self._number(conn, _published(change, inserted), change.gone)
+            return Committed(inserted, seqs)
+
+    async def _number(self, conn: Any, events: list[KeyedEvent], gone: list[str]) -> dict[str, int]:
+        """Number ``events`` into the outbox in the commit's transaction, ``gone`` out of
+        it: an event numbered before keeps its seq, the others take the next ones of
+        their mints (stored without it: the outbox's column holds it)."""
+        seqs: dict[str, int] = {}
+        if events or gone:
+            rows = await conn.fetch(
+                _NUMBER,
+                [e.event_id for e in events],
+                [e.mint for e in events],
+                [encode_event(e.event) for e in events],
+                gone,
+            )
+            seqs = {row["event_id"]: row["seq"] for row in rows}
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= _OUTBOX_PRUNE_S:
+            self._pruned_at = now
+            await conn.execute(_PRUNE_OUTBOX)
+        return seqs
+
+    async def published(self, event_ids: Sequence[str]) -> None:
+        await self.pool.execute(_GONE, list(event_ids))
 
     async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
@@ -485,6 +652,7 @@ class PostgresLedger:
             control = await conn.fetchrow(
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
+            outbox = await conn.fetch("SELECT event, seq FROM trading_outbox ORDER BY mint, seq")
             given_up = []
             if given_up_since is not None:
                 given_up = await conn.fetch(
@@ -499,6 +667,7 @@ class PostgresLedger:
             control=None if control is None else (TradingState(control[0]), control[1]),
             given_up=[_record(row) for row in given_up],
             withdrawn=[row["order_id"] for row in reversed(ids) if row["withdrawn"]],
+            outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

@@ -26,6 +26,11 @@ every order, fill and position.
   stored, the token views they changed are stored, and only then are the events
   acknowledged. An order whose id the ledger has already (derived from a redelivered
   event) is dropped, never sent.
+- The keyed events (``order.*``, ``position.*``) carry a seq per mint, given by the
+  ledger in the transaction that stores what they announce (see
+  :mod:`pumpflow.trading.ledger`): the keyed consumer of the exit service drops a copy
+  or a stale one by it, across restarts and take-overs, and an event published again
+  (its commit retried, a withdrawn order told again) has the seq it had.
 - An exit's sale sells no more than its position holds less what the position's sales
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
   sales a take-over finds in flight included; with nothing left, or ordered for a
@@ -119,7 +124,9 @@ from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
     WITHDRAWN,
+    Committed,
     FillRecord,
+    KeyedEvent,
     Ledger,
     LedgerChange,
     MemoryLedger,
@@ -200,6 +207,26 @@ class _Step:
     def __bool__(self) -> bool:
         return bool(self.requests or self.refused or self.events or self.change)
 
+    def guarded(self) -> set[str]:
+        """The orders whose request and refusal are published only if the ledger inserts
+        them (or holds them, withdrawn): one it has already is a redelivery's."""
+        ids = {
+            o.order_id
+            for o in self.change.orders
+            if o.order_id in self.requests or o.order_id in self.refused
+        }
+        ids.update(o.order_id for o in self.change.withdrawn)
+        return ids
+
+    def keyed(self) -> list[KeyedEvent]:
+        """Its keyed events, for the ledger to number as it stores the step."""
+        guarded = self.guarded()
+        return [
+            KeyedEvent(event=e, order_id=e.data.order_id if _order_event(e, guarded) else None)
+            for e in self.events
+            if e.key is not None
+        ]
+
 
 class TradingService(Service):
     """Decide entries, execute orders, keep the book and the ledger; one replica at a time."""
@@ -228,6 +255,9 @@ class TradingService(Service):
         self._lock = asyncio.Lock()
         self._backlog: list[_Step] = []
         self._unpublished: list[Event] = []
+        #: ids of keyed events published (or taken back unpublished) whose copies the
+        #: ledger's outbox still holds: they go with its next change
+        self._gone: list[str] = []
         #: events a call that failed left undecided: the next call decides them first
         self._undecided: list[Event] = []
         #: orders withdrawn unsent on standing by (since the last election)
@@ -430,6 +460,13 @@ class TradingService(Service):
                 self._reconcile(order, step)
             for order in snapshot.given_up:
                 self.executor.given_up(order)
+            # what the predecessor stored and may not have published goes out first, as
+            # numbered (a copy of what it did publish is dropped by its seq)
+            stored = {e.id for e in snapshot.outbox}
+            self._unpublished = [
+                *snapshot.outbox,
+                *(e for e in self._unpublished if e.id not in stored),
+            ]
             self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
             await self._flush()
@@ -507,6 +544,10 @@ class TradingService(Service):
                     step.change.outcomes += self.executor.progress()
                     self._backlog.append(step)
                 await self._flush()
+                if self._gone:
+                    # the next holder would publish them again: copies, but needless
+                    await self.ledger.published(self._gone)
+                    self._gone = []
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
@@ -953,8 +994,13 @@ class TradingService(Service):
         while self._backlog:
             steps = list(self._backlog)
             self._storing = len(steps)
+            for step in steps:
+                # as the step stands now: a halt or a stand-by may have taken events out
+                step.change.events = step.keyed()
+            gone = list(self._gone)
+            change = replace(LedgerChange.joined([s.change for s in steps]), gone=gone)
             try:
-                inserted = await self.ledger.commit(LedgerChange.joined([s.change for s in steps]))
+                committed = await self.ledger.commit(change)
             except Exception:
                 self._storing = 0
                 if self.risk.operator_state is TradingState.HALTED:
@@ -968,14 +1014,16 @@ class TradingService(Service):
                 raise
             finally:
                 self._storing = 0
+            if change:
+                del self._gone[: len(gone)]
             del self._backlog[: len(steps)]
             for step in steps:
-                await self._send(step, inserted)
+                await self._send(step, committed)
         await self._publish()
 
-    async def _send(self, step: _Step, inserted: set[str]) -> None:
+    async def _send(self, step: _Step, committed: Committed) -> None:
         # a withdrawn order is told of only where the ledger holds it (see _withdraw_unsent)
-        dropped = {o.order_id for o in step.change.withdrawn if o.order_id not in inserted}
+        dropped = step.guarded() - committed.inserted
         follow: _Step | None = None
         for order in step.change.orders:
             request = step.requests.get(order.order_id)
@@ -983,9 +1031,8 @@ class TradingService(Service):
             if request is None and not refused:
                 continue  # refused unsent by a halt: stored as such
             side = order.side
-            if order.order_id not in inserted:
+            if order.order_id in dropped:
                 # the ledger has it already: an event that came again, never sent twice
-                dropped.add(order.order_id)
                 self.risk.release(order.order_id)
                 self.book.release_sale(order.order_id)
                 self.metrics.order(side, "duplicate")
@@ -1005,15 +1052,23 @@ class TradingService(Service):
                 if follow is None:
                     follow = _Step()
                 self._book(outcome, None, follow)
-        self._unpublished += [e for e in step.events if not _order_event(e, dropped)]
+        seqs = committed.seqs
+        self._unpublished += [
+            e if e.key is None else msgspec.structs.replace(e, seq=seqs.get(e.id))
+            for e in step.events
+            if not _order_event(e, dropped)
+        ]
         if follow is not None and (follow.change or follow.events):
             self._backlog.append(follow)
 
     async def _publish(self) -> None:
         bus = self._ctx.bus
         while self._unpublished:
-            await bus.publish(self._unpublished[0])
+            event = self._unpublished[0]
+            await bus.publish(event)
             self._unpublished.pop(0)
+            if event.seq is not None:
+                self._gone.append(event.id)
 
     # ---------------------------------------------------------------- timers
 
@@ -1237,11 +1292,14 @@ class TradingService(Service):
                 else o
                 for o in step.change.orders
             ]
-            step.events = [
-                e
-                for e in step.events
-                if not (isinstance(e.data, OrderRequested) and e.data.order_id in ids)
-            ]
+            kept = []
+            for e in step.events:
+                if isinstance(e.data, OrderRequested) and e.data.order_id in ids:
+                    # a commit whose reply was lost may have stored it: never published now
+                    self._gone.append(e.id)
+                else:
+                    kept.append(e)
+            step.events = kept
             refused += len(ids)
         return refused
 

@@ -111,9 +111,9 @@ class HeldState(msgspec.Struct, kw_only=True):
     tokens: float
     entry_price: float
     cost_sol: float = 0.0
-    #: the exit orders whose fills ``tokens`` has counted: trading's events carry no seq
-    #: for the consumer to drop a copy by, and a fill delivered again (to the next owner
-    #: of its partition, say) must not sell the position down twice
+    #: the exit orders whose fills ``tokens`` has counted: the consumer drops a copy of a
+    #: fill by its seq, but one published before trading numbered its events has none,
+    #: and a fill delivered again must not sell the position down twice
     sold: list[str] = []
 
 
