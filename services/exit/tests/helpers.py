@@ -74,6 +74,38 @@ async def embedded(
         yield system, watch
 
 
+async def started(system, records: MemoryExitStore, **settings: object) -> ExitService:
+    """A replica of the exit service started on ``system``'s bus and keys with ``records``
+    (in the place of one stopped; the caller stops it)."""
+    service = exit_service(records, **settings)
+    await service.start(system.contexts["exit"])
+    return service
+
+
+def as_trading(bus: EventBus, clock: ReplayClock):
+    """Publish a payload as trading does, now."""
+
+    async def publish(payload) -> None:
+        await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+    return publish
+
+
+async def hold(
+    bus: EventBus, tokens: TokenEvents, mint: str, *, tokens_held: float, curve: bool = True
+) -> PositionOpened:
+    """Trading's position of ``tokens_held`` in ``mint`` after a whale's buy; without
+    ``curve`` the exit sees no trade of the token (it sells it only in the final sweep)."""
+    created = tokens.created(mint, sol=5.0)
+    buy = tokens.buy(mint, "whale", sol=10.0)
+    if curve:
+        await bus.publish(created)
+        await bus.publish(buy)
+    position = opened(tokens, mint, tokens_held=tokens_held)
+    await bus.publish(position)
+    return position.data
+
+
 def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event:
     """A position in ``mint`` bought at its curve's price now."""
     price = tokens.curves[mint].price

@@ -20,6 +20,7 @@ from pumpflow.common.events import (
     ModelPrediction,
     OrderFilled,
     PositionClosed,
+    PositionOpened,
     PositionUpdated,
     ShutdownBarrier,
     SystemShutdown,
@@ -35,7 +36,18 @@ from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, filled, opened
+from .helpers import (
+    START,
+    FlakyExitStore,
+    Outage,
+    as_trading,
+    embedded,
+    exit_service,
+    filled,
+    hold,
+    opened,
+    started,
+)
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -990,3 +1002,133 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         assert {line["position_id"] for line in summary["positions"]} == set(positions.values())
         assert all(line["completed"] for line in summary["positions"]), summary
         assert summary["finished_at"] < run.deadline - 300.0, "sold by the deadline's sweep"
+
+
+#: an exit service alone (the test is trading): one tranche of 1e5 tokens sells a
+#: position whole; the run waits for no barrier
+ALONE = {"exit_barrier_wait_s": 0.0, "exit_run_poll_s": 0.02}
+
+
+class _Trading:
+    """The test as trading: fills each new exit order whole (then closes its position,
+    sold out), drops an order id it has seen, as trading does."""
+
+    def __init__(self, system, tokens: TokenEvents, watch, *, known: set[str] = frozenset()):
+        self.bus, self.tokens, self.watch = system.bus, tokens, watch
+        self.publish = as_trading(system.bus, tokens.clock)
+        #: order ids seen (answered or dropped)
+        self.seen: set[str] = set(known)
+        #: order ids not answered (trading never got them, say)
+        self.lost: set[str] = set()
+        self.held: dict[str, PositionOpened] = {}
+
+    async def hold(self, mint: str, *, tokens_held: float = 1e5, curve: bool = True):
+        self.held[mint] = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held,
+                                     curve=curve)  # fmt: skip
+        return self.held[mint]
+
+    async def close(self, mint: str, reason: str) -> None:
+        position = self.held[mint]
+        await self.publish(PositionClosed(position_id=position.position_id, mint=mint,
+                                          entry_price=position.entry_price, token_amount=0.0,
+                                          cost_sol=0.0, reason=reason))  # fmt: skip
+
+    async def answer(self) -> None:
+        for order in self.watch.payloads("exit.order"):
+            if order.order_id in self.seen or order.order_id in self.lost:
+                continue
+            self.seen.add(order.order_id)
+            price = self.tokens.curves[order.mint].price
+            await self.bus.publish(filled(order, price, self.tokens.clock.now()))
+            await self.close(order.mint, "graceful")
+
+
+async def _shut_down(system, clock: ReplayClock, reason: str) -> None:
+    await system.bus.publish(make_event(SystemShutdown(reason=reason), source="test",
+                                        time=clock.now()))  # fmt: skip
+
+
+async def test_a_close_while_a_resumed_replica_waits_to_sell_ends_its_position_closed():
+    """A replica resumes the graceful exit and waits for the outcome of a tranche sent
+    before; meanwhile trading closes a position that had no tranche yet. The close is
+    the run's: once the replica sells, the position ends closed by trading, and the run
+    ends then, not at its deadline with that position's row still open."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {**ALONE, "exit_resume_wait_s": 30.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        sold = await trading.hold(tokens.mint())
+        # no curve: no tranche before the final sweep
+        quiet = await trading.hold(tokens.mint(), curve=False)
+        await _shut_down(system, clock, "close while resuming")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        assert tranche.data.mint == sold.mint
+        await first.stop()
+
+        second = await started(system, records, **settings)
+        try:
+            await trading.close(quiet.mint, "manual")
+            await second.consumer.flush()
+            assert second.manager is None, "the share began before the tranche's outcome"
+            await trading.answer()
+            # the clock stands still: the run ends on the close, not on its deadline
+            await eventually(second.finished.is_set, 10, what="the resumed exit finished")
+            summary = second.summary
+            lines = {line.position_id: line for line in summary.lines}
+            line = lines[quiet.position_id]
+            assert line.closed == "manual" and line.completed and line.tranches == 0, line
+            assert lines[sold.position_id].completed and not lines[sold.position_id].closed
+            assert summary.positions_left == 0 and clock.now() == START
+        finally:
+            await second.stop()
+
+
+async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_by_trading():
+    """A tranche of the graceful exit fills; the replica goes, and while it is down a
+    hand sale closes the rest of the position. The resumed replica applies the close
+    before it sells: its report says the position was closed by trading (and why), with
+    the tranche sold, not that it ended unsold."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {**ALONE, "exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 5.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        mint = tokens.mint()
+        held = await trading.hold(mint, tokens_held=3e7)
+        await _shut_down(system, clock, "hand sale while down")
+        [order] = await watch.wait_for(1, "exit.order")
+        tranche = order.data
+        assert tranche.token_amount < held.token_amount / 2
+        price = tokens.curves[mint].price
+        await system.bus.publish(filled(tranche, price, clock.now()))
+        left = held.token_amount - tranche.token_amount
+        await trading.publish(PositionUpdated(position_id=held.position_id, mint=mint,
+                                              entry_price=held.entry_price, token_amount=left,
+                                              cost_sol=left * price))  # fmt: skip
+        run = await records.active_run()
+
+        async def fill_stored() -> bool:
+            return [o.state for o in await records.run_orders(run.run_id)] == ["filled"]
+
+        await eventually(fill_stored, what="the tranche's fill stored")
+        await first.stop()
+        await trading.close(mint, "manual")
+
+        second = await started(system, records, **settings)
+        try:
+            await eventually(second.finished.is_set, 10, what="the resumed exit finished")
+            assert watch.payloads("exit.order") == [tranche]
+            summary = second.summary
+            [line] = summary.lines
+            assert line.closed == "manual" and line.completed, line
+            assert line.tranches == 1 and line.tokens_sold == pytest.approx(tranche.token_amount)
+            text = summary.text()
+            assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text, text
+            assert (await records.get_run(run.run_id)).summary["positions"][0]["closed"] == "manual"
+        finally:
+            await second.stop()

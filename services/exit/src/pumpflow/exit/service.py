@@ -221,6 +221,13 @@ class ExitService(Service):
         self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
         self._waiting: dict[str, tuple[str, asyncio.Future]] = {}
+        #: tranches of the run published from here: order id -> when (loop time)
+        self._asked: dict[str, float] = {}
+        #: positions trading closed during the run, as applied here (stored or not yet)
+        self._closes: dict[str, TradingClose] = {}
+        #: a close stored of a position this share has not taken up: the next look does
+        self._untaken_closes = False
+        self._taking = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._graceful: asyncio.Task | None = None
         self._poll: asyncio.Task | None = None
@@ -253,15 +260,16 @@ class ExitService(Service):
             on_forgotten=self.processor.forget,
             before_write=self._before_write,
         )
+        if under_way is not None:
+            log.warning("exit: resuming the graceful exit %s begun at %.3f", under_way.run_id,
+                        under_way.started_at)  # fmt: skip
+            # before the consumer applies anything: a close it applies is the run's
+            self._begin(under_way)
         await self.consumer.start()
         self._control = Subscription(
             service=control_group(s.service), patterns=CONTROL_CONSUMES, handler=self._on_control
         )
         await ctx.bus.subscribe(self._control)
-        if under_way is not None:
-            log.warning("exit: resuming the graceful exit %s begun at %.3f", under_way.run_id,
-                        under_way.started_at)  # fmt: skip
-            self._begin(under_way)
         self._poll = asyncio.create_task(self._poll_runs(), name="exit-runs")
 
     async def stop(self) -> None:
@@ -341,7 +349,10 @@ class ExitService(Service):
                         self._begin(run)
                 elif self.manager is not None and self.manager.summary is None:
                     self._hand_over_moved()
-                    self.manager.begin_graceful_exit(self.run.reason)
+                    if self._untaken_closes or self.manager.untaken():
+                        await self._take_up(self.manager, self.run)
+                    else:
+                        self.manager.begin_graceful_exit(self.run.reason)
                     self.metrics.progress(self.manager.monitor_exit_progress())
                     await self._list_share(self.manager)
             except Exception:
@@ -364,6 +375,7 @@ class ExitService(Service):
             # elapsed time and deadline margin would go on counting)
             self.last_progress = self.exit_progress()
             self.run, self._ended, self.manager = None, None, None
+            self._asked, self._closes, self._untaken_closes = {}, {}, False
             self.processor.halted = False
         finally:
             self.finished.set()
@@ -372,12 +384,6 @@ class ExitService(Service):
         """Sell what the partitions held here hold; the run if it is over."""
         ctx = self._ctx
         await self._settled_before(run)
-        orders = await self.records.run_orders(run.run_id)
-        records, sent = resume_state(orders, await self.records.run_closes(run.run_id))
-        # other replicas' exits are theirs to report; those of a partition still loading
-        # are the next share's: this one would close them unsold, their positions not
-        # queued
-        records = [r for r in records if self._restored(r.mint)]
         manager = GracefulExitManager(
             ctx.bus,
             _OwnedPositions(self.consumer),
@@ -392,18 +398,8 @@ class ExitService(Service):
             state = self.consumer.state(key)
             if state is not None and state.position is not None and state.lifecycle:
                 manager.on_lifecycle(key, state.lifecycle, state.activity_level)
-        manager.resume_graceful_exit(
-            run.reason,
-            started_at=run.started_at,
-            deadline=run.deadline,
-            records=records,
-            sent=sent,
-        )
         self.manager = manager
-        self.metrics.progress(manager.monitor_exit_progress())
-        # exits sold out before a crash, not closed yet, are closed with the listing
-        await self._list_share(manager, [r.line() for r in records if r.completed])
-        await self._send_again(run, manager, orders)
+        await self._take_up(manager, run)
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
@@ -417,18 +413,53 @@ class ExitService(Service):
                 await asyncio.sleep(self.settings.exit_run_poll_s)
         return self._ended
 
+    async def _take_up(self, manager: GracefulExitManager, run: RunRecord) -> None:
+        """Queue what the partitions loaded here hold and ``manager`` does not sell yet,
+        as a restarted replica does: numbering on from the tranches stored by now (another
+        replica may have sent some since this share began), with their fills in the
+        report, trading's closes (stored, or applied here and not stored yet), the exits
+        over before (sold out, or closed by trading) closed with the listing, and the
+        tranches still without an outcome asked again."""
+        async with self._taking:
+            self._untaken_closes = False
+            orders = await self.records.run_orders(run.run_id)
+            closes = {**await self.records.run_closes(run.run_id), **self._closes}
+            records, sent = resume_state(orders, closes)
+            # other replicas' exits are theirs to report; those of a partition still
+            # loading are the next take-up's: this one would close them unsold, their
+            # positions not queued
+            records = [
+                r for r in records if self._restored(r.mint) and r.mint not in manager.records
+            ]
+            manager.resume_graceful_exit(
+                run.reason,
+                started_at=run.started_at,
+                deadline=run.deadline,
+                records=records,
+                sent=sent,
+            )
+            self.metrics.progress(manager.monitor_exit_progress())
+            await self._list_share(manager, [r.line() for r in records if r.completed])
+            await self._send_again(run, records, orders)
+
     async def _send_again(
-        self, run: RunRecord, manager: GracefulExitManager, orders: list[ExitOrderRecord]
+        self, run: RunRecord, records: list[ExitRecord], orders: list[ExitOrderRecord]
     ) -> None:
-        """Publish again the tranches of this share stored and still without an outcome:
+        """Publish again the tranches of ``records`` stored and still without an outcome:
         one stored just before a crash may never have been published, and its tokens
         would stay unconfirmed to the deadline. Trading sells an order id once, so one it
-        has is not sold again; its outcome comes as it would have (a late outcome)."""
+        has is not sold again; its outcome comes as it would have (a late outcome). One
+        asked from here within ``exit_order_timeout_s`` is not asked again: its outcome
+        may still come, and trading drops the copy."""
         ctx = self._ctx
         config = self.settings.graceful()
+        unconfirmed = {order_id for record in records for order_id in record.unconfirmed}
+        now = asyncio.get_running_loop().time()
         for order in orders:
-            record = manager.records.get(order.mint)
-            if record is None or order.order_id not in record.unconfirmed:
+            if order.order_id not in unconfirmed:
+                continue
+            asked = self._asked.get(order.order_id)
+            if asked is not None and now < asked + self.settings.exit_order_timeout_s:
                 continue
             tranche = PlannedTranche(
                 mint=order.mint,
@@ -446,6 +477,7 @@ class ExitService(Service):
                 slippage_pct=config.slippage_of(order.rule),
             )
             log.info("exit: %s still without an outcome: asked again", order.order_id)
+            self._asked[order.order_id] = now
             await ctx.bus.publish(make_event(tranche.order(), source=ctx.source,
                                              time=ctx.clock.now()))  # fmt: skip
 
@@ -460,7 +492,7 @@ class ExitService(Service):
                     return stored
                 queued = {q.position_id for q in self.manager.planner.exits.values()}
                 held = _OwnedPositions(self.consumer).open_positions.values()
-                if any(view.position_id not in queued for view in held):
+                if self._untaken_closes or any(view.position_id not in queued for view in held):
                     return None
                 await self._update_run(partitions=sorted(self.consumer.restored))
             except Exception:
@@ -618,8 +650,10 @@ class ExitService(Service):
             await self.records.settle(order.order_id, refused, now)
             self._hand_over_moved()
             return refused
-        outcome = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        outcome = loop.create_future()
         self._waiting[order.order_id] = (order.mint, outcome)
+        self._asked[order.order_id] = loop.time()
         try:
             await ctx.bus.publish(make_event(order, source=ctx.source, time=now))
             self.metrics.ordered(order.reason)
@@ -640,6 +674,10 @@ class ExitService(Service):
             self.manager.on_lifecycle(mint, state, level)
 
     def _on_closed(self, mint: str, position_id: str, reason: str) -> None:
+        if self.run is not None:
+            # a take-up before it is stored reads it here: the position is held no more
+            close = TradingClose(mint=mint, reason=reason, time=self._ctx.clock.now())
+            self._closes[position_id] = close
         # acted on after the outcomes applied before it: the sale that closed the
         # position may be the exit's own
         self._outcomes.append((mint, _Closed(position_id, reason), None, 0.0))
@@ -692,14 +730,21 @@ class ExitService(Service):
         return first
 
     async def _store_close(self, mint: str, closed: _Closed) -> None:
-        """Store trading's close of a position this graceful exit sells with the run's
+        """Store trading's close of a position of the graceful exit with the run's
         records: the line that says so may not reach them before a crash, and a resumed
-        replica holds the position no more, so only the records tell it why."""
+        replica holds the position no more, so only the records tell it why. A close of a
+        position no share here has taken up yet (the share waits to begin, or its
+        partition came here since) is taken up, closed, by the next look."""
+        close = self._closes.get(closed.position_id)
         manager = self.manager
-        if manager is None or not manager.selling(mint, closed.position_id):
+        if self.run is None or self._ended is not None or close is None:
             return
-        close = TradingClose(mint=mint, reason=closed.reason, time=self._ctx.clock.now())
+        selling = manager is not None and manager.selling(mint, closed.position_id)
+        if manager is not None and not selling and manager.took_up(mint, closed.position_id):
+            return  # its exit is over here: its line says how
         await self.records.record_close(self.run.run_id, closed.position_id, close)
+        if not selling:
+            self._untaken_closes = True
 
     async def _settled(
         self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool

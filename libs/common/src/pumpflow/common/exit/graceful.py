@@ -217,15 +217,30 @@ class GracefulExitManager:
 
         ``records`` are the exits as far as they got (their fills stay in the reports);
         ``sent`` the tranches each position id sent, so the next tranche takes the next
-        number and no order id is used twice. What is still held is queued again.
+        number and no order id is used twice. What is still held is queued again. Called
+        again as positions come (a partition taken over), with the records as they are
+        then: an exit already here keeps its own, one handed over stays the other's.
         """
         if self.planner.started_at is None:
             self.reason = reason
             self.planner.begin(started_at, deadline=deadline)
         for record in records:
-            self.records.setdefault(record.mint, record)
+            if record.mint not in self._handed:
+                self.records.setdefault(record.mint, record)
         self._sent.update(sent or {})
         return self.begin_graceful_exit(reason)
+
+    def untaken(self) -> list[str]:
+        """Mints held and not queued by this exit (nor handed over): positions it has
+        not taken up yet."""
+        queued = self.planner.exits
+        return [m for m in self.position_manager.open_positions
+                if m not in queued and m not in self._handed]  # fmt: skip
+
+    def took_up(self, mint: str, position_id: str) -> bool:
+        """Whether this exit has (or had) ``mint``'s position ``position_id``."""
+        record = self.records.get(mint)
+        return record is not None and record.position_id == position_id
 
     def prioritize_exits(self) -> list[QueuedExit]:
         """Score every position left and reorder the queue."""
