@@ -19,6 +19,7 @@ from pumpflow.common.events import (
     FeaturesUpdated,
     ModelPrediction,
     OrderFilled,
+    OrderRejected,
     PositionClosed,
     PositionOpened,
     PositionUpdated,
@@ -31,7 +32,13 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
-from pumpflow.exit.records import BARRIER, MemoryExitStore, PostgresExitStore, entry_position_id
+from pumpflow.exit.records import (
+    BARRIER,
+    ExitOrderRecord,
+    MemoryExitStore,
+    PostgresExitStore,
+    entry_position_id,
+)
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -1010,28 +1017,32 @@ ALONE = {"exit_barrier_wait_s": 0.0, "exit_run_poll_s": 0.02}
 
 
 class _Trading:
-    """The test as trading: fills each new exit order whole (then closes its position,
-    sold out), drops an order id it has seen, as trading does."""
+    """The test as trading: fills each new exit order whole and tells the position's
+    tokens left (closed once none are); drops an order id it has seen, as trading
+    does, and never answers one in ``lost``."""
 
-    def __init__(self, system, tokens: TokenEvents, watch, *, known: set[str] = frozenset()):
+    def __init__(self, system, tokens: TokenEvents, watch):
         self.bus, self.tokens, self.watch = system.bus, tokens, watch
         self.publish = as_trading(system.bus, tokens.clock)
         #: order ids seen (answered or dropped)
-        self.seen: set[str] = set(known)
-        #: order ids not answered (trading never got them, say)
+        self.seen: set[str] = set()
+        #: order ids trading never got
         self.lost: set[str] = set()
         self.held: dict[str, PositionOpened] = {}
+        self.left: dict[str, float] = {}
 
     async def hold(self, mint: str, *, tokens_held: float = 1e5, curve: bool = True):
-        self.held[mint] = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held,
-                                     curve=curve)  # fmt: skip
-        return self.held[mint]
+        position = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held, curve=curve)
+        self.held[mint], self.left[mint] = position, position.token_amount
+        return position
 
     async def close(self, mint: str, reason: str) -> None:
-        position = self.held[mint]
-        await self.publish(PositionClosed(position_id=position.position_id, mint=mint,
-                                          entry_price=position.entry_price, token_amount=0.0,
-                                          cost_sol=0.0, reason=reason))  # fmt: skip
+        await self.publish(PositionClosed(**self._fields(mint), token_amount=0.0, cost_sol=0.0,
+                                          reason=reason))  # fmt: skip
+
+    def orders(self, order_id: str) -> int:
+        """How often ``order_id`` was asked."""
+        return sum(o.order_id == order_id for o in self.watch.payloads("exit.order"))
 
     async def answer(self) -> None:
         for order in self.watch.payloads("exit.order"):
@@ -1040,7 +1051,17 @@ class _Trading:
             self.seen.add(order.order_id)
             price = self.tokens.curves[order.mint].price
             await self.bus.publish(filled(order, price, self.tokens.clock.now()))
-            await self.close(order.mint, "graceful")
+            left = self.left[order.mint] = self.left[order.mint] - order.token_amount
+            if left > self.held[order.mint].token_amount * 1e-9:
+                await self.publish(PositionUpdated(**self._fields(order.mint), token_amount=left,
+                                                   cost_sol=left * price))  # fmt: skip
+            else:
+                await self.close(order.mint, "graceful")
+
+    def _fields(self, mint: str) -> dict:
+        position = self.held[mint]
+        return {"position_id": position.position_id, "mint": mint,
+                "entry_price": position.entry_price}  # fmt: skip
 
 
 async def _shut_down(system, clock: ReplayClock, reason: str) -> None:
@@ -1130,5 +1151,108 @@ async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_b
             text = summary.text()
             assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text, text
             assert (await records.get_run(run.run_id)).summary["positions"][0]["closed"] == "manual"
+        finally:
+            await second.stop()
+
+
+async def test_a_partition_taken_up_in_the_middle_of_a_share_numbers_on_from_its_tranches():
+    """A partition comes to a replica while its share is still selling; its old owner
+    sent tranches of the partition's position since that share began. The position is
+    taken up numbering on from them: its next tranche is not one whose order id trading
+    has seen (and drops), and it is sold, not left waiting to the deadline."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(
+        records,
+        **ALONE,
+        exit_min_tranche_interval_s=20.0,
+        exit_max_tranche_impact=0.005,
+        exit_deadline_s=600.0,
+        exit_order_timeout_s=1.0,
+    )
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        partitions = system.bus.partitions
+        stays = tokens.mint()
+        moving = tokens.mint()
+        while partition_of(moving, partitions) == partition_of(stays, partitions):
+            moving = tokens.mint()
+        moved = partition_of(moving, partitions)
+        # sold in many tranches, far apart: the share goes on
+        await trading.hold(stays, tokens_held=1e7)
+        position = await trading.hold(moving)
+        # another replica owns the moving partition as the exit begins
+        await exits.consumer.revoke((moved,))
+        await _shut_down(system, clock, "partition taken over")
+        [first] = await watch.wait_for(1, "exit.order")
+        assert first.data.mint == stays
+        await trading.answer()
+        run = await records.active_run()
+        # since then the other owner sent two tranches of its position, both refused
+        for number in (1, 2):
+            order_id = f"{position.position_id}:exit:{number}"
+            sent = ExitOrderRecord(
+                order_id=order_id, mint=moving, position_id=position.position_id,
+                rule="graceful", number=number, token_amount=position.token_amount,
+                sent_at=clock.now(), tokens_at_start=position.token_amount,
+                started_at=run.started_at, run_id=run.run_id,
+            )  # fmt: skip
+            refused = OrderRejected(order_id=order_id, mint=moving, reason="slippage",
+                                    side="sell", position_id=position.position_id)  # fmt: skip
+            await records.record_order(sent.settled(refused, clock.now()))
+            trading.seen.add(order_id)
+        share = exits.manager
+        await exits.consumer.assign((moved,))
+
+        async def moving_sold() -> bool:
+            await trading.answer()
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] == "exited"
+
+        # the clock stands still: sold by its own tranche, not by the deadline's sweep
+        await eventually(moving_sold, 10, what="the position taken up sold")
+        assert exits.manager is share and share.summary is None, "taken up by a new share"
+        asked = [o.order_id for o in watch.payloads("exit.order") if o.mint == moving]
+        assert asked == [f"{position.position_id}:exit:3"], asked
+
+
+async def test_a_tranche_without_an_outcome_is_not_asked_again_on_every_share():
+    """A resumed replica asks again for a tranche stored and still without an outcome
+    (it may never have been sent); positions that come late each start a share of
+    their own, and none of them asks for it again within the order timeout (trading
+    drops the copies)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    # the barrier never comes: the run stays open for the late positions
+    settings = {"exit_run_poll_s": 0.02, "exit_resume_wait_s": 0.05, "exit_barrier_wait_s": 600.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        lost = await trading.hold(tokens.mint())
+        await _shut_down(system, clock, "an outcome lost")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        trading.lost.add(tranche.data.order_id)
+        run = await records.active_run()
+        await first.stop()
+        await trading.close(lost.mint, "manual")
+
+        second = await started(system, records, **settings)
+        try:
+            await eventually(lambda: trading.orders(tranche.data.order_id) == 2,
+                             10, what="the tranche asked again once resumed")  # fmt: skip
+            for _ in range(3):
+                late = await trading.hold(tokens.mint())
+
+                async def sold(late=late) -> bool:
+                    await trading.answer()
+                    listed = records.run_positions[run.run_id].get(late.position_id)
+                    return listed is not None and listed[0] == "exited"
+
+                await eventually(sold, 10, what="a late position sold")
+                await eventually(lambda: second.manager.summary is not None, 10,
+                                 what="its share over")  # fmt: skip
+            assert trading.orders(tranche.data.order_id) == 2
         finally:
             await second.stop()

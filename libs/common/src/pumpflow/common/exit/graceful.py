@@ -177,6 +177,7 @@ class GracefulExitManager:
         for position in list(self.position_manager.open_positions.values()):
             if position.mint in self._handed:
                 continue
+            fresh = position.mint not in self.planner.exits
             lifecycle, level = self._lifecycles.get(position.mint, (None, None))
             queued = self.planner.add(
                 position,
@@ -184,6 +185,9 @@ class GracefulExitManager:
                 lifecycle=lifecycle,
                 activity_level=level or 0.0,
             )
+            if queued is not None and fresh:
+                # come while the run waits for its next tranche: it sells from now
+                self._changed.set()
             if queued is not None and queued.tranches_sent < self._sent.get(queued.position_id, 0):
                 queued.tranches_sent = self._sent[queued.position_id]
             if queued is not None and queued.mint not in self.records:
