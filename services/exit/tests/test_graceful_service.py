@@ -8,6 +8,7 @@ its partition (trading's barrier lists it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -52,6 +53,8 @@ from .helpers import (
     exit_service,
     filled,
     hold,
+    kill,
+    on_broker,
     opened,
     started,
 )
@@ -149,10 +152,9 @@ async def test_a_restart_in_the_middle_resumes_and_sells_no_tranche_twice():
         assert trader.book.open_count == 3  # each sold a tranche, none sold out
         # the replica goes; its store and records stay (a new one picks them up)
         await first.stop()
-        second = exit_service(
-            records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005
+        second = await started(
+            system, records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005
         )
-        await second.start(system.contexts["exit"])
         await until_finished(second, clock, step=1.0)
         assert trader.book.open_count == 0
         orders = [o.order_id for o in watch.payloads("exit.order")]
@@ -585,8 +587,7 @@ async def test_a_tranche_stored_and_never_sent_before_a_crash_is_sent_by_the_res
         await first.stop()
 
         records.dying = False
-        second = exit_service(records, exit_resume_wait_s=0.05)
-        await second.start(system.contexts["exit"])
+        second = await started(system, records, exit_resume_wait_s=0.05)
         try:
             # the clock stands still until then: the resumed exit is not past its deadline
             await eventually(lambda: watch.payloads("exit.order"), what="the tranche asked again")
@@ -630,7 +631,6 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
     acked, so the restarted replica applies and stores it, and the position ends sold
     out, not held back as that tranche's unconfirmed tokens until the deadline (trading
     answers an order id once, so asking again brings nothing)."""
-    from pumpflow.common.runtime.service import ServiceContext
     from pumpflow.common.state.redis import RedisStateStore
 
     clock = ReplayClock(START)
@@ -641,11 +641,9 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
     trader = trading(ledger, partitions=PARTITIONS)
     bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="test/embedded")
 
-    async def replica(service):
-        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
-        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
-        await service.start(ctx)
-        return replica_bus
+    replica = functools.partial(
+        on_broker, rabbitmq_harness, clock=clock, store=store, partitions=PARTITIONS
+    )
 
     first = exit_service(records, **settings)
     first_bus = await replica(first)
@@ -668,10 +666,7 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
             ]
 
             # the replica dies: nothing more of it runs, what it did not ack goes back
-            for task in (first._poll, first._graceful, *first._tasks):
-                task.cancel()
-            await first.consumer.abandon()
-            await first_bus.close()
+            await kill(first, first_bus)
             records.down = False
             second = exit_service(records, **settings)
             await replica(second)
@@ -695,6 +690,84 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
         await store.close()
 
 
+#: an exit service alone (the test is trading): one tranche of 1e5 tokens sells a
+#: position whole; the run waits for no barrier
+ALONE = {"exit_barrier_wait_s": 0.0, "exit_run_poll_s": 0.02}
+
+
+class _Trading:
+    """The test as trading: fills each new exit order whole and tells the position's
+    tokens left (closed once none are); drops an order id it has seen, as trading
+    does, and never answers one in ``lost``."""
+
+    def __init__(self, system, tokens: TokenEvents, watch):
+        self.bus, self.tokens, self.watch = system.bus, tokens, watch
+        self.publish = as_trading(system.bus, tokens.clock)
+        #: order ids seen (answered or dropped)
+        self.seen: set[str] = set()
+        #: order ids trading never got
+        self.lost: set[str] = set()
+        self.held: dict[str, PositionOpened] = {}
+        self.left: dict[str, float] = {}
+
+    async def hold(self, mint: str, *, tokens_held: float = 1e5, curve: bool = True):
+        position = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held, curve=curve)
+        self.held[mint], self.left[mint] = position, position.token_amount
+        return position
+
+    async def close(self, mint: str, reason: str) -> None:
+        await self.publish(PositionClosed(**self._fields(mint), token_amount=0.0, cost_sol=0.0,
+                                          reason=reason))  # fmt: skip
+
+    def orders(self, order_id: str) -> int:
+        """How often ``order_id`` was asked."""
+        return sum(o.order_id == order_id for o in self.watch.payloads("exit.order"))
+
+    async def answer(self) -> None:
+        for order in self.watch.payloads("exit.order"):
+            if order.order_id in self.seen or order.order_id in self.lost:
+                continue
+            await self.fill(order)
+
+    async def fill(self, order) -> None:
+        """Fill ``order`` whole: the position's tokens left, or its close if none are."""
+        self.seen.add(order.order_id)
+        price = self.tokens.curves[order.mint].price
+        await self.bus.publish(filled(order, price, self.tokens.clock.now()))
+        left = self.left[order.mint] = self.left[order.mint] - order.token_amount
+        if left > self.held[order.mint].token_amount * 1e-9:
+            await self.publish(PositionUpdated(**self._fields(order.mint), token_amount=left,
+                                               cost_sol=left * price))  # fmt: skip
+        else:
+            await self.close(order.mint, "graceful")
+
+    def _fields(self, mint: str) -> dict:
+        position = self.held[mint]
+        return {"position_id": position.position_id, "mint": mint,
+                "entry_price": position.entry_price}  # fmt: skip
+
+
+async def _shut_down(system, clock: ReplayClock, reason: str) -> None:
+    await system.bus.publish(make_event(SystemShutdown(reason=reason), source="test",
+                                        time=clock.now()))  # fmt: skip
+
+
+#: tranches of a 3e7-token position take a small part of it each, spaced
+SMALL_TRANCHES = {"exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 5.0}
+
+
+async def _first_tranche_sold(system, trading: _Trading, watch, reason: str):
+    """A position of 3e7 tokens, the graceful exit (``reason``), and its first tranche
+    filled: the position and that tranche."""
+    held = await trading.hold(trading.tokens.mint(), tokens_held=3e7)
+    await _shut_down(system, trading.tokens.clock, reason)
+    [order] = await watch.wait_for(1, "exit.order")
+    tranche = order.data
+    assert tranche.token_amount < held.token_amount / 2
+    await trading.fill(tranche)
+    return held, tranche
+
+
 async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported_closed():
     """A tranche of the graceful exit fills, then a hand sale closes the rest of the
     position: the exit asks for no more tranches (none would be answered but refused,
@@ -703,45 +776,12 @@ async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     records = MemoryExitStore()
-    exits = exit_service(
-        records,
-        exit_max_tranche_impact=0.002,
-        exit_min_tranche_interval_s=5.0,
-        exit_order_timeout_s=1.0,
-        # no trading here to answer the shutdown with its barrier
-        exit_barrier_wait_s=0.0,
-        exit_run_poll_s=0.02,
-    )
+    exits = exit_service(records, **ALONE, **SMALL_TRANCHES, exit_order_timeout_s=1.0)
     async with embedded(clock, exits) as (system, watch):
-        bus = system.bus
-        mint = tokens.mint()
-        await bus.publish(tokens.created(mint, sol=5.0))
-        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-        position = opened(tokens, mint, tokens_held=3e7)
-        held = position.data
-        await bus.publish(position)
-        await bus.publish(make_event(SystemShutdown(reason="hand sale"), source="test",
-                                     time=clock.now()))  # fmt: skip
-        [first] = await watch.wait_for(1, "exit.order")
-        tranche = first.data
-        assert tranche.token_amount < held.token_amount / 2
-        price = tokens.curves[mint].price
-
-        async def trading(payload) -> None:
-            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
-
-        await trading(
-            OrderFilled(
-                order_id=tranche.order_id, mint=mint, side="sell",
-                token_amount=tranche.token_amount, sol_amount=tranche.token_amount * price,
-                price=price, position_id=held.position_id,
-            )
-        )  # fmt: skip
-        left = held.token_amount - tranche.token_amount
-        fields = {"position_id": held.position_id, "mint": mint, "entry_price": held.entry_price}
-        await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+        trading = _Trading(system, tokens, watch)
+        held, tranche = await _first_tranche_sold(system, trading, watch, "hand sale")
         # the rest goes by hand
-        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+        await trading.close(held.mint, "manual")
         # the clock stands still: the run ends on the close, not on its deadline
         await eventually(exits.finished.is_set, what="the graceful exit finished")
 
@@ -818,7 +858,6 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
     replica applies the close (its state written, the event acked) but dies before the
     position's line reaches the run's records. The resumed replica holds the position
     no more: it reports it closed by trading, with the tranche sold, not as left unsold."""
-    from pumpflow.common.runtime.service import ServiceContext
     from pumpflow.common.state.redis import RedisStateStore
     from pumpflow.common.testing import EventCollector
 
@@ -838,11 +877,9 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
     bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="trading/test")
     watch = await EventCollector("watch").attach(bus, "exit.*")
 
-    async def replica(service):
-        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
-        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
-        await service.start(ctx)
-        return replica_bus
+    replica = functools.partial(
+        on_broker, rabbitmq_harness, clock=clock, store=store, partitions=PARTITIONS
+    )
 
     async def trading(payload) -> None:
         await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
@@ -880,10 +917,7 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
         assert first.consumer.state(mint).position is None
 
         # the replica dies: nothing more of it runs
-        for task in (first._poll, first._graceful, *first._tasks):
-            task.cancel()
-        await first.consumer.abandon()
-        await first_bus.close()
+        await kill(first, first_bus)
         records.down = False
         second = exit_service(records, **settings)
         await replica(second)
@@ -1011,64 +1045,6 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         assert summary["finished_at"] < run.deadline - 300.0, "sold by the deadline's sweep"
 
 
-#: an exit service alone (the test is trading): one tranche of 1e5 tokens sells a
-#: position whole; the run waits for no barrier
-ALONE = {"exit_barrier_wait_s": 0.0, "exit_run_poll_s": 0.02}
-
-
-class _Trading:
-    """The test as trading: fills each new exit order whole and tells the position's
-    tokens left (closed once none are); drops an order id it has seen, as trading
-    does, and never answers one in ``lost``."""
-
-    def __init__(self, system, tokens: TokenEvents, watch):
-        self.bus, self.tokens, self.watch = system.bus, tokens, watch
-        self.publish = as_trading(system.bus, tokens.clock)
-        #: order ids seen (answered or dropped)
-        self.seen: set[str] = set()
-        #: order ids trading never got
-        self.lost: set[str] = set()
-        self.held: dict[str, PositionOpened] = {}
-        self.left: dict[str, float] = {}
-
-    async def hold(self, mint: str, *, tokens_held: float = 1e5, curve: bool = True):
-        position = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held, curve=curve)
-        self.held[mint], self.left[mint] = position, position.token_amount
-        return position
-
-    async def close(self, mint: str, reason: str) -> None:
-        await self.publish(PositionClosed(**self._fields(mint), token_amount=0.0, cost_sol=0.0,
-                                          reason=reason))  # fmt: skip
-
-    def orders(self, order_id: str) -> int:
-        """How often ``order_id`` was asked."""
-        return sum(o.order_id == order_id for o in self.watch.payloads("exit.order"))
-
-    async def answer(self) -> None:
-        for order in self.watch.payloads("exit.order"):
-            if order.order_id in self.seen or order.order_id in self.lost:
-                continue
-            self.seen.add(order.order_id)
-            price = self.tokens.curves[order.mint].price
-            await self.bus.publish(filled(order, price, self.tokens.clock.now()))
-            left = self.left[order.mint] = self.left[order.mint] - order.token_amount
-            if left > self.held[order.mint].token_amount * 1e-9:
-                await self.publish(PositionUpdated(**self._fields(order.mint), token_amount=left,
-                                                   cost_sol=left * price))  # fmt: skip
-            else:
-                await self.close(order.mint, "graceful")
-
-    def _fields(self, mint: str) -> dict:
-        position = self.held[mint]
-        return {"position_id": position.position_id, "mint": mint,
-                "entry_price": position.entry_price}  # fmt: skip
-
-
-async def _shut_down(system, clock: ReplayClock, reason: str) -> None:
-    await system.bus.publish(make_event(SystemShutdown(reason=reason), source="test",
-                                        time=clock.now()))  # fmt: skip
-
-
 async def test_a_close_while_a_resumed_replica_waits_to_sell_ends_its_position_closed():
     """A replica resumes the graceful exit and waits for the outcome of a tranche sent
     before; meanwhile trading closes a position that had no tranche yet. The close is
@@ -1115,22 +1091,11 @@ async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_b
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     records = MemoryExitStore()
-    settings = {**ALONE, "exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 5.0}
+    settings = {**ALONE, **SMALL_TRANCHES}
     first = exit_service(records, **settings)
     async with embedded(clock, first) as (system, watch):
         trading = _Trading(system, tokens, watch)
-        mint = tokens.mint()
-        held = await trading.hold(mint, tokens_held=3e7)
-        await _shut_down(system, clock, "hand sale while down")
-        [order] = await watch.wait_for(1, "exit.order")
-        tranche = order.data
-        assert tranche.token_amount < held.token_amount / 2
-        price = tokens.curves[mint].price
-        await system.bus.publish(filled(tranche, price, clock.now()))
-        left = held.token_amount - tranche.token_amount
-        await trading.publish(PositionUpdated(position_id=held.position_id, mint=mint,
-                                              entry_price=held.entry_price, token_amount=left,
-                                              cost_sol=left * price))  # fmt: skip
+        held, tranche = await _first_tranche_sold(system, trading, watch, "hand sale while down")
         run = await records.active_run()
 
         async def fill_stored() -> bool:
@@ -1138,7 +1103,7 @@ async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_b
 
         await eventually(fill_stored, what="the tranche's fill stored")
         await first.stop()
-        await trading.close(mint, "manual")
+        await trading.close(held.mint, "manual")
 
         second = await started(system, records, **settings)
         try:
