@@ -54,19 +54,24 @@
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
-  one it awaits; the new owner sells them like a restarted replica: after the outcome
-  of the tranche in flight, numbering on from the stored tranches, with the fills so
-  far in its report of the position. A share is of the partitions whose keys are
-  loaded: one still loading is the next share's (its stored exits are not this one's
-  to close, unsold, as it ends).
+  one it awaits; the new owner sells them like a restarted replica: numbering on from
+  the tranches stored by the time it takes the partition up (in the middle of its own
+  share too: the old owner may have sent more since that share began), with the fills
+  so far in its report of the position, the tranche in flight's tokens held back until
+  its outcome. A share is of the partitions whose keys are loaded: one still loading
+  is taken up once it has loaded (its stored exits are not this share's to close,
+  unsold, before).
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far, and
-  the stored closes the positions trading closed; what is still held is sold under
-  the same deadline. A tranche stored and still
-  without an outcome is published again under its order id (stored just before a
-  crash, it may never have been sent). Trading refuses an order id it has seen, so
-  nothing is sold twice.
+  the closes the positions trading closed; what is still held is sold under the same
+  deadline. A close is the run's from the start on, whether a share sells the
+  position yet or not (the replica waiting to sell, the position's partition just
+  come): stored, and the position's exit ends closed by trading when it is taken up.
+  A tranche stored and still without an outcome is published again under its order
+  id (stored just before a crash, it may never have been sent), at most once per
+  ``exit_order_timeout_s`` from a replica: trading refuses an order id it has seen,
+  so nothing is sold twice, and drops the copies.
 - HTTP: ``GET /progress`` (the graceful exit now), ``GET /summary`` (the last one's),
   ``GET /orders``, ``GET /positions``; ``POST /shutdown`` needs the API token.
 """
