@@ -995,6 +995,14 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
                     price = tokens.curves[order.mint].price
                     await system.bus.publish(filled(order, price, clock.now()))
 
+        async def step() -> None:
+            """Answer the tranches asked; move the clock on once the exit has their
+            outcomes (the next tranche is spaced from the fill's time, not the test's)."""
+            await answer()
+            progress = exits.exit_progress()
+            if progress is None or progress.in_flight == 0:
+                await clock.advance(5.0)
+
         shutdown = SystemShutdown(reason="partitions move")
         await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
 
@@ -1019,8 +1027,7 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         loading = asyncio.create_task(exits.consumer.assign((slow,)))
 
         async def kept_sold() -> bool:
-            await answer()
-            await clock.advance(5.0)
+            await step()
             state = records.run_positions[run.run_id][positions[first]][0]
             return state != "open"
 
@@ -1033,8 +1040,7 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         await loading
 
         async def finished() -> bool:
-            await answer()
-            await clock.advance(5.0)
+            await step()
             return (await records.get_run(run.run_id)).finished_at is not None
 
         await eventually(finished, 20, what="the run finished")
