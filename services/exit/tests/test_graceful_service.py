@@ -17,6 +17,7 @@ from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import (
     BarrierPosition,
+    ExitOrder,
     FeaturesUpdated,
     ModelPrediction,
     OrderFilled,
@@ -1126,6 +1127,46 @@ async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_b
             await second.stop()
 
 
+#: a share that goes on: a big position sold in many tranches, far apart
+LONG_SHARE = {
+    **ALONE,
+    "exit_min_tranche_interval_s": 20.0,
+    "exit_max_tranche_impact": 0.005,
+    "exit_deadline_s": 600.0,
+}
+
+
+async def _share_without_a_partition(system, exits, trading: _Trading, watch, *, moving_held):
+    """A position on a partition another replica owns as the graceful exit begins, and
+    this replica's share going on with a big position elsewhere (its first tranche
+    filled): the run, the moving position and its partition."""
+    tokens = trading.tokens
+    partitions = system.bus.partitions
+    stays = tokens.mint()
+    moving = tokens.mint()
+    while partition_of(moving, partitions) == partition_of(stays, partitions):
+        moving = tokens.mint()
+    moved = partition_of(moving, partitions)
+    await trading.hold(stays, tokens_held=1e7)
+    position = await trading.hold(moving, tokens_held=moving_held)
+    await exits.consumer.revoke((moved,))
+    await _shut_down(system, tokens.clock, "partition taken over")
+    [first] = await watch.wait_for(1, "exit.order")
+    assert first.data.mint == stays
+    await trading.answer()
+    return await exits.records.active_run(), position, moved
+
+
+def _sent_by_the_old_owner(run, position: PositionOpened, number: int, tokens: float):
+    """The record of the old owner's tranche ``number`` of ``position``, sent now."""
+    return ExitOrderRecord(
+        order_id=f"{position.position_id}:exit:{number}", mint=position.mint,
+        position_id=position.position_id, rule="graceful", number=number, token_amount=tokens,
+        sent_at=run.started_at, tokens_at_start=position.token_amount,
+        started_at=run.started_at, run_id=run.run_id,
+    )  # fmt: skip
+
+
 async def test_a_partition_taken_up_in_the_middle_of_a_share_numbers_on_from_its_tranches():
     """A partition comes to a replica while its share is still selling; its old owner
     sent tranches of the partition's position since that share began. The position is
@@ -1134,45 +1175,20 @@ async def test_a_partition_taken_up_in_the_middle_of_a_share_numbers_on_from_its
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     records = MemoryExitStore()
-    exits = exit_service(
-        records,
-        **ALONE,
-        exit_min_tranche_interval_s=20.0,
-        exit_max_tranche_impact=0.005,
-        exit_deadline_s=600.0,
-        exit_order_timeout_s=1.0,
-    )
+    exits = exit_service(records, **LONG_SHARE, exit_order_timeout_s=1.0)
     async with embedded(clock, exits) as (system, watch):
         trading = _Trading(system, tokens, watch)
-        partitions = system.bus.partitions
-        stays = tokens.mint()
-        moving = tokens.mint()
-        while partition_of(moving, partitions) == partition_of(stays, partitions):
-            moving = tokens.mint()
-        moved = partition_of(moving, partitions)
-        # sold in many tranches, far apart: the share goes on
-        await trading.hold(stays, tokens_held=1e7)
-        position = await trading.hold(moving)
-        # another replica owns the moving partition as the exit begins
-        await exits.consumer.revoke((moved,))
-        await _shut_down(system, clock, "partition taken over")
-        [first] = await watch.wait_for(1, "exit.order")
-        assert first.data.mint == stays
-        await trading.answer()
-        run = await records.active_run()
+        run, position, moved = await _share_without_a_partition(
+            system, exits, trading, watch, moving_held=1e5
+        )
         # since then the other owner sent two tranches of its position, both refused
         for number in (1, 2):
-            order_id = f"{position.position_id}:exit:{number}"
-            sent = ExitOrderRecord(
-                order_id=order_id, mint=moving, position_id=position.position_id,
-                rule="graceful", number=number, token_amount=position.token_amount,
-                sent_at=clock.now(), tokens_at_start=position.token_amount,
-                started_at=run.started_at, run_id=run.run_id,
-            )  # fmt: skip
-            refused = OrderRejected(order_id=order_id, mint=moving, reason="slippage",
-                                    side="sell", position_id=position.position_id)  # fmt: skip
+            sent = _sent_by_the_old_owner(run, position, number, position.token_amount)
+            refused = OrderRejected(order_id=sent.order_id, mint=position.mint,
+                                    reason="slippage", side="sell",
+                                    position_id=position.position_id)  # fmt: skip
             await records.record_order(sent.settled(refused, clock.now()))
-            trading.seen.add(order_id)
+            trading.seen.add(sent.order_id)
         share = exits.manager
         await exits.consumer.assign((moved,))
 
@@ -1184,8 +1200,86 @@ async def test_a_partition_taken_up_in_the_middle_of_a_share_numbers_on_from_its
         # the clock stands still: sold by its own tranche, not by the deadline's sweep
         await eventually(moving_sold, 10, what="the position taken up sold")
         assert exits.manager is share and share.summary is None, "taken up by a new share"
-        asked = [o.order_id for o in watch.payloads("exit.order") if o.mint == moving]
+        asked = [o.order_id for o in watch.payloads("exit.order") if o.mint == position.mint]
         assert asked == [f"{position.position_id}:exit:3"], asked
+
+
+class _Slow(MemoryExitStore):
+    """Records whose reads of a run's tranches, and stores of their outcomes, wait while
+    their gate is shut (a database under load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads, self.settles = asyncio.Event(), asyncio.Event()
+        self.reads.set()
+        self.settles.set()
+        #: a read waits at the gate
+        self.reading = asyncio.Event()
+
+    async def run_orders(self, run_id):
+        if not self.reads.is_set():
+            self.reading.set()
+            await self.reads.wait()
+        return await super().run_orders(run_id)
+
+    async def settle(self, order_id, outcome, time):
+        await self.settles.wait()
+        return await super().settle(order_id, outcome, time)
+
+
+async def test_a_fill_applied_and_not_stored_as_its_position_is_taken_up_counts_once():
+    """The old owner's tranche fills as its partition comes here: the fill and the
+    position's tokens left are applied when the take-up reads the stored tranches, and
+    the fill is stored after. The take-up counts it once, not as a tranche without an
+    outcome whose late fill comes off what is left again: the position is sold out,
+    with no tokens left held unsold."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _Slow()
+    exits = exit_service(records, **LONG_SHARE)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        run, position, moved = await _share_without_a_partition(
+            system, exits, trading, watch, moving_held=3e6
+        )
+        sent = _sent_by_the_old_owner(run, position, 1, position.token_amount / 3)
+        await records.record_order(sent)
+        records.reads.clear()
+        await exits.consumer.assign((moved,))
+        await eventually(records.reading.is_set, 10, what="the take-up reading the tranches")
+        records.settles.clear()
+        order = ExitOrder(order_id=sent.order_id, mint=position.mint,
+                          position_id=position.position_id, token_amount=sent.token_amount,
+                          slippage_pct=10.0, reason="graceful", deadline=run.deadline)  # fmt: skip
+        # published on their own: the synchronous bus's publish waits for the store
+        filling = asyncio.create_task(trading.fill(order))
+        left = position.token_amount - sent.token_amount
+
+        def applied() -> bool:
+            state = exits.consumer.state(position.mint)
+            return state.position.tokens == pytest.approx(left)
+
+        await eventually(applied, 10, what="the fill and the tokens left applied")
+        records.reads.set()
+        await eventually(lambda: position.mint in exits.manager.planner.exits, 10,
+                         what="the position taken up")  # fmt: skip
+        records.settles.set()
+        await filling
+
+        async def moving_over() -> bool:
+            await trading.answer()
+            progress = exits.exit_progress()
+            if progress is not None and progress.in_flight == 0:
+                await clock.advance(5.0)
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] != "open"
+
+        await eventually(moving_over, 20, what="the position taken up over")
+        sold = [f.token_amount for f in watch.payloads("order.filled") if f.mint == position.mint]
+        assert sum(sold) == pytest.approx(position.token_amount, rel=1e-9), sold
+        assert records.run_positions[run.run_id][position.position_id][0] == "exited"
+        record = exits.manager.records[position.mint]
+        assert record.sold_out and not record.unconfirmed and len(record.fills) == len(sold)
 
 
 async def test_a_tranche_without_an_outcome_is_not_asked_again_on_every_share():

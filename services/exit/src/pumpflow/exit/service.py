@@ -230,6 +230,9 @@ class ExitService(Service):
         self._asked: dict[str, float] = {}
         #: positions trading closed during the run, as applied here (stored or not yet)
         self._closes: dict[str, TradingClose] = {}
+        #: outcomes of the run's tranches as applied here (stored or not yet): order id
+        #: -> (outcome, time)
+        self._applied: dict[str, tuple[OrderFilled | OrderRejected, float]] = {}
         #: a close stored of a position this share has not taken up: the next look does
         self._untaken_closes = False
         self._taking = asyncio.Lock()
@@ -380,7 +383,8 @@ class ExitService(Service):
             # elapsed time and deadline margin would go on counting)
             self.last_progress = self.exit_progress()
             self.run, self._ended, self.manager = None, None, None
-            self._asked, self._closes, self._untaken_closes = {}, {}, False
+            self._asked, self._closes, self._applied = {}, {}, {}
+            self._untaken_closes = False
             self.processor.halted = False
         finally:
             self.finished.set()
@@ -421,14 +425,23 @@ class ExitService(Service):
     async def _take_up(self, manager: GracefulExitManager, run: RunRecord) -> None:
         """Queue what the partitions loaded here hold and ``manager`` does not sell yet,
         as a restarted replica does: numbering on from the tranches stored by now (another
-        replica may have sent some since this share began), with their fills in the
-        report, trading's closes (stored, or applied here and not stored yet), the exits
-        over before (sold out, or closed by trading) closed with the listing, and the
-        tranches still without an outcome asked again."""
+        replica may have sent some since this share began), with their outcomes (their
+        fills in the report) and trading's closes, stored or applied here and not stored
+        yet; the exits over before (sold out, or closed by trading) closed with the
+        listing, and the tranches still without an outcome asked again."""
         async with self._taking:
             self._untaken_closes = False
-            orders = await self.records.run_orders(run.run_id)
+            stored = await self.records.run_orders(run.run_id)
             closes = {**await self.records.run_closes(run.run_id), **self._closes}
+            # what applied here and is not stored yet counts too, read with the positions
+            # (no wait between): they are as it left them (a fill counted twice, or a
+            # close missed, would end the position unsold)
+            orders = [
+                o.settled(*self._applied[o.order_id])
+                if o.state == "sent" and o.order_id in self._applied
+                else o
+                for o in stored
+            ]
             records, sent = resume_state(orders, closes)
             # other replicas' exits are theirs to report; those of a partition still
             # loading are the next take-up's: this one would close them unsold, their
@@ -690,6 +703,8 @@ class ExitService(Service):
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
+        if self.run is not None and ":exit:" in outcome.order_id:
+            self._applied[outcome.order_id] = (outcome, time)
         # stored by the commit's before_write: the delivery is acked only once it is
         self._outcomes.append((mint, outcome, sale, time))
 
