@@ -12,6 +12,7 @@ from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, ExitOrder, OrderFilled, PositionOpened, make_event
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.testing import EventCollector, TokenEvents
 from pumpflow.exit.records import MemoryExitStore
@@ -72,6 +73,59 @@ async def embedded(
     ) as system:
         watch = await EventCollector("watch").attach(system.bus, "exit.*", "order.*", "position.*")
         yield system, watch
+
+
+async def started(system, records: MemoryExitStore, **settings: object) -> ExitService:
+    """A replica of the exit service started on ``system``'s bus and keys with ``records``
+    (in the place of one stopped; the caller stops it)."""
+    service = exit_service(records, **settings)
+    await service.start(system.contexts["exit"])
+    return service
+
+
+async def on_broker(
+    harness, service: ExitService, *, clock: ReplayClock, store: StateStore, partitions: int
+) -> EventBus:
+    """Start ``service`` as a process of its own runs it: its own bus on the broker of
+    ``harness``, its keys in ``store``; that bus."""
+    bus = await harness.bus(partitions=partitions, source="exit/test")
+    ctx = ServiceContext(settings=service.settings, bus=bus, clock=clock, store=store)
+    await service.start(ctx)
+    return bus
+
+
+async def kill(service: ExitService, bus: EventBus) -> None:
+    """``service`` (started :func:`on_broker`) dies as a process killed -9 does: nothing
+    more of it runs, and the deliveries it did not ack go back to the broker."""
+    for task in (service._poll, service._graceful, *service._tasks):
+        if task is not None:
+            task.cancel()
+    await service.consumer.abandon()
+    await bus.close()
+
+
+def as_trading(bus: EventBus, clock: ReplayClock):
+    """Publish a payload as trading does, now."""
+
+    async def publish(payload) -> None:
+        await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
+
+    return publish
+
+
+async def hold(
+    bus: EventBus, tokens: TokenEvents, mint: str, *, tokens_held: float, curve: bool = True
+) -> PositionOpened:
+    """Trading's position of ``tokens_held`` in ``mint`` after a whale's buy; without
+    ``curve`` the exit sees no trade of the token (it sells it only in the final sweep)."""
+    created = tokens.created(mint, sol=5.0)
+    buy = tokens.buy(mint, "whale", sol=10.0)
+    if curve:
+        await bus.publish(created)
+        await bus.publish(buy)
+    position = opened(tokens, mint, tokens_held=tokens_held)
+    await bus.publish(position)
+    return position.data
 
 
 def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event:

@@ -23,6 +23,7 @@ from pumpflow.common.exit import (
     DEADLINE,
     GRACEFUL,
     ExitPlanner,
+    ExitRecord,
     GracefulExitConfig,
     GracefulExitManager,
     GracefulExitSummary,
@@ -458,6 +459,38 @@ async def test_a_position_handed_over_mid_exit_gets_no_more_tranches_and_no_repo
     # the position comes back in the book: this manager does not queue it again
     h.manager.begin_graceful_exit("handed over")
     assert moving.mint not in h.manager.planner.exits
+
+
+async def test_a_take_up_queues_the_positions_come_and_leaves_one_handed_over_alone(harness):
+    """Positions come in the middle of the exit (a partition taken over) with their
+    stored records; one handed over to another seller gets neither a place nor a line
+    here (ended unsold in this exit's summary, it would close its exit for the run)."""
+    h = await harness(max_tranche_impact=0.005, min_tranche_interval_s=1.0)
+    moving = h.open("MintA", 2.0, curve_sol=5.0)
+    staying = h.open("MintB", 2.0, curve_sol=5.0)
+    h.manager.begin_graceful_exit("taken over")
+    assert h.manager.hand_over(moving.mint)
+    assert h.manager.untaken() == []
+    come = h.open("MintC", 2.0, curve_sol=5.0)
+    assert h.manager.untaken() == [come.mint]
+    stored = [
+        ExitRecord(mint=p.mint, position_id=p.position_id, rule=GRACEFUL,
+                   tokens_at_start=p.tokens, mark_price=p.mark_price, started_at=START)
+        for p in (moving, come)
+    ]  # fmt: skip
+    sent = {moving.position_id: 3, come.position_id: 2}
+    h.manager.resume_graceful_exit(
+        "taken over", started_at=START, deadline=START + 60.0, records=stored, sent=sent
+    )
+    assert h.manager.untaken() == []
+    summary = await h.manager.run()
+
+    assert not [o for o in h.executor.orders if o.mint == moving.mint]
+    numbers = [o.order_id for o in h.executor.orders if o.mint == come.mint]
+    assert numbers[0] == f"{come.position_id}:exit:3", numbers
+    lines = {line.position_id: line for line in summary.lines}
+    assert set(lines) == {staying.position_id, come.position_id}
+    assert summary.positions_left == 0
 
 
 async def test_tranches_without_an_outcome_are_not_offered_again_and_reported_unconfirmed(

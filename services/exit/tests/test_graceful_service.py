@@ -8,6 +8,7 @@ its partition (trading's barrier lists it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,10 +17,13 @@ from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import (
     BarrierPosition,
+    ExitOrder,
     FeaturesUpdated,
     ModelPrediction,
     OrderFilled,
+    OrderRejected,
     PositionClosed,
+    PositionOpened,
     PositionUpdated,
     ShutdownBarrier,
     SystemShutdown,
@@ -30,12 +34,31 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
-from pumpflow.exit.records import BARRIER, MemoryExitStore, PostgresExitStore, entry_position_id
+from pumpflow.exit.records import (
+    BARRIER,
+    ExitOrderRecord,
+    MemoryExitStore,
+    PostgresExitStore,
+    entry_position_id,
+)
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .helpers import START, FlakyExitStore, Outage, embedded, exit_service, filled, opened
+from .helpers import (
+    START,
+    FlakyExitStore,
+    Outage,
+    as_trading,
+    embedded,
+    exit_service,
+    filled,
+    hold,
+    kill,
+    on_broker,
+    opened,
+    started,
+)
 
 PARTITIONS = 4
 #: the in-memory bus (synchronous) and RabbitMQ
@@ -130,10 +153,9 @@ async def test_a_restart_in_the_middle_resumes_and_sells_no_tranche_twice():
         assert trader.book.open_count == 3  # each sold a tranche, none sold out
         # the replica goes; its store and records stay (a new one picks them up)
         await first.stop()
-        second = exit_service(
-            records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005
+        second = await started(
+            system, records, exit_min_tranche_interval_s=20.0, exit_max_tranche_impact=0.005
         )
-        await second.start(system.contexts["exit"])
         await until_finished(second, clock, step=1.0)
         assert trader.book.open_count == 0
         orders = [o.order_id for o in watch.payloads("exit.order")]
@@ -566,8 +588,7 @@ async def test_a_tranche_stored_and_never_sent_before_a_crash_is_sent_by_the_res
         await first.stop()
 
         records.dying = False
-        second = exit_service(records, exit_resume_wait_s=0.05)
-        await second.start(system.contexts["exit"])
+        second = await started(system, records, exit_resume_wait_s=0.05)
         try:
             # the clock stands still until then: the resumed exit is not past its deadline
             await eventually(lambda: watch.payloads("exit.order"), what="the tranche asked again")
@@ -611,7 +632,6 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
     acked, so the restarted replica applies and stores it, and the position ends sold
     out, not held back as that tranche's unconfirmed tokens until the deadline (trading
     answers an order id once, so asking again brings nothing)."""
-    from pumpflow.common.runtime.service import ServiceContext
     from pumpflow.common.state.redis import RedisStateStore
 
     clock = ReplayClock(START)
@@ -622,11 +642,9 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
     trader = trading(ledger, partitions=PARTITIONS)
     bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="test/embedded")
 
-    async def replica(service):
-        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
-        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
-        await service.start(ctx)
-        return replica_bus
+    replica = functools.partial(
+        on_broker, rabbitmq_harness, clock=clock, store=store, partitions=PARTITIONS
+    )
 
     first = exit_service(records, **settings)
     first_bus = await replica(first)
@@ -649,10 +667,7 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
             ]
 
             # the replica dies: nothing more of it runs, what it did not ack goes back
-            for task in (first._poll, first._graceful, *first._tasks):
-                task.cancel()
-            await first.consumer.abandon()
-            await first_bus.close()
+            await kill(first, first_bus)
             records.down = False
             second = exit_service(records, **settings)
             await replica(second)
@@ -676,6 +691,84 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
         await store.close()
 
 
+#: an exit service alone (the test is trading): one tranche of 1e5 tokens sells a
+#: position whole; the run waits for no barrier
+ALONE = {"exit_barrier_wait_s": 0.0, "exit_run_poll_s": 0.02}
+
+
+class _Trading:
+    """The test as trading: fills each new exit order whole and tells the position's
+    tokens left (closed once none are); drops an order id it has seen, as trading
+    does, and never answers one in ``lost``."""
+
+    def __init__(self, system, tokens: TokenEvents, watch):
+        self.bus, self.tokens, self.watch = system.bus, tokens, watch
+        self.publish = as_trading(system.bus, tokens.clock)
+        #: order ids seen (answered or dropped)
+        self.seen: set[str] = set()
+        #: order ids trading never got
+        self.lost: set[str] = set()
+        self.held: dict[str, PositionOpened] = {}
+        self.left: dict[str, float] = {}
+
+    async def hold(self, mint: str, *, tokens_held: float = 1e5, curve: bool = True):
+        position = await hold(self.bus, self.tokens, mint, tokens_held=tokens_held, curve=curve)
+        self.held[mint], self.left[mint] = position, position.token_amount
+        return position
+
+    async def close(self, mint: str, reason: str) -> None:
+        await self.publish(PositionClosed(**self._fields(mint), token_amount=0.0, cost_sol=0.0,
+                                          reason=reason))  # fmt: skip
+
+    def orders(self, order_id: str) -> int:
+        """How often ``order_id`` was asked."""
+        return sum(o.order_id == order_id for o in self.watch.payloads("exit.order"))
+
+    async def answer(self) -> None:
+        for order in self.watch.payloads("exit.order"):
+            if order.order_id in self.seen or order.order_id in self.lost:
+                continue
+            await self.fill(order)
+
+    async def fill(self, order) -> None:
+        """Fill ``order`` whole: the position's tokens left, or its close if none are."""
+        self.seen.add(order.order_id)
+        price = self.tokens.curves[order.mint].price
+        await self.bus.publish(filled(order, price, self.tokens.clock.now()))
+        left = self.left[order.mint] = self.left[order.mint] - order.token_amount
+        if left > self.held[order.mint].token_amount * 1e-9:
+            await self.publish(PositionUpdated(**self._fields(order.mint), token_amount=left,
+                                               cost_sol=left * price))  # fmt: skip
+        else:
+            await self.close(order.mint, "graceful")
+
+    def _fields(self, mint: str) -> dict:
+        position = self.held[mint]
+        return {"position_id": position.position_id, "mint": mint,
+                "entry_price": position.entry_price}  # fmt: skip
+
+
+async def _shut_down(system, clock: ReplayClock, reason: str) -> None:
+    await system.bus.publish(make_event(SystemShutdown(reason=reason), source="test",
+                                        time=clock.now()))  # fmt: skip
+
+
+#: tranches of a 3e7-token position take a small part of it each, spaced
+SMALL_TRANCHES = {"exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 5.0}
+
+
+async def _first_tranche_sold(system, trading: _Trading, watch, reason: str):
+    """A position of 3e7 tokens, the graceful exit (``reason``), and its first tranche
+    filled: the position and that tranche."""
+    held = await trading.hold(trading.tokens.mint(), tokens_held=3e7)
+    await _shut_down(system, trading.tokens.clock, reason)
+    [order] = await watch.wait_for(1, "exit.order")
+    tranche = order.data
+    assert tranche.token_amount < held.token_amount / 2
+    await trading.fill(tranche)
+    return held, tranche
+
+
 async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported_closed():
     """A tranche of the graceful exit fills, then a hand sale closes the rest of the
     position: the exit asks for no more tranches (none would be answered but refused,
@@ -684,45 +777,12 @@ async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     records = MemoryExitStore()
-    exits = exit_service(
-        records,
-        exit_max_tranche_impact=0.002,
-        exit_min_tranche_interval_s=5.0,
-        exit_order_timeout_s=1.0,
-        # no trading here to answer the shutdown with its barrier
-        exit_barrier_wait_s=0.0,
-        exit_run_poll_s=0.02,
-    )
+    exits = exit_service(records, **ALONE, **SMALL_TRANCHES, exit_order_timeout_s=1.0)
     async with embedded(clock, exits) as (system, watch):
-        bus = system.bus
-        mint = tokens.mint()
-        await bus.publish(tokens.created(mint, sol=5.0))
-        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-        position = opened(tokens, mint, tokens_held=3e7)
-        held = position.data
-        await bus.publish(position)
-        await bus.publish(make_event(SystemShutdown(reason="hand sale"), source="test",
-                                     time=clock.now()))  # fmt: skip
-        [first] = await watch.wait_for(1, "exit.order")
-        tranche = first.data
-        assert tranche.token_amount < held.token_amount / 2
-        price = tokens.curves[mint].price
-
-        async def trading(payload) -> None:
-            await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
-
-        await trading(
-            OrderFilled(
-                order_id=tranche.order_id, mint=mint, side="sell",
-                token_amount=tranche.token_amount, sol_amount=tranche.token_amount * price,
-                price=price, position_id=held.position_id,
-            )
-        )  # fmt: skip
-        left = held.token_amount - tranche.token_amount
-        fields = {"position_id": held.position_id, "mint": mint, "entry_price": held.entry_price}
-        await trading(PositionUpdated(**fields, token_amount=left, cost_sol=left * price))
+        trading = _Trading(system, tokens, watch)
+        held, tranche = await _first_tranche_sold(system, trading, watch, "hand sale")
         # the rest goes by hand
-        await trading(PositionClosed(**fields, token_amount=0.0, cost_sol=0.0, reason="manual"))
+        await trading.close(held.mint, "manual")
         # the clock stands still: the run ends on the close, not on its deadline
         await eventually(exits.finished.is_set, what="the graceful exit finished")
 
@@ -799,7 +859,6 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
     replica applies the close (its state written, the event acked) but dies before the
     position's line reaches the run's records. The resumed replica holds the position
     no more: it reports it closed by trading, with the tranche sold, not as left unsold."""
-    from pumpflow.common.runtime.service import ServiceContext
     from pumpflow.common.state.redis import RedisStateStore
     from pumpflow.common.testing import EventCollector
 
@@ -819,11 +878,9 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
     bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="trading/test")
     watch = await EventCollector("watch").attach(bus, "exit.*")
 
-    async def replica(service):
-        replica_bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="exit/test")
-        ctx = ServiceContext(settings=service.settings, bus=replica_bus, clock=clock, store=store)
-        await service.start(ctx)
-        return replica_bus
+    replica = functools.partial(
+        on_broker, rabbitmq_harness, clock=clock, store=store, partitions=PARTITIONS
+    )
 
     async def trading(payload) -> None:
         await bus.publish(make_event(payload, source="trading/test", time=clock.now()))
@@ -861,10 +918,7 @@ async def test_a_kill_before_a_position_closed_by_trading_reached_the_run_still_
         assert first.consumer.state(mint).position is None
 
         # the replica dies: nothing more of it runs
-        for task in (first._poll, first._graceful, *first._tasks):
-            task.cancel()
-        await first.consumer.abandon()
-        await first_bus.close()
+        await kill(first, first_bus)
         records.down = False
         second = exit_service(records, **settings)
         await replica(second)
@@ -942,6 +996,14 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
                     price = tokens.curves[order.mint].price
                     await system.bus.publish(filled(order, price, clock.now()))
 
+        async def step() -> None:
+            """Answer the tranches asked; move the clock on once the exit has their
+            outcomes (the next tranche is spaced from the fill's time, not the test's)."""
+            await answer()
+            progress = exits.exit_progress()
+            if progress is None or progress.in_flight == 0:
+                await clock.advance(5.0)
+
         shutdown = SystemShutdown(reason="partitions move")
         await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
 
@@ -966,8 +1028,7 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         loading = asyncio.create_task(exits.consumer.assign((slow,)))
 
         async def kept_sold() -> bool:
-            await answer()
-            await clock.advance(5.0)
+            await step()
             state = records.run_positions[run.run_id][positions[first]][0]
             return state != "open"
 
@@ -980,8 +1041,7 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         await loading
 
         async def finished() -> bool:
-            await answer()
-            await clock.advance(5.0)
+            await step()
             return (await records.get_run(run.run_id)).finished_at is not None
 
         await eventually(finished, 20, what="the run finished")
@@ -990,3 +1050,274 @@ async def test_a_partition_still_loading_as_a_share_resumes_keeps_its_position_i
         assert {line["position_id"] for line in summary["positions"]} == set(positions.values())
         assert all(line["completed"] for line in summary["positions"]), summary
         assert summary["finished_at"] < run.deadline - 300.0, "sold by the deadline's sweep"
+
+
+async def test_a_close_while_a_resumed_replica_waits_to_sell_ends_its_position_closed():
+    """A replica resumes the graceful exit and waits for the outcome of a tranche sent
+    before; meanwhile trading closes a position that had no tranche yet. The close is
+    the run's: once the replica sells, the position ends closed by trading, and the run
+    ends then, not at its deadline with that position's row still open."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {**ALONE, "exit_resume_wait_s": 30.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        sold = await trading.hold(tokens.mint())
+        # no curve: no tranche before the final sweep
+        quiet = await trading.hold(tokens.mint(), curve=False)
+        await _shut_down(system, clock, "close while resuming")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        assert tranche.data.mint == sold.mint
+        await first.stop()
+
+        second = await started(system, records, **settings)
+        try:
+            await trading.close(quiet.mint, "manual")
+            await second.consumer.flush()
+            assert second.manager is None, "the share began before the tranche's outcome"
+            await trading.answer()
+            # the clock stands still: the run ends on the close, not on its deadline
+            await eventually(second.finished.is_set, 10, what="the resumed exit finished")
+            summary = second.summary
+            lines = {line.position_id: line for line in summary.lines}
+            line = lines[quiet.position_id]
+            assert line.closed == "manual" and line.completed and line.tranches == 0, line
+            assert lines[sold.position_id].completed and not lines[sold.position_id].closed
+            assert summary.positions_left == 0 and clock.now() == START
+        finally:
+            await second.stop()
+
+
+async def test_a_position_closed_while_the_replica_was_down_is_reported_closed_by_trading():
+    """A tranche of the graceful exit fills; the replica goes, and while it is down a
+    hand sale closes the rest of the position. The resumed replica applies the close
+    before it sells: its report says the position was closed by trading (and why), with
+    the tranche sold, not that it ended unsold."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {**ALONE, **SMALL_TRANCHES}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        held, tranche = await _first_tranche_sold(system, trading, watch, "hand sale while down")
+        run = await records.active_run()
+
+        async def fill_stored() -> bool:
+            return [o.state for o in await records.run_orders(run.run_id)] == ["filled"]
+
+        await eventually(fill_stored, what="the tranche's fill stored")
+        await first.stop()
+        await trading.close(held.mint, "manual")
+
+        second = await started(system, records, **settings)
+        try:
+            await eventually(second.finished.is_set, 10, what="the resumed exit finished")
+            assert watch.payloads("exit.order") == [tranche]
+            summary = second.summary
+            [line] = summary.lines
+            assert line.closed == "manual" and line.completed, line
+            assert line.tranches == 1 and line.tokens_sold == pytest.approx(tranche.token_amount)
+            text = summary.text()
+            assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text, text
+            assert (await records.get_run(run.run_id)).summary["positions"][0]["closed"] == "manual"
+        finally:
+            await second.stop()
+
+
+#: a share that goes on: a big position sold in many tranches, far apart
+LONG_SHARE = {
+    **ALONE,
+    "exit_min_tranche_interval_s": 20.0,
+    "exit_max_tranche_impact": 0.005,
+    "exit_deadline_s": 600.0,
+}
+
+
+async def _share_without_a_partition(system, exits, trading: _Trading, watch, *, moving_held):
+    """A position on a partition another replica owns as the graceful exit begins, and
+    this replica's share going on with a big position elsewhere (its first tranche
+    filled): the run, the moving position and its partition."""
+    tokens = trading.tokens
+    partitions = system.bus.partitions
+    stays = tokens.mint()
+    moving = tokens.mint()
+    while partition_of(moving, partitions) == partition_of(stays, partitions):
+        moving = tokens.mint()
+    moved = partition_of(moving, partitions)
+    await trading.hold(stays, tokens_held=1e7)
+    position = await trading.hold(moving, tokens_held=moving_held)
+    await exits.consumer.revoke((moved,))
+    await _shut_down(system, tokens.clock, "partition taken over")
+    [first] = await watch.wait_for(1, "exit.order")
+    assert first.data.mint == stays
+    await trading.answer()
+    return await exits.records.active_run(), position, moved
+
+
+def _sent_by_the_old_owner(run, position: PositionOpened, number: int, tokens: float):
+    """The record of the old owner's tranche ``number`` of ``position``, sent now."""
+    return ExitOrderRecord(
+        order_id=f"{position.position_id}:exit:{number}", mint=position.mint,
+        position_id=position.position_id, rule="graceful", number=number, token_amount=tokens,
+        sent_at=run.started_at, tokens_at_start=position.token_amount,
+        started_at=run.started_at, run_id=run.run_id,
+    )  # fmt: skip
+
+
+async def test_a_partition_taken_up_in_the_middle_of_a_share_numbers_on_from_its_tranches():
+    """A partition comes to a replica while its share is still selling; its old owner
+    sent tranches of the partition's position since that share began. The position is
+    taken up numbering on from them: its next tranche is not one whose order id trading
+    has seen (and drops), and it is sold, not left waiting to the deadline."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records, **LONG_SHARE, exit_order_timeout_s=1.0)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        run, position, moved = await _share_without_a_partition(
+            system, exits, trading, watch, moving_held=1e5
+        )
+        # since then the other owner sent two tranches of its position, both refused
+        for number in (1, 2):
+            sent = _sent_by_the_old_owner(run, position, number, position.token_amount)
+            refused = OrderRejected(order_id=sent.order_id, mint=position.mint,
+                                    reason="slippage", side="sell",
+                                    position_id=position.position_id)  # fmt: skip
+            await records.record_order(sent.settled(refused, clock.now()))
+            trading.seen.add(sent.order_id)
+        share = exits.manager
+        await exits.consumer.assign((moved,))
+
+        async def moving_sold() -> bool:
+            await trading.answer()
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] == "exited"
+
+        # the clock stands still: sold by its own tranche, not by the deadline's sweep
+        await eventually(moving_sold, 10, what="the position taken up sold")
+        assert exits.manager is share and share.summary is None, "taken up by a new share"
+        asked = [o.order_id for o in watch.payloads("exit.order") if o.mint == position.mint]
+        assert asked == [f"{position.position_id}:exit:3"], asked
+
+
+class _Slow(MemoryExitStore):
+    """Records whose reads of a run's tranches, and stores of their outcomes, wait while
+    their gate is shut (a database under load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads, self.settles = asyncio.Event(), asyncio.Event()
+        self.reads.set()
+        self.settles.set()
+        #: a read waits at the gate
+        self.reading = asyncio.Event()
+
+    async def run_orders(self, run_id):
+        if not self.reads.is_set():
+            self.reading.set()
+            await self.reads.wait()
+        return await super().run_orders(run_id)
+
+    async def settle(self, order_id, outcome, time):
+        await self.settles.wait()
+        return await super().settle(order_id, outcome, time)
+
+
+async def test_a_fill_applied_and_not_stored_as_its_position_is_taken_up_counts_once():
+    """The old owner's tranche fills as its partition comes here: the fill and the
+    position's tokens left are applied when the take-up reads the stored tranches, and
+    the fill is stored after. The take-up counts it once, not as a tranche without an
+    outcome whose late fill comes off what is left again: the position is sold out,
+    with no tokens left held unsold."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _Slow()
+    exits = exit_service(records, **LONG_SHARE)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        run, position, moved = await _share_without_a_partition(
+            system, exits, trading, watch, moving_held=3e6
+        )
+        sent = _sent_by_the_old_owner(run, position, 1, position.token_amount / 3)
+        await records.record_order(sent)
+        records.reads.clear()
+        await exits.consumer.assign((moved,))
+        await eventually(records.reading.is_set, 10, what="the take-up reading the tranches")
+        records.settles.clear()
+        order = ExitOrder(order_id=sent.order_id, mint=position.mint,
+                          position_id=position.position_id, token_amount=sent.token_amount,
+                          slippage_pct=10.0, reason="graceful", deadline=run.deadline)  # fmt: skip
+        # published on their own: the synchronous bus's publish waits for the store
+        filling = asyncio.create_task(trading.fill(order))
+        left = position.token_amount - sent.token_amount
+
+        def applied() -> bool:
+            state = exits.consumer.state(position.mint)
+            return state.position.tokens == pytest.approx(left)
+
+        await eventually(applied, 10, what="the fill and the tokens left applied")
+        records.reads.set()
+        await eventually(lambda: position.mint in exits.manager.planner.exits, 10,
+                         what="the position taken up")  # fmt: skip
+        records.settles.set()
+        await filling
+
+        async def moving_over() -> bool:
+            await trading.answer()
+            progress = exits.exit_progress()
+            if progress is not None and progress.in_flight == 0:
+                await clock.advance(5.0)
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] != "open"
+
+        await eventually(moving_over, 20, what="the position taken up over")
+        sold = [f.token_amount for f in watch.payloads("order.filled") if f.mint == position.mint]
+        assert sum(sold) == pytest.approx(position.token_amount, rel=1e-9), sold
+        assert records.run_positions[run.run_id][position.position_id][0] == "exited"
+        record = exits.manager.records[position.mint]
+        assert record.sold_out and not record.unconfirmed and len(record.fills) == len(sold)
+
+
+async def test_a_tranche_without_an_outcome_is_not_asked_again_on_every_share():
+    """A resumed replica asks again for a tranche stored and still without an outcome
+    (it may never have been sent); positions that come late each start a share of
+    their own, and none of them asks for it again within the order timeout (trading
+    drops the copies)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    # the barrier never comes: the run stays open for the late positions
+    settings = {"exit_run_poll_s": 0.02, "exit_resume_wait_s": 0.05, "exit_barrier_wait_s": 600.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        lost = await trading.hold(tokens.mint())
+        await _shut_down(system, clock, "an outcome lost")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        trading.lost.add(tranche.data.order_id)
+        run = await records.active_run()
+        await first.stop()
+        await trading.close(lost.mint, "manual")
+
+        second = await started(system, records, **settings)
+        try:
+            await eventually(lambda: trading.orders(tranche.data.order_id) == 2,
+                             10, what="the tranche asked again once resumed")  # fmt: skip
+            for _ in range(3):
+                late = await trading.hold(tokens.mint())
+
+                async def sold(late=late) -> bool:
+                    await trading.answer()
+                    listed = records.run_positions[run.run_id].get(late.position_id)
+                    return listed is not None and listed[0] == "exited"
+
+                await eventually(sold, 10, what="a late position sold")
+                await eventually(lambda: second.manager.summary is not None, 10,
+                                 what="its share over")  # fmt: skip
+            assert trading.orders(tranche.data.order_id) == 2
+        finally:
+            await second.stop()

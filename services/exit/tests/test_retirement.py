@@ -32,7 +32,7 @@ from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.exit.records import BARRIER, MemoryExitStore, entry_position_id
 from pumpflow.exit.service import ExitService
 
-from .helpers import START, embedded, exit_service, opened
+from .helpers import START, embedded, exit_service, opened, started
 
 TOKENS = 300
 PARTITIONS = 4
@@ -229,8 +229,7 @@ async def test_a_replica_restarted_in_the_run_sees_an_entry_ended_before_its_tok
 
         # the replica goes; its store and records stay (a new one picks them up)
         await first.stop()
-        second = exit_service(records, **settings)
-        await second.start(system.contexts["exit"])
+        second = await started(system, records, **settings)
         try:
             barrier = ShutdownBarrier(
                 reason="restart", entries=(BarrierEntry(order_id="entry-1", mint=mint),)

@@ -54,19 +54,24 @@
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
-  one it awaits; the new owner sells them like a restarted replica: after the outcome
-  of the tranche in flight, numbering on from the stored tranches, with the fills so
-  far in its report of the position. A share is of the partitions whose keys are
-  loaded: one still loading is the next share's (its stored exits are not this one's
-  to close, unsold, as it ends).
+  one it awaits; the new owner sells them like a restarted replica: numbering on from
+  the tranches stored by the time it takes the partition up (in the middle of its own
+  share too: the old owner may have sent more since that share began), with the fills
+  so far in its report of the position, the tranche in flight's tokens held back until
+  its outcome. A share is of the partitions whose keys are loaded: one still loading
+  is taken up once it has loaded (its stored exits are not this share's to close,
+  unsold, before).
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far, and
-  the stored closes the positions trading closed; what is still held is sold under
-  the same deadline. A tranche stored and still
-  without an outcome is published again under its order id (stored just before a
-  crash, it may never have been sent). Trading refuses an order id it has seen, so
-  nothing is sold twice.
+  the closes the positions trading closed; what is still held is sold under the same
+  deadline. A close is the run's from the start on, whether a share sells the
+  position yet or not (the replica waiting to sell, the position's partition just
+  come): stored, and the position's exit ends closed by trading when it is taken up.
+  A tranche stored and still without an outcome is published again under its order
+  id (stored just before a crash, it may never have been sent), at most once per
+  ``exit_order_timeout_s`` from a replica: trading refuses an order id it has seen,
+  so nothing is sold twice, and drops the copies.
 - HTTP: ``GET /progress`` (the graceful exit now), ``GET /summary`` (the last one's),
   ``GET /orders``, ``GET /positions``; ``POST /shutdown`` needs the API token.
 """
@@ -221,6 +226,16 @@ class ExitService(Service):
         self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
         self._waiting: dict[str, tuple[str, asyncio.Future]] = {}
+        #: tranches of the run published from here: order id -> when (loop time)
+        self._asked: dict[str, float] = {}
+        #: positions trading closed during the run, as applied here (stored or not yet)
+        self._closes: dict[str, TradingClose] = {}
+        #: outcomes of the run's tranches as applied here (stored or not yet): order id
+        #: -> (outcome, time)
+        self._applied: dict[str, tuple[OrderFilled | OrderRejected, float]] = {}
+        #: a close stored of a position this share has not taken up: the next look does
+        self._untaken_closes = False
+        self._taking = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._graceful: asyncio.Task | None = None
         self._poll: asyncio.Task | None = None
@@ -253,15 +268,16 @@ class ExitService(Service):
             on_forgotten=self.processor.forget,
             before_write=self._before_write,
         )
+        if under_way is not None:
+            log.warning("exit: resuming the graceful exit %s begun at %.3f", under_way.run_id,
+                        under_way.started_at)  # fmt: skip
+            # before the consumer applies anything: a close it applies is the run's
+            self._begin(under_way)
         await self.consumer.start()
         self._control = Subscription(
             service=control_group(s.service), patterns=CONTROL_CONSUMES, handler=self._on_control
         )
         await ctx.bus.subscribe(self._control)
-        if under_way is not None:
-            log.warning("exit: resuming the graceful exit %s begun at %.3f", under_way.run_id,
-                        under_way.started_at)  # fmt: skip
-            self._begin(under_way)
         self._poll = asyncio.create_task(self._poll_runs(), name="exit-runs")
 
     async def stop(self) -> None:
@@ -341,7 +357,10 @@ class ExitService(Service):
                         self._begin(run)
                 elif self.manager is not None and self.manager.summary is None:
                     self._hand_over_moved()
-                    self.manager.begin_graceful_exit(self.run.reason)
+                    if self._untaken_closes or self.manager.untaken():
+                        await self._take_up(self.manager, self.run)
+                    else:
+                        self.manager.begin_graceful_exit(self.run.reason)
                     self.metrics.progress(self.manager.monitor_exit_progress())
                     await self._list_share(self.manager)
             except Exception:
@@ -364,6 +383,8 @@ class ExitService(Service):
             # elapsed time and deadline margin would go on counting)
             self.last_progress = self.exit_progress()
             self.run, self._ended, self.manager = None, None, None
+            self._asked, self._closes, self._applied = {}, {}, {}
+            self._untaken_closes = False
             self.processor.halted = False
         finally:
             self.finished.set()
@@ -372,12 +393,6 @@ class ExitService(Service):
         """Sell what the partitions held here hold; the run if it is over."""
         ctx = self._ctx
         await self._settled_before(run)
-        orders = await self.records.run_orders(run.run_id)
-        records, sent = resume_state(orders, await self.records.run_closes(run.run_id))
-        # other replicas' exits are theirs to report; those of a partition still loading
-        # are the next share's: this one would close them unsold, their positions not
-        # queued
-        records = [r for r in records if self._restored(r.mint)]
         manager = GracefulExitManager(
             ctx.bus,
             _OwnedPositions(self.consumer),
@@ -392,18 +407,8 @@ class ExitService(Service):
             state = self.consumer.state(key)
             if state is not None and state.position is not None and state.lifecycle:
                 manager.on_lifecycle(key, state.lifecycle, state.activity_level)
-        manager.resume_graceful_exit(
-            run.reason,
-            started_at=run.started_at,
-            deadline=run.deadline,
-            records=records,
-            sent=sent,
-        )
         self.manager = manager
-        self.metrics.progress(manager.monitor_exit_progress())
-        # exits sold out before a crash, not closed yet, are closed with the listing
-        await self._list_share(manager, [r.line() for r in records if r.completed])
-        await self._send_again(run, manager, orders)
+        await self._take_up(manager, run)
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
@@ -417,18 +422,62 @@ class ExitService(Service):
                 await asyncio.sleep(self.settings.exit_run_poll_s)
         return self._ended
 
+    async def _take_up(self, manager: GracefulExitManager, run: RunRecord) -> None:
+        """Queue what the partitions loaded here hold and ``manager`` does not sell yet,
+        as a restarted replica does: numbering on from the tranches stored by now (another
+        replica may have sent some since this share began), with their outcomes (their
+        fills in the report) and trading's closes, stored or applied here and not stored
+        yet; the exits over before (sold out, or closed by trading) closed with the
+        listing, and the tranches still without an outcome asked again."""
+        async with self._taking:
+            self._untaken_closes = False
+            stored = await self.records.run_orders(run.run_id)
+            closes = {**await self.records.run_closes(run.run_id), **self._closes}
+            # what applied here and is not stored yet counts too, read with the positions
+            # (no wait between): they are as it left them (a fill counted twice, or a
+            # close missed, would end the position unsold)
+            orders = [
+                o.settled(*self._applied[o.order_id])
+                if o.state == "sent" and o.order_id in self._applied
+                else o
+                for o in stored
+            ]
+            records, sent = resume_state(orders, closes)
+            # other replicas' exits are theirs to report; those of a partition still
+            # loading are the next take-up's: this one would close them unsold, their
+            # positions not queued
+            records = [
+                r for r in records if self._restored(r.mint) and r.mint not in manager.records
+            ]
+            manager.resume_graceful_exit(
+                run.reason,
+                started_at=run.started_at,
+                deadline=run.deadline,
+                records=records,
+                sent=sent,
+            )
+            self.metrics.progress(manager.monitor_exit_progress())
+            await self._list_share(manager, [r.line() for r in records if r.completed])
+            await self._send_again(run, records, orders)
+
     async def _send_again(
-        self, run: RunRecord, manager: GracefulExitManager, orders: list[ExitOrderRecord]
+        self, run: RunRecord, records: list[ExitRecord], orders: list[ExitOrderRecord]
     ) -> None:
-        """Publish again the tranches of this share stored and still without an outcome:
+        """Publish again the tranches of ``records`` stored and still without an outcome:
         one stored just before a crash may never have been published, and its tokens
         would stay unconfirmed to the deadline. Trading sells an order id once, so one it
-        has is not sold again; its outcome comes as it would have (a late outcome)."""
+        has is not sold again; its outcome comes as it would have (a late outcome). One
+        asked from here within ``exit_order_timeout_s`` is not asked again: its outcome
+        may still come, and trading drops the copy."""
         ctx = self._ctx
         config = self.settings.graceful()
+        unconfirmed = {order_id for record in records for order_id in record.unconfirmed}
+        now = asyncio.get_running_loop().time()
         for order in orders:
-            record = manager.records.get(order.mint)
-            if record is None or order.order_id not in record.unconfirmed:
+            if order.order_id not in unconfirmed:
+                continue
+            asked = self._asked.get(order.order_id)
+            if asked is not None and now < asked + self.settings.exit_order_timeout_s:
                 continue
             tranche = PlannedTranche(
                 mint=order.mint,
@@ -446,6 +495,7 @@ class ExitService(Service):
                 slippage_pct=config.slippage_of(order.rule),
             )
             log.info("exit: %s still without an outcome: asked again", order.order_id)
+            self._asked[order.order_id] = now
             await ctx.bus.publish(make_event(tranche.order(), source=ctx.source,
                                              time=ctx.clock.now()))  # fmt: skip
 
@@ -460,7 +510,7 @@ class ExitService(Service):
                     return stored
                 queued = {q.position_id for q in self.manager.planner.exits.values()}
                 held = _OwnedPositions(self.consumer).open_positions.values()
-                if any(view.position_id not in queued for view in held):
+                if self._untaken_closes or any(view.position_id not in queued for view in held):
                     return None
                 await self._update_run(partitions=sorted(self.consumer.restored))
             except Exception:
@@ -618,8 +668,10 @@ class ExitService(Service):
             await self.records.settle(order.order_id, refused, now)
             self._hand_over_moved()
             return refused
-        outcome = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        outcome = loop.create_future()
         self._waiting[order.order_id] = (order.mint, outcome)
+        self._asked[order.order_id] = loop.time()
         try:
             await ctx.bus.publish(make_event(order, source=ctx.source, time=now))
             self.metrics.ordered(order.reason)
@@ -640,6 +692,10 @@ class ExitService(Service):
             self.manager.on_lifecycle(mint, state, level)
 
     def _on_closed(self, mint: str, position_id: str, reason: str) -> None:
+        if self.run is not None:
+            # a take-up before it is stored reads it here: the position is held no more
+            close = TradingClose(mint=mint, reason=reason, time=self._ctx.clock.now())
+            self._closes[position_id] = close
         # acted on after the outcomes applied before it: the sale that closed the
         # position may be the exit's own
         self._outcomes.append((mint, _Closed(position_id, reason), None, 0.0))
@@ -647,6 +703,8 @@ class ExitService(Service):
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
+        if self.run is not None and ":exit:" in outcome.order_id:
+            self._applied[outcome.order_id] = (outcome, time)
         # stored by the commit's before_write: the delivery is acked only once it is
         self._outcomes.append((mint, outcome, sale, time))
 
@@ -692,14 +750,21 @@ class ExitService(Service):
         return first
 
     async def _store_close(self, mint: str, closed: _Closed) -> None:
-        """Store trading's close of a position this graceful exit sells with the run's
+        """Store trading's close of a position of the graceful exit with the run's
         records: the line that says so may not reach them before a crash, and a resumed
-        replica holds the position no more, so only the records tell it why."""
+        replica holds the position no more, so only the records tell it why. A close of a
+        position no share here has taken up yet (the share waits to begin, or its
+        partition came here since) is taken up, closed, by the next look."""
+        close = self._closes.get(closed.position_id)
         manager = self.manager
-        if manager is None or not manager.selling(mint, closed.position_id):
+        if self.run is None or self._ended is not None or close is None:
             return
-        close = TradingClose(mint=mint, reason=closed.reason, time=self._ctx.clock.now())
+        selling = manager is not None and manager.selling(mint, closed.position_id)
+        if manager is not None and not selling and manager.took_up(mint, closed.position_id):
+            return  # its exit is over here: its line says how
         await self.records.record_close(self.run.run_id, closed.position_id, close)
+        if not selling:
+            self._untaken_closes = True
 
     async def _settled(
         self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool

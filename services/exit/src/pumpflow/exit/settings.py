@@ -57,7 +57,8 @@ class ExitSettings(CommonSettings):
         30.0,
         gt=0,
         description="wall seconds a tranche waits for its outcome; then its tokens are "
-        "unconfirmed, not offered again (an outcome that comes later still counts)",
+        "unconfirmed, not offered again (an outcome that comes later still counts); a "
+        "tranche without an outcome is asked again at most this often",
     )
     exit_run_poll_s: float = Field(
         1.0, gt=0, description="how often a replica looks for a graceful exit begun elsewhere"

@@ -177,6 +177,7 @@ class GracefulExitManager:
         for position in list(self.position_manager.open_positions.values()):
             if position.mint in self._handed:
                 continue
+            fresh = position.mint not in self.planner.exits
             lifecycle, level = self._lifecycles.get(position.mint, (None, None))
             queued = self.planner.add(
                 position,
@@ -184,6 +185,9 @@ class GracefulExitManager:
                 lifecycle=lifecycle,
                 activity_level=level or 0.0,
             )
+            if queued is not None and fresh:
+                # come while the run waits for its next tranche: it sells from now
+                self._changed.set()
             if queued is not None and queued.tranches_sent < self._sent.get(queued.position_id, 0):
                 queued.tranches_sent = self._sent[queued.position_id]
             if queued is not None and queued.mint not in self.records:
@@ -217,15 +221,30 @@ class GracefulExitManager:
 
         ``records`` are the exits as far as they got (their fills stay in the reports);
         ``sent`` the tranches each position id sent, so the next tranche takes the next
-        number and no order id is used twice. What is still held is queued again.
+        number and no order id is used twice. What is still held is queued again. Called
+        again as positions come (a partition taken over), with the records as they are
+        then: an exit already here keeps its own, one handed over stays the other's.
         """
         if self.planner.started_at is None:
             self.reason = reason
             self.planner.begin(started_at, deadline=deadline)
         for record in records:
-            self.records.setdefault(record.mint, record)
+            if record.mint not in self._handed:
+                self.records.setdefault(record.mint, record)
         self._sent.update(sent or {})
         return self.begin_graceful_exit(reason)
+
+    def untaken(self) -> list[str]:
+        """Mints held and not queued by this exit (nor handed over): positions it has
+        not taken up yet."""
+        queued = self.planner.exits
+        return [m for m in self.position_manager.open_positions
+                if m not in queued and m not in self._handed]  # fmt: skip
+
+    def took_up(self, mint: str, position_id: str) -> bool:
+        """Whether this exit has (or had) ``mint``'s position ``position_id``."""
+        record = self.records.get(mint)
+        return record is not None and record.position_id == position_id
 
     def prioritize_exits(self) -> list[QueuedExit]:
         """Score every position left and reorder the queue."""
