@@ -129,20 +129,23 @@ class _Families:
         )
         self.live = Gauge(
             "pumpflow_model_live_metric",
-            "A model's performance on an arm over its last resolved labels, by metric "
-            "(auc, brier, precision, positive_rate, selected_rate, threshold; rmse, mae).",
+            "A model's performance on an arm over the deployment's last resolved labels "
+            "(every replica's, shared through the state store: each replica exports the "
+            "same figures, so aggregate with max, not sum), by metric (auc, brier, "
+            "precision, positive_rate, selected_rate, threshold; rmse, mae).",
             ["model_id", "arm", "metric"],
             registry=registry,
         )
         self.live_labels = Gauge(
             "pumpflow_model_live_labels",
-            "Resolved labels in a model's rolling performance window on an arm.",
+            "Resolved labels in a model's rolling performance window on an arm, the "
+            "deployment's (every replica exports the same window: max, not sum).",
             ["model_id", "arm"],
             registry=registry,
         )
         self.pending_labels = Gauge(
             "pumpflow_model_pending_labels",
-            "Predictions whose label waits for its horizon.",
+            "Predictions of this replica's tokens whose label waits for its horizon.",
             registry=registry,
         )
         self.dropped_labels = Gauge(

@@ -18,16 +18,22 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
   the threshold, Brier per model and arm), exported as metrics every second: when
   they are stored, those new to the store once stored (one stored already, or one
-  refused and dropped, is not counted again). Labels
+  refused and dropped, is not counted again). The windows are the deployment's, not
+  this replica's: every round of the monitor adds the labels counted here to the
+  windows shared in the state store (:mod:`pumpflow.model.live`) and reads every
+  replica's back, and ``GET /models/{id}/performance`` reads them before answering,
+  so any replica gives the same figures. Labels
   waiting for their horizon are kept in each token's keyed state, so they are stored
   with its effects and survive a restart or a rebalance: the partition's next owner
   releases them at their horizon, each once. Released ones are stored with the vector
   they scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database)
   before the tokens' states without them are (the keyed consumer's ``before_write``,
   waited out as the states' write is): a crash leaves a label in its token's state
-  (released again by the next owner, stored once) or stored, never neither. The
-  rolling figures start from the stored ones after a restart, so a label released
-  again is counted once.
+  (released again by the next owner, stored once) or stored, never neither. The shared
+  windows outlive a replica's restart; when the state store holds none (it restarted
+  empty), one replica fills them from the stored labels, so a label released again is
+  counted once. A replica that dies loses from the shared windows what it counted
+  since its last round (they stay stored).
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
@@ -95,6 +101,7 @@ from pumpflow.model.labels import (
     definition_key,
     model_hash,
 )
+from pumpflow.model.live import StoreOutcomes
 from pumpflow.model.metrics import ModelServiceMetrics
 from pumpflow.model.pruning import PrunedRefit, RefitPruner, refit_pruner
 from pumpflow.model.settings import ModelSettings
@@ -108,6 +115,10 @@ SERVING_KEY = "model:serving"
 #: each made on the serving the one before stored
 CHANGING_KEY = "model:serving:changing"
 CHANGING_TTL_S = 30.0
+#: the store key a replica holds while it fills the empty shared windows of the live
+#: figures from the stored labels, and how long it may
+FILLING_KEY = "model:live:filling"
+FILLING_TTL_S = 60.0
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -214,6 +225,7 @@ class ModelService(Service):
         #: the partitions (owned, restored) the waiting labels were last counted over
         self._labels_counted_over: tuple[frozenset[int], frozenset[int]] | None = None
         self.performance: RollingPerformance | None = None
+        self._sharing = asyncio.Lock()
 
     @property
     def manager(self) -> ModelManager:
@@ -247,11 +259,12 @@ class ModelService(Service):
         serving = await self._start_serving()
         self.labels = LabelTracker(clock=ctx.clock)
         self._labels_counted_over = None
-        self.performance = RollingPerformance(threshold=settings.trading_min_score)
-        if settings.model_store_labels:
-            # the rolling figures go on from the labels stored before the restart
-            stored = await self.label_store.last_labels(4 * self.performance.window)
-            self.performance.extend(stored)
+        self.performance = RollingPerformance(
+            threshold=settings.trading_min_score, shared=StoreOutcomes(ctx.store)
+        )
+        if self.manager.live_performance is None:
+            self.manager.live_performance = self.performance
+        await self._start_performance()
         self.processor = ModelProcessor(
             self.manager, serving.table(), policy=self.settings.policy(), labels=self.labels
         )
@@ -273,6 +286,31 @@ class ModelService(Service):
         if settings.model_refit:
             self._loops.append(asyncio.create_task(self._refit_loop(), name="model-refit"))
 
+    async def _start_performance(self) -> None:
+        """Take the shared windows; when the store holds none and labels are stored, fill
+        them from the newest stored labels (one replica does, the others read them)."""
+        performance = self.performance
+        await performance.share()
+        if not self.settings.model_store_labels or performance.keys():
+            return
+        store = self._ctx.store
+        holder = f"{self._ctx.source}/{secrets.token_hex(8)}".encode()
+        if not await store.set_if_absent(FILLING_KEY, holder, FILLING_TTL_S):
+            return  # another replica fills them: read at the next round
+        try:
+            await performance.share()
+            if not performance.keys():
+                performance.extend(await self.label_store.last_labels(4 * performance.window))
+                await performance.share()
+        finally:
+            with contextlib.suppress(Exception):
+                await store.delete_if_equal(FILLING_KEY, holder)
+
+    async def share_performance(self) -> None:
+        """Add the labels counted here to the shared windows and read every replica's."""
+        async with self._sharing:
+            await self.performance.share()
+
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
@@ -293,6 +331,11 @@ class ModelService(Service):
             await self.store_labels()
         except Exception:
             log.exception("model: %d released labels not stored at the stop", len(self._to_store))
+        try:
+            await self.share_performance()
+        except Exception:
+            log.exception("model: the labels counted here since the last round were not "
+                          "added to the shared live figures")
 
     # ---------------------------------------------------------------- serving
 
@@ -647,6 +690,7 @@ class ModelService(Service):
         while True:
             await asyncio.sleep(self.settings.model_monitor_s)
             try:
+                await self.share_performance()
                 self.resolve_labels()
                 await self._publish_drift()
             except Exception:
@@ -954,11 +998,17 @@ class ModelService(Service):
         @api.get("/models/{model_id}/performance")
         async def performance(model_id: str) -> dict[str, Any]:
             model_or_404(model_id)
+            try:
+                await self.share_performance()
+            except Exception:
+                log.exception("model: the shared live figures could not be read; answering "
+                              "with those of the last round")
             found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
             found["live"] = {
                 arm: msgspec.to_builtins(figures)
                 for arm, figures in self.performance.by_arm(model_id).items()
             }
+            # this replica's: the tokens of its partitions
             found["labels_pending"] = self.labels.pending
             return found
 
