@@ -1,7 +1,8 @@
 """What the replicas share through Redis. The serving (models, arm table): changes made
 through different replicas at once are each made on the one before, and every replica
 ends up serving the same table. The live figures: every replica answers the
-deployment's."""
+deployment's. Drift: each crossing is announced once, whichever replicas see it and
+however often they restart."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import asyncio
 import httpx
 import msgspec
 import pytest
-from model_helpers import DEFAULT_CARD, START
+from model_helpers import DEFAULT_CARD, START, vector_event
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import ModelDrift
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.testing import BusHarness, FeatureUpdates, eventually
@@ -246,3 +248,64 @@ async def test_every_replica_answers_the_live_figures_of_the_deployment(split_re
         # and the gauges of either replica
         service.resolve_labels()
         assert service.metrics.live("entry", "control", "brier") == live["metrics"]["brier"]
+
+
+async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_restart(
+    namespace, redis_url
+):
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    running: list[ModelService] = []
+    # every feature far outside the card's reference, a drift window's worth
+    names = DEFAULT_CARD.feature_names
+    far = [vector_event("far", START, values=(1e9,) * len(names))] * 3_000
+
+    async def observe(service: ModelService, events) -> None:
+        service._observe_drift(events)
+        await service._publish_drift()
+
+    def transition(feature: str, state: str) -> ModelDrift:
+        return ModelDrift(model_id="entry", version=DEFAULT_CARD.version, feature=feature,
+                          state=state, psi=0.05, threshold=0.1, observations=6_000)
+
+    try:
+        for name in ("m1", "m2"):
+            running.append(await start_replica(name, buses, store, clock))
+        first, second = running
+        seen = await buses.collector("model.drift")
+        await observe(first, far)
+        drifting = first.drift["entry"].drifting
+        assert drifting
+        # the other replica sees the same drift, and the first one again after a restart
+        await observe(second, far)
+        await first.stop()
+        running.remove(first)
+        restarted = await start_replica("m1", buses, store, clock)
+        running.append(restarted)
+        assert restarted.drift["entry"].drifting == drifting
+        await observe(restarted, far)
+
+        # both see a recovery: announced once; a drift after it is the next crossing
+        for service in (second, restarted):
+            service._drift_out.append(transition(drifting[0], "recovered"))
+            await service._publish_drift()
+        second._drift_out.append(transition(drifting[0], "drifting"))
+        await second._publish_drift()
+        expected = [*((name, "drifting") for name in drifting),
+                    (drifting[0], "recovered"), (drifting[0], "drifting")]
+        await seen.wait_until(lambda c: len(c.of("model.drift")) >= len(expected),
+                              what="the drift, its recovery and the next drift")
+        await buses.buses[0].drain(5.0)
+        assert [(e.data.feature, e.data.state) for e in seen.of("model.drift")] == expected
+        counted = sum(s.metrics.drift_transitions("entry", state)
+                      for s in (first, second, restarted) for state in ("drifting", "recovered"))
+        assert counted == len(expected)
+    finally:
+        for service in running:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()

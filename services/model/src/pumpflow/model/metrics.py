@@ -103,15 +103,17 @@ class _Families:
         )
         self.psi = Gauge(
             "pumpflow_model_feature_psi",
-            "Population stability index of a feature over the drift window, against the "
-            "model card's reference.",
+            "Population stability index of a feature over this replica's drift window "
+            "(the vectors of its partitions), against the model card's reference.",
             ["model_id", "feature"],
             registry=registry,
         )
         self.drifting = Gauge(
             "pumpflow_model_feature_drifting",
             "1 while a feature of a model is drifting (PSI crossed the alert threshold and "
-            "has not come back under the recovery one).",
+            "has not come back under the recovery one) in this replica's window (the "
+            "vectors of its partitions; a feature the deployment announced drifting "
+            "counts as drifting until this window shows its recovery).",
             ["model_id", "feature"],
             registry=registry,
         )
@@ -123,7 +125,9 @@ class _Families:
         )
         self.drift_transitions = Counter(
             "pumpflow_model_drift_transitions",
-            "Drift transitions of a model's features, by state (drifting, recovered).",
+            "Drift transitions of a model's features announced (model.drift) by this "
+            "replica, by state (drifting, recovered): each crossing is announced once in "
+            "the deployment, by one replica, so sum over the replicas.",
             ["model_id", "state"],
             registry=registry,
         )

@@ -11,7 +11,11 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   batch of a few hundred rows takes about a millisecond: a thread hop would cost
   more than it frees, see docs/benchmarks.md). Every vector of the live feature set
   also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
-  whose transitions go out as ``model.drift``.
+  whose transitions go out as ``model.drift`` once per crossing in the deployment: the
+  features announced drifting are kept in the state store
+  (:mod:`pumpflow.model.announced`), a transition another replica announced already is
+  not announced again, and a monitor starts from what was announced (a restart does
+  not announce a drift again, and announces its recovery).
 - Live performance: every prediction (shadows too) is followed to its label by a
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
   vectors in each token's order; labels released go into a
@@ -93,6 +97,7 @@ from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.announced import DriftAnnouncements
 from pumpflow.model.labels import (
     LabelStore,
     MemoryLabelStore,
@@ -213,6 +218,9 @@ class ModelService(Service):
         #: what each model id was loaded from here
         self._sources: dict[str, ModelSource] = {}
         self._drift_out: list[ModelDrift] = []
+        #: what the deployment announced; the models whose monitor has not read it yet
+        self._announced: DriftAnnouncements | None = None
+        self._drift_unrestored: set[str] = set()
         #: counted, not yet published (a publication that failed goes on from its first)
         self._drift_unsent: list[ModelDrift] = []
         self._ctx: ServiceContext | None = None
@@ -256,7 +264,9 @@ class ModelService(Service):
                 else MemoryLabelStore()
             )
         self._pruner = refit_pruner(self.label_store)
+        self._announced = DriftAnnouncements(ctx.store)
         serving = await self._start_serving()
+        await self._restore_drift()
         self.labels = LabelTracker(clock=ctx.clock)
         self._labels_counted_over = None
         self.performance = RollingPerformance(
@@ -393,6 +403,7 @@ class ModelService(Service):
         self.manager.unload_model(model_id)
         self._sources.pop(model_id, None)
         self.drift.pop(model_id, None)
+        self._drift_unrestored.discard(model_id)
 
     async def _fetch_missing(self, serving: Serving) -> dict[str, str]:
         """Write the refitted models ``serving`` names whose file is not here into this
@@ -468,6 +479,7 @@ class ModelService(Service):
                 raise ServingError(str(exc)) from None
             self._sources[model_id] = source
             self.drift[model_id] = DriftMonitor(card, clock=self._ctx.clock)
+            self._drift_unrestored.add(model_id)
             log.info("model: serving %s version %s from %s", model_id, card.version, path)
         self.serving = serving
         if self.processor is not None:
@@ -616,17 +628,45 @@ class ModelService(Service):
         processor = self.processor
         metrics.sync(processor.skipped, processor.failed, processor.prepared_rows)
 
+    async def _restore_drift(self) -> None:
+        """Give the monitors made since the last call the features announced drifting."""
+        for model_id in sorted(self._drift_unrestored):
+            monitor = self.drift.get(model_id)
+            if monitor is None:
+                self._drift_unrestored.discard(model_id)
+                continue
+            drifting = await self._announced.drifting(model_id, monitor.names)
+            if self.drift.get(model_id) is monitor:  # not replaced meanwhile
+                monitor.restore(drifting)
+                self._drift_unrestored.discard(model_id)
+
     async def _publish_drift(self) -> None:
+        """Announce the monitors' transitions that change what the deployment announced;
+        count and publish them. What could not be claimed (the store away) is claimed
+        first next time; what could not be published, published first next time."""
+        await self._restore_drift()
         pending, self._drift_out = self._drift_out, []
+        announced: list[ModelDrift] = []
+        failed: Exception | None = None
+        for at, transition in enumerate(pending):
+            try:
+                if await self._announced.claim(transition):
+                    announced.append(transition)
+            except Exception as exc:
+                self._drift_out = pending[at:] + self._drift_out
+                failed = exc
+                break
         for model_id, monitor in self.drift.items():
-            mine = [t for t in pending if t.model_id == model_id]
+            mine = [t for t in announced if t.model_id == model_id]
             self.metrics.drift(monitor.report(), mine)
-        self._drift_unsent += pending
+        self._drift_unsent += announced
         ctx = self._ctx
         while self._drift_unsent:
             payload = self._drift_unsent[0]
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
             del self._drift_unsent[0]
+        if failed is not None:
+            raise failed
 
     def _hand_out(self) -> int:
         """Queue the labels released since the last call for the store, or count them
