@@ -43,10 +43,11 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
   newest stored labels, on a thread, by one replica at a time. A candidate better on
   the held-out slice by more than ``model_refit_min_gain`` is written to the registry
-  (``model_registry_dir``), stored with its refit and stored as the serving, which this
-  replica then serves (each prediction names the version that made it), the other
-  replicas follow and a restart keeps; a failure before leaves the serving one served
-  here as everywhere. The serving names the refitted model by
+  (``model_registry_dir``), stored with its refit (as kept until then) and stored as
+  the serving, the refit then marked swapped; this replica then serves it (each
+  prediction names the version that made it), the other replicas follow and a restart
+  keeps it; a failure before leaves the serving one served here as everywhere, and the
+  refit recorded as kept. The serving names the refitted model by
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
@@ -821,7 +822,7 @@ class ModelService(Service):
         card = self.manager.card(model_id)
         of_model = (model_id, card.feature_set_version, definition_key(card.label))
         now = self._ctx.clock.now()
-        last = await store.last_refit(model_id)
+        last = await self._swap_recorded(await store.last_refit(model_id))
         tried = max(last.at if last else -math.inf, self._refit_tried.get(model_id, -math.inf))
         counts = await store.counts(*of_model, after_id=last.last_label_id if last else 0)
         if not policy.due(new_labels=counts.new, rows=counts.rows, since_last_s=now - tried):
@@ -848,22 +849,18 @@ class ModelService(Service):
                 model = await asyncio.to_thread(Path(path).read_bytes)
                 raw_card = await asyncio.to_thread(card_path(path).read_bytes)
                 sha256 = model_hash(model)
+            # stored as kept until its serving is: the replicas fetch the chosen model from
+            # the stored refit to serve it, and a serving that cannot be stored leaves it
+            # kept, as it then is everywhere
             refit = StoredRefit(
                 model_id=model_id, serving_version=result.serving_version,
-                candidate_version=result.candidate_version, swapped=result.swapped,
+                candidate_version=result.candidate_version, swapped=False,
                 metric=result.metric, serving_score=result.serving_score,
                 candidate_score=result.candidate_score, held_out_rows=result.held_out_rows,
                 rows=len(data.labels), last_label_id=last_id, at=result.at, path=path,
                 sha256=sha256,
             )
             await store.record_refit(refit, model=model, card=raw_card)
-            self.metrics.refitted(model_id, result.swapped)
-            log.info(
-                "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
-                "held out: %s", model_id, refit.rows, refit.serving_version, refit.metric,
-                refit.serving_score, refit.candidate_version, refit.candidate_score,
-                refit.held_out_rows, "swapped in" if refit.swapped else "kept the serving one",
-            )
             if path is not None:
                 # every replica serves it, and a restart loads it
                 task = card.task
@@ -875,10 +872,39 @@ class ModelService(Service):
                         serving, models={**serving.models, model_id: source}
                     )
 
-                await self.change(with_refit)
+                try:
+                    await self.change(with_refit)
+                except BaseException:
+                    self._refitted(refit, "its serving could not be stored")
+                    raise
+                refit = msgspec.structs.replace(refit, swapped=True)
+                # left kept by a failure here, the next check marks it (_swap_recorded)
+                await store.record_swap(refit)
+            self._refitted(refit, "swapped in" if refit.swapped else "kept the serving one")
             # under the lock, the serving stored: no other replica refits or prunes it now
             await self.prune_refits(model_id)
         self.refits.append(refit)
+        return refit
+
+    def _refitted(self, refit: StoredRefit, outcome: str) -> None:
+        self.metrics.refitted(refit.model_id, refit.swapped)
+        log.info(
+            "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
+            "held out: %s", refit.model_id, refit.rows, refit.serving_version, refit.metric,
+            refit.serving_score, refit.candidate_version, refit.candidate_score,
+            refit.held_out_rows, outcome,
+        )
+
+    async def _swap_recorded(self, refit: StoredRefit | None) -> StoredRefit | None:
+        """``refit`` marked swapped if it is stored as kept while the stored serving
+        serves its model (the mark failed after the serving was stored)."""
+        if refit is None or refit.swapped or refit.sha256 is None:
+            return refit
+        stored = await self._stored_serving()
+        if stored is None or all(s.sha256 != refit.sha256 for s in stored.models.values()):
+            return refit
+        refit = msgspec.structs.replace(refit, swapped=True)
+        await self.label_store.record_swap(refit)
         return refit
 
     async def prune_refits(self, model_id: str) -> list[PrunedRefit]:
