@@ -24,9 +24,10 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   they are stored, those new to the store once stored (one stored already, or one
   refused and dropped, is not counted again). The windows are the deployment's, not
   this replica's: every round of the monitor adds the labels counted here to the
-  windows shared in the state store (:mod:`pumpflow.model.live`) and reads every
-  replica's back, and ``GET /models/{id}/performance`` reads them before answering,
-  so any replica gives the same figures. Labels
+  windows shared in the state store (:mod:`pumpflow.model.live`), every
+  ``model_live_read_s`` it reads every replica's back (the gauges in between: the
+  last read and this replica's labels since), and ``GET /models/{id}/performance``
+  reads them before answering, so any replica gives the same figures. Labels
   waiting for their horizon are kept in each token's keyed state, so they are stored
   with its effects and survive a restart or a rebalance: the partition's next owner
   releases them at their horizon, each once. Released ones are stored with the vector
@@ -235,6 +236,8 @@ class ModelService(Service):
         self._labels_counted_over: tuple[frozenset[int], frozenset[int]] | None = None
         self.performance: RollingPerformance | None = None
         self._sharing = asyncio.Lock()
+        #: when the shared windows were last read (monotonic seconds)
+        self._read_at = -math.inf
 
     @property
     def manager(self) -> ModelManager:
@@ -317,10 +320,13 @@ class ModelService(Service):
             with contextlib.suppress(Exception):
                 await store.delete_if_equal(FILLING_KEY, holder)
 
-    async def share_performance(self) -> None:
-        """Add the labels counted here to the shared windows and read every replica's."""
+    async def share_performance(self, *, read: bool = True) -> None:
+        """Add the labels counted here to the shared windows; read every replica's
+        (``read``)."""
         async with self._sharing:
-            await self.performance.share()
+            await self.performance.share(read=read)
+            if read:
+                self._read_at = time.monotonic()
 
     async def stop(self) -> None:
         if self.consumer is not None:
@@ -731,7 +737,8 @@ class ModelService(Service):
         while True:
             await asyncio.sleep(self.settings.model_monitor_s)
             try:
-                await self.share_performance()
+                read = time.monotonic() - self._read_at >= self.settings.model_live_read_s
+                await self.share_performance(read=read)
                 self.resolve_labels()
                 await self._publish_drift()
             except Exception:

@@ -751,11 +751,13 @@ class RollingPerformance:
                     Outcome, scores, values, versions, ats, [breakeven] * len(ats)
                 ))
 
-    async def share(self) -> None:
+    async def share(self, *, read: bool = True) -> None:
         """Add the labels counted here since the last call to the shared outcomes, then
-        take every window from there (every replica's labels, the newest ``window`` of
-        each model and arm); those counted here meanwhile stay on top until the next
-        call. What could not be added is tried again first by the next call."""
+        (``read``) take every window from there (every replica's labels, the newest
+        ``window`` of each model and arm); those counted here meanwhile stay on top
+        until the next call. What could not be added is tried again first by the next
+        call. Until the next read, the windows are the last read's and the labels
+        counted here since."""
         shared = self.shared
         if shared is None:
             return
@@ -770,6 +772,8 @@ class RollingPerformance:
                     pending.setdefault(key, deque(maxlen=self.window)).extend(queue)
                 self._unshared = pending
                 raise
+        if not read:
+            return
         found = await shared.read()
         self._windows = {}
         for key, outcomes in found.items():
