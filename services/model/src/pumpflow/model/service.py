@@ -349,7 +349,7 @@ class ModelService(Service):
         except Exception:
             log.exception("model: %d released labels not stored at the stop", len(self._to_store))
         try:
-            await self.share_performance()
+            await self.share_performance(read=False)
         except Exception:
             log.exception("model: the labels counted here since the last round were not "
                           "added to the shared live figures")
