@@ -469,8 +469,39 @@ async def test_a_refit_whose_serving_cannot_be_stored_is_not_served_here_alone(
             assert model.manager.card("entry").version == DEFAULT_CARD.version
             assert model.drift["entry"].card.version == DEFAULT_CARD.version
             assert model.serving.models["entry"].path == str(DEFAULT_MODEL_PATH)
+            # and the refit is recorded as what it is: chosen, kept
+            refit = await PostgresLabelStore(pg_pool).last_refit("entry")
+            assert refit.sha256 is not None and not refit.swapped
+            assert model.metrics.refits("entry", "kept") == 1
+            assert model.metrics.refits("entry", "swapped") == 0
     finally:
         await store.close()
+
+
+async def test_a_refit_served_whose_swap_was_not_recorded_is_marked_by_the_next_check(
+    pg_pool, tmp_path, monkeypatch
+):
+    await PostgresLabelStore(pg_pool).add(
+        synthetic_labels(by_rsi), feature_set_version=DEFAULT_CARD.feature_set_version,
+        names=NAMES,
+    )
+    settings = {**REFIT_SETTINGS, "model_refit": False}
+    model = model_service(model_registry_dir=str(tmp_path), **settings)
+    async with run_embedded([model], clock=ReplayClock(START), db=pg_pool):
+        store = model.label_store
+
+        async def database_gone(refit) -> None:
+            raise ConnectionError("the database went away")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store, "record_swap", database_gone)
+            with pytest.raises(ConnectionError):
+                await model.refit_if_due("entry")
+        kept = await store.last_refit("entry")
+        assert not kept.swapped
+        assert model.serving.models["entry"].sha256 == kept.sha256  # served everywhere
+        assert await model.refit_if_due("entry") is None  # no refit due: marked
+        assert await store.last_refit("entry") == msgspec.structs.replace(kept, swapped=True)
 
 
 async def test_a_vector_one_model_scored_on_two_arms_is_refitted_on_once(pg_pool):

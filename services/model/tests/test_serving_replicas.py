@@ -1,6 +1,8 @@
-"""The serving (models, arm table) shared by replicas through Redis: changes made through
-different replicas at once are each made on the one before, and every replica ends up
-serving the same table."""
+"""What the replicas share through Redis. The serving (models, arm table): changes made
+through different replicas at once are each made on the one before, and every replica
+ends up serving the same table. The live figures: every replica answers the
+deployment's. Drift: each crossing is announced once, whichever replicas see it and
+however often they restart."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ import asyncio
 import httpx
 import msgspec
 import pytest
-from model_helpers import START
+from model_helpers import DEFAULT_CARD, START, vector_event
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import ModelDrift
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
-from pumpflow.common.testing import BusHarness, eventually
+from pumpflow.common.testing import BusHarness, FeatureUpdates, eventually
 from pumpflow.model.labels import MemoryLabelStore
 from pumpflow.model.service import ModelService, ModelSettings
+from pumpflow.simulator.dataset import market_events
+from pumpflow.simulator.market import Market, MarketConfig
 
 pytestmark = [pytest.mark.redis]
 
@@ -174,3 +180,132 @@ async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones
         "control": 0.3, "treatment": 0.9
     }
     assert answer.json()["revision"] == 2
+
+
+def labels_released(model: ModelService) -> bool:
+    """Whether no token held by ``model`` has labels waiting."""
+    states = map(model.consumer.state, list(model.consumer.keys()))
+    return all(state is None or state.labels is None for state in states)
+
+
+@pytest.fixture
+async def split_replicas(namespace, redis_url):
+    """Two replicas on one Redis, each given the tokens of half the partitions (a bus
+    each: the split a balanced bus makes, fixed)."""
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    harnesses = [BusHarness("memory", namespace=namespace, partitions=4) for _ in range(2)]
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    started: list[ModelService] = []
+    try:
+        for name, buses in zip(("m1", "m2"), harnesses, strict=True):
+            started.append(await start_replica(name, buses, store, clock))
+        yield [(s, client(s)) for s in started]
+    finally:
+        for service in started:
+            await service.stop()
+        for buses in harnesses:
+            await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+async def test_every_replica_answers_the_live_figures_of_the_deployment(split_replicas):
+    (first, one), (second, two) = split_replicas
+    clock = first._ctx.clock
+    vectors = FeatureUpdates().of(
+        market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
+    )
+    await clock.advance_to(vectors[-1].time)
+    halves = ([v for v in vectors if partition_of(v.key, 4) < 2],
+              [v for v in vectors if partition_of(v.key, 4) >= 2])
+    for service, half in zip((first, second), halves, strict=True):
+        await service._ctx.bus.publish_many(half)
+
+    def all_applied() -> bool:
+        counts = [s.consumer_metrics.counts() for s in (first, second)]
+        return sum(c["applied"] + c["duplicates"] for c in counts) >= len(vectors)
+
+    await eventually(all_applied, what="every vector applied")
+    followed = [first.labels.pending, second.labels.pending]
+    assert min(followed) > 5, followed
+    await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+    for service in (first, second):
+        await eventually(lambda s=service: labels_released(s), what="every label released")
+        await service.consumer.flush()
+    # a round of each replica's monitor adds the labels it counted
+    for service in (first, second):
+        await service.share_performance()
+    answers = [(await http.get("/models/entry/performance")).json() for http in (one, two)]
+    assert answers[0]["live"] == answers[1]["live"]
+    live = answers[0]["live"]["control"]
+    assert live["labels"] == sum(followed)
+    for service in (first, second):
+        figures = service.manager.get_model_performance("entry").live["control"]
+        assert figures.labels == live["labels"]
+        assert figures.metrics["brier"] == live["metrics"]["brier"]
+        # and the gauges of either replica
+        service.resolve_labels()
+        assert service.metrics.live("entry", "control", "brier") == live["metrics"]["brier"]
+
+
+async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_restart(
+    namespace, redis_url
+):
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    running: list[ModelService] = []
+    # every feature far outside the card's reference, a drift window's worth
+    names = DEFAULT_CARD.feature_names
+    far = [vector_event("far", START, values=(1e9,) * len(names))] * 3_000
+
+    async def observe(service: ModelService, events) -> None:
+        service._observe_drift(events)
+        await service._publish_drift()
+
+    def transition(feature: str, state: str) -> ModelDrift:
+        return ModelDrift(model_id="entry", version=DEFAULT_CARD.version, feature=feature,
+                          state=state, psi=0.05, threshold=0.1, observations=6_000)
+
+    try:
+        for name in ("m1", "m2"):
+            running.append(await start_replica(name, buses, store, clock))
+        first, second = running
+        seen = await buses.collector("model.drift")
+        await observe(first, far)
+        drifting = first.drift["entry"].drifting
+        assert drifting
+        # the other replica sees the same drift, and the first one again after a restart
+        await observe(second, far)
+        await first.stop()
+        running.remove(first)
+        restarted = await start_replica("m1", buses, store, clock)
+        running.append(restarted)
+        assert restarted.drift["entry"].drifting == drifting
+        await observe(restarted, far)
+
+        # both see a recovery: announced once; a drift after it is the next crossing
+        for service in (second, restarted):
+            service._drift_out.append(transition(drifting[0], "recovered"))
+            await service._publish_drift()
+        second._drift_out.append(transition(drifting[0], "drifting"))
+        await second._publish_drift()
+        expected = [*((name, "drifting") for name in drifting),
+                    (drifting[0], "recovered"), (drifting[0], "drifting")]
+        await seen.wait_until(lambda c: len(c.of("model.drift")) >= len(expected),
+                              what="the drift, its recovery and the next drift")
+        await buses.buses[0].drain(5.0)
+        assert [(e.data.feature, e.data.state) for e in seen.of("model.drift")] == expected
+        counted = sum(s.metrics.drift_transitions("entry", state)
+                      for s in (first, second, restarted) for state in ("drifting", "recovered"))
+        assert counted == len(expected)
+    finally:
+        for service in running:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()

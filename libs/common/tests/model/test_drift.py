@@ -119,6 +119,16 @@ def test_a_shifted_feature_drifts_alone_and_recovers(card, rng):
     assert decode_payload("model.drift", 1, encode_payload(back[0])) == back[0]
 
 
+def test_a_monitor_restored_drifting_reports_the_recovery_not_the_drift(card, rng):
+    monitor = DriftMonitor(card, clock=ReplayClock(0.0))
+    monitor.restore(["volume", "unknown"])
+    assert monitor.drifting == ("volume",)
+    # still drifting: nothing new to report
+    assert feed(monitor, market(rng, 6_000, shift=1.0), batch=64) == []
+    back = feed(monitor, market(rng, 6_000), batch=64)
+    assert [(d.feature, d.state) for d in back] == [("volume", "recovered")]
+
+
 def test_a_moderate_shift_neither_raises_nor_clears_a_drift(card, rng):
     monitor = DriftMonitor(card, clock=ReplayClock(0.0))
     thresholds = monitor.thresholds

@@ -16,6 +16,7 @@ from pumpflow.common.model.metrics import auc, brier, mae, precision_at, rmse
 from pumpflow.common.model.performance import (
     LabelSource,
     LabelTracker,
+    ReleasedLabels,
     ResolvedLabel,
     RollingPerformance,
     TokenLabels,
@@ -340,3 +341,62 @@ def test_labels_released_together_count_in_the_windows_as_added_one_by_one():
             b.tolist() for b in one_by_one.window_of(*key)]
         assert together.figures(*key) == one_by_one.figures(*key)
     assert together.threshold("entry") == one_by_one.threshold("entry")
+
+
+class SharedLists:
+    """Shared outcomes in a dict (the state store's lists); ``fail`` appends raise."""
+
+    def __init__(self) -> None:
+        self.lists: dict[tuple[str, str], list] = {}
+        self.fail = 0
+
+    async def append(self, outcomes, keep: int) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("the store went away")
+        for key, found in outcomes.items():
+            self.lists[key] = (self.lists.get(key, []) + list(found))[-keep:]
+
+    async def read(self):
+        return {key: list(found) for key, found in self.lists.items()}
+
+
+async def test_replicas_sharing_their_outcomes_have_the_figures_of_all_their_labels():
+    rng = np.random.default_rng(8)
+    tracker, clock = tracker_at(0.0)
+    shared = SharedLists()
+    replicas = [RollingPerformance(window=40, shared=shared) for _ in range(2)]
+    alone = RollingPerformance(window=40)
+    arms = (("entry", "a", TAKE), ("return", "a", RETURN))
+    for step in range(300):
+        clock.set_sync(step * 0.7)
+        mint = f"m{step % 6}"
+        tracker.observe(mint, clock.now(), 1.0 + rng.random())
+        for model_id, arm, definition in arms:
+            tracker.register(mint=mint, time=clock.now(), price=1.0 + rng.random(),
+                             model_id=model_id, version=f"v{step // 150}", arm=arm,
+                             score=float(rng.random()), definition=definition)
+        if step % 25 == 24:
+            released = tracker.resolve_due()
+            # the tokens of one replica's partitions, then the other's, each round
+            for i, replica in enumerate(replicas):
+                mine = [label for label in released if int(label.mint[1:]) % 2 == i]
+                replica.extend(ReleasedLabels(
+                    [r for r in released.releases if int(r[0][1:]) % 2 == i]
+                ) if i else mine)
+                alone.extend(mine)
+            if step == 99:
+                shared.fail = 1
+                with pytest.raises(ConnectionError):
+                    await replicas[0].share()  # tried again by the next one
+            for replica in replicas:
+                await replica.share()
+    for replica in replicas:
+        await replica.share()  # each reads what the other added after its last round
+    assert alone.keys() == replicas[0].keys() == replicas[1].keys()
+    for key in alone.keys():
+        for replica in replicas:
+            assert [a.tolist() for a in replica.window_of(*key)] == [
+                b.tolist() for b in alone.window_of(*key)]
+            assert replica.figures(*key) == alone.figures(*key)
+    assert replicas[0].threshold("entry") == alone.threshold("entry")

@@ -332,9 +332,11 @@ async def test_redis_batch_calls_take_one_round_trip(redis_url, namespace):
             await store.hset_many({f"h{i}": {"a": i} for i in range(50)}, ttl=LONG_TTL)
             await store.expire_many([f"k{i}" for i in range(50)], None)
             await store.get_many([f"k{i}" for i in range(50)])
+            await store.append_bounded({f"l{i}": [b"a", b"b"] for i in range(50)}, 10, LONG_TTL)
+            await store.lists([f"l{i}" for i in range(50)])
         finally:
             connection_class_patch.undo()
-        assert len(sent) == 4
+        assert len(sent) == 6
     finally:
         await store.delete_many(await store.scan_keys(""))
         await store.close()
@@ -566,3 +568,18 @@ async def test_epoch_keeps_its_identity_and_ages(harness, namespace):
 async def test_an_in_process_store_is_as_old_as_anything_that_uses_it():
     _, age = await MemoryStateStore(WallClock()).epoch()
     assert age == float("inf")
+
+
+async def test_append_bounded_keeps_the_newest_of_each_list_until_the_ttl_runs_out(harness):
+    store = harness.store
+    await store.append_bounded({"a": [b"1", b"2"], "b": [b"x"], "c": []}, keep=3, ttl=SHORT_TTL)
+    await store.append_bounded({"a": [b"3", b"4"]}, keep=3)
+    assert await store.lists(["a", "b", "c", "missing"]) == [[b"2", b"3", b"4"], [b"x"], [], []]
+    await store.append_bounded({"b": [b"y"]}, keep=3, ttl=LONG_TTL)
+    await store.set("v", b"value")
+    with pytest.raises(WrongKind):
+        await store.append_bounded({"v": [b"1"]}, keep=3)
+    assert await store.lists(["v"]) == [[]]  # a value is no list
+    assert await store.get("a") is None  # a list is no value
+    await harness.let_short_ttls_expire()
+    assert await store.lists(["a", "b"]) == [[], [b"x", b"y"]]

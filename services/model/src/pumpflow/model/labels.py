@@ -60,9 +60,10 @@ class StoredRefit(msgspec.Struct, frozen=True, kw_only=True):
     #: the newest stored label the refit saw
     last_label_id: int
     at: float
-    #: where the swapped-in version was written (None: not swapped)
+    #: where the candidate chosen (better on the held-out slice) was written (None: not
+    #: chosen); ``swapped`` says whether it was then made the serving
     path: str | None = None
-    #: the swapped-in model's content hash (:func:`model_hash`; None: not swapped)
+    #: the chosen candidate's content hash (:func:`model_hash`; None: not chosen)
     sha256: str | None = None
 
 
@@ -110,6 +111,9 @@ class LabelStore(Protocol):
     async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
                            card: bytes | None = None) -> None:
         """Store a refit decided, with the model swapped in (its bytes and encoded card)."""
+
+    async def record_swap(self, refit: StoredRefit) -> None:
+        """Mark the stored ``refit`` (its model id, candidate and time) as swapped in."""
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         """The stored model (bytes, encoded card) of that content hash; None if absent."""
@@ -263,6 +267,13 @@ class PostgresLabelStore:
             *msgspec.structs.astuple(refit), model, card,
         )
 
+    async def record_swap(self, refit: StoredRefit) -> None:
+        await self.pool.execute(
+            "UPDATE model_refits SET swapped = true "
+            "WHERE model_id = $1 AND candidate_version = $2 AND at = $3",
+            refit.model_id, refit.candidate_version, refit.at,
+        )
+
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         row = await self.pool.fetchrow(
             "SELECT model, card FROM model_refits "
@@ -379,6 +390,13 @@ class MemoryLabelStore:
                            card: bytes | None = None) -> None:
         # the model stays in the registry of the process that fitted it, the only one
         self.refits.append(refit)
+
+    async def record_swap(self, refit: StoredRefit) -> None:
+        for i, stored in enumerate(self.refits):
+            if (stored.model_id, stored.candidate_version, stored.at) == (
+                refit.model_id, refit.candidate_version, refit.at
+            ):
+                self.refits[i] = msgspec.structs.replace(stored, swapped=True)
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         return None

@@ -103,15 +103,17 @@ class _Families:
         )
         self.psi = Gauge(
             "pumpflow_model_feature_psi",
-            "Population stability index of a feature over the drift window, against the "
-            "model card's reference.",
+            "Population stability index of a feature over this replica's drift window "
+            "(the vectors of its partitions), against the model card's reference.",
             ["model_id", "feature"],
             registry=registry,
         )
         self.drifting = Gauge(
             "pumpflow_model_feature_drifting",
             "1 while a feature of a model is drifting (PSI crossed the alert threshold and "
-            "has not come back under the recovery one).",
+            "has not come back under the recovery one) in this replica's window (the "
+            "vectors of its partitions; a feature the deployment announced drifting "
+            "counts as drifting until this window shows its recovery).",
             ["model_id", "feature"],
             registry=registry,
         )
@@ -123,26 +125,31 @@ class _Families:
         )
         self.drift_transitions = Counter(
             "pumpflow_model_drift_transitions",
-            "Drift transitions of a model's features, by state (drifting, recovered).",
+            "Drift transitions of a model's features announced (model.drift) by this "
+            "replica, by state (drifting, recovered): each crossing is announced once in "
+            "the deployment, by one replica, so sum over the replicas.",
             ["model_id", "state"],
             registry=registry,
         )
         self.live = Gauge(
             "pumpflow_model_live_metric",
-            "A model's performance on an arm over its last resolved labels, by metric "
-            "(auc, brier, precision, positive_rate, selected_rate, threshold; rmse, mae).",
+            "A model's performance on an arm over the deployment's last resolved labels "
+            "(every replica's, shared through the state store: each replica exports the "
+            "same figures, so aggregate with max, not sum), by metric (auc, brier, "
+            "precision, positive_rate, selected_rate, threshold; rmse, mae).",
             ["model_id", "arm", "metric"],
             registry=registry,
         )
         self.live_labels = Gauge(
             "pumpflow_model_live_labels",
-            "Resolved labels in a model's rolling performance window on an arm.",
+            "Resolved labels in a model's rolling performance window on an arm, the "
+            "deployment's (every replica exports the same window: max, not sum).",
             ["model_id", "arm"],
             registry=registry,
         )
         self.pending_labels = Gauge(
             "pumpflow_model_pending_labels",
-            "Predictions whose label waits for its horizon.",
+            "Predictions of this replica's tokens whose label waits for its horizon.",
             registry=registry,
         )
         self.dropped_labels = Gauge(

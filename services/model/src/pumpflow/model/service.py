@@ -11,32 +11,44 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   batch of a few hundred rows takes about a millisecond: a thread hop would cost
   more than it frees, see docs/benchmarks.md). Every vector of the live feature set
   also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
-  whose transitions go out as ``model.drift``.
+  whose transitions go out as ``model.drift`` once per crossing in the deployment: the
+  features announced drifting are kept in the state store
+  (:mod:`pumpflow.model.announced`), a transition another replica announced already is
+  not announced again, and a monitor starts from what was announced (a restart does
+  not announce a drift again, and announces its recovery).
 - Live performance: every prediction (shadows too) is followed to its label by a
   :class:`~pumpflow.common.model.performance.LabelTracker` fed the prices of the
   vectors in each token's order; labels released go into a
   :class:`~pumpflow.common.model.performance.RollingPerformance` (AUC, precision at
   the threshold, Brier per model and arm), exported as metrics every second: when
   they are stored, those new to the store once stored (one stored already, or one
-  refused and dropped, is not counted again). Labels
+  refused and dropped, is not counted again). The windows are the deployment's, not
+  this replica's: every round of the monitor adds the labels counted here to the
+  windows shared in the state store (:mod:`pumpflow.model.live`), every
+  ``model_live_read_s`` it reads every replica's back (the gauges in between: the
+  last read and this replica's labels since), and ``GET /models/{id}/performance``
+  reads them before answering, so any replica gives the same figures. Labels
   waiting for their horizon are kept in each token's keyed state, so they are stored
   with its effects and survive a restart or a rebalance: the partition's next owner
   releases them at their horizon, each once. Released ones are stored with the vector
   they scored (:mod:`pumpflow.model.labels`: Postgres when the run has a database)
   before the tokens' states without them are (the keyed consumer's ``before_write``,
   waited out as the states' write is): a crash leaves a label in its token's state
-  (released again by the next owner, stored once) or stored, never neither. The
-  rolling figures start from the stored ones after a restart, so a label released
-  again is counted once.
+  (released again by the next owner, stored once) or stored, never neither. The shared
+  windows outlive a replica's restart; when the state store holds none (it restarted
+  empty), one replica fills them from the stored labels, so a label released again is
+  counted once. A replica that dies loses from the shared windows what it counted
+  since its last round (they stay stored).
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
   newest stored labels, on a thread, by one replica at a time. A candidate better on
   the held-out slice by more than ``model_refit_min_gain`` is written to the registry
-  (``model_registry_dir``), stored with its refit and stored as the serving, which this
-  replica then serves (each prediction names the version that made it), the other
-  replicas follow and a restart keeps; a failure before leaves the serving one served
-  here as everywhere. The serving names the refitted model by
+  (``model_registry_dir``), stored with its refit (as kept until then) and stored as
+  the serving, the refit then marked swapped; this replica then serves it (each
+  prediction names the version that made it), the other replicas follow and a restart
+  keeps it; a failure before leaves the serving one served here as everywhere, and the
+  refit recorded as kept. The serving names the refitted model by
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
@@ -87,6 +99,7 @@ from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.announced import DriftAnnouncements
 from pumpflow.model.labels import (
     LabelStore,
     MemoryLabelStore,
@@ -95,6 +108,7 @@ from pumpflow.model.labels import (
     definition_key,
     model_hash,
 )
+from pumpflow.model.live import StoreOutcomes
 from pumpflow.model.metrics import ModelServiceMetrics
 from pumpflow.model.pruning import PrunedRefit, RefitPruner, refit_pruner
 from pumpflow.model.settings import ModelSettings
@@ -108,6 +122,10 @@ SERVING_KEY = "model:serving"
 #: each made on the serving the one before stored
 CHANGING_KEY = "model:serving:changing"
 CHANGING_TTL_S = 30.0
+#: the store key a replica holds while it fills the empty shared windows of the live
+#: figures from the stored labels, and how long it may
+FILLING_KEY = "model:live:filling"
+FILLING_TTL_S = 60.0
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -202,6 +220,9 @@ class ModelService(Service):
         #: what each model id was loaded from here
         self._sources: dict[str, ModelSource] = {}
         self._drift_out: list[ModelDrift] = []
+        #: what the deployment announced; the models whose monitor has not read it yet
+        self._announced: DriftAnnouncements | None = None
+        self._drift_unrestored: set[str] = set()
         #: counted, not yet published (a publication that failed goes on from its first)
         self._drift_unsent: list[ModelDrift] = []
         self._ctx: ServiceContext | None = None
@@ -214,6 +235,9 @@ class ModelService(Service):
         #: the partitions (owned, restored) the waiting labels were last counted over
         self._labels_counted_over: tuple[frozenset[int], frozenset[int]] | None = None
         self.performance: RollingPerformance | None = None
+        self._sharing = asyncio.Lock()
+        #: when the shared windows were last read (monotonic seconds)
+        self._read_at = -math.inf
 
     @property
     def manager(self) -> ModelManager:
@@ -244,14 +268,17 @@ class ModelService(Service):
                 else MemoryLabelStore()
             )
         self._pruner = refit_pruner(self.label_store)
+        self._announced = DriftAnnouncements(ctx.store)
         serving = await self._start_serving()
+        await self._restore_drift()
         self.labels = LabelTracker(clock=ctx.clock)
         self._labels_counted_over = None
-        self.performance = RollingPerformance(threshold=settings.trading_min_score)
-        if settings.model_store_labels:
-            # the rolling figures go on from the labels stored before the restart
-            stored = await self.label_store.last_labels(4 * self.performance.window)
-            self.performance.extend(stored)
+        self.performance = RollingPerformance(
+            threshold=settings.trading_min_score, shared=StoreOutcomes(ctx.store)
+        )
+        if self.manager.live_performance is None:
+            self.manager.live_performance = self.performance
+        await self._start_performance()
         self.processor = ModelProcessor(
             self.manager, serving.table(), policy=self.settings.policy(), labels=self.labels
         )
@@ -273,6 +300,34 @@ class ModelService(Service):
         if settings.model_refit:
             self._loops.append(asyncio.create_task(self._refit_loop(), name="model-refit"))
 
+    async def _start_performance(self) -> None:
+        """Take the shared windows; when the store holds none and labels are stored, fill
+        them from the newest stored labels (one replica does, the others read them)."""
+        performance = self.performance
+        await performance.share()
+        if not self.settings.model_store_labels or performance.keys():
+            return
+        store = self._ctx.store
+        holder = f"{self._ctx.source}/{secrets.token_hex(8)}".encode()
+        if not await store.set_if_absent(FILLING_KEY, holder, FILLING_TTL_S):
+            return  # another replica fills them: read at the next round
+        try:
+            await performance.share()
+            if not performance.keys():
+                performance.extend(await self.label_store.last_labels(4 * performance.window))
+                await performance.share()
+        finally:
+            with contextlib.suppress(Exception):
+                await store.delete_if_equal(FILLING_KEY, holder)
+
+    async def share_performance(self, *, read: bool = True) -> None:
+        """Add the labels counted here to the shared windows; read every replica's
+        (``read``)."""
+        async with self._sharing:
+            await self.performance.share(read=read)
+            if read:
+                self._read_at = time.monotonic()
+
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
@@ -293,6 +348,11 @@ class ModelService(Service):
             await self.store_labels()
         except Exception:
             log.exception("model: %d released labels not stored at the stop", len(self._to_store))
+        try:
+            await self.share_performance(read=False)
+        except Exception:
+            log.exception("model: the labels counted here since the last round were not "
+                          "added to the shared live figures")
 
     # ---------------------------------------------------------------- serving
 
@@ -350,6 +410,7 @@ class ModelService(Service):
         self.manager.unload_model(model_id)
         self._sources.pop(model_id, None)
         self.drift.pop(model_id, None)
+        self._drift_unrestored.discard(model_id)
 
     async def _fetch_missing(self, serving: Serving) -> dict[str, str]:
         """Write the refitted models ``serving`` names whose file is not here into this
@@ -425,6 +486,7 @@ class ModelService(Service):
                 raise ServingError(str(exc)) from None
             self._sources[model_id] = source
             self.drift[model_id] = DriftMonitor(card, clock=self._ctx.clock)
+            self._drift_unrestored.add(model_id)
             log.info("model: serving %s version %s from %s", model_id, card.version, path)
         self.serving = serving
         if self.processor is not None:
@@ -573,17 +635,45 @@ class ModelService(Service):
         processor = self.processor
         metrics.sync(processor.skipped, processor.failed, processor.prepared_rows)
 
+    async def _restore_drift(self) -> None:
+        """Give the monitors made since the last call the features announced drifting."""
+        for model_id in sorted(self._drift_unrestored):
+            monitor = self.drift.get(model_id)
+            if monitor is None:
+                self._drift_unrestored.discard(model_id)
+                continue
+            drifting = await self._announced.drifting(model_id, monitor.names)
+            if self.drift.get(model_id) is monitor:  # not replaced meanwhile
+                monitor.restore(drifting)
+                self._drift_unrestored.discard(model_id)
+
     async def _publish_drift(self) -> None:
+        """Announce the monitors' transitions that change what the deployment announced;
+        count and publish them. What could not be claimed (the store away) is claimed
+        first next time; what could not be published, published first next time."""
+        await self._restore_drift()
         pending, self._drift_out = self._drift_out, []
+        announced: list[ModelDrift] = []
+        failed: Exception | None = None
+        for at, transition in enumerate(pending):
+            try:
+                if await self._announced.claim(transition):
+                    announced.append(transition)
+            except Exception as exc:
+                self._drift_out = pending[at:] + self._drift_out
+                failed = exc
+                break
         for model_id, monitor in self.drift.items():
-            mine = [t for t in pending if t.model_id == model_id]
+            mine = [t for t in announced if t.model_id == model_id]
             self.metrics.drift(monitor.report(), mine)
-        self._drift_unsent += pending
+        self._drift_unsent += announced
         ctx = self._ctx
         while self._drift_unsent:
             payload = self._drift_unsent[0]
             await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
             del self._drift_unsent[0]
+        if failed is not None:
+            raise failed
 
     def _hand_out(self) -> int:
         """Queue the labels released since the last call for the store, or count them
@@ -647,6 +737,8 @@ class ModelService(Service):
         while True:
             await asyncio.sleep(self.settings.model_monitor_s)
             try:
+                read = time.monotonic() - self._read_at >= self.settings.model_live_read_s
+                await self.share_performance(read=read)
                 self.resolve_labels()
                 await self._publish_drift()
             except Exception:
@@ -737,7 +829,7 @@ class ModelService(Service):
         card = self.manager.card(model_id)
         of_model = (model_id, card.feature_set_version, definition_key(card.label))
         now = self._ctx.clock.now()
-        last = await store.last_refit(model_id)
+        last = await self._swap_recorded(await store.last_refit(model_id))
         tried = max(last.at if last else -math.inf, self._refit_tried.get(model_id, -math.inf))
         counts = await store.counts(*of_model, after_id=last.last_label_id if last else 0)
         if not policy.due(new_labels=counts.new, rows=counts.rows, since_last_s=now - tried):
@@ -764,22 +856,18 @@ class ModelService(Service):
                 model = await asyncio.to_thread(Path(path).read_bytes)
                 raw_card = await asyncio.to_thread(card_path(path).read_bytes)
                 sha256 = model_hash(model)
+            # stored as kept until its serving is: the replicas fetch the chosen model from
+            # the stored refit to serve it, and a serving that cannot be stored leaves it
+            # kept, as it then is everywhere
             refit = StoredRefit(
                 model_id=model_id, serving_version=result.serving_version,
-                candidate_version=result.candidate_version, swapped=result.swapped,
+                candidate_version=result.candidate_version, swapped=False,
                 metric=result.metric, serving_score=result.serving_score,
                 candidate_score=result.candidate_score, held_out_rows=result.held_out_rows,
                 rows=len(data.labels), last_label_id=last_id, at=result.at, path=path,
                 sha256=sha256,
             )
             await store.record_refit(refit, model=model, card=raw_card)
-            self.metrics.refitted(model_id, result.swapped)
-            log.info(
-                "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
-                "held out: %s", model_id, refit.rows, refit.serving_version, refit.metric,
-                refit.serving_score, refit.candidate_version, refit.candidate_score,
-                refit.held_out_rows, "swapped in" if refit.swapped else "kept the serving one",
-            )
             if path is not None:
                 # every replica serves it, and a restart loads it
                 task = card.task
@@ -791,10 +879,39 @@ class ModelService(Service):
                         serving, models={**serving.models, model_id: source}
                     )
 
-                await self.change(with_refit)
+                try:
+                    await self.change(with_refit)
+                except BaseException:
+                    self._refitted(refit, "its serving could not be stored")
+                    raise
+                refit = msgspec.structs.replace(refit, swapped=True)
+                # left kept by a failure here, the next check marks it (_swap_recorded)
+                await store.record_swap(refit)
+            self._refitted(refit, "swapped in" if refit.swapped else "kept the serving one")
             # under the lock, the serving stored: no other replica refits or prunes it now
             await self.prune_refits(model_id)
         self.refits.append(refit)
+        return refit
+
+    def _refitted(self, refit: StoredRefit, outcome: str) -> None:
+        self.metrics.refitted(refit.model_id, refit.swapped)
+        log.info(
+            "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
+            "held out: %s", refit.model_id, refit.rows, refit.serving_version, refit.metric,
+            refit.serving_score, refit.candidate_version, refit.candidate_score,
+            refit.held_out_rows, outcome,
+        )
+
+    async def _swap_recorded(self, refit: StoredRefit | None) -> StoredRefit | None:
+        """``refit`` marked swapped if it is stored as kept while the stored serving
+        serves its model (the mark failed after the serving was stored)."""
+        if refit is None or refit.swapped or refit.sha256 is None:
+            return refit
+        stored = await self._stored_serving()
+        if stored is None or all(s.sha256 != refit.sha256 for s in stored.models.values()):
+            return refit
+        refit = msgspec.structs.replace(refit, swapped=True)
+        await self.label_store.record_swap(refit)
         return refit
 
     async def prune_refits(self, model_id: str) -> list[PrunedRefit]:
@@ -954,11 +1071,17 @@ class ModelService(Service):
         @api.get("/models/{model_id}/performance")
         async def performance(model_id: str) -> dict[str, Any]:
             model_or_404(model_id)
+            try:
+                await self.share_performance()
+            except Exception:
+                log.exception("model: the shared live figures could not be read; answering "
+                              "with those of the last round")
             found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
             found["live"] = {
                 arm: msgspec.to_builtins(figures)
                 for arm, figures in self.performance.by_arm(model_id).items()
             }
+            # this replica's: the tokens of its partitions
             found["labels_pending"] = self.labels.pending
             return found
 

@@ -18,7 +18,9 @@ Thresholds (:class:`DriftThresholds`) follow the industry conventions for PSI: u
 0.1 no significant change, 0.1 to 0.25 a moderate one, over 0.25 a significant one.
 A feature is *drifting* from the check its PSI reaches 0.25 until the check it is back
 under 0.1; in between it keeps its state, so a PSI that hovers near one threshold does
-not flap.
+not flap. A monitor starts with no feature drifting unless told otherwise
+(:meth:`DriftMonitor.restore`: what a service announced before a restart, or another
+replica did).
 
 Window: the market trades 23 to 58 times a second (docs/market.md), one
 ``features.updated`` each, so 6,000 vectors are about 2 to 4 minutes of market: long
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -286,6 +288,13 @@ class DriftMonitor:
             )
         self.transitions.extend((self._checked_at, payload) for payload in out)
         return out
+
+    def restore(self, drifting: Iterable[str]) -> None:
+        """Take the features named as drifting (announced so before, by this monitor's
+        predecessor or another replica's): this monitor reports their recovery, not
+        their drift again."""
+        names = set(drifting)
+        self._drifting |= np.array([n in names for n in self.names], dtype=bool)
 
     @property
     def observations(self) -> int:

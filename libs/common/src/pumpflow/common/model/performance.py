@@ -54,14 +54,20 @@ per release step that has labels of the token.
 :class:`RollingPerformance` keeps the last ``window`` released labels of each model
 and arm and computes, on demand, AUC, Brier score, positive rate and precision at the
 trading threshold (classification) or RMSE and MAE (regression) with
-:mod:`pumpflow.common.model.metrics`.
+:mod:`pumpflow.common.model.metrics`. Given :class:`SharedOutcomes` (the replicas of a
+service that split the tokens between them), its windows are the deployment's: each
+replica adds the labels it counted there (:meth:`RollingPerformance.share`, a batch a
+call) and takes every replica's back, so the figures do not depend on which replica
+answers.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -552,6 +558,30 @@ class LiveFigures(msgspec.Struct, frozen=True, kw_only=True):
     last_resolved_at: float
 
 
+class Outcome(msgspec.Struct, frozen=True, array_like=True):
+    """A released label as the rolling figures count it: what replicas share."""
+
+    score: float
+    label: float
+    version: str
+    resolved_at: float
+    #: a classification label's break-even threshold (None: a regression's)
+    breakeven: float | None = None
+
+
+class SharedOutcomes(Protocol):
+    """The outcomes of every replica, the newest of each model and arm."""
+
+    async def append(
+        self, outcomes: Mapping[tuple[str, str], Sequence[Outcome]], keep: int
+    ) -> None:
+        """Add outcomes by (model id, arm), oldest first, in one round trip; each model
+        and arm then keeps its newest ``keep``."""
+
+    async def read(self) -> dict[tuple[str, str], list[Outcome]]:
+        """The outcomes of each model and arm, oldest first."""
+
+
 @dataclass(slots=True)
 class _Window:
     task: Task
@@ -611,6 +641,9 @@ class RollingPerformance:
     enters at), else the model's label's break-even probability
     (:func:`breakeven_threshold`).
     Adding is O(1); figures cost O(window log window) and are cached until the next add.
+
+    ``shared``: the windows are the deployment's (see :meth:`share`); the labels added
+    here count at once, and the figures are every replica's from the next share on.
     """
 
     def __init__(
@@ -619,6 +652,7 @@ class RollingPerformance:
         window: int = 2000,
         thresholds: Mapping[str, float] | None = None,
         threshold: float | None = None,
+        shared: SharedOutcomes | None = None,
     ):
         if window <= 0:
             raise ValueError("window must be positive")
@@ -629,21 +663,41 @@ class RollingPerformance:
         self.default_threshold = threshold
         self._windows: dict[tuple[str, str], _Window] = {}
         self._default_thresholds: dict[str, float] = {}
+        self.shared = shared
+        #: outcomes added here and not shared yet, the newest ``window`` of each
+        self._unshared: dict[tuple[str, str], deque[Outcome]] = {}
+
+    def _window(self, key: tuple[str, str], task: Task) -> _Window:
+        """The window of ``key``, new (empty) if it has none or one of another task."""
+        window = self._windows.get(key)
+        if window is None or window.task != task:
+            window = self._windows[key] = _Window(
+                task=task, labels=np.zeros(self.window), scores=np.zeros(self.window),
+                versions=[""] * self.window,
+            )
+        return window
+
+    def _queue(self, key: tuple[str, str], outcomes: Iterable[Outcome]) -> None:
+        queue = self._unshared.get(key)
+        if queue is None:
+            queue = self._unshared[key] = deque(maxlen=self.window)
+        queue.extend(outcomes)
 
     def add(self, label: ResolvedLabel) -> None:
         """Count one released label (a dropped one, NaN, is not a label)."""
         if math.isnan(label.label):
             return
         key = (label.model_id, label.arm)
-        window = self._windows.get(key)
-        if window is None or window.task != label.task:
-            window = self._windows[key] = _Window(
-                task=label.task, labels=np.zeros(self.window), scores=np.zeros(self.window),
-                versions=[""] * self.window,
-            )
+        window = self._window(key, label.task)
+        breakeven = None
         if label.task == "classification":
-            self._default_thresholds[label.model_id] = breakeven_threshold(label.definition)
+            breakeven = self._default_thresholds[label.model_id] = breakeven_threshold(
+                label.definition
+            )
         window.add(label)
+        if self.shared is not None:
+            self._queue(key, (Outcome(label.score, label.label, label.version,
+                                      label.resolved_at, breakeven),))
 
     def extend(self, labels: Iterable[ResolvedLabel]) -> None:
         """Count released labels, in order; labels released together
@@ -653,7 +707,7 @@ class RollingPerformance:
                 self.add(label)
             return
         # by model and arm, in the order released: (task, labels, scores, versions,
-        # the last one's release time); each source's group and task found once
+        # release times); each source's group and task found once
         grouped: dict[tuple[str, str], tuple[Task, list, list, list, list]] = {}
         of_source: dict[int, tuple[tuple[Task, list, list, list, list], str, bool]] = {}
         definitions: dict[str, LabelDefinition] = {}
@@ -668,7 +722,7 @@ class RollingPerformance:
                     task = task_of(source.definition)
                     group = grouped.get((source.model_id, source.arm))
                     if group is None:
-                        group = grouped[(source.model_id, source.arm)] = (task, [], [], [], [at])
+                        group = grouped[(source.model_id, source.arm)] = (task, [], [], [], [])
                     elif group[0] != task:
                         # a model id that changed task among them: one by one, as added
                         for each in labels:
@@ -684,17 +738,62 @@ class RollingPerformance:
                 group[1].append(label)
                 group[2].append(item.score)
                 group[3].append(version)
-                group[4][0] = at
-        for (model_id, arm), (task, values, scores, versions, last) in grouped.items():
-            window = self._windows.get((model_id, arm))
-            if window is None or window.task != task:
-                window = self._windows[(model_id, arm)] = _Window(
-                    task=task, labels=np.zeros(self.window), scores=np.zeros(self.window),
-                    versions=[""] * self.window,
-                )
-            window.add_many(values, scores, versions, last[0])
+                group[4].append(at)
         for model_id, definition in definitions.items():
             self._default_thresholds[model_id] = breakeven_threshold(definition)
+        for (model_id, arm), (task, values, scores, versions, ats) in grouped.items():
+            self._window((model_id, arm), task).add_many(values, scores, versions, ats[-1])
+            if self.shared is not None:
+                breakeven = (
+                    self._default_thresholds[model_id] if task == "classification" else None
+                )
+                self._queue((model_id, arm), map(
+                    Outcome, scores, values, versions, ats, [breakeven] * len(ats)
+                ))
+
+    async def share(self, *, read: bool = True) -> None:
+        """Add the labels counted here since the last call to the shared outcomes, then
+        (``read``) take every window from there (every replica's labels, the newest
+        ``window`` of each model and arm); those counted here meanwhile stay on top
+        until the next call. What could not be added is tried again first by the next
+        call. Until the next read, the windows are the last read's and the labels
+        counted here since."""
+        shared = self.shared
+        if shared is None:
+            return
+        pending, self._unshared = self._unshared, {}
+        if pending:
+            try:
+                await shared.append(
+                    {key: list(queue) for key, queue in pending.items()}, self.window
+                )
+            except BaseException:
+                for key, queue in self._unshared.items():
+                    pending.setdefault(key, deque(maxlen=self.window)).extend(queue)
+                self._unshared = pending
+                raise
+        if not read:
+            return
+        found = await shared.read()
+        self._windows = {}
+        for key, outcomes in found.items():
+            self._add_outcomes(key, outcomes[-self.window:])
+        for key, queue in self._unshared.items():
+            self._add_outcomes(key, queue)
+
+    def _add_outcomes(self, key: tuple[str, str], outcomes: Sequence[Outcome]) -> None:
+        """Count outcomes of ``key`` in order (those of its newest task)."""
+        if not outcomes:
+            return
+        breakeven = outcomes[-1].breakeven
+        task: Task = "regression" if breakeven is None else "classification"
+        mine = [o for o in outcomes if (o.breakeven is None) == (breakeven is None)]
+        self._window(key, task).add_many(
+            [o.label for o in mine], [o.score for o in mine], [o.version for o in mine],
+            max(o.resolved_at for o in mine),
+        )
+        if breakeven is not None:
+            self._default_thresholds[key[0]] = breakeven
 
     def threshold(self, model_id: str) -> float:
         found = self.thresholds.get(model_id, self.default_threshold)

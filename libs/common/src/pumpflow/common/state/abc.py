@@ -7,7 +7,7 @@ Values are bytes (hash fields: bytes, str or numbers in, bytes out).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 HashValue = bytes | str | int | float
@@ -87,6 +87,21 @@ class StateStore(ABC):
     @abstractmethod
     async def write(self, batch: WriteBatch) -> None:
         """Store ``batch`` atomically, in one round trip: a reader sees all of it or none."""
+
+    @abstractmethod
+    async def append_bounded(
+        self, items: Mapping[str, Sequence[bytes]], keep: int, ttl: float | None = None
+    ) -> None:
+        """Append values to the lists at ``items``' keys (empty when missing), each list
+        then keeping its newest ``keep``, atomically and in one round trip; a TTL applies
+        to every list appended to (None keeps its TTL). A key holding something else is
+        refused (:class:`WrongKind`). Values appended again after a lost reply are there
+        twice."""
+
+    @abstractmethod
+    async def lists(self, keys: Iterable[str]) -> list[list[bytes]]:
+        """The lists at ``keys`` in order, each oldest first, in one round trip ([] where
+        missing or expired)."""
 
     @abstractmethod
     async def hgetall(self, key: str) -> dict[str, bytes]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch, WrongKind
@@ -20,7 +20,7 @@ def _as_bytes(value: HashValue) -> bytes:
 class MemoryStateStore(StateStore):
     def __init__(self, clock: Clock | None = None):
         self._clock = clock or WallClock()
-        self._values: dict[str, bytes | dict[str, HashValue] | set[str]] = {}
+        self._values: dict[str, bytes | dict[str, HashValue] | set[str] | list[bytes]] = {}
         self._expiry: dict[str, float] = {}
         #: (deadline, key) of every TTL set; entries whose key got a new TTL are stale
         self._deadlines: list[tuple[float, str]] = []
@@ -131,6 +131,34 @@ class MemoryStateStore(StateStore):
         for key, ttl in batch.expiries.items():
             if self._alive(key):
                 self._set_ttl(key, ttl)
+
+    async def append_bounded(
+        self, items: Mapping[str, Sequence[bytes]], keep: int, ttl: float | None = None
+    ) -> None:
+        # no await inside: atomic on the event loop
+        self._purge()
+        values = self._values
+        for key in items:
+            current = values.get(key) if self._alive(key) else None
+            if current is not None and not isinstance(current, list):
+                raise WrongKind(f"{key} holds no list: nothing of the append is stored")
+        for key, appended in items.items():
+            if not appended:
+                continue
+            current = values.get(key) if self._alive(key) else None
+            if current is None:
+                current = values[key] = []
+            current.extend(bytes(value) for value in appended)
+            del current[: max(0, len(current) - keep)]
+            if ttl is not None:
+                self._set_ttl(key, ttl)
+
+    async def lists(self, keys: Iterable[str]) -> list[list[bytes]]:
+        out = []
+        for key in keys:
+            value = self._values.get(key) if self._alive(key) else None
+            out.append(list(value) if isinstance(value, list) else [])
+        return out
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         value = self._values.get(key) if self._alive(key) else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis.asyncio as redis
 
@@ -241,6 +241,37 @@ class RedisStateStore(StateStore):
             else:
                 commands.append(("PEXPIRE", self._key(key), _ttl_ms(ttl)))
         return commands
+
+    async def append_bounded(
+        self, items: Mapping[str, Sequence[bytes]], keep: int, ttl: float | None = None
+    ) -> None:
+        items = {key: appended for key, appended in items.items() if appended}
+        if not items:
+            return
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key, appended in items.items():
+                    full = self._key(key)
+                    pipe.rpush(full, *(bytes(value) for value in appended))
+                    pipe.ltrim(full, -keep, -1)
+                    if ttl is not None:
+                        pipe.pexpire(full, _ttl_ms(ttl))
+                await pipe.execute()
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise WrongKind(f"{exc}: a key of the append holds no list") from exc
+            raise
+
+    async def lists(self, keys: Iterable[str]) -> list[list[bytes]]:
+        full = [self._key(k) for k in keys]
+        if not full:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in full:
+                pipe.lrange(key, 0, -1)
+            found = await pipe.execute(raise_on_error=False)
+        # a key holding no list reads as none, like a hash read as a value
+        return [list(f) if isinstance(f, list) else [] for f in found]
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         try:
