@@ -4,6 +4,7 @@ transaction, and a load gives back the fills in order and the orders still unres
 from __future__ import annotations
 
 import asyncpg
+import msgspec
 import pytest
 
 from pumpflow.common.events import PositionUpdated, make_event
@@ -279,3 +280,21 @@ async def test_the_outbox_holds_the_numbered_events_until_they_are_gone(ledger):
     await ledger.commit(LedgerChange(events=[keyed("a2")], gone=["a1", "b1"]))
     outbox = (await ledger.load(remembered=10)).outbox
     assert [(e.id, e.seq) for e in outbox] == [("a2", 2), ("b2", 2)]
+
+
+async def test_an_event_published_and_given_again_in_the_change_that_drops_it_is_numbered_anew(
+    ledger,
+):
+    """An order's outcome event has an id of the order's: its refusal as unconfirmed and
+    the fill of its trade showing late share it. Given again by the change that takes the
+    published refusal out of the outbox, it is a new event: the mint's next seq, kept in
+    the outbox as given (the old seq would have the exit drop the fill as a copy)."""
+    first = await ledger.commit(LedgerChange(events=[keyed("outcome")]))
+    assert first.seqs == {"outcome": 1}
+    event = keyed("outcome").event
+    filled = msgspec.structs.replace(event.data, token_amount=7.0)
+    late = KeyedEvent(event=msgspec.structs.replace(event, data=filled))
+    again = await ledger.commit(LedgerChange(events=[late], gone=["outcome"]))
+    assert again.seqs == {"outcome": 2}
+    [stored] = (await ledger.load(remembered=10)).outbox
+    assert (stored.seq, stored.data.token_amount) == (2, 7.0)

@@ -510,18 +510,23 @@ ON CONFLICT (position_id) DO UPDATE SET closed_at = EXCLUDED.closed_at,
     mark_price = EXCLUDED.mark_price, updated_at = now()
 """
 #: one round trip: the gone events ($4) leave the outbox; of the events given ($1-$3, in
-#: publication order), those in the outbox keep their seqs, the others move their mints'
-#: counts on (locked in mint order) and enter it numbered in order; every given event's
-#: seq comes back (the outbox read is the statement's snapshot, before its insert)
+#: publication order), those in the outbox and not gone keep their seqs, the others move
+#: their mints' counts on (locked in mint order) and enter it numbered in order; every
+#: given event's seq comes back. The statement's parts share its snapshot, before its
+#: deletion and its insert: an event gone and given again (an order's outcome has the
+#: order's id, its refusal as unconfirmed and the fill of its trade showing late alike)
+#: is a new one, numbered, and replaces the row the snapshot still holds
 _NUMBER = """
 WITH gone AS (
     DELETE FROM trading_outbox WHERE event_id = ANY($4::text[])
 ), given AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY
         AS g(event_id, mint, event, n)
+), kept AS (
+    SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
+    WHERE o.event_id <> ALL($4::text[])
 ), fresh AS (
-    SELECT * FROM given
-    WHERE NOT EXISTS (SELECT 1 FROM trading_outbox o WHERE o.event_id = given.event_id)
+    SELECT * FROM given WHERE event_id NOT IN (SELECT event_id FROM kept)
 ), counts AS (
     SELECT mint, count(*) AS taken FROM fresh GROUP BY mint
 ), moved AS (
@@ -534,11 +539,13 @@ WITH gone AS (
     SELECT f.event_id, f.mint,
         m.seq - c.taken + row_number() OVER (PARTITION BY f.mint ORDER BY f.n), f.event
     FROM fresh f JOIN moved m USING (mint) JOIN counts c USING (mint)
+    ON CONFLICT (event_id) DO UPDATE SET mint = EXCLUDED.mint, seq = EXCLUDED.seq,
+        event = EXCLUDED.event, stored_at = now()
     RETURNING event_id, seq
 )
 SELECT event_id, seq FROM numbered
 UNION ALL
-SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
+SELECT event_id, seq FROM kept
 """
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
