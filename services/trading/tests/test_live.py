@@ -778,3 +778,30 @@ async def test_a_wallet_trade_matching_no_order_is_logged_counted_and_shown(cloc
         [rejected] = run.watch.payloads("order.rejected")
         assert rejected.order_id == run.request.order_id and signature in rejected.reason
         assert len(api.requests) == 1
+
+
+async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbooked(
+    clock, market
+):
+    """The replica stored the fill of the wallet's trade and went before the trade's
+    delivery was acknowledged: the next one is handed the trade again. It is the booked
+    order's, the wallet and the book agree: nothing is booked twice, and nothing is told
+    unbooked (a critical alert for the operator to settle what needs no settling)."""
+    async with fake_trade_api("success") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            [call] = api.requests
+            sol = first.request.sol_amount
+            ours = market.tokens.buy(first.mint, WALLET, sol=sol, signature=call.signature)
+            await publish(first.bus, ours)
+            [opened] = first.watch.payloads("position.opened")
+        ledger, mint = first.ledger, first.mint
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            await publish(bus, ours)  # never acknowledged: delivered again
+            assert watch.count("order.filled") == 0
+            assert second.book.open_positions[mint].tokens == opened.token_amount
+            assert second.metrics.unbooked_trades("wallet_trade") == 0
+            assert second.unbooked_view() == []
+        assert len(api.requests) == 1

@@ -214,3 +214,25 @@ def test_a_wallet_trade_held_for_an_answer_naming_another_signature_is_kept_unbo
     assert book.answered("p", "sig-of-p")
     [unbooked] = book.unbooked()
     assert unbooked.signature == by_hand.data.signature and unbooked.candidates == ()
+
+
+def test_a_booked_trade_delivered_again_fills_nothing_else_and_is_not_unbooked():
+    """The wallet's buy filled the order whose answer never came; delivered again (here,
+    or to the replica taking over, told of the fill), it is that fill's: another order of
+    its size waiting for its trade is not filled by it, and nothing is unbooked."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    ours = tokens.buy(mint, WALLET, sol=0.5)
+    assert fills(book, ours) == ["o"]
+    book.add(
+        LiveOrder(order_id="p", mint=mint, side="buy", deadline=190.0, sent_at=100.0, amount=0.5)
+    )
+    assert fills(book, ours) == [] and "p" in book.pending
+    assert book.unbooked() == []
+
+    next_holder = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    next_holder.booked(ours.data.signature)
+    assert fills(next_holder, ours) == [] and "o" in next_holder.pending
+    assert next_holder.unbooked() == []

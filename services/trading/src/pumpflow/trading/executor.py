@@ -32,7 +32,7 @@ from pumpflow.common.trading import (
 )
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market
-from pumpflow.trading.ledger import OrderOutcome, OrderRecord
+from pumpflow.trading.ledger import FillRecord, OrderOutcome, OrderRecord
 
 Outcome = OrderFilled | OrderRejected
 
@@ -81,6 +81,11 @@ class TradeExecutor(Protocol):
     def given_up(self, order: OrderRecord) -> None:
         """An order rejected as unconfirmed before a take-over, with what it was sent as:
         its trade, should it show late after all, is booked."""
+        ...
+
+    def booked(self, fill: FillRecord) -> None:
+        """A fill stored before a take-over: the trade of the live wallet it was, should
+        its delivery come again, is its own and no other order's nor unbooked."""
         ...
 
     def restore_market(self, mint: str, market: Market) -> None:
@@ -164,6 +169,9 @@ class PaperExecutor:
 
     def given_up(self, order: OrderRecord) -> None:
         return None  # a paper order's outcome is never late
+
+    def booked(self, fill: FillRecord) -> None:
+        return None  # no wallet trades on paper
 
     async def close(self) -> None:
         return None

@@ -38,7 +38,7 @@ from pumpflow.common.trading import (
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, sell_order
 from pumpflow.trading.executor import Outcome
-from pumpflow.trading.ledger import OrderOutcome, OrderRecord
+from pumpflow.trading.ledger import FillRecord, OrderOutcome, OrderRecord
 
 log = logging.getLogger("pumpflow.trading.live")
 
@@ -301,6 +301,10 @@ class LiveExecutor:
         if order.executor != self.name or order.signature is None:
             return
         self.book.given_up(self._live_order(order, deadline=order.requested_at))
+
+    def booked(self, fill: FillRecord) -> None:
+        if fill.signature is not None:
+            self.book.booked(fill.signature)
 
     def _live_order(self, order: OrderRecord, *, deadline: float) -> LiveOrder:
         """The live book's order of a ledger's record."""

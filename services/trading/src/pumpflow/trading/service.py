@@ -436,6 +436,7 @@ class TradingService(Service):
             )
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+                self.executor.booked(fill)
             for mint in list(self.book.open_positions):
                 view = self.engine.views.get(mint)
                 if view is not None and view.market.state is not None:

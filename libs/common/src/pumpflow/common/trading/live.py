@@ -28,7 +28,10 @@ allows, and that order ends unconfirmed (its refusal names the trade). It is not
 booked as the order's position: the stream shows a trade's token, side, size,
 signature and wallet, and a buy made by hand from the wallet then is told apart from
 it by none of them. Booked, a hand trade would be a position the exit service sells,
-its cost counted against the capital and the limits.
+its cost counted against the capital and the limits. A trade booked as a fill and
+delivered again (to the replica taking over, its fill stored before its delivery was
+acknowledged: :meth:`LiveBook.booked`) is that fill's: it fills no other order and is
+not unbooked.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
@@ -77,6 +80,8 @@ from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
 REMEMBERED_EXPIRED = 1000
+#: signatures of the wallet's trades booked as fills, kept to know one delivered again
+REMEMBERED_BOOKED = 1000
 #: trades of the wallet that matched no order, the latest kept for the operator's view
 REMEMBERED_UNBOOKED = 100
 #: a sale's tokens as the chain counts them: the API rounds the order's amount to them
@@ -209,6 +214,8 @@ class LiveBook:
     pending: dict[str, LiveOrder] = field(default_factory=dict)
     #: signature -> an order given up as unconfirmed, newest last
     expired: OrderedDict[str, LiveOrder] = field(default_factory=OrderedDict)
+    #: signatures of the wallet's trades booked as fills, newest last
+    filled: OrderedDict[str, None] = field(default_factory=OrderedDict)
     #: signature -> a trade of the wallet waiting for answers (with the SOL it moved and
     #: when the feed stamped it)
     unclaimed: dict[str, tuple[TokenTrade, float, float]] = field(default_factory=dict)
@@ -325,6 +332,15 @@ class LiveBook:
         while len(self.expired) > REMEMBERED_EXPIRED:
             self.expired.popitem(last=False)
 
+    def booked(self, signature: str) -> None:
+        """Remember ``signature``, a trade of the wallet booked as an order's fill (here,
+        or before a take-over): delivered again (its fill stored, its delivery not
+        acknowledged), it fills nothing and is no trade the book lacks."""
+        self.filled[signature] = None
+        self.filled.move_to_end(signature)
+        while len(self.filled) > REMEMBERED_BOOKED:
+            self.filled.popitem(last=False)
+
     def next_due(self) -> float | None:
         return min((o.deadline for o in self.pending.values()), default=None)
 
@@ -336,6 +352,8 @@ class LiveBook:
     # ---------------------------------------------------------------- internals
 
     def _confirm(self, trade: TokenTrade, time: float) -> Confirmation | None:
+        if trade.signature in self.filled:
+            return None  # booked already: a delivery again, neither a fill nor unbooked
         moved = self._moved(trade)
         order, late = self._match(trade, moved, time)
         if order is None:
@@ -344,6 +362,7 @@ class LiveBook:
             else:
                 self._unbook(trade, moved, time)
             return None
+        self.booked(trade.signature)
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         return Confirmation(fill=fill, late=late)
 
@@ -419,6 +438,7 @@ class LiveBook:
         self._unbooked.append(unbooked)
 
     def _settle(self, order: LiveOrder, trade: TokenTrade, moved: float) -> None:
+        self.booked(trade.signature)
         fill = confirmed_fill(order, trade, execution=self.execution, moved_sol=moved)
         self._settled.append(Confirmation(fill=fill))
 
