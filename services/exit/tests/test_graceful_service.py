@@ -193,6 +193,51 @@ async def test_an_outage_of_the_records_as_a_tranche_fills_is_waited_out():
         assert {o.order_id: o.state for o in stored} == {o: "filled" for o in orders}
 
 
+class _ReadsOut(MemoryExitStore):
+    """Records whose database is out for the first ``failures`` reads of a run's closes
+    and the first ``listings`` changes of a run (a restart, say)."""
+
+    def __init__(self, failures: int = 1, listings: int = 0):
+        super().__init__()
+        self.failures = failures
+        self.listings = listings
+
+    async def run_closes(self, run_id):
+        if self.failures:
+            self.failures -= 1
+            raise Outage("the records' database is restarting")
+        return await super().run_closes(run_id)
+
+    async def update_run(self, run_id, **changes):
+        if self.listings and changes.get("partitions"):
+            self.listings -= 1
+            raise Outage("the records' database is restarting")
+        return await super().update_run(run_id, **changes)
+
+
+@pytest.mark.parametrize("failing", ["reads", "listing"])
+async def test_an_outage_of_the_records_as_the_share_takes_up_its_positions_is_waited_out(
+    failing,
+):
+    """The records' database is out as the replica reads the run's tranches and closes
+    (or lists its share) to take up its positions: the take-up waits for it, and the
+    positions are sold (the share was lost: nothing sold them, the run never ended)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _ReadsOut(1, 0) if failing == "reads" else _ReadsOut(0, 1)
+    trader, exits = trading(MemoryLedger()), exit_service(records)
+    async with embedded(clock, trader, exits) as (system, _):
+        await open_positions(system.bus, clock, tokens, 2)
+        shutdown = SystemShutdown(reason="records out")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert (records.failures, records.listings) == (0, 0)
+        assert trader.book.open_count == 0
+        assert exits.summary is not None and exits.summary.positions_left == 0
+        assert (await records.latest_run()).finished_at is not None
+
+
 async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
     import httpx
 

@@ -81,7 +81,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar, NamedTuple
 
@@ -92,6 +92,7 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
+from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -431,8 +432,15 @@ class ExitService(Service):
         listing, and the tranches still without an outcome asked again."""
         async with self._taking:
             self._untaken_closes = False
-            stored = await self.records.run_orders(run.run_id)
-            closes = {**await self.records.run_closes(run.run_id), **self._closes}
+            stored = await self._waited(
+                lambda: self.records.run_orders(run.run_id), "reading the run's tranches"
+            )
+            closes = {
+                **await self._waited(
+                    lambda: self.records.run_closes(run.run_id), "reading the run's closes"
+                ),
+                **self._closes,
+            }
             # what applied here and is not stored yet counts too, read with the positions
             # (no wait between): they are as it left them (a fill counted twice, or a
             # close missed, would end the position unsold)
@@ -457,8 +465,15 @@ class ExitService(Service):
                 sent=sent,
             )
             self.metrics.progress(manager.monitor_exit_progress())
-            await self._list_share(manager, [r.line() for r in records if r.completed])
+            # queued: from here a failure would leave them unlisted and not asked again
+            lines = [r.line() for r in records if r.completed]
+            await self._waited(lambda: self._list_share(manager, lines), "listing the share")
             await self._send_again(run, records, orders)
+
+    async def _waited(self, action: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """``action``'s result, the records' database waited out while it is away: a
+        share whose take-up failed would sell nothing, the run never ending."""
+        return await wait_out(action, waiter=self.settings.service, what=what)
 
     async def _send_again(
         self, run: RunRecord, records: list[ExitRecord], orders: list[ExitOrderRecord]
@@ -609,7 +624,9 @@ class ExitService(Service):
         until = loop.time() + self.settings.exit_resume_wait_s
         while loop.time() < until:
             if self.consumer.owned and self.consumer.owned <= self.consumer.restored:
-                orders = await self.records.run_orders(run.run_id)
+                orders = await self._waited(
+                    lambda: self.records.run_orders(run.run_id), "reading the run's tranches"
+                )
                 # other replicas' tranches in flight are theirs to wait for
                 if all(o.state != "sent" or not self._owns(o.mint) for o in orders):
                     return
