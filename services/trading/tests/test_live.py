@@ -805,3 +805,27 @@ async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbo
             assert second.metrics.unbooked_trades("wallet_trade") == 0
             assert second.unbooked_view() == []
         assert len(api.requests) == 1
+
+
+async def test_the_late_fill_of_an_order_given_up_takes_a_seq_of_its_own(clock, market, pg_pool):
+    """An entry given up as unconfirmed, then its trade shows late: the fill's event has
+    the id of the order's outcome, as its refusal had, and goes out with the mint's next
+    seq, not the refusal's (the exit's consumer would drop it as a copy)."""
+    from pumpflow.trading.ledger import PostgresLedger
+
+    async with fake_trade_api("silent") as api:
+        service = live(PostgresLedger(pg_pool), api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            [request] = watch.payloads("order.requested")
+            await answered(service, api)
+            [sent] = api.requests
+            await clock.advance(CONFIRM_S + 1)
+            [refusal] = watch.of("order.rejected", key=mint)
+            sol = request.sol_amount
+            await publish(bus, market.tokens.buy(mint, WALLET, sol=sol, signature=sent.signature))
+            [fill] = watch.of("order.filled", key=mint)
+            assert fill.id == refusal.id and fill.data.order_id == request.order_id
+            seqs = [e.seq for e in watch.of(key=mint) if e.type.startswith(("order.", "position."))]
+            assert seqs == list(range(1, len(seqs) + 1)) and fill.seq > refusal.seq
