@@ -57,7 +57,8 @@ every order, fill and position.
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
   (``pumpflow_trading_unbooked_trades``) and listed in ``unbooked_wallet_trades`` of
-  ``/orders`` and ``/positions``, as the wallet and the book differ by it.
+  ``/orders`` and ``/positions`` of this replica (the latest, in memory: another replica,
+  or this one restarted, lists none), as the wallet and the book differ by it.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
 """
