@@ -24,7 +24,9 @@ from pumpflow.common.state.abc import StateStore
 KEY_PREFIX = "model:drift:"
 DRIFTING = b"drifting"
 #: a feature announced drifting and never recovered is forgotten after this long (a model
-#: taken out of service); one still drifting then is announced again, a monthly reminder
+#: taken out of service): a monitor made after that (a restart, a load) announces it
+#: again if it still drifts, and its recovery seen by a monitor made before is not
+#: announced (nothing is left to delete)
 TTL_S = 30 * 86_400.0
 
 _encode_name = msgspec.json.Encoder().encode
