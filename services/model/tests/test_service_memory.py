@@ -374,3 +374,29 @@ async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
             # its figures are still there to read
             live = (await http.get("/models/entry/performance")).json()["live"]
             assert set(live) == {"control", "treatment"}
+
+
+async def test_a_round_whose_shared_live_figures_fail_still_publishes_the_drift():
+    """The state store refuses the shared live figures (away, or a key of theirs written
+    by something else): the round's drift goes out all the same, and its labels are
+    handed out; the figures are added by a later round."""
+    clock = ReplayClock(START)
+    model = model_service()
+    async with run_embedded([model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+
+        class Refusing:
+            async def append(self, outcomes, keep):
+                raise ConnectionError("the state store went away")
+
+            async def read(self):
+                raise ConnectionError("the state store went away")
+
+        model.performance.shared = Refusing()
+        model._drift_out.append(
+            ModelDrift(model_id="entry", version="v", feature="buys", state="drifting",
+                       psi=0.3, threshold=0.25, observations=500)
+        )  # fmt: skip
+        await model.monitor_round()
+        await seen.wait_for(1, "model.drift")
+        assert [e.data.feature for e in seen.of("model.drift")] == ["buys"]

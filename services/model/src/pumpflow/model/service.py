@@ -733,14 +733,25 @@ class ModelService(Service):
                     tokens.append(state.labels)
         self.labels.recount(tokens)
 
+    async def monitor_round(self) -> None:
+        """One round of the monitor: the labels counted here added to the shared live
+        figures (every replica's read back every ``model_live_read_s``), the labels
+        released handed out, the figures exported, the drift published. The shared
+        figures failing (the state store away, a key of theirs of the wrong kind) holds
+        back neither the labels nor the drift."""
+        try:
+            read = time.monotonic() - self._read_at >= self.settings.model_live_read_s
+            await self.share_performance(read=read)
+        except Exception:
+            log.exception("model: the shared live figures failed; added next round")
+        self.resolve_labels()
+        await self._publish_drift()
+
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.model_monitor_s)
             try:
-                read = time.monotonic() - self._read_at >= self.settings.model_live_read_s
-                await self.share_performance(read=read)
-                self.resolve_labels()
-                await self._publish_drift()
+                await self.monitor_round()
             except Exception:
                 log.exception("model: drift or live performance failed; retrying")
 
