@@ -318,6 +318,8 @@ async def test_redis_batch_calls_take_one_round_trip(redis_url, namespace):
     sent: list[int] = []
     try:
         await store.ping()
+        # a script is loaded into Redis by its first call
+        await store.append_bounded({"warm": [b"a"]}, 1)
         connection_class = store._client.connection_pool.connection_class
         original = connection_class.send_packed_command
 
@@ -583,3 +585,21 @@ async def test_append_bounded_keeps_the_newest_of_each_list_until_the_ttl_runs_o
     assert await store.get("a") is None  # a list is no value
     await harness.let_short_ttls_expire()
     assert await store.lists(["a", "b"]) == [[], [b"x", b"y"]]
+
+
+async def test_an_append_to_a_key_holding_no_list_stores_nothing_of_it(harness):
+    """A key of the append holding something else (a value, a set, a hash) refuses the
+    whole append, naming the key and what it holds: a list before it in the append gets
+    nothing (tried again, its values would be there twice)."""
+    store = harness.store
+    await store.append_bounded({"kept": [b"0"]}, keep=3)
+    await store.add_member("members", "m", LONG_TTL)
+    await store.hset_many({"fields": {"f": 1}})
+    for taken, kind in (("members", "set"), ("fields", "hash")):
+        with pytest.raises(WrongKind) as refused:
+            await store.append_bounded(
+                {"kept": [b"1"], "fresh": [b"1"], taken: [b"1"]}, keep=3, ttl=LONG_TTL
+            )
+        assert (refused.value.key, refused.value.kind) == (taken, kind)
+        assert f"{taken} holds a {kind}, not a list" in str(refused.value)
+    assert await store.lists(["kept", "fresh"]) == [[b"0"], []]

@@ -141,7 +141,12 @@ class MemoryStateStore(StateStore):
         for key in items:
             current = values.get(key) if self._alive(key) else None
             if current is not None and not isinstance(current, list):
-                raise WrongKind(f"{key} holds no list: nothing of the append is stored")
+                kind = _kind(current)
+                raise WrongKind(
+                    f"{key} holds a {kind}, not a list: nothing of the append is stored",
+                    key=key,
+                    kind=kind,
+                )
         for key, appended in items.items():
             if not appended:
                 continue
@@ -216,5 +221,9 @@ class MemoryStateStore(StateStore):
 
 
 def _kind(value: object) -> str:
-    """What a key holding ``value`` (no hash) holds, in the words of :class:`WrongKind`."""
-    return "set" if isinstance(value, set) else "value"
+    """What a key holding ``value`` holds, in the words of :class:`WrongKind`."""
+    if isinstance(value, dict):
+        return "hash"
+    if isinstance(value, set):
+        return "set"
+    return "list" if isinstance(value, list) else "value"

@@ -90,6 +90,31 @@ return #KEYS
 """
 #: hash fields a command of a write carries at most (Lua's unpack takes a few thousand)
 _FIELDS_PER_COMMAND = 256
+# an append to bounded lists, refused whole (before its first write, as _WRITE) when a
+# key holds no list: a transaction's RPUSH would fail alone, the other lists appended to.
+# ARGV: how many of each list to keep, the TTL in ms (0: kept as it is), then each key's
+# count of values and its values, in the order of KEYS
+_APPEND = """
+for k = 1, #KEYS do
+    local kind = redis.call('TYPE', KEYS[k])['ok']
+    if kind ~= 'list' and kind ~= 'none' then
+        return redis.error_reply('WRONGTYPE ' .. kind .. ' ' .. KEYS[k])
+    end
+end
+local keep, ttl, at = tonumber(ARGV[1]), tonumber(ARGV[2]), 3
+for k = 1, #KEYS do
+    local last = at + tonumber(ARGV[at])
+    for first = at + 1, last, 256 do
+        redis.call('RPUSH', KEYS[k], unpack(ARGV, first, math.min(first + 255, last)))
+    end
+    redis.call('LTRIM', KEYS[k], -keep, -1)
+    if ttl > 0 then
+        redis.call('PEXPIRE', KEYS[k], ttl)
+    end
+    at = last + 1
+end
+return #KEYS
+"""
 
 
 def _field_value(value: HashValue) -> bytes | str | int | float:
@@ -115,6 +140,7 @@ class RedisStateStore(StateStore):
         self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
         self._epoch = self._client.register_script(_EPOCH)
         self._write = self._client.register_script(_WRITE)
+        self._append = self._client.register_script(_APPEND)
         self._connections = 0
         self._count_connections()
 
@@ -196,10 +222,10 @@ class RedisStateStore(StateStore):
                 await self._write(keys=keys, args=args)
         except redis.ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
-                raise await self._wrong_kind(str(exc), commands) from exc
+                raise await self._write_refusal(str(exc), commands) from exc
             raise
 
-    async def _wrong_kind(self, reply: str, commands: list[tuple]) -> WrongKind:
+    async def _write_refusal(self, reply: str, commands: list[tuple]) -> WrongKind:
         """The refusal of a write, naming the key that holds no hash and what it holds: the
         script's reply says (``WRONGTYPE <type> <key>``); a lone command's, Redis' own,
         does not, so the key's type is asked for."""
@@ -212,10 +238,14 @@ class RedisStateStore(StateStore):
                 kind = (await self._client.type(key)).decode()
             except (redis.RedisError, OSError):
                 kind = "unknown"
+        return self._wrong_kind(key, kind, wanted="hash", what="write")
+
+    def _wrong_kind(self, key: str, kind: str, *, wanted: str, what: str) -> WrongKind:
+        """A refusal of the ``what`` because the (full) ``key`` holds a ``kind`` of Redis."""
         # a string is what the store calls a value
         kind = "value" if kind == "string" else kind
         return WrongKind(
-            f"{key} holds a {kind}, not a hash: nothing of the write is stored",
+            f"{key} holds a {kind}, not a {wanted}: nothing of the {what} is stored",
             key=key.removeprefix(self._prefix),
             kind=kind,
         )
@@ -248,18 +278,15 @@ class RedisStateStore(StateStore):
         items = {key: appended for key, appended in items.items() if appended}
         if not items:
             return
+        args: list = [keep, 0 if ttl is None else _ttl_ms(ttl)]
+        for appended in items.values():
+            args += (len(appended), *(bytes(value) for value in appended))
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                for key, appended in items.items():
-                    full = self._key(key)
-                    pipe.rpush(full, *(bytes(value) for value in appended))
-                    pipe.ltrim(full, -keep, -1)
-                    if ttl is not None:
-                        pipe.pexpire(full, _ttl_ms(ttl))
-                await pipe.execute()
+            await self._append(keys=[self._key(key) for key in items], args=args)
         except redis.ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                raise WrongKind(f"{exc}: a key of the append holds no list") from exc
+            words = str(exc).split(" ", 2)
+            if words[0] == "WRONGTYPE" and len(words) == 3:
+                raise self._wrong_kind(words[2], words[1], wanted="list", what="append") from exc
             raise
 
     async def lists(self, keys: Iterable[str]) -> list[list[bytes]]:
