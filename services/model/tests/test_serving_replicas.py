@@ -309,3 +309,28 @@ async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_re
         await buses.teardown()
         await store.delete_many(await store.scan_keys(""))
         await store.close()
+
+
+async def test_outcomes_the_index_of_the_shared_windows_refuses_are_not_appended(
+    namespace, redis_url
+):
+    """The index of the shared windows holds something else (written by another
+    program): the append fails and adds nothing to the windows, so the replica's retry,
+    once the key is gone, counts its outcomes once."""
+    from pumpflow.common.model.performance import Outcome
+    from pumpflow.common.state.redis import RedisStateStore
+    from pumpflow.model.live import INDEX_KEY, StoreOutcomes
+
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        await store.set(INDEX_KEY, b"written by something else")
+        shared = StoreOutcomes(store)
+        outcome = Outcome(score=0.7, label=1.0, version="v1", resolved_at=START, breakeven=0.4)
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await shared.append({("entry", "control"): [outcome]}, keep=10)
+        await store.delete_many([INDEX_KEY])
+        await shared.append({("entry", "control"): [outcome]}, keep=10)
+        assert await shared.read() == {("entry", "control"): [outcome]}
+    finally:
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()

@@ -3,16 +3,15 @@
 Each replica scores and labels the tokens of its own partitions; the rolling figures
 (:class:`~pumpflow.common.model.performance.RollingPerformance`) are the deployment's
 when every replica adds the outcomes it counted to one bounded list per model and arm
-here and computes from those lists. A replica adds its new outcomes in one write per
-round of its monitor (``model_monitor_s``) and reads every list back in two: nothing on
-the scoring path. The lists are named in an index hash, so a read asks for them by name
+here and computes from those lists. A replica adds its new outcomes once per round of
+its monitor (``model_monitor_s``: their lists named, then appended to) and reads every
+list back in two: nothing on the scoring path. The lists are named in an index hash, so a read asks for them by name
 (no scan of the store's keys); each list outlives its last write by ``ttl`` (1 day),
 then goes with its name.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -46,13 +45,13 @@ class StoreOutcomes:
         names = {_encode_name(key).decode(): found for key, found in outcomes.items() if found}
         if not names:
             return
-        # named at every write: a store restarted empty lost the index with the lists
-        await asyncio.gather(
-            self.store.hset_many({INDEX_KEY: dict.fromkeys(names, b"")}),
-            self.store.append_bounded(
-                {LIST_PREFIX + name: [_encode(o) for o in found] for name, found in names.items()},
-                keep, self.ttl,
-            ),
+        # named at every write: a store restarted empty lost the index with the lists.
+        # Named first: an append is tried again whole when this fails, and would be
+        # there twice had it gone through beside it
+        await self.store.hset_many({INDEX_KEY: dict.fromkeys(names, b"")})
+        await self.store.append_bounded(
+            {LIST_PREFIX + name: [_encode(o) for o in found] for name, found in names.items()},
+            keep, self.ttl,
         )
 
     async def read(self) -> dict[tuple[str, str], list[Outcome]]:
