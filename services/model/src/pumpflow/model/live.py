@@ -5,9 +5,9 @@ Each replica scores and labels the tokens of its own partitions; the rolling fig
 when every replica adds the outcomes it counted to one bounded list per model and arm
 here and computes from those lists. A replica adds its new outcomes once per round of
 its monitor (``model_monitor_s``: their lists named, then appended to) and reads every
-list back in two: nothing on the scoring path. The lists are named in an index hash, so a read asks for them by name
-(no scan of the store's keys); each list outlives its last write by ``ttl`` (1 day),
-then goes with its name.
+list back in two: nothing on the scoring path. The lists are named in an index hash,
+so a read asks for them by name (no scan of the store's keys); each list outlives its
+last write by ``ttl`` (1 day), then goes with its name.
 """
 
 from __future__ import annotations
