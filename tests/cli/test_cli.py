@@ -202,6 +202,9 @@ def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsy
         (["run", "--speed", "0"], "argument --speed: must be > 0, not 0"),
         (["run", "--launches", "-30"], "argument --launches: must be > 0, not -30"),
         (["run", "--every", "0"], "argument --every: must be > 0, not 0"),
+        # the flag, not the setting it overrides (PUMPFLOW_TRADING_MIN_SCORE)
+        (["run", "--min-score", "7"], "argument --min-score: must be >= 0 and <= 1, not 7"),
+        (["run", "--min-score", "-0.5"], "argument --min-score: must be >= 0 and <= 1, not -0.5"),
         (["train", "--sim-minutes", "0"], "argument --sim-minutes: must be > 0, not 0"),
         (["train", "--held-out-share", "1"], "argument --held-out-share: must be > 0 and < 1"),
         (["train", "--horizon", "-120"], "argument --horizon: must be > 0, not -120"),
@@ -229,6 +232,23 @@ def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(
     assert err[-1].startswith(f"pumpflow {argv[0]}: error: ")
 
 
+@pytest.mark.parametrize("score", [-0.01, 0.0, 0.5, 1.0, 1.01])
+def test_the_min_score_flag_takes_what_the_setting_takes(score, capsys):
+    from pydantic import ValidationError
+
+    from pumpflow.trading.settings import TradingSettings
+
+    argv = ["run", "--min-score", str(score)]
+    try:
+        TradingSettings(trading_min_score=score)
+    except ValidationError:
+        with pytest.raises(SystemExit):
+            cli_main.build_parser().parse_args(argv)
+        assert "argument --min-score" in capsys.readouterr().err
+    else:
+        assert cli_main.build_parser().parse_args(argv).min_score == score
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
@@ -251,8 +271,6 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
 @pytest.mark.parametrize(
     ("argv", "config", "code", "named"),
     [
-        (["run", "--duration", "1", "--plain", "--min-score", "7"], None, 2,
-         "pumpflow run: invalid settings: PUMPFLOW_TRADING_MIN_SCORE: Input should be less"),
         (["run", "--duration", "1", "--plain"], "[common]\nnamespace = 5\n", 2,
          "pumpflow.toml: [common] namespace: Input should be a valid string"),
         # values a flag overrides are checked all the same: a typo must not pass for a

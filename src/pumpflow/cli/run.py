@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
-from pumpflow.common.runtime.arguments import finite, non_negative, positive
+from pumpflow.common.runtime.arguments import non_negative, positive, probability
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--min-score",
-        type=finite,
+        type=probability,
         default=None,
         help=f"model score trading enters on (PUMPFLOW_TRADING_MIN_SCORE, else {RUN_MIN_SCORE:g})",
     )
