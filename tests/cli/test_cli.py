@@ -556,6 +556,21 @@ def test_a_reader_that_leaves_early_stops_a_run_as_ctrl_c_does():
     assert proc.returncode == READER_GONE, err[-3000:]
 
 
+@pytest.mark.parametrize(
+    "command",
+    ["settings feed", "run --duration 1 --speed 20 --plain --report {tmp}/r.html"],
+    ids=["settings", "run"],
+)
+def test_a_command_started_with_its_output_closed_runs_as_before(command, tmp_path):
+    # no standard output at all (>&-): print writes nothing, and nothing fails
+    result = subprocess.run(
+        ["sh", "-c", f"exec '{PUMPFLOW}' {command.format(tmp=tmp_path)} >&-"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_a_servers_broken_pipe_is_still_said_while_the_output_is_read(
     fake_services, monkeypatch, capsys
 ):

@@ -78,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _command(argv)
         finally:
             # what is still buffered is written here, where a reader gone ends it quietly,
-            # not in the interpreter's exit
-            sys.stdout.flush()
+            # not in the interpreter's exit (None: started with standard output closed)
+            if sys.stdout is not None:
+                sys.stdout.flush()
     except BrokenPipeError as exc:
         if not output.reader_gone(exc):
             raise

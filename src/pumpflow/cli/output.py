@@ -47,15 +47,16 @@ def discard() -> None:
 class LeavableOutput:
     """A text sink writing to ``stream`` until its reader leaves; from then on it drops
     every write and calls ``on_gone``, once, so a command that runs until stopped ends
-    as if interrupted rather than failing in whatever wrote last."""
+    as if interrupted rather than failing in whatever wrote last. A ``stream`` of None
+    (started with standard output closed) takes everything, as ``print`` does."""
 
-    def __init__(self, stream: TextIO, on_gone: Callable[[], object]):
+    def __init__(self, stream: TextIO | None, on_gone: Callable[[], object]):
         self.stream = stream
         self.on_gone = on_gone
         self.gone = False
 
     def write(self, text: str) -> int:
-        if not self.gone:
+        if not self.gone and self.stream is not None:
             try:
                 self.stream.write(text)
             except BrokenPipeError as exc:
@@ -63,7 +64,7 @@ class LeavableOutput:
         return len(text)
 
     def flush(self) -> None:
-        if not self.gone:
+        if not self.gone and self.stream is not None:
             try:
                 self.stream.flush()
             except BrokenPipeError as exc:
