@@ -75,12 +75,12 @@ def use_config_file(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
-            return _command(argv)
-        finally:
-            # what is still buffered is written here, where a reader gone ends it quietly,
-            # not in the interpreter's exit (None: started with standard output closed)
-            if sys.stdout is not None:
-                sys.stdout.flush()
+            code = _command(argv)
+        except SystemExit:
+            _flush()  # argparse's help or usage
+            raise
+        _flush()
+        return code
     except BrokenPipeError as exc:
         if not output.reader_gone(exc):
             raise
@@ -127,6 +127,13 @@ def _command(argv: Sequence[str] | None) -> int:
         # a file named on the command line that cannot be read or written
         print(f"pumpflow {command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _flush() -> None:
+    """Write what is still buffered for standard output here, where a reader gone ends
+    the command quietly, not in the interpreter's exit (a traceback after the end)."""
+    if sys.stdout is not None:  # None: started with standard output closed
+        sys.stdout.flush()
 
 
 def _named(given: Sequence[object], filename: str | bytes | os.PathLike) -> bool:

@@ -25,7 +25,7 @@ def reader_gone(exc: BaseException, stream: TextIO | None = None) -> bool:
     if not isinstance(exc, BrokenPipeError):
         return False
     try:
-        fd = (stream or sys.stdout).fileno()
+        fd = (sys.stdout if stream is None else stream).fileno()
     except (AttributeError, OSError, ValueError):
         return False  # not a file: no pipe of its own to break
     poller = select.poll()
