@@ -211,6 +211,7 @@ def test_the_bus_dashboard_plots_the_bus():
         "pumpflow_events_dead_lettered_total",
         "pumpflow_consumer_duplicates_total",
         "pumpflow_consumer_gaps_total",
+        "pumpflow_consumer_stalled_commits_total",
         "pumpflow_service_info",
     } <= dashboard_metrics(dashboard)
 
@@ -261,9 +262,14 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         "pumpflow_trading_sales_in_flight",
         "pumpflow_trading_sales_refused_total",
         "pumpflow_model_labels_refused_total",
-        # exits: progress (tranches without an outcome too), slippage
+        # trades the book does not hold: the wallet and the book differ by them
+        "pumpflow_trading_unbooked_trades_total",
+        # exits: progress (tranches without an outcome too), slippage, trading's events
+        # the exit's keyed consumer dropped as copies or found a gap before
         "pumpflow_exit_graceful",
         "pumpflow_exit_slippage_bucket",
+        "pumpflow_consumer_duplicates_total",
+        "pumpflow_consumer_gaps_total",
         # every service's processes
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
@@ -271,6 +277,7 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     assert 'outcome="rejected"' in exprs and 'metric="precision"' in exprs
     assert 'what="unconfirmed_tranches"' in exprs
+    assert 'metric!~"auc|precision"' in exprs and 'service="exit"' in exprs
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)

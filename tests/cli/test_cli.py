@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import importlib
 import json
 import os
@@ -17,6 +18,7 @@ from pydantic import AliasChoices, Field
 from pumpflow.cli import main as cli_main
 from pumpflow.cli import serve as serve_module
 from pumpflow.cli.delegated import DELEGATED
+from pumpflow.cli.output import READER_GONE
 from pumpflow.common.bus import Subscription, partition_of
 from pumpflow.common.clock import WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
@@ -200,6 +202,9 @@ def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsy
         (["run", "--speed", "0"], "argument --speed: must be > 0, not 0"),
         (["run", "--launches", "-30"], "argument --launches: must be > 0, not -30"),
         (["run", "--every", "0"], "argument --every: must be > 0, not 0"),
+        # the flag, not the setting it overrides (PUMPFLOW_TRADING_MIN_SCORE)
+        (["run", "--min-score", "7"], "argument --min-score: must be >= 0 and <= 1, not 7"),
+        (["run", "--min-score", "-0.5"], "argument --min-score: must be >= 0 and <= 1, not -0.5"),
         (["train", "--sim-minutes", "0"], "argument --sim-minutes: must be > 0, not 0"),
         (["train", "--held-out-share", "1"], "argument --held-out-share: must be > 0 and < 1"),
         (["train", "--horizon", "-120"], "argument --horizon: must be > 0, not -120"),
@@ -227,6 +232,23 @@ def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(
     assert err[-1].startswith(f"pumpflow {argv[0]}: error: ")
 
 
+@pytest.mark.parametrize("score", [-0.01, 0.0, 0.5, 1.0, 1.01])
+def test_the_min_score_flag_takes_what_the_setting_takes(score, capsys):
+    from pydantic import ValidationError
+
+    from pumpflow.trading.settings import TradingSettings
+
+    argv = ["run", "--min-score", str(score)]
+    try:
+        TradingSettings(trading_min_score=score)
+    except ValidationError:
+        with pytest.raises(SystemExit):
+            cli_main.build_parser().parse_args(argv)
+        assert "argument --min-score" in capsys.readouterr().err
+    else:
+        assert cli_main.build_parser().parse_args(argv).min_score == score
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
@@ -249,8 +271,6 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
 @pytest.mark.parametrize(
     ("argv", "config", "code", "named"),
     [
-        (["run", "--duration", "1", "--plain", "--min-score", "7"], None, 2,
-         "pumpflow run: invalid settings: PUMPFLOW_TRADING_MIN_SCORE: Input should be less"),
         (["run", "--duration", "1", "--plain"], "[common]\nnamespace = 5\n", 2,
          "pumpflow.toml: [common] namespace: Input should be a valid string"),
         # values a flag overrides are checked all the same: a typo must not pass for a
@@ -469,6 +489,102 @@ def test_delegated_commands_show_their_owners_help():
     )
     assert result.returncode == 0
     assert "--speed" in result.stdout and "--mint" in result.stdout
+
+
+def _read_then_leave(
+    argv: list[str], lines: int, *, unbuffered: bool = False
+) -> tuple[subprocess.Popen, list[str], str]:
+    """Run ``pumpflow argv`` into a pipe whose reader takes ``lines`` lines, then closes it
+    (0: before anything is printed), as ``| head`` does; the process, the lines read and
+    what it said on stderr. ``unbuffered``: with PYTHONUNBUFFERED, each write goes out
+    at once."""
+    read, write = os.pipe()
+    # the pipe holds less than the commands print: they write on only as it is read
+    fcntl.fcntl(read, fcntl.F_SETPIPE_SZ, 4096)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [str(PUMPFLOW), *argv], stdout=write, stderr=subprocess.PIPE, text=True, env=env
+    )
+    os.close(write)
+    got = b""
+    try:
+        while got.count(b"\n") < lines:
+            chunk = os.read(read, 64)
+            assert chunk, got.decode() + proc.stderr.read()
+            got += chunk
+    finally:
+        os.close(read)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc, got.decode().splitlines()[:lines], err
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    ("argv", "lines", "first"),
+    [
+        (["settings", "feed"], 1, "PUMPFLOW_SERVICE"),
+        (["settings", "feed"], 0, None),
+        (["--help"], 0, None),
+        # a delegated command's own parser
+        (["sim", "--help"], 0, None),
+    ],
+)
+def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, lines, first, unbuffered):
+    proc, got, err = _read_then_leave(argv, lines, unbuffered=unbuffered)
+    assert err == ""
+    if unbuffered and "--help" in argv:
+        # argparse drops a failed write of its help itself, and exits as it would have
+        assert proc.returncode == 0
+    else:
+        assert proc.returncode == READER_GONE
+    if first is not None:
+        assert got[0].startswith(first), got
+
+
+def test_a_reader_that_leaves_early_stops_a_run_as_ctrl_c_does():
+    proc, got, err = _read_then_leave(
+        ["run", "--duration", "0", "--speed", "20", "--every", "1", "--plain"], 2
+    )
+    assert got[0].startswith("pumpflow embedded:"), got
+    # the services log on stderr; nothing of the output gone
+    assert "Broken pipe" not in err and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == READER_GONE, err[-3000:]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["settings feed", "run --duration 1 --speed 20 --plain --report {tmp}/r.html"],
+    ids=["settings", "run"],
+)
+def test_a_command_started_with_its_output_closed_runs_as_before(command, tmp_path):
+    # no standard output at all (>&-): print writes nothing, and nothing fails
+    result = subprocess.run(
+        ["sh", "-c", f"exec '{PUMPFLOW}' {command.format(tmp=tmp_path)} >&-"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_servers_broken_pipe_is_still_said_while_the_output_is_read(
+    fake_services, monkeypatch, capsys
+):
+    def broken(name):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(serve_module, "load_service", broken)
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as reader, open(write, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert cli_main.main(["settings", "widget"]) == 1
+        monkeypatch.undo()
+        assert reader is not None
+    assert "pumpflow settings: cannot connect: [Errno 32] Broken pipe" in capsys.readouterr().err
 
 
 async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(

@@ -3,7 +3,8 @@
 Each subcommand lives in its own module listed in :data:`COMMAND_MODULES`; a module
 defines ``register(subparsers)``, which adds its parser and sets ``handler`` (a
 function taking the parsed arguments and returning the exit code). Adding a
-subcommand is one new module and one line here.
+subcommand is one new module and one line here. A command whose reader leaves early
+(``| head``) ends quietly (:mod:`pumpflow.cli.output`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pumpflow.cli import output
 from pumpflow.cli.delegated import DELEGATED, delegate
 from pumpflow.common.runtime.settings import CONFIG_FILE_VARIABLE, SettingsError
 
@@ -71,6 +73,22 @@ def use_config_file(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            code = _command(argv)
+        except SystemExit:
+            _flush()  # argparse's help or usage
+            raise
+        _flush()
+        return code
+    except BrokenPipeError as exc:
+        if not output.reader_gone(exc):
+            raise
+        output.discard()
+        return output.READER_GONE
+
+
+def _command(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = use_config_file(argv)
@@ -98,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pumpflow {command}: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, socket.gaierror) as exc:
+        if output.reader_gone(exc):
+            raise
         # a server a flag or a setting names (Postgres, RabbitMQ, a socket) does not answer
         print(f"pumpflow {command}: cannot connect: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a file named on the command line that cannot be read or written
         print(f"pumpflow {command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _flush() -> None:
+    """Write what is still buffered for standard output here, where a reader gone ends
+    the command quietly, not in the interpreter's exit (a traceback after the end)."""
+    if sys.stdout is not None:  # None: started with standard output closed
+        sys.stdout.flush()
 
 
 def _named(given: Sequence[object], filename: str | bytes | os.PathLike) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import msgspec
 
-from pumpflow.common.runtime.arguments import finite, non_negative, positive
+from pumpflow.common.runtime.arguments import non_negative, positive, probability
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--min-score",
-        type=finite,
+        type=probability,
         default=None,
         help=f"model score trading enters on (PUMPFLOW_TRADING_MIN_SCORE, else {RUN_MIN_SCORE:g})",
     )
@@ -130,12 +130,14 @@ async def run_embedded_market(
     report: str | Path | None = None,
     screen: RichConsole | None = None,
 ) -> int:
-    """Run the embedded system for ``duration`` real seconds (0: until interrupted);
-    write the HTML report to ``report`` at the end. With a ``screen`` the live dashboard
-    draws on it; without, the console prints plain status lines every ``every`` seconds."""
+    """Run the embedded system for ``duration`` real seconds (0: until interrupted, or
+    until the reader of ``out`` leaves); write the HTML report to ``report`` at the end.
+    With a ``screen`` the live dashboard draws on it; without, the console prints plain
+    status lines every ``every`` seconds."""
     from pumpflow.activity.service import ActivityService
     from pumpflow.cli.console import Console
     from pumpflow.cli.dashboard import Dashboard, RecentLines
+    from pumpflow.cli.output import READER_GONE, LeavableOutput
     from pumpflow.common.clock import WallClock
     from pumpflow.common.runtime.embedded import run_embedded
     from pumpflow.exit.service import ExitService
@@ -169,6 +171,8 @@ async def run_embedded_market(
     server = SimulatorServer(market=market, speed=speed)
     await server.start()
     stop = asyncio.Event()
+    # a reader gone (``| head``) stops the run as Ctrl-C does
+    out = LeavableOutput(out, on_gone=stop.set)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -244,7 +248,7 @@ async def run_embedded_market(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
-    return 0
+    return READER_GONE if out.gone else 0
 
 
 async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:

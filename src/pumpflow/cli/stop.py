@@ -21,6 +21,7 @@ from pumpflow.cli.api import (
     http_url,
     post_json,
 )
+from pumpflow.cli.output import reader_gone
 from pumpflow.common.runtime.arguments import positive
 
 
@@ -75,6 +76,8 @@ def stop_command(args: argparse.Namespace) -> int:
                 )
             time.sleep(1.0)
     except OSError as exc:
+        if reader_gone(exc):
+            raise  # what it printed is not read: not the service's failure
         print(failure("stop", url, exc), file=sys.stderr)
         return 1
     print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)

@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock, WallClock
-from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer, Record
+from pumpflow.common.consumer import (
+    ConsumerMetrics,
+    KeyedConsumerConfig,
+    KeyedStatefulConsumer,
+    Record,
+)
 from pumpflow.common.consumer.keyed import UNAPPLIED_KEPT
 from pumpflow.common.dependencies import WAITS
 from pumpflow.common.events import (
@@ -33,7 +38,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.keyed import UNCHANGED, Effects, InvalidInput
 from pumpflow.common.priority import Priority
-from pumpflow.common.state.abc import StateStore
+from pumpflow.common.state.abc import WRONG_KINDS, StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import BusHarness, EventCollector, eventually
@@ -721,6 +726,15 @@ async def test_a_commit_refused_for_a_key_of_the_wrong_kind_is_counted_logged_an
     assert await pair.store.hgetall(index) == {mint: b"1"}
     assert await bus.dead_letters("keyed") == []
     assert any("went through after" in r.getMessage() for r in caplog.records)
+
+
+def test_commits_refused_are_exported_from_zero_for_every_kind_a_key_may_hold():
+    """The first refusal shows as an increase, and the dashboard has a zero before it."""
+    registry = CollectorRegistry()
+    ConsumerMetrics("zeroed", registry=registry)
+    for kind in WRONG_KINDS:
+        labels = {"service": "zeroed", "kind": kind}
+        assert registry.get_sample_value("pumpflow_consumer_stalled_commits_total", labels) == 0
 
 
 class HandingProcessor(RecordingProcessor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.metrics import families as shared_families
+from pumpflow.common.state.abc import WRONG_KINDS
 
 #: fine below 25 ms, where a hop's store and publish waits lie
 STEP_BUCKETS = (
@@ -143,6 +144,9 @@ class ConsumerMetrics:
         self.retired = families.retired.labels(service)
         self.store_losses = families.store_losses.labels(service)
         self._stalled_commits = families.stalled_commits
+        for kind in WRONG_KINDS:
+            # from 0, so the first refusal shows as an increase
+            self._stalled_commits.labels(service, kind)
         self.service = service
         self.unrecorded = families.unrecorded.labels(service)
         self.rebuilt = families.rebuilt.labels(service)

@@ -67,3 +67,5 @@ non_negative = bounded(at_least=0)
 count = bounded(at_least=1, whole=True)
 #: shares and rates of a whole, strictly between nothing and all of it
 share = bounded(above=0, below=1)
+#: scores and probabilities, both ends included
+probability = bounded(at_least=0, at_most=1)

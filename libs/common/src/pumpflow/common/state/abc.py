@@ -15,14 +15,17 @@ HashValue = bytes | str | int | float
 #: the key :meth:`StateStore.epoch` keeps: when the store's current contents began
 EPOCH_MARKER = "store:epoch"
 
+#: what :class:`WrongKind` says a key holds instead of a hash
+WRONG_KINDS = ("value", "set", "list", "zset", "stream", "unknown")
+
 
 class WrongKind(TypeError):
     """A write sets or removes hash fields of a key that holds no hash (a plain value, a
     set), or that it sets as a value too: nothing of it is stored.
 
     ``key`` is that key (as the caller names it; None when the store could not tell) and
-    ``kind`` what it holds: ``value``, ``set``, ``list``, ``zset``, ``stream``, or
-    ``unknown``.
+    ``kind`` what it holds: one of :data:`WRONG_KINDS` (``value``, ``set``, ``list``,
+    ``zset``, ``stream``, or ``unknown``), or a type of a Redis module.
     """
 
     def __init__(self, message: str, *, key: str | None = None, kind: str = "unknown"):
