@@ -1321,3 +1321,43 @@ async def test_a_tranche_without_an_outcome_is_not_asked_again_on_every_share():
             assert trading.orders(tranche.data.order_id) == 2
         finally:
             await second.stop()
+
+
+async def test_a_later_position_on_a_mint_whose_exit_is_over_is_sold_too():
+    """The graceful exit sells a position out; then trading opens another on the same
+    mint (an entry in flight as the run began fills). That one is sold by its own
+    tranches too, not left to the deadline, and the run reports a line of each."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    # the barrier comes only at the end: the run stays open for the later position
+    settings = {"exit_run_poll_s": 0.02, "exit_barrier_wait_s": 600.0}
+    exits = exit_service(records, **settings)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        mint = tokens.mint()
+        first = await trading.hold(mint)
+        await _shut_down(system, clock, "a later position")
+        run = await eventually(records.active_run, what="the graceful exit begun")
+
+        async def exited(position: PositionOpened) -> bool:
+            await trading.answer()
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] == "exited"
+
+        await eventually(functools.partial(exited, first), 10, what="the first position sold")
+        # the exit has the token's curve already
+        later = await trading.hold(mint, curve=False)
+        await eventually(functools.partial(exited, later), 10, what="the later position sold")
+        await trading.publish(ShutdownBarrier(reason="a later position"))
+        await eventually(exits.finished.is_set, 10, what="the graceful exit finished")
+
+        asked = [o for o in watch.payloads("exit.order") if o.position_id == later.position_id]
+        assert asked and all(o.reason == "graceful" for o in asked), asked
+        summary = exits.summary
+        lines = {line.position_id: line for line in summary.lines}
+        assert set(lines) == {first.position_id, later.position_id}
+        assert lines[later.position_id].tokens_sold == pytest.approx(later.token_amount)
+        assert lines[first.position_id].tokens_sold == pytest.approx(first.token_amount)
+        assert all(line.completed for line in lines.values())
+        assert summary.positions_left == 0 and clock.now() == START

@@ -207,17 +207,18 @@ def resume_state(
     position trading closed (``closes``, by position id) ends closed by trading unless
     its tranches sold it out, one closed before its first tranche with nothing sold."""
     closes = closes or {}
-    by_mint: dict[str, list[ExitOrderRecord]] = defaultdict(list)
+    # by position: a later position on a mint has an exit of its own
+    by_position: dict[str, list[ExitOrderRecord]] = defaultdict(list)
     sent: dict[str, int] = {}
     for order in sorted(orders, key=lambda o: (o.sent_at, o.number)):
-        by_mint[order.mint].append(order)
+        by_position[order.position_id].append(order)
         sent[order.position_id] = max(sent.get(order.position_id, 0), order.number)
     records = []
-    for mint, mine in by_mint.items():
+    for position_id, mine in by_position.items():
         first = mine[0]
         record = ExitRecord(
-            mint=mint,
-            position_id=first.position_id,
+            mint=first.mint,
+            position_id=position_id,
             rule=DEADLINE if any(o.rule == DEADLINE for o in mine) else GRACEFUL,
             # a refused rule's sale given back to the exit adds to it as it goes
             tokens_at_start=max(o.tokens_at_start for o in mine),

@@ -32,7 +32,9 @@
   partitions of a replica that died come to it with their positions, and it sells them.
   An entry of trading still in flight (ordered before trading halted) is listed too,
   as a placeholder of its mint that keeps the run open: refused, it is withdrawn;
-  filled, the position it opened comes here late, is listed in its place and sold.
+  filled, the position it opened comes here late, is listed in its place and sold,
+  with a line of its own even on a mint whose earlier position the run sold or saw
+  closed.
   Every change of the run lists what is still to come here with it (entries in
   flight, positions not queued yet), so no sale finishes the run before them. Past
   the deadline the placeholders are withdrawn: the run ends on time. Once it has ended
@@ -412,7 +414,7 @@ class ExitService(Service):
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
-        lines = [r.line() for r in manager.records.values()]
+        lines = [r.line() for r in manager.exits()]
         while True:
             try:
                 await self._update_run(lines=lines)
@@ -447,7 +449,9 @@ class ExitService(Service):
             # loading are the next take-up's: this one would close them unsold, their
             # positions not queued
             records = [
-                r for r in records if self._restored(r.mint) and r.mint not in manager.records
+                r
+                for r in records
+                if self._restored(r.mint) and not manager.took_up(r.mint, r.position_id)
             ]
             manager.resume_graceful_exit(
                 run.reason,
