@@ -621,3 +621,32 @@ async def test_a_take_up_of_two_positions_on_a_mint_sells_the_later_on_its_own_r
     assert lines[held.position_id].tokens_sold == pytest.approx(tokens_held + 50.0)
     asked = [o.order_id for o in h.executor.orders]
     assert asked[0] == f"{held.position_id}:exit:2", asked
+
+
+async def test_a_position_closed_before_the_exit_began_leaves_it_with_no_report(harness):
+    """Closes come late (the exit's consumer was behind): one trading made before the
+    exit began takes its position out of the exit, with no report (it was never the
+    exit's); one made after it is reported closed by trading."""
+    h = await harness(deadline_s=30.0)
+    before = h.open("mint1", 1.0, curve_sol=0.0)
+    during = h.open("mint2", 1.0, curve_sol=0.0)
+    withdrawn: list[ExitRecord] = []
+
+    async def on_withdrawn(record: ExitRecord) -> None:
+        withdrawn.append(record)
+
+    h.manager.on_withdrawn = on_withdrawn
+    h.manager.begin_graceful_exit()
+    for position, closed_at in ((before, START - 1.0), (during, START)):
+        del h.book.open_positions[position.mint]
+        await h.manager.on_closed(position.mint, position.position_id, "manual", closed_at)
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+
+    [line] = summary.lines
+    assert line.position_id == during.position_id and line.closed == "manual"
+    assert [r.position_id for r in withdrawn] == [before.position_id]
+    assert [r.position_id for r in h.manager.withdrawn] == [before.position_id]
+    assert summary.positions == 1 and summary.finished_at == START
+    reports = [e.data.positions[0].position_id for e in h.reports if not e.data.graceful]
+    assert reports == [during.position_id]
+    assert not h.executor.orders

@@ -33,7 +33,9 @@ summary counts it among the positions left.
 A position trading closes by other means during the run is stored as closed
 (:meth:`ExitStore.record_close`) before the state that applied the close is written: a
 replica resumed after a crash reports it closed by trading (:func:`resume_state`),
-however far its line had got.
+however far its line had got. A close applied during the run is stored with the time
+trading made it: one from before the run began (the exit's consumer was behind) with
+nothing sold by the run is withdrawn from it, not reported.
 
 The ids that ended at a token the exit retired (:meth:`ExitStore.record_ended`) are
 stored before its retirement is: the token's state leaves memory and the partition's
@@ -279,7 +281,8 @@ class ExitStore(Protocol):
     ) -> RunRecord | None:
         """List ``partitions`` and the ``positions`` (position id, mint) they hold and each
         mint's ``entries`` in flight (order ids, as placeholders), close the positions of
-        ``lines``, withdraw the open placeholders ``withdraw`` names and, ``overdue``
+        ``lines``, withdraw the open placeholders (or positions: one trading closed
+        before the run began, its close applied late) ``withdraw`` names and, ``overdue``
         (past the deadline), every placeholder; the run if this finished it (every
         partition listed, no position or placeholder open), at ``time`` with the summary
         of every line."""

@@ -22,7 +22,9 @@ what is still unconfirmed then.
 
 A position trading closes by other means (a hand sale, a rule's sale that raced) leaves
 the plan with :meth:`GracefulExitManager.on_closed`: no more tranches; its report says
-it was closed, and why.
+it was closed, and why. One trading closed before the exit began (the close came late)
+was never the exit's: unless the exit sold some of it, it leaves with no report
+(``on_withdrawn`` is told).
 
 A position another seller takes over (its partition moved to another replica) leaves
 this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
@@ -86,6 +88,7 @@ class ExitExecutor(Protocol):
 
 WaitUntil = Callable[[float], Awaitable[None]]
 ExitedHook = Callable[[ExitRecord], Awaitable[None]]
+WithdrawnHook = Callable[[ExitRecord], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +127,7 @@ class GracefulExitManager:
         wait_until: WaitUntil | None = None,
         publish_summary: bool = True,
         on_exited: ExitedHook | None = None,
+        on_withdrawn: WithdrawnHook | None = None,
     ) -> None:
         self.event_bus = event_bus
         self.position_manager = position_manager
@@ -134,6 +138,7 @@ class GracefulExitManager:
         self._wait_until = wait_until or self._wait_on_clock
         self.publish_summary = publish_summary
         self.on_exited = on_exited
+        self.on_withdrawn = on_withdrawn
         #: set when a rule's sale settles: the run's wait for it ends
         self._changed = asyncio.Event()
         self.reason = ""
@@ -148,6 +153,10 @@ class GracefulExitManager:
         self._sent: dict[str, int] = {}
         #: mints handed over to another seller: never queued again by this manager
         self._handed: set[str] = set()
+        #: position ids closed before the exit began: out of it once their exit is over
+        self._withdrawing: set[str] = set()
+        #: exits of positions closed before the exit began, out of it
+        self.withdrawn: list[ExitRecord] = []
 
     # ---------------------------------------------------------------- inputs
 
@@ -350,12 +359,18 @@ class GracefulExitManager:
         queued = self.planner.exits.get(mint)
         return queued is not None and queued.position_id == position_id and self.summary is None
 
-    async def on_closed(self, mint: str, position_id: str, reason: str) -> None:
-        """Trading closed ``mint``'s position ``position_id`` (``reason``): nothing of it is
-        held any more, so no tranche more; once the tranche in flight is answered, its
-        exit ends, reported closed by trading unless this exit sold it out."""
+    async def on_closed(
+        self, mint: str, position_id: str, reason: str, time: float | None = None
+    ) -> None:
+        """Trading closed ``mint``'s position ``position_id`` (``reason``) at ``time``:
+        nothing of it is held any more, so no tranche more; once the tranche in flight is
+        answered, its exit ends, reported closed by trading unless this exit sold it out.
+        Closed before the exit began and nothing sold here, it leaves the exit instead."""
         if not self.selling(mint, position_id):
             return
+        started = self.planner.started_at
+        if time is not None and started is not None and time < started:
+            self._withdrawing.add(position_id)
         self.planner.close(mint, reason)
         self._changed.set()
         await self._close_if_sold_out(mint)
@@ -429,10 +444,19 @@ class GracefulExitManager:
         await self._finish_if_done()
 
     async def _close_if_sold_out(self, mint: str) -> None:
-        """Report ``mint``'s exit once its position is sold out (once)."""
+        """Report ``mint``'s exit once its position is sold out (once); one closed before
+        the exit began with nothing sold here leaves it."""
         queued = self.planner.exits.get(mint)
-        record = self.records[mint]
-        if queued is None or not queued.done or record.finished_at is not None:
+        record = self.records.get(mint)
+        if queued is None or not queued.done or record is None or record.finished_at is not None:
+            return
+        if record.position_id in self._withdrawing and not record.fills:
+            self.planner.drop(mint)
+            self.withdrawn.append(self.records.pop(mint))
+            log.info("exit: %s was closed before the exit began: not the exit's",
+                     record.position_id)  # fmt: skip
+            if self.on_withdrawn is not None:
+                await self.on_withdrawn(record)
             return
         self._end(record, self.clock.now())
         await self._publish(record.report())
