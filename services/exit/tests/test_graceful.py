@@ -650,3 +650,18 @@ async def test_a_position_closed_before_the_exit_began_leaves_it_with_no_report(
     reports = [e.data.positions[0].position_id for e in h.reports if not e.data.graceful]
     assert reports == [during.position_id]
     assert not h.executor.orders
+
+
+async def test_a_later_positions_record_waits_until_the_mints_exit_goes_on_no_more(harness):
+    """A take-up brings the record of a later position on a mint whose exit still goes
+    on here: the mint's exit keeps its own record (its fills are counted there), and the
+    later one's comes with a take-up once that exit is over."""
+    h = await harness()
+    selling = h.open("mint1", 1.0, curve_sol=5.0)
+    h.manager.begin_graceful_exit()
+    later = ExitRecord(mint="mint1", position_id="pos-later", rule=GRACEFUL,
+                       tokens_at_start=10.0, mark_price=None, started_at=START + 1.0)  # fmt: skip
+    h.manager.resume_graceful_exit("taken up", started_at=START, deadline=START + 60.0,
+                                   records=[later])  # fmt: skip
+    assert h.manager.records["mint1"].position_id == selling.position_id
+    assert not h.manager.took_up("mint1", "pos-later")

@@ -418,7 +418,7 @@ class ExitService(Service):
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
-        lines = [r.line() for r in manager.exits()]
+        lines = [r.line() for r in manager.all_records()]
         withdraw = [r.position_id for r in manager.withdrawn]
         while True:
             try:

@@ -260,6 +260,9 @@ class GracefulExitManager:
             if current is not None and current.started_at > record.started_at:
                 self.earlier.append(record)
                 continue
+            queued = self.planner.exits.get(record.mint)
+            if queued is not None and not queued.done:
+                continue  # the mint's exit goes on: the later one is taken up once it is over
             if current is not None:
                 self._supersede(current, now)
             self.records[record.mint] = record
@@ -276,9 +279,9 @@ class GracefulExitManager:
 
     def took_up(self, mint: str, position_id: str) -> bool:
         """Whether this exit has (or had) ``mint``'s position ``position_id``."""
-        return any(r.mint == mint and r.position_id == position_id for r in self.exits())
+        return any(r.mint == mint and r.position_id == position_id for r in self.all_records())
 
-    def exits(self) -> list[ExitRecord]:
+    def all_records(self) -> list[ExitRecord]:
         """Every position's exit here: those a later position took the place of first."""
         return [*self.earlier, *self.records.values()]
 
@@ -413,7 +416,7 @@ class GracefulExitManager:
             tranches=sum(q.tranches_filled for q in exits),
             tokens_at_start=sum(q.tokens_at_start for q in exits),
             tokens_left=sum(q.tokens_left for q in exits),
-            sol_recovered=sum(r.sol_received for r in self.exits()),
+            sol_recovered=sum(r.sol_received for r in self.all_records()),
             elapsed_s=0.0 if started is None else now - started,
             deadline_margin_s=(self.planner.deadline or now) - now,
         )
@@ -486,7 +489,7 @@ class GracefulExitManager:
         if self.summary is not None:
             return self.summary
         now = self.clock.now()
-        for record in self.exits():
+        for record in self.all_records():
             if record.finished_at is None and (force or record.completed):
                 self._end(record, now)
         self.summary = GracefulExitSummary(
@@ -494,7 +497,7 @@ class GracefulExitManager:
             started_at=self.planner.started_at if self.planner.started_at is not None else now,
             finished_at=now,
             deadline=self.planner.deadline if self.planner.deadline is not None else now,
-            lines=tuple(r.line() for r in self.exits()),
+            lines=tuple(r.line() for r in self.all_records()),
         )
         if self.publish_summary:
             await self._publish(self.summary.report())
