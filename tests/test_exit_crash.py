@@ -12,42 +12,24 @@ from collections import defaultdict
 
 import pytest
 
-from pumpflow.common.testing import (
-    EventCollector,
-    ProcessStack,
-    eventually,
-    free_port,
-    http_json,
-)
+from pumpflow.common.testing import ProcessStack, free_port
 from pumpflow.exit.records import PostgresExitStore
 
-from .upstream import Upstream, post
+from .exit_stack import TOKEN, ExitStack, exit_stack
+from .upstream import post
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-TOKEN = "test-token"
 POSITIONS = 4
 
 
-class Stack:
-    def __init__(self, processes: ProcessStack, upstream: Upstream, watch: EventCollector):
-        self.processes = processes
-        self.upstream = upstream
-        self.watch = watch
-        self.trading_url = f"http://127.0.0.1:{free_port()}"
+class Stack(ExitStack):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
         self.exit_url = f"http://127.0.0.1:{free_port()}"
-
-    def serve_trading(self) -> None:
-        self.processes.serve("trading", http_port=self.trading_url.rsplit(":", 1)[1])
 
     def serve_exit(self) -> None:
         self.processes.serve("exit", http_port=self.exit_url.rsplit(":", 1)[1])
-
-    async def get(self, url: str):
-        return await asyncio.to_thread(http_json, url)
-
-    async def until(self, condition, what: str, within: float = 40.0) -> None:
-        await eventually(condition, within, what=what, details=self.processes.logs, interval=0.1)
 
     async def ready(self) -> None:
         async def up() -> bool:
@@ -70,22 +52,14 @@ class Stack:
 
 @pytest.fixture
 async def stack(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_harness):
-    process_stack.configure(
-        api_token=TOKEN,
-        trading_lease_ttl_s=3,
-        trading_max_feed_lag_s=120,
-        consumer_groups="trading,exit,exit-control",
+    return await exit_stack(
+        Stack,
+        process_stack,
+        rabbitmq_harness,
         # tranches small and spaced, so the kill lands in the middle of the exit
         exit_max_tranche_impact=0.002,
         exit_min_tranche_interval_s=1.0,
-        exit_deadline_s=40.0,
-        exit_run_poll_s=0.2,
-        exit_resume_wait_s=5.0,
-        exit_order_timeout_s=10.0,
     )
-    bus = await rabbitmq_harness.bus(partitions=4, source="test/upstream")
-    watch = await EventCollector("watch").attach(bus, "order.*", "position.*", "exit.*")
-    return Stack(process_stack, Upstream(bus), watch)
 
 
 async def test_kill_9_during_a_graceful_exit_then_restart_resumes_and_sells_nothing_twice(

@@ -14,14 +14,14 @@ import pytest
 
 from pumpflow.common.bus.ownership import assign_partitions
 from pumpflow.common.bus.routing import partition_of
-from pumpflow.common.testing import EventCollector, ProcessStack, eventually, free_port, http_json
+from pumpflow.common.testing import ProcessStack, free_port
 from pumpflow.exit.records import PostgresExitStore
 
-from .upstream import Upstream, post
+from .exit_stack import TOKEN, ExitStack, exit_stack
+from .upstream import post
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-TOKEN = "test-token"
 PARTITIONS = 4
 REPLICAS = ("exit-a", "exit-b")
 #: positions per replica
@@ -31,24 +31,17 @@ FAST = {"exit_max_tranche_impact": 0.2, "exit_min_tranche_interval_s": 0.1}
 SLOW = {"exit_max_tranche_impact": 0.002, "exit_min_tranche_interval_s": 2.0}
 
 
-class Replicas:
-    def __init__(self, processes: ProcessStack, upstream: Upstream, watch: EventCollector):
-        self.processes = processes
-        self.upstream = upstream
-        self.watch = watch
-        self.trading_url = f"http://127.0.0.1:{free_port()}"
+class Replicas(ExitStack):
+    within = 60.0
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
         self.urls = {replica: f"http://127.0.0.1:{free_port()}" for replica in REPLICAS}
         self.expected = assign_partitions(PARTITIONS, REPLICAS)
 
     def serve(self, replica: str, **settings: object) -> None:
         port = self.urls[replica].rsplit(":", 1)[1]
         self.processes.serve("exit", name=replica, replica=replica, http_port=port, **settings)
-
-    async def get(self, url: str):
-        return await asyncio.to_thread(http_json, url)
-
-    async def until(self, condition, what: str, within: float = 60.0) -> None:
-        await eventually(condition, within, what=what, details=self.processes.logs, interval=0.1)
 
     async def owned(self, replica: str) -> set[int] | None:
         body = await self.get(f"{self.urls[replica]}/readyz")
@@ -111,25 +104,17 @@ class Replicas:
 
 @pytest.fixture
 async def replicas(pg_pool, redis_client, process_stack: ProcessStack, rabbitmq_harness):
-    process_stack.configure(
-        api_token=TOKEN,
+    stack = await exit_stack(
+        Replicas,
+        process_stack,
+        rabbitmq_harness,
         partitions=PARTITIONS,
         heartbeat_interval_s=0.3,
         heartbeat_ttl_s=3.0,
-        trading_lease_ttl_s=3,
-        trading_max_feed_lag_s=120,
-        consumer_groups="trading,exit,exit-control",
-        exit_deadline_s=40.0,
-        exit_run_poll_s=0.2,
-        exit_resume_wait_s=5.0,
-        exit_order_timeout_s=10.0,
     )
-    bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="test/upstream")
-    watch = await EventCollector("watch").attach(bus, "order.*", "position.*", "exit.*")
-    stack = Replicas(process_stack, Upstream(bus), watch)
     stack.serve("exit-a", **FAST)
     stack.serve("exit-b", **SLOW)
-    process_stack.serve("trading", http_port=stack.trading_url.rsplit(":", 1)[1])
+    stack.serve_trading()
     await stack.split()
     return stack
 

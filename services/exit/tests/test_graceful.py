@@ -537,3 +537,131 @@ async def test_tranches_without_an_outcome_are_not_offered_again_and_reported_un
     )
     progress = h.manager.monitor_exit_progress()
     assert progress.unconfirmed_tranches == len(unanswered) and progress.sold_out == 1
+
+
+async def test_a_later_position_on_a_mint_whose_exit_is_over_gets_an_exit_of_its_own(harness):
+    """A position is sold out; another opens on its mint (an entry in flight as the exit
+    began fills): the next look queues it, and it is sold by tranches of its own, with a
+    report of its own, not left to the deadline's sweep."""
+    h = await harness(deadline_s=30.0)
+    first = h.open("mint1", 1.0, curve_sol=5.0)
+    bought = first.tokens
+    later: list[Position] = []
+
+    async def entry_filled(record: ExitRecord) -> None:
+        if not later:
+            position = h.open("mint1", 0.5, curve_sol=5.0)
+            position.position_id = "pos-mint1-later"
+            later.append(position)
+            h.manager.begin_graceful_exit()
+
+    h.manager.on_exited = entry_filled
+    h.manager.begin_graceful_exit()
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+
+    [position] = later
+    lines = {line.position_id: line for line in summary.lines}
+    assert set(lines) == {first.position_id, position.position_id}
+    assert lines[first.position_id].tokens_sold == pytest.approx(bought)
+    assert all(line.completed for line in lines.values()) and summary.positions_left == 0
+    asked = [o for o in h.executor.orders if o.position_id == position.position_id]
+    assert asked[0].order_id == f"{position.position_id}:exit:1"
+    assert all(o.reason == GRACEFUL for o in asked), asked
+    sold = lines[position.position_id].tokens_sold
+    assert sum(o.token_amount for o in asked) == pytest.approx(sold)
+    assert "mint1" not in h.book.open_positions
+    reports = [e.data.positions[0].position_id for e in h.reports if not e.data.graceful]
+    assert reports == [first.position_id, position.position_id]
+
+
+async def test_a_take_up_of_two_positions_on_a_mint_sells_the_later_on_its_own_record(harness):
+    """Resumed with the records of two positions on a mint, the first sold out and the
+    later one held: the later one's exit numbers on from its own tranches and counts
+    its own fills; the first keeps its line."""
+    h = await harness()
+    held = h.open("mint1", 1.0, curve_sol=5.0)
+    held.position_id = "pos-later"
+    tokens_held = held.tokens
+
+    def record(position_id: str, tokens: float, started_at: float) -> ExitRecord:
+        made = ExitRecord(
+            mint="mint1",
+            position_id=position_id,
+            rule=GRACEFUL,
+            tokens_at_start=tokens,
+            mark_price=None,
+            started_at=started_at,
+        )
+        made.add_fill(
+            OrderFilled(
+                order_id=f"{position_id}:exit:1",
+                mint="mint1",
+                side="sell",
+                token_amount=50.0,
+                sol_amount=1e-6,
+                price=2e-8,
+                position_id=position_id,
+            ),
+            started_at + 1,
+        )
+        return made
+
+    first = record("pos-first", 50.0, START - 10.0)
+    first.finish(START - 9.0)
+    ongoing = record(held.position_id, tokens_held + 50.0, START - 5.0)
+    h.manager.resume_graceful_exit(
+        "resumed", started_at=START - 20.0, deadline=START + 60.0,
+        records=[ongoing, first], sent={"pos-first": 1, held.position_id: 1},
+    )  # fmt: skip
+    summary = await h.manager.run()
+
+    lines = {line.position_id: line for line in summary.lines}
+    assert lines["pos-first"].tokens_sold == 50.0 and lines["pos-first"].tranches == 1
+    assert lines[held.position_id].completed and summary.positions_left == 0
+    assert lines[held.position_id].tokens_sold == pytest.approx(tokens_held + 50.0)
+    asked = [o.order_id for o in h.executor.orders]
+    assert asked[0] == f"{held.position_id}:exit:2", asked
+
+
+async def test_a_position_closed_before_the_exit_began_leaves_it_with_no_report(harness):
+    """Closes come late (the exit's consumer was behind): one trading made before the
+    exit began takes its position out of the exit, with no report (it was never the
+    exit's); one made after it is reported closed by trading."""
+    h = await harness(deadline_s=30.0)
+    before = h.open("mint1", 1.0, curve_sol=0.0)
+    during = h.open("mint2", 1.0, curve_sol=0.0)
+    withdrawn: list[ExitRecord] = []
+
+    async def on_withdrawn(record: ExitRecord) -> None:
+        withdrawn.append(record)
+
+    h.manager.on_withdrawn = on_withdrawn
+    h.manager.begin_graceful_exit()
+    for position, closed_at in ((before, START - 1.0), (during, START)):
+        del h.book.open_positions[position.mint]
+        await h.manager.on_closed(position.mint, position.position_id, "manual", closed_at)
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+
+    [line] = summary.lines
+    assert line.position_id == during.position_id and line.closed == "manual"
+    assert [r.position_id for r in withdrawn] == [before.position_id]
+    assert [r.position_id for r in h.manager.withdrawn] == [before.position_id]
+    assert summary.positions == 1 and summary.finished_at == START
+    reports = [e.data.positions[0].position_id for e in h.reports if not e.data.graceful]
+    assert reports == [during.position_id]
+    assert not h.executor.orders
+
+
+async def test_a_later_positions_record_waits_until_the_mints_exit_goes_on_no_more(harness):
+    """A take-up brings the record of a later position on a mint whose exit still goes
+    on here: the mint's exit keeps its own record (its fills are counted there), and the
+    later one's comes with a take-up once that exit is over."""
+    h = await harness()
+    selling = h.open("mint1", 1.0, curve_sol=5.0)
+    h.manager.begin_graceful_exit()
+    later = ExitRecord(mint="mint1", position_id="pos-later", rule=GRACEFUL,
+                       tokens_at_start=10.0, mark_price=None, started_at=START + 1.0)  # fmt: skip
+    h.manager.resume_graceful_exit("taken up", started_at=START, deadline=START + 60.0,
+                                   records=[later])  # fmt: skip
+    assert h.manager.records["mint1"].position_id == selling.position_id
+    assert not h.manager.took_up("mint1", "pos-later")

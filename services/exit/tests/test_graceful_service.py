@@ -1366,3 +1366,120 @@ async def test_a_tranche_without_an_outcome_is_not_asked_again_on_every_share():
             assert trading.orders(tranche.data.order_id) == 2
         finally:
             await second.stop()
+
+
+async def test_a_later_position_on_a_mint_whose_exit_is_over_is_sold_too():
+    """The graceful exit sells a position out; then trading opens another on the same
+    mint (an entry in flight as the run began fills). That one is sold by its own
+    tranches too, not left to the deadline, and the run reports a line of each."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    # the barrier comes only at the end: the run stays open for the later position
+    settings = {"exit_run_poll_s": 0.02, "exit_barrier_wait_s": 600.0}
+    exits = exit_service(records, **settings)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        mint = tokens.mint()
+        first = await trading.hold(mint)
+        await _shut_down(system, clock, "a later position")
+        run = await eventually(records.active_run, what="the graceful exit begun")
+
+        async def exited(position: PositionOpened) -> bool:
+            await trading.answer()
+            listed = records.run_positions[run.run_id].get(position.position_id)
+            return listed is not None and listed[0] == "exited"
+
+        await eventually(functools.partial(exited, first), 10, what="the first position sold")
+        # the exit has the token's curve already
+        later = await trading.hold(mint, curve=False)
+        await eventually(functools.partial(exited, later), 10, what="the later position sold")
+        await trading.publish(ShutdownBarrier(reason="a later position"))
+        await eventually(exits.finished.is_set, 10, what="the graceful exit finished")
+
+        asked = [o for o in watch.payloads("exit.order") if o.position_id == later.position_id]
+        assert asked and all(o.reason == "graceful" for o in asked), asked
+        summary = exits.summary
+        lines = {line.position_id: line for line in summary.lines}
+        assert set(lines) == {first.position_id, later.position_id}
+        assert lines[later.position_id].tokens_sold == pytest.approx(later.token_amount)
+        assert lines[first.position_id].tokens_sold == pytest.approx(first.token_amount)
+        assert all(line.completed for line in lines.values())
+        assert summary.positions_left == 0 and clock.now() == START
+
+
+async def test_a_close_from_before_the_shutdown_applied_in_the_run_is_not_counted_in_it():
+    """Trading closed a position before the shutdown; the exit's consumer, behind,
+    applies the close only once the run has queued the position. The position was never
+    the run's: it leaves the run with no line (not one closed by trading in it), and
+    the run ends on the others."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records, **ALONE)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        sold = await trading.hold(tokens.mint())
+        # no curve: no tranche before the final sweep
+        gone = await trading.hold(tokens.mint(), curve=False)
+        closed_at = clock.now()
+        await clock.advance(1.0)
+        await _shut_down(system, clock, "a close from before")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        assert tranche.data.mint == sold.mint
+        run = await records.active_run()
+        assert gone.position_id in records.run_positions[run.run_id], "not queued in the run"
+        close = PositionClosed(position_id=gone.position_id, mint=gone.mint,
+                               entry_price=gone.entry_price, token_amount=0.0, cost_sol=0.0,
+                               reason="manual")  # fmt: skip
+        await system.bus.publish(make_event(close, source="trading/test", time=closed_at))
+        await trading.answer()
+        # the clock stands still: the run ends on the close, not on its deadline
+        await eventually(exits.finished.is_set, 10, what="the graceful exit finished")
+
+        summary = exits.summary
+        assert [line.position_id for line in summary.lines] == [sold.position_id]
+        assert summary.positions == 1 and summary.positions_left == 0
+        assert "closed by trading" not in summary.text()
+        assert records.run_positions[run.run_id][gone.position_id][0] == "withdrawn"
+        assert clock.now() == START + 1.0
+
+
+async def test_a_close_from_before_the_shutdown_applied_as_a_resumed_replica_waits_is_withdrawn():
+    """A replica resumes the graceful exit and waits for a tranche's outcome; meanwhile
+    its consumer applies a close trading made before the shutdown. Stored with the run,
+    the close is taken up as what it is: the position was never the run's (no line),
+    and the run ends on the other."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    settings = {**ALONE, "exit_resume_wait_s": 30.0}
+    first = exit_service(records, **settings)
+    async with embedded(clock, first) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        sold = await trading.hold(tokens.mint())
+        gone = await trading.hold(tokens.mint(), curve=False)
+        closed_at = clock.now()
+        await clock.advance(1.0)
+        await _shut_down(system, clock, "a close from before, resumed")
+        [tranche] = await watch.wait_for(1, "exit.order")
+        assert tranche.data.mint == sold.mint
+        run = await records.active_run()
+        await first.stop()
+
+        second = await started(system, records, **settings)
+        try:
+            close = PositionClosed(position_id=gone.position_id, mint=gone.mint,
+                                   entry_price=gone.entry_price, token_amount=0.0,
+                                   cost_sol=0.0, reason="manual")  # fmt: skip
+            await system.bus.publish(make_event(close, source="trading/test", time=closed_at))
+            await second.consumer.flush()
+            assert second.manager is None, "the share began before the tranche's outcome"
+            await trading.answer()
+            await eventually(second.finished.is_set, 10, what="the resumed exit finished")
+            summary = second.summary
+            assert [line.position_id for line in summary.lines] == [sold.position_id]
+            assert summary.positions_left == 0 and "closed by trading" not in summary.text()
+            assert records.run_positions[run.run_id][gone.position_id][0] == "withdrawn"
+        finally:
+            await second.stop()

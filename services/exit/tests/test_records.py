@@ -4,6 +4,8 @@ held); the change that makes it so finishes the run, once, with every line."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pumpflow.common.events import ExitLine, OrderFilled
@@ -226,3 +228,22 @@ def test_a_position_its_tranches_sold_out_is_not_resumed_closed_by_trading():
     orders = [order("p1", 1, filled=50.0), order("p1", 2, filled=50.0)]
     [record], _ = resume_state(orders, {"p1": close})
     assert record.sold_out and record.closed is None and record.finished_at == START + 2.5
+
+
+def test_a_later_position_on_a_mint_resumes_with_an_exit_of_its_own():
+    """Two positions on one mint in a run, the first sold out, the later one half sold:
+    each resumes with its own tranches, the later one's not counted to the first."""
+    first = [order("p1", 1, filled=50.0), order("p1", 2, filled=50.0)]
+    # opened once the first was sold out: its tranches number from 1 again
+    later = [
+        replace(order("p2", number, filled=filled), mint="mint-p1", sent_at=START + 10 + number)
+        for number, filled in ((1, 50.0), (2, None))
+    ]
+    records, sent = resume_state([*first, *later])
+    by_id = {r.position_id: r for r in records}
+    assert set(by_id) == {"p1", "p2"} and {r.mint for r in records} == {"mint-p1"}
+    assert by_id["p1"].sold_out and by_id["p1"].tokens_sold == 100.0
+    assert by_id["p1"].finished_at is not None and not by_id["p1"].unconfirmed
+    assert by_id["p2"].tokens_sold == 50.0 and not by_id["p2"].completed
+    assert list(by_id["p2"].unconfirmed) == ["p2:exit:2"] and by_id["p2"].started_at == START
+    assert sent == {"p1": 2, "p2": 2}

@@ -33,7 +33,9 @@ summary counts it among the positions left.
 A position trading closes by other means during the run is stored as closed
 (:meth:`ExitStore.record_close`) before the state that applied the close is written: a
 replica resumed after a crash reports it closed by trading (:func:`resume_state`),
-however far its line had got.
+however far its line had got. A close applied during the run is stored with the time
+trading made it: one from before the run began (the exit's consumer was behind) with
+nothing sold by the run is withdrawn from it, not reported.
 
 The ids that ended at a token the exit retired (:meth:`ExitStore.record_ended`) are
 stored before its retirement is: the token's state leaves memory and the partition's
@@ -207,17 +209,18 @@ def resume_state(
     position trading closed (``closes``, by position id) ends closed by trading unless
     its tranches sold it out, one closed before its first tranche with nothing sold."""
     closes = closes or {}
-    by_mint: dict[str, list[ExitOrderRecord]] = defaultdict(list)
+    # by position: a later position on a mint has an exit of its own
+    by_position: dict[str, list[ExitOrderRecord]] = defaultdict(list)
     sent: dict[str, int] = {}
     for order in sorted(orders, key=lambda o: (o.sent_at, o.number)):
-        by_mint[order.mint].append(order)
+        by_position[order.position_id].append(order)
         sent[order.position_id] = max(sent.get(order.position_id, 0), order.number)
     records = []
-    for mint, mine in by_mint.items():
+    for position_id, mine in by_position.items():
         first = mine[0]
         record = ExitRecord(
-            mint=mint,
-            position_id=first.position_id,
+            mint=first.mint,
+            position_id=position_id,
             rule=DEADLINE if any(o.rule == DEADLINE for o in mine) else GRACEFUL,
             # a refused rule's sale given back to the exit adds to it as it goes
             tokens_at_start=max(o.tokens_at_start for o in mine),
@@ -278,7 +281,8 @@ class ExitStore(Protocol):
     ) -> RunRecord | None:
         """List ``partitions`` and the ``positions`` (position id, mint) they hold and each
         mint's ``entries`` in flight (order ids, as placeholders), close the positions of
-        ``lines``, withdraw the open placeholders ``withdraw`` names and, ``overdue``
+        ``lines``, withdraw the open placeholders (or positions: one trading closed
+        before the run began, its close applied late) ``withdraw`` names and, ``overdue``
         (past the deadline), every placeholder; the run if this finished it (every
         partition listed, no position or placeholder open), at ``time`` with the summary
         of every line."""

@@ -21,8 +21,10 @@
   closes by other means (``position.closed``: a hand sale, a rule's sale that raced)
   gets no tranche more; its report says it was closed, and why, and the close is
   stored with the run's records before the state that applied it is written, as a
-  tranche's outcome is. Reports per position go out as ``exit.report`` and into the
-  records.
+  tranche's outcome is. A close trading made before the run began (the event's time),
+  applied late by a consumer behind, was never the run's: with nothing sold by the
+  run, its position is withdrawn from it, with no line. Reports per position go out as
+  ``exit.report`` and into the records.
 - **The end of a graceful exit** is the whole run's, not a replica's: each replica
   lists in the records the partitions it has loaded and the positions it queued, and
   closes each position as it is sold out (or as the deadline leaves it); the change
@@ -32,7 +34,9 @@
   partitions of a replica that died come to it with their positions, and it sells them.
   An entry of trading still in flight (ordered before trading halted) is listed too,
   as a placeholder of its mint that keeps the run open: refused, it is withdrawn;
-  filled, the position it opened comes here late, is listed in its place and sold.
+  filled, the position it opened comes here late, is listed in its place and sold,
+  with a line of its own even on a mint whose earlier position the run sold or saw
+  closed.
   Every change of the run lists what is still to come here with it (entries in
   flight, positions not queued yet), so no sale finishes the run before them. Past
   the deadline the placeholders are withdrawn: the run ends on time. Once it has ended
@@ -165,10 +169,11 @@ class _OwnedPositions:
 
 
 class _Closed(NamedTuple):
-    """Trading closed a position (the close's reason)."""
+    """Trading closed a position (the close's reason and time)."""
 
     position_id: str
     reason: str
+    time: float
 
 
 _Handed = OrderFilled | OrderRejected | _Closed
@@ -403,6 +408,7 @@ class ExitService(Service):
             source=ctx.source,
             publish_summary=False,
             on_exited=self._exited,
+            on_withdrawn=self._withdrawn,
         )
         for key in list(self.consumer.keys()):
             state = self.consumer.state(key)
@@ -413,10 +419,11 @@ class ExitService(Service):
         share = await manager.run()
         self.metrics.progress(manager.monitor_exit_progress())
         log.info("exit: this replica's share of %s: %s", run.run_id, share.text())
-        lines = [r.line() for r in manager.records.values()]
+        lines = [r.line() for r in manager.all_records()]
+        withdraw = [r.position_id for r in manager.withdrawn]
         while True:
             try:
-                await self._update_run(lines=lines)
+                await self._update_run(lines=lines, withdraw=withdraw)
                 break
             except Exception:
                 log.exception("exit: closing this replica's share failed; again")
@@ -429,7 +436,8 @@ class ExitService(Service):
         replica may have sent some since this share began), with their outcomes (their
         fills in the report) and trading's closes, stored or applied here and not stored
         yet; the exits over before (sold out, or closed by trading) closed with the
-        listing, and the tranches still without an outcome asked again."""
+        listing, those of positions closed before the run began with nothing sold
+        withdrawn from it, and the tranches still without an outcome asked again."""
         async with self._taking:
             self._untaken_closes = False
             stored = await self._waited(
@@ -455,8 +463,20 @@ class ExitService(Service):
             # loading are the next take-up's: this one would close them unsold, their
             # positions not queued
             records = [
-                r for r in records if self._restored(r.mint) and r.mint not in manager.records
+                r
+                for r in records
+                if self._restored(r.mint) and not manager.took_up(r.mint, r.position_id)
             ]
+            # a close applied late may be from before the run: that position was never
+            # the run's, unless the run sold some of it
+            early = [
+                r.position_id
+                for r in records
+                if r.closed is not None
+                and not r.fills
+                and closes[r.position_id].time < run.started_at
+            ]
+            records = [r for r in records if r.position_id not in early]
             manager.resume_graceful_exit(
                 run.reason,
                 started_at=run.started_at,
@@ -467,7 +487,9 @@ class ExitService(Service):
             self.metrics.progress(manager.monitor_exit_progress())
             # queued: from here a failure would leave them unlisted and not asked again
             lines = [r.line() for r in records if r.completed]
-            await self._waited(lambda: self._list_share(manager, lines), "listing the share")
+            await self._waited(
+                lambda: self._list_share(manager, lines, withdraw=early), "listing the share"
+            )
             await self._send_again(run, records, orders)
 
     async def _waited(self, action: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -532,12 +554,14 @@ class ExitService(Service):
                 log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
         return self._ended
 
-    async def _list_share(self, manager: GracefulExitManager, lines=()) -> None:
+    async def _list_share(self, manager: GracefulExitManager, lines=(), withdraw=()) -> None:
         """List the partitions loaded here and the positions queued from them."""
         # read together, with no wait between: a partition listed has its positions queued
         partitions = sorted(self.consumer.restored)
         positions = [(q.position_id, q.mint) for q in manager.planner.exits.values()]
-        await self._update_run(partitions=partitions, positions=positions, lines=lines)
+        await self._update_run(
+            partitions=partitions, positions=positions, lines=lines, withdraw=withdraw
+        )
 
     async def _store_ended(self) -> None:
         """Store the ids ended at the tokens retired since the last commit: a token leaves
@@ -595,6 +619,13 @@ class ExitService(Service):
         except Exception:
             # the selling goes on; the share's end closes the position again
             log.exception("exit: closing %s's exit in the run failed", record.position_id)
+
+    async def _withdrawn(self, record: ExitRecord) -> None:
+        try:
+            await self._update_run(withdraw=[record.position_id])
+        except Exception:
+            # the share's end withdraws it again
+            log.exception("exit: withdrawing %s from the run failed", record.position_id)
 
     async def _update_run(self, **changes: Any) -> None:
         """Change the run's records; if that ended the run, publish its summary."""
@@ -708,14 +739,13 @@ class ExitService(Service):
         if self.manager is not None:
             self.manager.on_lifecycle(mint, state, level)
 
-    def _on_closed(self, mint: str, position_id: str, reason: str) -> None:
+    def _on_closed(self, mint: str, position_id: str, reason: str, time: float) -> None:
         if self.run is not None:
             # a take-up before it is stored reads it here: the position is held no more
-            close = TradingClose(mint=mint, reason=reason, time=self._ctx.clock.now())
-            self._closes[position_id] = close
+            self._closes[position_id] = TradingClose(mint=mint, reason=reason, time=time)
         # acted on after the outcomes applied before it: the sale that closed the
         # position may be the exit's own
-        self._outcomes.append((mint, _Closed(position_id, reason), None, 0.0))
+        self._outcomes.append((mint, _Closed(position_id, reason, time), None, time))
 
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
@@ -791,7 +821,9 @@ class ExitService(Service):
         try:
             if isinstance(outcome, _Closed):
                 if self.manager is not None:
-                    await self.manager.on_closed(mint, outcome.position_id, outcome.reason)
+                    await self.manager.on_closed(
+                        mint, outcome.position_id, outcome.reason, outcome.time
+                    )
             elif ":exit:" in outcome.order_id:
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():

@@ -22,10 +22,17 @@ what is still unconfirmed then.
 
 A position trading closes by other means (a hand sale, a rule's sale that raced) leaves
 the plan with :meth:`GracefulExitManager.on_closed`: no more tranches; its report says
-it was closed, and why.
+it was closed, and why. One trading closed before the exit began (the close came late)
+was never the exit's: unless the exit sold some of it, it leaves with no report
+(``on_withdrawn`` is told).
 
 A position another seller takes over (its partition moved to another replica) leaves
 this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
+
+A mint holds one position at a time, yet another may open on it during the exit (an
+entry in flight as it began fills after the first is sold out or closed): once the
+first's exit is over, the next look (:meth:`GracefulExitManager.begin_graceful_exit`)
+queues the later one in its place, with an exit and a report of its own.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class ExitExecutor(Protocol):
 
 WaitUntil = Callable[[float], Awaitable[None]]
 ExitedHook = Callable[[ExitRecord], Awaitable[None]]
+WithdrawnHook = Callable[[ExitRecord], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +127,7 @@ class GracefulExitManager:
         wait_until: WaitUntil | None = None,
         publish_summary: bool = True,
         on_exited: ExitedHook | None = None,
+        on_withdrawn: WithdrawnHook | None = None,
     ) -> None:
         self.event_bus = event_bus
         self.position_manager = position_manager
@@ -129,10 +138,14 @@ class GracefulExitManager:
         self._wait_until = wait_until or self._wait_on_clock
         self.publish_summary = publish_summary
         self.on_exited = on_exited
+        self.on_withdrawn = on_withdrawn
         #: set when a rule's sale settles: the run's wait for it ends
         self._changed = asyncio.Event()
         self.reason = ""
+        #: mint -> the exit of its latest position queued
         self.records: dict[str, ExitRecord] = {}
+        #: exits over of positions a later one on their mint took the place of
+        self.earlier: list[ExitRecord] = []
         self.summary: GracefulExitSummary | None = None
         self._markets: dict[str, CurveState] = {}
         self._lifecycles: dict[str, tuple[LifecycleState, float | None]] = {}
@@ -140,6 +153,10 @@ class GracefulExitManager:
         self._sent: dict[str, int] = {}
         #: mints handed over to another seller: never queued again by this manager
         self._handed: set[str] = set()
+        #: position ids closed before the exit began: out of it once their exit is over
+        self._withdrawing: set[str] = set()
+        #: exits of positions closed before the exit began, out of it
+        self.withdrawn: list[ExitRecord] = []
 
     # ---------------------------------------------------------------- inputs
 
@@ -177,7 +194,7 @@ class GracefulExitManager:
         for position in list(self.position_manager.open_positions.values()):
             if position.mint in self._handed:
                 continue
-            fresh = position.mint not in self.planner.exits
+            before = self.planner.exits.get(position.mint)
             lifecycle, level = self._lifecycles.get(position.mint, (None, None))
             queued = self.planner.add(
                 position,
@@ -185,12 +202,18 @@ class GracefulExitManager:
                 lifecycle=lifecycle,
                 activity_level=level or 0.0,
             )
-            if queued is not None and fresh:
+            if queued is None:
+                continue
+            if queued is not before:
                 # come while the run waits for its next tranche: it sells from now
                 self._changed.set()
-            if queued is not None and queued.tranches_sent < self._sent.get(queued.position_id, 0):
+            if queued.tranches_sent < self._sent.get(queued.position_id, 0):
                 queued.tranches_sent = self._sent[queued.position_id]
-            if queued is not None and queued.mint not in self.records:
+            record = self.records.get(queued.mint)
+            if record is not None and record.position_id != queued.position_id:
+                self._supersede(record, now)
+                record = None
+            if record is None:
                 self.records[queued.mint] = ExitRecord(
                     mint=queued.mint,
                     position_id=queued.position_id,
@@ -199,9 +222,9 @@ class GracefulExitManager:
                     mark_price=queued.mark_price,
                     started_at=now,
                 )
-            elif queued is not None:
+            else:
                 # a resumed exit's tranches still without an outcome are not offered again
-                unanswered = self.records[queued.mint].unconfirmed
+                unanswered = record.unconfirmed
                 self.planner.hold_unconfirmed(
                     queued.mint, sum(unanswered.values()), len(unanswered)
                 )
@@ -223,28 +246,44 @@ class GracefulExitManager:
         ``sent`` the tranches each position id sent, so the next tranche takes the next
         number and no order id is used twice. What is still held is queued again. Called
         again as positions come (a partition taken over), with the records as they are
-        then: an exit already here keeps its own, one handed over stays the other's.
+        then: an exit already here keeps its own, one handed over stays the other's. Of
+        two positions on a mint the later one's exit is the mint's.
         """
         if self.planner.started_at is None:
             self.reason = reason
             self.planner.begin(started_at, deadline=deadline)
-        for record in records:
-            if record.mint not in self._handed:
-                self.records.setdefault(record.mint, record)
+        now = self.clock.now()
+        for record in sorted(records, key=lambda r: r.started_at):
+            if record.mint in self._handed or self.took_up(record.mint, record.position_id):
+                continue
+            current = self.records.get(record.mint)
+            if current is not None and current.started_at > record.started_at:
+                self.earlier.append(record)
+                continue
+            queued = self.planner.exits.get(record.mint)
+            if queued is not None and not queued.done:
+                continue  # the mint's exit goes on: the later one is taken up once it is over
+            if current is not None:
+                self._supersede(current, now)
+            self.records[record.mint] = record
         self._sent.update(sent or {})
         return self.begin_graceful_exit(reason)
 
     def untaken(self) -> list[str]:
-        """Mints held and not queued by this exit (nor handed over): positions it has
-        not taken up yet."""
+        """Mints held and not queued by this exit (nor handed over), or queued with an
+        earlier position: positions it has not taken up yet."""
         queued = self.planner.exits
-        return [m for m in self.position_manager.open_positions
-                if m not in queued and m not in self._handed]  # fmt: skip
+        return [m for m, p in self.position_manager.open_positions.items()
+                if m not in self._handed
+                and (m not in queued or queued[m].position_id != p.position_id)]  # fmt: skip
 
     def took_up(self, mint: str, position_id: str) -> bool:
         """Whether this exit has (or had) ``mint``'s position ``position_id``."""
-        record = self.records.get(mint)
-        return record is not None and record.position_id == position_id
+        return any(r.mint == mint and r.position_id == position_id for r in self.all_records())
+
+    def all_records(self) -> list[ExitRecord]:
+        """Every position's exit here: those a later position took the place of first."""
+        return [*self.earlier, *self.records.values()]
 
     def prioritize_exits(self) -> list[QueuedExit]:
         """Score every position left and reorder the queue."""
@@ -323,12 +362,18 @@ class GracefulExitManager:
         queued = self.planner.exits.get(mint)
         return queued is not None and queued.position_id == position_id and self.summary is None
 
-    async def on_closed(self, mint: str, position_id: str, reason: str) -> None:
-        """Trading closed ``mint``'s position ``position_id`` (``reason``): nothing of it is
-        held any more, so no tranche more; once the tranche in flight is answered, its
-        exit ends, reported closed by trading unless this exit sold it out."""
+    async def on_closed(
+        self, mint: str, position_id: str, reason: str, time: float | None = None
+    ) -> None:
+        """Trading closed ``mint``'s position ``position_id`` (``reason``) at ``time``:
+        nothing of it is held any more, so no tranche more; once the tranche in flight is
+        answered, its exit ends, reported closed by trading unless this exit sold it out.
+        Closed before the exit began and nothing sold here, it leaves the exit instead."""
         if not self.selling(mint, position_id):
             return
+        started = self.planner.started_at
+        if time is not None and started is not None and time < started:
+            self._withdrawing.add(position_id)
         self.planner.close(mint, reason)
         self._changed.set()
         await self._close_if_sold_out(mint)
@@ -371,7 +416,7 @@ class GracefulExitManager:
             tranches=sum(q.tranches_filled for q in exits),
             tokens_at_start=sum(q.tokens_at_start for q in exits),
             tokens_left=sum(q.tokens_left for q in exits),
-            sol_recovered=sum(r.sol_received for r in self.records.values()),
+            sol_recovered=sum(r.sol_received for r in self.all_records()),
             elapsed_s=0.0 if started is None else now - started,
             deadline_margin_s=(self.planner.deadline or now) - now,
         )
@@ -402,15 +447,31 @@ class GracefulExitManager:
         await self._finish_if_done()
 
     async def _close_if_sold_out(self, mint: str) -> None:
-        """Report ``mint``'s exit once its position is sold out (once)."""
+        """Report ``mint``'s exit once its position is sold out (once); one closed before
+        the exit began with nothing sold here leaves it."""
         queued = self.planner.exits.get(mint)
-        record = self.records[mint]
-        if queued is None or not queued.done or record.finished_at is not None:
+        record = self.records.get(mint)
+        if queued is None or not queued.done or record is None or record.finished_at is not None:
+            return
+        if record.position_id in self._withdrawing and not record.fills:
+            self.planner.drop(mint)
+            self.withdrawn.append(self.records.pop(mint))
+            log.info("exit: %s was closed before the exit began: not the exit's",
+                     record.position_id)  # fmt: skip
+            if self.on_withdrawn is not None:
+                await self.on_withdrawn(record)
             return
         self._end(record, self.clock.now())
         await self._publish(record.report())
         if self.on_exited is not None:
             await self.on_exited(record)
+
+    def _supersede(self, record: ExitRecord, time: float) -> None:
+        """A later position on ``record``'s mint takes its place: its exit is over (as far
+        as it got, if it was not reported yet)."""
+        if record.finished_at is None:
+            record.finish(time)
+        self.earlier.append(record)
 
     def _end(self, record: ExitRecord, time: float) -> None:
         """``record``'s exit is over at ``time``: closed by trading if it was, and this
@@ -428,7 +489,7 @@ class GracefulExitManager:
         if self.summary is not None:
             return self.summary
         now = self.clock.now()
-        for record in self.records.values():
+        for record in self.all_records():
             if record.finished_at is None and (force or record.completed):
                 self._end(record, now)
         self.summary = GracefulExitSummary(
@@ -436,7 +497,7 @@ class GracefulExitManager:
             started_at=self.planner.started_at if self.planner.started_at is not None else now,
             finished_at=now,
             deadline=self.planner.deadline if self.planner.deadline is not None else now,
-            lines=tuple(r.line() for r in self.records.values()),
+            lines=tuple(r.line() for r in self.all_records()),
         )
         if self.publish_summary:
             await self._publish(self.summary.report())

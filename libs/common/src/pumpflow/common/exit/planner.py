@@ -270,11 +270,15 @@ class ExitPlanner:
         """Queue ``position`` (once; a repeat is ignored) on its market ``state``.
 
         Its ``pending_tokens``, if it has them, are a rule's sale under way: reserved
-        until that sale settles (:meth:`release`, :meth:`retake`).
+        until that sale settles (:meth:`release`, :meth:`retake`). A later position on a
+        mint whose exit is over takes that exit's place; the mint's exit still going
+        keeps it.
         """
         reserved = getattr(position, "pending_tokens", 0.0)
-        if position.mint in self.exits or (position.tokens <= 0 and reserved <= 0):
-            return self.exits.get(position.mint)
+        queued = self.exits.get(position.mint)
+        later = queued is not None and queued.position_id != position.position_id and queued.done
+        if (queued is not None and not later) or (position.tokens <= 0 and reserved <= 0):
+            return queued
         state = state if state is not None else position.mark_state
         mark = state.price if state is not None else position.mark_price
         queued = QueuedExit(

@@ -33,7 +33,8 @@ position, an entry or a lifecycle state past the retirement keeps it.
 
 Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan, and ``on_closed``
-tells it that trading closed a position (by its last sale, the exit's or another's);
+tells it that trading closed a position (by its last sale, the exit's or another's),
+and when (a close applied late may be from before the graceful exit began);
 ``on_outcome`` is told each exit order's fill or refusal with the sale it settles.
 """
 
@@ -210,8 +211,8 @@ def _end(state: ExitState, ended_id: str) -> None:
 OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
 MarketHook = Callable[[str, CurveState], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
-#: (mint, position id, the close's reason)
-ClosedHook = Callable[[str, str, str], None]
+#: (mint, position id, the close's reason, the close's time)
+ClosedHook = Callable[[str, str, str, float], None]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(ExitState).decode
@@ -280,7 +281,7 @@ class ExitProcessor:
                 state.watch = None
                 state.pending = {}
                 if self.on_closed is not None:
-                    self.on_closed(state.mint, data.position_id, data.reason)
+                    self.on_closed(state.mint, data.position_id, data.reason, time)
             _end(state, data.position_id)
             self._landed(state)
             decisions = []
