@@ -15,13 +15,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
-from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    OrderFilled,
+    OrderRequested,
+    PositionOpened,
+    make_event,
+)
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
-from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.ledger import FillRecord, LedgerChange, MemoryLedger, OrderRecord
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -778,3 +785,50 @@ async def test_a_wallet_trade_matching_no_order_is_logged_counted_and_shown(cloc
         [rejected] = run.watch.payloads("order.rejected")
         assert rejected.order_id == run.request.order_id and signature in rejected.reason
         assert len(api.requests) == 1
+
+
+async def test_a_sale_refused_at_a_take_over_that_trades_late_is_booked_late(clock, market):
+    """A sale sent with its signature, then a take-over that finds its position closed
+    (the ledger booked the position's tokens sold meanwhile): the sale is refused, and
+    remembered by its signature. Its trade showing late is its late fill, booked to no
+    position and counted as a sale of a closed position, not a trade of no order."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            opened = await bought(first, api, market)
+            sale = await sell_all(first, opened, clock, reason="take profit")
+            await answered(first.service, api, 2)
+        ledger, mint = first.ledger, first.mint
+        sent = api.requests[1]
+        elsewhere = OrderRecord(
+            order_id=f"{opened.position_id}:exit:0", mint=mint, side="sell", sol_amount=None,
+            token_amount=opened.token_amount, slippage_pct=1.0, reason="by hand",
+            position_id=opened.position_id, cause_id=None, executor="live", state="filled",
+            requested_at=clock.now(), venue="curve",
+        )  # fmt: skip
+        fill = OrderFilled(
+            order_id=elsewhere.order_id, mint=mint, side="sell", position_id=opened.position_id,
+            token_amount=opened.token_amount, sol_amount=0.1, price=1e-8, fee_sol=0.0,
+        )  # fmt: skip
+        await ledger.commit(
+            LedgerChange(orders=[elsewhere], fills=[FillRecord.of(fill, time=clock.now())])
+        )
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {sale.order_id: "rejected"}
+            refused = {o["order_id"]: o for o in await ledger.orders(limit=10)}[sale.order_id]
+            assert refused["state"] == "rejected" and refused["signature"] == sent.signature
+            await publish(
+                bus,
+                market.tokens.sell(
+                    mint, WALLET, tokens=opened.token_amount, signature=sent.signature
+                ),
+            )
+            [late] = watch.payloads("order.filled")
+            assert late.order_id == sale.order_id and late.signature == sent.signature
+            assert second.metrics.unbooked_trades("wallet_trade") == 0
+            assert second.metrics.unbooked_trades("sale_of_closed_position") == 1
+            assert second.unbooked_view() == [] and not second.book.holds(mint)
+            stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
+            assert stored[sale.order_id]["state"] == "filled"
+        assert len(api.requests) == 2

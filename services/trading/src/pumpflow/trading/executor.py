@@ -79,8 +79,9 @@ class TradeExecutor(Protocol):
         ...
 
     def given_up(self, order: OrderRecord) -> None:
-        """An order rejected as unconfirmed before a take-over, with what it was sent as:
-        its trade, should it show late after all, is booked."""
+        """An order rejected unconfirmed (given up, or refused by a take-over after it was
+        sent), with what it was sent as: its trade, should it show late after all, is
+        booked."""
         ...
 
     def restore_market(self, mint: str, market: Market) -> None:

@@ -272,7 +272,7 @@ class LiveExecutor:
         for confirmation in self.book.observe(payload, time=time):
             if confirmation.late:
                 log.error(
-                    "trading: order %s given up as unconfirmed traded after all (signature "
+                    "trading: order %s given up unconfirmed traded after all (signature "
                     "%s): booked late", confirmation.fill.order_id, confirmation.fill.signature,
                 )  # fmt: skip
             outcomes.append(confirmation.fill)

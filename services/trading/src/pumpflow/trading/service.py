@@ -513,6 +513,10 @@ class TradingService(Service):
             "filled" if isinstance(outcome, OrderFilled) else ("rejected")
         )
         self._book(outcome, None, step)
+        if isinstance(outcome, OrderRejected):
+            # refused unconfirmed, yet sent with its signature: should its trade show,
+            # it is this order's late fill, as a given-up order's
+            self.executor.given_up(order)
 
     async def _stand_by(self) -> None:
         """Stop trading (the lease is lost, or the service stops): what was decided is
