@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from pumpflow.common.events import PositionUpdated, make_event
+from pumpflow.common.trading import UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     FillRecord,
@@ -279,3 +280,27 @@ async def test_the_outbox_holds_the_numbered_events_until_they_are_gone(ledger):
     await ledger.commit(LedgerChange(events=[keyed("a2")], gone=["a1", "b1"]))
     outbox = (await ledger.load(remembered=10)).outbox
     assert [(e.id, e.seq) for e in outbox] == [("a2", 2), ("b2", 2)]
+
+
+def unbooked(signature: str, time: float, candidates: tuple[str, ...] = ()) -> UnbookedTrade:
+    return UnbookedTrade(
+        signature=signature, mint="MintA", side="buy", tokens=1e6, sol=0.4, time=time,
+        candidates=candidates,
+    )  # fmt: skip
+
+
+async def test_unbooked_trades_are_kept_with_their_change_until_acknowledged(ledger):
+    """Stored once each with the change that found them, given back oldest first from a
+    time on, the latest ``limit``; acknowledged, they are gone."""
+    assert await ledger.unbooked(since=0.0, limit=10) == []
+    older, hand = unbooked("s1", 100.0), unbooked("s2", 200.0, ("o1", "o2"))
+    await ledger.commit(LedgerChange(unbooked=[hand, older]))
+    await ledger.commit(LedgerChange(unbooked=[unbooked("s2", 999.0)]))  # again: kept as was
+    assert await ledger.unbooked(since=0.0, limit=10) == [older, hand]
+    assert await ledger.unbooked(since=0.0, limit=1) == [hand]
+    assert await ledger.unbooked(since=150.0, limit=10) == [hand]
+    assert await ledger.acknowledge_unbooked(["s2", "s9"]) == 1
+    assert await ledger.unbooked(since=0.0, limit=10) == [older]
+    await ledger.commit(LedgerChange(unbooked=[unbooked("s3", 300.0)]))
+    assert await ledger.acknowledge_unbooked(None) == 2
+    assert await ledger.unbooked(since=0.0, limit=10) == []

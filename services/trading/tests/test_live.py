@@ -828,7 +828,52 @@ async def test_a_sale_refused_at_a_take_over_that_trades_late_is_booked_late(clo
             assert late.order_id == sale.order_id and late.signature == sent.signature
             assert second.metrics.unbooked_trades("wallet_trade") == 0
             assert second.metrics.unbooked_trades("sale_of_closed_position") == 1
-            assert second.unbooked_view() == [] and not second.book.holds(mint)
+            assert await second.unbooked_view() == [] and not second.book.holds(mint)
             stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
             assert stored[sale.order_id]["state"] == "filled"
         assert len(api.requests) == 2
+
+
+async def test_an_unbooked_trade_outlives_a_take_over_until_the_operator_acknowledges_it(
+    clock, market
+):
+    """A wallet trade that matched no order, then a take-over: the next holder shows it
+    (it is in the ledger, not only in the memory of the replica that saw it), still
+    names it in the refusal of the order it may be, and forgets it once the operator,
+    with the API token, acknowledges it."""
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    async with fake_trade_api("timeout") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            cheaper = market.tokens.buy(first.mint, WALLET, sol=first.request.sol_amount / 1.5)
+            await publish(first.bus, cheaper)
+            assert first.service.metrics.unbooked_trades("wallet_trade") == 1
+        ledger, signature, request = first.ledger, cheaper.data.signature, first.request
+
+        second = live(ledger, api, api_token="s3cret")
+        async with running(clock, second) as (_, watch):
+            app = create_app(second, second._ctx)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                for path in ("/orders", "/positions"):
+                    [shown] = (await http.get(path)).json()["unbooked_wallet_trades"]
+                    assert shown["signature"] == signature
+                    assert shown["candidates"] == [request.order_id]
+                await clock.advance(CONFIRM_S + 1)
+                [refused] = watch.payloads("order.rejected")
+                assert refused.order_id == request.order_id and signature in refused.reason
+
+                body = {"signatures": [signature]}
+                denied = await http.post("/unbooked/acknowledge", json=body)
+                assert denied.status_code == 401
+                assert len((await http.get("/orders")).json()["unbooked_wallet_trades"]) == 1
+                auth = {"Authorization": "Bearer s3cret"}
+                done = await http.post("/unbooked/acknowledge", json=body, headers=auth)
+                assert done.status_code == 200, done.text
+                assert done.json() == {"acknowledged": 1, "unbooked_wallet_trades": []}
+                assert (await http.get("/positions")).json()["unbooked_wallet_trades"] == []
+        assert await ledger.unbooked(since=0.0, limit=10) == []
+        assert len(api.requests) == 1

@@ -37,7 +37,12 @@ before anything of its own, with the seqs they were given, so a kill between a c
 and its publication loses no event and leaves consumers no gap; what had gone out is
 a copy they drop by its seq.
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017);
+The trades of the live wallet that match no order (:attr:`LedgerChange.unbooked`) are
+kept with the change that found them, until an operator acknowledges them
+(:meth:`Ledger.acknowledge_unbooked`) or for a day: every replica shows what the one
+trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
+
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -56,7 +61,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from pumpflow.common.events import Event, OrderFilled, Side, decode_event, encode_event
-from pumpflow.common.trading import Position, TradingState
+from pumpflow.common.trading import Position, TradingState, UnbookedTrade
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
@@ -68,8 +73,11 @@ _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 #: the outcome of an order a replica standing by withdrew unsent
 WITHDRAWN = "withdrawn unsent: its replica stood by"
 #: wall seconds between deletions of the outbox's events of a day ago (none is left
-#: there so long unless the service failed to tell it published)
+#: there so long unless the service failed to tell it published), and of the unbooked
+#: trades of a day ago
 _OUTBOX_PRUNE_S = 3600.0
+#: how long an unbooked trade is kept unless acknowledged: the alert on it lasts an hour
+UNBOOKED_KEPT_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +239,8 @@ class LedgerChange:
     #: ids of events out of the outbox: published, or taken back unpublished (a halt's
     #: refusal of an entry a lost commit stored); written only with a change
     gone: list[str] = field(default_factory=list)
+    #: trades of the live wallet found to match no order
+    unbooked: list[UnbookedTrade] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -240,6 +250,7 @@ class LedgerChange:
             or self.positions
             or self.withdrawn
             or self.events
+            or self.unbooked
         )
 
     @classmethod
@@ -255,6 +266,7 @@ class LedgerChange:
             withdrawn=[o for c in changes for o in c.withdrawn],
             events=[e for c in changes for e in c.events],
             gone=[i for c in changes for i in c.gone],
+            unbooked=[u for c in changes for u in c.unbooked],
         )
 
 
@@ -294,6 +306,16 @@ class Ledger(Protocol):
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        """The latest ``limit`` unbooked trades stamped at or after ``since`` and not
+        acknowledged, oldest first."""
+        ...
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        """Forget the unbooked trades ``signatures`` (all when None): the operator has
+        seen to them; how many there were."""
+        ...
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None
@@ -366,6 +388,8 @@ class MemoryLedger:
         self._seqs: dict[str, int] = {}
         #: event id -> the event numbered, until it is gone
         self._outbox: dict[str, Event] = {}
+        #: signature -> a trade of the wallet that matched no order
+        self._unbooked: dict[str, UnbookedTrade] = {}
 
     async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
@@ -402,6 +426,11 @@ class MemoryLedger:
                 self._fills.setdefault(fill.order_id, fill)
         for position in change.positions:
             self._positions[position.position_id] = position
+        for trade in change.unbooked:
+            self._unbooked.setdefault(trade.signature, trade)
+            kept_from = trade.time - UNBOOKED_KEPT_S
+            for old in [s for s, t in self._unbooked.items() if t.time < kept_from]:
+                del self._unbooked[old]  # kept a day, as in Postgres
         return Committed(inserted, self._number(_published(change, inserted)))
 
     def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
@@ -443,6 +472,14 @@ class MemoryLedger:
 
     async def control(self) -> tuple[TradingState, str] | None:
         return self._control
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        found = [t for t in self._unbooked.values() if t.time >= since]
+        return sorted(found, key=lambda t: t.time)[-limit:]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        found = list(self._unbooked) if signatures is None else signatures
+        return sum(self._unbooked.pop(s, None) is not None for s in found)
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None
@@ -542,6 +579,13 @@ SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
 """
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
+_INSERT_UNBOOKED = """
+INSERT INTO trading_unbooked (signature, mint, side, tokens, sol, time, candidates)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (signature) DO NOTHING
+"""
+_PRUNE_UNBOOKED = "DELETE FROM trading_unbooked WHERE stored_at < now() - interval '1 day'"
+_UNBOOKED_COLUMNS = ("signature", "mint", "side", "tokens", "sol", "time", "candidates")
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -559,7 +603,7 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -607,6 +651,15 @@ class PostgresLedger:
                         for p in change.positions
                     ],
                 )  # fmt: skip
+            if change.unbooked:
+                # rare: a trade of the wallet that matches no order
+                await conn.executemany(
+                    _INSERT_UNBOOKED,
+                    [
+                        (t.signature, t.mint, t.side, t.tokens, t.sol, t.time, list(t.candidates))
+                        for t in change.unbooked
+                    ],
+                )
             seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 
@@ -628,6 +681,7 @@ class PostgresLedger:
         if self._pruned_at is None or now - self._pruned_at >= _OUTBOX_PRUNE_S:
             self._pruned_at = now
             await conn.execute(_PRUNE_OUTBOX)
+            await conn.execute(_PRUNE_UNBOOKED)
         return seqs
 
     async def published(self, event_ids: Sequence[str]) -> None:
@@ -685,6 +739,26 @@ class PostgresLedger:
             "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
         )
         return None if row is None else (TradingState(row[0]), row[1])
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        rows = await self.pool.fetch(
+            f"SELECT {', '.join(_UNBOOKED_COLUMNS)} FROM trading_unbooked WHERE time >= $1 "
+            "ORDER BY time DESC, signature LIMIT $2",
+            since,
+            limit,
+        )
+        return [
+            UnbookedTrade(**{**dict(row), "candidates": tuple(row["candidates"])})
+            for row in reversed(rows)
+        ]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        rows = await self.pool.fetch(
+            "DELETE FROM trading_unbooked WHERE $1::text[] IS NULL OR signature = ANY($1) "
+            "RETURNING signature",
+            None if signatures is None else list(signatures),
+        )
+        return len(rows)
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None

@@ -296,6 +296,9 @@ class LiveExecutor:
         self.book.add(self._live_order(order, deadline=self.clock.now() + self.execution.confirm_s))
         return None
 
+    def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
+        self.book.recent_unbooked.extend(trades)
+
     def given_up(self, order: OrderRecord) -> None:
         """Book the order's trade should its signature show late after all."""
         if order.executor != self.name or order.signature is None:

@@ -56,10 +56,13 @@ every order, fill and position.
 - Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
-  (``pumpflow_trading_unbooked_trades``) and listed in ``unbooked_wallet_trades`` of
-  ``/orders`` and ``/positions``, as the wallet and the book differ by it.
+  (``pumpflow_trading_unbooked_trades``), stored in the ledger with the change of the
+  event that showed it and listed in ``unbooked_wallet_trades`` of ``/orders`` and
+  ``/positions`` on every replica, as the wallet and the book differ by it, for a day
+  or until the operator acknowledges it (``POST /unbooked/acknowledge``).
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
-  ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
+  ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
+  API token.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ClassVar
@@ -114,7 +117,6 @@ from pumpflow.common.trading import (
     RiskManager,
     TradingEngine,
     TradingState,
-    UnbookedTrade,
     derived_id,
 )
 from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
@@ -123,6 +125,7 @@ from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
+    UNBOOKED_KEPT_S,
     WITHDRAWN,
     Committed,
     FillRecord,
@@ -294,8 +297,6 @@ class TradingService(Service):
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
         self.skipped: Counter[str] = Counter()
-        #: the latest trades of the live wallet that matched no order, oldest first
-        self.unbooked: deque[UnbookedTrade] = deque(maxlen=REMEMBERED_UNBOOKED)
         #: mints whose position closed since the next event or tick began: a retired
         #: token's view and market go then (not at the fill: the trade that filled the
         #: sale is folded in after it)
@@ -460,6 +461,9 @@ class TradingService(Service):
                 self._reconcile(order, step)
             for order in snapshot.given_up:
                 self.executor.given_up(order)
+            self.executor.restore_unbooked(
+                await self.ledger.unbooked(since=self._unbooked_since(), limit=REMEMBERED_UNBOOKED)
+            )
             # what the predecessor stored and may not have published goes out first, as
             # numbered (a copy of what it did publish is dropped by its seq)
             stored = {e.id for e in snapshot.outbox}
@@ -710,7 +714,7 @@ class TradingService(Service):
         if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
-            self._note_unbooked()
+            self._note_unbooked(step)
         produced = self.engine.process(event, admitted=True)
         if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
@@ -772,11 +776,12 @@ class TradingService(Service):
             self._barriers.add(shutdown.id)
             await self._flush()
 
-    def _note_unbooked(self) -> None:
-        """Say so of each trade of the live wallet found to match no order: the wallet
-        and the book differ by it, and only the operator can tell whose it was."""
+    def _note_unbooked(self, step: _Step) -> None:
+        """Say so of each trade of the live wallet found to match no order, and keep it
+        in the ledger: the wallet and the book differ by it, and only the operator can
+        tell whose it was."""
         for trade in self.executor.unbooked():
-            self.unbooked.append(trade)
+            step.change.unbooked.append(trade)
             self.metrics.unbooked("wallet_trade")
             if trade.candidates:
                 whose = (
@@ -791,12 +796,27 @@ class TradingService(Service):
                 trade.side, trade.signature, trade.tokens, trade.mint, trade.sol, whose,
             )  # fmt: skip
 
-    def unbooked_view(self) -> list[dict[str, Any]]:
-        """The latest trades of the live wallet that matched no order, newest first."""
+    def _unbooked_since(self) -> float:
+        return self._ctx.clock.now() - UNBOOKED_KEPT_S
+
+    async def unbooked_view(self, mint: str | None = None) -> list[dict[str, Any]]:
+        """The latest trades of the live wallet that matched no order and are not
+        acknowledged (of ``mint``, if given), newest first, as the ledger keeps them."""
+        found = await self.ledger.unbooked(since=self._unbooked_since(), limit=REMEMBERED_UNBOOKED)
         return [
             {**asdict(trade), "candidates": list(trade.candidates)}
-            for trade in reversed(self.unbooked)
+            for trade in reversed(found)
+            if mint is None or trade.mint == mint
         ]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> dict[str, Any]:
+        """Forget the unbooked trades ``signatures`` (all when None): the operator has
+        seen to them (booked by hand, or known to be hand trades)."""
+        acknowledged = await self.ledger.acknowledge_unbooked(signatures)
+        which = "" if signatures is None else f": {', '.join(signatures)}"
+        log.warning("trading: %d unbooked trades of the live wallet acknowledged%s",
+                    acknowledged, which)  # fmt: skip
+        return {"acknowledged": acknowledged, "unbooked_wallet_trades": await self.unbooked_view()}
 
     def _note_skip(self) -> None:
         """Count why a prediction ordered nothing (each reason, numbers left out)."""
@@ -1115,7 +1135,7 @@ class TradingService(Service):
                 self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
-                self._note_unbooked()
+                self._note_unbooked(step)
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
@@ -1388,7 +1408,7 @@ class TradingService(Service):
 
     async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
         """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
-        unbooked = self.unbooked_view()
+        unbooked = await self.unbooked_view()
         if not self._leading:
             rows = await self.ledger.positions(open_only=open_only, limit=limit)
             return {
@@ -1436,8 +1456,17 @@ class TradingService(Service):
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
             rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
-            unbooked = [t for t in self.unbooked_view() if mint is None or t["mint"] == mint]
+            unbooked = await self.unbooked_view(mint)
             return {"count": len(rows), "orders": rows, "unbooked_wallet_trades": unbooked}
+
+        @api.post("/unbooked/acknowledge", dependencies=guarded)
+        async def acknowledge(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            signatures = (body or {}).get("signatures")
+            if signatures is not None and (
+                not isinstance(signatures, list) or not all(isinstance(s, str) for s in signatures)
+            ):
+                raise HTTPException(422, "signatures: a list of the trades' signatures")
+            return await self.acknowledge_unbooked(signatures)
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:

@@ -1,0 +1,18 @@
+-- Trades of the live wallet that match no order (trading's ledger.py): the wallet and
+-- the book differ by each until an operator acknowledges it (deleted then), so a
+-- replica taking over shows what its predecessor saw. Rows of a day ago are deleted as
+-- commits go.
+CREATE TABLE trading_unbooked (
+    signature   text PRIMARY KEY,
+    mint        text NOT NULL,
+    side        text NOT NULL,
+    tokens      float8 NOT NULL,
+    -- SOL the trade moved in the reserves, before fees
+    sol         float8 NOT NULL,
+    -- when the feed stamped the trade
+    time        float8 NOT NULL,
+    -- the orders whose answer never came that it may be
+    candidates  text[] NOT NULL,
+    stored_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX trading_unbooked_stored_at ON trading_unbooked (stored_at);
