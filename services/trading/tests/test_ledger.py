@@ -18,6 +18,7 @@ from pumpflow.trading.ledger import (
     OrderRecord,
     PositionRecord,
     PostgresLedger,
+    Superseded,
 )
 
 
@@ -304,3 +305,32 @@ async def test_unbooked_trades_are_kept_with_their_change_until_acknowledged(led
     await ledger.commit(LedgerChange(unbooked=[unbooked("s3", 300.0)]))
     assert await ledger.acknowledge_unbooked(None) == 2
     assert await ledger.unbooked(since=0.0, limit=10) == []
+
+
+async def test_the_holder_taking_over_fences_off_its_predecessors_commits(ledger):
+    """A load naming its holder makes it the ledger's: the predecessor's commits are
+    refused from then on, whole. The predecessor is named with whether it stood by and
+    whether it stored orders that may be unsent."""
+    assert await ledger.predecessor() is None
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.commit(LedgerChange(orders=[order("a", attempt="w1:1")], holder="w1"))
+    found = await ledger.predecessor()
+    assert (found.holder, found.stood_by, found.unsent) == ("w1", False, True)
+    await ledger.stood_by("w2")  # not the holder: nothing
+    assert not (await ledger.predecessor()).stood_by
+    await ledger.stood_by("w1")
+    assert (await ledger.predecessor()).stood_by
+
+    await ledger.load(remembered=10, holder="w2")
+    late = LedgerChange(
+        orders=[order("b", attempt="w1:2")],
+        withdrawn=[order("a", attempt="w1:1", state="rejected", outcome=WITHDRAWN)],
+        holder="w1",
+    )
+    with pytest.raises(Superseded):
+        await ledger.commit(late)
+    [stored] = await ledger.orders(limit=10)
+    assert stored["order_id"] == "a" and stored["state"] == "sent"
+    found = await ledger.predecessor()
+    assert (found.holder, found.stood_by, found.unsent) == ("w2", False, False)
+    assert await inserted(ledger, LedgerChange(orders=[order("c")], holder="w2")) == {"c"}

@@ -42,6 +42,14 @@ kept with the change that found them, until an operator acknowledges them
 (:meth:`Ledger.acknowledge_unbooked`) or for a day: every replica shows what the one
 trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
 
+The ledger knows which replica trades (:meth:`Ledger.load` with ``holder`` writes it,
+before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
+(:class:`Superseded`), so a replica that lost the lease stores nothing its successor
+has not read. A replica standing by says so once its last changes are stored
+(:meth:`Ledger.stood_by`); its successor waits for that a while
+(:meth:`Ledger.predecessor`) before it reads: an entry the predecessor withdrew unsent
+then reads withdrawn, not in flight (see ``TradingService._take_over``).
+
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
@@ -68,6 +76,8 @@ OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 #: the row of trading_control that holds the operator's state
 CONTROL = "operator"
+#: the row of trading_holder that names the replica trading
+HOLDER = "decide"
 #: what an order stored by an attempt whose reply was lost is left in, unsent
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 #: the outcome of an order a replica standing by withdrew unsent
@@ -78,6 +88,21 @@ WITHDRAWN = "withdrawn unsent: its replica stood by"
 _OUTBOX_PRUNE_S = 3600.0
 #: how long an unbooked trade is kept unless acknowledged: the alert on it lasts an hour
 UNBOOKED_KEPT_S = 86_400.0
+
+
+class Superseded(RuntimeError):
+    """A commit of a replica another took over from: nothing of it is stored."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Predecessor:
+    """The replica that traded last, as the ledger knows it."""
+
+    holder: str
+    #: it stood by with its changes stored
+    stood_by: bool
+    #: the ledger holds orders it stored that may be unsent (``pending``, ``sent``)
+    unsent: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,6 +266,8 @@ class LedgerChange:
     gone: list[str] = field(default_factory=list)
     #: trades of the live wallet found to match no order
     unbooked: list[UnbookedTrade] = field(default_factory=list)
+    #: the replica that stores it: refused (:class:`Superseded`) once another took over
+    holder: str | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -296,8 +323,19 @@ class Ledger(Protocol):
         ...
 
     async def load(
-        self, *, remembered: int, given_up_since: float | None = None
-    ) -> LedgerSnapshot: ...
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        """What a replica taking over needs; with ``holder``, it is the ledger's holder
+        first, and a commit of any other is refused from then on."""
+        ...
+
+    async def predecessor(self) -> Predecessor | None:
+        """The replica that traded last (None: none yet)."""
+        ...
+
+    async def stood_by(self, holder: str) -> None:
+        """``holder`` stood by with its changes stored (if it still is the holder)."""
+        ...
 
     async def published(self, event_ids: Sequence[str]) -> None:
         """Take the events ``event_ids`` out of the outbox (published), without a change."""
@@ -354,6 +392,17 @@ def _withdrawn_entry(order: OrderRecord) -> bool:
     return order.side == "buy" and order.state == "rejected" and order.outcome == WITHDRAWN
 
 
+def _check_holder(current: str | None, holder: str | None) -> None:
+    """Refuse a commit of ``holder`` when ``current`` took over from it."""
+    if holder is not None and current is not None and current != holder:
+        raise Superseded(f"the ledger is {current}'s now: {holder}'s change is not stored")
+
+
+def _attempt_of(attempt: str | None) -> str | None:
+    """The replica whose decision an order's ``attempt`` is (``writer:n``)."""
+    return None if attempt is None else attempt.rpartition(":")[0]
+
+
 def numbered(event: Event, seq: int) -> Event:
     """``event`` with its seq."""
     return msgspec.structs.replace(event, seq=seq)
@@ -390,11 +439,14 @@ class MemoryLedger:
         self._outbox: dict[str, Event] = {}
         #: signature -> a trade of the wallet that matched no order
         self._unbooked: dict[str, UnbookedTrade] = {}
+        #: the replica trading, and whether it stood by
+        self._holder: tuple[str, bool] | None = None
 
     async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
         if not change:
             return Committed()
+        _check_holder(self._holder and self._holder[0], change.holder)
         for event_id in change.gone:
             self._outbox.pop(event_id, None)
         for order in change.orders:
@@ -447,7 +499,11 @@ class MemoryLedger:
         for event_id in event_ids:
             self._outbox.pop(event_id, None)
 
-    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        if holder is not None:
+            self._holder = (holder, False)
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
         recent = orders[-remembered:]
         return LedgerSnapshot(
@@ -466,6 +522,19 @@ class MemoryLedger:
             ],
             outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
         )
+
+    async def predecessor(self) -> Predecessor | None:
+        if self._holder is None:
+            return None
+        holder, stood_by = self._holder
+        unsent = any(
+            o.state in _UNSENT and _attempt_of(o.attempt) == holder for o in self._orders.values()
+        )
+        return Predecessor(holder=holder, stood_by=stood_by, unsent=unsent)
+
+    async def stood_by(self, holder: str) -> None:
+        if self._holder is not None and self._holder[0] == holder:
+            self._holder = (holder, True)
 
     async def set_control(self, state: TradingState, reason: str) -> None:
         self._control = (TradingState(state), reason)
@@ -586,6 +655,17 @@ ON CONFLICT (signature) DO NOTHING
 """
 _PRUNE_UNBOOKED = "DELETE FROM trading_unbooked WHERE stored_at < now() - interval '1 day'"
 _UNBOOKED_COLUMNS = ("signature", "mint", "side", "tokens", "sol", "time", "candidates")
+_HOLDER = "SELECT holder FROM trading_holder WHERE name = $1 FOR SHARE"
+_TAKE_OVER = """
+INSERT INTO trading_holder (name, holder, stood_by) VALUES ($1, $2, false)
+ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, stood_by = false, changed_at = now()
+"""
+_PREDECESSOR = f"""
+SELECT holder, stood_by, EXISTS (
+    SELECT 1 FROM orders WHERE state IN ({_UNSENT_STATES}) AND attempt LIKE holder || ':%'
+) AS unsent
+FROM trading_holder WHERE name = $1
+"""
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -614,6 +694,10 @@ class PostgresLedger:
         if not change:
             return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
+            if change.holder is not None:
+                # shared: a take-over's write of the holder waits for this commit to end,
+                # and a commit after it sees the new holder
+                _check_holder(await conn.fetchval(_HOLDER, HOLDER), change.holder)
             inserted: set[str] = set()
             if change.orders:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
@@ -687,7 +771,13 @@ class PostgresLedger:
     async def published(self, event_ids: Sequence[str]) -> None:
         await self.pool.execute(_GONE, list(event_ids))
 
-    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        if holder is not None:
+            # committed before the read's snapshot: what the predecessor stored by then is
+            # read, and nothing it commits later is stored
+            await self.pool.execute(_TAKE_OVER, HOLDER, holder)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             fills = await conn.fetch(
                 f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
@@ -722,6 +812,18 @@ class PostgresLedger:
             given_up=[_record(row) for row in given_up],
             withdrawn=[row["order_id"] for row in reversed(ids) if row["withdrawn"]],
             outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
+        )
+
+    async def predecessor(self) -> Predecessor | None:
+        row = await self.pool.fetchrow(_PREDECESSOR, HOLDER)
+        return None if row is None else Predecessor(**dict(row))
+
+    async def stood_by(self, holder: str) -> None:
+        await self.pool.execute(
+            "UPDATE trading_holder SET stood_by = true, changed_at = now() "
+            "WHERE name = $1 AND holder = $2",
+            HOLDER,
+            holder,
         )
 
     async def set_control(self, state: TradingState, reason: str) -> None:

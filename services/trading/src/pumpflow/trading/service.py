@@ -40,7 +40,9 @@ every order, fill and position.
   booked to no position, logged and counted (``pumpflow_trading_unbooked_trades``).
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
-  Postgres's); the holder reloads the book from the ledger, reconciles every order
+  Postgres's); the holder reloads the book from the ledger (once its predecessor stood
+  by, or a while: :meth:`TradingService._await_predecessor`; from then on the ledger
+  refuses the predecessor's commits), reconciles every order
   whose outcome is unknown, loads the token views its predecessor stored
   (:mod:`pumpflow.trading.context`), and only then consumes. The others stand by, ready,
   unsubscribed; one takes over within the lease's TTL of the holder's death.
@@ -73,6 +75,7 @@ import functools
 import itertools
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -138,6 +141,7 @@ from pumpflow.trading.ledger import (
     OrderState,
     PositionRecord,
     PostgresLedger,
+    Superseded,
 )
 from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
@@ -160,6 +164,8 @@ _CONTEXT = (
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
+#: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
+_PREDECESSOR_POLL_S = (0.02, 0.25)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
@@ -430,10 +436,12 @@ class TradingService(Service):
                 self.engine.views.update(views)
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
+            await self._await_predecessor()
             changes = self._control_changes
             snapshot = await self.ledger.load(
                 remembered=self.settings.trading_remembered_orders,
                 given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
+                holder=self._writer,
             )
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
@@ -487,6 +495,36 @@ class TradingService(Service):
         self._subscribed = True
         self._announced_at = None
         await self._announce_wallet()
+
+    async def _await_predecessor(self) -> None:
+        """Wait ``trading_predecessor_wait_s`` at most for the replica that traded before
+        to stand by, when the ledger holds orders of its that may be unsent.
+
+        Such an order may be an entry a commit stored while its reply was lost: never
+        sent, and withdrawn as its replica stands by (then decided again here, under an
+        id of its own). Read before that, it would look in flight: on paper it would fill,
+        never sent; live, it would wait for its trade and end unconfirmed. A predecessor
+        that does not stand by in time (dead, or cut off from Postgres) is fenced off by
+        the load that follows: what it stored is taken as sent, as after a crash, and
+        it can store nothing more, so it withdraws nothing behind this replica's back.
+        """
+        wait = self.settings.trading_predecessor_wait_s
+        deadline = time.monotonic() + wait
+        delay, most = _PREDECESSOR_POLL_S
+        while True:
+            found = await self.ledger.predecessor()
+            if found is None or found.holder == self._writer or found.stood_by or not found.unsent:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "trading: the replica that traded before has not stood by within %gs: "
+                    "the orders it stored are taken as sent, and it can store nothing more",
+                    wait,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, most)
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
         name = self.executor.name
@@ -556,6 +594,18 @@ class TradingService(Service):
                     # the next holder would publish them again: copies, but needless
                     await self.ledger.published(self._gone)
                     self._gone = []
+                if self.ledger is not None:
+                    # the next holder reads the ledger once it knows the withdrawals are in it
+                    await self.ledger.stood_by(self._writer)
+            except Superseded:
+                # the next holder read the ledger: it decides the unacknowledged events
+                # again and publishes the outbox; what is left here is no one's
+                log.warning(
+                    "trading: another replica took over before the last %d changes were "
+                    "stored: they are left to it", len(self._backlog),
+                )  # fmt: skip
+                self._backlog = []
+                self._unpublished = []
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
@@ -1022,7 +1072,9 @@ class TradingService(Service):
                 # as the step stands now: a halt or a stand-by may have taken events out
                 step.change.events = step.keyed()
             gone = list(self._gone)
-            change = replace(LedgerChange.joined([s.change for s in steps]), gone=gone)
+            change = replace(
+                LedgerChange.joined([s.change for s in steps]), gone=gone, holder=self._writer
+            )
             try:
                 committed = await self.ledger.commit(change)
             except Exception:

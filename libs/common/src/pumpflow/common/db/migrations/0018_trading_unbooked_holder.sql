@@ -16,3 +16,13 @@ CREATE TABLE trading_unbooked (
     stored_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX trading_unbooked_stored_at ON trading_unbooked (stored_at);
+-- The replica trading now (trading's ledger.py): written as it takes over, before it
+-- reads the ledger, and checked by every commit, so a predecessor that lost the lease
+-- stores nothing after its successor read what it would change; stood_by once it
+-- stepped down with every change stored, its entries withdrawn unsent among them.
+CREATE TABLE trading_holder (
+    name        text PRIMARY KEY,
+    holder      text NOT NULL,
+    stood_by    boolean NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT now()
+);
