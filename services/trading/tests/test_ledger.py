@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from pumpflow.common.events import PositionUpdated, make_event
+from pumpflow.common.testing import eventually
 from pumpflow.common.trading import UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
@@ -334,3 +335,36 @@ async def test_the_holder_taking_over_fences_off_its_predecessors_commits(ledger
     found = await ledger.predecessor()
     assert (found.holder, found.stood_by, found.unsent) == ("w2", False, False)
     assert await inserted(ledger, LedgerChange(orders=[order("c")], holder="w2")) == {"c"}
+
+
+async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):
+    """The holder's write waits for a predecessor's commit under way (which checked the
+    holder first): the load after it reads what that commit stored, and the
+    predecessor's next commit is refused."""
+    import asyncio
+
+    async def waiting(conn) -> bool:
+        return await conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%INSERT INTO trading_holder%' AND pid <> pg_backend_pid()"
+        )
+
+    ledger = PostgresLedger(pg_pool)
+    await ledger.load(remembered=10, holder="w1")
+    async with pg_pool.acquire() as conn, pg_pool.acquire() as watcher:
+        async with conn.transaction():
+            assert await conn.fetchval(
+                "SELECT holder FROM trading_holder WHERE name = 'decide' FOR SHARE"
+            ) == "w1"
+            taking = asyncio.create_task(ledger.load(remembered=10, holder="w2"))
+            await eventually(lambda: waiting(watcher),
+                             what="the take-over waiting for the commit")  # fmt: skip
+            await conn.execute(
+                "INSERT INTO orders (order_id, mint, side, slippage_pct, reason, executor, "
+                "state, requested_at, venue, attempt) "
+                "VALUES ('a', 'MintA', 'buy', 5, '', 'paper', 'sent', 100, 'pump', 'w1:1')"
+            )
+        snapshot = await taking
+    assert [o.order_id for o in snapshot.unresolved] == ["a"]
+    with pytest.raises(Superseded):
+        await ledger.commit(LedgerChange(orders=[order("b")], holder="w1"))
