@@ -174,8 +174,9 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
     replica with the token; what is left is listed."""
     trades = {
         "sig1": {"signature": "sig1", "mint": "MintA", "side": "buy", "tokens": 1e6, "sol": 0.4},
-        "sig2": {"signature": "sig2", "mint": "MintB", "side": "sell", "tokens": 2e6, "sol": 0.1},
-    }
+        "sig2": {"signature": "sig2", "mint": "MintB", "side": "sell", "tokens": 2e6, "sol": 0.1,
+                 "order_id": "p1:exit:1"},
+    }  # fmt: skip
 
     async def acknowledge(request: Request) -> JSONResponse:
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
@@ -192,7 +193,9 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
         assert await pumpflow_trading(base, "acknowledge", "--signature", "sig1") == 0
         out = capsys.readouterr().out
         assert out.startswith("1 unbooked wallet trades acknowledged; 1 left\n")
-        assert "sell sig2: 2e+06 tokens of MintB" in out and "sig1" not in out
+        said = "sell sig2: 2e+06 tokens of MintB, 0.1 SOL (sale p1:exit:1, its position closed)"
+        assert said in out
+        assert "sig1" not in out
         assert await pumpflow_trading(base, "acknowledge") == 0
         assert capsys.readouterr().out == "1 unbooked wallet trades acknowledged; 0 left\n"
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")

@@ -3,6 +3,8 @@ transaction, and a load gives back the fills in order and the orders still unres
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncpg
 import pytest
 
@@ -295,7 +297,7 @@ async def test_unbooked_trades_are_kept_with_their_change_until_acknowledged(led
     """Stored once each with the change that found them, given back oldest first from a
     time on, the latest ``limit``; acknowledged, they are gone."""
     assert await ledger.unbooked(since=0.0, limit=10) == []
-    older, hand = unbooked("s1", 100.0), unbooked("s2", 200.0, ("o1", "o2"))
+    older, hand = replace(unbooked("s1", 100.0), order_id="o0"), unbooked("s2", 200.0, ("o1",))
     await ledger.commit(LedgerChange(unbooked=[hand, older]))
     await ledger.commit(LedgerChange(unbooked=[unbooked("s2", 999.0)]))  # again: kept as was
     assert await ledger.unbooked(since=0.0, limit=10) == [older, hand]

@@ -791,7 +791,8 @@ async def test_a_sale_refused_at_a_take_over_that_trades_late_is_booked_late(clo
     """A sale sent with its signature, then a take-over that finds its position closed
     (the ledger booked the position's tokens sold meanwhile): the sale is refused, and
     remembered by its signature. Its trade showing late is its late fill, booked to no
-    position and counted as a sale of a closed position, not a trade of no order."""
+    position, counted as a sale of a closed position and listed naming its order, not
+    taken for a trade of no order."""
     async with fake_trade_api("silent") as api:
         async with entered(clock, market, api) as first:
             opened = await bought(first, api, market)
@@ -828,7 +829,10 @@ async def test_a_sale_refused_at_a_take_over_that_trades_late_is_booked_late(clo
             assert late.order_id == sale.order_id and late.signature == sent.signature
             assert second.metrics.unbooked_trades("wallet_trade") == 0
             assert second.metrics.unbooked_trades("sale_of_closed_position") == 1
-            assert await second.unbooked_view() == [] and not second.book.holds(mint)
+            [shown] = await second.unbooked_view()
+            assert shown["signature"] == sent.signature and shown["order_id"] == sale.order_id
+            assert shown["side"] == "sell" and shown["candidates"] == []
+            assert not second.book.holds(mint)
             stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
             assert stored[sale.order_id]["state"] == "filled"
         assert len(api.requests) == 2

@@ -99,6 +99,7 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
     left = body["unbooked_wallet_trades"]
     print(f"{body['acknowledged']} unbooked wallet trades acknowledged; {len(left)} left")
     for trade in left:
+        whose = f" (sale {trade['order_id']}, its position closed)" if trade.get("order_id") else ""
         print(f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "
-              f"{trade['mint']}, {trade['sol']:g} SOL")  # fmt: skip
+              f"{trade['mint']}, {trade['sol']:g} SOL{whose}")  # fmt: skip
     return 0

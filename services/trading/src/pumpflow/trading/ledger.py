@@ -264,7 +264,7 @@ class LedgerChange:
     #: ids of events out of the outbox: published, or taken back unpublished (a halt's
     #: refusal of an entry a lost commit stored); written only with a change
     gone: list[str] = field(default_factory=list)
-    #: trades of the live wallet found to match no order
+    #: trades of the live wallet found to match no order, and sales booked to no position
     unbooked: list[UnbookedTrade] = field(default_factory=list)
     #: the replica that stores it: refused (:class:`Superseded`) once another took over
     holder: str | None = None
@@ -649,12 +649,14 @@ SELECT o.event_id, o.seq FROM trading_outbox o JOIN given USING (event_id)
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
 _INSERT_UNBOOKED = """
-INSERT INTO trading_unbooked (signature, mint, side, tokens, sol, time, candidates)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO trading_unbooked (signature, mint, side, tokens, sol, time, candidates, order_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (signature) DO NOTHING
 """
 _PRUNE_UNBOOKED = "DELETE FROM trading_unbooked WHERE stored_at < now() - interval '1 day'"
-_UNBOOKED_COLUMNS = ("signature", "mint", "side", "tokens", "sol", "time", "candidates")
+_UNBOOKED_COLUMNS = (
+    "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
+)  # fmt: skip
 _HOLDER = "SELECT holder FROM trading_holder WHERE name = $1 FOR SHARE"
 _TAKE_OVER = """
 INSERT INTO trading_holder (name, holder, stood_by) VALUES ($1, $2, false)
@@ -740,10 +742,11 @@ class PostgresLedger:
                 await conn.executemany(
                     _INSERT_UNBOOKED,
                     [
-                        (t.signature, t.mint, t.side, t.tokens, t.sol, t.time, list(t.candidates))
+                        (t.signature, t.mint, t.side, t.tokens, t.sol, t.time,
+                         list(t.candidates), t.order_id)
                         for t in change.unbooked
                     ],
-                )
+                )  # fmt: skip
             seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 

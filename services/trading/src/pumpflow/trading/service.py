@@ -37,7 +37,8 @@ every order, fill and position.
   position that closed since (its token entered again), it is stored refused, never
   sent. A sale only ever sells the position it was ordered for: a take-over refuses one
   in flight for a position no longer held, and a fill of one (a trade showing late) is
-  booked to no position, logged and counted (``pumpflow_trading_unbooked_trades``).
+  booked to no position, logged, counted (``pumpflow_trading_unbooked_trades``) and
+  listed with the unbooked wallet trades (below), naming its order.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger (once its predecessor stood
@@ -120,6 +121,7 @@ from pumpflow.common.trading import (
     RiskManager,
     TradingEngine,
     TradingState,
+    UnbookedTrade,
     derived_id,
 )
 from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
@@ -998,6 +1000,20 @@ class TradingService(Service):
                 step.change.positions.append(PositionRecord.of(position))
             if unheld:
                 self.metrics.unbooked("sale_of_closed_position")
+                if outcome.signature is not None:
+                    # listed with the wallet's unbooked trades: the wallet sold tokens the
+                    # book does not hold
+                    step.change.unbooked.append(
+                        UnbookedTrade(
+                            signature=outcome.signature,
+                            mint=outcome.mint,
+                            side="sell",
+                            tokens=outcome.token_amount,
+                            sol=outcome.sol_amount + outcome.fee_sol,
+                            time=now,
+                            order_id=outcome.order_id,
+                        )
+                    )
                 log.error(
                     "trading: sale %s of position %s filled (%g tokens, signature %s) with "
                     "nothing of its position left to sell: %s; booked to no position",

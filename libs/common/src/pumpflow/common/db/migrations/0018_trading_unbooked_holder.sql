@@ -1,5 +1,6 @@
--- Trades of the live wallet that match no order (trading's ledger.py): the wallet and
--- the book differ by each until an operator acknowledges it (deleted then), so a
+-- Trades of the live wallet that match no order, or sales booked to no position
+-- (trading's ledger.py): the wallet and the book differ by each until an operator
+-- acknowledges it (deleted then), so a
 -- replica taking over shows what its predecessor saw. Rows of a day ago are deleted as
 -- commits go.
 CREATE TABLE trading_unbooked (
@@ -13,6 +14,8 @@ CREATE TABLE trading_unbooked (
     time        float8 NOT NULL,
     -- the orders whose answer never came that it may be
     candidates  text[] NOT NULL,
+    -- the sale whose fill it is, booked to no position (its position closed since)
+    order_id    text,
     stored_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX trading_unbooked_stored_at ON trading_unbooked (stored_at);
