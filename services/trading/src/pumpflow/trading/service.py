@@ -273,6 +273,8 @@ class TradingService(Service):
         self._undecided: list[Event] = []
         #: orders withdrawn unsent on standing by (since the last election)
         self._withdrawn = 0
+        #: the ledger was told this replica holds it (since the last stand-by)
+        self._holding = False
         #: shutdowns whose barrier is out (or queued to go)
         self._barriers: set[str] = set()
         #: each order's decision, unique to it (the ledger's ``attempt``)
@@ -445,6 +447,7 @@ class TradingService(Service):
                 given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
                 holder=self._writer,
             )
+            self._holding = True
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
             for mint in list(self.book.open_positions):
@@ -558,8 +561,8 @@ class TradingService(Service):
         )
         self._book(outcome, None, step)
         if isinstance(outcome, OrderRejected):
-            # refused unconfirmed, yet sent with its signature: should its trade show,
-            # it is this order's late fill, as a given-up order's
+            # refused here, yet it may have been sent, with its signature: should its
+            # trade show, it is this order's late fill, as a given-up order's is
             self.executor.given_up(order)
 
     async def _stand_by(self) -> None:
@@ -596,9 +599,10 @@ class TradingService(Service):
                     # the next holder would publish them again: copies, but needless
                     await self.ledger.published(self._gone)
                     self._gone = []
-                if self.ledger is not None:
+                if self._holding:
                     # the next holder reads the ledger once it knows the withdrawals are in it
                     await self.ledger.stood_by(self._writer)
+                    self._holding = False
             except Superseded:
                 # the next holder read the ledger: it decides the unacknowledged events
                 # again and publishes the outbox; what is left here is no one's
@@ -608,6 +612,7 @@ class TradingService(Service):
                 )  # fmt: skip
                 self._backlog = []
                 self._unpublished = []
+                self._holding = False
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
