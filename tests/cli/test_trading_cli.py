@@ -165,3 +165,38 @@ def test_a_url_that_is_no_http_address_is_refused_naming_it(command, url, capsys
         build_parser().parse_args([*command.split(), "--url", url])
     assert refused.value.code == 2
     assert f"argument --url: not an http(s) URL: {url!r}" in capsys.readouterr().err
+
+
+async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_left(
+    monkeypatch, capsys
+):
+    """``pumpflow trading acknowledge``: the signatures given (all, none given) go to the
+    replica with the token; what is left is listed."""
+    trades = {
+        "sig1": {"signature": "sig1", "mint": "MintA", "side": "buy", "tokens": 1e6, "sol": 0.4},
+        "sig2": {"signature": "sig2", "mint": "MintB", "side": "sell", "tokens": 2e6, "sol": 0.1,
+                 "order_id": "p1:exit:1"},
+    }  # fmt: skip
+
+    async def acknowledge(request: Request) -> JSONResponse:
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        named = (await request.json())["signatures"]
+        gone = list(trades) if named is None else [s for s in named if s in trades]
+        for signature in gone:
+            del trades[signature]
+        left = list(trades.values())
+        return JSONResponse({"acknowledged": len(gone), "unbooked_wallet_trades": left})
+
+    app = Starlette(routes=[Route("/unbooked/acknowledge", acknowledge, methods=["POST"])])
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(app) as base:
+        assert await pumpflow_trading(base, "acknowledge", "--signature", "sig1") == 0
+        out = capsys.readouterr().out
+        assert out.startswith("1 unbooked wallet trades acknowledged; 1 left\n")
+        said = "sell sig2: 2e+06 tokens of MintB, 0.1 SOL (sale p1:exit:1, its position closed)"
+        assert said in out
+        assert "sig1" not in out
+        assert await pumpflow_trading(base, "acknowledge") == 0
+        assert capsys.readouterr().out == "1 unbooked wallet trades acknowledged; 0 left\n"
+        monkeypatch.delenv("PUMPFLOW_API_TOKEN")
+        assert await pumpflow_trading(base, "acknowledge") == 2

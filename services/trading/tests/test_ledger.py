@@ -3,11 +3,15 @@ transaction, and a load gives back the fills in order and the orders still unres
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncpg
 import msgspec
 import pytest
 
 from pumpflow.common.events import PositionUpdated, make_event
+from pumpflow.common.testing import eventually
+from pumpflow.common.trading import UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     FillRecord,
@@ -18,6 +22,7 @@ from pumpflow.trading.ledger import (
     OrderRecord,
     PositionRecord,
     PostgresLedger,
+    Superseded,
 )
 
 
@@ -298,3 +303,89 @@ async def test_an_event_published_and_given_again_in_the_change_that_drops_it_is
     assert again.seqs == {"outcome": 2}
     [stored] = (await ledger.load(remembered=10)).outbox
     assert (stored.seq, stored.data.token_amount) == (2, 7.0)
+
+
+def unbooked(signature: str, time: float, candidates: tuple[str, ...] = ()) -> UnbookedTrade:
+    return UnbookedTrade(
+        signature=signature, mint="MintA", side="buy", tokens=1e6, sol=0.4, time=time,
+        candidates=candidates,
+    )  # fmt: skip
+
+
+async def test_unbooked_trades_are_kept_with_their_change_until_acknowledged(ledger):
+    """Stored once each with the change that found them, given back oldest first from a
+    time on, the latest ``limit``; acknowledged, they are gone."""
+    assert await ledger.unbooked(since=0.0, limit=10) == []
+    older, hand = replace(unbooked("s1", 100.0), order_id="o0"), unbooked("s2", 200.0, ("o1",))
+    await ledger.commit(LedgerChange(unbooked=[hand, older]))
+    await ledger.commit(LedgerChange(unbooked=[unbooked("s2", 999.0)]))  # again: kept as was
+    assert await ledger.unbooked(since=0.0, limit=10) == [older, hand]
+    assert await ledger.unbooked(since=0.0, limit=1) == [hand]
+    assert await ledger.unbooked(since=150.0, limit=10) == [hand]
+    assert await ledger.acknowledge_unbooked(["s2", "s9"]) == 1
+    assert await ledger.unbooked(since=0.0, limit=10) == [older]
+    await ledger.commit(LedgerChange(unbooked=[unbooked("s3", 300.0)]))
+    assert await ledger.acknowledge_unbooked(None) == 2
+    assert await ledger.unbooked(since=0.0, limit=10) == []
+
+
+async def test_the_holder_taking_over_fences_off_its_predecessors_commits(ledger):
+    """A load naming its holder makes it the ledger's: the predecessor's commits are
+    refused from then on, whole. The predecessor is named with whether it stood by and
+    whether it stored orders that may be unsent."""
+    assert await ledger.predecessor() is None
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.commit(LedgerChange(orders=[order("a", attempt="w1:1")], holder="w1"))
+    found = await ledger.predecessor()
+    assert (found.holder, found.stood_by, found.unsent) == ("w1", False, True)
+    await ledger.stood_by("w2")  # not the holder: nothing
+    assert not (await ledger.predecessor()).stood_by
+    await ledger.stood_by("w1")
+    assert (await ledger.predecessor()).stood_by
+
+    await ledger.load(remembered=10, holder="w2")
+    late = LedgerChange(
+        orders=[order("b", attempt="w1:2")],
+        withdrawn=[order("a", attempt="w1:1", state="rejected", outcome=WITHDRAWN)],
+        holder="w1",
+    )
+    with pytest.raises(Superseded):
+        await ledger.commit(late)
+    [stored] = await ledger.orders(limit=10)
+    assert stored["order_id"] == "a" and stored["state"] == "sent"
+    found = await ledger.predecessor()
+    assert (found.holder, found.stood_by, found.unsent) == ("w2", False, False)
+    assert await inserted(ledger, LedgerChange(orders=[order("c")], holder="w2")) == {"c"}
+
+
+async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):
+    """The holder's write waits for a predecessor's commit under way (which checked the
+    holder first): the load after it reads what that commit stored, and the
+    predecessor's next commit is refused."""
+    import asyncio
+
+    async def waiting(conn) -> bool:
+        return await conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%INSERT INTO trading_holder%' AND pid <> pg_backend_pid()"
+        )
+
+    ledger = PostgresLedger(pg_pool)
+    await ledger.load(remembered=10, holder="w1")
+    async with pg_pool.acquire() as conn, pg_pool.acquire() as watcher:
+        async with conn.transaction():
+            assert await conn.fetchval(
+                "SELECT holder FROM trading_holder WHERE name = 'decide' FOR SHARE"
+            ) == "w1"
+            taking = asyncio.create_task(ledger.load(remembered=10, holder="w2"))
+            await eventually(lambda: waiting(watcher),
+                             what="the take-over waiting for the commit")  # fmt: skip
+            await conn.execute(
+                "INSERT INTO orders (order_id, mint, side, slippage_pct, reason, executor, "
+                "state, requested_at, venue, attempt) "
+                "VALUES ('a', 'MintA', 'buy', 5, '', 'paper', 'sent', 100, 'pump', 'w1:1')"
+            )
+        snapshot = await taking
+    assert [o.order_id for o in snapshot.unresolved] == ["a"]
+    with pytest.raises(Superseded):
+        await ledger.commit(LedgerChange(orders=[order("b")], holder="w1"))

@@ -15,13 +15,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import EventBus
-from pumpflow.common.events import Event, ExitOrder, OrderRequested, PositionOpened, make_event
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    OrderFilled,
+    OrderRequested,
+    PositionOpened,
+    make_event,
+)
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
-from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.ledger import FillRecord, LedgerChange, MemoryLedger, OrderRecord
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -829,3 +836,99 @@ async def test_the_late_fill_of_an_order_given_up_takes_a_seq_of_its_own(clock, 
             assert fill.id == refusal.id and fill.data.order_id == request.order_id
             seqs = [e.seq for e in watch.of(key=mint) if e.type.startswith(("order.", "position."))]
             assert seqs == list(range(1, len(seqs) + 1)) and fill.seq > refusal.seq
+
+
+async def test_a_sale_refused_at_a_take_over_that_trades_late_is_booked_late(clock, market):
+    """A sale sent with its signature, then a take-over that finds its position closed
+    (the ledger booked the position's tokens sold meanwhile): the sale is refused, and
+    remembered by its signature. Its trade showing late is its late fill, booked to no
+    position, counted as a sale of a closed position and listed naming its order, not
+    taken for a trade of no order."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            opened = await bought(first, api, market)
+            sale = await sell_all(first, opened, clock, reason="take profit")
+            await answered(first.service, api, 2)
+        ledger, mint = first.ledger, first.mint
+        sent = api.requests[1]
+        elsewhere = OrderRecord(
+            order_id=f"{opened.position_id}:exit:0", mint=mint, side="sell", sol_amount=None,
+            token_amount=opened.token_amount, slippage_pct=1.0, reason="by hand",
+            position_id=opened.position_id, cause_id=None, executor="live", state="filled",
+            requested_at=clock.now(), venue="curve",
+        )  # fmt: skip
+        fill = OrderFilled(
+            order_id=elsewhere.order_id, mint=mint, side="sell", position_id=opened.position_id,
+            token_amount=opened.token_amount, sol_amount=0.1, price=1e-8, fee_sol=0.0,
+        )  # fmt: skip
+        await ledger.commit(
+            LedgerChange(orders=[elsewhere], fills=[FillRecord.of(fill, time=clock.now())])
+        )
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            assert second.reconciled == {sale.order_id: "rejected"}
+            refused = {o["order_id"]: o for o in await ledger.orders(limit=10)}[sale.order_id]
+            assert refused["state"] == "rejected" and refused["signature"] == sent.signature
+            await publish(
+                bus,
+                market.tokens.sell(
+                    mint, WALLET, tokens=opened.token_amount, signature=sent.signature
+                ),
+            )
+            [late] = watch.payloads("order.filled")
+            assert late.order_id == sale.order_id and late.signature == sent.signature
+            assert second.metrics.unbooked_trades("wallet_trade") == 0
+            assert second.metrics.unbooked_trades("sale_of_closed_position") == 1
+            [shown] = await second.unbooked_view()
+            assert shown["signature"] == sent.signature and shown["order_id"] == sale.order_id
+            assert shown["side"] == "sell" and shown["candidates"] == []
+            assert not second.book.holds(mint)
+            stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
+            assert stored[sale.order_id]["state"] == "filled"
+        assert len(api.requests) == 2
+
+
+async def test_an_unbooked_trade_outlives_a_take_over_until_the_operator_acknowledges_it(
+    clock, market
+):
+    """A wallet trade that matched no order, then a take-over: the next holder shows it
+    (it is in the ledger, not only in the memory of the replica that saw it), still
+    names it in the refusal of the order it may be, and forgets it once the operator,
+    with the API token, acknowledges it."""
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    async with fake_trade_api("timeout") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            cheaper = market.tokens.buy(first.mint, WALLET, sol=first.request.sol_amount / 1.5)
+            await publish(first.bus, cheaper)
+            assert first.service.metrics.unbooked_trades("wallet_trade") == 1
+        ledger, signature, request = first.ledger, cheaper.data.signature, first.request
+
+        second = live(ledger, api, api_token="s3cret")
+        async with running(clock, second) as (_, watch):
+            app = create_app(second, second._ctx)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                for path in ("/orders", "/positions"):
+                    [shown] = (await http.get(path)).json()["unbooked_wallet_trades"]
+                    assert shown["signature"] == signature
+                    assert shown["candidates"] == [request.order_id]
+                await clock.advance(CONFIRM_S + 1)
+                [refused] = watch.payloads("order.rejected")
+                assert refused.order_id == request.order_id and signature in refused.reason
+
+                body = {"signatures": [signature]}
+                denied = await http.post("/unbooked/acknowledge", json=body)
+                assert denied.status_code == 401
+                assert len((await http.get("/orders")).json()["unbooked_wallet_trades"]) == 1
+                auth = {"Authorization": "Bearer s3cret"}
+                done = await http.post("/unbooked/acknowledge", json=body, headers=auth)
+                assert done.status_code == 200, done.text
+                assert done.json() == {"acknowledged": 1, "unbooked_wallet_trades": []}
+                assert (await http.get("/positions")).json()["unbooked_wallet_trades"] == []
+        assert await ledger.unbooked(since=0.0, limit=10) == []
+        assert len(api.requests) == 1

@@ -18,7 +18,7 @@ from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
-from pumpflow.common.testing import EventCollector
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
@@ -542,6 +542,76 @@ async def test_an_entry_withdrawn_with_its_id_taken_is_decided_again_under_an_id
         await ready(bus, market, mint)
         await third.on_events([prediction])  # a later holder names the same order
         assert watch.count("order.requested") == 0
+
+
+async def test_a_take_over_waits_for_the_predecessor_to_withdraw_the_entry_it_never_sent(
+    clock, market
+):
+    """An entry's store reaches the ledger, its reply lost; the next holder takes over
+    before the replica that lost the lease has stood by. It waits for it: the entry is
+    read withdrawn, not in flight, so it never fills unsent; the prediction, handed back,
+    is decided again under an id of its own, sent and filled once."""
+    ledger = LostReplyLedger()
+    first = trading(ledger)
+    second = trading(ledger, trading_predecessor_wait_s=30.0)
+    async with running(clock, first) as (bus, watch):
+        mint = await ready(bus, market)
+        prediction = market.prediction(mint)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await first.on_events([prediction])
+
+        async def lose_the_lease_late() -> None:
+            # the next holder has the lease and is taking over
+            await eventually(lambda: second.leader is not None and second.leader.is_leader,
+                             what="the next holder elected")  # fmt: skip
+            await first.leader.stop()
+
+        losing = asyncio.create_task(lose_the_lease_late())
+        async with running(clock, second) as (bus2, watch2):
+            await losing
+            [withdrawn] = watch.payloads("order.rejected")
+            assert second.reconciled == {} and second.risk.reservations == {}
+            await clock.advance(1.0)
+            assert watch2.count("order.filled") == 0 and not second.book.holds(mint)
+
+            await ready(bus2, market, mint)
+            await second.on_events([prediction])  # handed back
+            [request] = watch2.payloads("order.requested")
+            assert request.order_id == retaken_id(withdrawn.order_id)
+            await clock.advance(1.0)
+            [fill] = watch2.payloads("order.filled")
+            assert fill.order_id == request.order_id
+        states = {o["order_id"]: o["state"] for o in await ledger.orders(limit=10)}
+        assert states == {withdrawn.order_id: "rejected", request.order_id: "filled"}
+
+
+async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_next_holder(
+    clock, market
+):
+    """As above, but the replica that lost the lease stands by only after the next
+    holder gave up waiting and read the ledger: the entry its lost commit stored is then
+    the next holder's, in flight as after a crash (paper fills it), and the late
+    stand-by can neither settle it withdrawn nor tell it refused: one outcome, not two."""
+    ledger = LostReplyLedger()
+    first = trading(ledger)
+    second = trading(ledger, trading_predecessor_wait_s=0.05)
+    async with running(clock, first) as (bus, watch):
+        mint = await ready(bus, market)
+        ledger.lose_next = True
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await first.on_events([market.prediction(mint)])
+        [order] = await ledger.orders(limit=10)
+        async with running(clock, second) as (_, watch2):
+            assert second.reconciled == {order["order_id"]: "resubmitted"}
+            await first.leader.stop()
+            assert first.role == "standby"
+            assert watch.count("order.rejected") == 0
+            await clock.advance(1.0)
+            [fill] = watch2.payloads("order.filled")
+            assert fill.order_id == order["order_id"] and second.book.holds(mint)
+        [stored] = await ledger.orders(limit=10)
+        assert stored["state"] == "filled"
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(

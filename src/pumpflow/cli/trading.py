@@ -1,4 +1,5 @@
-"""``pumpflow trading halt|resume|state``: the kill switch, from a shell.
+"""``pumpflow trading halt|resume|state|acknowledge``: the kill switch, from a shell,
+and the acknowledgement of the live wallet's unbooked trades.
 
 Talks to a trading replica's HTTP API (``--url``, default the local one) with the
 bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes it: the state is stored in
@@ -7,6 +8,10 @@ outlives restarts until a resume. A halt given to the trading replica while Post
 away applies there at once and is stored once Postgres is back (said so, exit status
 3); given to a stand-by then, it applies nowhere (exit status 1: halt the trading
 replica). A resume is refused meanwhile.
+
+``acknowledge`` forgets the live wallet's trades that matched no order (listed in
+``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
+the operator has seen to them; it prints those left.
 """
 
 from __future__ import annotations
@@ -30,16 +35,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "trading",
         help="the kill switch: halt or resume entries, or show the trading state",
         description=(
-            "Halt entries at once (exits go on), resume them, or show the state, through "
-            "a trading replica's HTTP API; the token comes from PUMPFLOW_API_TOKEN."
+            "Halt entries at once (exits go on), resume them, show the state, or "
+            "acknowledge the live wallet's unbooked trades, through a trading replica's "
+            "HTTP API; the token comes from PUMPFLOW_API_TOKEN."
         ),
     )
     parser.add_argument(
         "action",
-        choices=("halt", "resume", "state"),
-        help="halt: no new entries (exits go on); resume: enter again; state: show it",
+        choices=("halt", "resume", "state", "acknowledge"),
+        help="halt: no new entries (exits go on); resume: enter again; state: show it; "
+        "acknowledge: forget unbooked wallet trades seen to",
     )
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
+    parser.add_argument(
+        "--signature",
+        action="append",
+        dest="signatures",
+        help="acknowledge: the unbooked trade's signature (repeatable; default: all)",
+    )
     parser.add_argument(
         "--url",
         type=http_url,
@@ -51,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def trading_command(args: argparse.Namespace) -> int:
     url = args.url
+    if args.action == "acknowledge":
+        return acknowledge(url, args.signatures)
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")
@@ -68,4 +83,23 @@ def trading_command(args: argparse.Namespace) -> int:
         print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
         # applied by the replica that trades, or by none (a stand-by applies nothing)
         return 3 if body["role"] == "active" else 1
+    return 0
+
+
+def acknowledge(url: str, signatures: list[str] | None) -> int:
+    """Forget the unbooked trades ``signatures`` (all when None); print those left."""
+    token = api_token("trading")
+    if not token:
+        return 2
+    try:
+        body = post_json(f"{url}/unbooked/acknowledge", {"signatures": signatures}, token)
+    except OSError as exc:
+        print(failure("trading", url, exc), file=sys.stderr)
+        return 1
+    left = body["unbooked_wallet_trades"]
+    print(f"{body['acknowledged']} unbooked wallet trades acknowledged; {len(left)} left")
+    for trade in left:
+        whose = f" (sale {trade['order_id']}, its position closed)" if trade.get("order_id") else ""
+        print(f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "
+              f"{trade['mint']}, {trade['sol']:g} SOL{whose}")  # fmt: skip
     return 0

@@ -78,9 +78,15 @@ class TradeExecutor(Protocol):
         """The trades of the live wallet found to match no order since the last call."""
         ...
 
+    def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
+        """The unbooked trades the ledger keeps (a take-over): an order given up names
+        those that may be its."""
+        ...
+
     def given_up(self, order: OrderRecord) -> None:
-        """An order rejected as unconfirmed before a take-over, with what it was sent as:
-        its trade, should it show late after all, is booked."""
+        """An order rejected unconfirmed (given up, or refused by a take-over after it was
+        sent), with what it was sent as: its trade, should it show late after all, is
+        booked."""
         ...
 
     def booked(self, fill: FillRecord) -> None:
@@ -166,6 +172,9 @@ class PaperExecutor:
 
     def unbooked(self) -> list[UnbookedTrade]:
         return []  # no wallet trades on paper
+
+    def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
+        return None
 
     def given_up(self, order: OrderRecord) -> None:
         return None  # a paper order's outcome is never late

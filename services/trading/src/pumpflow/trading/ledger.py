@@ -37,7 +37,20 @@ before anything of its own, with the seqs they were given, so a kill between a c
 and its publication loses no event and leaves consumers no gap; what had gone out is
 a copy they drop by its seq.
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017);
+The trades of the live wallet that match no order (:attr:`LedgerChange.unbooked`) are
+kept with the change that found them, until an operator acknowledges them
+(:meth:`Ledger.acknowledge_unbooked`) or for a day: every replica shows what the one
+trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
+
+The ledger knows which replica trades (:meth:`Ledger.load` with ``holder`` writes it,
+before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
+(:class:`Superseded`), so a replica that lost the lease stores nothing its successor
+has not read. A replica standing by says so once its last changes are stored
+(:meth:`Ledger.stood_by`); its successor waits for that a while
+(:meth:`Ledger.predecessor`) before it reads: an entry the predecessor withdrew unsent
+then reads withdrawn, not in flight (see ``TradingService._take_over``).
+
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -56,20 +69,40 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from pumpflow.common.events import Event, OrderFilled, Side, decode_event, encode_event
-from pumpflow.common.trading import Position, TradingState
+from pumpflow.common.trading import Position, TradingState, UnbookedTrade
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
 UNRESOLVED: tuple[OrderState, ...] = ("pending", "sent", "unknown")
 #: the row of trading_control that holds the operator's state
 CONTROL = "operator"
+#: the row of trading_holder that names the replica trading
+HOLDER = "decide"
 #: what an order stored by an attempt whose reply was lost is left in, unsent
 _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 #: the outcome of an order a replica standing by withdrew unsent
 WITHDRAWN = "withdrawn unsent: its replica stood by"
 #: wall seconds between deletions of the outbox's events of a day ago (none is left
-#: there so long unless the service failed to tell it published)
+#: there so long unless the service failed to tell it published), and of the unbooked
+#: trades of a day ago
 _OUTBOX_PRUNE_S = 3600.0
+#: how long an unbooked trade is kept unless acknowledged: the alert on it lasts an hour
+UNBOOKED_KEPT_S = 86_400.0
+
+
+class Superseded(RuntimeError):
+    """A commit of a replica another took over from: nothing of it is stored."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Predecessor:
+    """The replica that traded last, as the ledger knows it."""
+
+    holder: str
+    #: it stood by with its changes stored
+    stood_by: bool
+    #: the ledger holds orders it stored that may be unsent (``pending``, ``sent``)
+    unsent: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +264,10 @@ class LedgerChange:
     #: ids of events out of the outbox: published, or taken back unpublished (a halt's
     #: refusal of an entry a lost commit stored); written only with a change
     gone: list[str] = field(default_factory=list)
+    #: trades of the live wallet found to match no order, and sales booked to no position
+    unbooked: list[UnbookedTrade] = field(default_factory=list)
+    #: the replica that stores it: refused (:class:`Superseded`) once another took over
+    holder: str | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -240,6 +277,7 @@ class LedgerChange:
             or self.positions
             or self.withdrawn
             or self.events
+            or self.unbooked
         )
 
     @classmethod
@@ -255,6 +293,7 @@ class LedgerChange:
             withdrawn=[o for c in changes for o in c.withdrawn],
             events=[e for c in changes for e in c.events],
             gone=[i for c in changes for i in c.gone],
+            unbooked=[u for c in changes for u in c.unbooked],
         )
 
 
@@ -284,8 +323,19 @@ class Ledger(Protocol):
         ...
 
     async def load(
-        self, *, remembered: int, given_up_since: float | None = None
-    ) -> LedgerSnapshot: ...
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        """What a replica taking over needs; with ``holder``, it is the ledger's holder
+        first, and a commit of any other is refused from then on."""
+        ...
+
+    async def predecessor(self) -> Predecessor | None:
+        """The replica that traded last (None: none yet)."""
+        ...
+
+    async def stood_by(self, holder: str) -> None:
+        """``holder`` stood by with its changes stored (if it still is the holder)."""
+        ...
 
     async def published(self, event_ids: Sequence[str]) -> None:
         """Take the events ``event_ids`` out of the outbox (published), without a change."""
@@ -294,6 +344,16 @@ class Ledger(Protocol):
     async def set_control(self, state: TradingState, reason: str) -> None: ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        """The latest ``limit`` unbooked trades stamped at or after ``since`` and not
+        acknowledged, oldest first."""
+        ...
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        """Forget the unbooked trades ``signatures`` (all when None): the operator has
+        seen to them; how many there were."""
+        ...
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None
@@ -332,6 +392,17 @@ def _withdrawn_entry(order: OrderRecord) -> bool:
     return order.side == "buy" and order.state == "rejected" and order.outcome == WITHDRAWN
 
 
+def _check_holder(current: str | None, holder: str | None) -> None:
+    """Refuse a commit of ``holder`` when ``current`` took over from it."""
+    if holder is not None and current is not None and current != holder:
+        raise Superseded(f"the ledger is {current}'s now: {holder}'s change is not stored")
+
+
+def _attempt_of(attempt: str | None) -> str | None:
+    """The replica whose decision an order's ``attempt`` is (``writer:n``)."""
+    return None if attempt is None else attempt.rpartition(":")[0]
+
+
 def numbered(event: Event, seq: int) -> Event:
     """``event`` with its seq."""
     return msgspec.structs.replace(event, seq=seq)
@@ -366,11 +437,16 @@ class MemoryLedger:
         self._seqs: dict[str, int] = {}
         #: event id -> the event numbered, until it is gone
         self._outbox: dict[str, Event] = {}
+        #: signature -> a trade of the wallet that matched no order
+        self._unbooked: dict[str, UnbookedTrade] = {}
+        #: the replica trading, and whether it stood by
+        self._holder: tuple[str, bool] | None = None
 
     async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
         if not change:
             return Committed()
+        _check_holder(self._holder and self._holder[0], change.holder)
         for event_id in change.gone:
             self._outbox.pop(event_id, None)
         for order in change.orders:
@@ -402,6 +478,11 @@ class MemoryLedger:
                 self._fills.setdefault(fill.order_id, fill)
         for position in change.positions:
             self._positions[position.position_id] = position
+        for trade in change.unbooked:
+            self._unbooked.setdefault(trade.signature, trade)
+            kept_from = trade.time - UNBOOKED_KEPT_S
+            for old in [s for s, t in self._unbooked.items() if t.time < kept_from]:
+                del self._unbooked[old]  # kept a day, as in Postgres
         return Committed(inserted, self._number(_published(change, inserted)))
 
     def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
@@ -418,7 +499,11 @@ class MemoryLedger:
         for event_id in event_ids:
             self._outbox.pop(event_id, None)
 
-    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        if holder is not None:
+            self._holder = (holder, False)
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
         recent = orders[-remembered:]
         return LedgerSnapshot(
@@ -438,11 +523,32 @@ class MemoryLedger:
             outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
         )
 
+    async def predecessor(self) -> Predecessor | None:
+        if self._holder is None:
+            return None
+        holder, stood_by = self._holder
+        unsent = any(
+            o.state in _UNSENT and _attempt_of(o.attempt) == holder for o in self._orders.values()
+        )
+        return Predecessor(holder=holder, stood_by=stood_by, unsent=unsent)
+
+    async def stood_by(self, holder: str) -> None:
+        if self._holder is not None and self._holder[0] == holder:
+            self._holder = (holder, True)
+
     async def set_control(self, state: TradingState, reason: str) -> None:
         self._control = (TradingState(state), reason)
 
     async def control(self) -> tuple[TradingState, str] | None:
         return self._control
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        found = [t for t in self._unbooked.values() if t.time >= since]
+        return sorted(found, key=lambda t: t.time)[-limit:]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        found = list(self._unbooked) if signatures is None else signatures
+        return sum(self._unbooked.pop(s, None) is not None for s in found)
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None
@@ -549,6 +655,26 @@ SELECT event_id, seq FROM kept
 """
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
+_INSERT_UNBOOKED = """
+INSERT INTO trading_unbooked (signature, mint, side, tokens, sol, time, candidates, order_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (signature) DO NOTHING
+"""
+_PRUNE_UNBOOKED = "DELETE FROM trading_unbooked WHERE stored_at < now() - interval '1 day'"
+_UNBOOKED_COLUMNS = (
+    "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
+)  # fmt: skip
+_HOLDER = "SELECT holder FROM trading_holder WHERE name = $1 FOR SHARE"
+_TAKE_OVER = """
+INSERT INTO trading_holder (name, holder, stood_by) VALUES ($1, $2, false)
+ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, stood_by = false, changed_at = now()
+"""
+_PREDECESSOR = f"""
+SELECT holder, stood_by, EXISTS (
+    SELECT 1 FROM orders WHERE state IN ({_UNSENT_STATES}) AND attempt LIKE holder || ':%'
+) AS unsent
+FROM trading_holder WHERE name = $1
+"""
 _ORDER_COLUMNS = (
     "order_id", "mint", "side", "sol_amount", "token_amount", "slippage_pct", "reason",
     "position_id", "cause_id", "executor", "state", "requested_at", "venue", "expected_v_sol",
@@ -566,7 +692,7 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -577,6 +703,10 @@ class PostgresLedger:
         if not change:
             return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
+            if change.holder is not None:
+                # shared: a take-over's write of the holder waits for this commit to end,
+                # and a commit after it sees the new holder
+                _check_holder(await conn.fetchval(_HOLDER, HOLDER), change.holder)
             inserted: set[str] = set()
             if change.orders:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
@@ -614,6 +744,16 @@ class PostgresLedger:
                         for p in change.positions
                     ],
                 )  # fmt: skip
+            if change.unbooked:
+                # rare: a trade of the wallet that matches no order
+                await conn.executemany(
+                    _INSERT_UNBOOKED,
+                    [
+                        (t.signature, t.mint, t.side, t.tokens, t.sol, t.time,
+                         list(t.candidates), t.order_id)
+                        for t in change.unbooked
+                    ],
+                )  # fmt: skip
             seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 
@@ -635,12 +775,19 @@ class PostgresLedger:
         if self._pruned_at is None or now - self._pruned_at >= _OUTBOX_PRUNE_S:
             self._pruned_at = now
             await conn.execute(_PRUNE_OUTBOX)
+            await conn.execute(_PRUNE_UNBOOKED)
         return seqs
 
     async def published(self, event_ids: Sequence[str]) -> None:
         await self.pool.execute(_GONE, list(event_ids))
 
-    async def load(self, *, remembered: int, given_up_since: float | None = None) -> LedgerSnapshot:
+    async def load(
+        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+    ) -> LedgerSnapshot:
+        if holder is not None:
+            # committed before the read's snapshot: what the predecessor stored by then is
+            # read, and nothing it commits later is stored
+            await self.pool.execute(_TAKE_OVER, HOLDER, holder)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             fills = await conn.fetch(
                 f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
@@ -677,6 +824,18 @@ class PostgresLedger:
             outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
         )
 
+    async def predecessor(self) -> Predecessor | None:
+        row = await self.pool.fetchrow(_PREDECESSOR, HOLDER)
+        return None if row is None else Predecessor(**dict(row))
+
+    async def stood_by(self, holder: str) -> None:
+        await self.pool.execute(
+            "UPDATE trading_holder SET stood_by = true, changed_at = now() "
+            "WHERE name = $1 AND holder = $2",
+            HOLDER,
+            holder,
+        )
+
     async def set_control(self, state: TradingState, reason: str) -> None:
         await self.pool.execute(
             "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
@@ -692,6 +851,26 @@ class PostgresLedger:
             "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
         )
         return None if row is None else (TradingState(row[0]), row[1])
+
+    async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
+        rows = await self.pool.fetch(
+            f"SELECT {', '.join(_UNBOOKED_COLUMNS)} FROM trading_unbooked WHERE time >= $1 "
+            "ORDER BY time DESC, signature LIMIT $2",
+            since,
+            limit,
+        )
+        return [
+            UnbookedTrade(**{**dict(row), "candidates": tuple(row["candidates"])})
+            for row in reversed(rows)
+        ]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+        rows = await self.pool.fetch(
+            "DELETE FROM trading_unbooked WHERE $1::text[] IS NULL OR signature = ANY($1) "
+            "RETURNING signature",
+            None if signatures is None else list(signatures),
+        )
+        return len(rows)
 
     async def orders(
         self, *, limit: int, state: str | None = None, mint: str | None = None

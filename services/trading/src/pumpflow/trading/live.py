@@ -272,7 +272,7 @@ class LiveExecutor:
         for confirmation in self.book.observe(payload, time=time):
             if confirmation.late:
                 log.error(
-                    "trading: order %s given up as unconfirmed traded after all (signature "
+                    "trading: order %s given up unconfirmed traded after all (signature "
                     "%s): booked late", confirmation.fill.order_id, confirmation.fill.signature,
                 )  # fmt: skip
             outcomes.append(confirmation.fill)
@@ -295,6 +295,9 @@ class LiveExecutor:
         replica traded is not seen again); never send it again."""
         self.book.add(self._live_order(order, deadline=self.clock.now() + self.execution.confirm_s))
         return None
+
+    def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
+        self.book.recent_unbooked.extend(trades)
 
     def given_up(self, order: OrderRecord) -> None:
         """Book the order's trade should its signature show late after all."""

@@ -37,10 +37,13 @@ every order, fill and position.
   position that closed since (its token entered again), it is stored refused, never
   sent. A sale only ever sells the position it was ordered for: a take-over refuses one
   in flight for a position no longer held, and a fill of one (a trade showing late) is
-  booked to no position, logged and counted (``pumpflow_trading_unbooked_trades``).
+  booked to no position, logged, counted (``pumpflow_trading_unbooked_trades``) and
+  listed with the unbooked wallet trades (below), naming its order.
 - Trading is stateful across tokens (capital, limits), so it is not partitioned:
   replicas campaign for the lease ``trading:decide`` (the state store's and
-  Postgres's); the holder reloads the book from the ledger, reconciles every order
+  Postgres's); the holder reloads the book from the ledger (once its predecessor stood
+  by, or a while: :meth:`TradingService._await_predecessor`; from then on the ledger
+  refuses the predecessor's commits), reconciles every order
   whose outcome is unknown, loads the token views its predecessor stored
   (:mod:`pumpflow.trading.context`), and only then consumes. The others stand by, ready,
   unsubscribed; one takes over within the lease's TTL of the holder's death.
@@ -56,11 +59,13 @@ every order, fill and position.
 - Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
-  (``pumpflow_trading_unbooked_trades``) and listed in ``unbooked_wallet_trades`` of
-  ``/orders`` and ``/positions`` of this replica (the latest, in memory: another replica,
-  or this one restarted, lists none), as the wallet and the book differ by it.
+  (``pumpflow_trading_unbooked_trades``), stored in the ledger with the change of the
+  event that showed it and listed in ``unbooked_wallet_trades`` of ``/orders`` and
+  ``/positions`` on every replica, as the wallet and the book differ by it, for a day
+  or until the operator acknowledges it (``POST /unbooked/acknowledge``).
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
-  ``POST /halt`` and ``/resume`` (the kill switch) need the API token.
+  ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
+  API token.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ import functools
 import itertools
 import logging
 import re
+import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ClassVar
@@ -124,6 +130,7 @@ from pumpflow.common.trading.paper import sell_order
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
+    UNBOOKED_KEPT_S,
     WITHDRAWN,
     Committed,
     FillRecord,
@@ -136,6 +143,7 @@ from pumpflow.trading.ledger import (
     OrderState,
     PositionRecord,
     PostgresLedger,
+    Superseded,
 )
 from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
@@ -158,6 +166,8 @@ _CONTEXT = (
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
+#: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
+_PREDECESSOR_POLL_S = (0.02, 0.25)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
@@ -263,6 +273,8 @@ class TradingService(Service):
         self._undecided: list[Event] = []
         #: orders withdrawn unsent on standing by (since the last election)
         self._withdrawn = 0
+        #: the ledger was told this replica holds it (since the last stand-by)
+        self._holding = False
         #: shutdowns whose barrier is out (or queued to go)
         self._barriers: set[str] = set()
         #: each order's decision, unique to it (the ledger's ``attempt``)
@@ -295,8 +307,6 @@ class TradingService(Service):
         self.reconciled: dict[str, str] = {}
         #: why predictions ordered nothing: their reasons, numbers left out
         self.skipped: Counter[str] = Counter()
-        #: the latest trades of the live wallet that matched no order, oldest first
-        self.unbooked: deque[UnbookedTrade] = deque(maxlen=REMEMBERED_UNBOOKED)
         #: mints whose position closed since the next event or tick began: a retired
         #: token's view and market go then (not at the fill: the trade that filled the
         #: sale is folded in after it)
@@ -430,11 +440,14 @@ class TradingService(Service):
                 self.engine.views.update(views)
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
+            await self._await_predecessor()
             changes = self._control_changes
             snapshot = await self.ledger.load(
                 remembered=self.settings.trading_remembered_orders,
                 given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
+                holder=self._writer,
             )
+            self._holding = True
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
                 self.executor.booked(fill)
@@ -462,6 +475,9 @@ class TradingService(Service):
                 self._reconcile(order, step)
             for order in snapshot.given_up:
                 self.executor.given_up(order)
+            self.executor.restore_unbooked(
+                await self.ledger.unbooked(since=self._unbooked_since(), limit=REMEMBERED_UNBOOKED)
+            )
             # what the predecessor stored and may not have published goes out first, as
             # numbered (a copy of what it did publish is dropped by its seq)
             stored = {e.id for e in snapshot.outbox}
@@ -485,6 +501,36 @@ class TradingService(Service):
         self._subscribed = True
         self._announced_at = None
         await self._announce_wallet()
+
+    async def _await_predecessor(self) -> None:
+        """Wait ``trading_predecessor_wait_s`` at most for the replica that traded before
+        to stand by, when the ledger holds orders of its that may be unsent.
+
+        Such an order may be an entry a commit stored while its reply was lost: never
+        sent, and withdrawn as its replica stands by (then decided again here, under an
+        id of its own). Read before that, it would look in flight: on paper it would fill,
+        never sent; live, it would wait for its trade and end unconfirmed. A predecessor
+        that does not stand by in time (dead, or cut off from Postgres) is fenced off by
+        the load that follows: what it stored is taken as sent, as after a crash, and
+        it can store nothing more, so it withdraws nothing behind this replica's back.
+        """
+        wait = self.settings.trading_predecessor_wait_s
+        deadline = time.monotonic() + wait
+        delay, most = _PREDECESSOR_POLL_S
+        while True:
+            found = await self.ledger.predecessor()
+            if found is None or found.holder == self._writer or found.stood_by or not found.unsent:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "trading: the replica that traded before has not stood by within %gs: "
+                    "the orders it stored are taken as sent, and it can store nothing more",
+                    wait,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, most)
 
     def _reconcile(self, order: OrderRecord, step: _Step) -> None:
         name = self.executor.name
@@ -515,6 +561,10 @@ class TradingService(Service):
             "filled" if isinstance(outcome, OrderFilled) else ("rejected")
         )
         self._book(outcome, None, step)
+        if isinstance(outcome, OrderRejected):
+            # refused here, yet it may have been sent, with its signature: should its
+            # trade show, it is this order's late fill, as a given-up order's is
+            self.executor.given_up(order)
 
     async def _stand_by(self) -> None:
         """Stop trading (the lease is lost, or the service stops): what was decided is
@@ -550,6 +600,20 @@ class TradingService(Service):
                     # the next holder would publish them again: copies, but needless
                     await self.ledger.published(self._gone)
                     self._gone = []
+                if self._holding:
+                    # the next holder reads the ledger once it knows the withdrawals are in it
+                    await self.ledger.stood_by(self._writer)
+                    self._holding = False
+            except Superseded:
+                # the next holder read the ledger: it decides the unacknowledged events
+                # again and publishes the outbox; what is left here is no one's
+                log.warning(
+                    "trading: another replica took over before the last %d changes were "
+                    "stored: they are left to it", len(self._backlog),
+                )  # fmt: skip
+                self._backlog = []
+                self._unpublished = []
+                self._holding = False
             except Exception:
                 log.exception("trading: storing the last changes failed; the ledger reconciles")
 
@@ -708,7 +772,7 @@ class TradingService(Service):
         if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
-            self._note_unbooked()
+            self._note_unbooked(step)
         produced = self.engine.process(event, admitted=True)
         if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
@@ -770,11 +834,12 @@ class TradingService(Service):
             self._barriers.add(shutdown.id)
             await self._flush()
 
-    def _note_unbooked(self) -> None:
-        """Say so of each trade of the live wallet found to match no order: the wallet
-        and the book differ by it, and only the operator can tell whose it was."""
+    def _note_unbooked(self, step: _Step) -> None:
+        """Say so of each trade of the live wallet found to match no order, and keep it
+        in the ledger: the wallet and the book differ by it, and only the operator can
+        tell whose it was."""
         for trade in self.executor.unbooked():
-            self.unbooked.append(trade)
+            step.change.unbooked.append(trade)
             self.metrics.unbooked("wallet_trade")
             if trade.candidates:
                 whose = (
@@ -789,12 +854,27 @@ class TradingService(Service):
                 trade.side, trade.signature, trade.tokens, trade.mint, trade.sol, whose,
             )  # fmt: skip
 
-    def unbooked_view(self) -> list[dict[str, Any]]:
-        """The latest trades of the live wallet that matched no order, newest first."""
+    def _unbooked_since(self) -> float:
+        return self._ctx.clock.now() - UNBOOKED_KEPT_S
+
+    async def unbooked_view(self, mint: str | None = None) -> list[dict[str, Any]]:
+        """The latest trades of the live wallet that matched no order and are not
+        acknowledged (of ``mint``, if given), newest first, as the ledger keeps them."""
+        found = await self.ledger.unbooked(since=self._unbooked_since(), limit=REMEMBERED_UNBOOKED)
         return [
             {**asdict(trade), "candidates": list(trade.candidates)}
-            for trade in reversed(self.unbooked)
+            for trade in reversed(found)
+            if mint is None or trade.mint == mint
         ]
+
+    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> dict[str, Any]:
+        """Forget the unbooked trades ``signatures`` (all when None): the operator has
+        seen to them (booked by hand, or known to be hand trades)."""
+        acknowledged = await self.ledger.acknowledge_unbooked(signatures)
+        which = "" if signatures is None else f": {', '.join(signatures)}"
+        log.warning("trading: %d unbooked trades of the live wallet acknowledged%s",
+                    acknowledged, which)  # fmt: skip
+        return {"acknowledged": acknowledged, "unbooked_wallet_trades": await self.unbooked_view()}
 
     def _note_skip(self) -> None:
         """Count why a prediction ordered nothing (each reason, numbers left out)."""
@@ -926,6 +1006,20 @@ class TradingService(Service):
                 step.change.positions.append(PositionRecord.of(position))
             if unheld:
                 self.metrics.unbooked("sale_of_closed_position")
+                if outcome.signature is not None:
+                    # listed with the wallet's unbooked trades: the wallet sold tokens the
+                    # book does not hold
+                    step.change.unbooked.append(
+                        UnbookedTrade(
+                            signature=outcome.signature,
+                            mint=outcome.mint,
+                            side="sell",
+                            tokens=outcome.token_amount,
+                            sol=outcome.sol_amount + outcome.fee_sol,
+                            time=now,
+                            order_id=outcome.order_id,
+                        )
+                    )
                 log.error(
                     "trading: sale %s of position %s filled (%g tokens, signature %s) with "
                     "nothing of its position left to sell: %s; booked to no position",
@@ -1000,7 +1094,9 @@ class TradingService(Service):
                 # as the step stands now: a halt or a stand-by may have taken events out
                 step.change.events = step.keyed()
             gone = list(self._gone)
-            change = replace(LedgerChange.joined([s.change for s in steps]), gone=gone)
+            change = replace(
+                LedgerChange.joined([s.change for s in steps]), gone=gone, holder=self._writer
+            )
             try:
                 committed = await self.ledger.commit(change)
             except Exception:
@@ -1113,7 +1209,7 @@ class TradingService(Service):
                 self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
-                self._note_unbooked()
+                self._note_unbooked(step)
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
@@ -1386,7 +1482,7 @@ class TradingService(Service):
 
     async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
         """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
-        unbooked = self.unbooked_view()
+        unbooked = await self.unbooked_view()
         if not self._leading:
             rows = await self.ledger.positions(open_only=open_only, limit=limit)
             return {
@@ -1434,8 +1530,17 @@ class TradingService(Service):
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
             rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
-            unbooked = [t for t in self.unbooked_view() if mint is None or t["mint"] == mint]
+            unbooked = await self.unbooked_view(mint)
             return {"count": len(rows), "orders": rows, "unbooked_wallet_trades": unbooked}
+
+        @api.post("/unbooked/acknowledge", dependencies=guarded)
+        async def acknowledge(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            signatures = (body or {}).get("signatures")
+            if signatures is not None and (
+                not isinstance(signatures, list) or not all(isinstance(s, str) for s in signatures)
+            ):
+                raise HTTPException(422, "signatures: a list of the trades' signatures")
+            return await self.acknowledge_unbooked(signatures)
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:

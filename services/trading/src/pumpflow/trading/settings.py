@@ -149,6 +149,14 @@ class TradingSettings(PumpPortalKeySettings):
         description="TTL (wall-clock seconds) of the lease 'trading:decide' that lets one "
         "replica trade; a standby takes over within it after a crash",
     )
+    trading_predecessor_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="wall seconds a replica taking over waits for the one that traded before "
+        "to stand by, when that one may have stored orders it did not send: it withdraws "
+        "them as it does; past the wait they are taken as sent (as after a crash) and it "
+        "can store nothing more",
+    )
     trading_halt_store_wait_s: float = Field(
         2.0,
         gt=0,

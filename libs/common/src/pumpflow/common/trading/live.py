@@ -120,7 +120,8 @@ class LiveOrder:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UnbookedTrade:
-    """A trade of the wallet no order matches: the wallet and the book differ by it."""
+    """A trade of the wallet no order matches, or a sale's booked to no position (its
+    position closed since): the wallet and the book differ by it."""
 
     signature: str
     mint: str
@@ -133,6 +134,8 @@ class UnbookedTrade:
     #: the orders of its token and side whose answer never came, waiting when it
     #: showed: it may be one's, at a price past its slippage (else it was made by hand)
     candidates: tuple[str, ...] = ()
+    #: the sale whose fill it is, booked to no position: its position closed since
+    order_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
