@@ -810,7 +810,7 @@ async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbo
             assert watch.count("order.filled") == 0
             assert second.book.open_positions[mint].tokens == opened.token_amount
             assert second.metrics.unbooked_trades("wallet_trade") == 0
-            assert second.unbooked_view() == []
+            assert await second.unbooked_view() == []
         assert len(api.requests) == 1
 
 
