@@ -320,6 +320,7 @@ async def test_redis_batch_calls_take_one_round_trip(redis_url, namespace):
         await store.ping()
         # a script is loaded into Redis by its first call
         await store.append_bounded({"warm": [b"a"]}, 1)
+        await store.hset_many({"warm:h": {"a": 1}}, ttl=LONG_TTL)
         connection_class = store._client.connection_pool.connection_class
         original = connection_class.send_packed_command
 
@@ -603,3 +604,103 @@ async def test_an_append_to_a_key_holding_no_list_stores_nothing_of_it(harness):
         assert (refused.value.key, refused.value.kind) == (taken, kind)
         assert f"{taken} holds a {kind}, not a list" in str(refused.value)
     assert await store.lists(["kept", "fresh"]) == [[b"0"], []]
+
+
+#: what a key can hold, and the write that makes it hold that
+KINDS = ("value", "set", "list", "hash")
+
+
+async def _fill(store: StateStore, key: str, kind: str) -> None:
+    """Make ``key`` hold a ``kind``, expiring after LONG_TTL."""
+    if kind == "value":
+        await store.set(key, b"plain", ttl=LONG_TTL)
+    elif kind == "set":
+        await store.add_member(key, "member", LONG_TTL)
+    elif kind == "list":
+        await store.append_bounded({key: [b"item"]}, keep=3, ttl=LONG_TTL)
+    else:
+        await store.hset_many({key: {"field": b"kept"}}, ttl=LONG_TTL)
+
+
+async def _holds(store: StateStore, key: str) -> object:
+    """What ``key`` holds, read by each kind's read (a set by counting it again)."""
+    value = await store.get(key)
+    if value is not None:
+        return value
+    fields = await store.hgetall(key)
+    if fields:
+        return fields
+    items = await store.lists([key])
+    if items[0]:
+        return items[0]
+    return "set" if key in await store.scan_keys(key) else None
+
+
+FILLED = {"value": b"plain", "set": "set", "list": [b"item"], "hash": {"field": b"kept"}}
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "hash"])
+async def test_hset_many_to_a_key_holding_no_hash_stores_nothing_of_it(harness, kind):
+    """Redis refuses a hash command on a key holding anything else (WRONGTYPE): no store
+    overwrites it, nor sets fields of the other hashes of the call (tried again, the
+    call would be refused again)."""
+    store = harness.store
+    await _fill(store, "taken", kind)
+    for ttl in (None, SHORT_TTL):
+        with pytest.raises(WrongKind) as refused:
+            await store.hset_many({"fresh": {"f": 1}, "taken": {"f": 1}}, ttl=ttl)
+        assert (refused.value.key, refused.value.kind) == ("taken", kind)
+        assert f"taken holds a {kind}, not a hash" in str(refused.value)
+        assert await store.hgetall("fresh") == {}
+    await harness.let_short_ttls_expire()
+    assert await _holds(store, "taken") == FILLED[kind]
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "set"])
+async def test_add_member_to_a_key_holding_no_set_changes_nothing(harness, kind):
+    store = harness.store
+    await _fill(store, "taken", kind)
+    with pytest.raises(WrongKind) as refused:
+        await store.add_member("taken", "m", SHORT_TTL)
+    assert (refused.value.key, refused.value.kind) == ("taken", kind)
+    assert f"taken holds a {kind}, not a set" in str(refused.value)
+    await harness.let_short_ttls_expire()
+    assert await _holds(store, "taken") == FILLED[kind]
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "value"])
+async def test_a_key_holding_no_value_is_neither_extended_nor_deleted_as_one(harness, kind):
+    """A lease's key holding something else holds no holder: no compare-and-act matches."""
+    store = harness.store
+    await _fill(store, "taken", kind)
+    assert not await store.extend_if_equal("taken", b"plain", SHORT_TTL)
+    assert not await store.delete_if_equal("taken", b"plain")
+    await harness.let_short_ttls_expire()
+    assert await _holds(store, "taken") == FILLED[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_writes_of_any_kind_take_a_key_of_any_kind(harness, kind):
+    """Setting a value replaces whatever a key holds, setting it if absent keeps it,
+    deleting and expiring take it as it is: in Redis as in the process."""
+    store = harness.store
+    for key in ("set", "write", "absent", "deleted", "expired", "persisted"):
+        await _fill(store, key, kind)
+    await store.set_many({"set": b"new"})
+    batch = WriteBatch()
+    batch.set("write", b"new")
+    await store.write(batch)
+    assert not await store.set_if_absent("absent", b"new", LONG_TTL)
+    await store.delete_many(["deleted"])
+    await store.expire_many(["expired"], SHORT_TTL)
+    await store.expire_many(["persisted"], None)
+    batch = WriteBatch()
+    batch.expire("persisted", SHORT_TTL)
+    batch.expire("persisted", None)
+    await store.write(batch)
+    await harness.let_short_ttls_expire()
+    assert await store.get_many(["set", "write"]) == [b"new", b"new"]
+    assert await _holds(store, "absent") == FILLED[kind]
+    assert await _holds(store, "deleted") is None
+    assert await _holds(store, "expired") is None
+    assert await _holds(store, "persisted") == FILLED[kind]

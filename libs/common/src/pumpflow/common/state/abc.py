@@ -20,12 +20,14 @@ WRONG_KINDS = ("value", "set", "list", "zset", "stream", "unknown")
 
 
 class WrongKind(TypeError):
-    """A write sets or removes hash fields of a key that holds no hash (a plain value, a
-    set), or that it sets as a value too: nothing of it is stored.
+    """A write sets or removes hash fields, list items or set members of a key that holds
+    another kind (a plain value, a set), or hash fields of one it sets as a value too:
+    nothing of it is stored.
 
     ``key`` is that key (as the caller names it; None when the store could not tell) and
     ``kind`` what it holds: one of :data:`WRONG_KINDS` (``value``, ``set``, ``list``,
-    ``zset``, ``stream``, or ``unknown``), or a type of a Redis module.
+    ``zset``, ``stream``, or ``unknown``), ``hash`` where the write was of another kind,
+    or a type of a Redis module.
     """
 
     def __init__(self, message: str, *, key: str | None = None, kind: str = "unknown"):
@@ -65,6 +67,20 @@ class WriteBatch:
     def __bool__(self) -> bool:
         return bool(self.values or self.hashes or self.expiries or self.unset)
 
+    @classmethod
+    def of_hashes(
+        cls, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
+    ) -> WriteBatch:
+        """The batch :meth:`StateStore.hset_many` stores: refused whole like any other."""
+        batch = cls()
+        for key, fields in items.items():
+            if not fields:
+                continue  # like Redis: an empty HSET creates no key
+            batch.hset(key, fields)
+            if ttl is not None:
+                batch.expire(key, ttl)
+        return batch
+
 
 class StateStore(ABC):
     """Batched get/set of values and hashes with optional TTLs (seconds)."""
@@ -85,7 +101,10 @@ class StateStore(ABC):
     async def hset_many(
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
-        """Set fields of several hashes in one round trip; TTL None keeps the key's TTL."""
+        """Set fields of several hashes in one round trip; TTL None keeps the key's TTL.
+
+        A key holding no hash refuses the whole call (:class:`WrongKind`), as :meth:`write`
+        does."""
 
     @abstractmethod
     async def write(self, batch: WriteBatch) -> None:
@@ -128,16 +147,20 @@ class StateStore(ABC):
         it ``ttl``; return how many members it holds.
 
         A member the set holds already changes nothing but the TTL, so a call made again
-        after its reply was lost (done by the store, never answered) counts once.
+        after its reply was lost (done by the store, never answered) counts once. A key
+        holding no set is refused (:class:`WrongKind`), its TTL kept.
         """
 
     @abstractmethod
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
-        """Atomically reset the TTL of ``key`` if it still holds ``value``; True when done."""
+        """Atomically reset the TTL of ``key`` if it still holds ``value``; True when done.
+
+        A key holding no value (a hash, a set) holds no ``value``: False."""
 
     @abstractmethod
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
-        """Atomically delete ``key`` if it still holds ``value``; True when deleted."""
+        """Atomically delete ``key`` if it still holds ``value``; True when deleted (never a
+        key holding no value)."""
 
     @abstractmethod
     async def epoch(self, marker: str = EPOCH_MARKER) -> tuple[bytes, float]:

@@ -77,21 +77,13 @@ class MemoryStateStore(StateStore):
     async def hset_many(
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
-        self._purge()
-        for key, fields in items.items():
-            if not fields:
-                continue  # like Redis: an empty HSET creates no key
-            current = self._values.get(key) if self._alive(key) else None
-            if not isinstance(current, dict):
-                current = {}
-                self._values[key] = current
-            # fields stay as given; read as bytes (most are written more often than read)
-            current.update(fields)
-            if ttl is not None:
-                self._set_ttl(key, ttl)
+        self._apply(WriteBatch.of_hashes(items, ttl))
 
     async def write(self, batch: WriteBatch) -> None:
-        # no await inside: atomic on the event loop
+        self._apply(batch)
+
+    def _apply(self, batch: WriteBatch) -> None:
+        # not a coroutine: atomic on the event loop
         self._purge()
         values = self._values
         for hashes in (batch.unset, batch.hashes):
@@ -192,8 +184,15 @@ class MemoryStateStore(StateStore):
     async def add_member(self, key: str, member: str, ttl: float) -> int:
         self._purge()
         current = self._values.get(key) if self._alive(key) else None
-        if not isinstance(current, set):
+        if current is None:
             current = self._values[key] = set()
+        elif not isinstance(current, set):
+            kind = _kind(current)
+            raise WrongKind(
+                f"{key} holds a {kind}, not a set: nothing of the addition is stored",
+                key=key,
+                kind=kind,
+            )
         current.add(member)
         self._set_ttl(key, ttl)
         return len(current)

@@ -24,18 +24,31 @@ def _ttl_ms(ttl: float) -> int:
 
 
 # compare-and-act scripts: Redis runs a script atomically, so no other client can take
-# the key between the comparison and the action
+# the key between the comparison and the action. A key holding no value (a hash, a set)
+# matches nothing: GET's WRONGTYPE, caught, is no value
 _EXTEND_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
 _DELETE_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+# a member added to a set, refused (the key's TTL kept) when the key holds no set: a
+# transaction's SADD would fail alone, its PEXPIRE applied to the other kind's key.
+# ARGV: the member, the TTL in ms
+_ADD_MEMBER = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'set' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. kind .. ' ' .. KEYS[1])
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('SCARD', KEYS[1])
 """
 
 # the marker holds the server's time (ms) when written; TIME inside a script is fine
@@ -141,6 +154,7 @@ class RedisStateStore(StateStore):
         self._epoch = self._client.register_script(_EPOCH)
         self._write = self._client.register_script(_WRITE)
         self._append = self._client.register_script(_APPEND)
+        self._add_member = self._client.register_script(_ADD_MEMBER)
         self._connections = 0
         self._count_connections()
 
@@ -194,20 +208,15 @@ class RedisStateStore(StateStore):
     async def hset_many(
         self, items: Mapping[str, Mapping[str, HashValue]], ttl: float | None = None
     ) -> None:
-        if not items:
-            return
-        async with self._client.pipeline(transaction=False) as pipe:
-            for key, fields in items.items():
-                if not fields:
-                    continue
-                full = self._key(key)
-                pipe.hset(full, mapping={k: _field_value(v) for k, v in fields.items()})
-                if ttl is not None:
-                    pipe.pexpire(full, _ttl_ms(ttl))
-            await pipe.execute()
+        # as a write: a pipeline's HSET on a key holding no hash would fail alone, the
+        # other hashes of the call set
+        await self._run(self._commands(WriteBatch.of_hashes(items, ttl)))
 
     async def write(self, batch: WriteBatch) -> None:
-        commands = self._commands(batch)
+        await self._run(self._commands(batch))
+
+    async def _run(self, commands: list[tuple]) -> None:
+        """Run the commands of a write atomically, refused whole by a key of a wrong kind."""
         try:
             if len(commands) == 1:
                 # one command is atomic by itself (about half the client's CPU of a
@@ -250,6 +259,16 @@ class RedisStateStore(StateStore):
             kind=kind,
         )
 
+    def _script_refusal(
+        self, exc: redis.ResponseError, *, wanted: str, what: str
+    ) -> WrongKind | None:
+        """The refusal of a script that replied ``WRONGTYPE <type> <key>``; None for
+        another error."""
+        words = str(exc).split(" ", 2)
+        if words[0] == "WRONGTYPE" and len(words) == 3:
+            return self._wrong_kind(words[2], words[1], wanted=wanted, what=what)
+        return None
+
     def _commands(self, batch: WriteBatch) -> list[tuple]:
         """The Redis commands of ``batch``, in the order the contract applies them."""
         commands: list[tuple] = []
@@ -284,10 +303,10 @@ class RedisStateStore(StateStore):
         try:
             await self._append(keys=[self._key(key) for key in items], args=args)
         except redis.ResponseError as exc:
-            words = str(exc).split(" ", 2)
-            if words[0] == "WRONGTYPE" and len(words) == 3:
-                raise self._wrong_kind(words[2], words[1], wanted="list", what="append") from exc
-            raise
+            refusal = self._script_refusal(exc, wanted="list", what="append")
+            if refusal is None:
+                raise
+            raise refusal from exc
 
     async def lists(self, keys: Iterable[str]) -> list[list[bytes]]:
         full = [self._key(k) for k in keys]
@@ -333,12 +352,13 @@ class RedisStateStore(StateStore):
         return bool(await self._client.set(self._key(key), bytes(value), nx=True, px=_ttl_ms(ttl)))
 
     async def add_member(self, key: str, member: str, ttl: float) -> int:
-        full = self._key(key)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.sadd(full, member)
-            pipe.pexpire(full, _ttl_ms(ttl))
-            pipe.scard(full)
-            _, _, count = await pipe.execute()
+        try:
+            count = await self._add_member(keys=[self._key(key)], args=[member, _ttl_ms(ttl)])
+        except redis.ResponseError as exc:
+            refusal = self._script_refusal(exc, wanted="set", what="addition")
+            if refusal is None:
+                raise
+            raise refusal from exc
         return int(count)
 
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
