@@ -318,6 +318,7 @@ async def test_outcomes_the_index_of_the_shared_windows_refuses_are_not_appended
     program): the append fails and adds nothing to the windows, so the replica's retry,
     once the key is gone, counts its outcomes once."""
     from pumpflow.common.model.performance import Outcome
+    from pumpflow.common.state.abc import WrongKind
     from pumpflow.common.state.redis import RedisStateStore
     from pumpflow.model.live import INDEX_KEY, StoreOutcomes
 
@@ -326,8 +327,9 @@ async def test_outcomes_the_index_of_the_shared_windows_refuses_are_not_appended
         await store.set(INDEX_KEY, b"written by something else")
         shared = StoreOutcomes(store)
         outcome = Outcome(score=0.7, label=1.0, version="v1", resolved_at=START, breakeven=0.4)
-        with pytest.raises(Exception, match="WRONGTYPE"):
+        with pytest.raises(WrongKind) as refused:
             await shared.append({("entry", "control"): [outcome]}, keep=10)
+        assert (refused.value.key, refused.value.kind) == (INDEX_KEY, "value")
         await store.delete_many([INDEX_KEY])
         await shared.append({("entry", "control"): [outcome]}, keep=10)
         assert await shared.read() == {("entry", "control"): [outcome]}
