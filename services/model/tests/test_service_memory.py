@@ -400,3 +400,66 @@ async def test_a_round_whose_shared_live_figures_fail_still_publishes_the_drift(
         await model.monitor_round()
         await seen.wait_for(1, "model.drift")
         assert [e.data.feature for e in seen.of("model.drift")] == ["buys"]
+
+
+class CountedOutcomes:
+    """The shared outcomes, their reads counted."""
+
+    def __init__(self, shared):
+        self.shared = shared
+        self.reads = 0
+
+    async def append(self, outcomes, keep):
+        await self.shared.append(outcomes, keep)
+
+    async def read(self):
+        self.reads += 1
+        return await self.shared.read()
+
+
+async def test_polling_the_live_figures_reads_the_shared_windows_once_per_live_read_s():
+    """A read parses every shared window on the event loop that scores: an operator or a
+    scraper polling the figures gets the last read's; fresh ones only when asked."""
+    import time
+
+    from pumpflow.common.model.performance import Outcome
+    from pumpflow.model.live import StoreOutcomes
+
+    model = model_service(model_store_labels=False, model_monitor_s=3600.0,
+                          model_live_read_s=3600.0)
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        outcomes = model.performance.shared = CountedOutcomes(model.performance.shared)
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+
+            async def live(**params) -> dict:
+                answer = await http.get("/models/entry/performance", params=params)
+                assert answer.status_code == 200, answer.text
+                return answer.json()
+
+            first = await live()  # none read by the monitor yet: read now
+            assert outcomes.reads == 1
+            # another replica's labels, in the shared windows
+            await StoreOutcomes(system.contexts["model"].store).append(
+                {("entry", "control"): [Outcome(float(i % 2), float(i % 2), "v", START, 0.5)
+                                        for i in range(400)]}, model.performance.window,
+            )
+            for _ in range(50):
+                polled = await live()
+            assert outcomes.reads == 1
+            assert polled["live"] == first["live"] == {}
+            assert 0.0 <= polled["live_read_age_s"] < 3600.0
+            fresh = await live(fresh="true")
+            assert outcomes.reads == 2
+            assert fresh["live"]["control"]["labels"] == 400
+            assert fresh["live_read_age_s"] <= polled["live_read_age_s"]
+            # what was read stays until the next read
+            assert (await live())["live"] == fresh["live"]
+            assert outcomes.reads == 2
+        # callers asking at once: the one waiting for the other's read, begun since they
+        # asked, takes it
+        asked = time.monotonic()
+        await model.share_performance(since=asked)
+        await model.share_performance(since=asked)
+        assert outcomes.reads == 3

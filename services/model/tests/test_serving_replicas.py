@@ -237,7 +237,10 @@ async def test_every_replica_answers_the_live_figures_of_the_deployment(split_re
     # a round of each replica's monitor adds the labels it counted
     for service in (first, second):
         await service.share_performance()
-    answers = [(await http.get("/models/entry/performance")).json() for http in (one, two)]
+    answers = [
+        (await http.get("/models/entry/performance", params={"fresh": "true"})).json()
+        for http in (one, two)
+    ]
     assert answers[0]["live"] == answers[1]["live"]
     live = answers[0]["live"]["control"]
     assert live["labels"] == sum(followed)

@@ -27,7 +27,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   windows shared in the state store (:mod:`pumpflow.model.live`), every
   ``model_live_read_s`` it reads every replica's back (the gauges in between: the
   last read and this replica's labels since), and ``GET /models/{id}/performance``
-  reads them before answering, so any replica gives the same figures. Labels
+  answers from the same figures (read then if the last read is older, so polling it
+  costs a read per ``model_live_read_s`` at most; ``?fresh=true`` reads them before
+  answering, so any replica gives the same figures). Labels
   waiting for their horizon are kept in each token's keyed state, so they are stored
   with its effects and survive a restart or a rebalance: the partition's next owner
   releases them at their horizon, each once. Released ones are stored with the vector
@@ -63,7 +65,8 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
 - HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``GET /arms``,
   ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
-  and the live figures per arm), ``GET /models/{id}/drift``, ``GET /scoring``.
+  and the live figures per arm, read at most ``model_live_read_s`` ago unless
+  ``?fresh=true``), ``GET /models/{id}/drift``, ``GET /scoring``.
   Mutating routes need the bearer token (``PUMPFLOW_API_TOKEN``).
 """
 
@@ -320,13 +323,22 @@ class ModelService(Service):
             with contextlib.suppress(Exception):
                 await store.delete_if_equal(FILLING_KEY, holder)
 
-    async def share_performance(self, *, read: bool = True) -> None:
+    async def share_performance(self, *, read: bool = True, since: float | None = None) -> None:
         """Add the labels counted here to the shared windows; read every replica's
-        (``read``)."""
+        (``read``), unless a read begun at ``since`` (monotonic seconds) or later is over
+        already: callers waiting for a read together read once."""
         async with self._sharing:
+            if read and since is not None and self._read_at >= since:
+                return
+            started = time.monotonic()
             await self.performance.share(read=read)
             if read:
-                self._read_at = time.monotonic()
+                self._read_at = started
+
+    def _read_due(self) -> bool:
+        """Whether the shared windows were last read ``model_live_read_s`` ago or more: a
+        read parses every model and arm's window on the event loop."""
+        return time.monotonic() - self._read_at >= self.settings.model_live_read_s
 
     async def stop(self) -> None:
         if self.consumer is not None:
@@ -740,8 +752,7 @@ class ModelService(Service):
         figures failing (the state store away, a key of theirs of the wrong kind) holds
         back neither the labels nor the drift."""
         try:
-            read = time.monotonic() - self._read_at >= self.settings.model_live_read_s
-            await self.share_performance(read=read)
+            await self.share_performance(read=self._read_due())
         except Exception:
             log.exception("model: the shared live figures failed; added next round")
         self.resolve_labels()
@@ -1080,18 +1091,29 @@ class ModelService(Service):
             return await changed(promoted)
 
         @api.get("/models/{model_id}/performance")
-        async def performance(model_id: str) -> dict[str, Any]:
+        async def performance(model_id: str, fresh: bool = False) -> dict[str, Any]:
+            """The card's held-out figures, what was scored and the live figures per arm.
+
+            The live figures are the deployment's as last read (every
+            ``PUMPFLOW_MODEL_LIVE_READ_S``, read now if that is longer ago) and this
+            replica's labels since: polling costs no read in between. ``fresh=true``
+            reads them now, each replica answering the same; callers asking together
+            share one read. ``live_read_age_s`` says how old the read is."""
             model_or_404(model_id)
-            try:
-                await self.share_performance()
-            except Exception:
-                log.exception("model: the shared live figures could not be read; answering "
-                              "with those of the last round")
+            asked = time.monotonic()
+            if fresh or self._read_due():
+                try:
+                    await self.share_performance(since=asked)
+                except Exception:
+                    log.exception("model: the shared live figures could not be read; "
+                                  "answering with those of the last read")
             found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
             found["live"] = {
                 arm: msgspec.to_builtins(figures)
                 for arm, figures in self.performance.by_arm(model_id).items()
             }
+            read_age = time.monotonic() - self._read_at
+            found["live_read_age_s"] = read_age if math.isfinite(read_age) else None
             # this replica's: the tokens of its partitions
             found["labels_pending"] = self.labels.pending
             return found

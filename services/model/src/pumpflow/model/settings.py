@@ -71,9 +71,10 @@ class ModelSettings(CommonSettings):
     model_live_read_s: float = Field(
         10.0, gt=0,
         description="how often a replica reads every replica's outcomes back for the live "
-        "figures (it adds its own every monitor round; GET /models/{id}/performance reads "
-        "them at once): a read parses each model and arm's window, about 10 ms for 2,000 "
-        "labels with redis-py's own parser, on the event loop that scores",
+        "figures (it adds its own every monitor round; GET /models/{id}/performance answers "
+        "from the last read, reading at once only with ?fresh=true): a read parses each "
+        "model and arm's window, about 10 ms for 2,000 labels with redis-py's own parser, "
+        "on the event loop that scores",
     )
     model_store_labels: bool = Field(
         True, description="store resolved live labels (Postgres when the run has a database)"
