@@ -490,7 +490,7 @@ async def test_a_refit_served_whose_swap_was_not_recorded_is_marked_by_the_next_
     async with run_embedded([model], clock=ReplayClock(START), db=pg_pool):
         store = model.label_store
 
-        async def database_gone(refit) -> None:
+        async def database_gone(refit) -> bool:
             raise ConnectionError("the database went away")
 
         with monkeypatch.context() as patched:
@@ -500,8 +500,17 @@ async def test_a_refit_served_whose_swap_was_not_recorded_is_marked_by_the_next_
         kept = await store.last_refit("entry")
         assert not kept.swapped
         assert model.serving.models["entry"].sha256 == kept.sha256  # served everywhere
+
+        def counted() -> tuple[float, float]:
+            return model.metrics.refits("entry", "kept"), model.metrics.refits("entry", "swapped")
+
+        assert counted() == (0, 0)  # neither kept nor swapped until marked
         assert await model.refit_if_due("entry") is None  # no refit due: marked
         assert await store.last_refit("entry") == msgspec.structs.replace(kept, swapped=True)
+        assert counted() == (0, 1)
+        # another replica's check that read it kept before the mark counts it no more
+        assert (await model._swap_recorded(kept)).swapped
+        assert counted() == (0, 1)
 
 
 async def test_a_vector_one_model_scored_on_two_arms_is_refitted_on_once(pg_pool):

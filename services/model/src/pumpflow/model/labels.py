@@ -112,8 +112,9 @@ class LabelStore(Protocol):
                            card: bytes | None = None) -> None:
         """Store a refit decided, with the model swapped in (its bytes and encoded card)."""
 
-    async def record_swap(self, refit: StoredRefit) -> None:
-        """Mark the stored ``refit`` (its model id, candidate and time) as swapped in."""
+    async def record_swap(self, refit: StoredRefit) -> bool:
+        """Mark the stored ``refit`` (its model id, candidate and time) as swapped in; True
+        when this call marked it (False: marked already, or not stored)."""
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         """The stored model (bytes, encoded card) of that content hash; None if absent."""
@@ -267,12 +268,13 @@ class PostgresLabelStore:
             *msgspec.structs.astuple(refit), model, card,
         )
 
-    async def record_swap(self, refit: StoredRefit) -> None:
-        await self.pool.execute(
+    async def record_swap(self, refit: StoredRefit) -> bool:
+        status = await self.pool.execute(
             "UPDATE model_refits SET swapped = true "
-            "WHERE model_id = $1 AND candidate_version = $2 AND at = $3",
+            "WHERE model_id = $1 AND candidate_version = $2 AND at = $3 AND NOT swapped",
             refit.model_id, refit.candidate_version, refit.at,
         )
+        return status != "UPDATE 0"
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         row = await self.pool.fetchrow(
@@ -391,12 +393,15 @@ class MemoryLabelStore:
         # the model stays in the registry of the process that fitted it, the only one
         self.refits.append(refit)
 
-    async def record_swap(self, refit: StoredRefit) -> None:
+    async def record_swap(self, refit: StoredRefit) -> bool:
+        marked = False
         for i, stored in enumerate(self.refits):
-            if (stored.model_id, stored.candidate_version, stored.at) == (
+            if not stored.swapped and (stored.model_id, stored.candidate_version, stored.at) == (
                 refit.model_id, refit.candidate_version, refit.at
             ):
                 self.refits[i] = msgspec.structs.replace(stored, swapped=True)
+                marked = True
+        return marked
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         return None

@@ -65,7 +65,9 @@ class _Families:
         )
         self.refits = Counter(
             "pumpflow_model_refits",
-            "Automatic refits decided, by model id and outcome (swapped or kept)",
+            "Automatic refits decided, by model id and outcome (swapped or kept); a swap "
+            "counts once marked in the refits stored, by the replica marking it (after a "
+            "failed mark, the next check's)",
             ["model_id", "outcome"],
             registry=registry,
         )

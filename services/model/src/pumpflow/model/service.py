@@ -907,16 +907,21 @@ class ModelService(Service):
                     self._refitted(refit, "its serving could not be stored")
                     raise
                 refit = msgspec.structs.replace(refit, swapped=True)
-                # left kept by a failure here, the next check marks it (_swap_recorded)
-                await store.record_swap(refit)
-            self._refitted(refit, "swapped in" if refit.swapped else "kept the serving one")
+                # left kept by a failure here, the next check marks and counts it
+                # (_swap_recorded); counted by whoever marks it, once
+                counted = await store.record_swap(refit)
+                self._refitted(refit, "swapped in" if counted else "swapped in, marked by "
+                               "another replica's check meanwhile", counted=counted)
+            else:
+                self._refitted(refit, "kept the serving one")
             # under the lock, the serving stored: no other replica refits or prunes it now
             await self.prune_refits(model_id)
         self.refits.append(refit)
         return refit
 
-    def _refitted(self, refit: StoredRefit, outcome: str) -> None:
-        self.metrics.refitted(refit.model_id, refit.swapped)
+    def _refitted(self, refit: StoredRefit, outcome: str, *, counted: bool = True) -> None:
+        if counted:
+            self.metrics.refitted(refit.model_id, refit.swapped)
         log.info(
             "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
             "held out: %s", refit.model_id, refit.rows, refit.serving_version, refit.metric,
@@ -926,14 +931,16 @@ class ModelService(Service):
 
     async def _swap_recorded(self, refit: StoredRefit | None) -> StoredRefit | None:
         """``refit`` marked swapped if it is stored as kept while the stored serving
-        serves its model (the mark failed after the serving was stored)."""
+        serves its model (the mark failed after the serving was stored): counted then, by
+        the replica whose mark it is."""
         if refit is None or refit.swapped or refit.sha256 is None:
             return refit
         stored = await self._stored_serving()
         if stored is None or all(s.sha256 != refit.sha256 for s in stored.models.values()):
             return refit
         refit = msgspec.structs.replace(refit, swapped=True)
-        await self.label_store.record_swap(refit)
+        if await self.label_store.record_swap(refit):
+            self._refitted(refit, "swapped in, marked by a later check")
         return refit
 
     async def prune_refits(self, model_id: str) -> list[PrunedRefit]:
