@@ -31,14 +31,14 @@ TOKEN = "sesame"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def start_replica(name: str, buses: BusHarness, store, clock) -> ModelService:
+async def start_replica(name: str, buses: BusHarness, store, clock, db=None) -> ModelService:
     settings = ModelSettings.load(
         service="model", transport="memory", partitions=4, replica=name, api_token=TOKEN,
         model_monitor_s=3600.0, model_refit=False, model_serving_refresh_s=3600.0,
     )
     service = ModelService(settings, registry=CollectorRegistry(), label_store=MemoryLabelStore())
     await service.start(ServiceContext(settings=settings, bus=await buses.bus("model"),
-                                       clock=clock, store=store))
+                                       clock=clock, store=store, db=db))
     return service
 
 
@@ -253,6 +253,20 @@ async def test_every_replica_answers_the_live_figures_of_the_deployment(split_re
         assert service.metrics.live("entry", "control", "brier") == live["metrics"]["brier"]
 
 
+#: every feature far outside the card's reference, a drift window's worth
+FAR = [vector_event("far", START, values=(1e9,) * len(DEFAULT_CARD.feature_names))] * 3_000
+
+
+async def observe(service: ModelService, events) -> None:
+    service._observe_drift(events)
+    await service._publish_drift()
+
+
+def transition(feature: str, state: str) -> ModelDrift:
+    return ModelDrift(model_id="entry", version=DEFAULT_CARD.version, feature=feature,
+                      state=state, psi=0.05, threshold=0.1, observations=6_000)
+
+
 async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_restart(
     namespace, redis_url
 ):
@@ -262,18 +276,7 @@ async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_re
     buses = BusHarness("memory", namespace=namespace, partitions=4)
     store = RedisStateStore(url=redis_url, namespace=namespace)
     running: list[ModelService] = []
-    # every feature far outside the card's reference, a drift window's worth
-    names = DEFAULT_CARD.feature_names
-    far = [vector_event("far", START, values=(1e9,) * len(names))] * 3_000
-
-    async def observe(service: ModelService, events) -> None:
-        service._observe_drift(events)
-        await service._publish_drift()
-
-    def transition(feature: str, state: str) -> ModelDrift:
-        return ModelDrift(model_id="entry", version=DEFAULT_CARD.version, feature=feature,
-                          state=state, psi=0.05, threshold=0.1, observations=6_000)
-
+    far = FAR
     try:
         for name in ("m1", "m2"):
             running.append(await start_replica(name, buses, store, clock))
@@ -312,6 +315,73 @@ async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_re
         await buses.teardown()
         await store.delete_many(await store.scan_keys(""))
         await store.close()
+
+
+async def test_a_drift_announced_before_the_store_came_back_empty_recovers_announced_once(
+    namespace, redis_url, pg_pool
+):
+    """With a database the drift announced is kept in Postgres: Redis restarted empty
+    forgets nothing of it, and the recovery seen by every replica goes out once."""
+    from pumpflow.common.state.redis import RedisStateStore
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    running: list[ModelService] = []
+    try:
+        for name in ("m1", "m2"):
+            running.append(await start_replica(name, buses, store, clock, db=pg_pool))
+        first, second = running
+        seen = await buses.collector("model.drift")
+        await observe(first, FAR)
+        await observe(second, FAR)
+        drifting = first.drift["entry"].drifting
+        assert drifting
+        await store.delete_many(await store.scan_keys(""))  # Redis restarted empty
+        await first.stop()
+        running.remove(first)
+        restarted = await start_replica("m1", buses, store, clock, db=pg_pool)
+        running.append(restarted)
+        assert restarted.drift["entry"].drifting == drifting
+        for service in (second, restarted):
+            service._drift_out.append(transition(drifting[0], "recovered"))
+            await service._publish_drift()
+        expected = [*((name, "drifting") for name in drifting), (drifting[0], "recovered")]
+        await seen.wait_until(lambda c: len(c.of("model.drift")) >= len(expected),
+                              what="the drift and its recovery")
+        await buses.buses[0].drain(5.0)
+        assert [(e.data.feature, e.data.state) for e in seen.of("model.drift")] == expected
+    finally:
+        for service in running:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+async def test_a_drift_announced_in_postgres_longer_ago_than_the_ttl_counts_as_none(pg_pool):
+    """A model taken out of service leaves its drift announced: forgotten after the TTL,
+    as the state store's key expires."""
+    from pumpflow.model.announced import PostgresDriftAnnouncements
+
+    announced = PostgresDriftAnnouncements(pg_pool, ttl=3600.0)
+    drift, recovery = transition("buys", "drifting"), transition("buys", "recovered")
+    assert await announced.claim(drift)
+    assert not await announced.claim(drift)
+    assert await announced.drifting("entry", ["sells", "buys", "age_s"]) == ["buys"]
+    await pg_pool.execute(
+        "UPDATE model_drift_announced SET announced_at = now() - interval '2 hours'"
+    )
+    assert await announced.drifting("entry", ["buys"]) == []
+    assert await announced.claim(drift)  # a new crossing
+    assert await announced.claim(recovery)
+    assert not await announced.claim(recovery)
+    assert await announced.claim(drift)
+    await pg_pool.execute(
+        "UPDATE model_drift_announced SET announced_at = now() - interval '2 hours'"
+    )
+    assert not await announced.claim(recovery)  # forgotten: nothing left to announce
+    assert await announced.drifting("entry", ["buys"]) == []
 
 
 async def test_outcomes_the_index_of_the_shared_windows_refuses_are_not_appended(

@@ -129,7 +129,10 @@ class _Families:
             "pumpflow_model_drift_transitions",
             "Drift transitions of a model's features announced (model.drift) by this "
             "replica, by state (drifting, recovered): each crossing is announced once in "
-            "the deployment, by one replica, so sum over the replicas.",
+            "the deployment, by one replica, so sum over the replicas. Without a database "
+            "the announced drift is kept in the state store only: after it lost its "
+            "contents a recovery of a drift announced before is not announced (nor counted), "
+            "and a drift still there is announced again by a monitor made after.",
             ["model_id", "state"],
             registry=registry,
         )

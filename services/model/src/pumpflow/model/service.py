@@ -12,8 +12,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   more than it frees, see docs/benchmarks.md). Every vector of the live feature set
   also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
   whose transitions go out as ``model.drift`` once per crossing in the deployment: the
-  features announced drifting are kept in the state store
-  (:mod:`pumpflow.model.announced`), a transition another replica announced already is
+  features announced drifting are kept in Postgres (in the state store in a run without
+  a database: see :mod:`pumpflow.model.announced` for what a store that lost its
+  contents forgets), a transition another replica announced already is
   not announced again, and a monitor starts from what was announced (a restart does
   not announce a drift again, and announces its recovery).
 - Live performance: every prediction (shadows too) is followed to its label by a
@@ -102,7 +103,7 @@ from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
-from pumpflow.model.announced import DriftAnnouncements
+from pumpflow.model.announced import DriftAnnouncements, PostgresDriftAnnouncements
 from pumpflow.model.labels import (
     LabelStore,
     MemoryLabelStore,
@@ -224,7 +225,7 @@ class ModelService(Service):
         self._sources: dict[str, ModelSource] = {}
         self._drift_out: list[ModelDrift] = []
         #: what the deployment announced; the models whose monitor has not read it yet
-        self._announced: DriftAnnouncements | None = None
+        self._announced: DriftAnnouncements | PostgresDriftAnnouncements | None = None
         self._drift_unrestored: set[str] = set()
         #: counted, not yet published (a publication that failed goes on from its first)
         self._drift_unsent: list[ModelDrift] = []
@@ -271,7 +272,12 @@ class ModelService(Service):
                 else MemoryLabelStore()
             )
         self._pruner = refit_pruner(self.label_store)
-        self._announced = DriftAnnouncements(ctx.store)
+        # Postgres outlives a state store restarted empty, which would forget a drift
+        # whose recovery is still to come
+        self._announced = (
+            PostgresDriftAnnouncements(ctx.db) if ctx.db is not None
+            else DriftAnnouncements(ctx.store)
+        )
         serving = await self._start_serving()
         await self._restore_drift()
         self.labels = LabelTracker(clock=ctx.clock)
