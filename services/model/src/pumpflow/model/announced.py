@@ -5,12 +5,13 @@ Every replica runs a :class:`~pumpflow.common.model.drift.DriftMonitor` per mode
 the vectors of its own partitions, and a monitor starts afresh with its process. A
 transition a monitor reports goes out as ``model.drift`` only if it changes what the
 deployment announced: "drifting" if no replica announced the feature drifting (an
-atomic set-if-absent of its key), "recovered" if one did (an atomic delete of it). So
-each crossing is announced once, by the first replica to see it, whichever replicas
-see it after and however often they restart; a monitor made (a start, a model loaded)
-takes the features announced drifting as drifting (:meth:`DriftAnnouncements.drifting`)
-and reports their recovery. The state is stored before the event that announces it is
-published: a replica that dies between the two leaves that one crossing unannounced.
+atomic set-if-absent of its key or row), "recovered" if one did (an atomic delete of
+it). So each crossing is announced once, by the first replica to see it, whichever
+replicas see it after and however often they restart; a monitor made (a start, a model
+loaded) takes the features announced drifting as drifting
+(:meth:`DriftAnnouncements.drifting`) and reports their recovery. The state is stored
+before the event that announces it is published: a replica that dies between the two
+leaves that one crossing unannounced.
 
 Postgres (:class:`PostgresDriftAnnouncements`, ``model_drift_announced``) keeps it
 over a restart of the state store. In the state store alone (:class:`DriftAnnouncements`,
