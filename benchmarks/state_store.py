@@ -8,7 +8,8 @@ pipeline saves. Then the client's CPU per ``write`` of a keyed consumer's commit
 1, 4 and 16 keys (a 1.1 KB record with a TTL each, and a new entry in a partition
 index), and per read as a keyed consumer's restore and the feature cache make them:
 ``hgetall`` of a 1,000-entry partition index, ``get_many`` of 100 such records,
-``hgetall`` of a 10-field hash. Which reply parser redis-py uses (hiredis when
+``hgetall`` of a 10-field hash, and ``lists`` of a 2,000-entry list of 40-byte values
+(the model service's live labels). Which reply parser redis-py uses (hiredis when
 installed) is printed first. Keys live under a fresh namespace that is deleted afterwards.
 """
 
@@ -77,7 +78,7 @@ async def commit_cpu(label: str, store: StateStore, writes: int) -> None:
 
 
 async def read_cpu(label: str, store: StateStore, reads: int) -> None:
-    """Print this process's CPU per read of a partition index, of records, of a hash."""
+    """Print this process's CPU per read of a partition index, of records, of a hash, of a list."""
     records = {f"svc:rec:{i}": bytes(1100) for i in range(100)}
     await store.set_many(records, ttl=600)
     await store.hset_many(
@@ -87,11 +88,13 @@ async def read_cpu(label: str, store: StateStore, reads: int) -> None:
         },
         ttl=600,
     )
+    await store.append_bounded({"svc:labels": [bytes(40)] * 2000}, keep=2000, ttl=600)
     names = list(records)
     reads_of = {
         "hgetall, 1,000-entry index": lambda: store.hgetall("svc:index:0"),
         "get_many, 100 records": lambda: store.get_many(names),
         "hgetall, 10 fields": lambda: store.hgetall("svc:vector"),
+        "lists, 2,000 entries": lambda: store.lists(["svc:labels"]),
     }
     for what, call in reads_of.items():
         for _ in range(reads // 10):
