@@ -6,7 +6,11 @@ Prints keys per second for set_many, hset_many (10 fields, with TTL), get_many a
 hgetall, and for Redis the pipelined batch against one call per key, which is what the
 pipeline saves. Then the client's CPU per ``write`` of a keyed consumer's commit of
 1, 4 and 16 keys (a 1.1 KB record with a TTL each, and a new entry in a partition
-index). Keys live under a fresh namespace that is deleted afterwards.
+index), and per read as a keyed consumer's restore and the feature cache make them:
+``hgetall`` of a 1,000-entry partition index, ``get_many`` of 100 such records,
+``hgetall`` of a 10-field hash, and ``lists`` of a 2,000-entry list of 40-byte values
+(the model service's live labels). Which reply parser redis-py uses (hiredis when
+installed) is printed first. Keys live under a fresh namespace that is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import asyncio
 import time
 import uuid
+
+from redis.utils import HIREDIS_AVAILABLE
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.state.abc import StateStore, WriteBatch
@@ -71,18 +77,50 @@ async def commit_cpu(label: str, store: StateStore, writes: int) -> None:
         print(f"{label:<8} write of a commit, {keys:>2} keys        {cpu:>9,.0f} us CPU")
 
 
+async def read_cpu(label: str, store: StateStore, reads: int) -> None:
+    """Print this process's CPU per read of a partition index, of records, of a hash, of a list."""
+    records = {f"svc:rec:{i}": bytes(1100) for i in range(100)}
+    await store.set_many(records, ttl=600)
+    await store.hset_many(
+        {
+            "svc:index:0": {f"{i}": b"1" for i in range(1000)},
+            "svc:vector": {f"f{j}": j * 0.5 for j in range(10)},
+        },
+        ttl=600,
+    )
+    await store.append_bounded({"svc:labels": [bytes(40)] * 2000}, keep=2000, ttl=600)
+    names = list(records)
+    reads_of = {
+        "hgetall, 1,000-entry index": lambda: store.hgetall("svc:index:0"),
+        "get_many, 100 records": lambda: store.get_many(names),
+        "hgetall, 10 fields": lambda: store.hgetall("svc:vector"),
+        "lists, 2,000 entries": lambda: store.lists(["svc:labels"]),
+    }
+    for what, call in reads_of.items():
+        for _ in range(reads // 10):
+            await call()
+        started = time.process_time()
+        for _ in range(reads):
+            await call()
+        cpu = (time.process_time() - started) / reads * 1e6
+        print(f"{label:<8} read: {what:<27} {cpu:>9,.0f} us CPU")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--writes", type=int, default=2000, help="commits timed per size")
+    parser.add_argument("--reads", type=int, default=2000, help="reads timed per kind")
     args = parser.parse_args()
+    print(f"redis-py reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}")
     await measure("memory", MemoryStateStore(ReplayClock()), args.keys, args.rounds)
     store = RedisStateStore(url=args.redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}")
     try:
         await measure("redis", store, args.keys, args.rounds)
         await commit_cpu("redis", store, args.writes)
+        await read_cpu("redis", store, args.reads)
     finally:
         await store.delete_many(await store.scan_keys(""))
         await store.close()
