@@ -16,6 +16,7 @@ from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
+from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector, eventually
@@ -23,7 +24,7 @@ from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import Committed, LedgerChange, MemoryLedger
-from pumpflow.trading.service import TradingService
+from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .conftest import Market
@@ -612,6 +613,31 @@ async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_n
             assert fill.order_id == order["order_id"] and second.book.holds(mint)
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
+
+
+async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(
+    clock, market
+):
+    """Another replica took over the ledger while this one's loss of the lease is not
+    seen yet (a stalled renewal): the commit of a prediction's entry is refused. The
+    prediction waits, neither sent nor dead-lettered (the bus would after a failure's
+    few attempts, lost to the next holder), until this replica stands by and hands it
+    back; what it could not store is left to the next holder."""
+    ledger = MemoryLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await service.leader.lease.store.set_many(
+            {LEASE_PREFIX + LEASE_NAME: b"another replica"}, ttl=60.0
+        )
+        await ledger.load(remembered=10, holder="another replica")
+        async with asyncio.timeout(10.0):
+            # handled inline: it returns once handed back
+            await publish(bus, market.prediction(mint))
+        assert service.role == "standby"
+        assert await bus.dead_letters("trading") == []
+        assert watch.count("order.requested") == 0 and watch.count("order.rejected") == 0
+        assert await ledger.orders(limit=10) == []
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(

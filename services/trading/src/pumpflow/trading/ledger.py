@@ -91,7 +91,15 @@ UNBOOKED_KEPT_S = 86_400.0
 
 
 class Superseded(RuntimeError):
-    """A commit of a replica another took over from: nothing of it is stored."""
+    """A commit of a replica another took over from: nothing of it is stored.
+
+    Waited out as a dependency's failure (:mod:`pumpflow.common.dependencies`), not
+    counted against the event that met it: failed, the bus would dead-letter it after a
+    few attempts, and the next holder would never decide it. It waits, unacknowledged,
+    until its replica sees the lease lost and stands by, which hands it back.
+    """
+
+    transient_dependency = "lease"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
