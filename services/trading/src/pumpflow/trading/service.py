@@ -598,7 +598,7 @@ class TradingService(Service):
                 await self._flush()
                 if self._gone:
                     # the next holder would publish them again: copies, but needless
-                    await self.ledger.published(self._gone)
+                    await self.ledger.published(self._gone, holder=self._writer)
                     self._gone = []
                 if self._holding:
                     # the next holder reads the ledger once it knows the withdrawals are in it
