@@ -23,7 +23,13 @@ from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
-from pumpflow.trading.ledger import Committed, LedgerChange, MemoryLedger
+from pumpflow.trading.ledger import (
+    Committed,
+    KeyedEvent,
+    LedgerChange,
+    MemoryLedger,
+    OrderRecord,
+)
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -638,6 +644,57 @@ async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands
         assert await bus.dead_letters("trading") == []
         assert watch.count("order.requested") == 0 and watch.count("order.rejected") == 0
         assert await ledger.orders(limit=10) == []
+
+
+class OutboxWatchingLedger(MemoryLedger):
+    """The in-memory ledger, noting the outbox's event ids after each commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outboxes: list[set[str]] = []
+
+    async def commit(self, change: LedgerChange) -> Committed:
+        committed = await super().commit(change)
+        self.outboxes.append(set(self._outbox))
+        return committed
+
+
+async def test_a_replica_superseded_then_elected_again_drops_no_event_of_the_one_between(
+    clock, market
+):
+    """The replica published an event, then another took over and stored an event of the
+    same id (as an order's late fill has its refusal's) and an order of its own. Elected
+    again, the replica does not tell that event published with its first commit (the
+    refusal of that order), before it has published it: it stays in the outbox until
+    then."""
+    ledger = OutboxWatchingLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        [requested] = watch.of("order.requested")
+        lease = service.leader.lease
+        await lease.store.set_many({key: b"another replica"}, ttl=60.0)
+        await ledger.load(remembered=10, holder="another replica")
+        # an order the paper executor refuses to take over: its refusal is a change
+        theirs = OrderRecord(
+            order_id="theirs", mint=mint, side="buy", sol_amount=0.1, token_amount=None,
+            slippage_pct=5.0, reason="", position_id=None, cause_id=None, executor="live",
+            state="sent", requested_at=clock.now(), venue="curve",
+        )  # fmt: skip
+        again = KeyedEvent(event=requested)
+        await ledger.commit(
+            LedgerChange(
+                orders=[theirs], events=[again], gone=[requested.id], holder="another replica"
+            )
+        )
+        await eventually(lambda: service.role == "standby", 10.0, what="the lease lost")
+        commits = len(ledger.outboxes)
+        await lease.store.delete_many([key])
+        await eventually(lambda: service.role == "active", 10.0, what="elected again")
+        assert service.reconciled["theirs"] == "rejected"
+        assert requested.id in ledger.outboxes[commits]
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(
