@@ -21,11 +21,13 @@ WRONG_KINDS = ("value", "set", "list", "zset", "stream", "unknown")
 
 class WrongKind(TypeError):
     """A write sets or removes hash fields of a key that holds no hash (a plain value, a
-    set), or that it sets as a value too: nothing of it is stored.
+    set), or that it sets as a value too, or an append to bounded lists meets a key that
+    holds no list: nothing of it is stored.
 
     ``key`` is that key (as the caller names it; None when the store could not tell) and
-    ``kind`` what it holds: one of :data:`WRONG_KINDS` (``value``, ``set``, ``list``,
-    ``zset``, ``stream``, or ``unknown``), or a type of a Redis module.
+    ``kind`` what it holds: for a write, one of :data:`WRONG_KINDS` (``value``, ``set``,
+    ``list``, ``zset``, ``stream``, or ``unknown``); for an append, ``hash`` too; or a
+    type of a Redis module.
     """
 
     def __init__(self, message: str, *, key: str | None = None, kind: str = "unknown"):
