@@ -358,6 +358,22 @@ async def test_the_holder_taking_over_fences_off_its_predecessors_commits(ledger
     assert await inserted(ledger, LedgerChange(orders=[order("c")], holder="w2")) == {"c"}
 
 
+async def test_a_predecessor_telling_events_published_after_a_take_over_drops_nothing(ledger):
+    """The outbox is the holder's too: a predecessor standing by late, telling the events
+    it published gone, is refused, and leaves what its successor stored under the same
+    ids (an order's late fill has its refusal's) for it to publish."""
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.commit(LedgerChange(events=[keyed("outcome")], holder="w1"))  # published
+    await ledger.load(remembered=10, holder="w2")
+    await ledger.commit(LedgerChange(events=[keyed("outcome")], gone=["outcome"], holder="w2"))
+    with pytest.raises(Superseded):
+        await ledger.published(["outcome"], holder="w1")
+    [stored] = (await ledger.load(remembered=10)).outbox
+    assert (stored.id, stored.seq) == ("outcome", 2)
+    await ledger.published(["outcome"], holder="w2")
+    assert (await ledger.load(remembered=10)).outbox == []
+
+
 async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):
     """The holder's write waits for a predecessor's commit under way (which checked the
     holder first): the load after it reads what that commit stored, and the

@@ -814,6 +814,29 @@ async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbo
         assert len(api.requests) == 1
 
 
+async def test_an_unbooked_trade_delivered_again_to_the_next_holder_is_not_unbooked_again(
+    clock, market
+):
+    """The replica stored a wallet trade of no order as unbooked and went before the
+    trade's delivery was acknowledged: the next one, handed the trade again, knows it
+    from the ledger. It is judged once: not counted, logged nor claimed again."""
+    async with fake_trade_api("timeout") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+            cheaper = market.tokens.buy(first.mint, WALLET, sol=first.request.sol_amount / 1.5)
+            await publish(first.bus, cheaper)
+            assert first.service.metrics.unbooked_trades("wallet_trade") == 1
+        ledger = first.ledger
+
+        second = live(ledger, api)
+        async with running(clock, second) as (bus, watch):
+            await publish(bus, cheaper)  # never acknowledged: delivered again
+            assert second.metrics.unbooked_trades("wallet_trade") == 0
+            assert watch.count("order.filled") == 0
+            [shown] = await second.unbooked_view()
+            assert shown["signature"] == cheaper.data.signature
+
+
 async def test_the_late_fill_of_an_order_given_up_takes_a_seq_of_its_own(clock, market, pg_pool):
     """An entry given up as unconfirmed, then its trade shows late: the fill's event has
     the id of the order's outcome, as its refusal had, and goes out with the mint's next

@@ -16,14 +16,21 @@ from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
+from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
-from pumpflow.trading.ledger import Committed, LedgerChange, MemoryLedger
-from pumpflow.trading.service import TradingService
+from pumpflow.trading.ledger import (
+    Committed,
+    KeyedEvent,
+    LedgerChange,
+    MemoryLedger,
+    OrderRecord,
+)
+from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .conftest import Market
@@ -612,6 +619,82 @@ async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_n
             assert fill.order_id == order["order_id"] and second.book.holds(mint)
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
+
+
+async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(
+    clock, market
+):
+    """Another replica took over the ledger while this one's loss of the lease is not
+    seen yet (a stalled renewal): the commit of a prediction's entry is refused. The
+    prediction waits, neither sent nor dead-lettered (the bus would after a failure's
+    few attempts, lost to the next holder), until this replica stands by and hands it
+    back; what it could not store is left to the next holder."""
+    ledger = MemoryLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await service.leader.lease.store.set_many(
+            {LEASE_PREFIX + LEASE_NAME: b"another replica"}, ttl=60.0
+        )
+        await ledger.load(remembered=10, holder="another replica")
+        async with asyncio.timeout(10.0):
+            # handled inline: it returns once handed back
+            await publish(bus, market.prediction(mint))
+        assert service.role == "standby"
+        assert await bus.dead_letters("trading") == []
+        assert watch.count("order.requested") == 0 and watch.count("order.rejected") == 0
+        assert await ledger.orders(limit=10) == []
+
+
+class OutboxWatchingLedger(MemoryLedger):
+    """The in-memory ledger, noting the outbox's event ids after each commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outboxes: list[set[str]] = []
+
+    async def commit(self, change: LedgerChange) -> Committed:
+        committed = await super().commit(change)
+        self.outboxes.append(set(self._outbox))
+        return committed
+
+
+async def test_a_replica_superseded_then_elected_again_drops_no_event_of_the_one_between(
+    clock, market
+):
+    """The replica published an event, then another took over and stored an event of the
+    same id (as an order's late fill has its refusal's) and an order of its own. Elected
+    again, the replica does not tell that event published with its first commit (the
+    refusal of that order), before it has published it: it stays in the outbox until
+    then."""
+    ledger = OutboxWatchingLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        [requested] = watch.of("order.requested")
+        lease = service.leader.lease
+        await lease.store.set_many({key: b"another replica"}, ttl=60.0)
+        await ledger.load(remembered=10, holder="another replica")
+        # an order the paper executor refuses to take over: its refusal is a change
+        theirs = OrderRecord(
+            order_id="theirs", mint=mint, side="buy", sol_amount=0.1, token_amount=None,
+            slippage_pct=5.0, reason="", position_id=None, cause_id=None, executor="live",
+            state="sent", requested_at=clock.now(), venue="curve",
+        )  # fmt: skip
+        again = KeyedEvent(event=requested)
+        await ledger.commit(
+            LedgerChange(
+                orders=[theirs], events=[again], gone=[requested.id], holder="another replica"
+            )
+        )
+        await eventually(lambda: service.role == "standby", 10.0, what="the lease lost")
+        commits = len(ledger.outboxes)
+        await lease.store.delete_many([key])
+        await eventually(lambda: service.role == "active", 10.0, what="elected again")
+        assert service.reconciled["theirs"] == "rejected"
+        assert requested.id in ledger.outboxes[commits]
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -9,7 +10,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 F = TypeVar("F")
 
-_families: dict[tuple[int, str], object] = {}
+#: registry -> name -> its families; by the registry itself, not its id, which a
+#: registry made after it is gone may be given
+_families: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, object]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def families(name: str, build: Callable[[CollectorRegistry], F], registry=None) -> F:
@@ -19,10 +24,10 @@ def families(name: str, build: Callable[[CollectorRegistry], F], registry=None) 
     where registering a family twice would fail.
     """
     registry = registry if registry is not None else REGISTRY
-    key = (id(registry), name)
-    found = _families.get(key)
+    built = _families.setdefault(registry, {})
+    found = built.get(name)
     if found is None:
-        found = _families[key] = build(registry)
+        found = built[name] = build(registry)
     return found  # type: ignore[return-value]
 
 

@@ -44,11 +44,12 @@ trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
 
 The ledger knows which replica trades (:meth:`Ledger.load` with ``holder`` writes it,
 before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
-(:class:`Superseded`), so a replica that lost the lease stores nothing its successor
-has not read. A replica standing by says so once its last changes are stored
-(:meth:`Ledger.stood_by`); its successor waits for that a while
-(:meth:`Ledger.predecessor`) before it reads: an entry the predecessor withdrew unsent
-then reads withdrawn, not in flight (see ``TradingService._take_over``).
+(:class:`Superseded`), and so is its telling events published, so a replica that lost
+the lease stores nothing its successor has not read, nor drops its successor's events.
+A replica standing by says so once its last changes are stored (:meth:`Ledger.stood_by`);
+its successor waits for that a while (:meth:`Ledger.predecessor`) before it reads: an
+entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
+``TradingService._take_over``).
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
@@ -91,7 +92,15 @@ UNBOOKED_KEPT_S = 86_400.0
 
 
 class Superseded(RuntimeError):
-    """A commit of a replica another took over from: nothing of it is stored."""
+    """A commit of a replica another took over from: nothing of it is stored.
+
+    Waited out as a dependency's failure (:mod:`pumpflow.common.dependencies`), not
+    counted against the event that met it: failed, the bus would dead-letter it after a
+    few attempts, and the next holder would never decide it. It waits, unacknowledged,
+    until its replica sees the lease lost and stands by, which hands it back.
+    """
+
+    transient_dependency = "lease"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,8 +346,10 @@ class Ledger(Protocol):
         """``holder`` stood by with its changes stored (if it still is the holder)."""
         ...
 
-    async def published(self, event_ids: Sequence[str]) -> None:
-        """Take the events ``event_ids`` out of the outbox (published), without a change."""
+    async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
+        """Take the events ``event_ids`` out of the outbox (published), without a change;
+        refused (:class:`Superseded`) once another than ``holder`` took over, as a
+        commit is: its successor may have stored an event of the same id since."""
         ...
 
     async def set_control(self, state: TradingState, reason: str) -> None: ...
@@ -495,7 +506,8 @@ class MemoryLedger:
             seqs[keyed.event_id] = stored.seq
         return seqs
 
-    async def published(self, event_ids: Sequence[str]) -> None:
+    async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
+        _check_holder(self._holder and self._holder[0], holder)
         for event_id in event_ids:
             self._outbox.pop(event_id, None)
 
@@ -778,8 +790,11 @@ class PostgresLedger:
             await conn.execute(_PRUNE_UNBOOKED)
         return seqs
 
-    async def published(self, event_ids: Sequence[str]) -> None:
-        await self.pool.execute(_GONE, list(event_ids))
+    async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if holder is not None:
+                _check_holder(await conn.fetchval(_HOLDER, HOLDER), holder)
+            await conn.execute(_GONE, list(event_ids))
 
     async def load(
         self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None

@@ -481,6 +481,10 @@ class TradingService(Service):
             # what the predecessor stored and may not have published goes out first, as
             # numbered (a copy of what it did publish is dropped by its seq)
             stored = {e.id for e in snapshot.outbox}
+            # what this replica published in a term before and did not take out of the
+            # outbox is in it still, read again: told gone now, an id of it would drop
+            # what another holder stored under it since, before it is published
+            self._gone = []
             self._unpublished = [
                 *snapshot.outbox,
                 *(e for e in self._unpublished if e.id not in stored),
@@ -598,7 +602,7 @@ class TradingService(Service):
                 await self._flush()
                 if self._gone:
                     # the next holder would publish them again: copies, but needless
-                    await self.ledger.published(self._gone)
+                    await self.ledger.published(self._gone, holder=self._writer)
                     self._gone = []
                 if self._holding:
                     # the next holder reads the ledger once it knows the withdrawals are in it

@@ -31,7 +31,7 @@ it by none of them. Booked, a hand trade would be a position the exit service se
 its cost counted against the capital and the limits. A trade booked as a fill and
 delivered again (to the replica taking over, its fill stored before its delivery was
 acknowledged: :meth:`LiveBook.booked`) is that fill's: it fills no other order and is
-not unbooked.
+not unbooked; one found unbooked and delivered again is not judged again either.
 
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
@@ -355,8 +355,11 @@ class LiveBook:
     # ---------------------------------------------------------------- internals
 
     def _confirm(self, trade: TokenTrade, time: float) -> Confirmation | None:
-        if trade.signature in self.filled:
-            return None  # booked already: a delivery again, neither a fill nor unbooked
+        signature = trade.signature
+        if signature in self.filled or any(u.signature == signature for u in self.recent_unbooked):
+            # judged already (here, or before a take-over): a delivery again, neither a
+            # fill nor unbooked again
+            return None
         moved = self._moved(trade)
         order, late = self._match(trade, moved, time)
         if order is None:
