@@ -29,6 +29,7 @@ from pumpflow.trading.ledger import (
     LedgerChange,
     MemoryLedger,
     OrderRecord,
+    Predecessor,
 )
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -619,6 +620,35 @@ async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_n
             assert fill.order_id == order["order_id"] and second.book.holds(mint)
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
+
+
+class AwayOnceLedger(MemoryLedger):
+    """The in-memory ledger, away for a take-over's first read of its predecessor."""
+
+    away = True
+
+    async def predecessor(self) -> Predecessor | None:
+        if self.away:
+            self.away = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await super().predecessor()
+
+
+async def test_a_take_over_whose_ledger_is_away_is_given_up_and_the_lease_campaigned_for_again(
+    clock, market
+):
+    """Postgres goes away as a replica takes over: the take-over fails and the lease is
+    released, not held while the ledger is waited for (a replica cut off from Postgres
+    alone would keep the lease renewed in Redis, and no other could trade meanwhile).
+    The campaign takes it again, and the take-over, the ledger back, trades."""
+    ledger = AwayOnceLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    async with running(clock, service) as (bus, watch):
+        await eventually(lambda: service.role == "active", 10.0, what="the take-over again")
+        assert service.leader.elections == 2 and service.leader.losses == 1
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
 
 
 async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(

@@ -431,7 +431,13 @@ class TradingService(Service):
             self.executor = PaperExecutor(s.execution())
 
     async def _take_over(self) -> None:
-        """Reload the book, reconcile what is unknown, then trade."""
+        """Reload the book, reconcile what is unknown, then trade.
+
+        A failure of the ledger (Postgres away) fails it whole, not waited out: the lease
+        is given up and campaigned for again. Nothing is held yet that a stand-by would
+        lose, and a replica cut off from Postgres alone, waiting with the lease renewed
+        in Redis, would keep every other from trading meanwhile.
+        """
         ctx = self._ctx
         assert ctx is not None and self.ledger is not None
         async with self._lock:
