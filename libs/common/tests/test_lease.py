@@ -161,6 +161,21 @@ async def test_a_leader_whose_lease_another_holds_steps_down_and_campaigns_again
         await one.lease.stop()
 
 
+async def test_a_leader_told_another_took_over_steps_down_at_once_and_campaigns_on(store):
+    one = Candidate(store, "one")
+    try:
+        await one.lease.start()
+        # the guarded work learnt it before any renewal could
+        await one.lease.step_down("another took over the guarded work")
+        assert [c for c in one.calls if c != "renewed"] == ["elected", "lost"]
+        assert one.lease.role == "standby" and one.lease.losses == 1
+        # nobody else holds the key: the campaign takes it again
+        await eventually(lambda: one.calls[-1:] == ["elected"])
+        assert one.lease.is_leader and one.lease.elections == 2
+    finally:
+        await one.lease.stop()
+
+
 async def test_a_failed_election_is_undone_and_the_lease_left_to_another(store):
     broken, healthy = Candidate(store, "broken", fail_election=True), Candidate(store, "healthy")
     try:

@@ -29,6 +29,7 @@ from pumpflow.trading.ledger import (
     LedgerChange,
     MemoryLedger,
     OrderRecord,
+    Predecessor,
 )
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -621,16 +622,47 @@ async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_n
         assert stored["state"] == "filled"
 
 
+class AwayOnceLedger(MemoryLedger):
+    """The in-memory ledger, away for a take-over's first read of its predecessor."""
+
+    away = True
+
+    async def predecessor(self) -> Predecessor | None:
+        if self.away:
+            self.away = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await super().predecessor()
+
+
+async def test_a_take_over_whose_ledger_is_away_is_given_up_and_the_lease_campaigned_for_again(
+    clock, market
+):
+    """Postgres goes away as a replica takes over: the take-over fails and the lease is
+    released, not held while the ledger is waited for (a replica cut off from Postgres
+    alone would keep the lease renewed in Redis, and no other could trade meanwhile).
+    The campaign takes it again, and the take-over, the ledger back, trades."""
+    ledger = AwayOnceLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    async with running(clock, service) as (bus, watch):
+        await eventually(lambda: service.role == "active", 10.0, what="the take-over again")
+        assert service.leader.elections == 2 and service.leader.losses == 1
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
+
+
 async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(
     clock, market
 ):
     """Another replica took over the ledger while this one's loss of the lease is not
     seen yet (a stalled renewal): the commit of a prediction's entry is refused. The
     prediction waits, neither sent nor dead-lettered (the bus would after a failure's
-    few attempts, lost to the next holder), until this replica stands by and hands it
-    back; what it could not store is left to the next holder."""
+    few attempts, lost to the next holder), until this replica stands by, at once, not
+    a renewal later, and hands it back; what it could not store is left to the next
+    holder."""
     ledger = MemoryLedger()
-    service = trading(ledger, trading_lease_ttl_s=1.0)
+    # renewed next in 200 s: the refusal alone has it stand by within the timeout
+    service = trading(ledger, trading_lease_ttl_s=600.0)
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
         await service.leader.lease.store.set_many(
@@ -695,6 +727,35 @@ async def test_a_replica_superseded_then_elected_again_drops_no_event_of_the_one
         await eventually(lambda: service.role == "active", 10.0, what="elected again")
         assert service.reconciled["theirs"] == "rejected"
         assert requested.id in ledger.outboxes[commits]
+
+
+async def test_a_replica_superseded_in_a_timed_round_stands_by_at_once_without_a_traceback(
+    clock, market, caplog
+):
+    """A timed round's commit (a paper fill come due) is refused: another replica took
+    over the ledger. The replica stands by then, long before its lease's renewal would
+    tell, and says so in a line, not with a traceback each round."""
+    ledger = MemoryLedger()
+    service = trading(ledger, trading_lease_ttl_s=600.0)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        [request] = watch.payloads("order.requested")
+        await service.leader.lease.store.set_many(
+            {LEASE_PREFIX + LEASE_NAME: b"another replica"}, ttl=600.0
+        )
+        await ledger.load(remembered=10, holder="another replica")
+        caplog.clear()
+        await clock.advance(1.0)
+        await eventually(lambda: service.leader.role == "standby", 10.0,
+                         what="the superseded replica standing by")  # fmt: skip
+        assert service.role == "standby" and service.leader.losses == 1
+        assert watch.count("order.filled") == 0
+        [stored] = await ledger.orders(limit=10)
+        assert stored["order_id"] == request.order_id and stored["state"] == "sent"
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+        assert any("another replica took over the ledger" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
 
 
 async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_standing_by(

@@ -290,6 +290,11 @@ class LeaderLease:
         self._role = "stopped"
         self._standing_by.set()
 
+    async def step_down(self, reason: str) -> None:
+        """Stand by now, as when the lease is lost (``on_lost`` awaited), and campaign on:
+        the guarded work learnt that another took over before a renewal could tell."""
+        await self._step_down(reason)
+
     # ------------------------------------------------------------------ internals
 
     async def _acquire(self) -> bool:

@@ -97,7 +97,8 @@ class Superseded(RuntimeError):
     Waited out as a dependency's failure (:mod:`pumpflow.common.dependencies`), not
     counted against the event that met it: failed, the bus would dead-letter it after a
     few attempts, and the next holder would never decide it. It waits, unacknowledged,
-    until its replica sees the lease lost and stands by, which hands it back.
+    until its replica stands by, which the refusal starts at once (the lease's loss may
+    show only a renewal later), and hands it back.
     """
 
     transient_dependency = "lease"

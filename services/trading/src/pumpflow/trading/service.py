@@ -280,6 +280,8 @@ class TradingService(Service):
         #: each order's decision, unique to it (the ledger's ``attempt``)
         self._writer = uuid.uuid4().hex
         self._attempts = itertools.count(1)
+        #: the stand-by a commit refused as superseded started (see :meth:`_superseded`)
+        self._stepping_down: asyncio.Future | None = None
         self._subscription: Subscription | None = None
         self._subscribed = False
         self._leading = False
@@ -368,6 +370,8 @@ class TradingService(Service):
             return
         if self.leader is not None:
             await self.leader.stop()
+        if self._stepping_down is not None:
+            await self._stepping_down
         await self._stand_by()
         self._stopped = True
         writer = self._control_writer
@@ -427,7 +431,13 @@ class TradingService(Service):
             self.executor = PaperExecutor(s.execution())
 
     async def _take_over(self) -> None:
-        """Reload the book, reconcile what is unknown, then trade."""
+        """Reload the book, reconcile what is unknown, then trade.
+
+        A failure of the ledger (Postgres away) fails it whole, not waited out: the lease
+        is given up and campaigned for again. Nothing is held yet that a stand-by would
+        lose, and a replica cut off from Postgres alone, waiting with the lease renewed
+        in Redis, would keep every other from trading meanwhile.
+        """
         ctx = self._ctx
         assert ctx is not None and self.ledger is not None
         async with self._lock:
@@ -1103,8 +1113,10 @@ class TradingService(Service):
             )
             try:
                 committed = await self.ledger.commit(change)
-            except Exception:
+            except Exception as exc:
                 self._storing = 0
+                if isinstance(exc, Superseded):
+                    self._superseded()
                 if self.risk.operator_state is TradingState.HALTED:
                     # a halt given during this commit left its entries to it: unstored,
                     # they are refused as any entry waiting for the ledger then (stored
@@ -1122,6 +1134,19 @@ class TradingService(Service):
             for step in steps:
                 await self._send(step, committed)
         await self._publish()
+
+    def _superseded(self) -> None:
+        """Stand by at once: another replica took over the ledger, which stores nothing
+        of this one any more, while the lease's loss may show only a TTL later (its
+        events would wait that long, each timed round refused meanwhile)."""
+        if not self._leading or self.leader is None:
+            return
+        if self._stepping_down is not None and not self._stepping_down.done():
+            return
+        # not awaited: standing by takes the lock the refused commit's caller holds
+        self._stepping_down = asyncio.ensure_future(
+            self.leader.step_down("another replica took over the ledger")
+        )
 
     async def _send(self, step: _Step, committed: Committed) -> None:
         # a withdrawn order is told of only where the ledger holds it (see _withdraw_unsent)
@@ -1218,6 +1243,8 @@ class TradingService(Service):
                 self._backlog.append(step)
                 await self._flush()
                 self.metrics.book(self.book, self.risk)
+        except Superseded:
+            pass  # standing by already, the lease's loss logged with why
         except Exception:
             log.exception("trading: the timed checks failed; next round in %gs",
                           self.settings.trading_tick_s)  # fmt: skip
