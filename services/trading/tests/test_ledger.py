@@ -11,7 +11,7 @@ import pytest
 
 from pumpflow.common.events import PositionUpdated, make_event
 from pumpflow.common.testing import eventually
-from pumpflow.common.trading import UnbookedTrade
+from pumpflow.common.trading import TradingState, UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     FillRecord,
@@ -372,6 +372,27 @@ async def test_a_predecessor_telling_events_published_after_a_take_over_drops_no
     assert (stored.id, stored.seq) == ("outcome", 2)
     await ledger.published(["outcome"], holder="w2")
     assert (await ledger.load(remembered=10)).outbox == []
+
+
+async def test_the_operators_writes_of_a_predecessor_are_fenced_off_as_its_commits(ledger):
+    """The trading state and the acknowledgement of unbooked trades are the holder's too:
+    a predecessor's, late, is refused, and leaves what its successor stored (a resume of
+    the old holder would undo the halt the new one was given)."""
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.set_control(TradingState.ACTIVE, "w1's", holder="w1")
+    await ledger.commit(LedgerChange(unbooked=[unbooked("s1", 100.0)], holder="w1"))
+    await ledger.load(remembered=10, holder="w2")
+    await ledger.set_control(TradingState.HALTED, "w2's", holder="w2")
+    with pytest.raises(Superseded) as refused:
+        await ledger.set_control(TradingState.ACTIVE, "late", holder="w1")
+    assert refused.value.current == "w2"
+    with pytest.raises(Superseded):
+        await ledger.acknowledge_unbooked(None, holder="w1")
+    assert await ledger.control() == (TradingState.HALTED, "w2's")
+    assert [t.signature for t in await ledger.unbooked(since=0.0, limit=10)] == ["s1"]
+    assert await ledger.acknowledge_unbooked(["s1"], holder="w2") == 1
+    await ledger.set_control(TradingState.ACTIVE, "w2's again", holder="w2")
+    assert await ledger.control() == (TradingState.ACTIVE, "w2's again")
 
 
 async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):

@@ -45,7 +45,10 @@ trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
 The ledger knows which replica trades (:meth:`Ledger.load` with ``holder`` writes it,
 before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
 (:class:`Superseded`), and so is its telling events published, so a replica that lost
-the lease stores nothing its successor has not read, nor drops its successor's events.
+the lease stores nothing its successor has not read, nor drops its successor's events;
+so are its writes of the operator's (:meth:`Ledger.set_control`,
+:meth:`Ledger.acknowledge_unbooked` with ``holder``), so it undoes nothing its
+successor was given since.
 A replica standing by says so once its last changes are stored (:meth:`Ledger.stood_by`);
 its successor waits for that a while (:meth:`Ledger.predecessor`) before it reads: an
 entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
@@ -99,9 +102,17 @@ class Superseded(RuntimeError):
     few attempts, and the next holder would never decide it. It waits, unacknowledged,
     until its replica stands by, which the refusal starts at once (the lease's loss may
     show only a renewal later), and hands it back.
+
+    The operator's writes (the trading state, the acknowledgement of unbooked trades)
+    are refused the same way: the replica that took over decides them now.
     """
 
     transient_dependency = "lease"
+
+    def __init__(self, message: str, *, current: str | None = None):
+        super().__init__(message)
+        #: the ledger's holder now (its writer id), when known
+        self.current = current
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,7 +364,13 @@ class Ledger(Protocol):
         commit is: its successor may have stored an event of the same id since."""
         ...
 
-    async def set_control(self, state: TradingState, reason: str) -> None: ...
+    async def set_control(
+        self, state: TradingState, reason: str, *, holder: str | None = None
+    ) -> None:
+        """Store the operator's state; refused (:class:`Superseded`) once another than
+        ``holder`` took over, as a commit is: a replica that lost the ledger must not undo
+        what its successor was given since."""
+        ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
 
@@ -362,9 +379,12 @@ class Ledger(Protocol):
         acknowledged, oldest first."""
         ...
 
-    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+    async def acknowledge_unbooked(
+        self, signatures: Sequence[str] | None, *, holder: str | None = None
+    ) -> int:
         """Forget the unbooked trades ``signatures`` (all when None): the operator has
-        seen to them; how many there were."""
+        seen to them; how many there were. Refused (:class:`Superseded`) once another than
+        ``holder`` took over, as a commit is."""
         ...
 
     async def orders(
@@ -407,7 +427,9 @@ def _withdrawn_entry(order: OrderRecord) -> bool:
 def _check_holder(current: str | None, holder: str | None) -> None:
     """Refuse a commit of ``holder`` when ``current`` took over from it."""
     if holder is not None and current is not None and current != holder:
-        raise Superseded(f"the ledger is {current}'s now: {holder}'s change is not stored")
+        raise Superseded(
+            f"the ledger is {current}'s now: {holder}'s change is not stored", current=current
+        )
 
 
 def _attempt_of(attempt: str | None) -> str | None:
@@ -458,7 +480,7 @@ class MemoryLedger:
         inserted = set()
         if not change:
             return Committed()
-        _check_holder(self._holder and self._holder[0], change.holder)
+        self._fence(change.holder)
         for event_id in change.gone:
             self._outbox.pop(event_id, None)
         for order in change.orders:
@@ -507,8 +529,11 @@ class MemoryLedger:
             seqs[keyed.event_id] = stored.seq
         return seqs
 
-    async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
+    def _fence(self, holder: str | None) -> None:
         _check_holder(self._holder and self._holder[0], holder)
+
+    async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
+        self._fence(holder)
         for event_id in event_ids:
             self._outbox.pop(event_id, None)
 
@@ -549,7 +574,10 @@ class MemoryLedger:
         if self._holder is not None and self._holder[0] == holder:
             self._holder = (holder, True)
 
-    async def set_control(self, state: TradingState, reason: str) -> None:
+    async def set_control(
+        self, state: TradingState, reason: str, *, holder: str | None = None
+    ) -> None:
+        self._fence(holder)
         self._control = (TradingState(state), reason)
 
     async def control(self) -> tuple[TradingState, str] | None:
@@ -559,7 +587,10 @@ class MemoryLedger:
         found = [t for t in self._unbooked.values() if t.time >= since]
         return sorted(found, key=lambda t: t.time)[-limit:]
 
-    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
+    async def acknowledge_unbooked(
+        self, signatures: Sequence[str] | None, *, holder: str | None = None
+    ) -> int:
+        self._fence(holder)
         found = list(self._unbooked) if signatures is None else signatures
         return sum(self._unbooked.pop(s, None) is not None for s in found)
 
@@ -700,6 +731,14 @@ _FILL_COLUMNS = (
 )  # fmt: skip
 
 
+async def _fence(conn: Any, holder: str | None) -> None:
+    """Refuse (:class:`Superseded`) a write of ``holder``, in ``conn``'s transaction, once
+    another took over. The row is read shared: a take-over's write of the holder waits for
+    the transaction to end, and a write after it sees the new holder."""
+    if holder is not None:
+        _check_holder(await conn.fetchval(_HOLDER, HOLDER), holder)
+
+
 def _record(row: Any) -> OrderRecord:
     return OrderRecord(**{name: row[name] for name in _ORDER_COLUMNS})
 
@@ -716,10 +755,7 @@ class PostgresLedger:
         if not change:
             return Committed()
         async with self.pool.acquire() as conn, conn.transaction():
-            if change.holder is not None:
-                # shared: a take-over's write of the holder waits for this commit to end,
-                # and a commit after it sees the new holder
-                _check_holder(await conn.fetchval(_HOLDER, HOLDER), change.holder)
+            await _fence(conn, change.holder)
             inserted: set[str] = set()
             if change.orders:
                 columns = [[getattr(o, name) for o in change.orders] for name in _ORDER_COLUMNS]
@@ -793,8 +829,7 @@ class PostgresLedger:
 
     async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            if holder is not None:
-                _check_holder(await conn.fetchval(_HOLDER, HOLDER), holder)
+            await _fence(conn, holder)
             await conn.execute(_GONE, list(event_ids))
 
     async def load(
@@ -852,15 +887,19 @@ class PostgresLedger:
             holder,
         )
 
-    async def set_control(self, state: TradingState, reason: str) -> None:
-        await self.pool.execute(
-            "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
-            "ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, "
-            "reason = EXCLUDED.reason, changed_at = now()",
-            CONTROL,
-            TradingState(state).value,
-            reason,
-        )
+    async def set_control(
+        self, state: TradingState, reason: str, *, holder: str | None = None
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _fence(conn, holder)
+            await conn.execute(
+                "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, "
+                "reason = EXCLUDED.reason, changed_at = now()",
+                CONTROL,
+                TradingState(state).value,
+                reason,
+            )
 
     async def control(self) -> tuple[TradingState, str] | None:
         row = await self.pool.fetchrow(
@@ -880,12 +919,16 @@ class PostgresLedger:
             for row in reversed(rows)
         ]
 
-    async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> int:
-        rows = await self.pool.fetch(
-            "DELETE FROM trading_unbooked WHERE $1::text[] IS NULL OR signature = ANY($1) "
-            "RETURNING signature",
-            None if signatures is None else list(signatures),
-        )
+    async def acknowledge_unbooked(
+        self, signatures: Sequence[str] | None, *, holder: str | None = None
+    ) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _fence(conn, holder)
+            rows = await conn.fetch(
+                "DELETE FROM trading_unbooked WHERE $1::text[] IS NULL OR signature = ANY($1) "
+                "RETURNING signature",
+                None if signatures is None else list(signatures),
+            )
         return len(rows)
 
     async def orders(
