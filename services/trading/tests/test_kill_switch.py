@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.common.db.pool import create_pool
 from pumpflow.common.events import ExitOrder, make_event
+from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.proxy import TcpProxy
-from pumpflow.common.trading import TradingState
-from pumpflow.trading.ledger import PostgresLedger
-from pumpflow.trading.service import TradingService
+from pumpflow.common.trading import TradingState, UnbookedTrade
+from pumpflow.trading.ledger import LedgerChange, PostgresLedger
+from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .test_service import publish, ready
@@ -28,9 +29,15 @@ from .test_service import publish, ready
 TOKEN = "kill-switch-token"
 
 
-def trading(ledger: PostgresLedger, registry: CollectorRegistry | None = None) -> TradingService:
+def trading(
+    ledger: PostgresLedger, registry: CollectorRegistry | None = None, **overrides
+) -> TradingService:
     config = TradingSettings.load(
-        service="trading", transport="memory", api_token=TOKEN, trading_halt_store_wait_s=0.2
+        service="trading",
+        transport="memory",
+        api_token=TOKEN,
+        trading_halt_store_wait_s=0.2,
+        **overrides,
     )
     registry = CollectorRegistry() if registry is None else registry
     return TradingService(config, registry=registry, ledger=ledger)
@@ -233,6 +240,13 @@ async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sen
         assert service.executor.due(clock.now() + 3600.0) == []
 
 
+def stored_halt(service: TradingService, reason: str) -> bool:
+    """Whether the halt of ``reason`` is applied and stored (before it was given, the
+    state stored is the one before)."""
+    view = service.state_view()
+    return view["operator_reason"] == reason and view["operator_state_stored"]
+
+
 def through(proxy: TcpProxy, dsn: str) -> str:
     """``dsn`` with the proxy for its server."""
     parts = urlsplit(dsn)
@@ -263,7 +277,7 @@ async def test_an_entry_whose_store_lost_its_reply_after_the_halt_came_is_stored
                     await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
                                      what="the entry's store waiting for the lock")  # fmt: skip
                     halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
-                    await eventually(lambda: service.state_view()["operator_state_stored"],
+                    await eventually(lambda: stored_halt(service, "operator"),
                                      what="the halt applied and stored")  # fmt: skip
                     # the entry's transaction is stored, its commit's answer never comes
                     proxy.lose_replies(1, containing=b"COMMIT\x00")
@@ -314,7 +328,7 @@ async def test_a_halt_given_while_a_resume_waits_to_apply_stands(clock, market, 
             await eventually(lambda: service._control == (TradingState.ACTIVE, "resumed"),
                              what="the resume stored, waiting to apply")  # fmt: skip
             halting = asyncio.create_task(client.post("/halt", json={"reason": "halted again"}))
-            await eventually(lambda: service.state_view()["operator_state_stored"],
+            await eventually(lambda: stored_halt(service, "halted again"),
                              what="the halt stored")  # fmt: skip
         await asyncio.wait_for(deciding, 30)
         resumed = await asyncio.wait_for(resuming, 30)
@@ -326,3 +340,77 @@ async def test_a_halt_given_while_a_resume_waits_to_apply_stands(clock, market, 
         assert service.risk.operator_reason == "halted again"
         await publish(bus, market.prediction(mint))
         assert [o.side for o in watch.payloads("order.requested")] == ["sell"]
+
+
+async def taken_over(service: TradingService, ledger: PostgresLedger, holder: str) -> None:
+    """Another replica, ``holder``, takes trading over: its lease, then the ledger (it
+    names itself the holder), before this replica's renewal could tell it."""
+    await service.leader.lease.store.set_many({LEASE_PREFIX + LEASE_NAME: holder.encode()},
+                                              ttl=600.0)  # fmt: skip
+    await ledger.load(remembered=10, holder=holder)
+
+
+def tracebacks(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_a_halt_meeting_a_take_over_says_in_one_line_it_was_not_recorded_here(
+    clock, market, pg_pool, caplog
+):
+    """The halt comes to the replica trading just after another took the ledger over
+    (its lease's renewal has not told it yet): the ledger refuses to store it. The
+    replica says so in one line, no traceback, answers 409 naming the holder, and stands
+    by at once; the ledger's state is the holder's, not this halt."""
+    ledger = PostgresLedger(pg_pool)
+    # renewed next in 200 s: only the refusal has it stand by within the test
+    service = trading(ledger, trading_lease_ttl_s=600.0)
+    async with running(clock, service) as (_, _, client):
+        await taken_over(service, ledger, "t2:holder")
+        caplog.clear()
+        answer = await client.post("/halt", json={"reason": "operator"})
+        assert answer.status_code == 409, answer.text
+        detail = answer.json()["detail"]
+        assert detail.startswith("halt not recorded: this replica"), detail
+        assert "another replica took over" in detail and "t2:holder holds it" in detail, detail
+        await eventually(lambda: service.role == "standby", 10.0, what="standing by")
+        assert await ledger.control() is None
+        assert tracebacks(caplog) == []
+        [said] = [r for r in caplog.records if "was not recorded" in r.getMessage()]
+        assert "no longer holds trading" in said.getMessage()
+        assert service.state_view()["operator_state_stored"] is True
+
+
+async def test_the_operators_writes_are_refused_unless_this_replica_holds_trading(
+    clock, market, pg_pool, caplog
+):
+    """A resume given to the replica trading just after another took the ledger over is
+    refused by the ledger (fenced as a commit): it does not undo the halt the holder was
+    given. Once it stands by, the replica refuses a halt, a resume and an acknowledgement
+    of unbooked trades at once (409, naming the holder): stored, they would apply
+    nowhere, or late, over what the holder was given since."""
+    ledger = PostgresLedger(pg_pool)
+    service = trading(ledger, trading_lease_ttl_s=600.0)
+    async with running(clock, service) as (_, _, client):
+        await taken_over(service, ledger, "t2:holder")
+        await ledger.set_control(TradingState.HALTED, "the holder's", holder="t2:holder")
+        trade = UnbookedTrade(signature="s1", mint="MintA", side="buy", tokens=1.0, sol=0.1,
+                              time=clock.now(), candidates=())  # fmt: skip
+        await ledger.commit(LedgerChange(unbooked=[trade], holder="t2:holder"))
+        caplog.clear()
+        answer = await client.post("/resume", json={"reason": "late"})
+        assert answer.status_code == 409, answer.text
+        assert "resume not recorded" in answer.json()["detail"], answer.text
+        assert "t2:holder holds it" in answer.json()["detail"], answer.text
+        await eventually(lambda: service.role == "standby", 10.0, what="standing by")
+        for path, body in (
+            ("/halt", {"reason": "operator"}),
+            ("/resume", {"reason": "operator"}),
+            ("/unbooked/acknowledge", {"signatures": None}),
+        ):
+            answer = await client.post(path, json=body)
+            assert answer.status_code == 409, (path, answer.text)
+            detail = answer.json()["detail"]
+            assert "(it stands by); t2:holder holds it: give it there" in detail, detail
+        assert await ledger.control() == (TradingState.HALTED, "the holder's")
+        assert [t.signature for t in await ledger.unbooked(since=0.0, limit=10)] == ["s1"]
+        assert tracebacks(caplog) == []

@@ -51,11 +51,12 @@ every order, fill and position.
   1/N of the capital and limits, and the tokens split between them by mint hash.
 - Timers on the injected clock (every ``trading_tick_s``, one loop a leadership
   term): orders due without a later trade, the breakers' silence and recoveries,
-  the trading day, and the operator's state as the ledger holds it (a halt given
-  to another replica or by the CLI).
-- The kill switch: a halt given here applies before the next event, Postgres or not,
-  and is stored for the other replicas and restarts, as soon as Postgres takes it; a
-  resume is stored first, and refused while Postgres is away (see :meth:`halt`).
+  the trading day, and the operator's state as the ledger holds it (a halt this
+  replica stored in a term before, or a predecessor did).
+- The kill switch: a halt given to the replica that trades applies before the next
+  event, Postgres or not, and is stored for the other replicas and restarts, as soon as
+  Postgres takes it; a resume is stored first, and refused while Postgres is away (see
+  :meth:`halt`).
 - Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
@@ -65,7 +66,10 @@ every order, fill and position.
   or until the operator acknowledges it (``POST /unbooked/acknowledge``).
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
-  API token.
+  API token, and only the replica that trades takes them, its writes fenced in the
+  ledger as its commits are (``trading_holder``): a stand-by, or a replica another took
+  over from, refuses them (409, naming the holder when known), as stored there they
+  would apply nowhere, or late, over what the holder was given since.
 """
 
 from __future__ import annotations
@@ -183,6 +187,17 @@ class ControlNotStored(RuntimeError):
     """The operator's state could not be stored in the ledger, so it is not applied."""
 
 
+class NotHolder(RuntimeError):
+    """An operator's write (the trading state, an acknowledgement of unbooked trades)
+    given to a replica that does not hold trading: it stands by, or another took over
+    (:class:`Superseded`). Nothing of it is stored: give it to the holder.
+
+    Waited out and handed back as :class:`Superseded` is, when a shutdown's halt meets it
+    (its replica stands by at once)."""
+
+    transient_dependency = "lease"
+
+
 def _check_live(settings: TradingSettings) -> None:
     """Refuse to start live without the explicit switch, the key and the wallet."""
     if not settings.trading_live_enabled:
@@ -297,6 +312,8 @@ class TradingService(Service):
         self._control_unstored = False
         #: why the last attempt to store it failed
         self._control_error = ""
+        #: the ledger refused it: another replica took over (it is not retried)
+        self._control_refused: Superseded | None = None
         #: operator's states given here so far: a read of the ledger's from before the
         #: last one is not applied
         self._control_changes = 0
@@ -883,8 +900,15 @@ class TradingService(Service):
 
     async def acknowledge_unbooked(self, signatures: Sequence[str] | None) -> dict[str, Any]:
         """Forget the unbooked trades ``signatures`` (all when None): the operator has
-        seen to them (booked by hand, or known to be hand trades)."""
-        acknowledged = await self.ledger.acknowledge_unbooked(signatures)
+        seen to them (booked by hand, or known to be hand trades). Only the replica that
+        trades takes it, fenced as a commit is (:class:`NotHolder` elsewhere)."""
+        if not self._leading:
+            raise await self._not_holder("acknowledge")
+        try:
+            acknowledged = await self.ledger.acknowledge_unbooked(signatures, holder=self._writer)
+        except Superseded as exc:
+            self._superseded()
+            raise await self._not_holder("acknowledge", exc) from exc
         which = "" if signatures is None else f": {', '.join(signatures)}"
         log.warning("trading: %d unbooked trades of the live wallet acknowledged%s",
                     acknowledged, which)  # fmt: skip
@@ -1292,39 +1316,52 @@ class TradingService(Service):
         neither a tick nor a take-over here puts the ledger's older state back.
 
         The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
-        says whether the ledger holds the halt, ``detail`` what that means. A replica
-        that stands by applies nothing itself: the trading replica reads the halt from
-        the ledger on its next tick once it is stored.
+        says whether the ledger holds the halt, ``detail`` what that means.
+
+        Only the replica that trades takes it, and the ledger stores it only while this
+        replica holds it (as a commit): one that stands by, or was fenced off by another
+        taking over, refuses it (:class:`NotHolder`, naming the holder when known), since
+        it would apply nowhere, and a late write of it would undo a state the holder was
+        given since. Refused after it was applied here (another took over while it was
+        stored), it is not retried: one line says it was not recorded.
         """
         state = TradingState.HALTED
+        if not self._leading:
+            raise await self._not_holder("halt")
         self._given(state, reason)
-        if self._leading:
-            self.risk.set_state(state, reason)
-            step = _Step()
-            self._report(step, self.risk.take_reports(), cause=None)
-            self._backlog.append(step)
-            refused = self._refuse_unsent_entries(reason)
-            if refused:
-                log.warning("trading: %d entries decided before the halt and not sent yet "
-                            "are refused", refused)  # fmt: skip
+        self.risk.set_state(state, reason)
+        step = _Step()
+        self._report(step, self.risk.take_reports(), cause=None)
+        self._backlog.append(step)
+        refused = self._refuse_unsent_entries(reason)
+        if refused:
+            log.warning("trading: %d entries decided before the halt and not sent yet "
+                        "are refused", refused)  # fmt: skip
         writer = self._control_writer
         if writer is None or writer.done():
             writer = self._control_writer = asyncio.create_task(
                 self._store_control(), name="trading:control"
             )
         await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
+        if self._control_refused is not None:
+            raise await self._not_holder("halt", self._control_refused)
         stored = not self._control_unstored
         if stored and self._leading:
             try:
                 async with self._lock:
                     await self._flush()
+            except Superseded:
+                # standing by already: what is left is the next holder's
+                log.warning("trading: the halt is stored; this replica no longer holds "
+                            "trading, so its announcement is left to the holder")  # fmt: skip
             except Exception:
                 log.exception("trading: publishing the halt failed; the next round does")
             self.metrics.book(self.book, self.risk)
         return {**self.state_view(), "stored": stored, "detail": self._halt_detail(stored)}
 
     async def resume(self, reason: str = "resumed") -> dict[str, Any]:
-        """Resume entries: stored first, then applied here when this replica trades.
+        """Resume entries: stored first, then applied here; refused (:class:`NotHolder`)
+        unless this replica trades, as a halt is.
 
         Refused (:class:`ControlNotStored`) while Postgres is away, and while a halt
         given here is not stored yet: resumed here alone, this replica would trade while
@@ -1332,6 +1369,8 @@ class TradingService(Service):
         and this one's next tick would undo. Trading stays halted until Postgres is back.
         """
         state = TradingState.ACTIVE
+        if not self._leading:
+            raise await self._not_holder("resume")
         if self._control_unstored:
             raise ControlNotStored(
                 f"not resumed: the halt given here ({self._control[1]}) is not stored yet, "
@@ -1342,7 +1381,10 @@ class TradingService(Service):
         before = self._control_changes
         try:
             async with self._control_lock:
-                await self.ledger.set_control(state, reason)
+                await self.ledger.set_control(state, reason, holder=self._writer)
+        except Superseded as exc:
+            self._superseded()
+            raise await self._not_holder("resume", exc) from exc
         except Exception as exc:
             raise ControlNotStored(
                 "not resumed: the ledger (Postgres) is unavailable "
@@ -1368,9 +1410,33 @@ class TradingService(Service):
                 self.metrics.book(self.book, self.risk)
         return self.state_view()
 
+    async def _not_holder(self, what: str, refused: Superseded | None = None) -> NotHolder:
+        """The refusal of ``what`` on a replica that does not hold trading (``refused``:
+        the ledger's, another having taken over), naming the holder when known."""
+        leader = self.leader
+        current = None
+        if leader is not None:
+            with contextlib.suppress(Exception):
+                current = await asyncio.wait_for(leader.current_holder(), 1.0)
+        me = leader.holder if leader is not None else self.settings.replica
+        if refused is None and leader is not None and leader.is_leader:
+            return NotHolder(
+                f"{what} not recorded: this replica ({me}) is taking trading over and does "
+                "not trade yet: give it again in a moment"
+            )
+        if current == me:
+            current = None  # the ledger has another, whose lease is not seen yet
+        held = f"{current} holds it" if current else "the holder is not known here"
+        why = "another replica took over" if refused is not None else "it stands by"
+        return NotHolder(
+            f"{what} not recorded: this replica ({me}) does not hold trading ({why}); "
+            f"{held}: give it there"
+        )
+
     def _given(self, state: TradingState, reason: str) -> None:
         self._control = (state, reason)
         self._control_unstored = True
+        self._control_refused = None
         self._control_changes += 1
         self.metrics.operator_state(False)
 
@@ -1383,7 +1449,21 @@ class TradingService(Service):
             control = self._control
             try:
                 async with self._control_lock:
-                    await self.ledger.set_control(*control)
+                    await self.ledger.set_control(*control, holder=self._writer)
+            except Superseded as exc:
+                # nothing to retry: the holder decides the state now, and its own may be
+                # newer than this one
+                self._control_refused = exc
+                self._superseded()
+                self._control_unstored = False
+                self._control_error = ""
+                self.metrics.operator_state(True)
+                log.error(
+                    "trading: the operator's %s (%s) was not recorded: this replica no longer "
+                    "holds trading (another took over the ledger); give it to the holder",
+                    *control,
+                )  # fmt: skip
+                return
             except Exception as exc:
                 self._control_error = f"{type(exc).__name__}: {exc}"
                 if not failed:
@@ -1571,7 +1651,10 @@ class TradingService(Service):
                 not isinstance(signatures, list) or not all(isinstance(s, str) for s in signatures)
             ):
                 raise HTTPException(422, "signatures: a list of the trades' signatures")
-            return await self.acknowledge_unbooked(signatures)
+            try:
+                return await self.acknowledge_unbooked(signatures)
+            except NotHolder as exc:
+                raise HTTPException(409, str(exc)) from exc
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:
@@ -1589,7 +1672,10 @@ class TradingService(Service):
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             if self.risk is None:
                 raise HTTPException(503, "not started")
-            view = await self.halt(reason_of(body, "kill switch (HTTP)"))
+            try:
+                view = await self.halt(reason_of(body, "kill switch (HTTP)"))
+            except NotHolder as exc:
+                raise HTTPException(409, str(exc)) from exc
             # 202: taken, and not stored yet (the detail says what holds meanwhile)
             return JSONResponse(jsonable_encoder(view), status_code=200 if view["stored"] else 202)
 
@@ -1601,6 +1687,8 @@ class TradingService(Service):
                 return await self.resume(reason_of(body, "resumed (HTTP)"))
             except ControlNotStored as exc:
                 raise HTTPException(503, str(exc)) from exc
+            except NotHolder as exc:
+                raise HTTPException(409, str(exc)) from exc
 
         return api
 
