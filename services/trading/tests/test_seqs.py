@@ -6,7 +6,6 @@ the seq it was given, so a consumer sees no gap."""
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -18,7 +17,7 @@ from pumpflow.trading.ledger import PostgresLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .test_service import LostReplyLedger, publish, ready, running, trading
+from .test_service import LostReplyLedger, lost_reply, publish, ready, running, trading
 
 
 class KilledBeforePublishing(TradingService):
@@ -82,9 +81,7 @@ async def test_events_a_commit_whose_reply_was_lost_numbered_keep_their_seqs(clo
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
         prediction = market.prediction(mint)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([prediction])
+        await lost_reply(ledger, service, prediction)
         assert numbered(watch, mint) == []
         await service.on_events([prediction])  # the bus hands it back
         await clock.advance(1.0)
@@ -105,9 +102,7 @@ async def test_a_withdrawn_orders_request_told_by_the_replica_standing_by_keeps_
     service = trading(ledger)
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([market.prediction(mint)])
+        await lost_reply(ledger, service, market.prediction(mint))
         await service.leader.stop()
         assert numbered(watch, mint) == [("order.requested", 1), ("order.rejected", 2)]
 

@@ -458,6 +458,15 @@ class LostReplyLedger(MemoryLedger):
         return committed
 
 
+async def lost_reply(ledger: LostReplyLedger, service: TradingService, event: Event) -> None:
+    """``service`` decides on ``event``: the commit of what it decided reaches the ledger,
+    and its reply is lost (the call fails as the bus sees it, and nothing is sent)."""
+    ledger.lose_next = True
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await service.on_events([event])
+    assert not ledger.lose_next, "nothing was stored"
+
+
 async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clock, market):
     """The retry finds the order stored by its own decision: it is sent, once (taken for
     a redelivery's, it was never sent, its capital released, the ledger saying sent)."""
@@ -466,9 +475,7 @@ async def test_an_order_stored_by_a_commit_whose_reply_was_lost_is_sent_once(clo
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
         prediction = market.prediction(mint)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([prediction])
+        await lost_reply(ledger, service, prediction)
         assert watch.count("order.requested") == 0
         await service.on_events([prediction])  # the bus hands it back
         [request] = watch.payloads("order.requested")
@@ -493,9 +500,7 @@ async def test_an_order_a_lost_commit_stored_is_stored_refused_by_the_replica_st
     service = trading(ledger)
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([market.prediction(mint)])
+        await lost_reply(ledger, service, market.prediction(mint))
         await service.leader.stop()
         assert service.role == "standby"
         [order] = await ledger.orders(limit=10)
@@ -525,9 +530,7 @@ async def test_an_entry_withdrawn_with_its_id_taken_is_decided_again_under_an_id
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
         prediction = market.prediction(mint)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([prediction])
+        await lost_reply(ledger, service, prediction)
         await service.leader.stop()
         [withdrawn] = watch.payloads("order.rejected")
 
@@ -565,9 +568,7 @@ async def test_a_take_over_waits_for_the_predecessor_to_withdraw_the_entry_it_ne
     async with running(clock, first) as (bus, watch):
         mint = await ready(bus, market)
         prediction = market.prediction(mint)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await first.on_events([prediction])
+        await lost_reply(ledger, first, prediction)
 
         async def lose_the_lease_late() -> None:
             # the next holder has the lease and is taking over
@@ -606,9 +607,7 @@ async def test_a_predecessor_that_stands_by_too_late_stores_nothing_behind_the_n
     second = trading(ledger, trading_predecessor_wait_s=0.05)
     async with running(clock, first) as (bus, watch):
         mint = await ready(bus, market)
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await first.on_events([market.prediction(mint)])
+        await lost_reply(ledger, first, market.prediction(mint))
         [order] = await ledger.orders(limit=10)
         async with running(clock, second) as (_, watch2):
             assert second.reconciled == {order["order_id"]: "resubmitted"}
@@ -779,9 +778,7 @@ async def test_a_sale_a_lost_commit_stored_is_refused_aloud_by_the_replica_stand
             position_id=opened.position_id,
             token_amount=opened.token_amount,
         )
-        ledger.lose_next = True
-        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
-            await service.on_events([make_event(sale, source="exit/t", time=clock.now())])
+        await lost_reply(ledger, service, make_event(sale, source="exit/t", time=clock.now()))
         await service.leader.stop()
         stored = {o["order_id"]: o for o in await ledger.orders(limit=10)}
         assert stored[sale.order_id]["state"] == "rejected"
