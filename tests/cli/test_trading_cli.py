@@ -22,7 +22,7 @@ STORED = {"stored": True, "detail": "halted in this replica at once; stored"}
 UNSTORED_ACTIVE = {"stored": False, "detail": "halted in this replica at once; NOT stored yet"}
 UNSTORED_STANDBY = {
     "stored": False,
-    "detail": "not applied here: this replica stands by; NOT stored yet",
+    "detail": "halted in this replica, which has stood by since (its lease lost); NOT stored",
 }
 
 
@@ -58,7 +58,7 @@ async def pumpflow_trading(base: str, *args: str) -> int:
         ("active", STORED, 0),
         # applied where it trades, stored later: said, and told apart from a success
         ("active", UNSTORED_ACTIVE, 3),
-        # a stand-by applies nothing itself: the halt took effect nowhere
+        # its lease lost while the halt waited for Postgres: it took effect nowhere
         ("standby", UNSTORED_STANDBY, 1),
         ("standby", STORED, 0),
     ],
@@ -91,7 +91,7 @@ def refusing(status: int, detail: str) -> Starlette:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": detail}, status, headers=headers)
 
-    paths = ("/state", "/halt", "/resume", "/shutdown", "/progress")
+    paths = ("/state", "/halt", "/resume", "/unbooked/acknowledge", "/shutdown", "/progress")
     return Starlette(routes=[Route(path, refuse, methods=["GET", "POST"]) for path in paths])
 
 
@@ -110,6 +110,16 @@ def refusing(status: int, detail: str) -> Starlette:
         (["trading", "state"], 503, "trading is starting: waiting for postgres",
          "cannot do it now (503: unavailable): trading is starting: waiting for postgres"),
         (["stop"], 503, "not started", "cannot do it now (503: unavailable): not started"),
+        (["trading", "halt"], 409,
+         "halt not recorded: this replica (t2:ab12) does not hold trading (it stands by); "
+         "t1:cd34 holds it: give it there",
+         "refused it (409 Conflict): halt not recorded: this replica (t2:ab12) does not hold "
+         "trading (it stands by); t1:cd34 holds it: give it there"),
+        (["trading", "acknowledge"], 409,
+         "acknowledge not recorded: this replica (t1:cd34) does not hold trading (another "
+         "replica took over); t2:ab12 holds it: give it there",
+         "refused it (409 Conflict): acknowledge not recorded: this replica (t1:cd34) does "
+         "not hold trading (another replica took over); t2:ab12 holds it: give it there"),
         (["trading", "halt"], 403,
          "mutating endpoints are disabled: a token must be configured (PUMPFLOW_API_TOKEN)",
          "refused it (403 Forbidden): mutating endpoints are disabled: a token must be "

@@ -2,12 +2,14 @@
 and the acknowledgement of the live wallet's unbooked trades.
 
 Talks to a trading replica's HTTP API (``--url``, default the local one) with the
-bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes it: the state is stored in
-the ledger, applied at once by the replica that trades and read by the others; a halt
-outlives restarts until a resume. A halt given to the trading replica while Postgres is
-away applies there at once and is stored once Postgres is back (said so, exit status
-3); given to a stand-by then, it applies nowhere (exit status 1: halt the trading
-replica). A resume is refused meanwhile.
+bearer token of ``PUMPFLOW_API_TOKEN``. Only the replica that trades takes a halt, a
+resume or an acknowledgement: it applies the state at once and stores it in the ledger,
+where the others read it; a halt outlives restarts until a resume. A stand-by, or a
+replica another took over from, refuses them (409, exit status 1, one line naming the
+replica that holds trading when known: give it there). A halt given while Postgres is
+away applies at once and is stored once Postgres is back (said so, exit status 3); if
+the replica stands by meanwhile, it applies nowhere (exit status 1: halt the replica
+trading now). A resume is refused meanwhile.
 
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once

@@ -1516,16 +1516,17 @@ class TradingService(Service):
         if self._leading:
             done = "halted in this replica at once"
         else:
-            done = "not applied here: this replica stands by"
+            # taken while it traded: its lease went while the halt was stored
+            done = "halted in this replica, which has stood by since (its lease lost)"
         if stored:
-            after = "" if self._leading else "; the trading replica applies it on its next tick"
+            after = "" if self._leading else "; the replica taking over applies it"
             return f"{done}; stored, so other replicas and a restart keep it{after}"
         return (
             f"{done}; NOT stored yet: the ledger (Postgres) is unavailable "
             f"({self._control_error or 'no answer yet'}); stored as soon as it is back "
-            "(retried meanwhile), until then a replica taking over or a restart does not "
-            "know of it"
-            + ("" if self._leading else ", nor does the trading replica: halt it there")
+            "(retried meanwhile, unless another replica takes trading over first), until "
+            "then a replica taking over or a restart does not know of it"
+            + ("" if self._leading else ": halt the replica trading now")
         )
 
     # ---------------------------------------------------------------- reads
