@@ -1169,6 +1169,39 @@ async def test_memory_queues_wait_for_a_consumer(service):
     await bus.close()
 
 
+@pytest.mark.parametrize("synchronous", [True, False])
+async def test_a_keyless_event_handed_back_to_a_replica_leaving_goes_with_its_own_queue(
+    service, synchronous
+):
+    """A replica's handler waits for a dependency on a keyless event (its own copy, on its
+    own lane) when the replica unsubscribes: the event is handed back, unhandled, and goes
+    with the replica's own queue, as RabbitMQ deletes it with its consumer; nothing is
+    left in flight for the bus to wait for (a drain timed out on it)."""
+
+    class Away(RuntimeError):
+        transient_dependency = "store"
+
+    bus = InMemoryBus(partitions=2, synchronous=synchronous)
+    await bus.start()
+    calls: list[str] = []
+
+    async def handler(event: Event) -> None:
+        calls.append(event.id)
+        raise Away("the store is away")
+
+    critical = ("system.shutdown",)
+    subscription = Subscription(service=service, patterns=critical, handler=handler)
+    await bus.subscribe(subscription)
+    shutdown = make_event(SystemShutdown(reason="test"), source="cli/t", time=time.time())
+    publishing = asyncio.ensure_future(bus.publish(shutdown))
+    await eventually(lambda: calls, what="the handler waiting for its dependency")
+    await asyncio.wait_for(bus.unsubscribe(subscription), 10.0)
+    await asyncio.wait_for(publishing, 10.0)
+    assert await bus.drain(timeout=2.0)
+    assert await bus.dead_letters(service) == []
+    await bus.close()
+
+
 # ------------------------------------------------------------------------ factory, metrics
 
 

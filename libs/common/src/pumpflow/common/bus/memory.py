@@ -380,16 +380,25 @@ class InMemoryBus(EventBus):
         if detached is None:
             return
         _, replica = detached
-        for lane in (replica.broadcast, replica.critical_broadcast):
-            # a replica's own queues go with it; what they held is not anyone else's
-            self._settle(len(lane.items))
-            lane.items.clear()
-            lane.wakeup.set()
+        self._drop_own(replica)
         await self._hand_back_waiting(list(replica.busy), replica)
+        # and what its handlers handed back meanwhile (waiting for a dependency)
+        self._drop_own(replica)
         for lane in (replica.broadcast, replica.critical_broadcast):
             if lane.worker is not None:
                 lane.worker.cancel()
                 lane.worker = None
+
+    def _drop_own(self, replica: _Replica) -> None:
+        """Empty a leaving replica's own queues: they go with it, as RabbitMQ deletes
+        them with their consumer; what they held is not anyone else's (each replica has
+        its copy of a keyless event). Nothing starts there any more: a handler handing its
+        event back would have it start again at once, for ever."""
+        for lane in (replica.broadcast, replica.critical_broadcast):
+            lane.consumer = None
+            self._settle(len(lane.items))
+            lane.items.clear()
+            lane.wakeup.set()
 
     async def abandon(self, subscription: Subscription) -> None:
         """Drop a replica the way a crash drops it (queued mode; for tests of crashes).
