@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import replace
 
 import asyncpg
@@ -675,6 +676,37 @@ async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands
         assert await bus.dead_letters("trading") == []
         assert watch.count("order.requested") == 0 and watch.count("order.rejected") == 0
         assert await ledger.orders(limit=10) == []
+
+
+async def test_a_shutdown_meeting_a_take_over_is_handed_back_not_taken_as_handled(
+    clock, market, caplog
+):
+    """A ``system.shutdown`` (keyless: each replica gets its own copy) comes to a replica
+    another took the ledger over from, its lease's loss not seen yet. Its halt is refused
+    by the ledger: the shutdown is neither acknowledged as handled (no barrier announced
+    from a book no longer the ledger's) nor dead-lettered; it waits, as for a dependency,
+    until the replica stands by, at once, and is handed back, its copy going with the
+    replica's own queue. The holder handles its own copy; nothing is stored from here."""
+    ledger = MemoryLedger()
+    service = trading(ledger, trading_lease_ttl_s=600.0)
+    async with running(clock, service) as (bus, watch):
+        await ready(bus, market)
+        await service.leader.lease.store.set_many(
+            {LEASE_PREFIX + LEASE_NAME: b"another replica"}, ttl=600.0
+        )
+        await ledger.load(remembered=10, holder="another replica")
+        caplog.clear()
+        caplog.set_level(logging.INFO, "pumpflow.common.bus.dispatch")
+        shutdown = make_event(SystemShutdown(reason="operator"), source="cli/t", time=clock.now())
+        async with asyncio.timeout(10.0):
+            await publish(bus, shutdown)  # handled inline: it returns once handed back
+        assert service.role == "standby"
+        assert await bus.dead_letters("trading") == []
+        assert watch.count("trading.barrier") == 0
+        assert await ledger.control() is None
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+        assert any("handed back" in r.getMessage() for r in caplog.records)
+        assert await bus.drain(timeout=2.0)
 
 
 class OutboxWatchingLedger(MemoryLedger):
