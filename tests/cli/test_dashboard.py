@@ -137,10 +137,12 @@ class _AwayLedger(MemoryLedger):
 
     away = True
 
-    async def set_control(self, state: TradingState, reason: str) -> None:
+    async def set_control(
+        self, state: TradingState, reason: str, *, holder: str | None = None
+    ) -> None:
         if self.away:
             raise ConnectionError("the ledger is away")
-        await super().set_control(state, reason)
+        await super().set_control(state, reason, holder=holder)
 
 
 def drawn(renderable) -> str:
