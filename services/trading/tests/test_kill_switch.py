@@ -12,14 +12,17 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pumpflow.common.clock import WallClock
 from pumpflow.common.db.pool import create_pool
 from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
+from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.common.trading import TradingState, UnbookedTrade
+from pumpflow.trading import service as service_module
 from pumpflow.trading.ledger import LedgerChange, PostgresLedger
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -354,13 +357,19 @@ def tracebacks(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.exc_info]
 
 
-async def test_a_halt_meeting_a_take_over_says_in_one_line_it_was_not_recorded_here(
+def halts_stored(caplog) -> list[str]:
+    """The lines saying a halt met a take-over and was stored for the holder."""
+    return [r.getMessage() for r in caplog.records if "met a take-over" in r.getMessage()]
+
+
+async def test_a_halt_meeting_a_take_over_is_stored_for_the_holder_in_one_line(
     clock, market, pg_pool, caplog
 ):
     """The halt comes to the replica trading just after another took the ledger over
-    (its lease's renewal has not told it yet): the ledger refuses to store it. The
-    replica says so in one line, no traceback, answers 409 naming the holder, and stands
-    by at once; the ledger's state is the holder's, not this halt."""
+    (its lease's renewal has not told it yet): the ledger refuses the fenced write, so
+    the halt is stored unfenced, the operator's, for the holder to apply. The replica
+    says so in one line, no traceback, answers that it is stored and that the holder
+    (named) applies it on its next round, and stands by at once."""
     ledger = PostgresLedger(pg_pool)
     # renewed next in 200 s: only the refusal has it stand by within the test
     service = trading(ledger, trading_lease_ttl_s=600.0)
@@ -368,26 +377,27 @@ async def test_a_halt_meeting_a_take_over_says_in_one_line_it_was_not_recorded_h
         await taken_over(service, ledger, "t2:holder")
         caplog.clear()
         answer = await client.post("/halt", json={"reason": "operator"})
-        assert answer.status_code == 409, answer.text
-        detail = answer.json()["detail"]
-        assert detail.startswith("halt not recorded: this replica"), detail
-        assert "another replica took over" in detail and "t2:holder holds it" in detail, detail
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["stored"] is True, body
+        assert "another replica took trading over" in body["detail"], body
+        assert "the replica trading (t2:holder) applies it on its next round" in body["detail"]
         await eventually(lambda: service.role == "standby", 10.0, what="standing by")
-        assert await ledger.control() is None
+        assert await ledger.control() == (TradingState.HALTED, "operator")
         assert tracebacks(caplog) == []
-        [said] = [r for r in caplog.records if "was not recorded" in r.getMessage()]
-        assert "no longer holds trading" in said.getMessage()
+        [said] = halts_stored(caplog)
+        assert "no longer holds trading" in said and "stored unfenced for the holder" in said
         assert service.state_view()["operator_state_stored"] is True
 
 
-async def test_the_operators_writes_are_refused_unless_this_replica_holds_trading(
+async def test_a_resume_and_an_acknowledgement_are_refused_unless_this_replica_holds_trading(
     clock, market, pg_pool, caplog
 ):
     """A resume given to the replica trading just after another took the ledger over is
     refused by the ledger (fenced as a commit): it does not undo the halt the holder was
-    given. Once it stands by, the replica refuses a halt, a resume and an acknowledgement
-    of unbooked trades at once (409, naming the holder): stored, they would apply
-    nowhere, or late, over what the holder was given since."""
+    given. Once it stands by, the replica refuses a resume and an acknowledgement of
+    unbooked trades at once (409, naming the holder): stored, they would apply nowhere,
+    or late, over what the holder was given since."""
     ledger = PostgresLedger(pg_pool)
     service = trading(ledger, trading_lease_ttl_s=600.0)
     async with running(clock, service) as (_, _, client):
@@ -403,7 +413,6 @@ async def test_the_operators_writes_are_refused_unless_this_replica_holds_tradin
         assert "t2:holder holds it" in answer.json()["detail"], answer.text
         await eventually(lambda: service.role == "standby", 10.0, what="standing by")
         for path, body in (
-            ("/halt", {"reason": "operator"}),
             ("/resume", {"reason": "operator"}),
             ("/unbooked/acknowledge", {"signatures": None}),
         ):
@@ -414,3 +423,91 @@ async def test_the_operators_writes_are_refused_unless_this_replica_holds_tradin
         assert await ledger.control() == (TradingState.HALTED, "the holder's")
         assert [t.signature for t in await ledger.unbooked(since=0.0, limit=10)] == ["s1"]
         assert tracebacks(caplog) == []
+
+
+@pytest.fixture
+def shared_lease(monkeypatch) -> MemoryStateStore:
+    """One store the replicas of the test hold their lease in (on a market clock each
+    would have one of its own), on the wall clock as leases are."""
+    store = MemoryStateStore(WallClock())
+    monkeypatch.setattr(service_module, "lease_stores", lambda ctx: [store])
+    return store
+
+
+def halted(service: TradingService, reason: str) -> bool:
+    """Whether ``service`` (trading) applies the operator's halt of ``reason``."""
+    risk = service.risk
+    return risk.operator_state is TradingState.HALTED and risk.operator_reason == reason
+
+
+async def test_a_halt_given_to_the_stand_by_is_stored_and_the_holder_stops_entering(
+    clock, market, pg_pool, shared_lease, caplog
+):
+    """Two replicas, one trading, one standing by (the one ``docker compose exec``
+    reaches, say). The halt given to the stand-by applies nothing there and is stored
+    in the ledger, the operator's, unfenced; the answer says so and names the holder,
+    which reads it on its next round and enters nothing after. A resume is still the
+    holder's alone: the stand-by refuses it (409)."""
+    ledger = PostgresLedger(pg_pool)
+    holder, standby = trading(ledger), trading(ledger)
+    async with running(clock, holder) as (bus, watch, _):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            mint = await ready(bus, market)
+            answer = await client.post("/halt", json={"reason": "from the stand-by"})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["role"] == "standby" and body["stored"] is True, body
+            assert body["detail"].startswith("not applied here: this replica stands by"), body
+            named = f"the replica trading ({holder.leader.holder}) applies it on its next round"
+            assert named in body["detail"], body
+            assert await ledger.control() == (TradingState.HALTED, "from the stand-by")
+
+            await clock.advance(holder.settings.trading_tick_s)
+            await eventually(lambda: halted(holder, "from the stand-by"),
+                             what="the holder halted on its round")  # fmt: skip
+            assert holder.risk.state is TradingState.HALTED
+            [said] = watch.payloads("trading.state")
+            assert said.state == "halted" and said.reason == "from the stand-by"
+            await publish(bus, market.prediction(mint))
+            assert watch.count("order.requested") == 0
+
+            refused = await client.post("/resume", json={"reason": "from the stand-by"})
+            assert refused.status_code == 409, refused.text
+            assert f"{holder.leader.holder} holds it" in refused.json()["detail"]
+            assert await ledger.control() == (TradingState.HALTED, "from the stand-by")
+            assert tracebacks(caplog) == []
+
+
+async def test_a_halt_given_to_the_replica_taken_over_from_reaches_the_new_holder(
+    clock, market, pg_pool, shared_lease, caplog
+):
+    """The replica trading loses it to another (its lease ran out, say) before its
+    renewal could tell it; the halt given to it meets the take-over: applied there
+    (of no use now), it is stored for the new holder, which halts on its next round."""
+    ledger = PostgresLedger(pg_pool)
+    # the first renews in 200 s; the next campaigns every third of a second
+    first = trading(ledger, trading_lease_ttl_s=600.0)
+    second = trading(ledger, trading_lease_ttl_s=1.0)
+    async with running(clock, first) as (_, _, client):
+        async with running(clock, second) as (bus, watch, _):
+            assert (first.role, second.role) == ("active", "standby")
+            await shared_lease.delete_many([LEASE_PREFIX + LEASE_NAME])  # it ran out
+            await eventually(lambda: second.role == "active", 10.0, what="the take-over")
+            assert first.role == "active"  # not told yet
+            mint = await ready(bus, market)
+            caplog.clear()
+            answer = await client.post("/halt", json={"reason": "to the old holder"})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["stored"] is True, body
+            named = f"the replica trading ({second.leader.holder}) applies it on its next round"
+            assert named in body["detail"], body
+            await eventually(lambda: first.role == "standby", 10.0, what="standing by")
+            assert len(halts_stored(caplog)) == 1 and tracebacks(caplog) == []
+
+            await clock.advance(second.settings.trading_tick_s)
+            await eventually(lambda: halted(second, "to the old holder"),
+                             what="the new holder halted on its round")  # fmt: skip
+            await publish(bus, market.prediction(mint))
+            assert watch.count("order.requested") == 0

@@ -21,7 +21,7 @@ from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL
+from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL, TradingState
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import (
@@ -686,7 +686,8 @@ async def test_a_shutdown_meeting_a_take_over_is_handed_back_not_taken_as_handle
     by the ledger: the shutdown is neither acknowledged as handled (no barrier announced
     from a book no longer the ledger's) nor dead-lettered; it waits, as for a dependency,
     until the replica stands by, at once, and is handed back, its copy going with the
-    replica's own queue. The holder handles its own copy; nothing is stored from here."""
+    replica's own queue. The holder handles its own copy; the halt is stored for it, as
+    any halt meeting a take-over is, and that is all that is stored from here."""
     ledger = MemoryLedger()
     service = trading(ledger, trading_lease_ttl_s=600.0)
     async with running(clock, service) as (bus, watch):
@@ -703,7 +704,8 @@ async def test_a_shutdown_meeting_a_take_over_is_handed_back_not_taken_as_handle
         assert service.role == "standby"
         assert await bus.dead_letters("trading") == []
         assert watch.count("trading.barrier") == 0
-        assert await ledger.control() is None
+        assert await ledger.control() == (TradingState.HALTED, "shutdown: operator")
+        assert await ledger.orders(limit=10) == []
         assert [r.getMessage() for r in caplog.records if r.exc_info] == []
         assert any("handed back" in r.getMessage() for r in caplog.records)
         assert await bus.drain(timeout=2.0)

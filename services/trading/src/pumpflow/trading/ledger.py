@@ -48,7 +48,7 @@ before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
 the lease stores nothing its successor has not read, nor drops its successor's events;
 so are its writes of the operator's (:meth:`Ledger.set_control`,
 :meth:`Ledger.acknowledge_unbooked` with ``holder``), so it undoes nothing its
-successor was given since.
+successor was given since (an operator's halt is stored without: any replica takes it).
 A replica standing by says so once its last changes are stored (:meth:`Ledger.stood_by`);
 its successor waits for that a while (:meth:`Ledger.predecessor`) before it reads: an
 entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
@@ -369,7 +369,8 @@ class Ledger(Protocol):
     ) -> None:
         """Store the operator's state; refused (:class:`Superseded`) once another than
         ``holder`` took over, as a commit is: a replica that lost the ledger must not undo
-        what its successor was given since."""
+        what its successor was given since. Without ``holder``, stored unfenced: an
+        operator's halt given to any replica (the holder reads it on its next tick)."""
         ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...

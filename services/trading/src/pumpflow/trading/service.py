@@ -188,12 +188,14 @@ class ControlNotStored(RuntimeError):
 
 
 class NotHolder(RuntimeError):
-    """An operator's write (the trading state, an acknowledgement of unbooked trades)
-    given to a replica that does not hold trading: it stands by, or another took over
-    (:class:`Superseded`). Nothing of it is stored: give it to the holder.
+    """A resume or an acknowledgement of unbooked trades given to a replica that does not
+    hold trading: it stands by, or another took over (:class:`Superseded`). Nothing of it
+    is stored: give it to the holder. (A halt is taken anywhere: see
+    :meth:`TradingService.halt`.)
 
-    Waited out and handed back as :class:`Superseded` is, when a shutdown's halt meets it
-    (its replica stands by at once)."""
+    Waited out and handed back as :class:`Superseded` is, when a shutdown comes to a
+    replica that does not hold trading, or whose halt met a take-over (the replica stands
+    by at once): the holder halts on its own copy."""
 
     transient_dependency = "lease"
 
@@ -312,7 +314,11 @@ class TradingService(Service):
         self._control_unstored = False
         #: why the last attempt to store it failed
         self._control_error = ""
-        #: the ledger refused it: another replica took over (it is not retried)
+        #: the halt given here is stored fenced (given while this replica traded: a
+        #: replica taken over from is refused), else as the operator's, unfenced
+        self._control_fenced = False
+        #: the ledger refused the fenced write: another replica took over, and the halt
+        #: is stored unfenced instead, for it
         self._control_refused: Superseded | None = None
         #: operator's states given here so far: a read of the ledger's from before the
         #: last one is not applied
@@ -717,8 +723,16 @@ class TradingService(Service):
                 if event.id in self._barriers:
                     # handed back after its barrier, as a later event of its batch failed
                     continue
+                if not self._leading:
+                    raise NotHolder(f"shutdown {event.id}: this replica does not hold "
+                                    "trading; the holder halts on its own copy")  # fmt: skip
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}")
+                if self._control_refused is not None:
+                    # no barrier from a book no longer the ledger's: the halt is stored
+                    # for the holder, which announces its own on its copy
+                    raise NotHolder(f"shutdown {event.id}: another replica took trading "
+                                    "over; the holder halts on its own copy")  # fmt: skip
                 await self._barrier(event)
             else:
                 run.append(event)
@@ -1315,38 +1329,40 @@ class TradingService(Service):
         Postgres away it is retried until it is back, never dropped, and meanwhile
         neither a tick nor a take-over here puts the ledger's older state back.
 
-        The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
-        says whether the ledger holds the halt, ``detail`` what that means.
+        Any replica takes it: an operator in an emergency cannot be asked to find the
+        holder first. Given to the replica trading, it is stored fenced, as a commit is;
+        if another took over meanwhile (the ledger refuses it as superseded), it is
+        stored unfenced instead, in one line of the log, so the new holder halts too.
+        Given to a stand-by, it applies nothing there and is stored unfenced, as the
+        operator's state, not a replica's book: the replica trading reads it from the
+        ledger on its next tick (every ``trading_tick_s``) and halts. A halt is the safe
+        direction, so its one risk is accepted: stored late (retried while Postgres was
+        away), after a newer resume, it halts trading again.
 
-        Only the replica that trades takes it, and the ledger stores it only while this
-        replica holds it (as a commit): one that stands by, or was fenced off by another
-        taking over, refuses it (:class:`NotHolder`, naming the holder when known), since
-        it would apply nowhere, and a late write of it would undo a state the holder was
-        given since. Refused after it was applied here (another took over while it was
-        stored), it is not retried: one line says it was not recorded.
+        The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
+        says whether the ledger holds the halt, ``detail`` what that means and which
+        replica applies it (the holder named when the lease store says).
         """
         state = TradingState.HALTED
-        if not self._leading:
-            raise await self._not_holder("halt")
-        self._given(state, reason)
-        self.risk.set_state(state, reason)
-        step = _Step()
-        self._report(step, self.risk.take_reports(), cause=None)
-        self._backlog.append(step)
-        refused = self._refuse_unsent_entries(reason)
-        if refused:
-            log.warning("trading: %d entries decided before the halt and not sent yet "
-                        "are refused", refused)  # fmt: skip
+        leading = self._leading
+        self._given(state, reason, fenced=leading)
+        if leading:
+            self.risk.set_state(state, reason)
+            step = _Step()
+            self._report(step, self.risk.take_reports(), cause=None)
+            self._backlog.append(step)
+            refused = self._refuse_unsent_entries(reason)
+            if refused:
+                log.warning("trading: %d entries decided before the halt and not sent yet "
+                            "are refused", refused)  # fmt: skip
         writer = self._control_writer
         if writer is None or writer.done():
             writer = self._control_writer = asyncio.create_task(
                 self._store_control(), name="trading:control"
             )
         await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
-        if self._control_refused is not None:
-            raise await self._not_holder("halt", self._control_refused)
         stored = not self._control_unstored
-        if stored and self._leading:
+        if stored and self._leading and self._control_refused is None:
             try:
                 async with self._lock:
                     await self._flush()
@@ -1357,7 +1373,8 @@ class TradingService(Service):
             except Exception:
                 log.exception("trading: publishing the halt failed; the next round does")
             self.metrics.book(self.book, self.risk)
-        return {**self.state_view(), "stored": stored, "detail": self._halt_detail(stored)}
+        detail = await self._halt_detail(stored, leading)
+        return {**self.state_view(), "stored": stored, "detail": detail}
 
     async def resume(self, reason: str = "resumed") -> dict[str, Any]:
         """Resume entries: stored first, then applied here; refused (:class:`NotHolder`)
@@ -1410,22 +1427,29 @@ class TradingService(Service):
                 self.metrics.book(self.book, self.risk)
         return self.state_view()
 
+    async def _holder_now(self) -> str | None:
+        """The replica holding trading by the lease store, when another than this one and
+        known within a second."""
+        leader = self.leader
+        if leader is None:
+            return None
+        current = None
+        with contextlib.suppress(Exception):
+            current = await asyncio.wait_for(leader.current_holder(), 1.0)
+        # this one: the ledger has another, whose lease is not seen yet
+        return None if current == leader.holder else current
+
     async def _not_holder(self, what: str, refused: Superseded | None = None) -> NotHolder:
         """The refusal of ``what`` on a replica that does not hold trading (``refused``:
         the ledger's, another having taken over), naming the holder when known."""
         leader = self.leader
-        current = None
-        if leader is not None:
-            with contextlib.suppress(Exception):
-                current = await asyncio.wait_for(leader.current_holder(), 1.0)
+        current = await self._holder_now()
         me = leader.holder if leader is not None else self.settings.replica
         if refused is None and leader is not None and leader.is_leader:
             return NotHolder(
                 f"{what} not recorded: this replica ({me}) is taking trading over and does "
                 "not trade yet: give it again in a moment"
             )
-        if current == me:
-            current = None  # the ledger has another, whose lease is not seen yet
         held = f"{current} holds it" if current else "the holder is not known here"
         why = "another replica took over" if refused is not None else "it stands by"
         return NotHolder(
@@ -1433,37 +1457,37 @@ class TradingService(Service):
             f"{held}: give it there"
         )
 
-    def _given(self, state: TradingState, reason: str) -> None:
+    def _given(self, state: TradingState, reason: str, *, fenced: bool) -> None:
         self._control = (state, reason)
         self._control_unstored = True
+        self._control_fenced = fenced
         self._control_refused = None
         self._control_changes += 1
         self.metrics.operator_state(False)
 
     async def _store_control(self) -> None:
-        """Store the operator's state given here until the ledger takes it (retried while
-        Postgres is away): another replica taking over and a restart read it there."""
+        """Store the operator's halt given here until the ledger takes it (retried while
+        Postgres is away): the replica trading, another taking over and a restart read it
+        there. Fenced when given while this replica traded; refused so (another took
+        over), it is stored unfenced at once, for the new holder to apply."""
         delay, most = _CONTROL_RETRY_S
         failed = False
         while self._control_unstored:
             control = self._control
+            holder = self._writer if self._control_fenced else None
             try:
                 async with self._control_lock:
-                    await self.ledger.set_control(*control, holder=self._writer)
+                    await self.ledger.set_control(*control, holder=holder)
             except Superseded as exc:
-                # nothing to retry: the holder decides the state now, and its own may be
-                # newer than this one
                 self._control_refused = exc
+                self._control_fenced = False
                 self._superseded()
-                self._control_unstored = False
-                self._control_error = ""
-                self.metrics.operator_state(True)
-                log.error(
-                    "trading: the operator's %s (%s) was not recorded: this replica no longer "
-                    "holds trading (another took over the ledger); give it to the holder",
-                    *control,
+                log.warning(
+                    "trading: the operator's %s (%s) met a take-over (this replica no longer "
+                    "holds trading): stored unfenced for the holder, which applies it on its "
+                    "next round", *control,
                 )  # fmt: skip
-                return
+                continue
             except Exception as exc:
                 self._control_error = f"{type(exc).__name__}: {exc}"
                 if not failed:
@@ -1512,21 +1536,51 @@ class TradingService(Service):
             refused += len(ids)
         return refused
 
-    def _halt_detail(self, stored: bool) -> str:
-        if self._leading:
-            done = "halted in this replica at once"
+    async def _halt_detail(self, stored: bool, leading: bool) -> str:
+        """What the halt's answer means: where it applies, whether the ledger holds it
+        (``leading``: this replica traded when it was given)."""
+        if leading and self._control_refused is None:
+            if self._leading:
+                done = "halted in this replica at once"
+            else:
+                # taken while it traded: its lease went while the halt was stored
+                done = "halted in this replica, which has stood by since (its lease lost)"
+            if stored:
+                after = "" if self._leading else "; the replica taking over applies it"
+                return f"{done}; stored, so other replicas and a restart keep it{after}"
+            return (
+                f"{done}; NOT stored yet: the ledger (Postgres) is unavailable "
+                f"({self._control_error or 'no answer yet'}); stored as soon as it is back "
+                "(retried meanwhile), until then a replica taking over or a restart does not "
+                "know of it" + ("" if self._leading else ": halt the replica trading now")
+            )
+        if self.leader is not None and self.leader.is_leader and not self._leading:
+            done = "not applied here yet: this replica is taking trading over and applies it "
+            done += "as it starts"
+            if stored:
+                return f"{done}; stored, so other replicas and a restart keep it"
+            return (
+                f"{done}; NOT stored yet: the ledger (Postgres) is unavailable "
+                f"({self._control_error or 'no answer yet'}); stored as soon as it is back "
+                "(retried meanwhile)"
+            )
+        # the replica trading applies it from the ledger
+        holder = await self._holder_now()
+        trading = f"the replica trading ({holder})" if holder else "the replica trading"
+        if leading:
+            done = ("halted in this replica at once, but another replica took trading over "
+                    "meanwhile")  # fmt: skip
         else:
-            # taken while it traded: its lease went while the halt was stored
-            done = "halted in this replica, which has stood by since (its lease lost)"
+            done = "not applied here: this replica stands by"
         if stored:
-            after = "" if self._leading else "; the replica taking over applies it"
-            return f"{done}; stored, so other replicas and a restart keep it{after}"
+            return (
+                f"{done}; stored, so {trading} applies it on its next round (within "
+                f"{self.settings.trading_tick_s:g} s), and a restart keeps it"
+            )
         return (
             f"{done}; NOT stored yet: the ledger (Postgres) is unavailable "
             f"({self._control_error or 'no answer yet'}); stored as soon as it is back "
-            "(retried meanwhile, unless another replica takes trading over first), until "
-            "then a replica taking over or a restart does not know of it"
-            + ("" if self._leading else ": halt the replica trading now")
+            f"(retried meanwhile), until then {trading} does not know of it: halt it there"
         )
 
     # ---------------------------------------------------------------- reads
@@ -1673,10 +1727,7 @@ class TradingService(Service):
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             if self.risk is None:
                 raise HTTPException(503, "not started")
-            try:
-                view = await self.halt(reason_of(body, "kill switch (HTTP)"))
-            except NotHolder as exc:
-                raise HTTPException(409, str(exc)) from exc
+            view = await self.halt(reason_of(body, "kill switch (HTTP)"))
             # 202: taken, and not stored yet (the detail says what holds meanwhile)
             return JSONResponse(jsonable_encoder(view), status_code=200 if view["stored"] else 202)
 
