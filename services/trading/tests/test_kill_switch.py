@@ -511,3 +511,46 @@ async def test_a_halt_given_to_the_replica_taken_over_from_reaches_the_new_holde
                              what="the new holder halted on its round")  # fmt: skip
             await publish(bus, market.prediction(mint))
             assert watch.count("order.requested") == 0
+
+
+class AwayForControl(PostgresLedger):
+    """A ledger that takes no operator's state while ``away`` (Postgres away for the
+    replica it is given to)."""
+
+    away = True
+
+    async def set_control(self, state, reason, *, holder=None) -> None:
+        if self.away:
+            raise ConnectionError("the ledger is away")
+        await super().set_control(state, reason, holder=holder)
+
+
+async def test_a_halt_given_to_a_stand_by_cut_off_from_postgres_says_it_is_not_stored(
+    clock, market, pg_pool, shared_lease
+):
+    """No false reassurance: the stand-by cannot store the halt, so the answer says it
+    is not stored and that the replica trading (named) does not know of it; it is
+    retried, and once stored the holder halts on its next round."""
+    away = AwayForControl(pg_pool)
+    holder, standby = trading(PostgresLedger(pg_pool)), trading(away)
+    async with running(clock, holder):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            answer = await client.post("/halt", json={"reason": "cut off"})
+            assert answer.status_code == 202, answer.text
+            body = answer.json()
+            assert body["role"] == "standby" and body["stored"] is False, body
+            detail = body["detail"]
+            assert detail.startswith("not applied here: this replica stands by; NOT stored yet")
+            named = f"until then the replica trading ({holder.leader.holder}) does not know of it"
+            assert named in detail, detail
+            assert "halt it there" in detail, detail
+            assert standby.state_view()["operator_state_stored"] is False
+            await clock.advance(holder.settings.trading_tick_s)
+            assert holder.risk.operator_state is TradingState.ACTIVE
+
+            away.away = False
+            await eventually(lambda: standby.state_view()["operator_state_stored"],
+                             what="the halt stored once the ledger is back")  # fmt: skip
+            await clock.advance(holder.settings.trading_tick_s)
+            await eventually(lambda: halted(holder, "cut off"), what="the holder halted")

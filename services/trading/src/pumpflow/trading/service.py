@@ -51,12 +51,15 @@ every order, fill and position.
   1/N of the capital and limits, and the tokens split between them by mint hash.
 - Timers on the injected clock (every ``trading_tick_s``, one loop a leadership
   term): orders due without a later trade, the breakers' silence and recoveries,
-  the trading day, and the operator's state as the ledger holds it (a halt this
-  replica stored in a term before, or a predecessor did).
-- The kill switch: a halt given to the replica that trades applies before the next
-  event, Postgres or not, and is stored for the other replicas and restarts, as soon as
-  Postgres takes it; a resume is stored first, and refused while Postgres is away (see
-  :meth:`halt`).
+  the trading day, and the operator's state as the ledger holds it (a halt given to
+  a stand-by, or to a replica taken over from, or stored by a predecessor).
+- The kill switch: any replica takes a halt. Given to the replica that trades, it
+  applies before the next event, Postgres or not, and is stored (fenced) for the other
+  replicas and restarts, as soon as Postgres takes it; given to a stand-by, or meeting
+  a take-over, it is stored unfenced, as the operator's state, and the replica trading
+  applies it on its next tick. A resume is the holder's alone, stored first, and refused
+  while Postgres is away. An unfenced halt stored late, after a newer resume, halts
+  trading again: the safe failure, accepted (see :meth:`halt`).
 - Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
@@ -66,10 +69,11 @@ every order, fill and position.
   or until the operator acknowledges it (``POST /unbooked/acknowledge``).
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
-  API token, and only the replica that trades takes them, its writes fenced in the
-  ledger as its commits are (``trading_holder``): a stand-by, or a replica another took
-  over from, refuses them (409, naming the holder when known), as stored there they
-  would apply nowhere, or late, over what the holder was given since.
+  API token. Every replica takes a halt (above); only the replica that trades takes a
+  resume or an acknowledgement, its writes fenced in the ledger as its commits are
+  (``trading_holder``): a stand-by, or a replica another took over from, refuses them
+  (409, naming the holder when known), as a late one would undo what the holder was
+  given since (a resume, a successor's halt).
 """
 
 from __future__ import annotations
