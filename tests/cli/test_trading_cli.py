@@ -22,6 +22,17 @@ STORED = {"stored": True, "detail": "halted in this replica at once; stored"}
 UNSTORED_ACTIVE = {"stored": False, "detail": "halted in this replica at once; NOT stored yet"}
 UNSTORED_STANDBY = {
     "stored": False,
+    "detail": "not applied here: this replica stands by; NOT stored yet: the ledger "
+    "(Postgres) is unavailable (OSError: gone); stored as soon as it is back (retried "
+    "meanwhile), until then the replica trading (t1:cd34) does not know of it: halt it there",
+}
+STORED_STANDBY = {
+    "stored": True,
+    "detail": "not applied here: this replica stands by; stored, so the replica trading "
+    "(t1:cd34) applies it on its next round (within 1 s), and a restart keeps it",
+}
+UNSTORED_LEASE_LOST = {
+    "stored": False,
     "detail": "halted in this replica, which has stood by since (its lease lost); NOT stored",
 }
 
@@ -59,8 +70,11 @@ async def pumpflow_trading(base: str, *args: str) -> int:
         # applied where it trades, stored later: said, and told apart from a success
         ("active", UNSTORED_ACTIVE, 3),
         # its lease lost while the halt waited for Postgres: it took effect nowhere
+        ("standby", UNSTORED_LEASE_LOST, 1),
+        # a stand-by cut off from Postgres: the replica trading does not know of it
         ("standby", UNSTORED_STANDBY, 1),
-        ("standby", STORED, 0),
+        # stored by a stand-by: the replica trading, named, applies it on its next round
+        ("standby", STORED_STANDBY, 0),
     ],
 )
 async def test_a_halts_exit_status_says_where_it_took_effect(monkeypatch, capsys, role, halt,
@@ -68,8 +82,14 @@ async def test_a_halts_exit_status_says_where_it_took_effect(monkeypatch, capsys
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with local_app(replica(role, halt)) as base:
         assert await pumpflow_trading(base, "halt", "--reason", "test") == status
+    said = capsys.readouterr()
     if not halt["stored"]:
-        assert halt["detail"] in capsys.readouterr().err
+        assert halt["detail"] in said.err
+    elif role == "standby":
+        # its own state is not trading's: not printed as if it were
+        assert said.out == f"halt stored: {halt['detail']}\n", said.out
+    else:
+        assert said.out.startswith("trading is halted (test); role active"), said.out
 
 
 async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, capsys):
@@ -110,11 +130,11 @@ def refusing(status: int, detail: str) -> Starlette:
         (["trading", "state"], 503, "trading is starting: waiting for postgres",
          "cannot do it now (503: unavailable): trading is starting: waiting for postgres"),
         (["stop"], 503, "not started", "cannot do it now (503: unavailable): not started"),
-        (["trading", "halt"], 409,
-         "halt not recorded: this replica (t2:ab12) does not hold trading (it stands by); "
+        (["trading", "resume"], 409,
+         "resume not recorded: this replica (t2:ab12) does not hold trading (it stands by); "
          "t1:cd34 holds it: give it there",
-         "refused it (409 Conflict): halt not recorded: this replica (t2:ab12) does not hold "
-         "trading (it stands by); t1:cd34 holds it: give it there"),
+         "refused it (409 Conflict): resume not recorded: this replica (t2:ab12) does not "
+         "hold trading (it stands by); t1:cd34 holds it: give it there"),
         (["trading", "acknowledge"], 409,
          "acknowledge not recorded: this replica (t1:cd34) does not hold trading (another "
          "replica took over); t2:ab12 holds it: give it there",

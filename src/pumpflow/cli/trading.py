@@ -2,14 +2,18 @@
 and the acknowledgement of the live wallet's unbooked trades.
 
 Talks to a trading replica's HTTP API (``--url``, default the local one) with the
-bearer token of ``PUMPFLOW_API_TOKEN``. Only the replica that trades takes a halt, a
-resume or an acknowledgement: it applies the state at once and stores it in the ledger,
-where the others read it; a halt outlives restarts until a resume. A stand-by, or a
-replica another took over from, refuses them (409, exit status 1, one line naming the
-replica that holds trading when known: give it there). A halt given while Postgres is
-away applies at once and is stored once Postgres is back (said so, exit status 3); if
-the replica stands by meanwhile, it applies nowhere (exit status 1: halt the replica
-trading now). A resume is refused meanwhile.
+bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes a halt, so the kill switch
+needs no search for the replica trading: that one applies it at once; a stand-by (or a
+replica another took over from) stores it in the ledger, and the replica trading, named
+in what is printed, applies it on its next round (within a tick, a second by default).
+A halt outlives restarts until a resume. A halt stored late (given while Postgres was
+away, retried) after a newer resume halts trading again: resume again if so. Only the
+replica trading takes a resume or an acknowledgement: the others refuse them (409,
+exit status 1, one line naming the replica that holds trading when known: give it
+there). A halt given to the replica trading while Postgres is away applies at once and
+is stored once Postgres is back (said so, exit status 3); given to a stand-by then, it
+applies nowhere until stored (exit status 1: halt the replica trading). A resume is
+refused meanwhile.
 
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
@@ -45,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "action",
         choices=("halt", "resume", "state", "acknowledge"),
-        help="halt: no new entries (exits go on); resume: enter again; state: show it; "
-        "acknowledge: forget unbooked wallet trades seen to",
+        help="halt: no new entries (exits go on; any replica takes it); resume: enter "
+        "again (the replica trading only); state: show it; acknowledge: forget unbooked "
+        "wallet trades seen to (the replica trading only)",
     )
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
     parser.add_argument(
@@ -80,11 +85,18 @@ def trading_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(failure("trading", url, exc), file=sys.stderr)
         return 1
-    print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); role {body['role']}")
+    # a halt given to a replica that does not trade: its own state is not trading's, the
+    # detail says which replica applies the halt, and when
+    elsewhere = args.action == "halt" and body["role"] != "active"
+    if not elsewhere:
+        print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); "
+              f"role {body['role']}")  # fmt: skip
     if body.get("stored") is False:
         print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
-        # applied by the replica that trades, or by none (a stand-by applies nothing)
+        # applied by the replica that trades, or by none until it is stored
         return 3 if body["role"] == "active" else 1
+    if elsewhere:
+        print(f"halt stored: {body['detail']}")
     return 0
 
 
