@@ -1,6 +1,7 @@
 """Two trading replicas as processes over RabbitMQ, Redis and Postgres: one leads, the
-other stands by; kill -9 the leader with a paper position open and the kill switch on,
-and the standby takes over through the lease with the book and the operator's state
+other stands by; the kill switch given to the standby halts the leader on its next
+round; kill -9 the leader with a paper position open and the kill switch on, and the
+standby takes over through the lease with the book and the operator's state
 reloaded from Postgres. A prediction for the held token after the take-over orders
 nothing, and a new token is still entered once the operator resumes.
 
@@ -114,8 +115,22 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     positions = http_json(f"http://127.0.0.1:{ports[standby]}/positions")
     assert positions["role"] == "standby" and positions["source"] == "ledger", positions
     assert [p["mint"] for p in positions["positions"]] == [held], positions
-    status, body = post(f"http://127.0.0.1:{ports[leader]}/halt", TOKEN, {"reason": "before"})
-    assert status == 200 and body["state"] == "halted", body
+    # the kill switch given to the stand-by (where `docker compose exec` may land): stored,
+    # and the leader halts on its next round
+    status, body = post(f"http://127.0.0.1:{ports[standby]}/halt", TOKEN, {"reason": "before"})
+    assert status == 200 and body["stored"] is True, body
+    assert "applies it on its next round" in body["detail"], body
+
+    def leader_halted() -> bool:
+        state = http_json(f"http://127.0.0.1:{ports[leader]}/state") or {}
+        return (state.get("operator_state"), state.get("operator_reason")) == ("halted", "before")
+
+    await eventually(lambda: asyncio.to_thread(leader_halted), 30,
+                     what="the leader halted by the stand-by's halt", details=stack.logs,
+                     interval=0.2)  # fmt: skip
+    # a resume is the leader's alone
+    status, body = post(f"http://127.0.0.1:{ports[standby]}/resume", TOKEN, {"reason": "no"})
+    assert status == 409, body
 
     port = ports[standby]
     await kill_leader(stack, leader, standby, port)
