@@ -1558,7 +1558,9 @@ class TradingService(Service):
                 "(retried meanwhile), until then a replica taking over or a restart does not "
                 "know of it" + ("" if self._leading else ": halt the replica trading now")
             )
-        if self.leader is not None and self.leader.is_leader and not self._leading:
+        if not leading and self.leader is not None and self.leader.is_leader:
+            # elected, and not trading yet: the take-over applies it (given after its
+            # read of the ledger, or unstored)
             done = "not applied here yet: this replica is taking trading over and applies it "
             done += "as it starts"
             if stored:
