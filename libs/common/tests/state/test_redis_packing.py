@@ -54,3 +54,20 @@ async def test_a_tls_url_keeps_its_connection_kind():
         assert issubclass(pool.connection_class, redis_store._HiredisPacking)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {f"f{i}": i * 0.5 for i in range(30)},
+        {f"f{i}": i for i in range(600)},
+        {"a": 1.5, "b": True, "c": b"x", "d": "s"},
+        {f"f{i}": i % 3 == 0 for i in range(300)},
+    ],
+)
+def test_a_hashs_fields_flatten_as_one_call_a_field_would(fields):
+    slow = [
+        [part for k, v in chunk for part in (k, redis_store._field_value(v))]
+        for chunk in redis_store._chunks(list(fields.items()))
+    ]
+    assert redis_store._field_pairs(fields) == slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 
 import hiredis
 import redis.asyncio as redis
@@ -178,6 +179,20 @@ def _field_value(value: HashValue) -> bytes | str | int | float:
     return value
 
 
+def _field_pairs(fields: Mapping[str, HashValue]) -> list[list]:
+    """The fields' names and values in turn, a list a command (_FIELDS_PER_COMMAND fields
+    each at most). The flattening is left to C unless a value is a bool: a view's 30
+    fields went through a Python call each, about a quarter of a commit's client CPU."""
+    if bool in set(map(type, fields.values())):
+        return [
+            [part for k, v in chunk for part in (k, _field_value(v))]
+            for chunk in _chunks(list(fields.items()))
+        ]
+    if len(fields) <= _FIELDS_PER_COMMAND:
+        return [list(chain.from_iterable(fields.items()))]
+    return [list(chain.from_iterable(chunk)) for chunk in _chunks(list(fields.items()))]
+
+
 def _chunks(items: list) -> list[list]:
     return [items[i : i + _FIELDS_PER_COMMAND] for i in range(0, len(items), _FIELDS_PER_COMMAND)]
 
@@ -323,9 +338,7 @@ class RedisStateStore(StateStore):
             for chunk in _chunks(list(names)):
                 commands.append(("HDEL", self._key(key), *chunk))
         for key, fields in batch.hashes.items():
-            for chunk in _chunks(list(fields.items())):
-                pairs = [part for k, v in chunk for part in (k, _field_value(v))]
-                commands.append(("HSET", self._key(key), *pairs))
+            commands.extend(("HSET", self._key(key), *pairs) for pairs in _field_pairs(fields))
         for key, ttl in batch.expiries.items():
             if ttl is None:
                 commands.append(("PERSIST", self._key(key)))
