@@ -1,16 +1,20 @@
 """Throughput of the StateStore batch calls: in-process and Redis (pipelined).
 
 Run: .venv/bin/python benchmarks/state_store.py [--redis-url URL] [--keys N] [--rounds R]
+[--python-packing]
 
 Prints keys per second for set_many, hset_many (10 fields, with TTL), get_many and
 hgetall, and for Redis the pipelined batch against one call per key, which is what the
 pipeline saves. Then the client's CPU per ``write`` of a keyed consumer's commit of
 1, 4 and 16 keys (a 1.1 KB record with a TTL each, and a new entry in a partition
-index), and per read as a keyed consumer's restore and the feature cache make them:
+index), the same with a view of 30 float fields a key (as the features service's
+vectors), and per read as a keyed consumer's restore and the feature cache make them:
 ``hgetall`` of a 1,000-entry partition index, ``get_many`` of 100 such records,
 ``hgetall`` of a 10-field hash, and ``lists`` of a 2,000-entry list of 40-byte values
 (the model service's live labels). Which reply parser redis-py uses (hiredis when
-installed) is printed first. Keys live under a fresh namespace that is deleted afterwards.
+installed) and what packs the commands (hiredis; ``--python-packing``: redis-py's
+asyncio connection's own Python code, as the store did before) are printed first.
+Keys live under a fresh namespace that is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import time
 import uuid
 
+from redis.asyncio.connection import Connection
 from redis.utils import HIREDIS_AVAILABLE
 
 from pumpflow.common.clock import ReplayClock
@@ -62,10 +67,13 @@ async def measure(label: str, store: StateStore, keys: int, rounds: int) -> None
 async def commit_cpu(label: str, store: StateStore, writes: int) -> None:
     """Print this process's CPU per ``write`` of a commit of 1, 4 and 16 keys."""
     record = bytes(1100)
-    for keys in (1, 4, 16):
+    view = {f"feature_{j}": j * 1.37 + 0.001 for j in range(30)}
+    for keys, views in ((1, False), (4, False), (16, False), (1, True), (4, True), (16, True)):
         batch = WriteBatch()
         for i in range(keys):
             batch.set(f"svc:key:{i}", record, ttl=600)
+            if views:
+                batch.hset(f"svc:view:{i}", view)
         if keys > 1:
             batch.hset("svc:partition:0", {f"{i}": b"1" for i in range(keys)})
         for _ in range(writes // 10):  # warm: connection, script cache
@@ -74,7 +82,8 @@ async def commit_cpu(label: str, store: StateStore, writes: int) -> None:
         for _ in range(writes):
             await store.write(batch)
         cpu = (time.process_time() - started) / writes * 1e6
-        print(f"{label:<8} write of a commit, {keys:>2} keys        {cpu:>9,.0f} us CPU")
+        what = f"{keys:>2} keys" + (", views" if views else "")
+        print(f"{label:<8} write of a commit, {what:<15} {cpu:>9,.0f} us CPU")
 
 
 async def read_cpu(label: str, store: StateStore, reads: int) -> None:
@@ -113,10 +122,18 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--writes", type=int, default=2000, help="commits timed per size")
     parser.add_argument("--reads", type=int, default=2000, help="reads timed per kind")
+    parser.add_argument(
+        "--python-packing",
+        action="store_true",
+        help="pack commands with redis-py's asyncio Python code, not hiredis",
+    )
     args = parser.parse_args()
     print(f"redis-py reply parser: {'hiredis' if HIREDIS_AVAILABLE else 'pure Python'}")
     await measure("memory", MemoryStateStore(ReplayClock()), args.keys, args.rounds)
     store = RedisStateStore(url=args.redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}")
+    if args.python_packing:
+        store._client.connection_pool.connection_class = Connection
+    print(f"commands packed by: {'redis-py (Python)' if args.python_packing else 'hiredis'}")
     try:
         await measure("redis", store, args.keys, args.rounds)
         await commit_cpu("redis", store, args.writes)
