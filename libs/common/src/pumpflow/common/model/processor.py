@@ -144,8 +144,9 @@ class ModelProcessor:
         #: the live feature-set version (default: the manager's feature manager's)
         self.feature_set_version = feature_set_version or manager.feature_manager.version
         self._prepared: dict[str, _Prepared] = {}
-        #: per arm name: the arm and card its label source was made for, and the source
-        self._sources: dict[str, tuple[Arm, ModelCard, LabelSource]] = {}
+        #: per arm name: the arm and card last seen scoring for it, its predictions'
+        #: payload but for what each vector changes, and its labels' source
+        self._made_by: dict[str, tuple[Arm, ModelCard, ModelPrediction, LabelSource]] = {}
         #: vectors not scored, by reason; predictions not made, by model id and reason
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[tuple[str, str]] = Counter()
@@ -314,6 +315,7 @@ class ModelProcessor:
             first_release = tokens.next_release
         mint = effects.key
         emit = effects.emit
+        labels = self.labels
         made = 0
         for arm in self.arms.route(mint):
             model_id = arm.model_id
@@ -324,29 +326,17 @@ class ModelProcessor:
                 if found is None:
                     continue
                 card, score, seconds = found
-            label = card.label
+            made_by = self._made_by.get(arm.name)
+            if made_by is None or made_by[0] is not arm or made_by[1] is not card:
+                made_by = self._made_by_arm(arm, card)
             if tokens is not None:
-                source = self._sources.get(arm.name)
-                if source is None or source[0] is not arm or source[1] is not card:
-                    source = self._sources[arm.name] = (
-                        arm, card, LabelSource(model_id, card.version, arm.name, label)
-                    )
-                self.labels.follow(tokens, time, price, source[2], score, data.names,
-                                   data.values, None if prepared is None else prepared[0])
+                labels.follow(tokens, time, price, made_by[3], score, data.names, data.values,
+                              None if prepared is None else prepared[0])
+            # the arm's and card's payload with this vector's fields: half the time of
+            # making it from its eleven fields
             emit(
-                ModelPrediction(
-                    mint=mint,
-                    model_id=model_id,
-                    arm=arm.name,
-                    feature_set_version=data.feature_set_version,
-                    score=score,
-                    horizon_s=label.horizon_s,
-                    label=label.kind,
-                    model_version=card.version,
-                    shadow=arm.shadow,
-                    latency_s=seconds,
-                    source_seq=data.source_seq,
-                ),
+                _replace(made_by[2], mint=mint, score=score, latency_s=seconds,
+                         source_seq=data.source_seq),
                 time=time,
             )
             made += 1
@@ -362,6 +352,31 @@ class ModelProcessor:
             if tokens is not None and not tokens.items:
                 state.labels = None
         return state
+
+    def _made_by_arm(
+        self, arm: Arm, card: ModelCard
+    ) -> tuple[Arm, ModelCard, ModelPrediction, LabelSource]:
+        """What the predictions of ``arm`` scored by ``card`` share, kept until either
+        changes."""
+        label = card.label
+        made_by = self._made_by[arm.name] = (
+            arm,
+            card,
+            ModelPrediction(
+                mint="",
+                model_id=arm.model_id,
+                arm=arm.name,
+                # a vector scored is of the live version
+                feature_set_version=self.feature_set_version,
+                score=math.nan,
+                horizon_s=label.horizon_s,
+                label=label.kind,
+                model_version=card.version,
+                shadow=arm.shadow,
+            ),
+            LabelSource(arm.model_id, card.version, arm.name, label),
+        )
+        return made_by
 
     def _apply_other(self, state: ScoringState, event: Event, effects: Effects) -> ScoringState:
         """A ``token.lifecycle``: the token retires or comes back; anything else is refused."""
@@ -431,6 +446,7 @@ class ModelProcessor:
 
 
 _data_of = operator.attrgetter("data")
+_replace = msgspec.structs.replace
 _id_of = operator.attrgetter("id")
 
 
