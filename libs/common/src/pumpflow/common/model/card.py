@@ -200,9 +200,12 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
     """
     out = np.array(rows, dtype=np.float32, copy=True, ndmin=2)
     finite = np.isfinite(out)
-    if not finite.all():
+    if not _all(finite, axis=None):  # ndarray.all without its Python wrapper
         out[~finite] = np.nan
     return out
+
+
+_all = np.logical_and.reduce
 
 
 def vector_row(

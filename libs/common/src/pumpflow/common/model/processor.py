@@ -170,11 +170,11 @@ class ModelProcessor:
             return 0
         version = self.feature_set_version
         interval = self.policy.min_interval_s
-        by_model: dict[str, list[Event]] = {}
-        route = self.arms.route
+        scored: list[Event] = []
+        routed: list[tuple[Arm, ...]] = []
+        routes = self.arms.routes
         for mint, event in newest.items():
-            data = event.data
-            if data.feature_set_version != version:
+            if event.data.feature_set_version != version:
                 continue
             state = held(mint)
             if state is not None and (
@@ -182,12 +182,26 @@ class ModelProcessor:
                 or (state.scored and event.time - state.last_scored < interval)
             ):
                 continue
-            for arm in route(mint):
-                chosen = by_model.get(arm.model_id)
-                if chosen is None:
-                    by_model[arm.model_id] = [event]
-                else:
-                    chosen.append(event)
+            scored.append(event)
+            routed.append(routes[mint])
+        if not scored:
+            return 0
+        by_model: dict[str, list[Event]] = {}
+        arms = routed[0]
+        if all(map(operator.is_, routed, repeat(arms))) and len(
+            {arm.model_id for arm in arms}
+        ) == len(arms):
+            # every token routed alike (one live arm, or all on one): each model scores all
+            for arm in arms:
+                by_model[arm.model_id] = scored
+        else:
+            for event, arms in zip(scored, routed, strict=True):
+                for arm in arms:
+                    chosen = by_model.get(arm.model_id)
+                    if chosen is None:
+                        by_model[arm.model_id] = [event]
+                    else:
+                        chosen.append(event)
         rows = 0
         prepared = self._prepared
         following = self.labels is not None
@@ -317,7 +331,7 @@ class ModelProcessor:
         emit = effects.emit
         labels = self.labels
         made = 0
-        for arm in self.arms.route(mint):
+        for arm in self.arms.routes[mint]:
             model_id = arm.model_id
             if prepared is not None and prepared[1] == model_id:
                 card, score, seconds = prepared[2]
