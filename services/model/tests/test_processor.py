@@ -244,3 +244,41 @@ def test_a_backlog_of_a_tokens_prices_labels_its_predictions_as_delivered_live(l
     live = labels_with(0.0)
     assert live[0] == (0.0, 1.0)
     assert labels_with(lag) == live
+
+
+def test_predictions_of_an_arm_share_nothing_of_another_tokens_or_versions(tmp_path):
+    """Each prediction is its arm's and card's, with its own vector's fields, across
+    tokens, a table swapped and a model swapped (what an arm's predictions share is
+    kept between them)."""
+    models = manager(other=other_model(tmp_path))
+    arms = ArmTable([
+        Arm(name="control", model_id="entry"),
+        Arm(name="candidate", model_id="other", shadow=True),
+    ])
+    processor = ModelProcessor(models, arms)
+
+    def expected(mint, event, prediction, arm):
+        card = models.card(arm.model_id)
+        return ModelPrediction(
+            mint=mint, model_id=arm.model_id, arm=arm.name,
+            feature_set_version=event.data.feature_set_version, score=prediction.score,
+            horizon_s=card.label.horizon_s, label=card.label.kind,
+            model_version=card.version, shadow=arm.shadow,
+            latency_s=prediction.latency_s, source_seq=event.data.source_seq,
+        )
+
+    seen = 0
+    for step, name in enumerate(("a", "b", "c", "d")):
+        if step == 2:
+            processor.arms = arms = arms.promote("candidate")
+        if step == 3:
+            models.load_model("other", other_model(tmp_path, seed=5), "classification")
+        mint = base58_key(name)
+        event = vector_event(mint, START + step, seq=11 + step)
+        predictions = Token(processor, mint).step(event)
+        assert predictions == [
+            expected(mint, event, p, arm)
+            for p, arm in zip(predictions, arms.route(mint), strict=True)
+        ]
+        seen += len(predictions)
+    assert seen == 8

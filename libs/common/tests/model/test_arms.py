@@ -105,3 +105,17 @@ def test_tables_round_trip_and_refuse_what_cannot_route():
     added = AB.with_arm(Arm(name="fourth", model_id="m4", weight=0.0))
     assert [a.name for a in added.arms][-1] == "fourth"
     assert [a.name for a in added.without_arm("fourth").arms] == [a.name for a in AB.arms]
+
+
+def test_routes_looked_up_are_the_routes_placed_and_kept_within_bounds(monkeypatch):
+    import pumpflow.common.model.arms as arms_module
+
+    monkeypatch.setattr(arms_module, "PLACED_KEPT", 50)
+    fresh = table(*AB.arms)
+    for mint in MINTS[:120]:
+        found = fresh.routes[mint]
+        assert found is fresh.route(mint) is fresh.routes[mint]
+        assert found[0] is fresh.live_arm(mint)
+        assert len(fresh.routes) <= 50
+    # the same mints again, placed anew once forgotten, land alike
+    assert [fresh.routes[m] for m in MINTS[:120]] == [AB.route(m) for m in MINTS[:120]]

@@ -51,10 +51,27 @@ def mint_fraction(mint: str, salt: str = DEFAULT_SALT) -> float:
     return int.from_bytes(digest, "big") / _SCALE
 
 
+class _Placed(dict):
+    """Mints' routes, each placed on first use; the newest ``PLACED_KEPT`` at most (all
+    forgotten at once beyond that)."""
+
+    __slots__ = ("_place",)
+
+    def __init__(self, place):
+        super().__init__()
+        self._place = place
+
+    def __missing__(self, mint: str) -> tuple[Arm, ...]:
+        if len(self) >= PLACED_KEPT:
+            self.clear()
+        found = self[mint] = self._place(mint)
+        return found
+
+
 class ArmTable:
     """Arms with weights; routes each mint to one live arm plus every shadow arm."""
 
-    __slots__ = ("_cuts", "_live", "_placed", "_routes", "arms", "revision", "salt", "shadows")
+    __slots__ = ("_cuts", "_live", "_routes", "arms", "revision", "routes", "salt", "shadows")
 
     def __init__(self, arms: Iterable[Arm], *, salt: str = DEFAULT_SALT, revision: int = 0):
         self.arms: tuple[Arm, ...] = tuple(arms)
@@ -84,7 +101,9 @@ class ArmTable:
         #: per live arm: it, then the shadows (what scores a mint routed to it)
         self._routes = tuple((arm, *self.shadows) for arm in live)
         #: mint -> its route, for the mints seen lately (a hash per prediction costs more)
-        self._placed: dict[str, tuple[Arm, ...]] = {}
+        #: each mint's arms (``route``), placed on first use: ``routes[mint]`` is a
+        #: dict's lookup once placed, where a call of ``route`` costs a Python call
+        self.routes: Mapping[str, tuple[Arm, ...]] = _Placed(self._place)
 
     # ---------------------------------------------------------------- routing
 
@@ -94,15 +113,10 @@ class ArmTable:
 
     def route(self, mint: str) -> tuple[Arm, ...]:
         """The arms that score ``mint``: its live arm first, then every shadow arm."""
-        placed = self._placed
-        found = placed.get(mint)
-        if found is None:
-            if len(placed) >= PLACED_KEPT:
-                placed.clear()
-            found = placed[mint] = self._routes[
-                bisect.bisect_right(self._cuts, mint_fraction(mint, self.salt))
-            ]
-        return found
+        return self.routes[mint]
+
+    def _place(self, mint: str) -> tuple[Arm, ...]:
+        return self._routes[bisect.bisect_right(self._cuts, mint_fraction(mint, self.salt))]
 
     def shares(self) -> dict[str, float]:
         """Each live arm's expected share of tokens."""

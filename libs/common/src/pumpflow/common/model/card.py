@@ -200,9 +200,12 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
     """
     out = np.array(rows, dtype=np.float32, copy=True, ndmin=2)
     finite = np.isfinite(out)
-    if not finite.all():
+    if not _all(finite, axis=None):  # ndarray.all without its Python wrapper
         out[~finite] = np.nan
     return out
+
+
+_all = np.logical_and.reduce
 
 
 def vector_row(
@@ -222,20 +225,21 @@ def vector_rows(
     packed (little-endian float64) when each is its vector as sent (every vector's names
     ``order``; None otherwise)."""
     first = vectors[0].names
-    width = len(order)
-    if (
-        first == order
-        and (
-            # vectors of one features service share their names' tuple
-            all(map(operator.is_, map(_names_of, vectors), itertools.repeat(first)))
-            or all(v.names == order for v in vectors)
-        )
-        and all(map(operator.eq, map(len, map(_values_of, vectors)), itertools.repeat(width)))
+    if first == order and (
+        # vectors of one features service share their names' tuple
+        all(map(operator.is_, map(_names_of, vectors), itertools.repeat(first)))
+        or all(v.names == order for v in vectors)
     ):
         # one pack a vector (struct's loop in C; np.array of the tuples costs twice
-        # that, np.stack of vector_row's four times), whose bytes joined are the rows
-        packed = list(itertools.starmap(packer(width).pack, map(_values_of, vectors)))
-        return np.frombuffer(b"".join(packed), "<f8").reshape(-1, width), packed
+        # that, np.stack of vector_row's four times), whose bytes joined are the rows;
+        # a vector of another length (or a value not a number) does not pack: as
+        # vector_row makes it below
+        try:
+            packed = list(itertools.starmap(packer(len(order)).pack, map(_values_of, vectors)))
+        except struct.error:
+            pass
+        else:
+            return np.frombuffer(b"".join(packed), "<f8").reshape(-1, len(order)), packed
     return np.stack([vector_row(v.names, v.values, order) for v in vectors]), None
 
 

@@ -49,6 +49,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import msgspec
 
@@ -62,6 +63,7 @@ from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLa
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
 RETIRING = ("inactive", "graduated")
+_INF = math.inf
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,8 +144,9 @@ class ModelProcessor:
         #: the live feature-set version (default: the manager's feature manager's)
         self.feature_set_version = feature_set_version or manager.feature_manager.version
         self._prepared: dict[str, _Prepared] = {}
-        #: per arm name: the arm and card its label source was made for, and the source
-        self._sources: dict[str, tuple[Arm, ModelCard, LabelSource]] = {}
+        #: per arm name: the arm and card last seen scoring for it, its predictions'
+        #: payload but for what each vector changes, and its labels' source
+        self._made_by: dict[str, tuple[Arm, ModelCard, ModelPrediction, LabelSource]] = {}
         #: vectors not scored, by reason; predictions not made, by model id and reason
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[tuple[str, str]] = Counter()
@@ -167,11 +170,11 @@ class ModelProcessor:
             return 0
         version = self.feature_set_version
         interval = self.policy.min_interval_s
-        by_model: dict[str, list[Event]] = {}
-        route = self.arms.route
+        scored: list[Event] = []
+        routed: list[tuple[Arm, ...]] = []
+        routes = self.arms.routes
         for mint, event in newest.items():
-            data = event.data
-            if data.feature_set_version != version:
+            if event.data.feature_set_version != version:
                 continue
             state = held(mint)
             if state is not None and (
@@ -179,12 +182,26 @@ class ModelProcessor:
                 or (state.scored and event.time - state.last_scored < interval)
             ):
                 continue
-            for arm in route(mint):
-                chosen = by_model.get(arm.model_id)
-                if chosen is None:
-                    by_model[arm.model_id] = [event]
-                else:
-                    chosen.append(event)
+            scored.append(event)
+            routed.append(routes[mint])
+        if not scored:
+            return 0
+        by_model: dict[str, list[Event]] = {}
+        arms = routed[0]
+        if all(map(operator.is_, routed, repeat(arms))) and len(
+            {arm.model_id for arm in arms}
+        ) == len(arms):
+            # every token routed alike (one live arm, or all on one): each model scores all
+            for arm in arms:
+                by_model[arm.model_id] = scored
+        else:
+            for event, arms in zip(scored, routed, strict=True):
+                for arm in arms:
+                    chosen = by_model.get(arm.model_id)
+                    if chosen is None:
+                        by_model[arm.model_id] = [event]
+                    else:
+                        chosen.append(event)
         rows = 0
         prepared = self._prepared
         following = self.labels is not None
@@ -195,19 +212,36 @@ class ModelProcessor:
                 batch = self.manager.score_batch(model_id, matrix)
             except (ModelError, ValueError):
                 continue  # each vector is then scored alone, which counts the failure
-            share = batch.seconds / len(chosen)
-            scored_by = batch.card
+            count = len(chosen)
+            scores = batch.scores.tolist()
+            if len(scores) != count:
+                raise ValueError(f"{len(scores)} scores for {count} vectors")
             # the rows are the vectors as sent: a label keeps its row's bytes
-            vectors = packed if following and packed is not None else [None] * len(chosen)
-            for event, score, vector in zip(chosen, batch.scores.tolist(), vectors, strict=True):
-                found = prepared.get(event.id)
+            vectors = packed if following and packed is not None else [None] * count
+            score = (batch.card, batch.seconds / count)
+            # one entry a vector: its packed values, the model id, (card, score, seconds)
+            entries = list(zip(
+                vectors, repeat(model_id, count),
+                zip(repeat(score[0], count), scores, repeat(score[1], count), strict=True),
+                strict=True,
+            ))
+            ids = list(map(_id_of, chosen))
+            before = len(prepared)
+            if not before or prepared.keys().isdisjoint(ids):
+                # none of them prepared yet (the usual case: the first model of a batch)
+                prepared.update(zip(ids, entries, strict=True))
+                if len(prepared) == before + count:
+                    rows += count
+                    continue
+                for event_id in ids:  # an id twice among them: one by one, as below
+                    prepared.pop(event_id, None)
+            for event_id, entry in zip(ids, entries, strict=True):
+                found = prepared.get(event_id)
                 if found is None:
-                    prepared[event.id] = (vector, model_id, (scored_by, score, share))
+                    prepared[event_id] = entry
                 else:
-                    prepared[event.id] = (
-                        vector or found[0], *found[1:], model_id, (scored_by, score, share)
-                    )
-            rows += len(chosen)
+                    prepared[event_id] = (entry[0] or found[0], *found[1:], *entry[1:])
+            rows += count
         self.prepared_rows += rows
         return rows
 
@@ -226,47 +260,46 @@ class ModelProcessor:
         return ScoringState()
 
     def apply(self, state: ScoringState, event: Event, effects: Effects) -> ScoringState:
-        kind = event.type
-        if kind == "token.lifecycle":
-            state.lifecycle = event.data.state
-            retiring = state.lifecycle in RETIRING
-            if state.labels is not None:
-                if retiring:
-                    state.labels.retire()  # no more prices: decided from those seen
-                self._release_due(state, effects)
-            if retiring and state.labels is None:
-                effects.retire(self.policy.retire_ttl_s)
-            return state
-        if kind != "features.updated" or not isinstance(event.data, FeaturesUpdated):
-            raise InvalidInput(f"the model service does not consume {kind}")
         data = event.data
+        if event.type != "features.updated" or not isinstance(data, FeaturesUpdated):
+            return self._apply_other(state, event, effects)
         time = event.time
-        labels = self.labels
-        live = data.feature_set_version == self.feature_set_version
-        price = math.nan
+        now = effects.now
         tokens = state.labels
-        if labels is not None and live:
-            # every price counts for the labels pending, scored vector or not
-            names = data.names
-            if names is self._price_names:
-                at = self._price_at_names
-            else:
-                at = self._price_at.get(names, -1)
-                if at == -1:
-                    at = self._price_index(names)
-                # vectors of one features service often share their names' tuple
-                self._price_names, self._price_at_names = names, at
-            if at is not None:
-                price = data.values[at]
-                if tokens is not None:
-                    tokens.observe(time, price)
+        price = math.nan
+        live = data.feature_set_version == self.feature_set_version
         if live:
+            if self.labels is not None:
+                # every price counts for the labels pending, scored vector or not
+                names = data.names
+                if names is self._price_names:
+                    at = self._price_at_names
+                else:
+                    at = self._price_at.get(names, -1)
+                    if at == -1:
+                        at = self._price_index(names)
+                    # vectors of one features service often share their names' tuple
+                    self._price_names, self._price_at_names = names, at
+                if at is not None:
+                    price = data.values[at]
+                    if tokens is not None and 0.0 < price < _INF:
+                        # TokenLabels.observe, inline: two comparisons unless it decides
+                        if (
+                            price >= tokens.lowest_up
+                            or price <= tokens.highest_down
+                            or time > tokens.first_close
+                        ):
+                            tokens._scan(price, time)
+                        tokens.last_price = price
+                        tokens.observed += 1
             # a consumer running behind the market applies the prices of a horizon later
             # than it ends: a label released by the clock alone would be decided without
             # them
-            lag = effects.now - time
-            state.lag = math.ceil(lag) if lag > 0.0 else 0
-        if tokens is not None and tokens.next_release + state.lag <= effects.now:
+            lag = now - time
+            state.lag = lag = math.ceil(lag) if lag > 0.0 else 0
+        else:
+            lag = state.lag
+        if tokens is not None and tokens.next_release + lag <= now:
             self._release_due(state, effects)
         prepared = self._prepared.pop(event.id, None)
         if effects.more:
@@ -284,53 +317,40 @@ class ModelProcessor:
         if state.scored and time - state.last_scored < policy.min_interval_s:
             self.skipped["interval"] += 1
             return state
+        # a price only when labels are followed: a prediction is followed unless this
+        # token's last labels cover this moment too, or no return is defined from it
         tokens = first_release = None
-        if labels is not None and 0.0 < price < math.inf and not (
+        if 0.0 < price < _INF and not (
             state.last_labelled and time - state.last_labelled < policy.label_interval_s
         ):
             tokens = state.labels
             if tokens is None:
                 tokens = state.labels = TokenLabels()
             first_release = tokens.next_release
-        # otherwise this token's last labels cover this moment too, or no return is
-        # defined from this price
         mint = effects.key
         emit = effects.emit
+        labels = self.labels
         made = 0
-        for arm in self.arms.route(mint):
+        for arm in self.arms.routes[mint]:
             model_id = arm.model_id
             if prepared is not None and prepared[1] == model_id:
-                found = prepared[2]
+                card, score, seconds = prepared[2]
             else:
-                found = _prepared_score(prepared, model_id)
+                found = _prepared_score(prepared, model_id) or self._score_alone(model_id, data)
                 if found is None:
-                    found = self._score_alone(model_id, data)
-                    if found is None:
-                        continue
-            card, score, seconds = found
-            label = card.label
+                    continue
+                card, score, seconds = found
+            made_by = self._made_by.get(arm.name)
+            if made_by is None or made_by[0] is not arm or made_by[1] is not card:
+                made_by = self._made_by_arm(arm, card)
             if tokens is not None:
-                source = self._sources.get(arm.name)
-                if source is None or source[0] is not arm or source[1] is not card:
-                    source = self._sources[arm.name] = (
-                        arm, card, LabelSource(model_id, card.version, arm.name, label)
-                    )
-                labels.follow(tokens, time, price, source[2], score, data.names, data.values,
+                labels.follow(tokens, time, price, made_by[3], score, data.names, data.values,
                               None if prepared is None else prepared[0])
+            # the arm's and card's payload with this vector's fields: half the time of
+            # making it from its eleven fields
             emit(
-                ModelPrediction(
-                    mint=mint,
-                    model_id=model_id,
-                    arm=arm.name,
-                    feature_set_version=data.feature_set_version,
-                    score=score,
-                    horizon_s=label.horizon_s,
-                    label=label.kind,
-                    model_version=card.version,
-                    shadow=arm.shadow,
-                    latency_s=seconds,
-                    source_seq=data.source_seq,
-                ),
+                _replace(made_by[2], mint=mint, score=score, latency_s=seconds,
+                         source_seq=data.source_seq),
                 time=time,
             )
             made += 1
@@ -345,6 +365,46 @@ class ModelProcessor:
             self.skipped["no_model"] += 1
             if tokens is not None and not tokens.items:
                 state.labels = None
+        return state
+
+    def _made_by_arm(
+        self, arm: Arm, card: ModelCard
+    ) -> tuple[Arm, ModelCard, ModelPrediction, LabelSource]:
+        """What the predictions of ``arm`` scored by ``card`` share, kept until either
+        changes."""
+        label = card.label
+        made_by = self._made_by[arm.name] = (
+            arm,
+            card,
+            ModelPrediction(
+                mint="",
+                model_id=arm.model_id,
+                arm=arm.name,
+                # a vector scored is of the live version
+                feature_set_version=self.feature_set_version,
+                score=math.nan,
+                horizon_s=label.horizon_s,
+                label=label.kind,
+                model_version=card.version,
+                shadow=arm.shadow,
+            ),
+            LabelSource(arm.model_id, card.version, arm.name, label),
+        )
+        return made_by
+
+    def _apply_other(self, state: ScoringState, event: Event, effects: Effects) -> ScoringState:
+        """A ``token.lifecycle``: the token retires or comes back; anything else is refused."""
+        kind = event.type
+        if kind != "token.lifecycle":
+            raise InvalidInput(f"the model service does not consume {kind}")
+        state.lifecycle = event.data.state
+        retiring = state.lifecycle in RETIRING
+        if state.labels is not None:
+            if retiring:
+                state.labels.retire()  # no more prices: decided from those seen
+            self._release_due(state, effects)
+        if retiring and state.labels is None:
+            effects.retire(self.policy.retire_ttl_s)
         return state
 
     def _release_due(self, state: ScoringState, effects: Effects) -> None:
@@ -400,6 +460,8 @@ class ModelProcessor:
 
 
 _data_of = operator.attrgetter("data")
+_replace = msgspec.structs.replace
+_id_of = operator.attrgetter("id")
 
 
 def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
