@@ -23,7 +23,7 @@ from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.common.trading import TradingState, UnbookedTrade
 from pumpflow.trading import service as service_module
-from pumpflow.trading.ledger import LedgerChange, PostgresLedger
+from pumpflow.trading.ledger import LedgerChange, MemoryLedger, PostgresLedger
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -554,3 +554,122 @@ async def test_a_halt_given_to_a_stand_by_cut_off_from_postgres_says_it_is_not_s
                              what="the halt stored once the ledger is back")  # fmt: skip
             await clock.advance(holder.settings.trading_tick_s)
             await eventually(lambda: halted(holder, "cut off"), what="the holder halted")
+
+
+class GatedLedger(MemoryLedger):
+    """The in-memory ledger, holding the calls named in :meth:`hold` until released:
+    ``control`` and ``load`` once they have read, ``set_control`` before it writes (a
+    read served before a write it overtook, the write's answer late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gates: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
+
+    def hold(self, name: str) -> None:
+        self._gates[name] = (asyncio.Event(), asyncio.Event())
+
+    async def reached(self, name: str) -> None:
+        await asyncio.wait_for(self._gates[name][0].wait(), 10.0)
+
+    def release(self, name: str) -> None:
+        self._gates.pop(name)[1].set()
+
+    async def _gate(self, name: str) -> None:
+        gate = self._gates.get(name)
+        if gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+
+    async def control(self):
+        read = await super().control()
+        await self._gate("control")
+        return read
+
+    async def load(self, **kwargs):
+        snapshot = await super().load(**kwargs)
+        await self._gate("load")
+        return snapshot
+
+    async def predecessor(self):
+        await self._gate("predecessor")
+        return await super().predecessor()
+
+    async def set_control(self, state, reason, *, holder=None) -> None:
+        await self._gate("set_control")
+        await super().set_control(state, reason, holder=holder)
+
+
+async def test_a_round_reading_the_ledger_before_the_halt_was_stored_does_not_undo_it(
+    clock, market
+):
+    """The halt given to the replica trading applies at once; its store is under way as
+    a timed round reads the ledger's state (active, from before the halt), and is done
+    before the round applies what it read. That read is older than the halt: the round
+    must not resume trading, not even until the next round."""
+    ledger = GatedLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, _):
+        await service.resume("resumed")
+        assert await ledger.control() == (TradingState.ACTIVE, "resumed")
+        ledger.hold("set_control")
+        halting = asyncio.create_task(service.halt("operator"))
+        await ledger.reached("set_control")
+        assert halted(service, "operator")
+
+        ledger.hold("control")
+        ticking = asyncio.create_task(clock.advance(service.settings.trading_tick_s))
+        await ledger.reached("control")  # read: active, the halt not stored yet
+        ledger.release("set_control")
+        await eventually(lambda: service.state_view()["operator_state_stored"],
+                         what="the halt stored")  # fmt: skip
+        ledger.release("control")
+        await asyncio.wait_for(ticking, 10.0)
+        await asyncio.wait_for(halting, 10.0)
+
+        assert halted(service, "operator")
+        assert [s.state for s in watch.payloads("trading.state")] == ["halted"]
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 0
+
+
+async def test_a_halt_stored_while_the_take_over_reads_the_ledger_applies_as_it_starts(
+    clock, market
+):
+    """The halt is given to a replica taking over (elected, not trading yet) before it
+    reads the ledger; its store is under way as the ledger is read (active, from before
+    the halt), and done before the take-over applies what it read. The replica must
+    start halted, as the answer said, not trade until its next round."""
+    ledger = GatedLedger()
+    await ledger.set_control(TradingState.ACTIVE, "resumed")
+    service = trading(ledger)
+    for name in ("predecessor", "load", "set_control"):
+        ledger.hold(name)
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def run() -> None:
+        async with running(clock, service) as (bus, watch, _):
+            started.set()
+            await done.wait()
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            assert watch.count("order.requested") == 0
+
+    runs = asyncio.create_task(run())
+    try:
+        await ledger.reached("predecessor")  # taking over
+        halting = asyncio.create_task(service.halt("operator"))
+        await ledger.reached("set_control")
+        ledger.release("predecessor")
+        await ledger.reached("load")  # read: active, the halt not stored yet
+        ledger.release("set_control")
+        await eventually(lambda: service.state_view()["operator_state_stored"],
+                         what="the halt stored")  # fmt: skip
+        ledger.release("load")
+        await asyncio.wait_for(started.wait(), 10.0)
+        await asyncio.wait_for(halting, 10.0)
+        assert service.role == "active"
+        assert halted(service, "operator")
+    finally:
+        done.set()
+    await asyncio.wait_for(runs, 10.0)

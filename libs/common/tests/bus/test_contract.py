@@ -1199,6 +1199,8 @@ async def test_a_keyless_event_handed_back_to_a_replica_leaving_goes_with_its_ow
     await asyncio.wait_for(publishing, 10.0)
     assert await bus.drain(timeout=2.0)
     assert await bus.dead_letters(service) == []
+    # handed back once, not started again and again on the lane of a replica gone
+    assert calls == [shutdown.id]
     await bus.close()
 
 

@@ -479,6 +479,8 @@ class TradingService(Service):
                     self.executor.restore_market(mint, view.market)
             await self._await_predecessor()
             changes = self._control_changes
+            # a store under way as the ledger is read may land after the read
+            unstored = self._control_unstored
             snapshot = await self.ledger.load(
                 remembered=self.settings.trading_remembered_orders,
                 given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
@@ -502,10 +504,8 @@ class TradingService(Service):
             step = _Step()
             if snapshot.control is not None:
                 self.risk.set_state(*snapshot.control)
-            if self._control is not None and (
-                self._control_unstored or changes != self._control_changes
-            ):
-                # given here and not stored yet, or after the ledger was read
+            if self._control is not None and (unstored or changes != self._control_changes):
+                # given here and not stored before the ledger was read, or after it
                 self.risk.set_state(*self._control)
             self.reconciled = {}
             for order in snapshot.unresolved:
@@ -1259,6 +1259,8 @@ class TradingService(Service):
             return
         try:
             changes = self._control_changes
+            # a store under way as the ledger is read may land after the read
+            unstored = self._control_unstored
             control = await self.ledger.control()
             async with self._lock:
                 if term != self._term:
@@ -1266,8 +1268,9 @@ class TradingService(Service):
                 await self._flush()
                 step = _Step()
                 step.change.outcomes += self.executor.progress()
-                # the ledger's is older than one given here meanwhile, or than one unstored
-                current = changes == self._control_changes and not self._control_unstored
+                # the ledger's is older than one given here meanwhile, or than one not
+                # stored before it was read
+                current = changes == self._control_changes and not unstored
                 if (
                     current
                     and control is not None
