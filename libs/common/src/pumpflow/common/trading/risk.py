@@ -386,23 +386,29 @@ class RiskManager:
             if silence > self.breaker_settings.max_silence_s:
                 self._fault(STALE, now, f"no event for {silence:.0f}s")
         recovered = []
+        #: a breaker still tripped after the checks (the settled state's halt, found here
+        #: rather than by a second pass over the breakers on every event)
+        halted = False
         for name, breaker in self.breakers.items():
             if not breaker.tripped:
                 continue  # nothing to recover from (every event checks)
             if name == RATE and self._rate() > self.breaker_settings.max_events_per_s:
+                halted = True
                 continue
             change = breaker.check(now)
-            if change is not None:
-                if name == EXECUTION:
-                    # half open: the next failure trips it again
-                    self.consecutive_failures = self.breaker_settings.max_consecutive_failures - 1
-                self._reports.append(change)
-                recovered.append(name)
+            if change is None:
+                halted = True
+                continue
+            if name == EXECUTION:
+                # half open: the next failure trips it again
+                self.consecutive_failures = self.breaker_settings.max_consecutive_failures - 1
+            self._reports.append(change)
+            recovered.append(name)
         day_start = math.floor(now / SECONDS_PER_DAY) * SECONDS_PER_DAY
         loss = -self.positions.realized_since(day_start)
         limit = self.capital * self.limits.max_daily_loss_fraction
         self.daily_loss_hit = limit > 0 and loss >= limit
-        if self._settled_state() is self.state:
+        if self._settled_state(halted) is self.state:
             return self._reports[mark:]  # every event checks: the reason only for a change
         if self.daily_loss_hit:
             reason = f"daily loss {loss:.4f} SOL reached the limit {limit:.4f} SOL"
@@ -462,12 +468,15 @@ class RiskManager:
         while buckets and buckets[0][0] + 1 <= horizon:
             self._events_in_window -= int(buckets.popleft()[1])
 
-    def _settled_state(self) -> TradingState:
-        """The state the operator's, the daily loss limit and the breakers call for."""
+    def _settled_state(self, halted: bool | None = None) -> TradingState:
+        """The state the operator's, the daily loss limit and the breakers call for
+        (``halted``: whether a breaker is tripped, when the caller knows)."""
         state = self.operator_state
         if self.daily_loss_hit and _SEVERITY[TradingState.REDUCING] > _SEVERITY[state]:
             state = TradingState.REDUCING
-        if any(b.tripped for b in self.breakers.values()):
+        if halted is None:
+            halted = any(b.tripped for b in self.breakers.values())
+        if halted:
             state = TradingState.HALTED
         return state
 
