@@ -206,17 +206,25 @@ class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
 
-    __slots__ = ("change", "events", "refused", "requests")
+    __slots__ = ("_change", "events", "refused", "requests")
 
     def __init__(self) -> None:
-        self.change = LedgerChange()
+        #: made when first asked for: most events change nothing in the ledger
+        self._change: LedgerChange | None = None
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
         #: sales refused before they were sent (nothing left to sell): stored refused
         self.refused: set[str] = set()
 
+    @property
+    def change(self) -> LedgerChange:
+        change = self._change
+        if change is None:
+            change = self._change = LedgerChange()
+        return change
+
     def __bool__(self) -> bool:
-        return bool(self.requests or self.refused or self.events or self.change)
+        return bool(self.requests or self.refused or self.events or self._change)
 
     def guarded(self) -> set[str]:
         """The orders whose request and refusal are published only if the ledger inserts
@@ -775,7 +783,9 @@ class TradingService(Service):
         """Apply one event to the engine and executor: what it changed, what to send."""
         step = _Step()
         self._forget_closed()
-        step.change.outcomes += self.executor.progress()
+        progressed = self.executor.progress()
+        if progressed:
+            step.change.outcomes += progressed
         data = event.data
         if isinstance(data, ExitOrder):
             self._exit(event, step)
