@@ -154,6 +154,9 @@ log = logging.getLogger("pumpflow.trading")
 #: one replica trades at a time
 LEASE_NAME = "trading:decide"
 _RETIRED = frozenset({"inactive", "graduated"})
+#: isinstance with a union made once, not at every event
+_TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
+_MARKET_EVENTS = TokenTrade | TokenMigrated
 #: the events the engine folds into its view of a token
 _CONTEXT = (
     TokenTrade,
@@ -793,12 +796,12 @@ class TradingService(Service):
         if not self.engine.admit(event):
             # a redelivery: the executor's market, the views and the breakers have it
             return step
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        if isinstance(data, _TOKEN_EVENTS):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
             self._note_unbooked(step)
         produced = self.engine.process(event, admitted=True)
-        if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
+        if isinstance(data, _MARKET_EVENTS) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
             self.executor.forget(data.mint)
         elif self.context is not None and isinstance(data, _CONTEXT):

@@ -66,6 +66,8 @@ class TradingState(enum.StrEnum):
 
 
 _SEVERITY = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
+#: isinstance with a union made once, not at every event
+_FRAMES = TokenTrade | TokenCreated
 
 CURVE = "curve"
 STALE = "stale"
@@ -327,7 +329,7 @@ class RiskManager:
         self.last_event_time = now
         self._count_event(now)
         data = event.data
-        if isinstance(data, TokenTrade | TokenCreated) and data.pool != POOL_PUMP_AMM:
+        if isinstance(data, _FRAMES) and data.pool != POOL_PUMP_AMM:
             self._check_frame(data, now)
         if event.type.startswith("token.") or event.type == "features.updated":
             lag = now - event.time
@@ -336,7 +338,8 @@ class RiskManager:
         rate = self._rate()
         if rate > self.breaker_settings.max_events_per_s:
             self._fault(RATE, now, f"{rate:.0f} events/s")
-        self.check(now)
+        # the window counted just now, and no silence: the event is ``now``'s
+        self._check(now, counted=True)
         return self._reports[mark:]
 
     def observe_frame(
@@ -380,11 +383,18 @@ class RiskManager:
         """Time-driven checks: silence, recoveries, the daily loss limit (from a timer too)."""
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
-        self._count_event(now, add=False)
-        if self.last_event_time is not None:
-            silence = now - self.last_event_time
-            if silence > self.breaker_settings.max_silence_s:
-                self._fault(STALE, now, f"no event for {silence:.0f}s")
+        self._check(now)
+        return self._reports[mark:]
+
+    def _check(self, now: float, *, counted: bool = False) -> None:
+        """:meth:`check`'s work; ``counted``: an event of ``now`` was just observed (its
+        window moved on to ``now`` and no silence is possible)."""
+        if not counted:
+            self._count_event(now, add=False)
+            if self.last_event_time is not None:
+                silence = now - self.last_event_time
+                if silence > self.breaker_settings.max_silence_s:
+                    self._fault(STALE, now, f"no event for {silence:.0f}s")
         recovered = []
         #: a breaker still tripped after the checks (the settled state's halt, found here
         #: rather than by a second pass over the breakers on every event)
@@ -409,7 +419,7 @@ class RiskManager:
         limit = self.capital * self.limits.max_daily_loss_fraction
         self.daily_loss_hit = limit > 0 and loss >= limit
         if self._settled_state(halted) is self.state:
-            return self._reports[mark:]  # every event checks: the reason only for a change
+            return  # every event checks: the reason only for a change
         if self.daily_loss_hit:
             reason = f"daily loss {loss:.4f} SOL reached the limit {limit:.4f} SOL"
         elif recovered:
@@ -417,7 +427,6 @@ class RiskManager:
         else:
             reason = "daily loss limit reset"
         self._settle(reason)
-        return self._reports[mark:]
 
     def take_reports(self) -> list[Report]:
         """Every state and breaker change since the last call, oldest first."""
