@@ -716,6 +716,7 @@ class InMemoryBus(EventBus):
             lane.wakeup.set()
 
     async def _work(self, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while self._consuming and (replica := lane.startable()) is None:
                 lane.wakeup.clear()
@@ -731,7 +732,8 @@ class InMemoryBus(EventBus):
                 continue
             if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
                 batch = self._start_batch(lane, replica)
-                batch.task = asyncio.create_task(self._run_batch(lane, replica, batch))
+                # the loop's own create_task: asyncio.create_task is a Python call more
+                batch.task = loop.create_task(self._run_batch(lane, replica, batch))
                 lane.tasks.add(batch.task)
                 continue
             delivery = self._start(lane, replica)
@@ -739,7 +741,7 @@ class InMemoryBus(EventBus):
                 await self._run(lane, replica, delivery)
             else:
                 # started in this order, each runs up to its first suspension in turn
-                delivery.task = asyncio.create_task(self._run(lane, replica, delivery))
+                delivery.task = loop.create_task(self._run(lane, replica, delivery))
                 lane.tasks.add(delivery.task)
         while lane.running:
             await lane.idle.wait()
