@@ -577,8 +577,10 @@ class InMemoryBus(EventBus):
 
     def _enqueue(self, lane: _Lane, event: Event) -> None:
         lane.items.append(event)
+        if not self._pending:
+            # set exactly while nothing is pending (see _settle): cleared once, not per event
+            self._idle.clear()
         self._pending += 1
-        self._idle.clear()
         lane.wakeup.set()
 
     def _settle(self, count: int) -> None:
