@@ -242,6 +242,27 @@ def test_equity_drawdown_and_calibration_figures():
     ]  # fmt: skip
 
 
+def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():
+    """Their ids come from random event ids: the tie goes by opening and token."""
+
+    def trade(mint: str, position_id: str, opened: float, closed: float, pnl: float) -> Trade:
+        return Trade(position_id=position_id, mint=mint, opened_at=opened, closed_at=closed,
+                     bought_sol=0.1, realized_pnl_sol=pnl, fees_sol=0.0)  # fmt: skip
+
+    def drawn(up_id: str, down_id: str) -> tuple[list[float], float]:
+        trades = [
+            trade("a", "p1", 0.0, 10.0, 5.0),
+            trade("b", "p2", 1.0, 20.0, -2.0),
+            trade("c", up_id, 2.0, 30.0, 3.0),
+            trade("d", down_id, 3.0, 30.0, -3.0),
+        ]
+        return [v for _, v in results.equity_curve(trades)], results.max_drawdown(trades)
+
+    assert drawn("entry-1", "entry-2") == drawn("entry-2", "entry-1") == (
+        [0.0, 5.0, 3.0, 6.0, 3.0], pytest.approx(3.0)
+    )  # fmt: skip
+
+
 def test_a_report_with_nothing_in_it_says_so_in_every_plot():
     page = html.render(Results(title="empty", source="nowhere"))
     assert page.count("no closed trades") == 2

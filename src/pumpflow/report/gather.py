@@ -45,7 +45,8 @@ async def from_ledger(
     fills = (await ledger.load(remembered=0)).fills
     bought = _bought(fills, {p["position_id"]: p["closed_at"] for p in positions})
     trades = []
-    for p in sorted(positions, key=lambda p: (p["opened_at"], p["position_id"])):
+    # ties in the order of their tokens: their ids differ from run to run
+    for p in sorted(positions, key=lambda p: (p["opened_at"], p["mint"], p["position_id"])):
         marked = 0.0
         if p["closed_at"] is None:
             if unrealized is not None and p["position_id"] in unrealized:

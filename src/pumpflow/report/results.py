@@ -99,7 +99,10 @@ def calibration_bins(
 def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
     """(time, realised PnL so far) at each closed trade, starting from zero."""
     closed = [t for t in trades if t.closed_at is not None]
-    closed.sort(key=lambda t: (t.closed_at, t.position_id))
+    # positions closed at the same time in the order of their openings and tokens: their
+    # ids come from the ids of the events that decided them, which differ from run to
+    # run, and the order of such a tie moves the curve between them (and its drawdown)
+    closed.sort(key=lambda t: (t.closed_at, t.opened_at, t.mint, t.position_id))
     if not closed:
         return []
     points = [(min(t.opened_at for t in closed), 0.0)]

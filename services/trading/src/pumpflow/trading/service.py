@@ -162,6 +162,9 @@ log = logging.getLogger("pumpflow.trading")
 #: one replica trades at a time
 LEASE_NAME = "trading:decide"
 _RETIRED = frozenset({"inactive", "graduated"})
+#: isinstance with a union made once, not at every event
+_TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
+_MARKET_EVENTS = TokenTrade | TokenMigrated
 #: the events the engine folds into its view of a token
 _CONTEXT = (
     TokenTrade,
@@ -227,17 +230,25 @@ class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
 
-    __slots__ = ("change", "events", "refused", "requests")
+    __slots__ = ("_change", "events", "refused", "requests")
 
     def __init__(self) -> None:
-        self.change = LedgerChange()
+        #: made when first asked for: most events change nothing in the ledger
+        self._change: LedgerChange | None = None
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
         #: sales refused before they were sent (nothing left to sell): stored refused
         self.refused: set[str] = set()
 
+    @property
+    def change(self) -> LedgerChange:
+        change = self._change
+        if change is None:
+            change = self._change = LedgerChange()
+        return change
+
     def __bool__(self) -> bool:
-        return bool(self.requests or self.refused or self.events or self.change)
+        return bool(self.requests or self.refused or self.events or self._change)
 
     def guarded(self) -> set[str]:
         """The orders whose request and refusal are published only if the ledger inserts
@@ -810,7 +821,9 @@ class TradingService(Service):
         """Apply one event to the engine and executor: what it changed, what to send."""
         step = _Step()
         self._forget_closed()
-        step.change.outcomes += self.executor.progress()
+        progressed = self.executor.progress()
+        if progressed:
+            step.change.outcomes += progressed
         data = event.data
         if isinstance(data, ExitOrder):
             self._exit(event, step)
@@ -818,12 +831,12 @@ class TradingService(Service):
         if not self.engine.admit(event):
             # a redelivery: the executor's market, the views and the breakers have it
             return step
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        if isinstance(data, _TOKEN_EVENTS):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
             self._note_unbooked(step)
         produced = self.engine.process(event, admitted=True)
-        if isinstance(data, TokenTrade | TokenMigrated) and data.mint not in self.engine.views:
+        if isinstance(data, _MARKET_EVENTS) and data.mint not in self.engine.views:
             # a graduate's pool trade the engine keeps no view for: nor its market here
             self.executor.forget(data.mint)
         elif self.context is not None and isinstance(data, _CONTEXT):

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from time import perf_counter
@@ -150,15 +150,15 @@ async def _unheld(service: str) -> None:
         await gate.wait()
 
 
-def _by_type(events: Sequence[Event]) -> Iterator[tuple[str, Sequence[Event]]]:
+def _by_type(events: Sequence[Event]) -> Iterable[tuple[str, Sequence[Event]]]:
     """The batch's events by type (one group, the batch itself, when all share one)."""
-    if not events:
-        return
+    if len(events) <= 1:
+        # most deliveries of a replay: a partition's one or two events of a market second
+        return [(events[0].type, events)] if events else []
     types = [event.type for event in events]
     first = types[0]
     if types.count(first) == len(types):
-        yield first, events
-        return
+        return [(first, events)]
     groups: dict[str, list[Event]] = {}
     for kind, event in zip(types, events, strict=True):
         group = groups.get(kind)
@@ -166,7 +166,7 @@ def _by_type(events: Sequence[Event]) -> Iterator[tuple[str, Sequence[Event]]]:
             groups[kind] = [event]
         else:
             group.append(event)
-    yield from groups.items()
+    return groups.items()
 
 
 class Dispatcher:

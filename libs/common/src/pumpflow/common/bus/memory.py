@@ -63,13 +63,15 @@ class _Delivery:
     object a batch rather than one an event.
     """
 
-    __slots__ = ("abandoned", "done", "events")
+    __slots__ = ("abandoned", "done", "events", "task")
 
     def __init__(self, events: list[Event]):
         self.events = events
         self.done = False
         #: its replica was abandoned: the events went back to the queue
         self.abandoned = False
+        #: the task running its handler, among its lane's tasks (None: run in the worker)
+        self.task: asyncio.Task | None = None
 
 
 class _Wakeup:
@@ -217,11 +219,13 @@ def _dead_letter(lane: _Lane, event: Event, reason: str) -> DeadLetter:
     )
 
 
-def _left(lane: _Lane) -> None:
+def _left(lane: _Lane, delivery: _Delivery) -> None:
     """A handler task of ``lane`` ends: it leaves the lane's tasks itself (a done callback
-    would take a turn of the event loop per delivery). One cancelled before it ran never
-    gets here: only :meth:`InMemoryBus._halt` cancels them, and it empties the set."""
-    lane.tasks.discard(asyncio.current_task())
+    would take a turn of the event loop per delivery; the delivery knows its task, which
+    ``asyncio.current_task`` would look up again). One cancelled before it ran never gets
+    here: only :meth:`InMemoryBus._halt` cancels them, and it empties the set."""
+    if delivery.task is not None:
+        lane.tasks.discard(delivery.task)
 
 
 def _returned(lane: _Lane, event: Event) -> None:
@@ -582,8 +586,10 @@ class InMemoryBus(EventBus):
 
     def _enqueue(self, lane: _Lane, event: Event) -> None:
         lane.items.append(event)
+        if not self._pending:
+            # set exactly while nothing is pending (see _settle): cleared once, not per event
+            self._idle.clear()
         self._pending += 1
-        self._idle.clear()
         lane.wakeup.set()
 
     def _settle(self, count: int) -> None:
@@ -648,7 +654,7 @@ class InMemoryBus(EventBus):
         finally:
             if not batch.abandoned:
                 self._finish(lane, batch)
-            _left(lane)
+            _left(lane, batch)
 
     async def _run(self, lane: _Lane, replica: _Replica, delivery: _Delivery) -> None:
         event = delivery.events[0]
@@ -679,7 +685,7 @@ class InMemoryBus(EventBus):
                 if lane.returned:
                     lane.returned.pop(event.id, None)
                 self._finish(lane, delivery)
-            _left(lane)
+            _left(lane, delivery)
 
     def _hand_back_cancelled(self, lane: _Lane, delivery: _Delivery) -> bool:
         """Hand back what a cancelled handler left unfinished; True if the lane itself was
@@ -721,6 +727,7 @@ class InMemoryBus(EventBus):
             lane.wakeup.set()
 
     async def _work(self, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while self._consuming and (replica := lane.startable()) is None:
                 lane.wakeup.clear()
@@ -735,18 +742,18 @@ class InMemoryBus(EventBus):
                     await lane.idle.wait()
                 continue
             if subscription.window > 1 and subscription.batch_handler is not None and not came_back:
-                lane.tasks.add(
-                    asyncio.create_task(
-                        self._run_batch(lane, replica, self._start_batch(lane, replica))
-                    )
-                )
+                batch = self._start_batch(lane, replica)
+                # the loop's own create_task: asyncio.create_task is a Python call more
+                batch.task = loop.create_task(self._run_batch(lane, replica, batch))
+                lane.tasks.add(batch.task)
                 continue
             delivery = self._start(lane, replica)
             if subscription.window == 1 or came_back:
                 await self._run(lane, replica, delivery)
             else:
                 # started in this order, each runs up to its first suspension in turn
-                lane.tasks.add(asyncio.create_task(self._run(lane, replica, delivery)))
+                delivery.task = loop.create_task(self._run(lane, replica, delivery))
+                lane.tasks.add(delivery.task)
         while lane.running:
             await lane.idle.wait()
 

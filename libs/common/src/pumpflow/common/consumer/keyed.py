@@ -1129,7 +1129,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._unannounced.append((entries, events, published, generation))
         if self._announcing is None:
-            self._announcing = asyncio.ensure_future(self._announce())
+            self._announcing = asyncio.get_running_loop().create_task(self._announce())
 
     async def _store_commit(self, batch: WriteBatch) -> None:
         """Write a commit; one the store refuses for a key of the wrong kind is counted,

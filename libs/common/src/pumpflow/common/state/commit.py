@@ -64,7 +64,7 @@ class GroupCommit:
         """Write what changed since the last write took its changes, in a task, unless a
         write is under way."""
         if self._writing is None and self._taken < self.changed:
-            self._writing = asyncio.ensure_future(self._run())
+            self._writing = asyncio.get_running_loop().create_task(self._run())
 
     async def until_stored(self, change: int) -> None:
         """Return once ``change`` is stored; raise what the write that took it raised.

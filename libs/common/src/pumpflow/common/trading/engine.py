@@ -88,6 +88,8 @@ SERVICE_CONSUMES = (
 #: is not: each delivery is decided again (the order it causes is refused a second time
 #: by its id), and is its token's latest
 _FOLDED = (TokenTrade, TokenCreated, TokenMigrated, FeaturesUpdated, TokenLifecycle)
+#: isinstance with a union made once, not at every event
+_TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
 
 #: lifecycle states after which a token not held is forgotten
 _RETIRED_STATES = frozenset({"inactive", "graduated"})
@@ -225,7 +227,7 @@ class TradingEngine:
         self.risk.observe(event, now=now)
         produced: list[Payload] = []
         data = event.data
-        if isinstance(data, TokenTrade | TokenCreated | TokenMigrated):
+        if isinstance(data, _TOKEN_EVENTS):
             self._on_token_event(data, event.time)
         elif isinstance(data, FeaturesUpdated):
             view = self._view(data.mint)
@@ -266,6 +268,8 @@ class TradingEngine:
                 False, reason=data.reason, side=data.side, cause=data.cause, now=now
             )
         reports = self.risk.take_reports()
+        if not reports and not produced:
+            return []  # most events
         return [self._wrap(p, event, now) for p in (*reports, *produced)]
 
     def tick(self) -> list[Event]:

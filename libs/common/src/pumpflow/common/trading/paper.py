@@ -40,6 +40,10 @@ from pumpflow.common.trading.fills import (
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.settings import PaperExecution
 
+#: isinstance with a union made once, not at every event
+_FRAMES = TokenTrade | TokenCreated
+_TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
+
 
 @dataclass(slots=True)
 class Market:
@@ -53,7 +57,7 @@ class Market:
         if isinstance(payload, TokenMigrated):
             self._to_pool()
             return
-        if not isinstance(payload, TokenTrade | TokenCreated):
+        if not isinstance(payload, _FRAMES):
             return
         if self.venue == VENUE_POOL or payload.pool == VENUE_POOL:
             if payload.pool == VENUE_CURVE:
@@ -192,7 +196,7 @@ class PaperBroker:
 
     def observe(self, payload: object, *, time: float) -> list[PaperOutcome]:
         """Take a token event stamped ``time``; return the orders it shows are due, filled."""
-        if not isinstance(payload, TokenTrade | TokenCreated | TokenMigrated):
+        if not isinstance(payload, _TOKEN_EVENTS):
             return []
         outcomes = self._fill_due(payload.mint, before=time)
         self.markets.setdefault(payload.mint, Market()).apply(payload)

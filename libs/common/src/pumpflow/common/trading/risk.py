@@ -66,6 +66,8 @@ class TradingState(enum.StrEnum):
 
 
 _SEVERITY = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
+#: isinstance with a union made once, not at every event
+_FRAMES = TokenTrade | TokenCreated
 
 CURVE = "curve"
 STALE = "stale"
@@ -327,7 +329,7 @@ class RiskManager:
         self.last_event_time = now
         self._count_event(now)
         data = event.data
-        if isinstance(data, TokenTrade | TokenCreated) and data.pool != POOL_PUMP_AMM:
+        if isinstance(data, _FRAMES) and data.pool != POOL_PUMP_AMM:
             self._check_frame(data, now)
         if event.type.startswith("token.") or event.type == "features.updated":
             lag = now - event.time
@@ -336,7 +338,8 @@ class RiskManager:
         rate = self._rate()
         if rate > self.breaker_settings.max_events_per_s:
             self._fault(RATE, now, f"{rate:.0f} events/s")
-        self.check(now)
+        # the window counted just now, and no silence: the event is ``now``'s
+        self._check(now, counted=True)
         return self._reports[mark:]
 
     def observe_frame(
@@ -380,30 +383,43 @@ class RiskManager:
         """Time-driven checks: silence, recoveries, the daily loss limit (from a timer too)."""
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
-        self._count_event(now, add=False)
-        if self.last_event_time is not None:
-            silence = now - self.last_event_time
-            if silence > self.breaker_settings.max_silence_s:
-                self._fault(STALE, now, f"no event for {silence:.0f}s")
+        self._check(now)
+        return self._reports[mark:]
+
+    def _check(self, now: float, *, counted: bool = False) -> None:
+        """:meth:`check`'s work; ``counted``: an event of ``now`` was just observed (its
+        window moved on to ``now`` and no silence is possible)."""
+        if not counted:
+            self._count_event(now, add=False)
+            if self.last_event_time is not None:
+                silence = now - self.last_event_time
+                if silence > self.breaker_settings.max_silence_s:
+                    self._fault(STALE, now, f"no event for {silence:.0f}s")
         recovered = []
+        #: a breaker still tripped after the checks (the settled state's halt, found here
+        #: rather than by a second pass over the breakers on every event)
+        halted = False
         for name, breaker in self.breakers.items():
             if not breaker.tripped:
                 continue  # nothing to recover from (every event checks)
             if name == RATE and self._rate() > self.breaker_settings.max_events_per_s:
+                halted = True
                 continue
             change = breaker.check(now)
-            if change is not None:
-                if name == EXECUTION:
-                    # half open: the next failure trips it again
-                    self.consecutive_failures = self.breaker_settings.max_consecutive_failures - 1
-                self._reports.append(change)
-                recovered.append(name)
+            if change is None:
+                halted = True
+                continue
+            if name == EXECUTION:
+                # half open: the next failure trips it again
+                self.consecutive_failures = self.breaker_settings.max_consecutive_failures - 1
+            self._reports.append(change)
+            recovered.append(name)
         day_start = math.floor(now / SECONDS_PER_DAY) * SECONDS_PER_DAY
         loss = -self.positions.realized_since(day_start)
         limit = self.capital * self.limits.max_daily_loss_fraction
         self.daily_loss_hit = limit > 0 and loss >= limit
-        if self._settled_state() is self.state:
-            return self._reports[mark:]  # every event checks: the reason only for a change
+        if self._settled_state(halted) is self.state:
+            return  # every event checks: the reason only for a change
         if self.daily_loss_hit:
             reason = f"daily loss {loss:.4f} SOL reached the limit {limit:.4f} SOL"
         elif recovered:
@@ -411,7 +427,6 @@ class RiskManager:
         else:
             reason = "daily loss limit reset"
         self._settle(reason)
-        return self._reports[mark:]
 
     def take_reports(self) -> list[Report]:
         """Every state and breaker change since the last call, oldest first."""
@@ -462,12 +477,15 @@ class RiskManager:
         while buckets and buckets[0][0] + 1 <= horizon:
             self._events_in_window -= int(buckets.popleft()[1])
 
-    def _settled_state(self) -> TradingState:
-        """The state the operator's, the daily loss limit and the breakers call for."""
+    def _settled_state(self, halted: bool | None = None) -> TradingState:
+        """The state the operator's, the daily loss limit and the breakers call for
+        (``halted``: whether a breaker is tripped, when the caller knows)."""
         state = self.operator_state
         if self.daily_loss_hit and _SEVERITY[TradingState.REDUCING] > _SEVERITY[state]:
             state = TradingState.REDUCING
-        if any(b.tripped for b in self.breakers.values()):
+        if halted is None:
+            halted = any(b.tripped for b in self.breakers.values())
+        if halted:
             state = TradingState.HALTED
         return state
 
