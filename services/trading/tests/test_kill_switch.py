@@ -479,6 +479,98 @@ async def test_a_halt_given_to_the_stand_by_is_stored_and_the_holder_stops_enter
             assert tracebacks(caplog) == []
 
 
+class AwayForCommits(PostgresLedger):
+    """A ledger that stores no change while ``away`` (Postgres away for the commits of
+    the replica it is given to)."""
+
+    away = False
+
+    async def commit(self, change: LedgerChange):
+        if self.away and change:
+            raise ConnectionError("the ledger is away")
+        return await super().commit(change)
+
+
+async def test_a_halt_the_holder_reads_from_the_ledger_refuses_its_waiting_entries_first(
+    clock, market, pg_pool, shared_lease, caplog
+):
+    """What the holder decided waits for the ledger (the commit failed) as a halt given
+    to the stand-by is stored. The holder's round applies the halt as one given to it,
+    before it stores and sends what waited: a waiting entry is refused, never sent (the
+    same line, count and announcement as a halt given to it), a waiting sale is sent."""
+    away = AwayForCommits(pg_pool)
+    holder, standby = trading(away), trading(PostgresLedger(pg_pool))
+    tick = holder.settings.trading_tick_s
+    async with running(clock, holder) as (bus, watch, _):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+
+            def sent(side: str) -> list[str]:
+                return [r.order_id for r in watch.payloads("order.requested") if r.side == side]
+
+            held = await ready(bus, market)
+            await publish(bus, market.prediction(held))
+            await clock.advance(tick)
+            await eventually(lambda: watch.count("position.opened") == 1,
+                             what="the position opened")  # fmt: skip
+            [opened] = watch.payloads("position.opened")
+
+            # a sale waits for the ledger as the stand-by's halt is stored
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:1",
+                mint=held,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+            )
+            away.away = True
+            with pytest.raises(ConnectionError):
+                await holder.on_events([make_event(sale, source="exit/t", time=clock.now())])
+            answer = await client.post("/halt", json={"reason": "first halt"})
+            assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
+            away.away = False
+            await clock.advance(tick)
+            await eventually(lambda: halted(holder, "first halt") and sent("sell") != [],
+                             what="the holder halted on its round")  # fmt: skip
+            assert sent("sell") == [sale.order_id]
+
+            # resumed, an entry waits for the ledger as the stand-by's next halt is stored
+            await holder.resume("resumed")
+            entered = await ready(bus, market)
+            [entry] = sent("buy")
+            away.away = True
+            with pytest.raises(ConnectionError):
+                await holder.on_events([market.prediction(entered)])
+            assert len(holder.risk.reservations) == 1
+            answer = await client.post("/halt", json={"reason": "second halt"})
+            assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
+            away.away = False
+            refused_before = holder.metrics.orders("buy", "rejected")
+            caplog.clear()
+            await clock.advance(tick)
+
+            async def stored_refused() -> bool:
+                orders = await away.orders(limit=10)
+                return any(o["mint"] == entered and o["state"] != "pending" for o in orders)
+
+            await eventually(stored_refused, what="the waiting entry stored")
+            [order] = [o for o in await away.orders(limit=10) if o["mint"] == entered]
+            assert order["state"] == "rejected", order
+            assert order["outcome"] == "halted before it was sent: second halt", order
+            assert halted(holder, "second halt")
+            assert sent("buy") == [entry]
+            assert holder.risk.reservations == {}
+            assert holder.executor.due(clock.now() + 3600.0) == []
+            assert holder.metrics.orders("buy", "rejected") == refused_before + 1
+            said = [r.getMessage() for r in caplog.records]
+            assert "trading: 1 entries decided before the halt and not sent yet are refused" in said
+            assert [(s.state, s.reason) for s in watch.payloads("trading.state")] == [
+                ("halted", "first halt"),
+                ("active", "resumed"),
+                ("halted", "second halt"),
+            ]
+            assert tracebacks(caplog) == []
+
+
 async def test_a_halt_given_to_the_replica_taken_over_from_reaches_the_new_holder(
     clock, market, pg_pool, shared_lease, caplog
 ):

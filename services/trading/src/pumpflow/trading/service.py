@@ -512,12 +512,14 @@ class TradingService(Service):
             for order_id in snapshot.order_ids:
                 self.engine.sent_orders[order_id] = None
             self.engine.withdrawn.update(snapshot.withdrawn)
-            step = _Step()
-            if snapshot.control is not None:
-                self.risk.set_state(*snapshot.control)
+            control = snapshot.control
             if self._control is not None and (unstored or changes != self._control_changes):
                 # given here and not stored before the ledger was read, or after it
-                self.risk.set_state(*self._control)
+                control = self._control
+            if control is not None:
+                # before anything waiting is stored and sent, as a halt given here is
+                self._apply_control(*control)
+            step = _Step()
             self.reconciled = {}
             for order in snapshot.unresolved:
                 self._reconcile(order, step)
@@ -1278,9 +1280,6 @@ class TradingService(Service):
             async with self._lock:
                 if term != self._term:
                     return
-                await self._flush()
-                step = _Step()
-                step.change.outcomes += self.executor.progress()
                 # the ledger's is older than one given here meanwhile, or than one not
                 # stored before it was read
                 current = changes == self._control_changes and not unstored
@@ -1292,7 +1291,12 @@ class TradingService(Service):
                         or control[1] != self.risk.operator_reason
                     )
                 ):
-                    self.risk.set_state(*control)
+                    # given to another replica: applied as if given here, before what
+                    # waits for the ledger is stored and sent (a halt refuses its entries)
+                    self._apply_control(*control)
+                await self._flush()
+                step = _Step()
+                step.change.outcomes += self.executor.progress()
                 self._forget_closed()
                 for outcome in self.executor.due(self._ctx.clock.now()):
                     self._book(outcome, None, step)
@@ -1355,9 +1359,11 @@ class TradingService(Service):
         stored unfenced instead, in one line of the log, so the new holder halts too.
         Given to a stand-by, it applies nothing there and is stored unfenced, as the
         operator's state, not a replica's book: the replica trading reads it from the
-        ledger on its next tick (every ``trading_tick_s``) and halts. A halt is the safe
-        direction, so its one risk is accepted: stored late (retried while Postgres was
-        away), after a newer resume, it halts trading again.
+        ledger on its next tick (every ``trading_tick_s``) and halts as if given there,
+        before that round stores and sends what waits for the ledger (its entries are
+        refused, its sales sent). A halt is the safe direction, so its one risk is
+        accepted: stored late (retried while Postgres was away), after a newer resume, it
+        halts trading again.
 
         The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
         says whether the ledger holds the halt, ``detail`` what that means and which
@@ -1367,14 +1373,7 @@ class TradingService(Service):
         leading = self._leading
         self._given(state, reason, fenced=leading)
         if leading:
-            self.risk.set_state(state, reason)
-            step = _Step()
-            self._report(step, self.risk.take_reports(), cause=None)
-            self._backlog.append(step)
-            refused = self._refuse_unsent_entries(reason)
-            if refused:
-                log.warning("trading: %d entries decided before the halt and not sent yet "
-                            "are refused", refused)  # fmt: skip
+            self._apply_control(state, reason)
         writer = self._control_writer
         if writer is None or writer.done():
             writer = self._control_writer = asyncio.create_task(
@@ -1439,10 +1438,7 @@ class TradingService(Service):
                 if mine != self._control_changes:
                     # a halt given while this waited for the decision under way stands
                     return self.state_view()
-                step = _Step()
-                self.risk.set_state(state, reason)
-                self._report(step, self.risk.take_reports(), cause=None)
-                self._backlog.append(step)
+                self._apply_control(state, reason)
                 await self._flush()
                 self.metrics.book(self.book, self.risk)
         return self.state_view()
@@ -1524,6 +1520,21 @@ class TradingService(Service):
                 self.metrics.operator_state(True)
         if failed:
             log.warning("trading: the operator's %s (%s) is stored", *self._control)
+
+    def _apply_control(self, state: TradingState | str, reason: str) -> None:
+        """Apply the operator's state in this replica, trading: its announcement queued,
+        and a halt refuses the entries decided before it and not sent yet (sales go on).
+        One way whether it was given here or read from the ledger (given to another
+        replica), and before anything waiting for the ledger is stored and sent."""
+        self.risk.set_state(state, reason)
+        step = _Step()
+        self._report(step, self.risk.take_reports(), cause=None)
+        self._backlog.append(step)
+        if self.risk.operator_state is TradingState.HALTED:
+            refused = self._refuse_unsent_entries(reason)
+            if refused:
+                log.warning("trading: %d entries decided before the halt and not sent yet "
+                            "are refused", refused)  # fmt: skip
 
     def _refuse_unsent_entries(self, reason: str) -> int:
         """Refuse the entries waiting for the ledger (decided, neither stored nor sent):
