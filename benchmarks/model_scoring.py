@@ -55,8 +55,10 @@ def main() -> None:
     prepared = [prepare_inputs(rows) for rows in batches]
     it = iter(range(1 << 62))
     raw = rate(lambda rows: session.predict(prepared[next(it) % len(prepared)]))
-    print(f"batched by {args.batch}: {through_manager:,.0f} predictions/s through "
-          f"ModelManager.predict_batch, {raw:,.0f}/s raw onnxruntime (one thread)")
+    print(
+        f"batched by {args.batch}: {through_manager:,.0f} predictions/s through "
+        f"ModelManager.predict_batch, {raw:,.0f}/s raw onnxruntime (one thread)"
+    )
 
     names = card.feature_names
     vectors = [dict(zip(names, row, strict=True)) for row in batches[0]]
@@ -67,8 +69,9 @@ def main() -> None:
             manager.get_prediction("entry", vector)
             latencies.append(time.perf_counter() - started)
     p50, p99 = np.percentile(latencies, [50, 99]) * 1e6
-    print(f"one prediction (get_prediction): p50 {p50:.0f} us, p99 {p99:.0f} us "
-          f"over {len(latencies)}")
+    print(
+        f"one prediction (get_prediction): p50 {p50:.0f} us, p99 {p99:.0f} us over {len(latencies)}"
+    )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def market_vectors(seconds: float) -> list:
     from pumpflow.simulator.dataset import market_events
     from pumpflow.simulator.market import Market, MarketConfig
 
-    events = market_events(Market(MarketConfig(seed=3)), seconds, start_epoch=START,
-                           source="feed/sim")
+    events = market_events(
+        Market(MarketConfig(seed=3)), seconds, start_epoch=START, source="feed/sim"
+    )
     return FeatureUpdates().of(events)
 
 
@@ -111,7 +112,7 @@ def yardstick() -> tuple:
     session = onnxruntime.InferenceSession(
         graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session, [rows[i:i + 64] for i in range(0, 64 * 50, 64)]
+    return session, [rows[i : i + 64] for i in range(0, 64 * 50, 64)]
 
 
 def batches_of(vectors: list, size: int) -> list[list]:
@@ -120,7 +121,7 @@ def batches_of(vectors: list, size: int) -> list[list]:
     mints = [f"bench-mint-{i:04d}" for i in range(size)]
     usable = len(vectors) // size * size
     return [
-        [msgspec.structs.replace(v, key=mints[j]) for j, v in enumerate(vectors[i:i + size])]
+        [msgspec.structs.replace(v, key=mints[j]) for j, v in enumerate(vectors[i : i + size])]
         for i in range(0, usable, size)
     ]
 
@@ -130,13 +131,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--no-labels", action="store_true",
-                        help="without following predictions to their labels")
-    parser.add_argument("--least", action="store_true",
-                        help="apply cut to the least a prediction needs (no labels): its "
-                             "prepared score taken, its payload made and emitted, the "
-                             "state's two fields set; what a path that handled a "
-                             "delivery's predictions together could come down to")
+    parser.add_argument(
+        "--no-labels", action="store_true", help="without following predictions to their labels"
+    )
+    parser.add_argument(
+        "--least",
+        action="store_true",
+        help="apply cut to the least a prediction needs (no labels): its "
+        "prepared score taken, its payload made and emitted, the "
+        "state's two fields set; what a path that handled a "
+        "delivery's predictions together could come down to",
+    )
     args = parser.parse_args()
     seconds = 1.5 if args.quick else 5.0
     _, card = read_model(DEFAULT_MODEL_PATH)
@@ -147,12 +152,17 @@ def main() -> None:
     # every vector scored: the policy's interval would only thin the work measured
     labels = None if args.no_labels or args.least else LabelTracker(clock=ReplayClock(START))
     processor = ModelProcessor(
-        manager, arms, policy=ScoringPolicy(min_interval_s=0.0), labels=labels,
+        manager,
+        arms,
+        policy=ScoringPolicy(min_interval_s=0.0),
+        labels=labels,
     )
     vectors = market_vectors(600.0)
     batches = batches_of(vectors, args.batch)
-    print(f"{len(vectors):,} vectors of a simulated market; {len(batches)} batches of "
-          f"{args.batch} tokens; model {card.model_id} {card.version}")
+    print(
+        f"{len(vectors):,} vectors of a simulated market; {len(batches)} batches of "
+        f"{args.batch} tokens; model {card.model_id} {card.version}"
+    )
     effects = Effects()
     states = {}
     initial = processor.initial
@@ -214,8 +224,7 @@ def main() -> None:
             for batch in batches:
                 run_batch(batch, commit=commit)
                 done += len(batch)
-            passes.append(len(vectors) // args.batch * args.batch
-                          / (time.process_time() - began))
+            passes.append(len(vectors) // args.batch * args.batch / (time.process_time() - began))
             states.clear()
         return done / elapsed
 
@@ -227,12 +236,16 @@ def main() -> None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(14)
     per_s = rate()
-    print(f"batched by {args.batch} tokens: {per_s:,.0f} predictions per CPU second "
-          f"through prepare + apply (processor and one onnxruntime call per batch)")
+    print(
+        f"batched by {args.batch} tokens: {per_s:,.0f} predictions per CPU second "
+        f"through prepare + apply (processor and one onnxruntime call per batch)"
+    )
     # the least disturbed pass: on a shared machine the mean moves with the others' load
     print(f"  best pass over every batch: {max(passes):,.0f} per CPU second")
-    print(f"  with each token's state encoded once a batch: {rate(commit=True):,.0f} "
-          f"predictions per CPU second")
+    print(
+        f"  with each token's state encoded once a batch: {rate(commit=True):,.0f} "
+        f"predictions per CPU second"
+    )
 
     # the share of it that is the model call itself
     matrices = [np.array([e.data.values for e in b]) for b in batches]
@@ -241,8 +254,10 @@ def main() -> None:
         for rows in matrices:
             manager.predict_batch("entry", rows)
             done += len(rows)
-    print(f"  of which the model: {done / elapsed:,.0f} rows per CPU second "
-          "through ModelManager.predict_batch alone")
+    print(
+        f"  of which the model: {done / elapsed:,.0f} rows per CPU second "
+        "through ModelManager.predict_batch alone"
+    )
 
     # the path and the yardstick in turns, a pass of each: the ratio is the machine's
     session, yard_rows = yardstick()
@@ -261,11 +276,13 @@ def main() -> None:
                 done += len(rows)
         ratios.append(path / (done / (time.process_time() - began)))
     ratio = statistics.median(ratios)
-    print(f"  against the yardstick (raw onnxruntime, a 200-tree LightGBM batched by 64, in "
-          f"turns): {ratio:.3f} of its rate ({min(ratios):.3f}-{max(ratios):.3f}); where it "
-          f"does {YARDSTICK_ROWS_PER_S:,.0f} rows/s, {ratio * YARDSTICK_ROWS_PER_S:,.0f} "
-          f"predictions/s (target {TARGET_PER_S:,.0f}: "
-          f"{TARGET_PER_S / YARDSTICK_ROWS_PER_S:.3f})")
+    print(
+        f"  against the yardstick (raw onnxruntime, a 200-tree LightGBM batched by 64, in "
+        f"turns): {ratio:.3f} of its rate ({min(ratios):.3f}-{max(ratios):.3f}); where it "
+        f"does {YARDSTICK_ROWS_PER_S:,.0f} rows/s, {ratio * YARDSTICK_ROWS_PER_S:,.0f} "
+        f"predictions/s (target {TARGET_PER_S:,.0f}: "
+        f"{TARGET_PER_S / YARDSTICK_ROWS_PER_S:.3f})"
+    )
 
     # one prediction: a vector delivered alone, from its delivery to its payload emitted
     latencies = []
@@ -276,8 +293,10 @@ def main() -> None:
         run_batch([event])
         latencies.append(time.perf_counter() - started)
     p50, p99, worst = np.percentile(latencies, [50, 99, 100]) * 1e6
-    print(f"one prediction (a delivery of one vector): p50 {p50:.0f} us, p99 {p99:.0f} us, "
-          f"max {worst:.0f} us over {len(latencies):,}")
+    print(
+        f"one prediction (a delivery of one vector): p50 {p50:.0f} us, p99 {p99:.0f} us, "
+        f"max {worst:.0f} us over {len(latencies):,}"
+    )
 
 
 if __name__ == "__main__":

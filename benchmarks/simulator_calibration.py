@@ -51,8 +51,14 @@ def main() -> int:
     )
     parser.add_argument("--minutes", type=float, default=60.0, help="simulated minutes a seed")
     parser.add_argument("--rate", type=float, default=30.0, help="token launches per minute")
-    parser.add_argument("--set", type=_setting, action="append", default=[],
-                        metavar="NAME=VALUE", help="override a MarketConfig parameter")
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a MarketConfig parameter",
+    )
     parser.add_argument("--pooled-only", action="store_true", help="no per-seed table")
     args = parser.parse_args()
     config = MarketConfig(seed=0, launches_per_minute=args.rate, **dict(args.set))
@@ -68,10 +74,14 @@ def main() -> int:
     minutes = sorted(m for t in result.tallies for m in t.graduate_minutes)
     if minutes:
         q = statistics.quantiles(minutes, n=4)
-        print(f"pooled graduates' minutes: quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}, "
-              f"min {minutes[0]:.2f}, max {minutes[-1]:.2f}")
-    print(f"pooled over seeds {args.seeds[0]}-{args.seeds[-1]} ({len(args.seeds)} seeds, "
-          f"{args.minutes:g} min each, {took:.1f} s):")
+        print(
+            f"pooled graduates' minutes: quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}, "
+            f"min {minutes[0]:.2f}, max {minutes[-1]:.2f}"
+        )
+    print(
+        f"pooled over seeds {args.seeds[0]}-{args.seeds[-1]} ({len(args.seeds)} seeds, "
+        f"{args.minutes:g} min each, {took:.1f} s):"
+    )
     print(result.pooled.format())
     return 0 if result.pooled.ok else 1
 
@@ -81,12 +91,17 @@ def _per_seed_table(result: SeedsCalibration, names: list[str]) -> None:
     for seed, rep in zip(result.seeds, result.per_seed, strict=True):
         cells = " ".join(f"{_cell(s.value, s.unit, s.ok):>11}" for s in rep.statistics)
         print(f"{seed:>6} {rep.graduates:>5} {cells}")
-    off = sum(not rep.by_name("graduates: median minutes to graduate").ok
-              for rep in result.per_seed)
-    fixed = sum(not 3.5 <= rep.by_name("graduates: median minutes to graduate").value <= 5.5
-                for rep in result.per_seed)
-    print(f"(* out of its run's tolerance; median minutes out on {off} of "
-          f"{len(result.seeds)} seeds, out of a fixed 3.5-5.5 on {fixed})")
+    off = sum(
+        not rep.by_name("graduates: median minutes to graduate").ok for rep in result.per_seed
+    )
+    fixed = sum(
+        not 3.5 <= rep.by_name("graduates: median minutes to graduate").value <= 5.5
+        for rep in result.per_seed
+    )
+    print(
+        f"(* out of its run's tolerance; median minutes out on {off} of "
+        f"{len(result.seeds)} seeds, out of a fixed 3.5-5.5 on {fixed})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ def main() -> None:
         began = time.perf_counter()
         count = sum(1 for _ in market.frames(span))
         best = max(best, count / (time.perf_counter() - began))
-    print(f"Market.frames: {count} frames ({args.minutes:g} simulated minutes), "
-          f"best of {args.repeat}: {best:,.0f} frames/s "
-          f"({best / (count / span):,.0f}x real time)")
+    print(
+        f"Market.frames: {count} frames ({args.minutes:g} simulated minutes), "
+        f"best of {args.repeat}: {best:,.0f} frames/s "
+        f"({best / (count / span):,.0f}x real time)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "run.jsonl")
@@ -41,8 +43,10 @@ def main() -> None:
             written = write_dataset(market, path, duration_s=span, start_epoch=1.76e9)
             best_ds = max(best_ds, written / (time.perf_counter() - began))
         size = os.path.getsize(path)
-    print(f"write_dataset (JSONL): best of {args.repeat}: {best_ds:,.0f} frames/s, "
-          f"{size / written:.0f} bytes/frame")
+    print(
+        f"write_dataset (JSONL): best of {args.repeat}: {best_ds:,.0f} frames/s, "
+        f"{size / written:.0f} bytes/frame"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The tree passes the project's linter (ruff, configured in pyproject.toml)."""
+"""The tree passes the project's linter and formatter (ruff, configured in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -13,5 +13,16 @@ def test_ruff_finds_nothing():
     ruff = Path(sys.executable).with_name("ruff")
     result = subprocess.run(
         [str(ruff), "check", "--no-cache", str(ROOT)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+def test_ruff_format_changes_nothing():
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run(
+        [str(ruff), "format", "--check", "--no-cache", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

@@ -203,7 +203,9 @@ def test_the_service_table_lists_what_each_service_consumes_and_publishes():
     def expanded(cell: str) -> set[str]:
         named = {name.strip() for name in cell.split(",")}
         return {
-            t for name in named for t in types
+            t
+            for name in named
+            for t in types
             if t == name or (name.endswith(".*") and t.startswith(name[:-1]))
         } | {name for name in named if not name.endswith(".*")}
 

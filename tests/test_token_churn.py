@@ -35,9 +35,7 @@ def _churn_module():
 async def test_per_mint_entries_level_off_as_short_lived_tokens_come_and_go():
     churn = _churn_module().churn
     feed = FeedManagerConfig(source="feed/churn", seq_restore_window_s=WINDOW_S)
-    samples = [
-        s async for s in churn(1500, every_s=EVERY_S, trades=3, sample_every=250, feed=feed)
-    ]
+    samples = [s async for s in churn(1500, every_s=EVERY_S, trades=3, sample_every=250, feed=feed)]
     assert samples[-1].tokens == 1500
     # the feed numbers only the mints of its window
     assert all(s.sequencer <= WINDOW_S / EVERY_S + 1 for s in samples)

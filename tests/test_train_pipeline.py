@@ -24,14 +24,24 @@ MINUTES = 5.0
 @pytest.fixture(scope="module")
 def market_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("train") / "market.jsonl"
-    write_dataset(Market(MarketConfig(seed=21)), path, duration_s=MINUTES * 60.0,
-                  start_epoch=START)
+    write_dataset(Market(MarketConfig(seed=21)), path, duration_s=MINUTES * 60.0, start_epoch=START)
     return path
 
 
 def train_command(market_file, out) -> list[str]:
-    return ["train", "--dataset", str(market_file), "--trees", "25", "--seed", "3",
-            "--created-at", "2026-01-01T00:00:00Z", "--out", str(out)]
+    return [
+        "train",
+        "--dataset",
+        str(market_file),
+        "--trees",
+        "25",
+        "--seed",
+        "3",
+        "--created-at",
+        "2026-01-01T00:00:00Z",
+        "--out",
+        str(out),
+    ]
 
 
 def test_train_from_a_dataset_file_gives_onnx_equal_to_native(market_file, tmp_path, capsys):
@@ -49,8 +59,7 @@ def test_train_from_a_dataset_file_gives_onnx_equal_to_native(market_file, tmp_p
 
     # independently: the served ONNX model against the native model refitted the same way
     dataset = files_dataset([str(market_file)], DEFAULT_CLASSIFICATION, progress=False)
-    trained = train(dataset, TrainConfig(n_estimators=25, seed=3),
-                    created_at=card.created_at)
+    trained = train(dataset, TrainConfig(n_estimators=25, seed=3), created_at=card.created_at)
     # trained again: the same bytes, model and card
     assert trained.model == model
     assert encode_card(trained.card) == out.with_name("entry.card.json").read_bytes()
@@ -86,11 +95,20 @@ async def test_postgres_history_through_the_database_feed_gives_the_same_rows(
     from pumpflow.common.storage import TokenEventStore
 
     await load_dataset(market_file, TokenEventStore(pg_pool))
-    from_db = _dataset(await database_events(postgres_dsn, namespace, None, None),
-                       DEFAULT_CLASSIFICATION, data_end=None, source="postgres",
-                       progress=False)
-    from_file = _dataset(dataset_file_events(market_file), DEFAULT_CLASSIFICATION,
-                         data_end=None, source="file", progress=False)
+    from_db = _dataset(
+        await database_events(postgres_dsn, namespace, None, None),
+        DEFAULT_CLASSIFICATION,
+        data_end=None,
+        source="postgres",
+        progress=False,
+    )
+    from_file = _dataset(
+        dataset_file_events(market_file),
+        DEFAULT_CLASSIFICATION,
+        data_end=None,
+        source="file",
+        progress=False,
+    )
     assert from_db.mints == from_file.mints
     np.testing.assert_array_equal(from_db.features, from_file.features)
     np.testing.assert_array_equal(from_db.labels, from_file.labels)

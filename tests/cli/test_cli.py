@@ -220,9 +220,7 @@ def test_a_flag_that_is_no_finite_number_is_refused_naming_it(argv, named, capsy
         (["dead-letters", "features", "--limit", "0"], "argument --limit: must be >= 1, not 0"),
     ],
 )
-def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(
-    argv, named, capsys
-):
+def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(argv, named, capsys):
     # a negative count or duration would run and end in an empty result ("no frames")
     with pytest.raises(SystemExit) as refused:
         cli_main.main(argv)
@@ -271,32 +269,71 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
 @pytest.mark.parametrize(
     ("argv", "config", "code", "named"),
     [
-        (["run", "--duration", "1", "--plain"], "[common]\nnamespace = 5\n", 2,
-         "pumpflow.toml: [common] namespace: Input should be a valid string"),
+        (
+            ["run", "--duration", "1", "--plain"],
+            "[common]\nnamespace = 5\n",
+            2,
+            "pumpflow.toml: [common] namespace: Input should be a valid string",
+        ),
         # values a flag overrides are checked all the same: a typo must not pass for a
         # value that applies
-        (["run", "--duration", "1", "--plain"], "[trading]\ntrading_min_score = 'high'\n", 2,
-         "pumpflow.toml: [trading] trading_min_score: Input should be a valid number"),
-        (["run", "--duration", "1", "--plain"], "[common]\ntransport = 'kafka'\n", 2,
-         "pumpflow.toml: [common] transport: Input should be 'memory' or 'rabbitmq'"),
-        (["run", "--duration", "1", "--plain", "--min-score", "0.5"],
-         "[trading]\ntrading_min_score = 7\n[common]\npartitions = 0\n", 2,
-         "pumpflow.toml: [trading] trading_min_score: Input should be less than or equal to 1; "
-         "[common] partitions: Input should be greater than or equal to 1"),
-        (["backtest", "--dataset", "/nonexistent/m.jsonl"], None, 1,
-         "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory"),
-        (["catalogue", "--out", "/proc/nonexistent"], None, 1,
-         "pumpflow catalogue: /proc/nonexistent: No such file or directory"),
+        (
+            ["run", "--duration", "1", "--plain"],
+            "[trading]\ntrading_min_score = 'high'\n",
+            2,
+            "pumpflow.toml: [trading] trading_min_score: Input should be a valid number",
+        ),
+        (
+            ["run", "--duration", "1", "--plain"],
+            "[common]\ntransport = 'kafka'\n",
+            2,
+            "pumpflow.toml: [common] transport: Input should be 'memory' or 'rabbitmq'",
+        ),
+        (
+            ["run", "--duration", "1", "--plain", "--min-score", "0.5"],
+            "[trading]\ntrading_min_score = 7\n[common]\npartitions = 0\n",
+            2,
+            "pumpflow.toml: [trading] trading_min_score: Input should be less than or equal to 1; "
+            "[common] partitions: Input should be greater than or equal to 1",
+        ),
+        (
+            ["backtest", "--dataset", "/nonexistent/m.jsonl"],
+            None,
+            1,
+            "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory",
+        ),
+        (
+            ["catalogue", "--out", "/proc/nonexistent"],
+            None,
+            1,
+            "pumpflow catalogue: /proc/nonexistent: No such file or directory",
+        ),
         # the services' own commands, delegated, alike
-        (["sim", "dataset", "--minutes", "1", "--out", "/nonexistent/d.jsonl"], None, 1,
-         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
-        (["sim", "load", "/nonexistent/d.jsonl"], None, 1,
-         "pumpflow sim: /nonexistent/d.jsonl: No such file or directory"),
+        (
+            ["sim", "dataset", "--minutes", "1", "--out", "/nonexistent/d.jsonl"],
+            None,
+            1,
+            "pumpflow sim: /nonexistent/d.jsonl: No such file or directory",
+        ),
+        (
+            ["sim", "load", "/nonexistent/d.jsonl"],
+            None,
+            1,
+            "pumpflow sim: /nonexistent/d.jsonl: No such file or directory",
+        ),
         # a server that does not answer (nothing listens on port 1)
-        (["backtest", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
-         "pumpflow backtest: cannot connect: [Errno 111] Connect call failed"),
-        (["replay", "--dsn", "postgresql://postgres@127.0.0.1:1/test"], None, 1,
-         "pumpflow replay: cannot connect: [Errno 111] Connect call failed"),
+        (
+            ["backtest", "--dsn", "postgresql://postgres@127.0.0.1:1/test"],
+            None,
+            1,
+            "pumpflow backtest: cannot connect: [Errno 111] Connect call failed",
+        ),
+        (
+            ["replay", "--dsn", "postgresql://postgres@127.0.0.1:1/test"],
+            None,
+            1,
+            "pumpflow replay: cannot connect: [Errno 111] Connect call failed",
+        ),
     ],
 )
 def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
@@ -317,12 +354,18 @@ def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(
     ("argv", "named"),
     [
         (["run", "--duration", "1", "--plain", "--report", "/"], "pumpflow run: /: Is a directory"),
-        (["run", "--duration", "1", "--plain", "--report", "/proc/nonexistent/r.html"],
-         "pumpflow run: /proc/nonexistent: No such file or directory"),
-        (["backtest", "--seed", "1", "--minutes", "1", "--report", "/"],
-         "pumpflow backtest: /: Is a directory"),
-        (["backtest", "--seed", "1", "--minutes", "1", "--json", "/proc/nonexistent/r.json"],
-         "pumpflow backtest: /proc/nonexistent: No such file or directory"),
+        (
+            ["run", "--duration", "1", "--plain", "--report", "/proc/nonexistent/r.html"],
+            "pumpflow run: /proc/nonexistent: No such file or directory",
+        ),
+        (
+            ["backtest", "--seed", "1", "--minutes", "1", "--report", "/"],
+            "pumpflow backtest: /: Is a directory",
+        ),
+        (
+            ["backtest", "--seed", "1", "--minutes", "1", "--json", "/proc/nonexistent/r.json"],
+            "pumpflow backtest: /proc/nonexistent: No such file or directory",
+        ),
     ],
 )
 def test_a_report_that_cannot_be_written_is_refused_before_the_run(argv, named, capsys):

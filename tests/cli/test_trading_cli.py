@@ -51,11 +51,13 @@ def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
             return JSONResponse({"detail": "not resumed: Postgres is away"}, resume_status)
         return JSONResponse({"state": "active", "reason": "resumed", "role": role})
 
-    return Starlette(routes=[
-        Route("/state", state),
-        Route("/halt", halted, methods=["POST"]),
-        Route("/resume", resumed, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/state", state),
+            Route("/halt", halted, methods=["POST"]),
+            Route("/resume", resumed, methods=["POST"]),
+        ]
+    )
 
 
 async def pumpflow_trading(base: str, *args: str) -> int:
@@ -77,8 +79,9 @@ async def pumpflow_trading(base: str, *args: str) -> int:
         ("standby", STORED_STANDBY, 0),
     ],
 )
-async def test_a_halts_exit_status_says_where_it_took_effect(monkeypatch, capsys, role, halt,
-                                                             status):
+async def test_a_halts_exit_status_says_where_it_took_effect(
+    monkeypatch, capsys, role, halt, status
+):
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with local_app(replica(role, halt)) as base:
         assert await pumpflow_trading(base, "halt", "--reason", "test") == status
@@ -171,15 +174,22 @@ async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, c
     async def progress(request: Request) -> JSONResponse:
         polls.append(1)
         if len(polls) < 2:
-            return JSONResponse({"progress": {
-                "sold_out": 1, "positions": 2, "tranches": 3, "unconfirmed_tranches": 1,
-                "deadline_margin_s": 42.0,
-            }})
+            return JSONResponse(
+                {
+                    "progress": {
+                        "sold_out": 1,
+                        "positions": 2,
+                        "tranches": 3,
+                        "unconfirmed_tranches": 1,
+                        "deadline_margin_s": 42.0,
+                    }
+                }
+            )
         return JSONResponse({"text": "graceful exit (test): 2 positions, 1 sold out"})
 
-    app = Starlette(routes=[
-        Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)
-    ])
+    app = Starlette(
+        routes=[Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)]
+    )
     async with local_app(app) as base:
         parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30"])
         assert await asyncio.to_thread(parsed.handler, parsed) == 0

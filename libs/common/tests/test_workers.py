@@ -34,11 +34,16 @@ async def test_higher_priority_tokens_first_fifo_within_priority():
     def job(label: str):
         async def run():
             ran.append(label)
+
         return run
 
     # queued before the workers start, so the order is the queue's alone
     for label, token, priority in [
-        ("a1", "A", 1), ("b0", "B", 0), ("c3", "C", 3), ("d1", "D", 1), ("e3", "E", 3),
+        ("a1", "A", 1),
+        ("b0", "B", 0),
+        ("c3", "C", 3),
+        ("d1", "D", 1),
+        ("e3", "E", 3),
         ("a1-2", "A", 1),
     ]:
         pool.submit(token, job(label), priority=priority)
@@ -57,6 +62,7 @@ async def test_a_later_urgent_task_lifts_its_token_but_never_overtakes_its_own_t
     def job(label: str):
         async def run():
             ran.append(label)
+
         return run
 
     pool.submit("X", job("x-low"), priority=0)
@@ -89,6 +95,7 @@ async def test_per_token_order_and_no_concurrency_within_a_token():
             await asyncio.sleep(rng.random() * 0.002)
             seen.setdefault(token, []).append(i)
             running.discard(token)
+
         return run
 
     futures = []

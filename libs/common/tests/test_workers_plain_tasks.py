@@ -99,10 +99,16 @@ async def test_run_now_runs_at_once_only_when_it_overtakes_nothing():
 
     pool.run_now("f", fails)  # logged and counted, not raised
     assert pool.tasks_failed == 1
-    assert registry.get_sample_value(
-        "pumpflow_worker_pool_tasks_total", {"pool": "now", "outcome": "error"}
-    ) == 1
+    assert (
+        registry.get_sample_value(
+            "pumpflow_worker_pool_tasks_total", {"pool": "now", "outcome": "error"}
+        )
+        == 1
+    )
     await pool.stop()
-    assert registry.get_sample_value(
-        "pumpflow_worker_pool_tasks_total", {"pool": "now", "outcome": "ok"}
-    ) == len(ran) - 1  # e's two parts are one task
+    assert (
+        registry.get_sample_value(
+            "pumpflow_worker_pool_tasks_total", {"pool": "now", "outcome": "ok"}
+        )
+        == len(ran) - 1
+    )  # e's two parts are one task

@@ -256,6 +256,7 @@ async def test_the_connection_and_the_market_outlive_a_redis_restart(own_redis, 
         await eventually(lambda: sum(1 for e in events if e.type == "token.trade") >= 20)
 
         await asyncio.to_thread(own_redis.restart)
+
         async def holder() -> str | None:
             try:
                 return await feed.leader.current_holder()

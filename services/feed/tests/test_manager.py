@@ -453,7 +453,8 @@ async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(
     await second.flush()
     await bus.drain()
     assert [(e.key, e.seq, e.renumbered) for e in got] == [
-        (old_mint, 6, True), (new_mint, 3, False)
+        (old_mint, 6, True),
+        (new_mint, 3, False),
     ]
     await manager.stop()
     await bus.close()

@@ -38,18 +38,31 @@ def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path
     labels = (values[:, 3] + rng.normal(0.0, 0.5, n) > 0.0) * 1.0
     time = DEFAULT_CARD.created_at + np.arange(n, dtype=float)
     dataset = Dataset(
-        names=features.names, feature_set_version=features.version,
-        label=DEFAULT_CLASSIFICATION, source="synthetic", features=values, labels=labels,
-        time=time, token=np.arange(n) // 10, mints=tuple(f"m{i}" for i in range(n // 10)),
+        names=features.names,
+        feature_set_version=features.version,
+        label=DEFAULT_CLASSIFICATION,
+        source="synthetic",
+        features=values,
+        labels=labels,
+        time=time,
+        token=np.arange(n) // 10,
+        mints=tuple(f"m{i}" for i in range(n // 10)),
         launch=time[::10],
     )
-    trained = train(dataset, TrainConfig(model_id=model_id, n_estimators=20, seed=seed),
-                    created_at=DEFAULT_CARD.created_at)
+    trained = train(
+        dataset,
+        TrainConfig(model_id=model_id, n_estimators=20, seed=seed),
+        created_at=DEFAULT_CARD.created_at,
+    )
     return write_model(folder / f"{model_id}-{seed}.onnx", trained.model, trained.card)
 
 
 def vector_event(
-    mint: str, time: float, *, seq: int = 1, values: tuple[float, ...] | None = None,
+    mint: str,
+    time: float,
+    *,
+    seq: int = 1,
+    values: tuple[float, ...] | None = None,
     version: str | None = None,
 ) -> Event:
     """A features.updated of ``mint`` on the live feature set (values drawn from ``seq``)."""
@@ -58,8 +71,11 @@ def vector_event(
         rng = np.random.default_rng(seq)
         values = tuple(float(v) for v in rng.normal(size=len(features.names)))
     payload = FeaturesUpdated(
-        mint=mint, feature_set_version=version or features.version, source_seq=seq,
-        names=features.names, values=values,
+        mint=mint,
+        feature_set_version=version or features.version,
+        source_seq=seq,
+        names=features.names,
+        values=values,
     )
     return make_event(payload, source="features/test", time=time, seq=seq)
 

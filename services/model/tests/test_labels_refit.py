@@ -160,9 +160,7 @@ async def test_a_label_the_store_refuses_alone_is_dropped_and_holds_no_commit(pg
         assert model._to_store == []
 
 
-async def test_labels_released_and_committed_outlive_a_crash_before_the_round(
-    pg_pool, namespace
-):
+async def test_labels_released_and_committed_outlive_a_crash_before_the_round(pg_pool, namespace):
     clock = ReplayClock(START)
     vectors = seed5_vectors(60.0)
     buses = BusHarness("memory", namespace=namespace, partitions=4)
@@ -172,10 +170,15 @@ async def test_labels_released_and_committed_outlive_a_crash_before_the_round(
         # no round of the monitor comes before the crash
         model = model_service(model_monitor_s=3600.0, model_refit=False, partitions=4)
         settings = model.settings
-        await model.start(ServiceContext(
-            settings=settings, bus=await buses.bus("model"), clock=clock, store=store,
-            db=pg_pool,
-        ))
+        await model.start(
+            ServiceContext(
+                settings=settings,
+                bus=await buses.bus("model"),
+                clock=clock,
+                store=store,
+                db=pg_pool,
+            )
+        )
         return model
 
     try:
@@ -228,10 +231,18 @@ def synthetic_labels(labels_of, *, n: int = ROWS, seed: int = 8) -> list[Resolve
     time = START - n * 0.5 + np.arange(n) * 0.5
     return [
         ResolvedLabel(
-            mint=f"token{i // 40}", model_id="entry", version=DEFAULT_CARD.version,
-            arm="control", task="classification", score=0.5, time=float(time[i]),
-            entry_price=1.0, label=float(labels[i]), definition=DEFAULT_CARD.label,
-            resolved_at=float(time[i]) + 122.0, feature_names=NAMES,
+            mint=f"token{i // 40}",
+            model_id="entry",
+            version=DEFAULT_CARD.version,
+            arm="control",
+            task="classification",
+            score=0.5,
+            time=float(time[i]),
+            entry_price=1.0,
+            label=float(labels[i]),
+            definition=DEFAULT_CARD.label,
+            resolved_at=float(time[i]) + 122.0,
+            feature_names=NAMES,
             features=tuple(float(v) for v in rows[i]),
         )
         for i in range(n)
@@ -264,29 +275,33 @@ REFIT_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize(("labels_of", "min_gain", "better"), [
-    (by_rsi, 0.01, True),
-    (by_the_default_model, 0.01, False),
-    # the refit learns the labels (AUC from about 0.5 to near 1), not by 0.75 more
-    (by_rsi, 0.75, False),
-])
+@pytest.mark.parametrize(
+    ("labels_of", "min_gain", "better"),
+    [
+        (by_rsi, 0.01, True),
+        (by_the_default_model, 0.01, False),
+        # the refit learns the labels (AUC from about 0.5 to near 1), not by 0.75 more
+        (by_rsi, 0.75, False),
+    ],
+)
 async def test_the_service_refits_on_stored_labels_when_due_and_swaps_only_if_better(
     pg_pool, tmp_path, labels_of, min_gain, better
 ):
     store = PostgresLabelStore(pg_pool)
     labels = synthetic_labels(labels_of)
     # one label short of the policy's count: no refit is due
-    await store.add(labels[:-1], feature_set_version=DEFAULT_CARD.feature_set_version,
-                    names=NAMES)
+    await store.add(labels[:-1], feature_set_version=DEFAULT_CARD.feature_set_version, names=NAMES)
     clock = ReplayClock(START)
-    model = model_service(model_registry_dir=str(tmp_path), model_refit_min_gain=min_gain,
-                          **REFIT_SETTINGS)
+    model = model_service(
+        model_registry_dir=str(tmp_path), model_refit_min_gain=min_gain, **REFIT_SETTINGS
+    )
     async with run_embedded([model], clock=clock, db=pg_pool) as system:
         assert await model.refit_if_due("entry") is None
         assert await store.last_refit("entry") is None
         # the last label makes it due: the service's own loop refits
-        await store.add(labels[-1:], feature_set_version=DEFAULT_CARD.feature_set_version,
-                        names=NAMES)
+        await store.add(
+            labels[-1:], feature_set_version=DEFAULT_CARD.feature_set_version, names=NAMES
+        )
         await eventually(lambda: model.refits, within=120.0, what="an automatic refit")
         (refit,) = model.refits
         assert await store.last_refit("entry") == refit
@@ -342,8 +357,9 @@ async def test_the_memory_store_counts_and_keeps_the_newest_labels_like_postgres
         # the 50 stored already are kept once, and one given twice is new once: those
         # new come back in the order given
         again = [*labels[200:300], labels[260]]
-        assert await store.add(again, feature_set_version=of_model[1],
-                               names=NAMES) == labels[250:300]
+        assert (
+            await store.add(again, feature_set_version=of_model[1], names=NAMES) == labels[250:300]
+        )
     counts = await postgres.counts(*of_model, after_id=100)
     assert (counts.rows, counts.new) == (300, 200)
     counts = await memory.counts(*of_model, after_id=100)
@@ -380,8 +396,11 @@ async def refit_into(registry_dir: Path, pg_pool, store: MemoryStateStore):
 async def test_a_replica_on_another_disk_follows_a_refit_from_the_database(pg_pool, tmp_path):
     store = MemoryStateStore(ReplayClock(START))
     # the follower starts first, on the settings' model, with a registry of its own
-    follower = model_service(model_registry_dir=str(tmp_path / "follower"),
-                             model_refit=False, model_serving_refresh_s=3600.0)
+    follower = model_service(
+        model_registry_dir=str(tmp_path / "follower"),
+        model_refit=False,
+        model_serving_refresh_s=3600.0,
+    )
     async with run_embedded(
         [follower], clock=ReplayClock(START), db=pg_pool, store=store
     ) as system:
@@ -425,8 +444,11 @@ async def test_a_stored_serving_whose_model_is_gone_everywhere_starts_on_the_set
     # a refitted model neither on this disk nor in the database
     stored = {
         "revision": 7,
-        "models": {"entry": msgspec.to_builtins(
-            ModelSource(path=gone, loaded=7, sha256=model_hash(b"gone")))},
+        "models": {
+            "entry": msgspec.to_builtins(
+                ModelSource(path=gone, loaded=7, sha256=model_hash(b"gone"))
+            )
+        },
         "arms": [{"name": "control", "model_id": "entry"}],
     }
     await store.set(SERVING_KEY, msgspec.json.encode(stored))
@@ -451,7 +473,8 @@ async def test_a_refit_whose_serving_cannot_be_stored_is_not_served_here_alone(
     from pumpflow.common.state.redis import RedisStateStore
 
     await PostgresLabelStore(pg_pool).add(
-        synthetic_labels(by_rsi), feature_set_version=DEFAULT_CARD.feature_set_version,
+        synthetic_labels(by_rsi),
+        feature_set_version=DEFAULT_CARD.feature_set_version,
         names=NAMES,
     )
     store = RedisStateStore(url=own_redis.url, namespace=namespace)
@@ -482,7 +505,8 @@ async def test_a_refit_served_whose_swap_was_not_recorded_is_marked_by_the_next_
     pg_pool, tmp_path, monkeypatch
 ):
     await PostgresLabelStore(pg_pool).add(
-        synthetic_labels(by_rsi), feature_set_version=DEFAULT_CARD.feature_set_version,
+        synthetic_labels(by_rsi),
+        feature_set_version=DEFAULT_CARD.feature_set_version,
         names=NAMES,
     )
     settings = {**REFIT_SETTINGS, "model_refit": False}

@@ -79,8 +79,12 @@ def test_features_of_another_version_are_not_scored():
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     features = traded_features()
     vector = features.generate_features(features.mints()[0])
-    stale = type(vector)(**{**{f: getattr(vector, f) for f in vector.__struct_fields__},
-                            "version": "0123456789abcdef"})
+    stale = type(vector)(
+        **{
+            **{f: getattr(vector, f) for f in vector.__struct_fields__},
+            "version": "0123456789abcdef",
+        }
+    )
     with pytest.raises(FeatureSetMismatch, match="0123456789abcdef"):
         manager.get_prediction("entry", stale)
     assert 0.0 <= manager.get_prediction("entry", vector).score <= 1.0
@@ -148,21 +152,29 @@ def test_a_regression_model_is_served(tmp_path):
     target = np.nan_to_num(values[:, 3]) * 0.1 + rng.normal(0.0, 0.01, n)
     time = np.arange(n, dtype=float)
     dataset = Dataset(
-        names=features.names, feature_set_version=features.version, label=DEFAULT_REGRESSION,
-        source="synthetic", features=values, labels=target, time=time,
-        token=np.arange(n) // 10, mints=tuple(f"m{i}" for i in range(n // 10)),
+        names=features.names,
+        feature_set_version=features.version,
+        label=DEFAULT_REGRESSION,
+        source="synthetic",
+        features=values,
+        labels=target,
+        time=time,
+        token=np.arange(n) // 10,
+        mints=tuple(f"m{i}" for i in range(n // 10)),
         launch=time[::10],
     )
-    trained = train(dataset, TrainConfig(model_id="ret", task="regression", n_estimators=30),
-                    created_at=0.0)
+    trained = train(
+        dataset, TrainConfig(model_id="ret", task="regression", n_estimators=30), created_at=0.0
+    )
     from pumpflow.common.model import write_model
 
     path = write_model(tmp_path / "ret.onnx", trained.model, trained.card)
     manager = manager_at(10.0, features)
     manager.load_model("ret", path, "regression")
     scores = manager.predict_batch("ret", values[:500])
-    np.testing.assert_allclose(scores, trained.native.predict(prepare_inputs(values[:500])),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        scores, trained.native.predict(prepare_inputs(values[:500])), atol=1e-5
+    )
     assert trained.card.held_out.model["rmse"] < trained.card.held_out.baseline["rmse"]
 
 
@@ -205,10 +217,12 @@ def test_a_classifier_is_exported_as_its_margin_through_a_sigmoid_and_old_graphs
     digest = model_digest(converted)
     old_card = msgspec.structs.replace(trained.card, version=digest[:16], model_sha256=digest)
     manager = manager_at(10.0, features)
-    manager.load_model("new", write_model(tmp_path / "new.onnx", trained.model, trained.card),
-                       "classification")
-    manager.load_model("old", write_model(tmp_path / "old.onnx", converted, old_card),
-                       "classification")
+    manager.load_model(
+        "new", write_model(tmp_path / "new.onnx", trained.model, trained.card), "classification"
+    )
+    manager.load_model(
+        "old", write_model(tmp_path / "old.onnx", converted, old_card), "classification"
+    )
     rows = values[:500]
     native = trained.native.predict_proba(prepare_inputs(rows))[:, 1]
     np.testing.assert_allclose(manager.predict_batch("new", rows), native, atol=1e-6)
@@ -222,8 +236,11 @@ def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path
 
     registry = ModelRegistry(tmp_path)
     manager = ModelManager(
-        None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at),
-        refitter=LightGBMRefitter(config=TrainConfig(n_estimators=30)), registry=registry,
+        None,
+        FeatureManager(),
+        clock=ReplayClock(DEFAULT_CARD.created_at),
+        refitter=LightGBMRefitter(config=TrainConfig(n_estimators=30)),
+        registry=registry,
     )
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     rng = np.random.default_rng(8)
@@ -235,8 +252,8 @@ def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path
     # labels the serving model ranks perfectly: a refit cannot do strictly better
     own = manager.predict_batch("entry", rows)
     kept = manager.update_model(
-        "entry", LabelledRows(rows=rows, labels=(own > np.median(own)) * 1.0, time=time,
-                              token=token)
+        "entry",
+        LabelledRows(rows=rows, labels=(own > np.median(own)) * 1.0, time=time, token=token),
     ).result(timeout=300)
     assert not kept.swapped and kept.serving_score == 1.0
     assert manager.card("entry").version == DEFAULT_CARD.version
@@ -250,8 +267,10 @@ def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path
     assert swapped.swapped and swapped.candidate_score > swapped.serving_score
     card = manager.card("entry")
     assert card.version == swapped.candidate_version != DEFAULT_CARD.version
-    assert manager.get_prediction("entry", dict(zip(card.feature_names, rows[0], strict=True))
-                                  ).version == card.version
+    assert (
+        manager.get_prediction("entry", dict(zip(card.feature_names, rows[0], strict=True))).version
+        == card.version
+    )
     assert [c.version for c in registry.cards("entry")] == [card.version]
     assert manager.updates["entry"] == [kept, swapped]
     # the refit never saw the held-out slice: it was fitted on rows labelled before it
@@ -277,8 +296,9 @@ def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
     refitter = FittedOnce()
 
     def update(min_gain: float):
-        manager = ModelManager(None, FeatureManager(),
-                               clock=ReplayClock(DEFAULT_CARD.created_at), refitter=refitter)
+        manager = ModelManager(
+            None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at), refitter=refitter
+        )
         manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
         return manager, manager.update_model("entry", data, min_gain=min_gain).result(300)
 
@@ -292,17 +312,22 @@ def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
     # a refit does a little better (some 0.01 AUC on the held-out slice)
     rsi = rows[:, DEFAULT_CARD.feature_names.index("rsi_14")]
     labels = np.where(rng.random(n) < 0.3, rsi > 0.0, scores > np.median(scores)) * 1.0
-    data = LabelledRows(rows=rows, labels=labels,
-                        time=DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5,
-                        token=np.arange(n) // 40)
+    data = LabelledRows(
+        rows=rows,
+        labels=labels,
+        time=DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5,
+        token=np.arange(n) // 40,
+    )
     _, strict = update(0.0)
     gain = strict.candidate_score - strict.serving_score
     assert strict.swapped and 0.0 < gain < 0.05
     # better by no more than the margin: kept
     manager, kept = update(gain)
     assert not kept.swapped and manager.card("entry").version == DEFAULT_CARD.version
-    assert (kept.serving_score, kept.candidate_score) == (strict.serving_score,
-                                                          strict.candidate_score)
+    assert (kept.serving_score, kept.candidate_score) == (
+        strict.serving_score,
+        strict.candidate_score,
+    )
     manager, swapped = update(gain * 0.99)
     assert swapped.swapped and manager.card("entry").version == strict.candidate_version
     with pytest.raises(ValueError):
@@ -320,8 +345,9 @@ def test_a_refit_is_fitted_on_no_token_of_the_held_out_slice():
             raise RuntimeError("not fitted")
 
     refitter = Recording()
-    manager = ModelManager(None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at),
-                           refitter=refitter)
+    manager = ModelManager(
+        None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at), refitter=refitter
+    )
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     n = 4_000
     rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))

@@ -96,14 +96,17 @@ def test_a_prediction_names_model_version_arm_score_and_what_it_scored():
 
 def test_shadow_arms_score_beside_the_live_arm_marked_shadow(tmp_path):
     models = manager(other=other_model(tmp_path))
-    arms = ArmTable([
-        Arm(name="control", model_id="entry"),
-        Arm(name="candidate", model_id="other", shadow=True),
-    ])
+    arms = ArmTable(
+        [
+            Arm(name="control", model_id="entry"),
+            Arm(name="candidate", model_id="other", shadow=True),
+        ]
+    )
     processor = ModelProcessor(models, arms)
     predictions = Token(processor).step(vector_event(MINT, START))
     assert [(p.arm, p.model_id, p.shadow) for p in predictions] == [
-        ("control", "entry", False), ("candidate", "other", True),
+        ("control", "entry", False),
+        ("candidate", "other", True),
     ]
     assert predictions[1].model_version == models.card("other").version != DEFAULT_CARD.version
     # the table is swapped at run time: the next vector follows the new one
@@ -117,10 +120,12 @@ def test_a_model_that_fails_to_score_is_skipped_its_failure_counted(tmp_path):
     prediction goes out once and its label is followed once (the apply did not raise half
     way, which would have followed it again on the retry)."""
     models = manager(other=other_model(tmp_path))
-    arms = ArmTable([
-        Arm(name="control", model_id="entry"),
-        Arm(name="candidate", model_id="other", shadow=True),
-    ])
+    arms = ArmTable(
+        [
+            Arm(name="control", model_id="entry"),
+            Arm(name="candidate", model_id="other", shadow=True),
+        ]
+    )
 
     def broken(inputs):
         raise Fail("[ONNXRuntimeError] : 1 : FAIL : the session cannot run")
@@ -190,7 +195,9 @@ def test_state_round_trips_and_unreadable_state_is_stale():
 def test_a_tokens_predictions_are_followed_to_labels_at_most_once_per_label_interval():
     labels = LabelTracker(clock=ReplayClock(START))
     processor = ModelProcessor(
-        manager(), ONE_ARM, policy=ScoringPolicy(min_interval_s=0.5, label_interval_s=5.0),
+        manager(),
+        ONE_ARM,
+        policy=ScoringPolicy(min_interval_s=0.5, label_interval_s=5.0),
         labels=labels,
     )
     token = Token(processor)
@@ -251,20 +258,28 @@ def test_predictions_of_an_arm_share_nothing_of_another_tokens_or_versions(tmp_p
     tokens, a table swapped and a model swapped (what an arm's predictions share is
     kept between them)."""
     models = manager(other=other_model(tmp_path))
-    arms = ArmTable([
-        Arm(name="control", model_id="entry"),
-        Arm(name="candidate", model_id="other", shadow=True),
-    ])
+    arms = ArmTable(
+        [
+            Arm(name="control", model_id="entry"),
+            Arm(name="candidate", model_id="other", shadow=True),
+        ]
+    )
     processor = ModelProcessor(models, arms)
 
     def expected(mint, event, prediction, arm):
         card = models.card(arm.model_id)
         return ModelPrediction(
-            mint=mint, model_id=arm.model_id, arm=arm.name,
-            feature_set_version=event.data.feature_set_version, score=prediction.score,
-            horizon_s=card.label.horizon_s, label=card.label.kind,
-            model_version=card.version, shadow=arm.shadow,
-            latency_s=prediction.latency_s, source_seq=event.data.source_seq,
+            mint=mint,
+            model_id=arm.model_id,
+            arm=arm.name,
+            feature_set_version=event.data.feature_set_version,
+            score=prediction.score,
+            horizon_s=card.label.horizon_s,
+            label=card.label.kind,
+            model_version=card.version,
+            shadow=arm.shadow,
+            latency_s=prediction.latency_s,
+            source_seq=event.data.source_seq,
         )
 
     seen = 0

@@ -34,7 +34,9 @@ PARTITIONS = 4
 
 def put_json(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="PUT",
+        url,
+        data=json.dumps(body).encode(),
+        method="PUT",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
     )
     try:
@@ -54,10 +56,16 @@ async def test_replicas_score_over_rabbitmq_and_follow_an_arm_change(
     )
     ports = {"m1": free_port(), "m2": free_port()}
     for name, port in ports.items():
-        process_stack.serve("model", name=name, replica=name, http_port=port, api_token=TOKEN,
-                            partitions=PARTITIONS)
-    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=PARTITIONS, prefetch=256,
-                      source="features/test")
+        process_stack.serve(
+            "model", name=name, replica=name, http_port=port, api_token=TOKEN, partitions=PARTITIONS
+        )
+    bus = RabbitMQBus(
+        url=amqp_url,
+        namespace=namespace,
+        partitions=PARTITIONS,
+        prefetch=256,
+        source="features/test",
+    )
     await bus.start()
     predictions = []
 
@@ -70,18 +78,24 @@ async def test_replicas_score_over_rabbitmq_and_follow_an_arm_change(
         )
 
         def ready() -> bool:
-            return all(
-                http_get(f"http://127.0.0.1:{p}/readyz")[0] == 200 for p in ports.values()
-            )
+            return all(http_get(f"http://127.0.0.1:{p}/readyz")[0] == 200 for p in ports.values())
 
-        await eventually(lambda: asyncio.to_thread(ready), 60, what="both replicas ready",
-                         details=process_stack.logs, interval=0.25)
+        await eventually(
+            lambda: asyncio.to_thread(ready),
+            60,
+            what="both replicas ready",
+            details=process_stack.logs,
+            interval=0.25,
+        )
         half = len(vectors) // 2
         await bus.publish_many(vectors[:half])
         first_mints = {v.key for v in vectors[:half]}
-        await eventually(lambda: first_mints <= {p.key for p in predictions}, 60,
-                         what="a prediction of every token of the first half",
-                         details=process_stack.logs)
+        await eventually(
+            lambda: first_mints <= {p.key for p in predictions},
+            60,
+            what="a prediction of every token of the first half",
+            details=process_stack.logs,
+        )
 
         arms = [
             {"name": "control", "model_id": "entry", "weight": 0.5},
@@ -95,15 +109,21 @@ async def test_replicas_score_over_rabbitmq_and_follow_an_arm_change(
             found = http_json(f"http://127.0.0.1:{ports['m2']}/arms") or {}
             return found.get("revision") == revision
 
-        await eventually(lambda: asyncio.to_thread(followed), 30, what="m2 follows the change",
-                         details=process_stack.logs)
+        await eventually(
+            lambda: asyncio.to_thread(followed),
+            30,
+            what="m2 follows the change",
+            details=process_stack.logs,
+        )
         mark = len(predictions)
         await bus.publish_many(vectors[half:])
         second = {v.id for v in vectors[half:]}
         second_mints = {v.key for v in vectors[half:]} - first_mints
         await eventually(
-            lambda: second_mints <= {p.key for p in predictions[mark:]}, 60,
-            what="a prediction of every new token of the second half", details=process_stack.logs,
+            lambda: second_mints <= {p.key for p in predictions[mark:]},
+            60,
+            what="a prediction of every new token of the second half",
+            details=process_stack.logs,
         )
         table = ArmTable([Arm(**a) for a in arms])
         late = [p for p in predictions if p.causation_id in second]

@@ -29,8 +29,9 @@ TOKEN = "sesame"
 
 def market(seed: int = 5, seconds: float = 240.0):
     return list(
-        market_events(Market(MarketConfig(seed=seed)), seconds, start_epoch=START,
-                      source="feed/sim")
+        market_events(
+            Market(MarketConfig(seed=seed)), seconds, start_epoch=START, source="feed/sim"
+        )
     )
 
 
@@ -137,9 +138,7 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
             later = [e for e in seen.of("model.prediction")[mark:] if not e.data.shadow]
             assert later and {e.data.arm for e in later} == {"treatment"}
 
-            weights = await http.put(
-                "/arms/weights", json={"weights": {"nope": 1.0}}, headers=auth
-            )
+            weights = await http.put("/arms/weights", json={"weights": {"nope": 1.0}}, headers=auth)
             assert weights.status_code == 422
             listed = (await http.get("/models")).json()["models"]
             assert set(listed) == {"entry", "candidate"}
@@ -162,20 +161,45 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
         ("POST", "/models", {"model_id": "x", "path": "a\x00b"}, 422, "without NUL"),
         ("POST", "/models", {"model_id": "", "path": "m.onnx"}, 422, "'model_id'"),
         # a misspelt weight would leave the arm at weight 1
-        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "wieght": 0.5}]}, 422,
-         "arms[0]: no field named wieght"),
+        (
+            "PUT",
+            "/arms",
+            {"arms": [{"name": "a", "model_id": "entry", "wieght": 0.5}]},
+            422,
+            "arms[0]: no field named wieght",
+        ),
         # nothing to change: the revision would move alone
         ("PUT", "/arms/weights", {"weights": {}}, 422, "no arm's weight given"),
         # a table that cannot route is a bad request, as its weights are
-        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "weight": -1.0}]}, 422,
-         "weight must be finite and >= 0"),
-        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry"}] * 2}, 422,
-         "arm names must be non-empty and distinct"),
-        ("PUT", "/arms", {"arms": [{"name": "a", "model_id": "entry", "shadow": True}]}, 422,
-         "no live arm"),
+        (
+            "PUT",
+            "/arms",
+            {"arms": [{"name": "a", "model_id": "entry", "weight": -1.0}]},
+            422,
+            "weight must be finite and >= 0",
+        ),
+        (
+            "PUT",
+            "/arms",
+            {"arms": [{"name": "a", "model_id": "entry"}] * 2},
+            422,
+            "arm names must be non-empty and distinct",
+        ),
+        (
+            "PUT",
+            "/arms",
+            {"arms": [{"name": "a", "model_id": "entry", "shadow": True}]},
+            422,
+            "no live arm",
+        ),
         ("PUT", "/arms", {"arms": []}, 422, "at least one arm"),
-        ("PUT", "/arms/weights", {"weights": {"control": -1.0}}, 422,
-         "weight must be finite and >= 0"),
+        (
+            "PUT",
+            "/arms/weights",
+            {"weights": {"control": -1.0}},
+            422,
+            "weight must be finite and >= 0",
+        ),
     ],
 )
 async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
@@ -204,7 +228,8 @@ async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tm
 
     raw, card = read_model(other_model(tmp_path))
     alien = write_model(
-        tmp_path / "alien.onnx", raw,
+        tmp_path / "alien.onnx",
+        raw,
         msgspec.structs.replace(card, feature_set_version="0123456789abcdef"),
     )
     model = model_service()
@@ -213,7 +238,8 @@ async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tm
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
             answer = await http.post(
-                "/models", json={"model_id": "alien", "path": str(alien)},
+                "/models",
+                json={"model_id": "alien", "path": str(alien)},
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
         assert answer.status_code == 409
@@ -247,10 +273,12 @@ async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_it
                         await asyncio.sleep(0)  # let the swap in between deliveries
 
             feeding = asyncio.create_task(publish())
-            await eventually(lambda: len(seen.of("model.prediction")) > 200,
-                             what="scoring under way")
+            await eventually(
+                lambda: len(seen.of("model.prediction")) > 200, what="scoring under way"
+            )
             answer = await http.post(
-                "/models", json={"model_id": "entry", "path": str(swapped_in)},
+                "/models",
+                json={"model_id": "entry", "path": str(swapped_in)},
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
             assert answer.status_code == 200, answer.text
@@ -316,15 +344,24 @@ def test_live_precision_is_measured_where_trading_enters(monkeypatch):
 async def test_the_live_figures_are_measured_at_the_trading_threshold():
     from pumpflow.common.model.performance import ResolvedLabel
 
-    model = model_service(model_store_labels=False, model_monitor_s=3600.0,
-                          trading_min_score=0.7)
+    model = model_service(model_store_labels=False, model_monitor_s=3600.0, trading_min_score=0.7)
     async with run_embedded([model], clock=ReplayClock(START)):
         for i, score in enumerate((0.9, 0.8, 0.65, 0.5, 0.75)):
-            model.performance.add(ResolvedLabel(
-                mint=f"m{i}", model_id="entry", version=DEFAULT_CARD.version, arm="control",
-                task="classification", score=score, time=START, entry_price=1.0,
-                label=float(i != 1), definition=DEFAULT_CARD.label, resolved_at=START,
-            ))
+            model.performance.add(
+                ResolvedLabel(
+                    mint=f"m{i}",
+                    model_id="entry",
+                    version=DEFAULT_CARD.version,
+                    arm="control",
+                    task="classification",
+                    score=score,
+                    time=START,
+                    entry_price=1.0,
+                    label=float(i != 1),
+                    definition=DEFAULT_CARD.label,
+                    resolved_at=START,
+                )
+            )
         metrics = model.performance.figures("entry", "control").metrics
     assert metrics["threshold"] == 0.7
     assert metrics["precision"] == 2 / 3  # of 0.9, 0.8 and 0.75; 0.65 and 0.5 not entered
@@ -335,8 +372,13 @@ async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
 
     registry = CollectorRegistry()
     model = ModelService(
-        ModelSettings.load(service="model", transport="memory", api_token=TOKEN,
-                           model_store_labels=False, model_monitor_s=3600.0),
+        ModelSettings.load(
+            service="model",
+            transport="memory",
+            api_token=TOKEN,
+            model_store_labels=False,
+            model_monitor_s=3600.0,
+        ),
         registry=registry,
     )
 
@@ -350,19 +392,30 @@ async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
         transport = httpx.ASGITransport(app=app)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
-            arms = [{"name": "control", "model_id": "entry"},
-                    {"name": "treatment", "model_id": "entry"}]
+            arms = [
+                {"name": "control", "model_id": "entry"},
+                {"name": "treatment", "model_id": "entry"},
+            ]
             assert (await http.put("/arms", json={"arms": arms}, headers=auth)).status_code == 200
             # labels released for both arms, the treatment's ranking badly
             for arm, good in (("control", True), ("treatment", False)):
                 for i in range(400):
                     label = float(i % 2)
-                    model.performance.add(ResolvedLabel(
-                        mint=f"m{i}", model_id="entry", version=DEFAULT_CARD.version, arm=arm,
-                        task="classification", score=label if good else 1.0 - label,
-                        time=START, entry_price=1.0, label=label,
-                        definition=DEFAULT_CARD.label, resolved_at=START,
-                    ))
+                    model.performance.add(
+                        ResolvedLabel(
+                            mint=f"m{i}",
+                            model_id="entry",
+                            version=DEFAULT_CARD.version,
+                            arm=arm,
+                            task="classification",
+                            score=label if good else 1.0 - label,
+                            time=START,
+                            entry_price=1.0,
+                            label=label,
+                            definition=DEFAULT_CARD.label,
+                            resolved_at=START,
+                        )
+                    )
             model.resolve_labels()
             assert (auc_of("control"), auc_of("treatment")) == (1.0, 0.0)
             # the treatment goes: no label comes for it any more, and an alert on its
@@ -425,8 +478,9 @@ async def test_polling_the_live_figures_reads_the_shared_windows_once_per_live_r
     from pumpflow.common.model.performance import Outcome
     from pumpflow.model.live import StoreOutcomes
 
-    model = model_service(model_store_labels=False, model_monitor_s=3600.0,
-                          model_live_read_s=3600.0)
+    model = model_service(
+        model_store_labels=False, model_monitor_s=3600.0, model_live_read_s=3600.0
+    )
     async with run_embedded([model], clock=ReplayClock(START)) as system:
         outcomes = model.performance.shared = CountedOutcomes(model.performance.shared)
         app = create_app(model, system.contexts["model"])
@@ -442,8 +496,12 @@ async def test_polling_the_live_figures_reads_the_shared_windows_once_per_live_r
             assert outcomes.reads == 1
             # another replica's labels, in the shared windows
             await StoreOutcomes(system.contexts["model"].store).append(
-                {("entry", "control"): [Outcome(float(i % 2), float(i % 2), "v", START, 0.5)
-                                        for i in range(400)]}, model.performance.window,
+                {
+                    ("entry", "control"): [
+                        Outcome(float(i % 2), float(i % 2), "v", START, 0.5) for i in range(400)
+                    ]
+                },
+                model.performance.window,
             )
             for _ in range(50):
                 polled = await live()

@@ -33,12 +33,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 async def start_replica(name: str, buses: BusHarness, store, clock, db=None) -> ModelService:
     settings = ModelSettings.load(
-        service="model", transport="memory", partitions=4, replica=name, api_token=TOKEN,
-        model_monitor_s=3600.0, model_refit=False, model_serving_refresh_s=3600.0,
+        service="model",
+        transport="memory",
+        partitions=4,
+        replica=name,
+        api_token=TOKEN,
+        model_monitor_s=3600.0,
+        model_refit=False,
+        model_serving_refresh_s=3600.0,
     )
     service = ModelService(settings, registry=CollectorRegistry(), label_store=MemoryLabelStore())
-    await service.start(ServiceContext(settings=settings, bus=await buses.bus("model"),
-                                       clock=clock, store=store, db=db))
+    await service.start(
+        ServiceContext(
+            settings=settings, bus=await buses.bus("model"), clock=clock, store=store, db=db
+        )
+    )
     return service
 
 
@@ -75,8 +84,7 @@ async def test_changes_through_two_replicas_at_once_are_both_kept_and_followed(r
 
         async def weigh(client, arm: str, weight: float) -> httpx.Response:
             await asyncio.sleep(0)
-            return await client.put("/arms/weights", json={"weights": {arm: weight}},
-                                    headers=AUTH)
+            return await client.put("/arms/weights", json={"weights": {arm: weight}}, headers=AUTH)
 
         answers = await asyncio.gather(
             weigh(one, "control", float(round_)), weigh(two, "treatment", 10.0 + round_)
@@ -127,8 +135,10 @@ async def test_a_serving_the_store_lost_is_stored_again_for_the_replicas_to_come
         first = await start_replica("m1", buses, store, clock)
         started.append(first)
         async with client(first) as http:
-            arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
-                    {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+            arms = [
+                {"name": "control", "model_id": "entry", "weight": 0.3},
+                {"name": "treatment", "model_id": "entry", "weight": 0.7},
+            ]
             changed = await http.put("/arms", json={"arms": arms}, headers=AUTH)
             assert changed.status_code == 200, changed.text
         # the deployment's Redis keeps nothing over a restart
@@ -166,8 +176,10 @@ async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones
     from pumpflow.model.service import SERVING_KEY
 
     (first, one), _ = replicas
-    arms = [{"name": "control", "model_id": "entry", "weight": 0.3},
-            {"name": "treatment", "model_id": "entry", "weight": 0.7}]
+    arms = [
+        {"name": "control", "model_id": "entry", "weight": 0.3},
+        {"name": "treatment", "model_id": "entry", "weight": 0.7},
+    ]
     assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
     # the store holds an older serving (one stored again by a replica that had not
     # followed this one yet)
@@ -177,7 +189,8 @@ async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones
     answer = await one.put("/arms/weights", json=weights, headers=AUTH)
     assert answer.status_code == 200, answer.text
     assert {arm["name"]: arm["weight"] for arm in answer.json()["arms"]} == {
-        "control": 0.3, "treatment": 0.9
+        "control": 0.3,
+        "treatment": 0.9,
     }
     assert answer.json()["revision"] == 2
 
@@ -218,8 +231,10 @@ async def test_every_replica_answers_the_live_figures_of_the_deployment(split_re
         market_events(Market(MarketConfig(seed=5)), 60.0, start_epoch=START, source="feed/sim")
     )
     await clock.advance_to(vectors[-1].time)
-    halves = ([v for v in vectors if partition_of(v.key, 4) < 2],
-              [v for v in vectors if partition_of(v.key, 4) >= 2])
+    halves = (
+        [v for v in vectors if partition_of(v.key, 4) < 2],
+        [v for v in vectors if partition_of(v.key, 4) >= 2],
+    )
     for service, half in zip((first, second), halves, strict=True):
         await service._ctx.bus.publish_many(half)
 
@@ -263,8 +278,15 @@ async def observe(service: ModelService, events) -> None:
 
 
 def transition(feature: str, state: str) -> ModelDrift:
-    return ModelDrift(model_id="entry", version=DEFAULT_CARD.version, feature=feature,
-                      state=state, psi=0.05, threshold=0.1, observations=6_000)
+    return ModelDrift(
+        model_id="entry",
+        version=DEFAULT_CARD.version,
+        feature=feature,
+        state=state,
+        psi=0.05,
+        threshold=0.1,
+        observations=6_000,
+    )
 
 
 async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_restart(
@@ -300,14 +322,22 @@ async def test_drift_is_announced_once_per_crossing_whatever_replicas_see_and_re
             await service._publish_drift()
         second._drift_out.append(transition(drifting[0], "drifting"))
         await second._publish_drift()
-        expected = [*((name, "drifting") for name in drifting),
-                    (drifting[0], "recovered"), (drifting[0], "drifting")]
-        await seen.wait_until(lambda c: len(c.of("model.drift")) >= len(expected),
-                              what="the drift, its recovery and the next drift")
+        expected = [
+            *((name, "drifting") for name in drifting),
+            (drifting[0], "recovered"),
+            (drifting[0], "drifting"),
+        ]
+        await seen.wait_until(
+            lambda c: len(c.of("model.drift")) >= len(expected),
+            what="the drift, its recovery and the next drift",
+        )
         await buses.buses[0].drain(5.0)
         assert [(e.data.feature, e.data.state) for e in seen.of("model.drift")] == expected
-        counted = sum(s.metrics.drift_transitions("entry", state)
-                      for s in (first, second, restarted) for state in ("drifting", "recovered"))
+        counted = sum(
+            s.metrics.drift_transitions("entry", state)
+            for s in (first, second, restarted)
+            for state in ("drifting", "recovered")
+        )
         assert counted == len(expected)
     finally:
         for service in running:
@@ -347,8 +377,9 @@ async def test_a_drift_announced_before_the_store_came_back_empty_recovers_annou
             service._drift_out.append(transition(drifting[0], "recovered"))
             await service._publish_drift()
         expected = [*((name, "drifting") for name in drifting), (drifting[0], "recovered")]
-        await seen.wait_until(lambda c: len(c.of("model.drift")) >= len(expected),
-                              what="the drift and its recovery")
+        await seen.wait_until(
+            lambda c: len(c.of("model.drift")) >= len(expected), what="the drift and its recovery"
+        )
         await buses.buses[0].drain(5.0)
         assert [(e.data.feature, e.data.state) for e in seen.of("model.drift")] == expected
     finally:

@@ -163,8 +163,9 @@ async def test_waiting_labels_are_released_once_at_their_horizon_by_the_next_own
     await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
     released = second.label_store.given
 
-    await eventually(lambda: len(released) >= len(expected),
-                     what="the waiting labels released by the next owner")
+    await eventually(
+        lambda: len(released) >= len(expected), what="the waiting labels released by the next owner"
+    )
     await second.consumer.flush()
     got = sorted((label.mint, label.time, label.arm) for label in released)
     assert got == expected  # each once
@@ -221,9 +222,11 @@ async def test_labels_released_again_after_their_insert_count_once_in_the_figure
         return service
 
     try:
-        vectors = FeatureUpdates().of(market_events(
-            Market(MarketConfig(seed=5)), SCORED_S, start_epoch=START, source="feed/sim"
-        ))
+        vectors = FeatureUpdates().of(
+            market_events(
+                Market(MarketConfig(seed=5)), SCORED_S, start_epoch=START, source="feed/sim"
+            )
+        )
         first = await replica("model/1")
         await clock.advance_to(vectors[-1].time)
         await (await buses.bus("features/test")).publish_many(vectors)

@@ -48,8 +48,15 @@ def test_cli_dataset_is_deterministic(tmp_path, capsys):
 def test_cli_calibrate_prints_the_report_and_passes(capsys):
     assert main(["calibrate", "--seed", "1", "--minutes", "20"]) == 0
     out = capsys.readouterr().out
-    for name in ("graduation rate", "quiet within 15 min", "median trades", "median minutes",
-                 "average trades/s", "peak trades/s", "launches per minute"):
+    for name in (
+        "graduation rate",
+        "quiet within 15 min",
+        "median trades",
+        "median minutes",
+        "average trades/s",
+        "peak trades/s",
+        "launches per minute",
+    ):
         assert name in out
 
 

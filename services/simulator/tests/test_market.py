@@ -172,9 +172,15 @@ def test_calibration_holds_pooled_over_unseen_seeds():
 
 
 def _tally(minutes: list[float]) -> RunTally:
-    return RunTally(window_s=1800.0, tokens=100 * len(minutes), quiet=95 * len(minutes),
-                    window_trades=54_000, peak_trades_per_s=150,
-                    graduate_minutes=tuple(minutes), graduate_trades=(457,) * len(minutes))
+    return RunTally(
+        window_s=1800.0,
+        tokens=100 * len(minutes),
+        quiet=95 * len(minutes),
+        window_trades=54_000,
+        peak_trades_per_s=150,
+        graduate_minutes=tuple(minutes),
+        graduate_trades=(457,) * len(minutes),
+    )
 
 
 def test_a_median_is_judged_by_its_sampling_interval():

@@ -411,9 +411,12 @@ async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_n
     await ledger.load(remembered=10, holder="w1")
     async with pg_pool.acquire() as conn, pg_pool.acquire() as watcher:
         async with conn.transaction():
-            assert await conn.fetchval(
-                "SELECT holder FROM trading_holder WHERE name = 'decide' FOR SHARE"
-            ) == "w1"
+            assert (
+                await conn.fetchval(
+                    "SELECT holder FROM trading_holder WHERE name = 'decide' FOR SHARE"
+                )
+                == "w1"
+            )
             taking = asyncio.create_task(ledger.load(remembered=10, holder="w2"))
             await eventually(lambda: waiting(watcher),
                              what="the take-over waiting for the commit")  # fmt: skip

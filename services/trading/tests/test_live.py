@@ -787,9 +787,7 @@ async def test_a_wallet_trade_matching_no_order_is_logged_counted_and_shown(cloc
         assert len(api.requests) == 1
 
 
-async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbooked(
-    clock, market
-):
+async def test_the_wallets_trade_of_a_fill_stored_before_a_take_over_is_not_unbooked(clock, market):
     """The replica stored the fill of the wallet's trade and went before the trade's
     delivery was acknowledged: the next one is handed the trade again. It is the booked
     order's, the wallet and the book agree: nothing is booked twice, and nothing is told

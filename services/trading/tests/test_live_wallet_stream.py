@@ -75,7 +75,9 @@ async def test_the_sale_of_a_token_activity_unsubscribed_is_confirmed():
     try:
         async with fake_trade_api("success") as api:
             trading = live(
-                MemoryLedger(), api, trading_live_confirm_s=CONFIRM_S,
+                MemoryLedger(),
+                api,
+                trading_live_confirm_s=CONFIRM_S,
                 trading_live_answer_timeout_s=1.0,
             )
             async with run_embedded([feed, trading], clock=clock, synchronous=True) as system:

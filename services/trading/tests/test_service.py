@@ -120,8 +120,13 @@ async def test_predictions_without_an_order_are_counted_by_reason_with_its_limit
         # nothing held or paid yet: the figures are still numbers of one type, as JSON
         # readers with types expect them
         pnl = service.pnl()
-        for name in ("realized_pnl_sol", "unrealized_pnl_sol", "pnl_sol", "fees_sol",
-                     "exposure_sol"):
+        for name in (
+            "realized_pnl_sol",
+            "unrealized_pnl_sol",
+            "pnl_sol",
+            "fees_sol",
+            "exposure_sol",
+        ):
             assert type(pnl[name]) is float, (name, pnl[name])
 
 
@@ -249,9 +254,7 @@ async def test_the_next_replica_decides_on_what_the_last_one_learnt_of_a_token(c
         assert opened.position_id == request.order_id
 
 
-async def test_the_next_replica_values_the_positions_it_takes_over_on_their_markets(
-    clock, market
-):
+async def test_the_next_replica_values_the_positions_it_takes_over_on_their_markets(clock, market):
     """A position held when the replica goes is valued by the next one on the market its
     stored view holds, as it was: not at its cost (no unrealised PnL) until its token
     trades again, which a quiet token may never do."""
@@ -651,9 +654,7 @@ async def test_a_take_over_whose_ledger_is_away_is_given_up_and_the_lease_campai
         assert watch.count("order.requested") == 1
 
 
-async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(
-    clock, market
-):
+async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands_by(clock, market):
     """Another replica took over the ledger while this one's loss of the lease is not
     seen yet (a stalled renewal): the commit of a prediction's entry is refused. The
     prediction waits, neither sent nor dead-lettered (the bus would after a failure's
@@ -889,9 +890,7 @@ async def test_a_shutdown_handed_back_after_its_barrier_sends_no_second_one(cloc
 
 
 @pytest.mark.parametrize("back", ["for the stand-by", "after it"])
-async def test_a_replica_standing_by_sends_no_order_the_ledger_failed_to_store(
-    clock, market, back
-):
+async def test_a_replica_standing_by_sends_no_order_the_ledger_failed_to_store(clock, market, back):
     """Postgres fails on a prediction's order, then the lease goes. Whether the ledger is
     back for the stand-by or only for a later write of the views (another lane's
     handler), the order is neither stored nor sent (the next holder, which read the

@@ -107,6 +107,7 @@ def _command(argv: Sequence[str] | None) -> int:
 
         def handle() -> int:
             return int(args.handler(args) or 0)
+
     try:
         return handle()
     except KeyboardInterrupt:

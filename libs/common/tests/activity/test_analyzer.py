@@ -53,7 +53,10 @@ class Harness:
 
 
 HOT = dict(
-    trades_per_minute=60.0, unique_traders=25, new_traders=20, sol_volume_per_minute=12.0,
+    trades_per_minute=60.0,
+    unique_traders=25,
+    new_traders=20,
+    sol_volume_per_minute=12.0,
     price_return=0.4,
 )
 
@@ -241,8 +244,9 @@ async def test_near_graduation_is_urgent_even_at_moderate_activity():
     h.analyzer.token_created(MINT)
     await pump(h, 20, trades_per_minute=8, unique_traders=4, sol_volume_per_minute=0.3)
     assert h.analyzer.recommend_priority(MINT) == Priority.HIGH
-    await h.trade(22, trades_per_minute=8, unique_traders=4, sol_volume_per_minute=0.3,
-                  curve_progress=0.9)
+    await h.trade(
+        22, trades_per_minute=8, unique_traders=4, sol_volume_per_minute=0.3, curve_progress=0.9
+    )
     assert h.analyzer.recommend_priority(MINT) == Priority.URGENT
 
 

@@ -17,10 +17,19 @@ def history() -> tuple[list[Event], float]:
     quote = quote_buy(CurveState(), 0.5)
     curve, sol = quote.after, 0.5
     created = TokenCreated(
-        signature="c", mint="A", traderPublicKey="creator", txType="create",
-        initialBuy=quote.tokens, solAmount=sol, bondingCurveKey="curve",
-        vTokensInBondingCurve=curve.v_tokens, vSolInBondingCurve=curve.v_sol,
-        marketCapSol=curve.market_cap_sol, name="T", symbol="T", uri="u",
+        signature="c",
+        mint="A",
+        traderPublicKey="creator",
+        txType="create",
+        initialBuy=quote.tokens,
+        solAmount=sol,
+        bondingCurveKey="curve",
+        vTokensInBondingCurve=curve.v_tokens,
+        vSolInBondingCurve=curve.v_sol,
+        marketCapSol=curve.market_cap_sol,
+        name="T",
+        symbol="T",
+        uri="u",
     )
     events = [make_event(created, source="feed/test", time=T0, seq=1)]
     held: dict[str, float] = {}
@@ -31,11 +40,17 @@ def history() -> tuple[list[Event], float]:
         curve = quote.after
         sol += quote.sol
         trade = TokenTrade(
-            signature=f"s{i}", mint="A", traderPublicKey=trader,
-            txType="buy" if buy else "sell", tokenAmount=quote.tokens,
-            newTokenBalance=held[trader], bondingCurveKey="curve",
-            vTokensInBondingCurve=curve.v_tokens, vSolInBondingCurve=curve.v_sol,
-            marketCapSol=curve.market_cap_sol, solAmount=quote.sol,
+            signature=f"s{i}",
+            mint="A",
+            traderPublicKey=trader,
+            txType="buy" if buy else "sell",
+            tokenAmount=quote.tokens,
+            newTokenBalance=held[trader],
+            bondingCurveKey="curve",
+            vTokensInBondingCurve=curve.v_tokens,
+            vSolInBondingCurve=curve.v_sol,
+            marketCapSol=curve.market_cap_sol,
+            solAmount=quote.sol,
         )
         events.append(make_event(trade, source="feed/test", time=T0 + 5 * (i + 1), seq=i + 2))
     return events, sol

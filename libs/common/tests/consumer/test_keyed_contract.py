@@ -1233,8 +1233,13 @@ class FireEmitsThenFails(RecordingProcessor):
 
     def fire(self, state: Applied, effects: Effects) -> Applied:
         effects.emit(
-            FeaturesUpdated(mint=effects.key, feature_set_version="test", source_seq=0,
-                            names=("n",), values=(0.0,)),
+            FeaturesUpdated(
+                mint=effects.key,
+                feature_set_version="test",
+                source_seq=0,
+                names=("n",),
+                values=(0.0,),
+            ),
             time=effects.now,
         )
         effects.set_timer(effects.now + TIMER_DELAY)

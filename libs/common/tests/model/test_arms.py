@@ -36,7 +36,10 @@ def test_assignment_is_stable_across_tables_and_processes():
         f"print(repr([mint_fraction(m) for m in {MINTS[:50]!r}]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONHASHSEED": "12345"},
     ).stdout
     assert ast.literal_eval(out) == [mint_fraction(m) for m in MINTS[:50]]
@@ -53,7 +56,8 @@ def test_assignment_follows_the_weights_within_sampling_error():
             share = weight / sum(weights)
             # 4 standard errors of a binomial share: fails by chance about once in 16,000
             assert abs(counts[name] / n - share) <= 4 * math.sqrt(share * (1 - share) / n), (
-                weights, counts,
+                weights,
+                counts,
             )
 
 

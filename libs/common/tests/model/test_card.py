@@ -40,11 +40,18 @@ def make_card(**changes) -> ModelCard:
         feature_names=("a", "b"),
         preprocessing=PREPROCESSING,
         output_name="probabilities",
-        label=LabelDefinition(kind="take_profit_first", horizon_s=60.0, take_profit=0.2,
-                              stop_loss=0.1),
+        label=LabelDefinition(
+            kind="take_profit_first", horizon_s=60.0, take_profit=0.2, stop_loss=0.1
+        ),
         training=TrainingWindow(source="test", start=0.0, end=1.0, tokens=1, rows=10),
-        held_out=HeldOut(source="test", tokens=1, rows=5, model={"auc": 0.7},
-                         baseline_rule="rule", baseline={"auc": 0.6}),
+        held_out=HeldOut(
+            source="test",
+            tokens=1,
+            rows=5,
+            model={"auc": 0.7},
+            baseline_rule="rule",
+            baseline={"auc": 0.6},
+        ),
         reference=reference_distribution(inputs, ("a", "b")),
         trainer={"library": "x"},
         created_at=100.0,
@@ -98,9 +105,10 @@ def test_missing_and_infinite_values_are_nan_float32():
 
 
 def vectors_of(*rows: tuple[tuple[str, ...], tuple[float, ...]]) -> list[FeaturesUpdated]:
-    return [FeaturesUpdated(mint="m", feature_set_version="v", source_seq=1, names=names,
-                            values=values)
-            for names, values in rows]
+    return [
+        FeaturesUpdated(mint="m", feature_set_version="v", source_seq=1, names=names, values=values)
+        for names, values in rows
+    ]
 
 
 def test_vector_rows_are_each_vectors_row_packed_when_every_vector_is_as_sent():

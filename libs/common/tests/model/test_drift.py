@@ -42,12 +42,15 @@ def card_for(reference_rows: np.ndarray) -> ModelCard:
         feature_names=NAMES,
         preprocessing=PREPROCESSING,
         output_name="probabilities",
-        label=LabelDefinition(kind="take_profit_first", horizon_s=120.0, take_profit=0.2,
-                              stop_loss=0.1),
-        training=TrainingWindow(source="test", start=0.0, end=1.0, tokens=1,
-                                rows=len(reference_rows)),
-        held_out=HeldOut(source="test", tokens=1, rows=1, model={}, baseline_rule="none",
-                         baseline={}),
+        label=LabelDefinition(
+            kind="take_profit_first", horizon_s=120.0, take_profit=0.2, stop_loss=0.1
+        ),
+        training=TrainingWindow(
+            source="test", start=0.0, end=1.0, tokens=1, rows=len(reference_rows)
+        ),
+        held_out=HeldOut(
+            source="test", tokens=1, rows=1, model={}, baseline_rule="none", baseline={}
+        ),
         reference=reference_distribution(prepare_inputs(reference_rows), NAMES),
         trainer={},
         created_at=0.0,
@@ -69,7 +72,7 @@ def card(rng):
 def feed(monitor: DriftMonitor, rows: np.ndarray, batch: int) -> list[ModelDrift]:
     out: list[ModelDrift] = []
     for start in range(0, len(rows), batch):
-        out += monitor.observe(rows[start:start + batch])
+        out += monitor.observe(rows[start : start + batch])
     return out
 
 
@@ -80,8 +83,10 @@ def direct_psi(card: ModelCard, rows: np.ndarray, floor: float) -> np.ndarray:
     for j, ref in enumerate(card.reference):
         column = inputs[:, j]
         present = column[~np.isnan(column)]
-        counts = np.bincount(bin_index(np.asarray(ref.edges)[None, :], present[:, None])[:, 0],
-                             minlength=len(ref.edges) + 1)
+        counts = np.bincount(
+            bin_index(np.asarray(ref.edges)[None, :], present[:, None])[:, 0],
+            minlength=len(ref.edges) + 1,
+        )
         live = np.append(counts, len(column) - len(present)) / len(column)
         expected = np.append(ref.shares, ref.missing_share)
         live, expected = np.maximum(live, floor), np.maximum(expected, floor)
@@ -149,9 +154,7 @@ def test_nothing_is_judged_before_the_least_number_of_vectors(card, rng):
     monitor = DriftMonitor(card, thresholds=thresholds, clock=ReplayClock(0.0))
     assert feed(monitor, market(rng, 700, shift=2.0), batch=10) == []
     assert monitor.report().max_psi > 0.25  # computed, not judged
-    assert [d.feature for d in feed(monitor, market(rng, 100, shift=2.0), batch=10)] == [
-        "volume"
-    ]
+    assert [d.feature for d in feed(monitor, market(rng, 100, shift=2.0), batch=10)] == ["volume"]
 
 
 @pytest.mark.parametrize("batch", [1, 37, 5_000])
@@ -175,8 +178,8 @@ def test_one_row_at_a_time_checks_and_reports_as_whole_batches(card, rng):
     by_row = DriftMonitor(card, thresholds=thresholds, clock=ReplayClock(0.0))
     batches, singles = [], []
     for start in range(0, len(rows), 50):
-        batches.append(by_batch.observe(rows[start:start + 50]))
-        singles.append([d for row in rows[start:start + 50] for d in by_row.observe(row[None])])
+        batches.append(by_batch.observe(rows[start : start + 50]))
+        singles.append([d for row in rows[start : start + 50] for d in by_row.observe(row[None])])
         if start % 350 == 0:
             # a read between checks counts what came since the last one
             assert by_row.observations == by_batch.observations
@@ -198,5 +201,6 @@ def test_one_vector_by_names_and_values(card):
     monitor.observe_vector(("buy_share", "volume"), (0.5, math.inf))
     assert monitor.observations == 1
     # volume infinite and sparse absent: both in the missing bin, as in training
-    assert (monitor.bins(np.array([[math.inf, 0.5, math.nan]]))[0, [0, 2]]
-            == monitor._missing_bin).all()
+    assert (
+        monitor.bins(np.array([[math.inf, 0.5, math.nan]]))[0, [0, 2]] == monitor._missing_bin
+    ).all()

@@ -12,14 +12,16 @@ from pumpflow.common.model.card import LabelDefinition
 from pumpflow.common.model.labels import label_history, net_multiplier
 from pumpflow.common.model.metrics import auc
 
-TAKE = LabelDefinition(kind="take_profit_first", horizon_s=60.0, take_profit=0.2,
-                       stop_loss=0.1, fee_rate=0.0125)
+TAKE = LabelDefinition(
+    kind="take_profit_first", horizon_s=60.0, take_profit=0.2, stop_loss=0.1, fee_rate=0.0125
+)
 KEEP = net_multiplier(0.0125)
 
 
 def labels(times, prices, definition=TAKE, data_end=1_000.0):
-    return label_history(np.asarray(times, float), np.asarray(prices, float), definition,
-                         data_end=data_end)
+    return label_history(
+        np.asarray(times, float), np.asarray(prices, float), definition, data_end=data_end
+    )
 
 
 def test_take_profit_first_counts_the_fee_both_ways():

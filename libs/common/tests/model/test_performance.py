@@ -23,10 +23,12 @@ from pumpflow.common.model.performance import (
     breakeven_threshold,
 )
 
-TAKE = LabelDefinition(kind="take_profit_first", horizon_s=60.0, take_profit=0.2,
-                       stop_loss=0.1, fee_rate=0.0125)
-SHORT = LabelDefinition(kind="take_profit_first", horizon_s=20.0, take_profit=0.05,
-                        stop_loss=0.05, fee_rate=0.0125)
+TAKE = LabelDefinition(
+    kind="take_profit_first", horizon_s=60.0, take_profit=0.2, stop_loss=0.1, fee_rate=0.0125
+)
+SHORT = LabelDefinition(
+    kind="take_profit_first", horizon_s=20.0, take_profit=0.05, stop_loss=0.05, fee_rate=0.0125
+)
 RETURN = LabelDefinition(kind="net_return", horizon_s=45.0, fee_rate=0.0125)
 KEEP = net_multiplier(0.0125)
 
@@ -36,11 +38,26 @@ def tracker_at(start: float = 0.0, **kwargs) -> tuple[LabelTracker, ReplayClock]
     return LabelTracker(clock=clock, **kwargs), clock
 
 
-def predict(tracker: LabelTracker, mint: str, time: float, price: float,
-            definition: LabelDefinition = TAKE, model_id: str = "entry",
-            arm: str = "a", score: float = 0.5) -> None:
-    tracker.register(mint=mint, time=time, price=price, model_id=model_id, version="v1",
-                     arm=arm, score=score, definition=definition)
+def predict(
+    tracker: LabelTracker,
+    mint: str,
+    time: float,
+    price: float,
+    definition: LabelDefinition = TAKE,
+    model_id: str = "entry",
+    arm: str = "a",
+    score: float = 0.5,
+) -> None:
+    tracker.register(
+        mint=mint,
+        time=time,
+        price=price,
+        model_id=model_id,
+        version="v1",
+        arm=arm,
+        score=score,
+        definition=definition,
+    )
 
 
 def test_a_label_is_released_at_its_horizon_not_before():
@@ -54,7 +71,12 @@ def test_a_label_is_released_at_its_horizon_not_before():
     clock.set_sync(62.0)  # horizon + the 2 s grace
     (label,) = tracker.resolve_due()
     assert (label.label, label.mint, label.model_id, label.version, label.arm) == (
-        1.0, "m", "entry", "v1", "a")
+        1.0,
+        "m",
+        "entry",
+        "v1",
+        "a",
+    )
     assert label.task == "classification" and label.resolved_at == 62.0
     assert tracker.pending == 0 and tracker.mints == 0
 
@@ -94,8 +116,7 @@ def test_live_labels_equal_training_labels_on_the_same_price_paths(seed):
     rng = np.random.default_rng(seed)
     paths = {f"mint{i}": random_path(rng, 300) for i in range(4)}
     # the trades of all mints interleaved by time, as the bus brings them
-    trades = sorted((t, mint, i) for mint, (time, _) in paths.items() for i, t in
-                    enumerate(time))
+    trades = sorted((t, mint, i) for mint, (time, _) in paths.items() for i, t in enumerate(time))
     tracker, clock = tracker_at(900.0)
     models = {"entry": TAKE, "scalp": SHORT, "return": RETURN}
     released: list[ResolvedLabel] = []
@@ -105,10 +126,10 @@ def test_live_labels_equal_training_labels_on_the_same_price_paths(seed):
         price = paths[mint][1][i]
         tracker.observe(mint, t, price)  # a trade's price first, then its predictions
         for model_id, definition in models.items():
-            predict(tracker, mint, t, price, definition=definition, model_id=model_id,
-                    score=float(i))
-    assert all(label.resolved_at >= label.time + label.definition.horizon_s
-               for label in released)
+            predict(
+                tracker, mint, t, price, definition=definition, model_id=model_id, score=float(i)
+            )
+    assert all(label.resolved_at >= label.time + label.definition.horizon_s for label in released)
     assert released, "some labels were released while the trades went on"
     for mint in paths:
         tracker.retire(mint)
@@ -121,8 +142,9 @@ def test_live_labels_equal_training_labels_on_the_same_price_paths(seed):
         for model_id, definition in models.items():
             expected = label_history(time, price, definition, data_end=math.inf)
             live = np.array([got[(mint, model_id, i)] for i in range(len(time))])
-            np.testing.assert_allclose(live, expected, rtol=1e-12, atol=0,
-                                       err_msg=f"{mint} {model_id}")
+            np.testing.assert_allclose(
+                live, expected, rtol=1e-12, atol=0, err_msg=f"{mint} {model_id}"
+            )
             if definition.kind == "take_profit_first":
                 assert 0 < live.sum() < len(live)  # both outcomes occur
 
@@ -150,7 +172,8 @@ def test_a_tokens_waiting_labels_are_bounded_and_settled_mints_forgotten():
     clock.set_sync(10_000.0)
     released = tracker.resolve_due()
     assert [label.time for label in released if label.mint == "m"] == [
-        float(i) for i in range(50, 150)]
+        float(i) for i in range(50, 150)
+    ]
     assert tracker.mints == 0 and tracker.pending == 0
 
 
@@ -187,8 +210,15 @@ def test_a_tokens_waiting_labels_resolve_the_same_after_being_stored():
             mine.observe(t, p)
             tracker.release(mine, which, t)
             for model_id, definition in (("entry", TAKE), ("return", RETURN)):
-                tracker.follow(mine, t, p, LabelSource(model_id, "v1", "a", definition),
-                               float(i), names, (t, p, float(i)))
+                tracker.follow(
+                    mine,
+                    t,
+                    p,
+                    LabelSource(model_id, "v1", "a", definition),
+                    float(i),
+                    names,
+                    (t, p, float(i)),
+                )
             released[which] += tracker.resolve_due(-math.inf)
         tokens["moved"] = decode(encode(tokens["moved"]))  # stored, restored elsewhere
     for which, tracker in (("kept", kept), ("moved", moved)):
@@ -197,7 +227,8 @@ def test_a_tokens_waiting_labels_resolve_the_same_after_being_stored():
         released[which] += tracker.resolve_due(-math.inf)
     assert len(released["kept"]) == 2 * len(time)
     assert [msgspec.structs.replace(label, mint="kept") for label in released["moved"]] == (
-        released["kept"])
+        released["kept"]
+    )
     assert released["kept"][0].feature_names == names
     assert released["kept"][0].vector().tolist() == [time[0], price[0], 0.0]
 
@@ -205,12 +236,26 @@ def test_a_tokens_waiting_labels_resolve_the_same_after_being_stored():
 # -- rolling performance ----------------------------------------------------------------
 
 
-def resolved(model_id: str, arm: str, score: float, label: float, *,
-             definition: LabelDefinition = TAKE, version: str = "v1") -> ResolvedLabel:
+def resolved(
+    model_id: str,
+    arm: str,
+    score: float,
+    label: float,
+    *,
+    definition: LabelDefinition = TAKE,
+    version: str = "v1",
+) -> ResolvedLabel:
     return ResolvedLabel(
-        mint="m", model_id=model_id, version=version, arm=arm,
+        mint="m",
+        model_id=model_id,
+        version=version,
+        arm=arm,
         task="classification" if definition.kind == "take_profit_first" else "regression",
-        score=score, time=0.0, entry_price=1.0, label=label, definition=definition,
+        score=score,
+        time=0.0,
+        entry_price=1.0,
+        label=label,
+        definition=definition,
         resolved_at=1.0,
     )
 
@@ -231,16 +276,17 @@ def test_rolling_auc_precision_and_brier_equal_a_direct_computation_on_the_windo
     assert figures.metrics["auc"] == auc(window_labels, window_scores)
     assert figures.metrics["brier"] == brier(window_labels, window_scores)
     assert figures.metrics["threshold"] == threshold
-    assert figures.metrics["precision"] == precision_at(window_labels, window_scores,
-                                                        threshold)
+    assert figures.metrics["precision"] == precision_at(window_labels, window_scores, threshold)
     assert figures.metrics["precision"] == window_labels[window_scores >= threshold].mean()
     # the other arm: the same labels scored backwards
     assert performance.figures("entry", "b").metrics["auc"] == pytest.approx(
-        1.0 - figures.metrics["auc"])
+        1.0 - figures.metrics["auc"]
+    )
     assert set(performance.by_arm("entry")) == {"a", "b"}
     performance.set_threshold("entry", 0.9)
     assert performance.figures("entry", "a").metrics["precision"] == precision_at(
-        window_labels, window_scores, 0.9)
+        window_labels, window_scores, 0.9
+    )
     # the score trading enters at, for every model without a threshold of its own
     at_trading = RollingPerformance(window=500, threshold=0.6)
     for score, label in zip(scores, labels, strict=True):
@@ -286,19 +332,34 @@ def test_the_manager_reports_the_live_figures_of_its_live_source(tmp_path):
 
     model = b"a model"
     card = ModelCard(
-        model_id="entry", version=model_digest(model)[:16], task="classification",
-        feature_set_version="fs", feature_names=("x",), preprocessing=PREPROCESSING,
-        output_name="probabilities", label=TAKE,
+        model_id="entry",
+        version=model_digest(model)[:16],
+        task="classification",
+        feature_set_version="fs",
+        feature_names=("x",),
+        preprocessing=PREPROCESSING,
+        output_name="probabilities",
+        label=TAKE,
         training=TrainingWindow(source="t", start=0.0, end=1.0, tokens=1, rows=2),
-        held_out=HeldOut(source="t", tokens=1, rows=1, model={"auc": 0.7},
-                         baseline_rule="r", baseline={"auc": 0.6}),
+        held_out=HeldOut(
+            source="t",
+            tokens=1,
+            rows=1,
+            model={"auc": 0.7},
+            baseline_rule="r",
+            baseline={"auc": 0.6},
+        ),
         reference=reference_distribution(prepare_inputs(np.array([[0.0], [1.0]])), ("x",)),
-        trainer={}, created_at=0.0, expires_at=100.0, model_sha256=model_digest(model),
+        trainer={},
+        created_at=0.0,
+        expires_at=100.0,
+        model_sha256=model_digest(model),
     )
     path = write_model(tmp_path / "entry.onnx", model, card)
     performance = RollingPerformance(window=10)
-    manager = ModelManager(None, Features(), clock=ReplayClock(1.0), runtime=Sums(),
-                           live_performance=performance)
+    manager = ModelManager(
+        None, Features(), clock=ReplayClock(1.0), runtime=Sums(), live_performance=performance
+    )
     manager.load_model("entry", path, "classification")
     assert manager.get_model_performance("entry").live == {}
     for score, label in [(0.9, 1.0), (0.2, 0.0), (0.6, 0.0)]:
@@ -324,9 +385,16 @@ def test_labels_released_together_count_in_the_windows_as_added_one_by_one():
         mint = f"m{step % 9}"
         tracker.observe(mint, clock.now(), 1.0 + rng.random())
         for model_id, arm, definition in arms:
-            tracker.register(mint=mint, time=clock.now(), price=1.0 + rng.random(),
-                             model_id=model_id, version=f"v{step // 150}", arm=arm,
-                             score=float(rng.random()), definition=definition)
+            tracker.register(
+                mint=mint,
+                time=clock.now(),
+                price=1.0 + rng.random(),
+                model_id=model_id,
+                version=f"v{step // 150}",
+                arm=arm,
+                score=float(rng.random()),
+                definition=definition,
+            )
         if step % 50 == 49:
             released = tracker.resolve_due()
             counted += len(released)
@@ -334,11 +402,11 @@ def test_labels_released_together_count_in_the_windows_as_added_one_by_one():
             for label in list(released):
                 one_by_one.add(label)
     assert counted > 3 * 37  # the windows turned over
-    assert together.keys() == one_by_one.keys() == (("entry", "a"), ("entry", "b"),
-                                                     ("return", "a"))
+    assert together.keys() == one_by_one.keys() == (("entry", "a"), ("entry", "b"), ("return", "a"))
     for key in together.keys():
         assert [a.tolist() for a in together.window_of(*key)] == [
-            b.tolist() for b in one_by_one.window_of(*key)]
+            b.tolist() for b in one_by_one.window_of(*key)
+        ]
         assert together.figures(*key) == one_by_one.figures(*key)
     assert together.threshold("entry") == one_by_one.threshold("entry")
 
@@ -373,17 +441,26 @@ async def test_replicas_sharing_their_outcomes_have_the_figures_of_all_their_lab
         mint = f"m{step % 6}"
         tracker.observe(mint, clock.now(), 1.0 + rng.random())
         for model_id, arm, definition in arms:
-            tracker.register(mint=mint, time=clock.now(), price=1.0 + rng.random(),
-                             model_id=model_id, version=f"v{step // 150}", arm=arm,
-                             score=float(rng.random()), definition=definition)
+            tracker.register(
+                mint=mint,
+                time=clock.now(),
+                price=1.0 + rng.random(),
+                model_id=model_id,
+                version=f"v{step // 150}",
+                arm=arm,
+                score=float(rng.random()),
+                definition=definition,
+            )
         if step % 25 == 24:
             released = tracker.resolve_due()
             # the tokens of one replica's partitions, then the other's, each round
             for i, replica in enumerate(replicas):
                 mine = [label for label in released if int(label.mint[1:]) % 2 == i]
-                replica.extend(ReleasedLabels(
-                    [r for r in released.releases if int(r[0][1:]) % 2 == i]
-                ) if i else mine)
+                replica.extend(
+                    ReleasedLabels([r for r in released.releases if int(r[0][1:]) % 2 == i])
+                    if i
+                    else mine
+                )
                 alone.extend(mine)
             if step == 99:
                 shared.fail = 1
@@ -397,6 +474,7 @@ async def test_replicas_sharing_their_outcomes_have_the_figures_of_all_their_lab
     for key in alone.keys():
         for replica in replicas:
             assert [a.tolist() for a in replica.window_of(*key)] == [
-                b.tolist() for b in alone.window_of(*key)]
+                b.tolist() for b in alone.window_of(*key)
+            ]
             assert replica.figures(*key) == alone.figures(*key)
     assert replicas[0].threshold("entry") == alone.threshold("entry")

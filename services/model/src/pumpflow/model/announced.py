@@ -83,13 +83,17 @@ class PostgresDriftAnnouncements:
                 "ON CONFLICT (model_id, feature) DO UPDATE SET announced_at = now() "
                 "WHERE model_drift_announced.announced_at <= now() - make_interval(secs => $3) "
                 "RETURNING true",
-                transition.model_id, transition.feature, self.ttl,
+                transition.model_id,
+                transition.feature,
+                self.ttl,
             )
         else:
             claimed = await self.pool.fetchval(
                 "DELETE FROM model_drift_announced WHERE model_id = $1 AND feature = $2 "
                 "RETURNING announced_at > now() - make_interval(secs => $3)",
-                transition.model_id, transition.feature, self.ttl,
+                transition.model_id,
+                transition.feature,
+                self.ttl,
             )
         return bool(claimed)
 
@@ -98,7 +102,9 @@ class PostgresDriftAnnouncements:
         rows = await self.pool.fetch(
             "SELECT feature FROM model_drift_announced WHERE model_id = $1 "
             "AND feature = ANY($2::text[]) AND announced_at > now() - make_interval(secs => $3)",
-            model_id, list(features), self.ttl,
+            model_id,
+            list(features),
+            self.ttl,
         )
         found = {row["feature"] for row in rows}
         return [f for f in features if f in found]

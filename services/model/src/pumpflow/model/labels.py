@@ -81,8 +81,9 @@ class LabelCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LabelStore(Protocol):
-    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+    async def add(
+        self, labels: Sequence[ResolvedLabel], *, feature_set_version: str, names: tuple[str, ...]
+    ) -> list[ResolvedLabel]:
         """Store released labels (their vectors in ``names`` order); those that were new,
         in the order given.
 
@@ -90,12 +91,14 @@ class LabelStore(Protocol):
         stored already (by its model, arm, mint and event time), or given twice, is new
         once."""
 
-    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
-                     after_id: int) -> LabelCounts:
+    async def counts(
+        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+    ) -> LabelCounts:
         """How many labels of the model are stored, and how many after ``after_id``."""
 
-    async def recent(self, model_id: str, feature_set_version: str, definition: str,
-                     limit: int) -> tuple[LabelledRows, int]:
+    async def recent(
+        self, model_id: str, feature_set_version: str, definition: str, limit: int
+    ) -> tuple[LabelledRows, int]:
         """The newest ``limit`` labels of the model (oldest first, features in the
         stored order), each vector once, and the newest label's id.
 
@@ -108,8 +111,9 @@ class LabelStore(Protocol):
     async def last_refit(self, model_id: str) -> StoredRefit | None:
         """The model's newest stored refit."""
 
-    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
-                           card: bytes | None = None) -> None:
+    async def record_refit(
+        self, refit: StoredRefit, *, model: bytes | None = None, card: bytes | None = None
+    ) -> None:
         """Store a refit decided, with the model swapped in (its bytes and encoded card)."""
 
     async def record_swap(self, refit: StoredRefit) -> bool:
@@ -146,10 +150,21 @@ def _label_rows(
         key = keys.get(id(definition))
         if key is None:
             key = keys[id(definition)] = definition_key(definition)
-        rows.append((
-            label.model_id, label.version, label.arm, label.mint, label.time, label.score,
-            label.label, key, feature_set_version, features.tolist(), label.resolved_at,
-        ))
+        rows.append(
+            (
+                label.model_id,
+                label.version,
+                label.arm,
+                label.mint,
+                label.time,
+                label.score,
+                label.label,
+                key,
+                feature_set_version,
+                features.tolist(),
+                label.resolved_at,
+            )
+        )
         kept.append(label)
     return rows, kept
 
@@ -173,8 +188,17 @@ def _labelled(records: list[tuple[int, str, float, float, Sequence[float]]]) -> 
 
 
 _LABEL_COLUMNS = (
-    "model_id", "model_version", "arm", "mint", "event_time", "score", "label",
-    "definition", "feature_set_version", "features", "resolved_at",
+    "model_id",
+    "model_version",
+    "arm",
+    "mint",
+    "event_time",
+    "score",
+    "label",
+    "definition",
+    "feature_set_version",
+    "features",
+    "resolved_at",
 )
 _CREATE_STAGE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS model_labels_stage (model_id text, "
@@ -196,8 +220,9 @@ class PostgresLabelStore:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
-    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+    async def add(
+        self, labels: Sequence[ResolvedLabel], *, feature_set_version: str, names: tuple[str, ...]
+    ) -> list[ResolvedLabel]:
         rows, kept = _label_rows(labels, feature_set_version, names)
         if not rows:
             return []
@@ -224,22 +249,30 @@ class PostgresLabelStore:
                 added.append(label)
         return added
 
-    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
-                     after_id: int) -> LabelCounts:
+    async def counts(
+        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+    ) -> LabelCounts:
         row = await self.pool.fetchrow(
             f"SELECT count(*) AS rows, count(*) FILTER (WHERE id > $4) AS new "
             f"FROM model_labels WHERE {_OF_MODEL}",
-            model_id, feature_set_version, definition, after_id,
+            model_id,
+            feature_set_version,
+            definition,
+            after_id,
         )
         return LabelCounts(rows=row["rows"], new=row["new"])
 
-    async def recent(self, model_id: str, feature_set_version: str, definition: str,
-                     limit: int) -> tuple[LabelledRows, int]:
+    async def recent(
+        self, model_id: str, feature_set_version: str, definition: str, limit: int
+    ) -> tuple[LabelledRows, int]:
         records = await self.pool.fetch(
             f"SELECT DISTINCT ON (event_time, mint) id, mint, event_time, label, features "
             f"FROM model_labels WHERE {_OF_MODEL} ORDER BY event_time DESC, mint, id DESC "
             "LIMIT $4",
-            model_id, feature_set_version, definition, limit,
+            model_id,
+            feature_set_version,
+            definition,
+            limit,
         )
         last_id = max((r["id"] for r in records), default=0)
         return _labelled([tuple(r.values()) for r in records]), last_id
@@ -260,19 +293,24 @@ class PostgresLabelStore:
         )
         return None if row is None else StoredRefit(**dict(row))
 
-    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
-                           card: bytes | None = None) -> None:
+    async def record_refit(
+        self, refit: StoredRefit, *, model: bytes | None = None, card: bytes | None = None
+    ) -> None:
         await self.pool.execute(
             f"INSERT INTO model_refits ({_REFIT_COLUMNS}, model, card) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            *msgspec.structs.astuple(refit), model, card,
+            *msgspec.structs.astuple(refit),
+            model,
+            card,
         )
 
     async def record_swap(self, refit: StoredRefit) -> bool:
         status = await self.pool.execute(
             "UPDATE model_refits SET swapped = true "
             "WHERE model_id = $1 AND candidate_version = $2 AND at = $3 AND NOT swapped",
-            refit.model_id, refit.candidate_version, refit.at,
+            refit.model_id,
+            refit.candidate_version,
+            refit.at,
         )
         return status != "UPDATE 0"
 
@@ -302,12 +340,21 @@ class PostgresLabelStore:
                     )
 
 
-def _resolved(mint, model_id, version, arm, time, score, label, definition,
-              resolved_at) -> ResolvedLabel:
+def _resolved(
+    mint, model_id, version, arm, time, score, label, definition, resolved_at
+) -> ResolvedLabel:
     decoded = _decode_definition(definition)
     return ResolvedLabel(
-        mint=mint, model_id=model_id, version=version, arm=arm, task=task_of(decoded),
-        score=score, time=time, entry_price=math.nan, label=label, definition=decoded,
+        mint=mint,
+        model_id=model_id,
+        version=version,
+        arm=arm,
+        task=task_of(decoded),
+        score=score,
+        time=time,
+        entry_price=math.nan,
+        label=label,
+        definition=decoded,
         resolved_at=resolved_at,
     )
 
@@ -327,8 +374,9 @@ class MemoryLabelStore:
         #: asked every few seconds: a bisection, not a pass over every label)
         self._ids: dict[tuple[str, str, str], list[int]] = {}
 
-    async def add(self, labels: Sequence[ResolvedLabel], *, feature_set_version: str,
-                  names: tuple[str, ...]) -> list[ResolvedLabel]:
+    async def add(
+        self, labels: Sequence[ResolvedLabel], *, feature_set_version: str, names: tuple[str, ...]
+    ) -> list[ResolvedLabel]:
         added = []
         rows, kept = _label_rows(labels, feature_set_version, names)
         for row, label in zip(rows, kept, strict=True):
@@ -353,19 +401,25 @@ class MemoryLabelStore:
 
     def _of(self, model_id: str, feature_set_version: str, definition: str):
         return [
-            (label_id, row) for label_id, row in self.labels
+            (label_id, row)
+            for label_id, row in self.labels
             if row[0] == model_id and row[8] == feature_set_version and row[7] == definition
         ]
 
-    async def counts(self, model_id: str, feature_set_version: str, definition: str, *,
-                     after_id: int) -> LabelCounts:
+    async def counts(
+        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+    ) -> LabelCounts:
         ids = self._ids.get((model_id, feature_set_version, definition), [])
         return LabelCounts(rows=len(ids), new=len(ids) - bisect.bisect_right(ids, after_id))
 
-    async def recent(self, model_id: str, feature_set_version: str, definition: str,
-                     limit: int) -> tuple[LabelledRows, int]:
-        newest = sorted(self._of(model_id, feature_set_version, definition),
-                        key=lambda item: (item[1][4], item[0]), reverse=True)
+    async def recent(
+        self, model_id: str, feature_set_version: str, definition: str, limit: int
+    ) -> tuple[LabelledRows, int]:
+        newest = sorted(
+            self._of(model_id, feature_set_version, definition),
+            key=lambda item: (item[1][4], item[0]),
+            reverse=True,
+        )
         seen: set[tuple[float, str]] = set()
         mine = []
         for item in newest:
@@ -388,8 +442,9 @@ class MemoryLabelStore:
         mine = [r for r in self.refits if r.model_id == model_id]
         return mine[-1] if mine else None
 
-    async def record_refit(self, refit: StoredRefit, *, model: bytes | None = None,
-                           card: bytes | None = None) -> None:
+    async def record_refit(
+        self, refit: StoredRefit, *, model: bytes | None = None, card: bytes | None = None
+    ) -> None:
         # the model stays in the registry of the process that fitted it, the only one
         self.refits.append(refit)
 
@@ -397,7 +452,9 @@ class MemoryLabelStore:
         marked = False
         for i, stored in enumerate(self.refits):
             if not stored.swapped and (stored.model_id, stored.candidate_version, stored.at) == (
-                refit.model_id, refit.candidate_version, refit.at
+                refit.model_id,
+                refit.candidate_version,
+                refit.at,
             ):
                 self.refits[i] = msgspec.structs.replace(stored, swapped=True)
                 marked = True

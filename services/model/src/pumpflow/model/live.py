@@ -51,7 +51,8 @@ class StoreOutcomes:
         await self.store.hset_many({INDEX_KEY: dict.fromkeys(names, b"")})
         await self.store.append_bounded(
             {LIST_PREFIX + name: [_encode(o) for o in found] for name, found in names.items()},
-            keep, self.ttl,
+            keep,
+            self.ttl,
         )
 
     async def read(self) -> dict[tuple[str, str], list[Outcome]]:

@@ -135,10 +135,14 @@ FILLING_TTL_S = 60.0
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
     """Stored rows (``names`` order) in a model's input ``order``; NaN where absent."""
     at = {name: i for i, name in enumerate(names)}
-    columns = [data.rows[:, at[n]] if n in at else np.full(len(data.rows), np.nan)
-               for n in order]
-    return LabelledRows(rows=np.column_stack(columns), labels=data.labels, time=data.time,
-                        token=data.token, source=data.source)
+    columns = [data.rows[:, at[n]] if n in at else np.full(len(data.rows), np.nan) for n in order]
+    return LabelledRows(
+        rows=np.column_stack(columns),
+        labels=data.labels,
+        time=data.time,
+        token=data.token,
+        source=data.source,
+    )
 
 
 def _on_disk(model_path: str) -> bool:
@@ -259,7 +263,10 @@ class ModelService(Service):
 
                 self._refitter = LightGBMRefitter()
             self._manager = ModelManager(
-                ctx.bus, FeatureManager(), clock=ctx.clock, refitter=self._refitter,
+                ctx.bus,
+                FeatureManager(),
+                clock=ctx.clock,
+                refitter=self._refitter,
                 registry=ModelRegistry(
                     settings.model_registry_dir
                     or Path(tempfile.gettempdir()) / f"pumpflow-{settings.namespace}-models"
@@ -275,7 +282,8 @@ class ModelService(Service):
         # Postgres outlives a state store restarted empty, which would forget a drift
         # whose recovery is still to come
         self._announced = (
-            PostgresDriftAnnouncements(ctx.db) if ctx.db is not None
+            PostgresDriftAnnouncements(ctx.db)
+            if ctx.db is not None
             else DriftAnnouncements(ctx.store)
         )
         serving = await self._start_serving()
@@ -369,8 +377,10 @@ class ModelService(Service):
         try:
             await self.share_performance(read=False)
         except Exception:
-            log.exception("model: the labels counted here since the last round were not "
-                          "added to the shared live figures")
+            log.exception(
+                "model: the labels counted here since the last round were not "
+                "added to the shared live figures"
+            )
 
     # ---------------------------------------------------------------- serving
 
@@ -382,11 +392,8 @@ class ModelService(Service):
             except msgspec.ValidationError as exc:
                 raise ServingError(f"PUMPFLOW_MODEL_ARMS: {exc}") from None
         else:
-            arms = tuple(Arm(name="control" if len(models) == 1 else m, model_id=m)
-                         for m in models)
-        return Serving(
-            models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms
-        )
+            arms = tuple(Arm(name="control" if len(models) == 1 else m, model_id=m) for m in models)
+        return Serving(models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms)
 
     async def _start_serving(self) -> Serving:
         """Serve the stored serving, or the settings' one when none is stored.
@@ -414,8 +421,12 @@ class ModelService(Service):
         except ServingError as exc:
             if exc.status != 404:
                 raise
-            log.error("model: cannot serve the stored serving revision %d, a model file is "
-                      "missing (%s); serving the settings' models", stored.revision, exc)
+            log.error(
+                "model: cannot serve the stored serving revision %d, a model file is "
+                "missing (%s); serving the settings' models",
+                stored.revision,
+                exc,
+            )
             self.metrics.unavailable("start")
             self._unavailable_revision = stored.revision
         fallback = msgspec.structs.replace(configured, revision=stored.revision)
@@ -441,25 +452,34 @@ class ModelService(Service):
         if registry is None or self.label_store is None:
             return found
         for model_id, source in serving.models.items():
-            if (source.sha256 is None or self._sources.get(model_id) == source
-                    or _on_disk(source.path)):
+            if (
+                source.sha256 is None
+                or self._sources.get(model_id) == source
+                or _on_disk(source.path)
+            ):
                 continue
             stored = await self.label_store.model_file(source.sha256)
             if stored is None:
                 continue
             model, raw_card = stored
             if model_hash(model) != source.sha256:
-                log.error("model: the stored model of %s is not %s; not written",
-                          model_id, source.sha256)
+                log.error(
+                    "model: the stored model of %s is not %s; not written", model_id, source.sha256
+                )
                 continue
             try:
                 path = await asyncio.to_thread(registry.register, model, decode_card(raw_card))
             except (CardError, OSError, ValueError) as exc:
-                log.error("model: cannot write the stored model of %s into %s: %s",
-                          model_id, registry.root, exc)
+                log.error(
+                    "model: cannot write the stored model of %s into %s: %s",
+                    model_id,
+                    registry.root,
+                    exc,
+                )
                 continue
-            log.info("model: wrote %s (%s) from the stored refit to %s",
-                     model_id, source.sha256, path)
+            log.info(
+                "model: wrote %s (%s) from the stored refit to %s", model_id, source.sha256, path
+            )
             found[model_id] = str(path)
         return found
 
@@ -539,8 +559,7 @@ class ModelService(Service):
         pause = 0.01
         while not await store.set_if_absent(CHANGING_KEY, holder, CHANGING_TTL_S):
             if time.monotonic() >= deadline:
-                raise ServingError("another replica is changing the serving; try again",
-                                   status=503)
+                raise ServingError("another replica is changing the serving; try again", status=503)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
         try:
@@ -591,9 +610,11 @@ class ModelService(Service):
                 return
             serving = self.serving
             await self._ctx.store.set(SERVING_KEY, _encode_serving(serving))
-        log.warning("model: the store held %s; stored serving revision %d again",
-                    "no serving" if stored is None else f"revision {stored.revision}",
-                    serving.revision)
+        log.warning(
+            "model: the store held %s; stored serving revision %d again",
+            "no serving" if stored is None else f"revision {stored.revision}",
+            serving.revision,
+        )
 
     async def _serving_loop(self) -> None:
         while True:
@@ -630,7 +651,8 @@ class ModelService(Service):
     def _observe_drift(self, events: Sequence[Event]) -> None:
         live = self.processor.feature_set_version
         vectors = [
-            e.data for e in events
+            e.data
+            for e in events
             if e.type == "features.updated" and e.data.feature_set_version == live
         ]
         if not vectors:
@@ -648,8 +670,9 @@ class ModelService(Service):
         for event in published:
             data = event.data
             if isinstance(data, ModelPrediction):
-                metrics.predicted(data.arm, data.model_id, data.model_version or "",
-                                  data.shadow, data.score)
+                metrics.predicted(
+                    data.arm, data.model_id, data.model_version or "", data.shadow, data.score
+                )
         processor = self.processor
         metrics.sync(processor.skipped, processor.failed, processor.prepared_rows)
 
@@ -723,7 +746,8 @@ class ModelService(Service):
         # figures would stand for ever (an alert on them firing with them)
         routed = {(arm.model_id, arm.name) for arm in self.processor.arms.arms}
         self.metrics.performance(
-            figures for key in performance.keys()
+            figures
+            for key in performance.keys()
             if key in routed and (figures := performance.figures(*key)) is not None
         )
         self._recount_labels()
@@ -803,7 +827,8 @@ class ModelService(Service):
 
     async def _add(self, labels: Sequence[ResolvedLabel]) -> list[ResolvedLabel]:
         return await self.label_store.add(
-            labels, feature_set_version=self.processor.feature_set_version,
+            labels,
+            feature_set_version=self.processor.feature_set_version,
             names=self.manager.feature_manager.names,
         )
 
@@ -827,7 +852,11 @@ class ModelService(Service):
                         raise
                     log.error(
                         "model: label of %s (%s %s, %s) refused by the store, dropped: %r",
-                        label.mint, label.model_id, label.arm, label.time, exc,
+                        label.mint,
+                        label.model_id,
+                        label.arm,
+                        label.time,
+                        exc,
                     )
                     self.metrics.label_refused()
                 except BaseException:
@@ -888,11 +917,18 @@ class ModelService(Service):
             # the stored refit to serve it, and a serving that cannot be stored leaves it
             # kept, as it then is everywhere
             refit = StoredRefit(
-                model_id=model_id, serving_version=result.serving_version,
-                candidate_version=result.candidate_version, swapped=False,
-                metric=result.metric, serving_score=result.serving_score,
-                candidate_score=result.candidate_score, held_out_rows=result.held_out_rows,
-                rows=len(data.labels), last_label_id=last_id, at=result.at, path=path,
+                model_id=model_id,
+                serving_version=result.serving_version,
+                candidate_version=result.candidate_version,
+                swapped=False,
+                metric=result.metric,
+                serving_score=result.serving_score,
+                candidate_score=result.candidate_score,
+                held_out_rows=result.held_out_rows,
+                rows=len(data.labels),
+                last_label_id=last_id,
+                at=result.at,
+                path=path,
                 sha256=sha256,
             )
             await store.record_refit(refit, model=model, card=raw_card)
@@ -901,8 +937,9 @@ class ModelService(Service):
                 task = card.task
 
                 def with_refit(serving: Serving) -> Serving:
-                    source = ModelSource(path=path, task=task, loaded=serving.revision + 1,
-                                         sha256=sha256)
+                    source = ModelSource(
+                        path=path, task=task, loaded=serving.revision + 1, sha256=sha256
+                    )
                     return msgspec.structs.replace(
                         serving, models={**serving.models, model_id: source}
                     )
@@ -916,8 +953,13 @@ class ModelService(Service):
                 # left kept by a failure here, the next check marks and counts it
                 # (_swap_recorded); counted by whoever marks it, once
                 counted = await store.record_swap(refit)
-                self._refitted(refit, "swapped in" if counted else "swapped in, marked by "
-                               "another replica's check meanwhile", counted=counted)
+                self._refitted(
+                    refit,
+                    "swapped in"
+                    if counted
+                    else "swapped in, marked by another replica's check meanwhile",
+                    counted=counted,
+                )
             else:
                 self._refitted(refit, "kept the serving one")
             # under the lock, the serving stored: no other replica refits or prunes it now
@@ -930,9 +972,16 @@ class ModelService(Service):
             self.metrics.refitted(refit.model_id, refit.swapped)
         log.info(
             "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
-            "held out: %s", refit.model_id, refit.rows, refit.serving_version, refit.metric,
-            refit.serving_score, refit.candidate_version, refit.candidate_score,
-            refit.held_out_rows, outcome,
+            "held out: %s",
+            refit.model_id,
+            refit.rows,
+            refit.serving_version,
+            refit.metric,
+            refit.serving_score,
+            refit.candidate_version,
+            refit.candidate_score,
+            refit.held_out_rows,
+            outcome,
         )
 
     async def _swap_recorded(self, refit: StoredRefit | None) -> StoredRefit | None:
@@ -966,8 +1015,10 @@ class ModelService(Service):
             registry = self.manager.registry
             removed = []
             for refit in pruned:
-                if registry is not None and refit.sha256 is not None and await asyncio.to_thread(
-                    registry.remove, model_id, refit.candidate_version
+                if (
+                    registry is not None
+                    and refit.sha256 is not None
+                    and await asyncio.to_thread(registry.remove, model_id, refit.candidate_version)
                 ):
                     removed.append(refit.candidate_version)
         except Exception:
@@ -977,8 +1028,12 @@ class ModelService(Service):
             self.metrics.pruned(model_id, refits=len(pruned), files=len(removed))
             log.info(
                 "model: pruned %d refits of %s (kept the newest %d and those served); "
-                "removed the files of %s from %s", len(pruned), model_id,
-                self.settings.model_refit_keep, removed or "none", registry and registry.root,
+                "removed the files of %s from %s",
+                len(pruned),
+                model_id,
+                self.settings.model_refit_keep,
+                removed or "none",
+                registry and registry.root,
             )
         return pruned
 
@@ -1008,10 +1063,14 @@ class ModelService(Service):
 
     async def status(self) -> dict[str, Any]:
         consumer = {} if self.consumer is None else self.consumer.describe()
-        serving = None if self.serving is None else {
-            "revision": self.serving.revision,
-            "models": {m: c.version for m, c in self.manager.models().items()},
-        }
+        serving = (
+            None
+            if self.serving is None
+            else {
+                "revision": self.serving.revision,
+                "models": {m: c.version for m, c in self.manager.models().items()},
+            }
+        )
         return {**consumer, "serving": serving}
 
     def router(self):
@@ -1039,7 +1098,8 @@ class ModelService(Service):
 
         @api.post("/models", dependencies=guarded)
         async def load_model(
-            model_id: str = Body(...), path: str = Body(...),
+            model_id: str = Body(...),
+            path: str = Body(...),
             model_type: Task = Body("classification"),
         ) -> dict[str, Any]:
             if not model_id or not path or "\x00" in model_id + path:
@@ -1050,9 +1110,7 @@ class ModelService(Service):
                 source = ModelSource(
                     path=str(Path(path).resolve()), task=model_type, loaded=serving.revision + 1
                 )
-                return msgspec.structs.replace(
-                    serving, models={**serving.models, model_id: source}
-                )
+                return msgspec.structs.replace(serving, models={**serving.models, model_id: source})
 
             result = await changed(with_model)
             return {"card": msgspec.to_builtins(self.manager.card(model_id)), **result}
@@ -1076,8 +1134,9 @@ class ModelService(Service):
                 ArmTable(table)  # one that cannot route is refused as its weights are
             except (msgspec.ValidationError, ArmError) as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
-            return await changed(lambda s: msgspec.structs.replace(
-                s, arms=table, salt=salt or s.salt))
+            return await changed(
+                lambda s: msgspec.structs.replace(s, arms=table, salt=salt or s.salt)
+            )
 
         @api.put("/arms/weights", dependencies=guarded)
         async def put_weights(
@@ -1118,8 +1177,10 @@ class ModelService(Service):
                 try:
                     await self.share_performance(since=asked)
                 except Exception:
-                    log.exception("model: the shared live figures could not be read; "
-                                  "answering with those of the last read")
+                    log.exception(
+                        "model: the shared live figures could not be read; "
+                        "answering with those of the last read"
+                    )
             found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
             found["live"] = {
                 arm: msgspec.to_builtins(figures)

@@ -46,18 +46,22 @@ class ModelSettings(CommonSettings):
         "arm 'control' per model, equal weights",
     )
     model_min_interval_s: float = Field(
-        _POLICY.min_interval_s, ge=0,
+        _POLICY.min_interval_s,
+        ge=0,
         description="a token is scored at most once per this much event time",
     )
     model_label_interval_s: float = Field(
-        _POLICY.label_interval_s, ge=0,
+        _POLICY.label_interval_s,
+        ge=0,
         description="a token's predictions are followed to their labels at most this often",
     )
     model_retire_ttl_s: float = Field(
         _POLICY.retire_ttl_s, gt=0, description="TTL of a retired token's record"
     )
     trading_min_score: float = Field(
-        EntryFilters().min_score, ge=0, le=1,
+        EntryFilters().min_score,
+        ge=0,
+        le=1,
         description="the score trading enters at, trading's own setting: live precision is "
         "measured there",
     )
@@ -65,11 +69,13 @@ class ModelSettings(CommonSettings):
         2.0, gt=0, description="how often a replica reads the shared serving (models, arms)"
     )
     model_monitor_s: float = Field(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         description="how often drift transitions are published and the live figures exported",
     )
     model_live_read_s: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="how often a replica reads every replica's outcomes back for the live "
         "figures (it adds its own every monitor round; GET /models/{id}/performance answers "
         "from the last read, reading at once only with ?fresh=true): a read parses each "
@@ -98,12 +104,14 @@ class ModelSettings(CommonSettings):
         _REFIT.check_s, gt=0, description="how often a refit being due is checked"
     )
     model_refit_min_gain: float = Field(
-        _REFIT.min_gain, ge=0,
+        _REFIT.min_gain,
+        ge=0,
         description="least gain of a refit on the held-out slice to swap it in (AUC; a "
         "regressor: share of the serving RMSE)",
     )
     model_refit_keep: int = Field(
-        _REFIT.keep_refits, ge=1,
+        _REFIT.keep_refits,
+        ge=1,
         description="a model's newest refits kept (with their models) after each refit; "
         "older ones are deleted with the refitting replica's files, but those a serving names",
     )
@@ -115,7 +123,9 @@ class ModelSettings(CommonSettings):
     )
     model_workers: int = Field(4, ge=1, le=256, description="token workers")
     model_window: int = Field(
-        256, ge=1, le=4096,
+        256,
+        ge=1,
+        le=4096,
         description="deliveries per partition taken at once (the batch scored in one call)",
     )
     model_task_deadline_s: float = Field(

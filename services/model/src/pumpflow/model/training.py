@@ -137,8 +137,9 @@ def build_dataset(
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     mints: list[str] = []
     launch: list[float] = []
-    for mint, events in _progress(histories.items(), total=len(histories), desc="features",
-                                  progress=progress):
+    for mint, events in _progress(
+        histories.items(), total=len(histories), desc="features", progress=progress
+    ):
         creator = None
         first = events[0].data if events else None
         if first is not None and first.TYPE == "token.created":
@@ -175,7 +176,9 @@ def concatenate(datasets: Sequence[Dataset], *, source: str) -> Dataset:
     first = datasets[0]
     for d in datasets[1:]:
         if (d.names, d.feature_set_version, d.label) != (
-            first.names, first.feature_set_version, first.label
+            first.names,
+            first.feature_set_version,
+            first.label,
         ):
             raise TrainingError("datasets of different features or labels")
     offsets = np.cumsum([0, *(len(d.mints) for d in datasets[:-1])])
@@ -278,8 +281,9 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray):
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.n_estimators, desc="boosting", unit="tree", disable=None,
-                   leave=False)
+        bar = tqdm(
+            total=config.n_estimators, desc="boosting", unit="tree", disable=None, leave=False
+        )
         callbacks.append(lambda env: bar.update(1))
     try:
         estimator.fit(inputs, labels, callbacks=callbacks)
@@ -355,8 +359,14 @@ def _margin_through_sigmoid(onnx_model):
         [margin, sigmoid], graph.name, list(graph.input), [output], list(graph.initializer)
     )
     out = helper.make_model(rewritten, opset_imports=list(onnx_model.opset_import))
-    for field_name in ("ir_version", "producer_name", "producer_version", "domain",
-                       "model_version", "doc_string"):
+    for field_name in (
+        "ir_version",
+        "producer_name",
+        "producer_version",
+        "domain",
+        "model_version",
+        "doc_string",
+    ):
         setattr(out, field_name, getattr(onnx_model, field_name))
     return out
 
@@ -499,9 +509,17 @@ class LightGBMRefitter:
         self, card: ModelCard, fit_on: LabelledRows, held_out: LabelledRows, *, now: float
     ) -> tuple[bytes, ModelCard]:
         config = TrainConfig(
-            **{**{f: getattr(self.config, f) for f in self.config.__dataclass_fields__},
-               "model_id": card.model_id, "task": card.task, "progress": False},
+            **{
+                **{f: getattr(self.config, f) for f in self.config.__dataclass_fields__},
+                "model_id": card.model_id,
+                "task": card.task,
+                "progress": False,
+            },
         )
-        trained = train(labelled_dataset(card, fit_on), config, created_at=now,
-                        held_out=labelled_dataset(card, held_out))
+        trained = train(
+            labelled_dataset(card, fit_on),
+            config,
+            created_at=now,
+            held_out=labelled_dataset(card, held_out),
+        )
         return trained.model, trained.card

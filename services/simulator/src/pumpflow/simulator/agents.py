@@ -177,8 +177,9 @@ class Token:
 def draw_traits(token: Token, cfg: AgentConfig, rng: random.Random) -> None:
     """Give a fresh token its appeal and the organic flow that follows from it."""
     appeal = math.exp(rng.gauss(0.0, cfg.appeal_sigma))
-    token.rate = min(cfg.max_organic_rate_per_s,
-                     cfg.organic_rate_per_s * appeal**cfg.rate_appeal_exponent)
+    token.rate = min(
+        cfg.max_organic_rate_per_s, cfg.organic_rate_per_s * appeal**cfg.rate_appeal_exponent
+    )
     token.size = cfg.buy_median_sol * appeal**cfg.size_appeal_exponent
     token.tau = cfg.organic_life_s * appeal**cfg.life_appeal_exponent
     token.p_buy = cfg.buy_bias + cfg.appeal_buy_slope * math.log(appeal)

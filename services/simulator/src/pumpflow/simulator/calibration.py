@@ -114,8 +114,9 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.2f}"
 
 
-def _median_statistic(name: str, values: Sequence[float], *, target: str,
-                      reference: tuple[float, float]) -> Statistic:
+def _median_statistic(
+    name: str, values: Sequence[float], *, target: str, reference: tuple[float, float]
+) -> Statistic:
     """The median of ``values``, accepted if its 95% interval meets ``reference``.
 
     The interval runs between the order statistics n/2 -+ 1.96 sqrt(n)/2. It meets
@@ -125,14 +126,18 @@ def _median_statistic(name: str, values: Sequence[float], *, target: str,
     xs = sorted(values)
     n = len(xs)
     if not n:
-        return Statistic(name=name, value=0.0, target=target,
-                         low=reference[0], high=reference[1])
+        return Statistic(name=name, value=0.0, target=target, low=reference[0], high=reference[1])
     half = _Z95 * math.sqrt(n) / 2.0
     below = xs[max(math.floor(n / 2.0 - half), 1) - 1]
     above = xs[min(math.ceil(n / 2.0 + half), n) - 1]
     median = statistics.median(xs)
-    return Statistic(name=name, value=median, target=target,
-                     low=reference[0] - (above - median), high=reference[1] + (median - below))
+    return Statistic(
+        name=name,
+        value=median,
+        target=target,
+        low=reference[0] - (above - median),
+        high=reference[1] + (median - below),
+    )
 
 
 def tally(frames: Iterable[tuple[float, Frame]], *, window_s: float) -> RunTally:
@@ -188,26 +193,54 @@ def report(tallies: Sequence[RunTally], *, launches_per_minute: float) -> Calibr
     peak_tps = float(max((r.peak_trades_per_s for r in tallies), default=0))
     scale = launches_per_minute / REFERENCE_LAUNCHES_PER_MINUTE
     stats = (
-        Statistic(name="graduation rate", value=graduates / n if n else 0.0,
-                  target="~1%", low=0.006, high=0.021, unit="%"),
-        Statistic(name="tokens quiet within 15 min of launch", value=quiet / n if n else 0.0,
-                  target="~95%", low=0.92, high=0.98, unit="%"),
-        _median_statistic("graduates: median trades", grad_trades, target="~457",
-                          reference=GRADUATE_TRADES),
-        _median_statistic("graduates: median minutes to graduate", grad_minutes,
-                          target="4.4", reference=GRADUATE_MINUTES),
-        Statistic(name="average trades/s", value=avg_tps, target="23-58",
-                  low=25.0 * scale, high=60.0 * scale),
-        Statistic(name="peak trades/s (1 s window) / average",
-                  value=peak_tps / avg_tps if avg_tps else 0.0,
-                  target="several x", low=2.5, high=12.0),
-        Statistic(name="launches per minute", value=n / (window_s / 60.0),
-                  target=f"{launches_per_minute:g}",
-                  low=launches_per_minute * 0.9, high=launches_per_minute * 1.1),
+        Statistic(
+            name="graduation rate",
+            value=graduates / n if n else 0.0,
+            target="~1%",
+            low=0.006,
+            high=0.021,
+            unit="%",
+        ),
+        Statistic(
+            name="tokens quiet within 15 min of launch",
+            value=quiet / n if n else 0.0,
+            target="~95%",
+            low=0.92,
+            high=0.98,
+            unit="%",
+        ),
+        _median_statistic(
+            "graduates: median trades", grad_trades, target="~457", reference=GRADUATE_TRADES
+        ),
+        _median_statistic(
+            "graduates: median minutes to graduate",
+            grad_minutes,
+            target="4.4",
+            reference=GRADUATE_MINUTES,
+        ),
+        Statistic(
+            name="average trades/s",
+            value=avg_tps,
+            target="23-58",
+            low=25.0 * scale,
+            high=60.0 * scale,
+        ),
+        Statistic(
+            name="peak trades/s (1 s window) / average",
+            value=peak_tps / avg_tps if avg_tps else 0.0,
+            target="several x",
+            low=2.5,
+            high=12.0,
+        ),
+        Statistic(
+            name="launches per minute",
+            value=n / (window_s / 60.0),
+            target=f"{launches_per_minute:g}",
+            low=launches_per_minute * 0.9,
+            high=launches_per_minute * 1.1,
+        ),
     )
-    return CalibrationReport(
-        statistics=stats, tokens=n, graduates=graduates, trades=window_trades
-    )
+    return CalibrationReport(statistics=stats, tokens=n, graduates=graduates, trades=window_trades)
 
 
 def run_tally(config: MarketConfig, *, minutes: float) -> RunTally:
@@ -218,12 +251,14 @@ def run_tally(config: MarketConfig, *, minutes: float) -> RunTally:
 
 def calibrate(config: MarketConfig, *, minutes: float) -> CalibrationReport:
     """Run ``config`` for ``minutes`` (plus the follow-up tail) and measure it."""
-    return report([run_tally(config, minutes=minutes)],
-                  launches_per_minute=config.launches_per_minute)
+    return report(
+        [run_tally(config, minutes=minutes)], launches_per_minute=config.launches_per_minute
+    )
 
 
-def calibrate_seeds(config: MarketConfig, seeds: Iterable[int], *,
-                    minutes: float) -> SeedsCalibration:
+def calibrate_seeds(
+    config: MarketConfig, seeds: Iterable[int], *, minutes: float
+) -> SeedsCalibration:
     """Run ``config`` under each seed; measure each run and their pool."""
     seeds = tuple(seeds)
     rate = config.launches_per_minute

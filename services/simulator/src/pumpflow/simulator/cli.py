@@ -37,35 +37,84 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
     market_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (8765; 0: any)")
-    p.add_argument("--speed", type=finite, default=1.0,
-                   help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read")
-    p.add_argument("--drop-every", type=finite, default=None, metavar="S",
-                   help="drop every connection (no close frame) every S seconds")
-    p.add_argument("--malformed-rate", type=finite, default=0.0, metavar="R",
-                   help="share of frames replaced by a malformed one")
-    p.add_argument("--duplicate-rate", type=finite, default=0.0, metavar="R",
-                   help="share of frames sent twice")
-    p.add_argument("--delay-rate", type=finite, default=0.0, metavar="R",
-                   help="share of frames held back by a random extra latency")
-    p.add_argument("--delay-max", type=finite, default=0.5, metavar="S",
-                   help="longest extra latency of a held-back frame (0.5 s)")
-    p.add_argument("--hostile-rate", type=finite, default=0.0, metavar="R",
-                   help="share of frames followed by a hostile frame")
-    p.add_argument("--hostile-kinds", default="", metavar="K,K",
-                   help=f"hostile classes (default all but oversize): {','.join(HOSTILE_KINDS)}")
-    p.add_argument("--sent-log", default=None, metavar="FILE",
-                   help="append one tab-separated line per data frame sent to a connection")
-    p.add_argument("--stats-out", default=None, metavar="FILE.json",
-                   help="write the sent counters as JSON on exit")
-    p.add_argument("--require-api-key", action="store_true",
-                   help="gate trade subscriptions behind ?api-key= like the live service")
+    p.add_argument(
+        "--speed",
+        type=finite,
+        default=1.0,
+        help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read",
+    )
+    p.add_argument(
+        "--drop-every",
+        type=finite,
+        default=None,
+        metavar="S",
+        help="drop every connection (no close frame) every S seconds",
+    )
+    p.add_argument(
+        "--malformed-rate",
+        type=finite,
+        default=0.0,
+        metavar="R",
+        help="share of frames replaced by a malformed one",
+    )
+    p.add_argument(
+        "--duplicate-rate", type=finite, default=0.0, metavar="R", help="share of frames sent twice"
+    )
+    p.add_argument(
+        "--delay-rate",
+        type=finite,
+        default=0.0,
+        metavar="R",
+        help="share of frames held back by a random extra latency",
+    )
+    p.add_argument(
+        "--delay-max",
+        type=finite,
+        default=0.5,
+        metavar="S",
+        help="longest extra latency of a held-back frame (0.5 s)",
+    )
+    p.add_argument(
+        "--hostile-rate",
+        type=finite,
+        default=0.0,
+        metavar="R",
+        help="share of frames followed by a hostile frame",
+    )
+    p.add_argument(
+        "--hostile-kinds",
+        default="",
+        metavar="K,K",
+        help=f"hostile classes (default all but oversize): {','.join(HOSTILE_KINDS)}",
+    )
+    p.add_argument(
+        "--sent-log",
+        default=None,
+        metavar="FILE",
+        help="append one tab-separated line per data frame sent to a connection",
+    )
+    p.add_argument(
+        "--stats-out",
+        default=None,
+        metavar="FILE.json",
+        help="write the sent counters as JSON on exit",
+    )
+    p.add_argument(
+        "--require-api-key",
+        action="store_true",
+        help="gate trade subscriptions behind ?api-key= like the live service",
+    )
 
     p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
     market_args(p)
     p.add_argument("--minutes", type=finite, default=60.0, help="simulated minutes (60)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
-    p.add_argument("--start-epoch", type=finite, default=None,
-                   help="arrival time of the run's start (default: now)")
+    p.add_argument(
+        "--start-epoch",
+        type=finite,
+        default=None,
+        help="arrival time of the run's start (default: now)",
+    )
 
     p = sub.add_parser("load", help="load a JSONL dataset into Postgres")
     p.add_argument("file", metavar="FILE.jsonl", help="a `dataset` file")
@@ -115,8 +164,12 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     )
     server = SimulatorServer(
         market=Market(MarketConfig(seed=args.seed, launches_per_minute=args.rate)),
-        host=args.host, port=args.port, speed=args.speed, faults=faults,
-        require_api_key=args.require_api_key, sent_log=args.sent_log,
+        host=args.host,
+        port=args.port,
+        speed=args.speed,
+        faults=faults,
+        require_api_key=args.require_api_key,
+        sent_log=args.sent_log,
     )
     await server.start()
     print(f"serving {server.url}", flush=True)

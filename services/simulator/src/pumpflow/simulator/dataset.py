@@ -44,8 +44,9 @@ def market_events(
         )
 
 
-def write_dataset(market: Market, path: str | Path, *, duration_s: float,
-                  start_epoch: float) -> int:
+def write_dataset(
+    market: Market, path: str | Path, *, duration_s: float, start_epoch: float
+) -> int:
     """Write ``duration_s`` of the market to ``path`` (JSONL); return the number of frames."""
     encode = msgspec.json.Encoder().encode
     count = 0
@@ -105,8 +106,9 @@ def dataset_events(
         yield make_event(payload, source=source, time=t, seq=sequencer.next(payload.mint)), raw
 
 
-async def load_dataset(path: str | Path, store, *, batch_size: int = 5_000,
-                       source: str = LOAD_SOURCE) -> LoadResult:
+async def load_dataset(
+    path: str | Path, store, *, batch_size: int = 5_000, source: str = LOAD_SOURCE
+) -> LoadResult:
     """Decode every frame of ``path`` and write it to ``store`` (a TokenEventStore).
 
     Frames that do not decode are counted, logged with the reason and skipped; the

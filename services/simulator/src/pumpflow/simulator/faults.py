@@ -55,8 +55,15 @@ _NOT_JSON = (
     "undefined",
     "\x00\x01garbage\xff",
 )
-_NUMERIC_FIELDS = ("solAmount", "tokenAmount", "vSolInBondingCurve", "marketCapSol",
-                   "vTokensInBondingCurve", "initialBuy", "newTokenBalance")
+_NUMERIC_FIELDS = (
+    "solAmount",
+    "tokenAmount",
+    "vSolInBondingCurve",
+    "marketCapSol",
+    "vTokensInBondingCurve",
+    "initialBuy",
+    "newTokenBalance",
+)
 _REQUIRED_FIELDS = ("mint", "txType", "signature", "vSolInBondingCurve", "traderPublicKey")
 
 
@@ -106,8 +113,16 @@ HOSTILE_DEFAULT = tuple(k for k in HOSTILE_KINDS if k != "oversize")
 #: prefix of every hostile frame's signature: a stored one is found by it
 HOSTILE_SIGNATURE = "hostile"
 
-_STRING_FIELDS = ("signature", "mint", "traderPublicKey", "bondingCurveKey", "pool",
-                  "name", "symbol", "uri")
+_STRING_FIELDS = (
+    "signature",
+    "mint",
+    "traderPublicKey",
+    "bondingCurveKey",
+    "pool",
+    "name",
+    "symbol",
+    "uri",
+)
 _NESTING = 1_000
 _OVERSIZE = 2**22 + 1024
 
@@ -141,8 +156,9 @@ def hostile(frame: dict, serial: int, rng: random.Random, kinds=HOSTILE_DEFAULT)
     if kind == "bad_number":
         present = [f for f in _NUMERIC_FIELDS if f in bad]
         field = rng.choice(present)
-        bad[field] = rng.choice((-5.0, 1e308, -1e308, 1e-300, 0.0, 2**64,
-                                 float("inf"), float("nan"), "1e309"))
+        bad[field] = rng.choice(
+            (-5.0, 1e308, -1e308, 1e-300, 0.0, 2**64, float("inf"), float("nan"), "1e309")
+        )
         return kind, encode(bad)
     if kind == "inconsistent_curve":
         bad["vSolInBondingCurve"] = 1e308

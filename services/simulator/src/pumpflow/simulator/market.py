@@ -320,12 +320,15 @@ class _Run:
                     continue
                 yield t, execute(t, tok, item[4], True, item[5])
             elif kind == _MIGRATE:
-                yield t, {
-                    "signature": next_signature(),
-                    "mint": item[3].mint,
-                    "txType": "migrate",
-                    "pool": "pump-amm",
-                }
+                yield (
+                    t,
+                    {
+                        "signature": next_signature(),
+                        "mint": item[3].mint,
+                        "txType": "migrate",
+                        "pool": "pump-amm",
+                    },
+                )
             elif kind == _BURST:
                 # platform-wide frenzy: every token trades several times faster for a while
                 if item[3]:

@@ -42,9 +42,7 @@ ERROR_UNSUBSCRIBE_MIGRATION = "Method 'unsubscribeMigration' is not supported."
 ERROR_TOO_MANY_KEYS = f"Too many keys in one message: at most {MAX_KEYS_PER_MESSAGE}."
 ERROR_BAD_KEYS = "'keys' must be a list of strings."
 MAX_MESSAGES_PER_SECOND = pumpportal.MAX_MESSAGES_PER_SECOND
-ERROR_RATE_LIMITED = (
-    f"Rate limit exceeded: at most {MAX_MESSAGES_PER_SECOND} messages per second."
-)
+ERROR_RATE_LIMITED = f"Rate limit exceeded: at most {MAX_MESSAGES_PER_SECOND} messages per second."
 #: columns of the sent log, one line per data frame a connection's socket took
 SENT_LOG_COLUMNS = ("connection", "kind", "tx_type", "mint", "signature")
 
@@ -169,8 +167,13 @@ class SimulatorServer:
         if self.sent_log_path is not None:
             self._sent_log = self.sent_log_path.open("a", buffering=1 << 16)
         self._server = await serve(
-            self._handle, self.host, self.port, process_request=self._check_path,
-            ping_interval=20, ping_timeout=20, max_queue=None,
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._check_path,
+            ping_interval=20,
+            ping_timeout=20,
+            max_queue=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._broadcast(), name="sim-broadcast"))

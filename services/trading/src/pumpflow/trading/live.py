@@ -337,4 +337,3 @@ class LiveExecutor:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
         await self.api.close()
-

@@ -208,9 +208,7 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
 _all = np.logical_and.reduce
 
 
-def vector_row(
-    names: Sequence[str], values: Sequence[float], order: Sequence[str]
-) -> np.ndarray:
+def vector_row(names: Sequence[str], values: Sequence[float], order: Sequence[str]) -> np.ndarray:
     """One row in ``order`` from a vector's ``names`` and ``values``; absent names are NaN."""
     if tuple(names) == tuple(order):
         return np.asarray(values, dtype=np.float64)
@@ -278,8 +276,9 @@ def reference_distribution(
         if len(present):
             quantiles = np.quantile(present, np.linspace(0.0, 1.0, bins + 1)[1:-1])
             edges = np.unique(quantiles)
-            counts = np.bincount(bin_index(edges[None, :], present[:, None])[:, 0],
-                                 minlength=len(edges) + 1)
+            counts = np.bincount(
+                bin_index(edges[None, :], present[:, None])[:, 0], minlength=len(edges) + 1
+            )
             shares = counts / len(column)
         else:
             edges, shares = np.empty(0), np.zeros(1)

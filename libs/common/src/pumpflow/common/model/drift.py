@@ -164,9 +164,7 @@ class DriftMonitor:
         self._psi = np.full(k, math.nan)
         self._checked_at = math.nan
         #: the latest transitions, oldest first: (clock time, payload)
-        self.transitions: deque[tuple[float, ModelDrift]] = deque(
-            maxlen=self.thresholds.history
-        )
+        self.transitions: deque[tuple[float, ModelDrift]] = deque(maxlen=self.thresholds.history)
 
     # ----------------------------------------------------------------------------------
 
@@ -193,8 +191,7 @@ class DriftMonitor:
         width = np.shape(rows)[-1] if np.ndim(rows) else 1
         if width != len(self.names):
             raise ValueError(
-                f"model {self.card.model_id!r} has {len(self.names)} features per row, "
-                f"got {width}"
+                f"model {self.card.model_id!r} has {len(self.names)} features per row, got {width}"
             )
         n = len(rows)
         window = len(self._ring)
@@ -235,7 +232,7 @@ class DriftMonitor:
         replaced = max(0, self._filled + n - window)
         if replaced:
             # before the ring is full the empty slots come first: the overwritten are last
-            self._count(self._ring[positions[n - replaced:]], -1)
+            self._count(self._ring[positions[n - replaced :]], -1)
         self._ring[positions] = bins
         self._count(bins, +1)
         self._next = int((self._next + n) % window)

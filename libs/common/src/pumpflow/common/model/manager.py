@@ -124,8 +124,11 @@ class LabelledRows:
 
     def take(self, selected: np.ndarray) -> LabelledRows:
         return LabelledRows(
-            rows=self.rows[selected], labels=self.labels[selected], time=self.time[selected],
-            token=None if self.token is None else self.token[selected], source=self.source,
+            rows=self.rows[selected],
+            labels=self.labels[selected],
+            time=self.time[selected],
+            token=None if self.token is None else self.token[selected],
+            source=self.source,
         )
 
 
@@ -272,8 +275,7 @@ class ModelManager:
         model, card = read_model(model_path)
         if card.task != model_type:
             raise ModelError(
-                f"model {model_id!r} at {model_path} is a {card.task} model, "
-                f"not {model_type}"
+                f"model {model_id!r} at {model_path} is a {card.task} model, not {model_type}"
             )
         live = self.feature_manager.version
         if card.feature_set_version != live:
@@ -413,7 +415,11 @@ class ModelManager:
         return self._executor.submit(self._update, model_id, served, new_data, min_gain, swap)
 
     def _update(
-        self, model_id: str, served: ServedModel, data: LabelledRows, min_gain: float,
+        self,
+        model_id: str,
+        served: ServedModel,
+        data: LabelledRows,
+        min_gain: float,
         swap: bool,
     ) -> UpdateResult:
         card = served.card
@@ -431,8 +437,7 @@ class ModelManager:
             # candidate would be judged on the later rows of tokens it was fitted on
             before &= ~np.isin(data.token, held_out.token)
         fit_on = data.take(before)
-        model, candidate_card = self._refitter.refit(card, fit_on, held_out,
-                                                     now=self.clock.now())
+        model, candidate_card = self._refitter.refit(card, fit_on, held_out, now=self.clock.now())
         candidate = self.runtime.open(model, candidate_card)
         inputs = prepare_inputs(held_out.rows)
         serving_scores = served.session.predict(inputs)
@@ -459,10 +464,15 @@ class ModelManager:
                     card=candidate_card, session=candidate, path=path, loaded_at=now
                 )
         result = UpdateResult(
-            model_id=model_id, swapped=swapped, serving_version=card.version,
-            candidate_version=candidate_card.version, metric=metric,
-            serving_score=float(old), candidate_score=float(new),
-            held_out_rows=len(held_out.labels), at=now,
+            model_id=model_id,
+            swapped=swapped,
+            serving_version=card.version,
+            candidate_version=candidate_card.version,
+            metric=metric,
+            serving_score=float(old),
+            candidate_score=float(new),
+            held_out_rows=len(held_out.labels),
+            at=now,
             path=None if written is None else str(written),
         )
         self.updates.setdefault(model_id, []).append(result)
@@ -480,8 +490,7 @@ class ModelManager:
             version=served.card.version,
             task=served.card.task,
             held_out=served.card.held_out,
-            served=LiveCounts(batches=counts.batches, rows=counts.rows,
-                              scoring_s=counts.seconds),
+            served=LiveCounts(batches=counts.batches, rows=counts.rows, scoring_s=counts.seconds),
             live=dict(live.by_arm(model_id)) if live is not None else {},
         )
 

@@ -22,8 +22,9 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     ends = np.r_[starts[1:], len(ranked)]
     ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0)
-                 / (positives * negatives))
+    return float(
+        (ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives)
+    )
 
 
 def brier(labels: np.ndarray, probabilities: np.ndarray) -> float:

@@ -31,8 +31,9 @@ class OnnxSession:
         name = card.preprocessing.input_name
         if len(inputs) != 1 or inputs[0].name != name:
             found = [i.name for i in inputs]
-            raise CardError(f"the model's inputs are {found}, not [{name!r}]",
-                            field="preprocessing.input_name")
+            raise CardError(
+                f"the model's inputs are {found}, not [{name!r}]", field="preprocessing.input_name"
+            )
         width = inputs[0].shape[-1]
         if isinstance(width, int) and width != len(card.feature_names):
             raise CardError(

@@ -221,9 +221,7 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
                     highest_down = item.down
         if decided:
             self.undecided -= decided
-        self.lowest_up, self.highest_down, self.first_close = (
-            lowest_up, highest_down, first_close
-        )
+        self.lowest_up, self.highest_down, self.first_close = (lowest_up, highest_down, first_close)
 
     def retire(self) -> int:
         """No more prices will come: decide the undecided labels now; how many."""
@@ -260,9 +258,7 @@ class ReleasedLabels(Sequence[ResolvedLabel]):
 
     def __init__(self, releases: list[Release] | None = None, count: int | None = None):
         self.releases = releases or []
-        self._count = (
-            sum(len(items) for *_, items in self.releases) if count is None else count
-        )
+        self._count = sum(len(items) for *_, items in self.releases) if count is None else count
         self._labels: list[ResolvedLabel] | None = None
 
     def __len__(self) -> int:
@@ -296,13 +292,23 @@ class ReleasedLabels(Sequence[ResolvedLabel]):
                     task = tasks.get(id(source))
                     if task is None:
                         task = tasks[id(source)] = task_of(source.definition)
-                    append(ResolvedLabel(
-                        mint=mint, model_id=source.model_id, version=source.version,
-                        arm=source.arm, task=task, score=item.score, time=item.time,
-                        entry_price=item.entry, label=item.label,
-                        definition=source.definition, resolved_at=at, feature_names=names,
-                        packed=item.values,
-                    ))
+                    append(
+                        ResolvedLabel(
+                            mint=mint,
+                            model_id=source.model_id,
+                            version=source.version,
+                            arm=source.arm,
+                            task=task,
+                            score=item.score,
+                            time=item.time,
+                            entry_price=item.entry,
+                            label=item.label,
+                            definition=source.definition,
+                            resolved_at=at,
+                            feature_names=names,
+                            packed=item.values,
+                        )
+                    )
             self._labels = out
         return self._labels
 
@@ -387,8 +393,15 @@ class LabelTracker:
         tokens = self._mints.get(mint)
         if tokens is None:
             tokens = self._mints[mint] = TokenLabels()
-        self.follow(tokens, time, price, LabelSource(model_id, version, arm, definition),
-                    score, names, values)
+        self.follow(
+            tokens,
+            time,
+            price,
+            LabelSource(model_id, version, arm, definition),
+            score,
+            names,
+            values,
+        )
         if not tokens.items:
             del self._mints[mint]
 
@@ -419,8 +432,14 @@ class LabelTracker:
     # ---------------------------------------------------------------- any token
 
     def follow(
-        self, tokens: TokenLabels, time: float, price: float, source: LabelSource,
-        score: float, names: tuple[str, ...], values: tuple[float, ...],
+        self,
+        tokens: TokenLabels,
+        time: float,
+        price: float,
+        source: LabelSource,
+        score: float,
+        names: tuple[str, ...],
+        values: tuple[float, ...],
         packed: bytes | None = None,
     ) -> None:
         """Follow a prediction made by ``source`` on the token's trade at
@@ -460,8 +479,18 @@ class LabelTracker:
             if down > tokens.highest_down:
                 tokens.highest_down = down
         release = -((horizon_end + self._grace_s) // self._minus_step) * self._step
-        item = OpenLabel(time, price, score, index, tokens.observed, horizon_end, up, down,
-                         release, packed or packer(len(values)).pack(*values))
+        item = OpenLabel(
+            time,
+            price,
+            score,
+            index,
+            tokens.observed,
+            horizon_end,
+            up,
+            down,
+            release,
+            packed or packer(len(values)).pack(*values),
+        )
         # by release time, then as registered: a release takes the head of the list
         if not items or items[-1].release <= release:
             items.append(item)
@@ -602,8 +631,9 @@ class _Window:
         self.last_resolved_at = label.resolved_at
         self.cached = None
 
-    def add_many(self, labels: list[float], scores: list[float], versions: list[str],
-                 resolved_at: float) -> None:
+    def add_many(
+        self, labels: list[float], scores: list[float], versions: list[str], resolved_at: float
+    ) -> None:
         """Add labels in order, as :meth:`add` of each would (the oldest go if more than
         the window come)."""
         size = len(self.labels)
@@ -672,7 +702,9 @@ class RollingPerformance:
         window = self._windows.get(key)
         if window is None or window.task != task:
             window = self._windows[key] = _Window(
-                task=task, labels=np.zeros(self.window), scores=np.zeros(self.window),
+                task=task,
+                labels=np.zeros(self.window),
+                scores=np.zeros(self.window),
                 versions=[""] * self.window,
             )
         return window
@@ -696,8 +728,10 @@ class RollingPerformance:
             )
         window.add(label)
         if self.shared is not None:
-            self._queue(key, (Outcome(label.score, label.label, label.version,
-                                      label.resolved_at, breakeven),))
+            self._queue(
+                key,
+                (Outcome(label.score, label.label, label.version, label.resolved_at, breakeven),),
+            )
 
     def extend(self, labels: Iterable[ResolvedLabel]) -> None:
         """Count released labels, in order; labels released together
@@ -729,7 +763,9 @@ class RollingPerformance:
                             self.add(each)
                         return
                     found = of_source[id(source)] = (
-                        group, source.version, task == "classification"
+                        group,
+                        source.version,
+                        task == "classification",
                     )
                 group, version, classification = found
                 if classification:
@@ -744,12 +780,11 @@ class RollingPerformance:
         for (model_id, arm), (task, values, scores, versions, ats) in grouped.items():
             self._window((model_id, arm), task).add_many(values, scores, versions, ats[-1])
             if self.shared is not None:
-                breakeven = (
-                    self._default_thresholds[model_id] if task == "classification" else None
+                breakeven = self._default_thresholds[model_id] if task == "classification" else None
+                self._queue(
+                    (model_id, arm),
+                    map(Outcome, scores, values, versions, ats, [breakeven] * len(ats)),
                 )
-                self._queue((model_id, arm), map(
-                    Outcome, scores, values, versions, ats, [breakeven] * len(ats)
-                ))
 
     async def share(self, *, read: bool = True) -> None:
         """Add the labels counted here since the last call to the shared outcomes, then
@@ -777,7 +812,7 @@ class RollingPerformance:
         found = await shared.read()
         self._windows = {}
         for key, outcomes in found.items():
-            self._add_outcomes(key, outcomes[-self.window:])
+            self._add_outcomes(key, outcomes[-self.window :])
         for key, queue in self._unshared.items():
             self._add_outcomes(key, queue)
 
@@ -789,7 +824,9 @@ class RollingPerformance:
         task: Task = "regression" if breakeven is None else "classification"
         mine = [o for o in outcomes if (o.breakeven is None) == (breakeven is None)]
         self._window(key, task).add_many(
-            [o.label for o in mine], [o.score for o in mine], [o.version for o in mine],
+            [o.label for o in mine],
+            [o.score for o in mine],
+            [o.version for o in mine],
             max(o.resolved_at for o in mine),
         )
         if breakeven is not None:
@@ -835,9 +872,13 @@ class RollingPerformance:
             else:
                 metrics = regression_metrics(labels, scores)
             window.cached = LiveFigures(
-                model_id=model_id, arm=arm, task=window.task, labels=window.filled,
+                model_id=model_id,
+                arm=arm,
+                task=window.task,
+                labels=window.filled,
                 versions=tuple(sorted({v for v in window.versions if v})),
-                metrics=metrics, last_resolved_at=window.last_resolved_at,
+                metrics=metrics,
+                last_resolved_at=window.last_resolved_at,
             )
         return window.cached
 

@@ -93,9 +93,7 @@ class ScoringPolicy:
 
     def __post_init__(self) -> None:
         if self.min_interval_s < 0 or self.retire_ttl_s <= 0 or self.label_interval_s < 0:
-            raise ValueError(
-                "need min_interval_s >= 0, retire_ttl_s > 0 and label_interval_s >= 0"
-            )
+            raise ValueError("need min_interval_s >= 0, retire_ttl_s > 0 and label_interval_s >= 0")
 
 
 class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=True):
@@ -156,9 +154,7 @@ class ModelProcessor:
 
     # ---------------------------------------------------------------- batches
 
-    def prepare(
-        self, events: Sequence[Event], held: Callable[[str], ScoringState | None]
-    ) -> int:
+    def prepare(self, events: Sequence[Event], held: Callable[[str], ScoringState | None]) -> int:
         """Score the vectors of ``events`` the policy will score, one call per model.
 
         ``held(mint)``: the token's state if in memory (None: taken as new; a vector
@@ -220,11 +216,14 @@ class ModelProcessor:
             vectors = packed if following and packed is not None else [None] * count
             score = (batch.card, batch.seconds / count)
             # one entry a vector: its packed values, the model id, (card, score, seconds)
-            entries = list(zip(
-                vectors, repeat(model_id, count),
-                zip(repeat(score[0], count), scores, repeat(score[1], count), strict=True),
-                strict=True,
-            ))
+            entries = list(
+                zip(
+                    vectors,
+                    repeat(model_id, count),
+                    zip(repeat(score[0], count), scores, repeat(score[1], count), strict=True),
+                    strict=True,
+                )
+            )
             ids = list(map(_id_of, chosen))
             before = len(prepared)
             if not before or prepared.keys().isdisjoint(ids):
@@ -344,13 +343,26 @@ class ModelProcessor:
             if made_by is None or made_by[0] is not arm or made_by[1] is not card:
                 made_by = self._made_by_arm(arm, card)
             if tokens is not None:
-                labels.follow(tokens, time, price, made_by[3], score, data.names, data.values,
-                              None if prepared is None else prepared[0])
+                labels.follow(
+                    tokens,
+                    time,
+                    price,
+                    made_by[3],
+                    score,
+                    data.names,
+                    data.values,
+                    None if prepared is None else prepared[0],
+                )
             # the arm's and card's payload with this vector's fields: half the time of
             # making it from its eleven fields
             emit(
-                _replace(made_by[2], mint=mint, score=score, latency_s=seconds,
-                         source_seq=data.source_seq),
+                _replace(
+                    made_by[2],
+                    mint=mint,
+                    score=score,
+                    latency_s=seconds,
+                    source_seq=data.source_seq,
+                ),
                 time=time,
             )
             made += 1

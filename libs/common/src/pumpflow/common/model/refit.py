@@ -97,7 +97,8 @@ class RefitPolicy:
         """Positions of a model's stored refits to prune, given each one's model hash
         (None: not swapped in) newest first and the hashes of the models served."""
         return [
-            i for i, model in enumerate(models)
+            i
+            for i, model in enumerate(models)
             if i >= self.keep_refits and (model is None or model not in served)
         ]
 

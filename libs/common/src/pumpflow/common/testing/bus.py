@@ -137,9 +137,7 @@ class BusHarness:
         await fresh.subscribe(new)
         return fresh
 
-    async def crash_consumer(
-        self, bus: EventBus, old: Subscription, new: Subscription
-    ) -> EventBus:
+    async def crash_consumer(self, bus: EventBus, old: Subscription, new: Subscription) -> EventBus:
         """Kill the consumer of ``old`` with its handlers in flight; resume as ``new``.
 
         Whatever it did not ack goes to ``new``. RabbitMQ: the consuming bus's

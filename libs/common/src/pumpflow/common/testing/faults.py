@@ -321,9 +321,7 @@ class Pipeline:
         self.stack.serve(service, http_port=self.ports[service], **self.settings)
 
     def ready(self) -> bool:
-        return all(
-            http_get(f"http://127.0.0.1:{self.ports[s]}/readyz")[0] == 200 for s in SERVICES
-        )
+        return all(http_get(f"http://127.0.0.1:{self.ports[s]}/readyz")[0] == 200 for s in SERVICES)
 
     async def until_ready(self, within: float) -> float:
         began = time.monotonic()
@@ -536,9 +534,7 @@ class Pipeline:
         stored = {(r["tx_type"], r["signature"]) for r in rows}
         ledger.stored = len(rows)
         ledger.published = sum(r["seq"] is not None for r in rows)
-        ledger.hostile_stored = sorted(
-            s[:40] for _, s in stored if s.startswith(HOSTILE_SIGNATURE)
-        )
+        ledger.hostile_stored = sorted(s[:40] for _, s in stored if s.startswith(HOSTILE_SIGNATURE))
         missing = [sig for tx_sig in sent if tx_sig not in stored for sig in (tx_sig[1],)]
         ledger.lost = len(missing)
         ledger.lost_sample = missing[:5]

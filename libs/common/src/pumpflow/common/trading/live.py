@@ -480,4 +480,3 @@ class LiveBook:
                 / float(trade.vTokensInBondingCurve)
             )
         return abs(float(trade.vSolInBondingCurve) - market.state.v_sol)
-
