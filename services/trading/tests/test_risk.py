@@ -8,7 +8,10 @@ from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
 from pumpflow.common.events import (
     SLIPPAGE,
     CircuitBreakerChanged,
+    ModelPrediction,
     OrderFilled,
+    OrderRejected,
+    SystemShutdown,
     TradingStateChanged,
     make_event,
 )
@@ -172,6 +175,137 @@ def test_rate_breaker_trips_on_an_anomalous_event_rate_and_recovers(clock, marke
     assert risk.check(START + 60) == []
     [recovery] = tripped(risk.check(START + 70), "rate")
     assert not recovery.tripped and risk.entries_allowed
+
+
+def _any_event(kind: str, market, mint: str, now: float):
+    """An event of ``kind`` stamped ``now``: of the token watched or another, keyed or not."""
+    if kind == "trade of the token":
+        return market.tokens.buy(mint, "x", sol=0.01, time=now)
+    if kind == "trade of another token":
+        return market.tokens.created(market.tokens.mint(), time=now)
+    if kind == "prediction":
+        payload = ModelPrediction(
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.5
+        )
+        return make_event(payload, source="model/test", time=now)
+    if kind == "order outcome":
+        payload = OrderRejected(order_id="o1", mint=mint, reason="refused", side="buy")
+        return make_event(payload, source="trading/test", time=now)
+    assert kind == "keyless"
+    return make_event(SystemShutdown(reason="test"), source="cli/test", time=now)
+
+
+EVENT_KINDS = [
+    "trade of the token",
+    "trade of another token",
+    "prediction",
+    "order outcome",
+    "keyless",
+]
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_any_event_ends_a_silence_and_the_silence_is_counted_from_it(clock, market, kind):
+    """Silence is the timer's to find: an event after a silence no timer saw ends it
+    without tripping, whatever the event (keyed or not, of any token), and the next
+    silence is counted from that event."""
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    mint = market.tokens.mint()
+    assert risk.observe(_any_event("trade of the token", market, mint, START), now=START) == []
+    assert risk.check(START + 20) == []
+    # 45 s with no event and no timer: the event that ends it trips nothing
+    assert risk.observe(_any_event(kind, market, mint, START + 45), now=START + 45) == []
+    assert risk.check(START + 45) == [] and risk.entries_allowed
+    assert risk.check(START + 75) == []
+    [trip] = tripped(risk.check(START + 76), "stale")
+    assert trip.tripped and "no event for 31s" in trip.reason
+    assert not risk.entries_allowed
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_a_silence_s_breaker_recovers_on_any_event_a_minute_after_it_tripped(clock, market, kind):
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    mint = market.tokens.mint()
+    risk.observe(_any_event("trade of the token", market, mint, START), now=START)
+    [trip] = tripped(risk.check(START + 31), "stale")
+    assert trip.tripped
+    # events end the silence; the breaker holds until a minute without a fault
+    assert risk.observe(_any_event(kind, market, mint, START + 32), now=START + 32) == []
+    assert risk.observe(_any_event(kind, market, mint, START + 90), now=START + 90) == []
+    assert not risk.entries_allowed
+    reports = risk.observe(_any_event(kind, market, mint, START + 91), now=START + 91)
+    assert [type(r).__name__ for r in reports] == ["CircuitBreakerChanged", "TradingStateChanged"]
+    assert reports[0].breaker == "stale" and not reports[0].tripped
+    assert reports[1] == TradingStateChanged(
+        state="active", previous_state="halted", reason="stale breaker recovered"
+    )
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_the_rate_breaker_holds_while_its_window_is_over_the_limit(clock, market, kind):
+    """Recovery waits for the rate as well as ``recovery_s``: past ``recovery_s`` the
+    breaker stays tripped while the window still holds the burst, for a timer and for an
+    event alike (the event counted in); it recovers once the burst left the window, on an
+    event as on a timer."""
+    settings = BreakerSettings(
+        max_events_per_s=10.0,
+        rate_window_s=10.0,
+        recovery_s=5.0,
+        max_feed_lag_s=1e9,
+        max_silence_s=1e9,
+    )
+    mint = market.tokens.mint()
+    for recover_by in ("timer", "event"):
+        risk = RiskManager(100.0, 0.02, 5, clock=clock, breakers=settings)
+        burst = _any_event("trade of another token", market, mint, START)
+        for i in range(100):  # 10/s over the window: at the limit
+            assert risk.observe(burst, now=START + i / 200.0) == []
+        [trip] = tripped(risk.observe(burst, now=START + 0.5), "rate")
+        assert trip.tripped
+        # 6 s quiet (over recovery_s) but 101 events in the window: still tripped
+        assert risk.check(START + 6.5) == [] and not risk.entries_allowed
+        # an event there adds to the burst still in the window: a fault again
+        assert risk.observe(_any_event(kind, market, mint, START + 7), now=START + 7) == []
+        assert not risk.entries_allowed
+        # the burst's second has left the window (and 5 s passed since the last fault)
+        later = START + 12.5
+        if recover_by == "timer":
+            reports = risk.check(later)
+        else:
+            reports = risk.observe(_any_event(kind, market, mint, later), now=later)
+        [recovery] = tripped(reports, "rate")
+        assert not recovery.tripped
+        assert reports[-1].state == "active" and risk.entries_allowed
+
+
+def test_the_state_stays_halted_until_the_last_tripped_breaker_recovers(clock, market):
+    """Breakers recover one by one: the state changes only with the last one, and goes
+    back to what the operator and the daily loss limit call for."""
+    book = PositionBook()
+    risk = RiskManager(100.0, 0.02, 5, positions=book, clock=clock)
+    tokens = market.tokens
+    mint = tokens.mint()
+    good = tokens.buy(mint, "x", sol=0.1, time=START)
+    risk.observe(tokens.created(mint, time=START), now=START)
+    bad = tokens.buy(mint, "y", sol=0.1, marketCapSol=good.data.marketCapSol * 1.01, time=START)
+    assert tripped(risk.observe(bad, now=START), "curve")
+    for _ in range(3):
+        risk.record_execution(False, reason="timeout", now=START + 30)
+    assert risk.breakers["execution"].tripped and risk.state == "halted"
+    # the curve's minute is up, not the execution's: one report, no state change
+    event = tokens.buy(mint, "z", sol=0.01, time=START + 60)
+    [recovery] = risk.observe(event, now=START + 60)
+    assert recovery.breaker == "curve" and not recovery.tripped
+    assert risk.state == "halted" and risk.state_reason().startswith("execution: ")
+    assert risk.check(START + 89) == []
+    # the loss limit is hit meanwhile: the last breaker's recovery leaves it reducing
+    day = (START // 86_400) * 86_400
+    book.apply_fill(_fill("b", "buy", 100.0, 10.0), time=day + 1.0)
+    book.apply_fill(_fill("s", "sell", 100.0, 1.0), time=START + 89.5)
+    [recovery, change] = risk.check(START + 90)
+    assert recovery.breaker == "execution" and not recovery.tripped
+    assert (change.state, change.previous_state) == ("reducing", "halted")
+    assert "daily loss" in change.reason
 
 
 def test_execution_breaker_trips_on_failures_in_a_row_and_half_opens(clock):
