@@ -764,6 +764,39 @@ async def test_stopping_waits_for_every_handler_in_flight(bus, service, stop):
         assert finished == [1, 2, 3]
 
 
+async def test_deliveries_of_a_window_handed_back_come_again_in_their_order(bus, service):
+    """Handlers of a window waiting for a dependency when their partition is released
+    hand their events back (the first to wait is the first to return): the next
+    consumer gets them in delivery order, before what was queued behind them."""
+
+    class Away(RuntimeError):
+        transient_dependency = "store"
+
+    waiting: list[int] = []
+
+    async def waits(event: Event) -> None:
+        waiting.append(event.seq)
+        raise Away("the store is away")
+
+    key = "mintW"
+    partition = partition_of(key, bus.partitions)
+    first = Subscription(
+        service=service, patterns=("token.*",), handler=waits, window=3, partitions=()
+    )
+    await bus.subscribe(first)
+    await bus.consume_partitions(first, [partition])
+    for seq in range(1, 6):  # one message each
+        await bus.publish(trade_event(key, seq))
+    await eventually(lambda: len(set(waiting)) == 3, what="a window of handlers waiting")
+    await asyncio.wait_for(bus.release_partitions(first, [partition]), 10)
+    got = Recorder()
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, partitions=(partition,))
+    )
+    await eventually(lambda: len(got.events) == 5, what="the five events handled")
+    assert [e.seq for e in got.events] == [1, 2, 3, 4, 5]
+
+
 # ------------------------------------------------------------------------ RabbitMQ only
 
 
@@ -1166,6 +1199,92 @@ async def test_memory_queues_wait_for_a_consumer(service):
     await bus.subscribe(Subscription(service=service, patterns=("token.*",), handler=got))
     assert await bus.drain(timeout=2)
     assert [e.seq for e in got.events] == [1]
+    await bus.close()
+
+
+async def test_memory_drain_waits_for_what_is_queued_while_a_batch_runs_and_what_it_publishes(
+    service,
+):
+    """drain returns only once everything is handled: events queued while a batch runs
+    (the bus pending all along) and what the batch handler publishes as it ends, for
+    another service, are waited for too."""
+    bus = InMemoryBus(partitions=2)
+    await bus.start()
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    calls: list[list[int]] = []
+    features = Recorder()
+
+    async def batches(events) -> None:
+        calls.append([e.seq for e in events])
+        started.set()
+        await gate.wait()
+        for event in events:
+            await bus.publish(features_event(event.key, event.seq))
+
+    async def alone(event: Event) -> None:
+        await batches([event])
+
+    await bus.subscribe(
+        Subscription(
+            service=service, patterns=("token.*",), handler=alone, batch_handler=batches, window=4
+        )
+    )
+    await bus.subscribe(
+        Subscription(service=f"{service}_f", patterns=("features.*",), handler=features)
+    )
+    for seq in range(1, 5):
+        await bus.publish(trade_event("mintD", seq))
+    await asyncio.wait_for(started.wait(), 10)
+    for seq in range(5, 8):  # queued behind the batch running
+        await bus.publish(trade_event("mintD", seq))
+    draining = asyncio.ensure_future(bus.drain(timeout=10))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not draining.done()
+    gate.set()
+    assert await draining
+    # returned with everything handled, not before
+    assert [seq for call in calls for seq in call] == list(range(1, 8))
+    assert sorted(e.seq for e in features.events) == list(range(1, 8))
+    assert bus.describe()["pending"] == 0
+    await bus.close()
+
+
+async def test_memory_drain_waits_for_events_handed_back_until_they_are_handled(service):
+    """Events handed back (their partition released while their handlers waited for a
+    dependency) are queued still: drain returns once the next consumer handled them."""
+
+    class Away(RuntimeError):
+        transient_dependency = "store"
+
+    bus = InMemoryBus(partitions=2)
+    await bus.start()
+    calls: list[int] = []
+
+    async def waits(event: Event) -> None:
+        calls.append(event.seq)
+        raise Away("the store is away")
+
+    key = "mintH"
+    partition = partition_of(key, bus.partitions)
+    first = Subscription(service=service, patterns=("token.*",), handler=waits, window=2)
+    await bus.subscribe(first)
+    for seq in (1, 2, 3):
+        await bus.publish(trade_event(key, seq))
+    await eventually(lambda: len(calls) == 2, what="two handlers waiting for the store")
+    draining = asyncio.ensure_future(bus.drain(timeout=10))
+    await asyncio.wait_for(bus.release_partitions(first, [partition]), 10)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not draining.done() and bus.describe()["pending"] == 3
+    got = Recorder()
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, partitions=(partition,))
+    )
+    assert await draining
+    assert sorted(e.seq for e in got.events) == [1, 2, 3]
+    assert bus.describe()["pending"] == 0
     await bus.close()
 
 

@@ -111,6 +111,7 @@ class _Lane:
     """One queue with its worker, delivering to ``consumer`` (shared or a replica's own)."""
 
     __slots__ = (
+        "back",
         "consumer",
         "dispatcher",
         "group",
@@ -147,6 +148,10 @@ class _Lane:
         self.worker: asyncio.Task | None = None
         #: the replica this lane delivers to now; None while nobody consumes it
         self.consumer: _Replica | None = None
+        #: the deliveries handed back since the lane last ran no handler, with the rank in
+        #: delivery order of those unacked when the first of them came back (nothing
+        #: starts while events handed back wait at the lane's front and a handler runs)
+        self.back: tuple[dict[_Delivery, int], list[_Delivery]] | None = None
 
     def startable(self) -> _Replica | None:
         """The replica the next queued event may start on now, if any."""
@@ -697,9 +702,21 @@ class InMemoryBus(EventBus):
 
     def _hand_back(self, lane: _Lane, delivery: _Delivery, *, unsettled: bool = True) -> None:
         """A handler ended unfinished (cancelled): its events go back, never acked."""
+        back = lane.back
+        if back is None or delivery not in back[0]:
+            # the first to come back since the lane last ran no handler
+            back = lane.back = ({d: rank for rank, d in enumerate(lane.unacked)}, [])
+        ranks, handed = back
         lane.unacked.remove(delivery)
-        # back to the front of the lane in reverse, so the first comes out first again
-        lane.items.extendleft(reversed(delivery.events))
+        # back to the front of the lane, behind those handed back before it that were
+        # delivered before it: in delivery order, as the broker requeues in place
+        rank = ranks[delivery]
+        behind = sum(len(d.events) for d in handed if ranks[d] < rank)
+        handed.append(delivery)
+        items = lane.items
+        items.rotate(-behind)
+        items.extendleft(reversed(delivery.events))
+        items.rotate(behind)
         if unsettled:
             for event in delivery.events:
                 _returned(lane, event)
