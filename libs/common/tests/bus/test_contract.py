@@ -1288,6 +1288,49 @@ async def test_memory_drain_waits_for_events_handed_back_until_they_are_handled(
     await bus.close()
 
 
+async def test_memory_a_replica_abandoned_mid_release_leaves_its_events_in_delivery_order(
+    service,
+):
+    """A replica crashes while its partition is released: one handler had handed its
+    event back (it waited for a dependency), the others still ran. Every event goes back
+    in delivery order, those handed back among those it never acked."""
+
+    class Away(RuntimeError):
+        transient_dependency = "store"
+
+    bus = InMemoryBus(partitions=2)
+    await bus.start()
+    gate = asyncio.Event()
+    started: list[int] = []
+
+    async def handler(event: Event) -> None:
+        started.append(event.seq)
+        if event.seq == 2:
+            raise Away("the store is away")
+        await gate.wait()  # never set: ends by the crash
+
+    key = "mintA"
+    partition = partition_of(key, bus.partitions)
+    first = Subscription(service=service, patterns=("token.*",), handler=handler, window=3)
+    await bus.subscribe(first)
+    for seq in range(1, 6):
+        await bus.publish(trade_event(key, seq))
+    await eventually(lambda: len(started) == 3, what="a window of handlers running")
+    releasing = asyncio.ensure_future(bus.release_partitions(first, [partition]))
+    lane = bus._groups[service].partitions[partition]
+    await eventually(lambda: [e.seq for e in lane.items] == [2, 4, 5], what="2 handed back")
+    assert not releasing.done()  # 1 and 3 run still
+    await bus.abandon(first)
+    await asyncio.wait_for(releasing, 10)
+    got = Recorder()
+    await bus.subscribe(
+        Subscription(service=service, patterns=("token.*",), handler=got, partitions=(partition,))
+    )
+    assert await bus.drain(timeout=10)
+    assert [e.seq for e in got.events] == [1, 2, 3, 4, 5]
+    await bus.close()
+
+
 @pytest.mark.parametrize("synchronous", [True, False])
 async def test_a_keyless_event_handed_back_to_a_replica_leaving_goes_with_its_own_queue(
     service, synchronous

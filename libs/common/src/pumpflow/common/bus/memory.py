@@ -233,6 +233,25 @@ def _left(lane: _Lane, delivery: _Delivery) -> None:
         lane.tasks.discard(delivery.task)
 
 
+def _put_back(lane: _Lane, delivery: _Delivery) -> None:
+    """Return an unacked delivery's events to the front of its lane, behind those handed
+    back before it that were delivered before it: in delivery order, as the broker
+    requeues in place."""
+    back = lane.back
+    if back is None or delivery not in back[0]:
+        # the first to come back since the lane last ran no handler
+        back = lane.back = ({d: rank for rank, d in enumerate(lane.unacked)}, [])
+    ranks, handed = back
+    lane.unacked.remove(delivery)
+    rank = ranks[delivery]
+    behind = sum(len(d.events) for d in handed if ranks[d] < rank)
+    handed.append(delivery)
+    items = lane.items
+    items.rotate(-behind)
+    items.extendleft(reversed(delivery.events))
+    items.rotate(behind)
+
+
 def _returned(lane: _Lane, event: Event) -> None:
     """Count a delivery of ``event`` that ended unsettled (shared lanes have a limit)."""
     if lane.partition is not None or lane is lane.group.critical:
@@ -429,10 +448,9 @@ class InMemoryBus(EventBus):
                     if not delivery.done:
                         for event in delivery.events:
                             _returned(lane, event)
-                lane.items.extendleft(
-                    event for d in reversed(lane.unacked) for event in reversed(d.events)
-                )
-                lane.unacked.clear()
+                # in delivery order, among any its handlers handed back before
+                for delivery in list(lane.unacked):
+                    _put_back(lane, delivery)
         for lane in (replica.broadcast, replica.critical_broadcast):
             stopped.extend(self._halt(lane))
             self._settle(len(lane.items) + sum(len(d.events) for d in lane.unacked))
@@ -702,21 +720,7 @@ class InMemoryBus(EventBus):
 
     def _hand_back(self, lane: _Lane, delivery: _Delivery, *, unsettled: bool = True) -> None:
         """A handler ended unfinished (cancelled): its events go back, never acked."""
-        back = lane.back
-        if back is None or delivery not in back[0]:
-            # the first to come back since the lane last ran no handler
-            back = lane.back = ({d: rank for rank, d in enumerate(lane.unacked)}, [])
-        ranks, handed = back
-        lane.unacked.remove(delivery)
-        # back to the front of the lane, behind those handed back before it that were
-        # delivered before it: in delivery order, as the broker requeues in place
-        rank = ranks[delivery]
-        behind = sum(len(d.events) for d in handed if ranks[d] < rank)
-        handed.append(delivery)
-        items = lane.items
-        items.rotate(-behind)
-        items.extendleft(reversed(delivery.events))
-        items.rotate(behind)
+        _put_back(lane, delivery)
         if unsettled:
             for event in delivery.events:
                 _returned(lane, event)
