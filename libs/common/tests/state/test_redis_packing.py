@@ -105,3 +105,24 @@ async def test_an_int_or_float_of_a_subclass_packs_as_redis_py_packs_it():
             assert str(hiredis_packing.value) == str(python_packing.value)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("query", ["encoding=latin-1", "encoding_errors=replace"])
+async def test_a_url_setting_another_encoding_keeps_redis_pys_packing(query):
+    """hiredis spells a str in UTF-8, strictly: a client set to encode otherwise packs as
+    redis-py does, in the encoding it was given."""
+    store = RedisStateStore(url=f"redis://127.0.0.1:6379/0?{query}", namespace="unused")
+    try:
+        connection = store._client.connection_pool.make_connection()
+        python = Connection(**store._client.connection_pool.connection_kwargs)
+
+        def packed(connection, value):
+            try:
+                return connection.pack_command("SET", "k", value)
+            except UnicodeEncodeError as exc:
+                return str(exc)
+
+        for value in ("é", "\ud800"):
+            assert packed(connection, value) == packed(python, value)
+    finally:
+        await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -164,9 +165,15 @@ _PACKING: dict[type, type] = {}
 
 
 def _packing_with_hiredis(pool: redis.ConnectionPool) -> None:
-    """Make the connections ``pool`` opens from now on pack with hiredis."""
+    """Make the connections ``pool`` opens from now on pack with hiredis, unless they
+    encode a str otherwise than hiredis does (UTF-8, strictly)."""
     base = pool.connection_class
-    if issubclass(base, _HiredisPacking):
+    settings = pool.connection_kwargs
+    if (
+        issubclass(base, _HiredisPacking)
+        or codecs.lookup(settings.get("encoding", "utf-8")).name != "utf-8"
+        or settings.get("encoding_errors", "strict") != "strict"
+    ):
         return
     packing = _PACKING.get(base)
     if packing is None:
