@@ -65,6 +65,7 @@ async def test_a_tls_url_keeps_its_connection_kind():
         {f"f{i}": i for i in range(600)},
         {"a": 1.5, "b": True, "c": b"x", "d": "s"},
         {f"f{i}": i % 3 == 0 for i in range(300)},
+        {},
     ],
 )
 def test_a_hashs_fields_flatten_as_one_call_a_field_would(fields):

@@ -197,7 +197,7 @@ def _field_pairs(fields: Mapping[str, HashValue]) -> list[list]:
             [part for k, v in chunk for part in (k, _field_value(v))]
             for chunk in _chunks(list(fields.items()))
         ]
-    if len(fields) <= _FIELDS_PER_COMMAND:
+    if 0 < len(fields) <= _FIELDS_PER_COMMAND:  # none: no command, as HSET takes one
         return [list(chain.from_iterable(fields.items()))]
     return [list(chain.from_iterable(chunk)) for chunk in _chunks(list(fields.items()))]
 
