@@ -297,3 +297,46 @@ def test_predictions_of_an_arm_share_nothing_of_another_tokens_or_versions(tmp_p
         ]
         seen += len(predictions)
     assert seen == 8
+
+
+def test_a_table_swapped_at_run_time_moves_the_tokens_already_placed(tmp_path):
+    """A mint's arms are kept once placed (ArmTable.routes): the tokens scored under the
+    old table follow the new one from their next vector, prepared or scored alone."""
+    arms = ArmTable([Arm(name="a", model_id="entry"), Arm(name="b", model_id="other")])
+    processor = ModelProcessor(manager(other=other_model(tmp_path)), arms)
+    tokens = [Token(processor, base58_key(f"placed{i}")) for i in range(40)]
+
+    def live_arms(at: float, *, prepare: bool) -> list[tuple[str, bool]]:
+        events = [vector_event(t.mint, at, seq=i + 1) for i, t in enumerate(tokens)]
+        if prepare:
+            processor.prepare(events, lambda mint: None)
+        return [(p.arm, p.shadow) for t, e in zip(tokens, events, strict=True) for p in t.step(e)]
+
+    before = live_arms(START, prepare=True)
+    assert {arm for arm, _ in before} == {"a", "b"}  # both arms hold some of them
+    processor.arms = arms.promote("b")
+    assert live_arms(START + 10.0, prepare=True) == [("b", False), ("a", True)] * 40
+    processor.arms = processor.arms.with_weights({"a": 1.0}).promote("a")
+    assert live_arms(START + 20.0, prepare=False) == [("a", False), ("b", True)] * 40
+
+
+def test_what_the_processor_holds_per_mint_levels_off_as_tokens_come_and_go(monkeypatch):
+    """Tokens launch, are scored and retire: the mints' routes kept (ArmTable.routes)
+    stay within their bound, and nothing prepared or kept per arm outlives its tokens."""
+    import pumpflow.common.model.arms as arms_module
+
+    monkeypatch.setattr(arms_module, "PLACED_KEPT", 64)
+    processor = ModelProcessor(manager(), ArmTable([Arm(name="control", model_id="entry")]))
+    held = []
+    for wave in range(10):
+        tokens = [Token(processor, base58_key(f"churn{wave}.{i}")) for i in range(50)]
+        events = [vector_event(t.mint, START + wave, seq=i + 1) for i, t in enumerate(tokens)]
+        processor.prepare(events, lambda mint: None)
+        for token, event in zip(tokens, events, strict=True):
+            assert len(token.step(event)) == 1
+            token.step(lifecycle_event(token.mint, "graduated", START + wave + 0.5))
+        processor.settle(events)
+        held.append((len(processor.arms.routes), len(processor._prepared), len(processor._made_by)))
+    assert all(
+        routes <= 64 and prepared == 0 and made_by == 1 for routes, prepared, made_by in held
+    )

@@ -3,6 +3,8 @@ own Python packing would. No server needed."""
 
 from __future__ import annotations
 
+import enum
+
 import pytest
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import DataError
@@ -63,6 +65,7 @@ async def test_a_tls_url_keeps_its_connection_kind():
         {f"f{i}": i for i in range(600)},
         {"a": 1.5, "b": True, "c": b"x", "d": "s"},
         {f"f{i}": i % 3 == 0 for i in range(300)},
+        {},
     ],
 )
 def test_a_hashs_fields_flatten_as_one_call_a_field_would(fields):
@@ -71,3 +74,56 @@ def test_a_hashs_fields_flatten_as_one_call_a_field_would(fields):
         for chunk in redis_store._chunks(list(fields.items()))
     ]
     assert redis_store._field_pairs(fields) == slow
+
+
+async def test_an_int_or_float_of_a_subclass_packs_as_redis_py_packs_it():
+    """hiredis refuses an int's subclass (an IntEnum's member, say) that redis-py packs
+    by its repr: such a value is packed as redis-py packs it, not refused."""
+
+    class Count(int):
+        pass
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Price(float):
+        pass
+
+    store = RedisStateStore(url="redis://127.0.0.1:6379/0", namespace="unused")
+    try:
+        connection = store._client.connection_pool.make_connection()
+        python = Connection()
+        for value in (Count(7), Level.HIGH, Price(2.5), bytearray(b"v"), memoryview(b"m")):
+            command = ("HSET", "ns:view:a", "f", value, "g", 1)
+            assert b"".join(map(bytes, connection.pack_command(*command))) == b"".join(
+                map(bytes, python.pack_command(*command))
+            )
+        for refused in (True, None, object(), 1j):
+            with pytest.raises(DataError) as hiredis_packing:
+                connection.pack_command("SET", "k", refused)
+            with pytest.raises(DataError) as python_packing:
+                python.pack_command("SET", "k", refused)
+            assert str(hiredis_packing.value) == str(python_packing.value)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("query", ["encoding=latin-1", "encoding_errors=replace"])
+async def test_a_url_setting_another_encoding_keeps_redis_pys_packing(query):
+    """hiredis spells a str in UTF-8, strictly: a client set to encode otherwise packs as
+    redis-py does, in the encoding it was given."""
+    store = RedisStateStore(url=f"redis://127.0.0.1:6379/0?{query}", namespace="unused")
+    try:
+        connection = store._client.connection_pool.make_connection()
+        python = Connection(**store._client.connection_pool.connection_kwargs)
+
+        def packed(connection, value):
+            try:
+                return connection.pack_command("SET", "k", value)
+            except UnicodeEncodeError as exc:
+                return str(exc)
+
+        for value in ("é", "\ud800"):
+            assert packed(connection, value) == packed(python, value)
+    finally:
+        await store.close()

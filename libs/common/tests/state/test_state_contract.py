@@ -73,6 +73,20 @@ async def test_empty_batches_are_no_ops(harness):
     assert await store.scan_keys("") == []
 
 
+async def test_a_write_with_a_hash_of_no_fields_stores_the_rest(harness):
+    """An hset of no fields in a batch is a no-op (like an empty HSET: no key), the rest
+    of the batch stored."""
+    store = harness.store
+    batch = WriteBatch()
+    batch.set("v", b"1", 60.0)
+    batch.hset("h", {})
+    batch.hset("g", {"f": 1})
+    await store.write(batch)
+    assert await store.get_many(["v"]) == [b"1"]
+    assert await store.hgetall("h") == {}
+    assert await store.hgetall("g") == {"f": b"1"}
+
+
 async def test_hash_fields_come_back_as_bytes_in_their_str_spelling(harness):
     store = harness.store
     await store.hset_many(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 
 import hiredis
 import redis.asyncio as redis
-from redis.exceptions import DataError
 
 from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch, WrongKind
 
@@ -138,8 +138,8 @@ class _HiredisPacking:
     client does; its asyncio one packs them in Python, an ``Encoder.encode`` and a bytes
     join an argument: a key of a group commit with a view of 30 fields cost the client
     three times the CPU (``benchmarks/state_store.py``, ``--python-packing`` for the
-    Python packing). The bytes on the wire are the same; what neither accepts (a bool,
-    None) is refused as before, a bytearray taken as before."""
+    Python packing). The bytes on the wire are the same; what hiredis does not take
+    is encoded by redis-py's encoder, as before (a bool or None refused by it)."""
 
     def pack_command(self, *args):
         first = args[0]
@@ -150,21 +150,30 @@ class _HiredisPacking:
         try:
             return [hiredis.pack_command(args)]
         except TypeError:
-            # a bytearray, which redis-py takes; anything else is refused as it refuses it
-            args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
-            try:
-                return [hiredis.pack_command(args)]
-            except TypeError as exc:
-                raise DataError(str(exc)) from exc
+            # what hiredis does not take (a bytearray, an int's or a float's subclass such
+            # as an IntEnum's member) is encoded as redis-py encodes it, which refuses what
+            # it refuses (DataError, its message)
+            encoded = map(self.encoder.encode, args)
+            return [
+                hiredis.pack_command(
+                    tuple(bytes(a) if isinstance(a, bytearray) else a for a in encoded)
+                )
+            ]
 
 
 _PACKING: dict[type, type] = {}
 
 
 def _packing_with_hiredis(pool: redis.ConnectionPool) -> None:
-    """Make the connections ``pool`` opens from now on pack with hiredis."""
+    """Make the connections ``pool`` opens from now on pack with hiredis, unless they
+    encode a str otherwise than hiredis does (UTF-8, strictly)."""
     base = pool.connection_class
-    if issubclass(base, _HiredisPacking):
+    settings = pool.connection_kwargs
+    if (
+        issubclass(base, _HiredisPacking)
+        or codecs.lookup(settings.get("encoding", "utf-8")).name != "utf-8"
+        or settings.get("encoding_errors", "strict") != "strict"
+    ):
         return
     packing = _PACKING.get(base)
     if packing is None:
@@ -188,7 +197,7 @@ def _field_pairs(fields: Mapping[str, HashValue]) -> list[list]:
             [part for k, v in chunk for part in (k, _field_value(v))]
             for chunk in _chunks(list(fields.items()))
         ]
-    if len(fields) <= _FIELDS_PER_COMMAND:
+    if 0 < len(fields) <= _FIELDS_PER_COMMAND:  # none: no command, as HSET takes one
         return [list(chain.from_iterable(fields.items()))]
     return [list(chain.from_iterable(chunk)) for chunk in _chunks(list(fields.items()))]
 
