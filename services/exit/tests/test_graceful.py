@@ -373,6 +373,32 @@ async def test_a_second_begin_adds_nothing_twice(harness):
     assert len([e for e in h.reports if not e.data.graceful]) == 2
 
 
+async def test_a_position_with_nothing_to_sell_is_the_exits_over_at_once_and_reported(harness):
+    """A position held with no token to sell is queued closed, "nothing to sell": no
+    tranche, nothing left to take up (left out, every look at what is held would take
+    the share up again), and its line in the report beside the one sold."""
+    h = await harness()
+    sold = h.open("MintA", 1.0, curve_sol=0.0)
+    h.book.open_positions["MintZ"] = Position(
+        mint="MintZ", position_id="pos-MintZ", opened_at=START, tokens=0.0, entry_price=1e-8
+    )
+    h.manager.begin_graceful_exit()
+    assert h.manager.untaken() == []
+    assert len(h.manager.planner.exits) == 2
+    summary = await asyncio.wait_for(h.manager.run(), 10)
+
+    assert h.manager.untaken() == []
+    assert {o.mint for o in h.executor.orders} == {sold.mint}
+    lines = {line.mint: line for line in summary.lines}
+    assert set(lines) == {"MintA", "MintZ"}
+    empty = lines["MintZ"]
+    assert empty.completed and empty.closed == "nothing to sell", empty
+    assert empty.tranches == 0 and empty.tokens_sold == 0.0
+    assert lines["MintA"].completed and not lines["MintA"].closed
+    assert summary.positions_left == 0
+    assert "closed by trading (nothing to sell)" in summary.text()
+
+
 async def test_reprioritises_as_prices_and_lifecycles_move(harness):
     h = await harness()
     # same size, same curve, different ages: the oldest first

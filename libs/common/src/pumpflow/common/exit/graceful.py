@@ -26,6 +26,11 @@ it was closed, and why. One trading closed before the exit began (the close came
 was never the exit's: unless the exit sold some of it, it leaves with no report
 (``on_withdrawn`` is told).
 
+A position held with nothing to sell (no token, none a rule's sale holds) is the
+exit's all the same: queued closed, "nothing to sell", its exit over at once and its
+line in the report (left out, it would stay held and never taken up, however often
+looked at).
+
 A position another seller takes over (its partition moved to another replica) leaves
 this exit with :meth:`GracefulExitManager.hand_over`: no more tranches, no report here.
 
@@ -221,6 +226,8 @@ class GracefulExitManager:
                     tokens_at_start=queued.tokens_at_start,
                     mark_price=queued.mark_price,
                     started_at=now,
+                    # nothing to sell: over as it is queued, closed with its reason
+                    closed=queued.closed,
                 )
             else:
                 # a resumed exit's tranches still without an outcome are not offered again

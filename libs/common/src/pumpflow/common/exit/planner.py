@@ -66,6 +66,9 @@ from pumpflow.common.priority import Priority
 
 GRACEFUL = "graceful"
 DEADLINE = "deadline"
+#: the close of a position held with no token to sell (and none a rule's sale holds):
+#: its exit is over as it is queued
+NOTHING_TO_SELL = "nothing to sell"
 
 
 class HeldPosition(ExitPosition, Protocol):
@@ -272,13 +275,16 @@ class ExitPlanner:
         Its ``pending_tokens``, if it has them, are a rule's sale under way: reserved
         until that sale settles (:meth:`release`, :meth:`retake`). A later position on a
         mint whose exit is over takes that exit's place; the mint's exit still going
-        keeps it.
+        keeps it. One with nothing to sell is queued closed (:data:`NOTHING_TO_SELL`):
+        its exit is over, yet it is the exit's (left out, it would be taken up again on
+        every look at what is held).
         """
         reserved = getattr(position, "pending_tokens", 0.0)
         queued = self.exits.get(position.mint)
         later = queued is not None and queued.position_id != position.position_id and queued.done
-        if (queued is not None and not later) or (position.tokens <= 0 and reserved <= 0):
+        if queued is not None and not later:
             return queued
+        empty = position.tokens <= 0 and reserved <= 0
         state = state if state is not None else position.mark_state
         mark = state.price if state is not None else position.mark_price
         queued = QueuedExit(
@@ -287,13 +293,14 @@ class ExitPlanner:
             entry_price=position.entry_price,
             opened_at=position.opened_at,
             arrival=next(self._arrivals),
-            tokens_at_start=position.tokens,
-            tokens_left=position.tokens,
+            tokens_at_start=max(position.tokens, 0.0),
+            tokens_left=max(position.tokens, 0.0),
             mark_price=mark,
             state=state,
             lifecycle=lifecycle,
             activity_level=activity_level,
             reserved=reserved,
+            closed=NOTHING_TO_SELL if empty else None,
         )
         self.exits[position.mint] = queued
         self._dirty = True
