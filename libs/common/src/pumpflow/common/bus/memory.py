@@ -148,9 +148,9 @@ class _Lane:
         self.worker: asyncio.Task | None = None
         #: the replica this lane delivers to now; None while nobody consumes it
         self.consumer: _Replica | None = None
-        #: the deliveries handed back since the lane last ran no handler, with the rank in
-        #: delivery order of those unacked when the first of them came back (nothing
-        #: starts while events handed back wait at the lane's front and a handler runs)
+        #: the deliveries handed back since the lane last started one, with the rank in
+        #: delivery order of those unacked when the first of them came back (a start ends
+        #: it: what it counts as waiting at the lane's front may have left it)
         self.back: tuple[dict[_Delivery, int], list[_Delivery]] | None = None
 
     def startable(self) -> _Replica | None:
@@ -238,8 +238,8 @@ def _put_back(lane: _Lane, delivery: _Delivery) -> None:
     back before it that were delivered before it: in delivery order, as the broker
     requeues in place."""
     back = lane.back
-    if back is None or delivery not in back[0]:
-        # the first to come back since the lane last ran no handler
+    if back is None:
+        # the first to come back since the lane last started a delivery
         back = lane.back = ({d: rank for rank, d in enumerate(lane.unacked)}, [])
     ranks, handed = back
     lane.unacked.remove(delivery)
@@ -627,6 +627,7 @@ class InMemoryBus(EventBus):
         """Take the lane's next event for ``replica``'s handler."""
         delivery = _Delivery([lane.items.popleft()])
         lane.unacked.append(delivery)
+        lane.back = None
         if lane.running == 0:
             lane.serving = replica
             replica.busy.add(lane)
@@ -652,6 +653,7 @@ class InMemoryBus(EventBus):
             events = [take() for _ in range(room)]
         batch = _Delivery(events)
         lane.unacked.append(batch)
+        lane.back = None
         if lane.running == 0:
             lane.serving = replica
             replica.busy.add(lane)
