@@ -281,16 +281,8 @@ class ModelProcessor:
                     self._price_names, self._price_at_names = names, at
                 if at is not None:
                     price = data.values[at]
-                    if tokens is not None and 0.0 < price < _INF:
-                        # TokenLabels.observe, inline: two comparisons unless it decides
-                        if (
-                            price >= tokens.lowest_up
-                            or price <= tokens.highest_down
-                            or time > tokens.first_close
-                        ):
-                            tokens._scan(price, time)
-                        tokens.last_price = price
-                        tokens.observed += 1
+                    if tokens is not None:
+                        tokens.observe(time, price)
             # a consumer running behind the market applies the prices of a horizon later
             # than it ends: a label released by the clock alone would be decided without
             # them
