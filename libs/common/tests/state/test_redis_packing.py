@@ -127,3 +127,17 @@ async def test_a_url_setting_another_encoding_keeps_redis_pys_packing(query):
             assert packed(connection, value) == packed(python, value)
     finally:
         await store.close()
+
+
+async def test_a_client_given_keeps_its_connection_kind():
+    """The store packs with hiredis on the connections it opens itself; a caller's client
+    goes on packing as its caller set it up."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    store = RedisStateStore(url="redis://unused", namespace="unused", client=client)
+    try:
+        assert client.connection_pool.connection_class is Connection
+    finally:
+        await store.close()
+        await client.aclose()
