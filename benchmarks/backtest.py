@@ -25,6 +25,7 @@ timers, the drains) apart. It reads the in-memory bus's and the consumer's task
 coroutines' locals, so it is a diagnostic of this code, not an interface.
 
 Run: .venv/bin/python benchmarks/backtest.py [--seed 6] [--minutes 10] [--by-service]
+     [--partitions N]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections import Counter
 
 import numpy as np
 
-from pumpflow.cli.backtest import RUN_CONFIG, run_backtest, simulated_frames
+from pumpflow.cli.backtest import PARTITIONS, RUN_CONFIG, run_backtest, simulated_frames
 from pumpflow.common.features import FeatureManager, TradeHistory, trade_input
 from pumpflow.common.model.card import prepare_inputs
 from pumpflow.common.model.onnx import OnnxRuntime
@@ -47,8 +48,8 @@ from pumpflow.common.pumpportal import decode_frame
 from pumpflow.model import DEFAULT_MODEL_PATH
 
 
-def whole_pipeline(frames) -> dict[str, float]:
-    report = asyncio.run(run_backtest(frames, RUN_CONFIG, name="run"))
+def whole_pipeline(frames, partitions: int = PARTITIONS) -> dict[str, float]:
+    report = asyncio.run(run_backtest(frames, RUN_CONFIG, name="run", partitions=partitions))
     return {
         "cpu_s": report.cpu_s,
         "wall_s": report.seconds,
@@ -78,6 +79,8 @@ def _owner(handle: asyncio.Handle) -> str:
         return "driver: frames through the feed, clock, drains"
     if name.startswith("TokenContext"):
         return "trading"  # its token views' writes to the store
+    if name.startswith("GroupCommit"):
+        return "keyed consumers' commits (encoding, the store's write)"
     if name.startswith("TokenMonitorThreadPool"):
         return "keyed consumers' worker pool"
     return "other tasks"
@@ -143,13 +146,19 @@ def main() -> None:
     parser.add_argument(
         "--by-service", action="store_true", help="also split the whole pipeline's CPU by service"
     )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=PARTITIONS,
+        help=f"the whole pipeline's partitions (default {PARTITIONS}, the backtest's)",
+    )
     args = parser.parse_args()
     frames = simulated_frames(args.seed, args.minutes)
     print(f"{len(frames):,} frames: {args.minutes:g} market minutes of seed {args.seed}")
     print(f"{'path':<16} {'frames/CPU s':>13} {'frames/wall s':>14} {'CPU s':>8} "
           f"{'scored':>8} {'entries':>8}")  # fmt: skip
     runs = (
-        ("whole pipeline", whole_pipeline(frames)),
+        ("whole pipeline", whole_pipeline(frames, args.partitions)),
         ("batch path", batch_path(frames, RUN_CONFIG["trading_min_score"])),
     )
     for name, r in runs:

@@ -61,7 +61,11 @@ from pumpflow.common.runtime.arguments import finite, positive
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
 SIM_START = 1_700_000_000.0
-PARTITIONS = 16
+#: one process on one core shares no partitions with replicas: one partition hands a
+#: service each market second's events as one delivery (16 split them into 3 deliveries
+#: a frame, a third of the run's CPU), and trading takes the tokens' predictions in the
+#: order they were made, not partition by partition
+PARTITIONS = 1
 #: market seconds between drains and timer firings
 TICK_S = 1.0
 #: ``pumpflow run``'s trading: the shipped model rarely scores above the service's 0.6
