@@ -497,13 +497,18 @@ class LabelTracker:
             packed or packer(len(values)).pack(*values),
         )
         # by release time, then as registered: a release takes the head of the list
-        if not items or items[-1].release <= release:
+        if not items:
             items.append(item)
+            tokens.next_release = release
+        elif items[-1].release <= release:
+            items.append(item)  # the usual case: the head stays
         else:
             at = len(items) - 1
             while at and items[at - 1].release > release:
                 at -= 1
             items.insert(at, item)
+            if not at:
+                tokens.next_release = release
         tokens.undecided += 1
         self._waiting += 1
         if len(items) > self.max_open:
@@ -514,8 +519,6 @@ class LabelTracker:
             if oldest.label != oldest.label:
                 tokens.undecided -= 1
             tokens.next_release = items[0].release
-        elif items[0] is item:
-            tokens.next_release = release
 
     def _set_definition(self, definition: LabelDefinition) -> None:
         self._definition = definition
