@@ -175,53 +175,58 @@ class TokenLabels(msgspec.Struct, array_like=True, gc=False):
     next_release: float = _INF
 
     def observe(self, time: float, price: float) -> None:
-        """The price a trade of the token left at event ``time``."""
+        """The price a trade of the token left at event ``time``: decide the labels it
+        decides, tighten the bounds to the others."""
         if not 0.0 < price < _INF:
             return
         if price >= self.lowest_up or price <= self.highest_down or time > self.first_close:
-            self._scan(price, time)
+            # scanned in place: a method call would cost about as much as the usual scan
+            lowest_up, highest_down, first_close = _INF, -_INF, _INF
+            decided = 0
+            left = self.undecided
+            # newest first: the undecided ones are mostly the newest, the oldest mostly
+            # decided and waiting for their release
+            for item in reversed(self.items):
+                if not left:
+                    break
+                if item.label == item.label:
+                    continue  # decided already
+                left -= 1
+                if item.up == _INF:
+                    # regression: a horizon that ended before this price is decided by
+                    # what came before it
+                    if item.horizon_end < time:
+                        item.label = self._outcome_so_far(item)
+                        decided += 1
+                        continue
+                    if item.horizon_end < first_close:
+                        first_close = item.horizon_end
+                elif price <= item.down:
+                    # a stop hit is a 0 whether or not the horizon passed
+                    item.label = 0.0
+                    decided += 1
+                elif price >= item.up:
+                    # a take profit is a 1 inside the horizon; after it, nothing was hit
+                    # in time
+                    item.label = 1.0 if time <= item.horizon_end else 0.0
+                    decided += 1
+                else:
+                    if item.up < lowest_up:
+                        lowest_up = item.up
+                    if item.down > highest_down:
+                        highest_down = item.down
+            if decided:
+                self.undecided -= decided
+            # a bound stored only when it moves: a store into the struct costs several
+            # times a read
+            if lowest_up != self.lowest_up:
+                self.lowest_up = lowest_up
+            if highest_down != self.highest_down:
+                self.highest_down = highest_down
+            if first_close != self.first_close:
+                self.first_close = first_close
         self.last_price = price
         self.observed += 1
-
-    def _scan(self, price: float, time: float) -> None:
-        """Decide the labels that the price at ``time`` decides; tighten the bounds to
-        the others."""
-        lowest_up, highest_down, first_close = _INF, -_INF, _INF
-        decided = 0
-        left = self.undecided
-        # newest first: the undecided ones are mostly the newest, the oldest mostly
-        # decided and waiting for their release
-        for item in reversed(self.items):
-            if not left:
-                break
-            if item.label == item.label:
-                continue  # decided already
-            left -= 1
-            if item.up == _INF:
-                # regression: a horizon that ended before this price is decided by what
-                # came before it
-                if item.horizon_end < time:
-                    item.label = self._outcome_so_far(item)
-                    decided += 1
-                    continue
-                if item.horizon_end < first_close:
-                    first_close = item.horizon_end
-            elif price <= item.down:
-                # a stop hit is a 0 whether or not the horizon passed
-                item.label = 0.0
-                decided += 1
-            elif price >= item.up:
-                # a take profit is a 1 inside the horizon; after it, nothing was hit in time
-                item.label = 1.0 if time <= item.horizon_end else 0.0
-                decided += 1
-            else:
-                if item.up < lowest_up:
-                    lowest_up = item.up
-                if item.down > highest_down:
-                    highest_down = item.down
-        if decided:
-            self.undecided -= decided
-        self.lowest_up, self.highest_down, self.first_close = (lowest_up, highest_down, first_close)
 
     def retire(self) -> int:
         """No more prices will come: decide the undecided labels now; how many."""
@@ -492,13 +497,18 @@ class LabelTracker:
             packed or packer(len(values)).pack(*values),
         )
         # by release time, then as registered: a release takes the head of the list
-        if not items or items[-1].release <= release:
+        if not items:
             items.append(item)
+            tokens.next_release = release
+        elif items[-1].release <= release:
+            items.append(item)  # the usual case: the head stays
         else:
             at = len(items) - 1
             while at and items[at - 1].release > release:
                 at -= 1
             items.insert(at, item)
+            if not at:
+                tokens.next_release = release
         tokens.undecided += 1
         self._waiting += 1
         if len(items) > self.max_open:
@@ -509,8 +519,6 @@ class LabelTracker:
             if oldest.label != oldest.label:
                 tokens.undecided -= 1
             tokens.next_release = items[0].release
-        elif items[0] is item:
-            tokens.next_release = release
 
     def _set_definition(self, definition: LabelDefinition) -> None:
         self._definition = definition

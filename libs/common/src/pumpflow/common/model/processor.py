@@ -64,6 +64,7 @@ CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
 RETIRING = ("inactive", "graduated")
 _INF = math.inf
+_NAN = math.nan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,7 +266,7 @@ class ModelProcessor:
         time = event.time
         now = effects.now
         tokens = state.labels
-        price = math.nan
+        price = _NAN
         live = data.feature_set_version == self.feature_set_version
         if live:
             if self.labels is not None:
@@ -286,8 +287,9 @@ class ModelProcessor:
             # a consumer running behind the market applies the prices of a horizon later
             # than it ends: a label released by the clock alone would be decided without
             # them
-            lag = now - time
-            state.lag = lag = math.ceil(lag) if lag > 0.0 else 0
+            lag = math.ceil(now - time) if now > time else 0
+            if lag != state.lag:
+                state.lag = lag  # a store into the struct costs several times a read
         else:
             lag = state.lag
         if tokens is not None and tokens.next_release + lag <= now:
