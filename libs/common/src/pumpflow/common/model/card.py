@@ -201,7 +201,7 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
     """
     out = np.array(rows, dtype=np.float32, copy=True, ndmin=2)
     finite = np.isfinite(out)
-    # a count of the finite values: a third of the time of a reduction to one bool
+    # a count of the finite values: a third to half the time of a reduction to one bool
     if np.count_nonzero(finite) != finite.size:
         out[~finite] = np.nan
     return out
@@ -222,11 +222,9 @@ def vector_rows(
     packed (little-endian float64) when each is its vector as sent (every vector's names
     ``order``; None otherwise)."""
     first = vectors[0].names
-    if first == order and (
-        # vectors of one features service share their names' tuple
-        all(map(operator.is_, map(_names_of, vectors), itertools.repeat(first)))
-        or all(v.names == order for v in vectors)
-    ):
+    # list.count compares by identity first: vectors of one features service share their
+    # names' tuple
+    if first == order and list(map(_names_of, vectors)).count(first) == len(vectors):
         # one pack a vector (struct's loop in C; np.array of the tuples costs twice
         # that, np.stack of vector_row's four times), whose bytes joined are the rows;
         # a vector of another length (or a value not a number) does not pack: as
