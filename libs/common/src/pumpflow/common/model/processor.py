@@ -208,6 +208,8 @@ class ModelProcessor:
         rows = 0
         prepared = self._prepared
         following = self.labels is not None
+        # the vectors a model prepared all at once: their ids are distinct
+        distinct: list[Event] | None = None
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
@@ -238,9 +240,29 @@ class ModelProcessor:
                 prepared.update(zip(ids, entries, strict=True))
                 if len(prepared) == before + count:
                     rows += count
+                    distinct = chosen
                     continue
                 for event_id in ids:  # an id twice among them: one by one, as below
                     prepared.pop(event_id, None)
+            elif chosen is distinct:
+                # the vectors an earlier model prepared all at once (a shadow arm's model,
+                # every token routed alike): each entry extended as below, in C
+                found = list(map(prepared.__getitem__, ids))
+                # this model's vector first when it packed them (the same bytes)
+                heads = entries if vectors is packed else found
+                prepared.update(
+                    zip(
+                        ids,
+                        map(
+                            operator.add,
+                            map(operator.add, map(_first, heads), map(_after_first, found)),
+                            map(_after_first, entries),
+                        ),
+                        strict=True,
+                    )
+                )
+                rows += count
+                continue
             for event_id, entry in zip(ids, entries, strict=True):
                 found = prepared.get(event_id)
                 if found is None:
@@ -474,6 +496,8 @@ _data_of = operator.attrgetter("data")
 _replace = msgspec.structs.replace
 _id_of = operator.attrgetter("id")
 _key_of = operator.attrgetter("key")
+_first = operator.itemgetter(slice(1))
+_after_first = operator.itemgetter(slice(1, None))
 
 
 def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
