@@ -340,3 +340,33 @@ def test_what_the_processor_holds_per_mint_levels_off_as_tokens_come_and_go(monk
     assert all(
         routes <= 64 and prepared == 0 and made_by == 1 for routes, prepared, made_by in held
     )
+
+
+def test_a_batch_scored_by_a_live_and_a_shadow_model_equals_scoring_each_alone(tmp_path):
+    """Every token routed alike to two models: each vector's prepared entry holds both
+    scores (and, labels followed, its vector), as each scores it alone."""
+    other = other_model(tmp_path)
+    arms = ArmTable(
+        [
+            Arm(name="control", model_id="entry"),
+            Arm(name="candidate", model_id="other", shadow=True),
+        ]
+    )
+    models = manager(other=other)
+    processor = ModelProcessor(models, arms, labels=LabelTracker())
+    mints = [base58_key(f"shadowed{i}") for i in range(16)]
+    events = [vector_event(m, START + i * 0.01, seq=i + 1) for i, m in enumerate(mints)]
+    assert processor.prepare(events, {}.get) == 2 * len(events)
+    for event in events:
+        entry = processor._prepared[event.id]
+        assert entry[0] is not None and entry[1::2] == ("entry", "other")
+    alone = ModelProcessor(manager(other=other), arms, labels=LabelTracker())
+    for event in events:
+        batched = Token(processor, event.key).step(event)
+        single = Token(alone, event.key).step(event)
+        assert [(p.arm, p.model_version) for p in batched] == [
+            (p.arm, p.model_version) for p in single
+        ]
+        assert [p.score for p in batched] == pytest.approx([p.score for p in single], abs=1e-6)
+    # nothing was scored again for the prepared vectors
+    assert [models.get_model_performance(m).served.batches for m in ("entry", "other")] == [1, 1]

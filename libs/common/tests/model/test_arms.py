@@ -123,3 +123,13 @@ def test_routes_looked_up_are_the_routes_placed_and_kept_within_bounds(monkeypat
         assert len(fresh.routes) <= 50
     # the same mints again, placed anew once forgotten, land alike
     assert [fresh.routes[m] for m in MINTS[:120]] == [AB.route(m) for m in MINTS[:120]]
+
+
+def test_a_route_shared_by_every_mint_is_the_route_each_mint_takes():
+    one_live = table(Arm(name="a", model_id="m"), Arm(name="s", model_id="n", shadow=True))
+    assert one_live.shared_route == (one_live.arm("a"), one_live.arm("s"))
+    assert all(one_live.route(mint) is one_live.shared_route for mint in MINTS[:50])
+    # a live arm of no weight takes no mint: the other one's route is every mint's
+    weighed = AB.with_weights({"treatment": 0.0})
+    assert weighed.shared_route == (weighed.arm("control"), weighed.arm("candidate"))
+    assert AB.shared_route is None

@@ -71,7 +71,17 @@ class _Placed(dict):
 class ArmTable:
     """Arms with weights; routes each mint to one live arm plus every shadow arm."""
 
-    __slots__ = ("_cuts", "_live", "_routes", "arms", "revision", "routes", "salt", "shadows")
+    __slots__ = (
+        "_cuts",
+        "_live",
+        "_routes",
+        "arms",
+        "revision",
+        "routes",
+        "salt",
+        "shadows",
+        "shared_route",
+    )
 
     def __init__(self, arms: Iterable[Arm], *, salt: str = DEFAULT_SALT, revision: int = 0):
         self.arms: tuple[Arm, ...] = tuple(arms)
@@ -104,6 +114,11 @@ class ArmTable:
         #: each mint's arms (``route``), placed on first use: ``routes[mint]`` is a
         #: dict's lookup once placed, where a call of ``route`` costs a Python call
         self.routes: Mapping[str, tuple[Arm, ...]] = _Placed(self._place)
+        #: every mint's arms when all share one route (a single live arm), else None: a
+        #: batch of mints is then routed without a lookup each
+        self.shared_route: tuple[Arm, ...] | None = (
+            self._routes[0] if len(self._routes) == 1 else None
+        )
 
     # ---------------------------------------------------------------- routing
 

@@ -19,6 +19,7 @@ import itertools
 import math
 import operator
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -200,12 +201,10 @@ def prepare_inputs(rows: np.ndarray) -> np.ndarray:
     """
     out = np.array(rows, dtype=np.float32, copy=True, ndmin=2)
     finite = np.isfinite(out)
-    if not _all(finite, axis=None):  # ndarray.all without its Python wrapper
+    # a count of the finite values: a third to half the time of a reduction to one bool
+    if np.count_nonzero(finite) != finite.size:
         out[~finite] = np.nan
     return out
-
-
-_all = np.logical_and.reduce
 
 
 def vector_row(names: Sequence[str], values: Sequence[float], order: Sequence[str]) -> np.ndarray:
@@ -223,11 +222,9 @@ def vector_rows(
     packed (little-endian float64) when each is its vector as sent (every vector's names
     ``order``; None otherwise)."""
     first = vectors[0].names
-    if first == order and (
-        # vectors of one features service share their names' tuple
-        all(map(operator.is_, map(_names_of, vectors), itertools.repeat(first)))
-        or all(v.names == order for v in vectors)
-    ):
+    # list.count compares by identity first: vectors of one features service share their
+    # names' tuple
+    if first == order and list(map(_names_of, vectors)).count(first) == len(vectors):
         # one pack a vector (struct's loop in C; np.array of the tuples costs twice
         # that, np.stack of vector_row's four times), whose bytes joined are the rows;
         # a vector of another length (or a value not a number) does not pack: as
@@ -244,13 +241,16 @@ def vector_rows(
 _names_of = operator.attrgetter("names")
 _values_of = operator.attrgetter("values")
 _PACKERS: dict[int, struct.Struct] = {}
+#: native order where it is little-endian, whose packs copy each value where ``<`` (the
+#: same bytes) converts it: a sixth less time a vector
+_LITTLE_ENDIAN = "@" if sys.byteorder == "little" else "<"
 
 
 def packer(size: int) -> struct.Struct:
     """The packer of ``size`` little-endian float64 (one per size, kept)."""
     found = _PACKERS.get(size)
     if found is None:
-        found = _PACKERS[size] = struct.Struct(f"<{size}d")
+        found = _PACKERS[size] = struct.Struct(f"{_LITTLE_ENDIAN}{size}d")
     return found
 
 

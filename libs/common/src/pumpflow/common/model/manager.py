@@ -162,9 +162,9 @@ class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
     path: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScoredBatch:
-    """Scores of a batch of rows and the model version that made them."""
+class ScoredBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Scores of a batch of rows and the model version that made them (a struct: made
+    in a tenth of a frozen dataclass's time, once a model call)."""
 
     card: ModelCard
     scores: np.ndarray
