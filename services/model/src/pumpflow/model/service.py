@@ -635,13 +635,10 @@ class ModelService(Service):
 
     # ---------------------------------------------------------------- per delivery
 
-    def _held(self, mint: str) -> ScoringState | None:
-        return self.consumer.state(mint)
-
     def _prepare(self, events: Sequence[Event]) -> None:
         """Score a delivery's vectors ahead in one call per model; feed the drift monitors."""
         try:
-            self.processor.prepare(events, self._held)
+            self.processor.prepare(events, self.consumer.state)
             if self.drift:
                 self._observe_drift(events)
         except Exception:
