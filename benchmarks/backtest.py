@@ -86,7 +86,7 @@ def _owner(handle: asyncio.Handle) -> str:
     return "other tasks"
 
 
-def by_service(frames) -> tuple[Counter, float]:
+def by_service(frames, partitions: int = PARTITIONS) -> tuple[Counter, float]:
     """The whole pipeline's CPU seconds by service, and the run's own CPU seconds."""
     spent: Counter = Counter()
     run = asyncio.events.Handle._run
@@ -100,7 +100,7 @@ def by_service(frames) -> tuple[Counter, float]:
 
     asyncio.events.Handle._run = timed
     try:
-        report = asyncio.run(run_backtest(frames, RUN_CONFIG, name="run"))
+        report = asyncio.run(run_backtest(frames, RUN_CONFIG, name="run", partitions=partitions))
     finally:
         asyncio.events.Handle._run = run
     return spent, report.cpu_s
@@ -167,7 +167,7 @@ def main() -> None:
             f"{r['cpu_s']:>8.2f} {r['predictions']:>8,} {r['entries']:>8,}"
         )
     if args.by_service:
-        spent, cpu_s = by_service(frames)
+        spent, cpu_s = by_service(frames, args.partitions)
         total = sum(spent.values())
         print(f"\nwhole pipeline by service: {total:.2f} CPU s in event-loop callbacks "
               f"(the run: {cpu_s:.2f}, both timed by callback)")  # fmt: skip
