@@ -215,7 +215,8 @@ class RedisStateStore(StateStore):
         self._client = client if client is not None else redis.Redis.from_url(url)
         self._owns_client = client is None
         if self._owns_client:
-            # a caller's client is used as given: its own commands are its own business
+            # a caller's client packs as its caller set it up: its own commands are its
+            # own business (the store only counts the connections the client opens)
             _packing_with_hiredis(self._client.connection_pool)
         self._extend_if_equal = self._client.register_script(_EXTEND_IF_EQUAL)
         self._delete_if_equal = self._client.register_script(_DELETE_IF_EQUAL)
