@@ -216,6 +216,12 @@ def test_a_setting_no_service_has_is_refused(dataset):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])
 
 
+@pytest.mark.parametrize("key", ["partitions", "transport", "service"])
+def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key):
+    with pytest.raises(SystemExit, match=f"{key!r} is the backtest's own"):
+        main(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"])
+
+
 def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
     with pytest.raises(SystemExit, match=r"configuration 'strict': .*TRADING_MIN_SCORE.*less than"):
         main(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",

@@ -10,10 +10,10 @@ The stream is raw PumpPortal frames with their arrival times, from one of:
 Each frame goes to the feed's per-frame path (what its socket reader calls: decode,
 validation, auto-subscription, dedup, per-mint seq), then features, activity, model,
 trading (paper) and exit, one process, the queued in-memory bus and the in-process
-store, as ``pumpflow run`` wires them. The clock is a ReplayClock at each frame's
-arrival time; every market second the bus is drained, then the clock fires the due
-timers (trading's fills and breakers, the exit rules, activity's quiet timers) and the
-bus is drained again: every event is handled before the clock passes the next market
+store, as ``pumpflow run`` wires them but on one partition (no replica shares them).
+The clock is a ReplayClock at each frame's arrival time; every market second the bus
+is drained, then the clock fires the due timers (trading's fills and breakers, the
+exit rules, activity's quiet timers) and the bus is drained again: every event is handled before the clock passes the next market
 second, so every decision sees the market as it would live, and the same stream gives
 the same report.
 
@@ -72,6 +72,8 @@ TICK_S = 1.0
 RUN_CONFIG: dict[str, Any] = {"trading_min_score": RUN_MIN_SCORE, **RUN_SETTINGS}
 #: the services a configuration may set
 CONFIGURABLE = ("trading", "exit", "model")
+#: settings every service has that the backtest sets itself
+RUN_OWN = ("service", "transport", "partitions")
 DRAIN_S = 600.0
 
 Frames = Sequence[tuple[float, bytes]]
@@ -138,6 +140,11 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     classes = configurable_settings()
     routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for key, value in config.items():
+        if key in RUN_OWN:
+            raise ValueError(
+                f"{key!r} is the backtest's own: one process, the in-memory bus, "
+                f"{PARTITIONS} partition{'s' if PARTITIONS != 1 else ''}"
+            )
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
         if not owners:
             raise ValueError(f"no setting {key!r} in {', '.join(CONFIGURABLE)}")
