@@ -10,12 +10,12 @@ The stream is raw PumpPortal frames with their arrival times, from one of:
 Each frame goes to the feed's per-frame path (what its socket reader calls: decode,
 validation, auto-subscription, dedup, per-mint seq), then features, activity, model,
 trading (paper) and exit, one process, the queued in-memory bus and the in-process
-store, as ``pumpflow run`` wires them but on one partition (no replica shares them).
-The clock is a ReplayClock at each frame's arrival time; every market second the bus
-is drained, then the clock fires the due timers (trading's fills and breakers, the
-exit rules, activity's quiet timers) and the bus is drained again: every event is handled before the clock passes the next market
-second, so every decision sees the market as it would live, and the same stream gives
-the same report.
+store, as ``pumpflow run`` wires them but on one partition (no replica shares them). The
+clock is a ReplayClock at each frame's arrival time; every market second the bus is
+drained, then the clock fires the due timers (trading's fills and breakers, the exit
+rules, activity's quiet timers) and the bus is drained again: every event is handled
+before the clock passes the next market second, so every decision sees the market as it
+would live, and the same stream gives the same report.
 
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes, any setting of trading, exit or model
