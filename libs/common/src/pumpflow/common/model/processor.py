@@ -62,10 +62,9 @@ from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLa
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: lifecycle states that retire a token here: nothing of it is scored any more
-RETIRING = ("inactive", "graduated")
-#: the same as a set: a lifecycle of None (none seen yet) is found absent by its hash, where
-#: the tuple compares None with each state in turn
-_RETIRING = frozenset(RETIRING)
+#: (a set: a lifecycle of None, none seen yet, is found absent by its hash, where a tuple
+#: would compare None with each state in turn)
+RETIRING = frozenset(("inactive", "graduated"))
 _INF = math.inf
 _NAN = math.nan
 
@@ -178,7 +177,7 @@ class ModelProcessor:
             and (
                 (state := held(mint)) is None
                 or not (
-                    state.lifecycle in _RETIRING
+                    state.lifecycle in RETIRING
                     or (state.scored and event.time - state.last_scored < interval)
                 )
             )
@@ -209,8 +208,6 @@ class ModelProcessor:
         rows = 0
         prepared = self._prepared
         following = self.labels is not None
-        # the vectors a model prepared all at once: their ids are distinct
-        distinct: list[Event] | None = None
         for model_id, chosen in by_model.items():
             try:
                 card = self.manager.card(model_id)
@@ -224,13 +221,13 @@ class ModelProcessor:
                 raise ValueError(f"{len(scores)} scores for {count} vectors")
             # the rows are the vectors as sent: a label keeps its row's bytes
             vectors = packed if following and packed is not None else [None] * count
-            score = (batch.card, batch.seconds / count)
+            share = batch.seconds / count
             # one entry a vector: its packed values, the model id, (card, score, seconds)
             entries = list(
                 zip(
                     vectors,
                     repeat(model_id, count),
-                    zip(repeat(score[0], count), scores, repeat(score[1], count), strict=True),
+                    zip(repeat(batch.card, count), scores, repeat(share, count), strict=True),
                     strict=True,
                 )
             )
@@ -241,29 +238,9 @@ class ModelProcessor:
                 prepared.update(zip(ids, entries, strict=True))
                 if len(prepared) == before + count:
                     rows += count
-                    distinct = chosen
                     continue
                 for event_id in ids:  # an id twice among them: one by one, as below
                     prepared.pop(event_id, None)
-            elif chosen is distinct:
-                # the vectors an earlier model prepared all at once (a shadow arm's model,
-                # every token routed alike): each entry extended as below, in C
-                found = list(map(prepared.__getitem__, ids))
-                # this model's vector first when it packed them (the same bytes)
-                heads = entries if vectors is packed else found
-                prepared.update(
-                    zip(
-                        ids,
-                        map(
-                            operator.add,
-                            map(operator.add, map(_first, heads), map(_after_first, found)),
-                            map(_after_first, entries),
-                        ),
-                        strict=True,
-                    )
-                )
-                rows += count
-                continue
             for event_id, entry in zip(ids, entries, strict=True):
                 found = prepared.get(event_id)
                 if found is None:
@@ -498,8 +475,6 @@ _data_of = operator.attrgetter("data")
 _replace = msgspec.structs.replace
 _id_of = operator.attrgetter("id")
 _key_of = operator.attrgetter("key")
-_first = operator.itemgetter(slice(1))
-_after_first = operator.itemgetter(slice(1, None))
 
 
 def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
