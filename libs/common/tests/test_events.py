@@ -9,9 +9,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from pumpflow.common import events as events_module
 from pumpflow.common.events import (
+    SHARED_VALUES_KEPT,
     Event,
     EventValidationError,
+    FeaturesUpdated,
     Payload,
     TokenCreated,
     TokenMigrated,
@@ -21,6 +24,7 @@ from pumpflow.common.events import (
     encode_event,
     encode_payload,
     make_event,
+    register,
     registered,
     schema_for,
     source_service,
@@ -303,3 +307,54 @@ def test_event_ids_are_unique_hex_and_a_forked_child_numbers_apart():
     os.close(read)
     os.close(write)
     assert child[:16] != ids[0][:16] and child not in ids
+
+
+def _vector(mint: str, names: tuple[str, ...]) -> Event:
+    return make_event(
+        FeaturesUpdated(
+            mint=mint,
+            feature_set_version="v1",
+            source_seq=1,
+            names=names,
+            values=tuple(float(i) for i in range(len(names))),
+        ),
+        source="features/r1",
+        time=1.0,
+    )
+
+
+def test_decoded_vectors_of_one_feature_set_share_their_names():
+    names = ("price", "volume_60s", "buyers_60s")
+    events = [decode_event(encode_event(_vector(f"mint-{i}", names))) for i in range(3)]
+    payloads = [decode_payload("features.updated", 1, encode_payload(e.data)) for e in events]
+    shared = events[0].data.names
+    assert shared == names
+    assert all(v.data.names is shared for v in events)
+    assert all(p.names is shared for p in payloads)
+    # another feature set's vectors keep their own names, and share them in turn
+    other = ("price", "sellers_60s")
+    a, b, c = (decode_event(encode_event(_vector("m", n))) for n in (other, names, other))
+    assert a.data.names == other and c.data.names is a.data.names
+    assert b.data.names is shared
+    assert [e.data for e in events] == [_vector(f"mint-{i}", names).data for i in range(3)]
+
+
+def test_shared_values_kept_are_bounded_and_stay_correct():
+    sets = [(f"feature_{i}", "price") for i in range(SHARED_VALUES_KEPT * 2 + 3)]
+    for _ in range(2):
+        for names in sets:
+            back = decode_event(encode_event(_vector("m", names)))
+            assert back.data.names == names
+    assert len(events_module._shared_values._kept) <= SHARED_VALUES_KEPT
+
+
+def test_only_fields_of_strings_can_be_shared():
+    class Amounts(Payload, frozen=True, kw_only=True):
+        TYPE = "test.amounts"
+        SHARED_FIELDS = ("amounts",)
+        mint: str
+        amounts: tuple[float, ...]
+
+    with pytest.raises(ValueError, match="'amounts' is not a field of strings"):
+        register(Amounts)
+    assert ("test.amounts", 1) not in registered()
