@@ -47,8 +47,8 @@ registered is dropped and counted beyond that). A price that decides nothing cos
 comparisons against the token's bounds (the lowest take-profit price, the highest stop
 price, the earliest horizon end of a regression label); one that decides some scans
 the token's list, O(k) for its k waiting labels. The scoring policy follows a token
-at most once per ``label_interval_s`` (5 s), so k is at most (horizon + grace) /
-interval per arm (25 at 120 s); a release is one pass over the token's list too, once
+at most once per ``label_interval_s`` (10 s), so k is at most (horizon + grace) /
+interval per arm (13 at 120 s); a release is one pass over the token's list too, once
 per release step that has labels of the token.
 
 :class:`RollingPerformance` keeps the last ``window`` released labels of each model
@@ -84,7 +84,7 @@ from pumpflow.common.model.metrics import (
 #: a bus delivers a price within this long of its event time
 DEFAULT_GRACE_S = 2.0
 #: labels a token keeps waiting at most: 20 arms' worth at one label every 5 s over a
-#: 120 s horizon (and its grace)
+#: 120 s horizon (and its grace), twice the scoring policy's rate
 DEFAULT_MAX_OPEN = 512
 #: labels due within this much of each other are released together, at the later time
 DEFAULT_RELEASE_STEP_S = 0.25
