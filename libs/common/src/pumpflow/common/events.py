@@ -452,7 +452,7 @@ SHARED_VALUES_KEPT = 256
 
 class _SharedValues:
     """One object for each value of a shared field, checked against the last one first:
-    an equal tuple compares in a third of the time of hashing its fresh strings."""
+    a lookup among those kept would hash the fresh strings, then compare them as well."""
 
     __slots__ = ("_kept", "_last")
 

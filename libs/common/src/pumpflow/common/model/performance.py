@@ -83,8 +83,8 @@ from pumpflow.common.model.metrics import (
 
 #: a bus delivers a price within this long of its event time
 DEFAULT_GRACE_S = 2.0
-#: labels a token keeps waiting at most: 20 arms' worth at one label every 5 s over a
-#: 120 s horizon (and its grace), twice the scoring policy's rate
+#: labels a token keeps waiting at most: about 40 arms' worth at the scoring policy's one
+#: label every 10 s over a 120 s horizon (and its grace)
 DEFAULT_MAX_OPEN = 512
 #: labels due within this much of each other are released together, at the later time
 DEFAULT_RELEASE_STEP_S = 0.25
