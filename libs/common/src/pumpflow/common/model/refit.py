@@ -25,9 +25,9 @@ class RefitPolicy:
 
     - ``every_labels`` (20,000) labels of the model were stored since its last refit
       (by any replica: the count is the store's). The policy follows a token at most
-      once per 5 s, so the live market's few dozen active tokens give some 5-20 labels
-      a second: a refit every 20 minutes to an hour, each seeing a tenth of its window
-      new.
+      once per 10 s, so the live market's few dozen active tokens give some 3-10 labels
+      a second: a refit every 35 minutes to two hours, each seeing a tenth of its
+      window new.
     - ``min_interval_s`` (1,800 s) passed since the model's last refit. A refit of the
       window takes tens of seconds of one core (LightGBM's 120 trees on up to 200,000
       rows, then the ONNX check), under 2% of a core at this pace, on a thread beside
@@ -50,10 +50,10 @@ class RefitPolicy:
     shrink the error by up to sqrt(10), so the margin is conservative there; a gain
     under 0.01 AUC is worth little to an entry signal against a swap's cost.
 
-    ``window_rows`` (200,000): the newest rows refitted on, about 3 to 11 hours of labels
-    at the rates above: recent for a market whose tokens live minutes, and 46 MB of
-    features (29 doubles a row) in memory while refitting. ``check_s`` (30 s): how often
-    the service asks the store; a count over an index, cheap.
+    ``window_rows`` (200,000): the newest rows refitted on, about 5.5 to 18.5 hours of
+    labels at the rates above: the same day's market, and 46 MB of features (29 doubles
+    a row) in memory while refitting. ``check_s`` (30 s): how often the service asks the
+    store; a count over an index, cheap.
 
     ``keep_refits`` (10): a model's newest stored refits kept after each refit; older
     ones are pruned (:meth:`prunable`), but never one whose model a serving names (a
@@ -61,7 +61,7 @@ class RefitPolicy:
     swapped-in refit is stored with its model (the shipped one: 128 KB of ONNX and a
     20 KB card) and written to the refitting replica's disk; at most one refit per
     ``min_interval_s`` makes up to 48 a day, 7 MB a day and 2.6 GB a year of each model
-    never freed. Ten cover the last 5 hours of refits at the least (5-10 hours at the
+    never freed. Ten cover the last 5 hours of refits at the least (6-19 hours at the
     label rates above): the recent decisions with their scores to compare, and the
     models swapped in lately to go back to by hand (``POST /models`` with a kept file)
     once a swap shows worse in the live figures, which the alert on them tells within
