@@ -636,18 +636,23 @@ def encode_payload(payload: Payload) -> bytes:
     return _encoder.encode(payload)
 
 
-def decode_payload(event_type: str, version: int, raw: bytes | str) -> Payload:
-    """Decode and validate one payload of a known type and version."""
-    schema_for(event_type, version)
-    ident = (event_type, version)
-    try:
-        payload = _DECODERS[ident].decode(raw)
-    except msgspec.MsgspecError as exc:
-        raise validation_error(exc, prefix="", event_type=event_type) from None
+def _decode_data(ident: tuple[str, int], raw: bytes | str) -> Payload:
+    """The payload of a registered schema from ``raw``, its shared fields the values
+    kept; msgspec's errors raised as they are."""
+    payload = _DECODERS[ident].decode(raw)
     shared = _SHARED_FIELDS.get(ident)
     if shared is not None:
         _shared_values.share(payload, shared)
     return payload
+
+
+def decode_payload(event_type: str, version: int, raw: bytes | str) -> Payload:
+    """Decode and validate one payload of a known type and version."""
+    schema_for(event_type, version)
+    try:
+        return _decode_data((event_type, version), raw)
+    except msgspec.MsgspecError as exc:
+        raise validation_error(exc, prefix="", event_type=event_type) from None
 
 
 def decode_event(raw: bytes | str) -> Event:
@@ -659,12 +664,9 @@ def decode_event(raw: bytes | str) -> Event:
     ident = (wire.type, wire.version)
     schema_for(*ident)
     try:
-        data = _DECODERS[ident].decode(wire.data)
+        data = _decode_data(ident, wire.data)
     except msgspec.MsgspecError as exc:
         raise validation_error(exc, prefix="data", event_type=wire.type) from None
-    shared = _SHARED_FIELDS.get(ident)
-    if shared is not None:
-        _shared_values.share(data, shared)
     return Event(
         id=wire.id,
         type=wire.type,
