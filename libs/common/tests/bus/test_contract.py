@@ -764,6 +764,40 @@ async def test_stopping_waits_for_every_handler_in_flight(bus, service, stop):
         assert finished == [1, 2, 3]
 
 
+async def test_a_drain_when_consuming_stops_waits_for_running_handlers_only(bus, service):
+    """A drain waiting for queued events when consuming stops ends once the handlers
+    running return: what stays queued has nobody to handle it until consuming starts."""
+    gate = asyncio.Event()
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handler(event: Event) -> None:
+        started.append(event.seq)
+        async with asyncio.timeout(10):
+            await gate.wait()
+        finished.append(event.seq)
+
+    key = "mintD"
+    subscription = Subscription(
+        service=service, patterns=("token.*",), handler=handler, window=1, partitions=()
+    )
+    await bus.subscribe(subscription)
+    await bus.consume_partitions(subscription, [partition_of(key, bus.partitions)])
+    for seq in range(1, 4):
+        await bus.publish(trade_event(key, seq))
+    await eventually(lambda: started == [1], what="the first handler running")
+    draining = asyncio.create_task(bus.drain(timeout=10))
+    stopping = asyncio.create_task(bus.stop_consuming())
+    for _ in range(10):  # both have begun before the handler may return
+        await asyncio.sleep(0)
+    assert not draining.done()
+    gate.set()
+    await asyncio.wait_for(stopping, 10)
+    # well before the drain's own timeout: it waits for nothing that could still come
+    assert await asyncio.wait_for(draining, 5) is True
+    assert finished == [1]
+
+
 async def test_deliveries_of_a_window_handed_back_come_again_in_their_order(bus, service):
     """Handlers of a window waiting for a dependency when their partition is released
     hand their events back (the first to wait is the first to return): the next

@@ -289,6 +289,8 @@ class InMemoryBus(EventBus):
         self._started = False
         #: False after stop_consuming/close: workers take nothing new, publish still queues
         self._consuming = True
+        #: set while consuming is stopped: a drain waiting for the queues waits no more
+        self._stopped = asyncio.Event()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -296,6 +298,7 @@ class InMemoryBus(EventBus):
         if not self._started or not self._consuming:
             self._started = True
             self._consuming = True
+            self._stopped.clear()
             for group in self._groups.values():
                 for lane in group.lanes():
                     lane.dispatcher.resume()
@@ -311,6 +314,7 @@ class InMemoryBus(EventBus):
     async def stop_consuming(self) -> None:
         """Stop the workers once the handlers they started returned; queued events stay."""
         self._consuming = False
+        self._stopped.set()
         workers = []
         for group in self._groups.values():
             for lane in group.lanes():
@@ -341,18 +345,30 @@ class InMemoryBus(EventBus):
         }
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
-        """Wait until everything queued is handled; once consuming stopped, what is running."""
+        """Wait until everything queued is handled; once consuming stopped (before the wait
+        or during it), until what is running returned."""
         try:
             async with asyncio.timeout(timeout):
                 if self._consuming:
-                    await self._idle.wait()
-                else:
+                    await self._idle_or_stopped()
+                if not self._consuming:
                     for group in self._groups.values():
                         for lane in group.lanes():
                             await lane.idle.wait()
         except TimeoutError:
             return False
         return True
+
+    async def _idle_or_stopped(self) -> None:
+        """Return once nothing is pending or consuming stops, whichever comes first."""
+        if self._idle.is_set():
+            return
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._idle, self._stopped)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     # ---------------------------------------------------------------- subscribing
 
