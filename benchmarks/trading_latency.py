@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import tempfile
@@ -459,6 +460,44 @@ def cpu_lines(step: Step, span: float, servers: dict[str, int]) -> list[str]:
     return lines
 
 
+#: the broker's own counts (RabbitMQ 3.10+): messages published to it, and delivered
+#: from its classic queues, the queues every service consumes
+BROKER_COUNTS = (
+    "G = rabbit_global_counters:overview(), "
+    "{maps:get(messages_received_total, maps:get([{protocol,amqp091}], G)), "
+    "maps:get(messages_delivered_total, "
+    "maps:get([{protocol,amqp091},{queue_type,rabbit_classic_queue}], G))}."
+)
+
+
+def broker_counts(broker: RabbitMQInstance | None) -> tuple[float, int, int] | None:
+    """When, and how many messages the run's own broker took in and delivered; None for
+    the shared broker (no node of the run's own to ask) or an answer it cannot read."""
+    if broker is None:
+        return None
+    began = time.time()
+    done = broker.ctl("eval", BROKER_COUNTS)
+    numbers = done.stdout.strip().strip("{}").split(",")
+    if done.returncode != 0 or len(numbers) != 2 or not all(n.isdigit() for n in numbers):
+        return None
+    # the counters are read some time during the call: its middle is the best guess
+    return (began + time.time()) / 2, int(numbers[0]), int(numbers[1])
+
+
+def broker_line(before: tuple | None, after: tuple | None, trades: float) -> str:
+    """Messages a second through the broker over the window, and a trade event."""
+    if before is None or after is None or after[0] <= before[0]:
+        return "broker messages: not counted (only a broker of the run's own, --own-servers)"
+    span = after[0] - before[0]
+    published = (after[1] - before[1]) / span
+    delivered = (after[2] - before[2]) / span
+    per_trade = (
+        f" ({published / trades:.2f} and {delivered / trades:.2f} a trade event)" if trades else ""
+    )
+    return (f"broker messages: {published:,.0f} published and {delivered:,.0f} delivered a "
+            f"second{per_trade}")  # fmt: skip
+
+
 async def wait_ready(procs: ProcessStack, ports: dict[str, int], within: float = 90.0) -> None:
     deadline = time.monotonic() + within
     while True:
@@ -550,6 +589,8 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
         sched_before: dict[str, tuple[int, int, int]] = {}
         sched_after: dict[str, tuple[int, int, int]] = {}
         cpu_before: dict[str, float] = {}
+        counts_before = counts_after = None
+        count_broker = functools.partial(asyncio.to_thread, broker_counts, args.broker)
         while time.time() < window[1] + args.settle:
             await asyncio.sleep(args.sample)
             now = time.time()
@@ -558,10 +599,12 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 backlog.append((now, float(sum(sampled.values()))))
                 step.loads.append(os.getloadavg()[0])
                 if before is None:
+                    counts_before = asyncio.create_task(count_broker())
                     cpu_before = process_cpu(procs, args.servers)
                     before, before_at = await metrics_text(ports), time.time()
                     sched_before = schedstats(procs)
             elif now > window[1] and after is None:
+                counts_after = asyncio.create_task(count_broker())
                 cpu_after = process_cpu(procs, args.servers)
                 after, after_at = await metrics_text(ports), time.time()
                 sched_after = schedstats(procs)
@@ -640,6 +683,11 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
             describe_scheduling(sched_before, sched_after, max(after_at - before_at, 1e-9)),
             describe("receipt to prediction", to_prediction),
             *cpu_lines(step, span, args.servers),
+            broker_line(
+                counts_before and await counts_before,
+                counts_after and await counts_after,
+                step.trades_per_s,
+            ),
         ]
         step.lines.append(
             "keeps up" if not step.reasons else "falls behind: " + "; ".join(step.reasons)
@@ -682,12 +730,14 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
 async def run(args: argparse.Namespace) -> None:
     args.amqp_url, args.redis_url, args.postgres_dsn = AMQP_URL, REDIS_URL, POSTGRES_DSN
     args.servers = {}
+    args.broker = None
     servers: list[ServerInstance] = []
     if args.own_servers:
         servers = [RabbitMQInstance(), RedisInstance(), PostgresInstance()]
         for server in servers:
             await asyncio.to_thread(server.start)
         rabbitmq, redis_server, postgres = servers
+        args.broker = rabbitmq
         args.amqp_url, args.redis_url = rabbitmq.url, redis_server.url
         args.postgres_dsn = postgres.dsn
         args.servers = {s.name: s._process.pid for s in servers if s._process is not None}
