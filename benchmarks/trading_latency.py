@@ -66,6 +66,7 @@ import asyncio
 import functools
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -472,11 +473,14 @@ BROKER_COUNTS = (
 
 def broker_counts(broker: RabbitMQInstance | None) -> tuple[float, int, int] | None:
     """When, and how many messages the run's own broker took in and delivered; None for
-    the shared broker (no node of the run's own to ask) or an answer it cannot read."""
+    the shared broker (no node of the run's own to ask) or a call that failed."""
     if broker is None:
         return None
     began = time.time()
-    done = broker.ctl("eval", BROKER_COUNTS)
+    try:
+        done = broker.ctl("eval", BROKER_COUNTS)
+    except (OSError, subprocess.SubprocessError):  # a CLI that hangs or cannot start
+        return None
     numbers = done.stdout.strip().strip("{}").split(",")
     if done.returncode != 0 or len(numbers) != 2 or not all(n.isdigit() for n in numbers):
         return None
