@@ -488,7 +488,7 @@ def broker_counts(broker: RabbitMQInstance | None) -> tuple[float, int, int] | N
     return (began + time.time()) / 2, int(numbers[0]), int(numbers[1])
 
 
-def broker_line(before: tuple | None, after: tuple | None, trades: float) -> str:
+def broker_line(before: tuple | None, after: tuple | None, trades_per_s: float) -> str:
     """Messages a second through the broker over the window, and a trade event."""
     if before is None or after is None or after[0] <= before[0]:
         return "broker messages: not counted (only a broker of the run's own, --own-servers)"
@@ -496,7 +496,9 @@ def broker_line(before: tuple | None, after: tuple | None, trades: float) -> str
     published = (after[1] - before[1]) / span
     delivered = (after[2] - before[2]) / span
     per_trade = (
-        f" ({published / trades:.2f} and {delivered / trades:.2f} a trade event)" if trades else ""
+        f" ({published / trades_per_s:.2f} and {delivered / trades_per_s:.2f} a trade event)"
+        if trades_per_s
+        else ""
     )
     return (f"broker messages: {published:,.0f} published and {delivered:,.0f} delivered a "
             f"second{per_trade}")  # fmt: skip

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.clock import ReplayClock, WallClock, first_of
+from pumpflow.common.testing import eventually
 
 
 async def test_replay_timers_fire_in_time_order_with_ties_in_scheduling_order():
@@ -153,3 +154,19 @@ async def test_unawaited_replay_timers_run_their_effects_beside_the_caller():
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert done == [-2.0, 3.0]
+
+
+async def test_first_of_returns_with_the_first_wait_and_ends_the_others():
+    first, never = asyncio.Event(), asyncio.Event()
+    others: list[asyncio.Task] = []
+
+    async def watched() -> None:
+        others.append(asyncio.current_task())
+        await never.wait()
+
+    waiting = asyncio.create_task(first_of(first.wait(), watched()))
+    await eventually(lambda: others, what="both waits begun")
+    assert not waiting.done()
+    first.set()
+    await asyncio.wait_for(waiting, 5)
+    assert others[0].cancelled()

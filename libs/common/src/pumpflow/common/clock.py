@@ -2,6 +2,7 @@
 
 ``WallClock`` is for live runs; ``ReplayClock`` is driven by event time, so a replay
 takes the same decisions as the live run it reproduces. Timers fire in time order.
+:func:`first_of` waits for whichever of several waits ends first.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ class Clock(ABC):
     def monotonic(self) -> float:
         """Return a monotonic reading for measuring durations."""
         return self.now()
+
+
+async def first_of(*waits: Awaitable[object]) -> None:
+    """Return once the first of ``waits`` is done; cancel the others and let them end.
+
+    What the first one raised or returned is dropped: the caller looks at what it waited
+    for (a flag, the time) afterwards.
+    """
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _run_callback(callback: TimerCallback) -> Awaitable[None] | None:

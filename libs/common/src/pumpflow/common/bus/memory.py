@@ -51,6 +51,7 @@ from pumpflow.common.bus.dispatch import (
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import DEFAULT_PARTITIONS, partition_of, routing_key_for
+from pumpflow.common.clock import first_of
 from pumpflow.common.events import Event, encode_event, source_service
 
 log = logging.getLogger(__name__)
@@ -349,8 +350,9 @@ class InMemoryBus(EventBus):
         or during it), until what is running returned."""
         try:
             async with asyncio.timeout(timeout):
-                if self._consuming:
-                    await self._idle_or_stopped()
+                if self._consuming and not self._idle.is_set():
+                    # consuming may stop meanwhile: what is queued then waits for nobody
+                    await first_of(self._idle.wait(), self._stopped.wait())
                 if not self._consuming:
                     for group in self._groups.values():
                         for lane in group.lanes():
@@ -358,17 +360,6 @@ class InMemoryBus(EventBus):
         except TimeoutError:
             return False
         return True
-
-    async def _idle_or_stopped(self) -> None:
-        """Return once nothing is pending or consuming stops, whichever comes first."""
-        if self._idle.is_set():
-            return
-        waits = [asyncio.ensure_future(e.wait()) for e in (self._idle, self._stopped)]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
 
     # ---------------------------------------------------------------- subscribing
 

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from pumpflow.common.clock import Clock
+from pumpflow.common.clock import Clock, first_of
 from pumpflow.common.curve import CurveState
 from pumpflow.common.events import (
     Event,
@@ -516,16 +516,7 @@ class GracefulExitManager:
     async def _wait_for_change(self, when: float) -> None:
         """Wait until ``when``, or until a rule's sale settles."""
         self._changed.clear()
-        waits = [
-            asyncio.ensure_future(self._wait_until(when)),
-            asyncio.ensure_future(self._changed.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of(self._wait_until(when), self._changed.wait())
 
     async def _wait_on_clock(self, when: float) -> None:
         reached = asyncio.get_running_loop().create_future()
