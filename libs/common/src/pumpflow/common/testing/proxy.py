@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 from typing import Self
 
+from pumpflow.common.clock import first_of
+
 _CHUNK = 64 * 1024
 
 
@@ -92,11 +94,8 @@ class TcpProxy:
         }
         self._pumps |= pumps
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await first_of(*pumps)
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
             self._pumps -= pumps
             _abort(client_out)
             _abort(server_out)
