@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
 import pytest
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import DataError
@@ -65,6 +66,7 @@ async def test_a_tls_url_keeps_its_connection_kind():
         {f"f{i}": i for i in range(600)},
         {"a": 1.5, "b": True, "c": b"x", "d": "s"},
         {f"f{i}": i % 3 == 0 for i in range(300)},
+        {"a": np.float64(0.25), "b": 2, "c": np.int32(-1)},
         {},
     ],
 )

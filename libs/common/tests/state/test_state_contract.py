@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from pumpflow.common.clock import ReplayClock, WallClock
@@ -105,6 +107,43 @@ async def test_hash_fields_come_back_as_bytes_in_their_str_spelling(harness):
     }
     assert await store.hgetall("h2") == {"x": b"-7"}
     assert await store.hgetall("missing") == {}
+
+
+async def test_a_number_of_another_type_comes_back_as_the_plain_numbers_digits(harness):
+    """numpy's scalars, an IntEnum's member, a float's subclass: stored as the int or
+    float they equal, never as their repr (``np.float64(0.1)``, ``<Level.HIGH: 3>``)."""
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Price(float):
+        pass
+
+    store = harness.store
+    await store.hset_many(
+        {
+            "h": {
+                "f64": np.float64(0.1),
+                "f32": np.float32(0.5),
+                "i64": np.int64(-3),
+                "u8": np.uint8(200),
+                "level": Level.HIGH,
+                "price": Price(2.5),
+                "plain": 1.5,
+                "text": bytearray(b"ab"),
+            }
+        }
+    )
+    assert await store.hgetall("h") == {
+        "f64": b"0.1",
+        "f32": b"0.5",
+        "i64": b"-3",
+        "u8": b"200",
+        "level": b"3",
+        "price": b"2.5",
+        "plain": b"1.5",
+        "text": b"ab",
+    }
 
 
 async def test_hset_many_merges_fields_into_existing_hashes(harness):

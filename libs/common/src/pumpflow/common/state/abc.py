@@ -6,17 +6,39 @@ Values are bytes (hash fields: bytes, str or numbers in, bytes out).
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 HashValue = bytes | str | int | float
 
+#: the types a hash field's value is stored as it comes (every other is made one first)
+PLAIN_FIELD_TYPES = frozenset({bytes, str, int, float})
+
 #: the key :meth:`StateStore.epoch` keeps: when the store's current contents began
 EPOCH_MARKER = "store:epoch"
 
 #: what :class:`WrongKind` says a key holds instead of a hash
 WRONG_KINDS = ("value", "set", "list", "zset", "stream", "unknown")
+
+
+def plain_field(value: HashValue) -> HashValue:
+    """The plain value a hash field of another type stands for: a bool its ``str()``
+    spelling, a number of a subclass or of numpy's scalars (an IntEnum's member,
+    ``numpy.float64``) the int or float it equals, so every store keeps its digits and
+    not its ``repr`` (``np.float64(0.1)``). Raise TypeError naming a type of none."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"a hash field's value is bytes, str, int or float, not {type(value).__name__}")
 
 
 class WrongKind(TypeError):

@@ -6,10 +6,20 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 
 from pumpflow.common.clock import Clock, WallClock
-from pumpflow.common.state.abc import EPOCH_MARKER, HashValue, StateStore, WriteBatch, WrongKind
+from pumpflow.common.state.abc import (
+    EPOCH_MARKER,
+    PLAIN_FIELD_TYPES,
+    HashValue,
+    StateStore,
+    WriteBatch,
+    WrongKind,
+    plain_field,
+)
 
 
 def _as_bytes(value: HashValue) -> bytes:
+    if type(value) not in PLAIN_FIELD_TYPES:
+        value = plain_field(value)
     if isinstance(value, bytes):
         return value
     if isinstance(value, float):
