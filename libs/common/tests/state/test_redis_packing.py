@@ -11,6 +11,7 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import DataError
 
 from pumpflow.common.state import redis as redis_store
+from pumpflow.common.state.abc import plain_field
 from pumpflow.common.state.redis import RedisStateStore
 
 COMMANDS = [
@@ -72,7 +73,7 @@ async def test_a_tls_url_keeps_its_connection_kind():
 )
 def test_a_hashs_fields_flatten_as_one_call_a_field_would(fields):
     slow = [
-        [part for k, v in chunk for part in (k, redis_store._field_value(v))]
+        [part for k, v in chunk for part in (k, plain_field(v))]
         for chunk in redis_store._chunks(list(fields.items()))
     ]
     assert redis_store._field_pairs(fields) == slow

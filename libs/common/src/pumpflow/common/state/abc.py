@@ -24,10 +24,13 @@ WRONG_KINDS = ("value", "set", "list", "zset", "stream", "unknown")
 
 
 def plain_field(value: HashValue) -> HashValue:
-    """The plain value a hash field of another type stands for: a bool its ``str()``
-    spelling, a number of a subclass or of numpy's scalars (an IntEnum's member,
-    ``numpy.float64``) the int or float it equals, so every store keeps its digits and
-    not its ``repr`` (``np.float64(0.1)``). Raise TypeError naming a type of none."""
+    """The value of a plain type a hash field stands for: itself if plain, a bool its
+    ``str()`` spelling, a number of a subclass or of numpy's scalars (an IntEnum's
+    member, ``numpy.float64``) the int or float it equals, so every store keeps its
+    digits and not its ``repr`` (``np.float64(0.1)``). Raise TypeError naming a type of
+    none."""
+    if type(value) in PLAIN_FIELD_TYPES:
+        return value
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, numbers.Integral):

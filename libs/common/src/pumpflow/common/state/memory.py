@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.state.abc import (
     EPOCH_MARKER,
-    PLAIN_FIELD_TYPES,
     HashValue,
     StateStore,
     WriteBatch,
@@ -18,8 +17,7 @@ from pumpflow.common.state.abc import (
 
 
 def _as_bytes(value: HashValue) -> bytes:
-    if type(value) not in PLAIN_FIELD_TYPES:
-        value = plain_field(value)
+    value = plain_field(value)
     if isinstance(value, bytes):
         return value
     if isinstance(value, float):

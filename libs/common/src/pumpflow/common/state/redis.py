@@ -189,19 +189,15 @@ def _packing_with_hiredis(pool: redis.ConnectionPool) -> None:
     pool.connection_class = packing
 
 
-def _field_value(value: HashValue) -> HashValue:
-    # redis-py refuses bools and spells a number of a subclass by its repr
-    return value if type(value) in PLAIN_FIELD_TYPES else plain_field(value)
-
-
 def _field_pairs(fields: Mapping[str, HashValue]) -> list[list]:
     """The fields' names and values in turn, a list a command (_FIELDS_PER_COMMAND fields
     each at most). The flattening is left to C unless a value is of another type than
-    the plain ones: a view's 30 fields went through a Python call each, about a quarter
-    of a commit's client CPU."""
+    the plain ones (redis-py refuses bools and spells a number of a subclass by its
+    repr): a view's 30 fields went through a Python call each, about a quarter of a
+    commit's client CPU."""
     if not PLAIN_FIELD_TYPES.issuperset(map(type, fields.values())):
         return [
-            [part for k, v in chunk for part in (k, _field_value(v))]
+            [part for k, v in chunk for part in (k, plain_field(v))]
             for chunk in _chunks(list(fields.items()))
         ]
     if 0 < len(fields) <= _FIELDS_PER_COMMAND:  # none: no command, as HSET takes one
