@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.train",
     "pumpflow.cli.trading",
     "pumpflow.cli.stop",
+    "pumpflow.cli.sell",
     "pumpflow.cli.notify",
     "pumpflow.cli.catalogue",
     "pumpflow.cli.report",

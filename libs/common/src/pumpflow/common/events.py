@@ -15,7 +15,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 import msgspec.inspect
@@ -275,6 +275,20 @@ class ExitOrder(Payload, frozen=True, kw_only=True, omit_defaults=True):
     deadline: float | None = None
 
 
+class SaleRequested(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """An operator asks the exit service to sell a position now (all of it by default);
+    the partition's owner orders the sale as one of its rules would."""
+
+    TYPE: ClassVar[str] = "exit.sale_requested"
+
+    mint: str
+    #: share of the tokens the exit's rules have not ordered sold yet; 1 sells them all
+    fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    #: only while the mint's position is this one (None: whichever it holds)
+    position_id: str | None = None
+    reason: str = ""
+
+
 class OrderFilled(Payload, frozen=True, kw_only=True, omit_defaults=True):
     TYPE: ClassVar[str] = "order.filled"
 
@@ -515,6 +529,7 @@ for _schema in (
     ModelDrift,
     OrderRequested,
     ExitOrder,
+    SaleRequested,
     OrderFilled,
     OrderRejected,
     PositionOpened,

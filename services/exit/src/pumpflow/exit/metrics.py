@@ -43,6 +43,13 @@ class _Families:
             ["what"],
             registry=registry,
         )
+        self.requests = Counter(
+            "pumpflow_exit_sale_requests",
+            "Operators' sale requests applied, by outcome (ordered; refused: no such "
+            "position, a graceful exit selling it, all of it ordered already)",
+            ["outcome"],
+            registry=registry,
+        )
         self.margin = Gauge(
             "pumpflow_exit_graceful_deadline_margin_seconds",
             "Clock seconds left to the graceful exit's deadline (at its end: the margin kept)",
@@ -62,6 +69,9 @@ class ExitMetrics:
 
     def orders(self, rule: str) -> float:
         return self._f.exits.labels(rule)._value.get()
+
+    def requested(self, outcome: str) -> None:
+        self._f.requests.labels(outcome).inc()
 
     def settled(self, rule: str, outcome: str, slippage: float | None = None) -> None:
         self._f.outcomes.labels(rule, outcome).inc()

@@ -55,6 +55,15 @@
   that it ends on what this service has seen, as without a barrier. Past the deadline
   every placeholder goes, and a position the barrier listed that no replica saw is
   reported left (nothing sold).
+- **An operator's sale.** ``POST /positions/{mint}/sell`` (``pumpflow sell``, the API
+  token) publishes ``exit.sale_requested``: the replica that owns the mint's partition
+  orders the sale as one of the position's rules (``requested``: a share of what the
+  rules have not ordered sold, all of it by default), its ``exit.order`` stored and
+  published as theirs. The replica that took the request answers with the order, or why
+  none (no such position, a graceful exit selling it, all of it ordered already), when
+  it owns the partition and applies it within ``wait_s`` of the body (5 s); otherwise
+  it answers that the request is published (202), its outcome in the owner's log and
+  ``pumpflow_exit_sale_requests_total``. A ``request_id`` given again sells nothing more.
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
@@ -85,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar, NamedTuple
@@ -104,6 +114,7 @@ from pumpflow.common.events import (
     LifecycleState,
     OrderFilled,
     OrderRejected,
+    SaleRequested,
     ShutdownBarrier,
     SystemShutdown,
     make_event,
@@ -139,6 +150,12 @@ from pumpflow.exit.records import (
 from pumpflow.exit.settings import ExitSettings
 
 log = logging.getLogger("pumpflow.exit")
+
+#: operators' sale requests whose answers a replica keeps (a request id asked again)
+_ANSWERS_KEPT = 1024
+#: longest an id of an operator's request may be, and longest the API waits for it
+_REQUEST_ID_MAX_CHARS = 128
+_REQUEST_WAIT_MAX_S = 60.0
 
 
 def control_group(service: str) -> str:
@@ -245,6 +262,10 @@ class ExitService(Service):
         self._tasks: set[asyncio.Task] = set()
         self._graceful: asyncio.Task | None = None
         self._poll: asyncio.Task | None = None
+        #: operators' sale requests applied here, the latest: request id -> the answer
+        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: requests taken through this replica's API, awaiting their answer
+        self._asking: dict[str, asyncio.Future] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -261,6 +282,7 @@ class ExitService(Service):
             on_market=self._on_market,
             on_lifecycle=self._on_lifecycle,
             on_closed=self._on_closed,
+            on_request=self._on_request,
             retire_ttl_s=s.exit_state_ttl_s,
         )
         under_way = await self.records.active_run()
@@ -747,6 +769,65 @@ class ExitService(Service):
         # position may be the exit's own
         self._outcomes.append((mint, _Closed(position_id, reason, time), None, time))
 
+    def _on_request(self, mint: str, event: Event, order: ExitOrder | None, why: str) -> None:
+        request: SaleRequested = event.data
+        said = f"{request.reason!r}, " if request.reason else ""
+        if order is not None:
+            self.metrics.requested("ordered")
+            log.warning("exit: a sale of %s asked (%sshare %g, %s): %s ordered, %g tokens",
+                        mint, said, request.fraction, event.id, order.order_id,
+                        order.token_amount)  # fmt: skip
+        else:
+            self.metrics.requested("refused")
+            log.warning("exit: a sale of %s asked (%sshare %g, %s) is not ordered: %s",
+                        mint, said, request.fraction, event.id, why)  # fmt: skip
+        answer: dict[str, Any] = {"request_id": event.id, "mint": mint}
+        answer["ordered"] = order is not None
+        if order is not None:
+            answer.update(
+                order_id=order.order_id,
+                position_id=order.position_id,
+                token_amount=order.token_amount,
+            )
+        else:
+            answer["detail"] = why
+        self._answers[event.id] = answer
+        while len(self._answers) > _ANSWERS_KEPT:
+            self._answers.popitem(last=False)
+        waiting = self._asking.pop(event.id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    async def request_sale(
+        self, request: SaleRequested, *, request_id: str | None = None, wait_s: float = 5.0
+    ) -> tuple[bool, dict[str, Any]]:
+        """Publish an operator's ``request`` as ``exit.sale_requested``; whether it was
+        answered within ``wait_s``, and the answer (the order, or why none) or what
+        became of the request. A ``request_id`` this replica has answered is answered
+        again, not published: a request sells once."""
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("the exit service is not started")
+        if request_id is not None and request_id in self._answers:
+            return True, self._answers[request_id]
+        event = make_event(request, source=ctx.source, time=ctx.clock.now(), event_id=request_id)
+        answered = asyncio.get_running_loop().create_future()
+        self._asking[event.id] = answered
+        try:
+            await ctx.bus.publish(event)
+            return True, await asyncio.wait_for(asyncio.shield(answered), wait_s)
+        except TimeoutError:
+            return False, {
+                "request_id": event.id,
+                "mint": request.mint,
+                "published": True,
+                "detail": "published; not applied here within the wait: the replica that "
+                "owns the token's partition orders the sale (its log and "
+                "pumpflow_exit_sale_requests_total tell)",
+            }
+        finally:
+            self._asking.pop(event.id, None)
+
     def _on_outcome(
         self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
     ) -> None:
@@ -927,10 +1008,45 @@ class ExitService(Service):
 
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
+        from fastapi.responses import JSONResponse
 
         from pumpflow.common.runtime.http import reason_of, require_token
 
         api = APIRouter()
+
+        def share(value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise HTTPException(422, f"'fraction' must be a number, got {value!r:.80}")
+            if not 0.0 < value <= 1.0:
+                raise HTTPException(422, f"'fraction' must be over 0 and at most 1, got {value}")
+            return float(value)
+
+        def text(body: dict[str, Any], name: str) -> str | None:
+            value = body.get(name)
+            if value is None:
+                return None
+            if (
+                not isinstance(value, str)
+                or not value
+                or "\x00" in value
+                or len(value) > _REQUEST_ID_MAX_CHARS
+            ):
+                raise HTTPException(
+                    422, f"'{name}' must be text of 1 to {_REQUEST_ID_MAX_CHARS} characters"
+                )
+            return value
+
+        def wait_s(body: dict[str, Any]) -> float:
+            value = body.get("wait_s", 5.0)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0.0 <= value <= _REQUEST_WAIT_MAX_S
+            ):
+                raise HTTPException(
+                    422, f"'wait_s' must be seconds from 0 to {_REQUEST_WAIT_MAX_S:g}"
+                )
+            return float(value)
 
         @api.get("/progress")
         async def progress() -> dict[str, Any]:
@@ -952,6 +1068,22 @@ class ExitService(Service):
         async def positions() -> dict[str, Any]:
             held = self.positions()
             return {"count": len(held), "positions": held}
+
+        @api.post("/positions/{mint}/sell", dependencies=[Depends(require_token)])
+        async def sell(mint: str, body: dict[str, Any] | None = Body(None)) -> JSONResponse:
+            if self._ctx is None:
+                raise HTTPException(503, "not started")
+            body = body or {}
+            request = SaleRequested(
+                mint=mint,
+                fraction=share(body.get("fraction", 1.0)),
+                position_id=text(body, "position_id"),
+                reason=reason_of(body, ""),
+            )
+            answered, answer = await self.request_sale(
+                request, request_id=text(body, "request_id"), wait_s=wait_s(body)
+            )
+            return JSONResponse(answer, status_code=200 if answered else 202)
 
         @api.post("/shutdown", dependencies=[Depends(require_token)])
         async def shutdown(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:

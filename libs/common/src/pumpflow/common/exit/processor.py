@@ -31,11 +31,21 @@ way) leaves memory and the partition's index; its record stays ``retire_ttl_s``.
 event of it (a trade on its pool after the migration) loads it and lets it go again; a
 position, an entry or a lifecycle state past the retirement keeps it.
 
+Operators' sales: an ``exit.sale_requested`` (the service's ``POST
+/positions/{mint}/sell``) is decided by the rules' evaluator as one more rule,
+:data:`~pumpflow.common.exit.rules.REQUESTED`: a share of what the rules have not
+ordered sold, its ``exit.order`` numbered and stored as theirs, a refused one given
+back to them. Nothing is sold without a position (of the id asked, if one is), nor
+while a graceful exit sells every position. A request has no seq (any replica's API
+publishes it), so the state keeps the ids of the latest requests and a copy sells
+nothing.
+
 Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan, and ``on_closed``
 tells it that trading closed a position (by its last sale, the exit's or another's),
 and when (a close applied late may be from before the graceful exit began);
-``on_outcome`` is told each exit order's fill or refusal with the sale it settles.
+``on_outcome`` is told each exit order's fill or refusal with the sale it settles;
+``on_request`` each operator's request, with the sale it ordered or why none.
 """
 
 from __future__ import annotations
@@ -57,11 +67,18 @@ from pumpflow.common.events import (
     PositionClosed,
     PositionOpened,
     PositionUpdated,
+    SaleRequested,
     TokenLifecycle,
     TokenMigrated,
     TokenTrade,
 )
-from pumpflow.common.exit.rules import ExitDecision, ExitEvaluator, ExitRules, RuleWatch
+from pumpflow.common.exit.rules import (
+    REQUESTED,
+    ExitDecision,
+    ExitEvaluator,
+    ExitRules,
+    RuleWatch,
+)
 from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
 from pumpflow.common.priority import Priority
 
@@ -76,6 +93,7 @@ CONSUMES = (
     "order.requested",
     "order.filled",
     "order.rejected",
+    "exit.sale_requested",
 )
 
 #: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
@@ -91,6 +109,8 @@ CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 _CURVE_POOL = "pump"
 #: ids ended a mint remembers (its latest): a mint sees a handful of entries
 _ENDED_KEPT = 32
+#: operators' sale requests a mint remembers (its latest), so a copy sells nothing
+_REQUESTS_KEPT = 32
 #: lifecycle states that retire a token here once nothing of it is in play
 RETIRING = ("inactive", "graduated")
 
@@ -148,6 +168,9 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     entries: dict[str, bool] = {}
     #: entry order ids refused or landed as positions, position ids closed (the latest)
     ended: list[str] = []
+    #: ids of the operators' sale requests applied (the latest): a request carries no
+    #: seq, so the consumer cannot tell its copy
+    requests: list[str] = []
 
     @property
     def curve(self) -> CurveState | None:
@@ -213,6 +236,8 @@ MarketHook = Callable[[str, CurveState], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
 #: (mint, position id, the close's reason, the close's time)
 ClosedHook = Callable[[str, str, str, float], None]
+#: (mint, the request's event, the sale it ordered or None, why none)
+RequestHook = Callable[[str, Event, ExitOrder | None, str], None]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(ExitState).decode
@@ -231,6 +256,7 @@ class ExitProcessor:
         on_market: MarketHook | None = None,
         on_lifecycle: LifecycleHook | None = None,
         on_closed: ClosedHook | None = None,
+        on_request: RequestHook | None = None,
         retire_ttl_s: float = 6 * 3600.0,
     ):
         if retire_ttl_s <= 0:
@@ -244,6 +270,7 @@ class ExitProcessor:
         self.on_market = on_market
         self.on_lifecycle = on_lifecycle
         self.on_closed = on_closed
+        self.on_request = on_request
         #: a graceful exit is selling: the rules order nothing
         self.halted = False
         #: mint -> (v_sol, v_tokens, mark price) of the latest trade of a token without a
@@ -313,6 +340,11 @@ class ExitProcessor:
             decisions = self._rules(state, lambda ev: ev.on_lifecycle(state.mint, data.state, time))
         elif isinstance(data, OrderFilled | OrderRejected):
             decisions = self._outcome(state, data, time)
+        elif isinstance(data, SaleRequested):
+            if event.id in state.requests:
+                return UNCHANGED  # a copy: it ordered its sale once
+            self._requested(state, event, data, effects)
+            decisions = []
         else:
             decisions = []
         self._order(state, decisions, effects)
@@ -446,6 +478,32 @@ class ExitProcessor:
             self.on_outcome(state.mint, outcome, sale, time)
         return []
 
+    def _requested(
+        self, state: ExitState, event: Event, request: SaleRequested, effects: Effects
+    ) -> None:
+        """Order an operator's sale as a rule's, of what the rules have not ordered sold,
+        unless no such position is held or a graceful exit sells it."""
+        state.requests.append(event.id)
+        del state.requests[:-_REQUESTS_KEPT]
+        position = state.position
+        orders: list[ExitOrder] = []
+        if position is None:
+            why = "no position held"
+        elif request.position_id is not None and request.position_id != position.position_id:
+            why = f"the position held is {position.position_id}"
+        elif self.halted:
+            why = "a graceful exit is selling every position"
+        else:
+            reason = request.reason or REQUESTED
+            time = event.time
+            decisions = self._rules(
+                state, lambda ev: ev.on_request(state.mint, request.fraction, reason, time)
+            )
+            orders = self._order(state, decisions, effects)
+            why = "" if orders else "all of it is ordered sold already"
+        if self.on_request is not None:
+            self.on_request(state.mint, event, orders[0] if orders else None, why)
+
     @staticmethod
     def _entry_outcome(state: ExitState, outcome: OrderFilled | OrderRejected) -> None:
         """An entry refused is gone; one filled waits for its position event, which trading
@@ -496,7 +554,11 @@ class ExitProcessor:
         finally:
             evaluator.forget(state.mint)
 
-    def _order(self, state: ExitState, decisions: list[ExitDecision], effects: Effects) -> None:
+    def _order(
+        self, state: ExitState, decisions: list[ExitDecision], effects: Effects
+    ) -> list[ExitOrder]:
+        """Number, hold as pending and emit the sales ``decisions`` call for; their orders."""
+        orders = []
         for decision in decisions:
             if decision.token_amount <= 0:
                 continue
@@ -519,6 +581,8 @@ class ExitProcessor:
                 priority=int(Priority.URGENT if decision.full else Priority.HIGH),
             )
             effects.emit(order, time=decision.time)
+            orders.append(order)
+        return orders
 
     def _arm(self, state: ExitState, effects: Effects) -> None:
         due = None

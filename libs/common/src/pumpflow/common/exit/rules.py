@@ -68,6 +68,8 @@ STALE_STOP = "stale_stop"
 DECLINE = "decline"
 INACTIVITY = "inactivity"
 MIGRATION = "migration"
+#: not a rule: an operator's sale (``exit.sale_requested``), decided as a rule's is
+REQUESTED = "requested"
 #: rules that sell everything left, in the order that names an exit when several are due
 FULL_EXIT_RULES = (MIGRATION, INACTIVITY, STOP_LOSS, TRAILING_STOP, TIME_STOP, STALE_STOP)
 
@@ -327,6 +329,18 @@ class ExitEvaluator:
     def on_migration(self, mint: str, time: float) -> list[ExitDecision]:
         """The token migrated off its curve (its ``migrate`` frame)."""
         return self.on_lifecycle(mint, "graduated", time)
+
+    def on_request(
+        self, mint: str, fraction: float, reason: str, time: float
+    ) -> list[ExitDecision]:
+        """An operator asks to sell ``fraction`` of what the rules have not sold of
+        ``mint``'s position: that sale (none when nothing is left to them)."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed or not fraction > 0:
+            return []
+        decision = self._decide(watch, REQUESTED, min(fraction, 1.0), reason, time)
+        self._arm(watch)
+        return [decision]
 
     def check_time(self, mint: str, time: float | None = None) -> list[ExitDecision]:
         """The exits the passage of time calls for at ``time`` (default: the clock's now)."""

@@ -38,6 +38,7 @@ from pumpflow.common.events import (
     PositionClosed,
     PositionOpened,
     PositionUpdated,
+    SaleRequested,
     ShutdownBarrier,
     SystemShutdown,
     TokenCreated,
@@ -83,8 +84,9 @@ PUBLISHERS: Mapping[str, tuple[str, ...]] = {
         # live: the wallet whose trades the feed streams (accounts)
         FeedSubscription.TYPE,
     ),
-    # system.shutdown: through its API, for `pumpflow stop`
-    "exit": (ExitOrder.TYPE, ExitReport.TYPE, SystemShutdown.TYPE),
+    # system.shutdown and exit.sale_requested: through its API, for `pumpflow stop` and
+    # `pumpflow sell`
+    "exit": (ExitOrder.TYPE, ExitReport.TYPE, SystemShutdown.TYPE, SaleRequested.TYPE),
 }
 
 

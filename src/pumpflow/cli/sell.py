@@ -1,0 +1,115 @@
+"""``pumpflow sell MINT``: sell a position now, from a shell.
+
+Asks an exit replica's HTTP API (``--url``) with the bearer token of
+``PUMPFLOW_API_TOKEN`` to publish ``exit.sale_requested``; the exit replica that owns
+the token's partition orders the sale as one of the position's rules would (a share of
+what the rules have not ordered sold: all of it by default). Trading sells, as for any
+exit order, halted or not.
+
+Exit status: 0 the sale is ordered (its order id printed); 1 it is not (no such
+position, a graceful exit sells it, all of it ordered already: the reason printed), or
+the call failed; 3 the request is published and the replica asked does not own the
+token's partition, or did not apply it within ``--wait``: the owner orders it, and says
+so in its log and ``pumpflow_exit_sale_requests_total``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.parse
+import uuid
+
+from pumpflow.cli.api import DEFAULT_URL, api_token, failure, http_url, post_json
+from pumpflow.cli.output import reader_gone
+
+#: exit status of a request published and not answered by the replica asked
+NOT_ANSWERED = 3
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share over 0 and at most 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 60.0:
+        raise argparse.ArgumentTypeError(f"seconds from 0 to 60, got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sell",
+        help="sell a position now (all of it, or --fraction of it)",
+        description=(
+            "Ask the exit service, through an exit replica's HTTP API (token from "
+            "PUMPFLOW_API_TOKEN), to sell a token's position now: exit status 0 ordered, "
+            "1 not ordered (the reason printed) or the call failed, 3 published and not "
+            "answered by the replica asked (the owner of the token's partition orders it)."
+        ),
+    )
+    parser.add_argument("mint", help="the token's mint")
+    parser.add_argument(
+        "--fraction",
+        type=_share,
+        default=1.0,
+        help="share of what the exit rules have not ordered sold (1: all of it)",
+    )
+    parser.add_argument("--position", help="only while the token's position is this id")
+    parser.add_argument("--reason", default="pumpflow sell", help="why (kept with the sale)")
+    parser.add_argument(
+        "--url",
+        type=http_url,
+        default=os.environ.get("PUMPFLOW_EXIT_URL", DEFAULT_URL),
+        help=f"an exit replica's HTTP address (PUMPFLOW_EXIT_URL, {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--wait", type=_seconds, default=5.0, help="seconds the replica waits for its answer (5)"
+    )
+    parser.set_defaults(handler=sell_command)
+
+
+def sell_command(args: argparse.Namespace) -> int:
+    url = args.url
+    token = api_token("sell")
+    if not token:
+        return 2
+    body = {
+        "fraction": args.fraction,
+        "reason": args.reason,
+        "request_id": uuid.uuid4().hex,
+        "wait_s": args.wait,
+    }
+    if args.position:
+        body["position_id"] = args.position
+    path = f"{url}/positions/{urllib.parse.quote(args.mint, safe='')}/sell"
+    try:
+        answer = post_json(path, body, token)
+    except OSError as exc:
+        if reader_gone(exc):
+            raise
+        print(failure("sell", url, exc), file=sys.stderr)
+        return 1
+    if "ordered" not in answer:
+        print(f"pumpflow sell: {args.mint}: {answer.get('detail', answer)}", file=sys.stderr)
+        return NOT_ANSWERED
+    if not answer["ordered"]:
+        print(f"pumpflow sell: {args.mint}: not ordered: {answer['detail']}", file=sys.stderr)
+        return 1
+    print(
+        f"sale ordered: {answer['order_id']}, {answer['token_amount']:.6g} tokens of "
+        f"{args.mint} (position {answer['position_id']})",
+        flush=True,
+    )
+    return 0
