@@ -21,7 +21,7 @@ from pumpflow.common.testing import EventCollector, TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
 from pumpflow.trading.ledger import MemoryLedger
 
-from .helpers import START, embedded, exit_service, on_broker, opened
+from .helpers import START, embedded, exit_service, hold, on_broker
 from .test_graceful_service import open_positions, trading
 
 HELD = 1e6
@@ -36,11 +36,7 @@ def request(mint: str, *, source: str = "exit/api", time: float = START, **field
 
 async def held_position(bus, tokens: TokenEvents):
     mint = tokens.mint()
-    await bus.publish(tokens.created(mint, sol=5.0))
-    await bus.publish(tokens.buy(mint, "whale", sol=10.0))
-    position = opened(tokens, mint, tokens_held=HELD)
-    await bus.publish(position)
-    return mint, position.data
+    return mint, await hold(bus, tokens, mint, tokens_held=HELD)
 
 
 async def test_a_requested_share_is_ordered_as_a_rule_and_its_copy_sells_nothing():

@@ -27,6 +27,17 @@ def http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def replica_url_argument(parser: argparse.ArgumentParser, variable: str, replica: str) -> None:
+    """``--url``: the HTTP address of ``replica`` (``an exit replica``), from the
+    environment's ``variable`` by default."""
+    parser.add_argument(
+        "--url",
+        type=http_url,
+        default=os.environ.get(variable, DEFAULT_URL),
+        help=f"{replica}'s HTTP address ({variable}, {DEFAULT_URL})",
+    )
+
+
 def api_token(command: str) -> str | None:
     """``PUMPFLOW_API_TOKEN``, or None after saying it is missing."""
     token = os.environ.get(TOKEN_VARIABLE)

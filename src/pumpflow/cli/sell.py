@@ -16,12 +16,11 @@ so in its log and ``pumpflow_exit_sale_requests_total``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import urllib.parse
 import uuid
 
-from pumpflow.cli.api import DEFAULT_URL, api_token, failure, http_url, post_json
+from pumpflow.cli.api import api_token, failure, post_json, replica_url_argument
 from pumpflow.cli.output import reader_gone
 
 #: exit status of a request published and not answered by the replica asked
@@ -68,12 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--position", help="only while the token's position is this id")
     parser.add_argument("--reason", default="pumpflow sell", help="why (kept with the sale)")
-    parser.add_argument(
-        "--url",
-        type=http_url,
-        default=os.environ.get("PUMPFLOW_EXIT_URL", DEFAULT_URL),
-        help=f"an exit replica's HTTP address (PUMPFLOW_EXIT_URL, {DEFAULT_URL})",
-    )
+    replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
     parser.add_argument(
         "--wait", type=_seconds, default=5.0, help="seconds the replica waits for its answer (5)"
     )

@@ -9,17 +9,15 @@ report (``--no-wait``: only asks).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from pumpflow.cli.api import (
-    DEFAULT_URL,
     api_token,
     failure,
     get_json,
-    http_url,
     post_json,
+    replica_url_argument,
 )
 from pumpflow.cli.output import reader_gone
 from pumpflow.common.runtime.arguments import positive
@@ -35,12 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
-    parser.add_argument(
-        "--url",
-        type=http_url,
-        default=os.environ.get("PUMPFLOW_EXIT_URL", DEFAULT_URL),
-        help=f"an exit replica's HTTP address (PUMPFLOW_EXIT_URL, {DEFAULT_URL})",
-    )
+    replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
         "--timeout", type=positive, default=300.0, help="seconds to follow the exit (300)"

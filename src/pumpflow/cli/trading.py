@@ -23,16 +23,14 @@ the operator has seen to them; it prints those left.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pumpflow.cli.api import (
-    DEFAULT_URL,
     api_token,
     failure,
     get_json,
-    http_url,
     post_json,
+    replica_url_argument,
 )
 
 
@@ -60,12 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="signatures",
         help="acknowledge: the unbooked trade's signature (repeatable; default: all)",
     )
-    parser.add_argument(
-        "--url",
-        type=http_url,
-        default=os.environ.get("PUMPFLOW_TRADING_URL", DEFAULT_URL),
-        help=f"a trading replica's HTTP address (PUMPFLOW_TRADING_URL, {DEFAULT_URL})",
-    )
+    replica_url_argument(parser, "PUMPFLOW_TRADING_URL", "a trading replica")
     parser.set_defaults(handler=trading_command)
 
 
