@@ -822,8 +822,8 @@ class ExitService(Service):
                 "mint": request.mint,
                 "published": True,
                 "detail": "published; not applied here within the wait: the replica that "
-                "owns the token's partition orders the sale (its log and "
-                "pumpflow_exit_sale_requests_total tell)",
+                "owns the token's partition orders the sale, unless a request of this id "
+                "was applied before (its log and pumpflow_exit_sale_requests_total tell)",
             }
         finally:
             self._asking.pop(event.id, None)
