@@ -216,3 +216,40 @@ async def test_http_sell_needs_the_token_and_sells_the_position_through_trading(
             orders = (await client.get("/orders")).json()["orders"]
             mine = sorted((o["number"], o["rule"], o["state"]) for o in orders if o["mint"] == mint)
             assert mine == [(1, REQUESTED, "filled"), (2, REQUESTED, "filled")]
+
+
+async def test_a_request_to_a_replica_not_owning_the_token_is_ordered_by_its_owner(harness):
+    """Two replicas, one of them consuming the token's partition (here the first
+    started, each partition queue having a single active consumer): asked of the
+    other, the request is published and not answered there (202); the owner orders it."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    store = MemoryStateStore(clock)
+    bus = await harness.bus(partitions=PARTITIONS, source="trading/test")
+    watch = await EventCollector("watch").attach(bus, "exit.*")
+    replica = functools.partial(on_broker, harness, clock=clock, store=store, partitions=PARTITIONS)
+    replicas = [exit_service(partitions=PARTITIONS) for _ in range(2)]
+    buses = [await replica(service) for service in replicas]
+    try:
+        mint, _ = await held_position(bus, tokens)
+        await eventually(
+            lambda: sum(len(s.positions()) for s in replicas) == 1, what="the position held"
+        )
+        [owner] = [s for s in replicas if s.positions()]
+        [other] = [s for s in replicas if s is not owner]
+        answered, answer = await other.request_sale(
+            SaleRequested(mint=mint), request_id="elsewhere", wait_s=0.2
+        )
+        assert not answered and answer["published"], answer
+        [order] = await watch.wait_for(1, "exit.order", within=30)
+        assert order.data.reason == REQUESTED
+        assert order.data.token_amount == pytest.approx(HELD)
+        await eventually(lambda: "elsewhere" in owner._answers, what="the owner's answer")
+        assert owner._answers["elsewhere"]["order_id"] == order.data.order_id
+        assert owner.metrics._f.requests.labels("ordered")._value.get() == 1
+        assert other.metrics._f.requests.labels("ordered")._value.get() == 0
+    finally:
+        for service, own in zip(replicas, buses, strict=True):
+            await service.stop()
+            await own.close()
+        await bus.close()
