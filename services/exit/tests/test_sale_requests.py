@@ -13,15 +13,16 @@ import httpx
 import pytest
 
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.events import OrderRejected, SaleRequested, make_event
+from pumpflow.common.events import Event, OrderRejected, SaleRequested, make_event
 from pumpflow.common.exit import REQUESTED
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import EventCollector, TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
+from pumpflow.exit.records import MemoryExitStore
 from pumpflow.trading.ledger import MemoryLedger
 
-from .helpers import START, embedded, exit_service, hold, on_broker
+from .helpers import START, embedded, exit_service, hold, on_broker, started
 from .test_graceful_service import open_positions, trading
 
 HELD = 1e6
@@ -30,7 +31,7 @@ harness = bus_harness_fixture(partitions=PARTITIONS, synchronous=True)
 AUTH = {"Authorization": "Bearer secret"}
 
 
-def request(mint: str, *, source: str = "exit/api", time: float = START, **fields) -> object:
+def request(mint: str, *, source: str = "exit/api", time: float = START, **fields) -> Event:
     return make_event(SaleRequested(mint=mint, **fields), source=source, time=time)
 
 
@@ -154,6 +155,32 @@ async def test_a_request_over_the_broker_is_ordered_by_the_partitions_owner(harn
         await service.stop()
         await replica_bus.close()
         await bus.close()
+
+
+async def test_a_copy_delivered_after_a_restart_sells_nothing():
+    """The request's id is stored with the mint: the replica that follows a restart
+    drops a copy of it (the broker's redelivery of one not acked) and numbers on."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    first = exit_service(records)
+    async with embedded(clock, first) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        half = request(mint, fraction=0.5, time=clock.now())
+        await bus.publish(half)
+        assert watch.count("exit.order") == 1
+        await first.stop()
+        second = await started(system, records)
+        try:
+            await bus.publish(half)
+            assert watch.count("exit.order") == 1
+            await bus.publish(request(mint, time=clock.now()))
+            [_, rest] = watch.payloads("exit.order")
+            assert rest.order_id == f"{position.position_id}:rule:2"
+            assert rest.token_amount == pytest.approx(HELD * 0.5)
+        finally:
+            await second.stop()
 
 
 async def test_http_sell_needs_the_token_and_sells_the_position_through_trading():
