@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of what the exit rules have not ordered sold (1: all of it)",
     )
     parser.add_argument("--position", help="only while the token's position is this id")
-    parser.add_argument("--reason", default="pumpflow sell", help="why (kept with the sale)")
+    parser.add_argument("--reason", default="pumpflow sell", help="why (in the exit's log)")
     replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
     parser.add_argument(
         "--wait", type=_seconds, default=5.0, help="seconds the replica waits for its answer (5)"
