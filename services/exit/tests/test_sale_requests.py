@@ -200,9 +200,10 @@ async def test_http_sell_needs_the_token_and_sells_the_position_through_trading(
                 ({"fraction": 0}, "'fraction' must be over 0 and at most 1"),
                 ({"fraction": True}, "'fraction' must be a number"),
                 ({"fraction": "half"}, "'fraction' must be a number"),
-                ({"request_id": ""}, "'request_id' must be text of 1 to 128"),
+                ({"request_id": "x" * 129}, "'request_id' must be at most 128 characters"),
                 ({"position_id": 7}, "'position_id' must be text"),
-                ({"wait_s": 61}, "'wait_s' must be seconds from 0 to 60"),
+                ({"wait_s": 61}, "'wait_s' must be at least 0 and at most 60"),
+                ({"wait_s": -1}, "'wait_s' must be at least 0 and at most 60"),
                 ({"reason": 5}, "'reason' must be text"),
             ]:
                 refused = await sell(json=bad, headers=AUTH)

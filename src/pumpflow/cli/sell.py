@@ -22,29 +22,10 @@ import uuid
 
 from pumpflow.cli.api import api_token, failure, post_json, replica_url_argument
 from pumpflow.cli.output import reader_gone
+from pumpflow.common.runtime.arguments import bounded
 
 #: exit status of a request published and not answered by the replica asked
 NOT_ANSWERED = 3
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a share over 0 and at most 1, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 60.0:
-        raise argparse.ArgumentTypeError(f"seconds from 0 to 60, got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("mint", help="the token's mint")
     parser.add_argument(
         "--fraction",
-        type=_share,
+        type=bounded(above=0.0, at_most=1.0),
         default=1.0,
         help="share of what the exit rules have not ordered sold (1: all of it)",
     )
@@ -69,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reason", default="pumpflow sell", help="why (in the exit's log)")
     replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
     parser.add_argument(
-        "--wait", type=_seconds, default=5.0, help="seconds the replica waits for its answer (5)"
+        "--wait",
+        type=bounded(at_least=0.0, at_most=60.0),
+        default=5.0,
+        help="seconds the replica waits for its answer (5)",
     )
     parser.set_defaults(handler=sell_command)
 

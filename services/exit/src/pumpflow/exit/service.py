@@ -153,8 +153,9 @@ log = logging.getLogger("pumpflow.exit")
 
 #: operators' sale requests whose answers a replica keeps (a request id asked again)
 _ANSWERS_KEPT = 1024
-#: longest an id of an operator's request may be, and longest the API waits for it
-_REQUEST_ID_MAX_CHARS = 128
+#: longest id (a position's, a request's) an operator's request may give, and longest
+#: the API waits for its answer
+_ID_MAX_CHARS = 128
 _REQUEST_WAIT_MAX_S = 60.0
 
 
@@ -815,7 +816,7 @@ class ExitService(Service):
         self._asking[event.id] = answered
         try:
             await ctx.bus.publish(event)
-            return True, await asyncio.wait_for(asyncio.shield(answered), wait_s)
+            return True, await asyncio.wait_for(answered, wait_s)
         except TimeoutError:
             return False, {
                 "request_id": event.id,
@@ -1010,41 +1011,28 @@ class ExitService(Service):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
         from fastapi.responses import JSONResponse
 
-        from pumpflow.common.runtime.http import reason_of, require_token
+        from pumpflow.common.runtime.http import reason_of, require_token, text_of
 
         api = APIRouter()
 
-        def share(value: Any) -> float:
+        def number(
+            body: dict[str, Any],
+            name: str,
+            default: float,
+            *,
+            above: float | None = None,
+            at_least: float = 0.0,
+            at_most: float,
+        ) -> float:
+            value = body.get(name, default)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise HTTPException(422, f"'fraction' must be a number, got {value!r:.80}")
-            if not 0.0 < value <= 1.0:
-                raise HTTPException(422, f"'fraction' must be over 0 and at most 1, got {value}")
-            return float(value)
-
-        def text(body: dict[str, Any], name: str) -> str | None:
-            value = body.get(name)
-            if value is None:
-                return None
-            if (
-                not isinstance(value, str)
-                or not value
-                or "\x00" in value
-                or len(value) > _REQUEST_ID_MAX_CHARS
+                raise HTTPException(422, f"'{name}' must be a number, got {value!r:.80}")
+            low = f"over {above:g}" if above is not None else f"at least {at_least:g}"
+            if not (value > above if above is not None else value >= at_least) or not (
+                value <= at_most
             ):
                 raise HTTPException(
-                    422, f"'{name}' must be text of 1 to {_REQUEST_ID_MAX_CHARS} characters"
-                )
-            return value
-
-        def wait_s(body: dict[str, Any]) -> float:
-            value = body.get("wait_s", 5.0)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0.0 <= value <= _REQUEST_WAIT_MAX_S
-            ):
-                raise HTTPException(
-                    422, f"'wait_s' must be seconds from 0 to {_REQUEST_WAIT_MAX_S:g}"
+                    422, f"'{name}' must be {low} and at most {at_most:g}, got {value}"
                 )
             return float(value)
 
@@ -1076,12 +1064,14 @@ class ExitService(Service):
             body = body or {}
             request = SaleRequested(
                 mint=mint,
-                fraction=share(body.get("fraction", 1.0)),
-                position_id=text(body, "position_id"),
+                fraction=number(body, "fraction", 1.0, above=0.0, at_most=1.0),
+                position_id=text_of(body, "position_id", None, max_chars=_ID_MAX_CHARS),
                 reason=reason_of(body, ""),
             )
             answered, answer = await self.request_sale(
-                request, request_id=text(body, "request_id"), wait_s=wait_s(body)
+                request,
+                request_id=text_of(body, "request_id", None, max_chars=_ID_MAX_CHARS),
+                wait_s=number(body, "wait_s", 5.0, at_most=_REQUEST_WAIT_MAX_S),
             )
             return JSONResponse(answer, status_code=200 if answered else 202)
 

@@ -77,19 +77,26 @@ def require_token(
 REASON_MAX_CHARS = 500
 
 
+def text_of(
+    body: dict[str, Any] | None, name: str, default: Any, *, max_chars: int = REASON_MAX_CHARS
+) -> Any:
+    """The text field ``name`` of an operator's request body, ``default`` when it gives
+    none (or an empty one); HTTPException 422 when it is not text of at most
+    ``max_chars`` characters without NUL."""
+    text = (body or {}).get(name)
+    if text is None or text == "":
+        return default
+    if not isinstance(text, str):
+        raise HTTPException(422, f"'{name}' must be text, got {text!r:.80}")
+    if "\x00" in text or len(text) > max_chars:
+        raise HTTPException(422, f"'{name}' must be at most {max_chars} characters, without NUL")
+    return text
+
+
 def reason_of(body: dict[str, Any] | None, default: str) -> str:
     """The ``reason`` of an operator's request body, ``default`` when it gives none;
     HTTPException 422 when it is not short text."""
-    reason = (body or {}).get("reason")
-    if reason is None or reason == "":
-        return default
-    if not isinstance(reason, str):
-        raise HTTPException(422, f"'reason' must be text, got {reason!r:.80}")
-    if "\x00" in reason or len(reason) > REASON_MAX_CHARS:
-        raise HTTPException(
-            422, f"'reason' must be at most {REASON_MAX_CHARS} characters, without NUL"
-        )
-    return reason
+    return text_of(body, "reason", default)
 
 
 async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
