@@ -1005,3 +1005,65 @@ async def test_a_bad_operator_request_is_refused_naming_it_and_changes_nothing(
             assert service.risk.operator_state.value == "active"
             halted = await http.post("/halt", json={"reason": "drill"}, headers=auth)
             assert halted.status_code == 200 and halted.json()["operator_reason"] == "drill"
+
+
+async def test_a_replica_elected_again_stores_what_its_stand_by_could_not_before_reading_the_ledger(
+    clock, market
+):
+    """An entry's store reaches the ledger, its reply lost; the lease goes, and the
+    stand-by's store of its withdrawal fails too (Postgres away). Elected again with no
+    other holder between, the replica stores that withdrawal before it reads the ledger:
+    the entry is read withdrawn, never taken for an order in flight and filled unsent, and
+    its row has one outcome."""
+    ledger = LostReplyLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0)
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await lost_reply(ledger, service, market.prediction(mint))
+        ledger.fail_next = True
+        lease = service.leader.lease
+        await lease.store.set_many({key: b"another replica"}, ttl=60.0)
+        await eventually(lambda: service.role == "standby", 10.0, what="the lease lost")
+        assert not ledger.fail_next, "the stand-by stored nothing"
+        await lease.store.delete_many([key])
+        await eventually(lambda: service.role == "active", 10.0, what="elected again")
+        assert service.reconciled == {} and service.risk.reservations == {}
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"].startswith("withdrawn unsent"), order
+        await clock.advance(1.0)
+        assert watch.count("order.filled") == 0 and not service.book.holds(mint)
+        assert [r.order_id for r in watch.payloads("order.rejected")] == [order["order_id"]]
+
+
+async def test_what_a_failed_stand_by_left_is_dropped_once_another_replica_holds_the_ledger(
+    clock, market, caplog
+):
+    """As above, but another replica read the ledger meanwhile: what the stand-by could
+    not store is that replica's to decide, and elected again this one stores none of it
+    behind its back (the entry, in flight as after a crash, keeps the one outcome the
+    ledger gives it)."""
+    ledger = LostReplyLedger()
+    service = trading(ledger, trading_lease_ttl_s=1.0, trading_predecessor_wait_s=0.05)
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await lost_reply(ledger, service, market.prediction(mint))
+        ledger.fail_next = True
+        lease = service.leader.lease
+        await lease.store.set_many({key: b"another replica"}, ttl=60.0)
+        await eventually(lambda: service.role == "standby", 10.0, what="the lease lost")
+        await ledger.load(remembered=10, holder="another replica")
+        caplog.clear()
+        await lease.store.delete_many([key])
+        await eventually(lambda: service.role == "active", 10.0, what="elected again")
+        [order] = await ledger.orders(limit=10)
+        assert service.reconciled == {order["order_id"]: "resubmitted"}
+        assert watch.count("order.rejected") == 0
+        await clock.advance(1.0)
+        [fill] = watch.payloads("order.filled")
+        assert fill.order_id == order["order_id"] and service.book.holds(mint)
+        [stored] = await ledger.orders(limit=10)
+        assert stored["state"] == "filled"
+        assert any("another replica took over" in r.getMessage() for r in caplog.records)

@@ -46,7 +46,10 @@ every order, fill and position.
   refuses the predecessor's commits), reconciles every order
   whose outcome is unknown, loads the token views its predecessor stored
   (:mod:`pumpflow.trading.context`), and only then consumes. The others stand by, ready,
-  unsubscribed; one takes over within the lease's TTL of the holder's death.
+  unsubscribed; one takes over within the lease's TTL of the holder's death. What a
+  replica standing by could not store (Postgres away) it stores as it takes over again,
+  before it reads the ledger, unless another replica read the ledger meanwhile: then it
+  is that one's, as after a crash.
   Scaling further would shard the capital: N traders, each with its own lease, its
   1/N of the capital and limits, and the tokens split between them by mint hash.
 - Timers on the injected clock (every ``trading_tick_s``, one loop a leadership
@@ -479,6 +482,10 @@ class TradingService(Service):
         ctx = self._ctx
         assert ctx is not None and self.ledger is not None
         async with self._lock:
+            if self._backlog or self._gone or self._holding:
+                # the last stand-by failed to store them: stored before the ledger is
+                # read, an entry its lost commit stored reads withdrawn, not in flight
+                await self._store_last_changes()
             self._build()
             self._undecided = []
             self._withdrawn = 0
@@ -649,27 +656,36 @@ class TradingService(Service):
                     step = _Step()
                     step.change.outcomes += self.executor.progress()
                     self._backlog.append(step)
-                await self._flush()
-                if self._gone:
-                    # the next holder would publish them again: copies, but needless
-                    await self.ledger.published(self._gone, holder=self._writer)
-                    self._gone = []
-                if self._holding:
-                    # the next holder reads the ledger once it knows the withdrawals are in it
-                    await self.ledger.stood_by(self._writer)
-                    self._holding = False
-            except Superseded:
-                # the next holder read the ledger: it decides the unacknowledged events
-                # again and publishes the outbox; what is left here is no one's
-                log.warning(
-                    "trading: another replica took over before the last %d changes were "
-                    "stored: they are left to it", len(self._backlog),
-                )  # fmt: skip
-                self._backlog = []
-                self._unpublished = []
-                self._holding = False
+                await self._store_last_changes()
             except Exception:
-                log.exception("trading: storing the last changes failed; the ledger reconciles")
+                log.exception(
+                    "trading: storing the last changes failed; this replica stores them as "
+                    "it takes over again, unless another has read the ledger meanwhile"
+                )
+
+    async def _store_last_changes(self) -> None:
+        """Store what standing by leaves (the waiting steps, the events published, the
+        stand-by itself), fenced as every write of this replica. Refused because another
+        replica read the ledger since, it is left to that one: it decides the
+        unacknowledged events again and publishes the outbox."""
+        try:
+            await self._flush()
+            if self._gone:
+                # the next holder would publish them again: copies, but needless
+                await self.ledger.published(self._gone, holder=self._writer)
+                self._gone = []
+            if self._holding:
+                # the next holder reads the ledger once it knows the withdrawals are in it
+                await self.ledger.stood_by(self._writer)
+                self._holding = False
+        except Superseded:
+            log.warning(
+                "trading: another replica took over before the last %d changes were "
+                "stored: they are left to it", len(self._backlog),
+            )  # fmt: skip
+            self._backlog = []
+            self._unpublished = []
+            self._holding = False
 
     def _withdraw_unsent(self) -> int:
         """Take the orders out of the steps waiting to be stored (none of them sent: a
