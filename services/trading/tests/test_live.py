@@ -953,3 +953,37 @@ async def test_an_unbooked_trade_outlives_a_take_over_until_the_operator_acknowl
                 assert (await http.get("/positions")).json()["unbooked_wallet_trades"] == []
         assert await ledger.unbooked(since=0.0, limit=10) == []
         assert len(api.requests) == 1
+
+
+async def test_an_order_sent_once_postgres_is_back_waits_its_full_confirmation_from_the_send(
+    clock, market
+):
+    """An entry decided while Postgres is away is stored and sent once it is back, past
+    the confirmation wait counted from its decision: its trade is awaited from the send,
+    not given up unconfirmed while its call is in flight (the answer's signature would
+    name no order, and the wallet's buy would be booked to nothing)."""
+    ledger = BlinkingLedger()
+    async with fake_trade_api("slow") as api:
+        service = live(ledger, api)
+        async with running(clock, service) as (bus, watch):
+            mint = await ready(bus, market)
+            ledger.failures = 1_000_000
+            with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+                await service.on_events([market.prediction(mint)])
+            await clock.advance(CONFIRM_S + 1)
+            assert api.requests == []
+            ledger.failures = 0
+            await clock.advance(service.settings.trading_tick_s)
+            [request] = watch.payloads("order.requested")
+            await eventually(lambda: len(api.requests) == 1, what="the entry's call")
+            assert watch.count("order.rejected") == 0
+            api.answer()
+            await answered(service, api)
+            [call] = api.requests
+            ours = market.tokens.buy(mint, WALLET, sol=request.sol_amount, signature=call.signature)
+            await publish(bus, ours)
+            [fill] = watch.payloads("order.filled")
+            assert fill.order_id == request.order_id and fill.signature == call.signature
+            assert service.book.holds(mint) and watch.count("order.rejected") == 0
+            assert service.metrics.unbooked_trades("wallet_trade") == 0
+        assert len(api.requests) == 1

@@ -208,7 +208,8 @@ class LiveExecutor:
                 order_id=order.order_id,
                 mint=order.mint,
                 side=order.side,
-                deadline=time + self.execution.confirm_s,
+                # from the send: a store retried while Postgres was away sends it late
+                deadline=self.clock.now() + self.execution.confirm_s,
                 sent_at=time,
                 position_id=order.position_id,
                 amount=float(amount),
