@@ -987,3 +987,62 @@ async def test_an_order_sent_once_postgres_is_back_waits_its_full_confirmation_f
             assert service.book.holds(mint) and watch.count("order.rejected") == 0
             assert service.metrics.unbooked_trades("wallet_trade") == 0
         assert len(api.requests) == 1
+
+
+async def test_a_trade_its_answer_settled_is_booked_by_a_replica_standing_by_before_a_tick(
+    clock, market
+):
+    """The entry's trade shows before its answer, which then settles it; the replica
+    stands by before its next timed round. The fill is stored as it stands by: the
+    trade's delivery was acknowledged, so the next holder never sees it again and would
+    give the order up unconfirmed while the wallet holds its tokens."""
+    async with fake_trade_api("slow") as api:
+        async with entered(clock, market, api) as first:
+            await eventually(lambda: len(api.requests) == 1, what="the entry's call")
+            [call] = api.requests
+            request = first.request
+            ours = market.tokens.buy(
+                first.mint, WALLET, sol=request.sol_amount, signature=call.signature
+            )
+            await publish(first.bus, ours)
+            api.answer()
+            await answered(first.service, api)
+        ledger, mint = first.ledger, first.mint
+        order = await order_of(ledger)
+        assert order["state"] == "filled" and order["signature"] == call.signature
+
+        second = live(ledger, api)
+        async with running(clock, second) as (_, watch):
+            assert second.reconciled == {}
+            assert second.book.holds(mint) and second.risk.reservations == {}
+            await clock.advance(CONFIRM_S + 1)
+            assert watch.count("order.rejected") == 0
+        assert len(api.requests) == 1
+
+
+async def test_a_trade_showing_while_the_answer_is_awaited_is_booked_by_a_replica_standing_by(
+    clock, market
+):
+    """The entry's trade shows while its call awaits the answer; the replica stands by,
+    cutting the call short. No answer will come: the trade, consistent with the order,
+    is its fill, stored as the replica stands by (its delivery was acknowledged, and the
+    next holder would give the order up unconfirmed while the wallet holds its tokens)."""
+    async with fake_trade_api("slow") as api:
+        async with entered(clock, market, api) as first:
+            await eventually(lambda: len(api.requests) == 1, what="the entry's call")
+            [call] = api.requests
+            request = first.request
+            ours = market.tokens.buy(
+                first.mint, WALLET, sol=request.sol_amount, signature=call.signature
+            )
+            await publish(first.bus, ours)
+            assert first.watch.count("order.filled") == 0
+        ledger, mint = first.ledger, first.mint
+        order = await order_of(ledger)
+        assert order["state"] == "filled" and order["signature"] == call.signature
+
+        second = live(ledger, api)
+        async with running(clock, second):
+            assert second.reconciled == {}
+            assert second.book.holds(mint) and second.risk.reservations == {}
+        assert len(api.requests) == 1

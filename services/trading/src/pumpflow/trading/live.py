@@ -332,9 +332,13 @@ class LiveExecutor:
         self.book.forget(mint)
 
     async def close(self) -> None:
-        """Stop the calls in flight (their orders stay in the ledger to reconcile)."""
-        calls = list(self.calls.values())
-        for call in calls:
+        """Stop the calls in flight (their orders stay in the ledger to reconcile); no
+        answer comes for them, so a trade of the wallet that showed meanwhile is settled
+        (:meth:`due` gives its fill)."""
+        calls = dict(self.calls)
+        for call in calls.values():
             call.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.gather(*calls.values(), return_exceptions=True)
+        for order_id in calls:
+            self.book.unanswered(order_id)
         await self.api.close()

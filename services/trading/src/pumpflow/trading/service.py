@@ -630,7 +630,7 @@ class TradingService(Service):
     async def _stand_by(self) -> None:
         """Stop trading (the lease is lost, or the service stops): what was decided is
         stored and published first; the next holder reloads from the ledger."""
-        self._leading = False
+        leading, self._leading = self._leading, False
         self._term += 1
         self.metrics.leading(False)
         if self._tick is not None:
@@ -655,6 +655,12 @@ class TradingService(Service):
                     await self.executor.close()
                     step = _Step()
                     step.change.outcomes += self.executor.progress()
+                    if leading:
+                        # fills the answers settled since the last round: their trades'
+                        # deliveries are acknowledged, so the next holder never sees them
+                        for outcome in self.executor.due(self._ctx.clock.now()):
+                            self._book(outcome, None, step)
+                        self._note_unbooked(step)
                     self._backlog.append(step)
                 await self._store_last_changes()
             except Exception:
