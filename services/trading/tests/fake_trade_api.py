@@ -1,6 +1,6 @@
 """A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
 
-It answers as the reference says the real one does, in one of seven behaviours chosen
+It answers as the reference says the real one does, in one of eight behaviours chosen
 by :attr:`FakeTradeApi.behaviour`:
 
 - ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
@@ -13,7 +13,9 @@ by :attr:`FakeTradeApi.behaviour`:
 - ``slow``: 200 with a signature, once the test calls :meth:`FakeTradeApi.answer`
   (the transaction left at once: its trade may show on the stream before the answer);
 - ``trickle``: 200 whose body comes a blank every 50 ms (each read well within a
-  client's read timeout) until the fake stops: an answer that never ends.
+  client's read timeout) until the fake stops: an answer that never ends;
+- ``unsigned``: 200 ``{"errors": []}``, accepted with no signature (the transaction
+  left or not: the reference documents no such answer).
 
 Every request is kept (its body and its key) so tests see what was sent, and how often.
 """
@@ -35,7 +37,7 @@ from starlette.routing import Route
 from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.servers import local_app
 
-Behaviour = Literal["success", "error", "timeout", "silent", "held", "slow", "trickle"]
+Behaviour = Literal["success", "error", "timeout", "silent", "held", "slow", "trickle", "unsigned"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +79,8 @@ class FakeTradeApi:
             return JSONResponse({"errors": ["Simulation failed"]}, status_code=400)
         if behaviour == "slow":
             await self._answer.wait()
+        if behaviour == "unsigned":
+            return JSONResponse({"errors": []})
         if behaviour == "error":
             return JSONResponse(
                 {"errors": ["Simulation failed: insufficient funds for the trade"]},

@@ -393,6 +393,25 @@ async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resen
         assert len(api.requests) == 1
 
 
+async def test_an_accepted_answer_without_a_signature_leaves_the_outcome_unknown(clock, market):
+    """A 200 naming no signature and no error: the transaction may have left, so the
+    order is not refused (its capital released while the wallet may hold the tokens,
+    booked to nothing); it waits for its trade, which fills it."""
+    async with fake_trade_api("unsigned") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        await clock.advance(service.settings.trading_tick_s)
+        order = await order_of(run.ledger)
+        assert order["state"] == "unknown" and order["signature"] is None, order
+        assert run.watch.count("order.rejected") == 0
+        assert service.risk.reservations.keys() == {order["order_id"]}
+        ours = market.tokens.buy(run.mint, WALLET, sol=run.request.sol_amount)
+        await publish(run.bus, ours)
+        [fill] = run.watch.payloads("order.filled")
+        assert fill.order_id == run.request.order_id and service.book.holds(run.mint)
+        assert len(api.requests) == 1
+
+
 async def test_an_answer_that_never_ends_is_no_answer_within_the_answer_timeout(clock, market):
     """Each read of the body comes within the read timeout, the body never ends: the
     answer's wait is bounded as a whole, the order's outcome unknown, never resent."""

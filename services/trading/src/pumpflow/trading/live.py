@@ -53,8 +53,9 @@ class ApiAnswer:
     """What one call of the trade API came back with.
 
     ``signature``: a transaction exists (pending, whatever the status said);
-    ``refused``: an answer without a signature, nothing was sent; ``unknown``: no
-    answer (a timeout, a connection lost after the request left, a server error).
+    ``refused``: nothing was sent (no connection, a client error without a signature);
+    ``unknown``: no answer (a timeout, a connection lost after the request left), a
+    server error, a garbled answer or an acceptance without its signature.
     """
 
     kind: Literal["signature", "refused", "unknown"]
@@ -126,15 +127,20 @@ class TradeApi:
         detail = f"HTTP {response.status_code}"
         if errors:
             detail += f": {errors}"
-        elif answer is None:
+        elif not isinstance(answer, dict):
             detail += f": {response.text}"
         detail = self._clean(detail)
         if isinstance(signature, str) and signature:
             return ApiAnswer(
                 kind="signature", detail=detail, signature=signature, status=response.status_code
             )
-        if response.status_code >= 500 or answer is None:
-            # a server error or a garbled answer may come after the transaction left
+        if (
+            response.status_code >= 500
+            or not isinstance(answer, dict)
+            or (response.is_success and not errors)
+        ):
+            # a server error, a garbled answer or an acceptance without its signature may
+            # come after the transaction left
             return ApiAnswer(kind="unknown", detail=detail, status=response.status_code)
         return ApiAnswer(kind="refused", detail=detail, status=response.status_code)
 
