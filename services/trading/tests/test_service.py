@@ -130,6 +130,38 @@ async def test_predictions_without_an_order_are_counted_by_reason_with_its_limit
             assert type(pnl[name]) is float, (name, pnl[name])
 
 
+async def test_reasons_naming_an_order_or_a_token_are_counted_as_one(clock, market):
+    """A reason naming an order or a token (a copy of a decided prediction, a breaker's
+    trip) is counted under one entry for all of them, not one a name: the counts would
+    grow for good."""
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, watch):
+        for _ in range(2):
+            prediction = market.prediction(await ready(bus, market))
+            await publish(bus, prediction)
+            await clock.advance(1.0)
+            opened = watch.payloads("position.opened")[-1]
+            sale = ExitOrder(
+                order_id=f"{opened.position_id}:exit:1",
+                mint=opened.mint,
+                position_id=opened.position_id,
+                token_amount=opened.token_amount,
+            )
+            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+            await clock.advance(1.0)
+            assert not service.book.holds(opened.mint)
+            await publish(bus, prediction)  # a copy, decided again: its order exists
+        reasons = service.pnl()["no_order_reasons"]
+        assert reasons == {"order <id> sent already": 2}, reasons
+        mint = await ready(bus, market)
+        good = market.tokens.buy(mint, "bob", sol=0.1)
+        bad = market.tokens.buy(mint, "eve", sol=0.1, marketCapSol=good.data.marketCapSol * 1.01)
+        await publish(bus, good, bad)
+        await publish(bus, market.prediction(mint))
+        [halted] = [r for r in service.pnl()["no_order_reasons"] if r.startswith("trading")]
+        assert "<id>" in halted and mint not in halted, halted
+
+
 async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):
     service = trading(MemoryLedger())
     async with running(clock, service) as (bus, watch):

@@ -178,6 +178,9 @@ _CONTEXT = (
     ModelPrediction,
 )
 _REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
+#: names in a reason (a mint, an order id: words of 12 characters and more, of letters
+#: and digits both), counted as one
+_REASON_NAMES = re.compile(r"\b(?=[\w:-]*\d)(?=[\w:-]*[A-Za-z])[\w:-]{12,}")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
 #: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
@@ -970,13 +973,15 @@ class TradingService(Service):
         return {"acknowledged": acknowledged, "unbooked_wallet_trades": await self.unbooked_view()}
 
     def _note_skip(self) -> None:
-        """Count why a prediction ordered nothing (each reason, numbers left out)."""
+        """Count why a prediction ordered nothing (each reason, its value and the names in
+        it left out)."""
         decision = self.engine.last_decision
         if decision is None:
             return  # a shadow arm's
         for reason in decision.reasons or ("no order",):
             # the observed value comes first and varies; the limits after it are settings
-            self.skipped[_REASON_NUMBERS.sub("#", reason, count=1)] += 1
+            named = _REASON_NAMES.sub("<id>", reason)
+            self.skipped[_REASON_NUMBERS.sub("#", named, count=1)] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
         """A sale the exit service ordered: stored, then executed (never twice), for no
