@@ -480,6 +480,39 @@ async def test_unreachable_server_is_retried_until_it_appears(bus_and_events, ca
     await manager.stop()
 
 
+async def test_a_server_away_for_over_a_thousand_attempts_is_still_retried(bus_and_events, caplog):
+    """The backoff's ceiling holds however many attempts failed (the feed never gives up)."""
+    bus, _ = bus_and_events
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = Peer()
+    peer.url = f"ws://127.0.0.1:{port}/api/data"
+    feed, manager = make_feed(peer, bus, backoff_max_s=0.001)
+    await feed.connect()
+
+    def failed_attempts() -> int:
+        return sum(
+            1
+            for r in caplog.records
+            if r.name == "pumpflow.feed.socket_feed" and r.msg.startswith("connect to %s failed")
+        )
+
+    # 2**1024 has no float: a backoff computed as one would end the connection loop there
+    await eventually(
+        lambda: failed_attempts() >= 1100,
+        within=30,
+        what="1,100 failed connection attempts",
+        details=lambda: f"{failed_attempts()} so far; connection loop done: {feed._task.done()}",
+    )
+    async with serve(peer.handler, "127.0.0.1", port):
+        await asyncio.wait_for(feed.wait_connected(), 5)
+        await peer.until(lambda: "subscribeNewToken" in peer.methods())
+    await manager.stop()
+
+
 async def test_sliding_window_never_exceeds_the_rate():
     now = [0.0]
     limiter = SlidingWindowLimiter(3, monotonic=lambda: now[0])

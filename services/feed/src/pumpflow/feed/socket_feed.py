@@ -110,6 +110,8 @@ MAX_TRANSPORT_BYTES = 2 * MAX_READ_BYTES
 NOTICE_PREFIX_CHARS = 512
 #: close code of a connection closed because a frame exceeded MAX_TRANSPORT_BYTES
 _MESSAGE_TOO_BIG = 1009
+#: doublings of the reconnect backoff counted at most (far past any ceiling)
+_MAX_DOUBLINGS = 1000
 
 
 def bounded_text(text: str, size: int, limit: int = NOTICE_PREFIX_CHARS) -> str:
@@ -466,7 +468,10 @@ class SocketDataFeed(DataFeedInterface):
 
     def _backoff(self, attempt: int) -> float:
         config = self.config
-        ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2 ** max(0, attempt - 1))
+        # 2 ** 1024 has no float: unbounded, the exponent would end the connection loop
+        # after 1,024 failed attempts (hours of an outage at the cap)
+        doublings = min(max(0, attempt - 1), _MAX_DOUBLINGS)
+        ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2.0**doublings)
         # "equal jitter": at least half the ceiling, so retries never hammer the server
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
