@@ -458,3 +458,43 @@ async def test_a_restart_restores_the_window_and_goes_on_above_every_stored_seq(
     ]
     await manager.stop()
     await bus.close()
+
+
+@pytest.mark.postgres
+async def test_a_replica_leading_again_never_repeats_a_seq_its_successor_gave(pg_pool, metrics):
+    """Replica one numbers a mint, stands by while two numbers it further, and leads again
+    after the mint went quiet for longer than the window: the mint goes on above two's."""
+    store = TokenEventStore(pg_pool)
+    clock = ReplayClock(10.0)
+    bus, got = await collecting_bus()
+    mint, other = base58_key("QUIET"), base58_key("OTHER")
+
+    def replica(source: str) -> tuple[DataFeedManager, ScriptedFeed]:
+        recorder = Recorder(store, publisher=bus, metrics=metrics)
+        manager = DataFeedManager(bus, config=FeedManagerConfig(source=source),
+                                  recorder=recorder, clock=clock, metrics=metrics)  # fmt: skip
+        feed = ScriptedFeed(clock)
+        manager.add_data_feed(feed)
+        return manager, feed
+
+    one, one_feed = replica("feed/one")
+    await one.start()
+    await one_feed.push(*(trade(mint, i) for i in range(3)))
+    await one.recorder.flush()
+    await one.disconnect()  # the lease is lost: it stands by, its numbering kept
+
+    two, two_feed = replica("feed/two")
+    await two.start()
+    await two_feed.push(*(trade(mint, i) for i in range(3, 6)))
+    await two.stop()
+
+    await clock.advance(2 * 3600.0)  # the mint is quiet for longer than the window
+    await one.start()  # leads again
+    await one_feed.push(trade(mint, 6), trade(other, 0))
+    await one.recorder.flush()
+    await bus.drain()
+    seqs = [e.seq for e in got if e.key == mint]
+    assert seqs[:6] == [1, 2, 3, 4, 5, 6]
+    assert len(seqs) == 7 and seqs[6] > 6, seqs
+    await one.stop()
+    await bus.close()

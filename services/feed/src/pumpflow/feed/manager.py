@@ -166,6 +166,11 @@ class DataFeedManager:
                     # without a clock no mint's age is known: the floor alone stands
                     now = self._clock.now()
                     since = None if window is None else now - window
+                    if since is not None:
+                        # a mint held since this replica last led may have been numbered
+                        # further by the one that led meanwhile, out of the window now:
+                        # it goes on above the floor, not from where this one left it
+                        self.sequencer.retire_idle(since)
                     self.sequencer.restore(await store.last_seq_by_mint(since=since), at=now)
             self.republished += await recorder.recover()
             await recorder.start()
