@@ -17,7 +17,7 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.feed.service import ACCOUNTS_KEY, LEASE_NAME, FeedService
+from pumpflow.feed.service import ACCOUNTS_KEY, LEASE_NAME, MINTS_KEY, FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
 from pumpflow.simulator.market import Market, MarketConfig
@@ -199,6 +199,42 @@ async def test_a_standby_taking_over_lets_go_of_a_wallet_it_heard_announced_too_
         assert second.subscriptions()["accounts"] == []
         await eventually(lambda: second.socket.pending_messages == 0)
         assert not any("walletW" in client.accounts for client in server._clients)
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+async def test_a_mint_unsubscribed_while_no_replica_held_the_lease_stays_unsubscribed():
+    """The holder kept a mint it subscribed on its creation for a successor, then lost
+    the lease (as a crashed one does) before it could save again; the mint's unsubscribe
+    came meanwhile, and the standby, which never knew the mint, is the one taking over:
+    it must not subscribe the mint again from what the holder kept."""
+    server, bus, store, _events, first, second = await two_replicas()
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+
+        async def kept_by_the_holder_only() -> str | None:
+            saved = await store.get(MINTS_KEY)
+            mints = set(saved.decode().split()) if saved else set()
+            return next(iter(sorted(mints - second.socket.active_mints)), None)
+
+        mint = await eventually(kept_by_the_holder_only, what="a mint kept for a successor")
+        await store.delete_if_equal("lease:" + LEASE_NAME, first.leader.holder.encode())
+        thief = Lease(store, LEASE_NAME, "thief", 60.0)
+        assert await thief.acquire()
+        await eventually(lambda: first.role == "standby" and not first.socket.is_connected)
+        command = FeedSubscription(action="unsubscribe", mints=(mint,), reason="inactive")
+        await bus.publish(make_event(command, source="activity/test", time=1.0))
+        await eventually(lambda: mint not in first.socket.active_mints)
+        await first.stop()
+        await thief.release()
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 4)
+        assert second.role == "active"
+        assert mint not in second.socket.active_mints
+        await eventually(lambda: second.socket.pending_messages == 0)
+        assert not any(mint in client.mints for client in server._clients)
     finally:
         await first.stop()
         await second.stop()

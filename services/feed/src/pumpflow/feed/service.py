@@ -74,6 +74,10 @@ LEASE_NAME = "feed:pumpportal"
 MINTS_KEY = "feed:pumpportal:mints"
 #: the wallets whose trades the lease holder streams, for the replica that takes over
 ACCOUNTS_KEY = "feed:pumpportal:accounts"
+#: lease TTLs an unsubscribe is remembered: the holder saves the mints every third of a
+#: TTL, and a successor takes over within a TTL (the lease running out), a campaign
+#: interval and a TTL of settling
+UNSUBSCRIBED_HELD_TTLS = 4
 
 
 class FeedService(Service):
@@ -107,6 +111,10 @@ class FeedService(Service):
         #: what the store holds under each key this holder keeps for a successor, as it
         #: last wrote or read it: a renewal writes only what changed
         self._saved: dict[str, bytes] = {}
+        #: mints a command unsubscribed -> when (time.monotonic()), oldest first: the
+        #: holder may have kept them for a successor before it heard the command (and a
+        #: standby never knew the mints subscribed on their creation)
+        self._unsubscribed: dict[str, float] = {}
 
     @property
     def role(self) -> str:
@@ -189,7 +197,10 @@ class FeedService(Service):
         """Continue where the last holder stopped: subscriptions, seq, unconfirmed events."""
         saved = await self.leader.store.get(MINTS_KEY)
         if saved:
-            await self.manager.subscribe_to_token(saved.decode().split())
+            self._forget_unsubscribed()
+            await self.manager.subscribe_to_token(
+                [mint for mint in saved.decode().split() if mint not in self._unsubscribed]
+            )
         accounts = await self.leader.store.get(ACCOUNTS_KEY)
         if accounts:
             wallets = accounts.decode().split()
@@ -242,17 +253,29 @@ class FeedService(Service):
                      self.settings.feed_account_ttl_s)  # fmt: skip
             await self.manager.unsubscribe_from_accounts(expired)
 
+    def _forget_unsubscribed(self) -> None:
+        """Let go of the unsubscribes any holder has saved, or any successor heard, by now."""
+        horizon = UNSUBSCRIBED_HELD_TTLS * self.settings.feed_lease_ttl_s
+        expire_before(self._unsubscribed, time.monotonic() - horizon)
+
     async def on_command(self, event: Event) -> None:
         command: FeedSubscription = event.data
         if self.manager is None:
             return
         if command.action == "unsubscribe":
+            now = time.monotonic()
+            for mint in command.mints:
+                self._unsubscribed.pop(mint, None)  # asked again: the newest
+                self._unsubscribed[mint] = now
+            self._forget_unsubscribed()
             await self.manager.unsubscribe_from_token(command.mints)
             if command.accounts:
                 for wallet in command.accounts:
                     self._announced.pop(wallet, None)
                 await self.manager.unsubscribe_from_accounts(command.accounts)
         else:
+            for mint in command.mints:
+                self._unsubscribed.pop(mint, None)
             await self.manager.subscribe_to_token(command.mints)
             if command.accounts:
                 now = self._clock.monotonic()
