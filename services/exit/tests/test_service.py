@@ -229,3 +229,28 @@ async def test_an_outage_of_the_records_as_a_sale_settles_is_waited_out():
         assert report.data.reason == "take_profit_1"
         stored = {o["order_id"]: o["state"] for o in await records.orders(limit=10)}
         assert stored == {order.order_id: "filled"}
+
+
+async def test_tokens_added_after_a_sale_filled_are_sold_with_the_rest():
+    """A take-profit step sold a quarter, then trading adds to the position: the rules
+    sell everything held, the tokens added included (not the holding less the sale)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        await take_profit(bus, tokens, clock, mint, position.data.entry_price)
+        [step] = watch.payloads("exit.order")
+        assert step.token_amount == pytest.approx(HELD * 0.25)
+        await bus.publish(filled(step, tokens.curves[mint].price, clock.now()))
+        fields = msgspec.structs.asdict(position.data)
+        sold = PositionUpdated(**{**fields, "token_amount": HELD * 0.75})
+        await bus.publish(make_event(sold, source="trading/test", time=clock.now()))
+        # a second entry into the token (trading's add_to_positions): half as much again
+        added = PositionUpdated(**{**fields, "token_amount": HELD * 1.25})
+        await bus.publish(make_event(added, source="trading/test", time=clock.now()))
+        await inactivity(bus, tokens, clock, mint, position.data.entry_price)
+        last = watch.payloads("exit.order")[-1]
+        assert last.reason == "inactivity"
+        assert last.token_amount == pytest.approx(HELD * 1.25)

@@ -51,7 +51,7 @@ and when (a close applied late may be from before the graceful exit began);
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 
@@ -451,7 +451,8 @@ class ExitProcessor:
         if outcome.side == "buy" or not is_exit_order(outcome.order_id):
             self._entry_outcome(state, outcome)
             return []
-        sale = state.pending.pop(outcome.order_id, None)
+        # pending while the rules run: its tokens are not taken for an entry added
+        sale = state.pending.get(outcome.order_id)
         position = state.position
         if isinstance(outcome, OrderFilled):
             if (
@@ -474,6 +475,7 @@ class ExitProcessor:
                 time=time,
             )
             self._rules(state, lambda ev: ev.rearm(decision) or [])
+        state.pending.pop(outcome.order_id, None)
         if self.on_outcome is not None:
             self.on_outcome(state.mint, outcome, sale, time)
         return []
@@ -546,9 +548,12 @@ class ExitProcessor:
             state.watch = evaluator.watch(state.mint)
         else:
             evaluator.adopt(watch)
-            if position.tokens > watch.bought:
-                # an entry added to it (trading's add_to_positions): the rules sell those too
-                evaluator.track(view, time=position.opened_at)
+            # held beyond what the rules left and their sales under way sell (the sales
+            # filled are no longer held): an entry added to it (trading's
+            # add_to_positions), and the rules sell those too
+            added = position.tokens - watch.left - state.pending_tokens
+            if added > watch.bought * 1e-9:
+                evaluator.track(replace(view, tokens=watch.bought + added), time=position.opened_at)
         try:
             return step(evaluator)
         finally:
