@@ -11,13 +11,14 @@ from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     OrderRequested,
+    PositionClosed,
     PositionOpened,
     PositionUpdated,
     TokenLifecycle,
     TokenTrade,
     make_event,
 )
-from pumpflow.common.exit import ExitProcessor
+from pumpflow.common.exit import ExitProcessor, held_view
 from pumpflow.common.keyed import UNCHANGED
 
 from .helpers import START
@@ -160,3 +161,47 @@ def test_a_sale_filled_and_delivered_again_counts_once_after_a_take_over():
     assert state.position.tokens == 8e5
     state = _apply(taken_over, state, updated)
     assert state.position.tokens == 8e5
+
+
+@pytest.mark.parametrize("late", ["opened", "updated"])
+def test_a_position_event_applied_late_after_its_close_holds_nothing(late: str):
+    """The keyed consumer applies an event whose seq was skipped when it comes (trading
+    published it again, say): a position's event applied after its close is of a
+    position trading no longer holds, so none is held here (held, the rules and the
+    graceful exit would order sales trading refuses, the exit waiting out its deadline)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    fields = dict(position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7)
+    state = _apply(processor, state, PositionOpened(**fields))
+    updated = PositionUpdated(**{**fields, "token_amount": 8e5})
+    state = _apply(processor, state, updated)
+    closed = PositionClosed(**{**fields, "token_amount": 0.0}, reason="sold")
+    state = _apply(processor, state, closed)
+    delivered = PositionOpened(**fields) if late == "opened" else updated
+    assert _apply(processor, state, delivered) is UNCHANGED
+    assert state.position is None
+    assert held_view(state) is None
+
+
+@pytest.mark.parametrize("outcome", ["refused", "landed"])
+def test_an_entry_ordered_late_after_its_outcome_is_not_in_flight(outcome: str):
+    """A buy's ``order.requested`` applied after its refusal, or after its fill and the
+    position it opened (its seq skipped, then delivered): the entry is over, not in flight
+    for good (its token would never retire)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    if outcome == "refused":
+        state = _apply(processor, state, OrderRejected(order_id="o1", mint=MINT, reason="limits"))
+    else:
+        filled = OrderFilled(
+            order_id="o1", mint=MINT, side="buy", token_amount=1e6, sol_amount=0.1,
+            price=1e-7, position_id="p",
+        )  # fmt: skip
+        state = _apply(processor, state, filled)
+        opened = PositionOpened(
+            position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7
+        )
+        state = _apply(processor, state, opened)
+    buy = OrderRequested(order_id="o1", mint=MINT, side="buy", sol_amount=0.1)
+    state = _apply(processor, state, buy)
+    assert state.entries == {}

@@ -12,6 +12,7 @@ from pumpflow.common.consumer import Record
 from pumpflow.common.events import (
     ExitOrder,
     OrderRejected,
+    PositionClosed,
     PositionUpdated,
     TokenLifecycle,
     make_event,
@@ -254,3 +255,28 @@ async def test_tokens_added_after_a_sale_filled_are_sold_with_the_rest():
         last = watch.payloads("exit.order")[-1]
         assert last.reason == "inactivity"
         assert last.token_amount == pytest.approx(HELD * 1.25)
+
+
+async def test_a_position_update_delivered_after_its_close_sells_nothing():
+    """Trading's update (seq 2) comes after the close (seq 3) that followed it: the
+    consumer applies it late, once; the position stays closed here, and no rule orders a
+    sale of it (trading would refuse it, the refusal giving the rule back, again and
+    again)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint = tokens.mint()
+        await bus.publish(tokens.created(mint, sol=5.0))
+        await bus.publish(tokens.buy(mint, "whale", sol=10.0))
+        position = opened(tokens, mint, tokens_held=HELD).data
+        fields = msgspec.structs.asdict(position)
+        updated = PositionUpdated(**{**fields, "token_amount": HELD / 2})
+        closed = PositionClosed(**{**fields, "token_amount": 0.0}, reason="sold by hand")
+        for payload, seq in ((position, 1), (closed, 3), (updated, 2)):
+            await bus.publish(make_event(payload, source="trading/test", time=clock.now(), seq=seq))
+        await service.consumer.flush()
+        assert service.positions() == []
+        await inactivity(bus, tokens, clock, mint, position.entry_price)
+        assert watch.count("exit.order") == 0

@@ -299,6 +299,8 @@ class ExitProcessor:
         data = event.data
         time = event.time
         if isinstance(data, PositionOpened | PositionUpdated):
+            if self._closed_here(state, data.position_id):
+                return UNCHANGED  # applied late (its seq came after the close's)
             self._held(state, data, time)
             self._landed(state)
             decisions = self._rules(state, lambda ev: [])
@@ -313,7 +315,12 @@ class ExitProcessor:
             self._landed(state)
             decisions = []
         elif isinstance(data, OrderRequested):
-            if data.side == "buy" and not is_exit_order(data.order_id):
+            # one applied late, after its outcome (its seq came after theirs), is over
+            if (
+                data.side == "buy"
+                and not is_exit_order(data.order_id)
+                and data.order_id not in state.ended
+            ):
                 state.entries.setdefault(data.order_id, False)
             decisions = []
         elif isinstance(data, TokenTrade):
@@ -505,6 +512,14 @@ class ExitProcessor:
             why = "" if orders else "all of it is ordered sold already"
         if self.on_request is not None:
             self.on_request(state.mint, event, orders[0] if orders else None, why)
+
+    @staticmethod
+    def _closed_here(state: ExitState, position_id: str) -> bool:
+        """Whether ``position_id`` is a position this mint held and closed (an entry's
+        order id that ended may be its position's id: held, it is not closed)."""
+        position = state.position
+        held = position is not None and position.position_id == position_id
+        return not held and position_id in state.ended
 
     @staticmethod
     def _entry_outcome(state: ExitState, outcome: OrderFilled | OrderRejected) -> None:
