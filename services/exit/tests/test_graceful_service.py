@@ -1483,3 +1483,32 @@ async def test_a_close_from_before_the_shutdown_applied_as_a_resumed_replica_wai
             assert records.run_positions[run.run_id][gone.position_id][0] == "withdrawn"
         finally:
             await second.stop()
+
+
+async def test_a_position_the_run_left_unsold_on_a_silent_token_gets_its_rules_again():
+    """The token's silence came due while the graceful exit sold (the rules decided
+    nothing then) and the run ended at its deadline with the position unsold, its
+    tranches unanswered: with no event of the token to come, the rules' timers sell it
+    once the run is over (cancelled during the run, none was set again: held for good)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(
+        records, exit_deadline_s=20.0, exit_order_timeout_s=0.5, exit_run_poll_s=0.02
+    )
+    async with embedded(clock, exits) as (system, watch):
+        mint = tokens.mint()
+        position = await hold(system.bus, tokens, mint, tokens_held=1e6)
+        await clock.advance(50.0)
+        shutdown = SystemShutdown(reason="test shutdown")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+        assert exits.summary.positions_left == 1
+        assert not any(":rule:" in o.order_id for o in watch.payloads("exit.order"))
+        await advancing(
+            clock,
+            lambda: any(o.position_id == position.position_id and ":rule:" in o.order_id
+                        for o in watch.payloads("exit.order")),
+            what="the rules' sale of the position left",
+            step=5.0,
+        )  # fmt: skip

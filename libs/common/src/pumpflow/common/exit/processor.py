@@ -111,6 +111,8 @@ _CURVE_POOL = "pump"
 _ENDED_KEPT = 32
 #: operators' sale requests a mint remembers (its latest), so a copy sells nothing
 _REQUESTS_KEPT = 32
+#: how often a held position's rules look again while a graceful exit halts them
+_HALTED_CHECK_S = 5.0
 #: lifecycle states that retire a token here once nothing of it is in play
 RETIRING = ("inactive", "graduated")
 
@@ -606,7 +608,11 @@ class ExitProcessor:
 
     def _arm(self, state: ExitState, effects: Effects) -> None:
         due = None
-        if state.watch is not None and state.position is not None and not self.halted:
+        if state.position is not None and self.halted:
+            # the rules decide nothing while a graceful exit sells; a position it leaves
+            # held is theirs again after it, though nothing of its token may come
+            due = effects.now + _HALTED_CHECK_S
+        elif state.watch is not None and state.position is not None:
             self.evaluator.adopt(state.watch)
             try:
                 due = self.evaluator.next_check_at(state.mint)
