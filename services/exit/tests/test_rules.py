@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -204,6 +204,69 @@ def test_a_failed_sale_is_rearmed_and_fires_again():
     ev.rearm(decision)
     assert ev.tokens_left(MINT) == TOKENS
     assert [d.rule for d in ev.on_mark(MINT, ENTRY * 0.6, START + 2)] == [STOP_LOSS]
+
+
+async def test_a_time_stop_refused_again_and_again_orders_again_less_and_less_often():
+    """A timer rule refused for good (an API error, a wallet short of SOL for fees) fires
+    again at once the first time, then 1, 2, 4 ... 30 s after each refusal: not at the
+    pace of the round trip to trading and back, spending the trade API's requests."""
+    clock = ReplayClock(START)
+    timed: list[ExitDecision] = []
+    rules = ExitRules(**{**_fields(PRICE_ONLY), "max_hold_s": 600.0})
+    ev = evaluator(rules, clock, timed.extend)
+    await clock.advance_to(START + 600)
+    gaps = []
+    for _ in range(9):
+        [decision] = timed
+        timed.clear()
+        refused_at = clock.now()
+        ev.rearm(replace(decision, time=refused_at))
+        await clock.advance_to(refused_at + 0.001)
+        if not timed:
+            await clock.advance_to(ev.next_check_at(MINT))
+        [again] = timed
+        assert again.rule == TIME_STOP and again.token_amount == TOKENS
+        gaps.append(round(again.time - refused_at, 3))
+    assert gaps == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0], gaps
+
+
+def test_marks_during_the_wait_after_refusals_order_nothing_then_the_rule_fires():
+    """The wait after repeated refusals holds every rule, the price ones too (a mark a
+    trade would otherwise order again each time); the marks still count, and the stop
+    loss fires on the first mark past the wait."""
+    ev = evaluator(PRICE_ONLY)
+    (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + 1)
+    ev.rearm(decision)
+    (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + 1.1)  # at once, the first time
+    ev.rearm(replace(decision, time=START + 1.2))  # refused again: 1 s to wait
+    assert ev.on_mark(MINT, ENTRY * 0.5, START + 1.5) == []
+    assert ev.on_mark(MINT, ENTRY * 0.4, START + 2.1) == []
+    [fired] = ev.on_mark(MINT, ENTRY * 0.4, START + 2.2)
+    assert fired.rule == STOP_LOSS and fired.mark_price == ENTRY * 0.4
+
+
+async def test_a_stop_loss_held_by_the_wait_fires_as_it_ends_on_a_silent_token():
+    clock = ReplayClock(START)
+    timed: list[ExitDecision] = []
+    ev = evaluator(PRICE_ONLY, clock, timed.extend)
+    for t in (1.0, 1.1):
+        await clock.advance_to(START + t)
+        (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + t)
+        ev.rearm(decision)
+    assert ev.next_check_at(MINT) == START + 2.1
+    await clock.advance_to(START + 2.1)
+    assert [(d.rule, d.time) for d in timed] == [(STOP_LOSS, START + 2.1)]
+
+
+def test_a_refusal_long_after_the_last_orders_again_at_once():
+    ev = evaluator(PRICE_ONLY)
+    for t in (1.0, 1.1):
+        (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + t)
+        ev.rearm(decision)
+    # waited 1 s; 45 s without a refusal since: the next one is retried at once
+    (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + 47)
+    ev.rearm(decision)
+    assert [d.rule for d in ev.on_mark(MINT, ENTRY * 0.6, START + 47.1)] == [STOP_LOSS]
 
 
 def test_the_default_rules_on_a_pump_and_dump():

@@ -39,6 +39,15 @@ class ExitSettings(CommonSettings):
     exit_quiet_s: float | None = Field(
         _RULES.quiet_s, description="a position whose token is silent this long is sold"
     )
+    exit_refused_retry_s: float = Field(
+        _RULES.refused_retry_s,
+        gt=0,
+        description="no rule sells for this long after a second refused sale in a row, "
+        "doubling with each refusal after",
+    )
+    exit_refused_retry_max_s: float = Field(
+        _RULES.refused_retry_max_s, gt=0, description="the longest wait after refused sales"
+    )
     exit_deadline_s: float = Field(
         _GRACEFUL.deadline_s,
         gt=0,
@@ -81,6 +90,8 @@ class ExitSettings(CommonSettings):
             max_hold_s=self.exit_max_hold_s,
             stale_after_s=self.exit_stale_after_s,
             quiet_s=self.exit_quiet_s,
+            refused_retry_s=min(self.exit_refused_retry_s, self.exit_refused_retry_max_s),
+            refused_retry_max_s=self.exit_refused_retry_max_s,
         )
 
     def graceful(self) -> GracefulExitConfig:

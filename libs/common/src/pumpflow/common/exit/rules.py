@@ -40,6 +40,14 @@ Defaults, from the market figures in docs/market.md:
   ``migrate`` frame, or its first trade on its pool when that frame never came) sells
   everything: after it the token trades on the PumpSwap pool, which paper trading only
   approximates and the curve's features no longer describe.
+- **Refused sales**: a sale the venue refused gives its tokens back and its rule fires
+  again: at once the first time (a refusal on slippage in a moving market wants the
+  new price), then, refused again, no rule fires for 1 s, doubling to 30 s while the
+  refusals go on (``refused_retry_s``, ``refused_retry_max_s``). A refusal for good (an
+  API error, a wallet short of SOL for the fees) would otherwise order again at the
+  pace of the round trip to trading, or of the token's trades, against PumpPortal's 25
+  requests a second that every sale shares; 30 s is half the silence that sells a
+  position (``quiet_s``). A refusal 30 s past the last wait starts again at once.
 
 A full exit takes what is left; of several rules due at once the first in
 :data:`FULL_EXIT_RULES` names it. Partial exits (ladder steps, decline) sell their
@@ -142,6 +150,10 @@ class ExitRules:
     quiet_s: float | None = 60.0
     #: share sold when the token migrates
     migration_fraction: float | None = 1.0
+    #: no rule fires for this long after a second refusal in a row, doubling with each
+    #: one after, to ``refused_retry_max_s``
+    refused_retry_s: float = 1.0
+    refused_retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         gains = [s.gain for s in self.take_profit]
@@ -164,6 +176,8 @@ class ExitRules:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not 0 < self.refused_retry_s <= self.refused_retry_max_s:
+            raise ValueError("need 0 < refused_retry_s <= refused_retry_max_s")
 
     def giveback(self, peak_gain: float) -> float | None:
         """The trailing stop's fall from the peak at this peak gain; None while unarmed."""
@@ -210,6 +224,10 @@ class RuleWatch(msgspec.Struct, kw_only=True):
     mark_price: float | None = None
     lifecycle: LifecycleState | None = None
     fired: set[str] = msgspec.field(default_factory=set)
+    #: no rule fires before this time (a wait after refused sales)
+    held_until: float = 0.0
+    #: the wait after the last refused sale (0: it was ordered again at once)
+    retry_s: float = 0.0
 
     @property
     def closed(self) -> bool:
@@ -287,6 +305,13 @@ class ExitEvaluator:
             return
         watch.left = min(watch.bought, watch.left + decision.token_amount)
         watch.fired.discard(decision.rule)
+        r = self.rules
+        if decision.time < watch.held_until + r.refused_retry_max_s:
+            # refused again soon after the last: wait longer before the rules order again
+            watch.retry_s = min(max(2 * watch.retry_s, r.refused_retry_s), r.refused_retry_max_s)
+        else:
+            watch.retry_s = 0.0
+        watch.held_until = decision.time + watch.retry_s
         self._arm(watch)
 
     def tracked(self) -> list[str]:
@@ -361,6 +386,8 @@ class ExitEvaluator:
     # ---------------------------------------------------------------- rules
 
     def _evaluate(self, watch: RuleWatch, time: float) -> list[ExitDecision]:
+        if time < watch.held_until:
+            return []
         for rule, reason in self._full_exits(watch, time):
             if rule not in watch.fired:
                 return [self._decide(watch, rule, 1.0, reason, time)]
@@ -458,6 +485,10 @@ class ExitEvaluator:
             # past it, marks check the stale rule; the timer is for a token that is silent
             if stale_at > self.clock.now():
                 due.append(stale_at)
+        if watch.held_until > self.clock.now():
+            # the rules look again as the wait after refused sales ends: a rule of price
+            # due meanwhile too, on a token that may not trade again
+            return max(min(due), watch.held_until) if due else watch.held_until
         return min(due) if due else None
 
     def _arm(self, watch: RuleWatch) -> None:
