@@ -205,3 +205,39 @@ def test_an_entry_ordered_late_after_its_outcome_is_not_in_flight(outcome: str):
     buy = OrderRequested(order_id="o1", mint=MINT, side="buy", sol_amount=0.1)
     state = _apply(processor, state, buy)
     assert state.entries == {}
+
+
+class _Ordering(_Effects):
+    def __init__(self):
+        self.orders = []
+
+    def emit(self, payload, *, time):
+        self.orders.append(payload)
+
+
+def test_a_rule_sale_refused_during_a_graceful_exit_is_the_rules_again_after_it():
+    """A take-profit step's sale is refused while a graceful exit halts the rules: its
+    tokens are the rules' again (not counted an entry added once the exit is over, which
+    would size the ladder's steps on more than was bought), and the step fires again."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    entry = state_from_frame(30.0, 1e9).price
+    opened = PositionOpened(
+        position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=entry
+    )
+    state = _apply(processor, state, opened)
+    effects = _Ordering()
+    processor.apply(state, make_event(_trade(48.0), source="feed/t", time=START), effects)
+    [step] = effects.orders
+    assert step.token_amount == pytest.approx(2.5e5)
+    processor.halted = True
+    refusal = OrderRejected(
+        order_id=step.order_id, mint=MINT, side="sell", reason="slippage", position_id="p"
+    )
+    state = _apply(processor, state, refusal)
+    processor.halted = False
+    effects = _Ordering()
+    processor.apply(state, make_event(_trade(48.5), source="feed/t", time=START + 1), effects)
+    [again] = effects.orders
+    assert again.token_amount == pytest.approx(2.5e5)
+    assert state.watch.bought == pytest.approx(1e6) and state.watch.left == pytest.approx(7.5e5)

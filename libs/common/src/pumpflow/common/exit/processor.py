@@ -483,7 +483,9 @@ class ExitProcessor:
                 reason=sale.reason,
                 time=time,
             )
-            self._rules(state, lambda ev: ev.rearm(decision) or [])
+            # halted too: a refusal during a graceful exit gives the rules back their
+            # tokens for after it (else taken for an entry added, the ladder resized)
+            self._rules(state, lambda ev: ev.rearm(decision) or [], deciding=False)
         state.pending.pop(outcome.order_id, None)
         if self.on_outcome is not None:
             self.on_outcome(state.mint, outcome, sale, time)
@@ -544,10 +546,17 @@ class ExitProcessor:
 
     # ---------------------------------------------------------------- rules
 
-    def _rules(self, state: ExitState, step: Callable[[ExitEvaluator], list[ExitDecision]]):
-        """Run one step of the rules over ``state``'s position (none while halted)."""
+    def _rules(
+        self,
+        state: ExitState,
+        step: Callable[[ExitEvaluator], list[ExitDecision]],
+        *,
+        deciding: bool = True,
+    ):
+        """Run one step of the rules over ``state``'s position: while halted, only a step
+        that decides nothing (``deciding`` False)."""
         position = state.position
-        if position is None or self.halted:
+        if position is None or (self.halted and deciding):
             return []
         evaluator = self.evaluator
         watch = state.watch
