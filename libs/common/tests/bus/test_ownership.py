@@ -214,6 +214,33 @@ async def test_partitions_move_between_subscriptions_in_order(harness, service):
         assert seqs == list(range(1, 41))
 
 
+async def test_a_partition_claimed_while_another_consumer_holds_it_waits_for_its_release(
+    harness, service
+):
+    """The consumer of a partition keeps it until it releases it, whoever claims it."""
+    bus = await harness.bus(partitions=2)
+    claimer, holder = Recorder(), Recorder()
+    claiming = Subscription(service=service, patterns=("token.*",), handler=claimer, partitions=())
+    holding = Subscription(service=service, patterns=("token.*",), handler=holder, partitions=())
+    other = await harness.bus(partitions=2)
+    await bus.subscribe(claiming)  # the claimer came first, and consumes nothing yet
+    await other.subscribe(holding)
+    await other.consume_partitions(holding, [0])
+    # a replica whose heartbeat failed keeps its partitions: another one claims them
+    await bus.consume_partitions(claiming, [0])
+    key = next(k for k in (f"mint{i}" for i in range(50)) if partition_of(k, 2) == 0)
+    for seq in (1, 2, 3):
+        await bus.publish(trade_event(key, seq))
+    await eventually(lambda: len(claimer.events) + len(holder.events) == 3)
+    assert [e.seq for e in holder.events] == [1, 2, 3]
+    assert not claimer.events
+    await other.release_partitions(holding, [0])
+    await bus.publish(trade_event(key, 4))
+    await eventually(lambda: len(claimer.events) == 1)
+    assert [e.seq for e in claimer.events] == [4]
+    assert [e.seq for e in holder.events] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------- replicas in memory
 
 FAST = OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)

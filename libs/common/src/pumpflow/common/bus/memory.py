@@ -196,12 +196,15 @@ class _Group:
         self.critical = _Lane(self, bus.dispatcher(service, CRITICAL), None)
 
     def assign(self) -> None:
-        """Give each shared lane to the first replica that consumes it."""
+        """Give each shared lane to the first replica that consumes it: its consumer keeps
+        it while it wants it (another replica claiming it waits for its release)."""
         for lane in (*self.partitions, self.critical):
+            current = lane.consumer
+            if current is not None and current in self.replicas and _wants(current, lane):
+                continue
             lane.consumer = None
             for replica in self.replicas:
-                wanted = replica.owned
-                if lane.partition is None or wanted is None or lane.partition in wanted:
+                if _wants(replica, lane):
                     lane.consumer = replica
                     break
             lane.wakeup.set()
@@ -212,6 +215,12 @@ class _Group:
     def lanes(self) -> list[_Lane]:
         own = [lane for r in self.replicas for lane in (r.broadcast, r.critical_broadcast)]
         return [*self.partitions, self.critical, *own]
+
+
+def _wants(replica: _Replica, lane: _Lane) -> bool:
+    """Whether ``replica`` consumes the shared ``lane``."""
+    wanted = replica.owned
+    return lane.partition is None or wanted is None or lane.partition in wanted
 
 
 def _dead_letter(lane: _Lane, event: Event, reason: str) -> DeadLetter:
