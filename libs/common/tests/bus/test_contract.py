@@ -1475,6 +1475,55 @@ async def test_rabbitmq_consumer_survives_a_dropped_connection(namespace, amqp_u
 
 
 @pytest.mark.rabbitmq
+async def test_rabbitmq_what_a_lost_connection_delivered_is_not_started_on_it_after_the_loss(
+    namespace, amqp_url, service
+):
+    """A lost channel's deliveries no handler took are the broker's again: the queue's
+    next consumer gets them, and the replica that lost them does not run them too."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    holder = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/1")
+    standby = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=1, source="test/2")
+    await holder.start()
+    await standby.start()
+    held: list[int] = []
+    release = asyncio.Event()
+
+    async def holding(event: Event) -> None:
+        held.append(event.seq)
+        if event.seq == 1:
+            await release.wait()
+
+    try:
+        await holder.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=holding)
+        )
+        took_over = Recorder()
+        await standby.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=took_over)
+        )
+        for seq in range(1, 6):  # one message each
+            await standby.publish(trade_event("mintL", seq))
+        # the holder runs 1 and has 2..5 delivered, waiting for it
+        await eventually(lambda: held == [1] and holder.describe()["unacked"] == 5)
+        bulk = holder._bulk_connection
+        lost = bulk.transport.connection
+        await lost.close(ConnectionError("simulated network failure"))
+        # the broker took 1..5 back and gave them to the next consumer of the queue
+        await eventually(lambda: [e.seq for e in took_over.events] == [1, 2, 3, 4, 5])
+        release.set()
+        await eventually(lambda: getattr(bulk.transport, "connection", lost) is not lost, within=20)
+        await eventually(holder.is_healthy, within=20, what="the holder healthy again")
+        assert await holder.drain(timeout=5)
+        assert held == [1]
+    finally:
+        release.set()
+        await standby.close()
+        await holder.delete_topology()
+        await holder.close()
+
+
+@pytest.mark.rabbitmq
 async def test_rabbitmq_a_replicas_broadcast_lane_outlives_the_loss_of_its_connection(
     namespace, amqp_url, service
 ):

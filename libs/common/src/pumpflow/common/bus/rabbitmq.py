@@ -1063,6 +1063,14 @@ class RabbitMQBus(EventBus):
                     consumer.reconsuming = asyncio.ensure_future(self._consume_again(consumer))
 
             channel.on_consumer_cancel_callbacks.add(cancelled)
+
+            def lost(_: asyncio.Future) -> None:
+                # what it delivered and no handler took is the broker's again, for the
+                # queue's next consumer (another replica, maybe): never started here
+                if consumer.consuming_on is channel:
+                    consumer.buffer.clear()
+
+            channel.closing.add_done_callback(lost)
         await self._basic_consume(consumer, channel)
 
     async def _basic_consume(
