@@ -31,7 +31,8 @@ from pumpflow.common.events import (
     encode_event,
     make_event,
 )
-from pumpflow.common.testing import eventually
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import RABBITMQ, BusHarness, eventually
 
 
 def trade(mint: str, n: int = 0) -> TokenTrade:
@@ -1744,3 +1745,63 @@ async def test_a_message_that_kills_one_replica_after_another_is_counted_once_fo
         await dead_lettered_once(service, "token.trade", "partition")
     finally:
         over.set()
+
+
+class AwayStore(MemoryStateStore):
+    """The delivery journals' store, failing as a store that went away while ``away``."""
+
+    away = False
+
+    async def add_member(self, key: str, member: str, ttl: float) -> int:
+        if self.away:
+            raise ConnectionError("the journal's store is away")
+        return await super().add_member(key, member, ttl)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("stop", ["release_partitions", "unsubscribe", "stop_consuming"])
+async def test_rabbitmq_a_redelivery_waiting_for_its_count_goes_back_when_its_lane_stops(
+    namespace, amqp_url, service, stop
+):
+    """While the journal's store is away a redelivered message waits for its count (its
+    lane with it); a lane that stops meanwhile hands it back, uncounted, at once."""
+    harness = BusHarness(RABBITMQ, namespace=namespace, amqp_url=amqp_url, partitions=1)
+    store = harness.journal_store = AwayStore()
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def blocks(event: Event) -> None:
+        started.append(event.seq)
+        await release.wait()
+
+    try:
+        crashed = await harness.bus()
+        await crashed.subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=blocks)
+        )
+        await crashed.publish(trade_event("mintJ", 1))
+        await eventually(lambda: started == [1])
+        # its process dies with it: the broker delivers it again, marked redelivered
+        for connection in crashed._connections():
+            await connection.close()
+        store.away = True
+        waiting = await harness.bus()
+        stopped = Subscription(service=service, patterns=("token.*",), handler=Recorder())
+        await waiting.subscribe(stopped)
+        await eventually(lambda: waiting.describe()["unacked"] == 1)
+        async with asyncio.timeout(5):
+            if stop == "release_partitions":
+                await waiting.release_partitions(stopped, [0])
+            elif stop == "unsubscribe":
+                await waiting.unsubscribe(stopped)
+            else:
+                await waiting.stop_consuming()
+        store.away = False
+        got = Recorder()
+        await (await harness.bus()).subscribe(
+            Subscription(service=service, patterns=("token.*",), handler=got)
+        )
+        await eventually(lambda: [e.seq for e in got.events] == [1])
+    finally:
+        release.set()
+        await harness.teardown()

@@ -343,8 +343,8 @@ class Dispatcher:
                 event_log.consumed(event, service=self.service, lane=self.lane, outcome="handled")
         return []
 
-    async def _pause(self, seconds: float, event: Event) -> None:
-        """Sleep ``seconds``; raise :class:`HandedBack` if the lane halts meanwhile."""
+    async def halted_within(self, seconds: float) -> bool:
+        """Sleep ``seconds``, less if the lane halts; True if it halted (before or meanwhile)."""
         if self._halted is None:
             self._halted = asyncio.Event()
         halted = self._halted
@@ -352,7 +352,11 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
                     await halted.wait()
-        if halted.is_set():
+        return halted.is_set()
+
+    async def _pause(self, seconds: float, event: Event) -> None:
+        """Sleep ``seconds``; raise :class:`HandedBack` if the lane halts meanwhile."""
+        if await self.halted_within(seconds):
             log.info(
                 "%s: %s id=%s handed back while waiting for a dependency",
                 self.service, event.type, event.id,

@@ -81,9 +81,9 @@ the attempt in its :class:`DeliveryJournal` (a service's: in Redis, one count fo
 replicas, outliving any of them; ``pumpflow.common.bus.journal``); past
 DELIVERY_LIMIT attempts it is dead-lettered instead of handled. While the journal's
 store is away the redelivered message waits (its lane with it), since it cannot be
-told from a poison one. Running alone keeps
-the count to the message the process died on: the healthy ones delivered with it are
-counted only if it dies while they run.
+told from a poison one; a lane that stops meanwhile hands it back, uncounted. Running
+alone keeps the count to the message the process died on: the healthy ones delivered
+with it are counted only if it dies while they run.
 
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
@@ -1374,7 +1374,7 @@ class RabbitMQBus(EventBus):
             return
         queue = consumer.queue_name
         message_id = _attempt_id(message)
-        attempts = await self._count_attempt(queue, message_id)
+        attempts = await self._count_attempt(consumer, message_id)
         if attempts > DELIVERY_LIMIT:
             reason = (
                 f"delivery limit: started {attempts} times and never settled "
@@ -1399,8 +1399,10 @@ class RabbitMQBus(EventBus):
         # not reached when the handler was cancelled: that delivery ended unsettled
         await self._forget_attempts(queue, message_id)
 
-    async def _count_attempt(self, queue: str, message_id: str) -> int:
-        """Count an attempt, waiting for the journal's store while it is away."""
+    async def _count_attempt(self, consumer: _Consumer, message_id: str) -> int:
+        """Count an attempt, waiting for the journal's store while it is away; raise
+        :class:`HandedBack` if the lane stops meanwhile (nothing started, nothing died)."""
+        queue = consumer.queue_name
         # one token for every try: a try whose reply was lost may have counted already
         token = uuid.uuid4().hex
         delay = JOURNAL_RETRY_INITIAL_S
@@ -1410,7 +1412,8 @@ class RabbitMQBus(EventBus):
             except Exception as exc:  # the store is unwell; CancelledError passes
                 log.warning("%s: counting a redelivery failed (%r); the message waits %.1f s",
                             queue, exc, delay)  # fmt: skip
-                await asyncio.sleep(delay)
+                if await consumer.dispatcher.halted_within(delay):
+                    raise HandedBack() from None
                 delay = min(JOURNAL_RETRY_MAX_S, delay * 2)
 
     async def _forget_attempts(self, queue: str, message_id: str) -> None:
