@@ -799,6 +799,42 @@ async def test_a_drain_when_consuming_stops_waits_for_running_handlers_only(bus,
     assert finished == [1]
 
 
+@pytest.mark.parametrize("window", [1, 4])
+async def test_a_stop_given_up_on_leaves_the_handlers_in_flight_to_the_drain(
+    harness, bus, service, window
+):
+    """Shutdown bounds its wait for a stop: the handlers in flight go on (they are not
+    cancelled with the wait), and the drain after it waits for them."""
+    gate = asyncio.Event()
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def handler(event: Event) -> None:
+        started.append(event.seq)
+        async with asyncio.timeout(10):
+            await gate.wait()
+        finished.append(event.seq)
+
+    old = Subscription(service=service, patterns=("token.*",), handler=handler, window=window)
+    await bus.subscribe(old)
+    await bus.publish(trade_event("mintG", 1))
+    await eventually(lambda: started == [1], what="the handler running")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bus.stop_consuming(), 0.1)
+    assert not await bus.drain(timeout=0.2)  # it still runs
+    gate.set()
+    assert await bus.drain(timeout=5)
+    assert finished == [1]
+    # the barrier: the next consumer of the service gets 2, and nothing before it
+    rest = Recorder()
+    new = Subscription(service=service, patterns=("token.*",), handler=rest)
+    resumed = await harness.restart_consumer(bus, old, new)
+    await resumed.start()
+    await resumed.publish(trade_event("mintG", 2))
+    await eventually(lambda: [e.seq for e in rest.events] == [2])
+    assert finished == [1]
+
+
 async def test_deliveries_of_a_window_handed_back_come_again_in_their_order(bus, service):
     """Handlers of a window waiting for a dependency when their partition is released
     hand their events back (the first to wait is the first to return): the next

@@ -335,7 +335,8 @@ class InMemoryBus(EventBus):
                     workers.append(lane.worker)
                     lane.worker = None
         if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+            # not cancelled with a stop given up on: their handlers go on, for the drain
+            await asyncio.wait(workers)
 
     async def close(self) -> None:
         await self.stop_consuming()

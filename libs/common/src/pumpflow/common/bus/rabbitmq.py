@@ -458,7 +458,8 @@ class RabbitMQBus(EventBus):
                 log.warning("cancelling consumer of %s: %r", consumer.queue_name, exc)
             consumer.tag = None
         if consumer.worker is not None:
-            await asyncio.gather(consumer.worker, return_exceptions=True)
+            # not cancelled with a stop given up on: its handlers go on, for the drain
+            await asyncio.wait({consumer.worker})
             consumer.worker = None
         await self._flush_ack(consumer)
         if consumer.buffer:
@@ -554,9 +555,10 @@ class RabbitMQBus(EventBus):
             return False
 
     def _idle(self) -> bool:
-        # a stopped consumer's late deliveries are the broker's again once its channel closes
+        # a stopped consumer's late deliveries are the broker's again once its channel
+        # closes; its handlers in flight are still waited for
         return all(
-            c.stopping or (not c.buffer and not c.in_flight and c.unacked is None)
+            not c.in_flight and c.unacked is None and (c.stopping or not c.buffer)
             for c in self._consumers
         )
 
@@ -1161,6 +1163,8 @@ class RabbitMQBus(EventBus):
                 await self._settle(consumer)
             if consumer.stopping and not (buffer and _begun(buffer[0])):
                 if not in_flight:
+                    # the stop waiting for this may have given up: ack what was handled
+                    await self._flush_ack(consumer)
                     return
             elif (
                 buffer
