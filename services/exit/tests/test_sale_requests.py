@@ -101,6 +101,29 @@ async def test_no_sale_without_the_position_asked_for_nor_during_a_graceful_exit
         assert watch.payloads("exit.order")[0].token_amount == pytest.approx(HELD)
 
 
+async def test_a_request_for_a_token_never_seen_leaves_no_key_behind():
+    """A mint mistyped, or of a token long gone: nothing is sold, and the key the request
+    made leaves memory and the partition's index (no lifecycle would ever retire it);
+    its record keeps the request's id for the retirement's TTL, so a copy sells
+    nothing should the token trade meanwhile."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    answers = []
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        service.processor.on_request = lambda mint, event, order, why: answers.append(why)
+        mint = tokens.mint()
+        typo = request(mint, time=clock.now())
+        await bus.publish(typo)
+        await service.consumer.flush()
+        assert answers == ["no position held"]
+        assert mint not in set(service.consumer.keys())
+        await hold(bus, tokens, mint, tokens_held=HELD)
+        await bus.publish(typo)
+        assert watch.count("exit.order") == 0 and answers == ["no position held"]
+
+
 async def test_a_refused_requested_sale_gives_its_tokens_back_to_the_rules():
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)

@@ -27,7 +27,8 @@ whose token retired before the barrier came is seen all the same, after a restar
 Retirement: exit sees every token's trades, so each token is a key here. A token retired
 by activity (``token.lifecycle`` to ``inactive`` or ``graduated``) with nothing in play
 here (no position, no entry in flight, no rule's sale unsettled, no graceful exit under
-way) leaves memory and the partition's index; its record stays ``retire_ttl_s``. A late
+way) leaves memory and the partition's index; its record stays ``retire_ttl_s`` (so
+does one an operator's request for a token never heard of made). A late
 event of it (a trade on its pool after the migration) loads it and lets it go again; a
 position, an entry or a lifecycle state past the retirement keeps it.
 
@@ -115,6 +116,21 @@ _REQUESTS_KEPT = 32
 _HALTED_CHECK_S = 5.0
 #: lifecycle states that retire a token here once nothing of it is in play
 RETIRING = ("inactive", "graduated")
+
+
+def _only_requested(state: ExitState) -> bool:
+    """Whether operators' requests are all ``state`` holds of its token (its market, if
+    it trades, is held apart: :attr:`ExitProcessor._unheld`)."""
+    return (
+        state.position is None
+        and state.lifecycle is None
+        and state.v_sol is None
+        and not state.migrated
+        and not state.entries
+        and not state.ended
+        and not state.rule_orders
+        and state.watch is None
+    )
 
 
 def rule_order_id(position_id: str, number: int) -> str:
@@ -353,6 +369,9 @@ class ExitProcessor:
             if event.id in state.requests:
                 return UNCHANGED  # a copy: it ordered its sale once
             self._requested(state, event, data, effects)
+            if _only_requested(state) and state.mint not in self._unheld:
+                # a mistyped mint, a token long gone: no lifecycle would retire its key
+                effects.retire(self.retire_ttl_s)
             decisions = []
         else:
             decisions = []
