@@ -207,6 +207,50 @@ def test_an_entry_ordered_late_after_its_outcome_is_not_in_flight(outcome: str):
     assert state.entries == {}
 
 
+@pytest.mark.parametrize("entry", ["opening", "adding"])
+def test_an_entrys_fill_delivered_after_its_position_closed_is_not_in_flight(entry: str):
+    """A buy's fill delivered again (a copy without a seq) or late, after the position it
+    opened or added to closed: the entry is over, not in flight for good (the token would
+    never retire, and a graceful exit would wait for it to its deadline)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    order_id = "p" if entry == "opening" else "o2"
+    filled = OrderFilled(
+        order_id=order_id, mint=MINT, side="buy", token_amount=1e6, sol_amount=0.1,
+        price=1e-7, position_id="p",
+    )  # fmt: skip
+    fields = dict(position_id="p", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7)
+    if entry == "adding":
+        state = _apply(processor, state, PositionOpened(**fields))
+    state = _apply(processor, state, filled)
+    state = _apply(processor, state, PositionUpdated(**fields))
+    assert state.entries == {}
+    state = _apply(processor, state, PositionClosed(**{**fields, "token_amount": 0.0}))
+    state = _apply(processor, state, filled)
+    assert state.entries == {} and state.position is None
+
+
+def test_a_position_a_refused_entry_opened_late_is_held():
+    """Live, an entry given up unconfirmed may still land: trading books its trade as the
+    order's late fill, and the position it opens bears the refused order's id. It is a
+    position like any other here (its id ended as an entry's, never closed)."""
+    processor = ExitProcessor(clock=ReplayClock(START))
+    state = processor.initial(MINT)
+    refused = OrderRejected(order_id="e", mint=MINT, side="buy", reason="unconfirmed")
+    state = _apply(processor, state, refused)
+    late = OrderFilled(
+        order_id="e", mint=MINT, side="buy", token_amount=1e6, sol_amount=0.1,
+        price=1e-7, position_id="e",
+    )  # fmt: skip
+    state = _apply(processor, state, late)
+    opened = PositionOpened(
+        position_id="e", mint=MINT, token_amount=1e6, cost_sol=0.1, entry_price=1e-7
+    )
+    state = _apply(processor, state, opened)
+    assert state.position is not None and state.position.position_id == "e"
+    assert held_view(state) is not None and state.entries == {}
+
+
 class _Ordering(_Effects):
     def __init__(self):
         self.orders = []

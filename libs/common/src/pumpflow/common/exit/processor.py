@@ -186,6 +186,9 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     entries: dict[str, bool] = {}
     #: entry order ids refused or landed as positions, position ids closed (the latest)
     ended: list[str] = []
+    #: position ids closed (the latest): an entry's id that ended may yet open one (a
+    #: refused entry's late fill), a closed position's never again
+    closed: list[str] = []
     #: ids of the operators' sale requests applied (the latest): a request carries no
     #: seq, so the consumer cannot tell its copy
     requests: list[str] = []
@@ -330,6 +333,9 @@ class ExitProcessor:
                 if self.on_closed is not None:
                     self.on_closed(state.mint, data.position_id, data.reason, time)
             _end(state, data.position_id)
+            if data.position_id not in state.closed:
+                state.closed.append(data.position_id)
+                del state.closed[:-_ENDED_KEPT]
             self._landed(state)
             decisions = []
         elif isinstance(data, OrderRequested):
@@ -538,17 +544,20 @@ class ExitProcessor:
 
     @staticmethod
     def _closed_here(state: ExitState, position_id: str) -> bool:
-        """Whether ``position_id`` is a position this mint held and closed (an entry's
-        order id that ended may be its position's id: held, it is not closed)."""
+        """Whether ``position_id`` is a position this mint held and closed."""
         position = state.position
         held = position is not None and position.position_id == position_id
-        return not held and position_id in state.ended
+        return not held and position_id in state.closed
 
     @staticmethod
     def _entry_outcome(state: ExitState, outcome: OrderFilled | OrderRejected) -> None:
         """An entry refused is gone; one filled waits for its position event, which trading
         publishes after the fill (until then the graceful exit has nothing to sell)."""
         if isinstance(outcome, OrderFilled) and outcome.token_amount > 0:
+            if outcome.order_id in state.ended and state.position is None:
+                # a copy or a late fill of an entry over: its position closed, or comes
+                # (a refused entry's late fill) and is held as it comes
+                return
             if outcome.side == "buy" or outcome.order_id in state.entries:
                 state.entries[outcome.order_id] = True
             return
