@@ -234,6 +234,31 @@ async def test_queue_depth_and_busy_gauges_move_and_stop_cancels_pending():
         pool.submit("A", noop)
 
 
+async def test_a_token_has_work_while_a_task_of_it_is_queued_or_running():
+    pool, _ = make_pool(workers=1)
+    gate = asyncio.Event()
+    waiting = asyncio.Event()
+
+    async def wait_gate():
+        waiting.set()
+        await gate.wait()
+
+    async def noop():
+        return None
+
+    await pool.start()
+    running = pool.submit("A", wait_gate)
+    queued = pool.submit("B", noop)
+    await waiting.wait()
+    assert pool.has_work("A") and pool.pending("A") == 0
+    assert pool.has_work("B") and not pool.has_work("C")
+    gate.set()
+    await asyncio.gather(running, queued)
+    await pool.join(5)
+    assert not pool.has_work("A") and not pool.has_work("B")
+    await pool.stop()
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         WorkerPoolConfig(workers=0)

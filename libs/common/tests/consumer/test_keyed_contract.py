@@ -1530,3 +1530,44 @@ async def test_a_publishers_first_event_is_stored_so_a_restored_record_knows_it(
     record = await pair.record(mint)
     assert record.applied == {"feed": 1, "scanner": UNAPPLIED_KEPT + 2}
     assert await pair.applied(mint) == [1, UNAPPLIED_KEPT + 2]
+
+
+@pytest.mark.parametrize("outbox", [False, True], ids=["published", "unpublished"])
+async def test_an_event_whose_history_is_read_while_its_key_retires_is_stored(pair, outbox):
+    """A key's work that waits (here for a publisher's history) holds the key: a commit
+    that stores the key's retirement meanwhile leaves it in memory, and the event is
+    stored and announced, the key live again. ``outbox``: the retirement's commit
+    publishes the key's earlier event too (the key leaves once it is published)."""
+    reading, read = asyncio.Event(), asyncio.Event()
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        reading.set()
+        await read.wait()
+        return []
+
+    bus = await pair.bus()
+    announced = await watch(bus)
+    consumer = await pair.consumer(RecordingProcessor(), history=history)
+    mint, other = MINTS[0], MINTS[1]
+    first = [trade(mint, 1)]
+    if not outbox:
+        await consumer.handle_batch(first)
+        first = []
+    # the migration retires the key; a second publisher's first event, far into its
+    # seq, reads that publisher's history first
+    applying = asyncio.ensure_future(
+        consumer.handle_batch([*first, migrated(mint, 2), trade(mint, 5, source="scanner/test")])
+    )
+    await asyncio.wait_for(reading.wait(), 10)
+    # another key's commit stores the retirement while the history is read
+    await consumer.handle_batch([trade(other, 1)])
+    assert (await pair.record(mint)).retired
+    read.set()
+    await asyncio.wait_for(applying, 10)
+    await announced.wait_for(2, key=mint)
+    record = await pair.record(mint)
+    assert record.applied == {"feed": 2, "scanner": 5} and not record.retired
+    assert await pair.applied(mint) == [1, 5]
+    assert mint in consumer.keys()
+    index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
+    assert mint in await pair.store.hgetall(index)

@@ -340,6 +340,10 @@ class TokenMonitorThreadPool:
         queue = self._queues.get(token)
         return len(queue) if queue else 0
 
+    def has_work(self, token: str) -> bool:
+        """True while ``token`` has a task queued or running."""
+        return token in self._running or bool(self._queues.get(token))
+
     @property
     def queue_depth(self) -> int:
         return self._pending

@@ -74,7 +74,9 @@ owns the rest:
   stores them and forgets them. So timers run only on the owner.
 - **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored, takes
   it off its partition's index and gives its record (and views) that TTL; an event
-  for it later loads it again (and indexes it again).
+  for it later loads it again (and indexes it again). Work of the key under way then
+  (an event waiting for its history or its dead letter) keeps it in memory: that work
+  applies to it, and the commit of its change decides again.
 - **Seqs it publishes.** A key numbers its events 1, 2, ... from its record's start. A
   record that expired (a retired key gone quiet past its TTL) or was lost takes with it
   how far the key had got, while a consumer of its events may remember longer and
@@ -1250,7 +1252,11 @@ class KeyedStatefulConsumer(Generic[S]):
                         retiring = (
                             entry.retire_ttl is not None and entry.outbox_stored and not entry.gone
                         )
-                        if retiring and self._dirty.get(entry.key) is not entry:
+                        if (
+                            retiring
+                            and self._dirty.get(entry.key) is not entry
+                            and not self.pool.has_work(entry.key)
+                        ):
                             # it leaves memory now and is stored once more without what was
                             # just published, so a key loaded again announces nothing twice
                             self._mark(entry)
@@ -1264,8 +1270,10 @@ class KeyedStatefulConsumer(Generic[S]):
             self._announcing = None
 
     def _retire(self, entry: _Key) -> None:
-        # changed again since this commit began: the next one decides
-        if self._dirty.get(entry.key) is entry:
+        # changed again since this commit began, or work of the key under way (it holds
+        # the entry across its waits, and its change is written by a later commit): the
+        # next one decides
+        if self._dirty.get(entry.key) is entry or self.pool.has_work(entry.key):
             return
         self._leave(entry)
         self._forget(entry)
