@@ -1571,3 +1571,18 @@ async def test_an_event_whose_history_is_read_while_its_key_retires_is_stored(pa
     assert mint in consumer.keys()
     index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
     assert mint in await pair.store.hgetall(index)
+
+
+async def test_a_flush_after_a_commit_that_could_not_be_stored_returns(pair):
+    """The commit that failed took every change made: what is left of it to store (the
+    other keys' changes, not the dropped key's) is stored by a flush, which returns, and
+    the consumer stops."""
+    consumer = await pair.consumer(UnencodableAt(seq=2))
+    bad, good = MINTS[1], MINTS[2]
+    await consumer.handle_batch([trade(bad, 1)])
+    with pytest.raises(OverflowError):
+        await consumer.handle_batch([trade(bad, 2), trade(good, 1)])
+    await asyncio.wait_for(consumer.flush(), 10)
+    assert await pair.applied(good) == [1]
+    await asyncio.wait_for(consumer.stop(), 10)
+    assert await pair.applied(bad) == [1]

@@ -1112,6 +1112,10 @@ class KeyedStatefulConsumer(Generic[S]):
                     self._dirty.setdefault(entry.key, entry)
             self._forget(bad)
             self._announce_waiters = wake(self._announce_waiters, generation, failure.error)
+            # this commit took every change made: one more, so the next commit follows at
+            # once (the other keys) and a wait for all to be stored (a flush, a hand-over)
+            # ends with it
+            self._commits.change()
             raise failure.error from None
         if self._before_write is not None:
             # after the encoding: what the encoded states no longer hold is handed out by
