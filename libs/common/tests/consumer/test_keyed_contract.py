@@ -1586,3 +1586,36 @@ async def test_a_flush_after_a_commit_that_could_not_be_stored_returns(pair):
     assert await pair.applied(good) == [1]
     await asyncio.wait_for(consumer.stop(), 10)
     assert await pair.applied(bad) == [1]
+
+
+async def test_work_under_way_on_a_key_dropped_as_unencodable_fails_and_comes_back(pair):
+    """A key's work that waits (here for a publisher's history) while a commit drops the
+    key (its state cannot be encoded) is not acked with nothing stored: it fails, and
+    its events handed back apply to the key's stored record."""
+    reading, read = asyncio.Event(), asyncio.Event()
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        reading.set()
+        await read.wait()
+        return []
+
+    consumer = await pair.consumer(UnencodableAt(seq=2), history=history)
+    bad, other = MINTS[1], MINTS[2]
+    await consumer.handle_batch([trade(bad, 1)])
+    waiting = [trade(bad, 2), trade(bad, 5, source="scanner/test")]
+    applying = asyncio.ensure_future(consumer.handle_batch(waiting))
+    await asyncio.wait_for(reading.wait(), 10)
+    # another key's commit takes the bad key's change: it cannot be stored
+    with pytest.raises(OverflowError):
+        await consumer.handle_batch([trade(other, 1)])
+    read.set()
+    with pytest.raises(RuntimeError, match="left memory"):  # the bus hands them back
+        await asyncio.wait_for(applying, 10)
+    await consumer.handle_batch([trade(other, 1)])
+    with pytest.raises(OverflowError):
+        await consumer.handle_batch([waiting[0]])
+    await consumer.handle_batch([waiting[1]])
+    record = await pair.record(bad)
+    assert record.applied == {"feed": 1, "scanner": 5}
+    assert await pair.applied(bad) == [1, 5]
+    assert await pair.applied(other) == [1]

@@ -117,7 +117,8 @@ goes on. Whatever an apply or a fire that raised asked of its effects is taken b
 the events it emitted are not published (a retry announces its event once, with the
 next seq), and its timer, priority and retirement do not stand. A fire that raised is
 logged and counted by the pool, its timer spent; time goes on. A key whose state (or
-view) cannot be encoded fails the deliveries its commit waited for and leaves memory:
+view) cannot be encoded fails the deliveries its commit waited for, and those of its
+work under way then (waiting for its history or a dead letter), and leaves memory:
 its events come back and apply again to its stored record (the bus dead-letters one
 that fails every time), and the commit's other keys are written by the next commit.
 A commit the store refuses because a key of it holds the wrong kind
@@ -879,6 +880,7 @@ class KeyedStatefulConsumer(Generic[S]):
         history = await self._retry(
             lambda: self._history(entry.key, publisher, event.seq), "rebuilding", key=entry.key
         )
+        _still_held(entry)
         replayed = 0
         for past in history:
             seq = past.seq
@@ -928,6 +930,7 @@ class KeyedStatefulConsumer(Generic[S]):
             "dead-lettering",
             key=entry.key,
         )
+        _still_held(entry)
         if publisher is not None:
             _keep_seq(entry.refused, publisher, event.seq)
             if not late:
@@ -1635,6 +1638,17 @@ class _Unencodable(Exception):
         super().__init__(entry.key, error)
         self.entry = entry
         self.error = error
+
+
+class _Dropped(RuntimeError):
+    """A key left memory while work of it waited (its state could not be stored)."""
+
+
+def _still_held(entry: _Key) -> None:
+    """Raise if ``entry`` left memory while work of it waited: what that work applies
+    would not be stored, so its delivery fails, to apply again to the stored record."""
+    if entry.gone:
+        raise _Dropped(f"{entry.key} left memory while its work waited")
 
 
 class _Batch:
