@@ -350,10 +350,14 @@ async def test_a_new_replica_restores_drops_redeliveries_and_publishes_the_store
 class _HeldStore:
     """The store with its next write held until :meth:`release` (a slow Redis round trip)."""
 
-    def __init__(self, store: StateStore):
+    def __init__(self, store: StateStore, *, hold: bool = True):
         self._store = store
         self.holding = asyncio.Event()
         self._released = asyncio.Event()
+        self._hold = hold
+
+    def hold_next(self) -> None:
+        """Hold the next write (the first is held unless made with ``hold=False``)."""
         self._hold = True
 
     def __getattr__(self, name: str):
@@ -1619,3 +1623,39 @@ async def test_work_under_way_on_a_key_dropped_as_unencodable_fails_and_comes_ba
     assert record.applied == {"feed": 1, "scanner": 5}
     assert await pair.applied(bad) == [1, 5]
     assert await pair.applied(other) == [1]
+
+
+async def test_a_key_retiring_behind_work_that_changed_nothing_leaves_after_it(pair):
+    """Work of the key under way when its retirement is stored (here a redelivery,
+    queued behind every worker's wait) keeps it in memory until that work is done; having
+    changed nothing, the key leaves then."""
+    reading, read = asyncio.Event(), asyncio.Event()
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        reading.set()
+        await read.wait()
+        return []
+
+    held = _HeldStore(pair.store, hold=False)
+    consumer = await pair.consumer(RecordingProcessor(), store=held, history=history)
+    mint = MINTS[0]
+    await consumer.handle_batch([trade(mint, 1)])
+    held.hold_next()
+    retiring = asyncio.ensure_future(consumer.handle_batch([migrated(mint, 2)]))
+    await asyncio.wait_for(held.holding.wait(), 10)
+    # every worker waits for a history; the redelivery of the key's event waits behind
+    busy = [f"busy{i}" for i in range(consumer.config.workers)]
+    waiting = [
+        asyncio.ensure_future(consumer.handle_batch([trade(key, 5, source="scanner/test")]))
+        for key in busy
+    ]
+    await asyncio.wait_for(reading.wait(), 10)
+    await eventually(lambda: consumer.pool.busy == consumer.config.workers)
+    redelivered = consumer.handle(trade(mint, 1))
+    held.release()
+    await asyncio.wait_for(retiring, 10)
+    assert (await pair.record(mint)).retired
+    read.set()
+    await asyncio.wait_for(asyncio.gather(redelivered, *waiting), 10)
+    await eventually(lambda: mint not in consumer.keys(), what="the retired key to leave")
+    assert (await pair.record(mint)).retired

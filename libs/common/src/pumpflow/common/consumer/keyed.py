@@ -1259,16 +1259,14 @@ class KeyedStatefulConsumer(Generic[S]):
                         retiring = (
                             entry.retire_ttl is not None and entry.outbox_stored and not entry.gone
                         )
-                        if (
-                            retiring
-                            and self._dirty.get(entry.key) is not entry
-                            and not self.pool.has_work(entry.key)
-                        ):
-                            # it leaves memory now and is stored once more without what was
-                            # just published, so a key loaded again announces nothing twice
+                        if retiring and self._dirty.get(entry.key) is not entry:
+                            # it is stored once more without what was just published, so a
+                            # key loaded again announces nothing twice; it leaves memory now,
+                            # or once that write is stored if work of it is under way
                             self._mark(entry)
-                            self._cancel_timer(entry)
-                            self._leave(entry)
+                            if not self.pool.has_work(entry.key):
+                                self._cancel_timer(entry)
+                                self._leave(entry)
                     self._announced = max(self._announced, generation)
                 self._announce_waiters = wake(self._announce_waiters, self._announced)
                 if not self._stopping:
@@ -1276,11 +1274,22 @@ class KeyedStatefulConsumer(Generic[S]):
         finally:
             self._announcing = None
 
-    def _retire(self, entry: _Key) -> None:
-        # changed again since this commit began, or work of the key under way (it holds
-        # the entry across its waits, and its change is written by a later commit): the
-        # next one decides
-        if self._dirty.get(entry.key) is entry or self.pool.has_work(entry.key):
+    def _retire(self, entry: _Key, *, after_work: bool = False) -> None:
+        # changed again since this commit began: the next one decides
+        if self._dirty.get(entry.key) is entry:
+            return
+        if after_work:
+            if entry.gone or entry.retire_ttl is None or entry.outbox_stored:
+                return  # revived, or retired by a later commit
+        elif self.pool.has_work(entry.key):
+            # work of the key under way holds the entry across its waits: the key leaves
+            # after it, unless it changed the key (a later commit decides then)
+            with contextlib.suppress(PoolClosed):
+                self.pool.post(
+                    entry.key,
+                    lambda: self._retire(entry, after_work=True),
+                    priority=entry.priority,
+                )
             return
         self._leave(entry)
         self._forget(entry)
