@@ -76,7 +76,8 @@ owns the rest:
   it off its partition's index and gives its record (and views) that TTL; an event
   for it later loads it again (and indexes it again). Work of the key under way then
   (an event waiting for its history or its dead letter) keeps it in memory: that work
-  applies to it, and the commit of its change decides again.
+  applies to it, and the key leaves after it, unless it changed the key (the commit of
+  that change decides again).
 - **Seqs it publishes.** A key numbers its events 1, 2, ... from its record's start. A
   record that expired (a retired key gone quiet past its TTL) or was lost takes with it
   how far the key had got, while a consumer of its events may remember longer and
