@@ -1659,3 +1659,23 @@ async def test_a_key_retiring_behind_work_that_changed_nothing_leaves_after_it(p
     await asyncio.wait_for(asyncio.gather(redelivered, *waiting), 10)
     await eventually(lambda: mint not in consumer.keys(), what="the retired key to leave")
     assert (await pair.record(mint)).retired
+
+
+async def test_a_commit_that_cannot_be_stored_fails_only_the_deliveries_it_took(pair):
+    """The deliveries of the commit written before it, still being published, are not
+    failed with it."""
+    held = _HeldStore(pair.store, hold=False)
+    consumer = await pair.consumer(UnencodableAt(seq=2), store=held)
+    bad, good = MINTS[1], MINTS[2]
+    await consumer.handle_batch([trade(bad, 1)])
+    held.hold_next()
+    storing = asyncio.ensure_future(consumer.handle_batch([trade(good, 1)]))
+    await asyncio.wait_for(held.holding.wait(), 10)
+    failing = asyncio.ensure_future(consumer.handle_batch([trade(bad, 2)]))
+    await eventually(lambda: consumer.pool.queue_depth == 0 and consumer.pool.busy == 0)
+    held.release()
+    await asyncio.wait_for(storing, 10)
+    with pytest.raises(OverflowError):
+        await asyncio.wait_for(failing, 10)
+    assert await pair.applied(good) == [1]
+    assert await pair.applied(bad) == [1]

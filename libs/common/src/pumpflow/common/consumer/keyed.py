@@ -1115,7 +1115,12 @@ class KeyedStatefulConsumer(Generic[S]):
                 if entry is not bad:
                     self._dirty.setdefault(entry.key, entry)
             self._forget(bad)
-            self._announce_waiters = wake(self._announce_waiters, generation, failure.error)
+            # the waiters of this commit's changes, not those of the commits written
+            # before it, whose publication may be under way
+            written = self._commits.stored
+            earlier = [w for w in self._announce_waiters if w[0] <= written]
+            taken = [w for w in self._announce_waiters if w[0] > written]
+            self._announce_waiters = earlier + wake(taken, generation, failure.error)
             # this commit took every change made: one more, so the next commit follows at
             # once (the other keys) and a wait for all to be stored (a flush, a hand-over)
             # ends with it
