@@ -1679,3 +1679,28 @@ async def test_a_commit_that_cannot_be_stored_fails_only_the_deliveries_it_took(
         await asyncio.wait_for(failing, 10)
     assert await pair.applied(good) == [1]
     assert await pair.applied(bad) == [1]
+
+
+async def test_a_revocation_while_a_key_cannot_be_stored_hands_the_others_over(pair):
+    """A commit that fails on a key that cannot be stored while the partitions are
+    handed over fails that key's deliveries, not the hand-over: the other keys are
+    stored and every key leaves memory."""
+    held = _HeldStore(pair.store, hold=False)
+    consumer = await pair.consumer(UnencodableAt(seq=2), store=held)
+    bad, good = MINTS[1], MINTS[2]
+    await consumer.handle_batch([trade(bad, 1)])
+    held.hold_next()
+    storing = asyncio.ensure_future(consumer.handle_batch([trade(good, 1)]))
+    await asyncio.wait_for(held.holding.wait(), 10)
+    failing = asyncio.ensure_future(consumer.handle_batch([trade(bad, 2), trade(good, 3)]))
+    await eventually(lambda: consumer.pool.queue_depth == 0 and consumer.pool.busy == 0)
+    revoking = asyncio.ensure_future(consumer.revoke(tuple(range(PARTITIONS))))
+    await eventually(lambda: not consumer.owned)
+    held.release()
+    await asyncio.wait_for(storing, 10)
+    with pytest.raises(OverflowError):
+        await asyncio.wait_for(failing, 10)
+    await asyncio.wait_for(revoking, 10)
+    assert len(consumer) == 0
+    assert await pair.applied(good) == [1, 3]
+    assert await pair.applied(bad) == [1]

@@ -525,7 +525,15 @@ class KeyedStatefulConsumer(Generic[S]):
 
     async def flush(self) -> None:
         """Store and publish every change made so far."""
-        await self._until_stored(self._commits.changed)
+        while True:
+            try:
+                await self._until_stored(self._commits.changed)
+                return
+            except Exception:
+                # a commit failed on a key that cannot be stored (it fails that key's
+                # deliveries, logged, and leaves memory): the next commit follows at
+                # once with the other keys
+                continue
 
     # ---------------------------------------------------------------- handling
 
