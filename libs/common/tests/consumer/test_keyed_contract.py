@@ -1704,3 +1704,44 @@ async def test_a_revocation_while_a_key_cannot_be_stored_hands_the_others_over(p
     assert len(consumer) == 0
     assert await pair.applied(good) == [1, 3]
     assert await pair.applied(bad) == [1]
+
+
+class _LosingStore(MemoryStateStore):
+    """The in-process store, made to lose its contents as a Redis without persistence
+    that restarts does."""
+
+    def lose(self) -> None:
+        self._values.clear()
+        self._expiry.clear()
+        self._deadlines.clear()
+        self._epochs.clear()
+
+
+async def test_keys_of_a_write_under_way_when_the_store_lost_its_contents_are_indexed_again(
+    pair,
+):
+    """The loss is found while a commit is being written: the keys of that commit are
+    written back with their partition's index entry, as every other key held here, so
+    a replica taking the partition over restores them (and arms their timers)."""
+    losing = _LosingStore(pair.clock)
+    held = _HeldStore(losing, hold=False)
+    consumer = await pair.consumer(RecordingProcessor(timers=True), store=held)
+    mint = MINTS[3]
+    index = f"keyed:partition:{partition_of(mint, PARTITIONS)}"
+    await consumer.handle_batch([trade(mint, 1)])
+    assert mint in await losing.hgetall(index)
+    held.hold_next()
+    storing = asyncio.ensure_future(consumer.handle_batch([trade(mint, 2)]))
+    await asyncio.wait_for(held.holding.wait(), 10)
+    losing.lose()
+    await consumer.check_epoch()
+    held.release()
+    await asyncio.wait_for(storing, 10)
+    await consumer.flush()
+    assert mint in await losing.hgetall(index)
+    await consumer.stop()
+    pair.consumers.remove(consumer)
+    taking_over = RecordingProcessor(timers=True)
+    await pair.consumer(taking_over, store=losing)
+    await pair.clock.advance(TIMER_DELAY + 5)
+    assert taking_over.fired_keys == [mint]

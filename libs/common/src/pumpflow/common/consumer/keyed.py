@@ -1140,10 +1140,12 @@ class KeyedStatefulConsumer(Generic[S]):
             await self._retry(self._before_write, "storing what the keys handed out")
         await self._retry(lambda: self._store_commit(batch), "storing")
         # as written, not as now: a key retired or revived while the write was under way
-        # is written again by the next commit, which must know this one
-        for entry, retired, ttl in stored:
-            entry.indexed = not retired
-            entry.stored_ttl = ttl
+        # is written again by the next commit, which must know this one; unless the store
+        # lost its contents since this commit began (its keys are written back as new)
+        if self._rewriting is None or generation >= self._rewriting:
+            for entry, retired, ttl in stored:
+                entry.indexed = not retired
+                entry.stored_ttl = ttl
         for entry in entries:
             if entry.retire_ttl is not None and not entry.outbox_stored:
                 self._retire(entry)  # stored with nothing left to publish
