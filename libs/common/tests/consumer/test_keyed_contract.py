@@ -1745,3 +1745,21 @@ async def test_keys_of_a_write_under_way_when_the_store_lost_its_contents_are_in
     await pair.consumer(taking_over, store=losing)
     await pair.clock.advance(TIMER_DELAY + 5)
     assert taking_over.fired_keys == [mint]
+
+
+async def test_a_copy_of_an_applied_event_does_not_bring_a_retired_key_back(pair):
+    """A retired key loaded again by a redelivery of an event it applied changes nothing:
+    it leaves memory again, its record still retired."""
+    forgotten: list[str] = []
+    consumer = await pair.consumer(RecordingProcessor(), on_forgotten=forgotten.append)
+    mint = MINTS[4]
+    await consumer.handle_batch([trade(mint, 1), trade(mint, 2), migrated(mint, 3)])
+    await eventually(lambda: mint not in consumer.keys(), what="the key retired")
+    await consumer.handle_batch([trade(mint, 2)])
+    assert mint not in consumer.keys()
+    await consumer.handle(trade(mint, 1))
+    assert mint not in consumer.keys()
+    assert forgotten == [mint, mint, mint]
+    record = await pair.record(mint)
+    assert record.retired and record.applied == {"feed": 3}
+    assert await pair.applied(mint) == [1, 2]

@@ -74,7 +74,8 @@ owns the rest:
   stores them and forgets them. So timers run only on the owner.
 - **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored, takes
   it off its partition's index and gives its record (and views) that TTL; an event
-  for it later loads it again (and indexes it again). Work of the key under way then
+  for it later loads it again (and indexes it again; a copy of one it applied changes
+  nothing, and it leaves again). Work of the key under way then
   (an event waiting for its history or its dead letter) keeps it in memory: that work
   applies to it, and the key leaves after it, unless it changed the key (the commit of
   that change decides again).
@@ -648,6 +649,7 @@ class KeyedStatefulConsumer(Generic[S]):
             entry = await self._load(key, events[0])
             applied = self._apply_all(entry, events, 0, entry.changed, failures)
             generation = applied if isinstance(applied, int) else await applied
+            self._unless_changed(entry)
         except BaseException as exc:
             batch.fail(exc)
             raise
@@ -752,8 +754,17 @@ class KeyedStatefulConsumer(Generic[S]):
         return self._apply_to(entry, event)
 
     async def _load_and_apply(self, key: str, event: Event) -> int:
-        applied = self._apply_to(await self._load(key, event), event)
-        return applied if isinstance(applied, int) else await applied
+        entry = await self._load(key, event)
+        applied = self._apply_to(entry, event)
+        generation = applied if isinstance(applied, int) else await applied
+        self._unless_changed(entry)
+        return generation
+
+    def _unless_changed(self, entry: _Key) -> None:
+        """A key loaded from its retired record by events that changed nothing (copies of
+        events it applied) leaves memory again, its record as it was."""
+        if not entry.changed and not entry.indexed and self._keys.get(entry.key) is entry:
+            self._forget(entry)
 
     def _apply_to(
         self,
