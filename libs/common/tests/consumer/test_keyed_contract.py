@@ -1749,9 +1749,10 @@ async def test_keys_of_a_write_under_way_when_the_store_lost_its_contents_are_in
 
 async def test_a_copy_of_an_applied_event_does_not_bring_a_retired_key_back(pair):
     """A retired key loaded again by a redelivery of an event it applied changes nothing:
-    it leaves memory again, its record still retired."""
+    it leaves memory again, its record still retired (its stored timer not armed)."""
     forgotten: list[str] = []
-    consumer = await pair.consumer(RecordingProcessor(), on_forgotten=forgotten.append)
+    processor = RecordingProcessor(timers=True)
+    consumer = await pair.consumer(processor, on_forgotten=forgotten.append)
     mint = MINTS[4]
     await consumer.handle_batch([trade(mint, 1), trade(mint, 2), migrated(mint, 3)])
     await eventually(lambda: mint not in consumer.keys(), what="the key retired")
@@ -1763,3 +1764,5 @@ async def test_a_copy_of_an_applied_event_does_not_bring_a_retired_key_back(pair
     record = await pair.record(mint)
     assert record.retired and record.applied == {"feed": 3}
     assert await pair.applied(mint) == [1, 2]
+    await pair.clock.advance(TIMER_DELAY + 5)
+    assert processor.fired_keys == []
