@@ -1766,3 +1766,61 @@ async def test_a_copy_of_an_applied_event_does_not_bring_a_retired_key_back(pair
     assert await pair.applied(mint) == [1, 2]
     await pair.clock.advance(TIMER_DELAY + 5)
     assert processor.fired_keys == []
+
+
+class _DyingStore:
+    """The store, whose writes never return once armed, but the first (a replica that
+    dies right after that one)."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self.armed = False
+        self.dead = asyncio.Event()
+        self._written = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def _once(self, name: str, *args):
+        if self.armed:
+            if self._written:
+                self.dead.set()
+                await asyncio.Event().wait()
+            self._written = True
+        return await getattr(self._store, name)(*args)
+
+    async def write(self, batch) -> None:
+        await self._once("write", batch)
+
+    async def delete_many(self, keys) -> None:
+        await self._once("delete_many", keys)
+
+    async def hset_many(self, items, ttl=None) -> None:
+        await self._once("hset_many", items, ttl)
+
+
+async def test_a_replica_dying_while_it_drops_expired_index_entries_keeps_the_others(pair):
+    """Assigned a partition whose index lists an expired key, a replica drops that entry;
+    dying meanwhile, it leaves the live keys listed, so the next owner restores them and
+    fires their timers."""
+    dying_store = _DyingStore(pair.store)
+    dying = await pair.consumer(RecordingProcessor(timers=True), store=dying_store)
+    live, expired = _same_partition(MINTS[6], 2)
+    await dying.handle_batch([trade(live, 1), trade(expired, 1)])
+    partitions = tuple(range(PARTITIONS))
+    await dying.revoke(partitions)
+    await pair.store.delete_many([f"keyed:key:{expired}"])
+    dying_store.armed = True
+    assigning = asyncio.ensure_future(dying.assign(partitions))
+    died = asyncio.ensure_future(dying_store.dead.wait())
+    await asyncio.wait([assigning, died], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assigning.cancel()
+    died.cancel()
+    await dying.abandon()
+    pair.consumers.remove(dying)
+    index = f"keyed:partition:{partition_of(live, PARTITIONS)}"
+    assert list(await pair.store.hgetall(index)) == [live]
+    taking_over = RecordingProcessor(timers=True)
+    await pair.consumer(taking_over)
+    await pair.clock.advance(TIMER_DELAY + 5)
+    assert taking_over.fired_keys == [live]

@@ -1538,10 +1538,11 @@ class KeyedStatefulConsumer(Generic[S]):
                     self._adopt(entry, record)
                     restored += 1
             if len(present) < len(listed):
-                # only the owner writes a partition's index: drop the expired entries
-                await self._retry(
-                    lambda k=index_key, p=present: self._rewrite_index(k, p), "indexing"
-                )
+                # only the owner writes a partition's index: drop the expired entries, in
+                # one write (the live ones stay listed whatever becomes of this replica)
+                expired = WriteBatch()
+                expired.hdel(index_key, set(listed).difference(present))
+                await self._retry(lambda b=expired: self.store.write(b), "indexing")
         self.restored.update(p for p in partitions if p in self.owned)
         self.metrics.restored.inc(restored)
         log.info(
@@ -1551,11 +1552,6 @@ class KeyedStatefulConsumer(Generic[S]):
             restored,
         )
         await self.flush()
-
-    async def _rewrite_index(self, index_key: str, keys: list[str]) -> None:
-        await self.store.delete_many([index_key])
-        if keys:
-            await self.store.hset_many({index_key: dict.fromkeys(keys, b"1")})
 
     async def revoke(self, partitions: tuple[int, ...]) -> None:
         """Hand ``partitions`` over: stop their timers, finish their work, store, forget."""
