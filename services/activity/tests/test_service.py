@@ -3,12 +3,15 @@ timers, feed commands, restart from the store, HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import msgspec
 import pytest
 
 from pumpflow.activity.service import KEY_PREFIX, ActivityService
 from pumpflow.common.bus import Subscription
+from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.consumer import Record
 from pumpflow.common.events import Event
 from pumpflow.common.runtime.http import create_app
@@ -74,6 +77,40 @@ async def test_feed_commands_are_batched_and_opposites_cancel_out(stack):
     svc._request("subscribe", "D")
     await svc.stop()  # what is pending goes out on stop
     assert [(c.data.action, c.data.mints) for c in s.commands[1:]] == [("subscribe", ("D",))]
+
+
+class HeldFeedBus(InMemoryBus):
+    """Holds each feed command in ``publish`` until released (a broker slow to confirm)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sent: list[tuple[str, tuple[str, ...]]] = []
+
+    async def publish(self, event: Event) -> None:
+        if event.type == "feed.subscription":
+            self.holding.set()
+            await self.release.wait()
+            self.sent.append((event.data.action, event.data.mints))
+        await super().publish(event)
+
+
+async def test_a_token_back_while_its_unsubscribe_is_being_sent_is_subscribed_again(stack):
+    bus = HeldFeedBus(partitions=4, synchronous=True, source="test")
+    await bus.start()
+    svc = await stack.activity(bus=bus)
+    svc._request("unsubscribe", "A")
+    flushing = asyncio.create_task(svc.flush_subscriptions())
+    await bus.holding.wait()
+    # A revives while its unsubscribe is on its way: that one cannot be taken back
+    svc._request("subscribe", "A")
+    bus.release.set()
+    await flushing
+    await svc.flush_subscriptions()
+    assert bus.sent == [("unsubscribe", ("A",)), ("subscribe", ("A",))]
+    await svc.stop()
+    await bus.close()
 
 
 async def test_feed_commands_go_out_on_the_clock_every_batch_period(stack):

@@ -140,12 +140,26 @@ class ActivityService(Service):
                     mints = tuple(list(pending)[:size])
                     reason = "inactive" if action == "unsubscribe" else "active again"
                     command = FeedSubscription(action=action, mints=mints, reason=reason)
-                    await ctx.bus.publish(
-                        make_event(command, source=ctx.source, time=ctx.clock.now())
-                    )
-                    # dropped once sent: a failed publish leaves them for the next round
+                    # out of the queue while on their way: an opposite request meanwhile
+                    # cannot cancel a command already going out, it follows it
                     for mint in mints:
-                        pending.pop(mint, None)
+                        del pending[mint]
+                    try:
+                        await ctx.bus.publish(
+                            make_event(command, source=ctx.source, time=ctx.clock.now())
+                        )
+                    except BaseException:
+                        # not sent: queued again for the next round, or cancelled out by
+                        # the opposite request that came meanwhile
+                        other = self._pending[
+                            "subscribe" if action == "unsubscribe" else "unsubscribe"
+                        ]
+                        for mint in mints:
+                            if mint in other:
+                                del other[mint]
+                            else:
+                                pending[mint] = None
+                        raise
                     self.metrics.feed_command(action, len(mints))
                     sent += len(mints)
         return sent
