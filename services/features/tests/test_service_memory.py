@@ -314,6 +314,37 @@ async def test_a_backlog_of_a_token_is_announced_once_with_every_trade_folded_in
     await bus.close()
 
 
+async def test_a_backlog_ending_in_a_refused_trade_stores_its_folded_trades_vector():
+    """The stored vector is the one of the seq it is labelled with, announced or not."""
+    clock = ReplayClock(1_700_000_000.0)
+    bus = InMemoryBus(partitions=4, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    collector = await EventCollector("collector").attach(bus, "features.updated")
+    service = await start_service(bus, store, clock)
+    await service.stop()  # the queues stay: the token's events wait as one backlog
+    events = market_events(3, 120.0)
+    counts = Counter(e.key for e in events if e.type in TRADE_TYPES)
+    mint = counts.most_common(1)[0][0]
+    mine = [e for e in events if e.key == mint and e.type in TRADE_TYPES][:12]
+    last = mine[-1]
+    # the backlog's last trade is refused: the ten before it are folded in, unannounced
+    bad = msgspec.structs.replace(last.data, vTokensInBondingCurve=0)
+    await bus.publish_many(
+        [*mine[:-1], make_event(bad, source=last.source, time=last.time, seq=last.seq)]
+    )
+    service = await start_service(bus, store, clock)
+    await collector.wait_for(1, "features.updated")
+    await bus.drain()
+    assert [u.data.source_seq for u in collector.of("features.updated")] == [mine[0].seq]
+    stored = await service.read_features(mint)
+    assert stored["seq"] == mine[-2].seq
+    values = tuple(stored["features"][n] for n in service.manager.names)
+    assert values == expected_features(mine[:-1])[mint]
+    await service.stop()
+    await bus.close()
+
+
 @pytest.mark.postgres
 async def test_tokens_whose_records_were_lost_are_rebuilt_from_the_stored_feed(system, pg_pool):
     bus, store, clock, collector = system

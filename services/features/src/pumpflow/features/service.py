@@ -82,8 +82,13 @@ class FeaturesService(Service):
         if not state.n_events:
             return {}  # a lifecycle event for a token not traded here yet
         manager = self.manager
-        # the values just announced are the state's: no second computation
-        values = emitted[-1].data.values if emitted else tuple(manager.values(state))
+        # the values just announced are the state's (no second computation) unless trades
+        # folded in after them went unannounced (the one meant to announce was refused)
+        announced = emitted[-1].data if emitted else None
+        if announced is not None and announced.source_seq == state.seq:
+            values = announced.values
+        else:
+            values = tuple(manager.values(state))
         vector = FeatureVector(
             mint=mint,
             version=manager.version,
