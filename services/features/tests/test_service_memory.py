@@ -142,6 +142,31 @@ async def test_inactive_tokens_are_dropped_and_expire(system):
     await service.stop()
 
 
+@pytest.mark.parametrize("retiring", ["inactive", "graduated"])
+async def test_a_late_trade_of_a_retired_token_is_announced_and_lets_it_go_again(system, retiring):
+    # activity retires a straggler's token again without a lifecycle event, and a
+    # graduate's trades on its new pool come after its last one: nothing else lets go
+    bus, store, clock, collector = system
+    events = [e for e in market_events(5, 30.0) if e.type in TRADE_TYPES]
+    service = await start_service(bus, store, clock)
+    for e in events:
+        await bus.publish(e)
+    mint = events[0].key
+    lifecycle = TokenLifecycle(mint=mint, state=retiring, previous_state="active")
+    await bus.publish(make_event(lifecycle, source="activity/x", time=clock.now(), seq=1))
+    assert mint not in service.consumer.keys()
+    last = [e for e in events if e.key == mint][-1]
+    await clock.advance(60.0)
+    late = msgspec.structs.replace(last.data, signature="late")
+    await bus.publish(make_event(late, source=last.source, time=clock.now(), seq=last.seq + 1))
+    assert collector.by_key()[mint][-1].data.source_seq == last.seq + 1
+    assert mint not in service.consumer.keys()
+    assert (await service.read_features(mint))["seq"] == last.seq + 1
+    await clock.advance(service.settings.features_inactive_ttl_s + 1)
+    assert await service.read_features(mint) is None
+    await service.stop()
+
+
 @pytest.mark.parametrize(
     ("broken", "reason"),
     [
@@ -244,9 +269,16 @@ async def test_a_revoked_partitions_tokens_leave_memory_and_reload_with_the_stor
     )  # fmt: skip
     await there.consumer.handle(retired)
     await there.consumer.revoke((partition,))
-    # the partition comes back, and so does the token, active again
+    # the partition comes back, and so does the token, active again (its trade, then
+    # activity's revival: a trade alone lets a retired token go again)
     await here.consumer.assign((partition,))
     await here.consumer.handle(stream[3])
+    revived = make_event(
+        TokenLifecycle(mint=mint, state="active", previous_state="inactive",
+                       reason="revived", priority=3, activity_level=0.2),
+        source="activity/test", time=clock.now(), seq=2,
+    )  # fmt: skip
+    await here.consumer.handle(revived)
     await clock.advance(here.settings.features_inactive_ttl_s + 1)
     stored = await here.read_features(mint)
     assert stored is not None and stored["seq"] == stream[3].seq

@@ -240,7 +240,7 @@ def test_checkpoints_written_before_wallet_ids_still_restore():
     for e in events[:100]:
         straight.update_feature_history(e)
     current = msgspec.msgpack.decode(straight.snapshot(mint))
-    assert len(current) == 17
+    assert len(current) == 18
     old = msgspec.msgpack.encode(current[:14])  # the 14 fields the first version wrote
     resumed = FeatureManager()
     resumed.restore(mint, old, seq=100)

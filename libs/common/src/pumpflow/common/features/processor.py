@@ -8,7 +8,10 @@ is announced, with every one of them folded in (the windows moved once), so a ba
 costs one vector per token per batch and consumers get the latest. A ``token.lifecycle``
 event sets the token's processing priority, and retires it when it turns inactive or
 graduated; ``token.migrated`` retires it too. A retired token's record (and its
-stored vector) expire after ``retire_ttl_s`` unless it trades again.
+stored vector) expire after ``retire_ttl_s``. A late trade of it (a straggler, a
+graduate's trade on its new pool) is folded in and announced, and lets it go again
+with a fresh TTL: activity retires such a token again without a lifecycle event. A
+lifecycle state past the retirement (revived) keeps it.
 """
 
 from __future__ import annotations
@@ -49,13 +52,16 @@ class FeaturesProcessor:
         kind = event.type
         if kind == "token.lifecycle":
             lifecycle = event.data
-            if lifecycle.state in RETIRING:
+            retiring = lifecycle.state in RETIRING
+            if retiring:
                 effects.retire(self.retire_ttl_s)
             else:
                 effects.set_priority(lifecycle.priority)
+            self._mark_retired(state, retiring)
             return state
         if kind == "token.migrated":
             effects.retire(self.retire_ttl_s)
+            self._mark_retired(state, True)
             return state
         trade = trade_input(event.data, event.time)
         reason = invalid_reason(trade)
@@ -65,6 +71,8 @@ class FeaturesProcessor:
             # folded in, the state could not be stored: every commit with it would fail
             raise InvalidInput(f"{trade.lamports} lamports take the token's total past 64 bits")
         seq = event.seq or 0
+        if state.retired:
+            effects.retire(self.retire_ttl_s)
         if effects.more:
             # the key's next event of this batch moves the windows and announces
             state.fold(trade)
@@ -84,6 +92,12 @@ class FeaturesProcessor:
             time=event.time,
         )
         return state
+
+    @staticmethod
+    def _mark_retired(state: TokenState, retired: bool) -> None:
+        if state.retired != retired:
+            state.retired = retired
+            state.encoded = None  # a change that leaves n_events and seq as they were
 
     def fire(self, state: TokenState, effects: Effects) -> TokenState:
         return state

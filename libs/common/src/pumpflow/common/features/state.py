@@ -135,6 +135,8 @@ class StateSnapshot(msgspec.Struct, array_like=True, frozen=True):
     trader_buys: list[int] = []
     #: per-mint seq of the last token event applied (0 if unknown)
     seq: int = 0
+    #: retired by its lifecycle (a late trade lets it go again)
+    retired: bool = False
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -183,6 +185,7 @@ class TokenState:
         "peak_price",
         "prev_time",
         "price",
+        "retired",
         "rsi",
         "seq",
         "total_buy",
@@ -211,6 +214,8 @@ class TokenState:
         #: True when some traders are keyed by wallet_id
         self.hashed = False
         self.seq = 0
+        #: retired by its lifecycle: a late trade lets it go again
+        self.retired = False
         self.total_buy = 0
         self.total_sell = 0
         self.max_trader_buy = 0
@@ -524,6 +529,7 @@ class TokenState:
             trader_ids=ids,
             trader_buys=buys,
             seq=self.seq,
+            retired=self.retired,
         )
 
     @classmethod
@@ -562,6 +568,7 @@ class TokenState:
             state.traders.update(zip(ids, snap.trader_buys, strict=True))
             state.hashed = True
         state.seq = snap.seq
+        state.retired = snap.retired
         # Window left edges and counts are ints, the rest floats: keep msgspec's types.
         state.wstate = [
             int(v) if (i % WSLOTS) in (_LEFT, _BUY, _SELL, _NEW) else float(v)
