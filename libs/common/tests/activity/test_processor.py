@@ -282,6 +282,17 @@ def test_declining_token_recovers_on_active_metrics_but_not_while_dumping():
     assert key.feed == []  # never unsubscribed, so nothing to resubscribe
 
 
+def test_a_token_hovering_at_half_its_peak_declines_once():
+    # bots move a live token by 10-20% within seconds: its price crosses the dump's
+    # edge on one trade and back on the next, and every turn to declining sells half
+    # of what a position holds
+    key = active_key()
+    for i in range(6):
+        drawdown = TH.decline_drawdown + (0.01 if i % 2 == 0 else -0.01)
+        key.features(4 + 2 * i, **{**HOT, "drawdown": drawdown, "price_return": 0.0})
+    assert key.states() == [NEW, ACTIVE, DECLINING]
+
+
 def test_priority_recommendation_is_throttled_and_sets_the_priority():
     key = Key()
     key.features(2, **EDGE)

@@ -36,7 +36,9 @@ Threshold defaults, from the market figures in docs/market.md (sections 2 and 3)
   against: trade rate (weight 1/2), new wallets per minute (1/4), SOL volume (1/4).
 - Declining on rate at <= 2 trades/min or on volume at <= 0.02 SOL/min (hysteresis
   below the active thresholds so a token near the edge does not flap); on price when
-  the price is >= 50% below its peak and not bouncing (a dump or rug).
+  the price is >= 50% below its peak and not bouncing (a dump or rug). A dumped token
+  recovers once back within 40% of its peak, or bouncing: bots move a live token by
+  10-20% within seconds, so one edge would flap on every trade.
 - ``decline_after_quiet_s = 60``: at the active pace 6 trades are expected per minute;
   none in 60 s has probability e^-6 ~ 0.25% for a token that is still active.
 - ``inactive_after_quiet_s = 180``: e^-18 ~ 1.5e-8 at the active pace. ~95% of tokens
@@ -82,6 +84,8 @@ class LifecycleThresholds:
     decline_drawdown: float = 0.5
     #: window return that lets a dumped token count as recovering
     recover_min_return: float = 0.1
+    #: fall from the peak price (0..1) below which a dumped token counts as recovering
+    recover_drawdown: float = 0.4
     decline_after_quiet_s: float = 60.0
     inactive_after_quiet_s: float = 180.0
     new_max_age_s: float = 300.0
@@ -109,6 +113,8 @@ class LifecycleThresholds:
     def __post_init__(self) -> None:
         if self.decline_max_trades_per_min >= self.active_min_trades_per_min:
             raise ValueError("decline_max_trades_per_min must be below active_min_trades_per_min")
+        if not 0 <= self.recover_drawdown <= self.decline_drawdown:
+            raise ValueError("need 0 <= recover_drawdown <= decline_drawdown")
         if not 0 < self.decline_after_quiet_s <= self.inactive_after_quiet_s:
             raise ValueError("need 0 < decline_after_quiet_s <= inactive_after_quiet_s")
         for name in ("new_max_age_s", "declining_max_s", "revive_window_s", "rate_window_s"):
@@ -180,6 +186,11 @@ def is_dumping(m: ActivityMetrics, th: LifecycleThresholds) -> bool:
     return m.drawdown >= th.decline_drawdown and m.price_return < th.recover_min_return
 
 
+def is_recovering(m: ActivityMetrics, th: LifecycleThresholds) -> bool:
+    """Back within ``recover_drawdown`` of the peak, or bouncing (hysteresis of the dump)."""
+    return m.drawdown < th.recover_drawdown or m.price_return >= th.recover_min_return
+
+
 def event_rule(
     state: LifecycleState, m: ActivityMetrics, th: LifecycleThresholds, *, warming: bool
 ) -> tuple[LifecycleState, str] | None:
@@ -207,7 +218,7 @@ def event_rule(
         if m.sol_volume_per_minute <= th.decline_max_sol_per_min:
             return DECLINING, f"volume fell to {m.sol_volume_per_minute:.3f} SOL/min"
         return None
-    if state in (DECLINING, INACTIVE) and meets_active(m, th) and not dumping:
+    if state in (DECLINING, INACTIVE) and meets_active(m, th) and is_recovering(m, th):
         reason = "recovered" if state == DECLINING else "revived"
         return ACTIVE, f"{reason}: {m.trades_per_minute:.0f} trades/min"
     return None
