@@ -7,7 +7,7 @@ import itertools
 
 import httpx
 import pytest
-from model_helpers import DEFAULT_CARD, other_model
+from model_helpers import DEFAULT_CARD, other_model, vector_event
 from prometheus_client import CollectorRegistry
 
 from pumpflow.activity.service import ActivityService
@@ -521,3 +521,43 @@ async def test_polling_the_live_figures_reads_the_shared_windows_once_per_live_r
         await model.share_performance(since=asked)
         await model.share_performance(since=asked)
         assert outcomes.reads == 3
+
+
+async def test_drift_is_announced_by_the_id_a_model_is_served_as_not_its_cards(tmp_path):
+    """A retrain of ``entry`` (its card says entry) served as ``candidate`` beside it: each
+    served model's drift goes out under its own id, and a reload of the candidate takes
+    its own announced drift, so its recovery is announced."""
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    retrained = other_model(tmp_path, model_id="entry")
+    model = model_service(
+        model_models={"entry": str(DEFAULT_MODEL_PATH), "candidate": str(retrained)},
+        model_arms=[
+            {"name": "control", "model_id": "entry"},
+            {"name": "candidate", "model_id": "candidate", "shadow": True},
+        ],
+    )
+    far = [vector_event("far", START, values=(1e9,) * len(DEFAULT_CARD.feature_names))] * 3_000
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+        model._observe_drift(far)
+        await model._publish_drift()
+        drifting = {m: model.drift[m].drifting for m in ("entry", "candidate")}
+        assert drifting["entry"] and drifting["candidate"]
+        expected = {(m, f) for m, features in drifting.items() for f in features}
+        await seen.wait_for(len(expected), "model.drift")
+        await system.drain()
+        assert {(e.data.model_id, e.data.feature) for e in seen.of("model.drift")} == expected
+        assert model.metrics.drift_transitions("candidate", "drifting") == len(
+            drifting["candidate"]
+        )
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            report = (await http.get("/models/candidate/drift")).json()
+            assert report["model_id"] == "candidate"
+            body = {"model_id": "candidate", "path": str(retrained)}
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
+        await model._restore_drift()
+        assert model.drift["candidate"].drifting == drifting["candidate"]

@@ -523,7 +523,7 @@ class ModelService(Service):
             except (ModelError, CardError, ValueError) as exc:
                 raise ServingError(str(exc)) from None
             self._sources[model_id] = source
-            self.drift[model_id] = DriftMonitor(card, clock=self._ctx.clock)
+            self.drift[model_id] = DriftMonitor(card, model_id=model_id, clock=self._ctx.clock)
             self._drift_unrestored.add(model_id)
             log.info("model: serving %s version %s from %s", model_id, card.version, path)
         self.serving = serving

@@ -117,17 +117,21 @@ class DriftMonitor:
     ``observe`` takes rows of raw feature values in the card's order (a batch, or one
     row) and returns the :class:`~pumpflow.common.events.ModelDrift` payloads of the
     features whose state changed at the check it ran, if it ran one: the service
-    publishes them as ``model.drift``.
+    publishes them as ``model.drift``. They and its reports name ``model_id``, the id
+    the model is served as (default: its card's; a retrain served beside its original
+    under another id keeps the original's id in its card).
     """
 
     def __init__(
         self,
         card: ModelCard,
         *,
+        model_id: str | None = None,
         thresholds: DriftThresholds | None = None,
         clock: Clock | None = None,
     ):
         self.card = card
+        self.model_id = model_id or card.model_id
         self.thresholds = thresholds or DriftThresholds()
         self.clock = clock or WallClock()
         self.names = card.feature_names
@@ -173,7 +177,7 @@ class DriftMonitor:
         inputs = prepare_inputs(rows).astype(np.float64)
         if inputs.shape[1] != len(self.names):
             raise ValueError(
-                f"model {self.card.model_id!r} has {len(self.names)} features per row, "
+                f"model {self.model_id!r} has {len(self.names)} features per row, "
                 f"got {inputs.shape[1]}"
             )
         bins = bin_index(self._edges, inputs)
@@ -191,7 +195,7 @@ class DriftMonitor:
         width = np.shape(rows)[-1] if np.ndim(rows) else 1
         if width != len(self.names):
             raise ValueError(
-                f"model {self.card.model_id!r} has {len(self.names)} features per row, got {width}"
+                f"model {self.model_id!r} has {len(self.names)} features per row, got {width}"
             )
         n = len(rows)
         window = len(self._ring)
@@ -273,7 +277,7 @@ class DriftMonitor:
         for j in np.flatnonzero(starts | ends):
             out.append(
                 ModelDrift(
-                    model_id=self.card.model_id,
+                    model_id=self.model_id,
                     version=self.card.version,
                     feature=self.names[j],
                     state="drifting" if starts[j] else "recovered",
@@ -308,7 +312,7 @@ class DriftMonitor:
         self._count_waiting()
         psi, at = (self.psi(), self.clock.now()) if fresh else (self._psi, self._checked_at)
         return DriftReport(
-            model_id=self.card.model_id,
+            model_id=self.model_id,
             version=self.card.version,
             observations=self._filled,
             seen=self.seen,
