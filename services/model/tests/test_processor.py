@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 from model_helpers import (
     DEFAULT_CARD,
@@ -18,7 +19,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import ModelPrediction
-from pumpflow.common.keyed import StaleState
+from pumpflow.common.keyed import InvalidInput, StaleState
 from pumpflow.common.model.arms import Arm, ArmTable
 from pumpflow.common.model.card import vector_row
 from pumpflow.common.model.performance import LabelTracker
@@ -181,6 +182,25 @@ def test_a_model_that_cannot_serve_makes_no_prediction_and_is_counted():
     assert Token(processor).step(vector_event(MINT, START)) == []
     assert processor.failed == {("missing", "UnknownModel"): 1}
     assert processor.skipped == {"no_model": 1}
+
+
+@pytest.mark.parametrize("kept", [slice(1, None), slice(0, 0)], ids=["one short", "empty"])
+def test_a_vector_whose_values_do_not_match_its_names_is_refused_touching_nothing(kept):
+    """Refused at once (dead-lettered naming why), not taken as a model's failure with its
+    values misread: the first of a vector one value short is not its price."""
+    processor = ModelProcessor(manager(), ONE_ARM, labels=LabelTracker())
+    token = Token(processor)
+    assert len(token.step(vector_event(MINT, START, seq=1))) == 1
+    good = vector_event(MINT, START + 1.0, seq=2)
+    short = msgspec.structs.replace(good.data, values=good.data.values[kept])
+    stored = token.raw
+    state = processor.decode(stored)
+    with pytest.raises(InvalidInput, match=f"29 feature names but {len(short.values)} values"):
+        processor.apply(
+            state, msgspec.structs.replace(good, data=short), FakeEffects(MINT, good.time)
+        )
+    assert processor.encode(state) == stored
+    assert not processor.failed and not processor.skipped
 
 
 def test_state_round_trips_and_unreadable_state_is_stale():

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 
 import httpx
+import msgspec
 import pytest
 from model_helpers import DEFAULT_CARD, other_model, vector_event
 from prometheus_client import CollectorRegistry
@@ -561,3 +562,24 @@ async def test_drift_is_announced_by_the_id_a_model_is_served_as_not_its_cards(t
             assert (await http.post("/models", json=body, headers=auth)).status_code == 200
         await model._restore_drift()
         assert model.drift["candidate"].drifting == drifting["candidate"]
+
+
+async def test_a_vector_whose_values_do_not_match_its_names_is_dead_lettered_naming_why():
+    """Refused at once, the token's stream going on, and the vectors delivered with it
+    still feed the drift monitors."""
+    model = model_service()
+    good = [vector_event("mint", START + i, seq=i + 1) for i in range(3)]
+    short = msgspec.structs.replace(good[0].data, values=good[0].data.values[:5])
+    bad = msgspec.structs.replace(good[0], data=short)
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.prediction")
+        model._observe_drift([bad, *good[1:]])
+        assert model.drift["entry"].seen == 2
+        await system.bus.publish(bad)
+        await system.bus.publish(good[1])
+        await seen.wait_for(1, "model.prediction")
+        [letter] = await system.bus.dead_letters("model")
+        assert "29 feature names but 5 values" in letter.reason
+        assert "handler failed" not in letter.reason  # refused, not tried again
+        assert model.consumer_metrics.counts()["invalid"] == 1
+        assert not model.processor.failed

@@ -647,10 +647,14 @@ class ModelService(Service):
 
     def _observe_drift(self, events: Sequence[Event]) -> None:
         live = self.processor.feature_set_version
+        # a vector whose values do not match its names (refused by its step) would fail
+        # the rows of every vector delivered with it
         vectors = [
             e.data
             for e in events
-            if e.type == "features.updated" and e.data.feature_set_version == live
+            if e.type == "features.updated"
+            and e.data.feature_set_version == live
+            and len(e.data.values) == len(e.data.names)
         ]
         if not vectors:
             return

@@ -277,6 +277,12 @@ class ModelProcessor:
         price = _NAN
         live = data.feature_set_version == self.feature_set_version
         if live:
+            if len(data.values) != len(data.names):
+                # its values cannot be told apart: neither its price nor its row is known
+                raise InvalidInput(
+                    f"features.updated of {effects.key}: {len(data.names)} feature names "
+                    f"but {len(data.values)} values"
+                )
             if self.labels is not None:
                 # every price counts for the labels pending, scored vector or not
                 names = data.names
