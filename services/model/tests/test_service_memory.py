@@ -583,3 +583,28 @@ async def test_a_vector_whose_values_do_not_match_its_names_is_dead_lettered_nam
         assert "handler failed" not in letter.reason  # refused, not tried again
         assert model.consumer_metrics.counts()["invalid"] == 1
         assert not model.processor.failed
+
+
+async def test_a_drift_seen_just_before_its_model_is_reloaded_is_recovered_by_the_new_monitor():
+    """The transitions of a monitor replaced before the round that announces them: the
+    monitor made by the reload takes the drift announced then, so it announces the
+    recovery."""
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    model = model_service()
+    far = [vector_event("far", START, values=(1e9,) * len(DEFAULT_CARD.feature_names))] * 3_000
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+        model._observe_drift(far)
+        drifting = model.drift["entry"].drifting
+        assert drifting
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            body = {"model_id": "entry", "path": str(DEFAULT_MODEL_PATH)}
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
+        await model._publish_drift()
+        await seen.wait_for(len(drifting), "model.drift")
+        assert tuple(e.data.feature for e in seen.of("model.drift")) == drifting
+        assert model.drift["entry"].drifting == drifting

@@ -693,7 +693,6 @@ class ModelService(Service):
         """Announce the monitors' transitions that change what the deployment announced;
         count and publish them. What could not be claimed (the store away) is claimed
         first next time; what could not be published, published first next time."""
-        await self._restore_drift()
         pending, self._drift_out = self._drift_out, []
         announced: list[ModelDrift] = []
         failed: Exception | None = None
@@ -705,10 +704,14 @@ class ModelService(Service):
                 self._drift_out = pending[at:] + self._drift_out
                 failed = exc
                 break
+        self._drift_unsent += announced
+        if failed is None:
+            # once the transitions made before are claimed: a monitor made since (its model
+            # reloaded) takes what its predecessor's last ones announced
+            await self._restore_drift()
         for model_id, monitor in self.drift.items():
             mine = [t for t in announced if t.model_id == model_id]
             self.metrics.drift(monitor.report(), mine)
-        self._drift_unsent += announced
         ctx = self._ctx
         while self._drift_unsent:
             payload = self._drift_unsent[0]
