@@ -554,3 +554,48 @@ async def test_a_vector_one_model_scored_on_two_arms_is_refitted_on_once(pg_pool
         # the newest limit: distinct vectors
         rows, _ = await store.recent(*of_model, 50)
         np.testing.assert_array_equal(rows.time, [label.time for label in labels[-50:]])
+
+
+async def test_a_model_loaded_while_it_was_refitted_is_not_replaced_by_the_refit(tmp_path):
+    """An operator loads another file as ``entry`` (through another replica) after the
+    refit of the one serving before was fitted, before its serving is stored: the refit,
+    fitted on and compared with the model no longer served, does not undo the load."""
+    from model_helpers import other_model
+
+    from pumpflow.common.model import read_model
+    from pumpflow.model.labels import MemoryLabelStore
+    from pumpflow.model.service import ServingError
+
+    loaded = other_model(tmp_path, model_id="entry")
+
+    def with_loaded(serving):
+        source = ModelSource(path=str(loaded), loaded=serving.revision + 1)
+        return msgspec.structs.replace(serving, models={**serving.models, "entry": source})
+
+    class LoadedMeanwhile(MemoryLabelStore):
+        async def record_refit(self, refit, *, model=None, card=None) -> None:
+            await super().record_refit(refit, model=model, card=card)
+            await service.change(with_loaded)
+
+    store = LoadedMeanwhile()
+    await store.add(
+        synthetic_labels(by_rsi), feature_set_version=DEFAULT_CARD.feature_set_version, names=NAMES
+    )
+    service = ModelService(
+        ModelSettings.load(
+            service="model",
+            transport="memory",
+            model_registry_dir=str(tmp_path / "registry"),
+            **{**REFIT_SETTINGS, "model_refit": False},
+        ),
+        registry=CollectorRegistry(),
+        refitter=LightGBMRefitter(config=TrainConfig(n_estimators=30)),
+        label_store=store,
+    )
+    async with run_embedded([service], clock=ReplayClock(START)):
+        with pytest.raises(ServingError, match="changed while it was refitted"):
+            await service.refit_if_due("entry")
+        assert service.manager.card("entry").version == read_model(loaded)[1].version
+        assert service.serving.models["entry"].path == str(loaded)
+        refit = await store.last_refit("entry")
+        assert refit.sha256 is not None and not refit.swapped

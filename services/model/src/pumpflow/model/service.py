@@ -888,6 +888,8 @@ class ModelService(Service):
         policy = self.settings.refit_policy()
         store = self.label_store
         card = self.manager.card(model_id)
+        # what the refit is of: its rows are chosen and ordered by this card
+        fitted_from = self.serving.models.get(model_id)
         of_model = (model_id, card.feature_set_version, definition_key(card.label))
         now = self._ctx.clock.now()
         last = await self._swap_recorded(await store.last_refit(model_id))
@@ -941,6 +943,10 @@ class ModelService(Service):
                 task = card.task
 
                 def with_refit(serving: Serving) -> Serving:
+                    if serving.models.get(model_id) != fitted_from:
+                        # loaded meanwhile (here or by another replica): the refit was
+                        # fitted on and compared with the model no longer served
+                        raise ServingError(f"model {model_id!r} changed while it was refitted")
                     source = ModelSource(
                         path=path, task=task, loaded=serving.revision + 1, sha256=sha256
                     )
