@@ -19,6 +19,7 @@ from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.labels import MemoryLabelStore, PostgresLabelStore, StoredRefit
 from pumpflow.model.pruning import MemoryRefitPruner
 from pumpflow.model.service import ModelService, ModelSettings
@@ -205,3 +206,43 @@ def test_the_policy_keeps_the_newest_and_the_served():
     assert policy.prunable(["h1", "h0"], set()) == []
     with pytest.raises(ValueError):
         RefitPolicy(keep_refits=0)
+
+
+async def test_the_refits_of_a_model_served_under_another_id_than_its_cards_are_pruned(tmp_path):
+    """A copy of ``entry`` (its card says entry) served as ``candidate``: its refits are
+    written where their cards name them, and their files go when they are pruned."""
+    shutil.copy(DEFAULT_MODEL_PATH, tmp_path / "copy.onnx")
+    shutil.copy(card_path(DEFAULT_MODEL_PATH), card_path(tmp_path / "copy.onnx"))
+    store = MemoryLabelStore()
+    refitter = ScriptedRefitter()
+    model = ModelService(
+        ModelSettings.load(
+            service="model",
+            transport="memory",
+            model_registry_dir=str(tmp_path / "fitter"),
+            model_models={"candidate": str(tmp_path / "copy.onnx")},
+            **{**SETTINGS, "model_refit_keep": 1},
+        ),
+        registry=CollectorRegistry(),
+        refitter=refitter,
+        label_store=store,
+    )
+    registry = ModelRegistry(tmp_path / "fitter")
+
+    async def refit(more: list[ResolvedLabel]) -> StoredRefit:
+        more = [msgspec.structs.replace(label, model_id="candidate") for label in more]
+        await store.add(more, feature_set_version=DEFAULT_CARD.feature_set_version, names=NAMES)
+        refitter.plan.append(True)
+        done = await model.refit_if_due("candidate")
+        assert done is not None and done.swapped
+        return done
+
+    async with run_embedded([model], clock=ReplayClock(START)):
+        first = await refit(labels(ROWS, first=0))
+        assert model.manager.card("candidate").model_id == "entry"
+        written = registry.path("entry", first.candidate_version)
+        assert written.exists()
+        await refit(labels(ROWS, first=ROWS * 2, rising=False))
+        assert first.candidate_version not in {r.candidate_version for r in store.refits}
+        assert not written.exists() and not card_path(written).exists()
+        assert model.metrics.pruned_count("candidate", "file") == 1

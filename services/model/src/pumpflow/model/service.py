@@ -1023,12 +1023,15 @@ class ModelService(Service):
                 served |= {s.sha256 for s in stored.models.values() if s.sha256 is not None}
             pruned = await self._pruner.prune(model_id, self.settings.refit_policy(), served)
             registry = self.manager.registry
+            # the registry files a refit under its card's model id, which a refit takes from
+            # the card of the model it refits, not from the id that model is served as
+            filed_as = self.manager.card(model_id).model_id
             removed = []
             for refit in pruned:
                 if (
                     registry is not None
                     and refit.sha256 is not None
-                    and await asyncio.to_thread(registry.remove, model_id, refit.candidate_version)
+                    and await asyncio.to_thread(registry.remove, filed_as, refit.candidate_version)
                 ):
                     removed.append(refit.candidate_version)
         except Exception:
