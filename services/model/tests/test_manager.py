@@ -277,6 +277,32 @@ def test_update_model_refits_in_the_background_and_swaps_only_if_better(tmp_path
     assert card.training.end + card.label.horizon_s <= time[int(n * 0.7)]
 
 
+def test_a_refit_keeps_the_drift_reference_of_the_model_it_refits():
+    """A refit is fitted on labelled vectors, about one a token every 10 s, while drift is
+    watched on every vector: a reference of its own rows reads as drift at once (the
+    time since the last trade, volumes and price shifted by the sampling alone)."""
+    from pumpflow.common.model.manager import LabelledRows
+    from pumpflow.model.training import LightGBMRefitter
+
+    rng = np.random.default_rng(3)
+    n = 2_000
+    rows = rng.normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    labels = (rows[:, 0] > 0.0) * 1.0
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float)
+    token = np.arange(n) // 40
+    half = n // 2
+
+    def part(rows_of: slice) -> LabelledRows:
+        return LabelledRows(
+            rows=rows[rows_of], labels=labels[rows_of], time=time[rows_of], token=token[rows_of]
+        )
+
+    refitter = LightGBMRefitter(config=TrainConfig(n_estimators=30))
+    _, card = refitter.refit(DEFAULT_CARD, part(slice(half)), part(slice(half, n)), now=time[-1])
+    assert card.version != DEFAULT_CARD.version
+    assert card.reference == DEFAULT_CARD.reference
+
+
 def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
     from pumpflow.common.model.manager import LabelledRows
     from pumpflow.model.training import LightGBMRefitter

@@ -39,7 +39,7 @@ class RefitPolicy:
     beats the serving version's by more than this (a regressor: its RMSE lower by more
     than this share of the serving one's). Without a margin a candidate no better wins
     the comparison about half the time by chance, and each swap restarts the model's
-    live figures and drift reference for nothing. On the smallest slice (6,000 labels,
+    live figures and drift window for nothing. On the smallest slice (6,000 labels,
     about 10% positive, AUC near 0.7) the standard error of one AUC is 0.012
     (Hanley-McNeil: 600 positives, 5,400 negatives); the two models score the same rows
     and their scores are strongly correlated (0.8-0.9 for refits of one feature set),
