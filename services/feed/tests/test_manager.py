@@ -110,6 +110,36 @@ async def test_frames_become_sequenced_events_and_duplicates_are_dropped(metrics
     await bus.close()
 
 
+async def test_frames_taken_past_the_leases_deadline_are_neither_numbered_nor_published(
+    metrics,
+):
+    """A replica that stalled wakes past its lease's deadline, its connection's frames
+    buffered: another may hold the feed by then and number the same mints, so a seq given
+    here could be one of its (consumers would drop one of the two). They are dropped and
+    counted; numbering goes on where it was once the lease is held again."""
+    bus, got = await collecting_bus()
+    clock = ReplayClock(1000.0)
+    feed = ScriptedFeed(clock)
+    holds = True
+    manager = DataFeedManager(
+        bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics,
+        numbering=lambda: holds,
+    )  # fmt: skip
+    manager.add_data_feed(feed)
+    await feed.push(ref.CREATE, trade(A, 1))
+    holds = False
+    await feed.push(trade(A, 2), trade(A, 3))
+    holds = True
+    await feed.push(trade(A, 4))
+    await bus.drain()
+    assert [(e.type, e.seq) for e in got] == [
+        ("token.created", 1), ("token.trade", 1), ("token.trade", 2),
+    ]  # fmt: skip
+    assert got[-1].data.signature == signature(A, 4)
+    assert manager.unled == 2 and metrics.unled_frames._value.get() == 2
+    await bus.close()
+
+
 async def test_subscription_calls_reach_every_feed(metrics):
     clock = ReplayClock()
     feeds = [ScriptedFeed(clock), ScriptedFeed(clock)]

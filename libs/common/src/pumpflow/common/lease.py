@@ -246,6 +246,13 @@ class LeaderLease:
     def is_leader(self) -> bool:
         return self._role == "leader"
 
+    @property
+    def holds(self) -> bool:
+        """Whether the lease is this candidate's by its own clock: it leads and its
+        deadline has not passed. A process that stalled wakes past its deadline before a
+        renewal tells it it lost the lease, and another may hold it by then."""
+        return self._role == "leader" and time.monotonic() < self._deadline
+
     async def current_holder(self) -> str | None:
         """Who holds the lease now, by the store (None: nobody)."""
         return await self.lease.current_holder()

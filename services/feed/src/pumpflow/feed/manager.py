@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pumpflow.common.bus.abc import EventPublisher
@@ -101,8 +101,12 @@ class DataFeedManager:
         recorder: Recorder | None = None,
         clock: Clock | None = None,
         metrics: FeedMetrics | None = None,
+        numbering: Callable[[], bool] | None = None,
     ):
+        """``numbering``: whether a frame may be numbered and published now (the replica
+        holds the feed's lease by its own clock); None: always."""
         self.config = config or FeedManagerConfig()
+        self._numbering = numbering
         self.source = self.config.source
         self._publisher = event_bus
         self.recorder = recorder
@@ -112,6 +116,8 @@ class DataFeedManager:
         self.metrics = metrics or FeedMetrics(None)
         self.feeds: list[DataFeedInterface] = []
         self.duplicates = 0
+        #: frames taken while ``numbering`` said no
+        self.unled = 0
         self.events = 0
         self.unsubscribed_trades = 0
         #: stored events published again by ``start`` (those the last run left)
@@ -198,6 +204,11 @@ class DataFeedManager:
         """Publish one record as an event (held in ``lookback`` too, if given); None if it
         was a duplicate or not published."""
         payload = record.payload
+        if record.event is None and self._numbering is not None and not self._numbering():
+            # past the lease's deadline (a stalled process): another replica may hold the
+            # feed and number this mint by now; a seq given here could be one of its
+            self._unled(record)
+            return None
         if self.signatures.seen(payload.txType, payload.signature):
             self.duplicates += 1
             self.metrics.duplicates.inc()
@@ -232,6 +243,16 @@ class DataFeedManager:
         if lookback is not None:
             lookback.add(event)
         return event
+
+    def _unled(self, record: FeedRecord) -> None:
+        self.unled += 1
+        self.metrics.unled_frames.inc()
+        if self.unled == 1 or self.unled % 1000 == 0:
+            log.warning(
+                "feed: a frame taken past the lease's deadline is dropped, neither numbered "
+                "nor published (another replica may hold the feed): %s of %s (%d so far)",
+                record.payload.txType, record.payload.mint, self.unled,
+            )  # fmt: skip
 
     async def _store_unsubscribed(self, record: FeedRecord) -> None:
         """Keep the raw frame, without a seq: consumers never see a gap or the trade."""

@@ -95,6 +95,12 @@ class FeedMetrics:
             "pumpflow_feed_duplicates_total", "Token events dropped as duplicate signatures",
             registry=registry,
         )  # fmt: skip
+        self.unled_frames = Counter(
+            "pumpflow_feed_unled_frames_total",
+            "Frames taken past the feed lease's deadline (a stalled process; another "
+            "replica may hold the feed): neither numbered nor published",
+            registry=registry,
+        )
         self.unsubscribed_trades = Counter(
             "pumpflow_feed_unsubscribed_trades_total",
             "Trades of mints the feed had not subscribed to: stored, not published",

@@ -26,7 +26,10 @@ holder writes the mints and wallets it keeps for a successor as they change.
 PumpPortal allows one connection per key, so replicas campaign for a LeaderLease
 (``feed:pumpportal``): the leader continues where the last one stopped (seq, stored
 events not yet published, the wanted mints) and connects; the others stand by, ready,
-and keep the wanted mints from the commands. A lost lease disconnects at once.
+and keep the wanted mints from the commands. A lost lease disconnects at once; a
+frame taken past the lease's deadline by the holder's own clock (a process that
+stalled, waking before a renewal tells it) is dropped, neither numbered nor published
+(``pumpflow_feed_unled_frames_total``): the next holder numbers that mint by then.
 
 Recent events of the subscribed mints stay in memory (the LookBack), served at
 ``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
@@ -168,6 +171,7 @@ class FeedService(Service):
             recorder=recorder,
             clock=ctx.clock,
             metrics=self.metrics,
+            numbering=self._holds_lease,
         )
         self.manager.add_data_feed(self.socket)
         self.leader = LeaderLease(
@@ -192,6 +196,9 @@ class FeedService(Service):
         # the socket connects in the background once the lease is ours: PumpPortal
         # being down or another replica holding the connection must not stop the start
         await self.leader.start()
+
+    def _holds_lease(self) -> bool:
+        return self.leader is not None and self.leader.holds
 
     async def _take_over(self) -> None:
         """Continue where the last holder stopped: subscriptions, seq, unconfirmed events."""
