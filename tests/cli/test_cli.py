@@ -175,6 +175,22 @@ def test_config_file_sets_services_settings_under_the_environment(monkeypatch, t
     assert "no service named [tradng]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--config", "--config-f", "--conf"])
+def test_an_abbreviated_config_file_flag_is_refused(flag, monkeypatch, tmp_path, capsys):
+    """argparse would take it for --config-file, which only the front of the command line
+    applies: the file's settings would be silently left out."""
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text("[trading]\ntrading_min_score = 0.45\n")
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main([flag, str(config), "settings", "trading", "--json"])
+    assert refused.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "pumpflow: error:" in captured.err
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pumpflow",
         description="pumpflow: trade newly created pump.fun tokens (services, runs, tools)",
+        # --config-file applies only as use_config_file reads it: a prefix of it
+        # (--config) taken for it here would leave the file out without a word
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--config-file",
