@@ -88,3 +88,24 @@ async def test_a_wrong_token_a_missing_one_and_a_bad_share_are_said(monkeypatch,
         with pytest.raises(SystemExit):
             build_parser().parse_args(["sell", MINT, "--fraction", share])
         assert "--fraction" in capsys.readouterr().err
+
+
+async def test_the_cli_waits_as_long_as_it_asks_the_replica_to(monkeypatch, capsys):
+    """``--wait`` goes up to 60 s: the call must outlast the replica's wait, or a sale the
+    replica orders late in it is said to have failed (exit status 1)."""
+    from pumpflow.cli import api
+
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    # the call's own allowance, made shorter than the wait asked (10 s against up to 60)
+    monkeypatch.setattr(api, "TIMEOUT_S", 0.5)
+
+    async def sell(request: Request) -> JSONResponse:
+        body = await request.json()
+        # the replica answers late in the wait it was given, as a busy owner does
+        await asyncio.sleep(body["wait_s"] / 2)
+        return JSONResponse(ORDERED)
+
+    app = Starlette(routes=[Route("/positions/{mint}/sell", sell, methods=["POST"])])
+    async with local_app(app) as base:
+        assert await pumpflow_sell(base, MINT, "--wait", "2") == 0, capsys.readouterr().err
+    assert "sale ordered: pos-1:rule:3" in capsys.readouterr().out

@@ -84,13 +84,16 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def post_json(url: str, body: dict, token: str) -> dict:
-    """POST ``body`` as JSON with the bearer ``token``; the answer's JSON body."""
+def post_json(url: str, body: dict, token: str, *, waits_s: float = 0.0) -> dict:
+    """POST ``body`` as JSON with the bearer ``token``; the answer's JSON body.
+
+    ``waits_s``: how long the service may wait before it answers (on top of the call's
+    own allowance)."""
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S + waits_s) as response:
         return json.loads(response.read())

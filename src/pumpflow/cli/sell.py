@@ -73,7 +73,7 @@ def sell_command(args: argparse.Namespace) -> int:
         body["position_id"] = args.position
     path = f"{url}/positions/{urllib.parse.quote(args.mint, safe='')}/sell"
     try:
-        answer = post_json(path, body, token)
+        answer = post_json(path, body, token, waits_s=args.wait)
     except OSError as exc:
         if reader_gone(exc):
             raise
