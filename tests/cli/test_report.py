@@ -211,6 +211,34 @@ async def test_the_postgres_ledger_gives_the_report_the_memory_ledger_gives(
     assert "<td>win rate</td><td>100% (1 of 1)</td>" in page
 
 
+async def test_a_schema_that_holds_no_ledger_is_refused_not_created(
+    postgres_dsn, namespace, tmp_path, capsys
+):
+    """A typo in --schema (or PUMPFLOW_NAMESPACE) must not be migrated into an empty
+    ledger whose report says nothing was traded, with exit status 0."""
+    import asyncpg
+
+    from pumpflow.common.testing import drop_schema
+
+    out = tmp_path / "ledger.html"
+    argv = ["report", "--dsn", postgres_dsn, "--schema", namespace, "--out", str(out)]
+    try:
+        with pytest.raises(SystemExit) as refused:
+            await asyncio.to_thread(main, argv)
+        assert f"no schema {namespace!r}" in str(refused.value.code)
+        assert not out.exists()
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            created = await conn.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1", namespace
+            )
+        finally:
+            await conn.close()
+        assert created == 0
+    finally:
+        await drop_schema(postgres_dsn, namespace)
+
+
 def test_nice_ticks_are_round_and_cover_the_range():
     assert svg.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert svg.nice_ticks(-0.13, 3.3) == [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
