@@ -212,6 +212,38 @@ async def test_metrics_expose_the_default_registry():
     assert 'pumpflow_service_info{replica="r1",service="probe"} 1.0' in answer.text
 
 
+class Scraped(Probe):
+    name = "scraped"
+
+
+def ready_gauge(metrics: str) -> str | None:
+    found = [
+        line.rsplit(" ", 1)[1]
+        for line in metrics.splitlines()
+        if line.startswith('pumpflow_service_ready{service="scraped"}')
+    ]
+    return found[0] if found else None
+
+
+async def test_the_ready_gauge_follows_the_service_whoever_asks_readyz():
+    """Prometheus scrapes /metrics, not /readyz (nor does the compose healthcheck, which
+    asks /healthz): the gauge the ServiceNotReady alert reads must say what /readyz
+    would say at the scrape, not what it said when last asked."""
+    service, ctx, app = make(Scraped)
+    async with client(app) as http:
+        # its bus not started: not ready, though /readyz was never asked
+        assert ready_gauge((await http.get("/metrics")).text) == "0.0"
+        await ctx.bus.start()
+        assert (await http.get("/readyz")).status_code == 200
+        assert ready_gauge((await http.get("/metrics")).text) == "1.0"
+        # the service can no longer work; nobody asks /readyz
+        service.status_value = {"ready": False, "why": "model not loaded"}
+        assert ready_gauge((await http.get("/metrics")).text) == "0.0"
+        service.status_value = {"tokens": 3}
+        assert ready_gauge((await http.get("/metrics")).text) == "1.0"
+    await ctx.bus.close()
+
+
 async def test_mutating_routes_need_the_token():
     service, _, app = make(token="s3cret-token")
     async with client(app) as http:

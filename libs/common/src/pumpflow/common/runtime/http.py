@@ -40,7 +40,7 @@ SERVICE_INFO = Gauge(
     "pumpflow_service_info", "Running service replica (value 1).", ["service", "replica"]
 )
 SERVICE_READY = Gauge(
-    "pumpflow_service_ready", "1 when the last /readyz passed, else 0.", ["service"]
+    "pumpflow_service_ready", "1 when /readyz passes (checked at each scrape), else 0.", ["service"]
 )
 SERVICE_STARTED = Gauge(
     "pumpflow_service_start_time_seconds", "Start time of the replica.", ["service"]
@@ -175,26 +175,31 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"alive": True, "service": settings.service, "replica": settings.replica}
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def ready_now() -> dict[str, Any]:
+        """/readyz's body, the ready gauge set to it."""
         running = startup.ctx
         if running is None:
-            body = {
+            SERVICE_READY.labels(settings.service).set(0)
+            return {
                 "ready": False,
                 "service": settings.service,
                 "starting": True,
                 "waiting_for": startup.waiting_for,
                 "checks": startup.checks(),
             }
-            SERVICE_READY.labels(settings.service).set(0)
-            return JSONResponse(body, status_code=503)
         ready, checks = await readiness(service, running)
         SERVICE_READY.labels(settings.service).set(1 if ready else 0)
-        body = {"ready": ready, "service": settings.service, "checks": checks}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return {"ready": ready, "service": settings.service, "checks": checks}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body = await ready_now()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        # a scrape may be all that asks: the gauge says what /readyz would say now
+        await ready_now()
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     def started() -> None:
