@@ -38,6 +38,7 @@ def test_replicas_get_distinct_default_ids():
         ("PUMPFLOW_NAMESPACE", "Bad-Name", "should match pattern"),
         ("PUMPFLOW_HTTP_PORT", "70000", "less than or equal to 65535"),
         ("PUMPFLOW_DRAIN_TIMEOUT_S", "-1", "greater than 0"),
+        ("PUMPFLOW_LOG_LEVEL", "verbose", "should match pattern"),
         ("PUMPFLOW_EXAMPLE_BATCH_SIZE", "0", "greater than or equal to 1"),
     ],
 )
@@ -141,6 +142,19 @@ def test_config_file_checked_against_every_service(tmp_path, text, reason):
         check_config_file(path, {"example": ExampleSettings})
     assert reason in str(caught.value)
     assert str(path) in str(caught.value)
+
+
+def test_a_log_level_logging_has_not_is_refused_up_front_naming_its_key(tmp_path):
+    """Checked with the file, not when a service configures its logging, where it was
+    named as PUMPFLOW_LOG_LEVEL, a variable nobody set."""
+    from pumpflow.common.runtime.settings import check_config_file
+
+    path = write_config(tmp_path, "[common]\nlog_level = 'verbose'\n")
+    with pytest.raises(SettingsError, match=r"\[common\] log_level: String should match"):
+        check_config_file(path, {"example": ExampleSettings})
+    for level in ("debug", "INFO", "Warning", "WARN", "error", "CRITICAL"):
+        path.write_text(f"[common]\nlog_level = '{level}'\n")
+        check_config_file(path, {"example": ExampleSettings})
 
 
 def test_missing_config_file_is_named(monkeypatch, tmp_path):

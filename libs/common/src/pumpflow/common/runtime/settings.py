@@ -157,7 +157,12 @@ class CommonSettings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="health and metrics bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="health/metrics port (0: off)")
     api_token: str | None = Field(None, description="bearer token for mutating endpoints")
-    log_level: str = Field("INFO", description="logging level")
+    log_level: str = Field(
+        "INFO",
+        # checked with the other values (and the config file's), not first where it applies
+        pattern=r"(?i)^(critical|fatal|error|warn|warning|info|debug|notset)$",
+        description="logging level",
+    )
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     event_log: Literal["none", "sampled", "all"] = Field("none", description="event audit log")
     event_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="share logged")
