@@ -175,6 +175,23 @@ def test_config_file_sets_services_settings_under_the_environment(monkeypatch, t
     assert "no service named [tradng]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("second", [["--config-file", "{path}"], ["--config-file={path}"]])
+def test_the_last_config_file_given_applies(second, monkeypatch, tmp_path, capsys):
+    """As with any flag given twice, the last one: a wrapper's default file followed by
+    the operator's own must not leave the operator's out."""
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    first, last = tmp_path / "default.toml", tmp_path / "mine.toml"
+    first.write_text("[common]\npartitions = 8\n")
+    last.write_text("[common]\npartitions = 4\n")
+    given = [word.format(path=last) for word in second]
+    argv = ["--config-file", str(first), *given, "settings", "trading", "--json"]
+    assert cli_main.main(argv) == 0
+    values = {row["variable"]: row["value"] for row in json.loads(capsys.readouterr().out)}
+    assert values["PUMPFLOW_PARTITIONS"] == 4
+    assert os.environ["PUMPFLOW_CONFIG_FILE"] == str(last)
+
+
 @pytest.mark.parametrize("flag", ["--config", "--config-f", "--conf"])
 def test_an_abbreviated_config_file_flag_is_refused(flag, monkeypatch, tmp_path, capsys):
     """argparse would take it for --config-file, which only the front of the command line

@@ -60,11 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def use_config_file(argv: list[str]) -> list[str]:
     """Take ``--config-file FILE`` off the front of ``argv`` into the environment (so the
-    processes this starts read it too) and check the file against every service."""
-    if argv[:1] == ["--config-file"] and len(argv) >= 2:
-        os.environ[CONFIG_FILE_VARIABLE], argv = argv[1], argv[2:]
-    elif argv and argv[0].startswith("--config-file="):
-        os.environ[CONFIG_FILE_VARIABLE], argv = argv[0].partition("=")[2], argv[1:]
+    processes this starts read it too) and check the file against every service. Given
+    more than once, the last one applies, as with any flag."""
+    while True:
+        if argv[:1] == ["--config-file"] and len(argv) >= 2:
+            os.environ[CONFIG_FILE_VARIABLE], argv = argv[1], argv[2:]
+        elif argv and argv[0].startswith("--config-file="):
+            os.environ[CONFIG_FILE_VARIABLE], argv = argv[0].partition("=")[2], argv[1:]
+        else:
+            break
     path = os.environ.get(CONFIG_FILE_VARIABLE)
     if path:
         from pumpflow.common.runtime.discovery import installed_services, load_service
