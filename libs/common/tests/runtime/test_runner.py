@@ -8,7 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.events import TokenLifecycle, make_event
 from pumpflow.common.runtime.runner import (
     EXIT_BAD_SETTINGS,
     EXIT_FAILED,
@@ -119,6 +121,49 @@ async def test_a_stop_that_fails_exits_non_zero(monkeypatch, caplog):
     stop.set()
     assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
     assert "3 events not stored" in caplog.text
+
+
+class OutlastsTheDrain(Service):
+    """A handler still running when the drain gives up."""
+
+    name = "outlasts-drain"
+    handling = False
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.release = asyncio.Event()
+        type(self).service = self
+        await ctx.bus.subscribe(
+            Subscription(service=self.name, patterns=("token.lifecycle",), handler=self.handle)
+        )
+        payload = TokenLifecycle(mint="m1", state="active")
+        await ctx.bus.publish(make_event(payload, source=ctx.source, time=ctx.clock.now()))
+
+    async def handle(self, event) -> None:
+        type(self).handling = True
+        await self.release.wait()
+
+    async def stop(self) -> None:
+        # after the drain gave up: what the handler waits for goes with the service
+        self.release.set()
+
+
+@pytest.mark.slow
+async def test_a_drain_that_gives_up_on_a_handler_in_flight_exits_non_zero(monkeypatch):
+    """The handler is cut short (its delivery handled again elsewhere, or lost): the
+    shutdown was not the clean one exit 0 says."""
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    monkeypatch.setenv("PUMPFLOW_DRAIN_TIMEOUT_S", "0.2")
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(OutlastsTheDrain, stop=stop))
+    try:
+        await eventually(lambda: OutlastsTheDrain.handling, what="the handler in flight")
+        stop.set()
+        assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
+    finally:
+        OutlastsTheDrain.service.release.set()
+        stop.set()
+        await asyncio.wait_for(runner, 30)
 
 
 class Stateful(Service):

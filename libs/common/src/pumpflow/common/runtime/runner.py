@@ -9,6 +9,7 @@ after ``dependency_wait_s`` (unset: never) exits 1.
 Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
 flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
 exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
+A drain that gives up on a handler, or a stop that fails or overruns, exits 1.
 
 Over RabbitMQ the service gets a :class:`~pumpflow.common.bus.ownership.BalancedBus`
 (unless ``balance_partitions`` is off): its replicas share the partitions, and on
@@ -138,8 +139,9 @@ async def run_service(
         store, db, balance_store = wired.store, wired.db, wired.balance_store
         if bus is not None:
             await _bounded("stop consuming", bus.stop_consuming())
-            if started:
-                await _drain(bus, settings.drain_timeout_s)
+            # handlers cut short are handled again elsewhere, or lost: the exit code says so
+            if started and not await _drain(bus, settings.drain_timeout_s):
+                exit_code = EXIT_FAILED
         if started:
             # a stop that fails or overruns may have lost work: the exit code says so
             if not await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0)):
@@ -289,16 +291,18 @@ def _balanced(bus, settings: CommonSettings, store, clock):
     return wrapped, own_store
 
 
-async def _drain(bus, limit_s: float) -> None:
+async def _drain(bus, limit_s: float) -> bool:
+    """Wait for the handlers in flight; whether they all returned."""
     try:
         drained = await asyncio.wait_for(bus.drain(limit_s), limit_s + 1.0)
     except Exception:
         log.exception("shutdown: drain failed")
-        return
+        return False
     if drained:
         log.info("shutdown: in-flight handlers drained")
     else:
         log.warning("shutdown: handlers still in flight after %.1f s", limit_s)
+    return bool(drained)
 
 
 async def _wait(
