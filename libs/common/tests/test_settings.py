@@ -157,6 +157,21 @@ def test_a_log_level_logging_has_not_is_refused_up_front_naming_its_key(tmp_path
         check_config_file(path, {"example": ExampleSettings})
 
 
+def test_a_consumer_group_no_service_runs_is_refused_naming_its_variable(monkeypatch, tmp_path):
+    """Checked with the settings (the config file's up-front check too), not first where
+    a replica declares the groups once connected, exiting 1 without naming it."""
+    from pumpflow.common.runtime.settings import check_config_file
+
+    monkeypatch.setenv("PUMPFLOW_CONSUMER_GROUPS", "features, activty")
+    with pytest.raises(SettingsError, match=r"PUMPFLOW_CONSUMER_GROUPS: .*'activty'"):
+        CommonSettings.load()
+    monkeypatch.setenv("PUMPFLOW_CONSUMER_GROUPS", "features, exit-control")
+    assert CommonSettings.load().consumer_group_names == ["features", "exit-control"]
+    path = write_config(tmp_path, "[common]\nconsumer_groups = 'trading,exits'\n")
+    with pytest.raises(SettingsError, match=r"\[common\] consumer_groups: .*'exits'"):
+        check_config_file(path, {"example": ExampleSettings})
+
+
 def test_missing_config_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(tmp_path / "absent.toml"))
     with pytest.raises(SettingsError, match=r"absent\.toml: No such file"):

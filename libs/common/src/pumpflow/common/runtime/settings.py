@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     Field,
     SecretStr,
@@ -114,6 +115,16 @@ def _bad_values(name: str, table: dict[str, Any], settings_cls) -> list[str]:
     return problems
 
 
+def _known_groups(value: str | None) -> str | None:
+    """``consumer_groups`` once each of its names is a consumer group (a typo would only
+    fail once a replica connected, declaring them)."""
+    if value is not None:
+        from pumpflow.common.runtime.topology import groups_of
+
+        groups_of(name.strip() for name in value.split(",") if name.strip())
+    return value
+
+
 class _ConfigFileSource(PydanticBaseSettingsSource):
     """The config file's ``[common]`` table, then the service's own table over it."""
 
@@ -187,7 +198,7 @@ class CommonSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         3.0, gt=0, description="a replica silent this long is dead; others take its partitions"
     )
-    consumer_groups: str | None = Field(
+    consumer_groups: Annotated[str | None, AfterValidator(_known_groups)] = Field(
         None,
         description="consumer groups the deployment runs, comma-separated (unset: all): "
         "their queues are declared as each process connects, so nothing published "
