@@ -352,3 +352,25 @@ def test_a_redelivered_token_event_counts_once_toward_the_rate_breaker(market, c
     trade = market.tokens.buy(mint, "bob")
     assert not rate_tripped([created, *[trade] * 20])
     assert rate_tripped([created, trade, *(market.tokens.buy(mint, "bob") for _ in range(19))])
+
+
+@pytest.mark.parametrize("state", ["inactive", "graduated"])
+def test_late_events_of_a_token_retired_unheld_make_no_view_again(engine, market, state):
+    """A token retired with nothing held leaves with its retirement. Its late events (a
+    straggler's trade, the vector and the score the features and the model announce for
+    it, as for a graduate's pool trades) make no view again: activity retires such a
+    token again without a lifecycle event, so nothing would ever forget that view. A
+    lifecycle event reviving it takes it back."""
+    mint = market.ready(engine)
+    engine.process(market.lifecycle(mint, state))
+    assert mint not in engine.views
+    late = [market.features(mint), market.prediction(mint)]
+    if state == "inactive":
+        late.insert(0, market.tokens.buy(mint, "straggler", sol=0.1))
+    for event in late:
+        assert orders(engine.process(event)) == []
+        assert mint not in engine.views
+    assert engine.last_decision is not None and not engine.last_decision.enter
+    if state == "inactive":
+        engine.process(market.lifecycle(mint, "active"))
+        assert engine.views[mint].lifecycle.state == "active"

@@ -96,6 +96,9 @@ _RETIRED_STATES = frozenset({"inactive", "graduated"})
 
 #: order ids remembered in memory against a second send (the ledger keeps them all)
 _REMEMBERED_ORDERS = 100_000
+#: tokens retired with nothing held remembered against a view made again by their late
+#: events (about 4 days of launches)
+_REMEMBERED_RETIRED = 100_000
 
 
 class Publisher(Protocol):
@@ -152,6 +155,11 @@ class TradingEngine:
         #: order id -> why it was sent, for the position a sale closes (the executor's
         #: caller sets it for orders it did not decide here, an exit's say)
         self.order_reasons: dict[str, str] = {}
+        #: tokens whose views went with their retirement, nothing held: a late event of
+        #: theirs (a straggler's trade, its vector and score; activity retires such a
+        #: token again without a lifecycle event) is decided on a view not kept, until a
+        #: lifecycle event revives the token
+        self.retired: OrderedDict[str, None] = OrderedDict()
 
     # ---------------------------------------------------------------- the interface
 
@@ -234,9 +242,11 @@ class TradingEngine:
             view.features = dict(zip(data.names, data.values, strict=True))
             view.features_time = event.time
         elif isinstance(data, TokenLifecycle):
+            if data.state not in _RETIRED_STATES:
+                self.retired.pop(data.mint, None)
             self._view(data.mint).lifecycle = data
             if data.state in _RETIRED_STATES and not self.positions.holds(data.mint):
-                self.views.pop(data.mint, None)
+                self._forget(data.mint)
         elif isinstance(data, ModelPrediction):
             if data.shadow:
                 # a shadow arm is measured, never traded on
@@ -312,7 +322,7 @@ class TradingEngine:
             or self.positions.holds(mint)
         ):
             return False
-        del self.views[mint]
+        self._forget(mint)
         return True
 
     # ---------------------------------------------------------------- internals
@@ -320,8 +330,17 @@ class TradingEngine:
     def _view(self, mint: str) -> TokenView:
         view = self.views.get(mint)
         if view is None:
-            view = self.views[mint] = TokenView(mint=mint)
+            view = TokenView(mint=mint)
+            if mint not in self.retired or self.positions.holds(mint):
+                self.views[mint] = view
         return view
+
+    def _forget(self, mint: str) -> None:
+        self.views.pop(mint, None)
+        self.retired[mint] = None
+        self.retired.move_to_end(mint)
+        while len(self.retired) > _REMEMBERED_RETIRED:
+            self.retired.popitem(last=False)
 
     def _on_token_event(self, data: TokenTrade | TokenCreated | TokenMigrated, time: float) -> None:
         view = self.views.get(data.mint)
