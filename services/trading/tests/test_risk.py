@@ -177,6 +177,22 @@ def test_rate_breaker_trips_on_an_anomalous_event_rate_and_recovers(clock, marke
     assert not recovery.tripped and risk.entries_allowed
 
 
+@pytest.mark.parametrize(("per_s", "trips"), [(95, False), (105, True)])
+def test_a_steady_event_rate_trips_the_rate_breaker_only_over_the_limit(
+    clock, market, per_s, trips
+):
+    """The window holds the events of the last ``rate_window_s``, no older: a steady
+    stream 5% under the limit never trips the breaker, one 5% over it does."""
+    settings = BreakerSettings(
+        max_events_per_s=100.0, rate_window_s=10.0, max_feed_lag_s=1e9, max_silence_s=1e9
+    )
+    risk = RiskManager(100.0, 0.02, 5, clock=clock, breakers=settings)
+    event = market.tokens.created(market.tokens.mint())
+    for i in range(per_s * 30):
+        risk.observe(event, now=START + i / per_s)
+    assert risk.breakers["rate"].tripped is trips
+
+
 def _any_event(kind: str, market, mint: str, now: float):
     """An event of ``kind`` stamped ``now``: of the token watched or another, keyed or not."""
     if kind == "trade of the token":

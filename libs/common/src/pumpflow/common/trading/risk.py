@@ -473,8 +473,11 @@ class RiskManager:
             else:
                 buckets.append([second, 1])
             self._events_in_window += 1
-        horizon = now - self.breaker_settings.rate_window_s
-        while buckets and buckets[0][0] + 1 <= horizon:
+        # a second reaching past the window goes whole (kept, the window would count up
+        # to a second more than rate_window_s and trip on a steady rate under the limit),
+        # the current one aside: a second is the finest count there is
+        horizon = min(now - self.breaker_settings.rate_window_s, second)
+        while buckets and buckets[0][0] < horizon:
             self._events_in_window -= int(buckets.popleft()[1])
 
     def _settled_state(self, halted: bool | None = None) -> TradingState:
