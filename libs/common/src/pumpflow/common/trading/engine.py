@@ -97,8 +97,9 @@ _RETIRED_STATES = frozenset({"inactive", "graduated"})
 #: order ids remembered in memory against a second send (the ledger keeps them all)
 _REMEMBERED_ORDERS = 100_000
 #: tokens retired with nothing held remembered against a view made again by their late
-#: events (about 4 days of launches)
-_REMEMBERED_RETIRED = 100_000
+#: events: over 3 hours of launches at the record rate (71,735 a day), where activity
+#: keeps its retired tokens an hour
+_REMEMBERED_RETIRED = 10_000
 
 
 class Publisher(Protocol):
