@@ -159,7 +159,8 @@ class TradingEngine:
         #: tokens whose views went with their retirement, nothing held: a late event of
         #: theirs (a straggler's trade, its vector and score; activity retires such a
         #: token again without a lifecycle event) is decided on a view not kept, until a
-        #: lifecycle event revives the token
+        #: lifecycle event revives the token (a copy of one counts again toward the rate
+        #: breaker, as any event of a token without a view does)
         self.retired: OrderedDict[str, None] = OrderedDict()
 
     # ---------------------------------------------------------------- the interface
