@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import replace
 
@@ -19,9 +20,10 @@ from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL, TradingState
+from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL, EntryFilters, TradingState
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import (
@@ -971,6 +973,18 @@ def test_the_breakers_take_the_feed_lag_silence_and_rate_settings(monkeypatch):
     ).breakers()
     assert (breakers.max_feed_lag_s, breakers.max_silence_s) == (7.0, 90.0)
     assert breakers.max_events_per_s == 3000.0
+
+
+@pytest.mark.parametrize("variable", ["NAME", "CREATOR"])
+@pytest.mark.parametrize("entry", ["", "  "])
+def test_a_blank_block_list_entry_is_refused_naming_its_variable(monkeypatch, variable, entry):
+    """A blank name is a substring of every name: it would block every token, without a
+    word (a stray comma in the list, say)."""
+    monkeypatch.setenv(f"PUMPFLOW_TRADING_{variable}_BLOCKLIST", json.dumps(["scam", entry]))
+    with pytest.raises(SettingsError, match=f"PUMPFLOW_TRADING_{variable}_BLOCKLIST"):
+        TradingSettings.load(service="trading", transport="memory")
+    with pytest.raises(ValueError, match="blank"):
+        EntryFilters(**{f"{variable.lower()}_blocklist": ("scam", entry)})
 
 
 async def test_a_retired_tokens_view_and_market_go_once_its_position_closes(clock, market):

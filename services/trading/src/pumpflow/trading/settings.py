@@ -21,9 +21,9 @@ sending and confirming defaults are argued in :mod:`pumpflow.common.trading.sett
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import TRADE_API_URL
@@ -41,6 +41,9 @@ _LIMITS = RiskLimits()
 _PAPER = PaperExecution()
 _BREAKERS = BreakerSettings()
 _LIVE = LiveExecution(wallet="-")
+
+#: a block list's entry: a blank one is in every name, and would block every token
+_Entry = Annotated[str, StringConstraints(pattern=r"\S")]
 
 
 class TradingSettings(PumpPortalKeySettings):
@@ -100,10 +103,10 @@ class TradingSettings(PumpPortalKeySettings):
     trading_reject_creator_sold: bool = Field(
         _FILTERS.reject_creator_sold, description="never enter a token whose creator sold"
     )
-    trading_name_blocklist: tuple[str, ...] = Field(
+    trading_name_blocklist: tuple[_Entry, ...] = Field(
         (), description="substrings of names or symbols never entered (JSON list)"
     )
-    trading_creator_blocklist: tuple[str, ...] = Field(
+    trading_creator_blocklist: tuple[_Entry, ...] = Field(
         (), description="creator wallets whose tokens are never entered (JSON list)"
     )
     trading_slippage_pct: float = Field(

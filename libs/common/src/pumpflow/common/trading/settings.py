@@ -175,6 +175,10 @@ class EntryFilters:
             raise ValueError("min_curve_progress must not exceed max_curve_progress")
         if not 0.0 <= self.min_age_s <= self.max_age_s:
             raise ValueError("need 0 <= min_age_s <= max_age_s")
+        for name in ("name_blocklist", "creator_blocklist"):
+            if any(not entry.strip() for entry in getattr(self, name)):
+                # a blank name is in every name: it would block every token
+                raise ValueError(f"{name} has a blank entry")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
