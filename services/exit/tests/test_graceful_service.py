@@ -1512,3 +1512,42 @@ async def test_a_position_the_run_left_unsold_on_a_silent_token_gets_its_rules_a
             what="the rules' sale of the position left",
             step=5.0,
         )  # fmt: skip
+
+
+class _SettleReplyLost(MemoryExitStore):
+    """Records that store the first outcome settled and lose the reply (the database
+    restarting as the commit returns, say): its retry finds it settled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 1
+
+    async def settle(self, order_id, outcome, time):
+        settled = await super().settle(order_id, outcome, time)
+        if settled and self.lost:
+            self.lost -= 1
+            raise Outage("the records' database restarted before it answered")
+        return settled
+
+
+async def test_a_late_fill_whose_store_lost_its_reply_counts_in_the_exit():
+    """The retry of the store finds the fill settled by the lost one: it is applied all
+    the same (it was counted nowhere), not taken for a copy."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _SettleReplyLost()
+    # every tranche outlives its wait: each fill is a late outcome
+    trader = trading(MemoryLedger())
+    exits = exit_service(records, exit_order_timeout_s=1e-6)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await _opened(system, clock, tokens, watch, 2)
+        shutdown = SystemShutdown(reason="late fill, reply lost")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert records.lost == 0
+        sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
+        summary = exits.summary
+        assert [line.unconfirmed_tokens for line in summary.lines] == [0.0, 0.0]
+        assert [line.tokens_sold > 0 for line in summary.lines] == [True, True]
+        assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))

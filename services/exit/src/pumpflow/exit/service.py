@@ -856,9 +856,9 @@ class ExitService(Service):
         """
         while self._outcomes:
             mint, outcome, sale, time = self._outcomes[0]
-            first = await self._store(mint, outcome, sale, time)
+            await self._store(mint, outcome, sale, time)
             del self._outcomes[0]
-            task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale, first))
+            task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -895,9 +895,7 @@ class ExitService(Service):
         if not selling:
             self._untaken_closes = True
 
-    async def _settled(
-        self, mint: str, outcome: _Handed, sale: PendingSale | None, first: bool
-    ) -> None:
+    async def _settled(self, mint: str, outcome: _Handed, sale: PendingSale | None) -> None:
         """An outcome stored: to the tranche awaiting it, or to the graceful exit; a
         position closed: to the graceful exit."""
         try:
@@ -910,8 +908,10 @@ class ExitService(Service):
                 _mint, waiting = self._waiting.get(outcome.order_id, (mint, None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(outcome)
-                elif first and self.manager is not None:
-                    # given up for lost (exit_order_timeout_s): its tokens were held back
+                elif self.manager is not None:
+                    # given up for lost (exit_order_timeout_s): its tokens were held back.
+                    # Whether this store was the first or not: a retry whose lost reply
+                    # stored it finds it settled, and the manager takes a tranche's once
                     await self.manager.on_late_outcome(outcome)
             elif sale is not None and self.manager is not None:
                 await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
