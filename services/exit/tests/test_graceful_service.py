@@ -1551,3 +1551,36 @@ async def test_a_late_fill_whose_store_lost_its_reply_counts_in_the_exit():
         assert [line.unconfirmed_tokens for line in summary.lines] == [0.0, 0.0]
         assert [line.tokens_sold > 0 for line in summary.lines] == [True, True]
         assert summary.sol_recovered == pytest.approx(sum(f.sol_amount for f in sells))
+
+
+class _FinishReplyLost(MemoryExitStore):
+    """Records that finish the run and lose the reply of the change that did (the
+    database restarting as the commit returns, say): its retry finds the run finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 1
+
+    async def update_run(self, run_id, **changes):
+        finished = await super().update_run(run_id, **changes)
+        if finished is not None and self.lost:
+            self.lost -= 1
+            raise Outage("the records' database restarted before it answered")
+        return finished
+
+
+async def test_the_summary_of_a_run_whose_finishing_change_lost_its_reply_is_published():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _FinishReplyLost()
+    trader, exits = trading(MemoryLedger()), exit_service(records)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await open_positions(system.bus, clock, tokens, 2)
+        shutdown = SystemShutdown(reason="finish, reply lost")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert records.lost == 0
+        assert exits.summary.positions == 2 and exits.summary.positions_left == 0
+        [graceful] = [r for r in watch.payloads("exit.report") if r.graceful]
+        assert graceful.positions_left == 0

@@ -238,6 +238,8 @@ class ExitService(Service):
         #: the whole run's summary, once every replica's positions are exited
         self.summary: GracefulExitSummary | None = None
         self._ended: RunRecord | None = None
+        #: a change of the run raised: its reply lost, it may have ended the run
+        self._unanswered = False
         #: set when this replica's graceful exit has begun, and when it has ended
         self.began = asyncio.Event()
         self.finished = asyncio.Event()
@@ -660,11 +662,26 @@ class ExitService(Service):
         to_come = await self._to_come()
         for name in ("positions", "withdraw"):
             to_come[name] = [*changes.pop(name, ()), *to_come[name]]
-        ended = await self.records.update_run(self.run.run_id, time=now, **to_come, **changes)
+        run_id = self.run.run_id
+        try:
+            ended = await self.records.update_run(run_id, time=now, **to_come, **changes)
+        except Exception:
+            self._unanswered = True
+            raise
+        if ended is None and self._unanswered and self._ended is None:
+            # the change whose reply was lost may have ended the run, and nothing else
+            # would tell it (if another replica's change ended it, that one told it too:
+            # the same event, by its id)
+            stored = await self.records.get_run(run_id)
+            if stored is not None and stored.finished_at is not None:
+                ended = stored
+        self._unanswered = False
         if ended is not None:
             self._ended = ended
             report = msgspec.convert(ended.summary, type=ExitReport)
-            await ctx.bus.publish(make_event(report, source=ctx.source, time=now))
+            event_id = derived_id("exit-report", run_id)
+            await ctx.bus.publish(make_event(report, source=ctx.source, time=now,
+                                             event_id=event_id))  # fmt: skip
 
     async def _settled_before(self, run: RunRecord) -> None:
         """Wait (a while) for this replica's partitions, their keys loaded, and for the
