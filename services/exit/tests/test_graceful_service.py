@@ -1584,3 +1584,35 @@ async def test_the_summary_of_a_run_whose_finishing_change_lost_its_reply_is_pub
         assert exits.summary.positions == 2 and exits.summary.positions_left == 0
         [graceful] = [r for r in watch.payloads("exit.report") if r.graceful]
         assert graceful.positions_left == 0
+
+
+class _TrancheStoreOut(MemoryExitStore):
+    """Records whose database is out as the first tranche is stored (a restart, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def record_order(self, order):
+        if order.state == "sent" and self.failures:
+            self.failures -= 1
+            raise Outage("the records' database is restarting")
+        return await super().record_order(order)
+
+
+async def test_an_outage_of_the_records_as_a_tranche_is_stored_is_waited_out():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = _TrancheStoreOut()
+    trader, exits = trading(MemoryLedger()), exit_service(records)
+    async with embedded(clock, trader, exits) as (system, watch):
+        await open_positions(system.bus, clock, tokens, 2)
+        shutdown = SystemShutdown(reason="records out as a tranche is stored")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert records.failures == 0
+        assert trader.book.open_count == 0
+        assert exits.summary is not None and exits.summary.positions_left == 0
+        [graceful] = [r for r in watch.payloads("exit.report") if r.graceful]
+        assert graceful.positions_left == 0

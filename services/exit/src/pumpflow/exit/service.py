@@ -735,21 +735,21 @@ class ExitService(Service):
             self._hand_over_moved()
             return _moved(order.order_id, order.mint)
         record = self.manager.records[order.mint]
-        await self.records.record_order(
-            ExitOrderRecord(
-                order_id=order.order_id,
-                mint=order.mint,
-                position_id=order.position_id,
-                rule=order.reason,
-                number=int(order.order_id.rsplit(":", 1)[1]),
-                token_amount=order.token_amount,
-                sent_at=now,
-                tokens_at_start=record.tokens_at_start,
-                started_at=record.started_at,
-                mark_price=record.mark_price,
-                run_id=self.run.run_id,
-            )
+        stored = ExitOrderRecord(
+            order_id=order.order_id,
+            mint=order.mint,
+            position_id=order.position_id,
+            rule=order.reason,
+            number=int(order.order_id.rsplit(":", 1)[1]),
+            token_amount=order.token_amount,
+            sent_at=now,
+            tokens_at_start=record.tokens_at_start,
+            started_at=record.started_at,
+            mark_price=record.mark_price,
+            run_id=self.run.run_id,
         )
+        # the records' database waited out: a failure here would end the share's selling
+        await self._waited(lambda: self.records.record_order(stored), "storing a tranche")
         if not self._owns(order.mint):
             # moved while it was stored: settled here, so the new owner need not wait for it
             refused = _moved(order.order_id, order.mint)
