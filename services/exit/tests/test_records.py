@@ -247,3 +247,45 @@ def test_a_later_position_on_a_mint_resumes_with_an_exit_of_its_own():
     assert by_id["p2"].tokens_sold == 50.0 and not by_id["p2"].completed
     assert list(by_id["p2"].unconfirmed) == ["p2:exit:2"] and by_id["p2"].started_at == START
     assert sent == {"p1": 2, "p2": 2}
+
+
+def finishing_first_read(store_class):
+    """``store_class`` whose first read of the run under way finds it finished just
+    before (as another replica's last change would)."""
+
+    class Racing(store_class):
+        raced = False
+
+        async def active_run(self):
+            if not self.raced:
+                self.raced = True
+                under_way = await super().active_run()
+                await self.update_run(
+                    under_way.run_id, time=START + 2, partitions=[0], withdraw=[BARRIER]
+                )
+            return await super().active_run()
+
+    return Racing
+
+
+async def test_a_run_begun_as_the_one_under_way_finishes_is_stored():
+    await begun_as_the_last_finishes(finishing_first_read(MemoryExitStore)())
+
+
+@pytest.mark.postgres
+async def test_a_run_begun_as_the_one_under_way_finishes_is_stored_in_postgres(pg_pool):
+    await begun_as_the_last_finishes(finishing_first_read(PostgresExitStore)(pg_pool))
+
+
+async def begun_as_the_last_finishes(store) -> None:
+    """A shutdown meets the run under way, which finishes before it is read: the run
+    begun is one that is stored (its changes would find no run)."""
+    last = RunRecord.new("last", START, START + 60)
+    store.raced = True
+    assert await store.begin_run(last) == last
+    store.raced = False
+    begun = await store.begin_run(RunRecord.new("next", START + 3, START + 63))
+    assert (await store.get_run(last.run_id)).finished_at == START + 2
+    assert begun.run_id != last.run_id
+    assert await store.get_run(begun.run_id) == begun
+    assert (await store.active_run()).run_id == begun.run_id

@@ -479,20 +479,26 @@ class PostgresExitStore:
         self.pool = pool
 
     async def begin_run(self, run: RunRecord) -> RunRecord:
-        async with self.pool.acquire() as conn, conn.transaction():
-            stored = await conn.fetchval(
-                "INSERT INTO exit_runs (run_id, reason, started_at, deadline, partitions) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING run_id",
-                run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
-            )  # fmt: skip
-            if stored is not None:
-                await conn.execute(
-                    "INSERT INTO exit_run_positions (run_id, position_id, mint) "
-                    "VALUES ($1, $2, '')",
-                    run.run_id, BARRIER,
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                stored = await conn.fetchval(
+                    "INSERT INTO exit_runs (run_id, reason, started_at, deadline, partitions) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING run_id",
+                    run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
                 )  # fmt: skip
-        active = await self.active_run()
-        return active if active is not None else run
+                if stored is not None:
+                    await conn.execute(
+                        "INSERT INTO exit_run_positions (run_id, position_id, mint) "
+                        "VALUES ($1, $2, '')",
+                        run.run_id, BARRIER,
+                    )  # fmt: skip
+            if stored is not None:
+                return run
+            # refused for the run under way (or stored by a try whose reply was lost)
+            active = await self.active_run() or await self.get_run(run.run_id)
+            if active is not None:
+                return active
+            # the run under way finished before it was read: this one begins after all
 
     async def active_run(self) -> RunRecord | None:
         async with self.pool.acquire() as conn:
