@@ -14,9 +14,10 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from pumpflow.common import pumpportal
 from pumpflow.common.events import EventValidationError
+from pumpflow.common.testing import eventually
 from pumpflow.simulator.faults import HOSTILE_KINDS, HOSTILE_SIGNATURE, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
-from pumpflow.simulator.server import SimulatorServer
+from pumpflow.simulator.server import ACK_UNSUBSCRIBE_NEW_TOKEN, SimulatorServer
 
 SPEED = 30.0
 
@@ -343,3 +344,34 @@ async def test_hostile_frames_interleave_good_ones_and_the_sent_log_lists_both(t
     assert {line[4] for line in hostile_lines} <= {
         f"{HOSTILE_SIGNATURE}{n}" for n in range(1, server.counters["hostile"] + 1)
     }
+
+
+async def test_a_reader_behind_the_fastest_market_still_gets_the_reply_to_its_request():
+    # as fast as the client reads: a client that has not read for a while has its queue
+    # full, and the reply to its next request still comes, after what was queued before.
+    # A market of launches with hardly a trade fills it soonest
+    quiet = MarketConfig(seed=11, snipers_mean=0.0, bot_share=0.0, organic_rate_per_s=0.001)
+    server = SimulatorServer(market=Market(quiet), speed=0)
+    await server.start()
+    try:
+        async with connect(server.url) as ws:
+            await _send(ws, "subscribeNewToken")
+            await eventually(
+                lambda: server.connections and all(c.queue.full() for c in server._clients),
+                30.0,
+                what="a full queue",
+            )
+            await _send(ws, "subscribeTokenTrade", ["mint"])
+            await _send(ws, "unsubscribeMigration")
+            # the last: nothing follows its reply, so the connection closes at once
+            await _send(ws, "unsubscribeNewToken")
+            frames = await _until(ws, _is(ACK_UNSUBSCRIBE_NEW_TOKEN), within=30.0)
+    finally:
+        await server.stop()
+    replies = [f for f in frames if "txType" not in f]
+    assert replies == [
+        {"message": pumpportal.ACK_NEW_TOKEN},
+        {"message": pumpportal.ACK_KEYS},
+        {"errors": "Method 'unsubscribeMigration' is not supported."},
+        {"message": ACK_UNSUBSCRIBE_NEW_TOKEN},
+    ]

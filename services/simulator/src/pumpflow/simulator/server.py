@@ -71,6 +71,9 @@ class _Client:
         self.queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue(maxsize=queue_limit)
         #: arrival times of the requests of the last second (the rate limit's window)
         self.recent: deque[float] = deque()
+        #: replies waiting for room in a full queue, in order, and the task queueing them
+        self.replies: deque[str] = deque()
+        self.replier: asyncio.Task | None = None
 
     def over_rate_limit(self, now: float) -> bool:
         """Count a request at ``now``; True when it is one too many for its second."""
@@ -240,13 +243,27 @@ class SimulatorServer:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            if client.replier is not None:
+                client.replier.cancel()
             # wake a broadcaster waiting for room in this queue (as-fast-as-possible mode)
             self._discard(client)
 
     def _reply(self, client: _Client, text: str, counter: str) -> None:
         self.counters[counter] += 1
-        with contextlib.suppress(asyncio.QueueFull):
+        if not client.replies and not client.queue.full():
             client.queue.put_nowait((text, None))
+            return
+        # the live server answers every request: a reader behind the market gets its
+        # replies once its queue has room, after the frames queued before them
+        client.replies.append(text)
+        if client.replier is None:
+            client.replier = asyncio.create_task(self._queue_replies(client))
+
+    async def _queue_replies(self, client: _Client) -> None:
+        while client.replies:
+            await client.queue.put((client.replies[0], None))
+            client.replies.popleft()
+        client.replier = None
 
     def _on_message(self, client: _Client, message: str | bytes) -> None:
         if client.over_rate_limit(asyncio.get_running_loop().time()):
