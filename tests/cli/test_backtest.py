@@ -211,6 +211,22 @@ def test_json_to_stdout_is_the_document_alone(dataset, tmp_path, capsys):
     assert "backtest 'run'" in captured.err and "report 'run'" in captured.err
 
 
+@pytest.mark.parametrize(
+    ("configs", "document"),
+    [(["--config", "eager"], "eager.json"),
+     (["--config", "eager", "--config", "patient"], "eager-patient.json")],
+)  # fmt: skip
+def test_the_json_document_is_refused_where_a_report_saves_its_results(
+    dataset, tmp_path, capsys, configs, document
+):
+    # each report saves its results beside it (.json): the document would be lost
+    with pytest.raises(SystemExit, match=r"--json .* the results of the report"):
+        main(["backtest", "--dataset", dataset, "--quiet", *configs, "--report",
+              str(tmp_path / "eager.html"), "--json", str(tmp_path / document)])  # fmt: skip
+    assert capsys.readouterr().out == ""  # refused before anything ran
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

@@ -51,11 +51,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
 
-from pumpflow.cli.report import writable, write_backtest_reports
+from pumpflow.cli.report import backtest_report_path, writable, write_backtest_reports
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import finite, positive
 
@@ -664,6 +665,18 @@ def backtest_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
         raise SystemExit("pumpflow backtest: configuration names must differ")
+    if args.report and args.json_out and args.json_out != "-":
+        beside = {
+            backtest_report_path(args.report, name, several=len(configs) > 1)
+            .with_suffix(".json")
+            .resolve()
+            for name, _ in configs
+        }
+        if Path(args.json_out).resolve() in beside:
+            raise SystemExit(
+                f"pumpflow backtest: --json {args.json_out} is where the results of the report "
+                f"are saved (beside --report {args.report}): give the document another name"
+            )
     for path in (args.report, None if args.json_out == "-" else args.json_out):
         if path:
             writable(path)

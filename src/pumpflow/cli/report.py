@@ -113,6 +113,16 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
+    """Where the report of the backtest's configuration ``name`` goes (its name in the
+    file's when it ran several); its results are saved beside it (.json)."""
+    if path is None:
+        return default_path("backtest", name)
+    if several:
+        return Path(path).with_name(f"{Path(path).stem}-{name}.html")
+    return Path(path)
+
+
 def write_backtest_reports(
     reports: Sequence, path: str | None, *, said: TextIO = sys.stdout
 ) -> list[Path]:
@@ -125,12 +135,7 @@ def write_backtest_reports(
     for r in reports:
         if r.report_data is None:
             continue
-        if path is None:
-            out = default_path("backtest", r.name)
-        elif len(reports) > 1:
-            out = Path(path).with_name(f"{Path(path).stem}-{r.name}.html")
-        else:
-            out = Path(path)
+        out = backtest_report_path(path, r.name, several=len(reports) > 1)
         auc = ", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in r.auc.items()) or "n/a"
         notes = {
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
