@@ -248,6 +248,19 @@ def test_nice_ticks_are_round_and_cover_the_range():
         svg.nice_ticks(0.0, float("nan"))
 
 
+def test_axis_labels_name_the_values_their_ticks_stand_at():
+    # eleven closed trades take a tick every 2.5 trades, and PnL up to 1.2 SOL one every
+    # 0.25 SOL: a tick at 7.5 is not labelled 8, nor one at 0.25 SOL 0.2
+    drawn = svg.bar_chart(
+        [0.12 * i for i in range(11)], label="PnL per trade", x_label="closed trade",
+        y_label="PnL (SOL)",
+    )  # fmt: skip
+    assert re.findall(r">([-0-9.]+)</text>", drawn) == [
+        "0", "0.25", "0.50", "0.75", "1.00", "1.25",
+        "0", "2.5", "5.0", "7.5", "10.0", "12.5",
+    ]  # fmt: skip
+
+
 def test_slippage_is_positive_when_the_price_is_worse_for_the_side():
     assert slippage_pct("buy", 1.1e-8, 10.0, 1e9) == pytest.approx(10.0)
     assert slippage_pct("sell", 0.9e-8, 10.0, 1e9) == pytest.approx(10.0)

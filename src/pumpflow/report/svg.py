@@ -42,8 +42,11 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 def tick_label(value: float, step: float) -> str:
     """``value`` with as many decimals as the tick step needs."""
-    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
-    text = f"{value:.{min(decimals, 6)}f}"
+    decimals = 0
+    # a step of 2.5 x 10^k takes a decimal more than its magnitude (0.25 is no 0.2)
+    while decimals < 6 and abs(round(step, decimals) - step) > step * 1e-6:
+        decimals += 1
+    text = f"{value:.{decimals}f}"
     return "0" if text.strip("-0.") == "" else text
 
 
