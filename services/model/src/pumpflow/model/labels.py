@@ -14,7 +14,9 @@ is only in the registry of the process that fitted it.
 
 A refit is made by one replica at a time (:meth:`LabelStore.refitting`): the store's
 counts since the last stored refit decide when one is due, whichever replica stored
-the labels.
+the labels. Before each refit, that replica deletes the model's labels no refit reads
+(:meth:`LabelStore.prune`, older than the newest
+:attr:`~pumpflow.common.model.refit.RefitPolicy.kept_rows`), so the store stays bounded.
 """
 
 from __future__ import annotations
@@ -92,9 +94,22 @@ class LabelStore(Protocol):
         once."""
 
     async def counts(
-        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+        self,
+        model_id: str,
+        feature_set_version: str,
+        definition: str,
+        *,
+        after_id: int,
+        at_most: int | None = None,
     ) -> LabelCounts:
-        """How many labels of the model are stored, and how many after ``after_id``."""
+        """How many labels of the model are stored, and how many after ``after_id``; each
+        count stops at ``at_most`` (None: counts them all)."""
+
+    async def prune(
+        self, model_id: str, feature_set_version: str, definition: str, *, keep: int
+    ) -> int:
+        """Delete the labels of the model older by event time than its newest ``keep``
+        (those at the oldest kept time stay); how many were deleted."""
 
     async def recent(
         self, model_id: str, feature_set_version: str, definition: str, limit: int
@@ -250,17 +265,43 @@ class PostgresLabelStore:
         return added
 
     async def counts(
-        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+        self,
+        model_id: str,
+        feature_set_version: str,
+        definition: str,
+        *,
+        after_id: int,
+        at_most: int | None = None,
     ) -> LabelCounts:
+        # each a range of model_labels_counted (migration 0020), read up to the cap (LIMIT
+        # NULL: all) from the index alone
         row = await self.pool.fetchrow(
-            f"SELECT count(*) AS rows, count(*) FILTER (WHERE id > $4) AS new "
-            f"FROM model_labels WHERE {_OF_MODEL}",
+            "SELECT (SELECT count(*) FROM (SELECT FROM model_labels "
+            f"WHERE {_OF_MODEL} LIMIT $5) AS stored) AS rows, "
+            "(SELECT count(*) FROM (SELECT FROM model_labels "
+            f"WHERE {_OF_MODEL} AND id > $4 LIMIT $5) AS since) AS new",
             model_id,
             feature_set_version,
             definition,
             after_id,
+            at_most,
         )
         return LabelCounts(rows=row["rows"], new=row["new"])
+
+    async def prune(
+        self, model_id: str, feature_set_version: str, definition: str, *, keep: int
+    ) -> int:
+        # one statement: replicas pruning at once delete the same rows, each once
+        status = await self.pool.execute(
+            f"DELETE FROM model_labels WHERE {_OF_MODEL} AND event_time < ("
+            f"SELECT event_time FROM model_labels WHERE {_OF_MODEL} "
+            "ORDER BY event_time DESC OFFSET $4 LIMIT 1)",
+            model_id,
+            feature_set_version,
+            definition,
+            keep - 1,
+        )
+        return int(status.split()[-1])
 
     async def recent(
         self, model_id: str, feature_set_version: str, definition: str, limit: int
@@ -407,10 +448,38 @@ class MemoryLabelStore:
         ]
 
     async def counts(
-        self, model_id: str, feature_set_version: str, definition: str, *, after_id: int
+        self,
+        model_id: str,
+        feature_set_version: str,
+        definition: str,
+        *,
+        after_id: int,
+        at_most: int | None = None,
     ) -> LabelCounts:
         ids = self._ids.get((model_id, feature_set_version, definition), [])
-        return LabelCounts(rows=len(ids), new=len(ids) - bisect.bisect_right(ids, after_id))
+        rows, new = len(ids), len(ids) - bisect.bisect_right(ids, after_id)
+        if at_most is not None:
+            rows, new = min(rows, at_most), min(new, at_most)
+        return LabelCounts(rows=rows, new=new)
+
+    async def prune(
+        self, model_id: str, feature_set_version: str, definition: str, *, keep: int
+    ) -> int:
+        of_model = (model_id, feature_set_version, definition)
+        times = sorted((row[4] for _, row in self._of(*of_model)), reverse=True)
+        if len(times) <= keep:
+            return 0
+        oldest_kept = times[keep - 1]
+        kept = []
+        for label_id, row in self.labels:
+            if (row[0], row[8], row[7]) == of_model and row[4] < oldest_kept:
+                self._keys.discard(_natural_key(row))
+            else:
+                kept.append((label_id, row))
+        deleted = len(self.labels) - len(kept)
+        self.labels = kept
+        self._ids[of_model] = [i for i, row in kept if (row[0], row[8], row[7]) == of_model]
+        return deleted
 
     async def recent(
         self, model_id: str, feature_set_version: str, definition: str, limit: int

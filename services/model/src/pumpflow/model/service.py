@@ -45,7 +45,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
-  newest stored labels, on a thread, by one replica at a time. A candidate better on
+  newest stored labels, on a thread, by one replica at a time, which first deletes the
+  model's labels older than the policy's ``kept_rows`` (no refit reads them; the store
+  stays bounded). A candidate better on
   the held-out slice by more than ``model_refit_min_gain`` is written to the registry
   (``model_registry_dir``), stored with its refit (as kept until then) and stored as
   the serving, the refit then marked swapped; this replica then serves it (each
@@ -100,6 +102,7 @@ from pumpflow.common.model.drift import DriftMonitor
 from pumpflow.common.model.manager import LabelledRows
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
+from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.model import DEFAULT_MODEL_PATH
@@ -894,7 +897,11 @@ class ModelService(Service):
         now = self._ctx.clock.now()
         last = await self._swap_recorded(await store.last_refit(model_id))
         tried = max(last.at if last else -math.inf, self._refit_tried.get(model_id, -math.inf))
-        counts = await store.counts(*of_model, after_id=last.last_label_id if last else 0)
+        counts = await store.counts(
+            *of_model,
+            after_id=last.last_label_id if last else 0,
+            at_most=policy.counted_rows,
+        )
         if not policy.due(new_labels=counts.new, rows=counts.rows, since_last_s=now - tried):
             return None
         async with store.refitting(model_id) as mine:
@@ -903,6 +910,7 @@ class ModelService(Service):
             if await store.last_refit(model_id) != last:
                 return None  # another replica just did
             self._refit_tried[model_id] = now
+            await self.prune_labels(of_model, policy)
             data, last_id = await store.recent(*of_model, policy.window_rows)
             names = self.manager.feature_manager.names
             if tuple(card.feature_names) != tuple(names):
@@ -1007,6 +1015,26 @@ class ModelService(Service):
         if await self.label_store.record_swap(refit):
             self._refitted(refit, "swapped in, marked by a later check")
         return refit
+
+    async def prune_labels(self, of_model: tuple[str, str, str], policy: RefitPolicy) -> int:
+        """Delete the stored labels of ``of_model`` (model id, feature set, definition)
+        older than the newest the policy keeps; how many. A failure is logged: the refit
+        goes on, and the next one prunes them."""
+        try:
+            deleted = await self.label_store.prune(*of_model, keep=policy.kept_rows)
+        except Exception:
+            log.exception(
+                "model: pruning the labels of %s failed; the next refit does", of_model[0]
+            )
+            return 0
+        if deleted:
+            log.info(
+                "model: pruned %d stored labels of %s (kept the newest %d)",
+                deleted,
+                of_model[0],
+                policy.kept_rows,
+            )
+        return deleted
 
     async def prune_refits(self, model_id: str) -> list[PrunedRefit]:
         """Delete the refits of ``model_id`` the refit policy prunes, and the pruned

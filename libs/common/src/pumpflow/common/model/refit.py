@@ -53,7 +53,20 @@ class RefitPolicy:
     ``window_rows`` (200,000): the newest rows refitted on, about 5.5 to 18.5 hours of
     labels at the rates above: the same day's market, and 46 MB of features (29 doubles
     a row) in memory while refitting. ``check_s`` (30 s): how often the service asks the
-    store; a count over an index, cheap.
+    store for a model's counts; each count stops at :attr:`counted_rows` (the most
+    :meth:`due` compares), a range of an index: some milliseconds however long the
+    store has run, asked by every replica.
+
+    :attr:`kept_rows` (twice ``window_rows``, 400,000): a model's stored labels (of its
+    feature set and label definition) kept; older ones by event time are deleted before
+    each refit (:meth:`~pumpflow.model.labels.LabelStore.prune`, under the refit lock),
+    as no refit reads them. A refit reads the newest ``window_rows`` distinct vectors,
+    and a model live on an arm and shadowing every token on another labels each vector
+    of its live arm twice: twice the window holds the whole window of such a model. A
+    label resolved late (stored after newer ones) counts by its event time like the
+    others. The table then holds per model at most these plus the labels of one refit
+    interval (``every_labels``, or ``min_interval_s`` of labels): under 500,000 rows, a
+    few hundred MB with its indexes, however long it runs.
 
     ``keep_refits`` (10): a model's newest stored refits kept after each refit; older
     ones are pruned (:meth:`prunable`), but never one whose model a serving names (a
@@ -83,6 +96,16 @@ class RefitPolicy:
             raise ValueError("need min_interval_s >= 0, check_s > 0 and min_gain >= 0")
         if self.keep_refits < 1:
             raise ValueError("need keep_refits >= 1 (the newest refit says when the next is due)")
+
+    @property
+    def kept_rows(self) -> int:
+        """A model's newest stored labels kept; older ones are never refitted on."""
+        return 2 * self.window_rows
+
+    @property
+    def counted_rows(self) -> int:
+        """How far a model's stored labels need counting for :meth:`due` to decide."""
+        return max(self.every_labels, self.min_rows)
 
     def due(self, *, new_labels: int, rows: int, since_last_s: float) -> bool:
         """Whether to refit a model with ``new_labels`` stored since its last refit,
