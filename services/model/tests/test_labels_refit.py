@@ -27,7 +27,12 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import BusHarness, EventCollector, FeatureUpdates, eventually
 from pumpflow.model import DEFAULT_MODEL_PATH
-from pumpflow.model.labels import PostgresLabelStore, model_hash
+from pumpflow.model.labels import (
+    MemoryLabelStore,
+    PostgresLabelStore,
+    definition_key,
+    model_hash,
+)
 from pumpflow.model.service import SERVING_KEY, ModelService, ModelSettings, ModelSource
 from pumpflow.model.training import LightGBMRefitter, TrainConfig
 from pumpflow.simulator.dataset import market_events
@@ -599,3 +604,38 @@ async def test_a_model_loaded_while_it_was_refitted_is_not_replaced_by_the_refit
         assert service.serving.models["entry"].path == str(loaded)
         refit = await store.last_refit("entry")
         assert refit.sha256 is not None and not refit.swapped
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def database(request):
+    """The run's database (None: an embedded run's labels in memory)."""
+    return None if request.param == "memory" else request.getfixturevalue("pg_pool")
+
+
+async def test_a_refit_prunes_the_labels_no_refit_reads(database, tmp_path):
+    """Before refitting, the model's labels older than the policy keeps (twice the window)
+    are deleted; the refit is given the newest window, the check counts the rest."""
+    window = ROWS // 8
+    labels = synthetic_labels(by_rsi)
+    model = model_service(
+        model_registry_dir=str(tmp_path),
+        **{
+            **REFIT_SETTINGS,
+            "model_refit_window_rows": window,
+            "model_refit_min_rows": window,
+            "model_refit_check_s": 3_600.0,
+        },
+    )
+    of_model = ("entry", DEFAULT_CARD.feature_set_version, definition_key(DEFAULT_CARD.label))
+    async with run_embedded([model], clock=ReplayClock(START), db=database):
+        store = model.label_store
+        assert isinstance(store, MemoryLabelStore if database is None else PostgresLabelStore)
+        await store.add(labels, feature_set_version=of_model[1], names=NAMES)
+        refit = await model.refit_if_due("entry")
+        assert refit is not None and refit.rows == window
+        counts = await store.counts(*of_model, after_id=0)
+        assert counts.rows == 2 * window
+        rows, _ = await store.recent(*of_model, ROWS)
+        np.testing.assert_array_equal(rows.time, [label.time for label in labels[-2 * window :]])
+        counts = await store.counts(*of_model, after_id=refit.last_label_id)
+        assert counts.new == 0
