@@ -765,3 +765,47 @@ async def test_a_halt_stored_while_the_take_over_reads_the_ledger_applies_as_it_
     finally:
         done.set()
     await asyncio.wait_for(runs, 10.0)
+
+
+class GatedUnbooked(GatedLedger):
+    """The gated ledger, holding its read of the unbooked trades too: the take-over's
+    last read, after it has applied the operator's state it read."""
+
+    async def unbooked(self, **kwargs):
+        await self._gate("unbooked")
+        return await super().unbooked(**kwargs)
+
+
+async def test_a_halt_given_after_the_take_over_read_the_ledger_applies_as_it_starts(clock, market):
+    """The halt is given to a replica taking over once it has read the ledger and applied
+    the operator's state there (active), while it reads the rest. The answer says the
+    take-over applies it as it starts: the replica must start halted, not trade until its
+    next round."""
+    ledger = GatedUnbooked()
+    await ledger.set_control(TradingState.ACTIVE, "resumed")
+    service = trading(ledger)
+    ledger.hold("unbooked")
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def run() -> None:
+        async with running(clock, service) as (bus, watch, _):
+            started.set()
+            await done.wait()
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            assert watch.count("order.requested") == 0
+
+    runs = asyncio.create_task(run())
+    try:
+        await ledger.reached("unbooked")  # the operator's state read and applied
+        view = await service.halt("operator")
+        assert view["stored"] is True, view
+        assert "applies it as it starts" in view["detail"], view
+        assert await ledger.control() == (TradingState.HALTED, "operator")
+        ledger.release("unbooked")
+        await asyncio.wait_for(started.wait(), 10.0)
+        assert service.role == "active"
+        assert halted(service, "operator")
+    finally:
+        done.set()
+    await asyncio.wait_for(runs, 10.0)

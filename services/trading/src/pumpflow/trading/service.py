@@ -529,6 +529,7 @@ class TradingService(Service):
             if control is not None:
                 # before anything waiting is stored and sent, as a halt given here is
                 self._apply_control(*control)
+            changes = self._control_changes
             step = _Step()
             self.reconciled = {}
             for order in snapshot.unresolved:
@@ -552,6 +553,10 @@ class TradingService(Service):
             self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
             await self._flush()
+            if changes != self._control_changes:
+                # given while the rest was read and stored: this replica starts halted, as
+                # the answer said (announced with the next store)
+                self._apply_control(*self._control)
             self._leading = True
             self.metrics.leading(True)
             self.metrics.book(self.book, self.risk)
