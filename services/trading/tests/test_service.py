@@ -1113,3 +1113,29 @@ async def test_what_a_failed_stand_by_left_is_dropped_once_another_replica_holds
         [stored] = await ledger.orders(limit=10)
         assert stored["state"] == "filled"
         assert any("another replica took over" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_shutdown_handed_back_after_its_barriers_store_failed_waits_for_it(clock, market):
+    """The barrier waits behind a fill a timed round could not store (Postgres away), and
+    its store fails too: the shutdown is handed back. Handed back once Postgres is back,
+    it is acknowledged only once its barrier is stored and out, not before: a replica
+    gone meanwhile would leave the exit service waiting for a barrier never announced."""
+    ledger = BlinkingLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        [entry] = watch.payloads("order.requested")
+        ledger.failures = 1  # the fill's store, on the timed round
+        await clock.advance(service.settings.trading_tick_s)
+        assert service.book.holds(mint) and watch.count("position.opened") == 0
+        shutdown = make_event(SystemShutdown(reason="operator"), source="cli/t", time=clock.now())
+        ledger.failures = 2  # the halt's announcement, then the barrier
+        with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+            await service.on_events([shutdown])
+        assert watch.count("trading.barrier") == 0
+
+        await service.on_events([shutdown])  # handed back: returned, it is acknowledged
+        [barrier] = watch.payloads("trading.barrier")
+        assert [p.position_id for p in barrier.positions] == [entry.order_id]
+        assert [s.state for s in watch.payloads("trading.state")] == ["halted"]

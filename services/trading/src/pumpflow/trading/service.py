@@ -768,7 +768,11 @@ class TradingService(Service):
                 await self._apply_run(run)
                 run = []
                 if event.id in self._barriers:
-                    # handed back after its barrier, as a later event of its batch failed
+                    # handed back after its barrier, as a later event of its batch or the
+                    # barrier's store failed: acknowledged once the barrier is out
+                    if self._leading:
+                        async with self._lock:
+                            await self._flush()
                     continue
                 if not self._leading:
                     raise NotHolder(f"shutdown {event.id}: this replica does not hold "
