@@ -691,3 +691,28 @@ async def test_a_later_positions_record_waits_until_the_mints_exit_goes_on_no_mo
                                    records=[later])  # fmt: skip
     assert h.manager.records["mint1"].position_id == selling.position_id
     assert not h.manager.took_up("mint1", "pos-later")
+
+
+async def test_a_position_without_a_mark_is_measured_against_its_first_market_report(harness):
+    h = await harness()
+    buy = quote_buy(CurveState(), 2.0)
+    # opened with no mark, and no trade of its token before the exit began
+    h.book.open_positions["mint1"] = Position(
+        mint="mint1",
+        position_id="pos-mint1",
+        opened_at=START - 60,
+        tokens=buy.tokens,
+        entry_price=buy.sol / buy.tokens,
+    )
+    h.markets["mint1"] = buy.after
+    h.manager.begin_graceful_exit()
+    h.manager.on_market("mint1", buy.after)
+    summary = await h.manager.run()
+    assert h.book.open_positions == {}
+    (line,) = summary.lines
+    assert line.mark_price == buy.after.price
+    assert line.mark_value_sol == pytest.approx(line.tokens_sold * buy.after.price)
+    # the tranches, with no trade between them, average what one sale of it all would
+    assert line.slippage == pytest.approx(quote_sell(buy.after, buy.tokens).price_impact)
+    (report,) = [e.data for e in h.reports if not e.data.graceful]
+    assert report.positions[0].mark_price == buy.after.price

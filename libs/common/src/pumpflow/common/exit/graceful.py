@@ -174,6 +174,11 @@ class GracefulExitManager:
         """The token's curve (or pool) as its latest trade reports it; re-prioritises."""
         self._markets[mint] = state
         self.planner.update_market(mint, state)
+        queued, record = self.planner.exits.get(mint), self.records.get(mint)
+        if record is not None and record.mark_price is None and queued is not None:
+            # queued with no mark: the plan's first report is the mark slippage is against
+            if queued.position_id == record.position_id:
+                record.mark_price = queued.mark_price
 
     def on_lifecycle(
         self, mint: str, state: LifecycleState, activity_level: float | None = None
