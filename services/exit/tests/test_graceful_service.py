@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.curve import quote_sell, sell_for_impact
 from pumpflow.common.events import (
     BarrierPosition,
     ExitOrder,
@@ -34,6 +35,7 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
+from pumpflow.common.trading import MIGRATION_POOL
 from pumpflow.exit.records import (
     BARRIER,
     ExitOrderRecord,
@@ -1616,3 +1618,39 @@ async def test_an_outage_of_the_records_as_a_tranche_is_stored_is_waited_out():
         assert exits.summary is not None and exits.summary.positions_left == 0
         [graceful] = [r for r in watch.payloads("exit.report") if r.graceful]
         assert graceful.positions_left == 0
+
+
+async def test_tranches_of_a_token_that_migrates_during_the_exit_are_sized_on_its_pool():
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records)
+    limit = exits.settings.graceful().max_tranche_impact
+    async with embedded(clock, exits) as (system, watch):
+        bus, trade = system.bus, as_trading(system.bus, clock)
+        mint = tokens.mint()
+        await hold(bus, tokens, mint, tokens_held=20e6)
+        shutdown = SystemShutdown(reason="migration")
+        await bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        [first] = await watch.wait_for(1, "exit.order")
+        # the curve completes, the first tranche fills on it, and the token migrates
+        await bus.publish(tokens.buy(mint, "whale", sol=200.0))
+        assert tokens.curves[mint].complete
+        await trade(filled(first.data, tokens.curves[mint].price, clock.now()).data)
+        await bus.publish(tokens.migrated(mint))
+
+        pool, answered = MIGRATION_POOL, {first.data.order_id}
+        while not exits.finished.is_set():
+            for order in watch.payloads("exit.order"):
+                if order.order_id in answered:
+                    continue
+                answered.add(order.order_id)
+                # each tranche on the pool moves its price by at most the limit
+                assert order.token_amount <= sell_for_impact(pool, limit) * (1 + 1e-9)
+                quote = quote_sell(pool, order.token_amount)
+                pool = quote.after
+                await trade(filled(order, quote.average_price, clock.now()).data)
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+        [line] = exits.summary.lines
+        assert line.completed and line.tranches == len(answered) > 2

@@ -82,6 +82,7 @@ from pumpflow.common.exit.rules import (
 )
 from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
 from pumpflow.common.priority import Priority
+from pumpflow.common.trading.fills import MIGRATION_POOL
 
 #: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
 CONSUMES = (
@@ -361,7 +362,7 @@ class ExitProcessor:
             if price is not None:
                 decisions += self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
         elif isinstance(data, TokenMigrated):
-            state.migrated = True
+            self._migrated(state)
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
         elif isinstance(data, TokenLifecycle):
             state.lifecycle = data.state
@@ -462,10 +463,19 @@ class ExitProcessor:
             self.on_market(state.mint, curve)
         return UNCHANGED
 
+    def _migrated(self, state: ExitState) -> None:
+        """The token left its curve: a graceful exit's plan prices it on its pool as the
+        curve left it (the plan moves it by its own sales; pool trades do not report it)."""
+        if state.migrated:
+            return
+        state.migrated = True
+        if self.on_market is not None and state.position is not None:
+            self.on_market(state.mint, MIGRATION_POOL)
+
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; the trade's price (None if it says none)."""
         if _on_pool(trade):
-            state.migrated = True
+            self._migrated(state)
         if state.migrated:
             sol, tokens = trade.solAmount, float(trade.tokenAmount)
             if sol is None or tokens <= 0:
