@@ -716,3 +716,54 @@ async def test_a_position_without_a_mark_is_measured_against_its_first_market_re
     assert line.slippage == pytest.approx(quote_sell(buy.after, buy.tokens).price_impact)
     (report,) = [e.data for e in h.reports if not e.data.graceful]
     assert report.positions[0].mark_price == buy.after.price
+
+
+class SlowToAnswer(PaperExecutor):
+    """Answers the orders in ``lost`` with nothing once ``wait_s`` of the clock passed
+    since they went, or a moment of the wall (the time a lost order waits in vain)."""
+
+    def __init__(self, clock: ReplayClock, book: Book, markets: dict[str, CurveState]):
+        super().__init__(clock, book, markets)
+        self.lost: set[str] = set()
+        self.wait_s = 30.0
+
+    async def execute_exit(self, order: ExitOrder) -> OrderFilled | OrderRejected | None:
+        if order.order_id not in self.lost:
+            return await super().execute_exit(order)
+        self.orders.append(order)
+        until = self.clock.now() + self.wait_s
+        reached = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not reached.done():
+                reached.set_result(None)
+
+        handle = self.clock.call_at(until, wake)
+        try:
+            await asyncio.wait_for(reached, 0.3)
+        except TimeoutError:
+            self.clock.set_sync(max(until, self.clock.now()))
+        finally:
+            handle.cancel()
+        return None
+
+
+async def test_a_tranche_without_an_outcome_holds_back_no_other_tokens_tranches(harness):
+    h = await harness()
+    executor = SlowToAnswer(h.clock, h.book, h.markets)
+    h.manager.trade_executor = h.executor = executor
+    h.open("slow", 2.0, curve_sol=0.0)
+    h.open("fast", 2.0, curve_sol=0.0)
+    executor.lost.update({"pos-slow:exit:1", "pos-slow:exit:2"})
+    h.manager.begin_graceful_exit()
+    summary = await h.manager.run()
+
+    # the fast token sold in tranches as its own spacing allows, while the other's
+    # orders waited in vain
+    fast = [(order, impact, t) for order, impact, t in executor.fills if order.mint == "fast"]
+    assert len(fast) > 2
+    assert all(order.reason == GRACEFUL for order, _, _ in fast)
+    assert max(impact for _, impact, _ in fast) <= 0.02 * (1 + 1e-9)
+    assert fast[-1][2] < START + 10.0
+    line = next(line for line in summary.lines if line.mint == "fast")
+    assert line.completed and line.finished_at == fast[-1][2]

@@ -312,32 +312,50 @@ class GracefulExitManager:
         """Sell until every position is sold or the deadline passed; the summary.
 
         Tranches of different tokens go out together, up to ``max_orders_in_flight``
-        (a token's tranches one after the other), a round at a time.
+        (a token's tranches one after the other); each answer frees its place for the
+        next tranche due, so an order waiting long for its outcome holds back no other
+        token's.
         """
         if self.planner.started_at is None:
             self.begin_graceful_exit()
         limit = self.planner.config.max_orders_in_flight
-        while not self.planner.done:
-            now = self.clock.now()
-            tranches = []
-            while len(tranches) < limit:
-                tranche = self.planner.next_tranche(now)
-                if tranche is None:
+        flying: set[asyncio.Future[None]] = set()
+        try:
+            while not self.planner.done or flying:
+                now = self.clock.now()
+                while len(flying) < limit:
+                    tranche = self.planner.next_tranche(now)
+                    if tranche is None:
+                        break
+                    flying.add(asyncio.ensure_future(self._execute(tranche)))
+                when = self._next_wake(now, answers=bool(flying)) if len(flying) < limit else None
+                if when is None and not flying:
                     break
-                tranches.append(tranche)
-            if tranches:
-                await asyncio.gather(*(self._execute(t) for t in tranches))
-                continue
-            deadline = self.planner.deadline
-            when = self.planner.next_ready_at()
-            if when is None and self.planner.awaiting_outcomes and deadline is not None:
-                # a rule's sale, or a tranche given up for lost, may yet be refused and
-                # give its tokens back to sell
-                when = deadline if now < deadline else None
-            if when is None or (deadline is not None and when > deadline):
-                break
-            await self._wait_for_change(when)
+                waits = [self._wait_until(when)] if when is not None else []
+                if flying:
+                    waits.append(asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED))
+                await self._wait_for_change(*waits)
+                for task in [t for t in flying if t.done()]:
+                    flying.discard(task)
+                    task.result()
+        finally:
+            for task in flying:
+                task.cancel()
         return await self._finish(force=True)
+
+    def _next_wake(self, now: float, *, answers: bool) -> float | None:
+        """When a tranche may be due next, by the deadline; None if none may come (or,
+        with ``answers`` to come, none but what they bring: each answer looks again)."""
+        deadline = self.planner.deadline
+        when = self.planner.next_ready_at()
+        awaiting = not answers and self.planner.awaiting_outcomes
+        if when is None and awaiting and deadline is not None:
+            # a rule's sale, or a tranche given up for lost, may yet be refused and
+            # give its tokens back to sell
+            when = deadline if now < deadline else None
+        if when is None or (deadline is not None and when > deadline):
+            return None
+        return when
 
     def hand_over(self, mint: str) -> bool:
         """``mint``'s position is another seller's now: out of the plan and the reports,
@@ -518,10 +536,10 @@ class GracefulExitManager:
     async def _publish(self, payload: Payload) -> None:
         await self.event_bus.publish(make_event(payload, source=self.source, time=self.clock.now()))
 
-    async def _wait_for_change(self, when: float) -> None:
-        """Wait until ``when``, or until a rule's sale settles."""
+    async def _wait_for_change(self, *waits: Awaitable[object]) -> None:
+        """Wait for the first of ``waits``, or until a rule's sale settles."""
         self._changed.clear()
-        await first_of(self._wait_until(when), self._changed.wait())
+        await first_of(*waits, self._changed.wait())
 
     async def _wait_on_clock(self, when: float) -> None:
         reached = asyncio.get_running_loop().create_future()
