@@ -92,6 +92,15 @@ class CurveState:
         return self.real_token_reserves <= 1e-6
 
 
+#: reserves of a token's PumpSwap pool right after migration, as paper trading and the
+#: graceful exit's plan approximate it (argued in :mod:`pumpflow.common.trading.fills`):
+#: a constant product seeded with what the curve held when it completed
+MIGRATION_POOL = CurveState(
+    v_sol=COMPLETE_VIRTUAL_SOL_RESERVES - INITIAL_VIRTUAL_SOL_RESERVES,
+    v_tokens=TOTAL_SUPPLY - INITIAL_REAL_TOKEN_RESERVES,
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Quote:
     """Outcome of a trade against the curve."""

@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 import msgspec
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.curve import CurveState, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -82,7 +82,6 @@ from pumpflow.common.exit.rules import (
 )
 from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
 from pumpflow.common.priority import Priority
-from pumpflow.common.trading.fills import MIGRATION_POOL
 
 #: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
 CONSUMES = (

@@ -4,6 +4,7 @@ The trading service wraps these with the bus, the Postgres ledger, HTTP and the
 leader lease; everything here takes its collaborators and clock by injection.
 """
 
+from pumpflow.common.curve import MIGRATION_POOL
 from pumpflow.common.trading.decisions import (
     ENTRY_STATES,
     FILTER_FEATURES,
@@ -15,7 +16,6 @@ from pumpflow.common.trading.decisions import (
 )
 from pumpflow.common.trading.engine import CONSUMES, SERVICE_CONSUMES, Decision, TradingEngine
 from pumpflow.common.trading.fills import (
-    MIGRATION_POOL,
     VENUE_CURVE,
     VENUE_POOL,
     FillRejection,

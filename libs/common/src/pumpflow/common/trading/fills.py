@@ -16,10 +16,11 @@ After a token migrates it trades on PumpSwap (pool ``pump-amm``). The reference 
 no pool maths, so a sale there is priced by a documented approximation: a constant
 product pool seeded with what the curve held when it completed, ~85.005 SOL raised
 against the 206.9M tokens never sold on the curve (its price, 4.1085e-7 SOL, is within
-0.01% of the curve's last), moved by the amounts of the ``pump-amm`` trades the
-token's stream reports, at ``pool_fee_rate``. Constant product is the curve's maths
-with the pool's reserves in place of the virtual ones, so :func:`quote_sell` prices
-it. A migration fee and liquidity others add or take are not modelled.
+0.01% of the curve's last; :data:`~pumpflow.common.curve.MIGRATION_POOL`), moved by the
+amounts of the ``pump-amm`` trades the token's stream reports, at ``pool_fee_rate``.
+Constant product is the curve's maths with the pool's reserves in place of the virtual
+ones, so :func:`quote_sell` prices it. A migration fee and liquidity others add or take
+are not modelled.
 """
 
 from __future__ import annotations
@@ -27,10 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pumpflow.common.curve import (
-    COMPLETE_VIRTUAL_SOL_RESERVES,
-    INITIAL_REAL_TOKEN_RESERVES,
-    INITIAL_VIRTUAL_SOL_RESERVES,
-    TOTAL_SUPPLY,
     CurveError,
     CurveState,
     quote_buy,
@@ -44,11 +41,6 @@ from pumpflow.common.trading.settings import PaperExecution
 VENUE_CURVE = "pump"
 VENUE_POOL = POOL_PUMP_AMM
 
-#: reserves of a token's PumpSwap pool right after migration (see the module docstring)
-MIGRATION_POOL = CurveState(
-    v_sol=COMPLETE_VIRTUAL_SOL_RESERVES - INITIAL_VIRTUAL_SOL_RESERVES,
-    v_tokens=TOTAL_SUPPLY - INITIAL_REAL_TOKEN_RESERVES,
-)
 
 #: relative tolerance of the slippage check, so a fill exactly at the limit passes
 _SLIPPAGE_EPSILON = 1e-12

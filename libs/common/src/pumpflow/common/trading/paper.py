@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pumpflow.common.curve import CurveState, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
 from pumpflow.common.events import (
     ExitOrder,
     OrderFilled,
@@ -28,7 +28,6 @@ from pumpflow.common.events import (
     TokenTrade,
 )
 from pumpflow.common.trading.fills import (
-    MIGRATION_POOL,
     VENUE_CURVE,
     VENUE_POOL,
     FillRejection,
