@@ -108,10 +108,9 @@ CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 
 #: trades stamped with this pool are on the token's AMM pool, after its migration
 _CURVE_POOL = "pump"
-#: ids ended a mint remembers (its latest): a mint sees a handful of entries
-_ENDED_KEPT = 32
-#: operators' sale requests a mint remembers (its latest), so a copy sells nothing
-_REQUESTS_KEPT = 32
+#: ids a mint remembers of each kind (its latest ended, closed and requested ones): a
+#: mint sees a handful of entries, positions and operators' requests
+_KEPT_IDS = 32
 #: how often a held position's rules look again while a graceful exit halts them
 _HALTED_CHECK_S = 5.0
 #: lifecycle states that retire a token here once nothing of it is in play
@@ -246,10 +245,11 @@ def _on_pool(trade: TokenTrade) -> bool:
     return trade.pool is not None and trade.pool != _CURVE_POOL
 
 
-def _end(state: ExitState, ended_id: str) -> None:
-    if ended_id not in state.ended:
-        state.ended.append(ended_id)
-        del state.ended[:-_ENDED_KEPT]
+def _remember(ids: list[str], item: str) -> None:
+    """Keep ``item`` among the latest ``ids`` (the oldest go past :data:`_KEPT_IDS`)."""
+    if item not in ids:
+        ids.append(item)
+        del ids[:-_KEPT_IDS]
 
 
 OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
@@ -332,10 +332,8 @@ class ExitProcessor:
                 state.pending = {}
                 if self.on_closed is not None:
                     self.on_closed(state.mint, data.position_id, data.reason, time)
-            _end(state, data.position_id)
-            if data.position_id not in state.closed:
-                state.closed.append(data.position_id)
-                del state.closed[:-_ENDED_KEPT]
+            _remember(state.ended, data.position_id)
+            _remember(state.closed, data.position_id)
             self._landed(state)
             decisions = []
         elif isinstance(data, OrderRequested):
@@ -530,8 +528,7 @@ class ExitProcessor:
     ) -> None:
         """Order an operator's sale as a rule's, of what the rules have not ordered sold,
         unless no such position is held or a graceful exit sells it."""
-        state.requests.append(event.id)
-        del state.requests[:-_REQUESTS_KEPT]
+        _remember(state.requests, event.id)
         position = state.position
         orders: list[ExitOrder] = []
         if position is None:
@@ -571,7 +568,7 @@ class ExitProcessor:
                 state.entries[outcome.order_id] = True
             return
         state.entries.pop(outcome.order_id, None)
-        _end(state, outcome.order_id)
+        _remember(state.ended, outcome.order_id)
 
     @staticmethod
     def _landed(state: ExitState) -> None:
@@ -579,7 +576,7 @@ class ExitProcessor:
         for order_id, filled in list(state.entries.items()):
             if filled:
                 del state.entries[order_id]
-                _end(state, order_id)
+                _remember(state.ended, order_id)
 
     # ---------------------------------------------------------------- rules
 
