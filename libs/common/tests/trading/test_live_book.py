@@ -6,7 +6,7 @@ import pytest
 
 from pumpflow.common.events import Event
 from pumpflow.common.testing.factories import TokenEvents
-from pumpflow.common.trading.live import LiveBook, LiveOrder
+from pumpflow.common.trading.live import EarlyTrade, LiveBook, LiveOrder
 from pumpflow.common.trading.settings import LiveExecution
 
 WALLET = "OurWallet111"
@@ -236,3 +236,54 @@ def test_a_booked_trade_delivered_again_fills_nothing_else_and_is_not_unbooked()
     next_holder.booked(ours.data.signature)
     assert fills(next_holder, ours) == [] and "o" in next_holder.pending
     assert next_holder.unbooked() == []
+
+
+def test_a_trade_held_for_an_answer_is_given_once_to_keep_and_judged_again_after_a_take_over():
+    """The wallet's buy shows while its order awaits the answer: it is given once, to
+    keep in the ledger. The replica goes before the answer: the next holder, handed the
+    order back (no answer, nothing awaited) and the kept trade, fills the order with it,
+    at the SOL the trade moved as first seen, and knows it delivered again. A kept trade
+    of another size is no order's: unbooked, naming the order it may be."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = LiveBook(LiveExecution(wallet=WALLET, confirm_s=90.0))
+    book.add(
+        LiveOrder(
+            order_id="o", mint=mint, side="buy", deadline=190.0, sent_at=100.0, amount=0.5,
+            slippage_pct=5.0, awaiting=True,
+        )
+    )  # fmt: skip
+    ours = tokens.buy(mint, WALLET, sol=0.5 / 1.01)
+    assert fills(book, ours) == []
+    [early] = book.early()
+    assert early.trade == ours.data and early.time == ours.time
+    assert early.sol == ours.data.solAmount and book.early() == []
+
+    next_holder = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    [confirmation] = next_holder.restore_early([early])
+    assert confirmation.fill.order_id == "o" and confirmation.fill.signature == ours.data.signature
+    assert not confirmation.late and not next_holder.pending
+    assert fills(next_holder, ours) == [] and next_holder.unbooked() == []
+
+    by_hand = tokens.buy(mint, WALLET, sol=2.0)
+    another = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    kept = EarlyTrade(trade=by_hand.data, sol=by_hand.data.solAmount, time=by_hand.time)
+    assert another.restore_early([kept]) == [] and "o" in another.pending
+    [unbooked] = another.unbooked()
+    assert unbooked.signature == by_hand.data.signature and unbooked.candidates == ("o",)
+
+
+def test_a_kept_trade_fills_the_order_its_stored_answer_named_after_a_take_over():
+    """The answer named the trade's signature and was stored, the fill not: the next
+    holder fills that order with the kept trade by its signature, whatever its size."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    ours = tokens.buy(mint, WALLET, sol=0.05)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0)
+    book.pending["o"].signature = ours.data.signature
+    kept = EarlyTrade(trade=ours.data, sol=ours.data.solAmount, time=ours.time)
+    [confirmation] = book.restore_early([kept])
+    assert confirmation.fill.order_id == "o" and confirmation.fill.signature == ours.data.signature
+    assert not book.pending and book.unbooked() == []

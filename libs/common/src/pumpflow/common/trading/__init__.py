@@ -26,6 +26,7 @@ from pumpflow.common.trading.fills import (
 )
 from pumpflow.common.trading.live import (
     Confirmation,
+    EarlyTrade,
     LiveBook,
     LiveOrder,
     UnbookedTrade,
@@ -63,6 +64,7 @@ __all__ = [
     "Confirmation",
     "Decision",
     "DecisionPolicy",
+    "EarlyTrade",
     "EntryDecision",
     "EntryFilters",
     "FillRejection",

@@ -33,6 +33,14 @@ delivered again (to the replica taking over, its fill stored before its delivery
 acknowledged: :meth:`LiveBook.booked`) is that fill's: it fills no other order and is
 not unbooked; one found unbooked and delivered again is not judged again either.
 
+A trade of the wallet that waits for the answers is an :class:`EarlyTrade`
+(:meth:`LiveBook.early`), for the service to keep in the ledger before the trade's
+delivery is acknowledged, until its fill or its unbooking is stored: the answer may
+never reach this process (killed, or taken over from), and the stream shows the trade
+once. The replica that trades next judges it again (:meth:`LiveBook.restore_early`),
+as if it showed then: the order its answer named (its signature stored), else the
+oldest consistent one whose answer never came, as every order it takes over is.
+
 The reconciliation rule: an order whose trade has not shown ``confirm_s`` after it
 was sent (or after a restart took it over) is rejected as unconfirmed, and it is
 never sent again (the ledger's order id forbids it). By then the transaction's
@@ -139,6 +147,18 @@ class UnbookedTrade:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EarlyTrade:
+    """A trade of the wallet that showed while an order of its token and side awaited
+    its answer: it waits for the answers."""
+
+    trade: TokenTrade
+    #: SOL the trade moved in the reserves, before fees
+    sol: float
+    #: when the feed stamped it
+    time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Confirmation:
     """A fill the token's stream showed; ``late`` when its order had been given up."""
 
@@ -219,9 +239,10 @@ class LiveBook:
     expired: OrderedDict[str, LiveOrder] = field(default_factory=OrderedDict)
     #: signatures of the wallet's trades booked as fills, newest last
     filled: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    #: signature -> a trade of the wallet waiting for answers (with the SOL it moved and
-    #: when the feed stamped it)
-    unclaimed: dict[str, tuple[TokenTrade, float, float]] = field(default_factory=dict)
+    #: signature -> a trade of the wallet waiting for answers
+    unclaimed: dict[str, EarlyTrade] = field(default_factory=dict)
+    #: those that began to wait since the last :meth:`early`
+    _early: list[EarlyTrade] = field(default_factory=list)
     #: fills that answers settled, to take with :meth:`settled`
     _settled: list[Confirmation] = field(default_factory=list)
     #: the latest trades of the wallet that matched no order, oldest first
@@ -247,8 +268,7 @@ class LiveBook:
         claimed = self.unclaimed.pop(signature, None)
         if claimed is not None:
             del self.pending[order_id]
-            trade, moved, _ = claimed
-            self._settle(order, trade, moved)
+            self._settle(order, claimed.trade, claimed.sol)
         self._resolve(order.mint, order.side)
         return True
 
@@ -269,6 +289,23 @@ class LiveBook:
         """The trades of the wallet found to match no order since the last call."""
         found, self._unbooked = self._unbooked, []
         return found
+
+    def early(self) -> list[EarlyTrade]:
+        """The trades of the wallet that began to wait for answers since the last call
+        (then forgotten)."""
+        found, self._early = self._early, []
+        return found
+
+    def restore_early(self, trades: list[EarlyTrade]) -> list[Confirmation]:
+        """Judge again the trades of the wallet that waited for answers when the replica
+        that saw them went (a take-over): the fills they confirm; the rest wait again or
+        are unbooked, as any trade of the wallet showing now."""
+        confirmations = []
+        for early in trades:
+            confirmation = self._confirm(early.trade, early.time, moved=early.sol)
+            if confirmation is not None:
+                confirmations.append(confirmation)
+        return confirmations
 
     def refused(self, order_id: str, reason: str, *, answered: bool = True) -> OrderRejected | None:
         """The API refused without a signature: nothing was sent, the order is rejected.
@@ -354,17 +391,22 @@ class LiveBook:
 
     # ---------------------------------------------------------------- internals
 
-    def _confirm(self, trade: TokenTrade, time: float) -> Confirmation | None:
+    def _confirm(
+        self, trade: TokenTrade, time: float, *, moved: float | None = None
+    ) -> Confirmation | None:
         signature = trade.signature
         if signature in self.filled or any(u.signature == signature for u in self.recent_unbooked):
             # judged already (here, or before a take-over): a delivery again, neither a
             # fill nor unbooked again
             return None
-        moved = self._moved(trade)
+        if moved is None:
+            moved = self._moved(trade)
         order, late = self._match(trade, moved, time)
         if order is None:
             if self._unanswered(trade.mint, trade.txType, awaiting=True):
-                self.unclaimed[trade.signature] = (trade, moved, time)
+                early = EarlyTrade(trade=trade, sol=moved, time=time)
+                self.unclaimed[trade.signature] = early
+                self._early.append(early)
             else:
                 self._unbook(trade, moved, time)
             return None
@@ -417,15 +459,15 @@ class LiveBook:
         if self._unanswered(mint, side, awaiting=True):
             return
         waiting = [
-            s for s, (t, _, _) in self.unclaimed.items() if t.mint == mint and t.txType == side
+            s for s, e in self.unclaimed.items() if e.trade.mint == mint and e.trade.txType == side
         ]
         for signature in waiting:
-            trade, moved, time = self.unclaimed.pop(signature)
-            order = self._claim(trade, moved, time)
+            early = self.unclaimed.pop(signature)
+            order = self._claim(early.trade, early.sol, early.time)
             if order is not None:
-                self._settle(order, trade, moved)
+                self._settle(order, early.trade, early.sol)
             else:
-                self._unbook(trade, moved, time)
+                self._unbook(early.trade, early.sol, early.time)
 
     def _unbook(self, trade: TokenTrade, moved: float, time: float) -> None:
         """Keep ``trade``, the wallet's, as matching no order."""
