@@ -9,9 +9,9 @@ import asyncpg
 import msgspec
 import pytest
 
-from pumpflow.common.events import PositionUpdated, make_event
+from pumpflow.common.events import PositionUpdated, TokenTrade, make_event
 from pumpflow.common.testing import eventually
-from pumpflow.common.trading import TradingState, UnbookedTrade
+from pumpflow.common.trading import EarlyTrade, TradingState, UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     FillRecord,
@@ -327,6 +327,32 @@ async def test_unbooked_trades_are_kept_with_their_change_until_acknowledged(led
     await ledger.commit(LedgerChange(unbooked=[unbooked("s3", 300.0)]))
     assert await ledger.acknowledge_unbooked(None) == 2
     assert await ledger.unbooked(since=0.0, limit=10) == []
+
+
+def early(signature: str, time: float) -> EarlyTrade:
+    trade = TokenTrade(
+        signature=signature, mint="MintA", traderPublicKey="OurWallet", txType="buy",
+        tokenAmount=1e6, newTokenBalance=1e6, bondingCurveKey="Curve",
+        vTokensInBondingCurve=1e9, vSolInBondingCurve=31.2, marketCapSol=31.0, solAmount=0.4,
+        pool="pump",
+    )  # fmt: skip
+    return EarlyTrade(trade=trade, sol=0.4, time=time)
+
+
+async def test_early_trades_are_kept_until_the_change_that_books_or_unbooks_them(ledger):
+    """A trade of the wallet waiting for answers is kept with the change of its event,
+    once, and given back by a load, oldest first, until a change stores a fill or an
+    unbooked trade of its signature (the same change too)."""
+    first, second, third = early("s1", 200.0), early("s2", 100.0), early("s3", 300.0)
+    await ledger.commit(LedgerChange(orders=[order("a", executor="live")], early=[first]))
+    await ledger.commit(LedgerChange(early=[second, replace(first, sol=9.0)]))
+    assert (await ledger.load(remembered=10)).early == [second, first]
+
+    booked = replace(fill("a", 201.0), signature="s1")
+    await ledger.commit(LedgerChange(fills=[booked], unbooked=[unbooked("s2", 100.0)]))
+    assert (await ledger.load(remembered=10)).early == []
+    await ledger.commit(LedgerChange(early=[third], unbooked=[unbooked("s3", 300.0)]))
+    assert (await ledger.load(remembered=10)).early == []
 
 
 async def test_the_holder_taking_over_fences_off_its_predecessors_commits(ledger):

@@ -40,7 +40,12 @@ a copy they drop by its seq.
 The trades of the live wallet that match no order (:attr:`LedgerChange.unbooked`) are
 kept with the change that found them, until an operator acknowledges them
 (:meth:`Ledger.acknowledge_unbooked`) or for a day: every replica shows what the one
-trading saw, before and after a take-over (:meth:`Ledger.unbooked`).
+trading saw, before and after a take-over (:meth:`Ledger.unbooked`). The trades of the
+live wallet that wait for their orders' answers (:attr:`LedgerChange.early`) are kept
+with the change of the event that showed them, until the change that stores their fill
+or their unbooking (a fill or an unbooked trade of their signature): the stream shows a
+trade once, its delivery acknowledged, so a replica taking over judges those left
+(:attr:`LedgerSnapshot.early`).
 
 The ledger knows which replica trades (:meth:`Ledger.load` with ``holder`` writes it,
 before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
@@ -54,7 +59,7 @@ its successor waits for that a while (:meth:`Ledger.predecessor`) before it read
 entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
 ``TradingService._take_over``).
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018);
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018, 0021);
 :class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
 a restart starts from nothing anyway.
 
@@ -72,8 +77,17 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from pumpflow.common.events import Event, OrderFilled, Side, decode_event, encode_event
-from pumpflow.common.trading import Position, TradingState, UnbookedTrade
+from pumpflow.common.events import (
+    Event,
+    OrderFilled,
+    Side,
+    TokenTrade,
+    decode_event,
+    decode_payload,
+    encode_event,
+    encode_payload,
+)
+from pumpflow.common.trading import EarlyTrade, Position, TradingState, UnbookedTrade
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
@@ -88,7 +102,7 @@ _UNSENT: tuple[OrderState, ...] = ("pending", "sent")
 WITHDRAWN = "withdrawn unsent: its replica stood by"
 #: wall seconds between deletions of the outbox's events of a day ago (none is left
 #: there so long unless the service failed to tell it published), and of the unbooked
-#: trades of a day ago
+#: and the early trades of a day ago
 _OUTBOX_PRUNE_S = 3600.0
 #: how long an unbooked trade is kept unless acknowledged: the alert on it lasts an hour
 UNBOOKED_KEPT_S = 86_400.0
@@ -287,6 +301,8 @@ class LedgerChange:
     gone: list[str] = field(default_factory=list)
     #: trades of the live wallet found to match no order, and sales booked to no position
     unbooked: list[UnbookedTrade] = field(default_factory=list)
+    #: trades of the live wallet that wait for their orders' answers
+    early: list[EarlyTrade] = field(default_factory=list)
     #: the replica that stores it: refused (:class:`Superseded`) once another took over
     holder: str | None = None
 
@@ -299,6 +315,7 @@ class LedgerChange:
             or self.withdrawn
             or self.events
             or self.unbooked
+            or self.early
         )
 
     @classmethod
@@ -315,6 +332,7 @@ class LedgerChange:
             events=[e for c in changes for e in c.events],
             gone=[i for c in changes for i in c.gone],
             unbooked=[u for c in changes for u in c.unbooked],
+            early=[e for c in changes for e in c.early],
         )
 
 
@@ -334,6 +352,9 @@ class LedgerSnapshot:
     withdrawn: list[str] = field(default_factory=list)
     #: events numbered and not known to be published, each mint's in seq order
     outbox: list[Event] = field(default_factory=list)
+    #: trades of the live wallet that waited for answers, neither booked nor unbooked,
+    #: oldest first
+    early: list[EarlyTrade] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -452,6 +473,12 @@ def _published(change: LedgerChange, inserted: set[str]) -> list[KeyedEvent]:
     return list(found.values())
 
 
+def _judged(change: LedgerChange) -> list[str]:
+    """The signatures of the wallet's trades ``change`` books as fills or unbooks."""
+    signatures = [f.signature for f in change.fills if f.signature is not None]
+    return signatures + [t.signature for t in change.unbooked]
+
+
 def _apply_outcome(order: OrderRecord, outcome: OrderOutcome) -> OrderRecord:
     values = asdict(order)
     values.update(state=outcome.state, outcome=outcome.outcome)
@@ -474,6 +501,8 @@ class MemoryLedger:
         self._outbox: dict[str, Event] = {}
         #: signature -> a trade of the wallet that matched no order
         self._unbooked: dict[str, UnbookedTrade] = {}
+        #: signature -> a trade of the wallet waiting for answers
+        self._early: dict[str, EarlyTrade] = {}
         #: the replica trading, and whether it stood by
         self._holder: tuple[str, bool] | None = None
 
@@ -518,6 +547,10 @@ class MemoryLedger:
             kept_from = trade.time - UNBOOKED_KEPT_S
             for old in [s for s, t in self._unbooked.items() if t.time < kept_from]:
                 del self._unbooked[old]  # kept a day, as in Postgres
+        for early in change.early:
+            self._early.setdefault(early.trade.signature, early)
+        for signature in _judged(change):
+            self._early.pop(signature, None)
         return Committed(inserted, self._number(_published(change, inserted)))
 
     def _number(self, events: list[KeyedEvent]) -> dict[str, int]:
@@ -560,6 +593,7 @@ class MemoryLedger:
                 and o.signature is not None
             ],
             outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
+            early=sorted(self._early.values(), key=lambda e: e.time),
         )
 
     async def predecessor(self) -> Predecessor | None:
@@ -706,6 +740,12 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (signature) DO NOTHING
 """
 _PRUNE_UNBOOKED = "DELETE FROM trading_unbooked WHERE stored_at < now() - interval '1 day'"
+_INSERT_EARLY = """
+INSERT INTO trading_early_trades (signature, trade, sol, time) VALUES ($1, $2, $3, $4)
+ON CONFLICT (signature) DO NOTHING
+"""
+_JUDGED_EARLY = "DELETE FROM trading_early_trades WHERE signature = ANY($1::text[])"
+_PRUNE_EARLY = "DELETE FROM trading_early_trades WHERE stored_at < now() - interval '1 day'"
 _UNBOOKED_COLUMNS = (
     "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
 )  # fmt: skip
@@ -745,7 +785,7 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -804,6 +844,17 @@ class PostgresLedger:
                         for t in change.unbooked
                     ],
                 )  # fmt: skip
+            if change.early:
+                await conn.executemany(
+                    _INSERT_EARLY,
+                    [
+                        (e.trade.signature, encode_payload(e.trade), e.sol, e.time)
+                        for e in change.early
+                    ],
+                )
+            judged = _judged(change)
+            if judged:
+                await conn.execute(_JUDGED_EARLY, judged)
             seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 
@@ -826,6 +877,7 @@ class PostgresLedger:
             self._pruned_at = now
             await conn.execute(_PRUNE_OUTBOX)
             await conn.execute(_PRUNE_UNBOOKED)
+            await conn.execute(_PRUNE_EARLY)
         return seqs
 
     async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
@@ -866,6 +918,9 @@ class PostgresLedger:
                     "AND signature IS NOT NULL ORDER BY requested_at, order_id",
                     given_up_since,
                 )
+            early = await conn.fetch(
+                "SELECT trade, sol, time FROM trading_early_trades ORDER BY time, signature"
+            )
         return LedgerSnapshot(
             fills=[FillRecord(**dict(row)) for row in fills],
             unresolved=[_record(row) for row in unresolved],
@@ -874,6 +929,14 @@ class PostgresLedger:
             given_up=[_record(row) for row in given_up],
             withdrawn=[row["order_id"] for row in reversed(ids) if row["withdrawn"]],
             outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
+            early=[
+                EarlyTrade(
+                    trade=decode_payload(TokenTrade.TYPE, TokenTrade.VERSION, row["trade"]),
+                    sol=row["sol"],
+                    time=row["time"],
+                )
+                for row in early
+            ],
         )
 
     async def predecessor(self) -> Predecessor | None:
