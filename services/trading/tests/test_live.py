@@ -1065,3 +1065,58 @@ async def test_a_trade_showing_while_the_answer_is_awaited_is_booked_by_a_replic
             assert second.reconciled == {}
             assert second.book.holds(mint) and second.risk.reservations == {}
         assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("answer", ["never came", "came"])
+async def test_a_trade_showing_before_its_answer_is_booked_after_its_replica_died(
+    clock, market, pg_pool, answer
+):
+    """The entry's trade shows while its call awaits the answer, and its delivery is
+    acknowledged; the replica dies before it stores the fill (its answer never came, or
+    came and settled the trade in memory only). The next holder, which never sees that
+    trade on the stream again, fills the order from the trade the ledger kept: booked
+    once, never sent again, not given up unconfirmed while the wallet holds the tokens.
+    (The take-over fences the dead replica off the ledger, as after a kill -9.)"""
+    from pumpflow.trading.ledger import PostgresLedger
+
+    ledger = PostgresLedger(pg_pool)
+    async with fake_trade_api("slow") as api:
+        first = live(ledger, api)
+        async with running(clock, first) as (bus, _):
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            await eventually(lambda: len(api.requests) == 1, what="the entry's call")
+            [call] = api.requests
+            [order] = await ledger.orders(limit=5)
+            sol = order["sol_amount"]
+            ours = market.tokens.buy(mint, WALLET, sol=sol, signature=call.signature)
+            await publish(bus, ours)  # handled and acknowledged
+            if answer == "came":
+                api.answer()
+                await answered(first, api)
+                # the next event stores the signature; the fill waits for the next round
+                await publish(bus, market.tokens.buy(mint, "bob", sol=0.1))
+                [order] = await ledger.orders(limit=5)
+                assert order["signature"] == call.signature
+            assert (await ledger.orders(limit=5))[0]["state"] == "sent"
+
+            second = live(ledger, api, trading_predecessor_wait_s=0.05)
+            async with running(clock, second) as (bus2, watch2):
+                assert second.reconciled == {order["order_id"]: "filled"}
+                assert second.book.holds(mint) and second.risk.reservations == {}
+                [stored] = await ledger.orders(limit=5)
+                assert stored["state"] == "filled" and stored["signature"] == call.signature
+                snapshot = await ledger.load(remembered=10)
+                [fill] = snapshot.fills
+                assert fill.order_id == order["order_id"] and fill.signature == call.signature
+                assert fill.token_amount == ours.data.tokenAmount
+
+                await publish(bus2, ours)  # delivered again: the same fill, not a second
+                await clock.advance(CONFIRM_S + 1)
+                assert watch2.count("order.filled") == 0 and watch2.count("order.rejected") == 0
+                assert second.metrics.unbooked_trades("wallet_trade") == 0
+                assert await second.unbooked_view() == []
+            api.answer()
+        # the dead replica's memory is refused by the ledger: nothing booked twice
+        assert len((await ledger.load(remembered=10)).fills) == 1
+        assert len(api.requests) == 1

@@ -25,6 +25,7 @@ from pumpflow.common.curve import CurveState
 from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderRequested
 from pumpflow.common.trading import (
     VENUE_CURVE,
+    EarlyTrade,
     PaperBroker,
     PaperExecution,
     PaperOrder,
@@ -76,6 +77,16 @@ class TradeExecutor(Protocol):
 
     def unbooked(self) -> list[UnbookedTrade]:
         """The trades of the live wallet found to match no order since the last call."""
+        ...
+
+    def early(self) -> list[EarlyTrade]:
+        """The trades of the live wallet that began to wait for their orders' answers since
+        the last call: to keep in the ledger until their fills or unbooking are stored."""
+        ...
+
+    def restore_early(self, trades: list[EarlyTrade]) -> list[Outcome]:
+        """The trades of the live wallet that waited for answers when the replica that saw
+        them went (a take-over, after the orders are reconciled): the fills they show."""
         ...
 
     def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
@@ -172,6 +183,12 @@ class PaperExecutor:
 
     def unbooked(self) -> list[UnbookedTrade]:
         return []  # no wallet trades on paper
+
+    def early(self) -> list[EarlyTrade]:
+        return []
+
+    def restore_early(self, trades: list[EarlyTrade]) -> list[Outcome]:
+        return []  # a live executor's: judged when one trades again
 
     def restore_unbooked(self, trades: list[UnbookedTrade]) -> None:
         return None

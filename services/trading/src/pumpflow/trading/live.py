@@ -30,6 +30,8 @@ from pumpflow.common.events import ExitOrder, OrderRequested
 from pumpflow.common.pumpportal import API_KEY_PARAM, redact
 from pumpflow.common.trading import (
     VENUE_CURVE,
+    Confirmation,
+    EarlyTrade,
     LiveBook,
     LiveExecution,
     LiveOrder,
@@ -274,16 +276,23 @@ class LiveExecutor:
     def unbooked(self) -> list[UnbookedTrade]:
         return self.book.unbooked()
 
+    def early(self) -> list[EarlyTrade]:
+        return self.book.early()
+
     def observe(self, payload: object, *, time: float) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for confirmation in self.book.observe(payload, time=time):
+        return self._fills(self.book.observe(payload, time=time))
+
+    def restore_early(self, trades: list[EarlyTrade]) -> list[Outcome]:
+        return self._fills(self.book.restore_early(trades))
+
+    def _fills(self, confirmations: list[Confirmation]) -> list[Outcome]:
+        for confirmation in confirmations:
             if confirmation.late:
                 log.error(
                     "trading: order %s given up unconfirmed traded after all (signature "
                     "%s): booked late", confirmation.fill.order_id, confirmation.fill.signature,
                 )  # fmt: skip
-            outcomes.append(confirmation.fill)
-        return outcomes
+        return [confirmation.fill for confirmation in confirmations]
 
     def due(self, now: float) -> list[Outcome]:
         outcomes, self._outcomes = self._outcomes, []

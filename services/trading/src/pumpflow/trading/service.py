@@ -69,7 +69,10 @@ every order, fill and position.
   (``pumpflow_trading_unbooked_trades``), stored in the ledger with the change of the
   event that showed it and listed in ``unbooked_wallet_trades`` of ``/orders`` and
   ``/positions`` on every replica, as the wallet and the book differ by it, for a day
-  or until the operator acknowledges it (``POST /unbooked/acknowledge``).
+  or until the operator acknowledges it (``POST /unbooked/acknowledge``). A trade of
+  the wallet that shows before the answer naming its order waits for the answers: it is
+  stored with the change of the event that showed it (its delivery acknowledged then),
+  so the replica trading next judges it as it takes over, should this one go first.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
   ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
   API token. Every replica takes a halt (above); only the replica that trades takes a
@@ -539,6 +542,11 @@ class TradingService(Service):
             self.executor.restore_unbooked(
                 await self.ledger.unbooked(since=self._unbooked_since(), limit=REMEMBERED_UNBOOKED)
             )
+            for outcome in self.executor.restore_early(snapshot.early):
+                self._book(outcome, None, step)
+                self.reconciled[outcome.order_id] = "filled"
+            self._keep_early(step)
+            self._note_unbooked(step)
             # what the predecessor stored and may not have published goes out first, as
             # numbered (a copy of what it did publish is dropped by its seq)
             stored = {e.id for e in snapshot.outbox}
@@ -870,6 +878,7 @@ class TradingService(Service):
         if isinstance(data, _TOKEN_EVENTS):
             for outcome in self.executor.observe(data, time=event.time):
                 self._book(outcome, event, step)
+            self._keep_early(step)
             self._note_unbooked(step)
         produced = self.engine.process(event, admitted=True)
         if isinstance(data, _MARKET_EVENTS) and data.mint not in self.engine.views:
@@ -931,6 +940,14 @@ class TradingService(Service):
             # out with this flush or the next: the shutdown coming again sends no second one
             self._barriers.add(shutdown.id)
             await self._flush()
+
+    def _keep_early(self, step: _Step) -> None:
+        """Keep in the ledger the trades of the live wallet that began to wait for their
+        orders' answers: their deliveries are acknowledged with the step, and the answer
+        may never reach this replica (killed, or taken over from)."""
+        early = self.executor.early()
+        if early:
+            step.change.early += early
 
     def _note_unbooked(self, step: _Step) -> None:
         """Say so of each trade of the live wallet found to match no order, and keep it
