@@ -9,6 +9,7 @@ import pytest
 from pumpflow.common.curve import CurveState, quote_buy
 from pumpflow.common.events import OrderFilled, PositionClosed, PositionOpened, PositionUpdated
 from pumpflow.common.trading import PaperExecution, PaperFill, PositionBook, fill_buy, fill_sell
+from pumpflow.common.trading.positions import CLOSED_KEPT
 
 LAUNCH = CurveState()
 EXECUTION = PaperExecution()
@@ -155,3 +156,46 @@ def test_realised_pnl_since_a_start_is_the_sum_of_the_sales_since_across_a_new_s
         assert book.realized_pnl_sol == pytest.approx(sum(p for _, p in sales), rel=1e-9)
         time += rng.uniform(0.0, 1_200.0)
     assert any(t < day for t, _ in sales) and any(t >= day + 86_400.0 for t, _ in sales)
+
+
+def test_a_long_run_of_closed_positions_keeps_the_latest_and_the_totals_of_all():
+    """Weeks of positions closed leave in memory the latest ``CLOSED_KEPT`` with the
+    order ids of their fills, and the open ones with theirs; the count, the fees and the
+    realised PnL of every one stay, as numbers."""
+    book = PositionBook(EXECUTION)
+    rng = random.Random(11)
+    closes = 30 * CLOSED_KEPT
+    realized = fees = 0.0
+    time = 0.0
+    for n in range(closes):
+        mint = f"m{n}"
+        buy = fill_buy(LAUNCH, rng.uniform(0.1, 2.0), expected=LAUNCH, execution=EXECUTION)
+        book.apply_fill(filled(f"b{n}", buy, mint), time=time)
+        sale = fill_sell(buy.after, buy.tokens, expected=buy.after, execution=EXECUTION)
+        closed = book.apply_fill(filled(f"s{n}", sale, mint), time=time + 60.0)
+        realized += closed.realized_pnl_sol
+        fees += buy.fee_sol + sale.fee_sol
+        time += 600.0  # 144 positions a day, for 20 days
+    buy = fill_buy(LAUNCH, 1.0, expected=LAUNCH, execution=EXECUTION)
+    book.apply_fill(filled("held", buy, "h"), time=time)
+    half = fill_sell(buy.after, buy.tokens / 2, expected=buy.after, execution=EXECUTION)
+    realized += book.apply_fill(filled("half", half, "h"), time=time).realized_pnl_sol
+    fees += buy.fee_sol + half.fee_sol
+
+    latest = range(closes - CLOSED_KEPT, closes)
+    assert [p.position_id for p in book.closed_positions] == [f"b{n}" for n in latest]
+    assert book.applied_orders == {
+        "held", "half", *(f"b{n}" for n in latest), *(f"s{n}" for n in latest)
+    }  # fmt: skip
+    assert book.open_count == 1 and len(book.sales) == 0
+    # the daily loss limit's window, two days of sales
+    assert len(book.realizations) <= 2 * 144 + 2
+    assert book.closed_count == closes
+    assert book.realized_pnl_sol == pytest.approx(realized, rel=1e-9)
+    assert book.fees_sol == pytest.approx(fees, rel=1e-9)
+    # a fill delivered again counts once, of the latest closed and of the one held
+    last = closes - 1
+    assert book.apply_fill(filled(f"b{last}", buy, f"m{last}"), time=time) is None
+    assert book.apply_fill(filled("held", buy, "h"), time=time) is None
+    assert book.open_positions.keys() == {"h"}
+    assert book.position("h").tokens == pytest.approx(buy.tokens / 2)

@@ -450,12 +450,13 @@ async def run_backtest(
                 if "precision" in m
             }
             book = trading.book
-            closed = list(book.closed_positions)
-            positions = [*book.open_positions.values(), *closed]
             counts = counter.counts
             report_data = await collector.results(
                 system, title=f"pumpflow backtest: {name}", source=f"{total:,} frames"
             )
+            # every position, from the ledger: the book keeps the latest closed ones only
+            positions = report_data.trades
+            closed = report_data.closed
             return Report(
                 name=name,
                 frames=total,

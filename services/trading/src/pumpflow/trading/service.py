@@ -1691,8 +1691,6 @@ class TradingService(Service):
     def pnl(self) -> dict[str, Any]:
         book = self.book
         realized, unrealized = book.realized_pnl_sol, book.unrealized_pnl_sol
-        positions = (*book.open_positions.values(), *book.closed_positions)
-        fees = sum((p.fees_sol for p in positions), 0.0)
         return {
             "role": self.role,
             "capital_sol": self.risk.capital,
@@ -1700,9 +1698,9 @@ class TradingService(Service):
             "realized_pnl_sol": realized,
             "unrealized_pnl_sol": unrealized,
             "pnl_sol": realized + unrealized,
-            "fees_sol": fees,
+            "fees_sol": book.fees_sol,
             "open_positions": book.open_count,
-            "closed_positions": len(book.closed_positions),
+            "closed_positions": book.closed_count,
             "exposure_sol": self.risk.total_exposure,
             "no_order_reasons": dict(self.skipped.most_common(8)),
         }
@@ -1732,8 +1730,22 @@ class TradingService(Service):
             "pnl_sol": position.pnl_sol,
         }
 
+    @staticmethod
+    def closed_view(row: dict[str, Any]) -> dict[str, Any]:
+        """A closed position's ledger row as :meth:`position_view` shows it (it holds
+        nothing: nothing unrealised, and worth nothing; when it was marked last the
+        ledger does not keep)."""
+        return {
+            **row,
+            "unrealized_pnl_sol": 0.0,
+            "mark_value_sol": 0.0,
+            "marked_at": None,
+            "pnl_sol": row["realized_pnl_sol"],
+        }
+
     async def positions(self, *, open_only: bool = True, limit: int = 1000) -> dict[str, Any]:
-        """Positions: the book with its marks on the trading replica, the ledger elsewhere."""
+        """Positions: the book with its marks on the trading replica (the closed ones
+        before the latest it keeps from the ledger), the ledger elsewhere."""
         unbooked = await self.unbooked_view()
         if not self._leading:
             rows = await self.ledger.positions(open_only=open_only, limit=limit)
@@ -1748,8 +1760,18 @@ class TradingService(Service):
         found = list(book.open_positions.values())
         if not open_only:
             found += book.closed_positions
-        found.sort(key=lambda p: p.opened_at, reverse=True)
-        views = [self.position_view(p) for p in found[:limit]]
+        views = [self.position_view(p) for p in found]
+        if not open_only:
+            # the book's are the newer: the ledger may lack their last change yet
+            known = {p.position_id for p in found}
+            rows = await self.ledger.positions(open_only=False, limit=limit)
+            views += [
+                self.closed_view(row)
+                for row in rows
+                if row["closed_at"] is not None and row["position_id"] not in known
+            ]
+        views.sort(key=lambda v: v["opened_at"], reverse=True)
+        del views[limit:]
         return {
             "role": self.role,
             "source": "book",

@@ -21,12 +21,16 @@ or :meth:`PositionBook.release_sale` on a rejection), so sales that overlap (a r
 sale and a tranche of the graceful exit, say) never ask the venue together for more
 than is held: neither the paper broker nor the chain knows what the book holds.
 
-Persistence (a later step): the service's PositionManager writes each order (id,
-token, side, amounts, state: requested, sent, unknown, filled, rejected) and each fill
-to Postgres with the book's change in one transaction; the book here is what it
-rebuilds on start by applying the stored fills in order (:meth:`PositionBook.apply_fill`
-is deterministic and idempotent per order id), before reconciling the orders whose
-outcome is unknown.
+Persistence: the trading service writes each order (id, token, side, amounts, state:
+requested, sent, unknown, filled, rejected), each fill and each position's change to its
+ledger in one transaction; the book here is what it rebuilds on start by applying the
+stored fills in order (:meth:`PositionBook.apply_fill` is deterministic and idempotent
+per order id), before reconciling the orders whose outcome is unknown.
+
+Memory is bounded over a long run: a closed position stays in memory only among the
+latest ``closed_kept`` (the ledger keeps them all), and what every closed position adds
+up to is kept as numbers (:attr:`PositionBook.closed_count`,
+:attr:`PositionBook.closed_fees_sol`, the realised PnL).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ DUST_TOKENS = 1e-6
 #: how long realised PnL is kept in memory for :meth:`PositionBook.realized_since`
 #: (the daily loss limit reads today's; the ledger keeps them all)
 REALIZATIONS_KEPT_S = 2 * 86_400.0
+#: closed positions kept in memory, the latest: the one a fill just closed is its ledger
+#: row's, the views show the latest while the ledger may lack their last change (a commit
+#: behind), and a fill of one delivered again counts once. An executor gives one outcome
+#: an order, so a copy comes within seconds, and a hundred closes are hours of trading at
+#: hundreds of positions a day. Older ones are read from the ledger.
+CLOSED_KEPT = 100
 
 
 @dataclass(slots=True, kw_only=True)
@@ -70,6 +80,8 @@ class Position:
     mark_venue: str = VENUE_CURVE
     closed_at: float | None = None
     close_reason: str = ""
+    #: ids of the orders whose fills were booked to it
+    order_ids: list[str] = field(default_factory=list)
 
     @property
     def is_open(self) -> bool:
@@ -126,8 +138,14 @@ class PositionBook:
     #: SOL a sale pays whatever its size (live execution's priority fee)
     sale_fee_sol: float = 0.0
     open_positions: dict[str, Position] = field(default_factory=dict)
-    closed_positions: list[Position] = field(default_factory=list)
-    #: order ids already applied, so a fill delivered twice counts once
+    #: the latest closed positions, oldest first, at most ``closed_kept``
+    closed_positions: deque[Position] = field(default_factory=deque)
+    closed_kept: int = CLOSED_KEPT
+    #: positions closed, and their fees, those no longer kept included
+    closed_count: int = 0
+    closed_fees_sol: float = 0.0
+    #: ids of the orders whose fills were booked to the positions kept (open, or among
+    #: the latest closed), so a fill delivered twice counts once
     applied_orders: set[str] = field(default_factory=set)
     #: order id -> (mint, tokens) of the sales sent and not yet filled or rejected
     sales: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -188,6 +206,11 @@ class PositionBook:
     @property
     def realized_pnl_sol(self) -> float:
         return self.realized_total
+
+    @property
+    def fees_sol(self) -> float:
+        """Fees of every position, open and closed."""
+        return self.closed_fees_sol + sum((p.fees_sol for p in self.open_positions.values()), 0.0)
 
     @property
     def unrealized_pnl_sol(self) -> float:
@@ -254,7 +277,6 @@ class PositionBook:
         self.sales.pop(fill.order_id, None)
         if fill.order_id in self.applied_orders:
             return None
-        self.applied_orders.add(fill.order_id)
         if fill.side == "buy":
             return self._buy(fill, time)
         return self._sell(fill, time, reason)
@@ -292,6 +314,7 @@ class PositionBook:
             position_id = fill.position_id or fill.order_id
             position = Position(position_id=position_id, mint=fill.mint, opened_at=time)
             self.open_positions[fill.mint] = position
+        self._booked(position, fill.order_id)
         position.tokens += fill.token_amount
         position.cost_sol += fill.sol_amount
         position.bought_tokens += fill.token_amount
@@ -309,6 +332,7 @@ class PositionBook:
         position = self.open_positions[fill.mint]
         if position.tokens <= 0:
             return None
+        self._booked(position, fill.order_id)
         sold = min(fill.token_amount, position.tokens)
         share = sold / position.tokens
         released = position.cost_sol * share
@@ -332,6 +356,19 @@ class PositionBook:
             position.closed_at = time
             position.close_reason = reason
             del self.open_positions[fill.mint]
-            self.closed_positions.append(position)
+            self._keep_closed(position)
             return PositionClosed(**position.payload_fields(), reason=reason)
         return PositionUpdated(**position.payload_fields())
+
+    def _booked(self, position: Position, order_id: str) -> None:
+        position.order_ids.append(order_id)
+        self.applied_orders.add(order_id)
+
+    def _keep_closed(self, position: Position) -> None:
+        """Count ``position`` closed; keep it among the latest, the oldest of which goes
+        with its order ids."""
+        self.closed_count += 1
+        self.closed_fees_sol += position.fees_sol
+        self.closed_positions.append(position)
+        while len(self.closed_positions) > self.closed_kept:
+            self.applied_orders.difference_update(self.closed_positions.popleft().order_ids)
