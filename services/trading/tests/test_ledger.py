@@ -204,6 +204,71 @@ async def test_a_load_gives_back_the_orders_given_up_with_a_signature_since_a_ti
     assert (await ledger.load(remembered=10)).given_up == []
 
 
+def held(position_id: str, mint: str, opened_at: float, **fields) -> PositionRecord:
+    values = dict(
+        position_id=position_id, mint=mint, opened_at=opened_at, closed_at=None,
+        close_reason="", token_amount=1e6, cost_sol=0.5, entry_price=5e-7,
+        realized_pnl_sol=0.0, fees_sol=0.01, mark_price=None,
+    )  # fmt: skip
+    values.update(fields)
+    return PositionRecord(**values)
+
+
+async def filled(
+    ledger, order_id: str, mint: str, side: str, time: float, *, row=None, position=None
+) -> None:
+    """Store the order ``order_id`` filled at ``time``, with the position's row it changed."""
+    stored = order(order_id, mint=mint, side=side, state="filled", requested_at=time)
+    await ledger.commit(
+        LedgerChange(
+            orders=[replace(stored, position_id=position)],
+            fills=[replace(fill(order_id, time), mint=mint, side=side, position_id=position)],
+            positions=[] if row is None else [row],
+        )
+    )
+
+
+async def test_a_load_since_a_time_gives_back_the_fills_of_the_positions_open_or_closed_since(
+    ledger,
+):
+    """Each token's fills from the opening buy of its first position open or closed since
+    then (a sale showing late for a position closed before among them), and what every
+    position and order in flight adds up to."""
+    await ledger.commit(LedgerChange(orders=[order("entry", mint="MintD", sol_amount=0.3)]))
+    totals = await ledger.totals()
+    assert (totals.open_positions, totals.entries_in_flight, totals.tokens_engaged) == (0, 1, 1)
+
+    a1, c1, b1 = held("a1", "MintA", 10.0), held("c1", "MintC", 15.0), held("b1", "MintB", 110.0)
+    sold = dict(token_amount=0.0, cost_sol=0.0, fees_sol=0.02)
+    await filled(ledger, "a1", "MintA", "buy", 10.0, row=a1)
+    await filled(ledger, "c1", "MintC", "buy", 15.0, row=c1)
+    a1 = replace(a1, closed_at=20.0, realized_pnl_sol=-0.1, **sold)
+    await filled(ledger, "a1:x", "MintA", "sell", 20.0, row=a1, position="a1")
+    c1 = replace(c1, closed_at=25.0, realized_pnl_sol=0.2, **sold)
+    await filled(ledger, "c1:x", "MintC", "sell", 25.0, row=c1, position="c1")
+    await filled(ledger, "b1", "MintB", "buy", 110.0, row=b1)
+    await filled(ledger, "a2", "MintA", "buy", 120.0, row=held("a2", "MintA", 120.0))
+    await filled(ledger, "b1:more", "MintB", "buy", 130.0, row=replace(b1, cost_sol=1.0))
+    # a sale of the token's closed position, showing late: booked to no position
+    await filled(ledger, "a1:late", "MintA", "sell", 135.0, position="a1")
+    b1 = replace(b1, closed_at=150.0, realized_pnl_sol=-0.05, **sold)
+    await filled(ledger, "b1:x", "MintB", "sell", 150.0, row=b1, position="b1")
+    await ledger.commit(LedgerChange(orders=[order("a2:x", mint="MintA", side="sell")]))
+
+    snapshot = await ledger.load(remembered=10, closed_since=100.0)
+    assert [f.order_id for f in snapshot.fills] == ["b1", "a2", "b1:more", "a1:late", "b1:x"]
+    everything = await ledger.load(remembered=10)
+    assert len(everything.fills) == 9
+    totals = snapshot.totals
+    assert totals == everything.totals == await ledger.totals()
+    assert totals.realized_pnl_sol == pytest.approx(0.05, rel=1e-12)
+    assert (totals.open_positions, totals.closed_positions) == (1, 3)
+    assert (totals.open_fees_sol, totals.closed_fees_sol) == pytest.approx((0.01, 0.06))
+    assert totals.open_cost_sol == 0.5
+    assert (totals.entries_in_flight, totals.entries_in_flight_sol) == (1, 0.3)
+    assert (totals.sales_in_flight, totals.tokens_engaged) == (1, 2)
+
+
 async def test_a_change_is_one_transaction(pg_pool):
     ledger = PostgresLedger(pg_pool)
     # a fill of an order the ledger does not have breaks the foreign key: nothing is kept

@@ -59,13 +59,16 @@ its successor waits for that a while (:meth:`Ledger.predecessor`) before it read
 entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
 ``TradingService._take_over``).
 
-:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018, 0021);
-:class:`MemoryLedger` keeps the same in memory for the embedded run and tests, where
-a restart starts from nothing anyway.
+:class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018,
+0021, 0022); :class:`MemoryLedger` keeps the same in memory for the embedded run and
+tests, where a restart starts from nothing anyway.
 
-On start the service rebuilds its position book from :meth:`Ledger.load`: the fills in
-the order they were stored, the orders whose outcome is not known yet (to reconcile
-before trading again), the recent order ids and the operator's state.
+On start the service rebuilds its position book from :meth:`Ledger.load`: the fills, in
+the order they were stored, of the positions open or closed lately (``closed_since``:
+what the daily loss limit reads) and the totals of every position
+(:class:`LedgerTotals`), so neither its memory nor its reading grows with the weeks
+traded; the orders whose outcome is not known yet (to reconcile before trading again),
+the recent order ids and the operator's state.
 """
 
 from __future__ import annotations
@@ -337,6 +340,26 @@ class LedgerChange:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerTotals:
+    """What the stored positions and the orders in flight add up to."""
+
+    #: realised PnL of every position, the open ones' sales included
+    realized_pnl_sol: float = 0.0
+    open_positions: int = 0
+    closed_positions: int = 0
+    open_fees_sol: float = 0.0
+    closed_fees_sol: float = 0.0
+    #: cost basis of the open positions
+    open_cost_sol: float = 0.0
+    #: entries and sales whose outcome is not known yet, and the SOL the entries spend
+    entries_in_flight: int = 0
+    entries_in_flight_sol: float = 0.0
+    sales_in_flight: int = 0
+    #: tokens held or with an entry in flight
+    tokens_engaged: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LedgerSnapshot:
     """What a replica needs to trade on where the last one stopped."""
 
@@ -355,6 +378,8 @@ class LedgerSnapshot:
     #: trades of the live wallet that waited for answers, neither booked nor unbooked,
     #: oldest first
     early: list[EarlyTrade] = field(default_factory=list)
+    #: every position's totals, as of the same read as ``fills``
+    totals: LedgerTotals = field(default_factory=LedgerTotals)
 
 
 class Ledger(Protocol):
@@ -365,10 +390,22 @@ class Ledger(Protocol):
         ...
 
     async def load(
-        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+        self,
+        *,
+        remembered: int,
+        given_up_since: float | None = None,
+        closed_since: float | None = None,
+        holder: str | None = None,
     ) -> LedgerSnapshot:
         """What a replica taking over needs; with ``holder``, it is the ledger's holder
-        first, and a commit of any other is refused from then on."""
+        first, and a commit of any other is refused from then on. With ``closed_since``,
+        the fills of the positions open or closed at or after it only (of each such
+        position's token, every fill from its opening buy on: what rebuilds it), else
+        every fill."""
+        ...
+
+    async def totals(self) -> LedgerTotals:
+        """What the stored positions and the orders in flight add up to now."""
         ...
 
     async def predecessor(self) -> Predecessor | None:
@@ -440,6 +477,12 @@ def _holds_withdrawn(stored: OrderRecord, order: OrderRecord) -> bool:
             or (stored.state == "rejected" and stored.outcome == order.outcome)
         )
     )
+
+
+def _opened_by(fill: FillRecord) -> str:
+    """The id of the position ``fill`` opens, if it is a buy of a token not held (as
+    :meth:`~pumpflow.common.trading.PositionBook.apply_fill` names it)."""
+    return fill.position_id or fill.order_id
 
 
 def _withdrawn_entry(order: OrderRecord) -> bool:
@@ -572,14 +615,22 @@ class MemoryLedger:
             self._outbox.pop(event_id, None)
 
     async def load(
-        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+        self,
+        *,
+        remembered: int,
+        given_up_since: float | None = None,
+        closed_since: float | None = None,
+        holder: str | None = None,
     ) -> LedgerSnapshot:
         if holder is not None:
             self._holder = (holder, False)
         orders = sorted(self._orders.values(), key=lambda o: o.requested_at)
         recent = orders[-remembered:]
+        fills = list(self._fills.values())
+        if closed_since is not None:
+            fills = self._fills_since(fills, closed_since)
         return LedgerSnapshot(
-            fills=list(self._fills.values()),
+            fills=fills,
             unresolved=[o for o in orders if o.state in UNRESOLVED],
             order_ids=[o.order_id for o in recent],
             withdrawn=[o.order_id for o in recent if _withdrawn_entry(o)],
@@ -594,6 +645,40 @@ class MemoryLedger:
             ],
             outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
             early=sorted(self._early.values(), key=lambda e: e.time),
+            totals=await self.totals(),
+        )
+
+    def _fills_since(self, fills: list[FillRecord], closed_since: float) -> list[FillRecord]:
+        """Of ``fills`` (in the order stored), each token's from the opening buy of its
+        first position open or closed at or after ``closed_since``."""
+        kept = {
+            p.position_id
+            for p in self._positions.values()
+            if p.closed_at is None or p.closed_at >= closed_since
+        }
+        starts: dict[str, int] = {}
+        for n, fill in enumerate(fills):
+            if fill.side == "buy" and _opened_by(fill) in kept:
+                starts.setdefault(fill.mint, n)
+        return [f for n, f in enumerate(fills) if n >= starts.get(f.mint, len(fills))]
+
+    async def totals(self) -> LedgerTotals:
+        positions = self._positions.values()
+        held = [p for p in positions if p.closed_at is None]
+        closed = [p for p in positions if p.closed_at is not None]
+        flying = [o for o in self._orders.values() if o.state in UNRESOLVED]
+        entries = [o for o in flying if o.side == "buy"]
+        return LedgerTotals(
+            realized_pnl_sol=sum((p.realized_pnl_sol for p in positions), 0.0),
+            open_positions=len(held),
+            closed_positions=len(closed),
+            open_fees_sol=sum((p.fees_sol for p in held), 0.0),
+            closed_fees_sol=sum((p.fees_sol for p in closed), 0.0),
+            open_cost_sol=sum((p.cost_sol for p in held), 0.0),
+            entries_in_flight=len(entries),
+            entries_in_flight_sol=sum((o.sol_amount or 0.0 for o in entries), 0.0),
+            sales_in_flight=len(flying) - len(entries),
+            tokens_engaged=len({p.mint for p in held} | {o.mint for o in entries}),
         )
 
     async def predecessor(self) -> Predecessor | None:
@@ -770,6 +855,45 @@ _FILL_COLUMNS = (
     "f.order_id", "f.mint", "f.side", "f.token_amount", "f.sol_amount", "f.price", "f.fee_sol",
     "f.filled_at", "f.signature", "f.position_id", "o.reason",
 )  # fmt: skip
+_SELECT_FILLS = f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f JOIN orders o USING (order_id)"
+#: the fills that rebuild the positions open or closed at or after $1: each one's token's
+#: from its first such position's opening buy (a buy of a token not held opens the
+#: position named by its position id, else its order id). Each position's opening is
+#: looked up in migration 0022's index, a subquery a position: joined, the planner
+#: scans every fill
+_FILLS_SINCE = f"""
+WITH since AS (
+    SELECT p.mint, min((
+        SELECT min(f.seq) FROM fills f
+        WHERE f.side = 'buy' AND coalesce(f.position_id, f.order_id) = p.position_id
+    )) AS seq
+    FROM positions p WHERE p.closed_at IS NULL OR p.closed_at >= $1
+    GROUP BY p.mint
+)
+{_SELECT_FILLS} JOIN since s ON s.mint = f.mint AND f.seq >= s.seq ORDER BY f.seq
+"""
+_TOTALS = """
+SELECT held.*, flying.*, (
+    SELECT count(*) FROM (
+        SELECT mint FROM positions WHERE closed_at IS NULL
+        UNION SELECT mint FROM orders WHERE side = 'buy' AND state = ANY($1::text[])
+    ) engaged
+) AS tokens_engaged
+FROM (
+    SELECT coalesce(sum(realized_pnl_sol), 0) AS realized_pnl_sol,
+        count(*) FILTER (WHERE closed_at IS NULL) AS open_positions,
+        count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed_positions,
+        coalesce(sum(fees_sol) FILTER (WHERE closed_at IS NULL), 0) AS open_fees_sol,
+        coalesce(sum(fees_sol) FILTER (WHERE closed_at IS NOT NULL), 0) AS closed_fees_sol,
+        coalesce(sum(cost_sol) FILTER (WHERE closed_at IS NULL), 0) AS open_cost_sol
+    FROM positions
+) held, (
+    SELECT count(*) FILTER (WHERE side = 'buy') AS entries_in_flight,
+        coalesce(sum(sol_amount) FILTER (WHERE side = 'buy'), 0) AS entries_in_flight_sol,
+        count(*) FILTER (WHERE side = 'sell') AS sales_in_flight
+    FROM orders WHERE state = ANY($1::text[])
+) flying
+"""
 
 
 async def _fence(conn: Any, holder: str | None) -> None:
@@ -785,7 +909,8 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021), in the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022), in the
+    pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -886,17 +1011,23 @@ class PostgresLedger:
             await conn.execute(_GONE, list(event_ids))
 
     async def load(
-        self, *, remembered: int, given_up_since: float | None = None, holder: str | None = None
+        self,
+        *,
+        remembered: int,
+        given_up_since: float | None = None,
+        closed_since: float | None = None,
+        holder: str | None = None,
     ) -> LedgerSnapshot:
         if holder is not None:
             # committed before the read's snapshot: what the predecessor stored by then is
             # read, and nothing it commits later is stored
             await self.pool.execute(_TAKE_OVER, HOLDER, holder)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            fills = await conn.fetch(
-                f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f "
-                "JOIN orders o USING (order_id) ORDER BY f.seq"
-            )
+            if closed_since is None:
+                fills = await conn.fetch(f"{_SELECT_FILLS} ORDER BY f.seq")
+            else:
+                fills = await conn.fetch(_FILLS_SINCE, closed_since)
+            totals = await self._totals(conn)
             unresolved = await conn.fetch(
                 f"{_SELECT_ORDERS} WHERE state = ANY($1::text[]) ORDER BY requested_at, order_id",
                 list(UNRESOLVED),
@@ -937,7 +1068,16 @@ class PostgresLedger:
                 )
                 for row in early
             ],
+            totals=totals,
         )
+
+    async def totals(self) -> LedgerTotals:
+        async with self.pool.acquire() as conn:
+            return await self._totals(conn)
+
+    @staticmethod
+    async def _totals(conn: Any) -> LedgerTotals:
+        return LedgerTotals(**dict(await conn.fetchrow(_TOTALS, list(UNRESOLVED))))
 
     async def predecessor(self) -> Predecessor | None:
         row = await self.pool.fetchrow(_PREDECESSOR, HOLDER)

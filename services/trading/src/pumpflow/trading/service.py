@@ -43,7 +43,9 @@ every order, fill and position.
   replicas campaign for the lease ``trading:decide`` (the state store's and
   Postgres's); the holder reloads the book from the ledger (once its predecessor stood
   by, or a while: :meth:`TradingService._await_predecessor`; from then on the ledger
-  refuses the predecessor's commits), reconciles every order
+  refuses the predecessor's commits): the fills of the positions open or closed within
+  the daily loss limit's window, and every position's totals, so neither the book nor
+  the reload grows with the weeks traded; it reconciles every order
   whose outcome is unknown, loads the token views its predecessor stored
   (:mod:`pumpflow.trading.context`), and only then consumes. The others stand by, ready,
   unsubscribed; one takes over within the lease's TTL of the holder's death. What a
@@ -141,6 +143,7 @@ from pumpflow.common.trading import (
 from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import sell_order
+from pumpflow.common.trading.positions import REALIZATIONS_KEPT_S
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
@@ -508,12 +511,20 @@ class TradingService(Service):
             snapshot = await self.ledger.load(
                 remembered=self.settings.trading_remembered_orders,
                 given_up_since=ctx.clock.now() - _GIVEN_UP_KEPT_S,
+                # the positions closed earlier add nothing but to the totals
+                closed_since=ctx.clock.now() - REALIZATIONS_KEPT_S,
                 holder=self._writer,
             )
             self._holding = True
             for fill in snapshot.fills:
                 self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
                 self.executor.booked(fill)
+            totals = snapshot.totals
+            self.book.restore_totals(
+                realized_pnl_sol=totals.realized_pnl_sol,
+                closed_count=totals.closed_positions,
+                closed_fees_sol=totals.closed_fees_sol,
+            )
             for mint in list(self.book.open_positions):
                 view = self.engine.views.get(mint)
                 if view is not None and view.market.state is not None:

@@ -30,7 +30,10 @@ per order id), before reconciling the orders whose outcome is unknown.
 Memory is bounded over a long run: a closed position stays in memory only among the
 latest ``closed_kept`` (the ledger keeps them all), and what every closed position adds
 up to is kept as numbers (:attr:`PositionBook.closed_count`,
-:attr:`PositionBook.closed_fees_sol`, the realised PnL).
+:attr:`PositionBook.closed_fees_sol`, the realised PnL). So a rebuild applies only the
+fills of the positions open or closed within ``REALIZATIONS_KEPT_S`` (what the daily
+loss limit reads) and takes every position's totals from the ledger
+(:meth:`PositionBook.restore_totals`).
 """
 
 from __future__ import annotations
@@ -265,6 +268,16 @@ class PositionBook:
     def release_sale(self, order_id: str) -> None:
         """The sale ``order_id`` was refused (or never sent): its tokens may sell again."""
         self.sales.pop(order_id, None)
+
+    def restore_totals(
+        self, *, realized_pnl_sol: float, closed_count: int, closed_fees_sol: float
+    ) -> None:
+        """Take the totals of every position as the ledger keeps them (a rebuild that
+        applied only the fills of the recent positions): the realised PnL of all, open
+        ones included, and the count and fees of those closed."""
+        self.realized_total = realized_pnl_sol
+        self.closed_count = closed_count
+        self.closed_fees_sol = closed_fees_sol
 
     def apply_fill(
         self, fill: OrderFilled, *, time: float, reason: str = ""
