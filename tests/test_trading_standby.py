@@ -16,6 +16,7 @@ import signal
 import msgspec
 import pytest
 
+from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.priority import Priority
 from pumpflow.common.testing import (
     EventCollector,
@@ -163,6 +164,61 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     assert [o["order_id"] for o in await ledger.orders(limit=10, mint=held)] == [request.order_id]
     assert await ledger.control() == ("active", "after")
 
+    assert await stack.stop(standby) == 0, stack.logs()
+
+
+async def test_the_standby_answers_pnl_and_limits_from_the_ledger(replicas):
+    """The stand-by's book is not the ledger's (it has traded nothing, or traded in a
+    term before): its /pnl and /limits say what the ledger holds, as its /positions
+    does, and name the holder. A position closed at a gain or a loss, one held, and an
+    entry in flight make every figure count."""
+    stack, ports, upstream, watch = replicas
+    leader, standby = await leader_and_standby(stack, ports)
+
+    sold, held, flying = await upstream.ready(), await upstream.ready(), await upstream.ready()
+    for mint in (sold, held):
+        await upstream.publish(upstream.prediction(mint))
+        await watch.wait_for(1, "order.requested", where=lambda e, m=mint: e.data.mint == m)
+        await upstream.trade_after(mint, LATENCY_S + 60.0)
+    opened = {
+        e.data.mint: e.data
+        for e in await watch.wait_for(2, "position.opened", where=lambda e: e.data.mint != flying)
+    }
+    sale = ExitOrder(
+        order_id=f"{opened[sold].position_id}:exit:1",
+        mint=sold,
+        position_id=opened[sold].position_id,
+        token_amount=opened[sold].token_amount,
+    )
+    await upstream.publish(make_event(sale, source="exit/test", time=upstream.clock.now()))
+    await watch.wait_for(1, "order.requested", where=lambda e: e.data.order_id == sale.order_id)
+    await upstream.trade_after(sold, 2 * (LATENCY_S + 60.0))
+    await watch.wait_for(1, "position.closed", where=lambda e: e.data.mint == sold)
+    await upstream.publish(upstream.prediction(flying))
+    await watch.wait_for(1, "order.requested", where=lambda e: e.data.mint == flying)
+
+    def views(name: str) -> tuple[dict, dict]:
+        base = f"http://127.0.0.1:{ports[name]}"
+        return http_json(f"{base}/pnl"), http_json(f"{base}/limits")
+
+    pnl, limits = await asyncio.to_thread(views, leader)
+    assert (pnl["role"], pnl["open_positions"], pnl["closed_positions"]) == ("active", 1, 1)
+    assert pnl["realized_pnl_sol"] != 0.0
+    assert (limits["open_positions"], limits["orders_in_flight"]) == (2, 1), limits
+    stood_pnl, stood_limits = await asyncio.to_thread(views, standby)
+    for view in (stood_pnl, stood_limits):
+        assert (view["role"], view["source"]) == ("standby", "ledger"), view
+        assert view["holder"].startswith(f"{leader}:"), view
+    for name in ("capital_sol", "realized_pnl_sol", "fees_sol", "exposure_sol"):
+        assert stood_pnl[name] == pytest.approx(pnl[name], rel=1e-9), name
+    for name in ("open_positions", "closed_positions", "starting_capital_sol"):
+        assert stood_pnl[name] == pnl[name], name
+    # the marks are the holder's alone
+    assert stood_pnl["unrealized_pnl_sol"] is None and stood_pnl["pnl_sol"] is None
+    for name in ("capital_sol", "exposure_sol"):
+        assert stood_limits[name] == pytest.approx(limits[name], rel=1e-9), name
+    for name in ("open_positions", "orders_in_flight", "sales_in_flight", "limits", "breakers"):
+        assert stood_limits[name] == limits[name], name
     assert await stack.stop(standby) == 0, stack.logs()
 
 

@@ -68,7 +68,8 @@ the order they were stored, of the positions open or closed lately (``closed_sin
 what the daily loss limit reads) and the totals of every position
 (:class:`LedgerTotals`), so neither its memory nor its reading grows with the weeks
 traded; the orders whose outcome is not known yet (to reconcile before trading again),
-the recent order ids and the operator's state.
+the recent order ids and the operator's state. A replica standing by answers what the
+book adds up to from the same totals (:meth:`Ledger.totals`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,10 @@ every order, fill and position.
   the wallet that shows before the answer naming its order waits for the answers: it is
   stored with the change of the event that showed it (its delivery acknowledged then),
   so the replica trading next judges it as it takes over, should this one go first.
-- HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``;
+- HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``; a replica
+  not trading answers ``/positions``, ``/pnl`` and ``/limits`` from the ledger
+  (``source: ledger``; ``/orders`` is the ledger's everywhere), its own book being
+  another's or an old term's;
   ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
   API token. Every replica takes a halt (above); only the replica that trades takes a
   resume or an acknowledgement, its writes fenced in the ledger as its commits are
@@ -154,6 +157,7 @@ from pumpflow.trading.ledger import (
     KeyedEvent,
     Ledger,
     LedgerChange,
+    LedgerTotals,
     MemoryLedger,
     OrderOutcome,
     OrderRecord,
@@ -194,6 +198,12 @@ _PREDECESSOR_POLL_S = (0.02, 0.25)
 #: how far back a take-over remembers the orders given up as unconfirmed, for a trade of
 #: theirs the stream delivers late: a feed's backlog is minutes, not a day
 _GIVEN_UP_KEPT_S = 86_400.0
+
+
+def _exposure(totals: LedgerTotals) -> float:
+    """The SOL at risk by the ledger: the open positions' cost and the entries in flight
+    (as :attr:`RiskManager.total_exposure` counts the book's)."""
+    return totals.open_cost_sol + totals.entries_in_flight_sol
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -1214,8 +1224,11 @@ class TradingService(Service):
         return None
 
     def _update_capital(self) -> None:
-        capital = self.settings.trading_capital_sol + self.book.realized_pnl_sol
-        self.risk.update_capital(max(0.0, capital))
+        self.risk.update_capital(self._capital(self.book.realized_pnl_sol))
+
+    def _capital(self, realized_pnl_sol: float) -> float:
+        """The capital the limits are fractions of, after ``realized_pnl_sol``."""
+        return max(0.0, self.settings.trading_capital_sol + realized_pnl_sol)
 
     # ---------------------------------------------------------------- storing and sending
 
@@ -1700,10 +1713,12 @@ class TradingService(Service):
         }
 
     def pnl(self) -> dict[str, Any]:
+        """The book's PnL, as the replica trading holds it."""
         book = self.book
         realized, unrealized = book.realized_pnl_sol, book.unrealized_pnl_sol
         return {
             "role": self.role,
+            "source": "book",
             "capital_sol": self.risk.capital,
             "starting_capital_sol": self.settings.trading_capital_sol,
             "realized_pnl_sol": realized,
@@ -1717,8 +1732,11 @@ class TradingService(Service):
         }
 
     def limits(self) -> dict[str, Any]:
+        """The limits and what they are measured on, as the replica trading holds them."""
         risk = self.risk
         return {
+            "role": self.role,
+            "source": "book",
             "capital_sol": risk.capital,
             "limits": asdict(risk.limits),
             "breakers": asdict(risk.breaker_settings),
@@ -1727,6 +1745,52 @@ class TradingService(Service):
             "orders_in_flight": len(risk.reservations),
             "sales_in_flight": len(self.book.sales),
         }
+
+    async def pnl_view(self) -> dict[str, Any]:
+        """``/pnl``: the book's on the replica trading (:meth:`pnl`); elsewhere what the
+        ledger adds up to, its book being another's, or an old term's. The ledger keeps
+        no marks: the unrealised PnL is the holder's alone, and the reasons predictions
+        ordered nothing are counted where they are decided."""
+        if self._leading:
+            return self.pnl()
+        totals = await self.ledger.totals()
+        realized = totals.realized_pnl_sol
+        return {
+            **await self._standing_by(),
+            "capital_sol": self._capital(realized),
+            "starting_capital_sol": self.settings.trading_capital_sol,
+            "realized_pnl_sol": realized,
+            "unrealized_pnl_sol": None,
+            "pnl_sol": None,
+            "fees_sol": totals.open_fees_sol + totals.closed_fees_sol,
+            "open_positions": totals.open_positions,
+            "closed_positions": totals.closed_positions,
+            "exposure_sol": _exposure(totals),
+        }
+
+    async def limits_view(self) -> dict[str, Any]:
+        """``/limits``: the book's on the replica trading (:meth:`limits`); elsewhere
+        measured on what the ledger holds (entries and sales in flight: its orders whose
+        outcome is not known yet)."""
+        if self._leading:
+            return self.limits()
+        totals = await self.ledger.totals()
+        return {
+            **await self._standing_by(),
+            "capital_sol": self._capital(totals.realized_pnl_sol),
+            # the settings': the same in every replica
+            "limits": asdict(self.risk.limits),
+            "breakers": asdict(self.risk.breaker_settings),
+            "exposure_sol": _exposure(totals),
+            "open_positions": totals.tokens_engaged,
+            "orders_in_flight": totals.entries_in_flight,
+            "sales_in_flight": totals.sales_in_flight,
+        }
+
+    async def _standing_by(self) -> dict[str, Any]:
+        """What a view of a replica not trading says of itself: read from the ledger, and
+        the replica trading (named when the lease store says)."""
+        return {"role": self.role, "source": "ledger", "holder": await self._holder_now()}
 
     @staticmethod
     def position_view(position: Position) -> dict[str, Any]:
@@ -1832,7 +1896,7 @@ class TradingService(Service):
 
         @api.get("/pnl")
         async def pnl() -> dict[str, Any]:
-            return self.pnl()
+            return await self.pnl_view()
 
         @api.get("/state")
         async def state() -> dict[str, Any]:
@@ -1840,7 +1904,7 @@ class TradingService(Service):
 
         @api.get("/limits")
         async def limits() -> dict[str, Any]:
-            return self.limits()
+            return await self.limits_view()
 
         @api.post("/halt", dependencies=guarded)
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
