@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
+from pumpflow.common.db.leases import PostgresLeaseStore
 from pumpflow.common.events import FeedSubscription, make_event
 from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import ServiceContext
@@ -264,6 +265,59 @@ async def test_take_over_continues_every_mints_seq_without_publishing_twice(pg_p
     assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in by_mint.values())
     signatures = [(e.type, e.data.signature, e.data.txType) for e in events]
     assert len(signatures) == len(set(signatures))
+
+
+async def take_the_lease_from(holder: FeedService, store, pg_pool) -> list[Lease]:
+    """Another takes the holder's lease in every store it lives in (as once a crashed or
+    frozen holder's claims ran out): the holder stands by, and campaigns no more."""
+    thieves = []
+    for where in (store, PostgresLeaseStore(pg_pool)):
+        await where.delete_if_equal("lease:" + LEASE_NAME, holder.leader.holder.encode())
+        thief = Lease(where, LEASE_NAME, "thief", 60.0)
+        assert await thief.acquire()
+        thieves.append(thief)
+    await eventually(lambda: holder.role == "standby" and not holder.socket.is_connected)
+    await holder.leader.stop()  # a standby: nothing resigned, nothing saved
+    return thieves
+
+
+@pytest.mark.postgres
+async def test_a_successor_streams_the_tokens_created_since_a_crashed_holders_last_save(
+    pg_pool,
+):
+    """The holder subscribes each token as it is created and keeps the wanted mints for
+    a successor as its lease renews. It crashes (no resign, no last save): the tokens
+    created since its last save, stored as their creation came, are streamed by the
+    successor too, but for one unsubscribed while no replica held the lease."""
+    server, bus, store, _events, first, second = await two_replicas(db=pg_pool)
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        await eventually(lambda: first.leader.renewals >= 2, what="mints kept at a renewal")
+        thieves = await take_the_lease_from(first, store, pg_pool)
+        saved = await store.get(MINTS_KEY)
+        assert saved, "the holder kept its mints at a renewal"
+        # a renewal comes every third of a TTL: the market (80 creations a second) created
+        # tokens after the last one, and the standby never knew them
+        unsaved = first.socket.active_mints - set(saved.decode().split())
+        assert len(unsaved) >= 2 and not unsaved & second.socket.active_mints
+        dropped = min(unsaved)
+        command = FeedSubscription(action="unsubscribe", mints=(dropped,), reason="inactive")
+        await bus.publish(make_event(command, source="activity/test", time=1.0))
+        await eventually(lambda: dropped not in first.socket.active_mints)
+        await first.stop()  # what it read is stored; kill -9 loses what it had not stored
+        for thief in thieves:
+            await thief.release()
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 4)
+        assert unsaved - {dropped} <= second.socket.active_mints
+        assert dropped not in second.socket.active_mints
+        await eventually(lambda: second.socket.pending_messages == 0)
+        on_server = set().union(*(client.mints for client in server._clients))
+        assert unsaved - {dropped} <= on_server and dropped not in on_server
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
 
 
 async def test_the_connection_and_the_market_outlive_a_redis_restart(own_redis, namespace):

@@ -178,6 +178,9 @@ class DataFeedManager:
                         # it goes on above the floor, not from where this one left it
                         self.sequencer.retire_idle(since)
                     self.sequencer.restore(await store.last_seq_by_mint(since=since), at=now)
+                # what it stores from here on goes in later rows (the service keeps the
+                # row with the mints, for a successor: service.py)
+                recorder.last_row = await store.last_row()
             self.republished += await recorder.recover()
             await recorder.start()
         for feed in self.feeds:

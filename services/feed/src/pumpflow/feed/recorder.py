@@ -187,6 +187,10 @@ class Recorder:
         self._marking: asyncio.Task | None = None
         self.stored = 0
         self.published = 0
+        #: a row of the store at or after every row this recorder's events are in, as told
+        #: when it took over (``TokenEventStore.last_row``) and raised by each write: an
+        #: event stored later is in a later row. None: not told
+        self.last_row: int | None = None
         #: events the store refused (dead-lettered)
         self.rejected = 0
         #: events a stop could not store (lost) and stored events it could not publish
@@ -377,6 +381,9 @@ class Recorder:
             else:
                 self.metrics.record_store.observe(time.perf_counter() - started)
                 self.stored += result.inserted
+                last_id = result.last_id
+                if self.last_row is not None and last_id is not None and last_id > self.last_row:
+                    self.last_row = last_id
                 self.metrics.recorded.inc(result.inserted)
                 to_publish = result.to_publish(events)
                 stored_only = {e.id for e, _, publish, _ in part if not publish}

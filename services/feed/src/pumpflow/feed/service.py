@@ -21,7 +21,22 @@ period. A wallet not announced for ``feed_account_ttl_s`` (replaced, or trading 
 for good) is unsubscribed (``unsubscribeAccountTrade``), checked as the lease is taken
 and at each renewal; the TTL is many of trading's periods, so a trading restart or
 failover announces again long before and the sales of a restart still confirm. The
-holder writes the mints and wallets it keeps for a successor as they change.
+holder writes the mints and wallets it keeps for a successor, those changed since its
+last write, at each renewal of its lease (every third of a TTL) and as it resigns.
+
+A holder that crashes between two such writes has subscribed the tokens created since
+the last one (each on its creation), and those are the tokens downstream knows least
+of. So it keeps with the mints the last row of ``token_events`` its recorder had
+stored by then (``MINTS_UP_TO_KEY``): every creation it took later is stored in a later
+row, before it is published. The successor streams the kept mints and the tokens whose
+creation is stored, numbered, after that row, less those a command unsubscribed
+(``_unsubscribed``). Why the store rather than a write at every creation: such a write
+would cost a store round trip per token and still lose the creations between a token's
+subscription and its write, while the stored creations are exactly those downstream
+can know of (an event goes out only once stored, and a stored one is published again
+by the successor). What a crash still loses: the creations it had not stored, which
+nobody downstream saw either (lost with the frames, docs/reliability.md); and, with
+recording off (``PUMPFLOW_FEED_RECORD``), the tokens created since its last write.
 
 PumpPortal allows one connection per key, so replicas campaign for a LeaderLease
 (``feed:pumpportal``): the leader continues where the last one stopped (seq, stored
@@ -77,6 +92,9 @@ LEASE_NAME = "feed:pumpportal"
 MINTS_KEY = "feed:pumpportal:mints"
 #: the wallets whose trades the lease holder streams, for the replica that takes over
 ACCOUNTS_KEY = "feed:pumpportal:accounts"
+#: the last row of token_events stored when the mints were kept: the tokens created in
+#: later rows came after (empty: not known, as without recording)
+MINTS_UP_TO_KEY = "feed:pumpportal:mints-up-to"
 #: lease TTLs an unsubscribe is remembered: the holder saves the mints every third of a
 #: TTL, and a successor takes over within a TTL (the lease running out), a campaign
 #: interval and a TTL of settling
@@ -112,8 +130,9 @@ class FeedService(Service):
         #: wallets announced -> when last (the clock's monotonic()), oldest first
         self._announced: dict[str, float] = {}
         #: what the store holds under each key this holder keeps for a successor, as it
-        #: last wrote or read it: a renewal writes only what changed
-        self._saved: dict[str, bytes] = {}
+        #: last wrote or read it: a renewal writes only what changed. None until the
+        #: take-over read what the last holder kept (a renewal must not overwrite it)
+        self._saved: dict[str, bytes] | None = None
         #: mints a command unsubscribed -> when (time.monotonic()), oldest first: the
         #: holder may have kept them for a successor before it heard the command (and a
         #: standby never knew the mints subscribed on their creation)
@@ -202,29 +221,56 @@ class FeedService(Service):
 
     async def _take_over(self) -> None:
         """Continue where the last holder stopped: subscriptions, seq, unconfirmed events."""
-        saved = await self.leader.store.get(MINTS_KEY)
-        if saved:
-            self._forget_unsubscribed()
-            await self.manager.subscribe_to_token(
-                [mint for mint in saved.decode().split() if mint not in self._unsubscribed]
-            )
-        accounts = await self.leader.store.get(ACCOUNTS_KEY)
-        if accounts:
-            wallets = accounts.decode().split()
+        store = self.leader.store
+        # a key missing holds nothing, as an empty one does
+        keys = (MINTS_KEY, ACCOUNTS_KEY, MINTS_UP_TO_KEY)
+        kept = {key: await store.get(key) or b"" for key in keys}
+        await self._subscribe_kept(kept[MINTS_KEY].decode().split())
+        wallets = kept[ACCOUNTS_KEY].decode().split()
+        if wallets:
             now = self._clock.monotonic()
             for wallet in wallets:
                 # a standby hears the announcements too: it knows when each came last
                 self._announced.setdefault(wallet, now)
             await self.manager.subscribe_to_accounts(wallets)
-        # a key missing holds nothing, as an empty one does
-        self._saved = {MINTS_KEY: saved or b"", ACCOUNTS_KEY: accounts or b""}
         # a standby kept the wallets of the commands: those no longer announced go first
         await self._expire_accounts()
         log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
         await self.manager.start()
+        # and the tokens it subscribed as they were created, since it kept its mints
+        await self._subscribe_kept(await self._created_after(kept[MINTS_UP_TO_KEY]))
+        # from here on a renewal keeps what this holder streams for the next
+        self._saved = kept
+
+    async def _subscribe_kept(self, mints: list[str]) -> None:
+        """Subscribe the mints the last holder streamed, less those unsubscribed since."""
+        if mints:
+            self._forget_unsubscribed()
+            await self.manager.subscribe_to_token(
+                [mint for mint in mints if mint not in self._unsubscribed]
+            )
+
+    async def _created_after(self, up_to: bytes | None) -> list[str]:
+        """The tokens whose creation the last holder stored after it kept its mints (it
+        subscribed each as it was created)."""
+        if not up_to or self.store is None or not self.settings.feed_auto_subscribe_trades:
+            return []
+        try:
+            row = int(up_to)
+        except ValueError:
+            log.error("feed: %s holds %.40r, not a row of token_events: the tokens created "
+                      "since the last holder kept its mints are not streamed", MINTS_UP_TO_KEY,
+                      up_to)  # fmt: skip
+            return []
+        mints = await self.store.created_after(row)
+        if mints:
+            log.info("feed: %d tokens created since the last holder kept its mints are "
+                     "streamed too", len(mints))  # fmt: skip
+        return mints
 
     async def _stand_by(self) -> None:
         # another replica may hold the lease already: never two connections on one key
+        self._saved = None
         log.info("feed: %s disconnects from PumpPortal and stands by", self.leader.holder)
         await self.manager.disconnect()
 
@@ -241,10 +287,17 @@ class FeedService(Service):
     async def _save_mints(self) -> None:
         """Keep the wanted mints and wallets in the store, for a replica that takes over
         (those changed since last written); the wallets no longer announced go first."""
+        if self._saved is None:
+            return
         await self._expire_accounts()
+        recorder = self.recorder
+        last_row = recorder.last_row if recorder is not None else None
+        # in this order: a crash between the two writes leaves the new mints with an
+        # older row, and a successor looks further back than it needs, never less far
         wanted = {
             MINTS_KEY: "\n".join(self.socket.active_mints).encode(),
             ACCOUNTS_KEY: "\n".join(self.socket.accounts).encode(),
+            MINTS_UP_TO_KEY: b"" if last_row is None else str(last_row).encode(),
         }
         for key, value in wanted.items():
             if self._saved.get(key) != value:

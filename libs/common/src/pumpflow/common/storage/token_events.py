@@ -469,6 +469,20 @@ class TokenEventStore:
             or 0
         )
 
+    async def last_row(self) -> int:
+        """The id of the last row stored (0: none); an index lookup."""
+        return await self._pool.fetchval("SELECT coalesce(max(id), 0) FROM token_events")
+
+    async def created_after(self, row_id: int) -> list[str]:
+        """The mints whose creation was stored, numbered, in a row after ``row_id``, in row
+        order (a range of the primary key)."""
+        rows = await self._pool.fetch(
+            "SELECT mint FROM token_events WHERE id > $1 AND tx_type = 'create'"
+            " AND seq IS NOT NULL ORDER BY id",
+            int(row_id),
+        )
+        return [row["mint"] for row in rows]
+
     async def last_seq_by_mint(self, *, since: float | None = None) -> dict[str, int]:
         """Highest seq per mint stored or refused (events at or after ``since``), to
         restore a Sequencer: a refused seq is never given again."""
