@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,6 +19,7 @@ from pumpflow.common.lease import Lease
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
+from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.feed.service import ACCOUNTS_KEY, LEASE_NAME, MINTS_KEY, FeedService
 from pumpflow.feed.settings import FeedSettings
@@ -314,6 +317,77 @@ async def test_a_successor_streams_the_tokens_created_since_a_crashed_holders_la
         on_server = set().union(*(client.mints for client in server._clients))
         assert unsaved - {dropped} <= on_server and dropped not in on_server
     finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
+@pytest.mark.postgres
+async def test_a_holders_backlog_stored_after_a_successor_took_over_takes_none_of_its_seqs(
+    pg_pool, postgres_dsn, namespace
+):
+    """The holder numbers events its store has not taken yet (a slow store, or a process
+    frozen with its batch in flight) when it loses the lease. The successor numbers each
+    mint on from what is stored, so it gives seqs the holder gave already; the holder's
+    backlog, stored once the store takes writes again, must not go out with them
+    (consumers would drop one of the two, and the store would hold both). It is kept,
+    stored without seqs and never published, as a trade of a mint not subscribed is."""
+    server, bus, store, events, first, second = await two_replicas(db=pg_pool)
+    blocker = await asyncpg.connect(postgres_dsn, server_settings={"search_path": namespace})
+    blocking = blocker.transaction()
+    try:
+        await asyncio.wait_for(first.socket.wait_connected(), 5)
+        await eventually(lambda: sum(1 for e in events if e.type == "token.trade") >= 50)
+        await blocking.start()
+        await blocker.execute("LOCK TABLE token_events IN EXCLUSIVE MODE")  # reads go on
+        last_row = await blocker.fetchval("SELECT coalesce(max(id), 0) FROM token_events")
+        # the mints kept for the successor at a renewal include some of the backlog's
+        renewals = first.leader.renewals
+        await eventually(lambda: first.leader.renewals >= renewals + 2, what="two renewals")
+        assert first.recorder.pending
+        thieves = await take_the_lease_from(first, store, pg_pool)
+        numbered = first.manager.sequencer.snapshot()  # numbering stopped with the lease
+        for thief in thieves:
+            await thief.release()
+        await asyncio.wait_for(second.socket.wait_connected(), TTL * 4)
+        stored = await TokenEventStore(pg_pool).last_seq_by_mint()
+
+        def given_twice() -> list[str]:
+            again = second.manager.sequencer.snapshot()
+            return [
+                mint
+                for mint, seq in numbered.items()
+                if stored.get(mint, 0) < min(seq, again.get(mint, 0))
+            ]
+
+        mints = await eventually(given_twice, what="a mint numbered past its stored seq by both")
+        await blocking.rollback()
+        await eventually(lambda: first.recorder.pending == 0, what="the backlog stored")
+        await second.stop()  # stores and publishes what it numbered, while the market goes on
+        await bus.drain()
+        twice = await pg_pool.fetch(
+            "SELECT mint, seq FROM token_events WHERE seq IS NOT NULL"
+            " GROUP BY mint, seq HAVING count(*) > 1"
+        )
+        assert twice == []
+        ids_by_seq: dict[tuple[str, int], set[str]] = {}
+        for event in events:
+            ids_by_seq.setdefault((event.key, event.seq), set()).add(event.id)
+        assert all(len(ids) == 1 for ids in ids_by_seq.values())
+        for mint in mints:
+            kept = await pg_pool.fetchrow(
+                "SELECT count(*) AS events, count(seq) AS numbered FROM token_events"
+                " WHERE mint = $1 AND source = $2 AND id > $3",
+                mint, first.settings.source, last_row,
+            )  # fmt: skip
+            assert kept["events"] == numbered[mint] - stored.get(mint, 0)
+            assert kept["numbered"] == 0
+    finally:
+        if not blocker.is_closed():
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await blocking.rollback()
+            await blocker.close()
         await first.stop()
         await second.stop()
         await server.stop()

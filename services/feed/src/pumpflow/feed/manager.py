@@ -14,7 +14,10 @@ Sequencer's floor), never reusing one; a creation starts its mint at 1.
 
 ``start`` continues where the last publisher stopped (seq restored from the store for
 the mints of the window, the floor from the highest seq stored, unconfirmed stored
-events published again) and connects the feeds; ``disconnect``
+events published again) and connects the feeds; given a ``writer`` (the feed's lease
+holder), it first takes the store's writes over as that writer, so the events a
+predecessor numbered and stores after it are refused their seqs (``recorder.py``);
+``disconnect``
 stops the feeds only; ``stop`` disconnects them and flushes the recorder.
 """
 
@@ -29,8 +32,8 @@ from dataclasses import dataclass
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.clock import Clock
-from pumpflow.common.events import Event, TokenCreated, TokenTrade, make_event
-from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.events import Event, TokenCreated, TokenTrade, make_event, source_service
+from pumpflow.common.storage import TokenEventStore, Writer
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
@@ -102,11 +105,15 @@ class DataFeedManager:
         clock: Clock | None = None,
         metrics: FeedMetrics | None = None,
         numbering: Callable[[], bool] | None = None,
+        writer: str | None = None,
     ):
         """``numbering``: whether a frame may be numbered and published now (the replica
-        holds the feed's lease by its own clock); None: always."""
+        holds the feed's lease by its own clock); None: always. ``writer``: who stores
+        the numbered events, unique to the process (the lease holder); None: writes are
+        not fenced (a recorder no other replica takes over from)."""
         self.config = config or FeedManagerConfig()
         self._numbering = numbering
+        self._writer = writer
         self.source = self.config.source
         self._publisher = event_bus
         self.recorder = recorder
@@ -166,6 +173,11 @@ class DataFeedManager:
             if isinstance(recorder.sink, TokenEventStore):
                 window = self.config.seq_restore_window_s
                 store = recorder.sink
+                if self._writer is not None:
+                    # before reading where each mint stands: what a predecessor numbered
+                    # and stores after this is refused its seqs, which this one gives on
+                    publisher = source_service(self.source)
+                    await recorder.take_writes(Writer(publisher, self._writer))
                 # the mints of the window go on where they were; any other starts above
                 self.sequencer.raise_floor(await store.max_seq())
                 if self._clock is not None:

@@ -101,6 +101,13 @@ class FeedMetrics:
             "replica may hold the feed): neither numbered nor published",
             registry=registry,
         )
+        self.superseded_events = Counter(
+            "pumpflow_feed_superseded_events_total",
+            "Events numbered while the replica held the feed's lease and stored after "
+            "another took it over (their seqs are the other's by then): stored without "
+            "seqs, not published",
+            registry=registry,
+        )
         self.unsubscribed_trades = Counter(
             "pumpflow_feed_unsubscribed_trades_total",
             "Trades of mints the feed had not subscribed to: stored, not published",

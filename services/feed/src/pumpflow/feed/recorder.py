@@ -42,12 +42,26 @@ ages as it grows, so the age bound catches a growing backlog as well as a stuck 
 
 An event added with ``publish=False`` (a trade the feed did not subscribe to) is
 stored and never published, now or by ``recover``: it carries no seq.
+
+A recorder that took its publisher's writes over (``take_writes``: the feed's lease
+holder, as it takes over) names itself in every write of numbered events. Once another
+took them over, the store refuses such a write (``Superseded``): the events were
+numbered while this replica held the lease and not stored when the other read the seqs
+to go on from (a process frozen past its lease, a store slower than the take-over), so
+the other gives the same seqs to its own. They are stored without their seqs, as
+``publish=False`` events (the raw history keeps them), and never published: consumers
+would drop one of two events of a seq, and the one published first may be either. Nor
+do their rows move the outbox position: they lie among the successor's rows, which it
+may not have published yet. Counted (``pumpflow_feed_superseded_events_total``) and
+logged; downstream misses them, as it misses what a holder that dies had not stored
+(the successor streams what comes after on its own connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -56,9 +70,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
+import msgspec
+
 from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.events import Event, encode_event, encode_payload
-from pumpflow.common.storage import TokenEventStore, WriteResult
+from pumpflow.common.storage import Superseded, TokenEventStore, Writer, WriteResult
 from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.redrive import refusal_reason, refused_headers
@@ -193,6 +209,13 @@ class Recorder:
         self.last_row: int | None = None
         #: events the store refused (dead-lettered)
         self.rejected = 0
+        #: who stores the numbered events (``take_writes``); None: writes are not fenced
+        self._writes_as: Writer | None = None
+        #: the refusal of its writes since another took them over (events go seqless)
+        self._superseded: Superseded | None = None
+        #: events stored without their seqs, never published: numbered while this replica
+        #: held the lease, stored once another had taken the writes over
+        self.superseded = 0
         #: events a stop could not store (lost) and stored events it could not publish
         self.unstored = 0
         self.unpublished = 0
@@ -237,6 +260,14 @@ class Recorder:
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._writer(), name="feed-recorder")
+
+    async def take_writes(self, writer: Writer) -> None:
+        """Store the numbered events as ``writer`` from now on; those of any other writer
+        are refused their seqs. Flush what an earlier writer numbered first."""
+        store: TokenEventStore = self.sink  # type: ignore[assignment]
+        await store.take_writes(writer)
+        self._writes_as = writer
+        self._superseded = None
 
     async def add(self, event: Event, frame: bytes | None = None, *, publish: bool = True) -> None:
         """Queue an event for storing and publishing; waits while too many are pending."""
@@ -367,11 +398,24 @@ class Recorder:
         parts = deque([batch])
         while parts:
             part = parts.popleft()
+            write = self.sink.write_batch
+            superseded = self._superseded is not None
+            if superseded:
+                part = self._unnumbered(part)
+            elif self._writes_as is not None:
+                write = functools.partial(write, writer=self._writes_as)
             events = [e for e, _, _, _ in part]
             started = time.perf_counter()
             try:
-                result = await self._retry("store", self.sink.write_batch, events,
-                                           [f for _, f, _, _ in part])  # fmt: skip
+                result = await self._retry("store", write, events, [f for _, f, _, _ in part])
+            except Superseded as refusal:
+                self._superseded = refusal
+                log.error("%s: the %d events numbered here while this replica held the lease "
+                          "and not stored yet are stored without their seqs (the successor "
+                          "gives those to its own) and not published", refusal,
+                          self.pending)  # fmt: skip
+                parts.appendleft(part)
+                continue
             except StoreRejected as refused:
                 if len(part) > 1:
                     middle = len(part) // 2
@@ -390,11 +434,26 @@ class Recorder:
                 if stored_only:
                     to_publish = [e for e in to_publish if e.id not in stored_only]
                 self._unpublished = len(to_publish)
-                await self._publish(to_publish, result.last_id)
+                # a superseded writer's rows lie among its successor's: marked, they would
+                # move the outbox past rows the successor has not published yet
+                await self._publish(to_publish, None if superseded else last_id)
                 self._unpublished = 0
             self._inflight -= len(part)
             if parts:
                 self._inflight_since = parts[0][0][3]
+
+    def _unnumbered(
+        self, part: list[tuple[Event, bytes | None, bool, float]]
+    ) -> list[tuple[Event, bytes | None, bool, float]]:
+        """The part's events without their seqs, to store and never publish."""
+        unnumbered = []
+        for event, frame, _publish, added in part:
+            if event.seq is not None:
+                event = msgspec.structs.replace(event, seq=None, renumbered=False)
+                self.superseded += 1
+                self.metrics.superseded_events.inc()
+            unnumbered.append((event, frame, False, added))
+        return unnumbered
 
     async def _reject(self, event: Event, frame: bytes | None, exc: BaseException | None) -> None:
         """Dead-letter an event the store refused, with the store's reason."""
@@ -455,7 +514,7 @@ class Recorder:
         while True:
             try:
                 result = await func(*args)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Superseded):
                 raise
             except Exception as exc:
                 self.metrics.record_errors.inc()

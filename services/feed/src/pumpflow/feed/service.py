@@ -44,7 +44,10 @@ events not yet published, the wanted mints) and connects; the others stand by, r
 and keep the wanted mints from the commands. A lost lease disconnects at once; a
 frame taken past the lease's deadline by the holder's own clock (a process that
 stalled, waking before a renewal tells it) is dropped, neither numbered nor published
-(``pumpflow_feed_unled_frames_total``): the next holder numbers that mint by then.
+(``pumpflow_feed_unled_frames_total``): the next holder numbers that mint by then. The
+events a holder numbered in time and had not stored when the next one took over are
+stored without their seqs and not published (``recorder.py``,
+``pumpflow_feed_superseded_events_total``): the next holder gives those seqs again.
 
 Recent events of the subscribed mints stay in memory (the LookBack), served at
 ``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
@@ -184,6 +187,7 @@ class FeedService(Service):
             lookback=self.lookback,
             dead_letters=self.dead_letters,
         )
+        holder = f"{settings.replica}:{uuid.uuid4().hex[:12]}"
         self.manager = DataFeedManager(
             ctx.bus,
             config=settings.manager_config(),
@@ -191,13 +195,12 @@ class FeedService(Service):
             clock=ctx.clock,
             metrics=self.metrics,
             numbering=self._holds_lease,
+            writer=holder,
         )
         self.manager.add_data_feed(self.socket)
         self.leader = LeaderLease(
             lease_stores(ctx),
-            settings.lease_config(
-                name=LEASE_NAME, holder=f"{settings.replica}:{uuid.uuid4().hex[:12]}"
-            ),
+            settings.lease_config(name=LEASE_NAME, holder=holder),
             on_elected=self._take_over,
             on_lost=self._stand_by,
             on_renewed=self._save_mints,
@@ -237,7 +240,9 @@ class FeedService(Service):
         await self._expire_accounts()
         log.info("feed: %s holds the PumpPortal lease: connecting", self.leader.holder)
         await self.manager.start()
-        # and the tokens it subscribed as they were created, since it kept its mints
+        # and the tokens it subscribed as they were created since it kept its mints, read
+        # once the store's writes are this holder's (manager.start): a creation the last
+        # holder stores later is not published (recorder.py), so none published is missed
         await self._subscribe_kept(await self._created_after(kept[MINTS_UP_TO_KEY]))
         # from here on a renewal keeps what this holder streams for the next
         self._saved = kept

@@ -11,6 +11,15 @@ again or replayed from here is taken for no gap, as the live event was.
 Reads go through a server-side cursor inside a transaction, so replaying millions
 of rows holds only ``batch_size`` of them in memory.
 
+A write may name its :class:`Writer` (the feed's lease holder): it is refused
+(:class:`Superseded`, nothing of it stored) once another writer took its publisher's
+writes over (:meth:`TokenEventStore.take_writes`, table ``token_event_writer``,
+migration 0023). The check is the write's last statement and reads the row shared: a
+take-over waits for a write that passed it to commit, so what the new writer reads
+next holds every event stored as the old one. While the row is held, a transaction
+idle longer than :data:`WRITER_IDLE_LIMIT_S` (its process frozen) is ended by the
+server, so a take-over waits at most that long for it.
+
 An event the store refused (dead-lettered by the feed) is stored later by
 ``store_redriven`` once its cause is fixed: idempotent on signature and txType like
 every write, and recorded in ``token_event_redrives`` with whether it was published,
@@ -135,6 +144,17 @@ FROM (SELECT mint, min(event_time) AS event_time
 WHERE t.mint = s.mint AND t.migrated_at IS NULL
 """
 
+#: seconds a write of a named writer may sit idle inside its transaction before the
+#: server ends it: its statements follow one another within a turn of its event loop,
+#: so only a process stalled this long meets it (and retries the write); a take-over
+#: waits at most this long for a frozen writer's transaction
+WRITER_IDLE_LIMIT_S = 10.0
+_BOUND_IDLE = f"SET LOCAL idle_in_transaction_session_timeout = {int(WRITER_IDLE_LIMIT_S * 1000)};"
+_WRITER = "SELECT writer FROM token_event_writer WHERE publisher = $1 FOR SHARE"
+_TAKE_WRITES = """
+INSERT INTO token_event_writer (publisher, writer) VALUES ($1, $2)
+ON CONFLICT (publisher) DO UPDATE SET writer = EXCLUDED.writer, changed_at = now()
+"""
 _REDRIVEN = "INSERT INTO token_event_redrives (event_id) VALUES ($1) ON CONFLICT DO NOTHING"
 _REDRIVE_PUBLISHED = "SELECT published FROM token_event_redrives WHERE event_id = $1"
 #: another event of the same publisher and mint stored with the seq
@@ -165,6 +185,29 @@ _ROW_FAULTS = (
     ClientDataError,
     OverflowError,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """Who stores a publisher's numbered events: one holder at a time (the feed's lease
+    holder, unique to its process)."""
+
+    publisher: str
+    holder: str
+
+
+class Superseded(RuntimeError):
+    """A write of a writer another took the publisher's writes over from: nothing of it
+    is stored (its seqs may be the new writer's by now)."""
+
+    def __init__(self, writer: Writer, current: str):
+        super().__init__(
+            f"{current} stores {writer.publisher}'s events now: {writer.holder}'s write "
+            "is not stored"
+        )
+        self.writer = writer
+        #: the writer now
+        self.current = current
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,7 +308,7 @@ def _without_nul(row: tuple) -> tuple:
 
 
 class TokenEventStore:
-    """Token events and tokens in Postgres (tables of migrations 0001, 0002 and 0014)."""
+    """Token events and tokens in Postgres (tables of migrations 0001, 0002, 0014, 0023)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
@@ -285,9 +328,17 @@ class TokenEventStore:
         return (await self.write_batch(events, frames)).inserted
 
     async def write_batch(
-        self, events: Sequence[Event], frames: Sequence[bytes | str | None] | None = None
+        self,
+        events: Sequence[Event],
+        frames: Sequence[bytes | str | None] | None = None,
+        *,
+        writer: Writer | None = None,
     ) -> WriteResult:
-        """Store a batch in one transaction; return the count and the last row id."""
+        """Store a batch in one transaction; return the count and the last row id.
+
+        With ``writer``, refused (:class:`Superseded`) once another took its publisher's
+        writes over.
+        """
         if not events:
             return WriteResult(inserted=0, last_id=None)
         if frames is not None and len(frames) != len(events):
@@ -296,26 +347,35 @@ class TokenEventStore:
             _stage_row(i, event, frames[i] if frames is not None else None)
             for i, event in enumerate(events)
         ]
-        return await self._write(rows)
+        return await self._write(rows, writer=writer)
+
+    async def take_writes(self, writer: Writer) -> None:
+        """Make ``writer`` the one whose writes of its publisher's events are stored: a
+        write naming another is refused from now on, and one that passed its check is
+        committed before this returns."""
+        await self._pool.execute(_TAKE_WRITES, writer.publisher, writer.holder)
 
     async def _write(
         self,
         rows: list[tuple],
         also: _AfterInsert | None = None,
+        writer: Writer | None = None,
     ) -> WriteResult:
         """Insert staged rows in one transaction; ``also`` runs in it after the insert."""
         try:
-            return await self._write_rows(rows, also)
+            return await self._write_rows(rows, also, writer)
         except asyncpg.CharacterNotInRepertoireError:
             # a NUL inside a decoded string (names are free text); Postgres text cannot
             # hold it, so replace it in the columns; the frame keeps its escaped form
-            return await self._write_rows([_without_nul(row) for row in rows], also)
+            return await self._write_rows([_without_nul(row) for row in rows], also, writer)
 
-    async def _write_rows(self, rows: list[tuple], also: _AfterInsert | None) -> WriteResult:
+    async def _write_rows(
+        self, rows: list[tuple], also: _AfterInsert | None, writer: Writer | None
+    ) -> WriteResult:
         has_create = any(row[2] == "create" for row in rows)
         has_migrate = any(row[2] == "migrate" for row in rows)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CREATE_STAGE)
+            await conn.execute(_CREATE_STAGE if writer is None else _BOUND_IDLE + _CREATE_STAGE)
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_STAGE_COLUMNS)
             result = await conn.fetchrow(_INSERT_EVENTS)
             own = None
@@ -330,6 +390,11 @@ class TokenEventStore:
             )
             if also is not None:
                 await also(conn, written)
+            if writer is not None:
+                # last: the row stays locked from here to the commit only
+                current = await conn.fetchval(_WRITER, writer.publisher)
+                if current is not None and current != writer.holder:
+                    raise Superseded(writer, current)
         return written
 
     async def store_redriven(self, event: Event, frame: bytes | str | None = None) -> RedriveWrite:
