@@ -1,12 +1,13 @@
 """``pumpflow run`` stops without an alarming log line, at any speed, and leaves no
-position open."""
+position open; one that does leave positions open says so, and its status is not 0."""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 
-from pumpflow.cli.run import run_embedded_market
+from pumpflow.cli.run import NOT_FLAT, run_embedded_market
 
 
 def market_refusals(message: str) -> bool:
@@ -60,3 +61,34 @@ async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
     printed = out.getvalue()
     assert "BOUGHT" not in printed and "trading: 0 orders" in printed, printed[-2000:]
     assert "score # < 1" in printed
+
+
+async def test_a_graceful_exit_that_leaves_positions_open_ends_the_run_non_zero(
+    monkeypatch, capsys
+):
+    """A run that ends holding positions says how many and why, and its status is not 0:
+    a script running it cannot tell from its output alone."""
+    # a paper order fills 180 market seconds (3 wall seconds at 60x) after it is sent:
+    # entries of the run's first seconds fill, whatever the price did meanwhile
+    monkeypatch.setenv("PUMPFLOW_TRADING_PAPER_LATENCY_S", "180")
+    monkeypatch.setenv("PUMPFLOW_TRADING_SLIPPAGE_PCT", "1000")
+    # the graceful exit has no time: its sales get no outcome while it waits (0.05 s) and
+    # it ends with them unconfirmed, trading still holding the positions
+    monkeypatch.setenv("PUMPFLOW_EXIT_DEADLINE_S", "0.001")
+    monkeypatch.setenv("PUMPFLOW_EXIT_ORDER_TIMEOUT_S", "0.05")
+    out = io.StringIO()
+    status = await run_embedded_market(
+        duration=5.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out,
+        min_score=0.0,
+    )  # fmt: skip
+    printed = out.getvalue()
+    held = re.search(r"open positions after the graceful exit: (\d+)", printed)
+    assert held is not None, printed[-2000:]
+    left = int(held[1])
+    assert left > 0, printed[-2000:]
+    assert status == NOT_FLAT
+    said = [line for line in capsys.readouterr().err.splitlines() if "left open" in line]
+    assert len(said) == 1, said
+    assert re.match(rf"pumpflow run: {left} positions? left open after the graceful exit: "
+                    r"it ended [\d.]+s past its deadline", said[0]), said  # fmt: skip
+    assert "with sales that got no outcome" in said[0], said

@@ -10,6 +10,10 @@ terminal (a log, CI) a console subscriber prints status lines. No servers are ne
 At the end (``--duration``, Ctrl-C or SIGTERM) trading's kill switch stops entries, a
 ``system.shutdown`` has the exit service sell every open position, its report is
 printed, and the HTML report is written (:mod:`pumpflow.report`; its path last).
+
+Exit status: 0 the run ended flat; 1 it did not (:data:`NOT_FLAT`: trading still holds
+positions after the graceful exit, or the exit never reported; one line on stderr says
+how many and why), or the reader of its output left; 2 a bad setting.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
 #: are half a wall second, which a busy machine's scheduler alone can take from the loop
 SILENCE_S = 3.0
+#: the exit status of a run whose graceful exit left positions open or never reported:
+#: 1, as any command's that did not do what it was asked (``pumpflow stop``'s too)
+NOT_FLAT = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the simulator, feed, features, activity, model, trading (paper) and exit "
             "services in one process over the in-memory bus, and print the market, positions "
-            "and PnL as they go. Ctrl-C stops cleanly."
+            "and PnL as they go. Ctrl-C stops cleanly, selling every position held. Exit "
+            "status 0 when it ends flat; 1 when positions are left open (or the graceful "
+            "exit never reported: a line on stderr says how many and why), or when the "
+            "reader of its output left; 2 on a bad setting."
         ),
     )
     parser.add_argument(
@@ -176,6 +186,7 @@ async def run_embedded_market(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    not_flat: str | None = None
     try:
         feed = FeedService(
             FeedService.settings_class.load(
@@ -215,7 +226,7 @@ async def run_embedded_market(
                 await asyncio.wait_for(stop.wait(), timeout=duration or None)
             # the dashboard goes on showing the sales; the exit's report follows it
             exit_report = out if screen is None else io.StringIO()
-            await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
+            not_flat = await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
@@ -248,12 +259,16 @@ async def run_embedded_market(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
+    if not_flat is not None:
+        # last, under the report's path: what a script or the person at the terminal sees
+        print(f"pumpflow run: {not_flat}", file=sys.stderr, flush=True)
+        return NOT_FLAT
     return READER_GONE if out.gone else 0
 
 
-async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
+async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | None:
     """Publish ``system.shutdown`` (trading stops entering, exit sells what is held) and
-    print the exit service's report."""
+    print the exit service's report; why the run did not end flat (None: it did)."""
     from pumpflow.common.events import SystemShutdown, make_event
 
     exits = system["exit"]
@@ -263,12 +278,41 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> None:
     try:
         await asyncio.wait_for(_finished(exits), timeout=wall_s)
     except TimeoutError:
+        ended = False
         print(f"pumpflow: the graceful exit did not end within {wall_s:.0f}s", file=out)
-        return
-    if exits.summary is not None:
-        print(exits.summary.text(), file=out, flush=True)
+    else:
+        ended = True
+        if exits.summary is not None:
+            print(exits.summary.text(), file=out, flush=True)
     left = system["trading"].book.open_count
     print(f"open positions after the graceful exit: {left}", file=out, flush=True)
+    if not ended:
+        return _left_open(left, f"it did not end within {wall_s:.0f}s")
+    return not_flat_reason(left, exits.summary, deadline_s=exits.settings.exit_deadline_s)
+
+
+def not_flat_reason(left: int, summary, *, deadline_s: float) -> str | None:
+    """Why a graceful exit that ended (its ``GracefulExitSummary``, None if it failed
+    before one) leaves the run not flat, with ``left`` positions trading still holds;
+    None when it is flat. Trading's book decides: a sale the exit's report counts
+    unconfirmed may have filled since, and a position it counts sold out may still wait
+    on a rule's sale ordered before it began."""
+    if summary is None:
+        return _left_open(left, "it ended without its report (the exit service's log says why)")
+    if not left:
+        return None
+    margin = summary.deadline_margin_s
+    when = f"{-margin:.1f}s past its deadline" if margin < 0 else "before its deadline"
+    return _left_open(
+        left,
+        f"it ended {when} (exit_deadline_s {deadline_s:g}); its report: "
+        f"{summary.positions_left} of {summary.positions} not sold out, "
+        f"{len(summary.unconfirmed)} with sales that got no outcome",
+    )
+
+
+def _left_open(left: int, why: str) -> str:
+    return f"{left} position{'' if left == 1 else 's'} left open after the graceful exit: {why}"
 
 
 def graceful_exit_note(summary) -> str:
