@@ -81,6 +81,11 @@ def fake_services(monkeypatch):
 
     monkeypatch.setattr(serve_module, "installed_services", lambda: dict(found))
     monkeypatch.setattr(serve_module, "load_service", load_service)
+    # its settings are known to the check of the environment, beside the real services'
+    installed = cli_main.service_settings()
+    monkeypatch.setattr(
+        cli_main, "service_settings", lambda: {**installed, "widget": WidgetSettings}
+    )
     return found
 
 

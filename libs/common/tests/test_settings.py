@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import Field, ValidationError
 
-from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.runtime.settings import CommonSettings, SettingsError, check_environment
 
 
 class ExampleSettings(CommonSettings):
@@ -176,3 +176,36 @@ def test_missing_config_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(tmp_path / "absent.toml"))
     with pytest.raises(SettingsError, match=r"absent\.toml: No such file"):
         ExampleSettings.load()
+
+
+class ExitLikeSettings(CommonSettings):
+    exit_deadline_s: float = Field(60.0, gt=0, description="a setting of the exit service's")
+
+
+def test_a_variable_of_no_setting_is_refused_naming_the_closest():
+    environ = {
+        "PUMPFLOW_EXAMPLE_BATCH_SIZ": "7",
+        "PUMPFLOW_PARTITONS": "8",
+        "PUMPFLOW_SOMETHING_ELSE": "1",
+        "PUMPFLOW_EXAMPLE_BATCH_SIZE": "7",
+        "PUMPFLOW_CONFIG_FILE": "pumpflow.toml",
+        "PUMPFLOW_REPORTS_DIR": "reports",
+        "PATH": "/usr/bin",
+    }
+    with pytest.raises(SettingsError) as caught:
+        check_environment({"example": ExampleSettings}, others=["PUMPFLOW_REPORTS_DIR"],
+                          environ=environ)  # fmt: skip
+    assert str(caught.value).startswith(
+        "unknown variables PUMPFLOW_EXAMPLE_BATCH_SIZ (did you mean "
+        "PUMPFLOW_EXAMPLE_BATCH_SIZE?), PUMPFLOW_PARTITONS (did you mean "
+        "PUMPFLOW_PARTITIONS?), PUMPFLOW_SOMETHING_ELSE: "
+    )
+
+
+def test_a_variable_of_a_service_held_elsewhere_is_that_services_to_judge():
+    """A process with the exit's settings judges them; one without leaves them to it."""
+    environ = {"PUMPFLOW_EXIT_DEADLINE_S": "30", "pumpflow_exit_deadlne_s": "30"}
+    check_environment({"example": ExampleSettings}, environ=environ)
+    with pytest.raises(SettingsError, match=r"variable pumpflow_exit_deadlne_s \(did you "
+                       r"mean PUMPFLOW_EXIT_DEADLINE_S\?\)"):  # fmt: skip
+        check_environment({"exit": ExitLikeSettings}, environ=environ)

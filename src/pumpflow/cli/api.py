@@ -14,6 +14,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 10.0
 #: the variable the CLI reads the bearer token from, and the services theirs
 TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
+#: the variables the CLI reads a replica's ``--url`` from, by service
+URL_VARIABLES = {"exit": "PUMPFLOW_EXIT_URL", "trading": "PUMPFLOW_TRADING_URL"}
 #: the longest answer of a service quoted in an error line
 QUOTED_MAX_CHARS = 300
 
@@ -27,9 +29,10 @@ def http_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def replica_url_argument(parser: argparse.ArgumentParser, variable: str, replica: str) -> None:
+def replica_url_argument(parser: argparse.ArgumentParser, service: str, replica: str) -> None:
     """``--url``: the HTTP address of ``replica`` (``an exit replica``), from the
-    environment's ``variable`` by default."""
+    environment's variable of ``service`` (:data:`URL_VARIABLES`) by default."""
+    variable = URL_VARIABLES[service]
     parser.add_argument(
         "--url",
         type=http_url,

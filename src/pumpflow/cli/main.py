@@ -5,6 +5,10 @@ defines ``register(subparsers)``, which adds its parser and sets ``handler`` (a
 function taking the parsed arguments and returning the exit code). Adding a
 subcommand is one new module and one line here. A command whose reader leaves early
 (``| head``) ends quietly (:mod:`pumpflow.cli.output`).
+
+Before any command the config file and the ``PUMPFLOW_`` variables are checked against
+every setting of the services installed here (and ``pumpflow notify``'s): a key or a
+variable that names none stops it with exit status 2, one line naming it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pumpflow.cli import output
+from pumpflow.cli.api import URL_VARIABLES
 from pumpflow.cli.delegated import DELEGATED, delegate
-from pumpflow.common.runtime.settings import CONFIG_FILE_VARIABLE, SettingsError
+from pumpflow.cli.report import REPORTS_DIR_ENV
+from pumpflow.common.runtime.settings import (
+    CONFIG_FILE_VARIABLE,
+    CommonSettings,
+    SettingsError,
+    check_environment,
+)
 
 COMMAND_MODULES = (
     "pumpflow.cli.run",
@@ -36,6 +47,10 @@ COMMAND_MODULES = (
     "pumpflow.cli.catalogue",
     "pumpflow.cli.report",
 )
+
+
+#: ``PUMPFLOW_`` variables the CLI reads itself, no setting's
+CLI_VARIABLES = (REPORTS_DIR_ENV, *URL_VARIABLES.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +86,25 @@ def use_config_file(argv: list[str]) -> list[str]:
             break
     path = os.environ.get(CONFIG_FILE_VARIABLE)
     if path:
-        from pumpflow.common.runtime.discovery import installed_services, load_service
         from pumpflow.common.runtime.settings import check_config_file
 
         os.environ[CONFIG_FILE_VARIABLE] = str(Path(path).absolute())
-        services = {name: load_service(name).settings_class for name in installed_services()}
-        check_config_file(path, services)
+        check_config_file(path, service_settings())
     return argv
+
+
+def service_settings() -> dict[str, type[CommonSettings]]:
+    """The settings class of each service installed here, by service."""
+    from pumpflow.common.runtime.discovery import installed_services, load_service
+
+    return {name: load_service(name).settings_class for name in installed_services()}
+
+
+def check_variables() -> None:
+    """Refuse a ``PUMPFLOW_`` variable that names no setting nor one the CLI reads."""
+    from pumpflow.cli.notify import NotifySettings
+
+    check_environment({**service_settings(), "notify": NotifySettings}, others=CLI_VARIABLES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +127,7 @@ def _command(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = use_config_file(argv)
+        check_variables()
     except SettingsError as exc:
         print(f"pumpflow: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--position", help="only while the token's position is this id")
     parser.add_argument("--reason", default="pumpflow sell", help="why (in the exit's log)")
-    replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
+    replica_url_argument(parser, "exit", "an exit replica")
     parser.add_argument(
         "--wait",
         type=bounded(at_least=0.0, at_most=60.0),

@@ -7,8 +7,6 @@ import asyncio
 import json
 import sys
 
-from pydantic import AliasChoices
-
 from pumpflow.common.runtime.discovery import (
     UnknownServiceError,
     installed_services,
@@ -75,16 +73,10 @@ def describe_settings(service_cls) -> list[dict]:
     # what the runtime passes itself, over the environment: the service's name
     fixed = {"service": service_cls.name}
     current = settings_cls.load(**fixed)
-    prefix = settings_cls.model_config.get("env_prefix", "")
+    variables = settings_cls.variables()
     rows = []
     for name, field in settings_cls.model_fields.items():
-        # an alias such as PUMPPORTAL_WS_URL is the variable itself (read without the prefix)
-        alias = field.validation_alias
-        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
-        variable = next(
-            (c for c in choices if isinstance(c, str) and c.isupper()),
-            f"{prefix}{name.upper()}",
-        )
+        variable = variables[name]
         description = field.description or ""
         if name in fixed:
             default = fixed[name]

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
-    replica_url_argument(parser, "PUMPFLOW_EXIT_URL", "an exit replica")
+    replica_url_argument(parser, "exit", "an exit replica")
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
         "--timeout", type=positive, default=300.0, help="seconds to follow the exit (300)"

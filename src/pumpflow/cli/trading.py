@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="signatures",
         help="acknowledge: the unbooked trade's signature (repeatable; default: all)",
     )
-    replica_url_argument(parser, "PUMPFLOW_TRADING_URL", "a trading replica")
+    replica_url_argument(parser, "trading", "a trading replica")
     parser.set_defaults(handler=trading_command)
 
 

@@ -9,14 +9,16 @@ can hold the settings of every service: ``[common]`` for all of them, ``[trading
 environment overrides the file, and what the code passes overrides both. A key no
 setting of its table has is an error naming the file, table and key: a typo never
 silently keeps a default. :func:`check_config_file` checks the whole file up front,
-values included.
+values included, and :func:`check_environment` the ``PUMPFLOW_`` variables: one that
+names no setting is refused, naming the closest.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,6 +44,25 @@ from pydantic_settings import (
 CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"
 #: the config file's table read by every service
 COMMON_TABLE = "common"
+#: the prefix of every setting's environment variable
+PREFIX = "PUMPFLOW_"
+#: the services of a deployment, each the owner of the settings named after it
+#: (``PUMPFLOW_EXIT_DEADLINE_S`` is the exit service's): one environment may serve them
+#: all (compose's), while a process (an image) holds one service's settings
+SERVICES = ("feed", "features", "activity", "model", "trading", "exit")
+#: ``PUMPFLOW_`` variables the project reads that are no setting: the config file's, and
+#: the test suite's (its servers, CI's tools switch, the fault suite's figures), which a
+#: shell that runs both may carry
+OWN_VARIABLES = frozenset(
+    {
+        CONFIG_FILE_VARIABLE,
+        "PUMPFLOW_TEST_AMQP_URL",
+        "PUMPFLOW_TEST_REDIS_URL",
+        "PUMPFLOW_TEST_POSTGRES_DSN",
+        "PUMPFLOW_REQUIRE_TOOLS",
+        "PUMPFLOW_FAULT_REPORT",
+    }
+)
 
 
 class SettingsError(ValueError):
@@ -88,6 +109,48 @@ def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]])
         problems += _bad_values(name, table, settings_cls)
     if problems:
         raise SettingsError(f"config file {path}: {'; '.join(problems)}")
+
+
+def check_environment(
+    settings: Mapping[str, type[CommonSettings]],
+    *,
+    others: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse every ``PUMPFLOW_`` variable of ``environ`` (the process's by default) that
+    is no setting of ``settings`` (by service), nor one of ``others`` or
+    :data:`OWN_VARIABLES`, naming the known variable closest to each.
+
+    A ``PUMPFLOW_<SERVICE>_`` variable of a service of :data:`SERVICES` that ``settings``
+    lacks is left to that service's own process, which refuses it if it names none of its
+    settings: an environment may serve every service, a process hold one. Names are
+    compared in capitals, as the settings read them.
+    """
+    environ = os.environ if environ is None else environ
+    known = {name.upper() for name in [*OWN_VARIABLES, *others]}
+    for settings_cls in (CommonSettings, *settings.values()):
+        known.update(name.upper() for name in settings_cls.variables().values())
+    elsewhere = tuple(f"{PREFIX}{name.upper()}_" for name in SERVICES if name not in settings)
+    unknown = [
+        name
+        for name in sorted(environ)
+        if name.upper().startswith(PREFIX)
+        and name.upper() not in known
+        and not name.upper().startswith(elsewhere)
+    ]
+    if not unknown:
+        return
+    ours = sorted(k.removeprefix(PREFIX) for k in known if k.startswith(PREFIX))
+
+    def named(name: str) -> str:
+        close = difflib.get_close_matches(name.upper().removeprefix(PREFIX), ours, n=1)
+        return f"{name} (did you mean {PREFIX}{close[0]}?)" if close else name
+
+    raise SettingsError(
+        f"unknown variable{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(named(name) for name in unknown)}: every {PREFIX} variable names a "
+        "setting (pumpflow settings <service> lists them)"
+    )
 
 
 def _check_keys(path, name: str, table: dict[str, Any], settings_cls) -> None:
@@ -147,7 +210,7 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 class CommonSettings(BaseSettings):
     """Settings every service reads. Environment: ``PUMPFLOW_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="PUMPFLOW_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
     service: str = Field("pumpflow", description="service name; first part of event sources")
     replica: str = Field(
@@ -288,6 +351,22 @@ class CommonSettings(BaseSettings):
         return cls.load(**{k: v for k, v in defaults.items() if k not in given}, **overrides)
 
     @classmethod
+    def variables(cls) -> dict[str, str]:
+        """The environment variable of each setting, by the setting's name: an alias in
+        capitals (``PUMPPORTAL_WS_URL``, read without the prefix), else the prefixed
+        name."""
+        prefix = cls.model_config.get("env_prefix", "")
+        found = {}
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+            found[name] = next(
+                (c for c in choices if isinstance(c, str) and c.isupper()),
+                f"{prefix}{name.upper()}",
+            )
+        return found
+
+    @classmethod
     def variable_name(cls, loc: tuple) -> str:
         """The environment variable behind an error location (aliases are used as is)."""
         name = str(loc[0]) if loc else ""
@@ -306,7 +385,7 @@ class PumpPortalKeySettings(CommonSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="PUMPFLOW_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix=PREFIX, frozen=True, extra="ignore", populate_by_name=True
     )
 
     pumpportal_api_key: SecretStr | None = Field(
