@@ -520,3 +520,42 @@ async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_n
     assert [o.order_id for o in snapshot.unresolved] == ["a"]
     with pytest.raises(Superseded):
         await ledger.commit(LedgerChange(orders=[order("b")], holder="w1"))
+
+
+async def test_a_take_over_waits_for_a_stalled_commit_no_longer_than_the_idle_limit(
+    pg_pool, monkeypatch
+):
+    """A predecessor stalled inside its commit (frozen, its connection open) holds the
+    holder's row read shared: the server ends its transaction once idle past the limit,
+    so the take-over goes on, and nothing of the stalled commit is stored, then or after
+    it wakes."""
+    import asyncio
+
+    from pumpflow.common.db import transactions
+    from pumpflow.trading import ledger as ledger_module
+
+    monkeypatch.setattr(transactions, "HOLDING_IDLE_LIMIT_S", 0.5)
+    fenced, wake = asyncio.Event(), asyncio.Event()
+    fence = ledger_module._fence
+
+    async def stalling(conn, holder):
+        await fence(conn, holder)
+        if holder == "w1":
+            fenced.set()
+            await wake.wait()
+
+    monkeypatch.setattr(ledger_module, "_fence", stalling)
+    ledger = PostgresLedger(pg_pool)
+    await ledger.load(remembered=10, holder="w1")
+    stalled = asyncio.create_task(ledger.commit(LedgerChange(orders=[order("a")], holder="w1")))
+    await fenced.wait()
+    # a generous bound: without the limit the take-over waits as long as the stall
+    snapshot = await asyncio.wait_for(ledger.load(remembered=10, holder="w2"), 30)
+    assert snapshot.unresolved == []
+    wake.set()
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+        await stalled
+    assert await ledger.orders(limit=10) == []
+    with pytest.raises(Superseded):
+        await ledger.commit(LedgerChange(orders=[order("a")], holder="w1"))
+    assert await inserted(ledger, LedgerChange(orders=[order("b")], holder="w2")) == {"b"}

@@ -53,6 +53,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from pumpflow.common.db.transactions import holding_transaction
 from pumpflow.common.events import ExitLine, OrderFilled, OrderRejected
 from pumpflow.common.exit import DEADLINE, GRACEFUL, ExitRecord, GracefulExitSummary
 
@@ -541,7 +542,7 @@ class PostgresExitStore:
         lines = [
             (line.position_id, line_state(line), _encode_line(line).decode()) for line in lines
         ]
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, holding_transaction(conn):
             # one change at a time per run: the one that leaves nothing open sees so
             run = _run(
                 await conn.fetchrow(

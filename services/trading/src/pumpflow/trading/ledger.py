@@ -81,6 +81,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from pumpflow.common.db.transactions import holding_transaction
 from pumpflow.common.events import (
     Event,
     OrderFilled,
@@ -921,7 +922,7 @@ class PostgresLedger:
     async def commit(self, change: LedgerChange) -> Committed:
         if not change:
             return Committed()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, change.holder)
             inserted: set[str] = set()
             if change.orders:
@@ -1007,7 +1008,7 @@ class PostgresLedger:
         return seqs
 
     async def published(self, event_ids: Sequence[str], *, holder: str | None = None) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
             await conn.execute(_GONE, list(event_ids))
 
@@ -1095,7 +1096,7 @@ class PostgresLedger:
     async def set_control(
         self, state: TradingState, reason: str, *, holder: str | None = None
     ) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
             await conn.execute(
                 "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
@@ -1127,7 +1128,7 @@ class PostgresLedger:
     async def acknowledge_unbooked(
         self, signatures: Sequence[str] | None, *, holder: str | None = None
     ) -> int:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
             rows = await conn.fetch(
                 "DELETE FROM trading_unbooked WHERE $1::text[] IS NULL OR signature = ANY($1) "

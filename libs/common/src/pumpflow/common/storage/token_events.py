@@ -17,8 +17,8 @@ writes over (:meth:`TokenEventStore.take_writes`, table ``token_event_writer``,
 migration 0023). The check is the write's last statement and reads the row shared: a
 take-over waits for a write that passed it to commit, so what the new writer reads
 next holds every event stored as the old one. While the row is held, a transaction
-idle longer than :data:`WRITER_IDLE_LIMIT_S` (its process frozen) is ended by the
-server, so a take-over waits at most that long for it.
+idle past :data:`~pumpflow.common.db.transactions.HOLDING_IDLE_LIMIT_S` (its process
+frozen) is ended by the server, so a take-over waits at most that long for it.
 
 An event the store refused (dead-lettered by the feed) is stored later by
 ``store_redriven`` once its cause is fixed: idempotent on signature and txType like
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import asyncpg
 from asyncpg.exceptions._base import DataError as ClientDataError
 
+from pumpflow.common.db.transactions import bound_idle_sql
 from pumpflow.common.events import (
     Event,
     TokenCreated,
@@ -144,12 +145,6 @@ FROM (SELECT mint, min(event_time) AS event_time
 WHERE t.mint = s.mint AND t.migrated_at IS NULL
 """
 
-#: seconds a write of a named writer may sit idle inside its transaction before the
-#: server ends it: its statements follow one another within a turn of its event loop,
-#: so only a process stalled this long meets it (and retries the write); a take-over
-#: waits at most this long for a frozen writer's transaction
-WRITER_IDLE_LIMIT_S = 10.0
-_BOUND_IDLE = f"SET LOCAL idle_in_transaction_session_timeout = {int(WRITER_IDLE_LIMIT_S * 1000)};"
 _WRITER = "SELECT writer FROM token_event_writer WHERE publisher = $1 FOR SHARE"
 _TAKE_WRITES = """
 INSERT INTO token_event_writer (publisher, writer) VALUES ($1, $2)
@@ -375,7 +370,9 @@ class TokenEventStore:
         has_create = any(row[2] == "create" for row in rows)
         has_migrate = any(row[2] == "migrate" for row in rows)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CREATE_STAGE if writer is None else _BOUND_IDLE + _CREATE_STAGE)
+            await conn.execute(
+                _CREATE_STAGE if writer is None else f"{bound_idle_sql()}; {_CREATE_STAGE}"
+            )
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_STAGE_COLUMNS)
             result = await conn.fetchrow(_INSERT_EVENTS)
             own = None
