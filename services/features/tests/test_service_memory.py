@@ -19,7 +19,7 @@ from pumpflow.common.features import FeatureManager
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing import EventCollector, TokenEvents, eventually
 from pumpflow.features.service import FeaturesService, FeaturesSettings
 
 TRADE_TYPES = ("token.created", "token.trade")
@@ -234,6 +234,44 @@ async def test_idle_tokens_are_compacted_and_publish_the_same_afterwards(system)
     published = {m: updates[-1].data.values for m, updates in collector.by_key().items()}
     assert published == expected_features(events)
     await service.stop()
+
+
+async def _last_features_behind_the_market(*, compact: bool) -> dict[str, float]:
+    """A token's features after its last trade, applied 400 s of the clock after the
+    market made it (a backlog), with or without a compaction 20 s (of event time)
+    before that trade."""
+    start, lag = 1_700_000_000.0, 400.0
+    tokens = TokenEvents()
+    mint = tokens.mint()
+    events = [tokens.created(mint, time=start)]
+    events += [tokens.buy(mint, f"w{i}", time=start + 2 * i) for i in range(1, 16)]
+    last = tokens.sell(mint, "w3", time=events[-1].time + 20)
+    clock = ReplayClock(start)
+    bus = InMemoryBus(partitions=4, synchronous=True, source="test")
+    await bus.start()
+    try:
+        collector = await EventCollector("collector").attach(bus, "features.updated")
+        service = await start_service(bus, MemoryStateStore(clock), clock)
+        for event in events:
+            await clock.advance_to(event.time + lag)
+            await bus.publish(event)
+        if compact:
+            assert service.consumer.compact(idle_s=0.0) == 1
+        await clock.advance_to(last.time + lag)
+        await bus.publish(last)
+        await service.stop()
+        updates = collector.by_key()[mint]
+        assert updates[-1].data.source_seq == last.seq
+        return dict(zip(updates[-1].data.names, updates[-1].data.values, strict=True))
+    finally:
+        await bus.close()
+
+
+async def test_a_token_compacted_while_the_consumer_is_behind_the_market_keeps_its_windows():
+    """Idle is judged in the market's time: 400 s of the clock behind it, a token whose
+    next trade comes 20 s later is not idle, and compacting it changes no feature."""
+    compacted = await _last_features_behind_the_market(compact=True)
+    assert compacted == await _last_features_behind_the_market(compact=False)
 
 
 async def test_a_revoked_partitions_tokens_leave_memory_and_reload_with_the_stores_ttl(system):

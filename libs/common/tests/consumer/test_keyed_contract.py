@@ -26,7 +26,7 @@ from pumpflow.common.consumer import (
     KeyedStatefulConsumer,
     Record,
 )
-from pumpflow.common.consumer.keyed import UNAPPLIED_KEPT
+from pumpflow.common.consumer.keyed import UNAPPLIED_KEPT, WAIT_CHECK_S
 from pumpflow.common.dependencies import WAITS
 from pumpflow.common.events import (
     Event,
@@ -407,6 +407,26 @@ class _RetireWatchingProcessor(RecordingProcessor):
 async def _retired(pair, mint: str) -> bool:
     record = await pair.record(mint)
     return record is not None and record.retired and record.applied == {"feed": 3}
+
+
+async def test_a_timer_due_on_the_clock_behind_the_market_waits_for_the_markets_time(pair):
+    """400 s of the clock behind the market, a key's timer (30 s after its event) is due
+    on the clock at once: it fires once the events applied, of any key, bring the
+    consumer's time to it, and not before."""
+    processor = RecordingProcessor(timers=True)
+    consumer = await pair.consumer(processor)
+    await pair.clock.advance_to(START + 400)
+    waiting, other = MINTS[1], MINTS[2]
+    await consumer.handle_batch([trade(waiting, 1, at=START + 1)])
+    assert consumer.now() == START + 1
+    await pair.clock.advance(5 * WAIT_CHECK_S)  # it moves on with the clock meanwhile
+    assert consumer.now() == pytest.approx(START + 1 + 5 * WAIT_CHECK_S)
+    assert processor.fired_keys == []
+    await consumer.handle_batch([trade(other, 1, at=START + 40)])
+    assert consumer.now() == START + 40
+    await pair.clock.advance(WAIT_CHECK_S)
+    assert processor.fired_keys == [waiting]
+    assert (await pair.record(waiting)).timer is None
 
 
 async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):

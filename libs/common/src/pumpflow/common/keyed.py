@@ -59,7 +59,10 @@ class Effects(Protocol):
 
     @property
     def now(self) -> float:
-        """The consumer's clock time (event time is on the event)."""
+        """The consumer's time: the market's as far as it has applied it (the latest event
+        time of the market's types), moving on with the clock while nothing newer comes,
+        never past the clock; the clock's, live (see
+        :mod:`pumpflow.common.consumer.keyed`). Event time is on the event."""
 
     @property
     def more(self) -> bool:
@@ -75,7 +78,8 @@ class Effects(Protocol):
         """Publish ``payload`` keyed by this key, with the key's next seq, after storing."""
 
     def set_timer(self, at: float) -> None:
-        """Call :meth:`KeyedProcessor.fire` for this key at clock time ``at``.
+        """Call :meth:`KeyedProcessor.fire` for this key once both the clock and the
+        consumer's time (:attr:`now`) reach ``at``.
 
         One timer per key: a new one replaces the last. Timers are stored with the
         state and run only on the replica that owns the key's partition.
@@ -124,7 +128,8 @@ class KeyedProcessor(Protocol[S]):
 
     def compact(self, state: S, now: float) -> bytes | None:
         """State of a key idle in memory as bytes :meth:`decode` reads, smaller than
-        :meth:`encode` where the processor knows a compact form; None: use encode."""
+        :meth:`encode` where the processor knows a compact form; None: use encode.
+        ``now`` is the consumer's time (:attr:`Effects.now`)."""
 
     def decode(self, raw: bytes) -> S:
         """State from :meth:`encode` bytes; raise :class:`StaleState` if it cannot be read."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.features.processor import CONSUMES
+from pumpflow.common.features.processor import CONSUMES, MARKET_TYPES
 from pumpflow.common.runtime.settings import CommonSettings
 
 
@@ -34,6 +34,7 @@ class FeaturesSettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            market_types=MARKET_TYPES,
             workers=self.features_workers,
             window=self.features_window,
             task_deadline_s=self.features_task_deadline_s,

@@ -12,8 +12,9 @@ owns the rest:
   while one group commit is stored.
 - **Tracking record.** Each key has one record in the store, ``<service>:key:<key>``:
   the encoded state, the last applied seq per publisher, the last seq it published,
-  the outbox of events not known to be published, its timer and priority. An event
-  whose seq is not above its publisher's applied seq is a duplicate and is dropped.
+  the outbox of events not known to be published, its timer and priority, and the
+  consumer's time it was written at. An event whose seq is not above its publisher's
+  applied seq is a duplicate and is dropped.
 - **Redrive and retries.** The seq of an event the key refused (dead-lettered as
   invalid) counts as applied, and one whose apply raised is passed over by the later
   events of its key (the window applies them meanwhile), so either one's seq ends at
@@ -101,6 +102,22 @@ owns the rest:
   duplicate, refused, raised), so what ``prepare`` kept for the delivery goes with it.
   ``on_forgotten`` is told each key that leaves memory (retired, revoked, dropped as
   unencodable), so what a service keeps per key beside its state goes with it.
+- **Time.** What a processor is told is now (``Effects.now``, the time its timers
+  fire at, the time a key is compacted at) is the consumer's time, the market's as far
+  as it has applied it: the latest event time of the types that carry the market's
+  (``market_types``) it applied, moved on by the clock while nothing newer comes,
+  never past the clock. Live, it is the clock's but for the delivery's delay; behind the
+  market (a backlog after an outage, a restart, a burst) it is the time of the events
+  it is applying, so a key whose next events are still queued is not judged idle or
+  quiet meanwhile. A timer comes due on the clock and fires once the consumer's time
+  reaches it too: until then it waits, looked at every :data:`WAIT_CHECK_S` of the
+  clock. Each record keeps the consumer's time it was written at: a replica that takes
+  partitions over starts from the latest of their records, so their timers, long past
+  on the clock after an outage, wait for the backlog. Before it knows any time (nothing
+  applied, nothing restored with one) it judges no time passed: timers wait, and a
+  compaction finds nothing idle. A quiet market moves it as the clock does; so, as
+  nothing tells them apart, does a consumer stalled in a backlog (its store out, the
+  broker not delivering) for as long as it stalls.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -136,8 +153,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -181,6 +200,14 @@ _RESTORE_CHUNK = 500
 _LOST = -2.0
 #: refused or failed seqs a key remembers per publisher (the oldest go first)
 UNAPPLIED_KEPT = 64
+#: longest wait, in clock seconds, between looks at the timers due on the clock that
+#: wait for the consumer's time: the rules timed are of tens of seconds (60 s of quiet,
+#: a 120 s horizon), so a second late behind a backlog is nothing to them, and one look
+#: a second for all waiting timers costs nothing
+WAIT_CHECK_S = 1.0
+#: shortest wait between those looks: time moves on by at least this much (a float
+#: epoch time cannot tell apart much less than a microsecond)
+_WAIT_MIN_S = 0.001
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +228,10 @@ class KeyedConsumerConfig:
     #: publishers (service names) of which only some keyed event types are consumed
     #: (see the module's partial publishers)
     partial_publishers: tuple[str, ...] = ()
+    #: event types whose event time is the market's (see the module's time): those of
+    #: the key's own market, not those that overtake it (a command on the critical
+    #: lane, an event of a publisher a hop nearer the feed); None: every type consumed
+    market_types: tuple[str, ...] | None = None
     #: a key untouched this long (wall seconds) is held encoded until its next event
     compact_after_s: float = 120.0
     compact_interval_s: float = 30.0
@@ -238,6 +269,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     failed: dict[str, list[int]] = {}
     #: publisher service -> seqs a later seq skipped (applied when they arrive)
     missing: dict[str, list[int]] = {}
+    #: the consumer's time when written (-inf: it knew none; see the module's time)
+    time: float = -math.inf
 
 
 _encode_record = msgspec.msgpack.Encoder().encode
@@ -335,7 +368,7 @@ class _Effects:
 
     @property
     def now(self) -> float:
-        return self._consumer.clock.now()
+        return self._consumer.now()
 
     def emit(self, payload: Payload, *, time: float) -> None:
         if self._silent:
@@ -469,6 +502,19 @@ class KeyedStatefulConsumer(Generic[S]):
         self._connections = 0
         #: the commit that writes back what the store lost (ready once stored)
         self._rewriting: int | None = None
+        #: the latest event time applied of the market's types (None: every type), -inf
+        #: before any (see the module's time)
+        self._event_time = -math.inf
+        self._market = None if config.market_types is None else frozenset(config.market_types)
+        #: the event time the consumer's time was last read with, and the clock's time
+        #: then: it moves on from there with the clock while no newer event comes
+        self._seen = -math.inf
+        self._seen_at = 0.0
+        #: timers due on the clock that wait for the consumer's time, (at, order, handle)
+        #: in a heap, and the look at them next
+        self._waiting: list[tuple[float, int, TimerHandle]] = []
+        self._waiting_order = itertools.count()
+        self._waiting_check: TimerHandle | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -500,6 +546,7 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._stop_waiting()
         if self._subscription is not None:
             await self.bus.unsubscribe(self._subscription)
         for entry in self._keys.values():
@@ -513,6 +560,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._stopping = self._abandoned = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._stop_waiting()
         for entry in self._keys.values():
             self._cancel_timer(entry)
         self._commits.cancel()
@@ -523,6 +571,11 @@ class KeyedStatefulConsumer(Generic[S]):
         self._announce_waiters = []
         # queued work runs into the cancellation below, so every delivery ends unacked
         await self.pool.stop(drain=True)
+
+    def _stop_waiting(self) -> None:
+        if self._waiting_check is not None:
+            self._waiting_check.cancel()
+            self._waiting_check = None
 
     async def flush(self) -> None:
         """Store and publish every change made so far."""
@@ -783,6 +836,9 @@ class KeyedStatefulConsumer(Generic[S]):
         otherwise).
         """
         entry.touched = time.monotonic()
+        at = event.time
+        if at > self._event_time and (self._market is None or event.type in self._market):
+            self._event_time = at
         seq = event.seq
         publisher = None
         late = False
@@ -1067,6 +1123,13 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._stopping:
             return None
         entry = self._keys.get(key)
+        if entry is not None and entry.timer_at is not None:
+            now = self.now()
+            if now < entry.timer_at:
+                # due on the clock, not yet in the market's time: the key's events up to
+                # it may still be queued
+                entry.timer = self._wait(key, entry.timer_at, now)
+                return None
         priority = entry.priority if entry is not None else Priority.NORMAL
         done = asyncio.get_running_loop().create_future()
 
@@ -1082,6 +1145,42 @@ class KeyedStatefulConsumer(Generic[S]):
         self.pool.post(key, fire, priority=max(priority, Priority.HIGH))
         # a ReplayClock awaits it: the timer's effects are out when time moves on
         return done
+
+    def _wait(self, key: str, at: float, now: float) -> TimerHandle:
+        """Hold the key's timer at ``at`` until the consumer's time (``now``) reaches it;
+        the handle cancels it."""
+        handle = TimerHandle(at, lambda: self._timer_due(key))
+        heapq.heappush(self._waiting, (at, next(self._waiting_order), handle))
+        self._look_at_waiting(now)
+        return handle
+
+    def _look_at_waiting(self, now: float) -> None:
+        """Look at the waiting timers again when the first may be due, within
+        :data:`WAIT_CHECK_S` (the market's time may run faster than the clock)."""
+        waiting = self._waiting
+        while waiting and waiting[0][2].cancelled:
+            heapq.heappop(waiting)
+        if self._waiting_check is not None or self._stopping or not waiting:
+            return
+        wait = min(WAIT_CHECK_S, max(waiting[0][0] - now, _WAIT_MIN_S))
+        self._waiting_check = self.clock.call_later(wait, self._waiting_due)
+
+    def _waiting_due(self) -> Awaitable[Any] | None:
+        """Fire the waiting timers the consumer's time has reached, in time order."""
+        self._waiting_check = None
+        if self._stopping:
+            return None
+        now = self.now()
+        waiting = self._waiting
+        reached = []
+        while waiting and waiting[0][0] <= now:
+            handle = heapq.heappop(waiting)[2]
+            if not handle.cancelled:
+                reached.append(handle)
+        self._look_at_waiting(now)
+        fired = [done for handle in reached if (done := handle.callback()) is not None]
+        # a ReplayClock awaits them: the timers' effects are out when time moves on
+        return asyncio.gather(*fired, return_exceptions=True) if fired else None
 
     # ---------------------------------------------------------------- storing
 
@@ -1195,6 +1294,7 @@ class KeyedStatefulConsumer(Generic[S]):
         encode = self.processor.encode
         views = self._views
         live_ttl = self.config.live_ttl_s
+        now = self.now()
         # every key encoded before any is marked written: one that cannot be leaves the
         # others as they were, for the next commit
         encoded = []
@@ -1213,6 +1313,7 @@ class KeyedStatefulConsumer(Generic[S]):
                     refused=entry.refused,
                     failed=entry.failed,
                     missing=entry.missing,
+                    time=now,
                 )
                 raw_record = _encode_record(record)
                 viewed = (
@@ -1527,6 +1628,10 @@ class KeyedStatefulConsumer(Generic[S]):
                         continue  # expired
                     present.append(key)
                     record = self._decode_stored(key, raw)
+                    if record is not None and record.time > self._event_time:
+                        # as far as the market had been applied: restored timers wait
+                        # for the backlog behind it (see the module's time)
+                        self._event_time = record.time
                     if record is None or record.retired:
                         continue  # loaded when an event comes for it
                     old = self._keys.get(key)
@@ -1543,6 +1648,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 expired = WriteBatch()
                 expired.hdel(index_key, set(listed).difference(present))
                 await self._retry(lambda b=expired: self.store.write(b), "indexing")
+            self.now()  # the time restored moves on with the clock from here
         self.restored.update(p for p in partitions if p in self.owned)
         self.metrics.restored.inc(restored)
         log.info(
@@ -1604,7 +1710,8 @@ class KeyedStatefulConsumer(Generic[S]):
         """Hold keys idle longer than ``idle_s`` as their encoded bytes; return how many."""
         horizon = time.monotonic() - (self.config.compact_after_s if idle_s is None else idle_s)
         processor = self.processor
-        now = self.clock.now()
+        # idle in the market's time: a key whose next events are queued is not idle
+        now = self.now()
         compacted = 0
         live = 0
         for entry in self._keys.values():
@@ -1627,6 +1734,19 @@ class KeyedStatefulConsumer(Generic[S]):
         return compacted
 
     # ---------------------------------------------------------------- reads
+
+    def now(self) -> float:
+        """The consumer's time (see the module): the latest event time applied of the
+        market's types, moved on with the clock since it was first read while no newer
+        event comes, never past the clock; -inf before it knows any."""
+        clock = self.clock.now()
+        latest = self._event_time
+        if latest != self._seen:
+            self._seen = latest
+            self._seen_at = clock
+            return latest if latest < clock else clock
+        moved = latest + (clock - self._seen_at)
+        return moved if moved < clock else clock
 
     def state(self, key: str) -> S | None:
         """The key's state held here (None when not owned or not in memory)."""

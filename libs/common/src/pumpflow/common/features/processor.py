@@ -28,6 +28,9 @@ from pumpflow.common.keyed import Effects, InvalidInput, StaleState
 RETIRING = ("inactive", "graduated")
 #: event types the processor takes
 CONSUMES = ("token.created", "token.trade", "token.migrated", "token.lifecycle")
+#: the types whose time is the tokens' market (the keyed consumer's ``market_types``):
+#: the feed's; activity's lifecycle follows from them
+MARKET_TYPES = ("token.created", "token.trade", "token.migrated")
 #: bytes of the feature-set version in front of each encoded state
 _VERSION_BYTES = 16
 #: lamports a token's bought or sold total may reach: checkpoints and the batch path
