@@ -214,6 +214,52 @@ async def test_a_restarted_replica_carries_on_from_the_store(stack):
     await second.stop()
 
 
+async def test_a_replica_restarted_behind_the_market_retires_no_token_whose_trades_are_queued(
+    stack,
+):
+    """Down ten minutes while A trades on: the replica taking over restores A's timer,
+    long past on the clock, but A's vectors of those minutes are still queued for it.
+    Its lifecycle is judged in the market's time, as the queue drains: A stays active
+    and is not unsubscribed."""
+    s, tk = stack, stack.tokens
+    first = await s.activity()
+    await s.send(tk.created("A"))
+    await s.pump(["A"], 1, 40)
+    assert s.states("A") == ["new", "active"]
+    await first.stop()
+    queued = []
+    for i in range(300):
+        await s.at(42 + 2 * i)
+        queued.append(s.features.updated(tk.trade("A", f"w{i % 30}", buy=i % 4 != 3)))
+    second = await s.activity()
+    for vector in queued:
+        await s.clock.advance(0.01)  # it drains the backlog fifty times as fast as it came
+        await s.bus.publish(vector)
+    assert s.states("A") == ["new", "active"]
+    assert second.consumer.state("A").state == "active"
+    assert await second.flush_subscriptions() == 0
+    await second.stop()
+
+
+async def test_a_token_first_seen_behind_the_market_is_timed_by_its_own_events(stack):
+    """400 s of the clock behind the market all along, activity sees a token created and
+    trading every 15 s, below the active pace: quiet it never is; it declines once 300 s
+    old in the market's time, as an unbroken run on time decides."""
+    s, tk = stack, stack.tokens
+    svc = await s.activity()
+    lag = 400.0
+    events = [tk.created("A", time=START)]
+    events += [tk.trade("A", f"w{i}", time=START + 15 * i) for i in range(1, 25)]
+    for event in events:
+        await s.clock.advance_to(event.time + lag)
+        await s.send(event)
+    assert s.states("A") == ["new", "declining"]
+    declined = [e for e in s.lifecycle if e.data.state == "declining"]
+    assert declined[0].time == pytest.approx(START + 300, abs=15)
+    assert svc.consumer.state("A").state == "declining"
+    await svc.stop()
+
+
 async def test_a_migration_before_the_tokens_first_vector_starts_it_with_nothing_lost(stack):
     # under a backlog the feed's token.migrated (straight to activity) overtakes the
     # token's vectors (a hop through features); activity takes none of the feed's

@@ -248,7 +248,7 @@ class ActivityService(Service):
         consumer = self.consumer
         if consumer is None:
             return None
-        now = self._ctx.clock.now()
+        now = consumer.now()  # the time its rules judge it at
         state = consumer.state(mint)
         if state is None:
             raw = await consumer.store.get(KEY_PREFIX + mint)
@@ -264,7 +264,9 @@ class ActivityService(Service):
 
     def list_tokens(self, state: str | None = None) -> list[dict[str, Any]]:
         """Views of the tokens held here, most important first."""
-        now = self._ctx.clock.now()
+        if self.consumer is None:
+            return []
+        now = self.consumer.now()
         views = [self._view(t, now) for t in self.tokens() if state is None or t.state == state]
         views.sort(key=lambda v: (-v["priority"], -v["activity_level"], v["mint"]))
         return views

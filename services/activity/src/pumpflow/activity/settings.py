@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pumpflow.common.activity import CONSUMES, PARTIAL_PUBLISHERS, LifecycleThresholds
+from pumpflow.common.activity import (
+    CONSUMES,
+    MARKET_TYPES,
+    PARTIAL_PUBLISHERS,
+    LifecycleThresholds,
+)
 from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.runtime.settings import CommonSettings
 
@@ -61,6 +66,7 @@ class ActivitySettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            market_types=MARKET_TYPES,
             partial_publishers=PARTIAL_PUBLISHERS,
             workers=self.activity_workers,
             window=self.activity_window,

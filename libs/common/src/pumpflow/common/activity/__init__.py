@@ -19,6 +19,7 @@ from pumpflow.common.activity.metrics import (
 )
 from pumpflow.common.activity.processor import (
     CONSUMES,
+    MARKET_TYPES,
     PARTIAL_PUBLISHERS,
     ActivityProcessor,
     ActivityState,
@@ -32,6 +33,7 @@ __all__ = [
     "DECLINING",
     "GRADUATED",
     "INACTIVE",
+    "MARKET_TYPES",
     "NEW",
     "PARTIAL_PUBLISHERS",
     "REQUIRED_FEATURES",

@@ -12,8 +12,11 @@ States (``pumpflow.common.events.LifecycleState``)::
 
 Event-driven rules look at the activity metrics of each update (trading frequency,
 SOL volume, unique traders, price pattern); time-driven rules (nothing traded for a
-while, stuck in declining) run from timers on the host's clock, so a replay on a
-ReplayClock takes exactly the transitions the live run took on the WallClock.
+while, stuck in declining) run from timers on the host's time, so a replay on a
+ReplayClock takes exactly the transitions the live run took on the WallClock. On the
+keyed consumer that time is the market's as far as activity has applied it (see
+:mod:`pumpflow.common.consumer.keyed`): behind the market (a backlog) a token is not
+found quiet while its vectors are still queued.
 
 What ``inactive`` means: the token is no longer worth watching. Its trade
 subscription at the feed is dropped (subscriptions cost money per message) and its

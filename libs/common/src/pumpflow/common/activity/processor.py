@@ -8,7 +8,8 @@ hosts the same methods over many tokens with a Clock's timers.
 What follows from a step goes through :class:`~pumpflow.common.keyed.Effects`:
 
 - ``emit``: a :class:`~pumpflow.common.events.TokenLifecycle` for every transition and
-  every priority recommendation (same state, reason ``priority``), at clock time;
+  every priority recommendation (same state, reason ``priority``), at the host's time
+  (``Effects.now``: on the keyed consumer, the market's as far as it has applied it);
 - ``set_priority``: the token's recommended priority, whenever it is recomputed;
 - ``set_timer``: one lazy timer per token for its next possible deadline; it is moved
   only when the deadline comes earlier, and when it fires early (trades moved the
@@ -52,6 +53,10 @@ FeedRequestCallback = Callable[[FeedAction, str], None]
 CountedCallback = Callable[[str, LifecycleState | None], None]
 
 CONSUMES = ("features.updated", "token.migrated")
+#: the types whose time is the tokens' market as activity sees it (the keyed consumer's
+#: ``market_types``): the vectors; under a backlog the feed's migration, a hop nearer
+#: the feed, overtakes them
+MARKET_TYPES = ("features.updated",)
 #: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
 #: (creations, trades, migrations) activity takes only the migration's, so they skip by
 #: design, and under a backlog a migration can come before the token's first vector
@@ -66,7 +71,7 @@ class ActivityState(msgspec.Struct, kw_only=True, omit_defaults=True):
     mint: str
     #: None until the token's first event
     state: LifecycleState | None = None
-    #: clock time the token entered ``state``
+    #: host's time (``Effects.now``) the token entered ``state``
     since: float = 0.0
     created_at: float = 0.0
     #: event time of its last trade
