@@ -4,6 +4,8 @@ position; a sale refused gives its rule back; a settled sale is stored and repor
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -280,3 +282,54 @@ async def test_a_position_update_delivered_after_its_close_sells_nothing():
         assert service.positions() == []
         await inactivity(bus, tokens, clock, mint, position.entry_price)
         assert watch.count("exit.order") == 0
+
+
+async def test_no_rule_of_silence_sells_a_position_whose_trades_are_still_queued():
+    """400 s of the clock behind the market (a backlog), exit applies a held token's
+    trades, one every 10 s of event time: in the market's time the token is never quiet,
+    so nothing is sold for silence."""
+    lag = 400.0
+    market = ReplayClock(START)
+    clock = ReplayClock(START + lag)
+    tokens = TokenEvents(market)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, _ = await held_position(bus, tokens)
+        for _ in range(20):
+            await market.advance(10.0)
+            await clock.advance(10.0)
+            await bus.publish(tokens.buy(mint, "small", sol=0.001))
+        assert watch.of("exit.order") == []
+        assert service.consumer.state(mint).position is not None
+
+
+async def test_the_wait_after_refusals_holds_a_silent_position_in_the_markets_time():
+    """400 s of the clock behind the market, a silent token's position is ordered sold
+    and refused twice: its rules wait a second, in the market's time (the time they
+    judge at), then order again, once; no timer fires over and over meanwhile."""
+    lag = 400.0
+    market = ReplayClock(START)
+    clock = ReplayClock(START + lag)
+    tokens = TokenEvents(market)
+    service = exit_service(exit_stale_after_s=None)
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, _ = await held_position(bus, tokens)
+        await clock.advance(61.0)  # silent for a minute of the market: sold
+        for refusal in (1, 2):
+            order = watch.payloads("exit.order")[-1]
+            assert (order.reason, order.order_id[-1]) == ("inactivity", str(refusal))
+            refused = OrderRejected(
+                order_id=order.order_id, mint=mint, reason="slippage", side="sell",
+                position_id=order.position_id,
+            )  # fmt: skip
+            await bus.publish(make_event(refused, source="trading/test", time=clock.now()))
+            if refusal == 1:
+                await clock.advance(0.01)  # the first refusal gives the rule back at once
+        fired = service.consumer.metrics.timers._value.get()
+        await asyncio.wait_for(clock.advance(0.5), 10.0)
+        assert len(watch.payloads("exit.order")) == 2
+        assert service.consumer.metrics.timers._value.get() - fired <= 1
+        await asyncio.wait_for(clock.advance(0.6), 10.0)
+        assert [o.order_id[-1] for o in watch.payloads("exit.order")] == ["1", "2", "3"]

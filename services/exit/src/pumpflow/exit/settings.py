@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 
 from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.exit import CONSUMES, PARTIAL_PUBLISHERS, ExitRules, GracefulExitConfig
+from pumpflow.common.exit import (
+    CONSUMES,
+    MARKET_TYPES,
+    PARTIAL_PUBLISHERS,
+    ExitRules,
+    GracefulExitConfig,
+)
 from pumpflow.common.runtime.settings import CommonSettings
 
 _RULES = ExitRules()
@@ -106,6 +112,7 @@ class ExitSettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            market_types=MARKET_TYPES,
             partial_publishers=PARTIAL_PUBLISHERS,
             workers=self.exit_workers,
             window=self.exit_window,

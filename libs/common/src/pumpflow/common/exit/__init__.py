@@ -25,6 +25,7 @@ from pumpflow.common.exit.planner import (
 from pumpflow.common.exit.processor import (
     CONSUMES,
     CONTROL_CONSUMES,
+    MARKET_TYPES,
     PARTIAL_PUBLISHERS,
     ExitProcessor,
     ExitState,
@@ -64,6 +65,7 @@ __all__ = [
     "FULL_EXIT_RULES",
     "GRACEFUL",
     "INACTIVITY",
+    "MARKET_TYPES",
     "MIGRATION",
     "PARTIAL_PUBLISHERS",
     "REQUESTED",

@@ -4,10 +4,12 @@ Why per mint: everything a position's rules read (the position, its token's mark
 lifecycle and migration, its sales' outcomes) is keyed by the token's mint, so the
 library's keyed consumer runs them in per-mint order, stores the rules' state with
 the tracking record (a restart or a partition move resumes them, fired rules and
-all), runs the rules' timers (time stops, silence) on the partition's owner only,
-and publishes each ``exit.order`` from the key's outbox once the state that decided
-it is stored: a redelivered event never orders the same sale twice, and a replay on
-a ReplayClock takes the same exits as the live run.
+all), runs the rules' timers (time stops, silence) on the partition's owner only, in
+the market's time as far as exit has applied the tokens' trades (``Effects.now``, see
+:mod:`pumpflow.common.consumer.keyed`: behind a backlog no position is sold for a
+silence its queued trades break), and publishes each ``exit.order`` from the key's
+outbox once the state that decided it is stored: a redelivered event never orders the
+same sale twice, and a replay on a ReplayClock takes the same exits as the live run.
 
 Consumes :data:`CONSUMES`; emits ``exit.order`` (critical lane) for each rule's
 decision with the order id ``<position_id>:rule:<n>`` (n counted per position). A
@@ -96,6 +98,9 @@ CONSUMES = (
     "order.rejected",
     "exit.sale_requested",
 )
+#: the types whose time is the tokens' market (the keyed consumer's ``market_types``):
+#: the feed's; trading's orders and positions, on the critical lane, overtake a backlog
+MARKET_TYPES = ("token.trade", "token.migrated")
 
 #: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
 #: exit takes the trades and the migration, not the creation (seq 1), so they skip by
@@ -368,7 +373,7 @@ class ExitProcessor:
                 self.on_lifecycle(state.mint, data.state, data.activity_level)
             decisions = self._rules(state, lambda ev: ev.on_lifecycle(state.mint, data.state, time))
         elif isinstance(data, OrderFilled | OrderRejected):
-            decisions = self._outcome(state, data, time)
+            decisions = self._outcome(state, data, time, effects.now)
         elif isinstance(data, SaleRequested):
             if event.id in state.requests:
                 return UNCHANGED  # a copy: it ordered its sale once
@@ -487,8 +492,10 @@ class ExitProcessor:
         return curve.price
 
     def _outcome(
-        self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float
+        self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float, now: float
     ) -> list[ExitDecision]:
+        """Take a sale's or an entry's outcome (``time``: trading's, ``now``: the time the
+        rules judge at)."""
         if outcome.side == "buy" or not is_exit_order(outcome.order_id):
             self._entry_outcome(state, outcome)
             return []
@@ -513,7 +520,9 @@ class ExitProcessor:
                 fraction=0.0,
                 token_amount=sale.token_amount,
                 reason=sale.reason,
-                time=time,
+                # the wait after it runs in the rules' time: trading's clock runs ahead of
+                # a backlog of trades, a wait from it would hold them as long again
+                time=min(time, now),
             )
             # halted too: a refusal during a graceful exit gives the rules back their
             # tokens for after it (else taken for an entry added, the ladder resized)
@@ -658,7 +667,9 @@ class ExitProcessor:
         elif state.watch is not None and state.position is not None:
             self.evaluator.adopt(state.watch)
             try:
-                due = self.evaluator.next_check_at(state.mint)
+                # seen at the time the rules judge at: a wait after refusals holds until
+                # then, though the clock be past it
+                due = self.evaluator.next_check_at(state.mint, effects.now)
             finally:
                 self.evaluator.forget(state.mint)
         if due is None:

@@ -376,12 +376,13 @@ class ExitEvaluator:
         self._arm(watch)
         return decisions
 
-    def next_check_at(self, mint: str) -> float | None:
-        """When the next rule of time of ``mint`` is due."""
+    def next_check_at(self, mint: str, time: float | None = None) -> float | None:
+        """When the next rule of time of ``mint`` is due, seen at ``time`` (default: the
+        clock's now; a host behind the market gives the time its rules judge at)."""
         watch = self._watches.get(mint)
         if watch is None or watch.closed:
             return None
-        return self._next_due(watch)
+        return self._next_due(watch, self.clock.now() if time is None else time)
 
     # ---------------------------------------------------------------- rules
 
@@ -473,7 +474,7 @@ class ExitEvaluator:
 
     # ---------------------------------------------------------------- timers
 
-    def _next_due(self, watch: RuleWatch) -> float | None:
+    def _next_due(self, watch: RuleWatch, now: float) -> float | None:
         r = self.rules
         due = []
         if r.quiet_s is not None and INACTIVITY not in watch.fired:
@@ -483,9 +484,9 @@ class ExitEvaluator:
         if r.stale_after_s is not None and STALE_STOP not in watch.fired:
             stale_at = watch.opened_at + r.stale_after_s
             # past it, marks check the stale rule; the timer is for a token that is silent
-            if stale_at > self.clock.now():
+            if stale_at > now:
                 due.append(stale_at)
-        if watch.held_until > self.clock.now():
+        if watch.held_until > now:
             # the rules look again as the wait after refused sales ends: a rule of price
             # due meanwhile too, on a token that may not trade again
             return max(min(due), watch.held_until) if due else watch.held_until
@@ -494,7 +495,7 @@ class ExitEvaluator:
     def _arm(self, watch: RuleWatch) -> None:
         if self.on_timed is None:
             return
-        due = None if watch.closed else self._next_due(watch)
+        due = None if watch.closed else self._next_due(watch, self.clock.now())
         mint = watch.mint
         timer = self._timers.get(mint)
         if timer is not None:
