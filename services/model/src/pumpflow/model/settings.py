@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.model.processor import CONSUMES, ScoringPolicy
+from pumpflow.common.model.processor import CONSUMES, MARKET_TYPES, ScoringPolicy
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.trading import EntryFilters
@@ -157,6 +157,7 @@ class ModelSettings(CommonSettings):
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
+            market_types=MARKET_TYPES,
             workers=self.model_workers,
             window=self.model_window,
             task_deadline_s=self.model_task_deadline_s,

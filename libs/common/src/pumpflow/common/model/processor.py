@@ -7,9 +7,12 @@ Waiting labels are stored with the token's effects, restored with its partition 
 released on the owner only: on the token's next event once due, else by its timer
 (one per token, at its next release); a retired token stays until its last label is
 released, then goes. A label is due at its horizon and grace as the token's prices come:
-when its last vector came ``lag`` seconds of the clock after its event time (a consumer
-running behind the market), that much later, so the prices up to its horizon still
-count. A release is decided by the state as stored, so a label is
+when its last vector came ``lag`` seconds of the host's time (``Effects.now``) after its
+event time, that much later, so the prices up to its horizon still count. On the keyed
+consumer that time is the market's as far as applied (a backlog moves it no faster than
+the vectors come, see :mod:`pumpflow.common.consumer.keyed`), so ``lag`` is how far the
+token's vectors run behind the others'; on a plain clock, how far behind the clock. A
+release is decided by the state as stored, so a label is
 released once wherever its token moves (a replica that dies after releasing but before
 storing the token releases it again on the next owner; the label store keeps one).
 
@@ -61,6 +64,8 @@ from pumpflow.common.model.manager import ModelError, ModelManager
 from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLabels
 
 CONSUMES = ("features.updated", "token.lifecycle")
+#: the types whose time is the tokens' market (the keyed consumer's ``market_types``)
+MARKET_TYPES = ("features.updated",)
 #: lifecycle states that retire a token here: nothing of it is scored any more
 #: (a set: a lifecycle of None, none seen yet, is found absent by its hash, where a tuple
 #: would compare None with each state in turn)
@@ -298,9 +303,9 @@ class ModelProcessor:
                     price = data.values[at]
                     if tokens is not None:
                         tokens.observe(time, price)
-            # a consumer running behind the market applies the prices of a horizon later
-            # than it ends: a label released by the clock alone would be decided without
-            # them
+            # a token's vectors behind the host's time bring the prices of a horizon later
+            # than it ends there: a label released by that time alone would be decided
+            # without them
             lag = math.ceil(now - time) if now > time else 0
             if lag != state.lag:
                 state.lag = lag  # a store into the struct costs several times a read
