@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pumpflow.cli.main import main
-from pumpflow.cli.run import graceful_exit_note
+from pumpflow.cli.run import graceful_exit_note, not_flat_reason
 from pumpflow.common.events import ExitLine
 from pumpflow.common.exit import GracefulExitSummary
 from pumpflow.report import html, results, svg
@@ -318,17 +318,24 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
     lost = ExitLine(position_id="p2", mint="m2", tokens_sold=2e6, sol_received=0.5,
                     tranches=1, completed=False, unconfirmed_tranches=2,
                     unconfirmed_tokens=3e6)  # fmt: skip
+    # every token in a rule's sale ordered before the exit, with no outcome by its end
+    held = ExitLine(position_id="p3", mint="m3", tokens_sold=0.0, sol_received=0.0,
+                    tranches=0, completed=False, pending_tokens=4e6)  # fmt: skip
     summary = GracefulExitSummary(
         reason="pumpflow run ended", started_at=0.0, finished_at=50.0, deadline=60.0,
-        lines=(sold, lost),
+        lines=(sold, lost, held),
     )  # fmt: skip
     note = graceful_exit_note(summary)
     assert note == (
-        "1 of 2 positions sold out in 3 tranches, 0.7500 SOL recovered; UNCONFIRMED: 2 "
-        "tranches of 1 positions got no outcome, their 3e+06 tokens may have sold"
+        "1 of 3 positions sold out in 3 tranches, 0.7500 SOL recovered; UNCONFIRMED: 2 "
+        "tranches of 1 positions got no outcome, their 3e+06 tokens may have sold; "
+        "AWAITING: rule sales of 1 positions got no outcome, their 4e+06 tokens still held "
+        "or sold"
     )
+    why = not_flat_reason(2, summary, deadline_s=60.0)
+    assert why.endswith("its report: 2 of 3 not sold out, 2 with sales that got no outcome")
     page = html.render(Results(title="run", source="here", notes={"graceful exit": note}))
-    assert "<td>graceful exit</td><td>1 of 2 positions sold out" in page
+    assert "<td>graceful exit</td><td>1 of 3 positions sold out" in page
     assert "UNCONFIRMED: 2 tranches" in page
     clean = GracefulExitSummary(
         reason="pumpflow run ended", started_at=0.0, finished_at=50.0, deadline=60.0,

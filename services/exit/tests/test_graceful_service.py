@@ -26,6 +26,7 @@ from pumpflow.common.events import (
     PositionClosed,
     PositionOpened,
     PositionUpdated,
+    SaleRequested,
     ShutdownBarrier,
     SystemShutdown,
     TokenLifecycle,
@@ -845,6 +846,42 @@ async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported
         assert "closed by trading (manual)" in text and "NOT SOLD OUT" not in text
         run = await records.latest_run()
         assert run.summary["positions"][0]["closed"] == "manual"
+
+
+async def test_a_position_whose_rule_sale_gets_no_outcome_by_the_deadline_is_reported_left():
+    """An operator's sale of the whole position was ordered before the shutdown and
+    trading never answers it: the graceful exit has nothing of its own to sell, yet the
+    position is still held at the deadline. Its line, the run's summary and the text a
+    person reads say it is not sold out, its tokens tied up in the sale awaiting an
+    outcome, not "sold out" with no tranche."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records, **ALONE, exit_deadline_s=20.0)
+    async with embedded(clock, exits) as (system, watch):
+        mint = tokens.mint()
+        held = 1e6
+        await hold(system.bus, tokens, mint, tokens_held=held)
+        sale = SaleRequested(mint=mint, reason="by hand")
+        await system.bus.publish(make_event(sale, source="test", time=clock.now()))
+        [rule] = watch.payloads("exit.order")
+        assert ":rule:" in rule.order_id and rule.token_amount == pytest.approx(held)
+        shutdown = SystemShutdown(reason="test shutdown")
+        await system.bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await until_finished(exits, clock)
+
+        assert watch.payloads("exit.order") == [rule]
+        summary = exits.summary
+        [line] = summary.lines
+        assert not line.completed and line.tranches == 0, line
+        assert line.pending_tokens == pytest.approx(held)
+        assert summary.positions_left == 1 and summary.awaiting == (line,)
+        text = summary.text()
+        assert "1 positions, 0 sold out" in text and "NOT SOLD OUT" in text, text
+        assert "AWAITING: rule sales of 1 positions got no outcome" in text, text
+        run = await records.latest_run()
+        assert run.summary["positions_left"] == 1
+        assert run.summary["positions"][0]["pending_tokens"] == pytest.approx(held)
 
 
 async def test_positions_opened_after_a_finished_graceful_exit_and_a_resume_get_their_rules():

@@ -307,7 +307,7 @@ def not_flat_reason(left: int, summary, *, deadline_s: float) -> str | None:
         left,
         f"it ended {when} (exit_deadline_s {deadline_s:g}); its report: "
         f"{summary.positions_left} of {summary.positions} not sold out, "
-        f"{len(summary.unconfirmed)} with sales that got no outcome",
+        f"{len(summary.without_outcome)} with sales that got no outcome",
     )
 
 
@@ -328,6 +328,12 @@ def graceful_exit_note(summary) -> str:
             f"; UNCONFIRMED: {sum(line.unconfirmed_tranches for line in unconfirmed)} "
             f"tranches of {len(unconfirmed)} positions got no outcome, their "
             f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may have sold"
+        )
+    awaiting = summary.awaiting
+    if awaiting:
+        note += (
+            f"; AWAITING: rule sales of {len(awaiting)} positions got no outcome, their "
+            f"{sum(line.pending_tokens for line in awaiting):.6g} tokens still held or sold"
         )
     return note
 

@@ -428,6 +428,9 @@ class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: have sold (not counted in ``tokens_sold``)
     unconfirmed_tranches: int = 0
     unconfirmed_tokens: float = 0.0
+    #: tokens a rule's sale ordered before the graceful exit began held back, its outcome
+    #: not come when the exit ended: still held, or sold by it (not in ``tokens_sold``)
+    pending_tokens: float = 0.0
     #: trading closed the position before the exit sold it out (the close's reason): the
     #: tokens not sold here went by other means (a hand sale, a rule's sale that raced)
     closed: str = ""

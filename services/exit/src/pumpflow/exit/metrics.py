@@ -10,7 +10,7 @@ from pumpflow.common.metrics import families
 #: the fields of :class:`ExitProgress` the graceful gauge shows, by ``what``
 _PROGRESS = (
     "positions", "sold_out", "in_flight", "tranches", "tokens_left", "unconfirmed_tranches",
-    "unconfirmed_tokens",
+    "unconfirmed_tokens", "pending_tokens",
 )  # fmt: skip
 
 
@@ -39,7 +39,8 @@ class _Families:
             "pumpflow_exit_graceful",
             "Graceful exit progress: positions, sold_out, in_flight, tranches, tokens_left; "
             "unconfirmed_tranches and unconfirmed_tokens (tranches whose outcome never came: "
-            "they may have sold)",
+            "they may have sold); pending_tokens (held back by rule sales ordered before "
+            "it began, awaiting their outcome)",
             ["what"],
             registry=registry,
         )

@@ -109,12 +109,15 @@ class ExitProgress:
     unconfirmed_tranches: int
     unconfirmed_tokens: float
     tranches: int
+    #: tokens the exit itself sells (rule sales' tokens held back not counted)
     tokens_at_start: float
     tokens_left: float
     sol_recovered: float
     elapsed_s: float
     #: seconds left to the deadline (negative once past it)
     deadline_margin_s: float
+    #: tokens rule sales ordered before the exit began hold back, awaiting their outcome
+    pending_tokens: float = 0.0
 
 
 class GracefulExitManager:
@@ -233,8 +236,10 @@ class GracefulExitManager:
                     started_at=now,
                     # nothing to sell: over as it is queued, closed with its reason
                     closed=queued.closed,
+                    pending_tokens=queued.reserved,
                 )
             else:
+                self._held_back(record, queued)
                 # a resumed exit's tranches still without an outcome are not offered again
                 unanswered = record.unconfirmed
                 self.planner.hold_unconfirmed(
@@ -383,6 +388,7 @@ class GracefulExitManager:
             self.planner.release(mint, outcome.token_amount)
         else:
             record.tokens_at_start += self.planner.retake(mint, tokens)
+        self._held_back(record, queued)
         self._changed.set()
         await self._close_if_sold_out(mint)
         await self._finish_if_done()
@@ -404,7 +410,9 @@ class GracefulExitManager:
         started = self.planner.started_at
         if time is not None and started is not None and time < started:
             self._withdrawing.add(position_id)
-        self.planner.close(mint, reason)
+        queued, record = self.planner.close(mint, reason), self.records.get(mint)
+        if record is not None:
+            self._held_back(record, queued)
         self._changed.set()
         await self._close_if_sold_out(mint)
         await self._finish_if_done()
@@ -449,6 +457,7 @@ class GracefulExitManager:
             sol_recovered=sum(r.sol_received for r in self.all_records()),
             elapsed_s=0.0 if started is None else now - started,
             deadline_margin_s=(self.planner.deadline or now) - now,
+            pending_tokens=sum(q.reserved for q in exits if q.closed is None),
         )
 
     # ---------------------------------------------------------------- internals
@@ -495,6 +504,12 @@ class GracefulExitManager:
         await self._publish(record.report())
         if self.on_exited is not None:
             await self.on_exited(record)
+
+    @staticmethod
+    def _held_back(record: ExitRecord, queued: QueuedExit) -> None:
+        """``record`` counts the tokens rule sales hold back from ``queued`` now (none once
+        trading closed the position: nothing of it is held)."""
+        record.pending_tokens = queued.reserved if queued.closed is None else 0.0
 
     def _supersede(self, record: ExitRecord, time: float) -> None:
         """A later position on ``record``'s mint takes its place: its exit is over (as far

@@ -40,6 +40,9 @@ class ExitRecord:
     unconfirmed: dict[str, float] = field(default_factory=dict)
     #: the reason trading closed the position before this exit sold it out
     closed: str | None = None
+    #: tokens a rule's sale ordered before the exit began holds back, awaiting its
+    #: outcome: not this exit's to sell, yet the position is not sold out while they wait
+    pending_tokens: float = 0.0
 
     def add_fill(self, fill: OrderFilled, time: float) -> TrancheFill:
         tranche = TrancheFill(
@@ -73,7 +76,7 @@ class ExitRecord:
 
     @property
     def sold_out(self) -> bool:
-        return self.tokens_sold >= self.tokens_at_start * (1 - 1e-9)
+        return self.pending_tokens <= 0 and self.tokens_sold >= self.tokens_at_start * (1 - 1e-9)
 
     @property
     def completed(self) -> bool:
@@ -118,6 +121,8 @@ class ExitRecord:
             finished_at=self.finished_at,
             unconfirmed_tranches=len(self.unconfirmed),
             unconfirmed_tokens=sum(self.unconfirmed.values()),
+            # trading closed it: nothing of it is held back any more
+            pending_tokens=0.0 if self.closed else self.pending_tokens,
             closed=self.closed or "",
         )
 
@@ -166,6 +171,20 @@ class GracefulExitSummary:
     def unconfirmed(self) -> tuple[ExitLine, ...]:
         """Positions with tranches whose outcome never came (their tokens may have sold)."""
         return tuple(line for line in self.lines if line.unconfirmed_tranches)
+
+    @property
+    def awaiting(self) -> tuple[ExitLine, ...]:
+        """Positions whose tokens a rule's sale held back with no outcome by the end
+        (still held, or sold by it)."""
+        return tuple(line for line in self.lines if line.pending_tokens)
+
+    @property
+    def without_outcome(self) -> tuple[ExitLine, ...]:
+        """Positions with tokens in a sale, a tranche's or a rule's, whose outcome never
+        came."""
+        return tuple(
+            line for line in self.lines if line.unconfirmed_tranches or line.pending_tokens
+        )
 
     @property
     def sol_recovered(self) -> float:
@@ -232,6 +251,13 @@ class GracefulExitSummary:
                 f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may "
                 "have sold (trading's ledger knows)"
             )
+        awaiting = self.awaiting
+        if awaiting:
+            lines.append(
+                f"AWAITING: rule sales of {len(awaiting)} positions got no outcome; their "
+                f"{sum(line.pending_tokens for line in awaiting):.6g} tokens are still held "
+                "or sold by them (trading's ledger knows)"
+            )
         for line in self.lines:
             slip = "-" if line.slippage is None else f"{line.slippage:.2%}"
             left = "" if line.completed else "  NOT SOLD OUT"
@@ -239,6 +265,8 @@ class GracefulExitSummary:
                 left += f"  closed by trading ({line.closed})"
             if line.unconfirmed_tranches:
                 left += f"  {line.unconfirmed_tokens:.6g} tokens UNCONFIRMED"
+            if line.pending_tokens:
+                left += f"  {line.pending_tokens:.6g} tokens in a rule's sale AWAITING its outcome"
             lines.append(
                 f"  {line.mint[:12]:<12} {line.reason:<9} {line.tranches:>3} tranches "
                 f"{line.sol_received:>10.4f} SOL  slippage {slip}" + left
