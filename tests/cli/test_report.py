@@ -332,7 +332,7 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
         "AWAITING: rule sales of 1 positions got no outcome, their 4e+06 tokens still held "
         "or sold"
     )
-    why = not_flat_reason(2, summary, deadline_s=60.0)
+    why = not_flat_reason(2, summary)
     assert why.endswith("its report: 2 of 3 not sold out, 2 with sales that got no outcome")
     page = html.render(Results(title="run", source="here", notes={"graceful exit": note}))
     assert "<td>graceful exit</td><td>1 of 3 positions sold out" in page

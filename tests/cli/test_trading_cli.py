@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,9 +16,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from pumpflow.cli.main import build_parser
+from pumpflow.cli.run import NOT_FLAT
+from pumpflow.common.events import ExitLine
+from pumpflow.common.exit import GracefulExitSummary
 from pumpflow.common.testing.servers import free_port, local_app
 
 TOKEN = "cli-token"
+START = 1_700_000_000.0
 STORED = {"stored": True, "detail": "halted in this replica at once; stored"}
 UNSTORED_ACTIVE = {"stored": False, "detail": "halted in this replica at once; NOT stored yet"}
 UNSTORED_STANDBY = {
@@ -162,10 +167,9 @@ async def test_a_refusal_is_one_line_in_words_not_the_services_json(
     assert "{" not in err
 
 
-async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, capsys):
-    """``pumpflow stop`` against a fake exit replica: the progress it follows names the
-    tranches without an outcome, the report ends it."""
-    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+def exit_replica(summary: GracefulExitSummary) -> Starlette:
+    """A fake exit replica whose graceful exit is under way at the first look at its
+    progress, over with ``summary`` at the next."""
     polls = []
 
     async def shutdown(request: Request) -> JSONResponse:
@@ -185,17 +189,61 @@ async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, c
                     }
                 }
             )
-        return JSONResponse({"text": "graceful exit (test): 2 positions, 1 sold out"})
+        # as the exit service answers once its graceful exit is over
+        report = msgspec.to_builtins(summary.report())
+        return JSONResponse({"summary": report, "text": summary.text()})
 
-    app = Starlette(
+    return Starlette(
         routes=[Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)]
     )
-    async with local_app(app) as base:
-        parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30"])
-        assert await asyncio.to_thread(parsed.handler, parsed) == 0
-    out = capsys.readouterr().out
-    assert "1/2 sold out, 3 tranches, 1 UNCONFIRMED (no outcome yet), 42.0s" in out
-    assert out.rstrip().endswith("graceful exit (test): 2 positions, 1 sold out")
+
+
+SOLD = ExitLine(position_id="p1", mint="MintSold", tokens_sold=1e6, sol_received=0.25,
+                tranches=2, completed=True, reason="graceful")  # fmt: skip
+LOST = ExitLine(position_id="p2", mint="MintLost", tokens_sold=0.0, sol_received=0.0,
+                tranches=0, completed=False, reason="deadline", unconfirmed_tranches=1,
+                unconfirmed_tokens=2e6)  # fmt: skip
+
+
+def graceful_exit(*lines: ExitLine) -> GracefulExitSummary:
+    return GracefulExitSummary(reason="test", started_at=START, finished_at=START + 62.0,
+                               deadline=START + 60.0, lines=lines)  # fmt: skip
+
+
+async def pumpflow_stop(base: str) -> int:
+    parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30"])
+    return await asyncio.to_thread(parsed.handler, parsed)
+
+
+async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, capsys):
+    """``pumpflow stop`` against a fake exit replica: the progress it follows names the
+    tranches without an outcome, the report ends it; flat, its status is 0."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(exit_replica(graceful_exit(SOLD))) as base:
+        assert await pumpflow_stop(base) == 0
+    printed = capsys.readouterr()
+    assert "1/2 sold out, 3 tranches, 1 UNCONFIRMED (no outcome yet), 42.0s" in printed.out
+    assert printed.out.rstrip().endswith("MintSold     graceful    2 tranches     0.2500 SOL  "
+                                         "slippage -")  # fmt: skip
+    assert printed.err == ""
+
+
+async def test_stop_whose_report_leaves_positions_open_says_so_and_ends_non_zero(
+    monkeypatch, capsys
+):
+    """A graceful exit whose report has positions not sold out: ``pumpflow stop`` prints
+    the report, then says on stderr how many are left and why, with ``pumpflow run``'s
+    status and words; a script can tell."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(exit_replica(graceful_exit(SOLD, LOST))) as base:
+        assert await pumpflow_stop(base) == NOT_FLAT
+    printed = capsys.readouterr()
+    assert "MintLost" in printed.out and "NOT SOLD OUT" in printed.out
+    assert printed.err == (
+        "pumpflow stop: 1 position left open after the graceful exit: it ended 2.0s past "
+        "its deadline (exit_deadline_s 60); its report: 1 of 2 not sold out, 1 with sales "
+        "that got no outcome\n"
+    )
 
 
 @pytest.mark.parametrize("command", ["trading state", "stop"])

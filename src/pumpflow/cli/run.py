@@ -288,15 +288,15 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | No
     print(f"open positions after the graceful exit: {left}", file=out, flush=True)
     if not ended:
         return _left_open(left, f"it did not end within {wall_s:.0f}s")
-    return not_flat_reason(left, exits.summary, deadline_s=exits.settings.exit_deadline_s)
+    return not_flat_reason(left, exits.summary)
 
 
-def not_flat_reason(left: int, summary, *, deadline_s: float) -> str | None:
+def not_flat_reason(left: int, summary) -> str | None:
     """Why a graceful exit that ended (its ``GracefulExitSummary``, None if it failed
-    before one) leaves the run not flat, with ``left`` positions trading still holds;
-    None when it is flat. Trading's book decides: a sale the exit's report counts
-    unconfirmed may have filled since, and a position it counts sold out may still wait
-    on a rule's sale ordered before it began."""
+    before one) leaves the system not flat, with ``left`` positions still held; None
+    when it is flat. ``pumpflow run`` counts them in trading's book (a sale the exit's
+    report counts unconfirmed may have filled since); ``pumpflow stop``, which reads
+    only the exit's API, in the report."""
     if summary is None:
         return _left_open(left, "it ended without its report (the exit service's log says why)")
     if not left:
@@ -305,8 +305,8 @@ def not_flat_reason(left: int, summary, *, deadline_s: float) -> str | None:
     when = f"{-margin:.1f}s past its deadline" if margin < 0 else "before its deadline"
     return _left_open(
         left,
-        f"it ended {when} (exit_deadline_s {deadline_s:g}); its report: "
-        f"{summary.positions_left} of {summary.positions} not sold out, "
+        f"it ended {when} (exit_deadline_s {summary.deadline - summary.started_at:g}); its "
+        f"report: {summary.positions_left} of {summary.positions} not sold out, "
         f"{len(summary.without_outcome)} with sales that got no outcome",
     )
 

@@ -4,6 +4,11 @@ Asks an exit replica's HTTP API (``--url``) with the bearer token of
 ``PUMPFLOW_API_TOKEN`` to publish ``system.shutdown``; the exit service then sells
 every open position before its deadline. Follows the exit's progress and prints its
 report (``--no-wait``: only asks).
+
+Exit status: 0 the graceful exit ended with every position sold out (or closed by
+trading); 1 it did not (:data:`~pumpflow.cli.run.NOT_FLAT`, as ``pumpflow run``'s: its
+report has positions left, one line on stderr says how many and why), it did not end
+within ``--timeout``, or the replica refused or did not answer; 2 no API token.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+import msgspec
 
 from pumpflow.cli.api import (
     api_token,
@@ -20,6 +27,7 @@ from pumpflow.cli.api import (
     replica_url_argument,
 )
 from pumpflow.cli.output import reader_gone
+from pumpflow.cli.run import NOT_FLAT, not_flat_reason
 from pumpflow.common.runtime.arguments import positive
 
 
@@ -29,7 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="graceful exit: sell every open position, then print the exit report",
         description=(
             "Publish system.shutdown through an exit replica's HTTP API (token from "
-            "PUMPFLOW_API_TOKEN), follow the graceful exit and print its report."
+            "PUMPFLOW_API_TOKEN), follow the graceful exit and print its report. Exit "
+            "status 0 when it ends with every position sold out; 1 when its report has "
+            "positions left open (a line on stderr says how many and why), when it does "
+            "not end within --timeout, or when the replica refuses or does not answer; "
+            "2 without the token."
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
@@ -54,9 +66,9 @@ def stop_command(args: argparse.Namespace) -> int:
         until = time.monotonic() + args.timeout
         while time.monotonic() < until:
             body = get_json(f"{url}/progress")
-            if "text" in body:
-                print(body["text"])
-                return 0
+            if "summary" in body:
+                print(body["text"], flush=True)
+                return _flat_or_not(body["summary"])
             progress = body.get("progress")
             if progress:
                 unconfirmed = progress.get("unconfirmed_tranches") or 0
@@ -75,3 +87,17 @@ def stop_command(args: argparse.Namespace) -> int:
         return 1
     print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)
     return 1
+
+
+def _flat_or_not(report: dict) -> int:
+    """The status of a graceful exit over with ``report`` (its summary's ``exit.report``);
+    what it left open said on stderr."""
+    from pumpflow.common.events import ExitReport
+    from pumpflow.common.exit import GracefulExitSummary
+
+    summary = GracefulExitSummary.from_report(msgspec.convert(report, type=ExitReport))
+    not_flat = not_flat_reason(summary.positions_left, summary)
+    if not_flat is None:
+        return 0
+    print(f"pumpflow stop: {not_flat}", file=sys.stderr, flush=True)
+    return NOT_FLAT
