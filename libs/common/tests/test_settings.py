@@ -172,6 +172,28 @@ def test_a_consumer_group_no_service_runs_is_refused_naming_its_variable(monkeyp
         check_config_file(path, {"example": ExampleSettings})
 
 
+def test_an_empty_value_unsets_a_setting_that_may_be_unset_in_the_file_too(monkeypatch, tmp_path):
+    """``dependency_wait_s = ""`` (TOML has no null) passes the file's up-front check and
+    reads unset, as the empty variable does; a list or mapping given as text that is no
+    JSON is refused naming its key."""
+    from pumpflow.common.runtime.settings import check_config_file
+
+    path = write_config(tmp_path, "[common]\ndependency_wait_s = ''\nconsumer_groups = ''\n")
+    check_config_file(path, {"example": ExampleSettings})
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(path))
+    settings = ExampleSettings.load(service="example")
+    assert settings.dependency_wait_s is None
+    # unset: every group, not none of them
+    assert settings.consumer_group_names is None
+
+    class Listed(ExampleSettings):
+        example_names: tuple[str, ...] = Field((), description="names (JSON list)")
+
+    path.write_text("[example]\nexample_names = 'a,b'\n")
+    with pytest.raises(SettingsError, match=r"\[example\] example_names: not JSON"):
+        check_config_file(path, {"example": Listed})
+
+
 def test_missing_config_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(tmp_path / "absent.toml"))
     with pytest.raises(SettingsError, match=r"absent\.toml: No such file"):

@@ -18,3 +18,13 @@ def test_every_setting_of_the_exit_is_read_by_its_code():
     own = set(ExitSettings.model_fields) - set(CommonSettings.model_fields)
     unread = sorted(name for name in own if not re.search(rf"\.{name}\b", code))
     assert unread == []
+
+
+def test_an_empty_variable_turns_a_rule_off(monkeypatch):
+    """``PUMPFLOW_EXIT_MAX_HOLD_S=`` (an env file's way to say it): the rule is off, as
+    its description says, not a number the service cannot parse."""
+    for variable in ("PUMPFLOW_EXIT_STOP_LOSS", "PUMPFLOW_EXIT_MAX_HOLD_S"):
+        monkeypatch.setenv(variable, "")
+    rules = ExitSettings.load(service="exit", transport="memory").rules()
+    assert rules.stop_loss is None and rules.max_hold_s is None
+    assert rules.quiet_s == ExitSettings.model_fields["exit_quiet_s"].default

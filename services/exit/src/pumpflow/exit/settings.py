@@ -40,10 +40,12 @@ class ExitSettings(CommonSettings):
         _RULES.max_hold_s, description="every position is sold after this long (empty: off)"
     )
     exit_stale_after_s: float | None = Field(
-        _RULES.stale_after_s, description="a position without the stale gain is sold after"
+        _RULES.stale_after_s,
+        description="a position without the stale gain is sold after (empty: off)",
     )
     exit_quiet_s: float | None = Field(
-        _RULES.quiet_s, description="a position whose token is silent this long is sold"
+        _RULES.quiet_s,
+        description="a position whose token is silent this long is sold (empty: off)",
     )
     exit_refused_retry_s: float = Field(
         _RULES.refused_retry_s,

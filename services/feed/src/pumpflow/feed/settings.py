@@ -108,7 +108,7 @@ class FeedSettings(PumpPortalKeySettings):
         gt=0,
         description="a mint quiet this long leaves the per-mint seq table, and a start "
         "restores the seq of mints active this recently; a mint back later goes on above "
-        "every stored seq (None: every mint, kept for ever)",
+        "every stored seq (empty: every mint, kept for ever)",
     )
 
     feed_history_max_events: int = Field(

@@ -10,14 +10,18 @@ environment overrides the file, and what the code passes overrides both. A key n
 setting of its table has is an error naming the file, table and key: a typo never
 silently keeps a default. :func:`check_config_file` checks the whole file up front,
 values included, and :func:`check_environment` the ``PUMPFLOW_`` variables: one that
-names no setting is refused, naming the closest.
+names no setting is refused, naming the closest. An empty value
+(``PUMPFLOW_EXIT_MAX_HOLD_S=``, as env files write it) unsets a setting that may be
+unset, and empties a list or mapping (:func:`unset_if_empty`).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import tomllib
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -171,11 +175,39 @@ def _bad_values(name: str, table: dict[str, Any], settings_cls) -> list[str]:
             Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
         )
         try:
-            TypeAdapter(annotation).validate_python(value)
+            TypeAdapter(annotation).validate_python(unset_if_empty(field, value))
         except ValidationError as exc:
             reasons = "; ".join(err["msg"] for err in exc.errors())
             problems.append(f"[{name}] {key}: {reasons}")
+        except ValueError as exc:  # text that is no JSON, of a list or mapping
+            problems.append(f"[{name}] {key}: {exc}")
     return problems
+
+
+_COLLECTIONS = (dict, list, tuple, set, frozenset)
+
+
+def unset_if_empty(field: FieldInfo, value: Any) -> Any:
+    """``value`` of the setting ``field`` as the setting reads it. Empty (an env file's
+    ``PUMPFLOW_EXIT_MAX_HOLD_S=``): None for a setting that may be None, which is what
+    its description says unset or empty means (a rule off, no wait, every consumer
+    group), and an empty one for a list or mapping. A list or mapping given as text is
+    JSON (ValueError if it is not)."""
+    if not isinstance(value, str):
+        return value
+    annotation = field.annotation
+    collection = typing.get_origin(annotation) or annotation
+    collection = collection if collection in _COLLECTIONS else None
+    if not value.strip():
+        if type(None) in typing.get_args(annotation):
+            return None
+        return collection() if collection is not None else value
+    if collection is None:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
 
 
 def _known_groups(value: str | None) -> str | None:
@@ -210,7 +242,10 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 class CommonSettings(BaseSettings):
     """Settings every service reads. Environment: ``PUMPFLOW_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
+    # lists and mappings are read as JSON by unset_if_empty, where an empty one is empty
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, frozen=True, extra="ignore", enable_decoding=False
+    )
 
     service: str = Field("pumpflow", description="service name; first part of event sources")
     replica: str = Field(
@@ -296,6 +331,11 @@ class CommonSettings(BaseSettings):
         )
         config = _ConfigFileSource(settings_cls, path, service)
         return init_settings, env_settings, dotenv_settings, config, file_secret_settings
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        return unset_if_empty(cls.model_fields[info.field_name], value)
 
     @field_validator("heartbeat_ttl_s")
     @classmethod
