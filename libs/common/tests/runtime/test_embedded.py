@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pumpflow.common.bus.abc import Subscription
@@ -104,3 +106,65 @@ async def test_a_failing_start_stops_the_ones_already_started():
         async with run_embedded([Counter, Broken], clock=ReplayClock()):
             pass
     assert JOURNAL == ["start counter", "stop counter"]
+
+
+class Leaving(Counter):
+    """A counter that stops consuming as it stops, as the services do."""
+
+    name = "leaving"
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.seen = []
+        self.subscription = Subscription(
+            service=self.name, patterns=("token.*",), handler=self.handle
+        )
+        await ctx.bus.subscribe(self.subscription)
+
+    async def stop(self) -> None:
+        await self.ctx.bus.unsubscribe(self.subscription)
+
+
+class LateAnnouncer(Announcer):
+    """Publishes a token's lifecycle as it stops, after the services behind it stopped (a
+    paper fill that comes due then, say)."""
+
+    name = "late"
+
+    async def stop(self) -> None:
+        payload = TokenLifecycle(mint="m9", state="inactive")
+        await self.ctx.bus.publish(
+            make_event(payload, source=self.ctx.source, time=self.ctx.clock.now())
+        )
+        JOURNAL.append(f"stop {self.name}")
+
+
+async def test_what_comes_for_a_service_stopped_for_good_is_dropped_and_said(caplog):
+    """The stop of the run drains the bus after each service: an event for one stopped
+    before would wait for nobody, each drain to its timeout, silently. The stopped one's
+    group is unbound as it stops (a line says so): the event goes nowhere, and no drain
+    times out."""
+    caplog.set_level(logging.DEBUG, logger="pumpflow.embedded")
+    async with run_embedded([LateAnnouncer, Leaving], clock=ReplayClock(), partitions=4) as system:
+        await system.drain()
+    assert JOURNAL == ["start late", "stop late"]
+    assert system.bus.describe()["pending"] == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert "embedded: after leaving stopped, nothing consumes leaving any more: what comes " \
+        "for it is dropped" in said, said  # fmt: skip
+    assert not [line for line in said if "still in flight" in line], said
+
+
+async def test_what_waits_for_a_service_stopped_before_the_end_is_dropped_saying_what(caplog):
+    caplog.set_level(logging.INFO, logger="pumpflow.embedded")
+    clock = ReplayClock()
+    async with run_embedded([Leaving], clock=clock, partitions=4) as system:
+        await system["leaving"].stop()
+        payload = TokenLifecycle(mint="m1", state="inactive")
+        await system.bus.publish(make_event(payload, source="test", time=clock.now()))
+        assert system.bus.describe()["pending"] == 1
+    assert system.bus.describe()["pending"] == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert "embedded: before the services stop, 1 event for leaving (stopped) dropped: " \
+        "token.lifecycle 1" in said, said  # fmt: skip
+    assert not [line for line in said if "still in flight" in line], said

@@ -371,6 +371,31 @@ class InMemoryBus(EventBus):
             return False
         return True
 
+    def drop_unconsumed(self) -> dict[str, dict[str, int]]:
+        """Unbind the groups no replica consumes (their services stopped for good, at the
+        end of an embedded run) and drop what is queued for them: nothing would ever take
+        it, and a drain would wait for it to its timeout; what is published for them from
+        now on goes nowhere. The groups unbound, each with what was dropped (event type ->
+        count)."""
+        dropped: dict[str, dict[str, int]] = {}
+        for service, group in self._groups.items():
+            if group.replicas:
+                continue
+            counts: dict[str, int] = {}
+            for lane in group.lanes():
+                for event in lane.items:
+                    counts[event.type] = counts.get(event.type, 0) + 1
+                self._settle(len(lane.items))
+                lane.items.clear()
+                lane.returned.clear()
+            if counts or group.partition_types or group.critical_types:
+                group.partition_types.clear()
+                group.critical_types.clear()
+                self._declared.pop(service, None)
+                dropped[service] = counts
+        self._routes.clear()
+        return dropped
+
     # ---------------------------------------------------------------- subscribing
 
     async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:

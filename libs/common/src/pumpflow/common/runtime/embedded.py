@@ -8,6 +8,12 @@ Services start in the given order and stop in reverse order; each gets its own
 :class:`ServiceContext` (its own settings, so its own name and event source) around
 the shared bus, store, clock and, when given, Postgres pool. A test may bring the bus
 (RabbitMQ, say): the services run on it as they would in-process on the broker.
+
+The bus is drained before the services stop and after each one stops. On the run's own
+in-memory bus, the groups of the services stopped are unbound first, what is queued for
+them dropped (a line says what): a paper fill that comes due after the exit service
+stopped would wait for nobody, and every drain after it to its timeout. A drain that
+times out says so.
 """
 
 from __future__ import annotations
@@ -114,17 +120,34 @@ async def run_embedded(
         yield system
     finally:
         try:
-            if not await bus.drain(drain_timeout_s):
-                log.warning("embedded: events still in flight after %.1f s", drain_timeout_s)
+            await _drain(bus, drain_timeout_s, when="before the services stop", own=own_bus)
         finally:
             for service in reversed(started):
+                name = service.settings.service
                 try:
                     await service.stop()
                 except Exception:
-                    log.exception("embedded: %s failed to stop", service.settings.service)
+                    log.exception("embedded: %s failed to stop", name)
                 # what a stopping service published still reaches the ones that run
-                await bus.drain(drain_timeout_s)
+                await _drain(bus, drain_timeout_s, when=f"after {name} stopped", own=own_bus)
             if own_bus:
                 await bus.close()
             if store is None:
                 await system.store.close()
+
+
+async def _drain(bus: EventBus, timeout: float, *, when: str, own: bool) -> None:  # noqa: ASYNC109
+    """Drain ``bus`` (``own``: the run's in-memory bus, whose groups no service consumes
+    any more lose what is queued for them first); say what it dropped, and a timeout."""
+    if own and isinstance(bus, InMemoryBus):
+        for group, types in bus.drop_unconsumed().items():
+            count = sum(types.values())
+            if not count:
+                log.debug("embedded: %s, nothing consumes %s any more: what comes for it is "
+                          "dropped", when, group)  # fmt: skip
+                continue
+            log.info("embedded: %s, %d event%s for %s (stopped) dropped: %s", when, count,
+                     "" if count == 1 else "s", group,
+                     ", ".join(f"{name} {n}" for name, n in sorted(types.items())))  # fmt: skip
+    if not await bus.drain(timeout):
+        log.warning("embedded: %s, events still in flight after %.1f s", when, timeout)
