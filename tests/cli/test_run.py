@@ -7,7 +7,7 @@ import io
 import logging
 import re
 
-from pumpflow.cli.run import NOT_FLAT, run_embedded_market
+from pumpflow.cli.run import NOT_FLAT, graceful_exit, run_embedded_market
 
 
 def market_refusals(message: str) -> bool:
@@ -92,3 +92,82 @@ async def test_a_graceful_exit_that_leaves_positions_open_ends_the_run_non_zero(
     assert re.match(rf"pumpflow run: {left} positions? left open after the graceful exit: "
                     r"it ended [\d.]+s past its deadline", said[0]), said  # fmt: skip
     assert "with sales that got no outcome" in said[0], said
+
+
+#: a features vector inside every default entry filter of trading
+GOOD_FEATURES = {
+    "time_since_launch": 60.0,
+    "curve_progress": 0.2,
+    "creator_holding_share": 0.02,
+    "creator_sold": 0.0,
+    "buy_volume_sol_60s": 5.0,
+    "unique_traders": 25.0,
+    "top_buyer_share": 0.2,
+    "price": 5e-8,
+}
+
+
+async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_does():
+    """The graceful exit waits for a sale's outcome ``exit_order_timeout_s`` of wall time,
+    past its deadline: the run waits as long, so a fill 11 wall seconds after the sale
+    ends the run flat with the exit's report, not given up on 10 seconds after the
+    deadline."""
+    from pumpflow.common.clock import WallClock
+    from pumpflow.common.events import (
+        FeaturesUpdated,
+        ModelPrediction,
+        TokenLifecycle,
+        make_event,
+    )
+    from pumpflow.common.priority import Priority
+    from pumpflow.common.runtime.embedded import run_embedded
+    from pumpflow.common.testing import EventCollector, TokenEvents, eventually
+    from pumpflow.exit.service import ExitService
+    from pumpflow.trading.service import TradingService
+
+    speed = 60.0
+    latency_s = 11.0 * speed  # a paper order fills 11 wall seconds after it is sent
+    clock = WallClock(speed=speed)
+    trader = TradingService(
+        TradingService.settings_class.load(
+            service="trading", transport="memory", trading_paper_latency_s=latency_s,
+            trading_max_feed_lag_s=3600.0, trading_max_silence_s=3600.0,
+        )
+    )  # fmt: skip
+    exits = ExitService(
+        ExitService.settings_class.load(
+            service="exit", transport="memory", exit_deadline_s=0.001,
+            exit_order_timeout_s=30.0,
+        )
+    )  # fmt: skip
+    tokens = TokenEvents(clock)
+    out = io.StringIO()
+    async with run_embedded([trader, exits], clock=clock) as system:
+        watch = await EventCollector("watch").attach(system.bus, "order.*")
+        mint, now = tokens.mint(), clock.now()
+        features = FeaturesUpdated(
+            mint=mint, feature_set_version="test", source_seq=1,
+            names=tuple(GOOD_FEATURES), values=tuple(GOOD_FEATURES.values()),
+        )  # fmt: skip
+        lifecycle = TokenLifecycle(mint=mint, state="active", priority=int(Priority.URGENT))
+        prediction = ModelPrediction(
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.9
+        )
+        for event in (
+            tokens.created(mint, sol=0.5, trader="dev"),
+            tokens.buy(mint, "alice", sol=3.0),
+            make_event(features, source="features/test", time=now),
+            make_event(lifecycle, source="activity/test", time=now),
+            make_event(prediction, source="model/test", time=now),
+        ):
+            await system.bus.publish(event)
+        await watch.wait_for(1, "order.requested")
+        # a trade the stream stamps past the entry's latency fills it at once
+        await system.bus.publish(tokens.buy(mint, "bob", sol=0.1, time=now + latency_s + 1))
+        await eventually(lambda: len(exits.positions()) == 1, 10.0, what="the exit holds it")
+        not_flat = await graceful_exit(system, clock=clock, speed=speed, out=out)
+    printed = out.getvalue()
+    assert "did not end" not in printed, printed
+    assert "graceful exit (pumpflow run ended): 1 positions, 1 sold out" in printed, printed
+    assert "open positions after the graceful exit: 0" in printed, printed
+    assert not_flat is None

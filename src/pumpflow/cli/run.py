@@ -48,6 +48,9 @@ FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
 #: are half a wall second, which a busy machine's scheduler alone can take from the loop
 SILENCE_S = 3.0
+#: wall seconds the run gives the graceful exit past its deadline and the wait for the
+#: outcome of a sale sent at it: the exit's records and its look at them (a second)
+EXIT_GRACE_S = 10.0
 #: the exit status of a run whose graceful exit left positions open or never reported:
 #: 1, as any command's that did not do what it was asked (``pumpflow stop``'s too)
 NOT_FLAT = 1
@@ -274,7 +277,10 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | No
     exits = system["exit"]
     shutdown = SystemShutdown(reason="pumpflow run ended")
     await system.bus.publish(make_event(shutdown, source="run", time=clock.now()))
-    wall_s = exits.settings.exit_deadline_s / speed + 10.0
+    # the deadline is on the run's clock; a sale sent at it waits for its outcome in wall
+    # seconds, its tokens unconfirmed only after exit_order_timeout_s
+    settings = exits.settings
+    wall_s = settings.exit_deadline_s / speed + settings.exit_order_timeout_s + EXIT_GRACE_S
     try:
         await asyncio.wait_for(_finished(exits), timeout=wall_s)
     except TimeoutError:
