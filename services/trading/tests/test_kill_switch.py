@@ -243,6 +243,44 @@ async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sen
         assert service.executor.due(clock.now() + 3600.0) == []
 
 
+async def test_an_entry_whose_store_succeeds_after_the_halt_came_is_refused_not_sent(
+    clock, market, pg_pool
+):
+    """The halt comes while the store of an entry's order waits (a lock on the orders);
+    that store then goes through, the order stored as sent: it is refused all the same
+    (the halt came before anything was sent), its capital released, never sent, and it
+    counts nowhere as a failed execution."""
+    ledger = PostgresLedger(pg_pool)
+    service = trading(ledger)
+    async with running(clock, service) as (bus, watch, client):
+        mint = await ready(bus, market)
+        async with pg_pool.acquire() as holder:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
+            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
+                             what="the entry's store waiting for the lock")  # fmt: skip
+            halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
+            await eventually(lambda: service.risk.state is TradingState.HALTED,
+                             what="the halt applied")  # fmt: skip
+            # the store under way goes through
+            await locked.rollback()
+            await asyncio.wait_for(deciding, 30)
+        answer = await asyncio.wait_for(halting, 30)
+        assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
+        await clock.advance(service.settings.trading_tick_s)
+        assert service.executor.due(clock.now() + 3600.0) == []
+        assert watch.count("order.filled") == 0
+        [order] = await ledger.orders(limit=10)
+        assert order["state"] == "rejected", order
+        assert order["outcome"] == "halted before it was sent: operator", order
+        [refusal] = watch.payloads("order.rejected")
+        assert refusal.order_id == order["order_id"]
+        assert service.risk.reservations == {}
+        assert service.risk.consecutive_failures == 0
+
+
 def stored_halt(service: TradingService, reason: str) -> bool:
     """Whether the halt of ``reason`` is applied and stored (before it was given, the
     state stored is the one before)."""

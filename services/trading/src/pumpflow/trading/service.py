@@ -212,6 +212,12 @@ def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
     return isinstance(data, OrderRequested | OrderRejected) and data.order_id in ids
 
 
+def _halted_unsent(reason: str) -> str:
+    """Why an entry the operator's halt (for ``reason``) caught before it was sent is
+    refused."""
+    return f"halted before it was sent: {reason}"
+
+
 class ControlNotStored(RuntimeError):
     """The operator's state could not be stored in the ledger, so it is not applied."""
 
@@ -1304,6 +1310,14 @@ class TradingService(Service):
                 self.metrics.sale_refused()
                 log.info("trading: order %s refused: %s", order.order_id, order.outcome)
                 continue
+            if isinstance(request, OrderRequested) and (
+                self.risk.operator_state is TradingState.HALTED
+            ):
+                # a halt came while its store was under way: stored as sent, never sent
+                if follow is None:
+                    follow = _Step()
+                self._refuse_stored_entry(request, follow)
+                continue
             self.metrics.order(side, "sent")
             if isinstance(request, ExitOrder):
                 outcome = await self.executor.start_exit(request, time=order.requested_at)
@@ -1321,6 +1335,27 @@ class TradingService(Service):
         ]
         if follow is not None and (follow.change or follow.events):
             self._backlog.append(follow)
+
+    def _refuse_stored_entry(self, request: OrderRequested, step: _Step) -> None:
+        """Refuse an entry the ledger stored as sent after the operator's halt came, before
+        it reached the executor: its capital released, its refusal stored and told (the
+        halt, not the executor, refused it: no failed execution)."""
+        reason = _halted_unsent(self.risk.operator_reason)
+        self.risk.release(request.order_id)
+        step.change.outcomes.append(
+            OrderOutcome(order_id=request.order_id, state="rejected", outcome=reason)
+        )
+        step.events.append(
+            make_event(
+                rejected(request, reason),
+                source=self._ctx.source,
+                time=self._ctx.clock.now(),
+                event_id=derived_id("outcome", request.order_id),
+            )
+        )
+        self.metrics.order(request.side, "rejected")
+        log.warning("trading: entry %s stored as the halt came is refused, not sent: %s",
+                    request.order_id, reason)  # fmt: skip
 
     async def _publish(self) -> None:
         bus = self._ctx.bus
@@ -1616,8 +1651,8 @@ class TradingService(Service):
     def _refuse_unsent_entries(self, reason: str) -> int:
         """Refuse the entries waiting for the ledger (decided, neither stored nor sent):
         stored refused, their capital released; how many. The steps of a commit under
-        way are left alone: it may store them as sent, and then they are sent; if it
-        fails, :meth:`_flush` refuses them then."""
+        way are left alone: if it stores them as sent, :meth:`_send` refuses them before
+        the executor has them; if it fails, :meth:`_flush` refuses them then."""
         refused = 0
         for step in self._backlog[self._storing :]:
             ids = {i for i, r in step.requests.items() if isinstance(r, OrderRequested)}
@@ -1628,7 +1663,7 @@ class TradingService(Service):
                 self.risk.release(order_id)
                 self.metrics.order("buy", "rejected")
             step.change.orders = [
-                replace(o, state="rejected", outcome=f"halted before it was sent: {reason}")
+                replace(o, state="rejected", outcome=_halted_unsent(reason))
                 if o.order_id in ids
                 else o
                 for o in step.change.orders
