@@ -241,6 +241,20 @@ def test_a_breaker_trip_stops_entries_from_the_event_that_trips_it(engine, marke
     assert orders(engine.process(market.prediction(mint))) == []
 
 
+def test_a_prediction_late_past_the_feed_lag_limit_enters_nothing(engine, market, clock):
+    """A prediction is stamped with the time of the trade its vector follows from: one
+    arriving past ``max_feed_lag_s`` (the model service behind, its queue draining after
+    a restart) scores a market long gone, while the token's own events are on time. It
+    trips the stale breaker as a late trade does, and orders nothing."""
+    mint = market.ready(engine)
+    late = make_event(market.prediction(mint).data, source="model/test", time=clock.now() - 5.0)
+    out = engine.process(late)
+    assert orders(out) == []
+    [trip, _halt] = [e.data for e in out]
+    assert trip.breaker == "stale" and trip.tripped and "feed lag 5.0s" in trip.reason
+    assert "model.prediction" in trip.reason
+
+
 def test_fills_open_positions_and_trades_mark_them(engine, market, book, risk, clock):
     broker = PaperBroker()
     mint = market.ready(engine, broker=broker)

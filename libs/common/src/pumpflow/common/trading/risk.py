@@ -9,8 +9,11 @@ loss limit's and the breakers'.
 Circuit breakers (:data:`BREAKERS`) trip on their fault and recover after
 ``recovery_s`` without it: ``curve`` (a frame contradicting the curve maths,
 :func:`pumpflow.common.curve.frame_consistency_error`), ``stale`` (a feed lag or a
-silence past the limits), ``rate`` (an anomalous event rate), ``execution`` (failed
-orders in a row; after recovery one more failure trips it again).
+silence past the limits; the lag of a token event, a features vector or a prediction,
+each stamped with the time of the trade it follows from: a prediction behind the
+market scores a curve long gone, however current the token's own events), ``rate``
+(an anomalous event rate), ``execution`` (failed orders in a row; after recovery one
+more failure trips it again).
 
 A sale the market refused on slippage (an order rejected with the ``cause``
 ``slippage``, by paper and live execution alike) is no failure of execution and counts
@@ -68,6 +71,9 @@ class TradingState(enum.StrEnum):
 _SEVERITY = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
 #: isinstance with a union made once, not at every event
 _FRAMES = TokenTrade | TokenCreated
+#: besides the token events, the types stamped with the time of the trade they follow
+#: from (a vector, its score), so their age is the pipeline's lag behind the market
+_MARKET_STAMPED = frozenset({"features.updated", "model.prediction"})
 
 CURVE = "curve"
 STALE = "stale"
@@ -331,10 +337,10 @@ class RiskManager:
         data = event.data
         if isinstance(data, _FRAMES) and data.pool != POOL_PUMP_AMM:
             self._check_frame(data, now)
-        if event.type.startswith("token.") or event.type == "features.updated":
+        if event.type.startswith("token.") or event.type in _MARKET_STAMPED:
             lag = now - event.time
             if lag > self.breaker_settings.max_feed_lag_s:
-                self._fault(STALE, now, f"feed lag {lag:.1f}s")
+                self._fault(STALE, now, f"feed lag {lag:.1f}s ({event.type})")
         rate = self._rate()
         if rate > self.breaker_settings.max_events_per_s:
             self._fault(RATE, now, f"{rate:.0f} events/s")

@@ -74,6 +74,7 @@ Circuit breakers (:class:`BreakerSettings`):
   lamport and base-unit rounding stays under 1e-10. A larger mismatch is corrupt data.
 - ``max_feed_lag_s = 2.0``: a trade reaching trading 2 s after the feed stamped it
   means a backlog; at the graduates' ~1.7 trades/s the curve has moved ~3 trades since.
+  A prediction carries its trade's time, so the same limit holds for the model's lag.
 - ``max_silence_s = 30``: tokens are created at 16-42 a minute and the feed carries
   every creation; 30 s with no event at all has probability e^-8 at the slowest rate.
 - ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the breaker counts every
