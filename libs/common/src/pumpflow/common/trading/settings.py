@@ -55,8 +55,10 @@ Risk limits (:class:`RiskLimits`), as fractions of capital:
 - ``max_concurrent_positions = 5``, ``max_total_exposure_fraction = 0.5``: five full
   positions at 10% reach the total; half the capital stays in SOL for fees, exits and
   a bad day (over 60% of active addresses lose money).
-- ``max_daily_loss_fraction = 0.05``: 2.5 dumps at the per-trade risk; past it
-  trading only reduces until the next UTC day.
+- ``max_daily_loss_fraction = 0.05``: 2.5 dumps at the per-trade risk; once the UTC
+  day's realised PnL (the sales booked since midnight, gains netted against losses) is
+  down to it, trading only reduces until the next UTC day. Open positions' marks do
+  not count: a position is sized for its dump already, and its sale realises it.
 - ``max_entry_price_impact = 0.02``: the entry's impact is paid again on the way out,
   so 2% costs ~4% a round trip, no more than the fees (~4.5%). At launch (30 SOL
   virtual) that is a 0.61 SOL buy; a curve at 60 SOL takes 1.2 SOL.
