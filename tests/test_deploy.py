@@ -389,6 +389,9 @@ def test_prometheus_scrapes_rabbitmq_and_redis():
     plugins = (ROOT / "deploy/rabbitmq/enabled_plugins").read_text()
     assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
     assert targets["rabbitmq"] == ["rabbitmq:15692"]
+    # by queue, so BacklogGrowing leaves the dead-letter queues out (/metrics sums them all)
+    rabbitmq = next(j for j in config["scrape_configs"] if j["job_name"] == "rabbitmq")
+    assert rabbitmq["metrics_path"] == "/metrics/per-object"
     exporter = SERVICES["redis-exporter"]
     assert exporter["build"]["dockerfile"] == "deploy/redis-exporter.Dockerfile"
     assert targets["redis"] == ["redis-exporter:9121"]
