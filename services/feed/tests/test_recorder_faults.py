@@ -135,6 +135,27 @@ async def test_a_store_that_goes_away_is_waited_out_and_readiness_says_why(own_s
     await bus.close()
 
 
+async def test_the_pending_gauge_counts_every_event_waiting_while_the_store_is_away(own_store):
+    server, store = own_store
+    registry = CollectorRegistry()
+    config = RecorderConfig(retry_initial_s=0.05, retry_max_s=0.2)
+    recorder = Recorder(store, config=config, metrics=FeedMetrics(registry))
+    await recorder.start()
+    await asyncio.to_thread(server.stop)
+    events = trades(30)
+    await recorder.add(events[0])
+    # the writer holds the first one in its batch, retrying, while the rest queue behind
+    await eventually(lambda: recorder.last_error, what="the store's first failure")
+    for event in events[1:]:
+        await recorder.add(event)
+    assert recorder.pending == 30
+    assert registry.get_sample_value("pumpflow_feed_record_pending") == 30
+    await asyncio.to_thread(server.start)
+    await asyncio.wait_for(recorder.flush(), 30)
+    assert registry.get_sample_value("pumpflow_feed_record_pending") == 0
+    await recorder.close(5)
+
+
 async def test_a_backlog_near_the_readers_limit_is_not_ready(own_store):
     server, store = own_store
     await asyncio.to_thread(server.stop)

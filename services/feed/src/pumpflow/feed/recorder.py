@@ -64,6 +64,7 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,6 +224,9 @@ class Recorder:
         self.reader_waited_s = 0.0
         self._wait_log = LogBudget()
         self.last_error: str | None = None
+        # read when scraped: the writer may wait for the store for long, holding a batch,
+        # while the reader adds behind it (weak: the registry outlives a recorder in tests)
+        self.metrics.record_pending.set_function(_pending_of(weakref.ref(self)))
 
     @property
     def pending(self) -> int:
@@ -333,7 +337,6 @@ class Recorder:
             self._inflight = self._unpublished = 0
             self._idle.set()
             self._space.set()
-            self.metrics.record_pending.set(0)
             log.error(
                 "stop: %d events not stored within %.1f s: lost (PumpPortal keeps no history); "
                 "%d stored events not published: %s%s", unstored, timeout_s, unpublished,
@@ -386,10 +389,8 @@ class Recorder:
                 self._full.clear()
                 if len(self._pending) < self._max_pending:
                     self._space.set()
-                self.metrics.record_pending.set(len(self._pending) + count)
                 await self._record(batch)
                 self._inflight = 0
-            self.metrics.record_pending.set(0)
             if not self._pending:
                 self._idle.set()
 
@@ -528,6 +529,16 @@ class Recorder:
             else:
                 self.last_error = None
                 return result
+
+
+def _pending_of(recorder: weakref.ref[Recorder]):
+    """The recorder's events waiting to be stored, 0 once it is gone."""
+
+    def pending() -> int:
+        found = recorder()
+        return 0 if found is None else found.pending
+
+    return pending
 
 
 async def _cancel(task: asyncio.Task) -> None:
