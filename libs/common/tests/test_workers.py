@@ -282,3 +282,12 @@ async def test_join_returns_once_only_cancelled_tasks_were_left():
     assert await pool.join(1.0)
     assert pool.queue_depth == 0
     await pool.stop()
+
+
+def test_the_restarts_are_counted_from_0():
+    """A counter child made at its first increment appears at 1, which increase() does
+    not count: a pool's first worker restart would read 0 on the dashboard."""
+    _, registry = make_pool()
+    for reason in ("error", "hung"):
+        labels = {"pool": "p", "reason": reason}
+        assert registry.get_sample_value("pumpflow_worker_pool_restarts_total", labels) == 0

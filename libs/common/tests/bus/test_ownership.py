@@ -152,6 +152,20 @@ async def test_balanced_bus_describes_the_transport_and_its_ownership():
     await bus.close()
 
 
+async def test_the_heartbeat_failures_and_rebalances_are_counted_from_0():
+    """A counter child made at its first increment appears at 1, which increase() does
+    not count: the first failed heartbeat would read 0 on the dashboard."""
+    inner = InMemoryBus(partitions=2, source="test/memory")
+    bus = BalancedBus(inner, store=MemoryStateStore(), clock=ReplayClock(), replica="from-0")
+    bus.balancer("svc-counted-from-0")
+    labels = {"service": "svc-counted-from-0", "replica": "from-0"}
+    for name in (
+        "pumpflow_partition_heartbeat_failures_total",
+        "pumpflow_partition_rebalances_total",
+    ):
+        assert REGISTRY.get_sample_value(name, labels) == 0, name
+
+
 # ---------------------------------------------------------------------- registry
 
 

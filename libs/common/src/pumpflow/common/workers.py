@@ -59,6 +59,8 @@ _RUN_BEFORE_YIELD = 64
 #: one task in this many is timed for the histograms (timing every one cost more than
 #: running a small task; a steady sample keeps the quantiles)
 _TIME_ONE_IN = 8
+#: why a worker is replaced: its task failed, or ran past the deadline
+RESTART_REASONS = ("error", "hung")
 ErrorCallback = Callable[[str, BaseException], None]
 
 
@@ -209,7 +211,8 @@ class TokenMonitorThreadPool:
         self._m_hung = metrics.tasks.labels(name, "hung")
         self._m_seconds = metrics.task_seconds.labels(name)
         self._m_wait = metrics.wait_seconds.labels(name)
-        self._m_restarts = metrics.restarts
+        # from 0, so a pool's first restart shows as an increase
+        self._m_restarts = {r: metrics.restarts.labels(name, r) for r in RESTART_REASONS}
         self._queues: dict[str, deque[_Job]] = {}
         #: per token, how many queued tasks have each priority (its rank is the highest)
         self._levels: dict[str, dict[int, int]] = {}
@@ -574,5 +577,5 @@ class TokenMonitorThreadPool:
 
     def _restart(self, reason: str) -> None:
         self.restarts += 1
-        self._m_restarts.labels(self.config.name, reason).inc()
+        self._m_restarts[reason].inc()
         self._spawn()

@@ -228,6 +228,9 @@ class PartitionBalancer:
         self._timer: TimerHandle | None = None
         self._running = False
         self._labels = (self.service, self.replica)
+        # from 0, so the first failed heartbeat shows as an increase
+        HEARTBEAT_FAILURES.labels(*self._labels)
+        REBALANCES.labels(*self._labels)
 
     @property
     def running(self) -> bool:
