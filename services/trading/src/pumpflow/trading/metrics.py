@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pumpflow.common.events import Side
 from pumpflow.common.metrics import families
 from pumpflow.common.trading import BREAKERS, PositionBook, RiskManager, TradingState
 
@@ -17,6 +18,10 @@ RECEIPT_TO_DECISION_BUCKETS = (
 
 #: what the book does not hold though the wallet moved by it (see ``unbooked``)
 UNBOOKED_KINDS = ("wallet_trade", "sale_of_closed_position")
+#: what became of an order (see ``order``)
+ORDER_OUTCOMES = ("sent", "filled", "rejected", "duplicate")
+#: a prediction's outcome, by whether it led to an order
+PREDICTION_OUTCOMES = {True: "order", False: "no_order"}
 
 
 class _Families:
@@ -118,9 +123,17 @@ class TradingMetrics:
         self._f = families("trading", _Families, registry)
         # nothing given here waits for the ledger until a halt does
         self._f.operator_state_stored.set(1)
+        # from 0, so the first of each (a breaker's first trip) shows as an increase
         for kind in UNBOOKED_KINDS:
-            # from 0, so the first one shows as an increase
             self._f.unbooked.labels(kind)
+        for breaker in BREAKERS:
+            self._f.trips.labels(breaker)
+        for side in get_args(Side):
+            self._f.fill_sol.labels(side)
+            for outcome in ORDER_OUTCOMES:
+                self._f.orders.labels(side, outcome)
+        for outcome in PREDICTION_OUTCOMES.values():
+            self._f.predictions.labels(outcome)
         #: ordered -> its predictions counter (looked up once: one a prediction)
         self._predictions: dict[bool, Any] = {}
 
@@ -134,7 +147,7 @@ class TradingMetrics:
         counter = self._predictions.get(ordered)
         if counter is None:
             counter = self._predictions[ordered] = self._f.predictions.labels(
-                "order" if ordered else "no_order"
+                PREDICTION_OUTCOMES[ordered]
             )
         counter.inc()
 
