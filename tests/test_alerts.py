@@ -166,3 +166,92 @@ def test_the_models_trading_and_exits_dashboard_never_reads_no_data():
     for name, title, expr in dashboard_queries():
         if name == "pumpflow-trading.json":
             assert re.search(r"or on \(\) vector\(0\)$", expr), f"{title}: {expr}"
+
+
+def panel_target(dashboard: str, title: str) -> tuple[dict, str]:
+    """The panel titled ``title`` and its first query, variables matching everything."""
+    found = next(
+        p
+        for p in json.loads((ROOT / "deploy/grafana/dashboards" / dashboard).read_text())["panels"]
+        if p["title"] == title
+    )
+    return found, re.sub(r"\$\{?\w+\}?", ".*", found["targets"][0]["expr"])
+
+
+def evaluates_to(
+    tmp_path: Path, expr: str, series: list[dict], samples: list[dict], at: str = "1m"
+) -> bool:
+    """Whether ``expr`` gives exactly ``samples`` at ``at`` over ``series`` (by promtool)."""
+    tests = {
+        "rule_files": [],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [{"expr": expr, "eval_time": at, "exp_samples": samples}],
+            }
+        ],
+    }
+    path = tmp_path / "panel.test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120
+    )
+    return result.returncode == 0
+
+
+def test_the_dead_letters_panel_counts_a_replicas_first_letters(tmp_path):
+    """The bus exports a (service, type, lane) dead-letter series from its first letter,
+    already above 0: increase() alone would read 0 for them."""
+    _, expr = panel_target("pumpflow.json", "Dead letters per service (per 5 min)")
+    # two letters at 1m, the replica's first of that type and lane
+    first = [
+        {
+            "series": 'pumpflow_events_dead_lettered_total{service="model", type="unknown", '
+            'lane="partition", instance="m1:8000"}',
+            "values": "_ 2",
+        }
+    ]
+    assert evaluates_to(tmp_path, expr, first, [{"labels": '{service="model"}', "value": 2}])
+    # three more at 6m: the series was there before, its increase counts
+    more = [{**first[0], "values": "_ 2x4 5"}]
+    assert evaluates_to(tmp_path, expr, more, [{"labels": '{service="model"}', "value": 3}], "6m")
+
+
+def test_the_trading_state_stat_says_when_no_replica_trades(tmp_path):
+    """The stat maps its value to a text: a system where no replica holds the lease (or
+    none is scraped) must not read "active"."""
+    stat, expr = panel_target("pumpflow-trading.json", "Trading state")
+    texts = {
+        float(value): shown["text"]
+        for mapping in stat["fieldConfig"]["defaults"]["mappings"]
+        for value, shown in mapping["options"].items()
+    }
+
+    def shown(series: list[dict]) -> str:
+        for value, text in texts.items():
+            if evaluates_to(tmp_path, expr, series, [{"labels": "{}", "value": value}]):
+                return text
+        return "unmapped"
+
+    def replica(instance: str, leads: int, state: str) -> list[dict]:
+        labels = f'instance="{instance}"'
+        return [
+            {"series": f"pumpflow_trading_leader{{{labels}}}", "values": f"{leads} {leads}"},
+            *(
+                {
+                    "series": f'pumpflow_trading_state{{state="{each}", {labels}}}',
+                    "values": "1 1" if each == state else "0 0",
+                }
+                for each in ("active", "reducing", "halted")
+            ),
+        ]
+
+    assert shown(replica("t1:8000", 1, "active") + replica("t2:8000", 0, "halted")) == "active"
+    assert shown(replica("t1:8000", 1, "reducing")) == "reducing"
+    assert shown(replica("t1:8000", 0, "active") + replica("t2:8000", 1, "halted")) == "halted"
+    # the lease lost by every replica: their gauges are as they stood by
+    assert shown(replica("t1:8000", 0, "active") + replica("t2:8000", 0, "active")) == (
+        "no replica trades"
+    )
+    assert shown([]) == "no replica trades"
