@@ -333,3 +333,32 @@ async def test_the_wait_after_refusals_holds_a_silent_position_in_the_markets_ti
         assert service.consumer.metrics.timers._value.get() - fired <= 1
         await asyncio.wait_for(clock.advance(0.6), 10.0)
         assert [o.order_id[-1] for o in watch.payloads("exit.order")] == ["1", "2", "3"]
+
+
+async def test_a_stop_loss_refused_once_orders_again_at_once_on_a_silent_token():
+    """The first refusal gives the rule back to order again at once: a stop loss refused
+    (the dump moved the price past the sale's limit) orders again as the refusal comes,
+    not at the token's next trade (after a rug there may be none for a minute, and the
+    next seller's sale comes first)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        await stop_loss(bus, tokens, clock, mint, position.data.entry_price)
+        [first] = watch.payloads("exit.order")
+        assert first.reason == "stop_loss"
+        await clock.advance(0.5)
+        refused = OrderRejected(
+            order_id=first.order_id, mint=mint, reason="slippage", side="sell",
+            position_id=first.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(refused, source="trading/test", time=clock.now()))
+        await service.consumer.flush()
+        orders = watch.payloads("exit.order")
+        assert [(o.reason, o.order_id[-1]) for o in orders] == [
+            ("stop_loss", "1"),
+            ("stop_loss", "2"),
+        ]
+        assert orders[1].token_amount == pytest.approx(HELD)

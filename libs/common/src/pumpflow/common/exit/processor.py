@@ -495,13 +495,14 @@ class ExitProcessor:
         self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float, now: float
     ) -> list[ExitDecision]:
         """Take a sale's or an entry's outcome (``time``: trading's, ``now``: the time the
-        rules judge at)."""
+        rules judge at); the exits due as a refused sale gives its rule back."""
         if outcome.side == "buy" or not is_exit_order(outcome.order_id):
             self._entry_outcome(state, outcome)
             return []
         # pending while the rules run: its tokens are not taken for an entry added
         sale = state.pending.get(outcome.order_id)
         position = state.position
+        decisions: list[ExitDecision] = []
         if isinstance(outcome, OrderFilled):
             if (
                 position is not None
@@ -527,10 +528,14 @@ class ExitProcessor:
             # halted too: a refusal during a graceful exit gives the rules back their
             # tokens for after it (else taken for an entry added, the ladder resized)
             self._rules(state, lambda ev: ev.rearm(decision) or [], deciding=False)
+            # the rules look again as the refusal comes (a wait after refusals holds
+            # them): a rule of price due would otherwise wait for the token's next
+            # trade, which after a dump may be another seller's
+            decisions = self._rules(state, lambda ev: ev.check_time(state.mint, decision.time))
         state.pending.pop(outcome.order_id, None)
         if self.on_outcome is not None:
             self.on_outcome(state.mint, outcome, sale, time)
-        return []
+        return decisions
 
     def _requested(
         self, state: ExitState, event: Event, request: SaleRequested, effects: Effects
