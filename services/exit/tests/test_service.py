@@ -362,3 +362,27 @@ async def test_a_stop_loss_refused_once_orders_again_at_once_on_a_silent_token()
             ("stop_loss", "2"),
         ]
         assert orders[1].token_amount == pytest.approx(HELD)
+
+
+async def test_a_migration_told_by_a_pool_trade_orders_again_only_what_is_held():
+    """The first pool trade tells the migration and marks the token in one go: the
+    migration's sale is not taken for tokens added to the position, so its refusal
+    orders again the tokens held, not twice as many."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, _ = await held_position(bus, tokens)
+        await bus.publish(tokens.buy(mint, "bob", sol=0.5, pool="pump-amm"))
+        [first] = watch.payloads("exit.order")
+        refused = OrderRejected(
+            order_id=first.order_id, mint=mint, reason="slippage", side="sell",
+            position_id=first.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(refused, source="trading/test", time=clock.now()))
+        await bus.publish(tokens.buy(mint, "bob", sol=0.5, pool="pump-amm"))
+        await service.consumer.flush()
+        orders = watch.payloads("exit.order")
+        assert [o.reason for o in orders] == ["migration", "migration"]
+        assert orders[1].token_amount == pytest.approx(HELD)

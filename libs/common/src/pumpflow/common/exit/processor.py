@@ -358,11 +358,16 @@ class ExitProcessor:
             # a trade on its pool tells the migration its frame did not (lost, or late)
             revealed = _on_pool(data) and not state.migrated
             price = self._mark(state, data)
-            decisions = []
-            if revealed:
-                decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
-            if price is not None:
-                decisions += self._rules(state, lambda ev: ev.on_mark(state.mint, price, time))
+
+            def on_trade(ev: ExitEvaluator) -> list[ExitDecision]:
+                # one pass: a second would take the migration's sale, not pending yet,
+                # for tokens added to the position
+                decisions = ev.on_migration(state.mint, time) if revealed else []
+                if price is not None:
+                    decisions += ev.on_mark(state.mint, price, time)
+                return decisions
+
+            decisions = self._rules(state, on_trade)
         elif isinstance(data, TokenMigrated):
             self._migrated(state)
             decisions = self._rules(state, lambda ev: ev.on_migration(state.mint, time))
