@@ -364,6 +364,34 @@ async def test_a_stop_loss_refused_once_orders_again_at_once_on_a_silent_token()
         assert orders[1].token_amount == pytest.approx(HELD)
 
 
+async def test_a_refused_partial_sale_after_a_full_exit_is_sold_by_that_exit():
+    """A take-profit step's sale is under way when the trailing stop sells everything
+    left; the step's sale is refused: its tokens come back to the rules, and the trailing
+    stop, still due, sells them (they stayed held through the dump until a rule of time)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        entry = position.data.entry_price
+        await take_profit(bus, tokens, clock, mint, entry)
+        await _sell_until(bus, tokens, mint, tokens.curves[mint].price * 0.69)
+        step, trail = watch.payloads("exit.order")
+        assert (step.reason, trail.reason) == ("take_profit_1", "trailing_stop")
+        await bus.publish(filled(trail, tokens.curves[mint].price, clock.now()))
+        refused = OrderRejected(
+            order_id=step.order_id, mint=mint, reason="slippage", side="sell",
+            position_id=step.position_id,
+        )  # fmt: skip
+        await bus.publish(make_event(refused, source="trading/test", time=clock.now()))
+        await bus.publish(tokens.sell(mint, "whale", tokens=tokens.balance(mint, "whale") * 0.01))
+        await service.consumer.flush()
+        last = watch.payloads("exit.order")[-1]
+        assert (last.reason, last.order_id[-1]) == ("trailing_stop", "3")
+        assert last.token_amount == pytest.approx(step.token_amount)
+
+
 async def test_a_migration_told_by_a_pool_trade_orders_again_only_what_is_held():
     """The first pool trade tells the migration and marks the token in one go: the
     migration's sale is not taken for tokens added to the position, so its refusal
@@ -386,3 +414,27 @@ async def test_a_migration_told_by_a_pool_trade_orders_again_only_what_is_held()
         orders = watch.payloads("exit.order")
         assert [o.reason for o in orders] == ["migration", "migration"]
         assert orders[1].token_amount == pytest.approx(HELD)
+
+
+async def test_tokens_added_while_a_full_exit_is_under_way_are_sold_by_it():
+    """The trailing stop orders everything left sold; an entry adds to the position
+    before that sale settles (trading's add_to_positions): the trailing stop, still due
+    at the token's next trade, sells the tokens added too."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service()
+    async with embedded(clock, service) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        await trailing_stop(bus, tokens, clock, mint, position.data.entry_price)
+        [trail] = watch.payloads("exit.order")
+        assert (trail.reason, trail.token_amount) == ("trailing_stop", pytest.approx(HELD))
+        added = PositionUpdated(
+            **{**msgspec.structs.asdict(position.data), "token_amount": HELD * 1.5}
+        )
+        await bus.publish(make_event(added, source="trading/test", time=clock.now()))
+        await bus.publish(tokens.buy(mint, "small", sol=0.001))
+        await service.consumer.flush()
+        last = watch.payloads("exit.order")[-1]
+        assert (last.reason, last.order_id[-1]) == ("trailing_stop", "2")
+        assert last.token_amount == pytest.approx(HELD * 0.5)

@@ -53,7 +53,9 @@ A full exit takes what is left; of several rules due at once the first in
 :data:`FULL_EXIT_RULES` names it. Partial exits (ladder steps, decline) sell their
 share of what is left. A rule that fired does not fire again for the same condition:
 a ladder step, the trailing stop and the time stops once per position; the decline
-exit again only after the token recovered to ``active``.
+exit again only after the token recovered to ``active``. Tokens that come back to the
+rules after a full exit (a partial sale refused, an entry added while its sale is under
+way) are sold by it again while it is due.
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ class ExitEvaluator:
             if position.tokens > watch.bought:
                 watch.left += position.tokens - watch.bought
                 watch.bought = position.tokens
+                self._reopen(watch)
             watch.entry_price = position.entry_price
             return
         self._watches[position.mint] = RuleWatch(
@@ -305,6 +308,7 @@ class ExitEvaluator:
             return
         watch.left = min(watch.bought, watch.left + decision.token_amount)
         watch.fired.discard(decision.rule)
+        self._reopen(watch)
         r = self.rules
         if decision.time < watch.held_until + r.refused_retry_max_s:
             # refused again soon after the last: wait longer before the rules order again
@@ -445,6 +449,14 @@ class ExitEvaluator:
                 # a step's share is of the tokens bought; of what is left it is more
                 share = min(1.0, step.fraction * watch.bought / watch.left) if watch.left else 1.0
                 yield f"{TAKE_PROFIT}_{number}", share, f"gain {gain:+.0%} reached {step.gain:+.0%}"
+
+    def _reopen(self, watch: RuleWatch) -> None:
+        """Tokens came back to the rules (a sale refused, an entry added): a full exit
+        that fired sold only what was left then, so it sells these too while it is due."""
+        full = [rule for rule in FULL_EXIT_RULES if rule != MIGRATION]
+        if self.rules.migration_fraction == 1.0:
+            full.append(MIGRATION)
+        watch.fired.difference_update(full)
 
     @staticmethod
     def _gain(watch: RuleWatch) -> float | None:
