@@ -50,12 +50,13 @@ Defaults, from the market figures in docs/market.md:
   position (``quiet_s``). A refusal 30 s past the last wait starts again at once.
 
 A full exit takes what is left; of several rules due at once the first in
-:data:`FULL_EXIT_RULES` names it. Partial exits (ladder steps, decline) sell their
-share of what is left. A rule that fired does not fire again for the same condition:
-a ladder step, the trailing stop and the time stops once per position; the decline
-exit again only after the token recovered to ``active``. Tokens that come back to the
-rules after a full exit (a partial sale refused, an entry added while its sale is under
-way) are sold by it again while it is due.
+:data:`FULL_EXIT_RULES` names it. The decline sells its share of what is left, a
+ladder step its share of the tokens bought (all that is left at most: after a decline
+the ladder sells out sooner). A rule that fired does not fire again for the same
+condition: a ladder step, the trailing stop and the time stops once per position; the
+decline exit again only after the token recovered to ``active``. Tokens that come back
+to the rules after a full exit (a partial sale refused, an entry added while its sale
+is under way) are sold by it again while it is due.
 """
 
 from __future__ import annotations
