@@ -99,7 +99,8 @@ CONSUMES = (
     "exit.sale_requested",
 )
 #: the types whose time is the tokens' market (the keyed consumer's ``market_types``):
-#: the feed's; trading's orders and positions, on the critical lane, overtake a backlog
+#: the feed's; trading's events carry its clock, and its state changes and the shutdown
+#: come on the critical lane, overtaking a backlog
 MARKET_TYPES = ("token.trade", "token.migrated")
 
 #: publishers of which only some keyed events are consumed: of the feed's per-mint seqs
