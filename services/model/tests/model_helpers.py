@@ -57,6 +57,39 @@ def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path
     return write_model(folder / f"{model_id}-{seed}.onnx", trained.model, trained.card)
 
 
+def linear_model(folder: Path, *, model_id: str = "linear") -> Path:
+    """A logistic model on the live feature set (the default card's features): unlike the
+    trees, it scores a missing (NaN) input as NaN."""
+    import msgspec
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pumpflow.common.model.card import model_digest
+
+    width = len(DEFAULT_CARD.feature_names)
+    weights = numpy_helper.from_array(np.full((width, 1), 0.01, np.float32), "weights")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "weights"], ["margin"]),
+            helper.make_node("Sigmoid", ["margin"], ["probability"]),
+        ],
+        model_id,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [None, 1])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    raw = model.SerializeToString()
+    digest = model_digest(raw)
+    card = msgspec.structs.replace(
+        DEFAULT_CARD,
+        model_id=model_id,
+        output_name="probability",
+        model_sha256=digest,
+        version=digest[:16],
+    )
+    return write_model(folder / f"{model_id}.onnx", raw, card)
+
+
 def vector_event(
     mint: str,
     time: float,

@@ -11,6 +11,7 @@ from model_helpers import (
     START,
     FakeEffects,
     lifecycle_event,
+    linear_model,
     manager,
     other_model,
     vector_event,
@@ -22,6 +23,7 @@ from pumpflow.common.events import ModelPrediction
 from pumpflow.common.keyed import InvalidInput, StaleState
 from pumpflow.common.model.arms import Arm, ArmTable
 from pumpflow.common.model.card import vector_row
+from pumpflow.common.model.manager import NonFiniteScore
 from pumpflow.common.model.performance import LabelTracker
 from pumpflow.common.model.processor import ModelProcessor, ScoringPolicy, ScoringState
 from pumpflow.common.testing import base58_key
@@ -139,6 +141,25 @@ def test_a_model_that_fails_to_score_is_skipped_its_failure_counted(tmp_path):
     assert [(p.arm, p.model_id) for p in token.step(event)] == [("control", "entry")]
     assert processor.failed[("other", "ModelError")] == 1
     assert len(processor.decode(token.raw).labels.items) == 1
+
+
+def test_a_model_scoring_nan_publishes_no_prediction_and_its_failure_is_named(tmp_path):
+    """A missing feature is NaN, which a linear model scores NaN: that score is refused as
+    the model's failure (counted by its name), the vector's batch mates still scored."""
+    models = manager(linear=linear_model(tmp_path))
+    processor = ModelProcessor(models, ArmTable([Arm(name="control", model_id="linear")]))
+    whole = vector_event(base58_key("whole"), START)
+    values = list(whole.data.values)
+    values[0] = math.nan
+    holed = vector_event(MINT, START, values=tuple(values))
+    processor.prepare([whole, holed], lambda mint: None)
+    [scored] = Token(processor, whole.key).step(whole)
+    assert math.isfinite(scored.score)
+    assert Token(processor).step(holed) == []
+    assert processor.failed == {("linear", "NonFiniteScore"): 1}
+    assert processor.skipped == {"no_model": 1}
+    with pytest.raises(NonFiniteScore, match="linear"):
+        models.get_prediction("linear", holed.data)
 
 
 def test_a_batch_of_many_tokens_is_scored_in_one_call_and_equals_scoring_alone():

@@ -48,7 +48,8 @@ class _Families:
         )
         self.failed = Counter(
             "pumpflow_model_prediction_failures",
-            "Predictions an arm's model could not make (not loaded, expired), by model and error",
+            "Predictions an arm's model could not make (not loaded, expired, scored NaN), by "
+            "model and error",
             ["model_id", "error"],
             registry=registry,
         )

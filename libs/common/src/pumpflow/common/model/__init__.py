@@ -24,6 +24,7 @@ from pumpflow.common.model.manager import (
     ModelExpired,
     ModelManager,
     ModelPerformance,
+    NonFiniteScore,
     Prediction,
     UnknownModel,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ModelManager",
     "ModelPerformance",
     "ModelRegistry",
+    "NonFiniteScore",
     "Prediction",
     "Preprocessing",
     "ResolvedLabel",

@@ -70,6 +70,11 @@ class FeatureSetMismatch(ModelError):
         )
 
 
+class NonFiniteScore(ModelError):
+    """A model that scored NaN or infinity (a non-tree model given a missing feature):
+    not a score trading or the live figures can read."""
+
+
 class ModelExpired(ModelError):
     def __init__(self, model_id: str, version: str, expires_at: float, now: float):
         self.model_id = model_id
@@ -350,6 +355,14 @@ class ModelManager:
             # onnxruntime's own errors derive from Exception alone: as a ModelError the
             # callers skip this model, its failure counted, and score the others
             raise ModelError(f"model {model_id!r} failed to score: {exc!r}") from exc
+        finite = np.isfinite(scores)
+        if np.count_nonzero(finite) != finite.size:
+            # a batch refused whole: the processor scores its vectors alone then, so only
+            # those the model cannot score go unscored
+            raise NonFiniteScore(
+                f"model {model_id!r} scored {finite.size - np.count_nonzero(finite)} of "
+                f"{finite.size} rows NaN or infinite (a missing feature it cannot route)"
+            )
         counts = self._counts[model_id]
         counts.seconds += self._timer() - started
         counts.batches += 1
