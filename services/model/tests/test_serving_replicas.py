@@ -440,3 +440,37 @@ async def test_outcomes_the_index_of_the_shared_windows_refuses_are_not_appended
     finally:
         await store.delete_many(await store.scan_keys(""))
         await store.close()
+
+
+async def test_a_serving_not_followed_for_one_missing_file_leaves_every_model_serving(
+    replicas, tmp_path
+):
+    """The newer serving replaces ``entry`` and adds a model whose file this replica lacks:
+    it is not followed, and ``entry`` is not half followed either (a new file scored under
+    the old table, the one the other replicas route by)."""
+    from model_helpers import other_model
+
+    from pumpflow.model.service import SERVING_KEY, ModelSource
+
+    (first, _), _ = replicas
+    serving = first.serving
+    newer = msgspec.structs.replace(
+        serving,
+        revision=serving.revision + 1,
+        models={
+            "entry": ModelSource(path=str(other_model(tmp_path, model_id="entry")), loaded=1),
+            "treatment": ModelSource(path=str(tmp_path / "absent.onnx"), loaded=1),
+        },
+        arms=(
+            *serving.arms,
+            msgspec.convert(
+                {"name": "treatment", "model_id": "treatment"}, type=type(serving.arms[0])
+            ),
+        ),
+    )
+    await first._ctx.store.set(SERVING_KEY, msgspec.json.encode(newer))
+    assert not await first.refresh()
+    assert first.metrics.unavailable_count("follow") == 1
+    assert first.serving.revision == serving.revision
+    assert first.manager.card("entry").version == DEFAULT_CARD.version
+    assert set(first.manager.models()) == {"entry"}

@@ -500,8 +500,8 @@ class ModelService(Service):
         """Load what ``serving`` names and is not loaded from there yet (from ``paths``
         here by model id if given); then route by it.
 
-        Raises ServingError (the routing unchanged) if a model cannot be served or the
-        arms name a model not in ``serving``.
+        Raises ServingError (the models served and the routing unchanged) if a model
+        cannot be served or the arms name a model not in ``serving``.
         """
         missing = {a.model_id for a in serving.arms} - set(serving.models)
         if missing:
@@ -511,12 +511,14 @@ class ModelService(Service):
         except ArmError as exc:
             raise ServingError(str(exc)) from None
         manager = self.manager
+        # every model opened before any is served: one that cannot be leaves all as they were
+        opened = {}
         for model_id, source in serving.models.items():
             if self._sources.get(model_id) == source:
                 continue
             path = (paths or {}).get(model_id, source.path)
             try:
-                card = manager.load_model(model_id, path, source.task)
+                opened[model_id] = manager.open_model(model_id, path, source.task)
             except FileNotFoundError as exc:
                 raise ServingError(f"model {model_id!r}: {exc}", status=404) from None
             except OSError as exc:
@@ -525,10 +527,13 @@ class ModelService(Service):
                 ) from None
             except (ModelError, CardError, ValueError) as exc:
                 raise ServingError(str(exc)) from None
-            self._sources[model_id] = source
+        for model_id, served in opened.items():
+            manager.serve(model_id, served)
+            card = served.card
+            self._sources[model_id] = serving.models[model_id]
             self.drift[model_id] = DriftMonitor(card, model_id=model_id, clock=self._ctx.clock)
             self._drift_unrestored.add(model_id)
-            log.info("model: serving %s version %s from %s", model_id, card.version, path)
+            log.info("model: serving %s version %s from %s", model_id, card.version, served.path)
         self.serving = serving
         if self.processor is not None:
             self.processor.arms = table  # swapped whole, between two tokens' steps

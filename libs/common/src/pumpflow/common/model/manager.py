@@ -275,6 +275,13 @@ class ModelManager:
         Replaces a model already loaded under the id in one step: a prediction is made
         by the old or the new one, never by neither.
         """
+        served = self.open_model(model_id, model_path, model_type)
+        self.serve(model_id, served)
+        return served.card
+
+    def open_model(self, model_id: str, model_path: str | Path, model_type: str) -> ServedModel:
+        """The model at ``model_path`` checked and ready to serve as ``model_id``, not
+        served yet (:meth:`serve`): several are opened before any is served."""
         if model_type not in TASKS:
             raise ValueError(f"model_type must be one of {TASKS}, not {model_type!r}")
         model, card = read_model(model_path)
@@ -291,11 +298,12 @@ class ModelManager:
         if card.expired(now):
             raise ModelExpired(model_id, card.version, card.expires_at, now)
         session = self.runtime.open(model, card)
-        self._models[model_id] = ServedModel(
-            card=card, session=session, path=Path(model_path), loaded_at=now
-        )
+        return ServedModel(card=card, session=session, path=Path(model_path), loaded_at=now)
+
+    def serve(self, model_id: str, served: ServedModel) -> None:
+        """Serve ``served`` (from :meth:`open_model`) as ``model_id``, in one step."""
+        self._models[model_id] = served
         self._counts.setdefault(model_id, _Counts())
-        return card
 
     def unload_model(self, model_id: str) -> None:
         self._models.pop(model_id, None)
