@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from model_helpers import DEFAULT_CARD
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.model.drift import DriftMonitor
+from pumpflow.common.model.drift import DriftMonitor, DriftReport, FeatureDrift
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.model.metrics import ModelServiceMetrics
 
@@ -22,7 +24,7 @@ def test_the_metrics_carry_the_drift_report_and_count_the_transitions():
         transitions += monitor.observe(rows[start : start + 100])
     drifting = [t for t in transitions if t.state == "drifting"]
     assert drifting
-    metrics.drift(monitor.report(), transitions)
+    metrics.drift([monitor.report()], transitions)
     feature = drifting[0].feature
     psi = {f.name: f.psi for f in monitor.report().features}[feature]
     assert metrics.psi("entry", feature) == psi >= 0.25
@@ -64,3 +66,48 @@ def test_the_metrics_carry_the_live_figures_and_the_pending_labels():
     )
     metrics.labels(tracker)
     assert metrics.pending_labels() == 1
+
+
+def _report(
+    model_id: str, figures: dict[str, tuple[float, bool]], observations: int
+) -> DriftReport:
+    return DriftReport(
+        model_id=model_id,
+        version="v",
+        observations=observations,
+        seen=observations,
+        at=0.0,
+        features=tuple(
+            FeatureDrift(name=name, psi=psi, drifting=drifting)
+            for name, (psi, drifting) in figures.items()
+        ),
+    )
+
+
+def test_the_drift_gauges_of_what_no_longer_serves_are_removed():
+    """A model gone, a feature its reload lacks, a PSI its fresh monitor has not computed:
+    their series go, so a dashboard does not show a drift of what no longer serves."""
+    registry = CollectorRegistry()
+    metrics = ModelServiceMetrics(registry=registry)
+
+    def gauge(name: str, model_id: str, feature: str | None = None) -> float | None:
+        labels = {"model_id": model_id} | ({} if feature is None else {"feature": feature})
+        return registry.get_sample_value(f"pumpflow_model_{name}", labels)
+
+    metrics.drift(
+        [
+            _report("entry", {"buys": (0.4, True), "sells": (0.3, True)}, 3_000),
+            _report("candidate", {"buys": (0.5, True)}, 3_000),
+        ]
+    )
+    assert gauge("feature_psi", "candidate", "buys") == 0.5
+    assert gauge("feature_drifting", "candidate", "buys") == 1
+    # entry reloaded without "sells" (its fresh monitor has no PSI yet), candidate gone
+    metrics.drift([_report("entry", {"buys": (math.nan, True)}, 0)])
+    assert gauge("feature_psi", "entry", "buys") is None
+    assert gauge("feature_drifting", "entry", "buys") == 1
+    assert gauge("drift_window_vectors", "entry") == 0
+    for name in ("feature_psi", "feature_drifting"):
+        assert gauge(name, "entry", "sells") is None
+        assert gauge(name, "candidate", "buys") is None
+    assert gauge("drift_window_vectors", "candidate") is None

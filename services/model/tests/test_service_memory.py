@@ -608,3 +608,61 @@ async def test_a_drift_seen_just_before_its_model_is_reloaded_is_recovered_by_th
         await seen.wait_for(len(drifting), "model.drift")
         assert tuple(e.data.feature for e in seen.of("model.drift")) == drifting
         assert model.drift["entry"].drifting == drifting
+
+
+async def test_the_drift_gauges_follow_the_models_served(tmp_path):
+    """A hot swap's fresh monitor exports no PSI of the model it replaced (until it has
+    one of its own), and a model unloaded leaves no drift series behind."""
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    registry = CollectorRegistry()
+    model = ModelService(
+        ModelSettings.load(
+            service="model",
+            transport="memory",
+            api_token=TOKEN,
+            model_monitor_s=3600.0,
+            model_models={
+                "entry": str(DEFAULT_MODEL_PATH),
+                "candidate": str(other_model(tmp_path, model_id="entry")),
+            },
+            model_arms=[
+                {"name": "control", "model_id": "entry"},
+                {"name": "candidate", "model_id": "candidate", "shadow": True},
+            ],
+        ),
+        registry=registry,
+    )
+    feature = DEFAULT_CARD.feature_names[0]
+
+    def gauge(name: str, model_id: str) -> float | None:
+        return registry.get_sample_value(
+            f"pumpflow_model_{name}", {"model_id": model_id, "feature": feature}
+        )
+
+    far = [vector_event("far", START, values=(1e9,) * len(DEFAULT_CARD.feature_names))] * 3_000
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        model._observe_drift(far)
+        await model._publish_drift()
+        assert gauge("feature_psi", "entry") >= 0.25
+        assert gauge("feature_drifting", "candidate") == 1
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            body = {"model_id": "entry", "path": str(DEFAULT_MODEL_PATH)}
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
+        model._unload("candidate")
+        await model._publish_drift()
+        assert model.drift["entry"].seen == 0
+        assert gauge("feature_psi", "entry") is None
+        # announced drifting: the fresh monitor takes it until its window shows a recovery
+        assert gauge("feature_drifting", "entry") == 1
+        assert gauge("feature_psi", "candidate") is None
+        assert gauge("feature_drifting", "candidate") is None
+        assert (
+            registry.get_sample_value(
+                "pumpflow_model_drift_window_vectors", {"model_id": "candidate"}
+            )
+            is None
+        )

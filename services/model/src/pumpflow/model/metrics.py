@@ -253,13 +253,24 @@ class ModelServiceMetrics:
         for model_id, version in versions.items():
             self._f.serving.labels(model_id, version).set(1)
 
-    def drift(self, report: DriftReport, transitions: Sequence[ModelDrift] = ()) -> None:
-        """Set the gauges from a drift report and count the transitions of its check."""
-        for feature in report.features:
-            if not math.isnan(feature.psi):
-                self._f.psi.labels(report.model_id, feature.name).set(feature.psi)
-            self._f.drifting.labels(report.model_id, feature.name).set(int(feature.drifting))
-        self._f.drift_window.labels(report.model_id).set(report.observations)
+    def drift(self, reports: Iterable[DriftReport], transitions: Sequence[ModelDrift] = ()) -> None:
+        """Set the gauges to the drift reports of every model served and count the
+        transitions announced. The series of a model not reported, of a feature its
+        report lacks and of a PSI not computed (NaN: a fresh monitor's) are removed: a
+        model unloaded or replaced would otherwise show its last drift for ever."""
+        psi: dict[tuple[str, ...], float] = {}
+        drifting: dict[tuple[str, ...], float] = {}
+        window: dict[tuple[str, ...], float] = {}
+        for report in reports:
+            for feature in report.features:
+                key = (report.model_id, feature.name)
+                if not math.isnan(feature.psi):
+                    psi[key] = feature.psi
+                drifting[key] = int(feature.drifting)
+            window[(report.model_id,)] = report.observations
+        _set_only(self._f.psi, psi)
+        _set_only(self._f.drifting, drifting)
+        _set_only(self._f.drift_window, window)
         for transition in transitions:
             self._f.drift_transitions.labels(transition.model_id, transition.state).inc()
 
@@ -289,3 +300,13 @@ class ModelServiceMetrics:
 
     def pending_labels(self) -> float:
         return self._f.pending_labels._value.get()
+
+
+def _set_only(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+    """Set ``gauge``'s series to ``values`` (by label values), removing every other."""
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    # the series set, read as a scrape reads them
+    for labels in {tuple(s.labels.values()) for m in gauge.collect() for s in m.samples}:
+        if labels not in values:
+            gauge.remove(*labels)

@@ -717,9 +717,7 @@ class ModelService(Service):
             # once the transitions made before are claimed: a monitor made since (its model
             # reloaded) takes what its predecessor's last ones announced
             await self._restore_drift()
-        for model_id, monitor in self.drift.items():
-            mine = [t for t in announced if t.model_id == model_id]
-            self.metrics.drift(monitor.report(), mine)
+        self.metrics.drift([monitor.report() for monitor in self.drift.values()], announced)
         ctx = self._ctx
         while self._drift_unsent:
             payload = self._drift_unsent[0]
