@@ -360,6 +360,36 @@ def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
         update(-0.01)
 
 
+def test_a_refit_that_scores_the_held_out_rows_nan_is_refused_not_swapped_in(tmp_path):
+    """A candidate scoring NaN is ranked by the rows' order alone: by AUC it can look
+    better than the serving model, and must not replace it."""
+    from model_helpers import linear_model
+
+    from pumpflow.common.model import NonFiniteScore
+    from pumpflow.common.model.manager import LabelledRows
+
+    class Linear:
+        """A candidate that scores a missing input NaN (a non-tree model)."""
+
+        def refit(self, card, fit_on, held_out, *, now):
+            return read_model(linear_model(tmp_path))
+
+    manager = ModelManager(
+        None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at), refitter=Linear()
+    )
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    n = 4_000
+    rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    rows[:, 0] = np.nan  # missing on every row: the trees route it, the candidate cannot
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5
+    # the newest rows positive: NaN scores in time order would rank them perfectly
+    labels = (np.arange(n) >= int(n * 0.85)) * 1.0
+    update = manager.update_model("entry", LabelledRows(rows=rows, labels=labels, time=time))
+    with pytest.raises(NonFiniteScore, match="refit candidate of model 'entry' scored 1200 of"):
+        update.result(timeout=60)
+    assert manager.card("entry").version == DEFAULT_CARD.version
+
+
 def test_a_refit_is_fitted_on_no_token_of_the_held_out_slice():
     from pumpflow.common.model.manager import LabelledRows
 

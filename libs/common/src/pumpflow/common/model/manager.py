@@ -363,14 +363,9 @@ class ModelManager:
             # onnxruntime's own errors derive from Exception alone: as a ModelError the
             # callers skip this model, its failure counted, and score the others
             raise ModelError(f"model {model_id!r} failed to score: {exc!r}") from exc
-        finite = np.isfinite(scores)
-        if np.count_nonzero(finite) != finite.size:
-            # a batch refused whole: the processor scores its vectors alone then, so only
-            # those the model cannot score go unscored
-            raise NonFiniteScore(
-                f"model {model_id!r} scored {finite.size - np.count_nonzero(finite)} of "
-                f"{finite.size} rows NaN or infinite (a missing feature it cannot route)"
-            )
+        # a batch refused whole: the processor scores its vectors alone then, so only
+        # those the model cannot score go unscored
+        _check_finite(scores, f"model {model_id!r}")
         counts = self._counts[model_id]
         counts.seconds += self._timer() - started
         counts.batches += 1
@@ -419,7 +414,9 @@ class ModelManager:
         replaces the serving model (in one step: each prediction names its version) only
         if it scores better by more than ``min_gain``: AUC points for a classifier, a
         share of the serving model's RMSE for a regressor (0: strictly better). Every
-        decision is kept in :attr:`updates`.
+        decision is kept in :attr:`updates`. A held-out row either scores NaN or
+        infinite refuses the refit (:class:`NonFiniteScore`, naming which): nothing is
+        compared or swapped.
 
         ``swap=False``: the candidate chosen is written to the registry (the result's
         ``path``) and not served here: the caller serves it once it has recorded it
@@ -461,8 +458,12 @@ class ModelManager:
         model, candidate_card = self._refitter.refit(card, fit_on, held_out, now=self.clock.now())
         candidate = self.runtime.open(model, candidate_card)
         inputs = prepare_inputs(held_out.rows)
+        # a NaN is ranked by the rows' order alone: its AUC could swap in a model that
+        # cannot score what it serves
         serving_scores = served.session.predict(inputs)
+        _check_finite(serving_scores, f"model {model_id!r} (serving, on held-out rows)")
         candidate_scores = candidate.predict(inputs)
+        _check_finite(candidate_scores, f"refit candidate of model {model_id!r}")
         if card.task == "classification":
             metric = "auc"
             old, new = auc(held_out.labels, serving_scores), auc(held_out.labels, candidate_scores)
@@ -513,6 +514,16 @@ class ModelManager:
             held_out=served.card.held_out,
             served=LiveCounts(batches=counts.batches, rows=counts.rows, scoring_s=counts.seconds),
             live=dict(live.by_arm(model_id)) if live is not None else {},
+        )
+
+
+def _check_finite(scores: np.ndarray, scorer: str) -> None:
+    """Raise NonFiniteScore naming ``scorer`` if any of ``scores`` is NaN or infinite."""
+    finite = np.isfinite(scores)
+    if np.count_nonzero(finite) != finite.size:
+        raise NonFiniteScore(
+            f"{scorer} scored {finite.size - np.count_nonzero(finite)} of "
+            f"{finite.size} rows NaN or infinite (a missing feature it cannot route)"
         )
 
 
