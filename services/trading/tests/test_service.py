@@ -1139,3 +1139,40 @@ async def test_a_shutdown_handed_back_after_its_barriers_store_failed_waits_for_
         [barrier] = watch.payloads("trading.barrier")
         assert [p.position_id for p in barrier.positions] == [entry.order_id]
         assert [s.state for s in watch.payloads("trading.state")] == ["halted"]
+
+
+async def test_the_orders_a_restart_refuses_itself_count_toward_no_execution_breaker(clock, market):
+    """The ledger holds orders the restarted replica refuses itself: two of the live
+    executor, a sale of a position gone, an entry decided with no market data. None
+    failed at the executor or the venue, so none counts toward the execution breaker:
+    it stays clear, entries go on, and the next real failure is the first in a row."""
+    ledger = MemoryLedger()
+    await ledger.load(remembered=10, holder="the replica before")
+    mint = market.tokens.mint()
+
+    def order(order_id: str, **fields: object) -> OrderRecord:
+        record = OrderRecord(
+            order_id=order_id, mint=mint, side="buy", sol_amount=0.1, token_amount=None,
+            slippage_pct=5.0, reason="", position_id=None, cause_id=None, executor="paper",
+            state="sent", requested_at=clock.now(), venue="curve",
+        )  # fmt: skip
+        return replace(record, **fields)
+
+    await ledger.commit(
+        LedgerChange(
+            orders=[
+                order("live-1", executor="live"),
+                order("live-2", executor="live"),
+                order("sale", side="sell", sol_amount=None, token_amount=1e6, position_id="gone"),
+                order("no-market"),
+            ],
+            holder="the replica before",
+        )
+    )
+    service = trading(ledger)
+    async with running(clock, service):
+        assert set(service.reconciled.values()) == {"rejected"}
+        assert len(service.reconciled) == 4
+        assert not service.risk.breakers["execution"].tripped
+        assert service.risk.state is TradingState.ACTIVE
+        assert service.risk.consecutive_failures == 0

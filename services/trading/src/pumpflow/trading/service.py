@@ -664,7 +664,7 @@ class TradingService(Service):
         self.reconciled[order.order_id] = (
             "filled" if isinstance(outcome, OrderFilled) else ("rejected")
         )
-        self._book(outcome, None, step)
+        self._book(outcome, None, step, executed=False)
         if isinstance(outcome, OrderRejected):
             # refused here, yet it may have been sent, with its signature: should its
             # trade show, it is this order's late fill, as a given-up order's is
@@ -1125,8 +1125,11 @@ class TradingService(Service):
             )
         )
 
-    def _book(self, outcome: Outcome, cause: Event | None, step: _Step) -> None:
-        """An order's outcome: to the engine (book, limits, breakers) and the ledger."""
+    def _book(
+        self, outcome: Outcome, cause: Event | None, step: _Step, *, executed: bool = True
+    ) -> None:
+        """An order's outcome: to the engine (book, limits, breakers) and the ledger
+        (``executed``: see :meth:`TradingEngine.process`)."""
         ctx = self._ctx
         now = ctx.clock.now()
         event = make_event(
@@ -1143,7 +1146,7 @@ class TradingService(Service):
             and outcome.order_id not in self.book.applied_orders
             and self.book.not_held(outcome.mint, outcome.position_id)
         )
-        produced = self.engine.process(event)
+        produced = self.engine.process(event, executed=executed)
         step.events.append(event)
         self._report(step, (), cause=cause, produced=produced)
         side = outcome.side or "buy"

@@ -226,10 +226,15 @@ class TradingEngine:
 
     # ---------------------------------------------------------------- the core
 
-    def process(self, event: Event, *, admitted: bool = False) -> list[Event]:
+    def process(
+        self, event: Event, *, admitted: bool = False, executed: bool = True
+    ) -> list[Event]:
         """Apply a consumed event; return the events to publish, in order.
 
         ``admitted``: the caller had :meth:`admit` take ``event`` in already.
+        ``executed``: false for an order's refusal the service gave itself (reconciling
+        it after a restart), which is no failure of the executor or the venue and counts
+        toward no breaker.
         """
         if not admitted and not self.admit(event):
             return []
@@ -276,9 +281,10 @@ class TradingEngine:
             self.order_reasons.pop(data.order_id, None)
             self.risk.release(data.order_id)
             self.positions.release_sale(data.order_id)
-            self.risk.record_execution(
-                False, reason=data.reason, side=data.side, cause=data.cause, now=now
-            )
+            if executed:
+                self.risk.record_execution(
+                    False, reason=data.reason, side=data.side, cause=data.cause, now=now
+                )
         reports = self.risk.take_reports()
         if not reports and not produced:
             return []  # most events

@@ -25,7 +25,9 @@ wallets), so a falling token's re-armed sale is refused several times in a row: 
 that tripped the breaker, one token's dump would halt every entry for ``recovery_s``,
 and the halt does nothing for the sale (no state blocks an exit). A buy refused on
 slippage still counts: the breaker's halt acts on what failed (entries chasing a
-market that outruns them).
+market that outruns them). Nor does a refusal the service gives itself, reconciling an
+order after a restart (another executor's, a sale of nothing held): the engine does not
+record it (:meth:`~pumpflow.common.trading.engine.TradingEngine.process`'s ``executed``).
 
 Each change of a breaker or of the state is a report (a
 :class:`~pumpflow.common.events.CircuitBreakerChanged` or
