@@ -96,8 +96,9 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
         assert "halted in this replica at once" in body["detail"], body
         assert "NOT stored yet" in body["detail"], body
         assert (await client.get("/state")).json()["operator_state_stored"] is False
-        # what an alert reads: the kill switch is not durable yet
+        # what an alert reads: the kill switch is not durable yet, and in force
         assert stored_gauge(registry) == 0
+        assert registry.get_sample_value("pumpflow_trading_state", {"state": "halted"}) == 1
         # no entry from the next event on
         await publish(bus, market.prediction(mint))
         assert watch.count("order.requested") == 0

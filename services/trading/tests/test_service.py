@@ -376,6 +376,33 @@ async def test_a_redelivered_trade_counts_once_toward_the_rate_breaker(clock, ma
         assert watch.count("order.requested") == 1
 
 
+def state_gauge(registry: CollectorRegistry) -> dict[str, float | None]:
+    """The service's gauge of the trading state in force, by state."""
+    return {
+        state.value: registry.get_sample_value("pumpflow_trading_state", {"state": state.value})
+        for state in TradingState
+    }
+
+
+async def test_the_state_gauge_says_halted_as_a_breaker_halts_trading(clock, market):
+    """A breaker's trip halts trading between two rounds: the gauge (what the dashboard and
+    the halted alert read) says so at once, not on the next round (``trading_tick_s``)."""
+    registry = CollectorRegistry()
+    service = trading(MemoryLedger(), registry=registry)
+    async with running(clock, service) as (bus, watch):
+        assert state_gauge(registry) == {"active": 1, "reducing": 0, "halted": 0}
+        service.risk.breaker_settings = replace(
+            service.risk.breaker_settings, max_events_per_s=1.0, rate_window_s=10.0
+        )
+        mint = await ready(bus, market)
+        ticked = clock.now()
+        await publish(bus, *[market.tokens.buy(mint, f"w{i}", sol=0.1) for i in range(20)])
+        [halted] = watch.payloads("trading.state")
+        assert halted.state == "halted" and service.risk.breakers["rate"].tripped
+        assert clock.now() - ticked < service.settings.trading_tick_s
+        assert state_gauge(registry) == {"active": 0, "reducing": 0, "halted": 1}
+
+
 class _CountedWrites(MemoryStateStore):
     """The in-memory store, counting its writes."""
 

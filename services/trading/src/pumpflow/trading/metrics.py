@@ -166,6 +166,12 @@ class TradingMetrics:
     def leading(self, leader: bool) -> None:
         self._f.leader.set(1 if leader else 0)
 
+    def state(self, current: TradingState | str) -> None:
+        """Set the trading state in force to ``current``."""
+        current = TradingState(current)
+        for state in TradingState:
+            self._f.state.labels(state.value).set(1 if state is current else 0)
+
     def operator_state(self, stored: bool) -> None:
         self._f.operator_state_stored.set(1 if stored else 0)
 
@@ -186,7 +192,6 @@ class TradingMetrics:
         f.exposure.set(risk.total_exposure)
         f.positions.set(book.open_count)
         f.sales_in_flight.set(len(book.sales))
-        for state in TradingState:
-            f.state.labels(state.value).set(1 if risk.state is state else 0)
+        self.state(risk.state)
         for name in BREAKERS:
             f.breaker.labels(name).set(1 if risk.breakers[name].tripped else 0)

@@ -1218,6 +1218,7 @@ class TradingService(Service):
                     data.breaker, "tripped" if data.tripped else "recovered", data.reason,
                 )  # fmt: skip
             elif isinstance(data, TradingStateChanged):
+                self.metrics.state(data.state)
                 log.warning(
                     "trading: state %s -> %s: %s", data.previous_state, data.state, data.reason
                 )
