@@ -129,6 +129,12 @@ async def test_standby_takes_over_with_the_book_and_the_kill_switch(replicas, pg
     await eventually(lambda: asyncio.to_thread(leader_halted), 30,
                      what="the leader halted by the stand-by's halt", details=stack.logs,
                      interval=0.2)  # fmt: skip
+    # asked of the stand-by, /state says the operator's halt the ledger holds, not its own
+    state = http_json(f"http://127.0.0.1:{ports[standby]}/state")
+    assert (state["source"], state["operator_state"], state["state"]) == (
+        "ledger", "halted", None
+    ), state  # fmt: skip
+    assert state["holder"].startswith(f"{leader}:"), state
     # a resume is the leader's alone
     status, body = post(f"http://127.0.0.1:{ports[standby]}/resume", TOKEN, {"reason": "no"})
     assert status == 409, body

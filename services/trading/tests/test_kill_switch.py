@@ -518,6 +518,38 @@ async def test_a_halt_given_to_the_stand_by_is_stored_and_the_holder_stops_enter
             assert tracebacks(caplog) == []
 
 
+async def test_the_stand_by_says_the_operators_state_the_ledger_holds_not_its_own(
+    clock, market, pg_pool, shared_lease
+):
+    """An operator's /state may reach a stand-by (a load balancer routes to any replica):
+    its own risk state is no one's in force, as it trades nothing. It says what the ledger
+    holds, the operator's state, and names the holder, as its /pnl and /limits do; the
+    state in force and what else sets it (the breakers, the daily loss limit) are the
+    holder's alone, unknown there."""
+    ledger = PostgresLedger(pg_pool)
+    holder, standby = trading(ledger), trading(ledger)
+    async with running(clock, holder) as (_, _, holder_client):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            view = (await client.get("/state")).json()
+            assert (view["operator_state"], view["operator_reason"]) == ("active", ""), view
+            answer = await holder_client.post("/halt", json={"reason": "from the holder"})
+            assert answer.status_code == 200, answer.text
+
+            view = (await client.get("/state")).json()
+            said = (view["role"], view["source"], view["holder"])
+            assert said == ("standby", "ledger", holder.leader.holder), view
+            said = (view["operator_state"], view["operator_reason"])
+            assert said == ("halted", "from the holder"), view
+            assert view["operator_state_stored"] is True, view
+            for unknown in ("state", "reason", "daily_loss_limit_hit", "breakers"):
+                assert view[unknown] is None, (unknown, view)
+            # what it would say of itself: nothing of the halt
+            assert standby.risk.state is TradingState.ACTIVE
+            view = (await holder_client.get("/state")).json()
+            assert (view["role"], view["source"], view["state"]) == ("active", "book", "halted")
+
+
 class AwayForCommits(PostgresLedger):
     """A ledger that stores no change while ``away`` (Postgres away for the commits of
     the replica it is given to)."""

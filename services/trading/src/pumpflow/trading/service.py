@@ -1735,9 +1735,11 @@ class TradingService(Service):
     # ---------------------------------------------------------------- reads
 
     def state_view(self) -> dict[str, Any]:
+        """The trading state, as this replica's risk manager holds it."""
         risk = self.risk
         return {
             "role": self.role,
+            "source": "book",
             "state": risk.state.value,
             "reason": risk.state_reason(),
             "operator_state": risk.operator_state.value,
@@ -1749,6 +1751,29 @@ class TradingService(Service):
                 name: {"tripped": b.tripped, "reason": b.reason, "last_fault": b.last_fault}
                 for name, b in risk.breakers.items()
             },
+        }
+
+    async def trading_state_view(self) -> dict[str, Any]:
+        """``/state``: the risk manager's on the replica trading (:meth:`state_view`);
+        elsewhere the operator's state as the ledger holds it (the holder applies it by
+        its next round), its own being no one's in force. The state in force and what
+        else sets it, the breakers and the daily loss limit, are the holder's alone:
+        unknown here (None)."""
+        if self._leading:
+            return self.state_view()
+        control = await self.ledger.control()
+        # none stored: no operator has given one, and every replica starts active
+        operator_state, operator_reason = control or (TradingState.ACTIVE, "")
+        return {
+            **await self._standing_by(),
+            "state": None,
+            "reason": None,
+            "operator_state": TradingState(operator_state).value,
+            "operator_reason": operator_reason,
+            # False while a halt given here waits for Postgres: the ledger's is older
+            "operator_state_stored": not self._control_unstored,
+            "daily_loss_limit_hit": None,
+            "breakers": None,
         }
 
     def pnl(self) -> dict[str, Any]:
@@ -1939,7 +1964,7 @@ class TradingService(Service):
 
         @api.get("/state")
         async def state() -> dict[str, Any]:
-            return self.state_view()
+            return await self.trading_state_view()
 
         @api.get("/limits")
         async def limits() -> dict[str, Any]:
