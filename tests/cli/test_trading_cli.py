@@ -100,6 +100,31 @@ async def test_a_halts_exit_status_says_where_it_took_effect(
         assert said.out.startswith("trading is halted (test); role active"), said.out
 
 
+async def test_state_asked_of_a_stand_by_says_the_operators_state_and_the_holder(capsys):
+    """A stand-by's /state is the ledger's: the operator's state, not the one in force,
+    which is the holder's alone (null there)."""
+    body = {
+        "role": "standby",
+        "source": "ledger",
+        "holder": "t1:cd34",
+        "state": None,
+        "reason": None,
+        "operator_state": "halted",
+        "operator_reason": "from the desk",
+    }
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse(body)
+
+    async with local_app(Starlette(routes=[Route("/state", state)])) as base:
+        assert await pumpflow_trading(base, "state") == 0
+    said = capsys.readouterr().out
+    assert said == (
+        "the operator's state is halted (from the desk), as the ledger holds it; "
+        "role standby: the replica trading (t1:cd34) knows the state in force\n"
+    ), said
+
+
 async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, capsys):
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with local_app(replica("active", STORED, resume_status=503)) as base:

@@ -81,7 +81,14 @@ def trading_command(args: argparse.Namespace) -> int:
     # a halt given to a replica that does not trade: its own state is not trading's, the
     # detail says which replica applies the halt, and when
     elsewhere = args.action == "halt" and body["role"] != "active"
-    if not elsewhere:
+    if body.get("source") == "ledger":
+        # a stand-by's: the state in force is the holder's alone
+        holder = body.get("holder") or "not known here"
+        print(f"the operator's state is {body['operator_state']} "
+              f"({body['operator_reason'] or 'no reason'}), as the ledger holds it; "
+              f"role {body['role']}: the replica trading ({holder}) knows the state "
+              "in force")  # fmt: skip
+    elif not elsewhere:
         print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); "
               f"role {body['role']}")  # fmt: skip
     if body.get("stored") is False:
