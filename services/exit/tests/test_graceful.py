@@ -767,3 +767,36 @@ async def test_a_tranche_without_an_outcome_holds_back_no_other_tokens_tranches(
     assert fast[-1][2] < START + 10.0
     line = next(line for line in summary.lines if line.mint == "fast")
     assert line.completed and line.finished_at == fast[-1][2]
+
+
+async def test_a_sale_refused_past_the_deadline_is_not_tried_again(harness):
+    """A refusal that comes past the deadline gives its position no more tries: it would
+    go out when another sale's answer wakes the exit, and could wait a whole order
+    timeout more. The position is reported left."""
+    h = await harness(deadline_s=10.0, final_sweep_s=5.0, min_tranche_interval_s=1.0)
+
+    class Timed(SlowToAnswer):
+        """Notes when each order went."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.sent: list[tuple[str, float]] = []
+
+        async def execute_exit(self, order):
+            self.sent.append((order.order_id, self.clock.now()))
+            return await super().execute_exit(order)
+
+    executor = Timed(h.clock, h.book, h.markets)
+    h.manager.trade_executor = h.executor = executor
+    h.open("slow", 2.0, curve_sol=0.0)
+    h.open("refused", 2.0, curve_sol=0.0)
+    executor.lost.add("pos-slow:exit:1")  # its answer comes 30 s after it went
+    executor.refuse.update(f"pos-refused:exit:{n}" for n in range(1, 40))
+    h.manager.begin_graceful_exit()
+    summary = await h.manager.run()
+
+    deadline = START + 10.0
+    refused = [at for order_id, at in executor.sent if order_id.startswith("pos-refused")]
+    assert refused and max(refused) == deadline  # the sweep's last go is at the deadline
+    line = next(line for line in summary.lines if line.mint == "refused")
+    assert not line.completed

@@ -500,13 +500,17 @@ class ExitPlanner:
 
     def record_rejection(self, tranche: PlannedTranche, time: float) -> QueuedExit:
         """A tranche was refused (slippage, say): the position waits and tries again,
-        at the deadline at the latest (a sweep refused just before it gets one more go)."""
+        at the deadline at the latest (a sweep refused just before it gets one more go).
+        Refused past the deadline, it is not tried again: the try would go out whenever
+        another sale's answer came, and could wait a whole order timeout more."""
         queued = self.exits[tranche.mint]
         queued.in_flight = False
         retry = time + self.config.min_tranche_interval_s
         if self.deadline is not None and time < self.deadline:
             retry = min(retry, self.deadline)
         queued.ready_at = queued.retry_at = retry
+        if self.deadline is not None and time >= self.deadline:
+            queued.retry_at = math.inf
         self._dirty = True
         return queued
 
