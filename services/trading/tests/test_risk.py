@@ -394,3 +394,37 @@ def test_reports_are_payloads_the_bus_carries():
     for report in risk.take_reports():
         event = make_event(report, source="trading/test", time=1.0)
         assert event.key is None and event.critical
+
+
+def test_a_manager_taking_over_announces_what_differs_from_what_was_heard_and_nothing_else():
+    """A manager starts with every breaker clear and its state computed afresh: it tells
+    listeners who heard its predecessor exactly where that differs (a breaker recovered,
+    the state), nothing where it does not (a first start, an operator's halt carried over)."""
+    risk = RiskManager(100.0, 0.02, 5)
+    assert risk.announce_start(None, (), "taken over by b") == []
+    assert risk.announce_start("active", frozenset(), "taken over by b") == []
+    assert risk.announce_start("halted", {"stale"}, "taken over by b") == [
+        CircuitBreakerChanged(
+            breaker="stale", tripped=False, reason="taken over by b: starts clear"
+        ),
+        TradingStateChanged(
+            state="active", previous_state="halted", reason="taken over by b: starts active"
+        ),
+    ]
+    # heard tripped of a breaker there is no longer: it holds nothing back
+    assert risk.announce_start("active", {"gone"}, "taken over by b") == [
+        CircuitBreakerChanged(
+            breaker="gone", tripped=False, reason="taken over by b: no such breaker"
+        )
+    ]
+    risk.kill("operator")
+    assert risk.announce_start("halted", (), "taken over by b") == []
+    assert risk.announce_start(None, (), "taken over by b") == [
+        TradingStateChanged(
+            state="halted",
+            previous_state="active",
+            reason="taken over by b: starts halted: operator",
+        )
+    ]
+    # what it says takes nothing of its own reports
+    assert [r.state for r in risk.take_reports()] == ["halted"]

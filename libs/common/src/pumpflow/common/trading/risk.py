@@ -32,7 +32,9 @@ record it (:meth:`~pumpflow.common.trading.engine.TradingEngine.process`'s ``exe
 Each change of a breaker or of the state is a report (a
 :class:`~pumpflow.common.events.CircuitBreakerChanged` or
 :class:`~pumpflow.common.events.TradingStateChanged` payload) the manager keeps until
-:meth:`RiskManager.take_reports`; the service publishes, logs and counts them.
+:meth:`RiskManager.take_reports`; the service publishes, logs and counts them. A manager
+that takes trading over starts with every breaker clear: what it tells listeners who heard
+its predecessor is what differs from what they last heard (:meth:`RiskManager.announce_start`).
 
 Entry orders reserve their size until filled or rejected (:meth:`RiskManager.reserve`),
 so a burst of signals cannot pass the limits before the first fill is booked.
@@ -43,6 +45,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -439,6 +442,40 @@ class RiskManager:
     def take_reports(self) -> list[Report]:
         """Every state and breaker change since the last call, oldest first."""
         reports, self._reports = self._reports, []
+        return reports
+
+    def announce_start(
+        self, state: TradingState | str | None, tripped: Collection[str], why: str
+    ) -> list[Report]:
+        """What tells listeners who last heard the state ``state`` (None: none, which is
+        active, as every manager starts) and the breakers ``tripped`` what holds as this
+        manager starts trading (another's heir): each breaker whose trip differs, then the
+        state in force if it differs, their reasons ``why`` and what holds; nothing where
+        nothing differs."""
+        reports: list[Report] = []
+        for name, breaker in self.breakers.items():
+            if breaker.tripped != (name in tripped):
+                holds = f"starts tripped: {breaker.reason}" if breaker.tripped else "starts clear"
+                reports.append(
+                    CircuitBreakerChanged(
+                        breaker=name, tripped=breaker.tripped, reason=f"{why}: {holds}"
+                    )
+                )
+        # a breaker heard tripped that this version does not have holds nothing back
+        for name in sorted(set(tripped) - self.breakers.keys()):
+            reports.append(
+                CircuitBreakerChanged(breaker=name, tripped=False, reason=f"{why}: no such breaker")
+            )
+        heard = TradingState.ACTIVE if state is None else TradingState(state)
+        if heard is not self.state:
+            holds = f"starts {self.state}"
+            if self.state is not TradingState.ACTIVE:
+                holds += f": {self.state_reason()}"
+            reports.append(
+                TradingStateChanged(
+                    state=self.state.value, previous_state=heard.value, reason=f"{why}: {holds}"
+                )
+            )
         return reports
 
     # ---------------------------------------------------------------- internals
