@@ -9,11 +9,18 @@ import asyncpg
 import msgspec
 import pytest
 
-from pumpflow.common.events import PositionUpdated, TokenTrade, make_event
+from pumpflow.common.events import (
+    CircuitBreakerChanged,
+    PositionUpdated,
+    TokenTrade,
+    TradingStateChanged,
+    make_event,
+)
 from pumpflow.common.testing import eventually
 from pumpflow.common.trading import EarlyTrade, TradingState, UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
+    Announced,
     FillRecord,
     KeyedEvent,
     LedgerChange,
@@ -463,6 +470,54 @@ async def test_a_predecessor_telling_events_published_after_a_take_over_drops_no
     assert (stored.id, stored.seq) == ("outcome", 2)
     await ledger.published(["outcome"], holder="w2")
     assert (await ledger.load(remembered=10)).outbox == []
+
+
+def announcement(event_id: str, payload: CircuitBreakerChanged | TradingStateChanged) -> KeyedEvent:
+    return KeyedEvent(event=make_event(payload, source="trading/t", time=100.0, event_id=event_id))
+
+
+async def test_what_the_announcements_last_said_is_kept_with_them_in_the_outbox(ledger):
+    """Trading's announcements of its breakers and its state are keyless: they wait in
+    the outbox in the order stored (without a seq of their own), beside the keyed events,
+    and the same commit keeps what each subject last said; a superseded holder's change
+    keeps nothing."""
+    assert (await ledger.load(remembered=10)).announced == Announced()
+    tripped = CircuitBreakerChanged(breaker="stale", tripped=True, reason="feed lag 3.0s")
+    halted = TradingStateChanged(state="halted", previous_state="active", reason="stale")
+    rate = CircuitBreakerChanged(breaker="rate", tripped=True, reason="2000 events/s")
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.commit(
+        LedgerChange(
+            events=[announcement("trip", tripped), keyed("a"), announcement("halt", halted)],
+            announced=[tripped, halted],
+            holder="w1",
+        )
+    )
+    await ledger.commit(
+        LedgerChange(events=[announcement("rate", rate)], announced=[rate], holder="w1")
+    )
+    snapshot = await ledger.load(remembered=10)
+    assert snapshot.announced == Announced(
+        state=TradingState.HALTED, tripped=frozenset({"stale", "rate"})
+    )
+    keyless = [e for e in snapshot.outbox if e.key is None]
+    assert [(e.id, e.seq) for e in keyless] == [("trip", None), ("halt", None), ("rate", None)]
+    assert [(e.id, e.seq) for e in snapshot.outbox if e.key is not None] == [("a", 1)]
+
+    # the later announcement of a subject wins, in one change as across changes
+    recovered = CircuitBreakerChanged(breaker="stale", tripped=False, reason="quiet")
+    active = TradingStateChanged(state="active", previous_state="halted", reason="quiet")
+    await ledger.commit(
+        LedgerChange(announced=[recovered, halted, active], gone=["trip", "halt"], holder="w1")
+    )
+    snapshot = await ledger.load(remembered=10)
+    assert snapshot.announced == Announced(state=TradingState.ACTIVE, tripped=frozenset({"rate"}))
+    assert [e.id for e in snapshot.outbox] == ["rate", "a"]
+
+    await ledger.load(remembered=10, holder="w2")
+    with pytest.raises(Superseded):
+        await ledger.commit(LedgerChange(announced=[tripped], holder="w1"))
+    assert (await ledger.load(remembered=10)).announced.tripped == {"rate"}
 
 
 async def test_the_operators_writes_of_a_predecessor_are_fenced_off_as_its_commits(ledger):

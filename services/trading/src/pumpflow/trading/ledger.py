@@ -37,6 +37,14 @@ before anything of its own, with the seqs they were given, so a kill between a c
 and its publication loses no event and leaves consumers no gap; what had gone out is
 a copy they drop by its seq.
 
+Trading's announcements of its breakers and its state (``trading.breaker``,
+``trading.state``: keyless) go through the outbox too, in one sequence of their own
+(:data:`KEYLESS`, never published as a seq), and the same transaction keeps what each
+last said (:attr:`LedgerChange.announced`, migration 0024): a replica taking over starts
+with every breaker clear and its state computed afresh, and announces exactly where that
+differs from what was last announced (:attr:`LedgerSnapshot.announced`), after what its
+predecessor stored and may not have published.
+
 The trades of the live wallet that match no order (:attr:`LedgerChange.unbooked`) are
 kept with the change that found them, until an operator acknowledges them
 (:meth:`Ledger.acknowledge_unbooked`) or for a day: every replica shows what the one
@@ -60,7 +68,7 @@ entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
 ``TradingService._take_over``).
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018,
-0021, 0022); :class:`MemoryLedger` keeps the same in memory for the embedded run and
+0021, 0022, 0024); :class:`MemoryLedger` keeps the same in memory for the embedded run and
 tests, where a restart starts from nothing anyway.
 
 On start the service rebuilds its position book from :meth:`Ledger.load`: the fills, in
@@ -87,12 +95,14 @@ from pumpflow.common.events import (
     OrderFilled,
     Side,
     TokenTrade,
+    TradingStateChanged,
     decode_event,
     decode_payload,
     encode_event,
     encode_payload,
 )
 from pumpflow.common.trading import EarlyTrade, Position, TradingState, UnbookedTrade
+from pumpflow.common.trading.risk import Report
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
@@ -111,6 +121,14 @@ WITHDRAWN = "withdrawn unsent: its replica stood by"
 _OUTBOX_PRUNE_S = 3600.0
 #: how long an unbooked trade is kept unless acknowledged: the alert on it lasts an hour
 UNBOOKED_KEPT_S = 86_400.0
+#: what the outbox numbers the keyless events under (no mint is empty): one sequence that
+#: keeps them in order there, never published as their seq
+KEYLESS = ""
+#: the subject of trading_announced's row of the trading state, and the prefix of a
+#: breaker's; what a breaker's row says
+_STATE_SUBJECT = "state"
+_BREAKER_SUBJECT = "breaker:"
+_TRIPPED, _CLEAR = "tripped", "clear"
 
 
 class Superseded(RuntimeError):
@@ -262,7 +280,8 @@ class PositionRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyedEvent:
-    """An event of a mint that a change causes, to be numbered and kept with it."""
+    """An event that a change causes, to be numbered and kept with it: of a mint, or a
+    keyless announcement of trading's (numbered under :data:`KEYLESS`)."""
 
     event: Event
     #: the order whose request or refusal this is, where it is published only if the
@@ -275,7 +294,42 @@ class KeyedEvent:
 
     @property
     def mint(self) -> str:
-        return self.event.key
+        """What numbers it: its mint, or :data:`KEYLESS`."""
+        return self.event.key or KEYLESS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Announced:
+    """What trading's announcements last said, as the ledger keeps them."""
+
+    #: the trading state (None: none announced yet)
+    state: TradingState | None = None
+    #: the breakers last announced tripped
+    tripped: frozenset[str] = frozenset()
+
+
+def _announced_rows(reports: Sequence[Report]) -> dict[str, str]:
+    """trading_announced's rows (subject -> what it says) that ``reports`` leave, the
+    last of each subject winning."""
+    rows: dict[str, str] = {}
+    for report in reports:
+        if isinstance(report, TradingStateChanged):
+            rows[_STATE_SUBJECT] = report.state
+        else:
+            rows[_BREAKER_SUBJECT + report.breaker] = _TRIPPED if report.tripped else _CLEAR
+    return rows
+
+
+def _announced_of(rows: dict[str, str]) -> Announced:
+    state = rows.get(_STATE_SUBJECT)
+    return Announced(
+        state=None if state is None else TradingState(state),
+        tripped=frozenset(
+            subject.removeprefix(_BREAKER_SUBJECT)
+            for subject, said in rows.items()
+            if subject.startswith(_BREAKER_SUBJECT) and said == _TRIPPED
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,20 +362,33 @@ class LedgerChange:
     unbooked: list[UnbookedTrade] = field(default_factory=list)
     #: trades of the live wallet that wait for their orders' answers
     early: list[EarlyTrade] = field(default_factory=list)
+    #: the breakers' and the state's announcements it stores (or that went out while
+    #: the ledger was away), in order: what each subject last said is kept
+    announced: list[Report] = field(default_factory=list)
     #: the replica that stores it: refused (:class:`Superseded`) once another took over
     holder: str | None = None
 
     def __bool__(self) -> bool:
+        return bool(self.announced or self.events) or self._books()
+
+    def _books(self) -> bool:
+        """Whether it stores anything of the book, the orders or their events."""
         return bool(
             self.orders
             or self.outcomes
             or self.fills
             or self.positions
             or self.withdrawn
-            or self.events
+            or any(e.event.key is not None for e in self.events)
             or self.unbooked
             or self.early
         )
+
+    @property
+    def announces_only(self) -> bool:
+        """Whether it stores trading's announcements alone (their events, what they
+        said): nothing of the book or the orders."""
+        return bool(self.announced) and not self._books()
 
     @classmethod
     def joined(cls, changes: Sequence[LedgerChange]) -> LedgerChange:
@@ -338,6 +405,7 @@ class LedgerChange:
             gone=[i for c in changes for i in c.gone],
             unbooked=[u for c in changes for u in c.unbooked],
             early=[e for c in changes for e in c.early],
+            announced=[a for c in changes for a in c.announced],
         )
 
 
@@ -382,6 +450,8 @@ class LedgerSnapshot:
     early: list[EarlyTrade] = field(default_factory=list)
     #: every position's totals, as of the same read as ``fills``
     totals: LedgerTotals = field(default_factory=LedgerTotals)
+    #: what the breakers' and the state's announcements last said
+    announced: Announced = field(default_factory=Announced)
 
 
 class Ledger(Protocol):
@@ -504,9 +574,15 @@ def _attempt_of(attempt: str | None) -> str | None:
     return None if attempt is None else attempt.rpartition(":")[0]
 
 
-def numbered(event: Event, seq: int) -> Event:
+def numbered(event: Event, seq: int | None) -> Event:
     """``event`` with its seq."""
     return msgspec.structs.replace(event, seq=seq)
+
+
+def _outboxed(event: Event, seq: int) -> Event:
+    """``event`` as the outbox gives it back to publish: with its seq, but a keyless one
+    (its seq only ordered it there)."""
+    return numbered(event, None if event.key is None else seq)
 
 
 def _published(change: LedgerChange, inserted: set[str]) -> list[KeyedEvent]:
@@ -550,12 +626,15 @@ class MemoryLedger:
         self._early: dict[str, EarlyTrade] = {}
         #: the replica trading, and whether it stood by
         self._holder: tuple[str, bool] | None = None
+        #: subject -> what trading's announcements last said of it
+        self._announced: dict[str, str] = {}
 
     async def commit(self, change: LedgerChange) -> Committed:
         inserted = set()
         if not change:
             return Committed()
         self._fence(change.holder)
+        self._announced.update(_announced_rows(change.announced))
         for event_id in change.gone:
             self._outbox.pop(event_id, None)
         for order in change.orders:
@@ -645,9 +724,13 @@ class MemoryLedger:
                 and o.state == "rejected"
                 and o.signature is not None
             ],
-            outbox=sorted(self._outbox.values(), key=lambda e: (e.key, e.seq)),
+            outbox=[
+                _outboxed(e, e.seq)
+                for e in sorted(self._outbox.values(), key=lambda e: (e.key or KEYLESS, e.seq))
+            ],
             early=sorted(self._early.values(), key=lambda e: e.time),
             totals=await self.totals(),
+            announced=_announced_of(self._announced),
         )
 
     def _fills_since(self, fills: list[FillRecord], closed_since: float) -> list[FillRecord]:
@@ -820,6 +903,10 @@ UNION ALL
 SELECT event_id, seq FROM kept
 """
 _GONE = "DELETE FROM trading_outbox WHERE event_id = ANY($1::text[])"
+_ANNOUNCED = """
+INSERT INTO trading_announced (subject, said) SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (subject) DO UPDATE SET said = EXCLUDED.said, changed_at = now()
+"""
 _PRUNE_OUTBOX = "DELETE FROM trading_outbox WHERE stored_at < now() - interval '1 day'"
 _INSERT_UNBOOKED = """
 INSERT INTO trading_unbooked (signature, mint, side, tokens, sol, time, candidates, order_id)
@@ -911,8 +998,8 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022), in the
-    pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022, 0024), in
+    the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -982,6 +1069,9 @@ class PostgresLedger:
             judged = _judged(change)
             if judged:
                 await conn.execute(_JUDGED_EARLY, judged)
+            if change.announced:
+                rows = _announced_rows(change.announced)
+                await conn.execute(_ANNOUNCED, list(rows), list(rows.values()))
             seqs = await self._number(conn, _published(change, inserted), change.gone)
             return Committed(inserted, seqs)
 
@@ -1044,6 +1134,7 @@ class PostgresLedger:
                 "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
             )
             outbox = await conn.fetch("SELECT event, seq FROM trading_outbox ORDER BY mint, seq")
+            announced = await conn.fetch("SELECT subject, said FROM trading_announced")
             given_up = []
             if given_up_since is not None:
                 given_up = await conn.fetch(
@@ -1061,7 +1152,7 @@ class PostgresLedger:
             control=None if control is None else (TradingState(control[0]), control[1]),
             given_up=[_record(row) for row in given_up],
             withdrawn=[row["order_id"] for row in reversed(ids) if row["withdrawn"]],
-            outbox=[numbered(decode_event(row["event"]), row["seq"]) for row in outbox],
+            outbox=[_outboxed(decode_event(row["event"]), row["seq"]) for row in outbox],
             early=[
                 EarlyTrade(
                     trade=decode_payload(TokenTrade.TYPE, TokenTrade.VERSION, row["trade"]),
@@ -1071,6 +1162,7 @@ class PostgresLedger:
                 for row in early
             ],
             totals=totals,
+            announced=_announced_of({row["subject"]: row["said"] for row in announced}),
         )
 
     async def totals(self) -> LedgerTotals:
