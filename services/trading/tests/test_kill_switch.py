@@ -23,7 +23,7 @@ from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.common.trading import TradingState, UnbookedTrade
 from pumpflow.trading import service as service_module
-from pumpflow.trading.ledger import LedgerChange, MemoryLedger, PostgresLedger
+from pumpflow.trading.ledger import Announced, LedgerChange, MemoryLedger, PostgresLedger
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -119,8 +119,12 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
         await eventually(stored, what="the halt stored once Postgres is back")
         assert (await client.get("/state")).json()["operator_state_stored"] is True
         assert stored_gauge(registry) == 1
+        # told while Postgres was away; what it said is stored with the next round's change
+        assert (await ledger.load(remembered=1)).announced == Announced()
         await clock.advance(service.settings.trading_tick_s)
         assert service.risk.state is TradingState.HALTED
+        assert (await ledger.load(remembered=1)).announced == Announced(state=TradingState.HALTED)
+        assert [s.state for s in watch.payloads("trading.state")] == ["halted"]
 
     # a restart keeps it
     restarted = trading(ledger)

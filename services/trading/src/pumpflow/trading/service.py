@@ -31,6 +31,12 @@ every order, fill and position.
   :mod:`pumpflow.trading.ledger`): the keyed consumer of the exit service drops a copy
   or a stale one by it, across restarts and take-overs, and an event published again
   (its commit retried, a withdrawn order told again) has the seq it had.
+- ``trading.breaker`` and ``trading.state`` go through the ledger's outbox too, with what
+  each last said: a replica taking over starts with every breaker clear and its state
+  computed afresh, and announces exactly where that differs from what was last announced
+  (:meth:`TradingService._announce_start`), nothing where it does not. With Postgres
+  away, those that store nothing else are told at once, stored once it is back
+  (:meth:`TradingService._tell_unstored`).
 - An exit's sale sells no more than its position holds less what the position's sales
   in flight ask for (:meth:`~pumpflow.common.trading.PositionBook.reserve_sale`), the
   sales a take-over finds in flight included; with nothing left, or ordered for a
@@ -152,6 +158,7 @@ from pumpflow.trading.executor import Outcome, PaperExecutor, TradeExecutor
 from pumpflow.trading.ledger import (
     UNBOOKED_KEPT_S,
     WITHDRAWN,
+    Announced,
     Committed,
     FillRecord,
     KeyedEvent,
@@ -178,6 +185,8 @@ _RETIRED = frozenset({"inactive", "graduated"})
 #: isinstance with a union made once, not at every event
 _TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
 _MARKET_EVENTS = TokenTrade | TokenMigrated
+#: trading's announcements of its breakers and its state: keyless, kept in the outbox
+_ANNOUNCEMENTS = CircuitBreakerChanged | TradingStateChanged
 #: the events the engine folds into its view of a token
 _CONTEXT = (
     TokenTrade,
@@ -204,6 +213,12 @@ def _exposure(totals: LedgerTotals) -> float:
     """The SOL at risk by the ledger: the open positions' cost and the entries in flight
     (as :attr:`RiskManager.total_exposure` counts the book's)."""
     return totals.open_cost_sol + totals.entries_in_flight_sol
+
+
+def _outboxed(event: Event) -> bool:
+    """Whether ``event`` is kept in the ledger's outbox until it is published: a keyed
+    one, or an announcement of the breakers or the state."""
+    return event.key is not None or isinstance(event.data, _ANNOUNCEMENTS)
 
 
 def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
@@ -258,15 +273,18 @@ class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
 
-    __slots__ = ("_change", "events", "refused", "requests")
+    __slots__ = ("_change", "events", "refused", "requests", "starting")
 
-    def __init__(self) -> None:
+    def __init__(self, *, starting: bool = False) -> None:
         #: made when first asked for: most events change nothing in the ledger
         self._change: LedgerChange | None = None
         self.events: list[Event] = []
         self.requests: dict[str, OrderRequested | ExitOrder] = {}
         #: sales refused before they were sent (nothing left to sell): stored refused
         self.refused: set[str] = set()
+        #: the take-over's: the changes of its breakers and state are a fresh manager's,
+        #: not the consumers' (see :meth:`TradingService._take_over`), and are not told
+        self.starting = starting
 
     @property
     def change(self) -> LedgerChange:
@@ -290,13 +308,17 @@ class _Step:
         return ids
 
     def keyed(self) -> list[KeyedEvent]:
-        """Its keyed events, for the ledger to number as it stores the step."""
+        """Its events kept in the outbox, for the ledger to number as it stores the step."""
         guarded = self.guarded()
         return [
             KeyedEvent(event=e, order_id=e.data.order_id if _order_event(e, guarded) else None)
             for e in self.events
-            if e.key is not None
+            if _outboxed(e)
         ]
+
+    def announced(self) -> list[CircuitBreakerChanged | TradingStateChanged]:
+        """What its announcements of the breakers and the state say, in order."""
+        return [e.data for e in self.events if isinstance(e.data, _ANNOUNCEMENTS)]
 
 
 class TradingService(Service):
@@ -329,6 +351,9 @@ class TradingService(Service):
         #: ids of keyed events published (or taken back unpublished) whose copies the
         #: ledger's outbox still holds: they go with its next change
         self._gone: list[str] = []
+        #: announcements of the breakers and the state told while the ledger was away,
+        #: unstored: what they said goes with its next change
+        self._told_unstored: list[CircuitBreakerChanged | TradingStateChanged] = []
         #: events a call that failed left undecided: the next call decides them first
         self._undecided: list[Event] = []
         #: orders withdrawn unsent on standing by (since the last election)
@@ -497,7 +522,8 @@ class TradingService(Service):
             self.executor = PaperExecutor(s.execution())
 
     async def _take_over(self) -> None:
-        """Reload the book, reconcile what is unknown, then trade.
+        """Reload the book, reconcile what is unknown, announce where the breakers and the
+        state differ from what was last announced, then trade.
 
         A failure of the ledger (Postgres away) fails it whole, not waited out: the lease
         is given up and campaigned for again. Nothing is held yet that a stand-by would
@@ -507,7 +533,7 @@ class TradingService(Service):
         ctx = self._ctx
         assert ctx is not None and self.ledger is not None
         async with self._lock:
-            if self._backlog or self._gone or self._holding:
+            if self._backlog or self._gone or self._holding or self._told_unstored:
                 # the last stand-by failed to store them: stored before the ledger is
                 # read, an entry its lost commit stored reads withdrawn, not in flight
                 await self._store_last_changes()
@@ -557,10 +583,11 @@ class TradingService(Service):
                 # given here and not stored before the ledger was read, or after it
                 control = self._control
             if control is not None:
-                # before anything waiting is stored and sent, as a halt given here is
-                self._apply_control(*control)
+                # the state it starts in (nothing waits to be stored or sent yet): told
+                # below, where it differs from what was last announced
+                self.risk.set_state(*control)
             changes = self._control_changes
-            step = _Step()
+            step = _Step(starting=True)
             self.reconciled = {}
             for order in snapshot.unresolved:
                 self._reconcile(order, step)
@@ -585,8 +612,8 @@ class TradingService(Service):
                 *snapshot.outbox,
                 *(e for e in self._unpublished if e.id not in stored),
             ]
-            self._report(step, self.risk.take_reports(), cause=None)
             self._backlog.append(step)
+            self._backlog.append(self._announce_start(snapshot.announced))
             await self._flush()
             if changes != self._control_changes:
                 # given while the rest was read and stored: this replica starts halted, as
@@ -605,6 +632,22 @@ class TradingService(Service):
         self._subscribed = True
         self._announced_at = None
         await self._announce_wallet()
+
+    def _announce_start(self, announced: Announced) -> _Step:
+        """Tell what the breakers and the state in force (the daily loss limit's
+        included) differ by from what was last announced (``announced``, the ledger's),
+        and nothing where they do not: this replica starts with every breaker clear and
+        its state computed afresh (its manager's changes so far, a fresh one's, are not
+        the consumers'), while they heard the predecessor's last."""
+        self.risk.check()
+        self.risk.take_reports()
+        step = _Step()
+        holder = self.leader.holder if self.leader is not None else self.settings.replica
+        reports = self.risk.announce_start(
+            announced.state, announced.tripped, f"taken over by {holder}"
+        )
+        self._report(step, reports, cause=None)
+        return step
 
     async def _await_predecessor(self) -> None:
         """Wait ``trading_predecessor_wait_s`` at most for the replica that traded before
@@ -718,6 +761,9 @@ class TradingService(Service):
         replica read the ledger since, it is left to that one: it decides the
         unacknowledged events again and publishes the outbox."""
         try:
+            if self._told_unstored and not self._backlog:
+                # what was told with the ledger away goes with a change of its own
+                self._backlog.append(_Step())
             await self._flush()
             if self._gone:
                 # the next holder would publish them again: copies, but needless
@@ -734,6 +780,7 @@ class TradingService(Service):
             )  # fmt: skip
             self._backlog = []
             self._unpublished = []
+            self._told_unstored = []
             self._holding = False
 
     def _withdraw_unsent(self) -> int:
@@ -1211,6 +1258,8 @@ class TradingService(Service):
             )
         for event in events:
             data = event.data
+            if step.starting and isinstance(data, _ANNOUNCEMENTS):
+                continue
             if isinstance(data, CircuitBreakerChanged):
                 self.metrics.breaker(data.breaker, data.tripped)
                 log.warning(
@@ -1251,9 +1300,14 @@ class TradingService(Service):
             for step in steps:
                 # as the step stands now: a halt or a stand-by may have taken events out
                 step.change.events = step.keyed()
+                step.change.announced = step.announced()
             gone = list(self._gone)
+            joined = LedgerChange.joined([s.change for s in steps])
             change = replace(
-                LedgerChange.joined([s.change for s in steps]), gone=gone, holder=self._writer
+                joined,
+                gone=gone,
+                announced=[*self._told_unstored, *joined.announced],
+                holder=self._writer,
             )
             try:
                 committed = await self.ledger.commit(change)
@@ -1269,15 +1323,38 @@ class TradingService(Service):
                     if refused:
                         log.warning("trading: %d entries whose store failed after the halt "
                                     "are refused", refused)  # fmt: skip
-                raise
+                if isinstance(exc, Superseded) or not (self._leading and change.announces_only):
+                    raise
+                await self._tell_unstored(steps, change, exc)
+                break
             finally:
                 self._storing = 0
             if change:
                 del self._gone[: len(gone)]
+                self._told_unstored = []
             del self._backlog[: len(steps)]
             for step in steps:
                 await self._send(step, committed)
         await self._publish()
+
+    async def _tell_unstored(
+        self, steps: list[_Step], change: LedgerChange, exc: Exception
+    ) -> None:
+        """Tell the announcements of ``steps``, which store nothing else, though the ledger
+        failed to store them (``exc``: Postgres away): the state in force applies at once
+        (a halt, whatever Postgres does), and so is it told, as are the breakers. What they
+        said (``change``'s) goes with the next change; a replica that takes over before
+        that compares what it starts with to what was stored before them."""
+        del self._backlog[: len(steps)]
+        self._told_unstored = list(change.announced)
+        told = 0
+        for step in steps:
+            told += len(step.announced())
+            await self._send(step, Committed())
+        if told:
+            log.warning("trading: %d announcements of the breakers or the state told unstored, "
+                        "the ledger failing (%s: %s); stored with its next change",
+                        told, type(exc).__name__, exc)  # fmt: skip
 
     def _superseded(self) -> None:
         """Stand by at once: another replica took over the ledger, which stores nothing
@@ -1367,7 +1444,7 @@ class TradingService(Service):
             event = self._unpublished[0]
             await bus.publish(event)
             self._unpublished.pop(0)
-            if event.seq is not None:
+            if _outboxed(event):
                 self._gone.append(event.id)
 
     # ---------------------------------------------------------------- timers
