@@ -343,7 +343,9 @@ TradingStateName = Literal["active", "reducing", "halted"]
 
 class TradingStateChanged(Payload, frozen=True, kw_only=True, omit_defaults=True):
     """Trading's state changed: ``active`` enters and exits, ``reducing`` and ``halted``
-    only exit; critical so a halt is never queued behind trades."""
+    only exit; critical so a halt is never queued behind trades. A replica taking trading
+    over announces the state it starts in only where it differs from the one announced
+    last (``previous_state``), so the latest event says the state in force."""
 
     TYPE: ClassVar[str] = "trading.state"
     KEY_FIELD: ClassVar[str | None] = None
@@ -355,7 +357,9 @@ class TradingStateChanged(Payload, frozen=True, kw_only=True, omit_defaults=True
 
 
 class CircuitBreakerChanged(Payload, frozen=True, kw_only=True, omit_defaults=True):
-    """A circuit breaker of trading tripped (``tripped``) or recovered, with its reason."""
+    """A circuit breaker of trading tripped (``tripped``) or recovered, with its reason.
+    A replica taking trading over starts with every breaker clear: it announces the
+    recovery of each breaker announced tripped last, and of no other."""
 
     TYPE: ClassVar[str] = "trading.breaker"
     KEY_FIELD: ClassVar[str | None] = None
