@@ -16,10 +16,11 @@ from pumpflow.common.events import CircuitBreakerChanged
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector
 from pumpflow.common.trading import TradingState
-from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.ledger import Announced, PostgresLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
+from .test_kill_switch import AwayForCommits
 from .test_seqs import KilledBeforePublishing
 from .test_service import publish, ready, running, trading
 
@@ -215,3 +216,19 @@ async def test_announcements_stored_and_never_published_go_out_before_the_take_o
         ]
         # published, they leave the outbox: a take-over after this one says nothing again
     assert (await PostgresLedger(pg_pool).load(remembered=1)).outbox == []
+
+
+async def test_a_halt_told_with_the_ledger_away_is_named_by_a_stop_that_cannot_store_it(
+    clock, market, pg_pool
+):
+    """The ledger takes the operator's halt but no commit: the halt is told at once,
+    what it said unstored; a stop that cannot store it either says so."""
+    ledger = AwayForCommits(pg_pool)
+    service = trading(ledger)
+    async with running(clock, service) as (_, watch):
+        ledger.away = True
+        await service.halt("operator halt")
+        assert said(watch) == [("state", "active", "halted")]
+        with pytest.raises(RuntimeError, match="what 1 announcements said unstored"):
+            await service.stop()
+    assert (await PostgresLedger(pg_pool).load(remembered=1)).announced == Announced()

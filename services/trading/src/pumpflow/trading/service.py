@@ -475,11 +475,16 @@ class TradingService(Service):
         if self._control_unstored:
             log.error("trading: stopped with the operator's %s (%s) not stored: %s",
                       *self._control, self._control_error)  # fmt: skip
-        if self._backlog or self._unpublished or self._control_unstored:
+        if self._backlog or self._unpublished or self._control_unstored or self._told_unstored:
             raise RuntimeError(
                 f"trading stopped with {len(self._backlog)} changes unstored, "
                 f"{len(self._unpublished)} events unpublished"
                 + (", the operator's state unstored" if self._control_unstored else "")
+                + (
+                    f", what {len(self._told_unstored)} announcements said unstored"
+                    if self._told_unstored
+                    else ""
+                )
             )
 
     def _build(self) -> None:
