@@ -27,6 +27,8 @@ from pumpflow.trading.ledger import Announced, LedgerChange, MemoryLedger, Postg
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
+from .fake_trade_api import fake_trade_api
+from .test_live import KEY, WALLET
 from .test_service import publish, ready
 
 TOKEN = "kill-switch-token"
@@ -552,6 +554,38 @@ async def test_the_stand_by_says_the_operators_state_the_ledger_holds_not_its_ow
             assert standby.risk.state is TradingState.ACTIVE
             view = (await holder_client.get("/state")).json()
             assert (view["role"], view["source"], view["state"]) == ("active", "book", "halted")
+
+
+async def test_a_live_stand_by_counts_the_entries_in_flight_at_the_most_they_can_spend(
+    clock, market, pg_pool, shared_lease
+):
+    """A live entry in flight reserves the most its order can spend (its SOL with the
+    slippage and the fees on top, the priority fee): the stand-by's /limits and /pnl,
+    measured on the ledger, count it so too, and say the exposure the holder's do."""
+    ledger = PostgresLedger(pg_pool)
+    async with fake_trade_api("silent") as api:
+        live = {
+            "trading_executor": "live",
+            "trading_live_enabled": True,
+            "pumpportal_api_key": KEY,
+            "trading_live_wallet": WALLET,
+            "trading_live_url": api.url,
+        }
+        holder, standby = trading(ledger, **live), trading(ledger, **live)
+        async with running(clock, holder) as (bus, watch, holder_client):
+            async with running(clock, standby) as (_, _, client):
+                assert (holder.role, standby.role) == ("active", "standby")
+                mint = await ready(bus, market)
+                await publish(bus, market.prediction(mint))
+                [request] = watch.payloads("order.requested")
+                most = holder.risk.entry_spend.most(request.sol_amount)
+                assert most > request.sol_amount * 1.07
+                for path in ("/limits", "/pnl"):
+                    held = (await holder_client.get(path)).json()
+                    stood = (await client.get(path)).json()
+                    assert (held["source"], stood["source"]) == ("book", "ledger")
+                    assert held["exposure_sol"] == pytest.approx(most, rel=1e-12), path
+                    assert stood["exposure_sol"] == pytest.approx(most, rel=1e-12), path
 
 
 class AwayForCommits(PostgresLedger):

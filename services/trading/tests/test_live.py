@@ -248,6 +248,66 @@ async def test_sales_in_flight_together_never_ask_the_trade_api_for_more_than_is
         assert "sales in flight" in refused.reason
 
 
+async def test_live_entries_filled_at_the_worst_slippage_never_push_exposure_past_a_limit(
+    clock, market
+):
+    """Seven tokens predicted in a burst, each entry's trade landing at the most its order
+    allows (the price up by the whole slippage, the curve's and the API's fees on top,
+    the priority fee): with 5 SOL of capital, no trade and no token passes 0.5 SOL and
+    all of them 2.5 SOL, while the orders are in flight and once they are filled; each
+    position carries what its trade cost, and no reservation is left."""
+    capital = 5.0
+    settings = {
+        "trading_capital_sol": capital,
+        # every entry sized at the per-trade cap, and the total the limit that binds
+        "trading_max_risk_per_trade": 0.05,
+        "trading_max_concurrent_positions": 20,
+    }
+    async with fake_trade_api("success") as api:
+        service = live(MemoryLedger(), api, **settings)
+        async with running(clock, service) as (bus, watch):
+            risk, limits = service.risk, service.risk.limits
+            per_trade = capital * limits.max_position_fraction
+            per_token = capital * limits.max_token_exposure_fraction
+            total = capital * limits.max_total_exposure_fraction
+            mints = [await ready(bus, market) for _ in range(7)]
+
+            def within_the_limits() -> None:
+                assert risk.total_exposure <= total * (1 + 1e-9)
+                for mint in mints:
+                    assert risk.exposure(mint) <= per_token * (1 + 1e-9), mint
+
+            for mint in mints:
+                await publish(bus, market.prediction(mint, score=1.0))
+                within_the_limits()
+            requests = {r.mint: r for r in watch.payloads("order.requested")}
+            assert 5 <= len(requests) < len(mints)  # the total limit ended the burst
+            await answered(service, api, len(requests))
+            fees = service.settings.execution()
+            slipped = 1 + service.settings.trading_slippage_pct / 100
+            for call in api.requests:
+                # the trade moves the order's SOL and the whole slippage into the curve
+                moved = call.body["amount"] * slipped
+                await publish(
+                    bus,
+                    market.tokens.buy(
+                        call.body["mint"],
+                        WALLET,
+                        sol=moved * (1 + fees.curve_fee_rate),
+                        signature=call.signature,
+                    ),
+                )
+                within_the_limits()
+            fills = {f.mint: f for f in watch.payloads("order.filled")}
+            assert fills.keys() == requests.keys() and risk.reservations == {}
+            for mint, fill in fills.items():
+                assert fill.sol_amount > requests[mint].sol_amount * 1.07  # the worst case
+                assert fill.sol_amount <= per_trade * (1 + 1e-9)
+                assert service.book.exposure(mint) == fill.sol_amount
+            assert sum(f.sol_amount for f in fills.values()) <= total * (1 + 1e-9)
+        assert len(api.requests) == len(requests)
+
+
 async def test_sales_whose_trades_show_before_their_answers_fill_by_their_own_signatures(
     clock, market
 ):

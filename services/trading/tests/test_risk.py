@@ -16,7 +16,16 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.priority import Priority
-from pumpflow.common.trading import BreakerSettings, PositionBook, RiskLimits, RiskManager
+from pumpflow.common.trading import (
+    BreakerSettings,
+    LiveExecution,
+    PaperExecution,
+    PositionBook,
+    RiskLimits,
+    RiskManager,
+    fill_buy,
+    live_entry_spend,
+)
 
 from .conftest import START
 
@@ -78,6 +87,72 @@ def test_each_limit_holds_and_names_itself():
     risk.reserve("t4", "m4", 9.0)
     assert "total exposure" in risk.check_risk_limits("m9", 2.0).reason
     assert risk.calculate_position_size("m9", 1.0, 0.5) == pytest.approx(1.0)
+
+
+def test_a_live_entry_is_sized_checked_and_reserved_at_the_most_it_can_spend():
+    """A live buy of S SOL at 5% slippage may spend S x 1.05 x 1.0125 x 1.01 (the price
+    up by the slippage, the curve's and the API's fees on top) plus the 0.0001 SOL
+    priority fee, about 7.4% more than S: each limit holds against that, the sizing
+    gives the largest order whose worst case fits, and the reservation is that worst
+    case until the fill, whose real cost the position then carries."""
+    spend = live_entry_spend(LiveExecution(wallet="w"), 5.0)
+    assert spend.factor == pytest.approx(1.05 * 1.0125 * 1.01, rel=1e-8)
+    assert spend.fixed_sol == 0.0001
+    book = PositionBook()
+    risk = RiskManager(10.0, 0.02, 20, positions=book, entry_spend=spend)
+    paper = RiskManager(10.0, 0.02, 20, positions=PositionBook())
+
+    # the per-trade cap, 1 SOL: 0.95 SOL is under it, its worst case (1.02 SOL) is not
+    assert paper.check_risk_limits("a", 0.95)
+    assert "per-trade" in risk.check_risk_limits("a", 0.95).reason
+    capped = risk.calculate_position_size("a", 1.0, 0.99)
+    assert capped == pytest.approx((1.0 - 0.0001) / spend.factor)
+    assert spend.most(capped) == pytest.approx(1.0)
+    assert risk.check_risk_limits("a", capped)
+    # the risk per trade: 2% of 10 SOL down to a 50% stop is 0.4 SOL spent at most
+    sized = risk.calculate_position_size("b", 1.0, 0.5)
+    assert spend.most(sized) == pytest.approx(0.4)
+
+    risk.reserve("o1", "a", capped)
+    [(mint, reserved)] = risk.reservations.values()
+    assert mint == "a" and reserved == pytest.approx(1.0)
+    assert risk.exposure("a") == risk.total_exposure == reserved
+    # the total, 5 SOL: four more entries at the cap take it whole
+    for n in range(4):
+        assert risk.check_risk_limits(f"m{n}", capped)
+        risk.reserve(f"t{n}", f"m{n}", capped)
+    assert risk.total_exposure == pytest.approx(5.0)
+    assert risk.calculate_position_size("z", 1.0, 0.5) == 0.0
+    assert "total exposure" in risk.check_risk_limits("z", 0.01).reason
+
+    # filled for less than the worst case: the position holds what it cost
+    cost = capped * 1.02
+    assert risk.release("o1") == reserved
+    book.apply_fill(
+        OrderFilled(
+            order_id="o1", mint="a", side="buy", token_amount=1e6, sol_amount=cost, price=1e-7
+        ),
+        time=START,
+    )
+    assert "o1" not in risk.reservations and risk.exposure("a") == cost
+    assert risk.total_exposure == pytest.approx(4.0 + cost)
+    assert risk.release("o1") is None
+
+
+def test_a_paper_entry_reserves_its_size_the_most_its_fill_spends():
+    """A paper buy spends its SOL whole and no more, at any slippage its limit lets
+    fill (:func:`fill_buy` takes the fees out of it and buys fewer tokens when the price
+    rose): its reservation is its size."""
+    risk = RiskManager(100.0, 0.02, 5)
+    risk.reserve("o", "m", 4.0)
+    assert risk.reservations == {"o": ("m", 4.0)}
+    launch = CurveState()
+    # others bought before the fill, up to just inside the 5% limit
+    for others in (0.0, 0.25, 0.5, 0.75, 0.79):
+        moved = quote_buy(launch, others).after if others else launch
+        fill = fill_buy(moved, 4.0, expected=launch, execution=PaperExecution())
+        assert fill.sol <= 4.0 * (1 + 1e-15), others
+    assert 0.049 < fill.slippage <= 0.05
 
 
 def test_the_kill_switch_halts_entries_and_reports_it(clock):

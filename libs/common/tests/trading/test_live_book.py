@@ -6,7 +6,7 @@ import pytest
 
 from pumpflow.common.events import Event
 from pumpflow.common.testing.factories import TokenEvents
-from pumpflow.common.trading.live import EarlyTrade, LiveBook, LiveOrder
+from pumpflow.common.trading.live import EarlyTrade, LiveBook, LiveOrder, live_entry_spend
 from pumpflow.common.trading.settings import LiveExecution
 
 WALLET = "OurWallet111"
@@ -116,6 +116,26 @@ def test_an_unanswered_buy_is_filled_by_a_trade_costing_its_sol_with_the_fees_on
     # the trade's SOL with the curve's fee, the API's 1% on top of it
     trade = tokens.buy(mint, WALLET, sol=0.5 * paid / 1.01)
     assert fills(book, trade) == (["o"] if ours else [])
+
+
+@pytest.mark.parametrize(("share", "ours"), [(1 - 1e-12, True), (1 + 1e-8, False)])
+def test_no_trade_costing_more_than_a_live_buy_reserves_is_taken_for_its_fill(share, ours):
+    """The most a live entry can spend (:func:`live_entry_spend`, what the risk manager
+    reserves and checks against the limits) is the matcher's bound: a wallet trade of a
+    buy whose answer never came costing that much is its fill, one costing more is not.
+    So no fill the matcher books costs more than its order reserved."""
+    tokens = TokenEvents(start=100.0)
+    mint = tokens.mint()
+    tokens.created(mint)
+    book = taken_over(mint, "buy", 0.5, sent_at=100.0, slippage_pct=0.5)
+    spend = live_entry_spend(book.execution, 0.5)
+    most = spend.most(0.5)
+    # the fill prices what the trade moved with the curve's fee, the API's 1% on both
+    # and the priority fee: a buy of X SOL gross of the curve's fee costs X x 1.01 + it
+    trade = tokens.buy(mint, WALLET, sol=(most * share - spend.fixed_sol) / 1.01)
+    confirmed = book.observe(trade.data, time=trade.time)
+    assert [c.fill.order_id for c in confirmed] == (["o"] if ours else [])
+    assert all(c.fill.sol_amount <= most for c in confirmed)
 
 
 def test_a_wallet_trade_stamped_before_the_order_was_sent_fills_it_not():

@@ -141,6 +141,7 @@ from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.trading import (
     SERVICE_CONSUMES,
     DecisionPolicy,
+    EntrySpend,
     Position,
     PositionBook,
     RiskManager,
@@ -148,6 +149,7 @@ from pumpflow.common.trading import (
     TradingState,
     UnbookedTrade,
     derived_id,
+    live_entry_spend,
 )
 from pumpflow.common.trading.live import REMEMBERED_UNBOOKED
 from pumpflow.common.trading.orders import rejected
@@ -209,10 +211,11 @@ _PREDECESSOR_POLL_S = (0.02, 0.25)
 _GIVEN_UP_KEPT_S = 86_400.0
 
 
-def _exposure(totals: LedgerTotals) -> float:
-    """The SOL at risk by the ledger: the open positions' cost and the entries in flight
-    (as :attr:`RiskManager.total_exposure` counts the book's)."""
-    return totals.open_cost_sol + totals.entries_in_flight_sol
+def _exposure(totals: LedgerTotals, spend: EntrySpend) -> float:
+    """The SOL at risk by the ledger: the open positions' cost and the most the entries
+    in flight can spend (as :attr:`RiskManager.total_exposure` counts the book's)."""
+    in_flight = spend.most(totals.entries_in_flight_sol, orders=totals.entries_in_flight)
+    return totals.open_cost_sol + in_flight
 
 
 def _outboxed(event: Event) -> bool:
@@ -503,6 +506,7 @@ class TradingService(Service):
             limits=s.limits(),
             breakers=s.breakers(),
             positions=self.book,
+            entry_spend=self._entry_spend(),
             clock=ctx.clock,
         )
         self.engine = TradingEngine(
@@ -525,6 +529,14 @@ class TradingService(Service):
             )
         else:
             self.executor = PaperExecutor(s.execution())
+
+    def _entry_spend(self) -> EntrySpend:
+        """The most an entry order can spend, by the executor's rules (see
+        :mod:`pumpflow.common.trading.risk`)."""
+        s = self.settings
+        if s.trading_executor == "live":
+            return live_entry_spend(s.live_execution(), s.trading_slippage_pct)
+        return EntrySpend()
 
     async def _take_over(self) -> None:
         """Reload the book, reconcile what is unknown, announce where the breakers and the
@@ -1911,7 +1923,7 @@ class TradingService(Service):
             "fees_sol": totals.open_fees_sol + totals.closed_fees_sol,
             "open_positions": totals.open_positions,
             "closed_positions": totals.closed_positions,
-            "exposure_sol": _exposure(totals),
+            "exposure_sol": _exposure(totals, self.risk.entry_spend),
         }
 
     async def limits_view(self) -> dict[str, Any]:
@@ -1927,7 +1939,7 @@ class TradingService(Service):
             # the settings': the same in every replica
             "limits": asdict(self.risk.limits),
             "breakers": asdict(self.risk.breaker_settings),
-            "exposure_sol": _exposure(totals),
+            "exposure_sol": _exposure(totals, self.risk.entry_spend),
             "open_positions": totals.tokens_engaged,
             "orders_in_flight": totals.entries_in_flight,
             "sales_in_flight": totals.sales_in_flight,

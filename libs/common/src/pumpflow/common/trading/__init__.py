@@ -31,6 +31,7 @@ from pumpflow.common.trading.live import (
     LiveOrder,
     UnbookedTrade,
     confirmed_fill,
+    live_entry_spend,
 )
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
@@ -38,6 +39,7 @@ from pumpflow.common.trading.positions import Position, PositionBook, SaleReserv
 from pumpflow.common.trading.risk import (
     BREAKERS,
     CircuitBreaker,
+    EntrySpend,
     RiskCheck,
     RiskManager,
     TradingState,
@@ -67,6 +69,7 @@ __all__ = [
     "EarlyTrade",
     "EntryDecision",
     "EntryFilters",
+    "EntrySpend",
     "FillRejection",
     "LiveBook",
     "LiveExecution",
@@ -91,6 +94,7 @@ __all__ = [
     "exit_value",
     "fill_buy",
     "fill_sell",
+    "live_entry_spend",
     "order_id_for",
     "rejected",
 ]

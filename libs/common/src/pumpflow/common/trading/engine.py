@@ -21,8 +21,9 @@ prediction gives the same order, which the engine (and, across restarts, the
 service's ledger) refuses to send twice. An entry a replica standing by withdrew
 unsent (:attr:`TradingEngine.withdrawn`) was never sent: decided again, it is ordered
 under an id derived from the withdrawn one (:func:`~.decisions.retaken_id`), as its id
-is taken. An entry reserves its size with the risk
-manager until its fill or rejection, so a burst of predictions cannot pass a limit; a
+is taken. An entry reserves the most its order can spend with the risk manager
+(:class:`~.risk.EntrySpend`) until its fill or rejection, so a burst of predictions
+cannot pass a limit, however dear their fills; a
 sale reserves its tokens with the position book the same way (the caller reserves
 them, see :meth:`~.positions.PositionBook.reserve_sale`), its fill or rejection here
 releases them.
@@ -111,7 +112,8 @@ class Decision:
     """What :meth:`TradingEngine.make_decision` concluded for a token."""
 
     entry: EntryDecision
-    #: SOL the entry spends in all (0 when there is none)
+    #: SOL of the entry order (0 when there is none); it may spend up to the risk
+    #: manager's :class:`~.risk.EntrySpend` of it
     size_sol: float = 0.0
     order: OrderRequested | None = None
     #: why there is no order (empty when there is)

@@ -84,6 +84,7 @@ from pumpflow.common.events import (
 from pumpflow.common.trading.fills import VENUE_CURVE, FillRejection, venue_fee_rate
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import Market, fill_on_market
+from pumpflow.common.trading.risk import EntrySpend
 from pumpflow.common.trading.settings import LiveExecution
 
 #: signatures of expired orders kept to recognise a late trade
@@ -190,10 +191,35 @@ def consistent(
         return abs(tokens - order.amount) <= TOKEN_UNIT + order.amount * _SIZE_EPSILON
     fill = confirmed_fill(order, trade, execution=execution, moved_sol=moved_sol)
     cost = fill.sol_amount - execution.priority_fee_sol
-    fees = execution.fees
     slipped = (1.0 + order.slippage_pct / 100.0) * (1.0 + _SIZE_EPSILON)
-    on_top = (1.0 + venue_fee_rate(fees, trade.pool)) * (1.0 + fees.api_fee_rate)
-    return order.amount / slipped <= cost <= order.amount * slipped * on_top
+    most = live_entry_spend(execution, order.slippage_pct, venue=trade.pool or VENUE_CURVE)
+    return order.amount / slipped <= cost and fill.sol_amount <= most.most(order.amount)
+
+
+def live_entry_spend(
+    execution: LiveExecution, slippage_pct: float, *, venue: str | None = None
+) -> EntrySpend:
+    """The most a live buy at ``slippage_pct`` can spend, fees included: its SOL with the
+    whole slippage, the venue's fee (``venue``'s; None: the dearer of the curve's and
+    the pool's, where the order may fill) and the API's on top, and the matcher's
+    rounding tolerance; plus the priority fee (the figures are argued in
+    :mod:`pumpflow.common.trading.risk`).
+
+    The one bound of a live buy's cost: the risk manager reserves it and checks it
+    against the limits, and :func:`consistent` takes no dearer trade for the buy's.
+    """
+    fees = execution.fees
+    if venue is None:
+        venue_fee = max(fees.curve_fee_rate, fees.pool_fee_rate)
+    else:
+        venue_fee = venue_fee_rate(fees, venue)
+    factor = (
+        (1.0 + slippage_pct / 100.0)
+        * (1.0 + _SIZE_EPSILON)
+        * (1.0 + venue_fee)
+        * (1.0 + fees.api_fee_rate)
+    )
+    return EntrySpend(factor=factor, fixed_sol=execution.priority_fee_sol)
 
 
 def confirmed_fill(

@@ -36,8 +36,31 @@ Each change of a breaker or of the state is a report (a
 that takes trading over starts with every breaker clear: what it tells listeners who heard
 its predecessor is what differs from what they last heard (:meth:`RiskManager.announce_start`).
 
-Entry orders reserve their size until filled or rejected (:meth:`RiskManager.reserve`),
-so a burst of signals cannot pass the limits before the first fill is booked.
+Entry orders reserve the most they can spend until filled or rejected
+(:meth:`RiskManager.reserve`), so a burst of signals cannot pass the limits before the
+first fill is booked, nor fills dearer than their orders' SOL once they are. What an
+entry order can spend at most is an :class:`EntrySpend`, and the sizing, every limit
+check and the reservation read it, not the order's SOL:
+
+- paper: the order's SOL (:class:`EntrySpend`'s default). A paper buy spends its SOL
+  whole and no more (:func:`~pumpflow.common.trading.fills.fill_buy` takes the API's
+  and the curve's fees out of it, and the slippage limit caps the price it pays per
+  token, so a dearer market buys fewer tokens, never more SOL).
+- live: the order's SOL x 1.0738 + 0.0001 SOL at the defaults
+  (:func:`~pumpflow.common.trading.live.live_entry_spend`): the trade API is given the
+  SOL and a 5% ``slippage``, so the price may rise 5% before the trade lands (x 1.05);
+  the reference does not say whether the curve's 1.25% and the API's 1% come out of
+  the SOL or on top of it, so on top (x 1.0125 x 1.01); the priority fee is paid
+  whatever the size (+ 0.0001 SOL); and the matcher that takes a wallet trade for an
+  order whose answer never came allows 1e-9 more for the floats' rounding. That is
+  7.38% over the SOL: a full 0.4 SOL entry may cost 0.4296 SOL, and five of them
+  2.148 SOL where 2 SOL were checked. Sized on it, the largest entry under the 1 SOL
+  per-trade cap of 10 SOL of capital is 0.9312 SOL, and the 0.4 SOL the risk per
+  trade allows at a 50% stop becomes an order of 0.3724 SOL.
+
+Once the fill is known its reservation ends and the position carries what the fill
+cost (at most the reservation; less when the price fell or the fees came out of the
+SOL), so what the worst case held back is free again.
 """
 
 from __future__ import annotations
@@ -125,6 +148,31 @@ class _NoPositions:
 
 
 @dataclass(frozen=True, slots=True)
+class EntrySpend:
+    """The most an entry order of ``size`` SOL can take from the wallet: ``size x factor
+    + fixed_sol`` (the module docstring argues paper's and live's)."""
+
+    #: what the SOL of the order may grow to (slippage, fees on top)
+    factor: float = 1.0
+    #: what each order pays whatever its size (live: the priority fee)
+    fixed_sol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.factor) and self.factor >= 1.0):
+            raise ValueError(f"an entry spends its SOL at least: factor {self.factor} < 1")
+        if not (math.isfinite(self.fixed_sol) and self.fixed_sol >= 0.0):
+            raise ValueError(f"fixed_sol must be a finite number >= 0, got {self.fixed_sol}")
+
+    def most(self, size: float, *, orders: int = 1) -> float:
+        """The most ``orders`` entry orders of ``size`` SOL in all can spend."""
+        return size * self.factor + self.fixed_sol * orders
+
+    def size_for(self, spend: float) -> float:
+        """The largest order that can spend at most ``spend`` SOL (0 when none can)."""
+        return max(0.0, (spend - self.fixed_sol) / self.factor)
+
+
+@dataclass(frozen=True, slots=True)
 class RiskCheck:
     """Whether an entry may go ahead; false with the first limit it breaks."""
 
@@ -175,7 +223,8 @@ class RiskManager:
     ``capital`` is the SOL the limits are fractions of (the service keeps it current
     with :meth:`update_capital`: the account's SOL, on paper the starting capital plus
     realised PnL); ``max_risk_per_trade`` and ``max_concurrent_positions`` override
-    ``limits``. ``positions`` is the position book (read only); the clock stamps
+    ``limits``. ``positions`` is the position book (read only); ``entry_spend`` what an
+    entry order can spend at most (default: its SOL, as on paper); the clock stamps
     breakers and the trading day (UTC).
     """
 
@@ -188,6 +237,7 @@ class RiskManager:
         limits: RiskLimits | None = None,
         breakers: BreakerSettings | None = None,
         positions: Exposures | None = None,
+        entry_spend: EntrySpend | None = None,
         clock: Clock | None = None,
     ):
         self.limits = replace(
@@ -197,13 +247,15 @@ class RiskManager:
         )
         self.breaker_settings = breakers or BreakerSettings()
         self.positions: Exposures = positions if positions is not None else _NoPositions()
+        self.entry_spend = entry_spend or EntrySpend()
         self.clock = clock or WallClock()
         self.capital = 0.0
         self.update_capital(capital)
         self.breakers = {
             name: CircuitBreaker(name, self.breaker_settings.recovery_s) for name in BREAKERS
         }
-        #: order id -> (mint, SOL) of entries sent and not yet filled or rejected
+        #: order id -> (mint, the most it can spend) of entries sent and not yet filled
+        #: or rejected
         self.reservations: dict[str, tuple[str, float]] = {}
         self.operator_state = TradingState.ACTIVE
         self.operator_reason = ""
@@ -227,46 +279,53 @@ class RiskManager:
         priority: int = Priority.URGENT,
         curve: CurveState | None = None,
     ) -> float:
-        """SOL to spend on an entry of ``token_id``; 0 when no entry fits.
+        """SOL of an entry order of ``token_id`` (the order's amount); 0 when none fits.
 
-        Risks ``max_risk_per_trade`` of capital down to ``stop_loss``, capped at
-        ``max_position_fraction``; scaled by ``confidence`` (0..1) and the lifecycle
-        ``priority``; capped so its price impact on ``curve`` stays under the limit and
-        it fits the token's and the total exposure left.
+        At most, the order spends (:attr:`entry_spend`) ``max_risk_per_trade`` of capital
+        down to ``stop_loss``, capped at ``max_position_fraction``, scaled by
+        ``confidence`` (0..1) and the lifecycle ``priority``, within the token's and the
+        total exposure left; its price impact on ``curve`` stays under the limit.
         """
         lim = self.limits
         if not (entry_price > 0 and 0 <= stop_loss < entry_price) or self.capital <= 0:
             return 0.0
         stop_distance = (entry_price - stop_loss) / entry_price
-        size = min(
+        spend = min(
             self.capital * lim.max_risk_per_trade / stop_distance,
             self.capital * lim.max_position_fraction,
         )
         confidence = min(max(confidence, 0.0), 1.0)
-        size *= lim.min_confidence_scale + (1.0 - lim.min_confidence_scale) * confidence
-        size *= lim.priority_scale[min(max(int(priority), 0), len(lim.priority_scale) - 1)]
+        spend *= lim.min_confidence_scale + (1.0 - lim.min_confidence_scale) * confidence
+        spend *= lim.priority_scale[min(max(int(priority), 0), len(lim.priority_scale) - 1)]
+        spend = min(spend, self._token_room(token_id), self._total_room())
+        size = self.entry_spend.size_for(spend)
         if curve is not None:
             size = min(size, buy_for_impact(curve, lim.max_entry_price_impact))
-        size = min(size, self._token_room(token_id), self._total_room())
         return size if size >= lim.min_order_sol else 0.0
 
     def check_risk_limits(self, token_id: str, position_size: float) -> RiskCheck:
-        """Whether an entry of ``position_size`` SOL into ``token_id`` may go ahead now."""
+        """Whether an entry order of ``position_size`` SOL into ``token_id`` may go ahead
+        now: the most it can spend (:attr:`entry_spend`) within every limit."""
         lim = self.limits
         if self.state is not TradingState.ACTIVE:
             return RiskCheck(False, f"trading is {self.state}: {self.state_reason()}")
         if not position_size >= lim.min_order_sol:
             return RiskCheck(False, f"size {position_size:.4f} SOL under {lim.min_order_sol}")
-        if position_size > self.capital * lim.max_position_fraction * (1 + 1e-12):
-            return RiskCheck(False, f"size {position_size:.4f} SOL over the per-trade limit")
+        spend = self.entry_spend.most(position_size)
+        if spend > self.capital * lim.max_position_fraction * (1 + 1e-12):
+            return RiskCheck(
+                False,
+                f"size {position_size:.4f} SOL (at most {spend:.4f} SOL spent) over the "
+                "per-trade limit",
+            )
         new_token = not self._holds_or_reserved(token_id)
         if not new_token and not lim.add_to_positions:
             return RiskCheck(False, "held already (or an entry is in flight): one entry a token")
         if new_token and self.open_positions() >= lim.max_concurrent_positions:
             return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
-        if position_size > self._token_room(token_id) * (1 + 1e-12):
+        if spend > self._token_room(token_id) * (1 + 1e-12):
             return RiskCheck(False, "over the token's exposure limit")
-        if position_size > self._total_room() * (1 + 1e-12):
+        if spend > self._total_room() * (1 + 1e-12):
             return RiskCheck(False, "over the total exposure limit")
         return _ALLOWED
 
@@ -279,12 +338,15 @@ class RiskManager:
     # ---------------------------------------------------------------- reservations
 
     def reserve(self, order_id: str, token_id: str, size: float) -> None:
-        """Count an entry order sent against the limits until it is filled or rejected."""
-        self.reservations[order_id] = (token_id, size)
+        """Count an entry order of ``size`` SOL sent against the limits, at the most it can
+        spend, until it is filled or rejected."""
+        self.reservations[order_id] = (token_id, self.entry_spend.most(size))
 
-    def release(self, order_id: str) -> None:
-        """The entry order was filled (the book holds it now) or rejected."""
-        self.reservations.pop(order_id, None)
+    def release(self, order_id: str) -> float | None:
+        """The entry order was filled (the book holds what it cost now) or rejected: the
+        SOL it reserved, None when it reserved none (given up already, or not an entry)."""
+        reserved = self.reservations.pop(order_id, None)
+        return None if reserved is None else reserved[1]
 
     def exposure(self, token_id: str) -> float:
         reserved = sum(s for m, s in self.reservations.values() if m == token_id)

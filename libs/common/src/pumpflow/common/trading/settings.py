@@ -44,8 +44,10 @@ Risk limits (:class:`RiskLimits`), as fractions of capital:
 
 - ``max_risk_per_trade = 0.02`` with ``assumed_stop_loss = 0.5``: a dump (the
   lifecycle's decline drawdown, 50% from the peak) is the loss a position is sized
-  for, so a trade is ``0.02 / 0.5 = 4%`` of capital at full confidence, and 25 dumps
-  in a row lose half the capital.
+  for, so a trade spends at most ``0.02 / 0.5 = 4%`` of capital at full confidence,
+  and 25 dumps in a row lose half the capital. Every limit here holds against the most
+  an entry order can spend, fees and slippage included (argued in
+  :mod:`pumpflow.common.trading.risk`).
 - ``max_position_fraction = 0.1`` and ``max_token_exposure_fraction = 0.1``: one
   token never holds more than a tenth of capital (no pyramiding past it).
 - ``add_to_positions = False``: one entry per token. The model scores a trading token
@@ -121,8 +123,10 @@ Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
   must be below it: an answer coming after its order was given up would name a
   signature nothing is kept for, and the wallet's trade would go unbooked.
 - fees (curve, pool, API) are :class:`PaperExecution`'s: the same rates price a live
-  fill from the trade the stream shows, and bound what the trade of a buy whose answer
-  never came may cost on top of its SOL.
+  fill from the trade the stream shows, and bound what a live buy may cost on top of
+  its SOL (:func:`~pumpflow.common.trading.live.live_entry_spend`): the trade of a buy
+  whose answer never came costs no more, and the risk manager checks and reserves that
+  much against the limits (argued in :mod:`pumpflow.common.trading.risk`).
 """
 
 from __future__ import annotations
