@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pumpflow.common.events import Event, OrderRejected, OrderRequested, make_event
+from pumpflow.common.events import Event, OrderFilled, OrderRejected, OrderRequested, make_event
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
     MIGRATION_POOL,
@@ -268,6 +268,46 @@ def test_fills_open_positions_and_trades_mark_them(engine, market, book, risk, c
     engine.process(market.tokens.buy(mint, "bob", sol=5.0))
     position = book.position(mint)
     assert position.unrealized_pnl_sol > 0 and position.mark_price is not None
+
+
+def test_a_buy_booked_past_its_limit_check_is_told_with_the_limits_it_leaves_exceeded(
+    market, clock
+):
+    """A buy's fill the risk manager holds no reservation for (a live order's late fill,
+    given up as unconfirmed) or costing more than it reserved is booked, and told
+    (:meth:`TradingEngine.take_fills_over_limit`) when it leaves a limit exceeded; one
+    within its reservation, or within every limit, or delivered again is not."""
+    book = PositionBook()
+    risk = RiskManager(10.0, 0.02, 20, positions=book, clock=clock)
+    engine = TradingEngine(None, book, risk, clock=clock)
+
+    def filled(order_id: str, mint: str, cost: float) -> Event:
+        fill = OrderFilled(
+            order_id=order_id, mint=mint, side="buy", token_amount=1e6, sol_amount=cost, price=1e-7
+        )
+        return market.filled(fill)
+
+    engine.process(filled("late-1", "a", 0.5))
+    assert book.holds("a") and engine.take_fills_over_limit() == []
+    risk.reserve("o2", "b", 0.9)
+    engine.process(filled("o2", "b", 0.9))
+    assert engine.take_fills_over_limit() == []
+
+    engine.process(filled("late-3", "b", 0.5))
+    [late] = engine.take_fills_over_limit()
+    assert late.fill.order_id == "late-3" and late.reserved is None
+    [breach] = late.breaches
+    assert breach.limit == "token_exposure" and breach.excess == pytest.approx(0.4)
+    assert book.exposure("b") == pytest.approx(1.4)
+    engine.process(filled("late-3", "b", 0.5))
+    assert engine.take_fills_over_limit() == []
+
+    risk.reserve("o4", "c", 0.9)
+    engine.process(filled("o4", "c", 1.1))
+    [dear] = engine.take_fills_over_limit()
+    assert dear.reserved == 0.9
+    assert {b.limit for b in dear.breaches} == {"per_trade", "token_exposure"}
+    assert risk.reservations == {}
 
 
 def test_a_sale_s_outcome_releases_the_tokens_it_reserved(engine, market, book, clock):

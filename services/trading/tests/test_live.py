@@ -308,6 +308,81 @@ async def test_live_entries_filled_at_the_worst_slippage_never_push_exposure_pas
         assert len(api.requests) == len(requests)
 
 
+async def test_a_late_fill_past_a_limit_is_counted_and_logged_and_no_entry_is_admitted(
+    clock, market, caplog
+):
+    """An entry given up as unconfirmed frees its room, and five entries take it (5 SOL
+    of capital, 2.5 SOL in all); then the given-up order's trade shows after all. It is
+    booked (the wallet holds the tokens), past the total exposure limit: counted by the
+    limit, logged as a warning naming the order, the limit and the excess; no entry is
+    admitted while over it, the refusal naming it; and nothing is sold (the exit's rules
+    sell the position as any other)."""
+    capital = 5.0
+    settings = {
+        "trading_capital_sol": capital,
+        "trading_max_risk_per_trade": 0.05,
+        "trading_max_concurrent_positions": 20,
+    }
+    async with fake_trade_api("silent") as api:
+        service = live(MemoryLedger(), api, **settings)
+        async with running(clock, service) as (bus, watch):
+            risk = service.risk
+            total = capital * risk.limits.max_total_exposure_fraction
+            late = await ready(bus, market)
+            await publish(bus, market.prediction(late, score=1.0))
+            [given_up] = watch.payloads("order.requested")
+            await answered(service, api)
+            [given_up_call] = api.requests
+            await clock.advance(CONFIRM_S + 1)
+            [refused] = watch.payloads("order.rejected")
+            assert refused.reason.startswith("unconfirmed: signature")
+            assert risk.reservations == {}
+
+            api.behaviour = "success"
+            for _ in range(5):
+                await publish(bus, market.prediction(await ready(bus, market), score=1.0))
+            await answered(service, api, 6)
+            for call in api.requests[1:]:
+                amount = call.body["amount"]
+                await publish(
+                    bus,
+                    market.tokens.buy(
+                        call.body["mint"], WALLET, sol=amount, signature=call.signature
+                    ),
+                )
+            assert service.book.open_count == 5 and risk.reservations == {}
+            before = risk.total_exposure
+            assert before <= total
+
+            caplog.set_level(logging.WARNING, logger="pumpflow.trading")
+            caplog.clear()
+            await publish(
+                bus,
+                market.tokens.buy(
+                    late, WALLET, sol=given_up.sol_amount, signature=given_up_call.signature
+                ),
+            )
+            [fill] = [f for f in watch.payloads("order.filled") if f.order_id == given_up.order_id]
+            assert service.book.holds(late) and service.book.exposure(late) == fill.sol_amount
+            excess = before + fill.sol_amount - total
+            assert risk.total_exposure - total == pytest.approx(excess) and excess > 0
+            assert service.metrics.fills_over_limit("total_exposure") == 1
+            for other in ("per_trade", "token_exposure", "positions"):
+                assert service.metrics.fills_over_limit(other) == 0, other
+            [warning] = [r for r in caplog.records if given_up.order_id in r.getMessage()
+                         and r.levelno == logging.WARNING]  # fmt: skip
+            said = warning.getMessage()
+            assert "total exposure" in said and f"by {excess:.4f} SOL" in said, said
+
+            extra = await ready(bus, market)
+            await publish(bus, market.prediction(extra, score=1.0))
+            assert [r.mint for r in watch.payloads("order.requested")].count(extra) == 0
+            assert "over the total exposure limit" in service.engine.last_decision.reasons[0]
+            assert service.skipped["over the total exposure limit"] == 1
+            assert all(r.body["action"] == "buy" for r in api.requests)
+            assert service.book.sales == {}
+
+
 async def test_sales_whose_trades_show_before_their_answers_fill_by_their_own_signatures(
     clock, market
 ):

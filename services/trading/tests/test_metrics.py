@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.trading import BREAKERS
+from pumpflow.common.trading import BREAKERS, LIMITS
 from pumpflow.trading.metrics import TradingMetrics
 
 
@@ -31,3 +31,8 @@ def test_the_counters_of_known_labels_are_exported_from_0():
             registry.get_sample_value("pumpflow_trading_predictions_total", {"outcome": outcome})
             == 0
         ), outcome
+    for limit in LIMITS:
+        assert (
+            registry.get_sample_value("pumpflow_trading_fills_over_limit_total", {"limit": limit})
+            == 0
+        ), limit

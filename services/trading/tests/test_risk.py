@@ -155,6 +155,57 @@ def test_a_paper_entry_reserves_its_size_the_most_its_fill_spends():
     assert 0.049 < fill.slippage <= 0.05
 
 
+def bought(book: PositionBook, order_id: str, mint: str, cost: float) -> None:
+    """Book a buy of ``mint`` that cost ``cost`` SOL."""
+    fill = OrderFilled(
+        order_id=order_id, mint=mint, side="buy", token_amount=1e6, sol_amount=cost, price=1e-7
+    )
+    assert book.apply_fill(fill, time=START) is not None
+
+
+def test_the_limits_a_book_exceeds_are_named_with_the_excess():
+    """A buy booked without its limit check (a late fill) can leave the book over a
+    limit: each one exceeded is named, with what it measures, its limit and the excess."""
+    book = PositionBook()
+    risk = RiskManager(10.0, 0.02, 3, positions=book)
+    bought(book, "a", "a", 0.9)
+    assert risk.breaches("a", spent=0.9) == []
+    bought(book, "b", "b", 1.2)  # over the per-trade cap and the token's 1 SOL
+    risk.reserve("c", "c", 0.5)
+    assert {b.limit: (b.value, b.cap) for b in risk.breaches("b", spent=1.2)} == {
+        "per_trade": (1.2, 1.0),
+        "token_exposure": (1.2, 1.0),
+    }
+    bought(book, "d", "d", 3.0)  # three tokens held and one in flight: over 3, over 5 SOL
+    breaches = {b.limit: b for b in risk.breaches("d", spent=3.0)}
+    assert breaches.keys() == {"per_trade", "token_exposure", "total_exposure", "positions"}
+    assert breaches["total_exposure"].excess == pytest.approx(0.9 + 1.2 + 0.5 + 3.0 - 5.0)
+    assert breaches["positions"].excess == 1
+    assert "total exposure 5.6000 SOL over its limit 5.0000 SOL by 0.6000 SOL" in str(
+        breaches["total_exposure"]
+    )
+
+
+def test_no_entry_is_admitted_while_a_limit_is_exceeded_and_the_refusal_names_it():
+    """Over the total exposure limit (a late fill booked past it), no entry fits: the
+    sizing gives none, and the refusal names the limit, not the size it left."""
+    book = PositionBook()
+    risk = RiskManager(10.0, 0.02, 20, positions=book)
+    for n in range(6):
+        bought(book, f"o{n}", f"m{n}", 0.9)
+    assert risk.calculate_position_size("z", 1.0, 0.5) == 0.0
+    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.0).reason
+    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.4).reason
+    # over a token's limit: no entry of it, adding to it allowed or not
+    adding = RiskManager(10.0, 0.02, 20, positions=book, limits=RiskLimits(add_to_positions=True))
+    bought(book, "x", "m0", 0.2)
+    assert adding.calculate_position_size("m0", 1.0, 0.5) == 0.0
+    assert "over the token's exposure limit" in adding.check_risk_limits("m0", 0.0).reason
+    # a size under the minimum with room to spare is still that
+    fresh = RiskManager(10.0, 0.02, 20, positions=PositionBook())
+    assert "under" in fresh.check_risk_limits("z", 0.001).reason
+
+
 def test_the_kill_switch_halts_entries_and_reports_it(clock):
     risk = RiskManager(100.0, 0.02, 5, clock=clock)
     [change] = risk.kill("operator: test")

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.events import Side
 from pumpflow.common.metrics import families
-from pumpflow.common.trading import BREAKERS, PositionBook, RiskManager, TradingState
+from pumpflow.common.trading import BREAKERS, LIMITS, PositionBook, RiskManager, TradingState
 
 #: the target is a p99 within 25 ms; the tail shows a backlog
 RECEIPT_TO_DECISION_BUCKETS = (
@@ -113,6 +113,14 @@ class _Families:
             ["kind"],
             registry=registry,
         )
+        self.over_limit = Counter(
+            "pumpflow_trading_fills_over_limit",
+            "Buys booked past their limit check (the late fill of a live order given up as "
+            "unconfirmed, or one dearer than its order reserved) that left a limit exceeded, "
+            "by limit: per_trade (the fill's cost), token_exposure, total_exposure, positions",
+            ["limit"],
+            registry=registry,
+        )
 
 
 class TradingMetrics:
@@ -126,6 +134,8 @@ class TradingMetrics:
         # from 0, so the first of each (a breaker's first trip) shows as an increase
         for kind in UNBOOKED_KINDS:
             self._f.unbooked.labels(kind)
+        for limit in LIMITS:
+            self._f.over_limit.labels(limit)
         for breaker in BREAKERS:
             self._f.trips.labels(breaker)
         for side in get_args(Side):
@@ -183,6 +193,12 @@ class TradingMetrics:
 
     def unbooked_trades(self, kind: str) -> float:
         return self._f.unbooked.labels(kind)._value.get()
+
+    def over_limit(self, limit: str) -> None:
+        self._f.over_limit.labels(limit).inc()
+
+    def fills_over_limit(self, limit: str) -> float:
+        return self._f.over_limit.labels(limit)._value.get()
 
     def book(self, book: PositionBook, risk: RiskManager) -> None:
         f = self._f

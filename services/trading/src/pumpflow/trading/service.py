@@ -81,6 +81,17 @@ every order, fill and position.
   the wallet that shows before the answer naming its order waits for the answers: it is
   stored with the change of the event that showed it (its delivery acknowledged then),
   so the replica trading next judges it as it takes over, should this one go first.
+- Live, a buy booked past its limit check (the late fill of an order given up as
+  unconfirmed, whose reservation was released then; or a fill dearer than its order
+  reserved) that leaves a limit exceeded is logged as a warning naming the order, each
+  limit and the excess, and counted by limit (``pumpflow_trading_fills_over_limit``).
+  It is booked and not sold, and the limits refuse every entry that would add to the
+  excess (argued in :mod:`pumpflow.common.trading.risk`). No event is added for it: its
+  ``order.filled`` and ``position.opened`` (or ``updated``) go out as any fill's, and
+  they are what the exit service acts on; ``trading.state`` is not changed by it (only
+  the entries adding to the excess are refused, not every entry) and ``trading.breaker``
+  would halt every entry for the breaker's recovery time rather than until the
+  exposure is back under the limit.
 - HTTP: ``GET /positions``, ``/orders``, ``/pnl``, ``/state``, ``/limits``; a replica
   not trading answers ``/positions``, ``/pnl`` and ``/limits`` from the ledger
   (``source: ledger``; ``/orders`` is the ledger's everywhere), its own book being
@@ -142,6 +153,7 @@ from pumpflow.common.trading import (
     SERVICE_CONSUMES,
     DecisionPolicy,
     EntrySpend,
+    FillOverLimit,
     Position,
     PositionBook,
     RiskManager,
@@ -1213,6 +1225,8 @@ class TradingService(Service):
         produced = self.engine.process(event, executed=executed)
         step.events.append(event)
         self._report(step, (), cause=cause, produced=produced)
+        for over in self.engine.take_fills_over_limit():
+            self._note_over_limit(over)
         side = outcome.side or "buy"
         if isinstance(outcome, OrderFilled):
             step.change.outcomes.append(
@@ -1255,6 +1269,26 @@ class TradingService(Service):
             )
             self.metrics.order(side, "rejected")
             log.info("trading: order %s rejected: %s", outcome.order_id, outcome.reason)
+
+    def _note_over_limit(self, over: FillOverLimit) -> None:
+        """Say so of a buy booked past its limit check that left limits exceeded: counted
+        by limit, logged naming its order, each limit and the excess. Booked, not sold
+        (argued in :mod:`pumpflow.common.trading.risk`); the limits refuse every entry
+        that would add to it."""
+        fill = over.fill
+        for breach in over.breaches:
+            self.metrics.over_limit(breach.limit)
+        if over.reserved is None:
+            why = "its order was given up, its reservation released: booked past its limit check"
+        else:
+            why = f"its order reserved {over.reserved:.4f} SOL"
+        log.warning(
+            "trading: the fill of order %s (%g tokens of %s for %.4f SOL, signature %s; %s) "
+            "leaves %s; the wallet holds the tokens, so it is booked, no entry is admitted "
+            "while over the limit, and the exit's rules sell the position as any other",
+            fill.order_id, fill.token_amount, fill.mint, fill.sol_amount, fill.signature, why,
+            "; ".join(str(b) for b in over.breaches),
+        )  # fmt: skip
 
     def _report(
         self, step: _Step, reports, *, cause: Event | None, produced: list[Event] | None = None

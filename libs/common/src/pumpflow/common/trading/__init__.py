@@ -14,7 +14,13 @@ from pumpflow.common.trading.decisions import (
     derived_id,
     order_id_for,
 )
-from pumpflow.common.trading.engine import CONSUMES, SERVICE_CONSUMES, Decision, TradingEngine
+from pumpflow.common.trading.engine import (
+    CONSUMES,
+    SERVICE_CONSUMES,
+    Decision,
+    FillOverLimit,
+    TradingEngine,
+)
 from pumpflow.common.trading.fills import (
     VENUE_CURVE,
     VENUE_POOL,
@@ -38,8 +44,10 @@ from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
 from pumpflow.common.trading.positions import Position, PositionBook, SaleReservation
 from pumpflow.common.trading.risk import (
     BREAKERS,
+    LIMITS,
     CircuitBreaker,
     EntrySpend,
+    LimitBreach,
     RiskCheck,
     RiskManager,
     TradingState,
@@ -57,6 +65,7 @@ __all__ = [
     "CONSUMES",
     "ENTRY_STATES",
     "FILTER_FEATURES",
+    "LIMITS",
     "MIGRATION_POOL",
     "SERVICE_CONSUMES",
     "VENUE_CURVE",
@@ -70,7 +79,9 @@ __all__ = [
     "EntryDecision",
     "EntryFilters",
     "EntrySpend",
+    "FillOverLimit",
     "FillRejection",
+    "LimitBreach",
     "LiveBook",
     "LiveExecution",
     "LiveOrder",

@@ -62,7 +62,7 @@ from pumpflow.common.trading.decisions import (
 )
 from pumpflow.common.trading.fills import VENUE_POOL
 from pumpflow.common.trading.positions import PositionBook
-from pumpflow.common.trading.risk import RiskManager
+from pumpflow.common.trading.risk import LimitBreach, RiskManager, exceeds
 
 CONSUMES = (
     "token.created",
@@ -124,6 +124,18 @@ class Decision:
         return self.order is not None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FillOverLimit:
+    """A buy booked past its limit check that left limits exceeded: the late fill of an
+    order given up as unconfirmed (its reservation released then), or one dearer than
+    its order reserved."""
+
+    fill: OrderFilled
+    #: what its order reserved; None when nothing was reserved any more
+    reserved: float | None
+    breaches: tuple[LimitBreach, ...]
+
+
 class TradingEngine:
     """Decides entries from predictions, lifecycle and features; books fills."""
 
@@ -164,6 +176,8 @@ class TradingEngine:
         #: lifecycle event revives the token (a copy of one counts again toward the rate
         #: breaker, as any event of a token without a view does)
         self.retired: OrderedDict[str, None] = OrderedDict()
+        #: buys booked past their limit check that left limits exceeded, for the caller
+        self._over_limit: list[FillOverLimit] = []
 
     # ---------------------------------------------------------------- the issue's interface
 
@@ -273,12 +287,14 @@ class TradingEngine:
                 self.risk.reserve(decision.order.order_id, data.mint, decision.size_sol)
                 produced.append(decision.order)
         elif isinstance(data, OrderFilled):
-            self.risk.release(data.order_id)
+            reserved = self.risk.release(data.order_id)
             self.risk.record_execution(True, now=now)
             reason = self.order_reasons.pop(data.order_id, "")
             change = self.positions.apply_fill(data, time=event.time, reason=reason)
             if change is not None:
                 produced.append(change)
+                if data.side == "buy":
+                    self._check_fill(data, reserved)
         elif isinstance(data, OrderRejected):
             self.order_reasons.pop(data.order_id, None)
             self.risk.release(data.order_id)
@@ -291,6 +307,13 @@ class TradingEngine:
         if not reports and not produced:
             return []  # most events
         return [self._wrap(p, event, now) for p in (*reports, *produced)]
+
+    def take_fills_over_limit(self) -> list[FillOverLimit]:
+        """The buys booked past their limit check that left limits exceeded, since the
+        last call (then forgotten): see :mod:`pumpflow.common.trading.risk` for why they
+        are booked and not sold."""
+        found, self._over_limit = self._over_limit, []
+        return found
 
     def tick(self) -> list[Event]:
         """The time-driven checks (silence, recoveries, the trading day), from a timer."""
@@ -384,6 +407,17 @@ class TradingEngine:
         else:
             on_pool = isinstance(data, TokenMigrated)
         return on_pool and not self.positions.holds(data.mint)
+
+    def _check_fill(self, fill: OrderFilled, reserved: float | None) -> None:
+        """Check against the limits a buy just booked that its entry's check did not cover
+        (nothing reserved any more, or dearer than its reservation)."""
+        if reserved is not None and not exceeds(fill.sol_amount, reserved):
+            return  # checked, at the most it could cost
+        breaches = self.risk.breaches(fill.mint, spent=fill.sol_amount)
+        if breaches:
+            self._over_limit.append(
+                FillOverLimit(fill=fill, reserved=reserved, breaches=tuple(breaches))
+            )
 
     def _remember(self, order_id: str) -> None:
         self.sent_orders[order_id] = None

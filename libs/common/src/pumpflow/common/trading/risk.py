@@ -61,6 +61,30 @@ check and the reservation read it, not the order's SOL:
 Once the fill is known its reservation ends and the position carries what the fill
 cost (at most the reservation; less when the price fell or the fees came out of the
 SOL), so what the worst case held back is free again.
+
+A buy booked past its limit check is booked all the same, the wallet holding its
+tokens: the late fill of a live order given up as unconfirmed (its reservation
+released at the give-up, its room since taken by other entries, then its trade shows
+after all), or a fill dearer than its reservation (which the bound above rules out,
+unless the venue charges what the reference does not say). Should it leave a limit
+exceeded (:meth:`RiskManager.breaches`: each limit, its value and the excess), the
+engine tells the service, which counts and logs it. No entry is admitted while a
+limit is exceeded: an exceeded limit has no room left, so every entry that would add
+to the excess is refused, naming the limit (:meth:`RiskManager.check_risk_limits`),
+and entries resume as the exposure falls back under it (a sale, a capital grown).
+
+The excess is not sold. It is at most the late order's own cost per limit (the order
+passed every limit when it was sent, its room only was taken since), so a late fill
+puts the total exposure at most one per-trade cap (10% of capital) over its 50%, 40% of
+the capital still in SOL, and a token re-entered after its order was given up at most
+twice its limit. The position is sized for its dump like any other
+(the risk per trade), the daily loss limit counts its loss, and the exit's rules (stop
+loss, trailing stop, time and inactivity exits, the graceful exit) sell it as they sell
+any position. Selling the excess at once would pay a round trip's fees (~4.5%) and the
+curve's impact twice for sure, to undo a risk the limits accepted when the order was
+sent; and it would be a second way to sell beside the exit's, which owns every sale.
+An operator who wants it sold asks the exit for it (``pumpflow sell``,
+``exit.sale_requested``).
 """
 
 from __future__ import annotations
@@ -110,6 +134,26 @@ EXECUTION = "execution"
 BREAKERS = (CURVE, STALE, RATE, EXECUTION)
 
 Report = TradingStateChanged | CircuitBreakerChanged
+
+#: the limits :meth:`RiskManager.breaches` names: the per-trade cap (a fill's cost), a
+#: token's exposure, the total exposure, the positions held or entered
+PER_TRADE = "per_trade"
+TOKEN_EXPOSURE = "token_exposure"
+TOTAL_EXPOSURE = "total_exposure"
+POSITIONS = "positions"
+LIMITS = (PER_TRADE, TOKEN_EXPOSURE, TOTAL_EXPOSURE, POSITIONS)
+_MEASURES = {
+    PER_TRADE: "the fill's cost",
+    TOKEN_EXPOSURE: "the token's exposure",
+    TOTAL_EXPOSURE: "the total exposure",
+}
+#: relative tolerance of the limits, for the floats' rounding
+_TOLERANCE = 1e-12
+
+
+def exceeds(value: float, limit: float) -> bool:
+    """Whether ``value`` is over ``limit``, the floats' rounding allowed."""
+    return value > limit * (1 + _TOLERANCE)
 
 
 class Exposures(Protocol):
@@ -184,6 +228,30 @@ class RiskCheck:
 
 
 _ALLOWED = RiskCheck(True)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitBreach:
+    """A limit exceeded (one of :data:`LIMITS`): what it measures now, and the limit."""
+
+    limit: str
+    value: float
+    cap: float
+
+    @property
+    def excess(self) -> float:
+        return self.value - self.cap
+
+    def __str__(self) -> str:
+        if self.limit == POSITIONS:
+            return (
+                f"{self.value:g} positions held or entered, over their limit {self.cap:g} "
+                f"by {self.excess:g}"
+            )
+        return (
+            f"{_MEASURES[self.limit]} {self.value:.4f} SOL over its limit {self.cap:.4f} SOL "
+            f"by {self.excess:.4f} SOL"
+        )
 
 
 class CircuitBreaker:
@@ -309,10 +377,8 @@ class RiskManager:
         lim = self.limits
         if self.state is not TradingState.ACTIVE:
             return RiskCheck(False, f"trading is {self.state}: {self.state_reason()}")
-        if not position_size >= lim.min_order_sol:
-            return RiskCheck(False, f"size {position_size:.4f} SOL under {lim.min_order_sol}")
         spend = self.entry_spend.most(position_size)
-        if spend > self.capital * lim.max_position_fraction * (1 + 1e-12):
+        if exceeds(spend, self.capital * lim.max_position_fraction):
             return RiskCheck(
                 False,
                 f"size {position_size:.4f} SOL (at most {spend:.4f} SOL spent) over the "
@@ -323,11 +389,33 @@ class RiskManager:
             return RiskCheck(False, "held already (or an entry is in flight): one entry a token")
         if new_token and self.open_positions() >= lim.max_concurrent_positions:
             return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
-        if spend > self._token_room(token_id) * (1 + 1e-12):
+        # a minimum order at least: a limit with no room left (exceeded, say, by a late
+        # fill) is named, not the size under the minimum the sizing left
+        least = self.entry_spend.most(max(position_size, lim.min_order_sol))
+        if exceeds(least, self._token_room(token_id)):
             return RiskCheck(False, "over the token's exposure limit")
-        if spend > self._total_room() * (1 + 1e-12):
+        if exceeds(least, self._total_room()):
             return RiskCheck(False, "over the total exposure limit")
+        if not position_size >= lim.min_order_sol:
+            return RiskCheck(False, f"size {position_size:.4f} SOL under {lim.min_order_sol}")
         return _ALLOWED
+
+    def breaches(self, token_id: str, *, spent: float | None = None) -> list[LimitBreach]:
+        """The limits exceeded now, by the book and the entries in flight, where a buy of
+        ``token_id`` costing ``spent`` SOL was booked (past its limit check: a late
+        fill): its cost against the per-trade cap, the token's and the total exposure,
+        the positions held or entered. None is exceeded after a checked entry."""
+        lim, capital = self.limits, self.capital
+        measured = [
+            (TOKEN_EXPOSURE, self.exposure(token_id), capital * lim.max_token_exposure_fraction),
+            (TOTAL_EXPOSURE, self.total_exposure, capital * lim.max_total_exposure_fraction),
+            (POSITIONS, float(self.open_positions()), float(lim.max_concurrent_positions)),
+        ]
+        if spent is not None:
+            measured.insert(0, (PER_TRADE, spent, capital * lim.max_position_fraction))
+        return [
+            LimitBreach(name, value, cap) for name, value, cap in measured if exceeds(value, cap)
+        ]
 
     def update_capital(self, new_capital: float) -> None:
         """Set the capital the limits are fractions of (the account's SOL, marked)."""
