@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
@@ -104,7 +106,10 @@ def test_a_live_entry_is_sized_checked_and_reserved_at_the_most_it_can_spend():
 
     # the per-trade cap, 1 SOL: 0.95 SOL is under it, its worst case (1.02 SOL) is not
     assert paper.check_risk_limits("a", 0.95)
-    assert "per-trade" in risk.check_risk_limits("a", 0.95).reason
+    refused = risk.check_risk_limits("a", 0.95).reason
+    assert "per-trade" in refused
+    # the observed size its one number: the service counts reasons with it folded
+    assert re.findall(r"\d+\.\d+", refused) == ["0.9500"], refused
     capped = risk.calculate_position_size("a", 1.0, 0.99)
     assert capped == pytest.approx((1.0 - 0.0001) / spend.factor)
     assert spend.most(capped) == pytest.approx(1.0)

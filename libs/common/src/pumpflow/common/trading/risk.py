@@ -379,10 +379,10 @@ class RiskManager:
             return RiskCheck(False, f"trading is {self.state}: {self.state_reason()}")
         spend = self.entry_spend.most(position_size)
         if exceeds(spend, self.capital * lim.max_position_fraction):
+            # one number, the observed one: the service counts reasons by the rest
             return RiskCheck(
                 False,
-                f"size {position_size:.4f} SOL (at most {spend:.4f} SOL spent) over the "
-                "per-trade limit",
+                f"size {position_size:.4f} SOL over the per-trade limit (at the most it spends)",
             )
         new_token = not self._holds_or_reserved(token_id)
         if not new_token and not lim.add_to_positions:
