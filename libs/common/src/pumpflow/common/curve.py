@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pumpflow.common.events import Side
+
 INITIAL_VIRTUAL_TOKEN_RESERVES = 1_073_000_000.0
 INITIAL_VIRTUAL_SOL_RESERVES = 30.0
 INITIAL_REAL_TOKEN_RESERVES = 793_100_000.0
@@ -99,6 +101,18 @@ MIGRATION_POOL = CurveState(
     v_sol=COMPLETE_VIRTUAL_SOL_RESERVES - INITIAL_VIRTUAL_SOL_RESERVES,
     v_tokens=TOTAL_SUPPLY - INITIAL_REAL_TOKEN_RESERVES,
 )
+
+
+def pool_after_trade(pool: CurveState, side: Side, sol: float, tokens: float) -> CurveState:
+    """The pool moved by a trade on it of ``tokens`` for ``sol`` (net of the pool's fee).
+
+    A pool trade's frame reports its amounts, not the pool's reserves, so the pool is
+    followed from :data:`MIGRATION_POOL` trade by trade (the approximation argued in
+    :mod:`pumpflow.common.trading.fills`); its spot price is the pool's ``price``.
+    """
+    if side == "buy":
+        return CurveState(v_sol=pool.v_sol + sol, v_tokens=max(pool.v_tokens - tokens, 1.0))
+    return CurveState(v_sol=max(pool.v_sol - sol, 1e-9), v_tokens=pool.v_tokens + tokens)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

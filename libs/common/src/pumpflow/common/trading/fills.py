@@ -17,7 +17,8 @@ no pool maths, so a sale there is priced by a documented approximation: a consta
 product pool seeded with what the curve held when it completed, ~85.005 SOL raised
 against the 206.9M tokens never sold on the curve (its price, 4.1085e-7 SOL, is within
 0.01% of the curve's last; :data:`~pumpflow.common.curve.MIGRATION_POOL`), moved by the
-amounts of the ``pump-amm`` trades the token's stream reports, at ``pool_fee_rate``.
+amounts of the ``pump-amm`` trades the token's stream reports
+(:func:`~pumpflow.common.curve.pool_after_trade`), at ``pool_fee_rate``.
 Constant product is the curve's maths with the pool's reserves in place of the virtual
 ones, so :func:`quote_sell` prices it. A migration fee and liquidity others add or take
 are not modelled.
@@ -185,10 +186,3 @@ def venue_fee_rate(execution: PaperExecution, venue: str | None) -> float:
 def _api_fee(sol: float, execution: PaperExecution) -> float:
     """The trade API's fee on a sale's proceeds."""
     return sol * execution.api_fee_rate
-
-
-def pool_after_trade(pool: CurveState, side: Side, sol: float, tokens: float) -> CurveState:
-    """The pool moved by another wallet's trade (SOL net of the pool's fee) on it."""
-    if side == "buy":
-        return CurveState(v_sol=pool.v_sol + sol, v_tokens=max(pool.v_tokens - tokens, 1.0))
-    return CurveState(v_sol=max(pool.v_sol - sol, 1e-9), v_tokens=pool.v_tokens + tokens)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, pool_after_trade, state_from_frame
 from pumpflow.common.events import (
     ExitOrder,
     OrderFilled,
@@ -34,7 +34,6 @@ from pumpflow.common.trading.fills import (
     PaperFill,
     fill_buy,
     fill_sell,
-    pool_after_trade,
 )
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.settings import PaperExecution
