@@ -206,6 +206,43 @@ def test_a_failed_sale_is_rearmed_and_fires_again():
     assert [d.rule for d in ev.on_mark(MINT, ENTRY * 0.6, START + 2)] == [STOP_LOSS]
 
 
+def test_a_step_that_sold_short_sells_the_rest_when_due_and_the_steps_after_their_shares():
+    """A step's sale sold 40% of its quarter: the rest is the step's again, sold as the
+    step is due (its gain gone, on its return), and the steps after it sell a quarter
+    of the tokens bought each: the ladder's shares, not shares of more."""
+    ev = evaluator(ExitRules(**{**_fields(PRICE_ONLY), "trailing": ()}))
+    [(_, first)] = walk(ev, [0.5])
+    ev.fell_short(replace(first, token_amount=first.token_amount * 0.6))
+    assert ev.tokens_left(MINT) == pytest.approx(TOKENS * 0.9)
+    assert walk(ev, [0.4]) == []
+    [(_, rest)] = walk(ev, [0.6])
+    assert (rest.rule, rest.token_amount) == ("take_profit_1", pytest.approx(TOKENS * 0.15))
+    fired = walk(ev, [1.0, 2.0])
+    assert [d.token_amount for _, d in fired] == pytest.approx([TOKENS / 4] * 2)
+    assert ev.tokens_left(MINT) == pytest.approx(TOKENS / 4)
+
+
+def test_a_decline_that_sold_short_sells_the_rest_and_a_new_decline_its_share():
+    ev = evaluator(ExitRules(**{**_fields(PRICE_ONLY), "decline_fraction": 0.5}))
+    [first] = ev.on_lifecycle(MINT, "declining", START + 5)
+    ev.fell_short(replace(first, token_amount=TOKENS / 4))
+    [rest] = ev.check_time(MINT, START + 6)
+    assert (rest.rule, rest.token_amount) == (DECLINE, pytest.approx(TOKENS / 4))
+    ev.fell_short(replace(rest, token_amount=TOKENS / 8))
+    # recovered before the rest sold: the next decline sells half of what is left
+    assert ev.on_lifecycle(MINT, "active", START + 7) == []
+    [again] = ev.on_lifecycle(MINT, "declining", START + 8)
+    assert again.token_amount == pytest.approx(TOKENS * 5 / 8 / 2)
+
+
+def test_a_full_exit_that_sold_short_sells_the_rest_while_due():
+    ev = evaluator(PRICE_ONLY)
+    [stop] = ev.on_mark(MINT, ENTRY * 0.6, START + 1)
+    ev.fell_short(replace(stop, token_amount=TOKENS * 0.3))
+    [rest] = ev.check_time(MINT, START + 1)
+    assert (rest.rule, rest.token_amount) == (STOP_LOSS, pytest.approx(TOKENS * 0.3))
+
+
 async def test_a_time_stop_refused_again_and_again_orders_again_less_and_less_often():
     """A timer rule refused for good (an API error, a wallet short of SOL for fees) fires
     again at once the first time, then 1, 2, 4 ... 30 s after each refusal: not at the

@@ -34,6 +34,13 @@ does one an operator's request for a token never heard of made). A late
 event of it (a trade on its pool after the migration) loads it and lets it go again; a
 position, an entry or a lifecycle state past the retirement keeps it.
 
+Fills: the position's tokens follow trading's position events and the exit's own
+sales' fills. A rule's sale that fills short of its order gives the rest back to its
+rule (the rules then look again at once, as after a first refusal), so what the rules
+have left plus their sales under way is what is held: more held than that is an entry
+added (tokens bought), less is tokens sold by other means (a graceful exit's tranches,
+a hand sale), which the rules no longer sell.
+
 Operators' sales: an ``exit.sale_requested`` (the service's ``POST
 /positions/{mint}/sell``) is decided by the rules' evaluator as one more rule,
 :data:`~pumpflow.common.exit.rules.REQUESTED`: a share of what the rules have not
@@ -505,10 +512,12 @@ class ExitProcessor:
         if outcome.side == "buy" or not is_exit_order(outcome.order_id):
             self._entry_outcome(state, outcome)
             return []
-        # pending while the rules run: its tokens are not taken for an entry added
-        sale = state.pending.get(outcome.order_id)
+        sale = state.pending.pop(outcome.order_id, None)
         position = state.position
-        decisions: list[ExitDecision] = []
+        # what comes back to the rules: a refused sale's tokens, or what a fill fell
+        # short of its order by (its slippage limit, liquidity, trading cutting it to what
+        # is held); still held, not bought
+        given_back = 0.0
         if isinstance(outcome, OrderFilled):
             if (
                 position is not None
@@ -518,30 +527,50 @@ class ExitProcessor:
                 # position.updated says the same soon; the plan must not wait for it
                 position.tokens = max(0.0, position.tokens - outcome.token_amount)
                 position.sold.append(outcome.order_id)
+                if sale is not None:
+                    given_back = sale.token_amount - outcome.token_amount
         elif sale is not None and position is not None:
-            # the sale failed: its tokens, and its rule, are the rules' again
+            given_back = sale.token_amount
+        decisions: list[ExitDecision] = []
+        if sale is not None and position is not None and given_back > sale.token_amount * 1e-9:
             decision = ExitDecision(
                 mint=state.mint,
                 position_id=position.position_id,
                 rule=sale.rule,
                 fraction=0.0,
-                token_amount=sale.token_amount,
+                token_amount=given_back,
                 reason=sale.reason,
-                # the wait after it runs in the rules' time: trading's clock runs ahead of
-                # a backlog of trades, a wait from it would hold them as long again
+                # the wait after a refusal runs in the rules' time: trading's clock runs
+                # ahead of a backlog of trades, a wait from it would hold them as long again
                 time=min(time, now),
             )
-            # halted too: a refusal during a graceful exit gives the rules back their
-            # tokens for after it (else taken for an entry added, the ladder resized)
-            self._rules(state, lambda ev: ev.rearm(decision) or [], deciding=False)
-            # the rules look again as the refusal comes (a wait after refusals holds
-            # them): a rule of price due would otherwise wait for the token's next
-            # trade, which after a dump may be another seller's
+            refused = isinstance(outcome, OrderRejected)
+            # given back before the rules compare what they have left with what is held
+            # (else taken for an entry added, the ladder resized); halted too, for after
+            # a graceful exit
+            self._give_back(state, decision, refused=refused)
+            # the rules look again at once (a wait after refusals holds them): a rule of
+            # price due would otherwise wait for the token's next trade, which after a
+            # dump may be another seller's
             decisions = self._rules(state, lambda ev: ev.check_time(state.mint, decision.time))
-        state.pending.pop(outcome.order_id, None)
         if self.on_outcome is not None:
             self.on_outcome(state.mint, outcome, sale, time)
         return decisions
+
+    def _give_back(self, state: ExitState, decision: ExitDecision, *, refused: bool) -> None:
+        """Give ``decision``'s tokens back to the rules of ``state``'s position."""
+        watch = state.watch
+        if watch is None or watch.position_id != decision.position_id:
+            return
+        evaluator = self.evaluator
+        evaluator.adopt(watch)
+        try:
+            if refused:
+                evaluator.rearm(decision)
+            else:
+                evaluator.fell_short(decision)
+        finally:
+            evaluator.forget(state.mint)
 
     def _requested(
         self, state: ExitState, event: Event, request: SaleRequested, effects: Effects
@@ -629,11 +658,17 @@ class ExitProcessor:
         else:
             evaluator.adopt(watch)
             # held beyond what the rules left and their sales under way sell (the sales
-            # filled are no longer held): an entry added to it (trading's
-            # add_to_positions), and the rules sell those too
-            added = position.tokens - watch.left - state.pending_tokens
+            # filled are no longer held, what they gave back is left): an entry added to
+            # it (trading's add_to_positions), and the rules sell those too; held short of
+            # it, sold by other means (a graceful exit's tranches, a hand sale), and the
+            # rules sell no more than is held
+            free = position.tokens - state.pending_tokens
+            added = free - watch.left
             if added > watch.bought * 1e-9:
                 evaluator.track(replace(view, tokens=watch.bought + added), time=position.opened_at)
+            elif added < -watch.bought * 1e-9 and not state.pending:
+                # with sales under way the shortfall may be a fill still to come
+                evaluator.limit(state.mint, free)
         try:
             return step(evaluator)
         finally:

@@ -48,6 +48,10 @@ Defaults, from the market figures in docs/market.md:
   pace of the round trip to trading, or of the token's trades, against PumpPortal's 25
   requests a second that every sale shares; 30 s is half the silence that sells a
   position (``quiet_s``). A refusal 30 s past the last wait starts again at once.
+- **Short fills**: a sale that sells fewer tokens than it ordered (its slippage limit,
+  the market's depth, trading cutting it to what is held) gives the rest back to its
+  rule as tokens still held, never as tokens bought, and the rules look again at once
+  with no wait (it sold: no refusal).
 
 A full exit takes what is left; of several rules due at once the first in
 :data:`FULL_EXIT_RULES` names it. The decline sells its share of what is left, a
@@ -55,8 +59,17 @@ ladder step its share of the tokens bought (all that is left at most: after a de
 the ladder sells out sooner). A rule that fired does not fire again for the same
 condition: a ladder step, the trailing stop and the time stops once per position; the
 decline exit again only after the token recovered to ``active``. Tokens that come back
-to the rules after a full exit (a partial sale refused, an entry added while its sale
-is under way) are sold by it again while it is due.
+to the rules after a full exit (a partial sale refused or filled short, an entry added
+while its sale is under way) are sold by it again while it is due. A partial rule
+whose sale came back (refused, or filled short) sells what came back as it fires next,
+not its share again: a ladder sells its configured shares of the tokens bought however
+its sales fill (a step filled at half orders the other half as that step, at once
+while its gain holds, else when it comes back), and a decline the rest of its share
+(unless the token recovers first: the next decline sells its share of what is left).
+The tokens bought are the holding the rules first saw and the entries added to it;
+what the rules have left is never more than is held (tokens sold by other means, a
+graceful exit's tranches or a sale by hand, are taken from it), the ladder's steps
+staying shares of the tokens bought.
 """
 
 from __future__ import annotations
@@ -219,6 +232,8 @@ class RuleWatch(msgspec.Struct, kw_only=True):
     position_id: str
     opened_at: float
     entry_price: float
+    #: tokens bought (the holding as the rules first saw it, and entries added since);
+    #: tokens a sale gave back are not bought
     bought: float
     #: tokens the decisions so far have not taken
     left: float
@@ -231,6 +246,9 @@ class RuleWatch(msgspec.Struct, kw_only=True):
     held_until: float = 0.0
     #: the wait after the last refused sale (0: it was ordered again at once)
     retry_s: float = 0.0
+    #: rule -> tokens a partial rule's sales gave back (refused, or filled short): what
+    #: it sells as it fires next (all that is left at most), not its share again
+    owed: dict[str, float] = msgspec.field(default_factory=dict)
 
     @property
     def closed(self) -> bool:
@@ -304,12 +322,9 @@ class ExitEvaluator:
 
     def rearm(self, decision: ExitDecision) -> None:
         """Give back a decision whose sale failed: its tokens and its rule fire again."""
-        watch = self._watches.get(decision.mint)
-        if watch is None or watch.position_id != decision.position_id:
+        watch = self._give_back(decision)
+        if watch is None:
             return
-        watch.left = min(watch.bought, watch.left + decision.token_amount)
-        watch.fired.discard(decision.rule)
-        self._reopen(watch)
         r = self.rules
         if decision.time < watch.held_until + r.refused_retry_max_s:
             # refused again soon after the last: wait longer before the rules order again
@@ -318,6 +333,22 @@ class ExitEvaluator:
             watch.retry_s = 0.0
         watch.held_until = decision.time + watch.retry_s
         self._arm(watch)
+
+    def fell_short(self, decision: ExitDecision) -> None:
+        """Give back what a decision's sale did not sell (``token_amount``: the tokens its
+        fill fell short of its order by): its rule sells them as it fires next, at once
+        while it is due (a sale that sold is no refusal: no wait)."""
+        watch = self._give_back(decision)
+        if watch is not None:
+            self._arm(watch)
+
+    def limit(self, mint: str, tokens: float) -> None:
+        """Leave the rules at most ``tokens`` of ``mint``'s position: the rest of what they
+        had left was sold by other means (a graceful exit's tranches, a hand sale)."""
+        watch = self._watches.get(mint)
+        if watch is not None and watch.left > tokens:
+            watch.left = max(tokens, 0.0)
+            self._arm(watch)
 
     def tracked(self) -> list[str]:
         return list(self._watches)
@@ -351,7 +382,9 @@ class ExitEvaluator:
             return []
         watch.lifecycle = state
         if state == "active":
+            # recovered: the next decline is another, selling its share of what is left
             watch.fired.discard(DECLINE)
+            watch.owed.pop(DECLINE, None)
         decisions = self._evaluate(watch, time)
         self._arm(watch)
         return decisions
@@ -401,6 +434,10 @@ class ExitEvaluator:
         for rule, fraction, reason in self._partial_exits(watch):
             if rule in watch.fired or watch.closed:
                 continue
+            owed = watch.owed.get(rule)
+            if owed is not None:
+                # what its sale gave back: its share was taken when it fired first
+                fraction = min(1.0, owed / watch.left)
             decisions.append(self._decide(watch, rule, fraction, reason, time))
         return decisions
 
@@ -451,13 +488,33 @@ class ExitEvaluator:
                 share = min(1.0, step.fraction * watch.bought / watch.left) if watch.left else 1.0
                 yield f"{TAKE_PROFIT}_{number}", share, f"gain {gain:+.0%} reached {step.gain:+.0%}"
 
-    def _reopen(self, watch: RuleWatch) -> None:
-        """Tokens came back to the rules (a sale refused, an entry added): a full exit
-        that fired sold only what was left then, so it sells these too while it is due."""
+    def _give_back(self, decision: ExitDecision) -> RuleWatch | None:
+        """The tokens of ``decision`` come back to the rules (never more than they took):
+        its rule fires again, a partial one owing them; the watch, if it is the
+        decision's position's."""
+        watch = self._watches.get(decision.mint)
+        if watch is None or watch.position_id != decision.position_id:
+            return None
+        tokens = max(0.0, min(decision.token_amount, watch.bought - watch.left))
+        watch.left += tokens
+        watch.fired.discard(decision.rule)
+        if decision.rule not in self._full_rules() and decision.rule != REQUESTED:
+            watch.owed[decision.rule] = watch.owed.get(decision.rule, 0.0) + tokens
+        self._reopen(watch)
+        return watch
+
+    def _full_rules(self) -> list[str]:
+        """The rules that sell everything left."""
         full = [rule for rule in FULL_EXIT_RULES if rule != MIGRATION]
         if self.rules.migration_fraction == 1.0:
             full.append(MIGRATION)
-        watch.fired.difference_update(full)
+        return full
+
+    def _reopen(self, watch: RuleWatch) -> None:
+        """Tokens came back to the rules (a sale refused or filled short, an entry added):
+        a full exit that fired sold only what was left then, so it sells these too while
+        it is due."""
+        watch.fired.difference_update(self._full_rules())
 
     @staticmethod
     def _gain(watch: RuleWatch) -> float | None:
@@ -469,6 +526,7 @@ class ExitEvaluator:
     def _decide(watch: RuleWatch, rule: str, fraction: float, reason: str, time: float):
         tokens = watch.left if fraction >= 1.0 else watch.left * fraction
         watch.fired.add(rule)
+        watch.owed.pop(rule, None)
         watch.left -= tokens
         if watch.left <= watch.bought * 1e-9:
             tokens += watch.left

@@ -1,0 +1,227 @@
+"""The rules' counts of a position against its fills, on the exit processor: a sale that
+fills short of its order, a sale refused, tokens sold by other means, and the mark of a
+token on its AMM pool after the migration."""
+
+from __future__ import annotations
+
+import pytest
+
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.events import (
+    Event,
+    ExitOrder,
+    OrderFilled,
+    OrderRejected,
+    PositionOpened,
+    PositionUpdated,
+    make_event,
+)
+from pumpflow.common.exit import ExitProcessor, ExitRules, ExitState
+from pumpflow.common.keyed import UNCHANGED
+from pumpflow.common.testing import TokenEvents
+
+from .helpers import START
+
+BOUGHT = 1_000_000.0
+#: only the take-profit ladder (its default: +50%, +100%, +200%, a quarter each)
+LADDER_ONLY = ExitRules(
+    trailing=(),
+    stop_loss=None,
+    max_hold_s=None,
+    stale_after_s=None,
+    quiet_s=None,
+    decline_fraction=None,
+)
+
+
+class _Effects:
+    """What the processor asks of the keyed consumer: its orders kept, its time the
+    market's."""
+
+    more = False
+
+    def __init__(self, key: str, clock: ReplayClock):
+        self.key, self.clock = key, clock
+        self.orders: list[ExitOrder] = []
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+    def emit(self, payload, *, time):
+        self.orders.append(payload)
+
+    def set_timer(self, at):
+        pass
+
+    def cancel_timer(self):
+        pass
+
+    def retire(self, ttl_s):
+        pass
+
+
+class _Position:
+    """One position on the exit processor; the test is the market and trading."""
+
+    def __init__(self, rules: ExitRules, *, held: float = BOUGHT, entry: float | None = None):
+        self.clock = ReplayClock(START)
+        self.tokens = TokenEvents(self.clock)
+        self.processor = ExitProcessor(rules, clock=self.clock)
+        self.mint = self.tokens.mint()
+        self.state: ExitState = self.processor.initial(self.mint)
+        self.effects = _Effects(self.mint, self.clock)
+        self.tokens.created(self.mint, sol=5.0)
+        self.trade(self.tokens.buy(self.mint, "whale", sol=10.0))
+        self.entry = self.tokens.curves[self.mint].price if entry is None else entry
+        self.held = held
+        self.position_id = "pos-1"
+        opened = PositionOpened(
+            position_id=self.position_id, mint=self.mint, token_amount=held,
+            cost_sol=held * self.entry, entry_price=self.entry, mark_price=self.entry,
+        )  # fmt: skip
+        self.apply(opened)
+        #: tokens trading sold of the position, order by order
+        self.sold: dict[str, float] = {}
+
+    def apply(self, payload, *, seq: int | None = None) -> None:
+        """``payload`` as trading publishes it (numbered ``seq``, if given)."""
+        event = make_event(payload, source="trading/test", time=self.clock.now(), seq=seq)
+        self.trade(event)
+
+    def trade(self, event: Event) -> None:
+        state = self.processor.apply(self.state, event, self.effects)
+        if state is not UNCHANGED:
+            self.state = state
+
+    def buy_until(self, gain: float) -> None:
+        while self.tokens.curves[self.mint].price < self.entry * (1 + gain):
+            self.trade(self.tokens.buy(self.mint, "whale", sol=1.0))
+
+    def orders(self) -> list[ExitOrder]:
+        return self.effects.orders
+
+    def fill(self, order: ExitOrder, tokens: float | None = None) -> None:
+        """Trading fills ``order`` (``tokens`` of it: all by default) and tells the
+        position's tokens left."""
+        self.apply(self.filled(order, tokens))
+        self.tell_held()
+
+    def filled(self, order: ExitOrder, tokens: float | None = None) -> OrderFilled:
+        """Trading's fill of ``order`` (``tokens`` of it: all by default), counted sold."""
+        sold = order.token_amount if tokens is None else tokens
+        price = self.tokens.curves[self.mint].price
+        self.sold[order.order_id] = sold
+        return OrderFilled(
+            order_id=order.order_id, mint=self.mint, side="sell", token_amount=sold,
+            sol_amount=sold * price, price=price, position_id=self.position_id,
+        )  # fmt: skip
+
+    def refuse(self, order: ExitOrder) -> None:
+        refused = OrderRejected(
+            order_id=order.order_id, mint=self.mint, reason="slippage", side="sell",
+            position_id=self.position_id,
+        )  # fmt: skip
+        self.apply(refused)
+
+    def tell_held(self) -> None:
+        """Trading's position event: what it holds after every sale so far."""
+        self.apply(self.holding())
+
+    def holding(self) -> PositionUpdated:
+        """Trading's position: what it bought less every sale so far."""
+        left = self.held - sum(self.sold.values())
+        return PositionUpdated(
+            position_id=self.position_id, mint=self.mint, token_amount=left,
+            cost_sol=left * self.entry, entry_price=self.entry,
+        )  # fmt: skip
+
+    def total_sold(self) -> float:
+        return sum(self.sold.values())
+
+
+def test_a_ladder_step_filled_short_sells_the_rest_as_that_step_and_the_ladder_its_shares():
+    """The first step's sale fills half of what it ordered: the other half stays due as
+    that step (ordered again at once, the gain still there), not taken for tokens
+    bought, so every step after it sells a quarter of the tokens bought, and the ladder
+    has sold 25%, 50% and 75% of them as it reaches each step."""
+    p = _Position(LADDER_ONLY)
+    p.buy_until(0.5)
+    [first] = p.orders()
+    assert (first.reason, first.token_amount) == ("take_profit_1", pytest.approx(BOUGHT / 4))
+    p.fill(first, first.token_amount / 2)
+    rest = p.orders()[-1]
+    assert rest is not first, "the step's unsold half was not ordered again"
+    assert (rest.reason, rest.token_amount) == ("take_profit_1", pytest.approx(BOUGHT / 8))
+    p.fill(rest)
+    assert p.total_sold() == pytest.approx(0.25 * BOUGHT)
+    for gain, cumulative in ((1.0, 0.5), (2.0, 0.75)):
+        p.buy_until(gain)
+        step = p.orders()[-1]
+        assert step.token_amount == pytest.approx(BOUGHT / 4), step
+        p.fill(step)
+        assert p.total_sold() == pytest.approx(cumulative * BOUGHT)
+    assert p.state.watch.bought == pytest.approx(BOUGHT)
+    assert p.state.watch.left == pytest.approx(BOUGHT / 4)
+
+
+def test_a_stop_loss_filled_short_orders_the_rest_at_once_and_counts_nothing_bought():
+    """A stop loss's sale sells 60% of the position: the 40% left is still held, and the
+    stop loss, still due, orders it at once (a dump may bring no trade to look again
+    at), as tokens the position held all along, not an entry added."""
+    p = _Position(ExitRules(trailing=(), max_hold_s=None, stale_after_s=None, quiet_s=None))
+    while p.tokens.curves[p.mint].price > p.entry * 0.69:
+        p.trade(p.tokens.sell(p.mint, "whale", tokens=p.tokens.balance(p.mint, "whale") * 0.1))
+    [stop] = p.orders()
+    assert (stop.reason, stop.token_amount) == ("stop_loss", pytest.approx(BOUGHT))
+    p.fill(stop, BOUGHT * 0.6)
+    rest = p.orders()[-1]
+    assert rest is not stop, "the rest waited for the token's next trade"
+    assert (rest.reason, rest.token_amount) == ("stop_loss", pytest.approx(BOUGHT * 0.4))
+    assert p.state.watch.bought == pytest.approx(BOUGHT)
+    p.fill(rest)
+    assert p.total_sold() == pytest.approx(BOUGHT)
+    p.trade(p.tokens.buy(p.mint, "small", sol=0.001))
+    assert p.orders()[-1] is rest
+
+
+def test_the_rest_of_a_step_refused_is_ordered_again_as_that_rest_not_as_a_whole_step():
+    """The first step fills short, the sale of its rest is refused: what comes back is
+    that rest (the step sold the rest of its quarter already), so the step orders it
+    again, and the ladder has sold a quarter, not a quarter and then some."""
+    p = _Position(LADDER_ONLY)
+    p.buy_until(0.5)
+    [first] = p.orders()
+    p.fill(first, first.token_amount * 0.4)
+    rest = p.orders()[-1]
+    assert rest.token_amount == pytest.approx(BOUGHT / 4 * 0.6)
+    p.refuse(rest)
+    again = p.orders()[-1]
+    assert again is not rest
+    assert (again.reason, again.token_amount) == ("take_profit_1", pytest.approx(rest.token_amount))
+    p.fill(again)
+    assert p.total_sold() == pytest.approx(BOUGHT / 4)
+    p.buy_until(1.0)
+    second = p.orders()[-1]
+    assert (second.reason, second.token_amount) == ("take_profit_2", pytest.approx(BOUGHT / 4))
+
+
+def test_tokens_sold_by_other_means_leave_the_rules_no_more_than_is_held():
+    """Trading's position shows 60% of it sold by other means (a graceful exit's
+    tranches before it ended at its deadline, a sale by hand): the rules order what is
+    held, not what they had left; the ladder's steps are still shares of what was bought
+    (the first sells its quarter of it)."""
+    p = _Position(ExitRules(max_hold_s=None, stale_after_s=None, quiet_s=None))
+    p.sold["by hand"] = BOUGHT * 0.6
+    p.tell_held()
+    p.buy_until(0.5)
+    [step] = p.orders()
+    assert (step.reason, step.token_amount) == ("take_profit_1", pytest.approx(BOUGHT / 4))
+    p.fill(step)
+    while p.tokens.curves[p.mint].price > p.entry * 0.69:
+        p.trade(p.tokens.sell(p.mint, "whale", tokens=p.tokens.balance(p.mint, "whale") * 0.1))
+    stop = p.orders()[-1]
+    assert stop.reason in ("trailing_stop", "stop_loss")
+    assert stop.token_amount == pytest.approx(BOUGHT * 0.15)
+    p.fill(stop)
+    assert p.total_sold() == pytest.approx(BOUGHT)
