@@ -142,11 +142,13 @@ def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event
     return make_event(payload, source="trading/test", time=tokens.clock.now())
 
 
-def filled(order: ExitOrder, price: float, time: float) -> Event:
-    """Trading's fill of a whole exit order: 1% below ``price``, 3% short in SOL."""
+def filled(order: ExitOrder, price: float, time: float, *, tokens: float | None = None) -> Event:
+    """Trading's fill of an exit order (``tokens`` of it; all by default): 1% below
+    ``price``, 3% short in SOL."""
+    sold = order.token_amount if tokens is None else tokens
     fill = OrderFilled(
-        order_id=order.order_id, mint=order.mint, side="sell", token_amount=order.token_amount,
-        sol_amount=order.token_amount * price * 0.97, price=price * 0.99, fee_sol=0.01,
+        order_id=order.order_id, mint=order.mint, side="sell", token_amount=sold,
+        sol_amount=sold * price * 0.97, price=price * 0.99, fee_sol=0.01,
         position_id=order.position_id,
     )  # fmt: skip
     return make_event(fill, source="trading/test", time=time)

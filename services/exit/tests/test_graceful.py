@@ -285,7 +285,7 @@ async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusa
     refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
     view.tokens = held * 0.25  # the book holds what the rule did not sell
     h.book.open_positions["mint1"] = view
-    await h.manager.on_rule_outcome("mint1", refused, held * 0.25)
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.25, held_back=0.0)
     summary = await running
     assert h.book.open_positions == {}
     sold = sum(o.token_amount for o, _, _ in h.executor.fills)
@@ -328,9 +328,10 @@ async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_th
         sol_amount=0.3, price=0.3 / (held * 0.4), position_id="pos-mint1",
     )  # fmt: skip
     view.tokens, view.pending_tokens = held * 0.6, 0.0
-    await h.manager.on_rule_outcome("mint1", cut, held * 0.6)
+    # the first sale still holds back what it ordered, all that is left
+    await h.manager.on_rule_outcome("mint1", cut, held * 0.6, held_back=held * 0.6)
     refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
-    await h.manager.on_rule_outcome("mint1", refused, held * 0.6)
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.6, held_back=0.0)
     summary = await running
     assert h.book.open_positions == {}, "tokens left held by a sold-out exit"
     sold = sum(o.token_amount for o, _, _ in h.executor.fills)

@@ -779,12 +779,14 @@ class _Trading:
                 continue
             await self.fill(order)
 
-    async def fill(self, order) -> None:
-        """Fill ``order`` whole: the position's tokens left, or its close if none are."""
+    async def fill(self, order, tokens: float | None = None) -> None:
+        """Fill ``order`` (``tokens`` of it; whole by default): the position's tokens
+        left, or its close if none are."""
         self.seen.add(order.order_id)
+        sold = order.token_amount if tokens is None else tokens
         price = self.tokens.curves[order.mint].price
-        await self.bus.publish(filled(order, price, self.tokens.clock.now()))
-        left = self.left[order.mint] = self.left[order.mint] - order.token_amount
+        await self.bus.publish(filled(order, price, self.tokens.clock.now(), tokens=sold))
+        left = self.left[order.mint] = self.left[order.mint] - sold
         if left > self.held[order.mint].token_amount * 1e-9:
             await self.publish(PositionUpdated(**self._fields(order.mint), token_amount=left,
                                                cost_sol=left * price))  # fmt: skip
@@ -816,6 +818,41 @@ async def _first_tranche_sold(system, trading: _Trading, watch, reason: str):
     assert tranche.token_amount < held.token_amount / 2
     await trading.fill(tranche)
     return held, tranche
+
+
+async def test_a_rule_sale_that_fills_short_during_the_exit_leaves_the_rest_to_the_exit():
+    """A take-profit step's sale (a quarter) was under way as the exit began, holding
+    its tokens back; it fills 40% of its order: the rest is still held and nobody sells
+    it but the exit, which does, so the position ends flat within the deadline (it
+    stayed held back to the deadline, the position reported left, awaiting a sale that
+    had settled)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    exits = exit_service(records, **ALONE, exit_deadline_s=30.0)
+    async with embedded(clock, exits) as (system, watch):
+        trading = _Trading(system, tokens, watch)
+        mint = tokens.mint()
+        position = await trading.hold(mint, tokens_held=1e6)
+        while tokens.curves[mint].price < position.entry_price * 1.5:
+            await system.bus.publish(tokens.buy(mint, "whale", sol=1.0))
+        [rule] = watch.payloads("exit.order")
+        assert rule.reason == "take_profit_1" and rule.token_amount == pytest.approx(2.5e5)
+        trading.seen.add(rule.order_id)  # answered below, short
+        await _shut_down(system, clock, "a rule sale fills short")
+        await trading.fill(rule, rule.token_amount * 0.4)
+        while not exits.finished.is_set():
+            await trading.answer()
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+
+        assert trading.left[mint] == pytest.approx(0.0, abs=1e-3)
+        tranches = [o for o in watch.payloads("exit.order") if ":exit:" in o.order_id]
+        assert sum(o.token_amount for o in tranches) == pytest.approx(9e5)
+        summary = exits.summary
+        [line] = summary.lines
+        assert line.completed and line.pending_tokens == 0.0, line
+        assert summary.positions_left == 0 and summary.deadline_margin_s > 0
 
 
 async def test_a_position_trading_closes_by_other_means_leaves_the_exit_reported_closed():

@@ -246,8 +246,9 @@ class ExitService(Service):
         self._ctx: ServiceContext | None = None
         self._control: Subscription | None = None
         #: exit orders' outcomes and positions closed, applied and not stored or acted on
-        #: yet, in the order they applied: (mint, what, sale, time)
-        self._outcomes: list[tuple[str, _Handed, PendingSale | None, float]] = []
+        #: yet, in the order they applied: (mint, what, sale, time, the tokens the
+        #: position's rule sales held back after it)
+        self._outcomes: list[tuple[str, _Handed, PendingSale | None, float, float]] = []
         #: order ids of those whose rule sale's report went out
         self._reported: set[str] = set()
         #: tranches sent and awaited: order id -> (mint, its outcome)
@@ -785,7 +786,7 @@ class ExitService(Service):
             self._closes[position_id] = TradingClose(mint=mint, reason=reason, time=time)
         # acted on after the outcomes applied before it: the sale that closed the
         # position may be the exit's own
-        self._outcomes.append((mint, _Closed(position_id, reason, time), None, time))
+        self._outcomes.append((mint, _Closed(position_id, reason, time), None, time, 0.0))
 
     def _on_request(self, mint: str, event: Event, order: ExitOrder | None, why: str) -> None:
         request: SaleRequested = event.data
@@ -847,12 +848,17 @@ class ExitService(Service):
             self._asking.pop(event.id, None)
 
     def _on_outcome(
-        self, mint: str, outcome: OrderFilled | OrderRejected, sale: PendingSale | None, time: float
+        self,
+        mint: str,
+        outcome: OrderFilled | OrderRejected,
+        sale: PendingSale | None,
+        time: float,
+        held_back: float,
     ) -> None:
         if self.run is not None and ":exit:" in outcome.order_id:
             self._applied[outcome.order_id] = (outcome, time)
         # stored by the commit's before_write: the delivery is acked only once it is
-        self._outcomes.append((mint, outcome, sale, time))
+        self._outcomes.append((mint, outcome, sale, time, held_back))
 
     async def _before_write(self) -> None:
         """What the commit's keys hand out, stored before their states are written (the
@@ -872,10 +878,11 @@ class ExitService(Service):
         second one after a crash is the same event.
         """
         while self._outcomes:
-            mint, outcome, sale, time = self._outcomes[0]
+            mint, outcome, sale, time, held_back = self._outcomes[0]
             await self._store(mint, outcome, sale, time)
             del self._outcomes[0]
-            task = asyncio.get_running_loop().create_task(self._settled(mint, outcome, sale))
+            settled = self._settled(mint, outcome, sale, held_back)
+            task = asyncio.get_running_loop().create_task(settled)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -912,7 +919,9 @@ class ExitService(Service):
         if not selling:
             self._untaken_closes = True
 
-    async def _settled(self, mint: str, outcome: _Handed, sale: PendingSale | None) -> None:
+    async def _settled(
+        self, mint: str, outcome: _Handed, sale: PendingSale | None, held_back: float
+    ) -> None:
         """An outcome stored: to the tranche awaiting it, or to the graceful exit; a
         position closed: to the graceful exit."""
         try:
@@ -931,7 +940,9 @@ class ExitService(Service):
                     # stored it finds it settled, and the manager takes a tranche's once
                     await self.manager.on_late_outcome(outcome)
             elif sale is not None and self.manager is not None:
-                await self.manager.on_rule_outcome(mint, outcome, sale.token_amount)
+                await self.manager.on_rule_outcome(
+                    mint, outcome, sale.token_amount, held_back=held_back
+                )
         except Exception:
             log.exception("exit: the graceful exit took %r badly", outcome)
 

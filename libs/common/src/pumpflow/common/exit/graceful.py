@@ -10,8 +10,9 @@ publishes an ``exit.report`` per position as it is sold out and a summary
 itself: ``publish_summary=False``; ``on_exited`` is told each position sold out).
 
 A rule's sale ordered before the exit began holds its tokens back (the position's
-``pending_tokens``): the position is not sold out until that sale settles, and if it
-is refused, the exit sells its tokens too (:meth:`GracefulExitManager.on_rule_outcome`).
+``pending_tokens``): the position is not sold out until that sale settles, and what it
+did not sell (refused, or filled short) the exit sells too
+(:meth:`GracefulExitManager.on_rule_outcome`).
 
 A tranche without an outcome may have sold: its tokens are unconfirmed, never offered
 again (a new order could sell them twice), while the position's other tokens go on
@@ -373,21 +374,25 @@ class GracefulExitManager:
         return dropped
 
     async def on_rule_outcome(
-        self, mint: str, outcome: OrderFilled | OrderRejected, tokens: float
+        self,
+        mint: str,
+        outcome: OrderFilled | OrderRejected,
+        tokens: float,
+        *,
+        held_back: float,
     ) -> None:
-        """A rule's sale of ``tokens`` ordered before the exit began settled: filled, the
-        tokens it sold are gone; refused, the exit sells them (the position is never left
-        open)."""
+        """A rule's sale of ``tokens`` ordered before the exit began settled, and the
+        position's rule sales hold back ``held_back`` after it: the tokens it sold are
+        gone; those it did not sell (refused, or filled short) the exit sells, unless the
+        others still under way hold them (the position is never left open)."""
         queued = self.planner.exits.get(mint)
         record = self.records.get(mint)
         if queued is None or record is None or self.summary is not None:
             return
-        if isinstance(outcome, OrderFilled):
-            # trading cuts a sale to what the others under way leave: the tokens it did
-            # not sell stay reserved for those, and a refusal of one gives them back
-            self.planner.release(mint, outcome.token_amount)
-        else:
-            record.tokens_at_start += self.planner.retake(mint, tokens)
+        sold = outcome.token_amount if isinstance(outcome, OrderFilled) else 0.0
+        record.tokens_at_start += self.planner.settle_reserved(
+            mint, tokens, sold=sold, held_back=held_back
+        )
         self._held_back(record, queued)
         self._changed.set()
         await self._close_if_sold_out(mint)

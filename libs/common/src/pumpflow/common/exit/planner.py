@@ -273,7 +273,7 @@ class ExitPlanner:
         """Queue ``position`` (once; a repeat is ignored) on its market ``state``.
 
         Its ``pending_tokens``, if it has them, are a rule's sale under way: reserved
-        until that sale settles (:meth:`release`, :meth:`retake`). A later position on a
+        until that sale settles (:meth:`settle_reserved`). A later position on a
         mint whose exit is over takes that exit's place; the mint's exit still going
         keeps it. One with nothing to sell is queued closed (:data:`NOTHING_TO_SELL`):
         its exit is over, yet it is the exit's (left out, it would be taken up again on
@@ -531,23 +531,21 @@ class ExitPlanner:
             self._dirty = True
         return queued
 
-    def release(self, mint: str, tokens: float) -> QueuedExit | None:
-        """A rule's sale reserved from ``mint``'s exit sold ``tokens``: they are gone."""
-        queued = self.exits.get(mint)
-        if queued is not None:
-            queued.reserved = max(0.0, queued.reserved - tokens)
-            self._dirty = True
-        return queued
-
-    def retake(self, mint: str, tokens: float) -> float:
-        """A rule's sale of ``tokens`` reserved from ``mint``'s exit was refused: the exit
-        sells them too (never more than it reserved); how many it took back."""
+    def settle_reserved(self, mint: str, tokens: float, *, sold: float, held_back: float) -> float:
+        """A rule's sale of ``tokens`` reserved from ``mint``'s exit settled, selling
+        ``sold`` (none if refused), and the position's rule sales hold back ``held_back``
+        after it: the tokens sold are gone, and the exit sells those it did not sell,
+        never more than it reserved nor what the others under way still hold back
+        (trading cuts overlapping sales to what is held, so a sale cut short leaves its
+        tokens to the one it overlapped); how many it took."""
         queued = self.exits.get(mint)
         if queued is None:
             return 0.0
-        taken = min(tokens, queued.reserved)
-        queued.reserved -= taken
-        if queued.reserved <= taken * 1e-9:
+        reserved = queued.reserved
+        taken = min(tokens - sold, reserved - sold - held_back, reserved)
+        taken = max(taken, 0.0)
+        queued.reserved = max(reserved - sold - taken, 0.0)
+        if queued.reserved <= reserved * 1e-9:
             queued.reserved = 0.0
         queued.tokens_left += taken
         queued.tokens_at_start += taken

@@ -54,7 +54,8 @@ Hooks (the service's, called as events apply; they must not change the state):
 ``on_market`` and ``on_lifecycle`` feed the graceful exit's plan, and ``on_closed``
 tells it that trading closed a position (by its last sale, the exit's or another's),
 and when (a close applied late may be from before the graceful exit began);
-``on_outcome`` is told each exit order's fill or refusal with the sale it settles;
+``on_outcome`` is told each exit order's fill or refusal with the sale it settles and
+the tokens the position's rule sales hold back after it;
 ``on_request`` each operator's request, with the sale it ordered or why none.
 """
 
@@ -265,7 +266,9 @@ def _remember(ids: list[str], item: str) -> None:
         del ids[:-_KEPT_IDS]
 
 
-OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float], None]
+#: (mint, the outcome, the rule's sale it settles, its time, the tokens the position's
+#: rule sales still hold back after it: :attr:`HeldView.pending_tokens`)
+OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float, float], None]
 MarketHook = Callable[[str, CurveState], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
 #: (mint, position id, the close's reason, the close's time)
@@ -554,7 +557,9 @@ class ExitProcessor:
             # dump may be another seller's
             decisions = self._rules(state, lambda ev: ev.check_time(state.mint, decision.time))
         if self.on_outcome is not None:
-            self.on_outcome(state.mint, outcome, sale, time)
+            view = held_view(state)
+            held_back = view.pending_tokens if view is not None else 0.0
+            self.on_outcome(state.mint, outcome, sale, time, held_back)
         return decisions
 
     def _give_back(self, state: ExitState, decision: ExitDecision, *, refused: bool) -> None:
