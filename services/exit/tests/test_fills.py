@@ -225,3 +225,42 @@ def test_tokens_sold_by_other_means_leave_the_rules_no_more_than_is_held():
     assert stop.token_amount == pytest.approx(BOUGHT * 0.15)
     p.fill(stop)
     assert p.total_sold() == pytest.approx(BOUGHT)
+
+
+def test_a_position_event_applied_after_a_later_one_counts_nothing_bought_again():
+    """Trading adds 20% to the position (its update, seq 2), then a step's sale fills
+    (seq 3) and the position says what is left (seq 4); the update of seq 2 comes last
+    (the consumer applies an overtaken seq as it arrives). What it holds is past: the
+    rules count the 20% bought once, and the next step sells a quarter of 1.2 times the
+    holding, not of more."""
+    p = _Position(LADDER_ONLY)
+    p.buy_until(0.5)
+    [first] = p.orders()
+    p.held = BOUGHT * 1.2
+    added = p.holding()
+    p.apply(p.filled(first), seq=3)
+    p.apply(p.holding(), seq=4)
+    p.apply(added, seq=2)
+    assert p.state.position.tokens == pytest.approx(BOUGHT * 0.95)
+    assert p.state.watch.bought == pytest.approx(BOUGHT * 1.2)
+    p.buy_until(1.0)
+    second = p.orders()[-1]
+    assert (second.reason, second.token_amount) == ("take_profit_2", pytest.approx(3e5))
+
+
+def test_a_sale_filled_after_the_position_event_that_counts_it_sells_the_position_down_once():
+    """A step's fill (seq 3) comes after the position event that follows it (seq 4):
+    the position is what that event says, not that less the fill again, and the stop
+    loss after it sells every token held."""
+    rules = ExitRules(trailing=(), max_hold_s=None, stale_after_s=None, quiet_s=None)
+    p = _Position(rules)
+    p.buy_until(0.5)
+    [first] = p.orders()
+    fill = p.filled(first)
+    p.apply(p.holding(), seq=4)
+    p.apply(fill, seq=3)
+    assert p.state.position.tokens == pytest.approx(BOUGHT * 0.75)
+    while p.tokens.curves[p.mint].price > p.entry * 0.69:
+        p.trade(p.tokens.sell(p.mint, "whale", tokens=p.tokens.balance(p.mint, "whale") * 0.1))
+    stop = p.orders()[-1]
+    assert (stop.reason, stop.token_amount) == ("stop_loss", pytest.approx(BOUGHT * 0.75))

@@ -167,6 +167,9 @@ class HeldState(msgspec.Struct, kw_only=True):
     #: fill by its seq, but one published before trading numbered its events has none,
     #: and a fill delivered again must not sell the position down twice
     sold: list[str] = []
+    #: trading's seq of the latest of its events ``tokens`` counts (a position event or
+    #: a sale's fill): one of an earlier seq, applied late (overtaken), is counted in it
+    seq: int = 0
 
 
 class PendingSale(msgspec.Struct, kw_only=True):
@@ -259,6 +262,12 @@ def _on_pool(trade: TokenTrade) -> bool:
     return trade.pool is not None and trade.pool != _CURVE_POOL
 
 
+def _overtaken(position: HeldState, seq: int | None) -> bool:
+    """Whether trading's event of ``seq`` on ``position`` comes after a later one that
+    counts it (the consumer applies an overtaken seq as it arrives)."""
+    return seq is not None and seq < position.seq
+
+
 def _remember(ids: list[str], item: str) -> None:
     """Keep ``item`` among the latest ``ids`` (the oldest go past :data:`_KEPT_IDS`)."""
     if item not in ids:
@@ -338,7 +347,7 @@ class ExitProcessor:
         if isinstance(data, PositionOpened | PositionUpdated):
             if self._closed_here(state, data.position_id):
                 return UNCHANGED  # applied late (its seq came after the close's)
-            self._held(state, data, time)
+            self._held(state, data, time, event.seq)
             self._landed(state)
             decisions = self._rules(state, lambda ev: [])
         elif isinstance(data, PositionClosed):
@@ -389,7 +398,7 @@ class ExitProcessor:
                 self.on_lifecycle(state.mint, data.state, data.activity_level)
             decisions = self._rules(state, lambda ev: ev.on_lifecycle(state.mint, data.state, time))
         elif isinstance(data, OrderFilled | OrderRejected):
-            decisions = self._outcome(state, data, time, effects.now)
+            decisions = self._outcome(state, data, event.seq, time, effects.now)
         elif isinstance(data, SaleRequested):
             if event.id in state.requests:
                 return UNCHANGED  # a copy: it ordered its sale once
@@ -442,7 +451,13 @@ class ExitProcessor:
 
     # ---------------------------------------------------------------- events
 
-    def _held(self, state: ExitState, data: PositionOpened | PositionUpdated, time: float) -> None:
+    def _held(
+        self,
+        state: ExitState,
+        data: PositionOpened | PositionUpdated,
+        time: float,
+        seq: int | None,
+    ) -> None:
         position = state.position
         if position is None or position.position_id != data.position_id:
             market = self._unheld.pop(state.mint, None)
@@ -456,10 +471,14 @@ class ExitProcessor:
                 cost_sol=data.cost_sol,
             )
             state.pending = {}
+        elif _overtaken(position, seq):
+            return  # what it holds is past: a later fill or position event counted it
         else:
             position.tokens = data.token_amount
             position.entry_price = data.entry_price
             position.cost_sol = data.cost_sol
+        if seq is not None:
+            state.position.seq = max(state.position.seq, seq)
         if data.mark_price is not None and state.mark_price is None:
             state.mark_price = data.mark_price
 
@@ -508,7 +527,12 @@ class ExitProcessor:
         return curve.price
 
     def _outcome(
-        self, state: ExitState, outcome: OrderFilled | OrderRejected, time: float, now: float
+        self,
+        state: ExitState,
+        outcome: OrderFilled | OrderRejected,
+        seq: int | None,
+        time: float,
+        now: float,
     ) -> list[ExitDecision]:
         """Take a sale's or an entry's outcome (``time``: trading's, ``now``: the time the
         rules judge at); the exits due as a refused sale gives its rule back."""
@@ -527,8 +551,10 @@ class ExitProcessor:
                 and position.position_id == outcome.position_id
                 and outcome.order_id not in position.sold
             ):
-                # position.updated says the same soon; the plan must not wait for it
-                position.tokens = max(0.0, position.tokens - outcome.token_amount)
+                if not _overtaken(position, seq):
+                    # position.updated says the same soon; the plan must not wait for it
+                    position.tokens = max(0.0, position.tokens - outcome.token_amount)
+                    position.seq = max(position.seq, seq or 0)
                 position.sold.append(outcome.order_id)
                 if sale is not None:
                     given_back = sale.token_amount - outcome.token_amount
