@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pumpflow.common.clock import ReplayClock
+from pumpflow.common.curve import MIGRATION_POOL, pool_after_trade
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -264,3 +265,43 @@ def test_a_sale_filled_after_the_position_event_that_counts_it_sells_the_positio
         p.trade(p.tokens.sell(p.mint, "whale", tokens=p.tokens.balance(p.mint, "whale") * 0.1))
     stop = p.orders()[-1]
     assert (stop.reason, stop.token_amount) == ("stop_loss", pytest.approx(BOUGHT * 0.75))
+
+
+@pytest.mark.parametrize("told", ["by its migrate frame", "by its first pool trade"])
+def test_on_its_pool_the_position_is_marked_at_the_pools_spot_price_not_the_trades_average(
+    told: str,
+):
+    """Half the position is held on after the migration (``migration_fraction`` 0.5). A
+    buy of 10 SOL on the pool lifts its spot price 25% (constant product: the price goes
+    with the square of the SOL in it) at an average 12% above the spot before it. With
+    the entry 60% below the spot after the buy, the first step's +50% is reached on
+    the spot price, not on the trade's average (+43%)."""
+    sol = 10.0
+    bought = sol * MIGRATION_POOL.v_tokens / (MIGRATION_POOL.v_sol + sol)
+    spot = pool_after_trade(MIGRATION_POOL, "buy", sol, bought).price
+    average = sol / bought
+    assert spot / average == pytest.approx(1 + sol / MIGRATION_POOL.v_sol)
+    rules = ExitRules(**{**_fields(LADDER_ONLY), "migration_fraction": 0.5})
+    p = _Position(rules, entry=spot / 1.6)
+    if told == "by its migrate frame":
+        p.trade(p.tokens.migrated(p.mint))
+    pool_buy = p.tokens.buy(p.mint, "bob", sol=sol, pool="pump-amm", tokenAmount=bought,
+                            solAmount=sol)  # fmt: skip
+    p.trade(pool_buy)
+    assert p.state.mark_price == pytest.approx(spot)
+    assert p.state.watch.mark_price == pytest.approx(spot)
+    migration, step = p.orders()
+    assert (migration.reason, migration.token_amount) == ("migration", pytest.approx(BOUGHT / 2))
+    assert (step.reason, step.token_amount) == ("take_profit_1", pytest.approx(BOUGHT / 4))
+    # the next pool trade moves the pool on from there
+    pool_sale = p.tokens.sell(p.mint, "bob", tokens=bought / 2, pool="pump-amm",
+                              tokenAmount=bought / 2, solAmount=sol / 3)  # fmt: skip
+    p.trade(pool_sale)
+    after = pool_after_trade(
+        pool_after_trade(MIGRATION_POOL, "buy", sol, bought), "sell", sol / 3, bought / 2
+    )
+    assert p.state.mark_price == pytest.approx(after.price)
+
+
+def _fields(rules: ExitRules) -> dict:
+    return {name: getattr(rules, name) for name in rules.__dataclass_fields__}

@@ -39,7 +39,12 @@ sales' fills. A rule's sale that fills short of its order gives the rest back to
 rule (the rules then look again at once, as after a first refusal), so what the rules
 have left plus their sales under way is what is held: more held than that is an entry
 added (tokens bought), less is tokens sold by other means (a graceful exit's tranches,
-a hand sale), which the rules no longer sell.
+a hand sale), which the rules no longer sell. The mark is the spot price of the
+token's market after each trade: its curve's as its frame reports it, once migrated
+its PumpSwap pool's, followed from :data:`~pumpflow.common.curve.MIGRATION_POOL` by
+the amounts of the pool trades as paper trading follows it
+(:func:`~pumpflow.common.curve.pool_after_trade`; a pool trade's frame reports no
+reserves), not the trade's average price.
 
 Operators' sales: an ``exit.sale_requested`` (the service's ``POST
 /positions/{mint}/sell``) is decided by the rules' evaluator as one more rule,
@@ -63,11 +68,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import msgspec
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, pool_after_trade, state_from_frame
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -188,11 +194,16 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     mint: str
     position: HeldState | None = None
     watch: RuleWatch | None = None
-    #: the curve as the token's last curve frame reported it (None once on its pool)
+    #: the curve as the token's last curve frame reported it (not read once on its pool)
     v_sol: float | None = None
     v_tokens: float | None = None
+    #: the price the rules mark the position at: the curve's spot, or the pool's
     mark_price: float | None = None
     migrated: bool = False
+    #: the token's AMM pool as its trades there moved it from
+    #: :data:`~pumpflow.common.curve.MIGRATION_POOL` (None before its first one)
+    pool_v_sol: float | None = None
+    pool_v_tokens: float | None = None
     lifecycle: LifecycleState | None = None
     activity_level: float = 0.0
     #: rule orders numbered so far (of this mint's positions)
@@ -214,6 +225,17 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.v_sol is None or self.v_tokens is None or self.migrated:
             return None
         return CurveState(v_sol=self.v_sol, v_tokens=self.v_tokens)
+
+    @property
+    def pool(self) -> CurveState | None:
+        if self.pool_v_sol is None or self.pool_v_tokens is None:
+            return None
+        return CurveState(v_sol=self.pool_v_sol, v_tokens=self.pool_v_tokens)
+
+    @pool.setter
+    def pool(self, pool: CurveState | None) -> None:
+        self.pool_v_sol = pool.v_sol if pool is not None else None
+        self.pool_v_tokens = pool.v_tokens if pool is not None else None
 
     @property
     def pending_tokens(self) -> float:
@@ -260,6 +282,25 @@ def held_view(state: ExitState) -> HeldView | None:
 def _on_pool(trade: TokenTrade) -> bool:
     """A trade on the token's AMM pool: the token has migrated."""
     return trade.pool is not None and trade.pool != _CURVE_POOL
+
+
+def _pool_after(pool: CurveState | None, trade: TokenTrade) -> CurveState | None:
+    """The token's pool (as the migration left it, if None) moved by ``trade`` on it, as
+    paper trading follows it; None for a trade that moves no pool (it says no SOL, or it
+    is a curve trade stamped before the migration and come after it)."""
+    sol, tokens = trade.solAmount, float(trade.tokenAmount)
+    if trade.pool == _CURVE_POOL or sol is None or tokens <= 0:
+        return None
+    return pool_after_trade(pool or MIGRATION_POOL, trade.txType, float(sol), tokens)
+
+
+class _Market(NamedTuple):
+    """The market of a token without a position, as its latest trade left it."""
+
+    v_sol: float | None
+    v_tokens: float | None
+    pool: CurveState | None
+    mark_price: float
 
 
 def _overtaken(position: HeldState, seq: int | None) -> bool:
@@ -319,13 +360,14 @@ class ExitProcessor:
         self.on_request = on_request
         #: a graceful exit is selling: the rules order nothing
         self.halted = False
-        #: mint -> (v_sol, v_tokens, mark price) of the latest trade of a token without a
-        #: position, taken into its state when one opens. Not stored, so every trade
-        #: without a position stores nothing: after a restart or a partition move a
-        #: position opened before its token's next trade starts from the opening
-        #: event's mark and no curve (a graceful exit sells it in its final sweep unless
-        #: a trade brings the curve first). Let go only as the key leaves memory
-        self._unheld: dict[str, tuple[float | None, float | None, float]] = {}
+        #: mint -> the market of a token without a position as its latest trade left it,
+        #: taken into its state when one opens. Not stored, so every trade without a
+        #: position stores nothing: after a restart or a partition move a position
+        #: opened before its token's next trade starts from the opening event's mark and
+        #: no curve (a graceful exit sells it in its final sweep unless a trade brings
+        #: the curve first), and a graduate's pool from the migration's. Let go only as
+        #: the key leaves memory
+        self._unheld: dict[str, _Market] = {}
         #: mint -> the ids ended (:attr:`ExitState.ended`) of a token retired here and
         #: not stored yet: the service stores them before the retirement is written (the
         #: keyed consumer's ``before_write``) and takes them out of here
@@ -462,7 +504,10 @@ class ExitProcessor:
         if position is None or position.position_id != data.position_id:
             market = self._unheld.pop(state.mint, None)
             if market is not None:
-                state.v_sol, state.v_tokens, state.mark_price = market
+                state.v_sol, state.v_tokens = market.v_sol, market.v_tokens
+                state.mark_price = market.mark_price
+                if market.pool is not None:
+                    state.pool = market.pool
             state.position = HeldState(
                 position_id=data.position_id,
                 opened_at=time,
@@ -490,19 +535,21 @@ class ExitProcessor:
         else:
             migrating = False
         if state.migrated:
-            sol, tokens = trade.solAmount, float(trade.tokenAmount)
-            if sol is not None and tokens > 0:
-                self._unheld[state.mint] = (state.v_sol, state.v_tokens, float(sol) / tokens)
+            held = self._unheld.get(state.mint)
+            pool = _pool_after(held.pool if held is not None else state.pool, trade)
+            if pool is not None:
+                self._unheld[state.mint] = _Market(state.v_sol, state.v_tokens, pool, pool.price)
             return state if migrating else UNCHANGED
         curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
-        self._unheld[state.mint] = (curve.v_sol, curve.v_tokens, curve.price)
+        self._unheld[state.mint] = _Market(curve.v_sol, curve.v_tokens, None, curve.price)
         if self.on_market is not None:
             self.on_market(state.mint, curve)
         return UNCHANGED
 
     def _migrated(self, state: ExitState) -> None:
         """The token left its curve: a graceful exit's plan prices it on its pool as the
-        curve left it (the plan moves it by its own sales; pool trades do not report it)."""
+        curve left it (the plan moves it by its own sales; the pool trades move only the
+        rules' mark)."""
         if state.migrated:
             return
         state.migrated = True
@@ -510,15 +557,19 @@ class ExitProcessor:
             self.on_market(state.mint, MIGRATION_POOL)
 
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
-        """Follow the token's market; the trade's price (None if it says none)."""
+        """Follow the token's market; its spot price after the trade (None if the trade
+        moves it not): the curve's as its frame reports it, once migrated the pool's."""
         if _on_pool(trade):
             self._migrated(state)
         if state.migrated:
-            sol, tokens = trade.solAmount, float(trade.tokenAmount)
-            if sol is None or tokens <= 0:
+            # the spot, not the trade's average price: a partial migration_fraction holds
+            # on to the rest, and a buy's average lies below the price it leaves
+            pool = _pool_after(state.pool, trade)
+            if pool is None:
                 return None
-            state.mark_price = float(sol) / tokens
-            return state.mark_price
+            state.pool = pool
+            state.mark_price = pool.price
+            return pool.price
         curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
         state.v_sol, state.v_tokens = curve.v_sol, curve.v_tokens
         state.mark_price = curve.price

@@ -1,10 +1,11 @@
 """Exit rules of one position: declared, configurable, each firing once per condition.
 
-A position's gain is its mark price (the curve's spot price, SOL per token) against
-its entry price (SOL paid per token, every fee included), less one. The spot price
-does not count what selling would cost (the sale's own impact and fees, a few
-percent for a usual size); the thresholds below are far above that. Right after a buy
-the gain is near zero: the fees pull it down, the buy's own move of the price up.
+A position's gain is its mark price (the spot price of the token's market, SOL per
+token: its curve's, or once it migrated its AMM pool's) against its entry price (SOL
+paid per token, every fee included), less one. The spot price does not count what
+selling would cost (the sale's own impact and fees, a few percent for a usual size);
+the thresholds below are far above that. Right after a buy the gain is near zero: the
+fees pull it down, the buy's own move of the price up.
 
 Defaults, from the market figures in docs/market.md:
 
