@@ -97,6 +97,25 @@ def test_a_wrapper_of_a_transient_failure_is_transient():
         assert transient_dependency(wrapped) == REDIS
 
 
+async def test_a_connection_failure_reached_through_a_known_dependency_is_named_as_its():
+    """asyncpg raises the socket's own error when Postgres is down: named "network",
+    unless the caller says where it connected."""
+    closed = free_port()
+    with pytest.raises(Exception) as refused:
+        with dependencies.reaching(POSTGRES):
+            await asyncpg.connect(host="127.0.0.1", port=closed, user="postgres")
+    assert transient_dependency(refused.value) == POSTGRES
+    # named ones keep their name, and the work's own failures stay the work's
+    with pytest.raises(redis.exceptions.TimeoutError) as timed_out:
+        with dependencies.reaching(POSTGRES):
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+    assert transient_dependency(timed_out.value) == REDIS
+    with pytest.raises(ValueError) as bad:
+        with dependencies.reaching(POSTGRES):
+            raise ValueError("bad input")
+    assert transient_dependency(bad.value) is None
+
+
 async def test_wait_out_waits_through_transient_failures_and_raises_the_others():
     failures = [redis.exceptions.ConnectionError("refused")] * 3
     seen_waiting: list[dict] = []

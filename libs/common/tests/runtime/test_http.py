@@ -12,7 +12,7 @@ from pumpflow.common.bus.dispatch import HELD
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.bus.ownership import BalancedBus
 from pumpflow.common.clock import ReplayClock, WallClock
-from pumpflow.common.dependencies import REDIS, WAITS
+from pumpflow.common.dependencies import POSTGRES, REDIS, WAITS
 from pumpflow.common.runtime.http import HttpServer, create_app, require_token
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
@@ -201,6 +201,35 @@ async def test_readyz_fails_when_a_needed_database_is_missing():
     await ctx.bus.close()
     assert answer.status_code == 503
     assert answer.json()["checks"]["postgres"]["ok"] is False
+
+
+class WorksWithoutDb(NeedsDb):
+    name = "workswithoutdb"
+    optional_dependencies = frozenset({POSTGRES})
+
+
+async def test_a_dependency_the_service_works_without_shows_degraded_and_leaves_it_ready():
+    _, ctx, app = make(WorksWithoutDb, db=None)
+    await ctx.bus.start()
+    try:
+        async with client(app) as http:
+            answer = await http.get("/readyz")
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["degraded"] == [POSTGRES]
+            postgres = body["checks"]["postgres"]
+            assert (postgres["ok"], postgres["required"]) == (False, False)
+            # work waiting for it leaves the service ready too; waiting for another does not
+            with WAITS.waiting(POSTGRES):
+                answer = await http.get("/readyz")
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["checks"]["dependencies"]["ok"] is True
+                with WAITS.waiting(REDIS):
+                    answer = await http.get("/readyz")
+                    assert answer.status_code == 503
+                    assert answer.json()["degraded"] == [POSTGRES]
+    finally:
+        await ctx.bus.close()
 
 
 async def test_metrics_expose_the_default_registry():

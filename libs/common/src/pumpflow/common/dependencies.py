@@ -78,6 +78,29 @@ _NETWORK_ERRNOS = frozenset(
 _CHAIN_DEPTH = 8
 
 
+class DependencyUnreachable(ConnectionError):
+    """A connection to ``dependency`` that failed below its client library, which raised
+    the socket's own error (asyncpg's ConnectionRefusedError when Postgres is down):
+    named by the caller that knows where it connected (:func:`reaching`)."""
+
+    def __init__(self, dependency: str, error: BaseException):
+        self.dependency = dependency
+        super().__init__(f"{dependency} unreachable: {type(error).__name__}: {error}")
+
+
+@contextmanager
+def reaching(dependency: str) -> Iterator[None]:
+    """Name a connection failure of the block that names no dependency (``network``) as
+    ``dependency``'s: what waits for it is then known to wait for that one (readiness
+    tells a dependency a service needs from one it works without)."""
+    try:
+        yield
+    except Exception as exc:
+        if transient_dependency(exc) == NETWORK:
+            raise DependencyUnreachable(dependency, exc) from exc
+        raise
+
+
 def transient_dependency(error: BaseException) -> str | None:
     """The dependency ``error`` is a transient failure of (``redis``, ``postgres``,
     ``rabbitmq``, ``network``), or None when it is a failure of the work itself.
@@ -85,11 +108,13 @@ def transient_dependency(error: BaseException) -> str | None:
     An error raised while handling a transient one (its ``__cause__`` or
     ``__context__``) is transient too: a wrapper does not make the outage the work's fault.
     An error class may say what it is with a class attribute ``transient_dependency``
-    (a dependency's name, or None).
+    (a dependency's name, or None); a :class:`DependencyUnreachable` names its own.
     """
     seen = 0
     current: BaseException | None = error
     while current is not None and seen < _CHAIN_DEPTH:
+        if isinstance(current, DependencyUnreachable):
+            return current.dependency
         for cls in type(current).__mro__:
             if "transient_dependency" in vars(cls):
                 return vars(cls)["transient_dependency"]

@@ -6,6 +6,10 @@ each token's latest vector as the store hash ``features:<mint>`` (values, versio
 seq, out_seq, time, updated_at), written in the same commit as the token's state, so
 a consumer that reads ``GET /features/{mint}`` on receipt of ``features.updated``
 finds that vector or a newer one.
+
+Postgres (the feed's stored events) is read only to rebuild a token that has no record
+here: while it is away such a token waits for it, and the others go on, so the replica
+stays ready (``/readyz`` names Postgres under ``degraded``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, ClassVar
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
+from pumpflow.common.dependencies import POSTGRES
 from pumpflow.common.events import Event
 from pumpflow.common.features import FeatureManager, FeatureVector
 from pumpflow.common.features.processor import FeaturesProcessor
@@ -37,6 +42,8 @@ class FeaturesService(Service):
     needs_store: ClassVar[bool] = True
     #: where a token without a record is rebuilt from: the feed's stored events
     needs_db: ClassVar[bool] = True
+    #: needed for those rebuilds alone, which wait for it: every other token goes on
+    optional_dependencies: ClassVar[frozenset[str]] = frozenset({POSTGRES})
 
     settings: FeaturesSettings
 

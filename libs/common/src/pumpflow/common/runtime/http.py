@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_lat
 from pumpflow.common.bus.dispatch import hold, release
 from pumpflow.common.bus.metrics import BUS_METRICS
 from pumpflow.common.clock import Clock, ReplayClock
-from pumpflow.common.dependencies import WAITS
+from pumpflow.common.dependencies import POSTGRES, REDIS, WAITS
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.startup import Startup
 
@@ -111,8 +111,16 @@ async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
     return name, details
 
 
-async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[str, Any]]:
-    """Run the checks the service needs; return (ready, details)."""
+async def readiness(
+    service: Service, ctx: ServiceContext
+) -> tuple[bool, dict[str, Any], list[str]]:
+    """Run the checks of the service's dependencies; return (ready, details, degraded).
+
+    A dependency the service works without (``Service.optional_dependencies``) is
+    checked and shown (``required: false``), and named in ``degraded`` while it is away
+    or waited for, but leaves the service ready.
+    """
+    optional = service.optional_dependencies
 
     async def store() -> bool:
         return ctx.store is not None and await ctx.store.ping()
@@ -122,11 +130,12 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
             return False
         return await ctx.db.fetchval("SELECT 1") == 1
 
+    #: check name -> (probe, the dependency it checks)
     probes = {}
     if service.needs_store:
-        probes["store"] = store
+        probes["store"] = (store, REDIS)
     if service.needs_db:
-        probes["postgres"] = postgres
+        probes["postgres"] = (postgres, POSTGRES)
     checks: dict[str, dict[str, Any]] = {}
     try:
         bus = ctx.bus.describe()
@@ -137,19 +146,27 @@ async def readiness(service: Service, ctx: ServiceContext) -> tuple[bool, dict[s
             checks[f"partitions:{name}"] = {**owned, "ok": bool(owned.get("healthy"))}
     except Exception as exc:
         checks["bus"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    checks.update(await asyncio.gather(*(_check(n, p) for n, p in probes.items())))
+    checks.update(await asyncio.gather(*(_check(n, p) for n, (p, _) in probes.items())))
+    degraded = set()
+    for name, (_, dependency) in probes.items():
+        if dependency in optional:
+            checks[name]["required"] = False
+            if not checks[name]["ok"]:
+                degraded.add(dependency)
     waiting = WAITS.describe()
     if waiting:
-        # work stalls on a dependency that fails for a while: alive, not ready
-        checks["dependencies"] = {"ok": False, "waiting_on": waiting}
+        # work stalls on a dependency that fails for a while: alive, not ready, unless
+        # the service works on without it
+        checks["dependencies"] = {"ok": set(waiting) <= optional, "waiting_on": waiting}
+        degraded |= set(waiting) & optional
     try:
         status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
         service_ok = status.get("ready", True) is not False
         checks["service"] = {**status, "ok": service_ok}
     except Exception as exc:
         checks["service"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    ready = all(c["ok"] for c in checks.values())
-    return ready, checks
+    ready = all(c["ok"] for c in checks.values() if c.get("required", True))
+    return ready, checks, sorted(degraded)
 
 
 def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
@@ -187,9 +204,9 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
                 "waiting_for": startup.waiting_for,
                 "checks": startup.checks(),
             }
-        ready, checks = await readiness(service, running)
+        ready, checks, degraded = await readiness(service, running)
         SERVICE_READY.labels(settings.service).set(1 if ready else 0)
-        return {"ready": ready, "service": settings.service, "checks": checks}
+        return {"ready": ready, "service": settings.service, "degraded": degraded, "checks": checks}
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

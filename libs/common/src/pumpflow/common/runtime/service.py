@@ -83,6 +83,10 @@ class Service(ABC):
     #: which shared resources the runtime must connect (and check in /readyz)
     needs_store: ClassVar[bool] = False
     needs_db: ClassVar[bool] = False
+    #: the dependencies (``redis``, ``postgres``: pumpflow.common.dependencies' names)
+    #: the service works on without, degraded: /readyz shows them away, and waits for
+    #: them, without turning not ready
+    optional_dependencies: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: CommonSettings):
         self.settings = settings
