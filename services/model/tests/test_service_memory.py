@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 
 import httpx
 import msgspec
@@ -252,6 +253,98 @@ async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tm
     with pytest.raises(ValueError, match="0123456789abcdef"):
         async with run_embedded([refused], clock=ReplayClock(START)):
             pass
+
+
+def stored_serving(models: dict[str, str], *, revision: int = 7) -> bytes:
+    """A serving as the replicas store it, serving ``models`` (id -> path) on one arm each."""
+    from pumpflow.common.model.arms import Arm
+    from pumpflow.model.service import ModelSource, Serving, _encode_serving
+
+    return _encode_serving(
+        Serving(
+            revision=revision,
+            models={m: ModelSource(path=p, loaded=revision) for m, p in models.items()},
+            arms=tuple(Arm(name="control" if m == "entry" else m, model_id=m) for m in models),
+        )
+    )
+
+
+def refused_model(tmp_path, refusal: str) -> tuple[str, str]:
+    """A model file the live service refuses for ``refusal``, and what its refusal names."""
+    from pumpflow.common.model import read_model, write_model
+
+    raw, card = read_model(other_model(tmp_path, model_id="entry"))
+    if refusal == "another feature set":
+        card = msgspec.structs.replace(card, feature_set_version="0123456789abcdef")
+        named = "0123456789abcdef"
+    elif refusal == "expired":
+        card = msgspec.structs.replace(card, created_at=START - 100.0, expires_at=START - 1.0)
+        named = "expired"
+    else:
+        raise ValueError(refusal)
+    return str(write_model(tmp_path / "refused.onnx", raw, card)), named
+
+
+@pytest.mark.parametrize("refusal", ["another feature set", "expired"])
+async def test_a_stored_serving_refused_at_start_serves_the_settings_models_and_says_why(
+    tmp_path, caplog, refusal
+):
+    """Like a file missing everywhere: a replica that restarted (after an upgrade of the
+    feature set, a model expired, a broken file) serves the settings' models rather than
+    not start, says why, and counts it; the stored serving is left to the others."""
+    from pumpflow.common.state.memory import MemoryStateStore
+    from pumpflow.model.service import SERVING_KEY
+
+    path, named = refused_model(tmp_path, refusal)
+    clock = ReplayClock(START)
+    store = MemoryStateStore(clock)
+    stored = stored_serving({"entry": path})
+    await store.set(SERVING_KEY, stored)
+    model = model_service()
+    with caplog.at_level(logging.ERROR, logger="pumpflow.model"):
+        async with run_embedded([model], clock=clock, store=store):
+            assert model.manager.card("entry").version == DEFAULT_CARD.version
+            assert model.serving.revision == 7
+            assert model.metrics.unavailable_count("start", "refused") == 1
+            assert model.metrics.unavailable_count("start", "missing") == 0
+    (error,) = [r.getMessage() for r in caplog.records if "revision 7" in r.getMessage()]
+    assert named in error and "settings' models" in error
+    assert await store.get(SERVING_KEY) == stored
+
+
+async def test_a_stored_serving_a_running_replica_refuses_is_not_followed_and_counted_once(
+    tmp_path,
+):
+    from pumpflow.model.service import SERVING_KEY
+
+    path, _ = refused_model(tmp_path, "another feature set")
+    model = model_service()
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        await system.store.set(SERVING_KEY, stored_serving({"entry": path}))
+        assert not await model.refresh()
+        assert not await model.refresh()
+        assert model.metrics.unavailable_count("follow", "refused") == 1
+        assert model.metrics.unavailable_count("follow", "missing") == 0
+        assert model.serving.revision == 0
+        assert model.manager.card("entry").version == DEFAULT_CARD.version
+
+
+async def test_a_start_whose_stored_serving_and_settings_models_are_both_refused_names_both(
+    tmp_path,
+):
+    from pumpflow.common.state.memory import MemoryStateStore
+    from pumpflow.model.service import SERVING_KEY, ServingError
+
+    path, _ = refused_model(tmp_path, "expired")
+    clock = ReplayClock(START)
+    store = MemoryStateStore(clock)
+    await store.set(SERVING_KEY, stored_serving({"entry": path}))
+    model = model_service(model_models={"entry": str(tmp_path / "absent.onnx")})
+    with pytest.raises(ServingError) as refused:
+        async with run_embedded([model], clock=clock, store=store):
+            pass
+    assert "revision 7" in str(refused.value) and "expired" in str(refused.value)
+    assert "absent.onnx" in str(refused.value)
 
 
 async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_its_version(

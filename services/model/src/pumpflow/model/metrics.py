@@ -21,6 +21,9 @@ from pumpflow.common.metrics import families
 from pumpflow.common.model.drift import DriftReport
 from pumpflow.common.model.performance import LabelTracker, LiveFigures
 
+#: when a stored serving could not be served, and why (the counter's label values)
+UNAVAILABLE_WHEN = ("start", "follow")
+UNAVAILABLE_REASONS = ("missing", "refused")
 #: scores are probabilities (classification); a regression's returns fall in the ends
 _SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -92,10 +95,11 @@ class _Families:
         )
         self.serving_unavailable = Counter(
             "pumpflow_model_serving_unavailable",
-            "Stored servings this replica could not serve (a model file missing here and "
-            "not in the database), by when: start (the settings' models served instead) "
-            "or follow (the one serving kept)",
-            ["when"],
+            "Stored servings this replica could not serve, by when: start (the settings' "
+            "models served instead) or follow (the one serving kept), and reason: missing "
+            "(a model file missing here and not in the database) or refused (a model or "
+            "arm table refused: another feature set, expired, a broken file)",
+            ["when", "reason"],
             registry=registry,
         )
         self.serving = Gauge(
@@ -172,8 +176,9 @@ class ModelServiceMetrics:
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("model", _Families, registry)
         # at 0 from the start: the first one counted is an increase to the dashboard
-        for when in ("start", "follow"):
-            self._f.serving_unavailable.labels(when)
+        for when in UNAVAILABLE_WHEN:
+            for reason in UNAVAILABLE_REASONS:
+                self._f.serving_unavailable.labels(when, reason)
         self._skipped: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
         self._batched = 0
@@ -233,11 +238,13 @@ class ModelServiceMetrics:
     def pruned_count(self, model_id: str, what: str) -> float:
         return self._f.pruned.labels(model_id, what)._value.get()
 
-    def unavailable(self, when: str) -> None:
-        self._f.serving_unavailable.labels(when).inc()
+    def unavailable(self, when: str, reason: str) -> None:
+        self._f.serving_unavailable.labels(when, reason).inc()
 
-    def unavailable_count(self, when: str) -> float:
-        return self._f.serving_unavailable.labels(when)._value.get()
+    def unavailable_count(self, when: str, reason: str | None = None) -> float:
+        """Servings this replica could not serve ``when``, for ``reason`` (None: any)."""
+        reasons = UNAVAILABLE_REASONS if reason is None else (reason,)
+        return sum(self._f.serving_unavailable.labels(when, r)._value.get() for r in reasons)
 
     def labels_stored(self, count: int) -> None:
         self._f.stored_labels.inc(count)

@@ -148,6 +148,12 @@ def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]
     )
 
 
+def _unavailable_reason(refusal: ServingError) -> str:
+    """Why a stored serving cannot be served here, as counted: a model file missing
+    (here and in the database), or a model or table refused."""
+    return "missing" if refusal.status == 404 else "refused"
+
+
 def _on_disk(model_path: str) -> bool:
     """Whether a model and its card are both at ``model_path``."""
     return Path(model_path).exists() and card_path(model_path).exists()
@@ -401,17 +407,22 @@ class ModelService(Service):
     async def _start_serving(self) -> Serving:
         """Serve the stored serving, or the settings' one when none is stored.
 
-        A stored serving naming a model file missing here and not in the database (a
-        model loaded through the HTTP API from a disk this replica lacks, a refit whose
-        stored copy is gone) does not keep the service down: the error names the
-        revision and the file, is counted (``pumpflow_model_serving_unavailable``), and
-        the settings' models are served at the stored revision, so the next change of
-        the serving (a load, a refit) is followed as usual. Availability wins over the
-        newer model here: a replica that is down scores nothing and its partitions'
-        tokens go unscored until someone mends the disk, while the settings' models are
-        the deployment's own, checked on load like any other. The serving stored for the
-        other replicas is left as it is. Any other refusal (another feature set, an
-        expired model, a broken file) still stops the start, the settings' one included.
+        A stored serving this replica cannot serve does not keep the service down,
+        whatever the refusal: a model file missing here and not in the database (a model
+        loaded through the HTTP API from a disk this replica lacks, a refit whose stored
+        copy is gone), or a model refused on load (another feature set after an upgrade
+        of the features, an expired model, a broken file or card, arms naming no model).
+        The error names the revision and the refusal, is counted
+        (``pumpflow_model_serving_unavailable``, by reason: missing or refused), and the
+        settings' models are served at the stored revision, so the next change of the
+        serving (a load, a refit) is followed as usual. Availability wins over the
+        stored models here: a replica that is down scores nothing and its partitions'
+        tokens go unscored until someone mends the serving, while the settings' models
+        are the deployment's own, checked on load like any other; a replica already
+        running keeps what it serves when it cannot follow a stored serving, and a
+        restart does the same with what it can serve. The serving stored for the other
+        replicas is left as it is. The start stops only when the settings' models are
+        refused too (nothing left to serve), naming both refusals.
         """
         stored = await self._stored_serving()
         configured = self._configured_serving()
@@ -422,20 +433,27 @@ class ModelService(Service):
             self._apply(stored, await self._fetch_missing(stored))
             return stored
         except ServingError as exc:
-            if exc.status != 404:
-                raise
-            log.error(
-                "model: cannot serve the stored serving revision %d, a model file is "
-                "missing (%s); serving the settings' models",
-                stored.revision,
-                exc,
-            )
-            self.metrics.unavailable("start")
-            self._unavailable_revision = stored.revision
+            refusal = exc
+        log.error(
+            "model: cannot serve the stored serving revision %d (%s: %s); serving the "
+            "settings' models",
+            stored.revision,
+            _unavailable_reason(refusal),
+            refusal,
+        )
+        self.metrics.unavailable("start", _unavailable_reason(refusal))
+        self._unavailable_revision = stored.revision
         fallback = msgspec.structs.replace(configured, revision=stored.revision)
         for model_id in set(self.manager.models()) - set(fallback.models):
             self._unload(model_id)
-        self._apply(fallback)
+        try:
+            self._apply(fallback)
+        except ServingError as exc:
+            raise ServingError(
+                f"nothing to serve: the stored serving revision {stored.revision} is refused "
+                f"({refusal}), and so are the settings' models ({exc})",
+                status=exc.status,
+            ) from exc
         return fallback
 
     def _unload(self, model_id: str) -> None:
@@ -594,10 +612,11 @@ class ModelService(Service):
             try:
                 self._apply(stored, await self._fetch_missing(stored))
             except ServingError as exc:
-                log.error("model: cannot follow serving revision %d: %s", stored.revision, exc)
-                if exc.status == 404 and stored.revision != self._unavailable_revision:
+                log.error("model: cannot follow serving revision %d (%s): %s",
+                          stored.revision, _unavailable_reason(exc), exc)  # fmt: skip
+                if stored.revision != self._unavailable_revision:
                     self._unavailable_revision = stored.revision
-                    self.metrics.unavailable("follow")
+                    self.metrics.unavailable("follow", _unavailable_reason(exc))
                 return False
         self._publish_arms()
         return True
