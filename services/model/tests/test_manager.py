@@ -382,12 +382,73 @@ def test_a_refit_that_scores_the_held_out_rows_nan_is_refused_not_swapped_in(tmp
     rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))
     rows[:, 0] = np.nan  # missing on every row: the trees route it, the candidate cannot
     time = DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5
-    # the newest rows positive: NaN scores in time order would rank them perfectly
+    # the newest rows positive: NaN scores in time order would rank them perfectly (a
+    # few positives among the rows fitted on: a refit of one class is refused before)
     labels = (np.arange(n) >= int(n * 0.85)) * 1.0
+    labels[: n // 2 : 10] = 1.0
     update = manager.update_model("entry", LabelledRows(rows=rows, labels=labels, time=time))
     with pytest.raises(NonFiniteScore, match="refit candidate of model 'entry' scored 1200 of"):
         update.result(timeout=60)
     assert manager.card("entry").version == DEFAULT_CARD.version
+
+
+def _alternating_but_lately(n: int) -> np.ndarray:
+    labels = (np.arange(n) % 2) * 1.0
+    labels[int(n * 0.6) :] = 0.0  # the newest 30% held out: one class
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("n", "labels_of", "reason"),
+    [
+        (4_000, np.zeros, "one_class"),
+        (4_000, _alternating_but_lately, "held_out_one_class"),
+        # 50 s of rows: none labelled (120 s) before the held-out slice began
+        (100, lambda n: (np.arange(n) % 2) * 1.0, "too_few_rows"),
+        (1, np.ones, "too_few_rows"),
+    ],
+)
+def test_a_refit_with_nothing_to_compare_is_refused_with_its_reason(n, labels_of, reason):
+    from pumpflow.common.model import RefitRefused
+    from pumpflow.common.model.manager import LabelledRows
+
+    class NeverAsked:
+        def refit(self, card, fit_on, held_out, *, now):
+            raise AssertionError("fitted on rows that can make no candidate to compare")
+
+    manager = ModelManager(
+        None, FeatureManager(), clock=ReplayClock(DEFAULT_CARD.created_at), refitter=NeverAsked()
+    )
+    manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
+    rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    time = DEFAULT_CARD.created_at + np.arange(n, dtype=float) * 0.5
+    update = manager.update_model(
+        "entry", LabelledRows(rows=rows, labels=labels_of(n), time=time, token=np.arange(n) // 40)
+    )
+    with pytest.raises(RefitRefused) as refused:
+        update.result(timeout=60)
+    assert refused.value.reason == reason
+    assert manager.updates == {} and manager.card("entry").version == DEFAULT_CARD.version
+
+
+def test_what_training_cannot_fit_is_the_refits_refusal():
+    from pumpflow.common.model import RefitRefused
+    from pumpflow.common.model.manager import LabelledRows
+    from pumpflow.model.training import LightGBMRefitter
+
+    n = 400
+    rows = np.random.default_rng(8).normal(size=(n, len(DEFAULT_CARD.feature_names)))
+    data = LabelledRows(
+        rows=rows,
+        labels=(np.arange(n) % 2) * 1.0,
+        time=DEFAULT_CARD.created_at + np.arange(n, dtype=float),
+    )
+    # a classifier's card with a regression's label: training refuses it
+    card = msgspec.structs.replace(DEFAULT_CARD, label=DEFAULT_REGRESSION)
+    refitter = LightGBMRefitter(config=TrainConfig(n_estimators=5))
+    with pytest.raises(RefitRefused, match="take_profit_first") as refused:
+        refitter.refit(card, data, data, now=DEFAULT_CARD.created_at + n)
+    assert refused.value.reason == "training_refused"
 
 
 def test_a_refit_is_fitted_on_no_token_of_the_held_out_slice():
@@ -413,7 +474,7 @@ def test_a_refit_is_fitted_on_no_token_of_the_held_out_slice():
     token = (np.arange(n) + 300) // 400
     with pytest.raises(RuntimeError):
         manager.update_model(
-            "entry", LabelledRows(rows=rows, labels=np.zeros(n), time=time, token=token)
+            "entry", LabelledRows(rows=rows, labels=np.arange(n) % 2, time=time, token=token)
         ).result(timeout=60)
     fit_on, held_out = refitter.given
     assert len(fit_on.rows) and len(held_out.rows) == int(n * 0.3)

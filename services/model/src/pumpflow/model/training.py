@@ -48,7 +48,7 @@ from pumpflow.common.model.card import (
 )
 from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
 from pumpflow.common.model.labels import label_history as _label_history
-from pumpflow.common.model.manager import LabelledRows
+from pumpflow.common.model.manager import LabelledRows, RefitRefused
 from pumpflow.common.model.metrics import classification_metrics, regression_metrics
 
 #: the rule-based baseline beside which every classifier's held-out AUC is reported
@@ -517,12 +517,17 @@ class LightGBMRefitter:
                 "progress": False,
             },
         )
-        trained = train(
-            labelled_dataset(card, fit_on),
-            config,
-            created_at=now,
-            held_out=labelled_dataset(card, held_out),
-        )
+        try:
+            trained = train(
+                labelled_dataset(card, fit_on),
+                config,
+                created_at=now,
+                held_out=labelled_dataset(card, held_out),
+            )
+        except TrainingError as exc:
+            # what the rows cannot make (ONNX disagreeing with native, a label or baseline
+            # feature the card lacks) is the refit's refusal, told as such
+            raise RefitRefused(str(exc), reason="training_refused") from exc
         # drift is watched on every vector, and the labelled ones it was fitted on are a
         # sample of about one a token every 10 s: their distribution would read as drift
         # at once (the time since the last trade, volumes, price); the model refitted was

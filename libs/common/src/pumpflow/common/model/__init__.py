@@ -26,6 +26,7 @@ from pumpflow.common.model.manager import (
     ModelPerformance,
     NonFiniteScore,
     Prediction,
+    RefitRefused,
     UnknownModel,
 )
 from pumpflow.common.model.performance import (
@@ -58,6 +59,7 @@ __all__ = [
     "NonFiniteScore",
     "Prediction",
     "Preprocessing",
+    "RefitRefused",
     "ResolvedLabel",
     "RollingPerformance",
     "TrainingWindow",

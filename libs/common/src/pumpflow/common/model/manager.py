@@ -75,6 +75,18 @@ class NonFiniteScore(ModelError):
     not a score trading or the live figures can read."""
 
 
+class RefitRefused(ModelError):
+    """A refit that cannot make a candidate worth comparing, or whose comparison would mean
+    nothing: ``reason`` says which, in a word of a short fixed list (it labels a metric):
+    ``too_few_rows`` (no row to fit on, or none to hold out), ``one_class`` (the rows
+    fitted on hold one class), ``held_out_one_class`` (no AUC on the held-out slice),
+    ``training_refused`` (the refitter's own refusal). Nothing is swapped."""
+
+    def __init__(self, message: str, *, reason: str):
+        self.reason = reason
+        super().__init__(message)
+
+
 class ModelExpired(ModelError):
     def __init__(self, model_id: str, version: str, expires_at: float, now: float):
         self.model_id = model_id
@@ -146,7 +158,8 @@ class Refitter(Protocol):
     def refit(
         self, card: ModelCard, fit_on: LabelledRows, held_out: LabelledRows, *, now: float
     ) -> tuple[bytes, ModelCard]:
-        """A new model like ``card``'s (task, features, label), fitted on ``fit_on``."""
+        """A new model like ``card``'s (task, features, label), fitted on ``fit_on``;
+        RefitRefused (``training_refused``) when the rows cannot make one."""
 
 
 class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -416,7 +429,9 @@ class ModelManager:
         share of the serving model's RMSE for a regressor (0: strictly better). Every
         decision is kept in :attr:`updates`. A held-out row either scores NaN or
         infinite refuses the refit (:class:`NonFiniteScore`, naming which): nothing is
-        compared or swapped.
+        compared or swapped. So do rows that leave nothing to fit on or hold out, rows
+        fitted on of one class, and a held-out slice of one class (no AUC to compare):
+        :class:`RefitRefused`, its ``reason`` saying which.
 
         ``swap=False``: the candidate chosen is written to the registry (the result's
         ``path``) and not served here: the caller serves it once it has recorded it
@@ -445,7 +460,10 @@ class ModelManager:
         data = data.take(order)
         first_held = int(len(data.time) * (1.0 - self.update_held_out_share))
         if first_held <= 0 or first_held >= len(data.time):
-            raise ModelError(f"model {model_id!r}: too few rows to refit and hold out")
+            raise RefitRefused(
+                f"model {model_id!r}: {len(data.time)} rows are too few to refit and hold out",
+                reason="too_few_rows",
+            )
         cut = data.time[first_held]
         held = np.arange(len(data.time)) >= first_held
         held_out = data.take(held)
@@ -455,6 +473,28 @@ class ModelManager:
             # candidate would be judged on the later rows of tokens it was fitted on
             before &= ~np.isin(data.token, held_out.token)
         fit_on = data.take(before)
+        if not len(fit_on.labels):
+            raise RefitRefused(
+                f"model {model_id!r}: of {len(data.time)} rows, none to fit on (each of a "
+                f"token held out, or labelled within {card.label.horizon_s:g} s of the "
+                "held-out slice)",
+                reason="too_few_rows",
+            )
+        if card.task == "classification":
+            if len(np.unique(fit_on.labels)) < 2:
+                raise RefitRefused(
+                    f"model {model_id!r}: the {len(fit_on.labels)} rows to fit on hold one "
+                    f"class only ({fit_on.labels[0]:g})",
+                    reason="one_class",
+                )
+            if len(np.unique(held_out.labels)) < 2:
+                # no AUC: every comparison with NaN is false, the candidate "kept" on
+                # figures that mean nothing
+                raise RefitRefused(
+                    f"model {model_id!r}: the {len(held_out.labels)} held-out rows hold one "
+                    f"class only ({held_out.labels[0]:g}): no AUC to compare",
+                    reason="held_out_one_class",
+                )
         model, candidate_card = self._refitter.refit(card, fit_on, held_out, now=self.clock.now())
         candidate = self.runtime.open(model, candidate_card)
         inputs = prepare_inputs(held_out.rows)
