@@ -10,11 +10,14 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, FeaturesUpdated, Payload, make_event
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import ModelManager, read_model, write_model
+from pumpflow.common.model.performance import ResolvedLabel
 from pumpflow.model import DEFAULT_MODEL_PATH
 
 _, DEFAULT_CARD = read_model(DEFAULT_MODEL_PATH)
 #: event time the tests run at: the default model serves then
 START = DEFAULT_CARD.created_at + 86_400.0
+#: the live feature set's names, the order labels store their vectors in
+NAMES = FeatureManager().names
 
 
 def manager(clock: ReplayClock | None = None, **models: Path) -> ModelManager:
@@ -88,6 +91,33 @@ def linear_model(folder: Path, *, model_id: str = "linear") -> Path:
         version=digest[:16],
     )
     return write_model(folder / f"{model_id}.onnx", raw, card)
+
+
+def synthetic_labels(labels_of, *, n: int = 4_000, seed: int = 8) -> list[ResolvedLabel]:
+    """Labels of ``n`` predictions of the default model before START, half a second
+    apart, 40 per token; ``labels_of(rows)`` says each one's label."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, len(NAMES)))
+    labels = labels_of(rows)
+    time = START - n * 0.5 + np.arange(n) * 0.5
+    return [
+        ResolvedLabel(
+            mint=f"token{i // 40}",
+            model_id="entry",
+            version=DEFAULT_CARD.version,
+            arm="control",
+            task="classification",
+            score=0.5,
+            time=float(time[i]),
+            entry_price=1.0,
+            label=float(labels[i]),
+            definition=DEFAULT_CARD.label,
+            resolved_at=float(time[i]) + 122.0,
+            feature_names=NAMES,
+            features=tuple(float(v) for v in rows[i]),
+        )
+        for i in range(n)
+    ]
 
 
 def vector_event(

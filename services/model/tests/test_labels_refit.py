@@ -12,13 +12,12 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
-from model_helpers import DEFAULT_CARD, START, vector_event
+from model_helpers import DEFAULT_CARD, NAMES, START, synthetic_labels, vector_event
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import ModelManager
-from pumpflow.common.model.performance import ResolvedLabel
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import card_path
 from pumpflow.common.runtime.embedded import run_embedded
@@ -38,7 +37,6 @@ from pumpflow.model.training import LightGBMRefitter, TrainConfig
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
 
-NAMES = FeatureManager().names
 #: rows the refit tests store, and the policy's thresholds for them
 ROWS = 4_000
 
@@ -227,33 +225,6 @@ async def test_labels_released_and_committed_outlive_a_crash_before_the_round(pg
         await buses.teardown()
 
 
-def synthetic_labels(labels_of, *, n: int = ROWS, seed: int = 8) -> list[ResolvedLabel]:
-    """Labels of ``n`` predictions of the default model before START, half a second
-    apart, 40 per token; ``labels_of(rows)`` says each one's label."""
-    rng = np.random.default_rng(seed)
-    rows = rng.normal(size=(n, len(NAMES)))
-    labels = labels_of(rows)
-    time = START - n * 0.5 + np.arange(n) * 0.5
-    return [
-        ResolvedLabel(
-            mint=f"token{i // 40}",
-            model_id="entry",
-            version=DEFAULT_CARD.version,
-            arm="control",
-            task="classification",
-            score=0.5,
-            time=float(time[i]),
-            entry_price=1.0,
-            label=float(labels[i]),
-            definition=DEFAULT_CARD.label,
-            resolved_at=float(time[i]) + 122.0,
-            feature_names=NAMES,
-            features=tuple(float(v) for v in rows[i]),
-        )
-        for i in range(n)
-    ]
-
-
 def default_model_scores(rows: np.ndarray) -> np.ndarray:
     manager = ModelManager(None, FeatureManager(), clock=ReplayClock(START))
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")
@@ -316,6 +287,19 @@ async def test_the_service_refits_on_stored_labels_when_due_and_swaps_only_if_be
         assert (refit.candidate_score - refit.serving_score > min_gain) is better
         assert refit.candidate_score > refit.serving_score or labels_of is by_the_default_model
         assert model.metrics.refits("entry", "swapped" if better else "kept") == 1
+        # listed with its outcome and reason, what it compared and on what
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            (listed,) = (await http.get("/refits", params={"model_id": "entry"})).json()["refits"]
+        assert (listed["outcome"], listed["reason"]) == (
+            ("swapped", "better") if better else ("kept", "not_better")
+        )
+        assert (listed["candidate_version"], listed["candidate_score"], listed["rows"]) == (
+            refit.candidate_version,
+            refit.candidate_score,
+            ROWS,
+        )
         serving = model.manager.card("entry").version
         assert serving == (refit.candidate_version if better else DEFAULT_CARD.version)
         stored = model.serving.models["entry"]
@@ -500,7 +484,7 @@ async def test_a_refit_whose_serving_cannot_be_stored_is_not_served_here_alone(
             # and the refit is recorded as what it is: chosen, kept
             refit = await PostgresLabelStore(pg_pool).last_refit("entry")
             assert refit.sha256 is not None and not refit.swapped
-            assert model.metrics.refits("entry", "kept") == 1
+            assert model.metrics.refits("entry", "kept", "not_served") == 1
             assert model.metrics.refits("entry", "swapped") == 0
     finally:
         await store.close()

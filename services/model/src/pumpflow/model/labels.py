@@ -2,9 +2,11 @@
 
 Every live label the service resolves is stored with the vector it scored (in the live
 feature set's order), the model and version that scored it, its arm, score, event time
-and label definition; every automatic refit is stored with its outcome. Labels outlive
-a restart (the rolling figures start from the stored ones) and are what a refit fits
-on. :class:`PostgresLabelStore` is a deployment's (migrations 0011 and 0012), shared by
+and label definition; every automatic refit is stored with its outcome: one decided
+(swapped or kept, :class:`StoredRefit`), or one that decided nothing (refused or failed,
+:class:`UndecidedRefit`, the newest few per model). Labels outlive a restart (the rolling
+figures start from the stored ones) and are what a refit fits on.
+:class:`PostgresLabelStore` is a deployment's (migrations 0011, 0012 and 0024), shared by
 the replicas; :class:`MemoryLabelStore` the embedded run's without a database.
 
 A swapped-in refit is stored with its model (the ONNX bytes and the card's), found by
@@ -67,6 +69,23 @@ class StoredRefit(msgspec.Struct, frozen=True, kw_only=True):
     path: str | None = None
     #: the chosen candidate's content hash (:func:`model_hash`; None: not chosen)
     sha256: str | None = None
+
+
+class UndecidedRefit(msgspec.Struct, frozen=True, kw_only=True):
+    """An automatic refit that decided nothing: refused for what its rows or models are
+    (too few rows, one class, a score NaN, the serving model expired) or failed (an
+    error, a dependency away); the serving model goes on. ``outcome`` and ``reason`` are
+    words of :data:`pumpflow.model.outcomes.REFIT_REASONS`."""
+
+    model_id: str
+    serving_version: str
+    outcome: str
+    reason: str
+    #: the refusal or error as told (its message)
+    detail: str
+    #: the stored labels it was given (None: refused before they were read)
+    rows: int | None = None
+    at: float
 
 
 def model_hash(model: bytes) -> str:
@@ -137,6 +156,18 @@ class LabelStore(Protocol):
 
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         """The stored model (bytes, encoded card) of that content hash; None if absent."""
+
+    async def record_undecided(self, refit: UndecidedRefit, *, keep: int) -> None:
+        """Store a refit that decided nothing; the model's newest ``keep`` are kept."""
+
+    async def last_undecided(self, model_id: str) -> UndecidedRefit | None:
+        """The model's newest stored refit that decided nothing."""
+
+    async def refit_history(
+        self, model_id: str | None, limit: int
+    ) -> tuple[list[StoredRefit], list[UndecidedRefit]]:
+        """The newest ``limit`` refits decided and the newest ``limit`` that decided
+        nothing, of ``model_id`` (None: of every model), each list newest first."""
 
     def refitting(self, model_id: str) -> contextlib.AbstractAsyncContextManager[bool]:
         """Hold the right to refit ``model_id`` (True) unless another replica holds it."""
@@ -227,10 +258,11 @@ _REFIT_COLUMNS = (
     "candidate_score, held_out_rows, rows, last_label_id, at, path, sha256"
 )
 _OF_MODEL = "model_id = $1 AND feature_set_version = $2 AND definition = $3"
+_UNDECIDED_COLUMNS = "model_id, serving_version, outcome, reason, detail, rows, at"
 
 
 class PostgresLabelStore:
-    """Labels, refits and the refitted models in Postgres (migrations 0011, 0012)."""
+    """Labels, refits and the refitted models in Postgres (migrations 0011, 0012, 0024)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -363,6 +395,45 @@ class PostgresLabelStore:
         )
         return None if row is None else (row["model"], row["card"])
 
+    async def record_undecided(self, refit: UndecidedRefit, *, keep: int) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO model_refits_undecided ({_UNDECIDED_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                *msgspec.structs.astuple(refit),
+            )
+            # a model refused for days adds one a refit interval: the newest few say why
+            await conn.execute(
+                "DELETE FROM model_refits_undecided WHERE model_id = $1 AND id < ("
+                "SELECT min(id) FROM (SELECT id FROM model_refits_undecided "
+                "WHERE model_id = $1 ORDER BY id DESC LIMIT $2) AS kept)",
+                refit.model_id,
+                keep,
+            )
+
+    async def last_undecided(self, model_id: str) -> UndecidedRefit | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_UNDECIDED_COLUMNS} FROM model_refits_undecided WHERE model_id = $1 "
+            "ORDER BY id DESC LIMIT 1",
+            model_id,
+        )
+        return None if row is None else UndecidedRefit(**dict(row))
+
+    async def refit_history(
+        self, model_id: str | None, limit: int
+    ) -> tuple[list[StoredRefit], list[UndecidedRefit]]:
+        of_model = "WHERE $1::text IS NULL OR model_id = $1 ORDER BY at DESC, id DESC LIMIT $2"
+        decided = await self.pool.fetch(
+            f"SELECT {_REFIT_COLUMNS} FROM model_refits {of_model}", model_id, limit
+        )
+        undecided = await self.pool.fetch(
+            f"SELECT {_UNDECIDED_COLUMNS} FROM model_refits_undecided {of_model}", model_id, limit
+        )
+        return (
+            [StoredRefit(**dict(row)) for row in decided],
+            [UndecidedRefit(**dict(row)) for row in undecided],
+        )
+
     @contextlib.asynccontextmanager
     async def refitting(self, model_id: str) -> AsyncIterator[bool]:
         # a session lock on a connection held for the refit: released if this dies
@@ -409,6 +480,7 @@ class MemoryLabelStore:
         #: (id, row as stored)
         self.labels: list[tuple[int, tuple]] = []
         self.refits: list[StoredRefit] = []
+        self.undecided: list[UndecidedRefit] = []
         self._next_id = 1
         self._keys: set[tuple] = set()
         #: the ids kept of each model, feature set and definition, ascending (counts are
@@ -532,6 +604,26 @@ class MemoryLabelStore:
     async def model_file(self, sha256: str) -> tuple[bytes, bytes] | None:
         return None
 
+    async def record_undecided(self, refit: UndecidedRefit, *, keep: int) -> None:
+        self.undecided.append(refit)
+        mine = [i for i, r in enumerate(self.undecided) if r.model_id == refit.model_id]
+        dropped = set(mine[:-keep])
+        self.undecided = [r for i, r in enumerate(self.undecided) if i not in dropped]
+
+    async def last_undecided(self, model_id: str) -> UndecidedRefit | None:
+        mine = [r for r in self.undecided if r.model_id == model_id]
+        return mine[-1] if mine else None
+
+    async def refit_history(
+        self, model_id: str | None, limit: int
+    ) -> tuple[list[StoredRefit], list[UndecidedRefit]]:
+        def newest(refits):
+            # stored in order: the newest last, and ties by time kept in that order
+            mine = [r for r in reversed(refits) if model_id is None or r.model_id == model_id]
+            return sorted(mine, key=lambda r: r.at, reverse=True)[:limit]
+
+        return newest(self.refits), newest(self.undecided)
+
     @contextlib.asynccontextmanager
     async def refitting(self, model_id: str) -> AsyncIterator[bool]:
         yield True
@@ -543,6 +635,7 @@ __all__ = [
     "MemoryLabelStore",
     "PostgresLabelStore",
     "StoredRefit",
+    "UndecidedRefit",
     "definition_key",
     "model_hash",
 ]

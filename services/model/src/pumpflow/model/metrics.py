@@ -1,9 +1,10 @@
 """Metrics of the model service, on an injected registry.
 
 What it scores (predictions, scores, skipped vectors, arms, versions served), its refits
-and stored labels, and its models' drift and live performance: the monitors
-(:mod:`pumpflow.common.model.drift`, :mod:`pumpflow.common.model.performance`) are pure,
-and the service hands their reports here after each check. Drift and performance series
+(by outcome and reason, :mod:`pumpflow.model.outcomes`) and stored labels, and its
+models' drift and live performance: the monitors (:mod:`pumpflow.common.model.drift`,
+:mod:`pumpflow.common.model.performance`) are pure, and the service hands their reports
+here after each check. Drift and performance series
 are labelled by model id (and arm for performance), not by version: a hot swap continues
 the series, and the version serving is its own gauge.
 """
@@ -20,6 +21,7 @@ from pumpflow.common.events import ModelDrift
 from pumpflow.common.metrics import families
 from pumpflow.common.model.drift import DriftReport
 from pumpflow.common.model.performance import LabelTracker, LiveFigures
+from pumpflow.model.outcomes import REFIT_REASONS
 
 #: when a stored serving could not be served, and why (the counter's label values)
 UNAVAILABLE_WHEN = ("start", "follow")
@@ -69,10 +71,10 @@ class _Families:
         )
         self.refits = Counter(
             "pumpflow_model_refits",
-            "Automatic refits decided, by model id and outcome (swapped or kept); a swap "
-            "counts once marked in the refits stored, by the replica marking it (after a "
-            "failed mark, the next check's)",
-            ["model_id", "outcome"],
+            "Automatic refits tried, by model id, outcome (swapped, kept, refused, failed) "
+            "and reason (pumpflow.model.outcomes); a swap counts once marked in the refits "
+            "stored, by the replica marking it (after a failed mark, the next check's)",
+            ["model_id", "outcome", "reason"],
             registry=registry,
         )
         self.pruned = Counter(
@@ -225,11 +227,21 @@ class ModelServiceMetrics:
         for arm, model_id, shadow, share in shares:
             self._f.arm_share.labels(arm, model_id, "true" if shadow else "false").set(share)
 
-    def refitted(self, model_id: str, swapped: bool) -> None:
-        self._f.refits.labels(model_id, "swapped" if swapped else "kept").inc()
+    def refitted(self, model_id: str, outcome: str, reason: str) -> None:
+        self._f.refits.labels(model_id, outcome, reason).inc()
 
-    def refits(self, model_id: str, outcome: str) -> float:
-        return self._f.refits.labels(model_id, outcome)._value.get()
+    def refits_of(self, model_ids: Iterable[str]) -> None:
+        """Export every outcome and reason of these models' refits, from 0: the first of
+        each is an increase to the dashboard and the alert."""
+        for model_id in model_ids:
+            for outcome, reasons in REFIT_REASONS.items():
+                for reason in reasons:
+                    self._f.refits.labels(model_id, outcome, reason)
+
+    def refits(self, model_id: str, outcome: str, reason: str | None = None) -> float:
+        """Refits of ``model_id`` of ``outcome`` counted here, for ``reason`` (None: any)."""
+        reasons = REFIT_REASONS[outcome] if reason is None else (reason,)
+        return sum(self._f.refits.labels(model_id, outcome, r)._value.get() for r in reasons)
 
     def pruned(self, model_id: str, *, refits: int, files: int) -> None:
         self._f.pruned.labels(model_id, "refit").inc(refits)

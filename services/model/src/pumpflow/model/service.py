@@ -57,9 +57,15 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   its content hash: a replica whose disk lacks the file (another machine, a container
   restarted on an empty disk) writes it into its own registry from the stored refit
   before loading it. Every refit decided is stored (``model_refits``), logged and
-  counted (``pumpflow_model_refits``); then, still under the refit's lock, the model's
+  counted (``pumpflow_model_refits``, by outcome and reason:
+  :mod:`pumpflow.model.outcomes`); then, still under the refit's lock, the model's
   older refits are pruned with this replica's files of them (:mod:`pumpflow.model.pruning`;
-  the newest ``model_refit_keep`` and the served models are kept).
+  the newest ``model_refit_keep`` and the served models are kept). A refit that decides
+  nothing (refused: too few rows, one class, a held-out score NaN, the serving model
+  expired, training's refusal; or failed: an error, a dependency away) is stored too
+  (``model_refits_undecided``, the newest ``model_refit_keep`` of each model), logged and
+  counted by its reason; the serving model goes on, and the next try of the model comes
+  ``model_refit_min_interval_s`` after it, on every replica.
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
@@ -69,8 +75,10 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
   and the live figures per arm, read at most ``model_live_read_s`` ago unless
-  ``?fresh=true``), ``GET /models/{id}/drift``, ``GET /scoring``.
-  Mutating routes need the bearer token (``PUMPFLOW_API_TOKEN``).
+  ``?fresh=true``), ``GET /models/{id}/drift``, ``GET /scoring``, ``GET /refits``
+  (``?model_id=&limit=``: the newest refits tried by any replica, decided or not, with
+  their outcome and reason). Mutating routes need the bearer token
+  (``PUMPFLOW_API_TOKEN``).
 """
 
 from __future__ import annotations
@@ -112,11 +120,13 @@ from pumpflow.model.labels import (
     MemoryLabelStore,
     PostgresLabelStore,
     StoredRefit,
+    UndecidedRefit,
     definition_key,
     model_hash,
 )
 from pumpflow.model.live import StoreOutcomes
 from pumpflow.model.metrics import ModelServiceMetrics
+from pumpflow.model.outcomes import attempts, decided, detail_of, undecided
 from pumpflow.model.pruning import PrunedRefit, RefitPruner, refit_pruner
 from pumpflow.model.settings import ModelSettings
 
@@ -659,6 +669,7 @@ class ModelService(Service):
             [(a.name, a.model_id, a.shadow, shares.get(a.name, 0.0)) for a in table.arms]
         )
         self.metrics.serving({m: c.version for m, c in self.manager.models().items()})
+        self.metrics.refits_of(self.manager.models())
 
     # ---------------------------------------------------------------- per delivery
 
@@ -907,9 +918,15 @@ class ModelService(Service):
                 except Exception:
                     log.exception("model: refitting %s failed; trying again later", model_id)
 
-    async def refit_if_due(self, model_id: str) -> StoredRefit | None:
+    async def refit_if_due(self, model_id: str) -> StoredRefit | UndecidedRefit | None:
         """Refit ``model_id`` on its newest stored labels if the policy says so, swapping
-        the refit in if it is better on the held-out slice; the refit stored, or None."""
+        the refit in if it is better on the held-out slice; the refit stored, or None.
+
+        A refit that decides nothing is stored, counted and logged as such
+        (:class:`~pumpflow.model.labels.UndecidedRefit`, :mod:`pumpflow.model.outcomes`):
+        a refusal is returned, a failure raised after. The next try of the model comes a
+        policy interval after the last, whatever its outcome and whichever replica
+        made it."""
         policy = self.settings.refit_policy()
         store = self.label_store
         card = self.manager.card(model_id)
@@ -918,7 +935,12 @@ class ModelService(Service):
         of_model = (model_id, card.feature_set_version, definition_key(card.label))
         now = self._ctx.clock.now()
         last = await self._swap_recorded(await store.last_refit(model_id))
-        tried = max(last.at if last else -math.inf, self._refit_tried.get(model_id, -math.inf))
+        last_undecided = await store.last_undecided(model_id)
+        tried = max(
+            last.at if last else -math.inf,
+            last_undecided.at if last_undecided else -math.inf,
+            self._refit_tried.get(model_id, -math.inf),
+        )
         counts = await store.counts(
             *of_model,
             after_id=last.last_label_id if last else 0,
@@ -929,45 +951,54 @@ class ModelService(Service):
         async with store.refitting(model_id) as mine:
             if not mine:
                 return None  # another replica refits it
-            if await store.last_refit(model_id) != last:
-                return None  # another replica just did
+            if (
+                await store.last_refit(model_id) != last
+                or await store.last_undecided(model_id) != last_undecided
+            ):
+                return None  # another replica just tried
             self._refit_tried[model_id] = now
-            await self.prune_labels(of_model, policy)
-            data, last_id = await store.recent(*of_model, policy.window_rows)
-            names = self.manager.feature_manager.names
-            if tuple(card.feature_names) != tuple(names):
-                data = _in_order(data, names, card.feature_names)
-            # served here only once stored as the serving, as every replica serves it: a
-            # failure before (the database, the store) leaves the one serving everywhere
-            result = await asyncio.wrap_future(
-                self.manager.update_model(model_id, data, min_gain=policy.min_gain, swap=False)
-            )
-            path = sha256 = model = raw_card = None
-            if result.swapped and result.path is not None:
-                path = result.path
-                # stored with the refit: every replica can write it where it runs
-                model = await asyncio.to_thread(Path(path).read_bytes)
-                raw_card = await asyncio.to_thread(card_path(path).read_bytes)
-                sha256 = model_hash(model)
-            # stored as kept until its serving is: the replicas fetch the chosen model from
-            # the stored refit to serve it, and a serving that cannot be stored leaves it
-            # kept, as it then is everywhere
-            refit = StoredRefit(
-                model_id=model_id,
-                serving_version=result.serving_version,
-                candidate_version=result.candidate_version,
-                swapped=False,
-                metric=result.metric,
-                serving_score=result.serving_score,
-                candidate_score=result.candidate_score,
-                held_out_rows=result.held_out_rows,
-                rows=len(data.labels),
-                last_label_id=last_id,
-                at=result.at,
-                path=path,
-                sha256=sha256,
-            )
-            await store.record_refit(refit, model=model, card=raw_card)
+            rows = None
+            try:
+                await self.prune_labels(of_model, policy)
+                data, last_id = await store.recent(*of_model, policy.window_rows)
+                rows = len(data.labels)
+                names = self.manager.feature_manager.names
+                if tuple(card.feature_names) != tuple(names):
+                    data = _in_order(data, names, card.feature_names)
+                # served here only once stored as the serving, as every replica serves it:
+                # a failure before (the database, the store) leaves the one serving
+                # everywhere
+                result = await asyncio.wrap_future(
+                    self.manager.update_model(model_id, data, min_gain=policy.min_gain, swap=False)
+                )
+                path = sha256 = model = raw_card = None
+                if result.swapped and result.path is not None:
+                    path = result.path
+                    # stored with the refit: every replica can write it where it runs
+                    model = await asyncio.to_thread(Path(path).read_bytes)
+                    raw_card = await asyncio.to_thread(card_path(path).read_bytes)
+                    sha256 = model_hash(model)
+                # stored as kept until its serving is: the replicas fetch the chosen model
+                # from the stored refit to serve it, and a serving that cannot be stored
+                # leaves it kept, as it then is everywhere
+                refit = StoredRefit(
+                    model_id=model_id,
+                    serving_version=result.serving_version,
+                    candidate_version=result.candidate_version,
+                    swapped=False,
+                    metric=result.metric,
+                    serving_score=result.serving_score,
+                    candidate_score=result.candidate_score,
+                    held_out_rows=result.held_out_rows,
+                    rows=rows,
+                    last_label_id=last_id,
+                    at=result.at,
+                    path=path,
+                    sha256=sha256,
+                )
+                await store.record_refit(refit, model=model, card=raw_card)
+            except Exception as exc:
+                return await self._undecided(model_id, card.version, rows, exc)
             if path is not None:
                 # every replica serves it, and a restart loads it
                 task = card.task
@@ -1009,7 +1040,7 @@ class ModelService(Service):
 
     def _refitted(self, refit: StoredRefit, outcome: str, *, counted: bool = True) -> None:
         if counted:
-            self.metrics.refitted(refit.model_id, refit.swapped)
+            self.metrics.refitted(refit.model_id, *decided(refit))
         log.info(
             "model: refit of %s on %d stored labels: %s %s %.4f, candidate %s %.4f on %d "
             "held out: %s",
@@ -1023,6 +1054,44 @@ class ModelService(Service):
             refit.held_out_rows,
             outcome,
         )
+
+    async def _undecided(
+        self, model_id: str, serving_version: str, rows: int | None, error: Exception
+    ) -> UndecidedRefit:
+        """Count, log and store a refit of ``model_id`` that ended in ``error`` having
+        decided nothing; return it if refused, raise ``error`` if it failed."""
+        outcome, reason = undecided(error)
+        refit = UndecidedRefit(
+            model_id=model_id,
+            serving_version=serving_version,
+            outcome=outcome,
+            reason=reason,
+            detail=detail_of(error),
+            rows=rows,
+            at=self._ctx.clock.now(),
+        )
+        self.metrics.refitted(model_id, outcome, reason)
+        log.warning(
+            "model: refit of %s on %s stored labels %s (%s), %s %s serves on: %s",
+            model_id,
+            "no" if rows is None else rows,
+            outcome,
+            reason,
+            model_id,
+            serving_version,
+            refit.detail,
+        )
+        try:
+            await self.label_store.record_undecided(
+                refit, keep=self.settings.refit_policy().keep_refits
+            )
+        except Exception as store_error:
+            # counted and logged all the same; the next try is this replica's to time
+            log.warning("model: the refit of %s that decided nothing was not stored: %r",
+                        model_id, store_error)  # fmt: skip
+        if outcome == "failed":
+            raise error
+        return refit
 
     async def _swap_recorded(self, refit: StoredRefit | None) -> StoredRefit | None:
         """``refit`` marked swapped if it is stored as kept while the stored serving
@@ -1137,7 +1206,7 @@ class ModelService(Service):
         return {**consumer, "serving": serving}
 
     def router(self):
-        from fastapi import APIRouter, Body, Depends, HTTPException
+        from fastapi import APIRouter, Body, Depends, HTTPException, Query
 
         from pumpflow.common.runtime.http import require_token
 
@@ -1268,5 +1337,17 @@ class ModelService(Service):
         @api.get("/scoring")
         async def scoring() -> dict[str, Any]:
             return self.scoring_view()
+
+        @api.get("/refits")
+        async def refits(
+            model_id: str | None = None, limit: int = Query(50, ge=1, le=500)
+        ) -> dict[str, Any]:
+            """The newest refits tried (of ``model_id``, or of every model), newest first:
+            by any replica, decided or not, each with its outcome and reason
+            (:mod:`pumpflow.model.outcomes`), what it compared, and why it decided
+            nothing if it did not."""
+            decided_refits, undecided_refits = await self.label_store.refit_history(model_id, limit)
+            listed = attempts(decided_refits, undecided_refits, limit)
+            return {"refits": [msgspec.to_builtins(attempt) for attempt in listed]}
 
         return api

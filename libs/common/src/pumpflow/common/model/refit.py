@@ -8,7 +8,9 @@ to :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the newes
 manager holds out the newest share of them by time (``update_held_out_share``, 30%),
 fits a candidate on the rows whose horizon ended before that slice, of the tokens
 with no row in it, and swaps it in only if it scores better on the slice than the
-serving version by more than ``min_gain``.
+serving version by more than ``min_gain``. Rows that leave nothing to compare (none to
+fit on, one class to fit on or held out) and scores that are not numbers refuse the
+refit: the serving version goes on, and ``min_interval_s`` counts from that try too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class RefitPolicy:
       once per 10 s, so the live market's few dozen active tokens give some 3-10 labels
       a second: a refit every 35 minutes to two hours, each seeing a tenth of its
       window new.
-    - ``min_interval_s`` (1,800 s) passed since the model's last refit. A refit of the
+    - ``min_interval_s`` (1,800 s) passed since the model's last refit, or last try
+      that decided nothing (a refusal is not tried again at every check). A refit of the
       window takes tens of seconds of one core (LightGBM's 120 trees on up to 200,000
       rows, then the ONNX check), under 2% of a core at this pace, on a thread beside
       the scoring.
