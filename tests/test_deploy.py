@@ -276,6 +276,8 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
     } <= dashboard_metrics(dashboard)
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     assert 'outcome="rejected"' in exprs and 'metric="precision"' in exprs
+    # refits that decided nothing, by reason
+    assert 'outcome=~"refused|failed"' in exprs
     assert 'what="unconfirmed_tranches"' in exprs
     assert 'metric!~"auc|precision"' in exprs and 'service="exit"' in exprs
 
