@@ -6,7 +6,7 @@ and label definition; every automatic refit is stored with its outcome: one deci
 (swapped or kept, :class:`StoredRefit`), or one that decided nothing (refused or failed,
 :class:`UndecidedRefit`, the newest few per model). Labels outlive a restart (the rolling
 figures start from the stored ones) and are what a refit fits on.
-:class:`PostgresLabelStore` is a deployment's (migrations 0011, 0012 and 0024), shared by
+:class:`PostgresLabelStore` is a deployment's (migrations 0011, 0012 and 0025), shared by
 the replicas; :class:`MemoryLabelStore` the embedded run's without a database.
 
 A swapped-in refit is stored with its model (the ONNX bytes and the card's), found by
@@ -262,7 +262,7 @@ _UNDECIDED_COLUMNS = "model_id, serving_version, outcome, reason, detail, rows, 
 
 
 class PostgresLabelStore:
-    """Labels, refits and the refitted models in Postgres (migrations 0011, 0012, 0024)."""
+    """Labels, refits and the refitted models in Postgres (migrations 0011, 0012, 0025)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
