@@ -13,7 +13,7 @@ from pumpflow.cli.delegated import DELEGATED
 from pumpflow.cli.main import build_parser
 from pumpflow.cli.notify import NotifySettings
 from pumpflow.cli.serve import describe_settings
-from pumpflow.common.runtime.discovery import installed_services, load_service
+from pumpflow.common.runtime.discovery import installed_services, load_service, load_settings
 from pumpflow.common.runtime.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_the_settings_table_gives_real_variables_and_their_defaults():
 def test_pumpflow_settings_shows_every_value_that_is_not_a_secret(service, monkeypatch):
     for variable in ("PUMPFLOW_API_TOKEN", "PUMPPORTAL_API_KEY"):
         monkeypatch.setenv(variable, "s3cret-value")
-    rows = describe_settings(load_service(service))
+    rows = describe_settings(service, load_settings(service))
     assert not [r for r in rows if "s3cret" in str(r["value"])]
     # a number or a flag is never masked, whatever its name (feed_max_keys_per_message)
     masked = [
@@ -110,7 +110,9 @@ def test_every_config_file_example_names_real_tables_and_settings(tmp_path):
 def setting_variables() -> set[str]:
     """Every setting's environment variable, of every service and of ``pumpflow notify``."""
     variables = {
-        row["variable"] for s in installed_services() for row in describe_settings(load_service(s))
+        row["variable"]
+        for s in installed_services()
+        for row in describe_settings(s, load_settings(s))
     }
     return variables | {f"PUMPFLOW_{name.upper()}" for name in NotifySettings.model_fields}
 

@@ -81,6 +81,9 @@ def fake_services(monkeypatch):
 
     monkeypatch.setattr(serve_module, "installed_services", lambda: dict(found))
     monkeypatch.setattr(serve_module, "load_service", load_service)
+    monkeypatch.setattr(
+        serve_module, "load_settings", lambda name: load_service(name).settings_class
+    )
     # its settings are known to the check of the environment, beside the real services'
     installed = cli_main.service_settings()
     monkeypatch.setattr(
@@ -658,7 +661,7 @@ def test_a_servers_broken_pipe_is_still_said_while_the_output_is_read(
     def broken(name):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(serve_module, "load_service", broken)
+    monkeypatch.setattr(serve_module, "load_settings", broken)
     read, write = os.pipe()
     with os.fdopen(read, "rb") as reader, open(write, "w") as out:
         monkeypatch.setattr(sys, "stdout", out)

@@ -94,10 +94,11 @@ def use_config_file(argv: list[str]) -> list[str]:
 
 
 def service_settings() -> dict[str, type[CommonSettings]]:
-    """The settings class of each service installed here, by service."""
-    from pumpflow.common.runtime.discovery import installed_services, load_service
+    """The settings class of each service installed here, by service (the services
+    themselves are not imported)."""
+    from pumpflow.common.runtime import discovery
 
-    return {name: load_service(name).settings_class for name in installed_services()}
+    return discovery.service_settings()
 
 
 def check_variables() -> None:

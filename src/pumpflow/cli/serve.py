@@ -11,6 +11,7 @@ from pumpflow.common.runtime.discovery import (
     UnknownServiceError,
     installed_services,
     load_service,
+    load_settings,
 )
 from pumpflow.common.runtime.logging import redact_value
 from pumpflow.common.runtime.settings import SettingsError
@@ -34,16 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     settings.set_defaults(handler=settings_command)
 
 
-def _load(name: str):
+def _load(load, name: str):
+    """``load(name)``, or None after saying no service has that name."""
     try:
-        return load_service(name)
+        return load(name)
     except UnknownServiceError as exc:
         print(f"pumpflow: {exc}", file=sys.stderr)
         return None
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    service_cls = _load(args.service)
+    service_cls = _load(load_service, args.service)
     if service_cls is None:
         return 2
     from pumpflow.common.runtime.runner import run_service
@@ -67,11 +69,11 @@ def services_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_settings(service_cls) -> list[dict]:
-    """Every setting of a service: variable, current value, default, description."""
-    settings_cls = service_cls.settings_class
+def describe_settings(service: str, settings_cls) -> list[dict]:
+    """Every setting of the service ``service`` (its settings class ``settings_cls``):
+    variable, current value, default, description."""
     # what the runtime passes itself, over the environment: the service's name
-    fixed = {"service": service_cls.name}
+    fixed = {"service": service}
     current = settings_cls.load(**fixed)
     variables = settings_cls.variables()
     rows = []
@@ -97,11 +99,11 @@ def describe_settings(service_cls) -> list[dict]:
 
 
 def settings_command(args: argparse.Namespace) -> int:
-    service_cls = _load(args.service)
-    if service_cls is None:
+    settings_cls = _load(load_settings, args.service)
+    if settings_cls is None:
         return 2
     try:
-        rows = describe_settings(service_cls)
+        rows = describe_settings(args.service, settings_cls)
     except SettingsError as exc:
         print(f"pumpflow: {exc}", file=sys.stderr)
         return 2

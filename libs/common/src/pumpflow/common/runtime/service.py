@@ -66,15 +66,14 @@ class ServiceContext:
         )
 
 
-#: entry-point group under which each service package registers its Service class
-SERVICE_ENTRY_POINTS = "pumpflow.services"
-
-
 class Service(ABC):
     """A pumpflow service.
 
     Registered as an entry point in group ``pumpflow.services`` (name = service name),
-    so the launcher finds every installed service without importing them by name.
+    so the launcher finds every installed service without importing them by name, and
+    its settings class under the same name in group ``pumpflow.settings``, which the
+    check of the environment reads without importing the service
+    (:mod:`pumpflow.common.runtime.discovery`).
     The runtime builds it as ``cls(cls.settings_class.load(service=cls.name))``.
     """
 
