@@ -5,7 +5,58 @@ imports what it runs only once it runs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pytest
+
 from pumpflow.common.runtime.discovery import installed_services, installed_settings
+
+#: what the services run on (the bus, the store, the database, the HTTP server, the
+#: model, training, live trading's HTTP client, the feed's socket, the metrics), none
+#: of which a command that only parses, lists settings or calls a replica needs
+HEAVY = (
+    "onnxruntime",
+    "lightgbm",
+    "aio_pika",
+    "asyncpg",
+    "redis",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "websockets",
+    "prometheus_client",
+)
+
+#: runs ``pumpflow`` in a fresh interpreter, its output set aside, then prints its exit
+#: status and the modules it imported
+RUN = """
+import contextlib, io, json, sys
+from pumpflow.cli.main import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["settings", "trading"], ["settings", "model"], ["trading", "state", "--help"]],
+    ids=" ".join,
+)
+def test_an_interactive_command_imports_none_of_the_services_heavy_dependencies(argv):
+    result = subprocess.run(
+        [sys.executable, "-c", RUN, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ran = json.loads(result.stdout)
+    assert ran["code"] == 0, result.stderr[-2000:]
+    imported = {name.partition(".")[0] for name in ran["modules"]}
+    assert sorted(imported & set(HEAVY)) == []
 
 
 def test_every_service_names_its_settings_class_in_its_own_entry_point():

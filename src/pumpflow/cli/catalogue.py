@@ -24,21 +24,16 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from pumpflow.common.bus.dispatch import BROADCAST, CRITICAL, PARTITION, Bindings, publish_lane
-from pumpflow.common.bus.routing import BROADCAST as BROADCAST_SUFFIX
-from pumpflow.common.bus.routing import (
-    DEFAULT_PARTITIONS,
-    critical_queue,
-    partition_of,
-    partition_queue,
-    routing_key,
-)
-from pumpflow.common.events import Event, Payload, registered
-from pumpflow.common.runtime.topology import CONSUMER_GROUPS, PUBLISHERS
+from pumpflow.common.events import Event, registered
+
+# the bus and the topology (which names every service's domain) are imported where the
+# document is made: every pumpflow command registers this one
+if TYPE_CHECKING:
+    from pumpflow.common.events import Payload
 
 ASYNCAPI_FILE = "events.asyncapi.json"
 MARKDOWN_FILE = "events.md"
@@ -53,6 +48,7 @@ REFRESH = "pumpflow catalogue"
 
 def consumer_groups() -> dict[str, tuple[str, ...]]:
     """Consumer group -> the event-type patterns it binds, as deployed."""
+    from pumpflow.common.runtime.topology import CONSUMER_GROUPS
     from pumpflow.feed.service import CONSUMES as FEED_CONSUMES
 
     # the feed's commands are keyless, on per-replica queues declared by the feed itself
@@ -68,11 +64,15 @@ def message_id(schema: type[Payload]) -> str:
 
 
 def lane_of(schema: type[Payload]) -> str:
+    from pumpflow.common.bus.dispatch import publish_lane
+
     return publish_lane(schema, keyless=schema.KEY_FIELD is None)
 
 
 def address_of(schema: type[Payload]) -> str:
     """The routing key, with ``{partition}`` where a keyed event's partition goes."""
+    from pumpflow.common.bus.routing import routing_key
+
     if schema.KEY_FIELD is None:
         return routing_key(schema.TYPE, schema.VERSION, None)
     prefix = routing_key(schema.TYPE, schema.VERSION, 0).rsplit(".", 1)[0]
@@ -81,6 +81,9 @@ def address_of(schema: type[Payload]) -> str:
 
 def queue_of(namespace: str, group: str, schema: type[Payload]) -> str:
     """The queue ``group`` receives ``schema``'s events on (RabbitMQ transport)."""
+    from pumpflow.common.bus.routing import BROADCAST as BROADCAST_SUFFIX
+    from pumpflow.common.bus.routing import critical_queue, partition_queue
+
     keyed = schema.KEY_FIELD is not None
     if schema.CRITICAL:
         shared = critical_queue(group)
@@ -91,6 +94,8 @@ def queue_of(namespace: str, group: str, schema: type[Payload]) -> str:
 
 
 def _lane_text(schema: type[Payload]) -> str:
+    from pumpflow.common.bus.dispatch import BROADCAST, CRITICAL, PARTITION
+
     lane = lane_of(schema)
     if lane == CRITICAL:
         return "critical: its own queue and channel, never behind a backlog of trades"
@@ -110,8 +115,11 @@ def _summary(schema: type) -> str | None:
 def asyncapi_document(namespace: str | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of every registered event type (``namespace``: the
     settings' default)."""
+    from pumpflow.common.bus.dispatch import Bindings
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.bus.routing import DEFAULT_PARTITIONS, partition_of
     from pumpflow.common.runtime.settings import CommonSettings
+    from pumpflow.common.runtime.topology import PUBLISHERS
 
     fields = CommonSettings.model_fields
     namespace = namespace or fields["namespace"].default

@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus
-from pumpflow.common.bus.batches import letter_events
-from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
 from pumpflow.common.runtime.arguments import count
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
+# the bus is imported where a letter is read or moved: every pumpflow command registers
+# this one, and the bus package brings its metrics (prometheus-client) with it
 if TYPE_CHECKING:
+    from pumpflow.common.bus.abc import DeadLetter, EventBus
     from pumpflow.common.events import Event
     from pumpflow.common.storage import RedriveWrite, TokenEventStore
 
@@ -90,6 +90,8 @@ def letter_record(letter: DeadLetter) -> dict:
 
 def record_letter(record: dict) -> DeadLetter:
     """The dead letter of a record :func:`letter_record` wrote."""
+    from pumpflow.common.bus.abc import DeadLetter
+
     if "body" in record:
         body = record["body"].encode("utf-8")
     else:
@@ -107,6 +109,8 @@ def record_letter(record: dict) -> DeadLetter:
 def read_letters(path: Path, service: str) -> list[DeadLetter]:
     """The letters of ``service`` saved in ``path`` by ``--move``, one per event (a
     record may hold a batch the broker dead-lettered whole)."""
+    from pumpflow.common.bus.batches import letter_events
+
     letters = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -194,6 +198,7 @@ class _StoreOnDemand:
 
 async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) -> int:
     from pumpflow.common.bus.factory import create_bus
+    from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
     from pumpflow.common.runtime.wiring import bus_config
     from pumpflow.feed.redrive import StoredEventRedrive
 

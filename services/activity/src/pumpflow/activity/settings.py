@@ -1,17 +1,20 @@
-"""Settings of the activity service (environment ``PUMPFLOW_*``)."""
+"""Settings of the activity service (environment ``PUMPFLOW_*``).
+
+Every ``pumpflow`` command reads this module (the check of the environment): the
+methods import the parts they configure, which the fields do not need.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from pumpflow.common.activity import (
-    CONSUMES,
-    MARKET_TYPES,
-    PARTIAL_PUBLISHERS,
-    LifecycleThresholds,
-)
-from pumpflow.common.consumer import KeyedConsumerConfig
 from pumpflow.common.runtime.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from pumpflow.common.activity import LifecycleThresholds
+    from pumpflow.common.consumer import KeyedConsumerConfig
 
 
 class ActivitySettings(CommonSettings):
@@ -55,6 +58,8 @@ class ActivitySettings(CommonSettings):
     )
 
     def thresholds(self) -> LifecycleThresholds:
+        from pumpflow.common.activity import LifecycleThresholds
+
         return LifecycleThresholds(
             inactive_after_quiet_s=self.activity_inactive_after_quiet_s,
             decline_after_quiet_s=self.activity_decline_after_quiet_s,
@@ -63,6 +68,9 @@ class ActivitySettings(CommonSettings):
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        from pumpflow.common.activity import CONSUMES, MARKET_TYPES, PARTIAL_PUBLISHERS
+        from pumpflow.common.consumer import KeyedConsumerConfig
+
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,

@@ -1,18 +1,20 @@
-"""Settings of the exit service (environment ``PUMPFLOW_*``)."""
+"""Settings of the exit service (environment ``PUMPFLOW_*``).
+
+Every ``pumpflow`` command reads this module (the check of the environment): the
+methods import the parts they configure, which the fields do not need.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.exit import (
-    CONSUMES,
-    MARKET_TYPES,
-    PARTIAL_PUBLISHERS,
-    ExitRules,
-    GracefulExitConfig,
-)
+from pumpflow.common.exit import ExitRules, GracefulExitConfig
 from pumpflow.common.runtime.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from pumpflow.common.consumer import KeyedConsumerConfig
 
 _RULES = ExitRules()
 _GRACEFUL = GracefulExitConfig()
@@ -111,6 +113,9 @@ class ExitSettings(CommonSettings):
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        from pumpflow.common.consumer import KeyedConsumerConfig
+        from pumpflow.common.exit import CONSUMES, MARKET_TYPES, PARTIAL_PUBLISHERS
+
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,

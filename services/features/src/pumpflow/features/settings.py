@@ -1,12 +1,19 @@
-"""Settings of the features service (``PUMPFLOW_<NAME>``)."""
+"""Settings of the features service (``PUMPFLOW_<NAME>``).
+
+Every ``pumpflow`` command reads this module (the check of the environment): the
+methods import the parts they configure, which the fields do not need.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.features.processor import CONSUMES, MARKET_TYPES
 from pumpflow.common.runtime.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from pumpflow.common.consumer import KeyedConsumerConfig
 
 
 class FeaturesSettings(CommonSettings):
@@ -31,6 +38,9 @@ class FeaturesSettings(CommonSettings):
     )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        from pumpflow.common.consumer import KeyedConsumerConfig
+        from pumpflow.common.features.processor import CONSUMES, MARKET_TYPES
+
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,

@@ -3,20 +3,26 @@
 PumpPortal's URL and key keep their own environment names (``PUMPPORTAL_WS_URL``,
 ``PUMPPORTAL_API_KEY``, ``PUMPPORTAL_API_KEY_FILE``); everything else is
 ``PUMPFLOW_FEED_*``. The key is a SecretStr: it never appears in a repr or a log.
-The ``*_config`` methods build the frozen config object of each part of the feed.
+The ``*_config`` methods build the frozen config object of each part of the feed; they
+import that part themselves, as every ``pumpflow`` command reads this module (the check
+of the environment) and the fields need none of them.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import AliasChoices, Field
 
-from pumpflow.common.features.history import HistoryConfig
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
 from pumpflow.common.runtime.settings import PumpPortalKeySettings
-from pumpflow.feed.manager import FeedManagerConfig
-from pumpflow.feed.recorder import RecorderConfig
-from pumpflow.feed.socket_feed import SocketFeedConfig
+
+if TYPE_CHECKING:
+    from pumpflow.common.features.history import HistoryConfig
+    from pumpflow.feed.manager import FeedManagerConfig
+    from pumpflow.feed.recorder import RecorderConfig
+    from pumpflow.feed.socket_feed import SocketFeedConfig
 
 
 class FeedSettings(PumpPortalKeySettings):
@@ -135,6 +141,8 @@ class FeedSettings(PumpPortalKeySettings):
     )
 
     def socket_config(self) -> SocketFeedConfig:
+        from pumpflow.feed.socket_feed import SocketFeedConfig
+
         return SocketFeedConfig(
             url=self.pumpportal_ws_url,
             api_key=self.api_key(),
@@ -153,6 +161,8 @@ class FeedSettings(PumpPortalKeySettings):
         )
 
     def recorder_config(self) -> RecorderConfig:
+        from pumpflow.feed.recorder import RecorderConfig
+
         return RecorderConfig(
             outbox=self.service,
             batch_size=self.feed_record_batch_size,
@@ -163,6 +173,8 @@ class FeedSettings(PumpPortalKeySettings):
         )
 
     def manager_config(self) -> FeedManagerConfig:
+        from pumpflow.feed.manager import FeedManagerConfig
+
         return FeedManagerConfig(
             source=self.source,
             dedup_capacity=self.feed_dedup_capacity,
@@ -170,6 +182,8 @@ class FeedSettings(PumpPortalKeySettings):
         )
 
     def history_config(self) -> HistoryConfig:
+        from pumpflow.common.features.history import HistoryConfig
+
         return HistoryConfig(
             max_events_per_token=self.feed_history_max_events,
             max_age_s=self.feed_history_max_age_s,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from pumpflow.common.consumer import KeyedConsumerConfig
-from pumpflow.common.model.processor import CONSUMES, MARKET_TYPES, ScoringPolicy
+from pumpflow.common.model.processor import ScoringPolicy
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.trading import EntryFilters
+
+if TYPE_CHECKING:
+    from pumpflow.common.consumer import KeyedConsumerConfig
 
 _POLICY = ScoringPolicy()
 _REFIT = RefitPolicy()
@@ -154,6 +156,9 @@ class ModelSettings(CommonSettings):
         )
 
     def consumer_config(self, service: str) -> KeyedConsumerConfig:
+        from pumpflow.common.consumer import KeyedConsumerConfig
+        from pumpflow.common.model.processor import CONSUMES, MARKET_TYPES
+
         return KeyedConsumerConfig(
             service=service,
             patterns=CONSUMES,
