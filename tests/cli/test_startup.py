@@ -14,8 +14,9 @@ import pytest
 from pumpflow.common.runtime.discovery import installed_services, installed_settings
 
 #: what the services run on (the bus, the store, the database, the HTTP server, the
-#: model, training, live trading's HTTP client, the feed's socket, the metrics), none
-#: of which a command that only parses, lists settings or calls a replica needs
+#: model, training, live trading's HTTP client, the feed's socket, the metrics, the
+#: features' and the models' arrays), none of which a command that only parses, lists
+#: settings or calls a replica needs
 HEAVY = (
     "onnxruntime",
     "lightgbm",
@@ -27,6 +28,7 @@ HEAVY = (
     "httpx",
     "websockets",
     "prometheus_client",
+    "numpy",
 )
 
 #: runs ``pumpflow`` in a fresh interpreter, its output set aside, then prints its exit

@@ -26,12 +26,16 @@ import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pumpflow.common.events import Event
-from pumpflow.common.features import FeatureManager
-from pumpflow.common.model.card import LabelDefinition
-from pumpflow.common.model.labels import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
+from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
 from pumpflow.common.runtime.arguments import bounded, count, finite, positive, share
+
+# the features and the models (numpy) are imported where a model is trained: every
+# pumpflow command registers this one
+if TYPE_CHECKING:
+    from pumpflow.common.events import Event
+    from pumpflow.common.model.card import LabelDefinition
 
 DEFAULT_SIM_MINUTES = 10.0
 #: 2026-01-01T00:00:00Z: simulated runs start here, one after the other
@@ -223,6 +227,7 @@ def _dataset(
     source: str,
     progress: bool,
 ):
+    from pumpflow.common.features import FeatureManager
     from pumpflow.model.training import build_dataset, group_by_mint
 
     events = list(events)
@@ -286,6 +291,7 @@ def build_default(out: Path, *, progress: bool = False):
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
+    from pumpflow.common.model.card import LabelDefinition
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
     from pumpflow.common.model.registry import ModelRegistry, write_model
     from pumpflow.common.runtime.settings import CommonSettings

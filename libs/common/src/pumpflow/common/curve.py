@@ -12,8 +12,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-import numpy as np
-
 from pumpflow.common.events import Side
 
 INITIAL_VIRTUAL_TOKEN_RESERVES = 1_073_000_000.0
@@ -50,6 +48,10 @@ def curve_progress(v_tokens):
             real = 0.0
         share = (INITIAL_REAL_TOKEN_RESERVES - real) / INITIAL_REAL_TOKEN_RESERVES
         return 0.0 if share < 0.0 else 1.0 if share > 1.0 else share
+    # here, not atop the module: the curve's constants and quotes are read by every
+    # command (settings' defaults), which need no numpy; the batch path has it loaded
+    import numpy as np
+
     real = np.maximum(0.0, np.subtract(v_tokens, COMPLETE_VIRTUAL_TOKEN_RESERVES))
     sold = INITIAL_REAL_TOKEN_RESERVES - real
     return np.clip(sold / INITIAL_REAL_TOKEN_RESERVES, 0.0, 1.0)

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from pumpflow.common.model.processor import ScoringPolicy
 from pumpflow.common.model.refit import RefitPolicy
+from pumpflow.common.model.settings import ScoringPolicy
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.trading import EntryFilters
 

@@ -2,73 +2,66 @@
 
 See :mod:`pumpflow.common.model.manager` for the API and
 :mod:`pumpflow.common.model.card` for what a card holds.
+
+The names below are imported from their modules on first use: most of those modules
+need numpy, which what reads only the model's settings (every ``pumpflow`` command,
+through the model service's settings) must not pay for.
 """
 
-from pumpflow.common.model.card import (
-    CardError,
-    FeatureReference,
-    HeldOut,
-    LabelDefinition,
-    ModelCard,
-    Preprocessing,
-    TrainingWindow,
-    decode_card,
-    encode_card,
-    prepare_inputs,
-    reference_distribution,
-)
-from pumpflow.common.model.drift import DriftMonitor, DriftReport, DriftThresholds, FeatureDrift
-from pumpflow.common.model.manager import (
-    FeatureSetMismatch,
-    ModelError,
-    ModelExpired,
-    ModelManager,
-    ModelPerformance,
-    NonFiniteScore,
-    Prediction,
-    RefitRefused,
-    UnknownModel,
-)
-from pumpflow.common.model.performance import (
-    LabelTracker,
-    LiveFigures,
-    ResolvedLabel,
-    RollingPerformance,
-    breakeven_threshold,
-)
-from pumpflow.common.model.registry import ModelRegistry, read_model, write_model
+from __future__ import annotations
 
-__all__ = [
-    "CardError",
-    "DriftMonitor",
-    "DriftReport",
-    "DriftThresholds",
-    "FeatureDrift",
-    "FeatureReference",
-    "FeatureSetMismatch",
-    "HeldOut",
-    "LabelDefinition",
-    "LabelTracker",
-    "LiveFigures",
-    "ModelCard",
-    "ModelError",
-    "ModelExpired",
-    "ModelManager",
-    "ModelPerformance",
-    "ModelRegistry",
-    "NonFiniteScore",
-    "Prediction",
-    "Preprocessing",
-    "RefitRefused",
-    "ResolvedLabel",
-    "RollingPerformance",
-    "TrainingWindow",
-    "UnknownModel",
-    "breakeven_threshold",
-    "decode_card",
-    "encode_card",
-    "prepare_inputs",
-    "read_model",
-    "reference_distribution",
-    "write_model",
-]
+import importlib
+from typing import Any
+
+#: each name this package gives, by the module that defines it
+_EXPORTS = {
+    "card": (
+        "CardError",
+        "FeatureReference",
+        "HeldOut",
+        "LabelDefinition",
+        "ModelCard",
+        "Preprocessing",
+        "TrainingWindow",
+        "decode_card",
+        "encode_card",
+        "prepare_inputs",
+        "reference_distribution",
+    ),
+    "drift": ("DriftMonitor", "DriftReport", "DriftThresholds", "FeatureDrift"),
+    "manager": (
+        "FeatureSetMismatch",
+        "ModelError",
+        "ModelExpired",
+        "ModelManager",
+        "ModelPerformance",
+        "NonFiniteScore",
+        "Prediction",
+        "RefitRefused",
+        "UnknownModel",
+    ),
+    "performance": (
+        "LabelTracker",
+        "LiveFigures",
+        "ResolvedLabel",
+        "RollingPerformance",
+        "breakeven_threshold",
+    ),
+    "registry": ("ModelRegistry", "read_model", "write_model"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,10 +6,7 @@ buying at the price a trade left, paying the curve fee, and selling later at a t
 price, paying the fee again. Price impact of the position itself is not modelled: the
 positions sized by the risk limits are small against the curve's reserves.
 
-Defaults (argued from docs/market.md): a token's organic flow fades within a minute or
-two and most tokens go quiet within minutes, so a 120 s horizon; +20% net of fees is a
-move worth the round trip's 2.5% and the spread of the trade it enters on, and -10% the
-loss a trader would cut at.
+Defaults: :mod:`pumpflow.common.model.settings`.
 """
 
 from __future__ import annotations
@@ -17,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from pumpflow.common.model.card import LabelDefinition
-
-DEFAULT_HORIZON_S = 120.0
-DEFAULT_TAKE_PROFIT = 0.20
-DEFAULT_STOP_LOSS = 0.10
-#: the curve's fee on the SOL leg (pumpflow.common.curve.FEE_RATE), paid both ways
-DEFAULT_FEE_RATE = 0.0125
+from pumpflow.common.model.settings import (
+    DEFAULT_FEE_RATE,
+    DEFAULT_HORIZON_S,
+    DEFAULT_STOP_LOSS,
+    DEFAULT_TAKE_PROFIT,
+)
 
 DEFAULT_CLASSIFICATION = LabelDefinition(
     kind="take_profit_first",

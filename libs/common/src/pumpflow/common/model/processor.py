@@ -22,7 +22,8 @@ live arm, then every shadow arm, see :mod:`pumpflow.common.model.arms`), each na
 model id and the version that scored it, keyed and sequenced per mint, caused by the
 ``features.updated`` event.
 
-The scoring policy (:class:`ScoringPolicy`): a ``features.updated`` is scored when
+The scoring policy (:class:`~pumpflow.common.model.settings.ScoringPolicy`): a
+``features.updated`` is scored when
 
 - it is the newest of the token's vectors delivered together (``Effects.more``: a
   vector is a snapshot, the newer one supersedes it);
@@ -51,7 +52,6 @@ import math
 import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import repeat
 
 import msgspec
@@ -62,6 +62,7 @@ from pumpflow.common.model.arms import Arm, ArmTable
 from pumpflow.common.model.card import ModelCard, vector_row, vector_rows
 from pumpflow.common.model.manager import ModelError, ModelManager
 from pumpflow.common.model.performance import LabelSource, LabelTracker, TokenLabels
+from pumpflow.common.model.settings import ScoringPolicy
 
 CONSUMES = ("features.updated", "token.lifecycle")
 #: the types whose time is the tokens' market (the keyed consumer's ``market_types``)
@@ -72,38 +73,6 @@ MARKET_TYPES = ("features.updated",)
 RETIRING = frozenset(("inactive", "graduated"))
 _INF = math.inf
 _NAN = math.nan
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScoringPolicy:
-    """Which vectors are scored.
-
-    ``min_interval_s`` (0.5 s of event time): graduates, the tokens worth trading,
-    take a median 457 trades over 4.4 minutes (docs/market.md), one every 0.58 s on
-    average, with bursts several times faster. Scoring at most twice a second per token
-    scores such a token at about every trade in its average run and thins its bursts,
-    where consecutive vectors differ by a trade or two; the market's 23 to 58 trades a
-    second (bursts several times that) then bound the predictions well below the
-    trades. ``retire_ttl_s`` (1 h): a retired token's record stays that long, so a late
-    vector of a graduate (trades go on after migration) is still known as retired.
-
-    ``label_interval_s`` (10 s of event time): a token's predictions are followed to
-    their labels at most that often. Two predictions of a token half a second apart
-    share all but half a second of their horizon (120 s for the shipped model), so
-    their labels are nearly the same sample: following each would weigh a busy token by
-    its trade rate and make the rolling figures (and a refit's rows) look surer than
-    they are. Labels 10 s apart still share 92% of that horizon; twelve a horizon
-    follow a token's run (a graduate's median run of 4.4 minutes gives 26), and the
-    tracker's work is a small share of the scoring path's.
-    """
-
-    min_interval_s: float = 0.5
-    retire_ttl_s: float = 3600.0
-    label_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.min_interval_s < 0 or self.retire_ttl_s <= 0 or self.label_interval_s < 0:
-            raise ValueError("need min_interval_s >= 0, retire_ttl_s > 0 and label_interval_s >= 0")
 
 
 class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=True):
