@@ -298,6 +298,32 @@ def test_rolling_auc_precision_and_brier_equal_a_direct_computation_on_the_windo
         RollingPerformance(threshold=1.5)
 
 
+def test_the_newest_label_is_the_latest_resolved_whatever_order_they_are_added_in():
+    """Labels of tokens in different partitions resolve each in its partition's time, so
+    one added later may have resolved earlier: the window says when its newest did, as
+    one filled from the stored labels does."""
+    one_by_one, together = RollingPerformance(), RollingPerformance()
+    labels = [
+        msgspec.structs.replace(resolved("entry", "a", 0.5, 1.0), resolved_at=at)
+        for at in (10.0, 30.0, 20.0)
+    ]
+    for label in labels:
+        one_by_one.add(label)
+    assert one_by_one.figures("entry", "a").last_resolved_at == 30.0
+    # labels released together: the same
+    tracker, _ = tracker_at(0.0)
+    source = LabelSource("entry", "v1", "a", TAKE)
+    held = {mint: TokenLabels() for mint in ("m1", "m2", "m3")}
+    for mine in held.values():
+        mine.observe(0.0, 1.0)
+        tracker.follow(mine, 0.0, 1.0, source, 0.5, ("a",), (0.0,))
+    for mint, at in (("m1", 1000.0), ("m2", 3000.0), ("m3", 2000.0)):
+        tracker.release(held[mint], mint, at)
+    together.extend(tracker.resolve_due(-math.inf))
+    figures = together.figures("entry", "a")
+    assert figures.labels == 3 and figures.last_resolved_at == 3000.0
+
+
 def test_rolling_regression_error():
     performance = RollingPerformance(window=3)
     for score, label in [(0.1, 9.0), (0.1, 0.2), (0.0, -0.1), (0.3, 0.1)]:

@@ -636,14 +636,14 @@ class _Window:
         self.versions[self.next] = label.version
         self.next = (self.next + 1) % len(self.labels)
         self.filled = min(self.filled + 1, len(self.labels))
-        self.last_resolved_at = label.resolved_at
+        self._resolved(label.resolved_at)
         self.cached = None
 
     def add_many(
         self, labels: list[float], scores: list[float], versions: list[str], resolved_at: float
     ) -> None:
         """Add labels in order, as :meth:`add` of each would (the oldest go if more than
-        the window come)."""
+        the window come); ``resolved_at``: the newest one's."""
         size = len(self.labels)
         count = len(labels)
         if count > size:
@@ -657,8 +657,14 @@ class _Window:
             window_versions[i] = version
         self.next = (self.next + count) % size
         self.filled = min(self.filled + count, size)
-        self.last_resolved_at = resolved_at
+        self._resolved(resolved_at)
         self.cached = None
+
+    def _resolved(self, at: float) -> None:
+        # the newest, not the last added: tokens of different partitions resolve each in
+        # its partition's time, so a label added later may have resolved earlier
+        if not at <= self.last_resolved_at:
+            self.last_resolved_at = at
 
     def ordered(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of the window, oldest first."""
@@ -786,7 +792,7 @@ class RollingPerformance:
         for model_id, definition in definitions.items():
             self._default_thresholds[model_id] = breakeven_threshold(definition)
         for (model_id, arm), (task, values, scores, versions, ats) in grouped.items():
-            self._window((model_id, arm), task).add_many(values, scores, versions, ats[-1])
+            self._window((model_id, arm), task).add_many(values, scores, versions, max(ats))
             if self.shared is not None:
                 breakeven = self._default_thresholds[model_id] if task == "classification" else None
                 self._queue(
