@@ -411,8 +411,8 @@ async def _retired(pair, mint: str) -> bool:
 
 async def test_a_timer_due_on_the_clock_behind_the_market_waits_for_the_markets_time(pair):
     """400 s of the clock behind the market, a key's timer (30 s after its event) is due
-    on the clock at once: it fires once the events applied, of any key, bring the
-    consumer's time to it, and not before."""
+    on the clock at once: it fires once the events applied, of any key of its partition,
+    bring the partition's time to it, and not before."""
     processor = RecordingProcessor(timers=True)
     consumer = await pair.consumer(processor)
     await pair.clock.advance_to(START + 400)
@@ -427,6 +427,71 @@ async def test_a_timer_due_on_the_clock_behind_the_market_waits_for_the_markets_
     await pair.clock.advance(WAIT_CHECK_S)
     assert processor.fired_keys == [waiting]
     assert (await pair.record(waiting)).timer is None
+
+
+class NowRecordingProcessor(RecordingProcessor):
+    """Keeps, per key, the time it was told is now at its last apply."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.told: dict[str, float] = {}
+
+    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
+        self.told[effects.key] = effects.now
+        return super().apply(state, event, effects)
+
+
+def _in_partition(partition: int, count: int = 1) -> list[str]:
+    """``count`` keys of ``partition``."""
+    keys = (f"mint-{i}-pump" for i in range(10_000))
+    return [k for k in keys if partition_of(k, PARTITIONS) == partition][:count]
+
+
+async def test_a_partition_behind_the_others_is_judged_by_its_own_time(pair):
+    """400 s of the clock behind the market, one partition's events are far behind
+    another's: its key's timer (30 s after its event) waits for its own partition's
+    events to reach it, not the other's, and its keys are told their partition's time."""
+    processor = NowRecordingProcessor(timers=True)
+    consumer = await pair.consumer(processor)
+    await pair.clock.advance_to(START + 400)
+    behind, behind_too = _in_partition(1, 2)
+    (ahead,) = _in_partition(3)
+    await consumer.handle_batch([trade(behind, 1, at=START + 1)])
+    await consumer.handle_batch([trade(ahead, 1, at=START + 100)])
+    assert processor.told[ahead] == START + 100
+    await pair.clock.advance(WAIT_CHECK_S)
+    assert processor.fired_keys == []  # the other partition's time is past its timer
+    await consumer.handle_batch([trade(behind_too, 1, at=START + 35)])
+    assert processor.told[behind_too] == START + 35
+    await pair.clock.advance(WAIT_CHECK_S)
+    assert processor.fired_keys == [behind]
+    # its record keeps its partition's time, where a replica taking it over starts from
+    assert (await pair.record(behind)).time == pytest.approx(START + 35 + WAIT_CHECK_S)
+
+
+async def test_a_partition_that_knows_no_time_yet_is_told_the_consumers(pair):
+    """Its first event carries no market time (a migration, where only trades do): its
+    key is told the time of the partitions that know one, as before it had its own."""
+    processor = NowRecordingProcessor()
+    consumer = KeyedStatefulConsumer(
+        processor,
+        KeyedConsumerConfig(
+            service="keyed", patterns=("token.trade", "token.migrated"),
+            market_types=("token.trade",),
+        ),
+        bus=await pair.bus(),
+        store=pair.store,
+        clock=pair.clock,
+        source="keyed/test",
+    )  # fmt: skip
+    await consumer.start()
+    pair.consumers.append(consumer)
+    await pair.clock.advance_to(START + 400)
+    (trading,) = _in_partition(1)
+    (migrating,) = _in_partition(3)
+    await consumer.handle_batch([trade(trading, 1, at=START + 50)])
+    await consumer.handle_batch([migrated(migrating, 1)])
+    assert processor.told[migrating] == START + 50
 
 
 async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
@@ -1437,6 +1502,23 @@ class QuietProcessor(RecordingProcessor):
         if event.type == "token.trade" and event.data.tokenAmount == 0:
             return UNCHANGED
         return super().apply(state, event, effects)
+
+
+async def test_a_partitions_time_moves_on_from_its_last_event_not_from_a_later_look(pair):
+    """Live (the clock at the market's time), a key's timer is due 30 s after its event.
+    Another key of its partition applied the partition's last event 20 s before that, one
+    that changed nothing (nothing stored, nothing read the time): when the timer is due
+    on the clock the partition's time is there too, so it fires then, not 20 s late."""
+    processor = QuietProcessor(timers=True)
+    consumer = await pair.consumer(processor)
+    timed, other = _in_partition(1, 2)
+    await consumer.handle_batch([trade(timed, 1, at=START)])
+    await pair.clock.advance_to(START + 5)
+    await consumer.handle_batch([trade(other, 1, at=START + 5)])
+    await pair.clock.advance_to(START + 10)
+    await consumer.handle_batch([trade(other, 2, amount=0.0, at=START + 10)])
+    await pair.clock.advance_to(START + TIMER_DELAY)
+    assert processor.fired_keys == [timed]
 
 
 class _CountingStore:

@@ -248,7 +248,7 @@ class ActivityService(Service):
         consumer = self.consumer
         if consumer is None:
             return None
-        now = consumer.now()  # the time its rules judge it at
+        now = consumer.time_of(mint)  # the time its rules judge it at
         state = consumer.state(mint)
         if state is None:
             raw = await consumer.store.get(KEY_PREFIX + mint)
@@ -266,8 +266,12 @@ class ActivityService(Service):
         """Views of the tokens held here, most important first."""
         if self.consumer is None:
             return []
-        now = self.consumer.now()
-        views = [self._view(t, now) for t in self.tokens() if state is None or t.state == state]
+        time_of = self.consumer.time_of  # each token's partition's, the time its rules judge it at
+        views = [
+            self._view(t, time_of(t.mint))
+            for t in self.tokens()
+            if state is None or t.state == state
+        ]
         views.sort(key=lambda v: (-v["priority"], -v["activity_level"], v["mint"]))
         return views
 

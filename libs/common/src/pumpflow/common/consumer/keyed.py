@@ -12,8 +12,8 @@ owns the rest:
   while one group commit is stored.
 - **Tracking record.** Each key has one record in the store, ``<service>:key:<key>``:
   the encoded state, the last applied seq per publisher, the last seq it published,
-  the outbox of events not known to be published, its timer and priority, and the
-  consumer's time it was written at. An event whose seq is not above its publisher's
+  the outbox of events not known to be published, its timer and priority, and its
+  partition's time it was written at. An event whose seq is not above its publisher's
   applied seq is a duplicate and is dropped.
 - **Redrive and retries.** The seq of an event the key refused (dead-lettered as
   invalid) counts as applied, and one whose apply raised is passed over by the later
@@ -103,21 +103,24 @@ owns the rest:
   ``on_forgotten`` is told each key that leaves memory (retired, revoked, dropped as
   unencodable), so what a service keeps per key beside its state goes with it.
 - **Time.** What a processor is told is now (``Effects.now``, the time its timers
-  fire at, the time a key is compacted at) is the consumer's time, the market's as far
-  as it has applied it: the latest event time of the types that carry the market's
-  (``market_types``) it applied, moved on by the clock while nothing newer comes,
-  never past the clock. Live, it is the clock's but for the delivery's delay; behind the
-  market (a backlog after an outage, a restart, a burst) it is the time of the events
-  it is applying, so a key whose next events are still queued is not judged idle or
-  quiet meanwhile. A timer comes due on the clock and fires once the consumer's time
-  reaches it too: until then it waits, looked at every :data:`WAIT_CHECK_S` of the
-  clock. Each record keeps the consumer's time it was written at: a replica that takes
-  partitions over starts from the latest of their records, so their timers, long past
-  on the clock after an outage, wait for the backlog. Before it knows any time (nothing
-  applied, nothing restored with one) it judges no time passed: timers wait, and a
-  compaction finds nothing idle. A quiet market moves it as the clock does; so, as
-  nothing tells them apart, does a consumer stalled in a backlog (its store out, the
-  broker not delivering) for as long as it stalls.
+  fire at, the time a key is compacted at) is the consumer's time of the key's
+  partition, the market's as far as that partition has applied it: the latest event
+  time of the types that carry the market's (``market_types``) it applied, moved on by
+  the clock from then while nothing newer comes, never past the clock. Live, it is the
+  clock's but for the delivery's delay; behind the market (a backlog after an outage, a
+  restart, a burst) it is the time of the events it is applying, so a key whose next
+  events are still queued is not judged idle or quiet meanwhile, however far ahead
+  other partitions (their queues drained sooner) are. A partition that knows no time
+  yet (its first events carry none of the market's) has the latest of the others'. A
+  timer comes due on the clock and fires once its partition's time reaches it too:
+  until then it waits, looked at every :data:`WAIT_CHECK_S` of the clock. Each record
+  keeps its partition's time it was written at: a replica that takes a partition over
+  starts from the latest of its records, so its timers, long past on the clock after
+  an outage, wait for the backlog. Before any partition knows a time (nothing applied,
+  nothing restored with one) it judges no time passed: timers wait, and a compaction
+  finds nothing idle. A quiet market moves it as the clock does; so, as nothing tells
+  them apart, does a consumer stalled in a backlog (its store out, the broker not
+  delivering) for as long as it stalls.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -269,7 +272,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     failed: dict[str, list[int]] = {}
     #: publisher service -> seqs a later seq skipped (applied when they arrive)
     missing: dict[str, list[int]] = {}
-    #: the consumer's time when written (-inf: it knew none; see the module's time)
+    #: its partition's time when written (-inf: it knew none; see the module's time)
     time: float = -math.inf
 
 
@@ -368,7 +371,7 @@ class _Effects:
 
     @property
     def now(self) -> float:
-        return self._consumer.now()
+        return self._consumer.now(self._entry.partition)
 
     def emit(self, payload: Payload, *, time: float) -> None:
         if self._silent:
@@ -502,17 +505,20 @@ class KeyedStatefulConsumer(Generic[S]):
         self._connections = 0
         #: the commit that writes back what the store lost (ready once stored)
         self._rewriting: int | None = None
-        #: the latest event time applied of the market's types (None: every type), -inf
-        #: before any (see the module's time)
-        self._event_time = -math.inf
+        #: per partition, the latest event time applied of the market's types (None:
+        #: every type), -inf before any (see the module's time)
+        partitions = bus.partitions
+        self._event_times = [-math.inf] * partitions
         self._market = None if config.market_types is None else frozenset(config.market_types)
-        #: the event time the consumer's time was last read with, and the clock's time
-        #: then: it moves on from there with the clock while no newer event comes
-        self._seen = -math.inf
-        self._seen_at = 0.0
-        #: timers due on the clock that wait for the consumer's time, (at, order, handle)
-        #: in a heap, and the look at them next
-        self._waiting: list[tuple[float, int, TimerHandle]] = []
+        #: per partition, and last the consumer's as a whole (the latest of them): the
+        #: event time its time was last read with, and the clock's time then; it moves
+        #: on from there with the clock while no newer event comes
+        self._whole = partitions
+        self._seen = [-math.inf] * (partitions + 1)
+        self._seen_at = [0.0] * (partitions + 1)
+        #: per partition, timers due on the clock that wait for its time, (at, order,
+        #: handle) in a heap, and the look at them next
+        self._waiting: dict[int, list[tuple[float, int, TimerHandle]]] = {}
         self._waiting_order = itertools.count()
         self._waiting_check: TimerHandle | None = None
 
@@ -761,6 +767,7 @@ class KeyedStatefulConsumer(Generic[S]):
             # one mark for the changes of them all (a duplicate among them answered the
             # key's generation before it, which this one passes)
             generation = max(generation, self._mark(entry))
+        self._time_applied(entry.partition)
         return generation
 
     async def _apply_rest(
@@ -786,6 +793,7 @@ class KeyedStatefulConsumer(Generic[S]):
             done.set_exception(exc)
             raise
         if isinstance(applied, int):
+            self._time_applied(entry.partition)
             self._when_stored(applied, done, announced=entry.published != published)
             return None
         return self._await_then_wait(applied, done)
@@ -837,8 +845,9 @@ class KeyedStatefulConsumer(Generic[S]):
         """
         entry.touched = time.monotonic()
         at = event.time
-        if at > self._event_time and (self._market is None or event.type in self._market):
-            self._event_time = at
+        times = self._event_times
+        if at > times[entry.partition] and (self._market is None or event.type in self._market):
+            times[entry.partition] = at
         seq = event.seq
         publisher = None
         late = False
@@ -1124,11 +1133,10 @@ class KeyedStatefulConsumer(Generic[S]):
             return None
         entry = self._keys.get(key)
         if entry is not None and entry.timer_at is not None:
-            now = self.now()
-            if now < entry.timer_at:
+            if self.now(entry.partition) < entry.timer_at:
                 # due on the clock, not yet in the market's time: the key's events up to
                 # it may still be queued
-                entry.timer = self._wait(key, entry.timer_at, now)
+                entry.timer = self._wait(entry, entry.timer_at)
                 return None
         priority = entry.priority if entry is not None else Priority.NORMAL
         done = asyncio.get_running_loop().create_future()
@@ -1146,39 +1154,46 @@ class KeyedStatefulConsumer(Generic[S]):
         # a ReplayClock awaits it: the timer's effects are out when time moves on
         return done
 
-    def _wait(self, key: str, at: float, now: float) -> TimerHandle:
-        """Hold the key's timer at ``at`` until the consumer's time (``now``) reaches it;
-        the handle cancels it."""
+    def _wait(self, entry: _Key, at: float) -> TimerHandle:
+        """Hold the key's timer at ``at`` until its partition's time reaches it; the
+        handle cancels it."""
+        key = entry.key
         handle = TimerHandle(at, lambda: self._timer_due(key))
-        heapq.heappush(self._waiting, (at, next(self._waiting_order), handle))
-        self._look_at_waiting(now)
+        waiting = self._waiting.setdefault(entry.partition, [])
+        heapq.heappush(waiting, (at, next(self._waiting_order), handle))
+        self._look_at_waiting()
         return handle
 
-    def _look_at_waiting(self, now: float) -> None:
+    def _look_at_waiting(self) -> None:
         """Look at the waiting timers again when the first may be due, within
         :data:`WAIT_CHECK_S` (the market's time may run faster than the clock)."""
-        waiting = self._waiting
-        while waiting and waiting[0][2].cancelled:
-            heapq.heappop(waiting)
-        if self._waiting_check is not None or self._stopping or not waiting:
+        for partition, waiting in list(self._waiting.items()):
+            while waiting and waiting[0][2].cancelled:
+                heapq.heappop(waiting)
+            if not waiting:
+                del self._waiting[partition]
+        if self._waiting_check is not None or self._stopping or not self._waiting:
             return
-        wait = min(WAIT_CHECK_S, max(waiting[0][0] - now, _WAIT_MIN_S))
+        wait = WAIT_CHECK_S
+        for partition, waiting in self._waiting.items():
+            wait = min(wait, max(waiting[0][0] - self.now(partition), _WAIT_MIN_S))
         self._waiting_check = self.clock.call_later(wait, self._waiting_due)
 
     def _waiting_due(self) -> Awaitable[Any] | None:
-        """Fire the waiting timers the consumer's time has reached, in time order."""
+        """Fire the waiting timers their partitions' time has reached, in time order."""
         self._waiting_check = None
         if self._stopping:
             return None
-        now = self.now()
-        waiting = self._waiting
         reached = []
-        while waiting and waiting[0][0] <= now:
-            handle = heapq.heappop(waiting)[2]
-            if not handle.cancelled:
-                reached.append(handle)
-        self._look_at_waiting(now)
-        fired = [done for handle in reached if (done := handle.callback()) is not None]
+        for partition, waiting in self._waiting.items():
+            now = self.now(partition)
+            while waiting and waiting[0][0] <= now:
+                at, order, handle = heapq.heappop(waiting)
+                if not handle.cancelled:
+                    reached.append((at, order, handle))
+        reached.sort()  # each order is its own: the handles are never compared
+        self._look_at_waiting()
+        fired = [done for _, _, handle in reached if (done := handle.callback()) is not None]
         # a ReplayClock awaits them: the timers' effects are out when time moves on
         return asyncio.gather(*fired, return_exceptions=True) if fired else None
 
@@ -1294,11 +1309,15 @@ class KeyedStatefulConsumer(Generic[S]):
         encode = self.processor.encode
         views = self._views
         live_ttl = self.config.live_ttl_s
-        now = self.now()
+        #: partition -> its time, read once per commit
+        times: dict[int, float] = {}
         # every key encoded before any is marked written: one that cannot be leaves the
         # others as they were, for the next commit
         encoded = []
         for entry in entries:
+            now = times.get(entry.partition)
+            if now is None:
+                now = times[entry.partition] = self.now(entry.partition)
             try:
                 outbox = entry.outbox
                 retired = entry.retire_ttl is not None
@@ -1628,10 +1647,10 @@ class KeyedStatefulConsumer(Generic[S]):
                         continue  # expired
                     present.append(key)
                     record = self._decode_stored(key, raw)
-                    if record is not None and record.time > self._event_time:
-                        # as far as the market had been applied: restored timers wait
-                        # for the backlog behind it (see the module's time)
-                        self._event_time = record.time
+                    if record is not None and record.time > self._event_times[partition]:
+                        # as far as the partition's market had been applied: restored
+                        # timers wait for the backlog behind it (see the module's time)
+                        self._event_times[partition] = record.time
                     if record is None or record.retired:
                         continue  # loaded when an event comes for it
                     old = self._keys.get(key)
@@ -1648,7 +1667,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 expired = WriteBatch()
                 expired.hdel(index_key, set(listed).difference(present))
                 await self._retry(lambda b=expired: self.store.write(b), "indexing")
-            self.now()  # the time restored moves on with the clock from here
+            self.now(partition)  # the time restored moves on with the clock from here
         self.restored.update(p for p in partitions if p in self.owned)
         self.metrics.restored.inc(restored)
         log.info(
@@ -1710,8 +1729,9 @@ class KeyedStatefulConsumer(Generic[S]):
         """Hold keys idle longer than ``idle_s`` as their encoded bytes; return how many."""
         horizon = time.monotonic() - (self.config.compact_after_s if idle_s is None else idle_s)
         processor = self.processor
-        # idle in the market's time: a key whose next events are queued is not idle
-        now = self.now()
+        # idle in the market's time, its partition's: a key whose next events are queued
+        # is not idle
+        times: dict[int, float] = {}
         compacted = 0
         live = 0
         for entry in self._keys.values():
@@ -1723,6 +1743,9 @@ class KeyedStatefulConsumer(Generic[S]):
                 and entry.key not in self._dirty
                 and not self.pool.pending(entry.key)
             ):
+                now = times.get(entry.partition)
+                if now is None:
+                    now = times[entry.partition] = self.now(entry.partition)
                 raw = processor.compact(entry.state, now)
                 entry.raw = raw if raw is not None else processor.encode(entry.state)
                 entry.state = None
@@ -1735,18 +1758,33 @@ class KeyedStatefulConsumer(Generic[S]):
 
     # ---------------------------------------------------------------- reads
 
-    def now(self) -> float:
-        """The consumer's time (see the module): the latest event time applied of the
-        market's types, moved on with the clock since it was first read while no newer
-        event comes, never past the clock; -inf before it knows any."""
+    def now(self, partition: int | None = None) -> float:
+        """The consumer's time (see the module), of ``partition`` or (None) the latest
+        of the partitions': the latest event time applied of the market's types, moved
+        on with the clock since it was applied while no newer event comes, never past
+        the clock. A partition that knows none has the latest of the partitions'; -inf
+        before any knows one."""
         clock = self.clock.now()
-        latest = self._event_time
-        if latest != self._seen:
-            self._seen = latest
-            self._seen_at = clock
+        times = self._event_times
+        if partition is None or (latest := times[partition]) == -math.inf:
+            partition = self._whole
+            latest = max(times)
+        if latest != self._seen[partition]:
+            self._seen[partition] = latest
+            self._seen_at[partition] = clock
             return latest if latest < clock else clock
-        moved = latest + (clock - self._seen_at)
+        moved = latest + (clock - self._seen_at[partition])
         return moved if moved < clock else clock
+
+    def time_of(self, key: str) -> float:
+        """The time ``key`` is judged at: its partition's (see :meth:`now`)."""
+        return self.now(self._partition(key))
+
+    def _time_applied(self, partition: int) -> None:
+        """The partition's time moves on with the clock from the events just applied: from
+        now, not from when it is first asked for, which may be long after."""
+        if self._event_times[partition] != self._seen[partition]:
+            self.now(partition)
 
     def state(self, key: str) -> S | None:
         """The key's state held here (None when not owned or not in memory)."""
