@@ -212,6 +212,8 @@ def test_the_bus_dashboard_plots_the_bus():
         "pumpflow_consumer_duplicates_total",
         "pumpflow_consumer_gaps_total",
         "pumpflow_consumer_stalled_commits_total",
+        # how far behind the market each keyed consumer's state is
+        "pumpflow_consumer_lag_seconds",
         "pumpflow_service_info",
     } <= dashboard_metrics(dashboard)
 

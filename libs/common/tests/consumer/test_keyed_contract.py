@@ -494,6 +494,46 @@ async def test_a_partition_that_knows_no_time_yet_is_told_the_consumers(pair):
     assert processor.told[migrating] == START + 50
 
 
+def lags(registry: CollectorRegistry) -> dict[str, float]:
+    """The keyed consumer's lag behind the market by partition, as scraped."""
+    return {
+        sample.labels["partition"]: sample.value
+        for family in registry.collect()
+        if family.name == "pumpflow_consumer_lag_seconds"
+        for sample in family.samples
+        if sample.labels["service"] == "keyed"
+    }
+
+
+async def test_the_lag_behind_the_market_is_read_per_partition_when_scraped(pair):
+    """The clock minus the latest market event time a partition applied, read when
+    scraped: it grows while nothing newer comes (a quiet market, or a stall), falls as a
+    backlog is applied, and is shown for the partitions owned that know a time. A replica
+    taking a partition over after an outage starts from its records' time."""
+    registry = CollectorRegistry()
+    metrics = ConsumerMetrics("keyed", registry=registry)
+    first = await pair.consumer(RecordingProcessor(), metrics=metrics)
+    (mint,) = _in_partition(1)
+    await eventually(lambda: 1 in first.owned, what="partition 1 assigned")
+    await pair.clock.advance_to(START + 400)
+    assert lags(registry) == {}  # no time known yet
+    await first.handle_batch([trade(mint, 1, at=START + 1)])
+    assert lags(registry) == {"01": 399.0}
+    await pair.clock.advance(5)
+    assert lags(registry) == {"01": 404.0}
+    await first.handle_batch([trade(mint, 2, at=START + 395)])
+    assert lags(registry) == {"01": 10.0}
+    await first.stop()
+    pair.consumers.remove(first)
+    assert lags(registry) == {}  # a stopped consumer says nothing
+    await pair.clock.advance(600)  # an outage
+    second = await pair.consumer(RecordingProcessor(), bus=await pair.bus(), metrics=metrics)
+    await eventually(lambda: 1 in second.restored, what="partition 1 restored")
+    assert lags(registry) == {"01": 610.0}
+    await second.revoke((1,))
+    assert "01" not in lags(registry)
+
+
 async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
     bus = await pair.bus()
     announced = await watch(bus)

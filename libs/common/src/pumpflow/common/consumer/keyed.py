@@ -118,9 +118,18 @@ owns the rest:
   starts from the latest of its records, so its timers, long past on the clock after
   an outage, wait for the backlog. Before any partition knows a time (nothing applied,
   nothing restored with one) it judges no time passed: timers wait, and a compaction
-  finds nothing idle. A quiet market moves it as the clock does; so, as nothing tells
-  them apart, does a consumer stalled in a backlog (its store out, the broker not
-  delivering) for as long as it stalls.
+  finds nothing idle.
+- **Lag behind the market.** ``pumpflow_consumer_lag_seconds{service,partition}``,
+  read when scraped (:meth:`lags`): per partition owned that knows a time, the clock
+  minus the latest market event time it applied (or restored with its records). A
+  quiet market moves the consumer's time on with the clock, and so does a consumer
+  stalled or behind a backlog (its store out, the broker not delivering) for as long
+  as it stalls: its time does not tell them apart, by design. An operator does: in
+  both the lag grows with the clock, but in a quiet market the partition's queue
+  (``<service>.p<NN>``, RabbitMQ's ``rabbitmq_queue_messages{queue}``) is empty, while
+  a stalled or backlogged consumer's holds messages (the ``ConsumerBehindMarket``
+  alert asks for both). After an outage a partition's lag starts at the outage's
+  length (its records' time) and falls as its backlog is applied.
 - **Memory.** A key idle for ``compact_after_s`` is held as its encoded bytes until
   its next event.
 - **Rebuild.** With a ``history`` source (the feed's events stored in Postgres), a key
@@ -521,6 +530,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._waiting: dict[int, list[tuple[float, int, TimerHandle]]] = {}
         self._waiting_order = itertools.count()
         self._waiting_check: TimerHandle | None = None
+        self.metrics.read_lag(self.lags)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1785,6 +1795,19 @@ class KeyedStatefulConsumer(Generic[S]):
         now, not from when it is first asked for, which may be long after."""
         if self._event_times[partition] != self._seen[partition]:
             self.now(partition)
+
+    def lags(self) -> list[tuple[int, float]]:
+        """Per partition owned that knows a time, the seconds its latest market event time
+        applied (or restored) is behind the clock: the lag behind the market."""
+        if self._stopping:
+            return []
+        clock = self.clock.now()
+        times = self._event_times
+        return [
+            (partition, clock - times[partition] if times[partition] < clock else 0.0)
+            for partition in sorted(self.owned)
+            if times[partition] != -math.inf
+        ]
 
     def state(self, key: str) -> S | None:
         """The key's state held here (None when not owned or not in memory)."""

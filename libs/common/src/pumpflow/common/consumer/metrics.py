@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from pumpflow.common.metrics import families as shared_families
 from pumpflow.common.state.abc import WRONG_KINDS
@@ -12,6 +17,51 @@ STEP_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 )  # fmt: skip
+
+LAG = "pumpflow_consumer_lag_seconds"
+_LAG_HELP = (
+    "Seconds the keyed consumer's state is behind the market, by partition owned (as in "
+    "its queue's name): the clock minus the latest market event time the partition "
+    "applied (or restored with its records), read when scraped. It grows while nothing "
+    "newer is applied: a quiet market (the partition's queue empty) or a consumer "
+    "stalled or behind a backlog (its queue holding messages). Partitions that know no "
+    "time yet are left out."
+)
+
+#: what a consumer tells of its lag: (partition, seconds) of each partition it owns
+LagSource = Callable[[], Iterable[tuple[int, float]]]
+
+
+class _Lags(Collector):
+    """The lag gauge, read from the live consumers when scraped (nothing per event)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        #: service -> the consumers' lag readers (weak: a consumer's end ends its series)
+        self._sources: list[tuple[str, weakref.WeakMethod]] = []
+        registry.register(self)
+
+    def watch(self, service: str, source: LagSource) -> None:
+        live = [(s, ref) for s, ref in self._sources if ref() is not None]
+        self._sources = [*live, (service, weakref.WeakMethod(source))]  # type: ignore[arg-type]
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(LAG, _LAG_HELP, labels=["service", "partition"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        worst: dict[tuple[str, str], float] = {}
+        for service, ref in self._sources:
+            source = ref()
+            if source is None:
+                continue
+            for partition, lag in source():
+                # two consumers of a service in one process (tests, a hand-over) may
+                # both hold a partition a moment: its worst
+                labels = (service, f"{partition:02d}")
+                worst[labels] = max(lag, worst.get(labels, lag))
+        family = GaugeMetricFamily(LAG, _LAG_HELP, labels=["service", "partition"])
+        for labels, lag in sorted(worst.items()):
+            family.add_metric(labels, lag)
+        yield family
 
 
 class _Families:
@@ -119,6 +169,7 @@ class _Families:
             ["service"],
             registry=registry,
         )
+        self.lags = _Lags(registry)
 
 
 class ConsumerMetrics:
@@ -150,6 +201,12 @@ class ConsumerMetrics:
         self.service = service
         self.unrecorded = families.unrecorded.labels(service)
         self.rebuilt = families.rebuilt.labels(service)
+        self._lags = families.lags
+
+    def read_lag(self, source: LagSource) -> None:
+        """Export what ``source`` (a consumer's bound method) tells of its lag behind the
+        market each time the registry is scraped, for as long as its consumer lives."""
+        self._lags.watch(self.service, source)
 
     def stalled_commit(self, kind: str) -> None:
         """Count a commit refused for a key holding ``kind`` (see ``WrongKind``)."""
