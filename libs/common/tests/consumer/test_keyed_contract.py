@@ -173,6 +173,7 @@ class Pair:
         bus: EventBus | None = None,
         store: StateStore | None = None,
         partial_publishers: tuple[str, ...] = (),
+        market_types: tuple[str, ...] | None = None,
         **options,
     ) -> KeyedStatefulConsumer:
         consumer = KeyedStatefulConsumer(
@@ -182,6 +183,7 @@ class Pair:
                 patterns=("token.trade", "token.migrated"),
                 window=16,
                 partial_publishers=partial_publishers,
+                market_types=market_types,
             ),
             bus=bus or await self.bus(),
             store=store or self.store,
@@ -492,6 +494,30 @@ async def test_a_partition_that_knows_no_time_yet_is_told_the_consumers(pair):
     await consumer.handle_batch([trade(trading, 1, at=START + 50)])
     await consumer.handle_batch([migrated(migrating, 1)])
     assert processor.told[migrating] == START + 50
+
+
+async def test_a_partition_that_knew_no_time_is_restored_knowing_none(pair):
+    """A key stored while its partition knew no time of its own (told the others') is
+    restored by the next owner as knowing none: the partition's own market events, far
+    behind the others' after an outage, set its time, not the others' time the record
+    was told."""
+    # here the migrations carry the market's time, and the trades none
+    market = ("token.migrated",)
+    first = await pair.consumer(RecordingProcessor(), market_types=market)
+    await pair.clock.advance_to(START + 400)
+    (ahead,) = _in_partition(3)
+    quiet, behind = _in_partition(1, 2)
+    await first.handle_batch([migrated(ahead, 390)])
+    await first.handle_batch([trade(quiet, 1, at=START + 10)])
+    await first.flush()
+    assert (await pair.record(quiet)) is not None
+    await first.stop()
+    pair.consumers.remove(first)
+    processor = NowRecordingProcessor()
+    second = await pair.consumer(processor, bus=await pair.bus(), market_types=market)
+    await eventually(lambda: 1 in second.restored, what="partition 1 restored")
+    await second.handle_batch([migrated(behind, 100)])
+    assert processor.told[behind] == START + 100
 
 
 def lags(registry: CollectorRegistry) -> dict[str, float]:

@@ -114,11 +114,11 @@ owns the rest:
   yet (its first events carry none of the market's) has the latest of the others'. A
   timer comes due on the clock and fires once its partition's time reaches it too:
   until then it waits, looked at every :data:`WAIT_CHECK_S` of the clock. Each record
-  keeps its partition's time it was written at: a replica that takes a partition over
-  starts from the latest of its records, so its timers, long past on the clock after
-  an outage, wait for the backlog. Before any partition knows a time (nothing applied,
-  nothing restored with one) it judges no time passed: timers wait, and a compaction
-  finds nothing idle.
+  keeps its partition's time it was written at (none while the partition knows none,
+  not the others' it is told): a replica that takes a partition over starts from the
+  latest of its records, so its timers, long past on the clock after an outage, wait
+  for the backlog. Before any partition knows a time (nothing applied, nothing restored
+  with one) it judges no time passed: timers wait, and a compaction finds nothing idle.
 - **Lag behind the market.** ``pumpflow_consumer_lag_seconds{service,partition}``,
   read when scraped (:meth:`lags`): per partition owned that knows a time, the clock
   minus the latest market event time it applied (or restored with its records). A
@@ -1327,7 +1327,7 @@ class KeyedStatefulConsumer(Generic[S]):
         for entry in entries:
             now = times.get(entry.partition)
             if now is None:
-                now = times[entry.partition] = self.now(entry.partition)
+                now = times[entry.partition] = self._record_time(entry.partition)
             try:
                 outbox = entry.outbox
                 retired = entry.retire_ttl is not None
@@ -1789,6 +1789,14 @@ class KeyedStatefulConsumer(Generic[S]):
     def time_of(self, key: str) -> float:
         """The time ``key`` is judged at: its partition's (see :meth:`now`)."""
         return self.now(self._partition(key))
+
+    def _record_time(self, partition: int) -> float:
+        """The time a record of ``partition`` keeps: its own, -inf while it knows none
+        (the others' it is told meanwhile, restored as its own, would hold its market's
+        time, behind theirs after an outage, back to theirs)."""
+        if self._event_times[partition] == -math.inf:
+            return -math.inf
+        return self.now(partition)
 
     def _time_applied(self, partition: int) -> None:
         """The partition's time moves on with the clock from the events just applied: from
