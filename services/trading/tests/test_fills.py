@@ -9,6 +9,7 @@ from pumpflow.common.events import ExitOrder, OrderFilled, OrderRejected, OrderR
 from pumpflow.common.testing import TokenEvents
 from pumpflow.common.trading import (
     MIGRATION_POOL,
+    VENUE_CURVE,
     VENUE_POOL,
     FillRejection,
     PaperBroker,
@@ -179,3 +180,27 @@ def test_an_exit_order_decided_on_the_curve_fills_on_the_pool_after_migration():
     expected = quote_sell(MIGRATION_POOL, 5e6, fee_rate=execution.pool_fee_rate)
     assert outcome.fill.venue == VENUE_POOL and outcome.fill.slippage == 0.0
     assert outcome.fill.sol == expected.sol - expected.sol * execution.api_fee_rate
+
+
+def test_a_paper_fill_says_where_it_filled_and_the_pool_moves_as_it_says():
+    """A sale before the migration fills on the curve, one after on the pool, and each
+    fill says where (the exit service follows the pool by the fills it is told of): the
+    pool after the sale is the one the migration left, less the SOL the fill says the
+    sale took out of it (its average price on the pool times its tokens), plus its
+    tokens."""
+    tokens = TokenEvents(start=100.0, step=0.0)
+    broker = PaperBroker(PaperExecution(latency_s=0.0, slippage_pct=50.0))
+    mint = tokens.mint()
+    broker.observe(tokens.created(mint).data, time=100.0)
+    broker.observe(tokens.buy(mint, "whale", sol=5.0).data, time=100.0)
+    broker.submit(order(mint, "s1", side="sell", token_amount=1e6), time=101.0)
+    [on_curve] = broker.due(101.0)
+    assert on_curve.result.venue == VENUE_CURVE
+    broker.observe(tokens.migrated(mint).data, time=102.0)
+    broker.submit(order(mint, "s2", side="sell", token_amount=1e7), time=103.0)
+    [on_pool] = broker.due(103.0)
+    fill = on_pool.result
+    assert fill.venue == VENUE_POOL and fill.signature is None
+    after = broker.market(mint).state
+    assert after.v_sol == pytest.approx(MIGRATION_POOL.v_sol - fill.price * 1e7, rel=1e-12)
+    assert after.v_tokens == pytest.approx(MIGRATION_POOL.v_tokens + 1e7, rel=1e-12)

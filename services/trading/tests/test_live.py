@@ -198,6 +198,8 @@ async def test_an_exit_order_is_sold_through_the_trade_api_and_filled_by_the_wal
         )
         [fill] = [f for f in run.watch.payloads("order.filled") if f.side == "sell"]
         assert fill.order_id == sale.order_id and fill.signature == sold.signature
+        # where the wallet's trade was: on the curve (the stream reports it, signature and all)
+        assert fill.venue == "pump"
         [closed] = run.watch.payloads("position.closed")
         assert closed.position_id == opened.position_id and closed.reason == "take profit"
         assert not run.service.book.holds(mint)

@@ -301,6 +301,9 @@ class OrderFilled(Payload, frozen=True, kw_only=True, omit_defaults=True):
     fee_sol: float = 0.0
     signature: str | None = None
     position_id: str | None = None
+    #: where it filled, as PumpPortal's ``pool`` names it: ``pump`` (the bonding curve),
+    #: ``pump-amm`` (the token's pool after its migration); None: not said
+    venue: str | None = None
 
 
 class OrderRejected(Payload, frozen=True, kw_only=True, omit_defaults=True):

@@ -17,8 +17,9 @@ no pool maths, so a sale there is priced by a documented approximation: a consta
 product pool seeded with what the curve held when it completed, ~85.005 SOL raised
 against the 206.9M tokens never sold on the curve (its price, 4.1085e-7 SOL, is within
 0.01% of the curve's last; :data:`~pumpflow.common.curve.MIGRATION_POOL`), moved by the
-amounts of the ``pump-amm`` trades the token's stream reports
-(:func:`~pumpflow.common.curve.pool_after_trade`), at ``pool_fee_rate``.
+amounts of the ``pump-amm`` trades the token's stream reports and of the paper orders
+filled on it (:mod:`pumpflow.common.pool`, as the exit service follows it), at
+``pool_fee_rate``.
 Constant product is the curve's maths with the pool's reserves in place of the virtual
 ones, so :func:`quote_sell` prices it. A migration fee and liquidity others add or take
 are not modelled.

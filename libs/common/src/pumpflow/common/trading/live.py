@@ -251,6 +251,7 @@ def confirmed_fill(
         fee_sol=venue_fee + api_fee + execution.priority_fee_sol,
         signature=trade.signature,
         position_id=order.position_id,
+        venue=trade.pool,
     )
 
 

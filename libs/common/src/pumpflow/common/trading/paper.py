@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pumpflow.common.curve import MIGRATION_POOL, CurveState, pool_after_trade, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
 from pumpflow.common.events import (
     ExitOrder,
     OrderFilled,
@@ -27,6 +27,7 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
 )
+from pumpflow.common.pool import pool_moved_by_fill, pool_moved_by_trade
 from pumpflow.common.trading.fills import (
     VENUE_CURVE,
     VENUE_POOL,
@@ -61,11 +62,10 @@ class Market:
             if payload.pool == VENUE_CURVE:
                 return  # a curve trade stamped before the migration, arriving after it
             self._to_pool()
-            sol = payload.solAmount
-            if isinstance(payload, TokenTrade) and sol is not None and self.state is not None:
-                self.state = pool_after_trade(
-                    self.state, payload.txType, float(sol), float(payload.tokenAmount)
-                )
+            if isinstance(payload, TokenTrade) and self.state is not None:
+                moved = pool_moved_by_trade(self.state, payload)
+                if moved is not None:
+                    self.state = moved
             return
         self.state = state_from_frame(payload.vSolInBondingCurve, payload.vTokensInBondingCurve)
 
@@ -260,8 +260,6 @@ class PaperBroker:
         )
         if isinstance(fill, FillRejection):
             return self._reject(order, fill.reason, fill.cause)
-        # the order moves the market: later orders of the token see the state it left
-        market.state = fill.after
         result = OrderFilled(
             order_id=order.order_id,
             mint=order.mint,
@@ -271,7 +269,12 @@ class PaperBroker:
             price=fill.price,
             fee_sol=fill.fee_sol,
             position_id=order.position_id,
+            venue=fill.venue,
         )
+        # the order moves the market: later orders of the token see the state it left; a
+        # pool moves by what the fill says, as the exit service follows it from the fill
+        moved = pool_moved_by_fill(market.state, result)
+        market.state = fill.after if moved is None else moved
         return PaperOutcome(order=order, result=result, fill=fill)
 
     def _reject(
