@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.curve import MIGRATION_POOL, pool_after_trade
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, pool_after_trade
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -20,6 +20,7 @@ from pumpflow.common.events import (
 from pumpflow.common.exit import ExitProcessor, ExitRules, ExitState
 from pumpflow.common.keyed import UNCHANGED
 from pumpflow.common.testing import TokenEvents
+from pumpflow.common.trading import PaperBroker, PaperExecution
 
 from .helpers import START
 
@@ -301,6 +302,109 @@ def test_on_its_pool_the_position_is_marked_at_the_pools_spot_price_not_the_trad
         pool_after_trade(MIGRATION_POOL, "buy", sol, bought), "sell", sol / 3, bought / 2
     )
     assert p.state.mark_price == pytest.approx(after.price)
+
+
+def test_a_migration_its_first_pool_trade_reveals_is_decided_at_the_pools_spot():
+    """No migrate frame came: a buy on the token's pool tells the migration. The
+    migration's sale is decided at the pool's spot after that buy (the price it sells
+    near), not at the curve's last mark."""
+    sol = 10.0
+    bought = sol * MIGRATION_POOL.v_tokens / (MIGRATION_POOL.v_sol + sol)
+    spot = pool_after_trade(MIGRATION_POOL, "buy", sol, bought).price
+    p = _Position(LADDER_ONLY)
+    p.trade(p.tokens.buy(p.mint, "small", sol=0.001))
+    curve_mark = p.state.watch.mark_price
+    assert spot > curve_mark * 1.2
+    p.trade(p.tokens.buy(p.mint, "bob", sol=sol, pool="pump-amm", tokenAmount=bought,
+                         solAmount=sol))  # fmt: skip
+    [migration] = p.orders()
+    assert migration.reason == "migration"
+    assert p.state.pending[migration.order_id].mark_price == pytest.approx(spot)
+
+
+def _pool(state: ExitState) -> tuple[float, float]:
+    return state.pool_v_sol, state.pool_v_tokens
+
+
+def _reserves(pool: CurveState) -> tuple[float, float]:
+    return pool.v_sol, pool.v_tokens
+
+
+def test_the_exits_own_paper_sale_on_the_pool_moves_its_pool_as_it_moves_tradings():
+    """Half the position is sold as the token migrates (``migration_fraction`` 0.5) and
+    trading's paper broker fills the sale on the token's pool. The sale never shows in
+    the token's stream, yet it moved the pool the next sale fills on: the exit's pool is
+    the broker's after it (and after a market buy come before its fill), and the rules
+    mark what is held at that pool's spot, not at one the sale's own impact has not
+    lowered."""
+    rules = ExitRules(**{**_fields(LADDER_ONLY), "take_profit": (), "migration_fraction": 0.5})
+    held = 20 * BOUGHT
+    p = _Position(rules, held=held)
+    broker = PaperBroker(PaperExecution())
+    now = p.clock.now()
+    migrated = p.tokens.migrated(p.mint, time=now)
+    broker.observe(migrated.data, time=now)
+    p.trade(migrated)
+    [sale] = p.orders()
+    assert (sale.reason, sale.token_amount) == ("migration", pytest.approx(held / 2))
+    assert broker.submit(sale, time=now) is None
+    sol = 10.0
+    bought = sol * MIGRATION_POOL.v_tokens / (MIGRATION_POOL.v_sol + sol)
+    market_buy = p.tokens.buy(p.mint, "bob", sol=sol, pool="pump-amm", tokenAmount=bought,
+                              solAmount=sol, time=now + 1.0)  # fmt: skip
+    # past the latency: the sale fills on the pool before the buy, which trading then takes
+    [outcome] = broker.observe(market_buy.data, time=now + 1.0)
+    fill = outcome.result
+    assert isinstance(fill, OrderFilled) and fill.token_amount == pytest.approx(held / 2)
+    # the exit sees the feed's buy before trading's fill, which trading publishes after it
+    p.trade(market_buy)
+    unmoved = pool_after_trade(MIGRATION_POOL, "buy", sol, bought)
+    assert _pool(p.state) == pytest.approx(_reserves(unmoved))
+    p.sold[sale.order_id] = fill.token_amount
+    p.apply(fill)
+    p.tell_held()
+    trading_pool = broker.market(p.mint).state
+    assert _pool(p.state) == pytest.approx(_reserves(trading_pool), rel=1e-12)
+    assert p.state.mark_price == pytest.approx(trading_pool.price, rel=1e-12)
+    assert p.state.watch.mark_price == pytest.approx(trading_pool.price, rel=1e-12)
+    # its own impact: 10M tokens sold into a pool of some 185M take 9% off the spot
+    assert trading_pool.price < unmoved.price * 0.92
+
+
+def test_a_sale_the_stream_reports_or_one_on_the_curve_moves_the_pool_no_more():
+    """A take-profit sale decided on the curve fills there just before the migration, its
+    fill coming after the migrate frame: it moved the curve, not the pool. The migration's
+    sale is sold live: the stream reports the wallet's trade, which moves the pool, and
+    its fill names that trade's signature: the pool moves by the sale once."""
+    p = _Position(LADDER_ONLY)
+    p.buy_until(0.5)
+    [step] = p.orders()
+    p.trade(p.tokens.migrated(p.mint))
+    [_, migration] = p.orders()
+    on_curve = OrderFilled(
+        order_id=step.order_id, mint=p.mint, side="sell", token_amount=step.token_amount,
+        sol_amount=1.0, price=p.tokens.curves[p.mint].price, position_id=p.position_id,
+        venue="pump",
+    )  # fmt: skip
+    p.sold[step.order_id] = step.token_amount
+    p.apply(on_curve)
+    p.tell_held()
+    assert p.state.pool is None or _pool(p.state) == pytest.approx(_reserves(MIGRATION_POOL))
+    tokens = migration.token_amount
+    moved = tokens * MIGRATION_POOL.v_sol / (MIGRATION_POOL.v_tokens + tokens)
+    ours = p.tokens.sell(p.mint, "wallet", tokens=tokens, pool="pump-amm", tokenAmount=tokens,
+                         solAmount=moved)  # fmt: skip
+    p.trade(ours)
+    live = OrderFilled(
+        order_id=migration.order_id, mint=p.mint, side="sell", token_amount=tokens,
+        sol_amount=moved * 0.98, price=moved / tokens, fee_sol=moved * 0.02,
+        signature=ours.data.signature, position_id=p.position_id, venue="pump-amm",
+    )  # fmt: skip
+    p.sold[migration.order_id] = tokens
+    p.apply(live)
+    once = pool_after_trade(MIGRATION_POOL, "sell", moved, tokens)
+    assert _pool(p.state) == pytest.approx(_reserves(once), rel=1e-12)
+    assert p.state.mark_price == pytest.approx(once.price, rel=1e-12)
 
 
 def _fields(rules: ExitRules) -> dict:

@@ -41,10 +41,14 @@ have left plus their sales under way is what is held: more held than that is an 
 added (tokens bought), less is tokens sold by other means (a graceful exit's tranches,
 a hand sale), which the rules no longer sell. The mark is the spot price of the
 token's market after each trade: its curve's as its frame reports it, once migrated
-its PumpSwap pool's, followed from :data:`~pumpflow.common.curve.MIGRATION_POOL` by
-the amounts of the pool trades as paper trading follows it
-(:func:`~pumpflow.common.curve.pool_after_trade`; a pool trade's frame reports no
-reserves), not the trade's average price.
+its PumpSwap pool's, followed from :data:`~pumpflow.common.curve.MIGRATION_POOL` as
+paper trading follows it (:mod:`pumpflow.common.pool`; a pool trade's frame reports no
+reserves), not the trade's average price. The pool moves by the trades on it and by
+the orders filled on it that the stream does not report: a paper sale, the exit's or
+another, moves the pool trading fills the next sale on, and what is held is marked at
+the spot after it; a live sale's trade shows in the stream (its fill names its
+signature) and moves the pool once, as that trade. A migration its first pool trade
+tells (its frame lost, or late) is decided at the pool's spot after that trade.
 
 Operators' sales: an ``exit.sale_requested`` (the service's ``POST
 /positions/{mint}/sell``) is decided by the rules' evaluator as one more rule,
@@ -73,7 +77,7 @@ from typing import NamedTuple
 import msgspec
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.curve import MIGRATION_POOL, CurveState, pool_after_trade, state_from_frame
+from pumpflow.common.curve import MIGRATION_POOL, CurveState, state_from_frame
 from pumpflow.common.events import (
     Event,
     ExitOrder,
@@ -97,6 +101,7 @@ from pumpflow.common.exit.rules import (
     RuleWatch,
 )
 from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
+from pumpflow.common.pool import is_pool, pool_moved_by_fill, pool_moved_by_trade
 from pumpflow.common.priority import Priority
 
 #: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
@@ -126,8 +131,6 @@ PARTIAL_PUBLISHERS = ("feed",)
 #: and trading's answer to it (what it had in flight and held when it halted entries)
 CONTROL_CONSUMES = ("system.shutdown", "trading.barrier")
 
-#: trades stamped with this pool are on the token's AMM pool, after its migration
-_CURVE_POOL = "pump"
 #: ids a mint remembers of each kind (its latest ended, closed and requested ones): a
 #: mint sees a handful of entries, positions and operators' requests
 _KEPT_IDS = 32
@@ -200,10 +203,13 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: the price the rules mark the position at: the curve's spot, or the pool's
     mark_price: float | None = None
     migrated: bool = False
-    #: the token's AMM pool as its trades there moved it from
-    #: :data:`~pumpflow.common.curve.MIGRATION_POOL` (None before its first one)
+    #: the token's AMM pool as its trades there and the paper sales filled on it moved it
+    #: from :data:`~pumpflow.common.curve.MIGRATION_POOL` (None before the first)
     pool_v_sol: float | None = None
     pool_v_tokens: float | None = None
+    #: the orders filled on the pool that moved it here (the latest): a copy of a fill
+    #: without a seq must not move it again
+    pool_fills: list[str] = []
     lifecycle: LifecycleState | None = None
     activity_level: float = 0.0
     #: rule orders numbered so far (of this mint's positions)
@@ -277,21 +283,6 @@ def held_view(state: ExitState) -> HeldView | None:
         mark_state=state.curve,
         pending_tokens=pending,
     )
-
-
-def _on_pool(trade: TokenTrade) -> bool:
-    """A trade on the token's AMM pool: the token has migrated."""
-    return trade.pool is not None and trade.pool != _CURVE_POOL
-
-
-def _pool_after(pool: CurveState | None, trade: TokenTrade) -> CurveState | None:
-    """The token's pool (as the migration left it, if None) moved by ``trade`` on it, as
-    paper trading follows it; None for a trade that moves no pool (it says no SOL, or it
-    is a curve trade stamped before the migration and come after it)."""
-    sol, tokens = trade.solAmount, float(trade.tokenAmount)
-    if trade.pool == _CURVE_POOL or sol is None or tokens <= 0:
-        return None
-    return pool_after_trade(pool or MIGRATION_POOL, trade.txType, float(sol), tokens)
 
 
 class _Market(NamedTuple):
@@ -418,13 +409,14 @@ class ExitProcessor:
                 self._retire_if_done(state, effects)
                 return unheld
             # a trade on its pool tells the migration its frame did not (lost, or late)
-            revealed = _on_pool(data) and not state.migrated
+            revealed = is_pool(data.pool) and not state.migrated
             price = self._mark(state, data)
 
             def on_trade(ev: ExitEvaluator) -> list[ExitDecision]:
                 # one pass: a second would take the migration's sale, not pending yet,
-                # for tokens added to the position
-                decisions = ev.on_migration(state.mint, time) if revealed else []
+                # for tokens added to the position. The migration is decided at the
+                # pool's spot the trade shows, not at the curve's last mark
+                decisions = ev.on_migration(state.mint, time, mark_price=price) if revealed else []
                 if price is not None:
                     decisions += ev.on_mark(state.mint, price, time)
                 return decisions
@@ -440,6 +432,8 @@ class ExitProcessor:
                 self.on_lifecycle(state.mint, data.state, data.activity_level)
             decisions = self._rules(state, lambda ev: ev.on_lifecycle(state.mint, data.state, time))
         elif isinstance(data, OrderFilled | OrderRejected):
+            if isinstance(data, OrderFilled):
+                self._filled_on_pool(state, data)
             decisions = self._outcome(state, data, event.seq, time, effects.now)
         elif isinstance(data, SaleRequested):
             if event.id in state.requests:
@@ -530,13 +524,13 @@ class ExitProcessor:
     def _unheld_trade(self, state: ExitState, trade: TokenTrade) -> ExitState | Unchanged:
         """A trade of a token without a position changes its state only by a migration it
         reveals: its market is held here until a position opens (see :attr:`_unheld`)."""
-        if _on_pool(trade) and not state.migrated:
+        if is_pool(trade.pool) and not state.migrated:
             state.migrated = migrating = True
         else:
             migrating = False
         if state.migrated:
             held = self._unheld.get(state.mint)
-            pool = _pool_after(held.pool if held is not None else state.pool, trade)
+            pool = pool_moved_by_trade(held.pool if held is not None else state.pool, trade)
             if pool is not None:
                 self._unheld[state.mint] = _Market(state.v_sol, state.v_tokens, pool, pool.price)
             return state if migrating else UNCHANGED
@@ -559,12 +553,12 @@ class ExitProcessor:
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; its spot price after the trade (None if the trade
         moves it not): the curve's as its frame reports it, once migrated the pool's."""
-        if _on_pool(trade):
+        if is_pool(trade.pool):
             self._migrated(state)
         if state.migrated:
             # the spot, not the trade's average price: a partial migration_fraction holds
             # on to the rest, and a buy's average lies below the price it leaves
-            pool = _pool_after(state.pool, trade)
+            pool = pool_moved_by_trade(state.pool, trade)
             if pool is None:
                 return None
             state.pool = pool
@@ -576,6 +570,33 @@ class ExitProcessor:
         if self.on_market is not None:
             self.on_market(state.mint, curve)
         return curve.price
+
+    def _filled_on_pool(self, state: ExitState, fill: OrderFilled) -> None:
+        """Move the token's pool by an order of ours filled on it that its stream does not
+        report (a paper fill), as trading's paper executor moves it: what is held is
+        marked at the spot after the sale, which trading's next sale fills near."""
+        if fill.order_id in state.pool_fills:
+            return  # a copy the consumer did not drop (it came without a seq)
+        market = self._unheld.get(state.mint) if state.position is None else None
+        unheld = market is not None and market.pool is not None
+        pool = pool_moved_by_fill(market.pool if unheld else state.pool, fill)
+        if pool is None:
+            return
+        _remember(state.pool_fills, fill.order_id)
+        if unheld:
+            self._unheld[state.mint] = market._replace(pool=pool, mark_price=pool.price)
+            return
+        state.pool = pool
+        if not state.migrated:
+            return  # the market is its curve here until the migration is seen
+        state.mark_price = pool.price
+        if state.watch is not None:
+            evaluator = self.evaluator
+            evaluator.adopt(state.watch)
+            try:
+                evaluator.remark(state.mint, pool.price)
+            finally:
+                evaluator.forget(state.mint)
 
     def _outcome(
         self,

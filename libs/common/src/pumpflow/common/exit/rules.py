@@ -390,9 +390,24 @@ class ExitEvaluator:
         self._arm(watch)
         return decisions
 
-    def on_migration(self, mint: str, time: float) -> list[ExitDecision]:
-        """The token migrated off its curve (its ``migrate`` frame)."""
+    def on_migration(
+        self, mint: str, time: float, *, mark_price: float | None = None
+    ) -> list[ExitDecision]:
+        """The token migrated off its curve (its ``migrate`` frame, or its first trade on
+        its pool, whose spot ``mark_price`` the rules judge at from then)."""
+        if mark_price is not None:
+            self.remark(mint, mark_price)
         return self.on_lifecycle(mint, "graduated", time)
+
+    def remark(self, mint: str, price: float) -> None:
+        """``mint``'s mark is ``price`` from now (its pool's spot after a sale of ours on
+        it, or after the trade that told its migration): nothing is decided here, nor is
+        the token's silence broken (a trade breaks it: :meth:`on_mark`)."""
+        watch = self._watches.get(mint)
+        if watch is None or watch.closed or not price > 0:
+            return
+        watch.mark_price = price
+        watch.peak_price = max(watch.peak_price, price)
 
     def on_request(
         self, mint: str, fraction: float, reason: str, time: float
