@@ -142,13 +142,20 @@ def opened(tokens: TokenEvents, mint: str, *, tokens_held: float = 1e6) -> Event
     return make_event(payload, source="trading/test", time=tokens.clock.now())
 
 
-def filled(order: ExitOrder, price: float, time: float, *, tokens: float | None = None) -> Event:
+def filled(
+    order: ExitOrder,
+    price: float,
+    time: float,
+    *,
+    tokens: float | None = None,
+    venue: str | None = None,
+) -> Event:
     """Trading's fill of an exit order (``tokens`` of it; all by default): 1% below
-    ``price``, 3% short in SOL."""
+    ``price``, 3% short in SOL, on paper at ``venue`` (not said, by default)."""
     sold = order.token_amount if tokens is None else tokens
     fill = OrderFilled(
         order_id=order.order_id, mint=order.mint, side="sell", token_amount=sold,
         sol_amount=sold * price * 0.97, price=price * 0.99, fee_sol=0.01,
-        position_id=order.position_id,
+        position_id=order.position_id, venue=venue,
     )  # fmt: skip
     return make_event(fill, source="trading/test", time=time)

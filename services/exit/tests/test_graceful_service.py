@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.clock import ReplayClock
-from pumpflow.common.curve import quote_sell, sell_for_impact
+from pumpflow.common.curve import CurveState, pool_after_trade, quote_sell, sell_for_impact
 from pumpflow.common.events import (
     BarrierPosition,
     ExitOrder,
@@ -1711,7 +1712,7 @@ async def test_tranches_of_a_token_that_migrates_during_the_exit_are_sized_on_it
         # the curve completes, the first tranche fills on it, and the token migrates
         await bus.publish(tokens.buy(mint, "whale", sol=200.0))
         assert tokens.curves[mint].complete
-        await trade(filled(first.data, tokens.curves[mint].price, clock.now()).data)
+        await trade(filled(first.data, tokens.curves[mint].price, clock.now(), venue="pump").data)
         await bus.publish(tokens.migrated(mint))
 
         pool, answered = MIGRATION_POOL, {first.data.order_id}
@@ -1724,8 +1725,78 @@ async def test_tranches_of_a_token_that_migrates_during_the_exit_are_sized_on_it
                 assert order.token_amount <= sell_for_impact(pool, limit) * (1 + 1e-9)
                 quote = quote_sell(pool, order.token_amount)
                 pool = quote.after
-                await trade(filled(order, quote.average_price, clock.now()).data)
+                fill = filled(order, quote.average_price, clock.now(), venue="pump-amm")
+                await trade(fill.data)
             await clock.advance(0.25)
             await asyncio.sleep(0)
         [line] = exits.summary.lines
         assert line.completed and line.tranches == len(answered) > 2
+
+
+def _tranche_size(pool: CurveState, free: float, limit: float) -> float:
+    """The plan's tranche of ``free`` tokens on ``pool``: equal parts under the impact
+    ``limit``."""
+    cap = sell_for_impact(pool, limit)
+    return free if free <= cap else free / math.ceil(free / cap)
+
+
+async def test_tranches_of_a_migrated_token_are_sized_and_priced_on_its_pool_as_it_moved():
+    """The token migrated with the position held (its migration's sale is under way as the
+    exit begins) and buys on its pool took 40% of the pool's tokens. The migration's sale
+    is refused, so the exit sells the position: its first tranche is sized on the pool
+    the buys left, not on the one the migration left, and its report's mark is that
+    pool's spot; each tranche after it is sized on the pool as the market's trades and
+    the exit's own tranches moved it."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    exits = exit_service(MemoryExitStore())
+    limit = exits.settings.graceful().max_tranche_impact
+    held = 20e6
+    async with embedded(clock, exits) as (system, watch):
+        bus, trade = system.bus, as_trading(system.bus, clock)
+        mint = tokens.mint()
+        await hold(bus, tokens, mint, tokens_held=held)
+        await bus.publish(tokens.migrated(mint))
+        [migration] = await watch.wait_for(1, "exit.order")
+        assert migration.data.reason == "migration"
+        pool = MIGRATION_POOL
+        for sol in (30.0, 20.0, 10.0):
+            bought = sol * pool.v_tokens / (pool.v_sol + sol)
+            await bus.publish(tokens.buy(mint, "bob", sol=sol, pool="pump-amm",
+                                         tokenAmount=bought, solAmount=sol))  # fmt: skip
+            pool = pool_after_trade(pool, "buy", sol, bought)
+        assert pool.v_tokens < MIGRATION_POOL.v_tokens * 0.6
+        assert _tranche_size(pool, held, limit) != _tranche_size(MIGRATION_POOL, held, limit)
+        shutdown = SystemShutdown(reason="migrated")
+        await bus.publish(make_event(shutdown, source="test", time=clock.now()))
+        await exits.began.wait()
+        refused = OrderRejected(
+            order_id=migration.data.order_id, mint=mint, reason="slippage", side="sell",
+            position_id=migration.data.position_id,
+        )  # fmt: skip
+        await trade(refused)
+
+        start_price, sold, answered = pool.price, 0.0, {migration.data.order_id}
+        while not exits.finished.is_set():
+            for order in watch.payloads("exit.order"):
+                if order.order_id in answered:
+                    continue
+                answered.add(order.order_id)
+                assert order.reason == "graceful", order
+                expected = _tranche_size(pool, held - sold, limit)
+                assert order.token_amount == pytest.approx(expected, rel=1e-9)
+                quote = quote_sell(pool, order.token_amount)
+                fill = filled(order, quote.average_price, clock.now(), venue="pump-amm")
+                await trade(fill.data)
+                sold += fill.data.token_amount
+                moved = fill.data.price * fill.data.token_amount
+                pool = pool_after_trade(pool, "sell", moved, fill.data.token_amount)
+                # the market trades between two tranches
+                await bus.publish(tokens.buy(mint, "carol", sol=1.0, pool="pump-amm",
+                                             tokenAmount=1e5, solAmount=1.0))  # fmt: skip
+                pool = pool_after_trade(pool, "buy", 1.0, 1e5)
+            await clock.advance(0.25)
+            await asyncio.sleep(0)
+        [line] = exits.summary.lines
+        assert line.completed and line.tranches == len(answered) - 1 > 2
+        assert line.mark_price == pytest.approx(start_price)

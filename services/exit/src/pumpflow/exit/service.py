@@ -772,9 +772,9 @@ class ExitService(Service):
 
     # ---------------------------------------------------------------- processor hooks
 
-    def _on_market(self, mint: str, state: CurveState) -> None:
+    def _on_market(self, mint: str, state: CurveState, follows_sales: bool) -> None:
         if self.manager is not None:
-            self.manager.on_market(mint, state)
+            self.manager.on_market(mint, state, follows_sales=follows_sales)
 
     def _on_lifecycle(self, mint: str, state: LifecycleState, level: float) -> None:
         if self.manager is not None:
@@ -1001,8 +1001,10 @@ class ExitService(Service):
 
     def positions(self) -> list[dict[str, Any]]:
         views = _OwnedPositions(self.consumer).open_positions.values() if self.consumer else ()
+        # the market the plan reads, not what an operator asks of a position
+        plan_only = ("mark_state", "mark_follows_sales")
         return [
-            {key: value for key, value in asdict(view).items() if key != "mark_state"}
+            {key: value for key, value in asdict(view).items() if key not in plan_only}
             for view in views
         ]
 

@@ -156,7 +156,8 @@ class GracefulExitManager:
         #: exits over of positions a later one on their mint took the place of
         self.earlier: list[ExitRecord] = []
         self.summary: GracefulExitSummary | None = None
-        self._markets: dict[str, CurveState] = {}
+        #: mint -> its market as last reported, and whether that counts this exit's sales
+        self._markets: dict[str, tuple[CurveState, bool]] = {}
         self._lifecycles: dict[str, tuple[LifecycleState, float | None]] = {}
         #: position id -> tranches sent before a restart (their numbers are taken)
         self._sent: dict[str, int] = {}
@@ -174,10 +175,12 @@ class GracefulExitManager:
         """False from the moment a graceful exit begins."""
         return self.planner.started_at is None
 
-    def on_market(self, mint: str, state: CurveState) -> None:
-        """The token's curve (or pool) as its latest trade reports it; re-prioritises."""
-        self._markets[mint] = state
-        self.planner.update_market(mint, state)
+    def on_market(self, mint: str, state: CurveState, *, follows_sales: bool = False) -> None:
+        """The token's curve (or pool) as its latest trade reports it (counting this
+        exit's own sales, if ``follows_sales``: a pool followed through their fills);
+        re-prioritises."""
+        self._markets[mint] = (state, follows_sales)
+        self.planner.update_market(mint, state, follows_sales=follows_sales)
         queued, record = self.planner.exits.get(mint), self.records.get(mint)
         if record is not None and record.mark_price is None and queued is not None:
             # queued with no mark: the plan's first report is the mark slippage is against
@@ -210,9 +213,11 @@ class GracefulExitManager:
                 continue
             before = self.planner.exits.get(position.mint)
             lifecycle, level = self._lifecycles.get(position.mint, (None, None))
+            state, follows_sales = self._markets.get(position.mint, (None, False))
             queued = self.planner.add(
                 position,
-                state=self._markets.get(position.mint),
+                state=state,
+                follows_sales=follows_sales,
                 lifecycle=lifecycle,
                 activity_level=level or 0.0,
             )

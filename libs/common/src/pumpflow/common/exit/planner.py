@@ -24,12 +24,15 @@ into as few equal parts as keep each under it
 (:func:`pumpflow.common.curve.sell_for_impact`), so no crumb is left for a last
 order. The plan's view of a curve moves by its own sales
 (:func:`pumpflow.common.curve.quote_sell`) until the market reports the curve again;
-every report re-scores the queue. A token waits ``min_tranche_interval_s`` between
-its tranches, so the market's buyers come in between them, and other tokens sell
-meanwhile. A tranche whose outcome never came may have sold: its tokens are
-*unconfirmed*, never offered again (a new order for them could sell them twice), and
-the position is not sold out until that outcome comes (a fill sells them, a refusal
-gives them back to sell) or the deadline ends the exit with them unconfirmed. From
+a migrated token's pool is reported as the exit follows it, by every trade on it and
+by the exit's own sales' fills (:mod:`pumpflow.common.pool`), so the plan does not
+move it by them a second time. Every report re-scores the queue. A token waits
+``min_tranche_interval_s`` between its tranches, so the market's buyers come in
+between them, and other tokens sell meanwhile. A tranche whose outcome never came may
+have sold: its tokens are *unconfirmed*, never offered again (a new order for them
+could sell them twice), and the position is not sold out until that outcome comes (a
+fill sells them, a refusal gives them back to sell) or the deadline ends the exit with
+them unconfirmed. From
 ``deadline - final_sweep_s`` on, each position left is sold whole (rule ``deadline``),
 so the last orders land before the deadline.
 
@@ -159,6 +162,9 @@ class QueuedExit:
     mark_price: float | None
     #: the plan's view of the token's market
     state: CurveState | None
+    #: the market's reports of ``state`` count this exit's own sales (a pool, followed
+    #: through their fills): the plan does not move it by them itself
+    follows_sales: bool = False
     lifecycle: LifecycleState | None = None
     activity_level: float = 0.0
     tranches_sent: int = 0
@@ -267,10 +273,13 @@ class ExitPlanner:
         position: HeldPosition,
         *,
         state: CurveState | None = None,
+        follows_sales: bool = False,
         lifecycle: LifecycleState | None = None,
         activity_level: float = 0.0,
     ) -> QueuedExit | None:
-        """Queue ``position`` (once; a repeat is ignored) on its market ``state``.
+        """Queue ``position`` (once; a repeat is ignored) on its market ``state`` (which
+        counts the exit's own sales if ``follows_sales``), else on its ``mark_state``
+        (which counts them if its ``mark_follows_sales`` says so).
 
         Its ``pending_tokens``, if it has them, are a rule's sale under way: reserved
         until that sale settles (:meth:`settle_reserved`). A later position on a
@@ -285,7 +294,9 @@ class ExitPlanner:
         if queued is not None and not later:
             return queued
         empty = position.tokens <= 0 and reserved <= 0
-        state = state if state is not None else position.mark_state
+        if state is None:
+            state = position.mark_state
+            follows_sales = getattr(position, "mark_follows_sales", False)
         mark = state.price if state is not None else position.mark_price
         queued = QueuedExit(
             mint=position.mint,
@@ -297,6 +308,7 @@ class ExitPlanner:
             tokens_left=max(position.tokens, 0.0),
             mark_price=mark,
             state=state,
+            follows_sales=follows_sales,
             lifecycle=lifecycle,
             activity_level=activity_level,
             reserved=reserved,
@@ -308,13 +320,15 @@ class ExitPlanner:
 
     # ---------------------------------------------------------------- market
 
-    def update_market(self, mint: str, state: CurveState) -> None:
-        """The token's curve (or pool) as the market last reported it."""
+    def update_market(self, mint: str, state: CurveState, *, follows_sales: bool = False) -> None:
+        """The token's curve (or pool) as the market last reported it (counting this
+        exit's own sales, if ``follows_sales``)."""
         queued = self.exits.get(mint)
         if queued is not None and not queued.done:
             if queued.mark_price is None:
                 queued.mark_price = state.price
             queued.state = state
+            queued.follows_sales = follows_sales
             self._dirty = True
 
     def update_lifecycle(
@@ -494,7 +508,7 @@ class ExitPlanner:
         queued.tokens_left -= sold
         if queued.tokens_left <= queued.tokens_at_start * 1e-9:
             queued.tokens_left = 0.0
-        if queued.state is not None and sold > 0:
+        if queued.state is not None and sold > 0 and not queued.follows_sales:
             queued.state = quote_sell(queued.state, sold).after
         self._dirty = True
 

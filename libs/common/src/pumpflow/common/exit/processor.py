@@ -60,9 +60,10 @@ publishes it), so the state keeps the ids of the latest requests and a copy sell
 nothing.
 
 Hooks (the service's, called as events apply; they must not change the state):
-``on_market`` and ``on_lifecycle`` feed the graceful exit's plan, and ``on_closed``
-tells it that trading closed a position (by its last sale, the exit's or another's),
-and when (a close applied late may be from before the graceful exit began);
+``on_market`` (the curve as each frame reports it, or the pool as it moves here, which
+counts the exit's own sales) and ``on_lifecycle`` feed the graceful exit's plan, and
+``on_closed`` tells it that trading closed a position (by its last sale, the exit's or
+another's), and when (a close applied late may be from before the graceful exit began);
 ``on_outcome`` is told each exit order's fill or refusal with the sale it settles and
 the tokens the position's rule sales hold back after it;
 ``on_request`` each operator's request, with the sale it ordered or why none.
@@ -244,6 +245,14 @@ class ExitState(msgspec.Struct, kw_only=True, omit_defaults=True):
         self.pool_v_tokens = pool.v_tokens if pool is not None else None
 
     @property
+    def market(self) -> CurveState | None:
+        """Where the token trades, as followed here: its curve, or once it migrated its
+        pool (as the migration left it until something trades on it)."""
+        if self.migrated:
+            return self.pool or MIGRATION_POOL
+        return self.curve
+
+    @property
     def pending_tokens(self) -> float:
         return sum(p.token_amount for p in self.pending.values())
 
@@ -261,6 +270,8 @@ class HeldView:
     mark_state: CurveState | None
     #: held tokens a rule's sale under way is selling (not counted in ``tokens``)
     pending_tokens: float = 0.0
+    #: ``mark_state`` counts the exit's own sales (a pool, moved by their fills)
+    mark_follows_sales: bool = False
 
 
 def held_view(state: ExitState) -> HeldView | None:
@@ -280,8 +291,9 @@ def held_view(state: ExitState) -> HeldView | None:
         tokens=tokens,
         entry_price=position.entry_price,
         mark_price=state.mark_price,
-        mark_state=state.curve,
+        mark_state=state.market,
         pending_tokens=pending,
+        mark_follows_sales=state.migrated,
     )
 
 
@@ -310,7 +322,8 @@ def _remember(ids: list[str], item: str) -> None:
 #: (mint, the outcome, the rule's sale it settles, its time, the tokens the position's
 #: rule sales still hold back after it: :attr:`HeldView.pending_tokens`)
 OutcomeHook = Callable[[str, OrderFilled | OrderRejected, PendingSale | None, float, float], None]
-MarketHook = Callable[[str, CurveState], None]
+#: (mint, its curve or pool, whether that counts the exit's own sales: its pool does)
+MarketHook = Callable[[str, CurveState, bool], None]
 LifecycleHook = Callable[[str, LifecycleState, float], None]
 #: (mint, position id, the close's reason, the close's time)
 ClosedHook = Callable[[str, str, str, float], None]
@@ -537,18 +550,17 @@ class ExitProcessor:
         curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
         self._unheld[state.mint] = _Market(curve.v_sol, curve.v_tokens, None, curve.price)
         if self.on_market is not None:
-            self.on_market(state.mint, curve)
+            self.on_market(state.mint, curve, False)
         return UNCHANGED
 
     def _migrated(self, state: ExitState) -> None:
-        """The token left its curve: a graceful exit's plan prices it on its pool as the
-        curve left it (the plan moves it by its own sales; the pool trades move only the
-        rules' mark)."""
+        """The token left its curve: a graceful exit's plan prices it on its pool from
+        now, as followed here (by every trade on it, the exit's own sales included)."""
         if state.migrated:
             return
         state.migrated = True
         if self.on_market is not None and state.position is not None:
-            self.on_market(state.mint, MIGRATION_POOL)
+            self.on_market(state.mint, state.market, True)
 
     def _mark(self, state: ExitState, trade: TokenTrade) -> float | None:
         """Follow the token's market; its spot price after the trade (None if the trade
@@ -563,12 +575,14 @@ class ExitProcessor:
                 return None
             state.pool = pool
             state.mark_price = pool.price
+            if self.on_market is not None:
+                self.on_market(state.mint, pool, True)
             return pool.price
         curve = state_from_frame(trade.vSolInBondingCurve, trade.vTokensInBondingCurve)
         state.v_sol, state.v_tokens = curve.v_sol, curve.v_tokens
         state.mark_price = curve.price
         if self.on_market is not None:
-            self.on_market(state.mint, curve)
+            self.on_market(state.mint, curve, False)
         return curve.price
 
     def _filled_on_pool(self, state: ExitState, fill: OrderFilled) -> None:
@@ -597,6 +611,8 @@ class ExitProcessor:
                 evaluator.remark(state.mint, pool.price)
             finally:
                 evaluator.forget(state.mint)
+        if self.on_market is not None:
+            self.on_market(state.mint, pool, True)
 
     def _outcome(
         self,
