@@ -20,6 +20,7 @@ from pumpflow.common.events import (
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
     BreakerSettings,
+    EntrySpend,
     LiveExecution,
     PaperExecution,
     PositionBook,
@@ -188,6 +189,37 @@ def test_the_limits_a_book_exceeds_are_named_with_the_excess():
     assert breaches["positions"].excess == 1
     assert "total exposure 5.6000 SOL over its limit 5.0000 SOL by 0.6000 SOL" in str(
         breaches["total_exposure"]
+    )
+
+
+def test_the_limits_exceeded_now_are_named_for_every_token_held_or_entered():
+    """What an operator is shown (``/limits``): every limit the book and the entries in
+    flight exceed now, a token's exposure naming the token; a fill's cost against the
+    per-trade cap is no standing measure, and is not among them."""
+    book = PositionBook()
+    risk = RiskManager(10.0, 0.02, 3, positions=book, entry_spend=EntrySpend(1.05, 0.001))
+    bought(book, "a", "a", 0.9)
+    assert risk.exceeded() == []
+    bought(book, "b", "b", 1.2)  # a late fill over the per-trade cap and the token's 1 SOL
+    risk.reserve("c", "c", 0.5)
+    risk.reserve("a2", "a", 0.2)  # a's 0.9 and an entry adding to it, at its most
+    bought(book, "d", "d", 2.5)
+    exceeded = {(b.limit, b.mint): b for b in risk.exceeded()}
+    assert exceeded.keys() == {
+        ("token_exposure", "a"),
+        ("token_exposure", "b"),
+        ("token_exposure", "d"),
+        ("total_exposure", None),
+        ("positions", None),
+    }
+    a = exceeded["token_exposure", "a"]
+    assert (a.value, a.cap) == (pytest.approx(0.9 + 0.2 * 1.05 + 0.001), 1.0)
+    assert a.excess == pytest.approx(0.111)
+    total = exceeded["total_exposure", None]
+    assert total.value == pytest.approx(0.9 + 1.2 + 2.5 + (0.5 + 0.2) * 1.05 + 0.002)
+    assert exceeded["positions", None].value == 4
+    assert "the exposure of b 1.2000 SOL over its limit 1.0000 SOL by 0.2000 SOL" in str(
+        exceeded["token_exposure", "b"]
     )
 
 

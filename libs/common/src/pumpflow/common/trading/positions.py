@@ -39,6 +39,7 @@ loss limit reads) and takes every position's totals from the ledger
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import CurveState
@@ -171,6 +172,10 @@ class PositionBook:
     @property
     def open_count(self) -> int:
         return len(self.open_positions)
+
+    @property
+    def mints_held(self) -> Collection[str]:
+        return self.open_positions.keys()
 
     def selling(self, mint: str) -> float:
         """Tokens of ``mint`` the sales in flight ask for."""

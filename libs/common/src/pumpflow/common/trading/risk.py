@@ -68,7 +68,8 @@ released at the give-up, its room since taken by other entries, then its trade s
 after all), or a fill dearer than its reservation (which the bound above rules out,
 unless the venue charges what the reference does not say). Should it leave a limit
 exceeded (:meth:`RiskManager.breaches`: each limit, its value and the excess), the
-engine tells the service, which counts and logs it. No entry is admitted while a
+engine tells the service, which counts and logs it; :meth:`RiskManager.exceeded` names
+the limits exceeded until then (the service's ``/limits``). No entry is admitted while a
 limit is exceeded: an exceeded limit has no room left, so every entry that would add
 to the excess is refused, naming the limit (:meth:`RiskManager.check_risk_limits`),
 and entries resume as the exposure falls back under it (a sale, a capital grown).
@@ -92,7 +93,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -171,24 +172,37 @@ class Exposures(Protocol):
 
     def realized_since(self, since: float) -> float: ...
 
+    @property
+    def mints_held(self) -> Collection[str]: ...
 
-class _NoPositions:
+
+class Holdings:
+    """Positions known by their cost alone, by token (none by default; a ledger's read):
+    no realised PnL."""
+
+    def __init__(self, costs: Mapping[str, float] | None = None):
+        self._costs = dict(costs or {})
+
     def exposure(self, mint: str) -> float:
-        return 0.0
+        return self._costs.get(mint, 0.0)
 
     @property
     def total_exposure(self) -> float:
-        return 0.0
+        return sum(self._costs.values(), 0.0)
 
     def holds(self, mint: str) -> bool:
-        return False
+        return mint in self._costs
 
     @property
     def open_count(self) -> int:
-        return 0
+        return len(self._costs)
 
     def realized_since(self, since: float) -> float:
         return 0.0
+
+    @property
+    def mints_held(self) -> Collection[str]:
+        return self._costs.keys()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +246,13 @@ _ALLOWED = RiskCheck(True)
 
 @dataclass(frozen=True, slots=True)
 class LimitBreach:
-    """A limit exceeded (one of :data:`LIMITS`): what it measures now, and the limit."""
+    """A limit exceeded (one of :data:`LIMITS`): what it measures now, and the limit; a
+    token's exposure names its token (``mint``)."""
 
     limit: str
     value: float
     cap: float
+    mint: str | None = None
 
     @property
     def excess(self) -> float:
@@ -248,10 +264,37 @@ class LimitBreach:
                 f"{self.value:g} positions held or entered, over their limit {self.cap:g} "
                 f"by {self.excess:g}"
             )
+        measure = f"the exposure of {self.mint}" if self.mint else _MEASURES[self.limit]
         return (
-            f"{_MEASURES[self.limit]} {self.value:.4f} SOL over its limit {self.cap:.4f} SOL "
+            f"{measure} {self.value:.4f} SOL over its limit {self.cap:.4f} SOL "
             f"by {self.excess:.4f} SOL"
         )
+
+
+def limit_breaches(
+    limits: RiskLimits,
+    capital: float,
+    *,
+    token_exposures: Mapping[str, float],
+    total_exposure: float,
+    positions: int,
+    spent: float | None = None,
+) -> list[LimitBreach]:
+    """The limits ``limits`` of ``capital`` that these measures exceed: a fill's cost
+    ``spent`` against the per-trade cap (when given), each token's exposure, the total
+    exposure, the positions held or entered."""
+    measured = [(PER_TRADE, None, spent, capital * limits.max_position_fraction)]
+    token_cap = capital * limits.max_token_exposure_fraction
+    measured += [(TOKEN_EXPOSURE, mint, sol, token_cap) for mint, sol in token_exposures.items()]
+    measured += [
+        (TOTAL_EXPOSURE, None, total_exposure, capital * limits.max_total_exposure_fraction),
+        (POSITIONS, None, float(positions), float(limits.max_concurrent_positions)),
+    ]
+    return [
+        LimitBreach(name, value, cap, mint)
+        for name, mint, value, cap in measured
+        if value is not None and exceeds(value, cap)
+    ]
 
 
 class CircuitBreaker:
@@ -314,7 +357,7 @@ class RiskManager:
             max_concurrent_positions=max_concurrent_positions,
         )
         self.breaker_settings = breakers or BreakerSettings()
-        self.positions: Exposures = positions if positions is not None else _NoPositions()
+        self.positions: Exposures = positions if positions is not None else Holdings()
         self.entry_spend = entry_spend or EntrySpend()
         self.clock = clock or WallClock()
         self.capital = 0.0
@@ -405,17 +448,28 @@ class RiskManager:
         ``token_id`` costing ``spent`` SOL was booked (past its limit check: a late
         fill): its cost against the per-trade cap, the token's and the total exposure,
         the positions held or entered. None is exceeded after a checked entry."""
-        lim, capital = self.limits, self.capital
-        measured = [
-            (TOKEN_EXPOSURE, self.exposure(token_id), capital * lim.max_token_exposure_fraction),
-            (TOTAL_EXPOSURE, self.total_exposure, capital * lim.max_total_exposure_fraction),
-            (POSITIONS, float(self.open_positions()), float(lim.max_concurrent_positions)),
-        ]
-        if spent is not None:
-            measured.insert(0, (PER_TRADE, spent, capital * lim.max_position_fraction))
-        return [
-            LimitBreach(name, value, cap) for name, value, cap in measured if exceeds(value, cap)
-        ]
+        return limit_breaches(
+            self.limits,
+            self.capital,
+            token_exposures={token_id: self.exposure(token_id)},
+            total_exposure=self.total_exposure,
+            positions=self.open_positions(),
+            spent=spent,
+        )
+
+    def exceeded(self) -> list[LimitBreach]:
+        """The limits the book and the entries in flight exceed now (left so by a buy
+        booked past its limit check): each token's exposure, the total exposure, the
+        positions held or entered. A fill's cost against the per-trade cap is told as
+        the fill is booked (:meth:`breaches`), and measures nothing after it."""
+        engaged = {*self.positions.mints_held, *(m for m, _ in self.reservations.values())}
+        return limit_breaches(
+            self.limits,
+            self.capital,
+            token_exposures={mint: self.exposure(mint) for mint in sorted(engaged)},
+            total_exposure=self.total_exposure,
+            positions=self.open_positions(),
+        )
 
     def update_capital(self, new_capital: float) -> None:
         """Set the capital the limits are fractions of (the account's SOL, marked)."""
