@@ -42,6 +42,24 @@ UNSTORED_LEASE_LOST = {
 }
 
 
+#: a limit a late fill left exceeded, as ``/limits`` lists it
+EXCEEDED = {
+    "limit": "token_exposure",
+    "mint": "MintX",
+    "value": 0.9703,
+    "cap": 0.5,
+    "excess": 0.4703,
+    "text": "the exposure of MintX 0.9703 SOL over its limit 0.5000 SOL by 0.4703 SOL",
+}
+
+
+def limits_route(exceeded: list[dict], source: str = "book") -> Route:
+    async def limits(request: Request) -> JSONResponse:
+        return JSONResponse({"source": source, "exceeded": exceeded, "reservations": []})
+
+    return Route("/limits", limits)
+
+
 def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
     async def state(request: Request) -> JSONResponse:
         return JSONResponse({"state": "active", "reason": "", "role": role})
@@ -59,6 +77,7 @@ def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
     return Starlette(
         routes=[
             Route("/state", state),
+            limits_route([]),
             Route("/halt", halted, methods=["POST"]),
             Route("/resume", resumed, methods=["POST"]),
         ]
@@ -116,13 +135,46 @@ async def test_state_asked_of_a_stand_by_says_the_operators_state_and_the_holder
     async def state(request: Request) -> JSONResponse:
         return JSONResponse(body)
 
-    async with local_app(Starlette(routes=[Route("/state", state)])) as base:
+    routes = [Route("/state", state), limits_route([EXCEEDED], "ledger")]
+    async with local_app(Starlette(routes=routes)) as base:
         assert await pumpflow_trading(base, "state") == 0
     said = capsys.readouterr().out
     assert said == (
         "the operator's state is halted (from the desk), as the ledger holds it; "
         "role standby: the replica trading (t1:cd34) knows the state in force\n"
+        "limits exceeded, as the ledger holds them (booked past their check: no entry "
+        "adding to them is admitted, and the exit sells as usual):\n"
+        f"  {EXCEEDED['text']}\n"
     ), said
+
+
+async def test_state_prints_the_limits_exceeded_and_nothing_of_limits_when_none_is(capsys):
+    """A late fill may leave limits exceeded: ``trading state`` lists them (its
+    ``/limits``), one a line; with none exceeded it says nothing of the limits."""
+    total = {
+        **EXCEEDED,
+        "limit": "total_exposure",
+        "mint": None,
+        "text": "the total exposure 2.6000 SOL over its limit 2.5000 SOL by 0.1000 SOL",
+    }
+    exceeded: list[dict] = []
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse({"state": "active", "reason": "", "role": "active"})
+
+    routes = [Route("/state", state), limits_route(exceeded)]
+    async with local_app(Starlette(routes=routes)) as base:
+        assert await pumpflow_trading(base, "state") == 0
+        assert capsys.readouterr().out == "trading is active (no reason); role active\n"
+        exceeded += [EXCEEDED, total]
+        assert await pumpflow_trading(base, "state") == 0
+    assert capsys.readouterr().out == (
+        "trading is active (no reason); role active\n"
+        "limits exceeded (booked past their check: no entry adding to them is admitted, "
+        "and the exit sells as usual):\n"
+        f"  {EXCEEDED['text']}\n"
+        f"  {total['text']}\n"
+    )
 
 
 async def test_a_refused_resume_a_missing_token_and_no_answer_fail(monkeypatch, capsys):

@@ -28,7 +28,7 @@ from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .fake_trade_api import fake_trade_api
-from .test_live import KEY, WALLET
+from .test_live import CONFIRM_S, KEY, WALLET, answered
 from .test_service import publish, ready
 
 TOKEN = "kill-switch-token"
@@ -586,6 +586,77 @@ async def test_a_live_stand_by_counts_the_entries_in_flight_at_the_most_they_can
                     assert (held["source"], stood["source"]) == ("book", "ledger")
                     assert held["exposure_sol"] == pytest.approx(most, rel=1e-12), path
                     assert stood["exposure_sol"] == pytest.approx(most, rel=1e-12), path
+
+
+async def test_limits_show_the_entry_spend_the_reservations_and_the_limits_a_late_fill_exceeds(
+    clock, market, pg_pool, shared_lease
+):
+    """``/limits`` says what a live entry is checked and reserved at (the entry spend),
+    the reservations in flight at that most, and every limit exceeded now with its value
+    and excess: a token entered again after its order was given up, then that order's
+    trade showing after all, holds twice its limit. The stand-by, measuring on the
+    ledger, says what the holder says."""
+    ledger = PostgresLedger(pg_pool)
+    async with fake_trade_api("silent") as api:
+        live = {
+            "trading_executor": "live",
+            "trading_live_enabled": True,
+            "pumpportal_api_key": KEY,
+            "trading_live_wallet": WALLET,
+            "trading_live_url": api.url,
+            "trading_live_confirm_s": CONFIRM_S,
+            "trading_live_answer_timeout_s": 0.3,
+            "trading_capital_sol": 5.0,
+            "trading_max_risk_per_trade": 0.05,
+        }
+        holder, standby = trading(ledger, **live), trading(ledger, **live)
+        async with running(clock, holder) as (bus, watch, holder_client):
+            async with running(clock, standby) as (_, _, client):
+                assert (holder.role, standby.role) == ("active", "standby")
+                spend = holder.risk.entry_spend
+                mint = await ready(bus, market)
+                await publish(bus, market.prediction(mint, score=1.0))
+                [given_up] = watch.payloads("order.requested")
+                await answered(holder, api)
+                await clock.advance(CONFIRM_S + 1)
+                [refused] = watch.payloads("order.rejected")
+                assert refused.order_id == given_up.order_id
+
+                api.behaviour = "success"
+                await publish(bus, market.prediction(mint, score=1.0))
+                await answered(holder, api, 2)
+                for call in api.requests:
+                    trade = market.tokens.buy(
+                        mint, WALLET, sol=call.body["amount"], signature=call.signature
+                    )
+                    await publish(bus, trade)
+                await eventually(lambda: len(watch.payloads("order.filled")) == 2)
+                api.behaviour = "silent"
+                other = await ready(bus, market)
+                await publish(bus, market.prediction(other, score=1.0))
+                [in_flight] = [r for r in watch.payloads("order.requested") if r.mint == other]
+
+                cap = 5.0 * holder.risk.limits.max_token_exposure_fraction
+                exposure = holder.book.exposure(mint)
+                assert exposure > cap
+                views = [(await c.get("/limits")).json() for c in (holder_client, client)]
+                for view, source in zip(views, ("book", "ledger"), strict=True):
+                    assert view["source"] == source, view
+                    assert view["entry_spend"] == {
+                        "factor": spend.factor,
+                        "fixed_sol": spend.fixed_sol,
+                    }
+                    [reserved] = view["reservations"]
+                    assert (reserved["order_id"], reserved["mint"]) == (in_flight.order_id, other)
+                    most = spend.most(in_flight.sol_amount)
+                    assert reserved["most_sol"] == pytest.approx(most, rel=1e-12)
+                    [exceeded] = view["exceeded"]
+                    assert (exceeded["limit"], exceeded["mint"]) == ("token_exposure", mint)
+                    assert exceeded["value"] == pytest.approx(exposure, rel=1e-12)
+                    assert exceeded["cap"] == pytest.approx(cap)
+                    assert exceeded["excess"] == pytest.approx(exposure - cap, rel=1e-9)
+                    assert f"the exposure of {mint}" in exceeded["text"]
+                assert views[0]["exceeded"] == views[1]["exceeded"]
 
 
 class AwayForCommits(PostgresLedger):

@@ -21,9 +21,11 @@ from pumpflow.common.trading import EarlyTrade, TradingState, UnbookedTrade
 from pumpflow.trading.ledger import (
     WITHDRAWN,
     Announced,
+    EntryInFlight,
     FillRecord,
     KeyedEvent,
     LedgerChange,
+    LedgerExposure,
     MemoryLedger,
     OrderOutcome,
     OrderRecord,
@@ -239,11 +241,14 @@ async def test_a_load_since_a_time_gives_back_the_fills_of_the_positions_open_or
     ledger,
 ):
     """Each token's fills from the opening buy of its first position open or closed since
-    then (a sale showing late for a position closed before among them), and what every
-    position and order in flight adds up to."""
+    then (a sale showing late for a position closed before among them), what every
+    position and order in flight adds up to, and what the limits measure: the open
+    positions' cost by token and the entries in flight."""
     await ledger.commit(LedgerChange(orders=[order("entry", mint="MintD", sol_amount=0.3)]))
     totals = await ledger.totals()
-    assert (totals.open_positions, totals.entries_in_flight, totals.tokens_engaged) == (0, 1, 1)
+    assert (totals.open_positions, totals.entries_in_flight) == (0, 1)
+    entry = EntryInFlight(order_id="entry", mint="MintD", sol_amount=0.3)
+    assert await ledger.exposure() == LedgerExposure(entries_in_flight=[entry])
 
     a1, c1, b1 = held("a1", "MintA", 10.0), held("c1", "MintC", 15.0), held("b1", "MintB", 110.0)
     sold = dict(token_amount=0.0, cost_sol=0.0, fees_sol=0.02)
@@ -273,7 +278,14 @@ async def test_a_load_since_a_time_gives_back_the_fills_of_the_positions_open_or
     assert (totals.open_fees_sol, totals.closed_fees_sol) == pytest.approx((0.01, 0.06))
     assert totals.open_cost_sol == 0.5
     assert (totals.entries_in_flight, totals.entries_in_flight_sol) == (1, 0.3)
-    assert (totals.sales_in_flight, totals.tokens_engaged) == (1, 2)
+    assert totals.sales_in_flight == 1
+    await ledger.commit(
+        LedgerChange(orders=[order("later", mint="MintA", sol_amount=0.2, requested_at=200.0)])
+    )
+    later = EntryInFlight(order_id="later", mint="MintA", sol_amount=0.2)
+    assert await ledger.exposure() == LedgerExposure(
+        open_cost_sol={"MintA": 0.5}, entries_in_flight=[entry, later]
+    )
 
 
 async def test_a_change_is_one_transaction(pg_pool):

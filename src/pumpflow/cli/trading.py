@@ -15,6 +15,9 @@ is stored once Postgres is back (said so, exit status 3); given to a stand-by th
 applies nowhere until stored (exit status 1: halt the replica trading). A resume is
 refused meanwhile.
 
+``state`` also lists the limits exceeded now, if any (``/limits``: a live order's late
+fill, booked past its limit check).
+
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
 the operator has seen to them; it prints those left.
@@ -66,9 +69,11 @@ def trading_command(args: argparse.Namespace) -> int:
     url = args.url
     if args.action == "acknowledge":
         return acknowledge(url, args.signatures)
+    exceeded: list[dict] = []
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")
+            exceeded = get_json(f"{url}/limits").get("exceeded", [])
         else:
             token = api_token("trading")
             if not token:
@@ -91,6 +96,12 @@ def trading_command(args: argparse.Namespace) -> int:
     elif not elsewhere:
         print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); "
               f"role {body['role']}")  # fmt: skip
+    if exceeded:
+        held = ", as the ledger holds them" if body.get("source") == "ledger" else ""
+        print(f"limits exceeded{held} (booked past their check: no entry adding to them "
+              "is admitted, and the exit sells as usual):")  # fmt: skip
+        for limit in exceeded:
+            print(f"  {limit['text']}")
     if body.get("stored") is False:
         print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
         # applied by the replica that trades, or by none until it is stored

@@ -425,8 +425,24 @@ class LedgerTotals:
     entries_in_flight: int = 0
     entries_in_flight_sol: float = 0.0
     sales_in_flight: int = 0
-    #: tokens held or with an entry in flight
-    tokens_engaged: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntryInFlight:
+    """An entry order whose outcome is not known yet, and the SOL it was sent for."""
+
+    order_id: str
+    mint: str
+    sol_amount: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerExposure:
+    """What the limits are measured on, as the ledger holds it (one read): the open
+    positions' cost basis by token, and the entries in flight, oldest first."""
+
+    open_cost_sol: dict[str, float] = field(default_factory=dict)
+    entries_in_flight: list[EntryInFlight] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -478,6 +494,10 @@ class Ledger(Protocol):
 
     async def totals(self) -> LedgerTotals:
         """What the stored positions and the orders in flight add up to now."""
+        ...
+
+    async def exposure(self) -> LedgerExposure:
+        """The open positions' cost by token and the entries in flight, now."""
         ...
 
     async def predecessor(self) -> Predecessor | None:
@@ -763,7 +783,23 @@ class MemoryLedger:
             entries_in_flight=len(entries),
             entries_in_flight_sol=sum((o.sol_amount or 0.0 for o in entries), 0.0),
             sales_in_flight=len(flying) - len(entries),
-            tokens_engaged=len({p.mint for p in held} | {o.mint for o in entries}),
+        )
+
+    async def exposure(self) -> LedgerExposure:
+        costs: dict[str, float] = {}
+        for p in self._positions.values():
+            if p.closed_at is None:
+                costs[p.mint] = costs.get(p.mint, 0.0) + p.cost_sol
+        entries = sorted(
+            (o for o in self._orders.values() if o.side == "buy" and o.state in UNRESOLVED),
+            key=lambda o: o.requested_at,
+        )
+        return LedgerExposure(
+            open_cost_sol=costs,
+            entries_in_flight=[
+                EntryInFlight(order_id=o.order_id, mint=o.mint, sol_amount=o.sol_amount or 0.0)
+                for o in entries
+            ],
         )
 
     async def predecessor(self) -> Predecessor | None:
@@ -962,12 +998,7 @@ WITH since AS (
 {_SELECT_FILLS} JOIN since s ON s.mint = f.mint AND f.seq >= s.seq ORDER BY f.seq
 """
 _TOTALS = """
-SELECT held.*, flying.*, (
-    SELECT count(*) FROM (
-        SELECT mint FROM positions WHERE closed_at IS NULL
-        UNION SELECT mint FROM orders WHERE side = 'buy' AND state = ANY($1::text[])
-    ) engaged
-) AS tokens_engaged
+SELECT held.*, flying.*
 FROM (
     SELECT coalesce(sum(realized_pnl_sol), 0) AS realized_pnl_sol,
         count(*) FILTER (WHERE closed_at IS NULL) AS open_positions,
@@ -982,6 +1013,17 @@ FROM (
         count(*) FILTER (WHERE side = 'sell') AS sales_in_flight
     FROM orders WHERE state = ANY($1::text[])
 ) flying
+"""
+
+
+#: one statement, so the positions and the entries are of one snapshot
+_EXPOSURE = """
+SELECT mint, NULL AS order_id, cost_sol AS sol, NULL AS requested_at
+FROM positions WHERE closed_at IS NULL
+UNION ALL
+SELECT mint, order_id, coalesce(sol_amount, 0), requested_at
+FROM orders WHERE side = 'buy' AND state = ANY($1::text[])
+ORDER BY requested_at NULLS FIRST
 """
 
 
@@ -1172,6 +1214,17 @@ class PostgresLedger:
     @staticmethod
     async def _totals(conn: Any) -> LedgerTotals:
         return LedgerTotals(**dict(await conn.fetchrow(_TOTALS, list(UNRESOLVED))))
+
+    async def exposure(self) -> LedgerExposure:
+        exposure = LedgerExposure()
+        for row in await self.pool.fetch(_EXPOSURE, list(UNRESOLVED)):
+            mint, sol = row["mint"], row["sol"]
+            if row["order_id"] is None:
+                exposure.open_cost_sol[mint] = exposure.open_cost_sol.get(mint, 0.0) + sol
+            else:
+                entry = EntryInFlight(order_id=row["order_id"], mint=mint, sol_amount=sol)
+                exposure.entries_in_flight.append(entry)
+        return exposure
 
     async def predecessor(self) -> Predecessor | None:
         row = await self.pool.fetchrow(_PREDECESSOR, HOLDER)

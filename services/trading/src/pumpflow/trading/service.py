@@ -86,7 +86,8 @@ every order, fill and position.
   reserved) that leaves a limit exceeded is logged as a warning naming the order, each
   limit and the excess, and counted by limit (``pumpflow_trading_fills_over_limit``).
   It is booked and not sold, and the limits refuse every entry that would add to the
-  excess (argued in :mod:`pumpflow.common.trading.risk`). No event is added for it: its
+  excess (argued in :mod:`pumpflow.common.trading.risk`); ``/limits`` lists each limit
+  exceeded now, with its value and excess. No event is added for it: its
   ``order.filled`` and ``position.opened`` (or ``updated``) go out as any fill's, and
   they are what the exit service acts on; ``trading.state`` is not changed by it (only
   the entries adding to the excess are refused, not every entry) and ``trading.breaker``
@@ -154,6 +155,7 @@ from pumpflow.common.trading import (
     DecisionPolicy,
     EntrySpend,
     FillOverLimit,
+    Holdings,
     Position,
     PositionBook,
     RiskManager,
@@ -228,6 +230,38 @@ def _exposure(totals: LedgerTotals, spend: EntrySpend) -> float:
     in flight can spend (as :attr:`RiskManager.total_exposure` counts the book's)."""
     in_flight = spend.most(totals.entries_in_flight_sol, orders=totals.entries_in_flight)
     return totals.open_cost_sol + in_flight
+
+
+def _measured(risk: RiskManager) -> dict[str, Any]:
+    """What ``/limits`` says of ``risk``'s limits and what they measure now: the capital,
+    the limits, the most an entry order of x SOL spends (x * ``factor`` + ``fixed_sol``),
+    which its checks and its reservation read, the exposure and positions with the
+    reservations in flight at that most, and each limit exceeded now (a late fill)."""
+    reservations = [
+        {"order_id": order_id, "mint": mint, "most_sol": most}
+        for order_id, (mint, most) in risk.reservations.items()
+    ]
+    return {
+        "capital_sol": risk.capital,
+        "limits": asdict(risk.limits),
+        "breakers": asdict(risk.breaker_settings),
+        "entry_spend": asdict(risk.entry_spend),
+        "exposure_sol": risk.total_exposure,
+        "open_positions": risk.open_positions(),
+        "orders_in_flight": len(reservations),
+        "reservations": reservations,
+        "exceeded": [
+            {
+                "limit": breach.limit,
+                "mint": breach.mint,
+                "value": breach.value,
+                "cap": breach.cap,
+                "excess": breach.excess,
+                "text": str(breach),
+            }
+            for breach in risk.exceeded()
+        ],
+    }
 
 
 def _outboxed(event: Event) -> bool:
@@ -1925,16 +1959,10 @@ class TradingService(Service):
 
     def limits(self) -> dict[str, Any]:
         """The limits and what they are measured on, as the replica trading holds them."""
-        risk = self.risk
         return {
             "role": self.role,
             "source": "book",
-            "capital_sol": risk.capital,
-            "limits": asdict(risk.limits),
-            "breakers": asdict(risk.breaker_settings),
-            "exposure_sol": risk.total_exposure,
-            "open_positions": risk.open_positions(),
-            "orders_in_flight": len(risk.reservations),
+            **_measured(self.risk),
             "sales_in_flight": len(self.book.sales),
         }
 
@@ -1963,19 +1991,30 @@ class TradingService(Service):
     async def limits_view(self) -> dict[str, Any]:
         """``/limits``: the book's on the replica trading (:meth:`limits`); elsewhere
         measured on what the ledger holds (entries and sales in flight: its orders whose
-        outcome is not known yet)."""
+        outcome is not known yet), by a risk manager of the settings' limits (the same
+        in every replica) holding its open positions and reserving its entries in flight
+        as the holder does."""
         if self._leading:
             return self.limits()
         totals = await self.ledger.totals()
+        exposure = await self.ledger.exposure()
+        limits = self.risk.limits
+        risk = RiskManager(
+            self._capital(totals.realized_pnl_sol),
+            limits.max_risk_per_trade,
+            limits.max_concurrent_positions,
+            limits=limits,
+            breakers=self.risk.breaker_settings,
+            positions=Holdings(exposure.open_cost_sol),
+            entry_spend=self.risk.entry_spend,
+            clock=self._ctx.clock,
+        )
+        for entry in exposure.entries_in_flight:
+            if entry.sol_amount:  # as a take-over reserves them
+                risk.reserve(entry.order_id, entry.mint, entry.sol_amount)
         return {
             **await self._standing_by(),
-            "capital_sol": self._capital(totals.realized_pnl_sol),
-            # the settings': the same in every replica
-            "limits": asdict(self.risk.limits),
-            "breakers": asdict(self.risk.breaker_settings),
-            "exposure_sol": _exposure(totals, self.risk.entry_spend),
-            "open_positions": totals.tokens_engaged,
-            "orders_in_flight": totals.entries_in_flight,
+            **_measured(risk),
             "sales_in_flight": totals.sales_in_flight,
         }
 
