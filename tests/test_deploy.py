@@ -266,6 +266,8 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         "pumpflow_model_labels_refused_total",
         # trades the book does not hold: the wallet and the book differ by them
         "pumpflow_trading_unbooked_trades_total",
+        # buys booked past their limit check that left a limit exceeded
+        "pumpflow_trading_fills_over_limit_total",
         # exits: progress (tranches without an outcome too), slippage, trading's events
         # the exit's keyed consumer dropped as copies or found a gap before
         "pumpflow_exit_graceful",
@@ -281,6 +283,8 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
     # refits that decided nothing, by reason
     assert 'outcome=~"refused|failed"' in exprs
     assert 'what="unconfirmed_tranches"' in exprs
+    # fills over a limit, by the limit they left exceeded
+    assert "sum by (limit) (increase(pumpflow_trading_fills_over_limit_total" in exprs
     assert 'metric!~"auc|precision"' in exprs and 'service="exit"' in exprs
 
 
