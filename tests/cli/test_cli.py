@@ -367,13 +367,15 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
             ["backtest", "--dsn", "postgresql://postgres@127.0.0.1:1/test"],
             None,
             1,
-            "pumpflow backtest: cannot connect: [Errno 111] Connect call failed",
+            "pumpflow backtest: cannot connect: postgres unreachable: ConnectionRefusedError: "
+            "[Errno 111] Connect call failed",
         ),
         (
             ["replay", "--dsn", "postgresql://postgres@127.0.0.1:1/test"],
             None,
             1,
-            "pumpflow replay: cannot connect: [Errno 111] Connect call failed",
+            "pumpflow replay: cannot connect: postgres unreachable: ConnectionRefusedError: "
+            "[Errno 111] Connect call failed",
         ),
     ],
 )

@@ -1,10 +1,26 @@
-"""asyncpg pool bound to the run's schema."""
+"""asyncpg pool bound to the run's schema.
+
+Every service reaches Postgres through it (the runner's ``ServiceContext.db``), so its
+connections name their failures Postgres's: asyncpg raises the socket's own error when
+Postgres is down (ConnectionRefusedError), which names no dependency (``network``), and
+what waits for it would be told apart from nothing else in readiness and the metrics
+(:func:`pumpflow.common.dependencies.reaching`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import asyncpg
 
 from pumpflow.common.db.migrate import migrate
+from pumpflow.common.dependencies import POSTGRES, reaching
+
+
+async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, its connection failures named Postgres's."""
+    with reaching(POSTGRES):
+        return await asyncpg.connect(*args, **kwargs)
 
 
 async def create_pool(
@@ -12,7 +28,7 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """Open a pool whose connections use ``schema``; migrate it first by default."""
     if apply_migrations:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(dsn)
         try:
             await migrate(conn, schema)
         finally:
@@ -22,4 +38,5 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         server_settings={"search_path": schema},
+        connect=connect,
     )

@@ -42,7 +42,6 @@ import asyncpg
 from asyncpg.exceptions._base import DataError as ClientDataError
 
 from pumpflow.common.db.transactions import bound_idle_sql
-from pumpflow.common.dependencies import POSTGRES, reaching
 from pumpflow.common.events import (
     Event,
     TokenCreated,
@@ -612,9 +611,7 @@ def feed_history(
     async def history(mint: str, source: str, before_seq: int) -> list[Event]:
         if source != publisher:
             return []  # only the feed's events are stored here
-        # a rebuild waiting for Postgres is known to wait for Postgres, not "network"
-        with reaching(POSTGRES):
-            return await store.history(mint, publisher, before_seq)
+        return await store.history(mint, publisher, before_seq)
 
     return history
 
