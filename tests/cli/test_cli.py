@@ -58,10 +58,16 @@ class Widget(Service):
         pass
 
 
+class FakeDistribution:
+    def __init__(self, summary: str):
+        self.metadata = {"Summary": summary}
+
+
 class FakeEntryPoint:
-    def __init__(self, name: str, target):
+    def __init__(self, name: str, target, summary: str = ""):
         self.name = name
         self.value = f"tests.fake:{name}"
+        self.dist = FakeDistribution(summary)
         self._target = target
 
     def load(self):
@@ -72,7 +78,7 @@ class FakeEntryPoint:
 
 @pytest.fixture
 def fake_services(monkeypatch):
-    found = {"widget": FakeEntryPoint("widget", Widget)}
+    found = {"widget": FakeEntryPoint("widget", Widget, "Makes widgets for the tests.")}
 
     def load_service(name):
         if name not in found:
@@ -100,12 +106,36 @@ def test_every_subcommand_module_registers_itself():
         assert module_name.startswith("pumpflow.cli.")
 
 
-def test_services_lists_installed_ones(fake_services, capsys):
-    fake_services["broken"] = FakeEntryPoint("broken", ImportError("no module foo"))
+def test_services_lists_installed_ones_and_details_one_on_request(fake_services, capsys):
+    """The list reads the packages' descriptions, loading no service (a broken one is
+    listed as the others); a service named is loaded, and described in full."""
+    broken = FakeEntryPoint("broken", ImportError("no module foo"), "Breaks.")
+    fake_services["broken"] = broken
     assert cli_main.main(["services"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("broken") and "cannot load: ImportError: no module foo" in out[0]
+    assert out[0].startswith("broken") and out[0].endswith("Breaks.")
     assert out[1].startswith("widget") and "Makes widgets for the tests." in out[1]
+
+    assert cli_main.main(["services", "widget"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("widget       tests.fake:widget")
+    assert "Makes widgets for the tests." in out
+    assert cli_main.main(["services", "broken"]) == 1
+    assert "cannot load broken: ImportError: no module foo" in capsys.readouterr().err
+    assert cli_main.main(["services", "nope"]) == 2
+    assert "no service named 'nope' (installed: widget)" in capsys.readouterr().err
+
+
+def test_a_service_named_is_described_by_its_module(capsys):
+    """Its details: the Service class's docstring, then its module's, which says what it
+    consumes, publishes and serves."""
+    from pumpflow.trading import service
+
+    assert cli_main.main(["services", "trading"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("trading      pumpflow.trading.service:TradingService\n")
+    assert service.TradingService.__doc__ in out
+    assert service.__doc__.splitlines()[0] in out
 
 
 def test_settings_shows_variables_defaults_descriptions_and_hides_secrets(

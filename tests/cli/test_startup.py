@@ -1,7 +1,8 @@
-"""The interactive commands (``--help``, ``settings``, ``trading state``) start without
-the services' heavy dependencies: the check of the environment reads the settings
-classes the ``pumpflow.settings`` entry points name, not the services, and each command
-imports what it runs only once it runs."""
+"""The interactive commands (``--help``, ``services``, ``settings``, ``trading state``)
+start without the services' heavy dependencies: the check of the environment reads the
+settings classes the ``pumpflow.settings`` entry points name, not the services, the list
+of services their packages' descriptions, and each command imports what it runs only
+once it runs."""
 
 from __future__ import annotations
 
@@ -47,7 +48,13 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["settings", "trading"], ["settings", "model"], ["trading", "state", "--help"]],
+    [
+        ["--help"],
+        ["services"],
+        ["settings", "trading"],
+        ["settings", "model"],
+        ["trading", "state", "--help"],
+    ],
     ids=" ".join,
 )
 def test_an_interactive_command_imports_none_of_the_services_heavy_dependencies(argv):
@@ -59,6 +66,15 @@ def test_an_interactive_command_imports_none_of_the_services_heavy_dependencies(
     assert ran["code"] == 0, result.stderr[-2000:]
     imported = {name.partition(".")[0] for name in ran["modules"]}
     assert sorted(imported & set(HEAVY)) == []
+
+
+def test_every_service_package_describes_its_service_as_the_service_class_does():
+    """``pumpflow services`` lists each service's package description, importing none:
+    it must say what the Service class's docstring says first."""
+    for name, entry_point in installed_services().items():
+        service_cls = entry_point.load()
+        summary = service_cls.__doc__.strip().splitlines()[0]
+        assert entry_point.dist.metadata["Summary"] == summary, (name, "make install?")
 
 
 def test_every_service_names_its_settings_class_in_its_own_entry_point():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import sys
 
@@ -24,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("service", help="service name, see `pumpflow services`")
     serve.set_defaults(handler=serve_command)
 
-    services = subparsers.add_parser("services", help="list the installed services")
+    services = subparsers.add_parser(
+        "services", help="list the installed services, or describe one in full"
+    )
+    services.add_argument(
+        "service", nargs="?", help="describe this service (imports it; the list imports none)"
+    )
     services.set_defaults(handler=services_command)
 
     settings = subparsers.add_parser(
@@ -55,17 +61,36 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def services_command(args: argparse.Namespace) -> int:
     found = installed_services()
+    if args.service is not None:
+        return describe_service(args.service, found)
     if not found:
         print("no services installed")
         return 0
     for name in sorted(found):
-        try:
-            service_cls = found[name].load()
-            doc = (service_cls.__doc__ or "").strip().splitlines()
-            summary = doc[0] if doc else ""
-        except Exception as exc:  # a broken package must not hide the others
-            summary = f"(cannot load: {type(exc).__name__}: {exc})"
+        # the package's description (its Service class's first line, by a test): a
+        # service imported whole costs most of a second
+        dist = found[name].dist
+        summary = dist.metadata["Summary"] if dist is not None else ""
         print(f"{name:<12} {found[name].value:<40} {summary}")
+    return 0
+
+
+def describe_service(name: str, found: dict) -> int:
+    """Print the service ``name``'s entry point, its Service class's docstring and its
+    module's (what it consumes, publishes and serves)."""
+    try:
+        service_cls = _load(load_service, name)
+    except Exception as exc:  # a broken package: say why, as the list cannot
+        print(f"pumpflow: cannot load {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if service_cls is None:
+        return 2
+    print(f"{name:<12} {found[name].value}")
+    for doc in (service_cls, sys.modules.get(service_cls.__module__)):
+        text = inspect.getdoc(doc) if doc is not None else None
+        if text:
+            print()
+            print(text)
     return 0
 
 
