@@ -792,7 +792,7 @@ class MemoryLedger:
                 costs[p.mint] = costs.get(p.mint, 0.0) + p.cost_sol
         entries = sorted(
             (o for o in self._orders.values() if o.side == "buy" and o.state in UNRESOLVED),
-            key=lambda o: o.requested_at,
+            key=lambda o: (o.requested_at, o.order_id),
         )
         return LedgerExposure(
             open_cost_sol=costs,
@@ -1023,7 +1023,7 @@ FROM positions WHERE closed_at IS NULL
 UNION ALL
 SELECT mint, order_id, coalesce(sol_amount, 0), requested_at
 FROM orders WHERE side = 'buy' AND state = ANY($1::text[])
-ORDER BY requested_at NULLS FIRST
+ORDER BY requested_at NULLS FIRST, order_id
 """
 
 
@@ -1216,15 +1216,15 @@ class PostgresLedger:
         return LedgerTotals(**dict(await conn.fetchrow(_TOTALS, list(UNRESOLVED))))
 
     async def exposure(self) -> LedgerExposure:
-        exposure = LedgerExposure()
+        costs: dict[str, float] = {}
+        entries = []
         for row in await self.pool.fetch(_EXPOSURE, list(UNRESOLVED)):
             mint, sol = row["mint"], row["sol"]
             if row["order_id"] is None:
-                exposure.open_cost_sol[mint] = exposure.open_cost_sol.get(mint, 0.0) + sol
+                costs[mint] = costs.get(mint, 0.0) + sol
             else:
-                entry = EntryInFlight(order_id=row["order_id"], mint=mint, sol_amount=sol)
-                exposure.entries_in_flight.append(entry)
-        return exposure
+                entries.append(EntryInFlight(order_id=row["order_id"], mint=mint, sol_amount=sol))
+        return LedgerExposure(open_cost_sol=costs, entries_in_flight=entries)
 
     async def predecessor(self) -> Predecessor | None:
         row = await self.pool.fetchrow(_PREDECESSOR, HOLDER)
