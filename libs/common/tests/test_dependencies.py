@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 
 import aio_pika
 import aiormq.exceptions
@@ -64,6 +65,9 @@ async def test_what_a_dependency_that_is_away_raises_is_transient_and_named():
         (aiormq.exceptions.ChannelInvalidStateError("channel closed"), RABBITMQ),
         (ConnectionResetError(104, "Connection reset by peer"), NETWORK),
         (TimeoutError(), NETWORK),
+        # what asyncpg raises when a stopped container's name no longer resolves
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), NETWORK),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), NETWORK),
     ],
 )
 def test_server_restarting_loading_or_dropping_connections_is_transient(error, dependency):
@@ -81,6 +85,7 @@ def test_server_restarting_loading_or_dropping_connections_is_transient(error, d
         aiormq.exceptions.ChannelNotFoundEntity("NOT_FOUND - no queue"),
         TaskHung("task of m ran past 10s"),
         OverflowError("math range error"),
+        socket.gaierror(socket.EAI_SERVICE, "Servname not supported for ai_socktype"),
     ],
 )
 def test_a_failure_of_the_work_itself_is_not_transient(error):

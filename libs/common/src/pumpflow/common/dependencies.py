@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -74,6 +75,10 @@ _NETWORK_ERRNOS = frozenset(
         errno.EADDRNOTAVAIL,
     }
 )
+#: a host name that does not resolve now: a container stopped or being recreated (compose's
+#: DNS forgets its name meanwhile), the resolver away; a name wrong from the start never
+#: gets this far (the replica's start waits for it, not ready, its error in /readyz)
+_RESOLUTION_ERRNOS = frozenset({socket.EAI_AGAIN, socket.EAI_NONAME})
 #: how far down ``__cause__`` / ``__context__`` an error is looked through
 _CHAIN_DEPTH = 8
 
@@ -146,6 +151,8 @@ def _classify(error: BaseException) -> str | None:
             return RABBITMQ
     if isinstance(error, ConnectionError | TimeoutError):
         return NETWORK
+    if isinstance(error, socket.gaierror):
+        return NETWORK if error.errno in _RESOLUTION_ERRNOS else None
     if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
         return NETWORK
     return None
