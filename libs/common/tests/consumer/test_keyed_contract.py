@@ -473,27 +473,60 @@ async def test_a_partition_behind_the_others_is_judged_by_its_own_time(pair):
 
 async def test_a_partition_that_knows_no_time_yet_is_told_the_consumers(pair):
     """Its first event carries no market time (a migration, where only trades do): its
-    key is told the time of the partitions that know one, as before it had its own."""
+    key is told the time of the partitions that know one, as before it had its own. It
+    holds that time: its own first trade, behind it, does not take it back."""
     processor = NowRecordingProcessor()
-    consumer = KeyedStatefulConsumer(
-        processor,
-        KeyedConsumerConfig(
-            service="keyed", patterns=("token.trade", "token.migrated"),
-            market_types=("token.trade",),
-        ),
-        bus=await pair.bus(),
-        store=pair.store,
-        clock=pair.clock,
-        source="keyed/test",
-    )  # fmt: skip
-    await consumer.start()
-    pair.consumers.append(consumer)
+    consumer = await pair.consumer(processor, market_types=("token.trade",))
     await pair.clock.advance_to(START + 400)
     (trading,) = _in_partition(1)
-    (migrating,) = _in_partition(3)
+    migrating, behind = _in_partition(3, 2)
     await consumer.handle_batch([trade(trading, 1, at=START + 50)])
     await consumer.handle_batch([migrated(migrating, 1)])
     assert processor.told[migrating] == START + 50
+    await consumer.handle_batch([trade(behind, 1, at=START + 20)])
+    assert processor.told[behind] == START + 50
+
+
+async def test_a_partition_told_the_others_time_keeps_its_own_in_its_records(pair):
+    """A partition that knew no time of its own was told the others'; its own first
+    trade, behind that, is told no less, but its records keep the trade's time, the
+    partition's own, and a replica taking it over starts from there, not from the
+    others' time it was told."""
+    market = ("token.trade",)
+    processor = NowRecordingProcessor()
+    first = await pair.consumer(processor, market_types=market)
+    await pair.clock.advance_to(START + 400)
+    (trading,) = _in_partition(1)
+    migrating, behind = _in_partition(3, 2)
+    await first.handle_batch([trade(trading, 1, at=START + 50)])
+    await first.handle_batch([migrated(migrating, 1)])
+    await first.handle_batch([trade(behind, 1, at=START + 20)])
+    assert processor.told[behind] == START + 50
+    await first.flush()
+    assert (await pair.record(behind)).time == START + 20
+    await first.stop()
+    pair.consumers.remove(first)
+    second = await pair.consumer(RecordingProcessor(), bus=await pair.bus(), market_types=market)
+    await eventually(lambda: 3 in second.restored, what="partition 3 restored")
+    assert second.now(3) == START + 20
+
+
+async def test_a_late_event_after_a_quiet_spell_does_not_take_the_time_back(pair):
+    """Live, a partition's time moves on with the clock through ten quiet seconds; an
+    event of it delayed five seconds then comes: the time told stays where it had got,
+    and moves on from there, so nothing judged by it (timers, idleness) goes back."""
+    processor = NowRecordingProcessor()
+    consumer = await pair.consumer(processor)
+    first, late = _in_partition(1, 2)
+    await consumer.handle_batch([trade(first, 1, at=START)])
+    assert processor.told[first] == START
+    await pair.clock.advance_to(START + 10)
+    await consumer.handle_batch([trade(late, 1, at=START + 5)])
+    assert processor.told[late] == START + 10
+    assert consumer.now(1) == START + 10
+    assert consumer.now() == START + 10
+    await pair.clock.advance(3)
+    assert consumer.now(1) == START + 13
 
 
 async def test_a_partition_that_knew_no_time_is_restored_knowing_none(pair):

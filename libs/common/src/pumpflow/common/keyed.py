@@ -61,8 +61,9 @@ class Effects(Protocol):
     def now(self) -> float:
         """The consumer's time of the key's partition: the market's as far as the
         partition has applied it (the latest event time of the market's types), moving on
-        with the clock while nothing newer comes, never past the clock; the clock's, live
-        (see :mod:`pumpflow.common.consumer.keyed`). Event time is on the event."""
+        with the clock while nothing newer comes, never past the clock, never back; the
+        clock's, live (see :mod:`pumpflow.common.consumer.keyed`). Event time is on the
+        event."""
 
     @property
     def more(self) -> bool:

@@ -106,19 +106,24 @@ owns the rest:
   fire at, the time a key is compacted at) is the consumer's time of the key's
   partition, the market's as far as that partition has applied it: the latest event
   time of the types that carry the market's (``market_types``) it applied, moved on by
-  the clock from then while nothing newer comes, never past the clock. Live, it is the
-  clock's but for the delivery's delay; behind the market (a backlog after an outage, a
-  restart, a burst) it is the time of the events it is applying, so a key whose next
-  events are still queued is not judged idle or quiet meanwhile, however far ahead
-  other partitions (their queues drained sooner) are. A partition that knows no time
-  yet (its first events carry none of the market's) has the latest of the others'. A
-  timer comes due on the clock and fires once its partition's time reaches it too:
-  until then it waits, looked at every :data:`WAIT_CHECK_S` of the clock. Each record
-  keeps its partition's time it was written at (none while the partition knows none,
-  not the others' it is told): a replica that takes a partition over starts from the
-  latest of its records, so its timers, long past on the clock after an outage, wait
-  for the backlog. Before any partition knows a time (nothing applied, nothing restored
-  with one) it judges no time passed: timers wait, and a compaction finds nothing idle.
+  the clock from then while nothing newer comes, never past the clock, and never back:
+  an event older than where the time got to (one delayed past a quiet spell the time
+  moved on through with the clock) leaves it there, so nothing judged by it (timers,
+  idleness, compaction) is judged again at an earlier time. Live, it is the clock's but
+  for the delivery's delay; behind the market (a backlog after an outage, a restart, a
+  burst) it is the time of the events it is applying, so a key whose next events are
+  still queued is not judged idle or quiet meanwhile, however far ahead other
+  partitions (their queues drained sooner) are. A partition that knows no time of its
+  own yet (its first events carry none of the market's) is told the latest of the
+  others', and no less from then: its own first events, behind it, do not take back
+  what it was told. A timer comes due on the clock and fires once its partition's time
+  reaches it too: until then it waits, looked at every :data:`WAIT_CHECK_S` of the
+  clock. Each record keeps its partition's own time it was written at, never the
+  others' it was told (none while it knows none): a replica that takes a partition
+  over starts from the latest of its records, so its timers, long past on the clock
+  after an outage, wait for the backlog of its own market. Before any partition knows
+  a time (nothing applied, nothing restored with one) it judges no time passed: timers
+  wait, and a compaction finds nothing idle.
 - **Lag behind the market.** ``pumpflow_consumer_lag_seconds{service,partition}``,
   read when scraped (:meth:`lags`): per partition owned that knows a time, the clock
   minus the latest market event time it applied (or restored with its records). A
@@ -281,7 +286,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     failed: dict[str, list[int]] = {}
     #: publisher service -> seqs a later seq skipped (applied when they arrive)
     missing: dict[str, list[int]] = {}
-    #: its partition's time when written (-inf: it knew none; see the module's time)
+    #: its partition's own time when written (-inf: it knew none; see the module's time)
     time: float = -math.inf
 
 
@@ -519,12 +524,14 @@ class KeyedStatefulConsumer(Generic[S]):
         partitions = bus.partitions
         self._event_times = [-math.inf] * partitions
         self._market = None if config.market_types is None else frozenset(config.market_types)
-        #: per partition, and last the consumer's as a whole (the latest of them): the
-        #: event time its time was last read with, and the clock's time then; it moves
-        #: on from there with the clock while no newer event comes
-        self._whole = partitions
-        self._seen = [-math.inf] * (partitions + 1)
-        self._seen_at = [0.0] * (partitions + 1)
+        #: per partition: the latest event time its time has taken in; its own time and
+        #: the least it is told (the others' it was told while it knew none of its own),
+        #: each held as its offset from the clock (at most 0, -inf: none), so it moves
+        #: on with the clock; and the latest offset of the partitions' own times
+        self._seen = [-math.inf] * partitions
+        self._own = [-math.inf] * partitions
+        self._told_floor = [-math.inf] * partitions
+        self._latest_own = -math.inf
         #: per partition, timers due on the clock that wait for its time, (at, order,
         #: handle) in a heap, and the look at them next
         self._waiting: dict[int, list[tuple[float, int, TimerHandle]]] = {}
@@ -1677,7 +1684,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 expired = WriteBatch()
                 expired.hdel(index_key, set(listed).difference(present))
                 await self._retry(lambda b=expired: self.store.write(b), "indexing")
-            self.now(partition)  # the time restored moves on with the clock from here
+            self._time_applied(partition)  # the time restored moves on from here
         self.restored.update(p for p in partitions if p in self.owned)
         self.metrics.restored.inc(restored)
         log.info(
@@ -1770,39 +1777,62 @@ class KeyedStatefulConsumer(Generic[S]):
 
     def now(self, partition: int | None = None) -> float:
         """The consumer's time (see the module), of ``partition`` or (None) the latest
-        of the partitions': the latest event time applied of the market's types, moved
-        on with the clock since it was applied while no newer event comes, never past
-        the clock. A partition that knows none has the latest of the partitions'; -inf
-        before any knows one."""
-        clock = self.clock.now()
-        times = self._event_times
-        if partition is None or (latest := times[partition]) == -math.inf:
-            partition = self._whole
-            latest = max(times)
-        if latest != self._seen[partition]:
-            self._seen[partition] = latest
-            self._seen_at[partition] = clock
-            return latest if latest < clock else clock
-        moved = latest + (clock - self._seen_at[partition])
-        return moved if moved < clock else clock
+        of the partitions' own: the latest event time applied of the market's types,
+        moved on with the clock since it was applied while no newer event comes, never
+        past the clock, never back. A partition that knows none of its own is told the
+        latest of the others', and no less from then; -inf before any has a time."""
+        if partition is None:
+            return self.clock.now() + self._latest_own
+        return self._told_time(partition, hold=True)
 
     def time_of(self, key: str) -> float:
-        """The time ``key`` is judged at: its partition's (see :meth:`now`)."""
-        return self.now(self._partition(key))
+        """The time ``key`` is judged at (a read for views): its partition's (see
+        :meth:`now`); reading it holds the partition to no time."""
+        return self._told_time(self._partition(key), hold=False)
+
+    def _told_time(self, partition: int, *, hold: bool) -> float:
+        """The partition's time at the clock: its own, or the others' it is told while
+        it knows none (``hold``: it is told no less from then), whichever is later."""
+        clock = self.clock.now()
+        if self._event_times[partition] != self._seen[partition]:
+            self._take_in(partition, clock)
+        own = self._own[partition]
+        told = self._told_floor[partition]
+        if own == -math.inf and self._latest_own > told:
+            told = self._latest_own
+            if hold:
+                # its own first events, behind it, do not take back what it was told
+                self._told_floor[partition] = told
+        return clock + (own if own > told else told)
+
+    def _take_in(self, partition: int, clock: float) -> None:
+        """The partition's own time takes in its latest event time applied, read at
+        ``clock``: never past the clock, and never back (an event older than where the
+        time got to, one delayed past a quiet spell it moved on through, leaves it)."""
+        latest = self._event_times[partition]
+        self._seen[partition] = latest
+        offset = latest - clock
+        if offset > 0.0:
+            offset = 0.0
+        if offset > self._own[partition]:
+            self._own[partition] = offset
+            if offset > self._latest_own:
+                self._latest_own = offset
 
     def _record_time(self, partition: int) -> float:
-        """The time a record of ``partition`` keeps: its own, -inf while it knows none
-        (the others' it is told meanwhile, restored as its own, would hold its market's
+        """The time a record of ``partition`` keeps: its own, -inf while it knows none;
+        never the others' it was told (restored as its own, it would hold its market's
         time, behind theirs after an outage, back to theirs)."""
-        if self._event_times[partition] == -math.inf:
-            return -math.inf
-        return self.now(partition)
+        clock = self.clock.now()
+        if self._event_times[partition] != self._seen[partition]:
+            self._take_in(partition, clock)
+        return clock + self._own[partition]
 
     def _time_applied(self, partition: int) -> None:
         """The partition's time moves on with the clock from the events just applied: from
         now, not from when it is first asked for, which may be long after."""
         if self._event_times[partition] != self._seen[partition]:
-            self.now(partition)
+            self._take_in(partition, self.clock.now())
 
     def lags(self) -> list[tuple[int, float]]:
         """Per partition owned that knows a time, the seconds its latest market event time
