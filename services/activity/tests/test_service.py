@@ -13,7 +13,7 @@ from pumpflow.activity.service import KEY_PREFIX, ActivityService
 from pumpflow.common.bus import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.consumer import Record
-from pumpflow.common.events import Event
+from pumpflow.common.events import Event, decode_event, encode_event
 from pumpflow.common.runtime.http import create_app
 
 START = 1_700_000_000.0  # the clock fixture's start
@@ -274,6 +274,23 @@ async def test_a_migration_before_the_tokens_first_vector_starts_it_with_nothing
     assert svc.consumer_metrics.counts()["unrecorded_starts"] == 0
     record, _ = await stored(svc, "A")
     assert record.applied == {"feed": 101, "features": 100} and record.missing == {}
+    await svc.stop()
+
+
+async def test_a_migration_first_on_an_empty_store_is_announced_at_its_own_time(stack):
+    """Nothing applied yet, no time known: a migration (not of activity's market types)
+    comes first, a minute behind the clock. Its lifecycle is stamped at the migration's
+    time, one the bus carries (JSON has no infinity), not at a time before any."""
+    s, tk = stack, stack.tokens
+    svc = await s.activity()
+    await s.at(100)
+    await s.bus.publish(tk.migrated("A", time=START + 40))
+    (graduated,) = s.lifecycle
+    assert graduated.data.state == "graduated"
+    assert graduated.time == START + 40
+    assert decode_event(encode_event(graduated)).time == START + 40
+    _, token = await stored(svc, "A")
+    assert token.since == START + 40
     await svc.stop()
 
 

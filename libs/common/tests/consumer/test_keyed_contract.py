@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -509,6 +510,50 @@ async def test_a_partition_told_the_others_time_keeps_its_own_in_its_records(pai
     second = await pair.consumer(RecordingProcessor(), bus=await pair.bus(), market_types=market)
     await eventually(lambda: 3 in second.restored, what="partition 3 restored")
     assert second.now(3) == START + 20
+
+
+async def test_an_event_applied_before_any_time_is_known_is_told_its_own_time(pair):
+    """No partition knows a time (nothing applied, nothing restored): the first event, a
+    migration where only trades carry the market's time, is told its own time, 400 s
+    behind the clock, never a time before any. It does not become its partition's time
+    (a type that overtakes the market may be ahead of it): the partition still knows
+    none, its record says so, and its first trade is told the market's."""
+    processor = NowRecordingProcessor()
+    consumer = await pair.consumer(processor, market_types=("token.trade",))
+    await pair.clock.advance_to(START + 400)
+    migrating, trading = _in_partition(3, 2)
+    await consumer.handle_batch([migrated(migrating, 1)])
+    assert processor.told[migrating] == START + 1
+    assert consumer.now(3) == -math.inf
+    assert (await pair.record(migrating)).time == -math.inf
+    await consumer.handle_batch([trade(trading, 1, at=START + 0.5)])
+    assert processor.told[trading] == START + 0.5
+
+
+class CompactionRecordingProcessor(RecordingProcessor):
+    """Keeps the times it is told to compact keys at."""
+
+    def __init__(self):
+        super().__init__()
+        self.compacted_at: list[float] = []
+
+    def compact(self, state: Applied, now: float) -> bytes | None:
+        self.compacted_at.append(now)
+        return None
+
+
+async def test_a_key_idle_before_any_time_is_known_is_held_as_it_is_not_compacted(pair):
+    """No time known (its trades carry none of the market's here): a compaction finds
+    nothing idle in the market's time, and tells the processor no time; the key is held
+    encoded as it is, and its next event applies to it."""
+    processor = CompactionRecordingProcessor()
+    consumer = await pair.consumer(processor, market_types=("token.migrated",))
+    (mint,) = _in_partition(2)
+    await consumer.handle_batch([trade(mint, 1)])
+    assert consumer.compact(idle_s=0.0) == 1
+    assert processor.compacted_at == []
+    await consumer.handle_batch([trade(mint, 2)])
+    assert await pair.applied(mint) == [1, 2]
 
 
 async def test_a_late_event_after_a_quiet_spell_does_not_take_the_time_back(pair):

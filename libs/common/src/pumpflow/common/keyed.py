@@ -62,8 +62,8 @@ class Effects(Protocol):
         """The consumer's time of the key's partition: the market's as far as the
         partition has applied it (the latest event time of the market's types), moving on
         with the clock while nothing newer comes, never past the clock, never back; the
-        clock's, live (see :mod:`pumpflow.common.consumer.keyed`). Event time is on the
-        event."""
+        clock's, live. Always finite: before any time is known, the event's own (see
+        :mod:`pumpflow.common.consumer.keyed`). Event time is on the event."""
 
     @property
     def more(self) -> bool:

@@ -121,9 +121,17 @@ owns the rest:
   clock. Each record keeps its partition's own time it was written at, never the
   others' it was told (none while it knows none): a replica that takes a partition
   over starts from the latest of its records, so its timers, long past on the clock
-  after an outage, wait for the backlog of its own market. Before any partition knows
-  a time (nothing applied, nothing restored with one) it judges no time passed: timers
-  wait, and a compaction finds nothing idle.
+  after an outage, wait for the backlog of its own market. Before any partition has
+  a time (nothing of the market's types applied, nothing restored with one), a
+  processor is told the time of the event it applies (never past the clock; the
+  clock's for a timer), never a time before any: what it emits is stamped at a time
+  the bus carries (JSON has no infinity, so every consumer would refuse an event
+  stamped -inf, and one handed on in memory would put it into the times downstream).
+  That time is told, not held: a type that does not carry the market's may be ahead
+  of it (a command on the critical lane, a migration overtaking its token's vectors),
+  so the partition's time stays unknown until the market's comes: its timers wait, a
+  compaction finds nothing idle (a key is held encoded as it is) and its records
+  keep no time.
 - **Lag behind the market.** ``pumpflow_consumer_lag_seconds{service,partition}``,
   read when scraped (:meth:`lags`): per partition owned that knows a time, the clock
   minus the latest market event time it applied (or restored with its records). A
@@ -385,7 +393,9 @@ class _Effects:
 
     @property
     def now(self) -> float:
-        return self._consumer.now(self._entry.partition)
+        consumer = self._consumer
+        now = consumer.now(self._entry.partition)
+        return now if now != -math.inf else consumer._first_time(self.cause)
 
     def emit(self, payload: Payload, *, time: float) -> None:
         if self._silent:
@@ -1763,7 +1773,8 @@ class KeyedStatefulConsumer(Generic[S]):
                 now = times.get(entry.partition)
                 if now is None:
                     now = times[entry.partition] = self.now(entry.partition)
-                raw = processor.compact(entry.state, now)
+                # no time known: nothing is idle in it, the key is held as it is
+                raw = processor.compact(entry.state, now) if now != -math.inf else None
                 entry.raw = raw if raw is not None else processor.encode(entry.state)
                 entry.state = None
                 compacted += 1
@@ -1780,15 +1791,18 @@ class KeyedStatefulConsumer(Generic[S]):
         of the partitions' own: the latest event time applied of the market's types,
         moved on with the clock since it was applied while no newer event comes, never
         past the clock, never back. A partition that knows none of its own is told the
-        latest of the others', and no less from then; -inf before any has a time."""
+        latest of the others', and no less from then; -inf before any has a time (a
+        processor is told its event's then: :meth:`_first_time`)."""
         if partition is None:
             return self.clock.now() + self._latest_own
         return self._told_time(partition, hold=True)
 
     def time_of(self, key: str) -> float:
         """The time ``key`` is judged at (a read for views): its partition's (see
-        :meth:`now`); reading it holds the partition to no time."""
-        return self._told_time(self._partition(key), hold=False)
+        :meth:`now`), or the clock's before any time is known; reading it holds the
+        partition to no time."""
+        now = self._told_time(self._partition(key), hold=False)
+        return now if now != -math.inf else self.clock.now()
 
     def _told_time(self, partition: int, *, hold: bool) -> float:
         """The partition's time at the clock: its own, or the others' it is told while
@@ -1827,6 +1841,17 @@ class KeyedStatefulConsumer(Generic[S]):
         if self._event_times[partition] != self._seen[partition]:
             self._take_in(partition, clock)
         return clock + self._own[partition]
+
+    def _first_time(self, event: Event | None) -> float:
+        """What a processor is told is now before any partition has a time: the time of
+        the event it applies (the clock's for a timer, or an event of no time), never
+        past the clock. Told, not held: a type that does not carry the market's time may
+        be ahead of it (a command on the critical lane, a migration overtaking its
+        vectors), so the partition's time, by which its timers and compaction are judged
+        and which its records keep, waits for the market's."""
+        clock = self.clock.now()
+        at = clock if event is None else event.time
+        return at if -math.inf < at < clock else clock
 
     def _time_applied(self, partition: int) -> None:
         """The partition's time moves on with the clock from the events just applied: from
