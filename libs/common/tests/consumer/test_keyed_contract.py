@@ -638,6 +638,82 @@ async def test_the_lag_behind_the_market_is_read_per_partition_when_scraped(pair
     assert "01" not in lags(registry)
 
 
+class _HeldRestore:
+    """The store with the next listing of one partition's index, once :meth:`hold` is
+    called, held until :meth:`release` (a slow restore)."""
+
+    def __init__(self, store: StateStore, index: str):
+        self._store = store
+        self._index = index
+        self._hold = False
+        self.holding = asyncio.Event()
+        self._released = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def hold(self) -> None:
+        self._hold = True
+
+    async def hgetall(self, key: str):
+        if self._hold and key == self._index:
+            self._hold = False
+            self.holding.set()
+            await self._released.wait()
+        return await self._store.hgetall(key)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+async def test_a_partition_assigned_again_starts_from_its_records_not_its_old_time(pair):
+    """400 s of the clock behind the market, a partition is revoked, and assigned back to
+    the same replica 100 s of the clock later: until its records are restored it knows
+    no time (its lag is not shown), then it has their time, not the one it had moved on
+    with the clock meanwhile, so its key's timer (30 s after its event) still waits for
+    the backlog."""
+    registry = CollectorRegistry()
+    processor = RecordingProcessor(timers=True)
+    held = _HeldRestore(pair.store, "keyed:partition:1")
+    consumer = await pair.consumer(
+        processor, store=held, metrics=ConsumerMetrics("keyed", registry=registry)
+    )
+    await eventually(lambda: 1 in consumer.restored, what="partition 1 restored")
+    await pair.clock.advance_to(START + 400)
+    (mint,) = _in_partition(1)
+    await consumer.handle_batch([trade(mint, 1, at=START + 1)])
+    await consumer.revoke((1,))
+    await pair.clock.advance(100)
+    held.hold()
+    assigning = asyncio.ensure_future(consumer.assign((1,)))
+    await held.holding.wait()
+    assert "01" not in lags(registry)
+    held.release()
+    await assigning
+    assert lags(registry)["01"] == 499.0
+    assert consumer.now(1) == START + 1
+    await pair.clock.advance(WAIT_CHECK_S)
+    assert processor.fired_keys == []
+
+
+async def test_a_partition_assigned_again_is_not_told_the_others_time_it_was_told(pair):
+    """A partition that knew no time of its own was told the others' (50 s behind the
+    clock), then its own trade, far behind that, came; revoked and assigned back, it is
+    told its records' time, its own, not the others' it was told before."""
+    processor = NowRecordingProcessor()
+    consumer = await pair.consumer(processor, market_types=("token.trade",))
+    await pair.clock.advance_to(START + 400)
+    (ahead,) = _in_partition(3)
+    migrating, behind = _in_partition(1, 2)
+    await consumer.handle_batch([trade(ahead, 1, at=START + 350)])
+    await consumer.handle_batch([migrated(migrating, 1)])
+    await consumer.handle_batch([trade(behind, 1, at=START + 1)])
+    assert processor.told[behind] == START + 350
+    await consumer.revoke((1,))
+    await consumer.assign((1,))
+    assert consumer.now(1) == START + 1
+
+
 async def test_timers_run_on_the_owner_only_and_move_with_the_partition(pair):
     bus = await pair.bus()
     announced = await watch(bus)

@@ -72,7 +72,8 @@ owns the rest:
 - **Ownership.** ``on_assigned`` loads the live records of the partitions (listed in
   ``<service>:partition:<p>``), re-arms their timers and publishes what their outboxes
   still hold; ``on_revoked`` stops their timers, lets their queued work finish,
-  stores them and forgets them. So timers run only on the owner.
+  stores them and forgets them, and the partition's time. So timers run only on the
+  owner.
 - **Retirement.** ``effects.retire(ttl)`` drops a key from memory once stored, takes
   it off its partition's index and gives its record (and views) that TTL; an event
   for it later loads it again (and indexes it again; a copy of one it applied changes
@@ -102,39 +103,42 @@ owns the rest:
   duplicate, refused, raised), so what ``prepare`` kept for the delivery goes with it.
   ``on_forgotten`` is told each key that leaves memory (retired, revoked, dropped as
   unencodable), so what a service keeps per key beside its state goes with it.
-- **Time.** What a processor is told is now (``Effects.now``, the time its timers
-  fire at, the time a key is compacted at) is the consumer's time of the key's
-  partition, the market's as far as that partition has applied it: the latest event
-  time of the types that carry the market's (``market_types``) it applied, moved on by
-  the clock from then while nothing newer comes, never past the clock, and never back:
-  an event older than where the time got to (one delayed past a quiet spell the time
-  moved on through with the clock) leaves it there, so nothing judged by it (timers,
-  idleness, compaction) is judged again at an earlier time. Live, it is the clock's but
-  for the delivery's delay; behind the market (a backlog after an outage, a restart, a
-  burst) it is the time of the events it is applying, so a key whose next events are
-  still queued is not judged idle or quiet meanwhile, however far ahead other
-  partitions (their queues drained sooner) are. A partition that knows no time of its
-  own yet (its first events carry none of the market's) is told the latest of the
-  others', and no less from then: its own first events, behind it, do not take back
-  what it was told. A timer comes due on the clock and fires once its partition's time
-  reaches it too: until then it waits, looked at every :data:`WAIT_CHECK_S` of the
-  clock. Each record keeps its partition's own time it was written at, never the
-  others' it was told (none while it knows none): a replica that takes a partition
-  over starts from the latest of its records, so its timers, long past on the clock
-  after an outage, wait for the backlog of its own market. Before any partition has
-  a time (nothing of the market's types applied, nothing restored with one), a
-  processor is told the time of the event it applies (never past the clock; the
-  clock's for a timer), never a time before any: what it emits is stamped at a time
-  the bus carries (JSON has no infinity, so every consumer would refuse an event
-  stamped -inf, and one handed on in memory would put it into the times downstream).
-  That time is told, not held: a type that does not carry the market's may be ahead
-  of it (a command on the critical lane, a migration overtaking its token's vectors),
-  so the partition's time stays unknown until the market's comes: its timers wait, a
-  compaction finds nothing idle (a key is held encoded as it is) and its records
-  keep no time.
+- **Time.** What a processor is told is now (``Effects.now``, the time its timers fire
+  at, the time a key is compacted at) is the consumer's time of the key's partition, the
+  market's as far as that partition has applied it: the latest event time of the types
+  that carry the market's (``market_types``) it applied, moved on by the clock from then
+  while nothing newer comes, never past the clock, and never back: an event older than
+  where the time got to (one delayed past a quiet spell the time moved on through with
+  the clock) leaves it there, so nothing judged by it (timers, idleness, compaction) is
+  judged again at an earlier time. Live, it is the clock's but for the delivery's delay;
+  behind the market (a backlog after an outage, a restart, a burst) it is the time of
+  the events it is applying, so a key whose next events are still queued is not judged
+  idle or quiet meanwhile, however far ahead other partitions (their queues drained
+  sooner) are. A partition that knows no time of its own yet (its first events carry
+  none of the market's) is told the latest of the others', and no less from then: its
+  own first events, behind it, do not take back what it was told. A timer comes due on
+  the clock and fires once its partition's time reaches it too: until then it waits,
+  looked at every :data:`WAIT_CHECK_S` of the clock. Each record keeps its partition's
+  own time it was written at, never the others' it was told (none while it knows none):
+  a replica that takes a partition over starts from the latest of its records, so its
+  timers, long past on the clock after an outage, wait for the backlog of its own
+  market. A partition revoked forgets its time, its own and the one it was told (and its
+  waiting timers): assigned again, to this replica too, it starts from its records' as
+  on a first assignment, not from the time it had moved on to with the clock meanwhile,
+  past the market its other owner applied. Before any partition has a time (nothing of
+  the market's types applied, nothing restored with one), a processor is told the time
+  of the event it applies (never past the clock; the clock's for a timer), never a time
+  before any: what it emits is stamped at a time the bus carries (JSON has no infinity,
+  so every consumer would refuse an event stamped -inf, and one handed on in memory
+  would put it into the times downstream). That time is told, not held: a type that does
+  not carry the market's may be ahead of it (a command on the critical lane, a migration
+  overtaking its token's vectors), so the partition's time stays unknown until the
+  market's comes: its timers wait, a compaction finds nothing idle (a key is held
+  encoded as it is) and its records keep no time.
 - **Lag behind the market.** ``pumpflow_consumer_lag_seconds{service,partition}``,
   read when scraped (:meth:`lags`): per partition owned that knows a time, the clock
-  minus the latest market event time it applied (or restored with its records). A
+  minus the latest market event time it applied (or restored with its records; a
+  partition assigned again shows none until they are restored). A
   quiet market moves the consumer's time on with the clock, and so does a consumer
   stalled or behind a backlog (its store out, the broker not delivering) for as long
   as it stalls: its time does not tell them apart, by design. An operator does: in
@@ -1725,6 +1729,13 @@ class KeyedStatefulConsumer(Generic[S]):
             self._forget(entry)
         for partition in lost:
             self._floors.pop(partition, None)  # the next owner raises it from now on
+            # assigned here again, it starts as on a first assignment, from its records'
+            # time: the one it had moved on with the clock meanwhile, past the market its
+            # next owner applied, is not its time any more
+            self._event_times[partition] = self._seen[partition] = -math.inf
+            self._own[partition] = self._told_floor[partition] = -math.inf
+            self._waiting.pop(partition, None)
+        self._latest_own = max(self._own)
         log.info(
             "%s: partitions %s revoked, %d keys handed over",
             self.config.service,
