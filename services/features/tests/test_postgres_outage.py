@@ -112,3 +112,111 @@ async def test_a_postgres_outage_leaves_features_ready_and_a_rebuild_waits_for_i
         await service.stop()
         await bus.close()
         await pool.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+async def test_a_replica_started_while_postgres_is_down_is_ready_and_rebuilds_once_it_is_back(
+    own_postgres, process_stack, namespace, amqp_url
+):
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+    from pumpflow.common.testing import free_port
+    from pumpflow.common.testing.stack import http_json
+
+    events = market_events(6, 120.0)
+    pool = await create_pool(own_postgres.dsn, namespace, min_size=1, max_size=2)
+    try:
+        await TokenEventStore(pool).write(events)  # the feed stored every event
+    finally:
+        await pool.close()
+    mints = sorted({e.key for e in events})
+    # the replica sees one token from the middle of its stream: it has no record of it,
+    # and its first three events are stored only (rebuilt from Postgres); its few others
+    # wait, held within the consumer's window, while the other tokens go on
+    counts = {m: sum(e.key == m for e in events) for m in mints}
+    lost = min((m for m in mints if counts[m] > 4), key=counts.get)
+    published = [e for e in events if e.key != lost or e.seq > 3]
+    await asyncio.to_thread(own_postgres.stop)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    feed = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=4, source="feed/sim")
+    await feed.start()
+    try:
+        collector = await EventCollector("collector").attach(feed, "features.updated")
+        process_stack.serve("features", http_port=port, postgres_dsn=own_postgres.dsn)
+
+        async def readiness() -> dict | None:
+            body = await asyncio.to_thread(http_json, f"{url}/readyz")
+            return body if body is not None and body.get("ready") is True else None
+
+        body = await eventually(
+            readiness, 60, what="ready without Postgres", details=process_stack.logs
+        )
+        assert body["degraded"] == [POSTGRES], body
+        assert body["checks"]["postgres"]["required"] is False, body
+        assert body["checks"]["postgres"]["waiting"] is True, body
+
+        await feed.publish_many(published)
+        expected = expected_features(events)
+        others = [m for m in mints if m != lost]
+
+        def features_of(mint: str) -> dict | None:
+            return http_json(f"{url}/features/{mint}")
+
+        async def others_done() -> bool:
+            found = [await asyncio.to_thread(features_of, m) for m in others]
+            return all(
+                f is not None
+                and tuple(f.get("features", {}).get(n) for n in FeatureManager().names)
+                == expected[m]
+                for m, f in zip(others, found, strict=True)
+            )
+
+        await eventually(
+            others_done,
+            60,
+            what="tokens with records processed",
+            details=lambda: str(
+                [
+                    (m, f, expected[m])
+                    for m in others
+                    if (f := features_of(m)) is None
+                    or tuple(f.get("features", {}).values()) != expected[m]
+                ][:2]
+            ),
+        )
+
+        async def rebuild_waiting() -> dict | None:
+            body = await readiness()
+            waiting = (body or {}).get("checks", {}).get("dependencies", {})
+            return body if POSTGRES in waiting.get("waiting_on", {}) else None
+
+        body = await eventually(rebuild_waiting, 60, what="the rebuild waiting for Postgres")
+        assert body["degraded"] == [POSTGRES], body
+        assert lost not in collector.by_key()
+        assert "detail" in await asyncio.to_thread(features_of, lost)
+
+        await asyncio.to_thread(own_postgres.start)
+
+        async def rebuilt() -> bool:
+            found = await asyncio.to_thread(features_of, lost)
+            values = tuple(found.get("features", {}).get(n) for n in FeatureManager().names)
+            return values == expected[lost]
+
+        await eventually(rebuilt, 60, what="the token rebuilt with its whole history")
+        body = await eventually(
+            lambda: asyncio.to_thread(
+                lambda: (b := http_json(f"{url}/readyz")) and not b.get("degraded") and b
+            ),
+            60,
+            what="Postgres no longer degraded",
+        )
+        assert body["checks"]["postgres"]["ok"] is True, body
+        first = collector.by_key()[lost][0].data
+        history = [e for e in events if e.key == lost and e.seq <= first.source_seq]
+        assert first.values == expected_features(history)[lost]
+        assert await process_stack.stop("features", within=30) == 0, process_stack.logs()
+    finally:
+        await feed.delete_topology()
+        await feed.close()

@@ -143,3 +143,81 @@ async def test_reach_retries_with_a_capped_backoff_and_names_what_it_waits_for()
     assert startup.checks()["redis"]["error"] == "ConnectionError: refused"
     assert await reaching == "connected"
     assert startup.waiting_for == [] and failures == 0
+
+
+class _WorksWithoutPostgres(Service):
+    name = "patient"
+    needs_db = True
+    optional_dependencies = frozenset({"postgres"})
+    ctx: ServiceContext | None = None
+
+    async def start(self, ctx: ServiceContext) -> None:
+        type(self).ctx = ctx
+
+    async def stop(self) -> None:
+        return None
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_a_service_whose_postgres_is_optional_starts_without_it_and_opens_it_later(
+    namespace,
+):
+    from pumpflow.common.dependencies import POSTGRES, transient_dependency
+
+    server = PostgresInstance()
+    port = free_port()
+    settings = CommonSettings(
+        service="patient",
+        transport="memory",
+        namespace=namespace,
+        postgres_dsn=server.dsn,
+        http_port=port,
+        dependency_retry_max_s=0.1,
+        # given up on a dependency it needs; one it works without is waited for longer
+        dependency_wait_s=0.5,
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_service(_WorksWithoutPostgres, settings, stop=stop))
+    url = f"http://127.0.0.1:{port}/readyz"
+
+    async def readyz() -> dict | None:
+        body = await asyncio.to_thread(http_json, url)
+        return body if body is not None and "degraded" in body else None
+
+    try:
+        body = await eventually(readyz, 30, what="started without Postgres")
+        assert body["ready"] is True and body["degraded"] == [POSTGRES], body
+        check = body["checks"]["postgres"]
+        assert check["ok"] is False and check["waiting"] is True, body
+        assert check["required"] is False and "refused" in check["error"].lower(), body
+        # what needs the pool meanwhile meets Postgres away, which work waits out
+        with pytest.raises(Exception) as raised:
+            await _WorksWithoutPostgres.ctx.db.fetchval("SELECT 1")
+        assert transient_dependency(raised.value) == POSTGRES
+
+        async def waited_past_the_give_up() -> dict | None:
+            body = await readyz()
+            waited = body and body["checks"]["postgres"].get("waiting_s", 0) > 1.0
+            return body if waited else None
+
+        body = await eventually(waited_past_the_give_up, 30, what="waiting past the give-up")
+        assert body["ready"] is True and not running.done(), body
+
+        await asyncio.to_thread(server.start)
+
+        async def opened() -> dict | None:
+            body = await readyz()
+            return body if body and body["checks"]["postgres"]["ok"] else None
+
+        body = await eventually(opened, 30, what="Postgres reached in the background")
+        assert body["ready"] is True and body["degraded"] == [], body
+        assert "waiting" not in body["checks"]["postgres"], body
+        # opening it applied the migrations, as every service's pool does
+        db = _WorksWithoutPostgres.ctx.db
+        assert await db.fetchval("SELECT count(*) FROM schema_migrations") > 0
+    finally:
+        stop.set()
+        exit_code = await asyncio.wait_for(running, 30)
+        await asyncio.to_thread(server.close)
+    assert exit_code == 0

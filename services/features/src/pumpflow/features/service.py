@@ -9,7 +9,8 @@ finds that vector or a newer one.
 
 Postgres (the feed's stored events) is read only to rebuild a token that has no record
 here: while it is away such a token waits for it, and the others go on, so the replica
-stays ready (``/readyz`` names Postgres under ``degraded``).
+stays ready (``/readyz`` names Postgres under ``degraded``), and a replica starting
+then starts without it (the runner opens its pool in the background).
 """
 
 from __future__ import annotations

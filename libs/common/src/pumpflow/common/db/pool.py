@@ -17,6 +17,12 @@ from pumpflow.common.db.migrate import migrate
 from pumpflow.common.dependencies import POSTGRES, reaching
 
 
+class PoolNotOpen(ConnectionError):
+    """Postgres not reached yet: the pool opened in the background is not open."""
+
+    transient_dependency = POSTGRES
+
+
 async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
     """``asyncpg.connect``, its connection failures named Postgres's."""
     with reaching(POSTGRES):
@@ -40,3 +46,30 @@ async def create_pool(
         server_settings={"search_path": schema},
         connect=connect,
     )
+
+
+class BackgroundPool:
+    """A pool its owner opens in the background (:meth:`opened` hands it over).
+
+    Until then every use raises :class:`PoolNotOpen`, a transient failure of Postgres,
+    so the work that needs it waits for it as for Postgres down.
+    """
+
+    def __init__(self) -> None:
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    def opened(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        if self._pool is None:
+            raise PoolNotOpen("Postgres not reached since the start: the pool is not open yet")
+        return getattr(self._pool, name)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()

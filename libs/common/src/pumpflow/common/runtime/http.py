@@ -112,13 +112,14 @@ async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
 
 
 async def readiness(
-    service: Service, ctx: ServiceContext
+    service: Service, ctx: ServiceContext, connecting: dict[str, dict[str, Any]] | None = None
 ) -> tuple[bool, dict[str, Any], list[str]]:
     """Run the checks of the service's dependencies; return (ready, details, degraded).
 
     A dependency the service works without (``Service.optional_dependencies``) is
     checked and shown (``required: false``), and named in ``degraded`` while it is away
-    or waited for, but leaves the service ready.
+    or waited for, but leaves the service ready. ``connecting``: the start-up's checks
+    of those still being reached in the background (``Startup.checks``), added to theirs.
     """
     optional = service.optional_dependencies
 
@@ -149,6 +150,8 @@ async def readiness(
     checks.update(await asyncio.gather(*(_check(n, p) for n, (p, _) in probes.items())))
     degraded = set()
     for name, (_, dependency) in probes.items():
+        if dependency in (connecting or {}):
+            checks[name] = {**checks[name], **connecting[dependency]}
         if dependency in optional:
             checks[name]["required"] = False
             if not checks[name]["ok"]:
@@ -204,7 +207,7 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
                 "waiting_for": startup.waiting_for,
                 "checks": startup.checks(),
             }
-        ready, checks, degraded = await readiness(service, running)
+        ready, checks, degraded = await readiness(service, running, startup.checks())
         SERVICE_READY.labels(settings.service).set(1 if ready else 0)
         return {"ready": ready, "service": settings.service, "degraded": degraded, "checks": checks}
 

@@ -6,6 +6,19 @@ under one retry policy (``pumpflow.common.runtime.startup``), then the service s
 SIGTERM during start-up ends it at once with exit 0; a dependency still unreachable
 after ``dependency_wait_s`` (unset: never) exits 1.
 
+A service whose Postgres is optional (``needs_db`` with ``postgres`` among its
+``optional_dependencies``: features, which reads the feed's stored events only to
+rebuild a token without a record) starts without it: its ``ctx.db`` is a
+:class:`~pumpflow.common.db.pool.BackgroundPool` opened meanwhile under the same pauses
+(never given up), shown in ``/readyz`` (``required: false``, waiting, ``degraded``);
+until it opens, a use of it fails as Postgres away does, so a rebuild waits for it.
+Opening it still applies the missing migrations, as every service's pool does, but no
+longer before the start: the schema is the feed's and ``pumpflow migrate``'s, and such
+a service needs none of it to start or to work on the tokens it holds; what reads the
+schema comes after the opening, so an upgrade in place that rolls features first
+(docs/reliability.md, "Upgrading": each service applies the missing migrations) still
+never has it read a schema older than its code.
+
 Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
 flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
 exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
@@ -26,6 +39,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
+from pumpflow.common.dependencies import POSTGRES
 from pumpflow.common.runtime.logging import configure_logging, redacted_settings
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
@@ -136,6 +150,10 @@ async def run_service(
         log.exception("%s failed", settings.service)
         exit_code = EXIT_FAILED
     finally:
+        for task in wired.background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         store, db, balance_store = wired.store, wired.db, wired.balance_store
         if bus is not None:
             await _bounded("stop consuming", bus.stop_consuming())
@@ -170,6 +188,10 @@ class _Wired:
     store = None
     db = None
     balance_store = None
+
+    def __init__(self) -> None:
+        #: what goes on connecting while the service runs (an optional dependency)
+        self.background: list[asyncio.Task] = []
 
 
 def service_clock(settings: CommonSettings) -> Clock:
@@ -230,12 +252,21 @@ async def _connect(
 
         reaching.append(startup.reach("redis", ping))
     if service_cls.needs_db:
-        from pumpflow.common.db.pool import create_pool
+        from pumpflow.common.db.pool import BackgroundPool, create_pool
 
-        async def connect() -> None:
-            wired.db = await create_pool(settings.postgres_dsn, settings.namespace)
+        if POSTGRES in service_cls.optional_dependencies:
+            pending = wired.db = BackgroundPool()
 
-        reaching.append(startup.reach("postgres", connect))
+            async def open_pending() -> None:
+                pending.opened(await create_pool(settings.postgres_dsn, settings.namespace))
+
+            wired.background.append(startup.reach_in_background(POSTGRES, open_pending))
+        else:
+
+            async def connect() -> None:
+                wired.db = await create_pool(settings.postgres_dsn, settings.namespace)
+
+            reaching.append(startup.reach(POSTGRES, connect))
     await asyncio.gather(*reaching)
     if balanced:
         # heartbeats are infrastructure: on the wall, whatever the service's clock

@@ -8,6 +8,10 @@ pause that doubles from :attr:`RetryPolicy.first_pause_s` up to
 (then the replica exits 1). All of them are awaited at the same time, so ``/readyz``
 names every one that is missing. The runner cancels the wait on SIGTERM: a replica
 that never started stops at once, with exit 0.
+
+A dependency the service works on without is reached in the background
+(:meth:`Startup.reach_in_background`): under the same pauses, never given up, shown
+(``required: false``) but not waited for.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class Startup:
         #: the running service's context; None while starting
         self.ctx: ServiceContext | None = None
         self._waiting: dict[str, _Waiting] = {}
+        #: dependencies reached in the background: readiness does not wait for them
+        self._optional: set[str] = set()
 
     @classmethod
     def running(cls, ctx: ServiceContext) -> Startup:
@@ -89,26 +95,42 @@ class Startup:
 
     @property
     def waiting_for(self) -> list[str]:
-        """The dependencies not reached yet, by name."""
-        return sorted(self._waiting)
+        """The dependencies not reached yet that the service cannot start without, by name."""
+        return sorted(set(self._waiting) - self._optional)
 
     def checks(self) -> dict[str, dict[str, Any]]:
-        """/readyz's checks while starting: one per dependency awaited."""
+        """/readyz's checks of the dependencies not reached yet, by name."""
         now = time.monotonic()
-        return {
-            name: {
+        checks = {}
+        for name, waiting in sorted(self._waiting.items()):
+            checks[name] = {
                 "ok": False,
                 "waiting": True,
                 "attempts": waiting.attempts,
                 "waiting_s": round(now - waiting.since, 1),
                 "error": waiting.error,
             }
-            for name, waiting in sorted(self._waiting.items())
-        }
+            if name in self._optional:
+                checks[name]["required"] = False
+        return checks
 
-    async def reach(self, name: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()``'s result once it succeeds, retried under the policy."""
+    def reach_in_background(
+        self, name: str, attempt: Callable[[], Awaitable[object]]
+    ) -> asyncio.Task[object]:
+        """Reach a dependency the service works on without: a task retrying ``attempt``
+        under the policy's pauses, never giving up (a replica that is ready without it
+        has nothing to exit for: exiting takes a working replica out, and its restart
+        waits the same), shown in :meth:`checks` meanwhile, not in :attr:`waiting_for`."""
+        self._optional.add(name)
+        return asyncio.create_task(self.reach(name, attempt, give_up=False), name=f"reach {name}")
+
+    async def reach(
+        self, name: str, attempt: Callable[[], Awaitable[T]], *, give_up: bool = True
+    ) -> T:
+        """``attempt()``'s result once it succeeds, retried under the policy (``give_up``
+        False: for ever, whatever the policy's :attr:`RetryPolicy.give_up_after_s`)."""
         policy = self.policy
+        give_up_after_s = policy.give_up_after_s if give_up else None
         waiting = self._waiting[name] = _Waiting(since=time.monotonic())
         pause = policy.first_pause_s
         try:
@@ -121,7 +143,7 @@ class Startup:
                 except Exception as exc:
                     waiting.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
                     waited = time.monotonic() - waiting.since
-                    if policy.give_up_after_s is not None and waited >= policy.give_up_after_s:
+                    if give_up_after_s is not None and waited >= give_up_after_s:
                         raise DependencyUnavailable(
                             f"{name} still unreachable after {waited:.0f} s: {waiting.error}"
                         ) from exc
