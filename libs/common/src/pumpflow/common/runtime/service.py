@@ -35,7 +35,8 @@ class ServiceContext:
     clock: Clock
     #: shared state (Redis when distributed, in-process when embedded); None if unused
     store: StateStore | None = None
-    #: Postgres pool; None when the service or the run has no database
+    #: Postgres pool; None when the service or the run has no database; a
+    #: ``BackgroundPool`` (failing as Postgres away until open) when it is optional
     db: asyncpg.Pool | None = None
 
     @property
