@@ -46,7 +46,9 @@ counters of frames received over that window (its recorder to Postgres may lag).
 Trading runs with ``pumpflow run``'s entry settings (score 0.5, creator sales allowed)
 and limits that do not bind (capital 1,000 SOL, 100,000 positions) so that entries keep
 coming; the stale-data breaker keeps its default. All processes run on one machine with
-the servers (2 cores here): the figures include their contention.
+the servers (2 cores here): the figures include their contention. Each process's log,
+and each service's ``/metrics`` at the step's end (``<service>.metrics``), stay in the
+step's directory (printed when its services are ready) for reading after the run.
 
 CPU per trade event. Each process's CPU seconds over the window (``/proc/<pid>/stat``:
 its threads, its live descendants and the children it reaped), divided by the window's
@@ -709,6 +711,8 @@ async def measure(args: argparse.Namespace, speed: float) -> Step:
                 f"{'met' if met else 'not met'} at this rate"
             )
         _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{ports['trading']}/state")
+        for service, text in (await metrics_text(ports)).items():
+            (logdir / f"{service}.metrics").write_text(text)
         step.lines.append(f"trading state at the end: {body[:300]}")
         print("\n".join(step.lines), flush=True)
         return step
