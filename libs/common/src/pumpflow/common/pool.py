@@ -27,7 +27,8 @@ from pumpflow.common.pumpportal import POOL_PUMP
 
 def is_pool(venue: str | None) -> bool:
     """Whether ``venue`` (PumpPortal's ``pool``) is a pool a token migrated to: named,
-    and not the bonding curve (``pump``)."""
+    and not the bonding curve (``pump``). The one test of a migration by its venue, for
+    trading and the exit service alike: PumpSwap's ``pump-amm`` and any other pool."""
     return venue is not None and venue != POOL_PUMP
 
 

@@ -52,6 +52,7 @@ from pumpflow.common.events import (
     make_event,
     source_service,
 )
+from pumpflow.common.pool import is_pool
 from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
@@ -60,7 +61,6 @@ from pumpflow.common.trading.decisions import (
     order_id_for,
     retaken_id,
 )
-from pumpflow.common.trading.fills import VENUE_POOL
 from pumpflow.common.trading.positions import PositionBook
 from pumpflow.common.trading.risk import LimitBreach, RiskManager, exceeds
 
@@ -388,7 +388,7 @@ class TradingEngine:
             view.created_at = time
         view.market.apply(data)
         market = view.market
-        if market.venue == VENUE_POOL:
+        if is_pool(market.venue):
             view.migrated = True
             view.curve = None
         else:
@@ -403,7 +403,7 @@ class TradingEngine:
         ever; a redelivered one counts again toward the rate breaker, as any event of a
         token without a view does)."""
         if isinstance(data, TokenTrade):
-            on_pool = data.pool == VENUE_POOL
+            on_pool = is_pool(data.pool)
         else:
             on_pool = isinstance(data, TokenMigrated)
         return on_pool and not self.positions.holds(data.mint)

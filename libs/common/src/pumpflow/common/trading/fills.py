@@ -36,6 +36,7 @@ from pumpflow.common.curve import (
     quote_sell,
 )
 from pumpflow.common.events import SLIPPAGE, RejectionCause, Side
+from pumpflow.common.pool import is_pool
 from pumpflow.common.pumpportal import POOL_PUMP_AMM
 from pumpflow.common.trading.settings import PaperExecution
 
@@ -181,7 +182,7 @@ def exit_value(
 
 def venue_fee_rate(execution: PaperExecution, venue: str | None) -> float:
     """The fee rate of ``venue``'s SOL leg: the pool's, else the curve's."""
-    return execution.pool_fee_rate if venue == VENUE_POOL else execution.curve_fee_rate
+    return execution.pool_fee_rate if is_pool(venue) else execution.curve_fee_rate
 
 
 def _api_fee(sol: float, execution: PaperExecution) -> float:

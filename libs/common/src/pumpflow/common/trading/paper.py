@@ -27,7 +27,7 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
 )
-from pumpflow.common.pool import pool_moved_by_fill, pool_moved_by_trade
+from pumpflow.common.pool import is_pool, pool_moved_by_fill, pool_moved_by_trade
 from pumpflow.common.trading.fills import (
     VENUE_CURVE,
     VENUE_POOL,
@@ -58,7 +58,7 @@ class Market:
             return
         if not isinstance(payload, _FRAMES):
             return
-        if self.venue == VENUE_POOL or payload.pool == VENUE_POOL:
+        if is_pool(self.venue) or is_pool(payload.pool):
             if payload.pool == VENUE_CURVE:
                 return  # a curve trade stamped before the migration, arriving after it
             self._to_pool()

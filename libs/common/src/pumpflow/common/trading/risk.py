@@ -108,8 +108,8 @@ from pumpflow.common.events import (
     TokenTrade,
     TradingStateChanged,
 )
+from pumpflow.common.pool import is_pool
 from pumpflow.common.priority import Priority
-from pumpflow.common.pumpportal import POOL_PUMP_AMM
 from pumpflow.common.trading.settings import BreakerSettings, RiskLimits
 
 SECONDS_PER_DAY = 86_400.0
@@ -544,7 +544,7 @@ class RiskManager:
         self.last_event_time = now
         self._count_event(now)
         data = event.data
-        if isinstance(data, _FRAMES) and data.pool != POOL_PUMP_AMM:
+        if isinstance(data, _FRAMES) and not is_pool(data.pool):
             self._check_frame(data, now)
         if event.type.startswith("token.") or event.type in _MARKET_STAMPED:
             lag = now - event.time
