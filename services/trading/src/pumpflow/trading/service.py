@@ -1263,6 +1263,9 @@ class TradingService(Service):
             self._note_over_limit(over)
         side = outcome.side or "buy"
         if isinstance(outcome, OrderFilled):
+            if self.context is not None:
+                # a paper fill moved its token's market in the view
+                self.context.change(outcome.mint)
             step.change.outcomes.append(
                 OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
             )
@@ -1583,6 +1586,9 @@ class TradingService(Service):
                 self._backlog.append(step)
                 await self._flush()
                 self.metrics.book(self.book, self.risk)
+            if self.context is not None and self.context.changed:
+                # the views the fills due moved (outside the lock, as an event's)
+                await self.context.save(self.engine.views)
         except Superseded:
             pass  # standing by already, the lease's loss logged with why
         except Exception:

@@ -290,6 +290,9 @@ class TradingEngine:
             reserved = self.risk.release(data.order_id)
             self.risk.record_execution(True, now=now)
             reason = self.order_reasons.pop(data.order_id, "")
+            if data.order_id not in self.positions.applied_orders:
+                # the pool the sale left values the position its change reports
+                self._move(data, event.time)
             change = self.positions.apply_fill(data, time=event.time, reason=reason)
             if change is not None:
                 produced.append(change)
@@ -393,8 +396,20 @@ class TradingEngine:
             view.curve = None
         else:
             view.curve = market.state
+        self._mark(view, time)
+
+    def _move(self, fill: OrderFilled, time: float) -> None:
+        """Move ``fill``'s token's pool by it as the paper executor's moved (a paper sale
+        on the pool, :meth:`~pumpflow.common.trading.paper.Market.follow_fill`), valuing
+        the position held there on it."""
+        view = self.views.get(fill.mint)
+        if view is not None and view.market.follow_fill(fill):
+            self._mark(view, time)
+
+    def _mark(self, view: TokenView, time: float) -> None:
+        market = view.market
         if market.state is not None:
-            self.positions.mark(data.mint, market.state, time=time, venue=market.venue)
+            self.positions.mark(view.mint, market.state, time=time, venue=market.venue)
 
     def _graduate_unheld(self, data: object) -> bool:
         """Whether ``data`` is a graduate's trade on its pool (or its migration) with

@@ -46,7 +46,14 @@ _TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
 
 @dataclass(slots=True)
 class Market:
-    """Where one token trades now, and its state there, from its own token events."""
+    """Where one token trades now, and its state there, from its own token events and
+    trading's paper fills on the pool (:meth:`follow_fill`).
+
+    The paper executor fills on it and the engine's token view marks positions on it
+    (and is stored for the next replica to rebuild the executor's from): no frame ever
+    reports a pool's reserves, so both follow the same events and fills here to hold
+    one pool.
+    """
 
     venue: str = VENUE_CURVE
     state: CurveState | None = None
@@ -68,6 +75,25 @@ class Market:
                     self.state = moved
             return
         self.state = state_from_frame(payload.vSolInBondingCurve, payload.vTokensInBondingCurve)
+
+    def follow_fill(self, fill: OrderFilled) -> bool:
+        """Follow an order of ours filled on the pool that the token's stream does not
+        report (a paper fill), moving the pool by its amounts; whether it moved.
+
+        A live fill names its trade's signature, which the stream reports and which moves
+        the pool as any trade does. A curve fill moves nothing here: every curve frame
+        reports the curve's reserves, so the next one resets whatever a paper fill moved
+        (the chain never saw it); followed here, it would make the market a decision
+        reads depend on whether the fill or the next decision came first. The paper
+        executor follows its own curve fills until that frame (:class:`PaperBroker`).
+        """
+        if self.state is None or not is_pool(self.venue):
+            return False
+        moved = pool_moved_by_fill(self.state, fill)
+        if moved is None:
+            return False
+        self.state = moved
+        return True
 
     def _to_pool(self) -> None:
         if self.venue != VENUE_POOL:
@@ -272,9 +298,10 @@ class PaperBroker:
             venue=fill.venue,
         )
         # the order moves the market: later orders of the token see the state it left; a
-        # pool moves by what the fill says, as the exit service follows it from the fill
-        moved = pool_moved_by_fill(market.state, result)
-        market.state = fill.after if moved is None else moved
+        # pool moves by what the fill says, as the engine's view and the exit service
+        # follow it, and the curve until its next frame reports its reserves
+        if not market.follow_fill(result):
+            market.state = fill.after
         return PaperOutcome(order=order, result=result, fill=fill)
 
     def _reject(
