@@ -214,6 +214,35 @@ async def _waiting_for_lock(pool, table: str) -> bool:
         )
 
 
+@contextlib.asynccontextmanager
+async def _halt_while_an_entry_waits(pg_pool, service, client, market, mint, *, applied, what):
+    """Give a halt while the store of an entry's order waits for a lock on the orders,
+    and wait until ``applied()``: yields the lock's connection, a call that releases the
+    lock, the entry's decision and the halt's request (tasks); the lock is held until
+    released or the block ends."""
+    async with pg_pool.acquire() as holder:
+        locked = holder.transaction()
+        await locked.start()
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                await locked.rollback()
+
+        try:
+            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
+            deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
+            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
+                             what="the entry's store waiting for the lock")  # fmt: skip
+            halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
+            await eventually(applied, what=what)
+            yield holder, release, deciding, halting
+        finally:
+            await release()
+
+
 async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sent(
     clock, market, pg_pool
 ):
@@ -224,14 +253,10 @@ async def test_an_entry_whose_store_fails_after_the_halt_came_is_refused_not_sen
     service = trading(ledger)
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
-        async with pg_pool.acquire() as holder, holder.transaction():
-            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-            deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
-            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
-                             what="the entry's store waiting for the lock")  # fmt: skip
-            halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
-            await eventually(lambda: service.risk.state is TradingState.HALTED,
-                             what="the halt applied")  # fmt: skip
+        async with _halt_while_an_entry_waits(
+            pg_pool, service, client, market, mint,
+            applied=lambda: service.risk.state is TradingState.HALTED, what="the halt applied",
+        ) as (holder, _, deciding, halting):  # fmt: skip
             # the store under way fails
             await holder.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks "
@@ -261,18 +286,12 @@ async def test_an_entry_whose_store_succeeds_after_the_halt_came_is_refused_not_
     service = trading(ledger)
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
-        async with pg_pool.acquire() as holder:
-            locked = holder.transaction()
-            await locked.start()
-            await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-            deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
-            await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
-                             what="the entry's store waiting for the lock")  # fmt: skip
-            halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
-            await eventually(lambda: service.risk.state is TradingState.HALTED,
-                             what="the halt applied")  # fmt: skip
+        async with _halt_while_an_entry_waits(
+            pg_pool, service, client, market, mint,
+            applied=lambda: service.risk.state is TradingState.HALTED, what="the halt applied",
+        ) as (_, release, deciding, halting):  # fmt: skip
             # the store under way goes through
-            await locked.rollback()
+            await release()
             await asyncio.wait_for(deciding, 30)
         answer = await asyncio.wait_for(halting, 30)
         assert answer.status_code == 200 and answer.json()["stored"] is True, answer.text
@@ -317,19 +336,14 @@ async def test_an_entry_whose_store_lost_its_reply_after_the_halt_came_is_stored
             service = trading(ledger)
             async with running(clock, service) as (bus, watch, client):
                 mint = await ready(bus, market)
-                async with pg_pool.acquire() as holder:
-                    locked = holder.transaction()
-                    await locked.start()
-                    await holder.execute("LOCK TABLE orders IN EXCLUSIVE MODE")
-                    deciding = asyncio.create_task(service.on_events([market.prediction(mint)]))
-                    await eventually(lambda: _waiting_for_lock(pg_pool, "orders"),
-                                     what="the entry's store waiting for the lock")  # fmt: skip
-                    halting = asyncio.create_task(client.post("/halt", json={"reason": "operator"}))
-                    await eventually(lambda: stored_halt(service, "operator"),
-                                     what="the halt applied and stored")  # fmt: skip
+                async with _halt_while_an_entry_waits(
+                    pg_pool, service, client, market, mint,
+                    applied=lambda: stored_halt(service, "operator"),
+                    what="the halt applied and stored",
+                ) as (_, release, deciding, halting):  # fmt: skip
                     # the entry's transaction is stored, its commit's answer never comes
                     proxy.lose_replies(1, containing=b"COMMIT\x00")
-                    await locked.rollback()
+                    await release()
                     with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises
                         await deciding
                 assert proxy.lost_replies == 1
