@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 import pytest
 
 from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
@@ -304,21 +305,55 @@ def test_stale_breaker_trips_on_feed_lag_and_on_silence_and_recovers(clock, mark
     late = tokens.created(mint, time=START - 5.0)
     [trip] = tripped(risk.observe(late, now=START), "stale")
     assert "feed lag 5.0s" in trip.reason
-    clock.set_sync(START + 60)
-    [recovery] = tripped(risk.observe(tokens.buy(mint), now=START + 60), "stale")
+    clock.set_sync(START + 9)
+    assert tripped(risk.observe(tokens.buy(mint), now=START + 9), "stale") == []
+    assert not risk.entries_allowed
+    clock.set_sync(START + 10)
+    [recovery] = tripped(risk.observe(tokens.buy(mint), now=START + 10), "stale")
     assert not recovery.tripped and risk.entries_allowed
     # silence: nothing for more than 30 s
-    assert risk.check(START + 90) == []
-    [trip] = tripped(risk.check(START + 91), "stale")
+    assert risk.check(START + 40) == []
+    [trip] = tripped(risk.check(START + 41), "stale")
     assert trip.tripped and "no event for 31s" in trip.reason
     assert not risk.entries_allowed
-    clock.set_sync(START + 100)
-    assert tripped(risk.observe(tokens.buy(mint), now=START + 100), "stale") == []
-    assert not risk.entries_allowed  # the last fault was at 91 s: a minute to go
-    clock.set_sync(START + 140)
-    assert tripped(risk.observe(tokens.buy(mint), now=START + 140), "stale") == []
-    [recovery] = tripped(risk.check(START + 151), "stale")
+    clock.set_sync(START + 45)
+    assert tripped(risk.observe(tokens.buy(mint), now=START + 45), "stale") == []
+    assert not risk.entries_allowed  # the last fault was at 41 s: 10 s to go
+    clock.set_sync(START + 50)
+    assert tripped(risk.observe(tokens.buy(mint), now=START + 50), "stale") == []
+    [recovery] = tripped(risk.check(START + 51), "stale")
     assert not recovery.tripped and risk.entries_allowed
+
+
+def test_a_backlog_after_a_restart_halts_entries_only_until_it_is_drained(clock, market):
+    # two market minutes waited in the queues while trading was down, at 175 events/s
+    # (the market's top average), consumed in 4 s: stale, not a flood
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    event = market.tokens.buy(market.tokens.mint(), "z", sol=0.01)
+    waited = 120 * 175
+    reports = []
+    for i in range(waited):
+        consumed = START + 4.0 * i / waited
+        happened = START - 120.0 + 120.0 * i / waited
+        reports += risk.observe(msgspec.structs.replace(event, time=happened), now=consumed)
+    assert [(r.breaker, r.tripped) for r in reports if isinstance(r, CircuitBreakerChanged)] == [
+        ("stale", True)
+    ]
+    # then the market as it happens, each event reaching trading 50 ms after the feed
+    drained = START + 4.0
+    resumed = None
+    for i in range(1, 30 * 175):
+        now = drained + i / 175
+        clock.set_sync(now)
+        reports = risk.observe(msgspec.structs.replace(event, time=now - 0.05), now=now)
+        assert tripped(reports, "rate") == []
+        if risk.entries_allowed:
+            resumed = now
+            break
+    last_fault = drained - 4.0 / waited
+    recovery = risk.breaker_settings.stale_recovery_s
+    assert resumed == pytest.approx(last_fault + recovery, abs=2 / 175)
+    assert recovery < risk.breaker_settings.recovery_s
 
 
 def test_rate_breaker_trips_on_an_anomalous_event_rate_and_recovers(clock, market):
@@ -402,17 +437,17 @@ def test_any_event_ends_a_silence_and_the_silence_is_counted_from_it(clock, mark
 
 
 @pytest.mark.parametrize("kind", EVENT_KINDS)
-def test_a_silence_s_breaker_recovers_on_any_event_a_minute_after_it_tripped(clock, market, kind):
+def test_a_silence_s_breaker_recovers_on_any_event_once_it_is_over(clock, market, kind):
     risk = RiskManager(100.0, 0.02, 5, clock=clock)
     mint = market.tokens.mint()
     risk.observe(_any_event("trade of the token", market, mint, START), now=START)
     [trip] = tripped(risk.check(START + 31), "stale")
     assert trip.tripped
-    # events end the silence; the breaker holds until a minute without a fault
+    # events end the silence; the breaker holds for stale_recovery_s (10 s) without a fault
     assert risk.observe(_any_event(kind, market, mint, START + 32), now=START + 32) == []
-    assert risk.observe(_any_event(kind, market, mint, START + 90), now=START + 90) == []
+    assert risk.observe(_any_event(kind, market, mint, START + 40), now=START + 40) == []
     assert not risk.entries_allowed
-    reports = risk.observe(_any_event(kind, market, mint, START + 91), now=START + 91)
+    reports = risk.observe(_any_event(kind, market, mint, START + 41), now=START + 41)
     assert [type(r).__name__ for r in reports] == ["CircuitBreakerChanged", "TradingStateChanged"]
     assert reports[0].breaker == "stale" and not reports[0].tripped
     assert reports[1] == TradingStateChanged(

@@ -132,7 +132,8 @@ class TradingSettings(PumpPortalKeySettings):
     trading_max_events_per_s: float = Field(
         _BREAKERS.max_events_per_s,
         gt=0,
-        description="events a second trading consumes (about three a trade), over "
+        description="events a second trading consumes (about three a trade; a market "
+        "event past the feed lag limit is the stale breaker's and not counted), over "
         f"{_BREAKERS.rate_window_s:g} s, that trip the rate breaker (a replay loop, a flood)",
     )
     trading_tick_s: float = Field(

@@ -363,7 +363,13 @@ class RiskManager:
         self.capital = 0.0
         self.update_capital(capital)
         self.breakers = {
-            name: CircuitBreaker(name, self.breaker_settings.recovery_s) for name in BREAKERS
+            name: CircuitBreaker(
+                name,
+                self.breaker_settings.stale_recovery_s
+                if name == STALE
+                else self.breaker_settings.recovery_s,
+            )
+            for name in BREAKERS
         }
         #: order id -> (mint, the most it can spend) of entries sent and not yet filled
         #: or rejected
@@ -542,14 +548,16 @@ class RiskManager:
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
         self.last_event_time = now
-        self._count_event(now)
         data = event.data
         if isinstance(data, _FRAMES) and not is_pool(data.pool):
             self._check_frame(data, now)
+        lagging = False
         if event.type.startswith("token.") or event.type in _MARKET_STAMPED:
             lag = now - event.time
-            if lag > self.breaker_settings.max_feed_lag_s:
+            lagging = lag > self.breaker_settings.max_feed_lag_s
+            if lagging:
                 self._fault(STALE, now, f"feed lag {lag:.1f}s ({event.type})")
+        self._count_event(now, add=not lagging)
         rate = self._rate()
         if rate > self.breaker_settings.max_events_per_s:
             self._fault(RATE, now, f"{rate:.0f} events/s")

@@ -87,12 +87,22 @@ Circuit breakers (:class:`BreakerSettings`):
   the simulator at 1x). The market averages 23-58 trades/s, 70-175 events/s, with
   bursts several times that; 1000/s is 6x the top average over ten seconds. Beyond it
   the data is a replay loop or an attack (``PUMPFLOW_TRADING_MAX_EVENTS_PER_S``).
+  A market event past ``max_feed_lag_s`` is not counted: a backlog caught up after a
+  restart (two minutes of market read in seconds) is the stale breaker's, not a flood.
 - ``max_consecutive_failures = 3``: one failed order is the market (slippage), three
   in a row is the executor or the chain. A sale refused on slippage is the market
   alone and never counts (argued in :mod:`pumpflow.common.trading.risk`).
 - ``recovery_s = 60``: a breaker recovers after a minute without its fault, the
   lifecycle's quiet-to-declining time: short against the 4.4-minute graduate window,
   long against a flapping fault.
+- ``stale_recovery_s = 10``: the stale breaker's own recovery. Its fault is not an
+  incident whose end must be waited for but a measure every event gives again: ten
+  seconds of events each within ``max_feed_lag_s`` of the feed (700-1,750 of them at
+  the market's 70-175 events/s) show the backlog or the silence is over. A minute
+  would halt entries for a minute after every restart, past the catch-up on the
+  queues that tripped it (a sixth of a graduate's window lost each time); a lag that
+  hovers at the limit trips again at its first late event, so it flaps at most every
+  ten seconds, each change reported.
 
 Paper execution (:class:`PaperExecution`):
 
@@ -237,6 +247,7 @@ class BreakerSettings:
     rate_window_s: float = 10.0
     max_consecutive_failures: int = 3
     recovery_s: float = 60.0
+    stale_recovery_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -248,6 +259,7 @@ class BreakerSettings:
             "rate_window_s",
             "max_consecutive_failures",
             "recovery_s",
+            "stale_recovery_s",
         )
 
 
