@@ -69,6 +69,29 @@ def test_a_token_is_entered_once_unless_adding_is_allowed():
     assert adding.check_risk_limits("a", 1.0)
 
 
+def test_a_token_sold_out_is_entered_again_only_after_the_re_entry_cooldown(clock):
+    book = PositionBook()
+    cooled = RiskManager(
+        100.0, 0.02, 5, positions=book, limits=RiskLimits(reentry_cooldown_s=60.0), clock=clock
+    )
+    at_once = RiskManager(100.0, 0.02, 5, positions=book, clock=clock)
+    book.apply_fill(_fill("b1", "buy", 1e6, 1.0, mint="a"), time=START - 100.0)
+    book.apply_fill(_fill("s1", "sell", 1e6, 1.2, mint="a"), time=START)
+    assert not book.holds("a")
+    clock.set_sync(START + 59.0)
+    refusal = cooled.check_risk_limits("a", 1.0)
+    assert not refusal and refusal.reason == "closed 59s ago, in the re-entry cooldown of 60s"
+    assert cooled.check_risk_limits("b", 1.0)  # another token: no cooldown
+    assert at_once.check_risk_limits("a", 1.0)  # the default: at once
+    clock.set_sync(START + 60.0)
+    assert cooled.check_risk_limits("a", 1.0)
+    # a later position of the token counts from its own close
+    book.apply_fill(_fill("b2", "buy", 1e6, 1.0, mint="a"), time=START + 61.0)
+    book.apply_fill(_fill("s2", "sell", 1e6, 0.9, mint="a"), time=START + 70.0)
+    clock.set_sync(START + 100.0)
+    assert "closed 30s ago" in cooled.check_risk_limits("a", 1.0).reason
+
+
 def test_each_limit_holds_and_names_itself():
     book = PositionBook()
     limits = RiskLimits(add_to_positions=True)

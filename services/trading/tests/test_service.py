@@ -1002,6 +1002,15 @@ def test_the_breakers_take_the_feed_lag_silence_and_rate_settings(monkeypatch):
     assert breakers.max_events_per_s == 3000.0
 
 
+def test_the_limits_take_the_re_entry_cooldown_setting(monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", "90")
+    limits = TradingSettings.load(service="trading", transport="memory").limits()
+    assert limits.reentry_cooldown_s == 90.0
+    monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", "-1")
+    with pytest.raises(SettingsError, match="PUMPFLOW_TRADING_REENTRY_COOLDOWN_S"):
+        TradingSettings.load(service="trading", transport="memory")
+
+
 @pytest.mark.parametrize("variable", ["NAME", "CREATOR"])
 @pytest.mark.parametrize("entry", ["", "  "])
 def test_a_blank_block_list_entry_is_refused_naming_its_variable(monkeypatch, variable, entry):

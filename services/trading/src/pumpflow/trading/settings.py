@@ -97,6 +97,12 @@ class TradingSettings(PumpPortalKeySettings):
         _LIMITS.add_to_positions,
         description="buy more of a token held, up to its exposure limit (default: one entry)",
     )
+    trading_reentry_cooldown_s: float = Field(
+        _LIMITS.reentry_cooldown_s,
+        ge=0,
+        description="seconds after a token's position closed before it may be entered again "
+        "(default: at once, if the filters admit it)",
+    )
     trading_min_score: float = Field(
         _FILTERS.min_score, ge=0, le=1, description="model score an entry needs"
     )
@@ -194,7 +200,11 @@ class TradingSettings(PumpPortalKeySettings):
         )
 
     def limits(self) -> RiskLimits:
-        return replace(_LIMITS, add_to_positions=self.trading_add_to_positions)
+        return replace(
+            _LIMITS,
+            add_to_positions=self.trading_add_to_positions,
+            reentry_cooldown_s=self.trading_reentry_cooldown_s,
+        )
 
     def breakers(self) -> BreakerSettings:
         return replace(

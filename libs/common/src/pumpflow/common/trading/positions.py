@@ -169,6 +169,13 @@ class PositionBook:
     def holds(self, mint: str) -> bool:
         return mint in self.open_positions
 
+    def last_closed_at(self, mint: str) -> float | None:
+        """When ``mint``'s latest position among the closed ones kept was closed."""
+        for position in reversed(self.closed_positions):
+            if position.mint == mint:
+                return position.closed_at
+        return None
+
     @property
     def open_count(self) -> int:
         return len(self.open_positions)

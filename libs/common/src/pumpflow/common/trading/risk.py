@@ -436,6 +436,14 @@ class RiskManager:
         new_token = not self._holds_or_reserved(token_id)
         if not new_token and not lim.add_to_positions:
             return RiskCheck(False, "held already (or an entry is in flight): one entry a token")
+        if new_token and lim.reentry_cooldown_s > 0.0:
+            closed = self.positions.last_closed_at(token_id)
+            if closed is not None and (ago := self.clock.now() - closed) < lim.reentry_cooldown_s:
+                return RiskCheck(
+                    False,
+                    f"closed {ago:.0f}s ago, in the re-entry cooldown of "
+                    f"{lim.reentry_cooldown_s:.0f}s",
+                )
         if new_token and self.open_positions() >= lim.max_concurrent_positions:
             return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
         # a minimum order at least: a limit with no room left (exceeded, say, by a late
