@@ -102,6 +102,7 @@ def test_the_drift_gauges_of_what_no_longer_serves_are_removed():
     )
     assert gauge("feature_psi", "candidate", "buys") == 0.5
     assert gauge("feature_drifting", "candidate", "buys") == 1
+    assert gauge("drift_warming_up", "candidate") == 0
     # entry reloaded without "sells" (its fresh monitor has no PSI yet), candidate gone
     metrics.drift([_report("entry", {"buys": (math.nan, True)}, 0)])
     assert gauge("feature_psi", "entry", "buys") is None
@@ -111,3 +112,4 @@ def test_the_drift_gauges_of_what_no_longer_serves_are_removed():
         assert gauge(name, "entry", "sells") is None
         assert gauge(name, "candidate", "buys") is None
     assert gauge("drift_window_vectors", "candidate") is None
+    assert gauge("drift_warming_up", "candidate") is None

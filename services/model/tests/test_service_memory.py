@@ -399,6 +399,43 @@ async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_it
             assert mine == sorted(mine, key=lambda v: v == new_version)
 
 
+async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_so():
+    """Four minutes of a market from its start, a vector per token event: every token is
+    under four minutes old, the age and what accumulates with it far under the default
+    card's reference. No feature is announced drifting; the drift route and the gauges say
+    the monitor is warming up, and from when it judges."""
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(market(seconds=240.0))
+    registry = CollectorRegistry()
+    model = ModelService(
+        ModelSettings.load(
+            service="model", transport="memory", api_token=TOKEN, model_monitor_s=3600.0
+        ),
+        registry=registry,
+    )
+    async with run_embedded([model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+        await asyncio.wait_for(replay(system, clock, vectors), 120.0)
+        await model.monitor_round()
+        await system.drain()
+        assert seen.of("model.drift") == []
+        monitor = model.drift["entry"]
+        assert monitor.observations >= monitor.thresholds.min_observations
+        assert monitor.report(fresh=True).max_psi >= monitor.thresholds.alert_psi
+        warming_up = {"model_id": "entry"}
+        assert registry.get_sample_value("pumpflow_model_drift_warming_up", warming_up) == 1
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            report = (await http.get("/models/entry/drift")).json()
+        assert report["warming_up"] is True
+        assert not any(f["drifting"] for f in report["features"])
+        # the warm-up from the first vector: its time, or the clock when the model took it
+        # (the replay publishes ahead of the model's deliveries by seconds)
+        judged_from = vectors[0].time + monitor.thresholds.warmup_s
+        assert judged_from <= report["judged_from"] <= judged_from + 30.0
+
+
 async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round():
     clock = ReplayClock(START)
     model = model_service()

@@ -132,6 +132,15 @@ class _Families:
             ["model_id"],
             registry=registry,
         )
+        self.drift_warming_up = Gauge(
+            "pumpflow_model_drift_warming_up",
+            "1 while a model's drift monitor waits for the market it watches to have been "
+            "observed long enough to hold tokens of every age its reference holds: no "
+            "feature is judged meanwhile (a fresh feed's first 20 market minutes; a replica "
+            "joining a running feed sees old tokens at once and judges at its first check).",
+            ["model_id"],
+            registry=registry,
+        )
         self.drift_transitions = Counter(
             "pumpflow_model_drift_transitions",
             "Drift transitions of a model's features announced (model.drift) by this "
@@ -280,6 +289,7 @@ class ModelServiceMetrics:
         psi: dict[tuple[str, ...], float] = {}
         drifting: dict[tuple[str, ...], float] = {}
         window: dict[tuple[str, ...], float] = {}
+        warming_up: dict[tuple[str, ...], float] = {}
         for report in reports:
             for feature in report.features:
                 key = (report.model_id, feature.name)
@@ -287,9 +297,11 @@ class ModelServiceMetrics:
                     psi[key] = feature.psi
                 drifting[key] = int(feature.drifting)
             window[(report.model_id,)] = report.observations
+            warming_up[(report.model_id,)] = int(report.warming_up)
         _set_only(self._f.psi, psi)
         _set_only(self._f.drifting, drifting)
         _set_only(self._f.drift_window, window)
+        _set_only(self._f.drift_warming_up, warming_up)
         for transition in transitions:
             self._f.drift_transitions.labels(transition.model_id, transition.state).inc()
 

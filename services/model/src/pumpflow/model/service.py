@@ -75,7 +75,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
   and the live figures per arm, read at most ``model_live_read_s`` ago unless
-  ``?fresh=true``), ``GET /models/{id}/drift``, ``GET /scoring``, ``GET /refits``
+  ``?fresh=true``), ``GET /models/{id}/drift`` (the PSI now, the states, the
+  transitions, and ``warming_up`` while the market observed is too young to judge, until
+  ``judged_from``), ``GET /scoring``, ``GET /refits``
   (``?model_id=&limit=``: the newest refits tried by any replica, decided or not, with
   their outcome and reason). Mutating routes need the bearer token
   (``PUMPFLOW_API_TOKEN``).
