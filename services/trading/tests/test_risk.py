@@ -15,6 +15,7 @@ from pumpflow.common.events import (
     OrderFilled,
     OrderRejected,
     SystemShutdown,
+    TokenLifecycle,
     TradingStateChanged,
     make_event,
 )
@@ -377,6 +378,50 @@ def test_a_backlog_after_a_restart_halts_entries_only_until_it_is_drained(clock,
     recovery = risk.breaker_settings.stale_recovery_s
     assert resumed == pytest.approx(last_fault + recovery, abs=2 / 175)
     assert recovery < risk.breaker_settings.recovery_s
+
+
+def _lifecycle(mint: str, state: str, now: float):
+    return make_event(TokenLifecycle(mint=mint, state=state), source="activity/test", time=now)
+
+
+def test_stale_breaker_trips_when_most_active_tokens_fall_silent_at_once(clock, market):
+    """Their trade subscriptions lost while new tokens keep coming: the stream is not
+    silent, the active tokens are; a few silent, or a handful in all, is no fault."""
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    tokens = market.tokens
+    active = [tokens.mint() for _ in range(10)]
+    for mint in active:
+        risk.observe(_lifecycle(mint, "active", START), now=START)
+    assert sorted(risk.active_tokens) == sorted(active)
+
+    def second(t: float, trading: list[str]) -> list:
+        """A market second: a new token, the trades of ``trading``, then the timer."""
+        clock.set_sync(START + t)
+        reports = risk.observe(tokens.created(tokens.mint(), time=START + t), now=START + t)
+        for mint in trading:
+            reports += risk.observe(tokens.buy(mint, "x", sol=0.01, time=START + t), now=START + t)
+        return reports + risk.check(START + t)
+
+    # seven of ten silent for over 30 s: under 80%, no fault
+    for t in range(1, 41):
+        assert tripped(second(t, active[7:]), "stale") == [], t
+    # the eighth stops: 8 of 10 silent once its 30 s are over
+    for t in range(41, 71):
+        assert tripped(second(t, active[8:]), "stale") == [], t
+    [trip] = tripped(second(71, active[8:]), "stale")
+    assert trip.tripped and trip.reason == "8 of 10 active tokens silent for over 30s"
+    assert not risk.entries_allowed
+    # the subscriptions back: every token trades again, and the breaker recovers
+    for t in range(72, 81):
+        assert tripped(second(t, active), "stale") == [], t
+    [recovery] = tripped(second(81, active), "stale")
+    assert not recovery.tripped and risk.entries_allowed
+    # tokens that leave the active state are no longer watched
+    for mint in active[:9]:
+        risk.observe(_lifecycle(mint, "declining", START + 82), now=START + 82)
+    assert list(risk.active_tokens) == active[9:]
+    for t in range(82, 200):
+        assert tripped(second(t, []), "stale") == [], t  # one token: under the 10 watched
 
 
 def test_rate_breaker_trips_on_an_anomalous_event_rate_and_recovers(clock, market):

@@ -997,8 +997,10 @@ def test_the_breakers_take_the_feed_lag_silence_and_rate_settings(monkeypatch):
         transport="memory",
         trading_max_feed_lag_s=7.0,
         trading_max_silence_s=90.0,
+        trading_max_token_silence_s=45.0,
     ).breakers()
     assert (breakers.max_feed_lag_s, breakers.max_silence_s) == (7.0, 90.0)
+    assert breakers.max_token_silence_s == 45.0
     assert breakers.max_events_per_s == 3000.0
 
 

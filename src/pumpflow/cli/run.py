@@ -172,6 +172,7 @@ async def run_embedded_market(
                 # lag is judged in market seconds: a wall-clock hiccup counts ``speed`` times
                 "trading_max_feed_lag_s": FEED_LAG_S * max(1.0, speed),
                 "trading_max_silence_s": max(30.0, SILENCE_S * speed),
+                "trading_max_token_silence_s": max(30.0, SILENCE_S * speed),
                 **RUN_SETTINGS,
             },
             service="trading",

@@ -135,6 +135,12 @@ class TradingSettings(PumpPortalKeySettings):
         description="market seconds with no event at all that trip the stale breaker (a feed "
         "that stopped delivering)",
     )
+    trading_max_token_silence_s: float = Field(
+        _BREAKERS.max_token_silence_s,
+        gt=0,
+        description="market seconds with no event of most active tokens (80%, of 10 or "
+        "more) that trip the stale breaker (their trade subscriptions lost)",
+    )
     trading_max_events_per_s: float = Field(
         _BREAKERS.max_events_per_s,
         gt=0,
@@ -211,6 +217,7 @@ class TradingSettings(PumpPortalKeySettings):
             _BREAKERS,
             max_feed_lag_s=self.trading_max_feed_lag_s,
             max_silence_s=self.trading_max_silence_s,
+            max_token_silence_s=self.trading_max_token_silence_s,
             max_events_per_s=self.trading_max_events_per_s,
         )
 

@@ -11,7 +11,11 @@ Circuit breakers (:data:`BREAKERS`) trip on their fault and recover after
 :func:`pumpflow.common.curve.frame_consistency_error`), ``stale`` (a feed lag or a
 silence past the limits; the lag of a token event, a features vector or a prediction,
 each stamped with the time of the trade it follows from: a prediction behind the
-market scores a curve long gone, however current the token's own events), ``rate``
+market scores a curve long gone, however current the token's own events; the silence
+of the whole stream, or of most tokens whose lifecycle is active, at once: their trade
+subscriptions lost while new tokens still come. One active token's silence is no
+fault: it is how tokens die, and no entry can follow from it, since a prediction
+follows a trade of its token within the feed lag limit), ``rate``
 (an anomalous event rate), ``execution`` (failed orders in a row; after recovery one
 more failure trips it again).
 
@@ -105,6 +109,8 @@ from pumpflow.common.events import (
     Event,
     RejectionCause,
     TokenCreated,
+    TokenLifecycle,
+    TokenMigrated,
     TokenTrade,
     TradingStateChanged,
 )
@@ -127,6 +133,10 @@ _FRAMES = TokenTrade | TokenCreated
 #: besides the token events, the types stamped with the time of the trade they follow
 #: from (a vector, its score), so their age is the pipeline's lag behind the market
 _MARKET_STAMPED = frozenset({"features.updated", "model.prediction"})
+#: a token's own events, which end its silence
+_TOKEN_EVENTS = TokenTrade | TokenCreated | TokenMigrated
+#: the lifecycle state whose tokens the stale breaker watches for silence
+ACTIVE_LIFECYCLE = "active"
 
 CURVE = "curve"
 STALE = "stale"
@@ -380,6 +390,9 @@ class RiskManager:
         self.state = TradingState.ACTIVE
         self.consecutive_failures = 0
         self.last_event_time: float | None = None
+        #: mint -> when its last event was observed, of the tokens whose lifecycle is
+        #: active now (the stale breaker's watch on their silence)
+        self.active_tokens: dict[str, float] = {}
         self._event_seconds: deque[list[float]] = deque()
         self._events_in_window = 0
         self._reports: list[Report] = []
@@ -559,6 +572,14 @@ class RiskManager:
         data = event.data
         if isinstance(data, _FRAMES) and not is_pool(data.pool):
             self._check_frame(data, now)
+        if isinstance(data, _TOKEN_EVENTS):
+            if data.mint in self.active_tokens:
+                self.active_tokens[data.mint] = now
+        elif isinstance(data, TokenLifecycle):
+            if data.state == ACTIVE_LIFECYCLE:
+                self.active_tokens.setdefault(data.mint, now)
+            else:
+                self.active_tokens.pop(data.mint, None)
         lagging = False
         if event.type.startswith("token.") or event.type in _MARKET_STAMPED:
             lag = now - event.time
@@ -626,6 +647,7 @@ class RiskManager:
                 silence = now - self.last_event_time
                 if silence > self.breaker_settings.max_silence_s:
                     self._fault(STALE, now, f"no event for {silence:.0f}s")
+            self._check_active_tokens(now)
         recovered = []
         #: a breaker still tripped after the checks (the settled state's halt, found here
         #: rather than by a second pass over the breakers on every event)
@@ -658,6 +680,19 @@ class RiskManager:
         else:
             reason = "daily loss limit reset"
         self._settle(reason)
+
+    def _check_active_tokens(self, now: float) -> None:
+        """Trip the stale breaker when most active tokens have gone silent at once (their
+        trade subscriptions lost while the rest of the stream flows; see the module)."""
+        settings = self.breaker_settings
+        active = len(self.active_tokens)
+        if active < settings.min_active_tokens:
+            return
+        since = now - settings.max_token_silence_s
+        silent = sum(1 for seen in self.active_tokens.values() if seen < since)
+        if silent >= settings.silent_tokens_share * active:
+            what = f"{silent} of {active} active tokens"
+            self._fault(STALE, now, f"{what} silent for over {settings.max_token_silence_s:.0f}s")
 
     def take_reports(self) -> list[Report]:
         """Every state and breaker change since the last call, oldest first."""

@@ -93,6 +93,18 @@ Circuit breakers (:class:`BreakerSettings`):
   A prediction carries its trade's time, so the same limit holds for the model's lag.
 - ``max_silence_s = 30``: tokens are created at 16-42 a minute and the feed carries
   every creation; 30 s with no event at all has probability e^-8 at the slowest rate.
+- ``max_token_silence_s = 30``, ``silent_tokens_share = 0.8``, ``min_active_tokens =
+  10``: the stale breaker trips when at least 80% of the tokens whose lifecycle is
+  active, and at least 10 of them, have had no event for 30 s. That is the feed's
+  trade subscriptions lost (a reconnection that did not subscribe again) while the
+  new-token stream goes on, which the silence of the whole stream never shows. One
+  silent token is not a fault: an active token trades at least 6 times a minute
+  (``LifecycleThresholds.active_min_trades_per_min``), so at that floor it is silent
+  30 s about e^-3 = 5% of the time, and activity makes it declining after 60 s quiet.
+  Eight of ten such tokens silent at once by chance is about 45 x 0.05^8, 2e-9 a check
+  (and rarer as they trade faster, or as more are active: the market keeps dozens to
+  hundreds active). Under 10 active tokens the check is off; the stream's silence
+  still watches the feed.
 - ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the breaker counts every
   event trading consumes, about three a trade (the trade, its features, a prediction
   at most every 0.5 s a token, lifecycle changes: 12,500 events for 4,100 trades on
@@ -264,6 +276,9 @@ class BreakerSettings:
     max_consecutive_failures: int = 3
     recovery_s: float = 60.0
     stale_recovery_s: float = 10.0
+    max_token_silence_s: float = 30.0
+    silent_tokens_share: float = 0.8
+    min_active_tokens: int = 10
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -276,7 +291,11 @@ class BreakerSettings:
             "max_consecutive_failures",
             "recovery_s",
             "stale_recovery_s",
+            "max_token_silence_s",
+            "min_active_tokens",
         )
+        if not 0.0 < self.silent_tokens_share <= 1.0:
+            raise ValueError("silent_tokens_share must be within (0, 1]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
