@@ -92,6 +92,12 @@ async def test_a_postgres_outage_leaves_features_ready_and_a_rebuild_waits_for_i
 
         await asyncio.to_thread(own_postgres.start)
         assert await bus.drain(60.0)
+        # their events were kept with their records, off the bus: applied once rebuilt
+        await eventually(
+            lambda: service.consumer.describe()["rebuilding"] == 0, 60, what="the rebuilds"
+        )
+        await service.consumer.flush()
+        assert await bus.drain(60.0)
         expected = expected_features(events)
         for mint in {e.key for e in later}:
             stored = await service.read_features(mint)

@@ -78,7 +78,7 @@ owns the rest:
   it off its partition's index and gives its record (and views) that TTL; an event
   for it later loads it again (and indexes it again; a copy of one it applied changes
   nothing, and it leaves again). Work of the key under way then
-  (an event waiting for its history or its dead letter) keeps it in memory: that work
+  (an event waiting for its dead letter, say) keeps it in memory: that work
   applies to it, and the key leaves after it, unless it changed the key (the commit of
   that change decides again).
 - **Seqs it publishes.** A key numbers its events 1, 2, ... from its record's start. A
@@ -156,6 +156,21 @@ owns the rest:
   events before that seq, applied in order
   with nothing announced (what they caused went out before), so its state is what an
   unbroken run would hold; the seqs it publishes go on from the last replayed seq.
+  While the history is read (Postgres slow, locked or down: a dependency's failure is
+  waited out, however long), that event and every later one of the key are *parked*:
+  kept, in the order they came, with the key's record (each written once, as a field
+  of ``<service>:parked:<key>``, the record naming the fields), and their deliveries
+  are done once that is stored. So the key's wait holds no worker, no place in its
+  partition's window and no unacked delivery (the broker acks a queue in delivery
+  order and stops at its prefetch): the partition's other keys go on. Once read, on
+  the key's turn, the history and then the parked events are applied, announced and
+  stored as if they had come then; a parked event that waits for another publisher's
+  history parks itself and the rest again. A pending retirement does not stand while
+  events are parked, nor is a view written from a state without its history, and a
+  timer that comes due meanwhile fires after them. A replica that takes the partition
+  over restores the parked events with the record and reads the history again. A read
+  that fails :data:`REBUILD_ATTEMPTS` times for another reason dead-letters the parked
+  events with the error, as the bus would their deliveries (a redrive parks them again).
 
 Transient failures of the store or the bus
 (:func:`~pumpflow.common.dependencies.transient_dependency`) are waited out (the
@@ -166,7 +181,7 @@ the events it emitted are not published (a retry announces its event once, with 
 next seq), and its timer, priority and retirement do not stand. A fire that raised is
 logged and counted by the pool, its timer spent; time goes on. A key whose state (or
 view) cannot be encoded fails the deliveries its commit waited for, and those of its
-work under way then (waiting for its history or a dead letter), and leaves memory:
+work under way then (waiting for a dead letter, say), and leaves memory:
 its events come back and apply again to its stored record (the bus dead-letters one
 that fails every time), and the commit's other keys are written by the next commit.
 A commit the store refuses because a key of it holds the wrong kind
@@ -229,6 +244,9 @@ _RESTORE_CHUNK = 500
 _LOST = -2.0
 #: refused or failed seqs a key remembers per publisher (the oldest go first)
 UNAPPLIED_KEPT = 64
+#: reads of a key's history that fail (not a dependency's wait) before its parked
+#: events are dead-lettered, as the bus does a delivery's (Subscription.max_attempts)
+REBUILD_ATTEMPTS = 3
 #: longest wait, in clock seconds, between looks at the timers due on the clock that
 #: wait for the consumer's time: the rules timed are of tens of seconds (60 s of quiet,
 #: a 120 s horizon), so a second late behind a backlog is nothing to them, and one look
@@ -300,6 +318,10 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     missing: dict[str, list[int]] = {}
     #: its partition's own time when written (-inf: it knew none; see the module's time)
     time: float = -math.inf
+    #: its events waiting for its rebuild are the fields [parked_from, parked_to) of
+    #: ``<service>:parked:<key>``, in the order they came (see the module's rebuild)
+    parked_from: int = 0
+    parked_to: int = 0
 
 
 _encode_record = msgspec.msgpack.Encoder().encode
@@ -321,10 +343,14 @@ class _Key:
         "missing",
         "outbox",
         "outbox_stored",
+        "park_next",
+        "parked",
+        "parked_stored",
         "partition",
         "priority",
         "published",
         "raw",
+        "rebuilding",
         "refused",
         "renumbered_from",
         "retire_ttl",
@@ -368,6 +394,13 @@ class _Key:
         self.touched = 0.0
         #: dropped from memory (revoked or retired): late work must not revive it
         self.gone = False
+        #: events waiting for the key's rebuild, with their field in the parked hash, in
+        #: the order they came; the next field, and the fields [from, to) stored
+        self.parked: list[tuple[int, Event]] = []
+        self.park_next = 0
+        self.parked_stored = (0, 0)
+        #: reading the history the first parked event waits for
+        self.rebuilding: asyncio.Future | None = None
 
 
 class _Effects:
@@ -495,6 +528,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._key_prefix = f"{config.service}:key:"
         self._index_prefix = f"{config.service}:partition:"
         self._floor_prefix = f"{config.service}:seq-floor:"
+        self._parked_prefix = f"{config.service}:parked:"
         #: partition -> the highest seq a retired key of it had published, as stored
         #: (known for the partitions of every key in memory; see :meth:`_load`)
         self._floors: dict[int, int] = {}
@@ -588,6 +622,7 @@ class KeyedStatefulConsumer(Generic[S]):
             await self.bus.unsubscribe(self._subscription)
         for entry in self._keys.values():
             self._cancel_timer(entry)
+            self._stop_rebuilding(entry)  # its parked events are stored with it
         await self.pool.stop(drain=True)
         await self._hand_over(list(self._keys.values()))
 
@@ -600,6 +635,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._stop_waiting()
         for entry in self._keys.values():
             self._cancel_timer(entry)
+            self._stop_rebuilding(entry)
         self._commits.cancel()
         if self._announcing is not None:
             self._announcing.cancel()
@@ -875,6 +911,9 @@ class KeyedStatefulConsumer(Generic[S]):
         otherwise).
         """
         entry.touched = time.monotonic()
+        if entry.parked:
+            # the key waits for its rebuild: its events wait behind the first, in order
+            return self._park(entry, event, mark=mark)
         at = event.time
         times = self._event_times
         if at > times[entry.partition] and (self._market is None or event.type in self._market):
@@ -895,7 +934,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 and not rebuilt
                 and publisher not in self._partial
             ):
-                return self._rebuild_then_apply(entry, event, publisher, more=more)
+                return self._park(entry, event, mark=mark)
             if seq <= last:
                 in_step = False
                 late = _take_seq(entry.failed, publisher, seq) or (
@@ -988,19 +1027,101 @@ class KeyedStatefulConsumer(Generic[S]):
             entry.applied[publisher] = seq
         return self._mark(entry) if mark else None
 
-    async def _rebuild_then_apply(
-        self, entry: _Key, event: Event, publisher: str, *, more: bool
-    ) -> int:
-        """Apply the key's stored history from ``publisher`` before ``event``, then it."""
+    # ---------------------------------------------------------------- rebuilds
+
+    def _park(self, entry: _Key, event: Event, *, mark: bool) -> int | None:
+        """Keep ``event`` with the key's record until the key is rebuilt: its delivery is
+        done once that is stored, so the key's wait holds nothing of its partition's
+        window. The first event parked starts the key's rebuild."""
+        first = not entry.parked
+        entry.parked.append((entry.park_next, event))
+        entry.park_next += 1
+        # a key with events still to apply is not retiring: its record must stay
+        entry.retire_ttl = None
+        if first:
+            log.warning(
+                "%s: %s has no record of %s's events before seq %d: rebuilding it from "
+                "them; its events wait with its record meanwhile",
+                self.config.service, entry.key, source_service(event.source), event.seq,
+            )  # fmt: skip
+            self._start_rebuild(entry)
+        return self._mark(entry) if mark else None
+
+    def _start_rebuild(self, entry: _Key) -> None:
+        if entry.rebuilding is None and not self._stopping:
+            entry.rebuilding = asyncio.ensure_future(self._rebuild(entry))
+
+    @staticmethod
+    def _stop_rebuilding(entry: _Key) -> None:
+        if entry.rebuilding is not None:
+            entry.rebuilding.cancel()
+            entry.rebuilding = None
+
+    async def _rebuild(self, entry: _Key) -> None:
+        """Read the history the key's first parked event waits for, outside the pool: a
+        wait for Postgres holds no worker and is not hung however long it lasts, and a
+        failure of the read itself is tried :data:`REBUILD_ATTEMPTS` times. Then the key's
+        turn applies it and the parked events (:meth:`_rebuilt`)."""
         assert self._history is not None
-        history = await self._retry(
-            lambda: self._history(entry.key, publisher, event.seq), "rebuilding", key=entry.key
-        )
-        _still_held(entry)
+        _, first = entry.parked[0]
+        publisher = self._publisher(first.source)
+        history: Sequence[Event] | None = None
+        failure: Exception | None = None
+
+        def waited() -> None:
+            self.metrics.store_retries.inc()
+
+        pauses = self._backoff.pauses()
+        for attempt in range(1, REBUILD_ATTEMPTS + 1):
+            try:
+                history = await wait_out(
+                    lambda: self._history(entry.key, publisher, first.seq),
+                    waiter=self.config.service,
+                    what=f"rebuilding {entry.key}",
+                    backoff=self._backoff,
+                    after_pause=waited,
+                )
+                break
+            except Exception as exc:
+                failure = exc
+                log.warning("%s: reading the history of %s failed (attempt %d/%d): %r",
+                            self.config.service, entry.key, attempt, REBUILD_ATTEMPTS,
+                            exc)  # fmt: skip
+                if attempt < REBUILD_ATTEMPTS:
+                    await asyncio.sleep(next(pauses))
+        if entry.gone:
+            return
+        with contextlib.suppress(PoolClosed):
+            self.pool.post(
+                entry.key,
+                lambda: self._rebuilt(entry, first, history, failure),
+                priority=entry.priority,
+            )
+
+    async def _rebuilt(
+        self,
+        entry: _Key,
+        first: Event,
+        history: Sequence[Event] | None,
+        failure: Exception | None,
+    ) -> None:
+        """On the key's turn: apply its ``history`` before ``first`` (nothing announced:
+        what it caused went out before), then its parked events in order, as an unbroken
+        run would have; with no history (its read failed), dead-letter them instead."""
+        entry.rebuilding = None
+        if entry.gone or not entry.parked:
+            return
+        if entry.parked[0][1] is not first:
+            self._start_rebuild(entry)
+            return
+        if history is None:
+            await self._give_up(entry, failure)
+            return
+        publisher = self._publisher(first.source)
         replayed = 0
         for past in history:
             seq = past.seq
-            if seq is None or seq >= event.seq or seq <= entry.applied.get(publisher, 0):
+            if seq is None or seq >= first.seq or seq <= entry.applied.get(publisher, 0):
                 continue
             state = self._state_of(entry)
             try:
@@ -1025,10 +1146,71 @@ class KeyedStatefulConsumer(Generic[S]):
             self.metrics.rebuilt.inc()
             log.warning(
                 "%s: %s had no record; rebuilt from %d stored events of %s before seq %d",
-                self.config.service, entry.key, replayed, publisher, event.seq,
+                self.config.service, entry.key, replayed, publisher, first.seq,
             )  # fmt: skip
-        applied = self._apply_to(entry, event, more=more, rebuilt=True)
-        return applied if isinstance(applied, int) else await applied
+        parked, entry.parked = entry.parked, []
+        for i, (field, event) in enumerate(parked):
+            try:
+                applied = self._apply_to(entry, event, rebuilt=i == 0)
+                if applied is not None and not isinstance(applied, int):
+                    await applied
+            except Exception as exc:
+                # its delivery was done when it was parked: the bus will not try it again
+                await self._dead_letter(entry, event, f"failed once its key was rebuilt: {exc!r}")
+            if entry.parked:
+                # it waits for another publisher's history: it and the events after it
+                # stay parked, in the fields they are stored in
+                entry.park_next -= 1
+                entry.parked = [(field, event), *parked[i + 1 :]]
+                break
+        self._time_applied(entry.partition)
+        self._mark(entry)
+        # no delivery waits for it: stored and announced by a commit of its own
+        self._commits.kick()
+        if entry.timer is None and entry.timer_at is not None and not entry.parked:
+            self._arm(entry, entry.timer_at)  # it came due while the key waited
+
+    async def _give_up(self, entry: _Key, failure: Exception | None) -> None:
+        """Dead-letter the parked events of a key whose history cannot be read, as the
+        bus would their deliveries had they failed: a redrive parks them again."""
+        parked = list(entry.parked)
+        for _, event in parked:
+            await self._dead_letter(
+                entry, event, f"its key's history could not be read: {failure!r}"
+            )
+        del entry.parked[: len(parked)]
+        self._mark(entry)
+        self._commits.kick()
+        if entry.parked:
+            self._start_rebuild(entry)
+
+    async def _dead_letter(self, entry: _Key, event: Event, reason: str) -> None:
+        log.error("%s: %s of %s dead-lettered: %s", self.config.service, event.type,
+                  entry.key, reason)  # fmt: skip
+        await self._retry(
+            lambda: self.bus.dead_letter(
+                encode_event(event),
+                service=self.config.service,
+                reason=reason,
+                event_type=event.type,
+            ),
+            "dead-lettering",
+        )
+
+    async def _unpark(self, entry: _Key, record: Record, what: str) -> None:
+        """Read back the parked events of a stored record."""
+        if record.parked_to <= record.parked_from:
+            return
+        fields = await self._retry(
+            lambda: self.store.hgetall(self._parked_prefix + entry.key), what, key=entry.key
+        )
+        entry.parked = sorted(
+            (int(field), decode_event(raw))
+            for field, raw in fields.items()
+            if record.parked_from <= int(field) < record.parked_to
+        )
+        entry.park_next = record.parked_to
+        entry.parked_stored = (record.parked_from, record.parked_to)
 
     async def _refuse(
         self, entry: _Key, event: Event, publisher: str | None, reason: str, *, late: bool
@@ -1077,6 +1259,8 @@ class KeyedStatefulConsumer(Generic[S]):
         if entry is None or entry.gone or self._stopping:
             return self._commits.changed
         entry.timer = None
+        if entry.parked:
+            return self._commits.changed  # it fires after the events it waits behind
         entry.timer_at = None
         entry.touched = time.monotonic()
         state = self._state_of(entry)
@@ -1364,11 +1548,15 @@ class KeyedStatefulConsumer(Generic[S]):
                     failed=entry.failed,
                     missing=entry.missing,
                     time=now,
+                    parked_from=entry.parked[0][0] if entry.parked else 0,
+                    parked_to=entry.park_next if entry.parked else 0,
                 )
                 raw_record = _encode_record(record)
                 viewed = (
                     views(entry.key, entry.state, entry.published, outbox)
-                    if views is not None and entry.state is not None
+                    # nothing is shown of a key waiting for its history from a state
+                    # without it
+                    if views is not None and entry.state is not None and not entry.parked
                     else None
                 )
             except Exception as exc:
@@ -1382,6 +1570,8 @@ class KeyedStatefulConsumer(Generic[S]):
             key = entry.key
             batch.values[self._key_prefix + key] = (raw_record, ttl)
             stored.append((entry, retired, ttl))
+            if entry.parked or entry.parked_stored[1]:
+                self._write_parked(batch, entry, ttl)
             if viewed is not None:
                 for view_key, fields in viewed.items():
                     batch.hset(view_key, fields)
@@ -1413,6 +1603,27 @@ class KeyedStatefulConsumer(Generic[S]):
                 if floor:
                     self._write_floor(batch, partition)
         return batch, events, handed, stored
+
+    def _write_parked(self, batch: WriteBatch, entry: _Key, ttl: float | None) -> None:
+        """Store the parked events not stored yet, remove those applied: each is written
+        once, however long the key waits."""
+        low, high = (entry.parked[0][0], entry.park_next) if entry.parked else (0, 0)
+        stored_low, stored_high = entry.parked_stored
+        if (low, high) == (stored_low, stored_high):
+            return
+        key = self._parked_prefix + entry.key
+        applied = [str(f) for f in range(stored_low, stored_high) if not low <= f < high]
+        if applied:
+            batch.hdel(key, applied)
+        fresh = {
+            str(f): encode_event(event)
+            for f, event in entry.parked
+            if not stored_low <= f < stored_high
+        }
+        if fresh:
+            batch.hset(key, fresh)
+            batch.expire(key, ttl)
+        entry.parked_stored = (low, high)
 
     def _write_floor(self, batch: WriteBatch, partition: int) -> None:
         batch.set(self._floor_key(partition), b"%d" % self._floors[partition])
@@ -1484,6 +1695,7 @@ class KeyedStatefulConsumer(Generic[S]):
         """Drop ``entry`` from memory; ``replaced``: by a newer one of its key, which stays."""
         entry.gone = True
         self._cancel_timer(entry)
+        self._stop_rebuilding(entry)
         if self._keys.get(entry.key) is entry:
             del self._keys[entry.key]
             if self._on_forgotten is not None and not replaced:
@@ -1553,6 +1765,7 @@ class KeyedStatefulConsumer(Generic[S]):
         for entry in held:
             self._state_of(entry)  # its views are written from the state
             entry.indexed = False
+            entry.parked_stored = (0, 0)
             entry.stored_ttl = _LOST
             self._mark(entry)
         self._rewriting = self._commits.changed
@@ -1614,6 +1827,7 @@ class KeyedStatefulConsumer(Generic[S]):
         record = None if stored is None else self._decode_stored(key, stored)
         if record is not None:
             entry = self._entry_from(key, record)
+            await self._unpark(entry, record, "loading")
             self._adopt(entry, record)
         else:
             entry = _Key(key, partition, self.processor.initial(key), None)
@@ -1651,6 +1865,8 @@ class KeyedStatefulConsumer(Generic[S]):
             self._mark(entry)
         if record.timer is not None:
             self._arm(entry, record.timer)
+        if entry.parked:
+            self._start_rebuild(entry)  # the one its last owner began
 
     async def assign(self, partitions: tuple[int, ...]) -> None:
         """Load the live keys of ``partitions`` and arm their timers (ownership hook)."""
@@ -1689,6 +1905,7 @@ class KeyedStatefulConsumer(Generic[S]):
                         # the store is newer than what memory held
                         self._forget(old, replaced=True)
                     entry = self._entry_from(key, record)
+                    await self._unpark(entry, record, "restoring")
                     self._keys[key] = entry
                     self._adopt(entry, record)
                     restored += 1
@@ -1905,6 +2122,7 @@ class KeyedStatefulConsumer(Generic[S]):
             "compact": sum(1 for e in self._keys.values() if e.state is None),
             "partitions": sorted(self.owned),
             "pending_changes": len(self._dirty),
+            "rebuilding": sum(1 for e in self._keys.values() if e.parked),
             "flushes": self.flushes,
             **self.metrics.counts(),
             "pool": {
