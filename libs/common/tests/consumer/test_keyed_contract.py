@@ -34,6 +34,7 @@ from pumpflow.common.events import (
     FeaturesUpdated,
     TokenMigrated,
     TokenTrade,
+    decode_event,
     encode_event,
     make_event,
 )
@@ -1663,6 +1664,70 @@ async def test_a_key_without_a_record_is_rebuilt_from_its_publishers_history_fir
     await announced.wait_for(3)
     assert await pair.applied(MINTS[0]) == [1, 2, 3, 4, 5, 6]
     assert asked == [(MINTS[0], "feed", 5)]
+
+
+async def _parked(pair: Pair, mint: str, count: int) -> bool:
+    record = await pair.record(mint)
+    return record is not None and record.parked_to - record.parked_from == count
+
+
+async def test_a_replica_that_stops_while_a_key_waits_for_its_history_hands_its_events_over(
+    pair,
+):
+    """The events of a key waiting for its history are stored with its record, their
+    deliveries done: a replica that stops meanwhile hands them over, and the next owner
+    reads the history and applies them, each once, in order."""
+    mint = MINTS[0]
+    stored = [trade(mint, seq) for seq in range(1, 5)]
+    readable = asyncio.Event()
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        await readable.wait()
+        return [e for e in stored if e.seq < before_seq]
+
+    bus = await pair.bus()
+    announced = await watch(bus)
+    first = await pair.consumer(RecordingProcessor(), history=history)
+    await bus.publish_many([trade(mint, 5), trade(mint, 6)])
+    await eventually(lambda: _parked(pair, mint, 2), what="the key's events parked")
+    await asyncio.wait_for(first.stop(), 10)
+    pair.consumers.remove(first)
+    assert not announced.of(key=mint) and await pair.applied(mint) == []
+    readable.set()
+    await pair.consumer(RecordingProcessor(), history=history)
+    await announced.wait_for(2, key=mint)
+    await eventually(
+        lambda: _applied_seqs(pair, mint, [1, 2, 3, 4, 5, 6]), what="the key rebuilt and stored"
+    )
+    assert [e.data.source_seq for e in announced.of(key=mint)] == [5, 6]
+    assert not await pair.store.hgetall(f"keyed:parked:{mint}")
+    assert await bus.dead_letters("keyed") == []
+
+
+async def test_a_key_whose_history_cannot_be_read_dead_letters_its_parked_events(pair):
+    """A read of the history that fails for a reason of its own (not a dependency's
+    wait) is tried again a few times; then the key's parked events are dead-lettered
+    with the error, as the bus would their deliveries, and the key's stream goes on."""
+    mint = MINTS[0]
+
+    async def history(key: str, publisher: str, before_seq: int) -> list[Event]:
+        raise ValueError("a stored row that does not decode")
+
+    bus = await pair.bus()
+    consumer = await pair.consumer(RecordingProcessor(), history=history)
+    await bus.publish_many([trade(mint, 5), trade(mint, 6)])
+    letters = []
+
+    async def dead_lettered() -> bool:
+        letters.extend(await bus.dead_letters("keyed"))
+        return len(letters) >= 2
+
+    await eventually(dead_lettered, 30, what="the parked events dead-lettered")
+    assert sorted(decode_event(letter.body).seq for letter in letters) == [5, 6]
+    assert all("history could not be read" in letter.reason for letter in letters)
+    await eventually(lambda: _parked(pair, mint, 0), what="nothing left parked")
+    assert await pair.applied(mint) == []
+    assert consumer.describe()["rebuilding"] == 0
 
 
 async def test_a_partial_publishers_seqs_skip_without_a_gap_a_loss_or_a_rebuild(pair):
