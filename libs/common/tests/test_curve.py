@@ -181,3 +181,13 @@ def test_a_sale_sized_for_an_impact_has_that_impact(state, impact):
     assert curve.quote_sell(state, tokens * 1.01).price_impact > impact
     with pytest.raises(CurveError):
         curve.sell_for_impact(state, 1.0)
+
+
+def test_a_state_at_a_price_is_on_the_same_curve():
+    state = curve.quote_buy(START, 3.0).after
+    at = curve.at_price(state, state.price * 0.8)
+    assert at.price == pytest.approx(state.price * 0.8, rel=1e-12)
+    assert at.v_sol * at.v_tokens == pytest.approx(curve.K, rel=1e-12)
+    assert curve.at_price(state, state.price) is state
+    with pytest.raises(CurveError):
+        curve.at_price(state, 0.0)

@@ -221,6 +221,20 @@ def sell_for_impact(state: CurveState, max_impact: float) -> float:
     return max_impact * state.v_tokens / (1.0 - max_impact)
 
 
+def at_price(state: CurveState, price: float) -> CurveState:
+    """The state on ``state``'s own constant product whose spot price is ``price``.
+
+    Where the market stood when it was at ``price``: the reference of an order decided at
+    that price (a buy there, or a sale, quoted on it). ``state`` itself at its own price.
+    """
+    if not price > 0:
+        raise CurveError(f"price must be > 0, got {price}")
+    if price == state.price:
+        return state
+    k = state.v_sol * state.v_tokens
+    return CurveState(v_sol=math.sqrt(k * price), v_tokens=math.sqrt(k / price))
+
+
 def state_from_frame(v_sol: float, v_tokens: float) -> CurveState:
     """Curve state from a frame's ``vSolInBondingCurve`` and ``vTokensInBondingCurve``."""
     return CurveState(v_sol=float(v_sol), v_tokens=float(v_tokens))

@@ -188,10 +188,18 @@ class PaperBroker:
     def market(self, mint: str) -> Market | None:
         return self.markets.get(mint)
 
-    def submit(self, order: OrderRequested | ExitOrder, *, time: float) -> PaperOutcome | None:
+    def submit(
+        self,
+        order: OrderRequested | ExitOrder,
+        *,
+        time: float,
+        expected: CurveState | None = None,
+    ) -> PaperOutcome | None:
         """Queue ``order`` (decided at ``time``); a rejection at once if it cannot fill.
 
-        An exit service's :class:`ExitOrder` is a sale like any other.
+        ``expected`` is the market its decision saw, what its slippage limit is measured
+        from (default: the token's market now). An exit service's :class:`ExitOrder` is
+        a sale like any other.
         """
         if isinstance(order, ExitOrder):
             order = sell_order(order)
@@ -211,7 +219,7 @@ class PaperBroker:
             due_at=time + self.execution.latency_s,
             amount=float(amount),
             slippage_pct=order.slippage_pct,
-            expected=market.state,
+            expected=market.state if expected is None else expected,
             venue=market.venue,
             position_id=order.position_id,
         )
