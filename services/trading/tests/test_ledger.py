@@ -101,6 +101,18 @@ async def test_an_order_id_is_taken_once_and_a_load_gives_back_what_is_unresolve
     assert await ledger.control() == ("halted", "kill switch")
 
 
+async def test_one_order_is_read_with_its_fill(ledger):
+    await ledger.commit(LedgerChange(orders=[order("a"), order("b")]))
+    await ledger.commit(
+        LedgerChange(
+            outcomes=[OrderOutcome(order_id="a", state="filled")], fills=[fill("a", 101.0)]
+        )
+    )
+    assert await ledger.order("a") == (replace(order("a"), state="filled"), fill("a", 101.0))
+    assert await ledger.order("b") == (order("b"), None)
+    assert await ledger.order("c") is None
+
+
 async def test_a_retried_commit_takes_the_orders_stored_under_its_attempt_as_inserted(ledger):
     """A commit that raised may have been stored (its reply lost): its retry, the same
     decision, gets its orders back as inserted; another decision of the same order id

@@ -546,6 +546,10 @@ class Ledger(Protocol):
 
     async def positions(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]: ...
 
+    async def order(self, order_id: str) -> tuple[OrderRecord, FillRecord | None] | None:
+        """The order ``order_id`` and its fill, if filled; None if the ledger lacks it."""
+        ...
+
 
 def _settles_unsent(stored: OrderRecord, order: OrderRecord) -> bool:
     """Whether ``order``, of the attempt that stored ``stored``, refuses it unsent."""
@@ -852,6 +856,10 @@ class MemoryLedger:
         ]
         found.sort(key=lambda p: p["opened_at"], reverse=True)
         return found[:limit]
+
+    async def order(self, order_id: str) -> tuple[OrderRecord, FillRecord | None] | None:
+        found = self._orders.get(order_id)
+        return None if found is None else (found, self._fills.get(order_id))
 
 
 _UNSENT_STATES = ", ".join(f"'{state}'" for state in _UNSENT)
@@ -1303,3 +1311,11 @@ class PostgresLedger:
             limit,
         )
         return [dict(row) for row in rows]
+
+    async def order(self, order_id: str) -> tuple[OrderRecord, FillRecord | None] | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"{_SELECT_ORDERS} WHERE order_id = $1", order_id)
+            if row is None:
+                return None
+            fill = await conn.fetchrow(f"{_SELECT_FILLS} WHERE f.order_id = $1", order_id)
+        return _record(row), None if fill is None else FillRecord(**dict(fill))
