@@ -24,6 +24,10 @@ publish or touch a store are coroutines; extra parameters are keyword-only.
 - ``DataFeedInterface`` and ``DataFeedManager`` are the feed service's own classes,
   ``pumpflow.feed.interface.DataFeedInterface`` and
   ``pumpflow.feed.manager.DataFeedManager`` (a service sits above this layer).
+- ``TradeExecutor(event_bus, trading_db)`` and ``PositionManager(event_bus,
+  trade_executor)`` are the trading service's adapters, ``pumpflow.trading.interfaces``
+  (over its ledger); ``TradingEngine`` and ``RiskManager`` are the real classes of
+  :mod:`pumpflow.common.trading`, with the requirements' signatures.
 
 Token data may be a typed payload (:class:`~pumpflow.common.events.TokenTrade`, ...),
 an :class:`~pumpflow.common.events.Event` envelope, or a PumpPortal frame (a mapping,
