@@ -356,22 +356,14 @@ class TradeExecutor:
             venue, state = self.market(request.mint)
             expected = state if state is None or price is None else at_price(state, price)
             now = self.clock.now()
-            record = OrderRecord(
-                order_id=order_id,
-                mint=request.mint,
-                side=request.side,
-                sol_amount=request.sol_amount,
-                token_amount=request.token_amount,
-                slippage_pct=request.slippage_pct,
-                reason=request.reason,
-                position_id=request.position_id,
+            record = OrderRecord.of(
+                request,
                 cause_id=cause_id,
                 executor=self.paper.name,
                 state="rejected" if refusal else "sent",
                 requested_at=now,
                 venue=venue,
-                expected_v_sol=None if expected is None else expected.v_sol,
-                expected_v_tokens=None if expected is None else expected.v_tokens,
+                expected=expected,
                 outcome=refusal,
                 attempt=f"{self._writer}:{next(self._attempts)}",
             )

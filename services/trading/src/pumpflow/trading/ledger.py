@@ -89,10 +89,12 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from pumpflow.common.curve import CurveState
 from pumpflow.common.db.transactions import holding_transaction
 from pumpflow.common.events import (
     Event,
     OrderFilled,
+    OrderRequested,
     Side,
     TokenTrade,
     TradingStateChanged,
@@ -187,6 +189,41 @@ class OrderRecord:
     #: the decision that stored it (unique to it): a retry of its commit takes the order
     #: as its own
     attempt: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        request: OrderRequested,
+        *,
+        cause_id: str | None,
+        executor: str,
+        state: OrderState,
+        requested_at: float,
+        venue: str,
+        expected: CurveState | None,
+        outcome: str = "",
+        attempt: str | None = None,
+    ) -> OrderRecord:
+        """``request`` as stored, sent by ``executor`` on the market it ``expected``."""
+        return cls(
+            order_id=request.order_id,
+            mint=request.mint,
+            side=request.side,
+            sol_amount=request.sol_amount,
+            token_amount=request.token_amount,
+            slippage_pct=request.slippage_pct,
+            reason=request.reason,
+            position_id=request.position_id,
+            cause_id=cause_id,
+            executor=executor,
+            state=state,
+            requested_at=requested_at,
+            venue=venue,
+            expected_v_sol=None if expected is None else expected.v_sol,
+            expected_v_tokens=None if expected is None else expected.v_tokens,
+            outcome=outcome,
+            attempt=attempt,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1214,22 +1214,14 @@ class TradingService(Service):
     ) -> None:
         venue, market = self.executor.expected(request.mint)
         step.change.orders.append(
-            OrderRecord(
-                order_id=request.order_id,
-                mint=request.mint,
-                side=request.side,
-                sol_amount=request.sol_amount,
-                token_amount=request.token_amount,
-                slippage_pct=request.slippage_pct,
-                reason=request.reason,
-                position_id=request.position_id,
+            OrderRecord.of(
+                request,
                 cause_id=cause.id,
                 executor=self.executor.name,
                 state=state,
                 requested_at=self._ctx.clock.now(),
                 venue=venue,
-                expected_v_sol=None if market is None else market.v_sol,
-                expected_v_tokens=None if market is None else market.v_tokens,
+                expected=market,
                 outcome=outcome,
                 attempt=f"{self._writer}:{next(self._attempts)}",
             )
