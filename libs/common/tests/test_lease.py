@@ -86,11 +86,20 @@ class Candidate:
         self.holder_at_resign = await self.lease.current_holder()
 
 
+async def leading(candidate: Candidate) -> None:
+    """Start ``candidate``, alone in the campaign, and wait until it leads: its first
+    try is True only if the store answered within the TTL (0.6 s here), which a loaded
+    machine may not give it; its campaign then takes the free lease."""
+    if not await candidate.lease.start():
+        await eventually(lambda: candidate.lease.is_leader and "elected" in candidate.calls)
+
+
 async def test_one_candidate_is_elected_renews_and_the_other_stands_by(store):
     one, two = Candidate(store, "one"), Candidate(store, "two")
     try:
-        assert await one.lease.start() is True
-        assert one.calls == ["elected"]  # on_elected has returned when start does
+        if await one.lease.start():
+            assert one.calls == ["elected"]  # on_elected has returned when start does
+        await eventually(lambda: one.lease.is_leader and one.calls[:1] == ["elected"])
         assert await two.lease.start() is False
         assert two.lease.role == "standby"
         # two TTLs of renewals: the lease never lapses and the standby never gets it
@@ -107,7 +116,7 @@ async def test_one_candidate_is_elected_renews_and_the_other_stands_by(store):
 async def test_the_standby_takes_over_at_once_when_the_leader_stops(store):
     one, two = Candidate(store, "one"), Candidate(store, "two")
     try:
-        await one.lease.start()
+        await leading(one)
         await two.lease.start()
         await one.lease.stop()
         # resigned while still holding it, then released (not left to run out), not lost
@@ -124,7 +133,7 @@ async def test_the_standby_takes_over_at_once_when_the_leader_stops(store):
 async def test_a_leader_stalled_past_its_ttl_loses_the_lease_and_calls_on_lost(store):
     one, two = Candidate(store, "one"), Candidate(store, "two")
     try:
-        await one.lease.start()
+        await leading(one)
         await two.lease.start()
         await eventually(lambda: one.lease.renewals >= 1)
         # the whole process stalls (a long GC pause, a blocked event loop): the lease
@@ -148,7 +157,7 @@ async def test_a_leader_stalled_past_its_ttl_loses_the_lease_and_calls_on_lost(s
 async def test_a_leader_whose_lease_another_holds_steps_down_and_campaigns_again(store):
     one = Candidate(store, "one")
     try:
-        await one.lease.start()
+        await leading(one)
         # the key is taken from under it (as after a pause the holder did not notice)
         await store.delete_if_equal("lease:" + NAME, b"one")
         thief = Lease(store, NAME, "thief", 60.0)
@@ -167,7 +176,7 @@ async def test_a_leader_whose_lease_another_holds_steps_down_and_campaigns_again
 async def test_a_leader_told_another_took_over_steps_down_at_once_and_campaigns_on(store):
     one = Candidate(store, "one")
     try:
-        await one.lease.start()
+        await leading(one)
         # the guarded work learnt it before any renewal could
         await one.lease.step_down("another took over the guarded work")
         assert [c for c in one.calls if c != "renewed"] == ["elected", "lost"]
