@@ -88,6 +88,44 @@ def test_a_regression_model_of_the_net_return_is_trained_and_served(market_file,
     assert np.isfinite(manager.predict_batch("ret", rows)).all()
 
 
+def test_the_first_minutes_of_a_market_are_dropped_from_the_rows_not_from_the_labels(
+    market_file, tmp_path
+):
+    full = files_dataset([str(market_file)], DEFAULT_CLASSIFICATION, progress=False)
+    skipped = files_dataset(
+        [str(market_file)], DEFAULT_CLASSIFICATION, progress=False, skip_minutes=1.0
+    )
+    first = min(e.time for e in dataset_file_events(market_file))
+    kept = full.time >= first + 60.0
+    assert 0 < len(skipped) == kept.sum() < len(full)
+    # the rows kept are those of the whole stream: features from each token's launch,
+    # labels looking ahead as before
+    np.testing.assert_array_equal(skipped.features, full.features[kept])
+    np.testing.assert_array_equal(skipped.labels, full.labels[kept])
+    np.testing.assert_array_equal(skipped.time, full.time[kept])
+    # tokens launched in the minutes dropped that trade on after them are kept, with
+    # their launch
+    assert skipped.launch.min() < first + 60.0 < skipped.time.min() + 1e-9
+
+    # held out on another market, its first minute dropped too
+    other = tmp_path / "other.jsonl"
+    write_dataset(Market(MarketConfig(seed=22)), other, duration_s=180.0, start_epoch=START)
+    out = tmp_path / "steady.onnx"
+    command = [*train_command(market_file, out), "--held-out-dataset", str(other)]
+    assert cli_main.main([*command, "--skip-minutes", "1"]) == 0
+    _, card = read_model(out)
+    # the reference is the training rows': none of the minutes dropped
+    assert card.training.start >= first + 60.0 and card.training.rows == len(skipped)
+    held_out = files_dataset([str(other)], card.label, progress=False)
+    other_first = min(e.time for e in dataset_file_events(other))
+    assert card.held_out.rows == (held_out.time >= other_first + 60.0).sum() < len(held_out)
+
+
+def test_a_skip_of_every_minute_of_a_simulated_market_is_refused():
+    with pytest.raises(SystemExit, match="drops every row"):
+        cli_main.main(["train", "--sim-seeds", "1", "--sim-minutes", "2", "--skip-minutes", "2"])
+
+
 @pytest.mark.postgres
 async def test_postgres_history_through_the_database_feed_gives_the_same_rows(
     market_file, pg_pool, postgres_dsn, namespace

@@ -8,6 +8,21 @@ Sources of history (one of):
 - ``--sim-seeds 1,2,3``: markets simulated here, ``--sim-minutes`` each, one after
   the other from ``--sim-start-epoch``.
 
+``--skip-minutes M`` drops the rows of the first M minutes of each source (each
+simulated market, each dataset file, the Postgres window from its first event), in
+training and held out alike; features and labels are still computed on the whole stream
+(a row's label looks ``--horizon`` ahead, its features back to the token's launch), so
+the rows kept are those of a run without the drop. Why: a source recorded from a feed's
+start holds only the tokens launched since, so M minutes in no token is older than M,
+and what accumulates with a token's age (time_since_launch, unique traders, largest buy,
+curve progress, the 300 s volumes) sits under what a running market shows. A model
+fitted on those rows has seen no market in its steady state, and its card's reference
+bins, which the drift monitor holds a running feed to once its own 20-minute warm-up is
+over, are the reference of a market's first minutes: the monitor flags the age, the
+rates and the volumes as drifting for the training window. The default, 0, keeps every
+row: a window cut out of a recording that ran on before it has no empty start, and what
+a user's data holds is theirs to say.
+
 Without a held-out source (``--held-out-dataset``, ``--held-out-seeds``) the last
 ``--held-out-share`` of the tokens by launch time is held out. The model and its card
 go to ``--out PATH.onnx`` or into the registry folder ``--registry`` (default
@@ -110,6 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--sim-start-epoch", type=_epoch, default=DEFAULT_SIM_START,
         help="when the first simulated market starts (epoch s or ISO; 2026-01-01)",
+    )  # fmt: skip
+    source.add_argument(
+        "--skip-minutes", type=bounded(at_least=0), default=0.0, metavar="M",
+        help="drop the rows of each source's first M minutes, where a market seen from its "
+        "start has only young tokens (features and labels still use them; %(default)g)",
     )  # fmt: skip
     held = parser.add_argument_group("held out")
     held.add_argument(
@@ -226,7 +246,11 @@ def _dataset(
     data_end: float | None,
     source: str,
     progress: bool,
+    skip_s: float = 0.0,
+    start: float | None = None,
 ):
+    """The dataset of one source; rows of its first ``skip_s`` seconds dropped, counted
+    from ``start`` (default: its first event)."""
     from pumpflow.common.features import FeatureManager
     from pumpflow.model.training import build_dataset, group_by_mint
 
@@ -234,17 +258,24 @@ def _dataset(
     if not events:
         raise SystemExit(f"pumpflow train: no token events in {source}")
     end = data_end if data_end is not None else max(e.time for e in events)
+    rows_from = None
+    if skip_s > 0:
+        rows_from = (start if start is not None else min(e.time for e in events)) + skip_s
     return build_dataset(
         group_by_mint(events),
         FeatureManager(),
         label,
         data_end=end,
         source=source,
+        rows_from=rows_from,
         progress=progress,
     )
 
 
-def _simulated(seeds: Sequence[int], minutes: float, first_start: float, label, progress):
+def _simulated(
+    seeds: Sequence[int], minutes: float, first_start: float, label, progress,
+    skip_minutes: float = 0.0,
+):  # fmt: skip
     """One dataset per seed, each run starting where the previous ended."""
     from pumpflow.model.training import concatenate
 
@@ -258,14 +289,23 @@ def _simulated(seeds: Sequence[int], minutes: float, first_start: float, label, 
                 data_end=start + minutes * 60.0,
                 source=f"simulator seed {seed}",
                 progress=progress,
+                skip_s=skip_minutes * 60.0,
+                start=start,
             )
         )
     names = ",".join(map(str, seeds))
-    return concatenate(parts, source=f"simulator seeds {names}, {minutes:g} min each")
+    each = f"{minutes:g} min each"
+    if skip_minutes > 0:
+        each = f"minutes {skip_minutes:g}-{minutes:g} of each"
+    return concatenate(parts, source=f"simulator seeds {names}, {each}")
 
 
-def files_dataset(paths: Sequence[str | Path], label: LabelDefinition, *, progress: bool):
-    """One dataset of simulator dataset files (each labelled up to its own last event)."""
+def files_dataset(
+    paths: Sequence[str | Path], label: LabelDefinition, *, progress: bool,
+    skip_minutes: float = 0.0,
+):  # fmt: skip
+    """One dataset of simulator dataset files (each labelled up to its own last event,
+    rows of its first ``skip_minutes`` dropped)."""
     from pumpflow.model.training import concatenate
 
     return concatenate(
@@ -276,6 +316,7 @@ def files_dataset(paths: Sequence[str | Path], label: LabelDefinition, *, progre
                 data_end=None,
                 source=f"dataset {p}",
                 progress=progress,
+                skip_s=skip_minutes * 60.0,
             )
             for p in paths
         ],
@@ -316,27 +357,36 @@ def run_training(args: argparse.Namespace, *, progress: bool):
     sources = sum(map(bool, (args.dataset, args.sim_seeds))) + (args.dsn is not None)
     if sources > 1:
         raise SystemExit("pumpflow train: give one history source")
+    skip = args.skip_minutes
     if args.sim_seeds:
+        if skip >= args.sim_minutes:
+            raise SystemExit(
+                f"pumpflow train: --skip-minutes {skip:g} drops every row of a "
+                f"{args.sim_minutes:g}-minute market"
+            )
         dataset = _simulated(
-            args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label, progress
+            args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label, progress, skip
         )
     elif args.dataset:
-        dataset = files_dataset(args.dataset, label, progress=progress)
+        dataset = files_dataset(args.dataset, label, progress=progress, skip_minutes=skip)
     else:
         settings = CommonSettings.load(service="train")
         dsn = args.dsn or settings.postgres_dsn
         schema = args.schema or settings.namespace
         events = asyncio.run(database_events(dsn, schema, args.start, args.end))
         dataset = _dataset(
-            events, label, data_end=args.end, source=f"postgres {schema}", progress=progress
-        )
+            events, label, data_end=args.end, source=f"postgres {schema}", progress=progress,
+            skip_s=skip * 60.0,
+        )  # fmt: skip
 
     held_out = None
     if args.held_out_seeds:
         next_start = args.sim_start_epoch + len(args.sim_seeds) * args.sim_minutes * 60.0
-        held_out = _simulated(args.held_out_seeds, args.sim_minutes, next_start, label, progress)
+        held_out = _simulated(
+            args.held_out_seeds, args.sim_minutes, next_start, label, progress, skip
+        )
     elif args.held_out_dataset:
-        held_out = files_dataset(args.held_out_dataset, label, progress=progress)
+        held_out = files_dataset(args.held_out_dataset, label, progress=progress, skip_minutes=skip)
     config = TrainConfig(
         model_id=args.model_id,
         task=args.task,

@@ -132,9 +132,15 @@ def build_dataset(
     *,
     data_end: float,
     source: str,
+    rows_from: float | None = None,
     progress: bool = False,
 ) -> Dataset:
-    """Features after every trade of every token, with its label; unresolved rows dropped."""
+    """Features after every trade of every token, with its label; unresolved rows dropped.
+
+    ``rows_from``: rows of trades before it are dropped too (a token with none left is
+    not in the dataset), after every feature and label was computed on the whole history,
+    so what is kept is what it would be without the drop.
+    """
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     mints: list[str] = []
     launch: list[float] = []
@@ -152,6 +158,8 @@ def build_dataset(
         price = history.v_sol / history.v_tokens
         labels = _label_history(history.time, price, label, data_end=data_end)
         resolved = ~np.isnan(labels)
+        if rows_from is not None:
+            resolved &= history.time >= rows_from
         if resolved.any():
             parts.append((features[resolved], labels[resolved], history.time[resolved]))
             mints.append(mint)
