@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 
 from pumpflow.cli import main as cli_main
-from pumpflow.cli.train import _dataset, database_events, dataset_file_events, files_dataset
+from pumpflow.cli.train import (
+    DEFAULT_SIM_START,
+    DEFAULT_SKIP_MINUTES,
+    _dataset,
+    build_default,
+    database_events,
+    dataset_file_events,
+    files_dataset,
+)
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.features import FeatureManager
 from pumpflow.common.model import ModelManager, encode_card, prepare_inputs, read_model
 from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION
+from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.training import TrainConfig, split_by_time, train
 from pumpflow.simulator.dataset import load_dataset, write_dataset
 from pumpflow.simulator.market import Market, MarketConfig
@@ -124,6 +133,18 @@ def test_the_first_minutes_of_a_market_are_dropped_from_the_rows_not_from_the_la
 def test_a_skip_of_every_minute_of_a_simulated_market_is_refused():
     with pytest.raises(SystemExit, match="drops every row"):
         cli_main.main(["train", "--sim-seeds", "1", "--sim-minutes", "2", "--skip-minutes", "2"])
+
+
+@pytest.mark.slow
+def test_the_shipped_default_model_is_rebuilt_byte_for_byte_from_steady_markets(tmp_path):
+    path, trained = build_default(tmp_path / "entry.onnx")
+    assert path.read_bytes() == DEFAULT_MODEL_PATH.read_bytes()
+    card_file = DEFAULT_MODEL_PATH.with_name("entry.card.json")
+    assert path.with_name("entry.card.json").read_bytes() == card_file.read_bytes()
+    # no row of a market's first minutes, where every token is young, trained on or in
+    # the reference the drift monitor compares a running market with
+    assert trained.card.training.start >= DEFAULT_SIM_START + DEFAULT_SKIP_MINUTES * 60.0
+    assert f"minutes {DEFAULT_SKIP_MINUTES:g}-" in trained.card.held_out.source
 
 
 @pytest.mark.postgres

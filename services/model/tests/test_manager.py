@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import msgspec
@@ -57,7 +58,11 @@ def test_the_default_model_is_served_with_its_card():
     assert card.feature_set_version == FeatureManager().version
     assert card.held_out.model["auc"] > card.held_out.baseline["auc"] > 0.5
     # held out on simulator seeds it was not trained on
-    assert "seeds 4,5" in card.held_out.source and "4" not in card.training.source
+    seeds = [
+        re.match(r"simulator seeds ([\d,]+), ", c.source) for c in (card.training, card.held_out)
+    ]
+    trained_on, held_out = (set(m.group(1).split(",")) for m in seeds)
+    assert held_out == {"4", "5"} and not trained_on & held_out
     for seed in ("simulator seed 4", "simulator seed 5"):
         figures = card.held_out.by_part[seed]
         assert figures["auc"] > figures["baseline_auc"]
@@ -335,9 +340,11 @@ def test_a_refit_no_better_than_the_margin_is_not_swapped_in(tmp_path):
     own.load_model("entry", DEFAULT_MODEL_PATH, "classification")
     scores = own.predict_batch("entry", rows)
     # the serving model's own ranking, a share of the labels given by another feature:
-    # a refit does a little better (some 0.01 AUC on the held-out slice)
+    # a refit of 30 trees does a little better on the held-out slice (some 0.03 AUC;
+    # with less of the other feature it may learn the serving model's ranking worse
+    # than it gains)
     rsi = rows[:, DEFAULT_CARD.feature_names.index("rsi_14")]
-    labels = np.where(rng.random(n) < 0.3, rsi > 0.0, scores > np.median(scores)) * 1.0
+    labels = np.where(rng.random(n) < 0.4, rsi > 0.0, scores > np.median(scores)) * 1.0
     data = LabelledRows(
         rows=rows,
         labels=labels,
