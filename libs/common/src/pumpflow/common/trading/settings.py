@@ -58,12 +58,13 @@ Risk limits (:class:`RiskLimits`), as fractions of capital:
   filters admit it (their age window, 10-240 s, already bounds re-entries to a token's
   first four minutes). On the simulator's seeds 6-10, which the model never saw (30
   market minutes each, ``pumpflow run``'s settings, ``pumpflow backtest --config``),
-  re-entering paid: PnL after fees +37.99 SOL over 375 entries at once, +31.90 over 318
-  with a 60 s cooldown, +27.59 over 289 with no re-entry (a cooldown of an hour), every
-  seed in that order; the 86 re-entries made about 0.12 SOL each against 0.095 for a
-  first entry. A trailing stop sells a token that the model still scores high, and the
-  next prediction buys it again below its peak. That is the simulated market; a trader
-  who takes a stop as the token's end sets a cooldown
+  re-entering paid: PnL after fees +31.09 SOL over 283 entries at once, +24.47 over 252
+  with a 60 s cooldown, +23.66 over 251 with no re-entry (a cooldown of an hour); at
+  once made the most on four seeds of five (on seed 8 a 60 s cooldown made 0.73 more,
+  no re-entry 0.39 more), and the 32 re-entries made about 0.23 SOL each against 0.094
+  for a first entry. A trailing stop sells a token that the model still scores high,
+  and the next prediction buys it again below its peak. That is the simulated market;
+  a trader who takes a stop as the token's end sets a cooldown
   (``PUMPFLOW_TRADING_REENTRY_COOLDOWN_S``). It counts from the latest close among the
   book's last 100 closed positions, which a restart reloads from the ledger.
 - ``max_concurrent_positions = 5``, ``max_total_exposure_fraction = 0.5``: five full
