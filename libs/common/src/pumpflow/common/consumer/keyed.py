@@ -1187,6 +1187,10 @@ class KeyedStatefulConsumer(Generic[S]):
     async def _dead_letter(self, entry: _Key, event: Event, reason: str) -> None:
         log.error("%s: %s of %s dead-lettered: %s", self.config.service, event.type,
                   entry.key, reason)  # fmt: skip
+        # its delivery is done already: nothing would try it again, so every failure waits
+        await self._send_to_dead_letters(event, reason, key=None)
+
+    async def _send_to_dead_letters(self, event: Event, reason: str, *, key: str | None) -> None:
         await self._retry(
             lambda: self.bus.dead_letter(
                 encode_event(event),
@@ -1195,6 +1199,7 @@ class KeyedStatefulConsumer(Generic[S]):
                 event_type=event.type,
             ),
             "dead-lettering",
+            key=key,
         )
 
     async def _unpark(self, entry: _Key, record: Record, what: str) -> None:
@@ -1218,16 +1223,7 @@ class KeyedStatefulConsumer(Generic[S]):
         """Dead-letter an event the processor refused; its seq counts as applied."""
         self.metrics.invalid.inc()
         log.warning("%s: %s %s for %s", self.config.service, reason, event.type, entry.key)
-        await self._retry(
-            lambda: self.bus.dead_letter(
-                encode_event(event),
-                service=self.config.service,
-                reason=reason,
-                event_type=event.type,
-            ),
-            "dead-lettering",
-            key=entry.key,
-        )
+        await self._send_to_dead_letters(event, reason, key=entry.key)
         _still_held(entry)
         if publisher is not None:
             _keep_seq(entry.refused, publisher, event.seq)
