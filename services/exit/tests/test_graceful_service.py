@@ -414,10 +414,19 @@ async def test_an_entry_in_flight_at_the_shutdown_is_waited_for_and_its_position
             closed = [p for p, (state, _) in listed.items() if state == "exited"]
             return len(closed) == 4
 
+        looks = 0
+        get_run = records.get_run
+
+        async def looked_at(run_id: str):
+            nonlocal looks
+            looks += 1
+            return await get_run(run_id)
+
+        records.get_run = looked_at
         await eventually(four_closed, what="the four positions closed in the run")
         # polls of the run go on: the entry in flight keeps it open
-        polls = exits.settings.exit_run_poll_s
-        await asyncio.sleep(2.5 * polls)
+        seen = looks
+        await eventually(lambda: looks >= seen + 2, what="two more polls of the run")
         assert listed[f"entry:{requested.data.order_id}"][0] == "open"
         assert (await records.get_run(run.run_id)).finished_at is None
         assert not exits.finished.is_set()
