@@ -214,6 +214,8 @@ def test_the_bus_dashboard_plots_the_bus():
         "pumpflow_consumer_stalled_commits_total",
         # how far behind the market each keyed consumer's state is
         "pumpflow_consumer_lag_seconds",
+        # keys whose events wait for their history to be read
+        "pumpflow_consumer_rebuilding_keys",
         "pumpflow_service_info",
     } <= dashboard_metrics(dashboard)
 

@@ -131,6 +131,7 @@ class Setup:
     def __init__(self, transport: str, namespace: str, amqp_url: str, redis_url: str):
         self.transport = transport
         self.namespace = namespace
+        self.registry = CollectorRegistry()
         self.harness = BusHarness(
             transport,
             namespace=namespace,
@@ -165,7 +166,7 @@ class Setup:
             clock=WallClock(),
             source="keyed/test",
             history=history,
-            metrics=ConsumerMetrics(SERVICE, registry=CollectorRegistry()),
+            metrics=ConsumerMetrics(SERVICE, registry=self.registry),
         )
         await self.consumer.start()
         return bus, announced
@@ -243,6 +244,13 @@ async def waiting_key_ends_right(setup: Setup, announced: EventCollector, waitin
     )
     assert setup.consumer.metrics.counts()["rebuilt"] == 1
     assert await setup.harness.buses[0].dead_letters(SERVICE) == []
+    assert rebuilding_keys(setup) == 0
+
+
+def rebuilding_keys(setup: Setup) -> float | None:
+    return setup.registry.get_sample_value(
+        "pumpflow_consumer_rebuilding_keys", {"service": SERVICE}
+    )
 
 
 async def test_a_key_whose_history_waits_for_a_lock_holds_none_of_its_partitions_window(
@@ -271,10 +279,12 @@ async def test_a_key_whose_history_waits_for_a_lock_holds_none_of_its_partitions
 
         await eventually(read_waits, 30, what="the rebuild's read waiting for the lock")
         await others_go_on(setup, others)
-        # the waiting key is still waiting: nothing of it is applied or announced
+        # the waiting key is still waiting: nothing of it is applied or announced, and
+        # the scrape shows it
         assert await read_waits()
         assert await setup.applied(waiting) == []
         assert not announced.of(key=waiting)
+        assert rebuilding_keys(setup) == 1
     finally:
         await locked.rollback()
         await locker.close()

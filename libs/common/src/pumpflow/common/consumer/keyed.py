@@ -586,6 +586,7 @@ class KeyedStatefulConsumer(Generic[S]):
         self._waiting_order = itertools.count()
         self._waiting_check: TimerHandle | None = None
         self.metrics.read_lag(self.lags)
+        self.metrics.read_rebuilding(self.rebuilding)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -2096,6 +2097,10 @@ class KeyedStatefulConsumer(Generic[S]):
             if times[partition] != -math.inf
         ]
 
+    def rebuilding(self) -> int:
+        """Keys whose events wait, parked, for their history to be read."""
+        return 0 if self._stopping else sum(1 for e in self._keys.values() if e.parked)
+
     def state(self, key: str) -> S | None:
         """The key's state held here (None when not owned or not in memory)."""
         entry = self._keys.get(key)
@@ -2118,7 +2123,7 @@ class KeyedStatefulConsumer(Generic[S]):
             "compact": sum(1 for e in self._keys.values() if e.state is None),
             "partitions": sorted(self.owned),
             "pending_changes": len(self._dirty),
-            "rebuilding": sum(1 for e in self._keys.values() if e.parked),
+            "rebuilding": self.rebuilding(),
             "flushes": self.flushes,
             **self.metrics.counts(),
             "pool": {

@@ -31,6 +31,14 @@ _LAG_HELP = (
 #: what a consumer tells of its lag: (partition, seconds) of each partition it owns
 LagSource = Callable[[], Iterable[tuple[int, float]]]
 
+REBUILDING = "pumpflow_consumer_rebuilding_keys"
+_REBUILDING_HELP = (
+    "Keys whose events wait, kept with their records, for their history to be read "
+    "(the key's record lost, its stored events read from Postgres, which is slow, locked "
+    "or away), read when scraped. The partition's other keys go on meanwhile; a count "
+    "that stays up says the history cannot be read."
+)
+
 
 class _Lags(Collector):
     """The lag gauge, read from the live consumers when scraped (nothing per event)."""
@@ -170,6 +178,34 @@ class _Families:
             registry=registry,
         )
         self.lags = _Lags(registry)
+        self.rebuilding = _Rebuilding(registry)
+
+
+class _Rebuilding(Collector):
+    """The keys waiting for their history, read from the live consumers when scraped."""
+
+    def __init__(self, registry: CollectorRegistry):
+        #: service -> the consumers' readers (weak: a consumer's end ends its count)
+        self._sources: list[tuple[str, weakref.WeakMethod]] = []
+        registry.register(self)
+
+    def watch(self, service: str, source: Callable[[], int]) -> None:
+        live = [(s, ref) for s, ref in self._sources if ref() is not None]
+        self._sources = [*live, (service, weakref.WeakMethod(source))]  # type: ignore[arg-type]
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(REBUILDING, _REBUILDING_HELP, labels=["service"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts: dict[str, int] = {}
+        for service, ref in self._sources:
+            source = ref()
+            if source is not None:
+                counts[service] = counts.get(service, 0) + source()
+        family = GaugeMetricFamily(REBUILDING, _REBUILDING_HELP, labels=["service"])
+        for service, count in sorted(counts.items()):
+            family.add_metric([service], count)
+        yield family
 
 
 class ConsumerMetrics:
@@ -202,11 +238,17 @@ class ConsumerMetrics:
         self.unrecorded = families.unrecorded.labels(service)
         self.rebuilt = families.rebuilt.labels(service)
         self._lags = families.lags
+        self._rebuilding = families.rebuilding
 
     def read_lag(self, source: LagSource) -> None:
         """Export what ``source`` (a consumer's bound method) tells of its lag behind the
         market each time the registry is scraped, for as long as its consumer lives."""
         self._lags.watch(self.service, source)
+
+    def read_rebuilding(self, source: Callable[[], int]) -> None:
+        """Export how many keys ``source`` (a consumer's bound method) says wait for their
+        history each time the registry is scraped, for as long as its consumer lives."""
+        self._rebuilding.watch(self.service, source)
 
     def stalled_commit(self, kind: str) -> None:
         """Count a commit refused for a key holding ``kind`` (see ``WrongKind``)."""
