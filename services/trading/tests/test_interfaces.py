@@ -15,7 +15,6 @@ from pumpflow.common.testing import START, EventCollector, TokenEvents
 from pumpflow.common.trading import (
     FillRejection,
     PaperExecution,
-    PaperFill,
     exit_value,
     fill_buy,
     fill_sell,
@@ -68,20 +67,6 @@ async def listed(bus: InMemoryBus, tokens: TokenEvents) -> str:
     return mint
 
 
-def filled(order_id: str, mint: str, fill: PaperFill, **fields) -> OrderFilled:
-    return OrderFilled(
-        order_id=order_id,
-        mint=mint,
-        side=fill.side,
-        token_amount=fill.tokens,
-        sol_amount=fill.sol,
-        price=fill.price,
-        fee_sol=fill.fee_sol,
-        venue=fill.venue,
-        **fields,
-    )
-
-
 async def test_an_entry_fills_on_the_curve_after_the_latency_stored_and_told(
     clock, bus, ledger, seen, tokens
 ):
@@ -100,7 +85,7 @@ async def test_an_entry_fills_on_the_curve_after_the_latency_stored_and_told(
         fill = await entry
 
     paper = fill_buy(moved, 0.5, expected=decided, execution=PAPER)
-    assert fill == filled(requested.data.order_id, mint, paper)
+    assert fill == paper.order_filled(requested.data.order_id, mint)
     assert requested.data.sol_amount == 0.5 and requested.data.slippage_pct == PAPER.slippage_pct
 
     record, stored = await ledger.order(fill.order_id)
@@ -128,9 +113,8 @@ async def test_a_quiet_tokens_order_fills_on_its_last_state(clock, bus, ledger, 
         await seen.wait_for(1, "order.requested")
         await clock.advance_to(START + PAPER.latency_s + QUIET_S)
         fill = await entry
-    assert fill == filled(
-        fill.order_id, mint, fill_buy(decided, 0.25, expected=decided, execution=PAPER)
-    )
+    paper = fill_buy(decided, 0.25, expected=decided, execution=PAPER)
+    assert fill == paper.order_filled(fill.order_id, mint)
 
 
 async def test_the_same_cause_is_one_order_sent_once_across_calls_and_restarts(
@@ -244,7 +228,7 @@ async def test_a_position_opened_and_closed_realises_its_pnl_after_every_fee(
     assert manager.get_position(mint) is None
 
     [sold] = seen.payloads("order.filled", key=mint)[1:]
-    assert sold == filled(sold.order_id, mint, sale, position_id=position.position_id)
+    assert sold == sale.order_filled(sold.order_id, mint, position_id=position.position_id)
     [told] = seen.payloads("position.closed")
     assert (told.reason, told.realized_pnl_sol, told.token_amount) == (
         "take profit", closed.realized_pnl_sol, 0.0,
@@ -307,7 +291,7 @@ async def test_an_order_out_when_its_executor_stops_fills_after_a_restart(
         await clock.advance_to(START + PAPER.latency_s + QUIET_S)
         fill = await again.execute_entry(mint, 0.5, None, cause_id="p-9")
         paper = fill_buy(decided, 0.5, expected=decided, execution=PAPER)
-        assert fill == filled(requested.data.order_id, mint, paper)
+        assert fill == paper.order_filled(requested.data.order_id, mint)
         assert again.book.position(mint).tokens == paper.tokens
         await seen.wait_for(1, "position.opened")
     assert [(e.type, e.seq) for e in seen.of(key=mint)] == [

@@ -28,7 +28,7 @@ from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .fake_trade_api import fake_trade_api
-from .test_live import CONFIRM_S, KEY, WALLET, answered
+from .test_live import CONFIRM_S, WALLET, answered, live_settings
 from .test_service import publish, ready
 
 TOKEN = "kill-switch-token"
@@ -578,13 +578,7 @@ async def test_a_live_stand_by_counts_the_entries_in_flight_at_the_most_they_can
     measured on the ledger, count it so too, and say the exposure the holder's do."""
     ledger = PostgresLedger(pg_pool)
     async with fake_trade_api("silent") as api:
-        live = {
-            "trading_executor": "live",
-            "trading_live_enabled": True,
-            "pumpportal_api_key": KEY,
-            "trading_live_wallet": WALLET,
-            "trading_live_url": api.url,
-        }
+        live = live_settings(api)
         holder, standby = trading(ledger, **live), trading(ledger, **live)
         async with running(clock, holder) as (bus, watch, holder_client):
             async with running(clock, standby) as (_, _, client):
@@ -612,17 +606,13 @@ async def test_limits_show_the_entry_spend_the_reservations_and_the_limits_a_lat
     ledger, says what the holder says."""
     ledger = PostgresLedger(pg_pool)
     async with fake_trade_api("silent") as api:
-        live = {
-            "trading_executor": "live",
-            "trading_live_enabled": True,
-            "pumpportal_api_key": KEY,
-            "trading_live_wallet": WALLET,
-            "trading_live_url": api.url,
-            "trading_live_confirm_s": CONFIRM_S,
-            "trading_live_answer_timeout_s": 0.3,
-            "trading_capital_sol": 5.0,
-            "trading_max_risk_per_trade": 0.05,
-        }
+        live = live_settings(
+            api,
+            trading_live_confirm_s=CONFIRM_S,
+            trading_live_answer_timeout_s=0.3,
+            trading_capital_sol=5.0,
+            trading_max_risk_per_trade=0.05,
+        )
         holder, standby = trading(ledger, **live), trading(ledger, **live)
         async with running(clock, holder) as (bus, watch, holder_client):
             async with running(clock, standby) as (_, _, client):

@@ -40,17 +40,23 @@ WALLET = base58_key("ourwallet")
 CONFIRM_S = 10.0
 
 
-def live(ledger: MemoryLedger, api: FakeTradeApi, **settings: object) -> TradingService:
-    values = {
+def live_settings(api: FakeTradeApi, **settings: object) -> dict[str, object]:
+    """Live trading through the fake ``api``, ``settings`` on top."""
+    return {
         "trading_executor": "live",
         "trading_live_enabled": True,
         "pumpportal_api_key": KEY,
         "trading_live_wallet": WALLET,
         "trading_live_url": api.url,
-        "trading_live_confirm_s": CONFIRM_S,
-        "trading_live_answer_timeout_s": 0.3,
         **settings,
     }
+
+
+def live(ledger: MemoryLedger, api: FakeTradeApi, **settings: object) -> TradingService:
+    values = live_settings(
+        api,
+        **{"trading_live_confirm_s": CONFIRM_S, "trading_live_answer_timeout_s": 0.3, **settings},
+    )
     config = TradingSettings.load(service="trading", transport="memory", **values)
     return TradingService(config, registry=CollectorRegistry(), ledger=ledger)
 

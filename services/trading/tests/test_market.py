@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from pumpflow.common.events import Event, ExitOrder, PositionOpened, make_event
+from pumpflow.common.events import PositionOpened
 from pumpflow.common.pool import is_pool
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.trading import VENUE_POOL
 from pumpflow.trading.ledger import MemoryLedger
 
+from .test_sales import sale
 from .test_service import publish, ready, running, trading
-
-
-def sale(opened: PositionOpened, n: int, tokens: float, clock) -> Event:
-    order = ExitOrder(
-        order_id=f"{opened.position_id}:exit:{n}",
-        mint=opened.mint,
-        position_id=opened.position_id,
-        token_amount=tokens,
-    )
-    return make_event(order, source="exit/t", time=clock.now())
 
 
 async def open_on_pool(bus, watch, market, clock) -> PositionOpened:

@@ -16,15 +16,7 @@ EXECUTION = PaperExecution()
 
 
 def filled(order_id: str, fill: PaperFill, mint: str = "m") -> OrderFilled:
-    return OrderFilled(
-        order_id=order_id,
-        mint=mint,
-        side=fill.side,
-        token_amount=fill.tokens,
-        sol_amount=fill.sol,
-        price=fill.price,
-        fee_sol=fill.fee_sol,
-    )
+    return fill.order_filled(order_id, mint)
 
 
 def test_pnl_after_every_fee_on_a_worked_example():

@@ -35,7 +35,7 @@ from pumpflow.common.curve import (
     quote_buy,
     quote_sell,
 )
-from pumpflow.common.events import SLIPPAGE, RejectionCause, Side
+from pumpflow.common.events import SLIPPAGE, OrderFilled, RejectionCause, Side
 from pumpflow.common.pool import is_pool
 from pumpflow.common.pumpportal import POOL_PUMP_AMM
 from pumpflow.common.trading.settings import PaperExecution
@@ -72,6 +72,22 @@ class PaperFill:
     @property
     def fee_sol(self) -> float:
         return self.venue_fee + self.api_fee
+
+    def order_filled(
+        self, order_id: str, mint: str, *, position_id: str | None = None
+    ) -> OrderFilled:
+        """The fill as the ``order.filled`` of order ``order_id`` of ``mint``."""
+        return OrderFilled(
+            order_id=order_id,
+            mint=mint,
+            side=self.side,
+            token_amount=self.tokens,
+            sol_amount=self.sol,
+            price=self.price,
+            fee_sol=self.fee_sol,
+            position_id=position_id,
+            venue=self.venue,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -294,17 +294,7 @@ class PaperBroker:
         )
         if isinstance(fill, FillRejection):
             return self._reject(order, fill.reason, fill.cause)
-        result = OrderFilled(
-            order_id=order.order_id,
-            mint=order.mint,
-            side=order.side,
-            token_amount=fill.tokens,
-            sol_amount=fill.sol,
-            price=fill.price,
-            fee_sol=fill.fee_sol,
-            position_id=order.position_id,
-            venue=fill.venue,
-        )
+        result = fill.order_filled(order.order_id, order.mint, position_id=order.position_id)
         # the order moves the market: later orders of the token see the state it left; a
         # pool moves by what the fill says, as the engine's view and the exit service
         # follow it, and the curve until its next frame reports its reserves
