@@ -33,14 +33,15 @@ from pumpflow.common.consumer import (
 )
 from pumpflow.common.db.pool import create_pool
 from pumpflow.common.dependencies import POSTGRES, WAITS
-from pumpflow.common.events import Event, FeaturesUpdated, TokenTrade, make_event
-from pumpflow.common.keyed import Effects
+from pumpflow.common.events import Event, TokenTrade, make_event
 from pumpflow.common.state.abc import StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.storage.token_events import TokenEventStore, feed_history
 from pumpflow.common.testing import BusHarness, EventCollector, eventually
 from pumpflow.common.testing.factories import base58_key
+
+from .test_keyed_contract import Applied, RecordingProcessor
 
 PARTITIONS = 4
 #: deliveries a partition's consumer runs at once, and RabbitMQ's unacked limit
@@ -55,43 +56,6 @@ OTHERS = 6
 ROUNDS = 6
 START = 1_700_000_000.0
 SERVICE = "keyed"
-
-
-class Applied(msgspec.Struct):
-    seqs: list[int] = []
-
-
-class Recording:
-    """Keeps the seqs it applies and announces each."""
-
-    def initial(self, key: str) -> Applied:
-        return Applied()
-
-    def apply(self, state: Applied, event: Event, effects: Effects) -> Applied:
-        state.seqs.append(event.seq)
-        effects.emit(
-            FeaturesUpdated(
-                mint=effects.key,
-                feature_set_version="test",
-                source_seq=event.seq,
-                names=("n",),
-                values=(float(len(state.seqs)),),
-            ),
-            time=event.time,
-        )
-        return state
-
-    def fire(self, state: Applied, effects: Effects) -> Applied:
-        return state
-
-    def encode(self, state: Applied) -> bytes:
-        return msgspec.msgpack.encode(state)
-
-    def compact(self, state: Applied, now: float) -> bytes | None:
-        return None
-
-    def decode(self, raw: bytes) -> Applied:
-        return msgspec.msgpack.decode(raw, type=Applied)
 
 
 def trade(mint: str, seq: int) -> Event:
@@ -152,7 +116,7 @@ class Setup:
             await self.harness.bus("watcher/test"), "features.updated"
         )
         self.consumer = KeyedStatefulConsumer(
-            Recording(),
+            RecordingProcessor(),
             KeyedConsumerConfig(
                 service=SERVICE,
                 patterns=("token.trade",),
