@@ -67,7 +67,6 @@ from pumpflow.trading.ledger import (
     KeyedEvent,
     Ledger,
     LedgerChange,
-    OrderOutcome,
     OrderRecord,
     PositionRecord,
     numbered,
@@ -525,20 +524,15 @@ class TradeExecutor:
         reason = self._reasons.pop(order_id, "")
         events = [self._event(outcome, now, cause=cause)]
         change = LedgerChange()
+        position = None
         if isinstance(outcome, OrderFilled):
-            change.outcomes.append(
-                OrderOutcome(order_id=order_id, state="filled", signature=outcome.signature)
-            )
-            change.fills.append(FillRecord.of(outcome, time=now, reason=reason))
             moved = self.book.apply_fill(outcome, time=now, reason=reason)
             if moved is not None:
-                change.positions.append(PositionRecord.of(self.position(outcome.mint)))
+                position = self.position(outcome.mint)
                 events.append(self._event(moved, now, cause=cause))
         else:
             self.book.release_sale(order_id)
-            change.outcomes.append(
-                OrderOutcome(order_id=order_id, state="rejected", outcome=outcome.reason)
-            )
+        change.record_outcome(outcome, time=now, reason=reason, position=position)
         change.events = [KeyedEvent(event=e) for e in events]
         return change, events
 

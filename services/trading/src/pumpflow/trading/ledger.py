@@ -94,6 +94,7 @@ from pumpflow.common.db.transactions import holding_transaction
 from pumpflow.common.events import (
     Event,
     OrderFilled,
+    OrderRejected,
     OrderRequested,
     Side,
     TokenTrade,
@@ -407,6 +408,28 @@ class LedgerChange:
 
     def __bool__(self) -> bool:
         return bool(self.announced or self.events) or self._books()
+
+    def record_outcome(
+        self,
+        outcome: OrderFilled | OrderRejected,
+        *,
+        time: float,
+        reason: str = "",
+        position: Position | None = None,
+    ) -> None:
+        """Store an order's ``outcome``: a fill (at ``time``, for ``reason``) with the
+        ``position`` it left, or a refusal."""
+        if isinstance(outcome, OrderFilled):
+            self.outcomes.append(
+                OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
+            )
+            self.fills.append(FillRecord.of(outcome, time=time, reason=reason))
+            if position is not None:
+                self.positions.append(PositionRecord.of(position))
+        else:
+            self.outcomes.append(
+                OrderOutcome(order_id=outcome.order_id, state="rejected", outcome=outcome.reason)
+            )
 
     def _books(self) -> bool:
         """Whether it stores anything of the book, the orders or their events."""

@@ -176,7 +176,6 @@ from pumpflow.trading.ledger import (
     WITHDRAWN,
     Announced,
     Committed,
-    FillRecord,
     KeyedEvent,
     Ledger,
     LedgerChange,
@@ -185,7 +184,6 @@ from pumpflow.trading.ledger import (
     OrderOutcome,
     OrderRecord,
     OrderState,
-    PositionRecord,
     PostgresLedger,
     Superseded,
 )
@@ -1258,13 +1256,12 @@ class TradingService(Service):
             if self.context is not None:
                 # a paper fill moved its token's market in the view
                 self.context.change(outcome.mint)
-            step.change.outcomes.append(
-                OrderOutcome(order_id=outcome.order_id, state="filled", signature=outcome.signature)
+            step.change.record_outcome(
+                outcome,
+                time=now,
+                reason=reason,
+                position=None if unheld else self._position(outcome.mint),
             )
-            step.change.fills.append(FillRecord.of(outcome, time=now, reason=reason))
-            position = None if unheld else self._position(outcome.mint)
-            if position is not None:
-                step.change.positions.append(PositionRecord.of(position))
             if unheld:
                 self.metrics.unbooked("sale_of_closed_position")
                 if outcome.signature is not None:
@@ -1293,9 +1290,7 @@ class TradingService(Service):
             self.metrics.fill(side, outcome.sol_amount, outcome.fee_sol)
             self._update_capital()
         else:
-            step.change.outcomes.append(
-                OrderOutcome(order_id=outcome.order_id, state="rejected", outcome=outcome.reason)
-            )
+            step.change.record_outcome(outcome, time=now)
             self.metrics.order(side, "rejected")
             log.info("trading: order %s rejected: %s", outcome.order_id, outcome.reason)
 
