@@ -436,6 +436,41 @@ async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_s
         assert judged_from <= report["judged_from"] <= judged_from + 30.0
 
 
+async def test_the_drift_thresholds_are_settings_and_a_fresh_market_is_judged_without_warm_up():
+    """The same young market with ``model_drift_warmup_s=0`` and a lower alert: judged at
+    once, its young features announced drifting; settings that disagree are refused by name."""
+    clock = ReplayClock(START)
+    vectors = FeatureUpdates().of(market(seconds=240.0))
+    registry = CollectorRegistry()
+    model = ModelService(
+        ModelSettings.load(
+            service="model",
+            transport="memory",
+            api_token=TOKEN,
+            model_monitor_s=3600.0,
+            model_drift_warmup_s=0.0,
+            model_drift_alert_psi=0.2,
+            model_drift_check_every=250,
+        ),
+        registry=registry,
+    )
+    async with run_embedded([model], clock=clock) as system:
+        seen = await EventCollector("seen").attach(system.bus, "model.drift")
+        await asyncio.wait_for(replay(system, clock, vectors), 120.0)
+        await model.monitor_round()
+        await system.drain()
+        monitor = model.drift["entry"]
+        assert (monitor.thresholds.warmup_s, monitor.thresholds.alert_psi) == (0.0, 0.2)
+        assert monitor.thresholds.check_every == 250
+        warming_up = {"model_id": "entry"}
+        assert registry.get_sample_value("pumpflow_model_drift_warming_up", warming_up) == 0
+        drifting = {e.data.feature for e in seen.of("model.drift") if e.data.state == "drifting"}
+        assert drifting and drifting <= set(monitor.names)
+    refused = r"model_drift_\* settings: need 0 < recover_psi < alert_psi"
+    with pytest.raises(ValueError, match=refused):
+        ModelSettings.load(service="model", model_drift_alert_psi=0.1, model_drift_recover_psi=0.2)
+
+
 async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round():
     clock = ReplayClock(START)
     model = model_service()

@@ -561,7 +561,12 @@ class ModelService(Service):
             manager.serve(model_id, served)
             card = served.card
             self._sources[model_id] = serving.models[model_id]
-            self.drift[model_id] = DriftMonitor(card, model_id=model_id, clock=self._ctx.clock)
+            self.drift[model_id] = DriftMonitor(
+                card,
+                model_id=model_id,
+                clock=self._ctx.clock,
+                thresholds=self.settings.drift_thresholds(),
+            )
             self._drift_unrestored.add(model_id)
             log.info("model: serving %s version %s from %s", model_id, card.version, served.path)
         self.serving = serving

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pumpflow.common.model.refit import RefitPolicy
-from pumpflow.common.model.settings import ScoringPolicy
+from pumpflow.common.model.settings import DriftThresholds, ScoringPolicy
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.trading import EntryFilters
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 _POLICY = ScoringPolicy()
 _REFIT = RefitPolicy()
+_DRIFT = DriftThresholds()
 
 
 class ModelSettings(CommonSettings):
@@ -123,6 +124,31 @@ class ModelSettings(CommonSettings):
         "here from the database); empty: pumpflow-<namespace>-models in the temporary "
         "directory",
     )
+    model_drift_alert_psi: float = Field(
+        _DRIFT.alert_psi, gt=0, description="PSI at or above which a feature is drifting"
+    )
+    model_drift_recover_psi: float = Field(
+        _DRIFT.recover_psi,
+        gt=0,
+        description="PSI under which a drifting feature has recovered (below the alert's)",
+    )
+    model_drift_window: int = Field(
+        _DRIFT.window, ge=1, description="the newest vectors a feature's PSI is computed on"
+    )
+    model_drift_min_observations: int = Field(
+        _DRIFT.min_observations,
+        ge=1,
+        description="vectors seen before any feature is judged (at most the window)",
+    )
+    model_drift_check_every: int = Field(
+        _DRIFT.check_every, ge=1, description="vectors between two computations of the PSI"
+    )
+    model_drift_warmup_s: float = Field(
+        _DRIFT.warmup_s,
+        ge=0,
+        description="market seconds a fresh market is observed before any feature is judged "
+        "(skipped when the tokens' ages show a running market; 0: none)",
+    )
     model_workers: int = Field(4, ge=1, le=256, description="token workers")
     model_window: int = Field(
         256,
@@ -143,6 +169,25 @@ class ModelSettings(CommonSettings):
             retire_ttl_s=self.model_retire_ttl_s,
             label_interval_s=self.model_label_interval_s,
         )
+
+    @model_validator(mode="after")
+    def _drift_thresholds_agree(self) -> ModelSettings:
+        self.drift_thresholds()
+        return self
+
+    def drift_thresholds(self) -> DriftThresholds:
+        """The drift monitors' thresholds; raise ValueError naming the settings that disagree."""
+        try:
+            return DriftThresholds(
+                alert_psi=self.model_drift_alert_psi,
+                recover_psi=self.model_drift_recover_psi,
+                window=self.model_drift_window,
+                min_observations=self.model_drift_min_observations,
+                check_every=self.model_drift_check_every,
+                warmup_s=self.model_drift_warmup_s,
+            )
+        except ValueError as exc:
+            raise ValueError(f"model_drift_* settings: {exc}") from None
 
     def refit_policy(self) -> RefitPolicy:
         return RefitPolicy(

@@ -78,7 +78,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -86,41 +85,10 @@ import numpy as np
 from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.events import ModelDrift
 from pumpflow.common.model.card import ModelCard, bin_index, prepare_inputs, vector_row
+from pumpflow.common.model.settings import DriftThresholds
 
 #: the feature holding a token's age: seconds since the first event of it the features saw
 AGE_FEATURE = "time_since_launch"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DriftThresholds:
-    """Thresholds of the drift monitor; defaults are justified in the module docstring."""
-
-    #: PSI at or above which a feature is drifting (significant shift)
-    alert_psi: float = 0.25
-    #: PSI under which a drifting feature has recovered (no significant shift)
-    recover_psi: float = 0.10
-    #: vectors in the rolling window
-    window: int = 6000
-    #: vectors seen before any feature is judged
-    min_observations: int = 2000
-    #: vectors between two computations of the PSI
-    check_every: int = 500
-    #: least share a bin counts with, live or reference
-    share_floor: float = 1e-4
-    #: transitions kept in :attr:`DriftMonitor.transitions`
-    history: int = 256
-    #: market seconds the observation lasts before any feature is judged
-    warmup_s: float = 1200.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.recover_psi < self.alert_psi:
-            raise ValueError("need 0 < recover_psi < alert_psi")
-        if not 0 < self.min_observations <= self.window:
-            raise ValueError("need 0 < min_observations <= window")
-        if self.check_every <= 0 or not 0 < self.share_floor < 1:
-            raise ValueError("check_every must be positive and share_floor in (0, 1)")
-        if not 0 <= self.warmup_s < math.inf:
-            raise ValueError("warmup_s must be finite and not negative")
 
 
 class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):

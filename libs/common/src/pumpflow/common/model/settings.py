@@ -1,4 +1,5 @@
-"""Settings of the model's domain: which vectors are scored, and the label's defaults.
+"""Settings of the model's domain: which vectors are scored, the label's defaults, the
+drift monitor's thresholds.
 
 Free of numpy and of the models themselves: the model service's settings read these
 defaults, and every ``pumpflow`` command reads those settings (the check of the
@@ -13,6 +14,7 @@ loss a trader would cut at.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_HORIZON_S = 120.0
@@ -52,3 +54,36 @@ class ScoringPolicy:
     def __post_init__(self) -> None:
         if self.min_interval_s < 0 or self.retire_ttl_s <= 0 or self.label_interval_s < 0:
             raise ValueError("need min_interval_s >= 0, retire_ttl_s > 0 and label_interval_s >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriftThresholds:
+    """Thresholds of the drift monitor; defaults are justified in
+    :mod:`pumpflow.common.model.drift`."""
+
+    #: PSI at or above which a feature is drifting (significant shift)
+    alert_psi: float = 0.25
+    #: PSI under which a drifting feature has recovered (no significant shift)
+    recover_psi: float = 0.10
+    #: vectors in the rolling window
+    window: int = 6000
+    #: vectors seen before any feature is judged
+    min_observations: int = 2000
+    #: vectors between two computations of the PSI
+    check_every: int = 500
+    #: least share a bin counts with, live or reference
+    share_floor: float = 1e-4
+    #: transitions kept in :attr:`DriftMonitor.transitions`
+    history: int = 256
+    #: market seconds the observation lasts before any feature is judged
+    warmup_s: float = 1200.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.recover_psi < self.alert_psi:
+            raise ValueError("need 0 < recover_psi < alert_psi")
+        if not 0 < self.min_observations <= self.window:
+            raise ValueError("need 0 < min_observations <= window")
+        if self.check_every <= 0 or not 0 < self.share_floor < 1:
+            raise ValueError("check_every must be positive and share_floor in (0, 1)")
+        if not 0 <= self.warmup_s < math.inf:
+            raise ValueError("warmup_s must be finite and not negative")
