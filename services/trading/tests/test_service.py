@@ -22,6 +22,7 @@ from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore, StateStore
+from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL, EntryFilters, TradingState
 from pumpflow.common.trading.decisions import retaken_id
@@ -32,6 +33,7 @@ from pumpflow.trading.ledger import (
     LedgerChange,
     MemoryLedger,
     OrderRecord,
+    PostgresLedger,
     Predecessor,
 )
 from pumpflow.trading.service import LEASE_NAME, TradingService
@@ -988,6 +990,39 @@ async def test_views_a_handler_in_flight_saves_after_a_clean_stand_by_are_stored
         assert service.role == "standby"
         await service.context.save(service.engine.views)
         assert await store.get(f"trading:view:{mint}") is not None
+
+
+async def test_a_take_over_watches_the_active_tokens_of_the_stored_views_for_silence(
+    clock, market, pg_pool, redis_url, namespace, redis_client
+):
+    """The views a take-over loads hold each token's lifecycle, and activity tells a
+    token's lifecycle again only when it changes: the tokens active there are watched
+    from the take-over on, so their silence trips the stale breaker while new tokens
+    keep coming, without a lifecycle event after the take-over."""
+    ledger = PostgresLedger(pg_pool)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        first = trading(ledger, trading_keep_token_views=True)
+        async with running(clock, first, store=store) as (bus, _):
+            active = sorted([await ready(bus, market) for _ in range(10)])
+        second = trading(ledger, trading_keep_token_views=True)
+        async with running(clock, second, store=store) as (bus, watch):
+            risk = second.risk
+            assert sorted(risk.active_tokens) == active
+            silence = risk.breaker_settings.max_token_silence_s
+            taken_over = clock.now()
+            # the stream flows (a new token every second), the active tokens say nothing
+            while not risk.breakers["stale"].tripped:
+                assert clock.now() - taken_over <= silence + 2.0, "the breaker never tripped"
+                await publish(bus, market.tokens.created(market.tokens.mint()))
+                await clock.advance(1.0)
+            # silent since the take-over, the moment their last event is taken to be
+            assert clock.now() - taken_over > silence
+            [trip] = watch.payloads("trading.breaker")
+            assert trip.breaker == "stale" and trip.tripped
+            assert trip.reason == f"10 of 10 active tokens silent for over {silence:.0f}s"
+    finally:
+        await store.close()
 
 
 def test_the_breakers_take_the_feed_lag_silence_and_rate_settings(monkeypatch):

@@ -5,7 +5,9 @@ The engine decides from its views of the tokens
 the lifecycle, the latest features and prediction), folded from events many of which
 do not come again: a token's creation comes once, its lifecycle on a change of state,
 its features with its trades. A replica taking over the lease would otherwise know a
-token only from the events published after it subscribed.
+token only from the events published after it subscribed (and its stale breaker would
+not know which tokens are active to watch their silence: see
+:meth:`~pumpflow.common.trading.TradingEngine.restore`).
 
 So the replica that trades stores each view an event changed (``trading:view:<mint>``,
 msgpack, with a TTL renewed by every change) before it acknowledges the event (the

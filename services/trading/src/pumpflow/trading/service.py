@@ -604,7 +604,7 @@ class TradingService(Service):
             if self.context is not None:
                 self.context.clear()
                 views = await self.context.load()
-                self.engine.views.update(views)
+                self.engine.restore(views)
                 for mint, view in views.items():
                     self.executor.restore_market(mint, view.market)
             await self._await_predecessor()

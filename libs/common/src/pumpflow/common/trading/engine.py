@@ -346,6 +346,20 @@ class TradingEngine:
         view.applied[publisher] = seq
         return True
 
+    def restore(self, views: Mapping[str, TokenView]) -> None:
+        """Take up ``views``, stored by the replica that traded before (a take-over): the
+        risk manager watches the tokens active in them for silence from now on."""
+        self.views.update(views)
+        # activity tells a token's lifecycle only as it changes, so the views are all that
+        # says which tokens are active. They keep no time of a token's last event, so each
+        # counts as heard at the take-over, the latest it can have been: its silence is
+        # never overstated (the predecessor may have heard it just before it went), and a
+        # token silent since before is found so at most the silence limit after it.
+        now = self.clock.now()
+        for view in views.values():
+            if view.lifecycle is not None:
+                self.risk.follow_lifecycle(view.lifecycle, now=now)
+
     def forget_retired(self, mint: str) -> bool:
         """Forget ``mint``'s view if its token retired (inactive, graduated) and no position
         is held in it: the retirement's own event forgets it unless a position is held,

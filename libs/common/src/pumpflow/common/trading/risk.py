@@ -576,10 +576,7 @@ class RiskManager:
             if data.mint in self.active_tokens:
                 self.active_tokens[data.mint] = now
         elif isinstance(data, TokenLifecycle):
-            if data.state == ACTIVE_LIFECYCLE:
-                self.active_tokens.setdefault(data.mint, now)
-            else:
-                self.active_tokens.pop(data.mint, None)
+            self.follow_lifecycle(data, now=now)
         lagging = False
         if event.type.startswith("token.") or event.type in _MARKET_STAMPED:
             lag = now - event.time
@@ -593,6 +590,14 @@ class RiskManager:
         # the window counted just now, and no silence: the event is ``now``'s
         self._check(now, counted=True)
         return self._reports[mark:]
+
+    def follow_lifecycle(self, lifecycle: TokenLifecycle, *, now: float) -> None:
+        """Watch the token for silence from ``now`` while ``lifecycle`` is active (a token
+        watched already keeps the time of its last event), no longer once it is not."""
+        if lifecycle.state == ACTIVE_LIFECYCLE:
+            self.active_tokens.setdefault(lifecycle.mint, now)
+        else:
+            self.active_tokens.pop(lifecycle.mint, None)
 
     def observe_frame(
         self, v_sol: float, v_tokens: float, market_cap_sol: float, *, now: float | None = None

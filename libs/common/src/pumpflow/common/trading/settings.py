@@ -105,7 +105,9 @@ Circuit breakers (:class:`BreakerSettings`):
   Eight of ten such tokens silent at once by chance is about 45 x 0.05^8, 2e-9 a check
   (and rarer as they trade faster, or as more are active: the market keeps dozens to
   hundreds active). Under 10 active tokens the check is off; the stream's silence
-  still watches the feed.
+  still watches the feed. A replica taking over watches the tokens active in the
+  views it loads, each as heard at the take-over
+  (:meth:`~pumpflow.common.trading.TradingEngine.restore`).
 - ``max_events_per_s = 1000`` over ``rate_window_s = 10``: the breaker counts every
   event trading consumes, about three a trade (the trade, its features, a prediction
   at most every 0.5 s a token, lifecycle changes: 12,500 events for 4,100 trades on
