@@ -10,7 +10,7 @@ import pytest
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.curve import at_price
-from pumpflow.common.events import Event, OrderFilled, OrderRejected
+from pumpflow.common.events import Event, OrderFilled, OrderRejected, make_event
 from pumpflow.common.testing import START, EventCollector, TokenEvents
 from pumpflow.common.trading import (
     FillRejection,
@@ -144,6 +144,28 @@ async def test_the_same_cause_is_one_order_sent_once_across_calls_and_restarts(
         "order.requested", "order.filled", "position.opened",
     ]  # fmt: skip
     assert [o["order_id"] for o in await ledger.orders(limit=10, mint=mint)] == [first.order_id]
+
+
+async def test_a_tokens_events_of_two_publishers_with_one_seq_count_and_a_redelivery_not(
+    clock, bus, ledger, tokens
+):
+    """Each publisher numbers its own events (the service's engine drops a redelivery by
+    its publisher and seq): an event of another publisher with a seq the feed took
+    already moves the token's market, and a redelivery of either, its state gone since,
+    leaves the market where it is."""
+    async with TradeExecutor(bus, ledger, clock=clock) as executor:
+        mint = await listed(bus, tokens)
+        fed = tokens.buy(mint, "bob", sol=1.0)
+        await publish(bus, fed)
+        theirs = tokens.buy(mint, "carol", sol=1.0)
+        replayed = make_event(theirs.data, source="replay/test", time=theirs.time, seq=fed.seq)
+        await publish(bus, replayed)
+        assert executor.market(mint) == ("pump", tokens.curves[mint])
+        await publish(bus, fed)  # its curve is gone: taken again, the market would go back
+        assert executor.market(mint) == ("pump", tokens.curves[mint])
+        await publish(bus, tokens.buy(mint, "dave", sol=0.5, seq=fed.seq + 1))
+        await publish(bus, replayed)
+        assert executor.market(mint) == ("pump", tokens.curves[mint])
 
 
 async def test_a_market_moving_past_the_slippage_limit_refuses_the_order(

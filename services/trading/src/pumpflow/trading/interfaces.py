@@ -55,6 +55,7 @@ from pumpflow.common.trading import (
     PaperExecution,
     Position,
     PositionBook,
+    admit_seq,
     derived_id,
     order_id_for,
     rejected,
@@ -123,11 +124,12 @@ class TradeExecutor:
     """Executes orders on paper, every order and outcome in the trading ledger first.
 
     It follows each token's market from ``event_bus`` (the token events, one consumer
-    group ``group`` in order per token, every partition) once started (:meth:`start`,
-    or ``async with``). A paper order fills as the trading service's: on the token's
-    state once ``execution.latency_s`` has passed by the token's own stream (the state
-    before the first trade stamped after it), or, the token quiet, on its last state
-    ``quiet_s`` after that, by ``clock``.
+    group ``group`` in order per token, every partition; a redelivery, known by its
+    publisher's seq as the service's engine knows one, changes nothing) once started
+    (:meth:`start`, or ``async with``). A paper order fills as the trading service's:
+    on the token's state once ``execution.latency_s`` has passed by the token's own
+    stream (the state before the first trade stamped after it), or, the token quiet, on
+    its last state ``quiet_s`` after that, by ``clock``.
 
     An order's id derives from its cause (``cause_id``, default: the token and the
     clock's time), so a call again with the same cause is the same order: it is stored
@@ -181,8 +183,9 @@ class TradeExecutor:
         self._unsettled: list[tuple[LedgerChange, list[Event], Outcome]] = []
         self._unpublished: list[Event] = []
         self._timers: set[TimerHandle] = set()
-        #: mint -> the last seq of its token events taken: a redelivery changes nothing
-        self._seqs: dict[str, int] = {}
+        #: mint -> publisher service -> the last seq of its token events taken, as the
+        #: service's engine keeps them: a redelivery changes nothing
+        self._seqs: dict[str, dict[str, int]] = {}
         self._retired: set[str] = set()
         self._writer = uuid.uuid4().hex
         self._attempts = itertools.count(1)
@@ -479,19 +482,10 @@ class TradeExecutor:
                 self._retired.discard(data.mint)
             return
         outcomes: list[Outcome] = []
-        if isinstance(data, _MARKET) and self._admit(event, data.mint):
+        if isinstance(data, _MARKET) and admit_seq(self._seqs.setdefault(data.mint, {}), event):
             outcomes = self.paper.observe(data, time=event.time)
         # what an earlier delivery booked and failed to store goes first
         await self._settle(outcomes, event)
-
-    def _admit(self, event: Event, mint: str) -> bool:
-        seq = event.seq
-        if seq is None:
-            return True
-        if seq <= self._seqs.get(mint, 0):
-            return False  # a redelivery: the market has it already
-        self._seqs[mint] = seq
-        return True
 
     def _forget(self, mint: str) -> None:
         if mint in self._retired and not self.book.holds(mint):

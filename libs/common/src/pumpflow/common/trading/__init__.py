@@ -11,6 +11,7 @@ from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
     TokenView,
+    admit_seq,
     derived_id,
     order_id_for,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "TradingEngine",
     "TradingState",
     "UnbookedTrade",
+    "admit_seq",
     "confirmed_fill",
     "derived_id",
     "exit_value",

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import CurveState
-from pumpflow.common.events import ModelPrediction, TokenLifecycle
+from pumpflow.common.events import Event, ModelPrediction, TokenLifecycle, source_service
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading.paper import Market
 from pumpflow.common.trading.settings import EntryFilters
@@ -77,6 +77,21 @@ class TokenView:
     #: view, as the keyed consumer's tracking record keeps it): one not above it is a
     #: redelivery, folded in already
     applied: dict[str, int] = field(default_factory=dict)
+
+
+def admit_seq(applied: dict[str, int], event: Event) -> bool:
+    """Take ``event``'s seq into ``applied`` (publisher service -> the last seq of its
+    events of one token taken); False for a redelivery, a seq not above its publisher's
+    last, which must change nothing. Each publisher numbers its own events of a token,
+    so another's seq says nothing of this one's. An event without a seq is taken."""
+    seq = event.seq
+    if seq is None:
+        return True
+    publisher = source_service(event.source)
+    if seq <= applied.get(publisher, 0):
+        return False
+    applied[publisher] = seq
+    return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -50,13 +50,13 @@ from pumpflow.common.events import (
     TokenMigrated,
     TokenTrade,
     make_event,
-    source_service,
 )
 from pumpflow.common.pool import is_pool
 from pumpflow.common.trading.decisions import (
     DecisionPolicy,
     EntryDecision,
     TokenView,
+    admit_seq,
     derived_id,
     order_id_for,
     retaken_id,
@@ -340,11 +340,7 @@ class TradingEngine:
             if self._graduate_unheld(data):
                 return True
             view = self._view(data.mint)
-        publisher = source_service(event.source)
-        if seq <= view.applied.get(publisher, 0):
-            return False
-        view.applied[publisher] = seq
-        return True
+        return admit_seq(view.applied, event)
 
     def restore(self, views: Mapping[str, TokenView]) -> None:
         """Take up ``views``, stored by the replica that traded before (a take-over): the
