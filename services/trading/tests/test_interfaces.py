@@ -10,7 +10,7 @@ import pytest
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.curve import at_price
-from pumpflow.common.events import Event, OrderFilled, OrderRejected, make_event
+from pumpflow.common.events import Event, OrderFilled, OrderRejected, TokenLifecycle, make_event
 from pumpflow.common.testing import START, EventCollector, TokenEvents
 from pumpflow.common.trading import (
     FillRejection,
@@ -165,6 +165,31 @@ async def test_a_tokens_events_of_two_publishers_with_one_seq_count_and_a_redeli
         assert executor.market(mint) == ("pump", tokens.curves[mint])
         await publish(bus, tokens.buy(mint, "dave", sol=0.5, seq=fed.seq + 1))
         await publish(bus, replayed)
+        assert executor.market(mint) == ("pump", tokens.curves[mint])
+
+
+async def test_a_lifecycle_state_delivered_again_does_not_retire_a_token_that_came_back(
+    clock, bus, ledger, tokens
+):
+    """Activity retires a token, the token trades again and activity says so: the
+    retirement delivered again must not forget the market the token's trades rebuilt."""
+
+    def lifecycle(mint: str, state: str, seq: int) -> Event:
+        return make_event(
+            TokenLifecycle(mint=mint, state=state),
+            source="activity/test",
+            time=clock.now(),
+            seq=seq,
+        )
+
+    async with TradeExecutor(bus, ledger, clock=clock) as executor:
+        mint = await listed(bus, tokens)
+        retired = lifecycle(mint, "inactive", 1)
+        await publish(bus, retired)
+        assert executor.market(mint) == ("pump", None)
+        await publish(bus, tokens.buy(mint, "bob", sol=1.0), lifecycle(mint, "active", 2))
+        assert executor.market(mint) == ("pump", tokens.curves[mint])
+        await publish(bus, retired)
         assert executor.market(mint) == ("pump", tokens.curves[mint])
 
 

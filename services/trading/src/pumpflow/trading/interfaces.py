@@ -475,6 +475,8 @@ class TradeExecutor:
     async def _on_event(self, event: Event) -> None:
         data = event.data
         if isinstance(data, TokenLifecycle):
+            if not admit_seq(self._seqs.setdefault(data.mint, {}), event):
+                return  # an older state again: it would retire a token that lives on
             if data.state in _RETIRED:
                 self._retired.add(data.mint)
                 self._forget(data.mint)
