@@ -466,9 +466,16 @@ async def test_the_drift_thresholds_are_settings_and_a_fresh_market_is_judged_wi
         assert registry.get_sample_value("pumpflow_model_drift_warming_up", warming_up) == 0
         drifting = {e.data.feature for e in seen.of("model.drift") if e.data.state == "drifting"}
         assert drifting and drifting <= set(monitor.names)
-    refused = r"model_drift_\* settings: need 0 < recover_psi < alert_psi"
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(
+        ValueError, match="RECOVER_PSI: Value error, must be below model_drift_alert_psi"
+    ):
         ModelSettings.load(service="model", model_drift_alert_psi=0.1, model_drift_recover_psi=0.2)
+    with pytest.raises(
+        ValueError, match="MIN_OBSERVATIONS: Value error, must be at most model_drift_window"
+    ):
+        ModelSettings.load(
+            service="model", model_drift_window=100, model_drift_min_observations=200
+        )
 
 
 async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round():

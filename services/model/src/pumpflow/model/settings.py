@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.settings import DriftThresholds, ScoringPolicy
@@ -170,24 +170,32 @@ class ModelSettings(CommonSettings):
             label_interval_s=self.model_label_interval_s,
         )
 
-    @model_validator(mode="after")
-    def _drift_thresholds_agree(self) -> ModelSettings:
-        self.drift_thresholds()
-        return self
+    @field_validator("model_drift_recover_psi")
+    @classmethod
+    def _recovers_below_the_alert(cls, value: float, info: ValidationInfo) -> float:
+        alert = info.data.get("model_drift_alert_psi")
+        if alert is not None and value >= alert:
+            raise ValueError(f"must be below model_drift_alert_psi ({alert})")
+        return value
+
+    @field_validator("model_drift_min_observations")
+    @classmethod
+    def _judged_within_the_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("model_drift_window")
+        if window is not None and value > window:
+            raise ValueError(f"must be at most model_drift_window ({window})")
+        return value
 
     def drift_thresholds(self) -> DriftThresholds:
-        """The drift monitors' thresholds; raise ValueError naming the settings that disagree."""
-        try:
-            return DriftThresholds(
-                alert_psi=self.model_drift_alert_psi,
-                recover_psi=self.model_drift_recover_psi,
-                window=self.model_drift_window,
-                min_observations=self.model_drift_min_observations,
-                check_every=self.model_drift_check_every,
-                warmup_s=self.model_drift_warmup_s,
-            )
-        except ValueError as exc:
-            raise ValueError(f"model_drift_* settings: {exc}") from None
+        """The drift monitors' thresholds."""
+        return DriftThresholds(
+            alert_psi=self.model_drift_alert_psi,
+            recover_psi=self.model_drift_recover_psi,
+            window=self.model_drift_window,
+            min_observations=self.model_drift_min_observations,
+            check_every=self.model_drift_check_every,
+            warmup_s=self.model_drift_warmup_s,
+        )
 
     def refit_policy(self) -> RefitPolicy:
         return RefitPolicy(
