@@ -314,14 +314,6 @@ def stored_halt(service: TradingService, reason: str) -> bool:
     return view["operator_reason"] == reason and view["operator_state_stored"]
 
 
-def through(proxy: TcpProxy, dsn: str) -> str:
-    """``dsn`` with the proxy for its server."""
-    parts = urlsplit(dsn)
-    user, _, _ = parts.netloc.rpartition("@")
-    server = f"{proxy.host}:{proxy.port}"
-    return parts._replace(netloc=f"{user}@{server}" if user else server).geturl()
-
-
 async def test_an_entry_whose_store_lost_its_reply_after_the_halt_came_is_stored_refused(
     clock, market, pg_pool, postgres_dsn, namespace
 ):
@@ -330,7 +322,7 @@ async def test_an_entry_whose_store_lost_its_reply_after_the_halt_came_is_stored
     entry unsent: the ledger says so (not ``sent``, which a take-over would reconcile as
     an order of unknown outcome, its capital reserved), and nothing is ever sent."""
     async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
-        pool = await create_pool(through(proxy, postgres_dsn), namespace, apply_migrations=False)
+        pool = await create_pool(proxy.url(postgres_dsn), namespace, apply_migrations=False)
         try:
             ledger = PostgresLedger(pool)
             service = trading(ledger)

@@ -27,13 +27,6 @@ pytestmark = pytest.mark.rabbitmq
 CLOSE_WITHIN_S = 8.0
 
 
-def through(proxy: TcpProxy, url: str) -> str:
-    """``url`` with the proxy's port for the broker's."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
-    return parts._replace(netloc=f"{netloc}:{proxy.port}").geturl()
-
-
 async def test_close_returns_within_its_bound_while_the_broker_is_frozen(namespace, amqp_url):
     from pumpflow.common.bus.rabbitmq import RabbitMQBus
 
@@ -45,7 +38,7 @@ async def test_close_returns_within_its_bound_while_the_broker_is_frozen(namespa
 
     async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
         bus = RabbitMQBus(
-            url=through(proxy, amqp_url), namespace=namespace, partitions=2, source="feed/r1"
+            url=proxy.url(amqp_url), namespace=namespace, partitions=2, source="feed/r1"
         )
         await bus.start()
         try:

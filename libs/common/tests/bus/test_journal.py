@@ -21,12 +21,6 @@ from .test_contract import crash_until_dead_lettered, trade_event
 pytestmark = pytest.mark.redis
 
 
-def through(proxy: TcpProxy, url: str) -> str:
-    """``url`` with the proxy's port for the server's."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=f"{parts.hostname}:{proxy.port}").geturl()
-
-
 async def test_replicas_share_each_count_which_expires_and_goes_when_settled(
     namespace, redis_url, redis_client
 ):
@@ -51,7 +45,7 @@ async def test_replicas_share_each_count_which_expires_and_goes_when_settled(
 
 async def test_a_start_counted_again_after_its_reply_was_lost_counts_once(namespace, redis_url):
     async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
-        store = RedisStateStore(url=through(proxy, redis_url), namespace=namespace)
+        store = RedisStateStore(url=proxy.url(redis_url), namespace=namespace)
         journal = SharedDeliveryJournal(store, ttl_s=600)
         try:
             assert await store.ping()  # connected: the next reply is the count's
@@ -83,7 +77,7 @@ async def test_a_lost_reply_to_a_count_costs_the_poison_message_no_start(
         await over.wait()  # its consumer dies with it before this returns
 
     async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
-        store = RedisStateStore(url=through(proxy, redis_url), namespace=namespace)
+        store = RedisStateStore(url=proxy.url(redis_url), namespace=namespace)
         harness = BusHarness(RABBITMQ, namespace=namespace, amqp_url=amqp_url)
         harness.journal_store = store
         service = f"svc_{namespace}"

@@ -13,7 +13,7 @@ The server stays up and well; what the client sees of it changes:
 Run it on the event loop of the clients under test:
 
     async with TcpProxy(server_port) as proxy:
-        client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
+        client = Redis.from_url(proxy.url(redis_url))
         proxy.lose_replies(1)
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Self
+from urllib.parse import urlsplit
 
 from pumpflow.common.clock import first_of
 
@@ -45,6 +46,13 @@ class TcpProxy:
         self.lost_replies = 0
         #: the forwarding tasks, two a connection
         self._pumps: set[asyncio.Task] = set()
+
+    def url(self, url: str) -> str:
+        """``url`` (a server's URL or DSN, its user kept) with this proxy for its server."""
+        parts = urlsplit(url)
+        user, _, _ = parts.netloc.rpartition("@")
+        server = f"{self.host}:{self.port}"
+        return parts._replace(netloc=f"{user}@{server}" if user else server).geturl()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.host, 0)
