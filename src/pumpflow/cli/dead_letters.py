@@ -182,7 +182,12 @@ class _StoreOnDemand:
 
         if self._pool is None:
             settings = self.settings
-            self._pool = await create_pool(settings.postgres_dsn, settings.namespace, max_size=2)
+            self._pool = await create_pool(
+                settings.postgres_dsn,
+                settings.namespace,
+                max_size=2,
+                command_timeout=settings.postgres_command_timeout_s,
+            )
         return TokenEventStore(self._pool)
 
     async def store_redriven(self, event: Event, frame: bytes | str | None = None) -> RedriveWrite:

@@ -4,12 +4,15 @@ Postgres's, whichever service's work meets them."""
 from __future__ import annotations
 
 import asyncio
+import time
+from urllib.parse import urlsplit
 
 import pytest
 
 from pumpflow.common.db.pool import create_pool
 from pumpflow.common.dependencies import NETWORK, POSTGRES, WAITS, transient_dependency, wait_out
 from pumpflow.common.testing import eventually, free_port
+from pumpflow.common.testing.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -55,3 +58,70 @@ async def test_work_waiting_for_a_postgres_restart_waits_for_postgres_not_the_ne
         if waiting is not None:
             waiting.cancel()
         await pool.close()
+
+
+#: the pool's bound on a command (and a connection) in the tests of a frozen server
+COMMAND_TIMEOUT_S = 1.0
+
+
+async def test_a_frozen_postgres_fails_each_command_in_bounded_time_and_the_pool_recovers(
+    pg_pool, postgres_dsn, namespace
+):
+    """A frozen Postgres (its host stopped, the network lost without a reset) takes what
+    is sent and answers nothing. A query fails once the pool's command timeout passed,
+    its release at most as long after (asyncpg's cancel request meets the same frozen
+    server, then the connection is terminated); so does a transaction (a group commit)
+    and the connection that replaces them. Each failure is Postgres's, so work waits
+    for Postgres (readiness and the metrics name it). Once the server answers again
+    the same pool serves every connection it may hold: none is left waiting on it."""
+    async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
+        pool = await create_pool(
+            proxy.url(postgres_dsn),
+            namespace,
+            min_size=2,
+            max_size=2,
+            apply_migrations=False,
+            command_timeout=COMMAND_TIMEOUT_S,
+        )
+        waiting: asyncio.Task | None = None
+        try:
+            assert await pool.fetchval("SELECT 1") == 1
+            proxy.freeze()
+
+            async def query() -> None:
+                await pool.fetchval("SELECT 1")
+
+            async def transaction() -> None:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SELECT 1")
+
+            # both connections time out; the third action needs a new one
+            for action in (query, transaction, transaction):
+                began = time.monotonic()
+                with pytest.raises(Exception) as failed:
+                    # beyond the bound, the test's own timeout: named the network's
+                    await asyncio.wait_for(action(), 3 * COMMAND_TIMEOUT_S + 1)
+                took = time.monotonic() - began
+                assert transient_dependency(failed.value) == POSTGRES, repr(failed.value)
+                assert took < 2 * COMMAND_TIMEOUT_S + 1, (action.__name__, took)
+
+            waiting = asyncio.create_task(wait_out(query, waiter="test", what="a query"))
+            await eventually(lambda: POSTGRES in WAITS.describe(), what="a wait for Postgres")
+            assert NETWORK not in WAITS.describe()
+            proxy.thaw()
+            await asyncio.wait_for(waiting, 10)
+
+            async def every_connection() -> list[int]:
+                held = [await pool.acquire() for _ in range(2)]
+                try:
+                    return [await conn.fetchval("SELECT 2") for conn in held]
+                finally:
+                    for conn in held:
+                        await pool.release(conn)
+
+            assert await asyncio.wait_for(every_connection(), 10) == [2, 2]
+        finally:
+            proxy.thaw()
+            if waiting is not None:
+                waiting.cancel()
+            await asyncio.wait_for(pool.close(), 10)

@@ -15,6 +15,12 @@ itself (bad input, a bug) and goes the usual way (attempts, then the dead-letter
   (``pumpflow_dependency_waits_total`` counts each wait, by dependency and waiter;
   ``pumpflow_dependency_waiting`` is the number of parties waiting on one now).
 - :func:`wait_out`: run an action until it succeeds, waiting out transient failures.
+
+A dependency that never answers (a frozen host, a network lost without a reset) fails
+only by a bound on the wait: Postgres commands and Redis socket operations are bounded
+(:data:`POSTGRES_COMMAND_TIMEOUT_S`, :data:`REDIS_SOCKET_TIMEOUT_S`, the defaults of the
+runtime's settings), and a timeout a client library raises is that dependency's
+transient failure like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import errno
 import logging
 import socket
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -40,6 +47,13 @@ POSTGRES = "postgres"
 RABBITMQ = "rabbitmq"
 #: a connection-level failure whose library does not say which dependency it was
 NETWORK = "network"
+
+#: the default bound on a Postgres command and on opening a connection
+#: (``PUMPFLOW_POSTGRES_COMMAND_TIMEOUT_S``, whose setting argues it)
+POSTGRES_COMMAND_TIMEOUT_S = 30.0
+#: the default bound on a Redis socket operation, connecting included
+#: (``PUMPFLOW_REDIS_SOCKET_TIMEOUT_S``, whose setting argues it)
+REDIS_SOCKET_TIMEOUT_S = 5.0
 
 _LIBRARIES = {
     "redis": REDIS,
@@ -149,12 +163,29 @@ def _classify(error: BaseException) -> str | None:
                 return POSTGRES
         elif name in _AMQP_TRANSIENT:
             return RABBITMQ
+    if isinstance(error, TimeoutError):
+        # a client library's own bound on a call raises asyncio's TimeoutError (asyncpg's
+        # command and connect timeouts): the dependency is the library's it was raised in;
+        # a caller's bound around the call (wait_for) raises it in the caller's code
+        raised_in = _library_raising(error)
+        if raised_in is not None:
+            return raised_in
     if isinstance(error, ConnectionError | TimeoutError):
         return NETWORK
     if isinstance(error, socket.gaierror):
         return NETWORK if error.errno in _RESOLUTION_ERRNOS else None
     if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
         return NETWORK
+    return None
+
+
+def _library_raising(error: BaseException) -> str | None:
+    """The dependency of the client library whose code ``error`` was raised through."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        module = frame.f_globals.get("__name__") or ""
+        library = _LIBRARIES.get(module.partition(".")[0])
+        if library is not None:
+            return library
     return None
 
 

@@ -190,7 +190,13 @@ async def _load(args: argparse.Namespace) -> int:
     from pumpflow.common.storage import TokenEventStore
 
     settings = CommonSettings.load()
-    pool = await create_pool(args.dsn or settings.postgres_dsn, args.schema or settings.namespace)
+    # a batch is one COPY and insert: one of --batch-size rows far beyond the default may
+    # need PUMPFLOW_POSTGRES_COMMAND_TIMEOUT_S raised
+    pool = await create_pool(
+        args.dsn or settings.postgres_dsn,
+        args.schema or settings.namespace,
+        command_timeout=settings.postgres_command_timeout_s,
+    )
     try:
         began = time.perf_counter()
         result = await load_dataset(args.file, TokenEventStore(pool), batch_size=args.batch_size)

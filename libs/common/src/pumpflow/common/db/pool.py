@@ -5,6 +5,16 @@ connections name their failures Postgres's: asyncpg raises the socket's own erro
 Postgres is down (ConnectionRefusedError), which names no dependency (``network``), and
 what waits for it would be told apart from nothing else in readiness and the metrics
 (:func:`pumpflow.common.dependencies.reaching`).
+
+Its commands, and the opening of its connections, are bounded (``command_timeout``): a
+Postgres that never answers (a frozen host, a network lost without a reset) fails the
+work that meets it with a timeout, Postgres's transient failure, which the work waits
+out as Postgres away, instead of hanging it. A call that may rightly take longer gives
+its own ``timeout`` (a replay's fetches, ``storage.token_events``). A timed-out command
+is cancelled over a connection of its own; asyncpg bounds that request by the command
+timeout too and terminates the connection when it fails (0.32, which the library
+requires: before, a release waited for ever on a frozen server), so no connection of
+the pool is left waiting on the server, and the next use opens a new one.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from pumpflow.common.db.migrate import migrate
-from pumpflow.common.dependencies import POSTGRES, reaching
+from pumpflow.common.dependencies import POSTGRES, POSTGRES_COMMAND_TIMEOUT_S, reaching
 
 
 class PoolNotOpen(ConnectionError):
@@ -30,21 +40,36 @@ async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
 
 
 async def create_pool(
-    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10, apply_migrations: bool = True
+    dsn: str,
+    schema: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    apply_migrations: bool = True,
+    command_timeout: float = POSTGRES_COMMAND_TIMEOUT_S,
 ) -> asyncpg.Pool:
-    """Open a pool whose connections use ``schema``; migrate it first by default."""
+    """Open a pool whose connections use ``schema``; migrate it first by default.
+
+    A command, or the opening of a connection, that takes longer than
+    ``command_timeout`` seconds fails with a TimeoutError, Postgres's transient failure.
+    """
     if apply_migrations:
-        conn = await connect(dsn)
+        # no command timeout: a migration takes as long as its DDL on the tables' rows and
+        # the wait for another process's migrations (an advisory lock); cut, it would be
+        # rolled back and run again at every start. Its connection is still bounded
+        conn = await connect(dsn, timeout=command_timeout)
         try:
             await migrate(conn, schema)
         finally:
-            await conn.close()
+            await conn.close(timeout=command_timeout)
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         server_settings={"search_path": schema},
         connect=connect,
+        command_timeout=command_timeout,
+        timeout=command_timeout,
     )
 
 

@@ -46,7 +46,10 @@ from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 from pumpflow.common.runtime.startup import Startup
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from pumpflow.common.runtime.http import HttpServer
+    from pumpflow.common.state.redis import RedisStateStore
 
 log = logging.getLogger("pumpflow.runtime")
 
@@ -194,6 +197,28 @@ class _Wired:
         self.background: list[asyncio.Task] = []
 
 
+def redis_store(settings: CommonSettings) -> RedisStateStore:
+    """The service's Redis store (it connects on first use), its calls bounded."""
+    from pumpflow.common.state.redis import RedisStateStore
+
+    return RedisStateStore(
+        url=settings.redis_url,
+        namespace=settings.namespace,
+        socket_timeout=settings.redis_socket_timeout_s,
+    )
+
+
+async def open_pool(settings: CommonSettings) -> asyncpg.Pool:
+    """The service's Postgres pool on its migrated schema, its commands bounded."""
+    from pumpflow.common.db.pool import create_pool
+
+    return await create_pool(
+        settings.postgres_dsn,
+        settings.namespace,
+        command_timeout=settings.postgres_command_timeout_s,
+    )
+
+
 def service_clock(settings: CommonSettings) -> Clock:
     """The wall, or a replay clock from ``replay_clock_start`` (moved by ``POST /clock``)."""
     if settings.replay_clock_start is None:
@@ -221,11 +246,10 @@ async def _connect(
     journal = None
     if service_cls.needs_store or settings.transport == "rabbitmq":
         from pumpflow.common.bus.journal import SharedDeliveryJournal
-        from pumpflow.common.state.redis import RedisStateStore
 
         # connects on first use: a service that needs no store touches Redis only for
         # heartbeats and the delivery counts of redelivered messages
-        store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+        store = redis_store(settings)
         if service_cls.needs_store:
             wired.store = store
         else:
@@ -252,19 +276,19 @@ async def _connect(
 
         reaching.append(startup.reach("redis", ping))
     if service_cls.needs_db:
-        from pumpflow.common.db.pool import BackgroundPool, create_pool
+        from pumpflow.common.db.pool import BackgroundPool
 
         if POSTGRES in service_cls.optional_dependencies:
             pending = wired.db = BackgroundPool()
 
             async def open_pending() -> None:
-                pending.opened(await create_pool(settings.postgres_dsn, settings.namespace))
+                pending.opened(await open_pool(settings))
 
             wired.background.append(startup.reach_in_background(POSTGRES, open_pending))
         else:
 
             async def connect() -> None:
-                wired.db = await create_pool(settings.postgres_dsn, settings.namespace)
+                wired.db = await open_pool(settings)
 
             reaching.append(startup.reach(POSTGRES, connect))
     await asyncio.gather(*reaching)
@@ -309,9 +333,7 @@ def _balanced(bus, settings: CommonSettings, store, clock):
 
     own_store = None
     if store is None:
-        from pumpflow.common.state.redis import RedisStateStore
-
-        store = own_store = RedisStateStore(url=settings.redis_url, namespace=settings.namespace)
+        store = own_store = redis_store(settings)
     wrapped = BalancedBus(
         bus,
         store=store,

@@ -44,6 +44,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pumpflow.common.dependencies import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
+
 #: the environment variable naming the config file
 CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"
 #: the config file's table read by every service
@@ -255,7 +257,32 @@ class CommonSettings(BaseSettings):
     transport: Literal["memory", "rabbitmq"] = Field("rabbitmq", description="bus transport")
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    #: Redis answers in well under a millisecond and the project's commands never block
+    #: on the server (no BLPOP, no XREAD BLOCK); its own stalls (a fork for a snapshot,
+    #: the deletion of a big key) last a fraction of a second. 5 s (redis-py 8's own
+    #: default, none before) is far beyond those, so only a Redis that does not answer
+    #: (a frozen host, a network lost without a reset) meets it, and the work it held
+    #: waits for Redis, named in /readyz, within seconds rather than for ever.
+    redis_socket_timeout_s: float = Field(
+        REDIS_SOCKET_TIMEOUT_S,
+        gt=0,
+        description="longest a Redis read, write or connection waits before Redis counts "
+        "as away and the work waits for it",
+    )
     postgres_dsn: str = Field("postgresql://postgres@127.0.0.1:5432/test", description="Postgres")
+    #: A service's commands take milliseconds; the longest one waits on another's is a
+    #: row held by a holding transaction, which the server ends once idle 10 s
+    #: (``db.transactions.HOLDING_IDLE_LIMIT_S``). 30 s is thrice that, so only a
+    #: Postgres that does not answer (a frozen host, a network lost without a reset)
+    #: meets it, and the work it held waits for Postgres, named in /readyz, within half
+    #: a minute rather than for ever. What may rightly run longer bounds itself: the
+    #: migrations run unbounded, a replay's fetches by ``REPLAY_FETCH_TIMEOUT_S``.
+    postgres_command_timeout_s: float = Field(
+        POSTGRES_COMMAND_TIMEOUT_S,
+        gt=0,
+        description="longest a Postgres command (or a new connection) waits for an answer "
+        "before Postgres counts as away and the work waits for it",
+    )
     namespace: str = Field(
         "pumpflow",
         pattern=r"^[a-z][a-z0-9_]*$",

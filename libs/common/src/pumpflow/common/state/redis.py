@@ -1,4 +1,13 @@
-"""Redis StateStore for distributed runs: one pipeline (one round trip) per batch call."""
+"""Redis StateStore for distributed runs: one pipeline (one round trip) per batch call.
+
+Every socket operation of the store's client is bounded (``socket_timeout``, connecting
+included): a Redis that never answers (a frozen host, a network lost without a reset)
+fails the call that meets it with redis-py's TimeoutError, Redis's transient failure,
+which the work waits out as Redis away; redis-py drops the connection that timed out,
+so none is handed out again with a reply still owed on it. No command of the store
+blocks on the server (no BLPOP, no XREAD BLOCK): each answers at once, so one bound
+fits all.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from itertools import chain
 import hiredis
 import redis.asyncio as redis
 
+from pumpflow.common.dependencies import REDIS_SOCKET_TIMEOUT_S
 from pumpflow.common.state.abc import (
     EPOCH_MARKER,
     PLAIN_FIELD_TYPES,
@@ -210,12 +220,30 @@ def _chunks(items: list) -> list[list]:
 
 
 class RedisStateStore(StateStore):
-    """Keys live under ``<namespace>:``; TTLs are kept to the millisecond."""
+    """Keys live under ``<namespace>:``; TTLs are kept to the millisecond.
 
-    def __init__(self, *, url: str, namespace: str, client: redis.Redis | None = None):
+    The store's own client bounds each socket operation by ``socket_timeout`` seconds
+    (redis-py's default changed between its versions, from none to 5 s); a ``client``
+    given is used as its caller set it up.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        namespace: str,
+        client: redis.Redis | None = None,
+        socket_timeout: float = REDIS_SOCKET_TIMEOUT_S,
+    ):
         self.namespace = namespace
         self._prefix = f"{namespace}:"
-        self._client = client if client is not None else redis.Redis.from_url(url)
+        self._client = (
+            client
+            if client is not None
+            else redis.Redis.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
+        )
         self._owns_client = client is None
         if self._owns_client:
             # a caller's client packs as its caller set it up: its own commands are its
