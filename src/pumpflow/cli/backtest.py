@@ -110,13 +110,15 @@ async def database_frames(
 ) -> list[tuple[float, bytes]]:
     """The recorded frames of the window that were published, in time order."""
     from pumpflow.common.db.pool import create_pool
-    from pumpflow.common.storage import TokenEventStore
+    from pumpflow.common.storage import REPLAY_FETCH_TIMEOUT_S, TokenEventStore
 
     pool = await create_pool(dsn, schema, max_size=2)
     try:
         return [
             (stored.event.time, stored.frame)
-            async for stored in TokenEventStore(pool).stream_stored(start=start, end=end)
+            async for stored in TokenEventStore(pool).stream_stored(
+                start=start, end=end, fetch_timeout=REPLAY_FETCH_TIMEOUT_S
+            )
             # stored without a seq: never published live, so not replayed either
             if stored.event.seq is not None and stored.frame
         ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event
-from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.storage import REPLAY_FETCH_TIMEOUT_S, TokenEventStore
 from pumpflow.feed.interface import DataFeedInterface, FeedRecord, as_mints
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class DatabaseDataFeed(DataFeedInterface):
         count = 0
         async for stored in self._store.stream_stored(
             start=self.config.start, end=self.config.end, mints=self._mints,
-            batch_size=self.config.batch_size,
+            batch_size=self.config.batch_size, fetch_timeout=REPLAY_FETCH_TIMEOUT_S,
         ):  # fmt: skip
             event = stored.event
             # stored without a seq: never published live, so not replayed either

@@ -1,6 +1,7 @@
 """Durable stores in Postgres."""
 
 from pumpflow.common.storage.token_events import (
+    REPLAY_FETCH_TIMEOUT_S,
     RedriveWrite,
     StoredEvent,
     Superseded,
@@ -11,6 +12,7 @@ from pumpflow.common.storage.token_events import (
 )
 
 __all__ = [
+    "REPLAY_FETCH_TIMEOUT_S",
     "RedriveWrite",
     "StoredEvent",
     "Superseded",

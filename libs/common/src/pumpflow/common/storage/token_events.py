@@ -9,7 +9,11 @@ envelope's mark (the first event of a mint's fresh numbering), so what is publis
 again or replayed from here is taken for no gap, as the live event was.
 
 Reads go through a server-side cursor inside a transaction, so replaying millions
-of rows holds only ``batch_size`` of them in memory.
+of rows holds only ``batch_size`` of them in memory. Each fetch of a batch is one
+command, bounded by the pool's command timeout (a rebuild's history, the feed's
+recovery, a token's window: found by an index, short), or by
+:data:`REPLAY_FETCH_TIMEOUT_S` for a replay of the history (its first fetch may sort
+every row it reads before returning one): either way a frozen server is met.
 
 A write may name its :class:`Writer` (the feed's lease holder): it is refused
 (:class:`Superseded`, nothing of it stored) once another writer took its publisher's
@@ -252,6 +256,13 @@ class StoredEvent:
     row_id: int
 
 
+#: seconds a replay's fetch of a batch may take: the first one returns once Postgres
+#: found the first rows in order, which for a replay of many mints in time order, or of
+#: rows its filters pick few of, means reading (or sorting) much of the table first;
+#: minutes on a history of many millions of rows, beyond a service command's bound, but
+#: still bounded so that a replay meets a frozen server
+REPLAY_FETCH_TIMEOUT_S = 600.0
+
 _ORDERS = {
     "time": " ORDER BY event_time, id",
     "id": " ORDER BY id",
@@ -373,6 +384,8 @@ class TokenEventStore:
             await conn.execute(
                 _CREATE_STAGE if writer is None else f"{bound_idle_sql()}; {_CREATE_STAGE}"
             )
+            # the pool's bound: a batch (the recorder's 2,000 rows, a load's 5,000) is
+            # copied and inserted in well under a second
             await conn.copy_records_to_table(_STAGE, records=rows, columns=_STAGE_COLUMNS)
             result = await conn.fetchrow(_INSERT_EVENTS)
             own = None
@@ -454,10 +467,13 @@ class TokenEventStore:
         order: str = "time",
         redriven: bool = True,
         batch_size: int = 2_000,
+        fetch_timeout: float | None = None,
     ) -> AsyncIterator[StoredEvent]:
         """Replay stored events with their frames; ``order`` is "time", "id" or "seq".
 
         ``redriven=False`` leaves out events a redrive stored (and publishes itself).
+        ``fetch_timeout`` bounds each fetch of ``batch_size`` rows (None: the pool's command
+        timeout; a replay of the history gives :data:`REPLAY_FETCH_TIMEOUT_S`).
         """
         where: list[str] = []
         args: list[object] = []
@@ -491,7 +507,7 @@ class TokenEventStore:
             + _ORDERS[order]
         )
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            async for row in conn.cursor(query, *args, prefetch=batch_size):
+            async for row in conn.cursor(query, *args, prefetch=batch_size, timeout=fetch_timeout):
                 frame = row["frame"].encode()
                 yield StoredEvent(
                     event=Event(
@@ -517,7 +533,14 @@ class TokenEventStore:
         return [
             stored.event
             async for stored in self.stream_stored(
-                mints=(mint,), source_service=source_service, before_seq=before_seq, order="seq"
+                mints=(mint,),
+                source_service=source_service,
+                before_seq=before_seq,
+                order="seq",
+                # one mint's rows, found by its index: each fetch is as short as any
+                # command, so the pool's bound, and a rebuild meets a frozen server as
+                # soon as a commit does; a long history is many fetches, none cut
+                fetch_timeout=None,
             )
         ]
 
