@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import string
+from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -17,10 +18,12 @@ from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.db.pool import create_pool
+from pumpflow.common.dependencies import NETWORK, POSTGRES, WAITS
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.dead_letters import DeadLetterQueue
 from pumpflow.feed.metrics import FeedMetrics
@@ -133,6 +136,48 @@ async def test_a_store_that_goes_away_is_waited_out_and_readiness_says_why(own_s
     await recorder.close(5)
     await letters.close(5)
     await bus.close()
+
+
+async def test_a_frozen_store_is_waited_for_by_name_and_loses_nothing(
+    pg_pool, postgres_dsn, namespace
+):
+    """A Postgres that never answers (a frozen host, a network lost without a reset):
+    each write fails within the pool's bound, and the recorder waits for Postgres by
+    name (/readyz and the metrics read it), then stores and publishes every event once."""
+    async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
+        pool = await create_pool(
+            proxy.url(postgres_dsn), namespace, apply_migrations=False, command_timeout=1.0
+        )
+        store = TokenEventStore(pool)
+        bus, probe = await bus_with_probe()
+        recorder = Recorder(
+            store, publisher=bus, config=RecorderConfig(retry_initial_s=0.05, retry_max_s=0.2)
+        )
+        await recorder.start()
+        try:
+            events = trades(20)
+            for event in events[:10]:
+                await recorder.add(event)
+            await recorder.flush()
+            proxy.freeze()
+            for event in events[10:]:
+                await recorder.add(event)
+            await eventually(
+                lambda: POSTGRES in WAITS.describe(), 30, what="the recorder waiting for Postgres"
+            )
+            assert NETWORK not in WAITS.describe()
+            assert recorder.last_error is not None and "TimeoutError" in recorder.last_error
+            proxy.thaw()
+            await asyncio.wait_for(recorder.flush(), 30)
+            assert POSTGRES not in WAITS.describe()
+            assert await store.count() == 20
+            await bus.drain()
+            assert [e.id for e in probe.events] == [e.id for e in events]
+        finally:
+            proxy.thaw()
+            await recorder.close(5)
+            await bus.close()
+            await asyncio.wait_for(pool.close(), 10)
 
 
 async def test_the_pending_gauge_counts_every_event_waiting_while_the_store_is_away(own_store):

@@ -74,6 +74,7 @@ from typing import IO, Protocol
 import msgspec
 
 from pumpflow.common.bus.abc import EventPublisher
+from pumpflow.common.dependencies import WAITS, transient_dependency
 from pumpflow.common.events import Event, encode_event, encode_payload
 from pumpflow.common.storage import Superseded, TokenEventStore, Writer, WriteResult
 from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
@@ -510,25 +511,38 @@ class Recorder:
                 self._marking = None
 
     async def _retry(self, what: str, func, *args):
-        """Call until it succeeds; a store's refusal of the rows raises StoreRejected."""
+        """Call until it succeeds; a store's refusal of the rows raises StoreRejected.
+
+        A wait for a dependency's transient failure (Postgres away, or not answering
+        within the pool's bound) is recorded as one (``WAITS``): /readyz and the
+        metrics name what the recorder waits on.
+        """
         delay = self.config.retry_initial_s
-        while True:
-            try:
-                result = await func(*args)
-            except (asyncio.CancelledError, Superseded):
-                raise
-            except Exception as exc:
-                self.metrics.record_errors.inc()
-                if what in ("store", "refusal record") and self.sink.rejects(exc):
-                    raise StoreRejected(str(exc)) from exc
-                self.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
-                log.warning("%s failed (%s: %.300s); retrying in %.1f s", what,
-                            type(exc).__name__, exc, delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(self.config.retry_max_s, delay * 2)
-            else:
-                self.last_error = None
-                return result
+        with contextlib.ExitStack() as waiting:
+            waited = False
+            while True:
+                try:
+                    result = await func(*args)
+                except (asyncio.CancelledError, Superseded):
+                    raise
+                except Exception as exc:
+                    self.metrics.record_errors.inc()
+                    if what in ("store", "refusal record") and self.sink.rejects(exc):
+                        raise StoreRejected(str(exc)) from exc
+                    dependency = transient_dependency(exc)
+                    if dependency is not None:
+                        if not waited:
+                            waited = True
+                            waiting.enter_context(WAITS.waiting(dependency))
+                        WAITS.waited(dependency, "feed", exc)
+                    self.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
+                    log.warning("%s failed (%s: %.300s); retrying in %.1f s", what,
+                                type(exc).__name__, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(self.config.retry_max_s, delay * 2)
+                else:
+                    self.last_error = None
+                    return result
 
 
 def _pending_of(recorder: weakref.ref[Recorder]):
