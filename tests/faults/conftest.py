@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -14,6 +15,7 @@ import pytest_asyncio
 from pumpflow.common.testing import drop_schema, stack_env
 from pumpflow.common.testing.faults import Ledger, MarketOptions, Pipeline, Servers
 from pumpflow.common.testing.instances import PostgresInstance, RabbitMQInstance, RedisInstance
+from pumpflow.common.testing.proxy import TcpProxy
 from pumpflow.common.testing.stack import ProcessStack
 
 INSTANCES = {"rabbitmq": RabbitMQInstance, "redis": RedisInstance, "postgres": PostgresInstance}
@@ -26,11 +28,14 @@ async def make_pipeline(request, tmp_path, namespace, amqp_url, redis_url, postg
     """``await make_pipeline(own=("redis",), market=MarketOptions(...), **settings)``.
 
     The servers named in ``own`` are the test's own (to restart, stop, kill); the others
-    are the shared ones, left alone. Everything is removed after the test.
+    are the shared ones, left alone. The services reach those named in ``proxied``
+    through a :class:`TcpProxy` of the test's own (to freeze). Everything is removed
+    after the test.
     """
     made: list[tuple[Pipeline, dict]] = []
+    proxies: list[TcpProxy] = []
 
-    async def make(*, own=(), market=MarketOptions(), **settings) -> Pipeline:
+    async def make(*, own=(), proxied=(), market=MarketOptions(), **settings) -> Pipeline:
         instances = {}
         try:
             for name in own:
@@ -40,10 +45,20 @@ async def make_pipeline(request, tmp_path, namespace, amqp_url, redis_url, postg
             for instance in instances.values():
                 await asyncio.to_thread(instance.close)
             raise
+        urls = {
+            "rabbitmq": instances["rabbitmq"].url if "rabbitmq" in instances else amqp_url,
+            "redis": instances["redis"].url if "redis" in instances else redis_url,
+            "postgres": instances["postgres"].dsn if "postgres" in instances else postgres_dsn,
+        }
+        fronted = {}
+        for name in proxied:
+            proxy = TcpProxy(urlsplit(urls[name]).port)
+            await proxy.start()
+            proxies.append(proxy)
+            fronted[name] = proxy
+            urls[name] = proxy.url(urls[name])
         servers = Servers(
-            amqp_url=instances["rabbitmq"].url if "rabbitmq" in instances else amqp_url,
-            redis_url=instances["redis"].url if "redis" in instances else redis_url,
-            postgres_dsn=instances["postgres"].dsn if "postgres" in instances else postgres_dsn,
+            amqp_url=urls["rabbitmq"], redis_url=urls["redis"], postgres_dsn=urls["postgres"]
         )
         from pumpflow.common.db.pool import create_pool
 
@@ -58,6 +73,7 @@ async def make_pipeline(request, tmp_path, namespace, amqp_url, redis_url, postg
         stack = ProcessStack(env, tmp_path)
         pipeline = Pipeline(stack, servers=servers, namespace=namespace, market=market, **settings)
         pipeline.instances = instances
+        pipeline.proxies = fronted
         made.append((pipeline, instances))
         return pipeline
 
@@ -80,6 +96,8 @@ async def make_pipeline(request, tmp_path, namespace, amqp_url, redis_url, postg
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+    for proxy in proxies:
+        await proxy.close()
 
 
 @pytest.fixture

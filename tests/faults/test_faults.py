@@ -146,3 +146,18 @@ OUTAGES = [
 async def test_server_outage_loses_nothing(make_pipeline, report, server, seconds):
     pipeline = await make_pipeline(own=(server,))
     await run(pipeline, lambda p: p.outage(server, seconds=seconds), report)
+
+
+#: the services' bounds on a Redis operation and a Postgres command: short, so that a
+#: frozen server is met, and named in /readyz, within seconds
+FROZEN_SETTINGS = {"redis_socket_timeout_s": 1.0, "postgres_command_timeout_s": 2.0}
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+async def test_a_frozen_server_is_waited_for_and_loses_nothing(make_pipeline, report, server):
+    """A frozen host or a network lost without a reset: the server answers nothing and
+    drops no connection. The work that meets it fails within the services' bound, waits
+    for it (named in /readyz) and goes on once it answers."""
+    pipeline = await make_pipeline(proxied=(server,), **FROZEN_SETTINGS)
+    await run(pipeline, lambda p: p.freeze(server), report)

@@ -5,7 +5,8 @@ processes on the servers it is given, taps the bus, injects faults (kill -9 of a
 service, a socket dropped) and times each recovery. :meth:`Pipeline.finish` stops the
 market, lets the services drain, stops them and returns a :class:`Ledger`: what the
 simulator sent, what Postgres stored, what the bus carried and what each consumer
-applied, compared event by event:
+applied, compared event by event (a server may be frozen too, behind a
+:class:`~pumpflow.common.testing.proxy.TcpProxy` of the test's own):
 
 - *sent*: data frames the simulator's sockets took (its sent log), good and hostile;
 - *stored*: rows of ``token_events``; a good frame sent and not stored is *lost*;
@@ -36,7 +37,7 @@ import msgspec
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.events import Event
 from pumpflow.common.testing.servers import free_port
-from pumpflow.common.testing.stack import ProcessStack, http_get
+from pumpflow.common.testing.stack import ProcessStack, http_get, http_json
 from pumpflow.common.testing.waiting import eventually
 
 SERVICES = ("feed", "features", "activity")
@@ -273,6 +274,8 @@ class Pipeline:
         self.sim_stats = stack.logdir / "simulator.json"
         #: servers of the test's own by name (rabbitmq, redis, postgres), to fault
         self.instances: dict[str, Any] = {}
+        #: proxies the services reach servers through, by the server's name, to freeze
+        self.proxies: dict[str, Any] = {}
         self.tap = BusTap()
         self.recoveries: list[float] = []
         #: kill -9s per service
@@ -411,6 +414,35 @@ class Pipeline:
             await asyncio.to_thread(instance.start)
         back = time.monotonic()
         return await self.flowing(since=back)
+
+    async def freeze(self, server: str) -> float:
+        """Freeze ``server`` (its proxy forwards nothing, every connection stays open, as
+        with a frozen host) until a service's /readyz names it waited on, then let it go
+        on; return the seconds from the thaw until the pipeline flows again."""
+        proxy = self.proxies[server]
+        proxy.freeze()
+        try:
+            await eventually(
+                lambda: asyncio.to_thread(self.waiting_on, server),
+                60,
+                what=f"a service waiting on {server}, named in /readyz",
+                details=self.stack.logs,
+                interval=0.25,
+            )
+        finally:
+            proxy.thaw()
+        back = time.monotonic()
+        return await self.flowing(since=back)
+
+    def waiting_on(self, dependency: str) -> list[str]:
+        """The services whose /readyz names ``dependency`` waited on."""
+        found = []
+        for service in SERVICES:
+            body = http_json(f"http://127.0.0.1:{self.ports[service]}/readyz", timeout=10)
+            checks = (body or {}).get("checks", {})
+            if dependency in checks.get("dependencies", {}).get("waiting_on", {}):
+                found.append(service)
+        return found
 
     async def _keep_feed_counts(self) -> None:
         feed = await asyncio.to_thread(scrape, self.ports["feed"])
