@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 
@@ -399,17 +400,17 @@ async def test_a_hot_swap_under_load_loses_no_event_and_each_prediction_names_it
             assert mine == sorted(mine, key=lambda v: v == new_version)
 
 
-async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_so():
-    """Four minutes of a market from its start, a vector per token event: every token is
-    under four minutes old, the age and what accumulates with it far under the default
-    card's reference. No feature is announced drifting; the drift route and the gauges say
-    the monitor is warming up, and from when it judges."""
+@contextlib.asynccontextmanager
+async def a_young_market(**settings):
+    """Four minutes of a market from its start, a vector per token event, through the
+    model service (a monitor round run at the end); yields the model, its registry, the
+    drift events, the vectors and the system, still running."""
     clock = ReplayClock(START)
     vectors = FeatureUpdates().of(market(seconds=240.0))
     registry = CollectorRegistry()
     model = ModelService(
         ModelSettings.load(
-            service="model", transport="memory", api_token=TOKEN, model_monitor_s=3600.0
+            service="model", transport="memory", api_token=TOKEN, model_monitor_s=3600.0, **settings
         ),
         registry=registry,
     )
@@ -418,6 +419,15 @@ async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_s
         await asyncio.wait_for(replay(system, clock, vectors), 120.0)
         await model.monitor_round()
         await system.drain()
+        yield model, registry, seen, vectors, system
+
+
+async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_so():
+    """Every token of a young market is under four minutes old, the age and what
+    accumulates with it far under the default card's reference. No feature is announced
+    drifting; the drift route and the gauges say the monitor is warming up, and from when
+    it judges."""
+    async with a_young_market() as (model, registry, seen, vectors, system):
         assert seen.of("model.drift") == []
         monitor = model.drift["entry"]
         assert monitor.observations >= monitor.thresholds.min_observations
@@ -439,26 +449,12 @@ async def test_a_fresh_market_is_not_drift_while_its_tokens_are_young_and_says_s
 async def test_the_drift_thresholds_are_settings_and_a_fresh_market_is_judged_without_warm_up():
     """The same young market with ``model_drift_warmup_s=0`` and a lower alert: judged at
     once, its young features announced drifting; settings that disagree are refused by name."""
-    clock = ReplayClock(START)
-    vectors = FeatureUpdates().of(market(seconds=240.0))
-    registry = CollectorRegistry()
-    model = ModelService(
-        ModelSettings.load(
-            service="model",
-            transport="memory",
-            api_token=TOKEN,
-            model_monitor_s=3600.0,
-            model_drift_warmup_s=0.0,
-            model_drift_alert_psi=0.2,
-            model_drift_check_every=250,
-        ),
-        registry=registry,
-    )
-    async with run_embedded([model], clock=clock) as system:
-        seen = await EventCollector("seen").attach(system.bus, "model.drift")
-        await asyncio.wait_for(replay(system, clock, vectors), 120.0)
-        await model.monitor_round()
-        await system.drain()
+    thresholds = {
+        "model_drift_warmup_s": 0.0,
+        "model_drift_alert_psi": 0.2,
+        "model_drift_check_every": 250,
+    }
+    async with a_young_market(**thresholds) as (model, registry, seen, _, _):
         monitor = model.drift["entry"]
         assert (monitor.thresholds.warmup_s, monitor.thresholds.alert_psi) == (0.0, 0.2)
         assert monitor.thresholds.check_every == 250
