@@ -104,6 +104,8 @@ def test_the_operator_hears_what_matters():
         "DeadLettersGrowing",
         # a key of the wrong kind stalls a service's commits
         "CommitsStalled",
+        # Redis, Postgres or RabbitMQ away or frozen, the work it holds waiting
+        "DependencyWaiting",
         # a keyed consumer far behind the market, messages queued: stalled or backlogged
         "ConsumerBehindMarket",
         # the kill switch not durable, tranches that may have sold, labels dropped, the
