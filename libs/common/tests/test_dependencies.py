@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
 
 import aio_pika
 import aiormq.exceptions
@@ -196,3 +198,22 @@ async def test_cancelling_a_wait_ends_it():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert REDIS not in WAITS.describe()
+
+
+def test_a_process_exports_no_waiting_on_each_dependency_from_the_start():
+    """A fresh process that never waited shows 0 for Redis, Postgres and RabbitMQ (a
+    dashboard reads 0, not No data)."""
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pumpflow.common.dependencies, prometheus_client; "
+            "print(prometheus_client.generate_latest().decode())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    for dependency in ("redis", "postgres", "rabbitmq"):
+        assert f'pumpflow_dependency_waiting{{dependency="{dependency}"}} 0.0' in exported

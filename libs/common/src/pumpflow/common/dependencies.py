@@ -217,6 +217,9 @@ WAITING = Gauge(
     "Parties of this process waiting on the dependency now (0: none).",
     ["dependency"],
 )
+# exported at 0 from the start, so a panel of a system that never waited reads 0
+for _dependency in (REDIS, POSTGRES, RABBITMQ):
+    WAITING.labels(_dependency)
 
 
 @dataclass(slots=True)
