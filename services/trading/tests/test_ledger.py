@@ -571,10 +571,12 @@ async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_n
     predecessor's next commit is refused."""
     import asyncio
 
-    async def waiting(conn) -> bool:
-        return await conn.fetchval(
+    async def waiting(watcher, holding) -> bool:
+        # blocked by the holding transaction: another run's waits on the server are not it
+        return await watcher.fetchval(
             "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%INSERT INTO trading_holder%' AND pid <> pg_backend_pid()"
+            "AND query LIKE '%INSERT INTO trading_holder%' AND $1 = ANY(pg_blocking_pids(pid))",
+            holding.get_server_pid(),
         )
 
     ledger = PostgresLedger(pg_pool)
@@ -588,7 +590,7 @@ async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_n
                 == "w1"
             )
             taking = asyncio.create_task(ledger.load(remembered=10, holder="w2"))
-            await eventually(lambda: waiting(watcher),
+            await eventually(lambda: waiting(watcher, conn),
                              what="the take-over waiting for the commit")  # fmt: skip
             await conn.execute(
                 "INSERT INTO orders (order_id, mint, side, slippage_pct, reason, executor, "

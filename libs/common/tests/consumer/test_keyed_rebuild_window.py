@@ -233,11 +233,13 @@ async def test_a_key_whose_history_waits_for_a_lock_holds_none_of_its_partitions
         await publish_while_waiting(bus, waiting, others)
 
         async def read_waits() -> bool:
-            # out of a transaction: each look reads the activity afresh
+            # out of a transaction: each look reads the activity afresh; blocked by the
+            # locker, as another run's waits on the server are not
             return bool(
                 await watcher.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%token_events%'"
+                    " AND query LIKE '%token_events%' AND $1 = ANY(pg_blocking_pids(pid))",
+                    locker.get_server_pid(),
                 )
             )
 
