@@ -15,8 +15,16 @@ WORKSPACE := $(shell sed -n 's/^-e //p' requirements/dev.in)
 run: $(STAMP)
 	$(VENV)/bin/pumpflow run
 
+# The suite on two workers (pytest-xdist), each a test session of its own (its RabbitMQ
+# vhost; every test its namespace): most tests wait on the servers or on processes, so
+# two share the 2 cores. A file's tests run in one worker, in their order. Then the tests
+# marked `alone` (a pace that needs a core of their own), in one process.
+# TEST_WORKERS=0 runs the first part in one process too.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not fault and not alone"
+	$(VENV)/bin/pytest -m alone
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
