@@ -18,7 +18,7 @@ itself (bad input, a bug) and goes the usual way (attempts, then the dead-letter
 
 A dependency that never answers (a frozen host, a network lost without a reset) fails
 only by a bound on the wait: Postgres commands and Redis socket operations are bounded
-(:data:`POSTGRES_COMMAND_TIMEOUT_S`, :data:`REDIS_SOCKET_TIMEOUT_S`, the defaults of the
+(:mod:`pumpflow.common.timeouts`, the defaults of the
 runtime's settings), and a timeout a client library raises is that dependency's
 transient failure like any other.
 """
@@ -48,12 +48,6 @@ RABBITMQ = "rabbitmq"
 #: a connection-level failure whose library does not say which dependency it was
 NETWORK = "network"
 
-#: the default bound on a Postgres command and on opening a connection
-#: (``PUMPFLOW_POSTGRES_COMMAND_TIMEOUT_S``, whose setting argues it)
-POSTGRES_COMMAND_TIMEOUT_S = 30.0
-#: the default bound on a Redis socket operation, connecting included
-#: (``PUMPFLOW_REDIS_SOCKET_TIMEOUT_S``, whose setting argues it)
-REDIS_SOCKET_TIMEOUT_S = 5.0
 
 _LIBRARIES = {
     "redis": REDIS,

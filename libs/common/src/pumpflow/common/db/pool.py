@@ -24,7 +24,8 @@ from typing import Any
 import asyncpg
 
 from pumpflow.common.db.migrate import migrate
-from pumpflow.common.dependencies import POSTGRES, POSTGRES_COMMAND_TIMEOUT_S, reaching
+from pumpflow.common.dependencies import POSTGRES, reaching
+from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S
 
 
 class PoolNotOpen(ConnectionError):

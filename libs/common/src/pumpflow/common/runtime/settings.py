@@ -44,7 +44,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from pumpflow.common.dependencies import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
+from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 
 #: the environment variable naming the config file
 CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"

@@ -20,7 +20,6 @@ from itertools import chain
 import hiredis
 import redis.asyncio as redis
 
-from pumpflow.common.dependencies import REDIS_SOCKET_TIMEOUT_S
 from pumpflow.common.state.abc import (
     EPOCH_MARKER,
     PLAIN_FIELD_TYPES,
@@ -30,6 +29,7 @@ from pumpflow.common.state.abc import (
     WrongKind,
     plain_field,
 )
+from pumpflow.common.timeouts import REDIS_SOCKET_TIMEOUT_S
 
 _GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
 
