@@ -18,7 +18,11 @@ before acknowledging it) may be in a stored view already: each view keeps the la
 seq of each publisher's events it folded in (``TokenView.applied``, as the keyed
 consumer's tracking record does), and the engine passes over one not above it, so a
 trade on the pool after the migration, followed trade by trade, moves the pool's
-state in the view (and the executor's market) once. Only where the lease is shared
+state in the view (and the executor's market) once. A paper fill on the pool, which
+moves the pool too and which no event brings again, is stored in the ledger before the
+view it moved: the view keeps the ids of the fills it folded in
+(``TokenView.pool_fills``), and a replica taking over moves the pool by each of the
+ledger's fills its view lacks (its holder died between the two writes). Only where the lease is shared
 with other replicas: a one-process run on a market clock, which nobody can take over,
 keeps none.
 """

@@ -242,6 +242,8 @@ class FillRecord:
     signature: str | None = None
     position_id: str | None = None
     reason: str = ""
+    #: where it filled (None if stored before the ledger kept it)
+    venue: str | None = None
 
     @classmethod
     def of(cls, fill: OrderFilled, *, time: float, reason: str = "") -> FillRecord:
@@ -257,6 +259,7 @@ class FillRecord:
             signature=fill.signature,
             position_id=fill.position_id,
             reason=reason,
+            venue=fill.venue,
         )
 
     def payload(self) -> OrderFilled:
@@ -270,6 +273,7 @@ class FillRecord:
             fee_sol=self.fee_sol,
             signature=self.signature,
             position_id=self.position_id,
+            venue=self.venue,
         )
 
 
@@ -954,8 +958,8 @@ WHERE order_id = $1
 """
 _INSERT_FILL = """
 INSERT INTO fills (order_id, mint, side, token_amount, sol_amount, price, fee_sol, signature,
-    position_id, filled_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    position_id, filled_at, venue)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (order_id) DO NOTHING
 """
 _UPSERT_POSITION = """
@@ -1046,7 +1050,7 @@ _ORDER_COLUMNS = (
 _SELECT_ORDERS = f"SELECT {', '.join(_ORDER_COLUMNS)} FROM orders"
 _FILL_COLUMNS = (
     "f.order_id", "f.mint", "f.side", "f.token_amount", "f.sol_amount", "f.price", "f.fee_sol",
-    "f.filled_at", "f.signature", "f.position_id", "o.reason",
+    "f.filled_at", "f.signature", "f.position_id", "o.reason", "f.venue",
 )  # fmt: skip
 _SELECT_FILLS = f"SELECT {', '.join(_FILL_COLUMNS)} FROM fills f JOIN orders o USING (order_id)"
 #: the fills that rebuild the positions open or closed at or after $1: each one's token's
@@ -1144,7 +1148,7 @@ class PostgresLedger:
                     _INSERT_FILL,
                     [
                         (f.order_id, f.mint, f.side, f.token_amount, f.sol_amount, f.price,
-                         f.fee_sol, f.signature, f.position_id, f.filled_at)
+                         f.fee_sol, f.signature, f.position_id, f.filled_at, f.venue)
                         for f in change.fills
                     ],
                 )  # fmt: skip

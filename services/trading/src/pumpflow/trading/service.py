@@ -603,10 +603,7 @@ class TradingService(Service):
             self._withdrawn = 0
             if self.context is not None:
                 self.context.clear()
-                views = await self.context.load()
-                self.engine.restore(views)
-                for mint, view in views.items():
-                    self.executor.restore_market(mint, view.market)
+                self.engine.restore(await self.context.load())
             await self._await_predecessor()
             changes = self._control_changes
             # a store under way as the ledger is read may land after the read
@@ -620,8 +617,13 @@ class TradingService(Service):
             )
             self._holding = True
             for fill in snapshot.fills:
-                self.book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+                payload = fill.payload()
+                self.book.apply_fill(payload, time=fill.filled_at, reason=fill.reason)
                 self.executor.booked(fill)
+                if self.engine.follow_fill(payload, fill.filled_at) and self.context is not None:
+                    self.context.change(fill.mint)
+            for mint, view in self.engine.views.items():
+                self.executor.restore_market(mint, view.market)
             totals = snapshot.totals
             self.book.restore_totals(
                 realized_pnl_sol=totals.realized_pnl_sol,

@@ -77,6 +77,10 @@ class TokenView:
     #: view, as the keyed consumer's tracking record keeps it): one not above it is a
     #: redelivery, folded in already
     applied: dict[str, int] = field(default_factory=dict)
+    #: the ids of trading's paper fills on the pool that moved ``market`` (which the
+    #: stream never reports): the ledger holds every fill, and the view is stored after
+    #: it, so a take-over moves the pool by those the stored view lacks
+    pool_fills: list[str] = field(default_factory=list)
 
 
 def admit_seq(applied: dict[str, int], event: Event) -> bool:

@@ -290,9 +290,8 @@ class TradingEngine:
             reserved = self.risk.release(data.order_id)
             self.risk.record_execution(True, now=now)
             reason = self.order_reasons.pop(data.order_id, "")
-            if data.order_id not in self.positions.applied_orders:
-                # the pool the sale left values the position its change reports
-                self._move(data, event.time)
+            # the pool the sale left values the position its change reports
+            self.follow_fill(data, event.time)
             change = self.positions.apply_fill(data, time=event.time, reason=reason)
             if change is not None:
                 produced.append(change)
@@ -408,13 +407,22 @@ class TradingEngine:
             view.curve = market.state
         self._mark(view, time)
 
-    def _move(self, fill: OrderFilled, time: float) -> None:
+    def follow_fill(self, fill: OrderFilled, time: float) -> bool:
         """Move ``fill``'s token's pool by it as the paper executor's moved (a paper sale
-        on the pool, :meth:`~pumpflow.common.trading.paper.Market.follow_fill`), valuing
-        the position held there on it."""
+        on the pool, :meth:`~pumpflow.common.trading.paper.Market.follow_fill`), once,
+        valuing the position held there on it; whether it moved.
+
+        Also for the ledger's fills on a take-over: the views are stored after the
+        ledger, so one its holder died between the two writes lacks the move.
+        """
         view = self.views.get(fill.mint)
-        if view is not None and view.market.follow_fill(fill):
-            self._mark(view, time)
+        if view is None or fill.order_id in view.pool_fills:
+            return False
+        if not view.market.follow_fill(fill):
+            return False
+        view.pool_fills.append(fill.order_id)
+        self._mark(view, time)
+        return True
 
     def _mark(self, view: TokenView, time: float) -> None:
         market = view.market
