@@ -22,9 +22,9 @@ state in the view (and the executor's market) once. A paper fill on the pool, wh
 moves the pool too and which no event brings again, is stored in the ledger before the
 view it moved: the view keeps the ids of the fills it folded in
 (``TokenView.pool_fills``), and a replica taking over moves the pool by each of the
-ledger's fills its view lacks (its holder died between the two writes). Only where the lease is shared
-with other replicas: a one-process run on a market clock, which nobody can take over,
-keeps none.
+ledger's fills its view lacks (its holder died between the two writes). Only where
+the lease is shared with other replicas: a one-process run on a market clock, which
+nobody can take over, keeps none.
 """
 
 from __future__ import annotations
