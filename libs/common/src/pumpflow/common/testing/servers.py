@@ -24,13 +24,39 @@ POSTGRES_DSN = os.environ.get(
 _HANDED_OUT: set[int] = set()
 
 
+def _worker_share() -> tuple[int, int]:
+    """This process's ``(index, count)`` among the run's pytest-xdist workers; ``(0, 1)``
+    outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return 0, 1
+    return int(worker.removeprefix("gw")), count
+
+
+def _port_share(port: int, count: int) -> int:
+    """The index of the one xdist worker, of ``count``, that may hand ``port`` out.
+
+    Linux's bind() to port 0 offers ports of one parity only (it keeps the other for
+    connect()), so ``port % count`` would starve every worker but one; the pair a port
+    is in, ``port // 2``, spreads evenly either way.
+    """
+    return port // 2 % count
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, never given before."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never given before in
+    this process nor to another xdist worker of the run.
+
+    :data:`_HANDED_OUT` is one process's memory, and the kernel may offer one closed
+    port to two workers close together: each worker takes only its own share of ports.
+    """
+    index, count = _worker_share()
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if _port_share(port, count) == index and port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
 
