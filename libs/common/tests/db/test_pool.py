@@ -4,6 +4,7 @@ Postgres's, whichever service's work meets them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from urllib.parse import urlsplit
 
@@ -125,3 +126,57 @@ async def test_a_frozen_postgres_fails_each_command_in_bounded_time_and_the_pool
             if waiting is not None:
                 waiting.cancel()
             await asyncio.wait_for(pool.close(), 10)
+
+
+#: asyncpg's line for each failed try at reconnecting the pool's ``min_size`` connections
+FLOOR_RETRY = "Failed to restore the pool connection floor; retrying"
+
+
+def floor_retries(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "asyncpg.pool" and FLOOR_RETRY in r.message]
+
+
+@pytest.mark.parametrize("outage", ["gone", "frozen"])
+async def test_a_pool_reconnecting_to_a_postgres_away_logs_one_line_a_try(
+    caplog, postgres_dsn, namespace, outage
+):
+    """asyncpg reconnects the pool's floor in the background (pauses from 1 s doubling
+    to 60 s) and logs each failed try with its traceback, some 30 lines; a Postgres
+    away is waited out, so each try is one line naming the failure."""
+    caplog.set_level(logging.WARNING, logger="asyncpg.pool")
+    async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
+        pool = await create_pool(
+            proxy.url(postgres_dsn),
+            namespace,
+            min_size=1,
+            max_size=1,
+            apply_migrations=False,
+            command_timeout=COMMAND_TIMEOUT_S,
+        )
+        try:
+            assert await pool.fetchval("SELECT 1") == 1
+            if outage == "gone":
+                await proxy.close()  # its connections reset, its port refuses
+            else:
+                proxy.freeze()
+                with pytest.raises(TimeoutError):
+                    await pool.fetchval("SELECT 1")  # the connection is dropped after it
+            await eventually(lambda: floor_retries(caplog), what="a failed floor restore")
+        finally:
+            proxy.thaw()
+            await asyncio.wait_for(pool.close(), 10)
+    for record in floor_retries(caplog):
+        assert record.exc_info is None and record.exc_text is None
+        assert "postgres" in record.message, record.message
+
+
+async def test_a_floor_restore_failing_for_another_reason_keeps_its_traceback(caplog, pg_pool):
+    """Not an outage (here a real error of a query, its line as asyncpg writes it, on a
+    logger ``pg_pool`` opened the pool on): maybe a bug, its traceback is kept."""
+    caplog.set_level(logging.WARNING, logger="asyncpg.pool")
+    try:
+        await pg_pool.fetchval("SELECT 1 / 0")
+    except Exception:
+        logging.getLogger("asyncpg.pool").warning(FLOOR_RETRY, exc_info=True)
+    (record,) = floor_retries(caplog)
+    assert record.exc_info is not None and record.getMessage() == FLOOR_RETRY

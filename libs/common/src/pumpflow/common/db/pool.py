@@ -15,16 +15,21 @@ is cancelled over a connection of its own; asyncpg bounds that request by the co
 timeout too and terminates the connection when it fails (0.32, which the library
 requires: before, a release waited for ever on a frozen server), so no connection of
 the pool is left waiting on the server, and the next use opens a new one.
+
+While Postgres is away, asyncpg reconnects the pool's ``min_size`` connections in the
+background and logs each failed try with its traceback, pausing 1 s doubling to 60 s:
+:class:`FloorRetriesLogged` keeps those lines to one each.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncpg
 
 from pumpflow.common.db.migrate import migrate
-from pumpflow.common.dependencies import POSTGRES, reaching
+from pumpflow.common.dependencies import POSTGRES, reaching, transient_dependency
 from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S
 
 
@@ -32,6 +37,34 @@ class PoolNotOpen(ConnectionError):
     """Postgres not reached yet: the pool opened in the background is not open."""
 
     transient_dependency = POSTGRES
+
+
+class FloorRetriesLogged(logging.Filter):
+    """On asyncpg's pool logger: a failed try at restoring the pool's connection floor
+    that is a transient failure of Postgres is logged as one line naming the failure.
+
+    An outage is waited out and logged bounded, as the work's waits are
+    (:func:`~pumpflow.common.dependencies.wait_out`); a traceback at each try would bury
+    the lines that tell what happened. Any other failure keeps its traceback: it may be
+    a bug.
+    """
+
+    MESSAGE = "Failed to restore the pool connection floor"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not record.getMessage().startswith(self.MESSAGE):
+            return True
+        dependency = transient_dependency(error)
+        if dependency is not None:
+            failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            record.msg = f"{record.getMessage()} ({dependency}: {failure})"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_FLOOR_RETRIES_LOGGED = FloorRetriesLogged()
 
 
 async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
@@ -63,6 +96,8 @@ async def create_pool(
             await migrate(conn, schema)
         finally:
             await conn.close(timeout=command_timeout)
+    # the same filter each time: a logger holds it once
+    logging.getLogger("asyncpg.pool").addFilter(_FLOOR_RETRIES_LOGGED)
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
