@@ -106,6 +106,8 @@ def test_the_operator_hears_what_matters():
         "CommitsStalled",
         # Redis, Postgres or RabbitMQ away or frozen, the work it holds waiting
         "DependencyWaiting",
+        # RabbitMQ short of memory or disk: every publisher blocked, no queue growing
+        "BrokerResourceAlarm",
         # a keyed consumer far behind the market, messages queued: stalled or backlogged
         "ConsumerBehindMarket",
         # the kill switch not durable, tranches that may have sold, labels dropped, the

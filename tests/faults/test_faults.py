@@ -161,3 +161,14 @@ async def test_a_frozen_server_is_waited_for_and_loses_nothing(make_pipeline, re
     for it (named in /readyz) and goes on once it answers."""
     pipeline = await make_pipeline(proxied=(server,), **FROZEN_SETTINGS)
     await run(pipeline, lambda p: p.freeze(server), report)
+
+
+@pytest.mark.fault
+async def test_a_broker_alarm_blocking_publishers_is_waited_for_and_loses_nothing(
+    make_pipeline, report
+):
+    """RabbitMQ short of memory or disk blocks every connection that publishes, and
+    answers nothing: the services hold their work, say in /readyz that they wait for
+    the broker, and go on once it clears."""
+    pipeline = await make_pipeline(own=("rabbitmq",))
+    await run(pipeline, lambda p: p.alarm(), report)

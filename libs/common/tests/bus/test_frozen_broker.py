@@ -57,3 +57,53 @@ async def test_close_returns_within_its_bound_while_the_broker_is_frozen(namespa
     cleanup = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="cleanup/1")
     await cleanup.delete_topology(services=[service])
     await cleanup.close()
+
+
+async def test_a_publication_the_broker_holds_is_work_waiting_on_rabbitmq_until_it_settles(
+    namespace, amqp_url, monkeypatch
+):
+    """A broker that blocks publishers (a memory or disk alarm) or answers nothing holds
+    a publication unconfirmed: past UNCONFIRMED_WAIT_S it counts as waiting on RabbitMQ,
+    named with why, and stops counting once confirmed."""
+    from prometheus_client import REGISTRY
+
+    from pumpflow.common.bus import rabbitmq
+    from pumpflow.common.dependencies import RABBITMQ, WAITS
+
+    monkeypatch.setattr(rabbitmq, "UNCONFIRMED_WAIT_S", 0.5)
+    service = f"svc_{namespace}"
+    handled: list[Event] = []
+
+    async def record(event: Event) -> None:
+        handled.append(event)
+
+    def waiting() -> float | None:
+        return REGISTRY.get_sample_value("pumpflow_dependency_waiting", {"dependency": RABBITMQ})
+
+    async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
+        bus = rabbitmq.RabbitMQBus(
+            url=proxy.url(amqp_url), namespace=namespace, partitions=2, source="feed/r1"
+        )
+        await bus.start()
+        try:
+            await bus.declare(service, ("token.*",))
+            await bus.subscribe(
+                Subscription(service=service, patterns=("token.*",), handler=record)
+            )
+            await bus.publish(trade_event("mintA", 1))
+            assert RABBITMQ not in WAITS.describe()
+            proxy.freeze()
+            held = asyncio.create_task(bus.publish(trade_event("mintA", 2)))
+            await eventually(lambda: RABBITMQ in WAITS.describe(), what="the wait named")
+            assert "unconfirmed" in WAITS.describe()[RABBITMQ]["error"]
+            assert waiting() == 1 and not held.done()
+            proxy.thaw()
+            await asyncio.wait_for(held, 30)
+            assert RABBITMQ not in WAITS.describe() and waiting() == 0
+            await eventually(lambda: len(handled) == 2, what="both events handled")
+        finally:
+            proxy.thaw()
+            await bus.close()
+    cleanup = rabbitmq.RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="c/1")
+    await cleanup.delete_topology(services=[service])
+    await cleanup.close()

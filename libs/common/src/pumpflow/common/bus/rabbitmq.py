@@ -69,6 +69,13 @@ earlier one of its line is confirmed or given up: a line is a partition of a lan
 That is also all a nack holds back while the publication pauses before it is written
 again: its line (a keyless one, with no line, holds every later one back, as a lost
 channel's do); the other partitions go on.
+A broker short of memory or disk (a resource alarm) blocks every connection that
+publishes until it clears: nothing is refused or lost, the publications just wait, and
+with them the work that publishes (a consumer acks only once its events are out). A
+publication unsettled for UNCONFIRMED_WAIT_S counts as work waiting on RabbitMQ
+(:data:`~pumpflow.common.dependencies.WAITS`) until it settles, so ``/readyz`` and
+``pumpflow_dependency_waiting`` say so, whether the broker blocks, is away or does
+not answer.
 Partitions still go side by side, and a partition's consecutive events of one routing
 key share a message, so a call costs a confirm's round trip more for each further
 message of one partition: where its routing key changes (a new token's create, then
@@ -155,6 +162,7 @@ from pumpflow.common.bus.routing import (
     routing_key,
     routing_key_for,
 )
+from pumpflow.common.dependencies import RABBITMQ, WAITS
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -187,6 +195,9 @@ RESEND_PAUSE_MAX_S = 1.0
 REOPEN_POLL_S = 0.5
 #: a lost connection's frame buffer is emptied until nothing came for this long
 DISCARD_IDLE_S = 5.0
+#: a publication unsettled this long waits on the broker (see Publishing): 20 times the
+#: slowest confirms seen under load, well short of a minute of silence
+UNCONFIRMED_WAIT_S = 5.0
 _MAX_REASON = 2000
 #: how long handled messages may wait for more to share their ack frame; a partition
 #: gets 1/16 of the traffic (at 100 trade events/s, a message every 50-60 ms on each of
@@ -360,6 +371,9 @@ class RabbitMQBus(EventBus):
         #: the AMQP connections whose loss is watched, and the tasks emptying lost ones
         self._watched: set[aiormq.abc.AbstractConnection] = set()
         self._discarding: set[asyncio.Task] = set()
+        #: the publications unsettled past UNCONFIRMED_WAIT_S, by ticket: each a party
+        #: waiting on RabbitMQ until it settles
+        self._unconfirmed: dict[int, contextlib.ExitStack] = {}
 
     # ---------------------------------------------------------------- names
 
@@ -714,6 +728,9 @@ class RabbitMQBus(EventBus):
         # (seconds), failed writes while writes lose their channel; a publication
         # nacked a while must still give up on failed writes as soon as one never nacked
         nacks = failed_writes = 0
+        slow = asyncio.get_running_loop().call_later(
+            UNCONFIRMED_WAIT_S, self._unsettled, ticket, key
+        )
         try:
             if turn is not None:
                 await turn
@@ -770,9 +787,36 @@ class RabbitMQBus(EventBus):
                     )
                     await asyncio.sleep(min(RESEND_PAUSE_S * failures, RESEND_PAUSE_MAX_S))
         finally:
+            slow.cancel()
+            waiting = self._unconfirmed.pop(ticket, None)
+            if waiting is not None:
+                waiting.close()
+                if not self._unconfirmed:
+                    log.info("publications to RabbitMQ settle again")
             self._release(ticket)
             if line is not None:
                 self._leave(line, ticket)
+
+    def _unsettled(self, ticket: int, key: str) -> None:
+        """Count the publication ``ticket`` (to ``key``) as waiting on RabbitMQ: it has
+        not settled for UNCONFIRMED_WAIT_S."""
+        waiting = contextlib.ExitStack()
+        waiting.enter_context(WAITS.waiting(RABBITMQ))
+        WAITS.waited(
+            RABBITMQ,
+            self._publisher,
+            TimeoutError(
+                f"a publication to {key} unconfirmed for {UNCONFIRMED_WAIT_S:g} s: the "
+                "broker blocks publishers (short of memory or disk) or does not answer"
+            ),
+        )
+        if not self._unconfirmed:
+            log.warning(
+                "a publication to RabbitMQ (%s) unconfirmed for %g s: waiting for the "
+                "broker (blocking publishers, short of memory or disk, or not answering)",
+                key, UNCONFIRMED_WAIT_S,
+            )  # fmt: skip
+        self._unconfirmed[ticket] = waiting
 
     def _join(self, line: str | None, ticket: int) -> asyncio.Future | None:
         """Queue ``ticket`` on ``line``; a future done once it is first, None when it is."""

@@ -434,6 +434,32 @@ class Pipeline:
         back = time.monotonic()
         return await self.flowing(since=back)
 
+    async def alarm(self) -> float:
+        """Raise the broker's memory alarm, as when it runs short of memory or disk: it
+        blocks every connection that publishes (consumers go on), until a service's
+        /readyz names RabbitMQ waited on; then clear it and return the seconds from then
+        until the pipeline flows again."""
+        broker = self.instances["rabbitmq"]
+
+        def watermark(fraction: str) -> None:
+            done = broker.ctl("set_vm_memory_high_watermark", fraction)
+            if done.returncode != 0:
+                raise RuntimeError(f"rabbitmqctl: {done.stdout}{done.stderr}")
+
+        await asyncio.to_thread(watermark, "0.0001")
+        try:
+            await eventually(
+                lambda: asyncio.to_thread(self.waiting_on, "rabbitmq"),
+                60,
+                what="a service waiting on rabbitmq, named in /readyz",
+                details=self.stack.logs,
+                interval=0.25,
+            )
+        finally:
+            await asyncio.to_thread(watermark, "0.4")
+        back = time.monotonic()
+        return await self.flowing(since=back)
+
     def waiting_on(self, dependency: str) -> list[str]:
         """The services whose /readyz names ``dependency`` waited on."""
         found = []
