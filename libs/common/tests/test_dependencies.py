@@ -60,6 +60,29 @@ async def test_what_a_dependency_that_is_away_raises_is_transient_and_named():
         (redis.exceptions.TimeoutError("Timeout reading from socket"), REDIS),
         (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), REDIS),
         (redis.exceptions.ReadOnlyError("READONLY You can't write against a replica"), REDIS),
+        (
+            redis.exceptions.OutOfMemoryError(
+                "OOM command not allowed when used memory > 'maxmemory'."
+            ),
+            REDIS,
+        ),
+        # a script's write refused at maxmemory, as redis-py raises it
+        (redis.exceptions.OutOfMemoryError("server:OutOfMemoryError"), REDIS),
+        (
+            redis.exceptions.ResponseError(
+                "MISCONF Redis is configured to save RDB snapshots, but it's currently "
+                "unable to persist to disk."
+            ),
+            REDIS,
+        ),
+        (asyncpg.exceptions.DiskFullError("could not extend file: No space left"), POSTGRES),
+        (asyncpg.exceptions.OutOfMemoryError("out of memory"), POSTGRES),
+        (
+            asyncpg.exceptions.ReadOnlySQLTransactionError(
+                "cannot execute INSERT in a read-only transaction"
+            ),
+            POSTGRES,
+        ),
         (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), POSTGRES),
         (asyncpg.exceptions.AdminShutdownError("terminating connection"), POSTGRES),
         (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"), POSTGRES),

@@ -199,3 +199,51 @@ async def test_a_frozen_postgres_holds_a_rebuild_until_it_answers_and_loses_noth
         assert replica.service.consumer_metrics.counts()["rebuilt"] == 1
         assert await replica.bus.dead_letters("features", remove=False) == []
         await assert_applied_once(replica, events)
+
+
+async def test_a_redis_out_of_memory_holds_the_commits_until_it_takes_writes_and_loses_nothing(
+    namespace, amqp_url, postgres_dsn, pg_pool
+):
+    """A Redis at its ``maxmemory`` (no eviction, as a cache of state must be) refuses
+    every write with OOM until memory is freed or the limit raised: the commits wait for
+    it as for a Redis away, nothing is dead-lettered."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from pumpflow.common.testing.instances import RedisInstance
+
+    server = RedisInstance()
+    await asyncio.to_thread(server.start)
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        events = [e for e in market_events(8, 120.0) if e.type != "token.migrated"]
+        third = len(events) // 3
+        async with features(namespace, amqp_url, server.url, postgres_dsn) as replica:
+            await replica.feed.publish_many(events[:third])
+            await eventually(lambda: replica.applied() >= third // 2, what="events applied")
+            await admin.config_set("maxmemory", 1)
+            try:
+                await replica.feed.publish_many(events[third:])
+                await eventually(
+                    lambda: replica.pauses() >= PAUSES_FROZEN, 30, what="commits waiting for Redis"
+                )
+                body = await eventually(
+                    lambda: replica.waiting_on(REDIS), what="/readyz naming Redis"
+                )
+                waited = body["checks"]["dependencies"]["waiting_on"][REDIS]
+                assert "maxmemory" in waited["error"], body
+                assert body["ready"] is False, body
+                assert await replica.bus.dead_letters("features", remove=False) == []
+            finally:
+                await admin.config_set("maxmemory", 0)
+            await eventually(
+                lambda: replica.applied() >= len(events), 60, what="every event applied"
+            )
+            assert await replica.bus.drain(30.0)
+            assert replica.applied() == len(events)
+            await assert_applied_once(replica, events)
+            assert await replica.bus.dead_letters("features", remove=False) == []
+    finally:
+        await admin.aclose()
+        await asyncio.to_thread(server.close)

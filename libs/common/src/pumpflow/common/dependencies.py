@@ -1,11 +1,13 @@
 """Transient failures of dependencies: one classification, one backoff, one record of waits.
 
 A dependency (Redis, Postgres, RabbitMQ) that is restarting, loading its data, refusing
-or dropping connections, or not answering in time fails *for a while*. Such a failure
-says nothing about the work that met it, so that work is waited out: retried with a
-capped exponential backoff until the dependency answers again, never counted against
-the work's attempts, never dead-lettered. Every other error is a failure of the work
-itself (bad input, a bug) and goes the usual way (attempts, then the dead-letter queue).
+or dropping connections, not answering in time, or refusing writes until its operator
+frees memory or disk (Redis at its maxmemory, Postgres out of disk) fails *for a
+while*. Such a failure says nothing about the work that met it, so that work is waited
+out: retried with a capped exponential backoff until the dependency answers again,
+never counted against the work's attempts, never dead-lettered. Every other error is a
+failure of the work itself (bad input, a bug) and goes the usual way (attempts, then the
+dead-letter queue).
 
 - :func:`transient_dependency` classifies an error: the name of the dependency it is a
   transient failure of, or None. It is the one place that knows which errors those are.
@@ -57,9 +59,20 @@ _LIBRARIES = {
     "pamqp": RABBITMQ,
 }
 
-#: Redis replies that mean "not now" (a server starting, failing over, loading)
-_REDIS_BUSY_REPLIES = ("LOADING", "BUSY ", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "READONLY")
-_REDIS_TRANSIENT = {"ConnectionError", "TimeoutError", "BusyLoadingError", "MaxConnectionsError"}
+#: Redis replies that mean "not now": a server starting, failing over, loading; or
+#: refusing writes until its operator acts: at its maxmemory (OOM; the state it keeps
+#: must not be evicted) or unable to save its snapshot (MISCONF, a full disk)
+_REDIS_BUSY_REPLIES = (
+    "LOADING", "BUSY ", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "READONLY", "OOM ", "MISCONF ",
+)  # fmt: skip
+_REDIS_TRANSIENT = {
+    "ConnectionError",
+    "TimeoutError",
+    "BusyLoadingError",
+    "MaxConnectionsError",
+    # at its maxmemory; what a script's refusal says is not the reply's OOM text
+    "OutOfMemoryError",
+}
 _POSTGRES_TRANSIENT = {
     "PostgresConnectionError",  # class 08 and every subclass: refused, dropped, failed
     "CannotConnectNowError",  # 57P03 the server is starting up or shutting down
@@ -68,6 +81,12 @@ _POSTGRES_TRANSIENT = {
     "TooManyConnectionsError",  # 53300
     "SerializationError",  # 40001, retrying the transaction is the remedy
     "DeadlockDetectedError",  # 40P01
+    # class 53 and every subclass: out of disk (53100), memory, connections; the server
+    # takes writes again once its operator frees them
+    "InsufficientResourcesError",
+    # 25006: a server that became a standby (a failover) takes no writes until it is
+    # the primary again or the connection reaches the new one
+    "ReadOnlySQLTransactionError",
 }
 _AMQP_TRANSIENT = {"AMQPConnectionError", "ChannelInvalidStateError", "ConnectionClosed"}
 _NETWORK_ERRNOS = frozenset(
