@@ -374,6 +374,11 @@ class LeaderLease:
         contents (a store that lost them may have lost a holder's claim with them)."""
         # bounded inside the lease just acquired, whose renewals start after
         left = max(0.0, self._deadline - time.monotonic()) / 2
+        if left <= 0:
+            # no time to ask (a task never started leaves its call unawaited)
+            log.warning("lease %s: no time left to read the stores' epochs; waiting a full "
+                        "TTL", self.config.name)  # fmt: skip
+            return self.config.ttl_s
         ages = await asyncio.gather(
             *(asyncio.wait_for(lease.store.epoch(), left) for lease in self.leases),
             return_exceptions=True,
