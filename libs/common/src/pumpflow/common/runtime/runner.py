@@ -208,6 +208,20 @@ def redis_store(settings: CommonSettings) -> RedisStateStore:
     )
 
 
+async def warn_if_evicting(store: RedisStateStore) -> None:
+    """Warn if Redis evicts keys at its maxmemory: the services' state, records, leases
+    and delivery counts live there, and one evicted is lost (a token rebuilt from
+    Postgres at best, a lease held twice at worst). A write refused at the limit
+    (``noeviction``) is waited out instead, named in ``/readyz``."""
+    policy = await store.eviction_policy()
+    if policy is not None:
+        log.warning(
+            "Redis evicts keys at its maxmemory (maxmemory-policy %s): pumpflow's state "
+            "must not be evicted; set maxmemory-policy noeviction (writes refused at the "
+            "limit are waited for) or give Redis the memory it needs", policy,
+        )  # fmt: skip
+
+
 async def open_pool(settings: CommonSettings) -> asyncpg.Pool:
     """The service's Postgres pool on its migrated schema, its commands bounded."""
     from pumpflow.common.db.pool import create_pool
@@ -273,6 +287,7 @@ async def _connect(
         async def ping() -> None:
             if not await store.ping():
                 raise ConnectionError("Redis does not answer")
+            await warn_if_evicting(store)
 
         reaching.append(startup.reach("redis", ping))
     if service_cls.needs_db:

@@ -477,6 +477,19 @@ class RedisStateStore(StateStore):
         except (redis.RedisError, OSError):
             return False
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` if it evicts keys (a ``maxmemory`` set and a
+        policy other than ``noeviction``); None if it never evicts, or will not say (a
+        managed server may refuse CONFIG)."""
+        try:
+            config = await self._client.config_get("maxmemory*")
+        except redis.ResponseError:
+            return None
+        policy = config.get("maxmemory-policy", "noeviction")
+        if int(config.get("maxmemory", 0) or 0) == 0 or policy == "noeviction":
+            return None
+        return policy
+
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()
