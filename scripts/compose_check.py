@@ -372,7 +372,7 @@ class ComposeCheck:
                 have = {i for job, i in up if job == "pumpflow" and i in want}
                 if have != want or not want:
                     wrong.append(f"{service} {len(have)}/{len(want)}")
-            for job in ("rabbitmq", "redis"):
+            for job in ("rabbitmq", "rabbitmq-alarms", "redis"):
                 if not any(j == job for j, _ in up):
                     wrong.append(f"{job} down")
             down = [
