@@ -441,6 +441,8 @@ class TradingService(Service):
         #: one write of the operator's state at a time, in the order they were given
         self._control_lock = asyncio.Lock()
         self._control_writer: asyncio.Task | None = None
+        #: halts' announcements still waiting for the bus after their answers
+        self._announcing: set[asyncio.Task] = set()
         #: steps at the front of the backlog in a commit under way
         self._storing = 0
         #: orders given back to the executor or settled on the last take-over
@@ -519,6 +521,11 @@ class TradingService(Service):
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+        for announcing in list(self._announcing):
+            # stood by above: what it would have published is the next holder's
+            announcing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announcing
         if self._control_unstored:
             log.error("trading: stopped with the operator's %s (%s) not stored: %s",
                       *self._control, self._control_error)  # fmt: skip
@@ -1638,9 +1645,11 @@ class TradingService(Service):
         accepted: stored late (retried while Postgres was away), after a newer resume, it
         halts trading again.
 
-        The answer waits ``trading_halt_store_wait_s`` at most for the store: ``stored``
-        says whether the ledger holds the halt, ``detail`` what that means and which
-        replica applies it (the holder named when the lease store says).
+        The answer waits ``trading_halt_store_wait_s`` at most for the store, and as long
+        again for the halt's announcement (a broker blocking publishers holds it; it goes
+        out once the broker takes it): ``stored`` says whether the ledger holds the halt,
+        ``detail`` what that means and which replica applies it (the holder named when
+        the lease store says).
         """
         state = TradingState.HALTED
         leading = self._leading
@@ -1655,18 +1664,28 @@ class TradingService(Service):
         await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
         stored = not self._control_unstored
         if stored and self._leading and self._control_refused is None:
-            try:
-                async with self._lock:
-                    await self._flush()
-            except Superseded:
-                # standing by already: what is left is the next holder's
-                log.warning("trading: the halt is stored; this replica no longer holds "
-                            "trading, so its announcement is left to the holder")  # fmt: skip
-            except Exception:
-                log.exception("trading: publishing the halt failed; the next round does")
-            self.metrics.book(self.book, self.risk)
+            announcing = asyncio.create_task(self._announce_halt(), name="trading:announce")
+            self._announcing.add(announcing)
+            announcing.add_done_callback(self._announcing.discard)
+            # the announcement waits for the bus (a broker blocking publishers, short of
+            # memory or disk), the answer no longer than for the ledger: the halt is in
+            # force and stored
+            await asyncio.wait({announcing}, timeout=self.settings.trading_halt_store_wait_s)
         detail = await self._halt_detail(stored, leading)
         return {**self.state_view(), "stored": stored, "detail": detail}
+
+    async def _announce_halt(self) -> None:
+        """Publish the halt stored (and what waited for the ledger with it)."""
+        try:
+            async with self._lock:
+                await self._flush()
+        except Superseded:
+            # standing by already: what is left is the next holder's
+            log.warning("trading: the halt is stored; this replica no longer holds "
+                        "trading, so its announcement is left to the holder")  # fmt: skip
+        except Exception:
+            log.exception("trading: publishing the halt failed; the next round does")
+        self.metrics.book(self.book, self.risk)
 
     async def resume(self, reason: str = "resumed") -> dict[str, Any]:
         """Resume entries: stored first, then applied here; refused (:class:`NotHolder`)
