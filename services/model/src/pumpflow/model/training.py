@@ -317,6 +317,7 @@ def export_onnx(native, config: TrainConfig, width: int) -> tuple[bytes, str]:
     )
     # the converter names the graph with a random uuid: the same model, the same bytes
     onnx_model.graph.name = config.model_id
+    _sort_opset_imports(onnx_model)
     _float32_thresholds(onnx_model, native)
     if config.task == "classification":
         onnx_model = _margin_through_sigmoid(onnx_model)
@@ -406,6 +407,20 @@ def _float32_thresholds(onnx_model, native) -> None:
 
 def _unmatched(tree_id: int, node_id: int) -> TrainingError:
     return TrainingError(f"the converted tree {tree_id} differs from LightGBM's at node {node_id}")
+
+
+def _sort_opset_imports(onnx_model) -> None:
+    """Order the model's opset imports by domain (the default one first).
+
+    The converter lists them as it iterates a set of (domain, version) pairs, whose
+    order follows the process's string hashes (``PYTHONHASHSEED``) and the order the
+    pairs were added: the same model, written by another process, came out with other
+    bytes (the shipped model's rebuild failed now and then).
+    """
+    ordered = sorted((o.domain, o.version) for o in onnx_model.opset_import)
+    del onnx_model.opset_import[:]
+    for domain, version in ordered:
+        onnx_model.opset_import.add(domain=domain, version=version)
 
 
 def _margin_through_sigmoid(onnx_model):
