@@ -178,6 +178,7 @@ class TradingSettings(PumpPortalKeySettings):
         gt=0,
         description="wall seconds a halt waits to be stored in the ledger before it answers "
         "that it is not yet (applied here at once all the same, and stored once Postgres "
+        "takes it), and as long again for its announcement (published once the broker "
         "takes it)",
     )
     trading_keep_token_views: bool | None = Field(
