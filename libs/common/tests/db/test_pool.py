@@ -65,6 +65,19 @@ async def test_work_waiting_for_a_postgres_restart_waits_for_postgres_not_the_ne
 COMMAND_TIMEOUT_S = 1.0
 
 
+async def proxied_pool(proxy: TcpProxy, postgres_dsn: str, namespace: str, size: int):
+    """A pool of ``size`` connections to Postgres through ``proxy`` (to freeze or close),
+    its commands bounded by COMMAND_TIMEOUT_S."""
+    return await create_pool(
+        proxy.url(postgres_dsn),
+        namespace,
+        min_size=size,
+        max_size=size,
+        apply_migrations=False,
+        command_timeout=COMMAND_TIMEOUT_S,
+    )
+
+
 async def test_a_frozen_postgres_fails_each_command_in_bounded_time_and_the_pool_recovers(
     pg_pool, postgres_dsn, namespace
 ):
@@ -76,14 +89,7 @@ async def test_a_frozen_postgres_fails_each_command_in_bounded_time_and_the_pool
     for Postgres (readiness and the metrics name it). Once the server answers again
     the same pool serves every connection it may hold: none is left waiting on it."""
     async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
-        pool = await create_pool(
-            proxy.url(postgres_dsn),
-            namespace,
-            min_size=2,
-            max_size=2,
-            apply_migrations=False,
-            command_timeout=COMMAND_TIMEOUT_S,
-        )
+        pool = await proxied_pool(proxy, postgres_dsn, namespace, 2)
         waiting: asyncio.Task | None = None
         try:
             assert await pool.fetchval("SELECT 1") == 1
@@ -145,14 +151,7 @@ async def test_a_pool_reconnecting_to_a_postgres_away_logs_one_line_a_try(
     away is waited out, so each try is one line naming the failure."""
     caplog.set_level(logging.WARNING, logger="asyncpg.pool")
     async with TcpProxy(urlsplit(postgres_dsn).port or 5432) as proxy:
-        pool = await create_pool(
-            proxy.url(postgres_dsn),
-            namespace,
-            min_size=1,
-            max_size=1,
-            apply_migrations=False,
-            command_timeout=COMMAND_TIMEOUT_S,
-        )
+        pool = await proxied_pool(proxy, postgres_dsn, namespace, 1)
         try:
             assert await pool.fetchval("SELECT 1") == 1
             if outage == "gone":
