@@ -96,6 +96,7 @@ async def test_predictions_flow_from_a_simulated_market_with_the_default_model()
         assert model.metrics.predictions("control", "entry", DEFAULT_CARD.version) == len(
             predictions
         )
+        assert model.metrics.published() == len(predictions)
 
 
 async def test_arms_weights_and_promotion_change_through_the_api_without_a_restart(tmp_path):
