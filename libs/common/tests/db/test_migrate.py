@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import asyncpg
@@ -9,6 +10,7 @@ import pytest
 
 from pumpflow.common.db import migrate as migrate_module
 from pumpflow.common.db.migrate import Migration, MigrationError, load_migrations, migrate
+from pumpflow.common.testing import eventually
 
 pytestmark = pytest.mark.postgres
 
@@ -154,3 +156,105 @@ async def test_a_database_of_the_released_version_takes_the_new_migrations(
         (2, "event-2", False),
     ]
     assert [s.frame for s in stored] == [_released_trade(i)[-1].encode() for i in (1, 2)]
+
+
+#: the tests' bound on a migration's lock wait: short, so a blocked migration retries soon
+TEST_LOCK_TIMEOUT_S = 0.2
+_LEDGER = Migration(
+    version=1, name="ledger", sql="CREATE TABLE ledger (id int); INSERT INTO ledger VALUES (1);"
+)
+_ALTER_LEDGER = Migration(version=2, name="ledger_venue", sql="ALTER TABLE ledger ADD venue text;")
+
+
+def _naming(caplog, pid: int, application_name: str):
+    """The log lines that name backend ``pid`` and its application."""
+    return lambda: [
+        r.getMessage()
+        for r in caplog.records
+        if f"pid {pid}" in r.getMessage() and application_name in r.getMessage()
+    ]
+
+
+async def _waits_for_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
+    return bool(
+        await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            pid,
+        )
+    )
+
+
+async def test_a_migration_blocked_by_an_open_transaction_lets_the_table_s_queries_through(
+    conn, namespace, postgres_dsn, caplog
+):
+    """A replica of the old version holds a transaction that read the table a migration
+    alters: the migration's wait for its lock is bounded, so a later query of the table
+    (the running services' writes) is not queued behind it for longer; the migration
+    says who blocks it and goes through once the holder commits."""
+    assert await migrate(conn, namespace, migrations=[_LEDGER]) == [1]
+    holder = await asyncpg.connect(postgres_dsn, server_settings={"application_name": "old-feed"})
+    reader = await asyncpg.connect(postgres_dsn, server_settings={"search_path": namespace})
+    migrating: asyncio.Task | None = None
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        assert await holder.fetchval(f'SELECT count(*) FROM "{namespace}".ledger') == 1
+        migrating = asyncio.create_task(
+            migrate(
+                conn,
+                namespace,
+                migrations=[_LEDGER, _ALTER_LEDGER],
+                lock_timeout_s=TEST_LOCK_TIMEOUT_S,
+                connect=lambda: asyncpg.connect(postgres_dsn),
+            )
+        )
+        await eventually(
+            _naming(caplog, holder.get_server_pid(), "old-feed"),
+            what="a line naming the backend that blocks the migration",
+        )
+        # the migration queued for its lock again: a query of the table arriving now
+        # waits behind it at most its bound, while the holder still holds the table
+        await eventually(
+            lambda: _waits_for_a_lock(reader, conn.get_server_pid()),
+            what="the migration waiting for its lock",
+        )
+        assert await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM ledger"), 30) == 1
+        assert holder.is_in_transaction() and not migrating.done()
+        await holding.commit()
+        assert await asyncio.wait_for(migrating, 30) == [2]
+    finally:
+        if migrating is not None:
+            migrating.cancel()
+        await holder.close()
+        await reader.close()
+    assert await conn.fetchval(
+        "SELECT count(*) FROM information_schema.columns "
+        "WHERE table_schema = $1 AND table_name = 'ledger' AND column_name = 'venue'",
+        namespace,
+    )
+    recorded = await conn.fetch(f'SELECT version FROM "{namespace}".schema_migrations')
+    assert sorted(r["version"] for r in recorded) == [1, 2]
+
+
+async def test_a_migration_waiting_for_another_process_s_migrations_names_that_process(
+    conn, namespace, postgres_dsn, caplog
+):
+    other = await asyncpg.connect(
+        postgres_dsn, server_settings={"application_name": "other-migrator"}
+    )
+    migrating: asyncio.Task | None = None
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", migrate_module._LOCK_ID)
+        migrating = asyncio.create_task(
+            migrate(conn, namespace, migrations=[_LEDGER], lock_timeout_s=TEST_LOCK_TIMEOUT_S)
+        )
+        await eventually(
+            _naming(caplog, other.get_server_pid(), "other-migrator"),
+            what="a line naming the process that migrates",
+        )
+        await other.execute("SELECT pg_advisory_unlock($1)", migrate_module._LOCK_ID)
+        assert await asyncio.wait_for(migrating, 30) == [1]
+    finally:
+        if migrating is not None:
+            migrating.cancel()
+        await other.close()

@@ -299,6 +299,8 @@ async def wait_out(
     what: str = "an action",
     retry_failures: bool = False,
     after_pause: Callable[[], None] | None = None,
+    classify: Callable[[BaseException], str | None] = transient_dependency,
+    log_each: bool = False,
 ) -> T:
     """``action``'s result once it succeeds; transient failures are waited out.
 
@@ -308,7 +310,10 @@ async def wait_out(
     :data:`FAILURE_LOG_EVERY_S` while it fails. ``after_pause`` is called after each
     pause (to tell a watchdog the work is waiting, not hung). Cancelling the caller
     stops the wait. The first pause and the recovery are logged, the pauses between
-    them counted.
+    them counted; with ``log_each``, every pause is logged (a wait whose cause each
+    failure names anew: who holds a lock). ``classify``: which failures are waited
+    out, and on what (default :func:`transient_dependency`; narrower for an action
+    that waits out only its own kind of failure).
     """
     try:
         # the usual case, without setting up a wait
@@ -328,7 +333,7 @@ async def wait_out(
                 result = await action()
             except Exception as exc:
                 failure = None
-                dependency = transient_dependency(exc)
+                dependency = classify(exc)
                 if pauses is None:
                     pauses = (backoff or Backoff()).pauses()
                     started = time.monotonic()
@@ -347,9 +352,11 @@ async def wait_out(
                             waiter, what, failed, now - started, exc,
                         )  # fmt: skip
                 if dependency is not None:
-                    if not counted:
+                    first = not counted
+                    if first:
                         counted = True
                         waiting.enter_context(WAITS.waiting(dependency))
+                    if first or log_each:
                         log.warning(
                             "%s: %s waits for %s (%s: %s)",
                             waiter, what, dependency, type(exc).__name__, exc,
