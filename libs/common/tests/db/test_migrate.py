@@ -258,3 +258,35 @@ async def test_a_migration_waiting_for_another_process_s_migrations_names_that_p
         if migrating is not None:
             migrating.cancel()
         await other.close()
+
+
+async def test_a_blocked_migration_whose_connection_is_lost_fails_instead_of_waiting_on_it(
+    conn, namespace, postgres_dsn
+):
+    """The retries of a blocked migration are on its connection: lost, the migration
+    fails for its caller (a service's start-up) to retry on a new one."""
+    assert await migrate(conn, namespace, migrations=[_LEDGER]) == [1]
+    holder = await asyncpg.connect(postgres_dsn)
+    migrating = await asyncpg.connect(postgres_dsn)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.fetchval(f'SELECT count(*) FROM "{namespace}".ledger')
+        task = asyncio.create_task(
+            migrate(
+                migrating,
+                namespace,
+                migrations=[_LEDGER, _ALTER_LEDGER],
+                lock_timeout_s=TEST_LOCK_TIMEOUT_S,
+            )
+        )
+        await eventually(
+            lambda: _waits_for_a_lock(conn, migrating.get_server_pid()),
+            what="the migration waiting for its lock",
+        )
+        await conn.execute("SELECT pg_terminate_backend($1)", migrating.get_server_pid())
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await asyncio.wait_for(task, 30)
+    finally:
+        await holder.close()
+        migrating.terminate()

@@ -299,7 +299,6 @@ async def wait_out(
     what: str = "an action",
     retry_failures: bool = False,
     after_pause: Callable[[], None] | None = None,
-    classify: Callable[[BaseException], str | None] = transient_dependency,
     log_each: bool = False,
 ) -> T:
     """``action``'s result once it succeeds; transient failures are waited out.
@@ -311,9 +310,7 @@ async def wait_out(
     pause (to tell a watchdog the work is waiting, not hung). Cancelling the caller
     stops the wait. The first pause and the recovery are logged, the pauses between
     them counted; with ``log_each``, every pause is logged (a wait whose cause each
-    failure names anew: who holds a lock). ``classify``: which failures are waited
-    out, and on what (default :func:`transient_dependency`; narrower for an action
-    that waits out only its own kind of failure).
+    failure names anew: who holds a lock).
     """
     try:
         # the usual case, without setting up a wait
@@ -333,7 +330,7 @@ async def wait_out(
                 result = await action()
             except Exception as exc:
                 failure = None
-                dependency = classify(exc)
+                dependency = transient_dependency(exc)
                 if pauses is None:
                     pauses = (backoff or Backoff()).pauses()
                     started = time.monotonic()

@@ -72,14 +72,10 @@ class MigrationError(RuntimeError):
 
 
 class MigrationBlocked(MigrationError):
-    """A lock the migrations need is held by another backend: tried again after a pause."""
+    """A lock the migrations need is held by another backend: tried again after a pause,
+    a wait on Postgres for readiness and the metrics."""
 
-
-def _blocked(error: BaseException) -> str | None:
-    """What a blocked migration waits on, for readiness and the metrics: Postgres. Only
-    that is waited out on the migrating connection; any other failure (the connection
-    lost among them) ends the migration, for its caller to retry on a new one."""
-    return POSTGRES if isinstance(error, MigrationBlocked) else None
+    transient_dependency = POSTGRES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,9 +221,7 @@ async def migrate(
             holders = await _backends(conn, await conn.fetchval(_HOLDING, _LOCK_ID))
             raise MigrationBlocked(f"another process applies migrations: {holders}") from exc
 
-    await wait_out(
-        lock, waiter=waiter, what="taking the migrations' lock", classify=_blocked, log_each=True
-    )
+    await wait_out(lock, waiter=waiter, what="taking the migrations' lock", log_each=True)
     watch = _Watch(conn.get_server_pid(), connect, lock_timeout_s / _WATCHES_PER_TIMEOUT)
     try:
         # under the lock: two concurrent IF NOT EXISTS can still collide on the catalog
@@ -282,7 +276,6 @@ async def migrate(
                 waiter=waiter,
                 what=f"migration {named}",
                 backoff=Backoff(initial_s=lock_timeout_s, max_s=10 * lock_timeout_s),
-                classify=_blocked,
                 log_each=True,
             )
             log.info("applied migration %s", named)
