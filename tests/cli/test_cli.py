@@ -900,3 +900,45 @@ async def test_dead_letters_are_redriven_once_their_cause_is_fixed_and_applied(
 
 async def _equals(value, expected) -> bool:
     return await value == expected
+
+
+@pytest.mark.postgres
+async def test_migrate_blocked_by_a_running_replica_s_transaction_names_it_and_goes_through(
+    namespace, caplog
+):
+    """``pumpflow migrate`` during an upgrade: a replica of the previous version holds a
+    transaction on the table the new migration alters; the command names it, and
+    applies the migration once it commits."""
+    import asyncpg
+
+    from pumpflow.cli.migrate import apply
+    from pumpflow.common.db import migrate as migrate_module
+    from pumpflow.common.testing import drop_schema
+
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    holder = await asyncpg.connect(
+        POSTGRES_DSN, server_settings={"application_name": "pumpflow trading/old"}
+    )
+    applying: asyncio.Task | None = None
+    try:
+        *released, last = migrate_module.load_migrations()
+        await migrate_module.migrate(conn, namespace, migrations=released)
+        holding = holder.transaction()
+        await holding.start()
+        await holder.fetch(f'SELECT * FROM "{namespace}".fills')
+        applying = asyncio.create_task(apply(POSTGRES_DSN, namespace))
+        pid = holder.get_server_pid()
+        await eventually(
+            lambda: any(
+                f"pid {pid} (pumpflow trading/old" in r.getMessage() for r in caplog.records
+            ),
+            what="a line naming the replica that blocks the migration",
+        )
+        await holding.commit()
+        assert await asyncio.wait_for(applying, 60) == [last.version]
+    finally:
+        if applying is not None:
+            applying.cancel()
+        await holder.close()
+        await conn.close()
+        await drop_schema(POSTGRES_DSN, namespace)

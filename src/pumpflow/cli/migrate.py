@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable
 
 from pumpflow.common.runtime.logging import redact_url
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
@@ -24,9 +25,12 @@ async def apply(dsn: str, schema: str) -> list[int]:
 
     from pumpflow.common.db.migrate import migrate
 
-    conn = await asyncpg.connect(dsn)
+    def connect() -> Awaitable[asyncpg.Connection]:
+        return asyncpg.connect(dsn, server_settings={"application_name": "pumpflow migrate"})
+
+    conn = await connect()
     try:
-        return await migrate(conn, schema)
+        return await migrate(conn, schema, connect=connect)
     finally:
         await conn.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from pumpflow.common.db.pool import create_pool
 from pumpflow.common.dependencies import NETWORK, POSTGRES, WAITS, transient_dependency, wait_out
-from pumpflow.common.testing import eventually, free_port
+from pumpflow.common.testing import drop_schema, eventually, free_port
 from pumpflow.common.testing.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -179,3 +179,25 @@ async def test_a_floor_restore_failing_for_another_reason_keeps_its_traceback(ca
         logging.getLogger("asyncpg.pool").warning(FLOOR_RETRY, exc_info=True)
     (record,) = floor_retries(caplog)
     assert record.exc_info is not None and record.getMessage() == FLOOR_RETRY
+
+
+async def test_a_service_s_connections_are_named_after_its_replica(namespace, postgres_dsn):
+    """Who holds a lock another process waits for (a migration names who blocks it) is
+    told by the replica it belongs to in pg_stat_activity."""
+    from pumpflow.common.runtime.runner import open_pool
+    from pumpflow.common.runtime.settings import CommonSettings
+
+    settings = CommonSettings(
+        service="trading",
+        replica="r1",
+        transport="memory",
+        postgres_dsn=postgres_dsn,
+        namespace=namespace,
+    )
+    pool = await open_pool(settings)
+    try:
+        name = await pool.fetchval("SELECT current_setting('application_name')")
+        assert name == "pumpflow trading/r1"
+    finally:
+        await pool.close()
+        await drop_schema(postgres_dsn, namespace)

@@ -24,6 +24,7 @@ background and logs each failed try with its traceback, pausing 1 s doubling to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
@@ -81,19 +82,26 @@ async def create_pool(
     max_size: int = 10,
     apply_migrations: bool = True,
     command_timeout: float = POSTGRES_COMMAND_TIMEOUT_S,
+    application_name: str | None = None,
 ) -> asyncpg.Pool:
     """Open a pool whose connections use ``schema``; migrate it first by default.
 
     A command, or the opening of a connection, that takes longer than
     ``command_timeout`` seconds fails with a TimeoutError, Postgres's transient failure.
+    ``application_name`` names the connections in ``pg_stat_activity``: who holds a
+    lock another process waits for (a migration names who blocks it).
     """
+    named = {} if application_name is None else {"application_name": application_name}
     if apply_migrations:
-        # no command timeout: a migration takes as long as its DDL on the tables' rows and
-        # the wait for another process's migrations (an advisory lock); cut, it would be
-        # rolled back and run again at every start. Its connection is still bounded
-        conn = await connect(dsn, timeout=command_timeout)
+        # no command timeout: a migration takes as long as its DDL on the tables' rows
+        # (its lock waits are bounded, and retried, by the migration itself); cut, it
+        # would be rolled back and run again at every start. Its connections are bounded
+        def open_one() -> Awaitable[asyncpg.Connection]:
+            return connect(dsn, timeout=command_timeout, server_settings=named)
+
+        conn = await open_one()
         try:
-            await migrate(conn, schema)
+            await migrate(conn, schema, connect=open_one)
         finally:
             await conn.close(timeout=command_timeout)
     # the same filter each time: a logger holds it once
@@ -102,7 +110,7 @@ async def create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings={"search_path": schema},
+        server_settings={"search_path": schema, **named},
         connect=connect,
         command_timeout=command_timeout,
         timeout=command_timeout,

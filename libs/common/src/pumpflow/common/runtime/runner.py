@@ -223,13 +223,15 @@ async def warn_if_evicting(store: RedisStateStore) -> None:
 
 
 async def open_pool(settings: CommonSettings) -> asyncpg.Pool:
-    """The service's Postgres pool on its migrated schema, its commands bounded."""
+    """The service's Postgres pool on its migrated schema, its commands bounded, its
+    connections named after the replica (``pumpflow <service>/<replica>``)."""
     from pumpflow.common.db.pool import create_pool
 
     return await create_pool(
         settings.postgres_dsn,
         settings.namespace,
         command_timeout=settings.postgres_command_timeout_s,
+        application_name=f"pumpflow {settings.source}",
     )
 
 
