@@ -221,3 +221,77 @@ async def test_a_service_whose_postgres_is_optional_starts_without_it_and_opens_
         exit_code = await asyncio.wait_for(running, 30)
         await asyncio.to_thread(server.close)
     assert exit_code == 0
+
+
+class _NeedsPostgres(Service):
+    name = "upgraded"
+    needs_db = True
+
+    async def start(self, ctx: ServiceContext) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+@pytest.mark.postgres
+async def test_a_replica_whose_migration_is_blocked_says_by_whom_and_starts_once_it_is_not(
+    namespace, postgres_dsn, monkeypatch
+):
+    """An upgrade in place: a replica of the previous version holds a transaction on the
+    table the new replica's migration alters. The new replica's /readyz names the
+    backend that blocks it, for as long as that lasts (however short the start-up's
+    bound on one attempt), and it gets ready once the holder commits."""
+    import asyncpg
+
+    from pumpflow.common.db.migrate import load_migrations, migrate
+    from pumpflow.common.runtime import startup as startup_module
+
+    # one attempt of the start-up cut well before the migration's lock wait ends
+    monkeypatch.setattr(
+        startup_module.RetryPolicy,
+        "of",
+        classmethod(lambda cls, settings: cls(first_pause_s=0.05, attempt_timeout_s=0.5)),
+    )
+    conn = await asyncpg.connect(postgres_dsn)
+    holder = await asyncpg.connect(postgres_dsn)
+    port = free_port()
+    stop = asyncio.Event()
+    running: asyncio.Task | None = None
+    settings = CommonSettings(
+        service="upgraded",
+        transport="memory",
+        namespace=namespace,
+        postgres_dsn=postgres_dsn,
+        http_port=port,
+    )
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        await migrate(conn, namespace, migrations=load_migrations()[:-1])
+        holding = holder.transaction()
+        await holding.start()
+        await holder.fetch(f'SELECT * FROM "{namespace}".fills')
+        running = asyncio.create_task(run_service(_NeedsPostgres, settings, stop=stop))
+
+        async def blocked() -> dict | None:
+            body = await asyncio.to_thread(http_json, url)
+            waits = (body or {}).get("checks", {}).get("dependencies", {}).get("waiting_on", {})
+            error = waits.get("postgres", {}).get("error", "")
+            return body if f"pid {holder.get_server_pid()}" in error else None
+
+        body = await eventually(blocked, 30, what="/readyz naming the migration's blocker")
+        assert body["ready"] is False and body["waiting_for"] == ["postgres"], body
+        await holding.commit()
+
+        async def ready() -> bool:
+            body = await asyncio.to_thread(http_json, url)
+            return body is not None and body.get("ready") is True
+
+        await eventually(ready, 60, what="ready once the holder committed")
+    finally:
+        stop.set()
+        if running is not None:
+            assert await asyncio.wait_for(running, 30) == 0
+        await holder.close()
+        await conn.close()
+        await drop_schema(postgres_dsn, namespace)

@@ -111,6 +111,20 @@ async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
     return name, details
 
 
+def _waits_check(checks: dict[str, dict[str, Any]], optional: frozenset[str]) -> set[str]:
+    """Add what the process waits on now (:data:`WAITS`) to ``checks``; return its
+    dependencies.
+
+    Work stalls on a dependency that fails for a while: alive, not ready, unless the
+    service works on without it. Starting, what the start-up's attempt waits on says
+    why it takes long (a migration waiting for a lock names who holds it).
+    """
+    waiting = WAITS.describe()
+    if waiting:
+        checks["dependencies"] = {"ok": set(waiting) <= optional, "waiting_on": waiting}
+    return set(waiting)
+
+
 async def readiness(
     service: Service, ctx: ServiceContext, connecting: dict[str, dict[str, Any]] | None = None
 ) -> tuple[bool, dict[str, Any], list[str]]:
@@ -156,12 +170,8 @@ async def readiness(
             checks[name]["required"] = False
             if not checks[name]["ok"]:
                 degraded.add(dependency)
-    waiting = WAITS.describe()
-    if waiting:
-        # work stalls on a dependency that fails for a while: alive, not ready, unless
-        # the service works on without it
-        checks["dependencies"] = {"ok": set(waiting) <= optional, "waiting_on": waiting}
-        degraded |= set(waiting) & optional
+    waiting = _waits_check(checks, optional)
+    degraded |= set(waiting) & optional
     try:
         status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
         service_ok = status.get("ready", True) is not False
@@ -200,12 +210,14 @@ def create_app(service: Service, ctx: ServiceContext | Startup) -> FastAPI:
         running = startup.ctx
         if running is None:
             SERVICE_READY.labels(settings.service).set(0)
+            checks = startup.checks()
+            _waits_check(checks, service.optional_dependencies)
             return {
                 "ready": False,
                 "service": settings.service,
                 "starting": True,
                 "waiting_for": startup.waiting_for,
-                "checks": startup.checks(),
+                "checks": checks,
             }
         ready, checks, degraded = await readiness(service, running, startup.checks())
         SERVICE_READY.labels(settings.service).set(1 if ready else 0)

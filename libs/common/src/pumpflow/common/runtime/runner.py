@@ -295,19 +295,26 @@ async def _connect(
     if service_cls.needs_db:
         from pumpflow.common.db.pool import BackgroundPool
 
+        # the opening not cut by the start-up's bound on an attempt: it applies the
+        # migrations, which take as long as their rows do and retry their lock waits
+        # (each bounded, readiness naming who blocks them) until the locks are free;
+        # cut, a long one would start over at every attempt, never done. Its
+        # connections and its pool's commands are bounded (postgres_command_timeout_s)
         if POSTGRES in service_cls.optional_dependencies:
             pending = wired.db = BackgroundPool()
 
             async def open_pending() -> None:
                 pending.opened(await open_pool(settings))
 
-            wired.background.append(startup.reach_in_background(POSTGRES, open_pending))
+            wired.background.append(
+                startup.reach_in_background(POSTGRES, open_pending, bounded=False)
+            )
         else:
 
             async def connect() -> None:
                 wired.db = await open_pool(settings)
 
-            reaching.append(startup.reach(POSTGRES, connect))
+            reaching.append(startup.reach(POSTGRES, connect, bounded=False))
     await asyncio.gather(*reaching)
     if balanced:
         # heartbeats are infrastructure: on the wall, whatever the service's clock

@@ -115,20 +115,31 @@ class Startup:
         return checks
 
     def reach_in_background(
-        self, name: str, attempt: Callable[[], Awaitable[object]]
+        self, name: str, attempt: Callable[[], Awaitable[object]], *, bounded: bool = True
     ) -> asyncio.Task[object]:
         """Reach a dependency the service works on without: a task retrying ``attempt``
         under the policy's pauses, never giving up (a replica that is ready without it
         has nothing to exit for: exiting takes a working replica out, and its restart
         waits the same), shown in :meth:`checks` meanwhile, not in :attr:`waiting_for`."""
         self._optional.add(name)
-        return asyncio.create_task(self.reach(name, attempt, give_up=False), name=f"reach {name}")
+        return asyncio.create_task(
+            self.reach(name, attempt, give_up=False, bounded=bounded), name=f"reach {name}"
+        )
 
     async def reach(
-        self, name: str, attempt: Callable[[], Awaitable[T]], *, give_up: bool = True
+        self,
+        name: str,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        give_up: bool = True,
+        bounded: bool = True,
     ) -> T:
         """``attempt()``'s result once it succeeds, retried under the policy (``give_up``
-        False: for ever, whatever the policy's :attr:`RetryPolicy.give_up_after_s`)."""
+        False: for ever, whatever the policy's :attr:`RetryPolicy.give_up_after_s`).
+
+        ``bounded`` False: an attempt is not cut after the policy's
+        :attr:`RetryPolicy.attempt_timeout_s`; it bounds its own waits on the dependency
+        and may rightly take longer (a pool's opening applies the migrations)."""
         policy = self.policy
         give_up_after_s = policy.give_up_after_s if give_up else None
         waiting = self._waiting[name] = _Waiting(since=time.monotonic())
@@ -137,7 +148,10 @@ class Startup:
             while True:
                 waiting.attempts += 1
                 try:
-                    result = await asyncio.wait_for(attempt(), policy.attempt_timeout_s)
+                    if bounded:
+                        result = await asyncio.wait_for(attempt(), policy.attempt_timeout_s)
+                    else:
+                        result = await attempt()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
