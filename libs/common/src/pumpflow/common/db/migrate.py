@@ -59,12 +59,14 @@ _MAX_NAMED = 3
 _QUERY_CHARS = 60
 _BACKENDS = f"""
 SELECT pid, application_name, state, query_start, left(query, {_QUERY_CHARS}) AS query
-FROM pg_stat_activity WHERE pid = ANY($1::int[]) ORDER BY query_start"""
-_BLOCKING = "SELECT pg_blocking_pids($1)"
-_HOLDING = """
-SELECT coalesce(array_agg(pid), '{}') FROM pg_locks
+FROM pg_stat_activity WHERE pid IN ({{}}) ORDER BY query_start"""
+#: the backends that block backend $1's wait for a lock
+_BLOCKING = _BACKENDS.format("SELECT unnest(pg_blocking_pids($1))")
+#: the backends that hold the migrations' lock ($1)
+_HOLDING = _BACKENDS.format("""
+SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid = 0 AND objid = $1
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""")
 
 
 class MigrationError(RuntimeError):
@@ -112,11 +114,10 @@ def _lock_timeout(seconds: float) -> str:
     return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"
 
 
-async def _backends(conn: asyncpg.Connection, pids: Sequence[int]) -> str:
-    """The backends ``pids``, named for a log line of bounded length."""
-    if not pids:
-        return "backends not seen (their transactions ended meanwhile)"
-    rows = await conn.fetch(_BACKENDS, list(pids))
+def _named(rows: Sequence[asyncpg.Record]) -> str:
+    """Backends (rows of :data:`_BACKENDS`), named for a log line of bounded length."""
+    if not rows:
+        return "backends gone by now"
     named = [
         f"pid {r['pid']} ({r['application_name'] or 'no application_name'}, {r['state']}, "
         f"query started {r['query_start']:%Y-%m-%d %H:%M:%S%z}: {r['query']!r})"
@@ -124,8 +125,8 @@ async def _backends(conn: asyncpg.Connection, pids: Sequence[int]) -> str:
         else f"pid {r['pid']} ({r['application_name'] or 'no application_name'}, {r['state']})"
         for r in rows[:_MAX_NAMED]
     ]
-    if len(pids) > len(named):
-        named.append(f"{len(pids) - len(named)} more")
+    if len(rows) > len(named):
+        named.append(f"{len(rows) - len(named)} more")
     return ", ".join(named)
 
 
@@ -144,8 +145,8 @@ class _Watch:
         self._connect = connect
         self._every_s = every_s
         self._conn: asyncpg.Connection | None = None
-        #: the blockers last seen by a look; empty: none seen
-        self.blocking: list[int] = []
+        #: the blockers last seen by a look, as they were then; empty: none seen
+        self._blocking: list[asyncpg.Record] = []
 
     async def _look(self, done: asyncio.Event) -> None:
         while True:
@@ -157,17 +158,17 @@ class _Watch:
             try:
                 if self._conn is None:
                     self._conn = await self._connect()
-                found = await self._conn.fetchval(_BLOCKING, self._pid, timeout=self._every_s * 4)
+                found = await self._conn.fetch(_BLOCKING, self._pid, timeout=self._every_s * 4)
             except Exception as exc:
                 # the blockers go unnamed: the migration itself is not the watch's to fail
                 log.warning("cannot see who blocks the migration: %s: %s", type(exc).__name__, exc)
                 return
             if found:
-                self.blocking = list(found)
+                self._blocking = found
 
     async def run(self, statements: Callable[[], Awaitable[None]]) -> None:
         """Run ``statements``, looking at who blocks them meanwhile."""
-        self.blocking = []
+        self._blocking = []
         if self._connect is None:
             await statements()
             return
@@ -179,12 +180,13 @@ class _Watch:
             done.set()
             await looking
 
-    async def describe(self) -> str:
+    def describe(self) -> str:
+        """Who blocked the last run, as the watch last saw them."""
         if self._connect is None:
             return "backends not looked at (no connection to look from)"
-        if self._conn is None:
-            return "backends not seen"
-        return await _backends(self._conn, self.blocking)
+        if not self._blocking:
+            return "backends not seen yet (the next try looks again)"
+        return _named(self._blocking)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -209,7 +211,6 @@ async def migrate(
     migration while it waits (without it the blockers go unnamed).
     """
     applied_now: list[int] = []
-    waiter = f"migrate {schema}"
 
     async def lock() -> None:
         try:
@@ -218,10 +219,12 @@ async def migrate(
                 await conn.execute(_lock_timeout(lock_timeout_s * HOLDER_LOG_EVERY))
                 await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
         except asyncpg.LockNotAvailableError as exc:
-            holders = await _backends(conn, await conn.fetchval(_HOLDING, _LOCK_ID))
+            holders = _named(await conn.fetch(_HOLDING, _LOCK_ID))
             raise MigrationBlocked(f"another process applies migrations: {holders}") from exc
 
-    await wait_out(lock, waiter=waiter, what="taking the migrations' lock", log_each=True)
+    await wait_out(
+        lock, waiter="migrate", what=f"migrating {schema}: the migrations' lock", log_each=True
+    )
     watch = _Watch(conn.get_server_pid(), connect, lock_timeout_s / _WATCHES_PER_TIMEOUT)
     try:
         # under the lock: two concurrent IF NOT EXISTS can still collide on the catalog
@@ -266,15 +269,15 @@ async def migrate(
                 except asyncpg.LockNotAvailableError as exc:
                     raise MigrationBlocked(
                         f"no lock within {lock_timeout_s:g} s, rolled back; blocked by "
-                        f"{await watch.describe()}"
+                        f"{watch.describe()}"
                     ) from exc
                 except asyncpg.PostgresError as exc:
                     raise MigrationError(f"migration {named} failed: {exc}") from exc
 
             await wait_out(
                 apply,
-                waiter=waiter,
-                what=f"migration {named}",
+                waiter="migrate",
+                what=f"migrating {schema}: migration {named}",
                 backoff=Backoff(initial_s=lock_timeout_s, max_s=10 * lock_timeout_s),
                 log_each=True,
             )
