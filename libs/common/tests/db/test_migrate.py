@@ -171,7 +171,7 @@ def _naming(caplog, pid: int, application_name: str):
     return lambda: [
         r.getMessage()
         for r in caplog.records
-        if f"pid {pid}" in r.getMessage() and application_name in r.getMessage()
+        if f"pid {pid} ({application_name}," in r.getMessage()
     ]
 
 

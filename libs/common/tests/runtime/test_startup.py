@@ -277,7 +277,7 @@ async def test_a_replica_whose_migration_is_blocked_says_by_whom_and_starts_once
             body = await asyncio.to_thread(http_json, url)
             waits = (body or {}).get("checks", {}).get("dependencies", {}).get("waiting_on", {})
             error = waits.get("postgres", {}).get("error", "")
-            return body if f"pid {holder.get_server_pid()}" in error else None
+            return body if f"pid {holder.get_server_pid()} (" in error else None
 
         body = await eventually(blocked, 30, what="/readyz naming the migration's blocker")
         assert body["ready"] is False and body["waiting_for"] == ["postgres"], body
