@@ -33,6 +33,12 @@ PUBLISHED = {
     "published": True,
     "detail": "published; not applied here within the wait",
 }
+UNPUBLISHED = {
+    "request_id": "x",
+    "mint": MINT,
+    "published": False,
+    "detail": "the sale request accepted, not published yet: RabbitMQ has not confirmed it",
+}
 
 
 def replica(answer: dict, status: int, asked: list[dict]) -> Starlette:
@@ -56,6 +62,14 @@ async def pumpflow_sell(base: str, *args: str) -> int:
         (ORDERED, 200, 0, "sale ordered: pos-1:rule:3, 12345 tokens of Mint1abcpump"),
         (REFUSED, 200, 1, "pumpflow sell: Mint1abcpump: not ordered: no position held"),
         (PUBLISHED, 202, 3, "pumpflow sell: Mint1abcpump: published; not applied here"),
+        # the broker takes no publication: the replica publishes it once it does
+        (
+            UNPUBLISHED,
+            202,
+            4,
+            "pumpflow sell: Mint1abcpump: the sale request accepted, not "
+            "published yet: RabbitMQ has not confirmed it",
+        ),
     ],
 )
 async def test_its_exit_status_says_whether_the_sale_is_ordered(

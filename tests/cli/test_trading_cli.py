@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from pumpflow.cli.api import UNPUBLISHED
 from pumpflow.cli.main import build_parser
 from pumpflow.cli.run import NOT_FLAT
 from pumpflow.common.events import ExitLine
@@ -244,12 +245,24 @@ async def test_a_refusal_is_one_line_in_words_not_the_services_json(
     assert "{" not in err
 
 
-def exit_replica(summary: GracefulExitSummary) -> Starlette:
+#: an exit replica's answer to a shutdown the broker has not taken yet
+ACCEPTED = {
+    "published": False,
+    "reason": "test",
+    "detail": "system.shutdown (test) accepted, not published yet: RabbitMQ has not "
+    "confirmed it; it goes out once the broker takes it",
+}
+
+
+def exit_replica(summary: GracefulExitSummary, shutdown_answer: dict | None = None) -> Starlette:
     """A fake exit replica whose graceful exit is under way at the first look at its
-    progress, over with ``summary`` at the next."""
+    progress, over with ``summary`` at the next; it answers a shutdown with
+    ``shutdown_answer`` (published, by default)."""
     polls = []
 
     async def shutdown(request: Request) -> JSONResponse:
+        if shutdown_answer is not None:
+            return JSONResponse(shutdown_answer, 200 if shutdown_answer["published"] else 202)
         return JSONResponse({"published": True})
 
     async def progress(request: Request) -> JSONResponse:
@@ -321,6 +334,25 @@ async def test_stop_whose_report_leaves_positions_open_says_so_and_ends_non_zero
         "its deadline (exit_deadline_s 60); its report: 1 of 2 not sold out, 1 with sales "
         "that got no outcome\n"
     )
+
+
+async def test_stop_accepted_before_the_broker_took_it_says_so_and_follows_the_exit(
+    monkeypatch, capsys
+):
+    """The broker takes no publication: the replica accepts the shutdown and publishes it
+    once the broker takes it. ``--no-wait`` ends there with its own status; otherwise the
+    exit is followed as usual."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(exit_replica(graceful_exit(SOLD), ACCEPTED)) as base:
+        parsed = build_parser().parse_args(["stop", "--url", base, "--no-wait"])
+        assert await asyncio.to_thread(parsed.handler, parsed) == UNPUBLISHED
+        printed = capsys.readouterr()
+        assert printed.out == ""
+        assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}\n"
+        assert await pumpflow_stop(base) == 0
+    printed = capsys.readouterr()
+    assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}\n"
+    assert "1/2 sold out" in printed.out and "MintSold" in printed.out
 
 
 @pytest.mark.parametrize("command", ["trading state", "stop"])

@@ -18,6 +18,11 @@ TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
 URL_VARIABLES = {"exit": "PUMPFLOW_EXIT_URL", "trading": "PUMPFLOW_TRADING_URL"}
 #: the longest answer of a service quoted in an error line
 QUOTED_MAX_CHARS = 300
+#: exit status of every control command whose request the service accepted and has not
+#: published yet: the broker takes no publication now (short of memory or disk, or not
+#: answering); the service publishes it once the broker does, so asking again would send
+#: it twice
+UNPUBLISHED = 4
 
 
 def http_url(text: str) -> str:

@@ -10,7 +10,12 @@ Exit status: 0 the sale is ordered (its order id printed); 1 it is not (no such
 position, a graceful exit sells it, all of it ordered already: the reason printed), or
 the call failed; 3 the request is published and the replica asked does not own the
 token's partition, or did not apply it within ``--wait``: the owner orders it, and says
-so in its log and ``pumpflow_exit_sale_requests_total``.
+so in its log and ``pumpflow_exit_sale_requests_total``; 4
+(:data:`~pumpflow.cli.api.UNPUBLISHED`) the request is accepted and not published yet,
+the broker taking no publication (short of memory or disk it blocks every publisher;
+or it does not answer) within the replica's ``exit_publish_wait_s``: the replica
+publishes it once the broker takes it and the owner orders it then (asking again would
+ask for a second sale).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 import urllib.parse
 import uuid
 
-from pumpflow.cli.api import api_token, failure, post_json, replica_url_argument
+from pumpflow.cli.api import UNPUBLISHED, api_token, failure, post_json, replica_url_argument
 from pumpflow.cli.output import reader_gone
 from pumpflow.common.runtime.arguments import bounded
 
@@ -36,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Ask the exit service, through an exit replica's HTTP API (token from "
             "PUMPFLOW_API_TOKEN), to sell a token's position now: exit status 0 ordered, "
             "1 not ordered (the reason printed) or the call failed, 3 published and not "
-            "answered by the replica asked (the owner of the token's partition orders it)."
+            "answered by the replica asked (the owner of the token's partition orders it), "
+            "4 accepted and not published yet, the broker taking no publication (blocking "
+            "publishers, short of memory or disk, or not answering): it goes out once the "
+            "broker takes it, do not ask again."
         ),
     )
     parser.add_argument("mint", help="the token's mint")
@@ -79,6 +87,9 @@ def sell_command(args: argparse.Namespace) -> int:
             raise
         print(failure("sell", url, exc), file=sys.stderr)
         return 1
+    if answer.get("published") is False:
+        print(f"pumpflow sell: {args.mint}: {answer['detail']}", file=sys.stderr)
+        return UNPUBLISHED
     if "ordered" not in answer:
         print(f"pumpflow sell: {args.mint}: {answer.get('detail', answer)}", file=sys.stderr)
         return NOT_ANSWERED

@@ -5,10 +5,19 @@ Asks an exit replica's HTTP API (``--url``) with the bearer token of
 every open position before its deadline. Follows the exit's progress and prints its
 report (``--no-wait``: only asks).
 
+The replica answers within ``exit_publish_wait_s`` whether ``system.shutdown`` is
+published. While the broker takes no publication (short of memory or disk it blocks
+every publisher; or it does not answer) the request is accepted and not published yet:
+one line on stderr says so and why, the replica publishes it once the broker takes it
+(asking again would send a second one), and the graceful exit is followed from then on.
+
 Exit status: 0 the graceful exit ended with every position sold out (or closed by
-trading); 1 it did not (:data:`~pumpflow.cli.run.NOT_FLAT`, as ``pumpflow run``'s: its
-report has positions left, one line on stderr says how many and why), it did not end
-within ``--timeout``, or the replica refused or did not answer; 2 no API token.
+trading), or with ``--no-wait`` ``system.shutdown`` is published; 1 it did not
+(:data:`~pumpflow.cli.run.NOT_FLAT`, as ``pumpflow run``'s: its report has positions
+left, one line on stderr says how many and why), it did not end within ``--timeout``,
+or the replica refused or did not answer; 2 no API token; 4
+(:data:`~pumpflow.cli.api.UNPUBLISHED`) with ``--no-wait``, accepted and not published
+yet.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import time
 import msgspec
 
 from pumpflow.cli.api import (
+    UNPUBLISHED,
     api_token,
     failure,
     get_json,
@@ -38,10 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Publish system.shutdown through an exit replica's HTTP API (token from "
             "PUMPFLOW_API_TOKEN), follow the graceful exit and print its report. Exit "
-            "status 0 when it ends with every position sold out; 1 when its report has "
-            "positions left open (a line on stderr says how many and why), when it does "
-            "not end within --timeout, or when the replica refuses or does not answer; "
-            "2 without the token."
+            "status 0 when it ends with every position sold out (--no-wait: when "
+            "system.shutdown is published); 1 when its report has positions left open (a "
+            "line on stderr says how many and why), when it does not end within --timeout, "
+            "or when the replica refuses or does not answer; 2 without the token; 4 with "
+            "--no-wait when the replica accepted it and the broker has not taken it yet "
+            "(blocking publishers, short of memory or disk, or not answering): it goes out "
+            "once the broker takes it, do not ask again."
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
@@ -59,13 +72,20 @@ def stop_command(args: argparse.Namespace) -> int:
     if not token:
         return 2
     try:
-        post_json(f"{url}/shutdown", {"reason": args.reason}, token)
-        print(f"system.shutdown published ({args.reason})", flush=True)
+        answer = post_json(f"{url}/shutdown", {"reason": args.reason}, token)
+        # a replica of before the answer said so: published when it answered at all
+        unpublished = answer.get("published") is False
+        if unpublished:
+            print(f"pumpflow stop: {answer['detail']}", file=sys.stderr, flush=True)
+        else:
+            print(f"system.shutdown published ({args.reason})", flush=True)
         if args.no_wait:
-            return 0
+            return UNPUBLISHED if unpublished else 0
+        begun = False
         until = time.monotonic() + args.timeout
         while time.monotonic() < until:
             body = get_json(f"{url}/progress")
+            begun = begun or body.get("run") is not None
             if "summary" in body:
                 print(body["text"], flush=True)
                 return _flat_or_not(body["summary"])
@@ -84,6 +104,11 @@ def stop_command(args: argparse.Namespace) -> int:
         if reader_gone(exc):
             raise  # what it printed is not read: not the service's failure
         print(failure("stop", url, exc), file=sys.stderr)
+        return 1
+    if unpublished and not begun:
+        print("pumpflow stop: the graceful exit did not begin in time: the broker has not "
+              "taken system.shutdown yet (the replica publishes it once it does)",
+              file=sys.stderr)  # fmt: skip
         return 1
     print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)
     return 1

@@ -64,6 +64,13 @@
   it owns the partition and applies it within ``wait_s`` of the body (5 s); otherwise
   it answers that the request is published (202), its outcome in the owner's log and
   ``pumpflow_exit_sale_requests_total``. A ``request_id`` given again sells nothing more.
+- **An operator's request while the broker takes no publication** (short of memory or
+  disk it blocks every publisher; or it does not answer): ``POST /shutdown`` and a
+  sale's request wait ``exit_publish_wait_s`` at most for the broker to take them, then
+  answer that the request is accepted and not published yet, and why (202,
+  ``published: false``); its publication goes on and it goes out once the broker takes
+  it, once: a sale asked again under its ``request_id`` meanwhile is not published
+  again. A replica stopped before then says in its log that the request is lost.
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
@@ -93,6 +100,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -270,6 +278,9 @@ class ExitService(Service):
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: requests taken through this replica's API, awaiting their answer
         self._asking: dict[str, asyncio.Future] = {}
+        #: operators' requests (a shutdown, a sale) answered before the broker took them,
+        #: by event id: each publication goes on until it settles
+        self._publishing: dict[str, asyncio.Task] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -324,6 +335,15 @@ class ExitService(Service):
             await self.consumer.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._publishing:
+            # one last chance, as long as their answers waited: the bus closes next
+            await asyncio.wait(
+                set(self._publishing.values()), timeout=self.settings.exit_publish_wait_s
+            )
+            for publishing in list(self._publishing.values()):
+                publishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publishing
 
     # ---------------------------------------------------------------- the graceful exit
 
@@ -833,7 +853,16 @@ class ExitService(Service):
         answered = asyncio.get_running_loop().create_future()
         self._asking[event.id] = answered
         try:
-            await ctx.bus.publish(event)
+            unpublished = await self._publish_request(event)
+            if unpublished is not None:
+                return False, {
+                    "request_id": event.id,
+                    "mint": request.mint,
+                    "published": False,
+                    "detail": f"the sale request accepted, {unpublished}, and the replica that "
+                    "owns the token's partition orders the sale then (its log and "
+                    "pumpflow_exit_sale_requests_total tell)",
+                }
             return True, await asyncio.wait_for(answered, wait_s)
         except TimeoutError:
             return False, {
@@ -846,6 +875,45 @@ class ExitService(Service):
             }
         finally:
             self._asking.pop(event.id, None)
+
+    async def _publish_request(self, event: Event) -> str | None:
+        """Publish an operator's ``event``: None once published, else (the broker has not
+        taken it within ``exit_publish_wait_s``) what the answer says, the publication
+        going on until the broker takes it. An event whose publication is under way (its
+        request asked again) is not published twice."""
+        publishing = self._publishing.get(event.id)
+        if publishing is None:
+            publishing = asyncio.create_task(
+                self._ctx.bus.publish(event), name=f"exit:publish:{event.type}"
+            )
+            self._publishing[event.id] = publishing
+            asked = asyncio.get_running_loop().time()
+            publishing.add_done_callback(functools.partial(self._request_settled, event, asked))
+        await asyncio.wait({publishing}, timeout=self.settings.exit_publish_wait_s)
+        if not publishing.done():
+            why = self._ctx.bus.why_unconfirmed()
+            return f"not published yet: {why}; it goes out once the broker takes it"
+        publishing.result()  # its failure, the call's
+        return None
+
+    def _request_settled(self, event: Event, asked: float, publishing: asyncio.Task) -> None:
+        """Say what became of an operator's request whose answer did not wait for it."""
+        if self._publishing.get(event.id) is publishing:
+            del self._publishing[event.id]
+        took = asyncio.get_running_loop().time() - asked
+        if took < self.settings.exit_publish_wait_s:
+            return  # answered with its outcome
+        if publishing.cancelled():
+            log.error("exit: stopped before the broker took the operator's %s (%s): it is "
+                      "not published; ask again", event.type, event.id)  # fmt: skip
+        elif publishing.exception() is not None:
+            log.error("exit: the operator's %s (%s) failed to publish: %r; it is not "
+                      "published: ask again", event.type, event.id,
+                      publishing.exception())  # fmt: skip
+        else:
+            log.warning("exit: the operator's %s (%s) is published, %.1f s after it was "
+                        "asked (the broker took no publication meanwhile)", event.type,
+                        event.id, took)  # fmt: skip
 
     def _on_outcome(
         self,
@@ -1106,7 +1174,7 @@ class ExitService(Service):
             return JSONResponse(answer, status_code=200 if answered else 202)
 
         @api.post("/shutdown", dependencies=[Depends(require_token)])
-        async def shutdown(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+        async def shutdown(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             reason = reason_of(body, "shutdown (HTTP)")
             ctx = self._ctx
             if ctx is None:
@@ -1114,10 +1182,15 @@ class ExitService(Service):
             # /progress follows this exit from now on, not the last one's
             self.summary, self.last_progress = None, None
             # on the bus, so every service that stops on it hears it
-            await ctx.bus.publish(
+            unpublished = await self._publish_request(
                 make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
             )
-            return {"published": True, "reason": reason}
+            said = f"system.shutdown ({reason})"
+            if unpublished is None:
+                answer = {"published": True, "reason": reason, "detail": f"{said} published"}
+                return JSONResponse(answer)
+            detail = f"{said} accepted, {unpublished}"
+            return JSONResponse({"published": False, "reason": reason, "detail": detail}, 202)
 
         return api
 

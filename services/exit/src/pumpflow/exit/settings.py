@@ -93,6 +93,16 @@ class ExitSettings(CommonSettings):
         ge=0,
         description="after a restart, wall seconds to wait for the outcomes of tranches sent",
     )
+    exit_publish_wait_s: float = Field(
+        2.0,
+        gt=0,
+        le=5.0,
+        description="wall seconds an operator's request (POST /shutdown, /positions/{mint}/"
+        "sell) waits for the broker to take its publication before it answers that it is "
+        "accepted and not published yet (a broker blocking publishers, short of memory or "
+        "disk, or not answering): it goes out once the broker takes it. At most 5, well "
+        "inside the CLI's 10 s for an answer",
+    )
 
     def rules(self) -> ExitRules:
         return ExitRules(

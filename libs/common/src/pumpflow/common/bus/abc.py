@@ -271,6 +271,11 @@ class EventBus(EventPublisher, EventSubscriber):
         (ValueError): they go to each replica's own queue, which outlives no replica.
         """
 
+    def why_unconfirmed(self) -> str:
+        """Why a publication under way for a while is not confirmed yet, in words (for
+        an operator's request answered before its publication settles)."""
+        return "the bus has not taken it"
+
     @abstractmethod
     def is_healthy(self) -> bool:
         """True while connected and consuming."""

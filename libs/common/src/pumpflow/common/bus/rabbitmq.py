@@ -555,6 +555,21 @@ class RabbitMQBus(EventBus):
             ),
         }
 
+    def why_unconfirmed(self) -> str:
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            why = "the connection to RabbitMQ is lost (reconnecting)"
+        else:
+            why = (
+                "RabbitMQ has not confirmed it (the broker blocks publishers, short of "
+                "memory or disk, or does not answer)"
+            )
+        waiting = WAITS.describe().get(RABBITMQ)
+        if waiting is not None:
+            # what /readyz says: a publication unsettled past UNCONFIRMED_WAIT_S
+            why += f"; /readyz names rabbitmq, waited on for {time.time() - waiting['since']:.0f} s"
+        return why
+
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
         """Wait until every delivered message is handled and acked, and stays so briefly."""
         try:

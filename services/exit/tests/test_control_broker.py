@@ -1,0 +1,154 @@
+"""The operator's controls of the exit service while the broker takes no publication
+(short of memory or disk it blocks every publisher; or frozen): ``pumpflow stop`` and
+``pumpflow sell`` get their answer within ``exit_publish_wait_s``, saying the request
+waits for the broker (exit status 4); it goes out once, when the broker takes it.
+
+The replica reaches the broker through a proxy of the test's own, frozen; the CLI asks
+it over HTTP, as an operator's shell does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.cli.api import UNPUBLISHED
+from pumpflow.cli.main import build_parser
+from pumpflow.common.bus.rabbitmq import RabbitMQBus
+from pumpflow.common.clock import WallClock
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.common.testing.proxy import TcpProxy
+from pumpflow.common.testing.servers import local_app
+from pumpflow.exit.records import MemoryExitStore
+from pumpflow.exit.service import ExitService
+from pumpflow.exit.settings import ExitSettings
+
+pytestmark = pytest.mark.rabbitmq
+
+PARTITIONS = 2
+#: the answer waits this long for the broker; the CLI allows it twenty times over
+PUBLISH_WAIT_S = 0.5
+TOKEN = "control-token"
+MINT = "MintBlockedBroker1pump"
+
+
+@contextlib.asynccontextmanager
+async def replica_behind_proxy(namespace: str, amqp_url: str):
+    """An exit replica reaching the broker through a proxy, served over HTTP; a watch of
+    the operator's requests on the broker itself. Yields (proxy, service, its URL, watch,
+    the watch's bus)."""
+    settings = ExitSettings.load(
+        service="exit",
+        namespace=namespace,
+        partitions=PARTITIONS,
+        api_token=TOKEN,
+        exit_publish_wait_s=PUBLISH_WAIT_S,
+    )
+    clock = WallClock()
+    async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
+        buses = [
+            RabbitMQBus(url=url, namespace=namespace, partitions=PARTITIONS, source=source)
+            for url, source in ((proxy.url(amqp_url), "exit/e"), (amqp_url, "watch/w"))
+        ]
+        bus, watching = buses
+        for each in buses:
+            await each.start()
+        # trading.state: the critical lane's keyless markers, on system.shutdown's queue
+        watch = await EventCollector("watch").attach(
+            watching, "system.shutdown", "exit.sale_requested", "trading.state"
+        )
+        service = ExitService(settings, registry=CollectorRegistry(), records=MemoryExitStore())
+        ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=MemoryStateStore(clock))
+        await service.start(ctx)
+        try:
+            async with local_app(create_app(service, ctx)) as base:
+                try:
+                    yield proxy, service, base, watch, watching
+                finally:
+                    # before the server stops: it waits for the calls in flight
+                    proxy.thaw()
+        finally:
+            proxy.thaw()
+            await service.stop()
+            for each in buses:
+                await each.delete_topology()
+                await each.close()
+
+
+async def pumpflow(*argv: str) -> int:
+    parsed = build_parser().parse_args(list(argv))
+    return await asyncio.wait_for(asyncio.to_thread(parsed.handler, parsed), 60)
+
+
+async def test_stop_while_the_broker_takes_no_publication_is_accepted_and_goes_out_once(
+    namespace, amqp_url, monkeypatch, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with replica_behind_proxy(namespace, amqp_url) as (proxy, service, base, watch, bus):
+        proxy.freeze()
+        assert await pumpflow("stop", "--no-wait", "--reason", "blocked", "--url", base) == (
+            UNPUBLISHED
+        )
+        said = capsys.readouterr()
+        assert said.out == ""
+        assert said.err.startswith(
+            "pumpflow stop: system.shutdown (blocked) accepted, not published yet: RabbitMQ "
+            "has not confirmed it"
+        ), said.err
+        assert "it goes out once the broker takes it" in said.err
+        assert watch.count("system.shutdown") == 0
+
+        proxy.thaw()
+        [shutdown] = await watch.wait_for(1, "system.shutdown", within=30)
+        assert shutdown.data.reason == "blocked"
+        await eventually(lambda: not service._publishing, what="the publication settled")
+        await watch.barrier(bus, event_type="trading.state")
+        assert watch.count("system.shutdown") == 1
+
+
+async def test_sell_while_the_broker_takes_no_publication_is_accepted_and_goes_out_once(
+    namespace, amqp_url, monkeypatch, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with replica_behind_proxy(namespace, amqp_url) as (proxy, service, base, watch, bus):
+        proxy.freeze()
+        assert await pumpflow("sell", MINT, "--wait", "1", "--url", base) == UNPUBLISHED
+        said = capsys.readouterr()
+        assert said.out == ""
+        assert said.err.startswith(
+            f"pumpflow sell: {MINT}: the sale request accepted, not published yet: RabbitMQ "
+            "has not confirmed it"
+        ), said.err
+        assert "it goes out once the broker takes it" in said.err
+
+        # asked again under its id (a retry of the call) while it waits: not sent twice
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            asked = [
+                await client.post(
+                    f"/positions/{MINT}/sell",
+                    json={"request_id": "again", "wait_s": 0},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                for _ in range(2)
+            ]
+        for answer in asked:
+            assert answer.status_code == 202, answer.text
+            body = answer.json()
+            assert body["request_id"] == "again" and body["published"] is False, body
+            assert "not published yet" in body["detail"], body
+        assert watch.count("exit.sale_requested") == 0
+
+        proxy.thaw()
+        requested = await watch.wait_for(2, "exit.sale_requested", within=30)
+        assert {e.data.mint for e in requested} == {MINT}
+        await eventually(lambda: not service._publishing, what="the publications settled")
+        await watch.barrier(bus, event_type="exit.sale_requested", keys=[MINT])
+        assert watch.count("exit.sale_requested") == 2
+        assert sum(e.id == "again" for e in watch.of("exit.sale_requested")) == 1
