@@ -61,7 +61,9 @@ def limits_route(exceeded: list[dict], source: str = "book") -> Route:
     return Route("/limits", limits)
 
 
-def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
+def replica(
+    role: str, halt: dict, *, resume_status: int = 200, resume: dict | None = None
+) -> Starlette:
     async def state(request: Request) -> JSONResponse:
         return JSONResponse({"state": "active", "reason": "", "role": role})
 
@@ -73,6 +75,8 @@ def replica(role: str, halt: dict, *, resume_status: int = 200) -> Starlette:
     async def resumed(request: Request) -> JSONResponse:
         if resume_status != 200:
             return JSONResponse({"detail": "not resumed: Postgres is away"}, resume_status)
+        if resume is not None:
+            return JSONResponse(resume, 202 if resume["announced"] is False else 200)
         return JSONResponse({"state": "active", "reason": "resumed", "role": role})
 
     return Starlette(
@@ -118,6 +122,41 @@ async def test_a_halts_exit_status_says_where_it_took_effect(
         assert said.out == f"halt stored: {halt['detail']}\n", said.out
     else:
         assert said.out.startswith("trading is halted (test); role active"), said.out
+
+
+#: the replica trading's answers while the broker takes no publication
+UNANNOUNCED_HALT = {
+    "stored": True,
+    "announced": False,
+    "detail": "halted in this replica at once; stored, so other replicas and a restart keep "
+    "it; its announcement (trading.state) is not published yet: RabbitMQ has not confirmed "
+    "it; it goes out once the broker takes it",
+}
+UNANNOUNCED_RESUME = {
+    "state": "halted",
+    "reason": "test",
+    "role": "active",
+    "announced": False,
+    "detail": "resume stored; not applied in this replica yet: the round under way comes "
+    "first, and RabbitMQ has not confirmed it; it applies and is announced right after",
+}
+
+
+async def test_a_halt_or_resume_not_announced_yet_says_why_with_its_own_status(monkeypatch, capsys):
+    """The broker takes no publication: the halt is in force and stored, the resume
+    stored (and applied, or right after the round under way); their announcement goes
+    out once the broker takes it: said on stderr, exit status 4."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    app = replica("active", UNANNOUNCED_HALT, resume=UNANNOUNCED_RESUME)
+    async with local_app(app) as base:
+        assert await pumpflow_trading(base, "halt", "--reason", "test") == UNPUBLISHED
+        said = capsys.readouterr()
+        assert said.out == "trading is halted (test); role active\n", said.out
+        assert said.err == f"pumpflow trading: {UNANNOUNCED_HALT['detail']}\n", said.err
+        assert await pumpflow_trading(base, "resume") == UNPUBLISHED
+    said = capsys.readouterr()
+    assert said.out == "trading is halted (test); role active\n", said.out
+    assert said.err == f"pumpflow trading: {UNANNOUNCED_RESUME['detail']}\n", said.err
 
 
 async def test_state_asked_of_a_stand_by_says_the_operators_state_and_the_holder(capsys):

@@ -15,6 +15,14 @@ is stored once Postgres is back (said so, exit status 3); given to a stand-by th
 applies nowhere until stored (exit status 1: halt the replica trading). A resume is
 refused meanwhile.
 
+While the broker takes no publication (short of memory or disk it blocks every
+publisher; or it does not answer), the replica trading still answers within
+``trading_halt_store_wait_s``: a halt applied and stored, a resume stored and applied
+(or, behind a round of the replica that waits for the broker, applied right after it),
+their announcement (``trading.state``) not published yet. One line on stderr says so
+and why, exit status 4 (:data:`~pumpflow.cli.api.UNPUBLISHED`): it goes out once the
+broker takes it, in order with what the replica published before it.
+
 ``state`` also lists the limits exceeded now, if any (``/limits``: a live order's late
 fill, booked past its limit check).
 
@@ -29,6 +37,7 @@ import argparse
 import sys
 
 from pumpflow.cli.api import (
+    UNPUBLISHED,
     api_token,
     failure,
     get_json,
@@ -44,7 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Halt entries at once (exits go on), resume them, show the state, or "
             "acknowledge the live wallet's unbooked trades, through a trading replica's "
-            "HTTP API; the token comes from PUMPFLOW_API_TOKEN."
+            "HTTP API; the token comes from PUMPFLOW_API_TOKEN. Exit status 0 done; 1 "
+            "refused, not applied anywhere, or no answer; 2 without the token; 3 a halt "
+            "applied by the replica trading and not stored yet (Postgres away); 4 a halt or "
+            "resume stored and not announced yet, the broker taking no publication "
+            "(blocking publishers, short of memory or disk, or not answering): it goes out "
+            "once the broker takes it."
         ),
     )
     parser.add_argument(
@@ -108,6 +122,10 @@ def trading_command(args: argparse.Namespace) -> int:
         return 3 if body["role"] == "active" else 1
     if elsewhere:
         print(f"halt stored: {body['detail']}")
+    if body.get("announced") is False:
+        # in force here, or right after the round under way: its announcement waits
+        print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
+        return UNPUBLISHED
     return 0
 
 

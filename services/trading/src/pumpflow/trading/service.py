@@ -70,7 +70,10 @@ every order, fill and position.
   a take-over, it is stored unfenced, as the operator's state, and the replica trading
   applies it on its next tick. A resume is the holder's alone, stored first, and refused
   while Postgres is away. An unfenced halt stored late, after a newer resume, halts
-  trading again: the safe failure, accepted (see :meth:`halt`).
+  trading again: the safe failure, accepted (see :meth:`halt`). Neither answer waits for
+  the broker past ``trading_halt_store_wait_s``: the state's announcement (and a resume
+  behind a round that publishes) goes on as a task of its own, in order with what the
+  replica publishes, and the answer says it is not published yet (``announced``).
 - Live, a trade of the wallet that matches no order (made by hand, or a buy of ours
   that landed past its slippage after its answer never came: see
   :mod:`pumpflow.common.trading.live`) is not booked: it is logged, counted
@@ -116,7 +119,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ClassVar
 
@@ -441,8 +444,11 @@ class TradingService(Service):
         #: one write of the operator's state at a time, in the order they were given
         self._control_lock = asyncio.Lock()
         self._control_writer: asyncio.Task | None = None
-        #: halts' announcements still waiting for the bus after their answers
+        #: the operator's states (applied, or to apply) and their announcements still
+        #: waiting for the lock or the bus after their answers
         self._announcing: set[asyncio.Task] = set()
+        #: an event is being published, not confirmed yet (what an announcement waits for)
+        self._publishing = False
         #: steps at the front of the backlog in a commit under way
         self._storing = 0
         #: orders given back to the executor or settled on the last take-over
@@ -1526,7 +1532,11 @@ class TradingService(Service):
         bus = self._ctx.bus
         while self._unpublished:
             event = self._unpublished[0]
-            await bus.publish(event)
+            self._publishing = True
+            try:
+                await bus.publish(event)
+            finally:
+                self._publishing = False
             self._unpublished.pop(0)
             if _outboxed(event):
                 self._gone.append(event.id)
@@ -1648,6 +1658,7 @@ class TradingService(Service):
         The answer waits ``trading_halt_store_wait_s`` at most for the store, and as long
         again for the halt's announcement (a broker blocking publishers holds it; it goes
         out once the broker takes it): ``stored`` says whether the ledger holds the halt,
+        ``announced`` (where this replica announces it) whether it is published,
         ``detail`` what that means and which replica applies it (the holder named when
         the lease store says).
         """
@@ -1663,29 +1674,84 @@ class TradingService(Service):
             )
         await asyncio.wait({writer}, timeout=self.settings.trading_halt_store_wait_s)
         stored = not self._control_unstored
+        announcing = None
         if stored and self._leading and self._control_refused is None:
-            announcing = asyncio.create_task(self._announce_halt(), name="trading:announce")
-            self._announcing.add(announcing)
-            announcing.add_done_callback(self._announcing.discard)
+            begun = asyncio.get_running_loop().create_future()
+            announcing = self._announce(self._announce_control(begun))
             # the announcement waits for the bus (a broker blocking publishers, short of
             # memory or disk), the answer no longer than for the ledger: the halt is in
             # force and stored
             await asyncio.wait({announcing}, timeout=self.settings.trading_halt_store_wait_s)
         detail = await self._halt_detail(stored, leading)
-        return {**self.state_view(), "stored": stored, "detail": detail}
+        body = {**self.state_view(), "stored": stored, "detail": detail}
+        if announcing is not None:
+            body["announced"], said = self._announcement(announcing, begun)
+            body["detail"] = f"{detail}; {said}"
+        return body
 
-    async def _announce_halt(self) -> None:
-        """Publish the halt stored (and what waited for the ledger with it)."""
+    def _announce(self, work: Coroutine[Any, Any, str | None]) -> asyncio.Task:
+        """Run ``work`` (the operator's state announced) as a task of its own: an answer
+        waits for it no longer than its bound, and it goes on after the answer."""
+        announcing = asyncio.create_task(work, name="trading:announce")
+        self._announcing.add(announcing)
+        announcing.add_done_callback(self._announcing.discard)
+        return announcing
+
+    async def _announce_control(self, begun: asyncio.Future) -> str | None:
+        """Store and publish what waits, the operator's state announced with it, in the
+        order of every round (under the lock, ``begun`` once held); None once it is out,
+        else why not."""
+        async with self._lock:
+            begun.set_result(True)
+            return await self._flush_control()
+
+    async def _flush_control(self) -> str | None:
+        """:meth:`_flush`, the lock held, for the operator's state: None once it is out,
+        else why not (the next round publishes what is left)."""
         try:
-            async with self._lock:
-                await self._flush()
+            await self._flush()
         except Superseded:
             # standing by already: what is left is the next holder's
-            log.warning("trading: the halt is stored; this replica no longer holds "
-                        "trading, so its announcement is left to the holder")  # fmt: skip
-        except Exception:
-            log.exception("trading: publishing the halt failed; the next round does")
-        self.metrics.book(self.book, self.risk)
+            log.warning("trading: the operator's %s is stored; this replica no longer holds "
+                        "trading, so its announcement is left to the holder",
+                        self._control[0])  # fmt: skip
+            return "this replica no longer holds trading: the replica taking over announces it"
+        except Exception as exc:
+            log.exception("trading: publishing the operator's %s failed; the next round does",
+                          self._control[0])  # fmt: skip
+            return f"it failed ({type(exc).__name__}: {exc}): the next round publishes it"
+        finally:
+            self.metrics.book(self.book, self.risk)
+        return None
+
+    def _announcement(self, announcing: asyncio.Task, begun: asyncio.Future) -> tuple[bool, str]:
+        """Whether the operator's state is announced (``announcing`` is its announcement,
+        ``begun`` done once it holds the lock), and what the answer says of it."""
+        said = "its announcement (trading.state)"
+        if not announcing.done():
+            why, then = self._unannounced(begun)
+            return False, f"{said} is not published yet: {why}; {then}"
+        failed = announcing.result()
+        if failed is not None:
+            return False, f"{said} is not published: {failed}"
+        return True, f"{said} is published"
+
+    def _unannounced(self, begun: asyncio.Future) -> tuple[str, str]:
+        """Why the operator's state is not announced yet (``begun``: its announcement
+        holds the lock, else a round under way does), and when it is, in words."""
+        wait = self.settings.trading_halt_store_wait_s
+        if self._publishing:
+            # the lock's holder publishes: the broker has not confirmed it
+            why, then = self._ctx.bus.why_unconfirmed(), "it goes out once the broker takes it"
+        elif begun.done():
+            why = f"its store in the ledger has not ended within {wait:g} s"
+            then = "it goes out once it has"
+        else:
+            why = f"it has not ended within {wait:g} s (it stores, or sends, first)"
+            then = "it goes out right after"
+        if not begun.done():
+            why = f"the round under way comes first, and {why}"
+        return why, then
 
     async def resume(self, reason: str = "resumed") -> dict[str, Any]:
         """Resume entries: stored first, then applied here; refused (:class:`NotHolder`)
@@ -1695,6 +1761,13 @@ class TradingService(Service):
         given here is not stored yet: resumed here alone, this replica would trade while
         the ledger says halted (or is about to), which a replica taking over, a restart
         and this one's next tick would undo. Trading stays halted until Postgres is back.
+
+        Once stored, it applies here as the round under way ends (under the lock, so a
+        halt given meanwhile stands), and is announced in order with what that round
+        publishes. The answer waits ``trading_halt_store_wait_s`` at most for both (a
+        broker blocking publishers holds the announcement, and the round before it; they
+        go out once the broker takes them): ``announced`` says whether it is published,
+        ``detail`` whether it applies here yet and what it waits for.
         """
         state = TradingState.ACTIVE
         if not self._leading:
@@ -1719,21 +1792,51 @@ class TradingService(Service):
                 f"({type(exc).__name__}: {exc}); trading stays as it is: resume once "
                 "Postgres is back"
             ) from exc
+        standing = "resume stored; a halt given since stands"
         if before != self._control_changes:
             # a halt given meanwhile is stored after this, and stands
-            return self.state_view()
+            return {**self.state_view(), "detail": standing}
         self._control_changes += 1
         mine = self._control_changes
         self._control = (state, reason)
-        if self._leading:
-            async with self._lock:
-                if mine != self._control_changes:
-                    # a halt given while this waited for the decision under way stands
-                    return self.state_view()
-                self._apply_control(state, reason)
-                await self._flush()
-                self.metrics.book(self.book, self.risk)
-        return self.state_view()
+        stood_by = (
+            "resume stored; this replica has stood by since (its lease lost): the replica "
+            "taking over applies it"
+        )
+        if not self._leading:
+            return {**self.state_view(), "detail": stood_by}
+        applied = asyncio.get_running_loop().create_future()
+        announcing = self._announce(self._resume_here(mine, applied))
+        # the resume is stored: the answer waits for it to apply and be announced no
+        # longer than a halt's (a round under way, or the broker, may hold them)
+        await asyncio.wait({announcing}, timeout=self.settings.trading_halt_store_wait_s)
+        if not applied.done():
+            why, _ = self._unannounced(applied)
+            return {
+                **self.state_view(),
+                "announced": False,
+                "detail": f"resume stored; not applied in this replica yet: {why}; it "
+                "applies and is announced right after",
+            }
+        if not applied.result():
+            return {**self.state_view(), "detail": standing if self._leading else stood_by}
+        announced, said = self._announcement(announcing, applied)
+        detail = f"resumed in this replica at once and stored; {said}"
+        return {**self.state_view(), "announced": announced, "detail": detail}
+
+    async def _resume_here(self, mine: int, applied: asyncio.Future) -> str | None:
+        """Apply the resume stored as the ``mine``-th operator's state, unless a later one
+        stands, then announce it (``applied`` says which, once the lock is held); as
+        :meth:`_announce_control`."""
+        async with self._lock:
+            if mine != self._control_changes or not self._leading:
+                # a halt given while this waited for the round under way stands; or this
+                # replica stood by meanwhile, and the next holder reads it in the ledger
+                applied.set_result(False)
+                return None
+            self._apply_control(*self._control)
+            applied.set_result(True)
+            return await self._flush_control()
 
     async def _holder_now(self) -> str | None:
         """The replica holding trading by the lease store, when another than this one and
@@ -2156,19 +2259,24 @@ class TradingService(Service):
             if self.risk is None:
                 raise HTTPException(503, "not started")
             view = await self.halt(reason_of(body, "kill switch (HTTP)"))
-            # 202: taken, and not stored yet (the detail says what holds meanwhile)
-            return JSONResponse(jsonable_encoder(view), status_code=200 if view["stored"] else 202)
+            # 202: taken, and not stored or not announced yet (the detail says what holds
+            # meanwhile)
+            done = view["stored"] and view.get("announced") is not False
+            return JSONResponse(jsonable_encoder(view), status_code=200 if done else 202)
 
         @api.post("/resume", dependencies=guarded)
-        async def resume(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+        async def resume(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             if self.risk is None:
                 raise HTTPException(503, "not started")
             try:
-                return await self.resume(reason_of(body, "resumed (HTTP)"))
+                view = await self.resume(reason_of(body, "resumed (HTTP)"))
             except ControlNotStored as exc:
                 raise HTTPException(503, str(exc)) from exc
             except NotHolder as exc:
                 raise HTTPException(409, str(exc)) from exc
+            # 202: stored, and not applied or not announced yet (the detail says why)
+            done = view.get("announced") is not False
+            return JSONResponse(jsonable_encoder(view), status_code=200 if done else 202)
 
         return api
 

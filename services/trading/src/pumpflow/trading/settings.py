@@ -179,7 +179,8 @@ class TradingSettings(PumpPortalKeySettings):
         description="wall seconds a halt waits to be stored in the ledger before it answers "
         "that it is not yet (applied here at once all the same, and stored once Postgres "
         "takes it), and as long again for its announcement (published once the broker "
-        "takes it)",
+        "takes it); a resume, once stored, waits as long to apply and be announced (a "
+        "round under way, or a broker blocking publishers, holds them; they follow)",
     )
     trading_keep_token_views: bool | None = Field(
         None,
