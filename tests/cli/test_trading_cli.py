@@ -394,6 +394,31 @@ async def test_stop_accepted_before_the_broker_took_it_says_so_and_follows_the_e
     assert "1/2 sold out" in printed.out and "MintSold" in printed.out
 
 
+async def test_stop_whose_shutdown_the_broker_never_took_says_the_exit_did_not_begin(
+    monkeypatch, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+
+    async def shutdown(request: Request) -> JSONResponse:
+        return JSONResponse(ACCEPTED, 202)
+
+    async def progress(request: Request) -> JSONResponse:
+        return JSONResponse({"run": None, "accepting_entries": True})
+
+    app = Starlette(
+        routes=[Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)]
+    )
+    async with local_app(app) as base:
+        parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "0.5"])
+        assert await asyncio.to_thread(parsed.handler, parsed) == 1
+    printed = capsys.readouterr()
+    assert printed.err == (
+        f"pumpflow stop: {ACCEPTED['detail']}\n"
+        "pumpflow stop: the graceful exit did not begin in time (system.shutdown was "
+        "accepted before the broker took it: the replica publishes it once the broker does)\n"
+    )
+
+
 @pytest.mark.parametrize("command", ["trading state", "stop"])
 @pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8005", "ftp://127.0.0.1/"])
 def test_a_url_that_is_no_http_address_is_refused_naming_it(command, url, capsys):

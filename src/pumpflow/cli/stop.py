@@ -106,9 +106,9 @@ def stop_command(args: argparse.Namespace) -> int:
         print(failure("stop", url, exc), file=sys.stderr)
         return 1
     if unpublished and not begun:
-        print("pumpflow stop: the graceful exit did not begin in time: the broker has not "
-              "taken system.shutdown yet (the replica publishes it once it does)",
-              file=sys.stderr)  # fmt: skip
+        print("pumpflow stop: the graceful exit did not begin in time (system.shutdown was "
+              "accepted before the broker took it: the replica publishes it once the broker "
+              "does)", file=sys.stderr)  # fmt: skip
         return 1
     print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)
     return 1
