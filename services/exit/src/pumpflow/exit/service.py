@@ -70,7 +70,7 @@
   answer that the request is accepted and not published yet, and why (202,
   ``published: false``); its publication goes on and it goes out once the broker takes
   it, once: a sale asked again under its ``request_id`` meanwhile is not published
-  again. A replica stopped before then says in its log that the request is lost.
+  again. A replica stopped before then says in its log that the request may be lost.
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
@@ -278,8 +278,8 @@ class ExitService(Service):
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: requests taken through this replica's API, awaiting their answer
         self._asking: dict[str, asyncio.Future] = {}
-        #: operators' requests (a shutdown, a sale) answered before the broker took them,
-        #: by event id: each publication goes on until it settles
+        #: operators' requests (a shutdown, a sale) being published, by event id: each
+        #: publication goes on until it settles, whether its answer waited for it or not
         self._publishing: dict[str, asyncio.Task] = {}
 
     # ---------------------------------------------------------------- lifecycle
@@ -904,8 +904,9 @@ class ExitService(Service):
         if took < self.settings.exit_publish_wait_s:
             return  # answered with its outcome
         if publishing.cancelled():
-            log.error("exit: stopped before the broker took the operator's %s (%s): it is "
-                      "not published; ask again", event.type, event.id)  # fmt: skip
+            log.error("exit: stopped before the broker confirmed the operator's %s (%s): it "
+                      "may be lost; see whether it took effect before asking again",
+                      event.type, event.id)  # fmt: skip
         elif publishing.exception() is not None:
             log.error("exit: the operator's %s (%s) failed to publish: %r; it is not "
                       "published: ask again", event.type, event.id,
