@@ -449,6 +449,43 @@ def test_a_report_that_cannot_be_written_is_refused_before_the_run(argv, named, 
     assert captured.err.strip() == named
 
 
+#: a line of what ``pumpflow record --out`` writes (event envelopes), not a dataset line
+RECORDED_LINE = '{"id":"e1","type":"token.created","version":1,"data":{}}\n'
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["backtest", "--dataset", "{file}"],
+        ["train", "--dataset", "{file}", "--out", "{dir}/m.onnx"],
+    ],
+)
+def test_a_file_that_is_no_dataset_is_one_line_naming_its_line_and_no_traceback(argv, tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(RECORDED_LINE)
+    argv = [a.format(file=path, dir=tmp_path) for a in argv]
+    ran = subprocess.run([PUMPFLOW, *argv], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1
+    err = ran.stderr
+    assert err.strip() == err.strip().splitlines()[-1], err  # one line
+    assert err.startswith(f"pumpflow {argv[0]}: {path}:1: not a dataset line: "), err
+
+
+@pytest.mark.postgres
+async def test_a_file_that_is_no_dataset_is_not_loaded_and_said_in_one_line(
+    pg_pool, namespace, postgres_dsn, tmp_path, capsys
+):
+    path = tmp_path / "events.jsonl"
+    path.write_text(RECORDED_LINE)
+    argv = ["sim", "load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
+    assert await asyncio.to_thread(cli_main.main, argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.strip().splitlines()[-1].startswith(f"pumpflow sim: {path}:1: not a dataset line: ")
+    ), err
+    assert "Traceback" not in err
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

@@ -684,7 +684,12 @@ def backtest_command(args: argparse.Namespace) -> int:
         if path:
             writable(path)
     if args.dataset:
-        frames, source = dataset_frames(args.dataset), args.dataset
+        from pumpflow.simulator.dataset import DatasetError
+
+        try:
+            frames, source = dataset_frames(args.dataset), args.dataset
+        except DatasetError as exc:
+            raise SystemExit(f"pumpflow backtest: {exc}") from None
     elif args.seed is not None:
         frames = simulated_frames(args.seed, args.minutes, launches_per_minute=args.launches)
         source = f"seed {args.seed}, {args.minutes:g} minutes"

@@ -424,6 +424,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
 
 def train_command(args: argparse.Namespace) -> int:
     from pumpflow.model.training import TrainingError
+    from pumpflow.simulator.dataset import DatasetError
 
     try:
         if args.default:
@@ -432,7 +433,7 @@ def train_command(args: argparse.Namespace) -> int:
             path, trained = build_default(DEFAULT_MODEL_PATH, progress=True)
         else:
             path, trained = run_training(args, progress=True)
-    except TrainingError as exc:
+    except (TrainingError, DatasetError) as exc:
         print(f"pumpflow train: {exc}", file=sys.stderr)
         return 1
     card = trained.card

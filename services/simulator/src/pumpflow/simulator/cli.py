@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pumpflow.common.runtime.arguments import finite
 from pumpflow.simulator.calibration import calibrate
-from pumpflow.simulator.dataset import load_dataset, write_dataset
+from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
             Path(args.stats_out).write_text(json.dumps(counters))
         return 0
     if args.command == "load":
-        return asyncio.run(_load(args))
+        try:
+            return asyncio.run(_load(args))
+        except DatasetError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 1
     return 2
 
 

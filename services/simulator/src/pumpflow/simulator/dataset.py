@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 LOAD_SOURCE = "simulator.dataset"
 
 
+class DatasetError(ValueError):
+    """A line of a dataset file that is not ``{"t": ..., "frame": ...}``."""
+
+
 class _Line(msgspec.Struct):
     t: float
     frame: msgspec.Raw
@@ -68,7 +72,7 @@ def read_dataset_raw(path: str | Path) -> Iterator[tuple[float, bytes]]:
             try:
                 item = decode(line)
             except msgspec.DecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a dataset line: {exc}") from None
+                raise DatasetError(f"{path}:{number}: not a dataset line: {exc}") from None
             yield item.t, bytes(item.frame)
 
 
