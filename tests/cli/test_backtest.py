@@ -159,6 +159,10 @@ def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, tmp_pat
     # one stream: both saw the same frames and the model scored the same
     assert eager_results["frames"] == default_results["frames"] == document["frames"]
     assert eager_results["predictions"] == default_results["predictions"] > 0
+    # the text says why a configuration did not enter, as the document does
+    said = out.split("backtest 'defaults'")[1].split("\n| ")[0]
+    assert f"creator sold x{default_results['entries_skipped']['creator sold']}" in said
+    assert "breakers tripped: none" in said
 
 
 def test_the_same_stream_gives_the_same_results_twice_from_the_command(dataset, tmp_path):

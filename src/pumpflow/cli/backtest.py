@@ -290,6 +290,8 @@ class Report:
         return models
 
     def text(self) -> str:
+        from pumpflow.cli.console import no_order_line
+
         o = self.orders
         lines = [
             f"backtest '{self.name}': {self.frames:,} frames in {self.seconds:.1f} s "
@@ -312,6 +314,8 @@ class Report:
                 ", ".join(f"{k} {p:.3f} (score >= {t:.2f})" for k, (p, t) in self.precision.items())
                 or "n/a"
             ),
+            f"  {no_order_line(dict(self.skipped.most_common()))}",
+            f"  breakers tripped: {', '.join(sorted(self.breakers)) or 'none'}",
         ]
         return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -22,6 +23,13 @@ from pumpflow.common.events import (
     TokenLifecycle,
     TokenMigrated,
 )
+
+
+def no_order_line(reasons: Mapping[str, int]) -> str:
+    """Why predictions ordered nothing, by reason (trading's, numbers left out)."""
+    return "predictions without an order, by reason: " + (
+        "; ".join(f"{reason} x{n}" for reason, n in reasons.items()) or "none"
+    )
 
 
 def msgspec_line(data: object) -> str:
@@ -250,10 +258,7 @@ class Console:
                 self._say(line)
             reasons = self.system.services["trading"].pnl()["no_order_reasons"]
             if reasons:
-                self._say(
-                    "predictions without an order, by reason: "
-                    + "; ".join(f"{r} x{n}" for r, n in reasons.items())
-                )
+                self._say(no_order_line(reasons))
         market_s = self.clock.now() - self.started_at
         self._say(
             f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "
