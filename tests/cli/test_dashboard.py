@@ -198,3 +198,19 @@ def test_a_trading_events_line_counts_its_records_instead_of_listing_them():
     held = tuple(BarrierPosition(position_id=f"entry-{i}", mint=f"Mint{i}pump") for i in range(5))
     line = msgspec_line(ShutdownBarrier(reason="pumpflow run ended", positions=held))
     assert line == "reason='pumpflow run ended' entries=() positions=5"
+
+
+def test_a_position_not_marked_yet_shows_no_worth_in_the_plain_lines_as_on_the_dashboard():
+    from types import SimpleNamespace
+
+    from pumpflow.common.trading.positions import Position, PositionBook
+
+    book = PositionBook()
+    book.open_positions["Mint1pump"] = Position(
+        position_id="entry-1", mint="Mint1pump", opened_at=0.0, tokens=5e6, cost_sol=0.224
+    )
+    system = SimpleNamespace(services={"trading": SimpleNamespace(book=book)})
+    console = Console(system=system, clock=ReplayClock(0.0), speed=1.0, out=io.StringIO())
+    (line,) = console.position_lines()
+    # worth 0.000 beside a PnL of +0.0000 would say the tokens are worth nothing at no loss
+    assert re.search(r"cost 0\.224 SOL +worth - +PnL", line), line

@@ -224,10 +224,10 @@ class Console:
         lines = []
         for position in held[:n]:
             token = self.tokens.get(position.mint)
+            worth = position.mark_value_sol  # None: not marked yet
             lines.append(
                 f"      {token.symbol if token else position.mint:<10} cost "
-                f"{position.cost_sol:.3f} SOL  worth "
-                f"{position.mark_value_sol if position.mark_value_sol is not None else 0:.3f}"
+                f"{position.cost_sol:.3f} SOL  worth {'-' if worth is None else f'{worth:.3f}'}"
                 f"  PnL {position.pnl_sol:+.4f} SOL"
             )
         return lines
