@@ -730,5 +730,5 @@ def backtest_command(args: argparse.Namespace) -> int:
         else:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
-    write_backtest_reports(reports, args.report, said=said)
+    write_backtest_reports(reports, args.report, source=source, settings=dict(configs), said=said)
     return 0

@@ -15,7 +15,7 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -124,9 +124,11 @@ def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
 
 
 def write_backtest_reports(
-    reports: Sequence, path: str | None, *, said: TextIO = sys.stdout
-) -> list[Path]:
-    """One report per configuration a backtest ran (its name in the file's when several)."""
+    reports: Sequence, path: str | None, *, source: str, settings: Mapping[str, Mapping],
+    said: TextIO = sys.stdout,
+) -> list[Path]:  # fmt: skip
+    """One report per configuration a backtest ran (its name in the file's when several),
+    saying the stream (``source``) and the settings the configuration changed (by name)."""
     import msgspec
 
     from pumpflow.report import html
@@ -137,11 +139,17 @@ def write_backtest_reports(
             continue
         out = backtest_report_path(path, r.name, several=len(reports) > 1)
         auc = ", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in r.auc.items()) or "n/a"
+        changed = settings.get(r.name) or {}
         notes = {
+            "settings": ", ".join(f"{k}={v}" for k, v in changed.items())
+            or "the services' defaults",
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
             "live AUC": auc,
         }
-        written.append(html.write(msgspec.structs.replace(r.report_data, notes=notes), out))
+        data = msgspec.structs.replace(
+            r.report_data, source=f"{source}: {r.report_data.source}", notes=notes
+        )
+        written.append(html.write(data, out))
         print(f"report '{r.name}': {written[-1]}", file=said, flush=True)
     return written
