@@ -271,3 +271,21 @@ async def test_each_configuration_measures_live_precision_where_its_trading_ente
         result = await run_backtest(frames, {**RUN_CONFIG, "trading_min_score": min_score})
         assert result.precision, "no label released to measure at"
         assert {t for _, t in result.precision.values()} == {min_score}
+
+
+def test_orders_without_an_outcome_at_the_streams_end_are_counted_in_flight():
+    from collections import Counter
+
+    from pumpflow.cli.backtest import Report
+
+    orders = Counter({("requested", "buy"): 6, ("filled", "buy"): 5, ("requested", "sell"): 3,
+                      ("filled", "sell"): 2, ("rejected", "sell"): 1})  # fmt: skip
+    report = Report(
+        name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=0, orders=orders, entries=5,
+        bought_sol=1.0, realized_sol=0.0, unrealized_sol=0.0, open_positions=5,
+        closed_positions=0, wins=0, fees_sol=0.0, max_drawdown_sol=0.0,
+    )  # fmt: skip
+    assert "buy 6 (filled 5, rejected 0, 1 in flight at the end)" in report.text()
+    assert "sell 3 (filled 2, rejected 1)\n" in report.text()
+    assert report.results()["orders"]["buy"]["in_flight"] == 1
+    assert report.results()["orders"]["sell"]["in_flight"] == 0

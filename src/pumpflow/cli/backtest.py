@@ -248,6 +248,11 @@ class Report:
     def requested(self) -> int:
         return self.orders["requested", "buy"] + self.orders["requested", "sell"]
 
+    def in_flight(self, side: str) -> int:
+        """Orders of ``side`` with no outcome (filled or rejected) by the stream's end."""
+        o = self.orders
+        return o["requested", side] - o["filled", side] - o["rejected", side]
+
     @property
     def win_rate(self) -> float | None:
         return self.wins / self.closed_positions if self.closed_positions else None
@@ -261,6 +266,7 @@ class Report:
             "predictions": self.predictions,
             "orders": {
                 side: {kind: o[kind, side] for kind in ("requested", "filled", "rejected")}
+                | {"in_flight": self.in_flight(side)}
                 for side in ("buy", "sell")
             },
             "entries": self.entries,
@@ -297,9 +303,13 @@ class Report:
             f"backtest '{self.name}': {self.frames:,} frames in {self.seconds:.1f} s "
             f"({self.frames / max(self.seconds, 1e-9):,.0f}/s, "
             f"{self.frames / max(self.cpu_s, 1e-9):,.0f} per CPU second)",
-            f"  orders: buy {o['requested', 'buy']} (filled {o['filled', 'buy']}, rejected "
-            f"{o['rejected', 'buy']}), sell {o['requested', 'sell']} (filled "
-            f"{o['filled', 'sell']}, rejected {o['rejected', 'sell']})",
+            "  orders: "
+            + ", ".join(
+                f"{side} {o['requested', side]} (filled {o['filled', side]}, rejected "
+                f"{o['rejected', side]}"
+                + (f", {n} in flight at the end)" if (n := self.in_flight(side)) else ")")
+                for side in ("buy", "sell")
+            ),
             f"  entries {self.entries}, {self.bought_sol:.3f} SOL; closed "
             f"{self.closed_positions}, open {self.open_positions}",
             f"  exits by rule: {dict(sorted(self.exits.items())) or 'none'}",
