@@ -242,6 +242,20 @@ def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key):
         main(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"])
 
 
+@pytest.mark.parametrize("name", ["a/b", "../up"])
+def test_a_configuration_name_that_cannot_name_its_report_is_refused_before_any_runs(
+    dataset, name, tmp_path, capsys
+):
+    """Its report's file is named after it: a run would end without it."""
+    (tmp_path / "strategies.toml").write_text(f'["{name}"]\ntrading_min_score = 0.5\n')
+    for given in (["--config", f"{name}=trading_min_score=0.5"],
+                  ["--configs", str(tmp_path / "strategies.toml")]):  # fmt: skip
+        with pytest.raises(SystemExit, match=f"configuration {name!r}: .*report"):
+            main(["backtest", "--dataset", dataset, "--quiet", "--config", "defaults", *given,
+                  "--report", str(tmp_path / "r.html")])  # fmt: skip
+        assert capsys.readouterr().out == ""  # nothing read, nothing run
+
+
 def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
     with pytest.raises(SystemExit, match=r"configuration 'strict': .*TRADING_MIN_SCORE.*less than"):
         main(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",

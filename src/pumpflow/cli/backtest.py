@@ -682,6 +682,12 @@ def backtest_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
         raise SystemExit("pumpflow backtest: configuration names must differ")
+    for name, _ in configs:
+        if "/" in name or "\0" in name:
+            raise SystemExit(
+                f"pumpflow backtest: configuration {name!r}: a name without '/' (it names "
+                f"the configuration's report file)"
+            )
     if args.report and args.json_out and args.json_out != "-":
         beside = {
             backtest_report_path(args.report, name, several=len(configs) > 1)
