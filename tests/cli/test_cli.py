@@ -486,6 +486,45 @@ async def test_a_file_that_is_no_dataset_is_not_loaded_and_said_in_one_line(
     assert "Traceback" not in err
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "--out", "{dir}/events.jsonl"],
+        ["backtest", "--quiet", "--report", "{dir}/r.html"],
+        ["train", "--out", "{dir}/m.onnx"],
+    ],
+)
+async def test_a_schema_that_holds_no_history_is_refused_not_created(
+    argv, postgres_dsn, namespace, tmp_path
+):
+    """A typo in --schema (or PUMPFLOW_NAMESPACE) must not be migrated into an empty
+    history that a command reading it reports as nothing recorded."""
+    import asyncpg
+
+    from pumpflow.common.testing import drop_schema
+
+    argv = [a.format(dir=tmp_path) for a in argv] + ["--dsn", postgres_dsn, "--schema", namespace]
+    try:
+        ran = await asyncio.to_thread(
+            subprocess.run, [PUMPFLOW, *argv], capture_output=True, text=True, timeout=120
+        )
+        assert ran.returncode == 1, ran.stderr
+        last = ran.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"pumpflow {argv[0]}: no schema {namespace!r} in Postgres"), last
+        assert "Traceback" not in ran.stderr
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            created = await conn.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1", namespace
+            )
+        finally:
+            await conn.close()
+        assert created == 0
+    finally:
+        await drop_schema(postgres_dsn, namespace)
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

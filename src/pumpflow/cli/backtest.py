@@ -112,7 +112,7 @@ async def database_frames(
     from pumpflow.common.db.pool import create_pool
     from pumpflow.common.storage import REPLAY_FETCH_TIMEOUT_S, TokenEventStore
 
-    pool = await create_pool(dsn, schema, max_size=2)
+    pool = await create_pool(dsn, schema, max_size=2, existing=True)
     try:
         return [
             (stored.event.time, stored.frame)
@@ -718,9 +718,14 @@ def backtest_command(args: argparse.Namespace) -> int:
 
         settings = CommonSettings.load(service="backtest")
         schema = args.schema or settings.namespace
-        frames = asyncio.run(
-            database_frames(args.dsn or settings.postgres_dsn, schema, args.start, args.end)
-        )
+        from pumpflow.common.db.pool import NoSuchSchema
+
+        try:
+            frames = asyncio.run(
+                database_frames(args.dsn or settings.postgres_dsn, schema, args.start, args.end)
+            )
+        except NoSuchSchema as exc:
+            raise SystemExit(f"pumpflow backtest: {exc}: no history to replay") from None
         source = f"postgres {schema}"
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")

@@ -61,22 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def ledger_results(dsn: str, schema: str) -> Results:
-    """The results of the trading ledger in ``schema``; LookupError when there is no
+    """The results of the trading ledger in ``schema``; NoSuchSchema when there is no
     such schema (a typo would otherwise be migrated into an empty ledger)."""
-    import asyncpg
-
     from pumpflow.common.db.pool import create_pool
     from pumpflow.report.gather import from_ledger
     from pumpflow.trading.ledger import PostgresLedger
 
-    conn = await asyncpg.connect(dsn)
-    try:
-        found = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
-    finally:
-        await conn.close()
-    if not found:
-        raise LookupError(f"no schema {schema!r} in Postgres: no trading ledger to report")
-    pool = await create_pool(dsn, schema, max_size=2)
+    pool = await create_pool(dsn, schema, max_size=2, existing=True)
     try:
         return await from_ledger(
             PostgresLedger(pool), title=f"pumpflow report: {schema}",
@@ -106,8 +97,8 @@ def report_command(args: argparse.Namespace) -> int:
             found = asyncio.run(ledger_results(args.dsn or settings.postgres_dsn, schema))
         except OSError as exc:
             raise SystemExit(f"pumpflow report: Postgres does not answer: {exc}") from None
-        except LookupError as exc:
-            raise SystemExit(f"pumpflow report: {exc}") from None
+        except LookupError as exc:  # NoSuchSchema
+            raise SystemExit(f"pumpflow report: {exc}: no trading ledger to report") from None
         out = Path(args.out) if args.out else default_path("report", schema)
     print(f"report: {html.write(found, out)}", flush=True)
     return 0

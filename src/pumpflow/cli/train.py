@@ -234,7 +234,7 @@ async def database_events(
     from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
     from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 
-    pool = await create_pool(dsn, schema, max_size=2)
+    pool = await create_pool(dsn, schema, max_size=2, existing=True)
     events: list[Event] = []
 
     async def collect(record: FeedRecord) -> None:
@@ -423,6 +423,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from pumpflow.common.db.pool import NoSuchSchema
     from pumpflow.model.training import TrainingError
     from pumpflow.simulator.dataset import DatasetError
 
@@ -433,7 +434,7 @@ def train_command(args: argparse.Namespace) -> int:
             path, trained = build_default(DEFAULT_MODEL_PATH, progress=True)
         else:
             path, trained = run_training(args, progress=True)
-    except (TrainingError, DatasetError) as exc:
+    except (TrainingError, DatasetError, NoSuchSchema) as exc:
         print(f"pumpflow train: {exc}", file=sys.stderr)
         return 1
     card = trained.card

@@ -139,10 +139,11 @@ async def replay(
     out: str | Path | IO[bytes] | None = None,
     bus: EventBus | None = None,
 ) -> int:
-    """Replay recorded events in time order to JSONL (``out``, default stdout) or a bus."""
+    """Replay recorded events in time order to JSONL (``out``, default stdout) or a bus;
+    NoSuchSchema when ``schema`` is not there (a typo would replay an empty one)."""
     from pumpflow.common.db.pool import create_pool
 
-    pool = await create_pool(dsn, schema, max_size=2)
+    pool = await create_pool(dsn, schema, max_size=2, existing=True)
     sink = None if bus is not None else JsonlSink(out if out is not None else sys.stdout.buffer)
     try:
         feed = DatabaseDataFeed(
@@ -257,11 +258,16 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    from pumpflow.common.db.pool import NoSuchSchema
+
     try:
         return asyncio.run(run(args))
     except SettingsError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except NoSuchSchema as exc:
+        print(f"{prog} {args.feed_command}: {exc}: nothing recorded there", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ class PoolNotOpen(ConnectionError):
     transient_dependency = POSTGRES
 
 
+class NoSuchSchema(LookupError):
+    """A command that reads history was pointed at a schema Postgres does not have."""
+
+    def __init__(self, schema: str):
+        super().__init__(f"no schema {schema!r} in Postgres")
+
+
 class FloorRetriesLogged(logging.Filter):
     """On asyncpg's pool logger: a failed try at restoring the pool's connection floor
     that is a transient failure of Postgres is logged as one line naming the failure.
@@ -83,16 +90,19 @@ async def create_pool(
     apply_migrations: bool = True,
     command_timeout: float = POSTGRES_COMMAND_TIMEOUT_S,
     application_name: str | None = None,
+    existing: bool = False,
 ) -> asyncpg.Pool:
     """Open a pool whose connections use ``schema``; migrate it first by default.
 
     A command, or the opening of a connection, that takes longer than
     ``command_timeout`` seconds fails with a TimeoutError, Postgres's transient failure.
     ``application_name`` names the connections in ``pg_stat_activity``: who holds a
-    lock another process waits for (a migration names who blocks it).
+    lock another process waits for (a migration names who blocks it). ``existing``:
+    raise :class:`NoSuchSchema` rather than create the schema (a command that reads
+    history, where a typo would read an empty one made for it).
     """
     named = {} if application_name is None else {"application_name": application_name}
-    if apply_migrations:
+    if apply_migrations or existing:
         # no command timeout: a migration takes as long as its DDL on the tables' rows
         # (its lock waits are bounded, and retried, by the migration itself); cut, it
         # would be rolled back and run again at every start. Its connections are bounded
@@ -101,7 +111,12 @@ async def create_pool(
 
         conn = await open_one()
         try:
-            await migrate(conn, schema, connect=open_one)
+            if existing and not await conn.fetchval(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
+            ):
+                raise NoSuchSchema(schema)
+            if apply_migrations:
+                await migrate(conn, schema, connect=open_one)
         finally:
             await conn.close(timeout=command_timeout)
     # the same filter each time: a logger holds it once
