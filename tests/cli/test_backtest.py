@@ -231,6 +231,21 @@ def test_the_json_document_is_refused_where_a_report_saves_its_results(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("given", "flags"),
+    [
+        (["--minutes", "1"], "--minutes"),
+        (["--launches", "60", "--minutes", "1"], "--minutes, --launches"),
+        (["--start", "1700000000", "--schema", "x"], "--schema, --start"),
+    ],
+)
+def test_a_flag_of_another_source_is_refused_not_ignored(dataset, given, flags, capsys):
+    """--minutes with a dataset would replay all of it where a minute was asked."""
+    with pytest.raises(SystemExit, match=f"{flags}: not for --dataset"):
+        main(["backtest", "--dataset", dataset, "--quiet", *given])
+    assert capsys.readouterr().out == ""  # nothing run
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

@@ -643,9 +643,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     parser.add_argument("--start", type=finite, help="Postgres: first event time (epoch s)")
     parser.add_argument("--end", type=finite, help="Postgres: end of the window (epoch s)")
-    parser.add_argument(
-        "--minutes", type=positive, default=10.0, help="--seed: market minutes (10)"
-    )
+    parser.add_argument("--minutes", type=positive, help="--seed: market minutes (10)")
     parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
@@ -670,7 +668,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=backtest_command)
 
 
+#: the flags that shape each source's stream, by source
+SOURCE_FLAGS = {
+    "--seed": ("minutes", "launches"),
+    "Postgres history": ("schema", "start", "end"),
+}
+
+
+def check_source_flags(args: argparse.Namespace) -> None:
+    """Refuse flags of a source the command does not read: ignored, they would leave a
+    run of another stream than the one asked for (a whole dataset for ``--minutes 1``)."""
+    if args.dataset:
+        source = "--dataset"
+    else:
+        source = "--seed" if args.seed is not None else "Postgres history"
+    stray = [
+        f"--{flag}"
+        for other, flags in SOURCE_FLAGS.items()
+        if other != source
+        for flag in flags
+        if getattr(args, flag) is not None
+    ]
+    if stray:
+        raise SystemExit(f"pumpflow backtest: {', '.join(stray)}: not for {source}")
+
+
 def backtest_command(args: argparse.Namespace) -> int:
+    check_source_flags(args)
     try:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
@@ -711,8 +735,9 @@ def backtest_command(args: argparse.Namespace) -> int:
         except DatasetError as exc:
             raise SystemExit(f"pumpflow backtest: {exc}") from None
     elif args.seed is not None:
-        frames = simulated_frames(args.seed, args.minutes, launches_per_minute=args.launches)
-        source = f"seed {args.seed}, {args.minutes:g} minutes"
+        minutes = 10.0 if args.minutes is None else args.minutes
+        frames = simulated_frames(args.seed, minutes, launches_per_minute=args.launches)
+        source = f"seed {args.seed}, {minutes:g} minutes"
     else:
         from pumpflow.common.runtime.settings import CommonSettings
 
