@@ -214,3 +214,18 @@ def test_a_position_not_marked_yet_shows_no_worth_in_the_plain_lines_as_on_the_d
     (line,) = console.position_lines()
     # worth 0.000 beside a PnL of +0.0000 would say the tokens are worth nothing at no loss
     assert re.search(r"cost 0\.224 SOL +worth - +PnL", line), line
+
+
+async def test_the_most_subscriptions_the_summary_gives_are_counted_between_status_lines():
+    out = io.StringIO()
+    # no status line in the run: the summary's figure is all the counting
+    status = await run_embedded_market(
+        duration=1.5, speed=20.0, seed=7, launches_per_minute=60.0, every=600.0, out=out
+    )
+    assert status == 0
+    printed = out.getvalue()
+    assert "trade subscriptions 1" not in printed  # no status line
+    tokens = int(re.search(r"; (\d+) tokens, \d+ trades", printed)[1])
+    most = int(re.search(r"at most (\d+) subscribed at once", printed)[1])
+    # every token the feed was told of was subscribed to as it launched
+    assert tokens > 0 and most > 0, printed

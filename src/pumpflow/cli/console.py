@@ -115,6 +115,9 @@ class Console:
         data = event.data
         if isinstance(data, TokenCreated):
             self.tokens[data.mint] = _Token(symbol=data.symbol.strip() or data.mint[:6])
+            # the feed subscribes to a token as it launches: the most are counted then,
+            # not only at the status lines
+            self.subscribed()
             if self.verbose:
                 self._say(
                     f"{self.market_clock()} created {data.symbol.strip():<10} {data.mint} "
