@@ -284,6 +284,31 @@ async def test_a_refusal_is_one_line_in_words_not_the_services_json(
     assert "{" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "service"),
+    [
+        (["trading", "halt"], "trading"),
+        (["trading", "state"], "trading"),
+        (["stop", "--no-wait"], "exit"),
+        (["sell", "Mint1pump"], "exit"),
+    ],
+)
+async def test_an_address_of_another_service_is_said_to_be_one(monkeypatch, capsys, argv, service):
+    """The default address is every service's default port: a kill switch given there
+    must not read as trading refusing it."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(Starlette(routes=[])) as base:
+        parsed = build_parser().parse_args([*argv, "--url", base])
+        assert await asyncio.to_thread(parsed.handler, parsed) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    variable = {"trading": "PUMPFLOW_TRADING_URL", "exit": "PUMPFLOW_EXIT_URL"}[service]
+    assert err.startswith(
+        f"pumpflow {argv[0]}: {base} has no such endpoint (404 Not Found): is it a {service} "
+        f"replica's HTTP address? (--url, {variable})"
+    ), err
+
+
 #: an exit replica's answer to a shutdown the broker has not taken yet
 ACCEPTED = {
     "published": False,

@@ -16,6 +16,8 @@ TIMEOUT_S = 10.0
 TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
 #: the variables the CLI reads a replica's ``--url`` from, by service
 URL_VARIABLES = {"exit": "PUMPFLOW_EXIT_URL", "trading": "PUMPFLOW_TRADING_URL"}
+#: the service whose API each command calls
+COMMAND_SERVICES = {"trading": "trading", "stop": "exit", "sell": "exit"}
 #: the longest answer of a service quoted in an error line
 QUOTED_MAX_CHARS = 300
 #: exit status of every control command whose request the service accepted and has not
@@ -65,6 +67,13 @@ def failure(command: str, url: str, exc: OSError) -> str:
             f"missing or wrong; set {TOKEN_VARIABLE} to the service's own {TOKEN_VARIABLE}"
         )
     said = _reason(exc)
+    if exc.code == 404 and said == "Not Found":
+        # no such route: the address is another service's (they share the default port)
+        service = COMMAND_SERVICES[command]
+        return (
+            f"pumpflow {command}: {url} has no such endpoint (404 Not Found): is it a "
+            f"{service} replica's HTTP address? (--url, {URL_VARIABLES[service]})"
+        )
     if exc.code == 503:
         return f"pumpflow {command}: {url} cannot do it now (503: unavailable): {said}"
     return f"pumpflow {command}: {url} refused it ({exc.code} {exc.reason}): {said}"
