@@ -246,6 +246,20 @@ def test_a_flag_of_another_source_is_refused_not_ignored(dataset, given, flags, 
     assert capsys.readouterr().out == ""  # nothing run
 
 
+def test_a_configuration_s_json_value_keeps_its_commas():
+    from pumpflow.cli.backtest import check_config, parse_config
+
+    text = 'strict=trading_name_blocklist=["scam","rug, pull"],trading_min_score=0.5'
+    name, settings = parse_config(text)
+    assert (name, settings) == (
+        "strict", {"trading_name_blocklist": '["scam","rug, pull"]', "trading_min_score": "0.5"}
+    )  # fmt: skip
+    check_config(name, settings)  # the list is taken as the setting's value
+    assert parse_config('a=model_arms=[{"arm":"x","weight":1}]')[1] == {
+        "model_arms": '[{"arm":"x","weight":1}]'
+    }
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

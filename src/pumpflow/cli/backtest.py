@@ -177,13 +177,34 @@ def check_config(name: str, config: Mapping[str, Any]) -> None:
             raise ValueError(f"configuration {name!r}: {exc}") from None
 
 
+def _items(text: str) -> list[str]:
+    """``text`` split at its commas outside JSON's brackets, braces and strings (a list
+    or mapping setting's value is JSON)."""
+    items, start, depth, quoted, escaped = [], 0, 0, False, False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped, quoted = char == "\\", char != '"'
+        elif char == '"':
+            quoted = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
     """``NAME=KEY=VALUE,KEY=VALUE`` (or ``NAME`` alone: the defaults) -> (name, settings)."""
     name, _, rest = text.partition("=")
     if not name:
         raise ValueError(f"configuration {text!r}: a name first, NAME=KEY=VALUE,...")
     settings: dict[str, str] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, _items(rest)):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"configuration {name!r}: {item!r} is not KEY=VALUE")
@@ -647,7 +668,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
-        help="a configuration to run (repeatable); KEYs are trading, exit or model settings",
+        help="a configuration to run (repeatable); KEYs are trading, exit or model settings "
+        "(a list or mapping as JSON)",
     )  # fmt: skip
     parser.add_argument(
         "--configs", metavar="FILE.toml",
