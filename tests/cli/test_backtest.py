@@ -332,3 +332,21 @@ def test_orders_without_an_outcome_at_the_streams_end_are_counted_in_flight():
     assert "sell 3 (filled 2, rejected 1)\n" in report.text()
     assert report.results()["orders"]["buy"]["in_flight"] == 1
     assert report.results()["orders"]["sell"]["in_flight"] == 0
+
+
+def test_an_undefined_live_figure_reads_n_a_not_nan():
+    from collections import Counter
+
+    from pumpflow.cli.backtest import Report, comparison_table
+
+    report = Report(
+        name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=9, orders=Counter(),
+        entries=0, bought_sol=0.0, realized_sol=0.0, unrealized_sol=0.0, open_positions=0,
+        closed_positions=0, wins=0, fees_sol=0.0, max_drawdown_sol=0.0,
+        auc={"entry/control": (float("nan"), 3)},
+        precision={"entry/control": (float("nan"), 0.5)},
+    )  # fmt: skip
+    text = report.text()
+    assert "live AUC entry/control n/a (3 labels)" in text
+    assert "precision entry/control n/a (score >= 0.50)" in text
+    assert "nan" not in text and "nan" not in comparison_table([report])

@@ -316,6 +316,12 @@ class Report:
             models.setdefault(arm, {}).update(precision=_defined(precision), threshold=threshold)
         return models
 
+    def auc_text(self) -> str:
+        """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
+        return (
+            ", ".join(f"{k} {_figure(a)} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a"
+        )
+
     def text(self) -> str:
         from pumpflow.cli.console import no_order_line
 
@@ -339,10 +345,12 @@ class Report:
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
             f"  predictions {self.predictions:,}; live AUC "
-            + (", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a")
+            + self.auc_text()
             + "; precision "
             + (
-                ", ".join(f"{k} {p:.3f} (score >= {t:.2f})" for k, (p, t) in self.precision.items())
+                ", ".join(
+                    f"{k} {_figure(p)} (score >= {t:.2f})" for k, (p, t) in self.precision.items()
+                )
                 or "n/a"
             ),
             f"  {no_order_line(dict(self.skipped.most_common()))}",
@@ -354,6 +362,12 @@ class Report:
 def _sol(value: float) -> float:
     # sums of the same fills in another order differ in the last bits
     return round(float(value), 9)
+
+
+def _figure(value: float) -> str:
+    """A live figure to 3 places; n/a when undefined (NaN: one class of labels, or no
+    score at the threshold)."""
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def _defined(value: float) -> float | None:
@@ -613,8 +627,8 @@ def comparison_table(reports: Sequence[Report]) -> str:
     ]
     for r in reports:
         o = r.orders
-        auc = ", ".join(f"{a:.3f}" for a, _ in r.auc.values()) or "n/a"
-        precision = ", ".join(f"{p:.3f}" for p, _ in r.precision.values()) or "n/a"
+        auc = ", ".join(_figure(a) for a, _ in r.auc.values()) or "n/a"
+        precision = ", ".join(_figure(p) for p, _ in r.precision.values()) or "n/a"
         exits = ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-"
         rows.append(
             f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "

@@ -129,14 +129,13 @@ def write_backtest_reports(
         if r.report_data is None:
             continue
         out = backtest_report_path(path, r.name, several=len(reports) > 1)
-        auc = ", ".join(f"{k} {a:.3f} ({n} labels)" for k, (a, n) in r.auc.items()) or "n/a"
         changed = settings.get(r.name) or {}
         notes = {
             "settings": ", ".join(f"{k}={v}" for k, v in changed.items())
             or "the services' defaults",
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
-            "live AUC": auc,
+            "live AUC": r.auc_text(),
         }
         data = msgspec.structs.replace(
             r.report_data, source=f"{source}: {r.report_data.source}", notes=notes
