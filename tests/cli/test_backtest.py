@@ -316,6 +316,21 @@ async def test_each_configuration_measures_live_precision_where_its_trading_ente
         assert {t for _, t in result.precision.values()} == {min_score}
 
 
+def test_exits_by_rule_read_as_the_table_has_them():
+    from collections import Counter
+
+    from pumpflow.cli.backtest import Report, comparison_table
+
+    report = Report(
+        name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=0, orders=Counter(),
+        entries=3, bought_sol=1.0, realized_sol=0.0, unrealized_sol=0.0, open_positions=0,
+        closed_positions=3, wins=1, fees_sol=0.0, max_drawdown_sol=0.0,
+        exits=Counter({"trailing_stop": 2, "stop_loss": 1}),
+    )  # fmt: skip
+    assert "  exits by rule: stop_loss 1, trailing_stop 2\n" in report.text()
+    assert "| stop_loss 1, trailing_stop 2 |" in comparison_table([report])
+
+
 def test_orders_without_an_outcome_at_the_streams_end_are_counted_in_flight():
     from collections import Counter
 

@@ -316,6 +316,10 @@ class Report:
             models.setdefault(arm, {}).update(precision=_defined(precision), threshold=threshold)
         return models
 
+    def exits_text(self) -> str:
+        """Positions closed by each rule, as ``rule n, ...``."""
+        return ", ".join(f"{rule} {n}" for rule, n in sorted(self.exits.items()))
+
     def auc_text(self) -> str:
         """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
         return (
@@ -339,7 +343,7 @@ class Report:
             ),
             f"  entries {self.entries}, {self.bought_sol:.3f} SOL; closed "
             f"{self.closed_positions}, open {self.open_positions}",
-            f"  exits by rule: {dict(sorted(self.exits.items())) or 'none'}",
+            f"  exits by rule: {self.exits_text() or 'none'}",
             f"  PnL after fees: realised {self.realized_sol:+.4f} SOL, open marked "
             f"{self.unrealized_sol:+.4f}, total {self.pnl:+.4f} (fees {self.fees_sol:.4f})",
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
@@ -629,7 +633,7 @@ def comparison_table(reports: Sequence[Report]) -> str:
         o = r.orders
         auc = ", ".join(_figure(a) for a, _ in r.auc.values()) or "n/a"
         precision = ", ".join(_figure(p) for p, _ in r.precision.values()) or "n/a"
-        exits = ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-"
+        exits = r.exits_text() or "-"
         rows.append(
             f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "
             f"({o['filled', 'buy'] + o['filled', 'sell']}, "
