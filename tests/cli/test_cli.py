@@ -469,6 +469,8 @@ def test_a_file_that_is_no_dataset_is_one_line_naming_its_line_and_no_traceback(
     err = ran.stderr
     assert err.strip() == err.strip().splitlines()[-1], err  # one line
     assert err.startswith(f"pumpflow {argv[0]}: {path}:1: not a dataset line: "), err
+    # what one is, for a file of another kind (pumpflow record --out writes events)
+    assert 'a dataset line is {"t": ..., "frame": ...}, as pumpflow sim dataset writes' in err
 
 
 @pytest.mark.postgres

@@ -72,7 +72,10 @@ def read_dataset_raw(path: str | Path) -> Iterator[tuple[float, bytes]]:
             try:
                 item = decode(line)
             except msgspec.DecodeError as exc:
-                raise DatasetError(f"{path}:{number}: not a dataset line: {exc}") from None
+                raise DatasetError(
+                    f"{path}:{number}: not a dataset line: {exc} (a dataset line is "
+                    '{"t": ..., "frame": ...}, as pumpflow sim dataset writes)'
+                ) from None
             yield item.t, bytes(item.frame)
 
 
