@@ -527,6 +527,25 @@ async def test_a_schema_that_holds_no_history_is_refused_not_created(
         await drop_schema(postgres_dsn, namespace)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--duration", "1", "--plain", "--report", "{dir}/r.JSON"],
+        ["backtest", "--seed", "1", "--minutes", "1", "--quiet", "--report", "{dir}/r.json"],
+        ["report", "--results", "{dir}/saved.json", "--out", "{dir}/r.json"],
+    ],
+)
+def test_a_report_named_as_its_results_would_be_is_refused_before_it_runs(argv, tmp_path, capsys):
+    """The results are saved beside the report as .json: a report so named would be
+    overwritten by them (the command saying it wrote a report, no HTML anywhere)."""
+    (tmp_path / "saved.json").write_text(json.dumps({"title": "t", "source": "s"}))
+    argv = [a.format(dir=tmp_path) for a in argv]
+    with pytest.raises(SystemExit, match=rf"pumpflow {argv[0]}: .*r\.(json|JSON): .*\.html"):
+        cli_main.main(argv)
+    assert capsys.readouterr().out == ""  # nothing ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.json"]
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

@@ -56,7 +56,12 @@ from typing import Any, TextIO
 
 import msgspec
 
-from pumpflow.cli.report import backtest_report_path, writable, write_backtest_reports
+from pumpflow.cli.report import (
+    backtest_report_path,
+    report_writable,
+    writable,
+    write_backtest_reports,
+)
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import finite, positive
 
@@ -764,9 +769,10 @@ def backtest_command(args: argparse.Namespace) -> int:
                 f"pumpflow backtest: --json {args.json_out} is where the results of the report "
                 f"are saved (beside --report {args.report}): give the document another name"
             )
-    for path in (args.report, None if args.json_out == "-" else args.json_out):
-        if path:
-            writable(path)
+    if args.report:
+        report_writable(args.report, command="backtest", flag="--report")
+    if args.json_out and args.json_out != "-":
+        writable(args.json_out)
     if args.dataset:
         from pumpflow.simulator.dataset import DatasetError
 

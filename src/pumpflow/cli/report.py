@@ -44,6 +44,17 @@ def writable(path: str | Path) -> Path:
     return path
 
 
+def report_writable(path: str | Path, *, command: str, flag: str) -> Path:
+    """:func:`writable` for an HTML report, whose results are saved beside it as .json:
+    a report named so would be overwritten by them."""
+    if Path(path).suffix.lower() == ".json":
+        raise SystemExit(
+            f"pumpflow {command}: {flag} {path}: the report's results are saved beside it "
+            f"as .json and would overwrite it: give the report an .html name"
+        )
+    return writable(path)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
@@ -82,6 +93,8 @@ def report_command(args: argparse.Namespace) -> int:
 
     if args.results and (args.dsn or args.schema):
         raise SystemExit("pumpflow report: --results or --dsn/--schema, not both")
+    if args.out:
+        report_writable(args.out, command="report", flag="--out")
     if args.results:
         try:
             found = results.load(args.results)

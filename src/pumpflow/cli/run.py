@@ -108,9 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from pumpflow.cli.dashboard import wants_dashboard
-    from pumpflow.cli.report import default_path, writable
+    from pumpflow.cli.report import default_path, report_writable
 
-    report = writable(args.report or default_path("run", f"seed{args.seed}"))
+    report = report_writable(
+        args.report or default_path("run", f"seed{args.seed}"), command="run", flag="--report"
+    )
     return asyncio.run(
         run_embedded_market(
             duration=args.duration,
