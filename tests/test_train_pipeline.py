@@ -135,6 +135,23 @@ def test_a_skip_of_every_minute_of_a_simulated_market_is_refused():
         cli_main.main(["train", "--sim-seeds", "1", "--sim-minutes", "2", "--skip-minutes", "2"])
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        # an empty range would leave no seed, and the history would come from Postgres
+        ("--sim-seeds", "5-3", "no seed in '5-3'"),
+        ("--sim-seeds", "x", "seeds as 1,2,5-7, not 'x'"),
+        ("--held-out-seeds", "2,,3", "seeds as 1,2,5-7, not '2,,3'"),
+        ("--created-at", "yesterday", "an epoch time or an ISO date, not 'yesterday'"),
+    ],
+)
+def test_a_flag_that_names_no_seed_or_time_is_refused_in_words(flag, value, said, capsys):
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main(["train", "--out", "/nonexistent/m.onnx", flag, value])
+    assert refused.value.code == 2
+    assert f"argument {flag}: {said}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_shipped_default_model_is_rebuilt_byte_for_byte_from_steady_markets(tmp_path):
     path, trained = build_default(tmp_path / "entry.onnx")

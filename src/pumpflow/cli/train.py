@@ -86,11 +86,16 @@ DEFAULT_ARGS = (
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """Seeds written as ``1,2,5-7``."""
+    """Seeds written as ``1,2,5-7``; none (``5-3``) is refused, not taken as no source."""
     seeds: list[int] = []
     for part in text.split(","):
         low, _, high = part.partition("-")
-        seeds += range(int(low), int(high or low) + 1)
+        try:
+            seeds += range(int(low), int(high or low) + 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seeds as 1,2,5-7, not {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"no seed in {text!r}")
     return tuple(seeds)
 
 
@@ -98,7 +103,11 @@ def _epoch(text: str) -> float:
     try:
         return finite(text)
     except argparse.ArgumentTypeError:
+        pass
+    try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an epoch time or an ISO date, not {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
