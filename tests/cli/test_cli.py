@@ -546,6 +546,30 @@ def test_a_report_named_as_its_results_would_be_is_refused_before_it_runs(argv, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.json"]
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["sim", "serve", "--speed", "-1"], "argument --speed: must be >= 0, not -1"),
+        (["sim", "serve", "--malformed-rate", "2"], "argument --malformed-rate: must be >= 0"),
+        (["sim", "serve", "--drop-every", "0"], "argument --drop-every: must be > 0, not 0"),
+        (["sim", "serve", "--hostile-kinds", "nope"], "argument --hostile-kinds: unknown"),
+        (["sim", "calibrate", "--minutes", "0"], "argument --minutes: must be > 0, not 0"),
+        (["sim", "dataset", "--minutes", "-1", "--out", "x.jsonl"], "argument --minutes: must"),
+        (["sim", "serve", "--rate", "0"], "argument --rate: must be > 0, not 0"),
+        (["sim", "load", "x.jsonl", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        (["record", "--duration", "-1", "--out", "x.jsonl"], "argument --duration: must be > 0"),
+        (["replay", "--speed", "0"], "argument --speed: must be > 0, not 0"),
+    ],
+)
+def test_a_services_own_command_refuses_a_value_out_of_range_as_its_flags_error(argv, said, capsys):
+    """Not a traceback from deep in the code, nor a run that records or writes nothing
+    and says it did."""
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main(argv)
+    assert refused.value.code == 2
+    assert said in capsys.readouterr().err
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

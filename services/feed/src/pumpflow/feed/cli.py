@@ -26,7 +26,7 @@ from typing import IO
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import finite, positive
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--out", type=Path, help="JSONL file (default: Postgres)")
     rec.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     rec.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    rec.add_argument("--duration", type=finite, help="seconds to record (default: until stopped)")
+    rec.add_argument("--duration", type=positive, help="seconds to record (default: until stopped)")
     rec.add_argument("--mint", action="append", default=[], help="also stream this mint's trades")
     rec.add_argument("--no-new-tokens", action="store_true", help="skip token creations")
     rec.add_argument("--no-migrations", action="store_true", help="skip migrations")
@@ -188,7 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--start", type=finite, help="first event time (epoch s, inclusive)")
     rep.add_argument("--end", type=finite, help="last event time (epoch s, exclusive)")
     rep.add_argument("--mint", action="append", help="only these mints (repeatable)")
-    rep.add_argument("--speed", type=finite, help="times real time (default: as fast as possible)")
+    rep.add_argument(
+        "--speed", type=positive, help="times real time (default: as fast as possible)"
+    )
     rep.add_argument("--out", type=Path, help="JSONL file (default: stdout)")
     rep.add_argument("--bus", action="store_true", help="publish onto the bus (PUMPFLOW_*)")
 

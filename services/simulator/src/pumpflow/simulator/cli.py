@@ -12,12 +12,23 @@ import sys
 import time
 from pathlib import Path
 
-from pumpflow.common.runtime.arguments import finite
+from pumpflow.common.runtime.arguments import count, finite, non_negative, positive, probability
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
+
+
+def hostile_kinds(text: str) -> tuple[str, ...]:
+    """``--hostile-kinds``: names of :data:`HOSTILE_KINDS`, comma-separated."""
+    kinds = tuple(k for k in text.split(",") if k)
+    unknown = sorted(set(kinds) - set(HOSTILE_KINDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown)}; known: {', '.join(HOSTILE_KINDS)}"
+        )
+    return kinds
 
 
 def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
@@ -27,11 +38,11 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     def market_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=1, help="market seed (default 1)")
-        p.add_argument("--rate", type=finite, default=30.0, help="token launches per minute")
+        p.add_argument("--rate", type=positive, default=30.0, help="token launches per minute")
 
     p = sub.add_parser("calibrate", help="measure a run against docs/market.md's statistics")
     market_args(p)
-    p.add_argument("--minutes", type=finite, default=60.0, help="simulated minutes of launches")
+    p.add_argument("--minutes", type=positive, default=60.0, help="simulated minutes of launches")
 
     p = sub.add_parser("serve", help="serve PumpPortal's data socket from the market")
     market_args(p)
@@ -39,51 +50,56 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port to listen on (8765; 0: any)")
     p.add_argument(
         "--speed",
-        type=finite,
+        type=non_negative,
         default=1.0,
         help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read",
     )
     p.add_argument(
         "--drop-every",
-        type=finite,
+        type=positive,
         default=None,
         metavar="S",
         help="drop every connection (no close frame) every S seconds",
     )
     p.add_argument(
         "--malformed-rate",
-        type=finite,
+        type=probability,
         default=0.0,
         metavar="R",
         help="share of frames replaced by a malformed one",
     )
     p.add_argument(
-        "--duplicate-rate", type=finite, default=0.0, metavar="R", help="share of frames sent twice"
+        "--duplicate-rate",
+        type=probability,
+        default=0.0,
+        metavar="R",
+        help="share of frames sent twice",
     )
     p.add_argument(
         "--delay-rate",
-        type=finite,
+        type=probability,
         default=0.0,
         metavar="R",
         help="share of frames held back by a random extra latency",
     )
     p.add_argument(
         "--delay-max",
-        type=finite,
+        type=non_negative,
         default=0.5,
         metavar="S",
         help="longest extra latency of a held-back frame (0.5 s)",
     )
     p.add_argument(
         "--hostile-rate",
-        type=finite,
+        type=probability,
         default=0.0,
         metavar="R",
         help="share of frames followed by a hostile frame",
     )
     p.add_argument(
         "--hostile-kinds",
-        default="",
+        type=hostile_kinds,
+        default=(),
         metavar="K,K",
         help=f"hostile classes (default all but oversize): {','.join(HOSTILE_KINDS)}",
     )
@@ -107,7 +123,7 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
     market_args(p)
-    p.add_argument("--minutes", type=finite, default=60.0, help="simulated minutes (60)")
+    p.add_argument("--minutes", type=positive, default=60.0, help="simulated minutes (60)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument(
         "--start-epoch",
@@ -120,7 +136,7 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE.jsonl", help="a `dataset` file")
     p.add_argument("--dsn", default=None, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     p.add_argument("--schema", default=None, help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    p.add_argument("--batch-size", type=int, default=5_000, help="rows per insert (5000)")
+    p.add_argument("--batch-size", type=count, default=5_000, help="rows per insert (5000)")
     return parser
 
 
@@ -163,7 +179,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
         delay_rate=args.delay_rate,
         delay_max_s=args.delay_max,
         hostile_rate=args.hostile_rate,
-        hostile_kinds=tuple(k for k in args.hostile_kinds.split(",") if k),
+        hostile_kinds=args.hostile_kinds,
         seed=args.seed,
     )
     server = SimulatorServer(
