@@ -570,6 +570,28 @@ def test_a_services_own_command_refuses_a_value_out_of_range_as_its_flags_error(
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--duration", "1", "--plain"],
+        ["backtest", "--seed", "1", "--minutes", "1", "--quiet"],
+        ["backtest", "--seed", "1", "--minutes", "1", "--quiet", "--config", "a", "--config", "b"],
+    ],
+)
+def test_a_reports_folder_that_cannot_be_written_is_refused_before_the_run(
+    argv, monkeypatch, capsys
+):
+    """PUMPFLOW_REPORTS_DIR is the user's as a flag is: a backtest ended in a traceback
+    after every configuration ran, their reports lost."""
+    monkeypatch.setenv("PUMPFLOW_REPORTS_DIR", "/proc/nonexistent")
+    assert cli_main.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    assert (
+        captured.err.strip() == f"pumpflow {argv[0]}: /proc/nonexistent: No such file or directory"
+    )
+
+
 def test_a_file_error_of_the_codes_own_keeps_its_traceback(monkeypatch, tmp_path):
     """A file no flag named failing is a defect, not the user's: it is raised as it is."""
     from pumpflow.cli import catalogue

@@ -769,8 +769,12 @@ def backtest_command(args: argparse.Namespace) -> int:
                 f"pumpflow backtest: --json {args.json_out} is where the results of the report "
                 f"are saved (beside --report {args.report}): give the document another name"
             )
-    if args.report:
-        report_writable(args.report, command="backtest", flag="--report")
+    for name, _ in configs:
+        # where the reports go (the reports folder without --report), before any runs
+        report_writable(
+            backtest_report_path(args.report, name, several=len(configs) > 1),
+            command="backtest", flag="--report",
+        )  # fmt: skip
     if args.json_out and args.json_out != "-":
         writable(args.json_out)
     if args.dataset:

@@ -140,7 +140,9 @@ def _command(argv: Sequence[str] | None) -> int:
             return delegate(command, given)
     else:
         args = build_parser().parse_args(argv)
-        command, given = args.command, list(vars(args).values())
+        # the reports folder is the user's, as a flag's value is
+        given = [*vars(args).values(), os.environ.get(REPORTS_DIR_ENV)]
+        command = args.command
 
         def handle() -> int:
             return int(args.handler(args) or 0)
