@@ -528,14 +528,22 @@ async def advancing(clock: ReplayClock, condition, *, what: str, step: float = 0
     await eventually(moved, 60.0, what=what, interval=0.01)
 
 
-async def test_a_late_entry_behind_the_exit_consumers_backlog_is_waited_for_and_sold(harness):
+#: a look for late positions far apart (an hour): they are sold as they come, not found
+#: by a look
+POLL_S = [0.02, pytest.param(3600.0, id="sold-as-it-comes")]
+
+
+@pytest.mark.parametrize("poll_s", POLL_S)
+async def test_a_late_entry_behind_the_exit_consumers_backlog_is_waited_for_and_sold(
+    harness, poll_s
+):
     bus = await harness.bus(partitions=PARTITIONS, source="test/embedded")
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     ledger, records = MemoryLedger(), MemoryExitStore()
     trader = trading(ledger, partitions=PARTITIONS)
     exits = exit_service(
-        records, partitions=PARTITIONS, exit_run_poll_s=0.02, exit_barrier_wait_s=5.0
+        records, partitions=PARTITIONS, exit_run_poll_s=poll_s, exit_barrier_wait_s=5.0
     )
     async with embedded(clock, trader, exits, bus=bus) as (_, watch):
         late = tokens.mint()

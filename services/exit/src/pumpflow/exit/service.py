@@ -248,6 +248,9 @@ class ExitService(Service):
         self._ended: RunRecord | None = None
         #: a change of the run raised: its reply lost, it may have ended the run
         self._unanswered = False
+        #: resolved (and dropped) when a position comes here or the run ends during a
+        #: graceful exit: the looks that wait ``exit_run_poll_s`` for either look at once
+        self._stirred: asyncio.Future[None] | None = None
         #: set when this replica's graceful exit has begun, and when it has ended
         self.began = asyncio.Event()
         self.finished = asyncio.Event()
@@ -298,6 +301,7 @@ class ExitService(Service):
             on_lifecycle=self._on_lifecycle,
             on_closed=self._on_closed,
             on_request=self._on_request,
+            on_held=self._on_held,
             retire_ttl_s=s.exit_state_ttl_s,
         )
         under_way = await self.records.active_run()
@@ -398,10 +402,31 @@ class ExitService(Service):
         self.began.set()
         self._graceful = asyncio.create_task(self._run_graceful(run), name="exit-graceful")
 
+    def _stir(self) -> None:
+        """Wake the looks waiting for a position to come or the run to end."""
+        if self._stirred is not None and not self._stirred.done():
+            self._stirred.set_result(None)
+        self._stirred = None
+
+    def _next_stir(self) -> asyncio.Future[None]:
+        """What the next :meth:`_stir` resolves: taken before a look, so what comes
+        during the look wakes the wait after it."""
+        if self._stirred is None:
+            self._stirred = asyncio.get_running_loop().create_future()
+        return self._stirred
+
+    def _on_held(self, mint: str, position_id: str) -> None:
+        if self.run is not None:
+            # a late entry's position (or one a dead replica's partition brought): sold
+            # as it comes, not a poll later, as the market moves on meanwhile
+            self._stir()
+
     async def _poll_runs(self) -> None:
         """Find a graceful exit another replica began; take in positions opened late."""
+        stirred = self._next_stir()
         while True:
-            await asyncio.sleep(self.settings.exit_run_poll_s)
+            await asyncio.wait({stirred}, timeout=self.settings.exit_run_poll_s)
+            stirred = self._next_stir()
             try:
                 if self.run is None:
                     run = await self.records.active_run()
@@ -586,7 +611,7 @@ class ExitService(Service):
         """Wait for the run to end, listing the partitions that come here; None when a
         position comes here to sell (a dead replica's partitions, a late position)."""
         while self._ended is None:
-            await asyncio.sleep(self.settings.exit_run_poll_s)
+            stirred = self._next_stir()
             try:
                 stored = await self.records.get_run(run.run_id)
                 if stored is not None and stored.finished_at is not None:
@@ -598,6 +623,7 @@ class ExitService(Service):
                 await self._update_run(partitions=sorted(self.consumer.restored))
             except Exception:
                 log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
+            await asyncio.wait({stirred}, timeout=self.settings.exit_run_poll_s)
         return self._ended
 
     async def _list_share(self, manager: GracefulExitManager, lines=(), withdraw=()) -> None:
@@ -699,6 +725,7 @@ class ExitService(Service):
         self._unanswered = False
         if ended is not None:
             self._ended = ended
+            self._stir()
             report = msgspec.convert(ended.summary, type=ExitReport)
             event_id = derived_id("exit-report", run_id)
             await ctx.bus.publish(make_event(report, source=ctx.source, time=now,

@@ -329,6 +329,8 @@ LifecycleHook = Callable[[str, LifecycleState, float], None]
 ClosedHook = Callable[[str, str, str, float], None]
 #: (mint, the request's event, the sale it ordered or None, why none)
 RequestHook = Callable[[str, Event, ExitOrder | None, str], None]
+#: (mint, the id of the position newly held on it)
+HeldHook = Callable[[str, str], None]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(ExitState).decode
@@ -348,6 +350,7 @@ class ExitProcessor:
         on_lifecycle: LifecycleHook | None = None,
         on_closed: ClosedHook | None = None,
         on_request: RequestHook | None = None,
+        on_held: HeldHook | None = None,
         retire_ttl_s: float = 6 * 3600.0,
     ):
         if retire_ttl_s <= 0:
@@ -362,6 +365,7 @@ class ExitProcessor:
         self.on_lifecycle = on_lifecycle
         self.on_closed = on_closed
         self.on_request = on_request
+        self.on_held = on_held
         #: a graceful exit is selling: the rules order nothing
         self.halted = False
         #: mint -> the market of a token without a position as its latest trade left it,
@@ -523,6 +527,8 @@ class ExitProcessor:
                 cost_sol=data.cost_sol,
             )
             state.pending = {}
+            if self.on_held is not None:
+                self.on_held(state.mint, data.position_id)
         elif _overtaken(position, seq):
             return  # what it holds is past: a later fill or position event counted it
         else:
