@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,13 +17,12 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.cli.api import UNPUBLISHED
 from pumpflow.cli.main import build_parser
-from pumpflow.common.bus.rabbitmq import RabbitMQBus
 from pumpflow.common.clock import WallClock
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.common.testing.proxy import TcpProxy
+from pumpflow.common.testing.bus import proxied_buses
 from pumpflow.common.testing.servers import local_app
 from pumpflow.exit.records import MemoryExitStore
 from pumpflow.exit.service import ExitService
@@ -52,14 +50,9 @@ async def replica_behind_proxy(namespace: str, amqp_url: str):
         exit_publish_wait_s=PUBLISH_WAIT_S,
     )
     clock = WallClock()
-    async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
-        buses = [
-            RabbitMQBus(url=url, namespace=namespace, partitions=PARTITIONS, source=source)
-            for url, source in ((proxy.url(amqp_url), "exit/e"), (amqp_url, "watch/w"))
-        ]
-        bus, watching = buses
-        for each in buses:
-            await each.start()
+    async with proxied_buses(
+        amqp_url, namespace=namespace, partitions=PARTITIONS, source="exit/e"
+    ) as (proxy, bus, watching):
         # trading.state: the critical lane's keyless markers, on system.shutdown's queue
         watch = await EventCollector("watch").attach(
             watching, "system.shutdown", "exit.sale_requested", "trading.state"
@@ -77,9 +70,6 @@ async def replica_behind_proxy(namespace: str, amqp_url: str):
         finally:
             proxy.thaw()
             await service.stop()
-            for each in buses:
-                await each.delete_topology()
-                await each.close()
 
 
 async def pumpflow(*argv: str) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from pumpflow.common.bus.abc import EventBus, Subscription
 from pumpflow.common.bus.journal import SharedDeliveryJournal
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing.collector import EventCollector
+from pumpflow.common.testing.proxy import TcpProxy
 
 MEMORY = "memory"
 RABBITMQ = "rabbitmq"
@@ -193,3 +196,29 @@ class BusHarness:
         self._memory = None
         if failure is not None:
             raise failure
+
+
+@contextlib.asynccontextmanager
+async def proxied_buses(
+    amqp_url: str, *, namespace: str, partitions: int, source: str
+) -> AsyncIterator[tuple[TcpProxy, EventBus, EventBus]]:
+    """A started RabbitMQ bus of ``source`` reaching the broker through a proxy (to
+    freeze it: a broker that takes no publication), and a watching bus on the broker
+    itself; what they declared is deleted after. Yields (proxy, the proxied bus, the
+    watching bus)."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    async with TcpProxy(urlsplit(amqp_url).port or 5672) as proxy:
+        buses = [
+            RabbitMQBus(url=url, namespace=namespace, partitions=partitions, source=each)
+            for url, each in ((proxy.url(amqp_url), source), (amqp_url, "watch/w"))
+        ]
+        try:
+            for bus in buses:
+                await bus.start()
+            yield proxy, buses[0], buses[1]
+        finally:
+            proxy.thaw()
+            for bus in buses:
+                await bus.delete_topology()
+                await bus.close()
