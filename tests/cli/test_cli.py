@@ -502,9 +502,7 @@ async def test_a_schema_that_holds_no_history_is_refused_not_created(
 ):
     """A typo in --schema (or PUMPFLOW_NAMESPACE) must not be migrated into an empty
     history that a command reading it reports as nothing recorded."""
-    import asyncpg
-
-    from pumpflow.common.testing import drop_schema
+    from pumpflow.common.testing import drop_schema, schema_exists
 
     argv = [a.format(dir=tmp_path) for a in argv] + ["--dsn", postgres_dsn, "--schema", namespace]
     try:
@@ -515,14 +513,7 @@ async def test_a_schema_that_holds_no_history_is_refused_not_created(
         last = ran.stderr.strip().splitlines()[-1]
         assert last.startswith(f"pumpflow {argv[0]}: no schema {namespace!r} in Postgres"), last
         assert "Traceback" not in ran.stderr
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            created = await conn.fetchval(
-                "SELECT count(*) FROM pg_namespace WHERE nspname = $1", namespace
-            )
-        finally:
-            await conn.close()
-        assert created == 0
+        assert not await schema_exists(postgres_dsn, namespace)
     finally:
         await drop_schema(postgres_dsn, namespace)
 

@@ -220,9 +220,7 @@ async def test_a_schema_that_holds_no_ledger_is_refused_not_created(
 ):
     """A typo in --schema (or PUMPFLOW_NAMESPACE) must not be migrated into an empty
     ledger whose report says nothing was traded, with exit status 0."""
-    import asyncpg
-
-    from pumpflow.common.testing import drop_schema
+    from pumpflow.common.testing import drop_schema, schema_exists
 
     out = tmp_path / "ledger.html"
     argv = ["report", "--dsn", postgres_dsn, "--schema", namespace, "--out", str(out)]
@@ -231,14 +229,7 @@ async def test_a_schema_that_holds_no_ledger_is_refused_not_created(
             await asyncio.to_thread(main, argv)
         assert f"no schema {namespace!r}" in str(refused.value.code)
         assert not out.exists()
-        conn = await asyncpg.connect(postgres_dsn)
-        try:
-            created = await conn.fetchval(
-                "SELECT count(*) FROM pg_namespace WHERE nspname = $1", namespace
-            )
-        finally:
-            await conn.close()
-        assert created == 0
+        assert not await schema_exists(postgres_dsn, namespace)
     finally:
         await drop_schema(postgres_dsn, namespace)
 

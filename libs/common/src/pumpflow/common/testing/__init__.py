@@ -32,6 +32,7 @@ from pumpflow.common.testing.servers import (
     free_port,
     local_app,
     rabbitmq_vhost,
+    schema_exists,
 )
 from pumpflow.common.testing.stack import (
     PUMPFLOW,
@@ -68,6 +69,7 @@ __all__ = [
     "partition_keys",
     "rabbitmq_vhost",
     "sample_payload",
+    "schema_exists",
     "settings_env",
     "stack_env",
 ]

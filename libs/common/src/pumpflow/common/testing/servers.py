@@ -109,6 +109,19 @@ def rabbitmq_vhost(url: str = AMQP_URL, *, user: str = "guest") -> Iterator[str]
             subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
 
 
+async def schema_exists(dsn: str, schema: str) -> bool:
+    """Whether Postgres has the schema ``schema`` (a command must not make one up)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(
+            await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema)
+        )
+    finally:
+        await conn.close()
+
+
 async def drop_schema(dsn: str, schema: str) -> None:
     """Drop a Postgres schema and everything in it (a test's namespace)."""
     import asyncpg
