@@ -14,9 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.cli.api import UNPUBLISHED
 from pumpflow.cli.main import build_parser
-from pumpflow.common.bus import Subscription
 from pumpflow.common.clock import WallClock
-from pumpflow.common.events import Event
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
@@ -38,49 +36,22 @@ STORE_WAIT_S = 0.5
 async def test_a_halt_is_answered_while_the_broker_takes_no_publication(
     namespace, amqp_url, pg_pool
 ):
-    settings = TradingSettings.load(
-        service="trading",
-        namespace=namespace,
-        partitions=PARTITIONS,
-        trading_halt_store_wait_s=STORE_WAIT_S,
-    )
-    announced: list[Event] = []
+    async with trading_behind_proxy(namespace, amqp_url, pg_pool) as (
+        proxy, service, _base, watch, bus
+    ):  # fmt: skip
+        proxy.freeze()
+        body = await asyncio.wait_for(service.halt("the broker is blocked"), 10 * STORE_WAIT_S)
+        assert body["state"] == "halted" and body["stored"] is True, body
+        assert service.risk.state is TradingState.HALTED
+        assert await service.ledger.control() == ("halted", "the broker is blocked")
+        assert said(watch) == []
 
-    async def heard(event: Event) -> None:
-        announced.append(event)
-
-    clock = WallClock()
-    async with proxied_buses(
-        amqp_url, namespace=namespace, partitions=PARTITIONS, source="trading/t"
-    ) as (proxy, bus, watch):
-        await watch.subscribe(
-            Subscription(service="watch", patterns=("trading.state",), handler=heard)
-        )
-        service = TradingService(
-            settings, registry=CollectorRegistry(), ledger=PostgresLedger(pg_pool)
-        )
-        ctx = ServiceContext(
-            settings=settings, bus=bus, clock=clock, store=MemoryStateStore(clock), db=pg_pool
-        )
-        try:
-            await service.start(ctx)
-            await eventually(lambda: service.role == "active", what="trading held")
-            proxy.freeze()
-            body = await asyncio.wait_for(service.halt("the broker is blocked"), 10 * STORE_WAIT_S)
-            assert body["state"] == "halted" and body["stored"] is True, body
-            assert service.risk.state is TradingState.HALTED
-            assert await service.ledger.control() == ("halted", "the broker is blocked")
-            assert announced == []
-
-            proxy.thaw()
-            await eventually(lambda: announced, 30, what="the halt announced")
-            [halted] = [e.data for e in announced]
-            assert halted.state == "halted" and halted.reason == "the broker is blocked"
-            assert body["announced"] is False, body
-            assert "its announcement (trading.state) is not published yet" in body["detail"]
-        finally:
-            proxy.thaw()
-            await service.stop()
+        proxy.thaw()
+        await watch.wait_for(1, "trading.state", within=30)
+        await watch.barrier(bus, event_type="trading.state")
+        assert said(watch) == [("halted", "the broker is blocked")]
+        assert body["announced"] is False, body
+        assert "its announcement (trading.state) is not published yet" in body["detail"]
 
 
 TOKEN = "kill-switch-token"
