@@ -320,7 +320,7 @@ async def test_a_port_in_use_is_a_clear_start_up_error():
     await first.start()
     try:
         second = HttpServer(app, host="127.0.0.1", port=first.port)
-        with pytest.raises(RuntimeError, match="HTTP server failed to start"):
+        with pytest.raises(OSError, match=f"cannot serve HTTP on 127.0.0.1:{first.port}"):
             await asyncio.wait_for(second.start(), 10)
     finally:
         await first.stop()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -98,6 +100,23 @@ async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
     stop.set()
     assert await asyncio.wait_for(runner, 30) == 0
     assert await ready(port) is None
+
+
+async def test_a_port_in_use_is_one_line_naming_the_address_and_no_traceback(monkeypatch, caplog):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", str(port))
+    try:
+        code = await asyncio.wait_for(run_service(Idle), 30)
+    finally:
+        taken.close()
+    assert code == EXIT_FAILED
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in failed if r.exc_info], caplog.text
+    said = " ".join(r.getMessage() for r in failed)
+    assert f"127.0.0.1:{port}" in said and "PUMPFLOW_HTTP_PORT" in said, said
+    assert "address already in use" in said.lower(), said
 
 
 class LosesWorkOnStop(Service):

@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import logging
 import math
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -298,6 +299,29 @@ def clock_view(clock: Clock) -> dict[str, Any]:
     }
 
 
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as asyncio's
+    ``create_server`` binds them; bound here so that a port in use is an OSError to
+    report, where uvicorn would log it and exit the process."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # a port of 0: the first address takes any, the others the same one
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the runner decides when to stop."""
 
@@ -317,17 +341,25 @@ class HttpServer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Start serving; raise if the socket cannot be bound."""
-        self._task = asyncio.create_task(self._serve(), name="http")
+        """Start serving; raise OSError naming the address if it cannot be bound."""
+        config = self._server.config
+        try:
+            sockets = _bind(config.host, config.port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OSError(
+                exc.errno, f"cannot serve HTTP on {config.host}:{config.port}: {reason}"
+            ) from None
+        self._task = asyncio.create_task(self._serve(sockets), name="http")
         while not self._server.started:
             if self._task.done():
                 await self._task  # re-raise the start-up failure
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
 
-    async def _serve(self) -> None:
+    async def _serve(self, sockets: list[socket.socket]) -> None:
         try:
-            await self._server.serve()
+            await self._server.serve(sockets=sockets)
         except SystemExit as exc:
             # uvicorn exits the process when it cannot bind; a service reports it instead
             raise RuntimeError(f"HTTP server failed to start (exit {exc.code})") from None

@@ -135,7 +135,10 @@ async def run_service(
             http = HttpServer(
                 create_app(service, startup), host=settings.http_host, port=settings.http_port
             )
-            await http.start()
+            try:
+                await http.start()
+            except OSError as exc:
+                raise _Refused(f"{exc.strerror} (PUMPFLOW_HTTP_HOST, PUMPFLOW_HTTP_PORT)") from None
             log.info("serving HTTP on %s:%d", settings.http_host, http.port)
         connecting = asyncio.create_task(_connect(service_cls, settings, clock, startup, wired))
         try:
@@ -149,6 +152,9 @@ async def run_service(
             startup.ctx = ctx
             log.info("%s running", settings.service)
             await _wait(stop, http)
+    except _Refused as exc:
+        log.error("%s cannot start: %s", settings.service, exc)
+        exit_code = EXIT_FAILED
     except Exception:
         log.exception("%s failed", settings.service)
         exit_code = EXIT_FAILED
@@ -182,6 +188,10 @@ async def run_service(
             loop.remove_signal_handler(sig)
         log.info("%s stopped (exit %d)", settings.service, exit_code)
     return exit_code
+
+
+class _Refused(Exception):
+    """A start the operator's settings refuse (an address in use): said in one line."""
 
 
 class _Wired:
