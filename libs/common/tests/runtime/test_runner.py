@@ -119,6 +119,24 @@ async def test_a_port_in_use_is_one_line_naming_the_address_and_no_traceback(mon
     assert "address already in use" in said.lower(), said
 
 
+class NeedsRedis(Idle):
+    name = "needs-redis"
+    needs_store = True
+
+
+async def test_a_dependency_unreachable_past_the_wait_is_one_line_and_no_traceback(
+    monkeypatch, caplog
+):
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    monkeypatch.setenv("PUMPFLOW_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("PUMPFLOW_DEPENDENCY_WAIT_S", "0.5")
+    assert await asyncio.wait_for(run_service(NeedsRedis), 60) == EXIT_FAILED
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in failed if r.exc_info], caplog.text
+    assert "redis still unreachable after" in " ".join(r.getMessage() for r in failed)
+
+
 class LosesWorkOnStop(Service):
     name = "loses-work"
     started = False

@@ -43,7 +43,7 @@ from pumpflow.common.dependencies import POSTGRES
 from pumpflow.common.runtime.logging import configure_logging, redacted_settings
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
-from pumpflow.common.runtime.startup import Startup
+from pumpflow.common.runtime.startup import DependencyUnavailable, Startup
 
 if TYPE_CHECKING:
     import asyncpg
@@ -152,7 +152,7 @@ async def run_service(
             startup.ctx = ctx
             log.info("%s running", settings.service)
             await _wait(stop, http)
-    except _Refused as exc:
+    except (_Refused, DependencyUnavailable) as exc:
         log.error("%s cannot start: %s", settings.service, exc)
         exit_code = EXIT_FAILED
     except Exception:
@@ -191,7 +191,8 @@ async def run_service(
 
 
 class _Refused(Exception):
-    """A start the operator's settings refuse (an address in use): said in one line."""
+    """A start the operator's settings refuse (an address in use): said in one line, as a
+    dependency unreachable past ``dependency_wait_s`` is."""
 
 
 class _Wired:

@@ -159,7 +159,8 @@ class Startup:
                     waited = time.monotonic() - waiting.since
                     if give_up_after_s is not None and waited >= give_up_after_s:
                         raise DependencyUnavailable(
-                            f"{name} still unreachable after {waited:.0f} s: {waiting.error}"
+                            f"{name} still unreachable after {waited:.0f} s "
+                            f"(PUMPFLOW_DEPENDENCY_WAIT_S): {waiting.error}"
                         ) from exc
                     log.warning(
                         "waiting for %s (attempt %d, %.0f s so far): %s; next try in %.1f s",
