@@ -303,9 +303,43 @@ async def test_an_address_of_another_service_is_said_to_be_one(monkeypatch, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     variable = {"trading": "PUMPFLOW_TRADING_URL", "exit": "PUMPFLOW_EXIT_URL"}[service]
+    replica = {"trading": "a trading replica", "exit": "an exit replica"}[service]
     assert err.startswith(
-        f"pumpflow {argv[0]}: {base} has no such endpoint (404 Not Found): is it a {service} "
-        f"replica's HTTP address? (--url, {variable})"
+        f"pumpflow {argv[0]}: {base} has no such endpoint (404 Not Found): is it {replica}'s "
+        f"HTTP address? (--url, {variable})"
+    ), err
+
+
+def another_service(name: str) -> Starlette:
+    """A replica of the service ``name``: its ``/healthz``, and 404 elsewhere."""
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"alive": True, "service": name, "replica": f"{name}-1"})
+
+    return Starlette(routes=[Route("/healthz", healthz)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "there", "wanted", "variable"),
+    [
+        (["trading", "state"], "exit", "a trading replica", "PUMPFLOW_TRADING_URL"),
+        (["trading", "halt"], "features", "a trading replica", "PUMPFLOW_TRADING_URL"),
+        (["stop", "--no-wait"], "trading", "an exit replica", "PUMPFLOW_EXIT_URL"),
+        (["sell", "MintX"], "trading", "an exit replica", "PUMPFLOW_EXIT_URL"),
+    ],
+)
+async def test_an_address_of_another_service_is_named_as_such(
+    monkeypatch, capsys, argv, there, wanted, variable
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with local_app(another_service(there)) as base:
+        parsed = build_parser().parse_args([*argv, "--url", base])
+        assert await asyncio.to_thread(parsed.handler, parsed) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"pumpflow {argv[0]}: {base} serves the {there} service, not {wanted}: "
+        f"give --url (or {variable}) {wanted}'s address"
     ), err
 
 

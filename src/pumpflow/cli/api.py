@@ -16,8 +16,8 @@ TIMEOUT_S = 10.0
 TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
 #: the variables the CLI reads a replica's ``--url`` from, by service
 URL_VARIABLES = {"exit": "PUMPFLOW_EXIT_URL", "trading": "PUMPFLOW_TRADING_URL"}
-#: the service whose API each command calls
-COMMAND_SERVICES = {"trading": "trading", "stop": "exit", "sell": "exit"}
+#: what the CLI calls a replica of each service it talks to
+REPLICAS = {"exit": "an exit replica", "trading": "a trading replica"}
 #: the longest answer of a service quoted in an error line
 QUOTED_MAX_CHARS = 300
 #: exit status of every control command whose request the service accepted and has not
@@ -36,15 +36,15 @@ def http_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def replica_url_argument(parser: argparse.ArgumentParser, service: str, replica: str) -> None:
-    """``--url``: the HTTP address of ``replica`` (``an exit replica``), from the
-    environment's variable of ``service`` (:data:`URL_VARIABLES`) by default."""
+def replica_url_argument(parser: argparse.ArgumentParser, service: str) -> None:
+    """``--url``: the HTTP address of a replica of ``service``, from the environment's
+    variable of ``service`` (:data:`URL_VARIABLES`) by default."""
     variable = URL_VARIABLES[service]
     parser.add_argument(
         "--url",
         type=http_url,
         default=os.environ.get(variable, DEFAULT_URL),
-        help=f"{replica}'s HTTP address ({variable}, {DEFAULT_URL})",
+        help=f"{REPLICAS[service]}'s HTTP address ({variable}, {DEFAULT_URL})",
     )
 
 
@@ -56,24 +56,31 @@ def api_token(command: str) -> str | None:
     return token
 
 
-def failure(command: str, url: str, exc: OSError) -> str:
-    """The one line that says why a call to the service at ``url`` failed: its refusal
-    in words (the service's reason, not its JSON), or that it did not answer."""
+def failure(command: str, url: str, exc: OSError, *, service: str) -> str:
+    """The one line that says why a call to a replica of ``service`` at ``url`` failed:
+    its refusal in words (the service's reason, not its JSON), that it did not answer, or
+    that another service answers there."""
     if not isinstance(exc, urllib.error.HTTPError):
         return f"pumpflow {command}: {url} does not answer: {exc}"
+    there = _service_at(url) if exc.code == 404 else None
+    if there is not None and there != service:
+        wanted = REPLICAS[service]
+        return (
+            f"pumpflow {command}: {url} serves the {there} service, not {wanted}: give --url "
+            f"(or {URL_VARIABLES[service]}) {wanted}'s address"
+        )
+    if exc.code == 404 and there is None and _reason(exc) == "Not Found":
+        # no such route, and no service says it serves there: not one of ours
+        return (
+            f"pumpflow {command}: {url} has no such endpoint (404 Not Found): is it "
+            f"{REPLICAS[service]}'s HTTP address? (--url, {URL_VARIABLES[service]})"
+        )
     if exc.code == 401:
         return (
             f"pumpflow {command}: {url} refused the bearer token (401 unauthorized): it is "
             f"missing or wrong; set {TOKEN_VARIABLE} to the service's own {TOKEN_VARIABLE}"
         )
     said = _reason(exc)
-    if exc.code == 404 and said == "Not Found":
-        # no such route: the address is another service's (they share the default port)
-        service = COMMAND_SERVICES[command]
-        return (
-            f"pumpflow {command}: {url} has no such endpoint (404 Not Found): is it a "
-            f"{service} replica's HTTP address? (--url, {URL_VARIABLES[service]})"
-        )
     if exc.code == 503:
         return f"pumpflow {command}: {url} cannot do it now (503: unavailable): {said}"
     return f"pumpflow {command}: {url} refused it ({exc.code} {exc.reason}): {said}"
@@ -93,6 +100,15 @@ def _reason(exc: urllib.error.HTTPError) -> str:
     if len(said) > QUOTED_MAX_CHARS:
         said = said[: QUOTED_MAX_CHARS - 3] + "..."
     return said
+
+
+def _service_at(url: str) -> str | None:
+    """The service whose replica serves ``url`` (its ``/healthz`` says), if it says."""
+    try:
+        service = get_json(f"{url}/healthz").get("service")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return service if isinstance(service, str) else None
 
 
 def get_json(url: str) -> dict:

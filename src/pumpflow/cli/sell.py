@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--position", help="only while the token's position is this id")
     parser.add_argument("--reason", default="pumpflow sell", help="why (in the exit's log)")
-    replica_url_argument(parser, "exit", "an exit replica")
+    replica_url_argument(parser, "exit")
     parser.add_argument(
         "--wait",
         type=bounded(at_least=0.0, at_most=60.0),
@@ -85,7 +85,7 @@ def sell_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         if reader_gone(exc):
             raise
-        print(failure("sell", url, exc), file=sys.stderr)
+        print(failure("sell", url, exc, service="exit"), file=sys.stderr)
         return 1
     if answer.get("published") is False:
         print(f"pumpflow sell: {args.mint}: {answer['detail']}", file=sys.stderr)

@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
-    replica_url_argument(parser, "exit", "an exit replica")
+    replica_url_argument(parser, "exit")
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
         "--timeout", type=positive, default=300.0, help="seconds to follow the exit (300)"
@@ -103,7 +103,7 @@ def stop_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         if reader_gone(exc):
             raise  # what it printed is not read: not the service's failure
-        print(failure("stop", url, exc), file=sys.stderr)
+        print(failure("stop", url, exc, service="exit"), file=sys.stderr)
         return 1
     if unpublished and not begun:
         print("pumpflow stop: the graceful exit did not begin in time (system.shutdown was "

@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="signatures",
         help="acknowledge: the unbooked trade's signature (repeatable; default: all)",
     )
-    replica_url_argument(parser, "trading", "a trading replica")
+    replica_url_argument(parser, "trading")
     parser.set_defaults(handler=trading_command)
 
 
@@ -95,7 +95,7 @@ def trading_command(args: argparse.Namespace) -> int:
             reason = args.reason or f"{args.action} (CLI)"
             body = post_json(f"{url}/{args.action}", {"reason": reason}, token)
     except OSError as exc:
-        print(failure("trading", url, exc), file=sys.stderr)
+        print(failure("trading", url, exc, service="trading"), file=sys.stderr)
         return 1
     # a halt given to a replica that does not trade: its own state is not trading's, the
     # detail says which replica applies the halt, and when
@@ -137,7 +137,7 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
     try:
         body = post_json(f"{url}/unbooked/acknowledge", {"signatures": signatures}, token)
     except OSError as exc:
-        print(failure("trading", url, exc), file=sys.stderr)
+        print(failure("trading", url, exc, service="trading"), file=sys.stderr)
         return 1
     left = body["unbooked_wallet_trades"]
     print(f"{body['acknowledged']} unbooked wallet trades acknowledged; {len(left)} left")
