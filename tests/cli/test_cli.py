@@ -877,6 +877,17 @@ async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not
     assert not await bus.keeps_dead_letters_of("featurs")  # and none was made
 
 
+async def test_dead_letters_with_rabbitmq_away_is_one_line_and_exit_1(process_stack):
+    port = free_port()
+    process_stack.configure(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    # an operator's command says so at once, where a service waits for the broker
+    away = await asyncio.to_thread(process_stack.run, "dead-letters", "features", timeout=60)
+    assert away.returncode == 1, away.stderr
+    assert away.stderr.count("\n") == 1, away.stderr
+    assert away.stderr.startswith("pumpflow dead-letters: cannot connect to RabbitMQ: ")
+    assert str(port) in away.stderr
+
+
 async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event(
     tmp_path, rabbitmq_harness, process_stack, namespace, token_events
 ):

@@ -23,9 +23,11 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -202,6 +204,8 @@ class _StoreOnDemand:
 
 
 async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) -> int:
+    import aiormq
+
     from pumpflow.common.bus.factory import create_bus
     from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
     from pumpflow.common.runtime.wiring import bus_config
@@ -214,8 +218,15 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
         except (OSError, ValueError) as exc:
             print(f"pumpflow: {exc}", file=sys.stderr)
             return 2
-    bus = create_bus(bus_config(settings))
-    await bus.start()
+    # an operator's command says at once that the broker is away, where a service waits
+    bus = create_bus(replace(bus_config(settings), connect_attempts=1))
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)  # the line below says it
+    try:
+        await bus.start()
+    except (OSError, aiormq.exceptions.AMQPError) as exc:
+        await bus.close()
+        print(f"pumpflow dead-letters: cannot connect to RabbitMQ: {exc}", file=sys.stderr)
+        return 1
     store = _StoreOnDemand(settings)
     code = 0
     try:
