@@ -298,8 +298,7 @@ async def _connect(
         store = wired.store or wired.balance_store
 
         async def ping() -> None:
-            if not await store.ping():
-                raise ConnectionError("Redis does not answer")
+            await store.reach()
             await warn_if_evicting(store)
 
         reaching.append(startup.reach("redis", ping))

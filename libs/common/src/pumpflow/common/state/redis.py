@@ -473,9 +473,15 @@ class RedisStateStore(StateStore):
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._client.ping())
+            await self.reach()
         except (redis.RedisError, OSError):
             return False
+        return True
+
+    async def reach(self) -> None:
+        """Ping Redis; raise its error (refused, a password wanted, ...) if it does not
+        answer."""
+        await self._client.ping()
 
     async def eviction_policy(self) -> str | None:
         """Redis's ``maxmemory-policy`` if it evicts keys (a ``maxmemory`` set and a
