@@ -123,3 +123,12 @@ async def test_the_cli_waits_as_long_as_it_asks_the_replica_to(monkeypatch, caps
     async with local_app(app) as base:
         assert await pumpflow_sell(base, MINT, "--wait", "2") == 0, capsys.readouterr().err
     assert "sale ordered: pos-1:rule:3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mint", ["", " ", "Mint/1"])
+def test_a_mint_no_token_can_have_is_refused_before_asking(capsys, mint):
+    # an unset shell variable (pumpflow sell $MINT) would otherwise ask for no route
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["sell", mint])
+    assert refused.value.code == 2
+    assert f"argument mint: not a mint: {mint!r}" in capsys.readouterr().err

@@ -33,6 +33,14 @@ from pumpflow.common.runtime.arguments import bounded
 NOT_ANSWERED = 3
 
 
+def mint(text: str) -> str:
+    """A ``MINT`` argument: a word, without a slash (a mint is base58); an empty one (an
+    unset shell variable) or one that cannot be a path's segment is the flag's error."""
+    if not text or "/" in text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"not a mint: {text!r}")
+    return text
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sell",
@@ -47,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "broker takes it, do not ask again."
         ),
     )
-    parser.add_argument("mint", help="the token's mint")
+    parser.add_argument("mint", type=mint, help="the token's mint")
     parser.add_argument(
         "--fraction",
         type=bounded(above=0.0, at_most=1.0),
