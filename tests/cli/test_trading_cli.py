@@ -410,7 +410,11 @@ async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, c
     async with local_app(exit_replica(graceful_exit(SOLD))) as base:
         assert await pumpflow_stop(base) == 0
     printed = capsys.readouterr()
-    assert "1/2 sold out, 3 tranches, 1 UNCONFIRMED (no outcome yet), 42.0s" in printed.out
+    # the replica asked follows its own share of the positions, the report all of them
+    assert (
+        "1/2 of this replica's positions sold out, 3 tranches, 1 UNCONFIRMED (no outcome "
+        "yet), 42.0s" in printed.out
+    )
     assert printed.out.rstrip().endswith("MintSold     graceful    2 tranches     0.2500 SOL  "
                                          "slippage -")  # fmt: skip
     assert printed.err == ""
@@ -450,7 +454,8 @@ async def test_stop_accepted_before_the_broker_took_it_says_so_and_follows_the_e
         assert await pumpflow_stop(base) == 0
     printed = capsys.readouterr()
     assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}\n"
-    assert "1/2 sold out" in printed.out and "MintSold" in printed.out
+    assert "1/2 of this replica's positions sold out" in printed.out
+    assert "MintSold" in printed.out
 
 
 async def test_stop_whose_shutdown_the_broker_never_took_says_the_exit_did_not_begin(

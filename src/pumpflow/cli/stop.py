@@ -93,7 +93,10 @@ def stop_command(args: argparse.Namespace) -> int:
             if progress:
                 unconfirmed = progress.get("unconfirmed_tranches") or 0
                 print(
-                    f"  {progress['sold_out']}/{progress['positions']} sold out, "
+                    # each exit replica sells the positions of its partitions; the
+                    # report at the end covers them all
+                    f"  {progress['sold_out']}/{progress['positions']} of this replica's "
+                    "positions sold out, "
                     f"{progress['tranches']} tranches, "
                     + (f"{unconfirmed} UNCONFIRMED (no outcome yet), " if unconfirmed else "")
                     + f"{progress['deadline_margin_s']:.1f}s to the deadline",
