@@ -610,7 +610,9 @@ class ExitService(Service):
     async def _until_more(self, run: RunRecord) -> RunRecord | None:
         """Wait for the run to end, listing the partitions that come here; None when a
         position comes here to sell (a dead replica's partitions, a late position)."""
+        stirred = self._next_stir()
         while self._ended is None:
+            await asyncio.wait({stirred}, timeout=self.settings.exit_run_poll_s)
             stirred = self._next_stir()
             try:
                 stored = await self.records.get_run(run.run_id)
@@ -623,7 +625,6 @@ class ExitService(Service):
                 await self._update_run(partitions=sorted(self.consumer.restored))
             except Exception:
                 log.exception("exit: watching the graceful exit %s failed; next round", run.run_id)
-            await asyncio.wait({stirred}, timeout=self.settings.exit_run_poll_s)
         return self._ended
 
     async def _list_share(self, manager: GracefulExitManager, lines=(), withdraw=()) -> None:
