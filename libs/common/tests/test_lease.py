@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
@@ -495,3 +497,27 @@ async def test_a_holder_cut_off_from_both_stores_is_replaced_after_it_let_go(
         await second.stop()
         await redis_one.close()
         await redis_two.close()
+
+
+async def test_a_renewal_cancelled_before_it_starts_leaves_no_coroutine_unawaited():
+    """A renewer stopped while its renewals are gathered and not started yet (a stop, a
+    step-down) must leave nothing behind: a coroutine never awaited is a warning in a
+    clean run's output."""
+    candidate = Candidate(MemoryStateStore(WallClock()), "alone")
+    await leading(candidate)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            before = asyncio.all_tasks()
+            renewing = asyncio.create_task(candidate.lease._renew_once())
+            await asyncio.sleep(0)  # gathered: its renewals scheduled, none started
+            renewals = asyncio.all_tasks() - before - {renewing}
+            assert renewals and not any(r.done() for r in renewals)
+            renewing.cancel()
+            await asyncio.gather(renewing, *renewals, return_exceptions=True)
+            del renewing, renewals  # what they ran goes with them
+            await asyncio.sleep(0)  # the loop lets go of their last steps on its next turn
+            gc.collect()
+        assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    finally:
+        await candidate.lease.stop()

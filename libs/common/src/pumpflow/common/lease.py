@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from pumpflow.common.clock import Clock, WallClock
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +377,8 @@ class LeaderLease:
         contents (a store that lost them may have lost a holder's claim with them)."""
         # bounded inside the lease just acquired, whose renewals start after
         left = max(0.0, self._deadline - time.monotonic()) / 2
-        if left <= 0:
-            # no time to ask (a task never started leaves its call unawaited)
-            log.warning("lease %s: no time left to read the stores' epochs; waiting a full "
-                        "TTL", self.config.name)  # fmt: skip
-            return self.config.ttl_s
         ages = await asyncio.gather(
-            *(asyncio.wait_for(lease.store.epoch(), left) for lease in self.leases),
+            *(_within(lease.store.epoch, left) for lease in self.leases),
             return_exceptions=True,
         )
         wait = 0.0
@@ -427,7 +425,7 @@ class LeaderLease:
             if left <= 0:
                 return "it ran out before it was renewed"
             results = await asyncio.gather(
-                *(asyncio.wait_for(_renew_in(lease), left) for lease in self.leases),
+                *(_within(functools.partial(_renew_in, lease), left) for lease in self.leases),
                 return_exceptions=True,
             )
             self._note_stores(results)
@@ -491,6 +489,12 @@ class LeaderLease:
             await callback()
         except Exception:
             log.exception("lease %s: %s of %s failed", self.config.name, what, self.holder)
+
+
+async def _within(call: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """``call()``'s result within ``seconds``, the call made only as this starts: one of
+    several gathered, cancelled before it starts, leaves no coroutine never awaited."""
+    return await asyncio.wait_for(call(), seconds)
 
 
 async def _renew_in(lease: Lease) -> bool:
