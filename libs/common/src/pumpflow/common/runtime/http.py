@@ -361,7 +361,8 @@ class HttpServer:
         try:
             await self._server.serve(sockets=sockets)
         except SystemExit as exc:
-            # uvicorn exits the process when it cannot bind; a service reports it instead
+            # uvicorn exits the process when its start-up fails (the sockets are bound
+            # already, so not for the address); a service reports it instead
             raise RuntimeError(f"HTTP server failed to start (exit {exc.code})") from None
 
     @property
