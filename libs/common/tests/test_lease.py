@@ -521,3 +521,42 @@ async def test_a_renewal_cancelled_before_it_starts_leaves_no_coroutine_unawaite
         assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
     finally:
         await candidate.lease.stop()
+
+
+class Gated:
+    """A store whose takes wait, once ``gate`` is set, until the test opens it."""
+
+    def __init__(self, store):
+        self._store = store
+        self.gate: asyncio.Future | None = None
+        self.waiting = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        if self.gate is not None:
+            self.waiting = True
+            await self.gate
+        return await self._store.set_if_absent(key, value, ttl)
+
+
+async def test_a_stop_that_meets_a_take_as_it_answers_stops_the_campaign():
+    """The campaign is cancelled in the loop turn its take answers: the stop must still
+    end it (a wait that hands back the answer and drops the cancellation leaves the
+    campaign running, and the stop awaiting it for ever)."""
+    store = MemoryStateStore(WallClock())
+    other = Lease(store, NAME, "other", ttl_s=60)
+    assert await other.acquire()
+    gated = Gated(store)
+    candidate = Candidate(gated, "late")
+    assert await candidate.lease.start() is False
+    gated.gate = asyncio.get_running_loop().create_future()
+    await other.release()
+    await eventually(lambda: gated.waiting, what="the campaign's take under way")
+    gated.gate.set_result(None)
+    stopping = asyncio.create_task(candidate.lease.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    assert done, "the stop did not end: the campaign ran on after its cancellation"
+    assert candidate.lease.role == "stopped"
+    assert candidate.calls in ([], ["elected", "resign"])

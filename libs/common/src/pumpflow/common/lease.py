@@ -315,7 +315,7 @@ class LeaderLease:
         try:
             for lease in self.leases:
                 left = deadline - time.monotonic()
-                if left <= 0 or not await asyncio.wait_for(lease.acquire(), left):
+                if left <= 0 or not await _within(lease.acquire, left):
                     break
                 taken.append(lease)
         except Exception as exc:
@@ -325,7 +325,7 @@ class LeaderLease:
             for lease in taken:
                 # a leader that holds the other stores retakes this one as it renews
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(lease.release(), max(0.1, self.config.interval_s))
+                    await _within(lease.release, max(0.1, self.config.interval_s))
             return False
         self._deadline = deadline
         self._renewed_in = [True] * len(self.leases)
@@ -476,7 +476,7 @@ class LeaderLease:
         """Give the lease up in every store, so another can take it at once."""
         for lease in self.leases:
             try:
-                await asyncio.wait_for(lease.release(), self.config.ttl_s)
+                await _within(lease.release, self.config.ttl_s)
             except Exception as exc:
                 log.warning(
                     "lease %s: release by %s in %s failed (it runs out within %g s): %r",
@@ -494,7 +494,8 @@ class LeaderLease:
 async def _within(call: Callable[[], Awaitable[T]], seconds: float) -> T:
     """``call()``'s result within ``seconds``, the call made only as this starts: one of
     several gathered, cancelled before it starts, leaves no coroutine never awaited."""
-    return await asyncio.wait_for(call(), seconds)
+    async with asyncio.timeout(seconds):
+        return await call()
 
 
 async def _renew_in(lease: Lease) -> bool:
