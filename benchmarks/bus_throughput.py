@@ -76,7 +76,8 @@ async def throughput(bus: EventBus, count: int) -> float:
     events = make_events(count)
     started = time.perf_counter()
     await bus.publish_many(events)
-    await asyncio.wait_for(done.wait(), timeout=max(60.0, count / 500))
+    async with asyncio.timeout(max(60.0, count / 500)):
+        await done.wait()
     rate = count / (time.perf_counter() - started)
     # the runs after this one measure their own consumer alone
     await bus.unsubscribe(subscription)
@@ -156,7 +157,8 @@ def _consume_in_process(namespace: str, partitions: int, count: int, ready, fini
             Subscription(service="bench", patterns=("token.trade",), handler=handler)
         )
         ready.set()
-        await asyncio.wait_for(done.wait(), timeout=max(60.0, count / 500))
+        async with asyncio.timeout(max(60.0, count / 500)):
+            await done.wait()
         await bus.delete_topology()
         await bus.close()
 

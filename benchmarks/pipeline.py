@@ -161,7 +161,8 @@ async def run_pipeline(
     ]  # fmt: skip
     try:
         async with run_embedded(services, clock=clock, partitions=partitions) as system:
-            await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
+            async with asyncio.timeout(10.0):
+                await feed.socket.wait_connected()
             on_frame = feed.socket._on_frame  # what the socket reader calls per frame
             set_sync, advance_to = clock.set_sync, clock.advance_to
             before = bus_counts()

@@ -108,7 +108,8 @@ class Newest:
 
 async def _wait(counted: Counted | Newest, events: int) -> None:
     try:
-        await asyncio.wait_for(counted.done.wait(), timeout=max(120.0, events / 100))
+        async with asyncio.timeout(max(120.0, events / 100)):
+            await counted.done.wait()
     except TimeoutError:
         raise RuntimeError(f"{len(counted.seen):,} distinct events arrived: too few") from None
 

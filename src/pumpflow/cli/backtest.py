@@ -464,7 +464,8 @@ async def run_backtest(
 
     try:
         async with run_embedded(services, clock=clock, partitions=partitions) as system:
-            await asyncio.wait_for(feed.socket.wait_connected(), 10.0)
+            async with asyncio.timeout(10.0):
+                await feed.socket.wait_connected()
             on_frame = feed.socket._on_frame  # what the socket reader calls per frame
             await system.bus.subscribe(Subscription(
                 service="backtest", handler=counter,

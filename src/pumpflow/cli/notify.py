@@ -181,7 +181,8 @@ async def run_notifier(
             due = notifier.next_due()
             wake = next_poll if due is None else min(next_poll, max(due, now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(0.0, wake - now))
+                async with asyncio.timeout(max(0.0, wake - now)):
+                    await stop.wait()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -231,7 +231,8 @@ async def run_embedded_market(
             else:
                 status = asyncio.create_task(Dashboard(console, recent).run(screen))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=duration or None)
+                async with asyncio.timeout(duration or None):
+                    await stop.wait()
             # the dashboard goes on showing the sales; the exit's report follows it
             exit_report = out if screen is None else io.StringIO()
             not_flat = await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
@@ -287,7 +288,8 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | No
     settings = exits.settings
     wall_s = settings.exit_deadline_s / speed + settings.exit_order_timeout_s + EXIT_GRACE_S
     try:
-        await asyncio.wait_for(_finished(exits), timeout=wall_s)
+        async with asyncio.timeout(wall_s):
+            await _finished(exits)
     except TimeoutError:
         ended = False
         print(f"pumpflow: the graceful exit did not end within {wall_s:.0f}s", file=out)

@@ -371,7 +371,8 @@ class TokenMonitorThreadPool:
     async def join(self, within_s: float | None = None) -> bool:
         """Wait until no task is queued or running; True if that happened in time."""
         try:
-            await asyncio.wait_for(self._idle.wait(), within_s)
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True
@@ -541,7 +542,8 @@ class TokenMonitorThreadPool:
     async def _supervise(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._check_now.wait(), self.config.health_interval_s)
+                async with asyncio.timeout(self.config.health_interval_s):
+                    await self._check_now.wait()
             self._check_now.clear()
             self.check_health()
 

@@ -812,7 +812,8 @@ class ExitService(Service):
         try:
             await ctx.bus.publish(make_event(order, source=ctx.source, time=now))
             self.metrics.ordered(order.reason)
-            return await asyncio.wait_for(outcome, self.settings.exit_order_timeout_s)
+            async with asyncio.timeout(self.settings.exit_order_timeout_s):
+                return await outcome
         except TimeoutError:
             return None
         finally:
@@ -891,7 +892,8 @@ class ExitService(Service):
                     "owns the token's partition orders the sale then (its log and "
                     "pumpflow_exit_sale_requests_total tell)",
                 }
-            return True, await asyncio.wait_for(answered, wait_s)
+            async with asyncio.timeout(wait_s):
+                return True, await answered
         except TimeoutError:
             return False, {
                 "request_id": event.id,

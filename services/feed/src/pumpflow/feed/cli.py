@@ -110,7 +110,8 @@ async def record(
             await manager.subscribe_to_token(mints)
         await manager.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), duration)
+            async with asyncio.timeout(duration):
+                await stop.wait()
     finally:
         await manager.stop()
         if isinstance(sink, JsonlSink):

@@ -188,7 +188,8 @@ class DeadLetterQueue:
         if self._task is None:
             return self.pending
         try:
-            await asyncio.wait_for(self.flush(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.flush()
         except TimeoutError:
             pass
         unsent = self.pending

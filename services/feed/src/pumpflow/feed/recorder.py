@@ -322,7 +322,8 @@ class Recorder:
         if self._task is None:
             return 0
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.flush()
         unpublished = self._unpublished
         unstored = self.pending - unpublished
         await _cancel(self._task)
@@ -380,7 +381,8 @@ class Recorder:
             self._wake.clear()
             if self._max_delay > 0 and len(self._pending) < self._batch_size:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._max_delay)
+                    async with asyncio.timeout(self._max_delay):
+                        await self._full.wait()
             while self._pending:
                 count = min(len(self._pending), self._batch_size)
                 batch = [self._pending.popleft() for _ in range(count)]

@@ -1846,7 +1846,8 @@ class TradingService(Service):
             return None
         current = None
         with contextlib.suppress(Exception):
-            current = await asyncio.wait_for(leader.current_holder(), 1.0)
+            async with asyncio.timeout(1.0):
+                current = await leader.current_holder()
         # this one: the ledger has another, whose lease is not seen yet
         return None if current == leader.holder else current
 

@@ -151,7 +151,8 @@ class _Watch:
     async def _look(self, done: asyncio.Event) -> None:
         while True:
             try:
-                await asyncio.wait_for(done.wait(), self._every_s)
+                async with asyncio.timeout(self._every_s):
+                    await done.wait()
                 return
             except TimeoutError:
                 pass

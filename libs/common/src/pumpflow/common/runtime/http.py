@@ -103,7 +103,8 @@ def reason_of(body: dict[str, Any] | None, default: str) -> str:
 async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
     started = time.perf_counter()
     try:
-        outcome = await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            outcome = await probe()
     except TimeoutError:
         return name, {"ok": False, "error": f"no answer within {CHECK_TIMEOUT_S} s"}
     except Exception as exc:
@@ -174,7 +175,8 @@ async def readiness(
     waiting = _waits_check(checks, optional)
     degraded |= set(waiting) & optional
     try:
-        status = await asyncio.wait_for(service.status(), CHECK_TIMEOUT_S)
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            status = await service.status()
         service_ok = status.get("ready", True) is not False
         checks["service"] = {**status, "ok": service_ok}
     except Exception as exc:

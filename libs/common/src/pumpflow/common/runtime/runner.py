@@ -63,7 +63,8 @@ _CLOSE_TIMEOUT_S = 10.0
 
 async def _bounded(what: str, awaitable, limit_s: float = _CLOSE_TIMEOUT_S) -> bool:
     try:
-        await asyncio.wait_for(awaitable, limit_s)
+        async with asyncio.timeout(limit_s):
+            await awaitable
     except TimeoutError:
         log.warning("shutdown: %s took longer than %.1f s", what, limit_s)
         return False
@@ -381,7 +382,8 @@ def _balanced(bus, settings: CommonSettings, store, clock):
 async def _drain(bus, limit_s: float) -> bool:
     """Wait for the handlers in flight; whether they all returned."""
     try:
-        drained = await asyncio.wait_for(bus.drain(limit_s), limit_s + 1.0)
+        async with asyncio.timeout(limit_s + 1.0):
+            drained = await bus.drain(limit_s)
     except Exception:
         log.exception("shutdown: drain failed")
         return False

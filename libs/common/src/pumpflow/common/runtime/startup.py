@@ -149,7 +149,8 @@ class Startup:
                 waiting.attempts += 1
                 try:
                     if bounded:
-                        result = await asyncio.wait_for(attempt(), policy.attempt_timeout_s)
+                        async with asyncio.timeout(policy.attempt_timeout_s):
+                            result = await attempt()
                     else:
                         result = await attempt()
                 except asyncio.CancelledError:

@@ -118,8 +118,10 @@ async def exit_order_through_backlog(
     # the order goes once the consumer consumes every lane and is into the trades
     subscribing = asyncio.create_task(bus.subscribe(subscription))
     try:
-        await asyncio.wait_for(asyncio.shield(subscribing), within)
-        await asyncio.wait_for(working.wait(), within)
+        async with asyncio.timeout(within):
+            await asyncio.shield(subscribing)
+        async with asyncio.timeout(within):
+            await working.wait()
         sent_at = time.time()
         handled_at_send = handled
         order = ExitOrder(
@@ -133,10 +135,12 @@ async def exit_order_through_backlog(
             deadline=sent_at + deadline_s,
         )
         await bus.publish(make_event(order, source="exit/backlog", time=sent_at))
-        arrived_at, trades_before = await asyncio.wait_for(arrived, within)
+        async with asyncio.timeout(within):
+            arrived_at, trades_before = await arrived
         drain_s = None
         if drain:
-            await asyncio.wait_for(drained.wait(), within)
+            async with asyncio.timeout(within):
+                await drained.wait()
             drain_s = time.time() - sent_at
     finally:
         await subscribing

@@ -156,7 +156,8 @@ class EventCollector:
         waiter = (condition, future)
         self._waiters.append(waiter)
         try:
-            return await asyncio.wait_for(future, limit)
+            async with asyncio.timeout(limit):
+                return await future
         except TimeoutError:
             raise AssertionError(
                 f"{self.name}: {what} did not arrive within {limit:g} s; {self.summary()}"

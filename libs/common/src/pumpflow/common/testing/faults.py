@@ -498,7 +498,8 @@ class Pipeline:
         if self._tap_bus is not None:
             bus, self._tap_bus = self._tap_bus, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(bus.close(), 10)
+                async with asyncio.timeout(10):
+                    await bus.close()
 
     async def _drained(self, within: float, *, quiet_s: float = 10.0) -> None:
         """Wait until the consumers' records hold everything the feed stored, or until
