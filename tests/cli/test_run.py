@@ -9,7 +9,13 @@ import re
 
 import pytest
 
-from pumpflow.cli.run import NOT_FLAT, graceful_exit, run_embedded_market
+from pumpflow.cli.run import (
+    BARRIER_WAIT_S,
+    NOT_FLAT,
+    graceful_exit,
+    run_embedded_market,
+    run_exit_service,
+)
 
 
 def market_refusals(message: str) -> bool:
@@ -66,6 +72,16 @@ async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
     printed = out.getvalue()
     assert "BOUGHT" not in printed and "trading: 0 orders" in printed, printed[-2000:]
     assert "score # < 1" in printed
+
+
+@pytest.mark.parametrize("speed", [1.0, 20.0, 60.0])
+def test_the_runs_exit_waits_for_tradings_barrier_in_wall_seconds(speed, monkeypatch):
+    """The barrier comes as fast as trading handles the shutdown, in wall time: at 20x the
+    service's 10 market seconds would be half a wall second, which a busy machine takes."""
+    waits = run_exit_service(speed).settings.exit_barrier_wait_s
+    assert waits / speed >= BARRIER_WAIT_S and waits >= 10.0
+    monkeypatch.setenv("PUMPFLOW_EXIT_BARRIER_WAIT_S", "4")
+    assert run_exit_service(speed).settings.exit_barrier_wait_s == 4.0
 
 
 async def test_a_graceful_exit_that_leaves_positions_open_ends_the_run_non_zero(

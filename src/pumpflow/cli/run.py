@@ -50,6 +50,11 @@ FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
 #: are half a wall second, which a busy machine's scheduler alone can take from the loop
 SILENCE_S = 3.0
+#: wall seconds the graceful exit waits for trading's barrier (what trading had in flight
+#: when it halted): trading sends it as it handles the shutdown, which a busy machine can
+#: put off a second or more, and the service's 10 market seconds are half a wall second
+#: at 20x; an entry in flight that fills after the exit ended stays open
+BARRIER_WAIT_S = 3.0
 #: wall seconds the run gives the graceful exit past its deadline and the wait for the
 #: outcome of a sale sent at it: the exit's records and its look at them (a second)
 EXIT_GRACE_S = 10.0
@@ -157,7 +162,6 @@ async def run_embedded_market(
     from pumpflow.cli.output import READER_GONE, LeavableOutput
     from pumpflow.common.clock import WallClock
     from pumpflow.common.runtime.embedded import run_embedded
-    from pumpflow.exit.service import ExitService
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
@@ -184,6 +188,7 @@ async def run_embedded_market(
             **({} if min_score is None else {"trading_min_score": min_score}),
         )
     )
+    exits = run_exit_service(speed)
     clock = WallClock(speed=speed)
     market = Market(MarketConfig(seed=seed, launches_per_minute=launches_per_minute))
     server = SimulatorServer(market=market, speed=speed)
@@ -205,7 +210,7 @@ async def run_embedded_market(
             )
         )
         async with run_embedded(
-            [feed, FeaturesService, ActivityService, ModelService, trading, ExitService],
+            [feed, FeaturesService, ActivityService, ModelService, trading, exits],
             clock=clock,
             # the model measures its live precision where trading enters
             settings={"trading_min_score": trading.settings.trading_min_score},
@@ -273,6 +278,20 @@ async def run_embedded_market(
         print(f"pumpflow run: {not_flat}", file=sys.stderr, flush=True)
         return NOT_FLAT
     return READER_GONE if out.gone else 0
+
+
+def run_exit_service(speed: float):
+    """The run's exit service: its waits on other services in wall seconds at ``speed``
+    (the environment or the config file wins)."""
+    from pumpflow.exit.service import ExitService
+
+    return ExitService(
+        ExitService.settings_class.load_with_defaults(
+            {"exit_barrier_wait_s": max(10.0, BARRIER_WAIT_S * speed)},
+            service="exit",
+            transport="memory",
+        )
+    )
 
 
 async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | None:
