@@ -350,6 +350,8 @@ ACCEPTED = {
     "detail": "system.shutdown (test) accepted, not published yet: RabbitMQ has not "
     "confirmed it; it goes out once the broker takes it",
 }
+#: what pumpflow stop adds to it, asked under the request id r1
+AGAIN = "; `pumpflow stop --request-id r1` asks again as the same request"
 
 
 def exit_replica(summary: GracefulExitSummary, shutdown_answer: dict | None = None) -> Starlette:
@@ -398,8 +400,8 @@ def graceful_exit(*lines: ExitLine) -> GracefulExitSummary:
                                deadline=START + 60.0, lines=lines)  # fmt: skip
 
 
-async def pumpflow_stop(base: str) -> int:
-    parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30"])
+async def pumpflow_stop(base: str, *argv: str) -> int:
+    parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "30", *argv])
     return await asyncio.to_thread(parsed.handler, parsed)
 
 
@@ -446,14 +448,15 @@ async def test_stop_accepted_before_the_broker_took_it_says_so_and_follows_the_e
     exit is followed as usual."""
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with local_app(exit_replica(graceful_exit(SOLD), ACCEPTED)) as base:
-        parsed = build_parser().parse_args(["stop", "--url", base, "--no-wait"])
+        argv = ["stop", "--url", base, "--no-wait", "--request-id", "r1"]
+        parsed = build_parser().parse_args(argv)
         assert await asyncio.to_thread(parsed.handler, parsed) == UNPUBLISHED
         printed = capsys.readouterr()
         assert printed.out == ""
-        assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}\n"
-        assert await pumpflow_stop(base) == 0
+        assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}{AGAIN}\n"
+        assert await pumpflow_stop(base, "--request-id", "r1") == 0
     printed = capsys.readouterr()
-    assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}\n"
+    assert printed.err == f"pumpflow stop: {ACCEPTED['detail']}{AGAIN}\n"
     assert "1/2 of this replica's positions sold out" in printed.out
     assert "MintSold" in printed.out
 
@@ -473,11 +476,12 @@ async def test_stop_whose_shutdown_the_broker_never_took_says_the_exit_did_not_b
         routes=[Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)]
     )
     async with local_app(app) as base:
-        parsed = build_parser().parse_args(["stop", "--url", base, "--timeout", "0.5"])
+        argv = ["stop", "--url", base, "--timeout", "0.5", "--request-id", "r1"]
+        parsed = build_parser().parse_args(argv)
         assert await asyncio.to_thread(parsed.handler, parsed) == 1
     printed = capsys.readouterr()
     assert printed.err == (
-        f"pumpflow stop: {ACCEPTED['detail']}\n"
+        f"pumpflow stop: {ACCEPTED['detail']}{AGAIN}\n"
         "pumpflow stop: the graceful exit did not begin in time (system.shutdown was "
         "accepted before the broker took it: the replica publishes it once the broker does)\n"
     )

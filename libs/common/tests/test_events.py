@@ -119,6 +119,10 @@ def test_newer_optional_fields_stay_absent_in_older_frames():
     assert "solAmount" not in encoded and "pool" not in encoded
     old_create = json.loads(encode_payload(decode_payload("token.created", 1, CREATE_INT_SOL_OLD)))
     assert "is_mayhem_mode" not in old_create and "pool" not in old_create
+    # a shutdown of a producer from before request ids: a request of its own
+    old_shutdown = decode_payload("system.shutdown", 1, b'{"reason": "older stop"}')
+    assert old_shutdown.request_id is None
+    assert json.loads(encode_payload(old_shutdown)) == {"reason": "older stop"}
 
 
 @pytest.mark.parametrize(("event_type", "frame", "schema"), FRAMES)

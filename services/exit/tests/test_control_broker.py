@@ -1,7 +1,8 @@
 """The operator's controls of the exit service while the broker takes no publication
 (short of memory or disk it blocks every publisher; or frozen): ``pumpflow stop`` and
 ``pumpflow sell`` get their answer within ``exit_publish_wait_s``, saying the request
-waits for the broker (exit status 4); it goes out once, when the broker takes it.
+waits for the broker (exit status 4); it goes out once, when the broker takes it. And
+``pumpflow stop`` asked again under its request id: one graceful exit, not two.
 
 The replica reaches the broker through a proxy of the test's own, frozen; the CLI asks
 it over HTTP, as an operator's shell does."""
@@ -18,13 +19,14 @@ from prometheus_client import CollectorRegistry
 from pumpflow.cli.api import UNPUBLISHED
 from pumpflow.cli.main import build_parser
 from pumpflow.common.clock import WallClock
+from pumpflow.common.events import SystemShutdown, make_event
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.bus import proxied_buses
 from pumpflow.common.testing.servers import local_app
-from pumpflow.exit.records import MemoryExitStore
+from pumpflow.exit.records import ExitStore, MemoryExitStore, PostgresExitStore
 from pumpflow.exit.service import ExitService
 from pumpflow.exit.settings import ExitSettings
 
@@ -38,7 +40,9 @@ MINT = "MintBlockedBroker1pump"
 
 
 @contextlib.asynccontextmanager
-async def replica_behind_proxy(namespace: str, amqp_url: str):
+async def replica_behind_proxy(
+    namespace: str, amqp_url: str, records: ExitStore | None = None, **settings: object
+):
     """An exit replica reaching the broker through a proxy, served over HTTP; a watch of
     the operator's requests on the broker itself. Yields (proxy, service, its URL, watch,
     the watch's bus)."""
@@ -48,6 +52,7 @@ async def replica_behind_proxy(namespace: str, amqp_url: str):
         partitions=PARTITIONS,
         api_token=TOKEN,
         exit_publish_wait_s=PUBLISH_WAIT_S,
+        **settings,
     )
     clock = WallClock()
     async with proxied_buses(
@@ -57,7 +62,8 @@ async def replica_behind_proxy(namespace: str, amqp_url: str):
         watch = await EventCollector("watch").attach(
             watching, "system.shutdown", "exit.sale_requested", "trading.state"
         )
-        service = ExitService(settings, registry=CollectorRegistry(), records=MemoryExitStore())
+        records = MemoryExitStore() if records is None else records
+        service = ExitService(settings, registry=CollectorRegistry(), records=records)
         ctx = ServiceContext(settings=settings, bus=bus, clock=clock, store=MemoryStateStore(clock))
         await service.start(ctx)
         try:
@@ -83,9 +89,8 @@ async def test_stop_while_the_broker_takes_no_publication_is_accepted_and_goes_o
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with replica_behind_proxy(namespace, amqp_url) as (proxy, service, base, watch, bus):
         proxy.freeze()
-        assert await pumpflow("stop", "--no-wait", "--reason", "blocked", "--url", base) == (
-            UNPUBLISHED
-        )
+        stop = ("stop", "--no-wait", "--reason", "blocked", "--request-id", "r1", "--url", base)
+        assert await pumpflow(*stop) == UNPUBLISHED
         said = capsys.readouterr()
         assert said.out == ""
         assert said.err.startswith(
@@ -93,11 +98,14 @@ async def test_stop_while_the_broker_takes_no_publication_is_accepted_and_goes_o
             "has not confirmed it"
         ), said.err
         assert "it goes out once the broker takes it" in said.err
+        assert "pumpflow stop --request-id r1" in said.err, said.err
+        # asked again under its id (the operator unsure it went through): not sent twice
+        assert await pumpflow(*stop) == UNPUBLISHED
         assert watch.count("system.shutdown") == 0
 
         proxy.thaw()
         [shutdown] = await watch.wait_for(1, "system.shutdown", within=30)
-        assert shutdown.data.reason == "blocked"
+        assert shutdown.data.reason == "blocked" and shutdown.data.request_id == "r1"
         await eventually(lambda: not service._publishing, what="the publication settled")
         await watch.barrier(bus, event_type="trading.state")
         assert watch.count("system.shutdown") == 1
@@ -142,3 +150,59 @@ async def test_sell_while_the_broker_takes_no_publication_is_accepted_and_goes_o
         await watch.barrier(bus, event_type="exit.sale_requested", keys=[MINT])
         assert watch.count("exit.sale_requested") == 2
         assert sum(e.id == "again" for e in watch.of("exit.sale_requested")) == 1
+
+
+async def runs(pool) -> list[str]:
+    """The graceful exits stored, the earliest first."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT run_id FROM exit_runs ORDER BY started_at")
+    return [row["run_id"] for row in rows]
+
+
+@pytest.mark.postgres
+async def test_stop_asked_again_under_its_request_id_is_the_same_graceful_exit(
+    namespace, amqp_url, pg_pool, monkeypatch, capsys, caplog
+):
+    """``pumpflow stop`` repeated with its ``--request-id`` (a retry after a timeout, an
+    operator unsure the first went through) is answered as the same request, with that
+    graceful exit's report: no second shutdown is published, and a copy that reaches the
+    bus anyway (another replica asked) is applied once. Another id once the exit is over
+    is another graceful exit."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    caplog.set_level("INFO", logger="pumpflow.exit")
+    records = PostgresExitStore(pg_pool)
+    # no trading here: its barrier is waited for a moment only
+    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
+    async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
+        _proxy, service, base, watch, bus,
+    ):  # fmt: skip
+        stop = ("stop", "--reason", "first", "--request-id", "once", "--url", base)
+        assert await pumpflow(*stop) == 0
+        said = capsys.readouterr()
+        assert "system.shutdown published (first)" in said.out, said.out
+        assert "pumpflow stop --request-id once" in said.out, said.out
+        assert "graceful exit (first)" in said.out, said.out
+        [run] = await runs(pg_pool)
+
+        assert await pumpflow("stop", "--reason", "again", "--request-id", "once",
+                              "--url", base) == 0  # fmt: skip
+        said = capsys.readouterr()
+        assert "system.shutdown published" not in said.out, said.out
+        assert f"applied already: graceful exit {run}, over" in said.out, said.out
+        assert "graceful exit (first)" in said.out, said.out
+        assert said.err == ""
+        await watch.barrier(bus, event_type="trading.state")
+        assert watch.count("system.shutdown") == 1
+
+        # a copy on the bus (asked of another replica before this one applied it)
+        copy = SystemShutdown(reason="copy", request_id="once")
+        await bus.publish(make_event(copy, source="exit/other", time=service._ctx.clock.now()))
+        await eventually(lambda: "a repeat of request once" in caplog.text, what="the copy applied")
+        assert await runs(pg_pool) == [run]
+        assert service.run is None, "the copy began a graceful exit"
+
+        assert await pumpflow("stop", "--reason", "next", "--request-id", "other",
+                              "--url", base) == 0  # fmt: skip
+        said = capsys.readouterr()
+        assert "graceful exit (next)" in said.out, said.out
+        assert len(await runs(pg_pool)) == 2

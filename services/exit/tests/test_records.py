@@ -4,6 +4,7 @@ held); the change that makes it so finishes the run, once, with every line."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
@@ -289,3 +290,49 @@ async def begun_as_the_last_finishes(store) -> None:
     assert begun.run_id != last.run_id
     assert await store.get_run(begun.run_id) == begun
     assert (await store.active_run()).run_id == begun.run_id
+
+
+async def test_a_shutdown_request_applied_is_its_runs_over_or_not():
+    await a_request_is_applied_once(MemoryExitStore())
+
+
+@pytest.mark.postgres
+async def test_a_shutdown_request_applied_is_its_runs_over_or_not_in_postgres(pg_pool):
+    await a_request_is_applied_once(PostgresExitStore(pg_pool))
+
+
+async def a_request_is_applied_once(store) -> None:
+    """A request id begins or joins a run once: asked again, under way or over, it is that
+    run's and begins none; another id joins the run under way, and begins the next once
+    it is over."""
+    first = await store.begin_run(RunRecord.new("first", START, START + 60), request_id="a")
+    assert (await store.run_of_request("a")) == first
+    assert await store.run_of_request("b") is None
+    joined = await store.begin_run(RunRecord.new("joins", START + 1, START + 61), request_id="b")
+    assert joined.run_id == first.run_id
+    assert (await store.run_of_request("b")).run_id == first.run_id
+    await store.update_run(first.run_id, time=START + 2, partitions=[0], withdraw=[BARRIER])
+    again = await store.begin_run(RunRecord.new("again", START + 3, START + 63), request_id="a")
+    assert again.run_id == first.run_id and again.finished_at == START + 2
+    assert await store.active_run() is None, "a request asked again began a run"
+    nxt = await store.begin_run(RunRecord.new("next", START + 4, START + 64), request_id="c")
+    assert nxt.run_id != first.run_id and nxt.finished_at is None
+    assert (await store.run_of_request("c")).run_id == nxt.run_id
+    assert (await store.run_of_request("a")).run_id == first.run_id
+
+
+@pytest.mark.postgres
+async def test_a_shutdown_request_applied_by_two_replicas_at_once_is_one_run(pg_pool):
+    """Two replicas apply copies of one request at once (each with a run of its own to
+    begin): one run begins, and both are told it."""
+    stores = [PostgresExitStore(pg_pool) for _ in range(2)]
+    begun = await asyncio.gather(
+        *(
+            store.begin_run(RunRecord.new(f"copy {n}", START, START + 60), request_id="r")
+            for n, store in enumerate(stores)
+        )
+    )
+    assert begun[0] == begun[1]
+    assert (await stores[0].run_of_request("r")) == begun[0]
+    async with pg_pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM exit_runs") == 1

@@ -5,11 +5,19 @@ Asks an exit replica's HTTP API (``--url``) with the bearer token of
 every open position before its deadline. Follows the exit's progress and prints its
 report (``--no-wait``: only asks).
 
+Each invocation is one request, under a new id it prints (``--request-id``: the id
+given). Asked again under the same id (a retry after ``--timeout``, an operator unsure
+the first went through), of any replica, the request is answered as the same one: the
+graceful exit that applied it is followed, or its report printed once over; nothing is
+published again. A new id joins the graceful exit under way, or begins the next one
+once it is over.
+
 The replica answers within ``exit_publish_wait_s`` whether ``system.shutdown`` is
 published. While the broker takes no publication (short of memory or disk it blocks
 every publisher; or it does not answer) the request is accepted and not published yet:
 one line on stderr says so and why, the replica publishes it once the broker takes it
-(asking again would send a second one), and the graceful exit is followed from then on.
+(asking again under the same id sends it once), and the graceful exit is followed from
+then on.
 
 Exit status: 0 the graceful exit ended with every position sold out (or closed by
 trading), or with ``--no-wait`` ``system.shutdown`` is published; 1 it did not
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 
 import msgspec
 
@@ -40,6 +49,9 @@ from pumpflow.cli.output import reader_gone
 from pumpflow.cli.run import NOT_FLAT, not_flat_reason
 from pumpflow.common.runtime.arguments import positive
 
+#: the longest request id an exit replica takes
+_REQUEST_ID_MAX_CHARS = 128
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -54,10 +66,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "or when the replica refuses or does not answer; 2 without the token; 4 with "
             "--no-wait when the replica accepted it and the broker has not taken it yet "
             "(blocking publishers, short of memory or disk, or not answering): it goes out "
-            "once the broker takes it, do not ask again."
+            "once the broker takes it. Each invocation is one request under a new id, "
+            "printed; asked again with --request-id and that id it is the same request, "
+            "safe to repeat: the graceful exit that applied it is followed, or its report "
+            "printed, and no second one begins. A new id joins the graceful exit under way, "
+            "or begins the next one once it is over."
         ),
     )
     parser.add_argument("--reason", default="pumpflow stop", help="why (kept with the exit)")
+    parser.add_argument(
+        "--request-id",
+        type=_request_id,
+        default=None,
+        help="the request's id, to ask again as the same request (default: a new one, printed)",
+    )
     replica_url_argument(parser, "exit")
     parser.add_argument("--no-wait", action="store_true", help="do not follow the exit")
     parser.add_argument(
@@ -66,19 +88,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=stop_command)
 
 
+def _request_id(text: str) -> str:
+    if not text or len(text) > _REQUEST_ID_MAX_CHARS or "\x00" in text:
+        raise argparse.ArgumentTypeError(
+            f"an id of 1 to {_REQUEST_ID_MAX_CHARS} characters, got {text!r:.80}"
+        )
+    return text
+
+
 def stop_command(args: argparse.Namespace) -> int:
     url = args.url
     token = api_token("stop")
     if not token:
         return 2
+    request_id = args.request_id or uuid.uuid4().hex
+    again = f"pumpflow stop --request-id {request_id}"
     try:
-        answer = post_json(f"{url}/shutdown", {"reason": args.reason}, token)
+        answer = post_json(
+            f"{url}/shutdown", {"reason": args.reason, "request_id": request_id}, token
+        )
         # a replica of before the answer said so: published when it answered at all
         unpublished = answer.get("published") is False
-        if unpublished:
-            print(f"pumpflow stop: {answer['detail']}", file=sys.stderr, flush=True)
+        if answer.get("applied"):
+            print(answer["detail"], flush=True)
+            if "summary" in answer:
+                print(answer["text"], flush=True)
+                return _flat_or_not(answer["summary"])
+        elif unpublished:
+            print(f"pumpflow stop: {answer['detail']}; `{again}` asks again as the same "
+                  "request", file=sys.stderr, flush=True)  # fmt: skip
         else:
-            print(f"system.shutdown published ({args.reason})", flush=True)
+            print(f"system.shutdown published ({args.reason}); `{again}` asks again as the "
+                  "same request", flush=True)  # fmt: skip
         if args.no_wait:
             return UNPUBLISHED if unpublished else 0
         begun = False

@@ -381,6 +381,10 @@ class SystemShutdown(Payload, frozen=True, kw_only=True, omit_defaults=True):
     reason: str
     #: event-time by which every position should be closed
     deadline: float | None = None
+    #: the operator's request this is (``pumpflow stop``), also its event id: asked again
+    #: under it (a retry, a copy another replica published), the graceful exit that
+    #: applied it answers, not a second one. None: each shutdown is a request of its own
+    request_id: str | None = None
 
 
 class BarrierEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -5,7 +5,12 @@ tranches say which numbers each position has used (order ids
 ``<position_id>:exit:<n>``), so the resumed exit takes the next ones and trading, which
 refuses an order id it has seen, never sells twice. A rule's sale is stored when it
 settles. :class:`PostgresExitStore` is a deployment's (migrations 0006, 0008, 0010,
-0015, 0016); :class:`MemoryExitStore` the embedded run's and the tests'.
+0015, 0016, 0027); :class:`MemoryExitStore` the embedded run's and the tests'.
+
+A graceful exit keeps the ids of the operators' shutdown requests it applied
+(:meth:`ExitStore.begin_run`, in the transaction that begins or joins it): a request
+asked again under its id, whichever replica takes it and however long after, is that
+run's, not a second graceful exit.
 
 A graceful exit is finished when every position of every partition is: each replica
 lists the partitions it has loaded and the positions it queued (:meth:`ExitStore.update_run`),
@@ -259,8 +264,13 @@ def resume_state(
 
 
 class ExitStore(Protocol):
-    async def begin_run(self, run: RunRecord) -> RunRecord:
-        """Store ``run`` unless a graceful exit is under way; the one under way."""
+    async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
+        """Store ``run`` unless a graceful exit is under way; the one under way. A
+        ``request_id`` a run applied before gives that run, over or not; otherwise the
+        run returned applies it."""
+
+    async def run_of_request(self, request_id: str) -> RunRecord | None:
+        """The graceful exit that applied the operator's ``request_id``, if one did."""
 
     async def active_run(self) -> RunRecord | None: ...
 
@@ -334,15 +344,24 @@ class MemoryExitStore:
         self.ended: dict[str, tuple[str, float]] = {}
         #: run id -> position id -> trading's close of it
         self.closes: dict[str, dict[str, TradingClose]] = defaultdict(dict)
+        #: operator's shutdown request id -> the run that applied it
+        self.requests: dict[str, str] = {}
 
-    async def begin_run(self, run: RunRecord) -> RunRecord:
-        active = await self.active_run()
-        if active is not None:
-            return active
-        self.runs[run.run_id] = run
-        self.run_positions[run.run_id][BARRIER] = ("open", None)
-        self.run_mints[run.run_id][BARRIER] = ""
-        return run
+    async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
+        if request_id is not None and request_id in self.requests:
+            return self.runs[self.requests[request_id]]
+        begun = await self.active_run()
+        if begun is None:
+            begun = self.runs[run.run_id] = run
+            self.run_positions[run.run_id][BARRIER] = ("open", None)
+            self.run_mints[run.run_id][BARRIER] = ""
+        if request_id is not None:
+            self.requests[request_id] = begun.run_id
+        return begun
+
+    async def run_of_request(self, request_id: str) -> RunRecord | None:
+        run_id = self.requests.get(request_id)
+        return None if run_id is None else self.runs[run_id]
 
     async def active_run(self) -> RunRecord | None:
         return next((r for r in self.runs.values() if r.finished_at is None), None)
@@ -457,6 +476,10 @@ _RUN_COLUMNS = (
 )
 
 
+class _AppliedMeanwhile(Exception):
+    """The operator's request was applied by another replica's transaction meanwhile."""
+
+
 def _run(row: Any) -> RunRecord | None:
     if row is None:
         return None
@@ -473,33 +496,72 @@ def _run(row: Any) -> RunRecord | None:
 
 
 class PostgresExitStore:
-    """The records in Postgres (migrations 0006, 0008, 0010, 0015, 0016), in the pool's
-    schema."""
+    """The records in Postgres (migrations 0006, 0008, 0010, 0015, 0016, 0027), in the
+    pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
 
-    async def begin_run(self, run: RunRecord) -> RunRecord:
+    async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
         while True:
-            async with self.pool.acquire() as conn, conn.transaction():
-                stored = await conn.fetchval(
-                    "INSERT INTO exit_runs (run_id, reason, started_at, deadline, partitions) "
-                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING run_id",
-                    run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
-                )  # fmt: skip
-                if stored is not None:
-                    await conn.execute(
-                        "INSERT INTO exit_run_positions (run_id, position_id, mint) "
-                        "VALUES ($1, $2, '')",
-                        run.run_id, BARRIER,
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if request_id is not None:
+                        applied = await self._run_of_request(conn, request_id)
+                        if applied is not None:
+                            return applied
+                    stored = await conn.fetchval(
+                        "INSERT INTO exit_runs (run_id, reason, started_at, deadline, "
+                        "partitions) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING "
+                        "RETURNING run_id",
+                        run.run_id, run.reason, run.started_at, run.deadline, run.partitions,
                     )  # fmt: skip
-            if stored is not None:
-                return run
+                    if stored is not None:
+                        await conn.execute(
+                            "INSERT INTO exit_run_positions (run_id, position_id, mint) "
+                            "VALUES ($1, $2, '')",
+                            run.run_id, BARRIER,
+                        )  # fmt: skip
+                        if not await self._applies(conn, request_id, run.run_id):
+                            raise _AppliedMeanwhile(request_id)
+                        return run
+            except _AppliedMeanwhile:
+                continue  # rolled back: the next round reads the run that applied it
             # refused for the run under way (or stored by a try whose reply was lost)
             active = await self.active_run() or await self.get_run(run.run_id)
             if active is not None:
-                return active
-            # the run under way finished before it was read: this one begins after all
+                async with self.pool.acquire() as conn:
+                    if await self._applies(conn, request_id, active.run_id):
+                        return active
+            # the run under way finished before it was read: this one begins after all; or
+            # another replica's run applied the request meanwhile: the next round reads it
+
+    @staticmethod
+    async def _applies(conn: Any, request_id: str | None, run_id: str) -> bool:
+        """Store that ``run_id`` applies the operator's ``request_id``; False when
+        another run applied it first."""
+        if request_id is None:
+            return True
+        recorded = await conn.fetchval(
+            "INSERT INTO exit_run_requests (request_id, run_id) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING RETURNING run_id",
+            request_id, run_id,
+        )  # fmt: skip
+        return recorded is not None
+
+    async def run_of_request(self, request_id: str) -> RunRecord | None:
+        async with self.pool.acquire() as conn:
+            return await self._run_of_request(conn, request_id)
+
+    @staticmethod
+    async def _run_of_request(conn: Any, request_id: str) -> RunRecord | None:
+        return _run(
+            await conn.fetchrow(
+                f"SELECT {_RUN_COLUMNS} FROM exit_runs JOIN exit_run_requests USING (run_id) "
+                "WHERE request_id = $1",
+                request_id,
+            )
+        )
 
     async def active_run(self) -> RunRecord | None:
         async with self.pool.acquire() as conn:

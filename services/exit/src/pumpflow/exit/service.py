@@ -42,6 +42,13 @@
   the deadline the placeholders are withdrawn: the run ends on time. Once it has ended
   the rules order again (trading stays halted until the operator resumes it, and
   what it buys then needs them), and the next shutdown begins a run of its own.
+- **A shutdown's request id.** ``POST /shutdown`` publishes ``system.shutdown`` under
+  the operator's ``request_id`` (a new one if none is given; ``pumpflow stop`` gives
+  one per invocation, or ``--request-id``), as its event id too. The run that applies
+  it stores the id with it (begun or joined, in one transaction): the same id asked
+  again, of any replica, is answered with that run and its progress (its report once
+  over) and not published, and a copy that reaches the bus all the same begins no run.
+  Another id while a run is under way joins it; once it is over, it begins the next.
 - **Trading's barrier.** This consumer may lag behind trading (a backlog on a
   partition): an entry trading sent may not have come here when everything else is
   sold. So trading, as it halts entries on ``system.shutdown``, publishes
@@ -69,8 +76,8 @@
   sale's request wait ``exit_publish_wait_s`` at most for the broker to take them, then
   answer that the request is accepted and not published yet, and why (202,
   ``published: false``); its publication goes on and it goes out once the broker takes
-  it, once: a sale asked again under its ``request_id`` meanwhile is not published
-  again. A replica stopped before then says in its log that the request may be lost.
+  it, once: a shutdown or a sale asked again under its ``request_id`` meanwhile is not
+  published again. A replica stopped before then says in its log that the request may be lost.
 - **A partition moving** (a replica joining, or leaving by ``stop``) takes its
   positions out of the old owner's share, which sends none of their tranches any more
   (checked before each is stored and again before it is published) and gives up the
@@ -102,6 +109,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -170,6 +178,12 @@ _REQUEST_WAIT_MAX_S = 60.0
 def control_group(service: str) -> str:
     """The consumer group of the exit service's keyless commands (``system.shutdown``)."""
     return f"{service}-control"
+
+
+def _report_of(run: RunRecord) -> dict[str, Any]:
+    """A finished ``run``'s summary (its ``exit.report``) and the text of it."""
+    report = msgspec.convert(run.summary, type=ExitReport)
+    return {"summary": run.summary, "text": GracefulExitSummary.from_report(report).text()}
 
 
 class _OwnedPositions:
@@ -351,22 +365,38 @@ class ExitService(Service):
 
     # ---------------------------------------------------------------- the graceful exit
 
-    async def shutdown(self, reason: str, deadline: float | None = None) -> RunRecord:
-        """Begin the graceful exit (or join the one under way); its record."""
+    async def shutdown(
+        self, reason: str, deadline: float | None = None, *, request_id: str | None = None
+    ) -> RunRecord:
+        """Begin the graceful exit (or join the one under way); its record. A
+        ``request_id`` a graceful exit applied before is that one's, over or not: no
+        second one begins."""
         now = self._ctx.clock.now()
         if deadline is None:
             deadline = now + self.settings.exit_deadline_s
         run = await self.records.begin_run(
-            RunRecord.new(reason, now, deadline, partitions=self.consumer.bus.partitions)
+            RunRecord.new(reason, now, deadline, partitions=self.consumer.bus.partitions),
+            request_id=request_id,
         )
-        self._begin(run)
+        if run.finished_at is None:
+            self._begin(run)
         return run
 
     async def _on_control(self, event: Event) -> None:
         data = event.data
         if isinstance(data, SystemShutdown):
-            log.info("exit: system.shutdown (%s): graceful exit", data.reason)
-            await self.shutdown(data.reason, data.deadline)
+            applied = None
+            if data.request_id is not None:
+                applied = await self.records.run_of_request(data.request_id)
+            if applied is None:
+                log.info("exit: system.shutdown (%s, request %s): graceful exit", data.reason,
+                         data.request_id)  # fmt: skip
+            else:
+                log.info("exit: system.shutdown (%s): a repeat of request %s, applied by the "
+                         "graceful exit %s (%s): not a second one", data.reason,
+                         data.request_id, applied.run_id,
+                         "under way" if applied.finished_at is None else "over")  # fmt: skip
+            await self.shutdown(data.reason, data.deadline, request_id=data.request_id)
         elif isinstance(data, ShutdownBarrier):
             await self._take_barrier(data, event.time)
 
@@ -1130,11 +1160,45 @@ class ExitService(Service):
         run = await self.records.latest_run()
         if run is None or run.summary is None:
             return None
-        report = msgspec.convert(run.summary, type=ExitReport)
-        return {
-            "run": asdict(run),
-            "text": GracefulExitSummary.from_report(report).text(),
-        }
+        return {"run": asdict(run), **_report_of(run)}
+
+    async def request_shutdown(self, reason: str, request_id: str) -> tuple[bool, dict[str, Any]]:
+        """Publish an operator's ``system.shutdown`` under ``request_id``; whether the
+        broker took it within ``exit_publish_wait_s``, and the answer. A ``request_id`` a
+        graceful exit applied is answered with that one (its report, once over), not
+        published: a request is applied once. One whose publication is under way here is
+        not published twice."""
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("the exit service is not started")
+        applied = await self.records.run_of_request(request_id)
+        if applied is not None:
+            over = applied.finished_at is not None
+            answer = {
+                "published": True,
+                "applied": True,
+                "reason": applied.reason,
+                "request_id": request_id,
+                "run": asdict(applied),
+                "detail": f"system.shutdown ({applied.reason}) of request {request_id} applied "
+                f"already: graceful exit {applied.run_id}, {'over' if over else 'under way'}",
+            }
+            if over:
+                answer.update(_report_of(applied))
+            return True, answer
+        # /progress follows this exit from now on, not the last one's
+        self.summary, self.last_progress = None, None
+        # on the bus, so every service that stops on it hears it; the request id is the
+        # event id too, as a sale's: a copy is known as one by trading and by _publishing
+        shutdown = SystemShutdown(reason=reason, request_id=request_id)
+        unpublished = await self._publish_request(
+            make_event(shutdown, source=ctx.source, time=ctx.clock.now(), event_id=request_id)
+        )
+        said = f"system.shutdown ({reason})"
+        answer = {"published": unpublished is None, "reason": reason, "request_id": request_id}
+        if unpublished is None:
+            return True, {**answer, "detail": f"{said} published"}
+        return False, {**answer, "detail": f"{said} accepted, {unpublished}"}
 
     def router(self):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
@@ -1207,21 +1271,11 @@ class ExitService(Service):
         @api.post("/shutdown", dependencies=[Depends(require_token)])
         async def shutdown(body: dict[str, Any] | None = Body(None)) -> JSONResponse:
             reason = reason_of(body, "shutdown (HTTP)")
-            ctx = self._ctx
-            if ctx is None:
+            request_id = text_of(body, "request_id", None, max_chars=_ID_MAX_CHARS)
+            if self._ctx is None:
                 raise HTTPException(503, "not started")
-            # /progress follows this exit from now on, not the last one's
-            self.summary, self.last_progress = None, None
-            # on the bus, so every service that stops on it hears it
-            unpublished = await self._publish_request(
-                make_event(SystemShutdown(reason=reason), source=ctx.source, time=ctx.clock.now())
-            )
-            said = f"system.shutdown ({reason})"
-            if unpublished is None:
-                answer = {"published": True, "reason": reason, "detail": f"{said} published"}
-                return JSONResponse(answer)
-            detail = f"{said} accepted, {unpublished}"
-            return JSONResponse({"published": False, "reason": reason, "detail": detail}, 202)
+            published, answer = await self.request_shutdown(reason, request_id or uuid.uuid4().hex)
+            return JSONResponse(answer, status_code=200 if published else 202)
 
         return api
 
