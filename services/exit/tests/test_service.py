@@ -52,6 +52,34 @@ async def test_the_feeds_creations_it_does_not_take_leave_no_seq_missing():
         assert service.consumer.metrics.gaps._value.get() == 0
 
 
+async def test_a_replica_that_stops_says_how_many_positions_of_its_share_are_left_unwatched(
+    caplog,
+):
+    """A replica stopping (SIGTERM, a scale-down; not a graceful exit) leaves the exit
+    rules of its share's positions not running until a replica takes their partitions:
+    its log says how many, and that nothing is lost. With none held it says nothing."""
+    caplog.set_level("INFO", logger="pumpflow.exit")
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    idle = exit_service()
+    async with embedded(clock, idle):
+        pass
+    assert "positions of this replica's share" not in caplog.text
+
+    service = exit_service()
+    async with embedded(clock, service) as (system, _):
+        for _ in range(3):
+            await held_position(system.bus, tokens)
+        assert len(service.positions()) == 3
+    [said] = [r for r in caplog.records if "positions of this replica's share" in r.getMessage()]
+    assert said.levelname == "WARNING"
+    assert said.getMessage() == (
+        "exit: stopping with 3 positions of this replica's share open: their exit rules "
+        "(stop-loss, take-profit, timeouts) do not run until a replica takes their "
+        "partitions, and run again then (their events wait in the queues)"
+    )
+
+
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:
     while tokens.curves[mint].price < price:
         await bus.publish(tokens.buy(mint, "whale", sol=1.0))

@@ -88,6 +88,10 @@
   its outcome. A share is of the partitions whose keys are loaded: one still loading
   is taken up once it has loaded (its stored exits are not this share's to close,
   unsold, before).
+- **A replica stopping** (SIGTERM, a scale-down; not a graceful exit) logs how many
+  positions of its share are open: their rules do not run until a replica takes their
+  partitions (their events wait in the queues). With every replica stopped, Prometheus'
+  ``ExitDownWithPositionsOpen`` fires while trading holds positions.
 - **Restart.** A graceful exit under way at start (a kill -9, say) is resumed: after
   the outcomes of the tranches sent have come in (``exit_resume_wait_s`` at most), the
   stored tranches give each position's next tranche number and the fills so far, and
@@ -342,6 +346,7 @@ class ExitService(Service):
         self._poll = asyncio.create_task(self._poll_runs(), name="exit-runs")
 
     async def stop(self) -> None:
+        self._say_unwatched()
         for task in (self._poll, self._graceful):
             if task is not None and not task.done():
                 task.cancel()
@@ -362,6 +367,24 @@ class ExitService(Service):
                 publishing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await publishing
+
+    def _say_unwatched(self) -> None:
+        """Say how many positions of this replica's share are left to no exit rule as it
+        stops: with no replica left running, nothing sells them until one comes."""
+        if self.consumer is None:
+            return
+        held = len(_OwnedPositions(self.consumer).open_positions)
+        if not held:
+            return
+        positions = f"{held} position{'s' if held != 1 else ''} of this replica's share"
+        if self.run is not None:
+            log.warning("exit: stopping in the middle of the graceful exit %s with %s open: "
+                        "the replica that takes their partitions sells them (their events "
+                        "wait in the queues)", self.run.run_id, positions)  # fmt: skip
+            return
+        log.warning("exit: stopping with %s open: their exit rules (stop-loss, take-profit, "
+                    "timeouts) do not run until a replica takes their partitions, and run "
+                    "again then (their events wait in the queues)", positions)  # fmt: skip
 
     # ---------------------------------------------------------------- the graceful exit
 
