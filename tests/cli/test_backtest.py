@@ -365,3 +365,18 @@ def test_an_undefined_live_figure_reads_n_a_not_nan():
     assert "live AUC entry/control n/a (3 labels)" in text
     assert "precision entry/control n/a (score >= 0.50)" in text
     assert "nan" not in text and "nan" not in comparison_table([report])
+
+
+def test_open_positions_no_trade_has_marked_are_said_to_be_left_out_of_the_pnl():
+    from collections import Counter
+
+    from pumpflow.cli.backtest import Report, comparison_table
+
+    report = Report(
+        name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=0, orders=Counter(),
+        entries=3, bought_sol=1.0, realized_sol=0.1, unrealized_sol=0.02, open_positions=2,
+        closed_positions=1, wins=1, fees_sol=0.0, max_drawdown_sol=0.0, unmarked=1,
+    )  # fmt: skip
+    assert "open marked +0.0200 (1 unmarked, left out), total +0.1200" in report.text()
+    assert "| +0.0200 (2) (1 unmarked, left out) |" in comparison_table([report])
+    assert report.results()["unmarked_positions"] == 1

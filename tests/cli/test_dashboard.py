@@ -229,3 +229,24 @@ async def test_the_most_subscriptions_the_summary_gives_are_counted_between_stat
     most = int(re.search(r"at most (\d+) subscribed at once", printed)[1])
     # every token the feed was told of was subscribed to as it launched
     assert tokens > 0 and most > 0, printed
+
+
+async def test_a_position_not_marked_yet_reads_unmarked_and_the_totals_say_they_leave_it_out():
+    from pumpflow.common.trading.positions import Position
+
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        trading.book.open_positions["Mint1pump"] = Position(
+            position_id="entry-1", mint="Mint1pump", opened_at=0.0, tokens=5e6, cost_sol=0.224
+        )
+        console = Console(system=system, clock=clock, speed=1.0, out=io.StringIO())
+        (line,) = console.position_lines()
+        # a PnL of +0.0000 would say the tokens are worth their cost, which is unknown
+        assert re.search(r"worth - +PnL unmarked$", line), line
+        assert "unrealised +0.0000 SOL (1 unmarked, left out) (fees" in console.trading_line()
+        shown = drawn(Dashboard(console, RecentLines()).render())
+        totals = r"open, marked +\+0\.0000 SOL +│\n.*│ unmarked +1 open, left out +│"
+        assert re.search(totals, shown), shown
+        assert re.search(r"Mint1pump +0\.224 +- +unmarked", shown), shown

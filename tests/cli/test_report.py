@@ -339,3 +339,48 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
     assert (
         graceful_exit_note(clean) == "1 of 1 positions sold out in 2 tranches, 0.2500 SOL recovered"
     )
+
+
+async def test_an_open_position_no_trade_has_marked_reads_unmarked_and_the_totals_leave_it_out(
+    tmp_path,
+):
+    from dataclasses import replace
+
+    change = _ledger_change()
+    held = replace(change.positions[1], mark_price=None)
+    ledger = MemoryLedger()
+    await ledger.commit(LedgerChange(
+        orders=change.orders, fills=change.fills, positions=[change.positions[0], held]
+    ))  # fmt: skip
+    found = await from_ledger(ledger, title="t", source="s")
+    # its worth is unknown: a 0.0 would read as tokens worth exactly their cost
+    assert found.trades[1].unrealized_pnl_sol is None
+    rows = dict(results.summary(found))
+    assert rows["open positions at their mark (SOL)"] == "+0.0000 (1 unmarked, left out)"
+    assert rows["total PnL (SOL)"] == "+0.0050 (1 unmarked, left out)"
+    path = html.write(found, tmp_path / "report.html")
+    assert "<td>total PnL (SOL)</td><td>+0.0050 (1 unmarked, left out)</td>" in path.read_text()
+    assert results.load(path.with_suffix(".json")).trades[1].unrealized_pnl_sol is None
+
+
+async def test_an_embedded_runs_report_takes_the_books_unmarked_position_as_unmarked():
+    from types import SimpleNamespace
+
+    from pumpflow.common.trading.positions import Position, PositionBook
+    from pumpflow.report.gather import Collector
+
+    change = _ledger_change()
+    ledger = MemoryLedger()
+    await ledger.commit(change)
+    book = PositionBook()
+    book.open_positions["mint"] = Position(
+        position_id="b2", mint="mint", opened_at=200.5, tokens=3e6, cost_sol=0.1
+    )
+
+    class System(dict):
+        services: dict = {}
+
+    system = System(trading=SimpleNamespace(book=book, ledger=ledger))
+    found = await Collector().results(system, title="t", source="s")
+    assert found.trades[1].unrealized_pnl_sol is None
+    assert dict(results.summary(found))["total PnL (SOL)"] == "+0.0050 (1 unmarked, left out)"

@@ -33,10 +33,12 @@ Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line ev
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
 by rule, realised PnL and the open positions marked at what selling them whole would
-bring (:func:`~pumpflow.common.trading.exit_value`), after every fee; win rate of the
-closed positions; the largest fall of realised PnL from its peak; predictions the model
-published, and the model's live AUC and precision (at its threshold) on the labels
-resolved by the stream's end; entries skipped by reason and circuit breakers tripped.
+bring (:func:`~pumpflow.common.trading.exit_value`), after every fee (those no trade
+has marked since their entry are unmarked: their worth is unknown, so they are counted
+and left out); win rate of the closed positions; the largest fall of realised PnL from
+its peak; predictions the model published, and the model's live AUC and precision (at
+its threshold) on the labels resolved by the stream's end; entries skipped by reason and
+circuit breakers tripped.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from pumpflow.cli.report import (
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import finite, positive
+from pumpflow.report.results import unmarked_note
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
 SIM_START = 1_700_000_000.0
@@ -265,6 +268,8 @@ class Report:
     skipped: Counter = field(default_factory=Counter)
     #: what the HTML report shows (:mod:`pumpflow.report`)
     report_data: Any = None
+    #: open positions no trade has marked since their entry, left out of unrealized_sol
+    unmarked: int = 0
 
     @property
     def pnl(self) -> float:
@@ -299,6 +304,7 @@ class Report:
             "bought_sol": sol(self.bought_sol),
             "closed_positions": self.closed_positions,
             "open_positions": self.open_positions,
+            "unmarked_positions": self.unmarked,
             "wins": self.wins,
             "win_rate": self.win_rate,
             "exits": dict(sorted(self.exits.items())),
@@ -350,7 +356,8 @@ class Report:
             f"{self.closed_positions}, open {self.open_positions}",
             f"  exits by rule: {self.exits_text() or 'none'}",
             f"  PnL after fees: realised {self.realized_sol:+.4f} SOL, open marked "
-            f"{self.unrealized_sol:+.4f}, total {self.pnl:+.4f} (fees {self.fees_sol:.4f})",
+            f"{self.unrealized_sol:+.4f}{unmarked_note(self.unmarked)}, total {self.pnl:+.4f} "
+            f"(fees {self.fees_sol:.4f})",
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
             f"  predictions {self.predictions:,}; live AUC "
@@ -530,6 +537,7 @@ async def run_backtest(
                 realized_sol=book.realized_pnl_sol,
                 unrealized_sol=book.unrealized_pnl_sol,
                 open_positions=book.open_count,
+                unmarked=book.unmarked_count,
                 closed_positions=len(closed),
                 wins=sum(p.realized_pnl_sol > 0 for p in closed),
                 fees_sol=sum(p.fees_sol for p in positions),
@@ -645,7 +653,8 @@ def comparison_table(reports: Sequence[Report]) -> str:
             f"({o['filled', 'buy'] + o['filled', 'sell']}, "
             f"{o['rejected', 'buy'] + o['rejected', 'sell']}) | {r.entries} | "
             f"{r.closed_positions} ({_share(r.win_rate)}) | {exits} | {r.realized_sol:+.4f} | "
-            f"{r.unrealized_sol:+.4f} ({r.open_positions}) | {r.pnl:+.4f} | "
+            f"{r.unrealized_sol:+.4f} ({r.open_positions}){unmarked_note(r.unmarked)} | "
+            f"{r.pnl:+.4f} | "
             f"{r.max_drawdown_sol:.4f} | {r.predictions:,} | {auc} | {precision} |"
         )
     return "\n".join(rows)

@@ -23,6 +23,13 @@ from pumpflow.common.events import (
     TokenLifecycle,
     TokenMigrated,
 )
+from pumpflow.report.results import UNMARKED, unmarked_note
+
+
+def position_pnl(position: Position) -> str:
+    """An open position's PnL in SOL, realised and at its mark; unmarked while no trade
+    has marked it (its worth is unknown, not its cost)."""
+    return f"{position.pnl_sol:+.4f} SOL" if position.marked else UNMARKED
 
 
 def no_order_line(reasons: Mapping[str, int]) -> str:
@@ -47,6 +54,7 @@ def _short(value: object) -> str:
 
 if TYPE_CHECKING:
     from pumpflow.common.runtime.embedded import EmbeddedSystem
+    from pumpflow.common.trading.positions import Position
 
 _WATCHED = (
     "token.created",
@@ -216,7 +224,8 @@ class Console:
             f"    trading [{trading.risk.state}] positions {pnl['open_positions']} open, "
             f"{pnl['closed_positions']} closed; exposure {pnl['exposure_sol']:.3f} SOL; "
             f"PnL realised {pnl['realized_pnl_sol']:+.4f} unrealised "
-            f"{pnl['unrealized_pnl_sol']:+.4f} SOL (fees {pnl['fees_sol']:.4f})"
+            f"{pnl['unrealized_pnl_sol']:+.4f} SOL{unmarked_note(trading.book.unmarked_count)} "
+            f"(fees {pnl['fees_sol']:.4f})"
         )
 
     def position_lines(self, n: int = 5) -> list[str]:
@@ -231,7 +240,7 @@ class Console:
             lines.append(
                 f"      {token.symbol if token else position.mint:<10} cost "
                 f"{position.cost_sol:.3f} SOL  worth {'-' if worth is None else f'{worth:.3f}'}"
-                f"  PnL {position.pnl_sol:+.4f} SOL"
+                f"  PnL {position_pnl(position)}"
             )
         return lines
 

@@ -26,6 +26,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pumpflow.report.results import UNMARKED
+
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
     from rich.console import ConsoleOptions, RenderResult
@@ -174,6 +176,10 @@ class Dashboard:
         table.add_row("state", state)
         table.add_row("realised PnL", _signed(pnl["realized_pnl_sol"]))
         table.add_row("open, marked", _signed(pnl["unrealized_pnl_sol"]))
+        unmarked = trading.book.unmarked_count
+        if unmarked:
+            # the note of the other totals, too wide for the panel: its own row
+            table.add_row(UNMARKED, f"{unmarked} open, left out")
         table.add_row("fees", f"{pnl['fees_sol']:.4f} SOL")
         table.add_row("exposure", f"{pnl['exposure_sol']:.3f} SOL")
         table.add_row(
@@ -220,7 +226,8 @@ class Dashboard:
             worth = position.mark_value_sol
             table.add_row(
                 token.symbol if token else position.mint, f"{position.cost_sol:.3f}",
-                "-" if worth is None else f"{worth:.3f}", _signed(position.pnl_sol, unit=""),
+                "-" if worth is None else f"{worth:.3f}",
+                _signed(position.pnl_sol, unit="") if position.marked else UNMARKED,
             )  # fmt: skip
         more = f", {len(held) - 6} more" if len(held) > 6 else ""
         return Panel(table, title=f"open positions ({len(held)}{more}), SOL")

@@ -35,11 +35,11 @@ async def from_ledger(
     *,
     title: str,
     source: str,
-    unrealized: Mapping[str, float] | None = None,
+    unrealized: Mapping[str, float | None] | None = None,
 ) -> Results:
     """The trades, slippage and orders of ``ledger``. An open position is worth
     ``unrealized[position_id]`` when given (what selling it would bring after fees),
-    else its tokens at its mark price less its cost."""
+    else its tokens at its mark price less its cost; None (unmarked) without either."""
     positions = await ledger.positions(open_only=False, limit=ALL_ROWS)
     orders = await ledger.orders(limit=ALL_ROWS)
     fills = (await ledger.load(remembered=0)).fills
@@ -47,12 +47,14 @@ async def from_ledger(
     trades = []
     # ties in the order of their tokens: their ids differ from run to run
     for p in sorted(positions, key=lambda p: (p["opened_at"], p["mint"], p["position_id"])):
-        marked = 0.0
+        marked: float | None = 0.0
         if p["closed_at"] is None:
             if unrealized is not None and p["position_id"] in unrealized:
                 marked = unrealized[p["position_id"]]
             elif p["mark_price"] is not None:
                 marked = p["token_amount"] * p["mark_price"] - p["cost_sol"]
+            else:
+                marked = None
         trades.append(Trade(
             position_id=p["position_id"], mint=p["mint"], opened_at=p["opened_at"],
             closed_at=p["closed_at"], close_reason=p["close_reason"],
@@ -137,9 +139,7 @@ class Collector:
         import msgspec
 
         trading = system["trading"]
-        unrealized = {
-            p.position_id: p.unrealized_pnl_sol for p in trading.book.open_positions.values()
-        }
+        unrealized = {p.position_id: p.marked_pnl_sol for p in trading.book.open_positions.values()}
         results = await from_ledger(
             trading.ledger, title=title, source=source, unrealized=unrealized
         )

@@ -30,8 +30,8 @@ class Trade(msgspec.Struct, frozen=True, kw_only=True):
     #: SOL its buys spent, every fee included
     bought_sol: float
     realized_pnl_sol: float
-    #: an open position at its mark
-    unrealized_pnl_sol: float = 0.0
+    #: an open position at its mark; None while no trade has marked it (worth unknown)
+    unrealized_pnl_sol: float | None = 0.0
     fees_sol: float
 
 
@@ -78,6 +78,16 @@ class Results(msgspec.Struct, frozen=True, kw_only=True):
         """The closed trades in the order they closed."""
         done = [t for t in self.trades if t.closed_at is not None]
         return sorted(done, key=lambda t: (t.closed_at, t.position_id))
+
+
+#: an open position's PnL while no trade of its token since its entry has marked it
+UNMARKED = "unmarked"
+
+
+def unmarked_note(count: int) -> str:
+    """What a total of open positions says of the ``count`` unmarked it leaves out: their
+    worth is unknown, and counting them at cost would hide the sale's fees and slippage."""
+    return f" ({count} {UNMARKED}, left out)" if count else ""
 
 
 def calibration_bins(
@@ -127,7 +137,9 @@ def summary(results: Results) -> list[tuple[str, str]]:
     trades, closed = results.trades, results.closed
     wins = sum(t.realized_pnl_sol > 0 for t in closed)
     realized = sum(t.realized_pnl_sol for t in trades)
-    unrealized = sum(t.unrealized_pnl_sol for t in trades if t.closed_at is None)
+    held = [t for t in trades if t.closed_at is None]
+    unmarked = sum(t.unrealized_pnl_sol is None for t in held)
+    unrealized = sum(t.unrealized_pnl_sol or 0.0 for t in held)
     pnls = [t.realized_pnl_sol for t in closed]
     exits = Counter(t.close_reason or "?" for t in closed)
     slips = [s.pct for s in results.slippage]
@@ -136,8 +148,8 @@ def summary(results: Results) -> list[tuple[str, str]]:
         ("win rate", f"{wins / len(closed):.0%} ({wins} of {len(closed)})" if closed else "n/a"),
         ("SOL spent on entries", f"{sum(t.bought_sol for t in trades):.4f}"),
         ("realised PnL (SOL, after fees)", f"{realized:+.4f}"),
-        ("open positions at their mark (SOL)", f"{unrealized:+.4f}"),
-        ("total PnL (SOL)", f"{realized + unrealized:+.4f}"),
+        ("open positions at their mark (SOL)", f"{unrealized:+.4f}{unmarked_note(unmarked)}"),
+        ("total PnL (SOL)", f"{realized + unrealized:+.4f}{unmarked_note(unmarked)}"),
         ("max drawdown (SOL, realised)", f"{max_drawdown(trades):.4f}"),
         ("fees (SOL)", f"{sum(t.fees_sol for t in trades):.4f}"),
         ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),

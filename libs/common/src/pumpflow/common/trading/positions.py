@@ -97,10 +97,25 @@ class Position:
         return self.bought_sol / self.bought_tokens if self.bought_tokens else 0.0
 
     @property
-    def unrealized_pnl_sol(self) -> float:
-        if not self.is_open or self.mark_value_sol is None:
+    def marked(self) -> bool:
+        """Whether the holding has a worth: closed, or marked by a trade of its token seen
+        since its entry. An unmarked one's worth is unknown, not its cost."""
+        return not self.is_open or self.mark_value_sol is not None
+
+    @property
+    def marked_pnl_sol(self) -> float | None:
+        """The unrealised PnL at the last mark; None while :attr:`marked` is not."""
+        if not self.is_open:
             return 0.0
+        if self.mark_value_sol is None:
+            return None
         return self.mark_value_sol - self.cost_sol
+
+    @property
+    def unrealized_pnl_sol(self) -> float:
+        """:attr:`marked_pnl_sol`, an unmarked holding left out as 0 (the book's sums)."""
+        marked = self.marked_pnl_sol
+        return 0.0 if marked is None else marked
 
     @property
     def pnl_sol(self) -> float:
@@ -229,7 +244,13 @@ class PositionBook:
 
     @property
     def unrealized_pnl_sol(self) -> float:
+        """The open positions' unrealised PnL at their marks, the unmarked left out."""
         return sum((p.unrealized_pnl_sol for p in self.open_positions.values()), 0.0)
+
+    @property
+    def unmarked_count(self) -> int:
+        """Open positions no trade has marked since their entry (worth unknown)."""
+        return sum(not p.marked for p in self.open_positions.values())
 
     def realized_since(self, since: float) -> float:
         """Realised PnL of the sales at or after ``since`` (within ``REALIZATIONS_KEPT_S``).
