@@ -2,7 +2,8 @@
 
 The stream is raw PumpPortal frames with their arrival times, from one of:
 
-- ``--dataset FILE.jsonl``: a dataset file the simulator wrote (``pumpflow sim dataset``);
+- ``--dataset FILE.jsonl``: a dataset file the simulator wrote (``pumpflow sim dataset``)
+  or a recording (``pumpflow record --out``), told apart by their lines;
 - ``--seed N`` (``--minutes``, ``--launches``): a market simulated here;
 - ``--dsn``/``--schema`` (or the settings'): frames recorded in Postgres, in time order
   (``--start``/``--end`` limit the window).
@@ -107,7 +108,7 @@ def simulated_frames(
 
 
 def dataset_frames(path: str) -> list[tuple[float, bytes]]:
-    """The frames of a dataset file, as written."""
+    """The frames of a dataset file, as written, or of a recording's published events."""
     from pumpflow.simulator.dataset import read_dataset_raw
 
     return list(read_dataset_raw(path))
@@ -691,7 +692,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset", metavar="FILE.jsonl", help="a `pumpflow sim dataset` file")
+    source.add_argument(
+        "--dataset", metavar="FILE.jsonl",
+        help="a `pumpflow sim dataset` or `pumpflow record --out` file",
+    )  # fmt: skip
     source.add_argument("--seed", type=int, help="simulate this market seed here")
     source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")

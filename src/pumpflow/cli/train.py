@@ -4,7 +4,8 @@ Sources of history (one of):
 
 - ``--dsn``/``--schema`` (or the settings'): token events from Postgres, replayed in
   time order by the feed's DatabaseDataFeed (``--start``/``--end`` limit the window);
-- ``--dataset FILE.jsonl``: dataset files the simulator wrote (``pumpflow sim dataset``);
+- ``--dataset FILE.jsonl``: dataset files the simulator wrote (``pumpflow sim dataset``)
+  or recordings (``pumpflow record --out``);
 - ``--sim-seeds 1,2,3``: markets simulated here, ``--sim-minutes`` each, one after
   the other from ``--sim-start-epoch``.
 
@@ -134,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--end", type=_epoch, help="end of the window (epoch s or ISO)")
     source.add_argument(
         "--dataset", action="append", default=[], metavar="FILE.jsonl",
-        help="a `pumpflow sim dataset` file (repeatable)",
+        help="a `pumpflow sim dataset` or `pumpflow record --out` file (repeatable)",
     )  # fmt: skip
     source.add_argument(
         "--sim-seeds", type=parse_seeds, default=(), metavar="1,2,5-7",

@@ -4,19 +4,33 @@ One line per frame: ``{"t": <epoch seconds>, "frame": <the exact frame>}``. Load
 decodes each frame with :mod:`pumpflow.common.pumpportal` into its v1 payload and
 stores it through :class:`pumpflow.common.storage.TokenEventStore` (COPY, idempotent
 on signature), exactly as the feed would have.
+
+A recording (``pumpflow record --out``: one event envelope a line) reads as a dataset
+too, told by its first line: each published event is the frame its payload was decoded
+from (a v1 token payload has the frame's fields, names and values) at its arrival time.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from pumpflow.common.bus.idempotency import Sequencer
-from pumpflow.common.events import Event, EventValidationError, make_event
+from pumpflow.common.events import (
+    Event,
+    EventValidationError,
+    TokenCreated,
+    TokenMigrated,
+    TokenTrade,
+    decode_event,
+    encode_payload,
+    make_event,
+)
 from pumpflow.common.pumpportal import decode_token_frame
 from pumpflow.simulator.market import Frame, Market
 
@@ -28,6 +42,10 @@ LOAD_SOURCE = "simulator.dataset"
 
 class DatasetError(ValueError):
     """A line of a dataset file that is not ``{"t": ..., "frame": ...}``."""
+
+
+#: (arrival epoch seconds, frame bytes)
+TimedFrame = tuple[float, bytes]
 
 
 class _Line(msgspec.Struct):
@@ -63,20 +81,57 @@ def write_dataset(
 
 
 def read_dataset_raw(path: str | Path) -> Iterator[tuple[float, bytes]]:
-    """Yield ``(arrival epoch seconds, frame bytes exactly as written)`` per line."""
-    decode = msgspec.json.Decoder(_Line).decode
+    """Yield ``(arrival epoch seconds, frame bytes)`` per frame of a dataset file (as
+    written) or of a recording (see the module docstring), told by its first line."""
     with open(path, "rb") as src:
-        for number, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            try:
-                item = decode(line)
-            except msgspec.DecodeError as exc:
-                raise DatasetError(
-                    f"{path}:{number}: not a dataset line: {exc} (a dataset line is "
-                    '{"t": ..., "frame": ...}, as pumpflow sim dataset writes)'
-                ) from None
-            yield item.t, bytes(item.frame)
+        lines = ((number, line) for number, line in enumerate(src, 1) if line.strip())
+        first = next(lines, None)
+        if first is None:
+            return
+        read = _recorded_frames if _is_recording(first[1]) else _dataset_frames
+        yield from read(path, itertools.chain((first,), lines))
+
+
+def _is_recording(line: bytes) -> bool:
+    """Whether ``line`` is an event envelope rather than a dataset line."""
+    try:
+        item = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return False  # the dataset reader names what is wrong with it
+    return isinstance(item, dict) and "frame" not in item and {"type", "data"} <= item.keys()
+
+
+def _dataset_frames(path: str | Path, lines: Iterable[tuple[int, bytes]]) -> Iterator[TimedFrame]:
+    decode = msgspec.json.Decoder(_Line).decode
+    for number, line in lines:
+        try:
+            item = decode(line)
+        except msgspec.DecodeError as exc:
+            raise DatasetError(
+                f"{path}:{number}: not a dataset line: {exc} (a dataset line is "
+                '{"t": ..., "frame": ...}, as pumpflow sim dataset writes)'
+            ) from None
+        yield item.t, bytes(item.frame)
+
+
+def _recorded_frames(path: str | Path, lines: Iterable[tuple[int, bytes]]) -> Iterator[TimedFrame]:
+    for number, line in lines:
+        try:
+            event = decode_event(line)
+        except EventValidationError as exc:
+            raise DatasetError(
+                f"{path}:{number}: not a recorded event: {exc} (a recording's line is an "
+                "event envelope, as pumpflow record --out writes)"
+            ) from None
+        if event.seq is None:
+            # stored by the recorder, never published (a trade of a mint the feed was
+            # not subscribed to): not replayed, as from Postgres
+            continue
+        if not isinstance(event.data, TokenCreated | TokenTrade | TokenMigrated):
+            raise DatasetError(
+                f"{path}:{number}: a {event.type} event, not a token event a frame gives"
+            )
+        yield event.time, encode_payload(event.data)
 
 
 def read_dataset(path: str | Path) -> Iterator[tuple[float, Frame]]:
