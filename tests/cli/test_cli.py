@@ -449,7 +449,8 @@ def test_a_report_that_cannot_be_written_is_refused_before_the_run(argv, named, 
     assert captured.err.strip() == named
 
 
-#: a line of what ``pumpflow record --out`` writes (event envelopes), not a dataset line
+#: a line that looks like what ``pumpflow record --out`` writes (an event envelope) but
+#: is not one: no source, no time, an empty payload
 RECORDED_LINE = '{"id":"e1","type":"token.created","version":1,"data":{}}\n'
 
 
@@ -460,7 +461,7 @@ RECORDED_LINE = '{"id":"e1","type":"token.created","version":1,"data":{}}\n'
         ["train", "--dataset", "{file}", "--out", "{dir}/m.onnx"],
     ],
 )
-def test_a_file_that_is_no_dataset_is_one_line_naming_its_line_and_no_traceback(argv, tmp_path):
+def test_a_broken_recording_is_one_line_naming_its_line_and_no_traceback(argv, tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_text(RECORDED_LINE)
     argv = [a.format(file=path, dir=tmp_path) for a in argv]
@@ -468,13 +469,14 @@ def test_a_file_that_is_no_dataset_is_one_line_naming_its_line_and_no_traceback(
     assert ran.returncode == 1
     err = ran.stderr
     assert err.strip() == err.strip().splitlines()[-1], err  # one line
-    assert err.startswith(f"pumpflow {argv[0]}: {path}:1: not a dataset line: "), err
-    # what one is, for a file of another kind (pumpflow record --out writes events)
-    assert 'a dataset line is {"t": ..., "frame": ...}, as pumpflow sim dataset writes' in err
+    assert err.startswith(f"pumpflow {argv[0]}: {path}:1: not a recorded event: "), err
+    assert "missing required field `source`" in err
+    # read as the file it looks like: what one of those is
+    assert "a recording's line is an event envelope, as pumpflow record --out writes" in err
 
 
 @pytest.mark.postgres
-async def test_a_file_that_is_no_dataset_is_not_loaded_and_said_in_one_line(
+async def test_a_broken_recording_is_not_loaded_and_said_in_one_line(
     pg_pool, namespace, postgres_dsn, tmp_path, capsys
 ):
     path = tmp_path / "events.jsonl"
@@ -483,7 +485,7 @@ async def test_a_file_that_is_no_dataset_is_not_loaded_and_said_in_one_line(
     assert await asyncio.to_thread(cli_main.main, argv) == 1
     err = capsys.readouterr().err
     assert (
-        err.strip().splitlines()[-1].startswith(f"pumpflow sim: {path}:1: not a dataset line: ")
+        err.strip().splitlines()[-1].startswith(f"pumpflow sim: {path}:1: not a recorded event: ")
     ), err
     assert "Traceback" not in err
 
