@@ -230,6 +230,43 @@ def test_the_last_config_file_given_applies(second, monkeypatch, tmp_path, capsy
     assert os.environ["PUMPFLOW_CONFIG_FILE"] == str(last)
 
 
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_config_file_after_the_command_applies_as_before_it(
+    joined, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text("[trading]\ntrading_min_score = 0.45\n")
+    given = [f"--config-file={config}"] if joined else ["--config-file", str(config)]
+    assert cli_main.main(["settings", "trading", *given, "--json"]) == 0
+    values = {row["variable"]: row["value"] for row in json.loads(capsys.readouterr().out)}
+    assert values["PUMPFLOW_TRADING_MIN_SCORE"] == 0.45
+    assert os.environ["PUMPFLOW_CONFIG_FILE"] == str(config)
+    # checked as one before the command is
+    config.write_text("[tradng]\ntrading_min_score = 1\n")
+    assert cli_main.main(["settings", "exit", *given]) == 2
+    assert "no service named [tradng]" in capsys.readouterr().err
+
+
+def test_a_config_file_after_a_command_another_parser_reads_says_where_it_goes(
+    monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text("[feed]\n")
+    out = tmp_path / "events.jsonl"
+    argv = ["record", "--duration", "1", "--config-file", str(config), "--out", str(out)]
+    assert cli_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "pumpflow record: --config-file goes before the command: "
+        "pumpflow --config-file FILE record ...\n"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", ["--config", "--config-f", "--conf"])
 def test_an_abbreviated_config_file_flag_is_refused(flag, monkeypatch, tmp_path, capsys):
     """argparse would take it for --config-file, which only the front of the command line

@@ -9,6 +9,8 @@ subcommand is one new module and one line here. A command whose reader leaves ea
 Before any command the config file and the ``PUMPFLOW_`` variables are checked against
 every setting of the services installed here (and ``pumpflow notify``'s): a key or a
 variable that names none stops it with exit status 2, one line naming it.
+``--config-file`` goes before the command or among its own options; a delegated
+command's options are its owner's, so there it goes before the command.
 """
 
 from __future__ import annotations
@@ -53,6 +55,32 @@ COMMAND_MODULES = (
 CLI_VARIABLES = (REPORTS_DIR_ENV, *URL_VARIABLES.values())
 
 
+CONFIG_FILE_FLAG = "--config-file"
+
+
+def _config_file_options(*, given_after: bool) -> argparse.ArgumentParser:
+    """The ``--config-file`` option, a parent of the top parser and of each command's.
+    Given after the command it is left unset unless given, so as not to hide the one
+    given before."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        CONFIG_FILE_FLAG,
+        metavar="FILE",
+        default=argparse.SUPPRESS if given_after else None,
+        help=f"TOML file of settings, [common] and one table per service, under the "
+        f"environment's (sets {CONFIG_FILE_VARIABLE} for the services this starts)",
+    )
+    return parent
+
+
+class _Command(argparse.ArgumentParser):
+    """A command's parser: it takes ``--config-file`` among the command's options too."""
+
+    def __init__(self, *args, parents: Sequence[argparse.ArgumentParser] = (), **kwargs):
+        super().__init__(*args, parents=[*parents, _config_file_options(given_after=True)],
+                         **kwargs)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pumpflow",
@@ -60,14 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         # --config-file applies only as use_config_file reads it: a prefix of it
         # (--config) taken for it here would leave the file out without a word
         allow_abbrev=False,
+        parents=[_config_file_options(given_after=False)],
     )
-    parser.add_argument(
-        "--config-file",
-        metavar="FILE",
-        help=f"TOML file of settings, [common] and one table per service, under the "
-        f"environment's (sets {CONFIG_FILE_VARIABLE} for the services this starts)",
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="<command>", required=True, parser_class=_Command
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
@@ -78,19 +103,25 @@ def use_config_file(argv: list[str]) -> list[str]:
     processes this starts read it too) and check the file against every service. Given
     more than once, the last one applies, as with any flag."""
     while True:
-        if argv[:1] == ["--config-file"] and len(argv) >= 2:
+        if argv[:1] == [CONFIG_FILE_FLAG] and len(argv) >= 2:
             os.environ[CONFIG_FILE_VARIABLE], argv = argv[1], argv[2:]
-        elif argv and argv[0].startswith("--config-file="):
+        elif argv and argv[0].startswith(f"{CONFIG_FILE_FLAG}="):
             os.environ[CONFIG_FILE_VARIABLE], argv = argv[0].partition("=")[2], argv[1:]
         else:
             break
     path = os.environ.get(CONFIG_FILE_VARIABLE)
     if path:
-        from pumpflow.common.runtime.settings import check_config_file
-
-        os.environ[CONFIG_FILE_VARIABLE] = str(Path(path).absolute())
-        check_config_file(path, service_settings())
+        apply_config_file(path)
     return argv
+
+
+def apply_config_file(path: str) -> None:
+    """Set ``path`` for this process and those it starts, once checked against every
+    service's settings."""
+    from pumpflow.common.runtime.settings import check_config_file
+
+    os.environ[CONFIG_FILE_VARIABLE] = str(Path(path).absolute())
+    check_config_file(path, service_settings())
 
 
 def service_settings() -> dict[str, type[CommonSettings]]:
@@ -135,11 +166,24 @@ def _command(argv: Sequence[str] | None) -> int:
     if argv and argv[0] in DELEGATED:
         # the owner's parser reads every option, -h included
         command, given = argv[0], argv[1:]
+        if any(w == CONFIG_FILE_FLAG or w.startswith(f"{CONFIG_FILE_FLAG}=") for w in given):
+            print(
+                f"pumpflow {command}: {CONFIG_FILE_FLAG} goes before the command: "
+                f"pumpflow {CONFIG_FILE_FLAG} FILE {command} ...",
+                file=sys.stderr,
+            )
+            return 2
 
         def handle() -> int:
             return delegate(command, given)
     else:
         args = build_parser().parse_args(argv)
+        if getattr(args, "config_file", None):  # given after the command: it applies last
+            try:
+                apply_config_file(args.config_file)
+            except SettingsError as exc:
+                print(f"pumpflow: {exc}", file=sys.stderr)
+                return 2
         # the reports folder is the user's, as a flag's value is
         given = [*vars(args).values(), os.environ.get(REPORTS_DIR_ENV)]
         command = args.command
