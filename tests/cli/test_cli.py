@@ -1129,3 +1129,25 @@ async def test_migrate_blocked_by_a_running_replica_s_transaction_names_it_and_g
         await holder.close()
         await conn.close()
         await drop_schema(POSTGRES_DSN, namespace)
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["1700000000", "2023-11-14T22:13:20Z", "2023-11-14 22:13:20", "2023-11-14T23:13:20+01:00"],
+)
+@pytest.mark.parametrize("command", ["backtest", "train", "replay"])
+def test_every_command_with_a_window_takes_the_same_times(command, given, monkeypatch):
+    import time
+
+    from pumpflow.feed.cli import build_parser as feed_parser
+
+    # a time without a zone is UTC, as the market's, whatever the machine's zone
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        parser = feed_parser() if command == "replay" else cli_main.build_parser()
+        args = parser.parse_args([command, "--start", given, "--end", given])
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert args.start == args.end == 1_700_000_000.0

@@ -66,7 +66,7 @@ from pumpflow.cli.report import (
     write_backtest_reports,
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.runtime.arguments import finite, positive
+from pumpflow.common.runtime.arguments import epoch_time, positive
 from pumpflow.report.results import unmarked_note
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
@@ -699,8 +699,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--seed", type=int, help="simulate this market seed here")
     source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    parser.add_argument("--start", type=finite, help="Postgres: first event time (epoch s)")
-    parser.add_argument("--end", type=finite, help="Postgres: end of the window (epoch s)")
+    parser.add_argument(
+        "--start", type=epoch_time, help="Postgres: first event time (epoch s or ISO, UTC)"
+    )
+    parser.add_argument(
+        "--end", type=epoch_time, help="Postgres: end of the window (epoch s or ISO, UTC)"
+    )
     parser.add_argument("--minutes", type=positive, help="--seed: market minutes (10)")
     parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
     parser.add_argument(

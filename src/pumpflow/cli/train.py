@@ -40,12 +40,11 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
-from pumpflow.common.runtime.arguments import bounded, count, finite, positive, share
+from pumpflow.common.runtime.arguments import bounded, count, epoch_time, positive, share
 
 # the features and the models (numpy) are imported where a model is trained: every
 # pumpflow command registers this one
@@ -100,17 +99,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def _epoch(text: str) -> float:
-    try:
-        return finite(text)
-    except argparse.ArgumentTypeError:
-        pass
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an epoch time or an ISO date, not {text!r}") from None
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -131,8 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     source.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    source.add_argument("--start", type=_epoch, help="first event time (epoch s or ISO)")
-    source.add_argument("--end", type=_epoch, help="end of the window (epoch s or ISO)")
+    source.add_argument("--start", type=epoch_time, help="first event time (epoch s or ISO, UTC)")
+    source.add_argument("--end", type=epoch_time, help="end of the window (epoch s or ISO, UTC)")
     source.add_argument(
         "--dataset", action="append", default=[], metavar="FILE.jsonl",
         help="a `pumpflow sim dataset` or `pumpflow record --out` file (repeatable)",
@@ -146,8 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="market minutes per simulated seed (%(default)g)",
     )  # fmt: skip
     source.add_argument(
-        "--sim-start-epoch", type=_epoch, default=DEFAULT_SIM_START,
-        help="when the first simulated market starts (epoch s or ISO; 2026-01-01)",
+        "--sim-start-epoch", type=epoch_time, default=DEFAULT_SIM_START,
+        help="when the first simulated market starts (epoch s or ISO, UTC; 2026-01-01)",
     )  # fmt: skip
     source.add_argument(
         "--skip-minutes", type=bounded(at_least=0), default=0.0, metavar="M",
@@ -203,7 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="days the card says the model is valid (30)",
     )
     model.add_argument(
-        "--created-at", type=_epoch, default=None, help="the card's creation time (default: now)"
+        "--created-at",
+        type=epoch_time,
+        default=None,
+        help="the card's creation time (default: now)",
     )
     out = parser.add_argument_group("output")
     out.add_argument(

@@ -26,7 +26,7 @@ from typing import IO
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
-from pumpflow.common.runtime.arguments import finite, positive
+from pumpflow.common.runtime.arguments import epoch_time, positive
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
@@ -186,8 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("replay", help="replay recorded events in time order")
     rep.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     rep.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
-    rep.add_argument("--start", type=finite, help="first event time (epoch s, inclusive)")
-    rep.add_argument("--end", type=finite, help="last event time (epoch s, exclusive)")
+    rep.add_argument(
+        "--start", type=epoch_time, help="first event time (epoch s or ISO, UTC; inclusive)"
+    )
+    rep.add_argument(
+        "--end", type=epoch_time, help="last event time (epoch s or ISO, UTC; exclusive)"
+    )
     rep.add_argument("--mint", action="append", help="only these mints (repeatable)")
     rep.add_argument(
         "--speed", type=positive, help="times real time (default: as fast as possible)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 
 def finite(text: str) -> float:
@@ -17,6 +18,23 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+def epoch_time(text: str) -> float:
+    """A time of an option (a window's --start/--end): epoch seconds or an ISO 8601 date
+    and time, in UTC unless it names its zone (a market's times are UTC, the machine's
+    zone is no one's)."""
+    try:
+        return finite(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an epoch time or an ISO date, not {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 def integer(text: str) -> int:
