@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from pydantic import AliasChoices, Field
@@ -925,6 +926,18 @@ async def test_dead_letters_with_rabbitmq_away_is_one_line_and_exit_1(process_st
     assert away.stderr.count("\n") == 1, away.stderr
     assert away.stderr.startswith("pumpflow dead-letters: cannot connect to RabbitMQ: ")
     assert str(port) in away.stderr
+
+
+async def test_dead_letters_on_a_vhost_the_broker_lacks_is_one_line_with_its_reason(
+    process_stack, namespace, amqp_url
+):
+    vhost = f"{namespace}-missing"
+    process_stack.configure(amqp_url=urlunsplit(urlsplit(amqp_url)._replace(path=f"/{vhost}")))
+    refused = await asyncio.to_thread(process_stack.run, "dead-letters", "features", timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert f"NOT_ALLOWED - vhost {vhost} not found" in refused.stderr, refused.stderr
+    assert "the AMQP URL's vhost" in refused.stderr, refused.stderr
 
 
 async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event(

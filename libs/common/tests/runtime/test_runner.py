@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -282,3 +283,63 @@ def test_a_replay_clock_start_runs_the_service_on_a_replay_clock():
     assert isinstance(service_clock(CommonSettings(service="s")), WallClock)
     replay = service_clock(CommonSettings(service="s", replay_clock_start=1_700_000_000.0))
     assert isinstance(replay, ReplayClock) and replay.now() == 1_700_000_000.0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("refused", "reason", "setting"),
+    [
+        ("vhost", "NOT_ALLOWED - vhost {vhost} not found", "vhost"),
+        ("login", "ACCESS_REFUSED - Login was refused", "user"),
+    ],
+)
+async def test_a_vhost_or_login_the_broker_refuses_is_said_with_the_brokers_reason(
+    monkeypatch, caplog, namespace, amqp_url, refused, reason, setting
+):
+    parts = urlsplit(amqp_url)
+    vhost = f"{namespace}-missing"
+    if refused == "vhost":
+        parts = parts._replace(path=f"/{vhost}")
+    else:
+        parts = parts._replace(
+            netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}"
+        )
+    port = free_port()
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "rabbitmq")
+    monkeypatch.setenv("PUMPFLOW_NAMESPACE", namespace)
+    monkeypatch.setenv("PUMPFLOW_AMQP_URL", urlunsplit(parts))
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", str(port))
+    monkeypatch.setenv("PUMPFLOW_DEPENDENCY_RETRY_MAX_S", "0.2")
+    monkeypatch.setenv("PUMPFLOW_DEPENDENCY_WAIT_S", "3")
+    expected = reason.format(vhost=vhost)
+    runner = asyncio.create_task(run_service(Idle))
+    try:
+        await _said_with_reason(runner, port, expected, setting, caplog)
+    finally:
+        if not runner.done():
+            runner.cancel()
+
+
+async def _said_with_reason(runner, port, expected, setting, caplog) -> None:
+    async def readyz_error() -> str | None:
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                body = (await http.get("/readyz", timeout=5)).json()
+        except httpx.TransportError:
+            return None
+        error = body.get("checks", {}).get("rabbitmq", {}).get("error")
+        return error if error and expected in error else None
+
+    # waited out as every dependency is at start-up, the broker's reason shown meanwhile
+    error = await eventually(readyz_error, 20, what="/readyz carrying the broker's reason")
+    assert f"the AMQP URL's {setting}" in error, error
+    assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
+    waits = [r.getMessage() for r in caplog.records if "waiting for rabbitmq" in r.getMessage()]
+    assert waits and all(expected in line for line in waits), waits
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in failed if r.exc_info], caplog.text
+    said = [r.getMessage() for r in failed]
+    assert len(said) == 1, said
+    assert expected in said[0] and "PUMPFLOW_AMQP_URL" in said[0], said
+    assert "InvalidFrameError" not in caplog.text, caplog.text

@@ -109,11 +109,13 @@ import hashlib
 import itertools
 import logging
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -126,7 +128,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
+from pamqp.commands import Basic, Connection
 
 from pumpflow.common.bus.abc import (
     DELIVERY_LIMIT,
@@ -221,6 +223,43 @@ Properties = Basic.Properties
 
 class PublishAbandoned(ConnectionError):
     """Not written: a publication before it gave up, and this one may not overtake it."""
+
+
+class BrokerRefused(ConnectionError):
+    """RabbitMQ refused to open a connection: a login or a vhost of the AMQP URL, with
+    the broker's reason and the setting to check."""
+
+    #: waited out at start-up as every dependency is (the operator may create the vhost
+    #: or user meanwhile, and a deployment may provision them after the broker starts),
+    #: the reason shown in the wait's log lines and /readyz
+    transient_dependency = RABBITMQ
+
+
+def _refusal(error: BaseException, url: str) -> BrokerRefused | None:
+    """The broker's refusal ``error`` is, said with its reason; None for any other failure."""
+    parsed = urlsplit(url)
+    user = unquote(parsed.username or "guest")
+    if isinstance(error, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"RabbitMQ refused the login of user {user!r}: {error}; check the AMQP URL's "
+            "user and password (PUMPFLOW_AMQP_URL)"
+        )
+    if isinstance(error, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(error):
+        # aiormq takes the broker's Connection.Close answering Connection.Open for a frame
+        # it did not expect, and its message leaves the broker's reason out: the frame
+        # itself is still a local of the call that read it
+        reason = "closed by the broker while opening"
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            close = frame.f_locals.get("frame")
+            if isinstance(close, Connection.Close):
+                reason = close.reply_text
+                break
+        vhost = unquote(parsed.path[1:]) or "/"
+        return BrokerRefused(
+            f"RabbitMQ refused vhost {vhost!r} to user {user!r}: {reason}; check the AMQP "
+            "URL's vhost and the user's permissions on it (PUMPFLOW_AMQP_URL)"
+        )
+    return None
 
 
 class _Batch:
@@ -421,8 +460,14 @@ class RabbitMQBus(EventBus):
                     client_properties={"connection_name": name},
                     reconnect_interval=1.0,
                 )
-            except (OSError, aiormq.exceptions.AMQPConnectionError) as exc:
-                if attempt == self.connect_attempts:
+            except (OSError, aiormq.exceptions.AMQPError) as exc:
+                refused = _refusal(exc, self.url)
+                if refused is not None:
+                    # the same on every try: the caller's policy decides whether to wait
+                    raise refused from exc
+                if attempt == self.connect_attempts or not isinstance(
+                    exc, OSError | aiormq.exceptions.AMQPConnectionError
+                ):
                     raise
                 log.warning(
                     "RabbitMQ not reachable (attempt %d/%d): %r; retrying in %.1fs",
