@@ -57,14 +57,14 @@ async def store(request, namespace, redis_url):
 class Candidate:
     """A single writer that records what the lease tells it, in order."""
 
-    def __init__(self, store, holder: str, *, fail_election: bool = False):
+    def __init__(self, store, holder: str, *, fail_election: bool = False, ttl: float = TTL):
         self.calls: list[str] = []
         self.fail_election = fail_election
         #: who held the lease in the store when on_resign ran
         self.holder_at_resign: str | None = None
         self.lease = LeaderLease(
             store,
-            LeaderLeaseConfig(name=NAME, holder=holder, ttl_s=TTL),
+            LeaderLeaseConfig(name=NAME, holder=holder, ttl_s=ttl),
             on_elected=self.elected,
             on_lost=self.lost,
             on_renewed=self.renewed,
@@ -151,6 +151,38 @@ async def test_a_leader_stalled_past_its_ttl_loses_the_lease_and_calls_on_lost(s
         leaders = [c for c in (one, two) if c.lease.is_leader]
         assert len(leaders) == 1
         assert await one.lease.current_holder() == leaders[0].lease.holder
+    finally:
+        await one.lease.stop()
+        await two.lease.stop()
+
+
+async def test_a_claim_tells_a_holder_that_renews_from_one_that_stopped_without_resigning(
+    store,
+):
+    """A stand-by's look at the lease: who holds it, when it runs out unless renewed, and
+    whether the holder is late with its renewal (dead: it stops renewing, never resigns)."""
+    ttl = 3.0  # renewed every second: late once 1.5 s pass without
+    cut = Cuttable(store)
+    one, two = Candidate(cut, "one", ttl=ttl), Candidate(store, "two", ttl=ttl)
+    try:
+        await leading(one)
+        await two.lease.start()
+        await eventually(lambda: one.lease.renewals >= 2)
+        claim = await two.lease.claim()
+        assert claim.holder == "one" and not claim.late, claim
+        assert ttl / 2 < claim.runs_out_in_s <= ttl, claim
+        cut.cut = True
+
+        async def late():
+            claim = await two.lease.claim()
+            return claim if claim.late else None
+
+        claim = await eventually(late, ttl, what="the holder late")
+        assert claim.holder == "one", claim
+        assert claim.renewed_s_ago > 1.5 and claim.runs_out_in_s < ttl - 1.5, claim
+        assert claim.renewed_s_ago + claim.runs_out_in_s == pytest.approx(ttl, abs=0.2)
+        await eventually(lambda: two.lease.is_leader, 3 * ttl, what="the take-over")
+        assert (await two.lease.claim()).holder == "two"
     finally:
         await one.lease.stop()
         await two.lease.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from urllib.parse import urlsplit
 
 import httpx
@@ -480,11 +481,30 @@ async def test_a_resume_and_an_acknowledgement_are_refused_unless_this_replica_h
         assert tracebacks(caplog) == []
 
 
+class SharedLease(MemoryStateStore):
+    """The store replicas hold their lease in, where a holder can stop renewing it
+    without resigning (``dead``: its renewals never answer, as of a process killed with
+    ``kill -9``), or go on unaware that it lost it (``unaware``: its renewals answer
+    done and change nothing, as before a renewal tells it)."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.dead: set[bytes] = set()
+        self.unaware: set[bytes] = set()
+
+    async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
+        if bytes(value) in self.dead:
+            await asyncio.Event().wait()
+        if bytes(value) in self.unaware:
+            return True
+        return await super().extend_if_equal(key, value, ttl)
+
+
 @pytest.fixture
-def shared_lease(monkeypatch) -> MemoryStateStore:
+def shared_lease(monkeypatch) -> SharedLease:
     """One store the replicas of the test hold their lease in (on a market clock each
     would have one of its own), on the wall clock as leases are."""
-    store = MemoryStateStore(WallClock())
+    store = SharedLease(WallClock())
     monkeypatch.setattr(service_module, "lease_stores", lambda ctx: [store])
     return store
 
@@ -531,6 +551,50 @@ async def test_a_halt_given_to_the_stand_by_is_stored_and_the_holder_stops_enter
             assert refused.status_code == 409, refused.text
             assert f"{holder.leader.holder} holds it" in refused.json()["detail"]
             assert await ledger.control() == (TradingState.HALTED, "from the stand-by")
+            assert tracebacks(caplog) == []
+
+
+async def test_a_halt_to_the_stand_by_after_the_holder_died_says_the_next_holder_starts_halted(
+    clock, market, pg_pool, shared_lease, caplog
+):
+    """The replica trading dies (``kill -9``: it stops renewing its lease, never resigns)
+    and the halt reaches the stand-by before the lease runs out. No replica applies it on
+    its next round: the answer says it is stored, that the lease's holder (named) is
+    late with its renewal, and that whichever replica holds trading next starts halted,
+    once the lease runs out (said when). The stand-by takes over then, halted."""
+    ledger = PostgresLedger(pg_pool)
+    # renewed every 2 s
+    holder, standby = (trading(ledger, trading_lease_ttl_s=6.0) for _ in range(2))
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, holder):
+        async with running(clock, standby) as (bus, watch, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            dead = holder.leader.holder
+            shared_lease.dead.add(dead.encode())
+
+            async def two_renewals_missed() -> bool:
+                return (await shared_lease.expires_in(key) or 0.0) < 2.5
+
+            await eventually(two_renewals_missed, 10.0, what="two renewals missed")
+            answer = await client.post("/halt", json={"reason": "holder killed"})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["stored"] is True, body
+            detail = body["detail"]
+            assert "applies it on its next round" not in detail, detail
+            assert "whichever replica holds trading next starts halted" in detail, detail
+            assert f"its lease's holder ({dead}) has not renewed it for" in detail, detail
+            runs_out = re.search(
+                r"the lease runs out in (\d+) s and a stand-by takes trading over", detail
+            )
+            assert runs_out and int(runs_out[1]) <= 3, detail
+            assert await ledger.control() == (TradingState.HALTED, "holder killed")
+
+            await eventually(lambda: standby.role == "active", 20.0, what="the take-over")
+            assert halted(standby, "holder killed")
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            assert watch.count("order.requested") == 0
             assert tracebacks(caplog) == []
 
 
@@ -758,12 +822,12 @@ async def test_a_halt_given_to_the_replica_taken_over_from_reaches_the_new_holde
     renewal could tell it; the halt given to it meets the take-over: applied there
     (of no use now), it is stored for the new holder, which halts on its next round."""
     ledger = PostgresLedger(pg_pool)
-    # the first renews in 200 s; the next campaigns every third of a second
-    first = trading(ledger, trading_lease_ttl_s=600.0)
-    second = trading(ledger, trading_lease_ttl_s=1.0)
+    # campaigned for every second
+    first, second = (trading(ledger, trading_lease_ttl_s=3.0) for _ in range(2))
     async with running(clock, first) as (_, _, client):
         async with running(clock, second) as (bus, watch, _):
             assert (first.role, second.role) == ("active", "standby")
+            shared_lease.unaware.add(first.leader.holder.encode())
             await shared_lease.delete_many([LEASE_PREFIX + LEASE_NAME])  # it ran out
             await eventually(lambda: second.role == "active", 10.0, what="the take-over")
             assert first.role == "active"  # not told yet

@@ -5,7 +5,9 @@ Talks to a trading replica's HTTP API (``--url``, default the local one) with th
 bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes a halt, so the kill switch
 needs no search for the replica trading: that one applies it at once; a stand-by (or a
 replica another took over from) stores it in the ledger, and the replica trading, named
-in what is printed, applies it on its next round (within a tick, a second by default).
+in what is printed, applies it on its next round (within a tick, a second by default);
+when that replica is late renewing its lease (dead, say), what is printed says instead
+that whichever replica takes trading next starts halted, and when at the latest.
 A halt outlives restarts until a resume. A halt stored late (given while Postgres was
 away, retried) after a newer resume halts trading again: resume again if so. Only the
 replica trading takes a resume or an acknowledgement: the others refuse them (409,

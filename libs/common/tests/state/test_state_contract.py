@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import re
 from dataclasses import dataclass
 
@@ -265,6 +266,18 @@ async def test_extend_if_equal_extends_only_the_matching_value(harness):
     await harness.let_short_ttls_expire()
     assert await store.get_many(["k", "other", "missing"]) == [b"mine", None, None]
     assert not await store.extend_if_equal("other", b"theirs", LONG_TTL)  # expired
+
+
+async def test_expires_in_says_when_a_key_runs_out(harness):
+    store = harness.store
+    await store.set("k", b"v", ttl=LONG_TTL)
+    await store.set("forever", b"v")
+    await store.set("short", b"v", ttl=SHORT_TTL)
+    assert LONG_TTL - 5 < await store.expires_in("k") <= LONG_TTL
+    assert await store.expires_in("forever") == math.inf
+    assert await store.expires_in("missing") is None
+    await harness.let_short_ttls_expire()
+    assert await store.expires_in("short") is None
 
 
 async def test_delete_if_equal_deletes_only_the_matching_value(harness):

@@ -68,6 +68,10 @@ class LeaseStore(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
+    async def expires_in(self, key: str) -> float | None:
+        """Seconds until ``key`` runs out (inf: never); None when missing."""
+        ...
+
     async def epoch(self) -> tuple[bytes, float]:
         """An id of the store's current contents and their age in seconds (inf: never lost)."""
         ...
@@ -144,6 +148,33 @@ class Lease:
         """Who holds the lease now (None: nobody)."""
         value = await self.store.get(self._key)
         return value.decode() if value is not None else None
+
+    async def expires_in(self) -> float | None:
+        """Seconds until whoever holds the lease loses it unless renewed (None: nobody)."""
+        return await self.store.expires_in(self._key)
+
+
+#: a holder whose last renewal is older than this many renew intervals is late: the
+#: renewer pauses an interval between renewals, and its store's answer and a busy loop
+#: take a little longer
+LATE_AFTER_INTERVALS = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The lease as its stores have it now."""
+
+    #: who holds it, by the first store (None: nobody)
+    holder: str | None
+    #: seconds until it has run out in every store unless renewed (None: nobody holds
+    #: it, or a store did not say)
+    runs_out_in_s: float | None = None
+    #: seconds since its holder last renewed it, if the holder has the TTL of this
+    #: candidate's lease (the replicas of a service share it); None when not known
+    renewed_s_ago: float | None = None
+    #: the holder is later with its renewal than a holder that renews does get (dead,
+    #: stopped or cut off from the stores): the lease runs out unless it comes back
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,6 +290,22 @@ class LeaderLease:
     async def current_holder(self) -> str | None:
         """Who holds the lease now, by the store (None: nobody)."""
         return await self.lease.current_holder()
+
+    async def claim(self) -> Claim:
+        """Who holds the lease now, when it runs out unless renewed, and whether its
+        holder is late with the renewal (a store's error is raised)."""
+        holder = await self.lease.current_holder()
+        if holder is None:
+            return Claim(None)
+        answers = await asyncio.gather(*(lease.expires_in() for lease in self.leases))
+        held = [left for left in answers if left is not None]
+        if not held:
+            return Claim(holder)
+        # a candidate takes over once the claim ran out in every store
+        left = max(held)
+        ago = max(0.0, self.config.ttl_s - left)
+        late = ago > self.config.interval_s * LATE_AFTER_INTERVALS
+        return Claim(holder, runs_out_in_s=left, renewed_s_ago=ago, late=late)
 
     async def start(self) -> bool:
         """Try once now, then campaign in the background; True when leading already."""

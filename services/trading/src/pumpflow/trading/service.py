@@ -115,6 +115,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -149,7 +150,7 @@ from pumpflow.common.events import (
     TradingStateChanged,
     make_event,
 )
-from pumpflow.common.lease import LeaderLease
+from pumpflow.common.lease import Claim, LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
@@ -275,6 +276,24 @@ def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
     """Whether ``event`` is the request or the refusal of one of the orders ``ids``."""
     data = event.data
     return isinstance(data, OrderRequested | OrderRejected) and data.order_id in ids
+
+
+def _next_holder_halted(claim: Claim, campaign_s: float) -> str:
+    """What a stored halt means while no replica trades: the lease ``claim`` is nobody's,
+    or its holder is late renewing it (killed, say); stand-bys campaign every
+    ``campaign_s``."""
+    said = "stored, so whichever replica holds trading next starts halted, and a restart keeps it"
+    if not claim.late or claim.runs_out_in_s is None or claim.renewed_s_ago is None:
+        return (
+            f"{said}: no replica holds its lease now, a stand-by takes it within {campaign_s:g} s"
+        )
+    left = math.ceil(claim.runs_out_in_s)
+    return (
+        f"{said}: its lease's holder ({claim.holder}) has not renewed it for "
+        f"{claim.renewed_s_ago:.0f} s (due every {campaign_s:g} s); unless it does, the lease "
+        f"runs out in {left} s and a stand-by takes trading over within {campaign_s:g} s "
+        f"after ({left + campaign_s:g} s at the latest)"
+    )
 
 
 def _halted_unsent(reason: str) -> str:
@@ -1660,7 +1679,8 @@ class TradingService(Service):
         out once the broker takes it): ``stored`` says whether the ledger holds the halt,
         ``announced`` (where this replica announces it) whether it is published,
         ``detail`` what that means and which replica applies it (the holder named when
-        the lease store says).
+        the lease store says; when its holder is late renewing it, or none holds it, that
+        whichever replica holds trading next starts halted, and by when at the latest).
         """
         state = TradingState.HALTED
         leading = self._leading
@@ -1838,18 +1858,24 @@ class TradingService(Service):
             applied.set_result(True)
             return await self._flush_control()
 
-    async def _holder_now(self) -> str | None:
-        """The replica holding trading by the lease store, when another than this one and
-        known within a second."""
+    async def _claim_now(self) -> Claim | None:
+        """The lease as its stores have it, when known within a second."""
         leader = self.leader
         if leader is None:
             return None
-        current = None
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                current = await leader.current_holder()
+                return await leader.claim()
+        return None
+
+    async def _holder_now(self, claim: Claim | None = None) -> str | None:
+        """The replica holding trading by the lease store (``claim``, else read now), when
+        another than this one and known."""
+        claim = claim or await self._claim_now()
+        if claim is None or self.leader is None:
+            return None
         # this one: the ledger has another, whose lease is not seen yet
-        return None if current == leader.holder else current
+        return None if claim.holder == self.leader.holder else claim.holder
 
     async def _not_holder(self, what: str, refused: Superseded | None = None) -> NotHolder:
         """The refusal of ``what`` on a replica that does not hold trading (``refused``:
@@ -1994,13 +2020,16 @@ class TradingService(Service):
                 "(retried meanwhile)"
             )
         # the replica trading applies it from the ledger
-        holder = await self._holder_now()
+        claim = await self._claim_now()
+        holder = await self._holder_now(claim)
         trading = f"the replica trading ({holder})" if holder else "the replica trading"
         if leading:
             done = ("halted in this replica at once, but another replica took trading over "
                     "meanwhile")  # fmt: skip
         else:
             done = "not applied here: this replica stands by"
+        if stored and claim is not None and (claim.holder is None or claim.late):
+            return f"{done}; {_next_holder_halted(claim, self.leader.config.interval_s)}"
         if stored:
             return (
                 f"{done}; stored, so {trading} applies it on its next round (within "

@@ -28,6 +28,10 @@ RETURNING 1
 """
 _DROP = "DELETE FROM leases WHERE name = $1 AND holder = $2 RETURNING 1"
 _HOLDER = "SELECT holder FROM leases WHERE name = $1 AND expires_at > clock_timestamp()"
+_LEFT = """
+SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM leases
+WHERE name = $1 AND expires_at > clock_timestamp()
+"""
 
 
 class PostgresLeaseStore:
@@ -48,6 +52,9 @@ class PostgresLeaseStore:
     async def get(self, key: str) -> bytes | None:
         holder = await self.pool.fetchval(_HOLDER, key)
         return None if holder is None else holder.encode()
+
+    async def expires_in(self, key: str) -> float | None:
+        return await self.pool.fetchval(_LEFT, key)
 
     async def epoch(self) -> tuple[bytes, float]:
         return DURABLE_EPOCH

@@ -183,6 +183,10 @@ class StateStore(ABC):
         A key holding no value (a hash, a set) holds no ``value``: False."""
 
     @abstractmethod
+    async def expires_in(self, key: str) -> float | None:
+        """Seconds until ``key``'s TTL runs out (inf: it has none); None when missing."""
+
+    @abstractmethod
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         """Atomically delete ``key`` if it still holds ``value``; True when deleted (never a
         key holding no value)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from pumpflow.common.clock import Clock, WallClock
@@ -210,6 +211,12 @@ class MemoryStateStore(StateStore):
             return False
         self._set_ttl(key, ttl)
         return True
+
+    async def expires_in(self, key: str) -> float | None:
+        if not self._alive(key):
+            return None
+        deadline = self._expiry.get(key)
+        return math.inf if deadline is None else deadline - self._clock.now()
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         if not self._alive(key) or self._values[key] != value:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -462,6 +463,12 @@ class RedisStateStore(StateStore):
     async def extend_if_equal(self, key: str, value: bytes, ttl: float) -> bool:
         done = await self._extend_if_equal(keys=[self._key(key)], args=[bytes(value), _ttl_ms(ttl)])
         return bool(done)
+
+    async def expires_in(self, key: str) -> float | None:
+        left_ms = await self._client.pttl(self._key(key))
+        if left_ms == -2:  # missing
+            return None
+        return math.inf if left_ms == -1 else left_ms / 1000
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         return bool(await self._delete_if_equal(keys=[self._key(key)], args=[bytes(value)]))
