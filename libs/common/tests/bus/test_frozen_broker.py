@@ -8,6 +8,8 @@ that stops forwarding, so the machine's broker stays untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -96,6 +98,10 @@ async def test_a_publication_the_broker_holds_is_work_waiting_on_rabbitmq_until_
             held = asyncio.create_task(bus.publish(trade_event("mintA", 2)))
             await eventually(lambda: RABBITMQ in WAITS.describe(), what="the wait named")
             assert "unconfirmed" in WAITS.describe()[RABBITMQ]["error"]
+            # a broker that does not answer is told from one that blocks publishers
+            why = bus.why_unconfirmed()
+            assert re.match(r"RabbitMQ has not confirmed it for \d+ s", why), why
+            assert "no resource alarm blocks publishers" in why, why
             assert waiting() == 1 and not held.done()
             proxy.thaw()
             await asyncio.wait_for(held, 30)
@@ -107,3 +113,37 @@ async def test_a_publication_the_broker_holds_is_work_waiting_on_rabbitmq_until_
     cleanup = rabbitmq.RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="c/1")
     await cleanup.delete_topology(services=[service])
     await cleanup.close()
+
+
+@pytest.mark.slow
+async def test_a_resource_alarm_is_said_with_the_brokers_reason_until_it_clears(
+    own_rabbitmq, namespace
+):
+    """RabbitMQ raises its memory alarm (on a broker of the test's own): it blocks the
+    publishing connection and says why (connection.blocked); a publication unconfirmed
+    meanwhile is said to wait for that, not for a broker that does not answer."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    def watermark(fraction: str) -> None:
+        done = own_rabbitmq.ctl("set_vm_memory_high_watermark", fraction)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    bus = RabbitMQBus(url=own_rabbitmq.url, namespace=namespace, partitions=2, source="feed/r1")
+    await bus.start()
+    try:
+        await bus.publish(trade_event("mintA", 1))
+        await asyncio.to_thread(watermark, "0")
+        held = asyncio.create_task(bus.publish(trade_event("mintA", 2)))
+        await eventually(
+            lambda: "RabbitMQ blocks publishers: low on memory" in bus.why_unconfirmed(),
+            30,
+            what="the alarm's reason said",
+        )
+        assert not held.done()
+        await asyncio.to_thread(watermark, "0.4")
+        await asyncio.wait_for(held, 30)
+        assert "RabbitMQ blocks publishers" not in bus.why_unconfirmed(), bus.why_unconfirmed()
+    finally:
+        with contextlib.suppress(AssertionError):
+            await asyncio.to_thread(watermark, "0.4")
+        await bus.close()

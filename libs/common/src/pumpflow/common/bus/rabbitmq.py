@@ -75,7 +75,10 @@ with them the work that publishes (a consumer acks only once its events are out)
 publication unsettled for UNCONFIRMED_WAIT_S counts as work waiting on RabbitMQ
 (:data:`~pumpflow.common.dependencies.WAITS`) until it settles, so ``/readyz`` and
 ``pumpflow_dependency_waiting`` say so, whether the broker blocks, is away or does
-not answer.
+not answer. The broker says when it blocks a connection and why (connection.blocked,
+"low on memory"), kept until it unblocks it, so the control answers that cannot say a
+publication is out (:meth:`RabbitMQBus.why_unconfirmed`) tell an alarm, with its
+reason, from a broker that has not answered for so long.
 Partitions still go side by side, and a partition's consecutive events of one routing
 key share a message, so a call costs a confirm's round trip more for each further
 message of one partition: where its routing key changes (a new token's create, then
@@ -413,6 +416,13 @@ class RabbitMQBus(EventBus):
         #: the publications unsettled past UNCONFIRMED_WAIT_S, by ticket: each a party
         #: waiting on RabbitMQ until it settles
         self._unconfirmed: dict[int, contextlib.ExitStack] = {}
+        #: the publications not settled yet, by ticket (oldest first): each one's timer
+        #: of UNCONFIRMED_WAIT_S, which says when it began
+        self._unsettled_since: dict[int, asyncio.TimerHandle] = {}
+        #: the connections the broker blocks (a resource alarm): its reason and since when;
+        #: known only once a connection's blocks are recorded (see _record_blocks)
+        self._blocked: dict[aiormq.abc.AbstractConnection, tuple[str, float]] = {}
+        self._blocks_known = False
 
     # ---------------------------------------------------------------- names
 
@@ -604,11 +614,26 @@ class RabbitMQBus(EventBus):
         connection = self._connection
         if connection is None or connection.is_closed or not connection.connected.is_set():
             why = "the connection to RabbitMQ is lost (reconnecting)"
-        else:
+        elif self._blocked:
+            reason, since = min(self._blocked.values(), key=lambda blocked: blocked[1])
             why = (
-                "RabbitMQ has not confirmed it (the broker blocks publishers, short of "
-                "memory or disk, or does not answer)"
+                f"RabbitMQ blocks publishers: {reason} (a resource alarm, for "
+                f"{time.monotonic() - since:.0f} s: they go on once its operator frees "
+                "memory or disk)"
             )
+        else:
+            oldest = next(iter(self._unsettled_since.values()), None)
+            waited = ""
+            if oldest is not None:
+                begun = oldest.when() - UNCONFIRMED_WAIT_S
+                waited = f" for {asyncio.get_running_loop().time() - begun:.0f} s"
+            if self._blocks_known:
+                cause = (
+                    "no resource alarm blocks publishers: the broker does not answer, or is slow to"
+                )
+            else:
+                cause = "the broker blocks publishers, short of memory or disk, or does not answer"
+            why = f"RabbitMQ has not confirmed it{waited} ({cause})"
         waiting = WAITS.describe().get(RABBITMQ)
         if waiting is not None:
             # what /readyz says: a publication unsettled past UNCONFIRMED_WAIT_S
@@ -788,7 +813,7 @@ class RabbitMQBus(EventBus):
         # (seconds), failed writes while writes lose their channel; a publication
         # nacked a while must still give up on failed writes as soon as one never nacked
         nacks = failed_writes = 0
-        slow = asyncio.get_running_loop().call_later(
+        slow = self._unsettled_since[ticket] = asyncio.get_running_loop().call_later(
             UNCONFIRMED_WAIT_S, self._unsettled, ticket, key
         )
         try:
@@ -848,6 +873,7 @@ class RabbitMQBus(EventBus):
                     await asyncio.sleep(min(RESEND_PAUSE_S * failures, RESEND_PAUSE_MAX_S))
         finally:
             slow.cancel()
+            del self._unsettled_since[ticket]
             waiting = self._unconfirmed.pop(ticket, None)
             if waiting is not None:
                 waiting.close()
@@ -945,15 +971,41 @@ class RabbitMQBus(EventBus):
         if connection in self._watched:
             return
         self._watched.add(connection)
+        self._record_blocks(connection)
         queue = connection.write_queue
 
         def lost(_: asyncio.Future) -> None:
             self._watched.discard(connection)
+            self._blocked.pop(connection, None)
             task = asyncio.ensure_future(_discard(queue))
             self._discarding.add(task)
             task.add_done_callback(self._discarding.discard)
 
         connection.closing.add_done_callback(lost)
+
+    def _record_blocks(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Keep what the broker says of ``connection`` being blocked (connection.blocked,
+        with its reason: "low on memory") until it unblocks it.
+
+        aiormq handles those frames itself and only logs them, so its handlers of this
+        connection are wrapped. Where they are not found, nothing is kept, and a blocked
+        publication is said to be unconfirmed without the reason."""
+        blocked = getattr(connection, "_Connection__handle_connection_blocked", None)
+        unblocked = getattr(connection, "_Connection__handle_connection_unblocked", None)
+        if blocked is None or unblocked is None:
+            return
+        self._blocks_known = True
+
+        async def on_blocked(frame: Connection.Blocked) -> None:
+            self._blocked[connection] = (frame.reason or "no reason given", time.monotonic())
+            await blocked(frame)
+
+        async def on_unblocked(frame: Connection.Unblocked) -> None:
+            self._blocked.pop(connection, None)
+            await unblocked(frame)
+
+        connection._Connection__handle_connection_blocked = on_blocked  # type: ignore[attr-defined]
+        connection._Connection__handle_connection_unblocked = on_unblocked  # type: ignore[attr-defined]
 
     def _release(self, ticket: int) -> None:
         if ticket in self._held:
