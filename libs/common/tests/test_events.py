@@ -123,6 +123,10 @@ def test_newer_optional_fields_stay_absent_in_older_frames():
     old_shutdown = decode_payload("system.shutdown", 1, b'{"reason": "older stop"}')
     assert old_shutdown.request_id is None
     assert json.loads(encode_payload(old_shutdown)) == {"reason": "older stop"}
+    # a barrier of a trading from before request ids: of no request
+    old_barrier = decode_payload("trading.barrier", 1, b'{"reason": "older stop"}')
+    assert old_barrier.request_id is None and old_barrier.positions == ()
+    assert json.loads(encode_payload(old_barrier)) == {"reason": "older stop"}
 
 
 @pytest.mark.parametrize(("event_type", "frame", "schema"), FRAMES)

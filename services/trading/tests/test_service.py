@@ -202,13 +202,16 @@ async def test_the_kill_switch_stops_entries_from_the_next_event(clock, market):
 
 
 async def test_a_shutdown_stops_entries_from_the_next_event(clock, market):
+    """A shutdown halts entries from the next event; its barrier carries the shutdown's
+    request id, by which the exit service knows one of a graceful exit that is over."""
     ledger = MemoryLedger()
     service = trading(ledger)
     async with running(clock, service) as (bus, watch):
         mint = await ready(bus, market)
-        await publish(
-            bus, make_event(SystemShutdown(reason="operator"), source="cli/t", time=clock.now())
-        )
+        shutdown = SystemShutdown(reason="operator", request_id="stop-1")
+        await publish(bus, make_event(shutdown, source="cli/t", time=clock.now()))
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id == "stop-1" and barrier.reason == "operator"
         [halted] = watch.payloads("trading.state")
         assert halted.state == "halted" and halted.reason == "shutdown: operator"
         await publish(bus, market.prediction(mint))

@@ -412,6 +412,10 @@ class ShutdownBarrier(Payload, frozen=True, kw_only=True, omit_defaults=True):
     reason: str
     entries: tuple[BarrierEntry, ...] = ()
     positions: tuple[BarrierPosition, ...] = ()
+    #: the shutdown's ``request_id``: a barrier of a request whose graceful exit is over
+    #: (the shutdown redelivered, or trading restarted) begins no second one. None: the
+    #: shutdown had none, or trading is from before request ids
+    request_id: str | None = None
 
 
 class ExitLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

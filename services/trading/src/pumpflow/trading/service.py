@@ -19,7 +19,11 @@ every order, fill and position.
   store's copy learns it within the period.
 - ``system.shutdown`` halts entries, then publishes ``trading.barrier`` (critical): the
   entry orders in flight and the positions held at that instant, which the exit
-  service's graceful exit waits to have seen, however far behind its consumer is.
+  service's graceful exit waits to have seen, however far behind its consumer is. It
+  carries the shutdown's ``request_id``: a shutdown seen again (redelivered after a
+  restart, whose barrier this replica did not publish) publishes one again, and the exit
+  service, which keeps the requests each graceful exit applied, begins no second one on
+  it once the first is over.
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -1099,6 +1103,7 @@ class TradingService(Service):
                     BarrierPosition(position_id=p.position_id, mint=p.mint)
                     for p in self.book.open_positions.values()
                 ),
+                request_id=shutdown.data.request_id,
             )
             step = _Step()
             now = self._ctx.clock.now()
