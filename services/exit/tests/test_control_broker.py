@@ -2,7 +2,8 @@
 (short of memory or disk it blocks every publisher; or frozen): ``pumpflow stop`` and
 ``pumpflow sell`` get their answer within ``exit_publish_wait_s``, saying the request
 waits for the broker (exit status 4); it goes out once, when the broker takes it. And
-``pumpflow stop`` asked again under its request id: one graceful exit, not two.
+``pumpflow stop`` asked again under its request id, or trading's barrier of it told
+again: one graceful exit, not two.
 
 The replica reaches the broker through a proxy of the test's own, frozen; the CLI asks
 it over HTTP, as an operator's shell does."""
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.cli.api import UNPUBLISHED
 from pumpflow.cli.main import build_parser
 from pumpflow.common.clock import WallClock
-from pumpflow.common.events import SystemShutdown, make_event
+from pumpflow.common.events import ShutdownBarrier, SystemShutdown, make_event
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state import MemoryStateStore
@@ -206,3 +207,48 @@ async def test_stop_asked_again_under_its_request_id_is_the_same_graceful_exit(
         said = capsys.readouterr()
         assert "graceful exit (next)" in said.out, said.out
         assert len(await runs(pg_pool)) == 2
+
+
+@pytest.mark.postgres
+async def test_a_barrier_of_a_request_whose_graceful_exit_is_over_begins_none(
+    namespace, amqp_url, pg_pool, monkeypatch, caplog
+):
+    """Trading publishes its barrier again for a shutdown it sees again (redelivered, or
+    after its restart), under the shutdown's request id: once that request's graceful
+    exit is over, the barrier begins no second one. A barrier of another request, or of
+    none, begins the next graceful exit as ever."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    caplog.set_level("INFO", logger="pumpflow.exit")
+    records = PostgresExitStore(pg_pool)
+    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
+    async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
+        _proxy, service, base, _watch, bus,
+    ):  # fmt: skip
+
+        async def barrier_told(request_id: str | None) -> None:
+            caplog.clear()
+            barrier = ShutdownBarrier(reason=f"barrier of {request_id}", request_id=request_id)
+            now = service._ctx.clock.now()
+            await bus.publish(make_event(barrier, source="trading/t", time=now))
+            await eventually(lambda: "trading's barrier" in caplog.text, what="the barrier taken")
+
+        async def over() -> bool:
+            return service.run is None and (await records.active_run()) is None
+
+        assert await pumpflow("stop", "--reason", "first", "--request-id", "once",
+                              "--url", base) == 0  # fmt: skip
+        [first] = await runs(pg_pool)
+        assert (await records.get_run(first)).finished_at is not None
+
+        await barrier_told("once")
+        assert await runs(pg_pool) == [first], "a barrier of a request applied began a run"
+        assert service.run is None
+
+        await barrier_told("next")
+        [_, following] = await runs(pg_pool)
+        assert (await records.run_of_request("next")).run_id == following
+        await eventually(over, what="the graceful exit of the barrier over")
+
+        await barrier_told(None)
+        assert len(await runs(pg_pool)) == 3
+        await eventually(over, what="the graceful exit of the barrier over")

@@ -53,15 +53,17 @@
   partition): an entry trading sent may not have come here when everything else is
   sold. So trading, as it halts entries on ``system.shutdown``, publishes
   ``trading.barrier`` on the critical lane: the entry orders it has in flight and the
-  positions it holds. Every replica gets it (``<service>-control``) and lists each as a
-  placeholder of the run (beginning the run if the shutdown has not come yet); the
-  owner of the mint withdraws it once its consumer has seen the entry refused, or
-  filled and its position here (then sold), or the position here (then sold) or
-  closed. The run waits for the barrier itself ``exit_barrier_wait_s`` at most (trading
-  down, or its leader changing in the middle of the shutdown, never answers): past
-  that it ends on what this service has seen, as without a barrier. Past the deadline
-  every placeholder goes, and a position the barrier listed that no replica saw is
-  reported left (nothing sold).
+  positions it holds, under the shutdown's ``request_id``. Every replica gets it
+  (``<service>-control``) and lists each as a placeholder of the run (beginning the run
+  if the shutdown has not come yet, as the request's); the owner of the mint withdraws
+  it once its consumer has seen the entry refused, or filled and its position here
+  (then sold), or the position here (then sold) or closed. A barrier of a request a run
+  that is over applied (the shutdown seen again by trading: redelivered, or after its
+  restart) is dropped, as one from before the last run ended is. The run waits for the
+  barrier itself ``exit_barrier_wait_s`` at most (trading down, or its leader changing
+  in the middle of the shutdown, never answers): past that it ends on what this
+  service has seen, as without a barrier. Past the deadline every placeholder goes, and
+  a position the barrier listed that no replica saw is reported left (nothing sold).
 - **An operator's sale.** ``POST /positions/{mint}/sell`` (``pumpflow sell``, the API
   token) publishes ``exit.sale_requested``: the replica that owns the mint's partition
   orders the sale as one of the position's rules (``requested``: a share of what the
@@ -429,20 +431,36 @@ class ExitService(Service):
         if self._ended is not None:
             log.warning("exit: trading's barrier came after the run %s ended", self.run.run_id)
             return
+        if barrier.request_id is not None:
+            # told again for a shutdown trading saw again (redelivered, or after its
+            # restart): the request's run, over, is not begun again nor joined by another
+            applied = await self.records.run_of_request(barrier.request_id)
+            if applied is not None and applied.finished_at is not None:
+                self._barrier_of_a_run_over(barrier, applied)
+                return
         if self.run is None:
             latest = await self.records.latest_run()
             # a barrier from before the last run ended is that run's, late: no new run
             if latest is not None and (latest.finished_at or 0.0) >= time:
-                log.warning("exit: trading's barrier came after the run %s ended: %d entries, "
-                            "%d positions not waited for", latest.run_id, len(barrier.entries),
-                            len(barrier.positions))  # fmt: skip
+                self._barrier_of_a_run_over(barrier, latest)
                 return
-            await self.shutdown(barrier.reason)
+            run = await self.shutdown(barrier.reason, request_id=barrier.request_id)
+            if run.finished_at is not None:
+                # the request's run ended between the look above and this one
+                self._barrier_of_a_run_over(barrier, run)
+                return
         log.info("exit: trading's barrier: %d entries in flight, %d positions held",
                  len(barrier.entries), len(barrier.positions))  # fmt: skip
         placeholders = [(entry_position_id(e.order_id), e.mint) for e in barrier.entries]
         placeholders += [(held_position_id(p.position_id), p.mint) for p in barrier.positions]
         await self._update_run(positions=placeholders, withdraw=[BARRIER])
+
+    @staticmethod
+    def _barrier_of_a_run_over(barrier: ShutdownBarrier, run: RunRecord) -> None:
+        log.warning("exit: trading's barrier (request %s) came after the run %s ended: %d "
+                    "entries, %d positions not waited for, no graceful exit begun",
+                    barrier.request_id, run.run_id, len(barrier.entries),
+                    len(barrier.positions))  # fmt: skip
 
     def _begin(self, run: RunRecord) -> None:
         if self.run is not None:
