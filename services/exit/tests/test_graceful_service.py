@@ -620,6 +620,29 @@ async def test_a_barrier_before_the_shutdown_begins_the_run_and_an_unseen_positi
         assert await records.active_run() is None
 
 
+async def test_a_barrier_of_a_request_whose_run_is_over_holds_nothing_of_the_run_under_way():
+    """Trading tells its barrier of an earlier request again (it saw that shutdown again)
+    while the next request's run waits for its own: what it lists is the earlier run's,
+    over; the run under way lists none of it and ends on its own barrier."""
+    clock = ReplayClock(START)
+    records = MemoryExitStore()
+    exits = exit_service(records, exit_deadline_s=20.0, exit_run_poll_s=0.02)
+    async with embedded(clock, exits) as (system, _):
+        told = as_trading(system.bus, clock)
+        await told(SystemShutdown(reason="first", request_id="a"))
+        await told(ShutdownBarrier(reason="first", request_id="a"))
+        await until_finished(exits, clock)
+        await told(SystemShutdown(reason="second", request_id="b"))
+        second = await eventually(records.active_run, what="the second run")
+        stale = BarrierPosition(position_id="pos-sold-by-the-first", mint="MintStale")
+        await told(ShutdownBarrier(reason="first", request_id="a", positions=(stale,)))
+        assert records.run_positions[second.run_id] == {BARRIER: ("open", None)}
+        await told(ShutdownBarrier(reason="second", request_id="b"))
+        await until_finished(exits, clock)
+        ended = await records.get_run(second.run_id)
+        assert ended.finished_at < second.deadline and exits.summary.lines == ()
+
+
 class _StoresThenDies(MemoryExitStore):
     """Records of a replica that dies after storing its first tranche, before sending it."""
 
