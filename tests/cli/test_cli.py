@@ -28,7 +28,12 @@ from pumpflow.common.keyed import InvalidInput
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.state.redis import RedisStateStore
-from pumpflow.common.testing import AppliedSeqs, eventually, free_port
+from pumpflow.common.testing import (
+    AppliedSeqs,
+    eventually,
+    free_port,
+    migrations_split_at_fills_altered,
+)
 
 POSTGRES_DSN = os.environ.get(
     "PUMPFLOW_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -1118,10 +1123,7 @@ async def test_migrate_blocked_by_a_running_replica_s_transaction_names_it_and_g
     )
     applying: asyncio.Task | None = None
     try:
-        migrations = migrate_module.load_migrations()
-        # released up to the one that alters fills, a table every trading replica reads
-        altering = next(i for i, m in enumerate(migrations) if m.version == 26)
-        released, pending = migrations[:altering], migrations[altering:]
+        released, pending = migrations_split_at_fills_altered()
         await migrate_module.migrate(conn, namespace, migrations=released)
         holding = holder.transaction()
         await holding.start()

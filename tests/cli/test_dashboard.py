@@ -198,6 +198,8 @@ def test_a_trading_events_line_counts_its_records_instead_of_listing_them():
     held = tuple(BarrierPosition(position_id=f"entry-{i}", mint=f"Mint{i}pump") for i in range(5))
     line = msgspec_line(ShutdownBarrier(reason="pumpflow run ended", positions=held))
     assert line == "reason='pumpflow run ended' entries=() positions=5"
+    asked = ShutdownBarrier(reason="stop", positions=held[:1], request_id="r1")
+    assert msgspec_line(asked) == "reason='stop' entries=() positions=1 request_id='r1'"
 
 
 def test_a_position_not_marked_yet_shows_no_worth_in_the_plain_lines_as_on_the_dashboard():

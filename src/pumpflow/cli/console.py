@@ -40,10 +40,12 @@ def no_order_line(reasons: Mapping[str, int]) -> str:
 
 
 def msgspec_line(data: object) -> str:
-    """A payload's fields as ``name=value`` pairs; a list of records (a barrier's
-    positions, say) by its length, which a line has room for."""
+    """A payload's fields as ``name=value`` pairs, those it leaves unset (None) left out;
+    a list of records (a barrier's positions, say) by its length, which a line has room
+    for."""
     fields = getattr(data, "__struct_fields__", ())
-    return " ".join(f"{name}={_short(getattr(data, name))}" for name in fields)
+    values = ((name, getattr(data, name)) for name in fields)
+    return " ".join(f"{name}={_short(value)}" for name, value in values if value is not None)
 
 
 def _short(value: object) -> str:

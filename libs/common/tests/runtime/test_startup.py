@@ -19,7 +19,12 @@ from pumpflow.common.runtime.runner import EXIT_FAILED, run_service
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
 from pumpflow.common.runtime.startup import Startup
-from pumpflow.common.testing import drop_schema, eventually, free_port
+from pumpflow.common.testing import (
+    drop_schema,
+    eventually,
+    free_port,
+    migrations_split_at_fills_altered,
+)
 from pumpflow.common.testing.instances import (
     PostgresInstance,
     RabbitMQInstance,
@@ -244,7 +249,7 @@ async def test_a_replica_whose_migration_is_blocked_says_by_whom_and_starts_once
     bound on one attempt), and it gets ready once the holder commits."""
     import asyncpg
 
-    from pumpflow.common.db.migrate import load_migrations, migrate
+    from pumpflow.common.db.migrate import migrate
     from pumpflow.common.runtime import startup as startup_module
 
     # one attempt of the start-up cut well before the migration's lock wait ends
@@ -267,7 +272,8 @@ async def test_a_replica_whose_migration_is_blocked_says_by_whom_and_starts_once
     )
     url = f"http://127.0.0.1:{port}/readyz"
     try:
-        await migrate(conn, namespace, migrations=load_migrations()[:-1])
+        released, _ = migrations_split_at_fills_altered()
+        await migrate(conn, namespace, migrations=released)
         holding = holder.transaction()
         await holding.start()
         await holder.fetch(f'SELECT * FROM "{namespace}".fills')

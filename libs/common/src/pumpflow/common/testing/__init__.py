@@ -31,6 +31,7 @@ from pumpflow.common.testing.servers import (
     drop_schema,
     free_port,
     local_app,
+    migrations_split_at_fills_altered,
     rabbitmq_vhost,
     schema_exists,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "http_get",
     "http_json",
     "local_app",
+    "migrations_split_at_fills_altered",
     "partition_keys",
     "rabbitmq_vhost",
     "sample_payload",

@@ -122,6 +122,17 @@ async def schema_exists(dsn: str, schema: str) -> bool:
         await conn.close()
 
 
+def migrations_split_at_fills_altered() -> tuple[list, list]:
+    """The migrations before the last one that alters ``fills`` (a table every trading
+    replica reads), and that one with those after it: an upgrade in place that an old
+    replica's open transaction on ``fills`` blocks."""
+    from pumpflow.common.db.migrate import load_migrations
+
+    migrations = load_migrations()
+    altering = max(i for i, m in enumerate(migrations) if "ALTER TABLE fills" in m.sql)
+    return migrations[:altering], migrations[altering:]
+
+
 async def drop_schema(dsn: str, schema: str) -> None:
     """Drop a Postgres schema and everything in it (a test's namespace)."""
     import asyncpg
