@@ -664,7 +664,7 @@ def _summary_counts(stdout: str) -> dict[str, int]:
     assert summary.startswith("run over:"), stdout[-2000:]
     assert report.startswith("report: "), stdout[-2000:]
     return {
-        name: int(re.search(rf"(\d+) {name}", summary)[1])
+        name: int(re.search(rf"([\d,]+) {name}", summary)[1].replace(",", ""))
         for name in ("tokens", "trades", "feature updates", "predictions", "lifecycle changes")
     }
 
@@ -897,7 +897,7 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     listed = await asyncio.to_thread(cli)
     assert listed.returncode == 0, listed.stderr
     assert "bad mint" in listed.stdout and "not JSON" in listed.stdout
-    assert "2 dead letter(s) shown" in listed.stdout
+    assert "2 dead letters shown" in listed.stdout
     moved_to = tmp_path / "dead.jsonl"
     moved = await asyncio.to_thread(cli, "--move", str(moved_to))
     assert moved.returncode == 0, moved.stderr
@@ -986,11 +986,11 @@ async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event
     shown = [line for line in listed.stdout.splitlines() if line.startswith("- ")]
     queue = f"{namespace}.batches.p{partition_of('mintBatch', 2):02d}"
     assert shown == [f"- token.trade key=mintBatch: broker: rejected from {queue}"] * 4
-    assert "4 dead letter(s) shown" in listed.stdout
+    assert "4 dead letters shown" in listed.stdout
     fixed = True
     redriven = await asyncio.to_thread(cli, "--redrive")
     assert redriven.returncode == 0, redriven.stderr
-    assert "redrove 4 dead letter(s) of batches" in redriven.stdout
+    assert "redrove 4 dead letters of batches" in redriven.stdout
     await eventually(lambda: len(got) == len(sent), 10, what="the batch redriven")
     assert [e.id for e in got] == [e.id for e in sent]
     assert await bus.dead_letters("batches", remove=False) == []
@@ -1008,7 +1008,7 @@ async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event
     saved.write_text(json.dumps(record) + "\n")
     from_file = await asyncio.to_thread(cli, "--redrive-from", str(saved), "--type", "token.trade")
     assert from_file.returncode == 0, from_file.stderr
-    assert "redrove 4 dead letter(s) of batches" in from_file.stdout
+    assert "redrove 4 dead letters of batches" in from_file.stdout
     await eventually(lambda: len(got) == 2 * len(sent), 10, what="the saved batch redriven")
     assert [e.id for e in got[len(sent) :]] == [e.id for e in sent]
 
@@ -1070,7 +1070,7 @@ async def test_dead_letters_are_redriven_once_their_cause_is_fixed_and_applied(
 
         dry = await asyncio.to_thread(cli, "--redrive", "--dry-run")
         assert dry.returncode == 0, dry.stderr
-        assert "would redrive 2 dead letter(s) of redrive" in dry.stdout
+        assert "would redrive 2 dead letters of redrive" in dry.stdout
         saved = tmp_path / "dead.jsonl"
         moved = await asyncio.to_thread(cli, "--move", str(saved))
         assert moved.returncode == 0, moved.stderr
@@ -1080,14 +1080,14 @@ async def test_dead_letters_are_redriven_once_their_cause_is_fixed_and_applied(
             cli, "--redrive-from", str(saved), "--type", "token.trade"
         )
         assert from_file.returncode == 0, from_file.stderr
-        assert "redrove 2 dead letter(s)" in from_file.stdout
+        assert "redrove 2 dead letters" in from_file.stdout
         for mint in mints:
             await eventually(
                 lambda m=mint: _equals(applied(m), [1, 3, 2]), 10, what=f"{mint} redriven"
             )
         # a second redrive of the same file is a duplicate for the consumer
         again = await asyncio.to_thread(cli, "--redrive-from", str(saved))
-        assert "redrove 2 dead letter(s)" in again.stdout
+        assert "redrove 2 dead letters" in again.stdout
         for mint in mints:
             await bus.publish(token_events.trade(mint, seq=4))
             await eventually(

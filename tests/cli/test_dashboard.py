@@ -187,6 +187,8 @@ def test_a_graceful_exits_unconfirmed_tranches_stand_out():
         "1/3 sold out, 1 in flight, 2 tranches UNCONFIRMED (1.5e+06 tokens may have sold)"
     )
     assert any(span.style == "bold red" for span in line.spans)
+    one = exit_progress(replace(progress, unconfirmed_tranches=1))
+    assert one.plain.endswith(", 1 tranche UNCONFIRMED (1.5e+06 tokens may have sold)")
     settled = exit_progress(replace(progress, unconfirmed_tranches=0, unconfirmed_tokens=0.0))
     assert settled.plain == "1/3 sold out, 1 in flight" and not settled.spans
 

@@ -323,8 +323,8 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
     note = graceful_exit_note(summary)
     assert note == (
         "1 of 3 positions sold out in 3 tranches, 0.7500 SOL recovered; UNCONFIRMED: 2 "
-        "tranches of 1 positions got no outcome, their 3e+06 tokens may have sold; "
-        "AWAITING: rule sales of 1 positions got no outcome, their 4e+06 tokens still held "
+        "tranches of 1 position got no outcome, their 3e+06 tokens may have sold; "
+        "AWAITING: rule sales of 1 position got no outcome, their 4e+06 tokens still held "
         "or sold"
     )
     why = not_flat_reason(2, summary)
@@ -337,7 +337,23 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
         lines=(sold,),
     )  # fmt: skip
     assert (
-        graceful_exit_note(clean) == "1 of 1 positions sold out in 2 tranches, 0.2500 SOL recovered"
+        graceful_exit_note(clean) == "1 of 1 position sold out in 2 tranches, 0.2500 SOL recovered"
+    )
+
+
+def test_a_graceful_exit_note_says_one_position_and_one_tranche_in_the_singular():
+    def line(n: int, tranches: int) -> ExitLine:
+        return ExitLine(position_id=f"p{n}", mint=f"m{n}", tokens_sold=1e6, sol_received=0.25,
+                        tranches=tranches, completed=True)  # fmt: skip
+
+    def note(*lines: ExitLine) -> str:
+        summary = GracefulExitSummary(reason="pumpflow run ended", started_at=0.0,
+                                      finished_at=50.0, deadline=60.0, lines=lines)  # fmt: skip
+        return graceful_exit_note(summary)
+
+    assert note(line(1, 1)) == "1 of 1 position sold out in 1 tranche, 0.2500 SOL recovered"
+    assert note(line(1, 1), line(2, 1)) == (
+        "2 of 2 positions sold out in 2 tranches, 0.5000 SOL recovered"
     )
 
 

@@ -189,6 +189,6 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
         not_flat = await graceful_exit(system, clock=clock, speed=speed, out=out)
     printed = out.getvalue()
     assert "did not end" not in printed, printed
-    assert "graceful exit (pumpflow run ended): 1 positions, 1 sold out" in printed, printed
+    assert "graceful exit (pumpflow run ended): 1 position, 1 sold out" in printed, printed
     assert "open positions after the graceful exit: 0" in printed, printed
     assert not_flat is None

@@ -521,11 +521,11 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
     async with local_app(app) as base:
         assert await pumpflow_trading(base, "acknowledge", "--signature", "sig1") == 0
         out = capsys.readouterr().out
-        assert out.startswith("1 unbooked wallet trades acknowledged; 1 left\n")
+        assert out.startswith("1 unbooked wallet trade acknowledged; 1 left\n")
         said = "sell sig2: 2e+06 tokens of MintB, 0.1 SOL (sale p1:exit:1, its position closed)"
         assert said in out
         assert "sig1" not in out
         assert await pumpflow_trading(base, "acknowledge") == 0
-        assert capsys.readouterr().out == "1 unbooked wallet trades acknowledged; 0 left\n"
+        assert capsys.readouterr().out == "1 unbooked wallet trade acknowledged; 0 left\n"
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")
         assert await pumpflow_trading(base, "acknowledge") == 2

@@ -559,7 +559,7 @@ async def test_tranches_without_an_outcome_are_not_offered_again_and_reported_un
     assert line.unconfirmed_tranches == len(unanswered)
     assert line.unconfirmed_tokens == pytest.approx(held, rel=1e-9)
     assert summary.unconfirmed == (line,) and summary.positions_left == 1
-    assert f"UNCONFIRMED: {len(unanswered)} tranches of 1 positions got no outcome" in (
+    assert f"UNCONFIRMED: {len(unanswered)} tranches of 1 position got no outcome" in (
         summary.text()
     )
     progress = h.manager.monitor_exit_progress()

@@ -956,8 +956,8 @@ async def test_a_position_whose_rule_sale_gets_no_outcome_by_the_deadline_is_rep
         assert line.pending_tokens == pytest.approx(held)
         assert summary.positions_left == 1 and summary.awaiting == (line,)
         text = summary.text()
-        assert "1 positions, 0 sold out" in text and "NOT SOLD OUT" in text, text
-        assert "AWAITING: rule sales of 1 positions got no outcome" in text, text
+        assert "1 position, 0 sold out" in text and "NOT SOLD OUT" in text, text
+        assert "AWAITING: rule sales of 1 position got no outcome" in text, text
         run = await records.latest_run()
         assert run.summary["positions_left"] == 1
         assert run.summary["positions"][0]["pending_tokens"] == pytest.approx(held)

@@ -95,7 +95,7 @@ async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixe
     # before the fix: both stay dead, each with the store's reason of the attempt
     early = await asyncio.to_thread(cli, "--redrive")
     assert early.returncode == 1, early.stdout + early.stderr
-    assert "redrove 0 dead letter(s) of feed (2 matched, 2 refused again, left)" in early.stdout
+    assert "redrove 0 dead letters of feed (2 matched, 2 refused again, left)" in early.stdout
     dead = await bus.dead_letters("feed", remove=False)
     assert sorted(letter.key for letter in dead) == [trades[0][0].key] * 2
     fixed, still_bad = sorted((letter.reason for letter in dead), key=lambda r: "seq 6" in r)
@@ -112,7 +112,7 @@ async def test_a_refused_row_is_stored_and_published_once_when_its_cause_is_fixe
 
     first = await asyncio.to_thread(cli, "--redrive-from", str(saved))
     assert first.returncode == 1, first.stdout + first.stderr  # one is refused still
-    assert "redrove 1 dead letter(s) of feed (2 matched, 1 refused again, left)" in first.stdout
+    assert "redrove 1 dead letter of feed (2 matched, 1 refused again, left)" in first.stdout
     assert "refused token events: 1 stored, 1 published, 0 done before" in first.stdout
     assert "refused again: store refused token.trade" in first.stdout
     assert "not_this_one" in first.stdout

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pumpflow.common.clock import Clock
+from pumpflow.common.text import counted
 
 log = logging.getLogger("pumpflow.notify")
 
@@ -312,8 +313,8 @@ class AlertNotifier:
                 return len(texts)
             outbox.dropped += len(texts)
             log.error(
-                "%s refused %d alert message(s) with HTTP %d: dropped (check its settings)",
-                target.kind, len(texts), result.status,
+                "%s refused %s with HTTP %d: dropped (check its settings)",
+                target.kind, counted(len(texts), "alert message"), result.status,
             )  # fmt: skip
             return 0
         outbox.failures += 1
@@ -321,9 +322,9 @@ class AlertNotifier:
         wait = max(backoff, result.retry_after_s or 0.0)
         outbox.next_post_at = now + wait
         log.warning(
-            "%s: posting %d alert message(s) failed (%s, try %d): again in %.1f s",
-            target.kind, len(texts), result.error or f"HTTP {result.status}",
-            outbox.failures, wait,
+            "%s: posting %s failed (%s, try %d): again in %.1f s",
+            target.kind, counted(len(texts), "alert message"),
+            result.error or f"HTTP {result.status}", outbox.failures, wait,
         )  # fmt: skip
         return 0
 

@@ -67,6 +67,7 @@ from pumpflow.cli.report import (
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import epoch_time, positive
+from pumpflow.common.text import counted
 from pumpflow.report.results import unmarked_note
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
@@ -155,7 +156,7 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if key in RUN_OWN:
             raise ValueError(
                 f"{key!r} is the backtest's own: one process, the in-memory bus, "
-                f"{PARTITIONS} partition{'s' if PARTITIONS != 1 else ''}"
+                f"{counted(PARTITIONS, 'partition')}"
             )
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
         if not owners:
@@ -335,7 +336,8 @@ class Report:
     def auc_text(self) -> str:
         """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
         return (
-            ", ".join(f"{k} {_figure(a)} ({n} labels)" for k, (a, n) in self.auc.items()) or "n/a"
+            ", ".join(f"{k} {_figure(a)} ({counted(n, 'label')})" for k, (a, n) in self.auc.items())
+            or "n/a"
         )
 
     def text(self) -> str:
@@ -343,7 +345,7 @@ class Report:
 
         o = self.orders
         lines = [
-            f"backtest '{self.name}': {self.frames:,} frames in {self.seconds:.1f} s "
+            f"backtest '{self.name}': {counted(self.frames, 'frame')} in {self.seconds:.1f} s "
             f"({self.frames / max(self.seconds, 1e-9):,.0f}/s, "
             f"{self.frames / max(self.cpu_s, 1e-9):,.0f} per CPU second)",
             "  orders: "
@@ -521,7 +523,7 @@ async def run_backtest(
             book = trading.book
             counts = counter.counts
             report_data = await collector.results(
-                system, title=f"pumpflow backtest: {name}", source=f"{total:,} frames"
+                system, title=f"pumpflow backtest: {name}", source=counted(total, "frame")
             )
             # every position, from the ledger: the book keeps the latest closed ones only
             positions = report_data.trades
@@ -805,7 +807,7 @@ def backtest_command(args: argparse.Namespace) -> int:
     elif args.seed is not None:
         minutes = 10.0 if args.minutes is None else args.minutes
         frames = simulated_frames(args.seed, minutes, launches_per_minute=args.launches)
-        source = f"seed {args.seed}, {minutes:g} minutes"
+        source = f"seed {args.seed}, {counted(minutes, 'minute')}"
     else:
         from pumpflow.common.runtime.settings import CommonSettings
 
@@ -824,8 +826,8 @@ def backtest_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
     # with --json - stdout is the JSON document alone, for machines
     said = sys.stderr if args.json_out == "-" else sys.stdout
-    print(f"pumpflow backtest: {len(frames):,} frames from {source}; "
-          f"{len(configs)} configuration(s)", file=said, flush=True)  # fmt: skip
+    print(f"pumpflow backtest: {counted(len(frames), 'frame')} from {source}; "
+          f"{counted(len(configs), 'configuration')}", file=said, flush=True)  # fmt: skip
     reports = []
     for name, config in configs:
         progress = None if args.quiet else progress_for(name, every=args.every)

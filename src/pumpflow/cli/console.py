@@ -23,6 +23,7 @@ from pumpflow.common.events import (
     TokenLifecycle,
     TokenMigrated,
 )
+from pumpflow.common.text import counted
 from pumpflow.report.results import UNMARKED, unmarked_note
 
 
@@ -261,11 +262,12 @@ class Console:
     def print_summary(self) -> None:
         trading = self.trading_line()
         if trading is not None:
+            c = self.counts
             self._say(
-                f"trading: {self.counts['order.requested']} orders, "
-                f"{self.counts['order.filled']} filled, {self.counts['order.rejected']} "
-                f"rejected; {self.counts['position.opened']} positions opened, "
-                f"{self.counts['position.closed']} closed"
+                f"trading: {counted(c['order.requested'], 'order')}, {c['order.filled']:,} "
+                f"filled, {c['order.rejected']:,} rejected; "
+                f"{counted(c['position.opened'], 'position')} opened, "
+                f"{c['position.closed']:,} closed"
             )
             self._say(trading.strip())
             for line in self.position_lines(n=20):
@@ -274,12 +276,14 @@ class Console:
             if reasons:
                 self._say(no_order_line(reasons))
         market_s = self.clock.now() - self.started_at
+        c = self.counts
         self._say(
             f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "
-            f"{self.counts['token.created']} tokens, {self.counts['token.trade']} trades, "
-            f"{len(self.graduated)} graduated; {self.counts['features.updated']} feature "
-            f"updates; {self.counts['model.prediction']} predictions; "
-            f"{self.counts['token.lifecycle']} lifecycle changes; "
-            f"{self.unsubscribed} trade subscriptions dropped for inactivity; "
-            f"at most {self.max_subscribed} subscribed at once"
+            f"{counted(c['token.created'], 'token')}, {counted(c['token.trade'], 'trade')}, "
+            f"{len(self.graduated):,} graduated; "
+            f"{counted(c['features.updated'], 'feature update')}; "
+            f"{counted(c['model.prediction'], 'prediction')}; "
+            f"{counted(c['token.lifecycle'], 'lifecycle change')}; "
+            f"{counted(self.unsubscribed, 'trade subscription')} dropped for inactivity; "
+            f"at most {self.max_subscribed:,} subscribed at once"
         )

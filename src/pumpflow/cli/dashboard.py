@@ -26,6 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pumpflow.common.text import counted
 from pumpflow.report.results import UNMARKED
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ class Dashboard:
         counts = c.counts
         return Panel(
             table,
-            title=f"signals: {counts['model.prediction']:,} predictions",
-            subtitle=f"{counts['order.requested']:,} orders "
+            title=f"signals: {counted(counts['model.prediction'], 'prediction')}",
+            subtitle=f"{counted(counts['order.requested'], 'order')} "
             f"({counts['order.rejected']:,} rejected)",
         )
 
@@ -290,7 +291,7 @@ def exit_progress(progress: ExitProgress) -> Text:
     )
     if progress.unconfirmed_tranches:
         text.append(
-            f", {progress.unconfirmed_tranches} tranches UNCONFIRMED "
+            f", {counted(progress.unconfirmed_tranches, 'tranche')} UNCONFIRMED "
             f"({progress.unconfirmed_tokens:.6g} tokens may have sold)",
             style="bold red",
         )

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pumpflow.common.runtime.arguments import count
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.text import counted
 
 # the bus is imported where a letter is read or moved: every pumpflow command registers
 # this one, and the bus package brings its metrics (prometheus-client) with it
@@ -137,7 +138,7 @@ async def list_letters(bus: EventBus, service: str, limit: int, out: TextIO) -> 
     letters = await bus.dead_letters(service, limit=limit, remove=False)
     for letter in letters:
         _show(letter, out)
-    print(f"{len(letters)} dead letter(s) shown for {service} (none removed)", file=out)
+    print(f"{counted(len(letters), 'dead letter')} shown for {service} (none removed)", file=out)
     return len(letters)
 
 
@@ -256,7 +257,9 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
             code = 1 if count.refused else 0
         elif args.move is not None:
             moved = await move_letters(bus, args.service, args.move)
-            print(f"moved {moved} dead letter(s) of {args.service} to {args.move}", file=out)
+            print(
+                f"moved {counted(moved, 'dead letter')} of {args.service} to {args.move}", file=out
+            )
         else:
             await list_letters(bus, args.service, args.limit, out)
     finally:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TextIO
 import msgspec
 
 from pumpflow.common.runtime.arguments import non_negative, positive, probability
+from pumpflow.common.text import counted
 
 if TYPE_CHECKING:
     from rich.console import Console as RichConsole
@@ -344,27 +345,29 @@ def not_flat_reason(left: int, summary) -> str | None:
 
 
 def _left_open(left: int, why: str) -> str:
-    return f"{left} position{'' if left == 1 else 's'} left open after the graceful exit: {why}"
+    return f"{counted(left, 'position')} left open after the graceful exit: {why}"
 
 
 def graceful_exit_note(summary) -> str:
     """The report's row of a graceful exit (a ``GracefulExitSummary``): what it sold and,
     in capitals, the tranches whose outcome never came."""
     note = (
-        f"{summary.positions - summary.positions_left} of {summary.positions} positions sold "
-        f"out in {summary.tranches} tranches, {summary.sol_recovered:.4f} SOL recovered"
+        f"{summary.positions - summary.positions_left:,} of "
+        f"{counted(summary.positions, 'position')} sold out in "
+        f"{counted(summary.tranches, 'tranche')}, {summary.sol_recovered:.4f} SOL recovered"
     )
     unconfirmed = summary.unconfirmed
     if unconfirmed:
         note += (
-            f"; UNCONFIRMED: {sum(line.unconfirmed_tranches for line in unconfirmed)} "
-            f"tranches of {len(unconfirmed)} positions got no outcome, their "
+            "; UNCONFIRMED: "
+            f"{counted(sum(line.unconfirmed_tranches for line in unconfirmed), 'tranche')} "
+            f"of {counted(len(unconfirmed), 'position')} got no outcome, their "
             f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may have sold"
         )
     awaiting = summary.awaiting
     if awaiting:
         note += (
-            f"; AWAITING: rule sales of {len(awaiting)} positions got no outcome, their "
+            f"; AWAITING: rule sales of {counted(len(awaiting), 'position')} got no outcome, their "
             f"{sum(line.pending_tokens for line in awaiting):.6g} tokens still held or sold"
         )
     return note

@@ -48,6 +48,7 @@ from pumpflow.cli.api import (
 from pumpflow.cli.output import reader_gone
 from pumpflow.cli.run import NOT_FLAT, not_flat_reason
 from pumpflow.common.runtime.arguments import positive
+from pumpflow.common.text import counted
 
 #: the longest request id an exit replica takes
 _REQUEST_ID_MAX_CHARS = 128
@@ -138,7 +139,7 @@ def stop_command(args: argparse.Namespace) -> int:
                     # report at the end covers them all
                     f"  {progress['sold_out']}/{progress['positions']} of this replica's "
                     "positions sold out, "
-                    f"{progress['tranches']} tranches, "
+                    f"{counted(progress['tranches'], 'tranche')}, "
                     + (f"{unconfirmed} UNCONFIRMED (no outcome yet), " if unconfirmed else "")
                     + f"{progress['deadline_margin_s']:.1f}s to the deadline",
                     flush=True,

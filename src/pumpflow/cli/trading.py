@@ -46,6 +46,7 @@ from pumpflow.cli.api import (
     post_json,
     replica_url_argument,
 )
+from pumpflow.common.text import counted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -142,7 +143,8 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
         print(failure("trading", url, exc, service="trading"), file=sys.stderr)
         return 1
     left = body["unbooked_wallet_trades"]
-    print(f"{body['acknowledged']} unbooked wallet trades acknowledged; {len(left)} left")
+    acknowledged = counted(body["acknowledged"], "unbooked wallet trade")
+    print(f"{acknowledged} acknowledged; {len(left):,} left")
     for trade in left:
         whose = f" (sale {trade['order_id']}, its position closed)" if trade.get("order_id") else ""
         print(f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
 from pumpflow.common.runtime.arguments import bounded, count, epoch_time, positive, share
+from pumpflow.common.text import counted
 
 # the features and the models (numpy) are imported where a model is trained: every
 # pumpflow command registers this one
@@ -442,10 +443,13 @@ def train_command(args: argparse.Namespace) -> int:
     held = card.held_out
     print(f"model {card.model_id} version {card.version} -> {path}")
     print(
-        f"trained on {card.training.rows} rows of {card.training.tokens} tokens "
+        f"trained on {counted(card.training.rows, 'row')} of "
+        f"{counted(card.training.tokens, 'token')} "
         f"({card.training.source})"
     )
-    print(f"held out: {held.rows} rows of {held.tokens} tokens ({held.source})")
+    print(
+        f"held out: {counted(held.rows, 'row')} of {counted(held.tokens, 'token')} ({held.source})"
+    )
     for name, value in held.model.items():
         print(f"  {name}: {value:.4f}")
     for name, value in held.baseline.items():

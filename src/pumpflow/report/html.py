@@ -8,6 +8,7 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
+from pumpflow.common.text import counted
 from pumpflow.report import svg
 from pumpflow.report.results import LIFECYCLE, Results, equity_curve, save, summary
 
@@ -88,7 +89,7 @@ def plots(results: Results) -> dict[str, str]:
 def _caption(results: Results, plot_id: str, caption: str) -> str:
     if plot_id == "calibration" and results.calibration:
         arms = sorted(results.calibration, key=lambda c: -c.labels)
-        caption += f" ({arms[0].name}, {arms[0].labels} labels)"
+        caption += f" ({arms[0].name}, {counted(arms[0].labels, 'label')})"
     return caption
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
+from pumpflow.common.text import counted
+
 WIDTH, HEIGHT = 560, 300
 #: plot area margins: left (y tick labels), right, top, bottom (x tick labels, title)
 MARGIN = (64, 16, 12, 44)
@@ -255,7 +257,8 @@ def calibration_chart(
         parts.append(
             f'<circle cx="{frame.x(predicted):.1f}" cy="{frame.y(observed):.1f}" '
             f'r="{radius:.1f}" fill="{ACCENT}" fill-opacity="0.7">'
-            f"<title>{predicted:.2f} predicted, {observed:.2f} observed, {count} labels</title>"
+            f"<title>{predicted:.2f} predicted, {observed:.2f} observed, "
+            f"{counted(count, 'label')}</title>"
             "</circle>"
         )
     return _svg(parts, label)

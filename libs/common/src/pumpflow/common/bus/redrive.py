@@ -25,6 +25,7 @@ import msgspec
 
 from pumpflow.common.bus.abc import DeadLetter, EventBus
 from pumpflow.common.events import Event, EventValidationError, decode_event
+from pumpflow.common.text import counted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,11 +65,11 @@ class RedriveCount:
 
     def summary(self, service: str) -> str:
         verb = "would redrive" if self.dry_run else "redrove"
-        line = f"{verb} {self.redriven} dead letter(s) of {service}"
+        line = f"{verb} {counted(self.redriven, 'dead letter')} of {service}"
         if self.matched:
             line += f" ({self.matched} matched"
             if self.not_events:
-                line += f", {self.not_events} not events, left"
+                line += f", {counted(self.not_events, 'not an event', 'not events')}, left"
             if self.keyless:
                 line += f", {self.keyless} keyless, left"
             if self.refused:

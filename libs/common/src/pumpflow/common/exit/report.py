@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pumpflow.common.events import ExitLine, ExitReport, OrderFilled
+from pumpflow.common.text import counted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,10 +236,10 @@ class GracefulExitSummary:
         """The summary as the CLI prints it."""
         worst = self.worst_slippage
         lines = [
-            f"graceful exit ({self.reason}): {self.positions} positions, "
-            f"{self.positions - self.positions_left - self.closed} sold out, "
-            + (f"{self.closed} closed by trading, " if self.closed else "")
-            + f"{self.tranches} tranches "
+            f"graceful exit ({self.reason}): {counted(self.positions, 'position')}, "
+            f"{self.positions - self.positions_left - self.closed:,} sold out, "
+            + (f"{self.closed:,} closed by trading, " if self.closed else "")
+            + f"{counted(self.tranches, 'tranche')} "
             f"in {self.duration_s:.1f}s ({self.deadline_margin_s:+.1f}s to the deadline)",
             f"SOL recovered {self.sol_recovered:.4f} against {self.mark_value_sol:.4f} at the "
             f"marks; worst slippage {'-' if worst is None else f'{worst:.2%}'}",
@@ -246,17 +247,18 @@ class GracefulExitSummary:
         unconfirmed = self.unconfirmed
         if unconfirmed:
             lines.append(
-                f"UNCONFIRMED: {sum(line.unconfirmed_tranches for line in unconfirmed)} "
-                f"tranches of {len(unconfirmed)} positions got no outcome; their "
+                "UNCONFIRMED: "
+                f"{counted(sum(line.unconfirmed_tranches for line in unconfirmed), 'tranche')} "
+                f"of {counted(len(unconfirmed), 'position')} got no outcome; their "
                 f"{sum(line.unconfirmed_tokens for line in unconfirmed):.6g} tokens may "
                 "have sold (trading's ledger knows)"
             )
         awaiting = self.awaiting
         if awaiting:
             lines.append(
-                f"AWAITING: rule sales of {len(awaiting)} positions got no outcome; their "
-                f"{sum(line.pending_tokens for line in awaiting):.6g} tokens are still held "
-                "or sold by them (trading's ledger knows)"
+                f"AWAITING: rule sales of {counted(len(awaiting), 'position')} got no outcome; "
+                f"their {sum(line.pending_tokens for line in awaiting):.6g} tokens are still "
+                "held or sold by them (trading's ledger knows)"
             )
         for line in self.lines:
             slip = "-" if line.slippage is None else f"{line.slippage:.2%}"
@@ -268,7 +270,7 @@ class GracefulExitSummary:
             if line.pending_tokens:
                 left += f"  {line.pending_tokens:.6g} tokens in a rule's sale AWAITING its outcome"
             lines.append(
-                f"  {line.mint[:12]:<12} {line.reason:<9} {line.tranches:>3} tranches "
+                f"  {line.mint[:12]:<12} {line.reason:<9} {counted(line.tranches, 'tranche'):>12} "
                 f"{line.sol_received:>10.4f} SOL  slippage {slip}" + left
             )
         return "\n".join(lines)

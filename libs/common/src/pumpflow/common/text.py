@@ -1,0 +1,11 @@
+"""Words of the messages a person reads (the CLI's lines, the reports)."""
+
+from __future__ import annotations
+
+
+def counted(count: float, noun: str, plural: str | None = None) -> str:
+    """``count`` and ``noun``, plural unless the count is one: "1 position",
+    "2,500 positions", "1.5 minutes"; ``plural`` for a noun not made plural by an "s"."""
+    whole = isinstance(count, int) or float(count).is_integer()
+    number = f"{int(count):,}" if whole else f"{count:,g}"
+    return f"{number} {noun if count == 1 else plural or noun + 's'}"
