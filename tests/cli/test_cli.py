@@ -734,6 +734,37 @@ def test_run_stops_cleanly_on_ctrl_c():
     assert _summary_counts(first + status + rest)["tokens"] > 0
 
 
+def test_a_second_ctrl_c_stops_the_runs_end_at_once_with_status_130():
+    """The first Ctrl-C begins the graceful exit; one more while the run ends (the exit,
+    the report, the teardown) ends the process: one line says what it cut short, 130."""
+    proc = subprocess.Popen(
+        [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = ""
+        while "trade subscriptions" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen + proc.stderr.read()
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        # trading halts on system.shutdown: the graceful exit has begun
+        while "TRADING trading.state: state='halted'" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen[-3000:] + proc.stderr.read()
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    [said] = [line for line in err.splitlines() if "second interrupt" in line]
+    assert re.fullmatch(r"pumpflow run: a second interrupt cut the .+ short: .+", said), said
+
+
 def test_pumpflow_record_takes_a_simulated_stream_from_pumpflow_sim_serve(tmp_path):
     port = free_port()
     server = subprocess.Popen(

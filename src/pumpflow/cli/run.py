@@ -13,7 +13,8 @@ printed, and the HTML report is written (:mod:`pumpflow.report`; its path last).
 
 Exit status: 0 the run ended flat; 1 it did not (:data:`NOT_FLAT`: trading still holds
 positions after the graceful exit, or the exit never reported; one line on stderr says
-how many and why), or the reader of its output left; 2 a bad setting.
+how many and why), or the reader of its output left; 2 a bad setting; 130 a second
+Ctrl-C (143 a second SIGTERM) cut the run's end short (:class:`StopSignals`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +64,8 @@ EXIT_GRACE_S = 10.0
 #: the exit status of a run whose graceful exit left positions open or never reported:
 #: 1, as any command's that did not do what it was asked (``pumpflow stop``'s too)
 NOT_FLAT = 1
+#: the signals that end a run: the first gracefully, another at once
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,10 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the simulator, feed, features, activity, model, trading (paper) and exit "
             "services in one process over the in-memory bus, and print the market, positions "
-            "and PnL as they go. Ctrl-C stops cleanly, selling every position held. Exit "
-            "status 0 when it ends flat; 1 when positions are left open (or the graceful "
-            "exit never reported: a line on stderr says how many and why), or when the "
-            "reader of its output left; 2 on a bad setting."
+            "and PnL as they go. Ctrl-C stops cleanly, selling every position held; a second "
+            "Ctrl-C stops at once, cutting the graceful exit, the report or the teardown "
+            "short (a line on stderr says which). Exit status 0 when it ends flat; 1 when "
+            "positions are left open (or the graceful exit never reported: a line on stderr "
+            "says how many and why), or when the reader of its output left; 2 on a bad "
+            "setting; 130 when a second Ctrl-C cut its end short."
         ),
     )
     parser.add_argument(
@@ -119,7 +125,9 @@ def run_command(args: argparse.Namespace) -> int:
     report = report_writable(
         args.report or default_path("run", f"seed{args.seed}"), command="run", flag="--report"
     )
-    return asyncio.run(
+    screen = _screen() if wants_dashboard(args.plain, sys.stdout) else None
+    signals = StopSignals(terminal=screen is not None)
+    code = asyncio.run(
         run_embedded_market(
             duration=args.duration,
             speed=args.speed,
@@ -129,9 +137,11 @@ def run_command(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             min_score=args.min_score,
             report=report,
-            screen=_screen() if wants_dashboard(args.plain, sys.stdout) else None,
+            screen=screen,
+            signals=signals,
         )
     )
+    return signals.end(code)
 
 
 def _screen() -> RichConsole:
@@ -152,11 +162,13 @@ async def run_embedded_market(
     min_score: float | None = None,
     report: str | Path | None = None,
     screen: RichConsole | None = None,
+    signals: StopSignals | None = None,
 ) -> int:
     """Run the embedded system for ``duration`` real seconds (0: until interrupted, or
     until the reader of ``out`` leaves); write the HTML report to ``report`` at the end.
     With a ``screen`` the live dashboard draws on it; without, the console prints plain
-    status lines every ``every`` seconds."""
+    status lines every ``every`` seconds. ``signals`` stop it (SIGINT and SIGTERM: their
+    own, taken for the run, unless given)."""
     from pumpflow.activity.service import ActivityService
     from pumpflow.cli.console import Console
     from pumpflow.cli.dashboard import Dashboard, RecentLines
@@ -194,12 +206,15 @@ async def run_embedded_market(
     market = Market(MarketConfig(seed=seed, launches_per_minute=launches_per_minute))
     server = SimulatorServer(market=market, speed=speed)
     await server.start()
-    stop = asyncio.Event()
+    signals = signals or StopSignals(terminal=screen is not None)
+    stop = signals.stop
     # a reader gone (``| head``) stops the run as Ctrl-C does
     out = LeavableOutput(out, on_gone=stop.set)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.install()
+    signals.cutting = (
+        "the graceful exit",
+        "positions it had not sold stay open; no report is written",
+    )
     not_flat: str | None = None
     try:
         feed = FeedService(
@@ -242,6 +257,7 @@ async def run_embedded_market(
             # the dashboard goes on showing the sales; the exit's report follows it
             exit_report = out if screen is None else io.StringIO()
             not_flat = await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
+            signals.cutting = ("the run's end", "no report is written")
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
@@ -268,17 +284,90 @@ async def run_embedded_market(
             summary = system["exit"].summary
             if summary is not None:
                 notes["graceful exit"] = graceful_exit_note(summary)
+            signals.cutting = ("the report", f"{report} and its results may be missing or cut")
             path = html.write(msgspec.structs.replace(results, notes=notes), report)
             print(f"report: {path}", file=out, flush=True)
+        signals.cutting = (
+            "the teardown",
+            "nothing is lost" + ("" if report is None else ", the report is written"),
+        )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        signals.release()
         await server.stop()
     if not_flat is not None:
         # last, under the report's path: what a script or the person at the terminal sees
         print(f"pumpflow run: {not_flat}", file=sys.stderr, flush=True)
         return NOT_FLAT
     return READER_GONE if out.gone else 0
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM of a run: the first sets :attr:`stop`, and the run
+    ends gracefully; another after it means stop now, wherever the run's end is, up to
+    the process's exit (:meth:`end`). That one ends the process at once, its teardown
+    abandoned, with one line on stderr naming what it cut short and what that leaves
+    (:attr:`cutting`) and the shell's status for the signal: 130 for Ctrl-C."""
+
+    def __init__(self, *, terminal: bool = False):
+        self.stop = asyncio.Event()
+        #: the live dashboard draws on the terminal, its cursor hidden
+        self.terminal = terminal
+        #: what a second signal would cut short, and what that leaves undone
+        self.cutting = ("the run", "what it had not done is left undone")
+        self.received = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> None:
+        """Take the signals on the running loop until the first comes."""
+        self._loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            self._loop.add_signal_handler(sig, self._first)
+
+    def release(self) -> None:
+        """Give the signals back, unless one came: the run is ending for it, and the
+        next one ends the process, however far its end has got."""
+        if not self.received:
+            for sig in STOP_SIGNALS:
+                self._loop.remove_signal_handler(sig)
+
+    def end(self, code: int) -> int:
+        """``code``, the run's status; once a signal came, the process ends here with it,
+        its output flushed. The interpreter's exit gives the signals back to the system
+        before its modules' teardown, a moment in which another would kill the process
+        with no word."""
+        if self.received:
+            _flush_standard_streams()
+            os._exit(code)
+        return code
+
+    def _first(self) -> None:
+        self.received = True
+        self.stop.set()
+        # the process's own handler, not the loop's: it acts after the loop is closed too
+        # (asyncio.run's teardown), and while a call blocks the loop (the report's writing)
+        for sig in STOP_SIGNALS:
+            self._loop.remove_signal_handler(sig)
+            signal.signal(sig, self._again)
+
+    def _again(self, signum: int, frame: object) -> None:
+        what, leaves = self.cutting
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        _flush_standard_streams()
+        # past the streams' buffers: the handler may have interrupted a write to them
+        with contextlib.suppress(OSError):
+            if self.terminal:
+                os.write(1, b"\x1b[?25h\n")
+            line = f"pumpflow run: a second {name} cut {what} short: {leaves}\n"
+            os.write(2, line.encode())
+        os._exit(128 + signum)
+
+
+def _flush_standard_streams() -> None:
+    """Write what the streams hold before the process ends without the interpreter's exit;
+    a reader gone or a write the caller interrupted keeps it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, RuntimeError, ValueError, AttributeError):
+            stream.flush()
 
 
 def run_exit_service(speed: float):
