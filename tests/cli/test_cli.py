@@ -709,23 +709,36 @@ def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by
     assert counts["predictions"] >= counts["tokens"] * 0.5
 
 
-def test_run_stops_cleanly_on_ctrl_c():
-    proc = subprocess.Popen(
+def _endless_run() -> subprocess.Popen:
+    """``pumpflow run`` until interrupted, its output piped."""
+    return subprocess.Popen(
         [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _read_until(proc: subprocess.Popen, text: str, seen: str = "", lines: int = 500) -> str:
+    """``seen`` and the lines ``proc`` prints up to the one with ``text`` (within
+    ``lines``: an endless run that never prints it fails instead of running on)."""
+    for _ in range(lines):
+        if text in seen:
+            return seen
+        line = proc.stdout.readline()
+        assert line, seen[-3000:] + proc.stderr.read()
+        seen += line
+    assert text in seen, seen[-3000:]
+    return seen
+
+
+def test_run_stops_cleanly_on_ctrl_c():
+    proc = _endless_run()
     try:
         first = proc.stdout.readline()
         assert first.startswith("pumpflow embedded:"), first + proc.stderr.read()
         # the first status line (what the run saw so far); a buy may come before it
-        status = ""
-        for _ in range(50):
-            status += proc.stdout.readline()
-            if "trade subscriptions" in status:
-                break
-        assert "trade subscriptions" in status, status
+        status = _read_until(proc, "trade subscriptions")
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:
@@ -737,24 +750,12 @@ def test_run_stops_cleanly_on_ctrl_c():
 def test_a_second_ctrl_c_stops_the_runs_end_at_once_with_status_130():
     """The first Ctrl-C begins the graceful exit; one more while the run ends (the exit,
     the report, the teardown) ends the process: one line says what it cut short, 130."""
-    proc = subprocess.Popen(
-        [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _endless_run()
     try:
-        seen = ""
-        while "trade subscriptions" not in seen:
-            line = proc.stdout.readline()
-            assert line, seen + proc.stderr.read()
-            seen += line
+        seen = _read_until(proc, "trade subscriptions")
         proc.send_signal(signal.SIGINT)
         # trading halts on system.shutdown: the graceful exit has begun
-        while "TRADING trading.state: state='halted'" not in seen:
-            line = proc.stdout.readline()
-            assert line, seen[-3000:] + proc.stderr.read()
-            seen += line
+        _read_until(proc, "TRADING trading.state: state='halted'", seen)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
