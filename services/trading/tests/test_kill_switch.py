@@ -598,6 +598,53 @@ async def test_a_halt_to_the_stand_by_after_the_holder_died_says_the_next_holder
             assert tracebacks(caplog) == []
 
 
+async def test_a_resume_to_the_stand_by_after_the_holder_died_says_when_to_give_it_again(
+    clock, market, pg_pool, shared_lease, caplog
+):
+    """The replica trading, halted, dies (``kill -9``) and the resume reaches the
+    stand-by before the lease runs out. It is refused, as a resume stored by a stand-by
+    would apply late over what the holder, should it come back, was given since: the
+    answer says the holder (named) is late with its renewal, when the lease runs out and
+    a stand-by takes over, and to give the resume to the replica holding trading then,
+    which ``pumpflow trading state`` names. Given there, it applies."""
+    ledger = PostgresLedger(pg_pool)
+    # renewed every 2 s
+    holder, standby = (trading(ledger, trading_lease_ttl_s=6.0) for _ in range(2))
+    key = LEASE_PREFIX + LEASE_NAME
+    async with running(clock, holder) as (_, _, holder_client):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            answer = await holder_client.post("/halt", json={"reason": "before it died"})
+            assert answer.status_code == 200, answer.text
+            dead = holder.leader.holder
+            shared_lease.dead.add(dead.encode())
+
+            async def two_renewals_missed() -> bool:
+                return (await shared_lease.expires_in(key) or 0.0) < 2.5
+
+            await eventually(two_renewals_missed, 10.0, what="two renewals missed")
+            refused = await client.post("/resume", json={"reason": "holder killed"})
+            assert refused.status_code == 409, refused.text
+            detail = refused.json()["detail"]
+            assert "give it there" not in detail, detail
+            assert f"its lease's holder ({dead}) has not renewed it for" in detail, detail
+            runs_out = re.search(
+                r"the lease runs out in (\d+) s and a stand-by takes trading over", detail
+            )
+            assert runs_out and int(runs_out[1]) <= 3, detail
+            assert "give it to the replica that holds trading then" in detail, detail
+            assert "pumpflow trading state" in detail, detail
+            assert await ledger.control() == (TradingState.HALTED, "before it died")
+
+            await eventually(lambda: standby.role == "active", 20.0, what="the take-over")
+            assert halted(standby, "before it died")
+            resumed = await client.post("/resume", json={"reason": "holder killed"})
+            assert resumed.status_code == 200, resumed.text
+            assert standby.risk.operator_state is TradingState.ACTIVE
+            assert await ledger.control() == (TradingState.ACTIVE, "holder killed")
+            assert tracebacks(caplog) == []
+
+
 async def test_the_stand_by_says_the_operators_state_the_ledger_holds_not_its_own(
     clock, market, pg_pool, shared_lease
 ):

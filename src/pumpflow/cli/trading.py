@@ -12,10 +12,11 @@ A halt outlives restarts until a resume. A halt stored late (given while Postgre
 away, retried) after a newer resume halts trading again: resume again if so. Only the
 replica trading takes a resume or an acknowledgement: the others refuse them (409,
 exit status 1, one line naming the replica that holds trading when known: give it
-there). A halt given to the replica trading while Postgres is away applies at once and
-is stored once Postgres is back (said so, exit status 3); given to a stand-by then, it
-applies nowhere until stored (exit status 1: halt the replica trading). A resume is
-refused meanwhile.
+there; when that replica is late renewing its lease, when trading passes to a stand-by:
+give it to the one ``state`` names then). A halt given to the replica trading while
+Postgres is away applies at once and is stored once Postgres is back (said so, exit
+status 3); given to a stand-by then, it applies nowhere until stored (exit status 1:
+halt the replica trading). A resume is refused meanwhile.
 
 While the broker takes no publication (short of memory or disk it blocks every
 publisher; or it does not answer), the replica trading still answers within

@@ -282,18 +282,20 @@ def _order_event(event: Event, ids: set[str] | frozenset[str]) -> bool:
     return isinstance(data, OrderRequested | OrderRejected) and data.order_id in ids
 
 
-def _next_holder_halted(claim: Claim, campaign_s: float) -> str:
-    """What a stored halt means while no replica trades: the lease ``claim`` is nobody's,
-    or its holder is late renewing it (killed, say); stand-bys campaign every
-    ``campaign_s``."""
-    said = "stored, so whichever replica holds trading next starts halted, and a restart keeps it"
+def _lapsing(claim: Claim | None) -> bool:
+    """Whether no replica renews the lease ``claim``: nobody's, or its holder is late
+    renewing it (killed, say), so trading passes to a stand-by once it runs out."""
+    return claim is not None and (claim.holder is None or claim.late)
+
+
+def _lease_passes(claim: Claim, campaign_s: float) -> str:
+    """When trading passes to a stand-by, the lease ``claim`` being :func:`_lapsing`;
+    stand-bys campaign every ``campaign_s``."""
     if not claim.late or claim.runs_out_in_s is None or claim.renewed_s_ago is None:
-        return (
-            f"{said}: no replica holds its lease now, a stand-by takes it within {campaign_s:g} s"
-        )
+        return f"no replica holds its lease now, a stand-by takes it within {campaign_s:g} s"
     left = math.ceil(claim.runs_out_in_s)
     return (
-        f"{said}: its lease's holder ({claim.holder}) has not renewed it for "
+        f"its lease's holder ({claim.holder}) has not renewed it for "
         f"{claim.renewed_s_ago:.0f} s (due every {campaign_s:g} s); unless it does, the lease "
         f"runs out in {left} s and a stand-by takes trading over within {campaign_s:g} s "
         f"after ({left + campaign_s:g} s at the latest)"
@@ -1884,17 +1886,28 @@ class TradingService(Service):
 
     async def _not_holder(self, what: str, refused: Superseded | None = None) -> NotHolder:
         """The refusal of ``what`` on a replica that does not hold trading (``refused``:
-        the ledger's, another having taken over), naming the holder when known."""
+        the ledger's, another having taken over), naming the holder when known; when
+        none renews the lease (its holder killed, say), when trading passes to a
+        stand-by, to be given there then."""
         leader = self.leader
-        current = await self._holder_now()
+        claim = await self._claim_now()
+        current = await self._holder_now(claim)
         me = leader.holder if leader is not None else self.settings.replica
         if refused is None and leader is not None and leader.is_leader:
             return NotHolder(
                 f"{what} not recorded: this replica ({me}) is taking trading over and does "
                 "not trade yet: give it again in a moment"
             )
-        held = f"{current} holds it" if current else "the holder is not known here"
         why = "another replica took over" if refused is not None else "it stands by"
+        if leader is not None and _lapsing(claim):
+            # stored here, it would apply late, over what a holder that comes back was
+            # given since: the replica trading next takes it
+            return NotHolder(
+                f"{what} not recorded: this replica ({me}) does not hold trading ({why}); "
+                f"{_lease_passes(claim, leader.config.interval_s)}: give it to the replica "
+                "that holds trading then (`pumpflow trading state` names it)"
+            )
+        held = f"{current} holds it" if current else "the holder is not known here"
         return NotHolder(
             f"{what} not recorded: this replica ({me}) does not hold trading ({why}); "
             f"{held}: give it there"
@@ -2033,8 +2046,11 @@ class TradingService(Service):
                     "meanwhile")  # fmt: skip
         else:
             done = "not applied here: this replica stands by"
-        if stored and claim is not None and (claim.holder is None or claim.late):
-            return f"{done}; {_next_holder_halted(claim, self.leader.config.interval_s)}"
+        if stored and _lapsing(claim):
+            return (
+                f"{done}; stored, so whichever replica holds trading next starts halted, and "
+                f"a restart keeps it: {_lease_passes(claim, self.leader.config.interval_s)}"
+            )
         if stored:
             return (
                 f"{done}; stored, so {trading} applies it on its next round (within "
