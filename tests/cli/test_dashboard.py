@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import replace
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from rich.console import Console as RichConsole
@@ -137,12 +138,10 @@ class _AwayLedger(MemoryLedger):
 
     away = True
 
-    async def set_control(
-        self, state: TradingState, reason: str, *, holder: str | None = None
-    ) -> None:
+    async def set_control(self, state: TradingState, reason: str, **stored: Any) -> None:
         if self.away:
             raise ConnectionError("the ledger is away")
-        await super().set_control(state, reason, holder=holder)
+        await super().set_control(state, reason, **stored)
 
 
 def drawn(renderable) -> str:

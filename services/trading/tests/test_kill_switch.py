@@ -902,10 +902,10 @@ class AwayForControl(PostgresLedger):
 
     away = True
 
-    async def set_control(self, state, reason, *, holder=None) -> None:
+    async def set_control(self, state, reason, **stored) -> None:
         if self.away:
             raise ConnectionError("the ledger is away")
-        await super().set_control(state, reason, holder=holder)
+        await super().set_control(state, reason, **stored)
 
 
 async def test_a_halt_given_to_a_stand_by_cut_off_from_postgres_says_it_is_not_stored(
@@ -977,9 +977,9 @@ class GatedLedger(MemoryLedger):
         await self._gate("predecessor")
         return await super().predecessor()
 
-    async def set_control(self, state, reason, *, holder=None) -> None:
+    async def set_control(self, state, reason, **stored) -> None:
         await self._gate("set_control")
-        await super().set_control(state, reason, holder=holder)
+        await super().set_control(state, reason, **stored)
 
 
 async def test_a_round_reading_the_ledger_before_the_halt_was_stored_does_not_undo_it(

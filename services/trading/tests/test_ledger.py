@@ -565,6 +565,22 @@ async def test_the_operators_writes_of_a_predecessor_are_fenced_off_as_its_commi
     assert await ledger.control() == (TradingState.ACTIVE, "w2's again")
 
 
+async def test_a_shutdown_is_applied_once_its_halt_is_stored_and_not_by_a_halt_refused(ledger):
+    """The request ids of the shutdowns a halt applies are kept in its write: a halt the
+    ledger refuses (a predecessor's, late) keeps none of them; one stored keeps them all,
+    and a resume after it leaves them kept."""
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.load(remembered=10, holder="w2")
+    with pytest.raises(Superseded):
+        await ledger.set_control(TradingState.HALTED, "late", holder="w1", shutdowns={"s1"})
+    assert not await ledger.shutdown_applied("s1")
+    await ledger.set_control(TradingState.HALTED, "w2's", holder="w2", shutdowns={"s1", "s2"})
+    await ledger.set_control(TradingState.HALTED, "again", holder="w2", shutdowns={"s2"})
+    await ledger.set_control(TradingState.ACTIVE, "resumed", holder="w2")
+    assert await ledger.shutdown_applied("s1") and await ledger.shutdown_applied("s2")
+    assert not await ledger.shutdown_applied("s3")
+
+
 async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):
     """The holder's write waits for a predecessor's commit under way (which checked the
     holder first): the load after it reads what that commit stored, and the

@@ -219,6 +219,52 @@ async def test_a_shutdown_stops_entries_from_the_next_event(clock, market):
         assert await ledger.control() == ("halted", "shutdown: operator")
 
 
+async def test_a_shutdown_seen_again_after_a_restart_does_not_halt_a_resumed_trading(
+    clock, market, pg_pool
+):
+    """The replica trading applies a shutdown (halted, its barrier out), restarts, and the
+    operator resumes trading. The shutdown comes again (redelivered, or a copy published
+    again under its request id): the ledger keeps the request ids whose halt it stored,
+    so it halts nothing again and publishes no second barrier. A shutdown without a
+    request id halts as ever."""
+    ledger = PostgresLedger(pg_pool)
+
+    def shutdown(reason: str, request_id: str | None) -> Event:
+        data = SystemShutdown(reason=reason, request_id=request_id)
+        return make_event(data, source="cli/t", time=clock.now(), event_id=request_id)
+
+    first = trading(ledger)
+    async with running(clock, first) as (bus, watch):
+        await publish(bus, shutdown("operator", "stop-1"))
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id == "stop-1"
+        assert first.risk.operator_state is TradingState.HALTED
+
+    restarted = trading(ledger)
+    async with running(clock, restarted) as (bus, watch):
+        assert restarted.risk.operator_reason == "shutdown: operator"
+        await restarted.resume("operator resumed")
+        await eventually(lambda: restarted.risk.operator_state is TradingState.ACTIVE,
+                         what="resumed")  # fmt: skip
+        watch.clear()
+        await publish(bus, shutdown("operator", "stop-1"))
+        # a copy under another event id, the request's all the same
+        data = SystemShutdown(reason="operator", request_id="stop-1")
+        await publish(bus, make_event(data, source="cli/t", time=clock.now()))
+        assert watch.count("trading.barrier") == 0 and watch.count("trading.state") == 0
+        assert restarted.risk.operator_state is TradingState.ACTIVE
+        assert await ledger.control() == (TradingState.ACTIVE, "operator resumed")
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        assert watch.count("order.requested") == 1
+
+        await publish(bus, shutdown("no id", None))
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id is None
+        assert restarted.risk.operator_reason == "shutdown: no id"
+        assert await ledger.control() == (TradingState.HALTED, "shutdown: no id")
+
+
 async def test_a_halt_stored_by_another_replica_reaches_the_trader_on_its_tick(clock, market):
     ledger = MemoryLedger()
     service = trading(ledger)

@@ -68,7 +68,7 @@ entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
 ``TradingService._take_over``).
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018,
-0021, 0022, 0024); :class:`MemoryLedger` keeps the same in memory for the embedded run and
+0021, 0022, 0024, 0028); :class:`MemoryLedger` keeps the same in memory for the embedded run and
 tests, where a restart starts from nothing anyway.
 
 On start the service rebuilds its position book from :meth:`Ledger.load`: the fills, in
@@ -83,7 +83,7 @@ book adds up to from the same totals (:meth:`Ledger.totals`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -579,15 +579,26 @@ class Ledger(Protocol):
         ...
 
     async def set_control(
-        self, state: TradingState, reason: str, *, holder: str | None = None
+        self,
+        state: TradingState,
+        reason: str,
+        *,
+        holder: str | None = None,
+        shutdowns: Collection[str] = (),
     ) -> None:
         """Store the operator's state; refused (:class:`Superseded`) once another than
         ``holder`` took over, as a commit is: a replica that lost the ledger must not undo
         what its successor was given since. Without ``holder``, stored unfenced: an
-        operator's halt given to any replica (the holder reads it on its next tick)."""
+        operator's halt given to any replica (the holder reads it on its next tick).
+        ``shutdowns``: the request ids of the shutdowns this halt applies, kept with it
+        (:meth:`shutdown_applied`)."""
         ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
+
+    async def shutdown_applied(self, request_id: str) -> bool:
+        """Whether a halt stored applied the shutdown request ``request_id``."""
+        ...
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         """The latest ``limit`` unbooked trades stamped at or after ``since`` and not
@@ -704,6 +715,7 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
+        self._shutdowns: set[str] = set()
         #: mint -> the last seq given
         self._seqs: dict[str, int] = {}
         #: event id -> the event numbered, until it is gone
@@ -884,13 +896,22 @@ class MemoryLedger:
             self._holder = (holder, True)
 
     async def set_control(
-        self, state: TradingState, reason: str, *, holder: str | None = None
+        self,
+        state: TradingState,
+        reason: str,
+        *,
+        holder: str | None = None,
+        shutdowns: Collection[str] = (),
     ) -> None:
         self._fence(holder)
         self._control = (TradingState(state), reason)
+        self._shutdowns.update(shutdowns)
 
     async def control(self) -> tuple[TradingState, str] | None:
         return self._control
+
+    async def shutdown_applied(self, request_id: str) -> bool:
+        return request_id in self._shutdowns
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         found = [t for t in self._unbooked.values() if t.time >= since]
@@ -1112,8 +1133,8 @@ def _record(row: Any) -> OrderRecord:
 
 
 class PostgresLedger:
-    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022, 0024), in
-    the pool's schema."""
+    """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022, 0024,
+    0028), in the pool's schema."""
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -1311,7 +1332,12 @@ class PostgresLedger:
         )
 
     async def set_control(
-        self, state: TradingState, reason: str, *, holder: str | None = None
+        self,
+        state: TradingState,
+        reason: str,
+        *,
+        holder: str | None = None,
+        shutdowns: Collection[str] = (),
     ) -> None:
         async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
@@ -1323,12 +1349,24 @@ class PostgresLedger:
                 TradingState(state).value,
                 reason,
             )
+            if shutdowns:
+                await conn.execute(
+                    "INSERT INTO trading_shutdown_requests (request_id) "
+                    "SELECT unnest($1::text[]) ON CONFLICT (request_id) DO NOTHING",
+                    list(shutdowns),
+                )
 
     async def control(self) -> tuple[TradingState, str] | None:
         row = await self.pool.fetchrow(
             "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
         )
         return None if row is None else (TradingState(row[0]), row[1])
+
+    async def shutdown_applied(self, request_id: str) -> bool:
+        return await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM trading_shutdown_requests WHERE request_id = $1)",
+            request_id,
+        )
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         rows = await self.pool.fetch(

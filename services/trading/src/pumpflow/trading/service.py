@@ -20,10 +20,14 @@ every order, fill and position.
 - ``system.shutdown`` halts entries, then publishes ``trading.barrier`` (critical): the
   entry orders in flight and the positions held at that instant, which the exit
   service's graceful exit waits to have seen, however far behind its consumer is. It
-  carries the shutdown's ``request_id``: a shutdown seen again (redelivered after a
-  restart, whose barrier this replica did not publish) publishes one again, and the exit
-  service, which keeps the requests each graceful exit applied, begins no second one on
-  it once the first is over.
+  carries the shutdown's ``request_id``, which the ledger keeps with the halt, in its
+  write (when stored fenced, the barrier being this replica's): a shutdown seen again
+  under it (redelivered after a restart, a copy published again) halts nothing again,
+  an operator's resume since standing, and publishes no second barrier. A replica
+  killed between the halt's write and the barrier's publication leaves the exit service
+  to wait ``exit_barrier_wait_s`` for it, then to end on what it has seen. A shutdown
+  without a request id seen again halts again and publishes a barrier again, which the
+  exit service drops once the graceful exit is over.
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -463,6 +467,9 @@ class TradingService(Service):
         #: the ledger refused the fenced write: another replica took over, and the halt
         #: is stored unfenced instead, for it
         self._control_refused: Superseded | None = None
+        #: the request ids of the shutdowns the halt given here applies, stored with it
+        #: when it is stored fenced (the barrier is this replica's)
+        self._shutdowns_unstored: set[str] = set()
         #: operator's states given here so far: a read of the ledger's from before the
         #: last one is not applied
         self._control_changes = 0
@@ -960,8 +967,15 @@ class TradingService(Service):
                 if not self._leading:
                     raise NotHolder(f"shutdown {event.id}: this replica does not hold "
                                     "trading; the holder halts on its own copy")  # fmt: skip
+                request_id = event.data.request_id
+                if request_id is not None and await self._shutdown_applied(request_id):
+                    # an operator's resume since stands, and the barrier is out already
+                    log.info("trading: system.shutdown %s (%s): its halt is stored already; "
+                             "not halted again, no second barrier", request_id,
+                             event.data.reason)  # fmt: skip
+                    continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
-                await self.halt(f"shutdown: {event.data.reason}")
+                await self.halt(f"shutdown: {event.data.reason}", shutdown=request_id)
                 if self._control_refused is not None:
                     # no barrier from a book no longer the ledger's: the halt is stored
                     # for the holder, which announces its own on its copy
@@ -974,6 +988,20 @@ class TradingService(Service):
         if self.context is not None and events:
             # outside the lock: the events handled meanwhile share the write
             await self.context.save(self.engine.views)
+
+    async def _shutdown_applied(self, request_id: str) -> bool:
+        """Whether the shutdown request ``request_id`` was applied: halted on here, or its
+        halt stored (by this replica or one before it). Not known within
+        ``trading_halt_store_wait_s`` (Postgres away): False, as halting again is safe."""
+        if request_id in self._shutdowns_unstored:
+            return True
+        try:
+            async with asyncio.timeout(self.settings.trading_halt_store_wait_s):
+                return await self.ledger.shutdown_applied(request_id)
+        except Exception as exc:
+            log.warning("trading: whether system.shutdown %s was applied is not known (%s: "
+                        "%s); halting on it", request_id, type(exc).__name__, exc)  # fmt: skip
+            return False
 
     async def _apply_run(self, events: list[Event]) -> None:
         """Decide on each event in order, storing their changes in one transaction up to
@@ -1658,8 +1686,12 @@ class TradingService(Service):
 
     # ---------------------------------------------------------------- the kill switch
 
-    async def halt(self, reason: str = "kill switch") -> dict[str, Any]:
-        """Halt entries (exits go on): at once here, then stored for the others.
+    async def halt(
+        self, reason: str = "kill switch", *, shutdown: str | None = None
+    ) -> dict[str, Any]:
+        """Halt entries (exits go on): at once here, then stored for the others
+        (``shutdown``: the request id of the shutdown it applies, stored with it when
+        stored fenced, so the shutdown seen again halts nothing again).
 
         The kill switch must work when things break, Postgres included. When this
         replica trades, the halt applies before its next decision, without waiting for
@@ -1692,6 +1724,8 @@ class TradingService(Service):
         state = TradingState.HALTED
         leading = self._leading
         self._given(state, reason, fenced=leading)
+        if leading and shutdown is not None:
+            self._shutdowns_unstored.add(shutdown)
         if leading:
             self._apply_control(state, reason)
         writer = self._control_writer
@@ -1931,12 +1965,15 @@ class TradingService(Service):
         while self._control_unstored:
             control = self._control
             holder = self._writer if self._control_fenced else None
+            shutdowns = frozenset(self._shutdowns_unstored if self._control_fenced else ())
             try:
                 async with self._control_lock:
-                    await self.ledger.set_control(*control, holder=holder)
+                    await self.ledger.set_control(*control, holder=holder, shutdowns=shutdowns)
             except Superseded as exc:
                 self._control_refused = exc
                 self._control_fenced = False
+                # the holder applies its own copies, and publishes their barriers
+                self._shutdowns_unstored.clear()
                 self._superseded()
                 log.warning(
                     "trading: the operator's %s (%s) met a take-over (this replica no longer "
@@ -1953,6 +1990,7 @@ class TradingService(Service):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, most)
                 continue
+            self._shutdowns_unstored -= shutdowns
             if self._control is control:
                 # a later one given meanwhile is stored next
                 self._control_unstored = False
