@@ -410,6 +410,21 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
             "pumpflow.toml: [trading] trading_min_score: Input should be less than or equal to 1; "
             "[common] partitions: Input should be greater than or equal to 1",
         ),
+        # a model the settings name that cannot be served: the settings' fault, not the code's
+        (
+            ["run", "--duration", "1", "--plain"],
+            "[model]\nmodel_models = {entry = '/nonexistent/m.onnx'}\n",
+            2,
+            "pumpflow run: the models of the settings (model_models, model_arms) cannot be "
+            "served: model 'entry': [Errno 2] No such file or directory: '/nonexistent/m.onnx'",
+        ),
+        (
+            ["backtest", "--seed", "1", "--minutes", "1", "--quiet"],
+            "[model]\nmodel_models = {entry = '/dev/null'}\n",
+            2,
+            "pumpflow backtest: the models of the settings (model_models, model_arms) cannot be "
+            "served: model card: /dev/null has no card (null.card.json beside it)",
+        ),
         (
             ["backtest", "--dataset", "/nonexistent/m.jsonl"],
             None,

@@ -115,6 +115,7 @@ from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.refit import RefitPolicy
 from pumpflow.common.model.registry import ModelRegistry, card_path
 from pumpflow.common.runtime.service import Service, ServiceContext
+from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.announced import DriftAnnouncements, PostgresDriftAnnouncements
 from pumpflow.model.labels import (
@@ -205,6 +206,10 @@ class ServingError(ValueError):
     def __init__(self, message: str, *, status: int = 409):
         self.status = status
         super().__init__(message)
+
+
+class SettingsServingError(ServingError, SettingsError):
+    """The settings' models or arms refused at start: theirs to mend, as a bad setting is."""
 
 
 class ModelService(Service):
@@ -411,7 +416,7 @@ class ModelService(Service):
             try:
                 arms = tuple(msgspec.convert(a, Arm) for a in self.settings.model_arms)
             except msgspec.ValidationError as exc:
-                raise ServingError(f"PUMPFLOW_MODEL_ARMS: {exc}") from None
+                raise SettingsServingError(f"PUMPFLOW_MODEL_ARMS: {exc}") from None
         else:
             arms = tuple(Arm(name="control" if len(models) == 1 else m, model_id=m) for m in models)
         return Serving(models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms)
@@ -439,7 +444,14 @@ class ModelService(Service):
         stored = await self._stored_serving()
         configured = self._configured_serving()
         if stored is None:
-            self._apply(configured)
+            try:
+                self._apply(configured)
+            except ServingError as exc:
+                raise SettingsServingError(
+                    f"the models of the settings (model_models, model_arms) cannot be "
+                    f"served: {exc}",
+                    status=exc.status,
+                ) from exc
             return configured
         try:
             self._apply(stored, await self._fetch_missing(stored))
@@ -461,7 +473,7 @@ class ModelService(Service):
         try:
             self._apply(fallback)
         except ServingError as exc:
-            raise ServingError(
+            raise SettingsServingError(
                 f"nothing to serve: the stored serving revision {stored.revision} is refused "
                 f"({refusal}), and so are the settings' models ({exc})",
                 status=exc.status,
