@@ -135,6 +135,18 @@ def test_a_skip_of_every_minute_of_a_simulated_market_is_refused():
         cli_main.main(["train", "--sim-seeds", "1", "--sim-minutes", "2", "--skip-minutes", "2"])
 
 
+def test_a_source_with_no_held_out_row_gets_no_held_out_figures(tmp_path, capsys):
+    """Markets simulated one after the other: the last launched tokens, held out, are all
+    the second market's, and the first has no held-out figure to give."""
+    out = tmp_path / "two.onnx"
+    argv = ["train", "--sim-seeds", "1,2", "--sim-minutes", "3", "--trees", "5"]
+    assert cli_main.main([*argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "nan" not in captured.out and "RuntimeWarning" not in captured.err
+    _, card = read_model(out)
+    assert list(card.held_out.by_part) == ["simulator seed 2"]
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "said"),
     [

@@ -527,6 +527,9 @@ def train(
     if held_out.part is not None and len(held_out.parts) > 1:
         for i, name in enumerate(held_out.parts):
             rows = held_out.part == i
+            if not rows.any():
+                # a source whose tokens all launched before the held-out share: none to judge
+                continue
             model_part = _metrics(config.task, held_out.labels[rows], native_scores[rows])
             baseline_part = _metrics(config.task, held_out.labels[rows], baseline_scores[rows])
             by_part[name] = {
