@@ -4,6 +4,8 @@ ONNX with its card out, ONNX predictions equal to native ones, the same bytes ev
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,22 @@ def test_train_from_a_dataset_file_gives_onnx_equal_to_native(market_file, tmp_p
     native = trained.native.predict_proba(prepare_inputs(rows))[:, 1]
     np.testing.assert_allclose(served, native, rtol=0, atol=1e-5)
     assert served.std() > 0.01  # it discriminates
+
+
+def test_train_says_how_to_use_the_model_and_that_works(market_file, tmp_path, capsys):
+    out = tmp_path / "mine.onnx"
+    assert cli_main.main([*train_command(market_file, out), "--trees", "5"]) == 0
+    printed = capsys.readouterr().out
+    served = json.dumps({"entry": str(out)}, separators=(",", ":"))
+    [use] = [line for line in printed.splitlines() if line.startswith("use it:")]
+    assert f"PUMPFLOW_MODEL_MODELS='{served}'" in use
+    config = f"mine=model_models={served}"
+    assert f"--config '{config}'" in use
+    report = tmp_path / "r.html"
+    argv = ["backtest", "--seed", "1", "--minutes", "1", "--quiet", "--config", config]
+    assert cli_main.main([*argv, "--json", "-", "--report", str(report)]) == 0
+    [configuration] = json.loads(capsys.readouterr().out)["configurations"]
+    assert configuration["results"]["predictions"] > 0
 
 
 def test_a_regression_model_of_the_net_return_is_trained_and_served(market_file, tmp_path):

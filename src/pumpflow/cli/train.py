@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -457,4 +458,10 @@ def train_command(args: argparse.Namespace) -> int:
     for part, figures in held.by_part.items():
         print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
+    served = json.dumps({card.model_id: str(Path(path).absolute())}, separators=(",", ":"))
+    print(
+        f"use it: pumpflow backtest --config 'mine=model_models={served}' beside the "
+        f"shipped model; PUMPFLOW_MODEL_MODELS='{served}' ([model] model_models in a "
+        "--config-file) serves it in pumpflow run and pumpflow serve model"
+    )
     return 0
