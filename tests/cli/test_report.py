@@ -122,13 +122,31 @@ def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("text", "why"), [(json.dumps({"title": "x"}), "source"), ("# pumpflow\n", "malformed")]
+    ("text", "why"),
+    [(json.dumps({"title": "x"}), "source"), ("# pumpflow\n", "malformed"), ("5", "Expected")],
 )
 def test_a_file_that_is_not_results_is_refused_by_name(tmp_path, text, why):
     bad = tmp_path / "bad.json"
     bad.write_text(text)
     with pytest.raises(SystemExit, match=rf"bad\.json: not a pumpflow results file.*{why}"):
         main(["report", "--results", str(bad)])
+
+
+def test_a_backtests_comparison_given_as_results_says_which_files_are_the_results(tmp_path, capsys):
+    compared = tmp_path / "compared.json"
+    report = tmp_path / "r.html"
+    argv = ["backtest", "--seed", "1", "--minutes", "1", "--quiet", "--config", "a=", "--config"]
+    assert main([*argv, "b=", "--json", str(compared), "--report", str(report)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["report", "--results", str(compared)])
+    said = str(refused.value.code)
+    assert said == (
+        f"pumpflow report: {compared}: the comparison pumpflow backtest --json writes, not one "
+        "report's results: each configuration's are in the .json beside its report"
+    )
+    for name in ("a", "b"):
+        assert main(["report", "--results", str(tmp_path / f"r-{name}.json")]) == 0
 
 
 async def test_the_report_renders_in_chromium_with_every_plot_drawn_and_nothing_fetched(

@@ -169,7 +169,16 @@ def save(results: Results, path: str | Path) -> None:
 
 def load(path: str | Path) -> Results:
     """The results a run saved; a file that is not one names what is wrong."""
+    data = Path(path).read_bytes()
     try:
-        return msgspec.json.decode(Path(path).read_bytes(), type=Results)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return msgspec.json.decode(data, type=Results)
+    except msgspec.ValidationError as exc:
+        found = msgspec.json.decode(data)
+        if isinstance(found, dict) and "configurations" in found:
+            raise ValueError(
+                f"{path}: the comparison pumpflow backtest --json writes, not one report's "
+                "results: each configuration's are in the .json beside its report"
+            ) from None
+        raise ValueError(f"{path}: not a pumpflow results file: {exc}") from None
+    except msgspec.DecodeError as exc:
         raise ValueError(f"{path}: not a pumpflow results file: {exc}") from None
