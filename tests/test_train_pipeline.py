@@ -5,6 +5,7 @@ ONNX with its card out, ONNX predictions equal to native ones, the same bytes ev
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -146,6 +147,20 @@ def test_the_first_minutes_of_a_market_are_dropped_from_the_rows_not_from_the_la
     held_out = files_dataset([str(other)], card.label, progress=False)
     other_first = min(e.time for e in dataset_file_events(other))
     assert card.held_out.rows == (held_out.time >= other_first + 60.0).sum() < len(held_out)
+
+
+def test_history_too_short_for_the_labels_horizon_is_refused_saying_so(market_file, capsys):
+    """A recording of a simulator served faster than real time is such a history: its
+    arrival times span a fraction of the market's."""
+    argv = train_command(market_file, "/tmp/never.onnx")
+    assert cli_main.main([*argv, "--horizon", "280"]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("pumpflow train: 0 training rows and ")
+    assert re.search(
+        r"the history spans 29\d s of event time, and a training row's label \(280 s ahead\) "
+        r"must end before the held-out tokens launch",
+        said,
+    )
 
 
 def test_a_skip_of_every_minute_of_a_simulated_market_is_refused():

@@ -505,13 +505,21 @@ def train(
     expected = "take_profit_first" if config.task == "classification" else "net_return"
     if dataset.label.kind != expected:
         raise TrainingError(f"a {config.task} model needs a {expected} label")
+    why = ""
     if held_out is None:
         fitted_on, held_out = split_by_time(dataset, config.held_out_share)
+        if len(fitted_on) == 0 and len(dataset):
+            # a recording of a market served faster than real time spans a fraction of it
+            why = (
+                f" (the history spans {float(np.ptp(dataset.time)):.0f} s of event time, and "
+                f"a training row's label ({dataset.label.horizon_s:g} s ahead) must end before "
+                "the held-out tokens launch: a longer history, or a shorter horizon)"
+            )
     else:
         fitted_on = dataset
     if len(fitted_on) == 0 or len(held_out) == 0:
         raise TrainingError(
-            f"{len(fitted_on)} training rows and {len(held_out)} held-out rows: need both"
+            f"{len(fitted_on)} training rows and {len(held_out)} held-out rows: need both{why}"
         )
     train_inputs = prepare_inputs(fitted_on.features)
     held_inputs = prepare_inputs(held_out.features)
