@@ -19,11 +19,15 @@ from pumpflow.common.events import (
     TokenLifecycle,
     make_event,
 )
-from pumpflow.common.testing import TokenEvents
+from pumpflow.common.state.memory import MemoryStateStore
+from pumpflow.common.testing import TokenEvents, eventually
+from pumpflow.common.testing.plugin import bus_harness_fixture
 
-from .helpers import START, FlakyExitStore, embedded, exit_service, filled, opened
+from .helpers import START, FlakyExitStore, embedded, exit_service, filled, on_broker, opened
 
 HELD = 1e6
+PARTITIONS = 4
+harness = bus_harness_fixture(partitions=PARTITIONS, synchronous=True)
 
 
 async def held_position(bus, tokens: TokenEvents):
@@ -53,31 +57,51 @@ async def test_the_feeds_creations_it_does_not_take_leave_no_seq_missing():
 
 
 async def test_a_replica_that_stops_says_how_many_positions_of_its_share_are_left_unwatched(
-    caplog,
+    harness, caplog
 ):
     """A replica stopping (SIGTERM, a scale-down; not a graceful exit) leaves the exit
     rules of its share's positions not running until a replica takes their partitions:
-    its log says how many, and that nothing is lost. With none held it says nothing."""
+    over the broker its log warns how many, and that nothing is lost. In one process (an
+    embedded run, a backtest) the bus keeps nothing past it: the rules end with the run,
+    which its report shows, and no warning. With none held it says nothing."""
     caplog.set_level("INFO", logger="pumpflow.exit")
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
-    idle = exit_service()
-    async with embedded(clock, idle):
-        pass
-    assert "positions of this replica's share" not in caplog.text
-
-    service = exit_service()
-    async with embedded(clock, service) as (system, _):
-        for _ in range(3):
-            await held_position(system.bus, tokens)
-        assert len(service.positions()) == 3
-    [said] = [r for r in caplog.records if "positions of this replica's share" in r.getMessage()]
-    assert said.levelname == "WARNING"
-    assert said.getMessage() == (
-        "exit: stopping with 3 positions of this replica's share open: their exit rules "
-        "(stop-loss, take-profit, timeouts) do not run until a replica takes their "
-        "partitions, and run again then (their events wait in the queues)"
+    service = exit_service(partitions=PARTITIONS)
+    bus = await harness.bus(partitions=PARTITIONS, source="trading/test")
+    replica_bus = await on_broker(
+        harness, service, clock=clock, store=MemoryStateStore(clock), partitions=PARTITIONS
     )
+    try:
+        for _ in range(3):
+            await held_position(bus, tokens)
+        await eventually(lambda: len(service.positions()) == 3, what="three positions held")
+    finally:
+        await service.stop()
+        await replica_bus.close()
+        await bus.close()
+    [said] = [r for r in caplog.records if "positions of this replica's share" in r.getMessage()]
+    if harness.transport == "rabbitmq":
+        assert said.levelname == "WARNING"
+        assert said.getMessage() == (
+            "exit: stopping with 3 positions of this replica's share open: their exit rules "
+            "(stop-loss, take-profit, timeouts) do not run until a replica takes their "
+            "partitions, and run again then (their events wait in the queues)"
+        )
+    else:
+        assert said.levelname == "INFO"
+        assert said.getMessage() == (
+            "exit: stopping with 3 positions of this replica's share open: the bus keeps no "
+            "events past this process, so their exit rules end with it"
+        )
+    caplog.clear()
+    idle = exit_service(partitions=PARTITIONS)
+    idle_bus = await on_broker(
+        harness, idle, clock=clock, store=MemoryStateStore(clock), partitions=PARTITIONS
+    )
+    await idle.stop()
+    await idle_bus.close()
+    assert "positions of this replica's share" not in caplog.text
 
 
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:

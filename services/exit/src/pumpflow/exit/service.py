@@ -372,13 +372,19 @@ class ExitService(Service):
 
     def _say_unwatched(self) -> None:
         """Say how many positions of this replica's share are left to no exit rule as it
-        stops: with no replica left running, nothing sells them until one comes."""
+        stops: with no replica left running, nothing sells them until one comes. On a
+        bus that keeps no events past this process (an embedded run, a backtest) their
+        rules end with it, which its report shows: a line of the log only."""
         if self.consumer is None:
             return
         held = len(_OwnedPositions(self.consumer).open_positions)
         if not held:
             return
         positions = f"{held} position{'s' if held != 1 else ''} of this replica's share"
+        if not self.consumer.bus.durable:
+            log.info("exit: stopping with %s open: the bus keeps no events past this "
+                     "process, so their exit rules end with it", positions)  # fmt: skip
+            return
         if self.run is not None:
             log.warning("exit: stopping in the middle of the graceful exit %s with %s open: "
                         "the replica that takes their partitions sells them (their events "

@@ -171,6 +171,9 @@ class EventBus(EventPublisher, EventSubscriber):
 
     #: number of partitions keyed events are spread over (shared setting)
     partitions: int
+    #: whether events wait outside this process for a consumer that is away (a
+    #: broker's durable queues): a replica that stops leaves its work to the next
+    durable: bool = False
 
     @abstractmethod
     async def start(self) -> None:

@@ -468,6 +468,7 @@ class BalancedBus(EventBus):
     ):
         self.inner = bus
         self.partitions = bus.partitions
+        self.durable = bus.durable
         self.store = store
         self.clock = clock
         self.replica = replica

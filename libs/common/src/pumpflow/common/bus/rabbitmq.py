@@ -355,6 +355,8 @@ class _Consumer:
 class RabbitMQBus(EventBus):
     """The bus over RabbitMQ with publisher confirms, manual acks and a DLQ per service."""
 
+    durable = True
+
     def __init__(
         self,
         *,
