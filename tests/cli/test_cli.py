@@ -955,6 +955,50 @@ async def test_dead_letters_are_listed_without_loss_then_moved_to_a_file(
     assert await bus.dead_letters("feed", remove=False) == []
 
 
+#: ``pumpflow`` as another service's image has it: without the feed's code
+WITHOUT_THE_FEED = (
+    "import sys; sys.modules['pumpflow.feed.redrive'] = None; "
+    "from pumpflow.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+async def test_dead_letters_are_read_and_redriven_where_the_feed_is_not_installed(
+    rabbitmq_harness, process_stack
+):
+    """A service's image holds that service alone: `docker compose exec features
+    pumpflow dead-letters features` lists and redrives without the feed's package, and
+    redriving the feed's letters there says where to run it instead of a traceback."""
+    bus = await rabbitmq_harness.bus("features/t", partitions=2)
+    rabbitmq_harness.delete_after(["features", "feed"])
+    await bus.dead_letter(b'{"not": "an event"}', service="features", reason="bad body")
+    await bus.dead_letter(b'{"txType": "buy"}', service="feed", reason="bad mint")
+    process_stack.configure(partitions=2)
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", WITHOUT_THE_FEED, "dead-letters", *argv],
+            env=process_stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = await asyncio.to_thread(cli, "features")
+    assert listed.returncode == 0, listed.stderr
+    assert "bad body" in listed.stdout and "1 dead letter shown" in listed.stdout
+    counted = await asyncio.to_thread(cli, "features", "--redrive", "--dry-run")
+    assert counted.returncode == 0, counted.stderr
+    assert "Traceback" not in counted.stderr
+    feed = await asyncio.to_thread(cli, "feed", "--redrive", "--dry-run")
+    assert feed.returncode == 2, feed.stderr
+    assert feed.stderr == (
+        "pumpflow dead-letters: the feed's letters are redriven where the feed is "
+        "installed (its image: docker compose exec feed pumpflow dead-letters feed "
+        "--redrive)\n"
+    )
+    assert len(await bus.dead_letters("feed", remove=False)) == 1
+
+
 async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not_created(
     rabbitmq_harness, process_stack
 ):

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pumpflow.common.bus.abc import DeadLetter, EventBus
     from pumpflow.common.events import Event
     from pumpflow.common.storage import RedriveWrite, TokenEventStore
+    from pumpflow.feed.redrive import StoredEventRedrive
 
 BATCH = 100
 
@@ -204,13 +205,23 @@ class _StoreOnDemand:
             await self._pool.close()
 
 
+def _feed_restorer(store: _StoreOnDemand, bus: EventBus) -> StoredEventRedrive | None:
+    """What stores again the token events the feed's store refused (only the feed
+    dead-letters them), or None where the feed is not installed (another service's
+    image)."""
+    try:
+        from pumpflow.feed.redrive import StoredEventRedrive
+    except ModuleNotFoundError:
+        return None
+    return StoredEventRedrive(store, bus)
+
+
 async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) -> int:
     import aiormq
 
     from pumpflow.common.bus.factory import create_bus
     from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
     from pumpflow.common.runtime.wiring import bus_config
-    from pumpflow.feed.redrive import StoredEventRedrive
 
     letters = None
     if args.redrive_from is not None:
@@ -239,7 +250,15 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
             return 2
         if args.redrive or letters is not None:
             select = LetterFilter(reason=args.reason, event_type=args.event_type)
-            restorer = StoredEventRedrive(store, bus)
+            restorer = _feed_restorer(store, bus) if args.service == "feed" else None
+            if args.service == "feed" and restorer is None:
+                print(
+                    "pumpflow dead-letters: the feed's letters are redriven where the feed is "
+                    "installed (its image: docker compose exec feed pumpflow dead-letters feed "
+                    "--redrive)",
+                    file=sys.stderr,
+                )
+                return 2
             if letters is None:
                 count = await redrive(
                     bus, args.service, select=select, dry_run=args.dry_run, restorer=restorer
@@ -250,7 +269,9 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
                     restorer=restorer,
                 )  # fmt: skip
             print(count.summary(args.service), file=out)
-            if restorer.stored or restorer.published or restorer.done_before:
+            if restorer is not None and (
+                restorer.stored or restorer.published or restorer.done_before
+            ):
                 print(f"refused token events: {restorer.summary()}", file=out)
             for reason in count.refusals:
                 print(f"- refused again: {reason}", file=out)
