@@ -76,6 +76,16 @@ def test_services_scale(name):
     assert spec["environment"]["PUMPFLOW_HTTP_HOST"] == "0.0.0.0"
 
 
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_a_service_ends_its_shutdown_before_compose_kills_it(name):
+    """Past stop_grace_period Docker kills the process, unlogged and unclosed."""
+    grace = SERVED[name]["stop_grace_period"]
+    assert grace.endswith("s") and grace[:-1].isdigit(), grace
+    shutdown = CommonSettings.model_fields["shutdown_timeout_s"].default
+    assert shutdown < int(grace[:-1])
+    assert "PUMPFLOW_SHUTDOWN_TIMEOUT_S" not in SERVED[name]["environment"]
+
+
 def test_every_service_uses_the_same_pumpflow_settings():
     shared = {k: v for k, v in SERVED["features"]["environment"].items()}
     for name, spec in SERVED.items():

@@ -165,6 +165,33 @@ async def test_a_stop_that_fails_exits_non_zero(monkeypatch, caplog):
     assert "3 events not stored" in caplog.text
 
 
+class StopsOnlyWithTheBroker(Service):
+    """A stop that waits for what does not come (a broker away, say)."""
+
+    name = "stops-with-the-broker"
+    started = False
+
+    async def start(self, ctx: ServiceContext) -> None:
+        type(self).started = True
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_whole_shutdown_ends_within_its_time_and_exits_non_zero(monkeypatch, caplog):
+    """A supervisor kills what outlasts its grace period (compose's stop_grace_period,
+    30 s) unlogged: the process ends first, saying what it cut short."""
+    monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    monkeypatch.setenv("PUMPFLOW_SHUTDOWN_TIMEOUT_S", "1")
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(StopsOnlyWithTheBroker, stop=stop))
+    await eventually(lambda: StopsOnlyWithTheBroker.started, what="the service started")
+    stop.set()
+    assert await asyncio.wait_for(runner, 5) == EXIT_FAILED
+    assert "shutdown: service stop took longer than 1.0 s" in caplog.text
+
+
 class OutlastsTheDrain(Service):
     """A handler still running when the drain gives up."""
 

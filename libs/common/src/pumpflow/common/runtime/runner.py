@@ -22,7 +22,9 @@ never has it read a schema older than its code.
 Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
 flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
 exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
-A drain that gives up on a handler, or a stop that fails or overruns, exits 1.
+A drain that gives up on a handler, or a stop that fails or overruns, exits 1. The
+whole shutdown has ``shutdown_timeout_s``: each step gets its own bound or what is left
+of it, whichever is shorter (a broker away can hold every step that publishes).
 
 Over RabbitMQ the service gets a :class:`~pumpflow.common.bus.ownership.BalancedBus`
 (unless ``balance_partitions`` is off): its replicas share the partitions, and on
@@ -36,6 +38,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
@@ -59,6 +62,21 @@ EXIT_BAD_SETTINGS = 2
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: upper bound for each close step, so one stuck connection cannot hang the exit
 _CLOSE_TIMEOUT_S = 10.0
+
+
+#: what a step still gets once the shutdown's time is up: a close that is quick goes on
+_PAST_DEADLINE_S = 0.1
+
+
+class _Deadline:
+    """When the shutdown has to be over."""
+
+    def __init__(self, total_s: float):
+        self._end = time.monotonic() + total_s
+
+    def limit(self, step_s: float) -> float:
+        """``step_s``, or what is left of the shutdown's time if that is shorter."""
+        return max(min(step_s, self._end - time.monotonic()), _PAST_DEADLINE_S)
 
 
 async def _bounded(what: str, awaitable, limit_s: float = _CLOSE_TIMEOUT_S) -> bool:
@@ -165,25 +183,28 @@ async def run_service(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         store, db, balance_store = wired.store, wired.db, wired.balance_store
+        deadline = _Deadline(settings.shutdown_timeout_s)
+        limit = deadline.limit
         if bus is not None:
-            await _bounded("stop consuming", bus.stop_consuming())
+            await _bounded("stop consuming", bus.stop_consuming(), limit(_CLOSE_TIMEOUT_S))
             # handlers cut short are handled again elsewhere, or lost: the exit code says so
-            if started and not await _drain(bus, settings.drain_timeout_s):
+            if started and not await _drain(bus, limit(settings.drain_timeout_s)):
                 exit_code = EXIT_FAILED
         if started:
             # a stop that fails or overruns may have lost work: the exit code says so
-            if not await _bounded("service stop", service.stop(), max(_CLOSE_TIMEOUT_S, 30.0)):
+            stopping = service.stop()
+            if not await _bounded("service stop", stopping, limit(max(_CLOSE_TIMEOUT_S, 30.0))):
                 exit_code = EXIT_FAILED
         if http is not None:
-            await _bounded("HTTP stop", http.stop())
+            await _bounded("HTTP stop", http.stop(), limit(_CLOSE_TIMEOUT_S))
         if bus is not None:
-            await _bounded("bus close", bus.close())
+            await _bounded("bus close", bus.close(), limit(_CLOSE_TIMEOUT_S))
         if store is not None:
-            await _bounded("store close", store.close())
+            await _bounded("store close", store.close(), limit(_CLOSE_TIMEOUT_S))
         if balance_store is not None:
-            await _bounded("heartbeat store close", balance_store.close())
+            await _bounded("heartbeat store close", balance_store.close(), limit(_CLOSE_TIMEOUT_S))
         if db is not None:
-            await _bounded("pool close", db.close())
+            await _bounded("pool close", db.close(), limit(_CLOSE_TIMEOUT_S))
         loop = asyncio.get_running_loop()
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -303,6 +303,13 @@ class CommonSettings(BaseSettings):
     event_log: Literal["none", "sampled", "all"] = Field("none", description="event audit log")
     event_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0, description="share logged")
     drain_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: time to drain handlers")
+    shutdown_timeout_s: float = Field(
+        25.0,
+        gt=0,
+        # below compose's stop_grace_period (30 s): the process ends, saying what it cut
+        # short, before its supervisor kills it
+        description="SIGTERM: time the whole shutdown has (drain, stop, closes)",
+    )
     dependency_retry_max_s: float = Field(
         5.0, gt=0, description="start-up: longest pause between tries to reach a dependency"
     )
