@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from pumpflow.cli.api import DEFAULT_URL
 from pumpflow.common.runtime.discovery import installed_services, load_service
 from pumpflow.common.runtime.settings import CommonSettings
 
@@ -84,6 +85,23 @@ def test_a_service_ends_its_shutdown_before_compose_kills_it(name):
     shutdown = CommonSettings.model_fields["shutdown_timeout_s"].default
     assert shutdown < int(grace[:-1])
     assert "PUMPFLOW_SHUTDOWN_TIMEOUT_S" not in SERVED[name]["environment"]
+
+
+def test_the_readme_controls_the_stack_from_the_services_own_containers():
+    """The services publish no host port: the operator's commands run in a container of
+    the service they talk to, whose CLI reaches its own replica with its own token."""
+    readme = (ROOT / "README.md").read_text()
+    calls = set(re.findall(r"docker compose exec ([\w-]+) pumpflow ([\w-]+)", readme))
+    assert {("trading", "trading"), ("exit", "stop"), ("exit", "sell")} <= calls, calls
+    for service, _ in calls:
+        assert service in SERVED, f"{service}: not a service with the CLI installed"
+        assert "PUMPFLOW_API_TOKEN" in SERVED[service]["environment"]
+        # the CLI's default --url is the replica it runs beside
+        assert (
+            DEFAULT_URL
+            == f"http://127.0.0.1:{SERVED[service]['environment']['PUMPFLOW_HTTP_PORT']}"
+        )
+    assert "PUMPFLOW_API_TOKEN=" in readme, "how to give the stack its token"
 
 
 def test_every_service_uses_the_same_pumpflow_settings():
