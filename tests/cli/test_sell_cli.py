@@ -60,6 +60,19 @@ async def pumpflow_sell(base: str, *args: str) -> int:
     ("answer", "status", "code", "said"),
     [
         (ORDERED, 200, 0, "sale ordered: pos-1:rule:3, 12345 tokens of Mint1abcpump"),
+        # a token's amounts run to millions: whole tokens, not an exponent
+        (
+            {**ORDERED, "token_amount": 1132030.4},
+            200,
+            0,
+            "sale ordered: pos-1:rule:3, 1132030 tokens of Mint1abcpump",
+        ),
+        (
+            {**ORDERED, "token_amount": 0.25},
+            200,
+            0,
+            "sale ordered: pos-1:rule:3, 0.25 tokens of Mint1abcpump",
+        ),
         (REFUSED, 200, 1, "pumpflow sell: Mint1abcpump: not ordered: no position held"),
         (PUBLISHED, 202, 3, "pumpflow sell: Mint1abcpump: published; not applied here"),
         # the broker takes no publication: the replica publishes it once it does

@@ -105,8 +105,14 @@ def sell_command(args: argparse.Namespace) -> int:
         print(f"pumpflow sell: {args.mint}: not ordered: {answer['detail']}", file=sys.stderr)
         return 1
     print(
-        f"sale ordered: {answer['order_id']}, {answer['token_amount']:.6g} tokens of "
+        f"sale ordered: {answer['order_id']}, {_tokens(answer['token_amount'])} tokens of "
         f"{args.mint} (position {answer['position_id']})",
         flush=True,
     )
     return 0
+
+
+def _tokens(amount: float) -> str:
+    """An amount of tokens as an operator reads it: whole tokens (they run to millions),
+    a fraction of one as it is."""
+    return f"{amount:.0f}" if amount >= 1 else f"{amount:.6g}"
