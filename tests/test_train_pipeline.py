@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -94,13 +95,16 @@ def test_train_says_how_to_use_the_model_and_that_works(market_file, tmp_path, c
     served = json.dumps({"entry": str(out)}, separators=(",", ":"))
     [use] = [line for line in printed.splitlines() if line.startswith("use it:")]
     assert f"PUMPFLOW_MODEL_MODELS='{served}'" in use
-    config = f"mine=model_models={served}"
-    assert f"--config '{config}'" in use
+    # the command as printed: the shipped model and this one, on the same settings
+    command = shlex.split(use.removeprefix("use it: pumpflow ").partition(" compares")[0])
+    assert command[0] == "backtest" and f"mine=model_models={served}" in command
     report = tmp_path / "r.html"
-    argv = ["backtest", "--seed", "1", "--minutes", "1", "--quiet", "--config", config]
+    argv = [*command, "--seed", "1", "--minutes", "1", "--quiet"]
     assert cli_main.main([*argv, "--json", "-", "--report", str(report)]) == 0
-    [configuration] = json.loads(capsys.readouterr().out)["configurations"]
-    assert configuration["results"]["predictions"] > 0
+    shipped, mine = json.loads(capsys.readouterr().out)["configurations"]
+    assert (shipped["name"], mine["name"]) == ("shipped", "mine")
+    assert mine["settings"] == {"model_models": served} and not shipped["settings"]
+    assert shipped["results"]["predictions"] > 0 and mine["results"]["predictions"] > 0
 
 
 def test_a_regression_model_of_the_net_return_is_trained_and_served(market_file, tmp_path):

@@ -459,9 +459,10 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
     served = json.dumps({card.model_id: str(Path(path).absolute())}, separators=(",", ":"))
+    # both configurations over the same defaults: only the model differs between them
     print(
-        f"use it: pumpflow backtest --config 'mine=model_models={served}' beside the "
-        f"shipped model; PUMPFLOW_MODEL_MODELS='{served}' ([model] model_models in a "
-        "--config-file) serves it in pumpflow run and pumpflow serve model"
+        f"use it: pumpflow backtest --config shipped --config 'mine=model_models={served}' "
+        f"compares it with the shipped model; PUMPFLOW_MODEL_MODELS='{served}' ([model] "
+        "model_models in a --config-file) serves it in pumpflow run and pumpflow serve model"
     )
     return 0
