@@ -189,7 +189,9 @@ async def test_the_whole_shutdown_ends_within_its_time_and_exits_non_zero(monkey
     await eventually(lambda: StopsOnlyWithTheBroker.started, what="the service started")
     stop.set()
     assert await asyncio.wait_for(runner, 5) == EXIT_FAILED
-    assert "shutdown: service stop took longer than 1.0 s" in caplog.text
+    # the closes keep a fifth of the time: none of them is blamed for the stop's
+    overran = [r.getMessage() for r in caplog.records if "took longer" in r.getMessage()]
+    assert overran == ["shutdown: service stop took longer than 0.8 s"]
 
 
 class OutlastsTheDrain(Service):

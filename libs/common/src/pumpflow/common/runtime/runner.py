@@ -66,17 +66,23 @@ _CLOSE_TIMEOUT_S = 10.0
 
 #: what a step still gets once the shutdown's time is up: a close that is quick goes on
 _PAST_DEADLINE_S = 0.1
+#: the share of the shutdown's time kept for the closes after the service's stop: a
+#: stop that took it all would leave each close a moment, and its line would blame it
+_CLOSES_SHARE = 0.2
 
 
 class _Deadline:
-    """When the shutdown has to be over."""
+    """When the shutdown has to be over, and its work before the closes."""
 
     def __init__(self, total_s: float):
         self._end = time.monotonic() + total_s
+        self._work_end = self._end - total_s * _CLOSES_SHARE
 
-    def limit(self, step_s: float) -> float:
-        """``step_s``, or what is left of the shutdown's time if that is shorter."""
-        return max(min(step_s, self._end - time.monotonic()), _PAST_DEADLINE_S)
+    def limit(self, step_s: float, *, closing: bool = False) -> float:
+        """``step_s``, or what is left of the shutdown's time (less the closes' share,
+        unless ``closing``) if that is shorter."""
+        end = self._end if closing else self._work_end
+        return max(min(step_s, end - time.monotonic()), _PAST_DEADLINE_S)
 
 
 async def _bounded(what: str, awaitable, limit_s: float = _CLOSE_TIMEOUT_S) -> bool:
@@ -185,6 +191,10 @@ async def run_service(
         store, db, balance_store = wired.store, wired.db, wired.balance_store
         deadline = _Deadline(settings.shutdown_timeout_s)
         limit = deadline.limit
+
+        def close_limit() -> float:
+            return limit(_CLOSE_TIMEOUT_S, closing=True)
+
         if bus is not None:
             await _bounded("stop consuming", bus.stop_consuming(), limit(_CLOSE_TIMEOUT_S))
             # handlers cut short are handled again elsewhere, or lost: the exit code says so
@@ -196,15 +206,15 @@ async def run_service(
             if not await _bounded("service stop", stopping, limit(max(_CLOSE_TIMEOUT_S, 30.0))):
                 exit_code = EXIT_FAILED
         if http is not None:
-            await _bounded("HTTP stop", http.stop(), limit(_CLOSE_TIMEOUT_S))
+            await _bounded("HTTP stop", http.stop(), close_limit())
         if bus is not None:
-            await _bounded("bus close", bus.close(), limit(_CLOSE_TIMEOUT_S))
+            await _bounded("bus close", bus.close(), close_limit())
         if store is not None:
-            await _bounded("store close", store.close(), limit(_CLOSE_TIMEOUT_S))
+            await _bounded("store close", store.close(), close_limit())
         if balance_store is not None:
-            await _bounded("heartbeat store close", balance_store.close(), limit(_CLOSE_TIMEOUT_S))
+            await _bounded("heartbeat store close", balance_store.close(), close_limit())
         if db is not None:
-            await _bounded("pool close", db.close(), limit(_CLOSE_TIMEOUT_S))
+            await _bounded("pool close", db.close(), close_limit())
         loop = asyncio.get_running_loop()
         for sig in installed:
             loop.remove_signal_handler(sig)
