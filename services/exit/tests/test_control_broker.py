@@ -160,6 +160,19 @@ async def runs(pool) -> list[str]:
     return [row["run_id"] for row in rows]
 
 
+@contextlib.asynccontextmanager
+async def graceful_replica(namespace: str, amqp_url: str, pg_pool):
+    """:func:`replica_behind_proxy` with its graceful exits in Postgres and no trading,
+    whose barrier it waits for a moment only. Yields (service, its URL, watch, the
+    watch's bus)."""
+    records = PostgresExitStore(pg_pool)
+    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
+    async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
+        _proxy, service, base, watch, bus,
+    ):  # fmt: skip
+        yield service, base, watch, bus
+
+
 @pytest.mark.postgres
 async def test_stop_asked_again_under_its_request_id_is_the_same_graceful_exit(
     namespace, amqp_url, pg_pool, monkeypatch, capsys, caplog
@@ -171,12 +184,7 @@ async def test_stop_asked_again_under_its_request_id_is_the_same_graceful_exit(
     is another graceful exit."""
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     caplog.set_level("INFO", logger="pumpflow.exit")
-    records = PostgresExitStore(pg_pool)
-    # no trading here: its barrier is waited for a moment only
-    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
-    async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
-        _proxy, service, base, watch, bus,
-    ):  # fmt: skip
+    async with graceful_replica(namespace, amqp_url, pg_pool) as (service, base, watch, bus):
         stop = ("stop", "--reason", "first", "--request-id", "once", "--url", base)
         assert await pumpflow(*stop) == 0
         said = capsys.readouterr()
@@ -219,11 +227,8 @@ async def test_a_barrier_of_a_request_whose_graceful_exit_is_over_begins_none(
     none, begins the next graceful exit as ever."""
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     caplog.set_level("INFO", logger="pumpflow.exit")
-    records = PostgresExitStore(pg_pool)
-    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
-    async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
-        _proxy, service, base, _watch, bus,
-    ):  # fmt: skip
+    async with graceful_replica(namespace, amqp_url, pg_pool) as (service, base, _watch, bus):
+        records = service.records
 
         async def barrier_told(request_id: str | None) -> None:
             caplog.clear()

@@ -554,6 +554,26 @@ async def test_a_halt_given_to_the_stand_by_is_stored_and_the_holder_stops_enter
             assert tracebacks(caplog) == []
 
 
+async def killed(holder, shared_lease) -> str:
+    """``holder`` (its lease 6 s, renewed every 2) stops renewing its lease, as a process
+    killed -9 does, never resigning; its lease holder id, once two renewals are missed."""
+    dead = holder.leader.holder
+    shared_lease.dead.add(dead.encode())
+
+    async def two_renewals_missed() -> bool:
+        return (await shared_lease.expires_in(LEASE_PREFIX + LEASE_NAME) or 0.0) < 2.5
+
+    await eventually(two_renewals_missed, 10.0, what="two renewals missed")
+    return dead
+
+
+def assert_runs_out_soon(detail: str) -> None:
+    """``detail`` says when the dead holder's lease runs out: in what two renewals
+    missed left of it (under 2.5 s)."""
+    runs_out = re.search(r"the lease runs out in (\d+) s and a stand-by takes trading over", detail)
+    assert runs_out and int(runs_out[1]) <= 3, detail
+
+
 async def test_a_halt_to_the_stand_by_after_the_holder_died_says_the_next_holder_starts_halted(
     clock, market, pg_pool, shared_lease, caplog
 ):
@@ -565,17 +585,10 @@ async def test_a_halt_to_the_stand_by_after_the_holder_died_says_the_next_holder
     ledger = PostgresLedger(pg_pool)
     # renewed every 2 s
     holder, standby = (trading(ledger, trading_lease_ttl_s=6.0) for _ in range(2))
-    key = LEASE_PREFIX + LEASE_NAME
     async with running(clock, holder):
         async with running(clock, standby) as (bus, watch, client):
             assert (holder.role, standby.role) == ("active", "standby")
-            dead = holder.leader.holder
-            shared_lease.dead.add(dead.encode())
-
-            async def two_renewals_missed() -> bool:
-                return (await shared_lease.expires_in(key) or 0.0) < 2.5
-
-            await eventually(two_renewals_missed, 10.0, what="two renewals missed")
+            dead = await killed(holder, shared_lease)
             answer = await client.post("/halt", json={"reason": "holder killed"})
             assert answer.status_code == 200, answer.text
             body = answer.json()
@@ -584,10 +597,7 @@ async def test_a_halt_to_the_stand_by_after_the_holder_died_says_the_next_holder
             assert "applies it on its next round" not in detail, detail
             assert "whichever replica holds trading next starts halted" in detail, detail
             assert f"its lease's holder ({dead}) has not renewed it for" in detail, detail
-            runs_out = re.search(
-                r"the lease runs out in (\d+) s and a stand-by takes trading over", detail
-            )
-            assert runs_out and int(runs_out[1]) <= 3, detail
+            assert_runs_out_soon(detail)
             assert await ledger.control() == (TradingState.HALTED, "holder killed")
 
             await eventually(lambda: standby.role == "active", 20.0, what="the take-over")
@@ -610,28 +620,18 @@ async def test_a_resume_to_the_stand_by_after_the_holder_died_says_when_to_give_
     ledger = PostgresLedger(pg_pool)
     # renewed every 2 s
     holder, standby = (trading(ledger, trading_lease_ttl_s=6.0) for _ in range(2))
-    key = LEASE_PREFIX + LEASE_NAME
     async with running(clock, holder) as (_, _, holder_client):
         async with running(clock, standby) as (_, _, client):
             assert (holder.role, standby.role) == ("active", "standby")
             answer = await holder_client.post("/halt", json={"reason": "before it died"})
             assert answer.status_code == 200, answer.text
-            dead = holder.leader.holder
-            shared_lease.dead.add(dead.encode())
-
-            async def two_renewals_missed() -> bool:
-                return (await shared_lease.expires_in(key) or 0.0) < 2.5
-
-            await eventually(two_renewals_missed, 10.0, what="two renewals missed")
+            dead = await killed(holder, shared_lease)
             refused = await client.post("/resume", json={"reason": "holder killed"})
             assert refused.status_code == 409, refused.text
             detail = refused.json()["detail"]
             assert "give it there" not in detail, detail
             assert f"its lease's holder ({dead}) has not renewed it for" in detail, detail
-            runs_out = re.search(
-                r"the lease runs out in (\d+) s and a stand-by takes trading over", detail
-            )
-            assert runs_out and int(runs_out[1]) <= 3, detail
+            assert_runs_out_soon(detail)
             assert "give it to the replica that holds trading then" in detail, detail
             assert "pumpflow trading state" in detail, detail
             assert await ledger.control() == (TradingState.HALTED, "before it died")

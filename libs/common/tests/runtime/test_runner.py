@@ -103,6 +103,13 @@ async def test_stop_event_ends_a_memory_service_cleanly(monkeypatch):
     assert await ready(port) is None
 
 
+def error_lines(caplog) -> list[str]:
+    """The error lines logged, none of them with a traceback."""
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in failed if r.exc_info], caplog.text
+    return [r.getMessage() for r in failed]
+
+
 async def test_a_port_in_use_is_one_line_naming_the_address_and_no_traceback(monkeypatch, caplog):
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
@@ -113,9 +120,7 @@ async def test_a_port_in_use_is_one_line_naming_the_address_and_no_traceback(mon
     finally:
         taken.close()
     assert code == EXIT_FAILED
-    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not [r for r in failed if r.exc_info], caplog.text
-    said = " ".join(r.getMessage() for r in failed)
+    said = " ".join(error_lines(caplog))
     assert f"127.0.0.1:{port}" in said and "PUMPFLOW_HTTP_PORT" in said, said
     assert "address already in use" in said.lower(), said
 
@@ -134,20 +139,33 @@ async def test_a_dependency_unreachable_past_the_wait_is_one_line_and_no_traceba
     monkeypatch.setenv("PUMPFLOW_REDIS_URL", f"redis://127.0.0.1:{port}/0")
     monkeypatch.setenv("PUMPFLOW_DEPENDENCY_WAIT_S", "0.5")
     assert await asyncio.wait_for(run_service(NeedsRedis), 60) == EXIT_FAILED
-    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not [r for r in failed if r.exc_info], caplog.text
-    said = " ".join(r.getMessage() for r in failed)
+    said = " ".join(error_lines(caplog))
     assert "redis still unreachable after" in said, said
     # Redis's own error, which names the address and why (refused, a password wanted)
     assert f"127.0.0.1:{port}" in said, said
 
 
-class LosesWorkOnStop(Service):
-    name = "loses-work"
+class Starts(Service):
+    """A service that says when it has started; its stop is the subclass's."""
+
     started = False
 
     async def start(self, ctx: ServiceContext) -> None:
         type(self).started = True
+
+
+async def stopped_once_started(service: type[Starts], within: float) -> int:
+    """The exit code of ``service`` stopped (as by SIGTERM) once it has started: a stop
+    before start-up ends would end it there, with nothing to lose."""
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(service, stop=stop))
+    await eventually(lambda: service.started, what="the service started")
+    stop.set()
+    return await asyncio.wait_for(runner, within)
+
+
+class LosesWorkOnStop(Starts):
+    name = "loses-work"
 
     async def stop(self) -> None:
         raise RuntimeError("3 events not stored")
@@ -156,23 +174,14 @@ class LosesWorkOnStop(Service):
 async def test_a_stop_that_fails_exits_non_zero(monkeypatch, caplog):
     monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
     monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
-    stop = asyncio.Event()
-    runner = asyncio.create_task(run_service(LosesWorkOnStop, stop=stop))
-    # a stop before start-up ends would end it there, with nothing to lose
-    await eventually(lambda: LosesWorkOnStop.started, what="the service started")
-    stop.set()
-    assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
+    assert await stopped_once_started(LosesWorkOnStop, 30) == EXIT_FAILED
     assert "3 events not stored" in caplog.text
 
 
-class StopsOnlyWithTheBroker(Service):
+class StopsOnlyWithTheBroker(Starts):
     """A stop that waits for what does not come (a broker away, say)."""
 
     name = "stops-with-the-broker"
-    started = False
-
-    async def start(self, ctx: ServiceContext) -> None:
-        type(self).started = True
 
     async def stop(self) -> None:
         await asyncio.Event().wait()
@@ -184,11 +193,7 @@ async def test_the_whole_shutdown_ends_within_its_time_and_exits_non_zero(monkey
     monkeypatch.setenv("PUMPFLOW_TRANSPORT", "memory")
     monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
     monkeypatch.setenv("PUMPFLOW_SHUTDOWN_TIMEOUT_S", "1")
-    stop = asyncio.Event()
-    runner = asyncio.create_task(run_service(StopsOnlyWithTheBroker, stop=stop))
-    await eventually(lambda: StopsOnlyWithTheBroker.started, what="the service started")
-    stop.set()
-    assert await asyncio.wait_for(runner, 5) == EXIT_FAILED
+    assert await stopped_once_started(StopsOnlyWithTheBroker, 5) == EXIT_FAILED
     # the closes keep a fifth of the time: none of them is blamed for the stop's
     overran = [r.getMessage() for r in caplog.records if "took longer" in r.getMessage()]
     assert overran == ["shutdown: service stop took longer than 0.8 s"]
@@ -366,9 +371,7 @@ async def _said_with_reason(runner, port, expected, setting, caplog) -> None:
     assert await asyncio.wait_for(runner, 30) == EXIT_FAILED
     waits = [r.getMessage() for r in caplog.records if "waiting for rabbitmq" in r.getMessage()]
     assert waits and all(expected in line for line in waits), waits
-    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not [r for r in failed if r.exc_info], caplog.text
-    said = [r.getMessage() for r in failed]
+    said = error_lines(caplog)
     assert len(said) == 1, said
     assert expected in said[0] and "PUMPFLOW_AMQP_URL" in said[0], said
     assert "InvalidFrameError" not in caplog.text, caplog.text
