@@ -260,9 +260,9 @@ class Console:
                     self._say(line)
 
     def print_summary(self) -> None:
+        c = self.counts
         trading = self.trading_line()
         if trading is not None:
-            c = self.counts
             self._say(
                 f"trading: {counted(c['order.requested'], 'order')}, {c['order.filled']:,} "
                 f"filled, {c['order.rejected']:,} rejected; "
@@ -276,7 +276,6 @@ class Console:
             if reasons:
                 self._say(no_order_line(reasons))
         market_s = self.clock.now() - self.started_at
-        c = self.counts
         self._say(
             f"run over: {market_s / 60:.1f} market minutes at {self.speed:g}x; "
             f"{counted(c['token.created'], 'token')}, {counted(c['token.trade'], 'trade')}, "
