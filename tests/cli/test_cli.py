@@ -724,10 +724,10 @@ def test_run_flows_a_simulated_market_through_the_embedded_services_and_stops_by
     assert counts["predictions"] >= counts["tokens"] * 0.5
 
 
-def _endless_run() -> subprocess.Popen:
+def _endless_run(*options: str) -> subprocess.Popen:
     """``pumpflow run`` until interrupted, its output piped."""
     return subprocess.Popen(
-        [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1"],
+        [str(PUMPFLOW), "run", "--duration", "0", "--speed", "20", "--every", "1", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -762,10 +762,14 @@ def test_run_stops_cleanly_on_ctrl_c():
     assert _summary_counts(first + status + rest)["tokens"] > 0
 
 
-def test_a_second_ctrl_c_stops_the_runs_end_at_once_with_status_130():
+def test_a_second_ctrl_c_stops_the_runs_end_at_once_with_status_130(tmp_path):
     """The first Ctrl-C begins the graceful exit; one more while the run ends (the exit,
     the report, the teardown) ends the process: one line says what it cut short, 130."""
-    proc = _endless_run()
+    # the report a pipe nobody reads: the run's end cannot get past its writing before the
+    # second Ctrl-C, however late this test reads the run's output and sends it
+    report = tmp_path / "r.html"
+    os.mkfifo(report)
+    proc = _endless_run("--report", str(report))
     try:
         seen = _read_until(proc, "trade subscriptions")
         proc.send_signal(signal.SIGINT)
