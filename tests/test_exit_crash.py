@@ -2,7 +2,8 @@
 of the exit service in the middle of a graceful exit, then a restart: it resumes from
 its Postgres records, every position is sold out, none sold twice, and the stored
 summary matches trading's fills; a position trading closed before the kill is reported
-closed by trading."""
+closed by trading. Trading killed -9 between a shutdown's halt and its barrier: restarted,
+it publishes the barrier, and the graceful exit goes on without waiting it out."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from collections import defaultdict
 
 import pytest
 
-from pumpflow.common.testing import ProcessStack, free_port
+from pumpflow.common.events import SystemShutdown, make_event
+from pumpflow.common.testing import EventCollector, ProcessStack, free_port
+from pumpflow.common.trading import TradingState
 from pumpflow.exit.records import PostgresExitStore
+from pumpflow.trading.ledger import PostgresLedger
 
 from .exit_stack import TOKEN, ExitStack, exit_stack
 from .upstream import post
@@ -158,6 +162,62 @@ async def test_pumpflow_stop_runs_the_graceful_exit_of_a_running_exit_service(st
     assert sorted(c.position_id for c in closed) == sorted(bought)
     state = await stack.get(f"{stack.trading_url}/state")
     assert state["state"] == "halted", state  # no entry after the stop
+    assert await stack.processes.stop("exit") == 0, stack.processes.logs()
+    assert await stack.processes.stop("trading") == 0, stack.processes.logs()
+
+
+async def test_trading_killed_between_a_shutdowns_halt_and_its_barrier_publishes_it_restarted(
+    stack: Stack, pg_pool
+):
+    """Trading stores the halt of a shutdown request and is killed -9 before it publishes
+    its barrier, which the exit service's graceful exit waits for (here far longer than
+    the test). The test kills trading, then leaves in Postgres and on the bus what that
+    kill leaves: the halt with the request's id, and the shutdown, which the exit takes
+    up and trading's queue keeps. Restarted, trading publishes the barrier as it takes
+    over, and the graceful exit sells the position and ends long before its wait for the
+    barrier would."""
+    stack.processes.configure(exit_barrier_wait_s=600.0, exit_deadline_s=600.0)
+    records = PostgresExitStore(pg_pool)
+    barriers = await EventCollector("barriers").attach(stack.upstream.bus, "trading.barrier")
+    stack.serve_exit()
+    stack.serve_trading()
+    await stack.ready()
+    bought = await stack.open_positions(1)
+
+    async def exit_holds_it() -> bool:
+        held = await stack.get(f"{stack.exit_url}/positions")
+        return bool(held) and held["count"] == 1
+
+    await stack.until(exit_holds_it, "the exit service holding the position")
+    stack.processes.procs["trading"].send_signal(signal.SIGKILL)
+    await asyncio.to_thread(stack.processes.procs["trading"].wait, 30)
+    await PostgresLedger(pg_pool).set_control(
+        TradingState.HALTED, "shutdown: operator", shutdowns={"stop-1": "operator"}
+    )
+    request = SystemShutdown(reason="operator", request_id="stop-1")
+    stack.upstream._now()
+    await stack.upstream.publish(
+        make_event(request, source="cli/test", time=stack.upstream.clock.now())
+    )
+
+    async def begun() -> bool:
+        return await records.active_run() is not None
+
+    await stack.until(begun, "the graceful exit begun, waiting for trading's barrier")
+    stack.serve_trading()
+
+    async def finished() -> bool:
+        latest = await records.latest_run()
+        return latest is not None and latest.finished_at is not None
+
+    await stack.until(finished, "the graceful exit finished", within=90)
+    [barrier] = barriers.payloads("trading.barrier")
+    assert barrier.request_id == "stop-1"
+    assert [p.position_id for p in barrier.positions] == list(bought)
+    summary = (await records.latest_run()).summary
+    assert summary["positions_left"] == 0 and len(summary["positions"]) == 1, summary
+    positions = await stack.get(f"{stack.trading_url}/positions")
+    assert positions["positions"] == [], positions
     assert await stack.processes.stop("exit") == 0, stack.processes.logs()
     assert await stack.processes.stop("trading") == 0, stack.processes.logs()
 

@@ -572,13 +572,34 @@ async def test_a_shutdown_is_applied_once_its_halt_is_stored_and_not_by_a_halt_r
     await ledger.load(remembered=10, holder="w1")
     await ledger.load(remembered=10, holder="w2")
     with pytest.raises(Superseded):
-        await ledger.set_control(TradingState.HALTED, "late", holder="w1", shutdowns={"s1"})
+        await ledger.set_control(TradingState.HALTED, "late", holder="w1", shutdowns={"s1": "a"})
     assert not await ledger.shutdown_applied("s1")
-    await ledger.set_control(TradingState.HALTED, "w2's", holder="w2", shutdowns={"s1", "s2"})
-    await ledger.set_control(TradingState.HALTED, "again", holder="w2", shutdowns={"s2"})
+    await ledger.set_control(
+        TradingState.HALTED, "w2's", holder="w2", shutdowns={"s1": "a", "s2": "b"}
+    )
+    await ledger.set_control(TradingState.HALTED, "again", holder="w2", shutdowns={"s2": "b"})
     await ledger.set_control(TradingState.ACTIVE, "resumed", holder="w2")
     assert await ledger.shutdown_applied("s1") and await ledger.shutdown_applied("s2")
     assert not await ledger.shutdown_applied("s3")
+
+
+async def test_a_shutdowns_barrier_is_unpublished_until_a_replica_says_it_is_out(ledger):
+    """A shutdown whose halt is stored waits, with its reason, for a replica to say its
+    barrier is out (the one that halted on it, or, killed before, the next to trade);
+    said once, it is no longer waiting, whatever is said again."""
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.set_control(
+        TradingState.HALTED, "shutdown: deploy", holder="w1", shutdowns={"s1": "deploy"}
+    )
+    await ledger.set_control(
+        TradingState.HALTED, "shutdown: again", holder="w1", shutdowns={"s2": "again"}
+    )
+    assert await ledger.unpublished_barriers() == [("s1", "deploy"), ("s2", "again")]
+    await ledger.barrier_published("s1")
+    await ledger.barrier_published("s1")
+    await ledger.barrier_published("unknown")
+    assert await ledger.unpublished_barriers() == [("s2", "again")]
+    assert await ledger.shutdown_applied("s1") and not await ledger.shutdown_applied("unknown")
 
 
 async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):

@@ -68,8 +68,8 @@ entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
 ``TradingService._take_over``).
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018,
-0021, 0022, 0024, 0028); :class:`MemoryLedger` keeps the same in memory for the embedded run and
-tests, where a restart starts from nothing anyway.
+0021, 0022, 0024, 0028, 0029); :class:`MemoryLedger` keeps the same in memory for the
+embedded run and tests, where a restart starts from nothing anyway.
 
 On start the service rebuilds its position book from :meth:`Ledger.load`: the fills, in
 the order they were stored, of the positions open or closed lately (``closed_since``:
@@ -83,7 +83,7 @@ book adds up to from the same totals (:meth:`Ledger.totals`).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -584,20 +584,31 @@ class Ledger(Protocol):
         reason: str,
         *,
         holder: str | None = None,
-        shutdowns: Collection[str] = (),
+        shutdowns: Mapping[str, str] | None = None,
     ) -> None:
         """Store the operator's state; refused (:class:`Superseded`) once another than
         ``holder`` took over, as a commit is: a replica that lost the ledger must not undo
         what its successor was given since. Without ``holder``, stored unfenced: an
         operator's halt given to any replica (the holder reads it on its next tick).
-        ``shutdowns``: the request ids of the shutdowns this halt applies, kept with it
-        (:meth:`shutdown_applied`)."""
+        ``shutdowns``: the shutdowns this halt applies (request id -> the shutdown's
+        reason), kept with it (:meth:`shutdown_applied`), their barriers unpublished
+        (:meth:`unpublished_barriers`)."""
         ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
 
     async def shutdown_applied(self, request_id: str) -> bool:
         """Whether a halt stored applied the shutdown request ``request_id``."""
+        ...
+
+    async def unpublished_barriers(self) -> list[tuple[str, str]]:
+        """The shutdowns whose halt is stored and whose barrier no replica has said is
+        out (:meth:`barrier_published`), oldest first: (request id, reason)."""
+        ...
+
+    async def barrier_published(self, request_id: str) -> None:
+        """The barrier of shutdown request ``request_id`` is out (a request whose halt
+        is not stored is left as it is)."""
         ...
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
@@ -715,7 +726,8 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
-        self._shutdowns: set[str] = set()
+        #: request id -> (the shutdown's reason, its barrier is out)
+        self._shutdowns: dict[str, tuple[str, bool]] = {}
         #: mint -> the last seq given
         self._seqs: dict[str, int] = {}
         #: event id -> the event numbered, until it is gone
@@ -901,17 +913,25 @@ class MemoryLedger:
         reason: str,
         *,
         holder: str | None = None,
-        shutdowns: Collection[str] = (),
+        shutdowns: Mapping[str, str] | None = None,
     ) -> None:
         self._fence(holder)
         self._control = (TradingState(state), reason)
-        self._shutdowns.update(shutdowns)
+        for request_id, said in (shutdowns or {}).items():
+            self._shutdowns.setdefault(request_id, (said, False))
 
     async def control(self) -> tuple[TradingState, str] | None:
         return self._control
 
     async def shutdown_applied(self, request_id: str) -> bool:
         return request_id in self._shutdowns
+
+    async def unpublished_barriers(self) -> list[tuple[str, str]]:
+        return [(r, said) for r, (said, out) in self._shutdowns.items() if not out]
+
+    async def barrier_published(self, request_id: str) -> None:
+        if request_id in self._shutdowns:
+            self._shutdowns[request_id] = (self._shutdowns[request_id][0], True)
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         found = [t for t in self._unbooked.values() if t.time >= since]
@@ -1337,7 +1357,7 @@ class PostgresLedger:
         reason: str,
         *,
         holder: str | None = None,
-        shutdowns: Collection[str] = (),
+        shutdowns: Mapping[str, str] | None = None,
     ) -> None:
         async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
@@ -1351,9 +1371,11 @@ class PostgresLedger:
             )
             if shutdowns:
                 await conn.execute(
-                    "INSERT INTO trading_shutdown_requests (request_id) "
-                    "SELECT unnest($1::text[]) ON CONFLICT (request_id) DO NOTHING",
+                    "INSERT INTO trading_shutdown_requests (request_id, reason) "
+                    "SELECT * FROM unnest($1::text[], $2::text[]) "
+                    "ON CONFLICT (request_id) DO NOTHING",
                     list(shutdowns),
+                    list(shutdowns.values()),
                 )
 
     async def control(self) -> tuple[TradingState, str] | None:
@@ -1365,6 +1387,20 @@ class PostgresLedger:
     async def shutdown_applied(self, request_id: str) -> bool:
         return await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM trading_shutdown_requests WHERE request_id = $1)",
+            request_id,
+        )
+
+    async def unpublished_barriers(self) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(
+            "SELECT request_id, reason FROM trading_shutdown_requests "
+            "WHERE barrier_published_at IS NULL ORDER BY applied_at, request_id"
+        )
+        return [(row["request_id"], row["reason"]) for row in rows]
+
+    async def barrier_published(self, request_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE trading_shutdown_requests SET barrier_published_at = now() "
+            "WHERE request_id = $1 AND barrier_published_at IS NULL",
             request_id,
         )
 

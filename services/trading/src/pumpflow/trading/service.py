@@ -23,11 +23,14 @@ every order, fill and position.
   carries the shutdown's ``request_id``, which the ledger keeps with the halt, in its
   write (when stored fenced, the barrier being this replica's): a shutdown seen again
   under it (redelivered after a restart, a copy published again) halts nothing again,
-  an operator's resume since standing, and publishes no second barrier. A replica
-  killed between the halt's write and the barrier's publication leaves the exit service
-  to wait ``exit_barrier_wait_s`` for it, then to end on what it has seen. A shutdown
-  without a request id seen again halts again and publishes a barrier again, which the
-  exit service drops once the graceful exit is over.
+  an operator's resume since standing, and publishes no second barrier. The ledger
+  keeps too whether the barrier is out: a replica killed between the halt's write and
+  the barrier's publication leaves it unpublished, and the replica trading next
+  publishes it as it takes over (what it holds then), so the exit service's graceful
+  exit does not wait ``exit_barrier_wait_s`` for it; killed after the publication and
+  before saying so, the barrier goes out twice, which the exit service takes as one. A
+  shutdown without a request id seen again halts again and publishes a barrier again,
+  which the exit service drops once the graceful exit is over.
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -467,9 +470,9 @@ class TradingService(Service):
         #: the ledger refused the fenced write: another replica took over, and the halt
         #: is stored unfenced instead, for it
         self._control_refused: Superseded | None = None
-        #: the request ids of the shutdowns the halt given here applies, stored with it
-        #: when it is stored fenced (the barrier is this replica's)
-        self._shutdowns_unstored: set[str] = set()
+        #: the shutdowns the halt given here applies (request id -> reason), stored with
+        #: it when it is stored fenced (the barrier is this replica's)
+        self._shutdowns_unstored: dict[str, str] = {}
         #: operator's states given here so far: a read of the ledger's from before the
         #: last one is not applied
         self._control_changes = 0
@@ -722,7 +725,17 @@ class TradingService(Service):
             ]
             self._backlog.append(step)
             self._backlog.append(self._announce_start(snapshot.announced))
+            # the barriers of shutdowns a predecessor halted on and died before publishing:
+            # the exit service's graceful exit waits for them
+            unpublished = await self.ledger.unpublished_barriers()
+            for request_id, reason in unpublished:
+                log.warning("trading: the barrier of system.shutdown %s (%s) is not out: "
+                            "published as this replica takes over", request_id,
+                            reason)  # fmt: skip
+                self._backlog.append(self._barrier_step(reason, request_id, None))
             await self._flush()
+            for request_id, _reason in unpublished:
+                await self._barrier_out(request_id)
             if changes != self._control_changes:
                 # given while the rest was read and stored: this replica starts halted, as
                 # the answer said (announced with the next store)
@@ -963,6 +976,7 @@ class TradingService(Service):
                     if self._leading:
                         async with self._lock:
                             await self._flush()
+                        await self._barrier_out(event.data.request_id)
                     continue
                 if not self._leading:
                     raise NotHolder(f"shutdown {event.id}: this replica does not hold "
@@ -975,7 +989,7 @@ class TradingService(Service):
                              event.data.reason)  # fmt: skip
                     continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
-                await self.halt(f"shutdown: {event.data.reason}", shutdown=request_id)
+                await self.halt(f"shutdown: {event.data.reason}", shutdown=event.data)
                 if self._control_refused is not None:
                     # no barrier from a book no longer the ledger's: the halt is stored
                     # for the holder, which announces its own on its copy
@@ -1123,27 +1137,45 @@ class TradingService(Service):
         """Tell the exit service, past any backlog, what the halt leaves it to wait for:
         the entries in flight and the positions held (published after their events)."""
         async with self._lock:
-            barrier = ShutdownBarrier(
-                reason=shutdown.data.reason,
-                entries=tuple(
-                    BarrierEntry(order_id=order_id, mint=mint)
-                    for order_id, (mint, _size) in self.risk.reservations.items()
-                ),
-                positions=tuple(
-                    BarrierPosition(position_id=p.position_id, mint=p.mint)
-                    for p in self.book.open_positions.values()
-                ),
-                request_id=shutdown.data.request_id,
+            self._backlog.append(
+                self._barrier_step(shutdown.data.reason, shutdown.data.request_id, shutdown)
             )
-            step = _Step()
-            now = self._ctx.clock.now()
-            step.events.append(
-                make_event(barrier, source=self._ctx.source, time=now, cause=shutdown)
-            )
-            self._backlog.append(step)
             # out with this flush or the next: the shutdown coming again sends no second one
             self._barriers.add(shutdown.id)
             await self._flush()
+        await self._barrier_out(shutdown.data.request_id)
+
+    def _barrier_step(self, reason: str, request_id: str | None, cause: Event | None) -> _Step:
+        """The step publishing the barrier of a shutdown: the entries in flight and the
+        positions held now."""
+        barrier = ShutdownBarrier(
+            reason=reason,
+            entries=tuple(
+                BarrierEntry(order_id=order_id, mint=mint)
+                for order_id, (mint, _size) in self.risk.reservations.items()
+            ),
+            positions=tuple(
+                BarrierPosition(position_id=p.position_id, mint=p.mint)
+                for p in self.book.open_positions.values()
+            ),
+            request_id=request_id,
+        )
+        step = _Step()
+        now = self._ctx.clock.now()
+        step.events.append(make_event(barrier, source=self._ctx.source, time=now, cause=cause))
+        return step
+
+    async def _barrier_out(self, request_id: str | None) -> None:
+        """Tell the ledger the barrier of shutdown request ``request_id`` is out; failing
+        that, the next take-over publishes it again, a copy the exit service takes as one."""
+        if request_id is None:
+            return
+        try:
+            await self.ledger.barrier_published(request_id)
+        except Exception as exc:
+            log.warning("trading: the barrier of system.shutdown %s is out, and the ledger "
+                        "could not store so (%s: %s): the next replica to take over "
+                        "publishes it again", request_id, type(exc).__name__, exc)  # fmt: skip
 
     def _keep_early(self, step: _Step) -> None:
         """Keep in the ledger the trades of the live wallet that began to wait for their
@@ -1687,10 +1719,10 @@ class TradingService(Service):
     # ---------------------------------------------------------------- the kill switch
 
     async def halt(
-        self, reason: str = "kill switch", *, shutdown: str | None = None
+        self, reason: str = "kill switch", *, shutdown: SystemShutdown | None = None
     ) -> dict[str, Any]:
         """Halt entries (exits go on): at once here, then stored for the others
-        (``shutdown``: the request id of the shutdown it applies, stored with it when
+        (``shutdown``: the shutdown it applies, whose request id is stored with it when
         stored fenced, so the shutdown seen again halts nothing again).
 
         The kill switch must work when things break, Postgres included. When this
@@ -1724,8 +1756,8 @@ class TradingService(Service):
         state = TradingState.HALTED
         leading = self._leading
         self._given(state, reason, fenced=leading)
-        if leading and shutdown is not None:
-            self._shutdowns_unstored.add(shutdown)
+        if leading and shutdown is not None and shutdown.request_id is not None:
+            self._shutdowns_unstored[shutdown.request_id] = shutdown.reason
         if leading:
             self._apply_control(state, reason)
         writer = self._control_writer
@@ -1965,7 +1997,7 @@ class TradingService(Service):
         while self._control_unstored:
             control = self._control
             holder = self._writer if self._control_fenced else None
-            shutdowns = frozenset(self._shutdowns_unstored if self._control_fenced else ())
+            shutdowns = dict(self._shutdowns_unstored if self._control_fenced else {})
             try:
                 async with self._control_lock:
                     await self.ledger.set_control(*control, holder=holder, shutdowns=shutdowns)
@@ -1990,7 +2022,8 @@ class TradingService(Service):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, most)
                 continue
-            self._shutdowns_unstored -= shutdowns
+            for request_id in shutdowns:
+                self._shutdowns_unstored.pop(request_id, None)
             if self._control is control:
                 # a later one given meanwhile is stored next
                 self._control_unstored = False
