@@ -8,6 +8,7 @@ import asyncio
 
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.consumer import Record
@@ -19,9 +20,12 @@ from pumpflow.common.events import (
     TokenLifecycle,
     make_event,
 )
+from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import TokenEvents, eventually
+from pumpflow.common.testing import TokenEvents, drop_schema, eventually, free_port, http_json
 from pumpflow.common.testing.plugin import bus_harness_fixture
+from pumpflow.exit.service import ExitService
+from pumpflow.exit.settings import ExitSettings
 
 from .helpers import START, FlakyExitStore, embedded, exit_service, filled, on_broker, opened
 
@@ -102,6 +106,76 @@ async def test_a_replica_that_stops_says_how_many_positions_of_its_share_are_lef
     await idle.stop()
     await idle_bus.close()
     assert "positions of this replica's share" not in caplog.text
+
+
+class Replica(ExitService):
+    """The exit service as ``pumpflow serve exit`` runs it, on metrics of its own."""
+
+    def __init__(self, settings: ExitSettings):
+        super().__init__(settings, registry=CollectorRegistry())
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.postgres
+async def test_a_replica_stopped_by_the_runtime_says_how_many_positions_it_leaves_unwatched(
+    namespace, amqp_url, redis_url, postgres_dsn, rabbitmq_harness, caplog
+):
+    """Stopped as by SIGTERM, the runtime's way: its partitions are revoked (their keys
+    handed over) before the service stops, and the warning still counts the positions
+    of its share."""
+    caplog.set_level("INFO", logger="pumpflow.exit")
+    port = free_port()
+    settings = ExitSettings(
+        service="exit",
+        replica="r1",
+        transport="rabbitmq",
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        postgres_dsn=postgres_dsn,
+        namespace=namespace,
+        partitions=PARTITIONS,
+        http_port=port,
+        log_format="text",
+        consumer_groups="exit,exit-control",
+    )
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    bus = await rabbitmq_harness.bus(partitions=PARTITIONS, source="trading/test")
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(Replica, settings, stop=stop))
+    try:
+
+        async def held() -> int | None:
+            # this process serves it: asked from a thread of its own
+            body = await asyncio.to_thread(http_json, f"http://127.0.0.1:{port}/positions")
+            return (body or {}).get("count")
+
+        async def answering() -> bool:
+            return runner.done() or await held() is not None
+
+        await eventually(answering, 120.0, what="the exit replica answering")
+        for _ in range(3):
+            await held_position(bus, tokens)
+
+        async def holds_them() -> bool:
+            return await held() == 3
+
+        await eventually(holds_them, 60.0, what="three positions held")
+        stop.set()
+        assert await asyncio.wait_for(runner, 60) == 0
+    finally:
+        stop.set()
+        if not runner.done():
+            runner.cancel()
+        await bus.close()
+        await drop_schema(postgres_dsn, namespace)
+    said = [r.getMessage() for r in caplog.records if "of this replica's share" in r.getMessage()]
+    assert said == [
+        "exit: stopping with 3 positions of this replica's share open: their exit rules "
+        "(stop-loss, take-profit, timeouts) do not run until a replica takes their "
+        "partitions, and run again then (their events wait in the queues)"
+    ], caplog.text
 
 
 async def _buy_until(bus, tokens: TokenEvents, mint: str, price: float) -> None:

@@ -19,9 +19,10 @@ schema comes after the opening, so an upgrade in place that rolls features first
 (docs/reliability.md, "Upgrading": each service applies the missing migrations) still
 never has it read a schema older than its code.
 
-Shutdown order on SIGTERM/SIGINT: stop taking deliveries, drain the handlers in
-flight (up to ``drain_timeout_s``), ``service.stop()`` (it may still publish, say an
-exit order or a checkpoint), stop HTTP, then close the bus, the store and the pool.
+Shutdown order on SIGTERM/SIGINT: ``service.stopping()`` (it still holds its
+partitions), stop taking deliveries, drain the handlers in flight (up to
+``drain_timeout_s``), ``service.stop()`` (it may still publish, say an exit order or a
+checkpoint), stop HTTP, then close the bus, the store and the pool.
 A drain that gives up on a handler, or a stop that fails or overruns, exits 1. The
 whole shutdown has ``shutdown_timeout_s``: each step gets its own bound or what is left
 of it, whichever is shorter (a broker away can hold every step that publishes).
@@ -195,6 +196,11 @@ async def run_service(
         def close_limit() -> float:
             return limit(_CLOSE_TIMEOUT_S, closing=True)
 
+        if started:
+            try:
+                service.stopping()
+            except Exception:
+                log.exception("%s: noting what the stop leaves failed", settings.service)
         if bus is not None:
             await _bounded("stop consuming", bus.stop_consuming(), limit(_CLOSE_TIMEOUT_S))
             # handlers cut short are handled again elsewhere, or lost: the exit code says so

@@ -2,8 +2,9 @@
 
 The runtime (``pumpflow.common.runtime.runner``) builds the :class:`ServiceContext`
 from settings (distributed) or shares one in-memory context between all services
-(embedded), starts the service, serves its HTTP app, and on SIGTERM stops
-consuming, drains in-flight handlers and calls :meth:`Service.stop`.
+(embedded), starts the service, serves its HTTP app, and on SIGTERM calls
+:meth:`Service.stopping`, stops consuming, drains in-flight handlers and calls
+:meth:`Service.stop`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class Service(ABC):
     @abstractmethod
     async def start(self, ctx: ServiceContext) -> None:
         """Load state, subscribe to the bus, start background work."""
+
+    def stopping(self) -> None:  # noqa: B027 (most services note nothing)
+        """Note what stopping leaves, while the service still holds its partitions: the
+        runtime calls it on SIGTERM before the bus stops consuming and hands them over."""
 
     @abstractmethod
     async def stop(self) -> None:
