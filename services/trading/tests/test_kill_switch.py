@@ -703,6 +703,33 @@ async def test_a_live_stand_by_counts_the_entries_in_flight_at_the_most_they_can
                     assert stood["exposure_sol"] == pytest.approx(most, rel=1e-12), path
 
 
+async def test_a_stand_by_says_the_pnl_in_full_when_nothing_is_open(
+    clock, market, pg_pool, shared_lease
+):
+    """With no position open there is nothing to mark: the stand-by's /pnl says the
+    unrealised PnL (none) and the whole PnL the holder's does; with one open, the marks
+    are the holder's alone and it says it does not know them."""
+    ledger = PostgresLedger(pg_pool)
+    holder, standby = trading(ledger), trading(ledger)
+    async with running(clock, holder) as (bus, watch, holder_client):
+        async with running(clock, standby) as (_, _, client):
+            assert (holder.role, standby.role) == ("active", "standby")
+            held = (await holder_client.get("/pnl")).json()
+            stood = (await client.get("/pnl")).json()
+            assert (held["open_positions"], stood["open_positions"]) == (0, 0)
+            for name in ("unrealized_pnl_sol", "pnl_sol"):
+                assert stood[name] == held[name] == 0.0, (name, stood)
+
+            mint = await ready(bus, market)
+            await publish(bus, market.prediction(mint))
+            await clock.advance(holder.settings.trading_tick_s)
+            await eventually(lambda: watch.count("position.opened") == 1,
+                             what="the position opened")  # fmt: skip
+            stood = (await client.get("/pnl")).json()
+            assert stood["open_positions"] == 1, stood
+            assert stood["unrealized_pnl_sol"] is None and stood["pnl_sol"] is None, stood
+
+
 async def test_limits_show_the_entry_spend_the_reservations_and_the_limits_a_late_fill_exceeds(
     clock, market, pg_pool, shared_lease
 ):

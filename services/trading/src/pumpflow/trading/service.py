@@ -2208,19 +2208,21 @@ class TradingService(Service):
     async def pnl_view(self) -> dict[str, Any]:
         """``/pnl``: the book's on the replica trading (:meth:`pnl`); elsewhere what the
         ledger adds up to, its book being another's, or an old term's. The ledger keeps
-        no marks: the unrealised PnL is the holder's alone, and the reasons predictions
-        ordered nothing are counted where they are decided."""
+        no marks: the unrealised PnL of open positions is the holder's alone (none open,
+        none to mark), and the reasons predictions ordered nothing are counted where
+        they are decided."""
         if self._leading:
             return self.pnl()
         totals = await self.ledger.totals()
         realized = totals.realized_pnl_sol
+        unrealized = None if totals.open_positions else 0.0
         return {
             **await self._standing_by(),
             "capital_sol": self._capital(realized),
             "starting_capital_sol": self.settings.trading_capital_sol,
             "realized_pnl_sol": realized,
-            "unrealized_pnl_sol": None,
-            "pnl_sol": None,
+            "unrealized_pnl_sol": unrealized,
+            "pnl_sol": None if unrealized is None else realized,
             "fees_sol": totals.open_fees_sol + totals.closed_fees_sol,
             "open_positions": totals.open_positions,
             "closed_positions": totals.closed_positions,
