@@ -126,53 +126,74 @@ async def test_frames_recorded_in_postgres_are_the_dataset_s(dataset, pg_pool, p
 EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
 
 
+STRICT = "strict=trading_min_score=0.6,trading_reject_creator_sold=true"
+
+
 def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, tmp_path, capsys):
     results = tmp_path / "results.json"
     status = main([
-        "backtest", "--dataset", dataset, "--quiet", "--config", EAGER, "--config", "defaults",
+        "backtest", "--dataset", dataset, "--quiet", "--config", "base", "--config", STRICT,
         "--json", str(results),
     ])  # fmt: skip
     assert status == 0
     out = capsys.readouterr().out
-    assert "backtest 'eager'" in out and "backtest 'defaults'" in out
+    assert "backtest 'base'" in out and "backtest 'strict'" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in rows] == ["config", "eager", "defaults"]
-    # the eager configuration enters; the service's defaults (score 0.6) do not here
-    eager, defaults = rows[1].split("|"), rows[2].split("|")
-    assert int(eager[3]) > 0
-    assert int(defaults[3]) == 0
-    # the same, for machines: each configuration its settings and its own results
+    assert [row.split("|")[1].strip() for row in rows] == ["config", "base", "strict"]
+    # the base (pumpflow run's settings) enters; the service's defaults (score 0.6 and the
+    # creator-sold filter) do not here
+    base, strict = rows[1].split("|"), rows[2].split("|")
+    assert int(base[3]) > 0
+    assert int(strict[3]) == 0
+    # the same, for machines: the base, and each configuration what it changes over it
     document = json.loads(results.read_text())
     assert document["source"] == dataset
+    assert document["base"] == RUN_CONFIG
     configs = {c["name"]: c for c in document["configurations"]}
-    assert list(configs) == ["eager", "defaults"]
-    assert configs["eager"]["settings"] == {
-        "trading_min_score": "0.5", "trading_reject_creator_sold": "false"
+    assert list(configs) == ["base", "strict"]
+    assert configs["base"]["settings"] == {}
+    assert configs["strict"]["settings"] == {
+        "trading_min_score": "0.6", "trading_reject_creator_sold": "true"
     }  # fmt: skip
-    assert configs["defaults"]["settings"] == {}
-    eager_results, default_results = configs["eager"]["results"], configs["defaults"]["results"]
-    assert eager_results["entries"] == eager_results["orders"]["buy"]["filled"] == int(eager[3])
-    assert eager_results["bought_sol"] > 0
-    assert default_results["entries"] == default_results["orders"]["buy"]["requested"] == 0
-    assert default_results["entries_skipped"]["creator sold"] > 0
-    assert "creator sold" not in eager_results["entries_skipped"]
+    base_results, strict_results = configs["base"]["results"], configs["strict"]["results"]
+    assert base_results["entries"] == base_results["orders"]["buy"]["filled"] == int(base[3])
+    assert base_results["bought_sol"] > 0
+    assert strict_results["entries"] == strict_results["orders"]["buy"]["requested"] == 0
+    assert strict_results["entries_skipped"]["creator sold"] > 0
+    assert "creator sold" not in base_results["entries_skipped"]
     # one stream: both saw the same frames and the model scored the same
-    assert eager_results["frames"] == default_results["frames"] == document["frames"]
-    assert eager_results["predictions"] == default_results["predictions"] > 0
+    assert base_results["frames"] == strict_results["frames"] == document["frames"]
+    assert base_results["predictions"] == strict_results["predictions"] > 0
     # the text says why a configuration did not enter, as the document does
-    said = out.split("backtest 'defaults'")[1].split("\n| ")[0]
-    assert f"creator sold x{default_results['entries_skipped']['creator sold']}" in said
+    said = out.split("backtest 'strict'")[1].split("\n| ")[0]
+    assert f"creator sold x{strict_results['entries_skipped']['creator sold']}" in said
     assert "breakers tripped: none" in said
 
 
-def test_the_same_stream_gives_the_same_results_twice_from_the_command(dataset, tmp_path):
-    outputs = [tmp_path / "first.json", tmp_path / "second.json"]
-    for path in outputs:
-        assert main(["backtest", "--dataset", dataset, "--quiet", "--config", EAGER,
-                     "--json", str(path)]) == 0  # fmt: skip
-    first, second = (json.loads(path.read_text())["configurations"] for path in outputs)
-    assert [c["results"] for c in first] == [c["results"] for c in second]
-    assert first[0]["results"]["orders"]["buy"]["filled"] > 0
+def test_a_configuration_without_settings_is_the_plain_backtest(dataset, tmp_path):
+    """Every configuration lays its settings over the plain backtest's: one that sets
+    nothing gives its results, so a comparison's differences are the settings changed."""
+    plain, same = tmp_path / "plain.json", tmp_path / "same.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--json", str(plain)]) == 0
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config", "same",
+                 "--json", str(same)]) == 0  # fmt: skip
+    (run,) = json.loads(plain.read_text())["configurations"]
+    (alike,) = json.loads(same.read_text())["configurations"]
+    assert run["results"]["entries"] > 0
+    assert alike["results"] == run["results"]
+
+
+def test_a_configuration_s_own_setting_wins_over_the_base(dataset, tmp_path):
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config",
+                 "careful=trading_reject_creator_sold=true", "--json", str(out)]) == 0  # fmt: skip
+    (careful,) = json.loads(out.read_text())["configurations"]
+    skipped = careful["results"]["entries_skipped"]
+    # its own filter holds where the base (pumpflow run's) lets it go
+    assert skipped["creator sold"] > 0
+    # and the base's entry score where it sets none (the service's is 0.6)
+    assert skipped["score # < 0.5"] > 0
+    assert "score # < 0.6" not in skipped
 
 
 class Terminal(io.StringIO):
@@ -198,12 +219,17 @@ def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
     assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
 
 
-def test_the_environment_sets_the_default_runs_trading_settings(dataset, monkeypatch, capsys):
-    """Without a configuration, ``pumpflow run``'s settings, which yield to the environment."""
-    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "1")
-    assert main(["backtest", "--dataset", dataset, "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "orders: none" in out or "entries 0," in out, out
+@pytest.mark.parametrize("given", [[], ["--config", "longer=exit_max_hold_s=1200"]])
+def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypatch, tmp_path,
+                                                               given):  # fmt: skip
+    """The base is ``pumpflow run``'s settings, which yield to the environment."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_REJECT_CREATOR_SOLD", "true")
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", *given, "--json", str(out)]) == 0
+    (config,) = json.loads(out.read_text())["configurations"]
+    skipped = config["results"]["entries_skipped"]
+    assert skipped["creator sold"] > 0  # the environment's
+    assert skipped["score # < 0.5"] > 0  # the base's, which the environment leaves
 
 
 def test_json_to_stdout_is_the_document_alone(dataset, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,9 @@ def test_a_backtest_writes_its_report_and_results_that_agree_with_its_text(backt
     assert "not kept" not in page and "no data" not in page
     # which stream and which settings: what tells two reports apart
     assert re.fullmatch(r"seed 6, 4 minutes: [\d,]+ frames", found.source), found.source
-    assert "trading_min_score=0.5" in found.notes["settings"]
-    assert found.source in page and found.notes["settings"] in page
+    assert found.notes["settings"] == "the base's"
+    assert "trading_min_score=0.5" in found.notes["base"]
+    assert found.source in page and escape(found.notes["base"]) in page
 
 
 def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_path, capsys):

@@ -18,16 +18,20 @@ rules, activity's quiet timers) and the bus is drained again: every event is han
 before the clock passes the next market second, so every decision sees the market as it
 would live, and the same stream gives the same report.
 
+Every configuration starts from one base: ``pumpflow run``'s trading settings
+(``trading_min_score=0.5``, ``trading_reject_creator_sold=false``) over the services'
+defaults, where the PUMPFLOW_* environment and the config file win as they do there.
+Without ``--config`` or ``--configs``, one run of the base (``run``).
+
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
-configuration by the settings it changes, any setting of trading, exit or model
-(``trading_min_score=0.5``, ``exit_max_hold_s=600``, ...), over the services'
-defaults and their PUMPFLOW_* environment; every configuration runs on the same
-frames in a system of its own, one after the other, and one table compares them.
-``--configs FILE.toml`` reads configurations from a file, one table each (``[eager]``
-then ``trading_min_score = 0.5``). Without either, one run with ``pumpflow run``'s
-trading settings (``run``), where the environment and the config file win as there.
-``--json FILE`` also writes each configuration's settings and results (the same for
-the same stream) and its timings.
+configuration by the settings it changes over the base, any setting of trading, exit or
+model (``trading_min_score=0.6``, ``exit_max_hold_s=1200``, ...), and wins over it;
+``--config NAME`` alone is the base, the plain backtest's results. Every configuration
+runs on the same frames in a system of its own, one after the other, and one table
+compares them. ``--configs FILE.toml`` reads configurations from a file, one table each
+(``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE`` also writes the base,
+each configuration's settings and results (the same for the same stream) and its
+timings.
 
 Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
 ``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
@@ -167,8 +171,8 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_config() -> dict[str, Any]:
-    """``pumpflow run``'s trading settings less those the environment or the config file
-    sets, which win here as they do there."""
+    """The base of every configuration: ``pumpflow run``'s trading settings less those
+    the environment or the config file sets, which win here as they do there."""
     settings = configurable_settings()["trading"]
     given = settings.load(service="trading", transport="memory").model_fields_set
     return {key: value for key, value in RUN_CONFIG.items() if key not in given}
@@ -209,7 +213,7 @@ def _items(text: str) -> list[str]:
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME=KEY=VALUE,KEY=VALUE`` (or ``NAME`` alone: the defaults) -> (name, settings)."""
+    """``NAME=KEY=VALUE,KEY=VALUE`` (or ``NAME`` alone: the base) -> (name, settings)."""
     name, _, rest = text.partition("=")
     if not name:
         raise ValueError(f"configuration {text!r}: a name first, NAME=KEY=VALUE,...")
@@ -664,13 +668,17 @@ def comparison_table(reports: Sequence[Report]) -> str:
 
 
 def comparison_json(
-    source: str, configs: Sequence[tuple[str, Mapping[str, Any]]], reports: Sequence[Report]
+    source: str,
+    base: Mapping[str, Any],
+    configs: Sequence[tuple[str, Mapping[str, Any]]],
+    reports: Sequence[Report],
 ) -> dict[str, Any]:
-    """Every configuration's settings and results (``results`` equal for equal inputs;
-    the wall and CPU seconds apart, under ``timing``)."""
+    """The base, every configuration's settings over it and results (``results`` equal
+    for equal inputs; the wall and CPU seconds apart, under ``timing``)."""
     return {
         "source": source,
         "frames": reports[0].frames if reports else 0,
+        "base": dict(base),
         "configurations": [
             {
                 "name": report.name,
@@ -711,8 +719,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
-        help="a configuration to run (repeatable); KEYs are trading, exit or model settings "
-        "(a list or mapping as JSON)",
+        help="a configuration to run (repeatable): the settings it changes over the base, "
+        "pumpflow run's trading settings (NAME alone: the base); KEYs are trading, exit or "
+        "model settings (a list or mapping as JSON)",
     )  # fmt: skip
     parser.add_argument(
         "--configs", metavar="FILE.toml",
@@ -720,7 +729,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--json", metavar="FILE.json", dest="json_out",
-        help="also write every configuration's settings and results here (- for stdout)",
+        help="also write the base and every configuration's settings and results here "
+        "(- for stdout)",
     )  # fmt: skip
     parser.add_argument(
         "--every", type=positive, default=2.0,
@@ -764,9 +774,10 @@ def backtest_command(args: argparse.Namespace) -> int:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
             configs += read_configs(args.configs)
-        configs = configs or [("run", run_config())]
+        configs = configs or [("run", {})]
+        base = run_config()
         for name, config in configs:
-            check_config(name, config)
+            check_config(name, {**base, **config})
     except (ValueError, OSError) as exc:
         raise SystemExit(f"pumpflow backtest: {exc}") from None
     if len({name for name, _ in configs}) != len(configs):
@@ -832,7 +843,9 @@ def backtest_command(args: argparse.Namespace) -> int:
     for name, config in configs:
         progress = None if args.quiet else progress_for(name, every=args.every)
         try:
-            reports.append(asyncio.run(run_backtest(frames, config, name=name, progress=progress)))
+            reports.append(
+                asyncio.run(run_backtest(frames, {**base, **config}, name=name, progress=progress))
+            )
         finally:
             if progress is not None:
                 progress.close()
@@ -840,11 +853,15 @@ def backtest_command(args: argparse.Namespace) -> int:
     if len(reports) > 1:
         print(comparison_table(reports), file=said, flush=True)
     if args.json_out:
-        document = json.dumps(comparison_json(source, configs, reports), indent=2, default=str)
+        document = json.dumps(
+            comparison_json(source, base, configs, reports), indent=2, default=str
+        )
         if args.json_out == "-":
             print(document, flush=True)
         else:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
-    write_backtest_reports(reports, args.report, source=source, settings=dict(configs), said=said)
+    write_backtest_reports(
+        reports, args.report, source=source, base=base, settings=dict(configs), said=said
+    )
     return 0

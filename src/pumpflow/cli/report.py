@@ -128,11 +128,12 @@ def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
 
 
 def write_backtest_reports(
-    reports: Sequence, path: str | None, *, source: str, settings: Mapping[str, Mapping],
-    said: TextIO = sys.stdout,
+    reports: Sequence, path: str | None, *, source: str, base: Mapping,
+    settings: Mapping[str, Mapping], said: TextIO = sys.stdout,
 ) -> list[Path]:  # fmt: skip
     """One report per configuration a backtest ran (its name in the file's when several),
-    saying the stream (``source``) and the settings the configuration changed (by name)."""
+    saying the stream (``source``), the base every configuration starts from and the
+    settings the configuration changed over it (by name)."""
     import msgspec
 
     from pumpflow.report import html
@@ -144,8 +145,10 @@ def write_backtest_reports(
         out = backtest_report_path(path, r.name, several=len(reports) > 1)
         changed = settings.get(r.name) or {}
         notes = {
-            "settings": ", ".join(f"{k}={v}" for k, v in changed.items())
-            or "the services' defaults",
+            "settings": ", ".join(f"{k}={v}" for k, v in changed.items()) or "the base's",
+            "base": ", ".join(f"{k}={v}" for k, v in base.items()) + " (pumpflow run's)"
+            if base
+            else "pumpflow run's, as the environment sets them",
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
             "live AUC": r.auc_text(),

@@ -459,7 +459,7 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
     served = json.dumps({card.model_id: str(Path(path).absolute())}, separators=(",", ":"))
-    # both configurations over the same defaults: only the model differs between them
+    # both configurations over the same base: only the model differs between them
     print(
         f"use it: pumpflow backtest --config shipped --config 'mine=model_models={served}' "
         f"compares it with the shipped model; PUMPFLOW_MODEL_MODELS='{served}' ([model] "
