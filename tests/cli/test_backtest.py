@@ -318,6 +318,24 @@ def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(datas
     assert capsys.readouterr().out == ""  # nothing read, nothing run
 
 
+def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
+    dataset, tmp_path, capsys
+):
+    """The model service would refuse it at its start: after the configurations before
+    it had run, their results lost."""
+    missing = tmp_path / "mine.onnx"
+    argv = ["backtest", "--dataset", dataset, "--quiet", "--config", "shipped",
+            "--config", f'mine=model_models={{"entry":"{missing}"}}']  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("backtest '") == 0  # no configuration ran
+    assert (
+        f"pumpflow backtest: configuration 'mine': the models of the settings (model_models, "
+        f"model_arms) cannot be served: model 'entry': [Errno 2] No such file or directory: "
+        f"'{missing}'"
+    ) in captured.err
+
+
 def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):
     configs = tmp_path / "strategies.toml"
     configs.write_text(

@@ -191,6 +191,26 @@ def check_config(name: str, config: Mapping[str, Any]) -> None:
             raise ValueError(f"configuration {name!r}: {exc}") from None
 
 
+def check_models(name: str | None, config: Mapping[str, Any], at: float) -> None:
+    """Refuse a configuration (``name``; None: the plain run's) whose models the model
+    service would refuse at its start, at ``at`` on the replay clock: before the
+    configurations ahead of it run, their results lost to it."""
+    from prometheus_client import CollectorRegistry
+
+    from pumpflow.common.clock import ReplayClock
+    from pumpflow.model.service import ModelService, SettingsServingError
+
+    settings = ModelService.settings_class.load(
+        service="model", transport="memory", **service_overrides(config)["model"]
+    )
+    try:
+        ModelService(settings, registry=CollectorRegistry()).check_settings_serving(ReplayClock(at))
+    except SettingsServingError as exc:
+        if name is None:
+            raise
+        raise SettingsServingError(f"configuration {name!r}: {exc}") from None
+
+
 def _items(text: str) -> list[str]:
     """``text`` split at its commas outside JSON's brackets, braces and strings (a list
     or mapping setting's value is JSON)."""
@@ -835,6 +855,9 @@ def backtest_command(args: argparse.Namespace) -> int:
         source = f"postgres {schema}"
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
+    named = bool(args.config or args.configs)
+    for name, config in configs:
+        check_models(name if named else None, {**base, **config}, frames[0][0])
     # with --json - stdout is the JSON document alone, for machines
     said = sys.stderr if args.json_out == "-" else sys.stdout
     print(f"pumpflow backtest: {counted(len(frames), 'frame')} from {source}; "

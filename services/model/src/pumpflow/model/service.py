@@ -101,6 +101,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.routing import partition_of
+from pumpflow.common.clock import Clock
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.dependencies import transient_dependency
 from pumpflow.common.events import Event, ModelDrift, ModelPrediction, make_event
@@ -109,7 +110,7 @@ from pumpflow.common.model import CardError, ModelError, ModelManager
 from pumpflow.common.model.arms import DEFAULT_SALT, Arm, ArmError, ArmTable
 from pumpflow.common.model.card import Task, decode_card, vector_rows
 from pumpflow.common.model.drift import DriftMonitor
-from pumpflow.common.model.manager import LabelledRows
+from pumpflow.common.model.manager import LabelledRows, ServedModel
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.refit import RefitPolicy
@@ -210,6 +211,14 @@ class ServingError(ValueError):
 
 class SettingsServingError(ServingError, SettingsError):
     """The settings' models or arms refused at start: theirs to mend, as a bad setting is."""
+
+
+def _settings_refusal(refusal: ServingError) -> SettingsServingError:
+    """The settings' models or arms refused: the settings' fault, said as such."""
+    return SettingsServingError(
+        f"the models of the settings (model_models, model_arms) cannot be served: {refusal}",
+        status=refusal.status,
+    )
 
 
 class ModelService(Service):
@@ -447,11 +456,7 @@ class ModelService(Service):
             try:
                 self._apply(configured)
             except ServingError as exc:
-                raise SettingsServingError(
-                    f"the models of the settings (model_models, model_arms) cannot be "
-                    f"served: {exc}",
-                    status=exc.status,
-                ) from exc
+                raise _settings_refusal(exc) from exc
             return configured
         try:
             self._apply(stored, await self._fetch_missing(stored))
@@ -538,22 +543,33 @@ class ModelService(Service):
             log.error("model: unreadable stored serving, using the settings': %s", exc)
             return None
 
-    def _apply(self, serving: Serving, paths: dict[str, str] | None = None) -> None:
-        """Load what ``serving`` names and is not loaded from there yet (from ``paths``
-        here by model id if given); then route by it.
+    def check_settings_serving(self, clock: Clock) -> None:
+        """Open the models of the settings as the start serves them, serving none: raise
+        SettingsServingError, as the start does, if one cannot be served (a command
+        refuses its settings before it runs)."""
+        try:
+            self._open(
+                self._configured_serving(), ModelManager(None, FeatureManager(), clock=clock)
+            )
+        except ServingError as exc:
+            raise _settings_refusal(exc) from exc
 
-        Raises ServingError (the models served and the routing unchanged) if a model
-        cannot be served or the arms name a model not in ``serving``.
+    def _open(
+        self, serving: Serving, manager: ModelManager, paths: dict[str, str] | None = None
+    ) -> dict[str, ServedModel]:
+        """Open with ``manager`` each model ``serving`` names and is not loaded from there
+        yet (from ``paths`` here by model id if given), serving none.
+
+        Raises ServingError if a model cannot be served or the arms name a model not in
+        ``serving``.
         """
         missing = {a.model_id for a in serving.arms} - set(serving.models)
         if missing:
             raise ServingError(f"arms name models not loaded: {sorted(missing)}")
         try:
-            table = serving.table()
+            serving.table()
         except ArmError as exc:
             raise ServingError(str(exc)) from None
-        manager = self.manager
-        # every model opened before any is served: one that cannot be leaves all as they were
         opened = {}
         for model_id, source in serving.models.items():
             if self._sources.get(model_id) == source:
@@ -569,6 +585,19 @@ class ModelService(Service):
                 ) from None
             except (ModelError, CardError, ValueError) as exc:
                 raise ServingError(str(exc)) from None
+        return opened
+
+    def _apply(self, serving: Serving, paths: dict[str, str] | None = None) -> None:
+        """Load what ``serving`` names and is not loaded from there yet (from ``paths``
+        here by model id if given); then route by it.
+
+        Raises ServingError (the models served and the routing unchanged) if a model
+        cannot be served or the arms name a model not in ``serving``.
+        """
+        manager = self.manager
+        # every model opened before any is served: one that cannot be leaves all as they were
+        opened = self._open(serving, manager, paths)
+        table = serving.table()  # _open refused one it cannot make
         for model_id, served in opened.items():
             manager.serve(model_id, served)
             card = served.card
