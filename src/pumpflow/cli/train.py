@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -340,11 +341,31 @@ def files_dataset(
     )
 
 
-def build_default(out: Path, *, progress: bool = False):
-    """Rebuild the shipped default model at ``out`` (deterministic: same bytes every time)."""
+def default_args(out: Path) -> argparse.Namespace:
+    """``--default``'s arguments, the model written to ``out``."""
     parser = argparse.ArgumentParser(prog="pumpflow train")
     add_arguments(parser)
-    return run_training(parser.parse_args([*DEFAULT_ARGS, "--out", str(out)]), progress=progress)
+    return parser.parse_args([*DEFAULT_ARGS, "--out", str(out)])
+
+
+def build_default(out: Path, *, progress: bool = False):
+    """Rebuild the shipped default model at ``out`` (deterministic: same bytes every time)."""
+    return run_training(default_args(out), progress=progress)
+
+
+def unseen_stream(args: argparse.Namespace) -> list[str]:
+    """``pumpflow backtest``'s flags of a stream neither the model of ``args`` nor the
+    shipped one trained on: its held-out source, else a simulated seed after both's; a
+    placeholder when train knows none (a file or Postgres history, part of it held out)."""
+    shipped = set(parse_seeds(DEFAULT_ARGS[DEFAULT_ARGS.index("--sim-seeds") + 1]))
+    minutes = ["--minutes", f"{args.sim_minutes:g}"]
+    if held := [seed for seed in args.held_out_seeds if seed not in shipped]:
+        return ["--seed", str(held[0]), *minutes]
+    if args.held_out_dataset:
+        return ["--dataset", args.held_out_dataset[0]]
+    if args.sim_seeds or args.held_out_seeds:
+        return ["--seed", str(max({*args.sim_seeds, *shipped}) + 1), *minutes]
+    return ["--dataset", "FILE.jsonl"]
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
@@ -434,7 +455,8 @@ def train_command(args: argparse.Namespace) -> int:
         if args.default:
             from pumpflow.model import DEFAULT_MODEL_PATH
 
-            path, trained = build_default(DEFAULT_MODEL_PATH, progress=True)
+            args = default_args(DEFAULT_MODEL_PATH)
+            path, trained = run_training(args, progress=True)
         else:
             path, trained = run_training(args, progress=True)
     except (TrainingError, DatasetError, NoSuchSchema) as exc:
@@ -459,10 +481,18 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
     served = json.dumps({card.model_id: str(Path(path).absolute())}, separators=(",", ":"))
+    stream = unseen_stream(args)
+    on = (
+        f"on {stream[1]}, a stream it did not train on (a `pumpflow sim dataset` or "
+        "`pumpflow record --out` file)"
+        if stream[-1] == "FILE.jsonl"
+        else "on a stream it did not train on"
+    )
     # both configurations over the same base: only the model differs between them
     print(
-        f"use it: pumpflow backtest --config shipped --config 'mine=model_models={served}' "
-        f"compares it with the shipped model; PUMPFLOW_MODEL_MODELS='{served}' ([model] "
-        "model_models in a --config-file) serves it in pumpflow run and pumpflow serve model"
+        f"use it: pumpflow backtest {shlex.join(stream)} --config shipped --config "
+        f"'mine=model_models={served}' compares it with the shipped model {on}; "
+        f"PUMPFLOW_MODEL_MODELS='{served}' ([model] model_models in a --config-file) serves "
+        "it in pumpflow run and pumpflow serve model"
     )
     return 0
