@@ -336,6 +336,25 @@ def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
     ) in captured.err
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (None, "No such file or directory"),
+        ("[eager\n", "Expected ']' at the end of a table declaration (at line 1, column 7)"),
+        ("eager = 1\n", "'eager' is not a table of settings"),
+    ],
+)
+def test_a_configurations_file_it_cannot_read_is_named_in_one_line(dataset, tmp_path, text,
+                                                                    said, capsys):  # fmt: skip
+    path = tmp_path / "strategies.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as refused:
+        main(["backtest", "--dataset", dataset, "--quiet", "--configs", str(path)])
+    assert str(refused.value) == f"pumpflow backtest: {path}: {said}"
+    assert capsys.readouterr().out == ""
+
+
 def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):
     configs = tmp_path / "strategies.toml"
     configs.write_text(

@@ -250,8 +250,13 @@ def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
     """The configurations of a TOML file: each table is one, named by its header."""
     import tomllib
 
-    with open(path, "rb") as src:
-        document = tomllib.load(src)
+    try:
+        with open(path, "rb") as src:
+            document = tomllib.load(src)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     configs = []
     for name, settings in document.items():
         if not isinstance(settings, dict):
