@@ -125,13 +125,26 @@ def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_pa
 
 @pytest.mark.parametrize(
     ("text", "why"),
-    [(json.dumps({"title": "x"}), "source"), ("# pumpflow\n", "malformed"), ("5", "Expected")],
+    [
+        (json.dumps({"title": "x"}), "source"),
+        ("# pumpflow\n", "malformed"),
+        ("5", "Expected"),
+        # a dataset file, one JSON object a line: its first is an object, not results
+        ('{"t": 1.0, "frame": {}}\n{"t": 2.0, "frame": {}}\n', "malformed"),
+    ],
 )
 def test_a_file_that_is_not_results_is_refused_by_name(tmp_path, text, why):
     bad = tmp_path / "bad.json"
     bad.write_text(text)
     with pytest.raises(SystemExit, match=rf"bad\.json: not a pumpflow results file.*{why}"):
         main(["report", "--results", str(bad)])
+
+
+def test_results_that_are_not_there_are_named_in_one_line(tmp_path):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as refused:
+        main(["report", "--results", str(missing)])
+    assert str(refused.value) == f"pumpflow report: {missing}: No such file or directory"
 
 
 def test_a_backtests_comparison_given_as_results_says_which_files_are_the_results(tmp_path, capsys):

@@ -98,7 +98,9 @@ def report_command(args: argparse.Namespace) -> int:
     if args.results:
         try:
             found = results.load(args.results)
-        except (ValueError, OSError) as exc:
+        except OSError as exc:
+            raise SystemExit(f"pumpflow report: {args.results}: {exc.strerror}") from None
+        except ValueError as exc:
             raise SystemExit(f"pumpflow report: {exc}") from None
         out = Path(args.out) if args.out else Path(args.results).with_suffix(".html")
     else:

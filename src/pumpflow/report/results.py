@@ -173,7 +173,10 @@ def load(path: str | Path) -> Results:
     try:
         return msgspec.json.decode(data, type=Results)
     except msgspec.ValidationError as exc:
-        found = msgspec.json.decode(data)
+        try:
+            found = msgspec.json.decode(data)
+        except msgspec.DecodeError as malformed:  # its first value was read as results
+            raise ValueError(f"{path}: not a pumpflow results file: {malformed}") from None
         if isinstance(found, dict) and "configurations" in found:
             raise ValueError(
                 f"{path}: the comparison pumpflow backtest --json writes, not one report's "
