@@ -232,6 +232,15 @@ def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypa
     assert skipped["score # < 0.5"] > 0  # the base's, which the environment leaves
 
 
+def test_a_simulated_stream_s_launch_rate_is_in_its_source(tmp_path, capsys):
+    """Two rates of one seed are two streams: their reports and documents tell them apart."""
+    argv = ["backtest", "--seed", str(SEED), "--minutes", "0.5", "--launches", "90", "--quiet",
+            "--json", "-", "--report", str(tmp_path / "r.html")]  # fmt: skip
+    assert main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["source"] == f"seed {SEED}, 0.5 minutes, 90 launches a minute"
+
+
 def test_json_to_stdout_is_the_document_alone(dataset, tmp_path, capsys):
     assert main(["backtest", "--dataset", dataset, "--quiet", "--json", "-",
                  "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip

@@ -844,6 +844,8 @@ def backtest_command(args: argparse.Namespace) -> int:
         minutes = 10.0 if args.minutes is None else args.minutes
         frames = simulated_frames(args.seed, minutes, launches_per_minute=args.launches)
         source = f"seed {args.seed}, {counted(minutes, 'minute')}"
+        if args.launches is not None:
+            source += f", {args.launches:g} launches a minute"
     else:
         from pumpflow.common.runtime.settings import CommonSettings
 
