@@ -116,6 +116,17 @@ async def test_a_dataset_file_replays_as_the_market_it_was_written_from(dataset)
     assert from_file.entries > 0
 
 
+def test_a_dataset_is_written_with_the_launch_rate_a_backtest_simulates(tmp_path):
+    """``--launches`` says the same in ``pumpflow sim dataset`` as in ``pumpflow backtest``."""
+    path = tmp_path / "busy.jsonl"
+    argv = ["sim", "dataset", "--seed", str(SEED), "--minutes", "0.5", "--launches", "90",
+            "--out", str(path), "--start-epoch", str(START)]  # fmt: skip
+    assert main(argv) == 0
+    simulated = simulated_frames(SEED, 0.5, launches_per_minute=90, start=START)
+    assert dataset_frames(str(path)) == simulated
+    assert simulated != simulated_frames(SEED, 0.5, start=START)
+
+
 async def test_frames_recorded_in_postgres_are_the_dataset_s(dataset, pg_pool, postgres_dsn,
                                                              namespace):  # fmt: skip
     await load_dataset(dataset, TokenEventStore(pg_pool))

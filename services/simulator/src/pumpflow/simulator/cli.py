@@ -38,7 +38,10 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     def market_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=1, help="market seed (default 1)")
-        p.add_argument("--rate", type=positive, default=30.0, help="token launches per minute")
+        p.add_argument(
+            "--launches", "--rate", dest="rate", type=positive, default=30.0, metavar="LAUNCHES",
+            help="token launches per market minute (30), as pumpflow run's and backtest's",
+        )  # fmt: skip
 
     p = sub.add_parser("calibrate", help="measure a run against docs/market.md's statistics")
     market_args(p)
