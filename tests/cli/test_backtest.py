@@ -306,6 +306,14 @@ def test_a_configuration_s_json_value_keeps_its_commas():
     }
 
 
+def test_a_setting_given_twice_in_one_configuration_is_refused():
+    """Which of the two it ran on would be the reader's guess."""
+    from pumpflow.cli.backtest import parse_config
+
+    with pytest.raises(ValueError, match="configuration 'a': trading_min_score given twice"):
+        parse_config("a=trading_min_score=0.5,exit_max_hold_s=60,trading_min_score=0.7")
+
+
 def test_a_setting_no_service_has_is_refused(dataset):
     with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
         main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])

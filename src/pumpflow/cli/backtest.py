@@ -242,7 +242,9 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"configuration {name!r}: {item!r} is not KEY=VALUE")
-        settings[key.strip()] = value.strip()
+        if (key := key.strip()) in settings:
+            raise ValueError(f"configuration {name!r}: {key} given twice")
+        settings[key] = value.strip()
     return name, settings
 
 
