@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections import Counter
 from html import escape
 from pathlib import Path
 
@@ -309,6 +310,31 @@ def test_equity_drawdown_and_calibration_figures():
     assert [(round(b.predicted, 3), b.observed, b.count) for b in bins] == [
         (0.05, 0.0, 1), (0.15, 1.0, 1), (0.953, 2 / 3, 3)
     ]  # fmt: skip
+
+
+def test_the_drawdown_and_the_curve_say_they_are_the_closed_positions_not_all_realised():
+    """An open position's partial sales are realised PnL the curve and the drawdown leave
+    out: a realised loss of 0.05 beside a drawdown of 0.03 reads as a wrong number unless
+    the drawdown says what it is over."""
+    closed = Trade(position_id="p1", mint="a", opened_at=0.0, closed_at=10.0, bought_sol=0.2,
+                   realized_pnl_sol=-0.03, fees_sol=0.0)  # fmt: skip
+    partly_sold = Trade(position_id="p2", mint="b", opened_at=5.0, closed_at=None,
+                        bought_sol=0.2, realized_pnl_sol=-0.02, unrealized_pnl_sol=0.0,
+                        fees_sol=0.0)  # fmt: skip
+    rows = dict(results.summary(Results(title="t", source="s", trades=(closed, partly_sold))))
+    assert rows["realised PnL (SOL, after fees)"] == "-0.0500"
+    assert rows["max drawdown (SOL, realised, closed positions)"] == "0.0300"
+    assert dict(html.PLOTS)["equity"] == (
+        "Equity curve: realised PnL of the closed positions after fees, trade by trade"
+    )
+    from pumpflow.cli.backtest import Report
+
+    report = Report(
+        name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=0, orders=Counter(),
+        entries=2, bought_sol=0.4, realized_sol=-0.05, unrealized_sol=0.0, open_positions=1,
+        closed_positions=1, wins=0, fees_sol=0.0, max_drawdown_sol=0.03,
+    )  # fmt: skip
+    assert "max drawdown (realised, closed positions) 0.0300 SOL" in report.text()
 
 
 def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():

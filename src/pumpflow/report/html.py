@@ -14,7 +14,7 @@ from pumpflow.report.results import LIFECYCLE, Results, equity_curve, save, summ
 
 #: the plots, in page order: (element id, caption)
 PLOTS = (
-    ("equity", "Equity curve: realised PnL after fees, trade by trade"),
+    ("equity", "Equity curve: realised PnL of the closed positions after fees, trade by trade"),
     ("pnl-per-trade", "PnL per closed trade"),
     ("exits", "Exits by rule"),
     ("lifecycle", "Lifecycle funnel: tokens by state reached"),

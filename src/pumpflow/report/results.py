@@ -107,7 +107,9 @@ def calibration_bins(
 
 
 def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
-    """(time, realised PnL so far) at each closed trade, starting from zero."""
+    """(time, realised PnL of the closed trades so far) at each closed trade, starting
+    from zero; an open position's partial sales are not in it (the ledger keeps a
+    position's realised PnL, not each sale's)."""
     closed = [t for t in trades if t.closed_at is not None]
     # positions closed at the same time in the order of their openings and tokens: their
     # ids come from the ids of the events that decided them, which differ from run to
@@ -124,7 +126,8 @@ def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
 
 
 def max_drawdown(trades: Sequence[Trade]) -> float:
-    """The largest fall of realised PnL from its running peak, trade by trade."""
+    """The largest fall of the closed trades' realised PnL from its running peak, trade
+    by trade (:func:`equity_curve`)."""
     peak = drawdown = 0.0
     for _, total in equity_curve(trades):
         peak = max(peak, total)
@@ -150,7 +153,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
         ("realised PnL (SOL, after fees)", f"{realized:+.4f}"),
         ("open positions at their mark (SOL)", f"{unrealized:+.4f}{unmarked_note(unmarked)}"),
         ("total PnL (SOL)", f"{realized + unrealized:+.4f}{unmarked_note(unmarked)}"),
-        ("max drawdown (SOL, realised)", f"{max_drawdown(trades):.4f}"),
+        ("max drawdown (SOL, realised, closed positions)", f"{max_drawdown(trades):.4f}"),
         ("fees (SOL)", f"{sum(t.fees_sol for t in trades):.4f}"),
         ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),
         ("exits by rule", ", ".join(f"{k} {v}" for k, v in sorted(exits.items())) or "none"),
