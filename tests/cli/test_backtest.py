@@ -134,6 +134,19 @@ async def test_frames_recorded_in_postgres_are_the_dataset_s(dataset, pg_pool, p
     assert sorted(recorded) == sorted(dataset_frames(dataset))
 
 
+def test_a_postgres_window_is_in_its_source():
+    """Two windows of one schema are two streams: their reports and documents tell them
+    apart."""
+    from pumpflow.cli.backtest import postgres_source
+
+    assert postgres_source("live", None, None) == "postgres live"
+    assert postgres_source("live", START, None) == "postgres live, from 2023-11-14 22:13:20 UTC"
+    assert postgres_source("live", START, START + 3600) == (
+        "postgres live, from 2023-11-14 22:13:20 UTC to 2023-11-14 23:13:20 UTC"
+    )
+    assert postgres_source("live", None, START) == "postgres live, to 2023-11-14 22:13:20 UTC"
+
+
 EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
 
 

@@ -141,6 +141,19 @@ async def database_frames(
         await pool.close()
 
 
+def postgres_source(schema: str, start: float | None, end: float | None) -> str:
+    """What a backtest of the schema's window replays, as its reports name it."""
+    from datetime import UTC, datetime
+
+    def utc(at: float) -> str:
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    window = ([f"from {utc(start)}"] if start is not None else []) + (
+        [f"to {utc(end)}"] if end is not None else []
+    )
+    return f"postgres {schema}" + (f", {' '.join(window)}" if window else "")
+
+
 # ------------------------------------------------------------------ configurations
 
 
@@ -863,7 +876,7 @@ def backtest_command(args: argparse.Namespace) -> int:
             )
         except NoSuchSchema as exc:
             raise SystemExit(f"pumpflow backtest: {exc}: no history to replay") from None
-        source = f"postgres {schema}"
+        source = postgres_source(schema, args.start, args.end)
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
     named = bool(args.config or args.configs)
