@@ -147,6 +147,15 @@ def test_a_postgres_window_is_in_its_source():
     assert postgres_source("live", None, START) == "postgres live, to 2023-11-14 22:13:20 UTC"
 
 
+def test_a_window_that_ends_before_it_starts_is_refused_not_replayed_empty(capsys):
+    with pytest.raises(
+        SystemExit,
+        match=r"--end \(2023-11-14 22:13:20 UTC\) is not after --start \(2023-11-14 22:14:20 UTC\)",
+    ):
+        main(["backtest", "--start", str(START + 60), "--end", str(START), "--quiet"])
+    assert capsys.readouterr().out == ""
+
+
 EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
 
 

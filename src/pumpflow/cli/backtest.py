@@ -141,15 +141,16 @@ async def database_frames(
         await pool.close()
 
 
-def postgres_source(schema: str, start: float | None, end: float | None) -> str:
-    """What a backtest of the schema's window replays, as its reports name it."""
+def _utc(at: float) -> str:
     from datetime import UTC, datetime
 
-    def utc(at: float) -> str:
-        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-    window = ([f"from {utc(start)}"] if start is not None else []) + (
-        [f"to {utc(end)}"] if end is not None else []
+
+def postgres_source(schema: str, start: float | None, end: float | None) -> str:
+    """What a backtest of the schema's window replays, as its reports name it."""
+    window = ([f"from {_utc(start)}"] if start is not None else []) + (
+        [f"to {_utc(end)}"] if end is not None else []
     )
     return f"postgres {schema}" + (f", {' '.join(window)}" if window else "")
 
@@ -808,6 +809,11 @@ def check_source_flags(args: argparse.Namespace) -> None:
     ]
     if stray:
         raise SystemExit(f"pumpflow backtest: {', '.join(stray)}: not for {source}")
+    if args.start is not None and args.end is not None and args.end <= args.start:
+        raise SystemExit(
+            f"pumpflow backtest: --end ({_utc(args.end)}) is not after --start "
+            f"({_utc(args.start)}): the window holds nothing to replay"
+        )
 
 
 def backtest_command(args: argparse.Namespace) -> int:
