@@ -115,6 +115,15 @@ def test_train_says_how_to_use_the_model_and_that_works(tmp_path, capsys):
     assert shipped["results"]["predictions"] > 0 and mine["results"]["predictions"] > 0
 
 
+@pytest.mark.parametrize("where", [["--out", "/proc/nonexistent/m.onnx"],
+                                   ["--registry", "/proc/nonexistent"]])  # fmt: skip
+def test_a_model_that_cannot_be_written_is_refused_before_the_history_is_read(where, capsys):
+    """Training takes minutes on a long history: its model must not be lost at the end."""
+    argv = ["train", "--dataset", "/nonexistent/market.jsonl", *where]
+    assert cli_main.main(argv) == 1
+    assert "pumpflow train: /proc/nonexistent: No such file or directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("sources", "stream"),
     [

@@ -369,6 +369,7 @@ def unseen_stream(args: argparse.Namespace) -> list[str]:
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
+    from pumpflow.cli.report import writable
     from pumpflow.common.model.card import LabelDefinition
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
     from pumpflow.common.model.registry import ModelRegistry, write_model
@@ -395,12 +396,14 @@ def run_training(args: argparse.Namespace, *, progress: bool):
     if sources > 1:
         raise SystemExit("pumpflow train: give one history source")
     skip = args.skip_minutes
+    if args.sim_seeds and skip >= args.sim_minutes:
+        raise SystemExit(
+            f"pumpflow train: --skip-minutes {skip:g} drops every row of a "
+            f"{args.sim_minutes:g}-minute market"
+        )
+    # where the model goes, before a training that may take minutes is lost at its end
+    writable(args.out if args.out is not None else args.registry / "model.onnx")
     if args.sim_seeds:
-        if skip >= args.sim_minutes:
-            raise SystemExit(
-                f"pumpflow train: --skip-minutes {skip:g} drops every row of a "
-                f"{args.sim_minutes:g}-minute market"
-            )
         dataset = _simulated(
             args.sim_seeds, args.sim_minutes, args.sim_start_epoch, label, progress, skip
         )
@@ -451,14 +454,12 @@ def train_command(args: argparse.Namespace) -> int:
     from pumpflow.model.training import TrainingError
     from pumpflow.simulator.dataset import DatasetError
 
-    try:
-        if args.default:
-            from pumpflow.model import DEFAULT_MODEL_PATH
+    if args.default:
+        from pumpflow.model import DEFAULT_MODEL_PATH
 
-            args = default_args(DEFAULT_MODEL_PATH)
-            path, trained = run_training(args, progress=True)
-        else:
-            path, trained = run_training(args, progress=True)
+        args = default_args(DEFAULT_MODEL_PATH)
+    try:
+        path, trained = run_training(args, progress=True)
     except (TrainingError, DatasetError, NoSuchSchema) as exc:
         print(f"pumpflow train: {exc}", file=sys.stderr)
         return 1
