@@ -263,6 +263,10 @@ def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypa
     skipped = config["results"]["entries_skipped"]
     assert skipped["creator sold"] > 0  # the environment's
     assert skipped["score # < 0.5"] > 0  # the base's, which the environment leaves
+    # the document says the base that ran, the environment's setting in it
+    assert json.loads(out.read_text())["base"] == {
+        "trading_min_score": 0.5, "trading_reject_creator_sold": True
+    }  # fmt: skip
 
 
 def test_a_simulated_stream_s_launch_rate_is_in_its_source(tmp_path, capsys):

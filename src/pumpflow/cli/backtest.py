@@ -186,11 +186,14 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_config() -> dict[str, Any]:
-    """The base of every configuration: ``pumpflow run``'s trading settings less those
-    the environment or the config file sets, which win here as they do there."""
-    settings = configurable_settings()["trading"]
-    given = settings.load(service="trading", transport="memory").model_fields_set
-    return {key: value for key, value in RUN_CONFIG.items() if key not in given}
+    """The base of every configuration: ``pumpflow run``'s trading settings, those the
+    environment or the config file sets at their values there, which win here as they do
+    there."""
+    loaded = configurable_settings()["trading"].load(service="trading", transport="memory")
+    given = loaded.model_fields_set
+    return {
+        key: getattr(loaded, key) if key in given else value for key, value in RUN_CONFIG.items()
+    }
 
 
 def check_config(name: str, config: Mapping[str, Any]) -> None:

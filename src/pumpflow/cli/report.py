@@ -148,9 +148,7 @@ def write_backtest_reports(
         changed = settings.get(r.name) or {}
         notes = {
             "settings": ", ".join(f"{k}={v}" for k, v in changed.items()) or "the base's",
-            "base": ", ".join(f"{k}={v}" for k, v in base.items()) + " (pumpflow run's)"
-            if base
-            else "pumpflow run's, as the environment sets them",
+            "base": ", ".join(f"{k}={v}" for k, v in base.items()) + " (pumpflow run's)",
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
             "live AUC": r.auc_text(),
