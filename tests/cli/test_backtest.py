@@ -433,6 +433,17 @@ async def test_each_configuration_measures_live_precision_where_its_trading_ente
         assert {t for _, t in result.precision.values()} == {min_score}
 
 
+def test_the_reasons_for_no_order_say_a_prediction_counts_under_each_of_its_own():
+    """A prediction refused for its score and its traders counts under both: the counts
+    add up to more than the predictions, which the line must not leave to a guess."""
+    from pumpflow.cli.console import no_order_line
+
+    assert no_order_line({"score # < 0.5": 3, "creator sold": 2}) == (
+        "predictions without an order, by reason (each under every reason it had): "
+        "score # < 0.5 x3; creator sold x2"
+    )
+
+
 def test_exits_by_rule_read_as_the_table_has_them():
     from collections import Counter
 

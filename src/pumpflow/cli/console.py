@@ -34,8 +34,9 @@ def position_pnl(position: Position) -> str:
 
 
 def no_order_line(reasons: Mapping[str, int]) -> str:
-    """Why predictions ordered nothing, by reason (trading's, numbers left out)."""
-    return "predictions without an order, by reason: " + (
+    """Why predictions ordered nothing, by reason (trading's, numbers left out); one
+    refused for several reasons counts under each."""
+    return "predictions without an order, by reason (each under every reason it had): " + (
         "; ".join(f"{reason} x{n}" for reason, n in reasons.items()) or "none"
     )
 
