@@ -444,6 +444,30 @@ def test_the_reasons_for_no_order_say_a_prediction_counts_under_each_of_its_own(
     )
 
 
+def test_the_table_names_the_arms_of_a_configuration_with_several():
+    """Two arms' live figures side by side: which is which is the comparison."""
+    from collections import Counter
+
+    from pumpflow.cli.backtest import Report, comparison_table
+
+    def report(name: str, auc: dict, precision: dict) -> Report:
+        return Report(
+            name=name, frames=10, seconds=1.0, cpu_s=1.0, predictions=9, orders=Counter(),
+            entries=0, bought_sol=0.0, realized_sol=0.0, unrealized_sol=0.0, open_positions=0,
+            closed_positions=0, wins=0, fees_sol=0.0, max_drawdown_sol=0.0, auc=auc,
+            precision=precision,
+        )  # fmt: skip
+
+    ab = report("ab", {"entry/entry": (0.61, 40), "alt/alt": (0.58, 40)},
+                {"entry/entry": (0.5, 0.5), "alt/alt": (0.25, 0.5)})  # fmt: skip
+    one = report("one", {"entry/control": (0.7, 40)}, {"entry/control": (0.4, 0.5)})
+    rows = comparison_table([ab, one]).splitlines()
+    assert rows[2].endswith(
+        "| entry/entry 0.610, alt/alt 0.580 | entry/entry 0.500, alt/alt 0.250 |"
+    )
+    assert rows[3].endswith("| 0.700 | 0.400 |")
+
+
 def test_exits_by_rule_read_as_the_table_has_them():
     from collections import Counter
 

@@ -688,6 +688,13 @@ def progress_for(label: str, *, every: float, out: TextIO = sys.stderr) -> Progr
     return ProgressLine(label, every=every, out=out)
 
 
+def _arms(figures: Mapping[str, float]) -> str:
+    """Each "model/arm"'s live figure, named when there are several."""
+    if len(figures) == 1:
+        return _figure(next(iter(figures.values())))
+    return ", ".join(f"{arm} {_figure(value)}" for arm, value in figures.items()) or "n/a"
+
+
 def comparison_table(reports: Sequence[Report]) -> str:
     """One row per configuration, in markdown."""
     rows = [
@@ -698,8 +705,8 @@ def comparison_table(reports: Sequence[Report]) -> str:
     ]
     for r in reports:
         o = r.orders
-        auc = ", ".join(_figure(a) for a, _ in r.auc.values()) or "n/a"
-        precision = ", ".join(_figure(p) for p, _ in r.precision.values()) or "n/a"
+        auc = _arms({arm: a for arm, (a, _) in r.auc.items()})
+        precision = _arms({arm: p for arm, (p, _) in r.precision.items()})
         exits = r.exits_text() or "-"
         rows.append(
             f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "
