@@ -340,14 +340,19 @@ def test_a_setting_given_twice_in_one_configuration_is_refused():
         parse_config("a=trading_min_score=0.5,exit_max_hold_s=60,trading_min_score=0.7")
 
 
-def test_a_setting_no_service_has_is_refused(dataset):
-    with pytest.raises(SystemExit, match="no setting 'trading_min_scor'"):
-        main(["backtest", "--dataset", dataset, "--config", "typo=trading_min_scor=0.5"])
+def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="configuration 'typo': no setting 'trading_min_scor'"):
+        main(["backtest", "--dataset", dataset, "--config", "good",
+              "--config", "typo=trading_min_scor=0.5"])  # fmt: skip
+    # a table of a file, a table in it taken for a setting
+    (tmp_path / "strategies.toml").write_text("[good]\n[deep]\n[deep.exit]\nexit_max_hold_s = 1\n")
+    with pytest.raises(SystemExit, match="configuration 'deep': no setting 'exit'"):
+        main(["backtest", "--dataset", dataset, "--configs", str(tmp_path / "strategies.toml")])
 
 
 @pytest.mark.parametrize("key", ["partitions", "transport", "service"])
 def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key):
-    with pytest.raises(SystemExit, match=f"{key!r} is the backtest's own"):
+    with pytest.raises(SystemExit, match=f"configuration 'mine': {key!r} is the backtest's own"):
         main(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"])
 
 

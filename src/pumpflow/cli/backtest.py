@@ -202,11 +202,11 @@ def check_config(name: str, config: Mapping[str, Any]) -> None:
     from pumpflow.common.runtime.settings import SettingsError
 
     classes = configurable_settings()
-    for service, settings in service_overrides(config).items():
-        try:
+    try:
+        for service, settings in service_overrides(config).items():
             classes[service].load(service=service, transport="memory", **settings)
-        except SettingsError as exc:
-            raise ValueError(f"configuration {name!r}: {exc}") from None
+    except (SettingsError, ValueError) as exc:
+        raise ValueError(f"configuration {name!r}: {exc}") from None
 
 
 def check_models(name: str | None, config: Mapping[str, Any], at: float) -> None:
