@@ -51,6 +51,17 @@ def test_a_bad_value_names_the_variable_and_the_reason(monkeypatch, variable, va
     assert reason in message
 
 
+class ListSettings(CommonSettings):
+    example_weights: list[float] = Field(default_factory=list, description="JSON list")
+
+
+def test_a_bad_item_of_a_list_names_the_variable_and_the_item(monkeypatch):
+    """Not a variable of the item's place (``PUMPFLOW_EXAMPLE_WEIGHTS_1``, none such)."""
+    monkeypatch.setenv("PUMPFLOW_EXAMPLE_WEIGHTS", '[0.5, "x"]')
+    with pytest.raises(SettingsError, match=r"PUMPFLOW_EXAMPLE_WEIGHTS\[1\]: Input should"):
+        ListSettings.load()
+
+
 def test_every_bad_variable_is_named_at_once(monkeypatch):
     monkeypatch.setenv("PUMPFLOW_PARTITIONS", "x")
     monkeypatch.setenv("PUMPFLOW_LOG_FORMAT", "xml")

@@ -212,6 +212,11 @@ def unset_if_empty(field: FieldInfo, value: Any) -> Any:
         raise ValueError(f"not JSON ({exc})") from None
 
 
+def _within(loc: tuple) -> str:
+    """Where in a list or mapping setting's value an error is (``[0][1]``), if it is."""
+    return "".join(f"[{part}]" for part in loc[1:])
+
+
 def _known_groups(value: str | None) -> str | None:
     """``consumer_groups`` once each of its names is a consumer group (a typo would only
     fail once a replica connected, declaring them)."""
@@ -399,7 +404,8 @@ class CommonSettings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{cls._origin(err['loc'], overrides)}: {err['msg']}" for err in exc.errors()
+                f"{cls._origin(err['loc'], overrides)}{_within(err['loc'])}: {err['msg']}"
+                for err in exc.errors()
             )
             raise SettingsError(f"invalid settings: {problems}") from None
 
@@ -447,7 +453,7 @@ class CommonSettings(BaseSettings):
         if name.isupper():  # an alias such as PUMPPORTAL_WS_URL, read without the prefix
             return name
         prefix = cls.model_config.get("env_prefix", "")
-        return f"{prefix}{'_'.join(str(p) for p in loc).upper()}"
+        return f"{prefix}{name.upper()}"
 
 
 class PumpPortalKeySettings(CommonSettings):
