@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def shown(value) -> str:
         return "unset"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, tuple | list):
+        return json.dumps(value, separators=(",", ":"))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -587,3 +587,17 @@ def test_a_recording_backtests_as_the_stream_it_recorded(recording, tmp_path):
 
     again = asyncio.run(run_backtest(frames, RUN_CONFIG))
     assert again.results() == results
+
+
+def test_configurations_compare_exit_ladders(tmp_path):
+    """The exit's take-profit ladder is a setting: a configuration that takes half at
+    +10% sells where the base's ladder (first step +50%) holds."""
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--seed", str(SEED), "--minutes", str(MINUTES), "--quiet",
+                 "--config", "base", "--config", "ladder=exit_take_profit=[[0.1,0.5]]",
+                 "--json", str(out), "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    base, ladder = (c["results"] for c in json.loads(out.read_text())["configurations"])
+    assert base["orders"]["sell"]["requested"] == 0
+    assert ladder["orders"]["sell"]["filled"] > 0
+    assert ladder["realized_sol"] != base["realized_sol"]
+    assert ladder["entries"] == base["entries"] > 0

@@ -24,10 +24,20 @@ from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import TokenEvents, drop_schema, eventually, free_port, http_json
 from pumpflow.common.testing.plugin import bus_harness_fixture
+from pumpflow.exit.records import MemoryExitStore
 from pumpflow.exit.service import ExitService
 from pumpflow.exit.settings import ExitSettings
 
-from .helpers import START, FlakyExitStore, embedded, exit_service, filled, on_broker, opened
+from .helpers import (
+    START,
+    FlakyExitStore,
+    embedded,
+    exit_service,
+    filled,
+    on_broker,
+    opened,
+    started,
+)
 
 HELD = 1e6
 PARTITIONS = 4
@@ -564,3 +574,46 @@ async def test_tokens_added_while_a_full_exit_is_under_way_are_sold_by_it():
         last = watch.payloads("exit.order")[-1]
         assert (last.reason, last.order_id[-1]) == ("trailing_stop", "2")
         assert last.token_amount == pytest.approx(HELD * 0.5)
+
+
+async def test_the_ladder_of_the_settings_sells_the_position():
+    """``exit_take_profit`` is the ladder the rules sell by: half at +30% (the default
+    ladder's first step is +50%)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    service = exit_service(exit_take_profit="[[0.3, 0.5]]")
+    async with embedded(clock, service) as (system, watch):
+        mint, position = await held_position(system.bus, tokens)
+        await _buy_until(system.bus, tokens, mint, position.data.entry_price * 1.3)
+        [order] = watch.payloads("exit.order")
+        assert order.reason == "take_profit_1"
+        assert order.token_amount == pytest.approx(HELD * 0.5)
+
+
+async def test_a_replica_started_with_another_ladder_keeps_the_steps_fired_by_their_place():
+    """A position's steps that fired are stored by their place in the ladder: the
+    replica that follows with another ladder takes its first step as fired and sells the
+    second's share of the tokens bought at the second's gain."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    records = MemoryExitStore()
+    first = exit_service(records)
+    async with embedded(clock, first) as (system, watch):
+        bus = system.bus
+        mint, position = await held_position(bus, tokens)
+        entry = position.data.entry_price
+        await _buy_until(bus, tokens, mint, entry * 1.5)
+        [step] = watch.payloads("exit.order")
+        assert step.reason == "take_profit_1"
+        assert step.token_amount == pytest.approx(HELD * 0.25)
+        await first.stop()
+        second = await started(system, records, exit_take_profit="[[0.3, 0.25], [0.6, 0.5]]")
+        try:
+            await _buy_until(bus, tokens, mint, entry * 1.55)
+            assert watch.count("exit.order") == 1
+            await _buy_until(bus, tokens, mint, entry * 1.6)
+            [_, later] = watch.payloads("exit.order")
+            assert later.reason == "take_profit_2"
+            assert later.token_amount == pytest.approx(HELD * 0.5)
+        finally:
+            await second.stop()

@@ -6,15 +6,40 @@ methods import the parts they configure, which the fields do not need.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from pumpflow.common.exit import ExitRules, GracefulExitConfig
+from pumpflow.common.exit import ExitRules, GracefulExitConfig, TakeProfitStep, TrailBand
 from pumpflow.common.runtime.settings import CommonSettings
 
 if TYPE_CHECKING:
     from pumpflow.common.consumer import KeyedConsumerConfig
+
+#: (gain, share of the tokens bought) of each take-profit step, or (peak gain, giveback)
+#: of each trailing band, as the settings give them (JSON lists of pairs)
+Pairs = tuple[tuple[float, float], ...]
+
+
+def take_profit_steps(pairs: Pairs) -> tuple[TakeProfitStep, ...]:
+    return tuple(TakeProfitStep(gain=gain, fraction=share) for gain, share in pairs)
+
+
+def trail_bands(pairs: Pairs) -> tuple[TrailBand, ...]:
+    return tuple(TrailBand(peak_gain=peak, giveback=giveback) for peak, giveback in pairs)
+
+
+def _ladder(pairs: Pairs) -> Pairs:
+    """``pairs`` once the rules take them as their ladder (their reason, if not)."""
+    ExitRules(take_profit=take_profit_steps(pairs))
+    return pairs
+
+
+def _bands(pairs: Pairs) -> Pairs:
+    """``pairs`` once the rules take them as their trailing bands (their reason, if not)."""
+    ExitRules(trailing=trail_bands(pairs))
+    return pairs
+
 
 _RULES = ExitRules()
 _GRACEFUL = GracefulExitConfig()
@@ -35,6 +60,24 @@ class ExitSettings(CommonSettings):
     exit_slippage_pct: float = Field(
         10.0, gt=0, le=100, description="slippage limit of a rule's sale"
     )
+    exit_take_profit: Annotated[Pairs, AfterValidator(_ladder)] = Field(
+        tuple((step.gain, step.fraction) for step in _RULES.take_profit),
+        description="take-profit ladder, a JSON list of [gain, share] steps by rising gain: "
+        "at each gain over the entry (0.5: +50%) sell that share of the tokens bought "
+        "(shares in (0, 1], all of them 1 at most; [] or empty: off). A position's steps "
+        "that fired are kept by their place in the ladder: a replica started with another "
+        "ladder takes an open position's first n steps as fired when its first n had, and "
+        "sells the later ones' shares of the tokens bought as their gains are reached, "
+        "never more than is left",
+    )
+    exit_trailing: Annotated[Pairs, AfterValidator(_bands)] = Field(
+        tuple((band.peak_gain, band.giveback) for band in _RULES.trailing),
+        description="trailing stop, a JSON list of [peak gain, giveback] bands by rising "
+        "peak gain: the first band's gain arms it, and a fall of the giveback of the last "
+        "band reached from the peak sells all (givebacks in (0, 1), none above the one "
+        "before; [] or empty: off); a replica started with other bands applies them to an "
+        "open position's peak at once",
+    )
     exit_stop_loss: float | None = Field(
         _RULES.stop_loss, description="fall from the entry that sells all (empty: off)"
     )
@@ -44,6 +87,19 @@ class ExitSettings(CommonSettings):
     exit_stale_after_s: float | None = Field(
         _RULES.stale_after_s,
         description="a position without the stale gain is sold after (empty: off)",
+    )
+    exit_stale_min_gain: float = Field(
+        _RULES.stale_min_gain,
+        gt=-1,
+        description="gain over the entry a position needs after exit_stale_after_s to be "
+        "kept (0.1: +10%)",
+    )
+    exit_decline_fraction: float | None = Field(
+        _RULES.decline_fraction,
+        gt=0,
+        le=1,
+        description="share of what is left sold when the token turns declining, again "
+        "after each recovery to active (empty: off)",
     )
     exit_quiet_s: float | None = Field(
         _RULES.quiet_s,
@@ -106,9 +162,13 @@ class ExitSettings(CommonSettings):
 
     def rules(self) -> ExitRules:
         return ExitRules(
+            take_profit=take_profit_steps(self.exit_take_profit),
+            trailing=trail_bands(self.exit_trailing),
             stop_loss=self.exit_stop_loss,
             max_hold_s=self.exit_max_hold_s,
             stale_after_s=self.exit_stale_after_s,
+            stale_min_gain=self.exit_stale_min_gain,
+            decline_fraction=self.exit_decline_fraction,
             quiet_s=self.exit_quiet_s,
             refused_retry_s=min(self.exit_refused_retry_s, self.exit_refused_retry_max_s),
             refused_retry_max_s=self.exit_refused_retry_max_s,

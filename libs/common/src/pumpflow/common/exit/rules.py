@@ -137,6 +137,42 @@ class TrailBand:
     giveback: float
 
 
+def check_take_profit(steps: Iterable[TakeProfitStep]) -> None:
+    """Refuse a ladder that is not steps by rising positive gain, each selling a share in
+    (0, 1] of the tokens bought, all of them together the whole at most (ValueError)."""
+    steps = tuple(steps)
+    for step in steps:
+        if not step.gain > 0:
+            raise ValueError(f"a step's gain ({step.gain:g}) is not above 0 (0.5 is +50%)")
+        if not 0 < step.fraction <= 1:
+            raise ValueError(f"a step's share ({step.fraction:g}) is not in (0, 1]")
+    if any(b.gain <= a.gain for a, b in itertools.pairwise(steps)):
+        raise ValueError("the steps' gains do not rise from one step to the next")
+    if (total := sum(s.fraction for s in steps)) > 1 + 1e-9:
+        raise ValueError(f"the steps sell {total:g} of the tokens bought, more than the whole (1)")
+
+
+def check_trailing(bands: Iterable[TrailBand]) -> None:
+    """Refuse trailing bands that are not by rising peak gain (0 or more), each giving
+    back a fall in (0, 1) from the peak, tightening as the peak gain grows (ValueError)."""
+    bands = tuple(bands)
+    for band in bands:
+        if not band.peak_gain >= 0:
+            raise ValueError(f"a band's peak gain ({band.peak_gain:g}) is below 0")
+        if not 0 < band.giveback < 1:
+            raise ValueError(
+                f"a band's giveback ({band.giveback:g}) is not in (0, 1): "
+                "1 gives back the whole peak and more"
+            )
+    if any(b.peak_gain <= a.peak_gain for a, b in itertools.pairwise(bands)):
+        raise ValueError("the bands' peak gains do not rise from one band to the next")
+    if any(b.giveback > a.giveback for a, b in itertools.pairwise(bands)):
+        raise ValueError(
+            "a band gives back more than the one before: a trailing stop only "
+            "tightens as the peak gain grows"
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExitRules:
     """Parameters of every exit rule; defaults argued in the module docstring.
@@ -173,16 +209,8 @@ class ExitRules:
     refused_retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        gains = [s.gain for s in self.take_profit]
-        if gains != sorted(gains) or any(not 0 < s.fraction <= 1 for s in self.take_profit):
-            raise ValueError("take-profit steps need rising gains and fractions in (0, 1]")
-        if sum(s.fraction for s in self.take_profit) > 1 + 1e-9:
-            raise ValueError("take-profit steps sell more than the position")
-        peaks = [b.peak_gain for b in self.trailing]
-        if peaks != sorted(peaks) or any(not 0 < b.giveback < 1 for b in self.trailing):
-            raise ValueError("trailing bands need rising peak gains and givebacks in (0, 1)")
-        if any(b.giveback > a.giveback for a, b in itertools.pairwise(self.trailing)):
-            raise ValueError("a trailing stop only tightens as the peak gain grows")
+        check_take_profit(self.take_profit)
+        check_trailing(self.trailing)
         if self.stop_loss is not None and not 0 < self.stop_loss < 1:
             raise ValueError("stop_loss must be in (0, 1)")
         for name in ("decline_fraction", "migration_fraction"):
