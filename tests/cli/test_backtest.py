@@ -148,12 +148,20 @@ def test_a_postgres_window_is_in_its_source():
 
 
 def test_a_window_that_ends_before_it_starts_is_refused_not_replayed_empty(capsys):
-    with pytest.raises(
-        SystemExit,
-        match=r"--end \(2023-11-14 22:13:20 UTC\) is not after --start \(2023-11-14 22:14:20 UTC\)",
-    ):
-        main(["backtest", "--start", str(START + 60), "--end", str(START), "--quiet"])
-    assert capsys.readouterr().out == ""
+    said = refused(["backtest", "--start", str(START + 60), "--end", str(START), "--quiet"], capsys)
+    assert (
+        "pumpflow backtest: --end (2023-11-14 22:13:20 UTC) is not after --start "
+        "(2023-11-14 22:14:20 UTC)"
+    ) in said
+
+
+def refused(argv: list[str], capsys) -> str:
+    """What ``pumpflow`` says on stderr refusing ``argv`` as bad input: with status 2 and
+    before anything ran (nothing on stdout)."""
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert said.out == ""
+    return said.err
 
 
 EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
@@ -296,10 +304,10 @@ def test_the_json_document_is_refused_where_a_report_saves_its_results(
     dataset, tmp_path, capsys, configs, document
 ):
     # each report saves its results beside it (.json): the document would be lost
-    with pytest.raises(SystemExit, match=r"--json .* the results of the report"):
-        main(["backtest", "--dataset", dataset, "--quiet", *configs, "--report",
-              str(tmp_path / "eager.html"), "--json", str(tmp_path / document)])  # fmt: skip
-    assert capsys.readouterr().out == ""  # refused before anything ran
+    said = refused(["backtest", "--dataset", dataset, "--quiet", *configs, "--report",
+                    str(tmp_path / "eager.html"), "--json", str(tmp_path / document)],
+                   capsys)  # fmt: skip
+    assert re.search(r"^pumpflow backtest: --json .* the results of the report", said)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -313,9 +321,8 @@ def test_the_json_document_is_refused_where_a_report_saves_its_results(
 )
 def test_a_flag_of_another_source_is_refused_not_ignored(dataset, given, flags, capsys):
     """--minutes with a dataset would replay all of it where a minute was asked."""
-    with pytest.raises(SystemExit, match=f"{flags}: not for --dataset"):
-        main(["backtest", "--dataset", dataset, "--quiet", *given])
-    assert capsys.readouterr().out == ""  # nothing run
+    said = refused(["backtest", "--dataset", dataset, "--quiet", *given], capsys)
+    assert f"pumpflow backtest: {flags}: not for --dataset" in said
 
 
 def test_a_configuration_s_json_value_keeps_its_commas():
@@ -340,20 +347,22 @@ def test_a_setting_given_twice_in_one_configuration_is_refused():
         parse_config("a=trading_min_score=0.5,exit_max_hold_s=60,trading_min_score=0.7")
 
 
-def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, tmp_path):
-    with pytest.raises(SystemExit, match="configuration 'typo': no setting 'trading_min_scor'"):
-        main(["backtest", "--dataset", dataset, "--config", "good",
-              "--config", "typo=trading_min_scor=0.5"])  # fmt: skip
+def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, tmp_path, capsys):
+    said = refused(["backtest", "--dataset", dataset, "--config", "good",
+                    "--config", "typo=trading_min_scor=0.5"], capsys)  # fmt: skip
+    assert "configuration 'typo': no setting 'trading_min_scor'" in said
     # a table of a file, a table in it taken for a setting
     (tmp_path / "strategies.toml").write_text("[good]\n[deep]\n[deep.exit]\nexit_max_hold_s = 1\n")
-    with pytest.raises(SystemExit, match="configuration 'deep': no setting 'exit'"):
-        main(["backtest", "--dataset", dataset, "--configs", str(tmp_path / "strategies.toml")])
+    said = refused(
+        ["backtest", "--dataset", dataset, "--configs", str(tmp_path / "strategies.toml")], capsys
+    )
+    assert "configuration 'deep': no setting 'exit'" in said
 
 
 @pytest.mark.parametrize("key", ["partitions", "transport", "service"])
-def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key):
-    with pytest.raises(SystemExit, match=f"configuration 'mine': {key!r} is the backtest's own"):
-        main(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"])
+def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key, capsys):
+    said = refused(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"], capsys)
+    assert f"configuration 'mine': {key!r} is the backtest's own" in said
 
 
 @pytest.mark.parametrize("name", ["a/b", "../up"])
@@ -364,17 +373,36 @@ def test_a_configuration_name_that_cannot_name_its_report_is_refused_before_any_
     (tmp_path / "strategies.toml").write_text(f'["{name}"]\ntrading_min_score = 0.5\n')
     for given in (["--config", f"{name}=trading_min_score=0.5"],
                   ["--configs", str(tmp_path / "strategies.toml")]):  # fmt: skip
-        with pytest.raises(SystemExit, match=f"configuration {name!r}: .*report"):
-            main(["backtest", "--dataset", dataset, "--quiet", "--config", "defaults", *given,
-                  "--report", str(tmp_path / "r.html")])  # fmt: skip
-        assert capsys.readouterr().out == ""  # nothing read, nothing run
+        said = refused(["backtest", "--dataset", dataset, "--quiet", "--config", "defaults",
+                        *given, "--report", str(tmp_path / "r.html")], capsys)  # fmt: skip
+        assert re.search(f"configuration {re.escape(repr(name))}: .*report", said)
 
 
 def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
-    with pytest.raises(SystemExit, match=r"configuration 'strict': .*TRADING_MIN_SCORE.*less than"):
-        main(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",
-              "--config", "strict=trading_min_score=7"])  # fmt: skip
-    assert capsys.readouterr().out == ""  # nothing read, nothing run
+    said = refused(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",
+                    "--config", "strict=trading_min_score=7"], capsys)  # fmt: skip
+    assert re.search(r"configuration 'strict': .*TRADING_MIN_SCORE.*less than", said)
+
+
+@pytest.mark.parametrize("where", ["--config", "--configs", "environment", "config file"])
+def test_a_bad_value_is_refused_with_the_status_of_bad_input_wherever_it_is_given(
+    dataset, tmp_path, monkeypatch, capsys, where
+):
+    """Status 2, as argparse refuses a bad flag and pumpflow a bad setting: a script
+    tells a run it called wrongly from one that failed (1)."""
+    argv = ["backtest", "--dataset", dataset, "--quiet"]
+    if where == "--config":
+        argv += ["--config", "strict=trading_min_score=7"]
+    elif where == "--configs":
+        (tmp_path / "strategies.toml").write_text("[strict]\ntrading_min_score = 7\n")
+        argv += ["--configs", str(tmp_path / "strategies.toml")]
+    elif where == "environment":
+        monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "7")
+    else:
+        (tmp_path / "pumpflow.toml").write_text("[trading]\ntrading_min_score = 7\n")
+        monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(tmp_path / "pumpflow.toml"))
+    said = refused(argv, capsys)
+    assert re.search(r"(?i)trading_min_score.*less than", said)
 
 
 def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
@@ -408,10 +436,8 @@ def test_a_configurations_file_it_cannot_read_is_named_in_one_line(dataset, tmp_
     path = tmp_path / "strategies.toml"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(SystemExit) as refused:
-        main(["backtest", "--dataset", dataset, "--quiet", "--configs", str(path)])
-    assert str(refused.value) == f"pumpflow backtest: {path}: {said}"
-    assert capsys.readouterr().out == ""
+    assert refused(["backtest", "--dataset", dataset, "--quiet", "--configs", str(path)],
+                   capsys) == f"pumpflow backtest: {path}: {said}\n"  # fmt: skip
 
 
 def test_configurations_from_a_toml_file_join_the_table(dataset, tmp_path, capsys):

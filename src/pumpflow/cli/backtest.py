@@ -71,7 +71,7 @@ from pumpflow.cli.report import (
     write_backtest_reports,
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.runtime.arguments import epoch_time, positive
+from pumpflow.common.runtime.arguments import UsageError, epoch_time, positive
 from pumpflow.common.text import counted
 from pumpflow.report.results import unmarked_note
 
@@ -818,10 +818,10 @@ def check_source_flags(args: argparse.Namespace) -> None:
         if getattr(args, flag) is not None
     ]
     if stray:
-        raise SystemExit(f"pumpflow backtest: {', '.join(stray)}: not for {source}")
+        raise UsageError(f"{', '.join(stray)}: not for {source}")
     if args.start is not None and args.end is not None and args.end <= args.start:
-        raise SystemExit(
-            f"pumpflow backtest: --end ({_utc(args.end)}) is not after --start "
+        raise UsageError(
+            f"--end ({_utc(args.end)}) is not after --start "
             f"({_utc(args.start)}): the window holds nothing to replay"
         )
 
@@ -836,14 +836,14 @@ def backtest_command(args: argparse.Namespace) -> int:
         base = run_config()
         for name, config in configs:
             check_config(name, {**base, **config})
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"pumpflow backtest: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if len({name for name, _ in configs}) != len(configs):
-        raise SystemExit("pumpflow backtest: configuration names must differ")
+        raise UsageError("configuration names must differ")
     for name, _ in configs:
         if "/" in name or "\0" in name:
-            raise SystemExit(
-                f"pumpflow backtest: configuration {name!r}: a name without '/' (it names "
+            raise UsageError(
+                f"configuration {name!r}: a name without '/' (it names "
                 f"the configuration's report file)"
             )
     if args.report and args.json_out and args.json_out != "-":
@@ -854,15 +854,15 @@ def backtest_command(args: argparse.Namespace) -> int:
             for name, _ in configs
         }
         if Path(args.json_out).resolve() in beside:
-            raise SystemExit(
-                f"pumpflow backtest: --json {args.json_out} is where the results of the report "
+            raise UsageError(
+                f"--json {args.json_out} is where the results of the report "
                 f"are saved (beside --report {args.report}): give the document another name"
             )
     for name, _ in configs:
         # where the reports go (the reports folder without --report), before any runs
         report_writable(
             backtest_report_path(args.report, name, several=len(configs) > 1),
-            command="backtest", flag="--report",
+            flag="--report",
         )  # fmt: skip
     if args.json_out and args.json_out != "-":
         writable(args.json_out)

@@ -27,6 +27,7 @@ from pumpflow.cli import output
 from pumpflow.cli.api import URL_VARIABLES
 from pumpflow.cli.delegated import DELEGATED, delegate
 from pumpflow.cli.report import REPORTS_DIR_ENV
+from pumpflow.common.runtime.arguments import UsageError
 from pumpflow.common.runtime.settings import (
     CONFIG_FILE_VARIABLE,
     CommonSettings,
@@ -195,8 +196,9 @@ def _command(argv: Sequence[str] | None) -> int:
         return handle()
     except KeyboardInterrupt:
         return 130
-    except SettingsError as exc:
-        # a setting from the environment, the config file or a flag: the message names it
+    except (SettingsError, UsageError) as exc:
+        # a setting from the environment, the config file or a flag, or a flag the command
+        # refuses: the message names it
         print(f"pumpflow {command}: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, socket.gaierror) as exc:

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from pumpflow.common.runtime.arguments import UsageError
+
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
 
@@ -44,12 +46,12 @@ def writable(path: str | Path) -> Path:
     return path
 
 
-def report_writable(path: str | Path, *, command: str, flag: str) -> Path:
+def report_writable(path: str | Path, *, flag: str) -> Path:
     """:func:`writable` for an HTML report, whose results are saved beside it as .json:
     a report named so would be overwritten by them."""
     if Path(path).suffix.lower() == ".json":
-        raise SystemExit(
-            f"pumpflow {command}: {flag} {path}: the report's results are saved beside it "
+        raise UsageError(
+            f"{flag} {path}: the report's results are saved beside it "
             f"as .json and would overwrite it: give the report an .html name"
         )
     return writable(path)
@@ -94,7 +96,7 @@ def report_command(args: argparse.Namespace) -> int:
     if args.results and (args.dsn or args.schema):
         raise SystemExit("pumpflow report: --results or --dsn/--schema, not both")
     if args.out:
-        report_writable(args.out, command="report", flag="--out")
+        report_writable(args.out, flag="--out")
     if args.results:
         try:
             found = results.load(args.results)

@@ -123,7 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
     from pumpflow.cli.report import default_path, report_writable
 
     report = report_writable(
-        args.report or default_path("run", f"seed{args.seed}"), command="run", flag="--report"
+        args.report or default_path("run", f"seed{args.seed}"), flag="--report"
     )
     screen = _screen() if wants_dashboard(args.plain, sys.stdout) else None
     signals = StopSignals(terminal=screen is not None)

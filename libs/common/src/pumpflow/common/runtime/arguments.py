@@ -8,6 +8,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 
+class UsageError(ValueError):
+    """Flags or input a command refuses: ``pumpflow`` says why and exits 2, as argparse
+    does for its own and as for a bad setting."""
+
+
 def finite(text: str) -> float:
     """A number of an option; ``nan`` and ``inf``, which ``float`` reads, are refused (a
     NaN passes every bound check, and either can keep a run going for ever)."""
