@@ -627,3 +627,13 @@ def test_configurations_compare_exit_ladders(tmp_path):
     assert ladder["orders"]["sell"]["filled"] > 0
     assert ladder["realized_sol"] != base["realized_sol"]
     assert ladder["entries"] == base["entries"] > 0
+
+
+def test_the_report_gives_the_base_s_settings_as_the_command_line_takes_them(dataset, tmp_path):
+    """``trading_reject_creator_sold=false``, not Python's ``False``, which a reader would
+    copy into a --config it then refuses."""
+    report = tmp_path / "r.html"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--report", str(report)]) == 0
+    page = report.read_text()
+    assert "trading_min_score=0.5, trading_reject_creator_sold=false (pumpflow run" in page
+    assert "=False" not in page

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pumpflow.common.runtime.arguments import UsageError
 
@@ -131,6 +132,16 @@ def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
     return Path(path)
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as ``--config`` and the environment take it (``false``, a list
+    as JSON, empty for none), not as Python prints it (``False``)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
 def write_backtest_reports(
     reports: Sequence, path: str | None, *, source: str, base: Mapping,
     settings: Mapping[str, Mapping], said: TextIO = sys.stdout,
@@ -149,8 +160,10 @@ def write_backtest_reports(
         out = backtest_report_path(path, r.name, several=len(reports) > 1)
         changed = settings.get(r.name) or {}
         notes = {
-            "settings": ", ".join(f"{k}={v}" for k, v in changed.items()) or "the base's",
-            "base": ", ".join(f"{k}={v}" for k, v in base.items()) + " (pumpflow run's)",
+            "settings": ", ".join(f"{k}={setting_text(v)}" for k, v in changed.items())
+            or "the base's",
+            "base": ", ".join(f"{k}={setting_text(v)}" for k, v in base.items())
+            + " (pumpflow run's)",
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
             "live AUC": r.auc_text(),
