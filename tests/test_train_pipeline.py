@@ -111,7 +111,7 @@ def test_train_says_how_to_use_the_model_and_that_works(tmp_path, capsys):
     assert cli_main.main([*command, "--quiet", "--json", "-", "--report", str(report)]) == 0
     shipped, mine = json.loads(capsys.readouterr().out)["configurations"]
     assert (shipped["name"], mine["name"]) == ("shipped", "mine")
-    assert mine["settings"] == {"model_models": served} and not shipped["settings"]
+    assert mine["settings"] == {"model_models": {"entry": str(out)}} and not shipped["settings"]
     assert shipped["results"]["predictions"] > 0 and mine["results"]["predictions"] > 0
 
 

@@ -194,7 +194,7 @@ def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, tmp_pat
     assert list(configs) == ["base", "strict"]
     assert configs["base"]["settings"] == {}
     assert configs["strict"]["settings"] == {
-        "trading_min_score": "0.6", "trading_reject_creator_sold": "true"
+        "trading_min_score": 0.6, "trading_reject_creator_sold": True
     }  # fmt: skip
     base_results, strict_results = configs["base"]["results"], configs["strict"]["results"]
     assert base_results["entries"] == base_results["orders"]["buy"]["filled"] == int(base[3])
@@ -637,3 +637,28 @@ def test_the_report_gives_the_base_s_settings_as_the_command_line_takes_them(dat
     page = report.read_text()
     assert "trading_min_score=0.5, trading_reject_creator_sold=false (pumpflow run" in page
     assert "=False" not in page
+
+
+def test_the_json_document_gives_each_configuration_s_settings_as_they_ran(dataset, tmp_path):
+    """Typed as the services read them, from a flag's text as from a TOML file's values."""
+    (tmp_path / "strategies.toml").write_text(
+        "[filed]\ntrading_min_score = 0.55\ntrading_reject_creator_sold = true\n"
+        "exit_take_profit = [[0.3, 0.5]]\nexit_stop_loss = ''\n"
+    )
+    out = tmp_path / "results.json"
+    flagged = "flagged=trading_min_score=0.55,trading_reject_creator_sold=true,"
+    flagged += "exit_take_profit=[[0.3,0.5]],exit_stop_loss="
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config", flagged,
+                 "--configs", str(tmp_path / "strategies.toml"), "--json", str(out),
+                 "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    flag, filed = (c["settings"] for c in json.loads(out.read_text())["configurations"])
+    assert flag == filed
+    assert filed == {
+        "trading_min_score": 0.55,
+        "trading_reject_creator_sold": True,
+        "exit_take_profit": [[0.3, 0.5]],
+        "exit_stop_loss": None,
+    }
+    # and the reports as --config takes them
+    page = (tmp_path / "r-filed.html").read_text()
+    assert "exit_take_profit=[[0.3,0.5]], exit_stop_loss=" in page
