@@ -81,3 +81,23 @@ def test_shared_options_mean_the_same_everywhere():
                 seen[option] += 1
                 assert SHARED[option] in (action.help or ""), (path, option, action.help)
     assert all(count >= 3 for count in seen.values()), seen
+
+
+#: reStructuredText of a module's docstring: ``x``, :func:`x` and the like
+_MARKUP = re.compile(r"``|:[a-z]+:`")
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=lambda p: " ".join(p) or "pumpflow")
+def test_help_reads_as_plain_text_not_the_docstring_s_markup(path, capsys):
+    """A description taken from a module's docstring shows ``pumpflow-sim`` as
+    `pumpflow-sim`, as the options' help writes a command."""
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    out = capsys.readouterr().out
+    assert not _MARKUP.findall(out), [line for line in out.splitlines() if _MARKUP.search(line)]
+
+
+def test_a_docstring_s_roles_read_as_their_names():
+    from pumpflow.common.runtime.arguments import help_text
+
+    assert help_text("``a`` (:func:`~pkg.mod.f`, :mod:`pkg.mod`)") == "`a` (`f`, `pkg.mod`)"

@@ -71,7 +71,7 @@ from pumpflow.cli.report import (
     write_backtest_reports,
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.runtime.arguments import UsageError, epoch_time, positive
+from pumpflow.common.runtime.arguments import UsageError, epoch_time, help_text, positive
 from pumpflow.common.text import counted
 from pumpflow.report.results import unmarked_note
 
@@ -756,7 +756,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "backtest",
         help="replay a dataset, a simulated or a recorded stream through the whole system",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from pumpflow.common.events import Event, registered
+from pumpflow.common.runtime.arguments import help_text
 
 # the bus and the topology (which names every service's domain) are imported where the
 # document is made: every pumpflow command registers this one
@@ -357,7 +358,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "catalogue",
         help="write the event catalogue (AsyncAPI and markdown) from the code",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

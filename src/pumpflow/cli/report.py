@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pumpflow.common.runtime.arguments import UsageError
+from pumpflow.common.runtime.arguments import UsageError, help_text
 
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
         help="write the HTML report of saved results or of the Postgres trading ledger",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--results", metavar="FILE.json", help="results a run or backtest saved")

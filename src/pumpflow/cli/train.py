@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
-from pumpflow.common.runtime.arguments import bounded, count, epoch_time, positive, share
+from pumpflow.common.runtime.arguments import (
+    bounded,
+    count,
+    epoch_time,
+    help_text,
+    positive,
+    share,
+)
 from pumpflow.common.text import counted
 
 # the features and the models (numpy) are imported where a model is trained: every
@@ -106,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a model on history (Postgres, dataset files or simulated markets)",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)

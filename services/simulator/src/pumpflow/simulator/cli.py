@@ -12,7 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from pumpflow.common.runtime.arguments import count, finite, non_negative, positive, probability
+from pumpflow.common.runtime.arguments import (
+    count,
+    finite,
+    help_text,
+    non_negative,
+    positive,
+    probability,
+)
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
@@ -33,7 +40,7 @@ def hostile_kinds(text: str) -> tuple[str, ...]:
 
 def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
     """The simulator's parser; ``prog`` names the command it runs under."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=help_text(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def market_args(p: argparse.ArgumentParser) -> None:

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+
+#: a reStructuredText role (:func: and the like), its ``~`` and its target
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def help_text(doc: str | None) -> str | None:
+    """A module's docstring as its command's --help: reStructuredText's literals and
+    roles (double backticks, :func: and the like) in single backticks, as the options'
+    help writes a name (a role's ``~`` keeps the name's last part)."""
+    if doc is None:
+        return None
+    doc = _ROLE.sub(lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", doc)
+    return doc.replace("``", "`")
 
 
 class UsageError(ValueError):
