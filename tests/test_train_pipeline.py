@@ -102,6 +102,9 @@ def test_train_says_how_to_use_the_model_and_that_works(tmp_path, capsys):
     printed = capsys.readouterr().out
     served = json.dumps({"entry": str(out)}, separators=(",", ":"))
     assert f"PUMPFLOW_MODEL_MODELS='{served}'" in printed
+    # one seed each, said as one
+    assert "(simulator seed 21, 4 min)\n" in printed
+    assert "(simulator seed 22, 4 min)\n" in printed
     # the command as printed, on the market it was held out on: the shipped model and
     # this one, on the same settings
     command = _hinted_backtest(printed)

@@ -54,7 +54,7 @@ from pumpflow.common.runtime.arguments import (
     positive,
     share,
 )
-from pumpflow.common.text import counted
+from pumpflow.common.text import counted, noun_of
 
 # the features and the models (numpy) are imported where a model is trained: every
 # pumpflow command registers this one
@@ -318,10 +318,11 @@ def _simulated(
             )
         )
     names = ",".join(map(str, seeds))
-    each = f"{minutes:g} min each"
+    several = len(seeds) > 1
+    each = f"{minutes:g} min" + (" each" if several else "")
     if skip_minutes > 0:
-        each = f"minutes {skip_minutes:g}-{minutes:g} of each"
-    return concatenate(parts, source=f"simulator seeds {names}, {each}")
+        each = f"minutes {skip_minutes:g}-{minutes:g}" + (" of each" if several else "")
+    return concatenate(parts, source=f"simulator {noun_of(len(seeds), 'seed')} {names}, {each}")
 
 
 def files_dataset(

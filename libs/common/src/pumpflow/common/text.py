@@ -8,4 +8,10 @@ def counted(count: float, noun: str, plural: str | None = None) -> str:
     "2,500 positions", "1.5 minutes"; ``plural`` for a noun not made plural by an "s"."""
     whole = isinstance(count, int) or float(count).is_integer()
     number = f"{int(count):,}" if whole else f"{count:,g}"
-    return f"{number} {noun if count == 1 else plural or noun + 's'}"
+    return f"{number} {noun_of(count, noun, plural)}"
+
+
+def noun_of(count: float, noun: str, plural: str | None = None) -> str:
+    """``noun`` as ``count`` of it reads, without the count (of a list: "seed 4",
+    "seeds 4,5")."""
+    return noun if count == 1 else plural or noun + "s"
