@@ -1262,3 +1262,17 @@ def test_every_command_with_a_window_takes_the_same_times(command, given, monkey
         monkeypatch.undo()
         time.tzset()
     assert args.start == args.end == 1_700_000_000.0
+
+
+def test_settings_shows_values_as_the_environment_takes_them(monkeypatch, capsys):
+    """A list setting reads as the JSON its variable takes, a switch as true/false, and a
+    setting that is off as empty: what is shown can be given back as it is."""
+    monkeypatch.setenv("PUMPFLOW_EXIT_TAKE_PROFIT", "[[0.3, 0.5]]")
+    monkeypatch.setenv("PUMPFLOW_EXIT_STOP_LOSS", "")
+    assert cli_main.main(["settings", "exit"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(
+        r"PUMPFLOW_EXIT_TAKE_PROFIT\s+\[\[0\.3,0\.5\]\]\n\s+default \[\[0\.5,0\.25\],", text
+    )
+    assert re.search(r"PUMPFLOW_EXIT_STOP_LOSS\s+\(empty\)\n\s+default 0\.3;", text)
+    assert "(0.5, 0.25)" not in text and "None" not in text

@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pumpflow.common.runtime.arguments import UsageError, help_text
+from pumpflow.common.runtime.settings import setting_text
 
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
@@ -130,16 +130,6 @@ def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
     if several:
         return Path(path).with_name(f"{Path(path).stem}-{name}.html")
     return Path(path)
-
-
-def setting_text(value: Any) -> str:
-    """A setting's value as ``--config`` and the environment take it (``false``, a list
-    as JSON, empty for none), not as Python prints it (``False``)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def write_backtest_reports(

@@ -15,7 +15,7 @@ from pumpflow.common.runtime.discovery import (
     load_settings,
 )
 from pumpflow.common.runtime.logging import redact_value
-from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.common.runtime.settings import SettingsError, setting_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -137,6 +137,11 @@ def settings_command(args: argparse.Namespace) -> int:
         return 0
     width = max(len(r["variable"]) for r in rows)
     for row in rows:
-        print(f"{row['variable']:<{width}}  {row['value']!s}")
-        print(f"{'':<{width}}  default {row['default']!s}; {row['description']}")
+        print(f"{row['variable']:<{width}}  {_shown(row['value'])}")
+        print(f"{'':<{width}}  default {_shown(row['default'])}; {row['description']}")
     return 0
+
+
+def _shown(value) -> str:
+    """A setting's value as its variable takes it; ``(empty)`` for none."""
+    return setting_text(value) or "(empty)"

@@ -75,6 +75,16 @@ class SettingsError(ValueError):
     """A setting in the environment or the config file is missing or invalid."""
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as ``--config`` and the environment take it (``false``, a list
+    as JSON, empty for none), not as Python prints it (``False``)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
 def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """The config file's tables; SettingsError when it cannot be read or is not tables."""
     try:
