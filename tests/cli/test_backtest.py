@@ -427,7 +427,10 @@ def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
     ("text", "said"),
     [
         (None, "No such file or directory"),
-        ("[eager\n", "Expected ']' at the end of a table declaration (at line 1, column 7)"),
+        (
+            "[eager\n",
+            "not TOML (Expected ']' at the end of a table declaration (at line 1, column 7))",
+        ),
         ("eager = 1\n", "'eager' is not a table of settings"),
     ],
 )

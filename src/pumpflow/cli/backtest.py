@@ -272,21 +272,9 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
 
 def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
     """The configurations of a TOML file: each table is one, named by its header."""
-    import tomllib
+    from pumpflow.common.runtime.settings import read_toml_tables
 
-    try:
-        with open(path, "rb") as src:
-            document = tomllib.load(src)
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    configs = []
-    for name, settings in document.items():
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path}: {name!r} is not a table of settings")
-        configs.append((name, settings))
-    return configs
+    return list(read_toml_tables(path, path, hint=" of settings").items())
 
 
 # ------------------------------------------------------------------ the run

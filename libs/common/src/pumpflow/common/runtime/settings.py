@@ -85,22 +85,29 @@ def setting_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The config file's tables; SettingsError when it cannot be read or is not tables."""
+def read_toml_tables(path: str | Path, named: str, *, hint: str = "") -> dict[str, dict[str, Any]]:
+    """A TOML file's tables; SettingsError, naming the file as ``named``, when it cannot
+    be read or holds anything but tables (``hint`` says where settings go)."""
     try:
         with open(path, "rb") as handle:
             tables = tomllib.load(handle)
     except OSError as exc:
-        raise SettingsError(f"config file {path}: {exc.strerror}") from None
+        raise SettingsError(f"{named}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {path}: not TOML ({exc})") from None
+        raise SettingsError(f"{named}: not TOML ({exc})") from None
     for name, table in tables.items():
         if not isinstance(table, dict):
-            raise SettingsError(
-                f"config file {path}: {name!r} is not a table; put settings under "
-                f"[{COMMON_TABLE}] or a service's table"
-            )
+            raise SettingsError(f"{named}: {name!r} is not a table{hint}")
     return tables
+
+
+def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The config file's tables; SettingsError when it cannot be read or is not tables."""
+    return read_toml_tables(
+        path,
+        f"config file {path}",
+        hint=f"; put settings under [{COMMON_TABLE}] or a service's table",
+    )
 
 
 def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]]) -> None:
