@@ -10,6 +10,7 @@ from collections import Counter
 from html import escape
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pumpflow.cli.main import main
@@ -18,7 +19,7 @@ from pumpflow.common.events import ExitLine
 from pumpflow.common.exit import GracefulExitSummary
 from pumpflow.report import html, results, svg
 from pumpflow.report.gather import from_ledger, slippage_pct
-from pumpflow.report.results import Results, Trade
+from pumpflow.report.results import Results, Sale, Trade
 from pumpflow.trading.ledger import (
     FillRecord,
     LedgerChange,
@@ -96,6 +97,8 @@ def test_a_backtest_writes_its_report_and_results_that_agree_with_its_text(backt
     realised = float(re.search(r"realised ([-+][\d.]+) SOL", printed)[1])
     assert len(found.trades) == entries > 0
     assert sum(t.realized_pnl_sol for t in found.trades) == pytest.approx(realised, abs=1e-4)
+    # the curve steps at every sale, partial ones of open positions included
+    assert found.sales and results.equity_curve(found)[-1][1] == pytest.approx(realised, abs=1e-4)
     closed = int(re.search(r"closed (\d+)", printed)[1])
     assert len(found.closed) == closed
     # what only the embedded run can tell: the funnel narrows, the model is calibrated
@@ -200,7 +203,7 @@ def _ledger_change() -> LedgerChange:
             expected_v_sol=v_sol, expected_v_tokens=1e9,
         ))  # fmt: skip
         fills.append(FillRecord(
-            order_id=order_id, mint="mint", side=side, token_amount=3e6,
+            order_id=order_id, mint="mint", side=side, token_amount=3e6 if side == "buy" else 6e6,
             sol_amount=0.1 if side == "buy" else 0.205, price=price, fee_sol=0.001,
             filled_at=at + 0.5, position_id=position if side == "sell" else None, reason=reason,
         ))  # fmt: skip
@@ -234,6 +237,9 @@ async def test_the_postgres_ledger_gives_the_report_the_memory_ledger_gives(
         "take_profit", 0.005, 0.2
     )  # fmt: skip
     assert held.bought_sol == 0.1
+    assert [(s.position_id, s.time, round(s.realized_pnl_sol, 9)) for s in kept.sales] == [
+        ("b1", 160.5, 0.005)
+    ]
     # the open one at its mark: 3e6 tokens at 3.5e-8 against 0.1 SOL of cost
     assert held.closed_at is None and held.unrealized_pnl_sol == pytest.approx(0.005)
     assert [round(s.pct, 6) for s in kept.slippage] == [
@@ -302,39 +308,137 @@ def test_equity_drawdown_and_calibration_figures():
                      bought_sol=0.1, realized_pnl_sol=pnl, fees_sol=0.0)  # fmt: skip
 
     trades = [trade(i, pnl) for i, pnl in enumerate([0.3, -0.1, -0.25, 0.5, -0.05])]
-    assert [round(v, 6) for _, v in results.equity_curve(trades)] == [
+    sales = tuple(
+        Sale(position_id=t.position_id, mint=t.mint, time=t.closed_at,
+             realized_pnl_sol=t.realized_pnl_sol)
+        for t in trades
+    )  # fmt: skip
+    found = Results(title="t", source="s", trades=tuple(trades), sales=sales)
+    assert [round(v, 6) for _, v in results.equity_curve(found)] == [
         0.0, 0.3, 0.2, -0.05, 0.45, 0.4
     ]  # fmt: skip
-    assert results.max_drawdown(trades) == pytest.approx(0.35)
+    assert results.max_drawdown(found) == pytest.approx(0.35)
     bins = results.calibration_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.95, 0.91, 1.0], bins=10)
     assert [(round(b.predicted, 3), b.observed, b.count) for b in bins] == [
         (0.05, 0.0, 1), (0.15, 1.0, 1), (0.953, 2 / 3, 3)
     ]  # fmt: skip
 
 
-def test_the_drawdown_and_the_curve_say_they_are_the_closed_positions_not_all_realised():
-    """An open position's partial sales are realised PnL the curve and the drawdown leave
-    out: a realised loss of 0.05 beside a drawdown of 0.03 reads as a wrong number unless
-    the drawdown says what it is over."""
-    closed = Trade(position_id="p1", mint="a", opened_at=0.0, closed_at=10.0, bought_sol=0.2,
-                   realized_pnl_sol=-0.03, fees_sol=0.0)  # fmt: skip
-    partly_sold = Trade(position_id="p2", mint="b", opened_at=5.0, closed_at=None,
-                        bought_sol=0.2, realized_pnl_sol=-0.02, unrealized_pnl_sol=0.0,
-                        fees_sol=0.0)  # fmt: skip
-    rows = dict(results.summary(Results(title="t", source="s", trades=(closed, partly_sold))))
-    assert rows["realised PnL (SOL, after fees)"] == "-0.0500"
-    assert rows["max drawdown (SOL, realised, closed positions)"] == "0.0300"
-    assert dict(html.PLOTS)["equity"] == (
-        "Equity curve: realised PnL of the closed positions after fees, trade by trade"
+def _sold_in_parts() -> LedgerChange:
+    """Two tokens, each bought for 0.1 SOL and sold half at a time, every fee in the
+    amounts: "a" half at 160 for 0.08 (+0.03), the rest at 220 for 0.04 (-0.01), closed
+    at +0.02; "b" half at 200 for 0.03 (-0.02), still open."""
+    orders, fills = [], []
+    for order_id, mint, side, tokens, sol, at in (
+        ("a1", "a", "buy", 3e6, 0.1, 100.0),
+        ("b1", "b", "buy", 3e6, 0.1, 120.0),
+        ("a2", "a", "sell", 1.5e6, 0.08, 160.0),
+        ("b2", "b", "sell", 1.5e6, 0.03, 200.0),
+        ("a3", "a", "sell", 1.5e6, 0.04, 220.0),
+    ):
+        position = order_id[0] + "1"
+        orders.append(OrderRecord(
+            order_id=order_id, mint=mint, side=side, sol_amount=sol, token_amount=None,
+            slippage_pct=5.0, reason="score 0.7" if side == "buy" else "take_profit",
+            position_id=position, cause_id=None, executor="paper", state="filled",
+            requested_at=at, venue="curve",
+        ))  # fmt: skip
+        fills.append(FillRecord(
+            order_id=order_id, mint=mint, side=side, token_amount=tokens, sol_amount=sol,
+            price=sol / tokens, fee_sol=0.001, filled_at=at,
+            position_id=position if side == "sell" else None,
+        ))  # fmt: skip
+    positions = [
+        PositionRecord(
+            position_id="a1", mint="a", opened_at=100.0, closed_at=220.0,
+            close_reason="take_profit", token_amount=0.0, cost_sol=0.0, entry_price=0.1 / 3e6,
+            realized_pnl_sol=0.02, fees_sol=0.003, mark_price=None,
+        ),
+        PositionRecord(
+            position_id="b1", mint="b", opened_at=120.0, closed_at=None, close_reason="",
+            token_amount=1.5e6, cost_sol=0.05, entry_price=0.1 / 3e6, realized_pnl_sol=-0.02,
+            fees_sol=0.002, mark_price=0.02 / 1.5e6,
+        ),
+    ]  # fmt: skip
+    return LedgerChange(orders=orders, fills=fills, positions=positions)
+
+
+async def test_the_equity_curve_steps_at_every_sale_and_ends_at_the_realised_pnl():
+    """A position's partial sale and its close are two steps, each at its fill, and an
+    open position's partial sale is one too: the curve ends at the realised PnL."""
+    ledger = MemoryLedger()
+    await ledger.commit(_sold_in_parts())
+    found = await from_ledger(ledger, title="t", source="s")
+    curve = [(t, round(pnl, 9)) for t, pnl in results.equity_curve(found)]
+    assert curve == [(100.0, 0.0), (160.0, 0.03), (200.0, 0.01), (220.0, 0.0)]
+    closed = found.trades[0]
+    assert [s.time for s in found.sales if s.position_id == "a1"] == [160.0, 220.0]
+    assert sum(s.realized_pnl_sol for s in found.sales if s.position_id == "a1") == (
+        pytest.approx(closed.realized_pnl_sol)
     )
+    assert curve[-1][1] == pytest.approx(sum(t.realized_pnl_sol for t in found.trades))
+    # each buy is its position's: what the book booked
+    assert [t.bought_sol for t in found.trades] == [0.1, 0.1]
+
+
+async def test_the_drawdown_is_over_every_sale_not_only_the_closed_positions(tmp_path):
+    """The closed position alone only gains (0 to +0.02), and the open one's realised
+    loss is not a drawdown on the closed positions: sale by sale, the realised PnL falls
+    from +0.03 to 0."""
+    ledger = MemoryLedger()
+    await ledger.commit(_sold_in_parts())
+    found = await from_ledger(ledger, title="t", source="s")
+    on_closed = results.max_drawdown(msgspec.structs.replace(found, sales=None))
+    assert (on_closed, results.max_drawdown(found)) == (0.0, pytest.approx(0.03))
+    rows = dict(results.summary(found))
+    assert rows["realised PnL (SOL, after fees)"] == "+0.0000"
+    assert rows["max drawdown (SOL, realised)"] == "0.0300"
+    page = html.write(found, tmp_path / "report.html").read_text()
+    assert "<td>max drawdown (SOL, realised)</td><td>0.0300</td>" in page
+    assert "Equity curve: realised PnL after fees, sale by sale" in page
+    assert results.load(tmp_path / "report.json") == found
     from pumpflow.cli.backtest import Report
 
     report = Report(
         name="run", frames=10, seconds=1.0, cpu_s=1.0, predictions=0, orders=Counter(),
-        entries=2, bought_sol=0.4, realized_sol=-0.05, unrealized_sol=0.0, open_positions=1,
-        closed_positions=1, wins=0, fees_sol=0.0, max_drawdown_sol=0.03,
+        entries=2, bought_sol=0.2, realized_sol=0.0, unrealized_sol=0.0, open_positions=1,
+        closed_positions=1, wins=1, fees_sol=0.005, max_drawdown_sol=0.03,
     )  # fmt: skip
-    assert "max drawdown (realised, closed positions) 0.0300 SOL" in report.text()
+    assert "max drawdown (realised) 0.0300 SOL" in report.text()
+
+
+#: results as they were saved before each sale was: trades, no sales
+SAVED_WITHOUT_SALES = {
+    "title": "pumpflow run: seed 1", "source": "simulated market", "trades": [
+        {"position_id": "p1", "mint": "a", "opened_at": 0.0, "closed_at": 10.0,
+         "close_reason": "stop_loss", "bought_sol": 0.2, "realized_pnl_sol": -0.03,
+         "unrealized_pnl_sol": 0.0, "fees_sol": 0.002},
+        {"position_id": "p2", "mint": "b", "opened_at": 5.0, "closed_at": None,
+         "close_reason": "", "bought_sol": 0.2, "realized_pnl_sol": -0.02,
+         "unrealized_pnl_sol": 0.0, "fees_sol": 0.002},
+    ], "slippage": [], "orders": {"filled buy": 2, "filled sell": 2}, "lifecycle": None,
+    "calibration": None, "notes": {},
+}  # fmt: skip
+
+
+def test_results_saved_without_their_sales_draw_the_closed_positions_and_say_so(tmp_path, capsys):
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps(SAVED_WITHOUT_SALES))
+    assert main(["report", "--results", str(saved)]) == 0
+    assert f"report: {tmp_path / 'old.html'}" in capsys.readouterr().out
+    page = (tmp_path / "old.html").read_text()
+    assert "<td>realised PnL (SOL, after fees)</td><td>-0.0500</td>" in page
+    assert (
+        "<td>max drawdown (SOL, realised)</td><td>0.0300 (the closed positions only: these "
+        "results keep no sales)</td>"
+    ) in page
+    assert (
+        "Equity curve: realised PnL of the closed positions after fees, trade by trade (these "
+        "results keep no sales)"
+    ) in page
+    found = results.load(saved)
+    assert found.sales is None
+    assert results.equity_curve(found) == [(0.0, 0.0), (10.0, -0.03)]
 
 
 def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():
@@ -345,13 +449,23 @@ def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():
                      bought_sol=0.1, realized_pnl_sol=pnl, fees_sol=0.0)  # fmt: skip
 
     def drawn(up_id: str, down_id: str) -> tuple[list[float], float]:
-        trades = [
+        trades = (
             trade("a", "p1", 0.0, 10.0, 5.0),
             trade("b", "p2", 1.0, 20.0, -2.0),
             trade("c", up_id, 2.0, 30.0, 3.0),
             trade("d", down_id, 3.0, 30.0, -3.0),
-        ]
-        return [v for _, v in results.equity_curve(trades)], results.max_drawdown(trades)
+        )
+        sales = tuple(
+            Sale(position_id=t.position_id, mint=t.mint, time=t.closed_at,
+                 realized_pnl_sol=t.realized_pnl_sol)
+            for t in sorted(trades, key=lambda t: t.position_id)
+        )  # fmt: skip
+        drawn = []
+        for kept in (sales, None):
+            found = Results(title="t", source="s", trades=trades, sales=kept)
+            drawn.append(([v for _, v in results.equity_curve(found)], results.max_drawdown(found)))
+        assert drawn[0] == drawn[1]
+        return drawn[0]
 
     assert drawn("entry-1", "entry-2") == drawn("entry-2", "entry-1") == (
         [0.0, 5.0, 3.0, 6.0, 3.0], pytest.approx(3.0)

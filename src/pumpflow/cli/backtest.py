@@ -40,11 +40,11 @@ The report, per configuration: orders (requested, filled, rejected), entries, ex
 by rule, realised PnL and the open positions marked at what selling them whole would
 bring (:func:`~pumpflow.common.trading.exit_value`), after every fee (those no trade
 has marked since their entry are unmarked: their worth is unknown, so they are counted
-and left out); win rate of the closed positions; the largest fall of the closed
-positions' realised PnL from its peak (an open position's partial sales are realised but
-not in it); predictions the model published, and the model's live AUC and precision (at
-its threshold) on the labels resolved by the stream's end; entries skipped by reason and
-circuit breakers tripped.
+and left out); win rate of the closed positions; the largest fall of the realised PnL
+from its peak, sale by sale (an open position's partial sales included); predictions
+the model published, and the model's live AUC and precision (at its threshold) on the
+labels resolved by the stream's end; entries skipped by reason and circuit breakers
+tripped.
 """
 
 from __future__ import annotations
@@ -300,8 +300,7 @@ class Report:
     closed_positions: int
     wins: int
     fees_sol: float
-    #: largest fall of the closed positions' realised PnL from its running peak, position
-    #: by position
+    #: largest fall of the realised PnL from its running peak, sale by sale
     max_drawdown_sol: float
     exits: Counter = field(default_factory=Counter)
     #: "model/arm" -> (live AUC, labels)
@@ -403,7 +402,7 @@ class Report:
             f"  PnL after fees: realised {self.realized_sol:+.4f} SOL, open marked "
             f"{self.unrealized_sol:+.4f}{unmarked_note(self.unmarked)}, total {self.pnl:+.4f} "
             f"(fees {self.fees_sol:.4f})",
-            f"  win rate {_share(self.win_rate)}; max drawdown (realised, closed positions) "
+            f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
             f"  predictions {self.predictions:,}; live AUC "
             + self.auc_text()
@@ -586,7 +585,7 @@ async def run_backtest(
                 closed_positions=len(closed),
                 wins=sum(p.realized_pnl_sol > 0 for p in closed),
                 fees_sol=sum(p.fees_sol for p in positions),
-                max_drawdown_sol=max_drawdown(report_data.trades),
+                max_drawdown_sol=max_drawdown(report_data),
                 exits=Counter(p.close_reason or "?" for p in closed),
                 auc=auc,
                 precision=precision,

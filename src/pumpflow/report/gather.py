@@ -2,7 +2,9 @@
 
 :func:`from_ledger` reads any trading ledger (the embedded run's memory one, or a
 deployment's Postgres tables of migration 0005) through its read methods: positions
-become trades, each filled order with the market its decision saw gives a slippage.
+become trades, each filled order with the market its decision saw gives a slippage, and
+the fills, applied in order to a position book as trading rebuilds its own, give each
+sale's realised PnL and each position's buys as the book counts them.
 :class:`Collector` rides the bus of an embedded system for what no ledger keeps: the
 tokens by lifecycle state reached; :func:`calibration_of` takes the model's resolved
 labels. Nothing here changes what it reads.
@@ -11,12 +13,20 @@ labels. Nothing here changes what it reads.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.events import Event, TokenCreated, TokenLifecycle
-from pumpflow.report.results import Calibration, Results, Slippage, Trade, calibration_bins
+from pumpflow.common.trading import PositionBook
+from pumpflow.report.results import (
+    Calibration,
+    Results,
+    Sale,
+    Slippage,
+    Trade,
+    calibration_bins,
+)
 
 #: far more rows than any run has: the ledger's reads want a limit
 ALL_ROWS = 10_000_000
@@ -43,7 +53,7 @@ async def from_ledger(
     positions = await ledger.positions(open_only=False, limit=ALL_ROWS)
     orders = await ledger.orders(limit=ALL_ROWS)
     fills = (await ledger.load(remembered=0)).fills
-    bought = _bought(fills, {p["position_id"]: p["closed_at"] for p in positions})
+    sales, bought = booked(fills)
     trades = []
     # ties in the order of their tokens: their ids differ from run to run
     for p in sorted(positions, key=lambda p: (p["opened_at"], p["mint"], p["position_id"])):
@@ -75,25 +85,31 @@ async def from_ledger(
         ))  # fmt: skip
     outcomes = Counter(f"{o['state']} {o['side']}" for o in orders)
     return Results(
-        title=title, source=source, trades=tuple(trades), slippage=tuple(slippage),
+        title=title, source=source, trades=tuple(trades), sales=sales, slippage=tuple(slippage),
         orders=dict(sorted(outcomes.items())),
     )  # fmt: skip
 
 
-def _bought(fills: list[Any], closed_at: Mapping[str, float | None]) -> Counter[str]:
-    """SOL each position's buys spent. A buy goes to its mint's open position, or opens
-    one named by its order id, as the position book applies fills."""
+def booked(fills: Iterable[Any]) -> tuple[tuple[Sale, ...], Counter[str]]:
+    """Each sale's realised PnL and the SOL each position's buys spent, as a position
+    book applying the ledger's ``fills`` in order books them."""
+    book = PositionBook()
+    sales: list[Sale] = []
     bought: Counter[str] = Counter()
-    held: dict[str, str] = {}
     for fill in fills:
-        if fill.side != "buy":
+        change = book.apply_fill(fill.payload(), time=fill.filled_at, reason=fill.reason)
+        if change is None:  # an order booked already, a sale of a position not held
             continue
-        position_id = held.get(fill.mint)
-        closed = closed_at.get(position_id) if position_id is not None else None
-        if position_id is None or (closed is not None and closed <= fill.filled_at):
-            position_id = held[fill.mint] = fill.position_id or fill.order_id
-        bought[position_id] += fill.sol_amount
-    return bought
+        if fill.side == "buy":
+            bought[change.position_id] += fill.sol_amount
+        else:
+            # the sale just booked is the latest of the book's realisations
+            time, realized = book.realizations[-1]
+            sales.append(Sale(
+                position_id=change.position_id, mint=fill.mint, time=time,
+                realized_pnl_sol=realized,
+            ))  # fmt: skip
+    return tuple(sales), bought
 
 
 def calibration_of(performance: Any) -> tuple[Calibration, ...]:

@@ -10,11 +10,18 @@ from pathlib import Path
 
 from pumpflow.common.text import counted
 from pumpflow.report import svg
-from pumpflow.report.results import LIFECYCLE, Results, equity_curve, save, summary
+from pumpflow.report.results import (
+    LIFECYCLE,
+    NO_SALES,
+    Results,
+    equity_curve,
+    save,
+    summary,
+)
 
 #: the plots, in page order: (element id, caption)
 PLOTS = (
-    ("equity", "Equity curve: realised PnL of the closed positions after fees, trade by trade"),
+    ("equity", "Equity curve: realised PnL after fees, sale by sale"),
     ("pnl-per-trade", "PnL per closed trade"),
     ("exits", "Exits by rule"),
     ("lifecycle", "Lifecycle funnel: tokens by state reached"),
@@ -36,6 +43,10 @@ figure.plot svg { width: 100%; height: auto; display: block; }
 """
 
 
+#: the equity curve's caption for results that keep no sales
+CLOSED_EQUITY = "Equity curve: realised PnL of the closed positions after fees, trade by trade"
+
+
 def _not_kept(what: str) -> str:
     return f"{what}: not kept by this source"
 
@@ -44,7 +55,7 @@ def plots(results: Results) -> dict[str, str]:
     """Element id -> the plot's SVG."""
     closed = results.closed
     t0 = min((t.opened_at for t in results.trades), default=0.0)
-    equity = [((t - t0) / 60, pnl) for t, pnl in equity_curve(results.trades)]
+    equity = [((t - t0) / 60, pnl) for t, pnl in equity_curve(results)]
     pnls = [t.realized_pnl_sol for t in closed]
     exits = Counter(t.close_reason or "?" for t in closed)
     if results.lifecycle is None:
@@ -67,7 +78,8 @@ def plots(results: Results) -> dict[str, str]:
     return {
         "equity": svg.line_chart(
             equity, label="equity", x_label="minutes since the first entry",
-            y_label="realised PnL (SOL)", step=True, empty="no closed trades",
+            y_label="realised PnL (SOL)", step=True,
+            empty="no closed trades" if results.sales is None else "no sales",
         ),
         "pnl-per-trade": svg.bar_chart(
             pnls, label="PnL per trade", x_label="closed trade", y_label="PnL (SOL)",
@@ -87,6 +99,8 @@ def plots(results: Results) -> dict[str, str]:
 
 
 def _caption(results: Results, plot_id: str, caption: str) -> str:
+    if plot_id == "equity" and results.sales is None:
+        caption = f"{CLOSED_EQUITY} ({NO_SALES})"
     if plot_id == "calibration" and results.calibration:
         arms = sorted(results.calibration, key=lambda c: -c.labels)
         caption += f" ({arms[0].name}, {counted(arms[0].labels, 'label')})"

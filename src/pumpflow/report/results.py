@@ -1,10 +1,11 @@
 """What a report shows, as data: saved beside the report as JSON, rendered again on demand.
 
-:class:`Results` holds the trades (one per position), the filled orders' slippage,
-the orders by outcome, the tokens by lifecycle state reached and the model's
-calibration, each ``None`` where the source does not keep it (the Postgres ledger
-keeps no lifecycle nor predictions). The figures of the summary are computed here,
-once, from those: :func:`equity_curve`, :func:`max_drawdown`, :func:`summary`.
+:class:`Results` holds the trades (one per position), each sale's realised PnL, the
+filled orders' slippage, the orders by outcome, the tokens by lifecycle state reached
+and the model's calibration, each ``None`` where the source does not keep it (the
+Postgres ledger keeps no lifecycle nor predictions; results saved before the sales were
+kept have none). The figures of the summary are computed here, once, from those:
+:func:`equity_curve`, :func:`max_drawdown`, :func:`summary`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class Trade(msgspec.Struct, frozen=True, kw_only=True):
     #: an open position at its mark; None while no trade has marked it (worth unknown)
     unrealized_pnl_sol: float | None = 0.0
     fees_sol: float
+
+
+class Sale(msgspec.Struct, frozen=True, kw_only=True):
+    """A sale's realised PnL at its fill, after every fee, as the position book booked it:
+    a position's sales add up to its realised PnL, an open one's partial sales included."""
+
+    position_id: str
+    mint: str
+    time: float
+    realized_pnl_sol: float
 
 
 class Slippage(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,6 +75,9 @@ class Results(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     source: str
     trades: tuple[Trade, ...] = ()
+    #: every sale in the order the book booked them; None: not kept (results saved before
+    #: they were), so the equity curve falls back to the closed positions
+    sales: tuple[Sale, ...] | None = None
     slippage: tuple[Slippage, ...] = ()
     #: "filled buy", "rejected sell", ... -> orders
     orders: dict[str, int] = {}
@@ -79,6 +93,10 @@ class Results(msgspec.Struct, frozen=True, kw_only=True):
         done = [t for t in self.trades if t.closed_at is not None]
         return sorted(done, key=lambda t: (t.closed_at, t.position_id))
 
+
+#: why the equity curve and the drawdown of results without their sales are over the
+#: closed positions
+NO_SALES = "these results keep no sales"
 
 #: an open position's PnL while no trade of its token since its entry has marked it
 UNMARKED = "unmarked"
@@ -106,10 +124,29 @@ def calibration_bins(
     )
 
 
-def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
+def equity_curve(results: Results) -> list[tuple[float, float]]:
+    """(time, realised PnL so far) at each sale, starting from zero at the first entry,
+    so it ends at the realised PnL; at each closed position, its whole realised PnL at its
+    close, for results that keep no sales (:data:`NO_SALES`)."""
+    if results.sales is None:
+        return _closed_curve(results.trades)
+    if not results.sales:
+        return []
+    opened = {t.position_id: t.opened_at for t in results.trades}
+    # sales at the same time in the order of their positions' openings and tokens, as
+    # closed positions are (:func:`_closed_curve`); a token's own in the book's order
+    sales = sorted(results.sales, key=lambda s: (s.time, opened.get(s.position_id, s.time), s.mint))
+    points = [(min(opened.values(), default=sales[0].time), 0.0)]
+    total = 0.0
+    for sale in sales:
+        total += sale.realized_pnl_sol
+        points.append((sale.time, total))
+    return points
+
+
+def _closed_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
     """(time, realised PnL of the closed trades so far) at each closed trade, starting
-    from zero; an open position's partial sales are not in it (the ledger keeps a
-    position's realised PnL, not each sale's)."""
+    from zero."""
     closed = [t for t in trades if t.closed_at is not None]
     # positions closed at the same time in the order of their openings and tokens: their
     # ids come from the ids of the events that decided them, which differ from run to
@@ -125,11 +162,11 @@ def equity_curve(trades: Sequence[Trade]) -> list[tuple[float, float]]:
     return points
 
 
-def max_drawdown(trades: Sequence[Trade]) -> float:
-    """The largest fall of the closed trades' realised PnL from its running peak, trade
-    by trade (:func:`equity_curve`)."""
+def max_drawdown(results: Results) -> float:
+    """The largest fall of the realised PnL from its running peak along
+    :func:`equity_curve`."""
     peak = drawdown = 0.0
-    for _, total in equity_curve(trades):
+    for _, total in equity_curve(results):
         peak = max(peak, total)
         drawdown = max(drawdown, peak - total)
     return drawdown
@@ -146,6 +183,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
     pnls = [t.realized_pnl_sol for t in closed]
     exits = Counter(t.close_reason or "?" for t in closed)
     slips = [s.pct for s in results.slippage]
+    over = "" if results.sales is not None else f" (the closed positions only: {NO_SALES})"
     rows = [
         ("trades", f"{len(trades)} ({len(closed)} closed, {len(trades) - len(closed)} open)"),
         ("win rate", f"{wins / len(closed):.0%} ({wins} of {len(closed)})" if closed else "n/a"),
@@ -153,7 +191,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
         ("realised PnL (SOL, after fees)", f"{realized:+.4f}"),
         ("open positions at their mark (SOL)", f"{unrealized:+.4f}{unmarked_note(unmarked)}"),
         ("total PnL (SOL)", f"{realized + unrealized:+.4f}{unmarked_note(unmarked)}"),
-        ("max drawdown (SOL, realised, closed positions)", f"{max_drawdown(trades):.4f}"),
+        ("max drawdown (SOL, realised)", f"{max_drawdown(results):.4f}{over}"),
         ("fees (SOL)", f"{sum(t.fees_sol for t in trades):.4f}"),
         ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),
         ("exits by rule", ", ".join(f"{k} {v}" for k, v in sorted(exits.items())) or "none"),
