@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
-from pumpflow.common.events import Event, ExitOrder, SystemShutdown, make_event
+from pumpflow.common.events import Event, ExitOrder, FeaturesUpdated, SystemShutdown, make_event
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.settings import SettingsError
@@ -164,6 +164,27 @@ async def test_reasons_naming_an_order_or_a_token_are_counted_as_one(clock, mark
         await publish(bus, market.prediction(mint))
         [halted] = [r for r in service.pnl()["no_order_reasons"] if r.startswith("trading")]
         assert "<id>" in halted and mint not in halted, halted
+
+
+async def test_a_reason_keeps_the_feature_names_it_gives(clock, market):
+    """Names of ids are counted as one; a feature's name (snake case, digits and all) is
+    what the reason says is missing, so it stays."""
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, _):
+        mint = await ready(bus, market)
+        full = market.features(mint).data
+        values = dict(zip(full.names, full.values, strict=True))
+        del values["buy_volume_sol_60s"]
+        thinner = FeaturesUpdated(
+            mint=mint,
+            feature_set_version=full.feature_set_version,
+            source_seq=full.source_seq + 1,
+            names=tuple(values),
+            values=tuple(values.values()),
+        )
+        thinner = make_event(thinner, source="features/test", time=clock.now())
+        await publish(bus, thinner, market.prediction(mint))
+        assert service.pnl()["no_order_reasons"] == {"features lack ['buy_volume_sol_60s']": 1}
 
 
 async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):

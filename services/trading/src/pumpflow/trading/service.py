@@ -225,10 +225,11 @@ _CONTEXT = (
     TokenLifecycle,
     ModelPrediction,
 )
-_REASON_NUMBERS = re.compile(r"[-+]?\d[\d.,e%+-]*")
+_REASON_NUMBERS = re.compile(r"(?<!\w)[-+]?\d[\d.,e%+-]*")
 #: names in a reason (a mint, an order id: words of 12 characters and more, of letters
-#: and digits both), counted as one
-_REASON_NAMES = re.compile(r"\b(?=[\w:-]*\d)(?=[\w:-]*[A-Za-z])[\w:-]{12,}")
+#: and digits both), counted as one; a word with an underscore is a feature's or a
+#: setting's name, which says what the reason is about
+_REASON_NAMES = re.compile(r"\b(?=[\w:-]*\d)(?=[\w:-]*[A-Za-z])(?![\w:-]*_)[\w:-]{12,}")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
 #: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
