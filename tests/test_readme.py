@@ -226,3 +226,33 @@ def test_the_service_table_lists_what_each_service_consumes_and_publishes():
         deployed = set(groups[service]) | set(groups.get(f"{service}-control", ()))
         assert consumes == deployed, service
         assert publishes == set(PUBLISHERS[service]), service
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, spaces as hyphens,
+    punctuation dropped."""
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(
+            r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M), re.M
+        )
+    }
+
+
+def test_every_link_of_the_docs_leads_to_a_file_and_a_heading_there():
+    broken = []
+    for name, text in DOCS.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (ROOT / name).parent / path if path else ROOT / name
+            if not linked.exists():
+                broken.append(f"{name}: {target} (no such file)")
+            elif (
+                anchor
+                and linked.suffix == ".md"
+                and anchor not in heading_anchors(linked.read_text())
+            ):
+                broken.append(f"{name}: {target} (no such heading)")
+    assert not broken, broken
