@@ -127,6 +127,17 @@ def test_pumpflow_report_renders_the_saved_results_again(backtest_report, tmp_pa
     assert _without_time(again.read_text()) == _without_time(path.read_text())
 
 
+def test_saved_results_are_written_again_where_the_help_says(backtest_report, tmp_path, capsys):
+    path, _ = backtest_report
+    saved = tmp_path / "saved.json"
+    saved.write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "beside --results' file" in " ".join(capsys.readouterr().out.split())
+    assert main(["report", "--results", str(saved)]) == 0
+    assert f"report: {saved.with_suffix('.html')}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
     [

@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     parser.add_argument(
-        "--out", metavar="FILE.html", help="where to write it (reports/report-...html)"
+        "--out",
+        metavar="FILE.html",
+        help="where to write it (beside --results' file, as .html; the ledger's: "
+        "reports/report-...html)",
     )
     parser.set_defaults(handler=report_command)
 
