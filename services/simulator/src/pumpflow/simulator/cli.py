@@ -52,7 +52,9 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="measure a run against docs/market.md's statistics")
     market_args(p)
-    p.add_argument("--minutes", type=positive, default=60.0, help="simulated minutes of launches")
+    p.add_argument(
+        "--minutes", type=positive, default=60.0, help="simulated minutes of launches (60)"
+    )
 
     p = sub.add_parser("serve", help="serve PumpPortal's data socket from the market")
     market_args(p)
@@ -62,7 +64,7 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
         "--speed",
         type=non_negative,
         default=1.0,
-        help="time-scale factor: 1 real time, 10 ten times faster, 0 as fast as read",
+        help="time-scale factor: 1 real time (the default), 10 ten times faster, 0 as fast as read",
     )
     p.add_argument(
         "--drop-every",
