@@ -195,10 +195,10 @@ def test_every_make_target_the_docs_name_exists():
             assert target in targets, (doc, target)
 
 
-def test_the_service_table_lists_what_each_service_consumes_and_publishes():
-    """The README's table of services against the deployed topology (the catalogue's
-    source): ``order.*`` stands for every ``order`` event, exit's control consumer is
-    exit's."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md"])
+def test_the_service_table_lists_what_each_service_consumes_and_publishes(doc):
+    """The table of services against the deployed topology (the catalogue's source):
+    ``order.*`` stands for every ``order`` event, exit's control consumer is exit's."""
     from pumpflow.cli.catalogue import consumer_groups
     from pumpflow.common.events import registered
     from pumpflow.common.runtime.topology import PUBLISHERS
@@ -215,7 +215,7 @@ def test_the_service_table_lists_what_each_service_consumes_and_publishes():
         } | {name for name in named if not name.endswith(".*")}
 
     groups = consumer_groups()
-    rows = re.findall(r"^\| (\w+) \| [^|]+ \| ([^|]+) \| ([^|]+) \|$", README, re.M)
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| ([^|]+) \| ([^|]+) \|$", DOCS[doc], re.M)
     table = {
         service: (expanded(consumes), expanded(publishes))
         for service, consumes, publishes in rows
