@@ -75,3 +75,20 @@ def test_a_list_or_mapping_that_is_no_json_is_refused_naming_its_variable(monkey
     assert printed.out == ""
     assert "PUMPFLOW_MODEL_MODELS: Value error, not JSON" in printed.err, printed.err
     assert "Traceback" not in printed.err
+
+
+def test_an_empty_value_of_a_setting_that_cannot_be_unset_says_so(monkeypatch, capsys, tmp_path):
+    """A number or a switch has no unset: an empty one is refused as empty, not as text
+    that is no number."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_MIN_SCORE", "")
+    assert cli_main.main(["settings", "trading", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "PUMPFLOW_TRADING_MIN_SCORE: Value error, empty, and it cannot be unset" in err, err
+    assert "(default 0.6)" in err, err
+    monkeypatch.delenv("PUMPFLOW_TRADING_MIN_SCORE")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text("[trading]\ntrading_live_enabled = ''\n")
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", str(config))
+    assert cli_main.main(["settings", "trading"]) == 2
+    err = capsys.readouterr().err
+    assert "[trading] trading_live_enabled: empty, and it cannot be unset" in err, err

@@ -220,7 +220,22 @@ def unset_if_empty(field: FieldInfo, value: Any) -> Any:
     if not value.strip():
         if type(None) in typing.get_args(annotation):
             return None
-        return collection() if collection is not None else value
+        if collection is not None:
+            return collection()
+        if annotation in (int, float, bool):
+            # read as text, an empty one would be refused as no number or no switch
+            default = field.default
+            if isinstance(default, bool):
+                default = f" (default {str(default).lower()})"
+            elif isinstance(default, int | float):
+                default = f" (default {default:g})"
+            else:
+                default = ""
+            raise ValueError(
+                f"empty, and it cannot be unset{default}: give a value, or leave it out for "
+                "the default"
+            )
+        return value
     if collection is None:
         return value
     try:
