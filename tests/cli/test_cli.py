@@ -219,6 +219,22 @@ def test_config_file_sets_services_settings_under_the_environment(monkeypatch, t
     assert "no service named [tradng]" in capsys.readouterr().err
 
 
+def test_a_config_file_key_of_another_table_or_misspelt_is_refused_saying_which(
+    monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("PUMPFLOW_CONFIG_FILE", "")
+    monkeypatch.delenv("PUMPFLOW_CONFIG_FILE")
+    config = tmp_path / "pumpflow.toml"
+    config.write_text("[common]\nexit_max_hold_s = 600\n")
+    assert cli_main.main(["--config-file", str(config), "settings", "exit"]) == 2
+    err = capsys.readouterr().err
+    assert "[common] has no setting named exit_max_hold_s (a setting of [exit])" in err, err
+    config.write_text("[exit]\nexit_max_hold = 600\n")
+    assert cli_main.main(["--config-file", str(config), "settings", "exit"]) == 2
+    err = capsys.readouterr().err
+    assert "[exit] has no setting named exit_max_hold (did you mean exit_max_hold_s?)" in err
+
+
 @pytest.mark.parametrize("second", [["--config-file", "{path}"], ["--config-file={path}"]])
 def test_the_last_config_file_given_applies(second, monkeypatch, tmp_path, capsys):
     """As with any flag given twice, the last one: a wrapper's default file followed by

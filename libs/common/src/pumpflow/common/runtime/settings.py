@@ -128,7 +128,7 @@ def check_config_file(path: str | Path, services: dict[str, type[BaseSettings]])
                 f"config file {path}: no service named [{name}] "
                 f"(tables: {', '.join(sorted(known))})"
             )
-        _check_keys(path, name, table, settings_cls)
+        _check_keys(path, name, table, settings_cls, known)
         problems += _bad_values(name, table, settings_cls)
     if problems:
         raise SettingsError(f"config file {path}: {'; '.join(problems)}")
@@ -176,12 +176,26 @@ def check_environment(
     )
 
 
-def _check_keys(path, name: str, table: dict[str, Any], settings_cls) -> None:
-    unknown = sorted(set(table) - set(settings_cls.model_fields))
-    if unknown:
-        raise SettingsError(
-            f"config file {path}: [{name}] has no setting named {', '.join(unknown)}"
-        )
+def _check_keys(
+    path, name: str, table: dict[str, Any], settings_cls, known: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse a key of table ``name`` that is no setting of ``settings_cls``, naming the
+    tables of ``known`` (name: settings class) that have it, else the closest setting."""
+    fields = settings_cls.model_fields
+    unknown = sorted(set(table) - set(fields))
+    if not unknown:
+        return
+
+    def named(key: str) -> str:
+        owners = [f"[{o}]" for o, cls in (known or {}).items() if key in cls.model_fields]
+        if owners:
+            return f"{key} (a setting of {' and '.join(owners)})"
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        return f"{key} (did you mean {close[0]}?)" if close else key
+
+    raise SettingsError(
+        f"config file {path}: [{name}] has no setting named {', '.join(map(named, unknown))}"
+    )
 
 
 def _bad_values(name: str, table: dict[str, Any], settings_cls) -> list[str]:
