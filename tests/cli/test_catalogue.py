@@ -98,3 +98,14 @@ async def test_the_publishers_are_who_publishes_in_a_whole_run():
 
 def test_the_rendering_is_stable():
     assert rendered() == rendered()
+
+
+def test_the_markdown_says_what_a_routing_keys_partition_is():
+    """Its table gives keyed routing keys as ``<type>.v<major>.{partition}``: the key a
+    queue binds needs what ``{partition}`` stands for."""
+    event = make_event(sample_payload(registered()[("token.trade", 1)], key="Mint111"),
+                       source="test", time=1.0)  # fmt: skip
+    partition = routing_key_for(event, DEFAULT_PARTITIONS).rsplit(".", 1)[1]
+    page = " ".join(rendered()[MARKDOWN_FILE].split())
+    assert f"`{{partition}}` is the key's partition, `p00` to `p{DEFAULT_PARTITIONS - 1}`" in page
+    assert partition.startswith("p") and len(partition) == 3

@@ -223,7 +223,10 @@ def asyncapi_document(namespace: str | None = None) -> dict[str, Any]:
                 "take one by one; a version only ever gains optional "
                 "fields, anything else is a new major version on a channel of its own. "
                 f"Names are for the default namespace `{namespace}` (PUMPFLOW_NAMESPACE); "
-                f"every queue dead-letters into `{bus.dlx_name}`, to its group's DLQ."
+                f"every queue dead-letters into `{bus.dlx_name}`, to its group's DLQ. In a "
+                "routing key, `{partition}` is the key's partition, `p00` to "
+                f"`p{DEFAULT_PARTITIONS - 1:02d}` (PUMPFLOW_PARTITIONS, default "
+                f"{DEFAULT_PARTITIONS}): crc32 of the key modulo the partitions."
             ),
         },
         "defaultContentType": "application/json",
