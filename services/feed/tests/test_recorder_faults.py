@@ -393,3 +393,31 @@ async def test_the_next_batch_is_stored_and_published_while_the_last_mark_waits(
         "SELECT max(id) FROM token_events"
     )
     await recorder.close()
+
+
+async def test_a_frame_stored_already_as_another_event_is_counted_and_said(pg_pool, caplog):
+    """A frame another writer of the schema stored first (a feed replica before a take-over,
+    or ``pumpflow record`` or ``sim load`` into the deployment's schema by mistake) is not
+    published again: counted as a duplicate and said, so a feed that publishes less than
+    it receives says why."""
+    caplog.set_level(logging.WARNING, logger="pumpflow.feed")
+    bus, probe = await bus_with_probe()
+    metrics = FeedMetrics(CollectorRegistry())
+    store = TokenEventStore(pg_pool)
+    await store.outbox_position("feed")
+    events = trades(6)
+    # the same frames as other events: another writer's ids and seqs
+    elsewhere = [msgspec.structs.replace(e, id=f"{e.id}-elsewhere", seq=None) for e in events[:4]]
+    await store.write_batch(elsewhere)
+    recorder = Recorder(store, publisher=bus, metrics=metrics,
+                        config=RecorderConfig(outbox="feed", batch_size=16))  # fmt: skip
+    await recorder.start()
+    for event in events:
+        await recorder.add(event)
+    await asyncio.wait_for(recorder.flush(), 30)
+    await bus.drain()
+    assert [e.id for e in probe.events] == [e.id for e in events[4:]]
+    assert metrics.duplicates._value.get() == 4
+    [said] = [r.getMessage() for r in caplog.records if "stored already" in r.getMessage()]
+    assert "not published" in said and "(4 so far)" in said, said
+    await recorder.close()

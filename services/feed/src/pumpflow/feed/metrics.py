@@ -92,7 +92,9 @@ class FeedMetrics:
             ["method"], registry=registry,
         )  # fmt: skip
         self.duplicates = Counter(
-            "pumpflow_feed_duplicates_total", "Token events dropped as duplicate signatures",
+            "pumpflow_feed_duplicates_total",
+            "Token events dropped as duplicate signatures: seen here already, or stored "
+            "already as another event (another writer of the schema), not published",
             registry=registry,
         )  # fmt: skip
         self.unled_frames = Counter(

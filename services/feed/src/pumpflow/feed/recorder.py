@@ -211,6 +211,8 @@ class Recorder:
         self.last_row: int | None = None
         #: events the store refused (dead-lettered)
         self.rejected = 0
+        #: events whose frames the store held already as other events: not published
+        self.stored_already = 0
         #: who stores the numbered events (``take_writes``); None: writes are not fenced
         self._writes_as: Writer | None = None
         #: the refusal of its writes since another took them over (events go seqless)
@@ -434,6 +436,8 @@ class Recorder:
                     self.last_row = last_id
                 self.metrics.recorded.inc(result.inserted)
                 to_publish = result.to_publish(events)
+                if len(to_publish) < len(events):
+                    self._stored_already(events, to_publish)
                 stored_only = {e.id for e, _, publish, _ in part if not publish}
                 if stored_only:
                     to_publish = [e for e in to_publish if e.id not in stored_only]
@@ -445,6 +449,22 @@ class Recorder:
             self._inflight -= len(part)
             if parts:
                 self._inflight_since = parts[0][0][3]
+
+    def _stored_already(self, events: list[Event], stored: list[Event]) -> None:
+        """Count and say the events whose frames the store held already as other events
+        (written by another writer of the schema): they are not published again."""
+        own = {e.id for e in stored}
+        found = [e for e in events if e.id not in own]
+        before = self.stored_already
+        self.stored_already += len(found)
+        self.metrics.duplicates.inc(len(found))
+        if before == 0 or before // 1000 != self.stored_already // 1000:
+            log.warning(
+                "feed: %s of %s is stored already as another event (another writer of this "
+                "schema: a feed replica before a take-over, or pumpflow record or sim load "
+                "into it): not published (%d so far)",
+                found[0].type, getattr(found[0].data, "mint", "?"), self.stored_already,
+            )  # fmt: skip
 
     def _unnumbered(
         self, part: list[tuple[Event, bytes | None, bool, float]]
