@@ -665,3 +665,15 @@ def test_the_json_document_gives_each_configuration_s_settings_as_they_ran(datas
     # and the reports as --config takes them
     page = (tmp_path / "r-filed.html").read_text()
     assert "exit_take_profit=[[0.3,0.5]], exit_stop_loss=" in page
+
+
+def test_the_help_gives_the_simulated_markets_defaults(capsys):
+    """--minutes and --launches say what a simulated market takes without them."""
+    from pumpflow.simulator.market import MarketConfig
+
+    with pytest.raises(SystemExit):
+        main(["backtest", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    launches = MarketConfig(seed=1).launches_per_minute
+    assert f"--launches LAUNCHES --seed: token launches per market minute ({launches:g})" in said
+    assert "--minutes MINUTES --seed: market minutes (10)" in said

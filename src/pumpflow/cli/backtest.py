@@ -761,7 +761,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--end", type=epoch_time, help="Postgres: end of the window (epoch s or ISO, UTC)"
     )
     parser.add_argument("--minutes", type=positive, help="--seed: market minutes (10)")
-    parser.add_argument("--launches", type=positive, help="--seed: token launches per minute")
+    parser.add_argument(
+        "--launches", type=positive, help="--seed: token launches per market minute (30)"
+    )
     parser.add_argument(
         "--config", action="append", default=[], metavar="NAME=KEY=VALUE,...",
         help="a configuration to run (repeatable): the settings it changes over the base, "
