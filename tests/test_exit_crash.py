@@ -100,6 +100,9 @@ async def test_kill_9_during_a_graceful_exit_then_restart_resumes_and_sells_noth
         return latest is not None and latest.finished_at is not None
 
     await stack.until(finished, "the resumed graceful exit finished", within=60)
+    # the run ended on trading's closes, which reach the watch on a queue of its own: a
+    # token's fills come before its close there
+    await stack.watch.wait_for(POSITIONS, "position.closed")
 
     positions = await stack.get(f"{stack.trading_url}/positions")
     assert positions["positions"] == [], positions
@@ -158,6 +161,8 @@ async def test_pumpflow_stop_runs_the_graceful_exit_of_a_running_exit_service(st
 
     positions = await stack.get(f"{stack.trading_url}/positions")
     assert positions["positions"] == [], positions
+    # the run ended on trading's closes, which reach the watch on a queue of its own
+    await stack.watch.wait_for(len(bought), "position.closed")
     closed = stack.watch.payloads("position.closed")
     assert sorted(c.position_id for c in closed) == sorted(bought)
     state = await stack.get(f"{stack.trading_url}/state")
@@ -211,7 +216,8 @@ async def test_trading_killed_between_a_shutdowns_halt_and_its_barrier_publishes
         return latest is not None and latest.finished_at is not None
 
     await stack.until(finished, "the graceful exit finished", within=90)
-    [barrier] = barriers.payloads("trading.barrier")
+    # the exit took the barrier from a queue of its own; this collector's may lag behind
+    [barrier] = [e.data for e in await barriers.wait_for(1, "trading.barrier")]
     assert barrier.request_id == "stop-1"
     assert [p.position_id for p in barrier.positions] == list(bought)
     summary = (await records.latest_run()).summary
