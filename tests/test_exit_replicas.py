@@ -94,6 +94,14 @@ class Replicas(ExitStack):
     def closed(self) -> set[str]:
         return {c.position_id for c in self.watch.payloads("position.closed")}
 
+    async def closes_watched(self, positions: set[str]) -> None:
+        """Wait until the watch holds the close of every one of ``positions``: a run ends
+        on trading's closes, which reach the watch on a queue of its own (a token's fills
+        come before its close there)."""
+        await self.watch.wait_until(
+            lambda _: positions <= self.closed(), within=30, what=f"the closes of {positions}"
+        )
+
     def summaries(self) -> list:
         return [r for r in self.watch.payloads("exit.report") if r.graceful]
 
@@ -171,7 +179,7 @@ async def test_the_run_is_finished_only_when_the_slower_replica_is_done(
 
     await stack.until(finished, "the run finished")
     assert await stack.open_in_trading() == set()
-    assert fast | slow <= stack.closed()
+    await stack.closes_watched(fast | slow)
     stored = await records.get_run(run.run_id)
     assert_summary_matches_fills(stack, stored.summary, fast | slow)
     last_sale = max(f.time for f in stack.watch.of("order.filled") if f.data.side == "sell")
@@ -221,6 +229,7 @@ async def test_a_replica_killed_mid_run_leaves_the_run_open_until_its_partitions
     await stack.until(finished, "exit-a finishing the run with exit-b's partitions")
     assert await stack.owned("exit-a") == set(range(PARTITIONS))
     assert await stack.open_in_trading() == set()
+    await stack.closes_watched(fast | slow)
     stored = await records.get_run(run.run_id)
     assert_summary_matches_fills(stack, stored.summary, fast | slow)
     codes = await stack.processes.stop_all(["exit-a", "trading"])
@@ -261,6 +270,7 @@ async def test_a_replica_joining_mid_run_sells_the_partitions_it_takes_and_the_o
 
     await stack.until(finished, "the run finished")
     assert await stack.open_in_trading() == set()
+    await stack.closes_watched(set(held.values()))
     stored = await records.get_run(run.run_id)
     assert_summary_matches_fills(stack, stored.summary, set(held.values()))
     orders = stack.watch.of("exit.order")
