@@ -745,7 +745,8 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
             mint = tokens.mint()
             await _enter(bus, clock, tokens, mint)
             await advancing(clock, lambda: len(first.positions()) == 1, what="the position held")
-            [opened] = watch.payloads("position.opened")
+            # the replica and the watch take trading's events from queues of their own
+            [opened] = [e.data for e in await watch.wait_for(1, "position.opened")]
             await bus.publish(make_event(SystemShutdown(reason="records out"), source="test",
                                          time=clock.now()))  # fmt: skip
             [tranche] = await watch.wait_for(1, "exit.order", within=30)
@@ -753,9 +754,8 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
             # trading fills it as the clock moves; the replica tries to store the fill,
             # and again, while the records are out
             await advancing(clock, lambda: records.refused >= 2, what="the fill's store tried")
-            assert [f.order_id for f in watch.payloads("order.filled") if f.side == "sell"] == [
-                tranche.data.order_id
-            ]
+            sold = await watch.wait_for(1, "order.filled", where=lambda e: e.data.side == "sell")
+            assert [e.data.order_id for e in sold] == [tranche.data.order_id]
 
             # the replica dies: nothing more of it runs, what it did not ack goes back
             await kill(first, first_bus)
@@ -763,6 +763,8 @@ async def test_a_kill_while_a_tranches_fill_waits_for_the_records_loses_no_fill(
             second = exit_service(records, **settings)
             await replica(second)
             await advancing(clock, second.finished.is_set, what="the resumed exit finished")
+            # the position's fills come before its close on the watch's queue
+            await watch.wait_for(1, "position.closed")
 
             assert trader.book.open_count == 0
             sells = [f for f in watch.payloads("order.filled") if f.side == "sell"]
