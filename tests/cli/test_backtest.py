@@ -7,6 +7,7 @@ import io
 import json
 import re
 import time
+from html import escape
 
 import pytest
 
@@ -168,6 +169,8 @@ EAGER = "eager=trading_min_score=0.5,trading_reject_creator_sold=false"
 
 
 STRICT = "strict=trading_min_score=0.6,trading_reject_creator_sold=true"
+#: takes half at +10%: sells within two market minutes, where the base holds
+LADDER = "ladder=exit_take_profit=[[0.1,0.5]]"
 
 
 def test_two_configurations_run_on_the_same_stream_in_one_table(dataset, tmp_path, capsys):
@@ -365,7 +368,7 @@ def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key, capsys):
     assert f"configuration 'mine': {key!r} is the backtest's own" in said
 
 
-@pytest.mark.parametrize("name", ["a/b", "../up"])
+@pytest.mark.parametrize("name", ["a/b", "../up", "comparison"])
 def test_a_configuration_name_that_cannot_name_its_report_is_refused_before_any_runs(
     dataset, name, tmp_path, capsys
 ):
@@ -623,8 +626,8 @@ def test_configurations_compare_exit_ladders(tmp_path):
     +10% sells where the base's ladder (first step +50%) holds."""
     out = tmp_path / "results.json"
     assert main(["backtest", "--seed", str(SEED), "--minutes", str(MINUTES), "--quiet",
-                 "--config", "base", "--config", "ladder=exit_take_profit=[[0.1,0.5]]",
-                 "--json", str(out), "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+                 "--config", "base", "--config", LADDER, "--json", str(out),
+                 "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
     base, ladder = (c["results"] for c in json.loads(out.read_text())["configurations"])
     assert base["orders"]["sell"]["requested"] == 0
     assert ladder["orders"]["sell"]["filled"] > 0
@@ -640,6 +643,38 @@ def test_the_report_gives_the_base_s_settings_as_the_command_line_takes_them(dat
     page = report.read_text()
     assert "trading_min_score=0.5, trading_reject_creator_sold=false (pumpflow run" in page
     assert "=False" not in page
+    # one configuration has nothing to compare with
+    assert sorted(p.name for p in tmp_path.glob("*.html")) == ["r.html"]
+
+
+def test_two_configurations_get_one_page_comparing_them(dataset, tmp_path, capsys):
+    report = tmp_path / "r.html"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config", "base",
+                 "--config", LADDER, "--report", str(report)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    compared = tmp_path / "r-comparison.html"
+    assert f"comparison: {compared}" in out
+    assert f"report 'base': {tmp_path / 'r-base.html'}" in out
+    page = compared.read_text()
+    # the text table's header and rows, cell for cell
+    header, *rows = [line.strip("|").split("|") for line in out.splitlines()
+                     if line.startswith("| ")]  # fmt: skip
+    assert "".join(f"<th>{escape(c.strip())}</th>" for c in header) in page
+    assert [row[0].strip() for row in rows] == ["base", "ladder"]
+    for row in rows:
+        assert "<tr>" + "".join(f"<td>{escape(c.strip())}</td>" for c in row) + "</tr>" in page
+    # what each changes over the base
+    assert "trading_min_score=0.5, trading_reject_creator_sold=false (pumpflow run" in page
+    assert "<td>base changes</td><td>nothing</td>" in page
+    assert "<td>ladder changes</td><td>exit_take_profit=[[0.1,0.5]]</td>" in page
+    # one curve each, named in the legend: the base, which sold nothing, flat at zero
+    (plot,) = re.findall(r'<figure class="plot" id="equity">.*?</figure>', page)
+    assert plot.count("<polyline") == 2
+    assert ">base</text>" in plot and ">ladder</text>" in plot
+    # self-contained
+    assert "<script" not in page and "http://" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )
 
 
 def test_the_json_document_gives_each_configuration_s_settings_as_they_ran(dataset, tmp_path):

@@ -197,6 +197,53 @@ async def test_the_report_renders_in_chromium_with_every_plot_drawn_and_nothing_
         assert figures["coloured"] > 200, (plot_id, figures)
 
 
+async def test_the_comparison_renders_in_chromium_a_curve_per_configuration_fetching_nothing(
+    tmp_path,
+):
+    """Each configuration's equity curve in its own colour, from its first entry to the
+    last sale of any (held at its last PnL): one that sold nothing flat at zero."""
+
+    def trade(n: int, pnl: float) -> Trade:
+        return Trade(position_id=f"p{n}", mint="m", opened_at=60.0 * n, closed_at=60.0 * n + 30,
+                     bought_sol=0.1, realized_pnl_sol=pnl, fees_sol=0.0)  # fmt: skip
+
+    def sold(trades: list[Trade]) -> Results:
+        sales = tuple(Sale(position_id=t.position_id, mint=t.mint, time=t.closed_at,
+                           realized_pnl_sol=t.realized_pnl_sol) for t in trades)  # fmt: skip
+        return Results(title="t", source="s", trades=tuple(trades), sales=sales)
+
+    compared = {
+        "early": sold([trade(0, 0.2), trade(1, -0.1)]),
+        "late": sold([trade(1, 0.1), trade(4, 0.3)]),
+        "idle": Results(title="t", source="s", sales=()),
+    }
+    path = html.write_comparison(
+        tmp_path / "r-comparison.html", title="pumpflow backtest compared: early, late, idle",
+        source="seed 1", settings=[("base", "trading_min_score=0.5")], columns=["config"],
+        rows=[[name] for name in compared], compared=compared,
+    )  # fmt: skip
+    async with open_page(path) as page:
+        fetched = [url for url in page.requests if url != path.as_uri()]
+        drawn = await page.evaluate(DRAWN)
+        strokes = await page.evaluate(
+            "[...document.querySelectorAll('#equity polyline')].map(line =>"
+            " [line.getAttribute('stroke'), line.getBBox().x, line.getBBox().x"
+            " + line.getBBox().width, line.getBBox().height])"
+        )
+        legend = await page.evaluate(
+            "[...document.querySelectorAll('#equity text')].map(t => t.textContent)"
+        )
+    assert fetched == []
+    assert list(drawn) == ["equity"] and drawn["equity"]["coloured"] > 200
+    (early, late, idle) = strokes
+    assert len({stroke for stroke, *_ in strokes}) == 3
+    # each from its first entry to the last sale of any; idle flat, from the first of any
+    assert early[1] == idle[1] < late[1]
+    assert early[2] == late[2] == idle[2]
+    assert idle[3] == 0 < early[3]
+    assert {"early", "late", "idle"} <= set(legend)
+
+
 def _ledger_change() -> LedgerChange:
     """Two positions of one token: one bought twice and sold at a profit by take_profit,
     one opened after it and still open. Buys name no position, as the service's do."""

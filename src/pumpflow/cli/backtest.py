@@ -28,10 +28,11 @@ configuration by the settings it changes over the base, any setting of trading, 
 model (``trading_min_score=0.6``, ``exit_max_hold_s=1200``, ...), and wins over it;
 ``--config NAME`` alone is the base, the plain backtest's results. Every configuration
 runs on the same frames in a system of its own, one after the other, and one table
-compares them. ``--configs FILE.toml`` reads configurations from a file, one table each
-(``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE`` also writes the base,
-each configuration's settings and results (the same for the same stream) and its
-timings.
+compares them, again in an HTML page beside their reports (``...-comparison.html``) with
+their equity curves on one plot. ``--configs FILE.toml`` reads configurations from a
+file, one table each (``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE``
+also writes the base, each configuration's settings and results (the same for the same
+stream) and its timings.
 
 Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
 ``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
@@ -65,9 +66,11 @@ from typing import Any, TextIO
 import msgspec
 
 from pumpflow.cli.report import (
+    COMPARISON,
     backtest_report_path,
     report_writable,
     writable,
+    write_backtest_comparison,
     write_backtest_reports,
 )
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
@@ -686,29 +689,43 @@ def _arms(figures: Mapping[str, float]) -> str:
     return ", ".join(f"{arm} {_figure(value)}" for arm, value in figures.items()) or "n/a"
 
 
-def comparison_table(reports: Sequence[Report]) -> str:
-    """One row per configuration, in markdown."""
-    rows = [
-        "| config | orders buy/sell (filled, rejected) | entries | closed (win rate) "
-        "| exits by rule | realised | open, marked | PnL (SOL) | max drawdown | predictions "
-        "| live AUC | precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+#: the comparison's columns, one row per configuration
+COMPARISON_COLUMNS = (
+    "config", "orders buy/sell (filled, rejected)", "entries", "closed (win rate)",
+    "exits by rule", "realised", "open, marked", "PnL (SOL)", "max drawdown", "predictions",
+    "live AUC", "precision",
+)  # fmt: skip
+
+
+def comparison_rows(reports: Sequence[Report]) -> list[tuple[str, ...]]:
+    """One row of :data:`COMPARISON_COLUMNS` per configuration."""
+    rows = []
     for r in reports:
         o = r.orders
-        auc = _arms({arm: a for arm, (a, _) in r.auc.items()})
-        precision = _arms({arm: p for arm, (p, _) in r.precision.items()})
-        exits = r.exits_text() or "-"
-        rows.append(
-            f"| {r.name} | {o['requested', 'buy']}/{o['requested', 'sell']} "
+        rows.append((
+            r.name,
+            f"{o['requested', 'buy']}/{o['requested', 'sell']} "
             f"({o['filled', 'buy'] + o['filled', 'sell']}, "
-            f"{o['rejected', 'buy'] + o['rejected', 'sell']}) | {r.entries} | "
-            f"{r.closed_positions} ({_share(r.win_rate)}) | {exits} | {r.realized_sol:+.4f} | "
-            f"{r.unrealized_sol:+.4f} ({r.open_positions}){unmarked_note(r.unmarked)} | "
-            f"{r.pnl:+.4f} | "
-            f"{r.max_drawdown_sol:.4f} | {r.predictions:,} | {auc} | {precision} |"
-        )
-    return "\n".join(rows)
+            f"{o['rejected', 'buy'] + o['rejected', 'sell']})",
+            f"{r.entries}",
+            f"{r.closed_positions} ({_share(r.win_rate)})",
+            r.exits_text() or "-",
+            f"{r.realized_sol:+.4f}",
+            f"{r.unrealized_sol:+.4f} ({r.open_positions}){unmarked_note(r.unmarked)}",
+            f"{r.pnl:+.4f}",
+            f"{r.max_drawdown_sol:.4f}",
+            f"{r.predictions:,}",
+            _arms({arm: a for arm, (a, _) in r.auc.items()}),
+            _arms({arm: p for arm, (p, _) in r.precision.items()}),
+        ))  # fmt: skip
+    return rows
+
+
+def comparison_table(reports: Sequence[Report]) -> str:
+    """One row per configuration, in markdown."""
+    lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(reports)]
+    return "\n".join(lines)
 
 
 def comparison_json(
@@ -843,6 +860,11 @@ def backtest_command(args: argparse.Namespace) -> int:
                 f"configuration {name!r}: a name without '/' (it names "
                 f"the configuration's report file)"
             )
+        if name == COMPARISON and len(configs) > 1:
+            raise UsageError(
+                f"configuration {name!r}: the name of the report comparing the "
+                f"configurations: give it another"
+            )
     if args.report and args.json_out and args.json_out != "-":
         beside = {
             backtest_report_path(args.report, name, several=len(configs) > 1)
@@ -855,12 +877,10 @@ def backtest_command(args: argparse.Namespace) -> int:
                 f"--json {args.json_out} is where the results of the report "
                 f"are saved (beside --report {args.report}): give the document another name"
             )
-    for name, _ in configs:
-        # where the reports go (the reports folder without --report), before any runs
-        report_writable(
-            backtest_report_path(args.report, name, several=len(configs) > 1),
-            flag="--report",
-        )  # fmt: skip
+    several = len(configs) > 1
+    # where the reports go (the reports folder without --report), before any runs
+    for name in [name for name, _ in configs] + ([COMPARISON] if several else []):
+        report_writable(backtest_report_path(args.report, name, several=several), flag="--report")
     if args.json_out and args.json_out != "-":
         writable(args.json_out)
     if args.dataset:
@@ -924,4 +944,9 @@ def backtest_command(args: argparse.Namespace) -> int:
     write_backtest_reports(
         reports, args.report, source=source, base=base, settings=changes, said=said
     )
+    if len(reports) > 1:
+        write_backtest_comparison(
+            reports, args.report, source=source, base=base, settings=changes,
+            columns=COMPARISON_COLUMNS, rows=comparison_rows(reports), said=said,
+        )  # fmt: skip
     return 0

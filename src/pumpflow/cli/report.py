@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pumpflow.common.runtime.arguments import UsageError, help_text
 from pumpflow.common.runtime.settings import setting_text
+from pumpflow.common.text import counted
 
 if TYPE_CHECKING:
     from pumpflow.report.results import Results
@@ -135,6 +136,14 @@ def backtest_report_path(path: str | None, name: str, *, several: bool) -> Path:
     return Path(path)
 
 
+def _settings_text(settings: Mapping) -> str:
+    return ", ".join(f"{k}={setting_text(v)}" for k, v in settings.items())
+
+
+def _base_text(base: Mapping) -> str:
+    return f"{_settings_text(base)} (pumpflow run's)"
+
+
 def write_backtest_reports(
     reports: Sequence, path: str | None, *, source: str, base: Mapping,
     settings: Mapping[str, Mapping], said: TextIO = sys.stdout,
@@ -151,12 +160,9 @@ def write_backtest_reports(
         if r.report_data is None:
             continue
         out = backtest_report_path(path, r.name, several=len(reports) > 1)
-        changed = settings.get(r.name) or {}
         notes = {
-            "settings": ", ".join(f"{k}={setting_text(v)}" for k, v in changed.items())
-            or "the base's",
-            "base": ", ".join(f"{k}={setting_text(v)}" for k, v in base.items())
-            + " (pumpflow run's)",
+            "settings": _settings_text(settings.get(r.name) or {}) or "the base's",
+            "base": _base_text(base),
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": f"{r.predictions:,}",
             "live AUC": r.auc_text(),
@@ -167,3 +173,34 @@ def write_backtest_reports(
         written.append(html.write(data, out))
         print(f"report '{r.name}': {written[-1]}", file=said, flush=True)
     return written
+
+
+#: the name the page comparing a backtest's configurations takes where theirs go
+COMPARISON = "comparison"
+
+
+def write_backtest_comparison(
+    reports: Sequence, path: str | None, *, source: str, base: Mapping,
+    settings: Mapping[str, Mapping], columns: Sequence[str], rows: Sequence[Sequence[str]],
+    said: TextIO = sys.stdout,
+) -> Path:  # fmt: skip
+    """The page comparing the configurations a backtest ran, beside their reports: the
+    base and what each changes over it, the table of ``columns`` and ``rows`` and their
+    equity curves overlaid."""
+    from pumpflow.report import html
+
+    out = html.write_comparison(
+        backtest_report_path(path, COMPARISON, several=True),
+        title=f"pumpflow backtest compared: {', '.join(r.name for r in reports)}",
+        source=f"{source}: {counted(reports[0].frames, 'frame')}",
+        settings=[("base settings", _base_text(base))]
+        + [
+            (f"{r.name} changes", _settings_text(settings.get(r.name) or {}) or "nothing")
+            for r in reports
+        ],
+        columns=columns,
+        rows=rows,
+        compared={r.name: r.report_data for r in reports if r.report_data is not None},
+    )
+    print(f"comparison: {out}", file=said, flush=True)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
@@ -40,11 +41,18 @@ table.summary td:first-child { color: #555; }
 figure.plot { margin: 0; border: 1px solid #e0e0e0; border-radius: 6px; padding: 10px; }
 figure.plot figcaption { font-size: 14px; font-weight: bold; margin-bottom: 6px; }
 figure.plot svg { width: 100%; height: auto; display: block; }
+table.comparison { border-collapse: collapse; margin: 16px 0 24px; font-size: 14px; }
+table.comparison th, table.comparison td { padding: 4px 10px; border: 1px solid #e0e0e0; }
+table.comparison th { background: #f5f5f5; text-align: left; }
 """
 
 
 #: the equity curve's caption for results that keep no sales
 CLOSED_EQUITY = "Equity curve: realised PnL of the closed positions after fees, trade by trade"
+
+
+#: the comparison's equity plot's caption
+COMPARED_EQUITY = "Equity curves: realised PnL after fees, sale by sale, by configuration"
 
 
 def _not_kept(what: str) -> str:
@@ -107,29 +115,92 @@ def _caption(results: Results, plot_id: str, caption: str) -> str:
     return caption
 
 
-def render(results: Results, *, generated_at: float | None = None) -> str:
-    """The report's HTML."""
+def _page(title: str, source: str, body: str, generated_at: float | None) -> str:
     generated = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() if generated_at is None else generated_at)
     )
-    rows = "".join(
-        f"<tr><td>{escape(name)}</td><td>{escape(value)}</td></tr>"
-        for name, value in summary(results)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{escape(title)}</h1>"
+        f'<p class="source">{escape(source)}; written {generated}</p>{body}'
+        "</body></html>\n"
     )
+
+
+def _summary_table(rows: Sequence[tuple[str, str]]) -> str:
+    cells = "".join(
+        f"<tr><td>{escape(name)}</td><td>{escape(value)}</td></tr>" for name, value in rows
+    )
+    return f'<table class="summary">{cells}</table>'
+
+
+def render(results: Results, *, generated_at: float | None = None) -> str:
+    """The report's HTML."""
     drawn = plots(results)
     figures = "".join(
         f'<figure class="plot" id="{plot_id}"><figcaption>'
         f"{escape(_caption(results, plot_id, caption))}</figcaption>{drawn[plot_id]}</figure>"
         for plot_id, caption in PLOTS
     )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(results.title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{escape(results.title)}</h1>"
-        f'<p class="source">{escape(results.source)}; written {generated}</p>'
-        f'<table class="summary">{rows}</table><div class="plots">{figures}</div>'
-        "</body></html>\n"
+    body = f'{_summary_table(summary(results))}<div class="plots">{figures}</div>'
+    return _page(results.title, results.source, body, generated_at)
+
+
+def equity_overlay(compared: Mapping[str, Results]) -> str:
+    """Every configuration's equity curve (:func:`equity_curve`) on the same axes, from
+    the first entry of any to the last sale of any: one that sold nothing stays at zero."""
+    t0 = min((t.opened_at for r in compared.values() for t in r.trades), default=0.0)
+    curves = {
+        name: [((t - t0) / 60, pnl) for t, pnl in equity_curve(r)] for name, r in compared.items()
+    }
+    end = max((points[-1][0] for points in curves.values() if points), default=None)
+    series = []
+    for name, points in curves.items():
+        if end is not None:
+            last = points[-1][1] if points else 0.0
+            points = (points or [(0.0, 0.0)]) + [(end, last)]
+        series.append((name, points))
+    return svg.lines_chart(
+        series, label="equity by configuration", x_label="minutes since the first entry",
+        y_label="realised PnL (SOL)", step=True, empty="no sales in any configuration",
+    )  # fmt: skip
+
+
+def render_comparison(
+    *,
+    title: str,
+    source: str,
+    settings: Sequence[tuple[str, str]],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    compared: Mapping[str, Results],
+    generated_at: float | None = None,
+) -> str:
+    """The page comparing configurations run on one stream: ``settings`` (the base's and
+    what each configuration changes), the table of ``columns`` and ``rows``, and the
+    equity curves of the ``compared`` results (by configuration) overlaid."""
+    head = "".join(f"<th>{escape(column)}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
     )
+    return _page(
+        title,
+        source,
+        f"{_summary_table(settings)}"
+        f'<table class="comparison"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        '<div class="plots"><figure class="plot" id="equity"><figcaption>'
+        f"{escape(COMPARED_EQUITY)}</figcaption>{equity_overlay(compared)}</figure></div>",
+        generated_at,
+    )
+
+
+def write_comparison(path: str | Path, **page) -> Path:
+    """Write :func:`render_comparison`'s page to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_comparison(**page), encoding="utf-8")
+    return path
 
 
 def write(results: Results, path: str | Path) -> Path:

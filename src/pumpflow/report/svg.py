@@ -1,4 +1,4 @@
-"""Charts as inline SVG: line, bars, horizontal bars, histogram, calibration.
+"""Charts as inline SVG: lines, bars, horizontal bars, histogram, calibration.
 
 Each function returns one ``<svg>`` element as text, sized by its ``viewBox`` so it
 scales with the page; no script, no font or style from outside the document. Axis
@@ -19,6 +19,8 @@ WIDTH, HEIGHT = 560, 300
 #: plot area margins: left (y tick labels), right, top, bottom (x tick labels, title)
 MARGIN = (64, 16, 12, 44)
 GAIN, LOSS, INK, GRID, ACCENT = "#2e7d32", "#c62828", "#333", "#e3e3e3", "#1565c0"
+#: the colours of overlaid lines, in turn
+SERIES = (ACCENT, "#ef6c00", "#6a1b9a", "#00897b", "#ad1457", "#7cb342", "#5d4037", "#f9a825")
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -147,22 +149,56 @@ def line_chart(
     empty: str = "no data",
 ) -> str:
     """A line through ``points`` (x ascending); ``step`` holds each value until the next x."""
-    if not points:
+    return lines_chart(
+        [("", points)], label=label, x_label=x_label, y_label=y_label, step=step, empty=empty
+    )
+
+
+def lines_chart(
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    *,
+    label: str,
+    x_label: str,
+    y_label: str,
+    step: bool = False,
+    empty: str = "no data",
+) -> str:
+    """A line per (name, points) over shared axes, each in its colour of :data:`SERIES`,
+    named in a legend when it has a name; ``step`` as :func:`line_chart`'s."""
+    drawn = [(name, points) for name, points in series if points]
+    if not drawn:
         return _empty(label, empty)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs = [x for _, points in drawn for x, _ in points]
+    ys = [y for _, points in drawn for _, y in points]
     frame = _Frame(nice_ticks(min(xs), max(xs)), nice_ticks(min(*ys, 0.0), max(*ys, 0.0)))
     parts = frame.axes(x_label, y_label)
     parts.append(_line(frame.left, frame.y(0), frame.right, frame.y(0), "#999"))
-    coords = []
-    for i, (x, y) in enumerate(points):
-        if step and i:
-            coords.append(f"{frame.x(x):.1f},{frame.y(points[i - 1][1]):.1f}")
-        coords.append(f"{frame.x(x):.1f},{frame.y(y):.1f}")
-    parts.append(
-        f'<polyline points="{" ".join(coords)}" fill="none" stroke="{ACCENT}" '
-        'stroke-width="2" stroke-linejoin="round"/>'
-    )
-    return _svg(parts, label)
+    # the legend over the lines, on a box of its own
+    legend: list[str] = []
+    named = [name for name, _ in series if name]
+    if named:
+        legend.append(
+            f'<rect x="{frame.left + 4:.1f}" y="{frame.top + 2:.1f}" '
+            f'width="{36 + 6.5 * max(map(len, named)):.1f}" height="{6 + 15 * len(named):.1f}" '
+            'fill="#fff" fill-opacity="0.85" stroke="#ccc"/>'
+        )
+    for n, (name, points) in enumerate(series):
+        color = SERIES[n % len(SERIES)]
+        coords: list[str] = []
+        for i, (x, y) in enumerate(points):
+            if step and i:
+                coords.append(f"{frame.x(x):.1f},{frame.y(points[i - 1][1]):.1f}")
+            coords.append(f"{frame.x(x):.1f},{frame.y(y):.1f}")
+        if coords:
+            parts.append(
+                f'<polyline points="{" ".join(coords)}" fill="none" stroke="{color}" '
+                'stroke-width="2" stroke-linejoin="round"/>'
+            )
+        if name:
+            y = frame.top + 17 + 15 * (len(legend) // 2)  # after the box, two parts a name
+            legend.append(_line(frame.left + 10, y - 4, frame.left + 28, y - 4, color, 3))
+            legend.append(_text(frame.left + 34, y, name, anchor="start"))
+    return _svg(parts + legend, label)
 
 
 def bar_chart(
