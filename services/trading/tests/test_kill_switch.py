@@ -35,6 +35,13 @@ from .test_service import publish, ready
 TOKEN = "kill-switch-token"
 
 
+#: a halt's answer waits this long for its store: a loaded machine's Postgres can take
+#: a few tenths of a second to store it, and the answer is then 202, not 200
+STORE_WAIT_S = 5.0
+#: where the store is held up on purpose: the answer says so at once
+QUICK_ANSWER = {"trading_halt_store_wait_s": 0.2}
+
+
 def trading(
     ledger: PostgresLedger, registry: CollectorRegistry | None = None, **overrides
 ) -> TradingService:
@@ -42,8 +49,7 @@ def trading(
         service="trading",
         transport="memory",
         api_token=TOKEN,
-        trading_halt_store_wait_s=0.2,
-        **overrides,
+        **{"trading_halt_store_wait_s": STORE_WAIT_S, **overrides},
     )
     registry = CollectorRegistry() if registry is None else registry
     return TradingService(config, registry=registry, ledger=ledger)
@@ -85,7 +91,7 @@ async def test_a_halt_with_postgres_down_applies_at_once_and_is_stored_once_it_i
 ):
     ledger = own_ledger
     registry = CollectorRegistry()
-    service = trading(ledger, registry)
+    service = trading(ledger, registry, **QUICK_ANSWER)
 
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
@@ -149,7 +155,7 @@ async def test_an_entry_waiting_for_postgres_when_the_halt_comes_is_never_sent(
     the halt comes: once Postgres is back the order is stored refused, and never sent."""
     ledger = own_ledger
     registry = CollectorRegistry()
-    service = trading(ledger, registry)
+    service = trading(ledger, registry, **QUICK_ANSWER)
 
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
@@ -186,7 +192,7 @@ async def test_the_ledgers_older_state_never_undoes_a_halt_not_stored_yet(clock,
     once the lock is gone."""
     ledger = PostgresLedger(pg_pool)
     await ledger.set_control(TradingState.ACTIVE, "resumed before")
-    service = trading(ledger)
+    service = trading(ledger, **QUICK_ANSWER)
     async with running(clock, service) as (bus, watch, client):
         mint = await ready(bus, market)
         async with pg_pool.acquire() as holder, holder.transaction():
@@ -365,7 +371,7 @@ async def test_a_halt_given_while_a_resume_waits_to_apply_stands(clock, market, 
     the ledger, and no entry follows."""
     ledger = PostgresLedger(pg_pool)
     await ledger.set_control(TradingState.HALTED, "halted before")
-    service = trading(ledger)
+    service = trading(ledger, **QUICK_ANSWER)
     async with running(clock, service) as (bus, watch, client):
         assert service.risk.state is TradingState.HALTED
         mint = await ready(bus, market)
@@ -942,7 +948,7 @@ async def test_a_halt_given_to_a_stand_by_cut_off_from_postgres_says_it_is_not_s
     is not stored and that the replica trading (named) does not know of it; it is
     retried, and once stored the holder halts on its next round."""
     away = AwayForControl(pg_pool)
-    holder, standby = trading(PostgresLedger(pg_pool)), trading(away)
+    holder, standby = trading(PostgresLedger(pg_pool)), trading(away, **QUICK_ANSWER)
     async with running(clock, holder):
         async with running(clock, standby) as (_, _, client):
             assert (holder.role, standby.role) == ("active", "standby")
