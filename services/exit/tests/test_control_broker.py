@@ -52,8 +52,7 @@ async def replica_behind_proxy(
         namespace=namespace,
         partitions=PARTITIONS,
         api_token=TOKEN,
-        exit_publish_wait_s=PUBLISH_WAIT_S,
-        **settings,
+        **{"exit_publish_wait_s": PUBLISH_WAIT_S, **settings},
     )
     clock = WallClock()
     async with proxied_buses(
@@ -163,10 +162,12 @@ async def runs(pool) -> list[str]:
 @contextlib.asynccontextmanager
 async def graceful_replica(namespace: str, amqp_url: str, pg_pool):
     """:func:`replica_behind_proxy` with its graceful exits in Postgres and no trading,
-    whose barrier it waits for a moment only. Yields (service, its URL, watch, the
-    watch's bus)."""
+    whose barrier it waits for a moment only, and a broker it waits for as long as it
+    may. Yields (service, its URL, watch, the watch's bus)."""
     records = PostgresExitStore(pg_pool)
-    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1}
+    # the broker is not held up here: its confirm may take a loaded machine some tenths
+    # of a second, and the answer must say published
+    fast = {"exit_barrier_wait_s": 0.2, "exit_run_poll_s": 0.1, "exit_publish_wait_s": 5.0}
     async with replica_behind_proxy(namespace, amqp_url, records, **fast) as (
         _proxy, service, base, watch, bus,
     ):  # fmt: skip
