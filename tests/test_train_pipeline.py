@@ -136,6 +136,13 @@ def test_a_model_that_cannot_be_written_is_refused_before_the_history_is_read(wh
         (["--sim-seeds", "5", "--held-out-seeds", "2"], ["--seed", "6", "--minutes", "10"]),
         (["--dataset", "{market}", "--held-out-dataset", "{market}"], ["--dataset", "{market}"]),
         (["--dataset", "{market}"], ["--dataset", "FILE.jsonl"]),
+        # Postgres history up to --end: what was recorded after it
+        (["--schema", "live", "--end", "2026-12-01T00:00:00"],
+         ["--schema", "live", "--start", "2026-12-01T00:00:00Z"]),
+        (["--end", "1764547200"], ["--start", "2025-12-01T00:00:00Z"]),
+        (["--dsn", "postgresql://db/x", "--end", "1764547200"],
+         ["--dsn", "DSN", "--start", "2025-12-01T00:00:00Z"]),
+        (["--start", "1764547200"], ["--dataset", "FILE.jsonl"]),
     ],
 )  # fmt: skip
 def test_train_s_hint_backtests_on_a_stream_the_model_did_not_train_on(sources, stream):

@@ -42,6 +42,7 @@ import json
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -363,8 +364,10 @@ def build_default(out: Path, *, progress: bool = False):
 
 def unseen_stream(args: argparse.Namespace) -> list[str]:
     """``pumpflow backtest``'s flags of a stream neither the model of ``args`` nor the
-    shipped one trained on: its held-out source, else a simulated seed after both's; a
-    placeholder when train knows none (a file or Postgres history, part of it held out)."""
+    shipped one trained on: its held-out source, else a simulated seed after both's, else
+    the Postgres history after the window's ``--end`` (its ``--dsn`` as ``DSN``: it may
+    hold a password); a placeholder when train knows none (a file or the whole history,
+    part of it held out)."""
     shipped = set(parse_seeds(DEFAULT_ARGS[DEFAULT_ARGS.index("--sim-seeds") + 1]))
     minutes = ["--minutes", f"{args.sim_minutes:g}"]
     if held := [seed for seed in args.held_out_seeds if seed not in shipped]:
@@ -373,6 +376,12 @@ def unseen_stream(args: argparse.Namespace) -> list[str]:
         return ["--dataset", args.held_out_dataset[0]]
     if args.sim_seeds or args.held_out_seeds:
         return ["--seed", str(max({*args.sim_seeds, *shipped}) + 1), *minutes]
+    if not args.dataset and args.end is not None:
+        after = datetime.fromtimestamp(args.end, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        database = (["--dsn", "DSN"] if args.dsn else []) + (
+            ["--schema", args.schema] if args.schema else []
+        )
+        return [*database, "--start", after]
     return ["--dataset", "FILE.jsonl"]
 
 
@@ -491,12 +500,17 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"ONNX and native agree within {trained.max_difference:.2g}")
     served = json.dumps({card.model_id: str(Path(path).absolute())}, separators=(",", ":"))
     stream = unseen_stream(args)
-    on = (
-        f"on {stream[1]}, a stream it did not train on (a `pumpflow sim dataset` or "
-        "`pumpflow record --out` file)"
-        if stream[-1] == "FILE.jsonl"
-        else "on a stream it did not train on"
-    )
+    if stream[-1] == "FILE.jsonl":
+        on = (
+            f"on {stream[1]}, a stream it did not train on (a `pumpflow sim dataset` or "
+            "`pumpflow record --out` file)"
+        )
+    elif "DSN" in stream:
+        on = "on the history after its window (DSN: the --dsn it trained on)"
+    elif "--start" in stream:
+        on = "on the history after its window"
+    else:
+        on = "on a stream it did not train on"
     # both configurations over the same base: only the model differs between them
     print(
         f"use it: pumpflow backtest {shlex.join(stream)} --config shipped --config "
