@@ -633,6 +633,14 @@ def test_configurations_compare_exit_ladders(tmp_path):
     assert ladder["orders"]["sell"]["filled"] > 0
     assert ladder["realized_sol"] != base["realized_sol"]
     assert ladder["entries"] == base["entries"] > 0
+    # the ladder's partial sales by their rule, though no position closed on it
+    assert base["sales_by_rule"] == {}
+    stepped = ladder["sales_by_rule"]["take_profit_1"]
+    assert stepped["sales"] > 0 and stepped["realized_sol"] > 0, ladder["sales_by_rule"]
+    assert "take_profit_1" not in ladder["exits"]
+    assert sum(s["realized_sol"] for s in ladder["sales_by_rule"].values()) == pytest.approx(
+        ladder["realized_sol"], abs=1e-6
+    )
 
 
 def test_the_report_gives_the_base_s_settings_as_the_command_line_takes_them(dataset, tmp_path):

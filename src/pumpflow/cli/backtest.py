@@ -38,7 +38,8 @@ Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line ev
 ``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
-by rule, realised PnL and the open positions marked at what selling them whole would
+by rule, sales by rule (a ladder's partial sales included) with their realised PnL,
+realised PnL and the open positions marked at what selling them whole would
 bring (:func:`~pumpflow.common.trading.exit_value`), after every fee (those no trade
 has marked since their entry are unmarked: their worth is unknown, so they are counted
 and left out); win rate of the closed positions; the largest fall of the realised PnL
@@ -354,6 +355,10 @@ class Report:
             "wins": self.wins,
             "win_rate": self.win_rate,
             "exits": dict(sorted(self.exits.items())),
+            "sales_by_rule": {
+                rule: {"sales": n, "realized_sol": sol(realized)}
+                for rule, (n, realized) in self.sales_by_rule().items()
+            },
             "realized_sol": sol(self.realized_sol),
             "unrealized_sol": sol(self.unrealized_sol),
             "pnl_sol": sol(self.pnl),
@@ -376,6 +381,23 @@ class Report:
     def exits_text(self) -> str:
         """Positions closed by each rule, as ``rule n, ...``."""
         return ", ".join(f"{rule} {n}" for rule, n in sorted(self.exits.items()))
+
+    def sales_by_rule(self) -> dict[str, tuple[int, float]]:
+        """Each rule's (or request's) sales and their realised PnL after fees, partial
+        sales of positions still open included: how an exit strategy earned."""
+        found: dict[str, tuple[int, float]] = {}
+        sales = self.report_data.sales if self.report_data is not None else None
+        for sale in sales or ():
+            count, realized = found.get(sale.reason or "?", (0, 0.0))
+            found[sale.reason or "?"] = (count + 1, realized + sale.realized_pnl_sol)
+        return dict(sorted(found.items()))
+
+    def sales_text(self) -> str:
+        """``rule n (+x SOL), ...`` of :meth:`sales_by_rule`."""
+        return ", ".join(
+            f"{rule} {n} ({realized:+.4f} SOL)"
+            for rule, (n, realized) in self.sales_by_rule().items()
+        )
 
     def auc_text(self) -> str:
         """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
@@ -402,6 +424,7 @@ class Report:
             f"  entries {self.entries}, {self.bought_sol:.3f} SOL; closed "
             f"{self.closed_positions}, open {self.open_positions}",
             f"  exits by rule: {self.exits_text() or 'none'}",
+            f"  sales by rule: {self.sales_text() or 'none'}",
             f"  PnL after fees: realised {self.realized_sol:+.4f} SOL, open marked "
             f"{self.unrealized_sol:+.4f}{unmarked_note(self.unmarked)}, total {self.pnl:+.4f} "
             f"(fees {self.fees_sol:.4f})",

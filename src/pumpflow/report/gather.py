@@ -107,7 +107,7 @@ def booked(fills: Iterable[Any]) -> tuple[tuple[Sale, ...], Counter[str]]:
             time, realized = book.realizations[-1]
             sales.append(Sale(
                 position_id=change.position_id, mint=fill.mint, time=time,
-                realized_pnl_sol=realized,
+                realized_pnl_sol=realized, reason=fill.reason,
             ))  # fmt: skip
     return tuple(sales), bought
 

@@ -44,6 +44,8 @@ class Sale(msgspec.Struct, frozen=True, kw_only=True):
     mint: str
     time: float
     realized_pnl_sol: float
+    #: the rule or request that sold (its order's reason: take_profit_1, graceful, ...)
+    reason: str = ""
 
 
 class Slippage(msgspec.Struct, frozen=True, kw_only=True):
