@@ -91,6 +91,7 @@ async def test_a_replica_that_stops_says_how_many_positions_of_its_share_are_lef
             await held_position(bus, tokens)
         await eventually(lambda: len(service.positions()) == 3, what="three positions held")
     finally:
+        service.stopping()
         await service.stop()
         await replica_bus.close()
         await bus.close()
@@ -113,6 +114,7 @@ async def test_a_replica_that_stops_says_how_many_positions_of_its_share_are_lef
     idle_bus = await on_broker(
         harness, idle, clock=clock, store=MemoryStateStore(clock), partitions=PARTITIONS
     )
+    idle.stopping()
     await idle.stop()
     await idle_bus.close()
     assert "positions of this replica's share" not in caplog.text

@@ -30,6 +30,9 @@ class Counter(Service):
         if event.type == "token.lifecycle":
             await self.ctx.store.set(f"last:{event.key}", event.data.state.encode())
 
+    def stopping(self) -> None:
+        JOURNAL.append(f"stopping {self.name}")
+
     async def stop(self) -> None:
         JOURNAL.append(f"stop {self.name}")
 
@@ -74,7 +77,14 @@ async def test_services_share_bus_store_and_clock_and_stop_in_reverse(synchronou
         assert system.contexts["counter"].settings.partitions == 4
         assert system.contexts["counter"].clock is clock
         assert system.contexts["counter"].store is system.contexts["announcer"].store
-    assert JOURNAL == ["start counter", "start announcer", "stop announcer", "stop counter"]
+    # as the distributed runtime: what stopping leaves is noted before any service stops
+    assert JOURNAL == [
+        "start counter",
+        "start announcer",
+        "stopping counter",
+        "stop announcer",
+        "stop counter",
+    ]
     # the announcer's shutdown notice, published while stopping, reached the counter
     assert counter.seen[-1] == ("system.shutdown", None)
 
@@ -105,7 +115,7 @@ async def test_a_failing_start_stops_the_ones_already_started():
     with pytest.raises(RuntimeError, match="cannot start"):
         async with run_embedded([Counter, Broken], clock=ReplayClock()):
             pass
-    assert JOURNAL == ["start counter", "stop counter"]
+    assert JOURNAL == ["start counter", "stopping counter", "stop counter"]
 
 
 class Leaving(Counter):
@@ -147,7 +157,7 @@ async def test_what_comes_for_a_service_stopped_for_good_is_dropped_and_said(cap
     caplog.set_level(logging.DEBUG, logger="pumpflow.embedded")
     async with run_embedded([LateAnnouncer, Leaving], clock=ReplayClock(), partitions=4) as system:
         await system.drain()
-    assert JOURNAL == ["start late", "stop late"]
+    assert JOURNAL == ["start late", "stopping leaving", "stop late"]
     assert system.bus.describe()["pending"] == 0
     said = [r.getMessage() for r in caplog.records]
     assert "embedded: after leaving stopped, nothing consumes leaving any more: what comes " \

@@ -297,8 +297,6 @@ class ExitService(Service):
         self._tasks: set[asyncio.Task] = set()
         self._graceful: asyncio.Task | None = None
         self._poll: asyncio.Task | None = None
-        #: the positions left unwatched were counted as the runtime began to stop
-        self._unwatched_said = False
         #: operators' sale requests applied here, the latest: request id -> the answer
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: requests taken through this replica's API, awaiting their answer
@@ -352,11 +350,8 @@ class ExitService(Service):
     def stopping(self) -> None:
         # the runtime hands the partitions over next, their positions with them
         self._say_unwatched()
-        self._unwatched_said = True
 
     async def stop(self) -> None:
-        if not self._unwatched_said:
-            self._say_unwatched()
         for task in (self._poll, self._graceful):
             if task is not None and not task.done():
                 task.cancel()

@@ -119,6 +119,13 @@ async def run_embedded(
             log.debug("embedded: %s started", name)
         yield system
     finally:
+        # as the distributed runtime: each notes what stopping leaves while it holds it
+        for service in reversed(started):
+            try:
+                service.stopping()
+            except Exception:
+                name = service.settings.service
+                log.exception("embedded: %s failed to note what it leaves", name)
         try:
             await _drain(bus, drain_timeout_s, when="before the services stop", own=own_bus)
         finally:

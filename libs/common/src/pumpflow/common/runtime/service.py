@@ -98,7 +98,8 @@ class Service(ABC):
 
     def stopping(self) -> None:  # noqa: B027 (most services note nothing)
         """Note what stopping leaves, while the service still holds its partitions: the
-        runtime calls it on SIGTERM before the bus stops consuming and hands them over."""
+        runtime (distributed on SIGTERM, or embedded at the end) calls it before the bus
+        stops consuming and hands them over, and before :meth:`stop`."""
 
     @abstractmethod
     async def stop(self) -> None:
