@@ -404,7 +404,7 @@ def _sold_in_parts() -> LedgerChange:
         fills.append(FillRecord(
             order_id=order_id, mint=mint, side=side, token_amount=tokens, sol_amount=sol,
             price=sol / tokens, fee_sol=0.001, filled_at=at,
-            position_id=position if side == "sell" else None,
+            position_id=position if side == "sell" else None, reason=orders[-1].reason,
         ))  # fmt: skip
     positions = [
         PositionRecord(
@@ -437,6 +437,15 @@ async def test_the_equity_curve_steps_at_every_sale_and_ends_at_the_realised_pnl
     assert curve[-1][1] == pytest.approx(sum(t.realized_pnl_sol for t in found.trades))
     # each buy is its position's: what the book booked
     assert [t.bought_sol for t in found.trades] == [0.1, 0.1]
+    # the sales by the rule that sold: each sale's order's reason, partial ones included
+    assert [s.reason for s in found.sales] == ["take_profit"] * 3
+    [(count, realized)] = results.sales_by_rule(found).values()
+    assert (count, realized) == (3, pytest.approx(0.0, abs=1e-12))
+    rows = dict(results.summary(found))
+    assert rows["exits by rule"] == "take_profit 1"
+    assert re.fullmatch(r"take_profit 3 \([+-]0\.0000 SOL\)", rows["sales by rule"])
+    unkept = dict(results.summary(msgspec.structs.replace(found, sales=None)))
+    assert unkept["sales by rule"] == results.NO_SALES
 
 
 async def test_the_drawdown_is_over_every_sale_not_only_the_closed_positions(tmp_path):

@@ -77,6 +77,7 @@ from pumpflow.cli.report import (
 from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import UsageError, epoch_time, help_text, positive
 from pumpflow.common.text import counted
+from pumpflow.report import results as report_results
 from pumpflow.report.results import unmarked_note
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
@@ -383,21 +384,13 @@ class Report:
         return ", ".join(f"{rule} {n}" for rule, n in sorted(self.exits.items()))
 
     def sales_by_rule(self) -> dict[str, tuple[int, float]]:
-        """Each rule's (or request's) sales and their realised PnL after fees, partial
-        sales of positions still open included: how an exit strategy earned."""
-        found: dict[str, tuple[int, float]] = {}
-        sales = self.report_data.sales if self.report_data is not None else None
-        for sale in sales or ():
-            count, realized = found.get(sale.reason or "?", (0, 0.0))
-            found[sale.reason or "?"] = (count + 1, realized + sale.realized_pnl_sol)
-        return dict(sorted(found.items()))
+        """:func:`~pumpflow.report.results.sales_by_rule` of the run."""
+        data = self.report_data
+        return report_results.sales_by_rule(data) if data is not None else {}
 
     def sales_text(self) -> str:
-        """``rule n (+x SOL), ...`` of :meth:`sales_by_rule`."""
-        return ", ".join(
-            f"{rule} {n} ({realized:+.4f} SOL)"
-            for rule, (n, realized) in self.sales_by_rule().items()
-        )
+        data = self.report_data
+        return report_results.sales_text(data) if data is not None else ""
 
     def auc_text(self) -> str:
         """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
@@ -612,7 +605,7 @@ async def run_backtest(
                 wins=sum(p.realized_pnl_sol > 0 for p in closed),
                 fees_sol=sum(p.fees_sol for p in positions),
                 max_drawdown_sol=max_drawdown(report_data),
-                exits=Counter(p.close_reason or "?" for p in closed),
+                exits=report_results.exits_by_rule(report_data),
                 auc=auc,
                 precision=precision,
                 skipped=Counter(trading.skipped),

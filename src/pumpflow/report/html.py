@@ -4,7 +4,6 @@ fetched, so it opens the same offline, from a mail or an archive."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -16,6 +15,7 @@ from pumpflow.report.results import (
     NO_SALES,
     Results,
     equity_curve,
+    exits_by_rule,
     save,
     summary,
 )
@@ -65,7 +65,7 @@ def plots(results: Results) -> dict[str, str]:
     t0 = min((t.opened_at for t in results.trades), default=0.0)
     equity = [((t - t0) / 60, pnl) for t, pnl in equity_curve(results)]
     pnls = [t.realized_pnl_sol for t in closed]
-    exits = Counter(t.close_reason or "?" for t in closed)
+    exits = exits_by_rule(results)
     if results.lifecycle is None:
         funnel = svg.hbar_chart([], label="lifecycle", x_label="", empty=_not_kept("lifecycle"))
     else:

@@ -174,6 +174,28 @@ def max_drawdown(results: Results) -> float:
     return drawdown
 
 
+def exits_by_rule(results: Results) -> Counter[str]:
+    """Closed positions by the rule (or request) that closed them."""
+    return Counter(t.close_reason or "?" for t in results.closed)
+
+
+def sales_by_rule(results: Results) -> dict[str, tuple[int, float]]:
+    """Each rule's (or request's) sales and their realised PnL after fees, a ladder's
+    partial sales of positions still open included: how an exit strategy earned (empty
+    for results that keep no sales)."""
+    found: dict[str, tuple[int, float]] = {}
+    for sale in results.sales or ():
+        count, realized = found.get(sale.reason or "?", (0, 0.0))
+        found[sale.reason or "?"] = (count + 1, realized + sale.realized_pnl_sol)
+    return dict(sorted(found.items()))
+
+
+def sales_text(results: Results) -> str:
+    """``rule n (+x SOL), ...`` of :func:`sales_by_rule`."""
+    by_rule = sales_by_rule(results)
+    return ", ".join(f"{rule} {n} ({realized:+.4f} SOL)" for rule, (n, realized) in by_rule.items())
+
+
 def summary(results: Results) -> list[tuple[str, str]]:
     """The summary table's rows: (figure, value)."""
     trades, closed = results.trades, results.closed
@@ -183,9 +205,10 @@ def summary(results: Results) -> list[tuple[str, str]]:
     unmarked = sum(t.unrealized_pnl_sol is None for t in held)
     unrealized = sum(t.unrealized_pnl_sol or 0.0 for t in held)
     pnls = [t.realized_pnl_sol for t in closed]
-    exits = Counter(t.close_reason or "?" for t in closed)
+    exits = exits_by_rule(results)
     slips = [s.pct for s in results.slippage]
     over = "" if results.sales is not None else f" (the closed positions only: {NO_SALES})"
+    sold = NO_SALES if results.sales is None else sales_text(results) or "none"
     rows = [
         ("trades", f"{len(trades)} ({len(closed)} closed, {len(trades) - len(closed)} open)"),
         ("win rate", f"{wins / len(closed):.0%} ({wins} of {len(closed)})" if closed else "n/a"),
@@ -197,6 +220,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
         ("fees (SOL)", f"{sum(t.fees_sol for t in trades):.4f}"),
         ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),
         ("exits by rule", ", ".join(f"{k} {v}" for k, v in sorted(exits.items())) or "none"),
+        ("sales by rule", sold),
         ("orders", ", ".join(f"{k} {v}" for k, v in sorted(results.orders.items())) or "none"),
         (
             "slippage (%, mean / worst)",
