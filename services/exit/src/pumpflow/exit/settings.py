@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, Field
 
-from pumpflow.common.exit import ExitRules, GracefulExitConfig, TakeProfitStep, TrailBand
+from pumpflow.common.exit import (
+    ExitRules,
+    GracefulExitConfig,
+    TakeProfitStep,
+    TrailBand,
+    check_take_profit,
+    check_trailing,
+)
 from pumpflow.common.runtime.settings import CommonSettings
 
 if TYPE_CHECKING:
@@ -30,14 +37,14 @@ def trail_bands(pairs: Pairs) -> tuple[TrailBand, ...]:
 
 
 def _ladder(pairs: Pairs) -> Pairs:
-    """``pairs`` once the rules take them as their ladder (their reason, if not)."""
-    ExitRules(take_profit=take_profit_steps(pairs))
+    """``pairs`` once the rules' check takes them as a ladder (its reason, if not)."""
+    check_take_profit(take_profit_steps(pairs))
     return pairs
 
 
 def _bands(pairs: Pairs) -> Pairs:
-    """``pairs`` once the rules take them as their trailing bands (their reason, if not)."""
-    ExitRules(trailing=trail_bands(pairs))
+    """``pairs`` once the rules' check takes them as trailing bands (its reason, if not)."""
+    check_trailing(trail_bands(pairs))
     return pairs
 
 

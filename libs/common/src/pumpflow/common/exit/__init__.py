@@ -55,6 +55,8 @@ from pumpflow.common.exit.rules import (
     RuleWatch,
     TakeProfitStep,
     TrailBand,
+    check_take_profit,
+    check_trailing,
 )
 
 __all__ = [
@@ -100,6 +102,8 @@ __all__ = [
     "TakeProfitStep",
     "TrailBand",
     "TrancheFill",
+    "check_take_profit",
+    "check_trailing",
     "held_view",
     "is_exit_order",
     "rule_order_id",

@@ -239,12 +239,7 @@ def unset_if_empty(field: FieldInfo, value: Any) -> Any:
         if annotation in (int, float, bool):
             # read as text, an empty one would be refused as no number or no switch
             default = field.default
-            if isinstance(default, bool):
-                default = f" (default {str(default).lower()})"
-            elif isinstance(default, int | float):
-                default = f" (default {default:g})"
-            else:
-                default = ""
+            default = f" (default {setting_text(default)})" if default is not None else ""
             raise ValueError(
                 f"empty, and it cannot be unset{default}: give a value, or leave it out for "
                 "the default"
