@@ -1,6 +1,6 @@
 import pytest
 
-from pumpflow.common.text import counted
+from pumpflow.common.text import counted, due_to_say
 
 
 @pytest.mark.parametrize(
@@ -23,3 +23,11 @@ from pumpflow.common.text import counted
 )
 def test_counted_says_the_count_with_its_noun_singular_for_one_alone(count, noun, plural, text):
     assert counted(count, noun, plural) == text
+
+
+def test_a_repeated_faults_line_is_due_at_its_first_then_each_thousandth():
+    one_at_a_time = [n for n in range(1, 3002) if due_to_say(n - 1, n)]
+    assert one_at_a_time == [1, 1000, 2000, 3000]
+    # counted by batches: due as the count passes a mark, not only when it lands on one
+    assert due_to_say(0, 4) and due_to_say(998, 1003) and due_to_say(1999, 2000)
+    assert not due_to_say(4, 998) and not due_to_say(1000, 1999) and not due_to_say(0, 0)

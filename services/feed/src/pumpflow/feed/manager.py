@@ -34,6 +34,7 @@ from pumpflow.common.bus.idempotency import Sequencer
 from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, TokenCreated, TokenTrade, make_event, source_service
 from pumpflow.common.storage import TokenEventStore, Writer
+from pumpflow.common.text import due_to_say
 from pumpflow.feed.interface import ALL_EVENTS, DataFeedInterface, FeedRecord, as_mints
 from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.metrics import FeedMetrics
@@ -262,7 +263,7 @@ class DataFeedManager:
     def _unled(self, record: FeedRecord) -> None:
         self.unled += 1
         self.metrics.unled_frames.inc()
-        if self.unled == 1 or self.unled % 1000 == 0:
+        if due_to_say(self.unled - 1, self.unled):
             log.warning(
                 "feed: a frame taken past the lease's deadline is dropped, neither numbered "
                 "nor published (another replica may hold the feed): %s of %s (%d so far)",
@@ -273,7 +274,7 @@ class DataFeedManager:
         """Keep the raw frame, without a seq: consumers never see a gap or the trade."""
         self.unsubscribed_trades += 1
         self.metrics.unsubscribed_trades.inc()
-        if self.unsubscribed_trades == 1 or self.unsubscribed_trades % 1000 == 0:
+        if due_to_say(self.unsubscribed_trades - 1, self.unsubscribed_trades):
             log.warning(
                 "trade of %s, a mint the feed is not subscribed to (never was, or left it "
                 "longer ago than the unsubscribe grace): stored, not published (%d so far)",

@@ -77,6 +77,7 @@ from pumpflow.common.bus.abc import EventPublisher
 from pumpflow.common.dependencies import WAITS, transient_dependency
 from pumpflow.common.events import Event, encode_event, encode_payload
 from pumpflow.common.storage import Superseded, TokenEventStore, Writer, WriteResult
+from pumpflow.common.text import due_to_say
 from pumpflow.feed.dead_letters import DeadLetterQueue, LogBudget
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.redrive import refusal_reason, refused_headers
@@ -458,7 +459,7 @@ class Recorder:
         before = self.stored_already
         self.stored_already += len(found)
         self.metrics.duplicates.inc(len(found))
-        if before == 0 or before // 1000 != self.stored_already // 1000:
+        if due_to_say(before, self.stored_already):
             log.warning(
                 "feed: %s of %s is stored already as another event (another writer of this "
                 "schema: a feed replica before a take-over, or pumpflow record or sim load "

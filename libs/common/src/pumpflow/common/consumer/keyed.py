@@ -225,6 +225,7 @@ from pumpflow.common.keyed import UNCHANGED, InvalidInput, KeyedProcessor, Stale
 from pumpflow.common.priority import Priority
 from pumpflow.common.state.abc import HashValue, StateStore, WriteBatch, WrongKind
 from pumpflow.common.state.commit import GroupCommit, wake
+from pumpflow.common.text import due_to_say
 from pumpflow.common.workers import PoolClosed, TokenMonitorThreadPool, WorkerPoolConfig
 
 log = logging.getLogger(__name__)
@@ -1244,7 +1245,7 @@ class KeyedStatefulConsumer(Generic[S]):
         the record, or a consumer that joined mid-stream)."""
         self.metrics.unrecorded.inc()
         count = int(self.metrics.unrecorded._value.get())
-        if count == 1 or count % 1000 == 0:
+        if due_to_say(count - 1, count):
             log.error(
                 "%s: %s's record holds nothing of %s but its first event from it is seq %d: "
                 "the state goes on without the events before it (%d unrecorded starts so far)",
