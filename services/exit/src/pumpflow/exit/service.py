@@ -1120,7 +1120,7 @@ class ExitService(Service):
                     await self.manager.on_late_outcome(outcome)
             elif sale is not None and self.manager is not None:
                 await self.manager.on_rule_outcome(
-                    mint, outcome, sale.token_amount, held_back=held_back
+                    mint, outcome, sale.token_amount, held_back=held_back, rule=sale.rule
                 )
         except Exception:
             log.exception("exit: the graceful exit took %r badly", outcome)
