@@ -186,9 +186,13 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
         # a trade the stream stamps past the entry's latency fills it at once
         await system.bus.publish(tokens.buy(mint, "bob", sol=0.1, time=now + latency_s + 1))
         await eventually(lambda: len(exits.positions()) == 1, 10.0, what="the exit holds it")
-        not_flat = await graceful_exit(system, clock=clock, speed=speed, out=out)
+        not_flat = await graceful_exit(
+            system, clock=clock, speed=speed, out=out, names={mint: "WIFHAT"}
+        )
     printed = out.getvalue()
     assert "did not end" not in printed, printed
     assert "graceful exit (pumpflow run ended): 1 position, 1 sold out" in printed, printed
+    # each position by its token's name, as every other line of the run shows it
+    assert re.search(r"^  WIFHAT +deadline +1 tranche", printed, re.M), printed
     assert "open positions after the graceful exit: 0" in printed, printed
     assert not_flat is None

@@ -26,6 +26,7 @@ import io
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -256,7 +257,9 @@ async def run_embedded_market(
                     await stop.wait()
             # the dashboard goes on showing the sales; the exit's report follows it
             exit_report = out if screen is None else io.StringIO()
-            not_flat = await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
+            not_flat = await graceful_exit(
+                system, clock=clock, speed=speed, out=exit_report, names=console.symbols()
+            )
             signals.cutting = ("the run's end", "no report is written")
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -384,9 +387,12 @@ def run_exit_service(speed: float):
     )
 
 
-async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | None:
+async def graceful_exit(
+    system, *, clock, speed: float, out: TextIO, names: Mapping[str, str] | None = None
+) -> str | None:
     """Publish ``system.shutdown`` (trading stops entering, exit sells what is held) and
-    print the exit service's report; why the run did not end flat (None: it did)."""
+    print the exit service's report, its tokens by their ``names`` (by mint); why the run
+    did not end flat (None: it did)."""
     from pumpflow.common.events import SystemShutdown, make_event
 
     exits = system["exit"]
@@ -405,7 +411,7 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | No
     else:
         ended = True
         if exits.summary is not None:
-            print(exits.summary.text(), file=out, flush=True)
+            print(exits.summary.text(names), file=out, flush=True)
     left = system["trading"].book.open_count
     print(f"open positions after the graceful exit: {left}", file=out, flush=True)
     if not ended:

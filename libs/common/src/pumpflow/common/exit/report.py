@@ -8,6 +8,7 @@ their difference is everything the exit cost, fees included.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pumpflow.common.events import ExitLine, ExitReport, OrderFilled
@@ -235,8 +236,9 @@ class GracefulExitSummary:
             lines=report.positions,
         )
 
-    def text(self) -> str:
-        """The summary as the CLI prints it."""
+    def text(self, names: Mapping[str, str] | None = None) -> str:
+        """The summary as the CLI prints it, each position by its token's name in
+        ``names`` (by mint) where it has one."""
         worst = self.worst_slippage
         lines = [
             f"graceful exit ({self.reason}): {counted(self.positions, 'position')}, "
@@ -274,8 +276,9 @@ class GracefulExitSummary:
                 left += f"  {line.pending_tokens:.6g} tokens in a rule's sale AWAITING its outcome"
             elif line.completed and not line.tranches and not line.closed:
                 left += f"  sold by its {line.reason} sale, ordered before the exit"
+            label = (names or {}).get(line.mint) or line.mint[:12]
             lines.append(
-                f"  {line.mint[:12]:<12} {line.reason:<9} {counted(line.tranches, 'tranche'):>12} "
+                f"  {label:<12} {line.reason:<9} {counted(line.tranches, 'tranche'):>12} "
                 f"{line.sol_received:>10.4f} SOL  slippage {slip}" + left
             )
         return "\n".join(lines)
