@@ -3,26 +3,36 @@ dataset file or Postgres, and configurations are compared side by side."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import pickle
 import re
+import signal
+import sys
 import time
 from html import escape
+from pathlib import Path
 
 import pytest
 
 from pumpflow.cli.backtest import (
     RUN_CONFIG,
     ProgressBar,
+    ProgressBoard,
     ProgressLine,
+    Report,
     database_frames,
     dataset_frames,
     progress_for,
     run_backtest,
+    run_configuration,
     simulated_frames,
 )
 from pumpflow.cli.main import main
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import eventually
 from pumpflow.feed import socket_feed
 from pumpflow.simulator.cli import main as sim_main
 from pumpflow.simulator.dataset import load_dataset
@@ -261,6 +271,27 @@ def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
     assert re.search(r"ETA \d+:\d\d:\d\d", shown)
     assert pipe.getvalue().splitlines()[-1].startswith("eager: 1,000/1,000 frames (100%)")
     assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
+
+
+def test_configurations_running_at_once_get_a_bar_each_together_or_lines_each():
+    terminal, pipe = Terminal(), io.StringIO()
+    bars = ProgressBoard(["eager", "patient", "waiting"], every=0.0, out=terminal)
+    lines = ProgressBoard(["eager", "patient"], every=0.0, out=pipe)
+    assert not bars.drawn
+    for board in (bars, lines):
+        for done in (0, 500, 1_000):
+            board.progress["eager"](done, 1_000)
+            board.progress["patient"](done // 2, 1_000)
+    assert bars.drawn  # one display: a line written now would tear it
+    bars.close()
+    lines.close()
+    assert not bars.drawn
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
+    assert "1000/1000 frames" in shown and "500/1000 frames" in shown
+    assert "waiting" not in shown  # a configuration appears as it starts
+    said = pipe.getvalue().splitlines()
+    assert said[-2].startswith("eager: 1,000/1,000 frames (100%)")
+    assert said[-1].startswith("patient: 500/1,000 frames (50%)")
 
 
 @pytest.mark.parametrize("given", [[], ["--config", "longer=exit_max_hold_s=1200"]])
@@ -574,8 +605,6 @@ def test_open_positions_no_trade_has_marked_are_said_to_be_left_out_of_the_pnl()
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> str:
     """Some two market minutes of seed 6 as ``pumpflow record --out`` writes them."""
-    import asyncio
-
     from pumpflow.feed.cli import record
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
@@ -615,8 +644,6 @@ def test_a_recording_backtests_as_the_stream_it_recorded(recording, tmp_path):
     created = {e.key for e in published if e.type == "token.created"}
     assert load(report.with_suffix(".json")).lifecycle["new"] == len(created) > 0
     # and the same recording decides the same again
-    import asyncio
-
     again = asyncio.run(run_backtest(frames, RUN_CONFIG))
     assert again.results() == results
 
@@ -720,3 +747,113 @@ def test_the_help_gives_the_simulated_markets_defaults(capsys):
     launches = MarketConfig(seed=1).launches_per_minute
     assert f"--launches LAUNCHES --seed: token launches per market minute ({launches:g})" in said
     assert "--minutes MINUTES --seed: market minutes (10)" in said
+
+
+# ------------------------------------------------------------------ workers and grids
+
+#: fails as its trading starts, in the run: the live executor is not enabled
+LIVE = "live=trading_executor=live"
+
+
+def _ran(document: dict) -> list[tuple[str, dict, dict]]:
+    """(name, settings, results) of each configuration of a results document, in order:
+    what equal inputs give equal, timings apart."""
+    return [(c["name"], c["settings"], c["results"]) for c in document["configurations"]]
+
+
+def test_two_workers_give_the_reports_one_process_gives(dataset, tmp_path, capsys):
+    """Run at once in two workers, each configuration decides as it does alone here, and
+    the reports come in the order given, with the progress of each."""
+    documents = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs-{jobs}.json"
+        argv = ["backtest", "--dataset", dataset, "--config", LADDER, "--config", "base",
+                "--jobs", jobs, "--every", "0.01", "--json", str(out),
+                "--report", str(tmp_path / jobs / "r.html")]  # fmt: skip
+        assert main(argv) == 0
+        said = capsys.readouterr()
+        assert said.out.index("backtest 'ladder'") < said.out.index("backtest 'base'")
+        for name in ("ladder", "base"):
+            assert re.search(rf"^{name}: [\d,]+/[\d,]+ frames \(100%\)", said.err, re.M)
+            assert (tmp_path / jobs / f"r-{name}.html").exists()
+        assert (tmp_path / jobs / "r-comparison.html").exists()
+        documents[jobs] = json.loads(out.read_text())
+    one, two = documents["1"], documents["2"]
+    assert _ran(two) == _ran(one)
+    assert [name for name, _, _ in _ran(two)] == ["ladder", "base"]
+    # they did something to compare: the ladder sold where the base holds
+    ladder, base = (results for _, _, results in _ran(one))
+    assert ladder["orders"]["sell"]["filled"] > 0 == base["orders"]["sell"]["requested"]
+    assert one["failed"] == two["failed"] == []
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_configuration_that_fails_is_named_and_the_others_reports_land(
+    dataset, tmp_path, capsys, jobs
+):
+    out = tmp_path / "results.json"
+    argv = ["backtest", "--dataset", dataset, "--quiet", "--jobs", jobs, "--config", "base",
+            "--config", LIVE, "--config", LADDER, "--json", str(out),
+            "--report", str(tmp_path / "r.html")]  # fmt: skip
+    assert main(argv) == 1
+    said = capsys.readouterr()
+    assert (
+        "pumpflow backtest: configuration 'live' failed: SettingsError: the live executor "
+        "is chosen but not enabled"
+    ) in said.err
+    assert said.err.splitlines()[-1] == "pumpflow backtest: 1 configuration failed: live"
+    assert said.out.index("backtest 'base'") < said.out.index("backtest 'ladder'")
+    rows = [line.split("|")[1].strip() for line in said.out.splitlines() if line.startswith("| ")]
+    assert rows == ["config", "base", "ladder"]
+    document = json.loads(out.read_text())
+    assert [c["name"] for c in document["configurations"]] == ["base", "ladder"]
+    (live,) = document["failed"]
+    assert live["name"] == "live" and live["settings"] == {"trading_executor": "live"}
+    assert live["error"].startswith("SettingsError: the live executor is chosen")
+    assert sorted(p.name for p in tmp_path.glob("*.html")) == [
+        "r-base.html", "r-comparison.html", "r-ladder.html"
+    ]  # fmt: skip
+
+
+def test_a_report_crosses_from_a_worker_whole():
+    """What a worker sends back is the report it made, its HTML report's data too."""
+    frames = simulated_frames(SEED, 0.5, start=START)
+    report = run_configuration(frames, "base", RUN_CONFIG)
+    assert isinstance(report, Report)
+    sent = pickle.loads(pickle.dumps(report))
+    assert sent == report and sent.text() == report.text()
+
+
+def _group_gone(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
+        "--minutes", "30", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
+        "--report", str(tmp_path / "r.html"),
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = ""
+        while not re.search(r"^[ab]: [\d,]+/", seen, re.M):  # the workers are running
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, seen
+            seen += line.decode()
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group
+        err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+        await asyncio.wait_for(proc.wait(), 30)
+        stopped = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert stopped < 5
+    await eventually(lambda: _group_gone(proc.pid), within=10, what="no worker left behind")

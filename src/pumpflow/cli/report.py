@@ -146,11 +146,12 @@ def _base_text(base: Mapping) -> str:
 
 def write_backtest_reports(
     reports: Sequence, path: str | None, *, source: str, base: Mapping,
-    settings: Mapping[str, Mapping], said: TextIO = sys.stdout,
+    settings: Mapping[str, Mapping], several: bool, said: TextIO = sys.stdout,
 ) -> list[Path]:  # fmt: skip
-    """One report per configuration a backtest ran (its name in the file's when several),
-    saying the stream (``source``), the base every configuration starts from and the
-    settings the configuration changed over it (by name)."""
+    """One report per configuration a backtest ran (its name in the file's when it ran
+    ``several``, those that failed included), saying the stream (``source``), the base
+    every configuration starts from and the settings the configuration changed over it
+    (by name)."""
     import msgspec
 
     from pumpflow.report import html
@@ -159,7 +160,7 @@ def write_backtest_reports(
     for r in reports:
         if r.report_data is None:
             continue
-        out = backtest_report_path(path, r.name, several=len(reports) > 1)
+        out = backtest_report_path(path, r.name, several=several)
         notes = {
             "settings": _settings_text(settings.get(r.name) or {}) or "the base's",
             "base": _base_text(base),
