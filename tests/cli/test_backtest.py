@@ -25,6 +25,8 @@ from pumpflow.cli.backtest import (
     Report,
     database_frames,
     dataset_frames,
+    grid_configs,
+    parse_grid,
     progress_for,
     run_backtest,
     run_configuration,
@@ -857,3 +859,76 @@ async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_pat
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert stopped < 5
     await eventually(lambda: _group_gone(proc.pid), within=10, what="no worker left behind")
+
+
+def test_a_grid_runs_every_point_of_its_product_named_by_its_values():
+    grids = [parse_grid("trading_min_score=0.5,0.6"),
+             parse_grid("exit_max_hold_s=600,1200,1800")]  # fmt: skip
+    points = grid_configs(grids, [])
+    assert [name for name, _ in points] == [
+        f"trading_min_score={score},exit_max_hold_s={hold}"
+        for score in ("0.5", "0.6") for hold in ("600", "1200", "1800")
+    ]  # fmt: skip
+    assert points[1][1] == {"trading_min_score": "0.5", "exit_max_hold_s": "1200"}
+    # over each configuration given, in turn
+    over = grid_configs(grids[:1], [("patient", {"exit_max_hold_s": 1200}), ("base", {})])
+    assert over == [
+        ("patient,trading_min_score=0.5", {"exit_max_hold_s": 1200, "trading_min_score": "0.5"}),
+        ("patient,trading_min_score=0.6", {"exit_max_hold_s": 1200, "trading_min_score": "0.6"}),
+        ("base,trading_min_score=0.5", {"trading_min_score": "0.5"}),
+        ("base,trading_min_score=0.6", {"trading_min_score": "0.6"}),
+    ]
+    # a list setting's values keep their commas; an empty value is one (as in --config)
+    assert parse_grid("exit_take_profit=[[0.1,0.5]],[[0.3,1]],") == (
+        "exit_take_profit", ["[[0.1,0.5]]", "[[0.3,1]]", ""]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("grids", "configs", "why"),
+    [
+        (["trading_min_score="], [], "--grid trading_min_score: no values"),
+        (["trading_min_score"], [], "--grid 'trading_min_score': KEY=V1,V2,..."),
+        (["trading_min_score=0.5,,0.6"], [], "configuration 'trading_min_score=': "),
+        (["trading_min_score=0.5,0.5"], [], "--grid trading_min_score: 0.5 given twice"),
+        (["trading_min_score=0.5,0.6", "trading_min_score=0.7"], [],
+         "--grid trading_min_score: given twice"),
+        (["trading_min_score=0.5,0.6"], ["--config", "hi=trading_min_score=0.7"],
+         "configuration 'hi' sets trading_min_score, which --grid sweeps"),
+        ([f"exit_max_hold_s={','.join(str(s) for s in range(100, 117))}",
+          f"trading_min_score={','.join(f'0.{n}' for n in range(10, 26))}"], [],
+         "--grid: 272 configurations, more than 256"),
+        (["trading_min_score=0.5,high"], [], "configuration 'trading_min_score=high'"),
+        (["no_such_setting=1,2"], [], "no setting 'no_such_setting'"),
+    ],
+)  # fmt: skip
+def test_a_grid_it_cannot_run_as_meant_is_refused_before_any_runs(
+    dataset, capsys, grids, configs, why
+):
+    said = refused(["backtest", "--dataset", dataset, "--quiet", *configs,
+                    *(w for g in grids for w in ("--grid", g))], capsys)  # fmt: skip
+    assert said.startswith("pumpflow backtest: ") and why in said, said
+
+
+def test_a_grid_s_points_are_compared_in_one_table(dataset, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--grid",
+                 "trading_min_score=0.5,0.99", "--grid", "exit_take_profit=[[0.1,0.5]],",
+                 "--json", str(out), "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    names = [
+        "trading_min_score=0.5,exit_take_profit=[[0.1,0.5]]",
+        "trading_min_score=0.5,exit_take_profit=",
+        "trading_min_score=0.99,exit_take_profit=[[0.1,0.5]]",
+        "trading_min_score=0.99,exit_take_profit=",
+    ]
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    assert rows == ["config", *names]
+    configs = json.loads(out.read_text())["configurations"]
+    assert [c["name"] for c in configs] == names
+    # typed as the services read them
+    assert configs[0]["settings"] == {"trading_min_score": 0.5, "exit_take_profit": [[0.1, 0.5]]}
+    assert configs[1]["settings"]["exit_take_profit"] in ([], None)
+    assert configs[0]["results"]["entries"] > 0 and configs[2]["results"]["entries"] == 0
+    page = (tmp_path / "r-comparison.html").read_text()
+    assert all(escape(name) in page for name in names)

@@ -21,7 +21,7 @@ would live, and the same stream gives the same report.
 Every configuration starts from one base: ``pumpflow run``'s trading settings
 (``trading_min_score=0.5``, ``trading_reject_creator_sold=false``) over the services'
 defaults, where the PUMPFLOW_* environment and the config file win as they do there.
-Without ``--config`` or ``--configs``, one run of the base (``run``).
+Without ``--config``, ``--configs`` or ``--grid``, one run of the base (``run``).
 
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes over the base, any setting of trading, exit or
@@ -33,6 +33,13 @@ one plot. ``--configs FILE.toml`` reads configurations from a file, one table ea
 (``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE`` also writes the base,
 each configuration's settings and results (the same for the same stream) and its
 timings.
+
+Parameter sweeps: ``--grid KEY=V1,V2,...`` (repeatable) runs every point of the grids'
+cross product, the first grid's values varying slowest, each named by its values
+(``trading_min_score=0.55,exit_max_hold_s=600``) and typed as ``--config`` values are.
+With ``--config`` or ``--configs`` the product is run over each of them in turn (named
+``patient,trading_min_score=0.55``; one that sets a swept key is refused), otherwise
+over the base. At most 256 configurations.
 
 Configurations run ``--jobs`` at once, each in a worker process handed the frames
 read here once (default: the CPUs this process may use; ``--jobs 1``: one after the
@@ -61,6 +68,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import math
 import os
@@ -290,6 +298,55 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"configuration {name!r}: {key} given twice")
         settings[key] = value.strip()
     return name, settings
+
+
+#: the most configurations a grid may make: more is a typo's (or hours of runs)
+GRID_CAP = 256
+
+
+def parse_grid(text: str) -> tuple[str, list[str]]:
+    """``KEY=V1,V2,...`` -> (key, its values as given: typed where they are checked)."""
+    key, sep, rest = text.partition("=")
+    if not sep or not (key := key.strip()):
+        raise ValueError(f"--grid {text!r}: KEY=V1,V2,...")
+    values = [value.strip() for value in _items(rest)]
+    if not rest.strip():
+        raise ValueError(f"--grid {key}: no values")
+    if twice := [value for value, n in Counter(values).items() if n > 1]:
+        raise ValueError(f"--grid {key}: {', '.join(twice)} given twice")
+    return key, values
+
+
+def grid_configs(
+    grids: Sequence[tuple[str, Sequence[str]]], over: Sequence[tuple[str, Mapping[str, Any]]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every point of the grids' cross product (the first grid's values varying slowest),
+    over each configuration of ``over`` in turn, or over the base when there is none;
+    named by its values (``trading_min_score=0.55,exit_max_hold_s=600``), after the
+    configuration's name over one (``patient,trading_min_score=0.55``)."""
+    keys = [key for key, _ in grids]
+    if twice := [key for key, n in Counter(keys).items() if n > 1]:
+        raise ValueError(f"--grid {', '.join(twice)}: given twice")
+    for name, config in over:
+        if swept := [key for key in keys if key in config]:
+            raise ValueError(f"configuration {name!r} sets {', '.join(swept)}, which --grid sweeps")
+    made = math.prod(len(values) for _, values in grids) * max(len(over), 1)
+    if made > GRID_CAP:
+        raise ValueError(
+            f"--grid: {made:,} configurations, more than {GRID_CAP}: sweep fewer values"
+        )
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(
+        *(values for _, values in grids)
+    )]  # fmt: skip
+
+    def named(point: Mapping[str, str]) -> str:
+        return ",".join(f"{key}={value}" for key, value in point.items())
+
+    if not over:
+        return [(named(point), point) for point in points]
+    return [
+        (f"{name},{named(point)}", {**config, **point}) for name, config in over for point in points
+    ]
 
 
 def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
@@ -1063,6 +1120,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="configurations from a TOML file, one table each, run after --config's",
     )  # fmt: skip
     parser.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+        help="sweep a setting over these values (repeatable): one configuration per point "
+        "of the grids' product, over each --config/--configs one or over the base, named "
+        f"by its values (at most {GRID_CAP})",
+    )  # fmt: skip
+    parser.add_argument(
         "--jobs", type=count, metavar="N",
         help="configurations run at once, each in a worker process (default: the CPUs "
         "this process may use; 1: one after the other, here)",
@@ -1119,6 +1182,8 @@ def backtest_command(args: argparse.Namespace) -> int:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
             configs += read_configs(args.configs)
+        if args.grid:
+            configs = grid_configs([parse_grid(text) for text in args.grid], configs)
         configs = configs or [("run", {})]
         base = run_config()
         # what each configuration changes over the base, as it runs: the reports show these
@@ -1188,7 +1253,7 @@ def backtest_command(args: argparse.Namespace) -> int:
         source = postgres_source(schema, args.start, args.end)
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
-    named = bool(args.config or args.configs)
+    named = bool(args.config or args.configs or args.grid)
     for name, config in configs:
         check_models(name if named else None, {**base, **config}, frames[0][0])
     # with --json - stdout is the JSON document alone, for machines
