@@ -861,6 +861,53 @@ async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_pat
     await eventually(lambda: _group_gone(proc.pid), within=10, what="no worker left behind")
 
 
+def _workers_of(session: int) -> list[int]:
+    """The backtest workers of ``session``: the processes in it its leader did not start
+    itself (the forkserver did)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        pid, parent, sid = int(stat.parent.name), int(fields[1]), int(fields[3])
+        if sid == session and session not in (pid, parent):
+            workers.append(pid)
+    return workers
+
+
+async def test_a_worker_killed_fails_its_configuration_alone():
+    """Out of memory or killed, a worker takes its configuration with it, named; the
+    other configurations still run and report."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
+        "--minutes", "10", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
+        "--json", "-", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = ""
+        while not re.search(r"^[ab]: [\d,]+/", seen, re.M):  # the workers are running
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, seen
+            seen += line.decode()
+        workers = await eventually(lambda: _workers_of(proc.pid), what="the workers")
+        os.kill(workers[0], signal.SIGKILL)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 1, err
+    document = json.loads(out)
+    (died,) = document["failed"]
+    assert died["error"] == "its worker died (exit code -9)"
+    assert f"configuration '{died['name']}' failed: its worker died (exit code -9)" in err
+    (other,) = document["configurations"]
+    assert {other["name"], died["name"]} == {"a", "b"}
+    assert other["results"]["entries"] > 0
+
+
 def test_a_grid_runs_every_point_of_its_product_named_by_its_values():
     grids = [parse_grid("trading_min_score=0.5,0.6"),
              parse_grid("exit_max_hold_s=600,1200,1800")]  # fmt: skip
