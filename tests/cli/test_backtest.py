@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import sys
 import time
 from html import escape
@@ -311,6 +312,37 @@ def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypa
     assert json.loads(out.read_text())["base"] == {
         "trading_min_score": 0.5, "trading_reject_creator_sold": True
     }  # fmt: skip
+
+
+#: the settings of a live trader's environment; the API on a port nothing answers
+LIVE_ENVIRONMENT = {
+    "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+    "PUMPPORTAL_API_KEY": "the-traders-key",
+    "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
+    "PUMPFLOW_TRADING_LIVE_URL": "http://127.0.0.1:9/api/trade",
+}  # fmt: skip
+
+
+def test_a_backtest_trades_on_paper_whatever_the_environment_says(dataset, monkeypatch,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """A live trader's environment never sends a replayed stream's orders to the trade
+    API (a recording's mints are real tokens): the backtest fills them on paper."""
+    for name, value in LIVE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--json", str(out)]) == 0
+    (config,) = json.loads(out.read_text())["configurations"]
+    orders = config["results"]["orders"]
+    assert orders["buy"]["filled"] > 0 and not orders["buy"]["rejected"], orders
+    said = capsys.readouterr()
+    assert "paper" in said.out and "PUMPFLOW_TRADING_EXECUTOR=live" in said.out, said.out
+    assert "trade API" not in said.out + said.err
+
+
+@pytest.mark.parametrize("setting", ["trading_executor=live", "trading_live_enabled=true"])
+def test_a_configuration_that_asks_for_live_trading_is_refused(dataset, setting, capsys):
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config", f"x={setting}"]) == 2
+    assert "trades on paper" in capsys.readouterr().err
 
 
 def test_a_simulated_stream_s_launch_rate_is_in_its_source(tmp_path, capsys):
@@ -753,8 +785,22 @@ def test_the_help_gives_the_simulated_markets_defaults(capsys):
 
 # ------------------------------------------------------------------ workers and grids
 
-#: fails as its trading starts, in the run: the live executor is not enabled
-LIVE = "live=trading_executor=live"
+#: makes the run of a configuration named ``broken`` raise, in this process and in its
+#: workers alike (Python imports ``sitecustomize`` as it starts, from PYTHONPATH first)
+BREAKING = """
+import pumpflow.cli.backtest as backtest
+
+real = backtest.run_backtest
+
+
+async def run_backtest(frames, config=None, *, name="run", **kwargs):
+    if name == "broken":
+        raise RuntimeError("the broken configuration's failure")
+    return await real(frames, config, name=name, **kwargs)
+
+
+backtest.run_backtest = run_backtest
+"""
 
 
 def _ran(document: dict) -> list[tuple[str, dict, dict]]:
@@ -790,28 +836,30 @@ def test_two_workers_give_the_reports_one_process_gives(dataset, tmp_path, capsy
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
-def test_a_configuration_that_fails_is_named_and_the_others_reports_land(
-    dataset, tmp_path, capsys, jobs
-):
+def test_a_configuration_that_fails_is_named_and_the_others_reports_land(dataset, tmp_path, jobs):
+    (tmp_path / "sitecustomize.py").write_text(BREAKING)
     out = tmp_path / "results.json"
-    argv = ["backtest", "--dataset", dataset, "--quiet", "--jobs", jobs, "--config", "base",
-            "--config", LIVE, "--config", LADDER, "--json", str(out),
-            "--report", str(tmp_path / "r.html")]  # fmt: skip
-    assert main(argv) == 1
-    said = capsys.readouterr()
+    ran = subprocess.run(
+        [str(Path(sys.executable).with_name("pumpflow")), "backtest", "--dataset", dataset,
+         "--quiet", "--jobs", jobs, "--config", "base", "--config", "broken", "--config",
+         LADDER, "--json", str(out), "--report", str(tmp_path / "r.html")],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
     assert (
-        "pumpflow backtest: configuration 'live' failed: SettingsError: the live executor "
-        "is chosen but not enabled"
-    ) in said.err
-    assert said.err.splitlines()[-1] == "pumpflow backtest: 1 configuration failed: live"
-    assert said.out.index("backtest 'base'") < said.out.index("backtest 'ladder'")
-    rows = [line.split("|")[1].strip() for line in said.out.splitlines() if line.startswith("| ")]
+        "pumpflow backtest: configuration 'broken' failed: RuntimeError: the broken "
+        "configuration's failure"
+    ) in ran.stderr
+    assert ran.stderr.splitlines()[-1] == "pumpflow backtest: 1 configuration failed: broken"
+    assert ran.stdout.index("backtest 'base'") < ran.stdout.index("backtest 'ladder'")
+    rows = [line.split("|")[1].strip() for line in ran.stdout.splitlines() if line.startswith("| ")]
     assert rows == ["config", "base", "ladder"]
     document = json.loads(out.read_text())
     assert [c["name"] for c in document["configurations"]] == ["base", "ladder"]
-    (live,) = document["failed"]
-    assert live["name"] == "live" and live["settings"] == {"trading_executor": "live"}
-    assert live["error"].startswith("SettingsError: the live executor is chosen")
+    (broken,) = document["failed"]
+    assert broken["name"] == "broken" and broken["settings"] == {}
+    assert broken["error"] == "RuntimeError: the broken configuration's failure"
     assert sorted(p.name for p in tmp_path.glob("*.html")) == [
         "r-base.html", "r-comparison.html", "r-ladder.html"
     ]  # fmt: skip

@@ -74,6 +74,27 @@ async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
     assert "score # < 1" in printed
 
 
+async def test_the_run_trades_on_paper_whatever_the_environment_says(monkeypatch):
+    """A live trader's environment never sends the simulator's orders to the trade API:
+    the run fills them on paper, and says it does."""
+    for name, value in {
+        "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+        "PUMPPORTAL_API_KEY": "the-traders-key",
+        "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
+        "PUMPFLOW_TRADING_LIVE_URL": "http://127.0.0.1:9/api/trade",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    out = io.StringIO()
+    await run_embedded_market(
+        duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out,
+        min_score=0.0,
+    )  # fmt: skip
+    printed = out.getvalue()
+    assert "pumpflow run: trades on paper" in printed, printed[:2000]
+    assert "trade API" not in printed, printed[-3000:]
+    assert re.search(r"trading: \d+ orders, [1-9]\d* filled", printed), printed[-2000:]
+
+
 @pytest.mark.parametrize("speed", [1.0, 20.0, 60.0])
 def test_the_runs_exit_waits_for_tradings_barrier_in_wall_seconds(speed, monkeypatch):
     """The barrier comes as fast as trading handles the shutdown, in wall time: at 20x the

@@ -93,7 +93,7 @@ from pumpflow.cli.report import (
     write_backtest_comparison,
     write_backtest_reports,
 )
-from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
+from pumpflow.cli.run import PAPER, RUN_MIN_SCORE, RUN_SETTINGS, paper_note
 from pumpflow.common.runtime.arguments import (
     UsageError,
     count,
@@ -202,6 +202,8 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     classes = configurable_settings()
     routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for key, value in config.items():
+        if key in PAPER:
+            raise ValueError(f"{key!r}: a backtest trades on paper, its stream is past")
         if key in RUN_OWN:
             raise ValueError(
                 f"{key!r} is the backtest's own: one process, the in-memory bus, "
@@ -595,7 +597,7 @@ async def run_backtest(
     # a refit swapped in when its thread happens to finish would make the results hang
     # on the machine's speed: the replay scores with the models it starts with, unless
     # the config asks for refits
-    model, trading = build(ModelService, model_refit=False), build(TradingService)
+    model, trading = build(ModelService, model_refit=False), build(TradingService, **PAPER)
     services = [
         feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
     ]  # fmt: skip
@@ -1260,6 +1262,8 @@ def backtest_command(args: argparse.Namespace) -> int:
     said = sys.stderr if args.json_out == "-" else sys.stdout
     print(f"pumpflow backtest: {counted(len(frames), 'frame')} from {source}; "
           f"{counted(len(configs), 'configuration')}", file=said, flush=True)  # fmt: skip
+    if (note := paper_note("backtest")) is not None:
+        print(note, file=said, flush=True)
     runs = [(name, {**base, **config}) for name, config in configs]
     jobs = min(args.jobs or len(os.sched_getaffinity(0)), len(runs))
     board = None

@@ -49,6 +49,31 @@ RUN_MIN_SCORE = 0.5
 #: minutes: with the filter 2 positions, 9,313 predictions refused for it; without, 20
 #: positions), so with it the run would show next to no trading
 RUN_SETTINGS = {"trading_reject_creator_sold": False}
+#: how the run and a backtest trade, whatever the environment or the config file says:
+#: their markets are simulated or past (a recording's mints are real tokens), and an
+#: order of theirs sent to the trade API would spend the wallet's SOL now
+PAPER = {"trading_executor": "paper", "trading_live_enabled": False}
+
+
+def paper_note(command: str) -> str | None:
+    """The line telling that ``command`` trades on paper though the settings ask for live
+    trading (None: they do not)."""
+    from pumpflow.common.runtime.settings import SettingsError
+    from pumpflow.trading.service import TradingService
+
+    settings_class = TradingService.settings_class
+    try:
+        settings = settings_class.load(service="trading", transport="memory")
+    except SettingsError:  # the command's own load says what is wrong
+        return None
+    asked = [key for key, paper in PAPER.items() if getattr(settings, key) != paper]
+    if not asked:
+        return None
+    variables = settings_class.variables()
+    given = ", ".join(f"{variables[key]}={str(getattr(settings, key)).lower()}" for key in asked)
+    return f"pumpflow {command}: trades on paper; the settings' live trading ({given}) is not used"
+
+
 #: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
 FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
@@ -200,6 +225,7 @@ async def run_embedded_market(
             service="trading",
             transport="memory",
             **({} if min_score is None else {"trading_min_score": min_score}),
+            **PAPER,
         )
     )
     exits = run_exit_service(speed)
@@ -248,6 +274,8 @@ async def run_embedded_market(
                 file=out,
                 flush=True,
             )
+            if (note := paper_note("run")) is not None:
+                print(note, file=out, flush=True)
             if screen is None:
                 status = asyncio.create_task(console.status_loop(every))
             else:
