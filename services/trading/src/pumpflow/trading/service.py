@@ -127,7 +127,6 @@ import functools
 import itertools
 import logging
 import math
-import re
 import time
 import uuid
 from collections import Counter
@@ -173,6 +172,7 @@ from pumpflow.common.trading import (
     Holdings,
     Position,
     PositionBook,
+    Reason,
     RiskManager,
     TradingEngine,
     TradingState,
@@ -225,11 +225,8 @@ _CONTEXT = (
     TokenLifecycle,
     ModelPrediction,
 )
-_REASON_NUMBERS = re.compile(r"(?<!\w)[-+]?\d[\d.,e%+-]*")
-#: names in a reason (a mint, an order id: words of 12 characters and more, of letters
-#: and digits both), counted as one; a word with an underscore is a feature's or a
-#: setting's name, which says what the reason is about
-_REASON_NAMES = re.compile(r"\b(?=[\w:-]*\d)(?=[\w:-]*[A-Za-z])(?![\w:-]*_)[\w:-]{12,}")
+#: why a prediction without a reason ordered nothing
+_NO_ORDER = Reason.fixed("no order")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
 #: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
@@ -1236,15 +1233,12 @@ class TradingService(Service):
         return {"acknowledged": acknowledged, "unbooked_wallet_trades": await self.unbooked_view()}
 
     def _note_skip(self) -> None:
-        """Count why a prediction ordered nothing (each reason, its value and the names in
-        it left out)."""
+        """Count why a prediction ordered nothing, each reason by its kind."""
         decision = self.engine.last_decision
         if decision is None:
             return  # a shadow arm's
-        for reason in decision.reasons or ("no order",):
-            # the observed value comes first and varies; the limits after it are settings
-            named = _REASON_NAMES.sub("<id>", reason)
-            self.skipped[_REASON_NUMBERS.sub("#", named, count=1)] += 1
+        for reason in decision.reasons or (_NO_ORDER,):
+            self.skipped[reason.kind] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
         """A sale the exit service ordered: stored, then executed (never twice), for no
