@@ -1227,12 +1227,7 @@ def backtest_command(args: argparse.Namespace) -> int:
     if args.json_out and args.json_out != "-":
         writable(args.json_out)
     if args.dataset:
-        from pumpflow.simulator.dataset import DatasetError
-
-        try:
-            frames, source = dataset_frames(args.dataset), args.dataset
-        except DatasetError as exc:
-            raise SystemExit(f"pumpflow backtest: {exc}") from None
+        frames, source = dataset_frames(args.dataset), args.dataset
     elif args.seed is not None:
         minutes = 10.0 if args.minutes is None else args.minutes
         frames = simulated_frames(args.seed, minutes, launches_per_minute=args.launches)

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
             return asyncio.run(_load(args))
         except DatasetError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
-            return 1
+            return 2
     return 2
 
 
