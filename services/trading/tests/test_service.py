@@ -306,6 +306,41 @@ async def test_a_shutdown_seen_again_after_a_restart_does_not_halt_a_resumed_tra
         assert await ledger.control() == (TradingState.HALTED, "shutdown: no id")
 
 
+async def test_shutdown_requests_are_kept_for_their_setting_and_older_ones_refused(clock, pg_pool):
+    """The ledger forgets a request applied more than ``shutdown_requests_kept_s`` ago
+    (its barrier out): one that old, come again, is refused for its age, neither halting
+    nor barred again; a recent one, come again, is still a repeat."""
+    kept = 3600.0
+    ledger = PostgresLedger(pg_pool, shutdowns_kept_s=kept)
+    service = trading(ledger, shutdown_requests_kept_s=kept)
+
+    def shutdown(request_id: str, *, age_s: float = 0.0) -> Event:
+        data = SystemShutdown(reason="operator", request_id=request_id)
+        return make_event(data, source="cli/t", time=clock.now() - age_s, event_id=request_id)
+
+    async with running(clock, service) as (bus, watch):
+        await publish(bus, shutdown("stop-1"), shutdown("stop-2"))
+        assert [b.request_id for b in watch.payloads("trading.barrier")] == ["stop-1", "stop-2"]
+        await pg_pool.execute(
+            "UPDATE trading_shutdown_requests SET applied_at = now() - interval '61 minutes' "
+            "WHERE request_id = 'stop-1'"
+        )
+        await publish(bus, shutdown("stop-3"))
+        assert not await ledger.shutdown_applied("stop-1")
+        await service.resume("operator resumed")
+        await eventually(lambda: service.risk.operator_state is TradingState.ACTIVE,
+                         what="resumed")  # fmt: skip
+        watch.clear()
+        await publish(bus, shutdown("stop-1", age_s=kept + 60.0), shutdown("stop-2"))
+        assert watch.count("trading.barrier") == 0 and watch.count("trading.state") == 0
+        assert service.risk.operator_state is TradingState.ACTIVE
+        assert await ledger.control() == (TradingState.ACTIVE, "operator resumed")
+        # never applied, and as old: refused all the same (whether it was is not known)
+        await publish(bus, shutdown("stop-4", age_s=kept + 60.0))
+        assert watch.count("trading.barrier") == 0
+        assert service.risk.operator_state is TradingState.ACTIVE
+
+
 async def test_a_halt_stored_by_another_replica_reaches_the_trader_on_its_tick(clock, market):
     ledger = MemoryLedger()
     service = trading(ledger)

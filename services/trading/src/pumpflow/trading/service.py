@@ -30,7 +30,10 @@ every order, fill and position.
   exit does not wait ``exit_barrier_wait_s`` for it; killed after the publication and
   before saying so, the barrier goes out twice, which the exit service takes as one. A
   shutdown without a request id seen again halts again and publishes a barrier again,
-  which the exit service drops once the graceful exit is over.
+  which the exit service drops once the graceful exit is over. The ledger forgets a
+  request ``shutdown_requests_kept_s`` after its halt, its barrier out; a shutdown
+  requested longer ago than that is not applied, applied before or not (a copy of one
+  forgotten would halt and bar again).
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -513,7 +516,9 @@ class TradingService(Service):
                 log.info("trading without a database: the ledger is in memory")
                 self.ledger = MemoryLedger()
             else:
-                self.ledger = PostgresLedger(ctx.db)
+                self.ledger = PostgresLedger(
+                    ctx.db, shutdowns_kept_s=self.settings.shutdown_requests_kept_s
+                )
         stores = lease_stores(ctx)
         keep_views = self.settings.trading_keep_token_views
         if keep_views is None:
@@ -985,6 +990,13 @@ class TradingService(Service):
                     log.info("trading: system.shutdown %s (%s): its halt is stored already; "
                              "not halted again, no second barrier", request_id,
                              event.data.reason)  # fmt: skip
+                    continue
+                now = self._ctx.clock.now()
+                if self.settings.shutdown_too_old(event.time, now):
+                    log.warning("trading: system.shutdown %s (%s) was requested %.0f s ago, "
+                                "longer ago than a request is kept (shutdown_requests_kept_s):"
+                                " not applied", request_id, event.data.reason,
+                                now - event.time)  # fmt: skip
                     continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}", shutdown=event.data)
