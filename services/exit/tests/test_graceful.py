@@ -255,6 +255,28 @@ async def test_a_sweep_refused_just_before_the_deadline_is_tried_again_at_it(har
     assert summary.positions_left == 0
 
 
+async def run_until_rules_hold_the_rest(h, mint: str) -> asyncio.Future:
+    """Begin a graceful exit whose clock holds once the exit's own share of ``mint`` is
+    sold, while rule sales ordered before it hold the rest (their outcomes end the
+    wait): the running exit, once it holds there."""
+    held = asyncio.Event()
+
+    async def wait_until(when: float) -> None:
+        if h.manager.planner.exits[mint].tokens_left == 0:
+            held.set()
+            await asyncio.Event().wait()
+        await h.clock.advance_to(when)
+
+    h.manager = GracefulExitManager(
+        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
+        wait_until=wait_until,
+    )  # fmt: skip
+    h.manager.begin_graceful_exit()
+    running = asyncio.ensure_future(h.manager.run())
+    await asyncio.wait_for(held.wait(), 10)
+    return running
+
+
 async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusal_gives_them_back(
     harness,
 ):
@@ -265,22 +287,7 @@ async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusa
     view = Position(**{**position.__dict__, "tokens": held * 0.75})
     view.pending_tokens = held * 0.25
     h.book.open_positions["mint1"] = view
-    waiting_on_the_rule = asyncio.Event()
-
-    async def wait_until(when: float) -> None:
-        """The clock's wait, but held once the exit's own share is sold."""
-        if h.manager.planner.exits["mint1"].tokens_left == 0:
-            waiting_on_the_rule.set()
-            await asyncio.Event().wait()  # ended by the rule's outcome
-        await h.clock.advance_to(when)
-
-    h.manager = GracefulExitManager(
-        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
-        wait_until=wait_until,
-    )  # fmt: skip
-    h.manager.begin_graceful_exit()
-    running = asyncio.ensure_future(h.manager.run())
-    await asyncio.wait_for(waiting_on_the_rule.wait(), 10)
+    running = await run_until_rules_hold_the_rest(h, "mint1")
     assert not running.done(), "sold out while a rule's sale still held tokens"
     refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
     view.tokens = held * 0.25  # the book holds what the rule did not sell
@@ -307,22 +314,7 @@ async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_th
     view = Position(**{**position.__dict__, "tokens": 0.0})
     view.pending_tokens = held
     h.book.open_positions["mint1"] = view
-    waiting_on_the_rules = asyncio.Event()
-
-    async def wait_until(when: float) -> None:
-        """The clock's wait, but held while the rules' sales hold every token."""
-        if h.manager.planner.exits["mint1"].tokens_left == 0:
-            waiting_on_the_rules.set()
-            await asyncio.Event().wait()  # ended by the rules' outcomes
-        await h.clock.advance_to(when)
-
-    h.manager = GracefulExitManager(
-        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
-        wait_until=wait_until,
-    )  # fmt: skip
-    h.manager.begin_graceful_exit()
-    running = asyncio.ensure_future(h.manager.run())
-    await asyncio.wait_for(waiting_on_the_rules.wait(), 10)
+    running = await run_until_rules_hold_the_rest(h, "mint1")
     cut = OrderFilled(
         order_id="pos-mint1:rule:2", mint="mint1", side="sell", token_amount=held * 0.4,
         sol_amount=0.3, price=0.3 / (held * 0.4), position_id="pos-mint1",
@@ -351,22 +343,7 @@ async def test_a_position_a_rules_sale_sold_out_is_reported_under_that_rule(harn
     view = Position(**{**position.__dict__, "tokens": 0.0})
     view.pending_tokens = held
     h.book.open_positions["mint1"] = view
-    waiting_on_the_rule = asyncio.Event()
-
-    async def wait_until(when: float) -> None:
-        """The clock's wait, but held while the rule's sale holds every token."""
-        if h.manager.planner.exits["mint1"].tokens_left == 0:
-            waiting_on_the_rule.set()
-            await asyncio.Event().wait()  # ended by the rule's outcome
-        await h.clock.advance_to(when)
-
-    h.manager = GracefulExitManager(
-        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
-        wait_until=wait_until,
-    )  # fmt: skip
-    h.manager.begin_graceful_exit()
-    running = asyncio.ensure_future(h.manager.run())
-    await asyncio.wait_for(waiting_on_the_rule.wait(), 10)
+    running = await run_until_rules_hold_the_rest(h, "mint1")
     sold = OrderFilled(
         order_id="pos-mint1:rule:1", mint="mint1", side="sell", token_amount=held,
         sol_amount=0.9, price=0.9 / held, position_id="pos-mint1",
