@@ -882,6 +882,15 @@ def _group_gone(group: int) -> bool:
     return False
 
 
+async def _until_both_run(proc: asyncio.subprocess.Process) -> None:
+    """Read ``proc``'s progress lines until configuration a's or b's shows a worker on it."""
+    seen = ""
+    while not re.search(r"^[ab]: [\d,]+/", seen, re.M):
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert line, seen
+        seen += line.decode()
+
+
 async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_path):
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
@@ -890,11 +899,7 @@ async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_pat
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        seen = ""
-        while not re.search(r"^[ab]: [\d,]+/", seen, re.M):  # the workers are running
-            line = await asyncio.wait_for(proc.stderr.readline(), 60)
-            assert line, seen
-            seen += line.decode()
+        await _until_both_run(proc)
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group
         err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
@@ -934,11 +939,7 @@ async def test_a_worker_killed_fails_its_configuration_alone():
         start_new_session=True,
     )  # fmt: skip
     try:
-        seen = ""
-        while not re.search(r"^[ab]: [\d,]+/", seen, re.M):  # the workers are running
-            line = await asyncio.wait_for(proc.stderr.readline(), 60)
-            assert line, seen
-            seen += line.decode()
+        await _until_both_run(proc)
         workers = await eventually(lambda: _workers_of(proc.pid), what="the workers")
         os.kill(workers[0], signal.SIGKILL)
         out, err = await asyncio.wait_for(proc.communicate(), 120)
