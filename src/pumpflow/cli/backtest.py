@@ -1245,8 +1245,8 @@ def backtest_command(args: argparse.Namespace) -> int:
             frames = asyncio.run(
                 database_frames(args.dsn or settings.postgres_dsn, schema, args.start, args.end)
             )
-        except NoSuchSchema as exc:
-            raise SystemExit(f"pumpflow backtest: {exc}: no history to replay") from None
+        except NoSuchSchema as exc:  # a flag naming nothing
+            raise UsageError(f"{exc}: no history to replay") from None
         source = postgres_source(schema, args.start, args.end)
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")

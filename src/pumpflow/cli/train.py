@@ -476,7 +476,10 @@ def train_command(args: argparse.Namespace) -> int:
         args = default_args(DEFAULT_MODEL_PATH)
     try:
         path, trained = run_training(args, progress=True)
-    except (TrainingError, NoSuchSchema) as exc:
+    except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is
+        print(f"pumpflow train: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
         print(f"pumpflow train: {exc}", file=sys.stderr)
         return 1
     card = trained.card
