@@ -624,6 +624,18 @@ def test_a_dataset_without_frames_runs_nothing_and_fails(argv, says, tmp_path):
 
 
 @pytest.mark.postgres
+async def test_loading_a_dataset_without_frames_stores_nothing_and_fails(
+    pg_pool, namespace, postgres_dsn, tmp_path, capsys
+):
+    """As a backtest or a training of it does: nothing loaded is the load's failure."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    argv = ["sim", "load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
+    assert await asyncio.to_thread(cli_main.main, argv) == 1
+    assert capsys.readouterr().err == f"pumpflow sim: no frames in {path}: nothing stored\n"
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize(
     "argv",
     [
