@@ -8,6 +8,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from rich.console import Console as RichConsole
 
@@ -39,7 +40,7 @@ class _Terminal(io.StringIO):
 
 
 async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_the_end(tmp_path):
-    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=150, record=True)
+    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=150, height=50, record=True)
     out = io.StringIO()
     report = tmp_path / "run.html"
     status = await run_embedded_market(
@@ -79,9 +80,9 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
 
 
 async def test_the_dashboard_fits_80_columns_each_row_on_one_line(tmp_path):
-    """On a classic 80-column terminal the panels stack rather than squeeze, and a cell
+    """On an 80-column terminal of rows enough the panels stack rather than squeeze, and a cell
     too long is cut with an ellipsis: no row wraps away from its label."""
-    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=80, record=True)
+    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=80, height=60, record=True)
     status = await run_embedded_market(
         duration=3.0, speed=40.0, seed=7, launches_per_minute=60.0, every=1.0,
         out=io.StringIO(), screen=screen, report=tmp_path / "run.html",
@@ -145,7 +146,7 @@ class _AwayLedger(MemoryLedger):
 
 
 def drawn(renderable) -> str:
-    screen = RichConsole(file=io.StringIO(), width=150, record=True)
+    screen = RichConsole(file=io.StringIO(), width=150, height=60, record=True)
     screen.print(renderable)
     return screen.export_text()
 
@@ -253,3 +254,86 @@ async def test_a_position_not_marked_yet_reads_unmarked_and_the_totals_say_they_
         totals = r"open, marked +\+0\.0000 SOL +│\n.*│ unmarked +1 open, left out +│"
         assert re.search(totals, shown), shown
         assert re.search(r"Mint1pump +0\.224 +- +unmarked", shown), shown
+
+
+async def _busy_dashboard(system, trading: TradingService, clock) -> Dashboard:
+    """A dashboard of 40 scored tokens, 8 open positions and 8 latest lines: more than
+    any panel shows at once."""
+    from pumpflow.common.events import ModelPrediction, make_event
+    from pumpflow.common.testing import TokenEvents
+    from pumpflow.common.trading.positions import Position
+
+    console = Console(system=system, clock=clock, speed=10.0, out=io.StringIO())
+    tokens = TokenEvents(clock)
+    for i in range(40):
+        mint = tokens.mint()
+        await console.on_event(tokens.created(mint, symbol=f"TOKEN{i}"))
+        score = ModelPrediction(
+            mint=mint, model_id="m1", arm="a", feature_set_version="test", score=0.2 + i / 100
+        )
+        await console.on_event(make_event(score, source="model/test", time=clock.now()))
+        if i < 8:
+            trading.book.open_positions[mint] = Position(
+                position_id=f"entry-{i}", mint=mint, opened_at=0.0, tokens=5e6, cost_sol=0.2,
+                mark_value_sol=0.21,
+            )  # fmt: skip
+    recent = RecentLines()
+    for i in range(8):
+        print(f"+00:{i:02d} BOUGHT TOKEN{i}     0.200 SOL at 4.000e-08 SOL/token", file=recent)
+    return Dashboard(console, recent)
+
+
+def drawn_on(renderable, columns: int, rows: int) -> list[str]:
+    screen = RichConsole(file=io.StringIO(), width=columns, height=rows, record=True)
+    screen.print(renderable)
+    return screen.export_text().rstrip("\n").splitlines()
+
+
+@pytest.mark.parametrize(
+    "columns, rows", [(80, 24), (80, 50), (100, 30), (120, 24), (120, 40), (200, 60)]
+)
+async def test_the_dashboard_fits_the_terminal_whole(columns, rows):
+    """A terminal shows no more rows than it has: the live view crops the rest to "...",
+    at 80x24 everything under the trading panel. Short of rows the tables and the latest
+    lines shorten, the breakers take a row together and, narrow, the events panel goes."""
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        dashboard = await _busy_dashboard(system, trading, clock)
+        lines = drawn_on(dashboard.render(), columns, rows)
+    shown = "\n".join(lines)
+    assert len(lines) <= rows, shown
+    assert max(len(line) for line in lines) <= columns, shown
+    # the header whole: nothing of it cut
+    assert re.search(r"graduated \d+ *$", "\n".join(lines[:2]), re.M), shown
+    for title in ("tokens by lifecycle state", "trading (paper)", "signals: 40 predictions",
+                  "open positions (8, ", "latest"):  # fmt: skip
+        assert title in shown, (title, shown)
+    assert re.search(r"│ TOKEN39 +0\.59 +new +0\.0 │", shown), shown
+    assert re.search(r"│ TOKEN\d +0\.200 +0\.210 +\+0\.0100 │", shown), shown
+    assert re.search(r"│ realised PnL +\+0\.0000 SOL", shown), shown
+    assert re.search(r"│ positions +8 open, 0 closed", shown), shown
+    assert re.search(r"│ breakers? .*ok", shown), shown
+    assert re.search(r"│ \+00:07 BOUGHT TOKEN7 ", shown), shown
+    assert ("events: total" in shown) == (columns >= 120 or rows >= 33), shown
+
+
+async def test_a_frame_drawn_again_shows_the_figures_of_its_render():
+    """The live view draws a frame again when a line is printed above it (a log line): it
+    shows what was read when it was rendered, its signals still best first, not a mix of
+    that order and the scores come since."""
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        dashboard = await _busy_dashboard(system, trading, clock)
+        frame = dashboard.render()
+        for token in dashboard.console.tokens.values():
+            token.score = 0.0
+        for position in trading.book.open_positions.values():
+            position.mark_value_sol = 0.1
+        shown = "\n".join(drawn_on(frame, 80, 24))
+    scores = [float(score) for score in re.findall(r"│ TOKEN\d+ +(\d\.\d\d) ", shown)]
+    assert scores == [0.59, 0.58, 0.57, 0.56, 0.55], shown
+    assert "-0.1000" not in shown and "+0.0100" in shown, shown

@@ -8,9 +8,11 @@ tranches without an outcome in bold red), and the console's latest lines (entrie
 sales, trading state changes). It changes nothing it reads. Without a terminal (a log, CI)
 the run prints the console's plain status lines instead (:func:`wants_dashboard`).
 
-It fits the terminal down to 80 columns: narrower than :data:`WIDE_COLUMNS` the trading
-panel takes a row of its own, and a cell too long for its column is cut with an
-ellipsis, never wrapped onto a line its label does not share.
+It fits the terminal down to 80 columns and 24 rows: narrower than :data:`WIDE_COLUMNS`
+the trading panel takes a row of its own, and a cell too long for its column is cut
+with an ellipsis, never wrapped onto a line its label does not share. Short of rows, the
+tables and the latest lines shorten, the breakers share a row, and, narrow, the trading
+panel moves beside the lifecycle and the events panel goes (:meth:`Dashboard.render`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ WIDE_COLUMNS = 120
 #: the most of a token's symbol (or mint) shown in a table: at 80 columns the signals'
 #: and the positions' tables then fit side by side without cutting a figure
 TOKEN_CHARS = 10
+#: the most rows of the signals' and the positions' tables, and of the latest lines
+TABLE_ROWS = 6
+LATEST_LINES = 8
+#: the fewest rows of each that a short terminal still gets before the layout compacts
+MIN_TABLE_ROWS = 3
+MIN_LATEST_LINES = 3
 
 
 def wants_dashboard(plain: bool, out: TextIO) -> bool:
@@ -76,14 +84,14 @@ class RecentLines:
         pass
 
 
-class _FitWidth:
-    """A renderable laid out for the width it is drawn at, by ``layout(width)``."""
+class _FitSize:
+    """A renderable laid out for the terminal it is drawn on, by ``layout(columns, rows)``."""
 
-    def __init__(self, layout: Callable[[int], RenderableType]):
+    def __init__(self, layout: Callable[[int, int], RenderableType]):
         self.layout = layout
 
     def __rich_console__(self, console: RichConsole, options: ConsoleOptions) -> RenderResult:
-        yield self.layout(options.max_width)
+        yield self.layout(options.max_width, options.size.height)
 
 
 def _grid(*justify: str) -> Table:
@@ -163,7 +171,9 @@ class Dashboard:
             table.add_row(kind, f"{self.console.counts[kind]:,}", f"{rate:,.1f}/s")
         return Panel(table, title="events: total, per second")
 
-    def _trading_panel(self) -> Panel:
+    def _trading_panel(self, *, compact: bool = False) -> Panel:
+        """Trading's state, PnL, positions and breakers; ``compact``: the breakers that
+        are ok counted on one row."""
         trading = self._trading()
         if trading is None:
             return Panel("not running", title="trading")
@@ -186,77 +196,133 @@ class Dashboard:
         table.add_row(
             "positions", f"{pnl['open_positions']} open, {pnl['closed_positions']} closed"
         )
-        for name, breaker in sorted(risk.breakers.items()):
+        breakers = sorted(risk.breakers.items())
+        for name, breaker in breakers:
+            if breaker.tripped:
+                table.add_row(
+                    f"breaker {name}",
+                    Text(f"TRIPPED {breaker.reason}", style="bold red", no_wrap=True,
+                         overflow="ellipsis"),
+                )  # fmt: skip
+            elif not compact:
+                table.add_row(f"breaker {name}", Text("ok", style="green"))
+        ok = sum(not breaker.tripped for _, breaker in breakers)
+        if compact and ok:
             table.add_row(
-                f"breaker {name}",
-                Text(f"TRIPPED {breaker.reason}", style="bold red", no_wrap=True,
-                     overflow="ellipsis") if breaker.tripped
-                else Text("ok", style="green"),
-            )  # fmt: skip
+                "breakers",
+                Text(f"all {ok} ok" if ok == len(breakers) else f"{ok} others ok", style="green"),
+            )
         exits = self.console.system.services.get("exit")
         progress = None if exits is None else exits.exit_progress()
         if progress is not None:
             table.add_row("graceful exit", exit_progress(progress))
         return Panel(table, title="trading (paper)")
 
-    def _signals(self) -> Panel:
-        c = self.console
-        scored = [t for t in c.tokens.values() if t.score is not None and t.state != "inactive"]
+    def _signal_rows(self) -> list[tuple[str, ...]]:
+        """The rows of the tokens the live arm scored, not gone inactive, best first: as
+        read now, for a frame drawn again later (a line printed above it) to show."""
+        tokens = self.console.tokens.values()
+        scored = [t for t in tokens if t.score is not None and t.state != "inactive"]
         scored.sort(key=lambda t: t.score, reverse=True)
-        table = _headed("token", "score", "state", "mcap SOL")
-        for token in scored[:6]:
-            table.add_row(
-                token.symbol, f"{token.score:.2f}", token.state,
-                f"{token.features.get('market_cap_sol', 0.0):.1f}",
-            )  # fmt: skip
-        counts = c.counts
-        return Panel(
-            table,
-            title=f"signals: {counted(counts['model.prediction'], 'prediction')}",
-            subtitle=f"{counted(counts['order.requested'], 'order')} "
-            f"({counts['order.rejected']:,} rejected)",
-        )
+        return [
+            (token.symbol, f"{token.score:.2f}", token.state,
+             f"{token.features.get('market_cap_sol', 0.0):.1f}")
+            for token in scored[:TABLE_ROWS]
+        ]  # fmt: skip
 
-    def _positions(self) -> Panel:
+    def _position_rows(self) -> tuple[list[tuple[str | Text, ...]], int]:
+        """The rows of trading's open positions, best PnL first, as read now; and how many
+        it holds."""
         trading = self._trading()
         held = [] if trading is None else list(trading.book.open_positions.values())
         held.sort(key=lambda p: p.pnl_sol, reverse=True)
-        table = _headed("token", "cost", "worth", "PnL")
-        for position in held[:6]:
+        rows = []
+        for position in held[:TABLE_ROWS]:
             token = self.console.tokens.get(position.mint)
             worth = position.mark_value_sol
-            table.add_row(
+            rows.append((
                 token.symbol if token else position.mint, f"{position.cost_sol:.3f}",
                 "-" if worth is None else f"{worth:.3f}",
                 _signed(position.pnl_sol, unit="") if position.marked else UNMARKED,
-            )  # fmt: skip
-        more = f", {len(held) - 6} more" if len(held) > 6 else ""
-        return Panel(table, title=f"open positions ({len(held)}{more}), SOL")
+            ))  # fmt: skip
+        return rows, len(held)
 
-    def _recent(self) -> Panel:
-        lines = list(self.recent.lines) or ["(nothing yet)"]
+    def _signal_titles(self) -> tuple[str, str]:
+        """The signals panel's title and subtitle: predictions, orders, as counted now."""
+        counts = self.console.counts
+        return (
+            f"signals: {counted(counts['model.prediction'], 'prediction')}",
+            f"{counted(counts['order.requested'], 'order')} ({counts['order.rejected']:,} "
+            "rejected)",
+        )
+
+    @staticmethod
+    def _signals(rows: list[tuple[str, ...]], titles: tuple[str, str]) -> Panel:
+        table = _headed("token", "score", "state", "mcap SOL")
+        for row in rows:
+            table.add_row(*row)
+        title, subtitle = titles
+        return Panel(table, title=title, subtitle=subtitle)
+
+    @staticmethod
+    def _positions(rows: list[tuple[str | Text, ...]], held: int) -> Panel:
+        table = _headed("token", "cost", "worth", "PnL")
+        for row in rows:
+            table.add_row(*row)
+        more = f", {held - len(rows)} more" if held > len(rows) else ""
+        return Panel(table, title=f"open positions ({held}{more}), SOL")
+
+    @staticmethod
+    def _recent(lines: list[str]) -> Panel:
         return Panel(Text("\n".join(lines), no_wrap=True, overflow="ellipsis"), title="latest")
 
     def render(self) -> RenderableType:
-        """The panels as they are now, laid out when drawn: three across the top from
-        :data:`WIDE_COLUMNS` on; narrower (80 columns), the trading panel on a row of its
-        own under the lifecycle and the events."""
+        """The panels as they are now, laid out for the terminal when drawn: three across
+        the top from :data:`WIDE_COLUMNS` on; narrower (80 columns), the trading panel on a
+        row of its own under the lifecycle and the events. When that leaves too few rows
+        for the tables and the latest lines, the breakers share a row and, narrow, the
+        trading panel goes beside the lifecycle, with the events under them if they fit."""
         (when, counts), lifecycle, rates = self._header(), self._lifecycle(), self._rates()
-        trading, signals, positions = self._trading_panel(), self._signals(), self._positions()
-        recent = self._recent()
+        trading, compact = self._trading_panel(), self._trading_panel(compact=True)
+        signals, (positions, held) = self._signal_rows(), self._position_rows()
+        titles = self._signal_titles()
+        recent = list(self.recent.lines) or ["(nothing yet)"]
+        table_rows = max(len(signals), len(positions))
 
-        def layout(width: int) -> Group:
-            if width >= WIDE_COLUMNS:
+        def layout(columns: int, rows: int) -> Group:
+            if columns >= WIDE_COLUMNS and when.cell_len + 5 + len(counts) <= columns:
                 header = [Text.assemble(when, "  |  ", counts)]
-                top = [_row(lifecycle, rates, trading)]
             else:
-                header = [when, Text(counts.replace("  |  ", " | "))]
-                top = [_row(lifecycle, rates, ratios=(None, 1)), trading]
+                header = [when.copy(), Text(counts.replace("  |  ", " | "))]
             for line in header:
                 line.no_wrap, line.overflow = True, "ellipsis"
-            return Group(*header, *top, _row(signals, positions), recent)
+            if columns >= WIDE_COLUMNS:
+                uppers = [[_row(lifecycle, rates, panel)] for panel in (trading, compact)]
+            else:
+                uppers = [
+                    [_row(lifecycle, rates, ratios=(None, 1)), trading],
+                    [_row(lifecycle, compact, ratios=(None, 1)), rates],
+                    [_row(lifecycle, compact, ratios=(None, 1))],
+                ]
+            fewest = _lower_height(
+                min(table_rows, MIN_TABLE_ROWS), min(len(recent), MIN_LATEST_LINES)
+            )
+            for upper in uppers:
+                room = rows - len(header) - sum(_height(part) for part in upper)
+                if room >= fewest:
+                    break
+            tables, latest = _shares(room, table_rows, min(len(recent), LATEST_LINES))
+            lower = [
+                _row(
+                    self._signals(signals[:tables], titles),
+                    self._positions(positions[:tables], held),
+                )
+            ]
+            if latest:
+                lower.append(self._recent(recent[-latest:]))
+            return Group(*header, *upper, *lower)
 
-        return _FitWidth(layout)
+        return _FitSize(layout)
 
     async def run(self, screen: RichConsole, refresh_per_s: float = REFRESH_PER_S) -> None:
         """Redraw on ``screen`` until cancelled; rendering happens on the event loop, so it
@@ -270,6 +336,39 @@ class Dashboard:
                     live.update(self.render(), refresh=True)
             finally:
                 live.update(self.render(), refresh=True)
+
+
+def _height(part: Panel | Table) -> int:
+    """The rows a panel of one-line rows, or a row of them, takes."""
+    if isinstance(part, Table):
+        return max(_height(cell) for column in part.columns for cell in column.cells)
+    body = part.renderable
+    lines = body.row_count + body.show_header if isinstance(body, Table) else 1
+    return lines + 2
+
+
+def _lower_height(table_rows: int, latest_lines: int) -> int:
+    """The rows of the signals' and positions' tables and the latest lines' panel (0
+    lines: no panel)."""
+    return 3 + table_rows + (2 + latest_lines if latest_lines else 0)
+
+
+def _shares(room: int, table_rows: int, latest_lines: int) -> tuple[int, int]:
+    """The table rows and the latest lines that fit ``room`` rows: the latest lines
+    shorten first, then the tables, each down to its fewest; then the latest go, then
+    the tables' rows."""
+    while _lower_height(table_rows, latest_lines) > room:
+        if latest_lines > MIN_LATEST_LINES:
+            latest_lines -= 1
+        elif table_rows > MIN_TABLE_ROWS:
+            table_rows -= 1
+        elif latest_lines:
+            latest_lines = 0
+        elif table_rows:
+            table_rows -= 1
+        else:
+            break
+    return table_rows, latest_lines
 
 
 def _row(*panels: Panel, ratios: tuple[int | None, ...] | None = None) -> Table:
