@@ -319,6 +319,37 @@ async def test_the_dashboard_fits_the_terminal_whole(columns, rows):
     assert ("events: total" in shown) == (columns >= 120 or rows >= 33), shown
 
 
+async def test_a_resize_clears_the_screen_before_the_next_frame():
+    """The terminal rewraps the frame on the screen when its width changes, and the live
+    view's cursor moves up the rows it drew, not the rows they became: without a clear,
+    the old frame's pieces stay above the new one."""
+    import asyncio
+
+    clear, frame = "\x1b[2J", "market time at"
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        dashboard = await _busy_dashboard(system, trading, clock)
+        out = io.StringIO()
+        screen = RichConsole(file=out, force_terminal=True, width=120, height=40)
+        drawing = asyncio.create_task(dashboard.run(screen, refresh_per_s=50.0))
+        try:
+            await eventually(lambda: out.getvalue().count(frame) >= 3, what="frames")
+            assert clear not in out.getvalue()
+            screen.size = (80, 24)
+
+            def after_clear() -> str:
+                return out.getvalue().partition(clear)[2]
+
+            await eventually(lambda: "breakers " in after_clear(), 10.0, what="a frame at 80x24")
+        finally:
+            drawing.cancel()
+    # one clear, then frames drawn from its top
+    assert out.getvalue().count(clear) == 1
+    assert after_clear().count(frame) >= 1
+
+
 async def test_a_frame_drawn_again_shows_the_figures_of_its_render():
     """The live view draws a frame again when a line is printed above it (a log line): it
     shows what was read when it was rendered, its signals still best first, not a mix of

@@ -326,13 +326,20 @@ class Dashboard:
 
     async def run(self, screen: RichConsole, refresh_per_s: float = REFRESH_PER_S) -> None:
         """Redraw on ``screen`` until cancelled; rendering happens on the event loop, so it
-        reads the services between their handlers, never during one."""
+        reads the services between their handlers, never during one. A resize clears the
+        screen: the terminal rewraps the frame on it, and the live view's cursor would go
+        up the rows it drew, not the rows they became, leaving pieces of it above the next."""
+        from rich.control import Control
         from rich.live import Live
 
         with Live(self.render(), console=screen, auto_refresh=False) as live:
             try:
+                size = screen.size
                 while True:
                     await asyncio.sleep(1.0 / refresh_per_s)
+                    if screen.size != size:
+                        size = screen.size
+                        screen.control(Control.clear(), Control.home())
                     live.update(self.render(), refresh=True)
             finally:
                 live.update(self.render(), refresh=True)
