@@ -3,6 +3,7 @@ plain lines it leaves to logs and CI."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from dataclasses import replace
@@ -348,6 +349,48 @@ async def test_a_resize_clears_the_screen_before_the_next_frame():
     # one clear, then frames drawn from its top
     assert out.getvalue().count(clear) == 1
     assert after_clear().count(frame) >= 1
+
+
+async def test_keys_pressed_under_the_dashboard_are_not_echoed_onto_it():
+    """The terminal echoes a key where the cursor is, under the frame's last row (full
+    width: onto a new line), and the next frame, drawn up from there, leaves its first row
+    behind: a Ctrl-C's ``^C`` did so. The dashboard keeps the terminal from echoing while
+    it draws and gives back the terminal's modes after."""
+    import asyncio
+    import os
+    import pty
+    import termios
+
+    master, follower = pty.openpty()
+    loop = asyncio.get_running_loop()
+    # drained, the terminal never fills and blocks the frames' writes
+    loop.add_reader(master, os.read, master, 1 << 16)
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    try:
+        async with run_embedded([trading], clock=clock, synchronous=True) as system:
+            dashboard = await _busy_dashboard(system, trading, clock)
+            terminal = io.TextIOWrapper(io.FileIO(follower, "w", closefd=False))
+            before = termios.tcgetattr(follower)
+            assert before[3] & termios.ECHO and before[3] & termios.ECHOCTL
+            screen = RichConsole(file=terminal, force_terminal=True, width=80, height=24)
+            drawing = asyncio.create_task(dashboard.run(screen, refresh_per_s=50.0))
+            try:
+                modes = await eventually(
+                    lambda: (m := termios.tcgetattr(follower)) != before and m, 10.0,
+                    what="the terminal's modes changed",
+                )  # fmt: skip
+                assert not modes[3] & (termios.ECHO | termios.ECHOCTL)
+            finally:
+                drawing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drawing
+            assert termios.tcgetattr(follower) == before
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        os.close(follower)
 
 
 async def test_a_frame_drawn_again_shows_the_figures_of_its_render():

@@ -217,3 +217,45 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
     assert re.search(r"^  WIFHAT +deadline +1 tranche", printed, re.M), printed
     assert "open positions after the graceful exit: 0" in printed, printed
     assert not_flat is None
+
+
+def test_a_second_ctrl_c_under_the_dashboard_gives_the_terminal_its_modes_back():
+    """The dashboard keeps the terminal from echoing keys; a second Ctrl-C ends the
+    process at once, past the dashboard's own clean-up, and sets the terminal's modes back
+    itself: the shell's next command would otherwise not see what is typed."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import termios
+
+    script = """
+import asyncio, os, signal, sys
+from pumpflow.cli.dashboard import keys_unechoed
+from pumpflow.cli.run import StopSignals
+
+async def main():
+    signals = StopSignals(terminal=True)
+    signals.install()
+    with keys_unechoed(sys.stdout):
+        os.kill(os.getpid(), signal.SIGINT)
+        await signals.stop.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+    master, follower = pty.openpty()
+    try:
+        before = termios.tcgetattr(follower)
+        assert before[3] & termios.ECHO
+        proc = subprocess.run(
+            [sys.executable, "-c", script], stdout=follower, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 130, proc.stderr
+        assert "a second interrupt cut" in proc.stderr, proc.stderr
+        assert termios.tcgetattr(follower) == before
+    finally:
+        os.close(master)
+        os.close(follower)

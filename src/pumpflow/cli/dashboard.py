@@ -18,9 +18,11 @@ panel moves beside the lifecycle and the events panel goes (:meth:`Dashboard.ren
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import termios
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Group, RenderableType
@@ -65,6 +67,42 @@ def wants_dashboard(plain: bool, out: TextIO) -> bool:
     """The dashboard on a terminal unless ``--plain``; plain lines anywhere else."""
     isatty = getattr(out, "isatty", None)
     return not plain and isatty is not None and isatty()
+
+
+def terminal_modes(out: TextIO) -> tuple[int, list] | None:
+    """The modes of the terminal ``out`` writes to, for :func:`restore_modes` (None: no
+    terminal)."""
+    try:
+        fd = out.fileno()
+        return fd, termios.tcgetattr(fd)
+    except (AttributeError, OSError, ValueError, termios.error):
+        return None
+
+
+def restore_modes(modes: tuple[int, list] | None) -> None:
+    """Set a terminal's ``modes`` (:func:`terminal_modes`) back; a terminal gone keeps
+    whatever it has."""
+    if modes is not None:
+        fd, attributes = modes
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, attributes)
+
+
+@contextlib.contextmanager
+def keys_unechoed(out: TextIO) -> Iterator[None]:
+    """Keep the terminal ``out`` writes to from echoing keys until the block ends: a key
+    echoed under the dashboard's last row (a Ctrl-C's ``^C``) moves the frame down a row,
+    and the next, drawn up from there, leaves the first row behind."""
+    modes = terminal_modes(out)
+    if modes is not None:
+        fd, attributes = modes
+        quiet = list(attributes)
+        quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+        restore_modes((fd, quiet))
+    try:
+        yield
+    finally:
+        restore_modes(modes)
 
 
 class RecentLines:
@@ -332,7 +370,10 @@ class Dashboard:
         from rich.control import Control
         from rich.live import Live
 
-        with Live(self.render(), console=screen, auto_refresh=False) as live:
+        with (
+            keys_unechoed(screen.file),
+            Live(self.render(), console=screen, auto_refresh=False) as live,
+        ):
             try:
                 size = screen.size
                 while True:

@@ -26,7 +26,7 @@ import io
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -347,10 +347,19 @@ class StopSignals:
         self.cutting = ("the run", "what it had not done is left undone")
         self.received = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: sets the terminal's modes back as they were at :meth:`install`
+        self._restore_modes: Callable[[], None] = lambda: None
 
     def install(self) -> None:
-        """Take the signals on the running loop until the first comes."""
+        """Take the signals on the running loop until the first comes; on a terminal, keep
+        its modes to set back at a second (the dashboard stops its echo)."""
+        from pumpflow.cli.dashboard import restore_modes, terminal_modes
+
         self._loop = asyncio.get_running_loop()
+        if self.terminal:
+            # imported now: a signal handler must not import (it may interrupt an import)
+            modes = terminal_modes(sys.stdout)
+            self._restore_modes = lambda: restore_modes(modes)
         for sig in STOP_SIGNALS:
             self._loop.add_signal_handler(sig, self._first)
 
@@ -387,6 +396,7 @@ class StopSignals:
         # past the streams' buffers: the handler may have interrupted a write to them
         with contextlib.suppress(OSError):
             if self.terminal:
+                self._restore_modes()
                 os.write(1, b"\x1b[?25h\n")
             line = f"pumpflow run: a second {name} cut {what} short: {leaves}\n"
             os.write(2, line.encode())
