@@ -411,3 +411,21 @@ async def test_a_frame_drawn_again_shows_the_figures_of_its_render():
     scores = [float(score) for score in re.findall(r"│ TOKEN\d+ +(\d\.\d\d) ", shown)]
     assert scores == [0.59, 0.58, 0.57, 0.56, 0.55], shown
     assert "-0.1000" not in shown and "+0.0100" in shown, shown
+
+
+async def test_the_plain_status_line_writes_its_counts_as_the_dashboard_does():
+    """Thousands grouped, as the dashboard's header and the run's summary write them."""
+    from types import SimpleNamespace
+
+    from pumpflow.common.testing import TokenEvents
+
+    clock = ReplayClock(1_700_000_000.0)
+    console = Console(
+        system=SimpleNamespace(services={}), clock=clock, speed=1.0, out=io.StringIO()
+    )
+    tokens = TokenEvents(clock)
+    for _ in range(1_001):
+        await console.on_event(tokens.created())
+    console.counts["token.trade"] = 12_345
+    line = console.status_line()
+    assert re.search(r" tokens 1,001 \| trades 12,345 \(", line), line

@@ -72,6 +72,8 @@ _WATCHED = (
     "position.*",
     "trading.*",
 )
+#: a token's activity states, in the order of its life
+LIFECYCLE = ("new", "active", "declining", "inactive", "graduated")
 _SHOWN_FEATURES = ("market_cap_sol", "curve_progress", "trades_per_minute", "return_60s")
 
 
@@ -198,12 +200,10 @@ class Console:
         self._last_trades, self._last_at = trades, now
         subscribed = self.subscribed()
         states = Counter(t.state for t in self.tokens.values())
-        lifecycle = " ".join(
-            f"{s} {states[s]}" for s in ("new", "active", "declining", "inactive", "graduated")
-        )
+        lifecycle = " ".join(f"{s} {states[s]:,}" for s in LIFECYCLE)
         return (
-            f"{self.market_clock()} tokens {len(self.tokens)} | trades {trades} "
-            f"({rate:.0f}/s market) | trade subscriptions {subscribed} | {lifecycle}"
+            f"{self.market_clock()} tokens {len(self.tokens):,} | trades {trades:,} "
+            f"({rate:,.0f}/s market) | trade subscriptions {subscribed:,} | {lifecycle}"
         )
 
     def top_lines(self, n: int = 3) -> list[str]:

@@ -30,6 +30,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pumpflow.cli.console import LIFECYCLE
 from pumpflow.common.text import counted
 from pumpflow.report.results import UNMARKED
 
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from pumpflow.cli.console import Console
     from pumpflow.common.exit import ExitProgress
 
-LIFECYCLE = ("new", "active", "declining", "inactive", "graduated")
 #: the event types whose rates are shown, in pipeline order
 RATED = (
     "token.created", "token.trade", "features.updated", "token.lifecycle",
