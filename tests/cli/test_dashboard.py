@@ -53,7 +53,7 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
     # redrawn a few times a second for three seconds, and once more at the end
     assert len(frames) >= 6, len(frames)
     last = frames[-1]
-    for title in ("tokens by lifecycle state", "events: total, per second", "trading (paper)",
+    for title in ("tokens by lifecycle state", "events: total, per real second", "trading (paper)",
                   "signals:", "open positions", "latest"):  # fmt: skip
         assert title in last, last
     for state in LIFECYCLE:
@@ -98,7 +98,7 @@ async def test_the_dashboard_fits_80_columns_each_row_on_one_line(tmp_path):
     assert re.fullmatch(
         r"tokens [\d,]+ \| trades [\d,]+ \| trade subscriptions \d+ \| graduated \d+ *", lines[1]
     ), lines[1]
-    for title in ("tokens by lifecycle state", "events: total, per second", "trading (paper)",
+    for title in ("tokens by lifecycle state", "events: total, per real second", "trading (paper)",
                   "signals: ", "open positions", "latest"):  # fmt: skip
         assert title in last, last
     for kind in RATED:
@@ -317,7 +317,7 @@ async def test_the_dashboard_fits_the_terminal_whole(columns, rows):
     assert re.search(r"│ positions +8 open, 0 closed", shown), shown
     assert re.search(r"│ breakers? .*ok", shown), shown
     assert re.search(r"│ \+00:07 BOUGHT TOKEN7 ", shown), shown
-    assert ("events: total" in shown) == (columns >= 120 or rows >= 33), shown
+    assert ("events: total, per real second" in shown) == (columns >= 120 or rows >= 33), shown
 
 
 async def test_a_resize_clears_the_screen_before_the_next_frame():

@@ -166,7 +166,8 @@ class Dashboard:
     # ---------------------------------------------------------------- figures
 
     def rates(self) -> dict[str, float]:
-        """Events per wall second by type, over the last :data:`RATE_WINDOW_S`."""
+        """Events per real (wall) second by type, over the last :data:`RATE_WINDOW_S`: the
+        run's throughput; the plain status line's trade rate is per market second."""
         now, counts = self.clock_wall(), Counter(self.console.counts)
         self._history.append((now, counts))
         while len(self._history) > 2 and now - self._history[1][0] >= RATE_WINDOW_S:
@@ -207,7 +208,7 @@ class Dashboard:
         table = _grid("left", "right", "right")
         for kind, rate in self.rates().items():
             table.add_row(kind, f"{self.console.counts[kind]:,}", f"{rate:,.1f}/s")
-        return Panel(table, title="events: total, per second")
+        return Panel(table, title="events: total, per real second")
 
     def _trading_panel(self, *, compact: bool = False) -> Panel:
         """Trading's state, PnL, positions and breakers; ``compact``: the breakers that
