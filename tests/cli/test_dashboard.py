@@ -429,3 +429,27 @@ async def test_the_plain_status_line_writes_its_counts_as_the_dashboard_does():
     console.counts["token.trade"] = 12_345
     line = console.status_line()
     assert re.search(r" tokens 1,001 \| trades 12,345 \(", line), line
+
+
+async def test_a_tokens_first_state_reads_without_a_previous_one():
+    """--verbose prints each lifecycle change; a token's first has no state before it,
+    and its line said ``None -> new``."""
+    from types import SimpleNamespace
+
+    from pumpflow.common.events import TokenLifecycle, make_event
+    from pumpflow.common.testing import TokenEvents
+
+    clock = ReplayClock(1_700_000_000.0)
+    out = io.StringIO()
+    console = Console(
+        system=SimpleNamespace(services={}), clock=clock, speed=1.0, out=out, verbose=True
+    )
+    tokens = TokenEvents(clock)
+    mint = tokens.mint()
+    await console.on_event(tokens.created(mint, symbol="WIFHAT"))
+    for previous, state, reason in ((None, "new", "first seen"), ("new", "active", "busy")):
+        change = TokenLifecycle(mint=mint, state=state, previous_state=previous, reason=reason)
+        await console.on_event(make_event(change, source="activity/test", time=clock.now()))
+    first, then = out.getvalue().splitlines()[1:]
+    assert re.fullmatch(r"\+00:00 WIFHAT +new \(first seen\)", first), first
+    assert re.fullmatch(r"\+00:00 WIFHAT +new -> active \(busy\)", then), then

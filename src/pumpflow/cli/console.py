@@ -153,9 +153,11 @@ class Console:
             if token is not None:
                 token.state = data.state
             if self.verbose:
+                # a token's first state has none before it
+                before = "" if data.previous_state is None else f"{data.previous_state} -> "
                 self._say(
                     f"{self.market_clock()} {token.symbol if token else data.mint:<10} "
-                    f"{data.previous_state} -> {data.state} ({data.reason})"
+                    f"{before}{data.state} ({data.reason})"
                 )
         elif isinstance(data, FeaturesUpdated):
             token = self.tokens.get(data.mint)
