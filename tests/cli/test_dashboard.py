@@ -53,6 +53,10 @@ async def test_the_dashboard_draws_the_run_live_and_the_plain_output_keeps_only_
     # redrawn a few times a second for three seconds, and once more at the end
     assert len(frames) >= 6, len(frames)
     last = frames[-1]
+    # a Ctrl-C stops the run; once it is stopping, another cuts its end short
+    assert "|  Ctrl-C stops" in frames[0], frames[0]
+    # the run ended at its duration: a first Ctrl-C in its end changes nothing
+    assert "|  stopping: Ctrl-C twice ends now" in last.splitlines()[0], last
     for title in ("tokens by lifecycle state", "events: total, per real second", "trading (paper)",
                   "signals:", "open positions", "latest"):  # fmt: skip
         assert title in last, last
@@ -93,7 +97,8 @@ async def test_the_dashboard_fits_80_columns_each_row_on_one_line(tmp_path):
     lines = last.rstrip("\n").splitlines()
     assert max(len(line) for line in lines) <= 80
     assert re.fullmatch(
-        r"pumpflow run \+\d\d:\d\d market time at 40x  \|  Ctrl-C stops *", lines[0]
+        r"pumpflow run \+\d\d:\d\d market time at 40x  \|  stopping: Ctrl-C twice ends now *",
+        lines[0],
     )
     assert re.fullmatch(
         r"tokens [\d,]+ \| trades [\d,]+ \| trade subscriptions \d+ \| graduated \d+ *", lines[1]
@@ -453,3 +458,36 @@ async def test_a_tokens_first_state_reads_without_a_previous_one():
     first, then = out.getvalue().splitlines()[1:]
     assert re.fullmatch(r"\+00:00 WIFHAT +new \(first seen\)", first), first
     assert re.fullmatch(r"\+00:00 WIFHAT +new -> active \(busy\)", then), then
+
+
+async def test_after_a_ctrl_c_the_header_says_another_ends_the_run_now(tmp_path):
+    """The first Ctrl-C begins the graceful exit and the header says so: one more cuts it
+    short."""
+    import asyncio
+    import os
+    import signal
+
+    from pumpflow.cli.run import STOP_SIGNALS, StopSignals
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    screen = RichConsole(file=io.StringIO(), force_terminal=True, width=120, height=40, record=True)
+    signals = StopSignals(terminal=True)
+
+    async def interrupt() -> None:
+        await eventually(lambda: screen.export_text(clear=False).count(FRAME) >= 2, what="frames")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        interrupting = asyncio.create_task(interrupt())
+        status = await run_embedded_market(
+            duration=60.0, speed=40.0, seed=7, launches_per_minute=60.0, every=1.0,
+            out=io.StringIO(), screen=screen, report=tmp_path / "run.html", signals=signals,
+        )  # fmt: skip
+        await interrupting
+    finally:
+        # the first signal left the process's own handlers, which end it at once
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert status == 0 and signals.received
+    last = screen.export_text().split(FRAME)[-1]
+    assert "|  stopping: Ctrl-C again ends now" in last.splitlines()[0], last

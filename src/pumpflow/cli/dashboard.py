@@ -46,6 +46,9 @@ RATED = (
     "token.created", "token.trade", "features.updated", "token.lifecycle",
     "model.prediction", "order.requested", "order.filled", "position.closed",
 )  # fmt: skip
+#: the header's hint once the graceful exit has begun, after a Ctrl-C or at the run's
+#: end: the first Ctrl-C only begins it, the next ends the run at once
+STOPPING = {True: "stopping: Ctrl-C again ends now", False: "stopping: Ctrl-C twice ends now"}
 #: wall seconds the event rates are averaged over
 RATE_WINDOW_S = 2.0
 REFRESH_PER_S = 4.0
@@ -157,10 +160,19 @@ def _headed(*headers: str) -> Table:
 class Dashboard:
     """Render the state of an embedded run as one rich renderable."""
 
-    def __init__(self, console: Console, recent: RecentLines, *, clock_wall=time.monotonic):
+    def __init__(
+        self,
+        console: Console,
+        recent: RecentLines,
+        *,
+        clock_wall=time.monotonic,
+        interrupted: Callable[[], bool] = lambda: False,
+    ):
         self.console = console
         self.recent = recent
         self.clock_wall = clock_wall
+        #: whether a Ctrl-C (or SIGTERM) came, which a next one follows at once
+        self.interrupted = interrupted
         self._history: deque[tuple[float, Counter[str]]] = deque()
 
     # ---------------------------------------------------------------- figures
@@ -178,6 +190,11 @@ class Dashboard:
             return dict.fromkeys(RATED, 0.0)
         return {kind: (counts[kind] - before[kind]) / elapsed for kind in RATED}
 
+    def _exit_progress(self) -> ExitProgress | None:
+        """The graceful exit's progress; None until it begins."""
+        exits = self.console.system.services.get("exit")
+        return None if exits is None else exits.exit_progress()
+
     def _trading(self) -> Any:
         trading = self.console.system.services.get("trading")
         return trading if getattr(trading, "risk", None) is not None else None
@@ -189,7 +206,8 @@ class Dashboard:
         c = self.console
         when = Text.assemble(
             ("pumpflow run ", "bold"),
-            f"{c.market_clock()} market time at {c.speed:g}x  |  Ctrl-C stops",
+            f"{c.market_clock()} market time at {c.speed:g}x  |  "
+            + ("Ctrl-C stops" if self._exit_progress() is None else STOPPING[self.interrupted()]),
         )
         counts = (
             f"tokens {len(c.tokens):,}  |  trades {c.counts['token.trade']:,}  |  "
@@ -251,8 +269,7 @@ class Dashboard:
                 "breakers",
                 Text(f"all {ok} ok" if ok == len(breakers) else f"{ok} others ok", style="green"),
             )
-        exits = self.console.system.services.get("exit")
-        progress = None if exits is None else exits.exit_progress()
+        progress = self._exit_progress()
         if progress is not None:
             table.add_row("graceful exit", exit_progress(progress))
         return Panel(table, title="trading (paper)")

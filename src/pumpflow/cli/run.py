@@ -279,7 +279,8 @@ async def run_embedded_market(
             if screen is None:
                 status = asyncio.create_task(console.status_loop(every))
             else:
-                status = asyncio.create_task(Dashboard(console, recent).run(screen))
+                dashboard = Dashboard(console, recent, interrupted=lambda: signals.received)
+                status = asyncio.create_task(dashboard.run(screen))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(duration or None):
                     await stop.wait()
