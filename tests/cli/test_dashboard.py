@@ -491,3 +491,22 @@ async def test_after_a_ctrl_c_the_header_says_another_ends_the_run_now(tmp_path)
     assert status == 0 and signals.received
     last = screen.export_text().split(FRAME)[-1]
     assert "|  stopping: Ctrl-C again ends now" in last.splitlines()[0], last
+
+
+@pytest.mark.parametrize("columns, rows", [(80, 24), (80, 50), (120, 40)])
+async def test_a_breakers_long_reason_is_cut_not_the_labels_beside_it(columns, rows):
+    """A breaker tripped on a mint's frame has a reason longer than the trading panel is
+    wide: it is cut with an ellipsis, and the panel's labels stay whole."""
+    clock = ReplayClock(1_700_000_000.0)
+    config = TradingSettings.load(service="trading", transport="memory")
+    trading = TradingService(config, registry=CollectorRegistry(), ledger=MemoryLedger())
+    async with run_embedded([trading], clock=clock, synchronous=True) as system:
+        dashboard = await _busy_dashboard(system, trading, clock)
+        # a mint of pump.fun's length, as the feed's frames carry
+        mint = "6ms46Ddb2trzYkAfHbZMAQi1gQC53GV2RyGbRM1Kpump"
+        reason = f"{mint} frame off the curve maths by 0.0123"
+        trading.risk.breakers["curve"].fault(clock.now(), reason)
+        shown = "\n".join(drawn_on(dashboard.render(), columns, rows))
+    for label in ("state", "realised PnL", "open, marked", "fees", "exposure", "positions"):
+        assert re.search(rf"│ {label} +\S", shown), (label, shown)
+    assert re.search(r"│ breaker curve +TRIPPED 6ms46.*… │", shown), shown

@@ -135,12 +135,30 @@ class _FitSize:
         yield self.layout(options.max_width, options.size.height)
 
 
+class _LabelledGrid(Table):
+    """A borderless table of one-line rows, its first column the labels: a row too wide
+    cuts its other cells with an ellipsis and keeps its label whole (a wrapped row would
+    no longer line up with its label)."""
+
+    def add_row(self, *cells: str | Text | None, **options: Any) -> None:
+        super().add_row(*(_one_line(cell) for cell in cells), **options)
+
+
+def _one_line(cell: str | Text | None) -> Text | None:
+    """``cell`` on one line, cut with an ellipsis at its column's width."""
+    if cell is None:
+        return None
+    text = Text(cell) if isinstance(cell, str) else cell.copy()
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
 def _grid(*justify: str) -> Table:
-    """A borderless table of one-line cells, a column per ``justify``: a cell too long is
-    cut with an ellipsis (a wrapped row would no longer line up with its label)."""
-    table = Table.grid(padding=(0, 2))
-    for side in justify:
-        table.add_column(justify=side, no_wrap=True, overflow="ellipsis")
+    """A :class:`_LabelledGrid`, a column per ``justify``; the labels' the first."""
+    table = _LabelledGrid.grid(padding=(0, 2))
+    for index, side in enumerate(justify):
+        # only the cells after the label may narrow: a no_wrap column keeps its width
+        table.add_column(justify=side, no_wrap=index == 0, overflow="ellipsis")
     return table
 
 
@@ -258,8 +276,7 @@ class Dashboard:
             if breaker.tripped:
                 table.add_row(
                     f"breaker {name}",
-                    Text(f"TRIPPED {breaker.reason}", style="bold red", no_wrap=True,
-                         overflow="ellipsis"),
+                    Text(f"TRIPPED {breaker.reason}", style="bold red"),
                 )  # fmt: skip
             elif not compact:
                 table.add_row(f"breaker {name}", Text("ok", style="green"))
