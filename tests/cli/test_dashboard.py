@@ -510,3 +510,43 @@ async def test_a_breakers_long_reason_is_cut_not_the_labels_beside_it(columns, r
     for label in ("state", "realised PnL", "open, marked", "fees", "exposure", "positions"):
         assert re.search(rf"│ {label} +\S", shown), (label, shown)
     assert re.search(r"│ breaker curve +TRIPPED 6ms46.*… │", shown), shown
+
+
+async def test_a_sale_of_part_of_a_position_has_its_line():
+    """A take-profit sells part of a position: its cost and the realised PnL change, and a
+    line says why, as a sale of the whole does (that one's line is the position's close)."""
+    from types import SimpleNamespace
+
+    from pumpflow.common.events import OrderFilled, OrderRequested, make_event
+    from pumpflow.common.testing import TokenEvents
+    from pumpflow.common.trading.positions import Position, PositionBook
+
+    clock = ReplayClock(1_700_000_000.0)
+    book = PositionBook()
+    system = SimpleNamespace(services={"trading": SimpleNamespace(book=book)})
+    out = io.StringIO()
+    console = Console(system=system, clock=clock, speed=1.0, out=out)
+    tokens = TokenEvents(clock)
+    mint = tokens.mint()
+    await console.on_event(tokens.created(mint, symbol="WIFHAT"))
+    book.open_positions[mint] = Position(
+        position_id="entry-1", mint=mint, opened_at=0.0, tokens=2.5e6, cost_sol=0.119
+    )
+
+    async def sale(order_id: str, reason: str) -> None:
+        for data in (
+            OrderRequested(order_id=order_id, mint=mint, side="sell", token_amount=2.5e6,
+                           reason=reason),
+            OrderFilled(order_id=order_id, mint=mint, side="sell", token_amount=2.5e6,
+                        sol_amount=0.1234, price=5e-8),
+        ):  # fmt: skip
+            await console.on_event(make_event(data, source="trading/test", time=clock.now()))
+
+    await sale("exit-1", "take_profit_1")
+    assert out.getvalue().splitlines()[-1] == (
+        "+00:00 SOLD PART WIFHAT     for 0.123 SOL (take_profit_1); the rest held"
+    )
+    # the last of it sold: the position's close says so
+    del book.open_positions[mint]
+    await sale("exit-2", "take_profit_2")
+    assert "take_profit_2" not in out.getvalue()

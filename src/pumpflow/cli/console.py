@@ -16,7 +16,9 @@ from pumpflow.common.events import (
     FeaturesUpdated,
     FeedSubscription,
     ModelPrediction,
+    OrderFilled,
     OrderRejected,
+    OrderRequested,
     PositionClosed,
     PositionOpened,
     TokenCreated,
@@ -111,6 +113,8 @@ class Console:
         self.max_subscribed = 0
         self._last_trades = 0
         self._last_at = self.started_at
+        #: why each sale not filled or refused yet was asked for, by order id
+        self._sale_reasons: dict[str, str] = {}
 
     def symbols(self) -> dict[str, str]:
         """Each seen token's symbol, by mint."""
@@ -180,12 +184,30 @@ class Console:
                     f"{self.market_clock()} SOLD {name:<10} realised "
                     f"{data.realized_pnl_sol:+.4f} SOL ({data.reason})"
                 )
-        elif isinstance(data, OrderRejected) and self.verbose:
-            self._say(f"{self.market_clock()} order {data.order_id} rejected: {data.reason}")
+        elif isinstance(data, OrderRequested) and data.side == "sell":
+            self._sale_reasons[data.order_id] = data.reason
+        elif isinstance(data, OrderFilled) and data.side == "sell":
+            reason = self._sale_reasons.pop(data.order_id, "")
+            if self._holds(data.mint):
+                # a sale of the whole has its line at the position's close
+                token = self.tokens.get(data.mint)
+                self._say(
+                    f"{self.market_clock()} SOLD PART {token.symbol if token else data.mint:<10} "
+                    f"for {data.sol_amount:.3f} SOL ({reason}); the rest held"
+                )
+        elif isinstance(data, OrderRejected):
+            self._sale_reasons.pop(data.order_id, None)
+            if self.verbose:
+                self._say(f"{self.market_clock()} order {data.order_id} rejected: {data.reason}")
         elif event.type.startswith("trading."):
             self._say(f"{self.market_clock()} TRADING {event.type}: {msgspec_line(data)}")
         elif isinstance(data, FeedSubscription) and data.action == "unsubscribe":
             self.unsubscribed += len(data.mints)
+
+    def _holds(self, mint: str) -> bool:
+        """Whether trading holds a position in ``mint`` now."""
+        book = getattr(self.system.services.get("trading"), "book", None)
+        return book is not None and mint in book.open_positions
 
     def subscribed(self) -> int:
         """Mints the feed streams trades of now (the most seen is kept for the summary)."""
