@@ -226,6 +226,30 @@ def test_a_position_not_marked_yet_shows_no_worth_in_the_plain_lines_as_on_the_d
     assert re.search(r"cost 0\.224 SOL +worth - +PnL", line), line
 
 
+async def test_tokens_that_share_a_symbol_are_told_apart_by_their_mints():
+    """Copycat tokens take a symbol already launched: each after the first shows its
+    mint's start beside it, so two positions of "LASER" are not one."""
+    from types import SimpleNamespace
+
+    from pumpflow.common.testing import TokenEvents
+
+    clock = ReplayClock(0.0)
+    tokens = TokenEvents(clock)
+    system = SimpleNamespace(services={})
+    console = Console(system=system, clock=clock, speed=1.0, out=io.StringIO())
+    first, copy, other, long, longer = (
+        "LaSeR1pump", "CoPy22pump", "OtHeR3pump", "LoNg44pump", "LoNgEr5pump"
+    )  # fmt: skip
+    for mint, symbol in ((first, "LASER"), (copy, "LASER"), (other, "BONK"),
+                         (long, "SOLBONKINU"), (longer, "SOLBONKINU")):  # fmt: skip
+        await console.on_event(tokens.created(mint, symbol=symbol))
+    # within the ten characters the dashboard's tables show of a name
+    assert console.symbols() == {
+        first: "LASER", copy: "LASER~CoPy", other: "BONK", long: "SOLBONKINU",
+        longer: "SOLBO~LoNg",
+    }  # fmt: skip
+
+
 async def test_the_most_subscriptions_the_summary_gives_are_counted_between_status_lines():
     out = io.StringIO()
     # no status line in the run: the summary's figure is all the counting

@@ -108,6 +108,8 @@ class Console:
         self.started_at = clock.now()
         self.counts: Counter[str] = Counter()
         self.tokens: dict[str, _Token] = {}
+        #: the names given to tokens so far: each names one token
+        self._labels: set[str] = set()
         self.graduated: list[str] = []
         self.unsubscribed = 0
         self.max_subscribed = 0
@@ -115,6 +117,16 @@ class Console:
         self._last_at = self.started_at
         #: why each sale not filled or refused yet was asked for, by order id
         self._sale_reasons: dict[str, str] = {}
+
+    def _label(self, symbol: str, mint: str) -> str:
+        """How the run names a new token: its symbol, with its mint's start after it when
+        a token launched before took that symbol (copycats are common on pump.fun)."""
+        label = symbol.strip() or mint[:6]
+        if label in self._labels:
+            # five and five: the dashboard's tables show ten characters of a name
+            label = f"{label[:5]}~{mint[:4]}"
+        self._labels.add(label)
+        return label
 
     def symbols(self) -> dict[str, str]:
         """Each seen token's symbol, by mint."""
@@ -136,7 +148,7 @@ class Console:
         self.counts[event.type] += 1
         data = event.data
         if isinstance(data, TokenCreated):
-            self.tokens[data.mint] = _Token(symbol=data.symbol.strip() or data.mint[:6])
+            self.tokens[data.mint] = _Token(symbol=self._label(data.symbol, data.mint))
             # the feed subscribes to a token as it launches: the most are counted then,
             # not only at the status lines
             self.subscribed()
