@@ -23,9 +23,12 @@ from pumpflow.cli.backtest import (
 )
 from pumpflow.cli.main import main
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing.trade_api import fake_trade_api
 from pumpflow.feed import socket_feed
 from pumpflow.simulator.cli import main as sim_main
 from pumpflow.simulator.dataset import load_dataset
+
+from .test_run import live_environment
 
 SEED = 6
 #: two market minutes of seed 6: about 1,100 frames, 750 predictions, two entries
@@ -57,6 +60,16 @@ async def test_a_backtest_of_the_same_stream_decides_the_same_twice():
     assert progress[-1] == (len(frames), len(frames))
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert "PnL after fees" in first.text()
+
+
+async def test_a_live_environment_never_makes_a_backtest_trade_live(monkeypatch):
+    """A shell set up for live trading backtests on paper: no order of a replayed
+    stream reaches the trade API."""
+    async with fake_trade_api("error") as api:
+        live_environment(monkeypatch, api.url)
+        report = await run_backtest(simulated_frames(SEED, MINUTES, start=START), RUN_CONFIG)
+    assert api.requests == []
+    assert report.entries == report.orders["filled", "buy"] > 0
 
 
 class _Crawling:
@@ -362,7 +375,7 @@ def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, t
     assert "configuration 'deep': no setting 'exit'" in said
 
 
-@pytest.mark.parametrize("key", ["partitions", "transport", "service"])
+@pytest.mark.parametrize("key", ["partitions", "transport", "service", "trading_executor"])
 def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key, capsys):
     said = refused(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"], capsys)
     assert f"configuration 'mine': {key!r} is the backtest's own" in said

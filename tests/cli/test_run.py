@@ -16,6 +16,8 @@ from pumpflow.cli.run import (
     run_embedded_market,
     run_exit_service,
 )
+from pumpflow.common.testing import base58_key
+from pumpflow.common.testing.trade_api import fake_trade_api
 
 
 def market_refusals(message: str) -> bool:
@@ -192,3 +194,33 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
     assert "graceful exit (pumpflow run ended): 1 position, 1 sold out" in printed, printed
     assert "open positions after the graceful exit: 0" in printed, printed
     assert not_flat is None
+
+
+async def test_a_live_environment_never_makes_the_simulated_run_trade_live(monkeypatch):
+    """A trader's shell set up for live trading (executor, switch, key, wallet) runs
+    ``pumpflow run`` on paper all the same: it is a simulated market, and no order of it
+    reaches the trade API."""
+    async with fake_trade_api("error") as api:
+        live_environment(monkeypatch, api.url)
+        out = io.StringIO()
+        status = await run_embedded_market(
+            duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out
+        )
+    printed = out.getvalue()
+    assert status == 0, printed[-2000:]
+    assert api.requests == []
+    assert "BOUGHT" in printed, printed[-2000:]  # it traded, on paper
+    assert "trading on paper" in printed.splitlines()[0]
+
+
+def live_environment(monkeypatch, url: str) -> None:
+    """The shell of a trader set up for live trading (executor, switch, key, wallet),
+    its trade API at ``url``."""
+    for name, value in {
+        "PUMPFLOW_TRADING_EXECUTOR": "live",
+        "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+        "PUMPPORTAL_API_KEY": "a-real-looking-api-key",
+        "PUMPFLOW_TRADING_LIVE_WALLET": base58_key("the trader's wallet"),
+        "PUMPFLOW_TRADING_LIVE_URL": url,
+    }.items():
+        monkeypatch.setenv(name, value)

@@ -1,5 +1,5 @@
 """The live executor inside the embedded trading service, against a local fake of
-PumpPortal's trade API (fake_trade_api.py, 127.0.0.1): success, an error answer, no
+PumpPortal's trade API (pumpflow.common.testing.trade_api, 127.0.0.1): success, an error answer, no
 answer, and a signature whose trade never shows. Every case sends the order once."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
+from pumpflow.common.testing.trade_api import FakeTradeApi, fake_trade_api
 from pumpflow.trading.ledger import FillRecord, LedgerChange, MemoryLedger, OrderRecord
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .fake_trade_api import FakeTradeApi, fake_trade_api
 from .test_service import BlinkingLedger, publish, ready, running
 
 KEY = "fake-api-key-never-logged"

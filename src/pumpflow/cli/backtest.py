@@ -74,7 +74,7 @@ from pumpflow.cli.report import (
     write_backtest_comparison,
     write_backtest_reports,
 )
-from pumpflow.cli.run import RUN_MIN_SCORE, RUN_SETTINGS
+from pumpflow.cli.run import PAPER_ONLY, RUN_MIN_SCORE, RUN_SETTINGS
 from pumpflow.common.runtime.arguments import UsageError, epoch_time, help_text, positive
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
@@ -94,7 +94,7 @@ RUN_CONFIG: dict[str, Any] = {"trading_min_score": RUN_MIN_SCORE, **RUN_SETTINGS
 #: the services a configuration may set
 CONFIGURABLE = ("trading", "exit", "model")
 #: settings every service has that the backtest sets itself
-RUN_OWN = ("service", "transport", "partitions")
+RUN_OWN = ("service", "transport", "partitions", *PAPER_ONLY)
 DRAIN_S = 600.0
 
 Frames = Sequence[tuple[float, bytes]]
@@ -180,7 +180,7 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if key in RUN_OWN:
             raise ValueError(
                 f"{key!r} is the backtest's own: one process, the in-memory bus, "
-                f"{counted(PARTITIONS, 'partition')}"
+                f"{counted(PARTITIONS, 'partition')}, paper trading"
             )
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
         if not owners:
@@ -521,7 +521,7 @@ async def run_backtest(
     # a refit swapped in when its thread happens to finish would make the results hang
     # on the machine's speed: the replay scores with the models it starts with, unless
     # the config asks for refits
-    model, trading = build(ModelService, model_refit=False), build(TradingService)
+    model, trading = build(ModelService, model_refit=False), build(TradingService, **PAPER_ONLY)
     services = [
         feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
     ]  # fmt: skip

@@ -48,6 +48,9 @@ RUN_MIN_SCORE = 0.5
 #: minutes: with the filter 2 positions, 9,313 predictions refused for it; without, 20
 #: positions), so with it the run would show next to no trading
 RUN_SETTINGS = {"trading_reject_creator_sold": False}
+#: what a run's trading always is, whatever the environment or the config file says: its
+#: market is simulated, and a shell set up for live trading must not send its orders
+PAPER_ONLY = {"trading_executor": "paper"}
 #: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
 FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
@@ -198,6 +201,7 @@ async def run_embedded_market(
             },
             service="trading",
             transport="memory",
+            **PAPER_ONLY,
             **({} if min_score is None else {"trading_min_score": min_score}),
         )
     )
@@ -242,7 +246,7 @@ async def run_embedded_market(
             await collector.attach(system.bus)
             print(
                 f"pumpflow embedded: simulator {server.url} at {speed:g}x, seed {seed}, "
-                f"{launches_per_minute:g} launches/min; services: "
+                f"{launches_per_minute:g} launches/min, trading on paper; services: "
                 f"{', '.join(system.services)}. Ctrl-C stops.",
                 file=out,
                 flush=True,

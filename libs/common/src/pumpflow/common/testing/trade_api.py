@@ -92,7 +92,8 @@ class FakeTradeApi:
         while not self._release.is_set():
             yield b" "
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), 0.05)
+                async with asyncio.timeout(0.05):
+                    await self._release.wait()
         yield b'{"errors": ["released at shutdown"]}'
 
 
