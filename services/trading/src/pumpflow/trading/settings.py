@@ -29,6 +29,8 @@ from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import TRADE_API_URL
 from pumpflow.common.runtime.settings import PumpPortalKeySettings
 from pumpflow.common.trading import (
+    MAX_ENTRY_SLIPPAGE_PCT,
+    MAX_PRIORITY_FEE_SOL,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -64,7 +66,11 @@ class TradingSettings(PumpPortalKeySettings):
         None, description="live: public key of the API key's wallet; its trades confirm orders"
     )
     trading_live_priority_fee_sol: float = Field(
-        _LIVE.priority_fee_sol, ge=0, description="live: the trade API's priorityFee, SOL"
+        _LIVE.priority_fee_sol,
+        ge=0,
+        le=MAX_PRIORITY_FEE_SOL,
+        description="live: the trade API's priorityFee, SOL a transaction (at most the "
+        "smallest order's SOL)",
     )
     trading_live_answer_timeout_s: float = Field(
         _LIVE.answer_timeout_s,
@@ -117,8 +123,9 @@ class TradingSettings(PumpPortalKeySettings):
     )
     trading_slippage_pct: float = Field(
         _PAPER.slippage_pct,
-        ge=0,
-        description="slippage limit of entries, percent (live: the trade API's slippage)",
+        gt=0,
+        le=MAX_ENTRY_SLIPPAGE_PCT,
+        description="slippage limit of entries, percent (5: 5%; live: the trade API's slippage)",
     )
     trading_paper_latency_s: float = Field(
         _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"

@@ -55,6 +55,8 @@ from pumpflow.common.trading.risk import (
     TradingState,
 )
 from pumpflow.common.trading.settings import (
+    MAX_ENTRY_SLIPPAGE_PCT,
+    MAX_PRIORITY_FEE_SOL,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -68,6 +70,8 @@ __all__ = [
     "ENTRY_STATES",
     "FILTER_FEATURES",
     "LIMITS",
+    "MAX_ENTRY_SLIPPAGE_PCT",
+    "MAX_PRIORITY_FEE_SOL",
     "MIGRATION_POOL",
     "SERVICE_CONSUMES",
     "VENUE_CURVE",
