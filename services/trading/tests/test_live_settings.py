@@ -4,10 +4,19 @@ variable and never the key."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.common.testing.trade_api import fake_trade_api
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
+
+from .test_live import KEY, WALLET, live_settings
+from .test_service import running
 
 
 def load(**settings: object) -> TradingSettings:
@@ -49,3 +58,60 @@ def test_a_slippage_or_priority_fee_within_bounds_is_taken(variable, value, monk
     settings = load()
     name = variable.removeprefix("PUMPFLOW_").lower()
     assert getattr(settings, name) == float(value)
+
+
+def logged(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+async def test_live_trading_says_so_at_start_and_in_every_view(clock, caplog):
+    """Nobody mistakes a live replica for a paper one: its start says LIVE with where
+    its orders go, and /readyz (the service's status), /state and the metrics name the
+    executor."""
+    caplog.set_level(logging.INFO)
+    async with fake_trade_api() as api:
+        registry = CollectorRegistry()
+        service = TradingService(
+            load(**live_settings(api)), registry=registry, ledger=MemoryLedger()
+        )
+        async with running(clock, service):
+            status = await service.status()
+            state = await service.trading_state_view()
+    assert status["executor"] == state["executor"] == "live"
+    assert registry.get_sample_value("pumpflow_trading_executor", {"executor": "live"}) == 1
+    assert registry.get_sample_value("pumpflow_trading_executor", {"executor": "paper"}) == 0
+    [said] = [m for m in logged(caplog, logging.WARNING) if "LIVE" in m]
+    assert api.url in said and WALLET in said
+    assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("given", "level", "said"),
+    [
+        ({}, logging.INFO, "trading on paper: orders fill on the curve, no money moves"),
+        (
+            {"pumpportal_api_key": KEY},
+            logging.INFO,
+            "PumpPortal's API key is set and not used",
+        ),
+        (
+            {"trading_live_enabled": True, "pumpportal_api_key": KEY},
+            logging.WARNING,
+            "PUMPFLOW_TRADING_LIVE_ENABLED is true, but PUMPFLOW_TRADING_EXECUTOR is paper",
+        ),
+    ],
+)
+async def test_paper_trading_says_so_at_start_and_why_a_live_setting_given_is_not_used(
+    clock, caplog, given, level, said, monkeypatch
+):
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    caplog.set_level(logging.INFO)
+    registry = CollectorRegistry()
+    service = TradingService(load(**given), registry=registry, ledger=MemoryLedger())
+    async with running(clock, service):
+        status = await service.status()
+        state = await service.trading_state_view()
+    assert status["executor"] == state["executor"] == "paper"
+    assert registry.get_sample_value("pumpflow_trading_executor", {"executor": "paper"}) == 1
+    assert [m for m in logged(caplog, level) if said in m], caplog.text
+    assert KEY not in caplog.text

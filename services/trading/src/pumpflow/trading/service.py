@@ -162,6 +162,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.lease import Claim, LeaderLease
+from pumpflow.common.pumpportal import redact
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
@@ -352,6 +353,39 @@ def _check_live(settings: TradingSettings) -> None:
         )
 
 
+def _executor_line(settings: TradingSettings) -> tuple[int, str]:
+    """What the start says of who executes orders (a live start passed
+    :func:`_check_live`), and at what level: live is never taken for paper, nor paper
+    with a live setting given for live."""
+    if settings.trading_executor == "live":
+        return logging.WARNING, (
+            f"trading LIVE: orders go to {redact(settings.trading_live_url)} and trade real "
+            f"money from the wallet {settings.trading_live_wallet} (entry slippage "
+            f"{settings.trading_slippage_pct:g}%, priority fee "
+            f"{settings.trading_live_priority_fee_sol:g} SOL a transaction)"
+        )
+    paper = "trading on paper: orders fill on the curve, no money moves"
+    if settings.trading_live_enabled:
+        return logging.WARNING, (
+            f"{paper}. PUMPFLOW_TRADING_LIVE_ENABLED is true, but PUMPFLOW_TRADING_EXECUTOR "
+            "is paper: set it to live to trade real money"
+        )
+    given = [
+        name
+        for name, value in (
+            ("PumpPortal's API key", settings.key_given()),
+            ("PUMPFLOW_TRADING_LIVE_WALLET", settings.trading_live_wallet),
+        )
+        if value
+    ]
+    if given:
+        return logging.INFO, (
+            f"{paper}; {' and '.join(given)} {'is' if len(given) == 1 else 'are'} set and not "
+            "used (live: PUMPFLOW_TRADING_EXECUTOR=live and PUMPFLOW_TRADING_LIVE_ENABLED=true)"
+        )
+    return logging.INFO, paper
+
+
 class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
@@ -425,6 +459,7 @@ class TradingService(Service):
         if settings.trading_executor == "live":
             _check_live(settings)
         self.metrics = TradingMetrics(registry=registry)
+        self.metrics.executor(settings.trading_executor)
         self.ledger: Ledger | None = ledger
         self.leader: LeaderLease | None = None
         self._ctx: ServiceContext | None = None
@@ -511,6 +546,7 @@ class TradingService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        log.log(*_executor_line(self.settings))
         if self.ledger is None:
             if ctx.db is None:
                 log.info("trading without a database: the ledger is in memory")
@@ -2142,6 +2178,7 @@ class TradingService(Service):
         return {
             "role": self.role,
             "source": "book",
+            "executor": self.settings.trading_executor,
             "state": risk.state.value,
             "reason": risk.state_reason(),
             "operator_state": risk.operator_state.value,
@@ -2168,6 +2205,7 @@ class TradingService(Service):
         operator_state, operator_reason = control or (TradingState.ACTIVE, "")
         return {
             **await self._standing_by(),
+            "executor": self.settings.trading_executor,
             "state": None,
             "reason": None,
             "operator_state": TradingState(operator_state).value,
@@ -2407,7 +2445,11 @@ class TradingService(Service):
 
     async def status(self) -> dict[str, Any]:
         role = self.role
-        body: dict[str, Any] = {"ready": role in ("active", "standby"), "role": role}
+        body: dict[str, Any] = {
+            "ready": role in ("active", "standby"),
+            "role": role,
+            "executor": self.settings.trading_executor,
+        }
         if role == "active":
             body.update(
                 state=self.risk.state.value,

@@ -520,6 +520,10 @@ class PumpPortalKeySettings(CommonSettings):
         description="file holding the API key (a mounted secret)",
     )
 
+    def key_given(self) -> bool:
+        """Whether a key is given, by the environment or a secret file (not read here)."""
+        return self.pumpportal_api_key is not None or self.pumpportal_api_key_file is not None
+
     def read_secrets(self) -> dict[str, str]:
         """The key read from the secret file, for the log scrubber to mask."""
         if self.pumpportal_api_key is not None or self.pumpportal_api_key_file is None:
