@@ -31,6 +31,7 @@ def test_settings_read_pumpportal_names_and_hide_the_key(monkeypatch):
 def test_api_key_from_a_secret_file(monkeypatch, tmp_path):
     secret = tmp_path / "key"
     secret.write_text("from-file\n")
+    secret.chmod(0o600)
     monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
     monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(secret))
     assert FeedSettings.load().api_key() == "from-file"

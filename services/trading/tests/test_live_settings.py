@@ -10,13 +10,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.runtime.settings import SettingsError
-from pumpflow.common.testing.trade_api import fake_trade_api
+from pumpflow.common.testing.trade_api import FakeTradeApi, fake_trade_api
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .test_live import KEY, WALLET, live_settings
 from .test_service import running
+
+#: an address nothing is asked at: the settings are refused before any call
+URL = "http://127.0.0.1:9/api/trade"
 
 
 def load(**settings: object) -> TradingSettings:
@@ -115,3 +118,32 @@ async def test_paper_trading_says_so_at_start_and_why_a_live_setting_given_is_no
     assert registry.get_sample_value("pumpflow_trading_executor", {"executor": "paper"}) == 1
     assert [m for m in logged(caplog, level) if said in m], caplog.text
     assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("environment", "said"),
+    [
+        ({}, "set PUMPPORTAL_API_KEY or PUMPPORTAL_API_KEY_FILE"),
+        ({"PUMPPORTAL_API_KEY": "  "}, "PUMPPORTAL_API_KEY is set but blank: give the key"),
+    ],
+)
+def test_live_without_a_key_says_whether_one_was_given_blank(environment, said, monkeypatch):
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    monkeypatch.delenv("PUMPPORTAL_API_KEY_FILE", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = load(**{**live_settings(FakeTradeApi(url=URL)), "pumpportal_api_key": None})
+    with pytest.raises(SettingsError) as refused:
+        TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
+    assert str(refused.value) == f"the live executor needs PumpPortal's API key: {said}"
+
+
+def test_live_with_a_key_file_open_to_every_user_is_refused_at_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    path = tmp_path / "key"
+    path.write_text(KEY)
+    path.chmod(0o644)
+    values = {**live_settings(FakeTradeApi(url=URL)), "pumpportal_api_key": None}
+    settings = load(**values, pumpportal_api_key_file=path)
+    with pytest.raises(SettingsError, match="is readable by every user"):
+        TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())

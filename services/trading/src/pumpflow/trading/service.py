@@ -342,10 +342,7 @@ def _check_live(settings: TradingSettings) -> None:
             "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
         )
     if settings.api_key() is None:
-        raise SettingsError(
-            "the live executor needs PumpPortal's API key: set PUMPPORTAL_API_KEY or "
-            "PUMPPORTAL_API_KEY_FILE"
-        )
+        raise SettingsError(f"the live executor needs PumpPortal's API key: {settings.no_key()}")
     if not settings.trading_live_wallet:
         raise SettingsError(
             "the live executor needs the public key of the API key's wallet, whose trades "
