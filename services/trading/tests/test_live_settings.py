@@ -147,3 +147,49 @@ def test_live_with_a_key_file_open_to_every_user_is_refused_at_start(tmp_path, m
     settings = load(**values, pumpportal_api_key_file=path)
     with pytest.raises(SettingsError, match="is readable by every user"):
         TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        # the reference's form, copied whole: the key would sit in a setting shown as a URL
+        (
+            f"https://pumpportal.fun/api/trade?api-key={KEY}",
+            "PUMPFLOW_TRADING_LIVE_URL: Value error, the trade API's URL carries a query: "
+            "give the key in PUMPPORTAL_API_KEY (or PUMPPORTAL_API_KEY_FILE), not in the URL",
+        ),
+        # the key goes in the URL's query: over plain HTTP anyone on the way reads it
+        (
+            "http://pumpportal.fun/api/trade",
+            "PUMPFLOW_TRADING_LIVE_URL: Value error, http:// sends the API key in clear text: use "
+            "https:// (plain http only to this machine, 127.0.0.1 or localhost)",
+        ),
+    ],
+)
+def test_a_trade_api_url_that_would_show_or_leak_the_key_is_refused(url, said, monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_URL", url)
+    with pytest.raises(SettingsError) as refused:
+        load()
+    assert str(refused.value) == f"invalid settings: {said}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://pumpportal.fun/api/trade", "http://127.0.0.1:8080/api/trade",
+     "http://localhost/api/trade", "http://[::1]:9/api/trade"],
+)  # fmt: skip
+def test_a_trade_api_url_over_https_or_to_this_machine_is_taken(url, monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_URL", url)
+    assert load().trading_live_url == url
+
+
+def test_the_settings_repr_shows_no_secret(monkeypatch):
+    """A repr lands in tracebacks and debug lines: no password of a URL nor key in it."""
+    monkeypatch.setenv("PUMPFLOW_AMQP_URL", "amqp://trader:broker-password-1@127.0.0.1:5672/")
+    monkeypatch.setenv("PUMPFLOW_POSTGRES_DSN", "postgresql://trader:pg-password-2@127.0.0.1/t")
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", "api-token-value-3")
+    monkeypatch.setenv("PUMPPORTAL_API_KEY", KEY)
+    shown = repr(load())
+    for secret in ("broker-password-1", "pg-password-2", "api-token-value-3", KEY):
+        assert secret not in shown
+    assert "amqp://trader:***@127.0.0.1:5672/" in shown

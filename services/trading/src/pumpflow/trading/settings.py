@@ -20,10 +20,12 @@ sending and confirming defaults are argued in :mod:`pumpflow.common.trading.sett
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import replace
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import TRADE_API_URL
@@ -43,6 +45,16 @@ _LIMITS = RiskLimits()
 _PAPER = PaperExecution()
 _BREAKERS = BreakerSettings()
 _LIVE = LiveExecution(wallet="-")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 #: a block list's entry: a blank one is in every name, and would block every token
 _Entry = Annotated[str, StringConstraints(pattern=r"\S")]
@@ -204,6 +216,24 @@ class TradingSettings(PumpPortalKeySettings):
     trading_remembered_orders: int = Field(
         100_000, ge=1, description="order ids loaded on start against a second send"
     )
+
+    @field_validator("trading_live_url")
+    @classmethod
+    def _keeps_the_key_secret(cls, url: str) -> str:
+        """The key goes in the URL's query as the request leaves: never over plain HTTP
+        but to this machine (a local fake), and never in the setting itself."""
+        parts = urlsplit(url)
+        if parts.query:
+            raise ValueError(
+                "the trade API's URL carries a query: give the key in PUMPPORTAL_API_KEY "
+                "(or PUMPPORTAL_API_KEY_FILE), not in the URL"
+            )
+        if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+            raise ValueError(
+                "http:// sends the API key in clear text: use https:// (plain http only to "
+                "this machine, 127.0.0.1 or localhost)"
+            )
+        return url
 
     def filters(self) -> EntryFilters:
         return replace(

@@ -44,6 +44,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pumpflow.common.runtime.logging import redact_value
 from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 
 #: the environment variable naming the config file
@@ -296,6 +297,7 @@ class CommonSettings(BaseSettings):
     )
 
     service: str = Field("pumpflow", description="service name; first part of event sources")
+
     replica: str = Field(
         default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",
         description="replica id, unique per process",
@@ -411,6 +413,11 @@ class CommonSettings(BaseSettings):
         )
         config = _ConfigFileSource(settings_cls, path, service)
         return init_settings, env_settings, dotenv_settings, config, file_secret_settings
+
+    def __repr_args__(self):
+        # a repr lands in tracebacks and debug lines: shown as the log shows settings
+        for name, value in super().__repr_args__():
+            yield name, redact_value(name, value) if name is not None else value
 
     @field_validator("*", mode="before")
     @classmethod
