@@ -476,6 +476,22 @@ async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock
     assert KEY not in caplog.text
 
 
+async def test_a_throttled_call_is_refused_at_once_whatever_its_body(clock, market):
+    """A 429 (here a proxy's text, no JSON) was turned away before anything was signed:
+    the order is rejected at once, saying so (a sale may then be asked again), never
+    held as unknown for the whole confirmation wait."""
+    async with fake_trade_api("throttled") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        await clock.advance(service.settings.trading_tick_s)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.reason == "trade API refused: HTTP 429: Too Many Requests"
+        order = await order_of(run.ledger)
+        assert order["state"] == "rejected" and order["outcome"] == rejected.reason
+        assert service.risk.reservations == {}
+        assert len(api.requests) == 1
+
+
 @pytest.mark.parametrize(
     ("side", "market_moved", "cause", "failures"),
     [

@@ -15,7 +15,7 @@ from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .test_live import KEY, WALLET, live_settings
+from .test_live import KEY, WALLET, answered, bought, entered, live_settings, sell_all
 from .test_service import running
 
 #: an address nothing is asked at: the settings are refused before any call
@@ -193,3 +193,17 @@ def test_the_settings_repr_shows_no_secret(monkeypatch):
     for secret in ("broker-password-1", "pg-password-2", "api-token-value-3", KEY):
         assert secret not in shown
     assert "amqp://trader:***@127.0.0.1:5672/" in shown
+
+
+async def test_the_slippage_and_priority_fee_set_reach_the_trade_api(clock, market):
+    """What the trader sets is what each request carries: the entry's slippage setting
+    and the priority fee (a sale carries the exit's own slippage and the same fee)."""
+    settings = {"trading_slippage_pct": 12.5, "trading_live_priority_fee_sol": 0.0007}
+    async with fake_trade_api() as api, entered(clock, market, api, **settings) as run:
+        opened = await bought(run, api, market)
+        sale = await sell_all(run, opened, clock, reason="take profit")
+        await answered(run.service, api, 2)
+    bought_with, sold_with = (call.body for call in api.requests)
+    assert (bought_with["slippage"], bought_with["priorityFee"]) == (12.5, 0.0007)
+    assert (sold_with["slippage"], sold_with["priorityFee"]) == (sale.slippage_pct, 0.0007)
+    assert sold_with["slippage"] != 12.5
