@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.trade_api import FakeTradeApi, fake_trade_api
 from pumpflow.trading.ledger import MemoryLedger
 from pumpflow.trading.service import TradingService
@@ -207,3 +208,36 @@ async def test_the_slippage_and_priority_fee_set_reach_the_trade_api(clock, mark
     assert (bought_with["slippage"], bought_with["priorityFee"]) == (12.5, 0.0007)
     assert (sold_with["slippage"], sold_with["priorityFee"]) == (sale.slippage_pct, 0.0007)
     assert sold_with["slippage"] != 12.5
+
+
+#: a wallet's keypair as base58 (64 bytes: the private key and the public one), what a
+#: trader may paste for the public key
+KEYPAIR = base58_key("the trader's keypair", 88)
+
+
+@pytest.mark.parametrize(
+    ("wallet", "said"),
+    [
+        (KEYPAIR, "64 bytes long, as a private key is: give the wallet's public key"),
+        # solana-keygen's file: the keypair's bytes as a JSON list
+        ("[174,47,154,16,202,193,206,113]", "not a public key"),
+        # a mistyped public key: base58 has no 0, O, I or l
+        ("HDypasvYsG5MuABAfaTf78FVYMmYedcbefZ7pxWEhVQ0", "not a public key"),
+        ("HDypasvYsG5MuABAfaTf78FVYMmYed", "not a public key"),
+    ],
+)
+def test_a_live_wallet_that_is_no_public_key_is_refused_without_showing_it(
+    wallet, said, monkeypatch, caplog
+):
+    """Orders whose wallet the stream never shows land unbooked and unsold; and a private
+    key given for the wallet would be logged with the settings."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_WALLET", wallet)
+    with pytest.raises(SettingsError) as refused:
+        load()
+    assert f"PUMPFLOW_TRADING_LIVE_WALLET: Value error, {said}" in str(refused.value)
+    assert wallet not in str(refused.value) and wallet not in caplog.text
+
+
+def test_a_live_wallet_that_is_a_public_key_is_taken(monkeypatch):
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_WALLET", WALLET)
+    assert load().trading_live_wallet == WALLET

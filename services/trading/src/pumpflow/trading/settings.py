@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, StringConstraints, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
-from pumpflow.common.pumpportal import TRADE_API_URL
+from pumpflow.common.pumpportal import TRADE_API_URL, has_signature_form, is_public_key
 from pumpflow.common.runtime.settings import PumpPortalKeySettings
 from pumpflow.common.trading import (
     MAX_ENTRY_SLIPPAGE_PCT,
@@ -216,6 +216,21 @@ class TradingSettings(PumpPortalKeySettings):
     trading_remembered_orders: int = Field(
         100_000, ge=1, description="order ids loaded on start against a second send"
     )
+
+    @field_validator("trading_live_wallet")
+    @classmethod
+    def _a_public_key(cls, wallet: str | None) -> str | None:
+        """A wallet the stream never shows leaves every order's trade unbooked (its tokens
+        unsold), and a private key given for it would be logged: neither is taken, and
+        the value is not repeated."""
+        if wallet is None or is_public_key(wallet):
+            return wallet
+        if has_signature_form(wallet):
+            raise ValueError(
+                "64 bytes long, as a private key is: give the wallet's public key (32 to 44 "
+                "base58 characters), and keep the private key out of every setting"
+            )
+        raise ValueError("not a public key (32 to 44 base58 characters)")
 
     @field_validator("trading_live_url")
     @classmethod
