@@ -375,7 +375,9 @@ def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, t
     assert "configuration 'deep': no setting 'exit'" in said
 
 
-@pytest.mark.parametrize("key", ["partitions", "transport", "service", "trading_executor"])
+@pytest.mark.parametrize(
+    "key", ["partitions", "transport", "service", "trading_executor", "trading_live_enabled"]
+)
 def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key, capsys):
     said = refused(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"], capsys)
     assert f"configuration 'mine': {key!r} is the backtest's own" in said

@@ -196,10 +196,11 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
     assert not_flat is None
 
 
-async def test_a_live_environment_never_makes_the_simulated_run_trade_live(monkeypatch):
+async def test_a_live_environment_never_makes_the_simulated_run_trade_live(monkeypatch, caplog):
     """A trader's shell set up for live trading (executor, switch, key, wallet) runs
     ``pumpflow run`` on paper all the same: it is a simulated market, and no order of it
-    reaches the trade API."""
+    reaches the trade API. Nothing it says asks for a setting to make it live."""
+    caplog.set_level(logging.INFO)
     async with fake_trade_api("error") as api:
         live_environment(monkeypatch, api.url)
         out = io.StringIO()
@@ -211,6 +212,7 @@ async def test_a_live_environment_never_makes_the_simulated_run_trade_live(monke
     assert api.requests == []
     assert "BOUGHT" in printed, printed[-2000:]  # it traded, on paper
     assert "trading on paper" in printed.splitlines()[0]
+    assert "to trade real money" not in caplog.text
 
 
 def live_environment(monkeypatch, url: str) -> None:

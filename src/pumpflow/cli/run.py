@@ -50,7 +50,7 @@ RUN_MIN_SCORE = 0.5
 RUN_SETTINGS = {"trading_reject_creator_sold": False}
 #: what a run's trading always is, whatever the environment or the config file says: its
 #: market is simulated, and a shell set up for live trading must not send its orders
-PAPER_ONLY = {"trading_executor": "paper"}
+PAPER_ONLY = {"trading_executor": "paper", "trading_live_enabled": False}
 #: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
 FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
