@@ -32,9 +32,6 @@ def load(**settings: object) -> TradingSettings:
     [
         # a fraction where the setting is a percent: every order refused on slippage
         ("PUMPFLOW_TRADING_SLIPPAGE_PCT", "0", "greater than 0"),
-        # 500 (a slip of the decimal point) would buy at up to six times the price
-        ("PUMPFLOW_TRADING_SLIPPAGE_PCT", "500", "less than or equal to 50"),
-        ("PUMPFLOW_TRADING_SLIPPAGE_PCT", "50.5", "less than or equal to 50"),
         # 0.5 SOL a transaction for 0.0005: fifty times the smallest order
         ("PUMPFLOW_TRADING_LIVE_PRIORITY_FEE_SOL", "0.5", "less than or equal to 0.01"),
         ("PUMPFLOW_TRADING_LIVE_PRIORITY_FEE_SOL", "-0.0001", "greater than or equal to 0"),
@@ -62,6 +59,21 @@ def test_a_slippage_or_priority_fee_within_bounds_is_taken(variable, value, monk
     settings = load()
     name = variable.removeprefix("PUMPFLOW_").lower()
     assert getattr(settings, name) == float(value)
+
+
+@pytest.mark.parametrize("slippage", [500.0, 50.5])
+def test_live_with_an_entry_slippage_over_50_percent_is_refused_at_start(slippage, monkeypatch):
+    """500 (a slip of the decimal point) would buy at up to six times the price; paper
+    takes it (a study's every entry filled)."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_SLIPPAGE_PCT", str(slippage))
+    assert load().trading_slippage_pct == slippage
+    settings = load(**live_settings(FakeTradeApi(url=URL)))
+    with pytest.raises(SettingsError) as refused:
+        TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
+    assert str(refused.value) == (
+        f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {slippage:g} is over the 50% a live entry may pay "
+        "over its price (a percent: 5 is 5%)"
+    )
 
 
 def logged(caplog, level: int) -> list[str]:

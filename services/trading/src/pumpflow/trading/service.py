@@ -167,6 +167,7 @@ from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.trading import (
+    MAX_ENTRY_SLIPPAGE_PCT,
     SERVICE_CONSUMES,
     DecisionPolicy,
     EntrySpend,
@@ -343,6 +344,12 @@ def _check_live(settings: TradingSettings) -> None:
         )
     if settings.api_key() is None:
         raise SettingsError(f"the live executor needs PumpPortal's API key: {settings.no_key()}")
+    if settings.trading_slippage_pct > MAX_ENTRY_SLIPPAGE_PCT:
+        raise SettingsError(
+            f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {settings.trading_slippage_pct:g} is over the "
+            f"{MAX_ENTRY_SLIPPAGE_PCT:g}% a live entry may pay over its price (a percent: "
+            "5 is 5%)"
+        )
     if not settings.trading_live_wallet:
         raise SettingsError(
             "the live executor needs the public key of the API key's wallet, whose trades "

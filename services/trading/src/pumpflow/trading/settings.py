@@ -136,8 +136,8 @@ class TradingSettings(PumpPortalKeySettings):
     trading_slippage_pct: float = Field(
         _PAPER.slippage_pct,
         gt=0,
-        le=MAX_ENTRY_SLIPPAGE_PCT,
-        description="slippage limit of entries, percent (5: 5%; live: the trade API's slippage)",
+        description="slippage limit of entries, percent (5: 5%; live: the trade API's "
+        f"slippage, at most {MAX_ENTRY_SLIPPAGE_PCT:g})",
     )
     trading_paper_latency_s: float = Field(
         _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"

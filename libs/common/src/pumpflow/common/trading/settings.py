@@ -136,12 +136,13 @@ Paper execution (:class:`PaperExecution`):
 - ``latency_s = 0.5``: sending to PumpPortal and landing in a slot; at the graduates'
   ~1.7 trades/s about one trade gets in first on a hot token.
 - ``slippage_pct = 5.0``: :class:`~pumpflow.common.events.OrderRequested`'s default,
-  PumpPortal's ``slippage`` in percent. An entry's is above 0 and at most
+  PumpPortal's ``slippage`` in percent. An entry's is above 0, and live at most
   :data:`MAX_ENTRY_SLIPPAGE_PCT` (50): 0 (or a fraction such as 0.05 given for 5%, the
   other settings being fractions) refuses nearly every order, and past 50 an entry may
   pay more than half again the price it was decided on, reserved whole against the
   limits: 500 is a slip of the decimal point, not a strategy. 50 is the most the exit
-  pays to get out (its deadline's sweep).
+  pays to get out (its deadline's sweep). Paper takes more: a test or a study may want
+  every entry filled whatever the price did.
 - ``api_fee_rate = 0.01``: PumpPortal's ``api/trade`` (it signs and sends); its
   ``trade-local`` costs 0.005.
 - ``pool_fee_rate = 0.0125``: the reference gives no PumpSwap fee; the curve's is a
