@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from pumpflow.common.runtime.logging import MASK, configure_logging
+from pumpflow.common.runtime.logging import MASK, configure_logging, redacted_settings
 from pumpflow.common.runtime.settings import PumpPortalKeySettings, SettingsError
 
 KEY = "Kk9aZ3pumpportal-key"
@@ -94,3 +94,15 @@ def test_a_key_given_with_blanks_around_it_is_scrubbed_as_it_is_used():
     logging.getLogger("pumpflow.test").warning("sent with %s", settings.api_key())
     assert KEY not in stream.getvalue()
     assert f"sent with {MASK}" in stream.getvalue()
+
+
+def test_the_key_files_path_is_shown_where_the_key_is_not(tmp_path):
+    """The path names where the key is, not the key: the settings and a line that names
+    the file (a refusal of it) show it."""
+    path = key_file(tmp_path, KEY)
+    settings = PumpPortalKeySettings(pumpportal_api_key_file=path, service="feed")
+    assert redacted_settings(settings)["pumpportal_api_key_file"] == path
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("pumpflow.test").warning("read %s: %s", path, settings.api_key())
+    assert f"read {path}: {MASK}" in stream.getvalue()
