@@ -162,12 +162,10 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.lease import Claim, LeaderLease
-from pumpflow.common.pumpportal import redact
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.trading import (
-    MAX_ENTRY_SLIPPAGE_PCT,
     SERVICE_CONSUMES,
     DecisionPolicy,
     EntrySpend,
@@ -335,61 +333,6 @@ class NotHolder(RuntimeError):
     transient_dependency = "lease"
 
 
-def _check_live(settings: TradingSettings) -> None:
-    """Refuse to start live without the explicit switch, the key and the wallet."""
-    if not settings.trading_live_enabled:
-        raise SettingsError(
-            "the live executor is chosen but not enabled: set "
-            "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
-        )
-    if settings.api_key() is None:
-        raise SettingsError(f"the live executor needs PumpPortal's API key: {settings.no_key()}")
-    if settings.trading_slippage_pct > MAX_ENTRY_SLIPPAGE_PCT:
-        raise SettingsError(
-            f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {settings.trading_slippage_pct:g} is over the "
-            f"{MAX_ENTRY_SLIPPAGE_PCT:g}% a live entry may pay over its price (a percent: "
-            "5 is 5%)"
-        )
-    if not settings.trading_live_wallet:
-        raise SettingsError(
-            "the live executor needs the public key of the API key's wallet, whose trades "
-            "confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
-        )
-
-
-def _executor_line(settings: TradingSettings) -> tuple[int, str]:
-    """What the start says of who executes orders (a live start passed
-    :func:`_check_live`), and at what level: live is never taken for paper, nor paper
-    with a live setting given for live."""
-    if settings.trading_executor == "live":
-        return logging.WARNING, (
-            f"trading LIVE: orders go to {redact(settings.trading_live_url)} and trade real "
-            f"money from the wallet {settings.trading_live_wallet} (entry slippage "
-            f"{settings.trading_slippage_pct:g}%, priority fee "
-            f"{settings.trading_live_priority_fee_sol:g} SOL a transaction)"
-        )
-    paper = "trading on paper: orders fill on the curve, no money moves"
-    if settings.trading_live_enabled:
-        return logging.WARNING, (
-            f"{paper}. PUMPFLOW_TRADING_LIVE_ENABLED is true, but PUMPFLOW_TRADING_EXECUTOR "
-            "is paper: set it to live to trade real money"
-        )
-    given = [
-        name
-        for name, value in (
-            ("PumpPortal's API key", settings.key_given()),
-            ("PUMPFLOW_TRADING_LIVE_WALLET", settings.trading_live_wallet),
-        )
-        if value
-    ]
-    if given:
-        return logging.INFO, (
-            f"{paper}; {' and '.join(given)} {'is' if len(given) == 1 else 'are'} set and not "
-            "used (live: PUMPFLOW_TRADING_EXECUTOR=live and PUMPFLOW_TRADING_LIVE_ENABLED=true)"
-        )
-    return logging.INFO, paper
-
-
 class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
@@ -460,8 +403,9 @@ class TradingService(Service):
         ledger: Ledger | None = None,
     ):
         super().__init__(settings)
-        if settings.trading_executor == "live":
-            _check_live(settings)
+        refusal = settings.live_refusal()
+        if refusal is not None:
+            raise SettingsError(refusal)
         self.metrics = TradingMetrics(registry=registry)
         self.metrics.executor(settings.trading_executor)
         self.ledger: Ledger | None = ledger
@@ -550,7 +494,7 @@ class TradingService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
-        log.log(*_executor_line(self.settings))
+        log.log(*self.settings.executor_line())
         if self.ledger is None:
             if ctx.db is None:
                 log.info("trading without a database: the ledger is in memory")

@@ -21,6 +21,7 @@ sending and confirming defaults are argued in :mod:`pumpflow.common.trading.sett
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import replace
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -28,8 +29,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, StringConstraints, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
-from pumpflow.common.pumpportal import TRADE_API_URL, has_signature_form, is_public_key
-from pumpflow.common.runtime.settings import PumpPortalKeySettings
+from pumpflow.common.pumpportal import (
+    TRADE_API_URL,
+    has_signature_form,
+    is_public_key,
+    redact,
+)
+from pumpflow.common.runtime.settings import PumpPortalKeySettings, SettingsError
 from pumpflow.common.trading import (
     MAX_ENTRY_SLIPPAGE_PCT,
     MAX_PRIORITY_FEE_SOL,
@@ -249,6 +255,73 @@ class TradingSettings(PumpPortalKeySettings):
                 "this machine, 127.0.0.1 or localhost)"
             )
         return url
+
+    def live_refusal(self) -> str | None:
+        """Why the live executor chosen would not start (None: it would, or paper is)."""
+        if self.trading_executor != "live":
+            return None
+        if not self.trading_live_enabled:
+            return (
+                "the live executor is chosen but not enabled: set "
+                "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
+            )
+        try:
+            key = self.api_key()
+        except SettingsError as exc:
+            return str(exc)
+        if key is None:
+            return f"the live executor needs PumpPortal's API key: {self.no_key()}"
+        if self.trading_slippage_pct > MAX_ENTRY_SLIPPAGE_PCT:
+            return (
+                f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {self.trading_slippage_pct:g} is over the "
+                f"{MAX_ENTRY_SLIPPAGE_PCT:g}% a live entry may pay over its price (a percent: "
+                "5 is 5%)"
+            )
+        if not self.trading_live_wallet:
+            return (
+                "the live executor needs the public key of the API key's wallet, whose "
+                "trades confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
+            )
+        return None
+
+    def executor_line(self) -> tuple[int, str]:
+        """What the start says of who executes orders (live: once :meth:`live_refusal`
+        has none), and at what level: live is never taken for paper, nor paper with a
+        live setting given for live."""
+        if self.trading_executor == "live":
+            return logging.WARNING, (
+                f"trading LIVE: orders go to {redact(self.trading_live_url)} and trade real "
+                f"money from the wallet {self.trading_live_wallet} (entry slippage "
+                f"{self.trading_slippage_pct:g}%, priority fee "
+                f"{self.trading_live_priority_fee_sol:g} SOL a transaction)"
+            )
+        paper = "trading on paper: orders fill on the curve, no money moves"
+        if self.trading_live_enabled:
+            return logging.WARNING, (
+                f"{paper}. PUMPFLOW_TRADING_LIVE_ENABLED is true, but "
+                "PUMPFLOW_TRADING_EXECUTOR is paper: set it to live to trade real money"
+            )
+        given = [
+            name
+            for name, value in (
+                ("PumpPortal's API key", self.key_given()),
+                ("PUMPFLOW_TRADING_LIVE_WALLET", self.trading_live_wallet),
+            )
+            if value
+        ]
+        if given:
+            return logging.INFO, (
+                f"{paper}; {' and '.join(given)} {'is' if len(given) == 1 else 'are'} set and "
+                "not used (live: PUMPFLOW_TRADING_EXECUTOR=live and "
+                "PUMPFLOW_TRADING_LIVE_ENABLED=true)"
+            )
+        return logging.INFO, paper
+
+    def start_line(self) -> str | None:
+        refusal = self.live_refusal()
+        if refusal is not None:
+            return f"trading would not start: {refusal}"
+        return self.executor_line()[1]
 
     def filters(self) -> EntryFilters:
         return replace(

@@ -414,6 +414,11 @@ class CommonSettings(BaseSettings):
         config = _ConfigFileSource(settings_cls, path, service)
         return init_settings, env_settings, dotenv_settings, config, file_secret_settings
 
+    def start_line(self) -> str | None:
+        """What the service says of these settings as it starts, for ``pumpflow
+        settings`` to end with (None: nothing beyond them)."""
+        return None
+
     def __repr_args__(self):
         # a repr lands in tracebacks and debug lines: shown as the log shows settings
         for name, value in super().__repr_args__():
