@@ -128,21 +128,8 @@ _PUBKEY = re.compile(_BASE58 + "{32,44}")
 #: a transaction signature is 64 bytes: 64 to 88 base58 characters (about 1 in 5 real
 #: signatures has 87, and about 1 in 18,000 has 86)
 _SIGNATURE = re.compile(_BASE58 + "{64,88}")
-
-
 #: a create or trade frame's signature, mint, trader and curve, joined by spaces (one
 #: match instead of four on the hot path)
-def is_public_key(text: str) -> bool:
-    """Whether ``text`` has a public key's form (a mint's, a wallet's)."""
-    return _PUBKEY.fullmatch(text) is not None
-
-
-def has_signature_form(text: str) -> bool:
-    """Whether ``text`` has the form of 64 bytes in base58: a signature's, or a
-    keypair's (the private key with the public one)."""
-    return _SIGNATURE.fullmatch(text) is not None
-
-
 _TRADER_KEYS = re.compile(" ".join([_SIGNATURE.pattern] + [_PUBKEY.pattern] * 3))
 #: pool names are short lowercase identifiers: pump, pump-amm; the trade API's pool
 #: parameter also names raydium, raydium-cpmm, launchlab, bonk, auto
@@ -484,6 +471,17 @@ def _check_values(payload: TokenPayload, event_type: str) -> None:
     ):
         return
     raise _explain_values(payload, event_type)
+
+
+def is_public_key(text: str) -> bool:
+    """Whether ``text`` has a public key's form (a mint's, a wallet's)."""
+    return _PUBKEY.fullmatch(text) is not None
+
+
+def has_signature_form(text: str) -> bool:
+    """Whether ``text`` has the form of 64 bytes in base58: a signature's, or a
+    keypair's (the private key with the public one)."""
+    return _SIGNATURE.fullmatch(text) is not None
 
 
 _PUBKEY_TEXT = "a public key: 32 to 44 base58 characters"

@@ -297,7 +297,6 @@ class CommonSettings(BaseSettings):
     )
 
     service: str = Field("pumpflow", description="service name; first part of event sources")
-
     replica: str = Field(
         default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",
         description="replica id, unique per process",
