@@ -3,32 +3,42 @@ dataset file or Postgres, and configurations are compared side by side."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import pickle
 import re
+import signal
+import subprocess
+import sys
 import time
 from html import escape
+from pathlib import Path
 
 import pytest
 
 from pumpflow.cli.backtest import (
     RUN_CONFIG,
     ProgressBar,
+    ProgressBoard,
     ProgressLine,
+    Report,
     database_frames,
     dataset_frames,
+    grid_configs,
+    parse_grid,
     progress_for,
     run_backtest,
+    run_configuration,
     simulated_frames,
 )
 from pumpflow.cli.main import main
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing.trade_api import fake_trade_api
+from pumpflow.common.testing import eventually
 from pumpflow.feed import socket_feed
 from pumpflow.simulator.cli import main as sim_main
 from pumpflow.simulator.dataset import load_dataset
-
-from .test_run import live_environment
 
 SEED = 6
 #: two market minutes of seed 6: about 1,100 frames, 750 predictions, two entries
@@ -60,16 +70,6 @@ async def test_a_backtest_of_the_same_stream_decides_the_same_twice():
     assert progress[-1] == (len(frames), len(frames))
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert "PnL after fees" in first.text()
-
-
-async def test_a_live_environment_never_makes_a_backtest_trade_live(monkeypatch):
-    """A shell set up for live trading backtests on paper: no order of a replayed
-    stream reaches the trade API."""
-    async with fake_trade_api("error") as api:
-        live_environment(monkeypatch, api.url)
-        report = await run_backtest(simulated_frames(SEED, MINUTES, start=START), RUN_CONFIG)
-    assert api.requests == []
-    assert report.entries == report.orders["filled", "buy"] > 0
 
 
 class _Crawling:
@@ -276,6 +276,27 @@ def test_a_terminal_gets_a_progress_bar_with_an_eta_and_a_pipe_plain_lines():
     assert "ETA" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
 
 
+def test_configurations_running_at_once_get_a_bar_each_together_or_lines_each():
+    terminal, pipe = Terminal(), io.StringIO()
+    bars = ProgressBoard(["eager", "patient", "waiting"], every=0.0, out=terminal)
+    lines = ProgressBoard(["eager", "patient"], every=0.0, out=pipe)
+    assert not bars.drawn
+    for board in (bars, lines):
+        for done in (0, 500, 1_000):
+            board.progress["eager"](done, 1_000)
+            board.progress["patient"](done // 2, 1_000)
+    assert bars.drawn  # one display: a line written now would tear it
+    bars.close()
+    lines.close()
+    assert not bars.drawn
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
+    assert "1000/1000 frames" in shown and "500/1000 frames" in shown
+    assert "waiting" not in shown  # a configuration appears as it starts
+    said = pipe.getvalue().splitlines()
+    assert said[-2].startswith("eager: 1,000/1,000 frames (100%)")
+    assert said[-1].startswith("patient: 500/1,000 frames (50%)")
+
+
 @pytest.mark.parametrize("given", [[], ["--config", "longer=exit_max_hold_s=1200"]])
 def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypatch, tmp_path,
                                                                given):  # fmt: skip
@@ -291,6 +312,37 @@ def test_the_environment_wins_over_the_base_s_trading_settings(dataset, monkeypa
     assert json.loads(out.read_text())["base"] == {
         "trading_min_score": 0.5, "trading_reject_creator_sold": True
     }  # fmt: skip
+
+
+#: the settings of a live trader's environment; the API on a port nothing answers
+LIVE_ENVIRONMENT = {
+    "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+    "PUMPPORTAL_API_KEY": "the-traders-key",
+    "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
+    "PUMPFLOW_TRADING_LIVE_URL": "http://127.0.0.1:9/api/trade",
+}  # fmt: skip
+
+
+def test_a_backtest_trades_on_paper_whatever_the_environment_says(dataset, monkeypatch,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """A live trader's environment never sends a replayed stream's orders to the trade
+    API (a recording's mints are real tokens): the backtest fills them on paper."""
+    for name, value in LIVE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--json", str(out)]) == 0
+    (config,) = json.loads(out.read_text())["configurations"]
+    orders = config["results"]["orders"]
+    assert orders["buy"]["filled"] > 0 and not orders["buy"]["rejected"], orders
+    said = capsys.readouterr()
+    assert "paper" in said.out and "PUMPFLOW_TRADING_EXECUTOR=live" in said.out, said.out
+    assert "trade API" not in said.out + said.err
+
+
+@pytest.mark.parametrize("setting", ["trading_executor=live", "trading_live_enabled=true"])
+def test_a_configuration_that_asks_for_live_trading_is_refused(dataset, setting, capsys):
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--config", f"x={setting}"]) == 2
+    assert "trades on paper" in capsys.readouterr().err
 
 
 def test_a_simulated_stream_s_launch_rate_is_in_its_source(tmp_path, capsys):
@@ -375,9 +427,7 @@ def test_a_setting_no_service_has_is_refused_naming_its_configuration(dataset, t
     assert "configuration 'deep': no setting 'exit'" in said
 
 
-@pytest.mark.parametrize(
-    "key", ["partitions", "transport", "service", "trading_executor", "trading_live_enabled"]
-)
+@pytest.mark.parametrize("key", ["partitions", "transport", "service"])
 def test_a_setting_the_backtest_sets_itself_is_refused(dataset, key, capsys):
     said = refused(["backtest", "--dataset", dataset, "--config", f"mine={key}=4"], capsys)
     assert f"configuration 'mine': {key!r} is the backtest's own" in said
@@ -589,8 +639,6 @@ def test_open_positions_no_trade_has_marked_are_said_to_be_left_out_of_the_pnl()
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> str:
     """Some two market minutes of seed 6 as ``pumpflow record --out`` writes them."""
-    import asyncio
-
     from pumpflow.feed.cli import record
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
@@ -630,8 +678,6 @@ def test_a_recording_backtests_as_the_stream_it_recorded(recording, tmp_path):
     created = {e.key for e in published if e.type == "token.created"}
     assert load(report.with_suffix(".json")).lifecycle["new"] == len(created) > 0
     # and the same recording decides the same again
-    import asyncio
-
     again = asyncio.run(run_backtest(frames, RUN_CONFIG))
     assert again.results() == results
 
@@ -735,3 +781,250 @@ def test_the_help_gives_the_simulated_markets_defaults(capsys):
     launches = MarketConfig(seed=1).launches_per_minute
     assert f"--launches LAUNCHES --seed: token launches per market minute ({launches:g})" in said
     assert "--minutes MINUTES --seed: market minutes (10)" in said
+
+
+# ------------------------------------------------------------------ workers and grids
+
+#: makes the run of a configuration named ``broken`` raise, in this process and in its
+#: workers alike (Python imports ``sitecustomize`` as it starts, from PYTHONPATH first)
+BREAKING = """
+import pumpflow.cli.backtest as backtest
+
+real = backtest.run_backtest
+
+
+async def run_backtest(frames, config=None, *, name="run", **kwargs):
+    if name == "broken":
+        raise RuntimeError("the broken configuration's failure")
+    return await real(frames, config, name=name, **kwargs)
+
+
+backtest.run_backtest = run_backtest
+"""
+
+
+def _ran(document: dict) -> list[tuple[str, dict, dict]]:
+    """(name, settings, results) of each configuration of a results document, in order:
+    what equal inputs give equal, timings apart."""
+    return [(c["name"], c["settings"], c["results"]) for c in document["configurations"]]
+
+
+def test_two_workers_give_the_reports_one_process_gives(dataset, tmp_path, capsys):
+    """Run at once in two workers, each configuration decides as it does alone here, and
+    the reports come in the order given, with the progress of each."""
+    documents = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs-{jobs}.json"
+        argv = ["backtest", "--dataset", dataset, "--config", LADDER, "--config", "base",
+                "--jobs", jobs, "--every", "0.01", "--json", str(out),
+                "--report", str(tmp_path / jobs / "r.html")]  # fmt: skip
+        assert main(argv) == 0
+        said = capsys.readouterr()
+        assert said.out.index("backtest 'ladder'") < said.out.index("backtest 'base'")
+        for name in ("ladder", "base"):
+            assert re.search(rf"^{name}: [\d,]+/[\d,]+ frames \(100%\)", said.err, re.M)
+            assert (tmp_path / jobs / f"r-{name}.html").exists()
+        assert (tmp_path / jobs / "r-comparison.html").exists()
+        documents[jobs] = json.loads(out.read_text())
+    one, two = documents["1"], documents["2"]
+    assert _ran(two) == _ran(one)
+    assert [name for name, _, _ in _ran(two)] == ["ladder", "base"]
+    # they did something to compare: the ladder sold where the base holds
+    ladder, base = (results for _, _, results in _ran(one))
+    assert ladder["orders"]["sell"]["filled"] > 0 == base["orders"]["sell"]["requested"]
+    assert one["failed"] == two["failed"] == []
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_configuration_that_fails_is_named_and_the_others_reports_land(dataset, tmp_path, jobs):
+    (tmp_path / "sitecustomize.py").write_text(BREAKING)
+    out = tmp_path / "results.json"
+    ran = subprocess.run(
+        [str(Path(sys.executable).with_name("pumpflow")), "backtest", "--dataset", dataset,
+         "--quiet", "--jobs", jobs, "--config", "base", "--config", "broken", "--config",
+         LADDER, "--json", str(out), "--report", str(tmp_path / "r.html")],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
+    assert (
+        "pumpflow backtest: configuration 'broken' failed: RuntimeError: the broken "
+        "configuration's failure"
+    ) in ran.stderr
+    assert ran.stderr.splitlines()[-1] == "pumpflow backtest: 1 configuration failed: broken"
+    assert ran.stdout.index("backtest 'base'") < ran.stdout.index("backtest 'ladder'")
+    rows = [line.split("|")[1].strip() for line in ran.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["config", "base", "ladder"]
+    document = json.loads(out.read_text())
+    assert [c["name"] for c in document["configurations"]] == ["base", "ladder"]
+    (broken,) = document["failed"]
+    assert broken["name"] == "broken" and broken["settings"] == {}
+    assert broken["error"] == "RuntimeError: the broken configuration's failure"
+    assert sorted(p.name for p in tmp_path.glob("*.html")) == [
+        "r-base.html", "r-comparison.html", "r-ladder.html"
+    ]  # fmt: skip
+
+
+def test_a_report_crosses_from_a_worker_whole():
+    """What a worker sends back is the report it made, its HTML report's data too."""
+    frames = simulated_frames(SEED, 0.5, start=START)
+    report = run_configuration(frames, "base", RUN_CONFIG)
+    assert isinstance(report, Report)
+    sent = pickle.loads(pickle.dumps(report))
+    assert sent == report and sent.text() == report.text()
+
+
+def _group_gone(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def _until_both_run(proc: asyncio.subprocess.Process) -> None:
+    """Read ``proc``'s progress lines until configuration a's or b's shows a worker on it."""
+    seen = ""
+    while not re.search(r"^[ab]: [\d,]+/", seen, re.M):
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert line, seen
+        seen += line.decode()
+
+
+async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
+        "--minutes", "30", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
+        "--report", str(tmp_path / "r.html"),
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        await _until_both_run(proc)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group
+        err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+        await asyncio.wait_for(proc.wait(), 30)
+        stopped = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert stopped < 5
+    await eventually(lambda: _group_gone(proc.pid), within=10, what="no worker left behind")
+
+
+def _workers_of(session: int) -> list[int]:
+    """The backtest workers of ``session``: the processes in it its leader did not start
+    itself (the forkserver did)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        pid, parent, sid = int(stat.parent.name), int(fields[1]), int(fields[3])
+        if sid == session and session not in (pid, parent):
+            workers.append(pid)
+    return workers
+
+
+async def test_a_worker_killed_fails_its_configuration_alone():
+    """Out of memory or killed, a worker takes its configuration with it, named; the
+    other configurations still run and report."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
+        "--minutes", "10", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
+        "--json", "-", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        await _until_both_run(proc)
+        workers = await eventually(lambda: _workers_of(proc.pid), what="the workers")
+        os.kill(workers[0], signal.SIGKILL)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 1, err
+    document = json.loads(out)
+    (died,) = document["failed"]
+    assert died["error"] == "its worker died (exit code -9)"
+    assert f"configuration '{died['name']}' failed: its worker died (exit code -9)" in err
+    (other,) = document["configurations"]
+    assert {other["name"], died["name"]} == {"a", "b"}
+    assert other["results"]["entries"] > 0
+
+
+def test_a_grid_runs_every_point_of_its_product_named_by_its_values():
+    grids = [parse_grid("trading_min_score=0.5,0.6"),
+             parse_grid("exit_max_hold_s=600,1200,1800")]  # fmt: skip
+    points = grid_configs(grids, [])
+    assert [name for name, _ in points] == [
+        f"trading_min_score={score},exit_max_hold_s={hold}"
+        for score in ("0.5", "0.6") for hold in ("600", "1200", "1800")
+    ]  # fmt: skip
+    assert points[1][1] == {"trading_min_score": "0.5", "exit_max_hold_s": "1200"}
+    # over each configuration given, in turn
+    over = grid_configs(grids[:1], [("patient", {"exit_max_hold_s": 1200}), ("base", {})])
+    assert over == [
+        ("patient,trading_min_score=0.5", {"exit_max_hold_s": 1200, "trading_min_score": "0.5"}),
+        ("patient,trading_min_score=0.6", {"exit_max_hold_s": 1200, "trading_min_score": "0.6"}),
+        ("base,trading_min_score=0.5", {"trading_min_score": "0.5"}),
+        ("base,trading_min_score=0.6", {"trading_min_score": "0.6"}),
+    ]
+    # a list setting's values keep their commas; an empty value is one (as in --config)
+    assert parse_grid("exit_take_profit=[[0.1,0.5]],[[0.3,1]],") == (
+        "exit_take_profit", ["[[0.1,0.5]]", "[[0.3,1]]", ""]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("grids", "configs", "why"),
+    [
+        (["trading_min_score="], [], "--grid trading_min_score: no values"),
+        (["trading_min_score"], [], "--grid 'trading_min_score': KEY=V1,V2,..."),
+        (["trading_min_score=0.5,,0.6"], [], "configuration 'trading_min_score=': "),
+        (["trading_min_score=0.5,0.5"], [], "--grid trading_min_score: 0.5 given twice"),
+        (["trading_min_score=0.5,0.6", "trading_min_score=0.7"], [],
+         "--grid trading_min_score: given twice"),
+        (["trading_min_score=0.5,0.6"], ["--config", "hi=trading_min_score=0.7"],
+         "configuration 'hi' sets trading_min_score, which --grid sweeps"),
+        ([f"exit_max_hold_s={','.join(str(s) for s in range(100, 117))}",
+          f"trading_min_score={','.join(f'0.{n}' for n in range(10, 26))}"], [],
+         "--grid: 272 configurations, more than 256"),
+        (["trading_min_score=0.5,high"], [], "configuration 'trading_min_score=high'"),
+        (["no_such_setting=1,2"], [], "no setting 'no_such_setting'"),
+    ],
+)  # fmt: skip
+def test_a_grid_it_cannot_run_as_meant_is_refused_before_any_runs(
+    dataset, capsys, grids, configs, why
+):
+    said = refused(["backtest", "--dataset", dataset, "--quiet", *configs,
+                    *(w for g in grids for w in ("--grid", g))], capsys)  # fmt: skip
+    assert said.startswith("pumpflow backtest: ") and why in said, said
+
+
+def test_a_grid_s_points_are_compared_in_one_table(dataset, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--grid",
+                 "trading_min_score=0.5,0.99", "--grid", "exit_take_profit=[[0.1,0.5]],",
+                 "--json", str(out), "--report", str(tmp_path / "r.html")]) == 0  # fmt: skip
+    names = [
+        "trading_min_score=0.5,exit_take_profit=[[0.1,0.5]]",
+        "trading_min_score=0.5,exit_take_profit=",
+        "trading_min_score=0.99,exit_take_profit=[[0.1,0.5]]",
+        "trading_min_score=0.99,exit_take_profit=",
+    ]
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    assert rows == ["config", *names]
+    configs = json.loads(out.read_text())["configurations"]
+    assert [c["name"] for c in configs] == names
+    # typed as the services read them
+    assert configs[0]["settings"] == {"trading_min_score": 0.5, "exit_take_profit": [[0.1, 0.5]]}
+    assert configs[1]["settings"]["exit_take_profit"] in ([], None)
+    assert configs[0]["results"]["entries"] > 0 and configs[2]["results"]["entries"] == 0
+    page = (tmp_path / "r-comparison.html").read_text()
+    assert all(escape(name) in page for name in names)

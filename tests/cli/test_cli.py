@@ -444,7 +444,7 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
         (
             ["backtest", "--dataset", "/nonexistent/m.jsonl"],
             None,
-            1,
+            2,
             "pumpflow backtest: /nonexistent/m.jsonl: No such file or directory",
         ),
         (
@@ -463,7 +463,7 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
         (
             ["sim", "load", "/nonexistent/d.jsonl"],
             None,
-            1,
+            2,
             "pumpflow sim: /nonexistent/d.jsonl: No such file or directory",
         ),
         # a server that does not answer (nothing listens on port 1)
@@ -540,7 +540,7 @@ def test_a_broken_recording_is_one_line_naming_its_line_and_no_traceback(argv, t
     path.write_text(RECORDED_LINE)
     argv = [a.format(file=path, dir=tmp_path) for a in argv]
     ran = subprocess.run([PUMPFLOW, *argv], capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 1
+    assert ran.returncode == 2
     err = ran.stderr
     assert err.strip() == err.strip().splitlines()[-1], err  # one line
     assert err.startswith(f"pumpflow {argv[0]}: {path}:1: not a recorded event: "), err
@@ -556,12 +556,83 @@ async def test_a_broken_recording_is_not_loaded_and_said_in_one_line(
     path = tmp_path / "events.jsonl"
     path.write_text(RECORDED_LINE)
     argv = ["sim", "load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
-    assert await asyncio.to_thread(cli_main.main, argv) == 1
+    assert await asyncio.to_thread(cli_main.main, argv) == 2
     err = capsys.readouterr().err
     assert (
         err.strip().splitlines()[-1].startswith(f"pumpflow sim: {path}:1: not a recorded event: ")
     ), err
     assert "Traceback" not in err
+
+
+#: each command reading a dataset file ({file}), what it says its errors as
+DATASET_READERS = [
+    (["backtest", "--quiet", "--dataset", "{file}"], "pumpflow backtest"),
+    (["train", "--dataset", "{file}", "--out", "{dir}/m.onnx"], "pumpflow train"),
+    (["sim", "load", "{file}", "--dsn", "{dsn}", "--schema", "{schema}"], "pumpflow sim"),
+]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("argv", "says"), DATASET_READERS)
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ("missing.jsonl", "{file}: No such file or directory"),
+        ("folder", "{file}: Is a directory"),
+        ("notes.txt", "{file}:1: not a dataset line: "),
+    ],
+)
+async def test_a_dataset_that_cannot_be_read_as_one_is_bad_input(
+    argv, says, given, named, pg_pool, namespace, postgres_dsn, tmp_path, capsys
+):
+    """A dataset file named that is not there, a folder or no dataset is input the command
+    refuses, as a flag's bad value (exit status 2): nothing in it was run or loaded."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("what to try next\n")
+    path = tmp_path / given
+    fill = {"file": path, "dir": tmp_path, "dsn": postgres_dsn, "schema": namespace}
+    argv = [a.format(**fill) for a in argv]
+    assert await asyncio.to_thread(cli_main.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == err.strip().splitlines()[-1], err  # one line
+    assert err.startswith(f"{says}: {named.format(file=path)}"), err
+
+
+@pytest.mark.postgres
+async def test_the_simulators_own_command_refuses_a_missing_dataset_as_bad_input(
+    pg_pool, namespace, postgres_dsn, tmp_path
+):
+    path = tmp_path / "missing.jsonl"
+    argv = ["load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
+    sim = PUMPFLOW.with_name("pumpflow-sim")
+    ran = await asyncio.to_thread(
+        subprocess.run, [sim, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert (ran.returncode, ran.stderr) == (2, f"pumpflow-sim: {path}: No such file or directory\n")
+
+
+@pytest.mark.parametrize(("argv", "says"), DATASET_READERS[:2])
+def test_a_dataset_without_frames_runs_nothing_and_fails(argv, says, tmp_path):
+    """An empty dataset is one: nothing to run on is the run's failure (exit status 1), as
+    a Postgres window without frames is."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(SystemExit) as failed:  # a message: exit status 1
+        cli_main.main([a.format(file=path, dir=tmp_path) for a in argv])
+    said = failed.value.code
+    assert isinstance(said, str) and said.startswith(f"{says}: no ") and str(path) in said
+
+
+@pytest.mark.postgres
+async def test_loading_a_dataset_without_frames_stores_nothing_and_fails(
+    pg_pool, namespace, postgres_dsn, tmp_path, capsys
+):
+    """As a backtest or a training of it does: nothing loaded is the load's failure."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    argv = ["sim", "load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
+    assert await asyncio.to_thread(cli_main.main, argv) == 1
+    assert capsys.readouterr().err == f"pumpflow sim: no frames in {path}: nothing stored\n"
 
 
 @pytest.mark.postgres
@@ -585,7 +656,7 @@ async def test_a_schema_that_holds_no_history_is_refused_not_created(
         ran = await asyncio.to_thread(
             subprocess.run, [PUMPFLOW, *argv], capture_output=True, text=True, timeout=120
         )
-        assert ran.returncode == 1, ran.stderr
+        assert ran.returncode == 2, ran.stderr  # a flag naming nothing, as a bad flag is
         last = ran.stderr.strip().splitlines()[-1]
         assert last.startswith(f"pumpflow {argv[0]}: no schema {namespace!r} in Postgres"), last
         assert "Traceback" not in ran.stderr

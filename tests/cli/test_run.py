@@ -16,7 +16,6 @@ from pumpflow.cli.run import (
     run_embedded_market,
     run_exit_service,
 )
-from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.trade_api import fake_trade_api
 
 
@@ -74,6 +73,32 @@ async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
     printed = out.getvalue()
     assert "BOUGHT" not in printed and "trading: 0 orders" in printed, printed[-2000:]
     assert "score # < 1" in printed
+
+
+async def test_the_run_trades_on_paper_whatever_the_environment_says(monkeypatch, caplog):
+    """A live trader's environment never sends the simulator's orders to the trade API:
+    the run fills them on paper, and says it does; nothing it says asks for a setting to
+    make it live."""
+    caplog.set_level(logging.INFO)
+    async with fake_trade_api("error") as api:
+        for name, value in {
+            "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+            "PUMPPORTAL_API_KEY": "the-traders-key",
+            "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
+            "PUMPFLOW_TRADING_LIVE_URL": api.url,
+        }.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        out = io.StringIO()
+        await run_embedded_market(
+            duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out,
+            min_score=0.0,
+        )  # fmt: skip
+    assert api.requests == []
+    assert "to trade real money" not in caplog.text
+    printed = out.getvalue()
+    assert "pumpflow run: trades on paper" in printed, printed[:2000]
+    assert "trade API" not in printed, printed[-3000:]
+    assert re.search(r"trading: \d+ orders, [1-9]\d* filled", printed), printed[-2000:]
 
 
 @pytest.mark.parametrize("speed", [1.0, 20.0, 60.0])
@@ -188,41 +213,13 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
         # a trade the stream stamps past the entry's latency fills it at once
         await system.bus.publish(tokens.buy(mint, "bob", sol=0.1, time=now + latency_s + 1))
         await eventually(lambda: len(exits.positions()) == 1, 10.0, what="the exit holds it")
-        not_flat = await graceful_exit(system, clock=clock, speed=speed, out=out)
+        not_flat = await graceful_exit(
+            system, clock=clock, speed=speed, out=out, names={mint: "WIFHAT"}
+        )
     printed = out.getvalue()
     assert "did not end" not in printed, printed
     assert "graceful exit (pumpflow run ended): 1 position, 1 sold out" in printed, printed
+    # each position by its token's name, as every other line of the run shows it
+    assert re.search(r"^  WIFHAT +deadline +1 tranche", printed, re.M), printed
     assert "open positions after the graceful exit: 0" in printed, printed
     assert not_flat is None
-
-
-async def test_a_live_environment_never_makes_the_simulated_run_trade_live(monkeypatch, caplog):
-    """A trader's shell set up for live trading (executor, switch, key, wallet) runs
-    ``pumpflow run`` on paper all the same: it is a simulated market, and no order of it
-    reaches the trade API. Nothing it says asks for a setting to make it live."""
-    caplog.set_level(logging.INFO)
-    async with fake_trade_api("error") as api:
-        live_environment(monkeypatch, api.url)
-        out = io.StringIO()
-        status = await run_embedded_market(
-            duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out
-        )
-    printed = out.getvalue()
-    assert status == 0, printed[-2000:]
-    assert api.requests == []
-    assert "BOUGHT" in printed, printed[-2000:]  # it traded, on paper
-    assert "trading on paper" in printed.splitlines()[0]
-    assert "to trade real money" not in caplog.text
-
-
-def live_environment(monkeypatch, url: str) -> None:
-    """The shell of a trader set up for live trading (executor, switch, key, wallet),
-    its trade API at ``url``."""
-    for name, value in {
-        "PUMPFLOW_TRADING_EXECUTOR": "live",
-        "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
-        "PUMPPORTAL_API_KEY": "a-real-looking-api-key",
-        "PUMPFLOW_TRADING_LIVE_WALLET": base58_key("the trader's wallet"),
-        "PUMPFLOW_TRADING_LIVE_URL": url,
-    }.items():
-        monkeypatch.setenv(name, value)

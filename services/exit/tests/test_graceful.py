@@ -255,6 +255,28 @@ async def test_a_sweep_refused_just_before_the_deadline_is_tried_again_at_it(har
     assert summary.positions_left == 0
 
 
+async def run_until_rules_hold_the_rest(h, mint: str) -> asyncio.Future:
+    """Begin a graceful exit whose clock holds once the exit's own share of ``mint`` is
+    sold, while rule sales ordered before it hold the rest (their outcomes end the
+    wait): the running exit, once it holds there."""
+    held = asyncio.Event()
+
+    async def wait_until(when: float) -> None:
+        if h.manager.planner.exits[mint].tokens_left == 0:
+            held.set()
+            await asyncio.Event().wait()
+        await h.clock.advance_to(when)
+
+    h.manager = GracefulExitManager(
+        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
+        wait_until=wait_until,
+    )  # fmt: skip
+    h.manager.begin_graceful_exit()
+    running = asyncio.ensure_future(h.manager.run())
+    await asyncio.wait_for(held.wait(), 10)
+    return running
+
+
 async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusal_gives_them_back(
     harness,
 ):
@@ -265,27 +287,12 @@ async def test_a_rule_sale_under_way_holds_its_tokens_until_settled_and_a_refusa
     view = Position(**{**position.__dict__, "tokens": held * 0.75})
     view.pending_tokens = held * 0.25
     h.book.open_positions["mint1"] = view
-    waiting_on_the_rule = asyncio.Event()
-
-    async def wait_until(when: float) -> None:
-        """The clock's wait, but held once the exit's own share is sold."""
-        if h.manager.planner.exits["mint1"].tokens_left == 0:
-            waiting_on_the_rule.set()
-            await asyncio.Event().wait()  # ended by the rule's outcome
-        await h.clock.advance_to(when)
-
-    h.manager = GracefulExitManager(
-        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
-        wait_until=wait_until,
-    )  # fmt: skip
-    h.manager.begin_graceful_exit()
-    running = asyncio.ensure_future(h.manager.run())
-    await asyncio.wait_for(waiting_on_the_rule.wait(), 10)
+    running = await run_until_rules_hold_the_rest(h, "mint1")
     assert not running.done(), "sold out while a rule's sale still held tokens"
     refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
     view.tokens = held * 0.25  # the book holds what the rule did not sell
     h.book.open_positions["mint1"] = view
-    await h.manager.on_rule_outcome("mint1", refused, held * 0.25, held_back=0.0)
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.25, held_back=0.0, rule="stop_loss")
     summary = await running
     assert h.book.open_positions == {}
     sold = sum(o.token_amount for o, _, _ in h.executor.fills)
@@ -307,37 +314,47 @@ async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_th
     view = Position(**{**position.__dict__, "tokens": 0.0})
     view.pending_tokens = held
     h.book.open_positions["mint1"] = view
-    waiting_on_the_rules = asyncio.Event()
-
-    async def wait_until(when: float) -> None:
-        """The clock's wait, but held while the rules' sales hold every token."""
-        if h.manager.planner.exits["mint1"].tokens_left == 0:
-            waiting_on_the_rules.set()
-            await asyncio.Event().wait()  # ended by the rules' outcomes
-        await h.clock.advance_to(when)
-
-    h.manager = GracefulExitManager(
-        h.bus, h.book, h.executor, clock=h.clock, config=h.manager.planner.config,
-        wait_until=wait_until,
-    )  # fmt: skip
-    h.manager.begin_graceful_exit()
-    running = asyncio.ensure_future(h.manager.run())
-    await asyncio.wait_for(waiting_on_the_rules.wait(), 10)
+    running = await run_until_rules_hold_the_rest(h, "mint1")
     cut = OrderFilled(
         order_id="pos-mint1:rule:2", mint="mint1", side="sell", token_amount=held * 0.4,
         sol_amount=0.3, price=0.3 / (held * 0.4), position_id="pos-mint1",
     )  # fmt: skip
     view.tokens, view.pending_tokens = held * 0.6, 0.0
     # the first sale still holds back what it ordered, all that is left
-    await h.manager.on_rule_outcome("mint1", cut, held * 0.6, held_back=held * 0.6)
+    await h.manager.on_rule_outcome(
+        "mint1", cut, held * 0.6, held_back=held * 0.6, rule="take_profit"
+    )
     refused = OrderRejected(order_id="pos-mint1:rule:1", mint="mint1", reason="slippage")
-    await h.manager.on_rule_outcome("mint1", refused, held * 0.6, held_back=0.0)
+    await h.manager.on_rule_outcome("mint1", refused, held * 0.6, held_back=0.0, rule="stop_loss")
     summary = await running
     assert h.book.open_positions == {}, "tokens left held by a sold-out exit"
     sold = sum(o.token_amount for o, _, _ in h.executor.fills)
     assert sold == pytest.approx(held * 0.6, rel=1e-9)
     [line] = summary.lines
     assert line.completed and line.tokens_sold == pytest.approx(held * 0.6, rel=1e-9)
+
+
+async def test_a_position_a_rules_sale_sold_out_is_reported_under_that_rule(harness):
+    """Every token was in a stale-stop sale as the exit began; it fills whole: the line
+    names the rule that sold it, not the exit, which sold nothing of it."""
+    h = await harness(deadline_s=30.0)
+    position = h.open("mint1", 1.0, curve_sol=0.0)
+    held = position.tokens
+    view = Position(**{**position.__dict__, "tokens": 0.0})
+    view.pending_tokens = held
+    h.book.open_positions["mint1"] = view
+    running = await run_until_rules_hold_the_rest(h, "mint1")
+    sold = OrderFilled(
+        order_id="pos-mint1:rule:1", mint="mint1", side="sell", token_amount=held,
+        sol_amount=0.9, price=0.9 / held, position_id="pos-mint1",
+    )  # fmt: skip
+    view.pending_tokens = 0.0
+    del h.book.open_positions["mint1"]
+    await h.manager.on_rule_outcome("mint1", sold, held, held_back=0.0, rule="stale_stop")
+    summary = await running
+    [line] = summary.lines
+    assert (line.reason, line.tranches, line.completed) == ("stale_stop", 0, True)
+    assert "sold by its stale_stop sale" in summary.text().splitlines()[-1]
 
 
 async def test_a_position_closed_while_its_tranche_is_in_flight_ends_closed_at_its_answer(

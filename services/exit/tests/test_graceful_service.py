@@ -646,6 +646,23 @@ async def test_a_barrier_of_a_request_whose_run_is_over_holds_nothing_of_the_run
         assert ended.finished_at < second.deadline and exits.summary.lines == ()
 
 
+async def test_a_shutdown_older_than_a_request_is_kept_begins_no_run():
+    """A request older than ``shutdown_requests_kept_s`` (a dead letter moved back, a
+    delivery long unacknowledged) may have been applied and forgotten: it begins none."""
+    clock = ReplayClock(START)
+    records = MemoryExitStore(requests_kept_s=3600)
+    exits = exit_service(records, shutdown_requests_kept_s=3600, exit_run_poll_s=0.02)
+    async with embedded(clock, exits) as (system, _):
+        old = SystemShutdown(reason="long ago", request_id="old")
+        sent = clock.now() - 3660
+        await system.bus.publish(make_event(old, source="exit/t", time=sent, event_id="old"))
+        assert await records.latest_run() is None
+        recent = SystemShutdown(reason="just now", request_id="recent")
+        await system.bus.publish(make_event(recent, source="exit/t", time=clock.now() - 60))
+        run = await eventually(records.active_run, what="the recent request's run")
+        assert run.reason == "just now"
+
+
 class _StoresThenDies(MemoryExitStore):
     """Records of a replica that dies after storing its first tranche, before sending it."""
 

@@ -321,6 +321,37 @@ async def a_request_is_applied_once(store) -> None:
     assert (await store.run_of_request("a")).run_id == first.run_id
 
 
+async def test_a_request_is_forgotten_once_its_run_is_over_for_longer_than_it_is_kept():
+    await requests_forgotten_once_their_runs_are_long_over(MemoryExitStore(requests_kept_s=3600))
+
+
+@pytest.mark.postgres
+async def test_a_request_is_forgotten_once_its_run_is_over_for_longer_than_it_is_kept_in_postgres(
+    pg_pool,
+):
+    await requests_forgotten_once_their_runs_are_long_over(
+        PostgresExitStore(pg_pool, requests_kept_s=3600)
+    )
+
+
+async def requests_forgotten_once_their_runs_are_long_over(store) -> None:
+    """A run begun forgets the requests of runs over longer than an hour (kept) before it;
+    a request of a run over since is remembered, and asked again begins no run."""
+    old = await store.begin_run(RunRecord.new("old", START, START + 60), request_id="old")
+    await store.update_run(old.run_id, time=START + 2, partitions=[0], withdraw=[BARRIER])
+    recent = RunRecord.new("recent", START + 3000, START + 3060)
+    recent = await store.begin_run(recent, request_id="recent")
+    await store.update_run(recent.run_id, time=START + 3002, partitions=[0], withdraw=[BARRIER])
+    nxt = await store.begin_run(RunRecord.new("next", START + 3700, START + 3760), request_id="n")
+    assert await store.run_of_request("old") is None
+    assert (await store.run_of_request("recent")).run_id == recent.run_id
+    assert (await store.run_of_request("n")).run_id == nxt.run_id
+    await store.update_run(nxt.run_id, time=START + 3702, partitions=[0], withdraw=[BARRIER])
+    again = await store.begin_run(RunRecord.new("again", START + 3800, START + 3860),
+                                  request_id="recent")  # fmt: skip
+    assert again.run_id == recent.run_id and await store.active_run() is None
+
+
 @pytest.mark.postgres
 async def test_a_shutdown_request_applied_by_two_replicas_at_once_is_one_run(pg_pool):
     """Two replicas apply copies of one request at once (each with a run of its own to

@@ -11,7 +11,9 @@ from pumpflow.common.trading import (
     MIGRATION_POOL,
     VENUE_POOL,
     BreakerSettings,
+    Decision,
     DecisionPolicy,
+    EntryDecision,
     EntryFilters,
     PaperBroker,
     PositionBook,
@@ -104,11 +106,16 @@ GOOD = {
 }
 
 
+def said(decision: Decision | EntryDecision) -> tuple[str, ...]:
+    """What ``decision``'s reasons say."""
+    return tuple(reason.text for reason in decision.reasons)
+
+
 def test_a_migrated_token_is_not_entered(engine, market):
     mint = market.ready(engine)
     engine.process(market.tokens.migrated(mint))
     decision = engine.make_decision(mint, GOOD)
-    assert "graduated" in decision.reasons
+    assert "graduated" in said(decision)
 
 
 def test_a_new_token_is_entered_at_its_priority_and_a_low_one_not(engine, market, risk):
@@ -119,7 +126,7 @@ def test_a_new_token_is_entered_at_its_priority_and_a_low_one_not(engine, market
     assert order.sol_amount == pytest.approx(0.4)  # NORMAL: half of 4% of 20 SOL
     low = market.ready(engine)
     engine.process(market.lifecycle(low, "new", Priority.LOW))
-    assert "priority LOW" in engine.make_decision(low, GOOD).reasons
+    assert "priority LOW" in said(engine.make_decision(low, GOOD))
 
 
 @pytest.mark.parametrize(
@@ -139,7 +146,7 @@ def test_a_new_token_is_entered_at_its_priority_and_a_low_one_not(engine, market
 def test_each_entry_filter_blocks_an_entry(engine, market, feature, value, reason):
     mint = market.ready(engine, **{feature: value})
     assert orders(engine.process(market.prediction(mint))) == []
-    [why] = engine.analyze_token(mint, {**GOOD, feature: value}).reasons
+    [why] = said(engine.analyze_token(mint, {**GOOD, feature: value}))
     assert reason in why
     assert engine.analyze_token(mint, GOOD).enter
 
@@ -155,15 +162,15 @@ def test_a_token_whose_creation_was_not_seen_is_not_entered(engine, market):
     ):
         engine.process(event)
     assert orders(engine.process(market.prediction(mint))) == []
-    assert engine.analyze_token(mint, GOOD).reasons == ("creation not seen",)
+    assert said(engine.analyze_token(mint, GOOD)) == ("creation not seen",)
 
 
 def test_low_scores_and_missing_inputs_block_an_entry(engine, market):
     mint = market.ready(engine)
     assert orders(engine.process(market.prediction(mint, score=0.59))) == []
-    assert "no prediction" in engine.analyze_token("unknown", GOOD).reasons
-    assert "lifecycle unknown" in engine.analyze_token("unknown", GOOD).reasons
-    assert any("features lack" in r for r in engine.analyze_token(mint, {}).reasons)
+    assert "no prediction" in said(engine.analyze_token("unknown", GOOD))
+    assert "lifecycle unknown" in said(engine.analyze_token("unknown", GOOD))
+    assert any("features lack" in r for r in said(engine.analyze_token(mint, {})))
 
 
 def test_name_and_creator_block_lists(market, book, risk, clock):
@@ -171,15 +178,15 @@ def test_name_and_creator_block_lists(market, book, risk, clock):
     engine = TradingEngine(None, book, risk, policy=policy, clock=clock)
     mint = market.ready(engine)  # named "Good Coin"
     assert orders(engine.process(market.prediction(mint))) == []
-    assert engine.analyze_token(mint, GOOD).reasons == ("name blocked ('good')",)
+    assert said(engine.analyze_token(mint, GOOD)) == ("name blocked ('good')",)
     policy = DecisionPolicy(EntryFilters(creator_blocklist=("dev",)))
     engine = TradingEngine(None, book, risk, policy=policy, clock=clock)
     mint = market.ready(engine)
     assert orders(engine.process(market.prediction(mint))) == []
-    assert engine.analyze_token(mint, GOOD).reasons == ("creator blocked",)
+    assert said(engine.analyze_token(mint, GOOD)) == ("creator blocked",)
     # a token whose creation trading never saw cannot be cleared against a block list
     engine.process(market.features("seen-late"))
-    assert "creator unknown (block list set)" in engine.analyze_token("seen-late", GOOD).reasons
+    assert "creator unknown (block list set)" in said(engine.analyze_token("seen-late", GOOD))
 
 
 def test_every_limit_holds_under_a_burst_of_signals(engine, market, risk, book):
@@ -366,7 +373,7 @@ def test_after_migration_positions_are_marked_on_the_pool(engine, market, book, 
     assert position.mark_value_sol == on_pool
     engine.process(market.tokens.buy(mint, "amm", sol=2.0, pool="pump-amm"))
     assert position.mark_value_sol > on_pool
-    assert "graduated" in engine.make_decision(mint, GOOD).reasons
+    assert "graduated" in said(engine.make_decision(mint, GOOD))
 
 
 def test_a_redelivered_token_event_is_folded_into_its_view_once(engine, market, book, clock):

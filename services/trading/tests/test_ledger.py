@@ -602,6 +602,28 @@ async def test_a_shutdowns_barrier_is_unpublished_until_a_replica_says_it_is_out
     assert await ledger.shutdown_applied("s1") and not await ledger.shutdown_applied("unknown")
 
 
+async def test_a_shutdown_request_is_forgotten_once_kept_long_enough_and_its_barrier_out(
+    pg_pool,
+):
+    """Storing a shutdown forgets those applied more than ``shutdowns_kept_s`` ago whose
+    barriers are out; a recent one is kept, as is an old one whose barrier the next
+    replica to trade must still publish."""
+    ledger = PostgresLedger(pg_pool, shutdowns_kept_s=3600.0)
+    await ledger.load(remembered=10, holder="w1")
+    shutdowns = {"old": "a", "old-unpublished": "b", "recent": "c"}
+    await ledger.set_control(TradingState.HALTED, "stop", holder="w1", shutdowns=shutdowns)
+    await ledger.barrier_published("old")
+    await ledger.barrier_published("recent")
+    await pg_pool.execute(
+        "UPDATE trading_shutdown_requests SET applied_at = now() - interval '61 minutes' "
+        "WHERE request_id LIKE 'old%'"
+    )
+    await ledger.set_control(TradingState.HALTED, "stop", holder="w1", shutdowns={"next": "d"})
+    applied = {r: await ledger.shutdown_applied(r) for r in [*shutdowns, "next"]}
+    assert applied == {"old": False, "old-unpublished": True, "recent": True, "next": True}
+    assert await ledger.unpublished_barriers() == [("old-unpublished", "b"), ("next", "d")]
+
+
 async def test_a_take_over_reads_what_a_commit_under_way_stores_and_fences_the_next(pg_pool):
     """The holder's write waits for a predecessor's commit under way (which checked the
     holder first): the load after it reads what that commit stored, and the

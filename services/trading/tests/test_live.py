@@ -385,7 +385,7 @@ async def test_a_late_fill_past_a_limit_is_counted_and_logged_and_no_entry_is_ad
             extra = await ready(bus, market)
             await publish(bus, market.prediction(extra, score=1.0))
             assert [r.mint for r in watch.payloads("order.requested")].count(extra) == 0
-            assert "over the total exposure limit" in service.engine.last_decision.reasons[0]
+            assert "over the total exposure limit" in service.engine.last_decision.reasons[0].text
             assert service.skipped["over the total exposure limit"] == 1
             assert all(r.body["action"] == "buy" for r in api.requests)
             assert service.book.sales == {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import msgspec
 import pytest
 
@@ -64,7 +62,7 @@ def test_a_token_is_entered_once_unless_adding_is_allowed():
     risk = RiskManager(100.0, 0.02, 5, positions=book)
     assert risk.check_risk_limits("a", 4.0)
     risk.reserve("o1", "a", 4.0)  # an entry in flight counts as held
-    assert "one entry a token" in risk.check_risk_limits("a", 1.0).reason
+    assert "one entry a token" in risk.check_risk_limits("a", 1.0).reason.text
     adding = RiskManager(100.0, 0.02, 5, positions=book, limits=RiskLimits(add_to_positions=True))
     adding.reserve("o1", "a", 4.0)
     assert adding.check_risk_limits("a", 1.0)
@@ -81,7 +79,7 @@ def test_a_token_sold_out_is_entered_again_only_after_the_re_entry_cooldown(cloc
     assert not book.holds("a")
     clock.set_sync(START + 59.0)
     refusal = cooled.check_risk_limits("a", 1.0)
-    assert not refusal and refusal.reason == "closed 59s ago, in the re-entry cooldown of 60s"
+    assert not refusal and refusal.reason.text == "closed 59s ago, in the re-entry cooldown of 60s"
     assert cooled.check_risk_limits("b", 1.0)  # another token: no cooldown
     assert at_once.check_risk_limits("a", 1.0)  # the default: at once
     clock.set_sync(START + 60.0)
@@ -90,7 +88,7 @@ def test_a_token_sold_out_is_entered_again_only_after_the_re_entry_cooldown(cloc
     book.apply_fill(_fill("b2", "buy", 1e6, 1.0, mint="a"), time=START + 61.0)
     book.apply_fill(_fill("s2", "sell", 1e6, 0.9, mint="a"), time=START + 70.0)
     clock.set_sync(START + 100.0)
-    assert "closed 30s ago" in cooled.check_risk_limits("a", 1.0).reason
+    assert "closed 30s ago" in cooled.check_risk_limits("a", 1.0).reason.text
 
 
 def test_each_limit_holds_and_names_itself():
@@ -98,13 +96,13 @@ def test_each_limit_holds_and_names_itself():
     limits = RiskLimits(add_to_positions=True)
     risk = RiskManager(100.0, 0.02, 2, positions=book, limits=limits)
     assert risk.check_risk_limits("a", 4.0)
-    assert "per-trade" in risk.check_risk_limits("a", 11.0).reason
-    assert "under" in risk.check_risk_limits("a", 0.001).reason
+    assert "per-trade" in risk.check_risk_limits("a", 11.0).reason.text
+    assert "under" in risk.check_risk_limits("a", 0.001).reason.text
     risk.reserve("o1", "a", 8.0)
-    assert "token's exposure" in risk.check_risk_limits("a", 4.0).reason
+    assert "token's exposure" in risk.check_risk_limits("a", 4.0).reason.text
     assert risk.check_risk_limits("a", 2.0)
     risk.reserve("o2", "b", 4.0)
-    assert "2 positions" in risk.check_risk_limits("c", 1.0).reason
+    assert "2 positions" in risk.check_risk_limits("c", 1.0).reason.text
     risk.release("o2")
     assert risk.check_risk_limits("c", 1.0)
     # total: 50% of capital
@@ -113,7 +111,7 @@ def test_each_limit_holds_and_names_itself():
         risk.reserve(f"t{i}", f"m{i}", 10.0)
     assert risk.check_risk_limits("m9", 10.0)
     risk.reserve("t4", "m4", 9.0)
-    assert "total exposure" in risk.check_risk_limits("m9", 2.0).reason
+    assert "total exposure" in risk.check_risk_limits("m9", 2.0).reason.text
     assert risk.calculate_position_size("m9", 1.0, 0.5) == pytest.approx(1.0)
 
 
@@ -133,9 +131,8 @@ def test_a_live_entry_is_sized_checked_and_reserved_at_the_most_it_can_spend():
     # the per-trade cap, 1 SOL: 0.95 SOL is under it, its worst case (1.02 SOL) is not
     assert paper.check_risk_limits("a", 0.95)
     refused = risk.check_risk_limits("a", 0.95).reason
-    assert "per-trade" in refused
-    # the observed size its one number: the service counts reasons with it folded
-    assert re.findall(r"\d+\.\d+", refused) == ["0.9500"], refused
+    assert refused.text == "size 0.9500 SOL over the per-trade limit (at the most it spends)"
+    assert refused.kind == "size # SOL over the per-trade limit (at the most it spends)"
     capped = risk.calculate_position_size("a", 1.0, 0.99)
     assert capped == pytest.approx((1.0 - 0.0001) / spend.factor)
     assert spend.most(capped) == pytest.approx(1.0)
@@ -154,7 +151,7 @@ def test_a_live_entry_is_sized_checked_and_reserved_at_the_most_it_can_spend():
         risk.reserve(f"t{n}", f"m{n}", capped)
     assert risk.total_exposure == pytest.approx(5.0)
     assert risk.calculate_position_size("z", 1.0, 0.5) == 0.0
-    assert "total exposure" in risk.check_risk_limits("z", 0.01).reason
+    assert "total exposure" in risk.check_risk_limits("z", 0.01).reason.text
 
     # filled for less than the worst case: the position holds what it cost
     cost = capped * 1.02
@@ -256,16 +253,16 @@ def test_no_entry_is_admitted_while_a_limit_is_exceeded_and_the_refusal_names_it
     for n in range(6):
         bought(book, f"o{n}", f"m{n}", 0.9)
     assert risk.calculate_position_size("z", 1.0, 0.5) == 0.0
-    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.0).reason
-    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.4).reason
+    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.0).reason.text
+    assert "over the total exposure limit" in risk.check_risk_limits("z", 0.4).reason.text
     # over a token's limit: no entry of it, adding to it allowed or not
     adding = RiskManager(10.0, 0.02, 20, positions=book, limits=RiskLimits(add_to_positions=True))
     bought(book, "x", "m0", 0.2)
     assert adding.calculate_position_size("m0", 1.0, 0.5) == 0.0
-    assert "over the token's exposure limit" in adding.check_risk_limits("m0", 0.0).reason
+    assert "over the token's exposure limit" in adding.check_risk_limits("m0", 0.0).reason.text
     # a size under the minimum with room to spare is still that
     fresh = RiskManager(10.0, 0.02, 20, positions=PositionBook())
-    assert "under" in fresh.check_risk_limits("z", 0.001).reason
+    assert "under" in fresh.check_risk_limits("z", 0.001).reason.text
 
 
 def test_the_kill_switch_halts_entries_and_reports_it(clock):
@@ -275,7 +272,7 @@ def test_the_kill_switch_halts_entries_and_reports_it(clock):
         state="halted", previous_state="active", reason="operator: test"
     )
     assert not risk.check_risk_limits("m", 1.0)
-    assert "halted" in risk.check_risk_limits("m", 1.0).reason
+    assert "halted" in risk.check_risk_limits("m", 1.0).reason.text
     assert risk.kill("again") == []
     [back] = risk.resume("operator: resume")
     assert back.state == "active" and risk.check_risk_limits("m", 1.0)
@@ -604,6 +601,23 @@ def test_execution_breaker_trips_on_failures_in_a_row_and_half_opens(clock):
     # half open: one more failure trips it again
     [again, _] = risk.record_execution(False, reason="timeout", now=START + 62)
     assert again.tripped
+
+
+def test_a_halts_refusals_are_of_its_breakers_kind_whatever_their_faults_said(clock):
+    """The faults' texts differ trip to trip (the last failure, its values): the kind of
+    the refusal names the breaker only, so refusals count under one key a breaker."""
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    refusals = []
+    for n, last in enumerate(("slippage 12.5% over 5%", "timeout after 3.1s")):
+        for _ in range(3):
+            risk.record_execution(False, reason=last, now=START + 100 * n)
+        refusals.append(risk.check_risk_limits("m", 1.0).reason)
+        risk.check(START + 100 * n + 61)
+        assert risk.state == "active"
+    assert refusals[0].text != refusals[1].text
+    assert {r.kind for r in refusals} == {"trading is halted: execution breaker"}
+    risk.observe_frame(1.0, 1.0, 1.0, now=START + 300)
+    assert risk.check_risk_limits("m", 1.0).reason.kind == "trading is halted: curve breaker"
 
 
 def test_sales_the_market_refused_on_slippage_do_not_count_toward_the_execution_breaker(clock):

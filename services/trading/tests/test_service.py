@@ -163,15 +163,28 @@ async def test_reasons_naming_an_order_or_a_token_are_counted_as_one(clock, mark
         await publish(bus, good, bad)
         await publish(bus, market.prediction(mint))
         [halted] = [r for r in service.pnl()["no_order_reasons"] if r.startswith("trading")]
-        assert "<id>" in halted and mint not in halted, halted
+        assert halted == "trading is halted: curve breaker", halted
 
 
-async def test_a_reason_keeps_the_feature_names_it_gives(clock, market):
-    """Names of ids are counted as one; a feature's name (snake case, digits and all) is
-    what the reason says is missing, so it stays."""
-    service = trading(MemoryLedger())
+async def test_refusals_are_counted_by_their_kind_not_by_their_text(clock, market):
+    """Refusals of one kind count under one key whatever they observed; two kinds never
+    merge, though their texts differ only in a name that looks like an id (two entries of
+    the name block list); a feature's name, digits, underscores and all, stays whole."""
+    blocked = ("moon2024token", "pump9000coin")
+    service = trading(MemoryLedger(), trading_name_blocklist=blocked)
     async with running(clock, service) as (bus, _):
         mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint, score=0.2), market.prediction(mint, score=0.3))
+        for name in blocked:
+            named = market.tokens.mint()
+            await publish(
+                bus,
+                market.tokens.created(named, sol=0.5, name=name, symbol="X", trader="dev"),
+                market.tokens.buy(named, "alice", sol=3.0),
+                market.features(named),
+                market.lifecycle(named),
+                market.prediction(named),
+            )
         full = market.features(mint).data
         values = dict(zip(full.names, full.values, strict=True))
         del values["buy_volume_sol_60s"]
@@ -182,9 +195,16 @@ async def test_a_reason_keeps_the_feature_names_it_gives(clock, market):
             names=tuple(values),
             values=tuple(values.values()),
         )
-        thinner = make_event(thinner, source="features/test", time=clock.now())
-        await publish(bus, thinner, market.prediction(mint))
-        assert service.pnl()["no_order_reasons"] == {"features lack ['buy_volume_sol_60s']": 1}
+        await publish(
+            bus, make_event(thinner, source="features/test", time=clock.now()),
+            market.prediction(mint),
+        )  # fmt: skip
+        assert service.pnl()["no_order_reasons"] == {
+            "score # < 0.6": 2,
+            "name blocked ('moon2024token')": 1,
+            "name blocked ('pump9000coin')": 1,
+            "features lack ['buy_volume_sol_60s']": 1,
+        }
 
 
 async def test_an_exit_order_for_more_than_is_held_sells_what_is_held(clock, market):
@@ -284,6 +304,41 @@ async def test_a_shutdown_seen_again_after_a_restart_does_not_halt_a_resumed_tra
         assert barrier.request_id is None
         assert restarted.risk.operator_reason == "shutdown: no id"
         assert await ledger.control() == (TradingState.HALTED, "shutdown: no id")
+
+
+async def test_shutdown_requests_are_kept_for_their_setting_and_older_ones_refused(clock, pg_pool):
+    """The ledger forgets a request applied more than ``shutdown_requests_kept_s`` ago
+    (its barrier out): one that old, come again, is refused for its age, neither halting
+    nor barred again; a recent one, come again, is still a repeat."""
+    kept = 3600.0
+    ledger = PostgresLedger(pg_pool, shutdowns_kept_s=kept)
+    service = trading(ledger, shutdown_requests_kept_s=kept)
+
+    def shutdown(request_id: str, *, age_s: float = 0.0) -> Event:
+        data = SystemShutdown(reason="operator", request_id=request_id)
+        return make_event(data, source="cli/t", time=clock.now() - age_s, event_id=request_id)
+
+    async with running(clock, service) as (bus, watch):
+        await publish(bus, shutdown("stop-1"), shutdown("stop-2"))
+        assert [b.request_id for b in watch.payloads("trading.barrier")] == ["stop-1", "stop-2"]
+        await pg_pool.execute(
+            "UPDATE trading_shutdown_requests SET applied_at = now() - interval '61 minutes' "
+            "WHERE request_id = 'stop-1'"
+        )
+        await publish(bus, shutdown("stop-3"))
+        assert not await ledger.shutdown_applied("stop-1")
+        await service.resume("operator resumed")
+        await eventually(lambda: service.risk.operator_state is TradingState.ACTIVE,
+                         what="resumed")  # fmt: skip
+        watch.clear()
+        await publish(bus, shutdown("stop-1", age_s=kept + 60.0), shutdown("stop-2"))
+        assert watch.count("trading.barrier") == 0 and watch.count("trading.state") == 0
+        assert service.risk.operator_state is TradingState.ACTIVE
+        assert await ledger.control() == (TradingState.ACTIVE, "operator resumed")
+        # never applied, and as old: refused all the same (whether it was is not known)
+        await publish(bus, shutdown("stop-4", age_s=kept + 60.0))
+        assert watch.count("trading.barrier") == 0
+        assert service.risk.operator_state is TradingState.ACTIVE
 
 
 async def test_a_halt_stored_by_another_replica_reaches_the_trader_on_its_tick(clock, market):

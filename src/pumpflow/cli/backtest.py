@@ -21,21 +21,35 @@ would live, and the same stream gives the same report.
 Every configuration starts from one base: ``pumpflow run``'s trading settings
 (``trading_min_score=0.5``, ``trading_reject_creator_sold=false``) over the services'
 defaults, where the PUMPFLOW_* environment and the config file win as they do there.
-Without ``--config`` or ``--configs``, one run of the base (``run``).
+Without ``--config``, ``--configs`` or ``--grid``, one run of the base (``run``).
 
 Strategy comparison: ``--config NAME=KEY=VALUE,KEY=VALUE`` (repeatable) names a
 configuration by the settings it changes over the base, any setting of trading, exit or
 model (``trading_min_score=0.6``, ``exit_max_hold_s=1200``, ...), and wins over it;
 ``--config NAME`` alone is the base, the plain backtest's results. Every configuration
-runs on the same frames in a system of its own, one after the other, and one table
-compares them, again in an HTML page beside their reports (``...-comparison.html``) with
-their equity curves on one plot. ``--configs FILE.toml`` reads configurations from a
-file, one table each (``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE``
-also writes the base, each configuration's settings and results (the same for the same
-stream) and its timings.
+runs on the same frames in a system of its own, and one table compares them, again in
+an HTML page beside their reports (``...-comparison.html``) with their equity curves on
+one plot. ``--configs FILE.toml`` reads configurations from a file, one table each
+(``[patient]`` then ``exit_max_hold_s = 1200``). ``--json FILE`` also writes the base,
+each configuration's settings and results (the same for the same stream) and its
+timings.
 
-Progress: a bar with the rate and an ETA on a terminal's stderr, a plain line every
-``--every`` seconds otherwise (logs, CI), nothing with ``--quiet``.
+Parameter sweeps: ``--grid KEY=V1,V2,...`` (repeatable) runs every point of the grids'
+cross product, the first grid's values varying slowest, each named by its values
+(``trading_min_score=0.55,exit_max_hold_s=600``) and typed as ``--config`` values are.
+With ``--config`` or ``--configs`` the product is run over each of them in turn (named
+``patient,trading_min_score=0.55``; one that sets a swept key is refused), otherwise
+over the base. At most 256 configurations.
+
+Configurations run ``--jobs`` at once, each in a worker process handed the frames
+read here once (default: the CPUs this process may use; ``--jobs 1``: one after the
+other, in this process); each gives the report it gives alone, and the reports are
+printed in the order given. One that fails is named with why (and its traceback, on
+stderr); the others' reports are still printed and written, and the command exits 1.
+
+Progress: a bar with the rate and an ETA on a terminal's stderr (one per configuration
+running at once), a plain line every ``--every`` seconds otherwise (logs, CI), nothing
+with ``--quiet``.
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
 by rule, sales by rule (a ladder's partial sales included) with their realised PnL,
@@ -54,12 +68,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import math
+import os
+import pickle
+import signal
 import sys
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -74,8 +93,14 @@ from pumpflow.cli.report import (
     write_backtest_comparison,
     write_backtest_reports,
 )
-from pumpflow.cli.run import PAPER_ONLY, RUN_MIN_SCORE, RUN_SETTINGS
-from pumpflow.common.runtime.arguments import UsageError, epoch_time, help_text, positive
+from pumpflow.cli.run import PAPER, RUN_MIN_SCORE, RUN_SETTINGS, paper_note
+from pumpflow.common.runtime.arguments import (
+    UsageError,
+    count,
+    epoch_time,
+    help_text,
+    positive,
+)
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
 from pumpflow.report.results import unmarked_note
@@ -94,7 +119,7 @@ RUN_CONFIG: dict[str, Any] = {"trading_min_score": RUN_MIN_SCORE, **RUN_SETTINGS
 #: the services a configuration may set
 CONFIGURABLE = ("trading", "exit", "model")
 #: settings every service has that the backtest sets itself
-RUN_OWN = ("service", "transport", "partitions", *PAPER_ONLY)
+RUN_OWN = ("service", "transport", "partitions")
 DRAIN_S = 600.0
 
 Frames = Sequence[tuple[float, bytes]]
@@ -177,10 +202,12 @@ def service_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     classes = configurable_settings()
     routed: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for key, value in config.items():
+        if key in PAPER:
+            raise ValueError(f"{key!r}: a backtest trades on paper, its stream is past")
         if key in RUN_OWN:
             raise ValueError(
                 f"{key!r} is the backtest's own: one process, the in-memory bus, "
-                f"{counted(PARTITIONS, 'partition')}, paper trading"
+                f"{counted(PARTITIONS, 'partition')}"
             )
         owners = [name for name, settings in classes.items() if key in settings.model_fields]
         if not owners:
@@ -273,6 +300,55 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"configuration {name!r}: {key} given twice")
         settings[key] = value.strip()
     return name, settings
+
+
+#: the most configurations a grid may make: more is a typo's (or hours of runs)
+GRID_CAP = 256
+
+
+def parse_grid(text: str) -> tuple[str, list[str]]:
+    """``KEY=V1,V2,...`` -> (key, its values as given: typed where they are checked)."""
+    key, sep, rest = text.partition("=")
+    if not sep or not (key := key.strip()):
+        raise ValueError(f"--grid {text!r}: KEY=V1,V2,...")
+    values = [value.strip() for value in _items(rest)]
+    if not rest.strip():
+        raise ValueError(f"--grid {key}: no values")
+    if twice := [value for value, n in Counter(values).items() if n > 1]:
+        raise ValueError(f"--grid {key}: {', '.join(twice)} given twice")
+    return key, values
+
+
+def grid_configs(
+    grids: Sequence[tuple[str, Sequence[str]]], over: Sequence[tuple[str, Mapping[str, Any]]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every point of the grids' cross product (the first grid's values varying slowest),
+    over each configuration of ``over`` in turn, or over the base when there is none;
+    named by its values (``trading_min_score=0.55,exit_max_hold_s=600``), after the
+    configuration's name over one (``patient,trading_min_score=0.55``)."""
+    keys = [key for key, _ in grids]
+    if twice := [key for key, n in Counter(keys).items() if n > 1]:
+        raise ValueError(f"--grid {', '.join(twice)}: given twice")
+    for name, config in over:
+        if swept := [key for key in keys if key in config]:
+            raise ValueError(f"configuration {name!r} sets {', '.join(swept)}, which --grid sweeps")
+    made = math.prod(len(values) for _, values in grids) * max(len(over), 1)
+    if made > GRID_CAP:
+        raise ValueError(
+            f"--grid: {made:,} configurations, more than {GRID_CAP}: sweep fewer values"
+        )
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(
+        *(values for _, values in grids)
+    )]  # fmt: skip
+
+    def named(point: Mapping[str, str]) -> str:
+        return ",".join(f"{key}={value}" for key, value in point.items())
+
+    if not over:
+        return [(named(point), point) for point in points]
+    return [
+        (f"{name},{named(point)}", {**config, **point}) for name, config in over for point in points
+    ]
 
 
 def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
@@ -521,7 +597,7 @@ async def run_backtest(
     # a refit swapped in when its thread happens to finish would make the results hang
     # on the machine's speed: the replay scores with the models it starts with, unless
     # the config asks for refits
-    model, trading = build(ModelService, model_refit=False), build(TradingService, **PAPER_ONLY)
+    model, trading = build(ModelService, model_refit=False), build(TradingService, **PAPER)
     services = [
         feed, build(FeaturesService), build(ActivityService), model, trading, build(ExitService)
     ]  # fmt: skip
@@ -549,6 +625,8 @@ async def run_backtest(
             total = len(frames)
             next_tick = frames[0][0] + TICK_S if frames else 0.0
             gc.collect()
+            if progress is not None:
+                progress(0, total)
             started, cpu_started = time.perf_counter(), time.process_time()
             for done, (at, frame) in enumerate(frames):
                 if at >= next_tick:
@@ -621,14 +699,17 @@ async def run_backtest(
 
 class ProgressLine:
     """A plain progress line with an ETA on ``out``, at most every ``every`` wall seconds
-    (for logs and pipes)."""
+    (for logs and pipes), timed from its first call (a configuration waiting for a worker
+    has not started)."""
 
     def __init__(self, label: str, *, every: float = 2.0, out: TextIO = sys.stderr):
         self.label, self.every, self.out = label, every, out
-        self._started = self._last = time.perf_counter()
+        self._started = self._last = math.nan
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
+        if math.isnan(self._started):
+            self._started = self._last = now
         if now - self._last < self.every and done < total:
             return
         self._last = now
@@ -646,10 +727,11 @@ class ProgressLine:
         pass
 
 
-class ProgressBar:
-    """A progress bar with the rate and an ETA on a terminal ``out`` (rich)."""
+class ProgressBars:
+    """Progress bars with the rate and an ETA, one per label, drawn together on a
+    terminal ``out`` (rich); each appears at its first call."""
 
-    def __init__(self, label: str, *, out: TextIO = sys.stderr):
+    def __init__(self, *, out: TextIO = sys.stderr):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -660,8 +742,7 @@ class ProgressBar:
             TimeRemainingColumn,
         )
 
-        self.label = label
-        self._bar = Progress(
+        self._bars = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -671,21 +752,43 @@ class ProgressBar:
             TimeRemainingColumn(),
             console=Console(file=out, force_terminal=True),
         )
-        self._task: Any = None
-        self._started = 0.0
+        self.drawn = False
 
-    def __call__(self, done: int, total: int) -> None:
-        if self._task is None:
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=total, rate="-")
-            self._started = time.perf_counter()
-        elapsed = time.perf_counter() - self._started
-        rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "-"
-        self._bar.update(self._task, completed=done, rate=rate)
+    def bar(self, label: str) -> Progress:
+        """The progress of ``label``, as its bar."""
+        task: Any = None
+        started = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal task, started
+            if not self.drawn:
+                self._bars.start()
+                self.drawn = True
+            if task is None:
+                task = self._bars.add_task(label, total=total, rate="-")
+                started = time.perf_counter()
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:,.0f}" if elapsed > 0 else "-"
+            self._bars.update(task, completed=done, rate=rate)
+
+        return progress
 
     def close(self) -> None:
-        if self._task is not None:
-            self._bar.stop()
+        if self.drawn:
+            self._bars.stop()
+            self.drawn = False
+
+
+class ProgressBar(ProgressBars):
+    """One progress bar, of ``label``."""
+
+    def __init__(self, label: str, *, out: TextIO = sys.stderr):
+        super().__init__(out=out)
+        self.label = label
+        self._progress = self.bar(label)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._progress(done, total)
 
 
 def progress_for(label: str, *, every: float, out: TextIO = sys.stderr) -> Progress:
@@ -696,6 +799,34 @@ def progress_for(label: str, *, every: float, out: TextIO = sys.stderr) -> Progr
         except ImportError:
             pass
     return ProgressLine(label, every=every, out=out)
+
+
+class ProgressBoard:
+    """The progress of configurations running at once, by name: a bar each, together,
+    on a terminal ``out``; plain lines each otherwise (or when rich is missing)."""
+
+    def __init__(self, labels: Sequence[str], *, every: float, out: TextIO = sys.stderr):
+        self._bars: ProgressBars | None = None
+        if out.isatty():
+            try:
+                self._bars = ProgressBars(out=out)
+            except ImportError:
+                pass
+        self.progress: dict[str, Progress] = {
+            label: self._bars.bar(label)
+            if self._bars is not None
+            else ProgressLine(label, every=every, out=out)
+            for label in labels
+        }
+
+    @property
+    def drawn(self) -> bool:
+        """Whether bars are drawn in place now: a line written meanwhile would tear them."""
+        return self._bars is not None and self._bars.drawn
+
+    def close(self) -> None:
+        if self._bars is not None:
+            self._bars.close()
 
 
 def _arms(figures: Mapping[str, float]) -> str:
@@ -749,10 +880,11 @@ def comparison_json(
     base: Mapping[str, Any],
     changes: Mapping[str, Mapping[str, Any]],
     reports: Sequence[Report],
+    failed: Sequence[Failed] = (),
 ) -> dict[str, Any]:
     """The base, the settings each configuration (by name) changes over it, as they ran,
     and its results (``results`` equal for equal inputs; the wall and CPU seconds apart,
-    under ``timing``)."""
+    under ``timing``); the configurations that failed, with why."""
     return {
         "source": source,
         "frames": reports[0].frames if reports else 0,
@@ -766,7 +898,189 @@ def comparison_json(
             }
             for report in reports
         ],
+        "failed": [
+            {"name": f.name, "settings": dict(changes[f.name]), "error": f.reason} for f in failed
+        ],
     }
+
+
+# ------------------------------------------------------------------ running them
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A configuration whose run raised: its name, why (the exception, in a line) and
+    where (its traceback)."""
+
+    name: str
+    reason: str
+    traceback: str = ""
+
+    def text(self) -> str:
+        return f"configuration {self.name!r} failed: {self.reason}"
+
+
+Outcome = Report | Failed
+#: (name, settings over the base's) of each configuration to run
+Runs = Sequence[tuple[str, Mapping[str, Any]]]
+
+
+def run_configuration(
+    frames: Frames, name: str, config: Mapping[str, Any], progress: Progress | None = None
+) -> Outcome:
+    """Run one configuration on ``frames``: its report, or its failure (the other
+    configurations' reports are not lost to it)."""
+    try:
+        return asyncio.run(run_backtest(frames, config, name=name, progress=progress))
+    except Exception as exc:
+        return Failed(name, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def run_in_process(
+    frames: Frames, runs: Runs, *, progress: Callable[[str], Progress] | None
+) -> Iterator[tuple[int, Outcome]]:
+    """Run the configurations here, one after the other: (index, outcome) of each.
+    ``progress`` makes a configuration's progress (None: none shown)."""
+    for index, (name, config) in enumerate(runs):
+        shown = progress(name) if progress is not None else None
+        try:
+            outcome = run_configuration(frames, name, config, shown)
+        finally:
+            if shown is not None:
+                shown.close()
+        yield index, outcome
+
+
+#: what the forkserver imports once, before it forks each worker: a worker then starts
+#: in milliseconds, not the second these take
+WORKER_PRELOAD = (
+    "pumpflow.cli.backtest", "pumpflow.feed.service", "pumpflow.features.service",
+    "pumpflow.activity.service", "pumpflow.model.service", "pumpflow.trading.service",
+    "pumpflow.exit.service", "pumpflow.report.gather", "websockets.asyncio.server",
+)  # fmt: skip
+#: wall seconds between a worker's progress messages, at most
+WORKER_PROGRESS_S = 0.1
+#: wall seconds between looks at the workers for one that died
+WORKER_WATCH_S = 0.5
+
+
+def worker_context() -> Any:
+    """Workers forked from a forkserver that holds the system imported, where there is
+    one (no asyncio state forked with them, as a fork of this process would), else
+    spawned."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    return context
+
+
+class _Relay:
+    """A worker's progress on a configuration, sent to the parent at most every
+    :data:`WORKER_PROGRESS_S`."""
+
+    def __init__(self, events: Any, slot: int, index: int):
+        self.events, self.slot, self.index = events, slot, index
+        self._last = -math.inf
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self._last < WORKER_PROGRESS_S and 0 < done < total:
+            return
+        self._last = now
+        self.events.put(("progress", self.slot, self.index, (done, total)))
+
+
+def _work(
+    slot: int, frames: Frames, environment: dict[str, str], tasks: Any, events: Any,
+    show_progress: bool,
+) -> None:  # fmt: skip
+    """A worker: run each configuration the parent hands it until it hands None."""
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a forkserver's children have its environment, from when it started: the settings
+    # are read from the parent's, as they are in the parent
+    os.environ.clear()
+    os.environ.update(environment)
+    while (task := tasks.get()) is not None:
+        index, name, config = task
+        progress = _Relay(events, slot, index) if show_progress else None
+        outcome = run_configuration(frames, name, config, progress)
+        try:
+            sent = pickle.dumps(outcome)
+        except Exception as exc:
+            sent = pickle.dumps(Failed(name, f"its report could not be sent: {exc!r}"))
+        events.put(("finished", slot, index, sent))
+
+
+def run_in_workers(
+    frames: Frames, runs: Runs, *, jobs: int, progress: Mapping[str, Progress] | None
+) -> Iterator[tuple[int, Outcome]]:
+    """Run the configurations in ``jobs`` worker processes, each handed the frames once
+    (pickled: some 7 ms for 10 market minutes, 7 MB); (index, outcome) of each as it
+    finishes. ``progress``: each configuration's, by name (None: none shown)."""
+    import queue
+
+    context = worker_context()
+    events = context.Queue()
+    environment = dict(os.environ)
+    pending = list(enumerate(runs))[::-1]
+    workers: dict[int, Any] = {}
+    tasks: dict[int, Any] = {}
+    running: dict[int, int] = {}  # worker slot -> configuration index
+
+    def start(slot: int) -> None:
+        tasks[slot] = context.Queue()
+        workers[slot] = context.Process(
+            target=_work, name=f"pumpflow-backtest-{slot}", daemon=True,
+            args=(slot, frames, environment, tasks[slot], events, progress is not None),
+        )  # fmt: skip
+        workers[slot].start()
+        hand(slot)
+
+    def hand(slot: int) -> None:
+        if pending:
+            index, (name, config) = pending.pop()
+            running[slot] = index
+            tasks[slot].put((index, name, dict(config)))
+        else:
+            tasks[slot].put(None)
+
+    try:
+        for slot in range(min(jobs, len(runs))):
+            start(slot)
+        while running:
+            try:
+                kind, slot, index, data = events.get(timeout=WORKER_WATCH_S)
+            except queue.Empty:
+                for slot, worker in list(workers.items()):
+                    if slot in running and worker.exitcode is not None:
+                        # killed (out of memory, a signal): its configuration with it
+                        index = running.pop(slot)
+                        yield (
+                            index,
+                            Failed(
+                                runs[index][0], f"its worker died (exit code {worker.exitcode})"
+                            ),
+                        )
+                        if pending:
+                            start(slot)
+                continue
+            if kind == "progress":
+                if progress is not None:
+                    progress[runs[index][0]](*data)
+                continue
+            del running[slot]
+            hand(slot)
+            yield index, pickle.loads(data)
+    finally:
+        for worker in workers.values():
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers.values():
+            worker.join()
 
 
 # ------------------------------------------------------------------ the command
@@ -806,6 +1120,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--configs", metavar="FILE.toml",
         help="configurations from a TOML file, one table each, run after --config's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+        help="sweep a setting over these values (repeatable): one configuration per point "
+        "of the grids' product, over each --config/--configs one or over the base, named "
+        f"by its values (at most {GRID_CAP})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=count, metavar="N",
+        help="configurations run at once, each in a worker process (default: the CPUs "
+        "this process may use; 1: one after the other, here)",
     )  # fmt: skip
     parser.add_argument(
         "--json", metavar="FILE.json", dest="json_out",
@@ -859,6 +1184,8 @@ def backtest_command(args: argparse.Namespace) -> int:
         configs: list[tuple[str, dict[str, Any]]] = [parse_config(t) for t in args.config]
         if args.configs:
             configs += read_configs(args.configs)
+        if args.grid:
+            configs = grid_configs([parse_grid(text) for text in args.grid], configs)
         configs = configs or [("run", {})]
         base = run_config()
         # what each configuration changes over the base, as it runs: the reports show these
@@ -900,12 +1227,7 @@ def backtest_command(args: argparse.Namespace) -> int:
     if args.json_out and args.json_out != "-":
         writable(args.json_out)
     if args.dataset:
-        from pumpflow.simulator.dataset import DatasetError
-
-        try:
-            frames, source = dataset_frames(args.dataset), args.dataset
-        except DatasetError as exc:
-            raise SystemExit(f"pumpflow backtest: {exc}") from None
+        frames, source = dataset_frames(args.dataset), args.dataset
     elif args.seed is not None:
         minutes = 10.0 if args.minutes is None else args.minutes
         frames = simulated_frames(args.seed, minutes, launches_per_minute=args.launches)
@@ -923,34 +1245,63 @@ def backtest_command(args: argparse.Namespace) -> int:
             frames = asyncio.run(
                 database_frames(args.dsn or settings.postgres_dsn, schema, args.start, args.end)
             )
-        except NoSuchSchema as exc:
-            raise SystemExit(f"pumpflow backtest: {exc}: no history to replay") from None
+        except NoSuchSchema as exc:  # a flag naming nothing
+            raise UsageError(f"{exc}: no history to replay") from None
         source = postgres_source(schema, args.start, args.end)
     if not frames:
         raise SystemExit(f"pumpflow backtest: no frames in {source}")
-    named = bool(args.config or args.configs)
+    named = bool(args.config or args.configs or args.grid)
     for name, config in configs:
         check_models(name if named else None, {**base, **config}, frames[0][0])
     # with --json - stdout is the JSON document alone, for machines
     said = sys.stderr if args.json_out == "-" else sys.stdout
     print(f"pumpflow backtest: {counted(len(frames), 'frame')} from {source}; "
           f"{counted(len(configs), 'configuration')}", file=said, flush=True)  # fmt: skip
-    reports = []
-    for name, config in configs:
-        progress = None if args.quiet else progress_for(name, every=args.every)
-        try:
-            reports.append(
-                asyncio.run(run_backtest(frames, {**base, **config}, name=name, progress=progress))
-            )
-        finally:
-            if progress is not None:
-                progress.close()
-        print(reports[-1].text(), file=said, flush=True)
-    if len(reports) > 1:
+    if (note := paper_note("backtest")) is not None:
+        print(note, file=said, flush=True)
+    runs = [(name, {**base, **config}) for name, config in configs]
+    jobs = min(args.jobs or len(os.sched_getaffinity(0)), len(runs))
+    board = None
+    if jobs == 1:
+        outcomes = run_in_process(frames, runs, progress=None if args.quiet else (
+            lambda name: progress_for(name, every=args.every, out=sys.stderr)
+        ))  # fmt: skip
+    else:
+        if not args.quiet:
+            board = ProgressBoard([n for n, _ in runs], every=args.every, out=sys.stderr)
+        outcomes = run_in_workers(
+            frames, runs, jobs=jobs, progress=board.progress if board is not None else None
+        )
+    # each configuration's report in the order given, as soon as those before it are in
+    ran: list[Outcome | None] = [None] * len(runs)
+    said_up_to = 0
+
+    def say_due() -> None:
+        nonlocal said_up_to
+        while said_up_to < len(ran) and (outcome := ran[said_up_to]) is not None:
+            if isinstance(outcome, Failed):
+                print(outcome.traceback + f"pumpflow backtest: {outcome.text()}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            else:
+                print(outcome.text(), file=said, flush=True)
+            said_up_to += 1
+
+    try:
+        for index, outcome in outcomes:
+            ran[index] = outcome
+            if board is None or not board.drawn:
+                say_due()
+    finally:
+        if board is not None:
+            board.close()
+    say_due()
+    reports = [outcome for outcome in ran if isinstance(outcome, Report)]
+    failed = [outcome for outcome in ran if isinstance(outcome, Failed)]
+    if several and reports:
         print(comparison_table(reports), file=said, flush=True)
     if args.json_out:
         document = json.dumps(
-            comparison_json(source, base, changes, reports), indent=2, default=str
+            comparison_json(source, base, changes, reports, failed), indent=2, default=str
         )
         if args.json_out == "-":
             print(document, flush=True)
@@ -958,11 +1309,16 @@ def backtest_command(args: argparse.Namespace) -> int:
             with open(args.json_out, "w", encoding="utf-8") as out:
                 out.write(document + "\n")
     write_backtest_reports(
-        reports, args.report, source=source, base=base, settings=changes, said=said
-    )
-    if len(reports) > 1:
+        reports, args.report, source=source, base=base, settings=changes, several=several,
+        said=said,
+    )  # fmt: skip
+    if several and reports:
         write_backtest_comparison(
             reports, args.report, source=source, base=base, settings=changes,
             columns=COMPARISON_COLUMNS, rows=comparison_rows(reports), said=said,
         )  # fmt: skip
+    if failed:
+        print(f"pumpflow backtest: {counted(len(failed), 'configuration')} failed: "
+              f"{', '.join(f.name for f in failed)}", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     return 0

@@ -110,6 +110,10 @@ class Console:
         self._last_trades = 0
         self._last_at = self.started_at
 
+    def symbols(self) -> dict[str, str]:
+        """Each seen token's symbol, by mint."""
+        return {mint: token.symbol for mint, token in self.tokens.items()}
+
     async def attach(self) -> None:
         await self.system.bus.subscribe(
             Subscription(service="console", patterns=_WATCHED, handler=self.on_event)

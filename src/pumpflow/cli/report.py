@@ -103,12 +103,13 @@ def report_command(args: argparse.Namespace) -> int:
     if args.out:
         report_writable(args.out, flag="--out")
     if args.results:
+        # input the command refuses, as a bad flag is (exit status 2)
         try:
             found = results.load(args.results)
         except OSError as exc:
-            raise SystemExit(f"pumpflow report: {args.results}: {exc.strerror}") from None
+            raise UsageError(f"{args.results}: {exc.strerror}") from None
         except ValueError as exc:
-            raise SystemExit(f"pumpflow report: {exc}") from None
+            raise UsageError(str(exc)) from None
         out = Path(args.out) if args.out else Path(args.results).with_suffix(".html")
     else:
         from pumpflow.common.runtime.settings import CommonSettings
@@ -119,8 +120,8 @@ def report_command(args: argparse.Namespace) -> int:
             found = asyncio.run(ledger_results(args.dsn or settings.postgres_dsn, schema))
         except OSError as exc:
             raise SystemExit(f"pumpflow report: Postgres does not answer: {exc}") from None
-        except LookupError as exc:  # NoSuchSchema
-            raise SystemExit(f"pumpflow report: {exc}: no trading ledger to report") from None
+        except LookupError as exc:  # NoSuchSchema: a flag naming nothing
+            raise UsageError(f"{exc}: no trading ledger to report") from None
         out = Path(args.out) if args.out else default_path("report", schema)
     print(f"report: {html.write(found, out)}", flush=True)
     return 0
@@ -146,11 +147,12 @@ def _base_text(base: Mapping) -> str:
 
 def write_backtest_reports(
     reports: Sequence, path: str | None, *, source: str, base: Mapping,
-    settings: Mapping[str, Mapping], said: TextIO = sys.stdout,
+    settings: Mapping[str, Mapping], several: bool, said: TextIO = sys.stdout,
 ) -> list[Path]:  # fmt: skip
-    """One report per configuration a backtest ran (its name in the file's when several),
-    saying the stream (``source``), the base every configuration starts from and the
-    settings the configuration changed over it (by name)."""
+    """One report per configuration a backtest ran (its name in the file's when it ran
+    ``several``, those that failed included), saying the stream (``source``), the base
+    every configuration starts from and the settings the configuration changed over it
+    (by name)."""
     import msgspec
 
     from pumpflow.report import html
@@ -159,7 +161,7 @@ def write_backtest_reports(
     for r in reports:
         if r.report_data is None:
             continue
-        out = backtest_report_path(path, r.name, several=len(reports) > 1)
+        out = backtest_report_path(path, r.name, several=several)
         notes = {
             "settings": _settings_text(settings.get(r.name) or {}) or "the base's",
             "base": _base_text(base),

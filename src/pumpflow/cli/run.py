@@ -26,6 +26,7 @@ import io
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -48,9 +49,31 @@ RUN_MIN_SCORE = 0.5
 #: minutes: with the filter 2 positions, 9,313 predictions refused for it; without, 20
 #: positions), so with it the run would show next to no trading
 RUN_SETTINGS = {"trading_reject_creator_sold": False}
-#: what a run's trading always is, whatever the environment or the config file says: its
-#: market is simulated, and a shell set up for live trading must not send its orders
-PAPER_ONLY = {"trading_executor": "paper", "trading_live_enabled": False}
+#: how the run and a backtest trade, whatever the environment or the config file says:
+#: their markets are simulated or past (a recording's mints are real tokens), and an
+#: order of theirs sent to the trade API would spend the wallet's SOL now
+PAPER = {"trading_executor": "paper", "trading_live_enabled": False}
+
+
+def paper_note(command: str) -> str | None:
+    """The line telling that ``command`` trades on paper though the settings ask for live
+    trading (None: they do not)."""
+    from pumpflow.common.runtime.settings import SettingsError
+    from pumpflow.trading.service import TradingService
+
+    settings_class = TradingService.settings_class
+    try:
+        settings = settings_class.load(service="trading", transport="memory")
+    except SettingsError:  # the command's own load says what is wrong
+        return None
+    asked = [key for key, paper in PAPER.items() if getattr(settings, key) != paper]
+    if not asked:
+        return None
+    variables = settings_class.variables()
+    given = ", ".join(f"{variables[key]}={str(getattr(settings, key)).lower()}" for key in asked)
+    return f"pumpflow {command}: trades on paper; the settings' live trading ({given}) is not used"
+
+
 #: the stale breaker's feed lag in wall seconds (the service's default, in market ones)
 FEED_LAG_S = 2.0
 #: the stale breaker's silence in wall seconds: at 60x the service's 30 market seconds
@@ -201,8 +224,8 @@ async def run_embedded_market(
             },
             service="trading",
             transport="memory",
-            **PAPER_ONLY,
             **({} if min_score is None else {"trading_min_score": min_score}),
+            **PAPER,
         )
     )
     exits = run_exit_service(speed)
@@ -246,11 +269,13 @@ async def run_embedded_market(
             await collector.attach(system.bus)
             print(
                 f"pumpflow embedded: simulator {server.url} at {speed:g}x, seed {seed}, "
-                f"{launches_per_minute:g} launches/min, trading on paper; services: "
+                f"{launches_per_minute:g} launches/min; services: "
                 f"{', '.join(system.services)}. Ctrl-C stops.",
                 file=out,
                 flush=True,
             )
+            if (note := paper_note("run")) is not None:
+                print(note, file=out, flush=True)
             if screen is None:
                 status = asyncio.create_task(console.status_loop(every))
             else:
@@ -260,7 +285,9 @@ async def run_embedded_market(
                     await stop.wait()
             # the dashboard goes on showing the sales; the exit's report follows it
             exit_report = out if screen is None else io.StringIO()
-            not_flat = await graceful_exit(system, clock=clock, speed=speed, out=exit_report)
+            not_flat = await graceful_exit(
+                system, clock=clock, speed=speed, out=exit_report, names=console.symbols()
+            )
             signals.cutting = ("the run's end", "no report is written")
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -388,9 +415,12 @@ def run_exit_service(speed: float):
     )
 
 
-async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | None:
+async def graceful_exit(
+    system, *, clock, speed: float, out: TextIO, names: Mapping[str, str] | None = None
+) -> str | None:
     """Publish ``system.shutdown`` (trading stops entering, exit sells what is held) and
-    print the exit service's report; why the run did not end flat (None: it did)."""
+    print the exit service's report, its tokens by their ``names`` (by mint); why the run
+    did not end flat (None: it did)."""
     from pumpflow.common.events import SystemShutdown, make_event
 
     exits = system["exit"]
@@ -409,7 +439,7 @@ async def graceful_exit(system, *, clock, speed: float, out: TextIO) -> str | No
     else:
         ended = True
         if exits.summary is not None:
-            print(exits.summary.text(), file=out, flush=True)
+            print(exits.summary.text(names), file=out, flush=True)
     left = system["trading"].book.open_count
     print(f"open positions after the graceful exit: {left}", file=out, flush=True)
     if not ended:

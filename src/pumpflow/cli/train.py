@@ -469,7 +469,6 @@ def run_training(args: argparse.Namespace, *, progress: bool):
 def train_command(args: argparse.Namespace) -> int:
     from pumpflow.common.db.pool import NoSuchSchema
     from pumpflow.model.training import TrainingError
-    from pumpflow.simulator.dataset import DatasetError
 
     if args.default:
         from pumpflow.model import DEFAULT_MODEL_PATH
@@ -477,7 +476,10 @@ def train_command(args: argparse.Namespace) -> int:
         args = default_args(DEFAULT_MODEL_PATH)
     try:
         path, trained = run_training(args, progress=True)
-    except (TrainingError, DatasetError, NoSuchSchema) as exc:
+    except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is
+        print(f"pumpflow train: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
         print(f"pumpflow train: {exc}", file=sys.stderr)
         return 1
     card = trained.card

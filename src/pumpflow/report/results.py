@@ -134,11 +134,11 @@ def equity_curve(results: Results) -> list[tuple[float, float]]:
         return _closed_curve(results.trades)
     if not results.sales:
         return []
-    opened = {t.position_id: t.opened_at for t in results.trades}
-    # sales at the same time in the order of their positions' openings and tokens, as
-    # closed positions are (:func:`_closed_curve`); a token's own in the book's order
-    sales = sorted(results.sales, key=lambda s: (s.time, opened.get(s.position_id, s.time), s.mint))
-    points = [(min(opened.values(), default=sales[0].time), 0.0)]
+    opened = [t.opened_at for t in results.trades]
+    # sales at the same time in the order the book booked them (the ledger's, the order
+    # they were filled and published in): the curve, and its drawdown, go as they went
+    sales = sorted(results.sales, key=lambda s: s.time)
+    points = [(min(opened, default=sales[0].time), 0.0)]
     total = 0.0
     for sale in sales:
         total += sale.realized_pnl_sol

@@ -61,6 +61,7 @@ import msgspec
 from pumpflow.common.db.transactions import holding_transaction
 from pumpflow.common.events import ExitLine, OrderFilled, OrderRejected
 from pumpflow.common.exit import DEADLINE, GRACEFUL, ExitRecord, GracefulExitSummary
+from pumpflow.common.runtime.settings import SHUTDOWN_REQUESTS_KEPT_S
 
 OrderState = Literal["sent", "filled", "rejected"]
 
@@ -267,7 +268,9 @@ class ExitStore(Protocol):
     async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
         """Store ``run`` unless a graceful exit is under way; the one under way. A
         ``request_id`` a run applied before gives that run, over or not; otherwise the
-        run returned applies it."""
+        run returned applies it. The requests of runs over longer than the store keeps
+        them before ``run`` starts are forgotten (a copy of one is refused for its age:
+        :meth:`~pumpflow.common.runtime.settings.CommonSettings.shutdown_too_old`)."""
 
     async def run_of_request(self, request_id: str) -> RunRecord | None:
         """The graceful exit that applied the operator's ``request_id``, if one did."""
@@ -330,7 +333,8 @@ class ExitStore(Protocol):
 class MemoryExitStore:
     """The records in memory (a restart of the embedded run starts from nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, requests_kept_s: float = SHUTDOWN_REQUESTS_KEPT_S) -> None:
+        self.requests_kept_s = requests_kept_s
         self.runs: dict[str, RunRecord] = {}
         self.exit_orders: dict[str, ExitOrderRecord] = {}
         self.run_partitions: dict[str, set[int]] = defaultdict(set)
@@ -348,6 +352,11 @@ class MemoryExitStore:
         self.requests: dict[str, str] = {}
 
     async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
+        before = run.started_at - self.requests_kept_s
+        for applied, run_id in list(self.requests.items()):
+            finished = self.runs[run_id].finished_at
+            if finished is not None and finished < before:
+                del self.requests[applied]
         if request_id is not None and request_id in self.requests:
             return self.runs[self.requests[request_id]]
         begun = await self.active_run()
@@ -476,6 +485,13 @@ _RUN_COLUMNS = (
 )
 
 
+#: the requests of runs over before $1 (clock seconds)
+_FORGET_REQUESTS = """
+DELETE FROM exit_run_requests r USING exit_runs x
+WHERE r.run_id = x.run_id AND x.finished_at < $1
+"""
+
+
 class _AppliedMeanwhile(Exception):
     """The operator's request was applied by another replica's transaction meanwhile."""
 
@@ -499,10 +515,13 @@ class PostgresExitStore:
     """The records in Postgres (migrations 0006, 0008, 0010, 0015, 0016, 0027), in the
     pool's schema."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: Any, *, requests_kept_s: float = SHUTDOWN_REQUESTS_KEPT_S):
         self.pool = pool
+        self.requests_kept_s = requests_kept_s
 
     async def begin_run(self, run: RunRecord, *, request_id: str | None = None) -> RunRecord:
+        # the table grows with the runs begun alone: forgotten here, a few rows a week
+        await self.pool.execute(_FORGET_REQUESTS, run.started_at - self.requests_kept_s)
         while True:
             try:
                 async with self.pool.acquire() as conn, conn.transaction():

@@ -48,6 +48,8 @@
   it stores the id with it (begun or joined, in one transaction): the same id asked
   again, of any replica, is answered with that run and its progress (its report once
   over) and not published, and a copy that reaches the bus all the same begins no run.
+  A request is remembered ``shutdown_requests_kept_s`` after its run is over; one
+  requested longer ago than that begins no run (applied and forgotten, or not).
   Another id while a run is under way joins it; once it is over, it begins the next.
 - **Trading's barrier.** This consumer may lag behind trading (a backlog on a
   partition): an entry trading sent may not have come here when everything else is
@@ -311,7 +313,12 @@ class ExitService(Service):
         self._ctx = ctx
         s = self.settings
         if self.records is None:
-            self.records = PostgresExitStore(ctx.db) if ctx.db is not None else MemoryExitStore()
+            kept = self.settings.shutdown_requests_kept_s
+            self.records = (
+                PostgresExitStore(ctx.db, requests_kept_s=kept)
+                if ctx.db is not None
+                else MemoryExitStore(requests_kept_s=kept)
+            )
         self.processor = ExitProcessor(
             s.rules(),
             clock=ctx.clock,
@@ -422,6 +429,13 @@ class ExitService(Service):
             applied = None
             if data.request_id is not None:
                 applied = await self.records.run_of_request(data.request_id)
+            now = self._ctx.clock.now()
+            if applied is None and self.settings.shutdown_too_old(event.time, now):
+                log.warning("exit: system.shutdown (%s, request %s) was requested %.0f s ago, "
+                            "longer ago than a request is kept (shutdown_requests_kept_s): "
+                            "no graceful exit", data.reason, data.request_id,
+                            now - event.time)  # fmt: skip
+                return
             if applied is None:
                 log.info("exit: system.shutdown (%s, request %s): graceful exit", data.reason,
                          data.request_id)  # fmt: skip
@@ -1120,7 +1134,7 @@ class ExitService(Service):
                     await self.manager.on_late_outcome(outcome)
             elif sale is not None and self.manager is not None:
                 await self.manager.on_rule_outcome(
-                    mint, outcome, sale.token_amount, held_back=held_back
+                    mint, outcome, sale.token_amount, held_back=held_back, rule=sale.rule
                 )
         except Exception:
             log.exception("exit: the graceful exit took %r badly", outcome)

@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
     except SettingsError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    except NoSuchSchema as exc:
+    except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is
         print(f"{prog} {args.feed_command}: {exc}: nothing recorded there", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

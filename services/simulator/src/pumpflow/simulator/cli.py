@@ -176,10 +176,10 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
         return 0
     if args.command == "load":
         try:
-            return asyncio.run(_load(args))
+            return asyncio.run(_load(args, prog))
         except DatasetError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
-            return 1
+            return 2
     return 2
 
 
@@ -216,7 +216,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     return dict(server.counters)
 
 
-async def _load(args: argparse.Namespace) -> int:
+async def _load(args: argparse.Namespace, prog: str) -> int:
     from pumpflow.common.db.pool import create_pool
     from pumpflow.common.runtime.settings import CommonSettings
     from pumpflow.common.storage import TokenEventStore
@@ -235,6 +235,10 @@ async def _load(args: argparse.Namespace) -> int:
         took = time.perf_counter() - began
     finally:
         await pool.close()
+    if not result.frames:
+        # as a backtest or a training of it would: nothing to run on is a failure
+        print(f"{prog}: no frames in {args.file}: nothing stored", file=sys.stderr)
+        return 1
     print(
         f"{result.frames} frames read, {result.inserted} stored, {result.rejected} rejected "
         f"in {took:.2f} s ({result.frames / max(took, 1e-9):,.0f} frames/s)"

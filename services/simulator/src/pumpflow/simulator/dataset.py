@@ -32,6 +32,7 @@ from pumpflow.common.events import (
     make_event,
 )
 from pumpflow.common.pumpportal import decode_token_frame
+from pumpflow.common.runtime.arguments import UsageError
 from pumpflow.simulator.market import Frame, Market
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ log = logging.getLogger(__name__)
 LOAD_SOURCE = "simulator.dataset"
 
 
-class DatasetError(ValueError):
-    """A line of a dataset file that is not ``{"t": ..., "frame": ...}``."""
+class DatasetError(UsageError):
+    """A dataset file that cannot be opened (not there, a folder) or a line of one that is
+    not ``{"t": ..., "frame": ...}``: input the command refuses, as a flag's bad value."""
 
 
 #: (arrival epoch seconds, frame bytes)
@@ -83,7 +85,11 @@ def write_dataset(
 def read_dataset_raw(path: str | Path) -> Iterator[tuple[float, bytes]]:
     """Yield ``(arrival epoch seconds, frame bytes)`` per frame of a dataset file (as
     written) or of a recording (see the module docstring), told by its first line."""
-    with open(path, "rb") as src:
+    try:
+        opened = open(path, "rb")
+    except OSError as exc:
+        raise DatasetError(f"{path}: {exc.strerror}") from None
+    with opened as src:
         lines = ((number, line) for number, line in enumerate(src, 1) if line.strip())
         first = next(lines, None)
         if first is None:

@@ -104,6 +104,7 @@ from pumpflow.common.events import (
     encode_event,
     encode_payload,
 )
+from pumpflow.common.runtime.settings import SHUTDOWN_REQUESTS_KEPT_S
 from pumpflow.common.trading import EarlyTrade, Position, TradingState, UnbookedTrade
 from pumpflow.common.trading.risk import Report
 
@@ -598,7 +599,8 @@ class Ledger(Protocol):
     async def control(self) -> tuple[TradingState, str] | None: ...
 
     async def shutdown_applied(self, request_id: str) -> bool:
-        """Whether a halt stored applied the shutdown request ``request_id``."""
+        """Whether a halt stored applied the shutdown request ``request_id`` (forgotten
+        once it is older than a request is kept and its barrier is out, in Postgres)."""
         ...
 
     async def unpublished_barriers(self) -> list[tuple[str, str]]:
@@ -1069,6 +1071,12 @@ ON CONFLICT (signature) DO NOTHING
 """
 _JUDGED_EARLY = "DELETE FROM trading_early_trades WHERE signature = ANY($1::text[])"
 _PRUNE_EARLY = "DELETE FROM trading_early_trades WHERE stored_at < now() - interval '1 day'"
+#: the shutdown requests applied longer ago than $1 seconds, their barriers out: a copy
+#: of one is refused for its age (:meth:`CommonSettings.shutdown_too_old`)
+_FORGET_SHUTDOWNS = """
+DELETE FROM trading_shutdown_requests
+WHERE applied_at < now() - make_interval(secs => $1) AND barrier_published_at IS NOT NULL
+"""
 _UNBOOKED_COLUMNS = (
     "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
 )  # fmt: skip
@@ -1156,10 +1164,12 @@ class PostgresLedger:
     """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022, 0024,
     0028), in the pool's schema."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: Any, *, shutdowns_kept_s: float = SHUTDOWN_REQUESTS_KEPT_S):
         self.pool = pool
         #: time.monotonic() of the last deletion of the outbox's old events
         self._pruned_at: float | None = None
+        #: seconds a shutdown request is kept once its barrier is out
+        self.shutdowns_kept_s = shutdowns_kept_s
 
     async def commit(self, change: LedgerChange) -> Committed:
         if not change:
@@ -1377,6 +1387,8 @@ class PostgresLedger:
                     list(shutdowns),
                     list(shutdowns.values()),
                 )
+                # the table grows here alone: a few rows a week, read whole
+                await conn.execute(_FORGET_SHUTDOWNS, self.shutdowns_kept_s)
 
     async def control(self) -> tuple[TradingState, str] | None:
         row = await self.pool.fetchrow(

@@ -30,7 +30,10 @@ every order, fill and position.
   exit does not wait ``exit_barrier_wait_s`` for it; killed after the publication and
   before saying so, the barrier goes out twice, which the exit service takes as one. A
   shutdown without a request id seen again halts again and publishes a barrier again,
-  which the exit service drops once the graceful exit is over.
+  which the exit service drops once the graceful exit is over. The ledger forgets a
+  request ``shutdown_requests_kept_s`` after its halt, its barrier out; a shutdown
+  requested longer ago than that is not applied, applied before or not (a copy of one
+  forgotten would halt and bar again).
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -127,7 +130,6 @@ import functools
 import itertools
 import logging
 import math
-import re
 import time
 import uuid
 from collections import Counter
@@ -173,6 +175,7 @@ from pumpflow.common.trading import (
     Holdings,
     Position,
     PositionBook,
+    Reason,
     RiskManager,
     TradingEngine,
     TradingState,
@@ -225,11 +228,8 @@ _CONTEXT = (
     TokenLifecycle,
     ModelPrediction,
 )
-_REASON_NUMBERS = re.compile(r"(?<!\w)[-+]?\d[\d.,e%+-]*")
-#: names in a reason (a mint, an order id: words of 12 characters and more, of letters
-#: and digits both), counted as one; a word with an underscore is a feature's or a
-#: setting's name, which says what the reason is about
-_REASON_NAMES = re.compile(r"\b(?=[\w:-]*\d)(?=[\w:-]*[A-Za-z])(?![\w:-]*_)[\w:-]{12,}")
+#: why a prediction without a reason ordered nothing
+_NO_ORDER = Reason.fixed("no order")
 #: wall seconds between attempts to store a halt while Postgres is away (first, most)
 _CONTROL_RETRY_S = (0.1, 2.0)
 #: wall seconds between a take-over's reads of whether its predecessor stood by (first, most)
@@ -500,7 +500,9 @@ class TradingService(Service):
                 log.info("trading without a database: the ledger is in memory")
                 self.ledger = MemoryLedger()
             else:
-                self.ledger = PostgresLedger(ctx.db)
+                self.ledger = PostgresLedger(
+                    ctx.db, shutdowns_kept_s=self.settings.shutdown_requests_kept_s
+                )
         stores = lease_stores(ctx)
         keep_views = self.settings.trading_keep_token_views
         if keep_views is None:
@@ -973,6 +975,13 @@ class TradingService(Service):
                              "not halted again, no second barrier", request_id,
                              event.data.reason)  # fmt: skip
                     continue
+                now = self._ctx.clock.now()
+                if self.settings.shutdown_too_old(event.time, now):
+                    log.warning("trading: system.shutdown %s (%s) was requested %.0f s ago, "
+                                "longer ago than a request is kept (shutdown_requests_kept_s):"
+                                " not applied", request_id, event.data.reason,
+                                now - event.time)  # fmt: skip
+                    continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}", shutdown=event.data)
                 if self._control_refused is not None:
@@ -1220,15 +1229,12 @@ class TradingService(Service):
         return {"acknowledged": acknowledged, "unbooked_wallet_trades": await self.unbooked_view()}
 
     def _note_skip(self) -> None:
-        """Count why a prediction ordered nothing (each reason, its value and the names in
-        it left out)."""
+        """Count why a prediction ordered nothing, each reason by its kind."""
         decision = self.engine.last_decision
         if decision is None:
             return  # a shadow arm's
-        for reason in decision.reasons or ("no order",):
-            # the observed value comes first and varies; the limits after it are settings
-            named = _REASON_NAMES.sub("<id>", reason)
-            self.skipped[_REASON_NUMBERS.sub("#", named, count=1)] += 1
+        for reason in decision.reasons or (_NO_ORDER,):
+            self.skipped[reason.kind] += 1
 
     def _exit(self, event: Event, step: _Step) -> None:
         """A sale the exit service ordered: stored, then executed (never twice), for no

@@ -385,16 +385,19 @@ class GracefulExitManager:
         tokens: float,
         *,
         held_back: float,
+        rule: str,
     ) -> None:
-        """A rule's sale of ``tokens`` ordered before the exit began settled, and the
-        position's rule sales hold back ``held_back`` after it: the tokens it sold are
-        gone; those it did not sell (refused, or filled short) the exit sells, unless the
-        others still under way hold them (the position is never left open)."""
+        """A rule's sale (``rule``) of ``tokens`` ordered before the exit began settled,
+        and the position's rule sales hold back ``held_back`` after it: the tokens it sold
+        are gone; those it did not sell (refused, or filled short) the exit sells, unless
+        the others still under way hold them (the position is never left open)."""
         queued = self.planner.exits.get(mint)
         record = self.records.get(mint)
         if queued is None or record is None or self.summary is not None:
             return
         sold = outcome.token_amount if isinstance(outcome, OrderFilled) else 0.0
+        if sold > 0:
+            record.sold_by_rule = rule
         record.tokens_at_start += self.planner.settle_reserved(
             mint, tokens, sold=sold, held_back=held_back
         )

@@ -8,6 +8,7 @@ their difference is everything the exit cost, fees included.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pumpflow.common.events import ExitLine, ExitReport, OrderFilled
@@ -44,6 +45,8 @@ class ExitRecord:
     #: tokens a rule's sale ordered before the exit began holds back, awaiting its
     #: outcome: not this exit's to sell, yet the position is not sold out while they wait
     pending_tokens: float = 0.0
+    #: the rule whose sale, ordered before the exit began, sold tokens of the position
+    sold_by_rule: str | None = None
 
     def add_fill(self, fill: OrderFilled, time: float) -> TrancheFill:
         tranche = TrancheFill(
@@ -112,7 +115,8 @@ class ExitRecord:
             sol_received=self.sol_received,
             tranches=len(self.fills),
             completed=self.completed,
-            reason=self.rule,
+            # sold out by a rule's sale alone: that rule's, the exit sold nothing
+            reason=self.sold_by_rule if self.sold_by_rule and not self.fills else self.rule,
             mark_price=self.mark_price,
             average_price=self.average_price,
             slippage=self.slippage,
@@ -232,8 +236,9 @@ class GracefulExitSummary:
             lines=report.positions,
         )
 
-    def text(self) -> str:
-        """The summary as the CLI prints it."""
+    def text(self, names: Mapping[str, str] | None = None) -> str:
+        """The summary as the CLI prints it, each position by its token's name in
+        ``names`` (by mint) where it has one."""
         worst = self.worst_slippage
         lines = [
             f"graceful exit ({self.reason}): {counted(self.positions, 'position')}, "
@@ -269,8 +274,11 @@ class GracefulExitSummary:
                 left += f"  {line.unconfirmed_tokens:.6g} tokens UNCONFIRMED"
             if line.pending_tokens:
                 left += f"  {line.pending_tokens:.6g} tokens in a rule's sale AWAITING its outcome"
+            elif line.completed and not line.tranches and not line.closed:
+                left += f"  sold by its {line.reason} sale, ordered before the exit"
+            label = (names or {}).get(line.mint) or line.mint[:12]
             lines.append(
-                f"  {line.mint[:12]:<12} {line.reason:<9} {counted(line.tranches, 'tranche'):>12} "
+                f"  {label:<12} {line.reason:<9} {counted(line.tranches, 'tranche'):>12} "
                 f"{line.sol_received:>10.4f} SOL  slippage {slip}" + left
             )
         return "\n".join(lines)

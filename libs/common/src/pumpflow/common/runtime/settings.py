@@ -49,6 +49,12 @@ from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TI
 
 #: the environment variable naming the config file
 CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"
+#: how long an operator's shutdown request is remembered as applied, and how old one may
+#: be and still apply: a request comes again as ``pumpflow stop`` retries it under its id
+#: (within its wait, minutes), as the broker redelivers it unacknowledged (at once, or as
+#: its consumer comes back from an outage of hours) and as an operator moves its dead
+#: letter back (within days); a week is past all of them, and one older is refused
+SHUTDOWN_REQUESTS_KEPT_S = 7 * 86_400.0
 #: the config file's table read by every service
 COMMON_TABLE = "common"
 #: the prefix of every setting's environment variable
@@ -377,6 +383,13 @@ class CommonSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         3.0, gt=0, description="a replica silent this long is dead; others take its partitions"
     )
+    shutdown_requests_kept_s: float = Field(
+        SHUTDOWN_REQUESTS_KEPT_S,
+        gt=0,
+        description="trading and exit: seconds an operator's shutdown request is "
+        "remembered as applied (a copy then applies nothing again), and the age past "
+        "which one is refused as too old to apply (whether it was applied is not known)",
+    )
     consumer_groups: Annotated[str | None, AfterValidator(_known_groups)] = Field(
         None,
         description="consumer groups the deployment runs, comma-separated (unset: all): "
@@ -447,6 +460,12 @@ class CommonSettings(BaseSettings):
     def source(self) -> str:
         """Event source of this replica: ``<service>/<replica>``."""
         return f"{self.service}/{self.replica}"
+
+    def shutdown_too_old(self, requested_at: float, now: float) -> bool:
+        """Whether a shutdown requested at ``requested_at`` is older than a request is
+        remembered (:attr:`shutdown_requests_kept_s`): applied or not, it must not apply
+        now, as nothing tells a copy of one applied and forgotten."""
+        return requested_at < now - self.shutdown_requests_kept_s
 
     @classmethod
     def load(cls, **overrides):

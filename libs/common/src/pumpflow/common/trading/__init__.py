@@ -43,6 +43,7 @@ from pumpflow.common.trading.live import (
 from pumpflow.common.trading.orders import rejected
 from pumpflow.common.trading.paper import PaperBroker, PaperOrder, PaperOutcome
 from pumpflow.common.trading.positions import Position, PositionBook, SaleReservation
+from pumpflow.common.trading.reasons import Reason
 from pumpflow.common.trading.risk import (
     BREAKERS,
     LIMITS,
@@ -99,6 +100,7 @@ __all__ = [
     "PaperOutcome",
     "Position",
     "PositionBook",
+    "Reason",
     "RiskCheck",
     "RiskLimits",
     "RiskManager",

@@ -19,6 +19,7 @@ from pumpflow.common.curve import CurveState
 from pumpflow.common.events import Event, ModelPrediction, TokenLifecycle, source_service
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading.paper import Market
+from pumpflow.common.trading.reasons import Reason
 from pumpflow.common.trading.settings import EntryFilters
 
 #: lifecycle states a token may be entered in
@@ -105,7 +106,7 @@ class EntryDecision:
     mint: str
     enter: bool
     #: why not (empty when entering)
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
     score: float | None = None
     #: the score's place between ``min_score`` (0) and 1 (1)
     confidence: float = 0.0
@@ -128,86 +129,122 @@ class DecisionPolicy:
     def __init__(self, filters: EntryFilters | None = None):
         self.filters = filters or EntryFilters()
 
-    def filter_reasons(self, view: TokenView, features: Mapping[str, float]) -> list[str]:
+    def filter_reasons(self, view: TokenView, features: Mapping[str, float]) -> list[Reason]:
         """Every entry filter the token fails, as reasons (empty: it passes them all)."""
         f = self.filters
-        reasons: list[str] = []
+        reasons: list[Reason] = []
         missing = [n for n in FILTER_FEATURES if n not in features]
         if missing:
-            return [f"features lack {missing}"]
+            return [Reason.fixed(f"features lack {missing}")]
         if view.created_at is None:
             # a token first seen by a trade (one made by hand from the wallet, a stream
             # joined late): its age and creator, counted from that trade, are guesses
-            reasons.append("creation not seen")
+            reasons.append(Reason.fixed("creation not seen"))
         age = features["time_since_launch"]
         if not f.min_age_s <= age <= f.max_age_s:
-            reasons.append(f"age {age:.0f}s outside {f.min_age_s:g}..{f.max_age_s:g}s")
+            reasons.append(
+                Reason.observed(
+                    "age {}s outside {low:g}..{high:g}s",
+                    f"{age:.0f}",
+                    low=f.min_age_s,
+                    high=f.max_age_s,
+                )
+            )
         progress = features["curve_progress"]
         if not f.min_curve_progress <= progress <= f.max_curve_progress:
             reasons.append(
-                f"curve progress {progress:.1%} outside "
-                f"{f.min_curve_progress:.0%}..{f.max_curve_progress:.0%}"
+                Reason.observed(
+                    "curve progress {} outside {low:.0%}..{high:.0%}",
+                    f"{progress:.1%}",
+                    low=f.min_curve_progress,
+                    high=f.max_curve_progress,
+                )
             )
         holding = features["creator_holding_share"]
         if holding > f.max_creator_holding_share:
-            reasons.append(f"creator holds {holding:.1%} > {f.max_creator_holding_share:.1%}")
+            reasons.append(
+                Reason.observed(
+                    "creator holds {} > {most:.1%}",
+                    f"{holding:.1%}",
+                    most=f.max_creator_holding_share,
+                )
+            )
         if f.reject_creator_sold and features["creator_sold"] > 0:
-            reasons.append("creator sold")
+            reasons.append(Reason.fixed("creator sold"))
         volume = features["buy_volume_sol_60s"]
         if volume < f.min_buy_volume_sol_60s:
-            reasons.append(f"bought {volume:.2f} SOL in 60s < {f.min_buy_volume_sol_60s:g}")
+            reasons.append(
+                Reason.observed(
+                    "bought {} SOL in 60s < {least:g}",
+                    f"{volume:.2f}",
+                    least=f.min_buy_volume_sol_60s,
+                )
+            )
         traders = features["unique_traders"]
         if traders < f.min_unique_traders:
-            reasons.append(f"{traders:.0f} traders < {f.min_unique_traders}")
+            reasons.append(
+                Reason.observed(
+                    "{} traders < {least}", f"{traders:.0f}", least=f.min_unique_traders
+                )
+            )
         top = features["top_buyer_share"]
         if top > f.max_top_buyer_share:
-            reasons.append(f"top buyer {top:.0%} of buys > {f.max_top_buyer_share:.0%}")
+            reasons.append(
+                Reason.observed(
+                    "top buyer {} of buys > {most:.0%}", f"{top:.0%}", most=f.max_top_buyer_share
+                )
+            )
         if f.name_blocklist:
             if view.name is None and view.symbol is None:
-                reasons.append("name unknown (block list set)")
+                reasons.append(Reason.fixed("name unknown (block list set)"))
             else:
                 hit = _contains_any(view.name, f.name_blocklist) or _contains_any(
                     view.symbol, f.name_blocklist
                 )
                 if hit is not None:
-                    reasons.append(f"name blocked ({hit!r})")
+                    # the block list's entry is a setting: each says what it blocks
+                    reasons.append(Reason.fixed(f"name blocked ({hit!r})"))
         if f.creator_blocklist:
             if view.creator is None:
-                reasons.append("creator unknown (block list set)")
+                reasons.append(Reason.fixed("creator unknown (block list set)"))
             elif view.creator in f.creator_blocklist:
-                reasons.append("creator blocked")
+                reasons.append(Reason.fixed("creator blocked"))
         return reasons
 
     def decide(self, view: TokenView, features: Mapping[str, float] | None = None) -> EntryDecision:
         """Enter ``view``'s token or not, on ``features`` (default: the view's latest)."""
         features = view.features if features is None else features
-        reasons: list[str] = []
+        reasons: list[Reason] = []
         lifecycle = view.lifecycle
         priority = Priority.IDLE
         if view.migrated:
-            reasons.append("graduated")
+            reasons.append(Reason.fixed("graduated"))
         if lifecycle is None:
-            reasons.append("lifecycle unknown")
+            reasons.append(Reason.fixed("lifecycle unknown"))
         else:
             priority = Priority(min(max(lifecycle.priority, 0), Priority.URGENT))
             if lifecycle.state not in ENTRY_STATES:
-                reasons.append(f"lifecycle {lifecycle.state}")
+                reasons.append(Reason.fixed(f"lifecycle {lifecycle.state}"))
             elif priority <= Priority.LOW:
-                reasons.append(f"priority {priority.name}")
+                reasons.append(Reason.fixed(f"priority {priority.name}"))
         prediction = view.prediction
         score = None
         confidence = 0.0
         if prediction is None:
-            reasons.append("no prediction")
+            reasons.append(Reason.fixed("no prediction"))
         else:
             score = prediction.score
             if not score >= self.filters.min_score:
-                reasons.append(f"score {score:.3f} < {self.filters.min_score:g}")
+                reasons.append(
+                    Reason.observed(
+                        "score {} < {least:g}", f"{score:.3f}", least=self.filters.min_score
+                    )
+                )
             else:
                 span = 1.0 - self.filters.min_score
                 confidence = min(1.0, (score - self.filters.min_score) / span) if span else 1.0
         if view.curve is None and not view.migrated:
-            reasons.append("no curve state")
+            reasons.append(Reason.fixed("no curve state"))
         reasons += self.filter_reasons(view, features)
         return EntryDecision(
             mint=view.mint,

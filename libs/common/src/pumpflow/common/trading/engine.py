@@ -62,6 +62,7 @@ from pumpflow.common.trading.decisions import (
     retaken_id,
 )
 from pumpflow.common.trading.positions import PositionBook
+from pumpflow.common.trading.reasons import Reason
 from pumpflow.common.trading.risk import LimitBreach, RiskManager, exceeds
 
 CONSUMES = (
@@ -117,7 +118,7 @@ class Decision:
     size_sol: float = 0.0
     order: OrderRequested | None = None
     #: why there is no order (empty when there is)
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
 
     @property
     def enter(self) -> bool:
@@ -206,8 +207,7 @@ class TradingEngine:
         if not entry.enter:
             return Decision(entry=entry, reasons=entry.reasons)
         if not self.risk.entries_allowed:
-            reason = f"trading is {self.risk.state}: {self.risk.state_reason()}"
-            return Decision(entry=entry, reasons=(reason,))
+            return Decision(entry=entry, reasons=(self.risk.state_refusal(),))
         curve = view.curve
         assert curve is not None  # the policy enters only tokens with a curve
         price = curve.price
@@ -229,7 +229,8 @@ class TradingEngine:
         while order_id in self.withdrawn:
             order_id = retaken_id(order_id)
         if order_id in self.sent_orders:
-            return Decision(entry=entry, size_sol=size, reasons=(f"order {order_id} sent already",))
+            sent = Reason(f"order {order_id} sent already", "order <id> sent already")
+            return Decision(entry=entry, size_sol=size, reasons=(sent,))
         order = OrderRequested(
             order_id=order_id,
             mint=token_id,

@@ -116,6 +116,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.pool import is_pool
 from pumpflow.common.priority import Priority
+from pumpflow.common.trading.reasons import Reason
 from pumpflow.common.trading.settings import BreakerSettings, RiskLimits
 
 SECONDS_PER_DAY = 86_400.0
@@ -245,7 +246,7 @@ class RiskCheck:
     """Whether an entry may go ahead; false with the first limit it breaks."""
 
     allowed: bool
-    reason: str = ""
+    reason: Reason | None = None
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -438,36 +439,50 @@ class RiskManager:
         now: the most it can spend (:attr:`entry_spend`) within every limit."""
         lim = self.limits
         if self.state is not TradingState.ACTIVE:
-            return RiskCheck(False, f"trading is {self.state}: {self.state_reason()}")
+            return RiskCheck(False, self.state_refusal())
         spend = self.entry_spend.most(position_size)
         if exceeds(spend, self.capital * lim.max_position_fraction):
-            # one number, the observed one: the service counts reasons by the rest
             return RiskCheck(
                 False,
-                f"size {position_size:.4f} SOL over the per-trade limit (at the most it spends)",
+                Reason.observed(
+                    "size {} SOL over the per-trade limit (at the most it spends)",
+                    f"{position_size:.4f}",
+                ),
             )
         new_token = not self._holds_or_reserved(token_id)
         if not new_token and not lim.add_to_positions:
-            return RiskCheck(False, "held already (or an entry is in flight): one entry a token")
+            return RiskCheck(
+                False, Reason.fixed("held already (or an entry is in flight): one entry a token")
+            )
         if new_token and lim.reentry_cooldown_s > 0.0:
             closed = self.positions.last_closed_at(token_id)
             if closed is not None and (ago := self.clock.now() - closed) < lim.reentry_cooldown_s:
                 return RiskCheck(
                     False,
-                    f"closed {ago:.0f}s ago, in the re-entry cooldown of "
-                    f"{lim.reentry_cooldown_s:.0f}s",
+                    Reason.observed(
+                        "closed {}s ago, in the re-entry cooldown of {cooldown:.0f}s",
+                        f"{ago:.0f}",
+                        cooldown=lim.reentry_cooldown_s,
+                    ),
                 )
         if new_token and self.open_positions() >= lim.max_concurrent_positions:
-            return RiskCheck(False, f"{lim.max_concurrent_positions} positions already open")
+            return RiskCheck(
+                False, Reason.fixed(f"{lim.max_concurrent_positions} positions already open")
+            )
         # a minimum order at least: a limit with no room left (exceeded, say, by a late
         # fill) is named, not the size under the minimum the sizing left
         least = self.entry_spend.most(max(position_size, lim.min_order_sol))
         if exceeds(least, self._token_room(token_id)):
-            return RiskCheck(False, "over the token's exposure limit")
+            return RiskCheck(False, Reason.fixed("over the token's exposure limit"))
         if exceeds(least, self._total_room()):
-            return RiskCheck(False, "over the total exposure limit")
+            return RiskCheck(False, Reason.fixed("over the total exposure limit"))
         if not position_size >= lim.min_order_sol:
-            return RiskCheck(False, f"size {position_size:.4f} SOL under {lim.min_order_sol}")
+            return RiskCheck(
+                False,
+                Reason.observed(
+                    "size {} SOL under {least}", f"{position_size:.4f}", least=lim.min_order_sol
+                ),
+            )
         return _ALLOWED
 
     def breaches(self, token_id: str, *, spent: float | None = None) -> list[LimitBreach]:
@@ -553,14 +568,28 @@ class RiskManager:
         return self.set_state(TradingState.ACTIVE, reason)
 
     def state_reason(self) -> str:
+        return self.state_cause().text
+
+    def state_cause(self) -> Reason:
+        """Why trading is in its state: the operator's word, the breakers tripped (of
+        kind their names: a fault's text says values and tokens), the daily loss limit."""
         if self.operator_state is self.state and self.operator_state is not TradingState.ACTIVE:
-            return self.operator_reason
+            return Reason.fixed(self.operator_reason)
         tripped = [b for b in self.breakers.values() if b.tripped]
         if tripped:
-            return "; ".join(f"{b.name}: {b.reason}" for b in tripped)
+            return Reason(
+                "; ".join(f"{b.name}: {b.reason}" for b in tripped),
+                "; ".join(f"{b.name} breaker" for b in tripped),
+            )
         if self.daily_loss_hit:
-            return "daily loss limit"
-        return self.operator_reason
+            return Reason.fixed("daily loss limit")
+        return Reason.fixed(self.operator_reason)
+
+    def state_refusal(self) -> Reason:
+        """Why an entry is refused in the state trading is in (other than active)."""
+        cause = self.state_cause()
+        said = f"trading is {self.state}: "
+        return Reason(said + cause.text, said + cause.kind)
 
     # ---------------------------------------------------------------- breakers
 
