@@ -286,6 +286,8 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         "pumpflow_trading_orders_total",
         "pumpflow_trading_fill_sol_total",
         "pumpflow_trading_state",
+        # live or paper: nobody takes one for the other
+        "pumpflow_trading_executor",
         "pumpflow_trading_breaker_trips_total",
         "pumpflow_receipt_to_decision_seconds_bucket",
         # what an operator must see: a halt not stored, sales in flight and refused,

@@ -1363,3 +1363,43 @@ def test_settings_shows_values_as_the_environment_takes_them(monkeypatch, capsys
     )
     assert re.search(r"PUMPFLOW_EXIT_STOP_LOSS\s+\(empty\)\n\s+default 0\.3;", text)
     assert "(0.5, 0.25)" not in text and "None" not in text
+
+
+WALLET = "HDypasvYsG5MuABAfaTf78FVYMmYedcbefZ7pxWEhVQV"
+
+
+@pytest.mark.parametrize(
+    ("environment", "last"),
+    [
+        ({}, "trading on paper: orders fill on the curve, no money moves"),
+        (
+            {"PUMPFLOW_TRADING_EXECUTOR": "live"},
+            "trading would not start: the live executor is chosen but not enabled: set "
+            "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money",
+        ),
+        (
+            {
+                "PUMPFLOW_TRADING_EXECUTOR": "live",
+                "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+                "PUMPPORTAL_API_KEY": "a-key-never-shown",
+                "PUMPFLOW_TRADING_LIVE_WALLET": WALLET,
+            },
+            "trading LIVE: orders go to https://pumpportal.fun/api/trade and trade real money "
+            f"from the wallet {WALLET} (entry slippage 5%, priority fee 0.0001 SOL a "
+            "transaction)",
+        ),
+    ],
+)
+def test_settings_of_trading_end_by_saying_whether_it_would_trade_live(
+    monkeypatch, capsys, environment, last
+):
+    """What a trader checks before switching: the line the service would start with, or
+    its refusal."""
+    for name in ("PUMPPORTAL_API_KEY", "PUMPPORTAL_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert cli_main.main(["settings", "trading"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == last
+    assert "a-key-never-shown" not in out

@@ -16,6 +16,7 @@ from pumpflow.cli.run import (
     run_embedded_market,
     run_exit_service,
 )
+from pumpflow.common.testing.trade_api import fake_trade_api
 
 
 def market_refusals(message: str) -> bool:
@@ -74,21 +75,26 @@ async def test_the_environment_sets_the_runs_trading_settings(monkeypatch):
     assert "score # < 1" in printed
 
 
-async def test_the_run_trades_on_paper_whatever_the_environment_says(monkeypatch):
+async def test_the_run_trades_on_paper_whatever_the_environment_says(monkeypatch, caplog):
     """A live trader's environment never sends the simulator's orders to the trade API:
-    the run fills them on paper, and says it does."""
-    for name, value in {
-        "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
-        "PUMPPORTAL_API_KEY": "the-traders-key",
-        "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
-        "PUMPFLOW_TRADING_LIVE_URL": "http://127.0.0.1:9/api/trade",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    out = io.StringIO()
-    await run_embedded_market(
-        duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out,
-        min_score=0.0,
-    )  # fmt: skip
+    the run fills them on paper, and says it does; nothing it says asks for a setting to
+    make it live."""
+    caplog.set_level(logging.INFO)
+    async with fake_trade_api("error") as api:
+        for name, value in {
+            "PUMPFLOW_TRADING_EXECUTOR": "live", "PUMPFLOW_TRADING_LIVE_ENABLED": "true",
+            "PUMPPORTAL_API_KEY": "the-traders-key",
+            "PUMPFLOW_TRADING_LIVE_WALLET": "So11111111111111111111111111111111111111112",
+            "PUMPFLOW_TRADING_LIVE_URL": api.url,
+        }.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        out = io.StringIO()
+        await run_embedded_market(
+            duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0, out=out,
+            min_score=0.0,
+        )  # fmt: skip
+    assert api.requests == []
+    assert "to trade real money" not in caplog.text
     printed = out.getvalue()
     assert "pumpflow run: trades on paper" in printed, printed[:2000]
     assert "trade API" not in printed, printed[-3000:]

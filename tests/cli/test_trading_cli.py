@@ -529,3 +529,19 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
         assert capsys.readouterr().out == "1 unbooked wallet trade acknowledged; 0 left\n"
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")
         assert await pumpflow_trading(base, "acknowledge") == 2
+
+
+@pytest.mark.parametrize(
+    ("executor", "line"),
+    [("live", "orders executed LIVE: real money through the trade API"),
+     ("paper", "orders executed on paper: no money moves")],
+)  # fmt: skip
+async def test_state_says_whether_trading_is_live(capsys, executor, line):
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {"state": "active", "reason": "", "role": "active", "executor": executor}
+        )
+
+    async with local_app(Starlette(routes=[Route("/state", state), limits_route([])])) as base:
+        assert await pumpflow_trading(base, "state") == 0
+    assert capsys.readouterr().out == f"trading is active (no reason); role active\n{line}\n"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import WallClock
+from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.feed.service import FeedService
@@ -31,12 +34,33 @@ def test_settings_read_pumpportal_names_and_hide_the_key(monkeypatch):
 def test_api_key_from_a_secret_file(monkeypatch, tmp_path):
     secret = tmp_path / "key"
     secret.write_text("from-file\n")
+    secret.chmod(0o600)
     monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
     monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(secret))
     assert FeedSettings.load().api_key() == "from-file"
     monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(tmp_path / "missing"))
     with pytest.raises(SettingsError, match="PUMPPORTAL_API_KEY_FILE"):
         FeedSettings.load().api_key()
+
+
+def test_serving_the_feed_with_a_key_file_every_user_reads_is_one_line_and_exit_2(
+    monkeypatch, tmp_path, capsys
+):
+    """The key file is refused as a setting is, before anything connects: no traceback,
+    and the line names the file (its path is no secret)."""
+    secret = tmp_path / "key"
+    secret.write_text("from-file\n")
+    secret.chmod(0o644)
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    monkeypatch.setenv("PUMPPORTAL_API_KEY_FILE", str(secret))
+    monkeypatch.setenv("PUMPFLOW_HTTP_PORT", "0")
+    assert asyncio.run(run_service(FeedService)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"pumpflow feed: PUMPPORTAL_API_KEY_FILE: {secret} is readable by every user "
+        f"(mode 0644): chmod 600 {secret} (640 to share it with a group)"
+    )
 
 
 def test_bad_settings_fail_with_the_variable_name(monkeypatch):

@@ -22,13 +22,13 @@ from pumpflow.common.runtime.http import create_app
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.testing.proxy import TcpProxy
+from pumpflow.common.testing.trade_api import fake_trade_api
 from pumpflow.common.trading import TradingState, UnbookedTrade
 from pumpflow.trading import service as service_module
 from pumpflow.trading.ledger import Announced, LedgerChange, MemoryLedger, PostgresLedger
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .fake_trade_api import fake_trade_api
 from .test_live import CONFIRM_S, WALLET, answered, live_settings
 from .test_service import publish, ready
 

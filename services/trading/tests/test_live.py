@@ -1,5 +1,5 @@
 """The live executor inside the embedded trading service, against a local fake of
-PumpPortal's trade API (fake_trade_api.py, 127.0.0.1): success, an error answer, no
+PumpPortal's trade API (pumpflow.common.testing.trade_api, 127.0.0.1): success, an error answer, no
 answer, and a signature whose trade never shows. Every case sends the order once."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pumpflow.common.runtime.runner import run_service
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
+from pumpflow.common.testing.trade_api import FakeTradeApi, fake_trade_api
 from pumpflow.trading.ledger import FillRecord, LedgerChange, MemoryLedger, OrderRecord
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .fake_trade_api import FakeTradeApi, fake_trade_api
 from .test_service import BlinkingLedger, publish, ready, running
 
 KEY = "fake-api-key-never-logged"
@@ -474,6 +474,22 @@ async def test_an_error_answer_rejects_the_order_which_is_never_sent_again(clock
         await clock.advance(CONFIRM_S + 1)
         assert len(api.requests) == 1 and run.watch.count("order.rejected") == 1
     assert KEY not in caplog.text
+
+
+async def test_a_throttled_call_is_refused_at_once_whatever_its_body(clock, market):
+    """A 429 (here a proxy's text, no JSON) was turned away before anything was signed:
+    the order is rejected at once, saying so (a sale may then be asked again), never
+    held as unknown for the whole confirmation wait."""
+    async with fake_trade_api("throttled") as api, entered(clock, market, api) as run:
+        service = run.service
+        await answered(service, api)
+        await clock.advance(service.settings.trading_tick_s)
+        [rejected] = run.watch.payloads("order.rejected")
+        assert rejected.reason == "trade API refused: HTTP 429: Too Many Requests"
+        order = await order_of(run.ledger)
+        assert order["state"] == "rejected" and order["outcome"] == rejected.reason
+        assert service.risk.reservations == {}
+        assert len(api.requests) == 1
 
 
 @pytest.mark.parametrize(

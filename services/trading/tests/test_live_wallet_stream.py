@@ -15,6 +15,7 @@ from pumpflow.common.events import Event, ExitOrder, FeedSubscription, encode_pa
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.common.testing.factories import TokenEvents
+from pumpflow.common.testing.trade_api import fake_trade_api
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator.market import Market as SimulatedMarket
@@ -23,7 +24,6 @@ from pumpflow.simulator.server import SimulatorServer
 from pumpflow.trading.ledger import MemoryLedger
 
 from .conftest import Market
-from .fake_trade_api import fake_trade_api
 from .test_live import WALLET, answered, live
 
 CONFIRM_S = 3.0

@@ -139,6 +139,9 @@ def settings_command(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['variable']:<{width}}  {_shown(row['value'])}")
         print(f"{'':<{width}}  default {_shown(row['default'])}; {row['description']}")
+    said = settings_cls.load(service=args.service).start_line()
+    if said is not None:
+        print(said)
     return 0
 
 

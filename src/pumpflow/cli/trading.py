@@ -26,8 +26,9 @@ their announcement (``trading.state``) not published yet. One line on stderr say
 and why, exit status 4 (:data:`~pumpflow.cli.api.UNPUBLISHED`): it goes out once the
 broker takes it, in order with what the replica published before it.
 
-``state`` also lists the limits exceeded now, if any (``/limits``: a live order's late
-fill, booked past its limit check).
+``state`` also says who executes orders (live: real money, or paper) and lists the
+limits exceeded now, if any (``/limits``: a live order's late fill, booked past its
+limit check).
 
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
@@ -48,6 +49,12 @@ from pumpflow.cli.api import (
     replica_url_argument,
 )
 from pumpflow.common.text import counted
+
+#: what ``state`` says of the executor a replica's ``/state`` names
+EXECUTOR_LINES = {
+    "live": "orders executed LIVE: real money through the trade API",
+    "paper": "orders executed on paper: no money moves",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -114,6 +121,9 @@ def trading_command(args: argparse.Namespace) -> int:
     elif not elsewhere:
         print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); "
               f"role {body['role']}")  # fmt: skip
+    executor = EXECUTOR_LINES.get(body.get("executor"))
+    if executor is not None and args.action == "state":
+        print(executor)
     if exceeded:
         held = ", as the ledger holds them" if body.get("source") == "ledger" else ""
         print(f"limits exceeded{held} (booked past their check: no entry adding to them "

@@ -77,6 +77,7 @@ def test_secret_str_values_are_scrubbed_too():
 def test_a_key_read_from_its_secret_file_is_scrubbed(tmp_path):
     secret = tmp_path / "pumpportal-key"
     secret.write_text("FILEKEY-VALUE-9\n")
+    secret.chmod(0o600)
     settings = PumpPortalKeySettings(pumpportal_api_key_file=secret, service="trading")
     assert settings.api_key() == "FILEKEY-VALUE-9"
     stream = io.StringIO()

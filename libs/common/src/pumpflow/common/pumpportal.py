@@ -473,6 +473,17 @@ def _check_values(payload: TokenPayload, event_type: str) -> None:
     raise _explain_values(payload, event_type)
 
 
+def is_public_key(text: str) -> bool:
+    """Whether ``text`` has a public key's form (a mint's, a wallet's)."""
+    return _PUBKEY.fullmatch(text) is not None
+
+
+def has_signature_form(text: str) -> bool:
+    """Whether ``text`` has the form of 64 bytes in base58: a signature's, or a
+    keypair's (the private key with the public one)."""
+    return _SIGNATURE.fullmatch(text) is not None
+
+
 _PUBKEY_TEXT = "a public key: 32 to 44 base58 characters"
 _TEXT_BOUNDS: Final = (
     ("signature", _SIGNATURE, "a signature: 64 to 88 base58 characters"),

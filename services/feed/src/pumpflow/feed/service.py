@@ -118,6 +118,9 @@ class FeedService(Service):
     def __init__(self, settings: FeedSettings, *, registry: CollectorRegistry | None = None):
         super().__init__(settings)
         self.settings: FeedSettings = settings
+        # a key file refused (open to other users, empty) is a setting refused: before
+        # anything connects
+        settings.api_key()
         self.needs_db = settings.feed_record  # type: ignore[misc]
         self.metrics = FeedMetrics.for_registry(registry or REGISTRY)
         self.manager: DataFeedManager | None = None

@@ -46,6 +46,8 @@ log = logging.getLogger("pumpflow.trading.live")
 
 #: what PumpPortal's ``pool`` takes when the token's venue is not known
 POOL_AUTO = "auto"
+#: the API's (or a proxy's) rate limit: the call was turned away unprocessed
+TOO_MANY_REQUESTS = 429
 #: longest answer text kept in the ledger and the log
 _DETAIL_CHARS = 300
 
@@ -55,7 +57,8 @@ class ApiAnswer:
     """What one call of the trade API came back with.
 
     ``signature``: a transaction exists (pending, whatever the status said);
-    ``refused``: nothing was sent (no connection, a client error without a signature);
+    ``refused``: nothing was sent (no connection, a client error without a signature,
+    a 429 whatever its body);
     ``unknown``: no answer (a timeout, a connection lost after the request left), a
     server error, a garbled answer or an acceptance without its signature.
     """
@@ -136,6 +139,9 @@ class TradeApi:
             return ApiAnswer(
                 kind="signature", detail=detail, signature=signature, status=response.status_code
             )
+        if response.status_code == TOO_MANY_REQUESTS:
+            # throttled before anything was signed, whatever body a proxy put on it
+            return ApiAnswer(kind="refused", detail=detail, status=response.status_code)
         if (
             response.status_code >= 500
             or not isinstance(answer, dict)

@@ -18,6 +18,8 @@ RECEIPT_TO_DECISION_BUCKETS = (
 
 #: what the book does not hold though the wallet moved by it (see ``unbooked``)
 UNBOOKED_KINDS = ("wallet_trade", "sale_of_closed_position")
+#: who may execute orders (see ``executor``)
+EXECUTORS = ("paper", "live")
 #: what became of an order (see ``order``)
 ORDER_OUTCOMES = ("sent", "filled", "rejected", "duplicate")
 #: a prediction's outcome, by whether it led to an order
@@ -53,6 +55,12 @@ class _Families:
             registry=registry,
         )
         self.positions = Gauge("pumpflow_trading_open_positions", "Tokens held", registry=registry)
+        self.executor = Gauge(
+            "pumpflow_trading_executor",
+            "1 for who executes orders (paper, or live: real money through the trade API)",
+            ["executor"],
+            registry=registry,
+        )
         self.state = Gauge(
             "pumpflow_trading_state",
             "1 for the trading state in force (active, reducing, halted)",
@@ -146,6 +154,10 @@ class TradingMetrics:
             self._f.predictions.labels(outcome)
         #: ordered -> its predictions counter (looked up once: one a prediction)
         self._predictions: dict[bool, Any] = {}
+
+    def executor(self, name: str) -> None:
+        for executor in EXECUTORS:
+            self._f.executor.labels(executor).set(1 if executor == name else 0)
 
     def order(self, side: str, outcome: str) -> None:
         self._f.orders.labels(side, outcome).inc()

@@ -333,25 +333,6 @@ class NotHolder(RuntimeError):
     transient_dependency = "lease"
 
 
-def _check_live(settings: TradingSettings) -> None:
-    """Refuse to start live without the explicit switch, the key and the wallet."""
-    if not settings.trading_live_enabled:
-        raise SettingsError(
-            "the live executor is chosen but not enabled: set "
-            "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
-        )
-    if settings.api_key() is None:
-        raise SettingsError(
-            "the live executor needs PumpPortal's API key: set PUMPPORTAL_API_KEY or "
-            "PUMPPORTAL_API_KEY_FILE"
-        )
-    if not settings.trading_live_wallet:
-        raise SettingsError(
-            "the live executor needs the public key of the API key's wallet, whose trades "
-            "confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
-        )
-
-
 class _Step:
     """What one event or timer round changed: the ledger's part, the orders to send, the
     events to publish once stored."""
@@ -422,9 +403,11 @@ class TradingService(Service):
         ledger: Ledger | None = None,
     ):
         super().__init__(settings)
-        if settings.trading_executor == "live":
-            _check_live(settings)
+        refusal = settings.live_refusal()
+        if refusal is not None:
+            raise SettingsError(refusal)
         self.metrics = TradingMetrics(registry=registry)
+        self.metrics.executor(settings.trading_executor)
         self.ledger: Ledger | None = ledger
         self.leader: LeaderLease | None = None
         self._ctx: ServiceContext | None = None
@@ -511,6 +494,7 @@ class TradingService(Service):
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        log.log(*self.settings.executor_line())
         if self.ledger is None:
             if ctx.db is None:
                 log.info("trading without a database: the ledger is in memory")
@@ -2148,6 +2132,7 @@ class TradingService(Service):
         return {
             "role": self.role,
             "source": "book",
+            "executor": self.settings.trading_executor,
             "state": risk.state.value,
             "reason": risk.state_reason(),
             "operator_state": risk.operator_state.value,
@@ -2174,6 +2159,7 @@ class TradingService(Service):
         operator_state, operator_reason = control or (TradingState.ACTIVE, "")
         return {
             **await self._standing_by(),
+            "executor": self.settings.trading_executor,
             "state": None,
             "reason": None,
             "operator_state": TradingState(operator_state).value,
@@ -2413,7 +2399,11 @@ class TradingService(Service):
 
     async def status(self) -> dict[str, Any]:
         role = self.role
-        body: dict[str, Any] = {"ready": role in ("active", "standby"), "role": role}
+        body: dict[str, Any] = {
+            "ready": role in ("active", "standby"),
+            "role": role,
+            "executor": self.settings.trading_executor,
+        }
         if role == "active":
             body.update(
                 state=self.risk.state.value,

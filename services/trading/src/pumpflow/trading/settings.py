@@ -20,15 +20,25 @@ sending and confirming defaults are argued in :mod:`pumpflow.common.trading.sett
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from dataclasses import replace
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
-from pumpflow.common.pumpportal import TRADE_API_URL
-from pumpflow.common.runtime.settings import PumpPortalKeySettings
+from pumpflow.common.pumpportal import (
+    TRADE_API_URL,
+    has_signature_form,
+    is_public_key,
+    redact,
+)
+from pumpflow.common.runtime.settings import PumpPortalKeySettings, SettingsError
 from pumpflow.common.trading import (
+    MAX_ENTRY_SLIPPAGE_PCT,
+    MAX_PRIORITY_FEE_SOL,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -41,6 +51,16 @@ _LIMITS = RiskLimits()
 _PAPER = PaperExecution()
 _BREAKERS = BreakerSettings()
 _LIVE = LiveExecution(wallet="-")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 #: a block list's entry: a blank one is in every name, and would block every token
 _Entry = Annotated[str, StringConstraints(pattern=r"\S")]
@@ -64,7 +84,11 @@ class TradingSettings(PumpPortalKeySettings):
         None, description="live: public key of the API key's wallet; its trades confirm orders"
     )
     trading_live_priority_fee_sol: float = Field(
-        _LIVE.priority_fee_sol, ge=0, description="live: the trade API's priorityFee, SOL"
+        _LIVE.priority_fee_sol,
+        ge=0,
+        le=MAX_PRIORITY_FEE_SOL,
+        description="live: the trade API's priorityFee, SOL a transaction (at most the "
+        "smallest order's SOL)",
     )
     trading_live_answer_timeout_s: float = Field(
         _LIVE.answer_timeout_s,
@@ -117,8 +141,9 @@ class TradingSettings(PumpPortalKeySettings):
     )
     trading_slippage_pct: float = Field(
         _PAPER.slippage_pct,
-        ge=0,
-        description="slippage limit of entries, percent (live: the trade API's slippage)",
+        gt=0,
+        description="slippage limit of entries, percent (5: 5%; live: the trade API's "
+        f"slippage, at most {MAX_ENTRY_SLIPPAGE_PCT:g})",
     )
     trading_paper_latency_s: float = Field(
         _PAPER.latency_s, ge=0, description="paper: from an order to the state it fills on"
@@ -197,6 +222,106 @@ class TradingSettings(PumpPortalKeySettings):
     trading_remembered_orders: int = Field(
         100_000, ge=1, description="order ids loaded on start against a second send"
     )
+
+    @field_validator("trading_live_wallet")
+    @classmethod
+    def _a_public_key(cls, wallet: str | None) -> str | None:
+        """A wallet the stream never shows leaves every order's trade unbooked (its tokens
+        unsold), and a private key given for it would be logged: neither is taken, and
+        the value is not repeated."""
+        if wallet is None or is_public_key(wallet):
+            return wallet
+        if has_signature_form(wallet):
+            raise ValueError(
+                "64 bytes long, as a private key is: give the wallet's public key (32 to 44 "
+                "base58 characters), and keep the private key out of every setting"
+            )
+        raise ValueError("not a public key (32 to 44 base58 characters)")
+
+    @field_validator("trading_live_url")
+    @classmethod
+    def _keeps_the_key_secret(cls, url: str) -> str:
+        """The key goes in the URL's query as the request leaves: never over plain HTTP
+        but to this machine (a local fake), and never in the setting itself."""
+        parts = urlsplit(url)
+        if parts.query:
+            raise ValueError(
+                "the trade API's URL carries a query: give the key in PUMPPORTAL_API_KEY "
+                "(or PUMPPORTAL_API_KEY_FILE), not in the URL"
+            )
+        if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+            raise ValueError(
+                "http:// sends the API key in clear text: use https:// (plain http only to "
+                "this machine, 127.0.0.1 or localhost)"
+            )
+        return url
+
+    def live_refusal(self) -> str | None:
+        """Why the live executor chosen would not start (None: it would, or paper is)."""
+        if self.trading_executor != "live":
+            return None
+        if not self.trading_live_enabled:
+            return (
+                "the live executor is chosen but not enabled: set "
+                "PUMPFLOW_TRADING_LIVE_ENABLED=true to trade real money"
+            )
+        try:
+            key = self.api_key()
+        except SettingsError as exc:
+            return str(exc)
+        if key is None:
+            return f"the live executor needs PumpPortal's API key: {self.no_key()}"
+        if self.trading_slippage_pct > MAX_ENTRY_SLIPPAGE_PCT:
+            return (
+                f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {self.trading_slippage_pct:g} is over the "
+                f"{MAX_ENTRY_SLIPPAGE_PCT:g}% a live entry may pay over its price (a percent: "
+                "5 is 5%)"
+            )
+        if not self.trading_live_wallet:
+            return (
+                "the live executor needs the public key of the API key's wallet, whose "
+                "trades confirm its orders: set PUMPFLOW_TRADING_LIVE_WALLET"
+            )
+        return None
+
+    def executor_line(self) -> tuple[int, str]:
+        """What the start says of who executes orders (live: once :meth:`live_refusal`
+        has none), and at what level: live is never taken for paper, nor paper with a
+        live setting given for live."""
+        if self.trading_executor == "live":
+            return logging.WARNING, (
+                f"trading LIVE: orders go to {redact(self.trading_live_url)} and trade real "
+                f"money from the wallet {self.trading_live_wallet} (entry slippage "
+                f"{self.trading_slippage_pct:g}%, priority fee "
+                f"{self.trading_live_priority_fee_sol:g} SOL a transaction)"
+            )
+        paper = "trading on paper: orders fill on the curve, no money moves"
+        if self.trading_live_enabled:
+            return logging.WARNING, (
+                f"{paper}. PUMPFLOW_TRADING_LIVE_ENABLED is true, but "
+                "PUMPFLOW_TRADING_EXECUTOR is paper: set it to live to trade real money"
+            )
+        given = [
+            name
+            for name, value in (
+                ("PumpPortal's API key", self.key_given()),
+                ("PUMPFLOW_TRADING_LIVE_WALLET", self.trading_live_wallet),
+            )
+            if value
+        ]
+        if given:
+            return logging.INFO, (
+                f"{paper}; {' and '.join(given)} {'is' if len(given) == 1 else 'are'} set and "
+                "not used (live: PUMPFLOW_TRADING_EXECUTOR=live and "
+                "PUMPFLOW_TRADING_LIVE_ENABLED=true)"
+            )
+        return logging.INFO, paper
+
+    def start_line(self) -> str | None:
+        refusal = self.live_refusal()
+        if refusal is not None:
+            return f"trading would not start: {refusal}"
+        return self.executor_line()[1]
 
     def filters(self) -> EntryFilters:
         return replace(

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import PurePath
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -28,6 +29,11 @@ _MIN_SCRUB_LENGTH = 6
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
+
+
+#: values never secret, whatever their setting's name: a number or a flag
+#: (feed_max_keys_per_message), and a path, which names where a secret is (the key file)
+_NEVER_SECRET = (bool, int, float, PurePath)
 
 
 def is_secret_name(name: str) -> bool:
@@ -59,8 +65,8 @@ def redact_value(name: str, value: Any) -> Any:
     """The value of setting ``name`` as it may be shown."""
     if value is None or value == "":
         return value
-    if is_secret_name(name) and not isinstance(value, bool | int | float):
-        return MASK  # a number or a flag is never a secret (feed_max_keys_per_message)
+    if is_secret_name(name) and not isinstance(value, _NEVER_SECRET):
+        return MASK
     if isinstance(value, str):
         return redact_url(value)
     if isinstance(value, Mapping):
@@ -92,7 +98,7 @@ def _secret_strings(name: str, value: Any) -> Iterable[str]:
             yield from _secret_strings(str(field), inner)
         return
     if not isinstance(value, str):
-        if is_secret_name(name) and not isinstance(value, bool | int | float):
+        if is_secret_name(name) and not isinstance(value, _NEVER_SECRET):
             yield str(value)
         return
     if is_secret_name(name):

@@ -44,6 +44,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pumpflow.common.runtime.logging import redact_value
 from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 
 #: the environment variable naming the config file
@@ -425,6 +426,16 @@ class CommonSettings(BaseSettings):
         config = _ConfigFileSource(settings_cls, path, service)
         return init_settings, env_settings, dotenv_settings, config, file_secret_settings
 
+    def start_line(self) -> str | None:
+        """What the service says of these settings as it starts, for ``pumpflow
+        settings`` to end with (None: nothing beyond them)."""
+        return None
+
+    def __repr_args__(self):
+        # a repr lands in tracebacks and debug lines: shown as the log shows settings
+        for name, value in super().__repr_args__():
+            yield name, redact_value(name, value) if name is not None else value
+
     @field_validator("*", mode="before")
     @classmethod
     def _unset_if_empty(cls, value: Any, info: ValidationInfo) -> Any:
@@ -539,6 +550,10 @@ class PumpPortalKeySettings(CommonSettings):
         description="file holding the API key (a mounted secret)",
     )
 
+    def key_given(self) -> bool:
+        """Whether a key is given, by the environment or a secret file (not read here)."""
+        return self.pumpportal_api_key is not None or self.pumpportal_api_key_file is not None
+
     def read_secrets(self) -> dict[str, str]:
         """The key read from the secret file, for the log scrubber to mask."""
         if self.pumpportal_api_key is not None or self.pumpportal_api_key_file is None:
@@ -549,18 +564,67 @@ class PumpPortalKeySettings(CommonSettings):
             return {}
         return {"pumpportal_api_key_file": key} if key else {}
 
+    @field_validator("pumpportal_api_key")
+    @classmethod
+    def _strip_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # the key sent is the one without blanks around it: the one the logs must mask
+        return None if value is None else SecretStr(value.get_secret_value().strip())
+
+    def no_key(self) -> str:
+        """What to do about no key given: a blank one unsets it, as any blank setting."""
+        if os.environ.get("PUMPPORTAL_API_KEY", "") and self.pumpportal_api_key is None:
+            return "PUMPPORTAL_API_KEY is set but blank: give the key"
+        return "set PUMPPORTAL_API_KEY or PUMPPORTAL_API_KEY_FILE"
+
     def api_key(self) -> str | None:
-        """The key from the environment or the secret file; never log it."""
-        if self.pumpportal_api_key is not None:
-            key = self.pumpportal_api_key.get_secret_value().strip()
-            return key or None
-        if self.pumpportal_api_key_file is not None:
-            try:
-                key = self.pumpportal_api_key_file.read_text("utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(
-                    f"PUMPPORTAL_API_KEY_FILE: cannot read {self.pumpportal_api_key_file}: "
-                    f"{exc.strerror}"
-                ) from None
-            return key or None
-        return None
+        """The key from the environment or the secret file; never log it.
+
+        Refused (SettingsError): both given, a key with whitespace inside it (two lines
+        of a file), an empty secret file, and one other users may read or change."""
+        given, path = self.pumpportal_api_key, self.pumpportal_api_key_file
+        if given is not None and path is not None:
+            raise SettingsError(
+                "PUMPPORTAL_API_KEY and PUMPPORTAL_API_KEY_FILE are both set: give the key one way"
+            )
+        if given is not None:
+            return _one_key("PUMPPORTAL_API_KEY", given.get_secret_value())
+        if path is None:
+            return None
+        try:
+            _check_private(path)
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise SettingsError(
+                f"PUMPPORTAL_API_KEY_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        key = _one_key("PUMPPORTAL_API_KEY_FILE", text)
+        if key is None:
+            raise SettingsError(f"PUMPPORTAL_API_KEY_FILE: {path} is empty")
+        return key
+
+
+def _one_key(variable: str, text: str) -> str | None:
+    """The key ``text`` holds (None when blank), refused when whitespace splits it."""
+    key = text.strip()
+    if any(c.isspace() for c in key):
+        raise SettingsError(
+            f"{variable}: the key has whitespace inside it: give one key, on one line"
+        )
+    return key or None
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a secret file that users other than its owner and group may read, or that
+    anyone but its owner may change (a changed key would trade from another wallet)."""
+    mode = path.stat().st_mode & 0o777
+    others = [what for bit, what in ((0o004, "readable"), (0o002, "writable")) if mode & bit]
+    if others:
+        what = f"{' and '.join(others)} by every user"
+    elif mode & 0o020:
+        what = "writable by its group"
+    else:
+        return
+    raise SettingsError(
+        f"PUMPPORTAL_API_KEY_FILE: {path} is {what} (mode {mode:04o}): chmod 600 {path} "
+        "(640 to share it with a group)"
+    )

@@ -8,6 +8,7 @@
   :func:`base58_key` keys and signatures that frames may carry.
 - :class:`BusHarness`: started buses of either transport, torn down after the test.
 - :func:`stack_env` / :class:`ProcessStack`: services as processes on the test's servers.
+- :mod:`pumpflow.common.testing.trade_api`: a local fake of PumpPortal's trade API.
 - :mod:`pumpflow.common.testing.plugin`: the pytest fixtures over all of these.
 
 No pytest here (only in the plugin), so benchmarks and scripts may use the kit too.

@@ -56,6 +56,8 @@ from pumpflow.common.trading.risk import (
     TradingState,
 )
 from pumpflow.common.trading.settings import (
+    MAX_ENTRY_SLIPPAGE_PCT,
+    MAX_PRIORITY_FEE_SOL,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -69,6 +71,8 @@ __all__ = [
     "ENTRY_STATES",
     "FILTER_FEATURES",
     "LIMITS",
+    "MAX_ENTRY_SLIPPAGE_PCT",
+    "MAX_PRIORITY_FEE_SOL",
     "MIGRATION_POOL",
     "SERVICE_CONSUMES",
     "VENUE_CURVE",

@@ -136,7 +136,13 @@ Paper execution (:class:`PaperExecution`):
 - ``latency_s = 0.5``: sending to PumpPortal and landing in a slot; at the graduates'
   ~1.7 trades/s about one trade gets in first on a hot token.
 - ``slippage_pct = 5.0``: :class:`~pumpflow.common.events.OrderRequested`'s default,
-  PumpPortal's ``slippage`` in percent.
+  PumpPortal's ``slippage`` in percent. An entry's is above 0, and live at most
+  :data:`MAX_ENTRY_SLIPPAGE_PCT` (50): 0 (or a fraction such as 0.05 given for 5%, the
+  other settings being fractions) refuses nearly every order, and past 50 an entry may
+  pay more than half again the price it was decided on, reserved whole against the
+  limits: 500 is a slip of the decimal point, not a strategy. 50 is the most the exit
+  pays to get out (its deadline's sweep). Paper takes more: a test or a study may want
+  every entry filled whatever the price did.
 - ``api_fee_rate = 0.01``: PumpPortal's ``api/trade`` (it signs and sends); its
   ``trade-local`` costs 0.005.
 - ``pool_fee_rate = 0.0125``: the reference gives no PumpSwap fee; the curve's is a
@@ -147,7 +153,10 @@ Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
 - ``priority_fee_sol = 0.0001``: PumpPortal's ``priorityFee``, paid per transaction
   whatever its size. It is 0.025% of a full 0.4 SOL entry (against 2.25% of fees each
   way) and 1% of a 0.01 SOL dust-floor order: enough to land in the next slots on a
-  hot token without the fixed cost dominating the smallest trade.
+  hot token without the fixed cost dominating the smallest trade. It is at most
+  :data:`MAX_PRIORITY_FEE_SOL`, the smallest order's SOL (``min_order_sol``, 0.01): a
+  fee above it costs more than the smallest order it is paid for, and 0.5 given for
+  0.0005 would pay a whole entry's SOL on every transaction.
 - ``answer_timeout_s = 5``: the API answers with a signature before the transaction
   confirms, so its answer takes a round trip and a simulation, well under a second;
   five seconds without one means the call is lost, and the order's outcome unknown.
@@ -171,6 +180,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pumpflow.common.curve import FEE_RATE
+
+#: the most an entry's slippage may be, percent (argued in the module docstring)
+MAX_ENTRY_SLIPPAGE_PCT = 50.0
 
 
 def _check_fraction(owner: object, *names: str) -> None:
@@ -267,6 +279,11 @@ class RiskLimits:
             raise ValueError("priority_scale needs five shares within 0..1, IDLE to URGENT")
 
 
+#: the most a live transaction's priority fee may be, SOL: the smallest order's SOL
+#: (argued in the module docstring)
+MAX_PRIORITY_FEE_SOL = RiskLimits().min_order_sol
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerSettings:
     """When the circuit breakers trip and recover; defaults argued in the module docstring."""
@@ -333,8 +350,8 @@ class LiveExecution:
     def __post_init__(self) -> None:
         if not self.wallet:
             raise ValueError("wallet must be the public key of the API key's wallet")
-        if self.priority_fee_sol < 0:
-            raise ValueError("priority_fee_sol must be >= 0")
+        if not 0 <= self.priority_fee_sol <= MAX_PRIORITY_FEE_SOL:
+            raise ValueError(f"priority_fee_sol must be within 0..{MAX_PRIORITY_FEE_SOL:g}")
         _check_positive(self, "answer_timeout_s", "confirm_s")
         if self.answer_timeout_s >= self.confirm_s:
             # an answer after its order was given up names a signature nothing is kept

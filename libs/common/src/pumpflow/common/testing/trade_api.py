@@ -1,6 +1,6 @@
 """A local fake of PumpPortal's trade API (``POST /api/trade?api-key=...``) on 127.0.0.1.
 
-It answers as the reference says the real one does, in one of eight behaviours chosen
+It answers as the reference says the real one does, in one of nine behaviours chosen
 by :attr:`FakeTradeApi.behaviour`:
 
 - ``success``: 200 ``{"signature": ..., "errors": []}``; the test then publishes the
@@ -15,7 +15,8 @@ by :attr:`FakeTradeApi.behaviour`:
 - ``trickle``: 200 whose body comes a blank every 50 ms (each read well within a
   client's read timeout) until the fake stops: an answer that never ends;
 - ``unsigned``: 200 ``{"errors": []}``, accepted with no signature (the transaction
-  left or not: the reference documents no such answer).
+  left or not: the reference documents no such answer);
+- ``throttled``: 429 with a proxy's text body, no JSON (the rate limit: 25 requests/s).
 
 Every request is kept (its body and its key) so tests see what was sent, and how often.
 """
@@ -31,13 +32,15 @@ from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pumpflow.common.testing import base58_key
 from pumpflow.common.testing.servers import local_app
 
-Behaviour = Literal["success", "error", "timeout", "silent", "held", "slow", "trickle", "unsigned"]
+Behaviour = Literal[
+    "success", "error", "timeout", "silent", "held", "slow", "trickle", "unsigned", "throttled"
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +82,8 @@ class FakeTradeApi:
             return JSONResponse({"errors": ["Simulation failed"]}, status_code=400)
         if behaviour == "slow":
             await self._answer.wait()
+        if behaviour == "throttled":
+            return PlainTextResponse("Too Many Requests", status_code=429)
         if behaviour == "unsigned":
             return JSONResponse({"errors": []})
         if behaviour == "error":
@@ -92,7 +97,8 @@ class FakeTradeApi:
         while not self._release.is_set():
             yield b" "
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), 0.05)
+                async with asyncio.timeout(0.05):
+                    await self._release.wait()
         yield b'{"errors": ["released at shutdown"]}'
 
 
