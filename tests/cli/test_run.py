@@ -209,9 +209,11 @@ async def test_the_run_waits_for_a_sales_outcome_as_long_as_the_graceful_exit_do
             make_event(prediction, source="model/test", time=now),
         ):
             await system.bus.publish(event)
-        await watch.wait_for(1, "order.requested")
-        # a trade the stream stamps past the entry's latency fills it at once
-        await system.bus.publish(tokens.buy(mint, "bob", sol=0.1, time=now + latency_s + 1))
+        (requested,) = await watch.wait_for(1, "order.requested")
+        # a trade the stream stamps past the entry's latency fills it at once: past the
+        # order's time, which a loaded machine puts wall seconds (minutes at 60x) after now
+        filling = tokens.buy(mint, "bob", sol=0.1, time=requested.time + latency_s + 1)
+        await system.bus.publish(filling)
         await eventually(lambda: len(exits.positions()) == 1, 10.0, what="the exit holds it")
         not_flat = await graceful_exit(
             system, clock=clock, speed=speed, out=out, names={mint: "WIFHAT"}
