@@ -225,6 +225,34 @@ async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
             assert (await http.put("/arms/weights", json=weights, headers=auth)).status_code == 200
 
 
+async def test_an_arm_change_is_logged_with_each_arms_model_version_and_share(tmp_path, caplog):
+    candidate = other_model(tmp_path, model_id="candidate")
+    model = model_service()
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            body = {"model_id": "candidate", "path": str(candidate)}
+            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
+            version = model.manager.card("candidate").version
+            arms = [
+                {"name": "control", "model_id": "entry", "weight": 3.0},
+                {"name": "treatment", "model_id": "candidate", "weight": 1.0},
+            ]
+            with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+                assert (await http.put("/arms", json={"arms": arms}, headers=auth)).is_success
+                reweighted = {"weights": {"treatment": 9.0}}
+                assert (await http.put("/arms/weights", json=reweighted, headers=auth)).is_success
+    routed = [r.getMessage() for r in caplog.records if "routes tokens" in r.getMessage()]
+    assert routed == [
+        f"model: serving revision 2 routes tokens: control entry {DEFAULT_CARD.version} 75%, "
+        f"treatment candidate {version} 25%",
+        f"model: serving revision 3 routes tokens: control entry {DEFAULT_CARD.version} 25%, "
+        f"treatment candidate {version} 75%",
+    ]
+
+
 async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tmp_path):
     import msgspec
 

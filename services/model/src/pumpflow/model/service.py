@@ -70,7 +70,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   replicas through the state store (``model:serving``): a change through the HTTP API
   is applied at once here, stored, and followed by the other replicas within
   ``model_serving_refresh_s``. No restart, and no delivery is dropped: a table or a
-  model is swapped whole between two tokens' steps.
+  model is swapped whole between two tokens' steps. Each replica logs the routing it
+  takes (at its start and on each change of the arms or of an arm's model: every arm's
+  model id, version and share).
 - HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``GET /arms``,
   ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
@@ -598,6 +600,12 @@ class ModelService(Service):
         # every model opened before any is served: one that cannot be leaves all as they were
         opened = self._open(serving, manager, paths)
         table = serving.table()  # _open refused one it cannot make
+        before = self.serving
+        rerouted = (
+            before is None
+            or (before.arms, before.salt) != (serving.arms, serving.salt)
+            or not opened.keys().isdisjoint(table.model_ids())
+        )
         for model_id, served in opened.items():
             manager.serve(model_id, served)
             card = served.card
@@ -613,6 +621,18 @@ class ModelService(Service):
         self.serving = serving
         if self.processor is not None:
             self.processor.arms = table  # swapped whole, between two tokens' steps
+        if rerouted:
+            routes = self._routes(table)
+            log.info("model: serving revision %d routes tokens: %s", serving.revision, routes)
+
+    def _routes(self, table: ArmTable) -> str:
+        """Each arm of ``table`` with its model id, version and share of the live tokens."""
+        shares = table.shares()
+        return ", ".join(
+            f"{arm.name} {arm.model_id} {self.manager.card(arm.model_id).version} "
+            + ("shadow" if arm.shadow else f"{shares.get(arm.name, 0.0):.0%}")
+            for arm in table.arms
+        )
 
     async def change(self, change) -> Serving:
         """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
