@@ -535,6 +535,34 @@ async def test_each_configuration_measures_live_precision_where_its_trading_ente
         assert {t for _, t in result.precision.values()} == {min_score}
 
 
+async def test_each_arm_s_predictions_are_counted_with_the_version_that_made_them():
+    """An A/B comparison reads each arm's share of the predictions beside its figures."""
+    import json
+
+    from pumpflow.common.model import read_model
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    version = read_model(DEFAULT_MODEL_PATH)[1].version
+    arms = [{"name": "control", "model_id": "entry"}, {"name": "twin", "model_id": "twin"}]
+    config = {
+        **RUN_CONFIG,
+        "model_models": json.dumps(
+            {"entry": str(DEFAULT_MODEL_PATH), "twin": str(DEFAULT_MODEL_PATH)}
+        ),
+        "model_arms": json.dumps(arms),
+    }
+    result = await run_backtest(simulated_frames(SEED, MINUTES, start=START), config)
+    models = result.results()["models"]
+    control, twin = models["entry/control"], models["twin/twin"]
+    assert control["predictions"] > 0 and twin["predictions"] > 0
+    assert control["predictions"] + twin["predictions"] == result.predictions
+    assert control["versions"] == twin["versions"] == [version]
+    assert (
+        f"  predictions {result.predictions:,}: entry/control {control['predictions']:,} "
+        f"(version {version}), twin/twin {twin['predictions']:,} (version {version}); live AUC"
+    ) in result.text()
+
+
 def test_the_reasons_for_no_order_say_a_prediction_counts_under_each_of_its_own():
     """A prediction refused for its score and its traders counts under both: the counts
     add up to more than the predictions, which the line must not leave to a guess."""

@@ -58,8 +58,9 @@ bring (:func:`~pumpflow.common.trading.exit_value`), after every fee (those no t
 has marked since their entry are unmarked: their worth is unknown, so they are counted
 and left out); win rate of the closed positions; the largest fall of the realised PnL
 from its peak, sale by sale (an open position's partial sales included); predictions
-the model published, and the model's live AUC and precision (at its threshold) on the
-labels resolved by the stream's end; entries skipped by reason and circuit breakers
+the model published, in all and by model and arm with the model version that made them,
+and each model and arm's live AUC and precision (at its threshold) on the labels
+resolved by the stream's end; entries skipped by reason and circuit breakers
 tripped.
 """
 
@@ -388,6 +389,8 @@ class Report:
     auc: dict[str, tuple[float, int]] = field(default_factory=dict)
     #: "model/arm" -> (live precision at the model's threshold, the threshold)
     precision: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: "model/arm" -> model version -> predictions it published
+    predicted: dict[str, dict[str, int]] = field(default_factory=dict)
     breakers: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     #: what the HTML report shows (:mod:`pumpflow.report`)
@@ -446,9 +449,14 @@ class Report:
             "entries_skipped": dict(sorted(self.skipped.items())),
         }
 
-    def models(self) -> dict[str, dict[str, float | int | None]]:
-        """The live figures of each "model/arm" (NaN, an undefined figure, as None)."""
-        models: dict[str, dict[str, float | int | None]] = {}
+    def models(self) -> dict[str, dict[str, Any]]:
+        """The predictions (and the versions that made them) and live figures of each
+        "model/arm" (NaN, an undefined figure, as None)."""
+        models: dict[str, dict[str, Any]] = {}
+        for arm, versions in sorted(self.predicted.items()):
+            models.setdefault(arm, {}).update(
+                predictions=sum(versions.values()), versions=sorted(versions)
+            )
         for arm, (auc, labels) in sorted(self.auc.items()):
             models.setdefault(arm, {}).update(auc=_defined(auc), labels=labels)
         for arm, (precision, threshold) in sorted(self.precision.items()):
@@ -467,6 +475,19 @@ class Report:
     def sales_text(self) -> str:
         data = self.report_data
         return report_results.sales_text(data) if data is not None else ""
+
+    def predictions_text(self) -> str:
+        """The predictions, and each "model/arm"'s with the versions that made them."""
+        arms = ", ".join(
+            f"{arm} {sum(versions.values()):,} ("
+            + ", ".join(
+                f"version {v}" if len(versions) == 1 else f"version {v} {n:,}"
+                for v, n in sorted(versions.items())
+            )
+            + ")"
+            for arm, versions in sorted(self.predicted.items())
+        )
+        return f"{self.predictions:,}" + (f": {arms}" if arms else "")
 
     def auc_text(self) -> str:
         """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
@@ -499,7 +520,7 @@ class Report:
             f"(fees {self.fees_sol:.4f})",
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
-            f"  predictions {self.predictions:,}; live AUC "
+            f"  predictions {self.predictions_text()}; live AUC "
             + self.auc_text()
             + "; precision "
             + (
@@ -672,6 +693,10 @@ async def run_backtest(
                 seconds=seconds,
                 cpu_s=cpu,
                 predictions=model.metrics.published(),
+                predicted={
+                    f"{model_id}/{arm}": versions
+                    for (model_id, arm), versions in model.metrics.published_by_arm().items()
+                },
                 orders=Counter({k: v for k, v in counts.items() if isinstance(k, tuple)}),
                 entries=len(positions),
                 bought_sol=sum(p.bought_sol for p in positions),

@@ -166,7 +166,7 @@ def write_backtest_reports(
             "settings": _settings_text(settings.get(r.name) or {}) or "the base's",
             "base": _base_text(base),
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
-            "predictions": f"{r.predictions:,}",
+            "predictions": r.predictions_text(),
             "live AUC": r.auc_text(),
         }
         data = msgspec.structs.replace(

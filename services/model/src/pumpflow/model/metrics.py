@@ -217,6 +217,15 @@ class ModelServiceMetrics:
         """The predictions this service published, every arm and model."""
         return self._published
 
+    def published_by_arm(self) -> dict[tuple[str, str], dict[str, int]]:
+        """The predictions this service published by (model id, arm), by the version of
+        the model that made them."""
+        found: dict[tuple[str, str], dict[str, int]] = {}
+        for (arm, model_id, version, _), (counter, _) in self._predicted.items():
+            versions = found.setdefault((model_id, arm), {})
+            versions[version] = versions.get(version, 0) + int(counter._value.get())
+        return found
+
     def sync(
         self, skipped: Mapping[str, int], failed: Mapping[tuple[str, str], int], batched: int
     ) -> None:
