@@ -101,6 +101,40 @@ async def test_the_run_trades_on_paper_whatever_the_environment_says(monkeypatch
     assert re.search(r"trading: \d+ orders, [1-9]\d* filled", printed), printed[-2000:]
 
 
+async def test_the_runs_report_gives_each_arm_s_predictions_version_and_live_figures(
+    monkeypatch, tmp_path
+):
+    """Arms compared in a run: the report says what each arm's model did, by version."""
+    import json
+    from html import unescape
+
+    from pumpflow.common.model import read_model
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    version = read_model(DEFAULT_MODEL_PATH)[1].version
+    models = {"entry": str(DEFAULT_MODEL_PATH), "twin": str(DEFAULT_MODEL_PATH)}
+    arms = [{"name": "control", "model_id": "entry"}, {"name": "twin", "model_id": "twin"}]
+    monkeypatch.setenv("PUMPFLOW_MODEL_MODELS", json.dumps(models))
+    monkeypatch.setenv("PUMPFLOW_MODEL_ARMS", json.dumps(arms))
+    report = tmp_path / "run.html"
+    status = await run_embedded_market(
+        duration=3.0, speed=60.0, seed=7, launches_per_minute=60.0, every=1.0,
+        out=io.StringIO(), report=report,
+    )  # fmt: skip
+    assert status == 0
+    rows = dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", unescape(report.read_text())))
+    predicted = re.fullmatch(
+        rf"([\d,]+): entry/control ([\d,]+) \(version {version}\), "
+        rf"twin/twin ([\d,]+) \(version {version}\)",
+        rows["predictions"],
+    )
+    assert predicted, rows["predictions"]
+    total, control, twin = (int(n.replace(",", "")) for n in predicted.groups())
+    assert control > 0 and twin > 0 and control + twin == total
+    for figure in ("live AUC", "precision"):
+        assert "entry/control" in rows[figure] and "twin/twin" in rows[figure], rows
+
+
 @pytest.mark.parametrize("speed", [1.0, 20.0, 60.0])
 def test_the_runs_exit_waits_for_tradings_barrier_in_wall_seconds(speed, monkeypatch):
     """The barrier comes as fast as trading handles the shutdown, in wall time: at 20x the

@@ -104,7 +104,7 @@ from pumpflow.common.runtime.arguments import (
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
-from pumpflow.report.results import unmarked_note
+from pumpflow.report.results import figure_text, unmarked_note
 
 #: 2023-11-14T22:13:20Z: where a simulated stream starts
 SIM_START = 1_700_000_000.0
@@ -477,24 +477,10 @@ class Report:
         return report_results.sales_text(data) if data is not None else ""
 
     def predictions_text(self) -> str:
-        """The predictions, and each "model/arm"'s with the versions that made them."""
-        arms = ", ".join(
-            f"{arm} {sum(versions.values()):,} ("
-            + ", ".join(
-                f"version {v}" if len(versions) == 1 else f"version {v} {n:,}"
-                for v, n in sorted(versions.items())
-            )
-            + ")"
-            for arm, versions in sorted(self.predicted.items())
-        )
-        return f"{self.predictions:,}" + (f": {arms}" if arms else "")
+        return report_results.predictions_text(self.predictions, self.predicted)
 
     def auc_text(self) -> str:
-        """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
-        return (
-            ", ".join(f"{k} {_figure(a)} ({counted(n, 'label')})" for k, (a, n) in self.auc.items())
-            or "n/a"
-        )
+        return report_results.auc_text(self.auc)
 
     def text(self) -> str:
         from pumpflow.cli.console import no_order_line
@@ -523,12 +509,7 @@ class Report:
             f"  predictions {self.predictions_text()}; live AUC "
             + self.auc_text()
             + "; precision "
-            + (
-                ", ".join(
-                    f"{k} {_figure(p)} (score >= {t:.2f})" for k, (p, t) in self.precision.items()
-                )
-                or "n/a"
-            ),
+            + report_results.precision_text(self.precision),
             f"  {no_order_line(dict(self.skipped.most_common()))}",
             f"  breakers tripped: {', '.join(sorted(self.breakers)) or 'none'}",
         ]
@@ -538,12 +519,6 @@ class Report:
 def _sol(value: float) -> float:
     # sums of the same fills in another order differ in the last bits
     return round(float(value), 9)
-
-
-def _figure(value: float) -> str:
-    """A live figure to 3 places; n/a when undefined (NaN: one class of labels, or no
-    score at the threshold)."""
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def _defined(value: float) -> float | None:
@@ -594,7 +569,7 @@ async def run_backtest(
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
-    from pumpflow.report.gather import Collector
+    from pumpflow.report.gather import Collector, model_figures
     from pumpflow.report.results import max_drawdown
     from pumpflow.trading.service import TradingService
 
@@ -666,19 +641,7 @@ async def run_backtest(
             cpu = time.process_time() - cpu_started
             if progress is not None:
                 progress(total, total)
-            model.resolve_labels()
-            performance = model.performance
-            figures = {
-                f"{model_id}/{arm}": found.metrics | {"labels": found.labels}
-                for model_id, arm in performance.keys()
-                if (found := performance.figures(model_id, arm)) is not None
-            }
-            auc = {k: (float(m["auc"]), m["labels"]) for k, m in figures.items() if "auc" in m}
-            precision = {
-                k: (float(m["precision"]), float(m["threshold"]))
-                for k, m in figures.items()
-                if "precision" in m
-            }
+            figures = model_figures(model)
             book = trading.book
             counts = counter.counts
             report_data = await collector.results(
@@ -693,10 +656,7 @@ async def run_backtest(
                 seconds=seconds,
                 cpu_s=cpu,
                 predictions=model.metrics.published(),
-                predicted={
-                    f"{model_id}/{arm}": versions
-                    for (model_id, arm), versions in model.metrics.published_by_arm().items()
-                },
+                predicted=figures.predicted,
                 orders=Counter({k: v for k, v in counts.items() if isinstance(k, tuple)}),
                 entries=len(positions),
                 bought_sol=sum(p.bought_sol for p in positions),
@@ -709,8 +669,8 @@ async def run_backtest(
                 fees_sol=sum(p.fees_sol for p in positions),
                 max_drawdown_sol=max_drawdown(report_data),
                 exits=report_results.exits_by_rule(report_data),
-                auc=auc,
-                precision=precision,
+                auc=figures.auc,
+                precision=figures.precision,
                 skipped=Counter(trading.skipped),
                 breakers=Counter(
                     name for name, b in trading.risk.breakers.items() if b.last_fault is not None
@@ -857,8 +817,8 @@ class ProgressBoard:
 def _arms(figures: Mapping[str, float]) -> str:
     """Each "model/arm"'s live figure, named when there are several."""
     if len(figures) == 1:
-        return _figure(next(iter(figures.values())))
-    return ", ".join(f"{arm} {_figure(value)}" for arm, value in figures.items()) or "n/a"
+        return figure_text(next(iter(figures.values())))
+    return ", ".join(f"{arm} {figure_text(value)}" for arm, value in figures.items()) or "n/a"
 
 
 #: the comparison's columns, one row per configuration

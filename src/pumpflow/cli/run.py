@@ -205,7 +205,8 @@ async def run_embedded_market(
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
     from pumpflow.report import html
-    from pumpflow.report.gather import Collector
+    from pumpflow.report.gather import Collector, model_figures
+    from pumpflow.report.results import auc_text, precision_text, predictions_text
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
     from pumpflow.trading.service import TradingService
@@ -307,11 +308,16 @@ async def run_embedded_market(
                 source=f"simulated market, seed {seed}, {launches_per_minute:g} launches a "
                 f"minute, at {speed:g}x",
             )  # fmt: skip
+            figures = model_figures(system["model"])
             notes = {
                 "market minutes": f"{(clock.now() - console.started_at) / 60:.1f}",
                 "tokens / trades": f"{console.counts['token.created']:,} / "
                 f"{console.counts['token.trade']:,}",
-                "predictions": f"{console.counts['model.prediction']:,}",
+                "predictions": predictions_text(
+                    console.counts["model.prediction"], figures.predicted
+                ),
+                "live AUC": auc_text(figures.auc),
+                "precision": precision_text(figures.precision),
             }
             summary = system["exit"].summary
             if summary is not None:

@@ -7,14 +7,15 @@ the fills, applied in order to a position book as trading rebuilds its own, give
 sale's realised PnL and each position's buys as the book counts them.
 :class:`Collector` rides the bus of an embedded system for what no ledger keeps: the
 tokens by lifecycle state reached; :func:`calibration_of` takes the model's resolved
-labels. Nothing here changes what it reads.
+labels, :func:`model_figures` its predictions and live figures by model and arm.
+Nothing here changes what it reads.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.events import Event, TokenCreated, TokenLifecycle
@@ -125,6 +126,41 @@ def calibration_of(performance: Any) -> tuple[Calibration, ...]:
             bins=calibration_bins(labels.tolist(), scores.tolist()),
         ))  # fmt: skip
     return tuple(found)
+
+
+class ModelFigures(NamedTuple):
+    """What a model service did by "model/arm"."""
+
+    #: model version -> predictions it published
+    predicted: dict[str, dict[str, int]]
+    #: (live AUC, labels)
+    auc: dict[str, tuple[float, int]]
+    #: (live precision at the model's threshold, the threshold)
+    precision: dict[str, tuple[float, float]]
+
+
+def model_figures(model: Any) -> ModelFigures:
+    """The model service's predictions and live figures by "model/arm", the labels
+    released by now counted."""
+    model.resolve_labels()
+    performance = model.performance
+    figures = {
+        f"{model_id}/{arm}": found.metrics | {"labels": found.labels}
+        for model_id, arm in performance.keys()
+        if (found := performance.figures(model_id, arm)) is not None
+    }
+    return ModelFigures(
+        predicted={
+            f"{model_id}/{arm}": versions
+            for (model_id, arm), versions in model.metrics.published_by_arm().items()
+        },
+        auc={k: (float(m["auc"]), m["labels"]) for k, m in figures.items() if "auc" in m},
+        precision={
+            k: (float(m["precision"]), float(m["threshold"]))
+            for k, m in figures.items()
+            if "precision" in m
+        },
+    )
 
 
 class Collector:

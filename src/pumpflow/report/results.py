@@ -10,11 +10,14 @@ kept have none). The figures of the summary are computed here, once, from those:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
+
+from pumpflow.common.text import counted
 
 #: the lifecycle states, in the order a token goes through them
 LIFECYCLE = ("new", "active", "declining", "inactive", "graduated")
@@ -194,6 +197,42 @@ def sales_text(results: Results) -> str:
     """``rule n (+x SOL), ...`` of :func:`sales_by_rule`."""
     by_rule = sales_by_rule(results)
     return ", ".join(f"{rule} {n} ({realized:+.4f} SOL)" for rule, (n, realized) in by_rule.items())
+
+
+def figure_text(value: float) -> str:
+    """A live figure to 3 places; n/a when undefined (NaN: one class of labels, or no
+    score at the threshold)."""
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def predictions_text(total: int, predicted: Mapping[str, Mapping[str, int]]) -> str:
+    """``total``, then each "model/arm"'s predictions with the versions that made them."""
+    arms = ", ".join(
+        f"{arm} {sum(versions.values()):,} ("
+        + ", ".join(
+            f"version {v}" if len(versions) == 1 else f"version {v} {n:,}"
+            for v, n in sorted(versions.items())
+        )
+        + ")"
+        for arm, versions in sorted(predicted.items())
+    )
+    return f"{total:,}" + (f": {arms}" if arms else "")
+
+
+def auc_text(auc: Mapping[str, tuple[float, int]]) -> str:
+    """Each "model/arm"'s live AUC with its labels (n/a: none yet)."""
+    return (
+        ", ".join(f"{k} {figure_text(a)} ({counted(n, 'label')})" for k, (a, n) in auc.items())
+        or "n/a"
+    )
+
+
+def precision_text(precision: Mapping[str, tuple[float, float]]) -> str:
+    """Each "model/arm"'s live precision at its threshold (n/a: none yet)."""
+    return (
+        ", ".join(f"{k} {figure_text(p)} (score >= {t:.2f})" for k, (p, t) in precision.items())
+        or "n/a"
+    )
 
 
 def summary(results: Results) -> list[tuple[str, str]]:

@@ -196,6 +196,8 @@ class ModelServiceMetrics:
         #: (arm, model id, version, shadow) -> its prediction counter and score histogram
         self._predicted: dict[tuple[str, str, str, bool], tuple[Any, Any]] = {}
         self._published = 0
+        #: this service's own: the families are shared by the services of a process
+        self._published_by: dict[tuple[str, str, str, bool], int] = {}
 
     def predicted(self, arm: str, model_id: str, version: str, shadow: bool, score: float) -> None:
         key = (arm, model_id, version, shadow)
@@ -208,6 +210,7 @@ class ModelServiceMetrics:
         found[0].inc()
         found[1].observe(score)
         self._published += 1
+        self._published_by[key] = self._published_by.get(key, 0) + 1
 
     def predictions(self, arm: str, model_id: str, version: str, shadow: bool = False) -> float:
         labels = (arm, model_id, version, "true" if shadow else "false")
@@ -221,9 +224,9 @@ class ModelServiceMetrics:
         """The predictions this service published by (model id, arm), by the version of
         the model that made them."""
         found: dict[tuple[str, str], dict[str, int]] = {}
-        for (arm, model_id, version, _), (counter, _) in self._predicted.items():
+        for (arm, model_id, version, _), count in self._published_by.items():
             versions = found.setdefault((model_id, arm), {})
-            versions[version] = versions.get(version, 0) + int(counter._value.get())
+            versions[version] = versions.get(version, 0) + count
         return found
 
     def sync(
