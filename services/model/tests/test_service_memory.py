@@ -503,6 +503,36 @@ async def test_the_drift_thresholds_are_settings_and_a_fresh_market_is_judged_wi
         )
 
 
+async def test_a_drift_is_logged_and_viewed_naming_the_features_and_the_reference(caplog):
+    """Whoever reads the log or the drift route learns what drifts, by how much, and from
+    what: the card (its version) and the training rows its reference bins were taken from."""
+    thresholds = {"model_drift_warmup_s": 0.0, "model_drift_alert_psi": 0.2}
+    with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+        async with a_young_market(**thresholds) as (model, _, seen, _, system):
+            app = create_app(model, system.contexts["model"])
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+                view = (await http.get("/models/entry/drift")).json()
+    drifts = [e.data for e in seen.of("model.drift") if e.data.state == "drifting"]
+    assert drifts
+    logged = [r for r in caplog.records if " drifting: PSI " in r.getMessage()]
+    reference = f"the reference bins of its card, from {DEFAULT_CARD.training.source}"
+    assert [r.getMessage() for r in logged] == [
+        f"model: entry version {DEFAULT_CARD.version}: feature {d.feature} drifting: PSI "
+        f"{d.psi:.3f} >= {d.threshold:g} over the last {d.observations:,} vectors against "
+        f"{reference}"
+        for d in drifts
+    ]
+    assert {r.levelno for r in logged} == {logging.WARNING}
+    assert view["reference"] == {
+        "version": DEFAULT_CARD.version,
+        "source": DEFAULT_CARD.training.source,
+        "start": DEFAULT_CARD.training.start,
+        "end": DEFAULT_CARD.training.end,
+    }
+    assert (view["thresholds"]["alert_psi"], view["thresholds"]["recover_psi"]) == (0.2, 0.1)
+
+
 async def test_drift_events_a_failed_publication_left_go_out_with_the_next_round():
     clock = ReplayClock(START)
     model = model_service()

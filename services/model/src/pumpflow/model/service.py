@@ -11,7 +11,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   batch of a few hundred rows takes about a millisecond: a thread hop would cost
   more than it frees, see docs/benchmarks.md). Every vector of the live feature set
   also feeds each served model's :class:`~pumpflow.common.model.drift.DriftMonitor`,
-  whose transitions go out as ``model.drift`` once per crossing in the deployment: the
+  whose transitions go out as ``model.drift`` once per crossing in the deployment
+  (logged by the replica announcing them, with the feature, its PSI and the card's
+  training rows its reference was taken from): the
   features announced drifting are kept in Postgres (in the state store in a run without
   a database: see :mod:`pumpflow.model.announced` for what a store that lost its
   contents forgets), a transition another replica announced already is
@@ -78,7 +80,8 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
   and the live figures per arm, read at most ``model_live_read_s`` ago unless
   ``?fresh=true``), ``GET /models/{id}/drift`` (the PSI now, the states, the
-  transitions, and ``warming_up`` while the market observed is too young to judge, until
+  transitions, the reference they are measured against (the card's version and training
+  window), the thresholds, and ``warming_up`` while the market observed is too young to judge, until
   ``judged_from``), ``GET /scoring``, ``GET /refits``
   (``?model_id=&limit=``: the newest refits tried by any replica, decided or not, with
   their outcome and reason). Mutating routes need the bearer token
@@ -89,6 +92,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -811,6 +815,8 @@ class ModelService(Service):
                 failed = exc
                 break
         self._drift_unsent += announced
+        for transition in announced:
+            self._log_drift(transition)
         if failed is None:
             # once the transitions made before are claimed: a monitor made since (its model
             # reloaded) takes what its predecessor's last ones announced
@@ -823,6 +829,31 @@ class ModelService(Service):
             del self._drift_unsent[0]
         if failed is not None:
             raise failed
+
+    def _log_drift(self, transition: ModelDrift) -> None:
+        """Log a drift announced: the feature, its PSI against the threshold crossed, and
+        the reference it was compared with (the card's bins, from its training rows)."""
+        monitor = self.drift.get(transition.model_id)
+        reference = (
+            f"the reference bins of its card, from {monitor.card.training.source}"
+            if monitor is not None and monitor.card.version == transition.version
+            else "the reference bins of its card"
+        )
+        drifting = transition.state == "drifting"
+        log.log(
+            logging.WARNING if drifting else logging.INFO,
+            "model: %s version %s: feature %s %s: PSI %.3f %s %g over the last %s vectors "
+            "against %s",
+            transition.model_id,
+            transition.version,
+            transition.feature,
+            transition.state,
+            transition.psi,
+            ">=" if drifting else "<",
+            transition.threshold,
+            f"{transition.observations:,}",
+            reference,
+        )
 
     def _hand_out(self) -> int:
         """Queue the labels released since the last call for the store, or count them
@@ -1400,6 +1431,14 @@ class ModelService(Service):
             report["transitions"] = [
                 {"at": at, **msgspec.to_builtins(t)} for at, t in monitor.transitions
             ]
+            training = monitor.card.training
+            report["reference"] = {
+                "version": monitor.card.version,
+                "source": training.source,
+                "start": training.start,
+                "end": training.end,
+            }
+            report["thresholds"] = dataclasses.asdict(monitor.thresholds)
             return report
 
         @api.get("/scoring")
