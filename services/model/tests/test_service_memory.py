@@ -299,6 +299,50 @@ def stored_serving(models: dict[str, str], *, revision: int = 7) -> bytes:
     )
 
 
+async def test_settings_a_stored_serving_overrides_at_start_are_named_as_not_served(
+    tmp_path, caplog
+):
+    """Arms or models set in the settings and a restart do not undo a change made through
+    the HTTP API (the stored serving wins): the start says so, rather than serve the old
+    arms silently while the settings read otherwise."""
+    import json
+
+    from pumpflow.common.state.memory import MemoryStateStore
+    from pumpflow.model import DEFAULT_MODEL_PATH
+    from pumpflow.model.service import SERVING_KEY
+
+    candidate = other_model(tmp_path, model_id="candidate")
+    clock = ReplayClock(START)
+    store = MemoryStateStore(clock)
+    await store.set(SERVING_KEY, stored_serving({"entry": str(DEFAULT_MODEL_PATH)}))
+    arms = [
+        {"name": "control", "model_id": "entry", "weight": 0.9},
+        {"name": "candidate", "model_id": "candidate", "weight": 0.1},
+    ]
+    model = model_service(
+        model_models={"entry": str(DEFAULT_MODEL_PATH), "candidate": str(candidate)},
+        model_arms=arms,
+    )
+    with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
+        async with run_embedded([model], clock=clock, store=store):
+            assert [a.name for a in model.processor.arms.arms] == ["control"]
+    (warning,) = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert warning == (
+        "model: the settings' models and arms are not served: the serving stored (revision "
+        "7, changed through the HTTP API or by a refit) wins over them at every start; it "
+        "serves models entry, arms control; the settings name models candidate, entry, arms "
+        "control, candidate (change the serving through the HTTP API: PUT /arms, POST /models)"
+    )
+    assert json.loads(await store.get(SERVING_KEY))["revision"] == 7
+    # the settings that are the stored serving's: nothing to say
+    caplog.clear()
+    again = model_service(model_models={"entry": str(DEFAULT_MODEL_PATH)})
+    with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
+        async with run_embedded([again], clock=clock, store=store):
+            pass
+    assert not [r for r in caplog.records if "not served" in r.getMessage()]
+
+
 def refused_model(tmp_path, refusal: str) -> tuple[str, str]:
     """A model file the live service refuses for ``refusal``, and what its refusal names."""
     from pumpflow.common.model import read_model, write_model

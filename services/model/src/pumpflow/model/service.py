@@ -174,6 +174,18 @@ def _unavailable_reason(refusal: ServingError) -> str:
     return "missing" if refusal.status == 404 else "refused"
 
 
+def _routing(serving: Serving) -> tuple:
+    """What routes tokens in ``serving``: its model ids, arms and salt."""
+    return (sorted(serving.models), serving.arms, serving.salt)
+
+
+def _routing_text(serving: Serving) -> str:
+    return (
+        f"models {', '.join(sorted(serving.models))}, "
+        f"arms {', '.join(arm.name for arm in serving.arms)}"
+    )
+
+
 def _on_disk(model_path: str) -> bool:
     """Whether a model and its card are both at ``model_path``."""
     return Path(model_path).exists() and card_path(model_path).exists()
@@ -466,9 +478,20 @@ class ModelService(Service):
             return configured
         try:
             self._apply(stored, await self._fetch_missing(stored))
-            return stored
         except ServingError as exc:
             refusal = exc
+        else:
+            if _routing(stored) != _routing(configured):
+                log.warning(
+                    "model: the settings' models and arms are not served: the serving stored "
+                    "(revision %d, changed through the HTTP API or by a refit) wins over them "
+                    "at every start; it serves %s; the settings name %s (change the serving "
+                    "through the HTTP API: PUT /arms, POST /models)",
+                    stored.revision,
+                    _routing_text(stored),
+                    _routing_text(configured),
+                )
+            return stored
         log.error(
             "model: cannot serve the stored serving revision %d (%s: %s); serving the "
             "settings' models",
