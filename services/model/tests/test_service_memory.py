@@ -343,6 +343,23 @@ async def test_settings_a_stored_serving_overrides_at_start_are_named_as_not_ser
     assert not [r for r in caplog.records if "not served" in r.getMessage()]
 
 
+def test_without_arms_each_model_is_an_arm_named_as_the_setting_says():
+    """`pumpflow settings model` is where a quant reads what an unset model_arms does."""
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    two = model_service(
+        model_models={"entry": str(DEFAULT_MODEL_PATH), "twin": str(DEFAULT_MODEL_PATH)}
+    )
+    arms = [(a.name, a.model_id, a.weight, a.shadow) for a in two._configured_serving().arms]
+    assert arms == [("entry", "entry", 1.0, False), ("twin", "twin", 1.0, False)]
+    assert [a.name for a in model_service()._configured_serving().arms] == ["control"]
+    described = ModelSettings.model_fields["model_arms"].description
+    assert described.endswith(
+        "empty: one live arm per model, named after its model id ('control' when there is "
+        "one model), equal weights"
+    )
+
+
 def refused_model(tmp_path, refusal: str) -> tuple[str, str]:
     """A model file the live service refuses for ``refusal``, and what its refusal names."""
     from pumpflow.common.model import read_model, write_model

@@ -46,7 +46,8 @@ class ModelSettings(CommonSettings):
     model_arms: list[dict[str, Any]] = Field(
         default_factory=list,
         description="A/B arms (JSON list of name, model_id, weight, shadow); empty: one "
-        "arm 'control' per model, equal weights",
+        "live arm per model, named after its model id ('control' when there is one model), "
+        "equal weights",
     )
     model_min_interval_s: float = Field(
         _POLICY.min_interval_s,
