@@ -330,8 +330,9 @@ async def test_settings_a_stored_serving_overrides_at_start_are_named_as_not_ser
     assert warning == (
         "model: the settings' models and arms are not served: the serving stored (revision "
         "7, changed through the HTTP API or by a refit) wins over them at every start; it "
-        "serves models entry, arms control; the settings name models candidate, entry, arms "
-        "control, candidate (change the serving through the HTTP API: PUT /arms, POST /models)"
+        "serves models entry, arms control (entry, weight 1); the settings name models "
+        "candidate, entry, arms control (entry, weight 0.9), candidate (candidate, weight 0.1) "
+        "(change the serving through the HTTP API: PUT /arms, POST /models)"
     )
     assert json.loads(await store.get(SERVING_KEY))["revision"] == 7
     # the settings that are the stored serving's: nothing to say

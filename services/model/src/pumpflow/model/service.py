@@ -180,9 +180,9 @@ def _routing(serving: Serving) -> tuple:
 
 
 def _routing_text(serving: Serving) -> str:
-    return (
-        f"models {', '.join(sorted(serving.models))}, "
-        f"arms {', '.join(arm.name for arm in serving.arms)}"
+    return f"models {', '.join(sorted(serving.models))}, arms " + ", ".join(
+        f"{arm.name} ({arm.model_id}, " + ("shadow)" if arm.shadow else f"weight {arm.weight:g})")
+        for arm in serving.arms
     )
 
 
