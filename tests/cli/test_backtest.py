@@ -744,6 +744,20 @@ def test_the_report_gives_the_base_s_settings_as_the_command_line_takes_them(dat
     assert sorted(p.name for p in tmp_path.glob("*.html")) == ["r.html"]
 
 
+def test_a_configuration_s_page_gives_the_figures_of_its_text_report(dataset, tmp_path, capsys):
+    """The page a quant keeps of a run says what the terminal said of the model's arms."""
+    from html import unescape
+
+    report = tmp_path / "r.html"
+    assert main(["backtest", "--dataset", dataset, "--quiet", "--report", str(report)]) == 0
+    text = next(line for line in capsys.readouterr().out.splitlines() if "live AUC" in line)
+    rows = dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", unescape(report.read_text())))
+    assert text == (
+        f"  predictions {rows['predictions']}; live AUC {rows['live AUC']}; "
+        f"precision {rows['precision']}"
+    )
+
+
 def test_two_configurations_get_one_page_comparing_them(dataset, tmp_path, capsys):
     report = tmp_path / "r.html"
     assert main(["backtest", "--dataset", dataset, "--quiet", "--config", "base",

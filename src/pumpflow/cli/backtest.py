@@ -482,6 +482,9 @@ class Report:
     def auc_text(self) -> str:
         return report_results.auc_text(self.auc)
 
+    def precision_text(self) -> str:
+        return report_results.precision_text(self.precision)
+
     def text(self) -> str:
         from pumpflow.cli.console import no_order_line
 
@@ -509,7 +512,7 @@ class Report:
             f"  predictions {self.predictions_text()}; live AUC "
             + self.auc_text()
             + "; precision "
-            + report_results.precision_text(self.precision),
+            + self.precision_text(),
             f"  {no_order_line(dict(self.skipped.most_common()))}",
             f"  breakers tripped: {', '.join(sorted(self.breakers)) or 'none'}",
         ]

@@ -168,6 +168,7 @@ def write_backtest_reports(
             "frames": f"{r.frames:,} in {r.seconds:.1f} s",
             "predictions": r.predictions_text(),
             "live AUC": r.auc_text(),
+            "precision": r.precision_text(),
         }
         data = msgspec.structs.replace(
             r.report_data, source=f"{source}: {r.report_data.source}", notes=notes
