@@ -563,6 +563,40 @@ async def test_each_arm_s_predictions_are_counted_with_the_version_that_made_the
     ) in result.text()
 
 
+async def test_each_arm_s_entries_and_pnl_are_those_of_the_positions_its_scores_opened():
+    """Promote or roll back is a question of money: each position is the arm's whose live
+    prediction ordered its entry, and the arms' figures add up to the run's."""
+    import json
+
+    from pumpflow.common.model.arms import Arm, ArmTable
+    from pumpflow.model import DEFAULT_MODEL_PATH
+
+    arms = [{"name": "control", "model_id": "entry"}, {"name": "twin", "model_id": "twin"}]
+    config = {
+        **RUN_CONFIG,
+        "model_models": json.dumps(
+            {"entry": str(DEFAULT_MODEL_PATH), "twin": str(DEFAULT_MODEL_PATH)}
+        ),
+        "model_arms": json.dumps(arms),
+    }
+    result = await run_backtest(simulated_frames(SEED, 6.0, start=START), config)
+    table = ArmTable(Arm(**arm) for arm in arms)
+    trades = result.report_data.trades
+    assert trades and {t.arm for t in trades} == {"entry/control", "twin/twin"}
+    for trade in trades:
+        arm = table.live_arm(trade.mint)
+        assert trade.arm == f"{arm.model_id}/{arm.name}"
+    by_arm = result.results()["pnl_by_arm"]
+    assert sum(a["entries"] for a in by_arm.values()) == result.entries
+    assert sum(a["realized_sol"] for a in by_arm.values()) == pytest.approx(result.realized_sol)
+    assert sum(a["unrealized_sol"] for a in by_arm.values()) == pytest.approx(result.unrealized_sol)
+    control = by_arm["entry/control"]
+    assert (
+        f"  by arm: entry/control {control['entries']} entries, realised "
+        f"{control['realized_sol']:+.4f} SOL, open marked {control['unrealized_sol']:+.4f}"
+    ) in result.text()
+
+
 def test_the_reasons_for_no_order_say_a_prediction_counts_under_each_of_its_own():
     """A prediction refused for its score and its traders counts under both: the counts
     add up to more than the predictions, which the line must not leave to a guess."""

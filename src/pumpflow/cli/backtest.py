@@ -60,7 +60,8 @@ and left out); win rate of the closed positions; the largest fall of the realise
 from its peak, sale by sale (an open position's partial sales included); predictions
 the model published, in all and by model and arm with the model version that made them,
 and each model and arm's live AUC and precision (at its threshold) on the labels
-resolved by the stream's end; entries skipped by reason and circuit breakers
+resolved by the stream's end, entries and PnL (the positions its live predictions
+opened); entries skipped by reason and circuit breakers
 tripped.
 """
 
@@ -445,6 +446,14 @@ class Report:
             "fees_sol": sol(self.fees_sol),
             "max_drawdown_sol": sol(self.max_drawdown_sol),
             "models": self.models(),
+            "pnl_by_arm": {
+                arm: {
+                    "entries": a.entries,
+                    "realized_sol": sol(a.realized_sol),
+                    "unrealized_sol": sol(a.unrealized_sol),
+                }
+                for arm, a in self.pnl_by_arm().items()
+            },
             "breakers_tripped": dict(sorted(self.breakers.items())),
             "entries_skipped": dict(sorted(self.skipped.items())),
         }
@@ -471,6 +480,11 @@ class Report:
         """:func:`~pumpflow.report.results.sales_by_rule` of the run."""
         data = self.report_data
         return report_results.sales_by_rule(data) if data is not None else {}
+
+    def pnl_by_arm(self) -> dict[str, report_results.ArmPnl]:
+        """:func:`~pumpflow.report.results.pnl_by_arm` of the run."""
+        data = self.report_data
+        return report_results.pnl_by_arm(data.trades) if data is not None else {}
 
     def sales_text(self) -> str:
         data = self.report_data
@@ -509,6 +523,11 @@ class Report:
             f"(fees {self.fees_sol:.4f})",
             f"  win rate {_share(self.win_rate)}; max drawdown (realised) "
             f"{self.max_drawdown_sol:.4f} SOL",
+            *(
+                [f"  by arm: {report_results.pnl_by_arm_text(by_arm)}"]
+                if (by_arm := self.pnl_by_arm())
+                else []
+            ),
             f"  predictions {self.predictions_text()}; live AUC "
             + self.auc_text()
             + "; precision "

@@ -6,7 +6,8 @@ become trades, each filled order with the market its decision saw gives a slippa
 the fills, applied in order to a position book as trading rebuilds its own, give each
 sale's realised PnL and each position's buys as the book counts them.
 :class:`Collector` rides the bus of an embedded system for what no ledger keeps: the
-tokens by lifecycle state reached; :func:`calibration_of` takes the model's resolved
+tokens by lifecycle state reached and the arm whose prediction ordered each entry;
+:func:`calibration_of` takes the model's resolved
 labels, :func:`model_figures` its predictions and live figures by model and arm.
 Nothing here changes what it reads.
 """
@@ -18,7 +19,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from pumpflow.common.bus.abc import Subscription
-from pumpflow.common.events import Event, TokenCreated, TokenLifecycle
+from pumpflow.common.events import (
+    Event,
+    ModelPrediction,
+    OrderRequested,
+    TokenCreated,
+    TokenLifecycle,
+)
 from pumpflow.common.trading import PositionBook
 from pumpflow.report.results import (
     Calibration,
@@ -166,10 +173,14 @@ def model_figures(model: Any) -> ModelFigures:
 class Collector:
     """Tokens by lifecycle state reached, from the bus of an embedded system."""
 
-    PATTERNS = ("token.created", "token.lifecycle")
+    PATTERNS = ("token.created", "token.lifecycle", "model.prediction", "order.requested")
 
     def __init__(self) -> None:
         self.reached: dict[str, set[str]] = {}
+        #: mint -> its latest live prediction's event id and "model/arm"
+        self._scored: dict[str, tuple[str, str]] = {}
+        #: mint -> the "model/arm" whose live prediction ordered its entry
+        self.entered: dict[str, str] = {}
 
     async def attach(self, bus: Any) -> None:
         await bus.subscribe(
@@ -182,6 +193,13 @@ class Collector:
             self.reached.setdefault("new", set()).add(data.mint)
         elif isinstance(data, TokenLifecycle):
             self.reached.setdefault(data.state, set()).add(data.mint)
+        elif isinstance(data, ModelPrediction):
+            if not data.shadow:
+                self._scored[data.mint] = (event.id, f"{data.model_id}/{data.arm}")
+        elif isinstance(data, OrderRequested) and data.side == "buy":
+            scored = self._scored.get(data.mint)
+            if scored is not None and scored[0] == event.causation_id:
+                self.entered.setdefault(data.mint, scored[1])
 
     def lifecycle(self) -> dict[str, int]:
         return {state: len(mints) for state, mints in self.reached.items()}
@@ -199,4 +217,9 @@ class Collector:
         calibration = None
         if model is not None and model.performance is not None:
             calibration = calibration_of(model.performance)
-        return msgspec.structs.replace(results, lifecycle=self.lifecycle(), calibration=calibration)
+        trades = tuple(
+            msgspec.structs.replace(t, arm=self.entered.get(t.mint, "")) for t in results.trades
+        )
+        return msgspec.structs.replace(
+            results, trades=trades, lifecycle=self.lifecycle(), calibration=calibration
+        )

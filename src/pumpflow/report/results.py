@@ -37,6 +37,9 @@ class Trade(msgspec.Struct, frozen=True, kw_only=True):
     #: an open position at its mark; None while no trade has marked it (worth unknown)
     unrealized_pnl_sol: float | None = 0.0
     fees_sol: float
+    #: the "model/arm" whose live prediction ordered its entry ("": not known, as in a
+    #: ledger read back, which keeps no predictions)
+    arm: str = ""
 
 
 class Sale(msgspec.Struct, frozen=True, kw_only=True):
@@ -235,6 +238,40 @@ def precision_text(precision: Mapping[str, tuple[float, float]]) -> str:
     )
 
 
+class ArmPnl(msgspec.Struct, frozen=True, kw_only=True):
+    """The positions one arm's predictions opened."""
+
+    entries: int
+    realized_sol: float
+    #: the open ones at their mark (the unmarked left out)
+    unrealized_sol: float
+
+
+def pnl_by_arm(trades: Iterable[Trade]) -> dict[str, ArmPnl]:
+    """Each "model/arm"'s entries and PnL, of the trades whose arm is known."""
+    found: dict[str, list[Trade]] = {}
+    for trade in trades:
+        if trade.arm:
+            found.setdefault(trade.arm, []).append(trade)
+    return {
+        arm: ArmPnl(
+            entries=len(mine),
+            realized_sol=sum(t.realized_pnl_sol for t in mine),
+            unrealized_sol=sum(t.unrealized_pnl_sol or 0.0 for t in mine if t.closed_at is None),
+        )
+        for arm, mine in sorted(found.items())
+    }
+
+
+def pnl_by_arm_text(by_arm: Mapping[str, ArmPnl]) -> str:
+    """``model/arm n entries, realised +x SOL, open marked +y; ...``."""
+    return "; ".join(
+        f"{arm} {counted(a.entries, 'entry', 'entries')}, realised {a.realized_sol:+.4f} SOL, "
+        f"open marked {a.unrealized_sol:+.4f}"
+        for arm, a in by_arm.items()
+    )
+
+
 def summary(results: Results) -> list[tuple[str, str]]:
     """The summary table's rows: (figure, value)."""
     trades, closed = results.trades, results.closed
@@ -260,6 +297,11 @@ def summary(results: Results) -> list[tuple[str, str]]:
         ("best / worst trade (SOL)", f"{max(pnls):+.4f} / {min(pnls):+.4f}" if pnls else "n/a"),
         ("exits by rule", ", ".join(f"{k} {v}" for k, v in sorted(exits.items())) or "none"),
         ("sales by rule", sold),
+        *(
+            [("PnL by arm (entries opened by its predictions)", pnl_by_arm_text(by_arm))]
+            if (by_arm := pnl_by_arm(trades))
+            else []
+        ),
         ("orders", ", ".join(f"{k} {v}" for k, v in sorted(results.orders.items())) or "none"),
         (
             "slippage (%, mean / worst)",
