@@ -683,6 +683,21 @@ def test_an_undefined_live_figure_reads_n_a_not_nan():
     assert "nan" not in text and "nan" not in comparison_table([report])
 
 
+async def test_a_live_precision_says_how_many_labels_it_is_of():
+    """A precision of 1.000 over one selected label is no precision of 1.000 over a hundred."""
+    frames = simulated_frames(SEED, 4.0, start=START)
+    result = await run_backtest(frames, {**RUN_CONFIG, "trading_min_score": 0.45})
+    ((arm, (precision, threshold)),) = result.precision.items()
+    selected, labels = result.selected[arm]
+    assert labels == result.auc[arm][1] and 0 < selected <= labels
+    assert (
+        f"precision {arm} {precision:.3f} ({selected:,} of {labels:,} labels scored >= "
+        f"{threshold:.2f})"
+    ) in result.text()
+    figures = result.results()["models"][arm]
+    assert (figures["selected"], figures["labels"]) == (selected, labels)
+
+
 def test_open_positions_no_trade_has_marked_are_said_to_be_left_out_of_the_pnl():
     from collections import Counter
 

@@ -390,6 +390,8 @@ class Report:
     auc: dict[str, tuple[float, int]] = field(default_factory=dict)
     #: "model/arm" -> (live precision at the model's threshold, the threshold)
     precision: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: "model/arm" -> (labels scored at or above the threshold, labels)
+    selected: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: "model/arm" -> model version -> predictions it published
     predicted: dict[str, dict[str, int]] = field(default_factory=dict)
     breakers: Counter = field(default_factory=Counter)
@@ -470,6 +472,8 @@ class Report:
             models.setdefault(arm, {}).update(auc=_defined(auc), labels=labels)
         for arm, (precision, threshold) in sorted(self.precision.items()):
             models.setdefault(arm, {}).update(precision=_defined(precision), threshold=threshold)
+        for arm, (selected, labels) in sorted(self.selected.items()):
+            models.setdefault(arm, {}).update(selected=selected, labels=labels)
         return models
 
     def exits_text(self) -> str:
@@ -497,7 +501,7 @@ class Report:
         return report_results.auc_text(self.auc)
 
     def precision_text(self) -> str:
-        return report_results.precision_text(self.precision)
+        return report_results.precision_text(self.precision, self.selected)
 
     def text(self) -> str:
         from pumpflow.cli.console import no_order_line
@@ -693,6 +697,7 @@ async def run_backtest(
                 exits=report_results.exits_by_rule(report_data),
                 auc=figures.auc,
                 precision=figures.precision,
+                selected=figures.selected,
                 skipped=Counter(trading.skipped),
                 breakers=Counter(
                     name for name, b in trading.risk.breakers.items() if b.last_fault is not None

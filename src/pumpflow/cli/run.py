@@ -317,7 +317,7 @@ async def run_embedded_market(
                     console.counts["model.prediction"], figures.predicted
                 ),
                 "live AUC": auc_text(figures.auc),
-                "precision": precision_text(figures.precision),
+                "precision": precision_text(figures.precision, figures.selected),
             }
             summary = system["exit"].summary
             if summary is not None:

@@ -144,6 +144,8 @@ class ModelFigures(NamedTuple):
     auc: dict[str, tuple[float, int]]
     #: (live precision at the model's threshold, the threshold)
     precision: dict[str, tuple[float, float]]
+    #: (labels scored at or above the threshold, labels): what the precision is of
+    selected: dict[str, tuple[int, int]]
 
 
 def model_figures(model: Any) -> ModelFigures:
@@ -166,6 +168,11 @@ def model_figures(model: Any) -> ModelFigures:
             k: (float(m["precision"]), float(m["threshold"]))
             for k, m in figures.items()
             if "precision" in m
+        },
+        selected={
+            k: (round(m["selected_rate"] * m["labels"]), m["labels"])
+            for k, m in figures.items()
+            if "selected_rate" in m
         },
     )
 

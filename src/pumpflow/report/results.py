@@ -230,11 +230,20 @@ def auc_text(auc: Mapping[str, tuple[float, int]]) -> str:
     )
 
 
-def precision_text(precision: Mapping[str, tuple[float, float]]) -> str:
-    """Each "model/arm"'s live precision at its threshold (n/a: none yet)."""
+def precision_text(
+    precision: Mapping[str, tuple[float, float]], selected: Mapping[str, tuple[int, int]]
+) -> str:
+    """Each "model/arm"'s live precision at its threshold, with how many of its labels
+    were scored there (n/a: none yet)."""
+
+    def of(arm: str, threshold: float) -> str:
+        if arm not in selected:
+            return f"score >= {threshold:.2f}"
+        scored, labels = selected[arm]
+        return f"{scored:,} of {counted(labels, 'label')} scored >= {threshold:.2f}"
+
     return (
-        ", ".join(f"{k} {figure_text(p)} (score >= {t:.2f})" for k, (p, t) in precision.items())
-        or "n/a"
+        ", ".join(f"{k} {figure_text(p)} ({of(k, t)})" for k, (p, t) in precision.items()) or "n/a"
     )
 
 
