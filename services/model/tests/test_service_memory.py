@@ -207,7 +207,7 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
     ],
 )
 async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
-    method, path, body, status, named
+    method, path, body, status, named, caplog
 ):
     model = model_service()
     async with run_embedded([model], clock=ReplayClock(START)) as system:
@@ -216,9 +216,13 @@ async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
             before = (await http.get("/arms")).json()
-            refused = await http.request(method, path, json=body, headers=auth)
+            with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
+                refused = await http.request(method, path, json=body, headers=auth)
             assert refused.status_code == status, refused.text
             assert named in refused.json()["detail"] and TOKEN not in refused.text
+            # the log says it too: whoever watches the service, not only who asked
+            (logged,) = [r.getMessage() for r in caplog.records if named in r.getMessage()]
+            assert logged.startswith(f"model: {method} {path} refused ({status}): ")
             assert (await http.get("/arms")).json() == before
             assert set(model.manager.models()) == {"entry"}
             weights = {"weights": {"control": 1.0}}

@@ -1335,11 +1335,16 @@ class ModelService(Service):
         api = APIRouter()
         guarded = [Depends(require_token)]
 
-        async def changed(change) -> dict[str, Any]:
+        def refused(asked: str, status: int, detail: str) -> HTTPException:
+            """A change refused, logged: the running serving goes on."""
+            log.warning("model: %s refused (%d): %s", asked, status, detail)
+            return HTTPException(status_code=status, detail=detail)
+
+        async def changed(asked: str, change) -> dict[str, Any]:
             try:
                 await self.change(change)
             except ServingError as exc:
-                raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+                raise refused(asked, exc.status, str(exc)) from None
             return {"revision": self.serving.revision, **self.processor.arms.describe()}
 
         def model_or_404(model_id: str):
@@ -1357,7 +1362,9 @@ class ModelService(Service):
             model_type: Task = Body("classification"),
         ) -> dict[str, Any]:
             if not model_id or not path or "\x00" in model_id + path:
-                raise HTTPException(422, "'model_id' and 'path' must be non-empty, without NUL")
+                raise refused(
+                    "POST /models", 422, "'model_id' and 'path' must be non-empty, without NUL"
+                )
 
             def with_model(serving: Serving) -> Serving:
                 # the revision loaded at: the same path again is a reload (a new file there)
@@ -1366,7 +1373,7 @@ class ModelService(Service):
                 )
                 return msgspec.structs.replace(serving, models={**serving.models, model_id: source})
 
-            result = await changed(with_model)
+            result = await changed("POST /models", with_model)
             return {"card": msgspec.to_builtins(self.manager.card(model_id)), **result}
 
         @api.get("/arms")
@@ -1382,14 +1389,16 @@ class ModelService(Service):
                 # a misspelt field would otherwise leave its default in place
                 unknown = sorted(set(arm) - set(Arm.__struct_fields__))
                 if unknown:
-                    raise HTTPException(422, f"arms[{i}]: no field named {', '.join(unknown)}")
+                    raise refused(
+                        "PUT /arms", 422, f"arms[{i}]: no field named {', '.join(unknown)}"
+                    )
             try:
                 table = tuple(msgspec.convert(a, Arm) for a in arms)
                 ArmTable(table)  # one that cannot route is refused as its weights are
             except (msgspec.ValidationError, ArmError) as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from None
+                raise refused("PUT /arms", 422, str(exc)) from None
             return await changed(
-                lambda s: msgspec.structs.replace(s, arms=table, salt=salt or s.salt)
+                "PUT /arms", lambda s: msgspec.structs.replace(s, arms=table, salt=salt or s.salt)
             )
 
         @api.put("/arms/weights", dependencies=guarded)
@@ -1403,7 +1412,7 @@ class ModelService(Service):
                     raise ServingError(str(exc), status=422) from None
                 return msgspec.structs.replace(serving, arms=table.arms)
 
-            return await changed(reweighted)
+            return await changed("PUT /arms/weights", reweighted)
 
         @api.post("/arms/{name}/promote", dependencies=guarded)
         async def promote(name: str) -> dict[str, Any]:
@@ -1414,7 +1423,8 @@ class ModelService(Service):
                     raise ServingError(str(exc), status=404) from None
                 return msgspec.structs.replace(serving, arms=table.arms)
 
-            return await changed(promoted)
+            # the route, not the name asked: the refusal names it, quoted
+            return await changed("POST /arms/{name}/promote", promoted)
 
         @api.get("/models/{model_id}/performance")
         async def performance(model_id: str, fresh: bool = False) -> dict[str, Any]:
