@@ -677,3 +677,27 @@ async def test_an_embedded_runs_report_takes_the_books_unmarked_position_as_unma
     found = await Collector().results(system, title="t", source="s")
     assert found.trades[1].unrealized_pnl_sol is None
     assert dict(results.summary(found))["total PnL (SOL)"] == "+0.0050 (1 unmarked, left out)"
+
+
+async def test_an_entry_is_the_arm_s_whose_prediction_caused_it_whatever_came_between():
+    """Trading's buy names the prediction it acted on; newer predictions of the token (of
+    another arm after a change of the shares) may reach the report first."""
+    from pumpflow.common.events import ModelPrediction, OrderRequested, make_event
+    from pumpflow.report.gather import Collector
+
+    def prediction(model_id: str, arm: str, time: float, *, shadow: bool = False):
+        payload = ModelPrediction(mint="m", model_id=model_id, arm=arm, shadow=shadow,
+                                  feature_set_version="f", score=0.9)  # fmt: skip
+        return make_event(payload, source="model/1", time=time)
+
+    acted_on = prediction("entry", "control", 1.0)
+    buy = OrderRequested(order_id="o", mint="m", side="buy", sol_amount=0.1)
+    collector = Collector()
+    for event in (
+        acted_on,
+        prediction("twin", "twin", 1.5),
+        prediction("entry", "shadow", 1.5, shadow=True),
+        make_event(buy, source="trading/1", time=1.6, cause=acted_on),
+    ):
+        await collector.on_event(event)
+    assert collector.entered == {"m": "entry/control"}

@@ -177,6 +177,10 @@ def model_figures(model: Any) -> ModelFigures:
     )
 
 
+#: live predictions a buy can name as its cause: far more than trading ever lags behind
+SCORED_KEPT = 20_000
+
+
 class Collector:
     """Tokens by lifecycle state reached, from the bus of an embedded system."""
 
@@ -184,8 +188,10 @@ class Collector:
 
     def __init__(self) -> None:
         self.reached: dict[str, set[str]] = {}
-        #: mint -> its latest live prediction's event id and "model/arm"
-        self._scored: dict[str, tuple[str, str]] = {}
+        #: the newest live predictions' event ids -> their "model/arm", oldest first: a
+        #: buy names its prediction by causation, after predictions of other tokens, or of
+        #: its own, came in the meantime
+        self._scored: dict[str, str] = {}
         #: mint -> the "model/arm" whose live prediction ordered its entry
         self.entered: dict[str, str] = {}
 
@@ -202,11 +208,13 @@ class Collector:
             self.reached.setdefault(data.state, set()).add(data.mint)
         elif isinstance(data, ModelPrediction):
             if not data.shadow:
-                self._scored[data.mint] = (event.id, f"{data.model_id}/{data.arm}")
+                if len(self._scored) >= SCORED_KEPT:
+                    del self._scored[next(iter(self._scored))]
+                self._scored[event.id] = f"{data.model_id}/{data.arm}"
         elif isinstance(data, OrderRequested) and data.side == "buy":
-            scored = self._scored.get(data.mint)
-            if scored is not None and scored[0] == event.causation_id:
-                self.entered.setdefault(data.mint, scored[1])
+            arm = self._scored.get(event.causation_id or "")
+            if arm is not None:
+                self.entered.setdefault(data.mint, arm)
 
     def lifecycle(self) -> dict[str, int]:
         return {state: len(mints) for state, mints in self.reached.items()}
