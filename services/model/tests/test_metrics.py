@@ -113,3 +113,15 @@ def test_the_drift_gauges_of_what_no_longer_serves_are_removed():
         assert gauge(name, "candidate", "buys") is None
     assert gauge("drift_window_vectors", "candidate") is None
     assert gauge("drift_warming_up", "candidate") is None
+
+
+def test_the_scores_of_an_arm_say_which_model_and_version_gave_them():
+    """An arm whose model was reloaded or refitted: its scores before and after apart."""
+    registry = CollectorRegistry()
+    metrics = ModelServiceMetrics(registry=registry)
+    for version, score in (("v1", 0.2), ("v1", 0.3), ("v2", 0.9)):
+        metrics.predicted("mine", "candidate", version, False, score)
+    for version, count, total in (("v1", 2, 0.5), ("v2", 1, 0.9)):
+        labels = {"arm": "mine", "model_id": "candidate", "version": version}
+        assert registry.get_sample_value("pumpflow_model_score_count", labels) == count
+        assert math.isclose(registry.get_sample_value("pumpflow_model_score_sum", labels), total)

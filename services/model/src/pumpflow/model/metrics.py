@@ -40,8 +40,9 @@ class _Families:
         )
         self.scores = Histogram(
             "pumpflow_model_score",
-            "Scores published, by arm",
-            ["arm"],
+            "Scores published (classification: the probability of the label; regression: "
+            "the net return predicted), by arm, model id and version",
+            ["arm", "model_id", "version"],
             buckets=_SCORE_BUCKETS,
             registry=registry,
         )
@@ -205,7 +206,7 @@ class ModelServiceMetrics:
         if found is None:
             found = self._predicted[key] = (
                 self._f.predictions.labels(arm, model_id, version, "true" if shadow else "false"),
-                self._f.scores.labels(arm),
+                self._f.scores.labels(arm, model_id, version),
             )
         found[0].inc()
         found[1].observe(score)
