@@ -257,6 +257,31 @@ async def test_an_arm_change_is_logged_with_each_arms_model_version_and_share(tm
     ]
 
 
+async def test_the_arms_view_names_each_arm_s_model_version(tmp_path):
+    """Which model file an arm serves is its version: the model id alone survives a reload."""
+    candidate = other_model(tmp_path, model_id="candidate")
+    model = model_service()
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            body = {"model_id": "candidate", "path": str(candidate)}
+            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
+            arms = [
+                {"name": "control", "model_id": "entry"},
+                {"name": "treatment", "model_id": "candidate", "shadow": True},
+            ]
+            answer = (await http.put("/arms", json={"arms": arms}, headers=auth)).json()
+            viewed = (await http.get("/arms")).json()
+    version = model.manager.card("candidate").version
+    for described in (answer, viewed):
+        assert [(a["name"], a["version"]) for a in described["arms"]] == [
+            ("control", DEFAULT_CARD.version),
+            ("treatment", version),
+        ]
+
+
 async def test_a_model_of_another_feature_set_is_refused_naming_both_versions(tmp_path):
     import msgspec
 

@@ -1302,6 +1302,13 @@ class ModelService(Service):
             for model_id, card in manager.models().items()
         }
 
+    def arms_view(self) -> dict[str, Any]:
+        """The arm table routing tokens here, each arm with its model's version."""
+        described = self.processor.arms.describe()
+        for arm in described["arms"]:
+            arm["version"] = self.manager.card(arm["model_id"]).version
+        return described
+
     def scoring_view(self) -> dict[str, Any]:
         processor = self.processor
         return {
@@ -1345,7 +1352,7 @@ class ModelService(Service):
                 await self.change(change)
             except ServingError as exc:
                 raise refused(asked, exc.status, str(exc)) from None
-            return {"revision": self.serving.revision, **self.processor.arms.describe()}
+            return {"revision": self.serving.revision, **self.arms_view()}
 
         def model_or_404(model_id: str):
             if model_id not in self.manager.models():
@@ -1378,7 +1385,7 @@ class ModelService(Service):
 
         @api.get("/arms")
         async def get_arms() -> dict[str, Any]:
-            return self.processor.arms.describe()
+            return self.arms_view()
 
         @api.put("/arms", dependencies=guarded)
         async def put_arms(
