@@ -125,3 +125,39 @@ def test_the_scores_of_an_arm_say_which_model_and_version_gave_them():
         labels = {"arm": "mine", "model_id": "candidate", "version": version}
         assert registry.get_sample_value("pumpflow_model_score_count", labels) == count
         assert math.isclose(registry.get_sample_value("pumpflow_model_score_sum", labels), total)
+
+
+def test_the_live_figures_say_which_versions_they_are_of():
+    """A refit swapped in mid-window: the arm's AUC is of both versions' predictions, and
+    /metrics says so; a version gone from the window is gone from the gauge."""
+    registry = CollectorRegistry()
+    metrics = ModelServiceMetrics(registry=registry)
+    performance = RollingPerformance(window=4)
+
+    def add(version: str, score: float, label: float) -> None:
+        performance.add(
+            ResolvedLabel(
+                mint="m", model_id="entry", version=version, arm="a", task="classification",
+                score=score, time=0.0, entry_price=1.0, label=label,
+                definition=DEFAULT_CARD.label, resolved_at=1.0,
+            )
+        )  # fmt: skip
+
+    for version, score, label in [("v1", 0.9, 1.0), ("v1", 0.2, 0.0), ("v2", 0.7, 1.0)]:
+        add(version, score, label)
+    metrics.performance(performance.by_arm("entry").values())
+
+    def versions() -> set[str]:
+        return {
+            s.labels["version"]
+            for m in registry.collect()
+            if m.name == "pumpflow_model_live_version"
+            for s in m.samples
+            if s.labels["model_id"] == "entry" and s.labels["arm"] == "a" and s.value == 1
+        }
+
+    assert versions() == {"v1", "v2"}
+    for score, label in [(0.8, 1.0), (0.1, 0.0), (0.6, 1.0), (0.3, 0.0)]:
+        add("v2", score, label)
+    metrics.performance(performance.by_arm("entry").values())
+    assert versions() == {"v2"}

@@ -6,7 +6,8 @@ models' drift and live performance: the monitors (:mod:`pumpflow.common.model.dr
 :mod:`pumpflow.common.model.performance`) are pure, and the service hands their reports
 here after each check. Drift and performance series
 are labelled by model id (and arm for performance), not by version: a hot swap continues
-the series, and the version serving is its own gauge.
+the series, and the version serving and the versions behind an arm's live figures are
+gauges of their own.
 """
 
 from __future__ import annotations
@@ -169,6 +170,14 @@ class _Families:
             ["model_id", "arm"],
             registry=registry,
         )
+        self.live_version = Gauge(
+            "pumpflow_model_live_version",
+            "1 for each model version whose predictions are among the labels of a model's "
+            "live figures on an arm (pumpflow_model_live_metric): more than one after a "
+            "refit or a reload swapped a version in within the window.",
+            ["model_id", "arm", "version"],
+            registry=registry,
+        )
         self.pending_labels = Gauge(
             "pumpflow_model_pending_labels",
             "Predictions of this replica's tokens whose label waits for its horizon.",
@@ -327,15 +336,19 @@ class ModelServiceMetrics:
         return self._f.drift_transitions.labels(model_id, state)._value.get()
 
     def performance(self, figures: Iterable[LiveFigures]) -> None:
-        """Set the live-performance gauges to ``figures``, those of any other model and arm
-        gone (NaN figures, like AUC of one class, left out)."""
+        """Set the live-performance gauges to ``figures`` with the versions they are of,
+        those of any other model, arm and version gone (NaN figures, like AUC of one
+        class, left out)."""
         self._f.live.clear()
         self._f.live_labels.clear()
+        self._f.live_version.clear()
         for each in figures:
             for metric, value in each.metrics.items():
                 if not math.isnan(value):
                     self._f.live.labels(each.model_id, each.arm, metric).set(value)
             self._f.live_labels.labels(each.model_id, each.arm).set(each.labels)
+            for version in each.versions:
+                self._f.live_version.labels(each.model_id, each.arm, version).set(1)
 
     def labels(self, tracker: LabelTracker) -> None:
         self._f.pending_labels.set(tracker.pending)
