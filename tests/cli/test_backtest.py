@@ -4,6 +4,7 @@ dataset file or Postgres, and configurations are compared side by side."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -982,11 +983,20 @@ async def _until_both_run(proc: asyncio.subprocess.Process) -> None:
         seen += line.decode()
 
 
+#: runs the command after it with SIGINT's default action, as a terminal starts it (a
+#: suite run in a shell's background inherits it ignored, and so would the command)
+AS_IN_A_TERMINAL = (
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+)  # fmt: skip
+
+
 async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
-        "--minutes", "30", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
-        "--report", str(tmp_path / "r.html"),
+        *AS_IN_A_TERMINAL, str(Path(sys.executable).with_name("pumpflow")), "backtest",
+        "--seed", str(SEED), "--minutes", "30", "--jobs", "2", "--every", "0.1", "--config",
+        "a", "--config", "b", "--report", str(tmp_path / "r.html"),
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
@@ -1003,6 +1013,26 @@ async def test_ctrl_c_stops_the_workers_at_once_without_their_tracebacks(tmp_pat
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert stopped < 5
     await eventually(lambda: _group_gone(proc.pid), within=10, what="no worker left behind")
+
+
+async def test_the_workers_end_when_the_backtest_is_killed():
+    """Killed, the backtest cannot stop its workers: they see it gone and end, not left
+    behind running or waiting for a configuration for ever."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("pumpflow")), "backtest", "--seed", str(SEED),
+        "--minutes", "30", "--jobs", "2", "--every", "0.1", "--config", "a", "--config", "b",
+        "--config", "c", "--json", "-", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        await _until_both_run(proc)
+        await eventually(lambda: _workers_of(proc.pid), what="the workers")
+        proc.kill()
+        await proc.wait()
+        await eventually(lambda: _group_gone(proc.pid), within=60, what="no worker left behind")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _workers_of(session: int) -> list[int]:

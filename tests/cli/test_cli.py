@@ -835,6 +835,17 @@ def _read_until(proc: subprocess.Popen, text: str, seen: str = "", lines: int = 
     return seen
 
 
+def test_a_ctrl_c_before_the_command_begins_is_status_130_without_a_traceback(monkeypatch, capsys):
+    """Pressed while the CLI still imports and builds its parser (a second or so)."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    assert cli_main.main(["backtest", "--help"]) == 130
+    assert capsys.readouterr().err == ""
+
+
 def test_run_stops_cleanly_on_ctrl_c():
     proc = _endless_run()
     try:

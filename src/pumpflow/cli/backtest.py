@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -966,9 +967,10 @@ def run_in_process(
 #: what the forkserver imports once, before it forks each worker: a worker then starts
 #: in milliseconds, not the second these take
 WORKER_PRELOAD = (
-    "pumpflow.cli.backtest", "pumpflow.feed.service", "pumpflow.features.service",
-    "pumpflow.activity.service", "pumpflow.model.service", "pumpflow.trading.service",
-    "pumpflow.exit.service", "pumpflow.report.gather", "websockets.asyncio.server",
+    "pumpflow.cli.backtest", "pumpflow.feed.service",
+    "pumpflow.features.service", "pumpflow.activity.service", "pumpflow.model.service",
+    "pumpflow.trading.service", "pumpflow.exit.service", "pumpflow.report.gather",
+    "websockets.asyncio.server",
 )  # fmt: skip
 #: wall seconds between a worker's progress messages, at most
 WORKER_PROGRESS_S = 0.1
@@ -981,11 +983,20 @@ def worker_context() -> Any:
     one (no asyncio state forked with them, as a fork of this process would), else
     spawned."""
     import multiprocessing
+    from multiprocessing import forkserver
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(WORKER_PRELOAD))
+    # started with SIGINT ignored, as it and the workers it forks then keep it: the
+    # terminal's Ctrl-C reaches every process of its group, and the parent stops the
+    # workers itself (one interrupted starting would print its traceback over its lines)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return context
 
 
@@ -993,8 +1004,8 @@ class _Relay:
     """A worker's progress on a configuration, sent to the parent at most every
     :data:`WORKER_PROGRESS_S`."""
 
-    def __init__(self, events: Any, slot: int, index: int):
-        self.events, self.slot, self.index = events, slot, index
+    def __init__(self, sent: Any, index: int):
+        self.sent, self.index = sent, index
         self._last = -math.inf
 
     def __call__(self, done: int, total: int) -> None:
@@ -1002,29 +1013,48 @@ class _Relay:
         if now - self._last < WORKER_PROGRESS_S and 0 < done < total:
             return
         self._last = now
-        self.events.put(("progress", self.slot, self.index, (done, total)))
+        self.sent.send(("progress", self.index, (done, total)))
 
 
-def _work(
-    slot: int, frames: Frames, environment: dict[str, str], tasks: Any, events: Any,
-    show_progress: bool,
-) -> None:  # fmt: skip
-    """A worker: run each configuration the parent hands it until it hands None."""
-    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers
+def _work(frames: Frames, environment: dict[str, str], parent: Any, show_progress: bool) -> None:
+    """A worker: run each configuration the parent hands it on ``parent``, a pipe of its
+    own, and send back what it makes, until the parent hands None or is gone (its end
+    of the pipe closed with it: a worker waiting on a queue would wait for ever). A queue
+    the workers shared would be locked for ever by one killed while it wrote."""
+    # Ctrl-C: the parent stops the workers (a forkserver's ignore it from their start)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a forkserver's children have its environment, from when it started: the settings
     # are read from the parent's, as they are in the parent
     os.environ.clear()
     os.environ.update(environment)
-    while (task := tasks.get()) is not None:
-        index, name, config = task
-        progress = _Relay(events, slot, index) if show_progress else None
-        outcome = run_configuration(frames, name, config, progress)
-        try:
-            sent = pickle.dumps(outcome)
-        except Exception as exc:
-            sent = pickle.dumps(Failed(name, f"its report could not be sent: {exc!r}"))
-        events.put(("finished", slot, index, sent))
+    try:
+        while (task := parent.recv()) is not None:
+            index, name, config = task
+            progress = _Relay(parent, index) if show_progress else None
+            outcome = run_configuration(frames, name, config, progress)
+            try:
+                report = pickle.dumps(outcome)
+            except Exception as exc:
+                report = pickle.dumps(Failed(name, f"its report could not be sent: {exc!r}"))
+            parent.send(("finished", index, report))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone: nobody waits for the rest
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it: a worker's start cut while its
+    process and frames are written to it would leave it a truncated copy. (A signal mask
+    would not do: a signal comes in on any thread that does not block it, onnxruntime's
+    included, and Python raises it in the main thread all the same.)"""
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        raise KeyboardInterrupt
 
 
 def run_in_workers(
@@ -1033,65 +1063,74 @@ def run_in_workers(
     """Run the configurations in ``jobs`` worker processes, each handed the frames once
     (pickled: some 7 ms for 10 market minutes, 7 MB); (index, outcome) of each as it
     finishes. ``progress``: each configuration's, by name (None: none shown)."""
-    import queue
+    from multiprocessing.connection import wait
 
     context = worker_context()
-    events = context.Queue()
     environment = dict(os.environ)
     pending = list(enumerate(runs))[::-1]
     workers: dict[int, Any] = {}
-    tasks: dict[int, Any] = {}
+    pipes: dict[Any, int] = {}  # this end of a worker's pipe -> its slot
     running: dict[int, int] = {}  # worker slot -> configuration index
 
     def start(slot: int) -> None:
-        tasks[slot] = context.Queue()
+        mine, theirs = context.Pipe()
         workers[slot] = context.Process(
             target=_work, name=f"pumpflow-backtest-{slot}", daemon=True,
-            args=(slot, frames, environment, tasks[slot], events, progress is not None),
+            args=(frames, environment, theirs, progress is not None),
         )  # fmt: skip
-        workers[slot].start()
-        hand(slot)
+        try:
+            with interrupts_held():
+                workers[slot].start()
+        finally:
+            # the worker's end is its own: gone with it, the pipe reads as ended here
+            theirs.close()
+        pipes[mine] = slot
+        hand(slot, mine)
 
-    def hand(slot: int) -> None:
+    def hand(slot: int, pipe: Any) -> None:
         if pending:
             index, (name, config) = pending.pop()
             running[slot] = index
-            tasks[slot].put((index, name, dict(config)))
+            pipe.send((index, name, dict(config)))
         else:
-            tasks[slot].put(None)
+            pipe.send(None)
 
     try:
         for slot in range(min(jobs, len(runs))):
             start(slot)
         while running:
-            try:
-                kind, slot, index, data = events.get(timeout=WORKER_WATCH_S)
-            except queue.Empty:
-                for slot, worker in list(workers.items()):
-                    if slot in running and worker.exitcode is not None:
-                        # killed (out of memory, a signal): its configuration with it
+            for pipe in wait(list(pipes), timeout=WORKER_WATCH_S):
+                slot = pipes[pipe]
+                try:
+                    kind, index, data = pipe.recv()
+                except EOFError:
+                    # killed (out of memory, a signal): its configuration with it
+                    del pipes[pipe]
+                    pipe.close()
+                    workers[slot].join()
+                    if slot in running:
                         index = running.pop(slot)
-                        yield (
-                            index,
-                            Failed(
-                                runs[index][0], f"its worker died (exit code {worker.exitcode})"
-                            ),
-                        )
+                        why = f"its worker died (exit code {workers[slot].exitcode})"
+                        yield index, Failed(runs[index][0], why)
                         if pending:
                             start(slot)
-                continue
-            if kind == "progress":
-                if progress is not None:
-                    progress[runs[index][0]](*data)
-                continue
-            del running[slot]
-            hand(slot)
-            yield index, pickle.loads(data)
+                    continue
+                if kind == "progress":
+                    if progress is not None:
+                        progress[runs[index][0]](*data)
+                    continue
+                del running[slot]
+                hand(slot, pipe)
+                yield index, pickle.loads(data)
     finally:
-        for worker in workers.values():
+        # a worker still waiting for its next configuration ends as its pipe closes
+        for pipe in pipes:
+            pipe.close()
+        started = [worker for worker in workers.values() if worker.pid is not None]
+        for worker in started:
             if worker.is_alive():
                 worker.terminate()
-        for worker in workers.values():
+        for worker in started:
             worker.join()
 
 

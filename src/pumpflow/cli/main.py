@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _flush()
         return code
+    except KeyboardInterrupt:  # Ctrl-C before the command began, or past its own handling
+        return 130
     except BrokenPipeError as exc:
         if not output.reader_gone(exc):
             raise
