@@ -2,6 +2,7 @@
 
 from pumpflow.common.storage.token_events import (
     REPLAY_FETCH_TIMEOUT_S,
+    Pruned,
     RedriveWrite,
     StoredEvent,
     Superseded,
@@ -13,6 +14,7 @@ from pumpflow.common.storage.token_events import (
 
 __all__ = [
     "REPLAY_FETCH_TIMEOUT_S",
+    "Pruned",
     "RedriveWrite",
     "StoredEvent",
     "Superseded",

@@ -29,6 +29,12 @@ An event the store refused (dead-lettered by the feed) is stored later by
 every write, and recorded in ``token_event_redrives`` with whether it was published,
 so its redrive publishes it once and the outbox never republishes it.
 
+``prune`` deletes old events in batches, each its own short transaction: a write
+waits for a batch only on a row both touch (a duplicate frame of a pruned event). It
+keeps what is still needed (see its docstring). A replay reads through one cursor, so it
+reads its snapshot to the end whatever a prune deletes meanwhile (MVCC: vacuum keeps
+rows a running snapshot sees); a replay begun later starts after the rows gone.
+
 ``rejects`` tells a batch the store refuses for its rows (a value Postgres cannot
 hold or index: retrying the same rows fails again) from a store that is unwell (a
 lost connection, a server restarting or full: retrying later succeeds). Only the
@@ -166,6 +172,46 @@ _NOT_REDRIVEN = (
     "NOT EXISTS (SELECT 1 FROM token_event_redrives AS r WHERE r.event_id = token_events.event_id)"
 )
 
+#: rows older than $1 no longer needed: published by every publisher of the outbox (one
+#: that has not started yet begins at the end then), not an unpublished redrive, and not
+#: the highest seq (the floor a restarted feed numbers a returning mint above)
+_PRUNABLE = """
+event_time < $1
+AND id <= coalesce((SELECT min(last_id) FROM token_event_outbox), 9223372036854775807)
+AND (seq IS NULL OR seq < (SELECT max(seq) FROM token_events))
+AND NOT EXISTS (SELECT 1 FROM token_event_redrives AS r
+                WHERE r.event_id = token_events.event_id AND NOT r.published)
+"""
+#: one batch of the oldest prunable rows, by the time index
+_PRUNE_EVENTS = f"""
+WITH gone AS (
+    DELETE FROM token_events WHERE id IN (
+        SELECT id FROM token_events WHERE {_PRUNABLE} ORDER BY event_time, id LIMIT $2
+    ) RETURNING mint
+)
+SELECT count(*) AS events, coalesce(array_agg(DISTINCT mint), '{{}}') AS mints FROM gone
+"""
+#: a separate statement: one that deleted the events still sees them in its snapshot
+_PRUNE_TOKENS = """
+DELETE FROM tokens AS t WHERE t.mint = ANY($1::text[]) AND t.created_at < $2
+AND NOT EXISTS (SELECT 1 FROM token_events AS e WHERE e.mint = t.mint)
+"""
+_PRUNABLE_COUNT = f"""
+WITH going AS (
+    SELECT mint, count(*) AS n FROM token_events WHERE {_PRUNABLE} GROUP BY mint
+)
+SELECT
+    coalesce((SELECT sum(n) FROM going), 0)::bigint AS events,
+    (SELECT count(*) FROM going JOIN tokens AS t USING (mint) WHERE t.created_at < $1
+     AND going.n = (SELECT count(*) FROM token_events AS e WHERE e.mint = going.mint)) AS tokens,
+    (SELECT count(*) FROM token_events WHERE event_time < $1) AS older
+"""
+#: on-disk bytes of the table (rows, indexes, TOAST) and its rows as last counted
+_TABLE_SIZE = """
+SELECT pg_total_relation_size(c.oid) AS bytes, c.reltuples AS rows
+FROM pg_class AS c WHERE c.oid = 'token_events'::regclass
+"""
+
 _TYPE_OF_TX = {
     "create": TokenCreated.TYPE,
     "buy": TokenTrade.TYPE,
@@ -254,6 +300,20 @@ class StoredEvent:
     event: Event
     frame: bytes
     row_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pruned:
+    """What a prune deleted, or a dry run would (``TokenEventStore.prune``)."""
+
+    events: int
+    #: tokens rows whose events all went
+    tokens: int
+    #: events older than the bound kept: not yet published, or the highest seq
+    held: int = 0
+    #: on-disk bytes of the events (rows, indexes, TOAST), by the table's mean per row;
+    #: Postgres reuses them for new rows once vacuumed rather than giving them back
+    bytes: int = 0
 
 
 #: seconds a replay's fetch of a batch may take: the first one returns once Postgres
@@ -598,6 +658,60 @@ class TokenEventStore:
 
     async def count(self) -> int:
         return await self._pool.fetchval("SELECT count(*) FROM token_events")
+
+    # -- retention ---------------------------------------------------------------------
+
+    async def prune(
+        self,
+        before: float,
+        *,
+        batch_size: int = 5_000,
+        dry_run: bool = False,
+        on_batch: Callable[[Pruned], object] | None = None,
+    ) -> Pruned:
+        """Delete the events older than ``before`` (epoch seconds) that nothing needs.
+
+        Kept whatever their age: an event some publisher has not yet confirmed on the
+        bus (at or past its outbox position), a redriven one not yet published, and the
+        highest seq stored. A token goes with the last of its events. Each batch of
+        ``batch_size`` rows is a transaction of its own, so writes wait at most one batch
+        for a row they touch; ``on_batch`` hears each batch. ``dry_run`` deletes nothing
+        and counts what would go.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        before = float(before)
+        size = await self._pool.fetchrow(_TABLE_SIZE)
+        rows = size["rows"] if size["rows"] > 0 else await self.count()
+        per_row = size["bytes"] / rows if rows else 0.0
+        if dry_run:
+            found = await self._pool.fetchrow(_PRUNABLE_COUNT, before)
+            return Pruned(
+                events=found["events"],
+                tokens=found["tokens"],
+                held=found["older"] - found["events"],
+                bytes=round(found["events"] * per_row),
+            )
+        events = tokens = 0
+        while True:
+            async with self._pool.acquire() as conn, conn.transaction():
+                gone = await conn.fetchrow(_PRUNE_EVENTS, before, batch_size)
+                status = await conn.execute(_PRUNE_TOKENS, gone["mints"], before)
+            batch = Pruned(
+                events=gone["events"],
+                tokens=int(status.split()[-1]),
+                bytes=round(gone["events"] * per_row),
+            )
+            events += batch.events
+            tokens += batch.tokens
+            if on_batch is not None and batch.events:
+                on_batch(batch)
+            if batch.events < batch_size:
+                break
+        held = await self._pool.fetchval(
+            "SELECT count(*) FROM token_events WHERE event_time < $1", before
+        )
+        return Pruned(events=events, tokens=tokens, held=held, bytes=round(events * per_row))
 
     # -- outbox: which stored events a publisher has confirmed on the bus ---------------
 

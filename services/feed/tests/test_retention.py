@@ -1,0 +1,153 @@
+"""Pruning of old token events against a real Postgres (fresh schema per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from pumpflow.common.events import Event, make_event
+from pumpflow.common.pumpportal import decode_frame
+from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.testing import base58_key
+from pumpflow.feed import reference_frames as ref
+from pumpflow.feed.recorder import Recorder, RecorderConfig
+
+pytestmark = pytest.mark.postgres
+
+DAY = 86_400.0
+
+
+def _create(mint: str) -> bytes:
+    """The reference creation frame of token ``mint`` (a label)."""
+    frame = re.sub(
+        rb'"signature": "\w+"',
+        b'"signature": "%s"' % base58_key(f"c-{mint}", 88).encode(),
+        ref.CREATE,
+    )
+    return frame.replace(b"8yZ1rj5nHbUFuCbnoowE6rHLZYiuTe1tbxEskgzUpump", base58_key(mint).encode())
+
+
+def _trade(mint: str, i: int) -> bytes:
+    return (
+        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"buy",'
+        b'"tokenAmount":%d.5,"solAmount":0.01,"newTokenBalance":0,"bondingCurveKey":"%s",'
+        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
+        % (
+            base58_key(f"t-{mint}-{i}", 88).encode(),
+            base58_key(mint).encode(),
+            base58_key(f"w{i}").encode(),
+            i,
+            base58_key("bc").encode(),
+        )
+    )
+
+
+def _event(raw: bytes, t: float, seq: int | None) -> Event:
+    return make_event(decode_frame(raw), source="feed/test", time=t, seq=seq, received_at=t)
+
+
+async def _store(store: TokenEventStore, frames_at: list[tuple[bytes, float]]) -> int:
+    """Store the frames numbered in order; return the last row id."""
+    events = [_event(raw, t, seq) for seq, (raw, t) in enumerate(frames_at, start=1)]
+    return (await store.write_batch(events, [raw for raw, _ in frames_at])).last_id
+
+
+async def _mints(pool) -> list[str]:
+    return [r["mint"] for r in await pool.fetch("SELECT mint FROM tokens ORDER BY mint")]
+
+
+async def test_old_events_go_with_their_tokens_and_recent_ones_stay(pg_pool):
+    store = TokenEventStore(pg_pool)
+    now = 100 * DAY
+    old, kept = base58_key("old"), base58_key("lives-on")
+    last = await _store(store, [
+        (_create("old"), now - 10 * DAY), (_trade("old", 1), now - 9 * DAY),
+        (_create("lives-on"), now - 9 * DAY), (_trade("lives-on", 1), now - 1 * DAY),
+        (_trade("lives-on", 2), now - 60.0),
+    ])  # fmt: skip
+    await store.mark_published("feed", last)
+    pruned = await store.prune(now - 7 * DAY, batch_size=2)
+    assert (pruned.events, pruned.tokens, pruned.held) == (3, 1, 0)
+    left = [(s.event.key, s.event.time) async for s in store.stream_stored()]
+    assert left == [(kept, now - 1 * DAY), (kept, now - 60.0)]
+    # the token whose events all went is gone; one with events left keeps its row
+    assert await _mints(pg_pool) == [kept]
+    assert old not in await _mints(pg_pool)
+    assert (await store.prune(now - 7 * DAY)).events == 0
+
+
+async def test_nothing_at_or_past_the_outbox_position_goes(pg_pool):
+    store = TokenEventStore(pg_pool)
+    now = 100 * DAY
+    published = await _store(store, [(_trade("a", i), now - 30 * DAY + i) for i in range(3)])
+    await _store(store, [(_trade("a", i), now - 20 * DAY + i) for i in range(3, 6)])
+    await store.mark_published("feed", published)
+    # another publisher behind the first holds its own rows
+    await store.mark_published("feed-b", published - 1)
+    pruned = await store.prune(now)
+    assert (pruned.events, pruned.held) == (2, 4)
+    rows = [s.row_id async for s in store.stream_stored(order="id")]
+    assert min(rows) == published and len(rows) == 4
+
+
+async def test_the_highest_seq_and_unpublished_redrives_stay(pg_pool):
+    store = TokenEventStore(pg_pool)
+    events = [_event(_trade("a", seq), float(seq), seq) for seq in (1, 3, 4)]
+    await store.write_batch(events, [_trade("a", seq) for seq in (1, 3, 4)])
+    # a refused seq stored later by its redrive, which has not published it yet
+    redriven = _event(_trade("a", 2), 2.0, 2)
+    await store.store_redriven(redriven, _trade("a", 2))
+    await store.mark_published("feed", await store.last_row())
+    assert (await store.prune(DAY)).events == 2
+    left = [e.seq async for e in store.stream()]
+    # the top seq is the floor a restarted feed numbers a returning mint above
+    assert left == [2, 4] and await store.max_seq() == 4
+    await store.mark_redrive_published(redriven.id)
+    assert (await store.prune(DAY)).events == 1
+    assert [e.seq async for e in store.stream()] == [4]
+
+
+async def test_a_dry_run_deletes_nothing_and_says_what_would_go(pg_pool):
+    store = TokenEventStore(pg_pool)
+    now = 100 * DAY
+    last = await _store(store, [
+        (_create("old"), now - 10 * DAY), (_trade("old", 1), now - 9 * DAY),
+        (_trade("new", 1), now - DAY), (_trade("new", 2), now),
+    ])  # fmt: skip
+    await store.mark_published("feed", last - 2)
+    would = await store.prune(now - 7 * DAY, dry_run=True)
+    assert (would.events, would.tokens, would.held) == (2, 1, 0)
+    assert would.bytes > 0
+    assert await store.count() == 4 and len(await _mints(pg_pool)) == 1
+    assert (await store.prune(now - 7 * DAY)).events == 2
+
+
+async def test_a_prune_while_the_feed_records_loses_no_new_event(pg_pool):
+    store = TokenEventStore(pg_pool)
+    now = 100 * DAY
+    old = [(_trade("old", i), now - 30 * DAY + i) for i in range(20_000)]
+    for start in range(0, len(old), 5_000):
+        last = await store.write_batch(
+            [_event(raw, t, None) for raw, t in old[start : start + 5_000]],
+            [raw for raw, _ in old[start : start + 5_000]],
+        )
+    await store.mark_published("feed", last.last_id)
+    recorder = Recorder(store, config=RecorderConfig(batch_size=50))
+    await recorder.start()
+    batches = []
+    pruning = asyncio.create_task(store.prune(now - DAY, batch_size=500, on_batch=batches.append))
+    new = []
+    while not pruning.done():
+        raw = _trade("new", len(new))
+        new.append(raw)
+        await recorder.add(_event(raw, now, len(new)), raw)
+        await asyncio.sleep(0)  # the writer's and the prune's turns
+    pruned = await pruning
+    await recorder.flush()
+    await recorder.close()
+    assert pruned.events == 20_000 and len(batches) >= 40
+    assert new and recorder.stored == len(new)
+    stored = [s.frame async for s in store.stream_stored(order="id")]
+    assert stored == new
