@@ -196,15 +196,20 @@ _PRUNE_TOKENS = """
 DELETE FROM tokens AS t WHERE t.mint = ANY($1::text[]) AND t.created_at < $2
 AND NOT EXISTS (SELECT 1 FROM token_events AS e WHERE e.mint = t.mint)
 """
+#: one pass over the rows older than $1; a token goes if every event of it older than $1
+#: goes and it has none newer (an index range of each of its mints)
 _PRUNABLE_COUNT = f"""
-WITH going AS (
-    SELECT mint, count(*) AS n FROM token_events WHERE {_PRUNABLE} GROUP BY mint
+WITH older AS MATERIALIZED (
+    SELECT mint, ({_PRUNABLE}) AS going FROM token_events WHERE event_time < $1
+), by_mint AS (
+    SELECT mint FROM older GROUP BY mint HAVING bool_and(going)
 )
 SELECT
-    coalesce((SELECT sum(n) FROM going), 0)::bigint AS events,
-    (SELECT count(*) FROM going JOIN tokens AS t USING (mint) WHERE t.created_at < $1
-     AND going.n = (SELECT count(*) FROM token_events AS e WHERE e.mint = going.mint)) AS tokens,
-    (SELECT count(*) FROM token_events WHERE event_time < $1) AS older
+    (SELECT count(*) FILTER (WHERE going) FROM older) AS events,
+    (SELECT count(*) FILTER (WHERE NOT going) FROM older) AS held,
+    (SELECT count(*) FROM by_mint JOIN tokens AS t USING (mint) WHERE t.created_at < $1
+     AND NOT EXISTS (SELECT 1 FROM token_events AS e
+                     WHERE e.mint = t.mint AND e.event_time >= $1)) AS tokens
 """
 #: on-disk bytes of the table (rows, indexes, TOAST) and its rows as last counted
 _TABLE_SIZE = """
@@ -689,7 +694,7 @@ class TokenEventStore:
             return Pruned(
                 events=found["events"],
                 tokens=found["tokens"],
-                held=found["older"] - found["events"],
+                held=found["held"],
                 bytes=round(found["events"] * per_row),
             )
         events = tokens = 0
