@@ -16,11 +16,13 @@ from pumpflow.common.clock import WallClock
 from pumpflow.common.db.leases import PostgresLeaseStore
 from pumpflow.common.events import FeedSubscription, TokenCreated, make_event
 from pumpflow.common.lease import Lease
+from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, eventually
+from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.service import ACCOUNTS_KEY, LEASE_NAME, MINTS_KEY, FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator import server as simulator
@@ -453,3 +455,50 @@ async def test_the_connection_and_the_market_outlive_a_redis_restart(own_redis, 
         await server.stop()
         await bus.close()
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_only_the_lease_holder_prunes_the_events_past_the_keep(pg_pool):
+    """Events older than the keep go, counted by the holder; the standby deletes none."""
+    store = TokenEventStore(pg_pool)
+    month_ago = time.time() - 30 * 86_400
+    old = [
+        make_event(decode_frame(frame), source="feed/old", time=month_ago + i, seq=None,
+                   received_at=month_ago + i)
+        for i, frame in enumerate((ref.SELL, ref.OLD_BUY, ref.MIGRATE))
+    ]  # fmt: skip
+    await store.write(old, [ref.SELL, ref.OLD_BUY, ref.MIGRATE])
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120.0)), speed=40.0
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    leases = MemoryStateStore(WallClock())
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    replicas = [
+        await start_replica(server, bus, leases, name, pg_pool, registry=registry,
+                            feed_record_keep_days=7, feed_record_prune_interval_s=0.05)
+        for name, registry in zip(("one", "two"), registries, strict=True)
+    ]  # fmt: skip
+    try:
+        holder, standby = replicas
+        assert holder.role == "active" and standby.role == "standby"
+        await eventually(
+            lambda: registries[0].get_sample_value(
+                "pumpflow_feed_pruned_total", {"table": "token_events"}
+            ) == 3,
+            what="the holder's prune of the three old events",
+        )  # fmt: skip
+        await eventually(lambda: holder.recorder.stored >= 20)
+        left = [e.time async for e in store.stream()]
+        assert left and min(left) > time.time() - 86_400
+        pruned = registries[1].get_sample_value(
+            "pumpflow_feed_pruned_total", {"table": "token_events"}
+        )
+        assert pruned == 0
+    finally:
+        for replica in replicas:
+            await replica.stop()
+        await server.stop()
+        await bus.close()

@@ -100,3 +100,23 @@ async def test_subscriptions_route_and_status_without_recording():
     finally:
         await service.stop()
         await bus.close()
+
+
+def test_the_record_keep_is_days_or_zero_for_ever_and_outlasts_the_seq_restore(monkeypatch):
+    assert FeedSettings.load().feed_record_keep_days == 7.0
+    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "0")
+    assert FeedSettings.load().feed_record_keep_days == 0.0  # kept for ever
+    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "30")
+    assert FeedSettings.load().feed_record_keep_days == 30.0
+    for refused in ("-1", "0.5", "never"):
+        monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", refused)
+        with pytest.raises(SettingsError, match="FEED_RECORD_KEEP_DAYS"):
+            FeedSettings.load()
+    # a mint active within the seq restore window keeps the events its seq is read from
+    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "2")
+    monkeypatch.setenv("PUMPFLOW_FEED_SEQ_RESTORE_WINDOW_S", str(3 * 86_400))
+    with pytest.raises(SettingsError, match=r"FEED_RECORD_KEEP_DAYS.*seq_restore_window"):
+        FeedSettings.load()
+    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_PRUNE_BATCH", "0")
+    with pytest.raises(SettingsError, match="FEED_RECORD_PRUNE_BATCH"):
+        FeedSettings.load()

@@ -168,6 +168,19 @@ class FeedMetrics:
             "Dead letters dropped because their queue was full (the reader never waits)",
             registry=registry,
         )
+        self.pruned = Counter(
+            "pumpflow_feed_pruned_total",
+            "Rows the retention deleted (PUMPFLOW_FEED_RECORD_KEEP_DAYS), by table: "
+            "token_events, tokens",
+            ["table"], registry=registry,
+        )  # fmt: skip
+        self.pruned_events = self.pruned.labels("token_events")
+        self.pruned_tokens = self.pruned.labels("tokens")
+        self.prune_errors = Counter(
+            "pumpflow_feed_prune_errors_total",
+            "Prunes of old token events that failed (tried again at the next interval)",
+            registry=registry,
+        )
         if registry is not None:
             registry.register(_PlainCounters(self))
 

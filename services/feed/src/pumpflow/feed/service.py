@@ -82,6 +82,7 @@ from pumpflow.feed.lookback import LookBack
 from pumpflow.feed.manager import DataFeedManager
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
+from pumpflow.feed.retention import Retention
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed
 
@@ -128,6 +129,8 @@ class FeedService(Service):
         self.lookback: LookBack | None = None
         self.store: TokenEventStore | None = None
         self.leader: LeaderLease | None = None
+        #: deletes the stored events past the keep while this replica holds the lease
+        self.retention: Retention | None = None
         self.dead_letters: DeadLetterQueue | None = None
         self._stopped = False
         #: time.monotonic() by which a stop has flushed what it can (one bound for every step)
@@ -218,9 +221,20 @@ class FeedService(Service):
             )
         )
         self.lookback.start()
+        retention = settings.retention_config()
+        if retention is not None and self.store is not None:
+            self.retention = Retention(
+                self.store,
+                retention,
+                clock=ctx.clock,
+                holds=self._holds_lease,
+                metrics=self.metrics,
+            )
         # the socket connects in the background once the lease is ours: PumpPortal
         # being down or another replica holding the connection must not stop the start
         await self.leader.start()
+        if self.retention is not None:
+            self.retention.start()
 
     def _holds_lease(self) -> bool:
         return self.leader is not None and self.leader.holds
@@ -361,6 +375,8 @@ class FeedService(Service):
         self._stop_deadline = time.monotonic() + self.settings.feed_stop_flush_s
         if self.manager is None:
             return
+        if self.retention is not None:
+            await self.retention.close()
         # first, so that nothing reconnects while the rest stops
         await self.manager.disconnect()
         if self.leader is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
@@ -22,7 +22,11 @@ if TYPE_CHECKING:
     from pumpflow.common.features.history import HistoryConfig
     from pumpflow.feed.manager import FeedManagerConfig
     from pumpflow.feed.recorder import RecorderConfig
+    from pumpflow.feed.retention import RetentionConfig
     from pumpflow.feed.socket_feed import SocketFeedConfig
+
+#: seconds in a day
+DAY_S = 86_400.0
 
 
 class FeedSettings(PumpPortalKeySettings):
@@ -116,6 +120,28 @@ class FeedSettings(PumpPortalKeySettings):
         "restores the seq of mints active this recently; a mint back later goes on above "
         "every stored seq (empty: every mint, kept for ever)",
     )
+    feed_record_keep_days: float = Field(
+        7.0,
+        ge=0,
+        description=(
+            "stored token events older than this many days are deleted, hourly, by the "
+            "lease holder (0: kept for ever). At 25-60 trade events/s they take 4-10 GB a "
+            "day (docs/reliability.md), so a week is 30-75 GB: enough history to train and "
+            "backtest on (a week holds over 100,000 launches); nothing live reads further "
+            "back than the seq restore window. Events not yet published are kept "
+            "whatever their age; trading's and exit's records are never deleted"
+        ),
+    )
+    feed_record_prune_interval_s: float = Field(
+        3600.0, gt=0, description="how often the lease holder deletes events past the keep"
+    )
+    feed_record_prune_batch: int = Field(
+        5_000,
+        ge=1,
+        description=(
+            "events deleted per transaction (about 0.1 s each: the feed's writes go on between)"
+        ),
+    )
 
     feed_history_max_events: int = Field(
         1_000, ge=1, description="recent events held in memory per subscribed mint"
@@ -139,6 +165,20 @@ class FeedSettings(PumpPortalKeySettings):
             "within a TTL of a crash"
         ),
     )
+
+    @field_validator("feed_record_keep_days")
+    @classmethod
+    def _keep_a_day_and_the_seq_restore(cls, value: float, info: ValidationInfo) -> float:
+        # consumers rebuild a traded mint's window from its stored events, and a start
+        # restores each mint's seq from those of the restore window
+        if value == 0:
+            return value
+        if value < 1:
+            raise ValueError("must be 0 (kept for ever) or at least 1 day")
+        window = info.data.get("feed_seq_restore_window_s")
+        if window is not None and value * DAY_S <= window:
+            raise ValueError(f"must be above feed_seq_restore_window_s ({window:g} s)")
+        return value
 
     def socket_config(self) -> SocketFeedConfig:
         from pumpflow.feed.socket_feed import SocketFeedConfig
@@ -170,6 +210,18 @@ class FeedSettings(PumpPortalKeySettings):
             max_pending=self.feed_record_max_pending,
             ready_max_pending=self.feed_record_ready_max_pending,
             ready_max_age_s=self.feed_record_ready_max_age_s,
+        )
+
+    def retention_config(self) -> RetentionConfig | None:
+        """The retention of stored events; None: kept for ever (or none stored)."""
+        from pumpflow.feed.retention import RetentionConfig
+
+        if not self.feed_record or not self.feed_record_keep_days:
+            return None
+        return RetentionConfig(
+            keep_s=self.feed_record_keep_days * DAY_S,
+            every_s=self.feed_record_prune_interval_s,
+            batch_size=self.feed_record_prune_batch,
         )
 
     def manager_config(self) -> FeedManagerConfig:
