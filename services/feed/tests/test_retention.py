@@ -44,13 +44,15 @@ def _trade(mint: str, i: int) -> bytes:
     )
 
 
-def _event(raw: bytes, t: float, seq: int | None) -> Event:
-    return make_event(decode_frame(raw), source="feed/test", time=t, seq=seq, received_at=t)
+def _event(raw: bytes, t: float, seq: int | None, source: str = "feed/test") -> Event:
+    return make_event(decode_frame(raw), source=source, time=t, seq=seq, received_at=t)
 
 
-async def _store(store: TokenEventStore, frames_at: list[tuple[bytes, float]]) -> int:
+async def _store(
+    store: TokenEventStore, frames_at: list[tuple[bytes, float]], source: str = "feed/test"
+) -> int:
     """Store the frames numbered in order; return the last row id."""
-    events = [_event(raw, t, seq) for seq, (raw, t) in enumerate(frames_at, start=1)]
+    events = [_event(raw, t, seq, source) for seq, (raw, t) in enumerate(frames_at, start=1)]
     return (await store.write_batch(events, [raw for raw, _ in frames_at])).last_id
 
 
@@ -78,18 +80,24 @@ async def test_old_events_go_with_their_tokens_and_recent_ones_stay(pg_pool):
     assert (await store.prune(now - 7 * DAY)).events == 0
 
 
-async def test_nothing_at_or_past_the_outbox_position_goes(pg_pool):
+async def test_nothing_at_or_past_its_publishers_outbox_position_goes(pg_pool):
     store = TokenEventStore(pg_pool)
     now = 100 * DAY
     published = await _store(store, [(_trade("a", i), now - 30 * DAY + i) for i in range(3)])
+    # another publisher's rows, none of them published yet
+    await _store(store, [(_trade("b", i), now - 25 * DAY + i) for i in range(2)], "trial/x")
+    await store.mark_published("trial", 0)
     await _store(store, [(_trade("a", i), now - 20 * DAY + i) for i in range(3, 6)])
     await store.mark_published("feed", published)
-    # another publisher behind the first holds its own rows
-    await store.mark_published("feed-b", published - 1)
+    # a publisher that stopped long ago holds only its own rows (it has none)
+    await store.mark_published("retired", 0)
     pruned = await store.prune(now)
-    assert (pruned.events, pruned.held) == (2, 4)
-    rows = [s.row_id async for s in store.stream_stored(order="id")]
-    assert min(rows) == published and len(rows) == 4
+    # of feed's published rows, all but the highest seq go
+    assert (pruned.events, pruned.held) == (2, 6)
+    rows = [(s.row_id, s.event.source) async for s in store.stream_stored(order="id")]
+    assert rows[0] == (published, "feed/test") and len(rows) == 6
+    await store.mark_published("trial", await store.last_row())
+    assert (await store.prune(now)).events == 2
 
 
 async def test_the_highest_seq_and_unpublished_redrives_stay(pg_pool):

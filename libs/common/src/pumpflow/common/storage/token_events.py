@@ -172,12 +172,15 @@ _NOT_REDRIVEN = (
     "NOT EXISTS (SELECT 1 FROM token_event_redrives AS r WHERE r.event_id = token_events.event_id)"
 )
 
-#: rows older than $1 no longer needed: published by every publisher of the outbox (one
-#: that has not started yet begins at the end then), not an unpublished redrive, and not
-#: the highest seq (the floor a restarted feed numbers a returning mint above)
+#: rows older than $1 no longer needed: published by their publisher (the outbox position
+#: of the service their source names; one with none yet begins at the end then), not an
+#: unpublished redrive, and not the highest seq (the floor a restarted feed numbers a
+#: returning mint above)
 _PRUNABLE = """
 event_time < $1
-AND id <= coalesce((SELECT min(last_id) FROM token_event_outbox), 9223372036854775807)
+AND NOT EXISTS (SELECT 1 FROM token_event_outbox AS o
+                WHERE token_events.id > o.last_id AND (token_events.source = o.publisher
+                      OR token_events.source LIKE o.publisher || '/%'))
 AND (seq IS NULL OR seq < (SELECT max(seq) FROM token_events))
 AND NOT EXISTS (SELECT 1 FROM token_event_redrives AS r
                 WHERE r.event_id = token_events.event_id AND NOT r.published)
@@ -676,12 +679,12 @@ class TokenEventStore:
     ) -> Pruned:
         """Delete the events older than ``before`` (epoch seconds) that nothing needs.
 
-        Kept whatever their age: an event some publisher has not yet confirmed on the
-        bus (at or past its outbox position), a redriven one not yet published, and the
-        highest seq stored. A token goes with the last of its events. Each batch of
-        ``batch_size`` rows is a transaction of its own, so writes wait at most one batch
-        for a row they touch; ``on_batch`` hears each batch. ``dry_run`` deletes nothing
-        and counts what would go.
+        Kept whatever their age: an event its publisher has not yet confirmed on the
+        bus (past its outbox position: a restart republishes it), a redriven one not yet
+        published, and the highest seq stored. A token goes with the last of its events.
+        Each batch of ``batch_size`` rows is a transaction of its own, so writes wait at
+        most one batch for a row they touch; ``on_batch`` hears each batch. ``dry_run``
+        deletes nothing and counts what would go.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
