@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.run",
     "pumpflow.cli.backtest",
     "pumpflow.cli.migrate",
+    "pumpflow.cli.prune",
     "pumpflow.cli.serve",
     "pumpflow.cli.delegated",
     "pumpflow.cli.dead_letters",

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 #: seconds in a day
 DAY_S = 86_400.0
+#: the shortest keep of stored events: consumers rebuild a traded mint's window from
+#: them, and a start restores the seq of each mint of the last hours from them
+MIN_KEEP_DAYS = 1.0
 
 
 class FeedSettings(PumpPortalKeySettings):
@@ -169,12 +172,10 @@ class FeedSettings(PumpPortalKeySettings):
     @field_validator("feed_record_keep_days")
     @classmethod
     def _keep_a_day_and_the_seq_restore(cls, value: float, info: ValidationInfo) -> float:
-        # consumers rebuild a traded mint's window from its stored events, and a start
-        # restores each mint's seq from those of the restore window
         if value == 0:
             return value
-        if value < 1:
-            raise ValueError("must be 0 (kept for ever) or at least 1 day")
+        if value < MIN_KEEP_DAYS:
+            raise ValueError(f"must be 0 (kept for ever) or at least {MIN_KEEP_DAYS:g} day")
         window = info.data.get("feed_seq_restore_window_s")
         if window is not None and value * DAY_S <= window:
             raise ValueError(f"must be above feed_seq_restore_window_s ({window:g} s)")
