@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import base58_key
+from pumpflow.common.testing import base58_key, eventually
 from pumpflow.feed import reference_frames as ref
+from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder, RecorderConfig
+from pumpflow.feed.retention import Retention, RetentionConfig
 
 pytestmark = pytest.mark.postgres
 
@@ -159,3 +164,31 @@ async def test_a_prune_while_the_feed_records_loses_no_new_event(pg_pool):
     assert new and recorder.stored == len(new)
     stored = [s.frame async for s in store.stream_stored(order="id")]
     assert stored == new
+
+
+async def test_a_failed_prune_is_counted_and_the_next_interval_prunes(pg_pool):
+    store = TokenEventStore(pg_pool)
+    now = time.time()
+    await _store(store, [(_trade("a", i), now - 30 * DAY + i) for i in range(3)], "old/x")
+    registry = CollectorRegistry()
+    metrics = FeedMetrics(registry)
+    await pg_pool.execute("ALTER TABLE token_events RENAME TO token_events_away")
+    retention = Retention(
+        store,
+        RetentionConfig(keep_s=7 * DAY, every_s=0.05),
+        clock=WallClock(),
+        holds=lambda: True,
+        metrics=metrics,
+    )
+    retention.start()
+    try:
+        await eventually(lambda: registry.get_sample_value("pumpflow_feed_prune_errors_total"))
+        await pg_pool.execute("ALTER TABLE token_events_away RENAME TO token_events")
+        pruned = {"table": "token_events"}
+        # all but the highest seq
+        await eventually(
+            lambda: registry.get_sample_value("pumpflow_feed_pruned_total", pruned) == 2
+        )
+    finally:
+        await retention.close()
+    assert await store.count() == 1
