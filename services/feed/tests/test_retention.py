@@ -192,3 +192,12 @@ async def test_a_failed_prune_is_counted_and_the_next_interval_prunes(pg_pool):
     finally:
         await retention.close()
     assert await store.count() == 1
+
+
+async def test_autovacuum_frees_a_prunes_rows_after_a_twentieth_of_the_table(pg_pool):
+    """Postgres reuses deleted rows' space once vacuumed: at its default (a fifth of the
+    table dead) a week's keep would grow by a day and a half before the first reuse."""
+    options = await pg_pool.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = 'token_events'::regclass"
+    )
+    assert "autovacuum_vacuum_scale_factor=0.05" in (options or [])
