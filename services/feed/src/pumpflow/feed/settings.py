@@ -127,12 +127,14 @@ class FeedSettings(PumpPortalKeySettings):
         7.0,
         ge=0,
         description=(
-            "stored token events older than this many days are deleted, hourly, by the "
-            "lease holder (0: kept for ever). At 25-60 trade events/s they take 4-10 GB a "
-            "day (docs/reliability.md), so a week is 30-75 GB: enough history to train and "
-            "backtest on (a week holds over 100,000 launches); nothing live reads further "
-            "back than the seq restore window. Events not yet published are kept "
-            "whatever their age; trading's and exit's records are never deleted"
+            "stored token events older than this many days are deleted by the lease holder "
+            "every prune interval, with the tokens whose events all went (0: kept for ever; "
+            "else at least 1, and above the seq restore window, whose events a start reads). "
+            "At 25-60 trade events/s they take 4.3-10.4 GB a day (docs/reliability.md), so "
+            "a week is 30-73 GB, which a small server holds, and enough history to train and "
+            "backtest on (over 100,000 launches); keep more where the disk allows. Events "
+            "not yet published stay whatever their age; trading's ledger and the exit's "
+            "records are never deleted"
         ),
     )
     feed_record_prune_interval_s: float = Field(
@@ -142,7 +144,7 @@ class FeedSettings(PumpPortalKeySettings):
         5_000,
         ge=1,
         description=(
-            "events deleted per transaction (about 0.1 s each: the feed's writes go on between)"
+            "events deleted per transaction (about 0.05 s each: the feed's writes go on between)"
         ),
     )
 
