@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import asyncpg
@@ -455,6 +456,25 @@ async def test_the_connection_and_the_market_outlive_a_redis_restart(own_redis, 
         await server.stop()
         await bus.close()
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_a_feed_that_keeps_its_history_for_ever_says_so_as_it_starts(pg_pool, caplog):
+    """Nothing is deleted unless asked, and a disk fills: the start says which setting
+    bounds it."""
+    server = simulator.SimulatorServer(market=Market(MarketConfig(seed=11)), speed=1.0)
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    caplog.set_level(logging.WARNING, logger="pumpflow.feed.service")
+    feed = await start_replica(server, bus, MemoryStateStore(WallClock()), "one", pg_pool)
+    try:
+        [said] = [r.getMessage() for r in caplog.records if "kept for ever" in r.getMessage()]
+        assert "PUMPFLOW_FEED_RECORD_KEEP_DAYS" in said and "GB a day" in said, said
+    finally:
+        await feed.stop()
+        await server.stop()
+        await bus.close()
 
 
 @pytest.mark.postgres

@@ -103,9 +103,9 @@ async def test_subscriptions_route_and_status_without_recording():
 
 
 def test_the_record_keep_is_days_or_zero_for_ever_and_outlasts_the_seq_restore(monkeypatch):
+    assert FeedSettings.load().feed_record_keep_days == 0.0  # kept for ever unless asked
+    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "7")
     assert FeedSettings.load().feed_record_keep_days == 7.0
-    monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "0")
-    assert FeedSettings.load().feed_record_keep_days == 0.0  # kept for ever
     monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "30")
     assert FeedSettings.load().feed_record_keep_days == 30.0
     for refused in ("-1", "0.5", "never"):

@@ -222,6 +222,12 @@ class FeedService(Service):
         )
         self.lookback.start()
         retention = settings.retention_config()
+        if retention is None and self.store is not None:
+            log.warning(
+                "feed: stored token events are kept for ever (PUMPFLOW_FEED_RECORD_KEEP_DAYS "
+                "0): at the market's 25-60 trade events/s they take 4.3-10.4 GB a day, and a "
+                "Postgres whose disk is full stops everything; 7 keeps a week"
+            )
         if retention is not None and self.store is not None:
             self.retention = Retention(
                 self.store,

@@ -124,17 +124,18 @@ class FeedSettings(PumpPortalKeySettings):
         "every stored seq (empty: every mint, kept for ever)",
     )
     feed_record_keep_days: float = Field(
-        7.0,
+        0.0,
         ge=0,
         description=(
             "stored token events older than this many days are deleted by the lease holder "
-            "every prune interval, with the tokens whose events all went (0: kept for ever; "
-            "else at least 1, and above the seq restore window, whose events a start reads). "
-            "At 25-60 trade events/s they take 4.3-10.4 GB a day (docs/reliability.md), so "
-            "a week is 30-73 GB, which a small server holds, and enough history to train and "
-            "backtest on (over 100,000 launches); keep more where the disk allows. Events "
-            "not yet published stay whatever their age; trading's ledger and the exit's "
-            "records are never deleted"
+            "every prune interval, with the tokens whose events all went (0, the default: "
+            "kept for ever, as a start then warns; else at least 1, and above the seq "
+            "restore window, whose events a start reads). At 25-60 trade events/s they take "
+            "4.3-10.4 GB a day (docs/reliability.md): 7 keeps a week, 30-73 GB, enough "
+            "history to train and backtest on (over 100,000 launches). Not deleted unless "
+            "asked: the history is the user's, an upgrade must not take it. Events not yet "
+            "published stay whatever their age; trading's ledger and the exit's records are "
+            "never deleted"
         ),
     )
     feed_record_prune_interval_s: float = Field(
