@@ -255,6 +255,16 @@ async def test_a_sweep_refused_just_before_the_deadline_is_tried_again_at_it(har
     assert summary.positions_left == 0
 
 
+def every_token_in_rule_sales(h, mint: str) -> tuple[float, Position]:
+    """Open a position of ``mint`` whose every token rule sales ordered before the exit
+    hold: its tokens, and the book's view of it (none held, all pending)."""
+    position = h.open(mint, 1.0, curve_sol=0.0)
+    view = Position(**{**position.__dict__, "tokens": 0.0})
+    view.pending_tokens = position.tokens
+    h.book.open_positions[mint] = view
+    return position.tokens, view
+
+
 async def run_until_rules_hold_the_rest(h, mint: str) -> asyncio.Future:
     """Begin a graceful exit whose clock holds once the exit's own share of ``mint`` is
     sold, while rule sales ordered before it hold the rest (their outcomes end the
@@ -309,11 +319,7 @@ async def test_overlapping_rule_sales_release_what_filled_and_a_refusal_gives_th
     second to the 40% not already asked for. It fills 40%, then the first is refused:
     the 60% still held are the exit's, not the 40% that 60% ordered less would leave."""
     h = await harness(deadline_s=30.0)
-    position = h.open("mint1", 1.0, curve_sol=0.0)
-    held = position.tokens
-    view = Position(**{**position.__dict__, "tokens": 0.0})
-    view.pending_tokens = held
-    h.book.open_positions["mint1"] = view
+    held, view = every_token_in_rule_sales(h, "mint1")
     running = await run_until_rules_hold_the_rest(h, "mint1")
     cut = OrderFilled(
         order_id="pos-mint1:rule:2", mint="mint1", side="sell", token_amount=held * 0.4,
@@ -338,11 +344,7 @@ async def test_a_position_a_rules_sale_sold_out_is_reported_under_that_rule(harn
     """Every token was in a stale-stop sale as the exit began; it fills whole: the line
     names the rule that sold it, not the exit, which sold nothing of it."""
     h = await harness(deadline_s=30.0)
-    position = h.open("mint1", 1.0, curve_sol=0.0)
-    held = position.tokens
-    view = Position(**{**position.__dict__, "tokens": 0.0})
-    view.pending_tokens = held
-    h.book.open_positions["mint1"] = view
+    held, view = every_token_in_rule_sales(h, "mint1")
     running = await run_until_rules_hold_the_rest(h, "mint1")
     sold = OrderFilled(
         order_id="pos-mint1:rule:1", mint="mint1", side="sell", token_amount=held,

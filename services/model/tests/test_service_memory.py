@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
@@ -157,6 +158,25 @@ async def test_arms_weights_and_promotion_change_through_the_api_without_a_resta
         assert model.consumer_metrics.counts()["invalid"] == 0
 
 
+#: the bearer token of the model service's mutating routes
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.asynccontextmanager
+async def serving_api(model: ModelService) -> AsyncIterator[httpx.AsyncClient]:
+    """``model`` run embedded on the replay clock, and a client of its HTTP API."""
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        app = create_app(model, system.contexts["model"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
+            yield http
+
+
+async def load_candidate(http: httpx.AsyncClient, path) -> None:
+    body = {"model_id": "candidate", "path": str(path)}
+    assert (await http.post("/models", json=body, headers=AUTH)).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "named"),
     [
@@ -210,44 +230,35 @@ async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
     method, path, body, status, named, caplog
 ):
     model = model_service()
-    async with run_embedded([model], clock=ReplayClock(START)) as system:
-        app = create_app(model, system.contexts["model"])
-        transport = httpx.ASGITransport(app=app)
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
-            before = (await http.get("/arms")).json()
-            with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
-                refused = await http.request(method, path, json=body, headers=auth)
-            assert refused.status_code == status, refused.text
-            assert named in refused.json()["detail"] and TOKEN not in refused.text
-            # the log says it too: whoever watches the service, not only who asked
-            (logged,) = [r.getMessage() for r in caplog.records if named in r.getMessage()]
-            assert logged.startswith(f"model: {method} {path} refused ({status}): ")
-            assert (await http.get("/arms")).json() == before
-            assert set(model.manager.models()) == {"entry"}
-            weights = {"weights": {"control": 1.0}}
-            assert (await http.put("/arms/weights", json=weights, headers=auth)).status_code == 200
+    async with serving_api(model) as http:
+        before = (await http.get("/arms")).json()
+        with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
+            refused = await http.request(method, path, json=body, headers=AUTH)
+        assert refused.status_code == status, refused.text
+        assert named in refused.json()["detail"] and TOKEN not in refused.text
+        # the log says it too: whoever watches the service, not only who asked
+        (logged,) = [r.getMessage() for r in caplog.records if named in r.getMessage()]
+        assert logged.startswith(f"model: {method} {path} refused ({status}): ")
+        assert (await http.get("/arms")).json() == before
+        assert set(model.manager.models()) == {"entry"}
+        weights = {"weights": {"control": 1.0}}
+        assert (await http.put("/arms/weights", json=weights, headers=AUTH)).status_code == 200
 
 
 async def test_an_arm_change_is_logged_with_each_arms_model_version_and_share(tmp_path, caplog):
     candidate = other_model(tmp_path, model_id="candidate")
     model = model_service()
-    async with run_embedded([model], clock=ReplayClock(START)) as system:
-        app = create_app(model, system.contexts["model"])
-        transport = httpx.ASGITransport(app=app)
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
-            body = {"model_id": "candidate", "path": str(candidate)}
-            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
-            version = model.manager.card("candidate").version
-            arms = [
-                {"name": "control", "model_id": "entry", "weight": 3.0},
-                {"name": "treatment", "model_id": "candidate", "weight": 1.0},
-            ]
-            with caplog.at_level(logging.INFO, logger="pumpflow.model"):
-                assert (await http.put("/arms", json={"arms": arms}, headers=auth)).is_success
-                reweighted = {"weights": {"treatment": 9.0}}
-                assert (await http.put("/arms/weights", json=reweighted, headers=auth)).is_success
+    async with serving_api(model) as http:
+        await load_candidate(http, candidate)
+        version = model.manager.card("candidate").version
+        arms = [
+            {"name": "control", "model_id": "entry", "weight": 3.0},
+            {"name": "treatment", "model_id": "candidate", "weight": 1.0},
+        ]
+        with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+            assert (await http.put("/arms", json={"arms": arms}, headers=AUTH)).is_success
+            reweighted = {"weights": {"treatment": 9.0}}
+            assert (await http.put("/arms/weights", json=reweighted, headers=AUTH)).is_success
     routed = [r.getMessage() for r in caplog.records if "routes tokens" in r.getMessage()]
     assert routed == [
         f"model: serving revision 2 routes tokens: control entry {DEFAULT_CARD.version} 75%, "
@@ -261,19 +272,14 @@ async def test_the_arms_view_names_each_arm_s_model_version(tmp_path):
     """Which model file an arm serves is its version: the model id alone survives a reload."""
     candidate = other_model(tmp_path, model_id="candidate")
     model = model_service()
-    async with run_embedded([model], clock=ReplayClock(START)) as system:
-        app = create_app(model, system.contexts["model"])
-        transport = httpx.ASGITransport(app=app)
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        async with httpx.AsyncClient(transport=transport, base_url="http://model") as http:
-            body = {"model_id": "candidate", "path": str(candidate)}
-            assert (await http.post("/models", json=body, headers=auth)).status_code == 200
-            arms = [
-                {"name": "control", "model_id": "entry"},
-                {"name": "treatment", "model_id": "candidate", "shadow": True},
-            ]
-            answer = (await http.put("/arms", json={"arms": arms}, headers=auth)).json()
-            viewed = (await http.get("/arms")).json()
+    async with serving_api(model) as http:
+        await load_candidate(http, candidate)
+        arms = [
+            {"name": "control", "model_id": "entry"},
+            {"name": "treatment", "model_id": "candidate", "shadow": True},
+        ]
+        answer = (await http.put("/arms", json={"arms": arms}, headers=AUTH)).json()
+        viewed = (await http.get("/arms")).json()
     version = model.manager.card("candidate").version
     for described in (answer, viewed):
         assert [(a["name"], a["version"]) for a in described["arms"]] == [
