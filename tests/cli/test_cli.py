@@ -112,6 +112,27 @@ def test_every_subcommand_module_registers_itself():
         assert module_name.startswith("pumpflow.cli.")
 
 
+#: the service packages an image may leave out: each image installs the library, the
+#: CLI and its own service alone (deploy/Dockerfile)
+SERVICE_PACKAGES = (
+    "pumpflow.feed", "pumpflow.features", "pumpflow.activity", "pumpflow.model",
+    "pumpflow.trading", "pumpflow.exit", "pumpflow.simulator",
+)  # fmt: skip
+
+
+def test_the_cli_starts_with_no_service_package_installed():
+    """A service's image runs ``pumpflow serve <it>``: building the parser of every
+    command must import no service package, or every other image's service crashes at
+    its start."""
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in SERVICE_PACKAGES)
+    ran = subprocess.run(
+        [sys.executable, "-c",
+         f"import sys; {blocked}; from pumpflow.cli.main import build_parser; build_parser()"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+
+
 def test_services_lists_installed_ones_and_details_one_on_request(fake_services, capsys):
     """The list reads the packages' descriptions, loading no service (a broken one is
     listed as the others); a service named is loaded, and described in full."""

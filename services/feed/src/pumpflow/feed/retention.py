@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.storage import Pruned, TokenEventStore
+from pumpflow.common.storage import DAY_S, Pruned, TokenEventStore
 from pumpflow.feed.metrics import FeedMetrics
-from pumpflow.feed.settings import DAY_S
 
 log = logging.getLogger(__name__)
 #: how soon a replica that takes the lease over prunes, if one is due

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
 from pumpflow.common.runtime.settings import PumpPortalKeySettings
+from pumpflow.common.storage import DAY_S, MIN_KEEP_DAYS
 
 if TYPE_CHECKING:
     from pumpflow.common.features.history import HistoryConfig
@@ -24,12 +25,6 @@ if TYPE_CHECKING:
     from pumpflow.feed.recorder import RecorderConfig
     from pumpflow.feed.retention import RetentionConfig
     from pumpflow.feed.socket_feed import SocketFeedConfig
-
-#: seconds in a day
-DAY_S = 86_400.0
-#: the shortest keep of stored events: consumers rebuild a traded mint's window from
-#: them, and a start restores the seq of each mint of the last hours from them
-MIN_KEEP_DAYS = 1.0
 
 
 class FeedSettings(PumpPortalKeySettings):
