@@ -21,8 +21,7 @@ from datetime import UTC, datetime
 
 from pumpflow.common.runtime.arguments import UsageError, bounded, epoch_time, help_text
 from pumpflow.common.runtime.logging import redact_url
-from pumpflow.common.runtime.settings import CommonSettings
-from pumpflow.common.storage import DAY_S, MIN_KEEP_DAYS
+from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, CommonSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.storage import DAY_S, Pruned, TokenEventStore
+from pumpflow.common.runtime.settings import DAY_S
+from pumpflow.common.storage import Pruned, TokenEventStore
 from pumpflow.feed.metrics import FeedMetrics
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
-from pumpflow.common.runtime.settings import PumpPortalKeySettings
-from pumpflow.common.storage import DAY_S, MIN_KEEP_DAYS
+from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, PumpPortalKeySettings
 
 if TYPE_CHECKING:
     from pumpflow.common.features.history import HistoryConfig

@@ -55,6 +55,12 @@ CONFIG_FILE_VARIABLE = "PUMPFLOW_CONFIG_FILE"
 #: its consumer comes back from an outage of hours) and as an operator moves its dead
 #: letter back (within days); a week is past all of them, and one older is refused
 SHUTDOWN_REQUESTS_KEPT_S = 7 * 86_400.0
+#: seconds in a day
+DAY_S = 86_400.0
+#: the shortest keep of stored token events (the feed's, ``pumpflow prune``'s):
+#: consumers rebuild a traded mint's window from them, and a feed's start restores the
+#: seq of each mint of the last hours from them
+MIN_KEEP_DAYS = 1.0
 #: the config file's table read by every service
 COMMON_TABLE = "common"
 #: the prefix of every setting's environment variable

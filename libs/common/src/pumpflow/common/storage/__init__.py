@@ -1,8 +1,6 @@
 """Durable stores in Postgres."""
 
 from pumpflow.common.storage.token_events import (
-    DAY_S,
-    MIN_KEEP_DAYS,
     REPLAY_FETCH_TIMEOUT_S,
     Pruned,
     RedriveWrite,
@@ -15,8 +13,6 @@ from pumpflow.common.storage.token_events import (
 )
 
 __all__ = [
-    "DAY_S",
-    "MIN_KEEP_DAYS",
     "REPLAY_FETCH_TIMEOUT_S",
     "Pruned",
     "RedriveWrite",

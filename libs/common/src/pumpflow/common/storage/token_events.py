@@ -172,12 +172,6 @@ _NOT_REDRIVEN = (
     "NOT EXISTS (SELECT 1 FROM token_event_redrives AS r WHERE r.event_id = token_events.event_id)"
 )
 
-#: seconds in a day
-DAY_S = 86_400.0
-#: the shortest keep of stored events: consumers rebuild a traded mint's window from
-#: them, and a feed's start restores the seq of each mint of the last hours from them
-MIN_KEEP_DAYS = 1.0
-
 #: rows older than $1 no longer needed: published by their publisher (the outbox position
 #: of the service their source names; one with none yet begins at the end then), not an
 #: unpublished redrive, and not the highest seq (the floor a restarted feed numbers a
