@@ -13,7 +13,7 @@ from pumpflow.common.clock import WallClock
 from pumpflow.common.events import Event, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import base58_key, eventually
+from pumpflow.common.testing import base58_key, eventually, trade_frame
 from pumpflow.feed import reference_frames as ref
 from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder, RecorderConfig
@@ -32,21 +32,6 @@ def _create(mint: str) -> bytes:
         ref.CREATE,
     )
     return frame.replace(b"8yZ1rj5nHbUFuCbnoowE6rHLZYiuTe1tbxEskgzUpump", base58_key(mint).encode())
-
-
-def _trade(mint: str, i: int) -> bytes:
-    return (
-        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"buy",'
-        b'"tokenAmount":%d.5,"solAmount":0.01,"newTokenBalance":0,"bondingCurveKey":"%s",'
-        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
-        % (
-            base58_key(f"t-{mint}-{i}", 88).encode(),
-            base58_key(mint).encode(),
-            base58_key(f"w{i}").encode(),
-            i,
-            base58_key("bc").encode(),
-        )
-    )
 
 
 def _event(raw: bytes, t: float, seq: int | None, source: str = "feed/test") -> Event:
@@ -70,9 +55,9 @@ async def test_old_events_go_with_their_tokens_and_recent_ones_stay(pg_pool):
     now = 100 * DAY
     old, kept = base58_key("old"), base58_key("lives-on")
     last = await _store(store, [
-        (_create("old"), now - 10 * DAY), (_trade("old", 1), now - 9 * DAY),
-        (_create("lives-on"), now - 9 * DAY), (_trade("lives-on", 1), now - 1 * DAY),
-        (_trade("lives-on", 2), now - 60.0),
+        (_create("old"), now - 10 * DAY), (trade_frame("old", 1), now - 9 * DAY),
+        (_create("lives-on"), now - 9 * DAY), (trade_frame("lives-on", 1), now - 1 * DAY),
+        (trade_frame("lives-on", 2), now - 60.0),
     ])  # fmt: skip
     await store.mark_published("feed", last)
     pruned = await store.prune(now - 7 * DAY, batch_size=2)
@@ -88,11 +73,11 @@ async def test_old_events_go_with_their_tokens_and_recent_ones_stay(pg_pool):
 async def test_nothing_at_or_past_its_publishers_outbox_position_goes(pg_pool):
     store = TokenEventStore(pg_pool)
     now = 100 * DAY
-    published = await _store(store, [(_trade("a", i), now - 30 * DAY + i) for i in range(3)])
+    published = await _store(store, [(trade_frame("a", i), now - 30 * DAY + i) for i in range(3)])
     # another publisher's rows, none of them published yet
-    await _store(store, [(_trade("b", i), now - 25 * DAY + i) for i in range(2)], "trial/x")
+    await _store(store, [(trade_frame("b", i), now - 25 * DAY + i) for i in range(2)], "trial/x")
     await store.mark_published("trial", 0)
-    await _store(store, [(_trade("a", i), now - 20 * DAY + i) for i in range(3, 6)])
+    await _store(store, [(trade_frame("a", i), now - 20 * DAY + i) for i in range(3, 6)])
     await store.mark_published("feed", published)
     # a publisher that stopped long ago holds only its own rows (it has none)
     await store.mark_published("retired", 0)
@@ -107,11 +92,11 @@ async def test_nothing_at_or_past_its_publishers_outbox_position_goes(pg_pool):
 
 async def test_the_highest_seq_and_unpublished_redrives_stay(pg_pool):
     store = TokenEventStore(pg_pool)
-    events = [_event(_trade("a", seq), float(seq), seq) for seq in (1, 3, 4)]
-    await store.write_batch(events, [_trade("a", seq) for seq in (1, 3, 4)])
+    events = [_event(trade_frame("a", seq), float(seq), seq) for seq in (1, 3, 4)]
+    await store.write_batch(events, [trade_frame("a", seq) for seq in (1, 3, 4)])
     # a refused seq stored later by its redrive, which has not published it yet
-    redriven = _event(_trade("a", 2), 2.0, 2)
-    await store.store_redriven(redriven, _trade("a", 2))
+    redriven = _event(trade_frame("a", 2), 2.0, 2)
+    await store.store_redriven(redriven, trade_frame("a", 2))
     await store.mark_published("feed", await store.last_row())
     assert (await store.prune(DAY)).events == 2
     left = [e.seq async for e in store.stream()]
@@ -126,8 +111,8 @@ async def test_a_dry_run_deletes_nothing_and_says_what_would_go(pg_pool):
     store = TokenEventStore(pg_pool)
     now = 100 * DAY
     last = await _store(store, [
-        (_create("old"), now - 10 * DAY), (_trade("old", 1), now - 9 * DAY),
-        (_trade("new", 1), now - DAY), (_trade("new", 2), now),
+        (_create("old"), now - 10 * DAY), (trade_frame("old", 1), now - 9 * DAY),
+        (trade_frame("new", 1), now - DAY), (trade_frame("new", 2), now),
     ])  # fmt: skip
     await store.mark_published("feed", last - 2)
     would = await store.prune(now - 7 * DAY, dry_run=True)
@@ -140,7 +125,7 @@ async def test_a_dry_run_deletes_nothing_and_says_what_would_go(pg_pool):
 async def test_a_prune_while_the_feed_records_loses_no_new_event(pg_pool):
     store = TokenEventStore(pg_pool)
     now = 100 * DAY
-    old = [(_trade("old", i), now - 30 * DAY + i) for i in range(20_000)]
+    old = [(trade_frame("old", i), now - 30 * DAY + i) for i in range(20_000)]
     for start in range(0, len(old), 5_000):
         last = await store.write_batch(
             [_event(raw, t, None) for raw, t in old[start : start + 5_000]],
@@ -153,7 +138,7 @@ async def test_a_prune_while_the_feed_records_loses_no_new_event(pg_pool):
     pruning = asyncio.create_task(store.prune(now - DAY, batch_size=500, on_batch=batches.append))
     new = []
     while not pruning.done():
-        raw = _trade("new", len(new))
+        raw = trade_frame("new", len(new))
         new.append(raw)
         await recorder.add(_event(raw, now, len(new)), raw)
         await asyncio.sleep(0)  # the writer's and the prune's turns
@@ -169,7 +154,7 @@ async def test_a_prune_while_the_feed_records_loses_no_new_event(pg_pool):
 async def test_a_failed_prune_is_counted_and_the_next_interval_prunes(pg_pool):
     store = TokenEventStore(pg_pool)
     now = time.time()
-    await _store(store, [(_trade("a", i), now - 30 * DAY + i) for i in range(3)], "old/x")
+    await _store(store, [(trade_frame("a", i), now - 30 * DAY + i) for i in range(3)], "old/x")
     registry = CollectorRegistry()
     metrics = FeedMetrics(registry)
     await pg_pool.execute("ALTER TABLE token_events RENAME TO token_events_away")

@@ -7,7 +7,7 @@ import pytest
 from pumpflow.common.events import Event, encode_payload, make_event
 from pumpflow.common.pumpportal import decode_frame
 from pumpflow.common.storage import TokenEventStore
-from pumpflow.common.testing import base58_key
+from pumpflow.common.testing import base58_key, trade_frame
 from pumpflow.feed import reference_frames as ref
 
 pytestmark = pytest.mark.postgres
@@ -18,23 +18,6 @@ A, B = base58_key("A"), base58_key("B")
 def _event(raw: bytes, t: float, seq: int = 1) -> Event:
     """A token event as the feed makes it: received at its time."""
     return make_event(decode_frame(raw), source="feed/test", time=t, seq=seq, received_at=t)
-
-
-def _trade(mint: str, i: int, t: float, tx: str = "buy") -> bytes:
-    """A trade of ``mint`` (a label) on a curve at 1B tokens."""
-    return (
-        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"%s",'
-        b'"tokenAmount":%d.5,"solAmount":1e-05,"newTokenBalance":0,"bondingCurveKey":"%s",'
-        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
-        % (
-            base58_key(f"sig-{mint}-{i}", 88).encode(),
-            base58_key(mint).encode(),
-            base58_key(f"w{i}").encode(),
-            tx.encode(),
-            i,
-            base58_key("bc").encode(),
-        )
-    )
 
 
 async def test_write_is_idempotent_and_fills_tokens(pg_pool):
@@ -71,7 +54,7 @@ async def test_duplicates_inside_one_batch_are_stored_once(pg_pool):
 
 async def test_replay_reproduces_frames_and_payloads_byte_for_byte(pg_pool):
     store = TokenEventStore(pg_pool)
-    frames = [ref.CREATE, ref.OLD_BUY, ref.SELL, ref.MIGRATE, _trade("m1", 1, 0.0)]
+    frames = [ref.CREATE, ref.OLD_BUY, ref.SELL, ref.MIGRATE, trade_frame("m1", 1)]
     events = [_event(f, 100.0 + i, seq=i + 1) for i, f in enumerate(frames)]
     await store.write(events, frames)
     replayed = [s async for s in store.stream_stored(batch_size=2)]
@@ -98,7 +81,7 @@ async def test_stream_filters_by_time_and_mint_in_time_order(pg_pool):
     # written out of time order, in two batches: the replay must sort by time
     for i in (5, 3, 9, 1, 7, 2, 8, 0, 6, 4):
         mint = "A" if i % 2 else "B"
-        raw = _trade(mint, i, float(i))
+        raw = trade_frame(mint, i)
         frames.append(raw)
         events.append(_event(raw, float(i)))
     await store.write(events[:5], frames[:5])
@@ -113,7 +96,7 @@ async def test_stream_filters_by_time_and_mint_in_time_order(pg_pool):
 async def test_last_seq_by_mint(pg_pool):
     store = TokenEventStore(pg_pool)
     events = [
-        make_event(decode_frame(_trade(m, i, 0)), source="feed/x", time=float(i), seq=s)
+        make_event(decode_frame(trade_frame(m, i)), source="feed/x", time=float(i), seq=s)
         for i, (m, s) in enumerate([("A", 1), ("A", 2), ("B", 1), ("A", 3)])
     ]
     await store.write(events)
@@ -124,10 +107,10 @@ async def test_last_seq_by_mint(pg_pool):
 
 async def test_outbox_position_starts_at_the_end_and_only_moves_forward(pg_pool):
     store = TokenEventStore(pg_pool)
-    await store.write([_event(_trade("A", 1, 0), 1.0)])
+    await store.write([_event(trade_frame("A", 1), 1.0)])
     first = await store.outbox_position("feed")
     assert first > 0  # history written before the publisher existed is not republished
-    result = await store.write_batch([_event(_trade("A", 2, 0), 2.0)])
+    result = await store.write_batch([_event(trade_frame("A", 2), 2.0)])
     assert result.inserted == 1 and result.last_id > first
     await store.mark_published("feed", result.last_id)
     await store.mark_published("feed", first)  # stale mark: ignored

@@ -23,6 +23,7 @@ from pumpflow.common.testing.factories import (
     base58_key,
     partition_keys,
     sample_payload,
+    trade_frame,
 )
 from pumpflow.common.testing.processors import AppliedSeqs
 from pumpflow.common.testing.servers import (
@@ -75,4 +76,5 @@ __all__ = [
     "schema_exists",
     "settings_env",
     "stack_env",
+    "trade_frame",
 ]

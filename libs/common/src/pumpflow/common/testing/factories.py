@@ -208,6 +208,25 @@ def base58_key(label: str, length: int = 44) -> str:
     return (head + fill)[:length]
 
 
+def trade_frame(mint: str, i: int, *, tx_type: str = "buy", sol_amount: float = 1e-05) -> bytes:
+    """The ``i``-th trade frame of token ``mint`` (a label, as :func:`base58_key` takes),
+    by wallet ``w<i>`` on a curve at 1B tokens, as PumpPortal sends it."""
+    return (
+        b'{"signature":"%s","mint":"%s","traderPublicKey":"%s","txType":"%s",'
+        b'"tokenAmount":%d.5,"solAmount":%r,"newTokenBalance":0,"bondingCurveKey":"%s",'
+        b'"vTokensInBondingCurve":1000000000,"vSolInBondingCurve":32.19,"marketCapSol":32.19}'
+        % (
+            base58_key(f"sig-{mint}-{i}", 88).encode(),
+            base58_key(mint).encode(),
+            base58_key(f"w{i}").encode(),
+            tx_type.encode(),
+            i,
+            sol_amount,
+            base58_key("bc").encode(),
+        )
+    )
+
+
 def partition_keys(partitions: int, *, prefix: str = "key") -> list[str]:
     """One key per partition, the i-th landing in partition i (``prefix-<n>``)."""
     keys: list[str | None] = [None] * partitions
