@@ -229,8 +229,118 @@ def test_state_round_trips_and_unreadable_state_is_stale():
     state = ScoringState(lifecycle="active", last_scored=START, scored=3, last_labelled=START)
     assert processor.decode(processor.encode(state)) == state
     assert len(processor.encode(state)) < 34
+    kept = msgspec.structs.replace(state, arm="control")
+    assert processor.decode(processor.encode(kept)) == kept
     with pytest.raises(StaleState):
         processor.decode(b"\xc1")
+
+
+def test_a_state_stored_before_tokens_kept_their_arm_reads_as_placed_by_no_arm():
+    """States stored by a version that kept no arm (restored after an upgrade): the token
+    is placed by the shares at its next vector, then kept there."""
+
+    class Before(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=True):
+        lifecycle: str | None = None
+        last_scored: float = 0.0
+        scored: int = 0
+        last_labelled: float = 0.0
+        labels: None = None
+        lag: int = 3
+
+    processor = ModelProcessor(manager(), ONE_ARM)
+    raw = msgspec.msgpack.encode(Before(lifecycle="active", last_scored=START, scored=2))
+    restored = processor.decode(raw)
+    assert (restored.arm, restored.scored, restored.lag) == (None, 2, 3)
+
+
+class Tokens:
+    """Many mints through one processor, their states stored encoded between steps, each
+    delivery prepared in one batch (as the keyed consumer does) or scored alone."""
+
+    def __init__(self, processor: ModelProcessor, names: list[str]):
+        self.processor = processor
+        self.tokens = {base58_key(name): Token(processor, base58_key(name)) for name in names}
+        self.seq = 0
+
+    def held(self, mint: str) -> ScoringState | None:
+        token = self.tokens.get(mint)
+        return None if token is None or token.raw is None else self.processor.decode(token.raw)
+
+    def live_arms(self, at: float, *, prepare: bool) -> dict[str, str]:
+        """Each token's live arm for a vector at ``at``."""
+        self.seq += 1
+        events = [vector_event(mint, at, seq=self.seq) for mint in self.tokens]
+        if prepare:
+            assert self.processor.prepare(events, self.held) >= len(events)
+        found = {}
+        for event in events:
+            [live] = [p for p in self.tokens[event.key].step(event) if not p.shadow]
+            found[event.key] = live.arm
+        self.processor.settle(events)
+        return found
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "alone"])
+def test_a_token_keeps_the_arm_that_scored_it_when_the_shares_change(tmp_path, prepare):
+    """An A/B comparison reads each token's predictions as one arm's: a share change
+    places new tokens only. Those scored already stay with their arm, through their state
+    stored and read back, its weight at 0 included (closed to new tokens)."""
+    models = manager(other=other_model(tmp_path))
+    arms = ArmTable(
+        [Arm(name="a", model_id="entry", weight=0.5), Arm(name="b", model_id="other", weight=0.5)]
+    )
+    processor = ModelProcessor(models, arms)
+    old = Tokens(processor, [f"kept{i}" for i in range(60)])
+    first = old.live_arms(START, prepare=prepare)
+    assert set(first.values()) == {"a", "b"}
+    processor.arms = moved_cut = arms.with_weights({"a": 0.1, "b": 0.9})
+    assert any(moved_cut.live_arm(m).name != arm for m, arm in first.items())
+    batches = [models.get_model_performance(m).served.batches for m in ("entry", "other")]
+    assert old.live_arms(START + 1.0, prepare=prepare) == first
+    if prepare:  # the batch was routed as the tokens' steps are: nothing scored alone
+        assert [models.get_model_performance(m).served.batches for m in ("entry", "other")] == [
+            b + 1 for b in batches
+        ]
+    new = Tokens(processor, [f"fresh{i}" for i in range(60)])
+    assert new.live_arms(START + 1.0, prepare=prepare) == {
+        mint: moved_cut.live_arm(mint).name for mint in new.tokens
+    }
+    processor.arms = moved_cut.with_weights({"a": 0.0})
+    assert old.live_arms(START + 2.0, prepare=prepare) == first
+    newer = Tokens(processor, [f"newer{i}" for i in range(30)])
+    assert set(newer.live_arms(START + 2.0, prepare=prepare).values()) == {"b"}
+    assert not processor.reassigned
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "alone"])
+def test_the_tokens_of_an_arm_removed_go_to_the_arms_left_by_their_hash_and_stay(tmp_path, prepare):
+    arms = ArmTable(
+        [
+            Arm(name="a", model_id="entry"),
+            Arm(name="b", model_id="other"),
+            Arm(name="c", model_id="entry"),
+        ]
+    )
+    processor = ModelProcessor(manager(other=other_model(tmp_path)), arms)
+    tokens = Tokens(processor, [f"orphan{i}" for i in range(90)])
+    first = tokens.live_arms(START, prepare=prepare)
+    orphans = {mint for mint, arm in first.items() if arm == "b"}
+    assert orphans
+    processor.arms = left = arms.without_arm("b")
+    after = tokens.live_arms(START + 1.0, prepare=prepare)
+    assert {mint: arm for mint, arm in after.items() if mint not in orphans} == {
+        mint: arm for mint, arm in first.items() if mint not in orphans
+    }
+    # placed as the shares left place them: the same in every replica
+    assert {mint: after[mint] for mint in orphans} == {
+        mint: left.live_arm(mint).name for mint in orphans
+    }
+    assert {after[mint] for mint in orphans} == {"a", "c"}
+    assert processor.reassigned == {"b": len(orphans)}
+    # and kept there: the arm added back takes new tokens, not its old ones
+    processor.arms = left.with_arm(Arm(name="b", model_id="other", weight=100.0))
+    assert tokens.live_arms(START + 2.0, prepare=prepare) == after
+    assert processor.reassigned == {"b": len(orphans)}
 
 
 def test_a_tokens_predictions_are_followed_to_labels_at_most_once_per_label_interval():
@@ -340,9 +450,10 @@ def test_predictions_of_an_arm_share_nothing_of_another_tokens_or_versions(tmp_p
     assert seen == 8
 
 
-def test_a_table_swapped_at_run_time_moves_the_tokens_already_placed(tmp_path):
-    """A mint's arms are kept once placed (ArmTable.routes): the tokens scored under the
-    old table follow the new one from their next vector, prepared or scored alone."""
+def test_a_promotion_moves_the_tokens_already_placed(tmp_path):
+    """A promotion makes one arm live for every token, those other arms scored included
+    (they go on scoring them as shadows): the tokens scored under the old table follow
+    the new one from their next vector, prepared or scored alone."""
     arms = ArmTable([Arm(name="a", model_id="entry"), Arm(name="b", model_id="other")])
     processor = ModelProcessor(manager(other=other_model(tmp_path)), arms)
     tokens = [Token(processor, base58_key(f"placed{i}")) for i in range(40)]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pumpflow.common.model.arms import Arm, ArmError, ArmTable, mint_fraction
+from pumpflow.common.model.arms import Arm, ArmError, ArmTable, UnknownArm, mint_fraction
 from pumpflow.common.testing import base58_key
 
 MINTS = [base58_key(f"mint{i}") for i in range(20_000)]
@@ -129,7 +129,62 @@ def test_a_route_shared_by_every_mint_is_the_route_each_mint_takes():
     one_live = table(Arm(name="a", model_id="m"), Arm(name="s", model_id="n", shadow=True))
     assert one_live.shared_route == (one_live.arm("a"), one_live.arm("s"))
     assert all(one_live.route(mint) is one_live.shared_route for mint in MINTS[:50])
-    # a live arm of no weight takes no mint: the other one's route is every mint's
+    # a live arm of no weight takes no new mint, but keeps those it scored: no route is
+    # every mint's
     weighed = AB.with_weights({"treatment": 0.0})
-    assert weighed.shared_route == (weighed.arm("control"), weighed.arm("candidate"))
+    assert all(weighed.route(m)[0].name == "control" for m in MINTS[:500])
+    assert weighed.shared_route is None
+    assert weighed.route_for(MINTS[0], "treatment")[0] is weighed.arm("treatment")
     assert AB.shared_route is None
+
+
+def test_a_mint_keeps_the_arm_that_scored_it_across_share_changes():
+    """Shares place new mints; a mint an arm scored stays with it while the arm is live
+    (its weight 0 included: closed to new mints), so one token's predictions are one
+    arm's however the shares move."""
+    after = AB.with_weights({"control": 0.1, "treatment": 0.9})
+    moved = [m for m in MINTS[:2000] if AB.live_arm(m).name != after.live_arm(m).name]
+    assert moved  # the new cut would move these to treatment
+    for mint in moved:
+        assert after.route_for(mint, "control")[0] is after.arm("control")
+        # a mint no arm scored yet is placed by the shares
+        assert after.route_for(mint, None) is after.route(mint)
+    closed = AB.with_weights({"control": 0.0})
+    assert closed.route_for(MINTS[0], "control") == (closed.arm("control"), closed.arm("candidate"))
+    assert all(closed.route_for(m, None)[0].name == "treatment" for m in MINTS[:500])
+
+
+def test_an_arm_removed_or_shadowed_hands_its_mints_to_the_live_arms_by_their_hash():
+    three = table(
+        Arm(name="control", model_id="entry", weight=0.5),
+        Arm(name="treatment", model_id="entry-2", weight=0.3),
+        Arm(name="third", model_id="entry-4", weight=0.2),
+        Arm(name="candidate", model_id="entry-3", shadow=True),
+    )
+    removed = three.without_arm("treatment")
+    assert removed.revision == three.revision + 1
+    assert [a.name for a in removed.arms] == ["control", "third", "candidate"]
+    # its share goes to the others in proportion to their weights
+    assert removed.shares() == pytest.approx({"control": 0.5 / 0.7, "third": 0.2 / 0.7})
+    orphans = [m for m in MINTS[:3000] if three.live_arm(m).name == "treatment"]
+    landed = {removed.route_for(m, "treatment")[0].name for m in orphans}
+    assert landed == {"control", "third"}
+    for mint in orphans:
+        # where the shares place it now: the same in every replica and after a restart
+        assert removed.route_for(mint, "treatment") is removed.route(mint)
+    # a shadow keeps scoring every mint, live for none: a promotion takes them all
+    promoted = three.promote("candidate")
+    assert {promoted.route_for(m, "control")[0].name for m in MINTS[:200]} == {"candidate"}
+
+
+def test_removing_an_arm_is_refused_when_nothing_would_route_or_it_is_unknown():
+    with pytest.raises(ArmError, match="no arm 'nope'") as unknown:
+        AB.without_arm("nope")
+    assert isinstance(unknown.value, UnknownArm)
+    alone = table(Arm(name="control", model_id="entry"))
+    with pytest.raises(ArmError, match="'control' is the last arm"):
+        alone.without_arm("control")
+    with pytest.raises(ArmError, match="no live arm with a positive weight"):
+        table(Arm(name="a", model_id="m"), Arm(name="s", model_id="m", shadow=True)).without_arm(
+            "a"
+        )

@@ -1,17 +1,26 @@
 """A/B arms: which model's score of a token reaches trading, and which only shadow it.
 
-An :class:`ArmTable` holds arms, each a model id with a weight. A token's live arm is
-a stable hash of its mint: the first 8 bytes of BLAKE2b over the table's salt and the
+An :class:`ArmTable` holds arms, each a model id with a weight. A new token's live arm
+is a stable hash of its mint: the first 8 bytes of BLAKE2b over the table's salt and the
 mint, read as a fraction in [0, 1), placed against the live arms' cumulative weights
 in the table's order. The same mint lands in the same arm under the same table in every
-replica and process (Python's ``hash()`` is salted per process), and changing weights
-moves only the mints whose fraction lies between a cut point's old and new place.
+replica and process (Python's ``hash()`` is salted per process).
+
+A token an arm scored stays with that arm for the rest of its life
+(:meth:`ArmTable.route_for`, given the arm its scorer kept): an A/B comparison reads
+each token's predictions as one arm's, so the weights place new tokens only. Changing
+them (a weight at 0 included: the arm takes no new token and keeps its own) moves no
+token already scored; a new salt reshuffles new tokens only. A token leaves its arm
+when the arm does: removed (:meth:`ArmTable.without_arm`), or made a shadow by a
+promotion (which goes on scoring it, marked shadow). It is then placed as a new token
+is, by its hash against the arms left: the same place in every replica and after any
+restart.
 
 Shadow arms score every token a live arm scores; their predictions are marked
 shadow, so trading ignores them while their performance is measured beside the live
-arms'. A table is immutable: a change (weights, a promotion, an arm added) is a new
-table with the next revision, swapped in whole, so a prediction is routed by the old
-table or the new one, never by a mix.
+arms'. A table is immutable: a change (weights, a promotion, an arm added or removed)
+is a new table with the next revision, swapped in whole, so a prediction is routed by
+the old table or the new one, never by a mix.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ PLACED_KEPT = 50_000
 
 class ArmError(ValueError):
     """An arm table that cannot route tokens (names the arm at fault)."""
+
+
+class UnknownArm(ArmError):
+    """An arm the table does not hold."""
 
 
 class Arm(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,6 +89,7 @@ class ArmTable:
         "_live",
         "_routes",
         "arms",
+        "kept_routes",
         "revision",
         "routes",
         "salt",
@@ -111,13 +125,18 @@ class ArmTable:
         #: per live arm: it, then the shadows (what scores a mint routed to it)
         self._routes = tuple((arm, *self.shadows) for arm in live)
         #: mint -> its route, for the mints seen lately (a hash per prediction costs more)
-        #: each mint's arms (``route``), placed on first use: ``routes[mint]`` is a
+        #: each new mint's arms (``route``), placed on first use: ``routes[mint]`` is a
         #: dict's lookup once placed, where a call of ``route`` costs a Python call
         self.routes: Mapping[str, tuple[Arm, ...]] = _Placed(self._place)
-        #: every mint's arms when all share one route (a single live arm), else None: a
-        #: batch of mints is then routed without a lookup each
+        #: arm name -> the route of the mints it scored: every arm but the shadows,
+        #: whatever its weight (one at 0 keeps its mints)
+        self.kept_routes: dict[str, tuple[Arm, ...]] = {
+            arm.name: (arm, *self.shadows) for arm in self.arms if not arm.shadow
+        }
+        #: every mint's arms when all share one route (a single arm not a shadow), else
+        #: None: a batch of mints is then routed without a lookup each
         self.shared_route: tuple[Arm, ...] | None = (
-            self._routes[0] if len(self._routes) == 1 else None
+            self._routes[0] if len(self.kept_routes) == 1 else None
         )
 
     # ---------------------------------------------------------------- routing
@@ -127,7 +146,17 @@ class ArmTable:
         return self._live[bisect.bisect_right(self._cuts, mint_fraction(mint, self.salt))]
 
     def route(self, mint: str) -> tuple[Arm, ...]:
-        """The arms that score ``mint``: its live arm first, then every shadow arm."""
+        """The arms that score a new ``mint``: its live arm first, then every shadow arm."""
+        return self.routes[mint]
+
+    def route_for(self, mint: str, scored_by: str | None) -> tuple[Arm, ...]:
+        """The arms that score ``mint`` when the live arm named ``scored_by`` scored it
+        before (None: none did): that arm while the table holds it, not as a shadow;
+        else the route of a new mint."""
+        if scored_by is not None:
+            kept = self.kept_routes.get(scored_by)
+            if kept is not None:
+                return kept
         return self.routes[mint]
 
     def _place(self, mint: str) -> tuple[Arm, ...]:
@@ -145,7 +174,7 @@ class ArmTable:
         for arm in self.arms:
             if arm.name == name:
                 return arm
-        raise ArmError(f"no arm {name!r} (arms: {', '.join(a.name for a in self.arms)})")
+        raise UnknownArm(f"no arm {name!r} (arms: {', '.join(a.name for a in self.arms)})")
 
     # ---------------------------------------------------------------- changes
 
@@ -184,8 +213,17 @@ class ArmTable:
         return self._next((*self.arms, arm))
 
     def without_arm(self, name: str) -> ArmTable:
+        """The table without arm ``name``: its share of new mints goes to the live arms
+        left in proportion to their weights (weights are relative), and the mints it
+        scored are placed by their hash against those arms. UnknownArm if there is no
+        such arm; ArmError if it is the last arm, or the only live one with a weight."""
         self.arm(name)
-        return self._next(arm for arm in self.arms if arm.name != name)
+        if len(self.arms) == 1:
+            raise ArmError(f"arm {name!r} is the last arm: a table needs one to route tokens")
+        try:
+            return self._next(arm for arm in self.arms if arm.name != name)
+        except ArmError as exc:
+            raise ArmError(f"without arm {name!r}: {exc}") from None
 
     # ---------------------------------------------------------------- storage
 

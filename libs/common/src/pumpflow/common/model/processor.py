@@ -1,8 +1,9 @@
 """ModelProcessor: which feature vectors are scored, by which arms, as a keyed processor.
 
 Per mint, the state is small (:class:`ScoringState`: the token's lifecycle state, the
-event time of its last scored vector and how many it scored, and its predictions
-waiting for their labels, :class:`~pumpflow.common.model.performance.TokenLabels`).
+event time of its last scored vector and how many it scored, the live arm that scored
+it, and its predictions waiting for their labels,
+:class:`~pumpflow.common.model.performance.TokenLabels`).
 Waiting labels are stored with the token's effects, restored with its partition and
 released on the owner only: on the token's next event once due, else by its timer
 (one per token, at its next release); a retired token stays until its last label is
@@ -20,7 +21,11 @@ The keyed stateful consumer runs it on ``features.updated`` and ``token.lifecycl
 each scored vector becomes one ``model.prediction`` per arm that scores the token (its
 live arm, then every shadow arm, see :mod:`pumpflow.common.model.arms`), each naming the
 model id and the version that scored it, keyed and sequenced per mint, caused by the
-``features.updated`` event.
+``features.updated`` event. The live arm that scored a token is kept in its state, so
+it scores the token's later vectors whatever the shares become, wherever the token's
+partition goes and over a restart; a token whose arm left the table (removed, or a
+shadow now) is placed by the table as a new one is, and kept there (counted in
+``reassigned`` by the arm it left).
 
 The scoring policy (:class:`~pumpflow.common.model.settings.ScoringPolicy`): a
 ``features.updated`` is scored when
@@ -89,6 +94,9 @@ class ScoringState(msgspec.Struct, kw_only=True, array_like=True, omit_defaults=
     #: whole clock seconds (rounded up) its last vector came after its event time: a label
     #: is released that much after its horizon and grace, when its prices come in a backlog
     lag: int = 0
+    #: the live arm that scored it: its later vectors are that arm's while the table
+    #: holds it as a live arm (None: not scored yet, or by a version that kept none)
+    arm: str | None = None
 
 
 #: a score: the card of the version that made it, the score, seconds of its batch's time
@@ -127,6 +135,8 @@ class ModelProcessor:
         #: vectors not scored, by reason; predictions not made, by model id and reason
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[tuple[str, str]] = Counter()
+        #: tokens scored by another live arm once theirs left the table, by the arm left
+        self.reassigned: Counter[str] = Counter()
         self.prepared_rows = 0
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(ScoringState).decode
@@ -146,8 +156,8 @@ class ModelProcessor:
         version = self.feature_set_version
         interval = self.policy.min_interval_s
         # a comprehension: fewer interpreter steps a vector than a loop appending to a list
-        scored = [
-            event
+        picked = [
+            (event, state)
             for mint, event in newest.items()
             if event.data.feature_set_version == version
             and (
@@ -158,12 +168,19 @@ class ModelProcessor:
                 )
             )
         ]
-        if not scored:
+        if not picked:
             return 0
+        scored = [event for event, _ in picked]
         table = self.arms
         arms = table.shared_route
         if arms is None:
-            routed = list(map(table.routes.__getitem__, map(_key_of, scored)))
+            # as apply routes them (ArmTable.route_for inlined: a call a vector costs more)
+            kept, routes = table.kept_routes.get, table.routes
+            routed = [
+                (state is not None and state.arm is not None and kept(state.arm))
+                or routes[event.key]
+                for event, state in picked
+            ]
             arms = routed[0]
             alike = all(map(operator.is_, routed, repeat(arms)))
         else:
@@ -312,7 +329,12 @@ class ModelProcessor:
         emit = effects.emit
         labels = self.labels
         made = 0
-        for arm in self.arms.routes[mint]:
+        kept = state.arm
+        route = None if kept is None else self.arms.kept_routes.get(kept)
+        if route is None:  # a new token, or its arm left the table: placed as new
+            route = self.arms.routes[mint]
+        scored_by = None
+        for arm in route:
             model_id = arm.model_id
             if prepared is not None and prepared[1] == model_id:
                 card, score, seconds = prepared[2]
@@ -348,9 +370,16 @@ class ModelProcessor:
                 time=time,
             )
             made += 1
+            if not arm.shadow:
+                scored_by = arm.name
         if made:
             state.last_scored = time
             state.scored += 1
+            if scored_by is not None and scored_by != kept:
+                # kept from its live arm's first prediction (a shadow's alone keeps none)
+                if kept is not None:
+                    self.reassigned[kept] += 1
+                state.arm = scored_by
             if tokens is not None:
                 state.last_labelled = time
                 if tokens.next_release != first_release:
@@ -456,7 +485,6 @@ class ModelProcessor:
 _data_of = operator.attrgetter("data")
 _replace = msgspec.structs.replace
 _id_of = operator.attrgetter("id")
-_key_of = operator.attrgetter("key")
 
 
 def _prepared_score(prepared: _Prepared | None, model_id: str) -> _Score | None:
