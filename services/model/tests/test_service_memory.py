@@ -245,6 +245,151 @@ async def test_a_bad_serving_change_is_refused_naming_it_and_serving_goes_on(
         assert (await http.put("/arms/weights", json=weights, headers=AUTH)).status_code == 200
 
 
+def sample(model: ModelService, name: str, **labels: str) -> float | None:
+    """A metric's value in ``model``'s registry (None: no such series)."""
+    return model._registry.get_sample_value(name, labels)
+
+
+FOUR_ARMS = [
+    {"name": "control", "model_id": "entry", "weight": 0.4},
+    {"name": "treatment", "model_id": "candidate", "weight": 0.3},
+    {"name": "third", "model_id": "entry", "weight": 0.2},
+    {"name": "fourth", "model_id": "entry", "weight": 0.1},
+]
+
+
+async def test_an_arm_removed_through_the_api_leaves_its_share_to_the_others(tmp_path, caplog):
+    """Without weights the removed arm's share goes to the others in proportion to their
+    weights; with weights, those are set in the same change. Logged, counted, viewed."""
+    model = model_service()
+    async with serving_api(model) as http:
+        await load_candidate(http, other_model(tmp_path, model_id="candidate"))
+        assert (await http.put("/arms", json={"arms": FOUR_ARMS}, headers=AUTH)).is_success
+        assert (await http.delete("/arms/treatment")).status_code == 401
+        with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+            removed = await http.delete("/arms/treatment", headers=AUTH)
+        assert removed.status_code == 200, removed.text
+        answer = removed.json()
+        assert answer["revision"] == 3
+        shares = {arm["name"]: arm["share"] for arm in answer["arms"]}
+        assert shares == pytest.approx({"control": 4 / 7, "third": 2 / 7, "fourth": 1 / 7})
+        assert (await http.get("/arms")).json()["arms"] == answer["arms"]
+        (logged,) = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+        assert logged.startswith(
+            "model: arm 'treatment' (model candidate) removed at serving revision 3: "
+            "its tokens go to the live arms left by their hash; "
+        )
+        assert f"control entry {DEFAULT_CARD.version} 57%" in logged
+        reweighted = await http.request(
+            "DELETE", "/arms/third", json={"weights": {"fourth": 0.4}}, headers=AUTH
+        )
+        assert reweighted.status_code == 200, reweighted.text
+        shares = {arm["name"]: arm["share"] for arm in reweighted.json()["arms"]}
+        assert shares == pytest.approx({"control": 0.5, "fourth": 0.5})
+        assert sample(model, "pumpflow_model_serving_changes_total", change="remove_arm") == 2
+        assert sample(model, "pumpflow_model_serving_changes_total", change="arms") == 1
+        assert sample(model, "pumpflow_model_serving_changes_total", change="load") == 1
+        share = "pumpflow_model_arm_share"
+        assert sample(model, share, arm="treatment", model_id="candidate", shadow="false") is None
+        assert sample(model, share, arm="fourth", model_id="entry", shadow="false") == 0.5
+        status = await model.status()
+        assert status["serving"]["revision"] == 4
+        assert [arm["name"] for arm in status["serving"]["arms"]] == ["control", "fourth"]
+
+
+async def test_a_model_no_arm_serves_is_unloaded_through_the_api(tmp_path, caplog):
+    model = model_service()
+    async with serving_api(model) as http:
+        await load_candidate(http, other_model(tmp_path, model_id="candidate"))
+        version = model.manager.card("candidate").version
+        arms = [
+            {"name": "control", "model_id": "entry"},
+            {"name": "treatment", "model_id": "candidate", "shadow": True},
+        ]
+        assert (await http.put("/arms", json={"arms": arms}, headers=AUTH)).is_success
+        served = await http.delete("/models/candidate", headers=AUTH)
+        assert served.status_code == 409, served.text
+        assert "arm treatment serves it" in served.json()["detail"]
+        assert (await http.delete("/arms/treatment", headers=AUTH)).is_success
+        assert (await http.delete("/models/candidate")).status_code == 401
+        other = await http.delete("/models/candidate", params={"version": "0" * 16}, headers=AUTH)
+        assert other.status_code == 409, other.text
+        assert f"serves version {version}, not {'0' * 16}" in other.json()["detail"]
+        with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+            unloaded = await http.delete(
+                "/models/candidate", params={"version": version}, headers=AUTH
+            )
+        assert unloaded.status_code == 200, unloaded.text
+        assert unloaded.json()["unloaded"] == {"model_id": "candidate", "version": version}
+        assert unloaded.json()["revision"] == 4
+        assert set((await http.get("/models")).json()["models"]) == {"entry"}
+        assert (await http.get("/models/candidate/drift")).status_code == 404
+        assert set(model.manager.models()) == set(model.drift) == {"entry"}
+        assert [r.getMessage() for r in caplog.records if "model: unloaded" in r.getMessage()] == [
+            f"model: unloaded candidate version {version} at serving revision 4 (no arm serves it)"
+        ]
+        serving = "pumpflow_model_serving"
+        assert sample(model, serving, model_id="candidate", version=version) is None
+        assert sample(model, serving, model_id="entry", version=DEFAULT_CARD.version) == 1
+        assert sample(model, "pumpflow_model_serving_changes_total", change="unload") == 1
+        assert (await model.status())["serving"]["models"] == {"entry": DEFAULT_CARD.version}
+        # loaded again, it serves again
+        await load_candidate(http, other_model(tmp_path, model_id="candidate"))
+        assert set(model.manager.models()) == {"entry", "candidate"}
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "body", "status", "named"),
+    [
+        ("/arms/nope", "/arms/{name}", None, 404, "no arm 'nope'"),
+        ("/arms/control", "/arms/{name}", None, 409, "'control' is the last arm"),
+        (
+            "/arms/control",
+            "/arms/{name}",
+            {"weights": {"control": 2.0}},
+            422,
+            "the weights name 'control', the arm removed",
+        ),
+        ("/arms/control", "/arms/{name}", {"weights": {"nope": 2.0}}, 422, "no arm 'nope'"),
+        ("/arms/control", "/arms/{name}", {"weights": {}}, 422, "no arm's weight given"),
+        ("/models/entry", "/models/{model_id}", None, 409, "arm control serves it"),
+        ("/models/nope", "/models/{model_id}", None, 404, "no model 'nope' is loaded"),
+    ],
+)
+async def test_a_removal_or_unload_that_cannot_be_made_is_refused_naming_why(
+    path, route, body, status, named, caplog
+):
+    model = model_service()
+    async with serving_api(model) as http:
+        before = (await http.get("/arms")).json()
+        with caplog.at_level(logging.WARNING, logger="pumpflow.model"):
+            refused = await http.request("DELETE", path, json=body, headers=AUTH)
+        assert refused.status_code == status, refused.text
+        assert named in refused.json()["detail"]
+        (logged,) = [r.getMessage() for r in caplog.records if named in r.getMessage()]
+        assert logged.startswith(f"model: DELETE {route} refused ({status}): ")
+        assert (await http.get("/arms")).json() == before
+        assert set(model.manager.models()) == {"entry"}
+        assert sample(model, "pumpflow_model_serving_changes_total", change="remove_arm") in (
+            None,
+            0.0,
+        )
+
+
+async def test_removing_the_only_live_arm_is_refused_while_shadows_are_left(tmp_path):
+    model = model_service()
+    async with serving_api(model) as http:
+        arms = [
+            {"name": "control", "model_id": "entry"},
+            {"name": "watch", "model_id": "entry", "shadow": True},
+        ]
+        assert (await http.put("/arms", json={"arms": arms}, headers=AUTH)).is_success
+        refused = await http.delete("/arms/control", headers=AUTH)
+        assert refused.status_code == 409, refused.text
+        assert "no live arm with a positive weight" in refused.json()["detail"]
+        assert [a["name"] for a in (await http.get("/arms")).json()["arms"]] == ["control", "watch"]
+
+
 async def test_an_arm_change_is_logged_with_each_arms_model_version_and_share(tmp_path, caplog):
     candidate = other_model(tmp_path, model_id="candidate")
     model = model_service()

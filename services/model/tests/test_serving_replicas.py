@@ -195,6 +195,112 @@ async def test_a_change_is_made_on_the_newer_of_the_stored_serving_and_this_ones
     assert answer.json()["revision"] == 2
 
 
+async def test_a_removal_and_an_unload_are_followed_by_the_other_replicas(replicas, tmp_path):
+    from model_helpers import other_model
+
+    (first, one), (second, two) = replicas
+    body = {"model_id": "candidate", "path": str(other_model(tmp_path, model_id="candidate"))}
+    assert (await one.post("/models", json=body, headers=AUTH)).status_code == 200
+    arms = [
+        {"name": "control", "model_id": "entry"},
+        {"name": "treatment", "model_id": "candidate"},
+    ]
+    assert (await one.put("/arms", json={"arms": arms}, headers=AUTH)).status_code == 200
+    assert await second.refresh()
+    assert set(second.manager.models()) == {"entry", "candidate"}
+    removed = await two.delete("/arms/treatment", headers=AUTH)
+    assert removed.status_code == 200, removed.text
+    assert await first.refresh()
+    assert [arm.name for arm in first.processor.arms.arms] == ["control"]
+    unloaded = await one.delete("/models/candidate", headers=AUTH)
+    assert unloaded.status_code == 200, unloaded.text
+    assert await second.refresh()
+    for service in (first, second):
+        assert service.serving.revision == unloaded.json()["revision"]
+        assert set(service.manager.models()) == set(service.drift) == {"entry"}
+        assert service.processor.arms == first.processor.arms
+
+
+async def scored_arms(
+    service: ModelService, seen, mints: list[str], at: float, seq: int
+) -> dict[str, str]:
+    """Each of ``mints``' live arm for a vector of each at ``at`` (seq ``seq``)."""
+    await service._ctx.clock.advance_to(at)
+    vectors = [vector_event(m, at, seq=seq) for m in mints]
+    ids = {v.id for v in vectors}
+    await service._ctx.bus.publish_many(vectors)
+
+    def scored(collected) -> list:
+        return [e for e in collected.of("model.prediction") if e.causation_id in ids]
+
+    await seen.wait_until(lambda c: len(scored(c)) >= len(mints), what="a prediction each")
+    found = {e.key: e.data.arm for e in scored(seen)}
+    assert set(found) == set(mints)
+    return found
+
+
+async def test_a_tokens_arm_and_a_removal_outlive_a_restart_of_the_model_service(
+    namespace, redis_url
+):
+    """A token scored by an arm stays with it after the shares change, over a restart
+    (its arm is in its keyed state); a removal is in the serving stored, and the removed
+    arm's tokens go to the arms left by their hash after the next restart."""
+    from pumpflow.common.model.arms import ArmTable
+    from pumpflow.common.state.redis import RedisStateStore
+    from pumpflow.common.testing import base58_key
+
+    clock = ReplayClock(START)
+    buses = BusHarness("memory", namespace=namespace, partitions=4)
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    mints = [base58_key(f"restarted{i}") for i in range(60)]
+    arms = [
+        {"name": "control", "model_id": "entry", "weight": 0.4},
+        {"name": "treatment", "model_id": "entry", "weight": 0.4},
+        {"name": "third", "model_id": "entry", "weight": 0.2},
+    ]
+    running: list[ModelService] = []
+
+    async def restart() -> ModelService:
+        await running.pop().stop()
+        running.append(await start_replica("m1", buses, store, clock))
+        return running[-1]
+
+    try:
+        running.append(await start_replica("m1", buses, store, clock))
+        seen = await buses.collector("model.prediction")
+        async with client(running[-1]) as http:
+            assert (await http.put("/arms", json={"arms": arms}, headers=AUTH)).is_success
+            first = await scored_arms(running[-1], seen, mints, START, 1)
+            assert set(first.values()) == {"control", "treatment", "third"}
+            weights = {"weights": {"control": 0.1, "treatment": 0.7}}
+            assert (await http.put("/arms/weights", json=weights, headers=AUTH)).is_success
+        reweighted = ArmTable(running[-1].processor.arms.arms)
+        assert any(reweighted.live_arm(m).name != arm for m, arm in first.items())
+        service = await restart()
+        assert service.processor.arms.arm("treatment").weight == 0.7
+        assert await scored_arms(service, seen, mints, START + 1.0, 2) == first
+
+        async with client(service) as http:
+            assert (await http.delete("/arms/treatment", headers=AUTH)).is_success
+        service = await restart()
+        assert [arm.name for arm in service.processor.arms.arms] == ["control", "third"]
+        left = service.processor.arms  # control 0.1, third 0.2: their hash places them
+        after = await scored_arms(service, seen, mints, START + 2.0, 3)
+        orphans = {m for m, arm in first.items() if arm == "treatment"}
+        assert orphans
+        assert after == {m: left.live_arm(m).name if m in orphans else first[m] for m in mints}
+        assert service.processor.reassigned == {"treatment": len(orphans)}
+        # placed once more, they stay: a later restart finds them where they went
+        service = await restart()
+        assert await scored_arms(service, seen, mints, START + 3.0, 4) == after
+    finally:
+        for service in running:
+            await service.stop()
+        await buses.teardown()
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
 def labels_released(model: ModelService) -> bool:
     """Whether no token held by ``model`` has labels waiting."""
     states = map(model.consumer.state, list(model.consumer.keys()))

@@ -1,6 +1,7 @@
 """Metrics of the model service, on an injected registry.
 
-What it scores (predictions, scores, skipped vectors, arms, versions served), its refits
+What it scores (predictions, scores, skipped vectors, arms, versions served, the changes
+of the serving it made, tokens handed to another arm when theirs left), its refits
 (by outcome and reason, :mod:`pumpflow.model.outcomes`) and stored labels, and its
 models' drift and live performance: the monitors (:mod:`pumpflow.common.model.drift`,
 :mod:`pumpflow.common.model.performance`) are pure, and the service hands their reports
@@ -24,6 +25,10 @@ from pumpflow.common.model.drift import DriftReport
 from pumpflow.common.model.performance import LabelTracker, LiveFigures
 from pumpflow.model.outcomes import REFIT_REASONS
 
+#: the changes of the serving a replica makes (the counter's label values): a model
+#: loaded, the arm table put whole, weights, a promotion, an arm removed, a model
+#: unloaded, a refit swapped in
+SERVING_CHANGES = ("load", "arms", "weights", "promote", "remove_arm", "unload", "refit")
 #: when a stored serving could not be served, and why (the counter's label values)
 UNAVAILABLE_WHEN = ("start", "follow")
 UNAVAILABLE_REASONS = ("missing", "refused")
@@ -69,6 +74,23 @@ class _Families:
             "pumpflow_model_arm_share",
             "Expected share of live tokens of each arm (0 for a shadow arm)",
             ["arm", "model_id", "shadow"],
+            registry=registry,
+        )
+        self.serving_changes = Counter(
+            "pumpflow_model_serving_changes",
+            "Changes of the serving (models and arms) this replica made and stored for "
+            "every replica, by change: load, arms (the table put whole), weights, promote, "
+            "remove_arm, unload, refit (a refit swapped in); the replicas following one do "
+            "not count it, so sum over the replicas",
+            ["change"],
+            registry=registry,
+        )
+        self.reassigned = Counter(
+            "pumpflow_model_tokens_reassigned",
+            "Tokens scored by another live arm once the arm that scored them left the "
+            "table (removed, or made a shadow by a promotion), by the arm they left; a "
+            "token stays with its arm through any change of the shares",
+            ["arm"],
             registry=registry,
         )
         self.refits = Counter(
@@ -200,7 +222,10 @@ class ModelServiceMetrics:
         for when in UNAVAILABLE_WHEN:
             for reason in UNAVAILABLE_REASONS:
                 self._f.serving_unavailable.labels(when, reason)
+        for change in SERVING_CHANGES:
+            self._f.serving_changes.labels(change)
         self._skipped: dict[str, int] = {}
+        self._reassigned: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
         self._batched = 0
         #: (arm, model id, version, shadow) -> its prediction counter and score histogram
@@ -240,13 +265,21 @@ class ModelServiceMetrics:
         return found
 
     def sync(
-        self, skipped: Mapping[str, int], failed: Mapping[tuple[str, str], int], batched: int
+        self,
+        skipped: Mapping[str, int],
+        failed: Mapping[tuple[str, str], int],
+        batched: int,
+        reassigned: Mapping[str, int] | None = None,
     ) -> None:
         """Advance the counters to the processor's running totals."""
         for reason, total in skipped.items():
             if total > self._skipped.get(reason, 0):
                 self._f.skipped.labels(reason).inc(total - self._skipped.get(reason, 0))
                 self._skipped[reason] = total
+        for arm, total in (reassigned or {}).items():
+            if total > self._reassigned.get(arm, 0):
+                self._f.reassigned.labels(arm).inc(total - self._reassigned.get(arm, 0))
+                self._reassigned[arm] = total
         for key, total in failed.items():
             if total > self._failed.get(key, 0):
                 self._f.failed.labels(*key).inc(total - self._failed.get(key, 0))
@@ -259,6 +292,12 @@ class ModelServiceMetrics:
         self._f.arm_share.clear()
         for arm, model_id, shadow, share in shares:
             self._f.arm_share.labels(arm, model_id, "true" if shadow else "false").set(share)
+
+    def serving_changed(self, change: str) -> None:
+        self._f.serving_changes.labels(change).inc()
+
+    def serving_changes(self, change: str) -> float:
+        return self._f.serving_changes.labels(change)._value.get()
 
     def refitted(self, model_id: str, outcome: str, reason: str) -> None:
         self._f.refits.labels(model_id, outcome, reason).inc()

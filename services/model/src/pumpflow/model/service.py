@@ -70,13 +70,22 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   ``model_refit_min_interval_s`` after it, on every replica.
 - The serving (which model file under which id, the arm table) is shared by the
   replicas through the state store (``model:serving``): a change through the HTTP API
-  is applied at once here, stored, and followed by the other replicas within
+  is applied at once here, stored, counted (``pumpflow_model_serving_changes``, by the
+  replica that made it) and followed by the other replicas within
   ``model_serving_refresh_s``. No restart, and no delivery is dropped: a table or a
-  model is swapped whole between two tokens' steps. Each replica logs the routing it
-  takes (at its start and on each change of the arms or of an arm's model: every arm's
-  model id, version and share).
-- HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``GET /arms``,
-  ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
+  model is swapped whole between two tokens' steps; a model the serving no longer names
+  is unloaded once no arm routes to it (logged by each replica). Each replica logs the
+  routing it takes (at its start and on each change of the arms or of an arm's model:
+  every arm's model id, version and share). The shares place new tokens: a token stays
+  with the live arm that first scored it (kept in its keyed state, so over a restart and
+  a rebalance too) until that arm is removed or made a shadow, and is then placed by
+  its hash against the live arms left (``pumpflow_model_tokens_reassigned``).
+- HTTP: ``GET /models`` (cards), ``POST /models`` (load), ``DELETE /models/{id}``
+  (unload a model no arm serves; ``?version=`` unloads it only if that version serves),
+  ``GET /arms``, ``PUT /arms``, ``PUT /arms/weights``, ``POST /arms/{name}/promote``,
+  ``DELETE /arms/{name}`` (its share goes to the live arms left in proportion to their
+  weights, or ``{"weights": {...}}`` sets theirs in the same change; its tokens go to
+  the live arms left by their hash),
   ``GET /models/{id}/performance`` (the card's held-out figures, what was scored,
   and the live figures per arm, read at most ``model_live_read_s`` ago unless
   ``?fresh=true``), ``GET /models/{id}/drift`` (the PSI now, the states, the
@@ -651,6 +660,17 @@ class ModelService(Service):
         if rerouted:
             routes = self._routes(table)
             log.info("model: serving revision %d routes tokens: %s", serving.revision, routes)
+        # once no arm routes to them: the table swapped names none of them
+        for model_id in sorted(set(before.models if before else ()) - set(serving.models)):
+            if model_id in manager.models():
+                version = manager.card(model_id).version
+                self._unload(model_id)
+                log.info(
+                    "model: unloaded %s version %s at serving revision %d (no arm serves it)",
+                    model_id,
+                    version,
+                    serving.revision,
+                )
 
     def _routes(self, table: ArmTable) -> str:
         """Each arm of ``table`` with its model id, version and share of the live tokens."""
@@ -661,8 +681,9 @@ class ModelService(Service):
             for arm in table.arms
         )
 
-    async def change(self, change) -> Serving:
-        """Apply ``change(serving) -> Serving`` here, store it for every replica; return it."""
+    async def change(self, change, kind: str = "arms") -> Serving:
+        """Apply ``change(serving) -> Serving`` here, store it for every replica, count it
+        as ``kind`` (:data:`~pumpflow.model.metrics.SERVING_CHANGES`); return it."""
         async with self._changing, self._changing_everywhere():
             current = await self._stored_serving()
             if current is None or current.revision < self.serving.revision:
@@ -674,6 +695,7 @@ class ModelService(Service):
             changed = msgspec.structs.replace(changed, revision=current.revision + 1)
             self._apply(changed, await self._fetch_missing(changed))
             await self._ctx.store.set(SERVING_KEY, _encode_serving(changed))
+            self.metrics.serving_changed(kind)
             self._publish_arms()
             return changed
 
@@ -808,7 +830,9 @@ class ModelService(Service):
                     data.arm, data.model_id, data.model_version or "", data.shadow, data.score
                 )
         processor = self.processor
-        metrics.sync(processor.skipped, processor.failed, processor.prepared_rows)
+        metrics.sync(
+            processor.skipped, processor.failed, processor.prepared_rows, processor.reassigned
+        )
 
     async def _restore_drift(self) -> None:
         """Give the monitors made since the last call the features announced drifting."""
@@ -1138,7 +1162,7 @@ class ModelService(Service):
                     )
 
                 try:
-                    await self.change(with_refit)
+                    await self.change(with_refit, "refit")
                 except BaseException:
                     self._refitted(refit, "its serving could not be stored")
                     raise
@@ -1320,6 +1344,7 @@ class ModelService(Service):
             "skipped": dict(processor.skipped),
             "failed": {f"{m}/{e}": n for (m, e), n in processor.failed.items()},
             "prepared_rows": processor.prepared_rows,
+            "reassigned": dict(processor.reassigned),
         }
 
     async def status(self) -> dict[str, Any]:
@@ -1330,6 +1355,7 @@ class ModelService(Service):
             else {
                 "revision": self.serving.revision,
                 "models": {m: c.version for m, c in self.manager.models().items()},
+                "arms": self.arms_view()["arms"] if self.processor is not None else [],
             }
         )
         return {**consumer, "serving": serving}
@@ -1347,9 +1373,9 @@ class ModelService(Service):
             log.warning("model: %s refused (%d): %s", asked, status, detail)
             return HTTPException(status_code=status, detail=detail)
 
-        async def changed(asked: str, change) -> dict[str, Any]:
+        async def changed(asked: str, change, kind: str) -> dict[str, Any]:
             try:
-                await self.change(change)
+                await self.change(change, kind)
             except ServingError as exc:
                 raise refused(asked, exc.status, str(exc)) from None
             return {"revision": self.serving.revision, **self.arms_view()}
@@ -1380,7 +1406,7 @@ class ModelService(Service):
                 )
                 return msgspec.structs.replace(serving, models={**serving.models, model_id: source})
 
-            result = await changed("POST /models", with_model)
+            result = await changed("POST /models", with_model, "load")
             return {"card": msgspec.to_builtins(self.manager.card(model_id)), **result}
 
         @api.get("/arms")
@@ -1405,7 +1431,9 @@ class ModelService(Service):
             except (msgspec.ValidationError, ArmError) as exc:
                 raise refused("PUT /arms", 422, str(exc)) from None
             return await changed(
-                "PUT /arms", lambda s: msgspec.structs.replace(s, arms=table, salt=salt or s.salt)
+                "PUT /arms",
+                lambda s: msgspec.structs.replace(s, arms=table, salt=salt or s.salt),
+                "arms",
             )
 
         @api.put("/arms/weights", dependencies=guarded)
@@ -1419,7 +1447,7 @@ class ModelService(Service):
                     raise ServingError(str(exc), status=422) from None
                 return msgspec.structs.replace(serving, arms=table.arms)
 
-            return await changed("PUT /arms/weights", reweighted)
+            return await changed("PUT /arms/weights", reweighted, "weights")
 
         @api.post("/arms/{name}/promote", dependencies=guarded)
         async def promote(name: str) -> dict[str, Any]:
@@ -1431,7 +1459,89 @@ class ModelService(Service):
                 return msgspec.structs.replace(serving, arms=table.arms)
 
             # the route, not the name asked: the refusal names it, quoted
-            return await changed("POST /arms/{name}/promote", promoted)
+            return await changed("POST /arms/{name}/promote", promoted, "promote")
+
+        @api.delete("/arms/{name}", dependencies=guarded)
+        async def remove_arm(
+            name: str, weights: dict[str, float] | None = Body(None, embed=True)
+        ) -> dict[str, Any]:
+            """Take arm ``name`` out: its share of new tokens goes to the live arms left in
+            proportion to their weights, or ``weights`` sets theirs in the same change
+            (the others keep theirs); its tokens go to the live arms left by their hash.
+            404: no such arm; 422: weights naming it, an unknown arm, or none; 409: the
+            last arm, or no live arm with a weight left."""
+            removed: list[Arm] = []
+
+            def without(serving: Serving) -> Serving:
+                table = serving.table()
+                try:
+                    removed.append(table.arm(name))
+                except ArmError as exc:
+                    raise ServingError(str(exc), status=404) from None
+                if weights is not None:
+                    if name in weights:
+                        raise ServingError(
+                            f"the weights name {name!r}, the arm removed: give those of "
+                            "the arms left",
+                            status=422,
+                        )
+                    try:
+                        table = table.with_weights(weights)
+                    except ArmError as exc:
+                        raise ServingError(str(exc), status=422) from None
+                try:
+                    table = table.without_arm(name)
+                except ArmError as exc:
+                    raise ServingError(str(exc), status=409) from None
+                return msgspec.structs.replace(serving, arms=table.arms)
+
+            result = await changed("DELETE /arms/{name}", without, "remove_arm")
+            log.info(
+                "model: arm %r (model %s) removed at serving revision %d: its tokens go to "
+                "the live arms left by their hash; %s",
+                name,
+                removed[-1].model_id,
+                result["revision"],
+                self._routes(self.processor.arms),
+            )
+            return result
+
+        @api.delete("/models/{model_id}", dependencies=guarded)
+        async def unload_model(model_id: str, version: str | None = None) -> dict[str, Any]:
+            """Unload model ``model_id`` (only if it serves ``version``, when given): no
+            arm may serve it. 404: not loaded; 409: an arm serves it, or another version
+            serves under the id."""
+            unloaded: list[str] = []
+
+            def without(serving: Serving) -> Serving:
+                if model_id not in serving.models:
+                    raise ServingError(f"no model {model_id!r} is loaded", status=404)
+                serving_arms = [arm for arm in serving.arms if arm.model_id == model_id]
+                if serving_arms:
+                    raise ServingError(
+                        f"model {model_id!r} is served: "
+                        + "; ".join(
+                            f"arm {arm.name} serves it" + (" as a shadow" if arm.shadow else "")
+                            for arm in serving_arms
+                        )
+                        + "; remove the arm (or give it another model) first"
+                    )
+                card = self.manager.models().get(model_id)
+                found = "unknown" if card is None else card.version
+                if version is not None and version != found:
+                    raise ServingError(
+                        f"model {model_id!r} serves version {found}, not {version}: not unloaded"
+                    )
+                unloaded.append(found)
+                models = {m: s for m, s in serving.models.items() if m != model_id}
+                return msgspec.structs.replace(serving, models=models)
+
+            result = await changed("DELETE /models/{model_id}", without, "unload")
+            return {
+                "unloaded": {"model_id": model_id, "version": unloaded[-1]},
+                "models": sorted(self.manager.models()),
+                **result,
+            }
 
         @api.get("/models/{model_id}/performance")
         async def performance(model_id: str, fresh: bool = False) -> dict[str, Any]:
