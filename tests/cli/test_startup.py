@@ -54,6 +54,7 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
         ["settings", "trading"],
         ["settings", "model"],
         ["trading", "state", "--help"],
+        ["model", "remove-arm", "--help"],
     ],
     ids=" ".join,
 )

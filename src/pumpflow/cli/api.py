@@ -15,9 +15,13 @@ TIMEOUT_S = 10.0
 #: the variable the CLI reads the bearer token from, and the services theirs
 TOKEN_VARIABLE = "PUMPFLOW_API_TOKEN"
 #: the variables the CLI reads a replica's ``--url`` from, by service
-URL_VARIABLES = {"exit": "PUMPFLOW_EXIT_URL", "trading": "PUMPFLOW_TRADING_URL"}
+URL_VARIABLES = {
+    "exit": "PUMPFLOW_EXIT_URL",
+    "model": "PUMPFLOW_MODEL_URL",
+    "trading": "PUMPFLOW_TRADING_URL",
+}
 #: what the CLI calls a replica of each service it talks to
-REPLICAS = {"exit": "an exit replica", "trading": "a trading replica"}
+REPLICAS = {"exit": "an exit replica", "model": "a model replica", "trading": "a trading replica"}
 #: the longest answer of a service quoted in an error line
 QUOTED_MAX_CHARS = 300
 #: exit status of every control command whose request the service accepted and has not
@@ -122,11 +126,22 @@ def post_json(url: str, body: dict, token: str, *, waits_s: float = 0.0) -> dict
 
     ``waits_s``: how long the service may wait before it answers (on top of the call's
     own allowance)."""
+    return send_json(url, body, token, waits_s=waits_s)
+
+
+def send_json(
+    url: str, body: dict | None, token: str, *, method: str = "POST", waits_s: float = 0.0
+) -> dict:
+    """Send ``body`` as JSON (None: no body) by ``method`` with the bearer ``token``; the
+    answer's JSON body (raises urllib.error.HTTPError, OSError)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(
         url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers=headers,
     )
     with urllib.request.urlopen(request, timeout=TIMEOUT_S + waits_s) as response:
         return json.loads(response.read())

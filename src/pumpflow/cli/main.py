@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "pumpflow.cli.dead_letters",
     "pumpflow.cli.train",
     "pumpflow.cli.trading",
+    "pumpflow.cli.model",
     "pumpflow.cli.stop",
     "pumpflow.cli.sell",
     "pumpflow.cli.notify",

@@ -1,0 +1,140 @@
+"""``pumpflow model``: the model service's arms and models, from a shell.
+
+The CLI talks to a model service run embedded here, its HTTP API served on 127.0.0.1
+(``services/model/tests/test_service_memory.py`` tests the routes themselves)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.cli.main import build_parser
+from pumpflow.common.clock import ReplayClock
+from pumpflow.common.model import read_model
+from pumpflow.common.model.arms import Arm
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.http import create_app
+from pumpflow.common.testing.servers import local_app
+from pumpflow.model import DEFAULT_MODEL_PATH
+from pumpflow.model.service import ModelService, ModelSettings
+
+TOKEN = "cli-token"
+START = 1_700_000_000.0
+VERSION = read_model(DEFAULT_MODEL_PATH)[1].version
+
+
+@contextlib.asynccontextmanager
+async def model_replica() -> AsyncIterator[tuple[ModelService, str]]:
+    """A model service serving the default model as ``entry``, and its HTTP address."""
+    model = ModelService(
+        ModelSettings.load(service="model", transport="memory", api_token=TOKEN),
+        registry=CollectorRegistry(),
+    )
+    async with run_embedded([model], clock=ReplayClock(START)) as system:
+        async with local_app(create_app(model, system.contexts["model"])) as base:
+            yield model, base
+
+
+async def pumpflow_model(base: str, *args: str) -> int:
+    parsed = build_parser().parse_args(["model", *args, "--url", base])
+    return await asyncio.to_thread(parsed.handler, parsed)
+
+
+async def test_load_weigh_promote_and_show_the_arms(monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, "load", "twin", str(DEFAULT_MODEL_PATH)) == 0
+        assert capsys.readouterr().out == f"loaded twin version {VERSION} (serving revision 1)\n"
+        assert set(model.manager.models()) == {"entry", "twin"}
+        assert await pumpflow_model(base, "weights", "control=3") == 0
+        capsys.readouterr()
+        assert await pumpflow_model(base, "promote", "control") == 0
+        assert capsys.readouterr().out == (
+            "arms (serving revision 3):\n"
+            f"  control: model entry version {VERSION}, weight 1, 100% of new tokens\n"
+        )
+        assert await pumpflow_model(base, "arms") == 0
+        assert "control: model entry" in capsys.readouterr().out
+
+
+async def test_remove_an_arm_and_unload_the_model_it_served(monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, "load", "twin", str(DEFAULT_MODEL_PATH)) == 0
+        arms = [
+            {"name": "control", "model_id": "entry", "weight": 0.5},
+            {"name": "twin", "model_id": "twin", "weight": 0.3},
+            {"name": "third", "model_id": "entry", "weight": 0.2},
+            {"name": "watch", "model_id": "twin", "shadow": True},
+        ]
+        await model.change(lambda serving: msgspec.structs.replace(serving, arms=_arms(arms)))
+        capsys.readouterr()
+        # the arm's model is served: refused, naming the arm
+        assert await pumpflow_model(base, "unload", "twin") == 1
+        said = capsys.readouterr().err
+        assert said.startswith(f"pumpflow model: {base} refused it (409 Conflict): model 'twin'")
+        assert "arm twin serves it" in said and "arm watch serves it" in said
+        assert await pumpflow_model(base, "remove-arm", "twin") == 0
+        assert capsys.readouterr().out == (
+            "arm twin removed (serving revision 3): its tokens go to the live arms left by "
+            "their hash, the others keep theirs\n"
+            "arms (serving revision 3):\n"
+            f"  control: model entry version {VERSION}, weight 0.5, 71% of new tokens\n"
+            f"  third: model entry version {VERSION}, weight 0.2, 29% of new tokens\n"
+            f"  watch: model twin version {VERSION}, shadow (scores every token, never traded)\n"
+        )
+        assert await pumpflow_model(base, "remove-arm", "watch", "--weight", "third=0.5") == 0
+        assert "  third: model entry version" in capsys.readouterr().out
+        assert [(a.name, a.weight) for a in model.processor.arms.arms] == [
+            ("control", 0.5),
+            ("third", 0.5),
+        ]
+        assert await pumpflow_model(base, "unload", "twin", "--version", VERSION) == 0
+        assert capsys.readouterr().out == (
+            f"unloaded twin version {VERSION} (serving revision 5)\n"
+        )
+        assert set(model.manager.models()) == {"entry"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["remove-arm", "nope"], "(404 Not Found): no arm 'nope'"),
+        (["remove-arm", "control"], "(409 Conflict): arm 'control' is the last arm"),
+        (["unload", "entry"], "(409 Conflict): model 'entry' is served: arm control serves it"),
+        (["unload", "nope"], "(404 Not Found): no model 'nope' is loaded"),
+    ],
+)
+async def test_a_refusal_is_one_line_naming_why_and_exits_1(monkeypatch, capsys, argv, said):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, *argv) == 1
+        assert model.serving.revision == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"pumpflow model: {base} refused it {said}"), err
+
+
+async def test_a_change_without_the_token_is_not_sent(monkeypatch, capsys):
+    monkeypatch.delenv("PUMPFLOW_API_TOKEN", raising=False)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, "remove-arm", "control") == 2
+        assert model.serving.revision == 0
+    assert capsys.readouterr().err == "pumpflow model: PUMPFLOW_API_TOKEN is not set\n"
+
+
+@pytest.mark.parametrize("given", ["control", "control=", "=1", "control=x", "control=-1"])
+def test_a_weight_that_is_not_arm_equals_a_weight_is_refused_as_the_flags_error(given, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["model", "weights", given])
+    assert exit_.value.code == 2
+    assert "ARM=WEIGHT" in capsys.readouterr().err
+
+
+def _arms(arms: list[dict]) -> tuple[Arm, ...]:
+    return tuple(msgspec.convert(a, Arm) for a in arms)
