@@ -1,8 +1,9 @@
 """The fault suite's kit: the pipeline as processes, faults injected, and its ledger.
 
-:class:`Pipeline` runs the simulator (with a sent log), feed, features and activity as
-processes on the servers it is given, taps the bus, injects faults (kill -9 of a
-service, a socket dropped) and times each recovery. :meth:`Pipeline.finish` stops the
+:class:`Pipeline` runs the simulator (with a sent log), feed, features and activity (and
+the model, an optional stage a scenario asks for) as processes on the servers it is
+given, taps the bus, injects faults (kill -9 of a service, a socket dropped) and times
+each recovery. :meth:`Pipeline.finish` stops the
 market, lets the services drain, stops them and returns a :class:`Ledger`: what the
 simulator sent, what Postgres stored, what the bus carried and what each consumer
 applied, compared event by event (a server may be frozen too, behind a
@@ -15,6 +16,12 @@ applied, compared event by event (a server may be frozen too, behind a
   events it folded in and keeps the last feed seq applied, activity keeps the last
   features seq applied. Features applied an event twice when it counts more events
   than were published, and lost one when it counts fewer.
+- *predicted* (with the model): the model's record keeps the last features and activity
+  seqs it applied, and its state counts the vectors it scored (the policy scores only
+  some: see :mod:`pumpflow.common.model.processor`); a tap of its own carries the
+  ``model.prediction`` events. Each vector scored must come out once per arm (one
+  prediction id per causation and arm), every seq the model gave carried, in order,
+  and no two of a token closer in event time than the scoring interval.
 
 No pytest here: benchmarks and scripts may run a pipeline too.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import time
@@ -41,9 +49,13 @@ from pumpflow.common.testing.stack import ProcessStack, http_get, http_json
 from pumpflow.common.testing.waiting import eventually
 
 SERVICES = ("feed", "features", "activity")
+#: stages a pipeline runs only when asked (``Pipeline(stages=...)``), after the others
+OPTIONAL_STAGES = ("model",)
 #: event types a consumer applies by seq, per publisher
 TOKEN_TYPES = ("token.created", "token.trade", "token.migrated")
 AUDIT = "audit"
+#: the consumer group of the tap on the model's predictions
+AUDIT_PREDICTIONS = "audit_predictions"
 #: prefix of a hostile frame's signature (the simulator's HOSTILE_SIGNATURE)
 HOSTILE_SIGNATURE = "hostile"
 _TX_OF_TYPE = {"token.created": "create", "token.migrated": "migrate"}
@@ -134,6 +146,57 @@ class BusTap:
         return {"carried": len(seen), "copies": copies, "reordered": reordered}
 
 
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """One ``model.prediction`` as a tap got it."""
+
+    key: str
+    seq: int
+    id: str
+    causation_id: str | None
+    arm: str
+    time: float
+
+
+class PredictionTap:
+    """A queue of its own on ``model.prediction``: every prediction the bus carried."""
+
+    def __init__(self) -> None:
+        #: in the order they came, copies (one id again) included
+        self.deliveries: list[Carried] = []
+
+    async def __call__(self, event: Event) -> None:
+        if event.seq is not None and event.key is not None:
+            self.deliveries.append(
+                Carried(
+                    key=event.key,
+                    seq=event.seq,
+                    id=event.id,
+                    causation_id=event.causation_id,
+                    arm=event.data.arm,
+                    time=event.time,
+                )
+            )
+
+    def by_mint(self) -> tuple[dict[str, list[Carried]], int, int]:
+        """Each mint's distinct predictions in the order they first came, copies of one
+        id, and predictions that came after a later seq of their mint."""
+        seen: set[str] = set()
+        highest: dict[str, int] = {}
+        mints: dict[str, list[Carried]] = defaultdict(list)
+        copies = reordered = 0
+        for carried in self.deliveries:
+            if carried.id in seen:
+                copies += 1
+                continue
+            seen.add(carried.id)
+            if carried.seq < highest.get(carried.key, 0):
+                reordered += 1
+            highest[carried.key] = max(highest.get(carried.key, 0), carried.seq)
+            mints[carried.key].append(carried)
+        return dict(mints), copies, reordered
+
+
 @dataclass
 class Ledger:
     """What each stage of the pipeline holds after a run, and what went missing between."""
@@ -160,6 +223,9 @@ class Ledger:
     bus: dict[str, int] = field(default_factory=dict)
     #: per consumer: applied, lost, twice (durable), and its metrics' view
     consumers: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: with the model: the vectors it scored by its states and what the bus carried of
+    #: them (see :func:`_prediction_counts`)
+    predictions: dict[str, int] = field(default_factory=dict)
     #: mints features folded fewer events of than were stored, with their records'
     #: bookkeeping (a sample), to tell a loss from a miscount
     features_short: list[dict[str, Any]] = field(default_factory=list)
@@ -189,6 +255,7 @@ class Ledger:
                 for name, counts in self.consumers.items()
                 for what, value in counts.items()
             },
+            **{f"predictions_{what}": value for what, value in self.predictions.items()},
             "dead_letters": dict(self.dead_letters),
             "recovery_s": [round(r, 1) for r in self.recoveries],
             "exit_codes": dict(self.exit_codes),
@@ -228,6 +295,7 @@ class Ledger:
                 found.append(f"{name} never applied {counts['lost']:g} events{detail}")
             if counts.get("twice"):
                 found.append(f"{name} applied {counts['twice']:g} events twice")
+        found += _prediction_problems(self.predictions)
         for service, code in self.exit_codes.items():
             if code != 0:
                 found.append(f"{service} exited {code} on SIGTERM")
@@ -247,7 +315,9 @@ class Pipeline:
     """Simulator, feed, features and activity as processes, a bus tap, and their ledger.
 
     ``stack`` is a :class:`ProcessStack` configured for ``servers`` and ``namespace``
-    (whose Postgres schema is migrated). ``settings`` go to every service.
+    (whose Postgres schema is migrated). ``stages``: optional stages run too
+    (:data:`OPTIONAL_STAGES`; the model costs a process and a tap of its predictions, so
+    only the scenarios about it run it). ``settings`` go to every service.
     """
 
     def __init__(
@@ -258,17 +328,24 @@ class Pipeline:
         namespace: str,
         market: MarketOptions = MarketOptions(),
         partitions: int = 4,
+        stages: tuple[str, ...] = (),
         **settings: object,
     ):
+        unknown = set(stages) - set(OPTIONAL_STAGES)
+        if unknown:
+            raise ValueError(f"no optional stage {sorted(unknown)}: {OPTIONAL_STAGES}")
         self.stack = stack
         self.servers = servers
         self.namespace = namespace
         self.market = market
         self.partitions = partitions
+        #: the services run, in the order they start
+        self.services = (*SERVICES, *(s for s in OPTIONAL_STAGES if s in stages))
+        self.model = "model" in self.services
         # the deployment these services make (a declared group that never runs fills up)
-        groups = ",".join(s for s in SERVICES if s != "feed")
+        groups = ",".join(s for s in self.services if s != "feed")
         self.settings = {"consumer_groups": groups, **settings}
-        self.ports = {service: free_port() for service in SERVICES}
+        self.ports = {service: free_port() for service in self.services}
         self.sim_port = free_port()
         self.sent_log = stack.logdir / "sent.tsv"
         self.sim_stats = stack.logdir / "simulator.json"
@@ -277,6 +354,7 @@ class Pipeline:
         #: proxies the services reach servers through, by the server's name, to freeze
         self.proxies: dict[str, Any] = {}
         self.tap = BusTap()
+        self.prediction_tap = PredictionTap()
         self.recoveries: list[float] = []
         #: kill -9s per service
         self.killed: Counter[str] = Counter()
@@ -308,10 +386,18 @@ class Pipeline:
         await self._tap_bus.subscribe(
             Subscription(service=AUDIT, patterns=TOKEN_TYPES, handler=self.tap)
         )
+        if self.model:
+            await self._tap_bus.subscribe(
+                Subscription(
+                    service=AUDIT_PREDICTIONS,
+                    patterns=("model.prediction",),
+                    handler=self.prediction_tap,
+                )
+            )
         self.stack.pumpflow(
             "simulator", *self.market.argv(self.sim_port, self.sent_log, self.sim_stats)
         )
-        for service in SERVICES:
+        for service in self.services:
             if service not in late:
                 self.serve(service)
         if late:
@@ -324,7 +410,9 @@ class Pipeline:
         self.stack.serve(service, http_port=self.ports[service], **self.settings)
 
     def ready(self) -> bool:
-        return all(http_get(f"http://127.0.0.1:{self.ports[s]}/readyz")[0] == 200 for s in SERVICES)
+        return all(
+            http_get(f"http://127.0.0.1:{self.ports[s]}/readyz")[0] == 200 for s in self.services
+        )
 
     async def until_ready(self, within: float) -> float:
         began = time.monotonic()
@@ -343,12 +431,18 @@ class Pipeline:
         features = scrape(self.ports["features"])
         activity = scrape(self.ports["activity"])
         applied = "pumpflow_consumer_events_total"
-        return {
+        counts = {
             "feed_recorded": metric(feed, "pumpflow_feed_events_recorded_total"),
             "feed_published": metric(feed, "pumpflow_feed_events_published_total"),
             "features_applied": metric(features, applied, service="features", outcome="applied"),
             "activity_applied": metric(activity, applied, service="activity", outcome="applied"),
         }
+        if self.model:
+            model = scrape(self.ports["model"])
+            counts["model_applied"] = metric(model, applied, service="model", outcome="applied")
+            # back means scoring again, not only applying
+            counts["model_predicted"] = metric(model, "pumpflow_model_predictions_total")
+        return counts
 
     async def flowing(self, *, within: float = 120.0, since: float | None = None) -> float:
         """Wait until every service is ready and each stage moved events on; return the
@@ -463,7 +557,7 @@ class Pipeline:
     def waiting_on(self, dependency: str) -> list[str]:
         """The services whose /readyz names ``dependency`` waited on."""
         found = []
-        for service in SERVICES:
+        for service in self.services:
             body = http_json(f"http://127.0.0.1:{self.ports[service]}/readyz", timeout=10)
             checks = (body or {}).get("checks", {})
             if dependency in checks.get("dependencies", {}).get("waiting_on", {}):
@@ -481,14 +575,14 @@ class Pipeline:
         ledger = Ledger(recoveries=list(self.recoveries))
         await self.stack.stop("simulator", within=30)
         await self._drained(drain_within)
-        metrics = {s: await asyncio.to_thread(scrape, self.ports[s]) for s in SERVICES}
+        metrics = {s: await asyncio.to_thread(scrape, self.ports[s]) for s in self.services}
         ledger.feed_reported = {
             "reconnects": self._feed_sessions
             + metric(metrics["feed"], "pumpflow_feed_reconnects_total"),
             "killed": float(self.killed["feed"]),
             "invalid_frames": metric(metrics["feed"], "pumpflow_feed_invalid_frames_total"),
         }
-        ledger.exit_codes = await self.stack.stop_all(SERVICES)
+        ledger.exit_codes = await self.stack.stop_all(self.services)
         await self._account(ledger, metrics)
         return ledger
 
@@ -530,7 +624,7 @@ class Pipeline:
         stored = await self._stored_events(TokenEventStore)
         decode = msgspec.msgpack.Decoder(Record).decode
         features = FeaturesProcessor(FeatureManager(), retire_ttl_s=1.0)
-        records: dict[str, dict[str, Record]] = {"features": {}, "activity": {}}
+        records: dict[str, dict[str, Record]] = {s: {} for s in self.services if s != "feed"}
         import redis.asyncio as redis
 
         client = redis.Redis.from_url(self.servers.redis_url)
@@ -550,7 +644,10 @@ class Pipeline:
                 counted[mint] = features.decode(record.state).n_events
             except Exception:  # a state of another version, or unreadable: count none
                 counted[mint] = 0
-        return {"stored": stored, "records": records, "features_events": counted}
+        state = {"stored": stored, "records": records, "features_events": counted}
+        if self.model:
+            state["model_scored"] = _scored(records["model"])
+        return state
 
     async def _stored_events(self, store_class) -> dict[str, list[tuple[int, str, bool]]]:
         """Per mint: (seq, tx type, foldable by features) of its stored published events
@@ -599,13 +696,29 @@ class Pipeline:
         ledger.lost_sample = missing[:5]
         ledger.bus = self.tap.summary()
         state = await self._applied_state()
+        if self.model:
+            await self._predictions_carried(state["records"]["model"])
         ledger.seq_holes = sum(
             sorted(seq for seq, _, _ in events) != list(range(1, len(events) + 1))
             for events in state["stored"].values()
         )
         ledger.consumers = _consumer_counts(state, consumer_metrics, killed=self.killed)
+        if self.model:
+            interval = float(self.settings.get("model_min_interval_s", _min_interval_s()))
+            ledger.predictions = _prediction_counts(
+                state, self.prediction_tap, min_interval_s=interval
+            )
         ledger.features_short = _features_short(state)[:5]
         ledger.dead_letters = await self._dead_letters()
+
+    async def _predictions_carried(self, records: Mapping[str, Any], within: float = 30.0) -> None:
+        """Wait until the tap got the last prediction each record gave, or ``within``
+        passed (what never comes is the ledger's to count): the model published them as
+        it stopped, a moment before."""
+        with contextlib.suppress(AssertionError):
+            await eventually(
+                lambda: not _uncarried(records, self.prediction_tap), within, interval=0.25
+            )
 
     async def _dead_letters(self) -> dict[str, int]:
         import aio_pika
@@ -613,7 +726,7 @@ class Pipeline:
         counts = {}
         connection = await aio_pika.connect(self.servers.amqp_url)
         try:
-            for service in SERVICES:
+            for service in self.services:
                 channel = await connection.channel()
                 try:
                     queue = await channel.declare_queue(
@@ -668,7 +781,22 @@ def _behind(state: dict[str, Any]) -> list[str]:
             last = 0 if seen is None else seen.applied.get("features", 0)
             if last < record.published:
                 behind.append(f"{mint}: activity applied features seq {last} of {record.published}")
+                continue
+        if "model" in state["records"]:
+            behind += _model_behind(mint, state["records"])
     return behind
+
+
+def _model_behind(mint: str, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What of ``mint``'s vectors and lifecycle the model has not applied yet."""
+    seen = records["model"].get(mint)
+    for publisher in ("features", "activity"):
+        record = records[publisher].get(mint)
+        published = 0 if record is None else record.published
+        last = 0 if seen is None else seen.applied.get(publisher, 0)
+        if last < published:
+            return [f"{mint}: model applied {publisher} seq {last} of {published}"]
+    return []
 
 
 def _progress(state: dict[str, Any]) -> tuple[int, ...]:
@@ -757,4 +885,135 @@ def _consumer_counts(
         counted = out["activity"]["applied_metric"] + out["activity"]["invalid_metric"]
         out["activity"]["twice"] = max(0, counted - a_expected)
         out["activity"]["lost"] = max(out["activity"]["lost"], a_expected - counted)
+    if "model" in state["records"]:
+        out["model"] = _model_counts(state["records"], metrics.get("model", {}), killed=killed)
     return out
+
+
+def _model_counts(
+    records: Mapping[str, Mapping[str, Any]], values: Mapping[str, float], *, killed: Counter[str]
+) -> dict[str, float]:
+    """Applied, lost (and twice, for a model that ran the whole run) of the vectors and
+    lifecycle events features and activity published, as activity's are counted."""
+    applied = lost = expected = 0
+    for publisher in ("features", "activity"):
+        for mint, record in records[publisher].items():
+            seen = records["model"].get(mint)
+            last = 0 if seen is None else seen.applied.get(publisher, 0)
+            applied += min(last, record.published)
+            lost += max(0, record.published - last)
+            expected += record.published
+    events = "pumpflow_consumer_events_total"
+    counts: dict[str, float] = {
+        "applied": applied,
+        "lost": lost,
+        "gaps_metric": metric(values, "pumpflow_consumer_gaps_total", service="model"),
+        "duplicates_metric": metric(values, "pumpflow_consumer_duplicates_total", service="model"),
+        "applied_metric": metric(values, events, service="model", outcome="applied"),
+        "invalid_metric": metric(values, events, service="model", outcome="invalid"),
+    }
+    if not killed["model"]:
+        counted = counts["applied_metric"] + counts["invalid_metric"]
+        counts["twice"] = max(0, counted - expected)
+        counts["lost"] = max(counts["lost"], expected - counted)
+    return counts
+
+
+def _scored(records: Mapping[str, Any]) -> dict[str, int]:
+    """Per mint: the vectors the model's stored state says it scored."""
+    from pumpflow.common.model.processor import ScoringState
+
+    decode = msgspec.msgpack.Decoder(ScoringState).decode
+    scored = {}
+    for mint, record in records.items():
+        try:
+            scored[mint] = decode(record.state).scored
+        except msgspec.DecodeError:  # a state of another version: it says nothing
+            scored[mint] = 0
+    return scored
+
+
+def _min_interval_s() -> float:
+    from pumpflow.common.model.settings import ScoringPolicy
+
+    return ScoringPolicy().min_interval_s
+
+
+def _prediction_counts(
+    state: Mapping[str, Any], tap: PredictionTap, *, min_interval_s: float
+) -> dict[str, int]:
+    """What the model says it scored (its states) against what the bus carried.
+
+    - ``scored``: vectors scored, by the states; ``predicted``: vectors (causation ids)
+      the bus carried a prediction of; ``carried``: predictions (ids), ``copies`` of
+      one id carried again (a stored outbox published again: dropped by seq downstream);
+    - ``lost``: vectors scored with no prediction carried (per mint, by the count);
+    - ``twice``: a second prediction (another id) of one vector and arm, another id
+      under one seq, or vectors predicted that no state counts scored;
+    - ``uncarried``: seqs the model gave, from a mint's first carried to its record's
+      last, the bus never carried (a key may number from above its partition's floor,
+      so not from 1: a first prediction never carried is ``lost`` by the count);
+    - ``reordered``: predictions carried after a later seq of their mint;
+    - ``too_soon``: predictions of a mint closer in event time than the scoring
+      interval to the one before (the policy scores a token at most that often).
+    """
+    mints, copies, reordered = tap.by_mint()
+    scored = state["model_scored"]
+    records = state["records"]["model"]
+    counts = Counter(dict.fromkeys(PREDICTION_FIGURES, 0))
+    counts.update(scored=sum(scored.values()), copies=copies, reordered=reordered)
+    for mint in scored.keys() | mints.keys():
+        carried = mints.get(mint, [])
+        vectors = {c.causation_id for c in carried}
+        counts["carried"] += len(carried)
+        counts["predicted"] += len(vectors)
+        counts["lost"] += max(0, scored.get(mint, 0) - len(vectors))
+        counts["twice"] += (
+            len(carried)
+            - len({(c.causation_id, c.arm) for c in carried})
+            + len(carried)
+            - len({c.seq for c in carried})
+            + max(0, len(vectors) - scored.get(mint, 0))
+        )
+        record = records.get(mint)
+        if record is not None and record.published:
+            seqs = {c.seq for c in carried}
+            first = min(seqs, default=1)
+            counts["uncarried"] += sum(s not in seqs for s in range(first, record.published + 1))
+        # one moment per vector scored (a shadow arm's predictions share it)
+        times = sorted({c.causation_id: (c.seq, c.time) for c in carried}.values())
+        counts["too_soon"] += sum(
+            later - earlier < min_interval_s
+            for (_, earlier), (_, later) in itertools.pairwise(times)
+        )
+    return dict(counts)
+
+
+#: the figures of :func:`_prediction_counts`, each there in every ledger with the model
+PREDICTION_FIGURES = (
+    "scored", "predicted", "carried", "copies", "lost", "twice", "uncarried", "reordered",
+    "too_soon",
+)  # fmt: skip
+
+
+def _uncarried(records: Mapping[str, Any], tap: PredictionTap) -> int:
+    """Seqs the model's records gave that the tap has not got (yet)."""
+    highest: dict[str, int] = {}
+    for carried in tap.deliveries:
+        highest[carried.key] = max(highest.get(carried.key, 0), carried.seq)
+    return sum(max(0, r.published - highest.get(mint, 0)) for mint, r in records.items())
+
+
+def _prediction_problems(counts: Mapping[str, int]) -> list[str]:
+    found = []
+    if counts.get("lost"):
+        found.append(f"the model scored {counts['lost']} vectors it published no prediction of")
+    if counts.get("uncarried"):
+        found.append(f"the bus never carried {counts['uncarried']} predictions the model made")
+    if counts.get("twice"):
+        found.append(f"{counts['twice']} predictions published twice")
+    if counts.get("reordered"):
+        found.append(f"{counts['reordered']} predictions carried after a later one of their mint")
+    if counts.get("too_soon"):
+        found.append(f"{counts['too_soon']} predictions within the scoring interval of the last")
+    return found
