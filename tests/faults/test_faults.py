@@ -1,14 +1,15 @@
 """The fault suite: faults injected mid-stream into the pipeline as processes, then its ledger.
 
-Each scenario runs the simulator, feed, features and activity as processes, lets the
-market run, injects its fault, waits until every stage moves events again (the
-recovery time, bounded by RECOVERY_BOUND_S), lets the market run on, stops it and
-compares what the simulator sent, Postgres stored, the bus carried and each consumer
-applied (:class:`~pumpflow.common.testing.faults.Ledger`). Pass: nothing stored is
-lost downstream, nothing applied twice, every mint's events carried and applied in
-order, each service back on its own, and frames lost at the socket (in flight when
-it dropped, or read by a feed killed before it stored them) only where the feed
-counted the interruption.
+Each scenario runs the simulator, feed, features and activity as processes (and the
+model where it asks for it), lets the market run, injects its fault, waits until every
+stage moves events again (the recovery time, bounded by RECOVERY_BOUND_S), lets the
+market run on, stops it and compares what the simulator sent, Postgres stored, the bus
+carried and each consumer applied (:class:`~pumpflow.common.testing.faults.Ledger`).
+Pass: nothing stored is lost downstream, nothing applied twice, every mint's events
+carried and applied in order, each service back on its own, and frames lost at the
+socket (in flight when it dropped, or read by a feed killed before it stored them) only
+where the feed counted the interruption. With the model: every vector it scored
+predicted once, in order.
 
 Servers a scenario stops are the test's own (testing.instances); kill -9, socket and
 hostile-frame scenarios use the shared ones. Scenarios marked ``fault`` are long and run
@@ -82,6 +83,20 @@ async def test_kill_9_feed_loses_only_what_it_had_not_stored_and_says_so(make_pi
     # what a killed feed had read and not stored is gone (PumpPortal keeps no history):
     # at most what arrives within its batch's write, counted in the ledger
     assert ledger.lost <= 500, ledger.report()
+
+
+@pytest.mark.fault
+async def test_kill_9_model_loses_no_prediction_and_publishes_none_twice(make_pipeline, report):
+    """The model killed mid-stream scores on from its stored states: every vector its
+    states count scored comes out once, in order, none within the scoring interval of
+    its token's last (a vector scored before the kill and not stored is scored again,
+    as part of whatever batch it comes in then: the ledger counts what was stored)."""
+    pipeline = await make_pipeline(stages=("model",))
+    ledger = await run(pipeline, lambda p: p.kill_and_restart("model"), report)
+    predictions = ledger.predictions
+    assert predictions["scored"] == predictions["predicted"] > 0, ledger.report()
+    # the restarted process applied and scored on its own (not only what it restored)
+    assert ledger.consumers["model"]["applied_metric"] > 0, ledger.report()
 
 
 # ---------------------------------------------------------------- the socket
