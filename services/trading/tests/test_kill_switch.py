@@ -752,6 +752,8 @@ async def test_limits_show_the_entry_spend_the_reservations_and_the_limits_a_lat
             trading_live_answer_timeout_s=0.3,
             trading_capital_sol=5.0,
             trading_max_risk_per_trade=0.05,
+            # the confirmation wait passes with no event: a quiet test, not a silent feed
+            trading_max_silence_s=2 * CONFIRM_S,
         )
         holder, standby = trading(ledger, **live), trading(ledger, **live)
         async with running(clock, holder) as (bus, watch, holder_client):

@@ -29,6 +29,7 @@ from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.common.testing.trade_api import FakeTradeApi, fake_trade_api
+from pumpflow.common.trading import MIN_LIVE_CONFIRM_S
 from pumpflow.trading.ledger import FillRecord, LedgerChange, MemoryLedger, OrderRecord
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
@@ -37,7 +38,7 @@ from .test_service import BlinkingLedger, publish, ready, running
 
 KEY = "fake-api-key-never-logged"
 WALLET = base58_key("ourwallet")
-CONFIRM_S = 10.0
+CONFIRM_S = MIN_LIVE_CONFIRM_S
 
 
 def live_settings(api: FakeTradeApi, **settings: object) -> dict[str, object]:
@@ -330,6 +331,8 @@ async def test_a_late_fill_past_a_limit_is_counted_and_logged_and_no_entry_is_ad
         "trading_capital_sol": capital,
         "trading_max_risk_per_trade": 0.05,
         "trading_max_concurrent_positions": 20,
+        # the confirmation wait passes with no event: a quiet test, not a silent feed
+        "trading_max_silence_s": 2 * CONFIRM_S,
     }
     async with fake_trade_api("silent") as api:
         service = live(MemoryLedger(), api, **settings)

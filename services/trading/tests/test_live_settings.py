@@ -76,6 +76,38 @@ def test_live_with_an_entry_slippage_over_50_percent_is_refused_at_start(slippag
     )
 
 
+@pytest.mark.parametrize("confirm_s", [10.0, 89.5])
+def test_live_with_a_confirmation_wait_shorter_than_a_transaction_can_land_is_refused_at_start(
+    confirm_s, monkeypatch
+):
+    """An order given up before its transaction's blockhash expired frees its capital
+    while its trade may still land: a position the book does not know. Paper takes any
+    wait (it never reads it: a paper order fills after its latency)."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_CONFIRM_S", str(confirm_s))
+    assert load().trading_live_confirm_s == confirm_s
+    TradingService(load(), registry=CollectorRegistry(), ledger=MemoryLedger())
+    settings = load(**live_settings(FakeTradeApi(url=URL)))
+    with pytest.raises(SettingsError) as refused:
+        TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
+    assert str(refused.value) == (
+        f"PUMPFLOW_TRADING_LIVE_CONFIRM_S: {confirm_s:g} is under the 90 s a live order must "
+        "wait for its trade: a Solana transaction can land until its blockhash expires (150 "
+        "blocks, 60 to 90 s), and an order given up before that frees its capital while its "
+        "trade may still land, a position the book would not know"
+    )
+    assert settings.start_line() == f"trading would not start: {refused.value}"
+
+
+@pytest.mark.parametrize("confirm_s", [90.0, 300.0])
+def test_live_with_a_confirmation_wait_a_transaction_cannot_outlast_is_taken(
+    confirm_s, monkeypatch
+):
+    monkeypatch.setenv("PUMPFLOW_TRADING_LIVE_CONFIRM_S", str(confirm_s))
+    settings = load(**live_settings(FakeTradeApi(url=URL)))
+    assert settings.live_refusal() is None
+    assert settings.live_execution().confirm_s == confirm_s
+
+
 def logged(caplog, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == level]
 

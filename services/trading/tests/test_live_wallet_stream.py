@@ -16,6 +16,7 @@ from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.common.testing.factories import TokenEvents
 from pumpflow.common.testing.trade_api import fake_trade_api
+from pumpflow.common.trading import MIN_LIVE_CONFIRM_S
 from pumpflow.feed.service import FeedService
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.simulator.market import Market as SimulatedMarket
@@ -26,7 +27,8 @@ from pumpflow.trading.ledger import MemoryLedger
 from .conftest import Market
 from .test_live import WALLET, answered, live
 
-CONFIRM_S = 3.0
+#: a sale not confirmed would be rejected as unconfirmed after it (the least live takes)
+CONFIRM_S = MIN_LIVE_CONFIRM_S
 MINT = base58_key("quietcoinpump")
 CURVE = base58_key("quietcurve")
 

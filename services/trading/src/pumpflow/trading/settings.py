@@ -39,6 +39,7 @@ from pumpflow.common.runtime.settings import PumpPortalKeySettings, SettingsErro
 from pumpflow.common.trading import (
     MAX_ENTRY_SLIPPAGE_PCT,
     MAX_PRIORITY_FEE_SOL,
+    MIN_LIVE_CONFIRM_S,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -100,7 +101,8 @@ class TradingSettings(PumpPortalKeySettings):
         _LIVE.confirm_s,
         gt=0,
         description="live: seconds an order waits for its trade in the token's stream "
-        "before it is rejected as unconfirmed",
+        f"before it is rejected as unconfirmed (live: at least {MIN_LIVE_CONFIRM_S:g}, the "
+        "longest a transaction can still land)",
     )
     trading_live_announce_s: float = Field(
         30.0,
@@ -276,6 +278,14 @@ class TradingSettings(PumpPortalKeySettings):
                 f"PUMPFLOW_TRADING_SLIPPAGE_PCT: {self.trading_slippage_pct:g} is over the "
                 f"{MAX_ENTRY_SLIPPAGE_PCT:g}% a live entry may pay over its price (a percent: "
                 "5 is 5%)"
+            )
+        if self.trading_live_confirm_s < MIN_LIVE_CONFIRM_S:
+            return (
+                f"PUMPFLOW_TRADING_LIVE_CONFIRM_S: {self.trading_live_confirm_s:g} is under "
+                f"the {MIN_LIVE_CONFIRM_S:g} s a live order must wait for its trade: a Solana "
+                "transaction can land until its blockhash expires (150 blocks, 60 to 90 s), "
+                "and an order given up before that frees its capital while its trade may "
+                "still land, a position the book would not know"
             )
         if not self.trading_live_wallet:
             return (

@@ -58,6 +58,7 @@ from pumpflow.common.trading.risk import (
 from pumpflow.common.trading.settings import (
     MAX_ENTRY_SLIPPAGE_PCT,
     MAX_PRIORITY_FEE_SOL,
+    MIN_LIVE_CONFIRM_S,
     BreakerSettings,
     EntryFilters,
     LiveExecution,
@@ -74,6 +75,7 @@ __all__ = [
     "MAX_ENTRY_SLIPPAGE_PCT",
     "MAX_PRIORITY_FEE_SOL",
     "MIGRATION_POOL",
+    "MIN_LIVE_CONFIRM_S",
     "SERVICE_CONSUMES",
     "VENUE_CURVE",
     "VENUE_POOL",

@@ -168,6 +168,12 @@ Live execution (:class:`LiveExecution`, PumpPortal's ``api/trade``):
   later is still booked, see :mod:`pumpflow.common.trading.live`). ``answer_timeout_s``
   must be below it: an answer coming after its order was given up would name a
   signature nothing is kept for, and the wallet's trade would go unbooked.
+  It is also the least a live service takes (:data:`MIN_LIVE_CONFIRM_S`): a blockhash
+  lives 150 blocks, not a time, and a skipped slot adds no block, so a block comes
+  every 0.4 to 0.6 s and the 150 take 60 to 90 s. An order given up before then frees
+  its reservation while its transaction may still land: a position bought with capital
+  the limits counted free again, which the book learns of only if its trade shows late.
+  Paper never reads it (a paper order fills after its latency): any wait is taken there.
 - fees (curve, pool, API) are :class:`PaperExecution`'s: the same rates price a live
   fill from the trade the stream shows, and bound what a live buy may cost on top of
   its SOL (:func:`~pumpflow.common.trading.live.live_entry_spend`): the trade of a buy
@@ -183,6 +189,9 @@ from pumpflow.common.curve import FEE_RATE
 
 #: the most an entry's slippage may be, percent (argued in the module docstring)
 MAX_ENTRY_SLIPPAGE_PCT = 50.0
+#: the least a live order waits for its trade, seconds: the longest a transaction's
+#: blockhash lets it land (argued in the module docstring)
+MIN_LIVE_CONFIRM_S = 90.0
 
 
 def _check_fraction(owner: object, *names: str) -> None:
