@@ -221,6 +221,42 @@ async def test_api_key_gating():
         await server.stop()
 
 
+async def test_a_wallet_funded_or_drained_changes_the_answer_to_the_next_trade_subscription():
+    """A key whose wallet holds under 0.02 SOL (or no key, where one is required) has its
+    trade subscriptions refused with PumpPortal's notice; funded, its next ones are
+    acknowledged and stream on the same connection; drained, they are refused again and
+    its trades stop."""
+    server = await _server(require_api_key=True, unfunded_keys=("poor",))
+    try:
+        async with connect(server.url + "?api-key=poor") as ws, connect(server.url) as keyless:
+            await _send(ws, "subscribeNewToken")
+            await _recv(ws)
+            mints = await _creates(ws, 3)
+            await _send(ws, "unsubscribeNewToken")
+            for client in (ws, keyless):
+                await _send(client, "subscribeTokenTrade", mints)
+                await _until(client, _is(pumpportal.API_KEY_REQUIRED))
+            assert not server.is_funded("poor") and not server.is_funded("")
+            assert server.is_funded("rich")
+
+            server.fund("poor")
+            await _send(ws, "subscribeTokenTrade", mints)
+            await _until(ws, _is(pumpportal.ACK_KEYS))
+            await _until(ws, lambda f: f.get("txType") in ("buy", "sell") and f["mint"] in mints)
+            server.fund("")
+            await _send(keyless, "subscribeAccountTrade", ["wallet"])
+            await _until(keyless, _is(pumpportal.ACK_KEYS))
+
+            server.fund("poor", funded=False)
+            await _barrier(ws)  # what was queued while it was funded
+            await _send(ws, "subscribeAccountTrade", ["wallet"])
+            frames = await _until(ws, _is(pumpportal.API_KEY_REQUIRED))
+            frames += await _barrier(ws)
+            assert not _trades(frames)
+    finally:
+        await server.stop()
+
+
 async def test_drop_connections_closes_without_a_close_frame(server):
     async with connect(server.url) as ws:
         await _send(ws, "subscribeNewToken")

@@ -4,6 +4,13 @@ One broadcast clock drives the market; every connection sees the same frames, fi
 by what it subscribed to, with the same acks, errors and API-key gating as the real
 ``wss://pumpportal.fun/api/data``. Faults (drops without a close frame, malformed and
 duplicated frames, extra latency) are injected on request.
+
+API-key gating: the trade subscriptions (of tokens and of wallets) of a key whose wallet
+holds under 0.02 SOL (``unfunded_keys``; no key at all with ``require_api_key``) are
+answered with PumpPortal's notice and stream nothing. :meth:`SimulatorServer.fund` funds
+or drains a key's wallet while its connections stay: their next trade subscriptions are
+acknowledged (the refused ones are not subscribed: a client subscribes them again), or
+refused and their trades stop at once.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import random
 from collections import Counter, deque
+from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import IO
@@ -59,9 +67,13 @@ def _control(**body: object) -> str:
 class _Client:
     """One connection: its subscriptions and its outgoing queue."""
 
-    def __init__(self, ws: ServerConnection, *, number: int, funded: bool, queue_limit: int):
+    def __init__(
+        self, ws: ServerConnection, *, number: int, key: str, funded: bool, queue_limit: int
+    ):
         self.ws = ws
         self.number = number
+        #: its API key ("": none)
+        self.key = key
         self.funded = funded
         self.new_tokens = False
         self.migrations = False
@@ -116,6 +128,9 @@ class SimulatorServer:
     would (PumpPortal's documentation does not say which it does: a client must take
     either). ``inject`` sends a frame of the test's (the live wallet's trade) now, to
     every client that wants it, as the market's would be.
+
+    ``require_api_key``: a connection without a key is not funded; ``unfunded_keys``:
+    keys whose wallet holds under 0.02 SOL (see the module for both, and :meth:`fund`).
     """
 
     def __init__(
@@ -127,6 +142,7 @@ class SimulatorServer:
         speed: float = 1.0,
         faults: FaultConfig = FaultConfig(),
         require_api_key: bool = False,
+        unfunded_keys: Iterable[str] = (),
         sent_log: str | Path | None = None,
         per_subscription: bool = False,
     ):
@@ -138,6 +154,8 @@ class SimulatorServer:
         self.speed = speed
         self.faults = faults
         self.require_api_key = require_api_key
+        #: keys (""; none) funded or drained since the start, over their default
+        self._funding: dict[str, bool] = dict.fromkeys(unfunded_keys, False)
         self.per_subscription = per_subscription
         #: what was sent: create, buy, sell, migrate, control, errors, malformed,
         #: duplicate, delayed, hostile (and hostile_<kind>); connections, dropped;
@@ -200,6 +218,20 @@ class SimulatorServer:
             self._sent_log.close()
             self._sent_log = None
 
+    def is_funded(self, key: str) -> bool:
+        """Whether the trade subscriptions of a connection with ``key`` ("": none) are
+        taken: its wallet holds 0.02 SOL."""
+        return self._funding.get(key, bool(key) or not self.require_api_key)
+
+    def fund(self, key: str = "", *, funded: bool = True) -> None:
+        """Fund the wallet of ``key`` ("": the connections without one), or drain it
+        (``funded`` false): its connections' next trade subscriptions are acknowledged,
+        or refused and their trades stop at once."""
+        self._funding[key] = funded
+        for client in self._clients:
+            if client.key == key:
+                client.funded = funded
+
     async def drop_connections(self) -> int:
         """Cut every connection without a close frame, as the live server does; return how many."""
         clients = list(self._clients)
@@ -224,7 +256,8 @@ class SimulatorServer:
         client = _Client(
             ws,
             number=self.counters["connections"],
-            funded=bool(key) or not self.require_api_key,
+            key=key,
+            funded=self.is_funded(key),
             # as fast as possible: a short queue so the market runs at the reader's pace
             queue_limit=_QUEUE_LIMIT if self.speed else _FAST_QUEUE_LIMIT,
         )
