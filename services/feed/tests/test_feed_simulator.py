@@ -11,7 +11,7 @@ import pytest
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, encode_payload, make_event
-from pumpflow.common.pumpportal import ACK_UNSUBSCRIBED_KEYS
+from pumpflow.common.pumpportal import ACK_KEYS, ACK_UNSUBSCRIBED_KEYS, API_KEY_REQUIRED
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
@@ -32,6 +32,8 @@ class Harness:
         self.bus = bus
         self.service = service
         self.events: list[Event] = []
+        #: the feed's announcements of its trade stream
+        self.said: list[Event] = []
 
     def of(self, mint: str, event_type: str = "token.trade") -> list[Event]:
         return [e for e in self.events if e.key == mint and e.type == event_type]
@@ -41,13 +43,21 @@ class Harness:
 
 
 async def start_harness(
-    *, faults=FaultConfig(), db=None, seed=7, rate=120.0, per_subscription=False, **settings
+    *,
+    faults=FaultConfig(),
+    db=None,
+    seed=7,
+    rate=120.0,
+    per_subscription=False,
+    require_api_key=False,
+    **settings,
 ) -> Harness:
     server = simulator.SimulatorServer(
         market=Market(MarketConfig(seed=seed, launches_per_minute=rate)),
         speed=SPEED,
         faults=faults,
         per_subscription=per_subscription,
+        require_api_key=require_api_key,
     )
     await server.start()
     bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
@@ -64,6 +74,7 @@ async def start_harness(
     harness = Harness(server, bus, service)
 
     harness.events = (await EventCollector("probe").attach(bus, "token.*")).events
+    harness.said = (await EventCollector("said").attach(bus, "feed.trade_stream")).events
     await service.start(ServiceContext(settings=settings, bus=bus, clock=WallClock(), db=db))
     await asyncio.wait_for(service.socket.wait_connected(), 5)
     return harness
@@ -312,5 +323,58 @@ async def test_a_wallet_no_longer_announced_is_unsubscribed_and_kept_for_a_take_
         await eventually(lambda: not on_server(h, wallet=current), what="the wallet unsubscribed")
         assert h.service.subscriptions()["accounts"] == []
         await eventually(holds(b""), what="the wallets kept: none")
+    finally:
+        await stop_harness(h)
+
+
+async def test_the_trade_stream_refused_is_announced_and_again_when_trading_announces_its_wallet():
+    """Connected without a funded key, the feed's trade subscriptions are refused: the
+    lease holder announces it (feed.trade_stream, critical, keyless) as it learns it, and
+    again when trading announces its wallet (a trading replica starting learns it at
+    once); funded and reconnected, it announces the stream accepted. /readyz's status and
+    /subscriptions say it too; the feed stays ready (a restart would change nothing)."""
+    h = await start_harness(require_api_key=True, feed_trade_stream_announce_s=3600.0)
+    said = h.said
+    try:
+        await eventually(lambda: said, what="the refusal announced")
+        [refused] = said
+        assert (refused.source, refused.key, refused.critical) == ("feed/test", None, True)
+        assert refused.data.refused and refused.data.reason == API_KEY_REQUIRED
+        status = await h.service.status()
+        assert status["ready"] is True
+        assert status["trade_stream"] == {
+            "state": "refused",
+            "reason": API_KEY_REQUIRED,
+            "since": refused.data.since,
+        }
+        assert h.service.subscriptions()["trade_stream"] == status["trade_stream"]
+
+        command = FeedSubscription(
+            action="subscribe", mints=(), accounts=(WALLET,), reason="live wallet"
+        )
+        await h.bus.publish(make_event(command, source="trading/test", time=0.0))
+        await eventually(lambda: len(said) == 2, what="announced again for trading")
+        assert said[1].data == refused.data
+
+        h.server.fund("")
+        assert await h.server.drop_connections() == 1
+        await eventually(lambda: len(said) == 3, what="the acceptance announced")
+        assert not said[2].data.refused and said[2].data.reason == ACK_KEYS
+        assert (await h.service.status())["trade_stream"]["state"] == "accepted"
+        await eventually(lambda: on_server(h, wallet=WALLET))
+        await eventually(lambda: any(h.of(m) for m in h.created()), what="trades stream")
+    finally:
+        await stop_harness(h)
+
+
+async def test_the_trade_stream_is_announced_again_every_period():
+    """A trading replica that starts misses what was said before it (keyless events reach
+    a replica's own queues only once they exist): the holder says it again each period."""
+    h = await start_harness(require_api_key=True, feed_trade_stream_announce_s=0.1)
+    said = h.said
+    try:
+        await eventually(lambda: len(said) >= 4, what="four announcements")
+        assert all(e.data.refused for e in said)
+        assert len({e.data.since for e in said}) == 1
     finally:
         await stop_harness(h)

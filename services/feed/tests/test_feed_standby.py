@@ -172,6 +172,49 @@ async def test_only_the_connected_replica_reports_subscriptions():
         await bus.close()
 
 
+async def test_the_replica_taking_the_connection_over_announces_its_own_trade_stream():
+    """The holder's connection is refused trade subscriptions (no funded key) and it says
+    so; the standby, unconnected, says nothing and its gauge stays 0; taking over, it says
+    what its own connection is answered, and the one that stood by says nothing more."""
+    server = simulator.SimulatorServer(
+        market=Market(MarketConfig(seed=11, launches_per_minute=120.0)),
+        speed=40.0,
+        require_api_key=True,
+    )
+    await server.start()
+    bus = InMemoryBus(partitions=4, synchronous=True, source="feed/test")
+    await bus.start()
+    said = (await EventCollector("said").attach(bus, "feed.trade_stream")).events
+    store = MemoryStateStore(WallClock())
+    registries = {"one": CollectorRegistry(), "two": CollectorRegistry()}
+    announce = {"feed_trade_stream_announce_s": 0.2}
+    first = await start_replica(server, bus, store, "one", registry=registries["one"], **announce)
+    second = await start_replica(server, bus, store, "two", registry=registries["two"], **announce)
+
+    def refused(name: str) -> float:
+        return registries[name].get_sample_value("pumpflow_feed_trade_stream_refused")
+
+    try:
+        await eventually(lambda: len(said) >= 3, what="the holder's refusal, said again")
+        assert {e.source for e in said} == {"feed/one"} and all(e.data.refused for e in said)
+        assert refused("one") == 1 and refused("two") == 0
+        assert "trade_stream" not in await second.status()
+
+        await first.stop()
+        await eventually(lambda: any(e.source == "feed/two" for e in said), what="its own word")
+        taken = next(i for i, e in enumerate(said) if e.source == "feed/two")
+        assert said[taken].data.refused and said[taken].data.reason == simulator.API_KEY_REQUIRED
+        mark = len(said)
+        await eventually(lambda: len(said) >= mark + 3, what="the new holder saying it again")
+        assert {e.source for e in said[taken:]} == {"feed/two"}
+        assert refused("one") == 0 and refused("two") == 1
+    finally:
+        await first.stop()
+        await second.stop()
+        await server.stop()
+        await bus.close()
+
+
 async def test_a_standby_taking_over_lets_go_of_a_wallet_it_heard_announced_too_long_ago():
     """The holder keeps trading's wallet for a successor, and trading stops announcing
     it. The standby heard the announcements too: taking over, it lets the wallet go

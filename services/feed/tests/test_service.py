@@ -94,7 +94,7 @@ async def test_subscriptions_route_and_status_without_recording():
         async with httpx.AsyncClient(transport=transport, base_url="http://feed") as client:
             body = (await client.get("/subscriptions")).json()
         assert body == {"connected": False, "count": 2, "pending_messages": 2, "accounts": [],
-                        "mints": ["A", "B"]}  # fmt: skip
+                        "trade_stream": None, "mints": ["A", "B"]}  # fmt: skip
         status = await service.status()
         assert status["ready"] is False and status["active_subscriptions"] == 2
     finally:

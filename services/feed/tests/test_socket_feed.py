@@ -16,7 +16,13 @@ from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.events import Event, FeedSubscription, make_event
-from pumpflow.common.pumpportal import ACK_KEYS, ACK_MIGRATION, ACK_NEW_TOKEN, FrameKind
+from pumpflow.common.pumpportal import (
+    ACK_KEYS,
+    ACK_MIGRATION,
+    ACK_NEW_TOKEN,
+    API_KEY_REQUIRED,
+    FrameKind,
+)
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import base58_key, eventually
@@ -60,6 +66,8 @@ class Peer:
         self.received: list[dict] = []
         self.paths: list[str] = []
         self.trade_keys: set[str] = set()
+        #: the key's wallet holds 0.02 SOL: trade subscriptions are acknowledged, else refused
+        self.funded = True
         self.changed = asyncio.Event()
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -74,6 +82,8 @@ class Peer:
                 await ws.send(json.dumps({"message": ACK_NEW_TOKEN}))
             elif method == "subscribeMigration":
                 await ws.send(json.dumps({"message": ACK_MIGRATION}))
+            elif method in ("subscribeTokenTrade", "subscribeAccountTrade") and not self.funded:
+                await ws.send(json.dumps({"message": API_KEY_REQUIRED}))
             elif method == "subscribeTokenTrade":
                 self.trade_keys.update(msg["keys"])
                 await ws.send(json.dumps({"message": ACK_KEYS}))
@@ -119,10 +129,18 @@ async def bus_and_events():
     await bus.close()
 
 
-def make_feed(peer, bus, *, clock=None, **kwargs) -> tuple[SocketDataFeed, DataFeedManager]:
+def make_feed(
+    peer, bus, *, clock=None, on_trade_stream=None, **kwargs
+) -> tuple[SocketDataFeed, DataFeedManager]:
     metrics = FeedMetrics(CollectorRegistry())
     config = SocketFeedConfig(url=peer.url, backoff_initial_s=0.05, **kwargs)
-    feed = SocketDataFeed(config, clock=clock or WallClock(), bus=bus, metrics=metrics)
+    feed = SocketDataFeed(
+        config,
+        clock=clock or WallClock(),
+        bus=bus,
+        metrics=metrics,
+        on_trade_stream=on_trade_stream,
+    )
     manager = DataFeedManager(bus, config=FeedManagerConfig(source="feed/test"), metrics=metrics)
     manager.add_data_feed(feed)
     return feed, manager
@@ -386,6 +404,96 @@ async def test_subscriptions_are_batched_within_the_key_limit(peer, bus_and_even
     await peer.until(lambda: len(peer.trade_keys) == 20)
     sizes = [len(m["keys"]) for m in peer.received if m["method"] == "subscribeTokenTrade"]
     assert sizes == [7, 7, 6]
+    await manager.stop()
+
+
+def refused_gauge(feed: SocketDataFeed) -> float:
+    return feed.metrics.trade_stream_refused._value.get()
+
+
+async def test_a_refused_trade_subscription_is_said_once_and_an_accepted_one_resubscribes_all(
+    peer, bus_and_events, caplog
+):
+    """PumpPortal refuses the trade subscriptions of a key not funded with 0.02 SOL: the
+    feed's trade stream is refused (said once per change: a warning, the gauge, its
+    listener) until a subscription is acknowledged, the key funded meanwhile; then the
+    mints refused on this connection are subscribed again, as none of them streams."""
+    bus, _got = bus_and_events
+    heard = []
+    feed, manager = make_feed(peer, bus, on_trade_stream=heard.append)
+    peer.funded = False
+    caplog.set_level(logging.INFO, logger="pumpflow.feed")
+    await start(manager, feed)
+    assert feed.trade_stream is None  # nothing asked yet: not known
+    await peer.send(create(MINT_A))
+    await eventually(lambda: feed.trade_stream is not None)
+    stream = feed.trade_stream
+    assert stream.refused and stream.reason == API_KEY_REQUIRED
+    assert heard == [stream] and refused_gauge(feed) == 1
+    await peer.send(create(MINT_B))
+    await peer.until(lambda: peer.methods().count("subscribeTokenTrade") == 2)
+    await eventually(lambda: feed.notices.count(API_KEY_REQUIRED) == 2)
+    assert heard == [stream] and peer.trade_keys == set()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"PumpPortal refuses the feed's trade subscriptions: {API_KEY_REQUIRED} No token or "
+        "wallet trade streams (trading halts its entries) until one is accepted: give the "
+        "feed an API key whose wallet holds at least 0.02 SOL (PUMPPORTAL_API_KEY)"
+    ]
+
+    peer.funded = True
+    await peer.send(create(MINT_C))
+    await peer.until(lambda: peer.trade_keys == {MINT_A, MINT_B, MINT_C})
+    await eventually(lambda: len(heard) == 2)
+    assert not heard[1].refused and heard[1].reason == ACK_KEYS
+    assert feed.trade_stream is heard[1] and refused_gauge(feed) == 0
+    assert "PumpPortal accepts the feed's trade subscriptions again" in caplog.text
+    await manager.stop()
+
+
+async def test_a_refusal_ends_at_the_first_subscription_a_new_connection_has_accepted(
+    peer, bus_and_events
+):
+    """Funded while the connection is down: the new connection's subscriptions (every mint
+    wanted) are acknowledged, and the stream is accepted; nothing is subscribed twice."""
+    bus, _got = bus_and_events
+    heard = []
+    feed, manager = make_feed(peer, bus, on_trade_stream=heard.append)
+    peer.funded = False
+    await start(manager, feed)
+    await peer.send(create(MINT_A), create(MINT_B))
+    await eventually(lambda: feed.trade_stream is not None and feed.pending_messages == 0)
+    assert [s.refused for s in heard] == [True]
+    peer.funded = True
+    await peer.connections[-1].close()
+    await peer.until(lambda: len(peer.connections) == 2 and peer.trade_keys == {MINT_A, MINT_B})
+    await eventually(lambda: len(heard) == 2)
+    assert not heard[1].refused
+    await peer.send(trade(MINT_A, 1))
+    await eventually(lambda: feed.data_frames == 3)
+    second = peer.received[[m["method"] for m in peer.received].index("subscribeNewToken", 1) :]
+    keys = [k for m in second if m["method"] == "subscribeTokenTrade" for k in m["keys"]]
+    assert sorted(keys) == sorted([MINT_A, MINT_B])
+    await manager.stop()
+
+
+async def test_a_trade_streaming_while_refused_says_the_stream_is_accepted(peer, bus_and_events):
+    """A trade is the stream at work, acknowledged or not (the key funded meanwhile)."""
+    bus, got = bus_and_events
+    heard = []
+    feed, manager = make_feed(peer, bus, on_trade_stream=heard.append)
+    peer.funded = False
+    await start(manager, feed)
+    await peer.send(create(MINT_A))
+    await eventually(lambda: heard)
+    peer.funded = True
+    await peer.send(trade(MINT_A, 1))
+    await eventually(lambda: len(heard) == 2)
+    assert not heard[1].refused and heard[1].reason == "a trade streamed"
+    assert [e.type for e in got] == ["token.created", "token.trade"]
+    # what the connection was refused is subscribed again
+    await peer.until(lambda: peer.trade_keys == {MINT_A})
+    assert len(heard) == 2
     await manager.stop()
 
 

@@ -9,6 +9,7 @@ from pumpflow.common.curve import CurveState, buy_for_impact, quote_buy
 from pumpflow.common.events import (
     SLIPPAGE,
     CircuitBreakerChanged,
+    FeedTradeStream,
     ModelPrediction,
     OrderFilled,
     OrderRejected,
@@ -19,6 +20,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.priority import Priority
 from pumpflow.common.trading import (
+    BREAKERS,
     BreakerSettings,
     EntrySpend,
     LiveExecution,
@@ -708,3 +710,115 @@ def test_a_manager_taking_over_announces_what_differs_from_what_was_heard_and_no
     ]
     # what it says takes nothing of its own reports
     assert [r.state for r in risk.take_reports()] == ["halted"]
+
+
+REFUSAL = (
+    "'subscribeTokenTrade' and 'subscribeAccountTrade' methods are only available when "
+    "connecting with an API key funded with at least 0.02 SOL."
+)
+
+
+def trade_stream(refused: bool, *, time: float, source: str = "feed/one", reason: str = ""):
+    """The feed's word on its trade subscriptions, as the lease holder announces it."""
+    payload = FeedTradeStream(
+        refused=refused,
+        reason=reason or (REFUSAL if refused else "Successfully subscribed to keys."),
+        since=time,
+    )
+    return make_event(payload, source=source, time=time)
+
+
+def test_the_feed_breaker_halts_entries_while_the_feeds_trade_stream_is_refused(clock, market):
+    """No token trade comes and no live order can be confirmed while PumpPortal refuses the
+    feed's trade subscriptions: entries halt until the feed says they are accepted, however
+    long that takes (no time recovers it), and only then; the feed's announcements are
+    not market data, so they end no silence and count toward no rate."""
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    assert "feed" in BREAKERS
+    reports = risk.observe(trade_stream(True, time=START), now=START)
+    [trip] = tripped(reports, "feed")
+    assert trip == CircuitBreakerChanged(
+        breaker="feed",
+        tripped=True,
+        reason=f"PumpPortal refuses the trade subscriptions of feed/one: {REFUSAL}",
+    )
+    assert reports[-1] == TradingStateChanged(
+        state="halted", previous_state="active", reason=f"feed breaker: {trip.reason}"
+    )
+    assert not risk.entries_allowed
+    refusal = risk.check_risk_limits("m", 0.1)
+    assert refusal.reason.kind == "trading is halted: feed breaker"
+    # re-announced: nothing new to say; and no quiet time recovers it
+    mint = market.tokens.mint()
+    for t in range(10, 3_601, 10):
+        clock.set_sync(START + t)
+        assert risk.observe(market.tokens.buy(mint, "z", sol=0.01), now=START + t) == []
+    counted = risk._events_in_window
+    assert risk.observe(trade_stream(True, time=START + 3_600), now=START + 3_600) == []
+    # the feed's word is not the market's: counted toward no rate, it ends no silence
+    assert risk._events_in_window == counted and risk.last_event_time == START + 3_600
+    assert risk.observe(trade_stream(True, time=START + 3_620), now=START + 3_620) == []
+    assert risk.last_event_time == START + 3_600
+    [silence] = tripped(risk.check(START + 3_631), "stale")
+    assert "no event for 31s" in silence.reason
+    assert not risk.entries_allowed
+    for t in range(3_632, 3_643):
+        clock.set_sync(START + t)
+        risk.observe(market.tokens.buy(mint, "z", sol=0.01), now=START + t)
+    assert not risk.breakers["stale"].tripped and not risk.entries_allowed
+    # the next feed replica's own connection is accepted
+    clock.set_sync(START + 3_643)
+    reports = risk.observe(
+        trade_stream(False, time=START + 3_643, source="feed/two"), now=START + 3_643
+    )
+    [recovery] = tripped(reports, "feed")
+    assert recovery == CircuitBreakerChanged(
+        breaker="feed",
+        tripped=False,
+        reason="PumpPortal accepts the trade subscriptions of feed/two: "
+        "Successfully subscribed to keys.",
+    )
+    assert reports[-1] == TradingStateChanged(
+        state="active", previous_state="halted", reason="feed breaker recovered"
+    )
+    assert risk.entries_allowed
+    # said again: nothing changes
+    assert risk.observe(trade_stream(False, time=START + 3_644), now=START + 3_644) == []
+
+
+def test_an_announcement_of_the_feed_older_than_the_last_heard_changes_nothing(clock):
+    """Two feed replicas around a take-over: the old holder's late word (a refusal its
+    connection heard before the new holder's was accepted) is not the state any more."""
+    risk = RiskManager(100.0, 0.02, 5, clock=clock)
+    assert risk.observe(trade_stream(False, time=START + 5, source="feed/two"), now=START + 6) == []
+    assert risk.observe(trade_stream(True, time=START + 4), now=START + 6) == []
+    assert risk.entries_allowed and not risk.breakers["feed"].tripped
+
+
+def test_a_manager_taking_over_keeps_the_feed_breaker_tripped_as_last_announced():
+    """Only the feed's word recovers the feed breaker, and a replica of trading that starts
+    hears the feed only at its next announcement: it starts with the breaker as last
+    announced, tripped, and says nothing of it (nothing changed for the listeners); every
+    other breaker starts clear as ever."""
+    risk = RiskManager(100.0, 0.02, 5)
+    assert risk.announce_start("halted", {"feed", "stale"}, "taken over by b") == [
+        CircuitBreakerChanged(
+            breaker="stale", tripped=False, reason="taken over by b: starts clear"
+        ),
+    ]
+    assert risk.breakers["feed"].tripped and not risk.entries_allowed
+    assert risk.breakers["feed"].reason == (
+        "taken over by b: as last announced, until the feed announces its trade stream"
+    )
+    assert risk.take_reports() == []
+    assert risk.state_refusal().kind == "trading is halted: feed breaker"
+    # heard halted by no breaker, it says the state
+    fresh = RiskManager(100.0, 0.02, 5)
+    assert fresh.announce_start("active", {"feed"}, "taken over by b") == [
+        TradingStateChanged(
+            state="halted",
+            previous_state="active",
+            reason="taken over by b: starts halted: feed: taken over by b: as last announced, "
+            "until the feed announces its trade stream",
+        )
+    ]

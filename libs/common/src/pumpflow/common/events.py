@@ -195,6 +195,26 @@ class FeedSubscription(Payload, frozen=True, kw_only=True, omit_defaults=True):
     accounts: tuple[str, ...] = ()
 
 
+class FeedTradeStream(Payload, frozen=True, kw_only=True, omit_defaults=True):
+    """Whether PumpPortal takes the feed's trade subscriptions (of tokens and of wallets):
+    ``refused`` while it answers them with a notice (a key not funded with 0.02 SOL:
+    only creations and migrations stream), else accepted (one acknowledged, or a trade
+    streamed); ``reason`` is what the server said, ``since`` when the feed first heard
+    it so. The replica holding the PumpPortal connection says it as it learns it, again
+    every ``feed_trade_stream_announce_s`` and when trading announces its wallet: a
+    keyless event reaches a replica's own queues only once they exist, so a consumer that
+    starts learns it from the next. A replica taking the connection over says what its
+    own connection is answered."""
+
+    TYPE: ClassVar[str] = "feed.trade_stream"
+    KEY_FIELD: ClassVar[str | None] = None
+    CRITICAL: ClassVar[bool] = True
+
+    refused: bool
+    reason: str
+    since: float
+
+
 class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):
     TYPE: ClassVar[str] = "model.prediction"
 
@@ -361,8 +381,9 @@ class TradingStateChanged(Payload, frozen=True, kw_only=True, omit_defaults=True
 
 class CircuitBreakerChanged(Payload, frozen=True, kw_only=True, omit_defaults=True):
     """A circuit breaker of trading tripped (``tripped``) or recovered, with its reason.
-    A replica taking trading over starts with every breaker clear: it announces the
-    recovery of each breaker announced tripped last, and of no other."""
+    A replica taking trading over starts with every breaker clear but ``feed``, which only
+    the feed's word recovers and which starts as last announced: it announces the recovery
+    of each other breaker announced tripped last, and of no other."""
 
     TYPE: ClassVar[str] = "trading.breaker"
     KEY_FIELD: ClassVar[str | None] = None
@@ -543,6 +564,7 @@ for _schema in (
     FeaturesUpdated,
     TokenLifecycle,
     FeedSubscription,
+    FeedTradeStream,
     ModelPrediction,
     ModelDrift,
     OrderRequested,

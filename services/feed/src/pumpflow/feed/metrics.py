@@ -87,6 +87,13 @@ class FeedMetrics:
             "without it)",
             registry=registry,
         )
+        self.trade_stream_refused = Gauge(
+            "pumpflow_feed_trade_stream_refused",
+            "1 while PumpPortal refuses the connection's trade subscriptions (an API key "
+            "not funded with 0.02 SOL: no token or wallet trade streams, and trading halts "
+            "its entries); 0 once one is accepted, or on a replica without the connection",
+            registry=registry,
+        )
         self.subscribe_messages = Counter(
             "pumpflow_feed_subscribe_messages_total", "Subscription messages sent, by method",
             ["method"], registry=registry,

@@ -49,6 +49,22 @@ events a holder numbered in time and had not stored when the next one took over 
 stored without their seqs and not published (``recorder.py``,
 ``pumpflow_feed_superseded_events_total``): the next holder gives those seqs again.
 
+PumpPortal refuses the trade subscriptions of a key not funded with 0.02 SOL (one
+notice an attempt, then no token or wallet trade: a live order could never be confirmed,
+and an entry would be decided on creations alone). The holder says whether it takes
+them (``feed.trade_stream``, critical, keyless) as its connection learns it, again when
+trading announces its wallet, and every ``feed_trade_stream_announce_s``; trading's feed
+breaker halts entries while they are refused. Why an event said again and not a state
+trading reads (the store, the feed's HTTP): the bus is how the services tell each other,
+the feed cannot know when a trading replica starts, and a keyless event reaches a
+replica's queues only once they exist; said again, a trading replica that starts hears
+it within the period, at once when live (its wallet's announcement asks), and one that
+takes over keeps the breaker as last announced meanwhile. The state is the connection's:
+a replica taking the connection over says what its own is answered, not what another's
+was (nothing is kept for it in the store). ``/subscriptions`` and ``/readyz``'s status
+show it, and ``pumpflow_feed_trade_stream_refused``; the feed stays ready (a restart
+changes nothing: the key must be funded).
+
 Recent events of the subscribed mints stay in memory (the LookBack), served at
 ``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
 
@@ -61,6 +77,8 @@ so the process exits non-zero.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -69,9 +87,9 @@ from typing import Any, ClassVar
 import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.abc import EventPublisher, Subscription
 from pumpflow.common.clock import Clock
-from pumpflow.common.events import Event, FeedSubscription
+from pumpflow.common.events import Event, FeedSubscription, FeedTradeStream, make_event
 from pumpflow.common.lease import LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
@@ -84,7 +102,7 @@ from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import Recorder
 from pumpflow.feed.retention import Retention
 from pumpflow.feed.settings import FeedSettings
-from pumpflow.feed.socket_feed import SocketDataFeed
+from pumpflow.feed.socket_feed import SocketDataFeed, TradeStream
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +164,11 @@ class FeedService(Service):
         #: holder may have kept them for a successor before it heard the command (and a
         #: standby never knew the mints subscribed on their creation)
         self._unsubscribed: dict[str, float] = {}
+        self._bus: EventPublisher | None = None
+        #: set when the trade stream is to be announced now (a change, trading's wallet)
+        self._say_trade_stream = asyncio.Event()
+        #: the holder's announcements of the trade stream, while it holds the lease
+        self._trade_stream_task: asyncio.Task | None = None
 
     @property
     def role(self) -> str:
@@ -166,6 +189,7 @@ class FeedService(Service):
         settings = self.settings
         recorder = None
         self._clock = ctx.clock
+        self._bus = ctx.bus
         self.dead_letters = DeadLetterQueue(ctx.bus, service=settings.service, metrics=self.metrics)
         self.dead_letters.start()
         if settings.feed_record:
@@ -192,6 +216,7 @@ class FeedService(Service):
             store=self.store,
             lookback=self.lookback,
             dead_letters=self.dead_letters,
+            on_trade_stream=self._trade_stream_changed,
         )
         holder = f"{settings.replica}:{uuid.uuid4().hex[:12]}"
         self.manager = DataFeedManager(
@@ -269,6 +294,9 @@ class FeedService(Service):
         await self._subscribe_kept(await self._created_after(kept[MINTS_UP_TO_KEY]))
         # from here on a renewal keeps what this holder streams for the next
         self._saved = kept
+        self._trade_stream_task = asyncio.create_task(
+            self._announce_trade_stream(), name="feed-trade-stream"
+        )
 
     async def _subscribe_kept(self, mints: list[str]) -> None:
         """Subscribe the mints the last holder streamed, less those unsubscribed since."""
@@ -299,13 +327,57 @@ class FeedService(Service):
     async def _stand_by(self) -> None:
         # another replica may hold the lease already: never two connections on one key
         self._saved = None
+        await self._stop_announcing()
         log.info("feed: %s disconnects from PumpPortal and stands by", self.leader.holder)
         await self.manager.disconnect()
 
     async def _resign(self) -> None:
         """Disconnect and flush before the lease goes: the next holder finds it all stored."""
+        await self._stop_announcing()
         await self.manager.stop(self._flush_time_left())
         await self._save_mints()
+
+    def _trade_stream_changed(self, stream: TradeStream) -> None:
+        self._say_trade_stream.set()
+
+    async def _announce_trade_stream(self) -> None:
+        """Say whether PumpPortal takes the trade subscriptions, once known: at each change,
+        when trading announces its wallet, and every ``feed_trade_stream_announce_s``."""
+        period = self.settings.feed_trade_stream_announce_s
+        asked = self._say_trade_stream
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await asked.wait()
+            asked.clear()
+            stream = self.socket.trade_stream
+            if stream is None:
+                continue  # nothing answered on this holder's connection yet
+            said = FeedTradeStream(refused=stream.refused, reason=stream.reason, since=stream.since)
+            try:
+                await self._bus.publish(
+                    make_event(said, source=self.settings.source, time=self._clock.now())
+                )
+            except Exception:
+                log.exception("feed: announcing the trade stream failed; again in %gs", period)
+
+    async def _stop_announcing(self) -> None:
+        task, self._trade_stream_task = self._trade_stream_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def trade_stream_view(self) -> dict[str, Any] | None:
+        """Whether PumpPortal takes this replica's trade subscriptions (None: not known)."""
+        stream = self.socket.trade_stream if self.socket is not None else None
+        if stream is None:
+            return None
+        return {
+            "state": "refused" if stream.refused else "accepted",
+            "reason": stream.reason,
+            "since": stream.since,
+        }
 
     def _flush_time_left(self) -> float:
         if self._stop_deadline is None:
@@ -371,6 +443,8 @@ class FeedService(Service):
                     self._announced.pop(wallet, None)  # announced again: the newest
                     self._announced[wallet] = now
                 await self.manager.subscribe_to_accounts(command.accounts)
+                # trading: one that just took over hears whether its orders can confirm
+                self._say_trade_stream.set()
         log.debug("%s %d mints, %d wallets (%s)", command.action, len(command.mints),
                   len(command.accounts), command.reason)  # fmt: skip
 
@@ -383,6 +457,7 @@ class FeedService(Service):
             return
         if self.retention is not None:
             await self.retention.close()
+        await self._stop_announcing()
         # first, so that nothing reconnects while the rest stops
         await self.manager.disconnect()
         if self.leader is not None:
@@ -409,6 +484,7 @@ class FeedService(Service):
             "count": len(active),
             "pending_messages": socket.pending_messages if socket is not None else 0,
             "accounts": sorted(socket.accounts) if socket is not None else [],
+            "trade_stream": self.trade_stream_view(),
             "mints": active,
         }
 
@@ -489,6 +565,8 @@ class FeedService(Service):
             "dead_letters_pending": letters.pending if letters is not None else 0,
             "dead_letters_dropped": letters.dropped if letters is not None else 0,
             "republished_on_start": self.republished,
+            # not a reason to be unready: a restart changes nothing, the key must be funded
+            "trade_stream": self.trade_stream_view(),
         }
         if not connected:
             body["reason"] = "not connected to PumpPortal"

@@ -18,6 +18,13 @@
   bounded queue sent by a task of its own (``dead_letters.py``), off the reader's path.
 - Control frames (acks, notices, errors) are logged and kept as a bounded prefix: a
   server may send megabytes in one, and neither the log nor memory may grow with it.
+- Knows whether PumpPortal takes its trade subscriptions (``trade_stream``): refused
+  while it answers them with its notice (a key not funded with 0.02 SOL), accepted once
+  it acknowledges one or a trade streams; unknown until then. Each change is logged,
+  set on the gauge and handed to ``on_trade_stream`` (the service announces it). The
+  mints and wallets refused on the connection are not subscribed on the server, so an
+  acknowledgement on the same connection (the key funded meanwhile) subscribes them all
+  again; a new connection subscribes everything anyway.
 - Stamps each frame with its arrival time from the injected Clock (frames carry none).
 - Flags a trade of a mint it never subscribed to (nor asked to unsubscribe from within
   ``unsubscribe_grace_s``, while such trades are still in flight): the manager stores
@@ -40,7 +47,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +57,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from pumpflow.common.clock import Clock
 from pumpflow.common.events import Event, EventValidationError
 from pumpflow.common.pumpportal import (
+    ACK_KEYS,
     KIND_OF_TX_TYPE,
     MAX_FRAME_BYTES,
     MAX_KEYS_PER_MESSAGE,
@@ -112,6 +120,18 @@ NOTICE_PREFIX_CHARS = 512
 _MESSAGE_TOO_BIG = 1009
 #: doublings of the reconnect backoff counted at most (far past any ceiling)
 _MAX_DOUBLINGS = 1000
+#: what says a trade subscription is taken when no acknowledgement said it first
+TRADE_STREAMED = "a trade streamed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TradeStream:
+    """Whether PumpPortal takes the connection's trade subscriptions: ``refused`` or not,
+    what it said (``reason``), and since when (the clock's time)."""
+
+    refused: bool
+    reason: str
+    since: float
 
 
 def bounded_text(text: str, size: int, limit: int = NOTICE_PREFIX_CHARS) -> str:
@@ -179,6 +199,9 @@ class SocketDataFeed(DataFeedInterface):
     Dead letters go to ``dead_letters`` (a queue its owner starts and closes) or, given
     only a ``bus``, to a queue of the feed's own, started by ``connect`` and flushed by
     ``disconnect``.
+
+    ``on_trade_stream`` is told each change of :attr:`trade_stream`, on the reader's
+    path: it must return at once.
     """
 
     name = "pumpportal"
@@ -194,6 +217,7 @@ class SocketDataFeed(DataFeedInterface):
         lookback: LookBack | None = None,
         rng: random.Random | None = None,
         dead_letters: DeadLetterQueue | None = None,
+        on_trade_stream: Callable[[TradeStream], None] | None = None,
     ):
         super().__init__()
         self.config = config
@@ -243,7 +267,13 @@ class SocketDataFeed(DataFeedInterface):
         self.notices: deque[str] = deque(maxlen=32)
         self._invalid_log = LogBudget()
         self._control_log = LogBudget()
-        self._warned_api_key = False
+        #: whether PumpPortal takes the trade subscriptions (None: not known yet)
+        self.trade_stream: TradeStream | None = None
+        #: the trade stream is refused (read per trade frame)
+        self._refused = False
+        self._on_trade_stream = on_trade_stream
+        #: a trade subscription was refused on this connection
+        self._refused_here = False
 
     # ---------------------------------------------------------------- interface
 
@@ -274,6 +304,8 @@ class SocketDataFeed(DataFeedInterface):
         """Start the connection loop; it retries for ever (``wait_connected`` waits for it)."""
         if self._task is None or self._task.done():
             self._stopping = False
+            # a connection of its own: what another one was told is no longer known
+            self._forget_trade_stream()
             if self.lookback is not None:
                 self.lookback.activate(self._clock.now())
             if self._owns_dead_letters:
@@ -297,6 +329,7 @@ class SocketDataFeed(DataFeedInterface):
                 await task
         if self.lookback is not None:
             self.lookback.deactivate()
+        self._forget_trade_stream()
         if self._owns_dead_letters:
             await self.dead_letters.close(self.config.dead_letter_flush_s)
 
@@ -555,6 +588,7 @@ class SocketDataFeed(DataFeedInterface):
         self._accounts_on_server.clear()
         self._accounts_to_unsubscribe.clear()
         self._accounts_to_subscribe = dict.fromkeys(self._accounts)
+        self._refused_here = False
         self._ws = ws
         self.metrics.connected.set(1)
         self._export_subscriptions()
@@ -636,6 +670,8 @@ class SocketDataFeed(DataFeedInterface):
             subscribed = (
                 self._expects_trades(payload.mint) or payload.traderPublicKey in self._accounts
             )
+            if self._refused:
+                self._trade_stream_accepted(TRADE_STREAMED)
         try:
             await self._emit(FeedRecord(payload, data, arrival, subscribed=subscribed))
         except Exception as exc:
@@ -673,10 +709,10 @@ class SocketDataFeed(DataFeedInterface):
         self.notices.append(text)
         if frame.is_ack:
             log.debug("PumpPortal: %s", text)
+            if frame.message == ACK_KEYS:
+                self._trade_stream_accepted(text)
         elif frame.needs_api_key:
-            if not self._warned_api_key:
-                log.warning("PumpPortal: %s (trade subscriptions will get no data)", text)
-                self._warned_api_key = True
+            self._trade_stream_refused(text)
         elif self._control_log.allow():
             held_back = self._control_log.take_suppressed()
             more = f" ({held_back} more control frames not logged before it)" if held_back else ""
@@ -684,3 +720,45 @@ class SocketDataFeed(DataFeedInterface):
                 log.warning("PumpPortal error: %s%s", text, more)
             else:
                 log.info("PumpPortal: %s%s", text, more)
+
+    # ---------------------------------------------------------------- the trade stream
+
+    def _trade_stream_refused(self, reason: str) -> None:
+        self._refused_here = True
+        if self.trade_stream is not None and self.trade_stream.refused:
+            return  # said already: PumpPortal refuses each trade subscription alike
+        log.warning("PumpPortal refuses the feed's trade subscriptions: %s No token or wallet "
+                    "trade streams (trading halts its entries) until one is accepted: give "
+                    "the feed an API key whose wallet holds at least 0.02 SOL "
+                    "(PUMPPORTAL_API_KEY)", reason)  # fmt: skip
+        self._set_trade_stream(TradeStream(refused=True, reason=reason, since=self._clock.now()))
+
+    def _trade_stream_accepted(self, reason: str) -> None:
+        if self._refused_here:
+            # what was refused on this connection is not subscribed on the server
+            self._refused_here = False
+            self._to_subscribe.update(dict.fromkeys(self._active))
+            self._accounts_to_subscribe.update(dict.fromkeys(self._accounts))
+            self._changed()
+            log.info("PumpPortal: %d mints and %d wallets refused on this connection are "
+                     "subscribed again", len(self._active), len(self._accounts))  # fmt: skip
+        stream = self.trade_stream
+        if stream is not None and not stream.refused:
+            return  # said already
+        if stream is not None:
+            log.warning("PumpPortal accepts the feed's trade subscriptions again (%s): the "
+                        "trades stream", reason)  # fmt: skip
+        self._set_trade_stream(TradeStream(refused=False, reason=reason, since=self._clock.now()))
+
+    def _set_trade_stream(self, stream: TradeStream) -> None:
+        self.trade_stream = stream
+        self._refused = stream.refused
+        self.metrics.trade_stream_refused.set(1 if stream.refused else 0)
+        if self._on_trade_stream is not None:
+            self._on_trade_stream(stream)
+
+    def _forget_trade_stream(self) -> None:
+        self.trade_stream = None
+        self._refused = False
+        self._refused_here = False
+        self.metrics.trade_stream_refused.set(0)

@@ -8,8 +8,9 @@ every order, fill and position.
 
 - Consumes :data:`~pumpflow.common.trading.SERVICE_CONSUMES`: the token events (the
   curve, marks and paper fills), ``features.updated``, ``token.lifecycle``,
-  ``model.prediction`` (each one chance to enter) and the exit service's
-  ``exit.order``. Publishes ``order.requested|filled|rejected``,
+  ``model.prediction`` (each one chance to enter), the exit service's ``exit.order``
+  and the feed's ``feed.trade_stream`` (the feed breaker: no entries while PumpPortal
+  refuses its trade subscriptions). Publishes ``order.requested|filled|rejected``,
   ``position.opened|updated|closed``, ``trading.state`` and ``trading.breaker``.
 - Live, the holder announces its wallet to the feed (``feed.subscription`` with
   ``accounts``) as it takes over and every ``trading_live_announce_s``: the feed then
@@ -46,8 +47,9 @@ every order, fill and position.
   or a stale one by it, across restarts and take-overs, and an event published again
   (its commit retried, a withdrawn order told again) has the seq it had.
 - ``trading.breaker`` and ``trading.state`` go through the ledger's outbox too, with what
-  each last said: a replica taking over starts with every breaker clear and its state
-  computed afresh, and announces exactly where that differs from what was last announced
+  each last said: a replica taking over starts with every breaker clear (but the feed's,
+  as last announced: only the feed's word recovers it) and its state computed afresh,
+  and announces exactly where that differs from what was last announced
   (:meth:`TradingService._announce_start`), nothing where it does not. With Postgres
   away, those that store nothing else are told at once, stored once it is back
   (:meth:`TradingService._tell_unstored`).

@@ -30,6 +30,7 @@ from pumpflow.common.events import (
     ExitReport,
     FeaturesUpdated,
     FeedSubscription,
+    FeedTradeStream,
     ModelDrift,
     ModelPrediction,
     OrderFilled,
@@ -67,7 +68,7 @@ CONSUMER_GROUPS: Mapping[str, tuple[str, ...]] = {
 #: service -> the event types it publishes (the event catalogue's senders, checked
 #: against what a whole embedded run publishes: tests/cli/test_catalogue.py)
 PUBLISHERS: Mapping[str, tuple[str, ...]] = {
-    "feed": (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE),
+    "feed": (TokenCreated.TYPE, TokenTrade.TYPE, TokenMigrated.TYPE, FeedTradeStream.TYPE),
     "features": (FeaturesUpdated.TYPE,),
     "activity": (TokenLifecycle.TYPE, FeedSubscription.TYPE),
     "model": (ModelPrediction.TYPE, ModelDrift.TYPE),

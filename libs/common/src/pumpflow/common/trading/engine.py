@@ -9,11 +9,13 @@ the results handed to the injected ``event_bus`` (anything with an async
 Consumed: ``token.created`` (name, symbol, creator), ``token.trade`` (the curve, the
 marks), ``token.migrated``, ``features.updated`` (the latest vector),
 ``token.lifecycle`` (state and priority), ``model.prediction`` (the trigger: each
-prediction is one chance to enter), and the executor's ``order.filled`` and
-``order.rejected``. A token's view folds each token event, features vector and
-lifecycle in once: it keeps the last seq of each publisher's events it took, and one
-that comes again (a redelivery) changes nothing, so a trade on the pool moves the
-pool's state once and counts once toward the risk manager's breakers.
+prediction is one chance to enter), the executor's ``order.filled`` and
+``order.rejected``, and the feed's ``feed.trade_stream`` (the feed breaker: no entries
+while PumpPortal refuses its trade subscriptions). A token's view folds each token
+event, features vector and lifecycle in once: it keeps the last seq of each
+publisher's events it took, and one that comes again (a redelivery) changes nothing,
+so a trade on the pool moves the pool's state once and counts once toward the risk
+manager's breakers.
 
 An entry's order id is derived from the prediction event's id
 (:func:`~.decisions.order_id_for`), and so is its envelope's id: a redelivered
@@ -74,6 +76,7 @@ CONSUMES = (
     "model.prediction",
     "order.filled",
     "order.rejected",
+    "feed.trade_stream",
 )
 
 #: what the trading service takes from the bus: the engine's inputs less the executor's

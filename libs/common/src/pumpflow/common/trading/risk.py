@@ -17,7 +17,17 @@ subscriptions lost while new tokens still come. One active token's silence is no
 fault: it is how tokens die, and no entry can follow from it, since a prediction
 follows a trade of its token within the feed lag limit), ``rate``
 (an anomalous event rate), ``execution`` (failed orders in a row; after recovery one
-more failure trips it again).
+more failure trips it again), ``feed`` (PumpPortal refuses the feed's trade
+subscriptions, as the feed says in ``feed.trade_stream``: no token trade streams, so a
+live order is never confirmed and an entry is decided on creations alone).
+
+The ``feed`` breaker recovers on the feed's word alone (the stream accepted), never by
+time: the refusal lasts until someone funds the key, and the feed says it again every
+period while it does. A manager taking trading over starts with it as last announced
+(:meth:`RiskManager.announce_start`): the feed's next word, which may be a period away,
+is what recovers it, so no entry goes in meanwhile on a stream still refused. An older
+word than the last heard (the replica that held the feed's connection before, saying it
+late) changes nothing.
 
 A sale the market refused on slippage (an order rejected with the ``cause``
 ``slippage``, by paper and live execution alike) is no failure of execution and counts
@@ -37,8 +47,9 @@ Each change of a breaker or of the state is a report (a
 :class:`~pumpflow.common.events.CircuitBreakerChanged` or
 :class:`~pumpflow.common.events.TradingStateChanged` payload) the manager keeps until
 :meth:`RiskManager.take_reports`; the service publishes, logs and counts them. A manager
-that takes trading over starts with every breaker clear: what it tells listeners who heard
-its predecessor is what differs from what they last heard (:meth:`RiskManager.announce_start`).
+that takes trading over starts with every breaker clear but ``feed``: what it tells
+listeners who heard its predecessor is what differs from what they last heard
+(:meth:`RiskManager.announce_start`).
 
 Entry orders reserve the most they can spend until filled or rejected
 (:meth:`RiskManager.reserve`), so a burst of signals cannot pass the limits before the
@@ -107,6 +118,7 @@ from pumpflow.common.events import (
     SLIPPAGE,
     CircuitBreakerChanged,
     Event,
+    FeedTradeStream,
     RejectionCause,
     TokenCreated,
     TokenLifecycle,
@@ -143,7 +155,8 @@ CURVE = "curve"
 STALE = "stale"
 RATE = "rate"
 EXECUTION = "execution"
-BREAKERS = (CURVE, STALE, RATE, EXECUTION)
+FEED = "feed"
+BREAKERS = (CURVE, STALE, RATE, EXECUTION, FEED)
 
 Report = TradingStateChanged | CircuitBreakerChanged
 
@@ -309,7 +322,8 @@ def limit_breaches(
 
 
 class CircuitBreaker:
-    """One breaker: trips on a fault, recovers after ``recovery_s`` without one."""
+    """One breaker: trips on a fault, recovers after ``recovery_s`` without one (never by
+    time when infinite: :meth:`clear` recovers it)."""
 
     def __init__(self, name: str, recovery_s: float):
         self.name = name
@@ -337,6 +351,14 @@ class CircuitBreaker:
         return CircuitBreakerChanged(
             breaker=self.name, tripped=False, reason=f"no fault for {quiet:.0f}s"
         )
+
+    def clear(self, reason: str) -> CircuitBreakerChanged | None:
+        """Recover now, for ``reason`` (None: not tripped)."""
+        if not self.tripped:
+            return None
+        self.tripped = False
+        self.reason = ""
+        return CircuitBreakerChanged(breaker=self.name, tripped=False, reason=reason)
 
 
 class RiskManager:
@@ -373,15 +395,17 @@ class RiskManager:
         self.clock = clock or WallClock()
         self.capital = 0.0
         self.update_capital(capital)
+        recovery = {
+            STALE: self.breaker_settings.stale_recovery_s,
+            # the feed's word recovers it, no time
+            FEED: math.inf,
+        }
         self.breakers = {
-            name: CircuitBreaker(
-                name,
-                self.breaker_settings.stale_recovery_s
-                if name == STALE
-                else self.breaker_settings.recovery_s,
-            )
+            name: CircuitBreaker(name, recovery.get(name, self.breaker_settings.recovery_s))
             for name in BREAKERS
         }
+        #: event time of the feed's last word on its trade stream
+        self.feed_heard_at: float | None = None
         #: order id -> (mint, the most it can spend) of entries sent and not yet filled
         #: or rejected
         self.reservations: dict[str, tuple[str, float]] = {}
@@ -597,8 +621,13 @@ class RiskManager:
         """Feed the breakers a consumed event (token events are checked against the curve)."""
         now = self.clock.now() if now is None else now
         mark = len(self._reports)
-        self.last_event_time = now
         data = event.data
+        if type(data) is FeedTradeStream:
+            # the feed's word, not the market's: it ends no silence and counts toward no rate
+            self.follow_feed(data, source=event.source, said_at=event.time)
+            self._check(now)
+            return self._reports[mark:]
+        self.last_event_time = now
         if isinstance(data, _FRAMES) and not is_pool(data.pool):
             self._check_frame(data, now)
         if isinstance(data, _TOKEN_EVENTS):
@@ -619,6 +648,22 @@ class RiskManager:
         # the window counted just now, and no silence: the event is ``now``'s
         self._check(now, counted=True)
         return self._reports[mark:]
+
+    def follow_feed(self, stream: FeedTradeStream, *, source: str, said_at: float) -> None:
+        """Trip the feed breaker while PumpPortal refuses the trade subscriptions of the
+        feed (``source``, the replica holding the connection), recover it once they are
+        accepted; a word said before the last one heard changes nothing."""
+        if self.feed_heard_at is not None and said_at < self.feed_heard_at:
+            return
+        self.feed_heard_at = said_at
+        whose = f"the trade subscriptions of {source}: {stream.reason}"
+        if stream.refused:
+            self._fault(FEED, said_at, f"PumpPortal refuses {whose}")
+            return
+        change = self.breakers[FEED].clear(f"PumpPortal accepts {whose}")
+        if change is not None:
+            self._reports.append(change)
+            self._settle(f"{FEED} breaker recovered")
 
     def follow_lifecycle(self, lifecycle: TokenLifecycle, *, now: float) -> None:
         """Watch the token for silence from ``now`` while ``lifecycle`` is active (a token
@@ -740,7 +785,20 @@ class RiskManager:
         active, as every manager starts) and the breakers ``tripped`` what holds as this
         manager starts trading (another's heir): each breaker whose trip differs, then the
         state in force if it differs, their reasons ``why`` and what holds; nothing where
-        nothing differs."""
+        nothing differs.
+
+        The feed breaker, heard tripped, trips here first (as last announced, without a
+        report): only the feed's word recovers it."""
+        feed = self.breakers[FEED]
+        if FEED in tripped and not feed.tripped:
+            mark = len(self._reports)
+            self._fault(
+                FEED,
+                self.clock.now(),
+                f"{why}: as last announced, until the feed announces its trade stream",
+            )
+            # the listeners heard the trip: nothing of it is theirs to hear again
+            del self._reports[mark:]
         reports: list[Report] = []
         for name, breaker in self.breakers.items():
             if breaker.tripped != (name in tripped):

@@ -130,6 +130,11 @@ Circuit breakers (:class:`BreakerSettings`):
   queues that tripped it (a sixth of a graduate's window lost each time); a lag that
   hovers at the limit trips again at its first late event, so it flaps at most every
   ten seconds, each change reported.
+- the ``feed`` breaker has no setting: it trips on the feed's word that PumpPortal
+  refuses its trade subscriptions (``feed.trade_stream``) and recovers on its word that
+  it takes them, never by time: the refusal lasts until someone funds the key, and the
+  feed says it again every period while it does (argued in
+  :mod:`pumpflow.common.trading.risk`).
 
 Paper execution (:class:`PaperExecution`):
 

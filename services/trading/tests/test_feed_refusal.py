@@ -1,0 +1,178 @@
+"""End to end: the feed on a simulator that refuses its trade subscriptions (no key
+funded with 0.02 SOL), and live trading on the fake trade API, embedded.
+
+Only creations stream: no token trade, and no trade of the wallet that would confirm a
+live order. The feed says so (``feed.trade_stream``), trading's feed breaker halts its
+entries, and a token known only by its creation, scored to enter, is not entered; the
+key funded, the feed's next subscription is acknowledged, trading resumes and enters.
+Over RabbitMQ, a trading replica started after the refusal hears it from the feed's
+next announcement.
+"""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pumpflow.common.clock import WallClock
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.testing import EventCollector, base58_key, eventually
+from pumpflow.common.testing.trade_api import fake_trade_api
+from pumpflow.common.trading import TradingState
+from pumpflow.feed.service import FeedService
+from pumpflow.feed.settings import FeedSettings
+from pumpflow.simulator.market import Market as SimulatedMarket
+from pumpflow.simulator.market import MarketConfig
+from pumpflow.simulator.server import API_KEY_REQUIRED, SimulatorServer
+from pumpflow.trading.ledger import MemoryLedger
+from pumpflow.trading.service import TradingService
+from pumpflow.trading.settings import TradingSettings
+
+from .conftest import Market
+from .test_live import WALLET, answered, live
+from .test_live_wallet_stream import Frames, on_server
+
+
+async def test_live_trading_enters_nothing_while_the_feeds_trade_stream_is_refused():
+    # an idle market: the only frames are the test's; no key is funded
+    server = SimulatorServer(
+        market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=0.001)),
+        speed=1.0,
+        require_api_key=True,
+    )
+    await server.start()
+    feed = FeedService(
+        FeedSettings(
+            pumpportal_ws_url=server.url,
+            feed_record=False,
+            feed_backoff_initial_s=0.05,
+            transport="memory",
+            replica="e2e",
+        ),
+        registry=CollectorRegistry(),
+    )
+    clock = WallClock()
+    market = Market(clock)
+    frames = Frames()
+    try:
+        async with fake_trade_api("success") as api:
+            trading = live(MemoryLedger(), api)
+            async with run_embedded([feed, trading], clock=clock, synchronous=True) as system:
+                bus = system.bus
+                watch = await EventCollector("watch").attach(bus, "order.*", "trading.*")
+                tokens = await EventCollector("tokens").attach(bus, "token.*")
+                await feed.socket.wait_connected()
+                # trading announced its wallet as it took over: refused on the server
+                await eventually(lambda: trading.risk.breakers["feed"].tripped, within=10)
+                [trip] = watch.payloads("trading.breaker")
+                assert trip.breaker == "feed" and trip.tripped and API_KEY_REQUIRED in trip.reason
+                assert (await trading.trading_state_view())["state"] == "halted"
+                assert (await feed.status())["trade_stream"]["state"] == "refused"
+                assert not on_server(server, wallet=WALLET)
+
+                first = base58_key("refusedcoinpump")
+                created = frames.tokens.created(
+                    first, sol=0.5, name="Good Coin", symbol="GOOD", trader=base58_key("dev")
+                )
+                assert await server.inject(frames.frame(created)) == 1
+                await eventually(lambda: first in trading.engine.views, within=10)
+                await bus.publish(market.features(first))
+                await bus.publish(market.lifecycle(first))
+                await bus.publish(market.prediction(first))
+                await eventually(lambda: trading.skipped, within=10)
+                assert trading.skipped == {"trading is halted: feed breaker": 1}
+                assert watch.payloads("order.requested") == [] and api.requests == []
+
+                # funded: the next subscription (a new token's) is acknowledged, and the
+                # feed subscribes again every mint and the wallet refused before
+                server.fund("")
+                second = base58_key("fundedcoinpump")
+                created = frames.tokens.created(
+                    second, sol=0.5, name="Good Coin", symbol="GOOD", trader=base58_key("dev")
+                )
+                assert await server.inject(frames.frame(created)) == 1
+                await eventually(lambda: not trading.risk.breakers["feed"].tripped, within=10)
+                [_, recovered] = watch.payloads("trading.breaker")
+                assert recovered.breaker == "feed" and not recovered.tripped
+                assert (await trading.trading_state_view())["state"] == "active"
+                await eventually(lambda: on_server(server, mint=first, wallet=WALLET), within=10)
+                bought = frames.tokens.buy(first, base58_key("alice"), sol=3.0)
+                assert await server.inject(frames.frame(bought)) == 1
+                await eventually(lambda: tokens.count(key=first) == 2, within=10)
+                await bus.publish(market.prediction(first))
+                await eventually(lambda: watch.payloads("order.requested"), within=10)
+                await answered(trading, api)
+                [request] = watch.payloads("order.requested")
+                assert request.mint == first
+    finally:
+        await server.stop()
+
+
+PARTITIONS = 2
+
+
+@pytest.mark.rabbitmq
+async def test_a_trading_replica_started_after_the_refusal_hears_it_over_the_broker(
+    rabbitmq_harness, namespace
+):
+    """Each a process of its own on RabbitMQ: the feed is refused and says so before any
+    trading replica runs (a keyless event reaches a replica's queues only once they
+    exist); trading, started after, hears it at the feed's next announcement and halts."""
+    server = SimulatorServer(
+        market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=120.0)),
+        speed=1.0,
+        require_api_key=True,
+    )
+    await server.start()
+    rabbitmq_harness.delete_after(["trading"])
+    clock = WallClock()
+    settings = FeedSettings(
+        pumpportal_ws_url=server.url,
+        feed_record=False,
+        feed_backoff_initial_s=0.05,
+        feed_trade_stream_announce_s=0.5,
+        namespace=namespace,
+        partitions=PARTITIONS,
+        replica="broker",
+    )
+    feed = FeedService(settings, registry=CollectorRegistry())
+    trading = None
+    try:
+        feed_bus = await rabbitmq_harness.bus("feed/broker", partitions=PARTITIONS)
+        await feed.start(
+            ServiceContext(
+                settings=settings, bus=feed_bus, clock=clock, store=MemoryStateStore(clock)
+            )
+        )
+        await eventually(
+            lambda: feed.socket.trade_stream is not None, within=15, what="the refusal"
+        )
+        assert feed.socket.trade_stream.refused
+
+        trading = TradingService(
+            TradingSettings.load(service="trading", namespace=namespace, partitions=PARTITIONS),
+            registry=CollectorRegistry(),
+            ledger=MemoryLedger(),
+        )
+        trading_bus = await rabbitmq_harness.bus("trading/broker", partitions=PARTITIONS)
+        await trading.start(
+            ServiceContext(
+                settings=trading.settings,
+                bus=trading_bus,
+                clock=clock,
+                store=MemoryStateStore(clock),
+            )
+        )
+        await eventually(lambda: trading.role == "active", within=15)
+        await eventually(
+            lambda: trading.risk.breakers["feed"].tripped, within=15, what="the feed breaker"
+        )
+        assert trading.risk.state is TradingState.HALTED
+        assert "feed/broker" in trading.risk.breakers["feed"].reason
+    finally:
+        if trading is not None:
+            await trading.stop()
+        await feed.stop()
+        await server.stop()
