@@ -474,6 +474,25 @@ def test_a_bad_value_is_refused_with_the_status_of_bad_input_wherever_it_is_give
     assert re.search(r"(?i)trading_min_score.*less than", said)
 
 
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("exit_stop_loss=0", "EXIT_STOP_LOSS"),
+        ("exit_stop_loss=1", "EXIT_STOP_LOSS"),
+        ("exit_max_hold_s=0", "EXIT_MAX_HOLD_S"),
+        ("exit_quiet_s=-1", "EXIT_QUIET_S"),
+    ],
+)
+def test_an_exit_rule_its_rules_cannot_run_on_is_refused_before_the_first_runs(
+    dataset, capsys, setting, named
+):
+    """Refused as a bad value (status 2, naming the setting), not a configuration that
+    fails with a traceback once its system starts."""
+    said = refused(["backtest", "--dataset", dataset, "--quiet", "--config",
+                    f"bad={setting}"], capsys)  # fmt: skip
+    assert re.search(rf"configuration 'bad': .*{named}", said)
+
+
 def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
     dataset, tmp_path, capsys
 ):

@@ -102,6 +102,15 @@ def test_the_settings_default_to_the_rules_defaults_and_empty_turns_them_off(mon
         ("PUMPFLOW_EXIT_DECLINE_FRACTION", "1.5", "less than or equal to 1"),
         ("PUMPFLOW_EXIT_DECLINE_FRACTION", "0", "greater than 0"),
         ("PUMPFLOW_EXIT_STALE_MIN_GAIN", "-1", "greater than -1"),
+        ("PUMPFLOW_EXIT_STOP_LOSS", "0", "greater than 0"),
+        ("PUMPFLOW_EXIT_STOP_LOSS", "-0.2", "greater than 0"),
+        ("PUMPFLOW_EXIT_STOP_LOSS", "1", "less than 1"),
+        ("PUMPFLOW_EXIT_STOP_LOSS", "1.5", "less than 1"),
+        ("PUMPFLOW_EXIT_STOP_LOSS", "nan", "Input should be"),
+        ("PUMPFLOW_EXIT_MAX_HOLD_S", "0", "greater than 0"),
+        ("PUMPFLOW_EXIT_MAX_HOLD_S", "-5", "greater than 0"),
+        ("PUMPFLOW_EXIT_STALE_AFTER_S", "0", "greater than 0"),
+        ("PUMPFLOW_EXIT_QUIET_S", "-1", "greater than 0"),
     ],
 )
 def test_a_bad_rule_setting_is_refused_naming_it(monkeypatch, variable, value, reason):
@@ -116,3 +125,20 @@ def test_a_bad_item_of_a_ladder_is_named_by_its_place():
         ExitSettings.load(
             service="exit", transport="memory", exit_take_profit='[[0.5, 0.25], ["x", 0.25]]'
         )
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"exit_stop_loss": 0.0},
+        {"exit_stop_loss": 1.0},
+        {"exit_max_hold_s": 0.0},
+        {"exit_stale_after_s": -1.0},
+        {"exit_quiet_s": 0.0},
+    ],
+)
+def test_settings_the_rules_cannot_run_on_are_refused_as_settings_not_at_start(setting):
+    """A value the rules refuse is a bad setting named with its variable (exit status 2
+    before any command), not a traceback as the service builds its rules."""
+    with pytest.raises(SettingsError, match=r"PUMPFLOW_EXIT_"):
+        ExitSettings.load(service="exit", transport="memory", **setting).rules()

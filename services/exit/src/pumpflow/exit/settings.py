@@ -86,13 +86,19 @@ class ExitSettings(CommonSettings):
         "open position's peak at once",
     )
     exit_stop_loss: float | None = Field(
-        _RULES.stop_loss, description="fall from the entry that sells all (empty: off)"
+        _RULES.stop_loss,
+        gt=0,
+        lt=1,
+        description="fall from the entry that sells all, in (0, 1) (0.3: -30%; empty: off)",
     )
     exit_max_hold_s: float | None = Field(
-        _RULES.max_hold_s, description="every position is sold after this long (empty: off)"
+        _RULES.max_hold_s,
+        gt=0,
+        description="every position is sold after this long (empty: off)",
     )
     exit_stale_after_s: float | None = Field(
         _RULES.stale_after_s,
+        gt=0,
         description="a position without the stale gain is sold after (empty: off)",
     )
     exit_stale_min_gain: float = Field(
@@ -110,6 +116,7 @@ class ExitSettings(CommonSettings):
     )
     exit_quiet_s: float | None = Field(
         _RULES.quiet_s,
+        gt=0,
         description="a position whose token is silent this long is sold (empty: off)",
     )
     exit_refused_retry_s: float = Field(
