@@ -142,3 +142,18 @@ def test_settings_the_rules_cannot_run_on_are_refused_as_settings_not_at_start(s
     before any command), not a traceback as the service builds its rules."""
     with pytest.raises(SettingsError, match=r"PUMPFLOW_EXIT_"):
         ExitSettings.load(service="exit", transport="memory", **setting).rules()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"exit_refused_retry_s": 60.0},
+        {"exit_refused_retry_max_s": 0.5},
+        {"exit_refused_retry_s": 5.0, "exit_refused_retry_max_s": 2.0},
+    ],
+)
+def test_a_first_wait_after_refusals_above_the_longest_is_refused_not_cut_to_it(setting):
+    """A first wait of 60 s under a longest of 30 s is not what was asked for either
+    way: cut to 30 s the setting would be silently ignored."""
+    with pytest.raises(SettingsError, match=r"PUMPFLOW_EXIT_REFUSED_RETRY_MAX_S: .*"):
+        ExitSettings.load(service="exit", transport="memory", **setting)

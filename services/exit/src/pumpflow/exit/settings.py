@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from pumpflow.common.exit import (
     ExitRules,
@@ -126,7 +126,9 @@ class ExitSettings(CommonSettings):
         "doubling with each refusal after",
     )
     exit_refused_retry_max_s: float = Field(
-        _RULES.refused_retry_max_s, gt=0, description="the longest wait after refused sales"
+        _RULES.refused_retry_max_s,
+        gt=0,
+        description="the longest wait after refused sales (exit_refused_retry_s at least)",
     )
     exit_deadline_s: float = Field(
         _GRACEFUL.deadline_s,
@@ -174,6 +176,14 @@ class ExitSettings(CommonSettings):
         "inside the CLI's 10 s for an answer",
     )
 
+    @field_validator("exit_refused_retry_max_s")
+    @classmethod
+    def _longest_wait_at_least_the_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("exit_refused_retry_s")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least exit_refused_retry_s ({first:g}), the first wait")
+        return value
+
     def rules(self) -> ExitRules:
         return ExitRules(
             take_profit=take_profit_steps(self.exit_take_profit),
@@ -184,7 +194,7 @@ class ExitSettings(CommonSettings):
             stale_min_gain=self.exit_stale_min_gain,
             decline_fraction=self.exit_decline_fraction,
             quiet_s=self.exit_quiet_s,
-            refused_retry_s=min(self.exit_refused_retry_s, self.exit_refused_retry_max_s),
+            refused_retry_s=self.exit_refused_retry_s,
             refused_retry_max_s=self.exit_refused_retry_max_s,
         )
 
