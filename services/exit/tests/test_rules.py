@@ -295,6 +295,21 @@ async def test_a_stop_loss_held_by_the_wait_fires_as_it_ends_on_a_silent_token()
     assert [(d.rule, d.time) for d in timed] == [(STOP_LOSS, START + 2.1)]
 
 
+async def test_a_stop_loss_held_by_the_wait_fires_as_it_ends_with_the_time_rules_on():
+    """The time rules' next due (the quiet rule's 60 s, the max hold) lies past the wait:
+    the rules still look again as the wait ends, not when the next time rule is due."""
+    clock = ReplayClock(START)
+    timed: list[ExitDecision] = []
+    ev = evaluator(ExitRules(trailing=()), clock, timed.extend)
+    for t in (1.0, 1.1):
+        await clock.advance_to(START + t)
+        (decision,) = ev.on_mark(MINT, ENTRY * 0.6, START + t)
+        ev.rearm(decision)
+    assert ev.next_check_at(MINT) == START + 2.1
+    await clock.advance_to(START + 2.1)
+    assert [(d.rule, d.time) for d in timed] == [(STOP_LOSS, START + 2.1)]
+
+
 def test_a_refusal_long_after_the_last_orders_again_at_once():
     ev = evaluator(PRICE_ONLY)
     for t in (1.0, 1.1):

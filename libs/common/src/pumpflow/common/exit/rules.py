@@ -602,9 +602,10 @@ class ExitEvaluator:
             if stale_at > now:
                 due.append(stale_at)
         if watch.held_until > now:
-            # the rules look again as the wait after refused sales ends: a rule of price
-            # due meanwhile too, on a token that may not trade again
-            return max(min(due), watch.held_until) if due else watch.held_until
+            # the rules look again as the wait after refused sales ends, whenever the next
+            # rule of time is due: a rule of price due meanwhile too, on a token that may
+            # not trade again (a rule of time due during the wait is due then as well)
+            return watch.held_until
         return min(due) if due else None
 
     def _arm(self, watch: RuleWatch) -> None:
