@@ -157,3 +157,14 @@ def test_a_first_wait_after_refusals_above_the_longest_is_refused_not_cut_to_it(
     way: cut to 30 s the setting would be silently ignored."""
     with pytest.raises(SettingsError, match=r"PUMPFLOW_EXIT_REFUSED_RETRY_MAX_S: .*"):
         ExitSettings.load(service="exit", transport="memory", **setting)
+
+
+def test_a_bad_item_of_a_ladder_in_the_config_file_is_named_by_its_place(tmp_path):
+    """As the environment's is (``PUMPFLOW_EXIT_TAKE_PROFIT[1][1]``): a bare "Field
+    required" of a ladder of several steps does not say which step lacks its share."""
+    from pumpflow.common.runtime.settings import check_config_file
+
+    path = tmp_path / "pumpflow.toml"
+    path.write_text("[exit]\nexit_take_profit = [[0.3, 0.5], [0.6]]\n")
+    with pytest.raises(SettingsError, match=r"\[exit\] exit_take_profit\[1\]\[1\]: Field required"):
+        check_config_file(path, {"exit": ExitSettings})

@@ -223,8 +223,10 @@ def _bad_values(name: str, table: dict[str, Any], settings_cls) -> list[str]:
         try:
             TypeAdapter(annotation).validate_python(unset_if_empty(field, value))
         except ValidationError as exc:
-            reasons = "; ".join(err["msg"] for err in exc.errors())
-            problems.append(f"[{name}] {key}: {reasons}")
+            # each error where it is in a list or mapping (``[1][1]``), as the environment's
+            problems.extend(
+                f"[{name}] {key}{_within(('', *err['loc']))}: {err['msg']}" for err in exc.errors()
+            )
         except ValueError as exc:  # text that is no JSON, of a list or mapping
             problems.append(f"[{name}] {key}: {exc}")
     return problems
