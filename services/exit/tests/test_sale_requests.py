@@ -124,7 +124,7 @@ async def test_a_request_for_a_token_never_seen_leaves_no_key_behind():
         assert watch.count("exit.order") == 0 and answers == ["no position held"]
 
 
-async def test_a_refused_requested_sale_gives_its_tokens_back_to_the_rules():
+async def test_a_refused_requested_sale_gives_its_tokens_back_to_the_rules(caplog):
     clock = ReplayClock(START)
     tokens = TokenEvents(clock)
     service = exit_service()
@@ -137,7 +137,17 @@ async def test_a_refused_requested_sale_gives_its_tokens_back_to_the_rules():
             order_id=order.order_id, mint=mint, reason="slippage", side="sell",
             position_id=position.position_id,
         )  # fmt: skip
-        await bus.publish(make_event(refusal, source="trading/test", time=clock.now()))
+        with caplog.at_level("WARNING", logger="pumpflow.exit"):
+            await bus.publish(make_event(refusal, source="trading/test", time=clock.now()))
+            # the operator was told "sale ordered" and no rule orders it again: said loud
+            await eventually(
+                lambda: any(
+                    r.levelname == "WARNING" and order.order_id in r.getMessage()
+                    and "not ordered again" in r.getMessage()
+                    for r in caplog.records
+                ),
+                within=10.0,
+            )  # fmt: skip
         # the stop loss sells everything held: the refused quarter too
         whale = "whale"
         while tokens.curves[mint].price > position.entry_price * 0.69:

@@ -145,6 +145,7 @@ from pumpflow.common.events import (
 )
 from pumpflow.common.exit import (
     CONTROL_CONSUMES,
+    REQUESTED,
     ExitProcessor,
     ExitProgress,
     ExitRecord,
@@ -1181,8 +1182,15 @@ class ExitService(Service):
             self.metrics.settled(sale.rule, "filled", record.slippage)
         else:
             self.metrics.settled(sale.rule, "rejected")
-            log.info("exit: %s's sale %s refused: %s", sale.rule, outcome.order_id,
-                     outcome.reason)  # fmt: skip
+            if sale.rule == REQUESTED:
+                # its tokens go back to the rules, and no rule is the operator's: told
+                # "sale ordered", they would take the position for sold
+                log.warning("exit: the operator's sale %s of %s refused, not ordered again "
+                            "(its tokens are the exit rules' again; pumpflow sell to ask "
+                            "again): %s", outcome.order_id, mint, outcome.reason)  # fmt: skip
+            else:
+                log.info("exit: %s's sale %s refused: %s", sale.rule, outcome.order_id,
+                         outcome.reason)  # fmt: skip
         return True
 
     def _published(self, events: Sequence[Event]) -> None:
