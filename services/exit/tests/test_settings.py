@@ -81,6 +81,11 @@ def test_the_settings_default_to_the_rules_defaults_and_empty_turns_them_off(mon
             "the steps' gains do not rise from one step to the next",
         ),
         ("PUMPFLOW_EXIT_TAKE_PROFIT", "[[-0.1, 0.25]]", "a step's gain (-0.1) is not above 0"),
+        (
+            "PUMPFLOW_EXIT_TAKE_PROFIT",
+            "[[0.5, 0.25], [1e400, 0.25]]",
+            "a step's gain (inf) is not finite: it would never sell and still count",
+        ),
         ("PUMPFLOW_EXIT_TAKE_PROFIT", "[[0.5]]", "Field required"),
         ("PUMPFLOW_EXIT_TAKE_PROFIT", "0.5:0.25", "not JSON"),
         (
@@ -99,6 +104,11 @@ def test_the_settings_default_to_the_rules_defaults_and_empty_turns_them_off(mon
             "a band gives back more than the one before",
         ),
         ("PUMPFLOW_EXIT_TRAILING", "[[-0.5, 0.3]]", "a band's peak gain (-0.5) is below 0"),
+        (
+            "PUMPFLOW_EXIT_TRAILING",
+            "[[0.2, 0.3], [1e400, 0.1]]",
+            "a band's peak gain (inf) is not finite: it would never be reached",
+        ),
         ("PUMPFLOW_EXIT_DECLINE_FRACTION", "1.5", "less than or equal to 1"),
         ("PUMPFLOW_EXIT_DECLINE_FRACTION", "0", "greater than 0"),
         ("PUMPFLOW_EXIT_STALE_MIN_GAIN", "-1", "greater than -1"),

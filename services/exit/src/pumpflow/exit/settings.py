@@ -139,7 +139,11 @@ class ExitSettings(CommonSettings):
         _GRACEFUL.max_tranche_impact, gt=0, lt=1, description="price impact of one tranche"
     )
     exit_final_sweep_s: float = Field(
-        _GRACEFUL.final_sweep_s, ge=0, description="before the deadline what is left goes whole"
+        _GRACEFUL.final_sweep_s,
+        ge=0,
+        description="before the deadline what is left goes whole (half the deadline at "
+        "most: a longer sweep is cut to half of exit_deadline_s, so a short deadline keeps "
+        "its tranches)",
     )
     exit_min_tranche_interval_s: float = Field(
         _GRACEFUL.min_tranche_interval_s, ge=0, description="between two tranches of a token"

@@ -76,6 +76,7 @@ staying shares of the tokens bought.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -144,6 +145,9 @@ def check_take_profit(steps: Iterable[TakeProfitStep]) -> None:
     for step in steps:
         if not step.gain > 0:
             raise ValueError(f"a step's gain ({step.gain:g}) is not above 0 (0.5 is +50%)")
+        if math.isinf(step.gain):
+            raise ValueError(f"a step's gain ({step.gain:g}) is not finite: it would never sell "
+                             "and still count toward the whole")  # fmt: skip
         if not 0 < step.fraction <= 1:
             raise ValueError(f"a step's share ({step.fraction:g}) is not in (0, 1]")
     if any(b.gain <= a.gain for a, b in itertools.pairwise(steps)):
@@ -159,6 +163,10 @@ def check_trailing(bands: Iterable[TrailBand]) -> None:
     for band in bands:
         if not band.peak_gain >= 0:
             raise ValueError(f"a band's peak gain ({band.peak_gain:g}) is below 0")
+        if math.isinf(band.peak_gain):
+            raise ValueError(
+                f"a band's peak gain ({band.peak_gain:g}) is not finite: it would never be reached"
+            )
         if not 0 < band.giveback < 1:
             raise ValueError(
                 f"a band's giveback ({band.giveback:g}) is not in (0, 1): "
