@@ -610,9 +610,9 @@ class ExitEvaluator:
             if stale_at > now:
                 due.append(stale_at)
         if watch.held_until > now:
-            # the rules look again as the wait after refused sales ends, whenever the next
-            # rule of time is due: a rule of price due meanwhile too, on a token that may
-            # not trade again (a rule of time due during the wait is due then as well)
+            # the rules look again as the wait after refused sales ends, not at the next
+            # rule of time: a rule of price due meanwhile is due then, on a token that may
+            # not trade again (and a rule of time due during the wait)
             return watch.held_until
         return min(due) if due else None
 
