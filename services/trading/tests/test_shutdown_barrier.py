@@ -57,3 +57,56 @@ async def test_the_next_replica_publishes_the_barrier_its_predecessor_died_befor
     async with watched_from_the_start(clock, third) as (bus, watch):
         assert third.risk.operator_state is TradingState.HALTED
         assert watch.count("trading.barrier") == 0
+
+
+async def stored_by_the_exit(pool, request_id: str, reason: str) -> None:
+    """A shutdown request as the exit service stores it when its graceful exit applies it
+    (its run and the request's row; services/exit, records.py)."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO exit_runs (run_id, reason, started_at, deadline) VALUES ($1, $2, 0, 60)",
+            f"run-{request_id}",
+            reason,
+        )
+        await conn.execute(
+            "INSERT INTO exit_run_requests (request_id, run_id) VALUES ($1, $2)",
+            request_id,
+            f"run-{request_id}",
+        )
+
+
+async def test_a_shutdown_requested_while_no_replica_traded_halts_the_next_holder(
+    clock, market, pg_pool
+):
+    """``pumpflow stop`` while no trading replica runs: the exit service applies it (its
+    graceful exit sells what it can), and trading's copy, a keyless event on a replica's
+    own queue, goes to no one. The replica that takes trading next starts halted on it,
+    announces its barrier and keeps the request, so its copy coming again halts nothing
+    again; an operator's resume since then stands at the next take-over."""
+    first = trading(PostgresLedger(pg_pool))
+    async with running(clock, first) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+        assert first.risk.operator_state is TradingState.ACTIVE
+
+    await stored_by_the_exit(pg_pool, "stop-down", "operator, trading down")
+
+    second = trading(PostgresLedger(pg_pool))
+    async with watched_from_the_start(clock, second) as (bus, watch):
+        assert second.risk.operator_state is TradingState.HALTED
+        assert "operator, trading down" in second.risk.operator_reason
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id == "stop-down"
+        assert [p.position_id for p in barrier.positions] == [opened.position_id]
+        assert await second.ledger.shutdown_applied("stop-down")
+        copy = SystemShutdown(reason="operator, trading down", request_id="stop-down")
+        await publish(bus, make_event(copy, source="cli/t", time=clock.now(), event_id="stop-down"))
+        assert watch.count("trading.barrier") == 1
+        await second.resume("operator resumes")
+
+    third = trading(PostgresLedger(pg_pool))
+    async with watched_from_the_start(clock, third) as (bus, watch):
+        assert third.risk.operator_state is TradingState.ACTIVE
+        assert watch.count("trading.barrier") == 0

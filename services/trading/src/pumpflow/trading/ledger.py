@@ -613,6 +613,14 @@ class Ledger(Protocol):
         is not stored is left as it is)."""
         ...
 
+    async def missed_shutdowns(self) -> list[tuple[str, str]]:
+        """The shutdown requests the exit service applied and no halt of trading did,
+        requested since the operator's state last changed and within the time a request
+        is kept, oldest first: (request id, reason). ``system.shutdown`` is keyless, so
+        it reaches only the trading replicas running as it is published; these are the
+        ones published while none ran."""
+        ...
+
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         """The latest ``limit`` unbooked trades stamped at or after ``since`` and not
         acknowledged, oldest first."""
@@ -935,6 +943,10 @@ class MemoryLedger:
         if request_id in self._shutdowns:
             self._shutdowns[request_id] = (self._shutdowns[request_id][0], True)
 
+    async def missed_shutdowns(self) -> list[tuple[str, str]]:
+        # in one process the bus hands trading every shutdown: none is missed
+        return []
+
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         found = [t for t in self._unbooked.values() if t.time >= since]
         return sorted(found, key=lambda t: t.time)[-limit:]
@@ -1076,6 +1088,17 @@ _PRUNE_EARLY = "DELETE FROM trading_early_trades WHERE stored_at < now() - inter
 _FORGET_SHUTDOWNS = """
 DELETE FROM trading_shutdown_requests
 WHERE applied_at < now() - make_interval(secs => $1) AND barrier_published_at IS NOT NULL
+"""
+# the exit service's records of the requests its graceful exits applied (migration 0027);
+# a request before the operator's last change is one a resume (or a halt) since overrode
+_MISSED_SHUTDOWNS = """
+SELECT q.request_id, r.reason
+FROM exit_run_requests q JOIN exit_runs r ON r.run_id = q.run_id
+WHERE q.created_at > now() - make_interval(secs => $1)
+  AND q.created_at > COALESCE(
+      (SELECT changed_at FROM trading_control WHERE name = $2), '-infinity'::timestamptz)
+  AND NOT EXISTS (SELECT 1 FROM trading_shutdown_requests t WHERE t.request_id = q.request_id)
+ORDER BY q.created_at, q.request_id
 """
 _UNBOOKED_COLUMNS = (
     "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
@@ -1415,6 +1438,10 @@ class PostgresLedger:
             "WHERE request_id = $1 AND barrier_published_at IS NULL",
             request_id,
         )
+
+    async def missed_shutdowns(self) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(_MISSED_SHUTDOWNS, self.shutdowns_kept_s, CONTROL)
+        return [(row["request_id"], row["reason"]) for row in rows]
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         rows = await self.pool.fetch(

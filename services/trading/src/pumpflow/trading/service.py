@@ -34,7 +34,10 @@ every order, fill and position.
   which the exit service drops once the graceful exit is over. The ledger forgets a
   request ``shutdown_requests_kept_s`` after its halt, its barrier out; a shutdown
   requested longer ago than that is not applied, applied before or not (a copy of one
-  forgotten would halt and bar again).
+  forgotten would halt and bar again). A shutdown published while no replica ran went
+  to none (keyless, on the replicas' own queues): the replica taking trading over finds
+  its request among those the exit service stored and starts halted on it, as if it had
+  had it (:meth:`TradingService._missed_shutdowns`).
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -722,8 +725,14 @@ class TradingService(Service):
                             "published as this replica takes over", request_id,
                             reason)  # fmt: skip
                 self._backlog.append(self._barrier_step(reason, request_id, None))
+            missed = await self._missed_shutdowns()
             await self._flush()
-            for request_id, _reason in unpublished:
+            if missed:
+                # the barriers are said out once the halt holding their requests is stored
+                await asyncio.wait(
+                    {self._control_writer}, timeout=self.settings.trading_halt_store_wait_s
+                )
+            for request_id, _reason in [*unpublished, *missed]:
                 await self._barrier_out(request_id)
             if changes != self._control_changes:
                 # given while the rest was read and stored: this replica starts halted, as
@@ -998,6 +1007,27 @@ class TradingService(Service):
         if self.context is not None and events:
             # outside the lock: the events handled meanwhile share the write
             await self.context.save(self.engine.views)
+
+    async def _missed_shutdowns(self) -> list[tuple[str, str]]:
+        """Halt on the shutdowns published while no replica traded (their copies went to no
+        queue of trading's), as if this replica had them: the halt stored with their
+        requests and their barriers queued. Taking over, the lock held."""
+        missed = await self.ledger.missed_shutdowns()
+        if not missed:
+            return []
+        for request_id, reason in missed:
+            log.warning("trading: system.shutdown %s (%s) was applied by the exit service "
+                        "while no replica traded: this replica starts halted on it",
+                        request_id, reason)  # fmt: skip
+            self._shutdowns_unstored[request_id] = reason
+            self._backlog.append(self._barrier_step(reason, request_id, None))
+        self._given(TradingState.HALTED, f"shutdown: {missed[-1][1]}", fenced=True)
+        writer = self._control_writer
+        if writer is None or writer.done():
+            self._control_writer = asyncio.create_task(
+                self._store_control(), name="trading:control"
+            )
+        return missed
 
     async def _shutdown_applied(self, request_id: str) -> bool:
         """Whether the shutdown request ``request_id`` was applied: halted on here, or its
