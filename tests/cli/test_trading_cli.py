@@ -374,6 +374,7 @@ def exit_replica(summary: GracefulExitSummary, shutdown_answer: dict | None = No
                         "sold_out": 1,
                         "positions": 2,
                         "tranches": 3,
+                        "in_flight": 1,
                         "unconfirmed_tranches": 1,
                         "deadline_margin_s": 42.0,
                     }
@@ -407,15 +408,16 @@ async def pumpflow_stop(base: str, *argv: str) -> int:
 
 async def test_stop_follows_the_exit_and_says_what_is_unconfirmed(monkeypatch, capsys):
     """``pumpflow stop`` against a fake exit replica: the progress it follows names the
-    tranches without an outcome, the report ends it; flat, its status is 0."""
+    positions whose sale waits for trading (none filled while trading is down: said so)
+    and the tranches without an outcome, the report ends it; flat, its status is 0."""
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     async with local_app(exit_replica(graceful_exit(SOLD))) as base:
         assert await pumpflow_stop(base) == 0
     printed = capsys.readouterr()
     # the replica asked follows its own share of the positions, the report all of them
     assert (
-        "1/2 of this replica's positions sold out, 3 tranches, 1 UNCONFIRMED (no outcome "
-        "yet), 42.0s" in printed.out
+        "1/2 of this replica's positions sold out, 3 tranches filled, 1 position's sale "
+        "awaiting trading, 1 UNCONFIRMED (no outcome yet), 42.0s" in printed.out
     )
     assert printed.out.rstrip().endswith("MintSold     graceful    2 tranches     0.2500 SOL  "
                                          "slippage -")  # fmt: skip

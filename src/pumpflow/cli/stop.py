@@ -134,12 +134,22 @@ def stop_command(args: argparse.Namespace) -> int:
             progress = body.get("progress")
             if progress:
                 unconfirmed = progress.get("unconfirmed_tranches") or 0
+                # a sale ordered and not filled waits for trading: none fills while it
+                # is down, which "0 tranches" alone would hide
+                waiting = progress.get("in_flight") or 0
                 print(
                     # each exit replica sells the positions of its partitions; the
                     # report at the end covers them all
                     f"  {progress['sold_out']}/{progress['positions']} of this replica's "
                     "positions sold out, "
-                    f"{counted(progress['tranches'], 'tranche')}, "
+                    f"{counted(progress['tranches'], 'tranche')} filled, "
+                    + (
+                        f"{waiting} position's sale awaiting trading, "
+                        if waiting == 1
+                        else f"{waiting} positions' sales awaiting trading, "
+                        if waiting
+                        else ""
+                    )
                     + (f"{unconfirmed} UNCONFIRMED (no outcome yet), " if unconfirmed else "")
                     + f"{progress['deadline_margin_s']:.1f}s to the deadline",
                     flush=True,
