@@ -59,7 +59,15 @@ async def notifying(fake: FakeWebhooks, **config: float) -> AsyncIterator[AlertN
     )
     stop = asyncio.Event()
     task = asyncio.create_task(
-        run_notifier(notifier, transport.alerts, clock=clock, interval_s=0.05, stop=stop)
+        run_notifier(
+            notifier,
+            transport.alerts,
+            clock=clock,
+            interval_s=0.05,
+            stop=stop,
+            source=settings.notify_prometheus_url,
+            source_down_after_s=config.get("source_down_after_s", 120.0),
+        )
     )
     try:
         yield notifier
@@ -139,6 +147,35 @@ async def test_bad_answers_from_prometheus_crash_nothing_and_resolve_nothing(bad
         fake.alerts_answer, fake.alerts_status = answer(), 200
         await eventually(lambda: len(fake.of("discord")) == 2, 10.0, what="the resolution")
     assert "reading alerts:" in caplog.text
+
+
+async def test_prometheus_failing_for_long_is_posted_as_an_alert_and_its_return_resolves_it(
+    caplog,
+):
+    """Prometheus away (down, or answering no alerts list) leaves every alert of the stack
+    unsaid: past ``source_down_after_s`` that is posted as an alert of its own, once,
+    resolved once Prometheus answers again; the alerts firing before are neither resolved
+    nor posted again meanwhile."""
+    async with fake_webhooks() as fake, notifying(fake, source_down_after_s=0.3):
+        fake.alerts_answer = answer(alert("TradingHalted"))
+        await eventually(lambda: fake.of("discord"), 10.0, what="the firing post")
+        fake.alerts_answer, fake.alerts_status = b"<html>bad gateway</html>", 502
+        await eventually(lambda: len(fake.of("discord")) == 2, 10.0, what="the source's alert")
+        down = fake.of("discord")[1].body["content"]
+        assert down.startswith("**FIRING** [critical] **AlertsUnreadable**"), down
+        assert "HTTP 502" in down and fake.base in down
+        await polls(fake, 10)
+        assert len(fake.of("discord")) == 2  # said once
+        fake.alerts_answer, fake.alerts_status = answer(alert("TradingHalted")), 200
+        await eventually(lambda: len(fake.of("discord")) == 3, 10.0, what="its resolution")
+        assert (
+            fake.of("discord")[2]
+            .body["content"]
+            .startswith("**RESOLVED** [critical] **AlertsUnreadable**")
+        )
+        await polls(fake, 5)
+        assert len(fake.of("discord")) == 3  # TradingHalted fired all along: not again
+        assert len(fake.of("telegram")) == 3
 
 
 async def test_prometheus_unreachable_is_waited_out():

@@ -274,13 +274,18 @@ class AlertNotifier:
         ]
         self.firing = now_firing
         for notification in changes:
-            log.info("alert %s %s", notification.alert.name, notification.state)
-            for outbox in self._outboxes:
-                outbox.queue.append(outbox.target.format(notification))
-                while len(outbox.queue) > self.config.max_queued:
-                    outbox.queue.popleft()
-                    outbox.dropped += 1
+            self.notify(notification)
         return changes
+
+    def notify(self, notification: Notification) -> None:
+        """Queue ``notification`` for every target (one not of Prometheus' alerts: the
+        notifier's own about its source)."""
+        log.info("alert %s %s", notification.alert.name, notification.state)
+        for outbox in self._outboxes:
+            outbox.queue.append(outbox.target.format(notification))
+            while len(outbox.queue) > self.config.max_queued:
+                outbox.queue.popleft()
+                outbox.dropped += 1
 
     async def deliver(self) -> int:
         """Post to each target whose turn it is; return the messages delivered."""

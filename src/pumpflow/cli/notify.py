@@ -10,6 +10,10 @@ retried with backoff). Targets, from the environment:
   another Bot API server);
 - Discord: ``PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL``.
 
+Prometheus failing to give its alerts for ``PUMPFLOW_NOTIFY_SOURCE_DOWN_AFTER_S`` is
+posted as an alert of its own (``AlertsUnreadable``), resolved once it answers: no alert
+of the stack reaches anyone meanwhile, and silence must not read as all well.
+
 With neither it says so and exits 0: notifying is off. The token and the webhook URL
 are secrets: never logged, and masked in anything that is.
 """
@@ -23,14 +27,17 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from pydantic import Field, SecretStr
 
 from pumpflow.cli.alerting import (
+    Alert,
     AlertNotifier,
     AlertSourceError,
     DiscordTarget,
+    Notification,
     NotifierConfig,
     PostResult,
     Target,
@@ -42,6 +49,9 @@ from pumpflow.common.runtime.logging import configure_logging
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
 log = logging.getLogger("pumpflow.notify")
+
+#: the name of the notifier's own alert, posted while Prometheus' alerts cannot be read
+SOURCE_ALERT = "AlertsUnreadable"
 
 NO_TARGET = (
     "pumpflow notify: no webhook configured, so alerts reach nobody: set "
@@ -61,6 +71,12 @@ class NotifySettings(CommonSettings):
     notify_timeout_s: float = Field(10.0, gt=0, description="seconds an HTTP request may take")
     notify_min_interval_s: float = Field(
         1.0, ge=0, description="at least this long between two posts to one target"
+    )
+    notify_source_down_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds Prometheus may fail to give its alerts before that is posted as "
+        "an alert of its own (AlertsUnreadable), resolved once it answers again",
     )
     notify_retry_initial_s: float = Field(2.0, gt=0, description="first pause before a retry")
     notify_retry_max_s: float = Field(300.0, gt=0, description="longest pause before a retry")
@@ -158,6 +174,17 @@ class HttpTransport:
         await self._client.aclose()
 
 
+def source_alert(source: str) -> Alert:
+    """The notifier's own alert: Prometheus' alerts cannot be read, so none reaches anyone."""
+    return Alert(
+        name=SOURCE_ALERT,
+        labels={"alertname": SOURCE_ALERT, "severity": "critical", "source": source},
+        severity="critical",
+        summary="pumpflow notify cannot read Prometheus' alerts: no alert of the stack is "
+        "posted until it can",
+    )
+
+
 async def run_notifier(
     notifier: AlertNotifier,
     fetch: Callable[[], Awaitable[Any]],
@@ -165,13 +192,35 @@ async def run_notifier(
     clock: Clock,
     interval_s: float,
     stop: asyncio.Event,
+    source: str = "Prometheus",
+    source_down_after_s: float = 120.0,
 ) -> None:
-    """Poll, post what changed, retry what failed, until ``stop`` is set."""
+    """Poll, post what changed, retry what failed, until ``stop`` is set. Alerts that
+    cannot be read for ``source_down_after_s`` are posted as an alert of their own: the
+    silence would otherwise read as nothing wrong."""
+    failing_since: float | None = None
+    said: Alert | None = None
     while not stop.is_set():
         try:
-            notifier.observe(parse_alerts(await fetch()))
+            alerts = parse_alerts(await fetch())
         except AlertSourceError as exc:
             log.warning("reading alerts: %s; polling again in %.0f s", exc, interval_s)
+            now = clock.now()
+            failing_since = now if failing_since is None else failing_since
+            if said is None and now - failing_since >= source_down_after_s:
+                said = source_alert(source)
+                said = replace(
+                    said,
+                    description=f"{exc}, for {now - failing_since:.0f} s "
+                    "(the alerts firing before are not resolved meanwhile)",
+                )
+                notifier.notify(Notification(alert=said, state="firing"))
+        else:
+            failing_since = None
+            if said is not None:
+                notifier.notify(Notification(alert=said, state="resolved"))
+                said = None
+            notifier.observe(alerts)
         next_poll = clock.now() + interval_s
         while not stop.is_set():
             await notifier.deliver()
@@ -194,7 +243,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and when it resolves. Settings from the environment: "
             "PUMPFLOW_NOTIFY_PROMETHEUS_URL, PUMPFLOW_NOTIFY_TELEGRAM_TOKEN and "
             "PUMPFLOW_NOTIFY_TELEGRAM_CHAT_ID, PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL, "
-            "PUMPFLOW_NOTIFY_INTERVAL_S. Without a target it exits 0."
+            "PUMPFLOW_NOTIFY_INTERVAL_S. Prometheus giving no alerts for "
+            "PUMPFLOW_NOTIFY_SOURCE_DOWN_AFTER_S (120) is posted as an alert of its own, "
+            "AlertsUnreadable. Without a target it exits 0."
         ),
     )
     parser.set_defaults(handler=notify_command)
@@ -231,7 +282,8 @@ async def _serve(settings: NotifySettings, targets: list[Target], config: Notifi
     try:
         await run_notifier(
             notifier, transport.alerts, clock=clock, interval_s=settings.notify_interval_s,
-            stop=stop,
+            stop=stop, source=settings.notify_prometheus_url,
+            source_down_after_s=settings.notify_source_down_after_s,
         )  # fmt: skip
     finally:
         await transport.close()
