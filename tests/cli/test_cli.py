@@ -502,6 +502,14 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
             "pumpflow replay: cannot connect: postgres unreachable: ConnectionRefusedError: "
             "[Errno 111] Connect call failed",
         ),
+        # the first command of a deployment, whose operator must learn it is Postgres
+        (
+            ["migrate", "--dsn", "postgresql://postgres@127.0.0.1:1/test"],
+            None,
+            1,
+            "pumpflow migrate: cannot connect: postgres unreachable: ConnectionRefusedError: "
+            "[Errno 111] Connect call failed",
+        ),
     ],
 )
 def test_a_bad_setting_or_file_is_one_line_naming_it_and_no_traceback(

@@ -24,11 +24,14 @@ async def apply(dsn: str, schema: str) -> list[int]:
     import asyncpg
 
     from pumpflow.common.db.migrate import migrate
+    from pumpflow.common.dependencies import reaching
 
     def connect() -> Awaitable[asyncpg.Connection]:
         return asyncpg.connect(dsn, server_settings={"application_name": "pumpflow migrate"})
 
-    conn = await connect()
+    # a refused connection says only an address: the operator learns it is Postgres's
+    with reaching("postgres"):
+        conn = await connect()
     try:
         return await migrate(conn, schema, connect=connect)
     finally:
@@ -49,6 +52,8 @@ def migrate_command(args: argparse.Namespace) -> int:
 
     try:
         applied = asyncio.run(apply(dsn, schema))
+    except ConnectionError:
+        raise  # the CLI's one line: cannot connect, and to what
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
         print(f"pumpflow migrate: {exc}", file=sys.stderr)
         return 1
