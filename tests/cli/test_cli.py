@@ -196,6 +196,20 @@ def test_settings_shows_variables_defaults_descriptions_and_hides_secrets(
     assert re.search(r"PUMPFLOW_WIDGET_COUNT\s+5\n\s+default 3; how many widgets", text)
 
 
+def test_settings_shows_pumpflow_notify_s_as_a_service_s_secrets_masked(monkeypatch, capsys):
+    """``pumpflow notify`` runs beside the services with settings of its own: an operator
+    checks them where a service's are checked, the webhook's secret masked."""
+    monkeypatch.setenv("PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL", "http://127.0.0.1:9/very-secret")
+    monkeypatch.setenv("PUMPFLOW_NOTIFY_INTERVAL_S", "5")
+    assert cli_main.main(["settings", "notify", "--json"]) == 0
+    output = capsys.readouterr().out
+    assert "very-secret" not in output
+    rows = {row["variable"]: row for row in json.loads(output)}
+    assert rows["PUMPFLOW_NOTIFY_INTERVAL_S"]["value"] == 5.0
+    assert rows["PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL"]["value"] == "***"
+    assert rows["PUMPFLOW_NOTIFY_PROMETHEUS_URL"]["default"] == "http://127.0.0.1:9090"
+
+
 def test_settings_shows_the_service_name_the_runtime_sets_as_its_default(
     fake_services, monkeypatch, capsys
 ):

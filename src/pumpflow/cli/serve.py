@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     settings = subparsers.add_parser(
         "settings", help="show a service's settings: variables, values, defaults, meaning"
     )
-    settings.add_argument("service", help="service name, see `pumpflow services`")
+    settings.add_argument(
+        "service", help="service name, see `pumpflow services` (or notify, pumpflow notify's)"
+    )
     settings.add_argument("--json", action="store_true", help="print JSON")
     settings.set_defaults(handler=settings_command)
 
@@ -124,7 +126,13 @@ def describe_settings(service: str, settings_cls) -> list[dict]:
 
 
 def settings_command(args: argparse.Namespace) -> int:
-    settings_cls = _load(load_settings, args.service)
+    if args.service == "notify":
+        # no service, and run beside them: its settings are checked the same way
+        from pumpflow.cli.notify import NotifySettings
+
+        settings_cls = NotifySettings
+    else:
+        settings_cls = _load(load_settings, args.service)
     if settings_cls is None:
         return 2
     try:

@@ -65,6 +65,9 @@ def redact_value(name: str, value: Any) -> Any:
     """The value of setting ``name`` as it may be shown."""
     if value is None or value == "":
         return value
+    if isinstance(value, SecretStr | SecretBytes):
+        # masked as every secret is, not as pydantic's asterisks; an empty one is unset
+        return MASK if value.get_secret_value() else ""
     if is_secret_name(name) and not isinstance(value, _NEVER_SECRET):
         return MASK
     if isinstance(value, str):
