@@ -489,6 +489,34 @@ async def test_stop_whose_shutdown_the_broker_never_took_says_the_exit_did_not_b
     )
 
 
+async def test_stop_past_its_timeout_says_the_exit_goes_on_and_how_to_follow_it(
+    monkeypatch, capsys
+):
+    """``--timeout`` ends the following, not the graceful exit: the operator is told it
+    goes on, until when, and the command that follows it again, the same request."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+
+    async def shutdown(request: Request) -> JSONResponse:
+        return JSONResponse({"published": True})
+
+    async def progress(request: Request) -> JSONResponse:
+        under_way = {"sold_out": 0, "positions": 2, "tranches": 0, "in_flight": 2,
+                     "deadline_margin_s": 41.5}  # fmt: skip
+        return JSONResponse({"run": {"run_id": "x"}, "progress": under_way})
+
+    app = Starlette(
+        routes=[Route("/shutdown", shutdown, methods=["POST"]), Route("/progress", progress)]
+    )
+    async with local_app(app) as base:
+        argv = ["stop", "--url", base, "--timeout", "0.5", "--request-id", "r1"]
+        parsed = build_parser().parse_args(argv)
+        assert await asyncio.to_thread(parsed.handler, parsed) == 1
+    assert capsys.readouterr().err == (
+        "pumpflow stop: the graceful exit did not end within --timeout 0.5 s; it goes on, "
+        "its deadline 41.5 s away: `pumpflow stop --request-id r1` follows it again\n"
+    )
+
+
 @pytest.mark.parametrize("command", ["trading state", "stop"])
 @pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:8005", "ftp://127.0.0.1/"])
 def test_a_url_that_is_no_http_address_is_refused_naming_it(command, url, capsys):

@@ -124,6 +124,7 @@ def stop_command(args: argparse.Namespace) -> int:
         if args.no_wait:
             return UNPUBLISHED if unpublished else 0
         begun = False
+        margin = None
         until = time.monotonic() + args.timeout
         while time.monotonic() < until:
             body = get_json(f"{url}/progress")
@@ -133,6 +134,7 @@ def stop_command(args: argparse.Namespace) -> int:
                 return _flat_or_not(body["summary"])
             progress = body.get("progress")
             if progress:
+                margin = progress.get("deadline_margin_s")
                 unconfirmed = progress.get("unconfirmed_tranches") or 0
                 # a sale ordered and not filled waits for trading: none fills while it
                 # is down, which "0 tranches" alone would hide
@@ -165,7 +167,10 @@ def stop_command(args: argparse.Namespace) -> int:
               "accepted before the broker took it: the replica publishes it once the broker "
               "does)", file=sys.stderr)  # fmt: skip
         return 1
-    print("pumpflow stop: the graceful exit did not end in time", file=sys.stderr)
+    # the timeout ends the following, not the graceful exit
+    until_when = f", its deadline {margin:.1f} s away" if margin is not None and margin > 0 else ""
+    print(f"pumpflow stop: the graceful exit did not end within --timeout {args.timeout:g} s; "
+          f"it goes on{until_when}: `{again}` follows it again", file=sys.stderr)  # fmt: skip
     return 1
 
 
