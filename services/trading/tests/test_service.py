@@ -24,7 +24,13 @@ from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
-from pumpflow.common.trading import MIGRATION_POOL, VENUE_POOL, EntryFilters, TradingState
+from pumpflow.common.trading import (
+    MIGRATION_POOL,
+    VENUE_POOL,
+    EntryFilters,
+    RiskLimits,
+    TradingState,
+)
 from pumpflow.common.trading.decisions import retaken_id
 from pumpflow.trading.context import TokenContext
 from pumpflow.trading.ledger import (
@@ -1171,6 +1177,26 @@ def test_the_limits_take_the_re_entry_cooldown_setting(monkeypatch):
     monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", "-1")
     with pytest.raises(SettingsError, match="PUMPFLOW_TRADING_REENTRY_COOLDOWN_S"):
         TradingSettings.load(service="trading", transport="memory")
+
+
+def test_the_limits_of_capital_at_risk_are_settings_an_operator_can_tighten(monkeypatch):
+    """The daily loss, the total exposure and one token's share of capital are what an
+    operator tightens on a bad day or for a first live run; settings, as the risk per
+    trade and the positions held are (the module's defaults argued where they stand)."""
+    monkeypatch.setenv("PUMPFLOW_TRADING_MAX_DAILY_LOSS_FRACTION", "0.02")
+    monkeypatch.setenv("PUMPFLOW_TRADING_MAX_TOTAL_EXPOSURE_FRACTION", "0.2")
+    monkeypatch.setenv("PUMPFLOW_TRADING_MAX_POSITION_FRACTION", "0.05")
+    monkeypatch.setenv("PUMPFLOW_TRADING_MAX_TOKEN_EXPOSURE_FRACTION", "0.06")
+    limits = TradingSettings.load(service="trading", transport="memory").limits()
+    assert limits.max_daily_loss_fraction == 0.02
+    assert limits.max_total_exposure_fraction == 0.2
+    assert (limits.max_position_fraction, limits.max_token_exposure_fraction) == (0.05, 0.06)
+    default = TradingSettings.model_fields["trading_max_daily_loss_fraction"].default
+    assert default == RiskLimits().max_daily_loss_fraction
+    for bad in ("0", "1.5"):
+        monkeypatch.setenv("PUMPFLOW_TRADING_MAX_DAILY_LOSS_FRACTION", bad)
+        with pytest.raises(SettingsError, match="PUMPFLOW_TRADING_MAX_DAILY_LOSS_FRACTION"):
+            TradingSettings.load(service="trading", transport="memory")
 
 
 @pytest.mark.parametrize("variable", ["NAME", "CREATOR"])

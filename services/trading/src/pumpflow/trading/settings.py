@@ -119,6 +119,28 @@ class TradingSettings(PumpPortalKeySettings):
     trading_max_concurrent_positions: int = Field(
         _LIMITS.max_concurrent_positions, ge=1, description="tokens held at once"
     )
+    trading_max_position_fraction: float = Field(
+        _LIMITS.max_position_fraction, gt=0, le=1, description="share of capital one entry buys"
+    )
+    trading_max_token_exposure_fraction: float = Field(
+        _LIMITS.max_token_exposure_fraction,
+        gt=0,
+        le=1,
+        description="share of capital one token may hold (entries added included)",
+    )
+    trading_max_total_exposure_fraction: float = Field(
+        _LIMITS.max_total_exposure_fraction,
+        gt=0,
+        le=1,
+        description="share of capital held in tokens at once",
+    )
+    trading_max_daily_loss_fraction: float = Field(
+        _LIMITS.max_daily_loss_fraction,
+        gt=0,
+        le=1,
+        description="share of capital the UTC day's realised loss may reach; then trading "
+        "only reduces until the next UTC day",
+    )
     trading_add_to_positions: bool = Field(
         _LIMITS.add_to_positions,
         description="buy more of a token held, up to its exposure limit (default: one entry)",
@@ -345,6 +367,10 @@ class TradingSettings(PumpPortalKeySettings):
     def limits(self) -> RiskLimits:
         return replace(
             _LIMITS,
+            max_position_fraction=self.trading_max_position_fraction,
+            max_token_exposure_fraction=self.trading_max_token_exposure_fraction,
+            max_total_exposure_fraction=self.trading_max_total_exposure_fraction,
+            max_daily_loss_fraction=self.trading_max_daily_loss_fraction,
             add_to_positions=self.trading_add_to_positions,
             reentry_cooldown_s=self.trading_reentry_cooldown_s,
         )
