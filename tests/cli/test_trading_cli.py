@@ -561,6 +561,47 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
         assert await pumpflow_trading(base, "acknowledge") == 2
 
 
+async def test_state_says_what_is_held_and_the_pnl(capsys):
+    """``trading state`` is the status an operator reads from a shell (in a container of
+    the compose stack the only one): besides the state, what is held and what it made,
+    from ``/pnl``, the replica's book or, from a stand-by, the ledger's."""
+    pnl = {
+        "role": "active",
+        "source": "book",
+        "open_positions": 3,
+        "closed_positions": 35,
+        "exposure_sol": 0.78894,
+        "realized_pnl_sol": 2.12645,
+        "unrealized_pnl_sol": -0.0123,
+        "fees_sol": 0.40729,
+        "capital_sol": 12.12645,
+    }
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse({"state": "active", "reason": "", "role": "active"})
+
+    async def pnl_route(request: Request) -> JSONResponse:
+        return JSONResponse(pnl)
+
+    routes = [Route("/state", state), limits_route([]), Route("/pnl", pnl_route)]
+    async with local_app(Starlette(routes=routes)) as base:
+        assert await pumpflow_trading(base, "state") == 0
+        assert capsys.readouterr().out == (
+            "trading is active (no reason); role active\n"
+            "3 positions open, 0.7889 SOL in tokens; 35 closed\n"
+            "PnL after fees: realised +2.1265 SOL, unrealised -0.0123 SOL (fees 0.4073 SOL); "
+            "capital 12.1265 SOL\n"
+        )
+        pnl.update(source="ledger", unrealized_pnl_sol=None, open_positions=0, exposure_sol=0)
+        assert await pumpflow_trading(base, "state") == 0
+    # a stand-by has no marks: the unrealised PnL is the holder's
+    assert capsys.readouterr().out == (
+        "trading is active (no reason); role active\n"
+        "0 positions open, 0.0000 SOL in tokens; 35 closed (the ledger's)\n"
+        "PnL after fees: realised +2.1265 SOL (fees 0.4073 SOL); capital 12.1265 SOL\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("executor", "line"),
     [("live", "orders executed LIVE: real money through the trade API"),

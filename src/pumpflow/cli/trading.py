@@ -26,9 +26,9 @@ their announcement (``trading.state``) not published yet. One line on stderr say
 and why, exit status 4 (:data:`~pumpflow.cli.api.UNPUBLISHED`): it goes out once the
 broker takes it, in order with what the replica published before it.
 
-``state`` also says who executes orders (live: real money, or paper) and lists the
-limits exceeded now, if any (``/limits``: a live order's late fill, booked past its
-limit check).
+``state`` also says who executes orders (live: real money, or paper), what is held and
+what it made (``/pnl``), and lists the limits exceeded now, if any (``/limits``: a live
+order's late fill, booked past its limit check).
 
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.error
 
 from pumpflow.cli.api import (
     UNPUBLISHED,
@@ -95,10 +96,12 @@ def trading_command(args: argparse.Namespace) -> int:
     if args.action == "acknowledge":
         return acknowledge(url, args.signatures)
     exceeded: list[dict] = []
+    pnl: dict | None = None
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")
             exceeded = get_json(f"{url}/limits").get("exceeded", [])
+            pnl = _pnl(url)
         else:
             token = api_token("trading")
             if not token:
@@ -124,6 +127,8 @@ def trading_command(args: argparse.Namespace) -> int:
     executor = EXECUTOR_LINES.get(body.get("executor"))
     if executor is not None and args.action == "state":
         print(executor)
+    if pnl is not None:
+        print(*_pnl_lines(pnl), sep="\n")
     if exceeded:
         held = ", as the ledger holds them" if body.get("source") == "ledger" else ""
         print(f"limits exceeded{held} (booked past their check: no entry adding to them "
@@ -141,6 +146,30 @@ def trading_command(args: argparse.Namespace) -> int:
         print(f"pumpflow trading: {body['detail']}", file=sys.stderr)
         return UNPUBLISHED
     return 0
+
+
+def _pnl(url: str) -> dict | None:
+    """The replica's ``/pnl``; None from a replica that serves none."""
+    try:
+        return get_json(f"{url}/pnl")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def _pnl_lines(pnl: dict) -> list[str]:
+    """What is held and what it made, as ``/pnl`` says (the ledger's from a stand-by,
+    which has no marks: the unrealised PnL is the holder's)."""
+    ledger = " (the ledger's)" if pnl.get("source") == "ledger" else ""
+    unrealized = pnl.get("unrealized_pnl_sol")
+    marked = f", unrealised {unrealized:+.4f} SOL" if unrealized is not None else ""
+    return [
+        f"{counted(pnl['open_positions'], 'position')} open, "
+        f"{pnl['exposure_sol']:.4f} SOL in tokens; {pnl['closed_positions']} closed{ledger}",
+        f"PnL after fees: realised {pnl['realized_pnl_sol']:+.4f} SOL{marked} "
+        f"(fees {pnl['fees_sol']:.4f} SOL); capital {pnl['capital_sol']:.4f} SOL",
+    ]
 
 
 def acknowledge(url: str, signatures: list[str] | None) -> int:
