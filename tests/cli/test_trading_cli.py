@@ -182,15 +182,18 @@ async def test_state_asked_of_a_stand_by_says_the_operators_state_and_the_holder
     assert said == (
         "the operator's state is halted (from the desk), as the ledger holds it; "
         "role standby: the replica trading (t1:cd34) knows the state in force\n"
-        "limits exceeded, as the ledger holds them (booked past their check: no entry "
-        "adding to them is admitted, and the exit sells as usual):\n"
+        "limits exceeded, as the ledger holds them (a fill booked past its check, or a "
+        "limit set lower since: no entry adding to them is admitted, and the exit sells as "
+        "usual):\n"
         f"  {EXCEEDED['text']}\n"
     ), said
 
 
 async def test_state_prints_the_limits_exceeded_and_nothing_of_limits_when_none_is(capsys):
-    """A late fill may leave limits exceeded: ``trading state`` lists them (its
-    ``/limits``), one a line; with none exceeded it says nothing of the limits."""
+    """A late fill, or a limit set lower in a restart (a replica taking over with the
+    positions of one before), may leave limits exceeded: ``trading state`` lists them (its
+    ``/limits``), one a line, naming both causes; with none exceeded it says nothing of
+    the limits."""
     total = {
         **EXCEEDED,
         "limit": "total_exposure",
@@ -210,8 +213,8 @@ async def test_state_prints_the_limits_exceeded_and_nothing_of_limits_when_none_
         assert await pumpflow_trading(base, "state") == 0
     assert capsys.readouterr().out == (
         "trading is active (no reason); role active\n"
-        "limits exceeded (booked past their check: no entry adding to them is admitted, "
-        "and the exit sells as usual):\n"
+        "limits exceeded (a fill booked past its check, or a limit set lower since: no "
+        "entry adding to them is admitted, and the exit sells as usual):\n"
         f"  {EXCEEDED['text']}\n"
         f"  {total['text']}\n"
     )

@@ -131,8 +131,10 @@ def trading_command(args: argparse.Namespace) -> int:
         print(*_pnl_lines(pnl), sep="\n")
     if exceeded:
         held = ", as the ledger holds them" if body.get("source") == "ledger" else ""
-        print(f"limits exceeded{held} (booked past their check: no entry adding to them "
-              "is admitted, and the exit sells as usual):")  # fmt: skip
+        # a late fill's, or a restart's with a lower limit over what was held
+        print(f"limits exceeded{held} (a fill booked past its check, or a limit set lower "
+              "since: no entry adding to them is admitted, and the exit sells as "
+              "usual):")  # fmt: skip
         for limit in exceeded:
             print(f"  {limit['text']}")
     if body.get("stored") is False:
