@@ -564,6 +564,33 @@ async def test_acknowledge_forgets_the_unbooked_trades_named_and_lists_those_lef
         assert await pumpflow_trading(base, "acknowledge") == 2
 
 
+async def test_state_names_the_breakers_tripped_and_the_daily_loss_under_a_halt(capsys):
+    """The state's reason is one cause: under an operator's halt, a breaker tripped (the
+    feed silent, say) or the day's loss limit keeps trading from entering after a resume
+    too; the operator deciding to resume reads them here."""
+    body = {
+        "state": "halted",
+        "reason": "shutdown: stop",
+        "role": "active",
+        "daily_loss_limit_hit": True,
+        "breakers": {
+            "curve": {"tripped": False, "reason": ""},
+            "stale": {"tripped": True, "reason": "86 of 101 active tokens silent for over 30s"},
+        },
+    }
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse(body)
+
+    async with local_app(Starlette(routes=[Route("/state", state), limits_route([])])) as base:
+        assert await pumpflow_trading(base, "state") == 0
+    assert capsys.readouterr().out == (
+        "trading is halted (shutdown: stop); role active\n"
+        "breaker tripped: stale (86 of 101 active tokens silent for over 30s)\n"
+        "the daily loss limit is reached: trading only reduces until the next UTC day\n"
+    )
+
+
 async def test_state_says_what_is_held_and_the_pnl(capsys):
     """``trading state`` is the status an operator reads from a shell (in a container of
     the compose stack the only one): besides the state, what is held and what it made,

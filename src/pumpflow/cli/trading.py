@@ -127,6 +127,13 @@ def trading_command(args: argparse.Namespace) -> int:
     executor = EXECUTOR_LINES.get(body.get("executor"))
     if executor is not None and args.action == "state":
         print(executor)
+    if args.action == "state":
+        # the state names one cause; these hold entries back after a resume too
+        for name, breaker in (body.get("breakers") or {}).items():
+            if breaker.get("tripped"):
+                print(f"breaker tripped: {name} ({breaker.get('reason') or 'no reason'})")
+        if body.get("daily_loss_limit_hit"):
+            print("the daily loss limit is reached: trading only reduces until the next UTC day")
     if pnl is not None:
         print(*_pnl_lines(pnl), sep="\n")
     if exceeded:
