@@ -12,14 +12,19 @@ import functools
 import httpx
 import pytest
 
+from pumpflow.common.bus import partition_of
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.bus.ownership import BalancedBus, OwnershipConfig
 from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event, OrderRejected, SaleRequested, make_event
 from pumpflow.common.exit import REQUESTED
 from pumpflow.common.runtime.http import create_app
+from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.testing import EventCollector, TokenEvents, eventually
 from pumpflow.common.testing.plugin import bus_harness_fixture
 from pumpflow.exit.records import MemoryExitStore
+from pumpflow.exit.service import ExitService
 from pumpflow.trading.ledger import MemoryLedger
 
 from .helpers import START, embedded, exit_service, hold, on_broker, started
@@ -313,4 +318,48 @@ async def test_a_request_to_a_replica_not_owning_the_token_is_ordered_by_its_own
         for service, own in zip(replicas, buses, strict=True):
             await service.stop()
             await own.close()
+        await bus.close()
+
+
+async def test_a_request_asked_of_a_replica_not_owning_the_token_names_the_owner():
+    """Replicas sharing the partitions: asked of one that does not own the token, the
+    request is published and answered by the owner, whose log says what became of it; the
+    answer names that replica and the partition, so the operator knows whose log to read
+    (with several, ``its log`` named none)."""
+    clock = ReplayClock(START)
+    tokens = TokenEvents(clock)
+    bus = InMemoryBus(partitions=PARTITIONS, synchronous=True, source="test")
+    await bus.start()
+    store = MemoryStateStore(clock)
+    beat = OwnershipConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
+    services: dict[str, tuple[ExitService, BalancedBus]] = {}
+
+    async def replica(name: str) -> None:
+        balanced = BalancedBus(bus, store=store, clock=clock, replica=name, config=beat)
+        service = exit_service(partitions=PARTITIONS, replica=name)
+        ctx = ServiceContext(settings=service.settings, bus=balanced, clock=clock, store=store)
+        await service.start(ctx)
+        services[name] = (service, balanced)
+
+    try:
+        await replica("exit-a")
+        await replica("exit-b")
+        await clock.advance(3 * beat.heartbeat_interval_s)
+        owned = set(services["exit-b"][1].balancer("exit").owned)
+        assert owned and owned != set(range(PARTITIONS))
+        mint = tokens.mint()
+        while partition_of(mint, PARTITIONS) not in owned:
+            mint = tokens.mint()
+        await hold(bus, tokens, mint, tokens_held=HELD)
+        asked = services["exit-a"][0]
+        answered, answer = await asked.request_sale(
+            SaleRequested(mint=mint), request_id="elsewhere", wait_s=0.2
+        )
+        assert not answered and answer["published"], answer
+        partition = partition_of(mint, PARTITIONS)
+        assert f"exit-b, which owns the token's partition {partition}," in answer["detail"]
+    finally:
+        for service, balanced in reversed(services.values()):
+            await balanced.balancer("exit").stop(leave=True)
+            await service.stop()
         await bus.close()

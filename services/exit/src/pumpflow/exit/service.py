@@ -127,6 +127,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
+from pumpflow.common.bus.ownership import assign_partitions
 from pumpflow.common.bus.routing import partition_of
 from pumpflow.common.consumer import ConsumerMetrics, KeyedStatefulConsumer
 from pumpflow.common.curve import CurveState
@@ -994,12 +995,29 @@ class ExitService(Service):
                 "request_id": event.id,
                 "mint": request.mint,
                 "published": True,
-                "detail": "published; not applied here within the wait: the replica that "
-                "owns the token's partition orders the sale, unless a request of this id "
-                "was applied before (its log and pumpflow_exit_sale_requests_total tell)",
+                "detail": f"published; not applied here within the wait: "
+                f"{self._owner_of(request.mint)} orders the sale, unless a request of this "
+                "id was applied before (its log and pumpflow_exit_sale_requests_total tell)",
             }
         finally:
             self._asking.pop(event.id, None)
+
+    def _owner_of(self, mint: str) -> str:
+        """Who orders a sale of ``mint``: the replica the partitions' assignment gives its
+        partition, named when the replicas share them; with several, the operator learns
+        whose log tells what became of the request."""
+        ctx = self._ctx
+        partitions = ctx.bus.partitions if ctx is not None else 0
+        ownership = getattr(ctx.bus, "ownership", None) if ctx is not None else None
+        described = ownership().get(self.settings.service) if ownership is not None else None
+        if not partitions or not described or not described.get("replicas"):
+            return "the replica that owns the token's partition"
+        partition = partition_of(mint, partitions)
+        assigned = assign_partitions(partitions, described["replicas"])
+        owner = next((r for r, owned in assigned.items() if partition in owned), None)
+        if owner is None:
+            return "the replica that owns the token's partition"
+        return f"{owner}, which owns the token's partition {partition},"
 
     async def _publish_request(self, event: Event) -> str | None:
         """Publish an operator's ``event``: None once published, else (the broker has not
