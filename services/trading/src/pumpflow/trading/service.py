@@ -1017,7 +1017,8 @@ class TradingService(Service):
             return []
         for request_id, reason in missed:
             log.warning("trading: system.shutdown %s (%s) was applied by the exit service "
-                        "while no replica traded: this replica starts halted on it",
+                        "and by no trading replica (published while none ran, or lost with "
+                        "the one that had it): this replica starts halted on it",
                         request_id, reason)  # fmt: skip
             self._shutdowns_unstored[request_id] = reason
             self._backlog.append(self._barrier_step(reason, request_id, None))
