@@ -19,10 +19,12 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import ModelDrift
 from pumpflow.common.model.arms import ArmTable
 from pumpflow.common.model.metrics import auc
+from pumpflow.common.model.processor import SKIP_REASONS
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
 from pumpflow.features.service import FeaturesService
+from pumpflow.model.metrics import SERVING_CHANGES
 from pumpflow.model.service import ModelService, ModelSettings
 from pumpflow.simulator.dataset import market_events
 from pumpflow.simulator.market import Market, MarketConfig
@@ -295,6 +297,25 @@ async def test_an_arm_removed_through_the_api_leaves_its_share_to_the_others(tmp
         status = await model.status()
         assert status["serving"]["revision"] == 4
         assert [arm["name"] for arm in status["serving"]["arms"]] == ["control", "fourth"]
+
+
+async def test_the_counters_of_known_labels_are_exported_from_0(tmp_path):
+    """Prometheus' increase() does not count a series' first sample: a counter child
+    made at its first increment appears already at 1, and the dashboard would read 0
+    for the first change of the serving, the first vector skipped for a reason, or the
+    tokens of the first arm removed. Every arm served is exported from 0 as it comes."""
+    model = model_service()
+    async with serving_api(model) as http:
+        for change in SERVING_CHANGES:
+            assert sample(model, "pumpflow_model_serving_changes_total", change=change) == 0
+        for reason in SKIP_REASONS:
+            assert sample(model, "pumpflow_model_vectors_skipped_total", reason=reason) == 0
+        reassigned = "pumpflow_model_tokens_reassigned_total"
+        assert sample(model, reassigned, arm="control") == 0
+        await load_candidate(http, other_model(tmp_path, model_id="candidate"))
+        assert (await http.put("/arms", json={"arms": FOUR_ARMS}, headers=AUTH)).is_success
+        for arm in FOUR_ARMS:
+            assert sample(model, reassigned, arm=arm["name"]) == 0, arm
 
 
 async def test_a_model_no_arm_serves_is_unloaded_through_the_api(tmp_path, caplog):

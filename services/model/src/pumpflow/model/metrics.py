@@ -23,6 +23,7 @@ from pumpflow.common.events import ModelDrift
 from pumpflow.common.metrics import families
 from pumpflow.common.model.drift import DriftReport
 from pumpflow.common.model.performance import LabelTracker, LiveFigures
+from pumpflow.common.model.processor import SKIP_REASONS
 from pumpflow.model.outcomes import REFIT_REASONS
 
 #: the changes of the serving a replica makes (the counter's label values): a model
@@ -224,6 +225,8 @@ class ModelServiceMetrics:
                 self._f.serving_unavailable.labels(when, reason)
         for change in SERVING_CHANGES:
             self._f.serving_changes.labels(change)
+        for reason in SKIP_REASONS:
+            self._f.skipped.labels(reason)
         self._skipped: dict[str, int] = {}
         self._reassigned: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
@@ -292,6 +295,8 @@ class ModelServiceMetrics:
         self._f.arm_share.clear()
         for arm, model_id, shadow, share in shares:
             self._f.arm_share.labels(arm, model_id, "true" if shadow else "false").set(share)
+            # from 0 while it serves: its tokens moved once it leaves are an increase
+            self._f.reassigned.labels(arm)
 
     def serving_changed(self, change: str) -> None:
         self._f.serving_changes.labels(change).inc()

@@ -76,6 +76,10 @@ MARKET_TYPES = ("features.updated",)
 #: (a set: a lifecycle of None, none seen yet, is found absent by its hash, where a tuple
 #: would compare None with each state in turn)
 RETIRING = frozenset(("inactive", "graduated"))
+#: why a vector is not scored (the keys of ``ModelProcessor.skipped``): a newer one of
+#: its token delivered with it, its token retiring, another feature set, inside the
+#: policy's interval, no arm's model scoring it
+SKIP_REASONS = ("superseded", "retired", "feature_set", "interval", "no_model")
 _INF = math.inf
 _NAN = math.nan
 
