@@ -12,6 +12,8 @@ _PROGRESS = (
     "positions", "sold_out", "in_flight", "tranches", "tokens_left", "unconfirmed_tranches",
     "unconfirmed_tokens", "pending_tokens",
 )  # fmt: skip
+#: what became of an operator's sale request (see ``requested``)
+REQUEST_OUTCOMES = ("ordered", "refused")
 
 
 class _Families:
@@ -64,6 +66,9 @@ class ExitMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("exit", _Families, registry)
+        # from 0, so an operator's first sale refused shows as an increase
+        for outcome in REQUEST_OUTCOMES:
+            self._f.requests.labels(outcome)
 
     def ordered(self, rule: str) -> None:
         self._f.exits.labels(rule).inc()
