@@ -230,6 +230,26 @@ def test_the_dead_letters_panel_counts_a_replicas_first_letters(tmp_path):
     assert evaluates_to(tmp_path, expr, more, [{"labels": '{service="model"}', "value": 3}], "6m")
 
 
+def test_the_prediction_failures_panel_counts_a_models_first_failures(tmp_path):
+    """A (model, error) series appears at its first failure, already above 0: increase()
+    alone would read 0 for a model that fails from then on."""
+    _, expr = panel_target(
+        "pumpflow-trading.json",
+        "Predictions a model could not make (per 5 min), by model and error",
+    )
+    labels = 'model_id="entry", error="ModelError"'
+    first = [
+        {
+            "series": f'pumpflow_model_prediction_failures_total{{{labels}, instance="m1:8000"}}',
+            "values": "_ 4",
+        }
+    ]
+    assert evaluates_to(tmp_path, expr, first, [{"labels": f"{{{labels}}}", "value": 4}])
+    more = [{**first[0], "values": "_ 4x4 10"}]
+    assert evaluates_to(tmp_path, expr, more, [{"labels": f"{{{labels}}}", "value": 6}], "6m")
+    assert evaluates_to(tmp_path, expr, [], [{"labels": "{}", "value": 0}])
+
+
 def test_the_trading_state_stat_says_when_no_replica_trades(tmp_path):
     """The stat maps its value to a text: a system where no replica holds the lease (or
     none is scraped) must not read "active"."""

@@ -167,14 +167,15 @@ def dashboard_metrics(dashboard: dict) -> set[str]:
     return set(CODE_METRIC.findall(exprs))
 
 
-def exported_metrics() -> set[str]:
-    """Every series name the code exports, suffixes of counters and histograms included."""
+def exported_families() -> set[str]:
+    """Every metric family the code exports (counters without their _total)."""
     from prometheus_client import REGISTRY, CollectorRegistry
 
     from pumpflow.activity.metrics import ActivityServiceMetrics
     from pumpflow.common.consumer.metrics import ConsumerMetrics
     from pumpflow.common.workers import TokenMonitorThreadPool
     from pumpflow.exit.metrics import ExitMetrics
+    from pumpflow.features.metrics import FeaturesMetrics
     from pumpflow.feed.metrics import FeedMetrics
     from pumpflow.model.metrics import ModelServiceMetrics
     from pumpflow.trading.metrics import TradingMetrics
@@ -191,6 +192,7 @@ def exported_metrics() -> set[str]:
     # registry (the default one has the process collector: memory, CPU)
     private = CollectorRegistry()
     FeedMetrics(registry=private)
+    FeaturesMetrics(registry=private)
     ActivityServiceMetrics(registry=private)
     ModelServiceMetrics(registry=private)
     TradingMetrics(registry=private)
@@ -198,14 +200,15 @@ def exported_metrics() -> set[str]:
     TokenMonitorThreadPool(registry=private)
     ConsumerMetrics("deploy-check", registry=private)
 
-    exported = set()
-    for registry in (REGISTRY, private):
-        for family in registry.collect():
-            exported.add(family.name)
-            exported.update(
-                f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_sum", "_count")
-            )
-    return exported
+    return {family.name for registry in (REGISTRY, private) for family in registry.collect()}
+
+
+SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+
+
+def exported_metrics() -> set[str]:
+    """Every series name the code exports, suffixes of counters and histograms included."""
+    return {f"{name}{suffix}" for name in exported_families() for suffix in ("", *SUFFIXES)}
 
 
 def test_grafana_is_provisioned_with_dashboards():
@@ -245,6 +248,16 @@ def test_the_bus_dashboard_plots_the_bus():
         # keys whose events wait for their history to be read
         "pumpflow_consumer_rebuilding_keys",
         "pumpflow_service_info",
+        # each consumer's latency from the feed's receipt of the frame
+        "pumpflow_receipt_age_seconds_bucket",
+        # keyed consumers: keys in memory, their store's trouble, commit and publish time
+        "pumpflow_consumer_keys",
+        "pumpflow_consumer_store_retries_total",
+        "pumpflow_consumer_store_losses_total",
+        "pumpflow_consumer_rebuilt_keys_total",
+        "pumpflow_consumer_unrecorded_starts_total",
+        "pumpflow_consumer_commit_seconds_bucket",
+        "pumpflow_consumer_publish_seconds_bucket",
     } <= dashboard_metrics(dashboard)
 
 
@@ -256,6 +269,19 @@ def test_the_market_dashboard_shows_what_pumpflow_does():
         "pumpflow_feed_reconnects_total",
         "pumpflow_feed_invalid_frames_total",
         "pumpflow_feed_bytes_received_total",
+        # PumpPortal refusing the trade subscriptions (a key not funded)
+        "pumpflow_feed_trade_stream_refused",
+        # events lost, or not published: failed handling, refused by the store, taken
+        # past the lease, stored after a take-over; dead letters dropped
+        "pumpflow_feed_frame_errors_total",
+        "pumpflow_feed_record_rejected_total",
+        "pumpflow_feed_unled_frames_total",
+        "pumpflow_feed_superseded_events_total",
+        "pumpflow_feed_dead_letters_dropped_total",
+        # the store's pace, the socket reader held by it, and the retention
+        "pumpflow_feed_record_stage_seconds_bucket",
+        "pumpflow_feed_record_reader_wait_seconds_total",
+        "pumpflow_feed_pruned_total",
         "pumpflow_activity_tokens",
         "pumpflow_worker_pool_busy_workers",
         "pumpflow_worker_pool_queue_depth",
@@ -279,12 +305,26 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         "pumpflow_model_labels_stored_total",
         "pumpflow_model_serving_unavailable_total",
         "pumpflow_model_refits_pruned_total",
+        # the serving: its changes, tokens handed to another arm, the arms' shares, the
+        # versions served and the feature sets computed
+        "pumpflow_model_serving_changes_total",
+        "pumpflow_model_tokens_reassigned_total",
+        "pumpflow_model_arm_share",
+        "pumpflow_model_serving",
+        "pumpflow_features_feature_set",
+        # vectors not scored, predictions not made, labels dropped unresolved, drift
+        # monitors still warming up
+        "pumpflow_model_vectors_skipped_total",
+        "pumpflow_model_prediction_failures_total",
+        "pumpflow_model_dropped_labels",
+        "pumpflow_model_drift_warming_up",
         # trading: PnL, positions, exposure, fills, rejections, state, breakers, latency
         "pumpflow_trading_pnl_sol",
         "pumpflow_trading_open_positions",
         "pumpflow_trading_exposure_sol",
         "pumpflow_trading_orders_total",
         "pumpflow_trading_fill_sol_total",
+        "pumpflow_trading_fees_sol_total",
         "pumpflow_trading_state",
         # live or paper: nobody takes one for the other
         "pumpflow_trading_executor",
@@ -304,6 +344,8 @@ def test_the_trading_dashboard_shows_models_trading_exits_and_processes():
         # the exit's keyed consumer dropped as copies or found a gap before
         "pumpflow_exit_graceful",
         "pumpflow_exit_slippage_bucket",
+        # operators' sale requests (pumpflow sell), ordered or refused
+        "pumpflow_exit_sale_requests_total",
         "pumpflow_consumer_duplicates_total",
         "pumpflow_consumer_gaps_total",
         # every service's processes
@@ -341,6 +383,43 @@ def test_every_dashboard_plots_only_exported_metrics(path):
                     assert "rate(" in expr or "increase(" in expr, expr
                 if name.endswith("_bucket"):
                     assert "histogram_quantile(" in expr, expr
+
+
+#: metrics exported and on no panel nor alert, on purpose: why each is left out
+NOT_SHOWN = {
+    "pumpflow_consumer_commit_keys": "the batching's shape: its time is shown",
+    "pumpflow_consumer_restored_keys": "routine at each rebalance, which is shown",
+    "pumpflow_consumer_retired_keys": "routine: tokens going quiet",
+    "pumpflow_consumer_timers_fired": "routine: the lifecycle's and the labels' clocks",
+    "pumpflow_dependency_waits": "the pauses behind pumpflow_dependency_waiting, shown",
+    "pumpflow_feed_dead_letters_pending": "a moment's queue; the letters stored are "
+    "pumpflow_events_dead_lettered_total (service feed), the dropped ones are shown",
+    "pumpflow_feed_dead_letters_sent": "as pumpflow_events_dead_lettered_total{service=feed}",
+    "pumpflow_feed_unsubscribed_trades": "stored, not published, by design",
+    "pumpflow_model_batched_rows": "the batching's shape",
+    "pumpflow_model_drift_transitions": "the drifting features and ModelDrift show the state",
+    "pumpflow_model_drift_window_vectors": "GET /models/{id}/drift tells it",
+    "pumpflow_model_live_version": "GET /models/{id}/performance names them",
+    "pumpflow_service_start_time_seconds": "a replica's restart: up and ReplicaDown",
+}
+
+
+def test_every_exported_metric_is_shown_or_left_out_on_purpose():
+    """A metric added with no panel, no alert and no word here fails: an operator would
+    never see it."""
+    used = set()
+    for path in DASHBOARDS:
+        used |= dashboard_metrics(json.loads(path.read_text()))
+    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    for rule in (rule for group in groups for rule in group["rules"]):
+        used |= set(CODE_METRIC.findall(rule["expr"]))
+    for suffix in SUFFIXES:
+        used |= {name.removesuffix(suffix) for name in used}
+    ours = {name for name in exported_families() if name.startswith("pumpflow_")}
+    unshown = sorted(ours - used - set(NOT_SHOWN))
+    assert not unshown, f"exported, on no panel or alert, not in NOT_SHOWN: {unshown}"
+    assert not set(NOT_SHOWN) & used, "shown now: take it out of NOT_SHOWN"
+    assert set(NOT_SHOWN) <= ours, "not exported any more: take it out of NOT_SHOWN"
 
 
 def test_the_metric_check_catches_a_wrong_name():
@@ -443,10 +522,12 @@ def test_images_run_as_an_unprivileged_user():
         assert users and users[-1] not in {"root", "0"}, dockerfile.name
 
 
-#: gauges each replica exports of the whole, not of its share: every model replica's
-#: rolling window starts from the same stored labels, and each one's drift monitor marks
-#: the features it sees drifting; a sum over replicas counts them once per replica
+#: gauges each replica exports of the whole, not of its share: every model replica serves
+#: the same arm table, its rolling window starts from the same stored labels, and each
+#: one's drift monitor marks the features it sees drifting; a sum over replicas counts
+#: them once per replica
 WHOLE_PER_REPLICA = (
+    "pumpflow_model_arm_share",
     "pumpflow_model_live_labels",
     "pumpflow_model_live_metric",
     "pumpflow_model_feature_drifting",
