@@ -60,15 +60,15 @@ before it reads): a commit of another (:attr:`LedgerChange.holder`) is refused
 (:class:`Superseded`), and so is its telling events published, so a replica that lost
 the lease stores nothing its successor has not read, nor drops its successor's events;
 so are its writes of the operator's (:meth:`Ledger.set_control`,
-:meth:`Ledger.acknowledge_unbooked` with ``holder``), so it undoes nothing its
-successor was given since (an operator's halt is stored without: any replica takes it).
-A replica standing by says so once its last changes are stored (:meth:`Ledger.stood_by`);
-its successor waits for that a while (:meth:`Ledger.predecessor`) before it reads: an
-entry the predecessor withdrew unsent then reads withdrawn, not in flight (see
-``TradingService._take_over``).
+:meth:`Ledger.acknowledge_unbooked`, :meth:`Ledger.set_limits` with ``holder``), so it
+undoes nothing its successor was given since (an operator's halt is stored without: any
+replica takes it). A replica standing by says so once its last changes are stored
+(:meth:`Ledger.stood_by`); its successor waits for that a while
+(:meth:`Ledger.predecessor`) before it reads: an entry the predecessor withdrew unsent
+then reads withdrawn, not in flight (see ``TradingService._take_over``).
 
 :class:`PostgresLedger` is the ledger of a deployment (migrations 0005, 0013, 0017, 0018,
-0021, 0022, 0024, 0028, 0029); :class:`MemoryLedger` keeps the same in memory for the
+0021, 0022, 0024, 0028, 0029, 0031); :class:`MemoryLedger` keeps the same in memory for the
 embedded run and tests, where a restart starts from nothing anyway.
 
 On start the service rebuilds its position book from :meth:`Ledger.load`: the fills, in
@@ -511,6 +511,16 @@ class LedgerExposure:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OperatorLimit:
+    """A risk limit the operator set over its setting: its value, why, and when (epoch
+    seconds)."""
+
+    value: float
+    reason: str
+    changed_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LedgerSnapshot:
     """What a replica needs to trade on where the last one stopped."""
 
@@ -597,6 +607,18 @@ class Ledger(Protocol):
         ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
+
+    async def set_limits(
+        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+    ) -> None:
+        """Store the risk limits ``values`` (name -> value) the operator set at ``now``,
+        over the settings' (None for all: back to the settings); refused
+        (:class:`Superseded`) once another than ``holder`` took over, as a commit is."""
+        ...
+
+    async def limits(self) -> dict[str, OperatorLimit]:
+        """The risk limits the operator set, by name (none: the settings' hold)."""
+        ...
 
     async def shutdown_applied(self, request_id: str) -> bool:
         """Whether a halt stored applied the shutdown request ``request_id`` (forgotten
@@ -736,6 +758,8 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
+        #: name -> a risk limit the operator set
+        self._limits: dict[str, OperatorLimit] = {}
         #: request id -> (the shutdown's reason, its barrier is out)
         self._shutdowns: dict[str, tuple[str, bool]] = {}
         #: mint -> the last seq given
@@ -932,6 +956,19 @@ class MemoryLedger:
 
     async def control(self) -> tuple[TradingState, str] | None:
         return self._control
+
+    async def set_limits(
+        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+    ) -> None:
+        self._fence(holder)
+        if values is None:
+            self._limits.clear()
+            return
+        for name, value in values.items():
+            self._limits[name] = OperatorLimit(value=value, reason=reason, changed_at=now)
+
+    async def limits(self) -> dict[str, OperatorLimit]:
+        return dict(self._limits)
 
     async def shutdown_applied(self, request_id: str) -> bool:
         return request_id in self._shutdowns
@@ -1185,7 +1222,7 @@ def _record(row: Any) -> OrderRecord:
 
 class PostgresLedger:
     """The ledger in Postgres (migrations 0005, 0013, 0017, 0018, 0021, 0022, 0024,
-    0028), in the pool's schema."""
+    0028, 0031), in the pool's schema."""
 
     def __init__(self, pool: Any, *, shutdowns_kept_s: float = SHUTDOWN_REQUESTS_KEPT_S):
         self.pool = pool
@@ -1418,6 +1455,35 @@ class PostgresLedger:
             "SELECT state, reason FROM trading_control WHERE name = $1", CONTROL
         )
         return None if row is None else (TradingState(row[0]), row[1])
+
+    async def set_limits(
+        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+    ) -> None:
+        async with self.pool.acquire() as conn, holding_transaction(conn):
+            await _fence(conn, holder)
+            if values is None:
+                await conn.execute("DELETE FROM trading_limits")
+                return
+            await conn.execute(
+                "INSERT INTO trading_limits (name, value, reason, changed_at) "
+                "SELECT name, value, $3, to_timestamp($4) "
+                "FROM unnest($1::text[], $2::float8[]) AS given (name, value) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, "
+                "reason = EXCLUDED.reason, changed_at = EXCLUDED.changed_at",
+                list(values),
+                [float(v) for v in values.values()],
+                reason,
+                now,
+            )
+
+    async def limits(self) -> dict[str, OperatorLimit]:
+        rows = await self.pool.fetch(
+            "SELECT name, value, reason, extract(epoch FROM changed_at) FROM trading_limits"
+        )
+        return {
+            row[0]: OperatorLimit(value=row[1], reason=row[2], changed_at=float(row[3]))
+            for row in rows
+        }
 
     async def shutdown_applied(self, request_id: str) -> bool:
         return await self.pool.fetchval(

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pumpflow.common.events import Side
 from pumpflow.common.metrics import families
-from pumpflow.common.trading import BREAKERS, LIMITS, PositionBook, RiskManager, TradingState
+from pumpflow.common.trading import (
+    BREAKERS,
+    LIMITS,
+    PositionBook,
+    RiskLimits,
+    RiskManager,
+    TradingState,
+)
 
 #: the target is a p99 within 25 ms; the tail shows a backlog
 RECEIPT_TO_DECISION_BUCKETS = (
@@ -22,6 +30,8 @@ UNBOOKED_KINDS = ("wallet_trade", "sale_of_closed_position")
 EXECUTORS = ("paper", "live")
 #: what became of an order (see ``order``)
 ORDER_OUTCOMES = ("sent", "filled", "rejected", "duplicate")
+#: what an operator does to the risk limits (see ``limit_changes``)
+LIMIT_CHANGES = ("set", "reset")
 #: a prediction's outcome, by whether it led to an order
 PREDICTION_OUTCOMES = {True: "order", False: "no_order"}
 
@@ -129,6 +139,20 @@ class _Families:
             ["limit"],
             registry=registry,
         )
+        self.limit = Gauge(
+            "pumpflow_trading_limit",
+            "The risk limits in force (the settings', or the operator's over them: GET "
+            "/limits says which), by name",
+            ["limit"],
+            registry=registry,
+        )
+        self.limit_changes = Counter(
+            "pumpflow_trading_limit_changes",
+            "Operators' changes of the risk limits: set (PUT /limits), reset to the "
+            "settings (DELETE /limits)",
+            ["action"],
+            registry=registry,
+        )
 
 
 class TradingMetrics:
@@ -146,6 +170,8 @@ class TradingMetrics:
             self._f.over_limit.labels(limit)
         for breaker in BREAKERS:
             self._f.trips.labels(breaker)
+        for action in LIMIT_CHANGES:
+            self._f.limit_changes.labels(action)
         for side in get_args(Side):
             self._f.fill_sol.labels(side)
             for outcome in ORDER_OUTCOMES:
@@ -211,6 +237,14 @@ class TradingMetrics:
 
     def fills_over_limit(self, limit: str) -> float:
         return self._f.over_limit.labels(limit)._value.get()
+
+    def limits(self, limits: RiskLimits, names: Iterable[str]) -> None:
+        """Export the limits ``names`` of ``limits`` in force."""
+        for name in names:
+            self._f.limit.labels(name).set(getattr(limits, name))
+
+    def limit_change(self, action: str) -> None:
+        self._f.limit_changes.labels(action).inc()
 
     def book(self, book: PositionBook, risk: RiskManager) -> None:
         f = self._f

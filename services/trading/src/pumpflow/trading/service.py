@@ -138,8 +138,9 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import msgspec
@@ -181,6 +182,7 @@ from pumpflow.common.trading import (
     Position,
     PositionBook,
     Reason,
+    RiskLimits,
     RiskManager,
     TradingEngine,
     TradingState,
@@ -204,6 +206,7 @@ from pumpflow.trading.ledger import (
     LedgerChange,
     LedgerTotals,
     MemoryLedger,
+    OperatorLimit,
     OrderOutcome,
     OrderRecord,
     OrderState,
@@ -212,7 +215,7 @@ from pumpflow.trading.ledger import (
 )
 from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
-from pumpflow.trading.settings import TradingSettings
+from pumpflow.trading.settings import OPERATOR_LIMITS, TradingSettings, operator_limits
 
 log = logging.getLogger("pumpflow.trading")
 
@@ -281,6 +284,10 @@ def _measured(risk: RiskManager) -> dict[str, Any]:
             for breach in risk.exceeded()
         ],
     }
+
+
+def _utc(at: float) -> str:
+    return f"{datetime.fromtimestamp(at, UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
 def _outboxed(event: Event) -> bool:
@@ -468,6 +475,11 @@ class TradingService(Service):
         #: one write of the operator's state at a time, in the order they were given
         self._control_lock = asyncio.Lock()
         self._control_writer: asyncio.Task | None = None
+        #: the risk limits the operator set over the settings' (the ledger's, as read at
+        #: the take-over and written since), by name
+        self._operator_limits: dict[str, OperatorLimit] = {}
+        #: one change of the limits at a time, stored then applied in the order given
+        self._limits_lock = asyncio.Lock()
         #: the operator's states (applied, or to apply) and their announcements still
         #: waiting for the lock or the bus after their answers
         self._announcing: set[asyncio.Task] = set()
@@ -593,6 +605,7 @@ class TradingService(Service):
             entry_spend=self._entry_spend(),
             clock=ctx.clock,
         )
+        self._apply_limits()
         self.engine = TradingEngine(
             None,
             self.book,
@@ -656,6 +669,11 @@ class TradingService(Service):
                 holder=self._writer,
             )
             self._holding = True
+            self._operator_limits = await self.ledger.limits()
+            self._apply_limits()
+            if self._operator_limits:
+                log.warning("trading: the operator's limits stored hold over the settings: %s",
+                            self._limits_said())  # fmt: skip
             for fill in snapshot.fills:
                 payload = fill.payload()
                 self.book.apply_fill(payload, time=fill.filled_at, reason=fill.reason)
@@ -1955,6 +1973,82 @@ class TradingService(Service):
             applied.set_result(True)
             return await self._flush_control()
 
+    def _apply_limits(self) -> None:
+        """Decide by the settings' limits with the operator's over them, from the next
+        decision on; export them."""
+        limits = replace(
+            self.settings.risk_limits(),
+            **{name: stored.value for name, stored in self._operator_limits.items()},
+        )
+        self.risk.set_limits(limits)
+        self.metrics.limits(limits, OPERATOR_LIMITS)
+
+    def _limits_said(self) -> str:
+        """The operator's limits in words: each value, its setting's, why and when."""
+        settings = self.settings.risk_limits()
+        return "; ".join(
+            f"{name}={stored.value:g} (settings {getattr(settings, name):g}; "
+            f"{stored.reason}, at {_utc(stored.changed_at)})"
+            for name, stored in sorted(self._operator_limits.items())
+        )
+
+    async def change_limits(self, values: Mapping[str, float] | None, reason: str) -> None:
+        """Set the risk limits ``values`` (checked: :func:`operator_limits`) over the
+        settings' (None: back to the settings' all): stored first, fenced as a commit is,
+        then applied here for the next decision. Refused (:class:`NotHolder`) unless this
+        replica trades, (:class:`ControlNotStored`) while Postgres is away: a change
+        applied here alone would be undone by a restart or a take-over."""
+        what = "limits reset" if values is None else "limits change"
+        if not self._leading:
+            raise await self._not_holder(what)
+        async with self._limits_lock:
+            now = self._ctx.clock.now()
+            try:
+                await self.ledger.set_limits(values, reason, holder=self._writer, now=now)
+            except Superseded as exc:
+                self._superseded()
+                raise await self._not_holder(what, exc) from exc
+            except Exception as exc:
+                raise ControlNotStored(
+                    f"{what} not stored: the ledger (Postgres) is unavailable "
+                    f"({type(exc).__name__}: {exc}); the limits stay as they are"
+                ) from exc
+            before = self.risk.limits
+            if values is None:
+                self._operator_limits = {}
+            else:
+                for name, value in values.items():
+                    self._operator_limits[name] = OperatorLimit(
+                        value=value, reason=reason, changed_at=now
+                    )
+            async with self._lock:
+                # between two decisions, as an event's round ends
+                self._apply_limits()
+            changed = ", ".join(
+                f"{name} {getattr(before, name):g} -> {getattr(self.risk.limits, name):g}"
+                for name in OPERATOR_LIMITS
+                if getattr(before, name) != getattr(self.risk.limits, name)
+            )
+            self.metrics.limit_change("reset" if values is None else "set")
+            log.warning("trading: %s by the operator (%s): %s", what, reason,
+                        changed or "no value changed")  # fmt: skip
+
+    def _sources(self, limits: RiskLimits, stored: Mapping[str, OperatorLimit]) -> dict:
+        """Where each limit an operator may change comes from: the settings, or the
+        operator (why, when)."""
+        settings = self.settings.risk_limits()
+        sources = {}
+        for name in OPERATOR_LIMITS:
+            given = stored.get(name)
+            sources[name] = {
+                "value": getattr(limits, name),
+                "source": "settings" if given is None else "operator",
+                "settings": getattr(settings, name),
+                "reason": None if given is None else given.reason,
+                "changed_at": None if given is None else given.changed_at,
+            }
+        return sources
+
     async def _claim_now(self) -> Claim | None:
         """The lease as its stores have it, when known within a second."""
         leader = self.leader
@@ -2228,6 +2322,7 @@ class TradingService(Service):
             "role": self.role,
             "source": "book",
             **_measured(self.risk),
+            "sources": self._sources(self.risk.limits, self._operator_limits),
             "sales_in_flight": len(self.book.sales),
         }
 
@@ -2265,7 +2360,10 @@ class TradingService(Service):
             return self.limits()
         totals = await self.ledger.totals()
         exposure = await self.ledger.exposure()
-        limits = self.risk.limits
+        stored = await self.ledger.limits()
+        limits = replace(
+            self.settings.risk_limits(), **{name: given.value for name, given in stored.items()}
+        )
         risk = RiskManager(
             self._capital(totals.realized_pnl_sol),
             limits.max_risk_per_trade,
@@ -2282,6 +2380,7 @@ class TradingService(Service):
         return {
             **await self._standing_by(),
             **_measured(risk),
+            "sources": self._sources(limits, stored),
             "sales_in_flight": totals.sales_in_flight,
         }
 
@@ -2403,6 +2502,32 @@ class TradingService(Service):
         @api.get("/limits")
         async def limits() -> dict[str, Any]:
             return await self.limits_view()
+
+        async def change(values: dict[str, Any] | None, reason: str) -> dict[str, Any]:
+            if self.risk is None:
+                raise HTTPException(503, "not started")
+            try:
+                await self.change_limits(values, reason)
+            except ControlNotStored as exc:
+                raise HTTPException(503, str(exc)) from exc
+            except NotHolder as exc:
+                raise HTTPException(409, str(exc)) from exc
+            return await self.limits_view()
+
+        @api.put("/limits", dependencies=guarded)
+        async def set_limits(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+            reason = reason_of(body, "limits changed (HTTP)")
+            given = {k: v for k, v in (body or {}).items() if k != "reason"}
+            try:
+                values = operator_limits(given)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from exc
+            return await change(values, reason)
+
+        @api.delete("/limits", dependencies=guarded)
+        async def reset_limits(reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
+            return await change(None, reason_of({"reason": reason} if reason else None,
+                                                "limits reset (HTTP)"))  # fmt: skip
 
         @api.post("/halt", dependencies=guarded)
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:

@@ -20,13 +20,15 @@ sending and confirming defaults are argued in :mod:`pumpflow.common.trading.sett
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, field_validator
 
 from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import (
@@ -398,5 +400,58 @@ class TradingSettings(PumpPortalKeySettings):
             fees=self.execution(),
         )
 
+    def risk_limits(self) -> RiskLimits:
+        """Every risk limit as the settings give them (:meth:`limits` with the risk per
+        trade and the positions held at once)."""
+        return replace(
+            self.limits(),
+            max_risk_per_trade=self.trading_max_risk_per_trade,
+            max_concurrent_positions=self.trading_max_concurrent_positions,
+        )
+
     def lease_config(self, *, name: str, holder: str) -> LeaderLeaseConfig:
         return LeaderLeaseConfig(name=name, holder=holder, ttl_s=self.trading_lease_ttl_s)
+
+
+#: the risk limits an operator may change on a running system (``PUT /limits``), each
+#: bounded as its setting ``PUMPFLOW_TRADING_<NAME>`` is
+OPERATOR_LIMITS = (
+    "max_risk_per_trade",
+    "max_concurrent_positions",
+    "max_position_fraction",
+    "max_token_exposure_fraction",
+    "max_total_exposure_fraction",
+    "max_daily_loss_fraction",
+)
+
+
+@functools.cache
+def _limit_adapter(name: str) -> TypeAdapter:
+    """A validator of the limit ``name`` by its setting's own type and bounds."""
+    field = TradingSettings.model_fields[f"trading_{name}"]
+    return TypeAdapter(Annotated[field.annotation, *field.metadata])
+
+
+def operator_limits(values: Mapping[str, Any]) -> dict[str, float]:
+    """``values`` (limit name -> value) checked as their settings are; ValueError naming
+    the names unknown, or each value out of its setting's bounds."""
+    unknown = sorted(set(values) - set(OPERATOR_LIMITS))
+    if unknown:
+        raise ValueError(
+            f"unknown limits: {', '.join(unknown)} (known: {', '.join(OPERATOR_LIMITS)})"
+        )
+    if not values:
+        raise ValueError(f"no limit to change (known: {', '.join(OPERATOR_LIMITS)})")
+    checked, wrong = {}, []
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            # "0.1" from JSON is a mistake, not a number
+            wrong.append(f"{name}: a number, not {value!r}")
+            continue
+        try:
+            checked[name] = _limit_adapter(name).validate_python(value)
+        except ValidationError as exc:
+            wrong.append(f"{name}: {exc.errors()[0]['msg'].lower()}, not {value!r}")
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    return checked

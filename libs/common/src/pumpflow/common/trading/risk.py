@@ -537,6 +537,12 @@ class RiskManager:
             positions=self.open_positions(),
         )
 
+    def set_limits(self, limits: RiskLimits) -> None:
+        """Decide by ``limits`` from the next check on (an operator's change): nothing held
+        is sold, and an exposure over a limit lowered shows in :meth:`exceeded` and
+        refuses the entries that would add to it, as a late fill's does."""
+        self.limits = limits
+
     def update_capital(self, new_capital: float) -> None:
         """Set the capital the limits are fractions of (the account's SOL, marked)."""
         if not math.isfinite(new_capital) or new_capital < 0:
