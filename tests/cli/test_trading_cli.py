@@ -646,3 +646,68 @@ async def test_state_says_whether_trading_is_live(capsys, executor, line):
     async with local_app(Starlette(routes=[Route("/state", state), limits_route([])])) as base:
         assert await pumpflow_trading(base, "state") == 0
     assert capsys.readouterr().out == f"trading is active (no reason); role active\n{line}\n"
+
+
+def limits_replica(seen: list[tuple[str, dict | None]], *, status: int = 200) -> Starlette:
+    """A replica's ``/limits``: shown, set or reset, as the service answers (see
+    ``services/trading/tests/test_operator_limits.py``); ``seen``: what it was asked."""
+    operator = {"source": "operator", "settings": 5, "reason": "a bad day",
+                "changed_at": START}  # fmt: skip
+    settings = {"source": "settings", "settings": 0.5, "reason": None, "changed_at": None}
+
+    async def answer(request: Request) -> JSONResponse:
+        body = await request.json() if request.method == "PUT" else None
+        seen.append((request.method, body or dict(request.query_params)))
+        if request.method != "GET":
+            assert request.headers["authorization"] == f"Bearer {TOKEN}"
+            if status != 200:
+                return JSONResponse({"detail": "limits change not recorded: t1:cd34 holds it"},
+                                    status)  # fmt: skip
+        return JSONResponse({
+            "role": "active",
+            "source": "book",
+            "sources": {
+                "max_concurrent_positions": {"value": 1, **operator},
+                "max_total_exposure_fraction": {"value": 0.5, **settings},
+            },
+            "exceeded": [{**EXCEEDED, "limit": "positions", "text": "2 positions held or "
+                          "entered, over their limit 1 by 1"}],
+        })  # fmt: skip
+
+    return Starlette(routes=[Route("/limits", answer, methods=["GET", "PUT", "DELETE"])])
+
+
+async def test_limits_shows_each_limits_source_and_sets_or_resets_them(monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    seen: list = []
+    async with local_app(limits_replica(seen)) as base:
+        assert await pumpflow_trading(base, "limits") == 0
+        out = capsys.readouterr().out
+        assert "max_concurrent_positions 1: the operator's (a bad day, at 2023-11-14T22:13:20Z)" \
+            "; settings 5" in out, out  # fmt: skip
+        assert "max_total_exposure_fraction 0.5: the settings'" in out
+        assert "exceeded: 2 positions held or entered, over their limit 1 by 1" in out
+        argv = ("limits", "--set", "max_concurrent_positions=2", "--set",
+                "max_total_exposure_fraction=0.3", "--reason", "calmer")  # fmt: skip
+        assert await pumpflow_trading(base, *argv) == 0
+        assert await pumpflow_trading(base, "limits", "--reset") == 0
+    assert seen == [
+        ("GET", {}),
+        ("PUT", {"max_concurrent_positions": 2, "max_total_exposure_fraction": 0.3,
+                 "reason": "calmer"}),
+        ("DELETE", {"reason": "limits reset (CLI)"}),
+    ]  # fmt: skip
+
+
+async def test_a_limits_change_refused_or_without_a_token_fails(monkeypatch, capsys):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    seen: list = []
+    async with local_app(limits_replica(seen, status=409)) as base:
+        assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=0.01") == 1
+        err = capsys.readouterr().err
+        assert "409" in err and "t1:cd34 holds it" in err and err.count("\n") == 1, err
+        assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=lots") == 1
+        assert "VALUE a number" in capsys.readouterr().err
+        monkeypatch.delenv("PUMPFLOW_API_TOKEN")
+        assert await pumpflow_trading(base, "limits", "--reset") == 2
+    assert [method for method, _ in seen] == ["PUT"]

@@ -1,5 +1,5 @@
-"""``pumpflow trading halt|resume|state|acknowledge``: the kill switch, from a shell,
-and the acknowledgement of the live wallet's unbooked trades.
+"""``pumpflow trading halt|resume|state|acknowledge|limits``: the kill switch, from a
+shell, the acknowledgement of the live wallet's unbooked trades, and the risk limits.
 
 Talks to a trading replica's HTTP API (``--url``, default the local one) with the
 bearer token of ``PUMPFLOW_API_TOKEN``. Any replica takes a halt, so the kill switch
@@ -33,6 +33,14 @@ order's late fill, booked past its limit check).
 ``acknowledge`` forgets the live wallet's trades that matched no order (listed in
 ``unbooked_wallet_trades`` of ``/orders``), those named by ``--signature`` or all, once
 the operator has seen to them; it prints those left.
+
+``limits`` shows the risk limits an operator may change, each with its value and where
+it comes from (the settings, or the operator: why and when); ``--set NAME=VALUE``
+(repeatable) sets them over the settings, ``--reset`` puts the settings' back. Only the
+replica trading takes a change (409, exit status 1, naming the holder, elsewhere); it
+applies from the next decision, is stored in the ledger for a restart or a take-over,
+and sells nothing: an exposure over a limit lowered is listed exceeded and refuses the
+entries that would add to it.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.error
+import urllib.parse
+from datetime import UTC, datetime
 
 from pumpflow.cli.api import (
     UNPUBLISHED,
@@ -48,6 +58,7 @@ from pumpflow.cli.api import (
     get_json,
     post_json,
     replica_url_argument,
+    send_json,
 )
 from pumpflow.common.text import counted
 
@@ -75,10 +86,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "action",
-        choices=("halt", "resume", "state", "acknowledge"),
+        choices=("halt", "resume", "state", "acknowledge", "limits"),
         help="halt: no new entries (exits go on; any replica takes it); resume: enter "
         "again (the replica trading only); state: show it; acknowledge: forget unbooked "
-        "wallet trades seen to (the replica trading only)",
+        "wallet trades seen to (the replica trading only); limits: show the risk limits, "
+        "or change them (--set, --reset; the replica trading only)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="limits",
+        metavar="NAME=VALUE",
+        help="limits: set a risk limit over its setting (repeatable), e.g. "
+        "max_concurrent_positions=2",
+    )
+    parser.add_argument(
+        "--reset", action="store_true", help="limits: back to the settings' limits, all"
     )
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
     parser.add_argument(
@@ -95,6 +118,8 @@ def trading_command(args: argparse.Namespace) -> int:
     url = args.url
     if args.action == "acknowledge":
         return acknowledge(url, args.signatures)
+    if args.action == "limits":
+        return limits(url, args.limits, reset=args.reset, reason=args.reason)
     exceeded: list[dict] = []
     pnl: dict | None = None
     try:
@@ -199,3 +224,58 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
         print(f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "
               f"{trade['mint']}, {trade['sol']:g} SOL{whose}")  # fmt: skip
     return 0
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def limits(url: str, given: list[str] | None, *, reset: bool, reason: str | None) -> int:
+    """Show the risk limits, or set ``given`` (NAME=VALUE) or ``reset`` them first."""
+    if given and reset:
+        print("pumpflow trading: --set or --reset, not both", file=sys.stderr)
+        return 1
+    values: dict[str, int | float] = {}
+    for item in given or ():
+        name, _, text = item.partition("=")
+        try:
+            values[name.strip()] = _number(text.strip())
+        except ValueError:
+            print(f"pumpflow trading: --set {item}: give NAME=VALUE, VALUE a number",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    try:
+        if values or reset:
+            token = api_token("trading")
+            if not token:
+                return 2
+            said = reason or ("limits reset (CLI)" if reset else "limits changed (CLI)")
+            if reset:
+                query = urllib.parse.urlencode({"reason": said})
+                body = send_json(f"{url}/limits?{query}", None, token, method="DELETE")
+            else:
+                body = send_json(f"{url}/limits", {**values, "reason": said}, token, method="PUT")
+        else:
+            body = get_json(f"{url}/limits")
+    except OSError as exc:
+        print(failure("trading", url, exc, service="trading"), file=sys.stderr)
+        return 1
+    held = " (as the ledger holds them)" if body.get("source") == "ledger" else ""
+    print(f"risk limits{held}; role {body.get('role')}:")
+    for name, limit in (body.get("sources") or {}).items():
+        if limit["source"] == "operator":
+            whence = f"the operator's ({limit['reason']}, at {_utc(limit['changed_at'])}); "
+            whence += f"settings {limit['settings']:g}"
+        else:
+            whence = "the settings'"
+        print(f"  {name} {limit['value']:g}: {whence}")
+    for limit in body.get("exceeded", []):
+        print(f"exceeded: {limit['text']} (no entry adding to it is admitted)")
+    return 0
+
+
+def _utc(at: float) -> str:
+    return f"{datetime.fromtimestamp(at, UTC):%Y-%m-%dT%H:%M:%SZ}"
