@@ -119,12 +119,13 @@ every order, fill and position.
   not trading answers ``/positions``, ``/pnl`` and ``/limits`` from the ledger
   (``source: ledger``; ``/orders`` is the ledger's everywhere), its own book being
   another's or an old term's;
-  ``POST /halt``, ``/resume`` (the kill switch) and ``/unbooked/acknowledge`` need the
-  API token. Every replica takes a halt (above); only the replica that trades takes a
-  resume or an acknowledgement, its writes fenced in the ledger as its commits are
-  (``trading_holder``): a stand-by, or a replica another took over from, refuses them
-  (409, naming the holder when known), as a late one would undo what the holder was
-  given since (a resume, a successor's halt).
+  ``POST /halt``, ``/resume`` (the kill switch), ``/unbooked/acknowledge`` and ``PUT``,
+  ``DELETE /limits`` (the operator's risk limits over the settings', stored in the
+  ledger) need the API token. Every replica takes a halt (above); only the replica that
+  trades takes a resume, an acknowledgement or a change of the limits, its writes fenced
+  in the ledger as its commits are (``trading_holder``): a stand-by, or a replica
+  another took over from, refuses them (409, naming the holder when known), as a late
+  one would undo what the holder was given since (a resume, a successor's halt).
 """
 
 from __future__ import annotations
