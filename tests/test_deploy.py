@@ -401,9 +401,6 @@ NOT_SHOWN = {
     "pumpflow_model_drift_window_vectors": "GET /models/{id}/drift tells it",
     "pumpflow_model_live_version": "GET /models/{id}/performance names them",
     "pumpflow_service_start_time_seconds": "a replica's restart: up and ReplicaDown",
-    "pumpflow_trading_limit": "GET /limits (pumpflow trading limits) says each with its source",
-    "pumpflow_trading_limit_changes": "an operator's act, logged with its reason; GET /limits "
-    "says when each limit changed",
 }
 
 
