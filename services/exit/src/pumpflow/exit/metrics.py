@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pumpflow.common.exit import ExitProgress
+from pumpflow.common.exit import DEADLINE, GRACEFUL, REQUESTED, RULES, ExitProgress
 from pumpflow.common.metrics import families
 
 #: the fields of :class:`ExitProgress` the graceful gauge shows, by ``what``
@@ -14,6 +14,12 @@ _PROGRESS = (
 )  # fmt: skip
 #: what became of an operator's sale request (see ``requested``)
 REQUEST_OUTCOMES = ("ordered", "refused")
+#: the rules whose sales are counted as they settle (a graceful exit's tranches are not)
+SETTLED_RULES = (*RULES, REQUESTED)
+#: every rule that names an exit order
+ORDER_RULES = (*SETTLED_RULES, GRACEFUL, DEADLINE)
+#: how a rule's sale settled (see ``settled``)
+OUTCOMES = ("filled", "rejected")
 
 
 class _Families:
@@ -66,9 +72,15 @@ class ExitMetrics:
 
     def __init__(self, *, registry: CollectorRegistry | None = None):
         self._f = families("exit", _Families, registry)
-        # from 0, so an operator's first sale refused shows as an increase
+        # from 0, so an operator's first sale refused, or a rule's first exit, shows as
+        # an increase
         for outcome in REQUEST_OUTCOMES:
             self._f.requests.labels(outcome)
+        for rule in ORDER_RULES:
+            self._f.exits.labels(rule)
+        for rule in SETTLED_RULES:
+            for outcome in OUTCOMES:
+                self._f.outcomes.labels(rule, outcome)
 
     def ordered(self, rule: str) -> None:
         self._f.exits.labels(rule).inc()

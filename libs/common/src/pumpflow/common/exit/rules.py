@@ -98,6 +98,8 @@ MIGRATION = "migration"
 REQUESTED = "requested"
 #: rules that sell everything left, in the order that names an exit when several are due
 FULL_EXIT_RULES = (MIGRATION, INACTIVITY, STOP_LOSS, TRAILING_STOP, TIME_STOP, STALE_STOP)
+#: every rule, the partial ones first (a new rule goes here too: its metrics start at 0)
+RULES = (TAKE_PROFIT, DECLINE, *FULL_EXIT_RULES)
 
 #: a timer set for ``t + x`` must find ``x`` elapsed despite float rounding
 _EPSILON_S = 1e-6
