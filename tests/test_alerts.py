@@ -110,6 +110,8 @@ def test_the_operator_hears_what_matters():
         "BrokerResourceAlarm",
         # a keyed consumer far behind the market, messages queued: stalled or backlogged
         "ConsumerBehindMarket",
+        # Redis lost its contents: what only it held is gone
+        "ConsumerStoreLost",
         # the kill switch not durable, tranches that may have sold, labels dropped, the
         # wallet and the book differing
         "TradingHaltNotStored",
