@@ -110,3 +110,50 @@ async def test_a_shutdown_requested_while_no_replica_traded_halts_the_next_holde
     async with watched_from_the_start(clock, third) as (bus, watch):
         assert third.risk.operator_state is TradingState.ACTIVE
         assert watch.count("trading.barrier") == 0
+
+
+async def test_the_replica_trading_halts_on_a_shutdown_it_never_had(clock, market, pg_pool):
+    """``pumpflow stop`` while the replica trading reconnects to RabbitMQ: its queue is
+    recreated after the shutdown went out, so its copy goes to no one, yet the exit
+    service applied it. The replica finds the request within
+    ``trading_shutdown_check_s``, halts on it and announces its barrier once; an
+    operator's resume after that stands."""
+    service = trading(PostgresLedger(pg_pool))
+    period = service.settings.trading_shutdown_check_s
+    async with running(clock, service) as (bus, watch):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        await clock.advance(1.0)
+        [opened] = watch.payloads("position.opened")
+
+        await stored_by_the_exit(pg_pool, "stop-lost", "operator, queue recreated")
+        await clock.advance(period)
+        assert service.risk.operator_state is TradingState.HALTED
+        assert "operator, queue recreated" in service.risk.operator_reason
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id == "stop-lost"
+        assert [p.position_id for p in barrier.positions] == [opened.position_id]
+        assert await service.ledger.shutdown_applied("stop-lost")
+        await clock.advance(3 * period)
+        assert watch.count("trading.barrier") == 1
+
+        await service.resume("operator resumes")
+        await clock.advance(3 * period)
+        assert service.risk.operator_state is TradingState.ACTIVE
+        assert watch.count("trading.barrier") == 1
+
+
+async def test_a_shutdown_the_replica_trading_had_is_not_applied_again(clock, market, pg_pool):
+    """The usual stop: trading's copy arrives as the exit service stores the request.
+    The periodic look finds it applied already: no second halt, no second barrier."""
+    service = trading(PostgresLedger(pg_pool))
+    period = service.settings.trading_shutdown_check_s
+    async with running(clock, service) as (bus, watch):
+        await stored_by_the_exit(pg_pool, "stop-had", "operator")
+        copy = SystemShutdown(reason="operator", request_id="stop-had")
+        await publish(bus, make_event(copy, source="cli/t", time=clock.now(), event_id="stop-had"))
+        assert watch.count("trading.barrier") == 1
+        await service.resume("operator resumes")
+        await clock.advance(3 * period)
+        assert service.risk.operator_state is TradingState.ACTIVE
+        assert watch.count("trading.barrier") == 1

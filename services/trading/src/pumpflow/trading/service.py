@@ -37,7 +37,9 @@ every order, fill and position.
   forgotten would halt and bar again). A shutdown published while no replica ran went
   to none (keyless, on the replicas' own queues): the replica taking trading over finds
   its request among those the exit service stored and starts halted on it, as if it had
-  had it (:meth:`TradingService._missed_shutdowns`).
+  had it, and the replica trading whose queue missed it (its broker connection down as
+  it went out) halts on it within ``trading_shutdown_check_s``
+  (:meth:`TradingService._halt_on_missed`).
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -456,6 +458,8 @@ class TradingService(Service):
         self._tick: TimerHandle | None = None
         #: the clock's monotonic() when the wallet was last announced to the feed
         self._announced_at: float | None = None
+        #: the clock's monotonic() when the ledger was last asked for missed shutdowns
+        self._shutdowns_checked_at: float | None = None
         #: the last operator's state given here, and whether the ledger holds it yet
         self._control: tuple[TradingState, str] | None = None
         self._control_unstored = False
@@ -744,15 +748,7 @@ class TradingService(Service):
                             "published as this replica takes over", request_id,
                             reason)  # fmt: skip
                 self._backlog.append(self._barrier_step(reason, request_id, None))
-            missed = await self._missed_shutdowns()
-            await self._flush()
-            if missed:
-                # the barriers are said out once the halt holding their requests is stored
-                await asyncio.wait(
-                    {self._control_writer}, timeout=self.settings.trading_halt_store_wait_s
-                )
-            for request_id, _reason in [*unpublished, *missed]:
-                await self._barrier_out(request_id)
+            await self._halt_on_missed(unpublished)
             if changes != self._control_changes:
                 # given while the rest was read and stored: this replica starts halted, as
                 # the answer said (announced with the next store)
@@ -1027,27 +1023,56 @@ class TradingService(Service):
             # outside the lock: the events handled meanwhile share the write
             await self.context.save(self.engine.views)
 
-    async def _missed_shutdowns(self) -> list[tuple[str, str]]:
-        """Halt on the shutdowns published while no replica traded (their copies went to no
-        queue of trading's), as if this replica had them: the halt stored with their
-        requests and their barriers queued. Taking over, the lock held."""
-        missed = await self.ledger.missed_shutdowns()
-        if not missed:
-            return []
-        for request_id, reason in missed:
-            log.warning("trading: system.shutdown %s (%s) was applied by the exit service "
-                        "and by no trading replica (published while none ran, or lost with "
-                        "the one that had it): this replica starts halted on it",
-                        request_id, reason)  # fmt: skip
-            self._shutdowns_unstored[request_id] = reason
-            self._backlog.append(self._barrier_step(reason, request_id, None))
-        self._given(TradingState.HALTED, f"shutdown: {missed[-1][1]}", fenced=True)
-        writer = self._control_writer
-        if writer is None or writer.done():
-            self._control_writer = asyncio.create_task(
-                self._store_control(), name="trading:control"
+    async def _halt_on_missed(self, queued: Sequence[tuple[str, str]] = ()) -> None:
+        """Halt on the shutdowns the exit service applied and no halt of trading did, as if
+        this replica had had them, then publish their barriers and those ``queued``
+        already, and tell the ledger they are out. Their copies went to no queue of this
+        replica's: published while no replica ran, or while its broker connection was
+        down and its queue not there yet. The halt is stored with their requests (so
+        none is applied twice, and a resume since stands), and applied at once when
+        trading (before the barriers: they list what it leaves in flight). Taking over,
+        and every ``trading_shutdown_check_s`` while trading, the lock held."""
+        missed = [
+            (request_id, reason)
+            for request_id, reason in await self.ledger.missed_shutdowns()
+            # halted on here, the halt not stored yet
+            if request_id not in self._shutdowns_unstored
+        ]
+        if missed:
+            for request_id, reason in missed:
+                log.warning("trading: system.shutdown %s (%s) was applied by the exit service "
+                            "and by no trading replica (its copy went to no queue of theirs, "
+                            "or was lost with the one that had it): this replica halts on it",
+                            request_id, reason)  # fmt: skip
+                self._shutdowns_unstored[request_id] = reason
+            reason = f"shutdown: {missed[-1][1]}"
+            self._given(TradingState.HALTED, reason, fenced=True)
+            if self._leading:
+                self._apply_control(TradingState.HALTED, reason)
+            for request_id, said in missed:
+                self._backlog.append(self._barrier_step(said, request_id, None))
+            writer = self._control_writer
+            if writer is None or writer.done():
+                self._control_writer = asyncio.create_task(
+                    self._store_control(), name="trading:control"
+                )
+        self._shutdowns_checked_at = self._ctx.clock.monotonic()
+        await self._flush()
+        if missed:
+            # the barriers are said out once the halt holding their requests is stored
+            await asyncio.wait(
+                {self._control_writer}, timeout=self.settings.trading_halt_store_wait_s
             )
-        return missed
+        for request_id, _reason in [*queued, *missed]:
+            await self._barrier_out(request_id)
+
+    def _shutdown_check_due(self) -> bool:
+        """Whether ``trading_shutdown_check_s`` passed since the last look for missed
+        shutdowns."""
+        checked = self._shutdowns_checked_at
+        return checked is None or (
+            self._ctx.clock.monotonic() - checked >= self.settings.trading_shutdown_check_s
+        )
 
     async def _shutdown_applied(self, request_id: str) -> bool:
         """Whether the shutdown request ``request_id`` was applied: halted on here, or its
@@ -1720,6 +1745,9 @@ class TradingService(Service):
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
+                if self._shutdown_check_due():
+                    # a copy of system.shutdown this replica's queue never had
+                    await self._halt_on_missed()
                 self.metrics.book(self.book, self.risk)
             if self.context is not None and self.context.changed:
                 # the views the fills due moved (outside the lock, as an event's)
