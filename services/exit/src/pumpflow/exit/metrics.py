@@ -32,7 +32,8 @@ class _Families:
         )
         self.outcomes = Counter(
             "pumpflow_exit_outcomes",
-            "Exit orders settled, by rule and outcome (filled, rejected)",
+            "Exit orders of the rules settled, by rule and outcome (filled, rejected); a "
+            "graceful exit's tranches are counted in pumpflow_exit_graceful",
             ["rule", "outcome"],
             registry=registry,
         )
