@@ -27,7 +27,6 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -174,7 +173,7 @@ class HttpTransport:
         await self._client.aclose()
 
 
-def source_alert(source: str) -> Alert:
+def source_alert(source: str, description: str) -> Alert:
     """The notifier's own alert: Prometheus' alerts cannot be read, so none reaches anyone."""
     return Alert(
         name=SOURCE_ALERT,
@@ -182,6 +181,7 @@ def source_alert(source: str) -> Alert:
         severity="critical",
         summary="pumpflow notify cannot read Prometheus' alerts: no alert of the stack is "
         "posted until it can",
+        description=description,
     )
 
 
@@ -208,10 +208,9 @@ async def run_notifier(
             now = clock.now()
             failing_since = now if failing_since is None else failing_since
             if said is None and now - failing_since >= source_down_after_s:
-                said = source_alert(source)
-                said = replace(
-                    said,
-                    description=f"{exc}, for {now - failing_since:.0f} s "
+                said = source_alert(
+                    source,
+                    f"{exc}, for {now - failing_since:.0f} s "
                     "(the alerts firing before are not resolved meanwhile)",
                 )
                 notifier.notify(Notification(alert=said, state="firing"))
