@@ -101,3 +101,12 @@ def test_a_docstring_s_roles_read_as_their_names():
     from pumpflow.common.runtime.arguments import help_text
 
     assert help_text("``a`` (:func:`~pkg.mod.f`, :mod:`pkg.mod`)") == "`a` (`f`, `pkg.mod`)"
+
+
+def test_the_command_list_names_every_trading_action(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    line = listing.split(" trading ", 1)[1].split(" model ", 1)[0]
+    for action in ("halt", "resume", "state", "limits", "acknowledge"):
+        assert action in line, (action, line)

@@ -72,10 +72,12 @@ EXECUTOR_LINES = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "trading",
-        help="the kill switch: halt or resume entries, or show the trading state",
+        help="the kill switch (halt, resume), the trading state, the risk limits "
+        "(limits) and the live wallet's unbooked trades (acknowledge)",
         description=(
-            "Halt entries at once (exits go on), resume them, show the state, or "
-            "acknowledge the live wallet's unbooked trades, through a trading replica's "
+            "Halt entries at once (exits go on), resume them, show the state, show or "
+            "change the risk limits, or acknowledge the live wallet's unbooked trades, "
+            "through a trading replica's "
             "HTTP API; the token comes from PUMPFLOW_API_TOKEN. Exit status 0 done; 1 "
             "refused, not applied anywhere, or no answer; 2 without the token; 3 a halt "
             "applied by the replica trading and not stored yet (Postgres away); 4 a halt or "
