@@ -657,7 +657,10 @@ def limits_replica(seen: list[tuple[str, dict | None]], *, status: int = 200) ->
 
     async def answer(request: Request) -> JSONResponse:
         body = await request.json() if request.method == "PUT" else None
-        seen.append((request.method, body or dict(request.query_params)))
+        asked = dict(request.query_params)
+        if "limit" in asked:
+            asked["limit"] = request.query_params.getlist("limit")
+        seen.append((request.method, body or asked))
         if request.method != "GET":
             assert request.headers["authorization"] == f"Bearer {TOKEN}"
             if status != 200:
@@ -691,12 +694,38 @@ async def test_limits_shows_each_limits_source_and_sets_or_resets_them(monkeypat
                 "max_total_exposure_fraction=0.3", "--reason", "calmer")  # fmt: skip
         assert await pumpflow_trading(base, *argv) == 0
         assert await pumpflow_trading(base, "limits", "--reset") == 0
+        argv = ("limits", "--reset", "max_concurrent_positions", "--reset",
+                "max_daily_loss_fraction", "--reason", "calmer")  # fmt: skip
+        assert await pumpflow_trading(base, *argv) == 0
+        assert "max_concurrent_positions 1: the operator's" in capsys.readouterr().out
     assert seen == [
         ("GET", {}),
         ("PUT", {"max_concurrent_positions": 2, "max_total_exposure_fraction": 0.3,
                  "reason": "calmer"}),
         ("DELETE", {"reason": "limits reset (CLI)"}),
+        ("DELETE", {"limit": ["max_concurrent_positions", "max_daily_loss_fraction"],
+                    "reason": "calmer"}),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (("--reset", "--reset", "max_risk_per_trade"), "--reset (all) or --reset NAME"),
+        (("--set", "max_risk_per_trade=0.01", "--reset", "max_risk_per_trade"),
+         "--set or --reset, not both"),
+    ],
+)  # fmt: skip
+async def test_a_limits_reset_all_and_by_name_or_with_a_set_is_refused_unsent(
+    monkeypatch, capsys, argv, said
+):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    seen: list = []
+    async with local_app(limits_replica(seen)) as base:
+        assert await pumpflow_trading(base, "limits", *argv) == 1
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
+    assert seen == []
 
 
 async def test_a_limits_change_refused_or_without_a_token_fails(monkeypatch, capsys):

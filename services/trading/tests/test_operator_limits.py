@@ -1,6 +1,7 @@
 """The risk limits an operator changes on a running system (``PUT /limits``, ``DELETE
-/limits``): validated as their settings are, applied by the replica trading from its next
-decision, stored in the ledger for a restart or a replica taking over."""
+/limits``, all or ``?limit=NAME``): validated as their settings are, applied by the
+replica trading from its next decision, stored in the ledger for a restart or a replica
+taking over."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector
-from pumpflow.trading.ledger import MemoryLedger, PostgresLedger
+from pumpflow.trading.ledger import MemoryLedger, PostgresLedger, Superseded
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
@@ -74,6 +75,29 @@ async def test_a_limits_change_refused_changes_nothing(clock, headers, body, sta
         assert service.risk.limits.max_concurrent_positions == 5
         assert await ledger.limits() == {}
         assert (await client.delete("/limits", headers=headers)).status_code in (status, 200)
+
+
+@pytest.mark.parametrize(
+    ("headers", "names", "status", "named"),
+    [
+        ({}, ["max_concurrent_positions"], 401, ""),
+        (AUTH, ["max_positions"], 422, "unknown limits: max_positions (known: max_risk_per"),
+        (AUTH, ["max_concurrent_positions", "min_score", "max_positions"], 422,
+         "unknown limits: max_positions, min_score ("),
+        (AUTH, [""], 422, "unknown limits:  ("),
+    ],
+)  # fmt: skip
+async def test_a_reset_of_limits_refused_resets_nothing(clock, headers, names, status, named):
+    ledger = MemoryLedger()
+    service = trading(ledger)
+    async with running(clock, service) as (_, _, client):
+        given = {"max_concurrent_positions": 2, "max_daily_loss_fraction": 0.02}
+        assert (await client.put("/limits", json=given, headers=AUTH)).status_code == 200
+        refused = await client.delete("/limits", params={"limit": names}, headers=headers)
+        assert refused.status_code == status, refused.text
+        assert named in refused.text and TOKEN not in refused.text
+        assert service.risk.limits.max_concurrent_positions == 2
+        assert {name: s.value for name, s in (await ledger.limits()).items()} == given
 
 
 async def test_limits_change_without_a_configured_token_is_forbidden(clock):
@@ -147,6 +171,78 @@ async def test_a_lowered_limit_refuses_the_next_entry_and_a_reset_restores_the_s
         assert limits["sources"]["max_concurrent_positions"]["source"] == "settings"
 
 
+@pytest.fixture(params=["memory", "postgres"])
+def ledger(request):
+    if request.param == "memory":
+        return MemoryLedger()
+    return PostgresLedger(request.getfixturevalue("pg_pool"))
+
+
+async def test_a_reset_of_named_limits_puts_back_their_settings_alone(
+    clock, market, caplog, ledger
+):
+    """Two limits set, the operator resets one (``?limit=NAME``): it is the setting's
+    again, stored, logged and counted as a reset; the other stays the operator's."""
+    caplog.set_level(logging.INFO)
+    registry = CollectorRegistry()
+    service = trading(ledger, registry)
+    async with running(clock, service) as (bus, watch, client):
+        await enter(bus, market, watch)
+        await enter(bus, market, watch)
+        given = {"max_concurrent_positions": 1, "max_daily_loss_fraction": 0.02,
+                 "max_total_exposure_fraction": 0.3, "reason": "a bad day"}  # fmt: skip
+        assert (await client.put("/limits", json=given, headers=AUTH)).status_code == 200
+        caplog.clear()
+        reset = await client.delete(
+            "/limits",
+            params={"limit": ["max_concurrent_positions", "max_total_exposure_fraction",
+                              "max_concurrent_positions"], "reason": "calmer"},
+            headers=AUTH,
+        )  # fmt: skip
+        assert reset.status_code == 200, reset.text
+        body = reset.json()
+        assert body["limits"]["max_concurrent_positions"] == 5
+        assert body["limits"]["max_total_exposure_fraction"] == 0.5
+        assert body["limits"]["max_daily_loss_fraction"] == 0.02
+        sources = body["sources"]
+        assert sources["max_concurrent_positions"]["source"] == "settings"
+        assert sources["max_total_exposure_fraction"]["source"] == "settings"
+        kept = sources["max_daily_loss_fraction"]
+        assert kept["source"] == "operator" and kept["reason"] == "a bad day", kept
+        assert body["exceeded"] == []
+        assert service.risk.limits.max_concurrent_positions == 5
+        assert service.risk.limits.max_daily_loss_fraction == 0.02
+        assert set(await ledger.limits()) == {"max_daily_loss_fraction"}
+        said = [r.getMessage() for r in caplog.records if "by the operator" in r.getMessage()]
+        assert len(said) == 1 and "limits reset" in said[0] and "calmer" in said[0], said
+        assert "max_concurrent_positions 1 -> 5" in said[0]
+        assert "max_total_exposure_fraction 0.3 -> 0.5" in said[0]
+        assert "max_daily_loss_fraction" not in said[0]
+        counted = registry.get_sample_value
+        assert counted("pumpflow_trading_limit_changes_total", {"action": "reset"}) == 1
+        assert counted("pumpflow_trading_limit_changes_total", {"action": "set"}) == 1
+        assert counted("pumpflow_trading_limit", {"limit": "max_concurrent_positions"}) == 5
+        await enter(bus, market, watch)
+    restarted = trading(ledger)
+    async with running(clock, restarted):
+        assert restarted.risk.limits.max_concurrent_positions == 5
+        assert restarted.risk.limits.max_daily_loss_fraction == 0.02
+
+
+async def test_a_predecessors_reset_of_named_limits_is_fenced_off(ledger):
+    """A reset of some limits is the holder's write as a change is: a predecessor's, late,
+    is refused and leaves what its successor stored."""
+    await ledger.load(remembered=10, holder="w1")
+    values = {"max_concurrent_positions": 1, "max_daily_loss_fraction": 0.02}
+    await ledger.set_limits(values, "w1's", holder="w1", now=100.0)
+    await ledger.load(remembered=10, holder="w2")
+    with pytest.raises(Superseded):
+        await ledger.set_limits({"max_concurrent_positions": None}, "late", holder="w1", now=101.0)
+    assert set(await ledger.limits()) == set(values)
+    await ledger.set_limits({"max_concurrent_positions": None}, "w2's", holder="w2", now=102.0)
+    assert set(await ledger.limits()) == {"max_daily_loss_fraction"}
+
+
 async def test_limits_stored_outlive_a_restart_and_a_reset_is_stored_too(
     clock, market, pg_pool, caplog
 ):
@@ -195,6 +291,9 @@ async def test_only_the_replica_trading_changes_limits_and_a_stand_by_shows_the_
             assert refused.status_code == 409, refused.text
             assert f"{holder.leader.holder} holds it" in refused.json()["detail"]
             assert (await client.delete("/limits", headers=AUTH)).status_code == 409
+            one = {"limit": "max_concurrent_positions"}
+            refused = await client.delete("/limits", params=one, headers=AUTH)
+            assert refused.status_code == 409, refused.text
             assert await ledger.limits() == {}
 
             answer = await held.put(

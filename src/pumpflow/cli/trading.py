@@ -36,7 +36,8 @@ the operator has seen to them; it prints those left.
 
 ``limits`` shows the risk limits an operator may change, each with its value and where
 it comes from (the settings, or the operator: why and when); ``--set NAME=VALUE``
-(repeatable) sets them over the settings, ``--reset`` puts the settings' back. Only the
+(repeatable) sets them over the settings, ``--reset`` puts the settings' back (all;
+``--reset NAME``, repeatable: those named alone). Only the
 replica trading takes a change (409, exit status 1, naming the holder, elsewhere); it
 applies from the next decision, is stored in the ledger for a restart or a take-over,
 and sells nothing: an exposure over a limit lowered is listed exceeded and refuses the
@@ -103,7 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "max_concurrent_positions=2",
     )
     parser.add_argument(
-        "--reset", action="store_true", help="limits: back to the settings' limits, all"
+        "--reset",
+        action="append",
+        nargs="?",
+        const=None,  # bare: every limit
+        metavar="NAME",
+        help="limits: back to the settings' limits, all; with a NAME, that one alone (repeatable)",
     )
     parser.add_argument("--reason", default=None, help="why (kept with the state)")
     parser.add_argument(
@@ -235,10 +241,17 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def limits(url: str, given: list[str] | None, *, reset: bool, reason: str | None) -> int:
-    """Show the risk limits, or set ``given`` (NAME=VALUE) or ``reset`` them first."""
+def limits(
+    url: str, given: list[str] | None, *, reset: list[str | None] | None, reason: str | None
+) -> int:
+    """Show the risk limits, or set ``given`` (NAME=VALUE) or ``reset`` them first (the
+    names; None for every one)."""
     if given and reset:
         print("pumpflow trading: --set or --reset, not both", file=sys.stderr)
+        return 1
+    if reset and None in reset and len(reset) > 1:
+        print("pumpflow trading: --reset (all) or --reset NAME (those named), not both",
+              file=sys.stderr)  # fmt: skip
         return 1
     values: dict[str, int | float] = {}
     for item in given or ():
@@ -256,7 +269,8 @@ def limits(url: str, given: list[str] | None, *, reset: bool, reason: str | None
                 return 2
             said = reason or ("limits reset (CLI)" if reset else "limits changed (CLI)")
             if reset:
-                query = urllib.parse.urlencode({"reason": said})
+                names = [("limit", name) for name in reset if name is not None]
+                query = urllib.parse.urlencode([*names, ("reason", said)])
                 body = send_json(f"{url}/limits?{query}", None, token, method="DELETE")
             else:
                 body = send_json(f"{url}/limits", {**values, "reason": said}, token, method="PUT")

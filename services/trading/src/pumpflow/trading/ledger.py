@@ -609,11 +609,12 @@ class Ledger(Protocol):
     async def control(self) -> tuple[TradingState, str] | None: ...
 
     async def set_limits(
-        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
     ) -> None:
         """Store the risk limits ``values`` (name -> value) the operator set at ``now``,
-        over the settings' (None for all: back to the settings); refused
-        (:class:`Superseded`) once another than ``holder`` took over, as a commit is."""
+        over the settings' (a value None: that limit back to the settings; None for all);
+        refused (:class:`Superseded`) once another than ``holder`` took over, as a commit
+        is."""
         ...
 
     async def limits(self) -> dict[str, OperatorLimit]:
@@ -958,14 +959,17 @@ class MemoryLedger:
         return self._control
 
     async def set_limits(
-        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
     ) -> None:
         self._fence(holder)
         if values is None:
             self._limits.clear()
             return
         for name, value in values.items():
-            self._limits[name] = OperatorLimit(value=value, reason=reason, changed_at=now)
+            if value is None:
+                self._limits.pop(name, None)
+            else:
+                self._limits[name] = OperatorLimit(value=value, reason=reason, changed_at=now)
 
     async def limits(self) -> dict[str, OperatorLimit]:
         return dict(self._limits)
@@ -1457,24 +1461,29 @@ class PostgresLedger:
         return None if row is None else (TradingState(row[0]), row[1])
 
     async def set_limits(
-        self, values: Mapping[str, float] | None, reason: str, *, holder: str, now: float
+        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
     ) -> None:
         async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
             if values is None:
                 await conn.execute("DELETE FROM trading_limits")
                 return
-            await conn.execute(
-                "INSERT INTO trading_limits (name, value, reason, changed_at) "
-                "SELECT name, value, $3, to_timestamp($4) "
-                "FROM unnest($1::text[], $2::float8[]) AS given (name, value) "
-                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, "
-                "reason = EXCLUDED.reason, changed_at = EXCLUDED.changed_at",
-                list(values),
-                [float(v) for v in values.values()],
-                reason,
-                now,
-            )
+            given = {name: value for name, value in values.items() if value is not None}
+            reset = [name for name, value in values.items() if value is None]
+            if reset:
+                await conn.execute("DELETE FROM trading_limits WHERE name = ANY($1::text[])", reset)
+            if given:
+                await conn.execute(
+                    "INSERT INTO trading_limits (name, value, reason, changed_at) "
+                    "SELECT name, value, $3, to_timestamp($4) "
+                    "FROM unnest($1::text[], $2::float8[]) AS given (name, value) "
+                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, "
+                    "reason = EXCLUDED.reason, changed_at = EXCLUDED.changed_at",
+                    list(given),
+                    [float(v) for v in given.values()],
+                    reason,
+                    now,
+                )
 
     async def limits(self) -> dict[str, OperatorLimit]:
         rows = await self.pool.fetch(

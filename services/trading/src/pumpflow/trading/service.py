@@ -123,7 +123,8 @@ every order, fill and position.
   another's or an old term's;
   ``POST /halt``, ``/resume`` (the kill switch), ``/unbooked/acknowledge`` and ``PUT``,
   ``DELETE /limits`` (the operator's risk limits over the settings', stored in the
-  ledger) need the API token. Every replica takes a halt (above); only the replica that
+  ledger; a delete puts back the settings' all, or those named by ``?limit=NAME``)
+  need the API token. Every replica takes a halt (above); only the replica that
   trades takes a resume, an acknowledgement or a change of the limits, its writes fenced
   in the ledger as its commits are (``trading_holder``): a stand-by, or a replica
   another took over from, refuses them (409, naming the holder when known), as a late
@@ -218,7 +219,12 @@ from pumpflow.trading.ledger import (
 )
 from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
-from pumpflow.trading.settings import OPERATOR_LIMITS, TradingSettings, operator_limits
+from pumpflow.trading.settings import (
+    OPERATOR_LIMITS,
+    TradingSettings,
+    operator_limit_names,
+    operator_limits,
+)
 
 log = logging.getLogger("pumpflow.trading")
 
@@ -2021,13 +2027,15 @@ class TradingService(Service):
             for name, stored in sorted(self._operator_limits.items())
         )
 
-    async def change_limits(self, values: Mapping[str, float] | None, reason: str) -> None:
+    async def change_limits(self, values: Mapping[str, float | None] | None, reason: str) -> None:
         """Set the risk limits ``values`` (checked: :func:`operator_limits`) over the
-        settings' (None: back to the settings' all): stored first, fenced as a commit is,
-        then applied here for the next decision. Refused (:class:`NotHolder`) unless this
-        replica trades, (:class:`ControlNotStored`) while Postgres is away: a change
-        applied here alone would be undone by a restart or a take-over."""
-        what = "limits reset" if values is None else "limits change"
+        settings' (a value None: that limit back to its setting; None: back to the
+        settings' all): stored first, fenced as a commit is, then applied here for the next
+        decision. Refused (:class:`NotHolder`) unless this replica trades,
+        (:class:`ControlNotStored`) while Postgres is away: a change applied here alone
+        would be undone by a restart or a take-over."""
+        reset = values is None or all(value is None for value in values.values())
+        what = "limits reset" if reset else "limits change"
         if not self._leading:
             raise await self._not_holder(what)
         async with self._limits_lock:
@@ -2047,9 +2055,12 @@ class TradingService(Service):
                 self._operator_limits = {}
             else:
                 for name, value in values.items():
-                    self._operator_limits[name] = OperatorLimit(
-                        value=value, reason=reason, changed_at=now
-                    )
+                    if value is None:
+                        self._operator_limits.pop(name, None)
+                    else:
+                        self._operator_limits[name] = OperatorLimit(
+                            value=value, reason=reason, changed_at=now
+                        )
             async with self._lock:
                 # between two decisions, as an event's round ends
                 self._apply_limits()
@@ -2058,7 +2069,7 @@ class TradingService(Service):
                 for name in OPERATOR_LIMITS
                 if getattr(before, name) != getattr(self.risk.limits, name)
             )
-            self.metrics.limit_change("reset" if values is None else "set")
+            self.metrics.limit_change("reset" if reset else "set")
             log.warning("trading: %s by the operator (%s): %s", what, reason,
                         changed or "no value changed")  # fmt: skip
 
@@ -2554,9 +2565,18 @@ class TradingService(Service):
             return await change(values, reason)
 
         @api.delete("/limits", dependencies=guarded)
-        async def reset_limits(reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
-            return await change(None, reason_of({"reason": reason} if reason else None,
-                                                "limits reset (HTTP)"))  # fmt: skip
+        async def reset_limits(
+            reason: str | None = Query(None, max_length=500),
+            limit: list[str] | None = Query(None),
+        ) -> dict[str, Any]:
+            values = None
+            if limit is not None:
+                try:
+                    values = dict.fromkeys(operator_limit_names(limit))
+                except ValueError as exc:
+                    raise HTTPException(422, str(exc)) from exc
+            return await change(values, reason_of({"reason": reason} if reason else None,
+                                                  "limits reset (HTTP)"))  # fmt: skip
 
         @api.post("/halt", dependencies=guarded)
         async def halt(body: dict[str, Any] | None = Body(None)) -> JSONResponse:

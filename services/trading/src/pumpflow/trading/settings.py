@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -442,14 +442,22 @@ def _limit_adapter(name: str) -> TypeAdapter:
     return TypeAdapter(Annotated[field.annotation, *field.metadata])
 
 
-def operator_limits(values: Mapping[str, Any]) -> dict[str, float]:
-    """``values`` (limit name -> value) checked as their settings are; ValueError naming
-    the names unknown, or each value out of its setting's bounds."""
-    unknown = sorted(set(values) - set(OPERATOR_LIMITS))
+def operator_limit_names(names: Iterable[str]) -> list[str]:
+    """``names`` of limits an operator may change, each once in the order given;
+    ValueError naming those unknown."""
+    names = list(dict.fromkeys(names))
+    unknown = sorted(set(names) - set(OPERATOR_LIMITS))
     if unknown:
         raise ValueError(
             f"unknown limits: {', '.join(unknown)} (known: {', '.join(OPERATOR_LIMITS)})"
         )
+    return names
+
+
+def operator_limits(values: Mapping[str, Any]) -> dict[str, float]:
+    """``values`` (limit name -> value) checked as their settings are; ValueError naming
+    the names unknown, or each value out of its setting's bounds."""
+    operator_limit_names(values)
     if not values:
         raise ValueError(f"no limit to change (known: {', '.join(OPERATOR_LIMITS)})")
     checked, wrong = {}, []
