@@ -32,31 +32,15 @@ from pumpflow.trading.settings import TradingSettings
 
 from .conftest import Market
 from .test_live import WALLET, answered, live
-from .test_live_wallet_stream import Frames, on_server
+from .test_live_wallet_stream import Frames, idle_feed, on_server
 
 
 async def test_live_trading_enters_nothing_while_the_feeds_trade_stream_is_refused():
-    # an idle market: the only frames are the test's; no key is funded
-    server = SimulatorServer(
-        market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=0.001)),
-        speed=1.0,
-        require_api_key=True,
-    )
-    await server.start()
-    feed = FeedService(
-        FeedSettings(
-            pumpportal_ws_url=server.url,
-            feed_record=False,
-            feed_backoff_initial_s=0.05,
-            transport="memory",
-            replica="e2e",
-        ),
-        registry=CollectorRegistry(),
-    )
     clock = WallClock()
     market = Market(clock)
     frames = Frames()
-    try:
+    # no key is funded
+    async with idle_feed(require_api_key=True) as (server, feed):
         async with fake_trade_api("success") as api:
             trading = live(MemoryLedger(), api)
             async with run_embedded([feed, trading], clock=clock, synchronous=True) as system:
@@ -106,8 +90,6 @@ async def test_live_trading_enters_nothing_while_the_feeds_trade_stream_is_refus
                 await answered(trading, api)
                 [request] = watch.payloads("order.requested")
                 assert request.mint == first
-    finally:
-        await server.stop()
 
 
 PARTITIONS = 2

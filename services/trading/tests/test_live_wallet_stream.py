@@ -7,6 +7,9 @@ announced to the feed, and the sale is confirmed instead of ending "unconfirmed"
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import msgspec
 from prometheus_client import CollectorRegistry
 
@@ -54,27 +57,39 @@ def on_server(server: SimulatorServer, *, mint: str | None = None, wallet: str |
     )
 
 
-async def test_the_sale_of_a_token_activity_unsubscribed_is_confirmed():
-    # an idle market: the only frames are the test's
+@contextlib.asynccontextmanager
+async def idle_feed(
+    *, require_api_key: bool = False, feed_unsubscribe_grace_s: float | None = None
+) -> AsyncIterator[tuple[SimulatorServer, FeedService]]:
+    """A simulator of an idle market (the only frames are the test's), running until the
+    block ends, and a feed on it, embedded, not started; ``require_api_key``: the
+    server's, ``feed_unsubscribe_grace_s``: the feed's (None: its default)."""
     server = SimulatorServer(
-        market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=0.001)), speed=1.0
+        market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=0.001)),
+        speed=1.0,
+        require_api_key=require_api_key,
     )
-    await server.start()
-    feed = FeedService(
-        FeedSettings(
+    given = {"feed_unsubscribe_grace_s": feed_unsubscribe_grace_s}
+    await server.start()  # its port, in its url, is known once it listens
+    try:
+        settings = FeedSettings(
             pumpportal_ws_url=server.url,
             feed_record=False,
-            feed_unsubscribe_grace_s=0.0,
             feed_backoff_initial_s=0.05,
             transport="memory",
             replica="e2e",
-        ),
-        registry=CollectorRegistry(),
-    )
+            **{name: value for name, value in given.items() if value is not None},
+        )
+        yield server, FeedService(settings, registry=CollectorRegistry())
+    finally:
+        await server.stop()
+
+
+async def test_the_sale_of_a_token_activity_unsubscribed_is_confirmed():
     clock = WallClock()
     market = Market(clock)
     frames = Frames()
-    try:
+    async with idle_feed(feed_unsubscribe_grace_s=0.0) as (server, feed):
         async with fake_trade_api("success") as api:
             trading = live(
                 MemoryLedger(),
@@ -138,5 +153,3 @@ async def test_the_sale_of_a_token_activity_unsubscribed_is_confirmed():
                 [closed] = watch.payloads("position.closed")
                 assert closed.position_id == opened.position_id
                 assert not trading.book.open_positions
-    finally:
-        await server.stop()
