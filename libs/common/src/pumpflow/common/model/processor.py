@@ -334,11 +334,8 @@ class ModelProcessor:
         labels = self.labels
         made = 0
         kept = state.arm
-        route = None if kept is None else self.arms.kept_routes.get(kept)
-        if route is None:  # a new token, or its arm left the table: placed as new
-            route = self.arms.routes[mint]
         scored_by = None
-        for arm in route:
+        for arm in self.arms.route_for(mint, kept):
             model_id = arm.model_id
             if prepared is not None and prepared[1] == model_id:
                 card, score, seconds = prepared[2]
