@@ -672,6 +672,8 @@ def limits_replica(seen: list[tuple[str, dict | None]], *, status: int = 200) ->
             "sources": {
                 "max_concurrent_positions": {"value": 1, **operator},
                 "max_total_exposure_fraction": {"value": 0.5, **settings},
+                "add_to_positions": {"value": False, **operator, "settings": True},
+                "reentry_cooldown_s": {"value": 0.0, **settings, "settings": 0.0},
             },
             "exceeded": [{**EXCEEDED, "limit": "positions", "text": "2 positions held or "
                           "entered, over their limit 1 by 1"}],
@@ -689,9 +691,13 @@ async def test_limits_shows_each_limits_source_and_sets_or_resets_them(monkeypat
         assert "max_concurrent_positions 1: the operator's (a bad day, at 2023-11-14T22:13:20Z)" \
             "; settings 5" in out, out  # fmt: skip
         assert "max_total_exposure_fraction 0.5: the settings'" in out
+        assert "add_to_positions false: the operator's (a bad day, at 2023-11-14T22:13:20Z)" \
+            "; settings true" in out, out  # fmt: skip
+        assert "reentry_cooldown_s 0: the settings'" in out
         assert "exceeded: 2 positions held or entered, over their limit 1 by 1" in out
         argv = ("limits", "--set", "max_concurrent_positions=2", "--set",
-                "max_total_exposure_fraction=0.3", "--reason", "calmer")  # fmt: skip
+                "max_total_exposure_fraction=0.3", "--set", "add_to_positions=False",
+                "--set", "reentry_cooldown_s=90", "--reason", "calmer")  # fmt: skip
         assert await pumpflow_trading(base, *argv) == 0
         assert await pumpflow_trading(base, "limits", "--reset") == 0
         argv = ("limits", "--reset", "max_concurrent_positions", "--reset",
@@ -701,11 +707,12 @@ async def test_limits_shows_each_limits_source_and_sets_or_resets_them(monkeypat
     assert seen == [
         ("GET", {}),
         ("PUT", {"max_concurrent_positions": 2, "max_total_exposure_fraction": 0.3,
-                 "reason": "calmer"}),
+                 "add_to_positions": False, "reentry_cooldown_s": 90, "reason": "calmer"}),
         ("DELETE", {"reason": "limits reset (CLI)"}),
         ("DELETE", {"limit": ["max_concurrent_positions", "max_daily_loss_fraction"],
                     "reason": "calmer"}),
     ]  # fmt: skip
+    assert seen[1][1]["add_to_positions"] is False  # JSON's false, not 0
 
 
 @pytest.mark.parametrize(
@@ -736,7 +743,9 @@ async def test_a_limits_change_refused_or_without_a_token_fails(monkeypatch, cap
         err = capsys.readouterr().err
         assert "409" in err and "t1:cd34 holds it" in err and err.count("\n") == 1, err
         assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=lots") == 1
-        assert "VALUE a number" in capsys.readouterr().err
+        assert "VALUE a number (or true or false)" in capsys.readouterr().err
+        assert await pumpflow_trading(base, "limits", "--set", "add_to_positions=no") == 1
+        assert "--set add_to_positions=no: give NAME=VALUE" in capsys.readouterr().err
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")
         assert await pumpflow_trading(base, "limits", "--reset") == 2
     assert [method for method, _ in seen] == ["PUT"]

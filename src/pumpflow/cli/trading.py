@@ -36,7 +36,8 @@ the operator has seen to them; it prints those left.
 
 ``limits`` shows the risk limits an operator may change, each with its value and where
 it comes from (the settings, or the operator: why and when); ``--set NAME=VALUE``
-(repeatable) sets them over the settings, ``--reset`` puts the settings' back (all;
+(repeatable; VALUE a number, or ``true``/``false`` for ``add_to_positions``, sent as
+JSON's) sets them over the settings, ``--reset`` puts the settings' back (all;
 ``--reset NAME``, repeatable: those named alone). Only the
 replica trading takes a change (409, exit status 1, naming the holder, elsewhere); it
 applies from the next decision, is stored in the ledger for a restart or a take-over,
@@ -101,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="limits",
         metavar="NAME=VALUE",
         help="limits: set a risk limit over its setting (repeatable), e.g. "
-        "max_concurrent_positions=2",
+        "max_concurrent_positions=2, reentry_cooldown_s=300, add_to_positions=false",
     )
     parser.add_argument(
         "--reset",
@@ -234,11 +235,23 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
     return 0
 
 
-def _number(text: str) -> int | float:
+#: what ``--set NAME=VALUE`` sends for a switch's VALUE (JSON's true or false)
+_SWITCHES = {"true": True, "false": False}
+
+
+def _value(text: str) -> bool | int | float:
+    """``--set``'s VALUE as JSON carries it: true or false, or a number (the replica
+    checks it is the limit's type)."""
+    if text.lower() in _SWITCHES:
+        return _SWITCHES[text.lower()]
     try:
         return int(text)
     except ValueError:
         return float(text)
+
+
+def _said(value: bool | float) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
 
 
 def limits(
@@ -253,14 +266,14 @@ def limits(
         print("pumpflow trading: --reset (all) or --reset NAME (those named), not both",
               file=sys.stderr)  # fmt: skip
         return 1
-    values: dict[str, int | float] = {}
+    values: dict[str, bool | int | float] = {}
     for item in given or ():
         name, _, text = item.partition("=")
         try:
-            values[name.strip()] = _number(text.strip())
+            values[name.strip()] = _value(text.strip())
         except ValueError:
-            print(f"pumpflow trading: --set {item}: give NAME=VALUE, VALUE a number",
-                  file=sys.stderr)  # fmt: skip
+            print(f"pumpflow trading: --set {item}: give NAME=VALUE, VALUE a number "
+                  "(or true or false)", file=sys.stderr)  # fmt: skip
             return 1
     try:
         if values or reset:
@@ -284,10 +297,10 @@ def limits(
     for name, limit in (body.get("sources") or {}).items():
         if limit["source"] == "operator":
             whence = f"the operator's ({limit['reason']}, at {_utc(limit['changed_at'])}); "
-            whence += f"settings {limit['settings']:g}"
+            whence += f"settings {_said(limit['settings'])}"
         else:
             whence = "the settings'"
-        print(f"  {name} {limit['value']:g}: {whence}")
+        print(f"  {name} {_said(limit['value'])}: {whence}")
     for limit in body.get("exceeded", []):
         print(f"exceeded: {limit['text']} (no entry adding to it is admitted)")
     return 0
