@@ -1174,9 +1174,11 @@ def test_the_limits_take_the_re_entry_cooldown_setting(monkeypatch):
     monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", "90")
     limits = TradingSettings.load(service="trading", transport="memory").limits()
     assert limits.reentry_cooldown_s == 90.0
-    monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", "-1")
-    with pytest.raises(SettingsError, match="PUMPFLOW_TRADING_REENTRY_COOLDOWN_S"):
-        TradingSettings.load(service="trading", transport="memory")
+    # infinite: no JSON for /limits, which shows it
+    for bad in ("-1", "inf", "nan"):
+        monkeypatch.setenv("PUMPFLOW_TRADING_REENTRY_COOLDOWN_S", bad)
+        with pytest.raises(SettingsError, match="PUMPFLOW_TRADING_REENTRY_COOLDOWN_S"):
+            TradingSettings.load(service="trading", transport="memory")
 
 
 def test_the_limits_of_capital_at_risk_are_settings_an_operator_can_tighten(monkeypatch):

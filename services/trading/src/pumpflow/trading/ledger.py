@@ -107,6 +107,7 @@ from pumpflow.common.events import (
 from pumpflow.common.runtime.settings import SHUTDOWN_REQUESTS_KEPT_S
 from pumpflow.common.trading import EarlyTrade, Position, TradingState, UnbookedTrade
 from pumpflow.common.trading.risk import Report
+from pumpflow.trading.settings import LimitValue, stored_limit
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
@@ -512,10 +513,10 @@ class LedgerExposure:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OperatorLimit:
-    """A risk limit the operator set over its setting: its value, why, and when (epoch
-    seconds)."""
+    """A risk limit the operator set over its setting: its value (in the setting's type),
+    why, and when (epoch seconds)."""
 
-    value: float
+    value: LimitValue
     reason: str
     changed_at: float
 
@@ -609,16 +610,22 @@ class Ledger(Protocol):
     async def control(self) -> tuple[TradingState, str] | None: ...
 
     async def set_limits(
-        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
+        self,
+        values: Mapping[str, LimitValue | None] | None,
+        reason: str,
+        *,
+        holder: str,
+        now: float,
     ) -> None:
-        """Store the risk limits ``values`` (name -> value) the operator set at ``now``,
-        over the settings' (a value None: that limit back to the settings; None for all);
-        refused (:class:`Superseded`) once another than ``holder`` took over, as a commit
-        is."""
+        """Store the risk limits ``values`` (name -> value, in its setting's type) the
+        operator set at ``now``, over the settings' (a value None: that limit back to the
+        settings; None for all); refused (:class:`Superseded`) once another than
+        ``holder`` took over, as a commit is."""
         ...
 
     async def limits(self) -> dict[str, OperatorLimit]:
-        """The risk limits the operator set, by name (none: the settings' hold)."""
+        """The risk limits the operator set, by name, each in its setting's type (none:
+        the settings' hold)."""
         ...
 
     async def shutdown_applied(self, request_id: str) -> bool:
@@ -959,7 +966,12 @@ class MemoryLedger:
         return self._control
 
     async def set_limits(
-        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
+        self,
+        values: Mapping[str, LimitValue | None] | None,
+        reason: str,
+        *,
+        holder: str,
+        now: float,
     ) -> None:
         self._fence(holder)
         if values is None:
@@ -1461,7 +1473,12 @@ class PostgresLedger:
         return None if row is None else (TradingState(row[0]), row[1])
 
     async def set_limits(
-        self, values: Mapping[str, float | None] | None, reason: str, *, holder: str, now: float
+        self,
+        values: Mapping[str, LimitValue | None] | None,
+        reason: str,
+        *,
+        holder: str,
+        now: float,
     ) -> None:
         async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
@@ -1480,6 +1497,7 @@ class PostgresLedger:
                     "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, "
                     "reason = EXCLUDED.reason, changed_at = EXCLUDED.changed_at",
                     list(given),
+                    # one number column: a switch is 1 or 0, read back by its setting's type
                     [float(v) for v in given.values()],
                     reason,
                     now,
@@ -1490,7 +1508,9 @@ class PostgresLedger:
             "SELECT name, value, reason, extract(epoch FROM changed_at) FROM trading_limits"
         )
         return {
-            row[0]: OperatorLimit(value=row[1], reason=row[2], changed_at=float(row[3]))
+            row[0]: OperatorLimit(
+                value=stored_limit(row[0], row[1]), reason=row[2], changed_at=float(row[3])
+            )
             for row in rows
         }
 

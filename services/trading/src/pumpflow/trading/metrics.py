@@ -142,7 +142,8 @@ class _Families:
         self.limit = Gauge(
             "pumpflow_trading_limit",
             "The risk limits in force (the settings', or the operator's over them: GET "
-            "/limits says which), by name",
+            "/limits says which), by name: fractions of capital, a count, seconds "
+            "(reentry_cooldown_s), a switch 1 or 0 (add_to_positions)",
             ["limit"],
             registry=registry,
         )

@@ -221,7 +221,9 @@ from pumpflow.trading.live import LiveExecutor, TradeApi
 from pumpflow.trading.metrics import TradingMetrics
 from pumpflow.trading.settings import (
     OPERATOR_LIMITS,
+    LimitValue,
     TradingSettings,
+    limit_text,
     operator_limit_names,
     operator_limits,
 )
@@ -2008,13 +2010,16 @@ class TradingService(Service):
             applied.set_result(True)
             return await self._flush_control()
 
+    def _limits_over(self, stored: Mapping[str, OperatorLimit]) -> RiskLimits:
+        """The settings' limits with the operator's ``stored`` over them."""
+        return replace(
+            self.settings.risk_limits(), **{name: given.value for name, given in stored.items()}
+        )
+
     def _apply_limits(self) -> None:
         """Decide by the settings' limits with the operator's over them, from the next
         decision on; export them."""
-        limits = replace(
-            self.settings.risk_limits(),
-            **{name: stored.value for name, stored in self._operator_limits.items()},
-        )
+        limits = self._limits_over(self._operator_limits)
         self.risk.set_limits(limits)
         self.metrics.limits(limits, OPERATOR_LIMITS)
 
@@ -2022,12 +2027,15 @@ class TradingService(Service):
         """The operator's limits in words: each value, its setting's, why and when."""
         settings = self.settings.risk_limits()
         return "; ".join(
-            f"{name}={stored.value:g} (settings {getattr(settings, name):g}; "
-            f"{stored.reason}, at {_utc(stored.changed_at)})"
+            f"{name}={limit_text(stored.value)} (settings "
+            f"{limit_text(getattr(settings, name))}; {stored.reason}, at "
+            f"{_utc(stored.changed_at)})"
             for name, stored in sorted(self._operator_limits.items())
         )
 
-    async def change_limits(self, values: Mapping[str, float | None] | None, reason: str) -> None:
+    async def change_limits(
+        self, values: Mapping[str, LimitValue | None] | None, reason: str
+    ) -> None:
         """Set the risk limits ``values`` (checked: :func:`operator_limits`) over the
         settings' (a value None: that limit back to its setting; None: back to the
         settings' all): stored first, fenced as a commit is, then applied here for the next
@@ -2065,7 +2073,8 @@ class TradingService(Service):
                 # between two decisions, as an event's round ends
                 self._apply_limits()
             changed = ", ".join(
-                f"{name} {getattr(before, name):g} -> {getattr(self.risk.limits, name):g}"
+                f"{name} {limit_text(getattr(before, name))} -> "
+                f"{limit_text(getattr(self.risk.limits, name))}"
                 for name in OPERATOR_LIMITS
                 if getattr(before, name) != getattr(self.risk.limits, name)
             )
@@ -2401,9 +2410,7 @@ class TradingService(Service):
         totals = await self.ledger.totals()
         exposure = await self.ledger.exposure()
         stored = await self.ledger.limits()
-        limits = replace(
-            self.settings.risk_limits(), **{name: given.value for name, given in stored.items()}
-        )
+        limits = self._limits_over(stored)
         risk = RiskManager(
             self._capital(totals.realized_pnl_sol),
             limits.max_risk_per_trade,

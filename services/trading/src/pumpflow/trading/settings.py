@@ -150,6 +150,8 @@ class TradingSettings(PumpPortalKeySettings):
     trading_reentry_cooldown_s: float = Field(
         _LIMITS.reentry_cooldown_s,
         ge=0,
+        # an infinite one is no JSON for /limits: no re-entry is a long one (a day: 86400)
+        allow_inf_nan=False,
         description="seconds after a token's position closed before it may be entered again "
         "(default: at once, if the filters admit it)",
     )
@@ -432,7 +434,16 @@ OPERATOR_LIMITS = (
     "max_token_exposure_fraction",
     "max_total_exposure_fraction",
     "max_daily_loss_fraction",
+    "add_to_positions",
+    "reentry_cooldown_s",
 )
+
+#: a risk limit's value: a fraction or seconds, a count (int), or a switch (bool)
+LimitValue = float | int | bool
+
+
+def _limit_type(name: str) -> type:
+    return TradingSettings.model_fields[f"trading_{name}"].annotation
 
 
 @functools.cache
@@ -454,14 +465,24 @@ def operator_limit_names(names: Iterable[str]) -> list[str]:
     return names
 
 
-def operator_limits(values: Mapping[str, Any]) -> dict[str, float]:
-    """``values`` (limit name -> value) checked as their settings are; ValueError naming
-    the names unknown, or each value out of its setting's bounds."""
+def operator_limits(values: Mapping[str, Any]) -> dict[str, LimitValue]:
+    """``values`` (limit name -> value, as JSON gives them) checked as their settings
+    are, each in its setting's type; ValueError naming the names unknown, or each value
+    out of its setting's bounds or of another type (a switch takes true or false alone,
+    a number no text nor switch, a count no fraction)."""
     operator_limit_names(values)
     if not values:
         raise ValueError(f"no limit to change (known: {', '.join(OPERATOR_LIMITS)})")
-    checked, wrong = {}, []
+    checked: dict[str, LimitValue] = {}
+    wrong = []
     for name, value in values.items():
+        if _limit_type(name) is bool:
+            # 0, 1 or "false" is a mistake, not a switch
+            if isinstance(value, bool):
+                checked[name] = value
+            else:
+                wrong.append(f"{name}: true or false, not {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             # "0.1" from JSON is a mistake, not a number
             wrong.append(f"{name}: a number, not {value!r}")
@@ -473,3 +494,15 @@ def operator_limits(values: Mapping[str, Any]) -> dict[str, float]:
     if wrong:
         raise ValueError("; ".join(wrong))
     return checked
+
+
+def stored_limit(name: str, value: float) -> LimitValue:
+    """The limit ``name``'s ``value`` as a number column holds it (a switch 1 or 0) in
+    its setting's type."""
+    kind = _limit_type(name)
+    return value != 0 if kind is bool else kind(value)
+
+
+def limit_text(value: LimitValue) -> str:
+    """A limit's value in words: true or false, or the number."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
