@@ -286,6 +286,26 @@ async def test_a_predecessors_reset_of_named_limits_is_fenced_off(ledger):
     assert set(await ledger.limits()) == {"max_daily_loss_fraction"}
 
 
+async def test_a_stored_limit_this_version_does_not_know_is_ignored_with_a_warning(
+    clock, pg_pool, caplog
+):
+    """A row a newer version stored (then rolled back) does not stop a take-over: the
+    limits known apply, the stranger is named in a warning."""
+    ledger = PostgresLedger(pg_pool)
+    await ledger.load(remembered=10, holder="w1")
+    await ledger.set_limits({"max_concurrent_positions": 2}, "drill", holder="w1", now=100.0)
+    await pg_pool.execute(
+        "INSERT INTO trading_limits (name, value, reason, changed_at) "
+        "VALUES ('max_leverage', 3, 'newer', now())"
+    )
+    caplog.set_level(logging.WARNING)
+    service = trading(ledger)
+    async with running(clock, service):
+        assert service.risk.limits.max_concurrent_positions == 2
+    said = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert said and "max_leverage" in said[0], said
+
+
 async def test_limits_stored_outlive_a_restart_and_a_reset_is_stored_too(
     clock, market, pg_pool, caplog
 ):

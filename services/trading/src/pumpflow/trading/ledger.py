@@ -82,6 +82,7 @@ book adds up to from the same totals (:meth:`Ledger.totals`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -107,7 +108,9 @@ from pumpflow.common.events import (
 from pumpflow.common.runtime.settings import SHUTDOWN_REQUESTS_KEPT_S
 from pumpflow.common.trading import EarlyTrade, Position, TradingState, UnbookedTrade
 from pumpflow.common.trading.risk import Report
-from pumpflow.trading.settings import LimitValue, stored_limit
+from pumpflow.trading.settings import OPERATOR_LIMITS, LimitValue, stored_limit
+
+log = logging.getLogger("pumpflow.trading")
 
 OrderState = Literal["pending", "sent", "unknown", "filled", "rejected"]
 #: orders whose outcome is not known yet
@@ -1507,11 +1510,17 @@ class PostgresLedger:
         rows = await self.pool.fetch(
             "SELECT name, value, reason, extract(epoch FROM changed_at) FROM trading_limits"
         )
+        unknown = sorted(row[0] for row in rows if row[0] not in OPERATOR_LIMITS)
+        if unknown:
+            # a newer version's, left behind by a rollback: trading goes on by the rest
+            log.warning("trading: stored limits this version does not know are ignored: %s",
+                        ", ".join(unknown))  # fmt: skip
         return {
             row[0]: OperatorLimit(
                 value=stored_limit(row[0], row[1]), reason=row[2], changed_at=float(row[3])
             )
             for row in rows
+            if row[0] in OPERATOR_LIMITS
         }
 
     async def shutdown_applied(self, request_id: str) -> bool:
