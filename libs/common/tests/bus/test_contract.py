@@ -406,7 +406,9 @@ async def test_every_copy_is_delivered_the_consumer_drops_duplicates(bus, servic
     assert got.ids[:2] == [first.id, first.id]
 
 
-async def test_critical_lane_overtakes_a_backlog(bus, service):
+@pytest.mark.parametrize("shared_keyless", [False, True])
+async def test_critical_lane_overtakes_a_backlog(bus, service, shared_keyless):
+    """Keyless critical events too, on the replica's own critical queue or the group's."""
     got = Recorder()
 
     async def handler(event: Event) -> None:
@@ -416,7 +418,10 @@ async def test_critical_lane_overtakes_a_backlog(bus, service):
 
     await bus.subscribe(
         Subscription(
-            service=service, patterns=("token.trade", "system.*", "exit.*"), handler=handler
+            service=service,
+            patterns=("token.trade", "system.*", "exit.*"),
+            handler=handler,
+            shared_keyless=shared_keyless,
         )
     )
     backlog = 60
@@ -505,6 +510,77 @@ async def test_broadcast_reaches_every_replica(harness, service):
     await bus.publish(shutdown)
     await eventually(lambda: all(len(r.events) == 1 for r in replicas))
     assert all(r.ids == [shutdown.id] for r in replicas)
+
+
+#: a group that takes its keyless events on shared queues: ordinary (model.drift) and
+#: critical (system.shutdown) ones, besides keyed ones
+SHARED = ("token.*", "model.drift", "system.shutdown")
+
+
+def shared(service: str, handler) -> Subscription:
+    return Subscription(service=service, patterns=SHARED, handler=handler, shared_keyless=True)
+
+
+async def test_a_shared_keyless_group_gets_what_was_published_while_no_replica_consumed(
+    harness, service
+):
+    """Keyless events wait in a shared-keyless group's queues while none of its replicas
+    consumes (declared with the group, or left by the replica before): the next replica
+    gets them, each lane in publish order."""
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    await publisher.declare(service, SHARED, shared_keyless=True)
+    early = [drift_event(f"f{i}") for i in range(5)]
+    stops = [shutdown_event(), shutdown_event()]
+    for event in (early[0], stops[0], *early[1:], stops[1]):
+        await publisher.publish(event)
+    first = Recorder()
+    subscription = shared(service, first)
+    await consumer.subscribe(subscription)
+    await eventually(lambda: len(first.events) == 7, what="what waited for the group")
+    assert first.of_type("model.drift") == early
+    assert [e.id for e in first.of_type("system.shutdown")] == [e.id for e in stops]
+
+    await eventually(lambda: harness.no_ack_held_back(consumer), what="the acks sent")
+    await consumer.unsubscribe(subscription)
+    late = [drift_event("g0"), shutdown_event(), drift_event("g1")]
+    for event in late:
+        await publisher.publish(event)
+    second = Recorder()
+    await consumer.subscribe(shared(service, second))
+    await eventually(lambda: len(second.events) == 3, what="what waited for the next replica")
+    assert sorted(second.ids) == sorted(e.id for e in late)
+    assert [e.data.feature for e in second.of_type("model.drift")] == ["g0", "g1"]
+    assert len(first.events) == 7
+
+
+async def test_a_shared_keyless_event_goes_to_one_replica(harness, service):
+    """With several replicas subscribed, each keyless event of a shared-keyless group
+    reaches one of them (the one consuming the shared queue), not each."""
+    bus = await harness.bus()
+    replicas = [Recorder(), Recorder()]
+    for got in replicas:
+        other = await harness.bus()
+        await other.subscribe(shared(service, got))
+    sent = [drift_event("f1"), shutdown_event(), drift_event("f2"), shutdown_event()]
+    for event in sent:
+        await bus.publish(event)
+    await eventually(lambda: sum(len(r.events) for r in replicas) >= len(sent))
+    for other in harness.buses:
+        await other.drain(timeout=2)
+    assert sorted(replicas[0].ids + replicas[1].ids) == sorted(e.id for e in sent)
+
+
+async def test_a_group_declared_shared_keyless_refuses_a_subscription_that_is_not(bus, service):
+    """The group's keyless events are in its shared queues, or on each replica's own:
+    a replica subscribing the other way would miss them or get them twice."""
+    await bus.declare(service, SHARED, shared_keyless=True)
+    with pytest.raises(ValueError, match="shared"):
+        await bus.subscribe(Subscription(service=service, patterns=SHARED, handler=Recorder()))
+    await bus.subscribe(shared(service, Recorder()))
+    await bus.declare(f"{service}_own", SHARED)
+    with pytest.raises(ValueError, match="shared"):
+        await bus.subscribe(shared(f"{service}_own", Recorder()))
 
 
 async def test_replicas_split_partitions(harness, service):
@@ -1636,7 +1712,12 @@ async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, 
     owner = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
     await owner.start()
     await owner.subscribe(
-        Subscription(service=service, patterns=("token.*", "exit.*"), handler=Recorder())
+        Subscription(
+            service=service,
+            patterns=("token.*", "exit.*", "model.drift"),
+            handler=Recorder(),
+            shared_keyless=True,
+        )
     )
     await owner.publish(trade_event("mintZ", 1))  # queues that hold messages go too
     await owner.close()
@@ -1644,7 +1725,8 @@ async def test_rabbitmq_delete_topology_of_another_process(namespace, amqp_url, 
     await cleanup.delete_topology(services=[service])
     try:
         channel = await cleanup._connection.channel()
-        for name in (f"{service}.p00", f"{service}.p01", f"{service}.critical", f"{service}.dlq"):
+        durable = ("p00", "p01", "critical", "bcast", "dlq")
+        for name in (f"{service}.{queue}" for queue in durable):
             with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                 await channel.declare_queue(f"{namespace}.{name}", passive=True)
             channel = await cleanup._connection.channel()

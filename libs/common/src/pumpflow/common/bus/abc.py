@@ -4,7 +4,12 @@ Delivery contract, the same for every transport (held by the shared contract tes
 
 - An event with a key goes to partition ``crc32(key) % partitions``; a consuming
   service has one queue per partition and gets each partition's messages in order.
-- Keyless events are broadcast: every live subscriber (every replica) gets them.
+- Keyless events are broadcast: every live subscriber (every replica) gets them, on
+  queues of its own that go with it, so what is published while a replica does not
+  consume (none runs, or its connection is down) is lost to it. A group subscribing
+  with ``Subscription.shared_keyless`` takes them instead on queues shared by its
+  replicas, as its keyed events (one replica at a time, declared with the group): what
+  is published while none consumes waits there, in order, for the next.
 - Critical event types (``Payload.CRITICAL``) travel on a lane of their own per
   service, so a backlog of ordinary events never delays them.
 - The handler's return is the acknowledgement: a message is acked only after the
@@ -15,7 +20,7 @@ Delivery contract, the same for every transport (held by the shared contract tes
   until the dependency answers, its lane stalled meanwhile, without using an attempt;
   a lane that stops hands such a delivery back unacked.
 - Window: up to ``Subscription.window`` handlers of one lane (a partition queue, the
-  critical lane, a replica's broadcast lane) run at once (returned ones waiting for
+  critical lane, a broadcast lane) run at once (returned ones waiting for
   their ack do not count). They start in delivery
   order, each running up to its first suspension before the next starts; acks go out
   in delivery order only (a message is acked once it and every message delivered
@@ -38,10 +43,11 @@ Delivery contract, the same for every transport (held by the shared contract tes
   several (RabbitMQ's batches) when one of them is handed back. Consumers drop
   duplicates by the per-key ``seq`` they store with their state
   (``pumpflow.common.consumer``).
-- Delivery limit: a message of a partition or critical lane whose handler was started
-  more than :data:`DELIVERY_LIMIT` times and never returned (its consumer died or was
-  stopped with it each time, as with a message that kills the process) is
-  dead-lettered with a reason starting ``delivery limit:``, and its lane goes on.
+- Delivery limit: a message of a shared lane (a partition, the critical lane, a
+  group's shared broadcast lane) whose handler was started more than
+  :data:`DELIVERY_LIMIT` times and never returned (its consumer died or was stopped
+  with it each time, as with a message that kills the process) is dead-lettered with a
+  reason starting ``delivery limit:``, and its lane goes on.
 - Ownership hook: a subscription's optional ``on_assigned(partitions)`` is awaited
   before the first delivery of those partitions, ``on_revoked(partitions)`` after
   their handlers in flight returned and before another replica may take them. A
@@ -93,6 +99,10 @@ class Subscription:
     on_revoked: PartitionsCallback | None = None
     #: with a window above 1: handles a lane's ready deliveries in one call
     batch_handler: BatchHandler | None = None
+    #: keyless events on the group's shared queues (one replica gets each, and they wait
+    #: for one), not on each replica's own; every replica of the group, and its
+    #: declaration, must say the same
+    shared_keyless: bool = False
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -142,13 +152,22 @@ class EventSubscriber(ABC):
     """Delivers events to handlers."""
 
     @abstractmethod
-    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
-        """Declare ``service``'s shared queues for ``patterns``, without consuming them.
+    async def declare(
+        self,
+        service: str,
+        patterns: tuple[str, ...],
+        *,
+        version: int = 1,
+        shared_keyless: bool = False,
+    ) -> None:
+        """Declare ``service``'s shared queues for ``patterns``, without consuming them
+        (``shared_keyless``: its keyless events' too, see ``Subscription``).
 
         What is published from then on waits there for the service's first replica. A
         broker routes a message only to the queues bound when it is published, so a
         consumer group that starts after its publisher loses what came before unless
         its queues were declared first (see :mod:`pumpflow.common.runtime.topology`).
+        A subscription of the group must then say ``shared_keyless`` as declared.
         """
 
     @abstractmethod
@@ -161,8 +180,8 @@ class EventSubscriber(ABC):
 
         Returns once its handlers in flight returned and their messages are acked;
         deliveries no handler started stay in the service's queues for the next
-        consumer (the replica's own broadcast queues go with it). A subscription not
-        subscribed is ignored.
+        consumer (the replica's own broadcast queues go with it, and what they held).
+        A subscription not subscribed is ignored.
         """
 
 
@@ -271,7 +290,8 @@ class EventBus(EventPublisher, EventSubscriber):
         For putting dead letters back: the service's partition queue of the event's
         key (its critical lane for a critical type), confirmed like a publish; a
         service not consuming yet finds it there. Keyless events are refused
-        (ValueError): they go to each replica's own queue, which outlives no replica.
+        (ValueError): they go to each replica's own queue, which outlives no replica
+        (or, to a group taking them shared, to all its replicas' one).
         """
 
     def why_unconfirmed(self) -> str:

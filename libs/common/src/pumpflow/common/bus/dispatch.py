@@ -63,38 +63,58 @@ def check_publishable(event: Event) -> type[Payload]:
 class Bindings:
     """What a subscription's queues are bound to, by lane.
 
-    ``partition``: keyed, ordinary types (one queue per partition, shared by replicas);
-    ``critical``: keyed critical types (one queue per service, shared by replicas);
-    ``broadcast`` / ``critical_broadcast``: keyless deliveries of ordinary / critical
-    types (one queue per replica each, so every replica gets them).
+    ``partition``: ordinary types, keyed on one queue per partition, keyless on a
+    broadcast queue; ``critical``: critical types, keyed on one queue per service,
+    keyless on a critical broadcast queue. Keyed ones are on queues shared by the
+    group's replicas; keyless ones on a pair of queues of each replica's own (every
+    replica gets them), or, ``shared_keyless``, on the group's (the critical queue, and
+    one broadcast queue), which keep them while no replica consumes.
     """
 
     partition: tuple[str, ...]
     critical: tuple[str, ...]
     version: int
+    shared_keyless: bool = False
 
     @classmethod
     def of(cls, subscription: Subscription) -> Bindings:
-        return cls.of_patterns(subscription.patterns, subscription.version)
+        return cls.of_patterns(
+            subscription.patterns,
+            subscription.version,
+            shared_keyless=subscription.shared_keyless,
+        )
 
     @classmethod
-    def of_patterns(cls, patterns: tuple[str, ...], version: int) -> Bindings:
+    def of_patterns(
+        cls, patterns: tuple[str, ...], version: int, *, shared_keyless: bool = False
+    ) -> Bindings:
         schemas = resolve_types(patterns, version)
         return cls(
             partition=tuple(s.TYPE for s in schemas if not s.CRITICAL),
             critical=tuple(s.TYPE for s in schemas if s.CRITICAL),
             version=version,
+            shared_keyless=shared_keyless,
         )
 
 
 def check_declared(service: str, declared: Bindings | None, subscribed: Bindings) -> None:
-    """Raise unless a subscription takes every type its service's queues were declared for.
+    """Raise unless a subscription takes every type its service's queues were declared for,
+    and its keyless events where they were declared to go.
 
     The queues are the group's, not the replica's: a type bound to them that the handler
-    does not take would reach it anyway.
+    does not take would reach it anyway; a replica taking keyless events on its own
+    queues would miss those of the group's shared ones, and the reverse get them twice.
     """
     if declared is None:
         return
+    if declared.shared_keyless != subscribed.shared_keyless:
+        where = {True: "the group's shared queues", False: "each replica's own queues"}
+        raise ValueError(
+            f"{service} subscribes to take its keyless events on "
+            f"{where[subscribed.shared_keyless]} but its queues were declared for them on "
+            f"{where[declared.shared_keyless]} (shared_keyless): declare and subscribe alike "
+            "(pumpflow.common.runtime.topology)"
+        )
     extra = sorted(
         {*declared.partition, *declared.critical} - {*subscribed.partition, *subscribed.critical}
     )

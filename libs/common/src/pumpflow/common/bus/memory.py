@@ -3,7 +3,10 @@
 Each consuming service has one FIFO per partition and a critical lane, shared by its
 replicas (a lane is served by the first replica that consumes it, like RabbitMQ's
 single-active-consumer); each replica has its own broadcast and critical-broadcast
-lanes for keyless events. Every lane has its own worker task, so partitions run
+lanes for keyless events, which go with it. A group that takes its keyless events
+shared (``Subscription.shared_keyless``) has no own lanes: its critical lane takes the
+critical ones, and a shared broadcast lane the others, kept while no replica consumes
+them as the partitions' events are. Every lane has its own worker task, so partitions run
 concurrently. A lane starts its deliveries in order, up to the consumer's
 ``Subscription.window`` handlers at once (with a window of 1, inside the worker; above,
 as tasks; a subscription with a batch handler gets all the lane has ready, up to the
@@ -170,15 +173,20 @@ class _Lane:
 @dataclass(eq=False)
 class _Replica:
     subscription: Subscription
-    broadcast: _Lane
-    critical_broadcast: _Lane
-    #: (type, version) it wants keyless deliveries of, split by lane
+    #: its own lanes of keyless events, ordinary and critical (none where its group takes
+    #: them shared), and the (type, version) each takes
+    broadcast: _Lane | None
+    critical_broadcast: _Lane | None
     broadcast_types: frozenset[tuple[str, int]]
     critical_types: frozenset[tuple[str, int]]
     #: lanes running this replica's handler now
     busy: set[_Lane] = field(default_factory=set)
     #: partitions it consumes; None means all of them
     owned: set[int] | None = None
+
+    @property
+    def own(self) -> list[_Lane]:
+        return [lane for lane in (self.broadcast, self.critical_broadcast) if lane is not None]
 
 
 class _Group:
@@ -194,11 +202,27 @@ class _Group:
             _Lane(self, bus.dispatcher(service, PARTITION), p) for p in range(bus.partitions)
         ]
         self.critical = _Lane(self, bus.dispatcher(service, CRITICAL), None)
+        #: the shared lane of its ordinary keyless events, once it takes them shared (the
+        #: critical ones go to ``critical``); None: they go to each replica's own lanes
+        self.broadcast: _Lane | None = None
+        self._bus = bus
+
+    def share_keyless(self) -> None:
+        """Take keyless events on the group's lanes from now on, as durable bindings do."""
+        if self.broadcast is None:
+            self.broadcast = _Lane(self, self._bus.dispatcher(self.service, BROADCAST), None)
+
+    def shared(self) -> list[_Lane]:
+        """The lanes its replicas share: partitions, critical, and the shared broadcast."""
+        lanes = [*self.partitions, self.critical]
+        if self.broadcast is not None:
+            lanes.append(self.broadcast)
+        return lanes
 
     def assign(self) -> None:
         """Give each shared lane to the first replica that consumes it: its consumer keeps
         it while it wants it (another replica claiming it waits for its release)."""
-        for lane in (*self.partitions, self.critical):
+        for lane in self.shared():
             current = lane.consumer
             if current is not None and current in self.replicas and _wants(current, lane):
                 continue
@@ -209,12 +233,11 @@ class _Group:
                     break
             lane.wakeup.set()
         for replica in self.replicas:
-            replica.broadcast.consumer = replica
-            replica.critical_broadcast.consumer = replica
+            for lane in replica.own:
+                lane.consumer = replica
 
     def lanes(self) -> list[_Lane]:
-        own = [lane for r in self.replicas for lane in (r.broadcast, r.critical_broadcast)]
-        return [*self.partitions, self.critical, *own]
+        return [*self.shared(), *(lane for r in self.replicas for lane in r.own)]
 
 
 def _wants(replica: _Replica, lane: _Lane) -> bool:
@@ -264,7 +287,8 @@ def _put_back(lane: _Lane, delivery: _Delivery) -> None:
 
 def _returned(lane: _Lane, event: Event) -> None:
     """Count a delivery of ``event`` that ended unsettled (shared lanes have a limit)."""
-    if lane.partition is not None or lane is lane.group.critical:
+    group = lane.group
+    if lane.partition is not None or lane is group.critical or lane is group.broadcast:
         lane.returned[event.id] = lane.returned.get(event.id, 0) + 1
 
 
@@ -398,8 +422,17 @@ class InMemoryBus(EventBus):
 
     # ---------------------------------------------------------------- subscribing
 
-    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
-        bindings = self._declared[service] = Bindings.of_patterns(patterns, version)
+    async def declare(
+        self,
+        service: str,
+        patterns: tuple[str, ...],
+        *,
+        version: int = 1,
+        shared_keyless: bool = False,
+    ) -> None:
+        bindings = self._declared[service] = Bindings.of_patterns(
+            patterns, version, shared_keyless=shared_keyless
+        )
         self._bind(service, bindings)
 
     def _bind(self, service: str, bindings: Bindings) -> _Group:
@@ -409,6 +442,8 @@ class InMemoryBus(EventBus):
         version = bindings.version
         group.partition_types.update((t, version) for t in bindings.partition)
         group.critical_types.update((t, version) for t in bindings.critical)
+        if bindings.shared_keyless:
+            group.share_keyless()
         self._routes.clear()
         return group
 
@@ -419,12 +454,15 @@ class InMemoryBus(EventBus):
         version = bindings.version
         group = self._bind(subscription.service, bindings)
         service = subscription.service
+        own = not bindings.shared_keyless
         replica = _Replica(
             subscription=subscription,
-            broadcast=_Lane(group, self.dispatcher(service, BROADCAST), None),
-            critical_broadcast=_Lane(group, self.dispatcher(service, CRITICAL), None),
-            broadcast_types=frozenset((t, version) for t in bindings.partition),
-            critical_types=frozenset((t, version) for t in bindings.critical),
+            broadcast=_Lane(group, self.dispatcher(service, BROADCAST), None) if own else None,
+            critical_broadcast=(
+                _Lane(group, self.dispatcher(service, CRITICAL), None) if own else None
+            ),
+            broadcast_types=frozenset((t, version) for t in bindings.partition if own),
+            critical_types=frozenset((t, version) for t in bindings.critical if own),
             owned=None if subscription.partitions is None else set(subscription.partitions),
         )
         group.replicas.append(replica)
@@ -454,7 +492,7 @@ class InMemoryBus(EventBus):
         await self._hand_back_waiting(list(replica.busy), replica)
         # and what its handlers handed back meanwhile (waiting for a dependency)
         self._drop_own(replica)
-        for lane in (replica.broadcast, replica.critical_broadcast):
+        for lane in replica.own:
             if lane.worker is not None:
                 lane.worker.cancel()
                 lane.worker = None
@@ -464,7 +502,7 @@ class InMemoryBus(EventBus):
         them with their consumer; what they held is not anyone else's (each replica has
         its copy of a keyless event). Nothing starts there any more: a handler handing its
         event back would have it start again at once, for ever."""
-        for lane in (replica.broadcast, replica.critical_broadcast):
+        for lane in replica.own:
             lane.consumer = None
             self._settle(len(lane.items))
             lane.items.clear()
@@ -482,7 +520,7 @@ class InMemoryBus(EventBus):
             return
         group, replica = detached
         stopped: list[asyncio.Task] = []
-        for lane in (*group.partitions, group.critical):
+        for lane in group.shared():
             if lane.serving is replica:
                 # the worker too: with a window of 1 the handler runs inside it
                 stopped.extend(self._halt(lane))
@@ -493,7 +531,7 @@ class InMemoryBus(EventBus):
                 # in delivery order, among any its handlers handed back before
                 for delivery in list(lane.unacked):
                     _put_back(lane, delivery)
-        for lane in (replica.broadcast, replica.critical_broadcast):
+        for lane in replica.own:
             stopped.extend(self._halt(lane))
             self._settle(len(lane.items) + sum(len(d.events) for d in lane.unacked))
             lane.items.clear()
@@ -614,6 +652,10 @@ class InMemoryBus(EventBus):
             return
         for group, critical in routes:
             if key is None:
+                if group.broadcast is not None:
+                    # the group's shared lanes: one replica gets it, or the next one
+                    await self._offer(group.critical if critical else group.broadcast, event)
+                    continue
                 for replica in group.replicas:
                     if critical and ident in replica.critical_types:
                         await self._offer(replica.critical_broadcast, event)

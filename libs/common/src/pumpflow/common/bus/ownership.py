@@ -23,7 +23,8 @@
 - :class:`BalancedBus`: the bus the runner hands a distributed service. It passes
   the :class:`EventBus` interface to the transport, except that a subscription to
   keyed events with ``partitions=None`` is balanced; critical and broadcast lanes stay
-  with every replica. Services need no change. Transport specifics (``namespace``,
+  with every replica (a group's shared ones, single-active, with one of them at a
+  time). Services need no change. Transport specifics (``namespace``,
   ``delete_topology``) are the transport's: reach them through ``inner``.
 """
 
@@ -498,8 +499,15 @@ class BalancedBus(EventBus):
 
     # ---------------------------------------------------------------- subscribing
 
-    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
-        await self.inner.declare(service, patterns, version=version)
+    async def declare(
+        self,
+        service: str,
+        patterns: tuple[str, ...],
+        *,
+        version: int = 1,
+        shared_keyless: bool = False,
+    ) -> None:
+        await self.inner.declare(service, patterns, version=version, shared_keyless=shared_keyless)
 
     async def subscribe(self, subscription: Subscription) -> None:
         if not balanced(subscription):

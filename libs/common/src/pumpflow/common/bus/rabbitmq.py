@@ -6,13 +6,20 @@ Topology under ``<ns>`` (the namespace):
   ``<type>.v<major>.bcast`` for keyless events.
 - ``<ns>.<service>.p<NN>``: durable partition queues with single-active-consumer, so
   one replica at a time processes a partition, in order.
-- ``<ns>.<service>.critical``: durable, bound to the keyed critical types (exit orders),
-  consumed on the main connection, apart from the backlog of trades (see Connections).
+- ``<ns>.<service>.critical``: durable, single-active-consumer, bound to the keyed
+  critical types (exit orders), consumed on the main connection, apart from the backlog
+  of trades (see Connections).
 - ``<ns>.<service>.bcast.<replica>`` and ``<ns>.<service>.critical.<replica>``: one
   pair per replica, bound to the keyless types it wants (``system.shutdown`` goes to
   the critical one), so every replica gets them; deleted with the replica, and with
   the connection consuming it, whose channel declares and binds it again on reconnecting
   (what was published meanwhile is lost to that replica).
+- A group that takes its keyless events shared (``Subscription.shared_keyless``,
+  trading's) has no such pair: ``<ns>.<service>.critical`` is bound to its critical
+  types' ``.bcast`` keys too, and ``<ns>.<service>.bcast`` (durable,
+  single-active-consumer, declared with the group, consumed on the bulk connection) to
+  its ordinary ones', so one replica at a time gets them, in order, and what is
+  published while none consumes waits there for the next.
 - ``<ns>.dlx`` (direct) and ``<ns>.<service>.dlq``: every queue dead-letters into the
   service's DLQ. A message the service gives up on is published there by the bus with
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
@@ -157,10 +164,8 @@ from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.journal import DeliveryJournal, LocalDeliveryJournal
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
 from pumpflow.common.bus.routing import (
-    BROADCAST as BROADCAST_SUFFIX,
-)
-from pumpflow.common.bus.routing import (
     DEFAULT_PARTITIONS,
+    broadcast_queue,
     critical_queue,
     partition_of,
     partition_queue,
@@ -667,8 +672,9 @@ class RabbitMQBus(EventBus):
         """Delete every exchange and queue this bus declared (tests clean up with it).
 
         ``services``: also delete the durable queues of these services (partitions,
-        critical lane, DLQ), for cleaning up after buses of another process. Replica
-        queues need no cleanup: the broker deletes them with their consumer.
+        critical lane, shared broadcast lane, DLQ), for cleaning up after buses of
+        another process. Replica queues need no cleanup: the broker deletes them with
+        their consumer.
         """
         if self._channel is None or self._channel.is_closed:
             await self.start()
@@ -678,7 +684,10 @@ class RabbitMQBus(EventBus):
         names = set(self._queues)
         for service in services:
             names.update(self._name(partition_queue(service, p)) for p in range(self.partitions))
-            names.update((self._name(critical_queue(service)), self.dlq_name(service)))
+            names.update(
+                self._name(queue) for queue in (critical_queue(service), broadcast_queue(service))
+            )
+            names.add(self.dlq_name(service))
         for name in sorted(names):
             await self._channel.queue_delete(name)
         for name in (self.exchange_name, self.dlx_name):
@@ -1038,10 +1047,19 @@ class RabbitMQBus(EventBus):
             self._dlqs[service] = queue
         return queue
 
-    async def declare(self, service: str, patterns: tuple[str, ...], *, version: int = 1) -> None:
+    async def declare(
+        self,
+        service: str,
+        patterns: tuple[str, ...],
+        *,
+        version: int = 1,
+        shared_keyless: bool = False,
+    ) -> None:
         if self._channel is None:
             raise RuntimeError("start the bus before declaring")
-        bindings = self._declared[service] = Bindings.of_patterns(patterns, version)
+        bindings = self._declared[service] = Bindings.of_patterns(
+            patterns, version, shared_keyless=shared_keyless
+        )
         await self._declare_shared(service, bindings)
 
     async def _declare_shared(
@@ -1050,6 +1068,7 @@ class RabbitMQBus(EventBus):
         """The service's durable queues and their bindings: (queue, lane, partition) each."""
         await self._declare_dlq(service)
         version = bindings.version
+        shared_keyless = bindings.shared_keyless
         plans: list[tuple[str, str, list[str], int | None]] = []
         for p in range(self.partitions):
             keys = [routing_key(t, version, p) for t in bindings.partition]
@@ -1060,7 +1079,12 @@ class RabbitMQBus(EventBus):
                 for t in bindings.critical
                 for p in range(self.partitions)
             ]
+            if shared_keyless:
+                keys += [routing_key(t, version, None) for t in bindings.critical]
             plans.append((self._name(critical_queue(service)), CRITICAL, keys, None))
+        if shared_keyless and bindings.partition:
+            keys = [routing_key(t, version, None) for t in bindings.partition]
+            plans.append((self._name(broadcast_queue(service)), BROADCAST, keys, None))
         declared = []
         for name, lane, keys, partition in plans:
             await self._declare_bound(name, keys, service, shared=True)
@@ -1105,15 +1129,16 @@ class RabbitMQBus(EventBus):
         wanted = subscription.partitions
         consumed: list[tuple[str, str, int | None]] = []
         for name, lane, partition in await self._declare_shared(service, bindings):
-            if lane == CRITICAL or wanted is None or partition in wanted:
+            # the critical lane and a shared broadcast lane are every partition's
+            if partition is None or wanted is None or partition in wanted:
                 consumed.append((name, lane, partition))
         own = []
-        if bindings.partition:
-            keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.partition]
-            own.append((self._name(service, "bcast", replica), BROADCAST, keys))
-        if bindings.critical:
-            keys = [f"{t}.v{version}.{BROADCAST_SUFFIX}" for t in bindings.critical]
-            own.append((self._name(service, "critical", replica), CRITICAL, keys))
+        if bindings.partition and not bindings.shared_keyless:
+            keys = [routing_key(t, version, None) for t in bindings.partition]
+            own.append((self._name(broadcast_queue(service), replica), BROADCAST, keys))
+        if bindings.critical and not bindings.shared_keyless:
+            keys = [routing_key(t, version, None) for t in bindings.critical]
+            own.append((self._name(critical_queue(service), replica), CRITICAL, keys))
         for name, lane, partition in consumed:
             await self._consume(name, lane, subscription, partition)
         for name, lane, keys in own:

@@ -35,6 +35,12 @@ def critical_queue(service: str) -> str:
     return f"{service}.critical"
 
 
+def broadcast_queue(service: str) -> str:
+    """The queue of a group's ordinary keyless events, shared by its replicas (a group
+    taking them shared: ``Subscription.shared_keyless``)."""
+    return f"{service}.{BROADCAST}"
+
+
 def _words_match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
     if not pattern:
         return not words
