@@ -15,6 +15,7 @@ from pumpflow.common.pumpportal import ACK_KEYS, ACK_UNSUBSCRIBED_KEYS, API_KEY_
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
+from pumpflow.feed import service as feed_service
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.service import ACCOUNTS_KEY, FeedService
@@ -333,7 +334,7 @@ async def test_the_trade_stream_refused_is_announced_and_again_when_trading_anno
     again when trading announces its wallet (a trading replica starting learns it at
     once); funded and reconnected, it announces the stream accepted. /readyz's status and
     /subscriptions say it too; the feed stays ready (a restart would change nothing)."""
-    h = await start_harness(require_api_key=True, feed_trade_stream_announce_s=3600.0)
+    h = await start_harness(require_api_key=True)
     said = h.said
     try:
         await eventually(lambda: said, what="the refusal announced")
@@ -367,14 +368,29 @@ async def test_the_trade_stream_refused_is_announced_and_again_when_trading_anno
         await stop_harness(h)
 
 
-async def test_the_trade_stream_is_announced_again_every_period():
-    """A trading replica that starts misses what was said before it (keyless events reach
-    a replica's own queues only once they exist): the holder says it again each period."""
-    h = await start_harness(require_api_key=True, feed_trade_stream_announce_s=0.1)
+async def test_an_announcement_of_the_trade_stream_that_fails_is_tried_again(monkeypatch):
+    """Said at each change and when trading asks, never on a timer: a publication of the
+    word that fails is tried again (trading keeps the last word it heard)."""
+    monkeypatch.setattr(feed_service, "TRADE_STREAM_RETRY_S", 0.05)
+    h = await start_harness(require_api_key=True)
     said = h.said
     try:
-        await eventually(lambda: len(said) >= 4, what="four announcements")
-        assert all(e.data.refused for e in said)
-        assert len({e.data.since for e in said}) == 1
+        await eventually(lambda: said, what="the refusal announced")
+        publish = h.bus.publish
+        failed: list[Event] = []
+
+        async def failing_once(event: Event) -> None:
+            if event.type == "feed.trade_stream" and not failed:
+                failed.append(event)
+                raise ConnectionError("the broker went away")
+            await publish(event)
+
+        monkeypatch.setattr(h.bus, "publish", failing_once)
+        command = FeedSubscription(
+            action="subscribe", mints=(), accounts=(WALLET,), reason="live wallet"
+        )
+        await publish(make_event(command, source="trading/test", time=0.0))
+        await eventually(lambda: len(said) == 2, what="said again after the failure")
+        assert len(failed) == 1 and said[1].data == said[0].data
     finally:
         await stop_harness(h)

@@ -174,8 +174,9 @@ async def test_only_the_connected_replica_reports_subscriptions():
 
 async def test_the_replica_taking_the_connection_over_announces_its_own_trade_stream():
     """The holder's connection is refused trade subscriptions (no funded key) and it says
-    so; the standby, unconnected, says nothing and its gauge stays 0; taking over, it says
-    what its own connection is answered, and the one that stood by says nothing more."""
+    so; the standby, unconnected, says nothing (asked by trading's wallet either) and its
+    gauge stays 0; taking over, it says what its own connection is answered, and the one
+    that stood by says nothing more."""
     server = simulator.SimulatorServer(
         market=Market(MarketConfig(seed=11, launches_per_minute=120.0)),
         speed=40.0,
@@ -187,15 +188,19 @@ async def test_the_replica_taking_the_connection_over_announces_its_own_trade_st
     said = (await EventCollector("said").attach(bus, "feed.trade_stream")).events
     store = MemoryStateStore(WallClock())
     registries = {"one": CollectorRegistry(), "two": CollectorRegistry()}
-    announce = {"feed_trade_stream_announce_s": 0.2}
-    first = await start_replica(server, bus, store, "one", registry=registries["one"], **announce)
-    second = await start_replica(server, bus, store, "two", registry=registries["two"], **announce)
+    first = await start_replica(server, bus, store, "one", registry=registries["one"])
+    second = await start_replica(server, bus, store, "two", registry=registries["two"])
+    wallet = FeedSubscription(
+        action="subscribe", mints=(), accounts=("walletW",), reason="live wallet"
+    )
 
     def refused(name: str) -> float:
         return registries[name].get_sample_value("pumpflow_feed_trade_stream_refused")
 
     try:
-        await eventually(lambda: len(said) >= 3, what="the holder's refusal, said again")
+        await eventually(lambda: said, what="the holder's refusal")
+        await bus.publish(make_event(wallet, source="trading/test", time=1.0))
+        await eventually(lambda: len(said) == 2, what="the holder's refusal, asked again")
         assert {e.source for e in said} == {"feed/one"} and all(e.data.refused for e in said)
         assert refused("one") == 1 and refused("two") == 0
         assert "trade_stream" not in await second.status()
@@ -205,7 +210,8 @@ async def test_the_replica_taking_the_connection_over_announces_its_own_trade_st
         taken = next(i for i, e in enumerate(said) if e.source == "feed/two")
         assert said[taken].data.refused and said[taken].data.reason == simulator.API_KEY_REQUIRED
         mark = len(said)
-        await eventually(lambda: len(said) >= mark + 3, what="the new holder saying it again")
+        await bus.publish(make_event(wallet, source="trading/test", time=2.0))
+        await eventually(lambda: len(said) > mark, what="the new holder asked again")
         assert {e.source for e in said[taken:]} == {"feed/two"}
         assert refused("one") == 0 and refused("two") == 1
     finally:

@@ -5,8 +5,8 @@ Only creations stream: no token trade, and no trade of the wallet that would con
 live order. The feed says so (``feed.trade_stream``), trading's feed breaker halts its
 entries, and a token known only by its creation, scored to enter, is not entered; the
 key funded, the feed's next subscription is acknowledged, trading resumes and enters.
-Over RabbitMQ, a trading replica started after the refusal hears it from the feed's
-next announcement.
+Over RabbitMQ, what the feed says while no trading replica runs waits in trading's
+queues: the replica that starts next has its feed breaker as last announced.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.clock import WallClock
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.runtime.topology import declare_groups, groups_of
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.common.testing.trade_api import fake_trade_api
@@ -96,12 +97,15 @@ PARTITIONS = 2
 
 
 @pytest.mark.rabbitmq
-async def test_a_trading_replica_started_after_the_refusal_hears_it_over_the_broker(
+async def test_a_trading_replica_started_after_the_feeds_word_hears_it_over_the_broker(
     rabbitmq_harness, namespace
 ):
     """Each a process of its own on RabbitMQ: the feed is refused and says so before any
-    trading replica runs (a keyless event reaches a replica's queues only once they
-    exist); trading, started after, hears it at the feed's next announcement and halts."""
+    trading replica runs (trading's queues declared by the feed's process as it
+    connects); trading, started after, hears it from its queue and halts. It stops; the
+    key is funded and the feed says the stream is accepted while no trading replica runs:
+    the next one, starting with the feed breaker as its predecessor announced it
+    (tripped), hears the acceptance from its queue and recovers it."""
     server = SimulatorServer(
         market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=120.0)),
         speed=1.0,
@@ -114,15 +118,17 @@ async def test_a_trading_replica_started_after_the_refusal_hears_it_over_the_bro
         pumpportal_ws_url=server.url,
         feed_record=False,
         feed_backoff_initial_s=0.05,
-        feed_trade_stream_announce_s=0.5,
         namespace=namespace,
         partitions=PARTITIONS,
         replica="broker",
     )
     feed = FeedService(settings, registry=CollectorRegistry())
+    ledger = MemoryLedger()
     trading = None
     try:
         feed_bus = await rabbitmq_harness.bus("feed/broker", partitions=PARTITIONS)
+        # as every process of a deployment does as it connects (pumpflow.common.runtime)
+        await declare_groups(feed_bus, groups_of(["trading"]))
         await feed.start(
             ServiceContext(
                 settings=settings, bus=feed_bus, clock=clock, store=MemoryStateStore(clock)
@@ -133,28 +139,44 @@ async def test_a_trading_replica_started_after_the_refusal_hears_it_over_the_bro
         )
         assert feed.socket.trade_stream.refused
 
-        trading = TradingService(
-            TradingSettings.load(service="trading", namespace=namespace, partitions=PARTITIONS),
-            registry=CollectorRegistry(),
-            ledger=MemoryLedger(),
-        )
-        trading_bus = await rabbitmq_harness.bus("trading/broker", partitions=PARTITIONS)
-        await trading.start(
-            ServiceContext(
-                settings=trading.settings,
-                bus=trading_bus,
-                clock=clock,
-                store=MemoryStateStore(clock),
-            )
-        )
-        await eventually(lambda: trading.role == "active", within=15)
+        trading = await trading_replica(rabbitmq_harness, namespace, ledger, clock)
         await eventually(
             lambda: trading.risk.breakers["feed"].tripped, within=15, what="the feed breaker"
         )
         assert trading.risk.state is TradingState.HALTED
         assert "feed/broker" in trading.risk.breakers["feed"].reason
+        await trading.stop()
+        trading = None
+
+        server.fund("")
+        assert await server.drop_connections() == 1
+        await eventually(
+            lambda: not feed.socket.trade_stream.refused, within=15, what="the acceptance"
+        )
+        trading = await trading_replica(rabbitmq_harness, namespace, ledger, clock)
+        await eventually(
+            lambda: not trading.risk.breakers["feed"].tripped, within=15, what="the recovery"
+        )
+        assert trading.risk.state is TradingState.ACTIVE
     finally:
         if trading is not None:
             await trading.stop()
         await feed.stop()
         await server.stop()
+
+
+async def trading_replica(harness, namespace: str, ledger: MemoryLedger, clock) -> TradingService:
+    """A trading replica of its own on RabbitMQ, trading (over ``ledger``)."""
+    trading = TradingService(
+        TradingSettings.load(service="trading", namespace=namespace, partitions=PARTITIONS),
+        registry=CollectorRegistry(),
+        ledger=ledger,
+    )
+    bus = await harness.bus("trading/broker", partitions=PARTITIONS)
+    await trading.start(
+        ServiceContext(
+            settings=trading.settings, bus=bus, clock=clock, store=MemoryStateStore(clock)
+        )
+    )
+    await eventually(lambda: trading.role == "active", within=15)
+    return trading

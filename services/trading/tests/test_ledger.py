@@ -583,6 +583,18 @@ async def test_a_shutdown_is_applied_once_its_halt_is_stored_and_not_by_a_halt_r
     assert not await ledger.shutdown_applied("s3")
 
 
+async def test_a_resume_given_after_a_time_stands_and_a_halt_resumes_nothing(ledger):
+    """What a shutdown waiting in trading's queue asks: was the operator's state stored
+    resumed after the shutdown was requested (by the service's clock)? Not when nothing
+    is stored, nor for a resume given before, nor once halted again after it."""
+    assert not await ledger.resumed_after(1_000.0)
+    await ledger.set_control(TradingState.ACTIVE, "resumed", now=1_000.0)
+    assert await ledger.resumed_after(999.5)
+    assert not await ledger.resumed_after(1_000.5)
+    await ledger.set_control(TradingState.HALTED, "halted", now=1_001.0)
+    assert not await ledger.resumed_after(999.5)
+
+
 async def test_a_shutdowns_barrier_is_unpublished_until_a_replica_says_it_is_out(ledger):
     """A shutdown whose halt is stored waits, with its reason, for a replica to say its
     barrier is out (the one that halted on it, or, killed before, the next to trade);

@@ -26,6 +26,7 @@ from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import (
     MIGRATION_POOL,
+    SERVICE_CONSUMES,
     VENUE_POOL,
     EntryFilters,
     RiskLimits,
@@ -876,13 +877,13 @@ async def test_a_replica_superseded_mid_flush_hands_its_events_back_as_it_stands
 async def test_a_shutdown_meeting_a_take_over_is_handed_back_not_taken_as_handled(
     clock, market, caplog
 ):
-    """A ``system.shutdown`` (keyless: each replica gets its own copy) comes to a replica
-    another took the ledger over from, its lease's loss not seen yet. Its halt is refused
-    by the ledger: the shutdown is neither acknowledged as handled (no barrier announced
-    from a book no longer the ledger's) nor dead-lettered; it waits, as for a dependency,
-    until the replica stands by, at once, and is handed back, its copy going with the
-    replica's own queue. The holder handles its own copy; the halt is stored for it, as
-    any halt meeting a take-over is, and that is all that is stored from here."""
+    """A ``system.shutdown`` comes to a replica another took the ledger over from, its
+    lease's loss not seen yet. Its halt is refused by the ledger: the shutdown is neither
+    acknowledged as handled (no barrier announced from a book no longer the ledger's) nor
+    dead-lettered; it waits, as for a dependency, until the replica stands by, at once,
+    and is handed back to trading's queue (its replicas share it), where the holder
+    takes it; the halt is stored for it, as any halt meeting a take-over is, and that is
+    all that is stored from here."""
     ledger = MemoryLedger()
     service = trading(ledger, trading_lease_ttl_s=600.0)
     async with running(clock, service) as (bus, watch):
@@ -903,6 +904,10 @@ async def test_a_shutdown_meeting_a_take_over_is_handed_back_not_taken_as_handle
         assert await ledger.orders(limit=10) == []
         assert [r.getMessage() for r in caplog.records if r.exc_info] == []
         assert any("handed back" in r.getMessage() for r in caplog.records)
+        holder = await EventCollector("holder").attach(
+            bus, *SERVICE_CONSUMES, service="trading", shared_keyless=True
+        )
+        assert [e.id for e in holder.of("system.shutdown")] == [shutdown.id]
         assert await bus.drain(timeout=2.0)
 
 

@@ -1,20 +1,31 @@
 """Trading's shutdown barrier when the replica that halted on the shutdown dies before
 publishing it: the exit service's graceful exit waits for that barrier, so the replica
-trading next publishes it as it takes over (in Postgres, as across processes)."""
+trading next publishes it as it takes over (in Postgres, as across processes). And a
+shutdown published while no replica trades: it waits in trading's queues for the one
+taking over, which halts on it and publishes its barrier."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.events import SystemShutdown, make_event
+from pumpflow.common.bus.memory import InMemoryBus
+from pumpflow.common.events import FeedTradeStream, SystemShutdown, make_event
+from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.service import ServiceContext
+from pumpflow.common.runtime.topology import declare_groups, groups_of
+from pumpflow.common.state import MemoryStateStore
+from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import TradingState
 from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .test_seqs import KilledBeforePublishing
 from .test_service import publish, ready, running, trading
 from .test_take_over_announcements import watched_from_the_start
+
+PARTITIONS = 2
 
 
 async def test_the_next_replica_publishes_the_barrier_its_predecessor_died_before(
@@ -54,106 +65,101 @@ async def test_the_next_replica_publishes_the_barrier_its_predecessor_died_befor
         assert watch.count("trading.barrier") == 1
 
     third = trading(PostgresLedger(pg_pool))
-    async with watched_from_the_start(clock, third) as (bus, watch):
+    async with watched_from_the_start(clock, third) as (_bus, watch):
         assert third.risk.operator_state is TradingState.HALTED
         assert watch.count("trading.barrier") == 0
 
 
-async def stored_by_the_exit(pool, request_id: str, reason: str) -> None:
-    """A shutdown request as the exit service stores it when its graceful exit applies it
-    (its run and the request's row; services/exit, records.py)."""
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO exit_runs (run_id, reason, started_at, deadline) VALUES ($1, $2, 0, 60)",
-            f"run-{request_id}",
-            reason,
-        )
-        await conn.execute(
-            "INSERT INTO exit_run_requests (request_id, run_id) VALUES ($1, $2)",
-            request_id,
-            f"run-{request_id}",
-        )
-
-
-async def test_a_shutdown_requested_while_no_replica_traded_halts_the_next_holder(
-    clock, market, pg_pool
-):
-    """``pumpflow stop`` while no trading replica runs: the exit service applies it (its
-    graceful exit sells what it can), and trading's copy, a keyless event on a replica's
-    own queue, goes to no one. The replica that takes trading next starts halted on it,
-    announces its barrier and keeps the request, so its copy coming again halts nothing
-    again; an operator's resume since then stands at the next take-over."""
-    first = trading(PostgresLedger(pg_pool))
+async def opened_by_a_replica_gone(clock, market, pool):
+    """A paper position opened by a trading replica that then stops; its id."""
+    first = trading(PostgresLedger(pool))
     async with running(clock, first) as (bus, watch):
         mint = await ready(bus, market)
         await publish(bus, market.prediction(mint))
         await clock.advance(1.0)
         [opened] = watch.payloads("position.opened")
         assert first.risk.operator_state is TradingState.ACTIVE
+    return opened.position_id
 
-    await stored_by_the_exit(pg_pool, "stop-down", "operator, trading down")
 
-    second = trading(PostgresLedger(pg_pool))
-    async with watched_from_the_start(clock, second) as (bus, watch):
+def stop(clock, request_id: str, reason: str):
+    """``pumpflow stop``'s system.shutdown, as the exit service publishes it."""
+    request = SystemShutdown(reason=reason, request_id=request_id)
+    return make_event(request, source="exit/broker", time=clock.now(), event_id=request_id)
+
+
+@pytest.mark.rabbitmq
+async def test_a_stop_published_while_no_replica_traded_halts_the_next_one(
+    clock, market, pg_pool, rabbitmq_harness, namespace
+):
+    """``pumpflow stop`` while no trading replica runs, over RabbitMQ: trading's copy
+    waits in its group's queue (declared by every process as it connects, the exit's
+    here). The replica that takes trading next halts on it once it has reloaded the
+    book, publishes its barrier listing the position it holds and keeps the request, so
+    its copy coming again halts nothing again; an operator's resume since then stands
+    at the next take-over."""
+    position_id = await opened_by_a_replica_gone(clock, market, pg_pool)
+    rabbitmq_harness.delete_after(["trading"])
+    exit_bus = await rabbitmq_harness.bus("exit/broker", partitions=PARTITIONS)
+    await declare_groups(exit_bus, groups_of(["trading"]))
+    await exit_bus.publish(stop(clock, "stop-down", "operator, trading down"))
+
+    watch = await rabbitmq_harness.collector("trading.*", name="watch")
+    second = TradingService(
+        TradingSettings.load(service="trading", namespace=namespace, partitions=PARTITIONS),
+        registry=CollectorRegistry(),
+        ledger=PostgresLedger(pg_pool),
+    )
+    trading_bus = await rabbitmq_harness.bus("trading/broker", partitions=PARTITIONS)
+    await second.start(
+        ServiceContext(
+            settings=second.settings, bus=trading_bus, clock=clock, store=MemoryStateStore(clock)
+        )
+    )
+    try:
+        await eventually(lambda: watch.payloads("trading.barrier"), within=15, what="the barrier")
+        [barrier] = watch.payloads("trading.barrier")
+        assert (barrier.request_id, barrier.reason) == ("stop-down", "operator, trading down")
+        assert [p.position_id for p in barrier.positions] == [position_id]
         assert second.risk.operator_state is TradingState.HALTED
         assert "operator, trading down" in second.risk.operator_reason
-        [barrier] = watch.payloads("trading.barrier")
-        assert barrier.request_id == "stop-down"
-        assert [p.position_id for p in barrier.positions] == [opened.position_id]
         assert await second.ledger.shutdown_applied("stop-down")
-        copy = SystemShutdown(reason="operator, trading down", request_id="stop-down")
-        await publish(bus, make_event(copy, source="cli/t", time=clock.now(), event_id="stop-down"))
+
+        # its copy, then the feed's word behind it on the same queue: once the word is
+        # heard, the copy was handled
+        await exit_bus.publish(stop(clock, "stop-down", "operator, trading down"))
+        word = FeedTradeStream(refused=False, reason="acknowledged", since=clock.now())
+        await exit_bus.publish(make_event(word, source="feed/broker", time=clock.now()))
+        await eventually(lambda: second.risk.feed_heard_at is not None, within=15)
         assert watch.count("trading.barrier") == 1
         await second.resume("operator resumes")
+    finally:
+        await second.stop()
 
     third = trading(PostgresLedger(pg_pool))
-    async with watched_from_the_start(clock, third) as (bus, watch):
+    async with watched_from_the_start(clock, third) as (_bus, watch):
         assert third.risk.operator_state is TradingState.ACTIVE
         assert watch.count("trading.barrier") == 0
 
 
-async def test_the_replica_trading_halts_on_a_shutdown_it_never_had(clock, market, pg_pool):
-    """``pumpflow stop`` while the replica trading reconnects to RabbitMQ: its queue is
-    recreated after the shutdown went out, so its copy goes to no one, yet the exit
-    service applied it. The replica finds the request within
-    ``trading_shutdown_check_s``, halts on it and announces its barrier once; an
-    operator's resume after that stands."""
-    service = trading(PostgresLedger(pg_pool))
-    period = service.settings.trading_shutdown_check_s
-    async with running(clock, service) as (bus, watch):
-        mint = await ready(bus, market)
-        await publish(bus, market.prediction(mint))
+async def test_a_resume_given_after_a_stop_waiting_for_trading_stands(clock, market, pg_pool):
+    """A stop waits in trading's queue (in memory here), and the operator's resume is
+    stored after it was requested (given to a replica that took trading over before the
+    stop reached it): the replica that takes the stop does not halt on it, nor bar."""
+    await opened_by_a_replica_gone(clock, market, pg_pool)
+    bus = InMemoryBus(synchronous=True, source="embedded")
+    await bus.start()
+    try:
+        await declare_groups(bus, groups_of(["trading"]))
+        await bus.publish(stop(clock, "stop-late", "operator"))
         await clock.advance(1.0)
-        [opened] = watch.payloads("position.opened")
-
-        await stored_by_the_exit(pg_pool, "stop-lost", "operator, queue recreated")
-        await clock.advance(period)
-        assert service.risk.operator_state is TradingState.HALTED
-        assert "operator, queue recreated" in service.risk.operator_reason
-        [barrier] = watch.payloads("trading.barrier")
-        assert barrier.request_id == "stop-lost"
-        assert [p.position_id for p in barrier.positions] == [opened.position_id]
-        assert await service.ledger.shutdown_applied("stop-lost")
-        await clock.advance(3 * period)
-        assert watch.count("trading.barrier") == 1
-
-        await service.resume("operator resumes")
-        await clock.advance(3 * period)
-        assert service.risk.operator_state is TradingState.ACTIVE
-        assert watch.count("trading.barrier") == 1
-
-
-async def test_a_shutdown_the_replica_trading_had_is_not_applied_again(clock, market, pg_pool):
-    """The usual stop: trading's copy arrives as the exit service stores the request.
-    The periodic look finds it applied already: no second halt, no second barrier."""
-    service = trading(PostgresLedger(pg_pool))
-    period = service.settings.trading_shutdown_check_s
-    async with running(clock, service) as (bus, watch):
-        await stored_by_the_exit(pg_pool, "stop-had", "operator")
-        copy = SystemShutdown(reason="operator", request_id="stop-had")
-        await publish(bus, make_event(copy, source="cli/t", time=clock.now(), event_id="stop-had"))
-        assert watch.count("trading.barrier") == 1
-        await service.resume("operator resumes")
-        await clock.advance(3 * period)
-        assert service.risk.operator_state is TradingState.ACTIVE
-        assert watch.count("trading.barrier") == 1
+        ledger = PostgresLedger(pg_pool)
+        await ledger.set_control(TradingState.ACTIVE, "operator resumes", now=clock.now())
+        watch = await EventCollector("watch").attach(bus, "trading.*")
+        second = trading(ledger)
+        async with run_embedded([second], clock=clock, bus=bus):
+            assert second.risk.operator_state is TradingState.ACTIVE
+            assert watch.count("trading.barrier") == 0
+            assert not await ledger.shutdown_applied("stop-late")
+    finally:
+        await bus.close()

@@ -82,16 +82,17 @@ def address_of(schema: type[Payload]) -> str:
 
 def queue_of(namespace: str, group: str, schema: type[Payload]) -> str:
     """The queue ``group`` receives ``schema``'s events on (RabbitMQ transport)."""
-    from pumpflow.common.bus.routing import BROADCAST as BROADCAST_SUFFIX
-    from pumpflow.common.bus.routing import critical_queue, partition_queue
+    from pumpflow.common.bus.routing import broadcast_queue, critical_queue, partition_queue
+    from pumpflow.common.runtime.topology import SHARED_KEYLESS
 
     keyed = schema.KEY_FIELD is not None
+    # a keyless event goes to each replica's own queue, or to the group's shared one
+    own = "" if keyed or group in SHARED_KEYLESS else ".<replica>"
     if schema.CRITICAL:
-        shared = critical_queue(group)
-        return f"{namespace}.{shared}" + ("" if keyed else ".<replica>")
+        return f"{namespace}.{critical_queue(group)}{own}"
     if keyed:
         return f"{namespace}.{partition_queue(group, 0)[:-2]}{{NN}}"
-    return f"{namespace}.{group}.{BROADCAST_SUFFIX}.<replica>"
+    return f"{namespace}.{broadcast_queue(group)}{own}"
 
 
 def _lane_text(schema: type[Payload]) -> str:
@@ -101,7 +102,10 @@ def _lane_text(schema: type[Payload]) -> str:
     if lane == CRITICAL:
         return "critical: its own queue and channel, never behind a backlog of trades"
     if lane == BROADCAST:
-        return "broadcast: keyless, one queue per replica, every replica gets it"
+        return (
+            "broadcast: keyless, one queue per replica, every replica gets it (a group taking "
+            "keyless events shared: one queue, one replica at a time)"
+        )
     assert lane == PARTITION
     return f"partition: ordered per `{schema.KEY_FIELD}`, one queue per partition"
 

@@ -200,11 +200,10 @@ class FeedTradeStream(Payload, frozen=True, kw_only=True, omit_defaults=True):
     ``refused`` while it answers them with a notice (a key not funded with 0.02 SOL:
     only creations and migrations stream), else accepted (one acknowledged, or a trade
     streamed); ``reason`` is what the server said, ``since`` when the feed first heard
-    it so. The replica holding the PumpPortal connection says it as it learns it, again
-    every ``feed_trade_stream_announce_s`` and when trading announces its wallet: a
-    keyless event reaches a replica's own queues only once they exist, so a consumer that
-    starts learns it from the next. A replica taking the connection over says what its
-    own connection is answered."""
+    it so. The replica holding the PumpPortal connection says it as it learns it, and
+    again when trading announces its wallet; trading takes it on queues its replicas
+    share, where it waits while none trades, for the one taking over. A replica taking
+    the connection over says what its own connection is answered."""
 
     TYPE: ClassVar[str] = "feed.trade_stream"
     KEY_FIELD: ClassVar[str | None] = None

@@ -52,14 +52,16 @@ stored without their seqs and not published (``recorder.py``,
 PumpPortal refuses the trade subscriptions of a key not funded with 0.02 SOL (one
 notice an attempt, then no token or wallet trade: a live order could never be confirmed,
 and an entry would be decided on creations alone). The holder says whether it takes
-them (``feed.trade_stream``, critical, keyless) as its connection learns it, again when
-trading announces its wallet, and every ``feed_trade_stream_announce_s``; trading's feed
-breaker halts entries while they are refused. Why an event said again and not a state
-trading reads (the store, the feed's HTTP): the bus is how the services tell each other,
-the feed cannot know when a trading replica starts, and a keyless event reaches a
-replica's queues only once they exist; said again, a trading replica that starts hears
-it within the period, at once when live (its wallet's announcement asks), and one that
-takes over keeps the breaker as last announced meanwhile. The state is the connection's:
+them (``feed.trade_stream``, critical, keyless) as its connection learns it, and again
+when trading announces its wallet; trading's feed breaker halts entries while they are
+refused. Why an event and not a state trading reads (the store, the feed's HTTP): the
+bus is how the services tell each other, and what is said while no trading replica
+trades waits in trading's queues (it takes its keyless events on queues its replicas
+share, declared with the group) for the one taking over, which keeps the breaker as
+last announced until then. Said again at the wallet's announcement, a live trading
+replica hears it as it starts whatever its queues held (declared after the word, or
+purged). A publication that fails is tried again every ``TRADE_STREAM_RETRY_S``, with
+the state then. The state is the connection's:
 a replica taking the connection over says what its own is answered, not what another's
 was (nothing is kept for it in the store). ``/subscriptions`` and ``/readyz``'s status
 show it, and ``pumpflow_feed_trade_stream_refused``; the feed stays ready (a restart
@@ -121,6 +123,8 @@ MINTS_UP_TO_KEY = "feed:pumpportal:mints-up-to"
 #: TTL, and a successor takes over within a TTL (the lease running out), a campaign
 #: interval and a TTL of settling
 UNSUBSCRIBED_HELD_TTLS = 4
+#: wall seconds before the trade stream's announcement that failed is tried again
+TRADE_STREAM_RETRY_S = 5.0
 
 
 class FeedService(Service):
@@ -341,14 +345,11 @@ class FeedService(Service):
         self._say_trade_stream.set()
 
     async def _announce_trade_stream(self) -> None:
-        """Say whether PumpPortal takes the trade subscriptions, once known: at each change,
-        when trading announces its wallet, and every ``feed_trade_stream_announce_s``."""
-        period = self.settings.feed_trade_stream_announce_s
+        """Say whether PumpPortal takes the trade subscriptions, once known: at each change
+        and when trading announces its wallet."""
         asked = self._say_trade_stream
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
-                    await asked.wait()
+            await asked.wait()
             asked.clear()
             stream = self.socket.trade_stream
             if stream is None:
@@ -359,7 +360,11 @@ class FeedService(Service):
                     make_event(said, source=self.settings.source, time=self._clock.now())
                 )
             except Exception:
-                log.exception("feed: announcing the trade stream failed; again in %gs", period)
+                log.exception("feed: announcing the trade stream failed; again in %gs",
+                              TRADE_STREAM_RETRY_S)  # fmt: skip
+                # said once, and trading keeps the last word heard: it must go out
+                await asyncio.sleep(TRADE_STREAM_RETRY_S)
+                asked.set()
 
     async def _stop_announcing(self) -> None:
         task, self._trade_stream_task = self._trade_stream_task, None

@@ -77,16 +77,6 @@ class FeedSettings(PumpPortalKeySettings):
             "announces its own every PUMPFLOW_TRADING_LIVE_ANNOUNCE_S) is unsubscribed"
         ),
     )
-    feed_trade_stream_announce_s: float = Field(
-        30.0,
-        gt=0,
-        description=(
-            "wall seconds between the lease holder's announcements (feed.trade_stream) of "
-            "whether PumpPortal takes its trade subscriptions, besides one at each change "
-            "and one when trading announces its wallet; trading halts its entries while "
-            "they are refused, and a trading replica that starts hears it from the next"
-        ),
-    )
     feed_dedup_capacity: int = Field(200_000, ge=1, description="recent signatures remembered")
     feed_record_batch_size: int = Field(2_000, ge=1, description="events per Postgres write")
     feed_record_max_delay_s: float = Field(

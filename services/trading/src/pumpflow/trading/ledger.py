@@ -83,6 +83,7 @@ book adds up to from the same totals (:meth:`Ledger.totals`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -600,6 +601,7 @@ class Ledger(Protocol):
         *,
         holder: str | None = None,
         shutdowns: Mapping[str, str] | None = None,
+        now: float | None = None,
     ) -> None:
         """Store the operator's state; refused (:class:`Superseded`) once another than
         ``holder`` took over, as a commit is: a replica that lost the ledger must not undo
@@ -607,7 +609,9 @@ class Ledger(Protocol):
         operator's halt given to any replica (the holder reads it on its next tick).
         ``shutdowns``: the shutdowns this halt applies (request id -> the shutdown's
         reason), kept with it (:meth:`shutdown_applied`), their barriers unpublished
-        (:meth:`unpublished_barriers`)."""
+        (:meth:`unpublished_barriers`). ``now``: when it was given, by the service's
+        clock, which events are stamped by (:meth:`resumed_after`); the ledger's own
+        clock's now when None."""
         ...
 
     async def control(self) -> tuple[TradingState, str] | None: ...
@@ -646,12 +650,10 @@ class Ledger(Protocol):
         is not stored is left as it is)."""
         ...
 
-    async def missed_shutdowns(self) -> list[tuple[str, str]]:
-        """The shutdown requests the exit service applied and no halt of trading did,
-        requested since the operator's state last changed and within the time a request
-        is kept, oldest first: (request id, reason). ``system.shutdown`` is keyless, so
-        it reaches only the trading replicas running as it is published; these are the
-        ones published while none ran."""
+    async def resumed_after(self, at: float) -> bool:
+        """Whether the operator's state stored is not halted and was given after ``at``
+        (by the service's clock, see :meth:`set_control`): a resume given since then,
+        which a shutdown requested at ``at`` and applied only now does not undo."""
         ...
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
@@ -769,6 +771,8 @@ class MemoryLedger:
         self._fills: dict[str, FillRecord] = {}
         self._positions: dict[str, PositionRecord] = {}
         self._control: tuple[TradingState, str] | None = None
+        #: when the operator's state was given (see :meth:`set_control`)
+        self._control_at = -math.inf
         #: name -> a risk limit the operator set
         self._limits: dict[str, OperatorLimit] = {}
         #: request id -> (the shutdown's reason, its barrier is out)
@@ -959,9 +963,11 @@ class MemoryLedger:
         *,
         holder: str | None = None,
         shutdowns: Mapping[str, str] | None = None,
+        now: float | None = None,
     ) -> None:
         self._fence(holder)
         self._control = (TradingState(state), reason)
+        self._control_at = time.time() if now is None else now
         for request_id, said in (shutdowns or {}).items():
             self._shutdowns.setdefault(request_id, (said, False))
 
@@ -999,9 +1005,13 @@ class MemoryLedger:
         if request_id in self._shutdowns:
             self._shutdowns[request_id] = (self._shutdowns[request_id][0], True)
 
-    async def missed_shutdowns(self) -> list[tuple[str, str]]:
-        # in one process the bus hands trading every shutdown: none is missed
-        return []
+    async def resumed_after(self, at: float) -> bool:
+        control = self._control
+        return (
+            control is not None
+            and control[0] is not TradingState.HALTED
+            and (self._control_at > at)
+        )
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         found = [t for t in self._unbooked.values() if t.time >= since]
@@ -1144,17 +1154,6 @@ _PRUNE_EARLY = "DELETE FROM trading_early_trades WHERE stored_at < now() - inter
 _FORGET_SHUTDOWNS = """
 DELETE FROM trading_shutdown_requests
 WHERE applied_at < now() - make_interval(secs => $1) AND barrier_published_at IS NOT NULL
-"""
-# the exit service's records of the requests its graceful exits applied (migration 0027);
-# a request before the operator's last change is one a resume (or a halt) since overrode
-_MISSED_SHUTDOWNS = """
-SELECT q.request_id, r.reason
-FROM exit_run_requests q JOIN exit_runs r ON r.run_id = q.run_id
-WHERE q.created_at > now() - make_interval(secs => $1)
-  AND q.created_at > COALESCE(
-      (SELECT changed_at FROM trading_control WHERE name = $2), '-infinity'::timestamptz)
-  AND NOT EXISTS (SELECT 1 FROM trading_shutdown_requests t WHERE t.request_id = q.request_id)
-ORDER BY q.created_at, q.request_id
 """
 _UNBOOKED_COLUMNS = (
     "signature", "mint", "side", "tokens", "sol", "time", "candidates", "order_id",
@@ -1447,16 +1446,19 @@ class PostgresLedger:
         *,
         holder: str | None = None,
         shutdowns: Mapping[str, str] | None = None,
+        now: float | None = None,
     ) -> None:
         async with self.pool.acquire() as conn, holding_transaction(conn):
             await _fence(conn, holder)
             await conn.execute(
-                "INSERT INTO trading_control (name, state, reason) VALUES ($1, $2, $3) "
+                "INSERT INTO trading_control (name, state, reason, changed_at) "
+                "VALUES ($1, $2, $3, coalesce(to_timestamp($4), now())) "
                 "ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, "
-                "reason = EXCLUDED.reason, changed_at = now()",
+                "reason = EXCLUDED.reason, changed_at = EXCLUDED.changed_at",
                 CONTROL,
                 TradingState(state).value,
                 reason,
+                now,
             )
             if shutdowns:
                 await conn.execute(
@@ -1543,9 +1545,16 @@ class PostgresLedger:
             request_id,
         )
 
-    async def missed_shutdowns(self) -> list[tuple[str, str]]:
-        rows = await self.pool.fetch(_MISSED_SHUTDOWNS, self.shutdowns_kept_s, CONTROL)
-        return [(row["request_id"], row["reason"]) for row in rows]
+    async def resumed_after(self, at: float) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT state <> $2 AND changed_at > to_timestamp($3) FROM trading_control "
+                "WHERE name = $1",
+                CONTROL,
+                TradingState.HALTED.value,
+                at,
+            )
+        )
 
     async def unbooked(self, *, since: float, limit: int) -> list[UnbookedTrade]:
         rows = await self.pool.fetch(

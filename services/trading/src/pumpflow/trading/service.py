@@ -30,16 +30,16 @@ every order, fill and position.
   publishes it as it takes over (what it holds then), so the exit service's graceful
   exit does not wait ``exit_barrier_wait_s`` for it; killed after the publication and
   before saying so, the barrier goes out twice, which the exit service takes as one. A
-  shutdown without a request id seen again halts again and publishes a barrier again,
-  which the exit service drops once the graceful exit is over. The ledger forgets a
-  request ``shutdown_requests_kept_s`` after its halt, its barrier out; a shutdown
-  requested longer ago than that is not applied, applied before or not (a copy of one
-  forgotten would halt and bar again). A shutdown published while no replica ran went
-  to none (keyless, on the replicas' own queues): the replica taking trading over finds
-  its request among those the exit service stored and starts halted on it, as if it had
-  had it, and the replica trading whose queue missed it (its broker connection down as
-  it went out) halts on it within ``trading_shutdown_check_s``
-  (:meth:`TradingService._halt_on_missed`).
+  shutdown without a request id seen again halts again and publishes a barrier again
+  (unless resumed since, below), which the exit service drops once the graceful exit is
+  over. The ledger forgets a request ``shutdown_requests_kept_s`` after its halt, its
+  barrier out; a shutdown requested longer ago than that is not applied, applied before
+  or not (a copy of one forgotten would halt and bar again). Keyless, the shutdown and
+  the feed's ``feed.trade_stream`` wait in trading's own queues (the group's, shared by
+  its replicas: ``Subscription.shared_keyless``) while no replica trades or while the
+  holder's broker connection is down, for the replica trading next, which applies them
+  once it has reloaded the book, as if it had had them. A resume given since a shutdown
+  was requested (stored after its time) stands: the shutdown is not applied.
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
   the executor before the next event is decided on; the events are published once
@@ -351,7 +351,7 @@ class NotHolder(RuntimeError):
 
     Waited out and handed back as :class:`Superseded` is, when a shutdown comes to a
     replica that does not hold trading, or whose halt met a take-over (the replica stands
-    by at once): the holder halts on its own copy."""
+    by at once): back in trading's queue, it goes to the holder."""
 
     transient_dependency = "lease"
 
@@ -466,10 +466,10 @@ class TradingService(Service):
         self._tick: TimerHandle | None = None
         #: the clock's monotonic() when the wallet was last announced to the feed
         self._announced_at: float | None = None
-        #: the clock's monotonic() when the ledger was last asked for missed shutdowns
-        self._shutdowns_checked_at: float | None = None
-        #: the last operator's state given here, and whether the ledger holds it yet
+        #: the last operator's state given here, when (the clock's), and whether the
+        #: ledger holds it yet
         self._control: tuple[TradingState, str] | None = None
+        self._control_given_at = 0.0
         self._control_unstored = False
         #: why the last attempt to store it failed
         self._control_error = ""
@@ -551,6 +551,9 @@ class TradingService(Service):
             window=self.settings.trading_window,
             # every partition: trading is one decider, never balanced between replicas
             partitions=tuple(range(ctx.bus.partitions)),
+            # system.shutdown and feed.trade_stream wait in the group's queues while no
+            # replica trades, for the one taking over (as declared: runtime.topology)
+            shared_keyless=True,
         )
         self.leader = LeaderLease(
             stores,
@@ -756,7 +759,9 @@ class TradingService(Service):
                             "published as this replica takes over", request_id,
                             reason)  # fmt: skip
                 self._backlog.append(self._barrier_step(reason, request_id, None))
-            await self._halt_on_missed(unpublished)
+            await self._flush()
+            for request_id, _reason in unpublished:
+                await self._barrier_out(request_id)
             if changes != self._control_changes:
                 # given while the rest was read and stored: this replica starts halted, as
                 # the answer said (announced with the next store)
@@ -1001,7 +1006,7 @@ class TradingService(Service):
                     continue
                 if not self._leading:
                     raise NotHolder(f"shutdown {event.id}: this replica does not hold "
-                                    "trading; the holder halts on its own copy")  # fmt: skip
+                                    "trading; handed back for the holder")  # fmt: skip
                 request_id = event.data.request_id
                 if request_id is not None and await self._shutdown_applied(request_id):
                     # an operator's resume since stands, and the barrier is out already
@@ -1016,13 +1021,18 @@ class TradingService(Service):
                                 " not applied", request_id, event.data.reason,
                                 now - event.time)  # fmt: skip
                     continue
+                if await self._resumed_since(event):
+                    log.warning("trading: system.shutdown %s (%s) was requested before the "
+                                "operator's last resume: the resume stands, not applied",
+                                request_id, event.data.reason)  # fmt: skip
+                    continue
                 # the exit service sells what is held; nothing new may be bought meanwhile
                 await self.halt(f"shutdown: {event.data.reason}", shutdown=event.data)
                 if self._control_refused is not None:
                     # no barrier from a book no longer the ledger's: the halt is stored
-                    # for the holder, which announces its own on its copy
+                    # for the holder, which takes the shutdown handed back, and bars
                     raise NotHolder(f"shutdown {event.id}: another replica took trading "
-                                    "over; the holder halts on its own copy")  # fmt: skip
+                                    "over; handed back for the holder")  # fmt: skip
                 await self._barrier(event)
             else:
                 run.append(event)
@@ -1030,57 +1040,6 @@ class TradingService(Service):
         if self.context is not None and events:
             # outside the lock: the events handled meanwhile share the write
             await self.context.save(self.engine.views)
-
-    async def _halt_on_missed(self, queued: Sequence[tuple[str, str]] = ()) -> None:
-        """Halt on the shutdowns the exit service applied and no halt of trading did, as if
-        this replica had had them, then publish their barriers and those ``queued``
-        already, and tell the ledger they are out. Their copies went to no queue of this
-        replica's: published while no replica ran, or while its broker connection was
-        down and its queue not there yet. The halt is stored with their requests (so
-        none is applied twice, and a resume since stands), and applied at once when
-        trading (before the barriers: they list what it leaves in flight). Taking over,
-        and every ``trading_shutdown_check_s`` while trading, the lock held."""
-        missed = [
-            (request_id, reason)
-            for request_id, reason in await self.ledger.missed_shutdowns()
-            # halted on here, the halt not stored yet
-            if request_id not in self._shutdowns_unstored
-        ]
-        if missed:
-            for request_id, reason in missed:
-                log.warning("trading: system.shutdown %s (%s) was applied by the exit service "
-                            "and by no trading replica (its copy went to no queue of theirs, "
-                            "or was lost with the one that had it): this replica halts on it",
-                            request_id, reason)  # fmt: skip
-                self._shutdowns_unstored[request_id] = reason
-            reason = f"shutdown: {missed[-1][1]}"
-            self._given(TradingState.HALTED, reason, fenced=True)
-            if self._leading:
-                self._apply_control(TradingState.HALTED, reason)
-            for request_id, said in missed:
-                self._backlog.append(self._barrier_step(said, request_id, None))
-            writer = self._control_writer
-            if writer is None or writer.done():
-                self._control_writer = asyncio.create_task(
-                    self._store_control(), name="trading:control"
-                )
-        self._shutdowns_checked_at = self._ctx.clock.monotonic()
-        await self._flush()
-        if missed:
-            # the barriers are said out once the halt holding their requests is stored
-            await asyncio.wait(
-                {self._control_writer}, timeout=self.settings.trading_halt_store_wait_s
-            )
-        for request_id, _reason in [*queued, *missed]:
-            await self._barrier_out(request_id)
-
-    def _shutdown_check_due(self) -> bool:
-        """Whether ``trading_shutdown_check_s`` passed since the last look for missed
-        shutdowns."""
-        checked = self._shutdowns_checked_at
-        return checked is None or (
-            self._ctx.clock.monotonic() - checked >= self.settings.trading_shutdown_check_s
-        )
 
     async def _shutdown_applied(self, request_id: str) -> bool:
         """Whether the shutdown request ``request_id`` was applied: halted on here, or its
@@ -1094,6 +1053,20 @@ class TradingService(Service):
         except Exception as exc:
             log.warning("trading: whether system.shutdown %s was applied is not known (%s: "
                         "%s); halting on it", request_id, type(exc).__name__, exc)  # fmt: skip
+            return False
+
+    async def _resumed_since(self, shutdown: Event) -> bool:
+        """Whether the operator's resume stored was given after ``shutdown`` was requested
+        (it waited in trading's queue meanwhile: published while no replica traded, or
+        behind a take-over's start): the resume stands. Not known within
+        ``trading_halt_store_wait_s`` (Postgres away): False, as halting is safe."""
+        try:
+            async with asyncio.timeout(self.settings.trading_halt_store_wait_s):
+                return await self.ledger.resumed_after(shutdown.time)
+        except Exception as exc:
+            log.warning("trading: whether a resume was given since system.shutdown %s is not "
+                        "known (%s: %s); halting on it", shutdown.data.request_id,
+                        type(exc).__name__, exc)  # fmt: skip
             return False
 
     async def _apply_run(self, events: list[Event]) -> None:
@@ -1753,9 +1726,6 @@ class TradingService(Service):
                 self._report(step, (), cause=None, produced=self.engine.tick())
                 self._backlog.append(step)
                 await self._flush()
-                if self._shutdown_check_due():
-                    # a copy of system.shutdown this replica's queue never had
-                    await self._halt_on_missed()
                 self.metrics.book(self.book, self.risk)
             if self.context is not None and self.context.changed:
                 # the views the fills due moved (outside the lock, as an event's)
@@ -1954,7 +1924,9 @@ class TradingService(Service):
         before = self._control_changes
         try:
             async with self._control_lock:
-                await self.ledger.set_control(state, reason, holder=self._writer)
+                await self.ledger.set_control(
+                    state, reason, holder=self._writer, now=self._ctx.clock.now()
+                )
         except Superseded as exc:
             self._superseded()
             raise await self._not_holder("resume", exc) from exc
@@ -2148,6 +2120,7 @@ class TradingService(Service):
 
     def _given(self, state: TradingState, reason: str, *, fenced: bool) -> None:
         self._control = (state, reason)
+        self._control_given_at = self._ctx.clock.now()
         self._control_unstored = True
         self._control_fenced = fenced
         self._control_refused = None
@@ -2162,12 +2135,14 @@ class TradingService(Service):
         delay, most = _CONTROL_RETRY_S
         failed = False
         while self._control_unstored:
-            control = self._control
+            control, given_at = self._control, self._control_given_at
             holder = self._writer if self._control_fenced else None
             shutdowns = dict(self._shutdowns_unstored if self._control_fenced else {})
             try:
                 async with self._control_lock:
-                    await self.ledger.set_control(*control, holder=holder, shutdowns=shutdowns)
+                    await self.ledger.set_control(
+                        *control, holder=holder, shutdowns=shutdowns, now=given_at
+                    )
             except Superseded as exc:
                 self._control_refused = exc
                 self._control_fenced = False

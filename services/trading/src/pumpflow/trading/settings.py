@@ -235,16 +235,6 @@ class TradingSettings(PumpPortalKeySettings):
         "takes it); a resume, once stored, waits as long to apply and be announced (a "
         "round under way, or a broker blocking publishers, holds them; they follow)",
     )
-    trading_shutdown_check_s: float = Field(
-        5.0,
-        gt=0,
-        description="clock seconds between the trading replica's looks (on its timed round) "
-        "for shutdown requests the exit service applied and no halt of trading did: its "
-        "copy of system.shutdown lost (its broker connection dropped and its queue was "
-        "recreated as the stop went out), it halts and publishes its barrier then. Half the "
-        "exit's wait for the barrier (exit_barrier_wait_s, 10 s), so the graceful exit has "
-        "it still; one indexed query each time",
-    )
     trading_keep_token_views: bool | None = Field(
         None,
         description="store the token views for a replica taking over; default: where the "

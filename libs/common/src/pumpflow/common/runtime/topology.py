@@ -13,9 +13,13 @@ A declared group must run: its queues hold everything published for it until it 
 default). A service subscribing to less than its group declares is refused, since the
 group's queues would hand it the rest.
 
-Keyless commands (``feed.subscription``) travel on per-replica broadcast queues that
-cannot be declared ahead of their replica; their consumers rebuild what they missed
-(the feed keeps its wanted mints in the store).
+Keyless events travel on per-replica broadcast queues that cannot be declared ahead of
+their replica: what is published while a replica is away is lost to it. Their consumers
+rebuild what they missed (the feed keeps its wanted mints in the store, and is not a
+group here), or, where one replica of the group acts on them and none may miss one,
+the group takes them on its shared queues (:data:`SHARED_KEYLESS`), declared here with
+the rest: trading, whose one replica trading applies ``system.shutdown`` and the feed's
+``feed.trade_stream``, published while none runs, as it takes over.
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ PUBLISHERS: Mapping[str, tuple[str, ...]] = {
 }
 
 
+#: the groups that take their keyless events on queues shared by their replicas, not on
+#: each replica's own (``Subscription.shared_keyless``; their services subscribe so)
+SHARED_KEYLESS: frozenset[str] = frozenset({"trading"})
+
+
 def groups_of(names: Iterable[str] | None) -> dict[str, tuple[str, ...]]:
     """The groups among ``names`` (None: every group); an unknown name is an error."""
     if names is None:
@@ -107,4 +116,4 @@ def groups_of(names: Iterable[str] | None) -> dict[str, tuple[str, ...]]:
 async def declare_groups(bus: EventBus, groups: Mapping[str, tuple[str, ...]]) -> None:
     """Declare ``groups``' shared queues on ``bus`` (idempotent)."""
     for service, patterns in groups.items():
-        await bus.declare(service, patterns)
+        await bus.declare(service, patterns, shared_keyless=service in SHARED_KEYLESS)

@@ -22,12 +22,12 @@ subscriptions, as the feed says in ``feed.trade_stream``: no token trade streams
 live order is never confirmed and an entry is decided on creations alone).
 
 The ``feed`` breaker recovers on the feed's word alone (the stream accepted), never by
-time: the refusal lasts until someone funds the key, and the feed says it again every
-period while it does. A manager taking trading over starts with it as last announced
-(:meth:`RiskManager.announce_start`): the feed's next word, which may be a period away,
-is what recovers it, so no entry goes in meanwhile on a stream still refused. An older
-word than the last heard (the replica that held the feed's connection before, saying it
-late) changes nothing.
+time: the refusal lasts until someone funds the key, and the feed says so when it
+changes. A manager taking trading over starts with it as last announced
+(:meth:`RiskManager.announce_start`), then hears what the feed said while no replica
+traded (it waited in trading's queues): the feed's word is what recovers it, so no
+entry goes in meanwhile on a stream still refused. An older word than the last heard
+(the replica that held the feed's connection before, saying it late) changes nothing.
 
 A sale the market refused on slippage (an order rejected with the ``cause``
 ``slippage``, by paper and live execution alike) is no failure of execution and counts

@@ -133,8 +133,7 @@ Circuit breakers (:class:`BreakerSettings`):
 - the ``feed`` breaker has no setting: it trips on the feed's word that PumpPortal
   refuses its trade subscriptions (``feed.trade_stream``) and recovers on its word that
   it takes them, never by time: the refusal lasts until someone funds the key, and the
-  feed says it again every period while it does (argued in
-  :mod:`pumpflow.common.trading.risk`).
+  feed says so when it changes (argued in :mod:`pumpflow.common.trading.risk`).
 
 Paper execution (:class:`PaperExecution`):
 
