@@ -208,6 +208,41 @@ def test_the_rest_of_a_step_refused_is_ordered_again_as_that_rest_not_as_a_whole
     assert (second.reason, second.token_amount) == ("take_profit_2", pytest.approx(BOUGHT / 4))
 
 
+@pytest.mark.parametrize("outcome", ["refused", "filled short"])
+def test_a_steps_outcome_after_a_dump_is_judged_at_the_dumps_mark_not_at_the_steps(outcome):
+    """The first step is ordered at +50%; the token dumps to +30% before trading settles
+    the sale, which it refuses (slipped past its limit) or fills by half. Trading settles
+    it on the trades it applied, which the exit's keyed consumer gets before the outcome
+    (test_outcomes_behind_trades.py): the step comes back at the mark the dump left,
+    below its gain, and is ordered again only as a trade brings the gain back, at that
+    trade's mark; never again at the mark it was first ordered at."""
+    p = _Position(LADDER_ONLY)
+    p.buy_until(0.5)
+    [first] = p.orders()
+    assert first.reason == "take_profit_1"
+    assert p.state.pending[first.order_id].mark_price == pytest.approx(
+        p.tokens.curves[p.mint].price
+    )
+    while p.tokens.curves[p.mint].price > p.entry * 1.3:
+        p.trade(p.tokens.sell(p.mint, "whale", tokens=p.tokens.balance(p.mint, "whale") * 0.02))
+    dumped = p.tokens.curves[p.mint].price
+    if outcome == "refused":
+        p.refuse(first)
+        owed = first.token_amount
+    else:
+        p.fill(first, first.token_amount / 2)
+        owed = first.token_amount / 2
+    assert p.orders() == [first], "the step was ordered again at a mark the dump left behind"
+    assert p.state.watch.mark_price == pytest.approx(dumped)
+    p.buy_until(0.5)
+    again = p.orders()[-1]
+    assert again is not first
+    assert (again.reason, again.token_amount) == ("take_profit_1", pytest.approx(owed))
+    assert p.state.pending[again.order_id].mark_price == pytest.approx(
+        p.tokens.curves[p.mint].price
+    )
+
+
 def test_tokens_sold_by_other_means_leave_the_rules_no_more_than_is_held():
     """Trading's position shows 60% of it sold by other means (a graceful exit's
     tranches before it ended at its deadline, a sale by hand): the rules order what is

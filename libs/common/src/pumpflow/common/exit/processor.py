@@ -50,6 +50,17 @@ the spot after it; a live sale's trade shows in the stream (its fill names its
 signature) and moves the pool once, as that trade. A migration its first pool trade
 tells (its frame lost, or late) is decided at the pool's spot after that trade.
 
+Outcomes come after the trades they settled on, so a sale given back (refused, or
+filled short) is judged at a mark at least as new as the market it settled on, with no
+wait and no mark taken from the outcome (a fill's price is an average, not a spot):
+trading settles a sale on the token's trades it applied (a paper sale on the market
+before the trade that shows its latency passed, or at its tick; a live one once the
+stream shows its trade) and publishes the outcome after them, and its order and
+position events are no critical types, so the outcome waits in the token's partition
+queue behind those trades, however long the backlog there. On the critical lane it
+would overtake them, and a ladder's step given back would be ordered again at once at
+the mark before a dump the queued trades show.
+
 Operators' sales: an ``exit.sale_requested`` (the service's ``POST
 /positions/{mint}/sell``) is decided by the rules' evaluator as one more rule,
 :data:`~pumpflow.common.exit.rules.REQUESTED`: a share of what the rules have not
@@ -105,7 +116,8 @@ from pumpflow.common.keyed import UNCHANGED, Effects, StaleState, Unchanged
 from pumpflow.common.pool import is_pool, pool_moved_by_fill, pool_moved_by_trade
 from pumpflow.common.priority import Priority
 
-#: what the exit service consumes, all keyed by mint (``system.shutdown`` comes apart)
+#: what the exit service consumes, all keyed by mint and none critical: each on its
+#: token's partition lane, in the order published (``system.shutdown`` comes apart)
 CONSUMES = (
     "position.opened",
     "position.updated",
