@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.memory import InMemoryBus
 from pumpflow.common.clock import ReplayClock, WallClock
@@ -15,6 +17,7 @@ from pumpflow.common.pumpportal import ACK_KEYS, ACK_UNSUBSCRIBED_KEYS, API_KEY_
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
+from pumpflow.common.testing.factories import TokenEvents
 from pumpflow.feed import service as feed_service
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
@@ -28,10 +31,12 @@ SPEED = 40.0
 
 
 class Harness:
-    def __init__(self, server, bus: InMemoryBus, service: FeedService):
+    def __init__(self, server, bus: InMemoryBus, service: FeedService, registry: CollectorRegistry):
         self.server = server
         self.bus = bus
         self.service = service
+        #: the service's metrics, its own
+        self.registry = registry
         self.events: list[Event] = []
         #: the feed's announcements of its trade stream
         self.said: list[Event] = []
@@ -51,6 +56,7 @@ async def start_harness(
     rate=120.0,
     per_subscription=False,
     require_api_key=False,
+    retest_clock=None,
     **settings,
 ) -> Harness:
     server = simulator.SimulatorServer(
@@ -71,8 +77,9 @@ async def start_harness(
         replica="test",
         **settings,
     )
-    service = FeedService(settings)
-    harness = Harness(server, bus, service)
+    registry = CollectorRegistry()
+    service = FeedService(settings, registry=registry, retest_clock=retest_clock)
+    harness = Harness(server, bus, service, registry)
 
     harness.events = (await EventCollector("probe").attach(bus, "token.*")).events
     harness.said = (await EventCollector("said").attach(bus, "feed.trade_stream")).events
@@ -392,5 +399,116 @@ async def test_an_announcement_of_the_trade_stream_that_fails_is_tried_again(mon
         await publish(make_event(command, source="trading/test", time=0.0))
         await eventually(lambda: len(said) == 2, what="said again after the failure")
         assert len(failed) == 1 and said[1].data == said[0].data
+    finally:
+        await stop_harness(h)
+
+
+#: a market that makes no token while a test runs: the only frames are the test's
+IDLE = 1e-4
+_made = TokenEvents(clock=WallClock())
+_frames = itertools.count()
+
+
+def frame_of(event: Event) -> dict:
+    """``event`` (of the factory) as PumpPortal's frame, under a signature of its own."""
+    frame = msgspec.json.decode(encode_payload(event.data))
+    signature = base58_key(f"retestsig{next(_frames)}", 88)
+    return {**frame, "signature": signature, "bondingCurveKey": base58_key("retestcurve")}
+
+
+def created(mint: str) -> dict:
+    return frame_of(_made.created(mint, trader=base58_key("dev")))
+
+
+def retests(h: Harness) -> float:
+    return h.registry.get_sample_value("pumpflow_feed_refused_retests_total")
+
+
+async def refused_on_a_calm_connection(h: Harness, mint: str) -> None:
+    """A token created and its trades refused; then the key funded, on a connection that
+    sends no subscription after it (an idle market): nothing tells the feed."""
+    assert await h.server.inject(created(mint)) == 1
+    await eventually(lambda: h.said, what="the refusal announced")
+    [refused] = h.said
+    assert refused.data.refused and refused.data.reason == API_KEY_REQUIRED
+    await eventually(lambda: h.service.socket.pending_messages == 0)
+    h.server.fund("")
+
+
+async def test_a_refused_key_funded_later_is_re_tested_on_a_new_connection(caplog):
+    """While PumpPortal refuses the trade subscriptions, the feed reconnects every
+    feed_refused_retest_s (by its own clock, real time; a test's here): a key funded on a
+    calm connection is heard at the next re-test, once, logged with when the next is
+    due; the stream is announced accepted, the mints are streamed again where their seqs
+    stood, and no re-test follows."""
+    caplog.set_level(logging.INFO, logger="pumpflow.feed")
+    clock = ReplayClock()
+    h = await start_harness(require_api_key=True, rate=IDLE, retest_clock=clock)
+    period = h.service.settings.feed_refused_retest_s
+    mint = base58_key("retestedcoinpump")
+    try:
+        await refused_on_a_calm_connection(h, mint)
+        assert retests(h) == 0 and h.server.counters["connections"] == 1
+        await clock.advance(period - 1)
+        assert retests(h) == 0 and h.server.counters["connections"] == 1
+        await clock.advance(1)
+        said = [record.getMessage() for record in caplog.records]
+        [retested] = [line for line in said if "re-test the key" in line]
+        assert retested.startswith("PumpPortal has refused the feed's trade subscriptions for ")
+        assert "(re-test 1; the next 300 s into the new connection while still refused)" in (
+            retested
+        )
+        await eventually(lambda: len(h.said) == 2, what="the acceptance announced")
+        accepted = h.said[1].data
+        assert not accepted.refused and accepted.reason == ACK_KEYS
+        assert retests(h) == 1 and h.server.counters["connections"] == 2
+        assert h.service.socket.sessions == 2
+        assert (await h.service.status())["trade_stream"]["state"] == "accepted"
+        await eventually(lambda: on_server(h, mint=mint), what="the mint streamed again")
+        # what a reconnect keeps: the mint's trade goes on from its creation's seq
+        bought = frame_of(_made.buy(mint, trader=base58_key("alice"), sol=1.0))
+        assert await h.server.inject(bought) == 1
+        await eventually(lambda: h.of(mint), what="the trade published")
+        assert [e.seq for e in h.events if e.key == mint] == [1, 2]
+        # accepted: never re-tested
+        await clock.advance(10 * period)
+        assert retests(h) == 1 and h.server.counters["connections"] == 2
+        assert len(h.said) == 2
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_stream_accepted_on_its_connection_is_not_re_tested():
+    """Refused, then accepted on the same connection (the key funded, a new token's
+    subscription acknowledged): the re-test due while it was refused does not come."""
+    clock = ReplayClock()
+    h = await start_harness(require_api_key=True, rate=IDLE, retest_clock=clock)
+    period = h.service.settings.feed_refused_retest_s
+    try:
+        await refused_on_a_calm_connection(h, base58_key("refusedcoinpump"))
+        assert await h.server.inject(created(base58_key("ackedcoinpump"))) == 1
+        await eventually(lambda: len(h.said) == 2, what="the acceptance announced")
+        assert not h.said[1].data.refused
+        await clock.advance(10 * period)
+        assert retests(h) == 0 and h.server.counters["connections"] == 1
+        assert h.service.socket.sessions == 1
+    finally:
+        await stop_harness(h)
+
+
+async def test_no_re_test_with_the_setting_0():
+    """feed_refused_retest_s 0: the refused stream stays as it is (the key funded on a
+    calm connection goes unheard) until a reconnect comes by chance."""
+    clock = ReplayClock()
+    h = await start_harness(
+        require_api_key=True, rate=IDLE, retest_clock=clock, feed_refused_retest_s=0
+    )
+    try:
+        await refused_on_a_calm_connection(h, base58_key("neverretestedpump"))
+        # past where the default period re-tests (the test above)
+        default = FeedSettings.model_fields["feed_refused_retest_s"].default
+        await clock.advance(10 * default)
+        assert retests(h) == 0 and h.server.counters["connections"] == 1
+        assert h.service.socket.trade_stream.refused and len(h.said) == 1
     finally:
         await stop_harness(h)

@@ -31,6 +31,20 @@ def test_settings_read_pumpportal_names_and_hide_the_key(monkeypatch):
     assert socket.api_key == "hush" and "hush" not in repr(socket)
 
 
+def test_the_refused_re_test_is_off_at_0_or_at_least_a_minute_apart(monkeypatch):
+    """Each re-test is a new connection: a period of seconds (a typo for minutes) would
+    reconnect hundreds of times an hour, so it is refused, as the variable names."""
+    assert FeedSettings().socket_config().refused_retest_s == 300.0
+    monkeypatch.setenv("PUMPFLOW_FEED_REFUSED_RETEST_S", "0")
+    assert FeedSettings.load().socket_config().refused_retest_s == 0.0
+    monkeypatch.setenv("PUMPFLOW_FEED_REFUSED_RETEST_S", "60")
+    assert FeedSettings.load().feed_refused_retest_s == 60.0
+    for refused in ("5", "-1"):
+        monkeypatch.setenv("PUMPFLOW_FEED_REFUSED_RETEST_S", refused)
+        with pytest.raises(SettingsError, match="PUMPFLOW_FEED_REFUSED_RETEST_S"):
+            FeedSettings.load()
+
+
 def test_api_key_from_a_secret_file(monkeypatch, tmp_path):
     secret = tmp_path / "key"
     secret.write_text("from-file\n")

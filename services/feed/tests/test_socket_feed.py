@@ -438,7 +438,9 @@ async def test_a_refused_trade_subscription_is_said_once_and_an_accepted_one_res
     assert warned == [
         f"PumpPortal refuses the feed's trade subscriptions: {API_KEY_REQUIRED} No token or "
         "wallet trade streams (trading halts its entries) until one is accepted: give the "
-        "feed an API key whose wallet holds at least 0.02 SOL (PUMPPORTAL_API_KEY)"
+        "feed an API key whose wallet holds at least 0.02 SOL (PUMPPORTAL_API_KEY); "
+        "re-tested on a new connection every 300 s while refused "
+        "(PUMPFLOW_FEED_REFUSED_RETEST_S)"
     ]
 
     peer.funded = True

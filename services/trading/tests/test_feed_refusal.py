@@ -4,7 +4,9 @@ funded with 0.02 SOL), and live trading on the fake trade API, embedded.
 Only creations stream: no token trade, and no trade of the wallet that would confirm a
 live order. The feed says so (``feed.trade_stream``), trading's feed breaker halts its
 entries, and a token known only by its creation, scored to enter, is not entered; the
-key funded, the feed's next subscription is acknowledged, trading resumes and enters.
+key funded, the feed's next subscription is acknowledged, trading resumes and enters;
+funded on a calm connection (no subscription after it), the feed's next re-test (a new
+connection) tells, and trading resumes.
 Over RabbitMQ, what the feed says while no trading replica runs waits in trading's
 queues: the replica that starts next has its feed breaker as last announced.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.clock import WallClock
+from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.runtime.topology import declare_groups, groups_of
@@ -91,6 +93,38 @@ async def test_live_trading_enters_nothing_while_the_feeds_trade_stream_is_refus
                 await answered(trading, api)
                 [request] = watch.payloads("order.requested")
                 assert request.mint == first
+
+
+async def test_a_key_funded_on_a_calm_connection_resumes_trading_at_the_feeds_re_test():
+    """Nothing is subscribed after the key is funded (a calm market): no answer tells the
+    feed, until it re-tests the key on a new connection (feed_refused_retest_s, on the
+    test's clock here); the stream accepted, trading's feed breaker recovers."""
+    clock = WallClock()
+    retest = ReplayClock()
+    frames = Frames()
+    async with idle_feed(require_api_key=True, retest_clock=retest) as (server, feed):
+        async with fake_trade_api("success") as api:
+            trading = live(MemoryLedger(), api)
+            async with run_embedded([feed, trading], clock=clock, synchronous=True) as system:
+                watch = await EventCollector("watch").attach(system.bus, "trading.*")
+                await feed.socket.wait_connected()
+                await eventually(lambda: trading.risk.breakers["feed"].tripped, within=10)
+                mint = base58_key("calmcoinpump")
+                created = frames.tokens.created(
+                    mint, sol=0.5, name="Calm Coin", symbol="CALM", trader=base58_key("dev")
+                )
+                assert await server.inject(frames.frame(created)) == 1
+                await eventually(lambda: feed.socket.pending_messages == 0, within=10)
+                server.fund("")
+                assert trading.risk.breakers["feed"].tripped
+
+                await retest.advance(feed.settings.feed_refused_retest_s)
+                await eventually(lambda: not trading.risk.breakers["feed"].tripped, within=10)
+                [_, recovered] = watch.payloads("trading.breaker")
+                assert recovered.breaker == "feed" and not recovered.tripped
+                assert (await trading.trading_state_view())["state"] == "active"
+                assert server.counters["connections"] == 2
+                await eventually(lambda: on_server(server, mint=mint, wallet=WALLET), within=10)
 
 
 PARTITIONS = 2

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from pumpflow.common.clock import WallClock
+from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.events import Event, ExitOrder, FeedSubscription, encode_payload, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.testing import EventCollector, base58_key, eventually
@@ -59,11 +59,15 @@ def on_server(server: SimulatorServer, *, mint: str | None = None, wallet: str |
 
 @contextlib.asynccontextmanager
 async def idle_feed(
-    *, require_api_key: bool = False, feed_unsubscribe_grace_s: float | None = None
+    *,
+    require_api_key: bool = False,
+    feed_unsubscribe_grace_s: float | None = None,
+    retest_clock: Clock | None = None,
 ) -> AsyncIterator[tuple[SimulatorServer, FeedService]]:
     """A simulator of an idle market (the only frames are the test's), running until the
     block ends, and a feed on it, embedded, not started; ``require_api_key``: the
-    server's, ``feed_unsubscribe_grace_s``: the feed's (None: its default)."""
+    server's, ``feed_unsubscribe_grace_s`` and ``retest_clock``: the feed's (None: its
+    default)."""
     server = SimulatorServer(
         market=SimulatedMarket(MarketConfig(seed=1, launches_per_minute=0.001)),
         speed=1.0,
@@ -80,7 +84,7 @@ async def idle_feed(
             replica="e2e",
             **{name: value for name, value in given.items() if value is not None},
         )
-        yield server, FeedService(settings, registry=CollectorRegistry())
+        yield server, FeedService(settings, registry=CollectorRegistry(), retest_clock=retest_clock)
     finally:
         await server.stop()
 

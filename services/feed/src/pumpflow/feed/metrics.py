@@ -94,6 +94,12 @@ class FeedMetrics:
             "its entries); 0 once one is accepted, or on a replica without the connection",
             registry=registry,
         )
+        self.refused_retests = Counter(
+            "pumpflow_feed_refused_retests_total",
+            "Connections closed to re-test the API key while PumpPortal refuses the trade "
+            "subscriptions (every PUMPFLOW_FEED_REFUSED_RETEST_S; each a reconnect too)",
+            registry=registry,
+        )
         self.subscribe_messages = Counter(
             "pumpflow_feed_subscribe_messages_total", "Subscription messages sent, by method",
             ["method"], registry=registry,

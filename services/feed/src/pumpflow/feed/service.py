@@ -65,7 +65,14 @@ the state then. The state is the connection's:
 a replica taking the connection over says what its own is answered, not what another's
 was (nothing is kept for it in the store). ``/subscriptions`` and ``/readyz``'s status
 show it, and ``pumpflow_feed_trade_stream_refused``; the feed stays ready (a restart
-changes nothing: the key must be funded).
+changes nothing: the key must be funded). A key funded while the connection is calm
+(nothing subscribed after it) gets no answer that tells: while refused, the holder
+re-tests the key on a new connection every ``feed_refused_retest_s`` (real time; 300 s,
+0 turns it off: ``socket_feed.py``), counted in ``pumpflow_feed_refused_retests_total``,
+and announces the acceptance as at any change, so trading resumes within a period of
+the funding. Why a timer and no operator's request: the feed has no control endpoint
+nor ``pumpflow feed`` command, and a reconnect every five minutes, one connection at a
+time, is fewer than the disconnects a busy connection sees anyway.
 
 Recent events of the subscribed mints stay in memory (the LookBack), served at
 ``GET /tokens/{mint}/events``; the full raw history is in Postgres (``token_events``).
@@ -138,8 +145,17 @@ class FeedService(Service):
     #: the lease that allows one connection among replicas lives in the shared store
     needs_store: ClassVar[bool] = True
 
-    def __init__(self, settings: FeedSettings, *, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        settings: FeedSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        retest_clock: Clock | None = None,
+    ):
+        """``retest_clock``: the socket's timer of the re-tests of a refused trade stream
+        (None: real time; a test gives a ReplayClock)."""
         super().__init__(settings)
+        self._retest_clock = retest_clock
         self.settings: FeedSettings = settings
         # a key file refused (open to other users, empty) is a setting refused: before
         # anything connects
@@ -221,6 +237,7 @@ class FeedService(Service):
             lookback=self.lookback,
             dead_letters=self.dead_letters,
             on_trade_stream=self._trade_stream_changed,
+            retest_clock=self._retest_clock,
         )
         holder = f"{settings.replica}:{uuid.uuid4().hex[:12]}"
         self.manager = DataFeedManager(

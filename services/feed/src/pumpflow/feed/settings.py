@@ -18,6 +18,11 @@ from pumpflow.common.lease import LeaderLeaseConfig
 from pumpflow.common.pumpportal import DEFAULT_WS_URL, MAX_KEYS_PER_MESSAGE, MAX_MESSAGES_PER_SECOND
 from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, PumpPortalKeySettings
 
+#: the shortest period of the re-tests of a refused trade stream (feed_refused_retest_s):
+#: a reconnect a minute, near the disconnects a busy connection sees anyway (about 24 an
+#: hour)
+MIN_REFUSED_RETEST_S = 60.0
+
 if TYPE_CHECKING:
     from pumpflow.common.features.history import HistoryConfig
     from pumpflow.feed.manager import FeedManagerConfig
@@ -67,6 +72,19 @@ class FeedSettings(PumpPortalKeySettings):
         description=(
             "trades of a mint arriving this long after its unsubscribe are in flight; "
             "later ones, like those of mints never subscribed, are stored, not published"
+        ),
+    )
+    feed_refused_retest_s: float = Field(
+        300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "while PumpPortal refuses the trade subscriptions (a key not funded with 0.02 "
+            "SOL), reconnect this often (real seconds) to re-test the key: one funded "
+            "meanwhile is heard on the new connection, and trading resumes (0: never; else "
+            f"at least {MIN_REFUSED_RETEST_S:g}). 300 s: a reconnect every 5 minutes is "
+            "half the disconnects a busy connection sees anyway (about 24 an hour), far "
+            "from the ban of clients opening many, and a funded key trades within minutes"
         ),
     )
     feed_account_ttl_s: float = Field(
@@ -166,6 +184,15 @@ class FeedSettings(PumpPortalKeySettings):
         ),
     )
 
+    @field_validator("feed_refused_retest_s")
+    @classmethod
+    def _off_or_a_minute_apart(cls, value: float) -> float:
+        # each re-test is a new connection: seconds (a typo for minutes) would reconnect
+        # hundreds of times an hour
+        if 0 < value < MIN_REFUSED_RETEST_S:
+            raise ValueError(f"must be 0 (never) or at least {MIN_REFUSED_RETEST_S:g} s")
+        return value
+
     @field_validator("feed_record_keep_days")
     @classmethod
     def _keep_a_day_and_the_seq_restore(cls, value: float, info: ValidationInfo) -> float:
@@ -196,6 +223,7 @@ class FeedSettings(PumpPortalKeySettings):
             max_keys_per_message=self.feed_max_keys_per_message,
             max_messages_per_second=self.feed_max_messages_per_second,
             unsubscribe_grace_s=self.feed_unsubscribe_grace_s,
+            refused_retest_s=self.feed_refused_retest_s,
         )
 
     def recorder_config(self) -> RecorderConfig:

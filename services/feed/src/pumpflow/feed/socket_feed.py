@@ -25,16 +25,25 @@
   mints and wallets refused on the connection are not subscribed on the server, so an
   acknowledgement on the same connection (the key funded meanwhile) subscribes them all
   again; a new connection subscribes everything anyway.
+- Re-tests a refused stream: a key funded while the connection is calm (no subscription
+  sent after it) would go unheard until a reconnect came by chance, and trading stays
+  halted meanwhile. So while refused, the connection is closed every
+  ``refused_retest_s`` (counted from the connection's start, or from the refusal on it)
+  and the connection loop reconnects as after any lost connection: backoff, every mint
+  and wallet subscribed again, the manager's seqs and recorder untouched. Logged and
+  counted (``pumpflow_feed_refused_retests_total``); never while the stream is accepted
+  or not known; 0 turns it off.
 - Stamps each frame with its arrival time from the injected Clock (frames carry none).
 - Flags a trade of a mint it never subscribed to (nor asked to unsubscribe from within
   ``unsubscribe_grace_s``, while such trades are still in flight): the manager stores
   it and keeps it out of the pipeline.
 - Tracks the subscribed mints in the LookBack, which answers ``get_historical_data``
   for recent windows; older ones come from the TokenEventStore.
-- Connection timing (backoff, pings, the rate limit) runs on real time, never on the
-  injected clock, which may be a faster market clock. The grace runs on the injected
-  clock, the one that stamps the frames' arrivals: in a replay a trade is in flight or
-  not by market time, however fast the machine replays it.
+- Connection timing (backoff, pings, the rate limit, the re-tests: ``retest_clock``, a
+  test's own) runs on real time, never on the injected clock, which may be a faster
+  market clock: PumpPortal counts connections in real time. The grace runs on the
+  injected clock, the one that stamps the frames' arrivals: in a replay a trade is in
+  flight or not by market time, however fast the machine replays it.
 - The API key goes into the URL only; every URL and error that is logged is redacted.
 """
 
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -54,7 +64,7 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from pumpflow.common.clock import Clock
+from pumpflow.common.clock import Clock, TimerHandle, WallClock
 from pumpflow.common.events import Event, EventValidationError
 from pumpflow.common.pumpportal import (
     ACK_KEYS,
@@ -178,6 +188,9 @@ class SocketFeedConfig:
     unsubscribe_grace_s: float = 10.0
     #: on disconnect, wait this long for the broker to confirm queued dead letters
     dead_letter_flush_s: float = 10.0
+    #: while the trade stream is refused, reconnect this often (real seconds) to re-test
+    #: the key (0: never)
+    refused_retest_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_keys_per_message <= MAX_KEYS_PER_MESSAGE:
@@ -186,7 +199,8 @@ class SocketFeedConfig:
             raise ValueError(f"max_messages_per_second must be 1..{MAX_MESSAGES_PER_SECOND}")
         timings = (self.ping_interval_s, self.ping_timeout_s, self.open_timeout_s,
                    self.backoff_initial_s, self.backoff_max_s)  # fmt: skip
-        if min(timings) <= 0 or self.unsubscribe_grace_s < 0 or self.dead_letter_flush_s < 0:
+        waits = (self.unsubscribe_grace_s, self.dead_letter_flush_s, self.refused_retest_s)
+        if min(timings) <= 0 or min(waits) < 0:
             raise ValueError("socket feed timings must be positive")
 
 
@@ -202,6 +216,10 @@ class SocketDataFeed(DataFeedInterface):
 
     ``on_trade_stream`` is told each change of :attr:`trade_stream`, on the reader's
     path: it must return at once.
+
+    ``retest_clock`` times the re-tests of a refused trade stream: real time (a
+    WallClock) unless given, never the injected ``clock`` (a market clock may run faster
+    than the connections PumpPortal counts); a test gives a ReplayClock and moves it.
     """
 
     name = "pumpportal"
@@ -218,6 +236,7 @@ class SocketDataFeed(DataFeedInterface):
         rng: random.Random | None = None,
         dead_letters: DeadLetterQueue | None = None,
         on_trade_stream: Callable[[TradeStream], None] | None = None,
+        retest_clock: Clock | None = None,
     ):
         super().__init__()
         self.config = config
@@ -274,6 +293,13 @@ class SocketDataFeed(DataFeedInterface):
         self._on_trade_stream = on_trade_stream
         #: a trade subscription was refused on this connection
         self._refused_here = False
+        self._retest_clock = retest_clock or WallClock()
+        #: the re-test due on this connection while the stream is refused
+        self._retest: TimerHandle | None = None
+        #: connections closed to re-test a refused stream
+        self.retests = 0
+        #: the session ending was closed by a re-test
+        self._retesting = False
 
     # ---------------------------------------------------------------- interface
 
@@ -561,8 +587,10 @@ class SocketDataFeed(DataFeedInterface):
             if self._stopping:
                 break
             # a server that drops working connections every few seconds must not push
-            # the backoff to its ceiling: the market goes unheard while the feed waits
-            if self.data_frames > data_before or time.monotonic() - started >= _STABLE_SESSION_S:
+            # the backoff to its ceiling: the market goes unheard while the feed waits;
+            # nor may a re-test, which closed a working connection on purpose
+            stable = time.monotonic() - started >= _STABLE_SESSION_S
+            if self.data_frames > data_before or stable or self._retesting:
                 attempt = 0
             attempt += 1
             delay = self._backoff(attempt)
@@ -589,7 +617,11 @@ class SocketDataFeed(DataFeedInterface):
         self._accounts_to_unsubscribe.clear()
         self._accounts_to_subscribe = dict.fromkeys(self._accounts)
         self._refused_here = False
+        self._retesting = False
         self._ws = ws
+        if self._refused:
+            # still refused as far as known: this connection re-tests the key in its turn
+            self._arm_retest()
         self.metrics.connected.set(1)
         self._export_subscriptions()
         sender: asyncio.Task | None = None
@@ -608,7 +640,7 @@ class SocketDataFeed(DataFeedInterface):
                 try:
                     message = await recv(decode=False)
                 except ConnectionClosedOK:
-                    if not self._stopping:
+                    if not self._stopping and not self._retesting:
                         log.info("server closed the connection: %s",
                                  ws.close_reason or ws.close_code)  # fmt: skip
                     return
@@ -616,6 +648,7 @@ class SocketDataFeed(DataFeedInterface):
                 if sender.done():
                     sender.result()  # a failed send ends the session with its error
         finally:
+            self._disarm_retest()
             self._connected.clear()
             self.metrics.connected.set(0)
             self._ws = None
@@ -725,12 +758,13 @@ class SocketDataFeed(DataFeedInterface):
 
     def _trade_stream_refused(self, reason: str) -> None:
         self._refused_here = True
+        self._arm_retest()
         if self.trade_stream is not None and self.trade_stream.refused:
             return  # said already: PumpPortal refuses each trade subscription alike
         log.warning("PumpPortal refuses the feed's trade subscriptions: %s No token or wallet "
                     "trade streams (trading halts its entries) until one is accepted: give "
                     "the feed an API key whose wallet holds at least 0.02 SOL "
-                    "(PUMPPORTAL_API_KEY)", reason)  # fmt: skip
+                    "(PUMPPORTAL_API_KEY)%s", reason, self._retest_said())  # fmt: skip
         self._set_trade_stream(TradeStream(refused=True, reason=reason, since=self._clock.now()))
 
     def _trade_stream_accepted(self, reason: str) -> None:
@@ -753,6 +787,8 @@ class SocketDataFeed(DataFeedInterface):
     def _set_trade_stream(self, stream: TradeStream) -> None:
         self.trade_stream = stream
         self._refused = stream.refused
+        if not stream.refused:
+            self._disarm_retest()
         self.metrics.trade_stream_refused.set(1 if stream.refused else 0)
         if self._on_trade_stream is not None:
             self._on_trade_stream(stream)
@@ -761,4 +797,54 @@ class SocketDataFeed(DataFeedInterface):
         self.trade_stream = None
         self._refused = False
         self._refused_here = False
+        self._disarm_retest()
         self.metrics.trade_stream_refused.set(0)
+
+    # ---------------------------------------------------------------- re-tests
+
+    def _retest_said(self) -> str:
+        period = self.config.refused_retest_s
+        if not period:
+            return "; never re-tested (PUMPFLOW_FEED_REFUSED_RETEST_S 0): a reconnect tells"
+        return (f"; re-tested on a new connection every {period:g} s while refused "
+                "(PUMPFLOW_FEED_REFUSED_RETEST_S)")  # fmt: skip
+
+    def _arm_retest(self) -> None:
+        """Re-test the refused stream in ``refused_retest_s`` on this connection, unless due."""
+        period = self.config.refused_retest_s
+        ws = self._ws
+        if not period or ws is None or self._retest is not None:
+            return
+        self._retest = self._retest_clock.call_later(
+            period, functools.partial(self._retest_key, ws)
+        )
+
+    def _disarm_retest(self) -> None:
+        handle, self._retest = self._retest, None
+        if handle is not None:
+            handle.cancel()
+
+    async def _retest_key(self, ws: ClientConnection) -> None:
+        """Close the connection ``ws`` while the stream is refused: the connection loop
+        connects again, and the new connection's subscriptions tell whether the key is
+        funded by now."""
+        if ws is not self._ws:
+            return  # that connection ended (its re-test with it): the next has its own
+        self._retest = None
+        if self._stopping or not self._refused:
+            return
+        self.retests += 1
+        self.metrics.refused_retests.inc()
+        stream = self.trade_stream
+        log.warning(
+            "PumpPortal has refused the feed's trade subscriptions for %.0f s: reconnecting "
+            "to re-test the key, funded by now or not (re-test %d; the next %g s into the new "
+            "connection while still refused). It said: %s",
+            self._clock.now() - stream.since,
+            self.retests,
+            self.config.refused_retest_s,
+            stream.reason,
+        )
+        self._retesting = True
+        with contextlib.suppress(Exception):
+            await ws.close()
