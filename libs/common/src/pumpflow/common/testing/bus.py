@@ -181,6 +181,14 @@ class BusHarness:
         services = sorted(self._services)
         if self.transport == RABBITMQ and services and not self.buses:
             await self.bus("test/cleanup")
+        if self.transport == RABBITMQ:
+            # a queue deleted under another bus's consumer has the broker cancel it, and
+            # that bus would consume it again (or restore it on reconnecting) meanwhile
+            for bus in self.buses:
+                try:
+                    await bus.stop_consuming()
+                except Exception as exc:
+                    failure = failure or exc
         for bus in reversed(self.buses):
             try:
                 if self.transport == RABBITMQ:
