@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.bus.dispatch import Dispatcher
 from pumpflow.common.bus.eventlog import EventLog
+from pumpflow.common.bus.redrive import redrive
 from pumpflow.common.events import Event, ExitOrder, FeaturesUpdated, SystemShutdown, make_event
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
@@ -1407,3 +1408,34 @@ async def test_the_orders_a_restart_refuses_itself_count_toward_no_execution_bre
         assert not service.risk.breakers["execution"].tripped
         assert service.risk.state is TradingState.ACTIVE
         assert service.risk.consecutive_failures == 0
+
+
+async def test_a_shutdown_dead_lettered_by_a_defect_is_applied_once_redriven(clock, market):
+    """A system.shutdown trading dead-lettered (a defect made its halt raise) goes back to
+    trading's shared critical queue once the defect is fixed: the replica trading halts
+    and publishes the barrier, once."""
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, watch):
+        halt = service.halt
+        fixed = False
+
+        async def defective(*args, **kwargs):
+            if not fixed:
+                raise RuntimeError("a defect of the halt")
+            return await halt(*args, **kwargs)
+
+        service.halt = defective
+        data = SystemShutdown(reason="operator", request_id="stop-1")
+        await publish(bus, make_event(data, source="cli/t", time=clock.now()))
+        [letter] = await bus.dead_letters("trading", remove=False)
+        assert letter.event_type == "system.shutdown" and "a defect of the halt" in letter.reason
+        assert watch.count("trading.barrier") == 0
+        assert service.risk.operator_state is TradingState.ACTIVE
+        fixed = True
+        count = await redrive(bus, "trading")
+        assert (count.redriven, count.keyless) == (1, 0)
+        [barrier] = watch.payloads("trading.barrier")
+        assert barrier.request_id == "stop-1"
+        assert service.risk.operator_state is TradingState.HALTED
+        assert await service.ledger.control() == (TradingState.HALTED, "shutdown: operator")
+        assert await bus.dead_letters("trading", remove=False) == []

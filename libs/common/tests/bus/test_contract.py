@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from pumpflow.common.bus import BusConfig, InMemoryBus, Subscription, create_bus, partition_of
-from pumpflow.common.bus.abc import DELIVERY_LIMIT
+from pumpflow.common.bus.abc import DELIVERY_LIMIT, NotRedeliverable
 from pumpflow.common.bus.redrive import redrive
 from pumpflow.common.events import (
     Event,
@@ -581,6 +581,83 @@ async def test_a_group_declared_shared_keyless_refuses_a_subscription_that_is_no
     await bus.declare(f"{service}_own", SHARED)
     with pytest.raises(ValueError, match="shared"):
         await bus.subscribe(shared(f"{service}_own", Recorder()))
+
+
+async def test_a_keyless_letter_of_a_shared_keyless_group_is_redriven_to_the_replica_consuming(
+    harness, service
+):
+    """A keyless event a shared-keyless group dead-lettered goes back to its group's
+    shared queue of its lane (the critical one for system.shutdown, the broadcast one for
+    model.drift), redriven by a process that only declared the group: the replica
+    consuming that queue gets it once, marked redriven, and the letter leaves."""
+    fixed = False
+    replicas = [Recorder(fail=lambda e: e.key is None and not fixed) for _ in range(2)]
+    for got in replicas:
+        consumer = await harness.bus()
+        await consumer.subscribe(
+            Subscription(
+                service=service, patterns=SHARED, handler=got, shared_keyless=True, max_attempts=1
+            )
+        )
+    publisher = await harness.bus()
+    sent = [shutdown_event(), drift_event("f1")]
+    for event in sent:
+        await publisher.publish(event)
+
+    async def both_dead() -> list | None:
+        letters = await publisher.dead_letters(service, remove=False)
+        return letters if len(letters) == len(sent) else None
+
+    letters = await eventually(both_dead, within=5, interval=0.02, what="both letters")
+    assert sorted(d.event_type for d in letters) == ["model.drift", "system.shutdown"]
+    fixed = True
+    operator = await harness.bus()
+    await operator.declare(service, SHARED, shared_keyless=True)
+    assert (await redrive(operator, service, dry_run=True)).redriven == len(sent)
+    count = await redrive(operator, service)
+    assert (count.redriven, count.keyless, count.keyless_reasons) == (len(sent), 0, [])
+    first, second = replicas
+    await eventually(lambda: len(first.events) == len(sent), what="both redriven")
+    for each in harness.buses:
+        assert await each.drain(timeout=2)
+    assert sorted(first.ids) == sorted(e.id for e in sent)
+    assert all(e.redriven for e in first.events)
+    # the replica consuming the shared queues got each once; the other none
+    assert all(first.attempts[e.id] == 2 for e in sent)
+    assert second.attempts == Counter()
+    assert await operator.dead_letters(service, remove=False) == []
+
+
+async def test_a_keyless_letter_of_a_group_taking_them_on_each_replicas_own_queues_stays(
+    bus, service
+):
+    """No queue of such a group holds its keyless events (each replica's own go with it),
+    so a redrive leaves their letters, saying why, and they stay listed."""
+    got = Recorder(fail=lambda e: e.key is None)
+    await bus.declare(service, SHARED)
+    await bus.subscribe(Subscription(service=service, patterns=SHARED, handler=got, max_attempts=1))
+    stop = shutdown_event()
+    await bus.publish(stop)
+    [letter] = await eventually(
+        lambda: bus.dead_letters(service, remove=False), within=5, interval=0.02
+    )
+    why = (
+        f"system.shutdown is keyless and {service} takes its keyless events on each "
+        "replica's own queues"
+    )
+    for dry_run in (True, False):
+        count = await redrive(bus, service, dry_run=dry_run)
+        assert (count.matched, count.redriven, count.keyless) == (1, 0, 1)
+        [reason] = count.keyless_reasons
+        assert reason.startswith(why) and "no queue of" in reason
+        assert "1 keyless, left" in count.summary(service)
+    with pytest.raises(NotRedeliverable, match=why):
+        await bus.redeliver(service, decode_event(letter.body))
+    [kept] = await bus.dead_letters(service, remove=False)
+    assert decode_event(kept.body).id == stop.id
+    assert got.attempts[stop.id] == 1
+    assert await bus.drain(timeout=2)
+    assert got.attempts[stop.id] == 1
 
 
 async def test_replicas_split_partitions(harness, service):

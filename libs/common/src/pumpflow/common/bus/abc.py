@@ -123,6 +123,11 @@ async def notify_assigned(subscription: Subscription, partitions: int) -> None:
         await subscription.on_assigned(owned)
 
 
+class NotRedeliverable(ValueError):
+    """An event :meth:`EventBus.redeliver` cannot put back: no queue of its service holds
+    events of its kind."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeadLetter:
     """A message that could not be processed, kept with the reason."""
@@ -289,10 +294,28 @@ class EventBus(EventPublisher, EventSubscriber):
 
         For putting dead letters back: the service's partition queue of the event's
         key (its critical lane for a critical type), confirmed like a publish; a
-        service not consuming yet finds it there. Keyless events are refused
-        (ValueError): they go to each replica's own queue, which outlives no replica
-        (or, to a group taking them shared, to all its replicas' one).
+        service not consuming yet finds it there. A keyless event goes to the group's
+        shared queue of its lane (critical or broadcast) where the group takes them
+        shared (:meth:`shares_keyless`); elsewhere it is refused
+        (:class:`NotRedeliverable`, see :meth:`check_redeliverable`).
         """
+
+    @abstractmethod
+    def shares_keyless(self, service: str) -> bool:
+        """Whether ``service``'s group takes its keyless events on queues its replicas
+        share, as declared or subscribed on this bus (``shared_keyless``)."""
+
+    def check_redeliverable(self, service: str, event: Event) -> None:
+        """Raise :class:`NotRedeliverable` where :meth:`redeliver` refuses ``event``: a
+        keyless one of a group taking them on each replica's own queues, since none of
+        the group's holds them (a replica's go with it)."""
+        if event.key is None and not self.shares_keyless(service):
+            raise NotRedeliverable(
+                f"{event.type} is keyless and {service} takes its keyless events on each "
+                "replica's own queues, which go with their replica: no queue of "
+                f"{service} holds them to put it back on (a group taking them on queues "
+                "its replicas share, shared_keyless, has one)"
+            )
 
     def why_unconfirmed(self) -> str:
         """Why a publication under way for a while is not confirmed yet, in words (for

@@ -15,7 +15,7 @@ from time import perf_counter
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.metrics import Series, series
-from pumpflow.common.bus.routing import resolve_types
+from pumpflow.common.bus.routing import partition_of, resolve_types
 from pumpflow.common.dependencies import WAITS, Backoff, transient_dependency
 from pumpflow.common.events import (
     Event,
@@ -132,6 +132,15 @@ def publish_lane(schema: type[Payload], *, keyless: bool) -> str:
     if schema.CRITICAL:
         return CRITICAL
     return BROADCAST if keyless else PARTITION
+
+
+def redelivery_lane(event: Event, partitions: int) -> tuple[str, int | None]:
+    """The lane of a group's shared queues ``event`` goes back to alone
+    (:meth:`~pumpflow.common.bus.abc.EventBus.redeliver`), with its key's partition on
+    the partition lane: the lane it was published on, a keyless one's the group's own."""
+    key = event.key
+    lane = publish_lane(check_publishable(event), keyless=key is None)
+    return lane, partition_of(key, partitions) if lane == PARTITION and key is not None else None
 
 
 class HandedBack(asyncio.CancelledError):

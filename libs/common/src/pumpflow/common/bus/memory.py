@@ -50,6 +50,7 @@ from pumpflow.common.bus.dispatch import (
     check_declared,
     check_publishable,
     publish_lane,
+    redelivery_lane,
 )
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.metrics import Series, record_dead_letter, series
@@ -864,18 +865,26 @@ class InMemoryBus(EventBus):
         while lane.running:
             await lane.idle.wait()
 
+    def shares_keyless(self, service: str) -> bool:
+        group = self._groups.get(service)
+        return group is not None and group.broadcast is not None
+
     async def redeliver(self, service: str, event: Event) -> None:
-        schema = check_publishable(event)
-        if event.key is None:
-            raise ValueError(f"{event.type} is keyless: it cannot go back to {service} alone")
+        self.check_redeliverable(service, event)
+        lane, partition = redelivery_lane(event, self.partitions)
         group = self._groups.get(service)
         if group is None:
             # kept for the service's first subscription, as its durable queue would
             group = self._groups[service] = _Group(self, service)
-        if schema.CRITICAL:
-            await self._offer(group.critical, event)
+        if partition is not None:
+            target = group.partitions[partition]
+        elif lane == BROADCAST:
+            # the group takes its keyless events shared (checked above): it has the lane
+            assert group.broadcast is not None
+            target = group.broadcast
         else:
-            await self._offer(group.partitions[partition_of(event.key, self.partitions)], event)
+            target = group.critical
+        await self._offer(target, event)
 
     # ---------------------------------------------------------------- dead letters
 

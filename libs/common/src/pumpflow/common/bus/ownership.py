@@ -606,5 +606,8 @@ class BalancedBus(EventBus):
     ) -> int:
         return await self.inner.take_dead_letters(service, take)
 
+    def shares_keyless(self, service: str) -> bool:
+        return self.inner.shares_keyless(service)
+
     async def redeliver(self, service: str, event: Event) -> None:
         await self.inner.redeliver(service, event)

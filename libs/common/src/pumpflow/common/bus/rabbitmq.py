@@ -25,7 +25,11 @@ Topology under ``<ns>`` (the namespace):
   the reason in ``x-pumpflow-reason`` (a broker-side reject cannot carry one), and
   only then acked. A message the bus fails on (its letter's publish, say) is rejected,
   and the broker dead-letters it. Either letter is counted
-  (``pumpflow_events_dead_lettered_total``) once stored: confirmed, or rejected.
+  (``pumpflow_events_dead_lettered_total``) once stored: confirmed, or rejected. A
+  redrive puts a letter back by the name of the service's queue it consumes it from
+  (through the default exchange, so no other group gets a copy): the partition queue,
+  the critical one, or a shared-keyless group's ``.bcast``; a keyless letter of a group
+  without shared queues has none (see :meth:`EventBus.check_redeliverable`).
 
 Connections: two robust connections (both reconnect, close with the bus and count in
 :meth:`RabbitMQBus.is_healthy`). The main one carries publishing and its confirms,
@@ -159,6 +163,7 @@ from pumpflow.common.bus.dispatch import (
     check_declared,
     check_publishable,
     publish_lane,
+    redelivery_lane,
 )
 from pumpflow.common.bus.eventlog import EventLog
 from pumpflow.common.bus.journal import DeliveryJournal, LocalDeliveryJournal
@@ -167,7 +172,6 @@ from pumpflow.common.bus.routing import (
     DEFAULT_PARTITIONS,
     broadcast_queue,
     critical_queue,
-    partition_of,
     partition_queue,
     routing_key,
     routing_key_for,
@@ -400,6 +404,8 @@ class RabbitMQBus(EventBus):
         self._queues: set[str] = set()
         #: consumer groups declared here, by service
         self._declared: dict[str, Bindings] = {}
+        #: the groups declared or subscribed here that take their keyless events shared
+        self._shared_keyless: set[str] = set()
         self._published: dict[tuple[str, bool], Series] = {}
         self._consuming = False
         self._replicas = 0
@@ -1069,6 +1075,8 @@ class RabbitMQBus(EventBus):
         await self._declare_dlq(service)
         version = bindings.version
         shared_keyless = bindings.shared_keyless
+        if shared_keyless:
+            self._shared_keyless.add(service)
         plans: list[tuple[str, str, list[str], int | None]] = []
         for p in range(self.partitions):
             keys = [routing_key(t, version, p) for t in bindings.partition]
@@ -1842,14 +1850,18 @@ class RabbitMQBus(EventBus):
             await self._until_requeued(service, len(kept))
         return offered
 
+    def shares_keyless(self, service: str) -> bool:
+        return service in self._shared_keyless
+
     async def redeliver(self, service: str, event: Event) -> None:
-        schema = check_publishable(event)
-        if event.key is None:
-            raise ValueError(f"{event.type} is keyless: it cannot go back to {service} alone")
-        if schema.CRITICAL:
-            queue = critical_queue(service)
+        self.check_redeliverable(service, event)
+        lane, partition = redelivery_lane(event, self.partitions)
+        if partition is not None:
+            queue = partition_queue(service, partition)
+        elif lane == BROADCAST:
+            queue = broadcast_queue(service)
         else:
-            queue = partition_queue(service, partition_of(event.key, self.partitions))
+            queue = critical_queue(service)
         name = self._name(queue)
         if name not in self._queues:
             # as the service declares it, so a service not running yet finds it there

@@ -1,12 +1,16 @@
 """Redrive: put a service's dead letters back once their cause is fixed.
 
 A letter is redriven when its body is an event (a raw input frame dead-lettered by
-the feed is not: it stays) with a key: the event goes back to the service that
-dead-lettered it, and to no other (:meth:`EventBus.redeliver`), marked
-``redriven``, and only then leaves the dead letters. So a crash half way leaves each
-letter redriven, still dead, or both; a letter redriven twice is applied once, since
-the keyed consumer applies a redriven event only for a seq its key refused, and
-forgets that seq as it applies it (``pumpflow.common.consumer``).
+the feed is not: it stays): the event goes back to the service that dead-lettered it,
+and to no other (:meth:`EventBus.redeliver`), marked ``redriven``, and only then leaves
+the dead letters. So a crash half way leaves each letter redriven, still dead, or
+both; a letter redriven twice is applied once, since the keyed consumer applies a
+redriven event only for a seq its key refused, and forgets that seq as it applies it
+(``pumpflow.common.consumer``). A keyless event goes back to its group's shared queue
+of its lane where the group takes them shared (``Subscription.shared_keyless``: the bus
+must know it, as the group's declaration tells it); a group taking them on each
+replica's own queues has none to put it back on, so its keyless letters stay, and the
+count says why.
 
 A letter whose content goes back elsewhere than to a service's queue (a token event
 the feed's store refused goes back to the store, then out to every consumer) is put
@@ -23,7 +27,7 @@ from typing import Protocol
 
 import msgspec
 
-from pumpflow.common.bus.abc import DeadLetter, EventBus
+from pumpflow.common.bus.abc import DeadLetter, EventBus, NotRedeliverable
 from pumpflow.common.events import Event, EventValidationError, decode_event
 from pumpflow.common.text import counted
 
@@ -54,8 +58,11 @@ class RedriveCount:
     redriven: int = 0
     #: selected letters whose body is no event (raw input): they stay
     not_events: int = 0
-    #: selected keyless events (broadcast to replicas, no queue to go back to): they stay
+    #: selected keyless events of a group taking them on each replica's own queues (no
+    #: queue of the group to go back to): they stay
     keyless: int = 0
+    #: why those stay, each reason once
+    keyless_reasons: list[str] = field(default_factory=list)
     #: letters the filter passed over
     passed_over: int = 0
     #: claimed letters refused again (their cause is not fixed): they stay
@@ -132,15 +139,18 @@ class _Redrive:
         if event is None:
             count.not_events += 1
             return False
-        if event.key is None:
+        try:
+            if count.dry_run:
+                self.bus.check_redeliverable(self.service, event)
+            else:
+                await self.bus.redeliver(self.service, event)
+        except NotRedeliverable as refusal:
             count.keyless += 1
+            if str(refusal) not in count.keyless_reasons:
+                count.keyless_reasons.append(str(refusal))
             return False
-        if count.dry_run:
-            count.redriven += 1
-            return False
-        await self.bus.redeliver(self.service, event)
         count.redriven += 1
-        return True
+        return not count.dry_run
 
     async def _restore(self, letter: DeadLetter, restorer: LetterRestorer) -> bool:
         count = self.count
