@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,10 +24,11 @@ from pumpflow.cli.output import READER_GONE
 from pumpflow.common.bus import Subscription, partition_of
 from pumpflow.common.clock import WallClock
 from pumpflow.common.consumer import KeyedConsumerConfig, KeyedStatefulConsumer
-from pumpflow.common.events import Event, encode_event
+from pumpflow.common.events import Event, SystemShutdown, encode_event, make_event
 from pumpflow.common.keyed import InvalidInput
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import CommonSettings
+from pumpflow.common.runtime.topology import declare_groups, groups_of
 from pumpflow.common.state.redis import RedisStateStore
 from pumpflow.common.testing import (
     AppliedSeqs,
@@ -1250,6 +1252,68 @@ async def test_a_batch_dead_lettered_whole_is_listed_and_redriven_event_by_event
     assert [e.id for e in got[len(sent) :]] == [e.id for e in sent]
 
 
+async def test_a_keyless_letter_goes_back_to_a_group_taking_them_shared_and_stays_elsewhere(
+    rabbitmq_harness, process_stack
+):
+    """A system.shutdown trading dead-lettered (its cause since fixed) goes back to
+    trading's shared critical queue, which the group's declaration tells the command:
+    the replica consuming applies it. The exit service's control group takes it on each
+    replica's own queue, gone with the replica: its letter stays, and the command says
+    why."""
+    bus = await rabbitmq_harness.bus("trading/t", partitions=2)
+    rabbitmq_harness.delete_after(["trading", "exit-control"])
+    groups = groups_of(["trading", "exit-control"])
+    fixed = False
+    applied: list[Event] = []
+
+    async def trading(event: Event) -> None:
+        if event.type == "system.shutdown" and not fixed:
+            raise RuntimeError("the ledger refuses the halt")
+        applied.append(event)
+
+    async def never(event: Event) -> None:
+        raise RuntimeError("exit-control refuses it")
+
+    await declare_groups(bus, groups)
+    await bus.subscribe(
+        Subscription(service="trading", patterns=groups["trading"], handler=trading,
+                     shared_keyless=True, max_attempts=1)
+    )  # fmt: skip
+    await bus.subscribe(
+        Subscription(service="exit-control", patterns=groups["exit-control"], handler=never,
+                     max_attempts=1)
+    )  # fmt: skip
+    process_stack.configure(partitions=2)
+    stop = make_event(SystemShutdown(reason="operator"), source="exit/t", time=time.time())
+    await bus.publish(stop)
+
+    async def dead(service: str) -> bool:
+        return len(await bus.dead_letters(service, remove=False)) == 1
+
+    for service in groups:
+        await eventually(lambda s=service: dead(s), 10, what=f"the letter of {service}")
+    fixed = True
+    redriven = await asyncio.to_thread(process_stack.run, "dead-letters", "trading", "--redrive")
+    assert redriven.returncode == 0, redriven.stderr
+    assert "redrove 1 dead letter of trading" in redriven.stdout
+    await eventually(lambda: applied, 10, what="the shutdown redriven")
+    assert [(e.id, e.redriven) for e in applied] == [(stop.id, True)]
+    assert await bus.dead_letters("trading", remove=False) == []
+
+    left = await asyncio.to_thread(process_stack.run, "dead-letters", "exit-control", "--redrive")
+    assert left.returncode == 0, left.stderr
+    assert left.stdout.splitlines() == [
+        "redrove 0 dead letters of exit-control (1 matched, 1 keyless, left); 0 not matched",
+        "- left: system.shutdown is keyless and exit-control takes its keyless events on "
+        "each replica's own queues, which go with their replica: no queue of exit-control "
+        "holds them to put it back on (a group taking them on queues its replicas share, "
+        "shared_keyless, has one)",
+    ]
+    listed = await asyncio.to_thread(process_stack.run, "dead-letters", "exit-control")
+    assert "1 dead letter shown for exit-control" in listed.stdout, listed.stderr
+    assert [(e.id, e.redriven) for e in applied] == [(stop.id, True)]
+
+
 class _SeqsProcessor(AppliedSeqs):
     """Keeps the seqs a mint applied; refuses the trades of ``rogue`` until fixed."""
 
@@ -1389,8 +1453,6 @@ async def test_migrate_blocked_by_a_running_replica_s_transaction_names_it_and_g
 )
 @pytest.mark.parametrize("command", ["backtest", "train", "replay"])
 def test_every_command_with_a_window_takes_the_same_times(command, given, monkeypatch):
-    import time
-
     from pumpflow.feed.cli import build_parser as feed_parser
 
     # a time without a zone is UTC, as the market's, whatever the machine's zone

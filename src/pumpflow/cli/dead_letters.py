@@ -10,7 +10,11 @@ half way leaves each letter in the queue, in the file, or in both, never in neit
 stays as it is). ``--dry-run`` counts what would go back. A redriven event is
 applied once by the service however often it is redriven (see
 ``pumpflow.common.bus.redrive``). A batch of events the broker dead-lettered whole is
-listed, moved and redriven as a letter per event, in order, each with its reason.
+listed, moved and redriven as a letter per event, in order, each with its reason. A
+keyless event goes back to its group's shared queue where the group takes them shared
+(declared here as every process declares it: ``pumpflow.common.runtime.topology``); a
+group taking them on each replica's own queues has none, so it stays, and the command
+says why.
 
 A token event the feed's store refused goes back to the store instead, with its
 original seq and time, and is published once (``pumpflow.feed.redrive``); one its
@@ -221,6 +225,7 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
 
     from pumpflow.common.bus.factory import create_bus
     from pumpflow.common.bus.redrive import LetterFilter, redrive, redrive_letters
+    from pumpflow.common.runtime.topology import declare_groups, groups_of
     from pumpflow.common.runtime.wiring import bus_config
 
     letters = None
@@ -249,6 +254,11 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
                   file=sys.stderr)  # fmt: skip
             return 2
         if args.redrive or letters is not None:
+            deployed = groups_of(settings.consumer_group_names)
+            if args.service in deployed:
+                # the bus puts a keyless letter back where the group's declaration says
+                # its keyless events go: its shared queues, or none
+                await declare_groups(bus, {args.service: deployed[args.service]})
             select = LetterFilter(reason=args.reason, event_type=args.event_type)
             restorer = _feed_restorer(store, bus) if args.service == "feed" else None
             if args.service == "feed" and restorer is None:
@@ -275,6 +285,8 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
                 print(f"refused token events: {restorer.summary()}", file=out)
             for reason in count.refusals:
                 print(f"- refused again: {reason}", file=out)
+            for reason in count.keyless_reasons:
+                print(f"- left: {reason}", file=out)
             code = 1 if count.refused else 0
         elif args.move is not None:
             moved = await move_letters(bus, args.service, args.move)
