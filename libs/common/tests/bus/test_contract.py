@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY, generate_latest
 from pumpflow.common.bus import BusConfig, InMemoryBus, Subscription, create_bus, partition_of
 from pumpflow.common.bus.abc import DELIVERY_LIMIT, NotRedeliverable
 from pumpflow.common.bus.redrive import redrive
+from pumpflow.common.dependencies import RABBITMQ as RABBITMQ_DEPENDENCY
+from pumpflow.common.dependencies import WAITS, wait_out
 from pumpflow.common.events import (
     Event,
     EventValidationError,
@@ -658,6 +660,153 @@ async def test_a_keyless_letter_of_a_group_taking_them_on_each_replicas_own_queu
     assert got.attempts[stop.id] == 1
     assert await bus.drain(timeout=2)
     assert got.attempts[stop.id] == 1
+
+
+#: a shared-keyless group with a keyed critical type too (exit orders share its critical
+#: queue with its keyless critical ones)
+CATCHING_UP = (*SHARED, "exit.order")
+
+
+def catching_up(service: str, handler, *, window: int = 1) -> Subscription:
+    """A replica of the group subscribing to its critical and shared lanes only (no
+    partition yet), to catch up before it consumes its partitions."""
+
+    async def each(events) -> None:
+        for event in events:
+            await handler(event)
+
+    return Subscription(
+        service=service,
+        patterns=CATCHING_UP,
+        handler=handler,
+        batch_handler=each if window > 1 else None,
+        window=window,
+        partitions=(),
+        shared_keyless=True,
+    )
+
+
+@pytest.mark.parametrize("window", [1, 4])
+async def test_catch_up_returns_once_what_waited_in_the_shared_keyless_queues_is_handled(
+    harness, service, window
+):
+    """A replica subscribed with no partition catches up: as ``catch_up`` returns, every
+    keyless event and keyed critical one queued before it is handled and acked, none of
+    the partitions' yet, and no mark reached the handler (nor the dead letters). Its
+    partitions consumed then, their backlog follows."""
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    await publisher.declare(service, CATCHING_UP, shared_keyless=True)
+    waited = [
+        drift_event("f0"),
+        shutdown_event(),
+        exit_order_event("mintE"),
+        drift_event("f1"),
+        shutdown_event(),
+    ]
+    backlog = [trade_event("mintB", seq) for seq in range(1, 4)]
+    for event in (*waited[:2], backlog[0], *waited[2:], *backlog[1:]):
+        await publisher.publish(event)
+    # slow enough that nothing is handled yet as the subscription returns
+    got = Recorder(delay=0.02)
+    subscription = catching_up(service, got, window=window)
+    await consumer.subscribe(subscription)
+    await consumer.catch_up(subscription)
+    assert sorted(got.ids) == sorted(e.id for e in waited)
+    assert got.of_type("model.drift") == [waited[0], waited[3]]
+    assert got.of_type("system.shutdown") == [waited[1], waited[4]]
+    assert harness.no_ack_held_back(consumer)
+
+    await consumer.consume_partitions(subscription, range(consumer.partitions))
+    await eventually(lambda: len(got.events) == len(waited) + len(backlog), what="the backlog")
+    assert got.ids[len(waited) :] == [e.id for e in backlog]
+    assert await consumer.dead_letters(service) == []
+
+
+async def test_catch_up_is_answered_by_the_replica_consuming_the_shared_queues(harness, service):
+    """Single-active: the replica that consumed the group's shared queues first keeps them
+    while it consumes (a predecessor still standing by). Another catching up meanwhile
+    has its marks reached by it, once it has handled what was before them."""
+    publisher = await harness.bus()
+    await publisher.declare(service, CATCHING_UP, shared_keyless=True)
+    gate = asyncio.Event()
+    first, second = Recorder(), Recorder()
+
+    async def held(event: Event) -> None:
+        await gate.wait()
+        await first(event)
+
+    await (await harness.bus()).subscribe(catching_up(service, held))
+    waited = [drift_event("f0"), shutdown_event(), exit_order_event("mintE"), drift_event("f1")]
+    for event in waited:
+        await publisher.publish(event)
+    successor = await harness.bus()
+    subscription = catching_up(service, second)
+    await successor.subscribe(subscription)
+    catching = asyncio.create_task(successor.catch_up(subscription))
+    try:
+        await eventually(lambda: successor.describe()["catching_up"] == 2, what="its marks")
+        assert not catching.done()
+        gate.set()
+        await catching
+    finally:
+        gate.set()
+        catching.cancel()
+    assert sorted(first.ids) == sorted(e.id for e in waited)
+    assert second.events == []
+
+
+async def test_a_catch_up_mark_left_by_a_replica_that_died_is_dropped(harness, service):
+    """A replica dies catching up, its marks queued behind events its handler never
+    returned from. The next replica gets those again, drops the marks (its handler never
+    sees them, nothing is dead-lettered), gets what came after them and catches up
+    itself."""
+    publisher = await harness.bus()
+    consumer = await harness.bus()
+    await publisher.declare(service, CATCHING_UP, shared_keyless=True)
+    # one on the critical queue, one on the shared broadcast queue
+    stuck = [shutdown_event(), drift_event("f0")]
+    for event in stuck:
+        await publisher.publish(event)
+    gate = asyncio.Event()  # set at the end only, so the crashed bus can close
+    started: list[str] = []
+
+    async def never_returns(event: Event) -> None:
+        started.append(event.id)
+        await gate.wait()
+
+    old = catching_up(service, never_returns)
+    await consumer.subscribe(old)
+    await eventually(lambda: len(started) == 2, what="the stuck handlers")
+    dying = asyncio.create_task(consumer.catch_up(old))
+    try:
+        await eventually(lambda: consumer.describe()["catching_up"] == 2, what="its marks")
+        later = [shutdown_event(), drift_event("f1")]
+        for event in later:
+            await publisher.publish(event)
+        got = Recorder()
+        new = catching_up(service, got)
+        consumer = await harness.crash_consumer(consumer, old, new)
+        await consumer.catch_up(new)
+        assert got.of_type("system.shutdown") == [stuck[0], later[0]]
+        assert got.of_type("model.drift") == [stuck[1], later[1]]
+        assert len(got.events) == 4
+        assert await consumer.dead_letters(service) == []
+    finally:
+        gate.set()
+        dying.cancel()
+        await asyncio.gather(dying, return_exceptions=True)
+
+
+async def test_catch_up_refuses_a_replica_with_nothing_to_catch_up_with(bus, service):
+    """Keyless events on a replica's own queues: nothing waited there before it
+    subscribed. And a subscription not subscribed has no consumer to reach a mark."""
+    own = Subscription(service=service, patterns=SHARED, handler=Recorder())
+    await bus.subscribe(own)
+    with pytest.raises(ValueError, match="shared_keyless"):
+        await bus.catch_up(own)
+    with pytest.raises(ValueError, match="not subscribed"):
+        await bus.catch_up(catching_up(f"{service}_s", Recorder()))
 
 
 async def test_replicas_split_partitions(harness, service):
@@ -1387,6 +1536,27 @@ async def test_sync_mode_dispatches_inline_in_publish_order(service):
     ]
 
 
+async def test_sync_mode_catches_up_before_the_partitions(service):
+    """Synchronous: what waited in the shared lanes is handled as the replica subscribes
+    with no partition, the catch-up returns at once, and the partitions' backlog waits
+    for them to be consumed."""
+    bus = InMemoryBus(partitions=2, synchronous=True)
+    await bus.start()
+    await bus.declare(service, CATCHING_UP, shared_keyless=True)
+    waited = [drift_event("f0"), shutdown_event(), exit_order_event("mintE")]
+    backlog = trade_event("mintB", 1)
+    for event in (waited[0], backlog, *waited[1:]):
+        await bus.publish(event)
+    got = Recorder()
+    subscription = catching_up(service, got)
+    await bus.subscribe(subscription)
+    await bus.catch_up(subscription)
+    assert sorted(got.ids) == sorted(e.id for e in waited)
+    await bus.consume_partitions(subscription, range(bus.partitions))
+    assert got.ids[-1] == backlog.id
+    assert bus.describe()["catching_up"] == 0
+
+
 async def test_sync_mode_retries_and_dead_letters_without_waiting(service):
     bus = InMemoryBus(partitions=2, synchronous=True)
     got = Recorder(fail=lambda e: e.seq == 2)
@@ -1747,6 +1917,56 @@ async def test_rabbitmq_a_replicas_broadcast_lane_outlives_the_loss_of_its_conne
         assert bus.is_healthy()
         assert sorted({e.seq for e in got.of_type("token.trade")}) == [1, 2]
     finally:
+        await bus.delete_topology()
+        await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_catch_up_whose_connection_is_lost_is_waited_out(
+    namespace, amqp_url, service
+):
+    """The main connection (the catch-up's channel, the critical lane's consumer) dies
+    while a catch-up waits for its mark, behind a stop whose handler has not returned:
+    the catch-up fails as RabbitMQ's transient failure, and waited out it is begun again
+    once the connection is back, returning only once the stop is handled."""
+    from pumpflow.common.bus.rabbitmq import RabbitMQBus
+
+    bus = RabbitMQBus(url=amqp_url, namespace=namespace, partitions=2, source="test/1")
+    await bus.start()
+    gate = asyncio.Event()
+    handled: list[str] = []
+
+    async def held(event: Event) -> None:
+        await gate.wait()
+        handled.append(event.id)
+
+    catching = None
+    try:
+        await bus.declare(service, CATCHING_UP, shared_keyless=True)
+        stop = shutdown_event()
+        await bus.publish(stop)
+        subscription = catching_up(service, held)
+        await bus.subscribe(subscription)
+        catching = asyncio.create_task(
+            wait_out(lambda: bus.catch_up(subscription), waiter="test", what="catching up")
+        )
+        await eventually(lambda: bus.describe()["catching_up"] == 2, what="its marks")
+        main = bus._connection
+        lost = main.transport.connection
+        await lost.close(ConnectionError("simulated network failure"))
+        await eventually(lambda: RABBITMQ_DEPENDENCY in WAITS.describe(), what="the wait")
+        await eventually(bus.is_healthy, within=20, what="the bus healthy again")
+        # begun again: its marks wait behind the stop, delivered again
+        await eventually(lambda: bus.describe()["catching_up"] == 2, what="its new marks")
+        assert not catching.done() and handled == []
+        gate.set()
+        await catching
+        assert stop.id in handled
+        assert await bus.dead_letters(service) == []
+    finally:
+        gate.set()
+        if catching is not None:
+            catching.cancel()
         await bus.delete_topology()
         await bus.close()
 

@@ -48,6 +48,15 @@ Delivery contract, the same for every transport (held by the shared contract tes
   :data:`DELIVERY_LIMIT` times and never returned (its consumer died or was stopped
   with it each time, as with a message that kills the process) is dead-lettered with a
   reason starting ``delivery limit:``, and its lane goes on.
+- Catching up: :meth:`EventBus.catch_up` returns once every message the group's shared
+  keyless queues (its critical lane, keyed critical events included, and its shared
+  broadcast lane) held as it began is handled and acked, by whichever replica consumes
+  them. A replica that must apply what waited for its group (a stop) before what queued
+  behind it on its partitions subscribes with ``partitions=()``, catches up, then
+  consumes its partitions (:meth:`EventBus.consume_partitions`). A mark put at the end
+  of each of those lanes makes it exact: the lane's consumer takes the mark once every
+  delivery before it returned and is acked, answers the replica that put it there, and
+  never hands it to a handler (a mark whose replica is gone answers nobody).
 - Ownership hook: a subscription's optional ``on_assigned(partitions)`` is awaited
   before the first delivery of those partitions, ``on_revoked(partitions)`` after
   their handlers in flight returned and before another replica may take them. A
@@ -86,7 +95,8 @@ class Subscription:
     handler: Handler
     #: schema major version the handler understands
     version: int = 1
-    #: partitions this replica consumes; None means all of them
+    #: partitions this replica consumes; None means all of them, () none until
+    #: ``EventBus.consume_partitions`` (its critical and shared lanes only)
     partitions: tuple[int, ...] | None = None
     #: attempts before a failing message is dead-lettered (waits for a dependency
     #: that fails for a while do not count)
@@ -224,6 +234,20 @@ class EventBus(EventPublisher, EventSubscriber):
         another replica still holds waits until that replica releases it.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot move partitions")
+
+    @abstractmethod
+    async def catch_up(self, subscription: Subscription) -> None:
+        """Return once every message that waited in the group's shared keyless queues as
+        this call began is handled and acked (see Catching up above).
+
+        ``subscription`` is subscribed, with ``shared_keyless``; a subscription not
+        subscribed, or taking its keyless events on its replica's own queues (which held
+        nothing before it subscribed), is refused (ValueError). Whichever replica of the
+        group consumes those queues takes the marks (single-active: the one that consumed
+        them first, a predecessor still standing by). A transport that can no longer be
+        answered (its connection lost) raises a transient failure of its dependency
+        (:func:`~pumpflow.common.dependencies.transient_dependency`): call it again.
+        """
 
     async def release_partitions(
         self, subscription: Subscription, partitions: Iterable[int]

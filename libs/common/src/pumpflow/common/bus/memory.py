@@ -13,6 +13,11 @@ as tasks; a subscription with a batch handler gets all the lane has ready, up to
 window, in one task), and acks them in order: an event leaves the lane once it and every event
 delivered before it returned.
 
+Catching up (``InMemoryBus.catch_up``): a mark joins the end of the group's critical and
+shared broadcast lanes; the lane's worker takes it once nothing before it runs (every
+event before it acked), drops it and sets its future, which the catch-up awaits. A mark
+blocks a batch: the events behind it wait for it.
+
 Synchronous mode runs the handlers inside ``publish``, in publish order, with the
 Event object itself (no encoding): deterministic and fast, for replays and tests.
 
@@ -79,6 +84,17 @@ class _Delivery:
         self.task: asyncio.Task | None = None
 
 
+class _Mark:
+    """A catch-up's place in a shared lane: reached once every event before it is acked,
+    never handed to a handler (see :meth:`InMemoryBus.catch_up`)."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self, reached: asyncio.Future[None]):
+        #: set once reached; one whose catch-up was given up (cancelled) is just dropped
+        self.reached = reached
+
+
 class _Wakeup:
     """What a lane's worker waits on: :class:`asyncio.Event` for its one waiter, without
     the list of waiters and the lookups (set once or more per delivery); a set wakes the
@@ -122,6 +138,7 @@ class _Lane:
         "group",
         "idle",
         "items",
+        "marks",
         "partition",
         "returned",
         "running",
@@ -136,7 +153,9 @@ class _Lane:
         self.group = group
         self.dispatcher = dispatcher
         self.partition = partition
-        self.items: deque[Event] = deque()
+        self.items: deque[Event | _Mark] = deque()
+        #: catch-ups' marks among the items (none, nearly always: checked before a look)
+        self.marks = 0
         #: delivered and not acked, in delivery order (a batch is one delivery)
         self.unacked: deque[_Delivery] = deque()
         #: event id -> deliveries that ended unsettled (a shared lane's delivery limit)
@@ -378,6 +397,10 @@ class InMemoryBus(EventBus):
             "partitions": self.partitions,
             "services": sorted(self._groups),
             "pending": self._pending,
+            # catch-ups' marks not reached yet
+            "catching_up": sum(
+                lane.marks for group in self._groups.values() for lane in group.shared()
+            ),
         }
 
     async def drain(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (interface)
@@ -409,9 +432,11 @@ class InMemoryBus(EventBus):
             counts: dict[str, int] = {}
             for lane in group.lanes():
                 for event in lane.items:
-                    counts[event.type] = counts.get(event.type, 0) + 1
+                    if type(event) is not _Mark:
+                        counts[event.type] = counts.get(event.type, 0) + 1
                 self._settle(len(lane.items))
                 lane.items.clear()
+                lane.marks = 0
                 lane.returned.clear()
             if counts or group.partition_types or group.critical_types:
                 group.partition_types.clear()
@@ -608,6 +633,38 @@ class InMemoryBus(EventBus):
         )
         await self._resume(group)
 
+    async def catch_up(self, subscription: Subscription) -> None:
+        if not subscription.shared_keyless:
+            raise ValueError(
+                f"{subscription.service} takes its keyless events on its replica's own lanes, "
+                "which held nothing before it subscribed: nothing to catch up with "
+                "(Subscription.shared_keyless)"
+            )
+        group, _ = self._replica(subscription)
+        bindings = Bindings.of(subscription)
+        lanes = [group.critical] if bindings.critical else []
+        if bindings.partition and group.broadcast is not None:
+            lanes.append(group.broadcast)
+        loop = asyncio.get_running_loop()
+        marks = [_Mark(loop.create_future()) for _ in lanes]
+        for lane, mark in zip(lanes, marks, strict=True):
+            lane.marks += 1
+            self._enqueue(lane, mark)
+        # queued mode: the workers take them; synchronous: taken here, what is before first
+        await self._resume(group)
+        await asyncio.gather(*(mark.reached for mark in marks))
+
+    def _reach(self, lane: _Lane) -> None:
+        """Take the mark at the front of ``lane``: its catch-up goes on."""
+        mark = lane.items.popleft()
+        assert type(mark) is _Mark
+        lane.marks -= 1
+        self._settle(1)
+        if mark.reached.done():
+            log.debug("%s: a catch-up's mark given up on was dropped", lane.group.service)
+        else:
+            mark.reached.set_result(None)
+
     async def _resume(self, group: _Group) -> None:
         if not self._consuming:
             return
@@ -615,6 +672,12 @@ class InMemoryBus(EventBus):
             # events that waited for a consumer are delivered now, in order per lane
             for lane in group.lanes():
                 while lane.items and lane.consumer is not None:
+                    if lane.marks and type(lane.items[0]) is _Mark:
+                        if lane.running:
+                            await lane.idle.wait()
+                        else:
+                            self._reach(lane)
+                        continue
                     replica = lane.consumer
                     await self._run(lane, replica, self._start(lane, replica))
             return
@@ -726,9 +789,15 @@ class InMemoryBus(EventBus):
         room = replica.subscription.window - lane.running
         items = lane.items
         returned = lane.returned
-        if returned:
+        if returned or lane.marks:
+            # a batch ends at a mark, which waits for the events before it
             events = []
-            while items and len(events) < room and items[0].id not in returned:
+            while (
+                items
+                and len(events) < room
+                and type(items[0]) is not _Mark
+                and items[0].id not in returned
+            ):
                 events.append(items.popleft())
         elif room >= len(items):
             events = list(items)
@@ -842,6 +911,13 @@ class InMemoryBus(EventBus):
                 await lane.wakeup.wait()
             if not self._consuming:
                 break
+            if lane.marks and type(lane.items[0]) is _Mark:
+                # reached once every event before it returned (and so was acked)
+                if lane.running:
+                    await lane.idle.wait()
+                else:
+                    self._reach(lane)
+                continue
             subscription = replica.subscription
             came_back = bool(lane.returned) and lane.items[0].id in lane.returned
             if came_back and lane.running:

@@ -535,6 +535,15 @@ class BalancedBus(EventBus):
     ) -> None:
         await self.inner.release_partitions(subscription, partitions)
 
+    async def catch_up(self, subscription: Subscription) -> None:
+        # a balanced one consumes its partitions as the balancer gives them meanwhile:
+        # only one naming its partitions (none until it caught up) takes them after
+        for outer, inner in self._balanced:
+            if outer is subscription:
+                subscription = inner
+                break
+        await self.inner.catch_up(subscription)
+
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:

@@ -106,6 +106,20 @@ told from a poison one; a lane that stops meanwhile hands it back, uncounted. Ru
 alone keeps the count to the message the process died on: the healthy ones delivered
 with it are counted only if it dies while they run.
 
+Catching up (:meth:`RabbitMQBus.catch_up`): a mark, a bodyless message whose
+``x-pumpflow-catch-up`` header is its id, goes straight to each of the group's shared
+keyless queues by name (the default exchange), confirmed, naming the broker's direct
+reply-to of the channel that put it (``reply_to``: ``amq.rabbitmq.reply-to``). Whichever
+consumer the queue delivers it to (single-active: a replica that consumed it before, and
+still does, gets it) takes it once every message before it returned and is settled, sends
+the acks held back, answers the mark's id to its reply-to and then acks it; a connection
+lost before the ack redelivers it, answered again. A mark is never handed to a handler.
+The broker drops an answer to a channel gone (a replica that died catching up), so its
+mark, reached later, is simply acked. A stopping consumer hands its mark back with the
+rest; one that handed a message back hands its mark back too, behind it. The catch-up
+returns once each mark is answered; its channel lost meanwhile, it raises
+:class:`CatchUpInterrupted` (a transient failure of RabbitMQ), and is begun again.
+
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
 of 1 runs inside the worker, a larger one as tasks; a subscription with a batch
@@ -188,6 +202,11 @@ from pumpflow.common.events import (
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-pumpflow-reason"
+#: a catch-up's mark carries its id in this header (see Catching up)
+MARK_HEADER = "x-pumpflow-catch-up"
+#: the broker's direct reply-to: a mark names it, and the answer reaches the channel that
+#: published the mark, or nothing once that channel is gone
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: backoff while the delivery journal's store is away
 JOURNAL_RETRY_INITIAL_S = 0.2
 JOURNAL_RETRY_MAX_S = 5.0
@@ -235,6 +254,14 @@ Properties = Basic.Properties
 
 class PublishAbandoned(ConnectionError):
     """Not written: a publication before it gave up, and this one may not overtake it."""
+
+
+class CatchUpInterrupted(ConnectionError):
+    """A catch-up can no longer be answered: its channel was lost (the connection to
+    RabbitMQ dropped), or the broker refused a mark. Waited out as RabbitMQ's failure:
+    a catch-up begun again puts marks of its own."""
+
+    transient_dependency = RABBITMQ
 
 
 class BrokerRefused(ConnectionError):
@@ -308,6 +335,17 @@ class _Part:
         return self.message.routing_key
 
 
+class _Mark:
+    """A catch-up's mark delivered to a consumer (see Catching up): never a handler's."""
+
+    __slots__ = ("handed_back", "message")
+
+    def __init__(self, message: DeliveredMessage, handed_back: int):
+        self.message = message
+        #: its consumer's hand-backs when it came: one since puts a message back ahead of it
+        self.handed_back = handed_back
+
+
 class _Delivery:
     """A message (or an event of a batch) handed to a handler and not acked yet."""
 
@@ -336,7 +374,7 @@ class _Consumer:
     channel: AbstractChannel | None = None
     queue: AbstractQueue | None = None
     tag: str | None = None
-    buffer: deque[DeliveredMessage | _Part] = field(default_factory=deque)
+    buffer: deque[DeliveredMessage | _Part | _Mark] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     worker: asyncio.Task | None = None
@@ -346,6 +384,8 @@ class _Consumer:
     running: int = 0
     #: handler tasks of a window above 1
     tasks: set[asyncio.Task] = field(default_factory=set)
+    #: deliveries handed back to the queue so far (a catch-up's mark behind one goes too)
+    handed_back: int = 0
     #: the last returned message not acked yet, and how many are behind it
     unacked: DeliveredMessage | None = None
     unacked_count: int = 0
@@ -436,6 +476,8 @@ class RabbitMQBus(EventBus):
         #: known only once a connection's blocks are recorded (see _record_blocks)
         self._blocked: dict[aiormq.abc.AbstractConnection, tuple[str, float]] = {}
         self._blocks_known = False
+        #: marks of this bus's catch-ups not answered yet
+        self._catching_up = 0
 
     # ---------------------------------------------------------------- names
 
@@ -547,7 +589,7 @@ class RabbitMQBus(EventBus):
         if consumer.buffer:
             # the rest goes back to the broker, which keeps it in its place in the queue
             last = consumer.buffer[-1]
-            if type(last) is _Part:
+            if type(last) is _Part or type(last) is _Mark:
                 last = last.message
             consumer.buffer.clear()
             try:
@@ -621,6 +663,8 @@ class RabbitMQBus(EventBus):
             "unacked": sum(
                 len(c.buffer) + len(c.in_flight) + c.unacked_count for c in self._consumers
             ),
+            # marks of its catch-ups not answered yet
+            "catching_up": self._catching_up,
         }
 
     def why_unconfirmed(self) -> str:
@@ -1272,7 +1316,11 @@ class RabbitMQBus(EventBus):
         async def on_delivery(message: DeliveredMessage) -> None:
             parts = batch_parts(message.body)
             if parts is None:
-                consumer.buffer.append(message)
+                headers = message.header.properties.headers
+                if headers and MARK_HEADER in headers:
+                    consumer.buffer.append(_Mark(message, consumer.handed_back))
+                else:
+                    consumer.buffer.append(message)
             else:
                 batch = _Batch()
                 last = len(parts) - 1
@@ -1337,6 +1385,81 @@ class RabbitMQBus(EventBus):
         else:
             log.info("consumer of %s resumed after reconnecting", consumer.queue_name)
 
+    async def catch_up(self, subscription: Subscription) -> None:
+        if not subscription.shared_keyless:
+            raise ValueError(
+                f"{subscription.service} takes its keyless events on its replica's own "
+                "queues, which held nothing before it subscribed: nothing to catch up with "
+                "(Subscription.shared_keyless)"
+            )
+        if not any(c.subscription is subscription for c in self._consumers):
+            raise ValueError(f"{subscription.service}: subscription is not subscribed")
+        bindings = Bindings.of(subscription)
+        service = subscription.service
+        queues = [self._name(critical_queue(service))] if bindings.critical else []
+        if bindings.partition:
+            queues.append(self._name(broadcast_queue(service)))
+        if not queues:
+            return
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            raise RuntimeError("RabbitMQBus is not started")
+        if not connection.connected.is_set():
+            raise CatchUpInterrupted("the connection to RabbitMQ is lost (reconnecting)")
+        try:
+            robust = await connection.channel(publisher_confirms=True)
+            channel = await robust.get_underlay_channel()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise CatchUpInterrupted(f"no channel for a catch-up: {exc!r}") from exc
+        loop = asyncio.get_running_loop()
+        answers = {uuid.uuid4().hex: loop.create_future() for _ in queues}
+
+        async def answered(message: DeliveredMessage) -> None:
+            mark_id = _text((message.header.properties.headers or {}).get(MARK_HEADER))
+            answer = answers.get(mark_id)
+            if answer is not None and not answer.done():
+                answer.set_result(None)
+
+        out = 0
+        all_answered: asyncio.Future | None = None
+        try:
+            # the answers come only to the channel that put the marks, consuming them
+            await channel.basic_consume(DIRECT_REPLY_TO, answered, no_ack=True)
+            for queue, mark_id in zip(queues, answers, strict=True):
+                properties = Properties(
+                    delivery_mode=PERSISTENT,
+                    message_id=mark_id,
+                    headers={MARK_HEADER: mark_id},
+                    reply_to=DIRECT_REPLY_TO,
+                )
+                confirmed = await channel.basic_publish(
+                    b"", exchange="", routing_key=queue, properties=properties
+                )
+                if not isinstance(confirmed, Basic.Ack):
+                    raise CatchUpInterrupted(f"the broker refused a catch-up's mark on {queue}")
+                out += 1
+                self._catching_up += 1
+            all_answered = asyncio.gather(*answers.values())
+            await asyncio.wait({all_answered, channel.closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not all_answered.done():
+                raise CatchUpInterrupted(
+                    "the channel of a catch-up was lost before its marks were answered"
+                )
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            if isinstance(exc, CatchUpInterrupted):
+                raise
+            raise CatchUpInterrupted(f"a catch-up failed: {exc!r}") from exc
+        finally:
+            self._catching_up -= out
+            if all_answered is not None:
+                all_answered.cancel()
+            if not robust.is_closed:
+                with contextlib.suppress(
+                    aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError
+                ):
+                    async with asyncio.timeout(CANCEL_WAIT_S):
+                        await robust.close()
+
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop this replica's consumers of ``subscription``; unhandled messages go back."""
         mine = [c for c in self._consumers if c.subscription is subscription]
@@ -1357,6 +1480,11 @@ class RabbitMQBus(EventBus):
                     # the stop waiting for this may have given up: ack what was handled
                     await self._flush_ack(consumer)
                     return
+            elif buffer and type(buffer[0]) is _Mark:
+                if not in_flight:
+                    # every message before it returned and is settled
+                    await self._reach(consumer, buffer.popleft())
+                    continue
             elif (
                 buffer
                 and consumer.running < window
@@ -1370,7 +1498,11 @@ class RabbitMQBus(EventBus):
                     # a redelivered message runs alone (see the delivery limit): not batched
                     batch = []
                     while buffer and len(batch) < window - consumer.running:
-                        if buffer[0].redelivered or (consumer.stopping and not _begun(buffer[0])):
+                        if (
+                            type(buffer[0]) is _Mark
+                            or buffer[0].redelivered
+                            or (consumer.stopping and not _begun(buffer[0]))
+                        ):
                             break
                         batch.append(_Delivery(buffer.popleft()))
                     in_flight.extend(batch)
@@ -1542,6 +1674,7 @@ class RabbitMQBus(EventBus):
 
     async def _hand_back(self, consumer: _Consumer, message: DeliveredMessage) -> None:
         """Return ``message`` to its queue unprocessed (its handler was cancelled)."""
+        consumer.handed_back += 1
         try:
             await message.channel.basic_nack(message.delivery_tag, requeue=True)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -1562,6 +1695,34 @@ class RabbitMQBus(EventBus):
             _type_of(message.routing_key),
             consumer.dispatcher.lane,
         )
+
+    async def _reach(self, consumer: _Consumer, mark: _Mark) -> None:
+        """Answer a catch-up's mark ``consumer`` reached, every message before it settled,
+        and ack it: the acks held back first, the answer before the mark's own, so a
+        connection lost in between redelivers the mark, to be answered again."""
+        message = mark.message
+        await self._flush_ack(consumer)
+        if consumer.handed_back != mark.handed_back:
+            # a message before it went back to the queue, ahead of it: the mark follows
+            await self._hand_back(consumer, message)
+            return
+        properties = message.header.properties
+        mark_id = _text((properties.headers or {}).get(MARK_HEADER))
+        try:
+            if properties.reply_to:
+                # to a channel gone (a replica that died catching up) the broker drops it
+                await message.channel.basic_publish(
+                    b"",
+                    exchange="",
+                    routing_key=properties.reply_to,
+                    properties=Properties(headers={MARK_HEADER: mark_id}),
+                )
+            await message.channel.basic_ack(message.delivery_tag)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # the channel went away: the broker redelivers the mark, answered then
+            log.warning("answering a catch-up's mark on %s lost: %r", consumer.queue_name, exc)
+            return
+        log.debug("%s: a catch-up's mark %s answered", consumer.queue_name, mark_id)
 
     async def _handle(self, consumer: _Consumer, message: DeliveredMessage | _Part) -> None:
         if not message.redelivered:
