@@ -8,7 +8,8 @@ key funded, the feed's next subscription is acknowledged, trading resumes and en
 funded on a calm connection (no subscription after it), the feed's next re-test (a new
 connection) tells, and trading resumes.
 Over RabbitMQ, what the feed says while no trading replica runs waits in trading's
-queues: the replica that starts next has its feed breaker as last announced.
+queues: the replica that starts next has its feed breaker as last announced, and
+applies what the feed said before it decides what queued on its partitions behind it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.events import FeedTradeStream, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.runtime.topology import declare_groups, groups_of
@@ -30,12 +32,11 @@ from pumpflow.simulator.market import Market as SimulatedMarket
 from pumpflow.simulator.market import MarketConfig
 from pumpflow.simulator.server import API_KEY_REQUIRED, SimulatorServer
 from pumpflow.trading.ledger import MemoryLedger
-from pumpflow.trading.service import TradingService
-from pumpflow.trading.settings import TradingSettings
 
 from .conftest import Market
 from .test_live import WALLET, answered, live
 from .test_live_wallet_stream import Frames, idle_feed, on_server
+from .test_service import entries_queued, trading_replica
 
 
 async def test_live_trading_enters_nothing_while_the_feeds_trade_stream_is_refused():
@@ -173,7 +174,9 @@ async def test_a_trading_replica_started_after_the_feeds_word_hears_it_over_the_
         )
         assert feed.socket.trade_stream.refused
 
-        trading = await trading_replica(rabbitmq_harness, namespace, ledger, clock)
+        trading = await trading_replica(
+            rabbitmq_harness, namespace, ledger, clock, partitions=PARTITIONS
+        )
         await eventually(
             lambda: trading.risk.breakers["feed"].tripped, within=15, what="the feed breaker"
         )
@@ -187,7 +190,9 @@ async def test_a_trading_replica_started_after_the_feeds_word_hears_it_over_the_
         await eventually(
             lambda: not feed.socket.trade_stream.refused, within=15, what="the acceptance"
         )
-        trading = await trading_replica(rabbitmq_harness, namespace, ledger, clock)
+        trading = await trading_replica(
+            rabbitmq_harness, namespace, ledger, clock, partitions=PARTITIONS
+        )
         await eventually(
             lambda: not trading.risk.breakers["feed"].tripped, within=15, what="the recovery"
         )
@@ -199,18 +204,44 @@ async def test_a_trading_replica_started_after_the_feeds_word_hears_it_over_the_
         await server.stop()
 
 
-async def trading_replica(harness, namespace: str, ledger: MemoryLedger, clock) -> TradingService:
-    """A trading replica of its own on RabbitMQ, trading (over ``ledger``)."""
-    trading = TradingService(
-        TradingSettings.load(service="trading", namespace=namespace, partitions=PARTITIONS),
-        registry=CollectorRegistry(),
-        ledger=ledger,
+#: tokens with a prediction to enter each, queued on trading's partitions while no replica
+#: trades (under the concurrent positions limit)
+BACKLOG = 3
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("refused", [True, False], ids=["refusal-queued", "no-refusal"])
+async def test_a_refusal_queued_before_a_backlog_trips_the_next_holders_breaker_before_any_entry(
+    clock, market, rabbitmq_harness, namespace, refused
+):
+    """The feed says PumpPortal refuses its trade subscriptions while no trading replica
+    runs, then predictions that would enter queue on trading's partitions behind it. The
+    replica taking trading over trips its feed breaker before it decides any of them: it
+    orders no entry. Without the refusal, the same backlog enters."""
+    rabbitmq_harness.delete_after(["trading"])
+    others = await rabbitmq_harness.bus("feed/broker", partitions=PARTITIONS)
+    await declare_groups(others, groups_of(["trading"]))
+    if refused:
+        word = FeedTradeStream(refused=True, reason=API_KEY_REQUIRED, since=clock.now())
+        await others.publish(make_event(word, source="feed/broker", time=clock.now()))
+    await entries_queued(others, market, BACKLOG)
+
+    watch = await rabbitmq_harness.collector("order.*", name="watch")
+    holder = await trading_replica(
+        rabbitmq_harness, namespace, MemoryLedger(), clock, partitions=PARTITIONS
     )
-    bus = await harness.bus("trading/broker", partitions=PARTITIONS)
-    await trading.start(
-        ServiceContext(
-            settings=trading.settings, bus=bus, clock=clock, store=MemoryStateStore(clock)
+    try:
+        await eventually(
+            lambda: sum(holder.skipped.values()) + watch.count("order.requested") == BACKLOG,
+            within=15,
+            what="every prediction decided",
         )
-    )
-    await eventually(lambda: trading.role == "active", within=15)
-    return trading
+        if refused:
+            assert watch.payloads("order.requested") == []
+            assert holder.skipped == {"trading is halted: feed breaker": BACKLOG}
+            assert holder.risk.breakers["feed"].tripped
+        else:
+            assert watch.count("order.requested") == BACKLOG
+            assert not holder.risk.breakers["feed"].tripped
+    finally:
+        await holder.stop()

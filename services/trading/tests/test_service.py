@@ -21,6 +21,7 @@ from pumpflow.common.bus.redrive import redrive
 from pumpflow.common.events import Event, ExitOrder, FeaturesUpdated, SystemShutdown, make_event
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.runtime.embedded import run_embedded
+from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.state import MemoryStateStore, StateStore
 from pumpflow.common.state.redis import RedisStateStore
@@ -83,6 +84,36 @@ async def ready(bus: EventBus, market: Market, mint: str | None = None) -> str:
         market.lifecycle(mint),
     )
     return mint
+
+
+async def entries_queued(bus: EventBus, market: Market, count: int) -> list[str]:
+    """``count`` tokens trading would enter (see :func:`ready`), each with a prediction
+    to enter it; their mints."""
+    mints = []
+    for _ in range(count):
+        mint = await ready(bus, market)
+        await publish(bus, market.prediction(mint))
+        mints.append(mint)
+    return mints
+
+
+async def trading_replica(
+    harness, namespace: str, ledger: MemoryLedger, clock, *, partitions: int
+) -> TradingService:
+    """A trading replica of its own on RabbitMQ, trading (over ``ledger``)."""
+    service = TradingService(
+        TradingSettings.load(service="trading", namespace=namespace, partitions=partitions),
+        registry=CollectorRegistry(),
+        ledger=ledger,
+    )
+    bus = await harness.bus("trading/broker", partitions=partitions)
+    await service.start(
+        ServiceContext(
+            settings=service.settings, bus=bus, clock=clock, store=MemoryStateStore(clock)
+        )
+    )
+    await eventually(lambda: service.role == "active", within=15)
+    return service
 
 
 async def test_a_prediction_becomes_a_paper_position_stored_in_the_ledger(clock, market):

@@ -2,7 +2,8 @@
 publishing it: the exit service's graceful exit waits for that barrier, so the replica
 trading next publishes it as it takes over (in Postgres, as across processes). And a
 shutdown published while no replica trades: it waits in trading's queues for the one
-taking over, which halts on it and publishes its barrier."""
+taking over, which halts on it and publishes its barrier before it decides what queued
+on its partitions behind it."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from pumpflow.common.runtime.topology import declare_groups, groups_of
 from pumpflow.common.state import MemoryStateStore
 from pumpflow.common.testing import EventCollector, eventually
 from pumpflow.common.trading import TradingState
-from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.ledger import MemoryLedger, PostgresLedger
 from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .test_seqs import KilledBeforePublishing
-from .test_service import publish, ready, running, trading
+from .test_service import entries_queued, publish, ready, running, trading, trading_replica
 from .test_take_over_announcements import watched_from_the_start
 
 PARTITIONS = 2
@@ -140,6 +141,53 @@ async def test_a_stop_published_while_no_replica_traded_halts_the_next_one(
     async with watched_from_the_start(clock, third) as (_bus, watch):
         assert third.risk.operator_state is TradingState.ACTIVE
         assert watch.count("trading.barrier") == 0
+
+
+#: tokens with a prediction to enter each, queued on trading's partitions while no replica
+#: trades (under the concurrent positions limit)
+BACKLOG = 3
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("stopped", [True, False], ids=["stop-queued", "no-stop"])
+async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_decides_any(
+    clock, market, rabbitmq_harness, namespace, stopped
+):
+    """``pumpflow stop`` while no trading replica runs, then predictions that would enter,
+    queued on trading's partitions behind it. The replica taking trading over halts on
+    the stop and publishes its barrier before it decides any of them: it orders no
+    entry. Without the stop, the same backlog enters."""
+    rabbitmq_harness.delete_after(["trading"])
+    others = await rabbitmq_harness.bus("exit/broker", partitions=PARTITIONS)
+    await declare_groups(others, groups_of(["trading"]))
+    if stopped:
+        await others.publish(stop(clock, "stop-first", "operator, before the backlog"))
+    await entries_queued(others, market, BACKLOG)
+
+    watch = await rabbitmq_harness.collector("order.*", "trading.*", name="watch")
+    holder = await trading_replica(
+        rabbitmq_harness, namespace, MemoryLedger(), clock, partitions=PARTITIONS
+    )
+    try:
+        await eventually(
+            lambda: sum(holder.skipped.values()) + watch.count("order.requested") == BACKLOG,
+            within=15,
+            what="every prediction decided",
+        )
+        if not stopped:
+            assert watch.count("order.requested") == BACKLOG
+            assert holder.risk.operator_state is TradingState.ACTIVE
+            return
+        assert watch.payloads("order.requested") == []
+        assert holder.skipped == {
+            "trading is halted: shutdown: operator, before the backlog": BACKLOG
+        }
+        await eventually(lambda: watch.payloads("trading.barrier"), within=15, what="the barrier")
+        [barrier] = watch.payloads("trading.barrier")
+        assert (barrier.request_id, barrier.entries) == ("stop-first", ())
+        assert holder.risk.operator_state is TradingState.HALTED
+    finally:
+        await holder.stop()
 
 
 async def test_a_resume_given_after_a_stop_waiting_for_trading_stands(clock, market, pg_pool):

@@ -38,7 +38,10 @@ every order, fill and position.
   the feed's ``feed.trade_stream`` wait in trading's own queues (the group's, shared by
   its replicas: ``Subscription.shared_keyless``) while no replica trades or while the
   holder's broker connection is down, for the replica trading next, which applies them
-  once it has reloaded the book, as if it had had them. A resume given since a shutdown
+  once it has reloaded the book, as if it had had them, and before it decides anything
+  that queued on its partitions meanwhile: it consumes them only once it has caught up
+  with those queues (``EventBus.catch_up``; the broker away, that waits for it), so a
+  prediction queued behind a stop meets trading halted. A resume given since a shutdown
   was requested (stored after its time) stands: the shutdown is not applied.
 - A lane's ready events in order: what they changed is written to the ledger in one
   transaction up to and including the first event that orders, then its orders go to
@@ -152,6 +155,7 @@ from prometheus_client import CollectorRegistry
 
 from pumpflow.common.bus.abc import Subscription
 from pumpflow.common.clock import TimerHandle
+from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import (
     BarrierEntry,
     BarrierPosition,
@@ -549,8 +553,10 @@ class TradingService(Service):
             handler=self.on_event,
             batch_handler=self.on_events,
             window=self.settings.trading_window,
-            # every partition: trading is one decider, never balanced between replicas
-            partitions=tuple(range(ctx.bus.partitions)),
+            # none as it subscribes: what waited in the shared queues goes first (see
+            # _take_over); then every partition, trading being one decider, never
+            # balanced between replicas
+            partitions=(),
             # system.shutdown and feed.trade_stream wait in the group's queues while no
             # replica trades, for the one taking over (as declared: runtime.topology)
             shared_keyless=True,
@@ -653,12 +659,15 @@ class TradingService(Service):
 
     async def _take_over(self) -> None:
         """Reload the book, reconcile what is unknown, announce where the breakers and the
-        state differ from what was last announced, then trade.
+        state differ from what was last announced, then trade: first what waited in
+        trading's shared queues (a stop, the feed's word), then the partitions.
 
         A failure of the ledger (Postgres away) fails it whole, not waited out: the lease
         is given up and campaigned for again. Nothing is held yet that a stand-by would
         lose, and a replica cut off from Postgres alone, waiting with the lease renewed
-        in Redis, would keep every other from trading meanwhile.
+        in Redis, would keep every other from trading meanwhile. The catch-up with the
+        shared queues is waited out while the broker is away (every replica would meet
+        it so), never skipped: no partition is consumed before it.
         """
         ctx = self._ctx
         assert ctx is not None and self.ledger is not None
@@ -777,6 +786,14 @@ class TradingService(Service):
             self._schedule_tick()
         await ctx.bus.subscribe(self._subscription)
         self._subscribed = True
+        # a stop, or the feed's refusal, that waited for this replica applies before
+        # anything queued behind it on the partitions is decided
+        await wait_out(
+            lambda: ctx.bus.catch_up(self._subscription),
+            waiter=self.settings.service,
+            what="applying what waited in trading's queues (system.shutdown, feed.trade_stream)",
+        )
+        await ctx.bus.consume_partitions(self._subscription, range(ctx.bus.partitions))
         self._announced_at = None
         await self._announce_wallet()
 
