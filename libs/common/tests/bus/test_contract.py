@@ -1972,6 +1972,60 @@ async def test_rabbitmq_a_catch_up_whose_connection_is_lost_is_waited_out(
 
 
 @pytest.mark.rabbitmq
+async def test_rabbitmq_a_catch_up_mark_taken_by_a_consumer_that_knows_no_marks_is_put_again(
+    namespace, amqp_url, service
+):
+    """An older version's replica still holds the group's shared queues (single-active)
+    and takes the marks as any message, answering none: the catch-up puts another at the
+    end every ``catch_up_remark_s``, and returns once the queues are the replica's own and
+    a mark is answered, instead of waiting for ever."""
+    import aio_pika
+
+    from pumpflow.common.bus.rabbitmq import MARK_HEADER, RabbitMQBus
+    from pumpflow.common.bus.routing import broadcast_queue, critical_queue
+
+    bus = RabbitMQBus(
+        url=amqp_url, namespace=namespace, partitions=2, source="test/1", catch_up_remark_s=0.2
+    )
+    await bus.start()
+    older = await aio_pika.connect(amqp_url)
+    catching = None
+    try:
+        await bus.declare(service, CATCHING_UP, shared_keyless=True)
+        channel = await older.channel()
+        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            taken.append(message)
+            await message.ack()
+
+        consumers = []
+        for name in (critical_queue(service), broadcast_queue(service)):
+            queue = await channel.get_queue(bus._name(name), ensure=False)
+            consumers.append((queue, await queue.consume(take)))
+        got = Recorder()
+        subscription = catching_up(service, got)
+        await bus.subscribe(subscription)
+        catching = asyncio.create_task(bus.catch_up(subscription))
+        marked = lambda: [m for m in taken if MARK_HEADER in (m.headers or {})]  # noqa: E731
+        await eventually(lambda: len(marked()) >= 4, what="marks put again, taken and lost")
+        assert not catching.done()
+        for queue, tag in consumers:
+            await queue.cancel(tag)
+        stop = shutdown_event()
+        await bus.publish(stop)
+        await asyncio.wait_for(catching, 30)
+        await eventually(lambda: got.ids == [stop.id], what="the stop, to the replica")
+        assert await bus.dead_letters(service) == []
+    finally:
+        if catching is not None:
+            catching.cancel()
+        await older.close()
+        await bus.delete_topology()
+        await bus.close()
+
+
+@pytest.mark.rabbitmq
 async def test_rabbitmq_critical_lane_is_not_read_behind_the_partitions(
     namespace, amqp_url, service
 ):

@@ -118,7 +118,10 @@ The broker drops an answer to a channel gone (a replica that died catching up), 
 mark, reached later, is simply acked. A stopping consumer hands its mark back with the
 rest; one that handed a message back hands its mark back too, behind it. The catch-up
 returns once each mark is answered; its channel lost meanwhile, it raises
-:class:`CatchUpInterrupted` (a transient failure of RabbitMQ), and is begun again.
+:class:`CatchUpInterrupted` (a transient failure of RabbitMQ), and is begun again. A mark
+unanswered for ``catch_up_remark_s`` may be lost (a consumer of an older version, which
+knows no marks, dead-letters it as malformed; an operator purged the queue): another
+goes to the end of its queue, as exact a mark as the first, and either's answer will do.
 
 Each consumed queue has its own channel, prefetch and worker. The worker starts its
 messages' handlers in delivery order, up to ``Subscription.window`` at once (a window
@@ -249,6 +252,10 @@ REQUEUE_WAIT_S = 2.0
 #: stop: it answers in milliseconds, and a frozen one (a stopped host, a lost network
 #: that keeps the socket open) never does, so a stop would wait for it for ever
 CANCEL_WAIT_S = 2.0
+#: a catch-up's mark unanswered this long is taken as lost and another is put: far above
+#: a mark's way through a queue its consumer keeps up with, and a take-over waits no
+#: longer than that for a mark an older version's consumer took
+CATCH_UP_REMARK_S = 10.0
 Properties = Basic.Properties
 
 
@@ -417,6 +424,7 @@ class RabbitMQBus(EventBus):
         event_log: EventLog | None = None,
         connect_attempts: int = 30,
         journal: DeliveryJournal | None = None,
+        catch_up_remark_s: float = CATCH_UP_REMARK_S,
     ):
         if partitions < 1:
             raise ValueError("partitions must be at least 1")
@@ -427,6 +435,8 @@ class RabbitMQBus(EventBus):
         self.source = source
         self.event_log = event_log or EventLog("none")
         self.connect_attempts = max(1, connect_attempts)
+        #: a catch-up's mark unanswered this long puts another (see Catching up)
+        self.catch_up_remark_s = catch_up_remark_s
         #: attempts of redelivered messages (the delivery limit)
         self.journal: DeliveryJournal = journal or LocalDeliveryJournal.for_namespace(namespace)
         self.replica_id = uuid.uuid4().hex[:12]
@@ -1412,47 +1422,69 @@ class RabbitMQBus(EventBus):
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise CatchUpInterrupted(f"no channel for a catch-up: {exc!r}") from exc
         loop = asyncio.get_running_loop()
-        answers = {uuid.uuid4().hex: loop.create_future() for _ in queues}
+        #: each mark put, by id: its queue (a queue may have several: see the re-marks)
+        marks: dict[str, str] = {}
+        unanswered = set(queues)
+        all_answered = loop.create_future()
 
         async def answered(message: DeliveredMessage) -> None:
-            mark_id = _text((message.header.properties.headers or {}).get(MARK_HEADER))
-            answer = answers.get(mark_id)
-            if answer is not None and not answer.done():
-                answer.set_result(None)
+            queue = marks.get(_text((message.header.properties.headers or {}).get(MARK_HEADER)))
+            if queue is not None:
+                unanswered.discard(queue)
+                if not unanswered and not all_answered.done():
+                    all_answered.set_result(None)
+
+        async def put_mark(queue: str) -> None:
+            mark_id = uuid.uuid4().hex
+            marks[mark_id] = queue
+            properties = Properties(
+                delivery_mode=PERSISTENT,
+                message_id=mark_id,
+                headers={MARK_HEADER: mark_id},
+                reply_to=DIRECT_REPLY_TO,
+            )
+            confirmed = await channel.basic_publish(
+                b"", exchange="", routing_key=queue, properties=properties
+            )
+            if not isinstance(confirmed, Basic.Ack):
+                raise CatchUpInterrupted(f"the broker refused a catch-up's mark on {queue}")
 
         out = 0
-        all_answered: asyncio.Future | None = None
         try:
             # the answers come only to the channel that put the marks, consuming them
             await channel.basic_consume(DIRECT_REPLY_TO, answered, no_ack=True)
-            for queue, mark_id in zip(queues, answers, strict=True):
-                properties = Properties(
-                    delivery_mode=PERSISTENT,
-                    message_id=mark_id,
-                    headers={MARK_HEADER: mark_id},
-                    reply_to=DIRECT_REPLY_TO,
-                )
-                confirmed = await channel.basic_publish(
-                    b"", exchange="", routing_key=queue, properties=properties
-                )
-                if not isinstance(confirmed, Basic.Ack):
-                    raise CatchUpInterrupted(f"the broker refused a catch-up's mark on {queue}")
+            for queue in queues:
+                await put_mark(queue)
                 out += 1
                 self._catching_up += 1
-            all_answered = asyncio.gather(*answers.values())
-            await asyncio.wait({all_answered, channel.closing}, return_when=asyncio.FIRST_COMPLETED)
-            if not all_answered.done():
-                raise CatchUpInterrupted(
-                    "the channel of a catch-up was lost before its marks were answered"
+            while True:
+                await asyncio.wait(
+                    {all_answered, channel.closing},
+                    timeout=self.catch_up_remark_s,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
+                if all_answered.done():
+                    break
+                if channel.closing.done():
+                    raise CatchUpInterrupted(
+                        "the channel of a catch-up was lost before its marks were answered"
+                    )
+                # a consumer that does not know marks (an older version's, still holding
+                # the queue) or a purge took it: another, behind all that came since, is
+                # as exact
+                for queue in sorted(unanswered):
+                    log.warning("a catch-up's mark on %s is unanswered after %gs (still "
+                                "behind what waited before it, or lost: taken by a consumer "
+                                "that knows no marks, or purged): another goes to the end",
+                                queue, self.catch_up_remark_s)  # fmt: skip
+                    await put_mark(queue)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             if isinstance(exc, CatchUpInterrupted):
                 raise
             raise CatchUpInterrupted(f"a catch-up failed: {exc!r}") from exc
         finally:
             self._catching_up -= out
-            if all_answered is not None:
-                all_answered.cancel()
+            all_answered.cancel()
             if not robust.is_closed:
                 with contextlib.suppress(
                     aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError
