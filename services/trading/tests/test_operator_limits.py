@@ -91,14 +91,17 @@ async def decided(bus, market, watch, mint: str) -> bool:
          "max_concurrent_positions: input should be a valid integer"),
         (AUTH, {"max_concurrent_positions": True}, 422, "max_concurrent_positions: a number"),
         (AUTH, {"add_to_positions": 0}, 422, "add_to_positions: true or false, not 0"),
-        (AUTH, {"add_to_positions": "false"}, 422, "add_to_positions: true or false, not 'false'"),
+        # each value as the JSON that gave it, not as Python writes it
+        (AUTH, {"add_to_positions": "false"}, 422, 'add_to_positions: true or false, not "false"'),
+        (AUTH, {"add_to_positions": None}, 422, "add_to_positions: true or false, not null"),
+        (AUTH, {"reentry_cooldown_s": True}, 422, "reentry_cooldown_s: a number, not true"),
         (AUTH, {"reentry_cooldown_s": -1}, 422,
          "reentry_cooldown_s: input should be greater than or equal to 0"),
         # JSON has no infinity; Python's parser takes it
         (AUTH, '{"reentry_cooldown_s": Infinity}', 422,
-         "reentry_cooldown_s: input should be a finite number"),
+         "reentry_cooldown_s: input should be a finite number, not Infinity"),
         (AUTH, {"add_to_positions": True, "reentry_cooldown_s": "60"}, 422,
-         "reentry_cooldown_s: a number, not '60'"),
+         'reentry_cooldown_s: a number, not "60"'),
         (AUTH, {"max_positions": 2, "min_score": 0.1}, 422, "max_positions, min_score"),
         (AUTH, {}, 422, "no limit to change"),
         (AUTH, {"max_concurrent_positions": 2, "reason": 5}, 422, "'reason' must be text"),
@@ -114,7 +117,8 @@ async def test_a_limits_change_refused_changes_nothing(clock, headers, body, sta
             sent = {"json": body, "headers": headers}
         refused = await client.put("/limits", **sent)
         assert refused.status_code == status, refused.text
-        assert named in refused.text and TOKEN not in refused.text
+        said = refused.json()["detail"] if status == 422 else refused.text
+        assert named in said and TOKEN not in refused.text
         assert service.risk.limits == service.settings.risk_limits()
         assert await ledger.limits() == {}
         assert (await client.delete("/limits", headers=headers)).status_code in (status, 200)
@@ -138,7 +142,8 @@ async def test_a_reset_of_limits_refused_resets_nothing(clock, headers, names, s
         assert (await client.put("/limits", json=given, headers=AUTH)).status_code == 200
         refused = await client.delete("/limits", params={"limit": names}, headers=headers)
         assert refused.status_code == status, refused.text
-        assert named in refused.text and TOKEN not in refused.text
+        said = refused.json()["detail"] if status == 422 else refused.text
+        assert named in said and TOKEN not in refused.text
         assert service.risk.limits.max_concurrent_positions == 2
         assert {name: s.value for name, s in (await ledger.limits()).items()} == given
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -471,19 +472,25 @@ def operator_limits(values: Mapping[str, Any]) -> dict[str, LimitValue]:
             if isinstance(value, bool):
                 checked[name] = value
             else:
-                wrong.append(f"{name}: true or false, not {value!r}")
+                wrong.append(f"{name}: true or false, not {_as_json(value)}")
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             # "0.1" from JSON is a mistake, not a number
-            wrong.append(f"{name}: a number, not {value!r}")
+            wrong.append(f"{name}: a number, not {_as_json(value)}")
             continue
         try:
             checked[name] = _limit_adapter(name).validate_python(value)
         except ValidationError as exc:
-            wrong.append(f"{name}: {exc.errors()[0]['msg'].lower()}, not {value!r}")
+            wrong.append(f"{name}: {exc.errors()[0]['msg'].lower()}, not {_as_json(value)}")
     if wrong:
         raise ValueError("; ".join(wrong))
     return checked
+
+
+def _as_json(value: Any) -> str:
+    """``value`` as the JSON that gave it (true, null, "60"; Infinity as Python's parser
+    takes it), as the operator wrote it, not as Python writes it (True, None, '60')."""
+    return json.dumps(value)
 
 
 def stored_limit(name: str, value: float) -> LimitValue:
