@@ -7,6 +7,8 @@ on its partitions behind it."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -151,7 +153,7 @@ BACKLOG = 3
 @pytest.mark.rabbitmq
 @pytest.mark.parametrize("stopped", [True, False], ids=["stop-queued", "no-stop"])
 async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_decides_any(
-    clock, market, rabbitmq_harness, namespace, stopped
+    clock, market, rabbitmq_harness, namespace, stopped, caplog
 ):
     """``pumpflow stop`` while no trading replica runs, then predictions that would enter,
     queued on trading's partitions behind it. The replica taking trading over halts on
@@ -165,6 +167,7 @@ async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_de
     await entries_queued(others, market, BACKLOG)
 
     watch = await rabbitmq_harness.collector("order.*", "trading.*", name="watch")
+    caplog.set_level(logging.INFO, logger="pumpflow.trading")
     holder = await trading_replica(
         rabbitmq_harness, namespace, MemoryLedger(), clock, partitions=PARTITIONS
     )
@@ -174,6 +177,10 @@ async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_de
             within=15,
             what="every prediction decided",
         )
+        # the operator reads in the log that what waited was applied, and in what state
+        # the partitions' backlog is decided
+        [caught_up] = [r.getMessage() for r in caplog.records if "caught up" in r.getMessage()]
+        assert f"state {'halted' if stopped else 'active'}" in caught_up, caught_up
         if not stopped:
             assert watch.count("order.requested") == BACKLOG
             assert holder.risk.operator_state is TradingState.ACTIVE

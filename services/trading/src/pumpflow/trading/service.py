@@ -788,11 +788,19 @@ class TradingService(Service):
         self._subscribed = True
         # a stop, or the feed's refusal, that waited for this replica applies before
         # anything queued behind it on the partitions is decided
+        began = time.monotonic()
         await wait_out(
             lambda: ctx.bus.catch_up(self._subscription),
             waiter=self.settings.service,
             what="applying what waited in trading's queues (system.shutdown, feed.trade_stream)",
         )
+        # the operator's sign that what waited was applied, and in which state the
+        # partitions' backlog is decided
+        log.info(
+            "trading: caught up with trading's shared queues (system.shutdown, "
+            "feed.trade_stream) in %.1fs, state %s: consuming the partitions",
+            time.monotonic() - began, self.risk.state,
+        )  # fmt: skip
         await ctx.bus.consume_partitions(self._subscription, range(ctx.bus.partitions))
         self._announced_at = None
         await self._announce_wallet()
