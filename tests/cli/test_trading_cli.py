@@ -142,6 +142,31 @@ UNANNOUNCED_RESUME = {
 }
 
 
+async def test_a_resume_held_back_by_a_breaker_says_it_took_and_what_still_holds(
+    monkeypatch, capsys
+):
+    """The operator's halt is lifted, a breaker still halts entries: said as a resume
+    that took, with the breaker, not as a halt (exit status 0)."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    stale = "feed lag 12.0s (token.trade)"
+    held = {
+        "state": "halted",
+        "reason": f"stale: {stale}",
+        "role": "active",
+        "operator_state": "active",
+        "operator_reason": "resumed (CLI)",
+        "announced": True,
+        "breakers": {"stale": {"tripped": True, "reason": stale}, "feed": {"tripped": False}},
+    }
+    async with local_app(replica("active", STORED, resume=held)) as base:
+        assert await pumpflow_trading(base, "resume") == 0
+    said = capsys.readouterr().out
+    assert said == (
+        f"resumed: the operator's halt is lifted; trading is still halted (stale: {stale}) "
+        f"until that clears; role active\nbreaker tripped: stale ({stale})\n"
+    ), said
+
+
 async def test_a_halt_or_resume_not_announced_yet_says_why_with_its_own_status(monkeypatch, capsys):
     """The broker takes no publication: the halt is in force and stored, the resume
     stored (and applied, or right after the round under way); their announcement goes

@@ -155,13 +155,22 @@ def trading_command(args: argparse.Namespace) -> int:
               f"({body['operator_reason'] or 'no reason'}), as the ledger holds it; "
               f"role {body['role']}: the replica trading ({holder}) knows the state "
               "in force")  # fmt: skip
+    elif (
+        args.action == "resume"
+        and body.get("operator_state") == "active"
+        and body["state"] != "active"
+    ):
+        # the resume took: what still holds entries back is no operator's to lift
+        print(f"resumed: the operator's halt is lifted; trading is still {body['state']} "
+              f"({body['reason'] or 'no reason'}) until that clears; "
+              f"role {body['role']}")  # fmt: skip
     elif not elsewhere:
         print(f"trading is {body['state']} ({body['reason'] or 'no reason'}); "
               f"role {body['role']}")  # fmt: skip
     executor = EXECUTOR_LINES.get(body.get("executor"))
     if executor is not None and args.action == "state":
         print(executor)
-    if args.action == "state":
+    if args.action in ("state", "resume"):
         # the state names one cause; these hold entries back after a resume too
         for name, breaker in (body.get("breakers") or {}).items():
             if breaker.get("tripped"):
