@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from pumpflow.common import pumpportal
 from pumpflow.common.events import EventValidationError
 from pumpflow.common.testing import eventually
+from pumpflow.simulator.cli import build_parser
 from pumpflow.simulator.faults import HOSTILE_KINDS, HOSTILE_SIGNATURE, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import ACK_UNSUBSCRIBE_NEW_TOKEN, SimulatorServer
@@ -255,6 +256,35 @@ async def test_a_wallet_funded_or_drained_changes_the_answer_to_the_next_trade_s
             assert not _trades(frames)
     finally:
         await server.stop()
+
+
+async def test_fund_after_funds_every_wallet_refused_so_far_once_its_time_is_up():
+    """``--fund-after``: the key unfunded and the connection without a key are refused
+    until then, acknowledged after, on the connections they had."""
+    server = await _server(require_api_key=True, unfunded_keys=("poor",), fund_after_s=0.3)
+    try:
+        async with connect(server.url + "?api-key=poor") as ws, connect(server.url) as keyless:
+            for client in (ws, keyless):
+                await _send(client, "subscribeAccountTrade", ["wallet"])
+                await _until(client, _is(pumpportal.API_KEY_REQUIRED))
+            await eventually(
+                lambda: server.is_funded("poor") and server.is_funded(""), what="the funding"
+            )
+            for client in (ws, keyless):
+                await _send(client, "subscribeAccountTrade", ["wallet"])
+                await _until(client, _is(pumpportal.ACK_KEYS))
+    finally:
+        await server.stop()
+
+
+def test_serve_takes_unfunded_keys_and_a_funding_time():
+    parsed = build_parser().parse_args(
+        ["serve", "--unfunded-key", "a", "--unfunded-key", "b", "--fund-after", "90"]
+    )
+    assert parsed.unfunded_key == ["a", "b"] and parsed.fund_after == 90.0
+    assert build_parser().parse_args(["serve"]).fund_after is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--fund-after", "-1"])
 
 
 async def test_drop_connections_closes_without_a_close_frame(server):

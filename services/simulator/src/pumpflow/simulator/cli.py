@@ -132,6 +132,22 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
         action="store_true",
         help="gate trade subscriptions behind ?api-key= like the live service",
     )
+    p.add_argument(
+        "--unfunded-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key whose wallet holds under 0.02 SOL: its trade subscriptions are refused "
+        "(repeat for more)",
+    )
+    p.add_argument(
+        "--fund-after",
+        type=non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="fund every wallet (the unfunded keys, and connections without a key) this "
+        "many real seconds after the start: a drill of a key funded while the feed runs",
+    )
 
     p = sub.add_parser("dataset", help="write a run as JSONL of frames with arrival times")
     market_args(p)
@@ -201,6 +217,8 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
         speed=args.speed,
         faults=faults,
         require_api_key=args.require_api_key,
+        unfunded_keys=args.unfunded_key,
+        fund_after_s=args.fund_after,
         sent_log=args.sent_log,
     )
     await server.start()

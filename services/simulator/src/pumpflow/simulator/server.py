@@ -10,7 +10,9 @@ holds under 0.02 SOL (``unfunded_keys``; no key at all with ``require_api_key``)
 answered with PumpPortal's notice and stream nothing. :meth:`SimulatorServer.fund` funds
 or drains a key's wallet while its connections stay: their next trade subscriptions are
 acknowledged (the refused ones are not subscribed: a client subscribes them again), or
-refused and their trades stop at once.
+refused and their trades stop at once. ``fund_after_s`` funds every wallet that many real
+seconds after the start (``pumpflow-sim serve --fund-after``): an operator's drill of a
+key funded while the feed runs, with no code of theirs.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class SimulatorServer:
     every client that wants it, as the market's would be.
 
     ``require_api_key``: a connection without a key is not funded; ``unfunded_keys``:
-    keys whose wallet holds under 0.02 SOL (see the module for both, and :meth:`fund`).
+    keys whose wallet holds under 0.02 SOL (see the module for both, and :meth:`fund`);
+    ``fund_after_s``: every wallet funded that many real seconds after :meth:`start`.
     """
 
     def __init__(
@@ -143,11 +146,14 @@ class SimulatorServer:
         faults: FaultConfig = FaultConfig(),
         require_api_key: bool = False,
         unfunded_keys: Iterable[str] = (),
+        fund_after_s: float | None = None,
         sent_log: str | Path | None = None,
         per_subscription: bool = False,
     ):
         if speed < 0:
             raise ValueError(f"speed must be >= 0, got {speed}")
+        if fund_after_s is not None and not 0 <= fund_after_s < float("inf"):
+            raise ValueError(f"fund_after_s must be a finite 0 or more, got {fund_after_s}")
         self.market = market
         self.host = host
         self.port = port
@@ -156,6 +162,7 @@ class SimulatorServer:
         self.require_api_key = require_api_key
         #: keys (""; none) funded or drained since the start, over their default
         self._funding: dict[str, bool] = dict.fromkeys(unfunded_keys, False)
+        self.fund_after_s = fund_after_s
         self.per_subscription = per_subscription
         #: what was sent: create, buy, sell, migrate, control, errors, malformed,
         #: duplicate, delayed, hostile (and hostile_<kind>); connections, dropped;
@@ -200,6 +207,8 @@ class SimulatorServer:
         self._tasks.append(asyncio.create_task(self._broadcast(), name="sim-broadcast"))
         if self.faults.drop_every_s:
             self._tasks.append(asyncio.create_task(self._drop_loop(), name="sim-drops"))
+        if self.fund_after_s is not None:
+            self._tasks.append(asyncio.create_task(self._fund_later(), name="sim-funding"))
         log.info("simulator listening on %s (speed %s)", self.url, self.speed)
 
     async def stop(self) -> None:
@@ -231,6 +240,14 @@ class SimulatorServer:
         for client in self._clients:
             if client.key == key:
                 client.funded = funded
+
+    async def _fund_later(self) -> None:
+        await asyncio.sleep(self.fund_after_s)
+        unfunded = sorted(k for k in {"", *self._funding} if not self.is_funded(k))
+        for key in unfunded:
+            self.fund(key)
+        said = ", ".join(repr(k) if k else "connections without a key" for k in unfunded)
+        log.info("simulator: wallets funded after %gs: %s", self.fund_after_s, said or "none")
 
     async def drop_connections(self) -> int:
         """Cut every connection without a close frame, as the live server does; return how many."""
