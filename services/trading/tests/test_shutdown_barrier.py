@@ -193,6 +193,8 @@ async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_de
         [barrier] = watch.payloads("trading.barrier")
         assert (barrier.request_id, barrier.entries) == ("stop-first", ())
         assert holder.risk.operator_state is TradingState.HALTED
+        [said] = [r.getMessage() for r in caplog.records if "barrier of" in r.getMessage()]
+        assert "stop-first (operator, before the backlog) goes out: 0 entries" in said, said
     finally:
         await holder.stop()
 

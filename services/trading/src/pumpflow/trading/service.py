@@ -1240,6 +1240,10 @@ class TradingService(Service):
         step = _Step()
         now = self._ctx.clock.now()
         step.events.append(make_event(barrier, source=self._ctx.source, time=now, cause=cause))
+        # what the exit service's graceful exit waits for: the operator follows it here
+        log.info("trading: the barrier of system.shutdown %s (%s) goes out: %d entries in "
+                 "flight, %d positions held", request_id, reason, len(barrier.entries),
+                 len(barrier.positions))  # fmt: skip
         return step
 
     async def _barrier_out(self, request_id: str | None) -> None:
