@@ -18,7 +18,6 @@ from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.common.testing import EventCollector, base58_key, eventually
 from pumpflow.common.testing.factories import TokenEvents
-from pumpflow.feed import service as feed_service
 from pumpflow.feed.database_feed import DatabaseDataFeed
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.service import ACCOUNTS_KEY, FeedService
@@ -378,7 +377,6 @@ async def test_the_trade_stream_refused_is_announced_and_again_when_trading_anno
 async def test_an_announcement_of_the_trade_stream_that_fails_is_tried_again(monkeypatch):
     """Said at each change and when trading asks, never on a timer: a publication of the
     word that fails is tried again (trading keeps the last word it heard)."""
-    monkeypatch.setattr(feed_service, "TRADE_STREAM_RETRY_S", 0.05)
     h = await start_harness(require_api_key=True)
     said = h.said
     try:

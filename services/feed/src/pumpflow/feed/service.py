@@ -60,12 +60,12 @@ trades waits in trading's queues (it takes its keyless events on queues its repl
 share, declared with the group) for the one taking over, which keeps the breaker as
 last announced until then. Said again at the wallet's announcement, a live trading
 replica hears it as it starts whatever its queues held (declared after the word, or
-purged). A publication that fails is tried again every ``TRADE_STREAM_RETRY_S``, with
-the state then. The state is the connection's:
-a replica taking the connection over says what its own is answered, not what another's
-was (nothing is kept for it in the store). ``/subscriptions`` and ``/readyz``'s status
-show it, and ``pumpflow_feed_trade_stream_refused``; the feed stays ready (a restart
-changes nothing: the key must be funded). A key funded while the connection is calm
+purged). A publication that fails is tried again until it goes out (``wait_out``).
+The state is the connection's: a replica taking the connection over says what its own
+is answered, not what another's was (nothing is kept for it in the store).
+``/subscriptions`` and ``/readyz``'s status show it, and
+``pumpflow_feed_trade_stream_refused``; the feed stays ready (a restart changes nothing:
+the key must be funded). A key funded while the connection is calm
 (nothing subscribed after it) gets no answer that tells: while refused, the holder
 re-tests the key on a new connection every ``feed_refused_retest_s`` (real time; 300 s,
 0 turns it off: ``socket_feed.py``), counted in ``pumpflow_feed_refused_retests_total``,
@@ -98,6 +98,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from pumpflow.common.bus.abc import EventPublisher, Subscription
 from pumpflow.common.clock import Clock
+from pumpflow.common.dependencies import wait_out
 from pumpflow.common.events import Event, FeedSubscription, FeedTradeStream, make_event
 from pumpflow.common.lease import LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
@@ -130,8 +131,6 @@ MINTS_UP_TO_KEY = "feed:pumpportal:mints-up-to"
 #: TTL, and a successor takes over within a TTL (the lease running out), a campaign
 #: interval and a TTL of settling
 UNSUBSCRIBED_HELD_TTLS = 4
-#: wall seconds before the trade stream's announcement that failed is tried again
-TRADE_STREAM_RETRY_S = 5.0
 
 
 class FeedService(Service):
@@ -372,16 +371,15 @@ class FeedService(Service):
             if stream is None:
                 continue  # nothing answered on this holder's connection yet
             said = FeedTradeStream(refused=stream.refused, reason=stream.reason, since=stream.since)
-            try:
-                await self._bus.publish(
-                    make_event(said, source=self.settings.source, time=self._clock.now())
-                )
-            except Exception:
-                log.exception("feed: announcing the trade stream failed; again in %gs",
-                              TRADE_STREAM_RETRY_S)  # fmt: skip
-                # said once, and trading keeps the last word heard: it must go out
-                await asyncio.sleep(TRADE_STREAM_RETRY_S)
-                asked.set()
+            event = make_event(said, source=self.settings.source, time=self._clock.now())
+            # said once, and trading keeps the last word heard: it must go out, whatever
+            # failed (a change meanwhile is said after it)
+            await wait_out(
+                lambda event=event: self._bus.publish(event),
+                waiter="feed",
+                what="announcing the trade stream",
+                retry_failures=True,
+            )
 
     async def _stop_announcing(self) -> None:
         task, self._trade_stream_task = self._trade_stream_task, None
