@@ -7,6 +7,7 @@ on its partitions behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -196,6 +197,65 @@ async def test_a_stop_queued_before_a_backlog_halts_the_next_holder_before_it_de
         [said] = [r.getMessage() for r in caplog.records if "barrier of" in r.getMessage()]
         assert "stop-first (operator, before the backlog) goes out: 0 entries" in said, said
     finally:
+        await holder.stop()
+
+
+class SlowToSayIfResumed(MemoryLedger):
+    """A ledger slow to answer whether a resume came after a stop: the stop's handling
+    is under way, and not over, until the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def resumed_after(self, at: float) -> bool:
+        self.asked.set()
+        await self.answer.wait()
+        return await super().resumed_after(at)
+
+
+async def test_the_partitions_wait_for_the_stop_being_applied_not_only_for_its_delivery(
+    clock, market, rabbitmq_harness, namespace, monkeypatch
+):
+    """The stop that waited is delivered first, and its handling takes a while (the
+    ledger slow): the replica taking over consumes none of its partitions meanwhile, as
+    it waits to have caught up, so no prediction behind the stop is decided before the
+    halt, however the lanes race."""
+    # the ledger's slowness is the test's to end, not the halt's wait for the ledger
+    monkeypatch.setenv("PUMPFLOW_TRADING_HALT_STORE_WAIT_S", "60")
+    rabbitmq_harness.delete_after(["trading"])
+    others = await rabbitmq_harness.bus("exit/broker", partitions=PARTITIONS)
+    await declare_groups(others, groups_of(["trading"]))
+    await others.publish(stop(clock, "stop-slow", "operator, the ledger slow"))
+    await entries_queued(others, market, BACKLOG)
+    watch = await rabbitmq_harness.collector("order.*", name="watch")
+    ledger = SlowToSayIfResumed()
+    starting = asyncio.create_task(
+        trading_replica(rabbitmq_harness, namespace, ledger, clock, partitions=PARTITIONS)
+    )
+    holder = None
+    try:
+        await asyncio.wait_for(ledger.asked.wait(), 15)
+        # decided at once, were the partitions consumed; else the catch-up's marks wait
+        catching_up = lambda: sum(  # noqa: E731
+            b.describe().get("catching_up", 0) for b in rabbitmq_harness.buses
+        )
+        await eventually(
+            lambda: watch.count("order.requested") or catching_up(),
+            what="an entry decided, or the catch-up waiting",
+        )
+        assert watch.count("order.requested") == 0
+        ledger.answer.set()
+        holder = await starting
+        await eventually(
+            lambda: sum(holder.skipped.values()) == BACKLOG, within=15, what="the backlog"
+        )
+        assert holder.skipped == {"trading is halted: shutdown: operator, the ledger slow": 3}
+        assert watch.count("order.requested") == 0
+    finally:
+        ledger.answer.set()
+        holder = holder or await starting
         await holder.stop()
 
 
