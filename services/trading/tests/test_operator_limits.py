@@ -14,7 +14,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.cli.main import build_parser
-from pumpflow.common.events import ExitOrder, make_event
 from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector
@@ -24,7 +23,7 @@ from pumpflow.trading.service import TradingService
 from pumpflow.trading.settings import TradingSettings
 
 from .test_kill_switch import shared_lease  # noqa: F401 (a fixture)
-from .test_service import publish, ready
+from .test_service import close, publish, ready
 
 TOKEN = "limits-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -54,20 +53,6 @@ async def enter(bus, market, watch) -> str:
     await publish(bus, market.prediction(mint))
     assert watch.count("order.requested") == before + 1
     return mint
-
-
-async def close(bus, watch, clock, mint: str) -> None:
-    """The position held in ``mint`` sold out by an exit order, filled."""
-    [opened] = [p for p in watch.payloads("position.opened") if p.mint == mint][-1:]
-    sale = ExitOrder(
-        order_id=f"{opened.position_id}:exit:1",
-        mint=mint,
-        position_id=opened.position_id,
-        token_amount=opened.token_amount,
-    )
-    await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
-    await clock.advance(1.0)  # the sale fills
-    assert watch.payloads("position.closed")[-1].mint == mint
 
 
 async def decided(bus, market, watch, mint: str) -> bool:

@@ -97,6 +97,20 @@ async def entries_queued(bus: EventBus, market: Market, count: int) -> list[str]
     return mints
 
 
+async def close(bus, watch, clock, mint: str) -> None:
+    """The position held in ``mint`` sold out by an exit order, filled."""
+    [opened] = [p for p in watch.payloads("position.opened") if p.mint == mint][-1:]
+    sale = ExitOrder(
+        order_id=f"{opened.position_id}:exit:1",
+        mint=mint,
+        position_id=opened.position_id,
+        token_amount=opened.token_amount,
+    )
+    await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
+    await clock.advance(1.0)  # the sale fills
+    assert watch.payloads("position.closed")[-1].mint == mint
+
+
 async def trading_replica(
     harness, namespace: str, ledger: MemoryLedger, clock, *, partitions: int
 ) -> TradingService:
@@ -1266,15 +1280,7 @@ async def test_a_retired_tokens_view_and_market_go_once_its_position_closes(cloc
             assert opened.mint == mint
             await publish(bus, market.lifecycle(mint, state="inactive"))
             assert mint in service.engine.views  # held: the exit still sells on its market
-            sale = ExitOrder(
-                order_id=f"{opened.position_id}:exit:1",
-                mint=mint,
-                position_id=opened.position_id,
-                token_amount=opened.token_amount,
-            )
-            await publish(bus, make_event(sale, source="exit/t", time=clock.now()))
-            await clock.advance(1.0)  # the sale fills
-            assert watch.payloads("position.closed")[-1].mint == mint
+            await close(bus, watch, clock, mint)
         await clock.advance(1.0)  # the next tick lets the last one go
         assert not set(traded) & set(service.engine.views)
         assert not set(traded) & set(service.executor.broker.markets)
