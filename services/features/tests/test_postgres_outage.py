@@ -219,7 +219,8 @@ async def test_a_replica_started_while_postgres_is_down_is_ready_and_rebuilds_on
             what="Postgres no longer degraded",
         )
         assert body["checks"]["postgres"]["ok"] is True, body
-        first = collector.by_key()[lost][0].data
+        # the state is readable before its announcement has crossed the broker
+        first = (await collector.wait_for(1, "features.updated", key=lost, within=60))[0].data
         history = [e for e in events if e.key == lost and e.seq <= first.source_seq]
         assert first.values == expected_features(history)[lost]
         assert await process_stack.stop("features", within=30) == 0, process_stack.logs()
