@@ -774,3 +774,39 @@ async def test_a_limits_change_refused_or_without_a_token_fails(monkeypatch, cap
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")
         assert await pumpflow_trading(base, "limits", "--reset") == 2
     assert [method for method, _ in seen] == ["PUT"]
+
+
+def recording(seen: list[str]) -> Starlette:
+    """A replica that records every request it is sent and answers none usefully."""
+
+    async def answer(request: Request) -> JSONResponse:
+        seen.append(f"{request.method} {request.url.path}")
+        return JSONResponse({"detail": "not expected"}, 500)
+
+    paths = ("/state", "/limits", "/pnl", "/halt", "/resume", "/unbooked/acknowledge")
+    return Starlette(routes=[Route(p, answer, methods=["GET", "POST", "PUT", "DELETE"])
+                             for p in paths])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        # a resume that dropped the limit asked with it would trade on the old limits
+        (("resume", "--set", "max_concurrent_positions=1"), "--set"),
+        (("halt", "--reset"), "--reset"),
+        (("state", "--set", "max_risk_per_trade=0.01"), "--set"),
+        (("halt", "--signature", "5xSig"), "--signature"),
+        (("limits", "--signature", "5xSig"), "--signature"),
+        (("acknowledge", "--set", "max_concurrent_positions=1"), "--set"),
+        (("acknowledge", "--reason", "seen to"), "--reason"),
+        (("state", "--reason", "looking"), "--reason"),
+    ],
+)
+async def test_a_flag_the_action_does_not_take_is_refused_unsent(monkeypatch, capsys, argv, flag):
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    seen: list[str] = []
+    async with local_app(recording(seen)) as base:
+        assert await pumpflow_trading(base, *argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} does not go with {argv[0]}" in err and err.count("\n") == 1, err
+    assert seen == []

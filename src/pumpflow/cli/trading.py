@@ -81,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "change the risk limits, or acknowledge the live wallet's unbooked trades, "
             "through a trading replica's "
             "HTTP API; the token comes from PUMPFLOW_API_TOKEN. Exit status 0 done; 1 "
-            "refused, not applied anywhere, or no answer; 2 without the token; 3 a halt "
+            "refused, not applied anywhere, or no answer; 2 without the token, or given a "
+            "flag its action does not take (nothing sent); 3 a halt "
             "applied by the replica trading and not stored yet (Postgres away); 4 a halt or "
             "resume stored and not announced yet, the broker taking no publication "
             "(blocking publishers, short of memory or disk, or not answering): it goes out "
@@ -123,8 +124,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=trading_command)
 
 
+#: each flag (by its dest) beside --url, and the actions that take it
+_ACTION_FLAGS = {
+    "limits": ("--set", {"limits"}),
+    "reset": ("--reset", {"limits"}),
+    "reason": ("--reason", {"halt", "resume", "limits"}),
+    "signatures": ("--signature", {"acknowledge"}),
+}
+
+
+def _misplaced_flag(args: argparse.Namespace) -> tuple[str, set[str]] | None:
+    """The first flag given that ``args.action`` does not take, and the actions that
+    take it: sent anyway, it would be dropped while the action still applies (a resume on
+    the limits it was meant to change)."""
+    for dest, (flag, actions) in _ACTION_FLAGS.items():
+        if getattr(args, dest) is not None and args.action not in actions:
+            return flag, actions
+    return None
+
+
 def trading_command(args: argparse.Namespace) -> int:
     url = args.url
+    misplaced = _misplaced_flag(args)
+    if misplaced is not None:
+        flag, actions = misplaced
+        print(f"pumpflow trading: {flag} does not go with {args.action} (it goes with "
+              f"{' or '.join(sorted(actions))}): nothing sent", file=sys.stderr)  # fmt: skip
+        return 2
     if args.action == "acknowledge":
         return acknowledge(url, args.signatures)
     if args.action == "limits":
