@@ -397,6 +397,27 @@ def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(ar
     assert err[-1].startswith(f"pumpflow {argv[0]}: error: ")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["migrate"],
+        ["prune", "--keep-days", "3", "--dry-run"],
+        ["report"],
+        ["backtest"],
+        ["train"],
+        ["replay"],
+        ["record", "--url", "ws://127.0.0.1:1/api/data"],
+        ["sim", "load", "run.jsonl"],
+    ],
+)
+def test_a_dsn_flag_that_is_no_postgres_url_is_refused_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main([*argv, "--dsn", "notadsn"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --dsn: not a URL of postgresql:// or postgres://" in err[-1], err
+
+
 @pytest.mark.parametrize("score", [-0.01, 0.0, 0.5, 1.0, 1.01])
 def test_the_min_score_flag_takes_what_the_setting_takes(score, capsys):
     from pydantic import ValidationError
@@ -517,6 +538,14 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
             1,
             "pumpflow replay: cannot connect: postgres unreachable: ConnectionRefusedError: "
             "[Errno 111] Connect call failed",
+        ),
+        # a DSN asyncpg cannot read: the setting's fault, named, not a traceback
+        (
+            ["migrate"],
+            "[common]\npostgres_dsn = 'notadsn'\n",
+            2,
+            "pumpflow.toml: [common] postgres_dsn: Value error, not a URL of "
+            "postgresql:// or postgres://",
         ),
         # the first command of a deployment, whose operator must learn it is Postgres
         (

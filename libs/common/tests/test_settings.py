@@ -40,6 +40,10 @@ def test_replicas_get_distinct_default_ids():
         ("PUMPFLOW_DRAIN_TIMEOUT_S", "-1", "greater than 0"),
         ("PUMPFLOW_LOG_LEVEL", "verbose", "should match pattern"),
         ("PUMPFLOW_EXAMPLE_BATCH_SIZE", "0", "greater than or equal to 1"),
+        # a URL its client cannot read would pass for a server away, retried for ever
+        ("PUMPFLOW_POSTGRES_DSN", "host=db dbname=test", "postgresql:// or postgres://"),
+        ("PUMPFLOW_AMQP_URL", "guest:guest@127.0.0.1:5672", "amqp:// or amqps://"),
+        ("PUMPFLOW_REDIS_URL", "127.0.0.1:6379", "redis://, rediss:// or unix://"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_reason(monkeypatch, variable, value, reason):
@@ -242,3 +246,12 @@ def test_a_variable_of_a_service_held_elsewhere_is_that_services_to_judge():
     with pytest.raises(SettingsError, match=r"variable pumpflow_exit_deadlne_s \(did you "
                        r"mean PUMPFLOW_EXIT_DEADLINE_S\?\)"):  # fmt: skip
         check_environment({"exit": ExitLikeSettings}, environ=environ)
+
+
+def test_a_bad_servers_url_is_refused_without_echoing_it(monkeypatch):
+    """A URL may hold a password: the refusal names its scheme, not the URL."""
+    monkeypatch.setenv("PUMPFLOW_POSTGRES_DSN", "postgresq://admin:s3cret@db/test")
+    with pytest.raises(SettingsError) as caught:
+        CommonSettings.load()
+    assert "'postgresq'" in str(caught.value)
+    assert "s3cret" not in str(caught.value)

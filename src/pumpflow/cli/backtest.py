@@ -103,6 +103,7 @@ from pumpflow.common.runtime.arguments import (
     epoch_time,
     help_text,
     positive,
+    postgres_dsn,
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
@@ -1150,7 +1151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a `pumpflow sim dataset` or `pumpflow record --out` file",
     )  # fmt: skip
     source.add_argument("--seed", type=int, help="simulate this market seed here")
-    source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    source.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     parser.add_argument(
         "--start", type=epoch_time, help="Postgres: first event time (epoch s or ISO, UTC)"

@@ -19,7 +19,13 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from pumpflow.common.runtime.arguments import UsageError, bounded, epoch_time, help_text
+from pumpflow.common.runtime.arguments import (
+    UsageError,
+    bounded,
+    epoch_time,
+    help_text,
+    postgres_dsn,
+)
 from pumpflow.common.runtime.logging import redact_url
 from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, CommonSettings
 
@@ -53,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=5_000,
         help="events deleted per transaction (5000, about 0.05 s each)",
     )
-    parser.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    parser.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     parser.add_argument("--schema", help="schema (default: PUMPFLOW_NAMESPACE)")
     parser.set_defaults(handler=prune_command)
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pumpflow.common.runtime.arguments import UsageError, help_text
+from pumpflow.common.runtime.arguments import UsageError, help_text, postgres_dsn
 from pumpflow.common.runtime.settings import setting_text
 from pumpflow.common.text import counted
 
@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--results", metavar="FILE.json", help="results a run or backtest saved")
-    parser.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    parser.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     parser.add_argument(
         "--out",

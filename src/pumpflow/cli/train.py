@@ -53,6 +53,7 @@ from pumpflow.common.runtime.arguments import (
     epoch_time,
     help_text,
     positive,
+    postgres_dsn,
     share,
 )
 from pumpflow.common.text import counted, noun_of
@@ -128,7 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rebuild the shipped default model in place: " + " ".join(DEFAULT_ARGS),
     )
-    source.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    source.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     source.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     source.add_argument("--start", type=epoch_time, help="first event time (epoch s or ISO, UTC)")
     source.add_argument("--end", type=epoch_time, help="end of the window (epoch s or ISO, UTC)")

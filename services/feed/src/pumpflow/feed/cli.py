@@ -26,7 +26,7 @@ from typing import IO
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
-from pumpflow.common.runtime.arguments import epoch_time, positive
+from pumpflow.common.runtime.arguments import epoch_time, positive, postgres_dsn
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
@@ -176,7 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec = sub.add_parser("record", help="record a PumpPortal-protocol stream")
     rec.add_argument("--url", help="WebSocket URL (default: PUMPPORTAL_WS_URL)")
     rec.add_argument("--out", type=Path, help="JSONL file (default: Postgres)")
-    rec.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    rec.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     rec.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     rec.add_argument("--duration", type=positive, help="seconds to record (default: until stopped)")
     rec.add_argument("--mint", action="append", default=[], help="also stream this mint's trades")
@@ -184,7 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--no-migrations", action="store_true", help="skip migrations")
     rec.add_argument("--no-auto-trades", action="store_true", help="no trades of new tokens")
     rep = sub.add_parser("replay", help="replay recorded events in time order")
-    rep.add_argument("--dsn", help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    rep.add_argument(
+        "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
+    )
     rep.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     rep.add_argument(
         "--start", type=epoch_time, help="first event time (epoch s or ISO, UTC; inclusive)"

@@ -18,6 +18,7 @@ from pumpflow.common.runtime.arguments import (
     help_text,
     non_negative,
     positive,
+    postgres_dsn,
     probability,
 )
 from pumpflow.simulator.calibration import calibrate
@@ -162,7 +163,12 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="load a JSONL dataset into Postgres")
     p.add_argument("file", metavar="FILE.jsonl", help="a `dataset` or `pumpflow record --out` file")
-    p.add_argument("--dsn", default=None, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)")
+    p.add_argument(
+        "--dsn",
+        type=postgres_dsn,
+        default=None,
+        help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)",
+    )
     p.add_argument("--schema", default=None, help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
     p.add_argument("--batch-size", type=count, default=5_000, help="rows per insert (5000)")
     return parser

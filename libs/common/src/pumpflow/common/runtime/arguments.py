@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -25,6 +26,33 @@ def help_text(doc: str | None) -> str | None:
 class UsageError(ValueError):
     """Flags or input a command refuses: ``pumpflow`` says why and exits 2, as argparse
     does for its own and as for a bad setting."""
+
+
+#: the URL schemes each server's client reads (asyncpg, aio-pika, redis-py)
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+AMQP_SCHEMES = ("amqp", "amqps")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def server_url(text: str, schemes: tuple[str, ...]) -> str:
+    """``text``, a URL of one of ``schemes``; else ValueError naming them and the scheme
+    found, never the URL (it may hold a password). A URL its client cannot read would
+    otherwise pass for a server away: a service waits for it, a command ends in a
+    traceback."""
+    scheme = urllib.parse.urlsplit(text).scheme if "://" in text else ""
+    if scheme.lower() not in schemes:
+        said = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
+        found = f"its scheme is {scheme!r}" if scheme else "it has no scheme://"
+        raise ValueError(f"not a URL of {said}: {found}")
+    return text
+
+
+def postgres_dsn(text: str) -> str:
+    """A ``--dsn`` option: a Postgres URL."""
+    try:
+        return server_url(text, POSTGRES_SCHEMES)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def finite(text: str) -> float:

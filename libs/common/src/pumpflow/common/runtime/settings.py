@@ -44,6 +44,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pumpflow.common.runtime.arguments import (
+    AMQP_SCHEMES,
+    POSTGRES_SCHEMES,
+    REDIS_SCHEMES,
+    server_url,
+)
 from pumpflow.common.runtime.logging import redact_value
 from pumpflow.common.timeouts import POSTGRES_COMMAND_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 
@@ -316,8 +322,12 @@ class CommonSettings(BaseSettings):
         description="replica id, unique per process",
     )
     transport: Literal["memory", "rabbitmq"] = Field("rabbitmq", description="bus transport")
-    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    amqp_url: Annotated[str, AfterValidator(lambda url: server_url(url, AMQP_SCHEMES))] = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL"
+    )
+    redis_url: Annotated[str, AfterValidator(lambda url: server_url(url, REDIS_SCHEMES))] = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL"
+    )
     #: Redis answers in well under a millisecond and the project's commands never block
     #: on the server (no BLPOP, no XREAD BLOCK); its own stalls (a fork for a snapshot,
     #: the deletion of a big key) last a fraction of a second. 5 s (redis-py 8's own
@@ -330,7 +340,9 @@ class CommonSettings(BaseSettings):
         description="longest a Redis read, write or connection waits before Redis counts "
         "as away and the work waits for it",
     )
-    postgres_dsn: str = Field("postgresql://postgres@127.0.0.1:5432/test", description="Postgres")
+    postgres_dsn: Annotated[str, AfterValidator(lambda dsn: server_url(dsn, POSTGRES_SCHEMES))] = (
+        Field("postgresql://postgres@127.0.0.1:5432/test", description="Postgres")
+    )
     #: A service's commands take milliseconds; the longest one waits on another's is a
     #: row held by a holding transaction, which the server ends once idle 10 s
     #: (``db.transactions.HOLDING_IDLE_LIMIT_S``). 30 s is thrice that, so only a
