@@ -101,6 +101,42 @@ async def test_remove_an_arm_and_unload_the_model_it_served(monkeypatch, capsys)
         assert set(model.manager.models()) == {"entry"}
 
 
+async def test_a_model_loaded_is_put_in_an_arm_by_setting_the_arms(monkeypatch, capsys):
+    """A model loaded serves no token until an arm names it: ``set-arms`` gives the
+    table (the JSON of the setting ``model_arms``) in one change."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, "load", "twin", str(DEFAULT_MODEL_PATH)) == 0
+        capsys.readouterr()
+        table = (
+            '[{"name": "control", "model_id": "entry", "weight": 0.8},'
+            ' {"name": "twin", "model_id": "twin", "weight": 0.2},'
+            ' {"name": "watch", "model_id": "twin", "shadow": true}]'
+        )
+        assert await pumpflow_model(base, "set-arms", table) == 0
+        assert capsys.readouterr().out == (
+            "arms (serving revision 2):\n"
+            f"  control: model entry version {VERSION}, weight 0.8, 80% of new tokens\n"
+            f"  twin: model twin version {VERSION}, weight 0.2, 20% of new tokens\n"
+            f"  watch: model twin version {VERSION}, shadow (scores every token, never traded)\n"
+        )
+        assert [(a.name, a.model_id) for a in model.serving.arms] == [
+            ("control", "entry"), ("twin", "twin"), ("watch", "twin")
+        ]  # fmt: skip
+        # one the service cannot serve: refused with its reason, the arms untouched
+        assert await pumpflow_model(base, "set-arms", '[{"name": "x", "model_id": "nope"}]') == 1
+        assert "refused it (409 Conflict): arms name models not loaded" in capsys.readouterr().err
+        assert model.serving.revision == 2
+
+
+@pytest.mark.parametrize("given", ["", "{}", "[1]", "[{", '{"name": "control"}'])
+def test_arms_that_are_no_json_list_of_arms_are_refused_as_the_flags_error(given, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["model", "set-arms", given])
+    assert exit_.value.code == 2
+    assert "a JSON list of arms" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [

@@ -1,5 +1,5 @@
-"""``pumpflow model arms|load|weights|promote|remove-arm|unload``: the model service's
-A/B arms and models, from a shell.
+"""``pumpflow model arms|load|set-arms|weights|promote|remove-arm|unload``: the model
+service's A/B arms and models, from a shell.
 
 Talks to a model replica's HTTP API (``--url``, default the local one) with the bearer
 token of ``PUMPFLOW_API_TOKEN`` for a change. Any replica takes a change: it applies it
@@ -7,7 +7,9 @@ at once, stores it for the others (they follow within ``model_serving_refresh_s`
 for a restart. The shares place new tokens; a token stays with the live arm that first
 scored it until that arm is removed or made a shadow (``promote``).
 
-``remove-arm NAME`` takes an arm out: its share of new tokens goes to the live arms left
+``set-arms ARMS`` replaces the arms table in one change (``PUT /arms``; the JSON of the
+setting ``model_arms``): how a model loaded comes to serve, in an arm of its own or as a
+shadow. ``remove-arm NAME`` takes an arm out: its share of new tokens goes to the live arms left
 in proportion to their weights, unless ``--weight ARM=W`` sets theirs in the same
 change; its tokens go to the live arms left by their hash (the same place in every
 replica). The last arm, or the only live one, is not removed. ``unload MODEL_ID`` drops
@@ -17,6 +19,7 @@ a model no arm serves (``--version V``: only if that version serves under the id
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import urllib.parse
 
@@ -35,10 +38,25 @@ def weight(text: str) -> tuple[str, float]:
     return name, number
 
 
+def arms_table(text: str) -> list[dict]:
+    """The arms as the setting ``model_arms`` gives them: a JSON list of objects, each
+    an arm (the service checks their fields)."""
+    try:
+        arms = json.loads(text)
+    except ValueError:
+        arms = None
+    if not isinstance(arms, list) or not arms or not all(isinstance(a, dict) for a in arms):
+        raise argparse.ArgumentTypeError(
+            'not a JSON list of arms: [{"name": ..., "model_id": ..., "weight": ...}, ...]'
+        )
+    return arms
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "model",
-        help="the model service's A/B arms and models: show, load, weigh, promote, remove, unload",
+        help="the model service's A/B arms and models: show, load, set, weigh, promote, remove, "
+        "unload",
         description=(
             "Show or change the model service's arms and models through a model replica's "
             "HTTP API; a change needs PUMPFLOW_API_TOKEN, is applied at once, and is stored "
@@ -64,6 +82,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the model's task, as its card says (classification)",
     )
     replica_url_argument(load, "model")
+    table = actions.add_parser(
+        "set-arms",
+        help="set the whole arms table in one change (a model loaded serves once an arm names it)",
+    )
+    table.add_argument(
+        "arms",
+        type=arms_table,
+        metavar="ARMS",
+        help='a JSON list of arms, as the setting model_arms: [{"name": "control", '
+        '"model_id": "entry", "weight": 0.8}, {"name": "mine", "model_id": "mine", '
+        '"weight": 0.2}] ("shadow": true scores every token, never traded)',
+    )
+    replica_url_argument(table, "model")
     weights = actions.add_parser(
         "weights", help="set arms' weights (shares of new tokens; the others keep theirs)"
     )
@@ -119,6 +150,8 @@ def model_command(args: argparse.Namespace) -> int:
                 f"(serving revision {body['revision']})"
             )
             return 0
+        elif action == "set-arms":
+            body = send_json(f"{url}/arms", {"arms": args.arms}, token, method="PUT")
         elif action == "weights":
             body = send_json(f"{url}/arms/weights", {"weights": dict(args.weights)}, token,
                              method="PUT")  # fmt: skip
