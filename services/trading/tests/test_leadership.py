@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pumpflow.common.lease import LEASE_PREFIX
 from pumpflow.common.testing import eventually
-from pumpflow.trading.ledger import PostgresLedger
+from pumpflow.trading.ledger import MemoryLedger, PostgresLedger
 from pumpflow.trading.service import LEASE_NAME, TradingService
 from pumpflow.trading.settings import TradingSettings
 
-from .test_service import running
+from .test_service import entries_queued, running, trading, trading_replica
+
+#: partitions of the replicas on RabbitMQ here
+PARTITIONS = 2
 
 #: short, so that the lease goes and comes back within a test's patience
 LEASE_TTL_S = 2.0
@@ -69,3 +73,49 @@ async def test_a_re_election_during_a_tick_leaves_one_timer_loop(clock, pg_pool)
             before = service.ticks
             await clock.advance(tick_s)
             assert service.ticks - before == 1
+
+
+@pytest.mark.rabbitmq
+async def test_the_replica_trading_stopped_with_positions_held_says_what_waits_for_the_next(
+    clock, market, rabbitmq_harness, namespace, caplog
+):
+    """Stopped while it holds positions (SIGTERM, a scale-down), the replica trading
+    warns: no order of theirs executes (the exit's sales included) until a replica
+    trades again; their events wait in the queues."""
+    caplog.set_level("INFO", logger="pumpflow.trading")
+    rabbitmq_harness.delete_after(["trading"])
+    others = await rabbitmq_harness.bus("feed/broker", partitions=PARTITIONS)
+    holder = await trading_replica(
+        rabbitmq_harness, namespace, MemoryLedger(), clock, partitions=PARTITIONS
+    )
+    try:
+        await entries_queued(others, market, 2)
+
+        async def held() -> bool:
+            await clock.advance(1.0)  # the paper fills come due
+            return holder.book.open_count == 2
+
+        await eventually(held, within=15, what="two positions held")
+        exposure = holder.risk.total_exposure
+    finally:
+        await holder.stop()
+    said = [r.getMessage() for r in caplog.records if "stopping while" in r.getMessage()]
+    assert said == [
+        f"trading: stopping while it trades, holding 2 positions ({exposure:.4f} SOL): no "
+        "order of theirs executes, the exit's sales included, until a replica trades "
+        "again (a stand-by at once, else the next to start; their events wait in the queues)"
+    ], caplog.text
+
+
+async def test_an_embedded_replica_holding_positions_stops_without_that_warning(
+    clock, market, caplog
+):
+    """In one process (``pumpflow run``, a backtest) no replica comes next: the run's
+    graceful exit and its report say what is held."""
+    caplog.set_level("INFO", logger="pumpflow.trading")
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, _):
+        await entries_queued(bus, market, 1)
+        await clock.advance(1.0)  # the paper fill comes due
+        assert service.book.open_count == 1
+    assert "stopping while" not in caplog.text

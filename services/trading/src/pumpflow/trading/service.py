@@ -181,6 +181,7 @@ from pumpflow.common.lease import Claim, LeaderLease
 from pumpflow.common.runtime.leases import lease_stores
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.common.text import counted
 from pumpflow.common.trading import (
     SERVICE_CONSUMES,
     DecisionPolicy,
@@ -575,6 +576,7 @@ class TradingService(Service):
     async def stop(self) -> None:
         if self._stopped:
             return
+        self._say_left_holding()
         if self.leader is not None:
             await self.leader.stop()
         if self._stepping_down is not None:
@@ -607,6 +609,20 @@ class TradingService(Service):
                     else ""
                 )
             )
+
+    def _say_left_holding(self) -> None:
+        """Warn, as the replica trading stops holding positions, that nothing of theirs
+        executes until a replica trades again: on a bus that keeps no events past this
+        process (an embedded run) none comes, and the run's own report says what is held."""
+        ctx = self._ctx
+        held = self.book.open_count
+        if not self._leading or not held or ctx is None or not ctx.bus.durable:
+            return
+        log.warning("trading: stopping while it trades, holding %s (%.4f SOL): no order of "
+                    "theirs executes, the exit's sales included, until a replica trades "
+                    "again (a stand-by at once, else the next to start; their events wait in "
+                    "the queues)",
+                    counted(held, "position"), self.risk.total_exposure)  # fmt: skip
 
     def _build(self) -> None:
         """A fresh book, risk manager, engine and executor (the ledger refills them)."""
