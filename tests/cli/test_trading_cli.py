@@ -754,7 +754,8 @@ async def test_a_limits_reset_all_and_by_name_or_with_a_set_is_refused_unsent(
     monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
     seen: list = []
     async with local_app(limits_replica(seen)) as base:
-        assert await pumpflow_trading(base, "limits", *argv) == 1
+        # the flags' error, as argparse's own: not a refusal by the replica (1)
+        assert await pumpflow_trading(base, "limits", *argv) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
     assert seen == []
@@ -767,9 +768,9 @@ async def test_a_limits_change_refused_or_without_a_token_fails(monkeypatch, cap
         assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=0.01") == 1
         err = capsys.readouterr().err
         assert "409" in err and "t1:cd34 holds it" in err and err.count("\n") == 1, err
-        assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=lots") == 1
+        assert await pumpflow_trading(base, "limits", "--set", "max_risk_per_trade=lots") == 2
         assert "VALUE a number (or true or false)" in capsys.readouterr().err
-        assert await pumpflow_trading(base, "limits", "--set", "add_to_positions=no") == 1
+        assert await pumpflow_trading(base, "limits", "--set", "add_to_positions=no") == 2
         assert "--set add_to_positions=no: give NAME=VALUE" in capsys.readouterr().err
         monkeypatch.delenv("PUMPFLOW_API_TOKEN")
         assert await pumpflow_trading(base, "limits", "--reset") == 2

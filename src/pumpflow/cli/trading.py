@@ -81,8 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "change the risk limits, or acknowledge the live wallet's unbooked trades, "
             "through a trading replica's "
             "HTTP API; the token comes from PUMPFLOW_API_TOKEN. Exit status 0 done; 1 "
-            "refused, not applied anywhere, or no answer; 2 without the token, or given a "
-            "flag its action does not take (nothing sent); 3 a halt "
+            "refused, not applied anywhere, or no answer; 2 without the token, or a flag "
+            "refused (one its action does not take, a --set that is no NAME=VALUE; nothing "
+            "sent); 3 a halt "
             "applied by the replica trading and not stored yet (Postgres away); 4 a halt or "
             "resume stored and not announced yet, the broker taking no publication "
             "(blocking publishers, short of memory or disk, or not answering): it goes out "
@@ -296,11 +297,11 @@ def limits(
     names; None for every one)."""
     if given and reset:
         print("pumpflow trading: --set or --reset, not both", file=sys.stderr)
-        return 1
+        return 2
     if reset and None in reset and len(reset) > 1:
         print("pumpflow trading: --reset (all) or --reset NAME (those named), not both",
               file=sys.stderr)  # fmt: skip
-        return 1
+        return 2
     values: dict[str, bool | int | float] = {}
     for item in given or ():
         name, _, text = item.partition("=")
@@ -309,7 +310,7 @@ def limits(
         except ValueError:
             print(f"pumpflow trading: --set {item}: give NAME=VALUE, VALUE a number "
                   "(or true or false)", file=sys.stderr)  # fmt: skip
-            return 1
+            return 2
     try:
         if values or reset:
             token = api_token("trading")
