@@ -276,6 +276,9 @@ async def test_http_shutdown_needs_the_token_then_the_exit_is_served():
             summary = (await client.get("/summary")).json()
             assert summary["run"]["summary"]["positions_left"] == 0
             assert (await client.get("/orders")).json()["count"] >= 2
+            # the count is of the orders listed; more says the limit left some out
+            cut = (await client.get("/orders?limit=1")).json()
+            assert (cut["count"], len(cut["orders"]), cut["more"]) == (1, 1, True)
 
             # a second shutdown is a run of its own: the first's report is not its
             asked = await client.post(

@@ -1476,3 +1476,22 @@ async def test_a_shutdown_dead_lettered_by_a_defect_is_applied_once_redriven(clo
         assert service.risk.operator_state is TradingState.HALTED
         assert await service.ledger.control() == (TradingState.HALTED, "shutdown: operator")
         assert await bus.dead_letters("trading", remove=False) == []
+
+
+async def test_orders_says_when_the_limit_left_some_out(clock, market):
+    """``count`` is of the orders listed: ``more`` says whether the ledger holds more."""
+    import httpx
+
+    from pumpflow.common.runtime.http import create_app
+
+    service = trading(MemoryLedger())
+    async with running(clock, service) as (bus, _):
+        await entries_queued(bus, market, 3)
+        await clock.advance(1.0)
+        app = create_app(service, service._ctx)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            cut = (await http.get("/orders?limit=2")).json()
+            whole = (await http.get("/orders?limit=3")).json()
+    assert (cut["count"], len(cut["orders"]), cut["more"]) == (2, 2, True)
+    assert (whole["count"], len(whole["orders"]), whole["more"]) == (3, 3, False)

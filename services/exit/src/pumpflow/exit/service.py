@@ -1332,8 +1332,10 @@ class ExitService(Service):
 
         @api.get("/orders")
         async def orders(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
-            rows = await self.records.orders(limit=limit)
-            return {"count": len(rows), "orders": rows}
+            # one past the limit: whether more are stored than are listed
+            rows = await self.records.orders(limit=limit + 1)
+            return {"count": min(len(rows), limit), "more": len(rows) > limit,
+                    "orders": rows[:limit]}  # fmt: skip
 
         @api.get("/positions")
         async def positions() -> dict[str, Any]:

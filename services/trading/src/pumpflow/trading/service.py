@@ -2542,9 +2542,15 @@ class TradingService(Service):
             mint: str | None = None,
             limit: int = Query(100, ge=1, le=10_000),
         ) -> dict[str, Any]:
-            rows = await self.ledger.orders(limit=limit, state=state, mint=mint)
+            # one past the limit: whether the ledger holds more than is listed
+            rows = await self.ledger.orders(limit=limit + 1, state=state, mint=mint)
             unbooked = await self.unbooked_view(mint)
-            return {"count": len(rows), "orders": rows, "unbooked_wallet_trades": unbooked}
+            return {
+                "count": min(len(rows), limit),
+                "more": len(rows) > limit,
+                "orders": rows[:limit],
+                "unbooked_wallet_trades": unbooked,
+            }
 
         @api.post("/unbooked/acknowledge", dependencies=guarded)
         async def acknowledge(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
