@@ -119,3 +119,20 @@ async def test_an_embedded_replica_holding_positions_stops_without_that_warning(
         await clock.advance(1.0)  # the paper fill comes due
         assert service.book.open_count == 1
     assert "stopping while" not in caplog.text
+
+
+def test_when_trading_passes_to_a_stand_by_is_said_in_tenths_of_a_second():
+    """The default lease (10 s) is renewed every third of it: 3.33333... s, said as
+    3.3 s, and the latest as a whole second up."""
+    from pumpflow.common.lease import Claim
+    from pumpflow.trading.service import _lease_passes
+
+    late = Claim(holder="t1:ab12", runs_out_in_s=1.2, renewed_s_ago=8.8, late=True)
+    assert _lease_passes(late, 10 / 3) == (
+        "its lease's holder (t1:ab12) has not renewed it for 9 s (due every 3.3 s); unless "
+        "it does, the lease runs out in 2 s and a stand-by takes trading over within 3.3 s "
+        "after (6 s at the latest)"
+    )
+    assert _lease_passes(Claim(holder=None), 10 / 3) == (
+        "no replica holds its lease now, a stand-by takes it within 3.3 s"
+    )

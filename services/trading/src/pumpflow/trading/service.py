@@ -326,15 +326,17 @@ def _lapsing(claim: Claim | None) -> bool:
 
 def _lease_passes(claim: Claim, campaign_s: float) -> str:
     """When trading passes to a stand-by, the lease ``claim`` being :func:`_lapsing`;
-    stand-bys campaign every ``campaign_s``."""
+    stand-bys campaign every ``campaign_s`` (a third of the TTL: said in tenths, the
+    latest in whole seconds up)."""
+    every = f"{campaign_s:.1f}".removesuffix(".0")
     if not claim.late or claim.runs_out_in_s is None or claim.renewed_s_ago is None:
-        return f"no replica holds its lease now, a stand-by takes it within {campaign_s:g} s"
+        return f"no replica holds its lease now, a stand-by takes it within {every} s"
     left = math.ceil(claim.runs_out_in_s)
     return (
         f"its lease's holder ({claim.holder}) has not renewed it for "
-        f"{claim.renewed_s_ago:.0f} s (due every {campaign_s:g} s); unless it does, the lease "
-        f"runs out in {left} s and a stand-by takes trading over within {campaign_s:g} s "
-        f"after ({left + campaign_s:g} s at the latest)"
+        f"{claim.renewed_s_ago:.0f} s (due every {every} s); unless it does, the lease "
+        f"runs out in {left} s and a stand-by takes trading over within {every} s "
+        f"after ({math.ceil(left + campaign_s)} s at the latest)"
     )
 
 
