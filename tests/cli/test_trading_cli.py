@@ -389,6 +389,11 @@ def exit_replica(summary: GracefulExitSummary, shutdown_answer: dict | None = No
     polls = []
 
     async def shutdown(request: Request) -> JSONResponse:
+        if len(polls) >= 2:
+            # asked again once over, as the service answers a request it applied
+            report = msgspec.to_builtins(summary.report())
+            applied = {"published": True, "applied": True, "detail": "applied already: over"}
+            return JSONResponse({**applied, "summary": report, "text": summary.text()})
         if shutdown_answer is not None:
             return JSONResponse(shutdown_answer, 200 if shutdown_answer["published"] else 202)
         return JSONResponse({"published": True})
@@ -811,3 +816,49 @@ async def test_a_flag_the_action_does_not_take_is_refused_unsent(monkeypatch, ca
     err = capsys.readouterr().err
     assert f"{flag} does not go with {argv[0]}" in err and err.count("\n") == 1, err
     assert seen == []
+
+
+async def test_stop_prints_its_own_exits_report_not_the_last_one_the_replica_ended(
+    monkeypatch, capsys
+):
+    """The replica asked ends the last graceful exit (its report in /progress) after this
+    request began the next: that report is not this request's. ``pumpflow stop`` asks
+    again under its request id, which the service answers with the run that applied it,
+    and prints that run's report once it is over."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    last = GracefulExitSummary(reason="the last one", started_at=START - 120.0,
+                               finished_at=START - 60.0, deadline=START, lines=(SOLD,))  # fmt: skip
+    mine = graceful_exit(SOLD, LOST)
+    polls: list[int] = []
+    asked: list[str] = []
+
+    async def shutdown(request: Request) -> JSONResponse:
+        asked.append((await request.json())["request_id"])
+        if len(asked) == 1:
+            return JSONResponse({"published": True})
+        over = len(polls) >= 3
+        answer = {"published": True, "applied": True,
+                  "detail": f"applied already: {'over' if over else 'under way'}"}  # fmt: skip
+        if over:
+            answer |= {"summary": msgspec.to_builtins(mine.report()), "text": mine.text()}
+        return JSONResponse(answer)
+
+    async def progress(request: Request) -> JSONResponse:
+        polls.append(1)
+        if len(polls) == 1:  # the last exit ended here after the request was made
+            return JSONResponse({"summary": msgspec.to_builtins(last.report()),
+                                 "text": last.text()})  # fmt: skip
+        if len(polls) == 2:
+            progress = {"sold_out": 0, "positions": 2, "tranches": 0, "in_flight": 0,
+                        "unconfirmed_tranches": 0, "deadline_margin_s": 50.0}  # fmt: skip
+            return JSONResponse({"progress": progress})
+        return JSONResponse({"summary": msgspec.to_builtins(mine.report()), "text": mine.text()})
+
+    app = Starlette(routes=[Route("/shutdown", shutdown, methods=["POST"]),
+                            Route("/progress", progress)])  # fmt: skip
+    async with local_app(app) as base:
+        assert await pumpflow_stop(base, "--request-id", "r1") == NOT_FLAT
+    printed = capsys.readouterr()
+    assert "the last one" not in printed.out, printed.out
+    assert "MintLost" in printed.out and "NOT SOLD OUT" in printed.out
+    assert set(asked) == {"r1"}

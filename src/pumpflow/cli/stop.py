@@ -130,8 +130,15 @@ def stop_command(args: argparse.Namespace) -> int:
             body = get_json(f"{url}/progress")
             begun = begun or body.get("run") is not None
             if "summary" in body:
-                print(body["text"], flush=True)
-                return _flat_or_not(body["summary"])
+                # the replica's last exit over: this request's only if the run that
+                # applied it is over, which asking again under its id says (the last run
+                # may end here after this request began the next)
+                mine = post_json(
+                    f"{url}/shutdown", {"reason": args.reason, "request_id": request_id}, token
+                )
+                if "summary" in mine:
+                    print(mine["text"], flush=True)
+                    return _flat_or_not(mine["summary"])
             progress = body.get("progress")
             if progress:
                 margin = progress.get("deadline_margin_s")
