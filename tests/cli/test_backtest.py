@@ -131,6 +131,19 @@ async def test_a_dataset_file_replays_as_the_market_it_was_written_from(dataset)
     assert from_file.entries > 0
 
 
+def test_a_dataset_file_out_of_time_order_replays_in_time_order(dataset, tmp_path):
+    """Two dataset files joined later one first (``cat late.jsonl early.jsonl``) are the
+    market Postgres would replay from them: frames in arrival order, not a stuck clock
+    running the earlier file's frames at the later one's end."""
+    lines = Path(dataset).read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_bytes(b"".join(lines[half:] + lines[:half]))
+    frames = dataset_frames(str(swapped))
+    assert frames == dataset_frames(dataset)
+    assert [t for t, _ in frames] == sorted(t for t, _ in frames)
+
+
 def test_a_dataset_is_written_with_the_launch_rate_a_backtest_simulates(tmp_path):
     """``--launches`` says the same in ``pumpflow sim dataset`` as in ``pumpflow backtest``."""
     path = tmp_path / "busy.jsonl"

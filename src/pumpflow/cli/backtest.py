@@ -1,6 +1,7 @@
 """``pumpflow backtest``: replay a stream through the whole embedded system, as fast as it goes.
 
-The stream is raw PumpPortal frames with their arrival times, from one of:
+The stream is raw PumpPortal frames with their arrival times, replayed in time order,
+from one of:
 
 - ``--dataset FILE.jsonl``: a dataset file the simulator wrote (``pumpflow sim dataset``)
   or a recording (``pumpflow record --out``), told apart by their lines;
@@ -148,10 +149,13 @@ def simulated_frames(
 
 
 def dataset_frames(path: str) -> list[tuple[float, bytes]]:
-    """The frames of a dataset file, as written, or of a recording's published events."""
+    """The frames of a dataset file, as written, or of a recording's published events,
+    in time order (as Postgres replays them)."""
     from pumpflow.simulator.dataset import read_dataset_raw
 
-    return list(read_dataset_raw(path))
+    # the replay clock never goes back: a frame out of order would run at a later
+    # frame's time; the sort is stable, so frames of one arrival time keep their order
+    return sorted(read_dataset_raw(path), key=lambda timed: timed[0])
 
 
 async def database_frames(
