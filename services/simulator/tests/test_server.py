@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from collections import Counter
 
@@ -15,7 +16,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from pumpflow.common import pumpportal
 from pumpflow.common.events import EventValidationError
 from pumpflow.common.testing import eventually
-from pumpflow.simulator.cli import build_parser
+from pumpflow.simulator.cli import build_parser, main
 from pumpflow.simulator.faults import HOSTILE_KINDS, HOSTILE_SIGNATURE, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import ACK_UNSUBSCRIBE_NEW_TOKEN, SimulatorServer
@@ -285,6 +286,18 @@ def test_serve_takes_unfunded_keys_and_a_funding_time():
     assert build_parser().parse_args(["serve"]).fund_after is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--fund-after", "-1"])
+
+
+def test_serve_on_a_port_another_holds_says_so_in_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)], prog="pumpflow sim") == 1
+    err = capsys.readouterr().err
+    assert f"pumpflow sim serve: cannot listen on 127.0.0.1:{port}: " in err
+    assert "in use" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 async def test_drop_connections_closes_without_a_close_frame(server):

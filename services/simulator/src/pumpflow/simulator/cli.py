@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -192,7 +193,11 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
         print(f"wrote {count} frames to {args.out} in {took:.2f} s ({count / took:,.0f} frames/s)")
         return 0
     if args.command == "serve":
-        counters = asyncio.run(_serve(args))
+        try:
+            counters = asyncio.run(_serve(args))
+        except CannotListen as exc:
+            print(f"{prog} serve: {exc}", file=sys.stderr)
+            return 1
         if args.stats_out:
             Path(args.stats_out).write_text(json.dumps(counters))
         return 0
@@ -203,6 +208,10 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 2
     return 2
+
+
+class CannotListen(Exception):
+    """The socket to serve on cannot be had: the message says where and why."""
 
 
 async def _serve(args: argparse.Namespace) -> dict[str, int]:
@@ -227,7 +236,11 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
         fund_after_s=args.fund_after,
         sent_log=args.sent_log,
     )
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # the port is another's, or the address is not this machine's
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CannotListen(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     print(f"serving {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
