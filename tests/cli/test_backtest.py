@@ -533,6 +533,8 @@ def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
             "not TOML (Expected ']' at the end of a table declaration (at line 1, column 7))",
         ),
         ("eager = 1\n", "'eager' is not a table of settings"),
+        # a file of no configuration would run the base alone, as if none were given
+        ("# [eager]\n", "no configuration: a table each ([patient] then exit_max_hold_s = 1200)"),
     ],
 )
 def test_a_configurations_file_it_cannot_read_is_named_in_one_line(dataset, tmp_path, text,

@@ -363,7 +363,12 @@ def read_configs(path: str) -> list[tuple[str, dict[str, Any]]]:
     """The configurations of a TOML file: each table is one, named by its header."""
     from pumpflow.common.runtime.settings import read_toml_tables
 
-    return list(read_toml_tables(path, path, hint=" of settings").items())
+    configs = list(read_toml_tables(path, path, hint=" of settings").items())
+    if not configs:
+        raise ValueError(
+            f"{path}: no configuration: a table each ([patient] then exit_max_hold_s = 1200)"
+        )
+    return configs
 
 
 # ------------------------------------------------------------------ the run
