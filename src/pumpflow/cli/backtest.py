@@ -100,11 +100,13 @@ from pumpflow.cli.report import (
 from pumpflow.cli.run import PAPER, RUN_MIN_SCORE, RUN_SETTINGS, paper_note
 from pumpflow.common.runtime.arguments import (
     UsageError,
+    check_window,
     count,
     epoch_time,
     help_text,
     positive,
     postgres_dsn,
+    utc_text,
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
@@ -179,16 +181,10 @@ async def database_frames(
         await pool.close()
 
 
-def _utc(at: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def postgres_source(schema: str, start: float | None, end: float | None) -> str:
     """What a backtest of the schema's window replays, as its reports name it."""
-    window = ([f"from {_utc(start)}"] if start is not None else []) + (
-        [f"to {_utc(end)}"] if end is not None else []
+    window = ([f"from {utc_text(start)}"] if start is not None else []) + (
+        [f"to {utc_text(end)}"] if end is not None else []
     )
     return f"postgres {schema}" + (f", {' '.join(window)}" if window else "")
 
@@ -1234,11 +1230,7 @@ def check_source_flags(args: argparse.Namespace) -> None:
     ]
     if stray:
         raise UsageError(f"{', '.join(stray)}: not for {source}")
-    if args.start is not None and args.end is not None and args.end <= args.start:
-        raise UsageError(
-            f"--end ({_utc(args.end)}) is not after --start "
-            f"({_utc(args.start)}): the window holds nothing to replay"
-        )
+    check_window(args.start, args.end)
 
 
 def backtest_command(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
 from pumpflow.common.runtime.arguments import (
     bounded,
+    check_window,
     count,
     epoch_time,
     help_text,
@@ -415,6 +416,7 @@ def run_training(args: argparse.Namespace, *, progress: bool):
     sources = sum(map(bool, (args.dataset, args.sim_seeds))) + (args.dsn is not None)
     if sources > 1:
         raise SystemExit("pumpflow train: give one history source")
+    check_window(args.start, args.end)
     skip = args.skip_minutes
     if args.sim_seeds and skip >= args.sim_minutes:
         raise SystemExit(

@@ -26,7 +26,13 @@ from typing import IO
 
 from pumpflow.common.bus.abc import EventBus
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
-from pumpflow.common.runtime.arguments import epoch_time, positive, postgres_dsn
+from pumpflow.common.runtime.arguments import (
+    UsageError,
+    check_window,
+    epoch_time,
+    positive,
+    postgres_dsn,
+)
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
@@ -238,6 +244,7 @@ async def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
+    check_window(args.start, args.end)
     bus = None
     if args.bus:
         from pumpflow.common.bus.factory import create_bus
@@ -275,6 +282,9 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
         return asyncio.run(run(args))
     except SettingsError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"{prog} {args.feed_command}: {exc}", file=sys.stderr)
         return 2
     except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is
         print(f"{prog} {args.feed_command}: {exc}: nothing recorded there", file=sys.stderr)

@@ -84,6 +84,21 @@ def epoch_time(text: str) -> float:
     return parsed.timestamp()
 
 
+def utc_text(at: float) -> str:
+    """An epoch time as a window's bound reads to a user: its UTC date and time."""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check_window(start: float | None, end: float | None) -> None:
+    """Refuse a ``--start``/``--end`` window that ends before it starts: read, it would
+    pass for an empty history."""
+    if start is not None and end is not None and end <= start:
+        raise UsageError(
+            f"--end ({utc_text(end)}) is not after --start "
+            f"({utc_text(start)}): the window holds nothing to replay"
+        )
+
+
 def integer(text: str) -> int:
     """A whole number of an option."""
     try:
