@@ -128,6 +128,22 @@ def test_a_model_that_cannot_be_written_is_refused_before_the_history_is_read(wh
 
 
 @pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["--dataset", "/nonexistent/market.jsonl", "--start", "2030-01-01"],
+         "--start: not for --dataset"),
+        (["--sim-seeds", "4", "--end", "2030-01-01", "--schema", "live"],
+         "--schema, --end: not for --sim-seeds"),
+    ],
+)  # fmt: skip
+def test_a_window_of_postgres_history_is_refused_for_another_source(given, said, capsys):
+    """Ignored, the model would say it trained on the whole file or market, not the
+    window asked for; backtest refuses these flags alike."""
+    assert cli_main.main(["train", *given, "--out", "/nonexistent/m.onnx"]) == 2
+    assert capsys.readouterr().err == f"pumpflow train: {said}\n"
+
+
+@pytest.mark.parametrize(
     ("sources", "stream"),
     [
         (["--sim-seeds", "3,8", "--sim-minutes", "6"], ["--seed", "9", "--minutes", "6"]),

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from pumpflow.common.model.settings import DEFAULT_FEE_RATE, DEFAULT_HORIZON_S
 from pumpflow.common.runtime.arguments import (
+    UsageError,
     bounded,
     check_window,
     count,
@@ -389,6 +390,10 @@ def unseen_stream(args: argparse.Namespace) -> list[str]:
     return ["--dataset", "FILE.jsonl"]
 
 
+#: the flags of the Postgres history, which the other sources would ignore
+POSTGRES_FLAGS = ("schema", "start", "end")
+
+
 def run_training(args: argparse.Namespace, *, progress: bool):
     from pumpflow.cli.report import writable
     from pumpflow.common.model.card import LabelDefinition
@@ -416,6 +421,11 @@ def run_training(args: argparse.Namespace, *, progress: bool):
     sources = sum(map(bool, (args.dataset, args.sim_seeds))) + (args.dsn is not None)
     if sources > 1:
         raise SystemExit("pumpflow train: give one history source")
+    if args.dataset or args.sim_seeds:
+        stray = [f"--{flag}" for flag in POSTGRES_FLAGS if getattr(args, flag) is not None]
+        if stray:
+            source = "--dataset" if args.dataset else "--sim-seeds"
+            raise UsageError(f"{', '.join(stray)}: not for {source}")
     check_window(args.start, args.end)
     skip = args.skip_minutes
     if args.sim_seeds and skip >= args.sim_minutes:
