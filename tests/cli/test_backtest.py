@@ -720,6 +720,27 @@ def test_an_undefined_live_figure_reads_n_a_not_nan():
     assert "nan" not in text and "nan" not in comparison_table([report])
 
 
+async def test_the_live_figures_are_of_every_label_of_the_stream_not_the_live_window(
+    monkeypatch,
+):
+    """A running model's live window keeps its newest labels (2,000: minutes of a busy
+    market); a backtest compares models on the labels of its whole stream."""
+    from functools import partial
+
+    from pumpflow.common.model.performance import RollingPerformance
+    from pumpflow.model import service as model_service
+
+    frames = simulated_frames(SEED, 4.0, start=START)
+    whole = await run_backtest(frames, RUN_CONFIG)
+    ((arm, (auc, labels)),) = whole.auc.items()
+    assert 50 < labels < 2000
+    monkeypatch.setattr(model_service, "RollingPerformance", partial(RollingPerformance, window=50))
+    windowed = await run_backtest(frames, RUN_CONFIG)
+    assert windowed.auc == {arm: (auc, labels)}
+    assert windowed.selected == whole.selected and windowed.precision == whole.precision
+    assert windowed.report_data.calibration == whole.report_data.calibration
+
+
 async def test_a_live_precision_says_how_many_labels_it_is_of():
     """A precision of 1.000 over one selected label is no precision of 1.000 over a hundred."""
     frames = simulated_frames(SEED, 4.0, start=START)

@@ -674,7 +674,7 @@ async def run_backtest(
             cpu = time.process_time() - cpu_started
             if progress is not None:
                 progress(total, total)
-            figures = model_figures(model)
+            figures = await model_figures(model)
             book = trading.book
             counts = counter.counts
             report_data = await collector.results(

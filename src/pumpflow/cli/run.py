@@ -308,7 +308,7 @@ async def run_embedded_market(
                 source=f"simulated market, seed {seed}, {launches_per_minute:g} launches a "
                 f"minute, at {speed:g}x",
             )  # fmt: skip
-            figures = model_figures(system["model"])
+            figures = await model_figures(system["model"])
             notes = {
                 "market minutes": f"{(clock.now() - console.started_at) / 60:.1f}",
                 "tokens / trades": f"{console.counts['token.created']:,} / "

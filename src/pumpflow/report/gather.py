@@ -8,7 +8,8 @@ sale's realised PnL and each position's buys as the book counts them.
 :class:`Collector` rides the bus of an embedded system for what no ledger keeps: the
 tokens by lifecycle state reached and the arm whose prediction ordered each entry;
 :func:`calibration_of` takes the model's resolved
-labels, :func:`model_figures` its predictions and live figures by model and arm.
+labels, :func:`model_figures` its predictions and live figures by model and arm, both
+over every label of the stream (:func:`stream_performance`).
 Nothing here changes what it reads.
 """
 
@@ -120,6 +121,25 @@ def booked(fills: Iterable[Any]) -> tuple[tuple[Sale, ...], Counter[str]]:
     return tuple(sales), bought
 
 
+async def stream_performance(model: Any) -> Any:
+    """The model service's figures over every label it stored by now, each model and
+    arm's in one window: a report is of its whole stream, where the live figures are of
+    the newest labels only (2,000: minutes of a busy market)."""
+    from pumpflow.common.model.performance import RollingPerformance
+
+    live = model.performance
+    if not model.settings.model_store_labels:
+        return live  # counted unstored: the live window is all there is
+    labels = await model.label_store.last_labels(ALL_ROWS)
+    whole = RollingPerformance(
+        window=max(len(labels), 1),
+        thresholds=live.thresholds,
+        threshold=live.default_threshold,
+    )
+    whole.extend(labels)
+    return whole
+
+
 def calibration_of(performance: Any) -> tuple[Calibration, ...]:
     """Each classification arm's calibration from a model's rolling performance."""
     found = []
@@ -148,11 +168,11 @@ class ModelFigures(NamedTuple):
     selected: dict[str, tuple[int, int]]
 
 
-def model_figures(model: Any) -> ModelFigures:
+async def model_figures(model: Any) -> ModelFigures:
     """The model service's predictions and live figures by "model/arm", the labels
     released by now counted."""
     model.resolve_labels()
-    performance = model.performance
+    performance = await stream_performance(model)
     figures = {
         f"{model_id}/{arm}": found.metrics | {"labels": found.labels}
         for model_id, arm in performance.keys()
@@ -231,7 +251,7 @@ class Collector:
         model = system.services.get("model")
         calibration = None
         if model is not None and model.performance is not None:
-            calibration = calibration_of(model.performance)
+            calibration = calibration_of(await stream_performance(model))
         trades = tuple(
             msgspec.structs.replace(t, arm=self.entered.get(t.mint, "")) for t in results.trades
         )
