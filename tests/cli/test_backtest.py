@@ -462,6 +462,15 @@ def test_a_configuration_name_that_cannot_name_its_report_is_refused_before_any_
         assert re.search(f"configuration {re.escape(repr(name))}: .*report", said)
 
 
+def test_a_configuration_name_given_twice_is_refused_naming_it(dataset, tmp_path, capsys):
+    """Among many, from flags and a file, the one to rename is the one named."""
+    (tmp_path / "strategies.toml").write_text("[patient]\nexit_max_hold_s = 1200\n")
+    said = refused(["backtest", "--dataset", dataset, "--quiet", "--config", "base",
+                    "--config", "patient=exit_max_hold_s=900",
+                    "--configs", str(tmp_path / "strategies.toml")], capsys)  # fmt: skip
+    assert said == "pumpflow backtest: configuration 'patient' given twice: names must differ\n"
+
+
 def test_a_bad_value_in_any_configuration_is_refused_before_the_first_runs(dataset, capsys):
     said = refused(["backtest", "--dataset", dataset, "--quiet", "--config", "loose",
                     "--config", "strict=trading_min_score=7"], capsys)  # fmt: skip

@@ -1250,8 +1250,9 @@ def backtest_command(args: argparse.Namespace) -> int:
             changes[name] = {key: ran[key] for key in config}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if len({name for name, _ in configs}) != len(configs):
-        raise UsageError("configuration names must differ")
+    if twice := [name for name, n in Counter(name for name, _ in configs).items() if n > 1]:
+        named = ", ".join(map(repr, twice))
+        raise UsageError(f"configuration {named} given twice: names must differ")
     for name, _ in configs:
         if "/" in name or "\0" in name:
             raise UsageError(
