@@ -4,6 +4,7 @@ ONNX with its card out, ONNX predictions equal to native ones, the same bytes ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -277,6 +278,23 @@ def test_the_shipped_default_model_is_rebuilt_byte_for_byte_from_steady_markets(
     # the reference the drift monitor compares a running market with
     assert trained.card.training.start >= DEFAULT_SIM_START + DEFAULT_SKIP_MINUTES * 60.0
     assert f"minutes {DEFAULT_SKIP_MINUTES:g}-" in trained.card.held_out.source
+
+
+@pytest.mark.postgres
+async def test_a_postgres_window_with_no_event_is_named_not_taken_for_an_empty_history(
+    market_file, pg_pool, postgres_dsn, namespace, capsys
+):
+    from pumpflow.common.storage import TokenEventStore
+
+    await load_dataset(market_file, TokenEventStore(pg_pool))
+    argv = ["train", "--dsn", postgres_dsn, "--schema", namespace, "--start", "2020-01-01",
+            "--end", "2020-01-02", "--out", str(market_file.with_name("m.onnx"))]  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        await asyncio.to_thread(cli_main.main, argv)
+    assert str(refused.value) == (
+        f"pumpflow train: no token events in postgres {namespace}, "
+        "from 2020-01-01 00:00:00 UTC to 2020-01-02 00:00:00 UTC"
+    )
 
 
 @pytest.mark.postgres

@@ -395,6 +395,7 @@ POSTGRES_FLAGS = ("schema", "start", "end")
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
+    from pumpflow.cli.backtest import postgres_source
     from pumpflow.cli.report import writable
     from pumpflow.common.model.card import LabelDefinition
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
@@ -446,8 +447,9 @@ def run_training(args: argparse.Namespace, *, progress: bool):
         dsn = args.dsn or settings.postgres_dsn
         schema = args.schema or settings.namespace
         events = asyncio.run(database_events(dsn, schema, args.start, args.end))
+        source = postgres_source(schema, args.start, args.end)
         dataset = _dataset(
-            events, label, data_end=args.end, source=f"postgres {schema}", progress=progress,
+            events, label, data_end=args.end, source=source, progress=progress,
             skip_s=skip * 60.0,
         )  # fmt: skip
 
