@@ -584,6 +584,28 @@ def test_a_report_with_nothing_in_it_says_so_in_every_plot():
     assert re.search(r"(src|href)=|url\(|@import", page) is None
 
 
+def test_an_a_b_report_draws_the_calibration_of_every_arm_named():
+    """Two models side by side are compared on their calibration too: one arm drawn alone
+    would leave the other's unseen."""
+
+    def arm(name: str, labels: int, observed: float) -> results.Calibration:
+        bins = tuple(
+            results.CalibrationBin(predicted=p, observed=observed * p, count=labels // 2)
+            for p in (0.2, 0.6)
+        )
+        return results.Calibration(name=name, labels=labels, bins=bins)
+
+    calibration = (arm("a/a", 900, 1.0), arm("b/b", 1200, 0.5))
+    page = html.render(Results(title="AB", source="test", calibration=calibration))
+    assert "observed rate (a/a, 900 labels; b/b, 1,200 labels)</figcaption>" in page
+    drawn = re.findall(r"<title>([^<]*) observed, ([^<]*)</title>", page)
+    assert sorted(drawn) == [
+        ("0.20 predicted, 0.10", "600 labels"), ("0.20 predicted, 0.20", "450 labels"),
+        ("0.60 predicted, 0.30", "600 labels"), ("0.60 predicted, 0.60", "450 labels"),
+    ]  # fmt: skip
+    assert ">a/a</text>" in page and ">b/b</text>" in page
+
+
 def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome():
     sold = ExitLine(position_id="p1", mint="m1", tokens_sold=1e6, sol_received=0.25,
                     tranches=2, completed=True)  # fmt: skip

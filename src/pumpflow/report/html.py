@@ -77,10 +77,17 @@ def plots(results: Results) -> dict[str, str]:
     if results.calibration is None:
         calibration = svg.calibration_chart([], label="calibration", empty=_not_kept("predictions"))
     else:
-        arms = sorted(results.calibration, key=lambda c: -c.labels)
+        arms = results.calibration
         calibration = svg.calibration_chart(
-            [(b.predicted, b.observed, b.count) for b in arms[0].bins] if arms else [],
-            label=f"calibration {arms[0].name}" if arms else "calibration",
+            # one arm needs no legend: the caption names it
+            [
+                (
+                    arm.name if len(arms) > 1 else "",
+                    [(b.predicted, b.observed, b.count) for b in arm.bins],
+                )
+                for arm in arms
+            ],
+            label=" ".join(["calibration", *(arm.name for arm in arms)]),
             empty="no labelled predictions",
         )
     return {
@@ -110,8 +117,10 @@ def _caption(results: Results, plot_id: str, caption: str) -> str:
     if plot_id == "equity" and results.sales is None:
         caption = f"{CLOSED_EQUITY} ({NO_SALES})"
     if plot_id == "calibration" and results.calibration:
-        arms = sorted(results.calibration, key=lambda c: -c.labels)
-        caption += f" ({arms[0].name}, {counted(arms[0].labels, 'label')})"
+        arms = "; ".join(
+            f"{arm.name}, {counted(arm.labels, 'label')}" for arm in results.calibration
+        )
+        caption += f" ({arms})"
     return caption
 
 

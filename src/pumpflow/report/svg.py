@@ -173,17 +173,7 @@ def lines_chart(
     frame = _Frame(nice_ticks(min(xs), max(xs)), nice_ticks(min(*ys, 0.0), max(*ys, 0.0)))
     parts = frame.axes(x_label, y_label)
     parts.append(_line(frame.left, frame.y(0), frame.right, frame.y(0), "#999"))
-    # the legend over the lines, on a box of its own
-    legend: list[str] = []
-    named = [name for name, _ in series if name]
-    if named:
-        legend.append(
-            f'<rect x="{frame.left + 4:.1f}" y="{frame.top + 2:.1f}" '
-            f'width="{36 + 6.5 * max(map(len, named)):.1f}" height="{6 + 15 * len(named):.1f}" '
-            'fill="#fff" fill-opacity="0.85" stroke="#ccc"/>'
-        )
-    for n, (name, points) in enumerate(series):
-        color = SERIES[n % len(SERIES)]
+    for n, (_, points) in enumerate(series):
         coords: list[str] = []
         for i, (x, y) in enumerate(points):
             if step and i:
@@ -191,14 +181,34 @@ def lines_chart(
             coords.append(f"{frame.x(x):.1f},{frame.y(y):.1f}")
         if coords:
             parts.append(
-                f'<polyline points="{" ".join(coords)}" fill="none" stroke="{color}" '
+                f'<polyline points="{" ".join(coords)}" fill="none" stroke="{_color(n)}" '
                 'stroke-width="2" stroke-linejoin="round"/>'
             )
+    return _svg(parts + _legend(frame, [name for name, _ in series]), label)
+
+
+def _color(n: int) -> str:
+    """The colour of the ``n``-th overlaid series."""
+    return SERIES[n % len(SERIES)]
+
+
+def _legend(frame: _Frame, names: Sequence[str]) -> list[str]:
+    """The names of the overlaid series, each beside its colour, in a box over the plot
+    (a series without a name is not in it; nothing without a name)."""
+    named = [name for name in names if name]
+    if not named:
+        return []
+    legend = [
+        f'<rect x="{frame.left + 4:.1f}" y="{frame.top + 2:.1f}" '
+        f'width="{36 + 6.5 * max(map(len, named)):.1f}" height="{6 + 15 * len(named):.1f}" '
+        'fill="#fff" fill-opacity="0.85" stroke="#ccc"/>'
+    ]
+    for n, name in enumerate(names):
         if name:
             y = frame.top + 17 + 15 * (len(legend) // 2)  # after the box, two parts a name
-            legend.append(_line(frame.left + 10, y - 4, frame.left + 28, y - 4, color, 3))
+            legend.append(_line(frame.left + 10, y - 4, frame.left + 28, y - 4, _color(n), 3))
             legend.append(_text(frame.left + 34, y, name, anchor="start"))
-    return _svg(parts + legend, label)
+    return legend
 
 
 def bar_chart(
@@ -273,28 +283,34 @@ def hbar_chart(
 
 
 def calibration_chart(
-    bins: Sequence[tuple[float, float, int]],
+    series: Sequence[tuple[str, Sequence[tuple[float, float, int]]]],
     *,
     label: str,
     empty: str = "no data",
 ) -> str:
-    """(mean predicted, observed rate, count) per bin against the diagonal of perfect
-    calibration; a point's area grows with its count."""
-    if not bins:
+    """(mean predicted, observed rate, count) per bin of each (name, bins) against the
+    diagonal of perfect calibration, each in its colour of :data:`SERIES`, named in a
+    legend when it has a name; a point's area grows with its count."""
+    if not any(bins for _, bins in series):
         return _empty(label, empty)
     frame = _Frame(nice_ticks(0.0, 1.0), nice_ticks(0.0, 1.0))
     parts = frame.axes("predicted probability", "observed rate")
     parts.append(_line(frame.x(0), frame.y(0), frame.x(1), frame.y(1), "#999"))
-    largest = max(count for _, _, count in bins)
-    coords = " ".join(f"{frame.x(p):.1f},{frame.y(o):.1f}" for p, o, _ in bins)
-    parts.append(f'<polyline points="{coords}" fill="none" stroke="{ACCENT}" stroke-width="1.5"/>')
-    for predicted, observed, count in bins:
-        radius = 3 + 6 * math.sqrt(count / largest)
+    largest = max(count for _, bins in series for _, _, count in bins)
+    for n, (_, bins) in enumerate(series):
+        if not bins:
+            continue
+        coords = " ".join(f"{frame.x(p):.1f},{frame.y(o):.1f}" for p, o, _ in bins)
         parts.append(
-            f'<circle cx="{frame.x(predicted):.1f}" cy="{frame.y(observed):.1f}" '
-            f'r="{radius:.1f}" fill="{ACCENT}" fill-opacity="0.7">'
-            f"<title>{predicted:.2f} predicted, {observed:.2f} observed, "
-            f"{counted(count, 'label')}</title>"
-            "</circle>"
+            f'<polyline points="{coords}" fill="none" stroke="{_color(n)}" stroke-width="1.5"/>'
         )
-    return _svg(parts, label)
+        for predicted, observed, count in bins:
+            radius = 3 + 6 * math.sqrt(count / largest)
+            parts.append(
+                f'<circle cx="{frame.x(predicted):.1f}" cy="{frame.y(observed):.1f}" '
+                f'r="{radius:.1f}" fill="{_color(n)}" fill-opacity="0.7">'
+                f"<title>{predicted:.2f} predicted, {observed:.2f} observed, "
+                f"{counted(count, 'label')}</title>"
+                "</circle>"
+            )
+    return _svg(parts + _legend(frame, [name for name, _ in series]), label)
