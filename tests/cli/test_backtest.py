@@ -1174,6 +1174,8 @@ def test_a_grid_runs_every_point_of_its_product_named_by_its_values():
         (["trading_min_score"], [], "--grid 'trading_min_score': KEY=V1,V2,..."),
         (["trading_min_score=0.5,,0.6"], [], "configuration 'trading_min_score=': "),
         (["trading_min_score=0.5,0.5"], [], "--grid trading_min_score: 0.5 given twice"),
+        (["exit_stale_after_s=,300,"], [],
+         "--grid exit_stale_after_s: '' given twice"),
         (["trading_min_score=0.5,0.6", "trading_min_score=0.7"], [],
          "--grid trading_min_score: given twice"),
         (["trading_min_score=0.5,0.6"], ["--config", "hi=trading_min_score=0.7"],

@@ -318,7 +318,7 @@ def parse_grid(text: str) -> tuple[str, list[str]]:
     values = [value.strip() for value in _items(rest)]
     if not rest.strip():
         raise ValueError(f"--grid {key}: no values")
-    if twice := [value for value, n in Counter(values).items() if n > 1]:
+    if twice := [value or "''" for value, n in Counter(values).items() if n > 1]:
         raise ValueError(f"--grid {key}: {', '.join(twice)} given twice")
     return key, values
 
