@@ -135,13 +135,23 @@ def test_a_model_that_cannot_be_written_is_refused_before_the_history_is_read(wh
          "--start: not for --dataset"),
         (["--sim-seeds", "4", "--end", "2030-01-01", "--schema", "live"],
          "--schema, --end: not for --sim-seeds"),
+        # held out what it trained on: in-sample figures, and a backtest hint on it
+        (["--sim-seeds", "4-6", "--held-out-seeds", "6,7"],
+         "--held-out-seeds 6: trained on too (--sim-seeds): the held-out figures would be "
+         "of rows the model learned"),
+        (["--dataset", "/data/market.jsonl", "--held-out-dataset", "/data/../data/market.jsonl"],
+         "--held-out-dataset /data/../data/market.jsonl: trained on too (--dataset): the "
+         "held-out figures would be of rows the model learned"),
     ],
 )  # fmt: skip
-def test_a_window_of_postgres_history_is_refused_for_another_source(given, said, capsys):
-    """Ignored, the model would say it trained on the whole file or market, not the
-    window asked for; backtest refuses these flags alike."""
-    assert cli_main.main(["train", *given, "--out", "/nonexistent/m.onnx"]) == 2
+def test_a_source_the_model_would_not_train_as_asked_is_refused(given, said, tmp_path, capsys):
+    """A window of Postgres history given with another source, ignored, would have the
+    model say it trained on the whole file or market (backtest refuses these flags
+    alike); a held-out source it trained on would make its held-out figures in-sample."""
+    out = tmp_path / "m.onnx"
+    assert cli_main.main(["train", *given, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"pumpflow train: {said}\n"
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -151,7 +161,7 @@ def test_a_window_of_postgres_history_is_refused_for_another_source(given, said,
         # the shipped model trained on seeds 1-3: a comparison on them would favour it
         (["--sim-seeds", "1,2"], ["--seed", "4", "--minutes", "10"]),
         (["--sim-seeds", "5", "--held-out-seeds", "2"], ["--seed", "6", "--minutes", "10"]),
-        (["--dataset", "{market}", "--held-out-dataset", "{market}"], ["--dataset", "{market}"]),
+        (["--dataset", "{market}", "--held-out-dataset", "{later}"], ["--dataset", "{later}"]),
         (["--dataset", "{market}"], ["--dataset", "FILE.jsonl"]),
         # Postgres history up to --end: what was recorded after it
         (["--schema", "live", "--end", "2026-12-01T00:00:00"],
@@ -169,9 +179,9 @@ def test_train_s_hint_backtests_on_a_stream_the_model_did_not_train_on(sources, 
     from pumpflow.cli.train import unseen_stream
 
     parser = cli_main.build_parser()
-    market = "/data/market.jsonl"
-    args = parser.parse_args(["train", *(s.format(market=market) for s in sources)])
-    assert unseen_stream(args) == [s.format(market=market) for s in stream]
+    files = {"market": "/data/market.jsonl", "later": "/data/later.jsonl"}
+    args = parser.parse_args(["train", *(s.format(**files) for s in sources)])
+    assert unseen_stream(args) == [s.format(**files) for s in stream]
 
 
 def test_a_regression_model_of_the_net_return_is_trained_and_served(market_file, tmp_path):

@@ -428,6 +428,18 @@ def run_training(args: argparse.Namespace, *, progress: bool):
             source = "--dataset" if args.dataset else "--sim-seeds"
             raise UsageError(f"{', '.join(stray)}: not for {source}")
     check_window(args.start, args.end)
+    trained_on = [
+        *(("--held-out-seeds", seed, "--sim-seeds") for seed in args.held_out_seeds
+          if seed in args.sim_seeds),
+        *(("--held-out-dataset", path, "--dataset") for path in args.held_out_dataset
+          if Path(path).resolve() in {Path(p).resolve() for p in args.dataset}),
+    ]  # fmt: skip
+    if trained_on:
+        flag, source, trained_flag = trained_on[0]
+        raise UsageError(
+            f"{flag} {source}: trained on too ({trained_flag}): the held-out figures would "
+            "be of rows the model learned"
+        )
     skip = args.skip_minutes
     if args.sim_seeds and skip >= args.sim_minutes:
         raise SystemExit(
