@@ -81,3 +81,16 @@ async def test_record_for_a_duration_then_replay_from_postgres(sim, tmp_path, na
         conn = await asyncpg.connect(POSTGRES_DSN)
         await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
         await conn.close()
+
+
+def test_a_recording_that_never_connected_says_so_and_fails(tmp_path, capsys):
+    """A script reading the exit status must not take nothing recorded for a recording."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/api/data"  # nothing listens on it
+    argv = ["record", "--url", url, "--out", str(tmp_path / "r.jsonl"), "--duration", "0.5"]
+    assert cli.main(argv, prog="pumpflow") == 1
+    err = capsys.readouterr().err
+    assert f"pumpflow record: never connected to {url}: nothing recorded" in err

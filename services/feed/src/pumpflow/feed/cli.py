@@ -216,6 +216,10 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+class NeverConnected(Exception):
+    """A recording's stream was never reached: the message says which."""
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run a parsed ``record``/``replay`` command; return the exit code."""
     settings = FeedSettings.load()
@@ -224,8 +228,9 @@ async def run(args: argparse.Namespace) -> int:
     if args.feed_command == "record":
         stop = asyncio.Event()
         _install_stop(stop)
+        url = args.url or settings.pumpportal_ws_url
         summary = await record(
-            url=args.url or settings.pumpportal_ws_url,
+            url=url,
             api_key=settings.api_key(),
             out=args.out,
             dsn=None if args.out else dsn,
@@ -243,6 +248,8 @@ async def run(args: argparse.Namespace) -> int:
             f"{summary.sessions} sessions",
             file=sys.stderr,
         )
+        if not summary.sessions:
+            raise NeverConnected(f"never connected to {url}: nothing recorded")
         return 0
     check_window(args.start, args.end)
     bus = None
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
     except UsageError as exc:
         print(f"{prog} {args.feed_command}: {exc}", file=sys.stderr)
         return 2
+    except NeverConnected as exc:
+        print(f"{prog} {args.feed_command}: {exc}", file=sys.stderr)
+        return 1
     except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is
         print(f"{prog} {args.feed_command}: {exc}: nothing recorded there", file=sys.stderr)
         return 2
