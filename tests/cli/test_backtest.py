@@ -165,7 +165,7 @@ async def test_frames_recorded_in_postgres_are_the_dataset_s(dataset, pg_pool, p
 def test_a_postgres_window_is_in_its_source():
     """Two windows of one schema are two streams: their reports and documents tell them
     apart."""
-    from pumpflow.cli.backtest import postgres_source
+    from pumpflow.common.runtime.arguments import postgres_source
 
     assert postgres_source("live", None, None) == "postgres live"
     assert postgres_source("live", START, None) == "postgres live, from 2023-11-14 22:13:20 UTC"

@@ -94,3 +94,14 @@ def test_a_recording_that_never_connected_says_so_and_fails(tmp_path, capsys):
     assert cli.main(argv, prog="pumpflow") == 1
     err = capsys.readouterr().err
     assert f"pumpflow record: never connected to {url}: nothing recorded" in err
+
+
+async def test_a_replay_of_a_window_with_no_event_says_so_and_fails(pg_pool, namespace, capsys):
+    """As backtest and train say of it: an empty window is named, not taken for a replay."""
+    argv = ["replay", "--dsn", POSTGRES_DSN, "--schema", namespace, "--start", "2020-01-01",
+            "--end", "2020-01-02"]  # fmt: skip
+    assert await asyncio.to_thread(cli.main, argv, prog="pumpflow") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"pumpflow replay: no events in postgres {namespace}, from 2020-01-01 00:00:00 UTC "
+        "to 2020-01-02 00:00:00 UTC: nothing replayed"
+    )

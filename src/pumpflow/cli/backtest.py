@@ -106,7 +106,7 @@ from pumpflow.common.runtime.arguments import (
     help_text,
     positive,
     postgres_dsn,
-    utc_text,
+    postgres_source,
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
@@ -179,14 +179,6 @@ async def database_frames(
         ]
     finally:
         await pool.close()
-
-
-def postgres_source(schema: str, start: float | None, end: float | None) -> str:
-    """What a backtest of the schema's window replays, as its reports name it."""
-    window = ([f"from {utc_text(start)}"] if start is not None else []) + (
-        [f"to {utc_text(end)}"] if end is not None else []
-    )
-    return f"postgres {schema}" + (f", {' '.join(window)}" if window else "")
 
 
 # ------------------------------------------------------------------ configurations

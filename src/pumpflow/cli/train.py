@@ -56,6 +56,7 @@ from pumpflow.common.runtime.arguments import (
     help_text,
     positive,
     postgres_dsn,
+    postgres_source,
     share,
 )
 from pumpflow.common.text import counted, noun_of
@@ -395,7 +396,6 @@ POSTGRES_FLAGS = ("schema", "start", "end")
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
-    from pumpflow.cli.backtest import postgres_source
     from pumpflow.cli.report import writable
     from pumpflow.common.model.card import LabelDefinition
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION

@@ -32,6 +32,7 @@ from pumpflow.common.runtime.arguments import (
     epoch_time,
     positive,
     postgres_dsn,
+    postgres_source,
 )
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
@@ -216,8 +217,8 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-class NeverConnected(Exception):
-    """A recording's stream was never reached: the message says which."""
+class NothingDone(Exception):
+    """A recording or replay that did nothing: the message says why."""
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -249,7 +250,7 @@ async def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if not summary.sessions:
-            raise NeverConnected(f"never connected to {url}: nothing recorded")
+            raise NothingDone(f"never connected to {url}: nothing recorded")
         return 0
     check_window(args.start, args.end)
     bus = None
@@ -269,6 +270,11 @@ async def run(args: argparse.Namespace) -> int:
         if bus is not None:
             await bus.close()
     print(f"replayed {count} events", file=sys.stderr)
+    if not count:
+        window = postgres_source(schema, args.start, args.end)
+        if args.mint:
+            window += f", of {', '.join(args.mint)}"
+        raise NothingDone(f"no events in {window}: nothing replayed")
     return 0
 
 
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-feed") -> int:
     except UsageError as exc:
         print(f"{prog} {args.feed_command}: {exc}", file=sys.stderr)
         return 2
-    except NeverConnected as exc:
+    except NothingDone as exc:
         print(f"{prog} {args.feed_command}: {exc}", file=sys.stderr)
         return 1
     except NoSuchSchema as exc:  # a flag naming nothing, as a bad flag is

@@ -89,6 +89,14 @@ def utc_text(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def postgres_source(schema: str, start: float | None, end: float | None) -> str:
+    """A window of the schema's history, as the commands reading it name it."""
+    window = ([f"from {utc_text(start)}"] if start is not None else []) + (
+        [f"to {utc_text(end)}"] if end is not None else []
+    )
+    return f"postgres {schema}" + (f", {' '.join(window)}" if window else "")
+
+
 def check_window(start: float | None, end: float | None) -> None:
     """Refuse a ``--start``/``--end`` window that ends before it starts: read, it would
     pass for an empty history."""
