@@ -4,6 +4,7 @@ results or from the Postgres ledger, and a real browser draws every plot offline
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -551,6 +552,19 @@ async def test_sales_at_one_time_follow_the_order_they_were_filled_in():
     curve = [(t, round(pnl, 9)) for t, pnl in results.equity_curve(found)]
     assert curve == [(1.0, 0.0), (10.0, 0.3), (10.0, 0.2), (11.0, 0.1)]
     assert results.max_drawdown(found) == pytest.approx(0.2)
+
+
+async def test_an_order_without_an_outcome_reads_in_flight_as_the_text_report_says():
+    ledger = MemoryLedger()
+    change = _ledger_of((("p1", "a", 1.0, 10.0, 0.1),))
+    sent = dataclasses.replace(change.orders[-1], order_id="p1-again", state="sent")
+    await ledger.commit(change)
+    await ledger.commit(LedgerChange(orders=[sent], fills=[], positions=[]))
+    found = await from_ledger(ledger, title="t", source="s")
+    assert found.orders == {"filled buy": 1, "filled sell": 1, "in flight sell": 1}
+    assert "<td>orders</td><td>filled buy 1, filled sell 1, in flight sell 1</td>" in html.render(
+        found
+    )
 
 
 def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():

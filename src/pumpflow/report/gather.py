@@ -39,6 +39,8 @@ from pumpflow.report.results import (
 
 #: far more rows than any run has: the ledger's reads want a limit
 ALL_ROWS = 10_000_000
+#: an order's state in the ledger, as the reports say it
+ORDER_STATES = {"sent": "in flight"}
 
 
 def slippage_pct(side: str, price: float, expected_v_sol: float, expected_v_tokens: float) -> float:
@@ -92,7 +94,7 @@ async def from_ledger(
                 fill.side, fill.price, order["expected_v_sol"], order["expected_v_tokens"]
             ),
         ))  # fmt: skip
-    outcomes = Counter(f"{o['state']} {o['side']}" for o in orders)
+    outcomes = Counter(f"{ORDER_STATES.get(o['state'], o['state'])} {o['side']}" for o in orders)
     return Results(
         title=title, source=source, trades=tuple(trades), sales=sales, slippage=tuple(slippage),
         orders=dict(sorted(outcomes.items())),
