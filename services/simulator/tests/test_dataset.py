@@ -144,3 +144,26 @@ def test_a_bad_line_of_a_recording_is_named_as_a_recordings(tmp_path):
         out.write(b'{"t": 1.0, "frame": {}}\n')
     with pytest.raises(ValueError, match=r"recording.jsonl:3: not a recorded event.*record --out"):
         list(read_dataset(path))
+
+
+@pytest.mark.postgres
+async def test_a_load_cut_short_by_a_malformed_line_says_what_it_stored_before(tmp_path, pg_pool):
+    """The batches before the line are in Postgres: a backtest of the schema would replay
+    a part of the file, so the refusal says so."""
+    from pumpflow.common.storage import TokenEventStore
+    from pumpflow.simulator.dataset import DatasetError
+
+    path = tmp_path / "cut.jsonl"
+    write_dataset(Market(MarketConfig(seed=9)), path, duration_s=60.0, start_epoch=START)
+    lines = path.read_text().splitlines()
+    assert len(lines) > 600
+    path.write_text("\n".join([*lines[:600], "garbage", *lines[600:]]) + "\n")
+    store = TokenEventStore(pg_pool)
+    with pytest.raises(DatasetError) as refused:
+        await load_dataset(path, store, batch_size=500)
+    assert await store.count() == 500
+    assert str(refused.value).startswith(f"{path}:601: not a dataset line: ")
+    assert str(refused.value).endswith(
+        "; the 500 frames before it are stored (load the mended file again: what is "
+        "stored is not stored twice)"
+    )

@@ -185,7 +185,20 @@ async def load_dataset(
     events, frames = [], []
     rejected: list[str] = []
     total = inserted = 0
-    for event, raw in dataset_events(path, source=source, rejected=rejected):
+    read = dataset_events(path, source=source, rejected=rejected)
+    while True:
+        try:
+            event, raw = next(read)
+        except StopIteration:
+            break
+        except DatasetError as exc:
+            if not inserted:
+                raise
+            # the batches before it are in the store: a run of it would be of a part
+            raise DatasetError(
+                f"{exc}; the {inserted:,} frames before it are stored (load the mended "
+                "file again: what is stored is not stored twice)"
+            ) from None
         total += 1
         events.append(event)
         frames.append(raw)
