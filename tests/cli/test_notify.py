@@ -24,6 +24,7 @@ from pumpflow.cli.alerting import (
 from pumpflow.cli.main import main
 from pumpflow.cli.notify import NO_TARGET, HttpTransport, NotifySettings, run_notifier
 from pumpflow.common.clock import ReplayClock, WallClock
+from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.testing.waiting import eventually
 
 from .fake_webhooks import FakeWebhooks, alert, answer, fake_webhooks
@@ -207,6 +208,29 @@ def test_a_telegram_token_without_its_chat_is_a_settings_error(monkeypatch, caps
     assert main(["notify"]) == 2
     err = capsys.readouterr().err
     assert "PUMPFLOW_NOTIFY_TELEGRAM_CHAT_ID" in err and TOKEN not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL", f"discord.com/api/webhooks/1/{DISCORD_TOKEN}"),
+        ("PUMPFLOW_NOTIFY_PROMETHEUS_URL", "prometheus:9090"),
+        ("PUMPFLOW_NOTIFY_TELEGRAM_API_URL", "api.telegram.org"),
+    ],
+)
+def test_a_url_of_no_http_scheme_is_a_settings_error_naming_it(
+    variable, value, monkeypatch, capsys
+):
+    """Not a notifier that runs and whose every poll or post fails."""
+    monkeypatch.setenv("PUMPFLOW_NOTIFY_TELEGRAM_TOKEN", TOKEN)
+    monkeypatch.setenv("PUMPFLOW_NOTIFY_TELEGRAM_CHAT_ID", CHAT)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):  # before a notifier polls for ever
+        NotifySettings.load().targets()
+    assert main(["notify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pumpflow notify: ") and variable in err
+    assert DISCORD_TOKEN not in err and TOKEN not in err
 
 
 def test_the_settings_never_show_their_secrets():

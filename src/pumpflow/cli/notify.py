@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -59,12 +60,18 @@ NO_TARGET = (
 )
 
 
+#: what the notifier polls and posts to: a URL without its scheme would fail every time
+HTTP_URL_PATTERN = r"^https?://"
+
+
 class NotifySettings(CommonSettings):
     """Where alerts come from and go to. Environment: ``PUMPFLOW_NOTIFY_*``."""
 
     service: str = Field("notify", description="name in the logs")
     notify_prometheus_url: str = Field(
-        "http://127.0.0.1:9090", description="Prometheus, whose /api/v1/alerts is polled"
+        "http://127.0.0.1:9090",
+        pattern=HTTP_URL_PATTERN,
+        description="Prometheus, whose /api/v1/alerts is polled",
     )
     notify_interval_s: float = Field(15.0, gt=0, description="seconds between two polls")
     notify_timeout_s: float = Field(10.0, gt=0, description="seconds an HTTP request may take")
@@ -82,7 +89,7 @@ class NotifySettings(CommonSettings):
     notify_telegram_token: SecretStr | None = Field(None, description="Telegram bot token")
     notify_telegram_chat_id: str | None = Field(None, description="Telegram chat to post to")
     notify_telegram_api_url: str = Field(
-        "https://api.telegram.org", description="Telegram Bot API server"
+        "https://api.telegram.org", pattern=HTTP_URL_PATTERN, description="Telegram Bot API server"
     )
     notify_discord_webhook_url: SecretStr | None = Field(
         None, description="Discord webhook URL (holds its token)"
@@ -105,6 +112,9 @@ class NotifySettings(CommonSettings):
             )
         if self.notify_discord_webhook_url is not None:
             url = self.notify_discord_webhook_url.get_secret_value()
+            if url and not re.match(HTTP_URL_PATTERN, url):
+                # not shown: the URL holds the webhook's token
+                raise SettingsError("PUMPFLOW_NOTIFY_DISCORD_WEBHOOK_URL: not an http(s) URL")
             if url:
                 targets.append(DiscordTarget(url))
         return targets
