@@ -1496,6 +1496,24 @@ def test_every_command_with_a_window_takes_the_same_times(command, given, monkey
     assert args.start == args.end == 1_700_000_000.0
 
 
+@pytest.mark.parametrize("given", ["1700000000", "2023-11-14T22:13:20Z", "2023-11-14 22:13:20"])
+@pytest.mark.parametrize(
+    ("argv", "attribute"),
+    [
+        (["train", "--sim-start-epoch"], "sim_start_epoch"),
+        (["sim", "dataset", "--out", "d.jsonl", "--start-epoch"], "start_epoch"),
+    ],
+)
+def test_every_simulated_markets_start_takes_the_same_times(argv, attribute, given):
+    """The market a dataset is written from starts as train's does: `--start-epoch
+    2026-01-01`, not only its epoch seconds."""
+    from pumpflow.simulator.cli import build_parser as sim_parser
+
+    parser = sim_parser("pumpflow sim") if argv[0] == "sim" else cli_main.build_parser()
+    args = parser.parse_args([*argv[1:], given] if argv[0] == "sim" else [*argv, given])
+    assert getattr(args, attribute) == 1_700_000_000.0
+
+
 def test_settings_shows_values_as_the_environment_takes_them(monkeypatch, capsys):
     """A list setting reads as the JSON its variable takes, a switch as true/false, and a
     setting that is off as empty: what is shown can be given back as it is."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pumpflow.common.runtime.arguments import (
     count,
-    finite,
+    epoch_time,
     help_text,
     non_negative,
     positive,
@@ -157,9 +157,9 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument(
         "--start-epoch",
-        type=finite,
+        type=epoch_time,
         default=None,
-        help="arrival time of the run's start (default: now)",
+        help="arrival time of the run's start (epoch s or ISO, UTC; default: now)",
     )
 
     p = sub.add_parser("load", help="load a JSONL dataset into Postgres")
