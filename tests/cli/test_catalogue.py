@@ -41,6 +41,19 @@ def test_the_check_fails_on_a_stale_file_and_says_how_to_refresh(tmp_path, capsy
     assert stale(tmp_path) == [ASYNCAPI_FILE, MARKDOWN_FILE]
 
 
+def test_an_out_that_is_no_folder_is_refused_as_the_flags_error(tmp_path, capsys):
+    """Not "File exists" for a file, nor "differ from the code" for a folder not there."""
+    file = tmp_path / "events.md"
+    file.write_text("mine")
+    assert main(["catalogue", "--out", str(file)]) == 2
+    assert capsys.readouterr().err == f"pumpflow catalogue: --out {file}: not a directory\n"
+    assert file.read_text() == "mine"
+    missing = tmp_path / "docs"
+    assert main(["catalogue", "--out", str(missing), "--check"]) == 2
+    assert capsys.readouterr().err == f"pumpflow catalogue: --out {missing}: no such directory\n"
+    assert not missing.exists()
+
+
 def test_every_registered_type_has_a_channel_its_events_route_to():
     document = asyncapi_document()
     channels, components = document["channels"], document["components"]

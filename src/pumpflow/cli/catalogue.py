@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from pumpflow.common.events import Event, registered
-from pumpflow.common.runtime.arguments import help_text
+from pumpflow.common.runtime.arguments import UsageError, help_text
 
 # the bus and the topology (which names every service's domain) are imported where the
 # document is made: every pumpflow command registers this one
@@ -378,6 +378,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def catalogue_command(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: not a directory")
+    if args.check and not args.out.exists():
+        raise UsageError(f"--out {args.out}: no such directory")
     if args.check:
         outdated = stale(args.out)
         if outdated:
