@@ -397,25 +397,38 @@ def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag_and_range(ar
     assert err[-1].startswith(f"pumpflow {argv[0]}: error: ")
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["migrate"],
-        ["prune", "--keep-days", "3", "--dry-run"],
-        ["report"],
-        ["backtest"],
-        ["train"],
-        ["replay"],
-        ["record", "--url", "ws://127.0.0.1:1/api/data"],
-        ["sim", "load", "run.jsonl"],
-    ],
-)
+#: the commands reading or writing Postgres, each with what it needs besides
+POSTGRES_COMMANDS = [
+    ["migrate"],
+    ["prune", "--keep-days", "3", "--dry-run"],
+    ["report"],
+    ["backtest"],
+    ["train"],
+    ["replay"],
+    ["record", "--url", "ws://127.0.0.1:1/api/data"],
+    ["sim", "load", "run.jsonl"],
+]
+
+
+@pytest.mark.parametrize("argv", POSTGRES_COMMANDS)
 def test_a_dsn_flag_that_is_no_postgres_url_is_refused_naming_the_flag(argv, capsys):
     with pytest.raises(SystemExit) as refused:
         cli_main.main([*argv, "--dsn", "notadsn"])
     assert refused.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "argument --dsn: not a URL of postgresql:// or postgres://" in err[-1], err
+
+
+@pytest.mark.parametrize("argv", POSTGRES_COMMANDS)
+def test_a_schema_no_namespace_could_name_is_refused_as_its_flags_error(argv, capsys):
+    """`migrate --schema Pumpflow-Test` made a schema no service could use (the namespace
+    is the schema, lower case)."""
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main([*argv, "--schema", "Pumpflow-Test"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "argument --schema: not a namespace" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("score", [-0.01, 0.0, 0.5, 1.0, 1.01])

@@ -107,6 +107,7 @@ from pumpflow.common.runtime.arguments import (
     positive,
     postgres_dsn,
     postgres_source,
+    schema_name,
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results
@@ -1151,7 +1152,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument(
+        "--schema", type=schema_name, help="Postgres schema (default: PUMPFLOW_NAMESPACE)"
+    )
     parser.add_argument(
         "--start", type=epoch_time, help="Postgres: first event time (epoch s or ISO, UTC)"
     )

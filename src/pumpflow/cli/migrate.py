@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable
 
-from pumpflow.common.runtime.arguments import postgres_dsn
+from pumpflow.common.runtime.arguments import postgres_dsn, schema_name
 from pumpflow.common.runtime.logging import redact_url
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
 
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    parser.add_argument("--schema", help="schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument("--schema", type=schema_name, help="schema (default: PUMPFLOW_NAMESPACE)")
     parser.set_defaults(handler=migrate_command)
 
 

@@ -25,6 +25,7 @@ from pumpflow.common.runtime.arguments import (
     epoch_time,
     help_text,
     postgres_dsn,
+    schema_name,
 )
 from pumpflow.common.runtime.logging import redact_url
 from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, CommonSettings
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    parser.add_argument("--schema", help="schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument("--schema", type=schema_name, help="schema (default: PUMPFLOW_NAMESPACE)")
     parser.set_defaults(handler=prune_command)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pumpflow.common.runtime.arguments import UsageError, help_text, postgres_dsn
+from pumpflow.common.runtime.arguments import UsageError, help_text, postgres_dsn, schema_name
 from pumpflow.common.runtime.settings import setting_text
 from pumpflow.common.text import counted
 
@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    parser.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    parser.add_argument(
+        "--schema", type=schema_name, help="Postgres schema (default: PUMPFLOW_NAMESPACE)"
+    )
     parser.add_argument(
         "--out",
         metavar="FILE.html",

@@ -57,6 +57,7 @@ from pumpflow.common.runtime.arguments import (
     positive,
     postgres_dsn,
     postgres_source,
+    schema_name,
     share,
 )
 from pumpflow.common.text import counted, noun_of
@@ -135,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    source.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    source.add_argument(
+        "--schema", type=schema_name, help="Postgres schema (default: PUMPFLOW_NAMESPACE)"
+    )
     source.add_argument("--start", type=epoch_time, help="first event time (epoch s or ISO, UTC)")
     source.add_argument("--end", type=epoch_time, help="end of the window (epoch s or ISO, UTC)")
     source.add_argument(

@@ -33,6 +33,7 @@ from pumpflow.common.runtime.arguments import (
     positive,
     postgres_dsn,
     postgres_source,
+    schema_name,
 )
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.storage import TokenEventStore
@@ -186,7 +187,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    rec.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    rec.add_argument(
+        "--schema", type=schema_name, help="Postgres schema (default: PUMPFLOW_NAMESPACE)"
+    )
     rec.add_argument("--duration", type=positive, help="seconds to record (default: until stopped)")
     rec.add_argument("--mint", action="append", default=[], help="also stream this mint's trades")
     rec.add_argument("--no-new-tokens", action="store_true", help="skip token creations")
@@ -196,7 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument(
         "--dsn", type=postgres_dsn, help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)"
     )
-    rep.add_argument("--schema", help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    rep.add_argument(
+        "--schema", type=schema_name, help="Postgres schema (default: PUMPFLOW_NAMESPACE)"
+    )
     rep.add_argument(
         "--start", type=epoch_time, help="first event time (epoch s or ISO, UTC; inclusive)"
     )

@@ -21,6 +21,7 @@ from pumpflow.common.runtime.arguments import (
     positive,
     postgres_dsn,
     probability,
+    schema_name,
 )
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
@@ -170,7 +171,12 @@ def build_parser(prog: str = "pumpflow-sim") -> argparse.ArgumentParser:
         default=None,
         help="Postgres DSN (default: PUMPFLOW_POSTGRES_DSN)",
     )
-    p.add_argument("--schema", default=None, help="Postgres schema (default: PUMPFLOW_NAMESPACE)")
+    p.add_argument(
+        "--schema",
+        type=schema_name,
+        default=None,
+        help="Postgres schema (default: PUMPFLOW_NAMESPACE)",
+    )
     p.add_argument("--batch-size", type=count, default=5_000, help="rows per insert (5000)")
     return parser
 

@@ -32,6 +32,8 @@ class UsageError(ValueError):
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 AMQP_SCHEMES = ("amqp", "amqps")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: a namespace: the prefix of queues and keys, and the Postgres schema unquoted
+NAMESPACE_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
 def server_url(text: str, schemes: tuple[str, ...]) -> str:
@@ -53,6 +55,15 @@ def postgres_dsn(text: str) -> str:
         return server_url(text, POSTGRES_SCHEMES)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def schema_name(text: str) -> str:
+    """A ``--schema``: a namespace's, the only schemas the services use."""
+    if not re.match(NAMESPACE_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"not a namespace (a lower-case letter, then lower-case letters, digits or _): {text!r}"
+        )
+    return text
 
 
 def finite(text: str) -> float:

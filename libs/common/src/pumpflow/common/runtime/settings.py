@@ -46,6 +46,7 @@ from pydantic_settings import (
 
 from pumpflow.common.runtime.arguments import (
     AMQP_SCHEMES,
+    NAMESPACE_PATTERN,
     POSTGRES_SCHEMES,
     REDIS_SCHEMES,
     server_url,
@@ -358,7 +359,7 @@ class CommonSettings(BaseSettings):
     )
     namespace: str = Field(
         "pumpflow",
-        pattern=r"^[a-z][a-z0-9_]*$",
+        pattern=NAMESPACE_PATTERN,
         description="prefix of exchanges, queues, Redis keys and the Postgres schema",
     )
     partitions: int = Field(16, ge=1, le=256, description="partitions of keyed events")
