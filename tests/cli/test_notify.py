@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,7 +24,7 @@ from pumpflow.cli.alerting import (
     parse_alerts,
 )
 from pumpflow.cli.main import main
-from pumpflow.cli.notify import NO_TARGET, HttpTransport, NotifySettings, run_notifier
+from pumpflow.cli.notify import NO_TARGET, HttpTransport, NotifySettings, _serve, run_notifier
 from pumpflow.common.clock import ReplayClock, WallClock
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.testing.waiting import eventually
@@ -187,6 +189,21 @@ async def test_prometheus_unreachable_is_waited_out():
     with pytest.raises(AlertSourceError, match="does not answer"):
         await transport.alerts()
     await transport.close()
+
+
+async def test_a_notifier_stopped_by_a_signal_takes_its_handlers_away_before_the_loop_closes():
+    """Left to the loop's close, which closes its wakeup pipe first, a second SIGINT in
+    between wrote to it: "Exception ignored ... BrokenPipeError", a traceback on stderr
+    (a double Ctrl-C, or `timeout -s INT`, which signals the process and its group)."""
+    settings = NotifySettings.load(
+        notify_prometheus_url="http://127.0.0.1:1",
+        notify_discord_webhook_url=f"http://127.0.0.1:1/api/webhooks/1/{DISCORD_TOKEN}",
+        notify_interval_s=0.05,
+    )
+    asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGINT)
+    assert await _serve(settings, settings.targets(), settings.notifier_config()) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_without_a_webhook_notify_says_so_and_exits_cleanly(monkeypatch, capsys):

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +46,7 @@ from pumpflow.cli.alerting import (
 from pumpflow.common.clock import Clock, WallClock
 from pumpflow.common.runtime.logging import configure_logging
 from pumpflow.common.runtime.settings import CommonSettings, SettingsError
+from pumpflow.common.runtime.signals import stopped_by_signals
 
 log = logging.getLogger("pumpflow.notify")
 
@@ -280,20 +280,18 @@ async def _serve(settings: NotifySettings, targets: list[Target], config: Notifi
     transport = HttpTransport(settings.notify_prometheus_url, timeout_s=settings.notify_timeout_s)
     notifier = AlertNotifier(targets, poster=transport.post, clock=clock, config=config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     log.info(
         "notifying %s of the alerts of %s every %g s",
         ", ".join(t.kind for t in targets), settings.notify_prometheus_url,
         settings.notify_interval_s,
     )  # fmt: skip
     try:
-        await run_notifier(
-            notifier, transport.alerts, clock=clock, interval_s=settings.notify_interval_s,
-            stop=stop, source=settings.notify_prometheus_url,
-            source_down_after_s=settings.notify_source_down_after_s,
-        )  # fmt: skip
+        with stopped_by_signals(stop):
+            await run_notifier(
+                notifier, transport.alerts, clock=clock, interval_s=settings.notify_interval_s,
+                stop=stop, source=settings.notify_prometheus_url,
+                source_down_after_s=settings.notify_source_down_after_s,
+            )  # fmt: skip
     finally:
         await transport.close()
         log.info("stopped: %s", notifier.stats())

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pumpflow.common.runtime.arguments import (
     schema_name,
 )
 from pumpflow.common.runtime.settings import SettingsError
+from pumpflow.common.runtime.signals import stopped_by_signals
 from pumpflow.common.storage import TokenEventStore
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
@@ -216,12 +216,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--bus", action="store_true", help="publish onto the bus (PUMPFLOW_*)")
 
 
-def _install_stop(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-
 class NothingDone(Exception):
     """A recording or replay that did nothing: the message says why."""
 
@@ -233,21 +227,21 @@ async def run(args: argparse.Namespace) -> int:
     schema = args.schema or settings.namespace
     if args.feed_command == "record":
         stop = asyncio.Event()
-        _install_stop(stop)
         url = args.url or settings.pumpportal_ws_url
-        summary = await record(
-            url=url,
-            api_key=settings.api_key(),
-            out=args.out,
-            dsn=None if args.out else dsn,
-            schema=schema,
-            duration=args.duration,
-            stop=stop,
-            subscribe_new_tokens=not args.no_new_tokens,
-            subscribe_migrations=not args.no_migrations,
-            auto_subscribe_trades=not args.no_auto_trades,
-            mints=tuple(args.mint),
-        )
+        with stopped_by_signals(stop):
+            summary = await record(
+                url=url,
+                api_key=settings.api_key(),
+                out=args.out,
+                dsn=None if args.out else dsn,
+                schema=schema,
+                duration=args.duration,
+                stop=stop,
+                subscribe_new_tokens=not args.no_new_tokens,
+                subscribe_migrations=not args.no_migrations,
+                auto_subscribe_trades=not args.no_auto_trades,
+                mints=tuple(args.mint),
+            )
         print(
             f"recorded {summary.events} events ({summary.stored} new), "
             f"{summary.invalid_frames} invalid frames, {summary.duplicates} duplicates, "

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pumpflow.common.runtime.arguments import (
     probability,
     schema_name,
 )
+from pumpflow.common.runtime.signals import stopped_by_signals
 from pumpflow.simulator.calibration import calibrate
 from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
@@ -249,12 +248,9 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
         raise CannotListen(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     print(f"serving {server.url}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    with stopped_by_signals(stop):
+        await stop.wait()
+        await server.stop()
     print(f"sent: {dict(server.counters)}", flush=True)
     return dict(server.counters)
 
