@@ -150,6 +150,21 @@ def test_text_format(settings):
     assert "SECRET" not in line
 
 
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_uvicorns_colour_template_is_no_field_of_the_line(settings, log_format):
+    """uvicorn logs its start with ``extra={"color_message": ...}``: the unformatted
+    message again with terminal escapes, shown as a field of every service's start."""
+    settings = settings.model_copy(update={"log_format": log_format})
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]", 42, extra={"color_message": "Started [\x1b[36m%d\x1b[0m]"}
+    )
+    line = stream.getvalue()
+    assert "Started server process [42]" in line
+    assert "color_message" not in line and "36m" not in line
+
+
 def test_reconfiguring_replaces_the_handler(settings):
     stream1, stream2 = io.StringIO(), io.StringIO()
     configure_logging(settings, stream=stream1)

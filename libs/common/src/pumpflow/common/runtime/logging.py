@@ -25,9 +25,11 @@ SECRET_NAME = re.compile(r"(key|secret|password|passwd|token|credential)", re.IG
 #: shorter values are not scrubbed from messages: they would mangle ordinary text
 _MIN_SCRUB_LENGTH = 6
 
-# attributes every LogRecord has; anything else came in through ``extra=``
+# attributes every LogRecord has, and uvicorn's copy of its message for a terminal
+# (the template again, with colour escapes); anything else came in through ``extra=``
 _STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "color_message"}
 )
 
 
