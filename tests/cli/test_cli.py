@@ -1509,6 +1509,28 @@ def test_every_command_with_a_window_takes_the_same_times(command, given, monkey
     assert args.start == args.end == 1_700_000_000.0
 
 
+@pytest.mark.parametrize("given", ["99999999999999", "-99999999999999"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["backtest", "--start"],
+        ["train", "--end"],
+        ["train", "--sim-start-epoch"],
+        ["prune", "--before"],
+        ["replay", "--start"],
+        ["sim", "dataset", "--out", "d.jsonl", "--start-epoch"],
+    ],
+)
+def test_a_time_no_date_can_say_is_refused_as_its_flags_error(argv, given, capsys):
+    """`backtest --start 99999999999999` ended in "year 3170843 is out of range"."""
+    with pytest.raises(SystemExit) as refused:
+        cli_main.main([*argv, given])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"argument {argv[-1]}: not a date from year 1 to 9999: '{given}'" in err, err
+
+
 @pytest.mark.parametrize("given", ["1700000000", "2023-11-14T22:13:20Z", "2023-11-14 22:13:20"])
 @pytest.mark.parametrize(
     ("argv", "attribute"),

@@ -66,3 +66,15 @@ async def test_a_bound_within_a_day_or_no_bound_is_refused(
     assert "--keep-days: must be >= 1, not 0.5" in err, err
     assert "one of the arguments --before --keep-days is required" in err, err
     assert await store.count() == 3
+
+
+async def test_a_keep_longer_than_any_date_deletes_nothing_and_says_so(
+    pg_pool, namespace, postgres_dsn, capsys
+):
+    """Not a traceback of a bound before the year 1: nothing stored is older than 1970."""
+    store = await _stored(pg_pool)
+    argv = ["prune", "--keep-days", "100000000", "--dsn", postgres_dsn, "--schema", namespace]
+    assert await asyncio.to_thread(cli_main.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "deleted 0 token events older than 1970-01-01T00:00:00Z" in out, out
+    assert await store.count() == 3

@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def prune_command(args: argparse.Namespace) -> int:
     settings = CommonSettings.load(service="prune")
     now = time.time()
-    before = args.before if args.before is not None else now - args.keep_days * DAY_S
+    # a keep reaching past 1970 keeps every stored event (and a bound before the year 1
+    # is no date)
+    before = args.before if args.before is not None else max(0.0, now - args.keep_days * DAY_S)
     if before > now - MIN_KEEP_DAYS * DAY_S:
         raise UsageError(
             f"--before must be at least {MIN_KEEP_DAYS:g} day ago, not {_when(before)}"

@@ -83,9 +83,15 @@ def epoch_time(text: str) -> float:
     and time, in UTC unless it names its zone (a market's times are UTC, the machine's
     zone is no one's)."""
     try:
-        return finite(text)
+        epoch = finite(text)
     except argparse.ArgumentTypeError:
         pass
+    else:
+        try:  # a time every window, log line and report can say as a date
+            datetime.fromtimestamp(epoch, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise argparse.ArgumentTypeError(f"not a date from year 1 to 9999: {text!r}") from None
+        return epoch
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
