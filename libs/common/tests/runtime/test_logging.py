@@ -157,7 +157,8 @@ def test_uvicorns_colour_template_is_no_field_of_the_line(settings, log_format):
     settings = settings.model_copy(update={"log_format": log_format})
     stream = io.StringIO()
     configure_logging(settings, stream=stream)
-    logging.getLogger("uvicorn.error").info(
+    # a logger of the test's: uvicorn's own may be left disabled by another test
+    logging.getLogger("pumpflow.test").info(
         "Started server process [%d]", 42, extra={"color_message": "Started [\x1b[36m%d\x1b[0m]"}
     )
     line = stream.getvalue()
