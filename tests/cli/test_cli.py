@@ -1197,10 +1197,26 @@ async def test_dead_letters_of_a_service_that_never_consumed_are_refused_and_not
     typo = await asyncio.to_thread(process_stack.run, "dead-letters", "featurs")
     assert typo.returncode == 2
     assert typo.stderr.strip() == (
-        f"pumpflow: no dead letters are kept for 'featurs' in namespace "
+        f"pumpflow dead-letters: no dead letters are kept for 'featurs' in namespace "
         f"'{bus.namespace}': no such service has consumed there"
     )
     assert not await bus.keeps_dead_letters_of("featurs")  # and none was made
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--reason", "x"], "--reason, --type and --dry-run go with a redrive"),
+        (
+            ["--redrive-from", "/nonexistent/letters.jsonl"],
+            "/nonexistent/letters.jsonl: No such file or directory",
+        ),
+    ],
+)
+def test_dead_letters_refusals_name_the_command_as_every_others_do(flags, said, capsys):
+    """Not "pumpflow: [Errno 2] No such file or directory: '...'"."""
+    assert cli_main.main(["dead-letters", "features", *flags]) == 2
+    assert capsys.readouterr().err == f"pumpflow dead-letters: {said}\n"
 
 
 async def test_dead_letters_with_rabbitmq_away_is_one_line_and_exit_1(process_stack):

@@ -232,8 +232,11 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
     if args.redrive_from is not None:
         try:
             letters = read_letters(args.redrive_from, args.service)
-        except (OSError, ValueError) as exc:
-            print(f"pumpflow: {exc}", file=sys.stderr)
+        except OSError as exc:
+            print(f"pumpflow dead-letters: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"pumpflow dead-letters: {exc}", file=sys.stderr)
             return 2
     # an operator's command says at once that the broker is away, where a service waits
     bus = create_bus(replace(bus_config(settings), connect_attempts=1))
@@ -249,8 +252,8 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
     try:
         if not await bus.keeps_dead_letters_of(args.service):
             # a typo would read (and leave behind) an empty store of its own
-            print(f"pumpflow: no dead letters are kept for {args.service!r} in namespace "
-                  f"{settings.namespace!r}: no such service has consumed there",
+            print(f"pumpflow dead-letters: no dead letters are kept for {args.service!r} in "
+                  f"namespace {settings.namespace!r}: no such service has consumed there",
                   file=sys.stderr)  # fmt: skip
             return 2
         if args.redrive or letters is not None:
@@ -304,17 +307,20 @@ async def _run(args: argparse.Namespace, settings: CommonSettings, out: TextIO) 
 def dead_letters_command(args: argparse.Namespace) -> int:
     redriving = args.redrive or args.redrive_from is not None
     if not redriving and (args.reason or args.event_type or args.dry_run):
-        print("pumpflow: --reason, --type and --dry-run go with a redrive", file=sys.stderr)
+        print(
+            "pumpflow dead-letters: --reason, --type and --dry-run go with a redrive",
+            file=sys.stderr,
+        )
         return 2
     try:
         settings = CommonSettings.load(service="cli")
     except SettingsError as exc:
-        print(f"pumpflow: {exc}", file=sys.stderr)
+        print(f"pumpflow dead-letters: {exc}", file=sys.stderr)
         return 2
     if settings.transport == "memory":
         print(
-            "pumpflow: the memory transport keeps dead letters inside the running process; "
-            "set PUMPFLOW_TRANSPORT=rabbitmq to read a deployment's",
+            "pumpflow dead-letters: the memory transport keeps dead letters inside the running "
+            "process; set PUMPFLOW_TRANSPORT=rabbitmq to read a deployment's",
             file=sys.stderr,
         )
         return 2
