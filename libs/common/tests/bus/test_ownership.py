@@ -20,6 +20,7 @@ from pumpflow.common.bus import InMemoryBus, Sequencer, Subscription, partition_
 from pumpflow.common.bus.ownership import (
     BalancedBus,
     OwnershipConfig,
+    ReplicaIdInUse,
     ReplicaRegistry,
     assign_partitions,
     balanced,
@@ -188,6 +189,105 @@ async def test_registry_lists_live_replicas_until_their_heartbeat_expires():
     assert await a.live() == ["a", "b"]
     await b.leave()
     assert await a.live() == ["a"]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def wall_store(request, namespace, redis_url):
+    """A store whose TTLs run on the wall clock: memory, or the real Redis."""
+    if request.param == "memory":
+        yield MemoryStateStore(WallClock())
+        return
+    from pumpflow.common.state.redis import RedisStateStore
+
+    store = RedisStateStore(url=redis_url, namespace=namespace)
+    try:
+        yield store
+    finally:
+        await store.delete_many(await store.scan_keys(""))
+        await store.close()
+
+
+SAME_ID_TTL_S = 0.6
+
+
+def same_id(store: StateStore) -> ReplicaRegistry:
+    """A process's registry of replica "a" of "svc" (each call: another process)."""
+    return ReplicaRegistry(store, WallClock(), service="svc", replica="a", ttl_s=SAME_ID_TTL_S)
+
+
+async def beating(registry: ReplicaRegistry) -> None:
+    """Heartbeat as a live replica does, well inside the TTL."""
+    while True:
+        await registry.heartbeat()
+        await asyncio.sleep(SAME_ID_TTL_S / 4)
+
+
+async def test_a_second_live_process_with_the_same_replica_id_is_refused(wall_store):
+    first, second = same_id(wall_store), same_id(wall_store)
+    await first.claim()
+    alive = asyncio.create_task(beating(first))
+    try:
+        with pytest.raises(ReplicaIdInUse) as refused:
+            await second.claim()
+        said = str(refused.value)
+        assert "\n" not in said
+        assert "'a'" in said and "svc" in said and "another live process" in said, said
+        assert "PUMPFLOW_REPLICA" in said, said
+        # the refused one neither took the id nor, leaving, removed the holder's heartbeat
+        await second.leave()
+        await first.heartbeat()
+        assert await first.live() == ["a"]
+    finally:
+        alive.cancel()
+        await asyncio.gather(alive, return_exceptions=True)
+
+
+async def test_a_restart_after_a_crash_takes_its_replica_id_back_once_the_heartbeat_expired(
+    wall_store,
+):
+    crashed = same_id(wall_store)
+    await crashed.claim()
+    await crashed.heartbeat()  # then nothing: no more heartbeats, no leave
+    restarted = same_id(wall_store)
+    started = time.monotonic()
+    await restarted.claim()  # within the TTL: it waits the old heartbeat out
+    assert time.monotonic() - started <= SAME_ID_TTL_S * 2
+    await restarted.heartbeat()
+    assert await restarted.live() == ["a"]
+    # the crashed process, were it only stalled, finds the id taken
+    with pytest.raises(ReplicaIdInUse):
+        await crashed.heartbeat()
+    await crashed.leave()
+    assert await restarted.live() == ["a"]
+    # a restart after a clean stop takes it at once
+    await restarted.leave()
+    again = same_id(wall_store)
+    started = time.monotonic()
+    await again.claim()
+    assert time.monotonic() - started < SAME_ID_TTL_S / 2
+
+
+async def test_a_replica_whose_id_another_process_heartbeats_is_not_ready_and_says_so(caplog):
+    clock = ReplayClock(start=1000.0)
+    store = MemoryStateStore(clock)
+    bus = BalancedBus(InMemoryBus(partitions=4), store=store, clock=clock, replica="a")
+    await bus.start()
+    await bus.subscribe(Subscription(service="svc", patterns=("token.*",), handler=Recorder()))
+    assert bus.ownership()["svc"]["healthy"] is True
+    # another process took "a" (ours stalled past the TTL, say) and heartbeats it
+    await clock.advance_to(1001.5)
+    other = ReplicaRegistry(store, clock, service="svc", replica="a", ttl_s=3.0)
+    await store.delete_many(["replicas:svc:a"])
+    await other.claim()
+    await clock.advance_to(1002.5)
+    described = bus.ownership()["svc"]
+    assert described["healthy"] is False
+    assert "another live process" in described["error"], described
+    assert any(
+        r.levelname == "ERROR" and "another live process" in r.getMessage() for r in caplog.records
+    ), caplog.text
+    await bus.close()
+    assert await store.get("replicas:svc:a") is not None  # closing left the other's heartbeat
 
 
 # ---------------------------------------------------------------------- moving partitions
@@ -628,3 +728,15 @@ async def test_a_dead_replicas_partitions_are_taken_over_after_the_ttl(cluster):
     await eventually(lambda: len(journal) == len(keys), within=15)
     assert {partition_of(k, PARTITIONS) for k, _, _ in journal} & lost
     assert {name for _, _, name in journal} == {"ra"}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+async def test_a_second_process_with_a_live_replicas_id_refuses_to_start(cluster):
+    replica, _, _, _ = cluster
+    a = await replica("ra")
+    await eventually(lambda: a.owned == set(range(PARTITIONS)), within=10)
+    with pytest.raises(ReplicaIdInUse, match=r"'ra'.*another live process"):
+        await replica("ra")
+    await a.bus.balancers[SERVICE].rebalance()
+    assert a.owned == set(range(PARTITIONS)) and a.bus.balancers[SERVICE].healthy

@@ -313,6 +313,57 @@ async def test_distributed_service_connects_what_it_needs_and_reports_ready(
         await drop_schema(dsn, namespace)
 
 
+class Keyed(Service):
+    """Consumes keyed events, so its replicas share the partitions."""
+
+    name = "keyed"
+
+    async def start(self, ctx: ServiceContext) -> None:
+        await ctx.bus.subscribe(
+            Subscription(service=self.name, patterns=("token.lifecycle",), handler=self.handle)
+        )
+
+    async def handle(self, event) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+async def test_a_second_process_with_a_live_replicas_id_exits_1_in_one_line(
+    namespace, amqp_url, redis_url, redis_client, rabbitmq_harness, caplog
+):
+    rabbitmq_harness.delete_after(["keyed"])
+
+    def settings(port: int) -> CommonSettings:
+        return CommonSettings(service="keyed", replica="r1", transport="rabbitmq",
+                              partitions=4, amqp_url=amqp_url, redis_url=redis_url,
+                              namespace=namespace, http_port=port, log_format="text")  # fmt: skip
+
+    port = free_port()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_service(Keyed, settings(port), stop=stop))
+    try:
+        await eventually(lambda: runner.done() or ready(port), 120.0, what="r1 ready")
+        assert not runner.done(), runner.result()
+        caplog.clear()
+        copy = run_service(Keyed, settings(free_port()), stop=asyncio.Event())
+        assert await asyncio.wait_for(copy, 60) == EXIT_FAILED
+        said = error_lines(caplog)
+        assert len(said) == 1 and "'r1'" in said[0] and "another live process" in said[0], said
+        # the holder goes on, ready, its heartbeat in place
+        assert (await ready(port))["checks"]["partitions:keyed"]["ok"] is True
+        assert await redis_client.exists(f"{namespace}:replicas:keyed:r1")
+        stop.set()
+        assert await asyncio.wait_for(runner, 60) == 0
+    finally:
+        stop.set()
+        if not runner.done():
+            runner.cancel()
+
+
 def test_a_replay_clock_start_runs_the_service_on_a_replay_clock():
     assert isinstance(service_clock(CommonSettings(service="s")), WallClock)
     replay = service_clock(CommonSettings(service="s", replay_clock_start=1_700_000_000.0))

@@ -7,8 +7,15 @@
   of the partition count and the set of live replica ids, so every replica computes
   the same answer on its own, and a change of membership moves few partitions.
 - :class:`ReplicaRegistry`: each replica heartbeats ``replicas:<service>:<replica>``
-  in the StateStore with a TTL, with the partitions it holds; the live replicas are
-  the keys that have not expired.
+  in the StateStore with a TTL, with the partitions it holds and a token of its
+  process; the live replicas are the keys that have not expired. A replica id is one
+  live process's: the first subscription claims it (set only if absent) and, when
+  another process's heartbeat is there, waits until it either changes (a live holder:
+  :class:`ReplicaIdInUse`, the start fails) or expires (a crashed process, or our own
+  restart within the TTL: the id is ours). A running replica whose id another process
+  took meanwhile (it stalled past the TTL) leaves that heartbeat alone and is unhealthy,
+  with the reason in ``describe()``, until the other's expires; leaving removes only
+  our own heartbeat.
 - :class:`PartitionBalancer`: consumes the partitions this replica owns for a
   service's partitioned subscriptions and, when membership changes, hands them over:
   it stops consuming the lost ones (their handlers in flight finish and are acked;
@@ -33,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -141,9 +150,22 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     at: float
     #: partitions the replica holds (consumes, or is still handing over)
     owned: tuple[int, ...] = ()
+    #: the process's registry that wrote it: the same replica id from another is a conflict
+    instance: str = ""
 
 
 _decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
+
+
+class ReplicaIdInUse(RuntimeError):
+    """Another live process heartbeats this replica id of the service."""
+
+    def __init__(self, service: str, replica: str):
+        super().__init__(
+            f"replica id {replica!r} of {service} is held by another live process "
+            f"(heartbeat {REGISTRY_PREFIX}{service}:{replica}): "
+            "give each process its own PUMPFLOW_REPLICA"
+        )
 
 
 class ReplicaRegistry:
@@ -159,17 +181,67 @@ class ReplicaRegistry:
         self.ttl_s = ttl_s
         self.prefix = f"{REGISTRY_PREFIX}{service}:"
         self.key = self.prefix + replica
+        self.instance = uuid.uuid4().hex
         self._since: float | None = None
+        #: the heartbeat last written, so that leaving removes only our own
+        self._written: bytes | None = None
 
-    async def heartbeat(self, owned: Iterable[int] = ()) -> None:
-        """Say this replica is alive for the next ``ttl_s`` seconds, holding ``owned``."""
+    def _beat(self, owned: Iterable[int]) -> bytes:
         now = self.clock.now()
         if self._since is None:
             self._since = now
         beat = Heartbeat(
-            replica=self.replica, since=self._since, at=now, owned=tuple(sorted(owned))
+            replica=self.replica,
+            since=self._since,
+            at=now,
+            owned=tuple(sorted(owned)),
+            instance=self.instance,
         )
-        await self.store.set(self.key, msgspec.json.encode(beat), ttl=self.ttl_s)
+        return msgspec.json.encode(beat)
+
+    def _ours(self, raw: bytes) -> bool:
+        try:
+            return _decode_heartbeat(raw).instance == self.instance
+        except msgspec.DecodeError:
+            return False
+
+    async def claim(self) -> None:
+        """Take this replica id; :class:`ReplicaIdInUse` if another live process holds it.
+
+        A heartbeat left by a process that is gone (a crash, a restart within the TTL)
+        is waited out: it expires unchanged within ``ttl_s``, while a live holder's
+        changes at its next heartbeat. The wait is on the wall, as the store's TTLs
+        are, so a start on a replay clock cannot hang in it.
+        """
+        seen: bytes | None = None
+        give_up = time.monotonic() + 2 * self.ttl_s
+        while True:
+            beat = self._beat(())
+            if await self.store.set_if_absent(self.key, beat, ttl=self.ttl_s):
+                self._written = beat
+                return
+            current = await self.store.get(self.key)
+            if current is None:
+                continue  # expired since
+            if self._ours(current):
+                return
+            if (seen is not None and current != seen) or time.monotonic() >= give_up:
+                raise ReplicaIdInUse(self.service, self.replica)
+            seen = current
+            await asyncio.sleep(self.ttl_s / 8)
+
+    async def heartbeat(self, owned: Iterable[int] = ()) -> None:
+        """Say this replica is alive for the next ``ttl_s`` seconds, holding ``owned``.
+
+        :class:`ReplicaIdInUse` when another process heartbeats the id (it took it
+        while ours had expired): its heartbeat is left alone.
+        """
+        current = await self.store.get(self.key)
+        if current is not None and not self._ours(current):
+            raise ReplicaIdInUse(self.service, self.replica)
+        beat = self._beat(owned)
+        await self.store.set(self.key, beat, ttl=self.ttl_s)
+        self._written = beat
 
     async def live(self) -> list[str]:
         """Ids of the replicas whose heartbeat has not expired, sorted."""
@@ -191,9 +263,16 @@ class ReplicaRegistry:
         return out
 
     async def leave(self) -> None:
-        """Remove this replica's heartbeat, so the others take its partitions at once."""
+        """Remove this replica's heartbeat, so the others take its partitions at once.
+
+        Only the heartbeat this registry wrote last goes: another process's (holding
+        the id) stays, and so does one written since by a heartbeat whose reply was
+        lost (it expires after ``ttl_s``).
+        """
         self._since = None
-        await self.store.delete_many([self.key])
+        written, self._written = self._written, None
+        if written is not None:
+            await self.store.delete_if_equal(self.key, written)
 
 
 # ---------------------------------------------------------------------- balancing
@@ -224,6 +303,8 @@ class PartitionBalancer:
         self.rebalances = 0
         #: False after a failed heartbeat, until one succeeds
         self.healthy = False
+        #: why the last heartbeat failed, when another process holds our replica id
+        self.error: str | None = None
         self._subscriptions: list[Subscription] = []
         self._lock = asyncio.Lock()
         self._timer: TimerHandle | None = None
@@ -243,7 +324,13 @@ class PartitionBalancer:
         return tuple(self._subscriptions)
 
     async def add(self, subscription: Subscription) -> None:
-        """Subscribe (consuming no partition yet), then consume the owned partitions."""
+        """Subscribe (consuming no partition yet), then consume the owned partitions.
+
+        The first one claims the replica id: :class:`ReplicaIdInUse` when another live
+        process holds it. A store that fails meanwhile leaves that to the heartbeats.
+        """
+        if not self._running:
+            await self._claim()
         async with self._lock:
             await self.bus.subscribe(subscription)
             self._subscriptions.append(subscription)
@@ -276,6 +363,14 @@ class PartitionBalancer:
                 await self._beat(read=False)
             return moved
 
+    async def _claim(self) -> None:
+        try:
+            await self.registry.claim()
+        except ReplicaIdInUse:
+            raise
+        except Exception as exc:
+            log.warning("%s/%s: claiming the replica id failed: %r", *self._labels, exc)
+
     async def _beat(self, *, read: bool = True) -> tuple[str, ...] | None:
         """Heartbeat and list the live replicas (None when the store fails)."""
         try:
@@ -285,6 +380,14 @@ class PartitionBalancer:
                 if not read:
                     return self.replicas
                 members = await self.registry.members()
+        except ReplicaIdInUse as exc:
+            # consuming on meanwhile: single-active-consumer keeps each queue to one of us
+            self.healthy = False
+            HEARTBEAT_FAILURES.labels(*self._labels).inc()
+            if self.error is None:
+                log.error("%s", exc)
+            self.error = str(exc)
+            return None
         except Exception as exc:
             # keep what we consume: single-active-consumer still keeps each queue to
             # one consumer if the others take our partitions meanwhile
@@ -293,6 +396,7 @@ class PartitionBalancer:
             log.warning("%s/%s: heartbeat failed: %r", self.service, self.replica, exc)
             return None
         self.healthy = True
+        self.error = None
         self.held_elsewhere = frozenset(
             p for replica, owned in members.items() if replica != self.replica for p in owned
         )
@@ -430,13 +534,16 @@ class PartitionBalancer:
         OWNED.labels(*self._labels).set(0)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "replica": self.replica,
             "owned": sorted(self.owned),
             "replicas": list(self.replicas),
             "rebalances": self.rebalances,
             "healthy": self.healthy,
         }
+        if self.error is not None:
+            described["error"] = self.error
+        return described
 
 
 def _span(partitions: Iterable[int]) -> str:

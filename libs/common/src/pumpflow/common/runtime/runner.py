@@ -29,7 +29,8 @@ of it, whichever is shorter (a broker away can hold every step that publishes).
 
 Over RabbitMQ the service gets a :class:`~pumpflow.common.bus.ownership.BalancedBus`
 (unless ``balance_partitions`` is off): its replicas share the partitions, and on
-SIGTERM this replica first leaves, so the others take its partitions over.
+SIGTERM this replica first leaves, so the others take its partitions over. A process
+given the replica id of another live one exits 1, saying so in one line.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from pumpflow.common.bus.ownership import ReplicaIdInUse
 from pumpflow.common.clock import Clock, ReplayClock, WallClock
 from pumpflow.common.dependencies import POSTGRES
 from pumpflow.common.runtime.logging import configure_logging, redacted_settings
@@ -178,7 +180,7 @@ async def run_service(
             startup.ctx = ctx
             log.info("%s running", settings.service)
             await _wait(stop, http)
-    except (_Refused, DependencyUnavailable) as exc:
+    except (_Refused, DependencyUnavailable, ReplicaIdInUse) as exc:
         log.error("%s cannot start: %s", settings.service, exc)
         exit_code = EXIT_FAILED
     except Exception:
