@@ -143,6 +143,8 @@ def test_saved_results_are_written_again_where_the_help_says(backtest_report, tm
     ("text", "why"),
     [
         (json.dumps({"title": "x"}), "source"),
+        # any object with a title and a source would otherwise draw an empty report
+        (json.dumps({"title": "x", "source": "y"}), "trades"),
         ("# pumpflow\n", "malformed"),
         ("5", "Expected"),
         # a dataset file, one JSON object a line: its first is an object, not results
@@ -215,7 +217,7 @@ async def test_the_comparison_renders_in_chromium_a_curve_per_configuration_fetc
     compared = {
         "early": sold([trade(0, 0.2), trade(1, -0.1)]),
         "late": sold([trade(1, 0.1), trade(4, 0.3)]),
-        "idle": Results(title="t", source="s", sales=()),
+        "idle": Results(title="t", source="s", trades=(), sales=()),
     }
     path = html.write_comparison(
         tmp_path / "r-comparison.html", title="pumpflow backtest compared: early, late, idle",
@@ -591,7 +593,7 @@ def test_positions_closed_at_one_time_draw_the_same_curve_whatever_their_ids():
 
 
 def test_a_report_with_nothing_in_it_says_so_in_every_plot():
-    page = html.render(Results(title="empty", source="nowhere"))
+    page = html.render(Results(title="empty", source="nowhere", trades=()))
     assert page.count("no closed trades") == 2
     for message in ("no exits", "lifecycle: not kept", "predictions: not kept", "no filled"):
         assert message in page
@@ -610,7 +612,7 @@ def test_an_a_b_report_draws_the_calibration_of_every_arm_named():
         return results.Calibration(name=name, labels=labels, bins=bins)
 
     calibration = (arm("a/a", 900, 1.0), arm("b/b", 1200, 0.5))
-    page = html.render(Results(title="AB", source="test", calibration=calibration))
+    page = html.render(Results(title="AB", source="test", trades=(), calibration=calibration))
     assert "observed rate (a/a, 900 labels; b/b, 1,200 labels)</figcaption>" in page
     drawn = re.findall(r"<title>([^<]*) observed, ([^<]*)</title>", page)
     assert sorted(drawn) == [
@@ -642,7 +644,9 @@ def test_a_runs_report_says_which_tranches_of_its_graceful_exit_got_no_outcome()
     )
     why = not_flat_reason(2, summary)
     assert why.endswith("its report: 2 of 3 not sold out, 2 with sales that got no outcome")
-    page = html.render(Results(title="run", source="here", notes={"graceful exit": note}))
+    page = html.render(
+        Results(title="run", source="here", trades=(), notes={"graceful exit": note})
+    )
     assert "<td>graceful exit</td><td>1 of 3 positions sold out" in page
     assert "UNCONFIRMED: 2 tranches" in page
     clean = GracefulExitSummary(

@@ -82,7 +82,8 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
 class Results(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     source: str
-    trades: tuple[Trade, ...] = ()
+    #: required: what every saved results file has, and any other JSON object lacks
+    trades: tuple[Trade, ...]
     #: every sale in the order the book booked them; None: not kept (results saved before
     #: they were), so the equity curve falls back to the closed positions
     sales: tuple[Sale, ...] | None = None
