@@ -723,6 +723,25 @@ async def test_loading_a_dataset_without_frames_stores_nothing_and_fails(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize(("text", "status"), [("what to try next\n", 2), ("\n", 1)])
+async def test_loading_a_file_that_is_no_dataset_from_its_first_line_creates_no_schema(
+    text, status, postgres_dsn, namespace, tmp_path
+):
+    """A file refused from its first line (or without one) loads nothing into a schema
+    that was not there: none is created for it, nor migrated."""
+    from pumpflow.common.testing import drop_schema, schema_exists
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text(text)
+    argv = ["sim", "load", str(path), "--dsn", postgres_dsn, "--schema", namespace]
+    try:
+        assert await asyncio.to_thread(cli_main.main, argv) == status
+        assert not await schema_exists(postgres_dsn, namespace)
+    finally:
+        await drop_schema(postgres_dsn, namespace)
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize(
     "argv",
     [

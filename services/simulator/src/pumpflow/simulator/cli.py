@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,12 @@ from pumpflow.common.runtime.arguments import (
 )
 from pumpflow.common.runtime.signals import stopped_by_signals
 from pumpflow.simulator.calibration import calibrate
-from pumpflow.simulator.dataset import DatasetError, load_dataset, write_dataset
+from pumpflow.simulator.dataset import (
+    DatasetError,
+    load_dataset,
+    read_dataset_raw,
+    write_dataset,
+)
 from pumpflow.simulator.faults import HOSTILE_KINDS, FaultConfig
 from pumpflow.simulator.market import Market, MarketConfig
 from pumpflow.simulator.server import SimulatorServer
@@ -261,6 +267,13 @@ async def _load(args: argparse.Namespace, prog: str) -> int:
     from pumpflow.common.storage import TokenEventStore
 
     settings = CommonSettings.load()
+    # a file not there, or no dataset from its first line, gets no schema made for it
+    frames = read_dataset_raw(args.file)
+    first = next(frames, None)
+    if first is None:
+        # as a backtest or a training of it would: nothing to run on is a failure
+        print(f"{prog}: no frames in {args.file}: nothing stored", file=sys.stderr)
+        return 1
     # a batch is one COPY and insert: one of --batch-size rows far beyond the default may
     # need PUMPFLOW_POSTGRES_COMMAND_TIMEOUT_S raised
     pool = await create_pool(
@@ -270,14 +283,15 @@ async def _load(args: argparse.Namespace, prog: str) -> int:
     )
     try:
         began = time.perf_counter()
-        result = await load_dataset(args.file, TokenEventStore(pool), batch_size=args.batch_size)
+        result = await load_dataset(
+            args.file,
+            TokenEventStore(pool),
+            batch_size=args.batch_size,
+            timed_frames=itertools.chain((first,), frames),
+        )
         took = time.perf_counter() - began
     finally:
         await pool.close()
-    if not result.frames:
-        # as a backtest or a training of it would: nothing to run on is a failure
-        print(f"{prog}: no frames in {args.file}: nothing stored", file=sys.stderr)
-        return 1
     print(
         f"{result.frames} frames read, {result.inserted} stored, {result.rejected} rejected "
         f"in {took:.2f} s ({result.frames / max(took, 1e-9):,.0f} frames/s)"

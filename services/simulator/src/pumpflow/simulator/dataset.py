@@ -155,15 +155,21 @@ class LoadResult:
 
 
 def dataset_events(
-    path: str | Path, *, source: str = LOAD_SOURCE, rejected: list[str] | None = None
+    path: str | Path,
+    *,
+    source: str = LOAD_SOURCE,
+    rejected: list[str] | None = None,
+    timed_frames: Iterable[TimedFrame] | None = None,
 ) -> Iterator[tuple[Event, bytes]]:
-    """Each frame of ``path`` as the event the feed would have published, with the frame.
+    """Each frame of ``path`` (or ``timed_frames``, read from it already) as the event
+    the feed would have published, with the frame.
 
     Per-mint seq as the feed assigns it. A frame that does not decode is logged with the
     reason, appended to ``rejected`` and skipped.
     """
     sequencer = Sequencer()
-    for number, (t, raw) in enumerate(read_dataset_raw(path), 1):
+    timed = read_dataset_raw(path) if timed_frames is None else timed_frames
+    for number, (t, raw) in enumerate(timed, 1):
         try:
             payload = decode_token_frame(raw)
         except EventValidationError as exc:
@@ -175,9 +181,15 @@ def dataset_events(
 
 
 async def load_dataset(
-    path: str | Path, store, *, batch_size: int = 5_000, source: str = LOAD_SOURCE
+    path: str | Path,
+    store,
+    *,
+    batch_size: int = 5_000,
+    source: str = LOAD_SOURCE,
+    timed_frames: Iterable[TimedFrame] | None = None,
 ) -> LoadResult:
-    """Decode every frame of ``path`` and write it to ``store`` (a TokenEventStore).
+    """Decode every frame of ``path`` (or ``timed_frames``, read from it already) and
+    write it to ``store`` (a TokenEventStore).
 
     Frames that do not decode are counted, logged with the reason and skipped; the
     rest are written. Loading the same file twice inserts nothing the second time.
@@ -185,7 +197,7 @@ async def load_dataset(
     events, frames = [], []
     rejected: list[str] = []
     total = inserted = 0
-    read = dataset_events(path, source=source, rejected=rejected)
+    read = dataset_events(path, source=source, rejected=rejected, timed_frames=timed_frames)
     while True:
         try:
             event, raw = next(read)
