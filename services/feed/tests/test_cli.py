@@ -105,3 +105,37 @@ async def test_a_replay_of_a_window_with_no_event_says_so_and_fails(pg_pool, nam
         f"pumpflow replay: no events in postgres {namespace}, from 2020-01-01 00:00:00 UTC "
         "to 2020-01-02 00:00:00 UTC: nothing replayed"
     )
+
+
+async def _stderr_lines(*argv: str) -> list[str]:
+    """The lines ``pumpflow-feed argv`` wrote on stderr (its log's among them), once it
+    has exited 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pumpflow.feed.cli", *argv, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        _, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr
+    return stderr.decode().splitlines()
+
+
+async def test_a_recording_says_what_it_recorded_once_and_of_one_session_in_the_singular(
+    sim, tmp_path
+):
+    out = tmp_path / "rec.jsonl"
+    said = await _stderr_lines("record", "--url", sim.url, "--out", str(out), "--duration", "1")
+    [summary] = [line for line in said if "recorded" in line]
+    assert summary == said[-1] and summary.endswith(", 1 session"), said
+
+
+@pytest.mark.postgres
+async def test_a_replay_of_one_event_says_so_once_in_the_singular(pg_pool, namespace, tmp_path):
+    from pumpflow.common.storage import TokenEventStore
+    from pumpflow.simulator.dataset import market_events
+
+    created = next(market_events(Market(MarketConfig(seed=11)), 60.0, start_epoch=1.7e9))
+    assert await TokenEventStore(pg_pool).write([created]) == 1
+    out = tmp_path / "replay.jsonl"
+    said = await _stderr_lines("replay", "--dsn", POSTGRES_DSN, "--schema", namespace,
+                               "--out", str(out))  # fmt: skip
+    assert [line for line in said if "replayed" in line] == ["replayed 1 event"], said

@@ -37,6 +37,7 @@ from pumpflow.common.runtime.arguments import (
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.common.runtime.signals import stopped_by_signals
 from pumpflow.common.storage import TokenEventStore
+from pumpflow.common.text import counted
 from pumpflow.feed.database_feed import DatabaseDataFeed, ReplayConfig
 from pumpflow.feed.interface import ALL_EVENTS, FeedRecord
 from pumpflow.feed.manager import DataFeedManager, FeedManagerConfig
@@ -44,8 +45,6 @@ from pumpflow.feed.metrics import FeedMetrics
 from pumpflow.feed.recorder import EventSink, JsonlSink, Recorder
 from pumpflow.feed.settings import FeedSettings
 from pumpflow.feed.socket_feed import SocketDataFeed, SocketFeedConfig
-
-log = logging.getLogger("pumpflow.feed.cli")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,15 +125,13 @@ async def record(
             sink.close()
         if pool is not None:
             await pool.close()
-    summary = RecordSummary(
+    return RecordSummary(
         events=manager.events,
         stored=recorder.stored,
         invalid_frames=socket.invalid_frames,
         duplicates=manager.duplicates,
         sessions=socket.sessions,
     )
-    log.info("recorded %s", summary)
-    return summary
 
 
 async def replay(
@@ -243,9 +240,9 @@ async def run(args: argparse.Namespace) -> int:
                 mints=tuple(args.mint),
             )
         print(
-            f"recorded {summary.events} events ({summary.stored} new), "
-            f"{summary.invalid_frames} invalid frames, {summary.duplicates} duplicates, "
-            f"{summary.sessions} sessions",
+            f"recorded {counted(summary.events, 'event')} ({summary.stored:,} new), "
+            f"{counted(summary.invalid_frames, 'invalid frame')}, "
+            f"{counted(summary.duplicates, 'duplicate')}, {counted(summary.sessions, 'session')}",
             file=sys.stderr,
         )
         if not summary.sessions:
@@ -268,7 +265,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if bus is not None:
             await bus.close()
-    print(f"replayed {count} events", file=sys.stderr)
+    print(f"replayed {counted(count, 'event')}", file=sys.stderr)
     if not count:
         window = postgres_source(schema, args.start, args.end)
         if args.mint:

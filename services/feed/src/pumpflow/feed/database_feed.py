@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from pumpflow.common.clock import ReplayClock
 from pumpflow.common.events import Event
 from pumpflow.common.storage import REPLAY_FETCH_TIMEOUT_S, TokenEventStore
 from pumpflow.feed.interface import DataFeedInterface, FeedRecord, as_mints
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,5 +139,4 @@ class DatabaseDataFeed(DataFeedInterface):
                 await clock.advance_to(event.time)
             await self._emit(FeedRecord(event.data, stored.frame, event.time, event))
             count += 1
-        log.info("replayed %d events", count)
         return count
