@@ -50,7 +50,8 @@ stderr); the others' reports are still printed and written, and the command exit
 
 Progress: a bar with the rate and an ETA on a terminal's stderr (one per configuration
 running at once), a plain line every ``--every`` seconds otherwise (logs, CI), nothing
-with ``--quiet``.
+with ``--quiet``, which leaves out the services' warnings too (said once per
+configuration, of the same stream): the reports and the failures alone are said.
 
 The report, per configuration: orders (requested, filled, rejected), entries, exits
 by rule, sales by rule (a ladder's partial sales included) with their realised PnL,
@@ -74,6 +75,7 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
@@ -937,26 +939,49 @@ Outcome = Report | Failed
 Runs = Sequence[tuple[str, Mapping[str, Any]]]
 
 
+@contextlib.contextmanager
+def warnings_unsaid() -> Iterator[None]:
+    """Log nothing below an error while the block runs, then as before."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 def run_configuration(
-    frames: Frames, name: str, config: Mapping[str, Any], progress: Progress | None = None
+    frames: Frames,
+    name: str,
+    config: Mapping[str, Any],
+    progress: Progress | None = None,
+    *,
+    quiet: bool = False,
 ) -> Outcome:
     """Run one configuration on ``frames``: its report, or its failure (the other
-    configurations' reports are not lost to it)."""
+    configurations' reports are not lost to it); ``quiet``: its services' warnings
+    unsaid."""
     try:
-        return asyncio.run(run_backtest(frames, config, name=name, progress=progress))
+        with warnings_unsaid() if quiet else contextlib.nullcontext():
+            return asyncio.run(run_backtest(frames, config, name=name, progress=progress))
     except Exception as exc:
         return Failed(name, f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
 
 def run_in_process(
-    frames: Frames, runs: Runs, *, progress: Callable[[str], Progress] | None
+    frames: Frames,
+    runs: Runs,
+    *,
+    progress: Callable[[str], Progress] | None,
+    quiet: bool = False,
 ) -> Iterator[tuple[int, Outcome]]:
     """Run the configurations here, one after the other: (index, outcome) of each.
-    ``progress`` makes a configuration's progress (None: none shown)."""
+    ``progress`` makes a configuration's progress (None: none shown); ``quiet``: the
+    services' warnings unsaid."""
     for index, (name, config) in enumerate(runs):
         shown = progress(name) if progress is not None else None
         try:
-            outcome = run_configuration(frames, name, config, shown)
+            outcome = run_configuration(frames, name, config, shown, quiet=quiet)
         finally:
             if shown is not None:
                 shown.close()
@@ -1015,7 +1040,9 @@ class _Relay:
         self.sent.send(("progress", self.index, (done, total)))
 
 
-def _work(frames: Frames, environment: dict[str, str], parent: Any, show_progress: bool) -> None:
+def _work(
+    frames: Frames, environment: dict[str, str], parent: Any, show_progress: bool, quiet: bool
+) -> None:
     """A worker: run each configuration the parent hands it on ``parent``, a pipe of its
     own, and send back what it makes, until the parent hands None or is gone (its end
     of the pipe closed with it: a worker waiting on a queue would wait for ever). A queue
@@ -1030,7 +1057,7 @@ def _work(frames: Frames, environment: dict[str, str], parent: Any, show_progres
         while (task := parent.recv()) is not None:
             index, name, config = task
             progress = _Relay(parent, index) if show_progress else None
-            outcome = run_configuration(frames, name, config, progress)
+            outcome = run_configuration(frames, name, config, progress, quiet=quiet)
             try:
                 report = pickle.dumps(outcome)
             except Exception as exc:
@@ -1057,11 +1084,17 @@ def interrupts_held() -> Iterator[None]:
 
 
 def run_in_workers(
-    frames: Frames, runs: Runs, *, jobs: int, progress: Mapping[str, Progress] | None
+    frames: Frames,
+    runs: Runs,
+    *,
+    jobs: int,
+    progress: Mapping[str, Progress] | None,
+    quiet: bool = False,
 ) -> Iterator[tuple[int, Outcome]]:
     """Run the configurations in ``jobs`` worker processes, each handed the frames once
     (pickled: some 7 ms for 10 market minutes, 7 MB); (index, outcome) of each as it
-    finishes. ``progress``: each configuration's, by name (None: none shown)."""
+    finishes. ``progress``: each configuration's, by name (None: none shown); ``quiet``:
+    the services' warnings unsaid."""
     from multiprocessing.connection import wait
 
     context = worker_context()
@@ -1075,7 +1108,7 @@ def run_in_workers(
         mine, theirs = context.Pipe()
         workers[slot] = context.Process(
             target=_work, name=f"pumpflow-backtest-{slot}", daemon=True,
-            args=(frames, environment, theirs, progress is not None),
+            args=(frames, environment, theirs, progress is not None, quiet),
         )  # fmt: skip
         try:
             with interrupts_held():
@@ -1195,7 +1228,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--every", type=positive, default=2.0,
         help="wall seconds between progress lines when stderr is no terminal (2)",
     )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="no progress bar or lines, nor the services' warnings",
+    )  # fmt: skip
     parser.add_argument(
         "--report", metavar="FILE.html", help="the HTML report (reports/backtest-...html)"
     )
@@ -1314,15 +1350,16 @@ def backtest_command(args: argparse.Namespace) -> int:
     jobs = min(args.jobs or len(os.sched_getaffinity(0)), len(runs))
     board = None
     if jobs == 1:
-        outcomes = run_in_process(frames, runs, progress=None if args.quiet else (
+        outcomes = run_in_process(frames, runs, quiet=args.quiet, progress=None if args.quiet else (
             lambda name: progress_for(name, every=args.every, out=sys.stderr)
         ))  # fmt: skip
     else:
         if not args.quiet:
             board = ProgressBoard([n for n, _ in runs], every=args.every, out=sys.stderr)
         outcomes = run_in_workers(
-            frames, runs, jobs=jobs, progress=board.progress if board is not None else None
-        )
+            frames, runs, jobs=jobs, progress=board.progress if board is not None else None,
+            quiet=args.quiet,
+        )  # fmt: skip
     # each configuration's report in the order given, as soon as those before it are in
     ran: list[Outcome | None] = [None] * len(runs)
     said_up_to = 0
