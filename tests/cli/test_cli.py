@@ -990,6 +990,28 @@ def test_a_second_ctrl_c_stops_the_runs_end_at_once_with_status_130(tmp_path):
     assert re.fullmatch(r"pumpflow run: a second interrupt cut the .+ short: .+", said), said
 
 
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [("/proc/nonexistent/s.json", "/proc/nonexistent: No such file or directory"),
+     ("{dir}", "{dir}: Is a directory")],
+)  # fmt: skip
+def test_sim_serve_refuses_a_stats_file_it_cannot_write_before_it_serves(given, named, tmp_path):
+    """Not at the end of a session, its counters lost: as a bad flag is (exit status 2)."""
+    argv = ["sim", "serve", "--port", str(free_port()), "--stats-out", given.format(dir=tmp_path)]
+    server = subprocess.Popen(
+        [str(PUMPFLOW), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        said = server.stdout.readline()  # "serving ..." once it serves, "" as it exits
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert said == ""
+    assert server.returncode == 2
+    assert err == f"pumpflow sim serve: --stats-out {named.format(dir=tmp_path)}\n"
+
+
 def test_pumpflow_record_takes_a_simulated_stream_from_pumpflow_sim_serve(tmp_path):
     port = free_port()
     server = subprocess.Popen(

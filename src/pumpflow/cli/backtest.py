@@ -95,7 +95,6 @@ from pumpflow.cli.report import (
     COMPARISON,
     backtest_report_path,
     report_writable,
-    writable,
     write_backtest_comparison,
     write_backtest_reports,
 )
@@ -110,6 +109,7 @@ from pumpflow.common.runtime.arguments import (
     postgres_dsn,
     postgres_source,
     schema_name,
+    writable,
 )
 from pumpflow.common.text import counted
 from pumpflow.report import results as report_results

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import os
 import sys
 import time
@@ -19,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pumpflow.common.runtime.arguments import UsageError, help_text, postgres_dsn, schema_name
+from pumpflow.common.runtime.arguments import (
+    UsageError,
+    help_text,
+    postgres_dsn,
+    schema_name,
+    writable,
+)
 from pumpflow.common.runtime.settings import setting_text
 from pumpflow.common.text import counted
 
@@ -34,18 +39,6 @@ def default_path(kind: str, name: str) -> Path:
     """``<reports folder>/<kind>-<name>-<UTC time>.html``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Path(os.environ.get(REPORTS_DIR_ENV) or "reports") / f"{kind}-{name}-{stamp}.html"
-
-
-def writable(path: str | Path) -> Path:
-    """``path``, its folder made, once a file can be written there; else the OSError
-    naming it, before a run or a backtest whose results it would lose at the end."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
-    return path
 
 
 def report_writable(path: str | Path, *, flag: str) -> Path:

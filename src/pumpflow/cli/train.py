@@ -59,6 +59,7 @@ from pumpflow.common.runtime.arguments import (
     postgres_source,
     schema_name,
     share,
+    writable,
 )
 from pumpflow.common.text import counted, noun_of
 
@@ -399,7 +400,6 @@ POSTGRES_FLAGS = ("schema", "start", "end")
 
 
 def run_training(args: argparse.Namespace, *, progress: bool):
-    from pumpflow.cli.report import writable
     from pumpflow.common.model.card import LabelDefinition
     from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
     from pumpflow.common.model.registry import ModelRegistry, write_model

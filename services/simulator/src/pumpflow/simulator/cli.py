@@ -21,6 +21,7 @@ from pumpflow.common.runtime.arguments import (
     postgres_dsn,
     probability,
     schema_name,
+    writable,
 )
 from pumpflow.common.runtime.signals import stopped_by_signals
 from pumpflow.simulator.calibration import calibrate
@@ -204,6 +205,12 @@ def main(argv: list[str] | None = None, *, prog: str = "pumpflow-sim") -> int:
         print(f"wrote {count} frames to {args.out} in {took:.2f} s ({count / took:,.0f} frames/s)")
         return 0
     if args.command == "serve":
+        if args.stats_out:
+            try:  # before the session, whose counters it would lose at the end
+                writable(args.stats_out)
+            except OSError as exc:
+                print(f"{prog} serve: --stats-out {exc.filename}: {exc.strerror}", file=sys.stderr)
+                return 2
         try:
             counters = asyncio.run(_serve(args))
         except CannotListen as exc:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 #: a reStructuredText role (:func: and the like), its ``~`` and its target
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
@@ -174,3 +177,15 @@ count = bounded(at_least=1, whole=True)
 share = bounded(above=0, below=1)
 #: scores and probabilities, both ends included
 probability = bounded(at_least=0, at_most=1)
+
+
+def writable(path: str | Path) -> Path:
+    """``path``, its folder made, once a file can be written there; else the OSError
+    naming it, before a command whose results it would lose at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
+    return path
