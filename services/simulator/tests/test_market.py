@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 
@@ -196,3 +198,14 @@ def test_a_median_is_judged_by_its_sampling_interval():
     # pooling ten runs of a hundred is one sample of a thousand
     pooled = report([_tally(many[i::10]) for i in range(10)], launches_per_minute=30.0)
     assert pooled.by_name(name) == tight
+
+
+def test_a_medians_band_reaches_no_lower_than_zero():
+    """Trades and minutes are never negative: a band widened by a wide interval stops at
+    zero, not at a bound no median could be under."""
+    spread = dataclasses.replace(_tally([0.5, 1.0, 30.0]), graduate_trades=(1, 2, 1000))
+    found = report([spread], launches_per_minute=30.0)
+    for name in ("graduates: median trades", "graduates: median minutes to graduate"):
+        assert found.by_name(name).low == 0.0
+    assert "[-" not in found.format()
+    assert "[0.00, 5.34]" in found.format()

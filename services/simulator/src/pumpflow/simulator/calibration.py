@@ -121,7 +121,8 @@ def _median_statistic(
 
     The interval runs between the order statistics n/2 -+ 1.96 sqrt(n)/2. It meets
     the reference range exactly when the median lies in that range widened below by
-    the interval's upper half and above by its lower half.
+    the interval's upper half and above by its lower half. Widened below no further
+    than zero: the medians judged are of trades and minutes, which no sample has below.
     """
     xs = sorted(values)
     n = len(xs)
@@ -135,7 +136,7 @@ def _median_statistic(
         name=name,
         value=median,
         target=target,
-        low=reference[0] - (above - median),
+        low=max(reference[0] - (above - median), 0.0),
         high=reference[1] + (median - below),
     )
 
