@@ -186,3 +186,17 @@ async def test_autovacuum_frees_a_prunes_rows_after_a_twentieth_of_the_table(pg_
         "SELECT reloptions FROM pg_class WHERE oid = 'token_events'::regclass"
     )
     assert "autovacuum_vacuum_scale_factor=0.05" in (options or [])
+
+
+async def test_a_keep_longer_than_any_date_prunes_nothing_as_pumpflow_prune_does(pg_pool):
+    """The bound is the epoch, as ``pumpflow prune --keep-days`` takes it: every event kept."""
+    store = TokenEventStore(pg_pool)
+    last = await _store(store, [(trade_frame("a", i), 10.0 + i) for i in range(3)])
+    await store.mark_published("feed", last)
+    retention = Retention(
+        store, RetentionConfig(keep_s=1e8 * DAY), clock=WallClock(), holds=lambda: True,
+        metrics=FeedMetrics(CollectorRegistry()),
+    )  # fmt: skip
+    pruned = await retention.prune()
+    assert (pruned.events, pruned.held) == (0, 0)
+    assert await store.count() == 3

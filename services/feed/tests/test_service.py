@@ -122,7 +122,8 @@ def test_the_record_keep_is_days_or_zero_for_ever_and_outlasts_the_seq_restore(m
     assert FeedSettings.load().feed_record_keep_days == 7.0
     monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", "30")
     assert FeedSettings.load().feed_record_keep_days == 30.0
-    for refused in ("-1", "0.5", "never"):
+    # as pumpflow prune --keep-days refuses it: a keep of every event is 0
+    for refused in ("-1", "0.5", "never", "inf", "1e400"):
         monkeypatch.setenv("PUMPFLOW_FEED_RECORD_KEEP_DAYS", refused)
         with pytest.raises(SettingsError, match="FEED_RECORD_KEEP_DAYS"):
             FeedSettings.load()

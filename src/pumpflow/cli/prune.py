@@ -28,7 +28,7 @@ from pumpflow.common.runtime.arguments import (
     schema_name,
 )
 from pumpflow.common.runtime.logging import redact_url
-from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, CommonSettings
+from pumpflow.common.runtime.settings import DAY_S, MIN_KEEP_DAYS, CommonSettings, keep_bound
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,9 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def prune_command(args: argparse.Namespace) -> int:
     settings = CommonSettings.load(service="prune")
     now = time.time()
-    # a keep reaching past 1970 keeps every stored event (and a bound before the year 1
-    # is no date)
-    before = args.before if args.before is not None else max(0.0, now - args.keep_days * DAY_S)
+    before = args.before if args.before is not None else keep_bound(now, args.keep_days * DAY_S)
     if before > now - MIN_KEEP_DAYS * DAY_S:
         raise UsageError(
             f"--before must be at least {MIN_KEEP_DAYS:g} day ago, not {_when(before)}"

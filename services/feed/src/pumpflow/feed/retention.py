@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pumpflow.common.clock import Clock
-from pumpflow.common.runtime.settings import DAY_S
+from pumpflow.common.runtime.settings import DAY_S, keep_bound
 from pumpflow.common.storage import Pruned, TokenEventStore
 from pumpflow.feed.metrics import FeedMetrics
 
@@ -89,7 +89,7 @@ class Retention:
 
     async def prune(self) -> Pruned:
         """Delete the events older than the keep; count and log what went."""
-        before = self._clock.now() - self.config.keep_s
+        before = keep_bound(self._clock.now(), self.config.keep_s)
         started = time.monotonic()
         pruned = await self.store.prune(
             before, batch_size=self.config.batch_size, on_batch=self._count

@@ -138,6 +138,7 @@ class FeedSettings(PumpPortalKeySettings):
     feed_record_keep_days: float = Field(
         0.0,
         ge=0,
+        allow_inf_nan=False,
         description=(
             "stored token events older than this many days are deleted by the lease holder "
             "every prune interval, with the tokens whose events all went (0, the default: "

@@ -68,6 +68,15 @@ DAY_S = 86_400.0
 #: consumers rebuild a traded mint's window from them, and a feed's start restores the
 #: seq of each mint of the last hours from them
 MIN_KEEP_DAYS = 1.0
+
+
+def keep_bound(now: float, keep_s: float) -> float:
+    """The time before which a keep of ``keep_s`` seconds deletes the stored events at
+    ``now``: the epoch for a keep reaching past 1970, which keeps every event (no date
+    says a bound before the year 1)."""
+    return max(0.0, now - keep_s)
+
+
 #: the config file's table read by every service
 COMMON_TABLE = "common"
 #: the prefix of every setting's environment variable
