@@ -79,6 +79,25 @@ def test_a_model_of_another_feature_set_version_is_refused_naming_both():
         manager.get_prediction("entry", {})
 
 
+def test_a_card_naming_features_the_live_feature_set_lacks_is_refused_naming_them(tmp_path):
+    # the same feature-set version, but inputs the features never compute: served, the
+    # model would score every token with those inputs missing
+    path = tmp_path / "renamed.onnx"
+    shutil.copy(DEFAULT_MODEL_PATH, path)
+    names = ("no_such_feature", *DEFAULT_CARD.feature_names[1:])
+    reference = (
+        msgspec.structs.replace(DEFAULT_CARD.reference[0], name="no_such_feature"),
+        *DEFAULT_CARD.reference[1:],
+    )
+    card = msgspec.structs.replace(DEFAULT_CARD, feature_names=names, reference=reference)
+    (tmp_path / "renamed.card.json").write_bytes(encode_card(card))
+    manager = manager_at(DEFAULT_CARD.created_at)
+    with pytest.raises(FeatureSetMismatch, match="no_such_feature") as err:
+        manager.load_model("renamed", path, "classification")
+    assert DEFAULT_CARD.feature_set_version in str(err.value)
+    assert "renamed" not in manager.models()
+
+
 def test_features_of_another_version_are_not_scored():
     manager = manager_at(DEFAULT_CARD.created_at)
     manager.load_model("entry", DEFAULT_MODEL_PATH, "classification")

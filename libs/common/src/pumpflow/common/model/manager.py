@@ -60,14 +60,29 @@ class UnknownModel(ModelError, KeyError):
 class FeatureSetMismatch(ModelError):
     """A model, or features, of another feature-set version than the live one."""
 
-    def __init__(self, model_id: str, model_version: str, live_version: str, *, what: str):
+    def __init__(
+        self,
+        model_id: str,
+        model_version: str,
+        live_version: str,
+        *,
+        what: str,
+        lacking: tuple[str, ...] = (),
+    ):
         self.model_id = model_id
         self.model_version = model_version
         self.live_version = live_version
-        super().__init__(
-            f"model {model_id!r} was trained on feature-set version {model_version}, "
-            f"but {what} feature-set version {live_version}"
-        )
+        if lacking:
+            message = (
+                f"model {model_id!r} takes features that feature-set version {live_version} "
+                f"does not compute: {', '.join(lacking)} (its card names them)"
+            )
+        else:
+            message = (
+                f"model {model_id!r} was trained on feature-set version {model_version}, "
+                f"but {what} feature-set version {live_version}"
+            )
+        super().__init__(message)
 
 
 class NonFiniteScore(ModelError):
@@ -307,6 +322,15 @@ class ModelManager:
             raise FeatureSetMismatch(
                 model_id, card.feature_set_version, live, what="the live features are"
             )
+        # a card of the live version naming inputs it lacks would be scored with them
+        # missing on every token
+        computed = set(self.feature_manager.names)
+        lacking = tuple(n for n in card.feature_names if n not in computed)
+        if lacking:
+            raise FeatureSetMismatch(
+                model_id, card.feature_set_version, live, what="the live features are",
+                lacking=lacking,
+            )  # fmt: skip
         now = self.clock.now()
         if card.expired(now):
             raise ModelExpired(model_id, card.version, card.expires_at, now)
