@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -99,6 +100,29 @@ async def test_remove_an_arm_and_unload_the_model_it_served(monkeypatch, capsys)
             f"unloaded twin version {VERSION} (serving revision 5)\n"
         )
         assert set(model.manager.models()) == {"entry"}
+
+
+async def test_a_shadow_arm_removed_is_said_to_hold_no_token(monkeypatch, capsys, caplog):
+    """A shadow scores beside the live arms and keeps no token: nothing is placed anew."""
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        arms = [
+            {"name": "control", "model_id": "entry"},
+            {"name": "watch", "model_id": "entry", "shadow": True},
+        ]
+        await model.change(lambda serving: msgspec.structs.replace(serving, arms=_arms(arms)))
+        capsys.readouterr()
+        with caplog.at_level(logging.INFO, logger="pumpflow.model"):
+            assert await pumpflow_model(base, "remove-arm", "watch") == 0
+        assert capsys.readouterr().out == (
+            "arm watch removed (serving revision 2): a shadow, it held no token; "
+            "the live arms keep theirs\n"
+            "arms (serving revision 2):\n"
+            f"  control: model entry version {VERSION}, weight 1, 100% of new tokens\n"
+        )
+    said = [r.getMessage() for r in caplog.records if "removed at serving revision" in r.message]
+    assert len(said) == 1 and "a shadow, it held no token" in said[0], said
+    assert "its tokens go" not in said[0]
 
 
 async def test_a_model_loaded_is_put_in_an_arm_by_setting_the_arms(monkeypatch, capsys):

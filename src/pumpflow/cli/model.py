@@ -162,10 +162,12 @@ def model_command(args: argparse.Namespace) -> int:
             name = urllib.parse.quote(args.arm, safe="")
             given = {"weights": dict(args.weights)} if args.weights else None
             body = send_json(f"{url}/arms/{name}", given, token, method="DELETE")
-            print(
-                f"arm {args.arm} removed (serving revision {body['revision']}): its tokens go "
-                "to the live arms left by their hash, the others keep theirs"
+            placed = (
+                "a shadow, it held no token; the live arms keep theirs"
+                if body.get("removed", {}).get("shadow")
+                else "its tokens go to the live arms left by their hash, the others keep theirs"
             )
+            print(f"arm {args.arm} removed (serving revision {body['revision']}): {placed}")
         else:
             name = urllib.parse.quote(args.model_id, safe="")
             query = f"?{urllib.parse.urlencode({'version': args.version})}" if args.version else ""

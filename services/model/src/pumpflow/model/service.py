@@ -1496,15 +1496,19 @@ class ModelService(Service):
                 return msgspec.structs.replace(serving, arms=table.arms)
 
             result = await changed("DELETE /arms/{name}", without, "remove_arm")
+            arm = removed[-1]
             log.info(
-                "model: arm %r (model %s) removed at serving revision %d: its tokens go to "
-                "the live arms left by their hash; %s",
+                "model: arm %r (model %s) removed at serving revision %d: %s; %s",
                 name,
-                removed[-1].model_id,
+                arm.model_id,
                 result["revision"],
+                # a shadow scores beside the live arms: no token is its own
+                "a shadow, it held no token"
+                if arm.shadow
+                else "its tokens go to the live arms left by their hash",
                 self._routes(self.processor.arms),
             )
-            return result
+            return {"removed": msgspec.to_builtins(arm), **result}
 
         @api.delete("/models/{model_id}", dependencies=guarded)
         async def unload_model(model_id: str, version: str | None = None) -> dict[str, Any]:
