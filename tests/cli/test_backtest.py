@@ -530,8 +530,8 @@ def test_a_model_a_configuration_cannot_serve_is_refused_before_the_first_runs(
     assert captured.out.count("backtest '") == 0  # no configuration ran
     assert (
         f"pumpflow backtest: configuration 'mine': the models of the settings (model_models, "
-        f"model_arms) cannot be served: model 'entry': [Errno 2] No such file or directory: "
-        f"'{missing}'"
+        f"model_arms) cannot be served: model 'entry': cannot read {missing}: "
+        "No such file or directory"
     ) in captured.err
 
 

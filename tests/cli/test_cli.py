@@ -503,7 +503,7 @@ def test_the_services_own_commands_refuse_a_flag_that_is_no_finite_number(argv, 
             "[model]\nmodel_models = {entry = '/nonexistent/m.onnx'}\n",
             2,
             "pumpflow run: the models of the settings (model_models, model_arms) cannot be "
-            "served: model 'entry': [Errno 2] No such file or directory: '/nonexistent/m.onnx'",
+            "served: model 'entry': cannot read /nonexistent/m.onnx: No such file or directory",
         ),
         (
             ["backtest", "--seed", "1", "--minutes", "1", "--quiet"],

@@ -183,6 +183,13 @@ async def load_candidate(http: httpx.AsyncClient, path) -> None:
     ("method", "path", "body", "status", "named"),
     [
         ("POST", "/models", {"model_id": "x", "path": "."}, 409, "Is a directory"),
+        (
+            "POST",
+            "/models",
+            {"model_id": "x", "path": "/nonexistent/m.onnx"},
+            404,
+            "model 'x': cannot read /nonexistent/m.onnx: No such file or directory",
+        ),
         ("POST", "/models", {"model_id": "x", "path": ""}, 422, "'path' must be non-empty"),
         ("POST", "/models", {"model_id": "x", "path": "a\x00b"}, 422, "without NUL"),
         ("POST", "/models", {"model_id": "", "path": "m.onnx"}, 422, "'model_id'"),

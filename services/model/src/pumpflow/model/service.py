@@ -616,7 +616,10 @@ class ModelService(Service):
             try:
                 opened[model_id] = manager.open_model(model_id, path, source.task)
             except FileNotFoundError as exc:
-                raise ServingError(f"model {model_id!r}: {exc}", status=404) from None
+                raise ServingError(
+                    f"model {model_id!r}: cannot read {exc.filename or path}: {exc.strerror}",
+                    status=404,
+                ) from None
             except OSError as exc:
                 raise ServingError(
                     f"model {model_id!r}: cannot read {path}: {exc.strerror}"
