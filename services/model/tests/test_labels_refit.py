@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -623,3 +624,39 @@ async def test_a_refit_prunes_the_labels_no_refit_reads(database, tmp_path):
         np.testing.assert_array_equal(rows.time, [label.time for label in labels[-2 * window :]])
         counts = await store.counts(*of_model, after_id=refit.last_label_id)
         assert counts.new == 0
+
+
+class _LosingStore(MemoryStateStore):
+    """The in-process store, made to lose its contents as a Redis without persistence
+    that restarts does."""
+
+    def lose(self) -> None:
+        self._values.clear()
+        self._expiry.clear()
+        self._deadlines.clear()
+        self._epochs.clear()
+
+
+async def test_live_figures_a_store_lost_under_a_running_replica_are_filled_again_from_the_labels(
+    pg_pool,
+):
+    clock = ReplayClock(START)
+    vectors = seed5_vectors(240.0)
+    store = _LosingStore(clock)
+    model = model_service(model_monitor_s=0.05, model_live_read_s=0.05, model_refit=False)
+    async with run_embedded([model], clock=clock, db=pg_pool, store=store) as system:
+        await feed(system, clock, vectors)
+        await clock.advance_to(vectors[-1].time + DEFAULT_CARD.label.horizon_s + 5.0)
+        await eventually(lambda: model.labels.pending == 0, what="every label released")
+
+        async def all_stored_counted() -> bool:
+            stored = await pg_pool.fetchval("SELECT count(*) FROM model_labels")
+            figures = model.performance.figures("entry", "control")
+            return figures is not None and figures.labels == stored
+
+        await eventually(all_stored_counted, what="every label stored counted")
+        assert model.performance.figures("entry", "control").labels > 50
+        lost_at = time.monotonic()
+        store.lose()  # Redis restarted empty under the running replica
+        await eventually(lambda: model._read_at > lost_at, what="a read of the shared windows")
+        await eventually(all_stored_counted, what="the live figures filled again")

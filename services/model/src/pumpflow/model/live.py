@@ -55,6 +55,11 @@ class StoreOutcomes:
             self.ttl,
         )
 
+    async def clear(self) -> None:
+        """Drop every list and their index."""
+        names = await self.store.hgetall(INDEX_KEY)
+        await self.store.delete_many([INDEX_KEY, *(LIST_PREFIX + name for name in names)])
+
     async def read(self) -> dict[tuple[str, str], list[Outcome]]:
         names = sorted(await self.store.hgetall(INDEX_KEY))
         lists = await self.store.lists([LIST_PREFIX + name for name in names])

@@ -41,8 +41,9 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   waited out as the states' write is): a crash leaves a label in its token's state
   (released again by the next owner, stored once) or stored, never neither. The shared
   windows outlive a replica's restart; when the state store holds none (it restarted
-  empty), one replica fills them from the stored labels, so a label released again is
-  counted once. A replica that dies loses from the shared windows what it counted
+  empty, before a replica's start or under running ones: its epoch tells, looked at
+  every ``model_live_read_s``), one replica fills them from the stored labels, so a
+  label released again is counted once. A replica that dies loses from the shared windows what it counted
   since its last round (they stay stored).
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
@@ -162,6 +163,9 @@ CHANGING_TTL_S = 30.0
 #: figures from the stored labels, and how long it may
 FILLING_KEY = "model:live:filling"
 FILLING_TTL_S = 60.0
+#: the store's epoch the shared windows were last filled for: a replica finding the
+#: store lost its contents fills them unless another did for that epoch already
+FILLED_KEY = "model:live:filled"
 
 
 def _in_order(data: LabelledRows, names: tuple[str, ...], order: tuple[str, ...]):
@@ -308,6 +312,9 @@ class ModelService(Service):
         self._sharing = asyncio.Lock()
         #: when the shared windows were last read (monotonic seconds)
         self._read_at = -math.inf
+        self._outcomes: StoreOutcomes | None = None
+        #: the state store's epoch the shared windows are known to hold the labels of
+        self._store_epoch: bytes | None = None
 
     @property
     def manager(self) -> ModelManager:
@@ -352,8 +359,9 @@ class ModelService(Service):
         await self._restore_drift()
         self.labels = LabelTracker(clock=ctx.clock)
         self._labels_counted_over = None
+        self._outcomes = StoreOutcomes(ctx.store)
         self.performance = RollingPerformance(
-            threshold=settings.trading_min_score, shared=StoreOutcomes(ctx.store)
+            threshold=settings.trading_min_score, shared=self._outcomes
         )
         if self.manager.live_performance is None:
             self.manager.live_performance = self.performance
@@ -383,21 +391,65 @@ class ModelService(Service):
         """Take the shared windows; when the store holds none and labels are stored, fill
         them from the newest stored labels (one replica does, the others read them)."""
         performance = self.performance
+        self._store_epoch, _ = await self._ctx.store.epoch()
         await performance.share()
         if not self.settings.model_store_labels or performance.keys():
             return
+
+        async def fill() -> None:
+            await performance.share()
+            if not performance.keys():
+                await self._fill_performance()
+
+        await self._filling(fill)
+
+    async def _filling(self, fill) -> bool:
+        """Run ``fill()`` holding the filling key; False if another replica holds it (it
+        fills them: read at the next round)."""
         store = self._ctx.store
         holder = f"{self._ctx.source}/{secrets.token_hex(8)}".encode()
         if not await store.set_if_absent(FILLING_KEY, holder, FILLING_TTL_S):
-            return  # another replica fills them: read at the next round
+            return False
         try:
-            await performance.share()
-            if not performance.keys():
-                performance.extend(await self.label_store.last_labels(4 * performance.window))
-                await performance.share()
+            await fill()
         finally:
             with contextlib.suppress(Exception):
                 await store.delete_if_equal(FILLING_KEY, holder)
+        return True
+
+    async def _fill_performance(self) -> None:
+        """Make the shared windows the newest stored labels, those counted here included
+        (counted once stored); mark them filled for the store's epoch."""
+        performance = self.performance
+        await self._outcomes.clear()
+        performance.clear()
+        found = await self.label_store.last_labels(4 * performance.window)
+        performance.extend(found)
+        await performance.share()
+        await self._ctx.store.set(FILLED_KEY, self._store_epoch)
+        log.info("model: filled the live figures' windows from the %d newest stored labels",
+                 len(found))  # fmt: skip
+
+    async def _refill_if_lost(self) -> None:
+        """Fill the shared windows again from the stored labels once the state store lost
+        its contents (a Redis restarted without persistence, a flush) under the running
+        replicas: else the live figures would start again from the labels released since."""
+        if not self.settings.model_store_labels:
+            return
+        store = self._ctx.store
+        epoch, _ = await store.epoch()
+        if epoch == self._store_epoch:
+            return
+
+        async def fill() -> None:
+            if await store.get(FILLED_KEY) != epoch:
+                log.error("model: the state store lost the live figures' windows; filling them "
+                          "again from the stored labels")  # fmt: skip
+                self._store_epoch = epoch
+                await self._fill_performance()
+
+        if await self._filling(fill):
+            self._store_epoch = epoch
 
     async def share_performance(self, *, read: bool = True, since: float | None = None) -> None:
         """Add the labels counted here to the shared windows; read every replica's
@@ -971,7 +1023,10 @@ class ModelService(Service):
         figures failing (the state store away, a key of theirs of the wrong kind) holds
         back neither the labels nor the drift."""
         try:
-            await self.share_performance(read=self._read_due())
+            read = self._read_due()
+            if read:
+                await self._refill_if_lost()
+            await self.share_performance(read=read)
         except Exception:
             log.exception("model: the shared live figures failed; added next round")
         self.resolve_labels()

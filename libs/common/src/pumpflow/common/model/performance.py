@@ -830,6 +830,11 @@ class RollingPerformance:
         for key, queue in self._unshared.items():
             self._add_outcomes(key, queue)
 
+    def clear(self) -> None:
+        """Forget every window and the labels counted here not shared yet."""
+        self._windows = {}
+        self._unshared = {}
+
     def _add_outcomes(self, key: tuple[str, str], outcomes: Sequence[Outcome]) -> None:
         """Count outcomes of ``key`` in order (those of its newest task)."""
         if not outcomes:
