@@ -310,7 +310,8 @@ async def test_the_counters_of_known_labels_are_exported_from_0(tmp_path):
     """Prometheus' increase() does not count a series' first sample: a counter child
     made at its first increment appears already at 1, and the dashboard would read 0
     for the first change of the serving, the first vector skipped for a reason, or the
-    tokens of the first arm removed. Every arm served is exported from 0 as it comes."""
+    tokens of the first arm removed, or a model's first drift. Every arm and model served
+    is exported from 0 as it comes."""
     model = model_service()
     async with serving_api(model) as http:
         for change in SERVING_CHANGES:
@@ -323,6 +324,11 @@ async def test_the_counters_of_known_labels_are_exported_from_0(tmp_path):
         assert (await http.put("/arms", json={"arms": FOUR_ARMS}, headers=AUTH)).is_success
         for arm in FOUR_ARMS:
             assert sample(model, reassigned, arm=arm["name"]) == 0, arm
+        # a model's first drift, the first of every model loaded since the start
+        transitions = "pumpflow_model_drift_transitions_total"
+        for model_id in ("entry", "candidate"):
+            for state in ("drifting", "recovered"):
+                assert sample(model, transitions, model_id=model_id, state=state) == 0
 
 
 async def test_a_model_no_arm_serves_is_unloaded_through_the_api(tmp_path, caplog):

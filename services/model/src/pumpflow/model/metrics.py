@@ -33,6 +33,8 @@ SERVING_CHANGES = ("load", "arms", "weights", "promote", "remove_arm", "unload",
 #: when a stored serving could not be served, and why (the counter's label values)
 UNAVAILABLE_WHEN = ("start", "follow")
 UNAVAILABLE_REASONS = ("missing", "refused")
+#: the states a model.drift announces (the transitions counter's label values)
+DRIFT_STATES = ("drifting", "recovered")
 #: scores are probabilities (classification); a regression's returns fall in the ends
 _SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -308,12 +310,15 @@ class ModelServiceMetrics:
         self._f.refits.labels(model_id, outcome, reason).inc()
 
     def refits_of(self, model_ids: Iterable[str]) -> None:
-        """Export every outcome and reason of these models' refits, from 0: the first of
-        each is an increase to the dashboard and the alert."""
+        """Export every outcome and reason of these models' refits, and their drift
+        transitions, from 0: the first of each is an increase to the dashboard and the
+        alert."""
         for model_id in model_ids:
             for outcome, reasons in REFIT_REASONS.items():
                 for reason in reasons:
                     self._f.refits.labels(model_id, outcome, reason)
+            for state in DRIFT_STATES:
+                self._f.drift_transitions.labels(model_id, state)
 
     def refits(self, model_id: str, outcome: str, reason: str | None = None) -> float:
         """Refits of ``model_id`` of ``outcome`` counted here, for ``reason`` (None: any)."""

@@ -43,8 +43,8 @@ the arms) on the library's :class:`~pumpflow.common.consumer.KeyedStatefulConsum
   windows outlive a replica's restart; when the state store holds none (it restarted
   empty, before a replica's start or under running ones: its epoch tells, looked at
   every ``model_live_read_s``), one replica fills them from the stored labels, so a
-  label released again is counted once. A replica that dies loses from the shared windows what it counted
-  since its last round (they stay stored).
+  label released again is counted once. A replica that dies loses from the shared
+  windows what it counted since its last round (they stay stored).
 - Automatic refits: every ``model_refit_check_s`` each served model is checked
   against the :class:`~pumpflow.common.model.refit.RefitPolicy`; a refit due runs
   :meth:`~pumpflow.common.model.manager.ModelManager.update_model` on the model's
