@@ -29,9 +29,12 @@ def manager(clock: ReplayClock | None = None, **models: Path) -> ModelManager:
     return found
 
 
-def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path:
-    """A small classifier on the live feature set, another version than the default's."""
-    from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION
+def other_model(
+    folder: Path, *, seed: int = 3, model_id: str = "other", task: str = "classification"
+) -> Path:
+    """A small classifier (or regressor) on the live feature set, another version than
+    the default's."""
+    from pumpflow.common.model.labels import DEFAULT_CLASSIFICATION, DEFAULT_REGRESSION
     from pumpflow.model.training import Dataset, TrainConfig, train
 
     features = FeatureManager()
@@ -39,11 +42,13 @@ def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path
     n = 2_000
     values = rng.normal(size=(n, len(features.names)))
     labels = (values[:, 3] + rng.normal(0.0, 0.5, n) > 0.0) * 1.0
+    if task == "regression":
+        labels = values[:, 3] * 0.1 + rng.normal(0.0, 0.01, n)
     time = DEFAULT_CARD.created_at + np.arange(n, dtype=float)
     dataset = Dataset(
         names=features.names,
         feature_set_version=features.version,
-        label=DEFAULT_CLASSIFICATION,
+        label=DEFAULT_CLASSIFICATION if task == "classification" else DEFAULT_REGRESSION,
         source="synthetic",
         features=values,
         labels=labels,
@@ -54,7 +59,7 @@ def other_model(folder: Path, *, seed: int = 3, model_id: str = "other") -> Path
     )
     trained = train(
         dataset,
-        TrainConfig(model_id=model_id, n_estimators=20, seed=seed),
+        TrainConfig(model_id=model_id, task=task, n_estimators=20, seed=seed),
         created_at=DEFAULT_CARD.created_at,
     )
     return write_model(folder / f"{model_id}-{seed}.onnx", trained.model, trained.card)

@@ -24,6 +24,7 @@ from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.testing import EventCollector, FeatureUpdates, eventually
 from pumpflow.features.service import FeaturesService
+from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.metrics import SERVING_CHANGES
 from pumpflow.model.service import ModelService, ModelSettings
 from pumpflow.simulator.dataset import market_events
@@ -1173,3 +1174,23 @@ async def test_the_drift_gauges_follow_the_models_served(tmp_path):
             )
             is None
         )
+
+
+async def test_a_regression_model_the_settings_name_is_served_as_its_card_says(tmp_path):
+    """The settings give a model's path only: its card says its task (pumpflow train
+    --task regression tells to serve it so)."""
+    path = other_model(tmp_path, model_id="ret", task="regression")
+    model = model_service(
+        model_models={"entry": str(DEFAULT_MODEL_PATH), "ret": str(path)},
+        model_arms=[
+            {"name": "control", "model_id": "entry"},
+            {"name": "ret", "model_id": "ret", "shadow": True},
+        ],
+    )
+    async with serving_api(model) as http:
+        models = (await http.get("/models")).json()["models"]
+        assert models["ret"]["card"]["task"] == "regression"
+        assert [arm["name"] for arm in (await http.get("/arms")).json()["arms"]] == [
+            "control",
+            "ret",
+        ]

@@ -130,7 +130,7 @@ from pumpflow.common.model.manager import LabelledRows, ServedModel
 from pumpflow.common.model.performance import LabelTracker, ResolvedLabel, RollingPerformance
 from pumpflow.common.model.processor import ModelProcessor, ScoringState
 from pumpflow.common.model.refit import RefitPolicy
-from pumpflow.common.model.registry import ModelRegistry, card_path
+from pumpflow.common.model.registry import ModelRegistry, card_path, read_card
 from pumpflow.common.runtime.service import Service, ServiceContext
 from pumpflow.common.runtime.settings import SettingsError
 from pumpflow.model import DEFAULT_MODEL_PATH
@@ -197,6 +197,15 @@ def _routing_text(serving: Serving) -> str:
         f"{arm.name} ({arm.model_id}, " + ("shadow)" if arm.shadow else f"weight {arm.weight:g})")
         for arm in serving.arms
     )
+
+
+def _card_task(model_path: str) -> Task:
+    """The task the card beside ``model_path`` says: a setting names the path alone. A
+    card that cannot be read says classification; opening the model says why."""
+    try:
+        return read_card(model_path).task
+    except (OSError, CardError, ValueError):
+        return "classification"
 
 
 def _on_disk(model_path: str) -> bool:
@@ -507,7 +516,10 @@ class ModelService(Service):
                 raise SettingsServingError(f"PUMPFLOW_MODEL_ARMS: {exc}") from None
         else:
             arms = tuple(Arm(name="control" if len(models) == 1 else m, model_id=m) for m in models)
-        return Serving(models={m: ModelSource(path=p) for m, p in models.items()}, arms=arms)
+        return Serving(
+            models={m: ModelSource(path=p, task=_card_task(p)) for m, p in models.items()},
+            arms=arms,
+        )
 
     async def _start_serving(self) -> Serving:
         """Serve the stored serving, or the settings' one when none is stored.
