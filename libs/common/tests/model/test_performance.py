@@ -355,6 +355,7 @@ def test_the_manager_reports_the_live_figures_of_its_live_source(tmp_path):
 
     class Features:
         version = "fs"
+        names = ("x",)
 
     model = b"a model"
     card = ModelCard(
