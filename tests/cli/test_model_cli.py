@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -100,6 +102,22 @@ async def test_remove_an_arm_and_unload_the_model_it_served(monkeypatch, capsys)
             f"unloaded twin version {VERSION} (serving revision 5)\n"
         )
         assert set(model.manager.models()) == {"entry"}
+
+
+async def test_a_regression_model_is_loaded_as_its_card_says_without_type(
+    monkeypatch, capsys, tmp_path
+):
+    sys.path.insert(0, str(Path(__file__).parents[2] / "services" / "model" / "tests"))
+    from model_helpers import other_model
+
+    path = other_model(tmp_path, model_id="ret", task="regression")
+    monkeypatch.setenv("PUMPFLOW_API_TOKEN", TOKEN)
+    async with model_replica() as (model, base):
+        assert await pumpflow_model(base, "load", "ret", str(path)) == 0, capsys.readouterr()
+        assert model.manager.card("ret").task == "regression"
+        # a type given is still checked against the card
+        assert await pumpflow_model(base, "load", "ret", str(path), "--type", "classification") == 1
+        assert "is a regression model, not classification" in capsys.readouterr().err
 
 
 async def test_a_shadow_arm_removed_is_said_to_hold_no_token(monkeypatch, capsys, caplog):

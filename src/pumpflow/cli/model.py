@@ -78,8 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--type",
         dest="model_type",
         choices=("classification", "regression"),
-        default="classification",
-        help="the model's task, as its card says (classification)",
+        help="the model's task, checked against its card (default: the card's)",
     )
     replica_url_argument(load, "model")
     table = actions.add_parser(
@@ -142,7 +141,9 @@ def model_command(args: argparse.Namespace) -> int:
         if action == "arms":
             body = get_json(f"{url}/arms")
         elif action == "load":
-            body = {"model_id": args.model_id, "path": args.path, "model_type": args.model_type}
+            body = {"model_id": args.model_id, "path": args.path}
+            if args.model_type is not None:
+                body["model_type"] = args.model_type
             body = send_json(f"{url}/models", body, token)
             card = body["card"]
             print(

@@ -1462,7 +1462,7 @@ class ModelService(Service):
         async def load_model(
             model_id: str = Body(...),
             path: str = Body(...),
-            model_type: Task = Body("classification"),
+            model_type: Task | None = Body(None),
         ) -> dict[str, Any]:
             if not model_id or not path or "\x00" in model_id + path:
                 raise refused(
@@ -1471,8 +1471,11 @@ class ModelService(Service):
 
             def with_model(serving: Serving) -> Serving:
                 # the revision loaded at: the same path again is a reload (a new file there)
+                # the card's task unless one is given: a type given is checked against it
                 source = ModelSource(
-                    path=str(Path(path).resolve()), task=model_type, loaded=serving.revision + 1
+                    path=str(Path(path).resolve()),
+                    task=model_type or _card_task(path),
+                    loaded=serving.revision + 1,
                 )
                 return msgspec.structs.replace(serving, models={**serving.models, model_id: source})
 
