@@ -199,7 +199,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument("--model-id", default="entry", help="the model's id (entry)")
-    model.add_argument("--seed", type=int, default=1, help="training seed (1)")
+    model.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="LightGBM's seed, recorded on the card (1); the fit samples no rows or "
+        "features, so another seed gives the same model",
+    )
     model.add_argument("--trees", type=count, default=120, help="boosted trees (120)")
     model.add_argument(
         "--leaves", type=bounded(at_least=2, whole=True), default=15, help="leaves per tree (15)"
