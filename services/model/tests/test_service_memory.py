@@ -929,9 +929,10 @@ async def test_the_live_figures_of_an_arm_taken_out_are_no_longer_exported():
             assert (await http.put("/arms", json={"arms": arms}, headers=auth)).status_code == 200
             model.resolve_labels()
             assert (auc_of("control"), auc_of("treatment")) == (1.0, None)
-            # its figures are still there to read
+            # its figures are still there to read, told apart from the arms routed now
             live = (await http.get("/models/entry/performance")).json()["live"]
             assert set(live) == {"control", "treatment"}
+            assert (live["control"]["routed"], live["treatment"]["routed"]) == (True, False)
 
 
 async def test_a_round_whose_shared_live_figures_fail_still_publishes_the_drift():

@@ -990,6 +990,10 @@ class ModelService(Service):
         if self._to_store:
             await self.store_labels()
 
+    def _routed_arms(self) -> set[tuple[str, str]]:
+        """The (model id, arm name) of every arm the tokens are routed by now."""
+        return {(arm.model_id, arm.name) for arm in self.processor.arms.arms}
+
     def resolve_labels(self) -> int:
         """Hand out the labels released (:meth:`_hand_out`: the next commit of the tokens
         stores them); export the figures. Returns the labels handed out here."""
@@ -997,7 +1001,7 @@ class ModelService(Service):
         performance = self.performance
         # those of the arms routed now: an arm taken out gets no more labels, and its last
         # figures would stand for ever (an alert on them firing with them)
-        routed = {(arm.model_id, arm.name) for arm in self.processor.arms.arms}
+        routed = self._routed_arms()
         self.metrics.performance(
             figures
             for key in performance.keys()
@@ -1640,8 +1644,10 @@ class ModelService(Service):
                         "answering with those of the last read"
                     )
             found = msgspec.to_builtins(self.manager.get_model_performance(model_id))
+            # an arm taken out keeps its last figures here, told apart (the metrics drop it)
+            routed = self._routed_arms()
             found["live"] = {
-                arm: msgspec.to_builtins(figures)
+                arm: {**msgspec.to_builtins(figures), "routed": (model_id, arm) in routed}
                 for arm, figures in self.performance.by_arm(model_id).items()
             }
             read_age = time.monotonic() - self._read_at
