@@ -25,7 +25,13 @@ from pumpflow.common.runtime.embedded import run_embedded
 from pumpflow.common.runtime.http import create_app
 from pumpflow.common.runtime.service import ServiceContext
 from pumpflow.common.state.memory import MemoryStateStore
-from pumpflow.common.testing import BusHarness, EventCollector, FeatureUpdates, eventually
+from pumpflow.common.testing import (
+    BusHarness,
+    EventCollector,
+    FeatureUpdates,
+    LosingStore,
+    eventually,
+)
 from pumpflow.model import DEFAULT_MODEL_PATH
 from pumpflow.model.labels import (
     MemoryLabelStore,
@@ -626,23 +632,12 @@ async def test_a_refit_prunes_the_labels_no_refit_reads(database, tmp_path):
         assert counts.new == 0
 
 
-class _LosingStore(MemoryStateStore):
-    """The in-process store, made to lose its contents as a Redis without persistence
-    that restarts does."""
-
-    def lose(self) -> None:
-        self._values.clear()
-        self._expiry.clear()
-        self._deadlines.clear()
-        self._epochs.clear()
-
-
 async def test_live_figures_a_store_lost_under_a_running_replica_are_filled_again_from_the_labels(
     pg_pool,
 ):
     clock = ReplayClock(START)
     vectors = seed5_vectors(240.0)
-    store = _LosingStore(clock)
+    store = LosingStore(clock)
     model = model_service(model_monitor_s=0.05, model_live_read_s=0.05, model_refit=False)
     async with run_embedded([model], clock=clock, db=pg_pool, store=store) as system:
         await feed(system, clock, vectors)

@@ -43,7 +43,7 @@ from pumpflow.common.priority import Priority
 from pumpflow.common.state.abc import WRONG_KINDS, StateStore
 from pumpflow.common.state.memory import MemoryStateStore
 from pumpflow.common.state.redis import RedisStateStore
-from pumpflow.common.testing import BusHarness, EventCollector, eventually
+from pumpflow.common.testing import BusHarness, EventCollector, LosingStore, eventually
 
 PARTITIONS = 4
 START = 1_700_000_000.0
@@ -2118,24 +2118,13 @@ async def test_a_revocation_while_a_key_cannot_be_stored_hands_the_others_over(p
     assert await pair.applied(bad) == [1]
 
 
-class _LosingStore(MemoryStateStore):
-    """The in-process store, made to lose its contents as a Redis without persistence
-    that restarts does."""
-
-    def lose(self) -> None:
-        self._values.clear()
-        self._expiry.clear()
-        self._deadlines.clear()
-        self._epochs.clear()
-
-
 async def test_keys_of_a_write_under_way_when_the_store_lost_its_contents_are_indexed_again(
     pair,
 ):
     """The loss is found while a commit is being written: the keys of that commit are
     written back with their partition's index entry, as every other key held here, so
     a replica taking the partition over restores them (and arms their timers)."""
-    losing = _LosingStore(pair.clock)
+    losing = LosingStore(pair.clock)
     held = _HeldStore(losing, hold=False)
     consumer = await pair.consumer(RecordingProcessor(timers=True), store=held)
     mint = MINTS[3]

@@ -7,6 +7,7 @@
   :func:`sample_payload` a valid payload of any type; :func:`partition_keys`;
   :func:`base58_key` keys and signatures that frames may carry.
 - :class:`BusHarness`: started buses of either transport, torn down after the test.
+- :class:`LosingStore`: the in-process state store, made to lose its contents.
 - :func:`stack_env` / :class:`ProcessStack`: services as processes on the test's servers.
 - :mod:`pumpflow.common.testing.trade_api`: a local fake of PumpPortal's trade API.
 - :mod:`pumpflow.common.testing.plugin`: the pytest fixtures over all of these.
@@ -45,6 +46,7 @@ from pumpflow.common.testing.stack import (
     settings_env,
     stack_env,
 )
+from pumpflow.common.testing.stores import LosingStore
 from pumpflow.common.testing.waiting import eventually
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "BusHarness",
     "EventCollector",
     "FeatureUpdates",
+    "LosingStore",
     "ProcessStack",
     "TokenEvents",
     "base58_key",
