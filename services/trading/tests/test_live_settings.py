@@ -194,6 +194,22 @@ def test_live_with_a_key_file_open_to_every_user_is_refused_at_start(tmp_path, m
         TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
 
 
+def test_live_with_a_key_file_that_is_no_text_is_refused_at_start_naming_it(tmp_path, monkeypatch):
+    # a wallet's binary keypair named for the API key's file
+    monkeypatch.delenv("PUMPPORTAL_API_KEY", raising=False)
+    path = tmp_path / "id.bin"
+    path.write_bytes(bytes([0xFF, 0xFE]) + KEY.encode())
+    path.chmod(0o600)
+    values = {**live_settings(FakeTradeApi(url=URL)), "pumpportal_api_key": None}
+    settings = load(**values, pumpportal_api_key_file=path)
+    with pytest.raises(SettingsError) as refused:
+        TradingService(settings, registry=CollectorRegistry(), ledger=MemoryLedger())
+    assert str(refused.value) == (
+        f"PUMPPORTAL_API_KEY_FILE: {path} is not text (UTF-8): give the key on one line"
+    )
+    assert KEY not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("url", "said"),
     [

@@ -610,7 +610,8 @@ class PumpPortalKeySettings(CommonSettings):
         """The key from the environment or the secret file; never log it.
 
         Refused (SettingsError): both given, a key with whitespace inside it (two lines
-        of a file), an empty secret file, and one other users may read or change."""
+        of a file), an empty secret file, one not UTF-8 text, and one other users may
+        read or change."""
         given, path = self.pumpportal_api_key, self.pumpportal_api_key_file
         if given is not None and path is not None:
             raise SettingsError(
@@ -626,6 +627,11 @@ class PumpPortalKeySettings(CommonSettings):
         except OSError as exc:
             raise SettingsError(
                 f"PUMPPORTAL_API_KEY_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            # the error would quote the file's bytes: a key's, or a wallet's private one
+            raise SettingsError(
+                f"PUMPPORTAL_API_KEY_FILE: {path} is not text (UTF-8): give the key on one line"
             ) from None
         key = _one_key("PUMPPORTAL_API_KEY_FILE", text)
         if key is None:
