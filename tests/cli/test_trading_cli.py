@@ -678,6 +678,46 @@ async def test_state_says_whether_trading_is_live(capsys, executor, line):
     assert capsys.readouterr().out == f"trading is active (no reason); role active\n{line}\n"
 
 
+async def test_live_state_lists_the_orders_of_unknown_outcome_and_the_unbooked_trades(capsys):
+    """After a timeout or a hand trade, ``trading state`` is where a live operator looks:
+    it names the orders whose outcome no answer gave and the wallet trades booked to no
+    order, with the signatures ``acknowledge --signature`` takes."""
+    unknown = {
+        "order_id": "p7:entry",
+        "mint": "MintA",
+        "side": "buy",
+        "state": "unknown",
+        "outcome": "no answer from the trade API within 5 s",
+        "signature": None,
+    }
+    unbooked = {"signature": "sig9", "mint": "MintB", "side": "buy", "tokens": 3e6,
+                "sol": 0.2, "candidates": []}  # fmt: skip
+    asked: list[dict] = []
+
+    async def state(request: Request) -> JSONResponse:
+        return JSONResponse({"state": "active", "reason": "", "role": "active",
+                             "executor": "live"})  # fmt: skip
+
+    async def orders(request: Request) -> JSONResponse:
+        asked.append(dict(request.query_params))
+        return JSONResponse({"count": 1, "more": False, "orders": [unknown],
+                             "unbooked_wallet_trades": [unbooked]})  # fmt: skip
+
+    routes = [Route("/state", state), limits_route([]), Route("/orders", orders)]
+    async with local_app(Starlette(routes=routes)) as base:
+        assert await pumpflow_trading(base, "state") == 0
+    assert asked == [{"state": "unknown"}]
+    assert capsys.readouterr().out == (
+        "trading is active (no reason); role active\n"
+        "orders executed LIVE: real money through the trade API\n"
+        "1 order of unknown outcome (the wallet's trades settle each; none is sent again):\n"
+        "  buy p7:entry of MintA: no answer from the trade API within 5 s\n"
+        "1 unbooked wallet trade (settle each by hand, then pumpflow trading acknowledge "
+        "--signature SIG):\n"
+        "  buy sig9: 3e+06 tokens of MintB, 0.2 SOL\n"
+    )
+
+
 def limits_replica(seen: list[tuple[str, dict | None]], *, status: int = 200) -> Starlette:
     """A replica's ``/limits``: shown, set or reset, as the service answers (see
     ``services/trading/tests/test_operator_limits.py``); ``seen``: what it was asked."""

@@ -158,11 +158,14 @@ def trading_command(args: argparse.Namespace) -> int:
         return limits(url, args.limits, reset=args.reset, reason=args.reason)
     exceeded: list[dict] = []
     pnl: dict | None = None
+    unresolved: dict | None = None
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")
             exceeded = get_json(f"{url}/limits").get("exceeded", [])
             pnl = _pnl(url)
+            if body.get("executor") == "live":
+                unresolved = _optional(f"{url}/orders?state=unknown")
         else:
             token = api_token("trading")
             if not token:
@@ -197,6 +200,8 @@ def trading_command(args: argparse.Namespace) -> int:
     executor = EXECUTOR_LINES.get(body.get("executor"))
     if executor is not None and args.action == "state":
         print(executor)
+    if unresolved is not None:
+        print(*_unresolved_lines(unresolved), sep="\n")
     if args.action in ("state", "resume"):
         # the state names one cause; these hold entries back after a resume too
         for name, breaker in (body.get("breakers") or {}).items():
@@ -229,12 +234,41 @@ def trading_command(args: argparse.Namespace) -> int:
 
 def _pnl(url: str) -> dict | None:
     """The replica's ``/pnl``; None from a replica that serves none."""
+    return _optional(f"{url}/pnl")
+
+
+def _optional(url: str) -> dict | None:
+    """The replica's answer at ``url``; None from a replica that serves none."""
     try:
-        return get_json(f"{url}/pnl")
+        return get_json(url)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
         raise
+
+
+def _unresolved_lines(orders: dict) -> list[str]:
+    """The live orders no answer settled and the wallet trades booked to no order, as
+    ``/orders?state=unknown`` lists them: what an operator sees to by hand."""
+    lines = []
+    if orders["orders"]:
+        more = " (more: see /orders)" if orders.get("more") else ""
+        lines.append(f"{counted(len(orders['orders']), 'order')} of unknown outcome{more} "
+                     "(the wallet's trades settle each; none is sent again):")  # fmt: skip
+        lines += [f"  {o['side']} {o['order_id']} of {o['mint']}: {o['outcome']}"
+                  for o in orders["orders"]]  # fmt: skip
+    unbooked = orders.get("unbooked_wallet_trades") or []
+    if unbooked:
+        lines.append(f"{counted(len(unbooked), 'unbooked wallet trade')} (settle each by hand, "
+                     "then pumpflow trading acknowledge --signature SIG):")  # fmt: skip
+        lines += [_unbooked_line(trade) for trade in unbooked]
+    return lines
+
+
+def _unbooked_line(trade: dict) -> str:
+    whose = f" (sale {trade['order_id']}, its position closed)" if trade.get("order_id") else ""
+    return (f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "
+            f"{trade['mint']}, {trade['sol']:g} SOL{whose}")  # fmt: skip
 
 
 def _pnl_lines(pnl: dict) -> list[str]:
@@ -265,9 +299,7 @@ def acknowledge(url: str, signatures: list[str] | None) -> int:
     acknowledged = counted(body["acknowledged"], "unbooked wallet trade")
     print(f"{acknowledged} acknowledged; {len(left):,} left")
     for trade in left:
-        whose = f" (sale {trade['order_id']}, its position closed)" if trade.get("order_id") else ""
-        print(f"  {trade['side']} {trade['signature']}: {trade['tokens']:g} tokens of "
-              f"{trade['mint']}, {trade['sol']:g} SOL{whose}")  # fmt: skip
+        print(_unbooked_line(trade))
     return 0
 
 
