@@ -555,6 +555,27 @@ async def test_no_answer_leaves_the_outcome_unknown_then_unconfirmed_never_resen
         assert len(api.requests) == 1
 
 
+async def test_a_stop_while_the_answer_is_awaited_stores_the_outcome_unknown_and_says_so(
+    clock, market, caplog
+):
+    """``pumpflow stop`` (or any stop) cuts the call off: the trade API may have sent the
+    transaction, so the order is told unknown, in the ledger and the log, not left
+    ``sent`` without a signature as if it had been answered."""
+    async with fake_trade_api("slow") as api:
+        async with entered(clock, market, api, trading_live_answer_timeout_s=3.0) as run:
+            await eventually(lambda: len(api.requests) == 1, what="the trade API's call")
+        api.answer()
+    order = await order_of(run.ledger)
+    assert order["state"] == "unknown", order
+    assert order["outcome"] == (
+        "the service stopped before the trade API answered: the wallet's trades on the "
+        "token settle it"
+    )
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(order["order_id"] in line and "stopped before" in line for line in said)
+    assert KEY not in caplog.text
+
+
 async def test_an_accepted_answer_without_a_signature_leaves_the_outcome_unknown(clock, market):
     """A 200 naming no signature and no error: the transaction may have left, so the
     order is not refused (its capital released while the wallet may hold the tokens,

@@ -353,13 +353,29 @@ class LiveExecutor:
         self.book.forget(mint)
 
     async def close(self) -> None:
-        """Stop the calls in flight (their orders stay in the ledger to reconcile); no
-        answer comes for them, so a trade of the wallet that showed meanwhile is settled
-        (:meth:`due` gives its fill)."""
+        """Stop the calls in flight (their orders stay in the ledger to reconcile, told
+        unknown by :meth:`progress`: the API may have sent them); no answer comes for
+        them, so a trade of the wallet that showed meanwhile is settled (:meth:`due`
+        gives its fill)."""
         calls = dict(self.calls)
         for call in calls.values():
             call.cancel()
         await asyncio.gather(*calls.values(), return_exceptions=True)
         for order_id in calls:
+            order = self.book.pending.get(order_id)
+            if order is None or not order.awaiting:
+                continue  # answered before the cancel took
             self.book.unanswered(order_id)
+            cut_off = "the service stopped before the trade API answered"
+            log.warning(
+                "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
+                "token settle it, it is never sent again", order_id, cut_off,
+            )  # fmt: skip
+            self._progress.append(
+                OrderOutcome(
+                    order_id=order_id,
+                    state="unknown",
+                    outcome=f"{cut_off}: the wallet's trades on the token settle it",
+                )
+            )
         await self.api.close()
