@@ -760,6 +760,33 @@ async def test_a_paper_restart_books_no_paper_fill_for_a_live_order_in_flight(cl
     assert len(api.requests) == 1
 
 
+async def test_a_paper_restart_warns_that_the_wallet_may_hold_a_live_orders_trade(
+    clock, market, caplog
+):
+    """The live order rejected on paper may have traded on chain: the operator is told,
+    with its signature, to look at the wallet, as nothing here ever will."""
+    async with fake_trade_api("silent") as api:
+        async with entered(clock, market, api) as first:
+            await answered(first.service, api)
+    [sent] = api.requests
+    caplog.clear()
+    paper = TradingService(
+        TradingSettings.load(service="trading", transport="memory"),
+        registry=CollectorRegistry(),
+        ledger=first.ledger,
+    )
+    async with running(clock, paper):
+        pass
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        first.request.order_id in line
+        and sent.signature in line
+        and "the live wallet may hold its trade" in line
+        for line in warned
+    ), warned
+    assert KEY not in caplog.text
+
+
 async def test_the_wallets_trade_a_failed_batch_left_undecided_fills_its_order(clock, market):
     """Postgres fails while the wallet's trade waits behind a change to store: the bus
     hands the trade back alone, and a later trade of the token, in a batch that ran

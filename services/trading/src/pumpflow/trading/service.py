@@ -879,6 +879,15 @@ class TradingService(Service):
                 f"recorded by the {order.executor} executor: the {name} one neither sends "
                 "it nor learns its outcome",
             )
+            if order.executor == "live":
+                # the chain's: nothing here ever books its trade
+                signature = order.signature or "not answered"
+                log.warning(
+                    "trading: live order %s (%s of %s, signature %s) was in flight when "
+                    "live trading stopped; the %s executor rejects it: the live wallet may "
+                    "hold its trade; check the wallet and settle it by hand", order.order_id,
+                    order.side, order.mint, signature, name,
+                )  # fmt: skip
         elif order.side == "sell" and (unheld := self.book.not_held(order.mint, order.position_id)):
             outcome = rejected(order, f"nothing to sell after the restart: {unheld}")
         else:
