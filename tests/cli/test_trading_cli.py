@@ -698,8 +698,12 @@ async def test_live_state_lists_the_orders_of_unknown_outcome_and_the_unbooked_t
         return JSONResponse({"state": "active", "reason": "", "role": "active",
                              "executor": "live"})  # fmt: skip
 
+    ledger_away: list[bool] = []
+
     async def orders(request: Request) -> JSONResponse:
         asked.append(dict(request.query_params))
+        if ledger_away:
+            return JSONResponse({"detail": "the ledger (Postgres) is unavailable"}, 503)
         return JSONResponse({"count": 1, "more": False, "orders": [unknown],
                              "unbooked_wallet_trades": [unbooked]})  # fmt: skip
 
@@ -716,6 +720,13 @@ async def test_live_state_lists_the_orders_of_unknown_outcome_and_the_unbooked_t
         "--signature SIG):\n"
         "  buy sig9: 3e+06 tokens of MintB, 0.2 SOL\n"
     )
+    # the state is read all the same while the ledger is away
+    ledger_away.append(True)
+    async with local_app(Starlette(routes=routes)) as base:
+        assert await pumpflow_trading(base, "state") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("trading is active (no reason); role active\n")
+    assert "not read: " in out and "the ledger (Postgres) is unavailable" in out, out
 
 
 def limits_replica(seen: list[tuple[str, dict | None]], *, status: int = 200) -> Starlette:

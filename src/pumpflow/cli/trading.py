@@ -158,14 +158,14 @@ def trading_command(args: argparse.Namespace) -> int:
         return limits(url, args.limits, reset=args.reset, reason=args.reason)
     exceeded: list[dict] = []
     pnl: dict | None = None
-    unresolved: dict | None = None
+    unresolved: list[str] = []
     try:
         if args.action == "state":
             body = get_json(f"{url}/state")
             exceeded = get_json(f"{url}/limits").get("exceeded", [])
             pnl = _pnl(url)
             if body.get("executor") == "live":
-                unresolved = _optional(f"{url}/orders?state=unknown")
+                unresolved = _unresolved(url)
         else:
             token = api_token("trading")
             if not token:
@@ -200,8 +200,8 @@ def trading_command(args: argparse.Namespace) -> int:
     executor = EXECUTOR_LINES.get(body.get("executor"))
     if executor is not None and args.action == "state":
         print(executor)
-    if unresolved is not None:
-        print(*_unresolved_lines(unresolved), sep="\n")
+    if unresolved:
+        print(*unresolved, sep="\n")
     if args.action in ("state", "resume"):
         # the state names one cause; these hold entries back after a resume too
         for name, breaker in (body.get("breakers") or {}).items():
@@ -247,9 +247,17 @@ def _optional(url: str) -> dict | None:
         raise
 
 
-def _unresolved_lines(orders: dict) -> list[str]:
+def _unresolved(url: str) -> list[str]:
     """The live orders no answer settled and the wallet trades booked to no order, as
-    ``/orders?state=unknown`` lists them: what an operator sees to by hand."""
+    ``/orders?state=unknown`` lists them: what an operator sees to by hand. Read from the
+    ledger: while it is away, the state is shown all the same, saying so."""
+    try:
+        orders = _optional(f"{url}/orders?state=unknown")
+    except OSError as exc:
+        reason = failure("trading", url, exc, service="trading").removeprefix("pumpflow trading: ")
+        return [f"orders of unknown outcome and unbooked wallet trades not read: {reason}"]
+    if orders is None:
+        return []
     lines = []
     if orders["orders"]:
         more = " (more: see /orders)" if orders.get("more") else ""
