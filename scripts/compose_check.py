@@ -13,7 +13,8 @@ simulator through feed, features, activity and model to trading's decisions; Pro
 scraping every replica of every service, RabbitMQ and Redis; `--scale features=3` and
 `--scale model=2` (replicas healthy, scraped, the partitions split between them); a
 restarted service recovering; every Grafana dashboard query returning data from
-Prometheus. Services whose image exists nowhere (Grafana without a registry) are left
+Prometheus; `down` then `up` without -v keeping trading's halt (Postgres) and the durable
+queues (RabbitMQ). Services whose image exists nowhere (Grafana without a registry) are left
 out and reported. Prints a table with timings, tears the stack down with its volumes
 and exits 1 on any failure.
 """
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,8 @@ DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 PIPELINE = ("feed", "features", "activity", "model", "trading", "exit")
 SCALED = {"features": 3, "model": 2}
 RESTARTED = "activity"
+# the halt the check gives before `down` and expects back after `up`
+HALT_REASON = "compose-check: kept across down and up"
 # what each stage counts when events reach it (summed over its series)
 FLOW = {
     "feed": "pumpflow_events_published_total",
@@ -171,6 +175,17 @@ def dashboard_queries(paths: Iterable[Path]) -> dict[str, list[tuple[str, str]]]
                 if expr and not target.get("hide"):
                     queries.append((panel.get("title", "?"), expand(expr, variables)))
     return found
+
+
+def durable_queues(listing: str) -> set[str]:
+    """The durable queues of ``rabbitmqctl list_queues name durable`` (no headers)."""
+    rows = (line.split("\t") for line in listing.splitlines() if line.strip())
+    return {row[0] for row in rows if row[-1].strip() == "true"}
+
+
+def halted_for(state: str, reason: str) -> bool:
+    """Whether ``pumpflow trading state`` says trading is halted for ``reason``."""
+    return state.startswith(f"trading is halted ({reason})")
 
 
 class Stack:
@@ -473,6 +488,26 @@ class ComposeCheck:
             "PASS" if ok else "FAIL", f"restart {RESTARTED}: healthy, consuming", started, detail
         )
 
+    def persist(self) -> None:
+        """`down` then `up` without -v: the halt (Postgres) and durable queues stay."""
+        started = time.monotonic()
+        trading = ("exec", "-T", "trading", "pumpflow", "trading")
+        queues = ("exec", "-T", "rabbitmq", "rabbitmqctl", "-q", "--no-table-headers")
+        queues += ("list_queues", "name", "durable")
+        self.stack.compose(*trading, "halt", "--reason", HALT_REASON)
+        before = durable_queues(self.stack.compose(*queues))
+        self.stack.compose("down", timeout=300)
+        self.stack.compose("up", "-d", "--no-build", *self.services)
+        ok, detail = wait_for(self.stack.settled, timeout=self.args.timeout)
+        if not ok:
+            self.report.add("FAIL", "down, up: state kept", started, detail)
+            return
+        state = self.stack.compose(*trading, "state")
+        lost = before - durable_queues(self.stack.compose(*queues))
+        ok = halted_for(state, HALT_REASON) and not lost
+        detail = f"{state.splitlines()[0]}; {len(before) - len(lost)}/{len(before)} durable queues"
+        self.report.add("PASS" if ok else "FAIL", "down, up: state kept", started, detail)
+
     def dashboards(self) -> None:
         """Every panel's query returns data (a zero is data; "No data" is a failure)."""
         from urllib.parse import quote
@@ -549,6 +584,7 @@ class ComposeCheck:
             self.restart()
             self.dashboards()
             self.logs()
+            self.persist()
         except (CheckFailed, subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
             # a timeout around the check interrupts it: the stack still goes down
             self.report.add("FAIL", "stopped", started, str(exc) or type(exc).__name__)
@@ -579,4 +615,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     os.chdir(ROOT)
+    # compose passes it to the services: the check halts trading as an operator would
+    os.environ.setdefault("PUMPFLOW_API_TOKEN", secrets.token_hex(16))
     sys.exit(ComposeCheck(parse_args(sys.argv[1:])).main())

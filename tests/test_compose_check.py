@@ -105,3 +105,18 @@ def test_metric_sum_adds_every_series_of_a_name_only():
     )
     assert check.metric_sum(text, "pumpflow_events_consumed_total") == 5.0
     assert check.metric_sum(text, "pumpflow_missing_total") is None
+
+
+def test_durable_queues_are_named_from_rabbitmqctl_and_transient_ones_left_out():
+    check = load_check()
+    listing = "pumpflow.features.p0\ttrue\npumpflow.reply.abc\tfalse\n\npumpflow.dlq\ttrue\n"
+
+    assert check.durable_queues(listing) == {"pumpflow.features.p0", "pumpflow.dlq"}
+
+
+def test_trading_state_names_the_halt_reason_only_when_halted():
+    check = load_check()
+
+    assert check.halted_for("trading is halted (compose-check); role active\n", "compose-check")
+    assert not check.halted_for("trading is active (resume (CLI)); role active\n", "compose-check")
+    assert not check.halted_for("trading is halted (other); role active\n", "compose-check")
