@@ -264,15 +264,18 @@ class LiveExecutor:
             if rejected is not None:
                 self._outcomes.append(rejected)
         else:
-            log.warning(
-                "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
-                "token settle it, it is never sent again", order_id, answer.detail,
-            )  # fmt: skip
-            self.book.unanswered(order_id)
-            if order_id in self.book.pending:
-                self._progress.append(
-                    OrderOutcome(order_id=order_id, state="unknown", outcome=answer.detail)
-                )
+            self._unknown(order_id, answer.detail)
+
+    def _unknown(self, order_id: str, why: str) -> None:
+        """Tell the order's outcome unknown (no answer said it, ``why``): the wallet's
+        trades on the token settle it, it is never sent again."""
+        log.warning(
+            "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
+            "token settle it, it is never sent again", order_id, why,
+        )  # fmt: skip
+        self.book.unanswered(order_id)
+        if order_id in self.book.pending:
+            self._progress.append(OrderOutcome(order_id=order_id, state="unknown", outcome=why))
 
     def progress(self) -> list[OrderOutcome]:
         """What the API's answers said of orders still pending, to store (then forgotten)."""
@@ -365,17 +368,5 @@ class LiveExecutor:
             order = self.book.pending.get(order_id)
             if order is None or not order.awaiting:
                 continue  # answered before the cancel took
-            self.book.unanswered(order_id)
-            cut_off = "the service stopped before the trade API answered"
-            log.warning(
-                "trading: order %s: %s; its outcome is unknown: the wallet's trades on the "
-                "token settle it, it is never sent again", order_id, cut_off,
-            )  # fmt: skip
-            self._progress.append(
-                OrderOutcome(
-                    order_id=order_id,
-                    state="unknown",
-                    outcome=f"{cut_off}: the wallet's trades on the token settle it",
-                )
-            )
+            self._unknown(order_id, "the service stopped before the trade API answered")
         await self.api.close()
