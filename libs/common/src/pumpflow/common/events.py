@@ -234,6 +234,10 @@ class ModelPrediction(Payload, frozen=True, kw_only=True, omit_defaults=True):
     source_seq: int | None = None
 
 
+#: what a ``model.drift`` says of its feature
+DriftState = Literal["drifting", "recovered"]
+
+
 class ModelDrift(Payload, frozen=True, kw_only=True, omit_defaults=True):
     """A model's feature whose live distribution crossed the drift threshold, or recovered.
 
@@ -248,7 +252,7 @@ class ModelDrift(Payload, frozen=True, kw_only=True, omit_defaults=True):
     model_id: str
     version: str
     feature: str
-    state: Literal["drifting", "recovered"]
+    state: DriftState
     psi: float
     threshold: float
     observations: int

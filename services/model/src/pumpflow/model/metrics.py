@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pumpflow.common.events import ModelDrift
+from pumpflow.common.events import DriftState, ModelDrift
 from pumpflow.common.metrics import families
 from pumpflow.common.model.drift import DriftReport
 from pumpflow.common.model.performance import LabelTracker, LiveFigures
@@ -34,7 +34,7 @@ SERVING_CHANGES = ("load", "arms", "weights", "promote", "remove_arm", "unload",
 UNAVAILABLE_WHEN = ("start", "follow")
 UNAVAILABLE_REASONS = ("missing", "refused")
 #: the states a model.drift announces (the transitions counter's label values)
-DRIFT_STATES = ("drifting", "recovered")
+DRIFT_STATES = get_args(DriftState)
 #: scores are probabilities (classification); a regression's returns fall in the ends
 _SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
