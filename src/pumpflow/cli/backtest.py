@@ -597,7 +597,7 @@ async def run_backtest(
     from pumpflow.features.service import FeaturesService
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
-    from pumpflow.report.gather import Collector, model_figures
+    from pumpflow.report.gather import Collector, model_figures, stream_performance
     from pumpflow.report.results import max_drawdown
     from pumpflow.trading.service import TradingService
 
@@ -669,11 +669,15 @@ async def run_backtest(
             cpu = time.process_time() - cpu_started
             if progress is not None:
                 progress(total, total)
-            figures = await model_figures(model)
+            performance = await stream_performance(model)
+            figures = model_figures(model, performance)
             book = trading.book
             counts = counter.counts
             report_data = await collector.results(
-                system, title=f"pumpflow backtest: {name}", source=counted(total, "frame")
+                system,
+                title=f"pumpflow backtest: {name}",
+                source=counted(total, "frame"),
+                performance=performance,
             )
             # every position, from the ledger: the book keeps the latest closed ones only
             positions = report_data.trades

@@ -205,7 +205,7 @@ async def run_embedded_market(
     from pumpflow.feed.service import FeedService
     from pumpflow.model.service import ModelService
     from pumpflow.report import html
-    from pumpflow.report.gather import Collector, model_figures
+    from pumpflow.report.gather import Collector, model_figures, stream_performance
     from pumpflow.report.results import auc_text, precision_text, predictions_text
     from pumpflow.simulator.market import Market, MarketConfig
     from pumpflow.simulator.server import SimulatorServer
@@ -303,12 +303,13 @@ async def run_embedded_market(
         console.print_summary()
         if report is not None:
             # read from the stopped system: its ledger and model stay in memory
+            performance = await stream_performance(system["model"])
             results = await collector.results(
                 system, title=f"pumpflow run: seed {seed}",
                 source=f"simulated market, seed {seed}, {launches_per_minute:g} launches a "
-                f"minute, at {speed:g}x",
+                f"minute, at {speed:g}x", performance=performance,
             )  # fmt: skip
-            figures = await model_figures(system["model"])
+            figures = model_figures(system["model"], performance)
             notes = {
                 "market minutes": f"{(clock.now() - console.started_at) / 60:.1f}",
                 "tokens / trades": f"{console.counts['token.created']:,} / "

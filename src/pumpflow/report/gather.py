@@ -124,11 +124,14 @@ def booked(fills: Iterable[Any]) -> tuple[tuple[Sale, ...], Counter[str]]:
 
 
 async def stream_performance(model: Any) -> Any:
-    """The model service's figures over every label it stored by now, each model and
-    arm's in one window: a report is of its whole stream, where the live figures are of
-    the newest labels only (2,000: minutes of a busy market)."""
+    """The model service's figures over every label it stored by now (the labels
+    released by now counted), each model and arm's in one window: a report is of its
+    whole stream, where the live figures are of the newest labels only (2,000: minutes
+    of a busy market). Read once at a run's end, for :func:`model_figures` and
+    :meth:`Collector.results` both."""
     from pumpflow.common.model.performance import RollingPerformance
 
+    model.resolve_labels()
     live = model.performance
     if not model.settings.model_store_labels:
         return live  # counted unstored: the live window is all there is
@@ -170,11 +173,9 @@ class ModelFigures(NamedTuple):
     selected: dict[str, tuple[int, int]]
 
 
-async def model_figures(model: Any) -> ModelFigures:
-    """The model service's predictions and live figures by "model/arm", the labels
-    released by now counted."""
-    model.resolve_labels()
-    performance = await stream_performance(model)
+def model_figures(model: Any, performance: Any) -> ModelFigures:
+    """The model service's predictions, and the live figures by "model/arm" of
+    ``performance`` (:func:`stream_performance`)."""
     figures = {
         f"{model_id}/{arm}": found.metrics | {"labels": found.labels}
         for model_id, arm in performance.keys()
@@ -241,8 +242,11 @@ class Collector:
     def lifecycle(self) -> dict[str, int]:
         return {state: len(mints) for state, mints in self.reached.items()}
 
-    async def results(self, system: Any, *, title: str, source: str) -> Results:
-        """Everything the embedded ``system`` holds for a report, at its end."""
+    async def results(
+        self, system: Any, *, title: str, source: str, performance: Any = None
+    ) -> Results:
+        """Everything the embedded ``system`` holds for a report, at its end; the
+        calibration is of ``performance`` (:func:`stream_performance`), none without."""
         import msgspec
 
         trading = system["trading"]
@@ -250,10 +254,7 @@ class Collector:
         results = await from_ledger(
             trading.ledger, title=title, source=source, unrealized=unrealized
         )
-        model = system.services.get("model")
-        calibration = None
-        if model is not None and model.performance is not None:
-            calibration = calibration_of(await stream_performance(model))
+        calibration = None if performance is None else calibration_of(performance)
         trades = tuple(
             msgspec.structs.replace(t, arm=self.entered.get(t.mint, "")) for t in results.trades
         )
