@@ -1294,7 +1294,7 @@ class ExitService(Service):
         from fastapi import APIRouter, Body, Depends, HTTPException, Query
         from fastapi.responses import JSONResponse
 
-        from pumpflow.common.runtime.http import reason_of, require_token, text_of
+        from pumpflow.common.runtime.http import listed, reason_of, require_token, text_of
 
         api = APIRouter()
 
@@ -1334,8 +1334,7 @@ class ExitService(Service):
         async def orders(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
             # one past the limit: whether more are stored than are listed
             rows = await self.records.orders(limit=limit + 1)
-            return {"count": min(len(rows), limit), "more": len(rows) > limit,
-                    "orders": rows[:limit]}  # fmt: skip
+            return listed(rows, limit)
 
         @api.get("/positions")
         async def positions() -> dict[str, Any]:

@@ -2535,7 +2535,7 @@ class TradingService(Service):
         from fastapi.encoders import jsonable_encoder
         from fastapi.responses import JSONResponse
 
-        from pumpflow.common.runtime.http import reason_of, require_token
+        from pumpflow.common.runtime.http import listed, reason_of, require_token
 
         api = APIRouter()
         guarded = [Depends(require_token)]
@@ -2556,12 +2556,7 @@ class TradingService(Service):
             # one past the limit: whether the ledger holds more than is listed
             rows = await self.ledger.orders(limit=limit + 1, state=state, mint=mint)
             unbooked = await self.unbooked_view(mint)
-            return {
-                "count": min(len(rows), limit),
-                "more": len(rows) > limit,
-                "orders": rows[:limit],
-                "unbooked_wallet_trades": unbooked,
-            }
+            return {**listed(rows, limit), "unbooked_wallet_trades": unbooked}
 
         @api.post("/unbooked/acknowledge", dependencies=guarded)
         async def acknowledge(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:

@@ -113,6 +113,12 @@ async def _check(name: str, probe) -> tuple[str, dict[str, Any]]:
     return name, details
 
 
+def listed(rows: list[Any], limit: int) -> dict[str, Any]:
+    """A list view of ``rows``, read with ``limit + 1``: the first ``limit`` and whether
+    the store holds more (a count cut at the limit would pass for the whole)."""
+    return {"count": min(len(rows), limit), "more": len(rows) > limit, "orders": rows[:limit]}
+
+
 def _waits_check(checks: dict[str, dict[str, Any]], optional: frozenset[str]) -> set[str]:
     """Add what the process waits on now (:data:`WAITS`) to ``checks``; return its
     dependencies.
